@@ -1,0 +1,319 @@
+"""``tlsroll``: the administrator's command line.
+
+Everything except ``init`` talks to the running leader over its Unix admin socket. Errors are
+one line on stderr; exit code 2 for usage errors, 1 for failures, never a traceback.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+import json
+import os
+import re
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+import grpc
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
+from rich.console import Console
+from rich.table import Table
+from rich.text import Text
+
+from leader import layout as layout_mod
+from tlsroll import __version__, pki
+from tlsroll.errors import TlsrollError
+from tlsroll.v1 import admin_pb2, admin_pb2_grpc
+
+DEFAULT_DATA_DIR = Path("/var/lib/tlsroll")
+T = TypeVar("T")
+
+out = Console(highlight=False, soft_wrap=True, markup=False)
+
+
+class CLIError(TlsrollError):
+    """A failure to report as one line with exit code 1."""
+
+
+def fail(message: str) -> NoReturn:
+    raise CLIError(message)
+
+
+# --- talking to the leader --------------------------------------------------------------------
+
+
+class Leader:
+    """The admin connection: one place that turns gRPC errors into one-line CLI errors."""
+
+    def __init__(self, socket: Path) -> None:
+        self.socket = socket
+
+    @contextmanager
+    def admin(self) -> Iterator[admin_pb2_grpc.AdminStub]:
+        sock = self.socket
+        if not sock.exists():
+            fail(f"no admin socket at {sock}: is tlsroll-leader running? (see --data-dir/--socket)")
+        if not os.access(sock, os.R_OK | os.W_OK):
+            fail(f"permission denied on {sock}: run as the leader's user or a member of its group")
+        with grpc.insecure_channel(f"unix:{sock}") as channel:
+            yield admin_pb2_grpc.AdminStub(channel)
+
+    def call(self, method: Callable[..., T], request: Message) -> T:
+        try:
+            return method(request, timeout=30, metadata=(("x-tlsroll-user", getpass.getuser()),))
+        except grpc.RpcError as exc:
+            code = exc.code()
+            if code == grpc.StatusCode.UNAVAILABLE:
+                fail(f"cannot reach the leader on {self.socket}: is tlsroll-leader running?")
+            fail(f"{exc.details()}")
+
+
+pass_leader = click.make_pass_decorator(Leader)
+
+
+def emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+def to_dict(msg: Message) -> dict[str, Any]:
+    return MessageToDict(
+        msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+
+
+def fmt_time(msg: Any, field: str) -> str:
+    if not msg.HasField(field):
+        return "-"
+    when: dt.datetime = getattr(msg, field).ToDatetime(tzinfo=dt.UTC)
+    return when.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+_DURATION = re.compile(r"^(\d+)([smhd])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> int:
+    m = _DURATION.match(text.strip())
+    if not m or int(m.group(1)) == 0:
+        raise click.BadParameter(f"{text!r}: use a number with s, m, h or d, e.g. 1h")
+    return int(m.group(1)) * _UNITS[m.group(2)]
+
+
+# --- commands ---------------------------------------------------------------------------------
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="tlsroll")
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    envvar="TLSROLL_DATA_DIR",
+    default=DEFAULT_DATA_DIR,
+    show_default=True,
+    help="The leader's data directory.",
+)
+@click.option(
+    "--socket",
+    type=click.Path(path_type=Path),
+    envvar="TLSROLL_SOCKET",
+    help="The leader's admin socket [default: DATA_DIR/run/admin.sock].",
+)
+@click.pass_context
+def cli(ctx: click.Context, data_dir: Path, socket: Path | None) -> None:
+    """tlsroll: switch a multiserver from http to https, safely, node by node."""
+    ctx.obj = Leader(socket or layout_mod.Layout(data_dir).admin_socket)
+
+
+@cli.command()
+@click.option(
+    "--data-dir",
+    type=click.Path(path_type=Path),
+    required=True,
+    help="Where the leader keeps its CA, store and config (created).",
+)
+@click.option("--address", required=True, help="The leader node's IP address.")
+@click.option("--dns", "dns_names", multiple=True, help="A DNS name of the leader (repeatable).")
+@click.option("--node-name", help="The name the leader node's own agent enrols with.")
+@click.option(
+    "--ca-passphrase-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="File (0600) holding the passphrase that encrypts the CA key; "
+    "default: a new random one in DATA_DIR/secrets/.",
+)
+def init(
+    data_dir: Path,
+    address: str,
+    dns_names: tuple[str, ...],
+    node_name: str | None,
+    ca_passphrase_file: Path | None,
+) -> None:
+    """Create a new multiserver: the CA, the leader's certificate and config."""
+    try:
+        layout = layout_mod.init(
+            data_dir,
+            address,
+            dns_names=dns_names,
+            node_name=node_name,
+            passphrase_file=ca_passphrase_file,
+        )
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--address") from None
+    ca = pki.read_cert(layout.ca_cert)
+    out.print(f"initialised {layout.data_dir}")
+    out.print(f"  config      {layout.config}")
+    out.print(f"  CA pin      {pki.spki_pin(ca)}   (agents need it: [leader].ca_pin)")
+    out.print(f"start the leader:  tlsroll-leader --config {layout.config}")
+
+
+@cli.group()
+def ca() -> None:
+    """The cluster CA."""
+
+
+@ca.command("show")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_leader
+def ca_show(leader: Leader, as_json: bool) -> None:
+    """Print the CA's fingerprint and SPKI pin (public; safe to share)."""
+    with leader.admin() as admin:
+        reply = leader.call(admin.GetCA, admin_pb2.GetCARequest())
+    if as_json:
+        data = to_dict(reply)
+        data["certificate_pem"] = reply.certificate_pem.decode()
+        emit_json(data)
+        return
+    out.print(f"subject      {reply.subject}")
+    out.print(f"fingerprint  {reply.fingerprint}")
+    out.print(f"pin          {reply.spki_pin}")
+    out.print(f"expires      {fmt_time(reply, 'not_after')}")
+
+
+@cli.group()
+def token() -> None:
+    """Join tokens for enrolling agents."""
+
+
+@token.command("create")
+@click.option("--ttl", default="1h", show_default=True, help="Lifetime, e.g. 30m, 1h, 2d.")
+@click.option(
+    "--uses",
+    default=1,
+    show_default=True,
+    type=click.IntRange(1, 1000),
+    help="How many agents may enrol with it.",
+)
+@click.option("--description", default="", help="A note for `token list`.")
+@pass_leader
+def token_create(leader: Leader, ttl: str, uses: int, description: str) -> None:
+    """Create a join token and print it (shown once; only its hash is kept)."""
+    seconds = parse_duration(ttl)
+    with leader.admin() as admin:
+        reply = leader.call(
+            admin.CreateToken,
+            admin_pb2.CreateTokenRequest(ttl_seconds=seconds, uses=uses, description=description),
+        )
+    click.echo(reply.token)
+    if sys.stderr.isatty():
+        click.echo(
+            f"token {reply.info.id}: {uses} use(s), expires {fmt_time(reply.info, 'expires_at')}; "
+            "give it to the agent's config as join_token_file (0600)",
+            err=True,
+        )
+
+
+@token.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_leader
+def token_list(leader: Leader, as_json: bool) -> None:
+    """List join tokens (ids and state; secrets are never shown again)."""
+    with leader.admin() as admin:
+        reply = leader.call(admin.ListTokens, admin_pb2.ListTokensRequest())
+    if as_json:
+        emit_json([to_dict(t) for t in reply.tokens])
+        return
+    table = Table("id", "uses left", "expires", "state", "description")
+    now = dt.datetime.now(dt.UTC)
+    for t in reply.tokens:
+        expired = t.expires_at.ToDatetime(tzinfo=dt.UTC) <= now
+        state = (
+            "revoked"
+            if t.revoked
+            else "expired"
+            if expired
+            else "used up"
+            if t.uses_left == 0
+            else "valid"
+        )
+        table.add_row(
+            t.id, f"{t.uses_left}/{t.uses_allowed}", fmt_time(t, "expires_at"), state, t.description
+        )
+    out.print(table)
+
+
+@token.command("revoke")
+@click.argument("token_id")
+@pass_leader
+def token_revoke(leader: Leader, token_id: str) -> None:
+    """Revoke a join token by its id (the part before the dot)."""
+    token_id = token_id.split(".", 1)[0]  # accept a whole token too, but never echo its secret
+    with leader.admin() as admin:
+        reply = leader.call(admin.RevokeToken, admin_pb2.RevokeTokenRequest(id=token_id))
+    out.print(f"revoked token {reply.info.id}")
+
+
+@cli.command()
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_leader
+def nodes(leader: Leader, as_json: bool) -> None:
+    """List enrolled nodes, online or offline by their heartbeat."""
+    with leader.admin() as admin:
+        reply = leader.call(admin.ListNodes, admin_pb2.ListNodesRequest())
+    if as_json:
+        emit_json([to_dict(n) for n in reply.nodes])
+        return
+    table = Table("node", "addresses", "state", "agent", "last heartbeat", "cert expires")
+    for n in reply.nodes:
+        table.add_row(
+            n.name,
+            ", ".join(n.addresses),
+            Text("online", style="green") if n.online else Text("offline", style="red"),
+            n.agent_version,
+            fmt_time(n, "last_heartbeat"),
+            fmt_time(n, "cert_not_after"),
+        )
+    out.print(table)
+
+
+# --- entry point ------------------------------------------------------------------------------
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Run the CLI; every error is one line on stderr."""
+    try:
+        cli.main(args=argv, prog_name="tlsroll", standalone_mode=False)
+    except click.UsageError as exc:
+        hint = f" (see: {exc.ctx.command_path} --help)" if exc.ctx else ""
+        click.echo(f"tlsroll: error: {exc.format_message()}{hint}", err=True)
+        return 2
+    except click.Abort:
+        click.echo("tlsroll: aborted", err=True)
+        return 1
+    except click.ClickException as exc:
+        click.echo(f"tlsroll: error: {exc.format_message()}", err=True)
+        return exc.exit_code
+    except TlsrollError as exc:
+        click.echo(f"tlsroll: error: {exc}", err=True)
+        return 1
+    except OSError as exc:
+        click.echo(f"tlsroll: error: {exc.strerror}: {exc.filename}", err=True)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,42 @@
+"""The leader daemon's configuration (``DATA/leader.toml``, written by ``tlsroll init``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from leader.layout import Layout
+from tlsroll.config import ConfigFile
+from tlsroll.defaults import CONTROL_PORT, JOIN_PORT
+
+
+@dataclass(frozen=True)
+class LeaderConfig:
+    path: Path
+    address: str
+    dns_names: tuple[str, ...]
+    control_port: int
+    join_port: int
+    layout: Layout
+    ca_passphrase_file: Path
+    heartbeat_interval: int
+    admin_socket: Path
+    node_name: str | None
+
+    @classmethod
+    def load(cls, path: Path) -> LeaderConfig:
+        cfg = ConfigFile.load(path)
+        s = cfg.section("leader")
+        layout = Layout(s.path("data_dir"))
+        return cls(
+            path=Path(path),
+            address=s.ip("address"),
+            dns_names=tuple(s.str_list("dns_names", [])),
+            control_port=s.port("control_port", CONTROL_PORT),
+            join_port=s.port("join_port", JOIN_PORT),
+            layout=layout,
+            ca_passphrase_file=s.path("ca_passphrase_file", layout.default_passphrase_file),
+            heartbeat_interval=s.integer("heartbeat_interval", 5, lo=1, hi=3600),
+            admin_socket=s.path("admin_socket", layout.admin_socket),
+            node_name=s.text("node_name", None),
+        )

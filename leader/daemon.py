@@ -1,0 +1,136 @@
+"""``tlsroll-leader``: the leader daemon.
+
+Three listeners, each with the service for its level of trust:
+    join port     TLS (leader cert), no client cert   Enrolment + health + reflection
+    control port  mutual TLS (cluster CA)             Leader + health + reflection
+    admin socket  Unix socket in a 0750 directory     Admin + health
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import os
+import sqlite3
+import sys
+from pathlib import Path
+
+import grpc
+
+from leader.config import LeaderConfig
+from leader.layout import read_passphrase
+from leader.service import AdminService, EnrolmentService, LeaderService, LeaderState
+from leader.store import Store
+from tlsroll import __version__, logs, pki
+from tlsroll.daemon import sd_notify, stop_event
+from tlsroll.errors import ConfigError, TlsrollError
+from tlsroll.fsutil import check_private_file
+from tlsroll.rpc import add_standard_services, bind, hostport
+from tlsroll.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    enrolment_pb2,
+    enrolment_pb2_grpc,
+    leader_pb2,
+    leader_pb2_grpc,
+)
+
+GRACE_SECONDS = 10.0
+log = logs.get_logger("tlsroll.leader")
+
+
+def _service(module: object, name: str) -> str:
+    return str(module.DESCRIPTOR.services_by_name[name].full_name)  # type: ignore[attr-defined]
+
+
+def load_state(cfg: LeaderConfig) -> LeaderState:
+    layout = cfg.layout
+    for secret in (layout.ca_key, layout.tls_key, cfg.ca_passphrase_file):
+        check_private_file(secret)
+    ca = pki.CertificateAuthority.load(
+        layout.ca_cert, layout.ca_key, read_passphrase(cfg.ca_passphrase_file)
+    )
+    return LeaderState(
+        store=Store(layout.store),
+        ca=ca,
+        clock=lambda: dt.datetime.now(dt.UTC),
+        heartbeat_interval=cfg.heartbeat_interval,
+    )
+
+
+async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
+    stop = stop_event()
+    layout = cfg.layout
+    key_pem = layout.tls_key.read_bytes()
+    chain_pem = layout.tls_cert.read_bytes()
+    join_creds = grpc.ssl_server_credentials([(key_pem, chain_pem)], require_client_auth=False)
+    control_creds = grpc.ssl_server_credentials(
+        [(key_pem, chain_pem)], root_certificates=state.ca.cert_pem, require_client_auth=True
+    )
+
+    join = grpc.aio.server()
+    enrolment_pb2_grpc.add_EnrolmentServicer_to_server(EnrolmentService(state), join)
+    await add_standard_services(join, [_service(enrolment_pb2, "Enrolment")])
+    bind(join, hostport(cfg.address, cfg.join_port), join_creds)
+
+    control = grpc.aio.server()
+    leader_pb2_grpc.add_LeaderServicer_to_server(LeaderService(state), control)
+    await add_standard_services(control, [_service(leader_pb2, "Leader")])
+    bind(control, hostport(cfg.address, cfg.control_port), control_creds)
+
+    admin = grpc.aio.server()
+    admin_pb2_grpc.add_AdminServicer_to_server(AdminService(state), admin)
+    await add_standard_services(admin, [_service(admin_pb2, "Admin")])
+    sock = cfg.admin_socket
+    sock.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+    os.chmod(sock.parent, 0o750)  # noqa: S103 - group = admins
+    if sock.exists():
+        sock.unlink()  # a stale socket from a crash; the directory is ours
+    bind(admin, f"unix:{sock}", None)
+
+    servers = (join, control, admin)
+    for server in servers:
+        await server.start()
+    os.chmod(sock, 0o660)
+    log.info(
+        "leader.started",
+        version=__version__,
+        join=hostport(cfg.address, cfg.join_port),
+        control=hostport(cfg.address, cfg.control_port),
+        admin_socket=str(sock),
+        ca_pin=pki.spki_pin(state.ca.cert),
+    )
+    sd_notify("READY=1")
+    await stop.wait()
+    sd_notify("STOPPING=1")
+    log.info("leader.stopping", grace_seconds=GRACE_SECONDS)
+    await asyncio.gather(*(s.stop(GRACE_SECONDS) for s in servers))
+    state.store.close()
+    log.info("leader.stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tlsroll-leader", description="tlsroll leader daemon")
+    parser.add_argument("--config", type=Path, required=True, help="leader.toml (see tlsroll init)")
+    parser.add_argument("--version", action="version", version=f"tlsroll-leader {__version__}")
+    ns = parser.parse_args(argv)
+    logs.configure()
+    try:
+        cfg = LeaderConfig.load(ns.config)
+        state = load_state(cfg)
+        asyncio.run(serve(cfg, state))
+    except TlsrollError as exc:
+        print(f"tlsroll-leader: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError) else 1
+    except OSError as exc:
+        print(f"tlsroll-leader: {exc.strerror}: {exc.filename}", file=sys.stderr)
+        return 1
+    except sqlite3.Error as exc:
+        print(f"tlsroll-leader: store {cfg.layout.store}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,114 @@
+"""Where the leader keeps its files under its data directory, and how `tlsroll init` makes them.
+
+DATA/leader.toml          the leader's config (written by init, edited by the admin)
+DATA/leader.sqlite3       the store (nodes, tokens, rollouts, audit)
+DATA/ca/ca.pem            the cluster CA certificate (public)
+DATA/ca/ca.key            its key, encrypted with the CA passphrase, 0600
+DATA/secrets/ca.passphrase  the CA passphrase when the admin gave none elsewhere, 0600
+DATA/tls/leader.pem       the leader's serving + client certificate, chain with the CA
+DATA/tls/leader.key       its key, 0600 (unencrypted: the daemon needs it to start)
+DATA/run/admin.sock       the admin socket, in a 0750 directory
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from pathlib import Path
+
+from tlsroll import pki
+from tlsroll.defaults import CONTROL_PORT, JOIN_PORT, LEADER_NAME
+from tlsroll.errors import TlsrollError
+from tlsroll.fsutil import PRIVATE, check_private_file, make_private_dir, write_atomic
+
+
+@dataclass(frozen=True)
+class Layout:
+    data_dir: Path
+
+    @property
+    def config(self) -> Path:
+        return self.data_dir / "leader.toml"
+
+    @property
+    def store(self) -> Path:
+        return self.data_dir / "leader.sqlite3"
+
+    @property
+    def ca_cert(self) -> Path:
+        return self.data_dir / "ca" / "ca.pem"
+
+    @property
+    def ca_key(self) -> Path:
+        return self.data_dir / "ca" / "ca.key"
+
+    @property
+    def default_passphrase_file(self) -> Path:
+        return self.data_dir / "secrets" / "ca.passphrase"
+
+    @property
+    def tls_cert(self) -> Path:
+        return self.data_dir / "tls" / "leader.pem"
+
+    @property
+    def tls_key(self) -> Path:
+        return self.data_dir / "tls" / "leader.key"
+
+    @property
+    def admin_socket(self) -> Path:
+        return self.data_dir / "run" / "admin.sock"
+
+
+def read_passphrase(path: Path) -> bytes:
+    check_private_file(path)
+    value = Path(path).read_bytes().strip()
+    if not value:
+        raise TlsrollError(f"{path} is empty; it must hold the CA passphrase")
+    return value
+
+
+def init(
+    data_dir: Path,
+    address: str,
+    *,
+    dns_names: tuple[str, ...] = (),
+    node_name: str | None = None,
+    passphrase_file: Path | None = None,
+) -> Layout:
+    """Create a new cluster: CA, the leader's certificate, config. Refuses to overwrite."""
+    layout = Layout(Path(data_dir).resolve())
+    if layout.config.exists() or layout.ca_key.exists():
+        raise TlsrollError(f"{layout.data_dir} is already initialised; refusing to overwrite it")
+    names = pki.Names.of(LEADER_NAME, [address], dns_names)  # validates the address
+    for sub in ("ca", "secrets", "tls"):
+        make_private_dir(layout.data_dir / sub)
+    make_private_dir(layout.data_dir / "run", 0o750)
+    make_private_dir(layout.data_dir, 0o750)
+
+    if passphrase_file is None:
+        passphrase_file = layout.default_passphrase_file
+        write_atomic(passphrase_file, secrets.token_urlsafe(32).encode() + b"\n", PRIVATE)
+    passphrase = read_passphrase(passphrase_file)
+
+    ca = pki.CertificateAuthority.create()
+    ca.save(layout.ca_cert, layout.ca_key, passphrase)
+    key = pki.generate_key()
+    cert = ca.issue(key.public_key(), names, server=True, client=True)
+    pki.write_key(layout.tls_key, key)
+    write_atomic(layout.tls_cert, pki.cert_to_pem(cert) + ca.cert_pem)
+
+    lines = [
+        "# tlsroll leader configuration (written by `tlsroll init`)",
+        "[leader]",
+        f'address = "{names.ips[0]}"',
+        f"dns_names = {list(names.dns)!r}".replace("'", '"'),
+        f"control_port = {CONTROL_PORT}",
+        f"join_port = {JOIN_PORT}",
+        f'data_dir = "{layout.data_dir}"',
+        f'ca_passphrase_file = "{Path(passphrase_file).resolve()}"',
+        "heartbeat_interval = 5",
+    ]
+    if node_name:
+        lines.append(f'node_name = "{node_name}"')
+    write_atomic(layout.config, ("\n".join(lines) + "\n").encode())
+    return layout

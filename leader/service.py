@@ -1,0 +1,275 @@
+"""The leader's gRPC servicers: Enrolment (join port), Leader (mTLS port), Admin (Unix socket).
+
+Each listener serves only the service meant for its level of trust: a caller on the join port
+has a token at best, a caller on the control port has a node certificate, a caller on the
+admin socket is an administrator.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import getpass
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from leader.store import NameTaken, NodeCert, NotFound, Store, TokenRejected
+from leader.tokens import JoinToken, MalformedToken
+from tlsroll import logs, pki
+from tlsroll.errors import PKIError
+from tlsroll.rpc import invalid, map_errors, peer_name, unauthenticated
+from tlsroll.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    enrolment_pb2,
+    enrolment_pb2_grpc,
+    leader_pb2,
+    leader_pb2_grpc,
+)
+
+log = logs.get_logger("tlsroll.leader")
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+ERRORS = {
+    TokenRejected: grpc.StatusCode.UNAUTHENTICATED,
+    MalformedToken: grpc.StatusCode.INVALID_ARGUMENT,
+    PKIError: grpc.StatusCode.INVALID_ARGUMENT,
+    NameTaken: grpc.StatusCode.ALREADY_EXISTS,
+    NotFound: grpc.StatusCode.NOT_FOUND,
+}
+
+MAX_TOKEN_TTL = dt.timedelta(days=7)
+OFFLINE_AFTER_HEARTBEATS = 3
+
+
+def ts(t: dt.datetime | None) -> Timestamp | None:
+    if t is None:
+        return None
+    out = Timestamp()
+    out.FromDatetime(t)
+    return out
+
+
+@dataclass
+class LeaderState:
+    """What the servicers share: the store, the CA, the clock and a few settings."""
+
+    store: Store
+    ca: pki.CertificateAuthority
+    clock: Callable[[], dt.datetime]
+    heartbeat_interval: int
+
+    def online(self, last_heartbeat: dt.datetime | None) -> bool:
+        if last_heartbeat is None:
+            return False
+        silence = self.clock() - last_heartbeat
+        return silence <= dt.timedelta(seconds=self.heartbeat_interval * OFFLINE_AFTER_HEARTBEATS)
+
+
+def _claimed_names(request: enrolment_pb2.EnrolRequest) -> pki.Names:
+    name = request.node_name
+    if not pki.NODE_NAME.match(name):
+        raise invalid(
+            f"node name {name!r} is not valid: lowercase letters, digits and '-', at most 63"
+        )
+    if name.startswith("tlsroll-"):
+        raise invalid(f"node name {name!r} is reserved (names starting 'tlsroll-')")
+    if not request.addresses:
+        raise invalid("a node needs at least one IP address")
+    try:
+        return pki.Names.of(name, request.addresses, request.dns_names)
+    except ValueError as exc:
+        raise invalid(f"bad address: {exc}") from None
+
+
+class EnrolmentService(enrolment_pb2_grpc.EnrolmentServicer):
+    def __init__(self, state: LeaderState) -> None:
+        self.state = state
+
+    @map_errors(ERRORS)
+    async def Enrol(
+        self, request: enrolment_pb2.EnrolRequest, context: Ctx
+    ) -> enrolment_pb2.EnrolResponse:
+        token = JoinToken.parse(request.token)
+        names = _claimed_names(request)
+        if not 1 <= request.agent_port <= 65535:
+            raise invalid("agent_port must be 1..65535")
+        csr = pki.load_csr_pem(request.csr_pem)
+        public_key = pki.check_csr(csr, names)
+        issued: list[Any] = []
+
+        def issue() -> NodeCert:
+            cert = self.state.ca.issue(public_key, names, server=True, client=True)
+            issued.append(cert)
+            return NodeCert(
+                key_pin=pki.spki_pin(public_key),
+                fingerprint=pki.fingerprint(cert),
+                serial=f"{cert.serial_number:x}",
+                not_after=cert.not_valid_after_utc,
+            )
+
+        try:
+            await asyncio.to_thread(
+                self.state.store.enrol,
+                token_id=token.id,
+                secret=token.secret,
+                name=names.common_name,
+                addresses=names.ips,
+                dns_names=names.dns,
+                agent_version=request.agent_version,
+                agent_port=request.agent_port,
+                key_pin=pki.spki_pin(public_key),
+                issue=issue,
+                now=self.state.clock(),
+            )
+        except (TokenRejected, NameTaken) as exc:
+            log.warning(
+                "enrol.refused",
+                node=names.common_name,
+                token_id=token.id,
+                reason=str(exc),
+                peer=context.peer(),
+            )
+            raise
+        log.info(
+            "enrol.accepted", node=names.common_name, token_id=token.id, addresses=list(names.ips)
+        )
+        return enrolment_pb2.EnrolResponse(
+            certificate_pem=pki.cert_to_pem(issued[0]), ca_certificate_pem=self.state.ca.cert_pem
+        )
+
+
+class LeaderService(leader_pb2_grpc.LeaderServicer):
+    def __init__(self, state: LeaderState) -> None:
+        self.state = state
+
+    async def _caller(self, context: Ctx) -> str:
+        """The enrolled node calling, checked against the certificate on record."""
+        name, cert = peer_name(context)
+        try:
+            node = await asyncio.to_thread(self.state.store.get_node, name)
+        except NotFound:
+            raise unauthenticated(f"{name!r} is not an enrolled node") from None
+        if pki.fingerprint(cert) != node.cert_fingerprint:
+            raise unauthenticated(f"certificate is not the one on record for node {name!r}")
+        return name
+
+    @map_errors(ERRORS)
+    async def Heartbeat(
+        self, request: leader_pb2.HeartbeatRequest, context: Ctx
+    ) -> leader_pb2.HeartbeatResponse:
+        name = await self._caller(context)
+        now = self.state.clock()
+        await asyncio.to_thread(self.state.store.heartbeat, name, request.agent_version, now=now)
+        return leader_pb2.HeartbeatResponse(
+            leader_time=ts(now), interval_seconds=self.state.heartbeat_interval
+        )
+
+
+def _actor(context: Ctx) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-tlsroll-user" and isinstance(value, str) and value.isprintable():
+            return f"admin:{value[:64]}"
+    return f"admin:{getpass.getuser()}"
+
+
+def token_info(t: Any) -> admin_pb2.TokenInfo:
+    return admin_pb2.TokenInfo(
+        id=t.id,
+        created_at=ts(t.created_at),
+        expires_at=ts(t.expires_at),
+        uses_allowed=t.uses_allowed,
+        uses_left=t.uses_left,
+        revoked=t.revoked_at is not None,
+        description=t.description,
+    )
+
+
+class AdminService(admin_pb2_grpc.AdminServicer):
+    def __init__(self, state: LeaderState) -> None:
+        self.state = state
+
+    @map_errors(ERRORS)
+    async def CreateToken(
+        self, request: admin_pb2.CreateTokenRequest, context: Ctx
+    ) -> admin_pb2.CreateTokenResponse:
+        ttl = dt.timedelta(seconds=request.ttl_seconds or 3600)
+        if ttl > MAX_TOKEN_TTL:
+            raise invalid(f"a join token lives at most {MAX_TOKEN_TTL.days} days")
+        uses = request.uses or 1
+        if uses > 1000:
+            raise invalid("a join token allows at most 1000 uses")
+        token = JoinToken.generate()
+        info = await asyncio.to_thread(
+            self.state.store.add_token,
+            token.id,
+            token.secret,
+            ttl=ttl,
+            uses=uses,
+            description=request.description[:200],
+            now=self.state.clock(),
+            actor=_actor(context),
+        )
+        log.info(
+            "token.created", token_id=token.id, uses=uses, ttl_seconds=int(ttl.total_seconds())
+        )
+        return admin_pb2.CreateTokenResponse(token=str(token), info=token_info(info))
+
+    @map_errors(ERRORS)
+    async def ListTokens(
+        self, request: admin_pb2.ListTokensRequest, context: Ctx
+    ) -> admin_pb2.ListTokensResponse:
+        tokens = await asyncio.to_thread(self.state.store.list_tokens)
+        return admin_pb2.ListTokensResponse(tokens=[token_info(t) for t in tokens])
+
+    @map_errors(ERRORS)
+    async def RevokeToken(
+        self, request: admin_pb2.RevokeTokenRequest, context: Ctx
+    ) -> admin_pb2.RevokeTokenResponse:
+        info = await asyncio.to_thread(
+            self.state.store.revoke_token,
+            request.id,
+            now=self.state.clock(),
+            actor=_actor(context),
+        )
+        log.info("token.revoked", token_id=request.id)
+        return admin_pb2.RevokeTokenResponse(info=token_info(info))
+
+    @map_errors(ERRORS)
+    async def ListNodes(
+        self, request: admin_pb2.ListNodesRequest, context: Ctx
+    ) -> admin_pb2.ListNodesResponse:
+        nodes = await asyncio.to_thread(self.state.store.list_nodes)
+        return admin_pb2.ListNodesResponse(
+            nodes=[
+                admin_pb2.NodeInfo(
+                    name=n.name,
+                    addresses=n.addresses,
+                    dns_names=n.dns_names,
+                    agent_version=n.agent_version,
+                    agent_port=n.agent_port,
+                    enrolled_at=ts(n.enrolled_at),
+                    last_heartbeat=ts(n.last_heartbeat),
+                    cert_not_after=ts(n.cert_not_after),
+                    cert_fingerprint=n.cert_fingerprint,
+                    online=self.state.online(n.last_heartbeat),
+                )
+                for n in nodes
+            ]
+        )
+
+    @map_errors(ERRORS)
+    async def GetCA(self, request: admin_pb2.GetCARequest, context: Ctx) -> admin_pb2.GetCAResponse:
+        ca = self.state.ca.cert
+        return admin_pb2.GetCAResponse(
+            certificate_pem=self.state.ca.cert_pem,
+            fingerprint=pki.fingerprint(ca),
+            spki_pin=pki.spki_pin(ca),
+            not_after=ts(ca.not_valid_after_utc),
+            subject=ca.subject.rfc4514_string(),
+        )

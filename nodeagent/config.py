@@ -1,0 +1,79 @@
+"""The agent's configuration (TOML), e.g. ``/etc/tlsroll/agent.toml``::
+
+[node]
+name = "node1"
+addresses = ["192.168.1.5"]      # every address clients use; all go into the certificate
+dns_names = []
+
+[leader]
+address = "192.168.1.2"
+ca_pin = "sha256:…"               # from `tlsroll ca show` on the leader
+join_token_file = "/etc/tlsroll/join-token"   # or join_token = "…"; first start only
+
+[agent]
+data_dir = "/var/lib/tlsroll-agent"
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+from tlsroll import pki
+from tlsroll.config import ConfigFile
+from tlsroll.defaults import AGENT_PORT, CONTROL_PORT, HEARTBEAT_INTERVAL, JOIN_PORT
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    path: Path
+    node_name: str
+    addresses: tuple[str, ...]
+    dns_names: tuple[str, ...]
+    leader_address: str
+    control_port: int
+    join_port: int
+    ca_pin: str
+    join_token: str | None
+    join_token_file: Path | None
+    data_dir: Path
+    port: int
+    heartbeat_interval: int
+
+    @property
+    def names(self) -> pki.Names:
+        return pki.Names.of(self.node_name, self.addresses, self.dns_names)
+
+    @classmethod
+    def load(cls, path: Path) -> AgentConfig:
+        cfg = ConfigFile.load(path)
+        node = cfg.section("node")
+        leader = cfg.section("leader")
+        agent = cfg.section("agent")
+        name = node.text("name")
+        if not pki.NODE_NAME.match(name) or name.startswith("tlsroll-"):
+            raise node.error(
+                "name", f"{name!r} is not a valid node name (lowercase letters, digits, '-')"
+            )
+        pin = leader.text("ca_pin")
+        try:
+            pin = pki.parse_pin(pin)
+        except ValueError as exc:
+            raise leader.error("ca_pin", str(exc)) from None
+        if leader.has("join_token") and leader.has("join_token_file"):
+            raise leader.error("join_token", "give join_token or join_token_file, not both")
+        return cls(
+            path=Path(path),
+            node_name=name,
+            addresses=tuple(node.ip_list("addresses")),
+            dns_names=tuple(node.str_list("dns_names", [])),
+            leader_address=leader.ip("address"),
+            control_port=leader.port("control_port", CONTROL_PORT),
+            join_port=leader.port("join_port", JOIN_PORT),
+            ca_pin=pin,
+            join_token=leader.text("join_token", None),
+            join_token_file=leader.path("join_token_file", None),
+            data_dir=agent.path("data_dir"),
+            port=agent.port("port", AGENT_PORT),
+            heartbeat_interval=agent.integer("heartbeat_interval", HEARTBEAT_INTERVAL, lo=1, hi=3600),
+        )

@@ -1,0 +1,153 @@
+"""``tlsroll-agent``: the node agent daemon.
+
+Start-up: load the config, enrol if this node has no certificate yet (see ``identity``), serve
+NodeAgent over mutual TLS on every node address, and send heartbeats to the leader. SIGTERM or
+SIGINT stops it gracefully.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import datetime as dt
+import sys
+from pathlib import Path
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_delay,
+    wait_exponential,
+)
+
+from nodeagent.config import AgentConfig
+from nodeagent.identity import Identity, enrol, load_identity
+from nodeagent.service import NodeAgentService
+from tlsroll import __version__, logs
+from tlsroll.daemon import sd_notify, stop_event
+from tlsroll.errors import ConfigError, TlsrollError, TransientError
+from tlsroll.fsutil import make_private_dir
+from tlsroll.rpc import add_standard_services, bind, hostport
+from tlsroll.v1 import agent_pb2, agent_pb2_grpc, leader_pb2, leader_pb2_grpc
+
+GRACE_SECONDS = 10.0
+ENROL_PATIENCE_SECONDS = 60.0
+log = logs.get_logger("tlsroll.agent")
+
+
+def now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+async def obtain_identity(cfg: AgentConfig) -> Identity:
+    identity = await asyncio.to_thread(load_identity, cfg)
+    if identity is not None:
+        return identity
+    async for attempt in AsyncRetrying(
+        retry=retry_if_exception_type(TransientError),
+        wait=wait_exponential(multiplier=0.2, max=5),
+        stop=stop_after_delay(ENROL_PATIENCE_SECONDS),
+        reraise=True,
+    ):
+        with attempt:
+            return await asyncio.to_thread(enrol, cfg)
+    raise AssertionError("unreachable")  # pragma: no cover
+
+
+async def heartbeat_loop(cfg: AgentConfig, identity: Identity) -> None:
+    creds = grpc.ssl_channel_credentials(
+        root_certificates=identity.ca_pem,
+        private_key=identity.key_pem,
+        certificate_chain=identity.cert_pem,
+    )
+    target = hostport(cfg.leader_address, cfg.control_port)
+    healthy: bool | None = None
+    async with grpc.aio.secure_channel(target, creds) as channel:
+        stub = leader_pb2_grpc.LeaderStub(channel)
+        while True:
+            sent = Timestamp()
+            sent.FromDatetime(now())
+            try:
+                await stub.Heartbeat(
+                    leader_pb2.HeartbeatRequest(agent_version=__version__, sent_at=sent),
+                    timeout=cfg.heartbeat_interval,
+                )
+            except grpc.aio.AioRpcError as exc:
+                if healthy is not False:
+                    log.warning(
+                        "heartbeat.failed",
+                        leader=target,
+                        code=exc.code().name,
+                        detail=exc.details(),
+                    )
+                healthy = False
+            else:
+                if healthy is not True:
+                    log.info("heartbeat.ok", leader=target)
+                healthy = True
+            await asyncio.sleep(cfg.heartbeat_interval)
+
+
+async def serve(cfg: AgentConfig) -> None:
+    stop = stop_event()
+    make_private_dir(cfg.data_dir)
+    identity = await obtain_identity(cfg)
+    creds = grpc.ssl_server_credentials(
+        [(identity.key_pem, identity.cert_pem)],
+        root_certificates=identity.ca_pem,
+        require_client_auth=True,
+    )
+    server = grpc.aio.server()
+    agent_pb2_grpc.add_NodeAgentServicer_to_server(
+        NodeAgentService(cfg.node_name, identity, now), server
+    )
+    await add_standard_services(
+        server, [agent_pb2.DESCRIPTOR.services_by_name["NodeAgent"].full_name]
+    )
+    for address in cfg.addresses:
+        bind(server, hostport(address, cfg.port), creds)
+    await server.start()
+    beats = asyncio.create_task(heartbeat_loop(cfg, identity))
+    log.info(
+        "agent.started",
+        node=cfg.node_name,
+        version=__version__,
+        listen=[hostport(a, cfg.port) for a in cfg.addresses],
+    )
+    sd_notify("READY=1")
+    await stop.wait()
+    sd_notify("STOPPING=1")
+    log.info("agent.stopping", grace_seconds=GRACE_SECONDS)
+    beats.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await beats
+    await server.stop(GRACE_SECONDS)
+    log.info("agent.stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tlsroll-agent", description="tlsroll node agent")
+    parser.add_argument("--config", type=Path, required=True, help="agent.toml")
+    parser.add_argument("--version", action="version", version=f"tlsroll-agent {__version__}")
+    ns = parser.parse_args(argv)
+    logs.configure()
+    try:
+        cfg = AgentConfig.load(ns.config)
+        asyncio.run(serve(cfg))
+    except ConfigError as exc:
+        print(f"tlsroll-agent: {exc}", file=sys.stderr)
+        return 2
+    except TlsrollError as exc:
+        print(f"tlsroll-agent: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"tlsroll-agent: {exc.strerror}: {exc.filename}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,179 @@
+"""The agent's identity: its key, its certificate and the cluster CA, and how it gets them.
+
+First start: make a key (it never leaves the node), fetch the leader's certificate chain over
+TLS *without* trusting it, accept it only if it holds a CA whose key matches the configured pin
+and that CA issued the leader's certificate; then enrol over TLS verified against that CA with
+the join token and a CSR. Later starts: load and check what is on disk.
+
+    DATA/node.key   0600      DATA/node.pem   the node certificate      DATA/ca.pem  the CA
+"""
+
+from __future__ import annotations
+
+import _ssl
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+
+import grpc
+from cryptography import x509
+
+from nodeagent.config import AgentConfig
+from tlsroll import __version__, logs, pki, tls
+from tlsroll.errors import PKIError, PKIReason, TlsrollError, TransientError
+from tlsroll.fsutil import check_private_file, make_private_dir
+from tlsroll.rpc import hostport
+from tlsroll.v1 import enrolment_pb2, enrolment_pb2_grpc
+
+log = logs.get_logger("tlsroll.agent")
+
+# Statuses that mean "try again later"; everything else is the leader saying no.
+TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+
+
+class EnrolmentRefused(TlsrollError):
+    pass
+
+
+@dataclass(frozen=True)
+class Identity:
+    key_file: Path
+    cert_file: Path
+    ca_file: Path
+    cert: x509.Certificate
+    ca: x509.Certificate
+
+    @property
+    def key_pem(self) -> bytes:
+        return self.key_file.read_bytes()
+
+    @property
+    def cert_pem(self) -> bytes:
+        return self.cert_file.read_bytes()
+
+    @property
+    def ca_pem(self) -> bytes:
+        return self.ca_file.read_bytes()
+
+
+def paths(data_dir: Path) -> tuple[Path, Path, Path]:
+    return data_dir / "node.key", data_dir / "node.pem", data_dir / "ca.pem"
+
+
+def load_identity(cfg: AgentConfig) -> Identity | None:
+    """The identity on disk, checked; None if the node has not enrolled yet."""
+    key_file, cert_file, ca_file = paths(cfg.data_dir)
+    if key_file.exists():
+        check_private_file(key_file)
+    if not (key_file.exists() and cert_file.exists() and ca_file.exists()):
+        return None
+    key = pki.read_key(key_file)
+    cert = pki.read_cert(cert_file)
+    ca = pki.read_cert(ca_file)
+    if pki.spki_pin(ca) != cfg.ca_pin:
+        raise PKIError(PKIReason.PIN_MISMATCH, f"{ca_file} is not the CA of [leader].ca_pin")
+    _check_issued(cert, key, ca, cfg.names)
+    return Identity(key_file, cert_file, ca_file, cert, ca)
+
+
+def _check_issued(
+    cert: x509.Certificate, key: pki.PrivateKey, ca: x509.Certificate, names: pki.Names
+) -> None:
+    if not pki.issued_by(cert, ca):
+        raise PKIError(PKIReason.UNTRUSTED, "node certificate")
+    if not pki.key_matches(cert, key):
+        raise PKIError(PKIReason.KEY_MISMATCH, "node certificate")
+    if pki.names_of(cert) != names:
+        raise PKIError(
+            PKIReason.NAME_MISMATCH, "node certificate differs from [node] in the config"
+        )
+
+
+def fetch_chain(address: str, port: int, timeout: float = 5.0) -> list[x509.Certificate]:
+    """The certificate chain a TLS server sends, unverified: to be checked by pin, not trusted."""
+    ctx = tls.unverified_client_context()
+    ctx.set_alpn_protocols(["h2"])
+    try:
+        with (
+            socket.create_connection((address, port), timeout=timeout) as raw,
+            ctx.wrap_socket(raw) as conn,
+        ):
+            # Public as SSLSocket.get_unverified_chain() from Python 3.13.
+            chain = conn._sslobj.get_unverified_chain()  # type: ignore[attr-defined]
+    except OSError as exc:
+        raise TransientError(
+            f"cannot reach the leader at {hostport(address, port)}: {exc}"
+        ) from None
+    return [x509.load_der_x509_certificate(c.public_bytes(_ssl.ENCODING_DER)) for c in chain]
+
+
+def read_token(cfg: AgentConfig) -> str:
+    if cfg.join_token:
+        return cfg.join_token
+    if cfg.join_token_file:
+        try:
+            check_private_file(cfg.join_token_file)
+            token = cfg.join_token_file.read_text().strip()
+        except OSError as exc:
+            raise TlsrollError(f"cannot read {cfg.join_token_file}: {exc.strerror}") from None
+        if token:
+            return token
+        raise TlsrollError(f"{cfg.join_token_file} is empty; it must hold the join token")
+    raise TlsrollError(
+        f"{cfg.path}: [leader].join_token: missing; this node is not enrolled yet and needs "
+        "a join token (tlsroll token create, on the leader)"
+    )
+
+
+def enrol(cfg: AgentConfig, timeout: float = 10.0) -> Identity:
+    """Enrol with the leader once; TransientError when it is worth trying again."""
+    token = read_token(cfg)
+    make_private_dir(cfg.data_dir)
+    key_file, cert_file, ca_file = paths(cfg.data_dir)
+    if key_file.exists():  # a key from an earlier, interrupted attempt: keep the identity
+        key = pki.read_key(key_file)
+    else:
+        key = pki.generate_key()
+        pki.write_key(key_file, key)
+    csr = pki.make_csr(key, cfg.names)
+
+    chain = fetch_chain(cfg.leader_address, cfg.join_port, timeout)
+    ca = pki.find_pinned_ca(chain, cfg.ca_pin)
+    creds = grpc.ssl_channel_credentials(root_certificates=pki.cert_to_pem(ca))
+    target = hostport(cfg.leader_address, cfg.join_port)
+    with grpc.secure_channel(target, creds) as channel:
+        stub = enrolment_pb2_grpc.EnrolmentStub(channel)
+        try:
+            reply = stub.Enrol(
+                enrolment_pb2.EnrolRequest(
+                    token=token,
+                    csr_pem=pki.csr_to_pem(csr),
+                    node_name=cfg.node_name,
+                    addresses=list(cfg.names.ips),
+                    dns_names=list(cfg.names.dns),
+                    agent_version=__version__,
+                    agent_port=cfg.port,
+                ),
+                timeout=timeout,
+            )
+        except grpc.RpcError as exc:
+            code, detail = exc.code(), exc.details()
+            if code in TRANSIENT:
+                raise TransientError(f"enrolment at {target}: {detail}") from None
+            raise EnrolmentRefused(
+                f"the leader refused enrolment: {detail} ({code.name})"
+            ) from None
+    cert = pki.load_cert_pem(reply.certificate_pem)
+    got_ca = pki.load_cert_pem(reply.ca_certificate_pem)
+    if pki.spki_pin(got_ca) != cfg.ca_pin:
+        raise PKIError(PKIReason.PIN_MISMATCH, "CA in the enrolment answer")
+    _check_issued(cert, key, got_ca, cfg.names)
+    pki.write_cert(ca_file, got_ca)
+    pki.write_cert(cert_file, cert)
+    log.info(
+        "agent.enrolled",
+        node=cfg.node_name,
+        cert_fingerprint=pki.fingerprint(cert),
+        not_after=cert.not_valid_after_utc.isoformat(),
+    )
+    return Identity(key_file, cert_file, ca_file, cert, got_ca)

@@ -1,0 +1,62 @@
+"""Shared fixtures: loopback addresses (one per node, the seed's ports on each) and a test CA."""
+
+from __future__ import annotations
+
+import itertools
+import os
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from tlsroll import pki
+
+# Each test node gets its own 127.0.0.0/8 address so that it can use the seed's fixed ports
+# (8080, 8443, 9443) like a real server would. Offset by pid so that two pytest runs on one
+# machine do not collide.
+_BASE = 100 + os.getpid() % 100
+_counter = itertools.count(1)
+
+
+def next_loopback() -> str:
+    n = next(_counter)
+    return f"127.{_BASE}.{n // 250}.{n % 250 + 1}"
+
+
+@pytest.fixture
+def loopback() -> Callable[[], str]:
+    """Call it to get a fresh loopback address no other test uses."""
+    return next_loopback
+
+
+@dataclass(frozen=True)
+class IssuedCert:
+    cert_file: Path
+    key_file: Path
+    ca_file: Path
+    cert: object
+
+
+@pytest.fixture(scope="session")
+def test_ca() -> pki.CertificateAuthority:
+    return pki.CertificateAuthority.create("tlsroll test CA")
+
+
+@pytest.fixture
+def issue_cert(test_ca: pki.CertificateAuthority, tmp_path: Path) -> Callable[..., IssuedCert]:
+    """Issue a server(+client) certificate for a loopback address into tmp files (key 0600)."""
+
+    def issue(address: str, name: str = "node", *, client: bool = True) -> IssuedCert:
+        key = pki.generate_key()
+        cert = test_ca.issue(
+            key.public_key(), pki.Names.of(name, [address]), server=True, client=client
+        )
+        d = tmp_path / f"pki-{address}"
+        d.mkdir(exist_ok=True)
+        pki.write_key(d / "key.pem", key)
+        pki.write_cert(d / "cert.pem", cert)
+        (d / "ca.pem").write_bytes(test_ca.cert_pem)
+        return IssuedCert(d / "cert.pem", d / "key.pem", d / "ca.pem", cert)
+
+    return issue

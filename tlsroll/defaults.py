@@ -1,0 +1,10 @@
+"""Names and ports both sides agree on."""
+
+LEADER_NAME = "tlsroll-leader"  # CN of the leader's certificate; reserved, no node may take it
+CONTROL_PORT = 9440  # leader, mutual TLS: agents call Leader
+JOIN_PORT = 9441  # leader, server TLS only: agents call Enrolment with a join token
+AGENT_PORT = 9442  # agent, mutual TLS: the leader calls NodeAgent
+BOOTSTRAP_PORT = 9443  # agent, https: workstations fetch the CA and enrol (the seed's port)
+HTTP_PORT = 8080  # managed server before the switch (the seed's)
+HTTPS_PORT = 8443  # managed server after the switch (the seed's)
+HEARTBEAT_INTERVAL = 5

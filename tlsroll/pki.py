@@ -1,0 +1,423 @@
+"""Keys, CSRs, certificates and pins: everything tlsroll does with X.509, on ``cryptography``.
+
+One small CA (``CertificateAuthority``) with one certificate builder for every leaf, after
+trustme. Leaf certificates follow Apple's rules for TLS server certificates so that macOS
+workstations accept them: every IP and DNS name in the SAN, EKU serverAuth, SHA-256, at most
+397 days, a random serial, NotBefore backdated for clock skew. Keys are ECDSA P-256.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import ipaddress
+import re
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from tlsroll.errors import PKIError, PKIReason
+from tlsroll.fsutil import PRIVATE, PUBLIC, check_private_file, write_atomic
+
+PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
+PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
+
+LEAF_VALIDITY_DAYS = 397  # under Apple's 398 (public CAs) and 825 (private CAs)
+CA_VALIDITY_DAYS = 3650
+BACKDATE = dt.timedelta(hours=1)  # tolerate clocks that lag the CA's
+NODE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+# --- keys -------------------------------------------------------------------------------------
+
+
+def generate_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(ec.SECP256R1())
+
+
+def key_to_pem(key: PrivateKey, passphrase: bytes | None = None) -> bytes:
+    encryption: serialization.KeySerializationEncryption = (
+        serialization.BestAvailableEncryption(passphrase)
+        if passphrase
+        else serialization.NoEncryption()
+    )
+    return key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
+    )
+
+
+def load_key_pem(data: bytes, passphrase: bytes | None = None) -> PrivateKey:
+    try:
+        key = serialization.load_pem_private_key(data, password=passphrase)
+    except TypeError as exc:  # encrypted without passphrase, or passphrase for a plain key
+        raise PKIError(PKIReason.BAD_PASSPHRASE, "passphrase missing or not needed") from exc
+    except ValueError as exc:
+        if b"ENCRYPTED" in data:
+            raise PKIError(PKIReason.BAD_PASSPHRASE) from exc
+        raise PKIError(PKIReason.BAD_PEM, "private key") from exc
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        raise PKIError(PKIReason.KEY_TYPE, type(key).__name__)
+    return key
+
+
+def write_key(path: Path, key: PrivateKey, passphrase: bytes | None = None) -> None:
+    """Write a private key, 0600 from the first byte."""
+    write_atomic(path, key_to_pem(key, passphrase), PRIVATE)
+
+
+def read_key(path: Path, passphrase: bytes | None = None) -> PrivateKey:
+    """Read a private key, refusing one that others can read."""
+    check_private_file(path)
+    return load_key_pem(Path(path).read_bytes(), passphrase)
+
+
+# --- certificates -----------------------------------------------------------------------------
+
+
+def cert_to_pem(cert: x509.Certificate) -> bytes:
+    return cert.public_bytes(serialization.Encoding.PEM)
+
+
+def load_cert_pem(data: bytes) -> x509.Certificate:
+    try:
+        return x509.load_pem_x509_certificate(data)
+    except ValueError as exc:
+        raise PKIError(PKIReason.BAD_PEM, "certificate") from exc
+
+
+def load_certs_pem(data: bytes) -> list[x509.Certificate]:
+    try:
+        return x509.load_pem_x509_certificates(data)
+    except ValueError as exc:
+        raise PKIError(PKIReason.BAD_PEM, "certificate bundle") from exc
+
+
+def write_cert(path: Path, cert: x509.Certificate) -> None:
+    write_atomic(path, cert_to_pem(cert), PUBLIC)
+
+
+def read_cert(path: Path) -> x509.Certificate:
+    return load_cert_pem(Path(path).read_bytes())
+
+
+def fingerprint(cert: x509.Certificate) -> str:
+    """``sha256:<hex>`` of the DER certificate."""
+    return "sha256:" + cert.fingerprint(hashes.SHA256()).hex()
+
+
+def spki_pin(key: x509.Certificate | PublicKey) -> str:
+    """``sha256:<hex>`` of the DER SubjectPublicKeyInfo (kubeadm's discovery-token-ca-cert-hash)."""
+    public = key.public_key() if isinstance(key, x509.Certificate) else key
+    der = public.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return "sha256:" + hashlib.sha256(der).hexdigest()
+
+
+def parse_pin(pin: str) -> str:
+    """Normalise a pin to ``sha256:<64 lowercase hex>`` or raise ValueError."""
+    value = pin.strip().lower()
+    if not re.fullmatch(r"sha256:[0-9a-f]{64}", value):
+        raise ValueError("a CA pin looks like sha256:<64 hex digits>")
+    return value
+
+
+def key_matches(cert: x509.Certificate, key: PrivateKey) -> bool:
+    return spki_pin(cert) == spki_pin(key.public_key())
+
+
+def not_after(cert: x509.Certificate) -> dt.datetime:
+    return cert.not_valid_after_utc
+
+
+def is_ca(cert: x509.Certificate) -> bool:
+    try:
+        bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        return False
+    return bc.ca
+
+
+def issued_by(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    try:
+        cert.verify_directly_issued_by(ca)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def check_valid_now(cert: x509.Certificate, now: dt.datetime | None = None) -> None:
+    now = now or utcnow()
+    if not cert.not_valid_before_utc <= now <= cert.not_valid_after_utc:
+        raise PKIError(
+            PKIReason.EXPIRED,
+            f"valid {cert.not_valid_before_utc:%Y-%m-%d} to {cert.not_valid_after_utc:%Y-%m-%d}",
+        )
+
+
+def find_pinned_ca(chain: Sequence[x509.Certificate], pin: str) -> x509.Certificate:
+    """Return the CA certificate in ``chain`` whose key matches ``pin``, having checked that it
+    is a CA and that the first certificate (the server's) was issued by it."""
+    pin = parse_pin(pin)
+    for cert in chain:
+        if spki_pin(cert) == pin:
+            if not is_ca(cert):
+                raise PKIError(PKIReason.NOT_CA, "the pinned certificate")
+            if chain and not issued_by(chain[0], cert):
+                raise PKIError(PKIReason.UNTRUSTED, "the server certificate")
+            return cert
+    raise PKIError(PKIReason.PIN_MISMATCH, "no certificate the server sent has that key")
+
+
+# --- names ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Names:
+    """The identity a certificate carries: CN plus the SAN's IP addresses and DNS names."""
+
+    common_name: str
+    ips: tuple[str, ...] = ()
+    dns: tuple[str, ...] = ()
+
+    @classmethod
+    def of(cls, common_name: str, ips: Iterable[str] = (), dns: Iterable[str] = ()) -> Names:
+        norm_ips = tuple(sorted({str(ipaddress.ip_address(i)) for i in ips}))
+        norm_dns = tuple(sorted({d.lower().rstrip(".") for d in dns}))
+        return cls(common_name, norm_ips, norm_dns)
+
+    def san(self) -> x509.SubjectAlternativeName:
+        general: list[x509.GeneralName] = [
+            x509.IPAddress(ipaddress.ip_address(i)) for i in self.ips
+        ]
+        general += [x509.DNSName(d) for d in self.dns]
+        return x509.SubjectAlternativeName(general)
+
+
+def names_of(obj: x509.Certificate | x509.CertificateSigningRequest) -> Names:
+    cns = obj.subject.get_attributes_for_oid(NameOID.COMMON_NAME)
+    cn = str(cns[0].value) if cns else ""
+    try:
+        san = obj.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return Names.of(cn)
+    return Names.of(
+        cn,
+        (str(ip) for ip in san.get_values_for_type(x509.IPAddress)),
+        san.get_values_for_type(x509.DNSName),
+    )
+
+
+# --- CSRs -------------------------------------------------------------------------------------
+
+
+def make_csr(key: PrivateKey, names: Names) -> x509.CertificateSigningRequest:
+    builder = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names.common_name)]))
+        .add_extension(names.san(), critical=False)
+    )
+    return builder.sign(key, hashes.SHA256())
+
+
+def csr_to_pem(csr: x509.CertificateSigningRequest) -> bytes:
+    return csr.public_bytes(serialization.Encoding.PEM)
+
+
+def load_csr_pem(data: bytes) -> x509.CertificateSigningRequest:
+    try:
+        csr = x509.load_pem_x509_csr(data)
+    except ValueError as exc:
+        raise PKIError(PKIReason.BAD_CSR) from exc
+    if not csr.is_signature_valid:
+        raise PKIError(PKIReason.BAD_SIGNATURE)
+    return csr
+
+
+def check_csr(csr: x509.CertificateSigningRequest, expected: Names) -> PublicKey:
+    """Check a CSR against what the node claims; return its public key.
+
+    The key must be ECDSA P-256 or RSA >= 2048, the CSR must not ask for a CA, and its CN and
+    SAN must be exactly ``expected``.
+    """
+    key = csr.public_key()
+    if isinstance(key, ec.EllipticCurvePublicKey):
+        if not isinstance(key.curve, ec.SECP256R1):
+            raise PKIError(PKIReason.KEY_TYPE, f"ECDSA curve {key.curve.name}")
+    elif isinstance(key, rsa.RSAPublicKey):
+        if key.key_size < 2048:
+            raise PKIError(PKIReason.KEY_TYPE, f"RSA {key.key_size} bits")
+    else:
+        raise PKIError(PKIReason.KEY_TYPE, type(key).__name__)
+    try:
+        bc = csr.extensions.get_extension_for_class(x509.BasicConstraints).value
+    except x509.ExtensionNotFound:
+        pass
+    else:
+        if bc.ca:
+            raise PKIError(PKIReason.CA_REQUESTED)
+    got = names_of(csr)
+    if got != expected:
+        raise PKIError(
+            PKIReason.NAME_MISMATCH,
+            f"CSR has {_describe(got)}, claimed {_describe(expected)}",
+        )
+    return key
+
+
+def _describe(names: Names) -> str:
+    parts = [f"CN={names.common_name!r}"]
+    parts += [f"IP={ip}" for ip in names.ips] + [f"DNS={d}" for d in names.dns]
+    return " ".join(parts)
+
+
+# --- the CA -----------------------------------------------------------------------------------
+
+
+class CertificateAuthority:
+    """A CA certificate and its key; issues leaf certificates with one shared builder."""
+
+    def __init__(self, cert: x509.Certificate, key: PrivateKey) -> None:
+        if not is_ca(cert):
+            raise PKIError(PKIReason.NOT_CA)
+        if not key_matches(cert, key):
+            raise PKIError(PKIReason.KEY_MISMATCH, "CA")
+        self.cert = cert
+        self.key = key
+
+    @classmethod
+    def create(
+        cls, common_name: str = "tlsroll multiserver CA", *, now: dt.datetime | None = None
+    ) -> CertificateAuthority:
+        key = generate_key()
+        now = now or utcnow()
+        name = x509.Name(
+            [
+                x509.NameAttribute(NameOID.ORGANIZATION_NAME, "tlsroll"),
+                x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+            ]
+        )
+        ski = x509.SubjectKeyIdentifier.from_public_key(key.public_key())
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(name)
+            .issuer_name(name)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(now - BACKDATE)
+            .not_valid_after(now + dt.timedelta(days=CA_VALIDITY_DAYS))
+            # A CA that may sign leaves only, never another CA.
+            .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,
+                    key_cert_sign=True,  # signs certificates
+                    crl_sign=True,
+                    content_commitment=False,
+                    key_encipherment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(ski, critical=False)
+            .sign(key, hashes.SHA256())
+        )
+        return cls(cert, key)
+
+    @property
+    def cert_pem(self) -> bytes:
+        return cert_to_pem(self.cert)
+
+    def issue(
+        self,
+        public_key: PublicKey,
+        names: Names,
+        *,
+        server: bool = True,
+        client: bool = False,
+        validity_days: int = LEAF_VALIDITY_DAYS,
+        now: dt.datetime | None = None,
+    ) -> x509.Certificate:
+        """Issue a leaf certificate for ``public_key`` carrying exactly ``names``."""
+        if not 1 <= validity_days <= LEAF_VALIDITY_DAYS:
+            raise ValueError(f"validity must be 1..{LEAF_VALIDITY_DAYS} days")
+        if not (names.ips or names.dns):
+            raise ValueError("a certificate needs at least one IP address or DNS name")
+        now = now or utcnow()
+        usages = ([ExtendedKeyUsageOID.SERVER_AUTH] if server else []) + (
+            [ExtendedKeyUsageOID.CLIENT_AUTH] if client else []
+        )
+        if not usages:
+            raise ValueError("a certificate needs server or client usage")
+        ca_ski = self.cert.extensions.get_extension_for_class(x509.SubjectKeyIdentifier).value
+        return (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names.common_name)]))
+            .issuer_name(self.cert.subject)
+            .public_key(public_key)
+            .serial_number(x509.random_serial_number())  # 159 random bits
+            .not_valid_before(now - BACKDATE)
+            .not_valid_after(now + dt.timedelta(days=validity_days))
+            .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+            .add_extension(
+                x509.KeyUsage(
+                    digital_signature=True,  # ECDHE handshakes sign with the key
+                    key_encipherment=isinstance(public_key, rsa.RSAPublicKey),
+                    content_commitment=False,
+                    data_encipherment=False,
+                    key_agreement=False,
+                    key_cert_sign=False,
+                    crl_sign=False,
+                    encipher_only=False,
+                    decipher_only=False,
+                ),
+                critical=True,
+            )
+            .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
+            # Clients match the IP they dial against the SAN; CN is ignored by modern clients.
+            .add_extension(names.san(), critical=False)
+            .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
+            .add_extension(
+                x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
+                critical=False,
+            )
+            .sign(self.key, hashes.SHA256())
+        )
+
+    def sign_csr(
+        self,
+        csr: x509.CertificateSigningRequest,
+        expected: Names,
+        *,
+        server: bool = True,
+        client: bool = False,
+        now: dt.datetime | None = None,
+    ) -> x509.Certificate:
+        """Check ``csr`` against ``expected`` and issue a certificate for its key."""
+        return self.issue(check_csr(csr, expected), expected, server=server, client=client, now=now)
+
+    # -- persistence -------------------------------------------------------------------------
+
+    def save(self, cert_path: Path, key_path: Path, passphrase: bytes) -> None:
+        """Write the CA: the key encrypted with ``passphrase`` and 0600."""
+        if not passphrase:
+            raise ValueError("the CA key is always encrypted at rest; give a passphrase")
+        write_key(key_path, self.key, passphrase)
+        write_cert(cert_path, self.cert)
+
+    @classmethod
+    def load(cls, cert_path: Path, key_path: Path, passphrase: bytes) -> CertificateAuthority:
+        return cls(read_cert(cert_path), read_key(key_path, passphrase))

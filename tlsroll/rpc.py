@@ -1,0 +1,131 @@
+"""gRPC plumbing both daemons share: standard services, peer identity, error mapping, addresses.
+
+Servicers raise the project's own errors; ``map_errors`` turns them into a gRPC status in one
+place, so that no servicer builds a status by hand and no internal error leaks a traceback to a
+caller (unexpected errors become INTERNAL with a generic message and are logged).
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from typing import Any, TypeVar
+
+import grpc
+from cryptography import x509
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from tlsroll import logs, pki
+from tlsroll.errors import TlsrollError
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+ErrorMap = Mapping[type[BaseException], grpc.StatusCode]
+
+log = logs.get_logger("tlsroll.rpc")
+
+
+class RpcStatusError(TlsrollError):
+    """An error that already knows its gRPC status."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def invalid(message: str) -> RpcStatusError:
+    return RpcStatusError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def unauthenticated(message: str) -> RpcStatusError:
+    return RpcStatusError(grpc.StatusCode.UNAUTHENTICATED, message)
+
+
+def permission_denied(message: str) -> RpcStatusError:
+    return RpcStatusError(grpc.StatusCode.PERMISSION_DENIED, message)
+
+
+def failed_precondition(message: str) -> RpcStatusError:
+    return RpcStatusError(grpc.StatusCode.FAILED_PRECONDITION, message)
+
+
+def map_errors(mapping: ErrorMap) -> Callable[[F], F]:
+    """Decorate an async servicer method: project errors → status per ``mapping``."""
+
+    def decorate(method: F) -> F:
+        @functools.wraps(method)
+        async def wrapper(
+            self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> Any:
+            try:
+                return await method(self, request, context)
+            except RpcStatusError as exc:
+                await context.abort(exc.code, str(exc))
+            except Exception as exc:
+                for typ, code in mapping.items():
+                    if isinstance(exc, typ):
+                        await context.abort(code, str(exc))
+                if isinstance(exc, grpc.aio.AbortError):
+                    raise
+                log.error(
+                    "rpc.internal_error", method=method.__name__, error_type=type(exc).__name__
+                )
+                await context.abort(
+                    grpc.StatusCode.INTERNAL, "internal error; see the daemon's log"
+                )
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def peer_certificate(context: grpc.aio.ServicerContext[Any, Any]) -> x509.Certificate | None:
+    """The verified client certificate of the caller (mutual TLS ports only)."""
+    pems = list(context.auth_context().get("x509_pem_cert", ()))
+    if not pems:
+        return None
+    return pki.load_cert_pem(pems[0])
+
+
+def peer_name(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, x509.Certificate]:
+    cert = peer_certificate(context)
+    if cert is None:
+        raise unauthenticated("no client certificate")
+    return pki.names_of(cert).common_name, cert
+
+
+def hostport(address: str, port: int) -> str:
+    ip = ipaddress.ip_address(address)
+    return f"[{ip}]:{port}" if ip.version == 6 else f"{ip}:{port}"
+
+
+async def add_standard_services(server: grpc.aio.Server, service_names: Iterable[str]) -> Any:
+    """Add the gRPC health and reflection services; every named service is reported SERVING."""
+    names = list(service_names)
+    servicer = health.aio.HealthServicer()  # type: ignore[attr-defined]
+    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+    for name in [*names, ""]:
+        await servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+    reflection.enable_server_reflection(
+        [
+            *names,
+            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+            reflection.SERVICE_NAME,
+        ],
+        server,
+    )
+    return servicer
+
+
+def bind(server: grpc.aio.Server, target: str, credentials: grpc.ServerCredentials | None) -> None:
+    """Bind a port or fail with one clear line (grpc's own error is a bare RuntimeError)."""
+    try:
+        if credentials is None:
+            server.add_insecure_port(target)
+        else:
+            server.add_secure_port(target, credentials)
+    except RuntimeError:
+        raise TlsrollError(
+            f"cannot listen on {target}: in use or not an address of this host"
+        ) from None
