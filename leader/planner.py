@@ -1,0 +1,263 @@
+"""The rollout planner: pure functions that decide which node goes when.
+
+``plan_rollout`` turns a scope into the initial records (the node order: by name, the leader
+node last). ``next_actions`` looks at the rollout record and its node records and returns a
+``Plan``: the events to persist and the steps to run now. No I/O, no clocks; the engine calls
+``next_actions`` again after every event it records (an admin command, a step's outcome).
+
+How the engine uses a ``Plan``, in this order (like raft's ``Ready``):
+
+1. Persist ``rollout_events`` and ``node_events`` in one transaction, BEFORE any step of the
+   plan is sent (``apply_plan`` computes the new records).
+2. Make sure every step in ``steps`` is running. ``steps`` is level-triggered: it lists every
+   step that should be running now, so the same step shows up on every call until its outcome
+   is recorded. Start only the steps that are not already running; running a step again after a
+   crash is safe because steps are idempotent (keyed by rollout id + node + step).
+3. Record each outcome: a result event for PREFLIGHT, STAGE, SWITCH, CONFIRM
+   (``NodeRecord.with_event``), ``scope_frozen`` set or cleared for FREEZE and UNFREEZE.
+
+Decisions, in the order ``next_actions`` makes them:
+
+* Halt: in ``running`` or ``paused``, more failed/rolled-back nodes than ``failure_budget`` →
+  ``failure_budget_exceeded`` (the rollout drains to ``halted``).
+* Draining (``halting``, ``aborting``): every ``pending`` node and every ``staged`` node (it
+  has not begun its switch) is skipped; nodes in a working state finish their step.
+* Start: only in ``running``; the first ``pending`` nodes in ``order`` while fewer than
+  ``max_parallel`` nodes are in flight (from leaving ``pending`` until a terminal state).
+* Switch: ``staged`` nodes begin their switch in ``running`` and ``paused`` (pause stops new
+  nodes, not nodes in flight). With ``FreezeMode.SCOPE`` the first switch waits until every node
+  in scope that has not failed or been skipped is frozen; until then the plan holds FREEZE steps.
+* Settle: no node pending or in flight → UNFREEZE steps for frozen nodes; once none is frozen,
+  ``nodes_settled`` (the rollout ends ``completed``, ``halted`` or ``aborted``). The rollout
+  never ends while a node may still be frozen.
+
+A terminal rollout never starts a node; its plan is empty.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+from leader.rollout_core import (
+    DRAINING_ROLLOUT_STATES,
+    FAILED_NODE_STATES,
+    IN_FLIGHT_NODE_STATES,
+    STEP_FOR_STATE,
+    TERMINAL_NODE_STATES,
+    Change,
+    FreezeMode,
+    NodeEvent,
+    NodeRecord,
+    NodeState,
+    Rollout,
+    RolloutEvent,
+    RolloutState,
+    Scope,
+    ScopeKind,
+    Step,
+    Strategy,
+    node_transition,
+    rollout_transition,
+)
+from tlsroll.errors import TlsrollError
+
+
+class PlanError(TlsrollError):
+    """A rollout cannot be planned for this scope; the message says which nodes and why."""
+
+
+class EmptyScope(PlanError):
+    def __init__(self) -> None:
+        super().__init__("no enrolled node in scope: enrol a node first")
+
+
+class UnknownNodes(PlanError):
+    def __init__(self, names: Sequence[str]) -> None:
+        super().__init__(f"not enrolled: {', '.join(names)} (check the names with the viewer)")
+        self.names = tuple(names)
+
+
+class NodesOffline(PlanError):
+    def __init__(self, names: Sequence[str]) -> None:
+        super().__init__(f"offline: {', '.join(names)} (bring the agent up or leave it out)")
+        self.names = tuple(names)
+
+
+class InconsistentRecords(TlsrollError):
+    """The node records do not match the rollout's order (a bug or a damaged store)."""
+
+
+@dataclass(frozen=True)
+class NodeEventAction:
+    """Apply ``event`` to node ``node`` (persisted before any step of the same plan runs)."""
+
+    node: str
+    event: NodeEvent
+    reason: str | None = None
+
+
+@dataclass(frozen=True)
+class StepAction:
+    """Run ``step`` on node ``node``, the command carrying the rollout's ``epoch``."""
+
+    node: str
+    step: Step
+    epoch: int
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What to do now for one rollout; see the module docstring for the order."""
+
+    epoch: int
+    rollout_events: tuple[RolloutEvent, ...] = ()
+    node_events: tuple[NodeEventAction, ...] = ()
+    steps: tuple[StepAction, ...] = ()
+
+    def nodes_with_event(self, event: NodeEvent) -> tuple[str, ...]:
+        """Names of the nodes that get ``event`` in this plan, in rollout order."""
+        return tuple(a.node for a in self.node_events if a.event is event)
+
+    def nodes_with_step(self, step: Step) -> tuple[str, ...]:
+        """Names of the nodes on which ``step`` should be running, in rollout order."""
+        return tuple(a.node for a in self.steps if a.step is step)
+
+
+def order_nodes(names: Iterable[str], leader: str) -> tuple[str, ...]:
+    """Nodes sorted by name, the leader node last."""
+    return tuple(sorted(names, key=lambda name: (name == leader, name)))
+
+
+def plan_rollout(
+    *,
+    rollout_id: str,
+    change: Change,
+    scope: Scope,
+    enrolled: Mapping[str, bool],
+    leader: str,
+    epoch: int,
+    strategy: Strategy = Strategy.DIRECT,
+    max_parallel: int = 1,
+    failure_budget: int = 0,
+    freeze: FreezeMode = FreezeMode.NODE,
+) -> tuple[Rollout, tuple[NodeRecord, ...]]:
+    """Make the records of a new, ``planned`` rollout.
+
+    ``enrolled`` maps every enrolled node's name to whether it is online now (the caller
+    decides, e.g. from heartbeats); ``leader`` is the leader node's name. Scope ``local`` is the
+    leader node alone, ``cluster`` every enrolled node; a node list is de-duplicated. Raises
+    ``UnknownNodes``, ``NodesOffline`` or ``EmptyScope``, each naming every offending node.
+    """
+    if scope.kind is ScopeKind.LOCAL:
+        names: Sequence[str] = (leader,)
+    elif scope.kind is ScopeKind.CLUSTER:
+        names = tuple(enrolled)
+    else:
+        names = tuple(dict.fromkeys(scope.names))
+    unknown = sorted(name for name in names if name not in enrolled)
+    if unknown:
+        raise UnknownNodes(unknown)
+    if not names:
+        raise EmptyScope()
+    offline = sorted(name for name in names if not enrolled[name])
+    if offline:
+        raise NodesOffline(offline)
+    order = order_nodes(names, leader)
+    rollout = Rollout(
+        id=rollout_id,
+        change=change,
+        scope=scope,
+        order=order,
+        epoch=epoch,
+        strategy=strategy,
+        max_parallel=max_parallel,
+        failure_budget=failure_budget,
+        freeze=freeze,
+    )
+    return rollout, tuple(NodeRecord(name) for name in order)
+
+
+def next_actions(rollout: Rollout, nodes: Sequence[NodeRecord]) -> Plan:
+    """Decide what happens now; safe to call any number of times (it only reads)."""
+    records = _in_order(rollout, nodes)
+    state = rollout.state
+    if state not in _LIVE_STATES:  # planned or terminal: nothing to do
+        return Plan(epoch=rollout.epoch)
+
+    rollout_events: list[RolloutEvent] = []
+    failures = sum(r.state in FAILED_NODE_STATES for r in records)
+    if state in (RolloutState.RUNNING, RolloutState.PAUSED) and failures > rollout.failure_budget:
+        rollout_events.append(RolloutEvent.FAILURE_BUDGET_EXCEEDED)
+        state = rollout_transition(state, RolloutEvent.FAILURE_BUDGET_EXCEEDED)
+
+    after = {r.name: r.state for r in records}
+    node_events: list[NodeEventAction] = []
+
+    def emit(name: str, event: NodeEvent, reason: str | None = None) -> None:
+        node_events.append(NodeEventAction(name, event, reason))
+        after[name] = node_transition(after[name], event, f"node {name}")
+
+    if state in DRAINING_ROLLOUT_STATES:
+        why = "rollout aborted" if state is RolloutState.ABORTING else "rollout halted"
+        for name in rollout.order:
+            if after[name] in (NodeState.PENDING, NodeState.STAGED):
+                emit(name, NodeEvent.SKIP, why)
+
+    if state is RolloutState.RUNNING:
+        free = rollout.max_parallel - sum(s in IN_FLIGHT_NODE_STATES for s in after.values())
+        for name in [n for n in rollout.order if after[n] is NodeState.PENDING][: max(free, 0)]:
+            emit(name, NodeEvent.START)
+
+    to_freeze: list[str] = []
+    staged = [name for name in rollout.order if after[name] is NodeState.STAGED]
+    if staged and rollout.freeze is FreezeMode.SCOPE:
+        to_freeze = [
+            r.name
+            for r in records
+            if not r.scope_frozen and after[r.name] not in (NodeState.FAILED, NodeState.SKIPPED)
+        ]
+    if not to_freeze:
+        for name in staged:
+            emit(name, NodeEvent.SWITCH)
+
+    steps = [
+        StepAction(name, STEP_FOR_STATE[after[name]], rollout.epoch)
+        for name in rollout.order
+        if after[name] in STEP_FOR_STATE
+    ]
+    steps += [StepAction(name, Step.FREEZE, rollout.epoch) for name in to_freeze]
+
+    if all(s in TERMINAL_NODE_STATES for s in after.values()):  # settled
+        frozen = [r.name for r in records if r.scope_frozen]
+        steps += [StepAction(name, Step.UNFREEZE, rollout.epoch) for name in frozen]
+        if not frozen:
+            rollout_events.append(RolloutEvent.NODES_SETTLED)
+
+    return Plan(rollout.epoch, tuple(rollout_events), tuple(node_events), tuple(steps))
+
+
+def apply_plan(
+    rollout: Rollout, nodes: Sequence[NodeRecord], plan: Plan
+) -> tuple[Rollout, tuple[NodeRecord, ...]]:
+    """The records after the plan's events (what the engine persists before running steps)."""
+    by_name = {r.name: r for r in _in_order(rollout, nodes)}
+    for action in plan.node_events:
+        by_name[action.node] = by_name[action.node].with_event(action.event, action.reason)
+    for event in plan.rollout_events:
+        rollout = rollout.with_event(event)
+    return rollout, tuple(by_name[name] for name in rollout.order)
+
+
+_LIVE_STATES = frozenset({RolloutState.RUNNING, RolloutState.PAUSED} | DRAINING_ROLLOUT_STATES)
+
+
+def _in_order(rollout: Rollout, nodes: Sequence[NodeRecord]) -> tuple[NodeRecord, ...]:
+    """The node records in rollout order; raise if they are not exactly the rollout's nodes."""
+    by_name = {r.name: r for r in nodes}
+    if len(by_name) != len(nodes) or set(by_name) != set(rollout.order):
+        names = sorted(r.name for r in nodes)
+        raise InconsistentRecords(
+            f"rollout {rollout.id}: node records {names} do not match its order {rollout.order}"
+        )
+    return tuple(by_name[name] for name in rollout.order)

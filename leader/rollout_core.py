@@ -1,0 +1,341 @@
+"""The pure state machines of a rollout and of each node in it.
+
+Rules
+-----
+Everything that decides whether a rollout or a node may move from one state to another lives
+in this file, in two tables: ``ROLLOUT_TRANSITIONS`` and ``NODE_TRANSITIONS`` (state → event →
+new state). An event that has no entry for the current state raises ``IllegalTransition`` and
+changes nothing. Records are frozen dataclasses; a transition returns a new record.
+
+Nothing here does I/O: no sockets, no clocks, no disk, no logging. The engine (the imperative
+shell) persists records, talks to agents and feeds the results back in as events.
+
+Theory of operation
+-------------------
+A rollout applies one *change* to the nodes of a *scope*, in a fixed *order* (by name, the
+leader node last; see ``leader.planner.plan_rollout``). Each node walks, on the leader's
+orders, through these states::
+
+    pending ─start→ preflight ─preflight_passed→ staging ─stage_done→ staged ─switch→ switching
+    switching ─switch_done→ confirming ─confirm_done→ done
+    preflight/staging ─*_failed→ failed              (nothing was changed on the node)
+    switching ─switch_rolled_back→ rolled_back       (the agent rolled its transaction back)
+    confirming ─confirm_rolled_back→ rolled_back     (outside check failed; agent rolled back)
+    pending/staged ─skip→ skipped                    (rollout halting or aborting)
+
+Two kinds of node state:
+
+* *gates* (``pending``, ``staged``): the node waits for the planner. Only the planner emits the
+  gate events ``start``, ``switch`` and ``skip`` — that is where ``max_parallel``, pause, halt,
+  abort and the scope freeze are enforced.
+* *working* states (``preflight``, ``staging``, ``switching``, ``confirming``): exactly one step
+  (``STEP_FOR_STATE``) runs; its outcome comes back from the engine as a *result* event.
+
+``staging`` is not in the issue's list of states; it exists so that every working state has
+exactly one step, and a leader that restarts knows which step to run again (steps are
+idempotent, keyed by rollout id + node + step).
+
+A node is *in flight* from the moment it leaves ``pending`` until it reaches a terminal state
+(``done``, ``failed``, ``rolled_back``, ``skipped``). ``failed`` and ``rolled_back`` count
+against the failure budget.
+
+The rollout itself::
+
+    planned ─start→ running ⇄ paused                          (pause / resume)
+    planned/running/paused ─abort→ aborting ─nodes_settled→ aborted
+    running/paused ─failure_budget_exceeded→ halting ─nodes_settled→ halted
+    running/paused ─nodes_settled→ completed
+
+``aborting`` and ``halting`` are explicit draining states: no node starts, no node begins a
+switch, nodes already switching or confirming finish, nodes still preflighting or staging finish
+that step (it changes nothing on the node) and are then skipped at the ``staged`` gate, and
+untouched nodes are skipped. ``pause`` only stops new nodes from starting; nodes in flight go
+all the way to a terminal state. Admin events are ``start``, ``pause``, ``resume``, ``abort``;
+``failure_budget_exceeded`` and ``nodes_settled`` are emitted only by the planner.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, replace
+from enum import StrEnum
+
+from tlsroll.errors import TlsrollError
+
+
+class Change(StrEnum):
+    """What a rollout does on each node."""
+
+    ENABLE_TLS = "enable-tls"
+    CHANGE_PASSWORD = "change-password"  # noqa: S105 (a change name, not a secret)
+    ROTATE_CERT = "rotate-cert"
+    DISABLE_TLS = "disable-tls"
+
+
+class ScopeKind(StrEnum):
+    """Which nodes a rollout covers: the leader node, every enrolled node, or a named list."""
+
+    LOCAL = "local"
+    CLUSTER = "cluster"
+    NODES = "nodes"
+
+
+class Strategy(StrEnum):
+    """How the switch is done; ``direct`` closes http in the same step that opens https."""
+
+    DIRECT = "direct"
+
+
+class FreezeMode(StrEnum):
+    """``node``: each node is frozen only inside its own switch; ``scope``: all nodes in scope
+    are frozen before the first switch and unfrozen after the last node ends."""
+
+    NODE = "node"
+    SCOPE = "scope"
+
+
+class RolloutState(StrEnum):
+    """Where a rollout is; see the module docstring."""
+
+    PLANNED = "planned"
+    RUNNING = "running"
+    PAUSED = "paused"
+    ABORTING = "aborting"
+    HALTING = "halting"
+    COMPLETED = "completed"
+    HALTED = "halted"
+    ABORTED = "aborted"
+
+
+class RolloutEvent(StrEnum):
+    """What can happen to a rollout: admin commands and the planner's verdicts."""
+
+    START = "start"
+    PAUSE = "pause"
+    RESUME = "resume"
+    ABORT = "abort"
+    FAILURE_BUDGET_EXCEEDED = "failure_budget_exceeded"
+    NODES_SETTLED = "nodes_settled"
+
+
+class NodeState(StrEnum):
+    """Where one node of a rollout is; see the module docstring."""
+
+    PENDING = "pending"
+    PREFLIGHT = "preflight"
+    STAGING = "staging"
+    STAGED = "staged"
+    SWITCHING = "switching"
+    CONFIRMING = "confirming"
+    DONE = "done"
+    FAILED = "failed"
+    ROLLED_BACK = "rolled_back"
+    SKIPPED = "skipped"
+
+
+class NodeEvent(StrEnum):
+    """What can happen to a node: the planner's gate events and the engine's step results."""
+
+    START = "start"
+    SWITCH = "switch"
+    SKIP = "skip"
+    PREFLIGHT_PASSED = "preflight_passed"
+    PREFLIGHT_FAILED = "preflight_failed"
+    STAGE_DONE = "stage_done"
+    STAGE_FAILED = "stage_failed"
+    SWITCH_DONE = "switch_done"
+    SWITCH_ROLLED_BACK = "switch_rolled_back"
+    CONFIRM_DONE = "confirm_done"
+    CONFIRM_ROLLED_BACK = "confirm_rolled_back"
+
+
+class Step(StrEnum):
+    """A unit of work the engine runs against one node's agent (idempotent per rollout+node)."""
+
+    PREFLIGHT = "preflight"
+    STAGE = "stage"
+    SWITCH = "switch"
+    CONFIRM = "confirm"
+    FREEZE = "freeze"
+    UNFREEZE = "unfreeze"
+
+
+_R = RolloutState
+_RE = RolloutEvent
+_N = NodeState
+_NE = NodeEvent
+
+ROLLOUT_TRANSITIONS: Mapping[RolloutState, Mapping[RolloutEvent, RolloutState]] = {
+    _R.PLANNED: {_RE.START: _R.RUNNING, _RE.ABORT: _R.ABORTING},
+    _R.RUNNING: {
+        _RE.PAUSE: _R.PAUSED,
+        _RE.ABORT: _R.ABORTING,
+        _RE.FAILURE_BUDGET_EXCEEDED: _R.HALTING,
+        _RE.NODES_SETTLED: _R.COMPLETED,
+    },
+    _R.PAUSED: {
+        _RE.RESUME: _R.RUNNING,
+        _RE.ABORT: _R.ABORTING,
+        _RE.FAILURE_BUDGET_EXCEEDED: _R.HALTING,
+        _RE.NODES_SETTLED: _R.COMPLETED,
+    },
+    _R.ABORTING: {_RE.NODES_SETTLED: _R.ABORTED},
+    _R.HALTING: {_RE.NODES_SETTLED: _R.HALTED},
+    _R.COMPLETED: {},
+    _R.HALTED: {},
+    _R.ABORTED: {},
+}
+"""The rollout machine: state → event → new state. A missing entry is an illegal event."""
+
+NODE_TRANSITIONS: Mapping[NodeState, Mapping[NodeEvent, NodeState]] = {
+    _N.PENDING: {_NE.START: _N.PREFLIGHT, _NE.SKIP: _N.SKIPPED},
+    _N.PREFLIGHT: {_NE.PREFLIGHT_PASSED: _N.STAGING, _NE.PREFLIGHT_FAILED: _N.FAILED},
+    _N.STAGING: {_NE.STAGE_DONE: _N.STAGED, _NE.STAGE_FAILED: _N.FAILED},
+    _N.STAGED: {_NE.SWITCH: _N.SWITCHING, _NE.SKIP: _N.SKIPPED},
+    _N.SWITCHING: {_NE.SWITCH_DONE: _N.CONFIRMING, _NE.SWITCH_ROLLED_BACK: _N.ROLLED_BACK},
+    _N.CONFIRMING: {_NE.CONFIRM_DONE: _N.DONE, _NE.CONFIRM_ROLLED_BACK: _N.ROLLED_BACK},
+    _N.DONE: {},
+    _N.FAILED: {},
+    _N.ROLLED_BACK: {},
+    _N.SKIPPED: {},
+}
+"""The per-node machine: state → event → new state. A missing entry is an illegal event."""
+
+ADMIN_ROLLOUT_EVENTS = frozenset({_RE.START, _RE.PAUSE, _RE.RESUME, _RE.ABORT})
+"""Rollout events an administrator may send; the others come only from the planner."""
+
+PLANNER_NODE_EVENTS = frozenset({_NE.START, _NE.SWITCH, _NE.SKIP})
+"""Gate events: only the planner emits them (it enforces max_parallel, pause, halt, freeze)."""
+
+RESULT_NODE_EVENTS = frozenset(NodeEvent) - PLANNER_NODE_EVENTS
+"""Step outcomes the engine feeds back after running the step of a working state."""
+
+STEP_FOR_STATE: Mapping[NodeState, Step] = {
+    _N.PREFLIGHT: Step.PREFLIGHT,
+    _N.STAGING: Step.STAGE,
+    _N.SWITCHING: Step.SWITCH,
+    _N.CONFIRMING: Step.CONFIRM,
+}
+"""The one step that runs while a node is in a working state (the CONFIRM step includes having
+the agent roll back when the outside check fails)."""
+
+TERMINAL_NODE_STATES = frozenset({_N.DONE, _N.FAILED, _N.ROLLED_BACK, _N.SKIPPED})
+FAILED_NODE_STATES = frozenset({_N.FAILED, _N.ROLLED_BACK})
+"""Node outcomes that count against the failure budget."""
+IN_FLIGHT_NODE_STATES = frozenset(NodeState) - TERMINAL_NODE_STATES - {_N.PENDING}
+"""A node is in flight from leaving ``pending`` until it reaches a terminal state."""
+
+TERMINAL_ROLLOUT_STATES = frozenset({_R.COMPLETED, _R.HALTED, _R.ABORTED})
+DRAINING_ROLLOUT_STATES = frozenset({_R.ABORTING, _R.HALTING})
+"""No node starts or begins a switch; in-flight work finishes, then the rollout ends."""
+
+
+class IllegalTransition(TlsrollError):
+    """An event that the tables do not allow in the subject's current state."""
+
+    def __init__(
+        self, subject: str, state: RolloutState | NodeState, event: RolloutEvent | NodeEvent
+    ) -> None:
+        super().__init__(
+            f"{subject}: event {event.value!r} is not allowed in state {state.value!r}"
+        )
+        self.subject = subject
+        self.state = state
+        self.event = event
+
+
+def rollout_transition(
+    state: RolloutState, event: RolloutEvent, subject: str = "rollout"
+) -> RolloutState:
+    """Return the rollout state that ``event`` leads to from ``state``, or raise."""
+    try:
+        return ROLLOUT_TRANSITIONS[state][event]
+    except KeyError:
+        raise IllegalTransition(subject, state, event) from None
+
+
+def node_transition(state: NodeState, event: NodeEvent, subject: str = "node") -> NodeState:
+    """Return the node state that ``event`` leads to from ``state``, or raise."""
+    try:
+        return NODE_TRANSITIONS[state][event]
+    except KeyError:
+        raise IllegalTransition(subject, state, event) from None
+
+
+@dataclass(frozen=True)
+class Scope:
+    """The nodes a rollout covers; ``names`` is used only (and required) for kind ``nodes``."""
+
+    kind: ScopeKind
+    names: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if (self.kind is ScopeKind.NODES) != bool(self.names):
+            raise ValueError("a node list is required for scope 'nodes' and only for it")
+
+    @classmethod
+    def local(cls) -> Scope:
+        return cls(ScopeKind.LOCAL)
+
+    @classmethod
+    def cluster(cls) -> Scope:
+        return cls(ScopeKind.CLUSTER)
+
+    @classmethod
+    def of_nodes(cls, names: Iterable[str]) -> Scope:
+        return cls(ScopeKind.NODES, tuple(names))
+
+
+@dataclass(frozen=True)
+class Rollout:
+    """The durable record of one rollout (its settings, its node order and its state).
+
+    ``order`` is the order in which nodes start (see ``plan_rollout``); ``epoch`` is carried
+    into every command so that agents refuse a stale leader.
+    """
+
+    id: str
+    change: Change
+    scope: Scope
+    order: tuple[str, ...]
+    epoch: int
+    strategy: Strategy = Strategy.DIRECT
+    max_parallel: int = 1
+    failure_budget: int = 0
+    freeze: FreezeMode = FreezeMode.NODE
+    state: RolloutState = RolloutState.PLANNED
+
+    def __post_init__(self) -> None:
+        if self.max_parallel < 1:
+            raise ValueError(f"max_parallel must be at least 1, not {self.max_parallel}")
+        if self.failure_budget < 0:
+            raise ValueError(f"failure_budget must be 0 or more, not {self.failure_budget}")
+        if self.epoch < 0:
+            raise ValueError(f"epoch must be 0 or more, not {self.epoch}")
+        if not self.order or len(set(self.order)) != len(self.order):
+            raise ValueError(f"order must name each node once: {self.order!r}")
+
+    def with_event(self, event: RolloutEvent) -> Rollout:
+        """Return this record after ``event``; raise ``IllegalTransition`` if not allowed."""
+        new = rollout_transition(self.state, event, f"rollout {self.id}")
+        return replace(self, state=new)
+
+
+@dataclass(frozen=True)
+class NodeRecord:
+    """The durable record of one node within one rollout.
+
+    ``reason`` is the last error or rollback reason, shown in the schema. ``scope_frozen`` is
+    set by the engine once the agent confirms a scope-wide freeze (``FreezeMode.SCOPE`` only)
+    and cleared once it confirms the unfreeze.
+    """
+
+    name: str
+    state: NodeState = NodeState.PENDING
+    reason: str = ""
+    scope_frozen: bool = False
+
+    def with_event(self, event: NodeEvent, reason: str | None = None) -> NodeRecord:
+        """Return this record after ``event`` (keeping the old reason unless one is given)."""
+        new = node_transition(self.state, event, f"node {self.name}")
+        return replace(self, state=new, reason=self.reason if reason is None else reason)

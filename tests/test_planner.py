@@ -1,0 +1,575 @@
+"""The planner, driven like the engine drives it: scenario stories on a small cluster, the
+initial plan of a scope, and a property test over random event sequences."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from leader.planner import (
+    EmptyScope,
+    InconsistentRecords,
+    NodeEventAction,
+    NodesOffline,
+    Plan,
+    StepAction,
+    UnknownNodes,
+    apply_plan,
+    next_actions,
+    order_nodes,
+    plan_rollout,
+)
+from leader.rollout_core import (
+    ADMIN_ROLLOUT_EVENTS,
+    DRAINING_ROLLOUT_STATES,
+    FAILED_NODE_STATES,
+    IN_FLIGHT_NODE_STATES,
+    RESULT_NODE_EVENTS,
+    STEP_FOR_STATE,
+    TERMINAL_NODE_STATES,
+    TERMINAL_ROLLOUT_STATES,
+    Change,
+    FreezeMode,
+    IllegalTransition,
+    NodeEvent,
+    NodeRecord,
+    NodeState,
+    Rollout,
+    RolloutEvent,
+    RolloutState,
+    Scope,
+    Step,
+)
+
+R, RE, N, NE = RolloutState, RolloutEvent, NodeState, NodeEvent
+
+SUCCESS = {
+    N.PREFLIGHT: NE.PREFLIGHT_PASSED,
+    N.STAGING: NE.STAGE_DONE,
+    N.SWITCHING: NE.SWITCH_DONE,
+    N.CONFIRMING: NE.CONFIRM_DONE,
+}
+
+
+@dataclass
+class Engine:
+    """A stand-in for the engine: holds the records, persists plans, feeds outcomes back."""
+
+    rollout: Rollout
+    nodes: tuple[NodeRecord, ...]
+    plans: list[Plan] = field(default_factory=list)
+
+    @classmethod
+    def cluster(
+        cls,
+        names: str = "a b c",
+        *,
+        leader: str = "c",
+        max_parallel: int = 1,
+        failure_budget: int = 0,
+        freeze: FreezeMode = FreezeMode.NODE,
+    ) -> Engine:
+        """A started-from-scratch rollout over ``names`` (all online), epoch 3."""
+        rollout, nodes = plan_rollout(
+            rollout_id="r1",
+            change=Change.ENABLE_TLS,
+            scope=Scope.cluster(),
+            enrolled=dict.fromkeys(names.split(), True),
+            leader=leader,
+            epoch=3,
+            max_parallel=max_parallel,
+            failure_budget=failure_budget,
+            freeze=freeze,
+        )
+        return cls(rollout, nodes)
+
+    def plan(self) -> Plan:
+        """Ask the planner, persist the plan's events, return the plan."""
+        plan = next_actions(self.rollout, self.nodes)
+        self.rollout, self.nodes = apply_plan(self.rollout, self.nodes, plan)
+        self.plans.append(plan)
+        return plan
+
+    def admin(self, event: RolloutEvent) -> Plan:
+        self.rollout = self.rollout.with_event(event)
+        return self.plan()
+
+    def outcome(self, name: str, event: NodeEvent, reason: str | None = None) -> Plan:
+        self.nodes = tuple(n.with_event(event, reason) if n.name == name else n for n in self.nodes)
+        return self.plan()
+
+    def succeed(self, name: str) -> Plan:
+        """The step now running on ``name`` succeeds."""
+        return self.outcome(name, SUCCESS[self.node(name).state])
+
+    def finish(self, name: str) -> Plan:
+        """Every remaining step on ``name`` succeeds (it must not wait at a gate)."""
+        plan = self.succeed(name)
+        while self.node(name).state in STEP_FOR_STATE:
+            plan = self.succeed(name)
+        return plan
+
+    def ack(self, plan: Plan) -> Plan:
+        """The agents confirm the plan's FREEZE and UNFREEZE steps."""
+        frozen = dict.fromkeys(plan.nodes_with_step(Step.FREEZE), True)
+        frozen.update(dict.fromkeys(plan.nodes_with_step(Step.UNFREEZE), False))
+        self.nodes = tuple(
+            replace(n, scope_frozen=frozen.get(n.name, n.scope_frozen)) for n in self.nodes
+        )
+        return self.plan()
+
+    def status(self) -> RolloutState:
+        return self.rollout.state
+
+    def node(self, name: str) -> NodeRecord:
+        return next(n for n in self.nodes if n.name == name)
+
+    def states(self) -> dict[str, NodeState]:
+        return {n.name: n.state for n in self.nodes}
+
+
+def steps(plan: Plan) -> dict[str, Step]:
+    return {a.node: a.step for a in plan.steps}
+
+
+# --- stories ----------------------------------------------------------------------------------
+
+
+def test_three_nodes_one_at_a_time() -> None:
+    eng = Engine.cluster()
+    assert eng.plan() == Plan(epoch=3)  # planned: nothing happens until start
+
+    plan = eng.admin(RE.START)
+    assert plan.node_events == (NodeEventAction("a", NE.START),)
+    assert plan.steps == (StepAction("a", Step.PREFLIGHT, 3),)
+
+    assert steps(eng.succeed("a")) == {"a": Step.STAGE}
+    plan = eng.succeed("a")  # staged → the gate opens at once
+    assert plan.nodes_with_event(NE.SWITCH) == ("a",)
+    assert steps(plan) == {"a": Step.SWITCH}
+    assert steps(eng.succeed("a")) == {"a": Step.CONFIRM}
+
+    plan = eng.succeed("a")  # a is done: b starts
+    assert eng.states() == {"a": N.DONE, "b": N.PREFLIGHT, "c": N.PENDING}
+    assert plan.nodes_with_event(NE.START) == ("b",)
+
+    eng.finish("b")
+    assert eng.states() == {"a": N.DONE, "b": N.DONE, "c": N.PREFLIGHT}
+    plan = eng.finish("c")
+    assert plan.rollout_events == (RE.NODES_SETTLED,)
+    assert eng.status() is R.COMPLETED
+    assert eng.plan() == Plan(epoch=3)
+
+
+def test_two_at_a_time() -> None:
+    eng = Engine.cluster(max_parallel=2)
+    plan = eng.admin(RE.START)
+    assert plan.nodes_with_event(NE.START) == ("a", "b")
+    assert eng.states() == {"a": N.PREFLIGHT, "b": N.PREFLIGHT, "c": N.PENDING}
+
+    eng.finish("b")  # b is quick; c takes its place while a is still in preflight
+    assert eng.states() == {"a": N.PREFLIGHT, "b": N.DONE, "c": N.PREFLIGHT}
+    eng.finish("a")
+    eng.finish("c")
+    assert eng.status() is R.COMPLETED
+
+
+def test_asking_again_repeats_steps_but_never_starts_twice() -> None:
+    eng = Engine.cluster(max_parallel=2)
+    eng.admin(RE.START)
+    again = next_actions(eng.rollout, eng.nodes)
+    assert again == Plan(
+        3, steps=(StepAction("a", Step.PREFLIGHT, 3), StepAction("b", Step.PREFLIGHT, 3))
+    )
+
+
+def test_a_failure_halts_and_the_rest_is_skipped() -> None:
+    eng = Engine.cluster()
+    eng.admin(RE.START)
+    plan = eng.outcome("a", NE.PREFLIGHT_FAILED, "port 8443 in use by nginx")
+    assert plan.rollout_events == (RE.FAILURE_BUDGET_EXCEEDED, RE.NODES_SETTLED)
+    assert plan.nodes_with_event(NE.SKIP) == ("b", "c")
+    assert plan.steps == ()
+    assert eng.status() is R.HALTED
+    assert eng.nodes == (
+        NodeRecord("a", N.FAILED, "port 8443 in use by nginx"),
+        NodeRecord("b", N.SKIPPED, "rollout halted"),
+        NodeRecord("c", N.SKIPPED, "rollout halted"),
+    )
+
+
+def test_a_halt_lets_the_switch_in_flight_finish() -> None:
+    eng = Engine.cluster("a b c d", leader="d", max_parallel=2)
+    eng.admin(RE.START)
+    eng.succeed("a")
+    eng.succeed("a")  # a is switching
+    plan = eng.outcome("b", NE.PREFLIGHT_FAILED)
+    assert plan.rollout_events == (RE.FAILURE_BUDGET_EXCEEDED,)
+    assert eng.status() is R.HALTING
+    assert eng.states() == {"a": N.SWITCHING, "b": N.FAILED, "c": N.SKIPPED, "d": N.SKIPPED}
+    assert steps(plan) == {"a": Step.SWITCH}
+
+    plan = eng.finish("a")
+    assert plan.rollout_events == (RE.NODES_SETTLED,)
+    assert eng.status() is R.HALTED
+    assert eng.node("a").state is N.DONE
+
+
+def test_a_node_still_preparing_when_halted_is_not_switched() -> None:
+    eng = Engine.cluster(max_parallel=2)
+    eng.admin(RE.START)
+    eng.succeed("a")  # a is staging
+    eng.outcome("b", NE.PREFLIGHT_FAILED, "clock off by 40 s")
+    plan = eng.succeed("a")  # staging ends: the halted rollout skips a at the gate
+    assert plan.nodes_with_event(NE.SKIP) == ("a",)
+    assert eng.states() == {"a": N.SKIPPED, "b": N.FAILED, "c": N.SKIPPED}
+    assert eng.status() is R.HALTED
+
+
+def test_failure_budget_of_one_tolerates_one_failure() -> None:
+    eng = Engine.cluster(failure_budget=1)
+    eng.admin(RE.START)
+    eng.succeed("a")
+    eng.succeed("a")
+    eng.succeed("a")
+    plan = eng.outcome("a", NE.CONFIRM_ROLLED_BACK, "handshake: unknown CA")
+    assert plan.nodes_with_event(NE.START) == ("b",)
+    assert eng.status() is R.RUNNING
+    eng.succeed("b")
+    eng.succeed("b")
+    plan = eng.outcome("b", NE.SWITCH_ROLLED_BACK, "server did not come back")
+    assert plan.rollout_events == (RE.FAILURE_BUDGET_EXCEEDED, RE.NODES_SETTLED)
+    assert eng.states() == {"a": N.ROLLED_BACK, "b": N.ROLLED_BACK, "c": N.SKIPPED}
+
+
+def test_pause_lets_the_node_in_flight_finish_and_resume_goes_on() -> None:
+    eng = Engine.cluster()
+    eng.admin(RE.START)
+    plan = eng.admin(RE.PAUSE)
+    assert steps(plan) == {"a": Step.PREFLIGHT}
+    eng.succeed("a")
+    plan = eng.succeed("a")
+    assert plan.nodes_with_event(NE.SWITCH) == ("a",)  # paused, but a is in flight
+    plan = eng.finish("a")
+    assert plan == Plan(epoch=3)  # nothing new starts
+    assert eng.states() == {"a": N.DONE, "b": N.PENDING, "c": N.PENDING}
+
+    plan = eng.admin(RE.RESUME)
+    assert plan.nodes_with_event(NE.START) == ("b",)
+
+
+def test_abort_mid_switch_finishes_that_node_then_stops() -> None:
+    eng = Engine.cluster()
+    eng.admin(RE.START)
+    eng.succeed("a")
+    eng.succeed("a")  # a is switching
+    plan = eng.admin(RE.ABORT)
+    assert eng.status() is R.ABORTING
+    assert plan.nodes_with_event(NE.SKIP) == ("b", "c")
+    assert steps(plan) == {"a": Step.SWITCH}
+    plan = eng.finish("a")
+    assert plan.rollout_events == (RE.NODES_SETTLED,)
+    assert eng.status() is R.ABORTED
+    assert eng.states() == {"a": N.DONE, "b": N.SKIPPED, "c": N.SKIPPED}
+    assert eng.node("b").reason == "rollout aborted"
+
+
+def test_abort_before_start_skips_everything() -> None:
+    eng = Engine.cluster()
+    plan = eng.admin(RE.ABORT)
+    assert plan.rollout_events == (RE.NODES_SETTLED,)
+    assert eng.status() is R.ABORTED
+    assert set(eng.states().values()) == {N.SKIPPED}
+
+
+def test_the_leader_node_goes_last() -> None:
+    eng = Engine.cluster("alpha beta gamma", leader="alpha")
+    assert eng.rollout.order == ("beta", "gamma", "alpha")
+    eng.admin(RE.START)
+    started = []
+    while eng.status() is R.RUNNING:
+        (name,) = [n.name for n in eng.nodes if n.state in STEP_FOR_STATE]
+        started.append(name)
+        eng.finish(name)
+    assert started == ["beta", "gamma", "alpha"]
+    assert eng.status() is R.COMPLETED
+
+
+def test_scope_freeze_before_the_first_switch_and_unfreeze_after_the_last() -> None:
+    eng = Engine.cluster(freeze=FreezeMode.SCOPE)
+    eng.admin(RE.START)
+    eng.succeed("a")
+    plan = eng.succeed("a")  # a is staged: freeze everybody first, do not switch yet
+    assert plan.node_events == ()
+    assert plan.nodes_with_step(Step.FREEZE) == ("a", "b", "c")
+
+    plan = eng.ack(replace(plan, steps=plan.steps[:2]))  # c has not confirmed yet
+    assert plan.node_events == ()
+    assert plan.nodes_with_step(Step.FREEZE) == ("c",)
+    plan = eng.ack(plan)
+    assert plan.nodes_with_event(NE.SWITCH) == ("a",)
+    assert plan.nodes_with_step(Step.FREEZE) == ()
+
+    eng.finish("a")
+    eng.finish("b")  # frozen already: b switches without waiting
+    plan = eng.finish("c")
+    assert plan.rollout_events == ()  # not complete while nodes are frozen
+    assert plan.nodes_with_step(Step.UNFREEZE) == ("a", "b", "c")
+    plan = eng.ack(plan)
+    assert plan.rollout_events == (RE.NODES_SETTLED,)
+    assert eng.status() is R.COMPLETED
+    assert not any(n.scope_frozen for n in eng.nodes)
+
+
+def test_scope_freeze_leaves_out_failed_nodes() -> None:
+    eng = Engine.cluster(freeze=FreezeMode.SCOPE, failure_budget=1)
+    eng.admin(RE.START)
+    eng.outcome("a", NE.PREFLIGHT_FAILED, "config dir not writable")
+    eng.succeed("b")
+    plan = eng.succeed("b")
+    assert plan.nodes_with_step(Step.FREEZE) == ("b", "c")
+
+
+def test_steps_carry_the_epoch() -> None:
+    eng = Engine.cluster(max_parallel=3, freeze=FreezeMode.SCOPE)
+    plan = eng.admin(RE.START)
+    eng.succeed("a")
+    plan = eng.succeed("a")
+    assert plan.steps
+    assert {a.epoch for a in plan.steps} == {3}
+    assert plan.epoch == 3
+
+
+def test_records_that_do_not_match_the_order_are_refused() -> None:
+    eng = Engine.cluster()
+    with pytest.raises(InconsistentRecords, match="r1"):
+        next_actions(eng.rollout, eng.nodes[:2])
+    with pytest.raises(InconsistentRecords):
+        next_actions(eng.rollout, (*eng.nodes, eng.nodes[0]))
+
+
+# --- the initial plan of a scope --------------------------------------------------------------
+
+ENROLLED = {"node2": True, "node1": True, "leader": True, "node3": False}
+
+
+def plan(scope: Scope, enrolled: dict[str, bool] = ENROLLED) -> tuple[str, ...]:
+    rollout, nodes = plan_rollout(
+        rollout_id="r9",
+        change=Change.ROTATE_CERT,
+        scope=scope,
+        enrolled=enrolled,
+        leader="leader",
+        epoch=1,
+    )
+    assert rollout.state is R.PLANNED
+    assert nodes == tuple(NodeRecord(name) for name in rollout.order)
+    return rollout.order
+
+
+def test_local_scope_is_the_leader_node() -> None:
+    assert plan(Scope.local()) == ("leader",)
+
+
+def test_cluster_scope_is_every_enrolled_node_leader_last() -> None:
+    assert plan(Scope.cluster(), {**ENROLLED, "node3": True}) == (
+        "node1",
+        "node2",
+        "node3",
+        "leader",
+    )
+
+
+def test_a_node_list_is_sorted_and_deduplicated() -> None:
+    assert plan(Scope.of_nodes(["leader", "node2", "node1", "node2"])) == (
+        "node1",
+        "node2",
+        "leader",
+    )
+
+
+def test_unknown_names_are_named() -> None:
+    with pytest.raises(UnknownNodes, match="not enrolled: ghost, nope") as caught:
+        plan(Scope.of_nodes(["node1", "nope", "ghost"]))
+    assert caught.value.names == ("ghost", "nope")
+
+
+def test_offline_nodes_in_scope_are_named() -> None:
+    with pytest.raises(NodesOffline, match="offline: node3") as caught:
+        plan(Scope.cluster())
+    assert caught.value.names == ("node3",)
+    assert plan(Scope.of_nodes(["node1"])) == ("node1",)  # node3 is not in this scope
+
+
+def test_an_empty_cluster_cannot_be_planned() -> None:
+    with pytest.raises(EmptyScope):
+        plan(Scope.cluster(), {})
+    with pytest.raises(UnknownNodes, match="leader"):
+        plan(Scope.local(), {})
+
+
+def test_order_nodes() -> None:
+    assert order_nodes(["b", "leader", "a"], "leader") == ("a", "b", "leader")
+    assert order_nodes(["b", "a"], "elsewhere") == ("a", "b")
+
+
+# --- property: random event sequences ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Admin:
+    event: RolloutEvent
+
+
+@dataclass(frozen=True)
+class Outcome:
+    node: int
+    event: NodeEvent
+
+
+@dataclass(frozen=True)
+class Progress:
+    """The step running on some working node ends: success, or its failure outcome."""
+
+    node: int
+    ok: bool
+
+
+@dataclass(frozen=True)
+class Ask:
+    """The engine asks the planner and persists the plan."""
+
+
+@dataclass(frozen=True)
+class Ack:
+    """The agents confirm the pending FREEZE/UNFREEZE steps."""
+
+
+Op = Admin | Outcome | Progress | Ask | Ack
+
+FAILURE = {
+    N.PREFLIGHT: NE.PREFLIGHT_FAILED,
+    N.STAGING: NE.STAGE_FAILED,
+    N.SWITCHING: NE.SWITCH_ROLLED_BACK,
+    N.CONFIRMING: NE.CONFIRM_ROLLED_BACK,
+}
+
+progress = st.builds(Progress, st.integers(0, 4), st.integers(0, 4).map(bool))
+ops = st.one_of(
+    st.builds(Admin, st.sampled_from(sorted(ADMIN_ROLLOUT_EVENTS))),
+    st.builds(Outcome, st.integers(0, 4), st.sampled_from(sorted(RESULT_NODE_EVENTS))),
+    # Outcomes that fit the node's state, mostly successes, drawn more often so runs get far.
+    progress,
+    progress,
+    progress,
+    st.just(Ask()),
+    st.just(Ask()),
+    st.just(Ack()),
+)
+
+
+def check_plan(rollout: Rollout, plan: Plan) -> None:
+    """What a plan may contain, given the rollout state it was made for."""
+    if rollout.state in TERMINAL_ROLLOUT_STATES or rollout.state is R.PLANNED:
+        assert plan == Plan(epoch=rollout.epoch)
+    if rollout.state is not R.RUNNING:
+        assert not plan.nodes_with_event(NE.START)
+    if (
+        rollout.state in DRAINING_ROLLOUT_STATES
+        or RE.FAILURE_BUDGET_EXCEEDED in plan.rollout_events
+    ):
+        assert not plan.nodes_with_event(NE.SWITCH)
+    if RE.NODES_SETTLED in plan.rollout_events:  # nothing may be left to do, not even unfreeze
+        assert plan.steps == ()
+    assert all(a.epoch == rollout.epoch for a in plan.steps)
+
+
+def check_records(rollout: Rollout, nodes: tuple[NodeRecord, ...]) -> None:
+    """What must hold of the records at every moment."""
+    states = [n.state for n in nodes]
+    failures = sum(s in FAILED_NODE_STATES for s in states)
+    assert sum(s in IN_FLIGHT_NODE_STATES for s in states) <= rollout.max_parallel
+    if rollout.state in TERMINAL_ROLLOUT_STATES:
+        assert all(s in TERMINAL_NODE_STATES for s in states)
+        assert not any(n.scope_frozen for n in nodes)
+    if rollout.state is R.COMPLETED:
+        assert failures <= rollout.failure_budget
+        assert N.SKIPPED not in states
+    if rollout.state in (R.HALTING, R.HALTED):
+        assert failures > rollout.failure_budget
+    if rollout.state in (R.PLANNED, R.RUNNING, R.PAUSED):
+        assert N.SKIPPED not in states
+    if rollout.freeze is FreezeMode.NODE:
+        assert not any(n.scope_frozen for n in nodes)
+    elif any(s in (N.SWITCHING, N.CONFIRMING) for s in states):
+        assert all(n.scope_frozen for n in nodes if n.state not in (N.FAILED, N.SKIPPED))
+
+
+def run(eng: Engine, op: Op) -> None:
+    """One step of the engine; an illegal event must raise and change nothing."""
+    before = (eng.rollout, eng.nodes)
+    if isinstance(op, Admin | Outcome):
+        try:
+            if isinstance(op, Admin):
+                eng.rollout = eng.rollout.with_event(op.event)
+            else:
+                i = op.node % len(eng.nodes)
+                new = eng.nodes[i].with_event(op.event)
+                eng.nodes = (*eng.nodes[:i], new, *eng.nodes[i + 1 :])
+        except IllegalTransition:
+            assert (eng.rollout, eng.nodes) == before
+    elif isinstance(op, Progress):
+        working = [n for n in eng.nodes if n.state in STEP_FOR_STATE]
+        if working:
+            node = working[op.node % len(working)]
+            results = SUCCESS if op.ok else FAILURE
+            i = eng.nodes.index(node)
+            new = node.with_event(results[node.state], None if op.ok else "it broke")
+            eng.nodes = (*eng.nodes[:i], new, *eng.nodes[i + 1 :])
+    else:  # the planner itself must never make an illegal move
+        check_plan(eng.rollout, next_actions(eng.rollout, eng.nodes))
+        plan = eng.plan()
+        check_records(eng.rollout, eng.nodes)
+        if isinstance(op, Ack):
+            eng.ack(plan)
+    check_records(eng.rollout, eng.nodes)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    size=st.integers(1, 5),
+    max_parallel=st.integers(1, 3),
+    failure_budget=st.integers(0, 2),
+    freeze=st.sampled_from(FreezeMode),
+    script=st.lists(ops, max_size=60),
+)
+def test_random_events_keep_the_rollout_sound_and_it_always_ends(
+    size: int, max_parallel: int, failure_budget: int, freeze: FreezeMode, script: list[Op]
+) -> None:
+    eng = Engine.cluster(
+        " ".join(f"n{i}" for i in range(size)),
+        leader="n0",
+        max_parallel=max_parallel,
+        failure_budget=failure_budget,
+        freeze=freeze,
+    )
+    for op in script:
+        run(eng, op)
+
+    # Whatever happened, an engine that keeps going reaches a terminal state.
+    if eng.rollout.state is R.PLANNED:
+        run(eng, Admin(RE.START))
+    if eng.rollout.state is R.PAUSED:
+        run(eng, Admin(RE.RESUME))
+    for _ in range(10 * size + 10):
+        if eng.rollout.state in TERMINAL_ROLLOUT_STATES:
+            break
+        working = [n for n in eng.nodes if n.state in STEP_FOR_STATE]
+        if working:
+            run(eng, Outcome(eng.nodes.index(working[0]), SUCCESS[working[0].state]))
+        else:
+            run(eng, Ack())
+    assert eng.rollout.state in TERMINAL_ROLLOUT_STATES

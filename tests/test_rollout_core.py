@@ -1,0 +1,232 @@
+"""The rollout and node state machines, driven directly: one test per table row, every
+illegal (state, event) pair, and short stories asserting the whole record after each event."""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import replace
+from typing import Any
+
+import pytest
+
+from leader.rollout_core import (
+    ADMIN_ROLLOUT_EVENTS,
+    FAILED_NODE_STATES,
+    IN_FLIGHT_NODE_STATES,
+    NODE_TRANSITIONS,
+    PLANNER_NODE_EVENTS,
+    RESULT_NODE_EVENTS,
+    ROLLOUT_TRANSITIONS,
+    STEP_FOR_STATE,
+    TERMINAL_NODE_STATES,
+    TERMINAL_ROLLOUT_STATES,
+    Change,
+    IllegalTransition,
+    NodeEvent,
+    NodeRecord,
+    NodeState,
+    Rollout,
+    RolloutEvent,
+    RolloutState,
+    Scope,
+    ScopeKind,
+    Step,
+)
+
+R, RE, N, NE = RolloutState, RolloutEvent, NodeState, NodeEvent
+
+# The tables, written out once more by hand: a change to a table must change this list too.
+ROLLOUT_ROWS = [
+    (R.PLANNED, RE.START, R.RUNNING),
+    (R.PLANNED, RE.ABORT, R.ABORTING),
+    (R.RUNNING, RE.PAUSE, R.PAUSED),
+    (R.RUNNING, RE.ABORT, R.ABORTING),
+    (R.RUNNING, RE.FAILURE_BUDGET_EXCEEDED, R.HALTING),
+    (R.RUNNING, RE.NODES_SETTLED, R.COMPLETED),
+    (R.PAUSED, RE.RESUME, R.RUNNING),
+    (R.PAUSED, RE.ABORT, R.ABORTING),
+    (R.PAUSED, RE.FAILURE_BUDGET_EXCEEDED, R.HALTING),
+    (R.PAUSED, RE.NODES_SETTLED, R.COMPLETED),
+    (R.ABORTING, RE.NODES_SETTLED, R.ABORTED),
+    (R.HALTING, RE.NODES_SETTLED, R.HALTED),
+]
+NODE_ROWS = [
+    (N.PENDING, NE.START, N.PREFLIGHT),
+    (N.PENDING, NE.SKIP, N.SKIPPED),
+    (N.PREFLIGHT, NE.PREFLIGHT_PASSED, N.STAGING),
+    (N.PREFLIGHT, NE.PREFLIGHT_FAILED, N.FAILED),
+    (N.STAGING, NE.STAGE_DONE, N.STAGED),
+    (N.STAGING, NE.STAGE_FAILED, N.FAILED),
+    (N.STAGED, NE.SWITCH, N.SWITCHING),
+    (N.STAGED, NE.SKIP, N.SKIPPED),
+    (N.SWITCHING, NE.SWITCH_DONE, N.CONFIRMING),
+    (N.SWITCHING, NE.SWITCH_ROLLED_BACK, N.ROLLED_BACK),
+    (N.CONFIRMING, NE.CONFIRM_DONE, N.DONE),
+    (N.CONFIRMING, NE.CONFIRM_ROLLED_BACK, N.ROLLED_BACK),
+]
+
+ROLLOUT_ILLEGAL = [
+    (s, e)
+    for s, e in itertools.product(RolloutState, RolloutEvent)
+    if (s, e) not in {(row[0], row[1]) for row in ROLLOUT_ROWS}
+]
+NODE_ILLEGAL = [
+    (s, e)
+    for s, e in itertools.product(NodeState, NodeEvent)
+    if (s, e) not in {(row[0], row[1]) for row in NODE_ROWS}
+]
+
+
+def a_rollout(state: RolloutState = R.PLANNED) -> Rollout:
+    return Rollout(
+        id="r1",
+        change=Change.ENABLE_TLS,
+        scope=Scope.cluster(),
+        order=("a", "b"),
+        epoch=7,
+        state=state,
+    )
+
+
+def test_rollout_table_is_exactly_the_rows() -> None:
+    table = {(s, e, new) for s, row in ROLLOUT_TRANSITIONS.items() for e, new in row.items()}
+    assert table == set(ROLLOUT_ROWS)
+    assert set(ROLLOUT_TRANSITIONS) == set(RolloutState)
+
+
+def test_node_table_is_exactly_the_rows() -> None:
+    table = {(s, e, new) for s, row in NODE_TRANSITIONS.items() for e, new in row.items()}
+    assert table == set(NODE_ROWS)
+    assert set(NODE_TRANSITIONS) == set(NodeState)
+
+
+@pytest.mark.parametrize(("state", "event", "new"), ROLLOUT_ROWS)
+def test_rollout_row(state: RolloutState, event: RolloutEvent, new: RolloutState) -> None:
+    before = a_rollout(state)
+    after = before.with_event(event)
+    assert after == replace(before, state=new)
+    assert before.state is state  # the old record is untouched
+
+
+@pytest.mark.parametrize(("state", "event"), ROLLOUT_ILLEGAL)
+def test_rollout_illegal_event(state: RolloutState, event: RolloutEvent) -> None:
+    before = a_rollout(state)
+    with pytest.raises(IllegalTransition) as caught:
+        before.with_event(event)
+    assert (caught.value.subject, caught.value.state, caught.value.event) == (
+        "rollout r1",
+        state,
+        event,
+    )
+    assert str(caught.value) == f"rollout r1: event '{event}' is not allowed in state '{state}'"
+    assert before == a_rollout(state)
+
+
+@pytest.mark.parametrize(("state", "event", "new"), NODE_ROWS)
+def test_node_row(state: NodeState, event: NodeEvent, new: NodeState) -> None:
+    before = NodeRecord("a", state, reason="earlier")
+    assert before.with_event(event) == NodeRecord("a", new, reason="earlier")
+    assert before.with_event(event, "why") == NodeRecord("a", new, reason="why")
+    assert before == NodeRecord("a", state, reason="earlier")
+
+
+@pytest.mark.parametrize(("state", "event"), NODE_ILLEGAL)
+def test_node_illegal_event(state: NodeState, event: NodeEvent) -> None:
+    before = NodeRecord("a", state, reason="earlier", scope_frozen=True)
+    with pytest.raises(IllegalTransition, match=f"node a: event '{event}'.*'{state}'") as caught:
+        before.with_event(event, "ignored")
+    assert (caught.value.subject, caught.value.state, caught.value.event) == (
+        "node a",
+        state,
+        event,
+    )
+    assert before == NodeRecord("a", state, reason="earlier", scope_frozen=True)
+
+
+def test_a_node_switched_and_confirmed() -> None:
+    node = NodeRecord("a")
+    for event, expected in [
+        (NE.START, NodeRecord("a", N.PREFLIGHT)),
+        (NE.PREFLIGHT_PASSED, NodeRecord("a", N.STAGING)),
+        (NE.STAGE_DONE, NodeRecord("a", N.STAGED)),
+        (NE.SWITCH, NodeRecord("a", N.SWITCHING)),
+        (NE.SWITCH_DONE, NodeRecord("a", N.CONFIRMING)),
+        (NE.CONFIRM_DONE, NodeRecord("a", N.DONE)),
+    ]:
+        node = node.with_event(event)
+        assert node == expected
+    with pytest.raises(IllegalTransition):
+        node.with_event(NE.START)
+    assert node == NodeRecord("a", N.DONE)
+
+
+def test_a_node_rolled_back_by_the_agent_keeps_the_reason() -> None:
+    node = NodeRecord("a", N.SWITCHING)
+    node = node.with_event(NE.SWITCH_ROLLED_BACK, "verify: 8080 still open")
+    assert node == NodeRecord("a", N.ROLLED_BACK, reason="verify: 8080 still open")
+
+
+def test_a_rollout_paused_resumed_and_aborted() -> None:
+    rollout = a_rollout()
+    for event, state in [
+        (RE.START, R.RUNNING),
+        (RE.PAUSE, R.PAUSED),
+        (RE.RESUME, R.RUNNING),
+        (RE.ABORT, R.ABORTING),
+        (RE.NODES_SETTLED, R.ABORTED),
+    ]:
+        rollout = rollout.with_event(event)
+        assert rollout == a_rollout(state)
+
+
+def test_event_groups() -> None:
+    assert {RE.START, RE.PAUSE, RE.RESUME, RE.ABORT} == ADMIN_ROLLOUT_EVENTS
+    assert {NE.START, NE.SWITCH, NE.SKIP} == PLANNER_NODE_EVENTS
+    assert set(NodeEvent) == PLANNER_NODE_EVENTS | RESULT_NODE_EVENTS
+    assert not PLANNER_NODE_EVENTS & RESULT_NODE_EVENTS
+
+
+def test_state_groups() -> None:
+    assert {N.PREFLIGHT, N.STAGING, N.STAGED, N.SWITCHING, N.CONFIRMING} == IN_FLIGHT_NODE_STATES
+    assert {N.DONE, N.FAILED, N.ROLLED_BACK, N.SKIPPED} == TERMINAL_NODE_STATES
+    assert {N.FAILED, N.ROLLED_BACK} == FAILED_NODE_STATES
+    assert {R.COMPLETED, R.HALTED, R.ABORTED} == TERMINAL_ROLLOUT_STATES
+    # Terminal states have no way out; every other state has one.
+    assert {s for s, row in NODE_TRANSITIONS.items() if not row} == TERMINAL_NODE_STATES
+    assert {s for s, row in ROLLOUT_TRANSITIONS.items() if not row} == TERMINAL_ROLLOUT_STATES
+    assert STEP_FOR_STATE == {
+        N.PREFLIGHT: Step.PREFLIGHT,
+        N.STAGING: Step.STAGE,
+        N.SWITCHING: Step.SWITCH,
+        N.CONFIRMING: Step.CONFIRM,
+    }
+    # Every result event belongs to exactly one working state.
+    for event in RESULT_NODE_EVENTS:
+        states = [s for s, row in NODE_TRANSITIONS.items() if event in row]
+        assert len(states) == 1
+        assert states[0] in STEP_FOR_STATE
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"max_parallel": 0}, "max_parallel must be at least 1"),
+        ({"failure_budget": -1}, "failure_budget must be 0 or more"),
+        ({"epoch": -1}, "epoch must be 0 or more"),
+        ({"order": ()}, "order must name each node once"),
+        ({"order": ("a", "a")}, "order must name each node once"),
+    ],
+)
+def test_rollout_record_rejects_bad_settings(changes: dict[str, Any], message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        replace(a_rollout(), **changes)
+
+
+def test_scope() -> None:
+    assert Scope.local() == Scope(ScopeKind.LOCAL)
+    assert Scope.cluster() == Scope(ScopeKind.CLUSTER)
+    assert Scope.of_nodes(["b", "a"]) == Scope(ScopeKind.NODES, ("b", "a"))
+    with pytest.raises(ValueError, match="node list"):
+        Scope.of_nodes([])
+    with pytest.raises(ValueError, match="node list"):
+        Scope(ScopeKind.CLUSTER, ("a",))
