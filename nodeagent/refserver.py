@@ -1,0 +1,561 @@
+"""tlsroll-refserver: the reference *managed server* of the demo and the tests.
+
+A small real application server: an app path on http (8080) and/or https (8443), a durable
+SQLite store of entries, a write freeze, and an auth password check. The node agent's
+``reference`` driver rewrites its config, freezes it, restarts it and verifies it.
+
+Public API, under the app path ``APP`` (e.g. ``/praxis_live/``); every answer is JSON:
+
+    GET  APP                 {"app": "praxis_live", "server": "tlsroll-refserver", "version": ...}
+    GET  APP health          {"status": "ok", "scheme": "http"|"https", "frozen": bool}
+    POST APP entries         JSON object -> 201 {"id": "<uuid hex>", "seq": n}, after the commit;
+                             400 bad JSON; 503 + Retry-After while frozen
+    GET  APP entries/{id}    200 {"id", "seq", "body", "created_at"} or 404
+    POST APP login           {"password": "..."} -> 200 {"ok": true} | 401 | 409 (none configured)
+
+Admin API, HTTP on the Unix socket ``admin_socket`` only (mode 0600, i.e. root/the service user):
+
+    POST /admin/freeze       {"drain_timeout": s} -> {"frozen", "watermark", "drained", "in_flight"}
+    POST /admin/unfreeze     -> {"frozen": false, "watermark": n}
+    GET  /admin/status       -> {"frozen", "frozen_since", "watermark", "in_flight", "listen",
+                                 "ports" (listened schemes only), "address", "app_path", "pid",
+                                 "config", "requests": {"http": n, "https": n} (every request
+                                 since start, health probes included), "clients": distinct peer
+                                 addresses per scheme since start, "auth_configured",
+                                 "cert_sha256" (the served cert, or null), "client_ca",
+                                 "require_client_cert", "server", "version", "started_at"}
+
+The freeze is persisted in ``data_dir/state.json`` and survives restarts until unfreeze.
+
+Exit codes: 0 after SIGTERM/SIGINT (in-flight requests finish first), 2 for a config error
+(one line on stderr), 1 when start-up fails otherwise (port taken, data_dir locked, ...).
+
+Test-only knob: the environment variable ``TLSROLL_REFSERVER_TEST_WRITE_DELAY`` (seconds, a
+float) makes every accepted write wait that long *after* it counts as in flight and *before*
+it commits, so tests can freeze or stop the server with a write in flight. Never set it in
+production; the server logs a warning when it is set.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import fcntl
+import json
+import os
+import re
+import stat
+import sys
+from collections.abc import Awaitable, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from nodeagent import refserver_config
+from nodeagent.refserver_store import FreezeState, StateFile, Store, now_iso
+from tlsroll import __version__, daemon, logs, password, pki
+from tlsroll.errors import ConfigError
+from tlsroll.fsutil import write_atomic
+
+PROG = "tlsroll-refserver"
+WRITE_DELAY_ENV = "TLSROLL_REFSERVER_TEST_WRITE_DELAY"
+PID_NAME = "refserver.pid"
+LOCK_NAME = "refserver.lock"
+RETRY_AFTER_SECONDS = 30
+DEFAULT_DRAIN_TIMEOUT = 30.0
+MAX_DRAIN_TIMEOUT = 600.0
+SHUTDOWN_TIMEOUT = 10.0  # graceful stop: wait this long for in-flight requests (agent: 15 s)
+LOGIN_CONCURRENCY = 4  # scrypt costs 32 MiB and ~0.1 s of CPU per check
+MAX_TRACKED_CLIENTS = 10_000
+SWITCHING_MESSAGE = "The server is switching to https; no new entries now. Retry later."
+
+_ENTRY_ID = re.compile(r"^[0-9a-f]{32}$")
+_STATUS_WORDS = {
+    400: "bad_request",
+    404: "not_found",
+    405: "method_not_allowed",
+    413: "too_large",
+    415: "unsupported_media_type",
+}
+
+log = logs.get_logger("refserver")
+T = TypeVar("T")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class StartupError(Exception):
+    """Start-up failed for a reason other than the config (one line for the admin)."""
+
+
+def _error(status: int, error: str, message: str, **extra: Any) -> web.Response:
+    return web.json_response({"error": error, "message": message, **extra}, status=status)
+
+
+class RefServer:
+    """The running server's state and its two aiohttp applications (public and admin)."""
+
+    def __init__(
+        self,
+        loaded: refserver_config.Loaded,
+        store: Store,
+        state_file: StateFile,
+        state: FreezeState,
+        *,
+        write_delay: float = 0.0,
+    ) -> None:
+        self.config = loaded.config
+        self.verifier = loaded.verifier
+        self.cert_sha256 = (
+            pki.fingerprint(pki.read_cert(self.config.cert_file))
+            if loaded.ssl_context is not None and self.config.cert_file is not None
+            else None
+        )
+        self.store = store
+        self.state_file = state_file
+        self.frozen = state.frozen
+        self.frozen_since = state.since
+        self.write_delay = write_delay
+        self.in_flight = 0
+        self.requests = {scheme: 0 for scheme in refserver_config.SCHEMES}
+        self.clients: dict[str, set[str]] = {scheme: set() for scheme in refserver_config.SCHEMES}
+        self.started_at = now_iso()
+        self._idle = asyncio.Event()
+        self._idle.set()
+        self._freeze_lock = asyncio.Lock()
+        self._login_slots = asyncio.Semaphore(LOGIN_CONCURRENCY)
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refserver-writer")
+
+    def close(self) -> None:
+        self._writer.shutdown(wait=True)
+
+    # --- helpers ------------------------------------------------------------------------------
+
+    async def _write(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
+
+    async def watermark(self) -> int:
+        return await asyncio.to_thread(self.store.watermark)
+
+    @staticmethod
+    def _scheme(request: web.Request) -> str:
+        return "https" if request.secure else "http"
+
+    @staticmethod
+    async def _json_body(request: web.Request, *, allow_empty: bool = False) -> dict[str, Any]:
+        raw = await request.read()
+        if allow_empty and not raw.strip():
+            return {}
+        try:
+            data = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise _BadRequest(f"body is not valid JSON: {' '.join(str(exc).split())}") from None
+        if not isinstance(data, dict):
+            raise _BadRequest("body must be a JSON object")
+        return data
+
+    # --- public app ---------------------------------------------------------------------------
+
+    def public_app(self) -> web.Application:
+        app = web.Application(middlewares=[self._count, _json_errors])
+        p = self.config.app_path
+        app.router.add_get(p, self.index)
+        app.router.add_get(p + "health", self.health)
+        app.router.add_post(p + "entries", self.post_entry)
+        app.router.add_get(p + "entries/{id}", self.get_entry)
+        app.router.add_post(p + "login", self.login)
+        return app
+
+    @web.middleware
+    async def _count(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        scheme = self._scheme(request)
+        self.requests[scheme] += 1
+        seen = self.clients[scheme]
+        if request.remote and len(seen) < MAX_TRACKED_CLIENTS:
+            seen.add(request.remote)
+        return await handler(request)
+
+    async def index(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {
+                "app": self.config.app_name,
+                "app_path": self.config.app_path,
+                "server": PROG,
+                "version": __version__,
+                "scheme": self._scheme(request),
+            }
+        )
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response(
+            {"status": "ok", "scheme": self._scheme(request), "frozen": self.frozen}
+        )
+
+    def _frozen_response(self) -> web.Response:
+        return web.json_response(
+            {"error": "switching", "message": SWITCHING_MESSAGE},
+            status=503,
+            headers={"Retry-After": str(RETRY_AFTER_SECONDS), "Cache-Control": "no-store"},
+        )
+
+    async def post_entry(self, request: web.Request) -> web.Response:
+        raw = await request.read()
+        # Checked after the body is in and before anything else awaits: from here until the
+        # commit this write counts as in flight, and a freeze waits for it.
+        if self.frozen:
+            return self._frozen_response()
+        try:
+            body = json.loads(raw)
+        except (ValueError, UnicodeDecodeError) as exc:
+            return _error(400, "bad_request", f"body is not valid JSON: {_one_line(exc)}")
+        if not isinstance(body, dict):
+            return _error(400, "bad_request", "body must be a JSON object")
+        self.in_flight += 1
+        self._idle.clear()
+        try:
+            if self.write_delay > 0:
+                await asyncio.sleep(self.write_delay)
+            entry_id, seq = await self._write(self.store.insert, body)
+        finally:
+            self.in_flight -= 1
+            if self.in_flight == 0:
+                self._idle.set()
+        return web.json_response(
+            {"id": entry_id, "seq": seq},
+            status=201,
+            headers={"Location": f"{self.config.app_path}entries/{entry_id}"},
+        )
+
+    async def get_entry(self, request: web.Request) -> web.Response:
+        entry_id = request.match_info["id"]
+        entry = (
+            await asyncio.to_thread(self.store.get, entry_id) if _ENTRY_ID.match(entry_id) else None
+        )
+        if entry is None:
+            return _error(404, "not_found", f"no entry {entry_id}")
+        return web.json_response(entry)
+
+    async def login(self, request: web.Request) -> web.Response:
+        if self.verifier is None:
+            return _error(409, "no_password", "No auth password is configured on this server.")
+        body = await self._json_body(request)
+        secret = body.get("password")
+        if not isinstance(secret, str) or not secret:
+            return _error(400, "bad_request", 'body needs "password": a non-empty string')
+        async with self._login_slots:
+            ok = await asyncio.to_thread(password.check_password, self.verifier, secret)
+        log.info("login", accepted=ok, scheme=self._scheme(request), remote=request.remote)
+        if not ok:
+            return web.json_response(
+                {"ok": False, "error": "wrong_password", "message": "The password is wrong."},
+                status=401,
+            )
+        return web.json_response({"ok": True})
+
+    # --- admin app ----------------------------------------------------------------------------
+
+    def admin_app(self) -> web.Application:
+        app = web.Application(middlewares=[_json_errors])
+        app.router.add_post("/admin/freeze", self.freeze)
+        app.router.add_post("/admin/unfreeze", self.unfreeze)
+        app.router.add_get("/admin/status", self.status)
+        return app
+
+    async def freeze(self, request: web.Request) -> web.Response:
+        body = await self._json_body(request, allow_empty=True)
+        timeout = body.get("drain_timeout", DEFAULT_DRAIN_TIMEOUT)
+        if (
+            not isinstance(timeout, int | float)
+            or isinstance(timeout, bool)
+            or not 0 <= timeout <= MAX_DRAIN_TIMEOUT
+        ):
+            return _error(
+                400, "bad_request", f"drain_timeout must be seconds from 0 to {MAX_DRAIN_TIMEOUT:g}"
+            )
+        async with self._freeze_lock:
+            # Refuse new writes at once; then make the freeze durable.
+            self.frozen = True
+            since = self.frozen_since
+            try:
+                saved = await asyncio.to_thread(self.state_file.save, True, since)
+            except OSError as exc:
+                log.error("freeze_not_persisted", error=_one_line(exc))
+                return _error(
+                    500, "state_not_saved", f"frozen, but cannot persist it: {_one_line(exc)}"
+                )
+            self.frozen_since = saved.since
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._idle.wait(), timeout)
+        watermark = await self.watermark()
+        in_flight = self.in_flight
+        log.info("frozen", watermark=watermark, drained=in_flight == 0, in_flight=in_flight)
+        return web.json_response(
+            {
+                "frozen": self.frozen,
+                "watermark": watermark,
+                "drained": in_flight == 0,
+                "in_flight": in_flight,
+            }
+        )
+
+    async def unfreeze(self, request: web.Request) -> web.Response:
+        async with self._freeze_lock:
+            try:
+                await asyncio.to_thread(self.state_file.save, False)
+            except OSError as exc:
+                log.error("unfreeze_not_persisted", error=_one_line(exc))
+                return _error(
+                    500, "state_not_saved", f"still frozen: cannot persist: {_one_line(exc)}"
+                )
+            self.frozen = False
+            self.frozen_since = None
+        watermark = await self.watermark()
+        log.info("unfrozen", watermark=watermark)
+        return web.json_response({"frozen": False, "watermark": watermark})
+
+    async def status(self, request: web.Request) -> web.Response:
+        c = self.config
+        return web.json_response(
+            {
+                "server": PROG,
+                "version": __version__,
+                "pid": os.getpid(),
+                "config": str(c.path),
+                "started_at": self.started_at,
+                "address": c.address,
+                "app_path": c.app_path,
+                "listen": list(c.listen),
+                "ports": {scheme: c.port(scheme) for scheme in c.listen},
+                "frozen": self.frozen,
+                "frozen_since": self.frozen_since,
+                "watermark": await self.watermark(),
+                "in_flight": self.in_flight,
+                "requests": dict(self.requests),
+                "clients": {scheme: len(seen) for scheme, seen in self.clients.items()},
+                "auth_configured": self.verifier is not None,
+                "cert_sha256": self.cert_sha256,
+                "client_ca": c.client_ca_file is not None,
+                "require_client_cert": c.require_client_cert,
+            }
+        )
+
+
+class _BadRequest(Exception):
+    pass
+
+
+@web.middleware
+async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResponse:
+    """Every error answer is JSON: ``{"error": word, "message": text}``."""
+    try:
+        return await handler(request)
+    except _BadRequest as exc:
+        return _error(400, "bad_request", str(exc))
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        headers = {k: v for k, v in exc.headers.items() if k.lower() == "allow"}
+        resp = _error(exc.status, _STATUS_WORDS.get(exc.status, "error"), exc.reason)
+        resp.headers.update(headers)
+        return resp
+    except Exception as exc:
+        log.exception("request_failed", path=request.path, error=_one_line(exc))
+        return _error(500, "internal", "internal server error")
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
+
+
+def _write_delay() -> float:
+    raw = os.environ.get(WRITE_DELAY_ENV, "").strip()
+    if not raw:
+        return 0.0
+    try:
+        value = float(raw)
+    except ValueError:
+        raise StartupError(f"{WRITE_DELAY_ENV}={raw!r} is not a number of seconds") from None
+    if not 0 <= value <= 600:
+        raise StartupError(f"{WRITE_DELAY_ENV} must be from 0 to 600 seconds")
+    return value
+
+
+def _lock_data_dir(data_dir: Path) -> int:
+    """Take an exclusive lock so that two servers never share one data_dir."""
+    try:
+        fd = os.open(data_dir / LOCK_NAME, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        raise StartupError(f"cannot lock data_dir {data_dir}: {exc.strerror or exc}") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        os.close(fd)
+        other = ""
+        with contextlib.suppress(OSError, ValueError):
+            other = f" (pid {int((data_dir / PID_NAME).read_text())})"
+        raise StartupError(f"another {PROG} uses {data_dir}{other}") from None
+    return fd
+
+
+def _remove_stale_socket(path: Path) -> None:
+    """Remove the socket a killed predecessor left behind (never any other kind of file)."""
+    try:
+        mode = os.lstat(path).st_mode
+    except FileNotFoundError:
+        return
+    if not stat.S_ISSOCK(mode):
+        raise StartupError(f"admin_socket {path} exists and is not a socket")
+    path.unlink()
+
+
+async def _start_public(server: RefServer, ssl_context: Any, public: web.AppRunner) -> None:
+    c = server.config
+    for scheme in c.listen:
+        site = web.TCPSite(
+            public,
+            c.address,
+            c.port(scheme),
+            ssl_context=ssl_context if scheme == "https" else None,
+        )
+        try:
+            await site.start()
+        except OSError as exc:
+            raise StartupError(
+                f"cannot listen on {scheme}://{c.address}:{c.port(scheme)}: {exc.strerror or exc}"
+            ) from None
+
+
+async def _start_admin(path: Path, admin: web.AppRunner) -> None:
+    """Bind the admin socket, owner-only from the start (umask), then chmod to be sure."""
+    old_umask = os.umask(0o177)
+    try:
+        await web.UnixSite(admin, str(path)).start()
+    except OSError as exc:
+        raise StartupError(f"cannot bind admin_socket {path}: {exc.strerror or exc}") from None
+    finally:
+        os.umask(old_umask)
+    os.chmod(path, 0o600)
+
+
+async def serve(loaded: refserver_config.Loaded) -> int:
+    """Run until SIGTERM/SIGINT; return the exit code."""
+    stop = daemon.stop_event()
+    c = loaded.config
+    write_delay = _write_delay()
+    try:
+        c.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:
+        raise StartupError(f"cannot create data_dir {c.data_dir}: {exc.strerror}") from None
+    lock_fd = _lock_data_dir(c.data_dir)
+    pid_file = c.data_dir / PID_NAME
+    store: Store | None = None
+    server: RefServer | None = None
+    runners: list[web.AppRunner] = []
+    socket_bound = started = False
+    try:
+        try:
+            write_atomic(pid_file, f"{os.getpid()}\n".encode())
+        except OSError as exc:
+            raise StartupError(f"cannot write {pid_file}: {exc.strerror or exc}") from None
+        try:
+            store = await asyncio.to_thread(Store, c.data_dir)
+        except Exception as exc:
+            raise StartupError(f"cannot open the entry store: {_one_line(exc)}") from None
+        state_file = StateFile(c.data_dir)
+        state = state_file.load()
+        if state.problem:
+            log.error("state_unreadable_staying_frozen", problem=state.problem)
+        server = RefServer(loaded, store, state_file, state, write_delay=write_delay)
+        public = web.AppRunner(
+            server.public_app(),
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=SHUTDOWN_TIMEOUT,
+        )
+        admin = web.AppRunner(
+            server.admin_app(),
+            access_log=None,
+            handle_signals=False,
+            shutdown_timeout=SHUTDOWN_TIMEOUT,
+        )
+        for runner in (public, admin):
+            await runner.setup()
+            runners.append(runner)
+        await _start_public(server, loaded.ssl_context, public)
+        # The admin socket comes last: once it answers, every public listener is up.
+        try:
+            c.admin_socket.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+        except OSError as exc:
+            raise StartupError(f"cannot create {c.admin_socket.parent}: {exc.strerror}") from None
+        _remove_stale_socket(c.admin_socket)
+        await _start_admin(c.admin_socket, admin)
+        socket_bound = True
+        if write_delay:
+            log.warning("test_write_delay_active", seconds=write_delay, env=WRITE_DELAY_ENV)
+        log.info(
+            "started",
+            pid=os.getpid(),
+            address=c.address,
+            app_path=c.app_path,
+            listen=list(c.listen),
+            ports={s: c.port(s) for s in c.listen},
+            frozen=server.frozen,
+            watermark=await server.watermark(),
+            auth_configured=server.verifier is not None,
+            client_ca=c.client_ca_file is not None,
+            config=str(c.path),
+        )
+        started = True
+        daemon.sd_notify("READY=1")
+        await stop.wait()
+        log.info("stopping", in_flight=server.in_flight)
+        daemon.sd_notify("STOPPING=1")
+        return 0
+    finally:
+        # Public first (waits for in-flight requests), the admin socket last.
+        for runner in runners:
+            await runner.cleanup()
+        with contextlib.suppress(FileNotFoundError):
+            if socket_bound:
+                c.admin_socket.unlink()
+        if server is not None:
+            server.close()
+        if store is not None:
+            store.close()
+        with contextlib.suppress(OSError, ValueError):
+            if int(pid_file.read_text()) == os.getpid():
+                pid_file.unlink()
+        os.close(lock_fd)
+        if started:
+            log.info("stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog=PROG, description="The tlsroll reference application server (demo and tests)."
+    )
+    parser.add_argument("--config", required=True, type=Path, help="TOML config file")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
+    args = parser.parse_args(argv)
+    try:
+        loaded = refserver_config.load(args.config)
+    except ConfigError as exc:
+        print(f"{PROG}: {exc}", file=sys.stderr)
+        return 2
+    logs.configure()
+    try:
+        return asyncio.run(serve(loaded))
+    except StartupError as exc:
+        print(f"{PROG}: error: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:  # anything the start-up checks above did not foresee
+        print(f"{PROG}: error: {' '.join(str(exc).split())}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:  # a second Ctrl-C during the graceful stop
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

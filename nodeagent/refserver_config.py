@@ -1,0 +1,202 @@
+"""The reference server's TOML config: read once at start-up, every error one line (ConfigError).
+
+    [server]
+    address = "127.0.10.1"          # IP address to listen on (required)
+    app_path = "/praxis_live/"      # starts and ends with "/" (required)
+    listen = ["http"]               # any of "http", "https" (required, not empty)
+    http_port = 8080                # default 8080
+    https_port = 8443               # default 8443
+    cert_file = "cert.pem"          # required when "https" is listened on
+    key_file = "key.pem"            # ditto; refused if group/other may read it
+    client_ca_file = "ca.pem"       # optional: verify client certificates against this CA
+    require_client_cert = false     # true needs client_ca_file
+    data_dir = "data"               # entries.sqlite3, state.json, refserver.pid (required)
+    admin_socket = "admin.sock"     # admin endpoint's Unix socket (default data_dir/admin.sock)
+    auth_verifier_file = "auth.json"  # optional scrypt verifier; refused if others may read it
+
+Relative paths are taken relative to the config file's directory. Unknown keys are errors
+(a typo must not silently fall back to a default).
+"""
+
+from __future__ import annotations
+
+import re
+import ssl
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from tlsroll import password
+from tlsroll.config import ConfigFile, Section
+from tlsroll.errors import ConfigError, UnsafePermissions
+from tlsroll.fsutil import check_private_file
+from tlsroll.tls import server_context
+
+SCHEMES = ("http", "https")
+KEYS = frozenset(
+    {
+        "address",
+        "app_path",
+        "listen",
+        "http_port",
+        "https_port",
+        "cert_file",
+        "key_file",
+        "client_ca_file",
+        "require_client_cert",
+        "data_dir",
+        "admin_socket",
+        "auth_verifier_file",
+    }
+)
+# sockaddr_un.sun_path is 108 bytes on Linux, including the terminating NUL.
+MAX_SOCKET_PATH = 107
+_APP_PATH = re.compile(r"^/(?:[A-Za-z0-9._~-]+/)*$")
+
+
+@dataclass(frozen=True)
+class RefServerConfig:
+    path: Path
+    address: str
+    app_path: str
+    listen: tuple[str, ...]
+    http_port: int
+    https_port: int
+    cert_file: Path | None
+    key_file: Path | None
+    client_ca_file: Path | None
+    require_client_cert: bool
+    data_dir: Path
+    admin_socket: Path
+    auth_verifier_file: Path | None
+
+    @property
+    def app_name(self) -> str:
+        """``praxis_live`` for ``/praxis_live/``; ``""`` for ``/``."""
+        return self.app_path.strip("/")
+
+    def port(self, scheme: str) -> int:
+        return self.http_port if scheme == "http" else self.https_port
+
+
+@dataclass(frozen=True)
+class Loaded:
+    """The config plus what start-up reads from the files it names (once, never again)."""
+
+    config: RefServerConfig
+    ssl_context: ssl.SSLContext | None
+    verifier: password.Verifier | None
+
+
+def load(path: Path) -> Loaded:
+    """Read and check the config and the files it names; raise ConfigError on any problem."""
+    cfg = ConfigFile.load(Path(path))
+    extra_tables = sorted(k for k in cfg.data if k != "server")
+    if extra_tables:
+        raise ConfigError(cfg.path, f"[{extra_tables[0]}]", "unknown table (only [server])")
+    s = cfg.section("server")
+    unknown = sorted(k for k in s.data if k not in KEYS)
+    if unknown:
+        raise s.error(unknown[0], "unknown key")
+
+    address: str = s.ip("address")
+    app_path: str = s.text("app_path")
+    if not _APP_PATH.match(app_path):
+        raise s.error("app_path", f"{app_path!r} must start and end with '/', e.g. '/praxis_live/'")
+    listen = _listen(s)
+    http_port: int = s.port("http_port", 8080)
+    https_port: int = s.port("https_port", 8443)
+    if http_port == https_port and len(listen) == 2:
+        raise s.error("https_port", "must differ from http_port when both are listened on")
+
+    cert_file: Path | None = s.path("cert_file", None)
+    key_file: Path | None = s.path("key_file", None)
+    client_ca_file: Path | None = s.path("client_ca_file", None)
+    require_client_cert: bool = s.flag("require_client_cert", False)
+    if require_client_cert and client_ca_file is None:
+        raise s.error("require_client_cert", "needs client_ca_file")
+    data_dir: Path = s.path("data_dir")
+    admin_socket: Path = s.path("admin_socket", data_dir / "admin.sock")
+    if len(str(admin_socket).encode()) > MAX_SOCKET_PATH:
+        raise s.error("admin_socket", f"path longer than {MAX_SOCKET_PATH} bytes")
+    verifier_file: Path | None = s.path("auth_verifier_file", None)
+
+    config = RefServerConfig(
+        path=cfg.path,
+        address=address,
+        app_path=app_path,
+        listen=listen,
+        http_port=http_port,
+        https_port=https_port,
+        cert_file=cert_file,
+        key_file=key_file,
+        client_ca_file=client_ca_file,
+        require_client_cert=require_client_cert,
+        data_dir=data_dir,
+        admin_socket=admin_socket,
+        auth_verifier_file=verifier_file,
+    )
+    ctx = _ssl_context(s, config) if "https" in listen else None
+    verifier = _verifier(s, verifier_file) if verifier_file is not None else None
+    return Loaded(config, ctx, verifier)
+
+
+def _listen(s: Section) -> tuple[str, ...]:
+    values: list[str] = s.str_list("listen")
+    if not values:
+        raise s.error("listen", 'needs at least one of "http", "https"')
+    for i, v in enumerate(values):
+        if v not in SCHEMES:
+            raise s.error(f"listen[{i}]", f'{v!r} is not "http" or "https"')
+    if len(set(values)) != len(values):
+        raise s.error("listen", "names a scheme twice")
+    return tuple(sc for sc in SCHEMES if sc in values)
+
+
+def _ssl_context(s: Section, c: RefServerConfig) -> ssl.SSLContext:
+    if c.cert_file is None:
+        raise s.error("cert_file", 'missing (required when listen has "https")')
+    if c.key_file is None:
+        raise s.error("key_file", 'missing (required when listen has "https")')
+    _readable(s, "cert_file", c.cert_file)
+    _readable(s, "key_file", c.key_file)
+    _private(s, "key_file", c.key_file)
+    if c.client_ca_file is not None:
+        _readable(s, "client_ca_file", c.client_ca_file)
+    try:
+        return server_context(
+            c.cert_file, c.key_file, c.client_ca_file, require_client=c.require_client_cert
+        )
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise s.error("cert_file", f"cannot load certificate/key/CA: {_one_line(exc)}") from None
+
+
+def _verifier(s: Section, path: Path) -> password.Verifier:
+    _readable(s, "auth_verifier_file", path)
+    _private(s, "auth_verifier_file", path)
+    try:
+        return password.verifier_from_json(path.read_bytes())
+    except ValueError as exc:
+        raise s.error("auth_verifier_file", f"{path}: {exc}") from None
+
+
+def _readable(s: Section, key: str, path: Path) -> None:
+    try:
+        with path.open("rb"):
+            pass
+    except FileNotFoundError:
+        raise s.error(key, f"{path}: no such file") from None
+    except OSError as exc:
+        raise s.error(key, f"{path}: cannot read: {exc.strerror}") from None
+
+
+def _private(s: Section, key: str, path: Path) -> None:
+    try:
+        check_private_file(path)
+    except UnsafePermissions as exc:
+        raise s.error(key, str(exc)) from None
+
+
+def _one_line(exc: BaseException) -> str:
+    text: Any = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+    return " ".join(str(text).split())

@@ -1,0 +1,147 @@
+"""tlsroll.password: generated passwords, scrypt verifiers, their JSON form and validation."""
+
+from __future__ import annotations
+
+import base64
+import json
+import math
+import re
+from typing import Any
+
+import pytest
+
+from tlsroll import password
+from tlsroll.password import (
+    check_password,
+    generate_password,
+    make_verifier,
+    verifier_from_json,
+    verifier_to_json,
+)
+
+FAST = password.TEST_PARAMS
+
+
+@pytest.fixture(scope="module")
+def verifier() -> password.Verifier:
+    return make_verifier("kd7q-x2mf-9vhc-3ptw-a8ke-rn5d", **FAST)
+
+
+def test_verifier_shape(verifier: password.Verifier) -> None:
+    assert set(verifier) == {"alg", "n", "r", "p", "salt", "hash"}
+    assert verifier["alg"] == "scrypt"
+    assert (verifier["n"], verifier["r"], verifier["p"]) == (2**14, 8, 1)
+    assert len(base64.b64decode(verifier["salt"])) == 16
+    assert len(base64.b64decode(verifier["hash"])) == 32
+    json.dumps(verifier)  # JSON-able as it is
+
+
+def test_check_password(verifier: password.Verifier) -> None:
+    assert check_password(verifier, "kd7q-x2mf-9vhc-3ptw-a8ke-rn5d")
+    assert not check_password(verifier, "kd7q-x2mf-9vhc-3ptw-a8ke-rn5e")
+    assert not check_password(verifier, "")
+    assert not check_password(verifier, "KD7Q-X2MF-9VHC-3PTW-A8KE-RN5D")
+
+
+def test_default_parameters() -> None:
+    v = make_verifier("s3cret")
+    assert (v["n"], v["r"], v["p"]) == (2**15, 8, 1)
+    assert check_password(v, "s3cret") and not check_password(v, "s3cret ")
+
+
+def test_salt_is_random() -> None:
+    a, b = make_verifier("same", **FAST), make_verifier("same", **FAST)
+    assert a["salt"] != b["salt"] and a["hash"] != b["hash"]
+
+
+def test_unicode_is_normalised() -> None:
+    composed, decomposed = "Gr\u00fc\u00dfe", "Gru\u0308\u00dfe"
+    v = make_verifier(composed, **FAST)
+    assert check_password(v, decomposed)
+
+
+def test_json_round_trip(verifier: password.Verifier) -> None:
+    text = verifier_to_json(verifier)
+    assert text.endswith("\n") and text.count("\n") == 1
+    again = verifier_from_json(text)
+    assert again == verifier
+    assert verifier_from_json(text.encode()) == verifier
+    assert check_password(again, "kd7q-x2mf-9vhc-3ptw-a8ke-rn5d")
+
+
+def _with(verifier: password.Verifier, **changes: Any) -> str:
+    data: dict[str, Any] = {**verifier, **changes}
+    return json.dumps({k: v for k, v in data.items() if v is not None})
+
+
+BAD_CASES: list[tuple[str, dict[str, Any], str]] = [
+    ("missing-hash", {"hash": None}, "lacks field(s): hash"),
+    ("missing-salt", {"salt": None}, "lacks field(s): salt"),
+    ("unknown", {"pepper": "x"}, "unknown field(s): pepper"),
+    ("alg", {"alg": "md5"}, "alg must be 'scrypt'"),
+    ("n-not-power", {"n": 30000}, "power of two"),
+    ("n-too-small", {"n": 2**10}, "power of two"),
+    ("n-too-big", {"n": 2**24}, "power of two"),
+    ("n-bool", {"n": True}, "n must be an integer"),
+    ("n-string", {"n": "16384"}, "n must be an integer"),
+    ("r-zero", {"r": 0}, "scrypt r must be"),
+    ("p-big", {"p": 99}, "scrypt p must be"),
+    ("salt-b64", {"salt": "not base64!"}, "salt is not valid base64"),
+    ("salt-short", {"salt": base64.b64encode(b"short").decode()}, "salt must be at least 16"),
+    ("salt-type", {"salt": 5}, "salt must be a base64 string"),
+    ("hash-short", {"hash": base64.b64encode(b"x").decode()}, "hash must be 16 to 64"),
+]
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"), [c[1:] for c in BAD_CASES], ids=[c[0] for c in BAD_CASES]
+)
+def test_bad_verifiers_raise_one_line(
+    verifier: password.Verifier, changes: dict[str, Any], message: str
+) -> None:
+    with pytest.raises(ValueError, match=re.escape(message)) as info:
+        verifier_from_json(_with(verifier, **changes))
+    assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("text", ["", "{", "[1]", "null", '"x"', b"\xff"])
+def test_not_a_json_object(text: str | bytes) -> None:
+    with pytest.raises(ValueError) as info:
+        verifier_from_json(text)
+    assert "\n" not in str(info.value)
+
+
+def test_check_password_rejects_a_broken_verifier(verifier: password.Verifier) -> None:
+    broken = dict(verifier)
+    del broken["salt"]
+    with pytest.raises(ValueError, match="lacks"):
+        check_password(broken, "x")
+    with pytest.raises(ValueError, match="lacks"):
+        verifier_to_json(broken)
+
+
+def test_make_verifier_checks_its_input() -> None:
+    with pytest.raises(ValueError):
+        make_verifier("")
+    with pytest.raises(ValueError, match="power of two"):
+        make_verifier("x", n=1000)
+
+
+def test_generated_passwords() -> None:
+    seen = {generate_password() for _ in range(200)}
+    assert len(seen) == 200
+    group = f"[{password.ALPHABET}]{{4}}"
+    for pw in seen:
+        assert re.fullmatch(rf"{group}(-{group}){{5}}", pw), pw
+    # Nothing that reads or sounds like another character.
+    assert not set("01ilo") & set(password.ALPHABET)
+    assert len(set(password.ALPHABET)) == len(password.ALPHABET) == 31
+    # Every symbol shows up: the draw is over the whole alphabet.
+    assert set("".join(seen).replace("-", "")) == set(password.ALPHABET)
+
+
+def test_entropy_is_at_least_100_bits() -> None:
+    chars = password.GROUPS * password.GROUP_LEN
+    assert abs(password.ENTROPY_BITS - chars * math.log2(31)) < 1e-9
+    assert password.ENTROPY_BITS >= 100
+    assert len(generate_password().replace("-", "")) == chars

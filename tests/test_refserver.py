@@ -1,0 +1,466 @@
+"""The reference server as a real process on a loopback address with the seed's ports."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import ssl
+import stat
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, Protocol
+
+import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
+
+from nodeagent.refserver import SWITCHING_MESSAGE, WRITE_DELAY_ENV
+from tests.conftest import IssuedCert
+from tests.refserver_helper import RefServer, Response, peer_certificate, port_open
+from tlsroll import password, pki
+from tlsroll.fsutil import PRIVATE, write_atomic
+from tlsroll.tls import client_context
+
+IssueCert = Callable[..., IssuedCert]
+
+
+class MakeServer(Protocol):
+    def __call__(self, *, env: dict[str, str] | None = None, **settings: Any) -> RefServer: ...
+
+
+@pytest.fixture
+def make_server(tmp_path: Path, loopback: Callable[[], str]) -> Iterator[MakeServer]:
+    """Build RefServers on fresh loopback addresses; all of them are killed at teardown."""
+    servers: list[RefServer] = []
+
+    def make(*, env: dict[str, str] | None = None, **settings: Any) -> RefServer:
+        address = settings.pop("address", None) or loopback()
+        server = RefServer(tmp_path / f"rs{len(servers)}", address, env=env, **settings)
+        servers.append(server)
+        return server
+
+    yield make
+    for server in servers:
+        server.close()
+
+
+def https_context(cert: IssuedCert, *, client: bool = False) -> ssl.SSLContext:
+    """Trust only the test CA; optionally present the node cert as a client certificate."""
+    ca_pem = cert.ca_file.read_bytes()
+    if client:
+        return client_context(ca_pem, cert_file=cert.cert_file, key_file=cert.key_file)
+    return client_context(ca_pem)
+
+
+def wait_for(predicate: Callable[[], bool], timeout: float = 10.0, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"timed out waiting for {what}")
+        time.sleep(0.02)
+
+
+def post(server: RefServer, body: object, **kw: Any) -> Response:
+    return server.request("POST", "entries", body, **kw)
+
+
+def write_verifier(path: Path, secret: str) -> Path:
+    verifier = password.make_verifier(secret, **password.TEST_PARAMS)
+    write_atomic(path, password.verifier_to_json(verifier).encode(), PRIVATE)
+    return path
+
+
+# --- http ---------------------------------------------------------------------------------------
+
+
+def test_write_and_read_over_http(make_server: MakeServer) -> None:
+    server = make_server(app_path="/praxis_live/", listen=["http"])
+    server.start()
+
+    index = server.request("GET").json()
+    assert index["app"] == "praxis_live" and index["scheme"] == "http"
+    assert server.request("GET", "health").json() == {
+        "status": "ok",
+        "scheme": "http",
+        "frozen": False,
+    }
+
+    created = post(server, {"patient": "Müller", "note": "x" * 100})
+    assert created.status == 201
+    entry = created.json()
+    assert len(entry["id"]) == 32 and int(entry["id"], 16) >= 0 and entry["seq"] == 1
+    assert created.header("Location") == f"/praxis_live/entries/{entry['id']}"
+    assert post(server, {"n": 2}).json()["seq"] == 2
+
+    got = server.request("GET", f"entries/{entry['id']}")
+    assert got.status == 200
+    assert got.json()["body"] == {"patient": "Müller", "note": "x" * 100}
+    assert got.json()["seq"] == 1 and got.json()["id"] == entry["id"]
+
+    missing = server.request("GET", "entries/" + "0" * 32)
+    assert missing.status == 404 and missing.json()["error"] == "not_found"
+    assert server.request("GET", "entries/not-an-id").status == 404
+
+    for bad in (b"{not json", b"[1, 2]", b"", b"\xff\xfe"):
+        resp = post(server, bad)
+        assert resp.status == 400, bad
+        assert resp.json()["error"] == "bad_request" and resp.json()["message"]
+
+    other = server.request("GET", "elsewhere")
+    assert other.status == 404
+    assert (other.header("Content-Type") or "").startswith("application/json")
+    wrong_method = server.request("DELETE", "entries")
+    assert wrong_method.status == 405 and wrong_method.header("Allow") == "POST"
+
+    assert not port_open(server.address, 8443)
+    status = server.status()
+    assert status["listen"] == ["http"] and status["ports"] == {"http": 8080}
+    assert status["watermark"] == 2 and status["frozen"] is False
+    assert status["pid"] == server.pid and status["config"] == str(server.config_path)
+    assert status["auth_configured"] is False
+    assert stat.S_IMODE(os.stat(server.admin_socket).st_mode) == 0o600
+    assert (server.data_dir / "refserver.pid").read_text().strip() == str(server.pid)
+    assert (server.data_dir / "entries.sqlite3").exists()
+
+    assert server.stop() == 0
+    assert not server.admin_socket.exists()
+    assert not (server.data_dir / "refserver.pid").exists()
+    events = [e["event"] for e in server.log_events()]
+    assert events[0] == "started" and events[-1] == "stopped"
+
+
+def test_version_flag() -> None:
+    out = subprocess.run(
+        [sys.executable, "-m", "nodeagent.refserver", "--version"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=True,
+    )
+    assert out.stdout.startswith("tlsroll-refserver ")
+
+
+# --- https --------------------------------------------------------------------------------------
+
+
+def test_https_only_presents_exactly_the_issued_cert(
+    make_server: MakeServer, loopback: Callable[[], str], issue_cert: IssueCert
+) -> None:
+    address = loopback()
+    cert = issue_cert(address, "node1")
+    server = make_server(
+        address=address, listen=["https"], cert_file=cert.cert_file, key_file=cert.key_file
+    )
+    server.start()
+    ctx = https_context(cert)
+
+    der = peer_certificate(address, 8443, ctx)
+    assert der == pki.read_cert(cert.cert_file).public_bytes(Encoding.DER)
+    assert not port_open(address, 8080), "8080 must be closed with listen = ['https']"
+
+    health = server.request("GET", "health", scheme="https", context=ctx)
+    assert health.json() == {"status": "ok", "scheme": "https", "frozen": False}
+    created = post(server, {"over": "tls"}, scheme="https", context=ctx)
+    assert created.status == 201
+    got = server.request("GET", f"entries/{created.json()['id']}", scheme="https", context=ctx)
+    assert got.json()["body"] == {"over": "tls"}
+
+    # A client that does not trust the test CA fails the handshake.
+    with pytest.raises(ssl.SSLCertVerificationError):
+        server.request("GET", "health", scheme="https", context=client_context(None))
+
+    status = server.status()
+    assert status["listen"] == ["https"] and status["ports"] == {"https": 8443}
+    assert status["cert_sha256"].startswith("sha256:")
+    assert status["requests"]["http"] == 0 and status["requests"]["https"] == 3
+
+
+def test_client_certificate_required(
+    make_server: MakeServer, loopback: Callable[[], str], issue_cert: IssueCert
+) -> None:
+    address = loopback()
+    cert = issue_cert(address, "node2")
+    server = make_server(
+        address=address,
+        listen=["https"],
+        cert_file=cert.cert_file,
+        key_file=cert.key_file,
+        client_ca_file=cert.ca_file,
+        require_client_cert=True,
+    )
+    server.start()
+    ok = server.request("GET", "health", scheme="https", context=https_context(cert, client=True))
+    assert ok.status == 200
+    # TLS 1.3 reports the missing client certificate after the handshake, on the first read.
+    with pytest.raises((ssl.SSLError, ConnectionError)):
+        server.request("GET", "health", scheme="https", context=https_context(cert))
+
+
+def test_both_listeners_count_requests_per_protocol(
+    make_server: MakeServer, loopback: Callable[[], str], issue_cert: IssueCert
+) -> None:
+    address = loopback()
+    cert = issue_cert(address)
+    server = make_server(
+        address=address,
+        listen=["http", "https"],
+        cert_file=cert.cert_file,
+        key_file=cert.key_file,
+    )
+    server.start()
+    ctx = https_context(cert)
+    for _ in range(3):
+        assert server.request("GET", "health").json()["scheme"] == "http"
+    for _ in range(2):
+        assert server.request("GET", "health", scheme="https", context=ctx).json()["scheme"] == (
+            "https"
+        )
+    a = post(server, {"via": "http"}).json()
+    b = post(server, {"via": "https"}, scheme="https", context=ctx).json()
+    assert b["seq"] == a["seq"] + 1  # one store behind both listeners
+
+    status = server.status()
+    assert status["requests"] == {"http": 4, "https": 3}
+    assert status["clients"] == {"http": 1, "https": 1}
+    assert status["listen"] == ["http", "https"]
+    assert status["ports"] == {"http": 8080, "https": 8443}
+
+
+# --- freeze -------------------------------------------------------------------------------------
+
+
+def test_freeze_refuses_writes_serves_reads_and_survives_restart(make_server: MakeServer) -> None:
+    server = make_server()
+    server.start()
+    first = post(server, {"n": 1}).json()
+    last = post(server, {"n": 2}).json()
+
+    frozen = server.freeze(drain_timeout=5)
+    assert frozen == {"frozen": True, "watermark": last["seq"], "drained": True, "in_flight": 0}
+
+    refused = post(server, {"n": 3})
+    assert refused.status == 503
+    assert refused.header("Retry-After") is not None and int(refused.header("Retry-After") or 0) > 0
+    assert refused.json() == {"error": "switching", "message": SWITCHING_MESSAGE}
+    assert server.request("GET", f"entries/{first['id']}").status == 200
+    assert server.request("GET", "health").json()["frozen"] is True
+    state = json.loads((server.data_dir / "state.json").read_text())
+    assert state["frozen"] is True
+
+    # A restart while frozen comes back frozen, with the same watermark.
+    server.restart()
+    status = server.status()
+    assert status["frozen"] is True and status["watermark"] == last["seq"]
+    assert post(server, {"n": 3}).status == 503
+    assert server.freeze(drain_timeout=1)["watermark"] == last["seq"]  # idempotent
+
+    assert server.unfreeze() == {"frozen": False, "watermark": last["seq"]}
+    assert post(server, {"n": 3}).json()["seq"] == last["seq"] + 1
+    server.restart()
+    assert server.status()["frozen"] is False
+    assert post(server, {"n": 4}).status == 201
+
+
+def test_write_in_flight_at_freeze_completes_and_counts(make_server: MakeServer) -> None:
+    server = make_server(env={WRITE_DELAY_ENV: "1.0"})
+    server.start()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending: Future[Response] = pool.submit(post, server, {"slow": True})
+        wait_for(lambda: server.status()["in_flight"] == 1, what="write in flight")
+        frozen = server.freeze(drain_timeout=10)
+        written = pending.result(timeout=10)
+    assert written.status == 201
+    assert frozen["drained"] is True and frozen["in_flight"] == 0
+    assert frozen["watermark"] == written.json()["seq"] == 1
+    assert server.status()["watermark"] == 1
+
+
+def test_drain_timeout_reports_what_is_still_in_flight(make_server: MakeServer) -> None:
+    server = make_server(env={WRITE_DELAY_ENV: "2.0"})
+    server.start()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending: Future[Response] = pool.submit(post, server, {"slow": True})
+        wait_for(lambda: server.status()["in_flight"] == 1, what="write in flight")
+        frozen = server.freeze(drain_timeout=0.2)
+        written = pending.result(timeout=10)
+    assert frozen == {"frozen": True, "watermark": 0, "drained": False, "in_flight": 1}
+    # The write was accepted before the freeze, so it still completes; the watermark moves,
+    # which is exactly what the agent's "watermark unchanged" check is there to notice.
+    assert written.status == 201
+    assert server.status()["watermark"] == 1
+
+
+def test_sigterm_lets_the_write_in_flight_finish(make_server: MakeServer) -> None:
+    server = make_server(env={WRITE_DELAY_ENV: "1.0"})
+    server.start()
+    with ThreadPoolExecutor(max_workers=1) as pool:
+        pending: Future[Response] = pool.submit(post, server, {"last": "words"})
+        wait_for(lambda: server.status()["in_flight"] == 1, what="write in flight")
+        assert server.stop() == 0
+        written = pending.result(timeout=10)
+    assert written.status == 201
+    server.env.clear()
+    server.start()
+    got = server.request("GET", f"entries/{written.json()['id']}")
+    assert got.json()["body"] == {"last": "words"}
+
+
+# --- durability and start-up ----------------------------------------------------------------------
+
+
+def test_acknowledged_entries_survive_sigkill(make_server: MakeServer) -> None:
+    server = make_server()
+    server.start()
+    acked = [post(server, {"i": i}).json() for i in range(25)]
+    server.kill()  # no graceful stop: stale pid file, socket and WAL are left behind
+    assert server.admin_socket.exists()
+
+    server.start()
+    for entry in acked:
+        assert server.request("GET", f"entries/{entry['id']}").status == 200
+    assert server.status()["watermark"] == acked[-1]["seq"] == 25
+    assert post(server, {"i": 25}).json()["seq"] == 26
+
+
+def test_second_server_on_the_same_data_dir_or_port_is_refused(make_server: MakeServer) -> None:
+    first = make_server()
+    first.start()
+    # Same data_dir: refused by the data_dir lock.
+    twin = make_server(data_dir=first.data_dir)
+    code, err = twin.run_to_exit()
+    assert code == 1 and "Traceback" not in err
+    assert "another tlsroll-refserver uses" in err and str(first.pid) in err
+    # Same address and port, own data_dir: refused at bind.
+    clash = make_server(address=first.address)
+    code, err = clash.run_to_exit()
+    assert code == 1 and "Traceback" not in err
+    assert f"cannot listen on http://{first.address}:8080" in err
+    assert first.status()["pid"] == first.pid  # the first one is unharmed
+
+
+CONFIG_CASES: list[tuple[str, dict[str, Any], str]] = [
+    ("missing-address", {"address": None}, "[server].address: missing"),
+    ("bad-address", {"address": "localhost"}, "[server].address: 'localhost' is not an IP"),
+    ("port-as-string", {"http_port": "8080"}, "[server].http_port: expected an integer"),
+    ("port-range", {"https_port": 70000}, "[server].https_port: must be between"),
+    ("listen-type", {"listen": "http"}, "[server].listen: expected a list"),
+    ("listen-scheme", {"listen": ["ftp"]}, "[server].listen[0]: 'ftp' is not"),
+    ("listen-empty", {"listen": []}, "[server].listen: needs at least one"),
+    ("unknown-key", {"http_prot": 8080}, "[server].http_prot: unknown key"),
+    ("app-path", {"app_path": "praxis"}, "[server].app_path:"),
+    ("https-no-cert", {"listen": ["https"]}, "[server].cert_file: missing"),
+    ("client-no-ca", {"require_client_cert": True}, "[server].require_client_cert: needs"),
+    ("data-dir-missing", {"data_dir": None}, "[server].data_dir: missing"),
+    ("flag-type", {"require_client_cert": "yes"}, "[server].require_client_cert: expected true"),
+]
+
+
+@pytest.mark.parametrize(
+    ("settings", "expected"), [c[1:] for c in CONFIG_CASES], ids=[c[0] for c in CONFIG_CASES]
+)
+def test_config_errors_exit_2_with_one_line(
+    make_server: MakeServer, settings: dict[str, Any], expected: str
+) -> None:
+    server = make_server()
+    server.write_config(**settings)
+    assert_config_error(server, expected)
+
+
+def assert_config_error(server: RefServer, expected: str) -> None:
+    code, err = server.run_to_exit()
+    assert code == 2, err
+    assert "Traceback" not in err
+    lines = err.splitlines()
+    assert len(lines) == 1, err
+    assert lines[0].startswith("tlsroll-refserver: config error: ")
+    assert str(server.config_path) in lines[0]
+    assert expected in lines[0]
+
+
+def test_config_file_errors(make_server: MakeServer) -> None:
+    server = make_server()
+    server.config_path.write_text("[server\naddress = 1\n")
+    assert_config_error(server, "not valid TOML")
+    server.config_path.unlink()
+    assert_config_error(server, "no such file")
+
+
+def test_key_readable_by_others_is_refused(
+    make_server: MakeServer, loopback: Callable[[], str], issue_cert: IssueCert
+) -> None:
+    address = loopback()
+    cert = issue_cert(address)
+    cert.key_file.chmod(0o644)
+    server = make_server(
+        address=address, listen=["https"], cert_file=cert.cert_file, key_file=cert.key_file
+    )
+    assert_config_error(server, "[server].key_file:")
+    _, err = server.run_to_exit()
+    assert "chmod 600" in err and not port_open(address, 8443)
+
+
+def test_bad_verifier_file_is_refused(make_server: MakeServer, tmp_path: Path) -> None:
+    bad = tmp_path / "verifier.json"
+    write_atomic(bad, b'{"alg": "scrypt"}', PRIVATE)
+    server = make_server(auth_verifier_file=bad)
+    assert_config_error(server, "[server].auth_verifier_file:")
+    good = write_verifier(tmp_path / "good.json", "a-secret")
+    good.chmod(0o644)
+    server.write_config(auth_verifier_file=good)
+    assert_config_error(server, "chmod 600")
+
+
+# --- auth password --------------------------------------------------------------------------------
+
+
+def test_login_checks_the_verifier_read_at_start_up(
+    make_server: MakeServer, tmp_path: Path
+) -> None:
+    old_secret = password.generate_password()
+    new_secret = password.generate_password()
+    verifier_file = write_verifier(tmp_path / "auth.json", old_secret)
+    server = make_server(auth_verifier_file=verifier_file)
+    server.start()
+    assert server.status()["auth_configured"] is True
+
+    def login(secret: object) -> Response:
+        return server.request("POST", "login", {"password": secret})
+
+    assert login(old_secret).status == 200 and login(old_secret).json() == {"ok": True}
+    wrong = login(new_secret)
+    assert wrong.status == 401 and wrong.json()["ok"] is False
+    assert login("").status == 400 and login(42).status == 400
+    assert server.request("POST", "login", b"nope").status == 400
+
+    # A new verifier on disk has no effect until the server restarts (the seed's rule).
+    write_verifier(verifier_file, new_secret)
+    assert login(old_secret).status == 200 and login(new_secret).status == 401
+    server.restart()
+    assert login(new_secret).status == 200 and login(old_secret).status == 401
+
+    log = server.log()
+    for secret in (old_secret, new_secret):
+        assert secret not in log
+    assert json.loads(verifier_file.read_text())["hash"] not in log
+    assert any(e["event"] == "login" for e in server.log_events())
+
+
+def test_login_without_verifier_is_a_clear_409(make_server: MakeServer) -> None:
+    server = make_server()
+    server.start()
+    resp = server.request("POST", "login", {"password": "whatever"})
+    assert resp.status == 409 and resp.json()["error"] == "no_password"
+    # Logins are not writes: a frozen server still answers them.
+    server.freeze(drain_timeout=1)
+    assert server.request("POST", "login", {"password": "x"}).status == 409
+
+
+def test_sigint_also_stops_gracefully(make_server: MakeServer) -> None:
+    server = make_server()
+    server.start()
+    server.signal(signal.SIGINT)
+    assert server.proc is not None and server.proc.wait(10) == 0

@@ -1,0 +1,177 @@
+"""The cluster's auth password: generate it, keep only a salted scrypt verifier, check it.
+
+A node never stores the password in clear, only a *verifier*: a JSON object
+
+    {"alg": "scrypt", "n": 32768, "r": 8, "p": 1, "salt": "<base64>", "hash": "<base64>"}
+
+with ``hash = scrypt(NFC(password) as UTF-8, salt, n, r, p, dklen=len(hash))``. The salt is 16
+random bytes, the hash 32 bytes. ``check_password`` recomputes and compares in constant time.
+
+Generated passwords are meant to be read aloud and typed at a workstation: 6 groups of 4
+characters from a 31-character alphabet without look-alikes, e.g. ``kd7q-x2mf-9vhc-3ptw-…``.
+Entropy: each character is drawn uniformly and independently (``secrets.choice``) from 31
+symbols, so the password carries 24 * log2(31) = 24 * 4.954 = 118.9 bits (the hyphens are fixed
+and add nothing). That is above the 100 bits we ask for; 21 characters would be the minimum
+(104.0 bits), 20 would not do (99.1 bits).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import hmac
+import json
+import math
+import secrets
+import unicodedata
+from collections.abc import Mapping
+from typing import Any, TypedDict
+
+ALG = "scrypt"
+DEFAULT_N = 2**15
+DEFAULT_R = 8
+DEFAULT_P = 1
+SALT_BYTES = 16
+HASH_BYTES = 32
+
+# Parameters fast enough for unit tests (about 4x faster than the default), still accepted by
+# ``verifier_from_json`` so a test can hand such a verifier to a real server.
+TEST_PARAMS: dict[str, int] = {"n": 2**14, "r": 8, "p": 1}
+
+# What a verifier read from disk may ask for: cheaper than MIN_N is too weak to store; dearer
+# than the maxima would let a crafted file make every login cost gigabytes of memory.
+MIN_N = 2**14
+MAX_N = 2**20
+MAX_R = 32
+MAX_P = 16
+
+# No 0/o, 1/l/i: nothing that reads or sounds like another character.
+ALPHABET = "23456789abcdefghjkmnpqrstuvwxyz"
+GROUPS = 6
+GROUP_LEN = 4
+ENTROPY_BITS = GROUPS * GROUP_LEN * math.log2(len(ALPHABET))  # 118.9
+
+_FIELDS = ("alg", "n", "r", "p", "salt", "hash")
+
+
+class Verifier(TypedDict):
+    alg: str
+    n: int
+    r: int
+    p: int
+    salt: str
+    hash: str
+
+
+def generate_password() -> str:
+    """A new random password, e.g. ``kd7q-x2mf-9vhc-3ptw-a8ke-rn5d`` (118.9 bits)."""
+    return "-".join(
+        "".join(secrets.choice(ALPHABET) for _ in range(GROUP_LEN)) for _ in range(GROUPS)
+    )
+
+
+def _scrypt(password: str, salt: bytes, *, n: int, r: int, p: int, dklen: int) -> bytes:
+    secret = unicodedata.normalize("NFC", password).encode("utf-8")
+    # scrypt needs 128 * r * n bytes (plus a little per p); hashlib's default cap (32 MiB) is
+    # exactly the default parameters' need and fails, so give it room.
+    maxmem = 128 * r * (n + p + 2) + 2**20
+    return hashlib.scrypt(secret, salt=salt, n=n, r=r, p=p, dklen=dklen, maxmem=maxmem)
+
+
+def make_verifier(
+    password: str, *, n: int = DEFAULT_N, r: int = DEFAULT_R, p: int = DEFAULT_P
+) -> Verifier:
+    """A fresh salted scrypt verifier for ``password`` (pass ``**TEST_PARAMS`` in tests)."""
+    if not isinstance(password, str) or not password:
+        raise ValueError("the password must be a non-empty string")
+    _check_params(n, r, p)
+    salt = secrets.token_bytes(SALT_BYTES)
+    digest = _scrypt(password, salt, n=n, r=r, p=p, dklen=HASH_BYTES)
+    return Verifier(
+        alg=ALG,
+        n=n,
+        r=r,
+        p=p,
+        salt=base64.b64encode(salt).decode("ascii"),
+        hash=base64.b64encode(digest).decode("ascii"),
+    )
+
+
+def check_password(verifier: Mapping[str, Any], password: str) -> bool:
+    """True if ``password`` matches ``verifier`` (constant-time compare).
+
+    A malformed verifier raises ValueError: that is a broken file, not a wrong password.
+    """
+    v = validate_verifier(verifier)
+    salt = base64.b64decode(v["salt"])
+    expected = base64.b64decode(v["hash"])
+    if not isinstance(password, str):
+        return False
+    actual = _scrypt(password, salt, n=v["n"], r=v["r"], p=v["p"], dklen=len(expected))
+    return hmac.compare_digest(actual, expected)
+
+
+def verifier_to_json(verifier: Mapping[str, Any]) -> str:
+    """The verifier as one JSON line (validated first)."""
+    v = validate_verifier(verifier)
+    return json.dumps(dict(v), separators=(",", ":")) + "\n"
+
+
+def verifier_from_json(text: str | bytes) -> Verifier:
+    """Parse and validate a verifier; anything wrong raises ValueError with one line."""
+    try:
+        data = json.loads(text)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ValueError(f"verifier is not valid JSON: {_one_line(exc)}") from None
+    return validate_verifier(data)
+
+
+def validate_verifier(data: object) -> Verifier:
+    """Check every field of a verifier; return it as a ``Verifier`` or raise ValueError."""
+    if not isinstance(data, Mapping):
+        raise ValueError("verifier must be a JSON object")
+    missing = [k for k in _FIELDS if k not in data]
+    if missing:
+        raise ValueError(f"verifier lacks field(s): {', '.join(missing)}")
+    unknown = sorted(str(k) for k in data if k not in _FIELDS)
+    if unknown:
+        raise ValueError(f"verifier has unknown field(s): {', '.join(unknown)}")
+    if data["alg"] != ALG:
+        raise ValueError(f"verifier alg must be {ALG!r}, got {data['alg']!r}")
+    for key in ("n", "r", "p"):
+        value = data[key]
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise ValueError(f"verifier field {key} must be an integer")
+    n, r, p = data["n"], data["r"], data["p"]
+    _check_params(n, r, p)
+    salt = _b64_field(data, "salt")
+    digest = _b64_field(data, "hash")
+    if len(salt) < SALT_BYTES:
+        raise ValueError(f"verifier salt must be at least {SALT_BYTES} bytes, got {len(salt)}")
+    if not 16 <= len(digest) <= 64:
+        raise ValueError(f"verifier hash must be 16 to 64 bytes, got {len(digest)}")
+    return Verifier(alg=ALG, n=n, r=r, p=p, salt=data["salt"], hash=data["hash"])
+
+
+def _check_params(n: int, r: int, p: int) -> None:
+    if n < MIN_N or n > MAX_N or n & (n - 1):
+        raise ValueError(f"scrypt n must be a power of two from 2**14 to 2**20, got {n}")
+    if not 1 <= r <= MAX_R:
+        raise ValueError(f"scrypt r must be between 1 and {MAX_R}, got {r}")
+    if not 1 <= p <= MAX_P:
+        raise ValueError(f"scrypt p must be between 1 and {MAX_P}, got {p}")
+
+
+def _b64_field(data: Mapping[str, Any], key: str) -> bytes:
+    value = data[key]
+    if not isinstance(value, str):
+        raise ValueError(f"verifier field {key} must be a base64 string")
+    try:
+        return base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError(f"verifier field {key} is not valid base64") from None
+
+
+def _one_line(exc: BaseException) -> str:
+    return " ".join(str(exc).split())
