@@ -26,6 +26,7 @@ from rich.table import Table
 from rich.text import Text
 
 from leader import layout as layout_mod
+from leader.workstation import client as client_group
 from tlsroll import __version__, pki
 from tlsroll.errors import TlsrollError
 from tlsroll.v1 import admin_pb2, admin_pb2_grpc
@@ -289,6 +290,9 @@ def nodes(leader: Leader, as_json: bool) -> None:
     out.print(table)
 
 
+cli.add_command(client_group)
+
+
 # --- entry point ------------------------------------------------------------------------------
 
 
@@ -298,7 +302,13 @@ def main(argv: list[str] | None = None) -> int:
         cli.main(args=argv, prog_name="tlsroll", standalone_mode=False)
     except click.UsageError as exc:
         hint = f" (see: {exc.ctx.command_path} --help)" if exc.ctx else ""
-        click.echo(f"tlsroll: error: {exc.format_message()}{hint}", err=True)
+        # A group called without a command: click's message is the whole help text.
+        message = (
+            "missing command"
+            if isinstance(exc, click.exceptions.NoArgsIsHelpError)
+            else exc.format_message()
+        )
+        click.echo(f"tlsroll: error: {message}{hint}", err=True)
         return 2
     except click.Abort:
         click.echo("tlsroll: aborted", err=True)

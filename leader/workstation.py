@@ -1,0 +1,856 @@
+"""``tlsroll client test-connection``: the seed's "Test connection" button, run on a workstation.
+
+It needs no access to the leader, only the node's new address and the auth password (or the
+CA pin). The steps, in the seed's order:
+
+  (a) the address: https, a port and the app path; an http address or port 8080 is the old
+      unencrypted one and gets the new one suggested;
+  (b) TLS handshake and the app path answering; the certificate's fingerprint is shown (not
+      trusted yet: the CA is not known);
+  (c) the port check: the bootstrap port (9443, "Bootstrap port [9443]:" to confirm or change;
+      ``--bootstrap-port`` or ``--yes`` for scripts) must accept connections;
+  (d) the password (no echo, or ``--password-file``); the bootstrap answer is fetched and its
+      MAC verified before its CA bundle is believed (``tlsroll.bootstrap``); with ``--ca-pin``
+      the CA is trusted by its SPKI pin instead; then the certificate of (b) must come from
+      that CA, and a verified handshake (chain and IP/name) must succeed;
+  (e) a key and CSR (``ws-<host name>``, key never leaves the workstation), enrolment with a
+      proof of the password, and the settings dir: ``settings.json``, ``ca.pem``,
+      ``client.pem``, ``client.key`` (0600); a request with them must succeed; then
+      "restart the client to finish".
+
+``--ca-pin PIN --no-enrol`` trusts the CA by the pin and writes the settings without a client
+certificate, with no password involved at all.
+
+Exit codes (every error is one line on stderr; the password is never printed):
+
+    0   done: settings written, restart the client
+    1   other failure (unexpected answer, settings dir not writable, check with the new
+        settings failed, aborted at a prompt)
+    2   usage: bad URL, option, CA pin syntax, or a password file that is empty/unreadable
+    3   http instead of https: the old unencrypted address, or a node still on http
+    4   host unreachable (no route, no answer, name not resolved)
+    5   connection refused on the server port (wrong port, or the server is not running)
+    6   TLS failure (handshake failed, not TLS on that port)
+    7   the app path does not answer (wrong APP path)
+    8   bootstrap port closed (9443 or the one given)
+    9   wrong password: the bootstrap answer's MAC does not verify (or it was altered)
+    10  certificate not from the expected CA, or the CA does not match --ca-pin
+    11  enrolment refused or rate-limited by the node
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import errno
+import http.client
+import json
+import os
+import socket
+import ssl
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from enum import IntEnum
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import click
+from cryptography import x509
+
+from tlsroll import bootstrap as proto
+from tlsroll import pki
+from tlsroll.defaults import BOOTSTRAP_PORT, HTTP_PORT, HTTPS_PORT
+from tlsroll.errors import PKIError
+from tlsroll.fsutil import PRIVATE, PUBLIC, make_private_dir, write_atomic
+from tlsroll.tls import client_context, unverified_client_context
+
+DEFAULT_TIMEOUT = 10.0
+SETTINGS_VERSION = 1
+# What OpenSSL says when the other side answers a ClientHello with plain http.
+_NOT_TLS = frozenset({"WRONG_VERSION_NUMBER", "PACKET_LENGTH_TOO_LONG", "HTTP_REQUEST"})
+
+
+class Exit(IntEnum):
+    OK = 0
+    FAILURE = 1
+    USAGE = 2
+    OLD_HTTP = 3
+    UNREACHABLE = 4
+    REFUSED = 5
+    TLS = 6
+    APP = 7
+    BOOTSTRAP_PORT = 8
+    WRONG_PASSWORD = 9
+    UNTRUSTED = 10
+    ENROL_REFUSED = 11
+
+
+class ClientError(click.ClickException):
+    """One line for the workstation admin, with its own exit code (see the table above)."""
+
+    def __init__(self, code: Exit, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+    @property
+    def exit_code(self) -> int:  # type: ignore[override]
+        return int(self.code)
+
+
+def default_settings_dir() -> Path:
+    base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
+    return Path(base) / "tlsroll" / "client"
+
+
+# --- (a) the address ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ServerURL:
+    host: str
+    port: int
+    app_path: str
+
+    @property
+    def netloc(self) -> str:
+        return _netloc(self.host, self.port)
+
+    @property
+    def url(self) -> str:
+        return f"https://{self.netloc}{self.app_path}"
+
+
+def _netloc(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+def check_url(text: str) -> ServerURL:
+    """Check the new server address; ClientError(OLD_HTTP) or click.BadParameter if wrong."""
+    example = "https://HOST:8443/APP/, e.g. https://192.168.1.5:8443/praxis_live/"
+    parts = urlsplit(text.strip())
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname:
+        raise click.BadParameter(
+            f"{text!r} is not a server address; use {example}", param_hint="URL"
+        )
+    if parts.username is not None or parts.password is not None:
+        raise click.BadParameter("the address must not contain a user name", param_hint="URL")
+    if parts.query or parts.fragment:
+        raise click.BadParameter(
+            f"no ?query or #fragment in the address; use {example}", param_hint="URL"
+        )
+    try:
+        port = parts.port
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} has an invalid port; use {example}", param_hint="URL"
+        ) from None
+    path = parts.path or "/"
+    if not path.endswith("/"):
+        path += "/"
+    host = parts.hostname
+    if scheme == "http" or port == HTTP_PORT:
+        new = f"https://{_netloc(host, HTTPS_PORT)}{path}"
+        raise ClientError(
+            Exit.OLD_HTTP,
+            f"{text.strip()} is the old unencrypted address; the new one is {new}",
+        )
+    if port is None:
+        raise click.BadParameter(f"the address needs the port; use {example}", param_hint="URL")
+    if path == "/":
+        raise click.BadParameter(f"the address needs the app path; use {example}", param_hint="URL")
+    return ServerURL(host, port, path)
+
+
+# --- network helpers ----------------------------------------------------------------------------
+
+
+class NetError(Exception):
+    """A network failure, sorted by what the admin can do about it."""
+
+    def __init__(
+        self, kind: str, detail: str, reason: str | None = None, peer_der: bytes | None = None
+    ) -> None:
+        super().__init__(detail)
+        # unreachable | refused: TCP; tls: the handshake failed; verify: the certificate did
+        # not verify; dropped: the handshake succeeded, then no http answer came (a server that
+        # wants a client certificate closes the connection, or alerts, at that point)
+        self.kind = kind
+        self.detail = detail
+        self.reason = reason  # the OpenSSL reason, if any
+        self.peer_der = peer_der  # the server's certificate, for kind "dropped"
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    body: bytes
+    headers: dict[str, str]
+    peer_der: bytes | None
+
+
+def connect(host: str, port: int, timeout: float) -> socket.socket:
+    try:
+        return socket.create_connection((host, port), timeout=timeout)
+    except ConnectionRefusedError:
+        raise NetError("refused", "connection refused") from None
+    except socket.gaierror as exc:
+        raise NetError("unreachable", f"cannot resolve {host}: {exc.strerror}") from None
+    except TimeoutError:
+        raise NetError("unreachable", f"no answer within {timeout:g} s") from None
+    except OSError as exc:
+        if exc.errno == errno.ECONNREFUSED:
+            raise NetError("refused", "connection refused") from None
+        raise NetError("unreachable", exc.strerror or str(exc)) from None
+
+
+def _tls_error(exc: ssl.SSLError) -> NetError:
+    reason = getattr(exc, "reason", None)
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return NetError("verify", exc.verify_message or str(exc.reason), reason)
+    return NetError("tls", f"{reason or exc}".replace("_", " ").lower(), reason)
+
+
+def request(
+    host: str,
+    port: int,
+    method: str,
+    path: str,
+    context: ssl.SSLContext,
+    *,
+    body: bytes | None = None,
+    timeout: float = DEFAULT_TIMEOUT,
+) -> Reply:
+    """One https request; every failure becomes a NetError with its kind."""
+    raw = connect(host, port, timeout)
+    try:
+        try:
+            tls = context.wrap_socket(raw, server_hostname=host)
+        except ssl.SSLError as exc:
+            raise _tls_error(exc) from None
+        except TimeoutError:
+            raise NetError("tls", f"no TLS handshake within {timeout:g} s") from None
+        except OSError as exc:
+            raise NetError("tls", f"connection closed during the handshake ({exc})") from None
+        with tls:
+            peer = tls.getpeercert(binary_form=True)
+            conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
+            conn.sock = tls
+            headers = {"Accept": "application/json", "Connection": "close"}
+            if body is not None:
+                headers["Content-Type"] = "application/json"
+            try:
+                conn.request(method, path, body=body, headers=headers)
+                resp = conn.getresponse()
+                data = resp.read(proto.MAX_ANSWER_BYTES + 1)
+            except ssl.SSLError as exc:
+                err = _tls_error(exc)
+                raise NetError("dropped", err.detail, err.reason, peer) from None
+            except (http.client.HTTPException, OSError) as exc:
+                detail = f"the server closed the connection ({type(exc).__name__})"
+                raise NetError("dropped", detail, None, peer) from None
+            finally:
+                conn.close()
+            if len(data) > proto.MAX_ANSWER_BYTES:
+                raise NetError("dropped", "answer too large", None, peer)
+            return Reply(resp.status, data, {k.lower(): v for k, v in resp.getheaders()}, peer)
+    finally:
+        raw.close()
+
+
+def answers_plain_http(host: str, port: int, path: str, timeout: float) -> bool:
+    """True if ``host:port`` answers an unencrypted http request (a node still on http)."""
+    conn = http.client.HTTPConnection(host, port, timeout=min(timeout, 5.0))
+    try:
+        conn.request("GET", path, headers={"Connection": "close"})
+        conn.getresponse().read(1024)
+    except (OSError, http.client.HTTPException):
+        return False
+    finally:
+        conn.close()
+    return True
+
+
+def one_line(text: object, limit: int = 200) -> str:
+    """Server-supplied text made safe to print: one line, printable, bounded."""
+    clean = "".join(ch if ch.isprintable() else " " for ch in str(text))
+    clean = " ".join(clean.split())
+    return clean[:limit] + ("…" if len(clean) > limit else "")
+
+
+# --- the steps ----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Options:
+    url: str
+    settings_dir: Path
+    bootstrap_port: int | None = None
+    password: str | None = field(default=None, repr=False)
+    ca_pin: str | None = None
+    assume_yes: bool = False
+    enrol: bool = True
+    name: str | None = None
+    timeout: float = DEFAULT_TIMEOUT
+
+
+@dataclass
+class UI:
+    """How the steps talk to the person at the workstation (click in the CLI, stubs in tests)."""
+
+    say: Callable[[str], None]
+    ask_port: Callable[[int], int]
+    ask_password: Callable[[], str]
+
+
+@dataclass
+class Result:
+    server: ServerURL
+    bootstrap_port: int
+    node: str
+    ca_pin: str
+    server_fingerprint: str
+    client_fingerprint: str | None
+    settings_dir: Path
+
+
+class TestConnection:
+    """The steps (a) to (e); ``run()`` returns a Result or raises ClientError."""
+
+    __test__ = False  # not a pytest class, whatever its name
+
+    def __init__(self, options: Options, ui: UI) -> None:
+        self.o = options
+        self.ui = ui
+        self.pin = proto_pin(options.ca_pin)
+        if not options.enrol and self.pin is None:
+            raise click.UsageError(
+                "--no-enrol needs --ca-pin: without the password only a pin can verify the CA"
+            )
+        self.context = unverified_client_context()
+
+    def run(self) -> Result:
+        o = self.o
+        server = check_url(o.url)
+        self.ui.say(f"address   {server.url}")
+        server_cert = self.check_server(server)
+        port = self.check_bootstrap_port(server)
+        secret = None
+        if o.enrol:
+            secret = o.password if o.password is not None else self.ui.ask_password()
+            if not secret:
+                raise ClientError(Exit.USAGE, "no password given")
+        answer, keys = self.fetch_answer(server.host, port, secret)
+        trusted = self.trusted_cas(answer, keys)
+        ca = self.check_chain(server, server_cert, trusted)
+        if answer.server_url != server.url:
+            self.ui.say(f"note      the node gives its address as {one_line(answer.server_url)}")
+        trusted_pem = b"".join(pki.cert_to_pem(c) for c in trusted)
+        client_pem = key_pem = None
+        if keys is not None and secret is not None:
+            key = pki.generate_key()
+            cert = self.enrol(server.host, port, answer, keys, secret, key, trusted_pem)
+            client_pem, key_pem = pki.cert_to_pem(cert), pki.key_to_pem(key)
+            self.ui.say(
+                f"enrol     client certificate {pki.names_of(cert).common_name} "
+                f"({pki.fingerprint(cert)}), valid until {cert.not_valid_after_utc:%Y-%m-%d}"
+            )
+        result = Result(
+            server=server,
+            bootstrap_port=port,
+            node=answer.node,
+            ca_pin=pki.spki_pin(ca),
+            server_fingerprint=pki.fingerprint(server_cert),
+            client_fingerprint=None
+            if client_pem is None
+            else pki.fingerprint(pki.load_cert_pem(client_pem)),
+            settings_dir=o.settings_dir,
+        )
+        self.write_settings(result, trusted_pem, client_pem, key_pem)
+        self.check_settings(server, result)
+        return result
+
+    # (b)
+    def check_server(self, server: ServerURL) -> x509.Certificate:
+        o = self.o
+        try:
+            reply = request(
+                server.host, server.port, "GET", server.app_path, self.context, timeout=o.timeout
+            )
+        except NetError as exc:
+            if exc.kind == "refused":
+                old = f"http://{_netloc(server.host, HTTP_PORT)}{server.app_path}"
+                if answers_plain_http(server.host, HTTP_PORT, server.app_path, o.timeout):
+                    raise ClientError(
+                        Exit.OLD_HTTP,
+                        f"{server.netloc} refuses https, but the old unencrypted address {old} "
+                        "answers: this node is still on http (not switched yet)",
+                    ) from None
+                raise ClientError(
+                    Exit.REFUSED,
+                    f"{server.netloc} refuses connections: wrong port, or the server is not "
+                    f"running (the usual https port is {HTTPS_PORT})",
+                ) from None
+            if exc.kind == "unreachable":
+                raise ClientError(
+                    Exit.UNREACHABLE,
+                    f"cannot reach {server.host}: {exc.detail}; check the address and the network",
+                ) from None
+            if (
+                exc.kind == "tls"
+                and exc.reason in _NOT_TLS
+                and answers_plain_http(server.host, server.port, server.app_path, o.timeout)
+            ):
+                raise ClientError(
+                    Exit.OLD_HTTP,
+                    f"{server.netloc} answers unencrypted http, not https: this is still the "
+                    "old address, or the node is not switched yet",
+                ) from None
+            if exc.kind == "dropped" and exc.peer_der is not None:
+                return self._server_cert_without_answer(server, exc)
+            raise ClientError(
+                Exit.TLS,
+                f"TLS with {server.netloc} failed: {exc.detail}; is this the server's https port?",
+            ) from None
+        cert = self._peer_cert(reply, server)
+        self.ui.say(f"tls       ok, certificate {pki.fingerprint(cert)} (checked below)")
+        if reply.status in (401, 403):
+            self.ui.say(f"app       {server.app_path} answers (HTTP {reply.status}: login needed)")
+        elif reply.status != 200:
+            raise ClientError(
+                Exit.APP,
+                f"{server.netloc} has no app at {server.app_path} (HTTP {reply.status}): "
+                "check the app path",
+            )
+        else:
+            self.ui.say(f"app       {server.app_path} answers (HTTP 200)")
+        return cert
+
+    def _server_cert_without_answer(self, server: ServerURL, exc: NetError) -> x509.Certificate:
+        # The handshake succeeded, then the server closed or alerted without an http answer:
+        # what a server that requires a client certificate does before enrolment. The app is
+        # checked again with the new settings at the end.
+        assert exc.peer_der is not None
+        cert = x509.load_der_x509_certificate(exc.peer_der)
+        self.ui.say(f"tls       ok, certificate {pki.fingerprint(cert)} (checked below)")
+        self.ui.say(
+            f"app       no answer without a client certificate ({exc.detail}); "
+            "checked again after enrolment"
+        )
+        return cert
+
+    @staticmethod
+    def _peer_cert(reply: Reply, server: ServerURL) -> x509.Certificate:
+        if reply.peer_der is None:
+            raise ClientError(Exit.TLS, f"{server.netloc} presented no certificate")
+        return x509.load_der_x509_certificate(reply.peer_der)
+
+    # (c)
+    def check_bootstrap_port(self, server: ServerURL) -> int:
+        o = self.o
+        if o.bootstrap_port is not None:
+            port = o.bootstrap_port
+        elif o.assume_yes:
+            port = BOOTSTRAP_PORT
+        else:
+            port = self.ui.ask_port(BOOTSTRAP_PORT)
+        try:
+            connect(server.host, port, o.timeout).close()
+        except NetError as exc:
+            raise self._port_closed(server.host, port, exc.detail) from None
+        self.ui.say(f"port      bootstrap port {port} reachable")
+        return port
+
+    @staticmethod
+    def _port_closed(host: str, port: int, detail: str) -> ClientError:
+        return ClientError(
+            Exit.BOOTSTRAP_PORT,
+            f"bootstrap port {port} on {host} is closed ({detail}); if the server uses another "
+            "port, enter it at the port prompt (or --bootstrap-port)",
+        )
+
+    # (d)
+    def fetch_answer(
+        self, host: str, port: int, secret: str | None
+    ) -> tuple[proto.BootstrapAnswer, proto.Keys | None]:
+        """Fetch the bootstrap answer (unverified TLS) and check its MAC if a password is given."""
+        where = _netloc(host, port)
+        try:
+            reply = request(
+                host, port, "GET", proto.BOOTSTRAP_PATH, self.context, timeout=self.o.timeout
+            )
+        except NetError as exc:
+            if exc.kind in ("refused", "unreachable"):
+                raise self._port_closed(host, port, exc.detail) from None
+            raise ClientError(
+                Exit.TLS, f"TLS with the bootstrap port {where} failed: {exc.detail}"
+            ) from None
+        if reply.status != 200:
+            raise ClientError(
+                Exit.FAILURE,
+                f"{where} answered HTTP {reply.status}: is this the tlsroll bootstrap port?",
+            )
+        try:
+            answer = proto.parse_answer(reply.body)
+        except proto.BootstrapError as exc:
+            raise ClientError(Exit.FAILURE, f"{where}: {exc}") from None
+        if self.pin is not None:
+            self._pinned(answer)  # a wrong CA is reported as such, before the password
+        if secret is None:
+            return answer, None
+        keys = proto.Keys.from_password(secret, answer.kdf)
+        try:
+            proto.verify_answer(answer, keys)
+        except proto.BootstrapError:
+            raise ClientError(
+                Exit.WRONG_PASSWORD,
+                f"wrong password: the bootstrap answer of {where} does not verify with it "
+                "(or it was altered on the way); check the password and try again",
+            ) from None
+        return answer, keys
+
+    def _pinned(self, answer: proto.BootstrapAnswer) -> list[x509.Certificate]:
+        certs = self._cas(answer)
+        pinned = [c for c in certs if pki.spki_pin(c) == self.pin]
+        if not pinned:
+            raise ClientError(
+                Exit.UNTRUSTED,
+                f"the CA the server offers does not match the pin {self.pin}: this is not your "
+                "cluster's CA (or the pin is mistyped); do not continue",
+            )
+        return pinned
+
+    @staticmethod
+    def _cas(answer: proto.BootstrapAnswer) -> list[x509.Certificate]:
+        try:
+            return proto.ca_certificates(answer)
+        except proto.BootstrapError as exc:
+            raise ClientError(Exit.FAILURE, f"bootstrap answer: {exc}") from None
+
+    def trusted_cas(
+        self, answer: proto.BootstrapAnswer, keys: proto.Keys | None
+    ) -> list[x509.Certificate]:
+        if self.pin is not None:
+            trusted = self._pinned(answer)
+            how = f"pinned {self.pin}" + (" (and the password's MAC ok)" if keys else "")
+        else:
+            assert keys is not None  # without a pin the password is always asked
+            trusted = self._cas(answer)
+            how = "verified with the password (MAC ok)"
+        self.ui.say(f"ca        {how}")
+        return trusted
+
+    def check_chain(
+        self, server: ServerURL, cert: x509.Certificate, trusted: list[x509.Certificate]
+    ) -> x509.Certificate:
+        """The certificate of (b) must come from a trusted CA; then a verified handshake."""
+        issuer = next((ca for ca in trusted if pki.issued_by(cert, ca)), None)
+        if issuer is None:
+            raise ClientError(
+                Exit.UNTRUSTED,
+                f"the certificate {server.netloc} presented ({pki.fingerprint(cert)}) is not "
+                "from the cluster CA: someone may be in between; do not continue",
+            )
+        try:
+            pki.check_valid_now(cert)
+        except PKIError as exc:
+            raise ClientError(Exit.UNTRUSTED, f"{server.netloc}'s certificate: {exc}") from None
+        context = client_context(b"".join(pki.cert_to_pem(c) for c in trusted))
+        try:
+            request(
+                server.host, server.port, "GET", server.app_path, context, timeout=self.o.timeout
+            )
+        except NetError as exc:
+            if exc.kind == "verify":
+                raise ClientError(
+                    Exit.UNTRUSTED, f"{server.netloc}'s certificate does not verify: {exc.detail}"
+                ) from None
+            if exc.kind != "dropped":  # dropped: verified, but wants a client certificate
+                raise ClientError(
+                    Exit.TLS, f"TLS with {server.netloc} failed: {exc.detail}"
+                ) from None
+        self.ui.say(
+            f"server    certificate from the cluster CA ({pki.spki_pin(issuer)}), "
+            f"valid until {cert.not_valid_after_utc:%Y-%m-%d}"
+        )
+        return issuer
+
+    # (e)
+    def enrol(
+        self,
+        host: str,
+        port: int,
+        answer: proto.BootstrapAnswer,
+        keys: proto.Keys,
+        secret: str,
+        key: pki.PrivateKey,
+        trusted_pem: bytes,
+    ) -> x509.Certificate:
+        where = _netloc(host, port)
+        cn = proto.workstation_cn(self.o.name or socket.gethostname())
+        csr_pem = pki.csr_to_pem(pki.make_csr(key, proto.workstation_names(cn)))
+        context = client_context(trusted_pem)  # from here on the node is verified
+        for attempt in (1, 2):
+            proof = proto.enrol_proof(keys, nonce=answer.nonce, csr_pem=csr_pem, node=answer.node)
+            body = json.dumps(
+                {"nonce": answer.nonce, "csr_pem": csr_pem.decode("ascii"), "proof": proof}
+            ).encode()
+            try:
+                reply = request(
+                    host, port, "POST", proto.ENROL_PATH, context, body=body, timeout=self.o.timeout
+                )
+            except NetError as exc:
+                if exc.kind == "verify":
+                    raise ClientError(
+                        Exit.UNTRUSTED,
+                        f"the bootstrap port {where} presents a certificate not from the "
+                        f"cluster CA: {exc.detail}",
+                    ) from None
+                if exc.kind in ("refused", "unreachable"):
+                    raise self._port_closed(host, port, exc.detail) from None
+                raise ClientError(Exit.TLS, f"TLS with {where} failed: {exc.detail}") from None
+            if reply.status == 200:
+                return self._enrolled(reply, key, trusted_pem, where)
+            error, message = _error_of(reply)
+            if reply.status == 401 and error == "nonce_invalid" and attempt == 1:
+                # The nonce expired while the password was typed: fetch a fresh answer.
+                answer, fresh = self.fetch_answer(host, port, secret)
+                assert fresh is not None
+                keys = fresh
+                continue
+            if reply.status == 429:
+                retry = reply.headers.get("retry-after", "?")
+                raise ClientError(
+                    Exit.ENROL_REFUSED,
+                    f"{where} refuses enrolment for now: too many failed attempts; "
+                    f"try again in {one_line(retry, 10)} s",
+                )
+            if error == "wrong_password":
+                raise ClientError(
+                    Exit.ENROL_REFUSED,
+                    f"{where} refused the password (a changed password takes effect only "
+                    "after the server restarts)",
+                )
+            raise ClientError(
+                Exit.ENROL_REFUSED,
+                f"{where} refused enrolment (HTTP {reply.status} {one_line(error, 40)}): "
+                f"{one_line(message)}",
+            )
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    @staticmethod
+    def _enrolled(
+        reply: Reply, key: pki.PrivateKey, trusted_pem: bytes, where: str
+    ) -> x509.Certificate:
+        try:
+            data = proto.loads_strict(reply.body)
+            cert = pki.load_cert_pem(str(data["certificate_pem"]).encode("ascii"))
+        except (ValueError, KeyError, TypeError, UnicodeError, PKIError):
+            raise ClientError(Exit.FAILURE, f"{where} sent no valid certificate") from None
+        cas = pki.load_certs_pem(trusted_pem)
+        if not pki.key_matches(cert, key) or not any(pki.issued_by(cert, ca) for ca in cas):
+            raise ClientError(
+                Exit.UNTRUSTED, f"{where} sent a certificate not for this key or not from the CA"
+            )
+        return cert
+
+    def write_settings(
+        self,
+        result: Result,
+        ca_pem: bytes,
+        client_pem: bytes | None,
+        key_pem: bytes | None,
+    ) -> None:
+        d = result.settings_dir
+        try:
+            make_private_dir(d)
+            if client_pem is not None and key_pem is not None:
+                write_atomic(d / "client.key", key_pem, PRIVATE)
+                write_atomic(d / "client.pem", client_pem, PUBLIC)
+            write_atomic(d / "ca.pem", ca_pem, PUBLIC)
+            settings = {
+                "version": SETTINGS_VERSION,
+                "server_url": result.server.url,
+                "bootstrap_port": result.bootstrap_port,
+                "node": result.node,
+                "ca_pin": result.ca_pin,
+                "ca_file": "ca.pem",
+                "client_cert_file": "client.pem" if client_pem else None,
+                "client_key_file": "client.key" if client_pem else None,
+                "server_fingerprint": result.server_fingerprint,
+                "client_fingerprint": result.client_fingerprint,
+                "written_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+            }
+            text = json.dumps(settings, indent=2, sort_keys=True) + "\n"
+            write_atomic(d / "settings.json", text.encode(), PUBLIC)
+        except OSError as exc:
+            raise ClientError(
+                Exit.FAILURE, f"cannot write the settings to {d}: {exc.strerror or exc}"
+            ) from None
+        self.ui.say(f"settings  written to {d}")
+
+    def check_settings(self, server: ServerURL, result: Result) -> None:
+        d = result.settings_dir
+        enrolled = result.client_fingerprint is not None
+        context = client_context(
+            (d / "ca.pem").read_bytes(),
+            cert_file=d / "client.pem" if enrolled else None,
+            key_file=d / "client.key" if enrolled else None,
+        )
+        try:
+            reply = request(
+                server.host, server.port, "GET", server.app_path, context, timeout=self.o.timeout
+            )
+        except NetError as exc:
+            hint = (
+                "; the server wants a client certificate: run again without --no-enrol"
+                if not enrolled and exc.kind == "dropped"
+                else ""
+            )
+            raise ClientError(
+                Exit.FAILURE,
+                f"settings written, but a request with them failed: {exc.detail}{hint}",
+            ) from None
+        if reply.status != 200 and not (not enrolled and reply.status in (401, 403)):
+            raise ClientError(
+                Exit.FAILURE,
+                f"settings written, but {server.url} answered HTTP {reply.status} with them",
+            )
+        self.ui.say(f"check     https request with the new settings: HTTP {reply.status}")
+
+
+def proto_pin(text: str | None) -> str | None:
+    if text is None:
+        return None
+    try:
+        return pki.parse_pin(text)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--ca-pin") from None
+
+
+def _error_of(reply: Reply) -> tuple[str, str]:
+    with contextlib.suppress(ValueError, UnicodeDecodeError, AttributeError):
+        data: Any = proto.loads_strict(reply.body)
+        return str(data.get("error", "")), str(data.get("message", ""))
+    return "", ""
+
+
+def read_password_file(path: Path) -> str:
+    """The password in ``path`` (first line, line end stripped); BadParameter if unusable."""
+    hint = "--password-file"
+    try:
+        data = path.read_bytes()
+    except OSError as exc:
+        raise click.BadParameter(
+            f"cannot read {path}: {exc.strerror or exc}", param_hint=hint
+        ) from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise click.BadParameter(f"{path} is not UTF-8 text", param_hint=hint) from None
+    text = text.rstrip("\r\n")
+    if not text.strip():
+        raise click.BadParameter(f"{path} is empty", param_hint=hint)
+    if "\n" in text or "\r" in text:
+        raise click.BadParameter(f"{path} must hold the password on one line", param_hint=hint)
+    return text
+
+
+# --- the click commands -------------------------------------------------------------------------
+
+
+@click.group("client")
+def client() -> None:
+    """The workstation side: connect a workstation to the encrypted server."""
+
+
+@client.command("test-connection")
+@click.argument("url")
+@click.option(
+    "--bootstrap-port",
+    type=click.IntRange(1, 65535),
+    help=f"The node's bootstrap port, if not {BOOTSTRAP_PORT} (skips the port prompt).",
+)
+@click.option(
+    "--password-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Read the auth password from this file instead of asking (for scripts).",
+)
+@click.option(
+    "--ca-pin",
+    metavar="sha256:HEX",
+    help="Trust the CA by this SPKI pin (from the notify message), not by the password; "
+    "the password is still needed to enrol, unless --no-enrol.",
+)
+@click.option(
+    "--settings-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    envvar="TLSROLL_CLIENT_DIR",
+    default=default_settings_dir,
+    show_default="~/.config/tlsroll/client",
+    help="Where to write the workstation's settings.",
+)
+@click.option("--yes", "-y", "assume_yes", is_flag=True, help="Accept the default port.")
+@click.option("--name", help="The workstation's name in its certificate [default: host name].")
+@click.option(
+    "--no-enrol",
+    "no_enrol",
+    is_flag=True,
+    help="With --ca-pin: trust the CA and write the settings, no password, no client certificate.",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(0.5, 120),
+    default=DEFAULT_TIMEOUT,
+    show_default=True,
+    help="Seconds to wait for each connection.",
+)
+def test_connection(
+    url: str,
+    bootstrap_port: int | None,
+    password_file: Path | None,
+    ca_pin: str | None,
+    settings_dir: Path,
+    assume_yes: bool,
+    name: str | None,
+    no_enrol: bool,
+    timeout: float,
+) -> None:
+    """Check the new server address URL and set this workstation up for it.
+
+    URL is the new address, e.g. https://192.168.1.5:8443/praxis_live/. Exit codes: 0 done,
+    1 failure, 2 usage, 3 http instead of https, 4 host unreachable, 5 connection refused,
+    6 TLS failure, 7 app path not found, 8 bootstrap port closed, 9 wrong password,
+    10 certificate not from the expected CA / pin mismatch, 11 enrolment refused.
+    """
+    if no_enrol and password_file is not None:
+        raise click.UsageError("--no-enrol uses no password; drop --password-file")
+    secret = read_password_file(password_file) if password_file is not None else None
+    options = Options(
+        url=url,
+        settings_dir=settings_dir,
+        bootstrap_port=bootstrap_port,
+        password=secret,
+        ca_pin=ca_pin,
+        assume_yes=assume_yes,
+        enrol=not no_enrol,
+        name=name,
+        timeout=timeout,
+    )
+    ui = UI(say=click.echo, ask_port=_ask_port, ask_password=_ask_password)
+    TestConnection(options, ui).run()
+    click.echo("restart the client to finish")
+
+
+def _ask_port(default: int) -> int:
+    port: int = click.prompt("Bootstrap port", default=default, type=click.IntRange(1, 65535))
+    return port
+
+
+def _ask_password() -> str:
+    if not sys.stdin.isatty():
+        raise click.UsageError("no terminal to ask for the password: use --password-file")
+    secret: str = click.prompt("Authentication password", hide_input=True)
+    return secret

@@ -1,0 +1,630 @@
+"""``tlsroll client test-connection`` against real servers: the managed server is a real
+reference server process (https on 8443, or still http on 8080) and the agent's bootstrap
+service listens on 9443 of the same loopback address, as on a real node.
+
+The CLI runs in-process (``leader.cli.main``) in a worker thread, so that the bootstrap service
+keeps serving on the test's event loop; its output is captured and checked line by line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import io
+import json
+import os
+import stat
+import sys
+from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import click
+import pytest
+import structlog
+from aiohttp import web
+
+from leader import cli, workstation
+from leader.workstation import Exit
+from nodeagent.bootstrap import BootstrapService
+from tests.conftest import IssuedCert, next_loopback
+from tests.refserver_helper import RefServer, http_request, port_open
+from tests.test_bootstrap import (
+    OTHER_PASSWORD,
+    PASSWORD,
+    TIMEOUT,
+    Node,
+    make_service,
+    secrets_in,
+)
+from tlsroll import bootstrap as proto
+from tlsroll import pki
+from tlsroll.defaults import BOOTSTRAP_PORT
+from tlsroll.fsutil import PRIVATE, write_atomic
+from tlsroll.tls import client_context, server_context
+
+APP = "/praxis_live/"
+
+
+# --- servers ------------------------------------------------------------------------------------
+
+
+def issue(ca: pki.CertificateAuthority, address: str, directory: Path) -> IssuedCert:
+    directory.mkdir(parents=True, exist_ok=True)
+    key = pki.generate_key()
+    cert = ca.issue(key.public_key(), pki.Names.of("node-a", [address]), server=True)
+    pki.write_key(directory / "key.pem", key)
+    pki.write_cert(directory / "cert.pem", cert)
+    (directory / "ca.pem").write_bytes(ca.cert_pem)
+    return IssuedCert(directory / "cert.pem", directory / "key.pem", directory / "ca.pem", cert)
+
+
+@dataclass
+class ServerNode:
+    address: str
+    cert: IssuedCert
+    server: RefServer
+
+    @property
+    def url(self) -> str:
+        return f"https://{self.address}:8443{APP}"
+
+
+@pytest.fixture(scope="module")
+def nodes(
+    tmp_path_factory: pytest.TempPathFactory, test_ca: pki.CertificateAuthority
+) -> Iterator[dict[str, ServerNode]]:
+    """Three reference servers: switched and requiring client certificates ("mtls"), switched
+    without client certificates ("tls"), and one still on http ("http")."""
+    root = tmp_path_factory.mktemp("workstation")
+    made: dict[str, ServerNode] = {}
+    try:
+        for name in ("mtls", "tls", "http"):
+            address = next_loopback()
+            cert = issue(test_ca, address, root / name / "pki")
+            settings: dict[str, Any] = {"listen": ["http"]}
+            if name != "http":
+                settings = {
+                    "listen": ["https"],
+                    "cert_file": cert.cert_file,
+                    "key_file": cert.key_file,
+                }
+            if name == "mtls":
+                settings |= {"client_ca_file": cert.ca_file, "require_client_cert": True}
+            server = RefServer(root / name, address, app_path=APP, **settings)
+            made[name] = ServerNode(address, cert, server)
+            server.start()
+        yield made
+    finally:
+        for node in made.values():
+            node.server.close()
+
+
+@asynccontextmanager
+async def bootstrap_on(
+    node: ServerNode, ca: pki.CertificateAuthority, port: int = BOOTSTRAP_PORT, **kw: Any
+) -> AsyncIterator[BootstrapService]:
+    service = make_service(node.cert, node.address, ca, port=port, **kw)
+    async with service:
+        yield service
+
+
+@dataclass
+class Run:
+    code: int
+    out: str
+    err: str
+    logs: list[MutableMapping[str, Any]]
+
+    @property
+    def error(self) -> str:
+        """The one error line (and check that there is exactly one)."""
+        lines = self.err.strip().splitlines()
+        assert len(lines) == 1, self.err
+        assert lines[0].startswith("tlsroll: error: ") or lines[0] == "tlsroll: aborted"
+        return lines[0]
+
+
+@pytest.fixture(autouse=True)
+def logs() -> Iterator[list[MutableMapping[str, Any]]]:
+    """Every structlog event of the test (the bootstrap service's), kept off stdout."""
+    with structlog.testing.capture_logs() as events:
+        yield events
+
+
+@pytest.fixture
+def run_cli(
+    capsys: pytest.CaptureFixture[str],
+    tmp_path: Path,
+    logs: list[MutableMapping[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> Callable[..., Any]:
+    async def run(*args: str, stdin: str | None = None) -> Run:
+        argv = ["client", "test-connection", *args, "--timeout", "5"]
+        if "--settings-dir" not in args:
+            argv += ["--settings-dir", str(tmp_path / "settings")]
+        if stdin is not None:
+            monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        code = await asyncio.wait_for(asyncio.to_thread(cli.main, argv), 60)
+        out, err = capsys.readouterr()
+        result = Run(code, out, err, list(logs))
+        everything = out + err + json.dumps(logs, default=str)
+        assert secrets_in(everything) == [], "a secret leaked into output or logs"
+        return result
+
+    return run
+
+
+@pytest.fixture
+def password_file(tmp_path: Path) -> Callable[[str], str]:
+    def write(secret: str) -> str:
+        path = tmp_path / "password"
+        write_atomic(path, (secret + "\n").encode(), PRIVATE)
+        return str(path)
+
+    return write
+
+
+def settings_of(tmp_path: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((tmp_path / "settings" / "settings.json").read_text())
+    return data
+
+
+# --- (a) the address ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("https://192.168.1.5:8443/praxis_live/", ("192.168.1.5", 8443, "/praxis_live/")),
+        ("HTTPS://Server.Local:8443/praxis_live", ("server.local", 8443, "/praxis_live/")),
+        ("https://[fd00::5]:8443/a/b/", ("fd00::5", 8443, "/a/b/")),
+    ],
+)
+def test_url_accepted(url: str, expected: tuple[str, int, str]) -> None:
+    u = workstation.check_url(url)
+    assert (u.host, u.port, u.app_path) == expected
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "https://192.168.1.5/praxis_live/",
+        "https://192.168.1.5:8443/",
+        "ftp://x:1/a/",
+        "192.168.1.5",
+        "https://u:p@192.168.1.5:8443/a/",
+        "https://192.168.1.5:99999/a/",
+    ],
+)
+def test_url_usage_errors(url: str) -> None:
+    with pytest.raises(click.BadParameter):
+        workstation.check_url(url)
+
+
+@pytest.mark.parametrize(
+    "url", ["http://192.168.1.5:8080/praxis_live/", "https://192.168.1.5:8080/praxis_live/"]
+)
+def test_url_old_http(url: str) -> None:
+    with pytest.raises(workstation.ClientError) as err:
+        workstation.check_url(url)
+    assert err.value.exit_code == 3 == int(Exit.OLD_HTTP)
+    assert err.value.message == (
+        f"{url} is the old unencrypted address; the new one is "
+        "https://192.168.1.5:8443/praxis_live/"
+    )
+
+
+async def test_node_still_on_http(nodes: dict[str, ServerNode], run_cli: Any) -> None:
+    node = nodes["http"]
+    assert node.server.request("GET").status == 200  # really serving the app on 8080
+    old = f"http://{node.address}:8080{APP}"
+    run = await run_cli(old, "--yes")
+    assert run.code == 3
+    assert run.error == (
+        f"tlsroll: error: {old} is the old unencrypted address; "
+        f"the new one is https://{node.address}:8443{APP}"
+    )
+    run = await run_cli(f"https://{node.address}:8443{APP}", "--yes")
+    assert run.code == 3
+    assert "still on http" in run.error and old in run.error
+
+
+# --- the happy paths ----------------------------------------------------------------------------
+
+
+async def test_end_to_end_password_enrol_and_authenticated_request(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    node = nodes["mtls"]
+    async with bootstrap_on(node, test_ca):
+        run = await run_cli(
+            node.url, "--password-file", password_file(PASSWORD), "--yes", "--name", "Empfang"
+        )
+    assert run.code == 0, run.err
+    assert run.out.strip().splitlines()[-1] == "restart the client to finish"
+    assert (
+        f"certificate {pki.fingerprint(pki.read_cert(node.cert.cert_file))}" in run.out
+    )  # shown in step (b)
+    assert "verified with the password (MAC ok)" in run.out
+    d = tmp_path / "settings"
+    assert sorted(p.name for p in d.iterdir()) == [
+        "ca.pem",
+        "client.key",
+        "client.pem",
+        "settings.json",
+    ]
+    assert stat.S_IMODE((d / "client.key").stat().st_mode) == 0o600
+    assert stat.S_IMODE(d.stat().st_mode) == 0o700
+    settings = settings_of(tmp_path)
+    assert settings["server_url"] == node.url
+    assert settings["bootstrap_port"] == 9443 and settings["node"] == "node-a"
+    assert settings["ca_pin"] == pki.spki_pin(test_ca.cert)
+    client_cert = pki.read_cert(d / "client.pem")
+    assert pki.names_of(client_cert).common_name == "ws-empfang"
+    assert (d / "ca.pem").read_bytes() == test_ca.cert_pem
+
+    # The workstation's settings are enough for an authenticated https request ...
+    ctx = client_context(
+        (d / "ca.pem").read_bytes(), cert_file=d / "client.pem", key_file=d / "client.key"
+    )
+    assert (
+        node.server.request("POST", "entries", {"from": "ws"}, scheme="https", context=ctx).status
+        == 201
+    )
+    # ... which the server refuses without the client certificate.
+    with pytest.raises(OSError):
+        node.server.request("GET", scheme="https", context=client_context(test_ca.cert_pem))
+
+
+async def test_ca_pin_without_password(
+    nodes: dict[str, ServerNode], test_ca: pki.CertificateAuthority, run_cli: Any, tmp_path: Path
+) -> None:
+    node = nodes["tls"]
+    pin = pki.spki_pin(test_ca.cert)
+    async with bootstrap_on(node, test_ca):
+        # stdin is empty: a password prompt would abort the run.
+        run = await run_cli(
+            node.url,
+            "--ca-pin",
+            pin.upper().replace("SHA256", "sha256"),
+            "--no-enrol",
+            "--yes",
+            stdin="",
+        )
+    assert run.code == 0, run.err
+    assert f"ca        pinned {pin}\n" in run.out and "MAC" not in run.out
+    settings = settings_of(tmp_path)
+    assert settings["client_cert_file"] is None and settings["ca_pin"] == pin
+    assert not (tmp_path / "settings" / "client.key").exists()
+    ctx = client_context((tmp_path / "settings" / "ca.pem").read_bytes())
+    assert http_request("GET", node.url, context=ctx).status == 200
+
+
+async def test_ca_pin_with_password_and_the_port_prompt(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    node = nodes["tls"]
+    pin = pki.spki_pin(test_ca.cert)
+    async with bootstrap_on(node, test_ca):
+        run = await run_cli(
+            node.url, "--ca-pin", pin, "--password-file", password_file(PASSWORD), stdin="\n"
+        )
+    assert run.code == 0, run.err
+    assert "Bootstrap port [9443]:" in run.out
+    assert "(and the password's MAC ok)" in run.out
+    assert settings_of(tmp_path)["client_fingerprint"].startswith("sha256:")
+
+
+# --- refusals -----------------------------------------------------------------------------------
+
+
+async def test_ca_pin_mismatch(
+    nodes: dict[str, ServerNode], test_ca: pki.CertificateAuthority, run_cli: Any, tmp_path: Path
+) -> None:
+    node = nodes["tls"]
+    other = pki.spki_pin(pki.CertificateAuthority.create("another CA").cert)
+    async with bootstrap_on(node, test_ca):
+        run = await run_cli(node.url, "--ca-pin", other, "--no-enrol", "--yes")
+    assert run.code == 10 == int(Exit.UNTRUSTED)
+    assert f"does not match the pin {other}" in run.error
+    assert not (tmp_path / "settings").exists()
+
+
+async def test_wrong_password(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    node = nodes["tls"]
+    async with bootstrap_on(node, test_ca):
+        run = await run_cli(node.url, "--password-file", password_file(OTHER_PASSWORD), "--yes")
+    assert run.code == 9 == int(Exit.WRONG_PASSWORD)
+    assert run.error.startswith("tlsroll: error: wrong password:")
+    assert OTHER_PASSWORD not in run.out + run.err
+    assert not (tmp_path / "settings").exists()
+
+
+async def test_bootstrap_answer_altered_in_transit(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """A proxy on 9443 (its own certificate: the client cannot check TLS yet) forwards to the
+    real service on 9444 and flips one byte inside the CA bundle of the answer."""
+    node = nodes["tls"]
+    evil = pki.CertificateAuthority.create("evil")
+    evil_cert = issue(evil, node.address, tmp_path / "evil")
+    flipped: list[int] = []
+
+    async def forward(request: web.Request) -> web.Response:
+        async with (
+            aiohttp.ClientSession(timeout=TIMEOUT) as s,
+            s.request(
+                request.method,
+                f"https://{node.address}:9444{request.path_qs}",
+                data=await request.read(),
+                headers={"Content-Type": "application/json"},
+                ssl=False,
+            ) as upstream,
+        ):
+            body = bytearray(await upstream.read())
+            status = upstream.status
+        if request.path == proto.BOOTSTRAP_PATH:
+            start = body.index(b"-----BEGIN CERTIFICATE-----\\n") + 40
+            i = next(j for j in range(start, len(body)) if chr(body[j]).isalpha())
+            body[i] ^= 0x20  # a -> A: still base64, still JSON
+            flipped.append(i)
+        return web.Response(body=bytes(body), status=status, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", forward)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        ctx = server_context(evil_cert.cert_file, evil_cert.key_file)
+        await web.TCPSite(runner, node.address, BOOTSTRAP_PORT, ssl_context=ctx).start()
+        async with bootstrap_on(node, test_ca, port=9444):
+            run = await run_cli(node.url, "--password-file", password_file(PASSWORD), "--yes")
+    finally:
+        await runner.cleanup()
+    assert flipped, "the proxy saw no bootstrap answer"
+    assert run.code == Exit.WRONG_PASSWORD
+    assert "altered on the way" in run.error
+    assert not (tmp_path / "settings").exists()
+
+
+async def test_tls_stream_altered_in_transit(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """A plain TCP proxy that flips one byte of what the service sends: TLS itself rejects it."""
+    node = nodes["tls"]
+    tasks: set[asyncio.Task[None]] = set()
+
+    async def pump(r: asyncio.StreamReader, w: asyncio.StreamWriter, flip: bool) -> None:
+        try:
+            while data := await r.read(65536):
+                if flip:
+                    data = data[:-1] + bytes([data[-1] ^ 0x01])
+                    flip = False
+                w.write(data)
+                await w.drain()
+        except OSError:
+            pass
+        finally:
+            w.close()
+
+    async def handle(cr: asyncio.StreamReader, cw: asyncio.StreamWriter) -> None:
+        ur, uw = await asyncio.open_connection(node.address, 9444)
+        for t in (pump(cr, uw, False), pump(ur, cw, True)):
+            task = asyncio.create_task(t)
+            tasks.add(task)
+            task.add_done_callback(tasks.discard)
+
+    proxy = await asyncio.start_server(handle, node.address, BOOTSTRAP_PORT)
+    try:
+        async with bootstrap_on(node, test_ca, port=9444):
+            run = await run_cli(node.url, "--password-file", password_file(PASSWORD), "--yes")
+    finally:
+        proxy.close()
+        await proxy.wait_closed()
+        for task in list(tasks):
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+    assert run.code == Exit.TLS
+    assert "TLS with the bootstrap port" in run.error
+    assert not (tmp_path / "settings").exists()
+
+
+async def test_bootstrap_port_closed(nodes: dict[str, ServerNode], run_cli: Any) -> None:
+    node = nodes["tls"]
+    assert not port_open(node.address, BOOTSTRAP_PORT)
+    run = await run_cli(node.url, "--no-enrol", "--ca-pin", "sha256:" + "0" * 64, "--yes")
+    assert run.code == 8 == int(Exit.BOOTSTRAP_PORT)
+    assert run.error.startswith(f"tlsroll: error: bootstrap port 9443 on {node.address} is closed")
+    run = await run_cli(node.url, "--no-enrol", "--ca-pin", "sha256:" + "0" * 64, stdin="9444\n")
+    assert run.code == 8 and "bootstrap port 9444" in run.error
+
+
+async def test_enrolment_rate_limited(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+) -> None:
+    node = nodes["tls"]
+    async with bootstrap_on(node, test_ca) as service, aiohttp.ClientSession(timeout=TIMEOUT) as s:
+        n = Node(service, service.clock, test_ca.cert_pem)  # type: ignore[arg-type]
+        for _ in range(5):
+            assert (await n.enrol_with(s, OTHER_PASSWORD))[0] == 401
+        run = await run_cli(node.url, "--password-file", password_file(PASSWORD), "--yes")
+    assert run.code == 11 == int(Exit.ENROL_REFUSED)
+    assert "too many failed attempts; try again in 60 s" in run.error
+
+
+async def test_server_certificate_not_from_the_announced_ca(
+    nodes: dict[str, ServerNode],
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """Someone holding the verifier answers on 9443 with a CA of their own: the MAC checks out,
+    but the certificate the managed server presented does not come from that CA."""
+    node = nodes["tls"]
+    evil = pki.CertificateAuthority.create("evil")
+    evil_node = ServerNode(node.address, issue(evil, node.address, tmp_path / "evil"), node.server)
+    async with bootstrap_on(evil_node, evil):
+        run = await run_cli(node.url, "--password-file", password_file(PASSWORD), "--yes")
+    assert run.code == Exit.UNTRUSTED
+    assert "is not from the cluster CA" in run.error
+
+
+async def test_wrong_app_path(nodes: dict[str, ServerNode], run_cli: Any) -> None:
+    node = nodes["tls"]
+    run = await run_cli(f"https://{node.address}:8443/tomedo_live/", "--yes")
+    assert run.code == 7 == int(Exit.APP)
+    assert "has no app at /tomedo_live/ (HTTP 404)" in run.error
+
+
+async def test_connection_refused(run_cli: Any) -> None:
+    run = await run_cli(f"https://{next_loopback()}:8443{APP}", "--yes")
+    assert run.code == 5 == int(Exit.REFUSED)
+    assert "refuses connections: wrong port" in run.error
+
+
+async def test_tls_failure(run_cli: Any) -> None:
+    async def garbage(_r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(b"\x00garbage that is neither TLS nor http\r\n\r\n")
+        await w.drain()
+        w.close()
+
+    address = next_loopback()
+    server = await asyncio.start_server(garbage, address, 8443)
+    try:
+        run = await run_cli(f"https://{address}:8443{APP}", "--yes")
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert run.code == 6 == int(Exit.TLS)
+    assert run.error.startswith(f"tlsroll: error: TLS with {address}:8443 failed")
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        OSError(errno.EHOSTUNREACH, "No route to host"),
+        TimeoutError(),
+        OSError(errno.ENETUNREACH, "Network is unreachable"),
+    ],
+)
+def test_host_unreachable(
+    failure: OSError, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def fail(*_a: object, **_k: object) -> None:
+        raise failure
+
+    monkeypatch.setattr("leader.workstation.socket.create_connection", fail)
+    code = cli.main(["client", "test-connection", "https://192.0.2.7:8443/praxis_live/", "--yes"])
+    err = capsys.readouterr().err
+    assert code == 4 == int(Exit.UNREACHABLE)
+    assert err.startswith("tlsroll: error: cannot reach 192.0.2.7: ") and err.count("\n") == 1
+
+
+@pytest.mark.parametrize("content", [b"", b"\n", b"   \n"])
+def test_password_file_empty(
+    content: bytes, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = tmp_path / "pw"
+    path.write_bytes(content)
+    code = cli.main(
+        ["client", "test-connection", "https://192.0.2.7:8443/a/", "--password-file", str(path)]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert f"{path} is empty" in err
+
+
+def test_password_file_unreadable(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "missing"
+    code = cli.main(
+        ["client", "test-connection", "https://192.0.2.7:8443/a/", "--password-file", str(missing)]
+    )
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1
+    assert f"cannot read {missing}: No such file or directory" in err
+    if os.geteuid() != 0:  # root reads anything
+        locked = tmp_path / "locked"
+        locked.write_text(PASSWORD)
+        locked.chmod(0)
+        code = cli.main(
+            [
+                "client",
+                "test-connection",
+                "https://192.0.2.7:8443/a/",
+                "--password-file",
+                str(locked),
+            ]
+        )
+        err = capsys.readouterr().err
+        assert code == 2 and "Permission denied" in err and PASSWORD not in err
+
+
+def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
+    assert (
+        cli.main(["client", "test-connection", "https://192.0.2.7:8443/a/", "--ca-pin", "md5:x"])
+        == 2
+    )
+    assert "sha256:<64 hex digits>" in capsys.readouterr().err
+    assert cli.main(["client", "test-connection", "https://192.0.2.7:8443/a/", "--no-enrol"]) == 2
+    assert "--no-enrol needs --ca-pin" in capsys.readouterr().err
+
+
+async def test_expired_nonce_is_fetched_again(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    logs: list[MutableMapping[str, Any]],
+) -> None:
+    """The password took longer to type than the nonce lives: one fresh answer, then enrolled."""
+    calls: list[int] = []
+
+    def clock() -> float:
+        calls.append(1)
+        return 0.0 if len(calls) == 1 else 500.0  # the first nonce is stale when used
+
+    node = nodes["tls"]
+    async with bootstrap_on(node, test_ca, clock=clock):
+        run = await run_cli(node.url, "--password-file", password_file(PASSWORD), "--yes")
+    assert run.code == 0, run.err
+    events = [e["event"] for e in logs if e["event"].startswith(("bootstrap_a", "enrol"))]
+    assert events == ["bootstrap_answered", "enrol_refused", "bootstrap_answered", "enrolled"]
+
+
+async def test_pin_only_against_a_server_that_wants_client_certificates(
+    nodes: dict[str, ServerNode], test_ca: pki.CertificateAuthority, run_cli: Any
+) -> None:
+    node = nodes["mtls"]
+    async with bootstrap_on(node, test_ca):
+        run = await run_cli(node.url, "--ca-pin", pki.spki_pin(test_ca.cert), "--no-enrol", "--yes")
+    assert run.code == 1
+    assert "wants a client certificate: run again without --no-enrol" in run.error
