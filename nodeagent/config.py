@@ -20,8 +20,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tlsroll import pki
-from tlsroll.config import ConfigFile
-from tlsroll.defaults import AGENT_PORT, CONTROL_PORT, HEARTBEAT_INTERVAL, JOIN_PORT
+from tlsroll.config import ConfigFile, Section
+from tlsroll.defaults import (
+    AGENT_PORT,
+    BOOTSTRAP_PORT,
+    CONTROL_PORT,
+    HEARTBEAT_INTERVAL,
+    JOIN_PORT,
+)
 
 
 @dataclass(frozen=True)
@@ -39,6 +45,8 @@ class AgentConfig:
     data_dir: Path
     port: int
     heartbeat_interval: int
+    server: Section | None  # [server]: the managed server's driver settings
+    bootstrap_port: int
 
     @property
     def names(self) -> pki.Names:
@@ -75,5 +83,9 @@ class AgentConfig:
             join_token_file=leader.path("join_token_file", None),
             data_dir=agent.path("data_dir"),
             port=agent.port("port", AGENT_PORT),
-            heartbeat_interval=agent.integer("heartbeat_interval", HEARTBEAT_INTERVAL, lo=1, hi=3600),
+            heartbeat_interval=agent.integer(
+                "heartbeat_interval", HEARTBEAT_INTERVAL, lo=1, hi=3600
+            ),
+            server=cfg.section("server") if "server" in cfg.data else None,
+            bootstrap_port=agent.port("bootstrap_port", BOOTSTRAP_PORT),
         )

@@ -24,8 +24,11 @@ from tenacity import (
 )
 
 from nodeagent.config import AgentConfig
+from nodeagent.drivers import make_driver
 from nodeagent.identity import Identity, enrol, load_identity
+from nodeagent.journal import Journal
 from nodeagent.service import NodeAgentService
+from nodeagent.transaction import Runner
 from tlsroll import __version__, logs
 from tlsroll.daemon import sd_notify, stop_event
 from tlsroll.errors import ConfigError, TlsrollError, TransientError
@@ -34,6 +37,7 @@ from tlsroll.rpc import add_standard_services, bind, hostport
 from tlsroll.v1 import agent_pb2, agent_pb2_grpc, leader_pb2, leader_pb2_grpc
 
 GRACE_SECONDS = 10.0
+TXN_GRACE_SECONDS = 60.0
 ENROL_PATIENCE_SECONDS = 60.0
 log = logs.get_logger("tlsroll.agent")
 
@@ -94,6 +98,15 @@ async def heartbeat_loop(cfg: AgentConfig, identity: Identity) -> None:
 async def serve(cfg: AgentConfig) -> None:
     stop = stop_event()
     make_private_dir(cfg.data_dir)
+    journal = Journal(cfg.data_dir / "journal.sqlite3")
+    driver = (
+        make_driver(cfg.server, cfg.addresses[0], cfg.data_dir) if cfg.server is not None else None
+    )
+    runner = Runner(journal, driver, now) if driver is not None else None
+    if runner is not None:
+        # First thing: a transaction cut short by a crash is carried on, so that no node
+        # stays frozen or half-switched for longer than it takes the agent to restart.
+        runner.resume_all()
     identity = await obtain_identity(cfg)
     creds = grpc.ssl_server_credentials(
         [(identity.key_pem, identity.cert_pem)],
@@ -102,7 +115,7 @@ async def serve(cfg: AgentConfig) -> None:
     )
     server = grpc.aio.server()
     agent_pb2_grpc.add_NodeAgentServicer_to_server(
-        NodeAgentService(cfg.node_name, identity, now), server
+        NodeAgentService(cfg, identity, journal, driver, runner, now), server
     )
     await add_standard_services(
         server, [agent_pb2.DESCRIPTOR.services_by_name["NodeAgent"].full_name]
@@ -125,6 +138,10 @@ async def serve(cfg: AgentConfig) -> None:
     with contextlib.suppress(asyncio.CancelledError):
         await beats
     await server.stop(GRACE_SECONDS)
+    if runner is not None:
+        # Let a running transaction reach its end; the journal resumes it if we are cut short.
+        await runner.close(TXN_GRACE_SECONDS)
+    journal.close()
     log.info("agent.stopped")
 
 

@@ -1,25 +1,50 @@
-"""The agent's gRPC servicer (NodeAgent), served over mutual TLS to the leader only."""
+"""The agent's gRPC servicer (NodeAgent), served over mutual TLS to the leader only.
+
+Every command is checked in the same order: the caller is the leader, the epoch is not stale,
+then the step runs; each step is keyed by (rollout id, step) in the journal so a replay
+returns what was recorded and does nothing twice.
+"""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
+import os
+import re
+import tempfile
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from nodeagent import probes
+from nodeagent.config import AgentConfig
+from nodeagent.drivers import Driver, DriverError, ServerFacts, Target
 from nodeagent.identity import Identity
-from tlsroll import __version__
+from nodeagent.journal import Journal, Txn
+from nodeagent.transaction import Plan, Runner, prepare
+from tlsroll import __version__, logs, pki
 from tlsroll.defaults import LEADER_NAME
-from tlsroll.rpc import map_errors, peer_name, permission_denied
+from tlsroll.errors import PKIError
+from tlsroll.fsutil import PUBLIC, write_atomic
+from tlsroll.rpc import failed_precondition, invalid, map_errors, peer_name, permission_denied
 from tlsroll.v1 import agent_pb2, agent_pb2_grpc
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
-ERRORS: dict[type[BaseException], grpc.StatusCode] = {}
+ERRORS: dict[type[BaseException], grpc.StatusCode] = {
+    PKIError: grpc.StatusCode.INVALID_ARGUMENT,
+    DriverError: grpc.StatusCode.FAILED_PRECONDITION,
+}
+ROLLOUT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+DEFAULT_MAX_CLOCK_OFFSET = 120
+log = logs.get_logger("tlsroll.agent")
 
 
-def ts(t: dt.datetime) -> Timestamp:
+def ts(t: dt.datetime | None) -> Timestamp | None:
+    if t is None:
+        return None
     out = Timestamp()
     out.FromDatetime(t)
     return out
@@ -32,13 +57,87 @@ def require_leader(context: Ctx) -> None:
         raise permission_denied(f"{name!r} is not the leader; only the leader may call NodeAgent")
 
 
+def txn_message(txn: Txn) -> agent_pb2.Transaction:
+    return agent_pb2.Transaction(
+        rollout_id=txn.rollout_id,
+        kind=txn.kind,
+        epoch=txn.epoch,
+        phase=txn.phase,
+        outcome=txn.outcome,
+        reason=txn.reason,
+        watermark=txn.watermark or 0,
+        started_at=ts(txn.started_at),
+        ended_at=ts(txn.ended_at),
+        freeze_started_at=ts(txn.freeze_started_at),
+        freeze_ended_at=ts(txn.freeze_ended_at),
+        restart_seconds=txn.restart_seconds,
+        old_url=txn.old_url,
+        new_url=txn.new_url,
+        cert_fingerprint=txn.cert_fingerprint,
+    )
+
+
 class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
     def __init__(
-        self, node_name: str, identity: Identity, clock: Callable[[], dt.datetime]
+        self,
+        cfg: AgentConfig,
+        identity: Identity,
+        journal: Journal,
+        driver: Driver | None,
+        runner: Runner | None,
+        clock: Callable[[], dt.datetime],
     ) -> None:
-        self.node_name = node_name
+        self.cfg = cfg
         self.identity = identity
+        self.journal = journal
+        self.driver = driver
+        self.runner = runner
         self.clock = clock
+        self._lock = asyncio.Lock()  # one command at a time changes the journal
+
+    # --- guards -------------------------------------------------------------------------------
+
+    async def _command(self, context: Ctx, command: agent_pb2.Command) -> str:
+        require_leader(context)
+        if not ROLLOUT_ID.match(command.rollout_id):
+            raise invalid("rollout_id: 1-64 letters, digits, '.', '_' or '-'")
+        if command.epoch == 0:
+            raise invalid("epoch must be set")
+        higher = await asyncio.to_thread(self.journal.admit_epoch, command.epoch)
+        if higher is not None:
+            raise failed_precondition(
+                f"stale epoch {command.epoch}: this node has seen epoch {higher}; "
+                "refusing commands from an older leader state"
+            )
+        return command.rollout_id
+
+    def _driver(self) -> Driver:
+        if self.driver is None:
+            raise failed_precondition("no managed server configured on this node ([server])")
+        return self.driver
+
+    def _stage_dir(self, rollout_id: str) -> Path:
+        """Staged files live beside the live config, inactive until a switch names them."""
+        return self._driver().config_file.parent / "tlsroll-tls" / rollout_id
+
+    async def _view(self) -> agent_pb2.ServerView:
+        if self.driver is None:
+            return agent_pb2.ServerView(driver="none", detail="no managed server configured")
+        driver = self.driver
+        try:
+            facts = await asyncio.to_thread(driver.facts)
+            status = await driver.status()
+        except (DriverError, OSError) as exc:
+            return agent_pb2.ServerView(driver=driver.name, healthy=False, detail=str(exc))
+        return agent_pb2.ServerView(
+            driver=driver.name,
+            healthy=True,
+            frozen=bool(status.get("frozen")),
+            schemes=list(facts.schemes),
+            urls=[facts.url(s) for s in facts.schemes],
+        )
+
+    # --- status -------------------------------------------------------------------------------
 
     @map_errors(ERRORS)
     async def GetStatus(
@@ -46,8 +145,251 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
     ) -> agent_pb2.NodeStatus:
         require_leader(context)
         return agent_pb2.NodeStatus(
-            node_name=self.node_name,
+            node_name=self.cfg.node_name,
             agent_version=__version__,
             cert_not_after=ts(self.identity.cert.not_valid_after_utc),
             agent_time=ts(self.clock()),
+            server=await self._view(),
+            highest_epoch=await asyncio.to_thread(self.journal.highest_epoch),
         )
+
+    # --- preflight ----------------------------------------------------------------------------
+
+    @map_errors(ERRORS)
+    async def Preflight(
+        self, request: agent_pb2.PreflightRequest, context: Ctx
+    ) -> agent_pb2.PreflightResponse:
+        await self._command(context, request.command)
+        driver = self._driver()
+        problems: list[str] = []
+        facts: ServerFacts | None = None
+        try:
+            facts = await asyncio.to_thread(driver.facts)
+        except (DriverError, OSError) as exc:
+            problems.append(f"cannot read the server's config: {exc}")
+        health = await driver.health()
+        if health is not None:
+            problems.append(f"managed server not healthy: {health}")
+        if facts is not None:
+            problems += await asyncio.to_thread(self._port_problems, facts)
+        problems += await asyncio.to_thread(self._writable_problems, driver.config_file.parent)
+        if request.HasField("leader_time"):
+            offset = (self.clock() - request.leader_time.ToDatetime(tzinfo=dt.UTC)).total_seconds()
+            limit = request.max_clock_offset_seconds or DEFAULT_MAX_CLOCK_OFFSET
+            if abs(offset) > limit:
+                problems.append(
+                    f"clock differs from the leader's by {offset:+.0f}s (limit {limit}s); fix NTP"
+                )
+        names = self.cfg.names
+        return agent_pb2.PreflightResponse(
+            ok=not problems,
+            problems=problems,
+            common_name=names.common_name,
+            ip_addresses=names.ips,
+            dns_names=names.dns,
+            server=await self._view(),
+            old_url=facts.url("http") if facts else "",
+            new_url=facts.url("https") if facts else "",
+            bootstrap_port=self.cfg.bootstrap_port,
+        )
+
+    def _port_problems(self, facts: ServerFacts) -> list[str]:
+        problems = []
+        own = {os.getpid()}
+        server_pid = getattr(self.driver, "_pid", lambda: None)()
+        if server_pid:
+            own.add(server_pid)
+        checks = [(facts.https_port, "https"), (self.cfg.bootstrap_port, "bootstrap")]
+        for port, what in checks:
+            if what == "https" and "https" in facts.schemes:
+                continue  # held by the managed server itself
+            if probes.port_free(facts.address, port):
+                continue
+            who = probes.holder(facts.address, port) or "another process"
+            if any(f"(pid {pid}:" in who for pid in own):
+                continue
+            problems.append(
+                f"port {port} ({what}) on {facts.address} is taken by {who}"
+                + ("; set [agent].bootstrap_port to a free port" if what == "bootstrap" else "")
+            )
+        return problems
+
+    @staticmethod
+    def _writable_problems(directory: Path) -> list[str]:
+        try:
+            with tempfile.NamedTemporaryFile(dir=directory, prefix=".tlsroll-probe-"):
+                pass
+        except OSError as exc:
+            return [f"config directory {directory} is not writable: {exc.strerror}"]
+        return []
+
+    # --- stage --------------------------------------------------------------------------------
+
+    @map_errors(ERRORS)
+    async def CreateCSR(
+        self, request: agent_pb2.CreateCSRRequest, context: Ctx
+    ) -> agent_pb2.CreateCSRResponse:
+        rollout_id = await self._command(context, request.command)
+        async with self._lock:
+            staged = await asyncio.to_thread(self.journal.staged, rollout_id)
+            if staged is None:
+                stage_dir = self._stage_dir(rollout_id)
+                stage_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+                key = pki.generate_key()
+                key_file = stage_dir / "server.key"
+                pki.write_key(key_file, key)
+                csr_pem = pki.csr_to_pem(pki.make_csr(key, self.cfg.names))
+                await asyncio.to_thread(self.journal.record_csr, rollout_id, key_file, csr_pem)
+                log.info("stage.csr_created", rollout_id=rollout_id)
+                return agent_pb2.CreateCSRResponse(csr_pem=csr_pem)
+        return agent_pb2.CreateCSRResponse(csr_pem=staged.csr_pem)
+
+    @map_errors(ERRORS)
+    async def Stage(self, request: agent_pb2.StageRequest, context: Ctx) -> agent_pb2.StageResponse:
+        rollout_id = await self._command(context, request.command)
+        async with self._lock:
+            staged = await asyncio.to_thread(self.journal.staged, rollout_id)
+            if staged is None:
+                raise failed_precondition(f"no CSR for rollout {rollout_id}; call CreateCSR first")
+            if await asyncio.to_thread(self.journal.get, rollout_id, "switch") is not None:
+                raise failed_precondition(f"rollout {rollout_id} is already switching this node")
+            cert = pki.load_cert_pem(request.certificate_pem)
+            ca = pki.load_cert_pem(request.ca_certificate_pem)
+            if pki.spki_pin(ca) != self.cfg.ca_pin:
+                raise invalid("the CA is not this cluster's CA (pin mismatch)")
+            if not pki.issued_by(cert, ca):
+                raise invalid("the certificate was not issued by the cluster CA")
+            key = pki.read_key(staged.key_file)
+            if not pki.key_matches(cert, key):
+                raise invalid("the certificate does not match the staged key")
+            if pki.names_of(cert) != self.cfg.names:
+                raise invalid("the certificate's names differ from this node's names")
+            pki.check_valid_now(cert, self.clock())
+            cert_file = staged.key_file.with_name("server.pem")
+            ca_file = staged.key_file.with_name("ca.pem")
+            write_atomic(ca_file, pki.cert_to_pem(ca), PUBLIC)
+            write_atomic(cert_file, pki.cert_to_pem(cert), PUBLIC)
+            fingerprint = pki.fingerprint(cert)
+            await asyncio.to_thread(
+                self.journal.record_stage,
+                rollout_id,
+                cert_file,
+                ca_file,
+                fingerprint,
+                cert.not_valid_after_utc,
+            )
+        log.info("stage.done", rollout_id=rollout_id, cert_fingerprint=fingerprint)
+        return agent_pb2.StageResponse(
+            fingerprint=fingerprint, not_after=ts(cert.not_valid_after_utc)
+        )
+
+    # --- transactions -------------------------------------------------------------------------
+
+    async def _begin(
+        self, rollout_id: str, kind: str, epoch: int, make: Callable[[], tuple[bytes, Plan, str]]
+    ) -> Txn:
+        """Create (or find, on a replay) the transaction and hand it to the runner."""
+        assert self.runner is not None
+        async with self._lock:
+            existing = await asyncio.to_thread(self.journal.get, rollout_id, kind)
+            if existing is not None:  # a replay: report, never run twice
+                if not existing.finished:
+                    self.runner.start(existing)
+                return existing
+            busy = await asyncio.to_thread(self.runner.busy_with)
+            if busy is not None:
+                raise failed_precondition(
+                    f"this node is busy with {busy.kind} of rollout {busy.rollout_id}"
+                )
+            _config, plan, fingerprint = await asyncio.to_thread(make)
+            source, target = plan.source_schemes, plan.target_schemes
+            facts = plan.facts
+            txn = Txn(
+                rollout_id=rollout_id,
+                kind=kind,
+                epoch=epoch,
+                phase="started",
+                plan=plan.to_json(),
+                started_at=self.clock(),
+                old_url=" ".join(facts.url(s) for s in source),
+                new_url=" ".join(facts.url(s) for s in target),
+                cert_fingerprint=fingerprint,
+            )
+            txn = await asyncio.to_thread(self.journal.create, txn)
+            self.runner.start(txn)
+        log.info("txn.started", rollout_id=rollout_id, kind=kind)
+        return txn
+
+    def _txn_dir(self) -> Path:
+        return self.cfg.data_dir / "txn"
+
+    @map_errors(ERRORS)
+    async def Switch(self, request: agent_pb2.SwitchRequest, context: Ctx) -> agent_pb2.Transaction:
+        rollout_id = await self._command(context, request.command)
+        if request.change not in ("", "enable-tls"):
+            raise invalid(f"unknown change {request.change!r}")
+        driver = self._driver()
+
+        def make() -> tuple[bytes, Plan, str]:
+            staged = self.journal.staged(rollout_id)
+            if staged is None or staged.cert_file is None or staged.ca_file is None:
+                raise failed_precondition(f"nothing staged for rollout {rollout_id}; run Stage")
+            facts = driver.facts()
+            new_config = driver.render(
+                Target(("https",), staged.cert_file, staged.key_file, staged.ca_file)
+            )
+            new_file, backup = prepare(self._txn_dir(), rollout_id, "switch", new_config)
+            plan = Plan(
+                facts,
+                facts.schemes,
+                ("https",),
+                new_file,
+                backup,
+                staged.ca_file,
+                staged.fingerprint or "",
+            )
+            return new_config, plan, staged.fingerprint or ""
+
+        txn = await self._begin(rollout_id, "switch", request.command.epoch, make)
+        return txn_message(txn)
+
+    @map_errors(ERRORS)
+    async def Rollback(
+        self, request: agent_pb2.RollbackRequest, context: Ctx
+    ) -> agent_pb2.Transaction:
+        rollout_id = await self._command(context, request.command)
+        driver = self._driver()
+
+        def make() -> tuple[bytes, Plan, str]:
+            switch = self.journal.get(rollout_id, "switch")
+            if switch is None or switch.outcome != "completed":
+                raise failed_precondition(
+                    f"rollout {rollout_id} did not switch this node; nothing to roll back"
+                )
+            done = Plan.from_json(switch.plan)
+            old_config = done.backup_file.read_bytes()
+            new_file, backup = prepare(self._txn_dir(), rollout_id, "rollback", old_config)
+            facts = driver.facts()
+            plan = Plan(
+                facts, facts.schemes, done.source_schemes, new_file, backup, done.ca_file, ""
+            )
+            return old_config, plan, ""
+
+        txn = await self._begin(rollout_id, "rollback", request.command.epoch, make)
+        return txn_message(txn)
+
+    @map_errors(ERRORS)
+    async def GetTransaction(
+        self, request: agent_pb2.GetTransactionRequest, context: Ctx
+    ) -> agent_pb2.Transaction:
+        require_leader(context)
+        txn = await asyncio.to_thread(
+            self.journal.get, request.rollout_id, request.kind or "switch"
+        )
+        if txn is None:
+            await context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"no {request.kind or 'switch'} transaction for rollout {request.rollout_id!r}",
+            )
+        assert txn is not None
+        return txn_message(txn)

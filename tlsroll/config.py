@@ -146,3 +146,32 @@ class ConfigFile:
         if not isinstance(value, dict):
             raise ConfigError(self.path, f"[{name}]", f"expected a table, got {_kind(value)}")
         return Section(self.path, name, value)
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, str | Path):
+        text = str(value)
+        escaped = text.replace("\\", "\\\\").replace('"', '\\"')
+        if any(ord(c) < 0x20 for c in escaped):
+            raise ValueError(f"control character in config value {text!r}")
+        return f'"{escaped}"'
+    if isinstance(value, list | tuple):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+
+
+def dump_toml(tables: Mapping[str, Mapping[str, object]], header: str = "") -> str:
+    """Write tables of scalars and lists (all tlsroll's configs need); round-trips via tomllib."""
+    lines = [f"# {line}" for line in header.splitlines()]
+    for name, table in tables.items():
+        if lines:
+            lines.append("")
+        lines.append(f"[{name}]")
+        for key, value in table.items():
+            if value is not None:
+                lines.append(f"{key} = {_toml_value(value)}")
+    return "\n".join(lines) + "\n"

@@ -39,6 +39,36 @@ class NodeAgentStub:
                 request_serializer=tlsroll_dot_v1_dot_agent__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=tlsroll_dot_v1_dot_agent__pb2.NodeStatus.FromString,
                 _registered_method=True)
+        self.Preflight = channel.unary_unary(
+                '/tlsroll.v1.NodeAgent/Preflight',
+                request_serializer=tlsroll_dot_v1_dot_agent__pb2.PreflightRequest.SerializeToString,
+                response_deserializer=tlsroll_dot_v1_dot_agent__pb2.PreflightResponse.FromString,
+                _registered_method=True)
+        self.CreateCSR = channel.unary_unary(
+                '/tlsroll.v1.NodeAgent/CreateCSR',
+                request_serializer=tlsroll_dot_v1_dot_agent__pb2.CreateCSRRequest.SerializeToString,
+                response_deserializer=tlsroll_dot_v1_dot_agent__pb2.CreateCSRResponse.FromString,
+                _registered_method=True)
+        self.Stage = channel.unary_unary(
+                '/tlsroll.v1.NodeAgent/Stage',
+                request_serializer=tlsroll_dot_v1_dot_agent__pb2.StageRequest.SerializeToString,
+                response_deserializer=tlsroll_dot_v1_dot_agent__pb2.StageResponse.FromString,
+                _registered_method=True)
+        self.Switch = channel.unary_unary(
+                '/tlsroll.v1.NodeAgent/Switch',
+                request_serializer=tlsroll_dot_v1_dot_agent__pb2.SwitchRequest.SerializeToString,
+                response_deserializer=tlsroll_dot_v1_dot_agent__pb2.Transaction.FromString,
+                _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/tlsroll.v1.NodeAgent/Rollback',
+                request_serializer=tlsroll_dot_v1_dot_agent__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=tlsroll_dot_v1_dot_agent__pb2.Transaction.FromString,
+                _registered_method=True)
+        self.GetTransaction = channel.unary_unary(
+                '/tlsroll.v1.NodeAgent/GetTransaction',
+                request_serializer=tlsroll_dot_v1_dot_agent__pb2.GetTransactionRequest.SerializeToString,
+                response_deserializer=tlsroll_dot_v1_dot_agent__pb2.Transaction.FromString,
+                _registered_method=True)
 
 
 class NodeAgentServicer:
@@ -51,6 +81,51 @@ class NodeAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Preflight(self, request, context):
+        """Check that the node can be switched; every problem found, not just the first. Changes
+        nothing on the node.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CreateCSR(self, request, context):
+        """Make the server key (it never leaves the node) and a CSR for the node's names.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Stage(self, request, context):
+        """Store the signed certificate beside the live config, inactive, after checking it matches.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Switch(self, request, context):
+        """Hand the agent a switch transaction; it returns at once and the agent carries it to the
+        end on its own (resuming from its journal after a restart). Read the result with
+        GetTransaction.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rollback(self, request, context):
+        """Put a switched node back on http the same safe way (also a transaction).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetTransaction(self, request, context):
+        """The state of a transaction.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -58,6 +133,36 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=tlsroll_dot_v1_dot_agent__pb2.GetStatusRequest.FromString,
                     response_serializer=tlsroll_dot_v1_dot_agent__pb2.NodeStatus.SerializeToString,
+            ),
+            'Preflight': grpc.unary_unary_rpc_method_handler(
+                    servicer.Preflight,
+                    request_deserializer=tlsroll_dot_v1_dot_agent__pb2.PreflightRequest.FromString,
+                    response_serializer=tlsroll_dot_v1_dot_agent__pb2.PreflightResponse.SerializeToString,
+            ),
+            'CreateCSR': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateCSR,
+                    request_deserializer=tlsroll_dot_v1_dot_agent__pb2.CreateCSRRequest.FromString,
+                    response_serializer=tlsroll_dot_v1_dot_agent__pb2.CreateCSRResponse.SerializeToString,
+            ),
+            'Stage': grpc.unary_unary_rpc_method_handler(
+                    servicer.Stage,
+                    request_deserializer=tlsroll_dot_v1_dot_agent__pb2.StageRequest.FromString,
+                    response_serializer=tlsroll_dot_v1_dot_agent__pb2.StageResponse.SerializeToString,
+            ),
+            'Switch': grpc.unary_unary_rpc_method_handler(
+                    servicer.Switch,
+                    request_deserializer=tlsroll_dot_v1_dot_agent__pb2.SwitchRequest.FromString,
+                    response_serializer=tlsroll_dot_v1_dot_agent__pb2.Transaction.SerializeToString,
+            ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=tlsroll_dot_v1_dot_agent__pb2.RollbackRequest.FromString,
+                    response_serializer=tlsroll_dot_v1_dot_agent__pb2.Transaction.SerializeToString,
+            ),
+            'GetTransaction': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetTransaction,
+                    request_deserializer=tlsroll_dot_v1_dot_agent__pb2.GetTransactionRequest.FromString,
+                    response_serializer=tlsroll_dot_v1_dot_agent__pb2.Transaction.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -87,6 +192,168 @@ class NodeAgent:
             '/tlsroll.v1.NodeAgent/GetStatus',
             tlsroll_dot_v1_dot_agent__pb2.GetStatusRequest.SerializeToString,
             tlsroll_dot_v1_dot_agent__pb2.NodeStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Preflight(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tlsroll.v1.NodeAgent/Preflight',
+            tlsroll_dot_v1_dot_agent__pb2.PreflightRequest.SerializeToString,
+            tlsroll_dot_v1_dot_agent__pb2.PreflightResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateCSR(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tlsroll.v1.NodeAgent/CreateCSR',
+            tlsroll_dot_v1_dot_agent__pb2.CreateCSRRequest.SerializeToString,
+            tlsroll_dot_v1_dot_agent__pb2.CreateCSRResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Stage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tlsroll.v1.NodeAgent/Stage',
+            tlsroll_dot_v1_dot_agent__pb2.StageRequest.SerializeToString,
+            tlsroll_dot_v1_dot_agent__pb2.StageResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Switch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tlsroll.v1.NodeAgent/Switch',
+            tlsroll_dot_v1_dot_agent__pb2.SwitchRequest.SerializeToString,
+            tlsroll_dot_v1_dot_agent__pb2.Transaction.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tlsroll.v1.NodeAgent/Rollback',
+            tlsroll_dot_v1_dot_agent__pb2.RollbackRequest.SerializeToString,
+            tlsroll_dot_v1_dot_agent__pb2.Transaction.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetTransaction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tlsroll.v1.NodeAgent/GetTransaction',
+            tlsroll_dot_v1_dot_agent__pb2.GetTransactionRequest.SerializeToString,
+            tlsroll_dot_v1_dot_agent__pb2.Transaction.FromString,
             options,
             channel_credentials,
             insecure,

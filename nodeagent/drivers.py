@@ -1,0 +1,451 @@
+"""Drivers: how the agent reconfigures, restarts and freezes the managed server on its node.
+
+One small interface (``Driver``), three implementations:
+
+    reference  the reference server shipped with tlsroll: its TOML config is edited, it is
+               restarted through its pid file, frozen through its admin socket
+    systemd    any server run by systemd: the new config is rendered from a template the admin
+               supplies, ``systemctl restart UNIT``; freeze through an admin socket that speaks
+               the reference server's freeze protocol
+    exec       admin-supplied commands for restart, health, freeze, unfreeze and watermark,
+               each with a timeout; config rendered from a template as for systemd
+
+A driver never decides anything: the transaction (``nodeagent.transaction``) does.
+"""
+
+from __future__ import annotations
+
+import abc
+import asyncio
+import contextlib
+import json
+import os
+import signal
+import string
+import subprocess
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+
+from tlsroll.config import ConfigFile, Section, dump_toml
+from tlsroll.errors import ConfigError, TlsrollError
+from tlsroll.fsutil import write_atomic
+
+START_TIMEOUT = 20.0
+STOP_TIMEOUT = 15.0
+
+
+class DriverError(TlsrollError):
+    """The managed server did not do what was asked; the message says what happened."""
+
+
+@dataclass(frozen=True)
+class ServerFacts:
+    """Where the managed server is and what it listens on."""
+
+    address: str
+    app_path: str
+    http_port: int
+    https_port: int
+    schemes: tuple[str, ...]
+
+    def url(self, scheme: str) -> str:
+        port = self.https_port if scheme == "https" else self.http_port
+        return f"{scheme}://{self.address}:{port}{self.app_path}"
+
+
+@dataclass(frozen=True)
+class Target:
+    """What the new config must say."""
+
+    schemes: tuple[str, ...]
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    ca_file: Path | None = None
+    auth_verifier_file: Path | None = None
+
+
+class Driver(abc.ABC):
+    name: str
+    config_file: Path
+
+    @abc.abstractmethod
+    def facts(self) -> ServerFacts:
+        """Read the live config (or the agent's settings) to say where the server is."""
+
+    @abc.abstractmethod
+    def render(self, target: Target) -> bytes:
+        """The new config for ``target``; raises DriverError if it cannot be made."""
+
+    def write_config(self, data: bytes) -> None:
+        """Replace the live config atomically, keeping its file mode."""
+        mode = self.config_file.stat().st_mode & 0o777 if self.config_file.exists() else 0o600
+        write_atomic(self.config_file, data, mode)
+
+    def read_config(self) -> bytes:
+        return self.config_file.read_bytes()
+
+    @abc.abstractmethod
+    async def restart(self) -> None:
+        """Restart the server and return when it answers again; DriverError if it does not."""
+
+    @abc.abstractmethod
+    async def status(self) -> dict[str, Any]:
+        """The server's own view: at least ``frozen`` and ``watermark``; DriverError if down."""
+
+    @abc.abstractmethod
+    async def freeze(self, drain_timeout: float) -> int:
+        """Refuse new writes, let in-flight ones finish, return the write watermark."""
+
+    @abc.abstractmethod
+    async def unfreeze(self) -> None: ...
+
+    async def health(self) -> str | None:
+        """None if the server is healthy, else why not."""
+        try:
+            await self.status()
+        except DriverError as exc:
+            return str(exc)
+        return None
+
+    async def watermark(self) -> int:
+        return int((await self.status())["watermark"])
+
+
+# --- the reference server's admin protocol ----------------------------------------------------
+
+
+class AdminSocketClient:
+    """HTTP over the managed server's local admin socket (the reference server's protocol)."""
+
+    def __init__(self, socket_path: Path, timeout: float = 10.0) -> None:
+        self.socket_path = socket_path
+        self.timeout = timeout
+
+    async def call(
+        self,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | None = None,
+        timeout: float | None = None,
+    ) -> dict[str, Any]:
+        connector = aiohttp.UnixConnector(path=str(self.socket_path))
+        client_timeout = aiohttp.ClientTimeout(total=timeout or self.timeout)
+        try:
+            async with (
+                aiohttp.ClientSession(connector=connector, timeout=client_timeout) as session,
+                session.request(method, f"http://localhost{path}", json=body) as resp,
+            ):
+                data = await resp.json(content_type=None)
+                if resp.status != 200:
+                    raise DriverError(f"admin {path} answered {resp.status}: {data}")
+                if not isinstance(data, dict):
+                    raise DriverError(f"admin {path} answered {data!r}")
+                return data
+        except (aiohttp.ClientError, OSError, TimeoutError, json.JSONDecodeError) as exc:
+            raise DriverError(
+                f"managed server not answering on {self.socket_path}: {exc or type(exc).__name__}"
+            ) from None
+
+
+class _AdminSocketFreeze:
+    admin: AdminSocketClient
+
+    async def status(self) -> dict[str, Any]:
+        return await self.admin.call("GET", "/admin/status")
+
+    async def freeze(self, drain_timeout: float) -> int:
+        data = await self.admin.call(
+            "POST", "/admin/freeze", {"drain_timeout": drain_timeout}, timeout=drain_timeout + 10
+        )
+        if not data.get("drained", False):
+            raise DriverError(f"writes still in flight after {drain_timeout:g}s: {data}")
+        return int(data["watermark"])
+
+    async def unfreeze(self) -> None:
+        await self.admin.call("POST", "/admin/unfreeze")
+
+
+async def _wait_healthy(driver: Driver, timeout: float, why: str) -> None:
+    deadline = time.monotonic() + timeout
+    last = "no answer"
+    while time.monotonic() < deadline:
+        problem = await driver.health()
+        if problem is None:
+            return
+        last = problem
+        await asyncio.sleep(0.2)
+    raise DriverError(f"{why}: {last}")
+
+
+# --- reference --------------------------------------------------------------------------------
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
+
+
+class ReferenceDriver(_AdminSocketFreeze, Driver):
+    """The reference server (``tlsroll-refserver``) as a process of its own."""
+
+    name = "reference"
+
+    def __init__(self, config_file: Path, log_file: Path) -> None:
+        self.config_file = config_file
+        self.log_file = log_file
+        self._children: list[subprocess.Popen[bytes]] = []
+        section = self._section()
+        self.data_dir: Path = section.path("data_dir")
+        self.admin = AdminSocketClient(section.path("admin_socket", self.data_dir / "admin.sock"))
+
+    def _section(self) -> Section:
+        return ConfigFile.load(self.config_file).section("server")
+
+    def facts(self) -> ServerFacts:
+        s = self._section()
+        return ServerFacts(
+            address=s.ip("address"),
+            app_path=s.text("app_path"),
+            http_port=s.port("http_port", 8080),
+            https_port=s.port("https_port", 8443),
+            schemes=tuple(s.str_list("listen")),
+        )
+
+    def render(self, target: Target) -> bytes:
+        cfg = ConfigFile.load(self.config_file)
+        tables = {name: dict(value) for name, value in cfg.data.items() if isinstance(value, dict)}
+        server = tables["server"]
+        server["listen"] = list(target.schemes)
+        for key, value in (
+            ("cert_file", target.cert_file),
+            ("key_file", target.key_file),
+            ("client_ca_file", target.ca_file),
+            ("auth_verifier_file", target.auth_verifier_file),
+        ):
+            if value is not None:
+                server[key] = str(value)
+        return dump_toml(tables, "managed by tlsroll-agent; the previous version is kept").encode()
+
+    def _pid(self) -> int | None:
+        try:
+            return int((self.data_dir / "refserver.pid").read_text().strip())
+        except (OSError, ValueError):
+            return None
+
+    async def stop(self) -> None:
+        pid = self._pid()
+        if pid is None or not _pid_alive(pid):
+            return
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + STOP_TIMEOUT
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            self._reap()
+            await asyncio.sleep(0.05)
+        if _pid_alive(pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            await asyncio.sleep(0.1)
+        self._reap()
+
+    def _reap(self) -> None:
+        self._children = [c for c in self._children if c.poll() is None]
+
+    def _spawn(self) -> subprocess.Popen[bytes]:
+        with open(self.log_file, "ab") as log:
+            return subprocess.Popen(
+                [sys.executable, "-m", "nodeagent.refserver", "--config", str(self.config_file)],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                start_new_session=True,  # outlives an agent that is killed
+            )
+
+    async def start(self) -> None:
+        child = await asyncio.to_thread(self._spawn)
+        self._children.append(child)
+        deadline = time.monotonic() + START_TIMEOUT
+        while time.monotonic() < deadline:
+            if child.poll() is not None:
+                raise DriverError(
+                    f"the server exited at start (code {child.returncode}): {self._last_log_line()}"
+                )
+            if self._pid() == child.pid and await self.health() is None:
+                return
+            await asyncio.sleep(0.1)
+        raise DriverError(f"the server did not answer within {START_TIMEOUT:g}s")
+
+    def _last_log_line(self) -> str:
+        try:
+            lines = [ln for ln in self.log_file.read_text(errors="replace").splitlines() if ln]
+        except OSError:
+            return "no log"
+        return lines[-1][-300:] if lines else "no output"
+
+    async def restart(self) -> None:
+        await self.stop()
+        await self.start()
+
+
+# --- systemd and exec: config from a template -------------------------------------------------
+
+
+class TemplateDriver(Driver):
+    """A server whose config the agent renders from an admin-supplied template.
+
+    The template is ``string.Template`` text; it may use ``$address``, ``$app_path``,
+    ``$http_port``, ``$https_port``, ``$listen`` (a TOML list such as ``["https"]``),
+    ``$scheme``, ``$cert_file``, ``$key_file``, ``$ca_file``, ``$auth_verifier_file``.
+    """
+
+    def __init__(self, section: Section, address: str) -> None:
+        self.section = section
+        self.config_file = section.path("config_file")
+        self.template_file: Path = section.path("template")
+        self.address = address
+        self.app_path: str = section.text("app_path")
+        self.http_port: int = section.port("http_port", 8080)
+        self.https_port: int = section.port("https_port", 8443)
+
+    def facts(self) -> ServerFacts:
+        from nodeagent.probes import port_open  # noqa: PLC0415 - probes import nothing of ours
+
+        schemes = tuple(
+            scheme
+            for scheme, port in (("http", self.http_port), ("https", self.https_port))
+            if port_open(self.address, port, timeout=1.0)
+        )
+        return ServerFacts(self.address, self.app_path, self.http_port, self.https_port, schemes)
+
+    def render(self, target: Target) -> bytes:
+        try:
+            template = string.Template(self.template_file.read_text())
+        except OSError as exc:
+            raise DriverError(
+                f"cannot read template {self.template_file}: {exc.strerror}"
+            ) from None
+        values = {
+            "address": self.address,
+            "app_path": self.app_path,
+            "http_port": str(self.http_port),
+            "https_port": str(self.https_port),
+            "listen": json.dumps(list(target.schemes)),
+            "scheme": target.schemes[0],
+            "cert_file": str(target.cert_file or ""),
+            "key_file": str(target.key_file or ""),
+            "ca_file": str(target.ca_file or ""),
+            "auth_verifier_file": str(target.auth_verifier_file or ""),
+        }
+        try:
+            return template.substitute(values).encode()
+        except (KeyError, ValueError) as exc:
+            raise DriverError(
+                f"template {self.template_file}: unknown or bad placeholder {exc}"
+            ) from None
+
+
+async def _run(argv: Sequence[str], timeout: float, what: str) -> str:
+    try:
+        proc = await asyncio.create_subprocess_exec(
+            *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+        )
+    except OSError as exc:
+        raise DriverError(f"{what}: cannot run {argv[0]}: {exc.strerror}") from None
+    try:
+        out, err = await asyncio.wait_for(proc.communicate(), timeout)
+    except TimeoutError:
+        proc.kill()
+        await proc.wait()
+        raise DriverError(f"{what}: {argv[0]} did not finish within {timeout:g}s") from None
+    if proc.returncode != 0:
+        detail = (err or out).decode(errors="replace").strip().splitlines()
+        raise DriverError(
+            f"{what}: {argv[0]} exited {proc.returncode}: {detail[-1] if detail else ''}"
+        )
+    return out.decode(errors="replace")
+
+
+class SystemdDriver(_AdminSocketFreeze, TemplateDriver):
+    name = "systemd"
+
+    def __init__(self, section: Section, address: str) -> None:
+        super().__init__(section, address)
+        self.unit: str = section.text("unit")
+        self.systemctl: str = section.text("systemctl", "systemctl")
+        self.timeout: int = section.integer("timeout", 60, lo=1, hi=3600)
+        self.admin = AdminSocketClient(section.path("admin_socket"))
+
+    async def restart(self) -> None:
+        await _run([self.systemctl, "restart", self.unit], self.timeout, "restart")
+        await _wait_healthy(self, START_TIMEOUT, f"{self.unit} did not come back")
+
+
+class ExecDriver(TemplateDriver):
+    """Every operation is a command from ``[server.commands]``; ``freeze`` and ``watermark``
+    print the watermark, ``status`` prints a JSON object with ``frozen`` and ``watermark``."""
+
+    name = "exec"
+    OPERATIONS = ("restart", "status", "freeze", "unfreeze")
+
+    def __init__(self, section: Section, address: str) -> None:
+        super().__init__(section, address)
+        table = section.data.get("commands")
+        if not isinstance(table, dict):
+            raise section.error("commands", "missing table of commands")
+        commands = Section(section.file, f"{section.name}.commands", table)
+        self.commands = {op: commands.str_list(op) for op in self.OPERATIONS}
+        for op, argv in self.commands.items():
+            if not argv:
+                raise commands.error(op, "must name a command")
+        self.timeout: int = section.integer("timeout", 60, lo=1, hi=3600)
+
+    async def _op(self, op: str, timeout: float | None = None) -> str:
+        return await _run(self.commands[op], timeout or self.timeout, op)
+
+    async def restart(self) -> None:
+        await self._op("restart")
+        await _wait_healthy(self, START_TIMEOUT, "the server did not come back")
+
+    async def status(self) -> dict[str, Any]:
+        out = await self._op("status")
+        try:
+            data = json.loads(out)
+        except json.JSONDecodeError:
+            raise DriverError(f"status command printed no JSON: {out[:100]!r}") from None
+        if not isinstance(data, dict):
+            raise DriverError("status command must print a JSON object")
+        return data
+
+    async def freeze(self, drain_timeout: float) -> int:
+        out = await self._op("freeze", drain_timeout + self.timeout)
+        try:
+            return int(out.strip().splitlines()[-1])
+        except (ValueError, IndexError):
+            raise DriverError(f"freeze command printed no watermark: {out[:100]!r}") from None
+
+    async def unfreeze(self) -> None:
+        await self._op("unfreeze")
+
+
+def make_driver(section: Section, address: str, data_dir: Path) -> Driver:
+    """The driver named in the agent config's ``[server]`` table."""
+    kind = section.text("driver", "reference")
+    try:
+        if kind == "reference":
+            return ReferenceDriver(section.path("config_file"), data_dir / "refserver.log")
+        if kind == "systemd":
+            return SystemdDriver(section, address)
+        if kind == "exec":
+            return ExecDriver(section, address)
+    except ConfigError:
+        raise
+    raise section.error("driver", f"unknown driver {kind!r}: use reference, systemd or exec")

@@ -1,0 +1,292 @@
+"""The agent's local journal (SQLite, WAL, synchronous=FULL) of every step it takes.
+
+A step is written *before* it acts (``begin``) and *after* (``end`` or ``error``); a
+transaction's ``phase`` is the last step that finished. After a crash the agent reads the
+journal and carries every unfinished transaction on from its phase; each step is safe to run
+again, so a crash between "act" and "record" repeats an action that is idempotent, never one
+that is not. The journal also remembers the highest rollout epoch seen, to refuse stale
+leaders, and the staged certificate of each rollout.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+from typing import Any
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS staged (
+    rollout_id  TEXT PRIMARY KEY,
+    key_file    TEXT NOT NULL,
+    csr_pem     TEXT NOT NULL,
+    cert_file   TEXT,
+    ca_file     TEXT,
+    fingerprint TEXT,
+    not_after   TEXT
+);
+CREATE TABLE IF NOT EXISTS txns (
+    rollout_id        TEXT NOT NULL,
+    kind              TEXT NOT NULL,
+    epoch             INTEGER NOT NULL,
+    phase             TEXT NOT NULL,
+    outcome           TEXT NOT NULL DEFAULT '',
+    reason            TEXT NOT NULL DEFAULT '',
+    watermark         INTEGER,
+    started_at        TEXT NOT NULL,
+    ended_at          TEXT,
+    freeze_started_at TEXT,
+    freeze_ended_at   TEXT,
+    restart_seconds   REAL NOT NULL DEFAULT 0,
+    old_url           TEXT NOT NULL DEFAULT '',
+    new_url           TEXT NOT NULL DEFAULT '',
+    cert_fingerprint  TEXT NOT NULL DEFAULT '',
+    plan              TEXT NOT NULL,
+    PRIMARY KEY (rollout_id, kind)
+);
+CREATE TABLE IF NOT EXISTS events (
+    seq        INTEGER PRIMARY KEY AUTOINCREMENT,
+    at         TEXT NOT NULL,
+    rollout_id TEXT NOT NULL,
+    kind       TEXT NOT NULL,
+    step       TEXT NOT NULL,
+    what       TEXT NOT NULL,
+    detail     TEXT NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class Txn:
+    rollout_id: str
+    kind: str
+    epoch: int
+    phase: str
+    plan: dict[str, Any]
+    started_at: dt.datetime
+    outcome: str = ""
+    reason: str = ""
+    watermark: int | None = None
+    ended_at: dt.datetime | None = None
+    freeze_started_at: dt.datetime | None = None
+    freeze_ended_at: dt.datetime | None = None
+    restart_seconds: float = 0.0
+    old_url: str = ""
+    new_url: str = ""
+    cert_fingerprint: str = ""
+
+    @property
+    def finished(self) -> bool:
+        return bool(self.outcome)
+
+
+@dataclass(frozen=True)
+class Staged:
+    rollout_id: str
+    key_file: Path
+    csr_pem: bytes
+    cert_file: Path | None
+    ca_file: Path | None
+    fingerprint: str | None
+    not_after: dt.datetime | None
+
+
+_DATETIME_FIELDS = {"started_at", "ended_at", "freeze_started_at", "freeze_ended_at"}
+
+
+def _enc(name: str, value: Any) -> Any:
+    if value is None:
+        return None
+    if name in _DATETIME_FIELDS:
+        return value.isoformat()
+    if name == "plan":
+        return json.dumps(value, sort_keys=True)
+    return value
+
+
+def _dec(name: str, value: Any) -> Any:
+    if value is None:
+        return None
+    if name in _DATETIME_FIELDS:
+        return dt.datetime.fromisoformat(value)
+    if name == "plan":
+        return json.loads(value)
+    return value
+
+
+class Journal:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    # --- epochs -------------------------------------------------------------------------------
+
+    def highest_epoch(self) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
+        return int(row["value"]) if row else 0
+
+    def admit_epoch(self, epoch: int) -> int | None:
+        """Record ``epoch`` if it is not older than any seen; return the higher one if it is."""
+        with self._tx() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
+            highest = int(row["value"]) if row else 0
+            if epoch < highest:
+                return highest
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES ('epoch', ?)"
+                " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (str(epoch),),
+            )
+        return None
+
+    # --- staged certificates ------------------------------------------------------------------
+
+    def staged(self, rollout_id: str) -> Staged | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM staged WHERE rollout_id = ?", (rollout_id,)
+            ).fetchone()
+        if row is None:
+            return None
+        return Staged(
+            rollout_id=row["rollout_id"],
+            key_file=Path(row["key_file"]),
+            csr_pem=row["csr_pem"].encode(),
+            cert_file=Path(row["cert_file"]) if row["cert_file"] else None,
+            ca_file=Path(row["ca_file"]) if row["ca_file"] else None,
+            fingerprint=row["fingerprint"],
+            not_after=_dec("started_at", row["not_after"]),
+        )
+
+    def record_csr(self, rollout_id: str, key_file: Path, csr_pem: bytes) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO staged (rollout_id, key_file, csr_pem) VALUES (?, ?, ?)",
+                (rollout_id, str(key_file), csr_pem.decode()),
+            )
+
+    def record_stage(
+        self,
+        rollout_id: str,
+        cert_file: Path,
+        ca_file: Path,
+        fingerprint: str,
+        not_after: dt.datetime,
+    ) -> None:
+        with self._tx() as db:
+            db.execute(
+                "UPDATE staged SET cert_file = ?, ca_file = ?, fingerprint = ?, not_after = ?"
+                " WHERE rollout_id = ?",
+                (str(cert_file), str(ca_file), fingerprint, not_after.isoformat(), rollout_id),
+            )
+
+    # --- transactions -------------------------------------------------------------------------
+
+    def get(self, rollout_id: str, kind: str) -> Txn | None:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT * FROM txns WHERE rollout_id = ? AND kind = ?", (rollout_id, kind)
+            ).fetchone()
+        return _txn(row) if row else None
+
+    def unfinished(self) -> list[Txn]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM txns WHERE outcome = '' ORDER BY started_at"
+            ).fetchall()
+        return [_txn(r) for r in rows]
+
+    def all(self) -> list[Txn]:
+        with self._lock:
+            rows = self._db.execute("SELECT * FROM txns ORDER BY started_at").fetchall()
+        return [_txn(r) for r in rows]
+
+    def create(self, txn: Txn) -> Txn:
+        """Insert a new transaction, or return the existing one with the same key (a replay)."""
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT * FROM txns WHERE rollout_id = ? AND kind = ?",
+                (txn.rollout_id, txn.kind),
+            ).fetchone()
+            if row is not None:
+                return _txn(row)
+            names = [f.name for f in fields(Txn)]
+            db.execute(
+                # Column names come from the dataclass, never from input.
+                f"INSERT INTO txns ({', '.join(names)}) VALUES ({', '.join('?' * len(names))})",  # noqa: S608
+                [_enc(n, getattr(txn, n)) for n in names],
+            )
+            self._event(db, txn, "create", "end", {})
+        return txn
+
+    def update(self, txn: Txn, **changes: Any) -> Txn:
+        new = replace(txn, **changes)
+        with self._tx() as db:
+            sets = ", ".join(f"{k} = ?" for k in changes)
+            db.execute(
+                f"UPDATE txns SET {sets} WHERE rollout_id = ? AND kind = ?",  # noqa: S608 - names are dataclass fields
+                [*(_enc(k, v) for k, v in changes.items()), txn.rollout_id, txn.kind],
+            )
+            if "phase" in changes or "outcome" in changes:
+                self._event(
+                    db, new, new.phase, "end", {"outcome": new.outcome} if new.outcome else {}
+                )
+        return new
+
+    def event(self, txn: Txn, step: str, what: str, detail: dict[str, Any] | None = None) -> None:
+        with self._tx() as db:
+            self._event(db, txn, step, what, detail or {})
+
+    def _event(
+        self, db: sqlite3.Connection, txn: Txn, step: str, what: str, detail: dict[str, Any]
+    ) -> None:
+        db.execute(
+            "INSERT INTO events (at, rollout_id, kind, step, what, detail)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (
+                dt.datetime.now(dt.UTC).isoformat(),
+                txn.rollout_id,
+                txn.kind,
+                step,
+                what,
+                json.dumps(detail, sort_keys=True),
+            ),
+        )
+
+    def events(self, rollout_id: str) -> list[dict[str, Any]]:
+        with self._lock:
+            rows = self._db.execute(
+                "SELECT * FROM events WHERE rollout_id = ? ORDER BY seq", (rollout_id,)
+            ).fetchall()
+        return [dict(r) for r in rows]
+
+
+def _txn(row: sqlite3.Row) -> Txn:
+    return Txn(**{f.name: _dec(f.name, row[f.name]) for f in fields(Txn)})
