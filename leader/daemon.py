@@ -12,6 +12,7 @@ import argparse
 import asyncio
 import datetime as dt
 import os
+import socket
 import sqlite3
 import sys
 from pathlib import Path
@@ -19,7 +20,10 @@ from pathlib import Path
 import grpc
 
 from leader.config import LeaderConfig
+from leader.engine import Engine
 from leader.layout import read_passphrase
+from leader.schema_store import SchemaStore
+from leader.schema_view import SchemaViewService
 from leader.service import AdminService, EnrolmentService, LeaderService, LeaderState
 from leader.store import Store
 from tlsroll import __version__, logs, pki
@@ -34,14 +38,29 @@ from tlsroll.v1 import (
     enrolment_pb2_grpc,
     leader_pb2,
     leader_pb2_grpc,
+    schema_pb2,
+    schema_pb2_grpc,
 )
 
 GRACE_SECONDS = 10.0
+# gRPC sets SO_REUSEPORT by default: a second leader would then share the ports with the first.
+SERVER_OPTIONS = [("grpc.so_reuseport", 0)]
 log = logs.get_logger("tlsroll.leader")
 
 
 def _service(module: object, name: str) -> str:
     return str(module.DESCRIPTOR.services_by_name[name].full_name)  # type: ignore[attr-defined]
+
+
+def _answers(sock: Path) -> bool:
+    """True if a process accepts connections on the Unix socket ``sock``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(2)
+        try:
+            probe.connect(str(sock))
+        except OSError:
+            return False
+    return True
 
 
 def load_state(cfg: LeaderConfig) -> LeaderState:
@@ -69,23 +88,39 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         [(key_pem, chain_pem)], root_certificates=state.ca.cert_pem, require_client_auth=True
     )
 
-    join = grpc.aio.server()
+    join = grpc.aio.server(options=SERVER_OPTIONS)
     enrolment_pb2_grpc.add_EnrolmentServicer_to_server(EnrolmentService(state), join)
     await add_standard_services(join, [_service(enrolment_pb2, "Enrolment")])
     bind(join, hostport(cfg.address, cfg.join_port), join_creds)
 
-    control = grpc.aio.server()
+    control = grpc.aio.server(options=SERVER_OPTIONS)
     leader_pb2_grpc.add_LeaderServicer_to_server(LeaderService(state), control)
     await add_standard_services(control, [_service(leader_pb2, "Leader")])
     bind(control, hostport(cfg.address, cfg.control_port), control_creds)
 
     admin = grpc.aio.server()
-    admin_pb2_grpc.add_AdminServicer_to_server(AdminService(state), admin)
-    await add_standard_services(admin, [_service(admin_pb2, "Admin")])
+    schema = SchemaStore(layout.store)
+    engine = Engine(
+        state.store,
+        schema,
+        state.ca,
+        chain_pem,
+        key_pem,
+        state.clock,
+        state.online,
+        cfg.node_name,
+    )
+    admin_pb2_grpc.add_AdminServicer_to_server(AdminService(state, engine), admin)
+    schema_pb2_grpc.add_SchemaViewServicer_to_server(SchemaViewService(schema, state.clock), admin)
+    await add_standard_services(
+        admin, [_service(admin_pb2, "Admin"), _service(schema_pb2, "SchemaView")]
+    )
     sock = cfg.admin_socket
     sock.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
     os.chmod(sock.parent, 0o750)  # noqa: S103 - group = admins
     if sock.exists():
+        if _answers(sock):
+            raise TlsrollError(f"another tlsroll-leader is running on {sock}")
         sock.unlink()  # a stale socket from a crash; the directory is ours
     bind(admin, f"unix:{sock}", None)
 
@@ -102,10 +137,14 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         ca_pin=pki.spki_pin(state.ca.cert),
     )
     sd_notify("READY=1")
+    # The engine resumes an unfinished rollout from the store on its first pass.
+    engine_task = asyncio.create_task(engine.run(stop), name="engine")
     await stop.wait()
     sd_notify("STOPPING=1")
     log.info("leader.stopping", grace_seconds=GRACE_SECONDS)
     await asyncio.gather(*(s.stop(GRACE_SECONDS) for s in servers))
+    await engine_task
+    schema.close()
     state.store.close()
     log.info("leader.stopped")
 

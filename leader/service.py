@@ -17,6 +17,11 @@ from typing import Any
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from leader.engine import Engine, RolloutRequest
+from leader.planner import NodesOffline, PlanError
+from leader.rollout_core import Change, FreezeMode, IllegalTransition, Scope
+from leader.schema_store import NodeDetail, RolloutBusy, RolloutMeta, RolloutRow
+from leader.schema_view import rollout_view
 from leader.store import NameTaken, NodeCert, NotFound, Store, TokenRejected
 from leader.tokens import JoinToken, MalformedToken
 from tlsroll import logs, pki
@@ -29,6 +34,7 @@ from tlsroll.v1 import (
     enrolment_pb2_grpc,
     leader_pb2,
     leader_pb2_grpc,
+    schema_pb2,
 )
 
 log = logs.get_logger("tlsroll.leader")
@@ -36,6 +42,10 @@ log = logs.get_logger("tlsroll.leader")
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
 ERRORS = {
+    PlanError: grpc.StatusCode.INVALID_ARGUMENT,
+    NodesOffline: grpc.StatusCode.FAILED_PRECONDITION,
+    RolloutBusy: grpc.StatusCode.FAILED_PRECONDITION,
+    IllegalTransition: grpc.StatusCode.FAILED_PRECONDITION,
     TokenRejected: grpc.StatusCode.UNAUTHENTICATED,
     MalformedToken: grpc.StatusCode.INVALID_ARGUMENT,
     PKIError: grpc.StatusCode.INVALID_ARGUMENT,
@@ -190,9 +200,115 @@ def token_info(t: Any) -> admin_pb2.TokenInfo:
     )
 
 
-class AdminService(admin_pb2_grpc.AdminServicer):
-    def __init__(self, state: LeaderState) -> None:
+SEED_WARNINGS = (
+    "The switch restarts the managed server on each node.",
+    "All connected clients must re-initiate their server connections afterwards.",
+    "No new entries can be made at the clients while a node switches (writes are refused "
+    "with 503 during the freeze, so no data is lost).",
+)
+CHECKS = (
+    "preflight: managed server healthy; ports 8443 and 9443 free on the node; config "
+    "directory writable; clock within 120 s of the leader; certificate names known",
+    "stage: node key made on the node, CSR signed by the cluster CA, stored inactive",
+    "switch: freeze writes, write new config atomically, restart, verify https with the "
+    "staged certificate and 8080 closed, write watermark unchanged, unfreeze; else roll back",
+    "confirm: the leader checks https from outside trusting only the cluster CA",
+)
+CLIENT_STEPS = (
+    "Admin -> change server address to the new https address of the node",
+    "Test connection; confirm the port prompt for 9443 (or the port shown)",
+    "enter the authentication password",
+    "restart the client",
+)
+
+
+def rollout_request(request: admin_pb2.RolloutRequest) -> RolloutRequest:
+    try:
+        change = Change(request.change or "enable-tls")
+    except ValueError:
+        raise invalid(f"unknown change {request.change!r}") from None
+    kind = request.scope or ("nodes" if request.nodes else "")
+    if kind == "local":
+        scope = Scope.local()
+    elif kind == "cluster":
+        scope = Scope.cluster()
+    elif kind == "nodes" and request.nodes:
+        scope = Scope.of_nodes(request.nodes)
+    else:
+        raise invalid(f"unknown scope {request.scope!r}: use local, cluster or a node list")
+    try:
+        freeze = FreezeMode(request.freeze or "node")
+    except ValueError:
+        raise invalid(f"unknown freeze mode {request.freeze!r}: use node or scope") from None
+    if not 1 <= (request.max_parallel or 1) <= 200:
+        raise invalid("max-parallel must be 1..200")
+    return RolloutRequest(
+        change=change,
+        scope=scope,
+        max_parallel=request.max_parallel or 1,
+        failure_budget=request.failure_budget,
+        freeze=freeze,
+    )
+
+
+class RolloutAdmin:
+    """The rollout part of the Admin service (mixed into AdminService)."""
+
+    engine: Engine | None
+
+    def _engine(self) -> Engine:
+        if self.engine is None:
+            raise RuntimeError("no rollout engine")
+        return self.engine
+
+    @map_errors(ERRORS)
+    async def PlanRollout(
+        self, request: admin_pb2.RolloutRequest, context: Ctx
+    ) -> admin_pb2.PlanResponse:
+        engine = self._engine()
+        req = rollout_request(request)
+        rollout, nodes = await asyncio.to_thread(engine.plan, req)
+
+        now = engine.clock()
+        row = RolloutRow(
+            rollout,
+            RolloutMeta(
+                created_at=now, started_by=_actor(context), leader_node=engine.leader_node or ""
+            ),
+            tuple((n, NodeDetail()) for n in nodes),
+        )
+        return admin_pb2.PlanResponse(
+            rollout=rollout_view(row),
+            checks=CHECKS,
+            client_steps=CLIENT_STEPS,
+            warnings=SEED_WARNINGS,
+        )
+
+    @map_errors(ERRORS)
+    async def StartRollout(
+        self, request: admin_pb2.RolloutRequest, context: Ctx
+    ) -> schema_pb2.RolloutView:
+        engine = self._engine()
+        row = await asyncio.to_thread(engine.start, rollout_request(request), _actor(context))
+        return rollout_view(row)
+
+    @map_errors(ERRORS)
+    async def ControlRollout(
+        self, request: admin_pb2.ControlRolloutRequest, context: Ctx
+    ) -> schema_pb2.RolloutView:
+        if request.action not in ("pause", "resume", "abort"):
+            raise invalid(f"unknown action {request.action!r}: use pause, resume or abort")
+        engine = self._engine()
+        row = await asyncio.to_thread(
+            engine.control, request.rollout_id, request.action, _actor(context)
+        )
+        return rollout_view(row)
+
+
+class AdminService(RolloutAdmin, admin_pb2_grpc.AdminServicer):
+    def __init__(self, state: LeaderState, engine: Engine | None = None) -> None:
         self.state = state
+        self.engine = engine
 
     @map_errors(ERRORS)
     async def CreateToken(

@@ -4,6 +4,7 @@ import grpc
 import warnings
 
 from tlsroll.v1 import admin_pb2 as tlsroll_dot_v1_dot_admin__pb2
+from tlsroll.v1 import schema_pb2 as tlsroll_dot_v1_dot_schema__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -59,6 +60,21 @@ class AdminStub:
                 request_serializer=tlsroll_dot_v1_dot_admin__pb2.GetCARequest.SerializeToString,
                 response_deserializer=tlsroll_dot_v1_dot_admin__pb2.GetCAResponse.FromString,
                 _registered_method=True)
+        self.PlanRollout = channel.unary_unary(
+                '/tlsroll.v1.Admin/PlanRollout',
+                request_serializer=tlsroll_dot_v1_dot_admin__pb2.RolloutRequest.SerializeToString,
+                response_deserializer=tlsroll_dot_v1_dot_admin__pb2.PlanResponse.FromString,
+                _registered_method=True)
+        self.StartRollout = channel.unary_unary(
+                '/tlsroll.v1.Admin/StartRollout',
+                request_serializer=tlsroll_dot_v1_dot_admin__pb2.RolloutRequest.SerializeToString,
+                response_deserializer=tlsroll_dot_v1_dot_schema__pb2.RolloutView.FromString,
+                _registered_method=True)
+        self.ControlRollout = channel.unary_unary(
+                '/tlsroll.v1.Admin/ControlRollout',
+                request_serializer=tlsroll_dot_v1_dot_admin__pb2.ControlRolloutRequest.SerializeToString,
+                response_deserializer=tlsroll_dot_v1_dot_schema__pb2.RolloutView.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -95,6 +111,29 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def PlanRollout(self, request, context):
+        """The schema a rollout would have, and the checks and client steps it implies. Changes
+        nothing. INVALID_ARGUMENT: unknown scope or node; FAILED_PRECONDITION: a node offline.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartRollout(self, request, context):
+        """Plan and start. FAILED_PRECONDITION: another rollout is active, or a node is offline.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ControlRollout(self, request, context):
+        """pause | resume | abort the active (or named) rollout. FAILED_PRECONDITION: not allowed in
+        its state (the message says why).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -122,6 +161,21 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GetCA,
                     request_deserializer=tlsroll_dot_v1_dot_admin__pb2.GetCARequest.FromString,
                     response_serializer=tlsroll_dot_v1_dot_admin__pb2.GetCAResponse.SerializeToString,
+            ),
+            'PlanRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.PlanRollout,
+                    request_deserializer=tlsroll_dot_v1_dot_admin__pb2.RolloutRequest.FromString,
+                    response_serializer=tlsroll_dot_v1_dot_admin__pb2.PlanResponse.SerializeToString,
+            ),
+            'StartRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartRollout,
+                    request_deserializer=tlsroll_dot_v1_dot_admin__pb2.RolloutRequest.FromString,
+                    response_serializer=tlsroll_dot_v1_dot_schema__pb2.RolloutView.SerializeToString,
+            ),
+            'ControlRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.ControlRollout,
+                    request_deserializer=tlsroll_dot_v1_dot_admin__pb2.ControlRolloutRequest.FromString,
+                    response_serializer=tlsroll_dot_v1_dot_schema__pb2.RolloutView.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -259,6 +313,87 @@ class Admin:
             '/tlsroll.v1.Admin/GetCA',
             tlsroll_dot_v1_dot_admin__pb2.GetCARequest.SerializeToString,
             tlsroll_dot_v1_dot_admin__pb2.GetCAResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PlanRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tlsroll.v1.Admin/PlanRollout',
+            tlsroll_dot_v1_dot_admin__pb2.RolloutRequest.SerializeToString,
+            tlsroll_dot_v1_dot_admin__pb2.PlanResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tlsroll.v1.Admin/StartRollout',
+            tlsroll_dot_v1_dot_admin__pb2.RolloutRequest.SerializeToString,
+            tlsroll_dot_v1_dot_schema__pb2.RolloutView.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ControlRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tlsroll.v1.Admin/ControlRollout',
+            tlsroll_dot_v1_dot_admin__pb2.ControlRolloutRequest.SerializeToString,
+            tlsroll_dot_v1_dot_schema__pb2.RolloutView.FromString,
             options,
             channel_credentials,
             insecure,

@@ -10,6 +10,7 @@ open it is an administrator. Nothing here is reachable over TCP.
 from collections import abc as _abc
 from grpc import aio as _aio
 from tlsroll.v1 import admin_pb2 as _admin_pb2
+from tlsroll.v1 import schema_pb2 as _schema_pb2
 import abc as _abc_1
 import grpc as _grpc
 import sys
@@ -41,6 +42,16 @@ class AdminStub:
     """NOT_FOUND: no token with that id."""
     ListNodes: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListNodesRequest, _admin_pb2.ListNodesResponse]
     GetCA: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetCARequest, _admin_pb2.GetCAResponse]
+    PlanRollout: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RolloutRequest, _admin_pb2.PlanResponse]
+    """The schema a rollout would have, and the checks and client steps it implies. Changes
+    nothing. INVALID_ARGUMENT: unknown scope or node; FAILED_PRECONDITION: a node offline.
+    """
+    StartRollout: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RolloutRequest, _schema_pb2.RolloutView]
+    """Plan and start. FAILED_PRECONDITION: another rollout is active, or a node is offline."""
+    ControlRollout: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ControlRolloutRequest, _schema_pb2.RolloutView]
+    """pause | resume | abort the active (or named) rollout. FAILED_PRECONDITION: not allowed in
+    its state (the message says why).
+    """
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -51,6 +62,16 @@ class AdminAsyncStub(AdminStub):
     """NOT_FOUND: no token with that id."""
     ListNodes: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListNodesRequest, _admin_pb2.ListNodesResponse]  # type: ignore[assignment]
     GetCA: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetCARequest, _admin_pb2.GetCAResponse]  # type: ignore[assignment]
+    PlanRollout: _aio.UnaryUnaryMultiCallable[_admin_pb2.RolloutRequest, _admin_pb2.PlanResponse]  # type: ignore[assignment]
+    """The schema a rollout would have, and the checks and client steps it implies. Changes
+    nothing. INVALID_ARGUMENT: unknown scope or node; FAILED_PRECONDITION: a node offline.
+    """
+    StartRollout: _aio.UnaryUnaryMultiCallable[_admin_pb2.RolloutRequest, _schema_pb2.RolloutView]  # type: ignore[assignment]
+    """Plan and start. FAILED_PRECONDITION: another rollout is active, or a node is offline."""
+    ControlRollout: _aio.UnaryUnaryMultiCallable[_admin_pb2.ControlRolloutRequest, _schema_pb2.RolloutView]  # type: ignore[assignment]
+    """pause | resume | abort the active (or named) rollout. FAILED_PRECONDITION: not allowed in
+    its state (the message says why).
+    """
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -88,5 +109,33 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.GetCARequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.GetCAResponse, _abc.Awaitable[_admin_pb2.GetCAResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def PlanRollout(
+        self,
+        request: _admin_pb2.RolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.PlanResponse, _abc.Awaitable[_admin_pb2.PlanResponse]]:
+        """The schema a rollout would have, and the checks and client steps it implies. Changes
+        nothing. INVALID_ARGUMENT: unknown scope or node; FAILED_PRECONDITION: a node offline.
+        """
+
+    @_abc_1.abstractmethod
+    def StartRollout(
+        self,
+        request: _admin_pb2.RolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_schema_pb2.RolloutView, _abc.Awaitable[_schema_pb2.RolloutView]]:
+        """Plan and start. FAILED_PRECONDITION: another rollout is active, or a node is offline."""
+
+    @_abc_1.abstractmethod
+    def ControlRollout(
+        self,
+        request: _admin_pb2.ControlRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_schema_pb2.RolloutView, _abc.Awaitable[_schema_pb2.RolloutView]]:
+        """pause | resume | abort the active (or named) rollout. FAILED_PRECONDITION: not allowed in
+        its state (the message says why).
+        """
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

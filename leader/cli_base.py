@@ -1,0 +1,105 @@
+"""What every ``tlsroll`` admin command shares: the leader connection, output helpers, errors."""
+
+from __future__ import annotations
+
+import datetime as dt
+import getpass
+import json
+import os
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import click
+import grpc
+from google.protobuf.json_format import MessageToDict
+from google.protobuf.message import Message
+from rich.console import Console
+
+from tlsroll.errors import TlsrollError
+from tlsroll.v1 import admin_pb2_grpc, schema_pb2_grpc
+
+DEFAULT_DATA_DIR = Path("/var/lib/tlsroll")
+T = TypeVar("T")
+
+out = Console(highlight=False, soft_wrap=True, markup=False)
+
+
+class CLIError(TlsrollError):
+    """A failure to report as one line with exit code 1."""
+
+
+def fail(message: str) -> NoReturn:
+    raise CLIError(message)
+
+
+# --- talking to the leader --------------------------------------------------------------------
+
+
+class Leader:
+    """The admin connection: one place that turns gRPC errors into one-line CLI errors."""
+
+    def __init__(self, socket: Path) -> None:
+        self.socket = socket
+
+    @contextmanager
+    def channel(self) -> Iterator[grpc.Channel]:
+        sock = self.socket
+        if not sock.exists():
+            fail(f"no admin socket at {sock}: is tlsroll-leader running? (see --data-dir/--socket)")
+        if not os.access(sock, os.R_OK | os.W_OK):
+            fail(f"permission denied on {sock}: run as the leader's user or a member of its group")
+        with grpc.insecure_channel(f"unix:{sock}") as channel:
+            yield channel
+
+    @contextmanager
+    def admin(self) -> Iterator[admin_pb2_grpc.AdminStub]:
+        with self.channel() as channel:
+            yield admin_pb2_grpc.AdminStub(channel)
+
+    @contextmanager
+    def schema(self) -> Iterator[schema_pb2_grpc.SchemaViewStub]:
+        with self.channel() as channel:
+            yield schema_pb2_grpc.SchemaViewStub(channel)
+
+    def call(self, method: Callable[..., T], request: Message) -> T:
+        try:
+            return method(request, timeout=30, metadata=(("x-tlsroll-user", getpass.getuser()),))
+        except grpc.RpcError as exc:
+            code = exc.code()
+            if code == grpc.StatusCode.UNAVAILABLE:
+                fail(f"cannot reach the leader on {self.socket}: is tlsroll-leader running?")
+            fail(f"{exc.details()}")
+
+
+pass_leader = click.make_pass_decorator(Leader)
+
+
+def emit_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True))
+
+
+def to_dict(msg: Message) -> dict[str, Any]:
+    return MessageToDict(
+        msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
+    )
+
+
+def fmt_time(msg: Any, field: str) -> str:
+    if not msg.HasField(field):
+        return "-"
+    when: dt.datetime = getattr(msg, field).ToDatetime(tzinfo=dt.UTC)
+    return when.strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+_DURATION = re.compile(r"^(\d+)([smhd])$")
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
+
+
+def parse_duration(text: str) -> int:
+    m = _DURATION.match(text.strip())
+    if not m or int(m.group(1)) == 0:
+        raise click.BadParameter(f"{text!r}: use a number with s, m, h or d, e.g. 1h")
+    return int(m.group(1)) * _UNITS[m.group(2)]

@@ -1,0 +1,325 @@
+"""``tlsroll plan``, ``tlsroll rollout …`` and ``tlsroll schema show``: the seed's switch dialog.
+
+``plan`` is the dry run (changes nothing). ``rollout start`` without ``--yes`` shows the plan
+and the seed's warnings and asks. ``schema show`` only reads; ``--watch`` follows a rollout
+live until it ends.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import sys
+import time
+from typing import Any
+
+import click
+from rich.console import Group
+from rich.live import Live
+from rich.table import Table
+from rich.text import Text
+
+from leader.cli_base import CLIError, Leader, emit_json, fmt_time, out, pass_leader, to_dict
+from tlsroll.v1 import admin_pb2, schema_pb2
+
+TERMINAL = {"completed", "halted", "aborted"}
+STATE_STYLE = {
+    "done": "green",
+    "completed": "green",
+    "failed": "red",
+    "rolled_back": "red",
+    "halted": "red",
+    "aborted": "yellow",
+    "skipped": "yellow",
+    "paused": "yellow",
+    "switching": "cyan",
+    "confirming": "cyan",
+    "running": "cyan",
+}
+
+
+def scope_options(f: Any) -> Any:
+    f = click.option(
+        "--freeze",
+        type=click.Choice(["node", "scope"]),
+        default="node",
+        show_default=True,
+        help="Freeze writes per node during its switch, or on every node for the whole rollout.",
+    )(f)
+    f = click.option(
+        "--max-parallel",
+        type=click.IntRange(1, 200),
+        default=1,
+        show_default=True,
+        help="How many nodes switch at the same time.",
+    )(f)
+    f = click.option("--nodes", help="Comma-separated node names (scope 'nodes').")(f)
+    f = click.option(
+        "--scope",
+        type=click.Choice(["local", "cluster", "nodes"]),
+        help="local = the leader node; cluster = every enrolled node.",
+    )(f)
+    return f
+
+
+def rollout_request(
+    scope: str | None, nodes: str | None, max_parallel: int, freeze: str
+) -> admin_pb2.RolloutRequest:
+    names = [n.strip() for n in (nodes or "").split(",") if n.strip()]
+    if scope is None:
+        if not names:
+            raise click.UsageError("give --scope local|cluster or --nodes a,b")
+        scope = "nodes"
+    if scope == "nodes" and not names:
+        raise click.UsageError("scope 'nodes' needs --nodes a,b")
+    if scope != "nodes" and names:
+        raise click.UsageError("--nodes goes with --scope nodes (or without --scope)")
+    return admin_pb2.RolloutRequest(
+        change="enable-tls", scope=scope, nodes=names, max_parallel=max_parallel, freeze=freeze
+    )
+
+
+def _dt(msg: Any, field: str) -> dt.datetime | None:
+    return getattr(msg, field).ToDatetime(tzinfo=dt.UTC) if msg.HasField(field) else None
+
+
+def _styled(state: str) -> Text:
+    return Text(state, style=STATE_STYLE.get(state, ""))
+
+
+def freeze_window(node: schema_pb2.NodeView) -> str:
+    start, end = _dt(node, "freeze_started_at"), _dt(node, "freeze_ended_at")
+    if start is None:
+        return "-"
+    if end is None:
+        return f"{start:%H:%M:%S}–(frozen)"
+    return f"{start:%H:%M:%S}–{end:%H:%M:%S} ({(end - start).total_seconds():.1f}s)"
+
+
+def render_rollout(r: schema_pb2.RolloutView) -> Group:
+    head = Text.assemble(
+        ("rollout ", "bold"),
+        (r.id, "bold"),
+        "  ",
+        _styled(r.state),
+        f"  change {r.change}  scope {r.scope}"
+        + (f" ({', '.join(r.scope_nodes)})" if r.scope_nodes else "")
+        + f"  strategy {r.strategy}  max-parallel {r.max_parallel}  freeze {r.freeze}"
+        f"  epoch {r.epoch}",
+    )
+    times = Text(
+        f"created {fmt_time(r, 'created_at')} by {r.started_by or '-'}"
+        f"   started {fmt_time(r, 'started_at')}   ended {fmt_time(r, 'ended_at')}"
+        + (f"   note: {r.reason}" if r.reason else "")
+    )
+    table = Table(
+        "#",
+        "node",
+        "state",
+        "old address",
+        "new address",
+        "freeze window",
+        "restart",
+        "cert expires",
+        "reason",
+    )
+    for i, n in enumerate(r.nodes, 1):
+        table.add_row(
+            str(i),
+            n.name + (" (leader)" if n.leader_node else ""),
+            _styled(n.state),
+            n.old_url or "-",
+            n.new_url or "-",
+            freeze_window(n),
+            f"{n.restart_seconds:.1f}s" if n.restart_seconds else "-",
+            fmt_time(n, "cert_not_after"),
+            n.reason or "",
+        )
+    return Group(head, times, table)
+
+
+def fetch_schema(leader: Leader, rollout_id: str = "") -> schema_pb2.Schema:
+    with leader.schema() as stub:
+        return leader.call(stub.GetSchema, schema_pb2.GetSchemaRequest(rollout_id=rollout_id))
+
+
+# --- plan -------------------------------------------------------------------------------------
+
+
+@click.command()
+@scope_options
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_leader
+def plan(
+    leader: Leader,
+    scope: str | None,
+    nodes: str | None,
+    max_parallel: int,
+    freeze: str,
+    as_json: bool,
+) -> None:
+    """Dry run: the update schema a rollout would make, its checks, what clients must do."""
+    request = rollout_request(scope, nodes, max_parallel, freeze)
+    with leader.admin() as admin:
+        reply = leader.call(admin.PlanRollout, request)
+    if as_json:
+        emit_json(to_dict(reply))
+        return
+    show_plan(reply)
+
+
+def show_plan(reply: admin_pb2.PlanResponse) -> None:
+    r = reply.rollout
+    out.print(
+        f"Plan: enable https (change {r.change}) on scope {r.scope}, "
+        f"{len(r.nodes)} node(s) in this order, {r.max_parallel} at a time:"
+    )
+    for i, n in enumerate(r.nodes, 1):
+        out.print(f"  {i}. {n.name}{' (leader node)' if n.leader_node else ''}")
+    out.print("Checks and steps on each node:")
+    for c in reply.checks:
+        out.print(f"  - {c}")
+    out.print("Important:")
+    for w in reply.warnings:
+        out.print(f"  ! {w}")
+    out.print("Afterwards, at every workstation:")
+    for s in reply.client_steps:
+        out.print(f"  - {s}")
+    out.print("Nothing has been changed.")
+
+
+# --- rollout ----------------------------------------------------------------------------------
+
+
+@click.group()
+def rollout() -> None:
+    """Start and steer the switch to https."""
+
+
+@rollout.command("start")
+@scope_options
+@click.option("--yes", is_flag=True, help="Start without showing the plan and asking.")
+@pass_leader
+def rollout_start(
+    leader: Leader, scope: str | None, nodes: str | None, max_parallel: int, freeze: str, yes: bool
+) -> None:
+    """Start the switch from http to https on the local node or the whole multiserver."""
+    request = rollout_request(scope, nodes, max_parallel, freeze)
+    with leader.admin() as admin:
+        if not yes:
+            show_plan(leader.call(admin.PlanRollout, request))
+            if not sys.stdin.isatty():
+                raise click.UsageError("not a terminal: review `tlsroll plan`, then add --yes")
+            if not click.confirm("Start the switch now?", default=False):
+                raise CLIError("not started")
+        view = leader.call(admin.StartRollout, request)
+    out.print(
+        f"rollout {view.id} started (epoch {view.epoch}); order: "
+        f"{', '.join(n.name for n in view.nodes)}"
+    )
+    out.print("follow it with: tlsroll schema show --watch")
+
+
+def _control(leader: Leader, action: str, rollout_id: str) -> None:
+    with leader.admin() as admin:
+        view = leader.call(
+            admin.ControlRollout,
+            admin_pb2.ControlRolloutRequest(rollout_id=rollout_id, action=action),
+        )
+    out.print(f"rollout {view.id}: {view.state}")
+
+
+@rollout.command("pause")
+@click.argument("rollout_id", required=False, default="")
+@pass_leader
+def rollout_pause(leader: Leader, rollout_id: str) -> None:
+    """No new node starts; nodes in flight finish."""
+    _control(leader, "pause", rollout_id)
+
+
+@rollout.command("resume")
+@click.argument("rollout_id", required=False, default="")
+@pass_leader
+def rollout_resume(leader: Leader, rollout_id: str) -> None:
+    """Carry on after a pause."""
+    _control(leader, "resume", rollout_id)
+
+
+@rollout.command("abort")
+@click.argument("rollout_id", required=False, default="")
+@pass_leader
+def rollout_abort(leader: Leader, rollout_id: str) -> None:
+    """Finish the node(s) in flight safely, then stop; untouched nodes stay on http."""
+    _control(leader, "abort", rollout_id)
+
+
+@rollout.command("status")
+@click.argument("rollout_id", required=False, default="")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_leader
+def rollout_status(leader: Leader, rollout_id: str, as_json: bool) -> None:
+    """The newest (or named) rollout and its nodes."""
+    schema = fetch_schema(leader, rollout_id)
+    if not schema.rollouts:
+        raise CLIError("no rollout yet; start one with: tlsroll rollout start --scope …")
+    r = schema.rollouts[0]
+    if as_json:
+        emit_json(to_dict(r))
+        return
+    out.print(render_rollout(r))
+
+
+# --- schema -----------------------------------------------------------------------------------
+
+
+@click.group()
+def schema() -> None:
+    """The update schema (read-only)."""
+
+
+@schema.command("show")
+@click.option("--rollout", "rollout_id", default="", help="Only this rollout.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--watch", is_flag=True, help="Follow the newest rollout until it ends.")
+@pass_leader
+def schema_show(leader: Leader, rollout_id: str, as_json: bool, watch: bool) -> None:
+    """Show rollouts, nodes, states, times, freeze windows, addresses and cert expiry."""
+    if watch:
+        watch_schema(leader, rollout_id, as_json)
+        return
+    data = fetch_schema(leader, rollout_id)
+    if as_json:
+        emit_json(to_dict(data))
+        return
+    if not data.rollouts:
+        out.print("no rollouts yet")
+    for r in data.rollouts:
+        out.print(render_rollout(r))
+
+
+def watch_schema(leader: Leader, rollout_id: str, as_json: bool, interval: float = 0.5) -> None:
+    def newest() -> schema_pb2.RolloutView | None:
+        data = fetch_schema(leader, rollout_id)
+        return data.rollouts[0] if data.rollouts else None
+
+    r = newest()
+    if r is None:
+        raise CLIError("no rollout to watch")
+    if as_json or not out.is_terminal:
+        last = None
+        while True:
+            snapshot = to_dict(r)
+            if snapshot != last:
+                if as_json:
+                    emit_json(snapshot)
+                else:
+                    out.print(render_rollout(r))
+                last = snapshot
+            if r.state in TERMINAL:
+                return
+            time.sleep(interval)
+            r = newest() or r
+    with Live(render_rollout(r), console=out, refresh_per_second=4) as live:
+        while r.state not in TERMINAL:
+            time.sleep(interval)
+            r = newest() or r
+            live.update(render_rollout(r))

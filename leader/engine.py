@@ -1,0 +1,531 @@
+"""The rollout engine: the imperative shell around the pure planner.
+
+One loop, woken by admin commands and step outcomes (and a slow tick)::
+
+    row   = schema.active()                       # read the durable records
+    plan  = next_actions(row.rollout, records)    # pure: what happens now
+    persist plan's events (one transaction)       # BEFORE anything is sent
+    start every step of the plan not yet running  # level-triggered; idempotent on the agent
+    ... a step's outcome is recorded as a node event, then the loop runs again
+
+Errors at the network boundary are ``TransientError`` (UNAVAILABLE, DEADLINE_EXCEEDED): the
+call is retried with tenacity a few times, then the step is left unrecorded and the loop starts
+it again later — the agent's idempotency makes that safe. Anything else is terminal for the
+step and becomes its failure event with the agent's reason, which the schema shows.
+
+After a leader restart the loop simply runs: records say which steps were in flight; running
+them again asks the agents for the state of their transactions (a replayed Switch returns the
+transaction already under way), so no step is applied twice.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import secrets
+import urllib.parse
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+from tenacity import (
+    AsyncRetrying,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_exponential,
+)
+
+from leader import planner
+from leader.rollout_core import (
+    Change,
+    FreezeMode,
+    NodeEvent,
+    NodeRecord,
+    Rollout,
+    RolloutEvent,
+    Scope,
+    Step,
+)
+from leader.schema_store import RolloutMeta, RolloutRow, SchemaStore
+from leader.store import Node, Store
+from tlsroll import logs, pki
+from tlsroll.errors import PKIError, TlsrollError, TransientError
+from tlsroll.rpc import hostport
+from tlsroll.v1 import agent_pb2, agent_pb2_grpc
+
+log = logs.get_logger("tlsroll.leader.engine")
+T = TypeVar("T")
+
+TICK_SECONDS = 1.0
+STEP_RETRY_SECONDS = 2.0
+POLL_SECONDS = 0.3
+TRANSIENT_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+MAX_CLOCK_OFFSET = 120
+
+
+class StepFailed(TlsrollError):
+    """A terminal failure of one step on one node; the message goes into the schema."""
+
+
+@dataclass(frozen=True)
+class RolloutRequest:
+    change: Change
+    scope: Scope
+    max_parallel: int = 1
+    failure_budget: int = 0
+    freeze: FreezeMode = FreezeMode.NODE
+
+
+class AgentClient:
+    """NodeAgent calls to one node over mutual TLS, with the leader's certificate."""
+
+    def __init__(self, node: Node, credentials: grpc.ChannelCredentials) -> None:
+        self.node = node
+        target = hostport(node.addresses[0], node.agent_port)
+        self.channel = grpc.aio.secure_channel(target, credentials)
+        self.stub = agent_pb2_grpc.NodeAgentStub(self.channel)
+
+    async def call(
+        self, method: Callable[..., Awaitable[T]], request: Any, timeout: float = 30
+    ) -> T:
+        """One call; transient failures retried a few times, then TransientError."""
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type(TransientError),
+                wait=wait_exponential(multiplier=0.2, max=2),
+                stop=stop_after_attempt(4),
+                reraise=True,
+            ):
+                with attempt:
+                    try:
+                        return await method(request, timeout=timeout)
+                    except grpc.aio.AioRpcError as exc:
+                        if exc.code() in TRANSIENT_CODES:
+                            raise TransientError(
+                                f"agent {self.node.name}: {exc.details()}"
+                            ) from None
+                        raise StepFailed(f"{exc.details()} ({exc.code().name})") from None
+        except TransientError:
+            raise
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    async def close(self) -> None:
+        await self.channel.close(None)
+
+
+def new_rollout_id(now: dt.datetime) -> str:
+    return f"r{now:%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+
+
+class Engine:
+    def __init__(
+        self,
+        store: Store,
+        schema: SchemaStore,
+        ca: pki.CertificateAuthority,
+        leader_cert_pem: bytes,
+        leader_key_pem: bytes,
+        clock: Callable[[], dt.datetime],
+        online: Callable[[dt.datetime | None], bool],
+        leader_node: str | None,
+    ) -> None:
+        self.store = store
+        self.schema = schema
+        self.ca = ca
+        self.clock = clock
+        self.online = online
+        self.leader_node = leader_node
+        self.credentials = grpc.ssl_channel_credentials(
+            root_certificates=ca.cert_pem,
+            private_key=leader_key_pem,
+            certificate_chain=leader_cert_pem,
+        )
+        self.wake = asyncio.Event()
+        self.tasks: dict[tuple[str, str, Step], asyncio.Task[None]] = {}
+        self.not_before: dict[tuple[str, str, Step], float] = {}
+        self.clients: dict[str, AgentClient] = {}
+
+    # --- admin commands -----------------------------------------------------------------------
+
+    def plan(
+        self, request: RolloutRequest, epoch: int | None = None
+    ) -> tuple[Rollout, tuple[NodeRecord, ...]]:
+        """The records a rollout would start with; PlanError if the scope cannot be planned."""
+        nodes = self.store.list_nodes()
+        leader = self.leader_node or ""
+        if request.scope.kind.value == "local" and not self.leader_node:
+            raise planner.PlanError(
+                "scope local needs the leader node's name: set node_name in leader.toml"
+            )
+        enrolled = {n.name: self.online(n.last_heartbeat) for n in nodes}
+        return planner.plan_rollout(
+            rollout_id=new_rollout_id(self.clock()),
+            change=request.change,
+            scope=request.scope,
+            enrolled=enrolled,
+            leader=leader,
+            epoch=epoch or self.schema.next_epoch(),
+            max_parallel=request.max_parallel,
+            failure_budget=request.failure_budget,
+            freeze=request.freeze,
+        )
+
+    def start(self, request: RolloutRequest, actor: str) -> RolloutRow:
+        if request.freeze is FreezeMode.SCOPE:
+            raise planner.PlanError(
+                "--freeze scope is not available yet; use --freeze node (the default)"
+            )
+        if request.change is not Change.ENABLE_TLS:
+            raise planner.PlanError(f"change {request.change.value} is not available yet")
+        rollout, nodes = self.plan(request)
+        now = self.clock()
+        rollout = rollout.with_event(RolloutEvent.START)
+        meta = RolloutMeta(
+            created_at=now, started_by=actor, leader_node=self.leader_node or "", started_at=now
+        )
+        row = self.schema.create(rollout, nodes, meta, now)
+        log.info(
+            "rollout.started",
+            rollout_id=rollout.id,
+            scope=rollout.scope.kind.value,
+            order=list(rollout.order),
+            epoch=rollout.epoch,
+            actor=actor,
+        )
+        self.wake.set()
+        return row
+
+    def control(self, rollout_id: str, action: str, actor: str) -> RolloutRow:
+        """pause | resume | abort; IllegalTransition (with the reason) if not allowed now."""
+        row = self.schema.get(rollout_id) if rollout_id else self.schema.active()
+        if row is None:
+            raise planner.PlanError(
+                f"no rollout {rollout_id!r}" if rollout_id else "no active rollout"
+            )
+        event = RolloutEvent(action)
+        if event not in (RolloutEvent.PAUSE, RolloutEvent.RESUME, RolloutEvent.ABORT):
+            raise ValueError(f"unknown action {action!r}")
+        rollout = row.rollout.with_event(event)
+        row = self.schema.save_states(
+            row, rollout, row.records, self.clock(), actor, reason=f"{action} by {actor}"
+        )
+        log.info(
+            "rollout.control",
+            rollout_id=rollout.id,
+            action=action,
+            state=rollout.state.value,
+            actor=actor,
+        )
+        self.wake.set()
+        return row
+
+    # --- the loop -----------------------------------------------------------------------------
+
+    async def run(self, stop: asyncio.Event) -> None:
+        while not stop.is_set():
+            try:
+                await self.reconcile()
+            except Exception as exc:  # the loop must survive anything; the schema shows why
+                log.error("engine.error", error=str(exc), error_type=type(exc).__name__)
+            self.wake.clear()
+            waiters = [asyncio.ensure_future(self.wake.wait()), asyncio.ensure_future(stop.wait())]
+            await asyncio.wait(waiters, timeout=TICK_SECONDS, return_when=asyncio.FIRST_COMPLETED)
+            for w in waiters:
+                w.cancel()
+        await self.close()
+
+    async def reconcile(self) -> None:
+        """Persist the plan's events, then make sure its steps run."""
+        row = await asyncio.to_thread(self.schema.active)
+        if row is None:
+            return
+        plan = planner.next_actions(row.rollout, row.records)
+        if plan.rollout_events or plan.node_events:
+            rollout, nodes = planner.apply_plan(row.rollout, row.records, plan)
+            row = await asyncio.to_thread(
+                self.schema.save_states, row, rollout, nodes, self.clock(), "engine"
+            )
+            for action in plan.node_events:
+                log.info(
+                    "node.event",
+                    rollout_id=rollout.id,
+                    node=action.node,
+                    node_event=action.event.value,
+                    reason=action.reason,
+                )
+            if plan.rollout_events:
+                log.info("rollout.state", rollout_id=rollout.id, state=rollout.state.value)
+        for step in plan.steps:
+            self._ensure_step(row.rollout, step)
+
+    def _ensure_step(self, rollout: Rollout, step: planner.StepAction) -> None:
+        key = (rollout.id, step.node, step.step)
+        task = self.tasks.get(key)
+        if task is not None and not task.done():
+            return
+        if asyncio.get_running_loop().time() < self.not_before.get(key, 0.0):
+            return
+        self.tasks[key] = asyncio.create_task(self._run_step(rollout, step), name=str(key))
+
+    async def close(self) -> None:
+        for task in list(self.tasks.values()):
+            task.cancel()
+        for client in self.clients.values():
+            await client.close()
+
+    # --- steps --------------------------------------------------------------------------------
+
+    async def _client(self, name: str) -> AgentClient:
+        node = await asyncio.to_thread(self.store.get_node, name)
+        client = self.clients.get(name)
+        if (
+            client is None
+            or client.node.addresses != node.addresses
+            or (client.node.agent_port != node.agent_port)
+        ):
+            client = AgentClient(node, self.credentials)
+            self.clients[name] = client
+        return client
+
+    async def _run_step(self, rollout: Rollout, step: planner.StepAction) -> None:
+        key = (rollout.id, step.node, step.step)
+        await asyncio.to_thread(
+            self.schema.step_times, rollout.id, step.node, step.step.value, started=self.clock()
+        )
+        runners: dict[Step, Callable[[Rollout, str], Awaitable[tuple[NodeEvent, str | None]]]] = {
+            Step.PREFLIGHT: self._preflight,
+            Step.STAGE: self._stage,
+            Step.SWITCH: self._switch,
+            Step.CONFIRM: self._confirm,
+        }
+        try:
+            event, reason = await runners[step.step](rollout, step.node)
+        except TransientError as exc:
+            log.warning(
+                "step.retry_later",
+                rollout_id=rollout.id,
+                node=step.node,
+                step=step.step.value,
+                reason=str(exc),
+            )
+            self.not_before[key] = asyncio.get_running_loop().time() + STEP_RETRY_SECONDS
+            return
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug must not wedge the rollout silently
+            log.error(
+                "step.crashed",
+                rollout_id=rollout.id,
+                node=step.node,
+                step=step.step.value,
+                error=str(exc),
+                error_type=type(exc).__name__,
+            )
+            self.not_before[key] = asyncio.get_running_loop().time() + STEP_RETRY_SECONDS
+            return
+        await asyncio.to_thread(self._record, rollout.id, step, event, reason)
+        self.wake.set()
+
+    def _record(
+        self, rollout_id: str, step: planner.StepAction, event: NodeEvent, reason: str | None
+    ) -> None:
+        row = self.schema.get(rollout_id)
+        assert row is not None
+        records = list(row.records)
+        i = next(i for i, r in enumerate(records) if r.name == step.node)
+        records[i] = records[i].with_event(event, reason)
+        self.schema.save_states(row, row.rollout, records, self.clock(), "engine")
+        self.schema.step_times(rollout_id, step.node, step.step.value, ended=self.clock())
+        log.info(
+            "step.done",
+            rollout_id=rollout_id,
+            node=step.node,
+            step=step.step.value,
+            node_event=event.value,
+            reason=reason,
+        )
+
+    def _command(self, rollout: Rollout) -> agent_pb2.Command:
+        return agent_pb2.Command(rollout_id=rollout.id, epoch=rollout.epoch)
+
+    async def _preflight(self, rollout: Rollout, name: str) -> tuple[NodeEvent, str | None]:
+        client = await self._client(name)
+        now = agent_pb2.PreflightRequest(
+            command=self._command(rollout), max_clock_offset_seconds=MAX_CLOCK_OFFSET
+        )
+        now.leader_time.FromDatetime(self.clock())
+        try:
+            reply = await client.call(client.stub.Preflight, now)
+        except StepFailed as exc:
+            return NodeEvent.PREFLIGHT_FAILED, str(exc)
+        await asyncio.to_thread(
+            self.schema.update_detail,
+            rollout.id,
+            name,
+            old_url=reply.old_url,
+            new_url=reply.new_url,
+            bootstrap_port=reply.bootstrap_port,
+        )
+        if not reply.ok:
+            return NodeEvent.PREFLIGHT_FAILED, "; ".join(reply.problems)
+        node = await asyncio.to_thread(self.store.get_node, name)
+        claimed = pki.Names.of(reply.common_name, reply.ip_addresses, reply.dns_names)
+        enrolled = pki.Names.of(node.name, node.addresses, node.dns_names)
+        if claimed != enrolled:
+            return NodeEvent.PREFLIGHT_FAILED, (
+                f"the node's names {claimed} differ from its enrolment {enrolled}; re-enrol it"
+            )
+        return NodeEvent.PREFLIGHT_PASSED, None
+
+    async def _stage(self, rollout: Rollout, name: str) -> tuple[NodeEvent, str | None]:
+        client = await self._client(name)
+        node = await asyncio.to_thread(self.store.get_node, name)
+        try:
+            csr_reply = await client.call(
+                client.stub.CreateCSR, agent_pb2.CreateCSRRequest(command=self._command(rollout))
+            )
+            csr = pki.load_csr_pem(csr_reply.csr_pem)
+            expected = pki.Names.of(node.name, node.addresses, node.dns_names)
+            cert = self.ca.sign_csr(csr, expected, server=True, client=False, now=self.clock())
+            staged = await client.call(
+                client.stub.Stage,
+                agent_pb2.StageRequest(
+                    command=self._command(rollout),
+                    certificate_pem=pki.cert_to_pem(cert),
+                    ca_certificate_pem=self.ca.cert_pem,
+                ),
+            )
+        except (StepFailed, PKIError) as exc:
+            return NodeEvent.STAGE_FAILED, str(exc)
+        await asyncio.to_thread(
+            self.schema.update_detail,
+            rollout.id,
+            name,
+            cert_fingerprint=staged.fingerprint,
+            cert_not_after=staged.not_after.ToDatetime(tzinfo=dt.UTC),
+        )
+        return NodeEvent.STAGE_DONE, None
+
+    async def _wait_txn(self, rollout: Rollout, name: str, kind: str) -> agent_pb2.Transaction:
+        client = await self._client(name)
+        while True:
+            txn = await client.call(
+                client.stub.GetTransaction,
+                agent_pb2.GetTransactionRequest(rollout_id=rollout.id, kind=kind),
+            )
+            await asyncio.to_thread(self._record_txn, rollout.id, name, txn)
+            if txn.outcome:
+                return txn
+            await asyncio.sleep(POLL_SECONDS)
+
+    def _record_txn(self, rollout_id: str, name: str, txn: agent_pb2.Transaction) -> None:
+        details: dict[str, Any] = {"restart_seconds": txn.restart_seconds}
+        if txn.HasField("freeze_started_at"):
+            details["freeze_started_at"] = txn.freeze_started_at.ToDatetime(tzinfo=dt.UTC)
+        if txn.HasField("freeze_ended_at"):
+            details["freeze_ended_at"] = txn.freeze_ended_at.ToDatetime(tzinfo=dt.UTC)
+        self.schema.update_detail(rollout_id, name, **details)
+
+    async def _switch(self, rollout: Rollout, name: str) -> tuple[NodeEvent, str | None]:
+        client = await self._client(name)
+        try:
+            await client.call(
+                client.stub.Switch,
+                agent_pb2.SwitchRequest(
+                    command=self._command(rollout), change=rollout.change.value
+                ),
+            )
+            txn = await self._wait_txn(rollout, name, "switch")
+        except StepFailed as exc:
+            return NodeEvent.SWITCH_ROLLED_BACK, f"switch refused: {exc}"
+        if txn.outcome == "completed":
+            return NodeEvent.SWITCH_DONE, None
+        prefix = "" if txn.outcome == "rolled_back" else "ROLLBACK FAILED, node needs attention: "
+        return NodeEvent.SWITCH_ROLLED_BACK, prefix + txn.reason
+
+    async def _confirm(self, rollout: Rollout, name: str) -> tuple[NodeEvent, str | None]:
+        """Check the node from outside; if it fails, have the agent roll it back."""
+        client = await self._client(name)
+        # A rollback already under way (the leader restarted mid-confirm) is followed, not
+        # second-guessed by a new check.
+        try:
+            existing = await client.call(
+                client.stub.GetTransaction,
+                agent_pb2.GetTransactionRequest(rollout_id=rollout.id, kind="rollback"),
+            )
+        except StepFailed:
+            existing = None
+        problem = None if existing is not None else await self._outside_check(rollout, name)
+        if problem is None and existing is None:
+            return NodeEvent.CONFIRM_DONE, None
+        if existing is None:
+            log.warning("confirm.failed", rollout_id=rollout.id, node=name, problem=problem)
+            try:
+                await client.call(
+                    client.stub.Rollback, agent_pb2.RollbackRequest(command=self._command(rollout))
+                )
+            except StepFailed as exc:
+                return NodeEvent.CONFIRM_ROLLED_BACK, f"{problem}; rollback refused: {exc}"
+        txn = await self._wait_txn(rollout, name, "rollback")
+        why = problem or "confirm failed before a leader restart"
+        if txn.outcome != "completed":
+            why += f"; ROLLBACK FAILED, node needs attention: {txn.reason}"
+        return NodeEvent.CONFIRM_ROLLED_BACK, f"outside check failed: {why}"
+
+    async def _outside_check(self, rollout: Rollout, name: str) -> str | None:
+        row = await asyncio.to_thread(self.schema.get, rollout.id)
+        assert row is not None
+        detail = next(d for r, d in row.nodes if r.name == name)
+        return await asyncio.to_thread(
+            outside_check,
+            detail.new_url,
+            detail.old_url,
+            self.ca.cert_pem,
+            detail.cert_fingerprint,
+        )
+
+
+def outside_check(new_url: str, old_url: str, ca_pem: bytes, fingerprint: str) -> str | None:
+    """What a workstation would see: https with the staged certificate trusted through the
+    cluster CA only, the app answering, and the old http port closed. None if all is well."""
+    import http.client  # noqa: PLC0415 - only the confirm step needs these
+    import socket  # noqa: PLC0415
+    import ssl  # noqa: PLC0415
+
+    from tlsroll import tls  # noqa: PLC0415
+
+    url = urllib.parse.urlsplit(new_url)
+    if url.scheme != "https" or not url.hostname or not url.port:
+        return f"no https address recorded for the node ({new_url!r})"
+    conn = http.client.HTTPSConnection(
+        url.hostname, url.port, timeout=10, context=tls.client_context(ca_pem)
+    )
+    try:
+        conn.request("GET", url.path or "/")
+        resp = conn.getresponse()
+        resp.read()
+        sock = conn.sock
+        assert isinstance(sock, ssl.SSLSocket)
+        der = sock.getpeercert(binary_form=True)
+    except (OSError, ssl.SSLError, http.client.HTTPException) as exc:
+        return f"{new_url}: {exc}"
+    finally:
+        conn.close()
+    if resp.status != 200:
+        return f"{new_url} answered {resp.status}"
+    if der is None:
+        return f"{new_url}: no certificate"
+    from cryptography import x509  # noqa: PLC0415
+
+    got = pki.fingerprint(x509.load_der_x509_certificate(der))
+    if fingerprint and got != fingerprint:
+        return f"{new_url} presents {got}, not the staged certificate {fingerprint}"
+    old = urllib.parse.urlsplit(old_url)
+    if old.hostname and old.port:
+        try:
+            with socket.create_connection((old.hostname, old.port), timeout=3):
+                return f"{old_url} still answers; plain http must be closed"
+        except OSError:
+            pass
+    return None

@@ -1,0 +1,413 @@
+"""The update schema, durable: rollouts and their nodes in the leader's SQLite file.
+
+The pure records (``Rollout``, ``NodeRecord`` from ``rollout_core``) are stored beside what the
+schema shows about them (times, addresses, certificates, freeze windows). Every state change
+is written together with an audit event in one transaction, so the schema and its history
+never disagree. Clocks are passed in.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import json
+import sqlite3
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from leader.rollout_core import (
+    TERMINAL_ROLLOUT_STATES,
+    Change,
+    FreezeMode,
+    NodeRecord,
+    NodeState,
+    Rollout,
+    RolloutState,
+    Scope,
+    ScopeKind,
+    Strategy,
+)
+from tlsroll.errors import TlsrollError
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS rollouts (
+    id             TEXT PRIMARY KEY,
+    change         TEXT NOT NULL,
+    scope_kind     TEXT NOT NULL,
+    scope_names    TEXT NOT NULL,
+    node_order     TEXT NOT NULL,
+    strategy       TEXT NOT NULL,
+    max_parallel   INTEGER NOT NULL,
+    failure_budget INTEGER NOT NULL,
+    freeze         TEXT NOT NULL,
+    epoch          INTEGER NOT NULL UNIQUE,
+    state          TEXT NOT NULL,
+    created_at     TEXT NOT NULL,
+    started_at     TEXT,
+    ended_at       TEXT,
+    started_by     TEXT NOT NULL,
+    leader_node    TEXT NOT NULL,
+    reason         TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS rollout_nodes (
+    rollout_id        TEXT NOT NULL REFERENCES rollouts(id),
+    name              TEXT NOT NULL,
+    state             TEXT NOT NULL,
+    reason            TEXT NOT NULL DEFAULT '',
+    scope_frozen      INTEGER NOT NULL DEFAULT 0,
+    old_url           TEXT NOT NULL DEFAULT '',
+    new_url           TEXT NOT NULL DEFAULT '',
+    cert_fingerprint  TEXT NOT NULL DEFAULT '',
+    cert_not_after    TEXT,
+    freeze_started_at TEXT,
+    freeze_ended_at   TEXT,
+    restart_seconds   REAL NOT NULL DEFAULT 0,
+    bootstrap_port    INTEGER NOT NULL DEFAULT 0,
+    steps             TEXT NOT NULL DEFAULT '{}',  -- step -> [started_at, ended_at]
+    PRIMARY KEY (rollout_id, name)
+);
+CREATE TABLE IF NOT EXISTS audit (
+    seq     INTEGER PRIMARY KEY AUTOINCREMENT,
+    at      TEXT NOT NULL,
+    actor   TEXT NOT NULL,
+    kind    TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    detail  TEXT NOT NULL
+);
+"""
+
+_TERMINAL = tuple(s.value for s in TERMINAL_ROLLOUT_STATES)
+_ACTIVE = f"state NOT IN ({', '.join('?' * len(_TERMINAL))})"  # a rollout not yet ended
+
+_NODE_DETAIL_FIELDS = (
+    "old_url",
+    "new_url",
+    "cert_fingerprint",
+    "cert_not_after",
+    "freeze_started_at",
+    "freeze_ended_at",
+    "restart_seconds",
+    "bootstrap_port",
+)
+
+
+def _ts(t: dt.datetime | None) -> str | None:
+    return t.astimezone(dt.UTC).isoformat() if t else None
+
+
+def _dt(s: str | None) -> dt.datetime | None:
+    return dt.datetime.fromisoformat(s) if s else None
+
+
+@dataclass(frozen=True)
+class RolloutMeta:
+    """What the schema shows about a rollout beyond its pure record."""
+
+    created_at: dt.datetime
+    started_by: str
+    leader_node: str
+    started_at: dt.datetime | None = None
+    ended_at: dt.datetime | None = None
+    reason: str = ""
+
+
+@dataclass(frozen=True)
+class NodeDetail:
+    """What the schema shows about a node beyond its pure record."""
+
+    old_url: str = ""
+    new_url: str = ""
+    cert_fingerprint: str = ""
+    cert_not_after: dt.datetime | None = None
+    freeze_started_at: dt.datetime | None = None
+    freeze_ended_at: dt.datetime | None = None
+    restart_seconds: float = 0.0
+    bootstrap_port: int = 0
+    steps: dict[str, list[str | None]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RolloutRow:
+    rollout: Rollout
+    meta: RolloutMeta
+    nodes: tuple[tuple[NodeRecord, NodeDetail], ...]
+
+    @property
+    def records(self) -> tuple[NodeRecord, ...]:
+        return tuple(r for r, _ in self.nodes)
+
+
+class SchemaStore:
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._db = sqlite3.connect(
+            self.path, isolation_level=None, check_same_thread=False, timeout=10
+        )
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(_SCHEMA)
+
+    def close(self) -> None:
+        with self._lock:
+            self._db.close()
+
+    @contextlib.contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+
+    @staticmethod
+    def _audit(
+        db: sqlite3.Connection, now: dt.datetime, actor: str, kind: str, subject: str, **detail: Any
+    ) -> None:
+        db.execute(
+            "INSERT INTO audit (at, actor, kind, subject, detail) VALUES (?, ?, ?, ?, ?)",
+            (_ts(now), actor, kind, subject, json.dumps(detail, sort_keys=True, default=str)),
+        )
+
+    # --- reading ------------------------------------------------------------------------------
+
+    def next_epoch(self) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT COALESCE(MAX(epoch), 0) + 1 FROM rollouts").fetchone()
+        return int(row[0])
+
+    def active(self) -> RolloutRow | None:
+        """The rollout that is not yet in a terminal state, if any (there is at most one)."""
+        with self._lock:
+            row = self._db.execute(
+                f"SELECT id FROM rollouts WHERE {_ACTIVE} ORDER BY epoch DESC LIMIT 1",  # noqa: S608
+                _TERMINAL,
+            ).fetchone()
+        return self.get(row["id"]) if row else None
+
+    def latest(self) -> RolloutRow | None:
+        with self._lock:
+            row = self._db.execute("SELECT id FROM rollouts ORDER BY epoch DESC LIMIT 1").fetchone()
+        return self.get(row["id"]) if row else None
+
+    def get(self, rollout_id: str) -> RolloutRow | None:
+        with self._lock:
+            r = self._db.execute("SELECT * FROM rollouts WHERE id = ?", (rollout_id,)).fetchone()
+            if r is None:
+                return None
+            rows = self._db.execute(
+                "SELECT * FROM rollout_nodes WHERE rollout_id = ?", (rollout_id,)
+            ).fetchall()
+        rollout = Rollout(
+            id=r["id"],
+            change=Change(r["change"]),
+            scope=Scope(ScopeKind(r["scope_kind"]), tuple(json.loads(r["scope_names"]))),
+            order=tuple(json.loads(r["node_order"])),
+            epoch=r["epoch"],
+            strategy=Strategy(r["strategy"]),
+            max_parallel=r["max_parallel"],
+            failure_budget=r["failure_budget"],
+            freeze=FreezeMode(r["freeze"]),
+            state=RolloutState(r["state"]),
+        )
+        meta = RolloutMeta(
+            created_at=dt.datetime.fromisoformat(r["created_at"]),
+            started_by=r["started_by"],
+            leader_node=r["leader_node"],
+            started_at=_dt(r["started_at"]),
+            ended_at=_dt(r["ended_at"]),
+            reason=r["reason"],
+        )
+        by_name = {row["name"]: row for row in rows}
+        nodes = tuple(_node(by_name[name]) for name in rollout.order)
+        return RolloutRow(rollout, meta, nodes)
+
+    def all(self) -> list[RolloutRow]:
+        with self._lock:
+            ids = [r["id"] for r in self._db.execute("SELECT id FROM rollouts ORDER BY epoch DESC")]
+        return [row for i in ids if (row := self.get(i)) is not None]
+
+    # --- writing ------------------------------------------------------------------------------
+
+    def create(
+        self, rollout: Rollout, nodes: Sequence[NodeRecord], meta: RolloutMeta, now: dt.datetime
+    ) -> RolloutRow:
+        """Insert a new rollout, refusing if another one is active (checked in the same
+        transaction, so two starts cannot both succeed)."""
+        with self._tx() as db:
+            busy = db.execute(
+                f"SELECT id, state FROM rollouts WHERE {_ACTIVE}",  # noqa: S608
+                _TERMINAL,
+            ).fetchone()
+            if busy is not None:
+                raise RolloutBusy(busy["id"], busy["state"])
+            db.execute(
+                "INSERT INTO rollouts (id, change, scope_kind, scope_names, node_order, strategy,"
+                " max_parallel, failure_budget, freeze, epoch, state, created_at, started_at,"
+                " started_by, leader_node) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (
+                    rollout.id,
+                    rollout.change.value,
+                    rollout.scope.kind.value,
+                    json.dumps(list(rollout.scope.names)),
+                    json.dumps(list(rollout.order)),
+                    rollout.strategy.value,
+                    rollout.max_parallel,
+                    rollout.failure_budget,
+                    rollout.freeze.value,
+                    rollout.epoch,
+                    rollout.state.value,
+                    _ts(meta.created_at),
+                    _ts(meta.started_at),
+                    meta.started_by,
+                    meta.leader_node,
+                ),
+            )
+            for n in nodes:
+                db.execute(
+                    "INSERT INTO rollout_nodes (rollout_id, name, state) VALUES (?, ?, ?)",
+                    (rollout.id, n.name, n.state.value),
+                )
+            self._audit(
+                db,
+                now,
+                meta.started_by,
+                "rollout.created",
+                rollout.id,
+                change=rollout.change.value,
+                scope=rollout.scope.kind.value,
+                order=list(rollout.order),
+                epoch=rollout.epoch,
+                state=rollout.state.value,
+            )
+        row = self.get(rollout.id)
+        assert row is not None
+        return row
+
+    def save_states(
+        self,
+        before: RolloutRow,
+        rollout: Rollout,
+        nodes: Sequence[NodeRecord],
+        now: dt.datetime,
+        actor: str,
+        reason: str | None = None,
+    ) -> RolloutRow:
+        """Persist the records after a plan or an event, with one audit event per change."""
+        old_nodes = {r.name: r for r in before.records}
+        with self._tx() as db:
+            if rollout.state != before.rollout.state or reason is not None:
+                ended = now if rollout.state in TERMINAL_ROLLOUT_STATES else None
+                started = now if rollout.state is RolloutState.RUNNING else None
+                db.execute(
+                    "UPDATE rollouts SET state = ?, ended_at = COALESCE(ended_at, ?),"
+                    " started_at = COALESCE(started_at, ?), reason = COALESCE(?, reason)"
+                    " WHERE id = ?",
+                    (rollout.state.value, _ts(ended), _ts(started), reason, rollout.id),
+                )
+                self._audit(
+                    db,
+                    now,
+                    actor,
+                    "rollout.state",
+                    rollout.id,
+                    old=before.rollout.state.value,
+                    new=rollout.state.value,
+                    reason=reason or "",
+                )
+            for rec in nodes:
+                old = old_nodes[rec.name]
+                if rec == old:
+                    continue
+                db.execute(
+                    "UPDATE rollout_nodes SET state = ?, reason = ?, scope_frozen = ?"
+                    " WHERE rollout_id = ? AND name = ?",
+                    (rec.state.value, rec.reason, int(rec.scope_frozen), rollout.id, rec.name),
+                )
+                self._audit(
+                    db,
+                    now,
+                    actor,
+                    "node.state",
+                    f"{rollout.id}/{rec.name}",
+                    old=old.state.value,
+                    new=rec.state.value,
+                    reason=rec.reason,
+                )
+        row = self.get(rollout.id)
+        assert row is not None
+        return row
+
+    def update_detail(self, rollout_id: str, name: str, **changes: Any) -> None:
+        """Record what a step learnt about a node (addresses, certificate, freeze window)."""
+        unknown = set(changes) - set(_NODE_DETAIL_FIELDS)
+        if unknown:
+            raise ValueError(f"not node details: {sorted(unknown)}")
+        values = [_ts(v) if isinstance(v, dt.datetime) else v for v in changes.values()]
+        with self._tx() as db:
+            db.execute(
+                f"UPDATE rollout_nodes SET {', '.join(f'{k} = ?' for k in changes)}"  # noqa: S608
+                " WHERE rollout_id = ? AND name = ?",
+                [*values, rollout_id, name],
+            )
+
+    def step_times(
+        self,
+        rollout_id: str,
+        name: str,
+        step: str,
+        *,
+        started: dt.datetime | None = None,
+        ended: dt.datetime | None = None,
+    ) -> None:
+        with self._tx() as db:
+            row = db.execute(
+                "SELECT steps FROM rollout_nodes WHERE rollout_id = ? AND name = ?",
+                (rollout_id, name),
+            ).fetchone()
+            steps: dict[str, list[str | None]] = json.loads(row["steps"])
+            times = steps.setdefault(step, [None, None])
+            if started is not None and times[0] is None:
+                times[0] = _ts(started)
+            if ended is not None:
+                times[1] = _ts(ended)
+            db.execute(
+                "UPDATE rollout_nodes SET steps = ? WHERE rollout_id = ? AND name = ?",
+                (json.dumps(steps), rollout_id, name),
+            )
+
+
+class RolloutBusy(TlsrollError):
+    def __init__(self, rollout_id: str, state: str) -> None:
+        super().__init__(
+            f"rollout {rollout_id} is {state}; one rollout at a time per cluster "
+            "(wait for it, or: tlsroll rollout abort)"
+        )
+
+
+def _node(row: sqlite3.Row) -> tuple[NodeRecord, NodeDetail]:
+    rec = NodeRecord(
+        name=row["name"],
+        state=NodeState(row["state"]),
+        reason=row["reason"],
+        scope_frozen=bool(row["scope_frozen"]),
+    )
+    detail = NodeDetail(
+        old_url=row["old_url"],
+        new_url=row["new_url"],
+        cert_fingerprint=row["cert_fingerprint"],
+        cert_not_after=_dt(row["cert_not_after"]),
+        freeze_started_at=_dt(row["freeze_started_at"]),
+        freeze_ended_at=_dt(row["freeze_ended_at"]),
+        restart_seconds=row["restart_seconds"],
+        bootstrap_port=row["bootstrap_port"],
+        steps=json.loads(row["steps"]),
+    )
+    return rec, detail

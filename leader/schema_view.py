@@ -1,0 +1,99 @@
+"""The read-only schema: records → protobuf views, and the SchemaView servicer.
+
+Nothing here writes: the servicer only reads the schema store (a test compares the store
+before and after a call to prove it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import Callable
+from typing import Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from leader.schema_store import RolloutRow, SchemaStore
+from tlsroll.rpc import map_errors
+from tlsroll.v1 import schema_pb2, schema_pb2_grpc
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+
+
+def ts(t: dt.datetime | None) -> Timestamp | None:
+    if t is None:
+        return None
+    out = Timestamp()
+    out.FromDatetime(t)
+    return out
+
+
+def rollout_view(row: RolloutRow) -> schema_pb2.RolloutView:
+    r, meta = row.rollout, row.meta
+    nodes = []
+    for rec, d in row.nodes:
+        steps = [
+            schema_pb2.StepTimes(
+                step=step,
+                started_at=ts(dt.datetime.fromisoformat(a)) if a else None,
+                ended_at=ts(dt.datetime.fromisoformat(b)) if b else None,
+            )
+            for step, (a, b) in d.steps.items()
+        ]
+        nodes.append(
+            schema_pb2.NodeView(
+                name=rec.name,
+                state=rec.state.value,
+                reason=rec.reason,
+                old_url=d.old_url,
+                new_url=d.new_url,
+                cert_fingerprint=d.cert_fingerprint,
+                cert_not_after=ts(d.cert_not_after),
+                freeze_started_at=ts(d.freeze_started_at),
+                freeze_ended_at=ts(d.freeze_ended_at),
+                restart_seconds=d.restart_seconds,
+                steps=steps,
+                leader_node=rec.name == meta.leader_node,
+                bootstrap_port=d.bootstrap_port,
+            )
+        )
+    return schema_pb2.RolloutView(
+        id=r.id,
+        change=r.change.value,
+        scope=r.scope.kind.value,
+        scope_nodes=list(r.scope.names),
+        strategy=r.strategy.value,
+        max_parallel=r.max_parallel,
+        failure_budget=r.failure_budget,
+        freeze=r.freeze.value,
+        epoch=r.epoch,
+        state=r.state.value,
+        created_at=ts(meta.created_at),
+        started_at=ts(meta.started_at),
+        ended_at=ts(meta.ended_at),
+        started_by=meta.started_by,
+        nodes=nodes,
+        reason=meta.reason,
+    )
+
+
+class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
+    def __init__(self, schema: SchemaStore, clock: Callable[[], dt.datetime]) -> None:
+        self.schema = schema
+        self.clock = clock
+
+    @map_errors({})
+    async def GetSchema(
+        self, request: schema_pb2.GetSchemaRequest, context: Ctx
+    ) -> schema_pb2.Schema:
+        if request.rollout_id:
+            row = await asyncio.to_thread(self.schema.get, request.rollout_id)
+            if row is None:
+                await context.abort(grpc.StatusCode.NOT_FOUND, f"no rollout {request.rollout_id!r}")
+            rows = [row] if row else []
+        else:
+            rows = await asyncio.to_thread(self.schema.all)
+        return schema_pb2.Schema(
+            rollouts=[rollout_view(r) for r in rows], generated_at=ts(self.clock())
+        )
