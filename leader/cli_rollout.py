@@ -304,17 +304,32 @@ def watch_schema(leader: Leader, rollout_id: str, as_json: bool, interval: float
     r = newest()
     if r is None:
         raise CLIError("no rollout to watch")
-    if as_json or not out.is_terminal:
+    if as_json:
         last = None
         while True:
             snapshot = to_dict(r)
             if snapshot != last:
-                if as_json:
-                    emit_json(snapshot)
-                else:
-                    out.print(render_rollout(r))
+                emit_json(snapshot)
                 last = snapshot
             if r.state in TERMINAL:
+                return
+            time.sleep(interval)
+            r = newest() or r
+    if not out.is_terminal:  # a log, not a screen: one line per change, the table at the end
+        seen: dict[str, str] = {}
+
+        def note(what: str, key: str, state: str, reason: str) -> None:
+            if seen.get(key) != state:
+                seen[key] = state
+                why = f" ({reason})" if reason else ""
+                out.print(f"{dt.datetime.now(dt.UTC):%H:%M:%S} {what} {key}: {state}{why}")
+
+        while True:
+            for n in r.nodes:
+                note("node", n.name, n.state, n.reason)
+            note("rollout", r.id, r.state, r.reason)
+            if r.state in TERMINAL:
+                out.print(render_rollout(r))
                 return
             time.sleep(interval)
             r = newest() or r
