@@ -1,0 +1,294 @@
+"""The admin CLI (``tlsroll``) against a real leader over its Unix socket: tokens, the CA pin,
+nodes, one-line errors with the right exit codes, and no Admin service on any TCP port."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import stat
+import subprocess
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography.hazmat.primitives import serialization
+
+from leader.tokens import SECRET_ALPHABET
+from tests.cluster import Cluster, command, enrol, enrol_request, one_line_error
+from tests.conftest import next_loopback
+from tlsroll import __version__, pki
+from tlsroll.v1 import admin_pb2, admin_pb2_grpc
+
+TOKEN = re.compile(r"^([a-z0-9]{6})\.([a-z2-7]{26})$")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with Cluster(tmp_path_factory.mktemp("cli"), next_loopback()) as c:
+        c.init()
+        c.start_leader()
+        yield c
+
+
+def cli_error(result: subprocess.CompletedProcess[str], code: int) -> str:
+    """The CLI failed with ``code`` and said so in one line on stderr, nothing on stdout."""
+    assert result.returncode == code, (result.stdout, result.stderr)
+    assert result.stdout == ""
+    line = one_line_error(result.stderr, "tlsroll")
+    assert line.startswith("tlsroll: error: ")
+    return line
+
+
+def tokens_json(cluster: Cluster) -> dict[str, dict[str, object]]:
+    result = cluster.cli("token", "list", "--json")
+    assert result.returncode == 0, result.stderr
+    return {t["id"]: t for t in json.loads(result.stdout)}
+
+
+# --- tokens -----------------------------------------------------------------------------------
+
+
+def test_token_create_list_revoke(cluster: Cluster) -> None:
+    result = cluster.cli("token", "create", "--ttl", "30m", "--uses", "3", "--description", "n7")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr == ""  # the hint goes to a terminal only
+    m = TOKEN.match(result.stdout.strip())
+    assert m is not None, result.stdout
+    cluster.tokens.append(m.group(0))
+    token_id = m.group(1)
+
+    info = tokens_json(cluster)[token_id]
+    assert info["uses_allowed"] == 3
+    assert info["uses_left"] == 3
+    assert info["revoked"] is False
+    assert info["description"] == "n7"
+    listed = cluster.cli("token", "list")
+    assert listed.returncode == 0
+    (row,) = [line for line in listed.stdout.splitlines() if token_id in line]
+    assert "3/3" in row and "valid" in row
+
+    revoked = cluster.cli("token", "revoke", m.group(0))  # the whole token is accepted too
+    assert revoked.returncode == 0, revoked.stderr
+    assert revoked.stdout.strip() == f"revoked token {token_id}"
+    assert tokens_json(cluster)[token_id]["revoked"] is True
+    (row,) = [line for line in cluster.cli("token", "list").stdout.splitlines() if token_id in line]
+    assert "revoked" in row
+    assert cluster.find_secrets(revoked.stdout + revoked.stderr + cluster.logs_text()) == []
+
+
+def test_token_secret_is_random_and_only_its_hash_is_stored(cluster: Cluster) -> None:
+    first, second = cluster.create_token(), cluster.create_token()
+    secrets = []
+    for token in (first, second):
+        m = TOKEN.match(token)
+        assert m is not None
+        secret = m.group(2)
+        assert set(secret) <= set(SECRET_ALPHABET)
+        assert len(secret) * 5 >= 128  # base32: 5 bits a character
+        secrets.append(secret)
+        rows = cluster.store_rows(("tokens",))["tokens"]
+        (row,) = [r for r in rows if r[0] == m.group(1)]
+        assert hashlib.sha256(secret.encode()).hexdigest() in row
+    assert secrets[0] != secrets[1]
+    # Not in any row, and not in the bytes of the store files (WAL included).
+    everything = cluster.store_rows(("tokens", "nodes", "audit"))
+    assert not any(s in repr(everything) for s in secrets)
+    for path in cluster.data_dir.glob("leader.sqlite3*"):
+        data = path.read_bytes()
+        assert not any(s.encode() in data for s in secrets), path.name
+    assert cluster.find_secrets(cluster.logs_text()) == []
+
+
+def test_revoke_unknown_token_is_one_line_exit_1(cluster: Cluster) -> None:
+    before = cluster.store_rows()
+    line = cli_error(cluster.cli("token", "revoke", "zzzzzz"), 1)
+    assert "no join token with id 'zzzzzz'" in line
+    assert cluster.store_rows() == before
+
+
+@pytest.mark.parametrize(
+    ("args", "code", "says"),
+    [
+        (["--ttl", "0s"], 2, "use a number with s, m, h or d"),
+        (["--ttl", "soon"], 2, "use a number with s, m, h or d"),
+        (["--uses", "0"], 2, "--uses"),
+        (["--uses", "many"], 2, "--uses"),
+        (["--ttl", "8d"], 1, "at most 7 days"),
+    ],
+)
+def test_token_create_bad_values(cluster: Cluster, args: list[str], code: int, says: str) -> None:
+    before = cluster.store_rows()
+    line = cli_error(cluster.cli("token", "create", *args), code)
+    assert says in line
+    assert cluster.store_rows() == before
+
+
+# --- the CA -----------------------------------------------------------------------------------
+
+
+def test_ca_show_pin_is_the_sha256_of_the_ca_spki(cluster: Cluster) -> None:
+    cert = pki.read_cert(cluster.ca_cert_path)
+    spki = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    pin = "sha256:" + hashlib.sha256(spki).hexdigest()
+    der = cert.public_bytes(serialization.Encoding.DER)
+    fingerprint = "sha256:" + hashlib.sha256(der).hexdigest()
+
+    result = cluster.cli("ca", "show")
+    assert result.returncode == 0, result.stderr
+    fields = dict(line.split(None, 1) for line in result.stdout.splitlines())
+    assert fields["pin"] == pin
+    assert fields["fingerprint"] == fingerprint
+    assert "tlsroll multiserver CA" in fields["subject"]
+
+    as_json = cluster.cli("ca", "show", "--json")
+    data = json.loads(as_json.stdout)
+    assert data["spki_pin"] == pin
+    assert data["certificate_pem"].encode() == cluster.ca_pem
+    assert "PRIVATE" not in result.stdout + as_json.stdout
+
+
+def test_init_prints_the_pin_and_refuses_to_overwrite(tmp_path: Path) -> None:
+    with Cluster(tmp_path, next_loopback()) as fresh:
+        result = fresh.init()
+        assert fresh.ca_pin() in result.stdout
+        before = {p: p.read_bytes() for p in fresh.data_dir.rglob("*") if p.is_file()}
+        line = cli_error(
+            fresh.cli("init", "--data-dir", str(fresh.data_dir), "--address", fresh.address), 1
+        )
+        assert "already initialised" in line
+        after = {p: p.read_bytes() for p in fresh.data_dir.rglob("*") if p.is_file()}
+        assert after == before
+
+
+def test_init_with_a_bad_address_is_a_usage_error(tmp_path: Path) -> None:
+    with Cluster(tmp_path, next_loopback()) as fresh:
+        line = cli_error(
+            fresh.cli("init", "--data-dir", str(fresh.data_dir), "--address", "1.2.3"), 2
+        )
+        assert "--address" in line
+        assert not fresh.data_dir.exists()
+
+
+# --- nodes ------------------------------------------------------------------------------------
+
+
+def test_nodes_lists_an_enrolled_node(cluster: Cluster) -> None:
+    address = next_loopback()
+    reply = enrol(cluster, enrol_request(cluster.create_token(), "listed", address))
+    cert = pki.load_cert_pem(reply.certificate_pem)
+    result = cluster.cli("nodes", "--json")
+    assert result.returncode == 0, result.stderr
+    (node,) = [n for n in json.loads(result.stdout) if n["name"] == "listed"]
+    assert node["addresses"] == [address]
+    assert node["agent_version"] == __version__
+    assert node["cert_fingerprint"] == pki.fingerprint(cert)
+    assert node["cert_not_after"] == cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
+    assert node["online"] is False  # enrolled, but it never sent a heartbeat
+    table = cluster.cli("nodes").stdout
+    (row,) = [line for line in table.splitlines() if "listed" in line]
+    assert address in row and "offline" in row
+
+
+# --- the admin socket -------------------------------------------------------------------------
+
+
+def test_admin_socket_is_private(cluster: Cluster) -> None:
+    run_dir = cluster.admin_socket.parent
+    assert stat.S_IMODE(run_dir.stat().st_mode) == 0o750
+    st = cluster.admin_socket.stat()
+    assert stat.S_ISSOCK(st.st_mode)
+    assert stat.S_IMODE(st.st_mode) & 0o007 == 0
+    assert stat.S_IMODE(cluster.data_dir.stat().st_mode) & 0o007 == 0
+
+
+@pytest.mark.parametrize("port", ["join", "control"])
+def test_admin_service_is_not_served_over_tcp(cluster: Cluster, port: str) -> None:
+    key = pki.generate_key()
+    reply = enrol(
+        cluster, enrol_request(cluster.create_token(), f"nosy-{port}", next_loopback(), key=key)
+    )
+    if port == "join":
+        channel = cluster.join_channel()
+    else:
+        channel = cluster.control_channel(reply.certificate_pem, pki.key_to_pem(key))
+    before = cluster.store_rows()
+    with channel:
+        admin = admin_pb2_grpc.AdminStub(channel)
+        for call, request in [
+            (admin.ListNodes, admin_pb2.ListNodesRequest()),
+            (admin.CreateToken, admin_pb2.CreateTokenRequest(uses=1)),
+        ]:
+            with pytest.raises(grpc.RpcError) as info:
+                call(request, timeout=5)  # type: ignore[operator]
+            assert info.value.code() == grpc.StatusCode.UNIMPLEMENTED
+    assert cluster.store_rows() == before
+
+
+# --- without a leader -------------------------------------------------------------------------
+
+
+def test_cli_without_a_leader_is_one_line_exit_1(tmp_path: Path) -> None:
+    with Cluster(tmp_path, next_loopback()) as idle:
+        idle.init()
+        for args in (["nodes"], ["token", "create"], ["ca", "show"]):
+            line = cli_error(idle.cli(*args), 1)
+            assert "is tlsroll-leader running?" in line
+        line = cli_error(idle.cli("--data-dir", str(tmp_path / "nowhere"), "token", "list"), 1)
+        assert str(tmp_path / "nowhere") in line
+
+
+def test_cli_with_a_crashed_leader_then_a_restart(tmp_path: Path) -> None:
+    with Cluster(tmp_path, next_loopback()) as c:
+        c.init()
+        c.start_leader()
+        c.kill_leader()  # SIGKILL: the socket file stays behind
+        assert c.admin_socket.exists()
+        line = cli_error(c.cli("token", "list"), 1)
+        assert "cannot reach the leader" in line
+        c.start_leader()  # a stale socket from a crash does not stop the next start
+        result = c.cli("token", "list", "--json")
+        assert result.returncode == 0, result.stderr
+        assert json.loads(result.stdout) == []
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        [],
+        ["frobnicate"],
+        ["token"],
+        ["ca"],
+        ["token", "revoke"],
+        ["nodes", "--bogus"],
+        ["init", "--address", "127.0.0.1"],
+    ],
+    ids=lambda a: " ".join(a) or "no-args",
+)
+def test_usage_errors_are_one_line_exit_2(tmp_path: Path, args: list[str]) -> None:
+    result = subprocess.run(
+        [*command("tlsroll", "leader.cli"), *args],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**os.environ, "TLSROLL_DATA_DIR": str(tmp_path)},
+        check=False,
+    )
+    line = cli_error(result, 2)
+    assert "--help" in line
+
+
+def test_cli_version() -> None:
+    result = subprocess.run(
+        [*command("tlsroll", "leader.cli"), "--version"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"tlsroll, version {__version__}"

@@ -1,0 +1,257 @@
+"""Typed config reading: every problem is a ConfigError whose message names the file and the key
+(``<file>: [table].key: problem``), for the shared reader and both daemons' configs."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from leader.config import LeaderConfig
+from nodeagent.config import AgentConfig
+from tests.cluster import write_toml
+from tlsroll.config import ConfigFile, Section
+from tlsroll.defaults import AGENT_PORT, CONTROL_PORT, HEARTBEAT_INTERVAL, JOIN_PORT
+from tlsroll.errors import ConfigError
+
+PIN = "sha256:" + "ab" * 32
+
+
+def section(tmp_path: Path, text: str, name: str = "t") -> Section:
+    path = tmp_path / "x.toml"
+    path.write_text(text)
+    return ConfigFile.load(path).section(name)
+
+
+def expect_error(tmp_path: Path, key: str, problem: str) -> pytest.RaisesExc[ConfigError]:
+    """A ``pytest.raises`` whose message must be ``<file>: <key>: <problem...>``."""
+    path = tmp_path / "x.toml"
+    return pytest.raises(ConfigError, match=_escape(f"config error: {path}: {key}: {problem}"))
+
+
+def _escape(text: str) -> str:
+    return "^" + re.escape(text)
+
+
+# --- the reader -------------------------------------------------------------------------------
+
+
+def test_file_problems_name_the_file(tmp_path: Path) -> None:
+    missing = tmp_path / "missing.toml"
+    with pytest.raises(ConfigError, match=_escape(f"config error: {missing}: no such file")):
+        ConfigFile.load(missing)
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[t]\nkey = \n")
+    with pytest.raises(ConfigError, match=_escape(f"config error: {bad}: not valid TOML")):
+        ConfigFile.load(bad)
+    binary = tmp_path / "binary.toml"
+    binary.write_bytes(b"\xff\xfe[t]")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        ConfigFile.load(binary)
+
+
+def test_tables(tmp_path: Path) -> None:
+    path = tmp_path / "x.toml"
+    path.write_text('t = "scalar"\n[u]\n')
+    cfg = ConfigFile.load(path)
+    with pytest.raises(ConfigError, match=_escape(f"config error: {path}: [t]: expected a table")):
+        cfg.section("t")
+    with pytest.raises(ConfigError, match=_escape(f"config error: {path}: [v]: missing table")):
+        cfg.section("v")
+    assert cfg.section("v", required=False).data == {}
+    assert cfg.section("u").data == {}
+
+
+@pytest.mark.parametrize(
+    ("getter", "toml", "problem"),
+    [
+        ("text", "k = 1", "expected a string, got integer"),
+        ("text", 'k = ""', "must not be empty"),
+        ("integer", 'k = "1"', "expected an integer, got string"),
+        ("integer", "k = true", "expected an integer, got boolean"),
+        ("integer", "k = 1.0", "expected an integer, got float"),
+        ("integer", "k = -1", "must be between 0 and"),
+        ("port", "k = 0", "must be between 1 and 65535, got 0"),
+        ("port", "k = 65536", "must be between 1 and 65535, got 65536"),
+        ("flag", "k = 1", "expected true or false, got integer"),
+        ("flag", 'k = "yes"', "expected true or false, got string"),
+        ("str_list", 'k = "a"', "expected a list, got string"),
+        ("str_list", "k = {a = 1}", "expected a list, got table"),
+        ("ip", 'k = "localhost"', "'localhost' is not an IP address"),
+        ("ip", "k = [1]", "expected a string, got list"),
+        ("ip_list", "k = []", "needs at least one address"),
+        ("path", "k = 5", "expected a string, got integer"),
+    ],
+)
+def test_type_errors_name_file_and_key(
+    tmp_path: Path, getter: str, toml: str, problem: str
+) -> None:
+    s = section(tmp_path, f"[t]\n{toml}\n")
+    with expect_error(tmp_path, "[t].k", problem):
+        getattr(s, getter)("k")
+
+
+def test_list_items_are_named_by_index(tmp_path: Path) -> None:
+    s = section(tmp_path, '[t]\nk = ["a", 2]\nips = ["127.0.0.1", "::1", "nope"]\n')
+    with expect_error(tmp_path, "[t].k[1]", "expected a string, got integer"):
+        s.str_list("k")
+    with expect_error(tmp_path, "[t].ips[2]", "'nope' is not an IP address"):
+        s.ip_list("ips")
+
+
+def test_missing_keys_and_defaults(tmp_path: Path) -> None:
+    s = section(tmp_path, "[t]\n")
+    for getter in ("text", "integer", "port", "flag", "str_list", "ip", "ip_list", "path"):
+        with expect_error(tmp_path, "[t].k", "missing"):
+            getattr(s, getter)("k")
+    assert s.integer("k", 7) == 7
+    assert s.flag("k", False) is False
+    assert s.path("k", None) is None
+    assert s.str_list("k", []) == []
+
+
+def test_good_values(tmp_path: Path) -> None:
+    s = section(
+        tmp_path,
+        '[t]\nname = "n"\nn = 3\nport = 9442\non = true\nips = ["127.0.0.1", "::0001"]\n'
+        'ip = "10.0.0.1"\nrel = "sub/file"\nabs = "/etc/x"\n',
+    )
+    assert s.text("name") == "n"
+    assert s.integer("n", lo=1, hi=3) == 3
+    assert s.port("port") == 9442
+    assert s.flag("on") is True
+    assert s.ip_list("ips") == ["127.0.0.1", "::1"]  # normalised
+    assert s.ip("ip") == "10.0.0.1"
+    assert s.path("rel") == (tmp_path / "sub" / "file").resolve()  # relative to the file
+    assert s.path("abs") == Path("/etc/x")
+
+
+# --- the agent's config -----------------------------------------------------------------------
+
+AGENT: dict[str, dict[str, object]] = {
+    "node": {"name": "node1", "addresses": ["127.0.0.1"], "dns_names": ["n1.example"]},
+    "leader": {"address": "127.0.0.2", "ca_pin": PIN.upper().replace("SHA256", "sha256")},
+    "agent": {"data_dir": "agent-data"},
+}
+
+
+def write_agent(tmp_path: Path, changes: dict[str, dict[str, object]]) -> Path:
+    config = {t: dict(v) for t, v in AGENT.items()}
+    for table, values in changes.items():
+        config.setdefault(table, {}).update(values)
+    return write_toml(tmp_path / "x.toml", config)
+
+
+def test_agent_config_loads_with_defaults(tmp_path: Path) -> None:
+    cfg = AgentConfig.load(write_agent(tmp_path, {"leader": {"join_token": "abc"}}))
+    assert cfg.node_name == "node1"
+    assert cfg.addresses == ("127.0.0.1",)
+    assert cfg.ca_pin == PIN  # normalised to lower case
+    assert cfg.data_dir == (tmp_path / "agent-data").resolve()
+    assert (cfg.port, cfg.control_port, cfg.join_port) == (AGENT_PORT, CONTROL_PORT, JOIN_PORT)
+    assert cfg.heartbeat_interval == HEARTBEAT_INTERVAL
+    assert cfg.join_token == "abc" and cfg.join_token_file is None
+
+
+@pytest.mark.parametrize(
+    ("table", "key", "value", "problem"),
+    [
+        ("node", "name", None, "missing"),
+        ("node", "name", 7, "expected a string, got integer"),
+        ("node", "name", "Node_1", "is not a valid node name"),
+        ("node", "name", "tlsroll-leader", "is not a valid node name"),
+        ("node", "addresses", None, "missing"),
+        ("node", "addresses", "127.0.0.1", "expected a list, got string"),
+        ("node", "dns_names", [True], None),
+        ("leader", "address", None, "missing"),
+        ("leader", "address", "leader.example", "is not an IP address"),
+        ("leader", "ca_pin", None, "missing"),
+        ("leader", "ca_pin", "sha1:abcd", "a CA pin looks like sha256:"),
+        ("leader", "control_port", "9440", "expected an integer, got string"),
+        ("leader", "join_port", 70000, "must be between 1 and 65535"),
+        ("leader", "join_token", 5, "expected a string, got integer"),
+        ("leader", "join_token_file", [], "expected a string, got list"),
+        ("agent", "data_dir", None, "missing"),
+        ("agent", "port", 1.0, "expected an integer, got float"),
+        ("agent", "heartbeat_interval", 0, "must be between 1 and 3600"),
+    ],
+)
+def test_agent_config_errors(
+    tmp_path: Path, table: str, key: str, value: object, problem: str | None
+) -> None:
+    config = {t: dict(v) for t, v in AGENT.items()}
+    config[table][key] = value
+    path = write_toml(tmp_path / "x.toml", config)
+    with pytest.raises(ConfigError) as info:
+        AgentConfig.load(path)
+    where = f"{key}[0]" if problem is None else key
+    assert str(info.value).startswith(f"config error: {path}: [{table}].{where}: ")
+    if problem is not None:
+        assert problem in str(info.value)
+    assert info.value.path == path
+
+
+def test_agent_config_token_and_token_file_are_exclusive(tmp_path: Path) -> None:
+    path = write_agent(tmp_path, {"leader": {"join_token": "a", "join_token_file": "t"}})
+    with pytest.raises(ConfigError, match=r"\[leader\]\.join_token: give join_token or"):
+        AgentConfig.load(path)
+
+
+@pytest.mark.parametrize("table", ["node", "leader", "agent"])
+def test_agent_config_missing_table(tmp_path: Path, table: str) -> None:
+    config = {t: v for t, v in AGENT.items() if t != table}
+    path = write_toml(tmp_path / "x.toml", config)
+    with pytest.raises(ConfigError, match=_escape(f"config error: {path}: [{table}]: missing")):
+        AgentConfig.load(path)
+
+
+# --- the leader's config ----------------------------------------------------------------------
+
+
+def test_leader_config_loads_with_defaults(tmp_path: Path) -> None:
+    path = write_toml(tmp_path / "x.toml", {"leader": {"address": "::1", "data_dir": "d"}})
+    cfg = LeaderConfig.load(path)
+    data = (tmp_path / "d").resolve()
+    assert cfg.address == "::1"
+    assert cfg.layout.data_dir == data
+    assert cfg.ca_passphrase_file == data / "secrets" / "ca.passphrase"
+    assert cfg.admin_socket == data / "run" / "admin.sock"
+    assert (cfg.control_port, cfg.join_port) == (CONTROL_PORT, JOIN_PORT)
+    assert cfg.heartbeat_interval == 5
+    assert cfg.node_name is None
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "problem"),
+    [
+        ("address", None, "missing"),
+        ("address", 127, "expected a string, got integer"),
+        ("data_dir", None, "missing"),
+        ("data_dir", False, "expected a string, got boolean"),
+        ("dns_names", "x.example", "expected a list, got string"),
+        ("control_port", "9440", "expected an integer, got string"),
+        ("join_port", 0, "must be between 1 and 65535"),
+        ("heartbeat_interval", True, "expected an integer, got boolean"),
+        ("heartbeat_interval", 3601, "must be between 1 and 3600"),
+        ("ca_passphrase_file", 1, "expected a string, got integer"),
+        ("admin_socket", "", "must not be empty"),
+        ("node_name", ["a"], "expected a string, got list"),
+    ],
+)
+def test_leader_config_errors(tmp_path: Path, key: str, value: object, problem: str) -> None:
+    config: dict[str, object] = {"address": "127.0.0.1", "data_dir": "d"}
+    config[key] = value
+    path = write_toml(tmp_path / "x.toml", {"leader": config})
+    with expect_error(tmp_path, f"[leader].{key}", problem):
+        LeaderConfig.load(path)
+
+
+def test_leader_config_written_by_init_loads(tmp_path: Path) -> None:
+    from leader import layout
+
+    lay = layout.init(tmp_path / "data", "127.0.0.5", dns_names=("leader.example",))
+    cfg = LeaderConfig.load(lay.config)
+    assert cfg.address == "127.0.0.5"
+    assert cfg.dns_names == ("leader.example",)
+    assert cfg.layout == lay

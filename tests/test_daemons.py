@@ -1,0 +1,628 @@
+"""The daemons as an administrator runs them: a leader and three agents on their own loopback
+addresses, real mutual TLS, the SQLite store; PKI rules of what gets issued; health and
+reflection; graceful stop, sd_notify, JSON logs; refusing bad configs and unsafe key files."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import pty
+import select
+import signal
+import socket
+import ssl
+import stat
+import subprocess
+import tempfile
+import time
+import warnings
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
+from grpc_health.v1 import health_pb2
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
+
+from tests.cluster import (
+    Agent,
+    Cluster,
+    Daemon,
+    child_env,
+    command,
+    health_check,
+    one_line_error,
+    pem_body_lines,
+    port_open,
+    secure_channel,
+    wait_until,
+    write_toml,
+)
+from tests.conftest import next_loopback
+from tlsroll import __version__, pki
+from tlsroll.errors import PKIError
+from tlsroll.v1 import agent_pb2, agent_pb2_grpc
+
+GRACE_SECONDS = 10.0  # both daemons' grace period for in-flight calls
+NAMES = ["node1", "node2", "node3"]
+SERVING = health_pb2.HealthCheckResponse.SERVING
+
+
+@pytest.fixture(scope="module")
+def three(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A leader and three enrolled agents (node3 reads its token from a 0600 file)."""
+    with Cluster(tmp_path_factory.mktemp("three"), next_loopback()) as c:
+        c.init()
+        c.start_leader()
+        agents = [
+            c.add_agent(name, next_loopback(), token_file=name == "node3", start=False)
+            for name in NAMES
+        ]
+        for agent in agents:
+            agent.spawn()
+        for agent in agents:
+            agent.wait_ready()
+        c.wait_for_nodes_online(NAMES)
+        yield c
+
+
+def get_status(
+    target: str, ca_pem: bytes, cert_pem: bytes | None, key_pem: bytes | None
+) -> agent_pb2.NodeStatus:
+    with secure_channel(target, ca_pem, cert_pem, key_pem) as channel:
+        stub = agent_pb2_grpc.NodeAgentStub(channel)
+        reply: agent_pb2.NodeStatus = stub.GetStatus(agent_pb2.GetStatusRequest(), timeout=5)
+    return reply
+
+
+def node_credentials(agent: Agent) -> tuple[bytes, bytes]:
+    return agent.cert_file.read_bytes(), agent.key_file.read_bytes()
+
+
+# --- enrolment and the node list ----------------------------------------------------------------
+
+
+def test_three_agents_enrol_with_one_time_tokens_and_are_online(three: Cluster) -> None:
+    result = three.cli("nodes", "--json")
+    assert result.returncode == 0, result.stderr
+    nodes = {n["name"]: n for n in json.loads(result.stdout)}
+    assert set(nodes) == set(NAMES)
+    now = dt.datetime.now(dt.UTC)
+    for name in NAMES:
+        agent, node = three.agents[name], nodes[name]
+        cert = agent.cert()
+        assert node["online"] is True
+        assert node["addresses"] == [agent.address]
+        assert node["agent_version"] == __version__
+        assert node["agent_port"] == agent.port
+        assert node["cert_fingerprint"] == pki.fingerprint(cert)
+        assert node["cert_not_after"] == cert.not_valid_after_utc.strftime("%Y-%m-%dT%H:%M:%SZ")
+        beat = dt.datetime.fromisoformat(node["last_heartbeat"])
+        assert now - dt.timedelta(seconds=30) < beat <= now + dt.timedelta(seconds=5)
+    table = three.cli("nodes").stdout
+    for name in NAMES:
+        (row,) = [line for line in table.splitlines() if f" {name} " in line]
+        assert "online" in row and three.agents[name].address in row
+    # The fixture made one single-use token per agent, and each has been spent.
+    ids = {token.split(".")[0] for token in three.tokens[:3]}
+    tokens = three.store_table("tokens")
+    assert {t["id"]: t["uses_left"] for t in tokens if t["id"] in ids} == dict.fromkeys(ids, 0)
+    assert three.find_secrets(three.logs_text()) == []
+
+
+def _check_leaf(cert: x509.Certificate, ca: x509.Certificate, name: str, address: str) -> None:
+    cert.verify_directly_issued_by(ca)
+    assert pki.names_of(cert) == pki.Names.of(name, [address])
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert [str(ip) for ip in san.get_values_for_type(x509.IPAddress)] == [address]
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert set(eku) == {ExtendedKeyUsageOID.SERVER_AUTH, ExtendedKeyUsageOID.CLIENT_AUTH}
+    bc = cert.extensions.get_extension_for_class(x509.BasicConstraints)
+    assert bc.critical and bc.value.ca is False
+    ku = cert.extensions.get_extension_for_class(x509.KeyUsage).value
+    assert ku.digital_signature and not ku.key_cert_sign
+    assert cert.not_valid_after_utc - cert.not_valid_before_utc <= dt.timedelta(days=398)
+    assert cert.serial_number > 0 and cert.serial_number.bit_length() > 64
+    key = cert.public_key()
+    assert isinstance(key, ec.EllipticCurvePublicKey) and isinstance(key.curve, ec.SECP256R1)
+    assert isinstance(cert.signature_hash_algorithm, hashes.SHA256)
+
+
+def test_issued_certificates_follow_the_pki_rules(three: Cluster) -> None:
+    ca = pki.read_cert(three.ca_cert_path)
+    nodes = three.list_nodes()
+    serials = set()
+    for name in NAMES:
+        agent = three.agents[name]
+        cert = agent.cert()
+        _check_leaf(cert, ca, name, agent.address)
+        enrolled = nodes[name].enrolled_at.ToDatetime(tzinfo=dt.UTC)
+        # Backdated for clocks that lag the leader's, and valid now.
+        assert cert.not_valid_before_utc <= enrolled - dt.timedelta(minutes=30)
+        serials.add(cert.serial_number)
+    assert len(serials) == 3
+    leader_chain = pki.load_certs_pem(three.tls_cert_path.read_bytes())
+    _check_leaf(leader_chain[0], ca, "tlsroll-leader", three.address)
+    assert leader_chain[1] == ca
+    # The CA itself: P-256, a CA that signs leaves only.
+    bc = ca.extensions.get_extension_for_class(x509.BasicConstraints).value
+    assert bc.ca and bc.path_length == 0
+    assert isinstance(ca.public_key(), ec.EllipticCurvePublicKey)
+
+
+def test_key_files_are_private_and_the_ca_key_is_encrypted(three: Cluster) -> None:
+    for agent in three.agents.values():
+        assert stat.S_IMODE(agent.key_file.stat().st_mode) == 0o600
+        assert stat.S_IMODE(agent.data_dir.stat().st_mode) & 0o077 == 0
+        assert pki.key_matches(agent.cert(), pki.read_key(agent.key_file))
+    for secret in (three.ca_key_path, three.tls_key_path, three.passphrase_path):
+        assert stat.S_IMODE(secret.stat().st_mode) == 0o600, secret
+    pem = three.ca_key_path.read_bytes()
+    assert pem.startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    with pytest.raises(PKIError, match="passphrase"):
+        pki.load_key_pem(pem, None)
+    with pytest.raises(PKIError, match="wrong passphrase"):
+        pki.load_key_pem(pem, b"not the passphrase")
+    key = pki.load_key_pem(pem, three.passphrase_path.read_bytes().strip())
+    assert pki.key_matches(pki.read_cert(three.ca_cert_path), key)
+
+
+def test_node_keys_never_reach_the_leader(three: Cluster) -> None:
+    leader_files = b"".join(p.read_bytes() for p in three.data_dir.rglob("*") if p.is_file())
+    for agent in three.agents.values():
+        for line in pem_body_lines(agent.key_file.read_bytes()):
+            assert line.encode() not in leader_files
+
+
+# --- who may talk to whom ---------------------------------------------------------------------
+
+
+def test_only_the_leader_may_call_node_agent(three: Cluster) -> None:
+    node1, node2 = three.agents["node1"], three.agents["node2"]
+    with pytest.raises(grpc.RpcError) as info:
+        get_status(node1.target, three.ca_pem, *node_credentials(node2))
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+    status = get_status(node1.target, three.ca_pem, *three.leader_credentials())
+    assert status.node_name == "node1"
+    assert status.agent_version == __version__
+    assert status.cert_not_after.ToDatetime(tzinfo=dt.UTC) == node1.cert().not_valid_after_utc
+
+
+def test_agent_port_accepts_only_cluster_certificates(
+    three: Cluster, test_ca: pki.CertificateAuthority
+) -> None:
+    node1 = three.agents["node1"]
+    key = pki.generate_key()
+    forged = test_ca.issue(
+        key.public_key(), pki.Names.of("tlsroll-leader", [three.address]), client=True
+    )
+    for cert_pem, key_pem in [(pki.cert_to_pem(forged), pki.key_to_pem(key)), (None, None)]:
+        with pytest.raises(grpc.RpcError) as info:
+            get_status(node1.target, three.ca_pem, cert_pem, key_pem)
+        assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_plaintext_is_refused_on_the_agent_port(three: Cluster) -> None:
+    node1 = three.agents["node1"]
+    with grpc.insecure_channel(node1.target) as channel, pytest.raises(grpc.RpcError) as info:
+        agent_pb2_grpc.NodeAgentStub(channel).GetStatus(agent_pb2.GetStatusRequest(), timeout=5)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    received = b""
+    with socket.create_connection((node1.address, node1.port), timeout=5) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        try:
+            while chunk := sock.recv(4096):
+                received += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+    assert b"HTTP/" not in received
+
+
+def tls_handshake(
+    address: str, port: int, versions: tuple[Any, Any], ciphers: str, client: Agent
+) -> str:
+    """Try a TLS handshake with ``client``'s certificate (the server's is not checked: only the
+    protocol matters); the version agreed, or ``"refused"``."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    ctx.load_cert_chain(client.cert_file, client.key_file)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # TLS 1.0/1.1 are, on purpose
+        ctx.minimum_version, ctx.maximum_version = versions
+        ctx.set_ciphers(ciphers)
+    ctx.set_alpn_protocols(["h2"])
+    try:
+        with (
+            socket.create_connection((address, port), timeout=5) as raw,
+            ctx.wrap_socket(raw) as conn,
+        ):
+            return str(conn.version())
+    except (ssl.SSLError, ConnectionResetError):
+        return "refused"
+
+
+def test_tls_versions_and_ciphers(three: Cluster) -> None:
+    """TLS 1.2 and 1.3 only; TLS 1.2 with forward-secret AEAD ciphers only."""
+    tls12 = (ssl.TLSVersion.TLSv1_2, ssl.TLSVersion.TLSv1_2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        old = (ssl.TLSVersion.TLSv1, ssl.TLSVersion.TLSv1_1)
+    node1 = three.agents["node1"]
+    tls13 = (ssl.TLSVersion.TLSv1_3, ssl.TLSVersion.TLSv1_3)
+    for address, port in [(three.address, 9441), (three.address, 9440), (node1.address, 9442)]:
+        for versions, ciphers, expected in [
+            (tls12, "ECDHE-ECDSA-AES128-GCM-SHA256", "TLSv1.2"),
+            (tls13, "ECDHE-ECDSA-AES128-GCM-SHA256", "TLSv1.3"),
+            (tls12, "ECDHE-ECDSA-AES128-SHA", "refused"),  # CBC
+            (tls12, "AES128-GCM-SHA256", "refused"),  # no forward secrecy
+            (old, "ALL:@SECLEVEL=0", "refused"),
+        ]:
+            got = tls_handshake(address, port, versions, ciphers, node1)
+            assert got == expected, (port, ciphers)
+
+
+def _channel(three: Cluster, port: str) -> tuple[grpc.Channel, set[str]]:
+    """A channel to ``port`` with the credentials it needs, and the services it must offer."""
+    node1 = three.agents["node1"]
+    if port == "join":
+        return three.join_channel(), {"tlsroll.v1.Enrolment"}
+    if port == "control":
+        return three.control_channel(*node_credentials(node1)), {"tlsroll.v1.Leader"}
+    if port == "agent":
+        chain, key = three.leader_credentials()
+        return secure_channel(node1.target, three.ca_pem, chain, key), {"tlsroll.v1.NodeAgent"}
+    return grpc.insecure_channel(f"unix:{three.admin_socket}"), {"tlsroll.v1.Admin"}
+
+
+def list_services(channel: grpc.Channel) -> set[str]:
+    stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+    request = reflection_pb2.ServerReflectionRequest(list_services="")
+    replies: Any = stub.ServerReflectionInfo(iter([request]), timeout=5)
+    return {s.name for reply in replies for s in reply.list_services_response.service}
+
+
+@pytest.mark.parametrize("port", ["join", "control", "agent", "admin"])
+def test_health_and_reflection(three: Cluster, port: str) -> None:
+    channel, services = _channel(three, port)
+    mine = {"tlsroll.v1.Enrolment", "tlsroll.v1.Leader", "tlsroll.v1.NodeAgent", "tlsroll.v1.Admin"}
+    with channel:
+        assert health_check(channel) == SERVING
+        for service in services:
+            assert health_check(channel, service) == SERVING
+        with pytest.raises(grpc.RpcError) as info:
+            health_check(channel, "tlsroll.v1.NoSuchService")
+        assert info.value.code() == grpc.StatusCode.NOT_FOUND
+        if port != "admin":
+            listed = list_services(channel)
+            assert services <= listed
+            assert {"grpc.health.v1.Health", "grpc.reflection.v1alpha.ServerReflection"} <= listed
+            assert not (mine - services) & listed  # each port serves its own service only
+
+
+# --- agent restarts ---------------------------------------------------------------------------
+
+
+def test_stopped_agent_goes_offline_and_comes_back_with_its_identity(three: Cluster) -> None:
+    node3 = three.agents["node3"]
+    key_before, cert_before = node3.key_file.read_bytes(), node3.cert_file.read_bytes()
+    tokens_before = three.store_rows(("tokens",))
+    assert node3.stop() == 0
+    nodes = three.wait_for_nodes(["node3"], online=False, timeout=15)
+    assert nodes["node1"].online and nodes["node2"].online
+    (row,) = [ln for ln in three.cli("nodes").stdout.splitlines() if " node3 " in ln]
+    assert "offline" in row
+
+    # The second start needs no token: the identity on disk is reused.
+    node3.write_config({"leader": {"join_token_file": None, "join_token": None}})
+    node3.start()
+    nodes = three.wait_for_nodes_online(["node3"], timeout=15)
+    assert node3.key_file.read_bytes() == key_before
+    assert node3.cert_file.read_bytes() == cert_before
+    assert nodes["node3"].cert_fingerprint == pki.fingerprint(node3.cert())
+    assert three.store_rows(("tokens",)) == tokens_before
+    enrolments = [e for e in three.leader.log_events() if e.get("event") == "enrol.accepted"]
+    assert [e["node"] for e in enrolments].count("node3") == 1
+
+
+def test_agent_refuses_a_key_file_readable_by_others(three: Cluster) -> None:
+    node2 = three.agents["node2"]
+    assert node2.stop() == 0
+    try:
+        node2.key_file.chmod(0o644)
+        code, output = node2.run_to_exit()
+        assert code == 1
+        line = one_line_error(output, "tlsroll-agent")
+        assert str(node2.key_file) in line and "chmod 600" in line
+        assert not port_open(node2.address, node2.port)
+        assert three.find_secrets(output) == []
+    finally:
+        node2.key_file.chmod(0o600)
+        node2.start()
+    three.wait_for_nodes_online(["node2"], timeout=15)
+
+
+def test_agent_refuses_a_token_file_readable_by_others(three: Cluster) -> None:
+    agent = three.add_agent("node4", next_loopback(), token_file=True, start=False)
+    token_file = Path(str(agent.config["leader"]["join_token_file"]))
+    token_file.chmod(0o640)
+    before = three.store_rows(ignore=["last_heartbeat"])
+    code, output = agent.run_to_exit()
+    assert code == 1
+    line = one_line_error(output, "tlsroll-agent")
+    assert str(token_file) in line and "chmod 600" in line
+    assert three.store_rows(ignore=["last_heartbeat"]) == before
+    assert three.find_secrets(output) == []
+
+
+# --- stopping, sd_notify, logs ----------------------------------------------------------------
+
+
+def notify_socket(address: str) -> socket.socket:
+    """A datagram socket to stand in for systemd's NOTIFY_SOCKET (``@name``: abstract)."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind("\0" + address[1:] if address.startswith("@") else address)
+    sock.settimeout(20)
+    return sock
+
+
+def stop_within_grace(daemon: Any, sig: signal.Signals = signal.SIGTERM) -> float:
+    started = time.monotonic()
+    assert daemon.stop(sig, timeout=GRACE_SECONDS + 5) == 0
+    elapsed = time.monotonic() - started
+    assert elapsed < GRACE_SECONDS
+    return elapsed
+
+
+def assert_json_lines(text: str) -> list[dict[str, Any]]:
+    events = []
+    for line in text.splitlines():
+        if not line.strip():
+            continue
+        event = json.loads(line)  # every line, not just most of them
+        assert isinstance(event, dict)
+        assert {"event", "level", "timestamp"} <= set(event), event
+        assert str(event["timestamp"]).endswith("Z")
+        events.append(event)
+    return events
+
+
+def test_graceful_stop_sd_notify_and_json_logs(tmp_path: Path) -> None:
+    sock_dir = Path(tempfile.mkdtemp(prefix="tlsroll-notify-"))
+    leader_notify = notify_socket(str(sock_dir / "notify"))
+    agent_address = f"@tlsroll-test-{os.getpid()}-{time.monotonic_ns()}"
+    agent_notify = notify_socket(agent_address)
+    try:
+        with Cluster(tmp_path, next_loopback()) as c:
+            c.init()
+            c.leader.spawn({"NOTIFY_SOCKET": str(sock_dir / "notify")})
+            assert leader_notify.recv(4096) == b"READY=1"
+            assert c.list_nodes() == {}  # READY=1 means it answers, at once
+            agent = c.add_agent("node1", next_loopback(), start=False)
+            agent.spawn({"NOTIFY_SOCKET": agent_address})
+            assert agent_notify.recv(4096) == b"READY=1"
+            assert port_open(agent.address, agent.port)
+            c.wait_for_nodes_online(["node1"])
+
+            stop_within_grace(agent)
+            assert agent_notify.recv(4096) == b"STOPPING=1"
+            names = agent.event_names()
+            assert names.index("agent.stopping") < names.index("agent.stopped") == len(names) - 1
+
+            stop_within_grace(c.leader)
+            assert leader_notify.recv(4096) == b"STOPPING=1"
+            names = c.leader.event_names()
+            assert names.index("leader.stopping") < names.index("leader.stopped")
+            assert names[-1] == "leader.stopped"
+
+            # Not a TTY: every line of both logs is a JSON event.
+            leader_events = assert_json_lines(c.leader.log_text())
+            assert_json_lines(agent.log_text())
+            (started,) = [e for e in leader_events if e["event"] == "leader.started"]
+            assert started["ca_pin"] == c.ca_pin()
+            assert c.find_secrets(c.logs_text()) == []
+    finally:
+        leader_notify.close()
+        agent_notify.close()
+        for p in sock_dir.iterdir():
+            p.unlink()
+        sock_dir.rmdir()
+
+
+def test_leader_stops_on_sigint(tmp_path: Path) -> None:
+    with Cluster(tmp_path, next_loopback()) as c:
+        c.init()
+        c.start_leader()
+        stop_within_grace(c.leader, signal.SIGINT)
+        assert c.leader.event_names()[-1] == "leader.stopped"
+        assert not port_open(c.address, 9440)
+
+
+def test_a_second_leader_does_not_steal_the_first_ones_ports_or_socket(tmp_path: Path) -> None:
+    with Cluster(tmp_path, next_loopback()) as c:
+        c.init()
+        c.start_leader()
+        twin = Daemon("twin", c.leader.argv, tmp_path / "twin.log", lambda: False)
+        code, output = twin.run_to_exit()
+        assert code == 1
+        # gRPC's C core logs the failed bind itself, past structlog (see the report).
+        line = one_line_error(output, "tlsroll-leader", allow_grpc_core=True)
+        assert f"cannot listen on {c.join_target}" in line
+        # Same data dir on another address: the ports are free, the admin socket is not.
+        other = write_toml(
+            tmp_path / "other.toml",
+            {"leader": {**c.leader_config(), "address": next_loopback()}},
+        )
+        twin.argv = [*c.leader.argv[:-1], str(other)]
+        code, output = twin.run_to_exit()
+        assert code == 1
+        line = one_line_error(output, "tlsroll-leader")
+        assert "another tlsroll-leader is running" in line
+        assert c.leader.running
+        assert c.list_nodes() == {}  # the first leader still owns its admin socket
+        assert c.cli("token", "list").returncode == 0
+
+
+def test_logs_are_for_humans_on_a_tty(tmp_path: Path) -> None:
+    with Cluster(tmp_path, next_loopback()) as c:
+        c.init()
+        master, slave = pty.openpty()
+        proc = subprocess.Popen(
+            c.leader.argv, stdin=subprocess.DEVNULL, stdout=slave, stderr=slave, env=child_env()
+        )
+        os.close(slave)
+        output = b""
+        try:
+            deadline = time.monotonic() + 20
+            while b"leader.started" not in output and time.monotonic() < deadline:
+                ready, _, _ = select.select([master], [], [], 0.5)
+                if ready:
+                    try:
+                        output += os.read(master, 65536)
+                    except OSError:  # EIO: the child closed the terminal
+                        break
+        finally:
+            proc.terminate()
+            proc.wait(GRACE_SECONDS + 5)
+            os.close(master)
+        text = output.decode(errors="replace")
+        (line,) = [ln for ln in text.splitlines() if "leader.started" in ln]
+        with pytest.raises(ValueError):
+            json.loads(line)
+        assert "\x1b[" in line  # colours for a human
+
+
+@pytest.mark.parametrize(
+    ("script", "module"),
+    [("tlsroll-leader", "leader.daemon"), ("tlsroll-agent", "nodeagent.daemon")],
+)
+def test_version(script: str, module: str) -> None:
+    result = subprocess.run(
+        [*command(script, module), "--version"],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 0
+    assert result.stdout.strip() == f"{script} {__version__}"
+
+
+# --- bad config and unsafe files ----------------------------------------------------------------
+
+AGENT_CONFIG: dict[str, dict[str, object]] = {
+    "node": {"name": "node1", "addresses": ["127.0.0.1"]},
+    "leader": {"address": "127.0.0.1", "ca_pin": "sha256:" + "ab" * 32, "join_token": "x"},
+    "agent": {"data_dir": "data"},
+}
+
+
+def leader_config(tmp_path: Path) -> dict[str, dict[str, object]]:
+    return {"leader": {"address": "127.0.0.1", "data_dir": str(tmp_path / "data")}}
+
+
+@pytest.mark.parametrize(
+    ("table", "key", "value", "problem"),
+    [
+        ("node", "name", None, "missing"),
+        ("node", "addresses", "127.0.0.1", "expected a list, got string"),
+        ("node", "addresses", [1], "expected a string, got integer"),
+        ("leader", "ca_pin", 42, "expected a string, got integer"),
+        ("leader", "address", None, "missing"),
+        ("agent", "heartbeat_interval", 1.5, "expected an integer, got float"),
+        ("agent", "port", True, "expected an integer, got boolean"),
+        ("agent", "data_dir", None, "missing"),
+    ],
+)
+def test_agent_config_errors_name_the_file_and_key(
+    tmp_path: Path, table: str, key: str, value: object, problem: str
+) -> None:
+    config = {t: dict(v) for t, v in AGENT_CONFIG.items()}
+    config[table][key] = value
+    path = write_toml(tmp_path / "agent.toml", config)
+    result = subprocess.run(
+        [*command("tlsroll-agent", "nodeagent.daemon"), "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    line = one_line_error(result.stderr, "tlsroll-agent")
+    assert f"{path}: [{table}].{key}" in line and problem in line
+    assert not (tmp_path / "data").exists()
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "problem"),
+    [
+        ("address", None, "missing"),
+        ("data_dir", None, "missing"),
+        ("control_port", "9440", "expected an integer, got string"),
+        ("heartbeat_interval", True, "expected an integer, got boolean"),
+        ("dns_names", "leader.example", "expected a list, got string"),
+        ("address", "not-an-ip", "is not an IP address"),
+    ],
+)
+def test_leader_config_errors_name_the_file_and_key(
+    tmp_path: Path, key: str, value: object, problem: str
+) -> None:
+    config = leader_config(tmp_path)
+    config["leader"][key] = value
+    path = write_toml(tmp_path / "leader.toml", config)
+    result = subprocess.run(
+        [*command("tlsroll-leader", "leader.daemon"), "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=30,
+        check=False,
+    )
+    assert result.returncode == 2
+    line = one_line_error(result.stderr, "tlsroll-leader")
+    assert f"{path}: [leader].{key}" in line and problem in line
+
+
+@pytest.mark.parametrize("prog", ["tlsroll-leader", "tlsroll-agent"])
+def test_config_file_that_is_not_toml_or_missing(tmp_path: Path, prog: str) -> None:
+    module = "leader.daemon" if prog == "tlsroll-leader" else "nodeagent.daemon"
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[leader\naddress = ")
+    for path, problem in [(bad, "not valid TOML"), (tmp_path / "none.toml", "no such file")]:
+        result = subprocess.run(
+            [*command(prog, module), "--config", str(path)],
+            capture_output=True,
+            text=True,
+            timeout=30,
+            check=False,
+        )
+        assert result.returncode == 2
+        line = one_line_error(result.stderr, prog)
+        assert str(path) in line and problem in line
+
+
+@pytest.mark.parametrize("which", ["ca_key", "tls_key", "passphrase"])
+def test_leader_refuses_secret_files_readable_by_others(tmp_path: Path, which: str) -> None:
+    with Cluster(tmp_path, next_loopback()) as c:
+        c.init()
+        path = {
+            "ca_key": c.ca_key_path,
+            "tls_key": c.tls_key_path,
+            "passphrase": c.passphrase_path,
+        }[which]
+        path.chmod(0o640)
+        code, output = c.leader.run_to_exit()
+        assert code == 1
+        line = one_line_error(output, "tlsroll-leader")
+        assert str(path) in line and "chmod 600" in line
+        assert not c.admin_socket.exists()
+        assert not port_open(c.address, 9441)
+        assert c.find_secrets(output) == []
+        path.chmod(0o600)  # and with the mode fixed, it starts
+        c.start_leader()
+        wait_until(lambda: port_open(c.address, 9441), 10, "join port open")

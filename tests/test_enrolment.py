@@ -1,0 +1,391 @@
+"""Enrolment and the control port under bad input: every refusal has the right gRPC status,
+changes nothing in the store and leaks no secret into the logs.
+
+One leader (a real process) serves the whole module; requests are crafted here and sent over
+real TLS to its join port, which is cleaner than bending an agent. A few tests run a real
+agent process to show what the administrator sees.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import socket
+import time
+from collections.abc import Iterator, Sequence
+
+import grpc
+import pytest
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from leader.layout import read_passphrase
+from tests.cluster import Cluster, csr_pem, enrol, enrol_request, one_line_error, secure_channel
+from tests.conftest import next_loopback
+from tlsroll import pki
+from tlsroll.v1 import admin_pb2, enrolment_pb2, leader_pb2, leader_pb2_grpc
+
+UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
+INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with Cluster(tmp_path_factory.mktemp("enrol"), next_loopback()) as c:
+        c.init()
+        c.start_leader()
+        yield c
+
+
+def assert_refused(
+    cluster: Cluster,
+    request: enrolment_pb2.EnrolRequest,
+    code: grpc.StatusCode,
+    *,
+    secrets: Sequence[str] = (),
+) -> str:
+    """Send ``request``; it must fail with ``code``, change no row of the store and leak no
+    secret (tokens the cluster made, key material, ``secrets``) into the answer or the logs.
+    Returns the status details."""
+    before = cluster.store_rows()
+    with pytest.raises(grpc.RpcError) as info:
+        enrol(cluster, request)
+    details = info.value.details() or ""
+    assert info.value.code() == code, details
+    assert cluster.store_rows() == before
+    assert cluster.find_secrets(details + "\n" + cluster.logs_text(), extra=secrets) == []
+    return details
+
+
+def token_info(cluster: Cluster, token: str) -> admin_pb2.TokenInfo:
+    token_id = token.split(".", maxsplit=1)[0]
+    with cluster.admin() as admin:
+        reply = admin.ListTokens(admin_pb2.ListTokensRequest(), timeout=10)
+    (info,) = [t for t in reply.tokens if t.id == token_id]
+    return info
+
+
+# --- the positive control -----------------------------------------------------------------------
+
+
+def test_crafted_request_enrols_and_spends_the_token(cluster: Cluster) -> None:
+    """The crafting helpers make a request the leader accepts: the refusals below are real."""
+    address = next_loopback()
+    token = cluster.create_token(uses=1)
+    key = pki.generate_key()
+    reply = enrol(cluster, enrol_request(token, "good", address, key=key))
+    cert = pki.load_cert_pem(reply.certificate_pem)
+    assert pki.key_matches(cert, key)
+    assert pki.names_of(cert) == pki.Names.of("good", [address])
+    assert reply.ca_certificate_pem == cluster.ca_pem
+    assert token_info(cluster, token).uses_left == 0
+    (node,) = [n for n in cluster.store_table("nodes") if n["name"] == "good"]
+    assert node["cert_fingerprint"] == pki.fingerprint(cert)
+    assert node["key_pin"] == pki.spki_pin(key.public_key())
+    assert cluster.find_secrets(cluster.logs_text()) == []
+
+
+# --- tokens -----------------------------------------------------------------------------------
+
+
+def test_expired_token_is_refused(cluster: Cluster) -> None:
+    token = cluster.create_token(ttl="1s")
+    expires = token_info(cluster, token).expires_at.ToDatetime(tzinfo=dt.UTC)
+    while dt.datetime.now(dt.UTC) <= expires + dt.timedelta(milliseconds=100):
+        time.sleep(0.1)  # waiting for time itself to pass; bounded by the 1 s TTL
+    details = assert_refused(
+        cluster, enrol_request(token, "late", next_loopback()), UNAUTHENTICATED
+    )
+    assert "expired" in details
+
+
+def test_used_up_token_is_refused(cluster: Cluster) -> None:
+    token = cluster.create_token(uses=1)
+    enrol(cluster, enrol_request(token, "first", next_loopback()))
+    details = assert_refused(
+        cluster, enrol_request(token, "second", next_loopback()), UNAUTHENTICATED
+    )
+    assert "used up" in details
+    assert "second" not in cluster.list_nodes()
+
+
+def test_revoked_token_is_refused(cluster: Cluster) -> None:
+    token = cluster.create_token(uses=5)
+    result = cluster.cli("token", "revoke", token.split(".")[0])
+    assert result.returncode == 0, result.stderr
+    details = assert_refused(
+        cluster, enrol_request(token, "revoked", next_loopback()), UNAUTHENTICATED
+    )
+    assert "revoked" in details
+    assert token_info(cluster, token).uses_left == 5
+
+
+def test_right_id_wrong_secret_is_refused_like_an_unknown_id(cluster: Cluster) -> None:
+    token = cluster.create_token(uses=5)
+    token_id, secret = token.split(".")
+    wrong = ("a" if secret[0] != "a" else "b") + secret[1:]
+    details = assert_refused(
+        cluster,
+        enrol_request(f"{token_id}.{wrong}", "guess", next_loopback()),
+        UNAUTHENTICATED,
+        secrets=[wrong],
+    )
+    # An unknown id gets the very same answer: no oracle for which ids exist.
+    unknown = "zzzzzz" if token_id != "zzzzzz" else "yyyyyy"
+    details_unknown = assert_refused(
+        cluster, enrol_request(f"{unknown}.{secret}", "guess", next_loopback()), UNAUTHENTICATED
+    )
+    assert details == details_unknown
+    assert token_info(cluster, token).uses_left == 5
+
+
+@pytest.mark.parametrize(
+    "mangle",
+    [
+        pytest.param(lambda t: "", id="empty"),
+        pytest.param(lambda t: t.replace(".", ""), id="no-dot"),
+        pytest.param(lambda t: t + "a", id="secret-too-long"),
+        pytest.param(lambda t: t[:-1], id="secret-too-short"),
+        pytest.param(lambda t: t.upper(), id="upper-case"),
+        pytest.param(lambda t: t.replace(".", ". "), id="inner-space"),
+        pytest.param(lambda t: t.split(".")[1] + "." + t.split(".")[0], id="swapped"),
+    ],
+)
+def test_malformed_token_is_invalid_argument(cluster: Cluster, mangle: object) -> None:
+    assert callable(mangle)
+    token = cluster.create_token()
+    bad = str(mangle(token))
+    details = assert_refused(
+        cluster,
+        enrol_request(bad, "mangled", next_loopback()),
+        INVALID_ARGUMENT,
+        secrets=[bad] if bad else [],
+    )
+    assert "join token looks like" in details
+    assert token_info(cluster, token).uses_left == 1
+
+
+# --- CSRs -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("csr_cn", "csr_ips", "csr_dns"),
+    [
+        pytest.param("liar", ["127.0.0.99"], [], id="other-ip"),
+        pytest.param("other", None, [], id="other-name"),
+        pytest.param("liar", None, ["evil.example"], id="extra-dns"),
+        pytest.param("liar", [], [], id="no-san"),
+    ],
+)
+def test_csr_names_that_differ_from_the_claim_are_refused(
+    cluster: Cluster, csr_cn: str, csr_ips: list[str] | None, csr_dns: list[str]
+) -> None:
+    token = cluster.create_token()
+    address = next_loopback()
+    key = pki.generate_key()
+    csr = csr_pem(key, csr_cn, [address] if csr_ips is None else csr_ips, csr_dns)
+    details = assert_refused(
+        cluster, enrol_request(token, "liar", address, key=key, csr=csr), INVALID_ARGUMENT
+    )
+    assert "names in the CSR differ" in details
+    assert token_info(cluster, token).uses_left == 1
+
+
+def test_csr_with_the_ca_bit_is_refused(cluster: Cluster) -> None:
+    token = cluster.create_token()
+    address = next_loopback()
+    key = pki.generate_key()
+    csr = csr_pem(key, "wannabe-ca", [address], ca=True)
+    details = assert_refused(
+        cluster, enrol_request(token, "wannabe-ca", address, key=key, csr=csr), INVALID_ARGUMENT
+    )
+    assert "CA certificate" in details
+
+
+def test_csr_with_a_weak_curve_or_garbage_is_refused(cluster: Cluster) -> None:
+    token = cluster.create_token()
+    address = next_loopback()
+    p384 = ec.generate_private_key(ec.SECP384R1())
+    details = assert_refused(
+        cluster,
+        enrol_request(token, "curvy", address, csr=csr_pem(p384, "curvy", [address])),
+        INVALID_ARGUMENT,
+    )
+    assert "key type" in details
+    assert_refused(
+        cluster, enrol_request(token, "curvy", address, csr=b"not a CSR"), INVALID_ARGUMENT
+    )
+
+
+def test_second_key_for_an_enrolled_name_is_already_exists(cluster: Cluster) -> None:
+    enrol(cluster, enrol_request(cluster.create_token(), "taken", next_loopback()))
+    owner_row = [r for r in cluster.store_rows()["nodes"] if r[0] == "taken"]
+    token = cluster.create_token()
+    assert_refused(
+        cluster,
+        enrol_request(token, "taken", next_loopback(), key=pki.generate_key()),
+        grpc.StatusCode.ALREADY_EXISTS,
+    )
+    assert [r for r in cluster.store_rows()["nodes"] if r[0] == "taken"] == owner_row
+    assert token_info(cluster, token).uses_left == 1
+
+
+def test_bad_claims_are_invalid_argument(cluster: Cluster) -> None:
+    token = cluster.create_token()
+    address = next_loopback()
+    key = pki.generate_key()
+    for name in ("tlsroll-leader", "UPPER", "under_score"):
+        request = enrol_request(token, name, address, key=key, csr=csr_pem(key, name, [address]))
+        assert_refused(cluster, request, INVALID_ARGUMENT)
+    no_port = enrol_request(token, "noport", address)
+    no_port.agent_port = 0
+    assert_refused(cluster, no_port, INVALID_ARGUMENT)
+
+
+# --- the control port -------------------------------------------------------------------------
+
+
+def _enrolled(cluster: Cluster, name: str) -> tuple[bytes, bytes]:
+    """Enrol ``name`` with a key made here; its certificate and key PEM."""
+    key = pki.generate_key()
+    reply = enrol(cluster, enrol_request(cluster.create_token(), name, next_loopback(), key=key))
+    return reply.certificate_pem, pki.key_to_pem(key)
+
+
+def heartbeat(channel: grpc.Channel) -> leader_pb2.HeartbeatResponse:
+    stub = leader_pb2_grpc.LeaderStub(channel)
+    reply: leader_pb2.HeartbeatResponse = stub.Heartbeat(
+        leader_pb2.HeartbeatRequest(agent_version="test"), timeout=5
+    )
+    return reply
+
+
+def _heartbeat_of(cluster: Cluster, name: str) -> object:
+    (node,) = [n for n in cluster.store_table("nodes") if n["name"] == name]
+    return node["last_heartbeat"]
+
+
+def test_enrolled_certificate_heartbeats_on_the_control_port(cluster: Cluster) -> None:
+    """Positive control for the refusals below: the node's own certificate works."""
+    cert_pem, key_pem = _enrolled(cluster, "beater")
+    assert _heartbeat_of(cluster, "beater") is None
+    with cluster.control_channel(cert_pem, key_pem) as channel:
+        reply = heartbeat(channel)
+    assert reply.interval_seconds == cluster.heartbeat_interval
+    assert _heartbeat_of(cluster, "beater") is not None
+
+
+def test_certificate_of_another_ca_fails_the_handshake(
+    cluster: Cluster, test_ca: pki.CertificateAuthority
+) -> None:
+    _enrolled(cluster, "victim")
+    key = pki.generate_key()
+    forged = test_ca.issue(
+        key.public_key(), pki.Names.of("victim", [next_loopback()]), server=True, client=True
+    )
+    before = cluster.store_rows()
+    with (
+        cluster.control_channel(pki.cert_to_pem(forged), pki.key_to_pem(key)) as channel,
+        pytest.raises(grpc.RpcError) as info,
+    ):
+        heartbeat(channel)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert cluster.store_rows() == before
+    assert _heartbeat_of(cluster, "victim") is None
+    assert cluster.find_secrets(cluster.logs_text()) == []
+
+
+def test_no_client_certificate_fails_the_handshake(cluster: Cluster) -> None:
+    before = cluster.store_rows()
+    with (
+        secure_channel(cluster.control_target, cluster.ca_pem) as channel,
+        pytest.raises(grpc.RpcError) as info,
+    ):
+        heartbeat(channel)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    assert cluster.store_rows() == before
+
+
+def test_cluster_certificate_not_on_record_is_unauthenticated(cluster: Cluster) -> None:
+    """A certificate from the right CA is not enough: it must be the node's, on record."""
+    _enrolled(cluster, "recorded")
+    ca = pki.CertificateAuthority.load(
+        cluster.ca_cert_path, cluster.ca_key_path, read_passphrase(cluster.passphrase_path)
+    )
+    key = pki.generate_key()
+    other = ca.issue(
+        key.public_key(), pki.Names.of("recorded", [next_loopback()]), server=True, client=True
+    )
+    before = cluster.store_rows()
+    for cert_pem, key_pem, expected in [
+        (pki.cert_to_pem(other), pki.key_to_pem(key), "not the one on record"),
+        (*cluster.leader_credentials(), "not an enrolled node"),
+    ]:
+        with (
+            cluster.control_channel(cert_pem, key_pem) as channel,
+            pytest.raises(grpc.RpcError) as info,
+        ):
+            heartbeat(channel)
+        assert info.value.code() == UNAUTHENTICATED
+        assert expected in (info.value.details() or "")
+    assert cluster.store_rows() == before
+
+
+# --- plaintext --------------------------------------------------------------------------------
+
+
+def speak_http(address: str, port: int) -> bytes:
+    """Send an HTTP/1.1 request in plaintext; whatever comes back before the server closes."""
+    received = b""
+    with socket.create_connection((address, port), timeout=5) as sock:
+        sock.sendall(b"GET / HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        try:
+            while chunk := sock.recv(4096):
+                received += chunk
+        except (TimeoutError, ConnectionResetError):
+            pass
+    return received
+
+
+@pytest.mark.parametrize("port", ["join", "control"])
+def test_plaintext_is_refused_on_the_leader_ports(cluster: Cluster, port: str) -> None:
+    target = cluster.join_target if port == "join" else cluster.control_target
+    before = cluster.store_rows()
+    with grpc.insecure_channel(target) as channel, pytest.raises(grpc.RpcError) as info:
+        heartbeat(channel)
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+    answer = speak_http(cluster.address, int(target.rsplit(":", 1)[1]))
+    assert b"HTTP/" not in answer
+    assert cluster.store_rows() == before
+
+
+# --- what an administrator sees with a real agent -----------------------------------------------
+
+
+def test_agent_with_a_used_token_exits_with_one_line(cluster: Cluster) -> None:
+    token = cluster.create_token()
+    enrol(cluster, enrol_request(token, "spender", next_loopback()))
+    agent = cluster.add_agent("latecomer", next_loopback(), token=token, start=False)
+    before = cluster.store_rows()
+    code, output = agent.run_to_exit()
+    assert code == 1
+    line = one_line_error(output, "tlsroll-agent")
+    assert "refused" in line and "used up" in line and "UNAUTHENTICATED" in line
+    assert cluster.store_rows() == before
+    assert cluster.find_secrets(cluster.logs_text()) == []
+
+
+def test_agent_with_a_wrong_pin_trusts_nothing(cluster: Cluster) -> None:
+    other = pki.CertificateAuthority.create("impostor")
+    agent = cluster.add_agent(
+        "pinned",
+        next_loopback(),
+        extra_config={"leader": {"ca_pin": pki.spki_pin(other.cert)}},
+        start=False,
+    )
+    token = str(agent.config["leader"]["join_token"])
+    before = cluster.store_rows()
+    code, output = agent.run_to_exit()
+    assert code == 1
+    assert "CA does not match the pinned key" in one_line_error(output, "tlsroll-agent")
+    assert cluster.store_rows() == before
+    assert token_info(cluster, token).uses_left == 1  # the token never left the agent
+    assert not agent.cert_file.exists()

@@ -1,0 +1,285 @@
+"""tlsroll.pki: CSR checks, the CA's certificates, pins, pinned-CA discovery, keys at rest."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import stat
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, ed25519, rsa
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from tests.cluster import csr_pem
+from tlsroll import pki
+from tlsroll.errors import PKIError, PKIReason, UnsafePermissions
+
+ADDRESS = "127.0.0.7"
+NAMES = pki.Names.of("node1", [ADDRESS])
+
+
+@pytest.fixture(scope="module")
+def ca() -> pki.CertificateAuthority:
+    return pki.CertificateAuthority.create("unit CA")
+
+
+def csr_of(key: pki.PrivateKey, names: pki.Names = NAMES, *, ca: bool = False) -> bytes:
+    return csr_pem(key, names.common_name, names.ips, names.dns, ca=ca)
+
+
+def reason(excinfo: pytest.ExceptionInfo[PKIError]) -> PKIReason:
+    return excinfo.value.reason
+
+
+# --- CSRs -------------------------------------------------------------------------------------
+
+
+def test_good_csr_passes_and_yields_its_key() -> None:
+    key = pki.generate_key()
+    csr = pki.load_csr_pem(csr_of(key))
+    assert pki.spki_pin(pki.check_csr(csr, NAMES)) == pki.spki_pin(key.public_key())
+    rsa_key = rsa.generate_private_key(public_exponent=65537, key_size=2048)
+    assert isinstance(pki.check_csr(pki.load_csr_pem(csr_of(rsa_key)), NAMES), rsa.RSAPublicKey)
+
+
+@pytest.mark.parametrize(
+    "make_key",
+    [
+        pytest.param(lambda: ec.generate_private_key(ec.SECP384R1()), id="P-384"),
+        pytest.param(lambda: ec.generate_private_key(ec.SECP256K1()), id="secp256k1"),
+        pytest.param(
+            lambda: rsa.generate_private_key(public_exponent=65537, key_size=1024),  # noqa: S505
+            id="RSA-1024",
+        ),
+    ],
+)
+def test_weak_or_unexpected_keys_are_refused(make_key: object) -> None:
+    assert callable(make_key)
+    csr = pki.load_csr_pem(csr_of(make_key()))
+    with pytest.raises(PKIError) as info:
+        pki.check_csr(csr, NAMES)
+    assert reason(info) == PKIReason.KEY_TYPE
+
+
+def test_ed25519_key_is_refused() -> None:
+    key = ed25519.Ed25519PrivateKey.generate()
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "node1")]))
+        .add_extension(NAMES.san(), critical=False)
+        .sign(key, None)
+    )
+    with pytest.raises(PKIError) as info:
+        pki.check_csr(csr, NAMES)
+    assert reason(info) == PKIReason.KEY_TYPE
+
+
+def test_csr_asking_for_a_ca_is_refused() -> None:
+    csr = pki.load_csr_pem(csr_of(pki.generate_key(), ca=True))
+    with pytest.raises(PKIError) as info:
+        pki.check_csr(csr, NAMES)
+    assert reason(info) == PKIReason.CA_REQUESTED
+
+
+@pytest.mark.parametrize(
+    "names",
+    [
+        pki.Names.of("node2", [ADDRESS]),
+        pki.Names.of("node1", ["127.0.0.8"]),
+        pki.Names.of("node1", [ADDRESS, "127.0.0.8"]),
+        pki.Names.of("node1", [ADDRESS], ["node1.example"]),
+        pki.Names.of("node1", []),
+    ],
+    ids=["other-cn", "other-ip", "extra-ip", "extra-dns", "no-san"],
+)
+def test_csr_names_must_equal_the_claim(names: pki.Names) -> None:
+    csr = pki.load_csr_pem(csr_of(pki.generate_key(), names))
+    with pytest.raises(PKIError) as info:
+        pki.check_csr(csr, NAMES)
+    assert reason(info) == PKIReason.NAME_MISMATCH
+    assert "CN='node1'" in str(info.value)
+
+
+def test_names_are_normalised_before_comparing() -> None:
+    claimed = pki.Names.of("node1", ["::1", "127.0.0.7"], ["Node1.Example."])
+    in_csr = pki.Names.of("node1", ["127.0.0.7", "0:0::1"], ["node1.example"])
+    key = pki.generate_key()
+    csr = pki.load_csr_pem(csr_of(key, in_csr))
+    pki.check_csr(csr, claimed)
+
+
+def test_malformed_or_forged_csr() -> None:
+    with pytest.raises(PKIError) as info:
+        pki.load_csr_pem(b"-----BEGIN CERTIFICATE REQUEST-----\nnope\n")
+    assert reason(info) == PKIReason.BAD_CSR
+    der = bytearray(
+        x509.load_pem_x509_csr(csr_of(pki.generate_key())).public_bytes(serialization.Encoding.DER)
+    )
+    der[-1] ^= 0x01  # the last byte belongs to the signature
+    forged = x509.load_der_x509_csr(bytes(der)).public_bytes(serialization.Encoding.PEM)
+    with pytest.raises(PKIError) as info:
+        pki.load_csr_pem(forged)
+    assert reason(info) == PKIReason.BAD_SIGNATURE
+
+
+def test_sign_csr_issues_exactly_the_expected_names(ca: pki.CertificateAuthority) -> None:
+    key = pki.generate_key()
+    cert = ca.sign_csr(pki.load_csr_pem(csr_of(key)), NAMES, client=True)
+    assert pki.names_of(cert) == NAMES
+    assert pki.key_matches(cert, key)
+    assert pki.issued_by(cert, ca.cert)
+
+
+# --- certificates from the CA -----------------------------------------------------------------
+
+
+def test_leaf_certificate_rules(ca: pki.CertificateAuthority) -> None:
+    now = dt.datetime(2030, 1, 1, tzinfo=dt.UTC)
+    key = pki.generate_key()
+    cert = ca.issue(key.public_key(), pki.Names.of("n", [ADDRESS], ["n.example"]), now=now)
+    assert cert.not_valid_before_utc < now - dt.timedelta(minutes=30)
+    assert cert.not_valid_after_utc - cert.not_valid_before_utc <= dt.timedelta(days=398)
+    assert cert.serial_number.bit_length() > 64
+    assert isinstance(cert.signature_hash_algorithm, hashes.SHA256)
+    eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert list(eku) == [ExtendedKeyUsageOID.SERVER_AUTH]
+    assert not pki.is_ca(cert)
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert san.get_values_for_type(x509.DNSName) == ["n.example"]
+    with pytest.raises(PKIError) as info:
+        pki.check_valid_now(cert, now - dt.timedelta(hours=2))
+    assert reason(info) == PKIReason.EXPIRED
+    pki.check_valid_now(cert, now)
+
+
+def test_issue_refuses_what_the_rules_forbid(ca: pki.CertificateAuthority) -> None:
+    public = pki.generate_key().public_key()
+    with pytest.raises(ValueError, match="validity"):
+        ca.issue(public, NAMES, validity_days=398)
+    with pytest.raises(ValueError, match="IP address or DNS name"):
+        ca.issue(public, pki.Names.of("n"))
+    with pytest.raises(ValueError, match="server or client"):
+        ca.issue(public, NAMES, server=False, client=False)
+
+
+def test_serials_are_unique(ca: pki.CertificateAuthority) -> None:
+    public = pki.generate_key().public_key()
+    serials = {ca.issue(public, NAMES).serial_number for _ in range(20)}
+    assert len(serials) == 20
+
+
+def test_ca_refuses_a_non_ca_or_a_foreign_key(ca: pki.CertificateAuthority) -> None:
+    leaf_key = pki.generate_key()
+    leaf = ca.issue(leaf_key.public_key(), NAMES)
+    with pytest.raises(PKIError) as info:
+        pki.CertificateAuthority(leaf, leaf_key)
+    assert reason(info) == PKIReason.NOT_CA
+    with pytest.raises(PKIError) as info:
+        pki.CertificateAuthority(ca.cert, pki.generate_key())
+    assert reason(info) == PKIReason.KEY_MISMATCH
+
+
+# --- pins and finding the pinned CA -----------------------------------------------------------
+
+
+def test_spki_pin_is_sha256_of_the_der_spki(ca: pki.CertificateAuthority) -> None:
+    der = ca.cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    assert pki.spki_pin(ca.cert) == "sha256:" + hashlib.sha256(der).hexdigest()
+    assert pki.spki_pin(ca.key.public_key()) == pki.spki_pin(ca.cert)
+
+
+def test_parse_pin() -> None:
+    good = "sha256:" + "0f" * 32
+    assert pki.parse_pin(good) == good
+    assert pki.parse_pin("  SHA256:" + "0F" * 32 + "\n") == good
+    for bad in ["", "0f" * 32, "sha1:" + "0f" * 32, "sha256:" + "0f" * 31, "sha256:" + "zz" * 32]:
+        with pytest.raises(ValueError, match="sha256:<64 hex digits>"):
+            pki.parse_pin(bad)
+
+
+def test_find_pinned_ca(ca: pki.CertificateAuthority) -> None:
+    server = ca.issue(pki.generate_key().public_key(), NAMES)
+    assert pki.find_pinned_ca([server, ca.cert], pki.spki_pin(ca.cert).upper()) == ca.cert
+
+
+def test_find_pinned_ca_wrong_pin(ca: pki.CertificateAuthority) -> None:
+    server = ca.issue(pki.generate_key().public_key(), NAMES)
+    other = pki.CertificateAuthority.create("other")
+    with pytest.raises(PKIError) as info:
+        pki.find_pinned_ca([server, ca.cert], pki.spki_pin(other.cert))
+    assert reason(info) == PKIReason.PIN_MISMATCH
+
+
+def test_find_pinned_ca_refuses_a_pinned_leaf(ca: pki.CertificateAuthority) -> None:
+    server = ca.issue(pki.generate_key().public_key(), NAMES)
+    with pytest.raises(PKIError) as info:
+        pki.find_pinned_ca([server, ca.cert], pki.spki_pin(server))
+    assert reason(info) == PKIReason.NOT_CA
+
+
+def test_find_pinned_ca_refuses_a_ca_that_did_not_issue_the_server(
+    ca: pki.CertificateAuthority,
+) -> None:
+    """A server sending the real CA beside a certificate of its own is not trusted."""
+    impostor = pki.CertificateAuthority.create("impostor")
+    server = impostor.issue(pki.generate_key().public_key(), NAMES)
+    with pytest.raises(PKIError) as info:
+        pki.find_pinned_ca([server, ca.cert], pki.spki_pin(ca.cert))
+    assert reason(info) == PKIReason.UNTRUSTED
+
+
+# --- keys at rest -----------------------------------------------------------------------------
+
+
+def test_encrypted_key_needs_the_right_passphrase(
+    ca: pki.CertificateAuthority, tmp_path: Path
+) -> None:
+    cert_path, key_path = tmp_path / "ca.pem", tmp_path / "ca.key"
+    ca.save(cert_path, key_path, b"right")
+    assert stat.S_IMODE(key_path.stat().st_mode) == 0o600
+    assert b"ENCRYPTED PRIVATE KEY" in key_path.read_bytes()
+    for wrong in (b"wrong", b""):
+        with pytest.raises(PKIError) as info:
+            pki.CertificateAuthority.load(cert_path, key_path, wrong)
+        assert reason(info) == PKIReason.BAD_PASSPHRASE
+    loaded = pki.CertificateAuthority.load(cert_path, key_path, b"right")
+    assert pki.spki_pin(loaded.cert) == pki.spki_pin(ca.cert)
+    with pytest.raises(ValueError, match="always encrypted"):
+        ca.save(cert_path, key_path, b"")
+
+
+def test_plain_key_given_a_passphrase_and_garbage(tmp_path: Path) -> None:
+    pem = pki.key_to_pem(pki.generate_key())
+    assert b"ENCRYPTED" not in pem
+    with pytest.raises(PKIError) as info:
+        pki.load_key_pem(pem, b"unneeded")
+    assert reason(info) == PKIReason.BAD_PASSPHRASE
+    with pytest.raises(PKIError) as info:
+        pki.load_key_pem(b"-----BEGIN PRIVATE KEY-----\nxx\n-----END PRIVATE KEY-----\n")
+    assert reason(info) == PKIReason.BAD_PEM
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o660])
+def test_key_file_readable_by_others_is_refused(tmp_path: Path, mode: int) -> None:
+    path = tmp_path / "node.key"
+    pki.write_key(path, pki.generate_key())
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    pki.read_key(path)
+    path.chmod(mode)
+    with pytest.raises(UnsafePermissions, match=f"chmod 600 {path}"):
+        pki.read_key(path)
+
+
+def test_key_errors_never_show_key_material(tmp_path: Path) -> None:
+    pem = pki.key_to_pem(pki.generate_key(), b"secret-passphrase")
+    with pytest.raises(PKIError) as info:
+        pki.load_key_pem(pem, b"wrong")
+    text = str(info.value)
+    assert "secret-passphrase" not in text
+    body = [line for line in pem.decode().splitlines() if not line.startswith("-----")]
+    assert not any(line in text for line in body)
