@@ -44,6 +44,7 @@ ADDRESSES = ("127.0.10.1", "127.0.10.2", "127.0.10.3")
 APP = "/praxis_live/"
 HTTP_PORT, HTTPS_PORT = 8080, 8443
 WAIT = 30.0
+DEMO_PASSWORD = "demo-only-password-7q4k"  # noqa: S105 - the demo's throwaway cluster
 
 
 def say(text: str) -> None:
@@ -369,7 +370,20 @@ def run(addresses: list[str], work: Path, report_file: Path | None) -> bool:
         thread.start()
         time.sleep(1.0)
         say("switch the whole multiserver to https")
-        cli.run("rollout", "start", "--scope", "cluster", "--yes")
+        password_file = work / "auth-password"
+        password_file.touch(0o600)
+        password_file.write_text(DEMO_PASSWORD + "\n")
+        print("   the workstations' auth password is in a 0600 file (a real admin would let")
+        print("   tlsroll generate one and show it once on the terminal)")
+        cli.run(
+            "rollout",
+            "start",
+            "--scope",
+            "cluster",
+            "--password-file",
+            str(password_file),
+            "--yes",
+        )
         say("the update schema, live")
         subprocess.run(
             [sys.executable, "-m", "leader.cli", "schema", "show", "--watch"],

@@ -25,6 +25,7 @@ from leader.cli_base import (
     pass_leader,
     to_dict,
 )
+from leader.cli_password import notify, password_group
 from leader.cli_rollout import plan, rollout, schema
 from leader.workstation import client as client_group
 from tlsroll import __version__, pki
@@ -220,6 +221,8 @@ cli.add_command(client_group)
 cli.add_command(plan)
 cli.add_command(rollout)
 cli.add_command(schema)
+cli.add_command(password_group)
+cli.add_command(notify)
 
 
 # --- entry point ------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from google.protobuf.message import Message
 from rich.console import Console
 
 from tlsroll.errors import TlsrollError
-from tlsroll.v1 import admin_pb2_grpc, schema_pb2_grpc
+from tlsroll.v1 import admin_pb2_grpc, schema_pb2, schema_pb2_grpc
 
 DEFAULT_DATA_DIR = Path("/var/lib/tlsroll")
 T = TypeVar("T")
@@ -103,3 +103,8 @@ def parse_duration(text: str) -> int:
     if not m or int(m.group(1)) == 0:
         raise click.BadParameter(f"{text!r}: use a number with s, m, h or d, e.g. 1h")
     return int(m.group(1)) * _UNITS[m.group(2)]
+
+
+def fetch_schema(leader: Leader, rollout_id: str = "") -> schema_pb2.Schema:
+    with leader.schema() as stub:
+        return leader.call(stub.GetSchema, schema_pb2.GetSchemaRequest(rollout_id=rollout_id))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 import click
@@ -18,7 +19,17 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from leader.cli_base import CLIError, Leader, emit_json, fmt_time, out, pass_leader, to_dict
+from leader.cli_base import (
+    CLIError,
+    Leader,
+    emit_json,
+    fetch_schema,
+    fmt_time,
+    out,
+    pass_leader,
+    to_dict,
+)
+from leader.cli_password import obtain_password, verifier_json
 from tlsroll.v1 import admin_pb2, schema_pb2
 
 TERMINAL = {"completed", "halted", "aborted"}
@@ -38,6 +49,13 @@ STATE_STYLE = {
 
 
 def scope_options(f: Any) -> Any:
+    f = click.option(
+        "--change",
+        type=click.Choice(["enable-tls", "change-password"]),
+        default="enable-tls",
+        show_default=True,
+        help="enable-tls: the switch to https; change-password: apply a staged password.",
+    )(f)
     f = click.option(
         "--freeze",
         type=click.Choice(["node", "scope"]),
@@ -62,7 +80,7 @@ def scope_options(f: Any) -> Any:
 
 
 def rollout_request(
-    scope: str | None, nodes: str | None, max_parallel: int, freeze: str
+    scope: str | None, nodes: str | None, max_parallel: int, freeze: str, change: str
 ) -> admin_pb2.RolloutRequest:
     names = [n.strip() for n in (nodes or "").split(",") if n.strip()]
     if scope is None:
@@ -74,7 +92,7 @@ def rollout_request(
     if scope != "nodes" and names:
         raise click.UsageError("--nodes goes with --scope nodes (or without --scope)")
     return admin_pb2.RolloutRequest(
-        change="enable-tls", scope=scope, nodes=names, max_parallel=max_parallel, freeze=freeze
+        change=change, scope=scope, nodes=names, max_parallel=max_parallel, freeze=freeze
     )
 
 
@@ -137,11 +155,6 @@ def render_rollout(r: schema_pb2.RolloutView) -> Group:
     return Group(head, times, table)
 
 
-def fetch_schema(leader: Leader, rollout_id: str = "") -> schema_pb2.Schema:
-    with leader.schema() as stub:
-        return leader.call(stub.GetSchema, schema_pb2.GetSchemaRequest(rollout_id=rollout_id))
-
-
 # --- plan -------------------------------------------------------------------------------------
 
 
@@ -155,10 +168,11 @@ def plan(
     nodes: str | None,
     max_parallel: int,
     freeze: str,
+    change: str,
     as_json: bool,
 ) -> None:
     """Dry run: the update schema a rollout would make, its checks, what clients must do."""
-    request = rollout_request(scope, nodes, max_parallel, freeze)
+    request = rollout_request(scope, nodes, max_parallel, freeze, change)
     with leader.admin() as admin:
         reply = leader.call(admin.PlanRollout, request)
     if as_json:
@@ -197,20 +211,40 @@ def rollout() -> None:
 
 @rollout.command("start")
 @scope_options
+@click.option(
+    "--password-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="enable-tls: the auth password workstations will need (first line of the file); "
+    "without it a new one is generated and shown once.",
+)
 @click.option("--yes", is_flag=True, help="Start without showing the plan and asking.")
 @pass_leader
 def rollout_start(
-    leader: Leader, scope: str | None, nodes: str | None, max_parallel: int, freeze: str, yes: bool
+    leader: Leader,
+    scope: str | None,
+    nodes: str | None,
+    max_parallel: int,
+    freeze: str,
+    change: str,
+    password_file: Path | None,
+    yes: bool,
 ) -> None:
     """Start the switch from http to https on the local node or the whole multiserver."""
-    request = rollout_request(scope, nodes, max_parallel, freeze)
+    request = rollout_request(scope, nodes, max_parallel, freeze, change)
+    if change != "enable-tls" and password_file is not None:
+        raise click.UsageError("--password-file goes with enable-tls; use `tlsroll password set`")
     with leader.admin() as admin:
+        # The dry run first: a bad scope or an offline node fails before anything is asked.
+        planned = leader.call(admin.PlanRollout, request)
         if not yes:
-            show_plan(leader.call(admin.PlanRollout, request))
+            show_plan(planned)
             if not sys.stdin.isatty():
                 raise click.UsageError("not a terminal: review `tlsroll plan`, then add --yes")
             if not click.confirm("Start the switch now?", default=False):
                 raise CLIError("not started")
+        if change == "enable-tls":
+            secret = obtain_password(password_file, generate=password_file is None)
+            request.auth_verifier_json = verifier_json(secret)
         view = leader.call(admin.StartRollout, request)
     out.print(
         f"rollout {view.id} started (epoch {view.epoch}); order: "

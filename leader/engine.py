@@ -49,7 +49,7 @@ from leader.rollout_core import (
 )
 from leader.schema_store import RolloutMeta, RolloutRow, SchemaStore
 from leader.store import Node, Store
-from tlsroll import logs, pki
+from tlsroll import logs, password, pki
 from tlsroll.errors import PKIError, TlsrollError, TransientError
 from tlsroll.rpc import hostport
 from tlsroll.v1 import agent_pb2, agent_pb2_grpc
@@ -75,6 +75,8 @@ class RolloutRequest:
     max_parallel: int = 1
     failure_budget: int = 0
     freeze: FreezeMode = FreezeMode.NODE
+    # enable-tls: the auth password's verifier (JSON) made by the CLI; never the password.
+    auth_verifier_json: str | None = None
 
 
 class AgentClient:
@@ -176,15 +178,18 @@ class Engine:
             raise planner.PlanError(
                 "--freeze scope is not available yet; use --freeze node (the default)"
             )
-        if request.change is not Change.ENABLE_TLS:
-            raise planner.PlanError(f"change {request.change.value} is not available yet")
+        new_verifier, auth_version = self._auth_for(request)
         rollout, nodes = self.plan(request)
         now = self.clock()
         rollout = rollout.with_event(RolloutEvent.START)
         meta = RolloutMeta(
-            created_at=now, started_by=actor, leader_node=self.leader_node or "", started_at=now
+            created_at=now,
+            started_by=actor,
+            leader_node=self.leader_node or "",
+            started_at=now,
+            auth_version=auth_version,
         )
-        row = self.schema.create(rollout, nodes, meta, now)
+        row = self.schema.create(rollout, nodes, meta, now, new_verifier)
         log.info(
             "rollout.started",
             rollout_id=rollout.id,
@@ -195,6 +200,37 @@ class Engine:
         )
         self.wake.set()
         return row
+
+    def _auth_for(self, request: RolloutRequest) -> tuple[str | None, int]:
+        """(new verifier to add, version to apply) for the rollout's change."""
+        if request.change is Change.ENABLE_TLS:
+            if not request.auth_verifier_json:
+                raise planner.PlanError(
+                    "enable-tls sets the auth password: give --password-file or let the CLI "
+                    "generate one"
+                )
+            try:
+                password.verifier_from_json(request.auth_verifier_json)
+            except ValueError as exc:
+                raise planner.PlanError(f"bad password verifier: {exc}") from None
+            return request.auth_verifier_json, 0
+        if request.change is Change.CHANGE_PASSWORD:
+            if request.auth_verifier_json:
+                raise planner.PlanError("change-password applies the staged password only")
+            latest = self.schema.latest_auth_version()
+            if latest == 0:
+                raise planner.PlanError("no password staged: run `tlsroll password set` first")
+            return None, latest
+        raise planner.PlanError(f"change {request.change.value} is not available yet")
+
+    def stage_password(self, verifier_json: str, actor: str) -> tuple[int, set[str]]:
+        try:
+            password.verifier_from_json(verifier_json)
+        except ValueError as exc:
+            raise planner.PlanError(f"bad password verifier: {exc}") from None
+        version = self.schema.stage_password(verifier_json, self.clock(), actor)
+        log.info("password.staged", version=version, actor=actor)
+        return version, self.schema.pending_password_nodes()
 
     def control(self, rollout_id: str, action: str, actor: str) -> RolloutRow:
         """pause | resume | abort; IllegalTransition (with the reason) if not allowed now."""
@@ -337,6 +373,9 @@ class Engine:
         records[i] = records[i].with_event(event, reason)
         self.schema.save_states(row, row.rollout, records, self.clock(), "engine")
         self.schema.step_times(rollout_id, step.node, step.step.value, ended=self.clock())
+        if event is NodeEvent.CONFIRM_DONE and row.meta.auth_version:
+            # The node restarted with this rollout's password: it is live there now.
+            self.schema.set_node_auth(step.node, row.meta.auth_version, self.clock())
         log.info(
             "step.done",
             rollout_id=rollout_id,
@@ -369,6 +408,8 @@ class Engine:
         )
         if not reply.ok:
             return NodeEvent.PREFLIGHT_FAILED, "; ".join(reply.problems)
+        if rollout.change is Change.CHANGE_PASSWORD and "https" not in reply.server.schemes:
+            return NodeEvent.PREFLIGHT_FAILED, "the node is not on https; run enable-tls first"
         node = await asyncio.to_thread(self.store.get_node, name)
         claimed = pki.Names.of(reply.common_name, reply.ip_addresses, reply.dns_names)
         enrolled = pki.Names.of(node.name, node.addresses, node.dns_names)
@@ -379,6 +420,8 @@ class Engine:
         return NodeEvent.PREFLIGHT_PASSED, None
 
     async def _stage(self, rollout: Rollout, name: str) -> tuple[NodeEvent, str | None]:
+        if rollout.change is Change.CHANGE_PASSWORD:
+            return NodeEvent.STAGE_DONE, None  # the certificate stays; nothing to stage
         client = await self._client(name)
         node = await asyncio.to_thread(self.store.get_node, name)
         try:
@@ -429,11 +472,18 @@ class Engine:
 
     async def _switch(self, rollout: Rollout, name: str) -> tuple[NodeEvent, str | None]:
         client = await self._client(name)
+        row = await asyncio.to_thread(self.schema.get, rollout.id)
+        assert row is not None
+        verifier = ""
+        if row.meta.auth_version:
+            verifier = await asyncio.to_thread(self.schema.verifier, row.meta.auth_version)
         try:
             await client.call(
                 client.stub.Switch,
                 agent_pb2.SwitchRequest(
-                    command=self._command(rollout), change=rollout.change.value
+                    command=self._command(rollout),
+                    change=rollout.change.value,
+                    auth_verifier_json=verifier,
                 ),
             )
             txn = await self._wait_txn(rollout, name, "switch")

@@ -77,6 +77,8 @@ def init(
 ) -> Layout:
     """Create a new cluster: CA, the leader's certificate, config. Refuses to overwrite."""
     layout = Layout(Path(data_dir).resolve())
+    if node_name is not None and (problem := pki.node_name_problem(node_name)):
+        raise TlsrollError(problem)
     if layout.config.exists() or layout.ca_key.exists():
         raise TlsrollError(f"{layout.data_dir} is already initialised; refusing to overwrite it")
     names = pki.Names.of(LEADER_NAME, [address], dns_names)  # validates the address

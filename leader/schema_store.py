@@ -50,7 +50,19 @@ CREATE TABLE IF NOT EXISTS rollouts (
     ended_at       TEXT,
     started_by     TEXT NOT NULL,
     leader_node    TEXT NOT NULL,
-    reason         TEXT NOT NULL DEFAULT ''
+    reason         TEXT NOT NULL DEFAULT '',
+    auth_version   INTEGER NOT NULL DEFAULT 0   -- the auth password this rollout applies
+);
+CREATE TABLE IF NOT EXISTS auth_versions (
+    version    INTEGER PRIMARY KEY,
+    verifier   TEXT NOT NULL,                    -- scrypt verifier JSON, never the password
+    created_at TEXT NOT NULL,
+    actor      TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS node_auth (
+    name       TEXT PRIMARY KEY,
+    version    INTEGER NOT NULL,                 -- the auth password live on the node
+    updated_at TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS rollout_nodes (
     rollout_id        TEXT NOT NULL REFERENCES rollouts(id),
@@ -112,6 +124,7 @@ class RolloutMeta:
     started_at: dt.datetime | None = None
     ended_at: dt.datetime | None = None
     reason: str = ""
+    auth_version: int = 0
 
 
 @dataclass(frozen=True)
@@ -224,6 +237,7 @@ class SchemaStore:
             started_at=_dt(r["started_at"]),
             ended_at=_dt(r["ended_at"]),
             reason=r["reason"],
+            auth_version=r["auth_version"],
         )
         by_name = {row["name"]: row for row in rows}
         nodes = tuple(_node(by_name[name]) for name in rollout.order)
@@ -237,10 +251,16 @@ class SchemaStore:
     # --- writing ------------------------------------------------------------------------------
 
     def create(
-        self, rollout: Rollout, nodes: Sequence[NodeRecord], meta: RolloutMeta, now: dt.datetime
+        self,
+        rollout: Rollout,
+        nodes: Sequence[NodeRecord],
+        meta: RolloutMeta,
+        now: dt.datetime,
+        new_verifier: str | None = None,
     ) -> RolloutRow:
         """Insert a new rollout, refusing if another one is active (checked in the same
-        transaction, so two starts cannot both succeed)."""
+        transaction, so two starts cannot both succeed). ``new_verifier`` adds the auth
+        password the rollout applies, in the same transaction."""
         with self._tx() as db:
             busy = db.execute(
                 f"SELECT id, state FROM rollouts WHERE {_ACTIVE}",  # noqa: S608
@@ -248,10 +268,14 @@ class SchemaStore:
             ).fetchone()
             if busy is not None:
                 raise RolloutBusy(busy["id"], busy["state"])
+            auth_version = meta.auth_version
+            if new_verifier is not None:
+                auth_version = self._add_auth(db, new_verifier, now, meta.started_by)
             db.execute(
                 "INSERT INTO rollouts (id, change, scope_kind, scope_names, node_order, strategy,"
                 " max_parallel, failure_budget, freeze, epoch, state, created_at, started_at,"
-                " started_by, leader_node) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " started_by, leader_node, auth_version)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     rollout.id,
                     rollout.change.value,
@@ -268,6 +292,7 @@ class SchemaStore:
                     _ts(meta.started_at),
                     meta.started_by,
                     meta.leader_node,
+                    auth_version,
                 ),
             )
             for n in nodes:
@@ -382,6 +407,67 @@ class SchemaStore:
                 "UPDATE rollout_nodes SET steps = ? WHERE rollout_id = ? AND name = ?",
                 (json.dumps(steps), rollout_id, name),
             )
+
+    # --- the auth password (verifiers only) ---------------------------------------------------
+
+    def _add_auth(self, db: sqlite3.Connection, verifier: str, now: dt.datetime, actor: str) -> int:
+        cur = db.execute(
+            "INSERT INTO auth_versions (version, verifier, created_at, actor) VALUES ("
+            "(SELECT COALESCE(MAX(version), 0) + 1 FROM auth_versions), ?, ?, ?)",
+            (verifier, _ts(now), actor),
+        )
+        version = int(
+            db.execute(
+                "SELECT version FROM auth_versions WHERE rowid = ?", (cur.lastrowid,)
+            ).fetchone()[0]
+        )
+        self._audit(db, now, actor, "password.staged", f"auth/{version}")
+        return version
+
+    def stage_password(self, verifier: str, now: dt.datetime, actor: str) -> int:
+        """Add a new auth password version, refused while a rollout is active."""
+        with self._tx() as db:
+            busy = db.execute(
+                f"SELECT id, state FROM rollouts WHERE {_ACTIVE}",  # noqa: S608
+                _TERMINAL,
+            ).fetchone()
+            if busy is not None:
+                raise RolloutBusy(busy["id"], busy["state"])
+            return self._add_auth(db, verifier, now, actor)
+
+    def latest_auth_version(self) -> int:
+        with self._lock:
+            row = self._db.execute("SELECT COALESCE(MAX(version), 0) FROM auth_versions").fetchone()
+        return int(row[0])
+
+    def verifier(self, version: int) -> str:
+        with self._lock:
+            row = self._db.execute(
+                "SELECT verifier FROM auth_versions WHERE version = ?", (version,)
+            ).fetchone()
+        if row is None:
+            raise TlsrollError(f"no auth password version {version}")
+        return str(row["verifier"])
+
+    def node_auth(self) -> dict[str, int]:
+        """The auth password version live on each node that has one."""
+        with self._lock:
+            rows = self._db.execute("SELECT name, version FROM node_auth").fetchall()
+        return {r["name"]: r["version"] for r in rows}
+
+    def pending_password_nodes(self) -> set[str]:
+        latest = self.latest_auth_version()
+        return {name for name, v in self.node_auth().items() if v < latest}
+
+    def set_node_auth(self, name: str, version: int, now: dt.datetime) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO node_auth (name, version, updated_at) VALUES (?, ?, ?)"
+                " ON CONFLICT(name) DO UPDATE SET version = excluded.version,"
+                " updated_at = excluded.updated_at",
+                (name, version, _ts(now)),
+            )
+            self._audit(db, now, "engine", "password.applied", name, version=version)
 
 
 class RolloutBusy(TlsrollError):

@@ -29,7 +29,8 @@ def ts(t: dt.datetime | None) -> Timestamp | None:
     return out
 
 
-def rollout_view(row: RolloutRow) -> schema_pb2.RolloutView:
+def rollout_view(row: RolloutRow, pending: set[str] | None = None) -> schema_pb2.RolloutView:
+    """The view of one rollout; ``pending`` names nodes with a staged, not yet live password."""
     r, meta = row.rollout, row.meta
     nodes = []
     for rec, d in row.nodes:
@@ -56,6 +57,7 @@ def rollout_view(row: RolloutRow) -> schema_pb2.RolloutView:
                 steps=steps,
                 leader_node=rec.name == meta.leader_node,
                 bootstrap_port=d.bootstrap_port,
+                password_pending=rec.name in (pending or set()),
             )
         )
     return schema_pb2.RolloutView(
@@ -94,6 +96,7 @@ class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
             rows = [row] if row else []
         else:
             rows = await asyncio.to_thread(self.schema.all)
+        pending = await asyncio.to_thread(self.schema.pending_password_nodes)
         return schema_pb2.Schema(
-            rollouts=[rollout_view(r) for r in rows], generated_at=ts(self.clock())
+            rollouts=[rollout_view(r, pending) for r in rows], generated_at=ts(self.clock())
         )

@@ -24,7 +24,7 @@ from leader.schema_store import NodeDetail, RolloutBusy, RolloutMeta, RolloutRow
 from leader.schema_view import rollout_view
 from leader.store import NameTaken, NodeCert, NotFound, Store, TokenRejected
 from leader.tokens import JoinToken, MalformedToken
-from tlsroll import logs, pki
+from tlsroll import bootstrap, logs, pki
 from tlsroll.errors import PKIError
 from tlsroll.rpc import invalid, map_errors, peer_name, unauthenticated
 from tlsroll.v1 import (
@@ -42,6 +42,7 @@ log = logs.get_logger("tlsroll.leader")
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
 ERRORS = {
+    bootstrap.BootstrapError: grpc.StatusCode.INVALID_ARGUMENT,
     PlanError: grpc.StatusCode.INVALID_ARGUMENT,
     NodesOffline: grpc.StatusCode.FAILED_PRECONDITION,
     RolloutBusy: grpc.StatusCode.FAILED_PRECONDITION,
@@ -83,12 +84,8 @@ class LeaderState:
 
 def _claimed_names(request: enrolment_pb2.EnrolRequest) -> pki.Names:
     name = request.node_name
-    if not pki.NODE_NAME.match(name):
-        raise invalid(
-            f"node name {name!r} is not valid: lowercase letters, digits and '-', at most 63"
-        )
-    if name.startswith("tlsroll-"):
-        raise invalid(f"node name {name!r} is reserved (names starting 'tlsroll-')")
+    if problem := pki.node_name_problem(name):
+        raise invalid(problem)
     if not request.addresses:
         raise invalid("a node needs at least one IP address")
     try:
@@ -180,6 +177,32 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             leader_time=ts(now), interval_seconds=self.state.heartbeat_interval
         )
 
+    @map_errors(ERRORS)
+    async def SignWorkstationCertificate(
+        self, request: leader_pb2.SignWorkstationRequest, context: Ctx
+    ) -> leader_pb2.SignWorkstationResponse:
+        """A node's bootstrap service has checked the workstation's password proof; the
+        leader signs a client-only certificate naming nothing but ``ws-<name>``."""
+        node = await self._caller(context)
+        key, cn = bootstrap.check_workstation_csr(request.csr_pem)
+        cert = self.state.ca.issue(
+            key,
+            bootstrap.workstation_names(cn),
+            server=False,
+            client=True,
+            now=self.state.clock(),
+        )
+        await asyncio.to_thread(
+            self.state.store.record_event,
+            "workstation.enrolled",
+            f"node:{node}",
+            cn,
+            self.state.clock(),
+            fingerprint=pki.fingerprint(cert),
+        )
+        log.info("workstation.enrolled", node=node, workstation=cn)
+        return leader_pb2.SignWorkstationResponse(certificate_pem=pki.cert_to_pem(cert))
+
 
 def _actor(context: Ctx) -> str:
     for key, value in context.invocation_metadata() or ():
@@ -247,6 +270,7 @@ def rollout_request(request: admin_pb2.RolloutRequest) -> RolloutRequest:
         scope=scope,
         max_parallel=request.max_parallel or 1,
         failure_budget=request.failure_budget,
+        auth_verifier_json=request.auth_verifier_json or None,
         freeze=freeze,
     )
 
@@ -303,6 +327,16 @@ class RolloutAdmin:
             engine.control, request.rollout_id, request.action, _actor(context)
         )
         return rollout_view(row)
+
+    @map_errors(ERRORS)
+    async def SetPassword(
+        self, request: admin_pb2.SetPasswordRequest, context: Ctx
+    ) -> admin_pb2.SetPasswordResponse:
+        engine = self._engine()
+        version, pending = await asyncio.to_thread(
+            engine.stage_password, request.auth_verifier_json, _actor(context)
+        )
+        return admin_pb2.SetPasswordResponse(version=version, pending_nodes=sorted(pending))
 
 
 class AdminService(RolloutAdmin, admin_pb2_grpc.AdminServicer):

@@ -319,6 +319,12 @@ class Store:
 
     # --- audit --------------------------------------------------------------------------------
 
+    def record_event(
+        self, kind: str, actor: str, subject: str, now: dt.datetime, **detail: Any
+    ) -> None:
+        with self._tx() as db:
+            self._audit(db, now, actor, kind, subject, **detail)
+
     def audit_events(self, *, after: int = 0) -> list[dict[str, Any]]:
         with self._lock:
             rows = self._db.execute(

@@ -59,10 +59,8 @@ class AgentConfig:
         leader = cfg.section("leader")
         agent = cfg.section("agent")
         name = node.text("name")
-        if not pki.NODE_NAME.match(name) or name.startswith("tlsroll-"):
-            raise node.error(
-                "name", f"{name!r} is not a valid node name (lowercase letters, digits, '-')"
-            )
+        if problem := pki.node_name_problem(name):
+            raise node.error("name", problem)
         pin = leader.text("ca_pin")
         try:
             pin = pki.parse_pin(pin)

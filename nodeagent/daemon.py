@@ -113,7 +113,8 @@ async def serve(cfg: AgentConfig) -> None:
         root_certificates=identity.ca_pem,
         require_client_auth=True,
     )
-    server = grpc.aio.server()
+    # gRPC sets SO_REUSEPORT by default: a second agent would then share the port silently.
+    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     agent_pb2_grpc.add_NodeAgentServicer_to_server(
         NodeAgentService(cfg, identity, journal, driver, runner, now), server
     )

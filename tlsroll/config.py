@@ -63,13 +63,13 @@ class Section:
 
     def text(self, key: str, default: Any = _MISSING) -> Any:
         value = self._get(key, str, default)
-        if value is not default and not value:
+        if key in self.data and not value:
             raise self.error(key, "must not be empty")
         return value
 
     def integer(self, key: str, default: Any = _MISSING, *, lo: int = 0, hi: int = 2**31) -> Any:
         value = self._get(key, int, default)
-        if value is not default and not lo <= value <= hi:
+        if key in self.data and not lo <= value <= hi:
             raise self.error(key, f"must be between {lo} and {hi}, got {value}")
         return value
 
@@ -81,7 +81,7 @@ class Section:
 
     def str_list(self, key: str, default: Any = _MISSING) -> Any:
         value = self._get(key, list, default)
-        if value is default:
+        if key not in self.data:
             return value
         for i, item in enumerate(value):
             if not isinstance(item, str):
@@ -90,13 +90,13 @@ class Section:
 
     def ip(self, key: str, default: Any = _MISSING) -> Any:
         value = self.text(key, default)
-        if value is default:
+        if key not in self.data:
             return value
         return self._check_ip(key, value)
 
     def ip_list(self, key: str, default: Any = _MISSING) -> Any:
         values = self.str_list(key, default)
-        if values is default:
+        if key not in self.data:
             return values
         if not values:
             raise self.error(key, "needs at least one address")
@@ -111,7 +111,7 @@ class Section:
     def path(self, key: str, default: Any = _MISSING) -> Any:
         """A path; relative paths are taken relative to the config file's directory."""
         value = self.text(key, default)
-        if value is default or value is None:
+        if key not in self.data:
             return value
         p = Path(value).expanduser()
         return p if p.is_absolute() else (self.file.parent / p).resolve()

@@ -32,6 +32,18 @@ LEAF_VALIDITY_DAYS = 397  # under Apple's 398 (public CAs) and 825 (private CAs)
 CA_VALIDITY_DAYS = 3650
 BACKDATE = dt.timedelta(hours=1)  # tolerate clocks that lag the CA's
 NODE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+# The leader's certificate is "tlsroll-leader" and workstations' are "ws-…": no node may
+# take a name that could be mistaken for either.
+RESERVED_PREFIXES = ("tlsroll-", "ws-")
+
+
+def node_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a node name, or None."""
+    if not NODE_NAME.match(name):
+        return f"{name!r} is not a valid node name: lowercase letters, digits and '-', at most 63"
+    if name.startswith(RESERVED_PREFIXES):
+        return f"node name {name!r} is reserved (names starting {' or '.join(RESERVED_PREFIXES)})"
+    return None
 
 
 def utcnow() -> dt.datetime:

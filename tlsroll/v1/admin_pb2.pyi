@@ -25,6 +25,51 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class SetPasswordRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUTH_VERIFIER_JSON_FIELD_NUMBER: _builtins.int
+    auth_verifier_json: _builtins.str
+    """JSON scrypt verifier (tlsroll/password.py), made by the CLI from the password."""
+    def __init__(
+        self,
+        *,
+        auth_verifier_json: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth_verifier_json", b"auth_verifier_json"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetPasswordRequest: _TypeAlias = SetPasswordRequest  # noqa: Y015
+
+@_typing.final
+class SetPasswordResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    PENDING_NODES_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    @_builtins.property
+    def pending_nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Nodes on which the new password is pending (it takes effect at their next restart)."""
+
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        pending_nodes: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pending_nodes", b"pending_nodes", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SetPasswordResponse: _TypeAlias = SetPasswordResponse  # noqa: Y015
+
+@_typing.final
 class RolloutRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -34,6 +79,7 @@ class RolloutRequest(_message.Message):
     MAX_PARALLEL_FIELD_NUMBER: _builtins.int
     FREEZE_FIELD_NUMBER: _builtins.int
     FAILURE_BUDGET_FIELD_NUMBER: _builtins.int
+    AUTH_VERIFIER_JSON_FIELD_NUMBER: _builtins.int
     change: _builtins.str
     """"enable-tls" (default)"""
     scope: _builtins.str
@@ -42,6 +88,10 @@ class RolloutRequest(_message.Message):
     freeze: _builtins.str
     """"node" (default) | "scope" """
     failure_budget: _builtins.int
+    auth_verifier_json: _builtins.str
+    """enable-tls: the JSON scrypt verifier of the auth password, made by the CLI; the password
+    itself never reaches the leader. change-password: empty (the staged one is used).
+    """
     @_builtins.property
     def nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     def __init__(
@@ -53,10 +103,11 @@ class RolloutRequest(_message.Message):
         max_parallel: _builtins.int = ...,
         freeze: _builtins.str = ...,
         failure_budget: _builtins.int = ...,
+        auth_verifier_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "failure_budget", b"failure_budget", "freeze", b"freeze", "max_parallel", b"max_parallel", "nodes", b"nodes", "scope", b"scope"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth_verifier_json", b"auth_verifier_json", "change", b"change", "failure_budget", b"failure_budget", "freeze", b"freeze", "max_parallel", b"max_parallel", "nodes", b"nodes", "scope", b"scope"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

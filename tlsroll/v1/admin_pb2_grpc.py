@@ -75,6 +75,11 @@ class AdminStub:
                 request_serializer=tlsroll_dot_v1_dot_admin__pb2.ControlRolloutRequest.SerializeToString,
                 response_deserializer=tlsroll_dot_v1_dot_schema__pb2.RolloutView.FromString,
                 _registered_method=True)
+        self.SetPassword = channel.unary_unary(
+                '/tlsroll.v1.Admin/SetPassword',
+                request_serializer=tlsroll_dot_v1_dot_admin__pb2.SetPasswordRequest.SerializeToString,
+                response_deserializer=tlsroll_dot_v1_dot_admin__pb2.SetPasswordResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -134,6 +139,15 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SetPassword(self, request, context):
+        """Stage a new auth password (its verifier only; the password never reaches the leader).
+        Switched nodes show "password change pending" until a change-password rollout restarts
+        them. FAILED_PRECONDITION while a rollout is active.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -176,6 +190,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ControlRollout,
                     request_deserializer=tlsroll_dot_v1_dot_admin__pb2.ControlRolloutRequest.FromString,
                     response_serializer=tlsroll_dot_v1_dot_schema__pb2.RolloutView.SerializeToString,
+            ),
+            'SetPassword': grpc.unary_unary_rpc_method_handler(
+                    servicer.SetPassword,
+                    request_deserializer=tlsroll_dot_v1_dot_admin__pb2.SetPasswordRequest.FromString,
+                    response_serializer=tlsroll_dot_v1_dot_admin__pb2.SetPasswordResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -394,6 +413,33 @@ class Admin:
             '/tlsroll.v1.Admin/ControlRollout',
             tlsroll_dot_v1_dot_admin__pb2.ControlRolloutRequest.SerializeToString,
             tlsroll_dot_v1_dot_schema__pb2.RolloutView.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SetPassword(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tlsroll.v1.Admin/SetPassword',
+            tlsroll_dot_v1_dot_admin__pb2.SetPasswordRequest.SerializeToString,
+            tlsroll_dot_v1_dot_admin__pb2.SetPasswordResponse.FromString,
             options,
             channel_credentials,
             insecure,

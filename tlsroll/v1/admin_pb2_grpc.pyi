@@ -52,6 +52,11 @@ class AdminStub:
     """pause | resume | abort the active (or named) rollout. FAILED_PRECONDITION: not allowed in
     its state (the message says why).
     """
+    SetPassword: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetPasswordRequest, _admin_pb2.SetPasswordResponse]
+    """Stage a new auth password (its verifier only; the password never reaches the leader).
+    Switched nodes show "password change pending" until a change-password rollout restarts
+    them. FAILED_PRECONDITION while a rollout is active.
+    """
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -71,6 +76,11 @@ class AdminAsyncStub(AdminStub):
     ControlRollout: _aio.UnaryUnaryMultiCallable[_admin_pb2.ControlRolloutRequest, _schema_pb2.RolloutView]  # type: ignore[assignment]
     """pause | resume | abort the active (or named) rollout. FAILED_PRECONDITION: not allowed in
     its state (the message says why).
+    """
+    SetPassword: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetPasswordRequest, _admin_pb2.SetPasswordResponse]  # type: ignore[assignment]
+    """Stage a new auth password (its verifier only; the password never reaches the leader).
+    Switched nodes show "password change pending" until a change-password rollout restarts
+    them. FAILED_PRECONDITION while a rollout is active.
     """
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
@@ -136,6 +146,17 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_schema_pb2.RolloutView, _abc.Awaitable[_schema_pb2.RolloutView]]:
         """pause | resume | abort the active (or named) rollout. FAILED_PRECONDITION: not allowed in
         its state (the message says why).
+        """
+
+    @_abc_1.abstractmethod
+    def SetPassword(
+        self,
+        request: _admin_pb2.SetPasswordRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.SetPasswordResponse, _abc.Awaitable[_admin_pb2.SetPasswordResponse]]:
+        """Stage a new auth password (its verifier only; the password never reaches the leader).
+        Switched nodes show "password change pending" until a change-password rollout restarts
+        them. FAILED_PRECONDITION while a rollout is active.
         """
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -315,8 +315,13 @@ class SwitchRequest(_message.Message):
 
     COMMAND_FIELD_NUMBER: _builtins.int
     CHANGE_FIELD_NUMBER: _builtins.int
+    AUTH_VERIFIER_JSON_FIELD_NUMBER: _builtins.int
     change: _builtins.str
-    """"enable-tls" (the seed's switch); other changes arrive with later issues."""
+    """"enable-tls" (the seed's switch) or "change-password" (same config, new verifier)."""
+    auth_verifier_json: _builtins.str
+    """JSON scrypt verifier of the auth password; it goes into the new config (0600 file) and
+    takes effect when the server restarts.
+    """
     @_builtins.property
     def command(self) -> Global___Command: ...
     def __init__(
@@ -324,10 +329,11 @@ class SwitchRequest(_message.Message):
         *,
         command: Global___Command | None = ...,
         change: _builtins.str = ...,
+        auth_verifier_json: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["command", b"command"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "command", b"command"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth_verifier_json", b"auth_verifier_json", "change", b"change", "command", b"command"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

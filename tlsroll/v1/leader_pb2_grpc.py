@@ -39,6 +39,11 @@ class LeaderStub:
                 request_serializer=tlsroll_dot_v1_dot_leader__pb2.HeartbeatRequest.SerializeToString,
                 response_deserializer=tlsroll_dot_v1_dot_leader__pb2.HeartbeatResponse.FromString,
                 _registered_method=True)
+        self.SignWorkstationCertificate = channel.unary_unary(
+                '/tlsroll.v1.Leader/SignWorkstationCertificate',
+                request_serializer=tlsroll_dot_v1_dot_leader__pb2.SignWorkstationRequest.SerializeToString,
+                response_deserializer=tlsroll_dot_v1_dot_leader__pb2.SignWorkstationResponse.FromString,
+                _registered_method=True)
 
 
 class LeaderServicer:
@@ -52,6 +57,14 @@ class LeaderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def SignWorkstationCertificate(self, request, context):
+        """Sign a workstation's client certificate for the node's bootstrap service, which has
+        checked the workstation's password proof. INVALID_ARGUMENT: not a workstation CSR.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LeaderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -59,6 +72,11 @@ def add_LeaderServicer_to_server(servicer, server):
                     servicer.Heartbeat,
                     request_deserializer=tlsroll_dot_v1_dot_leader__pb2.HeartbeatRequest.FromString,
                     response_serializer=tlsroll_dot_v1_dot_leader__pb2.HeartbeatResponse.SerializeToString,
+            ),
+            'SignWorkstationCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.SignWorkstationCertificate,
+                    request_deserializer=tlsroll_dot_v1_dot_leader__pb2.SignWorkstationRequest.FromString,
+                    response_serializer=tlsroll_dot_v1_dot_leader__pb2.SignWorkstationResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -88,6 +106,33 @@ class Leader:
             '/tlsroll.v1.Leader/Heartbeat',
             tlsroll_dot_v1_dot_leader__pb2.HeartbeatRequest.SerializeToString,
             tlsroll_dot_v1_dot_leader__pb2.HeartbeatResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def SignWorkstationCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tlsroll.v1.Leader/SignWorkstationCertificate',
+            tlsroll_dot_v1_dot_leader__pb2.SignWorkstationRequest.SerializeToString,
+            tlsroll_dot_v1_dot_leader__pb2.SignWorkstationResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -39,6 +39,10 @@ class LeaderStub:
     """The agent says it is alive; the leader answers with its clock for the skew check.
     UNAUTHENTICATED: the certificate is not the one on record for the node.
     """
+    SignWorkstationCertificate: _grpc.UnaryUnaryMultiCallable[_leader_pb2.SignWorkstationRequest, _leader_pb2.SignWorkstationResponse]
+    """Sign a workstation's client certificate for the node's bootstrap service, which has
+    checked the workstation's password proof. INVALID_ARGUMENT: not a workstation CSR.
+    """
 
 @_typing.type_check_only
 class LeaderAsyncStub(LeaderStub):
@@ -46,6 +50,10 @@ class LeaderAsyncStub(LeaderStub):
     Heartbeat: _aio.UnaryUnaryMultiCallable[_leader_pb2.HeartbeatRequest, _leader_pb2.HeartbeatResponse]  # type: ignore[assignment]
     """The agent says it is alive; the leader answers with its clock for the skew check.
     UNAUTHENTICATED: the certificate is not the one on record for the node.
+    """
+    SignWorkstationCertificate: _aio.UnaryUnaryMultiCallable[_leader_pb2.SignWorkstationRequest, _leader_pb2.SignWorkstationResponse]  # type: ignore[assignment]
+    """Sign a workstation's client certificate for the node's bootstrap service, which has
+    checked the workstation's password proof. INVALID_ARGUMENT: not a workstation CSR.
     """
 
 class LeaderServicer(metaclass=_abc_1.ABCMeta):
@@ -57,6 +65,16 @@ class LeaderServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_leader_pb2.HeartbeatResponse, _abc.Awaitable[_leader_pb2.HeartbeatResponse]]:
         """The agent says it is alive; the leader answers with its clock for the skew check.
         UNAUTHENTICATED: the certificate is not the one on record for the node.
+        """
+
+    @_abc_1.abstractmethod
+    def SignWorkstationCertificate(
+        self,
+        request: _leader_pb2.SignWorkstationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_leader_pb2.SignWorkstationResponse, _abc.Awaitable[_leader_pb2.SignWorkstationResponse]]:
+        """Sign a workstation's client certificate for the node's bootstrap service, which has
+        checked the workstation's password proof. INVALID_ARGUMENT: not a workstation CSR.
         """
 
 def add_LeaderServicer_to_server(servicer: LeaderServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

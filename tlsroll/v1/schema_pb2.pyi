@@ -85,6 +85,7 @@ class NodeView(_message.Message):
     STEPS_FIELD_NUMBER: _builtins.int
     LEADER_NODE_FIELD_NUMBER: _builtins.int
     BOOTSTRAP_PORT_FIELD_NUMBER: _builtins.int
+    PASSWORD_PENDING_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     state: _builtins.str
     reason: _builtins.str
@@ -94,6 +95,10 @@ class NodeView(_message.Message):
     restart_seconds: _builtins.float
     leader_node: _builtins.bool
     bootstrap_port: _builtins.int
+    password_pending: _builtins.bool
+    """A newer auth password is staged than the one live on this node: it takes effect at the
+    node's next restart (a change-password rollout).
+    """
     @_builtins.property
     def cert_not_after(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -118,10 +123,11 @@ class NodeView(_message.Message):
         steps: _abc.Iterable[Global___StepTimes] | None = ...,
         leader_node: _builtins.bool = ...,
         bootstrap_port: _builtins.int = ...,
+        password_pending: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cert_not_after", b"cert_not_after", "freeze_ended_at", b"freeze_ended_at", "freeze_started_at", b"freeze_started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bootstrap_port", b"bootstrap_port", "cert_fingerprint", b"cert_fingerprint", "cert_not_after", b"cert_not_after", "freeze_ended_at", b"freeze_ended_at", "freeze_started_at", b"freeze_started_at", "leader_node", b"leader_node", "name", b"name", "new_url", b"new_url", "old_url", b"old_url", "reason", b"reason", "restart_seconds", b"restart_seconds", "state", b"state", "steps", b"steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bootstrap_port", b"bootstrap_port", "cert_fingerprint", b"cert_fingerprint", "cert_not_after", b"cert_not_after", "freeze_ended_at", b"freeze_ended_at", "freeze_started_at", b"freeze_started_at", "leader_node", b"leader_node", "name", b"name", "new_url", b"new_url", "old_url", b"old_url", "password_pending", b"password_pending", "reason", b"reason", "restart_seconds", b"restart_seconds", "state", b"state", "steps", b"steps"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,159 @@
+"""``tlsroll password set`` and ``tlsroll notify``, and how the CLI gets a password.
+
+The password is turned into its scrypt verifier here, in the CLI: the leader daemon and the
+nodes only ever see the verifier. A generated password is printed once, to a terminal, and
+never again; nothing stores it.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import sys
+from pathlib import Path
+
+import click
+
+from leader.cli_base import CLIError, Leader, fetch_schema, out, pass_leader
+from leader.notify import NoticeInfo, NoticeNode, render_notice
+from tlsroll import password
+from tlsroll.v1 import admin_pb2
+
+
+def read_password_file(path: Path) -> str:
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise click.UsageError(f"cannot read password file {path}: {reason}") from None
+    value = text.rstrip("\r\n")
+    if not value.strip():
+        raise click.UsageError(f"password file {path} is empty")
+    return value
+
+
+def obtain_password(password_file: Path | None, generate: bool) -> str:
+    """The password from a file, or a new one shown once on the terminal."""
+    if password_file is not None:
+        return read_password_file(password_file)
+    if not generate:
+        raise click.UsageError("give --password-file FILE or --generate")
+    if not sys.stdout.isatty():
+        raise click.UsageError(
+            "a generated password is shown once on a terminal, and this is not one; "
+            "use --password-file FILE"
+        )
+    value = password.generate_password()
+    out.print("")
+    out.print("  The new authentication password (shown once, never again; write it down):")
+    out.print(f"      {value}")
+    out.print("  Give it to the practice staff in person or by phone, not by e-mail.")
+    out.print("")
+    return value
+
+
+def verifier_json(secret: str) -> str:
+    """The salted scrypt verifier of ``secret``: all that leaves the CLI."""
+    return password.verifier_to_json(password.make_verifier(secret)).strip()
+
+
+@click.group("password")
+def password_group() -> None:
+    """The authentication password workstations need (only its verifier leaves this command)."""
+
+
+@password_group.command("set")
+@click.option(
+    "--password-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="Read the new password from this file (first line).",
+)
+@click.option("--generate", is_flag=True, help="Make a new password and show it once.")
+@pass_leader
+def password_set(leader: Leader, password_file: Path | None, generate: bool) -> None:
+    """Stage a new password; it takes effect on a node at its next restart (seed)."""
+    if password_file is not None and generate:
+        raise click.UsageError("--password-file and --generate exclude each other")
+    secret = obtain_password(password_file, generate)
+    with leader.admin() as admin:
+        reply = leader.call(
+            admin.SetPassword,
+            admin_pb2.SetPasswordRequest(auth_verifier_json=verifier_json(secret)),
+        )
+    out.print(f"password version {reply.version} staged.")
+    if reply.pending_nodes:
+        out.print(
+            "It takes effect only when the server restarts; pending on: "
+            + ", ".join(reply.pending_nodes)
+        )
+        out.print("Apply it with: tlsroll rollout start --change change-password --scope cluster")
+
+
+@click.command()
+@click.option("--lang", type=click.Choice(["de", "en"]), default="de", show_default=True)
+@click.option(
+    "--format", "fmt", type=click.Choice(["text", "markdown"]), default="text", show_default=True
+)
+@click.option("--practice", default="Praxis", show_default=True, help="Name for the title.")
+@click.option("--contact", default="", help="Whom to ask (name, phone).")
+@click.option(
+    "--password-source",
+    default="",
+    help='Where staff get the password, e.g. "persönlich bei der Praxis-IT".',
+)
+@click.option(
+    "--include-password",
+    is_flag=True,
+    help="Put the password into the message (with a warning not to e-mail it).",
+)
+@click.option(
+    "--password-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="With --include-password: read it from this file instead of asking.",
+)
+@pass_leader
+def notify(
+    leader: Leader,
+    lang: str,
+    fmt: str,
+    practice: str,
+    contact: str,
+    password_source: str,
+    include_password: bool,
+    password_file: Path | None,
+) -> None:
+    """Print the "Notify practice" message for the staff: a template to adapt."""
+    rollouts = [r for r in fetch_schema(leader).rollouts if r.change == "enable-tls"]
+    if not rollouts:
+        raise CLIError("no enable-tls rollout yet: plan one with `tlsroll plan --scope cluster`")
+    r = rollouts[0]
+    with leader.admin() as admin:
+        ca = leader.call(admin.GetCA, admin_pb2.GetCARequest())
+    secret = None
+    if include_password:
+        secret = (
+            read_password_file(password_file)
+            if password_file
+            else click.prompt("Password to include", hide_input=True)
+        )
+    started = r.started_at.ToDatetime(tzinfo=dt.UTC) if r.HasField("started_at") else None
+    ended = r.ended_at.ToDatetime(tzinfo=dt.UTC) if r.HasField("ended_at") else None
+    default_source = (
+        "persönlich bei Ihrer Praxis-IT (nicht per E-Mail)"
+        if lang == "de"
+        else "in person from your practice IT (not by e-mail)"
+    )
+    info = NoticeInfo(
+        practice=practice,
+        nodes=[
+            NoticeNode(n.name, n.old_url, n.new_url, n.bootstrap_port or 9443)
+            for n in r.nodes
+            if n.new_url
+        ],
+        ca_pin=ca.spki_pin,
+        password_source=password_source or default_source,
+        contact=contact or ("Ihre Praxis-IT" if lang == "de" else "your practice IT"),
+        start=started,
+        end=ended,
+        scope=r.scope if r.scope in ("local", "cluster") else "cluster",
+    )
+    click.echo(render_notice(info, lang=lang, fmt=fmt, password=secret))
