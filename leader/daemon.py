@@ -27,7 +27,7 @@ from leader.schema_view import SchemaViewService
 from leader.service import AdminService, EnrolmentService, LeaderService, LeaderState
 from leader.store import Store
 from tlsroll import __version__, logs, pki
-from tlsroll.daemon import sd_notify, stop_event
+from tlsroll.daemon import sd_notify, stop_event, watchdog
 from tlsroll.errors import ConfigError, TlsrollError
 from tlsroll.fsutil import check_private_file
 from tlsroll.rpc import add_standard_services, bind, hostport
@@ -137,10 +137,12 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         ca_pin=pki.spki_pin(state.ca.cert),
     )
     sd_notify("READY=1")
+    pinger = asyncio.create_task(watchdog(), name="watchdog")
     # The engine resumes an unfinished rollout from the store on its first pass.
     engine_task = asyncio.create_task(engine.run(stop), name="engine")
     await stop.wait()
     sd_notify("STOPPING=1")
+    pinger.cancel()
     log.info("leader.stopping", grace_seconds=GRACE_SECONDS)
     await asyncio.gather(*(s.stop(GRACE_SECONDS) for s in servers))
     await engine_task

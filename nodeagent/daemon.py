@@ -30,7 +30,7 @@ from nodeagent.journal import Journal
 from nodeagent.service import NodeAgentService
 from nodeagent.transaction import Runner
 from tlsroll import __version__, logs
-from tlsroll.daemon import sd_notify, stop_event
+from tlsroll.daemon import sd_notify, stop_event, watchdog
 from tlsroll.errors import ConfigError, TlsrollError, TransientError
 from tlsroll.fsutil import make_private_dir
 from tlsroll.rpc import add_standard_services, bind, hostport
@@ -132,8 +132,10 @@ async def serve(cfg: AgentConfig) -> None:
         listen=[hostport(a, cfg.port) for a in cfg.addresses],
     )
     sd_notify("READY=1")
+    pinger = asyncio.create_task(watchdog(), name="watchdog")
     await stop.wait()
     sd_notify("STOPPING=1")
+    pinger.cancel()
     log.info("agent.stopping", grace_seconds=GRACE_SECONDS)
     beats.cancel()
     with contextlib.suppress(asyncio.CancelledError):

@@ -435,6 +435,26 @@ def test_graceful_stop_sd_notify_and_json_logs(tmp_path: Path) -> None:
         sock_dir.rmdir()
 
 
+def test_watchdog_pings_while_the_loop_lives(tmp_path: Path) -> None:
+    """With WatchdogSec= (WATCHDOG_USEC) the leader keeps sending WATCHDOG=1, at half the
+    interval, after READY=1; without it the daemon sends none (the test above)."""
+    sock_dir = Path(tempfile.mkdtemp(prefix="tlsroll-wd-"))
+    notify = notify_socket(str(sock_dir / "notify"))
+    try:
+        with Cluster(tmp_path, next_loopback()) as c:
+            c.init()
+            c.leader.spawn({"NOTIFY_SOCKET": str(sock_dir / "notify"), "WATCHDOG_USEC": "400000"})
+            assert notify.recv(4096) == b"READY=1"
+            pings = [notify.recv(4096) for _ in range(3)]  # 3 pings within the 20 s timeout
+            assert pings == [b"WATCHDOG=1"] * 3
+            stop_within_grace(c.leader)
+    finally:
+        notify.close()
+        for p in sock_dir.iterdir():
+            p.unlink()
+        sock_dir.rmdir()
+
+
 def test_leader_stops_on_sigint(tmp_path: Path) -> None:
     with Cluster(tmp_path, next_loopback()) as c:
         c.init()

@@ -31,3 +31,19 @@ def stop_event() -> asyncio.Event:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, event.set)
     return event
+
+
+async def watchdog() -> None:
+    """Ping systemd's watchdog (``WatchdogSec=``) at half its interval, while the loop lives.
+
+    A daemon whose event loop hangs stops pinging, and systemd restarts it.
+    """
+    try:
+        usec = int(os.environ.get("WATCHDOG_USEC", "0"))
+    except ValueError:
+        return
+    if usec <= 0 or os.environ.get("WATCHDOG_PID", str(os.getpid())) != str(os.getpid()):
+        return
+    while True:
+        sd_notify("WATCHDOG=1")
+        await asyncio.sleep(usec / 2_000_000)
