@@ -363,6 +363,7 @@ def run(addresses: list[str], work: Path, report_file: Path | None) -> bool:
     report: dict[str, Any] = {"addresses": addresses}
     writer = Writer(addresses, (data / "ca" / "ca.pem").read_bytes)
     thread = threading.Thread(target=writer.run, name="writer", daemon=True)
+    password_file = work / "auth-password"
     ok = False
     try:
         set_up(work, addresses, procs, cli)
@@ -370,7 +371,6 @@ def run(addresses: list[str], work: Path, report_file: Path | None) -> bool:
         thread.start()
         time.sleep(1.0)
         say("switch the whole multiserver to https")
-        password_file = work / "auth-password"
         password_file.touch(0o600)
         password_file.write_text(DEMO_PASSWORD + "\n")
         print("   the workstations' auth password is in a 0600 file (a real admin would let")
@@ -397,6 +397,7 @@ def run(addresses: list[str], work: Path, report_file: Path | None) -> bool:
         schema = json.loads(cli.run("schema", "show", "--json", show=False))
         report["schema"] = schema
         ok = verify(schema, writer, data, report)
+        ok = workstation(cli, schema, work, password_file, report) and ok
     except DemoError as exc:
         print(f"\nVERDICT: FAILED — {exc}")
         report["error"] = str(exc)
@@ -456,6 +457,42 @@ def verify(schema: dict[str, Any], writer: Writer, data: Path, report: dict[str,
             f"{', '.join(bad) or '-'}; {lost} acknowledged entries lost"
         )
     return good
+
+
+def workstation(
+    cli: Cli, schema: dict[str, Any], work: Path, password_file: Path, report: dict[str, Any]
+) -> bool:
+    """The seed's last part: a workstation switches over, and the practice is told how."""
+    node = schema["rollouts"][0]["nodes"][-1]
+    say(f"a workstation switches to {node['name']}: tlsroll client test-connection")
+    settings = work / "workstation"
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "leader.cli",
+            "client",
+            "test-connection",
+            node["new_url"],
+            "--password-file",
+            str(password_file),
+            "--yes",
+            "--settings-dir",
+            str(settings),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    sys.stdout.write(result.stdout)
+    sys.stdout.write(result.stderr)
+    report["test_connection"] = {"exit": result.returncode, "settings_dir": str(settings)}
+    say("the message for the practice staff (tlsroll notify; German by default)")
+    cli.run(
+        "notify", "--practice", "Praxis Dr. Beispiel", "--contact", "Praxis-IT, Tel. 0123 456789"
+    )
+    return result.returncode == 0
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ from tenacity import (
     wait_exponential,
 )
 
+from nodeagent.bootstrap_host import BootstrapHost
 from nodeagent.config import AgentConfig
 from nodeagent.drivers import make_driver
 from nodeagent.identity import Identity, enrol, load_identity
@@ -108,6 +109,10 @@ async def serve(cfg: AgentConfig) -> None:
         # stays frozen or half-switched for longer than it takes the agent to restart.
         runner.resume_all()
     identity = await obtain_identity(cfg)
+    bootstrap = BootstrapHost(cfg, identity, journal)
+    if runner is not None:
+        runner.on_complete = bootstrap.sync
+    await bootstrap.sync()
     creds = grpc.ssl_server_credentials(
         [(identity.key_pem, identity.cert_pem)],
         root_certificates=identity.ca_pem,
@@ -144,6 +149,7 @@ async def serve(cfg: AgentConfig) -> None:
     if runner is not None:
         # Let a running transaction reach its end; the journal resumes it if we are cut short.
         await runner.close(TXN_GRACE_SECONDS)
+    await bootstrap.close()
     journal.close()
     log.info("agent.stopped")
 

@@ -166,6 +166,24 @@ class Journal:
             )
         return None
 
+    # --- what is live -------------------------------------------------------------------------
+
+    def live_tls(self) -> dict[str, str] | None:
+        """The https files and address live on the server (from the last completed
+        transaction), or None while it serves http."""
+        with self._lock:
+            row = self._db.execute("SELECT value FROM meta WHERE key = 'live_tls'").fetchone()
+        value = json.loads(row["value"]) if row else None
+        return value if isinstance(value, dict) else None
+
+    def set_live_tls(self, live: dict[str, str] | None) -> None:
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES ('live_tls', ?)"
+                " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (json.dumps(live, sort_keys=True),),
+            )
+
     # --- staged certificates ------------------------------------------------------------------
 
     def staged(self, rollout_id: str) -> Staged | None:

@@ -25,10 +25,10 @@ from nodeagent.drivers import Driver, DriverError, ServerFacts, Target
 from nodeagent.identity import Identity
 from nodeagent.journal import Journal, Txn
 from nodeagent.transaction import Plan, Runner, prepare
-from tlsroll import __version__, logs, pki
+from tlsroll import __version__, logs, password, pki
 from tlsroll.defaults import LEADER_NAME
 from tlsroll.errors import PKIError
-from tlsroll.fsutil import PUBLIC, write_atomic
+from tlsroll.fsutil import PRIVATE, PUBLIC, write_atomic
 from tlsroll.rpc import failed_precondition, invalid, map_errors, peer_name, permission_denied
 from tlsroll.v1 import agent_pb2, agent_pb2_grpc
 
@@ -326,19 +326,31 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
     @map_errors(ERRORS)
     async def Switch(self, request: agent_pb2.SwitchRequest, context: Ctx) -> agent_pb2.Transaction:
         rollout_id = await self._command(context, request.command)
-        if request.change not in ("", "enable-tls"):
+        change = request.change or "enable-tls"
+        if change not in ("enable-tls", "change-password"):
             raise invalid(f"unknown change {request.change!r}")
+        verifier = self._verifier(request.auth_verifier_json, required=change == "change-password")
         driver = self._driver()
 
         def make() -> tuple[bytes, Plan, str]:
+            if change == "change-password":
+                return self._password_plan(rollout_id, driver, verifier)
             staged = self.journal.staged(rollout_id)
             if staged is None or staged.cert_file is None or staged.ca_file is None:
                 raise failed_precondition(f"nothing staged for rollout {rollout_id}; run Stage")
+            verifier_file = self._write_verifier(rollout_id, verifier)
             facts = driver.facts()
             new_config = driver.render(
-                Target(("https",), staged.cert_file, staged.key_file, staged.ca_file)
+                Target(("https",), staged.cert_file, staged.key_file, staged.ca_file, verifier_file)
             )
             new_file, backup = prepare(self._txn_dir(), rollout_id, "switch", new_config)
+            live = {
+                "cert_file": str(staged.cert_file),
+                "key_file": str(staged.key_file),
+                "ca_file": str(staged.ca_file),
+                "verifier_file": str(verifier_file or ""),
+                "server_url": facts.url("https"),
+            }
             plan = Plan(
                 facts,
                 facts.schemes,
@@ -347,11 +359,58 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 backup,
                 staged.ca_file,
                 staged.fingerprint or "",
+                live,
+                self.journal.live_tls(),
             )
             return new_config, plan, staged.fingerprint or ""
 
         txn = await self._begin(rollout_id, "switch", request.command.epoch, make)
         return txn_message(txn)
+
+    @staticmethod
+    def _verifier(text: str, *, required: bool) -> dict[str, Any] | None:
+        if not text:
+            if required:
+                raise invalid("change-password needs the new password's verifier")
+            return None
+        try:
+            return dict(password.verifier_from_json(text))
+        except ValueError as exc:
+            raise invalid(f"bad password verifier: {exc}") from None
+
+    def _write_verifier(self, rollout_id: str, verifier: dict[str, Any] | None) -> Path | None:
+        """The verifier file beside the live config (0600: it can fake bootstrap answers)."""
+        if verifier is None:
+            return None
+        stage_dir = self._stage_dir(rollout_id)
+        stage_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        path = stage_dir / "auth-verifier.json"
+        write_atomic(path, password.verifier_to_json(verifier).encode(), PRIVATE)
+        return path
+
+    def _password_plan(
+        self, rollout_id: str, driver: Driver, verifier: dict[str, Any] | None
+    ) -> tuple[bytes, Plan, str]:
+        """Same server config, new verifier: it takes effect when the server restarts."""
+        live = self.journal.live_tls()
+        facts = driver.facts()
+        if live is None or "https" not in facts.schemes:
+            raise failed_precondition("the server is not on https here; run enable-tls first")
+        verifier_file = self._write_verifier(rollout_id, verifier)
+        new_config = driver.render(Target(facts.schemes, auth_verifier_file=verifier_file))
+        new_file, backup = prepare(self._txn_dir(), rollout_id, "switch", new_config)
+        plan = Plan(
+            facts,
+            facts.schemes,
+            facts.schemes,
+            new_file,
+            backup,
+            Path(live["ca_file"]),
+            "",
+            {**live, "verifier_file": str(verifier_file)},
+            live,
+        )
+        return new_config, plan, ""
 
     @map_errors(ERRORS)
     async def Rollback(
@@ -370,8 +429,17 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             old_config = done.backup_file.read_bytes()
             new_file, backup = prepare(self._txn_dir(), rollout_id, "rollback", old_config)
             facts = driver.facts()
+            # Back to what was live before that switch: http, or the previous https settings.
             plan = Plan(
-                facts, facts.schemes, done.source_schemes, new_file, backup, done.ca_file, ""
+                facts,
+                facts.schemes,
+                done.source_schemes,
+                new_file,
+                backup,
+                done.ca_file,
+                "",
+                done.live_before,
+                self.journal.live_tls(),
             )
             return old_config, plan, ""
 

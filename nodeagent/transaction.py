@@ -76,6 +76,14 @@ class StepFailed(TlsrollError):
     pass
 
 
+def _describe(exc: Exception) -> str:
+    """Our own errors say what happened; anything else (an admin's command printing JSON
+    without a field, say) also names its type."""
+    if isinstance(exc, StepFailed | DriverError | OSError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}"
+
+
 @dataclass(frozen=True)
 class Plan:
     """Everything a transaction needs to run, fixed when it starts (journalled as JSON)."""
@@ -87,6 +95,10 @@ class Plan:
     backup_file: Path  # the source config, saved before the first write
     ca_file: Path
     target_fingerprint: str  # the certificate https must present after the switch ("" = any)
+    # What is live once the transaction completes: https files and address for the bootstrap
+    # service (cert_file, key_file, ca_file, verifier_file, server_url), or None for http.
+    live_tls: dict[str, str] | None = None
+    live_before: dict[str, str] | None = None  # what was live when it started (for rollback)
 
     def to_json(self) -> dict[str, Any]:
         f = self.facts
@@ -98,6 +110,8 @@ class Plan:
             "backup_file": str(self.backup_file),
             "ca_file": str(self.ca_file),
             "target_fingerprint": self.target_fingerprint,
+            "live_tls": self.live_tls,
+            "live_before": self.live_before,
         }
 
     @classmethod
@@ -111,6 +125,8 @@ class Plan:
             backup_file=Path(data["backup_file"]),
             ca_file=Path(data["ca_file"]),
             target_fingerprint=data["target_fingerprint"],
+            live_tls=data.get("live_tls"),
+            live_before=data.get("live_before"),
         )
 
 
@@ -125,10 +141,17 @@ def prepare(txn_dir: Path, rollout_id: str, kind: str, new_config: bytes) -> tup
 class Runner:
     """Runs transactions as asyncio tasks, one at a time per node."""
 
-    def __init__(self, journal: Journal, driver: Driver, clock: Callable[[], dt.datetime]) -> None:
+    def __init__(
+        self,
+        journal: Journal,
+        driver: Driver,
+        clock: Callable[[], dt.datetime],
+        on_complete: Callable[[], Awaitable[None]] | None = None,
+    ) -> None:
         self.journal = journal
         self.driver = driver
         self.clock = clock
+        self.on_complete = on_complete  # told when what is live has changed
         self.tasks: dict[tuple[str, str], asyncio.Task[Txn]] = {}
         self.crash_after = os.environ.get(CRASH_ENV, "")
 
@@ -176,8 +199,8 @@ class Runner:
             self.journal.event(txn, action, "begin")
             try:
                 changes = await self._attempt(action, txn, plan, attempts)
-            except (StepFailed, DriverError, OSError) as exc:
-                reason = f"{action}: {exc}"
+            except Exception as exc:  # any failure rolls back: a node must never stay frozen
+                reason = f"{action}: {_describe(exc)}"
                 self.journal.event(txn, action, "error", {"reason": reason})
                 if txn.phase in FORWARD:
                     log.warning(
@@ -198,7 +221,11 @@ class Runner:
                 continue
             if after in TERMINAL:
                 changes |= {"outcome": after, "ended_at": self.clock()}
+            if after == "completed":
+                self.journal.set_live_tls(plan.live_tls)
             txn = self.journal.update(txn, phase=after, **changes)
+            if after == "completed" and self.on_complete is not None:
+                await self.on_complete()
             log.info("txn.step", rollout_id=txn.rollout_id, kind=txn.kind, step=action, phase=after)
             if self.crash_after == after:
                 os.kill(os.getpid(), signal.SIGKILL)  # test hook, see module docstring
@@ -208,7 +235,7 @@ class Runner:
         for attempt in range(1, attempts + 1):
             try:
                 return await self._act(action, txn, plan)
-            except (StepFailed, DriverError, OSError):
+            except Exception:
                 if attempt == attempts:
                     raise
                 await asyncio.sleep(0.5 * attempt)

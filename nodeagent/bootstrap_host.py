@@ -1,0 +1,99 @@
+"""Keeps the node's bootstrap service (port 9443) in step with what the server has live.
+
+While the managed server is on https with an auth password, workstations can fetch the CA
+and enrol there; on http (before the switch, or after a rollback) the service is closed. The
+service uses the server's own certificate and key and the live verifier; a workstation's CSR
+is signed by the leader's CA over the agent's mutual-TLS channel.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import urllib.parse
+from pathlib import Path
+
+import grpc
+
+from nodeagent.bootstrap import BootstrapService
+from nodeagent.config import AgentConfig
+from nodeagent.identity import Identity
+from nodeagent.journal import Journal
+from tlsroll import logs, password
+from tlsroll.errors import TlsrollError
+from tlsroll.rpc import hostport
+from tlsroll.v1 import leader_pb2, leader_pb2_grpc
+
+log = logs.get_logger("tlsroll.agent.bootstrap")
+
+
+class SignRefused(TlsrollError):
+    pass
+
+
+class BootstrapHost:
+    def __init__(self, cfg: AgentConfig, identity: Identity, journal: Journal) -> None:
+        self.cfg = cfg
+        self.identity = identity
+        self.journal = journal
+        self.service: BootstrapService | None = None
+        self.current: dict[str, str] | None = None
+        self._lock = asyncio.Lock()
+
+    async def sign(self, csr_pem: bytes) -> bytes:
+        """The leader signs the workstation's CSR (the service has checked its password proof)."""
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=self.identity.ca_pem,
+            private_key=self.identity.key_pem,
+            certificate_chain=self.identity.cert_pem,
+        )
+        target = hostport(self.cfg.leader_address, self.cfg.control_port)
+        async with grpc.aio.secure_channel(target, creds) as channel:
+            stub = leader_pb2_grpc.LeaderStub(channel)
+            try:
+                reply = await stub.SignWorkstationCertificate(
+                    leader_pb2.SignWorkstationRequest(csr_pem=csr_pem), timeout=15
+                )
+            except grpc.aio.AioRpcError as exc:
+                raise SignRefused(f"the leader did not sign: {exc.details()}") from None
+        return reply.certificate_pem
+
+    async def sync(self) -> None:
+        """Start, restart or stop the service to match the journal's live settings."""
+        async with self._lock:
+            live = await asyncio.to_thread(self.journal.live_tls)
+            if live == self.current and (live is None or self.service is not None):
+                return
+            await self._stop()
+            self.current = live
+            if live is None or not live.get("verifier_file"):
+                return
+            try:
+                verifier_text = await asyncio.to_thread(Path(live["verifier_file"]).read_text)
+                ca_pem = await asyncio.to_thread(Path(live["ca_file"]).read_bytes)
+                verifier = password.verifier_from_json(verifier_text)
+                service = BootstrapService(
+                    address=urllib.parse.urlsplit(live["server_url"]).hostname or "",
+                    cert_file=Path(live["cert_file"]),
+                    key_file=Path(live["key_file"]),
+                    ca_bundle_pem=ca_pem,
+                    server_url=live["server_url"],
+                    node_name=self.cfg.node_name,
+                    verifier=verifier,
+                    sign=self.sign,
+                    port=self.cfg.bootstrap_port,
+                )
+                await service.start()
+            except (OSError, ValueError, TlsrollError) as exc:
+                # The switch itself succeeded; workstations can still use the CA pin.
+                log.error("bootstrap.not_started", port=self.cfg.bootstrap_port, error=str(exc))
+                return
+            self.service = service
+
+    async def _stop(self) -> None:
+        if self.service is not None:
+            service, self.service = self.service, None
+            await service.stop()
+
+    async def close(self) -> None:
+        async with self._lock:
+            await self._stop()
