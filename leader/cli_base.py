@@ -7,6 +7,7 @@ import getpass
 import json
 import os
 import re
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,7 +25,17 @@ from tlsroll.v1 import admin_pb2_grpc, schema_pb2, schema_pb2_grpc
 DEFAULT_DATA_DIR = Path("/var/lib/tlsroll")
 T = TypeVar("T")
 
-out = Console(highlight=False, soft_wrap=True, markup=False)
+
+def _pipe_width() -> int | None:
+    """On a terminal rich fits its width; into a pipe or a log, tables keep whole lines (200
+    columns unless COLUMNS says otherwise) rather than folding addresses at 80."""
+    if sys.stdout.isatty():
+        return None
+    columns = os.environ.get("COLUMNS", "")
+    return int(columns) if columns.isdigit() and int(columns) >= 40 else 200
+
+
+out = Console(highlight=False, soft_wrap=True, markup=False, width=_pipe_width())
 
 
 class CLIError(TlsrollError):

@@ -33,6 +33,7 @@ from leader.cli_password import obtain_password, verifier_json
 from tlsroll.v1 import admin_pb2, schema_pb2
 
 TERMINAL = {"completed", "halted", "aborted"}
+PENDING = "password change pending — takes effect at next restart"
 STATE_STYLE = {
     "done": "green",
     "completed": "green",
@@ -150,7 +151,7 @@ def render_rollout(r: schema_pb2.RolloutView) -> Group:
             freeze_window(n),
             f"{n.restart_seconds:.1f}s" if n.restart_seconds else "-",
             fmt_time(n, "cert_not_after"),
-            n.reason or "",
+            "; ".join(filter(None, [n.reason, PENDING if n.password_pending else ""])),
         )
     return Group(head, times, table)
 

@@ -1,0 +1,270 @@
+"""Issue 5 end to end: the auth password set at the switch, workstations joining with it over
+the bootstrap service, a new password staged ("pending — takes effect at next restart") and
+made effective by a change-password rollout; plus the password's bad input. Real leader,
+agents and reference servers on loopback addresses, the real CLI."""
+
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.cluster import Cluster, wait_until
+from tests.conftest import next_loopback
+from tests.nodeside import Node
+from tests.refserver_helper import http_request
+from tlsroll import tls
+
+PW1 = "first-password-kd7q-x2mf"
+PW2 = "second-password-9wq3-p4hz"
+
+
+def secret_file(path: Path, text: str) -> Path:
+    path.touch(0o600)
+    path.write_text(text + "\n")
+    return path
+
+
+class World:
+    """A three-node multiserver, node1 being the leader node."""
+
+    def __init__(self, root: Path, nodes: int = 3) -> None:
+        self.root = root
+        addresses = [next_loopback() for _ in range(nodes)]
+        self.cluster = Cluster(root / "cluster", addresses[0], heartbeat_interval=1)
+        self.nodes = [
+            Node(self.cluster, f"node{i + 1}", a, root / f"node{i + 1}")
+            for i, a in enumerate(addresses)
+        ]
+        self.outputs: list[str] = []  # every CLI output, to scan for secrets
+
+    def start(self) -> World:
+        self.cluster.init("--node-name", "node1")
+        self.cluster.start_leader()
+        for node in self.nodes:
+            node.start()
+        self.cluster.wait_for_nodes_online([n.name for n in self.nodes])
+        return self
+
+    def cli(self, *args: str) -> subprocess.CompletedProcess[str]:
+        result = self.cluster.cli(*args)
+        self.outputs += [result.stdout, result.stderr]
+        return result
+
+    def schema(self) -> dict[str, Any]:
+        result = self.cli("schema", "show", "--json")
+        assert result.returncode == 0, result.stderr
+        data: dict[str, Any] = json.loads(result.stdout)
+        return data
+
+    def run_rollout(self, *args: str) -> dict[str, Any]:
+        result = self.cli("rollout", "start", "--scope", "cluster", *args, "--yes")
+        assert result.returncode == 0, result.stderr
+        latest: dict[str, Any] = {}
+
+        def ended() -> bool:
+            nonlocal latest
+            latest = self.schema()["rollouts"][0]
+            return latest["state"] in ("completed", "halted", "aborted")
+
+        wait_until(ended, 90, "the rollout to end")
+        return latest
+
+    def test_connection(
+        self, url: str, password_file: Path, settings: Path
+    ) -> subprocess.CompletedProcess[str]:
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "leader.cli",
+                "client",
+                "test-connection",
+                url,
+                "--password-file",
+                str(password_file),
+                "--yes",
+                "--settings-dir",
+                str(settings),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+        self.outputs += [result.stdout, result.stderr]
+        return result
+
+    def close(self) -> None:
+        for node in self.nodes:
+            node.close()
+        self.cluster.close()
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Iterator[World]:
+    w = World(tmp_path)
+    try:
+        yield w.start()
+    finally:
+        w.close()
+
+
+def login(node: Node, password: str, ca_pem: bytes) -> int:
+    resp = http_request(
+        "POST",
+        f"{node.https_url()}login",
+        {"password": password},
+        context=tls.client_context(ca_pem),
+    )
+    return resp.status
+
+
+def test_workstations_join_then_a_new_password_takes_effect_at_restart(
+    world: World, tmp_path: Path
+) -> None:
+    pw1 = secret_file(tmp_path / "pw1", PW1)
+    pw2 = secret_file(tmp_path / "pw2", PW2)
+    rollout = world.run_rollout("--password-file", str(pw1))
+    assert rollout["state"] == "completed", rollout
+    ca_pem = world.cluster.ca_pem
+
+    # Every node: the seed's "Test connection" as a workstation would, then a request made
+    # with the settings it wrote (client certificate + CA bundle).
+    for node in world.nodes:
+        settings = tmp_path / f"ws-{node.name}"
+        result = world.test_connection(node.https_url(), pw1, settings)
+        assert result.returncode == 0, result.stdout + result.stderr
+        assert "restart the client" in result.stdout
+        assert (settings / "client.key").stat().st_mode & 0o777 == 0o600
+        saved = json.loads((settings / "settings.json").read_text())
+        assert saved["server_url"] == node.https_url()
+        ctx = tls.client_context(
+            (settings / "ca.pem").read_bytes(),
+            cert_file=settings / "client.pem",
+            key_file=settings / "client.key",
+        )
+        assert http_request("GET", node.https_url(), context=ctx).status == 200
+        assert login(node, PW1, ca_pem) == 200
+
+    # A wrong password: the bootstrap answer's MAC does not verify (exit 9), nothing written.
+    wrong = secret_file(tmp_path / "wrong", "not-the-password")
+    result = world.test_connection(world.nodes[0].https_url(), wrong, tmp_path / "ws-wrong")
+    assert result.returncode == 9, result.stdout + result.stderr
+    assert not (tmp_path / "ws-wrong" / "client.key").exists()
+
+    # Stage a new password: pending on every switched node until its server restarts.
+    result = world.cli("password", "set", "--password-file", str(pw2))
+    assert result.returncode == 0, result.stderr
+    assert "node1" in result.stdout and "next restart" not in result.stderr
+    nodes = world.schema()["rollouts"][0]["nodes"]
+    assert all(n["password_pending"] for n in nodes), nodes
+    text = world.cli("schema", "show").stdout
+    assert "pending" in text
+    assert login(world.nodes[0], PW1, ca_pem) == 200  # the old one still works until restart
+
+    rollout = world.run_rollout("--change", "change-password")
+    assert rollout["state"] == "completed", rollout
+    assert rollout["change"] == "change-password"
+    assert not any(n["password_pending"] for n in world.schema()["rollouts"][0]["nodes"])
+
+    for node in world.nodes:
+        assert login(node, PW1, ca_pem) == 401
+        assert login(node, PW2, ca_pem) == 200
+    old = world.test_connection(world.nodes[1].https_url(), pw1, tmp_path / "ws-old")
+    assert old.returncode == 9, old.stdout + old.stderr
+    new = world.test_connection(world.nodes[1].https_url(), pw2, tmp_path / "ws-new")
+    assert new.returncode == 0, new.stdout + new.stderr
+
+    # Neither password nor any verifier appears in logs, CLI output or the schema.
+    evidence = world.cluster.logs_text() + "".join(world.outputs) + json.dumps(world.schema())
+    for node in world.nodes:
+        evidence += node.server.log()
+    for secret in (PW1, PW2):
+        assert secret not in evidence
+    assert '"hash"' not in evidence and "salt" not in json.dumps(world.schema())
+
+
+def test_password_set_is_refused_while_a_rollout_runs(world: World, tmp_path: Path) -> None:
+    pw1 = secret_file(tmp_path / "pw1", PW1)
+    result = world.cli(
+        "rollout", "start", "--scope", "cluster", "--password-file", str(pw1), "--yes"
+    )
+    assert result.returncode == 0, result.stderr
+    assert world.cli("rollout", "pause").returncode == 0
+    before = world.cluster.store_rows(("auth_versions", "rollouts"))
+    refused = world.cli("password", "set", "--password-file", str(pw1))
+    assert refused.returncode == 1
+    assert len(refused.stderr.strip().splitlines()) == 1
+    assert "one rollout at a time" in refused.stderr
+    assert world.cluster.store_rows(("auth_versions", "rollouts")) == before
+    assert world.cli("rollout", "abort").returncode == 0
+
+
+@pytest.mark.parametrize("content", ["", "\n"])
+def test_empty_password_file_is_a_one_line_usage_error(
+    world: World, tmp_path: Path, content: str
+) -> None:
+    empty = tmp_path / "empty"
+    empty.write_text(content)
+    before = world.cluster.store_rows(("auth_versions", "rollouts"))
+    for args in (
+        ("rollout", "start", "--scope", "cluster", "--password-file", str(empty), "--yes"),
+        ("password", "set", "--password-file", str(empty)),
+        ("password", "set", "--password-file", str(tmp_path / "missing")),
+    ):
+        result = world.cli(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+        assert "Traceback" not in result.stderr
+    assert world.cluster.store_rows(("auth_versions", "rollouts")) == before
+
+
+def test_bootstrap_port_taken_is_found_and_another_port_is_used(tmp_path: Path) -> None:
+    """9443 held by another program: preflight names it and the node fails untouched; with
+    [agent].bootstrap_port set, that port is used, shown in the schema and the notify text."""
+    w = World(tmp_path, nodes=1)
+    squatter = socket.socket()
+    try:
+        w.start()
+        node = w.nodes[0]
+        squatter.bind((node.address, 9443))
+        squatter.listen()
+        pw = secret_file(tmp_path / "pw", PW1)
+        rollout = w.run_rollout("--password-file", str(pw))
+        assert rollout["state"] == "halted"
+        (view,) = rollout["nodes"]
+        assert view["state"] == "failed"
+        assert "9443" in view["reason"] and "bootstrap" in view["reason"]
+        assert http_request("GET", node.http_url()).status == 200  # still on http
+
+        assert node.agent is not None
+        node.agent.stop()
+        node.agent.write_config({"agent": {"bootstrap_port": 9444}})
+        node.agent.start()
+        w.cluster.wait_for_nodes_online([node.name])
+        rollout = w.run_rollout("--password-file", str(pw))
+        assert rollout["state"] == "completed", rollout
+        assert rollout["nodes"][0]["bootstrap_port"] == 9444
+        notice = w.cli("notify", "--lang", "en")
+        assert notice.returncode == 0, notice.stderr
+        assert "9444" in notice.stdout
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # the bootstrap service is up on the other port
+            try:
+                with socket.create_connection((node.address, 9444), timeout=1):
+                    break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            pytest.fail("bootstrap service not listening on 9444")
+    finally:
+        squatter.close()
+        w.close()
