@@ -84,6 +84,14 @@ def _describe(exc: Exception) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
+def _log_crash(task: asyncio.Task[Txn]) -> None:
+    """A transaction task must never die silently: the journal resumes it at the next start,
+    but the log has to say why it stopped now."""
+    exc = None if task.cancelled() else task.exception()
+    if isinstance(exc, Exception):
+        log.error("txn.crashed", task=task.get_name(), error=_describe(exc))
+
+
 @dataclass(frozen=True)
 class Plan:
     """Everything a transaction needs to run, fixed when it starts (journalled as JSON)."""
@@ -163,7 +171,9 @@ class Runner:
         key = (txn.rollout_id, txn.kind)
         if key in self.tasks and not self.tasks[key].done():
             return
-        self.tasks[key] = asyncio.create_task(self.run(txn), name=f"txn-{key}")
+        task = asyncio.create_task(self.run(txn), name=f"txn-{key}")
+        task.add_done_callback(_log_crash)
+        self.tasks[key] = task
 
     def resume_all(self) -> list[Txn]:
         pending = self.journal.unfinished()
@@ -200,7 +210,8 @@ class Runner:
             try:
                 changes = await self._attempt(action, txn, plan, attempts)
             except Exception as exc:  # any failure rolls back: a node must never stay frozen
-                reason = f"{action}: {_describe(exc)}"
+                detail = _describe(exc)
+                reason = detail if detail.startswith(f"{action}:") else f"{action}: {detail}"
                 self.journal.event(txn, action, "error", {"reason": reason})
                 if txn.phase in FORWARD:
                     log.warning(
@@ -225,7 +236,10 @@ class Runner:
                 self.journal.set_live_tls(plan.live_tls)
             txn = self.journal.update(txn, phase=after, **changes)
             if after == "completed" and self.on_complete is not None:
-                await self.on_complete()
+                try:
+                    await self.on_complete()
+                except Exception as exc:  # the transaction is done; a listener's trouble is not
+                    log.error("txn.on_complete_failed", error=_describe(exc))
             log.info("txn.step", rollout_id=txn.rollout_id, kind=txn.kind, step=action, phase=after)
             if self.crash_after == after:
                 os.kill(os.getpid(), signal.SIGKILL)  # test hook, see module docstring

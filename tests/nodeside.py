@@ -1,54 +1,151 @@
 """Harness for the node side of the switch: a cluster with one agent managing a reference
-server, and a stand-in for the leader that drives the agent's steps directly over mTLS."""
+server, and a stand-in for the leader that drives the agent's steps directly over mTLS.
+
+    node = Node(cluster, "sw1", loopback(), tmp_path / "sw1")
+    try:
+        node.start()                                   # refserver on http, agent enrolled
+        staged = node.stage("r1")                      # CreateCSR, sign with the CA, Stage
+        node.switch("r1")
+        txn = node.wait_txn("r1")                      # bounded poll of GetTransaction
+        assert node.served_fingerprint() == staged.fingerprint
+    finally:
+        node.close()                                   # agent, server, and any server it started
+
+The managed server's data dir lives *outside* its config dir (as /var/lib vs /etc would), so a
+test can make the config dir read-only without breaking the running server's store.
+"""
 
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
+import itertools
+import json
 import os
 import signal
+import sqlite3
+import ssl
+import subprocess
+import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 import grpc
+from cryptography import x509
+from google.protobuf.timestamp_pb2 import Timestamp
 
-from tests.cluster import Agent, Cluster, secure_channel, wait_until
-from tests.refserver_helper import RefServer
+from tests.cluster import Agent, Cluster, port_open, secure_channel, wait_until
+from tests.conftest import next_loopback
+from tests.refserver_helper import RefServer, Response, http_request, peer_certificate
 from tlsroll import pki
 from tlsroll.defaults import HTTP_PORT, HTTPS_PORT
+from tlsroll.tls import client_context
 from tlsroll.v1 import agent_pb2, agent_pb2_grpc
+
+RPC_TIMEOUT = 15.0
 
 
 class Node:
     """One node: a reference server (the managed server) and the agent that manages it."""
 
-    def __init__(self, cluster: Cluster, name: str, address: str, root: Path) -> None:
+    def __init__(
+        self,
+        cluster: Cluster,
+        name: str,
+        address: str,
+        root: Path,
+        *,
+        server_env: Mapping[str, str] | None = None,
+        **settings: Any,
+    ) -> None:
         self.cluster = cluster
         self.name = name
         self.address = address
-        self.server = RefServer(root / "server", address)
+        self.root = Path(root)
+        settings.setdefault("data_dir", self.root / "server-data")
+        self.server = RefServer(self.root / "server", address, env=server_env, **settings)
         self.agent: Agent | None = None
         self.epoch = 1
 
-    def start(self, env: dict[str, str] | None = None, **server: object) -> Node:
-        self.server.start()
-        self.agent = self.cluster.add_agent(
-            self.name,
-            self.address,
-            extra_config={
-                "server": {"driver": "reference", "config_file": self.server.config_path, **server}
-            },
-            env=env,
-        )
+    # --- where things are ---------------------------------------------------------------------
+
+    @property
+    def config_dir(self) -> Path:
+        """The managed server's config dir (the agent stages certificates beside the config)."""
+        return self.server.config_path.parent
+
+    @property
+    def server_data_dir(self) -> Path:
+        return Path(str(self.server.settings["data_dir"]))
+
+    @property
+    def journal_path(self) -> Path:
+        assert self.agent is not None
+        return self.agent.data_dir / "journal.sqlite3"
+
+    def stage_dir(self, rollout_id: str) -> Path:
+        return self.config_dir / "tlsroll-tls" / rollout_id
+
+    # --- processes ----------------------------------------------------------------------------
+
+    def start(
+        self,
+        env: Mapping[str, str] | None = None,
+        *,
+        start_server: bool = True,
+        extra_config: Mapping[str, Mapping[str, object]] | None = None,
+        **server: object,
+    ) -> Node:
+        """Start the reference server (unless ``start_server`` is false) and the agent, whose
+        ``[server]`` table is ``driver = "reference"`` plus ``server`` (which may override);
+        ``extra_config`` adds tables (e.g. ``"server.commands"``)."""
+        if start_server:
+            self.server.start()
+        config: dict[str, Mapping[str, object]] = {
+            "server": {"driver": "reference", "config_file": self.server.config_path, **server}
+        }
+        config.update(extra_config or {})
+        self.agent = self.cluster.add_agent(self.name, self.address, extra_config=config, env=env)
         return self
+
+    def restart_agent(self, env: Mapping[str, str] | None = None) -> None:
+        assert self.agent is not None
+        self.agent.start(env)
+
+    def close(self) -> None:
+        """Stop the agent, the server we started, and any server the agent's driver started
+        (found by the pid file; not our child). Idempotent."""
+        errors: list[BaseException] = []
+        if self.agent is not None:
+            try:
+                self.agent.close()
+            except Exception as exc:  # keep going: every process must be stopped
+                errors.append(exc)
+        pid = self.server_pid()
+        try:
+            self.server.close()
+        except Exception as exc:
+            errors.append(exc)
+        if pid is not None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+            deadline = time.monotonic() + 5
+            while alive(pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+        if errors:
+            raise errors[0]
 
     # --- the leader's side of the calls -------------------------------------------------------
 
     @contextlib.contextmanager
-    def stub(self) -> Iterator[agent_pb2_grpc.NodeAgentStub]:
+    def stub(
+        self, credentials: tuple[bytes, bytes] | None = None
+    ) -> Iterator[agent_pb2_grpc.NodeAgentStub]:
+        """NodeAgent over mTLS with the leader's certificate (or ``credentials``: chain, key)."""
         assert self.agent is not None
-        cert, key = self.cluster.leader_credentials()
+        cert, key = credentials or self.cluster.leader_credentials()
         with secure_channel(self.agent.target, self.cluster.ca_pem, cert, key) as channel:
             yield agent_pb2_grpc.NodeAgentStub(channel)
 
@@ -61,44 +158,79 @@ class Node:
             self.cluster.ca_cert_path, self.cluster.ca_key_path, passphrase
         )
 
-    def stage(self, rollout_id: str) -> agent_pb2.StageResponse:
-        """CreateCSR, sign with the cluster CA as the leader would, Stage."""
+    def preflight(self, rollout_id: str, epoch: int | None = None) -> agent_pb2.PreflightResponse:
+        leader_time = Timestamp()
+        leader_time.FromDatetime(dt.datetime.now(dt.UTC))
         with self.stub() as stub:
-            csr_pem = stub.CreateCSR(
-                agent_pb2.CreateCSRRequest(command=self.command(rollout_id)), timeout=10
+            reply: agent_pb2.PreflightResponse = stub.Preflight(
+                agent_pb2.PreflightRequest(
+                    command=self.command(rollout_id, epoch),
+                    leader_time=leader_time,
+                    max_clock_offset_seconds=60,
+                ),
+                timeout=RPC_TIMEOUT,
+            )
+        return reply
+
+    def create_csr(self, rollout_id: str, epoch: int | None = None) -> bytes:
+        with self.stub() as stub:
+            csr_pem: bytes = stub.CreateCSR(
+                agent_pb2.CreateCSRRequest(command=self.command(rollout_id, epoch)),
+                timeout=RPC_TIMEOUT,
             ).csr_pem
-            ca = self.ca()
-            csr = pki.load_csr_pem(csr_pem)
-            cert = ca.sign_csr(csr, pki.names_of(csr), server=True, client=False)
-            return stub.Stage(
+        return csr_pem
+
+    def sign(self, csr_pem: bytes) -> bytes:
+        """Sign ``csr_pem`` with the cluster CA as the leader would (server certificate)."""
+        ca = self.ca()
+        csr = pki.load_csr_pem(csr_pem)
+        return pki.cert_to_pem(ca.sign_csr(csr, pki.names_of(csr), server=True, client=False))
+
+    def send_stage(self, rollout_id: str, cert_pem: bytes) -> agent_pb2.StageResponse:
+        with self.stub() as stub:
+            reply: agent_pb2.StageResponse = stub.Stage(
                 agent_pb2.StageRequest(
                     command=self.command(rollout_id),
-                    certificate_pem=pki.cert_to_pem(cert),
-                    ca_certificate_pem=ca.cert_pem,
+                    certificate_pem=cert_pem,
+                    ca_certificate_pem=self.cluster.ca_pem,
                 ),
-                timeout=10,
+                timeout=RPC_TIMEOUT,
             )
+        return reply
 
-    def switch(self, rollout_id: str) -> agent_pb2.Transaction:
+    def stage(self, rollout_id: str) -> agent_pb2.StageResponse:
+        """CreateCSR, sign with the cluster CA as the leader would, Stage."""
+        return self.send_stage(rollout_id, self.sign(self.create_csr(rollout_id)))
+
+    def switch(self, rollout_id: str, epoch: int | None = None) -> agent_pb2.Transaction:
         with self.stub() as stub:
-            return stub.Switch(
-                agent_pb2.SwitchRequest(command=self.command(rollout_id), change="enable-tls"),
-                timeout=10,
+            reply: agent_pb2.Transaction = stub.Switch(
+                agent_pb2.SwitchRequest(
+                    command=self.command(rollout_id, epoch), change="enable-tls"
+                ),
+                timeout=RPC_TIMEOUT,
             )
+        return reply
 
     def rollback(self, rollout_id: str) -> agent_pb2.Transaction:
         with self.stub() as stub:
-            return stub.Rollback(
-                agent_pb2.RollbackRequest(command=self.command(rollout_id)), timeout=10
+            reply: agent_pb2.Transaction = stub.Rollback(
+                agent_pb2.RollbackRequest(command=self.command(rollout_id)), timeout=RPC_TIMEOUT
             )
+        return reply
 
     def txn(self, rollout_id: str, kind: str = "switch") -> agent_pb2.Transaction:
         with self.stub() as stub:
-            return stub.GetTransaction(
-                agent_pb2.GetTransactionRequest(rollout_id=rollout_id, kind=kind), timeout=10
+            reply: agent_pb2.Transaction = stub.GetTransaction(
+                agent_pb2.GetTransactionRequest(rollout_id=rollout_id, kind=kind),
+                timeout=RPC_TIMEOUT,
             )
+        return reply
 
-    def wait_txn(self, rollout_id: str, kind: str = "switch", timeout: float = 60) -> Any:
+    def wait_txn(
+        self, rollout_id: str, kind: str = "switch", timeout: float = 60
+    ) -> agent_pb2.Transaction:
+        """Poll GetTransaction until the transaction has an outcome (bounded)."""
         result: list[agent_pb2.Transaction] = []
 
         def finished() -> bool:
@@ -109,30 +241,184 @@ class Node:
             result[:] = [t]
             return bool(t.outcome)
 
-        wait_until(finished, timeout, f"{kind} of {rollout_id} on {self.name} to finish")
+        wait_until(
+            finished, timeout, f"{kind} of {rollout_id} on {self.name} to finish", interval=0.1
+        )
         return result[0]
+
+    # --- the agent's journal (read beside the running agent; WAL allows it) -------------------
+
+    def journal_query(self, sql: str, *params: object) -> list[dict[str, Any]]:
+        with contextlib.closing(sqlite3.connect(self.journal_path, timeout=10)) as db:
+            db.row_factory = sqlite3.Row
+            return [dict(r) for r in db.execute(sql, params).fetchall()]
+
+    def journal_events(self, rollout_id: str, kind: str = "switch") -> list[tuple[str, str]]:
+        """``(step, what)`` of every journalled event of one transaction, in order."""
+        rows = self.journal_query(
+            "SELECT step, what FROM events WHERE rollout_id = ? AND kind = ? ORDER BY seq",
+            rollout_id,
+            kind,
+        )
+        return [(r["step"], r["what"]) for r in rows]
 
     # --- what a client sees ------------------------------------------------------------------
 
-    def http_url(self) -> str:
-        return f"http://{self.address}:{HTTP_PORT}{self.server.app_path}"
+    def http_url(self, path: str = "") -> str:
+        return f"http://{self.address}:{HTTP_PORT}{self.server.app_path}{path}"
 
-    def https_url(self) -> str:
-        return f"https://{self.address}:{HTTPS_PORT}{self.server.app_path}"
+    def https_url(self, path: str = "") -> str:
+        return f"https://{self.address}:{HTTPS_PORT}{self.server.app_path}{path}"
+
+    def ca_context(self) -> ssl.SSLContext:
+        """A TLS client context trusting only the cluster CA."""
+        return client_context(self.cluster.ca_pem)
+
+    def get(self, scheme: str, path: str = "") -> Response:
+        if scheme == "https":
+            return http_request("GET", self.https_url(path), context=self.ca_context())
+        return http_request("GET", self.http_url(path))
+
+    def post(self, scheme: str, body: object, path: str = "entries") -> Response:
+        if scheme == "https":
+            return http_request("POST", self.https_url(path), body, context=self.ca_context())
+        return http_request("POST", self.http_url(path), body)
+
+    def served_fingerprint(self) -> str:
+        """The certificate https on 8443 presents to a client trusting only the cluster CA."""
+        der = peer_certificate(self.address, HTTPS_PORT, self.ca_context())
+        return pki.fingerprint(x509.load_der_x509_certificate(der))
+
+    def port_open(self, port: int) -> bool:
+        return port_open(self.address, port, timeout=1.0)
+
+    def admin_status(self) -> dict[str, Any]:
+        """The managed server's own view (admin socket): frozen, watermark, listen, pid..."""
+        return self.server.status()
 
     def server_pid(self) -> int | None:
         try:
-            return int((self.server.data_dir / "refserver.pid").read_text())
+            return int((self.server_data_dir / "refserver.pid").read_text())
         except (OSError, ValueError):
             return None
 
+    def stored_with(self, marker: str) -> int:
+        """How many entries in the server's store have ``marker`` in their body (read from the
+        SQLite file itself, not through the server)."""
+        db_path = self.server_data_dir / "entries.sqlite3"
+        with contextlib.closing(sqlite3.connect(db_path, timeout=10)) as db:
+            row = db.execute(
+                "SELECT count(*) FROM entries WHERE instr(body, ?) > 0", (marker,)
+            ).fetchone()
+        return int(row[0])
+
+    def driver_started_pids(self) -> list[int]:
+        """Pids of the servers the agent's reference driver started (its refserver.log)."""
+        assert self.agent is not None
+        log = self.agent.data_dir / "refserver.log"
+        pids = []
+        text = log.read_text(errors="replace") if log.exists() else ""
+        for line in text.splitlines():
+            with contextlib.suppress(ValueError):
+                event = json.loads(line)
+                if isinstance(event, dict) and event.get("event") == "started":
+                    pids.append(int(event["pid"]))
+        return pids
+
+
+@contextlib.contextmanager
+def port_holder(address: str, port: int) -> Iterator[subprocess.Popen[bytes]]:
+    """Another program (a small python process) listening on ``address:port``."""
+    code = (
+        "import socket, sys, time\n"
+        "s = socket.socket()\n"
+        "s.bind((sys.argv[1], int(sys.argv[2])))\n"
+        "s.listen()\n"
+        "time.sleep(300)\n"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", code, address, str(port)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        wait_until(
+            lambda: proc.poll() is not None or port_open(address, port, timeout=0.5),
+            10,
+            f"a listener on {address}:{port}",
+        )
+        assert proc.poll() is None, f"the listener on {address}:{port} exited"
+        yield proc
+    finally:
+        proc.kill()
+        proc.wait(10)
+
+
+@contextlib.contextmanager
+def read_only(directory: Path) -> Iterator[None]:
+    """Make ``directory`` read-only with a read-only bind mount on itself (needs root)."""
+
+    def run(*argv: str) -> None:
+        subprocess.run(argv, check=True, capture_output=True, timeout=30)
+
+    run("mount", "--bind", str(directory), str(directory))
+    try:
+        run("mount", "-o", "remount,bind,ro", str(directory))
+        yield
+    finally:
+        try:
+            run("umount", str(directory))
+        except subprocess.CalledProcessError:
+            run("umount", "-l", str(directory))
+
+
+class NodeFactory:
+    """Makes started nodes on fresh loopback addresses; ``close()`` stops all of them (for a
+    fixture's teardown)."""
+
+    def __init__(self, cluster: Cluster, root: Path, prefix: str) -> None:
+        self.cluster = cluster
+        self.root = Path(root)
+        self.prefix = prefix
+        self.nodes: list[Node] = []
+
+    def __call__(
+        self,
+        *,
+        env: Mapping[str, str] | None = None,
+        server_env: Mapping[str, str] | None = None,
+        extra_config: Mapping[str, Mapping[str, object]] | None = None,
+        **server: Any,
+    ) -> Node:
+        node = self.new(server_env=server_env)
+        return node.start(env, extra_config=extra_config, **server)
+
+    def new(self, *, server_env: Mapping[str, str] | None = None) -> Node:
+        """A node not started yet (its processes are still stopped by ``close()``)."""
+        name = f"{self.prefix}{next(_names)}"
+        node = Node(self.cluster, name, next_loopback(), self.root / name, server_env=server_env)
+        self.nodes.append(node)
+        return node
+
     def close(self) -> None:
-        """Stop the managed server too when the agent's driver restarted it (not our child)."""
-        pid = self.server_pid()
-        self.server.close()
-        if pid is not None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            deadline = time.monotonic() + 5
-            while Path(f"/proc/{pid}").exists() and time.monotonic() < deadline:
-                time.sleep(0.05)
+        errors: list[BaseException] = []
+        for node in self.nodes:
+            try:
+                node.close()
+            except Exception as exc:  # keep going: stop every process
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+
+_names = itertools.count(1)
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` runs (a zombie has exited), whoever its parent is."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"

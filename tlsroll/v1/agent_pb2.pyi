@@ -409,7 +409,9 @@ class Transaction(_message.Message):
     unfrozen, rolling_back, ...).
     """
     outcome: _builtins.str
-    """"" while running; then "switched", "rolled_back" or "failed" (left as it was found)."""
+    """"" while running; then "completed" (the target is live), "rolled_back" (the source is
+    live again) or "failed" (even the way back failed; the reason says what the node needs).
+    """
     reason: _builtins.str
     watermark: _builtins.int
     restart_seconds: _builtins.float

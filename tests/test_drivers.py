@@ -1,0 +1,418 @@
+"""The ``systemd`` and ``exec`` drivers, each switching a real reference server.
+
+systemd is not PID 1 in the test container (nor in CI), so a FAKE ``systemctl``, placed first on
+the agent's PATH, stands in for it: ``systemctl restart UNIT`` really restarts the node's
+reference server (SIGTERM through its pid file, then a new detached process, waiting for it
+like a ``Type=notify`` unit). The same script serves as the admin's commands for the ``exec``
+driver (restart, status, freeze, unfreeze).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import string
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from tests.cluster import Cluster, wait_until
+from tests.conftest import next_loopback
+from tests.nodeside import Node, NodeFactory, alive
+
+UNIT = "praxis-live.service"
+
+CONTROL_SCRIPT = '''#!{python}
+"""Fake systemctl (systemd is not PID 1 here) and exec-driver commands for one test node."""
+import http.client
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+S = json.loads({settings!r})
+PID_FILE = Path(S["pid_file"])
+
+
+def log_call(argv):
+    with open(S["calls"], "a") as f:
+        f.write(" ".join(argv) + "\\n")
+
+
+class Unix(http.client.HTTPConnection):
+    def __init__(self):
+        super().__init__("localhost", timeout=30)
+
+    def connect(self):
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(self.timeout)
+        self.sock.connect(S["admin_socket"])
+
+
+def admin(method, path, body=None):
+    conn = Unix()
+    try:
+        data = None if body is None else json.dumps(body)
+        conn.request(method, path, body=data, headers={{"Content-Type": "application/json"}})
+        resp = conn.getresponse()
+        payload = resp.read()
+    except OSError as exc:
+        sys.exit(f"server not answering on {{S['admin_socket']}}: {{exc}}")
+    finally:
+        conn.close()
+    if resp.status != 200:
+        sys.exit(f"admin {{path}} answered {{resp.status}}")
+    return json.loads(payload)
+
+
+def alive(pid):
+    try:
+        stat = Path(f"/proc/{{pid}}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def server_pid():
+    try:
+        return int(PID_FILE.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def restart():
+    hang = Path(S["hang_once"])
+    if hang.exists():  # a restart that hangs (once): the agent must not hang with it
+        hang.unlink()
+        Path(S["hang_pid"]).write_text(str(os.getpid()))
+        time.sleep(600)
+    pid = server_pid()
+    if pid and alive(pid):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + 15
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if alive(pid):
+            os.kill(pid, signal.SIGKILL)
+    with open(S["server_log"], "ab") as log:
+        child = subprocess.Popen(
+            [sys.executable, "-m", "nodeagent.refserver", "--config", S["config"]],
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
+    deadline = time.monotonic() + 15
+    while time.monotonic() < deadline:  # like a Type=notify unit: wait for start-up
+        if child.poll() is not None:
+            sys.exit(
+                f"Job for {{S['unit']}} failed because the control process exited with "
+                f"error code {{child.returncode}}."
+            )
+        if server_pid() == child.pid:
+            child.returncode = 0  # detached: it runs on without us
+            return
+        time.sleep(0.05)
+    sys.exit(f"Job for {{S['unit']}} timed out.")
+
+
+def main(argv):
+    log_call(argv)
+    if argv == ["restart", S["unit"]] or argv == ["restart"]:
+        restart()
+    elif argv == ["status"]:
+        print(json.dumps(admin("GET", "/admin/status")))
+    elif argv == ["status", "--no-watermark"]:  # an admin's status command that omits it
+        data = admin("GET", "/admin/status")
+        del data["watermark"]
+        print(json.dumps(data))
+    elif argv == ["freeze"]:
+        data = admin("POST", "/admin/freeze", {{"drain_timeout": 10}})
+        if not data["drained"]:
+            sys.exit("writes still in flight")
+        print(data["watermark"])
+    elif argv == ["unfreeze"]:
+        admin("POST", "/admin/unfreeze")
+    else:
+        sys.exit(f"unsupported: {{argv}}")
+
+
+main(sys.argv[1:])
+'''
+
+TEMPLATE = """# $scheme for {unit}: rendered by tlsroll-agent from the admin's template
+[server]
+address = "$address"
+app_path = "$app_path"
+listen = $listen
+http_port = $http_port
+https_port = $https_port
+cert_file = "$cert_file"
+key_file = "$key_file"
+client_ca_file = "$ca_file"
+data_dir = "{data_dir}"
+admin_socket = "{admin_socket}"
+"""
+
+
+@dataclass
+class Control:
+    """The control script of one node and what it records."""
+
+    script: Path
+    bin_dir: Path
+    calls: Path
+    hang_once: Path
+    hang_pid: Path
+
+    def calls_made(self) -> list[str]:
+        return self.calls.read_text().splitlines() if self.calls.exists() else []
+
+    def restarts(self) -> int:
+        return sum(1 for c in self.calls_made() if c.startswith("restart"))
+
+
+def write_control(node: Node) -> Control:
+    """Write the control script for ``node``, also as ``systemctl`` in a bin dir of its own."""
+    ctl_dir = node.root / "ctl"
+    bin_dir = ctl_dir / "bin"
+    bin_dir.mkdir(parents=True)
+    settings = {
+        "config": str(node.server.config_path),
+        "pid_file": str(node.server_data_dir / "refserver.pid"),
+        "admin_socket": str(node.server.admin_socket),
+        "server_log": str(ctl_dir / "server.log"),
+        "calls": str(ctl_dir / "calls.log"),
+        "hang_once": str(ctl_dir / "hang-once"),
+        "hang_pid": str(ctl_dir / "hang.pid"),
+        "unit": UNIT,
+    }
+    text = CONTROL_SCRIPT.format(python=sys.executable, settings=json.dumps(settings))
+    script = ctl_dir / "nodectl.py"
+    script.write_text(text)
+    script.chmod(0o755)
+    (bin_dir / "systemctl").symlink_to(script)
+    return Control(
+        script, bin_dir, ctl_dir / "calls.log", ctl_dir / "hang-once", ctl_dir / "hang.pid"
+    )
+
+
+def write_template(node: Node, extra: str = "") -> Path:
+    path = node.root / "refserver.toml.tmpl"
+    path.write_text(
+        TEMPLATE.format(
+            unit=UNIT, data_dir=node.server_data_dir, admin_socket=node.server.admin_socket
+        )
+        + extra
+    )
+    return path
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with Cluster(tmp_path_factory.mktemp("drivers"), next_loopback()) as c:
+        c.init()
+        c.start_leader()
+        yield c
+
+
+@pytest.fixture
+def nodes(cluster: Cluster, tmp_path: Path) -> Iterator[NodeFactory]:
+    factory = NodeFactory(cluster, tmp_path, "drv")
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+def code_and_details(err: grpc.RpcError) -> tuple[grpc.StatusCode, str]:
+    return err.code(), str(err.details())
+
+
+def systemd_node(nodes: NodeFactory, template_extra: str = "") -> tuple[Node, Control, Path]:
+    """A node whose agent runs the systemd driver against the fake ``systemctl`` on its PATH.
+
+    The reference server is first started by the test, as systemd would have started it."""
+    node = nodes.new()
+    control = write_control(node)
+    template = write_template(node, template_extra)
+    node.start(
+        {"PATH": f"{control.bin_dir}{os.pathsep}{os.environ.get('PATH', '')}"},
+        driver="systemd",
+        template=template,
+        unit=UNIT,
+        admin_socket=node.server.admin_socket,
+        app_path=node.server.app_path,
+        timeout=20,
+    )
+    return node, control, template
+
+
+def exec_node(
+    nodes: NodeFactory, timeout: int, status: tuple[str, ...] = ("status",)
+) -> tuple[Node, Control]:
+    """A node whose agent runs the exec driver with the control script as its commands."""
+    node = nodes.new()
+    control = write_control(node)
+    template = write_template(node)
+    commands: dict[str, object] = {
+        op: [sys.executable, str(control.script), op]
+        for op in ("restart", "status", "freeze", "unfreeze")
+    }
+    commands["status"] = [sys.executable, str(control.script), *status]
+    node.start(
+        extra_config={"server.commands": commands},
+        driver="exec",
+        template=template,
+        app_path=node.server.app_path,
+        timeout=timeout,
+    )
+    return node, control
+
+
+def assert_switched(node: Node, fingerprint: str) -> None:
+    assert node.served_fingerprint() == fingerprint
+    assert node.get("https").status == 200
+    assert not node.port_open(8080)
+    status = node.admin_status()
+    assert status["frozen"] is False and status["listen"] == ["https"]
+
+
+def assert_back_on_http(node: Node, config: bytes) -> None:
+    assert node.server.config_path.read_bytes() == config
+    assert node.get("http").status == 200
+    assert not node.port_open(8443)
+    status = node.admin_status()
+    assert status["frozen"] is False and status["listen"] == ["http"]
+    assert node.post("http", {"after": "rollback"}).status == 201
+
+
+# --- systemd -----------------------------------------------------------------------------------
+
+
+def test_systemd_driver_switches_through_systemctl(nodes: NodeFactory) -> None:
+    """systemd is not PID 1 here, so a fake ``systemctl`` first on the agent's PATH stands in;
+    its ``restart`` really restarts the reference server with the rendered config."""
+    node, control, template = systemd_node(nodes)
+    pre = node.preflight("sd-ok")
+    assert pre.ok, list(pre.problems)
+    assert pre.server.driver == "systemd" and list(pre.server.schemes) == ["http"]
+    entry = node.post("http", {"n": 1}).json()
+    staged = node.stage("sd-ok")
+    node.switch("sd-ok")
+    done = node.wait_txn("sd-ok")
+    assert done.outcome == "completed", done.reason
+    assert_switched(node, staged.fingerprint)
+    assert node.get("https", f"entries/{entry['id']}").status == 200
+    assert control.calls_made().count(f"restart {UNIT}") == 1
+    assert done.restart_seconds > 0
+    # The live config is the admin's template with the staged files filled in.
+    stage_dir = node.stage_dir("sd-ok")
+    expected = string.Template(template.read_text()).substitute(
+        address=node.address,
+        app_path=node.server.app_path,
+        listen='["https"]',
+        scheme="https",
+        http_port="8080",
+        https_port="8443",
+        cert_file=stage_dir / "server.pem",
+        key_file=stage_dir / "server.key",
+        ca_file=stage_dir / "ca.pem",
+    )
+    assert node.server.config_path.read_text() == expected
+
+
+def test_systemd_template_with_an_unknown_placeholder_is_refused(nodes: NodeFactory) -> None:
+    node, control, _template = systemd_node(nodes, 'note = "$nonsense"\n')
+    config, pid = node.server.config_path.read_bytes(), node.server_pid()
+    node.stage("sd-tmpl")
+    with pytest.raises(grpc.RpcError) as info:
+        node.switch("sd-tmpl")
+    code, details = code_and_details(info.value)
+    assert code == grpc.StatusCode.FAILED_PRECONDITION
+    assert "nonsense" in details and "placeholder" in details
+    with pytest.raises(grpc.RpcError) as info:
+        node.txn("sd-tmpl")
+    assert code_and_details(info.value)[0] == grpc.StatusCode.NOT_FOUND
+    # Refused before anything changed: same config, same process, never frozen or restarted.
+    assert node.server.config_path.read_bytes() == config
+    assert node.server_pid() == pid
+    assert control.restarts() == 0
+    assert node.admin_status()["frozen"] is False
+    assert node.post("http", {"still": "writable"}).status == 201
+
+
+def test_systemd_config_the_server_cannot_load_is_rolled_back(nodes: NodeFactory) -> None:
+    node, control, _template = systemd_node(nodes, "no_such_setting = true\n")
+    config = node.server.config_path.read_bytes()
+    node.stage("sd-bad")
+    node.switch("sd-bad")
+    done = node.wait_txn("sd-bad")
+    assert done.outcome == "rolled_back", done.reason
+    assert done.reason.startswith("restart:") and "failed" in done.reason, done.reason
+    assert_back_on_http(node, config)
+    assert control.calls_made().count(f"restart {UNIT}") == 2  # the new config, then the old
+
+
+# --- exec --------------------------------------------------------------------------------------
+
+
+def test_exec_driver_switches_with_the_admins_commands(nodes: NodeFactory) -> None:
+    node, control = exec_node(nodes, timeout=20)
+    pre = node.preflight("ex-ok")
+    assert pre.ok, list(pre.problems)
+    assert pre.server.driver == "exec"
+    staged = node.stage("ex-ok")
+    node.switch("ex-ok")
+    done = node.wait_txn("ex-ok")
+    assert done.outcome == "completed", done.reason
+    assert_switched(node, staged.fingerprint)
+    acts = [c for c in control.calls_made() if c != "status"]
+    assert acts == ["freeze", "restart", "unfreeze"]
+
+
+def test_exec_command_that_hangs_times_out_and_rolls_back(nodes: NodeFactory) -> None:
+    node, control = exec_node(nodes, timeout=4)
+    config = node.server.config_path.read_bytes()
+    node.stage("ex-hang")
+    control.hang_once.touch()  # the next restart hangs
+    node.switch("ex-hang")
+    wait_until(control.hang_pid.exists, 20, "the hanging restart to begin")
+    hung = int(control.hang_pid.read_text())
+    # The agent answers while its command hangs.
+    t0 = time.monotonic()
+    during = node.txn("ex-hang")
+    assert time.monotonic() - t0 < 2
+    assert during.outcome == "" and during.phase == "config_written"
+
+    done = node.wait_txn("ex-hang", timeout=30)
+    assert done.outcome == "rolled_back", done.reason
+    assert "restart" in done.reason and "did not finish within 4s" in done.reason, done.reason
+    wait_until(lambda: not alive(hung), 5, "the hung command to be killed")
+    assert_back_on_http(node, config)
+    ended: Any = done.ended_at.ToDatetime()
+    started: Any = done.started_at.ToDatetime()
+    assert (ended - started).total_seconds() < 20
+
+
+def test_exec_status_without_a_watermark_rolls_back_and_unfreezes(nodes: NodeFactory) -> None:
+    """A status command that leaves out the watermark cannot prove nothing was written while
+    frozen: the switch must end rolled back and unfrozen, not stuck frozen."""
+    node, _control = exec_node(nodes, timeout=10, status=("status", "--no-watermark"))
+    config = node.server.config_path.read_bytes()
+    node.stage("ex-nowm")
+    node.switch("ex-nowm")
+    done = node.wait_txn("ex-nowm", timeout=30)
+    assert done.outcome == "rolled_back", done.reason
+    assert done.reason.startswith("verify:") and "watermark" in done.reason, done.reason
+    assert_back_on_http(node, config)

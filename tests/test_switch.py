@@ -1,0 +1,489 @@
+"""The node side of the http→https switch (issue 3): real agents, real reference servers, real
+mutual TLS, driven step by step by a stand-in for the leader, and checked from outside with a
+TLS client that trusts only the cluster CA.
+
+Every node has its own loopback address with the seed's ports (8080, 8443, 9443).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import http.client
+import os
+import signal
+import stat
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from nodeagent.refserver import SWITCHING_MESSAGE, WRITE_DELAY_ENV
+from nodeagent.transaction import CRASH_ENV
+from tests.cluster import Cluster, wait_until
+from tests.conftest import next_loopback
+from tests.nodeside import Node, NodeFactory, port_holder, read_only
+from tests.refserver_helper import Response
+from tlsroll import pki
+from tlsroll.v1 import agent_pb2
+
+FORWARD_ACTIONS = ("freeze", "write_config", "restart", "verify", "unfreeze")
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with Cluster(tmp_path_factory.mktemp("switch"), next_loopback()) as c:
+        c.init()
+        c.start_leader()
+        yield c
+
+
+@pytest.fixture
+def make_node(cluster: Cluster, tmp_path: Path) -> Iterator[NodeFactory]:
+    """Start nodes (reference server on http + agent) on fresh loopback addresses; every
+    process is stopped at teardown, including servers the agent restarted."""
+    factory = NodeFactory(cluster, tmp_path, "sw")
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+def rpc_error(call: Callable[[], object]) -> grpc.RpcError:
+    with pytest.raises(grpc.RpcError) as info:
+        call()
+    return info.value
+
+
+def code_of(err: grpc.RpcError) -> grpc.StatusCode:
+    code: grpc.StatusCode = err.code()
+    return code
+
+
+def details_of(err: grpc.RpcError) -> str:
+    return str(err.details())
+
+
+def when(ts: Any) -> dt.datetime:
+    value: dt.datetime = ts.ToDatetime(tzinfo=dt.UTC)
+    return value
+
+
+def assert_refused_while_frozen(resp: Response) -> None:
+    assert resp.status == 503, resp.body
+    assert int(resp.header("Retry-After") or 0) > 0
+    assert resp.json() == {"error": "switching", "message": SWITCHING_MESSAGE}
+    assert "id" not in resp.json()
+
+
+def assert_untouched(node: Node, config: bytes, pid: int | None) -> None:
+    """The node is as it was: same config file, same server process, on http, not frozen."""
+    assert node.server.config_path.read_bytes() == config
+    assert node.server_pid() == pid
+    status = node.admin_status()
+    assert status["frozen"] is False
+    assert status["listen"] == ["http"]
+    assert node.get("http", "health").status == 200
+    assert not node.port_open(8443)
+
+
+def assert_switched(node: Node, fingerprint: str) -> None:
+    """From outside: https with exactly the staged certificate, the app answers, no http."""
+    assert node.served_fingerprint() == fingerprint
+    app = node.get("https")
+    assert app.status == 200 and app.json()["scheme"] == "https"
+    assert not node.port_open(8080)
+    status = node.admin_status()
+    assert status["frozen"] is False
+    assert status["listen"] == ["https"]
+    assert status["cert_sha256"] is not None
+
+
+# --- 1. happy path --------------------------------------------------------------------------
+
+
+def test_switch_then_rollback_checked_from_outside(make_node: NodeFactory) -> None:
+    node = make_node()
+    pre = node.preflight("happy")
+    assert pre.ok, list(pre.problems)
+    assert list(pre.problems) == []
+    assert pre.common_name == node.name
+    assert list(pre.ip_addresses) == [node.address]
+    assert pre.old_url == f"http://{node.address}:8080/praxis_live/"
+    assert pre.new_url == f"https://{node.address}:8443/praxis_live/"
+    assert pre.server.healthy and list(pre.server.schemes) == ["http"]
+    assert not pre.server.frozen
+    assert pre.bootstrap_port == 9443
+
+    before = node.post("http", {"note": "before the switch"})
+    assert before.status == 201
+    entry = before.json()
+    old_pid = node.server_pid()
+
+    staged = node.stage("happy")
+    assert staged.fingerprint.startswith("sha256:")
+    key_file = node.stage_dir("happy") / "server.key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    cert = pki.read_cert(node.stage_dir("happy") / "server.pem")
+    assert pki.fingerprint(cert) == staged.fingerprint
+    assert pki.key_matches(cert, pki.read_key(key_file))
+    # Staged means inactive: the server still runs on http only, same process.
+    assert node.server_pid() == old_pid and not node.port_open(8443)
+
+    begun = node.switch("happy")
+    assert begun.rollout_id == "happy" and begun.kind == "switch" and begun.epoch == 1
+    assert begun.outcome == ""  # it returns at once; the agent carries it on
+    done = node.wait_txn("happy")
+    assert done.outcome == "completed", done.reason
+    assert done.phase == "completed" and done.reason == ""
+    assert done.cert_fingerprint == staged.fingerprint
+    assert done.old_url == pre.old_url and done.new_url == pre.new_url
+
+    assert_switched(node, staged.fingerprint)
+    assert node.server_pid() != old_pid
+    got = node.get("https", f"entries/{entry['id']}")
+    assert got.status == 200 and got.json()["body"] == {"note": "before the switch"}
+
+    # The freeze window and the restart duration, for the schema.
+    assert done.HasField("freeze_started_at") and done.HasField("freeze_ended_at")
+    started, ended = when(done.started_at), when(done.ended_at)
+    frozen_from, frozen_to = when(done.freeze_started_at), when(done.freeze_ended_at)
+    assert started <= frozen_from < frozen_to <= ended
+    assert 0 < done.restart_seconds < 30
+    assert frozen_to - frozen_from >= dt.timedelta(seconds=done.restart_seconds)
+    assert done.watermark == entry["seq"]
+
+    after = node.post("https", {"note": "after the switch"})
+    assert after.status == 201
+
+    node.rollback("happy")
+    back = node.wait_txn("happy", "rollback")
+    assert back.outcome == "completed", back.reason
+    assert back.old_url == pre.new_url and back.new_url == pre.old_url
+    assert node.get("http").status == 200
+    assert not node.port_open(8443)
+    status = node.admin_status()
+    assert status["frozen"] is False and status["listen"] == ["http"]
+    for e in (entry, after.json()):
+        assert node.get("http", f"entries/{e['id']}").status == 200
+    assert node.post("http", {"note": "after the rollback"}).status == 201
+
+
+# --- 2., 3. preflight problems --------------------------------------------------------------
+
+
+def test_preflight_names_the_process_holding_8443(make_node: NodeFactory) -> None:
+    node = make_node()
+    config, pid = node.server.config_path.read_bytes(), node.server_pid()
+    with port_holder(node.address, 8443) as holder:
+        pre = node.preflight("taken")
+        assert not pre.ok
+        about_8443 = [p for p in pre.problems if "8443" in p]
+        assert len(about_8443) == 1, list(pre.problems)
+        assert f"pid {holder.pid}" in about_8443[0]
+        assert node.address in about_8443[0]
+        assert len(pre.problems) == 1, list(pre.problems)
+    assert_untouched(node, config, pid)
+    assert not node.stage_dir("taken").exists()
+    assert node.journal_query("SELECT * FROM txns") == []
+    assert node.journal_query("SELECT * FROM staged") == []
+    # The same node passes once the other program is gone: the problem was the port.
+    assert node.preflight("taken").ok
+
+
+def test_preflight_names_a_read_only_config_dir(make_node: NodeFactory) -> None:
+    assert os.geteuid() == 0, "this test bind-mounts; tests run as root here and in CI"
+    node = make_node()
+    config, pid = node.server.config_path.read_bytes(), node.server_pid()
+    with read_only(node.config_dir):
+        with pytest.raises(OSError, match="Read-only"):
+            (node.config_dir / "probe").write_text("x")
+        pre = node.preflight("readonly")
+    assert not pre.ok
+    assert len(pre.problems) == 1, list(pre.problems)
+    problem = pre.problems[0]
+    assert str(node.config_dir) in problem and "not writable" in problem
+    assert "Read-only" in problem
+    assert_untouched(node, config, pid)
+    assert node.preflight("readonly").ok
+
+
+# --- 4. a staged cert whose key does not match ------------------------------------------------
+
+
+def test_cert_for_another_key_is_refused_and_nothing_switches(make_node: NodeFactory) -> None:
+    node = make_node()
+    config, pid = node.server.config_path.read_bytes(), node.server_pid()
+    csr_pem = node.create_csr("mismatch")
+    names = pki.names_of(pki.load_csr_pem(csr_pem))
+    other_csr = pki.csr_to_pem(pki.make_csr(pki.generate_key(), names))
+    wrong_cert = node.sign(other_csr)
+
+    err = rpc_error(lambda: node.send_stage("mismatch", wrong_cert))
+    assert code_of(err) == grpc.StatusCode.INVALID_ARGUMENT
+    assert "does not match the staged key" in details_of(err)
+    assert not (node.stage_dir("mismatch") / "server.pem").exists()
+    staged = node.journal_query("SELECT * FROM staged WHERE rollout_id = 'mismatch'")
+    assert len(staged) == 1 and staged[0]["cert_file"] is None
+
+    err = rpc_error(lambda: node.switch("mismatch"))
+    assert code_of(err) == grpc.StatusCode.FAILED_PRECONDITION
+    assert "nothing staged" in details_of(err)
+    err = rpc_error(lambda: node.txn("mismatch"))
+    assert code_of(err) == grpc.StatusCode.NOT_FOUND
+    assert_untouched(node, config, pid)
+    assert node.post("http", {"still": "writable"}).status == 201
+
+
+# --- 5. the server cannot start with the new config ------------------------------------------
+
+
+def test_server_that_cannot_load_the_new_key_is_rolled_back(make_node: NodeFactory) -> None:
+    node = make_node()
+    config = node.server.config_path.read_bytes()
+    before = node.post("http", {"note": "before"}).json()
+    node.stage("badkey")
+    # The reference server refuses a key file others may read.
+    (node.stage_dir("badkey") / "server.key").chmod(0o644)
+
+    node.switch("badkey")
+    done = node.wait_txn("badkey")
+    assert done.outcome == "rolled_back", done.reason
+    assert done.reason.startswith("restart:"), done.reason
+    assert "exited at start" in done.reason and "key_file" in done.reason, done.reason
+
+    assert node.server.config_path.read_bytes() == config
+    assert node.get("http").status == 200
+    assert not node.port_open(8443)
+    status = node.admin_status()
+    assert status["frozen"] is False and status["listen"] == ["http"]
+    created = node.post("http", {"note": "after the rollback"})
+    assert created.status == 201
+    assert node.get("http", f"entries/{created.json()['id']}").status == 200
+    assert node.get("http", f"entries/{before['id']}").status == 200
+    events = node.journal_events("badkey")
+    assert ("restart", "error") in events
+    assert ("rolling_back", "end") in events and ("rolled_back", "end") in events
+    assert ("verify", "begin") not in events  # never got that far
+
+
+# --- 6. the agent is SIGKILLed in the middle ---------------------------------------------------
+
+
+@pytest.mark.parametrize("crash_after", ["frozen", "config_written", "restarted"])
+def test_agent_killed_mid_switch_resumes_from_its_journal(
+    make_node: NodeFactory, crash_after: str
+) -> None:
+    node = make_node(env={CRASH_ENV: crash_after})
+    assert node.agent is not None
+    rid = f"crash-{crash_after.replace('_', '-')}"
+    before = node.post("http", {"note": "before"}).json()
+    staged = node.stage(rid)
+    try:
+        node.switch(rid)
+    except grpc.RpcError as exc:  # the agent may die before its answer is out
+        assert code_of(exc) == grpc.StatusCode.UNAVAILABLE, exc
+    assert node.agent.proc is not None
+    assert node.agent.proc.wait(30) == -signal.SIGKILL
+
+    # While the agent is down the server stays frozen, exactly where the journal says.
+    [row] = node.journal_query("SELECT phase, outcome, watermark FROM txns")
+    assert row["phase"] == crash_after and row["outcome"] == ""
+    assert row["watermark"] == before["seq"]
+    status = node.admin_status()
+    assert status["frozen"] is True
+    scheme = "https" if crash_after == "restarted" else "http"
+    assert status["listen"] == [scheme]
+    marker = uuid.uuid4().hex
+    assert_refused_while_frozen(node.post(scheme, {"marker": marker}))
+    assert node.admin_status()["watermark"] == before["seq"]
+    assert node.stored_with(marker) == 0
+
+    node.restart_agent()  # without the crash hook
+    done = node.wait_txn(rid)
+    assert done.outcome == "completed", done.reason
+    assert_switched(node, staged.fingerprint)
+    assert done.watermark == before["seq"]
+    assert node.get("https", f"entries/{before['id']}").status == 200
+    assert node.stored_with(marker) == 0
+    assert node.post("https", {"note": "after"}).status == 201
+
+    # The journal: the agent stopped after recording `crash_after` and carried on from there,
+    # so every action ran exactly once; no action was repeated, nothing was rolled back.
+    events = node.journal_events(rid)
+    for action in FORWARD_ACTIONS:
+        assert events.count((action, "begin")) == 1, (action, events)
+    assert all(what != "error" for _step, what in events), events
+    assert ("rolling_back", "end") not in events
+    assert events.index((crash_after, "end")) < events.index(("completed", "end"))
+    resumed = [e for e in node.agent.log_events() if e.get("event") == "txn.resuming"]
+    assert [e["phase"] for e in resumed] == [crash_after]
+    # One restart of the server, whichever side of it the agent died on.
+    assert node.driver_started_pids() == [node.server_pid()]
+
+
+# --- 7. writes during the switch ---------------------------------------------------------------
+
+
+@dataclass
+class Writer:
+    """Posts entries until stopped, http first, https once http is refused (trusting only the
+    cluster CA); records what each POST got."""
+
+    node: Node
+    stop: threading.Event
+    acked: list[tuple[str, str]] = field(default_factory=list)  # (id, marker) of every 201
+    refused: list[tuple[str, Response]] = field(default_factory=list)  # (marker, 503)
+    unknown: int = 0  # no answer: connection refused or reset
+    acked_https: int = 0
+    errors: list[str] = field(default_factory=list)
+
+    def run(self) -> None:
+        try:
+            self._run()
+        except Exception as exc:  # reported by the test, never lost with the thread
+            self.errors.append(f"writer died: {exc!r}")
+
+    def _run(self) -> None:
+        scheme = "http"
+        while not self.stop.is_set():
+            marker = uuid.uuid4().hex
+            try:
+                resp = self.node.post(scheme, {"marker": marker}, path="entries")
+            except (OSError, http.client.HTTPException):
+                self.unknown += 1
+                scheme = "https" if scheme == "http" else "http"
+                time.sleep(0.02)
+                continue
+            if resp.status == 201:
+                self.acked.append((resp.json()["id"], marker))
+                self.acked_https += scheme == "https"
+            elif resp.status == 503:
+                self.refused.append((marker, resp))
+                time.sleep(0.01)
+            else:
+                self.errors.append(f"{scheme}: {resp.status} {resp.body[:200]!r}")
+
+
+def test_every_acknowledged_write_survives_the_switch(make_node: NodeFactory) -> None:
+    # Slow writes (also on the server the agent restarts) keep writes in flight at the freeze.
+    delay = {WRITE_DELAY_ENV: "0.1"}
+    node = make_node(env=delay, server_env=delay)
+    staged = node.stage("writes")
+    stop = threading.Event()
+    writers = [Writer(node, stop) for _ in range(3)]
+    threads = [threading.Thread(target=w.run, name=f"writer-{i}") for i, w in enumerate(writers)]
+    for t in threads:
+        t.start()
+    try:
+        wait_until(lambda: sum(len(w.acked) for w in writers) >= 6, 20, "writes before the switch")
+        node.switch("writes")
+        done = node.wait_txn("writes")
+        wait_until(lambda: all(w.acked_https >= 2 for w in writers), 20, "writes over https after")
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert not any(t.is_alive() for t in threads)
+    assert done.outcome == "completed", done.reason
+    assert_switched(node, staged.fingerprint)
+
+    errors = [e for w in writers for e in w.errors]
+    assert errors == []
+    acked = [a for w in writers for a in w.acked]
+    refused = [r for w in writers for r in w.refused]
+    assert refused, "no write was refused during the freeze"
+    for marker, resp in refused:
+        assert_refused_while_frozen(resp)
+        assert node.stored_with(marker) == 0, marker
+    for entry_id, marker in acked:
+        got = node.get("https", f"entries/{entry_id}")
+        assert got.status == 200, entry_id
+        assert got.json()["body"] == {"marker": marker}
+    # Nothing was written while frozen: the watermark at the freeze is where writes stopped
+    # until the freeze was lifted, and no sequence number was handed out twice.
+    seqs = sorted(node.get("https", f"entries/{i}").json()["seq"] for i, _ in acked)
+    assert len(set(seqs)) == len(seqs)
+    assert any(s <= done.watermark for s in seqs) and any(s > done.watermark for s in seqs)
+
+
+# --- 8. a replayed Switch ------------------------------------------------------------------------
+
+
+def test_replayed_switch_returns_the_same_transaction_and_acts_once(make_node: NodeFactory) -> None:
+    node = make_node()
+    staged = node.stage("replay")
+    old_pid = node.server_pid()
+    first = node.switch("replay")
+    second = node.switch("replay")  # while the first one runs
+    assert second.started_at == first.started_at
+    assert (second.rollout_id, second.kind, second.epoch) == ("replay", "switch", 1)
+    done = node.wait_txn("replay")
+    assert done.outcome == "completed", done.reason
+    third = node.switch("replay")  # after it ended: the recorded result, nothing done
+    assert third.started_at == first.started_at
+    assert third.outcome == "completed" and third.ended_at == done.ended_at
+    time.sleep(1.0)  # room for a second run to show itself if one had been started
+
+    assert_switched(node, staged.fingerprint)
+    new_pid = node.server_pid()
+    assert new_pid != old_pid
+    assert node.driver_started_pids() == [new_pid]  # the server restarted exactly once
+    events = node.journal_events("replay")
+    assert events.count(("create", "end")) == 1
+    for action in FORWARD_ACTIONS:
+        assert events.count((action, "begin")) == 1, (action, events)
+    assert len(node.journal_query("SELECT * FROM txns")) == 1
+    assert node.txn("replay").ended_at == done.ended_at
+
+
+# --- 9. a stale epoch --------------------------------------------------------------------------
+
+
+def test_command_with_a_stale_epoch_is_refused_and_changes_nothing(make_node: NodeFactory) -> None:
+    node = make_node()
+    config, pid = node.server.config_path.read_bytes(), node.server_pid()
+    assert node.preflight("epoch-new", epoch=5).ok
+
+    err = rpc_error(lambda: node.create_csr("epoch-old", epoch=3))
+    assert code_of(err) == grpc.StatusCode.FAILED_PRECONDITION
+    assert "stale epoch 3" in details_of(err) and "epoch 5" in details_of(err)
+    assert node.journal_query("SELECT * FROM staged") == []
+    assert not node.stage_dir("epoch-old").exists()
+
+    err = rpc_error(lambda: node.switch("epoch-old", epoch=3))
+    assert code_of(err) == grpc.StatusCode.FAILED_PRECONDITION
+    assert "stale epoch 3" in details_of(err)
+    assert node.journal_query("SELECT * FROM txns") == []
+    assert node.journal_query("SELECT value FROM meta WHERE key = 'epoch'") == [{"value": "5"}]
+    assert_untouched(node, config, pid)
+    # The current epoch is still served.
+    assert node.create_csr("epoch-new", epoch=5).startswith(b"-----BEGIN CERTIFICATE REQUEST")
+
+
+# --- 10. a caller that is not the leader -------------------------------------------------------
+
+
+def test_a_node_certificate_may_not_command_an_agent(make_node: NodeFactory) -> None:
+    node = make_node()
+    assert node.agent is not None
+    node.stage("intruder")  # everything ready: only the caller's identity is wrong
+    config, pid = node.server.config_path.read_bytes(), node.server_pid()
+    own = (node.agent.cert_file.read_bytes(), node.agent.key_file.read_bytes())
+    with node.stub(own) as stub:
+        err = rpc_error(
+            lambda: stub.Switch(
+                agent_pb2.SwitchRequest(command=node.command("intruder"), change="enable-tls"),
+                timeout=15,
+            )
+        )
+    assert code_of(err) == grpc.StatusCode.PERMISSION_DENIED
+    assert "not the leader" in details_of(err) and node.name in details_of(err)
+    err = rpc_error(lambda: node.txn("intruder"))
+    assert code_of(err) == grpc.StatusCode.NOT_FOUND
+    assert_untouched(node, config, pid)
