@@ -25,7 +25,7 @@ import datetime as dt
 import secrets
 import urllib.parse
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, TypeVar
 
 import grpc
@@ -174,10 +174,6 @@ class Engine:
         )
 
     def start(self, request: RolloutRequest, actor: str) -> RolloutRow:
-        if request.freeze is FreezeMode.SCOPE:
-            raise planner.PlanError(
-                "--freeze scope is not available yet; use --freeze node (the default)"
-            )
         new_verifier, auth_version = self._auth_for(request)
         rollout, nodes = self.plan(request)
         now = self.clock()
@@ -336,8 +332,13 @@ class Engine:
             Step.CONFIRM: self._confirm,
         }
         try:
+            if step.step in (Step.FREEZE, Step.UNFREEZE):
+                frozen = await self._scope_freeze(rollout, step.node, step.step is Step.FREEZE)
+                await asyncio.to_thread(self._record_frozen, rollout.id, step, frozen)
+                self.wake.set()
+                return
             event, reason = await runners[step.step](rollout, step.node)
-        except TransientError as exc:
+        except (TransientError, StepFailed) as exc:  # StepFailed here: a freeze refused
             log.warning(
                 "step.retry_later",
                 rollout_id=rollout.id,
@@ -362,6 +363,23 @@ class Engine:
             return
         await asyncio.to_thread(self._record, rollout.id, step, event, reason)
         self.wake.set()
+
+    async def _scope_freeze(self, rollout: Rollout, name: str, on: bool) -> bool:
+        """``--freeze scope``: freeze (or unfreeze) a node for the whole rollout."""
+        client = await self._client(name)
+        request = agent_pb2.FreezeRequest(command=self._command(rollout))
+        reply = await client.call(client.stub.Freeze if on else client.stub.Unfreeze, request)
+        return reply.frozen
+
+    def _record_frozen(self, rollout_id: str, step: planner.StepAction, frozen: bool) -> None:
+        row = self.schema.get(rollout_id)
+        assert row is not None
+        records = [
+            replace(r, scope_frozen=frozen) if r.name == step.node else r for r in row.records
+        ]
+        self.schema.save_states(row, row.rollout, records, self.clock(), "engine")
+        self.schema.step_times(rollout_id, step.node, step.step.value, ended=self.clock())
+        log.info("node.scope_frozen", rollout_id=rollout_id, node=step.node, frozen=frozen)
 
     def _record(
         self, rollout_id: str, step: planner.StepAction, event: NodeEvent, reason: str | None
@@ -484,6 +502,7 @@ class Engine:
                     command=self._command(rollout),
                     change=rollout.change.value,
                     auth_verifier_json=verifier,
+                    keep_frozen=rollout.freeze is FreezeMode.SCOPE,
                 ),
             )
             txn = await self._wait_txn(rollout, name, "switch")

@@ -13,6 +13,7 @@ import os
 import re
 import tempfile
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +25,7 @@ from nodeagent.config import AgentConfig
 from nodeagent.drivers import Driver, DriverError, ServerFacts, Target
 from nodeagent.identity import Identity
 from nodeagent.journal import Journal, Txn
-from nodeagent.transaction import Plan, Runner, prepare
+from nodeagent.transaction import DRAIN_TIMEOUT, Plan, Runner, prepare
 from tlsroll import __version__, logs, password, pki
 from tlsroll.defaults import LEADER_NAME
 from tlsroll.errors import PKIError
@@ -333,6 +334,10 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         driver = self._driver()
 
         def make() -> tuple[bytes, Plan, str]:
+            config, plan, fingerprint = build()
+            return config, replace(plan, keep_frozen=request.keep_frozen), fingerprint
+
+        def build() -> tuple[bytes, Plan, str]:
             if change == "change-password":
                 return self._password_plan(rollout_id, driver, verifier)
             staged = self.journal.staged(rollout_id)
@@ -445,6 +450,25 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
 
         txn = await self._begin(rollout_id, "rollback", request.command.epoch, make)
         return txn_message(txn)
+
+    @map_errors(ERRORS)
+    async def Freeze(
+        self, request: agent_pb2.FreezeRequest, context: Ctx
+    ) -> agent_pb2.FreezeResponse:
+        rollout_id = await self._command(context, request.command)
+        watermark = await self._driver().freeze(DRAIN_TIMEOUT)
+        log.info("scope_freeze.on", rollout_id=rollout_id, watermark=watermark)
+        return agent_pb2.FreezeResponse(frozen=True, watermark=watermark)
+
+    @map_errors(ERRORS)
+    async def Unfreeze(
+        self, request: agent_pb2.FreezeRequest, context: Ctx
+    ) -> agent_pb2.FreezeResponse:
+        rollout_id = await self._command(context, request.command)
+        driver = self._driver()
+        await driver.unfreeze()
+        log.info("scope_freeze.off", rollout_id=rollout_id)
+        return agent_pb2.FreezeResponse(frozen=False, watermark=await driver.watermark())
 
     @map_errors(ERRORS)
     async def GetTransaction(

@@ -107,6 +107,7 @@ class Plan:
     # service (cert_file, key_file, ca_file, verifier_file, server_url), or None for http.
     live_tls: dict[str, str] | None = None
     live_before: dict[str, str] | None = None  # what was live when it started (for rollback)
+    keep_frozen: bool = False  # scope freeze: the leader unfreezes when the rollout ends
 
     def to_json(self) -> dict[str, Any]:
         f = self.facts
@@ -120,6 +121,7 @@ class Plan:
             "target_fingerprint": self.target_fingerprint,
             "live_tls": self.live_tls,
             "live_before": self.live_before,
+            "keep_frozen": self.keep_frozen,
         }
 
     @classmethod
@@ -135,6 +137,7 @@ class Plan:
             target_fingerprint=data["target_fingerprint"],
             live_tls=data.get("live_tls"),
             live_before=data.get("live_before"),
+            keep_frozen=bool(data.get("keep_frozen", False)),
         )
 
 
@@ -343,6 +346,8 @@ class Runner:
         return {}
 
     async def _unfreeze(self, txn: Txn, plan: Plan) -> dict[str, Any]:
+        if plan.keep_frozen:
+            return {}  # the rollout's scope freeze goes on; the leader lifts it at the end
         await self.driver.unfreeze()
         return {"freeze_ended_at": self.clock()}
 

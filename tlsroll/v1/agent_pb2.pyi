@@ -26,6 +26,48 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class FreezeRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    COMMAND_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def command(self) -> Global___Command: ...
+    def __init__(
+        self,
+        *,
+        command: Global___Command | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["command", b"command"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FreezeRequest: _TypeAlias = FreezeRequest  # noqa: Y015
+
+@_typing.final
+class FreezeResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    FROZEN_FIELD_NUMBER: _builtins.int
+    WATERMARK_FIELD_NUMBER: _builtins.int
+    frozen: _builtins.bool
+    watermark: _builtins.int
+    def __init__(
+        self,
+        *,
+        frozen: _builtins.bool = ...,
+        watermark: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["frozen", b"frozen", "watermark", b"watermark"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FreezeResponse: _TypeAlias = FreezeResponse  # noqa: Y015
+
+@_typing.final
 class GetStatusRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -316,11 +358,16 @@ class SwitchRequest(_message.Message):
     COMMAND_FIELD_NUMBER: _builtins.int
     CHANGE_FIELD_NUMBER: _builtins.int
     AUTH_VERIFIER_JSON_FIELD_NUMBER: _builtins.int
+    KEEP_FROZEN_FIELD_NUMBER: _builtins.int
     change: _builtins.str
     """"enable-tls" (the seed's switch) or "change-password" (same config, new verifier)."""
     auth_verifier_json: _builtins.str
     """JSON scrypt verifier of the auth password; it goes into the new config (0600 file) and
     takes effect when the server restarts.
+    """
+    keep_frozen: _builtins.bool
+    """`--freeze scope`: the node was frozen before the switch and stays frozen after it; the
+    leader lifts the freeze when the whole rollout has ended.
     """
     @_builtins.property
     def command(self) -> Global___Command: ...
@@ -330,10 +377,11 @@ class SwitchRequest(_message.Message):
         command: Global___Command | None = ...,
         change: _builtins.str = ...,
         auth_verifier_json: _builtins.str = ...,
+        keep_frozen: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["command", b"command"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth_verifier_json", b"auth_verifier_json", "change", b"change", "command", b"command"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth_verifier_json", b"auth_verifier_json", "change", b"change", "command", b"command", "keep_frozen", b"keep_frozen"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

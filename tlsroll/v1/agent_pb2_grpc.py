@@ -69,6 +69,16 @@ class NodeAgentStub:
                 request_serializer=tlsroll_dot_v1_dot_agent__pb2.GetTransactionRequest.SerializeToString,
                 response_deserializer=tlsroll_dot_v1_dot_agent__pb2.Transaction.FromString,
                 _registered_method=True)
+        self.Freeze = channel.unary_unary(
+                '/tlsroll.v1.NodeAgent/Freeze',
+                request_serializer=tlsroll_dot_v1_dot_agent__pb2.FreezeRequest.SerializeToString,
+                response_deserializer=tlsroll_dot_v1_dot_agent__pb2.FreezeResponse.FromString,
+                _registered_method=True)
+        self.Unfreeze = channel.unary_unary(
+                '/tlsroll.v1.NodeAgent/Unfreeze',
+                request_serializer=tlsroll_dot_v1_dot_agent__pb2.FreezeRequest.SerializeToString,
+                response_deserializer=tlsroll_dot_v1_dot_agent__pb2.FreezeResponse.FromString,
+                _registered_method=True)
 
 
 class NodeAgentServicer:
@@ -126,6 +136,21 @@ class NodeAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Freeze(self, request, context):
+        """Freeze writes for a whole rollout (`--freeze scope`): new writes get 503, in-flight ones
+        finish. Idempotent. The node stays frozen until Unfreeze (or a failed transaction's
+        safety unfreeze), also across restarts of the server and the agent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Unfreeze(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_NodeAgentServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -163,6 +188,16 @@ def add_NodeAgentServicer_to_server(servicer, server):
                     servicer.GetTransaction,
                     request_deserializer=tlsroll_dot_v1_dot_agent__pb2.GetTransactionRequest.FromString,
                     response_serializer=tlsroll_dot_v1_dot_agent__pb2.Transaction.SerializeToString,
+            ),
+            'Freeze': grpc.unary_unary_rpc_method_handler(
+                    servicer.Freeze,
+                    request_deserializer=tlsroll_dot_v1_dot_agent__pb2.FreezeRequest.FromString,
+                    response_serializer=tlsroll_dot_v1_dot_agent__pb2.FreezeResponse.SerializeToString,
+            ),
+            'Unfreeze': grpc.unary_unary_rpc_method_handler(
+                    servicer.Unfreeze,
+                    request_deserializer=tlsroll_dot_v1_dot_agent__pb2.FreezeRequest.FromString,
+                    response_serializer=tlsroll_dot_v1_dot_agent__pb2.FreezeResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -354,6 +389,60 @@ class NodeAgent:
             '/tlsroll.v1.NodeAgent/GetTransaction',
             tlsroll_dot_v1_dot_agent__pb2.GetTransactionRequest.SerializeToString,
             tlsroll_dot_v1_dot_agent__pb2.Transaction.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Freeze(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tlsroll.v1.NodeAgent/Freeze',
+            tlsroll_dot_v1_dot_agent__pb2.FreezeRequest.SerializeToString,
+            tlsroll_dot_v1_dot_agent__pb2.FreezeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Unfreeze(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tlsroll.v1.NodeAgent/Unfreeze',
+            tlsroll_dot_v1_dot_agent__pb2.FreezeRequest.SerializeToString,
+            tlsroll_dot_v1_dot_agent__pb2.FreezeResponse.FromString,
             options,
             channel_credentials,
             insecure,

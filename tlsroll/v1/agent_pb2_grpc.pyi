@@ -56,6 +56,12 @@ class NodeAgentStub:
     """Put a switched node back on http the same safe way (also a transaction)."""
     GetTransaction: _grpc.UnaryUnaryMultiCallable[_agent_pb2.GetTransactionRequest, _agent_pb2.Transaction]
     """The state of a transaction."""
+    Freeze: _grpc.UnaryUnaryMultiCallable[_agent_pb2.FreezeRequest, _agent_pb2.FreezeResponse]
+    """Freeze writes for a whole rollout (`--freeze scope`): new writes get 503, in-flight ones
+    finish. Idempotent. The node stays frozen until Unfreeze (or a failed transaction's
+    safety unfreeze), also across restarts of the server and the agent.
+    """
+    Unfreeze: _grpc.UnaryUnaryMultiCallable[_agent_pb2.FreezeRequest, _agent_pb2.FreezeResponse]
 
 @_typing.type_check_only
 class NodeAgentAsyncStub(NodeAgentStub):
@@ -79,6 +85,12 @@ class NodeAgentAsyncStub(NodeAgentStub):
     """Put a switched node back on http the same safe way (also a transaction)."""
     GetTransaction: _aio.UnaryUnaryMultiCallable[_agent_pb2.GetTransactionRequest, _agent_pb2.Transaction]  # type: ignore[assignment]
     """The state of a transaction."""
+    Freeze: _aio.UnaryUnaryMultiCallable[_agent_pb2.FreezeRequest, _agent_pb2.FreezeResponse]  # type: ignore[assignment]
+    """Freeze writes for a whole rollout (`--freeze scope`): new writes get 503, in-flight ones
+    finish. Idempotent. The node stays frozen until Unfreeze (or a failed transaction's
+    safety unfreeze), also across restarts of the server and the agent.
+    """
+    Unfreeze: _aio.UnaryUnaryMultiCallable[_agent_pb2.FreezeRequest, _agent_pb2.FreezeResponse]  # type: ignore[assignment]
 
 class NodeAgentServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -141,5 +153,23 @@ class NodeAgentServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.Transaction, _abc.Awaitable[_agent_pb2.Transaction]]:
         """The state of a transaction."""
+
+    @_abc_1.abstractmethod
+    def Freeze(
+        self,
+        request: _agent_pb2.FreezeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.FreezeResponse, _abc.Awaitable[_agent_pb2.FreezeResponse]]:
+        """Freeze writes for a whole rollout (`--freeze scope`): new writes get 503, in-flight ones
+        finish. Idempotent. The node stays frozen until Unfreeze (or a failed transaction's
+        safety unfreeze), also across restarts of the server and the agent.
+        """
+
+    @_abc_1.abstractmethod
+    def Unfreeze(
+        self,
+        request: _agent_pb2.FreezeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.FreezeResponse, _abc.Awaitable[_agent_pb2.FreezeResponse]]: ...
 
 def add_NodeAgentServicer_to_server(servicer: NodeAgentServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,663 @@
+"""Bad input and faults of the rollout (issue 4), each against real processes: a leader, agents
+and reference servers on their own loopback addresses, steered with the real ``tlsroll`` CLI.
+
+The leader's store is read beside it in read-only mode (``file:…?mode=ro``) to prove that a
+refused or read-only command changed nothing, and to watch a rollout closely enough to act at
+an exact point. Two deterministic ways to hold a node in the middle of its switch:
+
+* ``TLSROLL_AGENT_TEST_CRASH_AFTER=frozen`` on its agent: the agent SIGKILLs itself once the
+  server is frozen, so the node stays ``switching`` (and the rollout active) until the test
+  starts the agent again, which then finishes the transaction from its journal;
+* watching the agent's journal and acting while its switch transaction is under way.
+
+A switch that fails: the node's server config demands client certificates
+(``require_client_cert``), which an http server ignores, so preflight and stage pass; after the
+restart on https the agent's own check (no client certificate) fails and it rolls back.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import getpass
+import json
+import sqlite3
+import subprocess
+import time
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nodeagent.transaction import CRASH_ENV
+from tests.cluster import Cluster, one_line_error, wait_until
+from tests.conftest import next_loopback
+from tests.nodeside import Node, port_holder
+
+pytestmark = pytest.mark.slow
+
+TERMINAL = ("completed", "halted", "aborted")
+WORKING = ("preflight", "staging", "switching", "confirming")
+STORE_TABLES = ("rollouts", "rollout_nodes", "audit")
+HOLD_IN_SWITCH = {CRASH_ENV: "frozen"}  # the agent dies with its server frozen, mid-switch
+ROLLOUT_TIMEOUT = 60.0
+
+
+# --- the setting: a cluster and its nodes --------------------------------------------------------
+
+
+@dataclass
+class Setup:
+    cluster: Cluster
+    nodes: dict[str, Node]
+    password_file: Path  # the auth password enable-tls sets (no terminal to show a new one)
+
+    def __getitem__(self, name: str) -> Node:
+        return self.nodes[name]
+
+    def cli(self, *args: str, input: str | None = None) -> subprocess.CompletedProcess[str]:
+        return self.cluster.cli(*args, input=input)
+
+
+@dataclass
+class Setups:
+    """Makes clusters with started nodes; ``close()`` stops every process (fixture teardown)."""
+
+    root: Path
+    clusters: list[Cluster] = field(default_factory=list)
+    nodes: list[Node] = field(default_factory=list)
+
+    def __call__(
+        self,
+        *names: str,
+        agent_env: Mapping[str, Mapping[str, str]] | None = None,
+        server: Mapping[str, Mapping[str, object]] | None = None,
+        leader_node: str | None = None,
+    ) -> Setup:
+        """A leader and one node (reference server + agent) per name, all online.
+        ``leader_node`` names the node that runs on the leader's own address."""
+        root = self.root / f"c{len(self.clusters)}"
+        cluster = Cluster(root, next_loopback(), heartbeat_interval=1)
+        self.clusters.append(cluster)
+        cluster.init(*(("--node-name", leader_node) if leader_node else ()))
+        cluster.start_leader()
+        nodes = {}
+        for name in names:
+            address = cluster.address if name == leader_node else next_loopback()
+            settings: dict[str, Any] = dict((server or {}).get(name, {}))
+            node = Node(cluster, name, address, root / name, **settings)
+            self.nodes.append(node)
+            nodes[name] = node.start((agent_env or {}).get(name))
+        cluster.wait_for_nodes_online(names)
+        password_file = root / "password"
+        password_file.write_text("correct horse battery staple\n")
+        password_file.chmod(0o600)
+        return Setup(cluster, nodes, password_file)
+
+    def close(self) -> None:
+        errors: list[BaseException] = []
+        closables: list[Node | Cluster] = [*self.nodes, *self.clusters]
+        for closable in closables:
+            try:
+                closable.close()
+            except Exception as exc:  # keep going: every process must be stopped
+                errors.append(exc)
+        if errors:
+            raise errors[0]
+
+
+@pytest.fixture
+def setups(tmp_path: Path) -> Iterator[Setups]:
+    made = Setups(tmp_path)
+    try:
+        yield made
+    finally:
+        made.close()
+
+
+@pytest.fixture(scope="module")
+def idle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
+    """Two online nodes and no rollout, for commands that must not create one."""
+    made = Setups(tmp_path_factory.mktemp("idle"))
+    try:
+        yield made("i1", "i2")
+    finally:
+        made.close()
+
+
+# --- reading the leader's store and the schema ---------------------------------------------------
+
+
+def store_rows(cluster: Cluster) -> dict[str, list[tuple[Any, ...]]]:
+    """Every row of the rollout tables and the audit log, read-only beside the leader."""
+    uri = f"file:{cluster.store_path}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=10)) as db:
+        return {
+            t: [tuple(r) for r in db.execute(f"SELECT * FROM {t} ORDER BY rowid")]  # noqa: S608
+            for t in STORE_TABLES
+        }
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    """The newest rollout as the store has it: id, state, node -> (state, reason)."""
+
+    id: str
+    state: str
+    nodes: dict[str, tuple[str, str]]
+
+    def node_states(self) -> dict[str, str]:
+        return {name: s for name, (s, _) in self.nodes.items()}
+
+
+def newest(cluster: Cluster) -> Snapshot | None:
+    uri = f"file:{cluster.store_path}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=10)) as db:
+        row = db.execute("SELECT id, state FROM rollouts ORDER BY epoch DESC LIMIT 1").fetchone()
+        if row is None:
+            return None
+        nodes = db.execute(
+            "SELECT name, state, reason FROM rollout_nodes WHERE rollout_id = ?", (row[0],)
+        ).fetchall()
+    return Snapshot(row[0], row[1], {n: (s, r) for n, s, r in nodes})
+
+
+def wait_rollout(
+    cluster: Cluster,
+    what: str,
+    condition: Callable[[Snapshot], bool],
+    timeout: float = ROLLOUT_TIMEOUT,
+) -> Snapshot:
+    """Poll the store until the newest rollout meets ``condition`` (bounded)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        snap = newest(cluster)
+        if snap is not None and condition(snap):
+            return snap
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{what}: not within {timeout} s; last seen {snap}")
+        time.sleep(0.05)
+
+
+def wait_ended(cluster: Cluster, timeout: float = ROLLOUT_TIMEOUT) -> Snapshot:
+    return wait_rollout(cluster, "the rollout to end", lambda s: s.state in TERMINAL, timeout)
+
+
+def schema_json(setup: Setup) -> dict[str, Any]:
+    result = setup.cli("schema", "show", "--json")
+    assert result.returncode == 0, result.stderr
+    data: dict[str, Any] = json.loads(result.stdout)
+    return data
+
+
+def newest_view(setup: Setup) -> dict[str, Any]:
+    rollouts = schema_json(setup)["rollouts"]
+    assert rollouts, "no rollout in the schema"
+    view: dict[str, Any] = rollouts[0]
+    return view
+
+
+def nodes_of(view: Mapping[str, Any]) -> dict[str, dict[str, Any]]:
+    return {n["name"]: n for n in view["nodes"]}
+
+
+def when(text: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(text)
+
+
+# --- driving it through the CLI ------------------------------------------------------------------
+
+
+def start_cmd(setup: Setup) -> list[str]:
+    """``rollout start`` with the auth password from a file."""
+    return ["rollout", "start", "--password-file", str(setup.password_file)]
+
+
+def start(setup: Setup, *args: str) -> str:
+    """``tlsroll rollout start … --yes`` (default scope cluster); the new rollout's id."""
+    result = setup.cli(*start_cmd(setup), *(args or ("--scope", "cluster")), "--yes")
+    assert result.returncode == 0, result.stderr
+    snap = newest(setup.cluster)
+    assert snap is not None
+    assert f"rollout {snap.id} started" in result.stdout, result.stdout
+    return snap.id
+
+
+def refused(setup: Setup, args: Sequence[str], code: int = 1) -> str:
+    """Run a command that must be refused: exit ``code``, one error line, the store unchanged."""
+    before = store_rows(setup.cluster)
+    result = setup.cli(*args)
+    assert result.returncode == code, (args, result.returncode, result.stdout, result.stderr)
+    line = one_line_error(result.stderr, "tlsroll")
+    assert store_rows(setup.cluster) == before, f"{args} changed the store"
+    return line
+
+
+def control_refused(setup: Setup, action: str, state: str, rollout_id: str = "") -> None:
+    """An illegal pause/resume/abort: refused with a reason naming the action and the state."""
+    args = ["rollout", action, *([rollout_id] if rollout_id else [])]
+    line = refused(setup, args)
+    assert f"'{action}'" in line and f"'{state}'" in line, line
+    if rollout_id:
+        assert rollout_id in line, line
+
+
+def control_ok(setup: Setup, action: str, rollout_id: str, state: str) -> None:
+    """A legal pause/resume/abort: it says the new state and the schema shows it."""
+    result = setup.cli("rollout", action)
+    assert result.returncode == 0, (action, result.stderr)
+    assert result.stdout.strip() == f"rollout {rollout_id}: {state}", result.stdout
+    view = newest_view(setup)
+    assert (view["id"], view["state"]) == (rollout_id, state)
+
+
+# --- what a node looks like from outside ---------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Before:
+    """A node's server as it was before the rollout."""
+
+    config: bytes
+    pid: int | None
+
+
+def before(node: Node) -> Before:
+    return Before(node.server.config_path.read_bytes(), node.server_pid())
+
+
+def assert_untouched(node: Node, was: Before) -> None:
+    """Still on http exactly as before: same config, same process, 8080 answers, 8443 closed,
+    not frozen, never asked to switch."""
+    assert node.server.config_path.read_bytes() == was.config
+    assert node.server_pid() == was.pid
+    assert node.get("http", "health").status == 200
+    assert not node.port_open(8443)
+    assert node.admin_status()["frozen"] is False
+    assert node.journal_query("SELECT rollout_id, kind FROM txns") == []
+
+
+def assert_on_https(node: Node, fingerprint: str) -> None:
+    assert node.served_fingerprint() == fingerprint
+    assert node.get("https").status == 200
+    assert not node.port_open(8080)
+
+
+def wait_agent_died(node: Node) -> None:
+    """The agent started with HOLD_IN_SWITCH has killed itself mid-switch."""
+    assert node.agent is not None and node.agent.proc is not None
+    node.agent.proc.wait(ROLLOUT_TIMEOUT)
+    [txn] = node.journal_query("SELECT kind, phase, outcome FROM txns")
+    assert txn == {"kind": "switch", "phase": "frozen", "outcome": ""}
+
+
+# === 1. unknown scope, unknown node; 9. no --yes without a terminal ==============================
+
+
+def test_unknown_scope_is_a_usage_error_and_changes_nothing(idle: Setup) -> None:
+    for command in ([*start_cmd(idle), "--yes"], ["plan"]):
+        line = refused(idle, [*command, "--scope", "galaxy"], code=2)
+        assert "galaxy" in line and "--scope" in line, line
+    assert newest(idle.cluster) is None
+
+
+def test_unknown_node_is_refused_naming_it_and_changes_nothing(idle: Setup) -> None:
+    for command in ([*start_cmd(idle), "--yes"], ["plan"]):
+        for nodes in ("nodeX", "i1,nodeX"):
+            line = refused(idle, [*command, "--nodes", nodes])
+            assert "not enrolled: nodeX " in line, line
+            assert "i1" not in line, line
+    assert newest(idle.cluster) is None
+
+
+def test_start_without_yes_and_without_a_terminal_asks_for_yes(idle: Setup) -> None:
+    # stdin is a pipe that even says "y": not a terminal, so no consent is read from it.
+    before_rows = store_rows(idle.cluster)
+    result = idle.cli(*start_cmd(idle), "--scope", "cluster", input="y\n")
+    assert result.returncode == 2, (result.stdout, result.stderr)
+    line = one_line_error(result.stderr, "tlsroll")
+    assert "--yes" in line, line
+    assert "Nothing has been changed." in result.stdout  # the plan was shown
+    assert store_rows(idle.cluster) == before_rows
+    assert newest(idle.cluster) is None
+
+
+# === 2. one rollout at a time ====================================================================
+
+
+def test_start_while_another_rollout_runs_is_refused_naming_it(setups: Setups) -> None:
+    s = setups("b1", "b2", agent_env={"b1": HOLD_IN_SWITCH})
+    rid = start(s)
+    wait_agent_died(s["b1"])  # b1 stays switching: the rollout stays running
+    assert newest(s.cluster) == Snapshot(
+        rid, "running", {"b1": ("switching", ""), "b2": ("pending", "")}
+    )
+
+    line = refused(s, [*start_cmd(s), "--nodes", "b2", "--yes"])
+    assert f"rollout {rid} is running" in line and "one rollout at a time" in line, line
+
+    control_ok(s, "pause", rid, "paused")
+    line = refused(s, [*start_cmd(s), "--nodes", "b2", "--yes"])
+    assert f"rollout {rid} is paused" in line, line
+
+    # Abort from paused: b2 never starts; b1 finishes once its agent is back.
+    control_ok(s, "abort", rid, "aborting")
+    wait_rollout(s.cluster, "b2 skipped", lambda r: r.node_states()["b2"] == "skipped")
+    s["b1"].restart_agent()
+    assert wait_ended(s.cluster).state == "aborted"
+    assert [r[0] for r in store_rows(s.cluster)["rollouts"]] == [rid]
+
+
+# === 3. an offline node in scope =================================================================
+
+
+def test_start_with_an_offline_node_is_refused_at_plan_time(setups: Setups) -> None:
+    s = setups("o1", "o2")
+    assert s["o2"].agent is not None
+    s["o2"].agent.stop()
+    s.cluster.wait_for_nodes(["o2"], online=False)
+    listed = json.loads(s.cli("nodes", "--json").stdout)
+    assert {n["name"]: n["online"] for n in listed} == {"o1": True, "o2": False}
+
+    for command in ([*start_cmd(s), "--yes"], ["plan"]):
+        line = refused(s, [*command, "--scope", "cluster"])
+        assert "offline: o2" in line, line
+        assert "o1" not in line, line
+    line = refused(s, [*start_cmd(s), "--yes", "--nodes", "o1,o2"])
+    assert "offline: o2" in line, line
+    assert newest(s.cluster) is None
+    assert s["o1"].journal_query("SELECT * FROM txns") == []
+
+
+# === 4. pause / resume / abort in every state ====================================================
+
+
+def test_controls_in_running_paused_aborting_and_aborted(setups: Setups) -> None:
+    s = setups("p1", "p2", "p3", agent_env={"p1": HOLD_IN_SWITCH})
+    untouched = {name: before(s[name]) for name in ("p2", "p3")}
+    rid = start(s)
+    wait_agent_died(s["p1"])  # p1 is in flight (switching) until its agent comes back
+    assert newest(s.cluster) == Snapshot(
+        rid, "running", {"p1": ("switching", ""), "p2": ("pending", ""), "p3": ("pending", "")}
+    )
+
+    control_refused(s, "resume", "running")
+    control_ok(s, "pause", rid, "paused")
+    control_refused(s, "pause", "paused")
+    control_ok(s, "resume", rid, "running")
+    control_ok(s, "abort", rid, "aborting")  # abort mid-rollout, p1 in flight
+
+    snap = wait_rollout(
+        s.cluster, "untouched nodes skipped", lambda r: r.node_states()["p3"] == "skipped"
+    )
+    assert snap.nodes == {
+        "p1": ("switching", ""),
+        "p2": ("skipped", "rollout aborted"),
+        "p3": ("skipped", "rollout aborted"),
+    }
+    for action in ("pause", "resume", "abort"):
+        control_refused(s, action, "aborting")
+
+    # The node in flight finishes safely; then the rollout ends aborted.
+    s["p1"].restart_agent()
+    snap = wait_ended(s.cluster)
+    assert snap.state == "aborted"
+    assert snap.node_states() == {"p1": "done", "p2": "skipped", "p3": "skipped"}
+    view = newest_view(s)
+    assert view["state"] == "aborted" and view["ended_at"]
+    assert "abort by admin:" in view["reason"]
+    nodes = nodes_of(view)
+    assert_on_https(s["p1"], nodes["p1"]["cert_fingerprint"])
+    for name, was in untouched.items():
+        assert nodes[name]["state"] == "skipped" and nodes[name]["reason"] == "rollout aborted"
+        assert_untouched(s[name], was)
+
+    for action in ("pause", "resume", "abort"):
+        control_refused(s, action, "aborted", rid)
+        line = refused(s, ["rollout", action])  # no rollout named, and none is active
+        assert "no active rollout" in line or "'aborted'" in line, line
+
+
+def test_controls_while_halting_and_after_halted(setups: Setups) -> None:
+    # h1's switch fails (and takes a few seconds to roll back) while h2, switching beside it,
+    # is held mid-switch: the rollout stays `halting` until h2 has finished.
+    s = setups(
+        "h1",
+        "h2",
+        agent_env={"h2": HOLD_IN_SWITCH},
+        server={"h1": {"require_client_cert": True, "client_ca_file": "ca.pem"}},
+    )
+    rid = start(s, "--scope", "cluster", "--max-parallel", "2")
+    wait_agent_died(s["h2"])
+    snap = wait_rollout(s.cluster, "the rollout halting", lambda r: r.state == "halting")
+    assert snap.node_states() == {"h1": "rolled_back", "h2": "switching"}
+    for action in ("pause", "resume", "abort"):
+        control_refused(s, action, "halting")
+
+    s["h2"].restart_agent()
+    snap = wait_ended(s.cluster)
+    assert snap.state == "halted"
+    assert snap.node_states() == {"h1": "rolled_back", "h2": "done"}
+    for action in ("pause", "resume", "abort"):
+        control_refused(s, action, "halted", rid)
+
+
+def test_controls_after_completed(setups: Setups) -> None:
+    s = setups("q1")
+    rid = start(s)
+    assert wait_ended(s.cluster).state == "completed"
+    for action in ("pause", "resume", "abort"):
+        control_refused(s, action, "completed", rid)
+
+
+# === 5. a node fails: preflight, or the switch itself ============================================
+
+
+def test_preflight_failure_fails_the_node_halts_and_changes_nothing(setups: Setups) -> None:
+    s = setups("f1", "f2")
+    was = {name: before(node) for name, node in s.nodes.items()}
+    with port_holder(s["f1"].address, 8443) as holder:
+        start(s)
+        snap = wait_ended(s.cluster)
+        assert snap.state == "halted"
+        assert snap.node_states() == {"f1": "failed", "f2": "skipped"}
+        view = newest_view(s)
+        nodes = nodes_of(view)
+        reason = nodes["f1"]["reason"]
+        assert f"port 8443 (https) on {s['f1'].address} is taken by" in reason, reason
+        assert f"pid {holder.pid}" in reason, reason
+        assert nodes["f2"]["reason"] == "rollout halted"
+        assert [st["step"] for st in nodes["f1"]["steps"]] == ["preflight"]
+        assert nodes["f2"]["steps"] == []
+    for name, node in s.nodes.items():
+        assert_untouched(node, was[name])
+
+
+def test_failed_switch_is_rolled_back_and_halts_the_rollout(setups: Setups) -> None:
+    s = setups(
+        "s1",
+        "s2",
+        "s3",
+        server={"s1": {"require_client_cert": True, "client_ca_file": "ca.pem"}},
+    )
+    was = {name: before(node) for name, node in s.nodes.items()}
+    entry = s["s1"].post("http", {"note": "before"}).json()
+    rid = start(s)
+    snap = wait_ended(s.cluster)
+    assert snap.state == "halted"
+    assert snap.node_states() == {"s1": "rolled_back", "s2": "skipped", "s3": "skipped"}
+
+    view = newest_view(s)
+    assert (view["id"], view["state"]) == (rid, "halted")
+    nodes = nodes_of(view)
+    reason = nodes["s1"]["reason"]
+    assert reason.startswith("verify: "), reason  # the agent's own check after the restart
+    assert "8443" in reason and "ROLLBACK FAILED" not in reason, reason
+    assert nodes["s1"]["freeze_started_at"] and nodes["s1"]["freeze_ended_at"]
+    for name in ("s2", "s3"):
+        assert nodes[name]["reason"] == "rollout halted"
+        assert nodes[name]["steps"] == []
+        assert_untouched(s[name], was[name])
+
+    # s1 is back on http with its old config, not frozen, its data intact, and writable.
+    s1 = s["s1"]
+    assert s1.server.config_path.read_bytes() == was["s1"].config
+    assert s1.get("http", "health").status == 200
+    assert not s1.port_open(8443)
+    assert s1.admin_status()["frozen"] is False
+    assert s1.get("http", f"entries/{entry['id']}").status == 200
+    assert s1.post("http", {"note": "after"}).status == 201
+    [txn] = s1.journal_query("SELECT kind, outcome FROM txns WHERE rollout_id = ?", rid)
+    assert txn == {"kind": "switch", "outcome": "rolled_back"}
+
+    # The rendered table says it too.
+    table = s.cli("schema", "show")
+    assert table.returncode == 0, table.stderr
+    assert "halted" in table.stdout and "rolled_back" in table.stdout
+    assert "verify:" in table.stdout
+
+
+# === 6. the leader dies while a node switches ====================================================
+
+
+def test_leader_killed_mid_switch_resumes_and_completes(setups: Setups) -> None:
+    s = setups("k1", "k2")
+    k1 = s["k1"]
+    rid = start(s)
+
+    def k1_switching() -> bool:
+        rows = k1.journal_query(
+            "SELECT phase FROM txns WHERE rollout_id = ? AND kind = 'switch'", rid
+        )
+        return bool(rows) and rows[0]["phase"] in ("frozen", "config_written")
+
+    wait_until(k1_switching, ROLLOUT_TIMEOUT, "k1's switch under way", interval=0.02)
+    s.cluster.kill_leader()
+    assert newest(s.cluster) == Snapshot(
+        rid, "running", {"k1": ("switching", ""), "k2": ("pending", "")}
+    )
+
+    # The agent carries its transaction to the end without the leader.
+    assert k1.wait_txn(rid).outcome == "completed"
+    assert newest(s.cluster) == Snapshot(
+        rid, "running", {"k1": ("switching", ""), "k2": ("pending", "")}
+    )
+
+    s.cluster.start_leader()
+    snap = wait_ended(s.cluster)
+    assert snap.state == "completed"
+    assert snap.node_states() == {"k1": "done", "k2": "done"}
+    nodes = nodes_of(newest_view(s))
+    for name, node in s.nodes.items():
+        assert_on_https(node, nodes[name]["cert_fingerprint"])
+        # The switch ran once: one transaction, one freeze, one config write, one restart.
+        txns = node.journal_query("SELECT rollout_id, kind, outcome FROM txns")
+        assert txns == [{"rollout_id": rid, "kind": "switch", "outcome": "completed"}]
+        events = node.journal_events(rid)
+        for action in ("freeze", "write_config", "restart", "unfreeze"):
+            assert events.count((action, "begin")) == 1, (name, action, events)
+        assert all(what != "error" for _, what in events), events
+    # The restarted leader asked k1 for its transaction rather than running a new one.
+    assert k1.driver_started_pids() == [k1.server_pid()]
+
+
+# === 7. the viewer never writes ==================================================================
+
+
+def test_schema_show_and_friends_change_nothing(setups: Setups) -> None:
+    s = setups("v1", "v2", "v3")
+    rid = start(s)
+    control_ok(s, "pause", rid, "paused")
+    # Let the node in flight finish so that nothing moves by itself.
+    wait_rollout(
+        s.cluster,
+        "no node in flight",
+        lambda r: not any(st in WORKING or st == "staged" for st in r.node_states().values()),
+    )
+    snap = newest(s.cluster)
+    assert snap is not None and snap.state == "paused"
+    assert "pending" in snap.node_states().values()
+
+    before_rows = store_rows(s.cluster)
+    for args in (
+        ["schema", "show"],
+        ["schema", "show", "--json"],
+        ["schema", "show", "--rollout", rid],
+        ["rollout", "status"],
+        ["rollout", "status", "--json"],
+        ["plan", "--scope", "cluster"],
+        ["plan", "--scope", "cluster", "--json"],
+    ):
+        result = s.cli(*args)
+        assert result.returncode == 0, (args, result.stderr)
+        assert store_rows(s.cluster) == before_rows, f"{args} changed the store"
+    assert newest(s.cluster) == snap
+
+    control_ok(s, "resume", rid, "running")
+    assert wait_ended(s.cluster).state == "completed"
+
+
+# === 8. the schema of a completed rollout ========================================================
+
+
+def test_schema_json_of_a_completed_rollout_is_complete(setups: Setups) -> None:
+    # x1 runs on the leader's own address: it goes last.
+    s = setups("x1", "x2", leader_node="x1")
+    t0 = dt.datetime.now(dt.UTC)
+    rid = start(s)
+    assert wait_ended(s.cluster).state == "completed"
+    t1 = dt.datetime.now(dt.UTC)
+
+    data = schema_json(s)
+    assert when(data["generated_at"]) >= t1 - dt.timedelta(seconds=5)
+    [r] = data["rollouts"]
+    assert r["id"] == rid
+    assert (r["change"], r["scope"], r["scope_nodes"], r["strategy"]) == (
+        "enable-tls",
+        "cluster",
+        [],
+        "direct",
+    )
+    assert (r["max_parallel"], r["failure_budget"], r["freeze"]) == (1, 0, "node")
+    assert (r["state"], int(r["epoch"]), r["reason"]) == ("completed", 1, "")  # int64: a string
+    assert r["started_by"] == f"admin:{getpass.getuser()}"
+    created, started, ended = (when(r[k]) for k in ("created_at", "started_at", "ended_at"))
+    assert t0 - dt.timedelta(seconds=2) <= created <= started <= ended <= t1
+    assert [n["name"] for n in r["nodes"]] == ["x2", "x1"]  # by name, the leader node last
+    assert [n["leader_node"] for n in r["nodes"]] == [False, True]
+
+    last_end = started
+    for n in r["nodes"]:
+        node = s[n["name"]]
+        ip = node.address
+        assert (n["state"], n["reason"]) == ("done", "")
+        assert n["old_url"] == f"http://{ip}:8080/praxis_live/"
+        assert n["new_url"] == f"https://{ip}:8443/praxis_live/"
+        assert n["bootstrap_port"] == 9443
+        freeze = when(n["freeze_started_at"]), when(n["freeze_ended_at"])
+        assert freeze[0] < freeze[1]
+        assert n["restart_seconds"] > 0
+        assert n["cert_fingerprint"].startswith("sha256:")
+        assert_on_https(node, n["cert_fingerprint"])
+        not_after = when(n["cert_not_after"])
+        assert t0 + dt.timedelta(days=300) < not_after <= t1 + dt.timedelta(days=398)
+        assert node.admin_status()["frozen"] is False
+        assert node.post("https", {"note": "after the rollout"}).status == 201
+
+        steps = {st["step"]: (when(st["started_at"]), when(st["ended_at"])) for st in n["steps"]}
+        assert list(steps) == ["preflight", "stage", "switch", "confirm"]
+        for step, (a, b) in steps.items():
+            assert last_end <= a <= b, (n["name"], step, steps)
+            last_end = b
+        assert steps["switch"][0] <= freeze[0] and freeze[1] <= steps["switch"][1]
+
+    # The same rollout, as `rollout status --json` and in the table.
+    status = s.cli("rollout", "status", "--json")
+    assert status.returncode == 0, status.stderr
+    assert json.loads(status.stdout) == r
+    table = s.cli("schema", "show")
+    assert table.returncode == 0, table.stderr
+    for n in r["nodes"]:
+        assert n["new_url"] in table.stdout and n["old_url"] in table.stdout

@@ -1,0 +1,76 @@
+"""``--freeze scope`` (the seed's literal advice: no new entries anywhere during the switch):
+every node in scope is frozen before the first switch and unfrozen only when the rollout has
+ended. Real leader, agents and reference servers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from tests.cluster import Cluster, wait_until
+from tests.conftest import next_loopback
+from tests.nodeside import Node
+from tests.refserver_helper import http_request
+
+
+def test_scope_freeze_holds_every_node_until_the_rollout_ends(tmp_path: Path) -> None:
+    addresses = [next_loopback() for _ in range(3)]
+    cluster = Cluster(tmp_path / "cluster", addresses[0], heartbeat_interval=1)
+    nodes = [Node(cluster, f"node{i + 1}", a, tmp_path / f"n{i}") for i, a in enumerate(addresses)]
+    try:
+        cluster.init("--node-name", "node1")
+        cluster.start_leader()
+        for node in nodes:
+            node.start()
+        cluster.wait_for_nodes_online([n.name for n in nodes])
+        pw = tmp_path / "pw"
+        pw.touch(0o600)
+        pw.write_text("scope-freeze-test-password\n")
+
+        def schema() -> dict[str, Any]:
+            data: dict[str, Any] = json.loads(cluster.cli("schema", "show", "--json").stdout)
+            return data["rollouts"][0]
+
+        started = cluster.cli(
+            "rollout",
+            "start",
+            "--scope",
+            "cluster",
+            "--freeze",
+            "scope",
+            "--password-file",
+            str(pw),
+            "--yes",
+        )
+        assert started.returncode == 0, started.stderr
+        assert cluster.cli("rollout", "pause").returncode == 0
+        # The node already in flight (node2, first by name) finishes; the others wait, frozen.
+        wait_until(lambda: schema()["nodes"][0]["state"] == "done", 60, "node2 done")
+        r = schema()
+        assert r["state"] == "paused" and r["freeze"] == "scope"
+        assert [n["state"] for n in r["nodes"]] == ["done", "pending", "pending"]
+        for node in nodes[1:]:
+            assert node.server.status()["frozen"] is True
+        waiting = nodes[2]  # node3: untouched, on http, but no new entries
+        refused = http_request("POST", f"{waiting.http_url()}entries", {"note": "x"})
+        assert refused.status == 503 and refused.header("Retry-After")
+        switched = nodes[1]  # node2: on https, still frozen until the rollout ends
+        assert switched.server.status()["listen"] == ["https"]
+
+        assert cluster.cli("rollout", "resume").returncode == 0
+        wait_until(lambda: schema()["state"] == "completed", 90, "the rollout to complete")
+        r = schema()
+        assert all(n["state"] == "done" for n in r["nodes"])
+        times = {n["name"]: {s["step"]: s for s in n["steps"]} for n in r["nodes"]}
+        first_switch = min(t["switch"]["started_at"] for t in times.values())
+        last_confirm = max(t["confirm"]["ended_at"] for t in times.values())
+        for name, t in times.items():
+            assert t["freeze"]["ended_at"] <= first_switch, name
+            assert t["unfreeze"]["started_at"] >= last_confirm, name
+        for node in nodes:
+            assert node.server.status()["frozen"] is False
+    finally:
+        for node in nodes:
+            node.close()
+        cluster.close()
