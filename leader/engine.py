@@ -47,7 +47,7 @@ from leader.rollout_core import (
     Scope,
     Step,
 )
-from leader.schema_store import RolloutMeta, RolloutRow, SchemaStore
+from leader.schema_store import RolloutMeta, RolloutRow, SchemaStore, StaleRecords
 from leader.store import Node, Store
 from tlsroll import logs, password, pki
 from tlsroll.errors import PKIError, TlsrollError, TransientError
@@ -62,6 +62,7 @@ STEP_RETRY_SECONDS = 2.0
 POLL_SECONDS = 0.3
 TRANSIENT_CODES = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 MAX_CLOCK_OFFSET = 120
+STALE_RETRIES = 5
 
 
 class StepFailed(TlsrollError):
@@ -229,19 +230,31 @@ class Engine:
         return version, self.schema.pending_password_nodes()
 
     def control(self, rollout_id: str, action: str, actor: str) -> RolloutRow:
-        """pause | resume | abort; IllegalTransition (with the reason) if not allowed now."""
-        row = self.schema.get(rollout_id) if rollout_id else self.schema.active()
-        if row is None:
-            raise planner.PlanError(
-                f"no rollout {rollout_id!r}" if rollout_id else "no active rollout"
-            )
+        """pause | resume | abort the named, else the active, else the latest rollout;
+        IllegalTransition (naming state and action) if not allowed now."""
         event = RolloutEvent(action)
         if event not in (RolloutEvent.PAUSE, RolloutEvent.RESUME, RolloutEvent.ABORT):
             raise ValueError(f"unknown action {action!r}")
-        rollout = row.rollout.with_event(event)
-        row = self.schema.save_states(
-            row, rollout, row.records, self.clock(), actor, reason=f"{action} by {actor}"
-        )
+        for _ in range(STALE_RETRIES):
+            row = (
+                self.schema.get(rollout_id)
+                if rollout_id
+                else self.schema.active() or self.schema.latest()
+            )
+            if row is None:
+                raise planner.PlanError(
+                    f"no rollout {rollout_id!r}" if rollout_id else "no rollout"
+                )
+            rollout = row.rollout.with_event(event)
+            try:
+                row = self.schema.save_states(
+                    row, rollout, row.records, self.clock(), actor, reason=f"{action} by {actor}"
+                )
+                break
+            except StaleRecords:
+                continue  # the engine moved it meanwhile: decide again on what is stored now
+        else:
+            raise planner.PlanError("the rollout is changing too fast; try again")
         log.info(
             "rollout.control",
             rollout_id=rollout.id,
@@ -275,9 +288,21 @@ class Engine:
         plan = planner.next_actions(row.rollout, row.records)
         if plan.rollout_events or plan.node_events:
             rollout, nodes = planner.apply_plan(row.rollout, row.records, plan)
-            row = await asyncio.to_thread(
-                self.schema.save_states, row, rollout, nodes, self.clock(), "engine"
-            )
+            reason = None
+            if RolloutEvent.FAILURE_BUDGET_EXCEEDED in plan.rollout_events:
+                failed = [
+                    f"{r.name} {r.state.value}: {r.reason}"
+                    for r in nodes
+                    if r.reason and r.state.value in ("failed", "rolled_back")
+                ]
+                reason = "halted: " + "; ".join(failed)
+            try:
+                row = await asyncio.to_thread(
+                    self.schema.save_states, row, rollout, nodes, self.clock(), "engine", reason
+                )
+            except StaleRecords:
+                self.wake.set()  # an admin command came first; plan again from what is stored
+                return
             for action in plan.node_events:
                 log.info(
                     "node.event",
@@ -372,24 +397,36 @@ class Engine:
         return reply.frozen
 
     def _record_frozen(self, rollout_id: str, step: planner.StepAction, frozen: bool) -> None:
-        row = self.schema.get(rollout_id)
-        assert row is not None
-        records = [
-            replace(r, scope_frozen=frozen) if r.name == step.node else r for r in row.records
-        ]
-        self.schema.save_states(row, row.rollout, records, self.clock(), "engine")
+        for _ in range(STALE_RETRIES):
+            row = self.schema.get(rollout_id)
+            assert row is not None
+            records = [
+                replace(r, scope_frozen=frozen) if r.name == step.node else r for r in row.records
+            ]
+            try:
+                self.schema.save_states(row, row.rollout, records, self.clock(), "engine")
+                break
+            except StaleRecords:
+                continue
         self.schema.step_times(rollout_id, step.node, step.step.value, ended=self.clock())
         log.info("node.scope_frozen", rollout_id=rollout_id, node=step.node, frozen=frozen)
 
     def _record(
         self, rollout_id: str, step: planner.StepAction, event: NodeEvent, reason: str | None
     ) -> None:
-        row = self.schema.get(rollout_id)
-        assert row is not None
-        records = list(row.records)
-        i = next(i for i, r in enumerate(records) if r.name == step.node)
-        records[i] = records[i].with_event(event, reason)
-        self.schema.save_states(row, row.rollout, records, self.clock(), "engine")
+        for _ in range(STALE_RETRIES):
+            row = self.schema.get(rollout_id)
+            assert row is not None
+            records = list(row.records)
+            i = next(i for i, r in enumerate(records) if r.name == step.node)
+            records[i] = records[i].with_event(event, reason)
+            try:
+                self.schema.save_states(row, row.rollout, records, self.clock(), "engine")
+                break
+            except StaleRecords:
+                continue
+        else:
+            raise StaleRecords(f"could not record {event.value} for {step.node}")
         self.schema.step_times(rollout_id, step.node, step.step.value, ended=self.clock())
         if event is NodeEvent.CONFIRM_DONE and row.meta.auth_version:
             # The node restarted with this rollout's password: it is live there now.

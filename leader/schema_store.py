@@ -325,9 +325,32 @@ class SchemaStore:
         actor: str,
         reason: str | None = None,
     ) -> RolloutRow:
-        """Persist the records after a plan or an event, with one audit event per change."""
+        """Persist the records after a plan or an event, with one audit event per change.
+
+        Optimistic: if the stored records are no longer ``before`` (an admin command and an
+        engine verdict crossed), nothing is written and ``StaleRecords`` is raised; the caller
+        reads again and decides again.
+        """
         old_nodes = {r.name: r for r in before.records}
         with self._tx() as db:
+            stored = db.execute(
+                "SELECT state FROM rollouts WHERE id = ?", (before.rollout.id,)
+            ).fetchone()
+            stored_nodes = {
+                r["name"]: (r["state"], r["reason"], bool(r["scope_frozen"]))
+                for r in db.execute(
+                    "SELECT name, state, reason, scope_frozen FROM rollout_nodes"
+                    " WHERE rollout_id = ?",
+                    (before.rollout.id,),
+                )
+            }
+            expected = {r.name: (r.state.value, r.reason, r.scope_frozen) for r in before.records}
+            if (
+                stored is None
+                or stored["state"] != before.rollout.state.value
+                or (stored_nodes != expected)
+            ):
+                raise StaleRecords(f"rollout {before.rollout.id} changed meanwhile")
             if rollout.state != before.rollout.state or reason is not None:
                 ended = now if rollout.state in TERMINAL_ROLLOUT_STATES else None
                 started = now if rollout.state is RolloutState.RUNNING else None
@@ -468,6 +491,10 @@ class SchemaStore:
                 (name, version, _ts(now)),
             )
             self._audit(db, now, "engine", "password.applied", name, version=version)
+
+
+class StaleRecords(TlsrollError):
+    """The records changed between reading and writing; read again."""
 
 
 class RolloutBusy(TlsrollError):

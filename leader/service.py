@@ -294,6 +294,13 @@ class RolloutAdmin:
         rollout, nodes = await asyncio.to_thread(engine.plan, req)
 
         now = engine.clock()
+        warnings = list(SEED_WARNINGS)
+        active = await asyncio.to_thread(engine.schema.active)
+        if active is not None:
+            warnings.append(
+                f"rollout {active.rollout.id} is {active.rollout.state.value}: a new one "
+                "cannot start until it has ended"
+            )
         row = RolloutRow(
             rollout,
             RolloutMeta(
@@ -305,7 +312,7 @@ class RolloutAdmin:
             rollout=rollout_view(row),
             checks=CHECKS,
             client_steps=CLIENT_STEPS,
-            warnings=SEED_WARNINGS,
+            warnings=warnings,
         )
 
     @map_errors(ERRORS)
