@@ -256,6 +256,15 @@ def test_bootstrap_port_taken_is_found_and_another_port_is_used(tmp_path: Path) 
         notice = w.cli("notify", "--lang", "en")
         assert notice.returncode == 0, notice.stderr
         assert "9444" in notice.stdout
+        assert PW1 not in notice.stdout
+        german = w.cli("notify", "--format", "markdown")
+        assert german.returncode == 0 and "Verbindung testen" in german.stdout
+        assert PW1 not in german.stdout
+        with_pw = w.cli("notify", "--include-password", "--password-file", str(pw))
+        assert with_pw.returncode == 0, with_pw.stderr
+        first_line = with_pw.stdout.strip().splitlines()[0]
+        assert "E-Mail" in first_line and "WARNUNG" in first_line  # the warning comes first
+        assert PW1 in with_pw.stdout
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:  # the bootstrap service is up on the other port
             try:

@@ -29,8 +29,9 @@ def test_scope_freeze_holds_every_node_until_the_rollout_ends(tmp_path: Path) ->
         pw.write_text("scope-freeze-test-password\n")
 
         def schema() -> dict[str, Any]:
-            data: dict[str, Any] = json.loads(cluster.cli("schema", "show", "--json").stdout)
-            return data["rollouts"][0]
+            data = json.loads(cluster.cli("schema", "show", "--json").stdout)
+            newest: dict[str, Any] = data["rollouts"][0]
+            return newest
 
         started = cluster.cli(
             "rollout",
