@@ -8,12 +8,10 @@ never disagree. Clocks are passed in.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import json
 import sqlite3
-import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -31,6 +29,7 @@ from leader.rollout_core import (
     Strategy,
 )
 from tlsroll.errors import TlsrollError
+from tlsroll.sqlite import Database
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS rollouts (
@@ -156,29 +155,10 @@ class RolloutRow:
 class SchemaStore:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(
-            self.path, isolation_level=None, check_same_thread=False, timeout=10
-        )
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        self._db = Database(self.path, _SCHEMA)
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    @contextlib.contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        self._db.close()
 
     @staticmethod
     def _audit(
@@ -192,30 +172,30 @@ class SchemaStore:
     # --- reading ------------------------------------------------------------------------------
 
     def next_epoch(self) -> int:
-        with self._lock:
-            row = self._db.execute("SELECT COALESCE(MAX(epoch), 0) + 1 FROM rollouts").fetchone()
+        with self._db.read() as db:
+            row = db.execute("SELECT COALESCE(MAX(epoch), 0) + 1 FROM rollouts").fetchone()
         return int(row[0])
 
     def active(self) -> RolloutRow | None:
         """The rollout that is not yet in a terminal state, if any (there is at most one)."""
-        with self._lock:
-            row = self._db.execute(
+        with self._db.read() as db:
+            row = db.execute(
                 f"SELECT id FROM rollouts WHERE {_ACTIVE} ORDER BY epoch DESC LIMIT 1",  # noqa: S608
                 _TERMINAL,
             ).fetchone()
         return self.get(row["id"]) if row else None
 
     def latest(self) -> RolloutRow | None:
-        with self._lock:
-            row = self._db.execute("SELECT id FROM rollouts ORDER BY epoch DESC LIMIT 1").fetchone()
+        with self._db.read() as db:
+            row = db.execute("SELECT id FROM rollouts ORDER BY epoch DESC LIMIT 1").fetchone()
         return self.get(row["id"]) if row else None
 
     def get(self, rollout_id: str) -> RolloutRow | None:
-        with self._lock:
-            r = self._db.execute("SELECT * FROM rollouts WHERE id = ?", (rollout_id,)).fetchone()
+        with self._db.read() as db:
+            r = db.execute("SELECT * FROM rollouts WHERE id = ?", (rollout_id,)).fetchone()
             if r is None:
                 return None
-            rows = self._db.execute(
+            rows = db.execute(
                 "SELECT * FROM rollout_nodes WHERE rollout_id = ?", (rollout_id,)
             ).fetchall()
         rollout = Rollout(
@@ -244,8 +224,8 @@ class SchemaStore:
         return RolloutRow(rollout, meta, nodes)
 
     def all(self) -> list[RolloutRow]:
-        with self._lock:
-            ids = [r["id"] for r in self._db.execute("SELECT id FROM rollouts ORDER BY epoch DESC")]
+        with self._db.read() as db:
+            ids = [r["id"] for r in db.execute("SELECT id FROM rollouts ORDER BY epoch DESC")]
         return [row for i in ids if (row := self.get(i)) is not None]
 
     # --- writing ------------------------------------------------------------------------------
@@ -261,7 +241,7 @@ class SchemaStore:
         """Insert a new rollout, refusing if another one is active (checked in the same
         transaction, so two starts cannot both succeed). ``new_verifier`` adds the auth
         password the rollout applies, in the same transaction."""
-        with self._tx() as db:
+        with self._db.tx() as db:
             busy = db.execute(
                 f"SELECT id, state FROM rollouts WHERE {_ACTIVE}",  # noqa: S608
                 _TERMINAL,
@@ -332,7 +312,7 @@ class SchemaStore:
         reads again and decides again.
         """
         old_nodes = {r.name: r for r in before.records}
-        with self._tx() as db:
+        with self._db.tx() as db:
             stored = db.execute(
                 "SELECT state FROM rollouts WHERE id = ?", (before.rollout.id,)
             ).fetchone()
@@ -399,7 +379,7 @@ class SchemaStore:
         if unknown:
             raise ValueError(f"not node details: {sorted(unknown)}")
         values = [_ts(v) if isinstance(v, dt.datetime) else v for v in changes.values()]
-        with self._tx() as db:
+        with self._db.tx() as db:
             db.execute(
                 f"UPDATE rollout_nodes SET {', '.join(f'{k} = ?' for k in changes)}"  # noqa: S608
                 " WHERE rollout_id = ? AND name = ?",
@@ -415,7 +395,7 @@ class SchemaStore:
         started: dt.datetime | None = None,
         ended: dt.datetime | None = None,
     ) -> None:
-        with self._tx() as db:
+        with self._db.tx() as db:
             row = db.execute(
                 "SELECT steps FROM rollout_nodes WHERE rollout_id = ? AND name = ?",
                 (rollout_id, name),
@@ -449,7 +429,7 @@ class SchemaStore:
 
     def stage_password(self, verifier: str, now: dt.datetime, actor: str) -> int:
         """Add a new auth password version, refused while a rollout is active."""
-        with self._tx() as db:
+        with self._db.tx() as db:
             busy = db.execute(
                 f"SELECT id, state FROM rollouts WHERE {_ACTIVE}",  # noqa: S608
                 _TERMINAL,
@@ -459,13 +439,13 @@ class SchemaStore:
             return self._add_auth(db, verifier, now, actor)
 
     def latest_auth_version(self) -> int:
-        with self._lock:
-            row = self._db.execute("SELECT COALESCE(MAX(version), 0) FROM auth_versions").fetchone()
+        with self._db.read() as db:
+            row = db.execute("SELECT COALESCE(MAX(version), 0) FROM auth_versions").fetchone()
         return int(row[0])
 
     def verifier(self, version: int) -> str:
-        with self._lock:
-            row = self._db.execute(
+        with self._db.read() as db:
+            row = db.execute(
                 "SELECT verifier FROM auth_versions WHERE version = ?", (version,)
             ).fetchone()
         if row is None:
@@ -474,8 +454,8 @@ class SchemaStore:
 
     def node_auth(self) -> dict[str, int]:
         """The auth password version live on each node that has one."""
-        with self._lock:
-            rows = self._db.execute("SELECT name, version FROM node_auth").fetchall()
+        with self._db.read() as db:
+            rows = db.execute("SELECT name, version FROM node_auth").fetchall()
         return {r["name"]: r["version"] for r in rows}
 
     def pending_password_nodes(self) -> set[str]:
@@ -483,7 +463,7 @@ class SchemaStore:
         return {name for name, v in self.node_auth().items() if v < latest}
 
     def set_node_auth(self, name: str, version: int, now: dt.datetime) -> None:
-        with self._tx() as db:
+        with self._db.tx() as db:
             db.execute(
                 "INSERT INTO node_auth (name, version, updated_at) VALUES (?, ?, ?)"
                 " ON CONFLICT(name) DO UPDATE SET version = excluded.version,"

@@ -8,19 +8,18 @@ transaction. Clocks are passed in (``now``), never read here.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hashlib
 import hmac
 import json
 import sqlite3
-import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
 from tlsroll.errors import TlsrollError
+from tlsroll.sqlite import Database
 
 T = TypeVar("T")
 
@@ -125,16 +124,8 @@ class NodeCert:
 class Store:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(
-            self.path, isolation_level=None, check_same_thread=False, timeout=10
-        )
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(_SCHEMA)  # idempotent; executescript commits on its own
-        with self._tx() as db:
+        self._db = Database(self.path, _SCHEMA)
+        with self._db.tx() as db:
             version = db.execute("PRAGMA user_version").fetchone()[0]
             if version > SCHEMA_VERSION:
                 raise TlsrollError(
@@ -144,20 +135,7 @@ class Store:
             db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    @contextlib.contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        """One IMMEDIATE transaction: all or nothing, serialised with every other writer."""
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        self._db.close()
 
     def _audit(
         self,
@@ -186,7 +164,7 @@ class Store:
         now: dt.datetime,
         actor: str,
     ) -> Token:
-        with self._tx() as db:
+        with self._db.tx() as db:
             db.execute(
                 "INSERT INTO tokens (id, secret_hash, description, created_at, expires_at,"
                 " uses_allowed, uses_left) VALUES (?, ?, ?, ?, ?, ?, ?)",
@@ -198,19 +176,19 @@ class Store:
         return self.get_token(token_id)
 
     def get_token(self, token_id: str) -> Token:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM tokens WHERE id = ?", (token_id,)).fetchone()
+        with self._db.read() as db:
+            row = db.execute("SELECT * FROM tokens WHERE id = ?", (token_id,)).fetchone()
         if row is None:
             raise NotFound(f"no join token with id {token_id!r}")
         return _token(row)
 
     def list_tokens(self) -> list[Token]:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM tokens ORDER BY created_at, id").fetchall()
+        with self._db.read() as db:
+            rows = db.execute("SELECT * FROM tokens ORDER BY created_at, id").fetchall()
         return [_token(r) for r in rows]
 
     def revoke_token(self, token_id: str, *, now: dt.datetime, actor: str) -> Token:
-        with self._tx() as db:
+        with self._db.tx() as db:
             cur = db.execute(
                 "UPDATE tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?",
                 (_ts(now), token_id),
@@ -241,7 +219,7 @@ class Store:
         ``issue`` is called (to sign the certificate) only once the token and the name check
         out; if anything fails, nothing is written.
         """
-        with self._tx() as db:
+        with self._db.tx() as db:
             row = db.execute("SELECT * FROM tokens WHERE id = ?", (token_id,)).fetchone()
             # Compare even when the id is unknown, so both cases take the same time.
             expected = row["secret_hash"] if row else hash_secret("x" * 26)
@@ -299,19 +277,19 @@ class Store:
     # --- nodes --------------------------------------------------------------------------------
 
     def list_nodes(self) -> list[Node]:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM nodes ORDER BY name").fetchall()
+        with self._db.read() as db:
+            rows = db.execute("SELECT * FROM nodes ORDER BY name").fetchall()
         return [_node(r) for r in rows]
 
     def get_node(self, name: str) -> Node:
-        with self._lock:
-            row = self._db.execute("SELECT * FROM nodes WHERE name = ?", (name,)).fetchone()
+        with self._db.read() as db:
+            row = db.execute("SELECT * FROM nodes WHERE name = ?", (name,)).fetchone()
         if row is None:
             raise NotFound(f"no enrolled node named {name!r}")
         return _node(row)
 
     def heartbeat(self, name: str, agent_version: str, *, now: dt.datetime) -> None:
-        with self._tx() as db:
+        with self._db.tx() as db:
             db.execute(
                 "UPDATE nodes SET last_heartbeat = ?, agent_version = ? WHERE name = ?",
                 (_ts(now), agent_version, name),
@@ -322,14 +300,12 @@ class Store:
     def record_event(
         self, kind: str, actor: str, subject: str, now: dt.datetime, **detail: Any
     ) -> None:
-        with self._tx() as db:
+        with self._db.tx() as db:
             self._audit(db, now, actor, kind, subject, **detail)
 
     def audit_events(self, *, after: int = 0) -> list[dict[str, Any]]:
-        with self._lock:
-            rows = self._db.execute(
-                "SELECT * FROM audit WHERE seq > ? ORDER BY seq", (after,)
-            ).fetchall()
+        with self._db.read() as db:
+            rows = db.execute("SELECT * FROM audit WHERE seq > ? ORDER BY seq", (after,)).fetchall()
         return [dict(r) | {"detail": json.loads(r["detail"])} for r in rows]
 
 

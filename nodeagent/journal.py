@@ -13,12 +13,11 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sqlite3
-import threading
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
+
+from tlsroll.sqlite import Database
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -123,38 +122,21 @@ def _dec(name: str, value: Any) -> Any:
 class Journal:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self._lock = threading.Lock()
-        self._db = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.executescript(_SCHEMA)
+        self._db = Database(self.path, _SCHEMA)
 
     def close(self) -> None:
-        with self._lock:
-            self._db.close()
-
-    @contextmanager
-    def _tx(self) -> Iterator[sqlite3.Connection]:
-        with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._db
-            except BaseException:
-                self._db.execute("ROLLBACK")
-                raise
-            self._db.execute("COMMIT")
+        self._db.close()
 
     # --- epochs -------------------------------------------------------------------------------
 
     def highest_epoch(self) -> int:
-        with self._lock:
-            row = self._db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
+        with self._db.read() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
         return int(row["value"]) if row else 0
 
     def admit_epoch(self, epoch: int) -> int | None:
         """Record ``epoch`` if it is not older than any seen; return the higher one if it is."""
-        with self._tx() as db:
+        with self._db.tx() as db:
             row = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
             highest = int(row["value"]) if row else 0
             if epoch < highest:
@@ -171,13 +153,13 @@ class Journal:
     def live_tls(self) -> dict[str, str] | None:
         """The https files and address live on the server (from the last completed
         transaction), or None while it serves http."""
-        with self._lock:
-            row = self._db.execute("SELECT value FROM meta WHERE key = 'live_tls'").fetchone()
+        with self._db.read() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'live_tls'").fetchone()
         value = json.loads(row["value"]) if row else None
         return value if isinstance(value, dict) else None
 
     def set_live_tls(self, live: dict[str, str] | None) -> None:
-        with self._tx() as db:
+        with self._db.tx() as db:
             db.execute(
                 "INSERT INTO meta (key, value) VALUES ('live_tls', ?)"
                 " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
@@ -187,10 +169,8 @@ class Journal:
     # --- staged certificates ------------------------------------------------------------------
 
     def staged(self, rollout_id: str) -> Staged | None:
-        with self._lock:
-            row = self._db.execute(
-                "SELECT * FROM staged WHERE rollout_id = ?", (rollout_id,)
-            ).fetchone()
+        with self._db.read() as db:
+            row = db.execute("SELECT * FROM staged WHERE rollout_id = ?", (rollout_id,)).fetchone()
         if row is None:
             return None
         return Staged(
@@ -204,7 +184,7 @@ class Journal:
         )
 
     def record_csr(self, rollout_id: str, key_file: Path, csr_pem: bytes) -> None:
-        with self._tx() as db:
+        with self._db.tx() as db:
             db.execute(
                 "INSERT INTO staged (rollout_id, key_file, csr_pem) VALUES (?, ?, ?)",
                 (rollout_id, str(key_file), csr_pem.decode()),
@@ -218,7 +198,7 @@ class Journal:
         fingerprint: str,
         not_after: dt.datetime,
     ) -> None:
-        with self._tx() as db:
+        with self._db.tx() as db:
             db.execute(
                 "UPDATE staged SET cert_file = ?, ca_file = ?, fingerprint = ?, not_after = ?"
                 " WHERE rollout_id = ?",
@@ -228,27 +208,27 @@ class Journal:
     # --- transactions -------------------------------------------------------------------------
 
     def get(self, rollout_id: str, kind: str) -> Txn | None:
-        with self._lock:
-            row = self._db.execute(
+        with self._db.read() as db:
+            row = db.execute(
                 "SELECT * FROM txns WHERE rollout_id = ? AND kind = ?", (rollout_id, kind)
             ).fetchone()
         return _txn(row) if row else None
 
     def unfinished(self) -> list[Txn]:
-        with self._lock:
-            rows = self._db.execute(
+        with self._db.read() as db:
+            rows = db.execute(
                 "SELECT * FROM txns WHERE outcome = '' ORDER BY started_at"
             ).fetchall()
         return [_txn(r) for r in rows]
 
     def all(self) -> list[Txn]:
-        with self._lock:
-            rows = self._db.execute("SELECT * FROM txns ORDER BY started_at").fetchall()
+        with self._db.read() as db:
+            rows = db.execute("SELECT * FROM txns ORDER BY started_at").fetchall()
         return [_txn(r) for r in rows]
 
     def create(self, txn: Txn) -> Txn:
         """Insert a new transaction, or return the existing one with the same key (a replay)."""
-        with self._tx() as db:
+        with self._db.tx() as db:
             row = db.execute(
                 "SELECT * FROM txns WHERE rollout_id = ? AND kind = ?",
                 (txn.rollout_id, txn.kind),
@@ -266,7 +246,7 @@ class Journal:
 
     def update(self, txn: Txn, **changes: Any) -> Txn:
         new = replace(txn, **changes)
-        with self._tx() as db:
+        with self._db.tx() as db:
             sets = ", ".join(f"{k} = ?" for k in changes)
             db.execute(
                 f"UPDATE txns SET {sets} WHERE rollout_id = ? AND kind = ?",  # noqa: S608 - names are dataclass fields
@@ -279,7 +259,7 @@ class Journal:
         return new
 
     def event(self, txn: Txn, step: str, what: str, detail: dict[str, Any] | None = None) -> None:
-        with self._tx() as db:
+        with self._db.tx() as db:
             self._event(db, txn, step, what, detail or {})
 
     def _event(
@@ -299,8 +279,8 @@ class Journal:
         )
 
     def events(self, rollout_id: str) -> list[dict[str, Any]]:
-        with self._lock:
-            rows = self._db.execute(
+        with self._db.read() as db:
+            rows = db.execute(
                 "SELECT * FROM events WHERE rollout_id = ? ORDER BY seq", (rollout_id,)
             ).fetchall()
         return [dict(r) for r in rows]

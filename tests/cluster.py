@@ -44,6 +44,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from tests.refserver_helper import write_toml
 from tlsroll import __version__, pki
 from tlsroll.defaults import AGENT_PORT, CONTROL_PORT, JOIN_PORT
 from tlsroll.v1 import admin_pb2, admin_pb2_grpc, enrolment_pb2, enrolment_pb2_grpc
@@ -74,29 +75,6 @@ def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     }
     env.update(extra or {})
     return env
-
-
-def toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str | Path):
-        return json.dumps(str(value))  # a JSON string is a valid TOML basic string
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} as TOML")
-
-
-def write_toml(path: Path, tables: Mapping[str, Mapping[str, object]]) -> Path:
-    """Write ``{"table": {key: value}}`` as TOML; a ``None`` value leaves the key out."""
-    lines: list[str] = []
-    for name, table in tables.items():
-        lines.append(f"[{name}]")
-        lines.extend(f"{k} = {toml_value(v)}" for k, v in table.items() if v is not None)
-        lines.append("")
-    path.write_text("\n".join(lines))
-    return path
 
 
 def merge_config(

@@ -35,6 +35,8 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from tlsroll.config import dump_toml
+
 READY_TIMEOUT = 15.0
 STOP_TIMEOUT = 15.0  # above the server's own 10 s graceful-stop bound
 REQUEST_TIMEOUT = 10.0
@@ -138,26 +140,9 @@ def port_open(address: str, port: int, timeout: float = 2.0) -> bool:
         return False
 
 
-def toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str | Path):
-        return json.dumps(str(value))  # a JSON string is a valid TOML basic string
-    if isinstance(value, list | tuple):
-        return "[" + ", ".join(toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} as TOML")
-
-
 def write_toml(path: Path, tables: Mapping[str, Mapping[str, object]]) -> Path:
-    """Write ``{"server": {...}}`` as TOML; a ``None`` value leaves the key out."""
-    lines: list[str] = []
-    for name, table in tables.items():
-        lines.append(f"[{name}]")
-        lines.extend(f"{k} = {toml_value(v)}" for k, v in table.items() if v is not None)
-        lines.append("")
-    path.write_text("\n".join(lines))
+    """Write ``{"table": {key: value}}`` as TOML; a ``None`` value leaves the key out."""
+    path.write_text(dump_toml(tables))
     return path
 
 

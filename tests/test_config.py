@@ -10,7 +10,7 @@ import pytest
 
 from leader.config import LeaderConfig
 from nodeagent.config import AgentConfig
-from tests.cluster import write_toml
+from tests.refserver_helper import write_toml
 from tlsroll.config import ConfigFile, Section
 from tlsroll.defaults import AGENT_PORT, CONTROL_PORT, HEARTBEAT_INTERVAL, JOIN_PORT
 from tlsroll.errors import ConfigError

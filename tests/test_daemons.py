@@ -42,9 +42,9 @@ from tests.cluster import (
     port_open,
     secure_channel,
     wait_until,
-    write_toml,
 )
 from tests.conftest import next_loopback
+from tests.refserver_helper import write_toml
 from tlsroll import __version__, pki
 from tlsroll.errors import PKIError
 from tlsroll.v1 import agent_pb2, agent_pb2_grpc

@@ -151,8 +151,8 @@ class ConfigFile:
 def _toml_value(value: object) -> str:
     if isinstance(value, bool):
         return "true" if value else "false"
-    if isinstance(value, int):
-        return str(value)
+    if isinstance(value, int | float):
+        return repr(value)
     if isinstance(value, str | Path):
         text = str(value)
         escaped = text.replace("\\", "\\\\").replace('"', '\\"')
