@@ -22,6 +22,7 @@ class LeaderConfig:
     heartbeat_interval: int
     admin_socket: Path
     node_name: str | None
+    scope_freeze_lease: int  # seconds a --freeze scope holds on a node without renewal
 
     @classmethod
     def load(cls, path: Path) -> LeaderConfig:
@@ -39,4 +40,5 @@ class LeaderConfig:
             heartbeat_interval=s.integer("heartbeat_interval", 5, lo=1, hi=3600),
             admin_socket=s.path("admin_socket", layout.admin_socket),
             node_name=s.text("node_name", None),
+            scope_freeze_lease=s.integer("scope_freeze_lease", 300, lo=2, hi=86400),
         )

@@ -109,6 +109,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         state.clock,
         state.online,
         cfg.node_name,
+        cfg.scope_freeze_lease,
     )
     admin_pb2_grpc.add_AdminServicer_to_server(AdminService(state, engine), admin)
     schema_pb2_grpc.add_SchemaViewServicer_to_server(SchemaViewService(schema, state.clock), admin)

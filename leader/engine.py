@@ -132,6 +132,7 @@ class Engine:
         clock: Callable[[], dt.datetime],
         online: Callable[[dt.datetime | None], bool],
         leader_node: str | None,
+        freeze_lease: int = 300,
     ) -> None:
         self.store = store
         self.schema = schema
@@ -139,6 +140,8 @@ class Engine:
         self.clock = clock
         self.online = online
         self.leader_node = leader_node
+        self.freeze_lease = freeze_lease
+        self.renewed: dict[tuple[str, str], float] = {}  # scope freezes: last renewal
         self.credentials = grpc.ssl_channel_credentials(
             root_certificates=ca.cert_pem,
             private_key=leader_key_pem,
@@ -315,6 +318,23 @@ class Engine:
                 log.info("rollout.state", rollout_id=rollout.id, state=rollout.state.value)
         for step in plan.steps:
             self._ensure_step(row.rollout, step)
+        self._renew_freezes(row)
+
+    def _renew_freezes(self, row: RolloutRow) -> None:
+        """Keep the scope freeze's lease alive on every frozen node (a third of the lease)."""
+        if row.rollout.freeze is not FreezeMode.SCOPE:
+            return
+        now = asyncio.get_running_loop().time()
+        for rec in row.records:
+            key = (row.rollout.id, rec.name)
+            if not rec.scope_frozen:
+                self.renewed.pop(key, None)
+                continue
+            if now - self.renewed.setdefault(key, now) < self.freeze_lease / 3:
+                continue
+            self.renewed[key] = now
+            step = planner.StepAction(rec.name, Step.FREEZE, row.rollout.epoch)
+            self._ensure_step(row.rollout, step)  # Freeze again: idempotent, renews the lease
 
     def _ensure_step(self, rollout: Rollout, step: planner.StepAction) -> None:
         key = (rollout.id, step.node, step.step)
@@ -392,7 +412,9 @@ class Engine:
     async def _scope_freeze(self, rollout: Rollout, name: str, on: bool) -> bool:
         """``--freeze scope``: freeze (or unfreeze) a node for the whole rollout."""
         client = await self._client(name)
-        request = agent_pb2.FreezeRequest(command=self._command(rollout))
+        request = agent_pb2.FreezeRequest(
+            command=self._command(rollout), lease_seconds=self.freeze_lease if on else 0
+        )
         reply = await client.call(client.stub.Freeze if on else client.stub.Unfreeze, request)
         return reply.frozen
 

@@ -120,9 +120,8 @@ async def serve(cfg: AgentConfig) -> None:
     )
     # gRPC sets SO_REUSEPORT by default: a second agent would then share the port silently.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    agent_pb2_grpc.add_NodeAgentServicer_to_server(
-        NodeAgentService(cfg, identity, journal, driver, runner, now), server
-    )
+    service = NodeAgentService(cfg, identity, journal, driver, runner, now)
+    agent_pb2_grpc.add_NodeAgentServicer_to_server(service, server)
     await add_standard_services(
         server, [agent_pb2.DESCRIPTOR.services_by_name["NodeAgent"].full_name]
     )
@@ -130,6 +129,7 @@ async def serve(cfg: AgentConfig) -> None:
         bind(server, hostport(address, cfg.port), creds)
     await server.start()
     beats = asyncio.create_task(heartbeat_loop(cfg, identity))
+    lease_watch = asyncio.create_task(service.watch_freeze_lease(), name="freeze-lease")
     log.info(
         "agent.started",
         node=cfg.node_name,
@@ -142,9 +142,10 @@ async def serve(cfg: AgentConfig) -> None:
     sd_notify("STOPPING=1")
     pinger.cancel()
     log.info("agent.stopping", grace_seconds=GRACE_SECONDS)
-    beats.cancel()
-    with contextlib.suppress(asyncio.CancelledError):
-        await beats
+    for task in (beats, lease_watch):
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
     await server.stop(GRACE_SECONDS)
     if runner is not None:
         # Let a running transaction reach its end; the journal resumes it if we are cut short.

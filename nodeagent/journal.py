@@ -166,6 +166,26 @@ class Journal:
                 (json.dumps(live, sort_keys=True),),
             )
 
+    # --- the scope freeze lease ----------------------------------------------------------------
+
+    def freeze_lease(self) -> tuple[str, dt.datetime] | None:
+        """(rollout id, deadline) of the leader's scope freeze, if one holds."""
+        with self._db.read() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'freeze_lease'").fetchone()
+        if row is None or not row["value"]:
+            return None
+        rollout_id, until = json.loads(row["value"])
+        return str(rollout_id), dt.datetime.fromisoformat(until)
+
+    def set_freeze_lease(self, lease: tuple[str, dt.datetime] | None) -> None:
+        value = json.dumps([lease[0], lease[1].isoformat()]) if lease else ""
+        with self._db.tx() as db:
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES ('freeze_lease', ?)"
+                " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (value,),
+            )
+
     # --- staged certificates ------------------------------------------------------------------
 
     def staged(self, rollout_id: str) -> Staged | None:

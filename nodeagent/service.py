@@ -40,6 +40,8 @@ ERRORS: dict[type[BaseException], grpc.StatusCode] = {
 }
 ROLLOUT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 DEFAULT_MAX_CLOCK_OFFSET = 120
+DEFAULT_FREEZE_LEASE = 300
+LEASE_CHECK_SECONDS = 1.0
 log = logs.get_logger("tlsroll.agent")
 
 
@@ -137,6 +139,29 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             schemes=list(facts.schemes),
             urls=[facts.url(s) for s in facts.schemes],
         )
+
+    async def watch_freeze_lease(self) -> None:
+        """Lift a scope freeze whose lease ran out: the leader is gone or cut off, and a node
+        must not stay frozen because of that. Never while a transaction runs (it owns the
+        freeze until it ends)."""
+        while True:
+            await asyncio.sleep(LEASE_CHECK_SECONDS)
+            lease = await asyncio.to_thread(self.journal.freeze_lease)
+            if lease is None or self.driver is None or self.clock() < lease[1]:
+                continue
+            if await asyncio.to_thread(self.journal.unfinished):
+                continue
+            try:
+                await self.driver.unfreeze()
+            except DriverError as exc:
+                log.error("scope_freeze.lease_unfreeze_failed", error=str(exc))
+                continue
+            await asyncio.to_thread(self.journal.set_freeze_lease, None)
+            log.warning(
+                "scope_freeze.lease_expired",
+                rollout_id=lease[0],
+                detail="the leader did not renew the freeze; writes are accepted again",
+            )
 
     # --- status -------------------------------------------------------------------------------
 
@@ -456,8 +481,16 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         self, request: agent_pb2.FreezeRequest, context: Ctx
     ) -> agent_pb2.FreezeResponse:
         rollout_id = await self._command(context, request.command)
+        lease = dt.timedelta(seconds=request.lease_seconds or DEFAULT_FREEZE_LEASE)
+        # The lease first: a freeze must never be without a deadline, even for an instant.
+        await asyncio.to_thread(self.journal.set_freeze_lease, (rollout_id, self.clock() + lease))
         watermark = await self._driver().freeze(DRAIN_TIMEOUT)
-        log.info("scope_freeze.on", rollout_id=rollout_id, watermark=watermark)
+        log.info(
+            "scope_freeze.on",
+            rollout_id=rollout_id,
+            watermark=watermark,
+            lease_seconds=int(lease.total_seconds()),
+        )
         return agent_pb2.FreezeResponse(frozen=True, watermark=watermark)
 
     @map_errors(ERRORS)
@@ -467,6 +500,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         rollout_id = await self._command(context, request.command)
         driver = self._driver()
         await driver.unfreeze()
+        await asyncio.to_thread(self.journal.set_freeze_lease, None)
         log.info("scope_freeze.off", rollout_id=rollout_id)
         return agent_pb2.FreezeResponse(frozen=False, watermark=await driver.watermark())
 

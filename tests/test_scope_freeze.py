@@ -5,6 +5,7 @@ ended. Real leader, agents and reference servers."""
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 
@@ -69,6 +70,67 @@ def test_scope_freeze_holds_every_node_until_the_rollout_ends(tmp_path: Path) ->
         for name, t in times.items():
             assert t["freeze"]["ended_at"] <= first_switch, name
             assert t["unfreeze"]["started_at"] >= last_confirm, name
+        for node in nodes:
+            assert node.server.status()["frozen"] is False
+    finally:
+        for node in nodes:
+            node.close()
+        cluster.close()
+
+
+def test_scope_freeze_is_a_lease_the_leader_must_renew(tmp_path: Path) -> None:
+    """While the leader lives, a paused scope freeze outlasts its lease (it is renewed); once
+    the leader is gone the agents lift it when the lease runs out — no node stays frozen
+    because of a dead leader — and the restarted leader carries the rollout to its end."""
+    addresses = [next_loopback() for _ in range(2)]
+    cluster = Cluster(tmp_path / "cluster", addresses[0], heartbeat_interval=1)
+    nodes = [Node(cluster, f"node{i + 1}", a, tmp_path / f"n{i}") for i, a in enumerate(addresses)]
+    try:
+        cluster.init("--node-name", "node1")
+        cluster.write_leader_config({"scope_freeze_lease": 3})
+        cluster.start_leader()
+        for node in nodes:
+            node.start()
+        cluster.wait_for_nodes_online([n.name for n in nodes])
+        pw = tmp_path / "pw"
+        pw.touch(0o600)
+        pw.write_text("lease-test-password\n")
+
+        def schema() -> dict[str, Any]:
+            data = json.loads(cluster.cli("schema", "show", "--json").stdout)
+            newest: dict[str, Any] = data["rollouts"][0]
+            return newest
+
+        started = cluster.cli(
+            "rollout",
+            "start",
+            "--scope",
+            "cluster",
+            "--freeze",
+            "scope",
+            "--password-file",
+            str(pw),
+            "--yes",
+        )
+        assert started.returncode == 0, started.stderr
+        assert cluster.cli("rollout", "pause").returncode == 0
+        # order: node2 first, node1 (the leader node) last; node1 waits, frozen.
+        wait_until(lambda: schema()["nodes"][0]["state"] == "done", 60, "node2 done")
+        waiting = nodes[0]
+        time.sleep(5)  # longer than the 3 s lease: renewals keep it
+        assert waiting.server.status()["frozen"] is True
+
+        cluster.kill_leader()
+        wait_until(lambda: waiting.server.status()["frozen"] is False, 20, "the lease to lapse")
+        accepted = http_request("POST", f"{waiting.http_url()}entries", {"note": "after"})
+        assert accepted.status == 201
+        assert waiting.agent is not None
+        assert "scope_freeze.lease_expired" in waiting.agent.event_names()
+
+        cluster.start_leader()
+        assert cluster.cli("rollout", "resume").returncode == 0
+        wait_until(lambda: schema()["state"] == "completed", 90, "the rollout to complete")
+        assert all(n["state"] == "done" for n in schema()["nodes"])
         for node in nodes:
             assert node.server.status()["frozen"] is False
     finally:

@@ -138,8 +138,9 @@ class NodeAgentServicer:
 
     def Freeze(self, request, context):
         """Freeze writes for a whole rollout (`--freeze scope`): new writes get 503, in-flight ones
-        finish. Idempotent. The node stays frozen until Unfreeze (or a failed transaction's
-        safety unfreeze), also across restarts of the server and the agent.
+        finish. Idempotent; calling it again renews the lease. The freeze lasts until Unfreeze or
+        until the lease runs out without renewal (a node must not stay frozen because the leader
+        is gone): then the agent lifts it, once no transaction is running.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

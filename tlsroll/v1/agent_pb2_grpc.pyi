@@ -58,8 +58,9 @@ class NodeAgentStub:
     """The state of a transaction."""
     Freeze: _grpc.UnaryUnaryMultiCallable[_agent_pb2.FreezeRequest, _agent_pb2.FreezeResponse]
     """Freeze writes for a whole rollout (`--freeze scope`): new writes get 503, in-flight ones
-    finish. Idempotent. The node stays frozen until Unfreeze (or a failed transaction's
-    safety unfreeze), also across restarts of the server and the agent.
+    finish. Idempotent; calling it again renews the lease. The freeze lasts until Unfreeze or
+    until the lease runs out without renewal (a node must not stay frozen because the leader
+    is gone): then the agent lifts it, once no transaction is running.
     """
     Unfreeze: _grpc.UnaryUnaryMultiCallable[_agent_pb2.FreezeRequest, _agent_pb2.FreezeResponse]
 
@@ -87,8 +88,9 @@ class NodeAgentAsyncStub(NodeAgentStub):
     """The state of a transaction."""
     Freeze: _aio.UnaryUnaryMultiCallable[_agent_pb2.FreezeRequest, _agent_pb2.FreezeResponse]  # type: ignore[assignment]
     """Freeze writes for a whole rollout (`--freeze scope`): new writes get 503, in-flight ones
-    finish. Idempotent. The node stays frozen until Unfreeze (or a failed transaction's
-    safety unfreeze), also across restarts of the server and the agent.
+    finish. Idempotent; calling it again renews the lease. The freeze lasts until Unfreeze or
+    until the lease runs out without renewal (a node must not stay frozen because the leader
+    is gone): then the agent lifts it, once no transaction is running.
     """
     Unfreeze: _aio.UnaryUnaryMultiCallable[_agent_pb2.FreezeRequest, _agent_pb2.FreezeResponse]  # type: ignore[assignment]
 
@@ -161,8 +163,9 @@ class NodeAgentServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.FreezeResponse, _abc.Awaitable[_agent_pb2.FreezeResponse]]:
         """Freeze writes for a whole rollout (`--freeze scope`): new writes get 503, in-flight ones
-        finish. Idempotent. The node stays frozen until Unfreeze (or a failed transaction's
-        safety unfreeze), also across restarts of the server and the agent.
+        finish. Idempotent; calling it again renews the lease. The freeze lasts until Unfreeze or
+        until the lease runs out without renewal (a node must not stay frozen because the leader
+        is gone): then the agent lifts it, once no transaction is running.
         """
 
     @_abc_1.abstractmethod
