@@ -29,7 +29,7 @@ from leader.rollout_core import (
     Strategy,
 )
 from tlsroll.errors import TlsrollError
-from tlsroll.sqlite import Database
+from tlsroll.sqlite import Database, from_text, to_text
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS rollouts (
@@ -105,14 +105,6 @@ _NODE_DETAIL_FIELDS = (
 )
 
 
-def _ts(t: dt.datetime | None) -> str | None:
-    return t.astimezone(dt.UTC).isoformat() if t else None
-
-
-def _dt(s: str | None) -> dt.datetime | None:
-    return dt.datetime.fromisoformat(s) if s else None
-
-
 @dataclass(frozen=True)
 class RolloutMeta:
     """What the schema shows about a rollout beyond its pure record."""
@@ -166,7 +158,7 @@ class SchemaStore:
     ) -> None:
         db.execute(
             "INSERT INTO audit (at, actor, kind, subject, detail) VALUES (?, ?, ?, ?, ?)",
-            (_ts(now), actor, kind, subject, json.dumps(detail, sort_keys=True, default=str)),
+            (to_text(now), actor, kind, subject, json.dumps(detail, sort_keys=True, default=str)),
         )
 
     # --- reading ------------------------------------------------------------------------------
@@ -214,8 +206,8 @@ class SchemaStore:
             created_at=dt.datetime.fromisoformat(r["created_at"]),
             started_by=r["started_by"],
             leader_node=r["leader_node"],
-            started_at=_dt(r["started_at"]),
-            ended_at=_dt(r["ended_at"]),
+            started_at=from_text(r["started_at"]),
+            ended_at=from_text(r["ended_at"]),
             reason=r["reason"],
             auth_version=r["auth_version"],
         )
@@ -268,8 +260,8 @@ class SchemaStore:
                     rollout.freeze.value,
                     rollout.epoch,
                     rollout.state.value,
-                    _ts(meta.created_at),
-                    _ts(meta.started_at),
+                    to_text(meta.created_at),
+                    to_text(meta.started_at),
                     meta.started_by,
                     meta.leader_node,
                     auth_version,
@@ -338,7 +330,7 @@ class SchemaStore:
                     "UPDATE rollouts SET state = ?, ended_at = COALESCE(ended_at, ?),"
                     " started_at = COALESCE(started_at, ?), reason = COALESCE(?, reason)"
                     " WHERE id = ?",
-                    (rollout.state.value, _ts(ended), _ts(started), reason, rollout.id),
+                    (rollout.state.value, to_text(ended), to_text(started), reason, rollout.id),
                 )
                 self._audit(
                     db,
@@ -378,7 +370,7 @@ class SchemaStore:
         unknown = set(changes) - set(_NODE_DETAIL_FIELDS)
         if unknown:
             raise ValueError(f"not node details: {sorted(unknown)}")
-        values = [_ts(v) if isinstance(v, dt.datetime) else v for v in changes.values()]
+        values = [to_text(v) if isinstance(v, dt.datetime) else v for v in changes.values()]
         with self._db.tx() as db:
             db.execute(
                 f"UPDATE rollout_nodes SET {', '.join(f'{k} = ?' for k in changes)}"  # noqa: S608
@@ -403,9 +395,9 @@ class SchemaStore:
             steps: dict[str, list[str | None]] = json.loads(row["steps"])
             times = steps.setdefault(step, [None, None])
             if started is not None and times[0] is None:
-                times[0] = _ts(started)
+                times[0] = to_text(started)
             if ended is not None:
-                times[1] = _ts(ended)
+                times[1] = to_text(ended)
             db.execute(
                 "UPDATE rollout_nodes SET steps = ? WHERE rollout_id = ? AND name = ?",
                 (json.dumps(steps), rollout_id, name),
@@ -417,7 +409,7 @@ class SchemaStore:
         cur = db.execute(
             "INSERT INTO auth_versions (version, verifier, created_at, actor) VALUES ("
             "(SELECT COALESCE(MAX(version), 0) + 1 FROM auth_versions), ?, ?, ?)",
-            (verifier, _ts(now), actor),
+            (verifier, to_text(now), actor),
         )
         version = int(
             db.execute(
@@ -468,7 +460,7 @@ class SchemaStore:
                 "INSERT INTO node_auth (name, version, updated_at) VALUES (?, ?, ?)"
                 " ON CONFLICT(name) DO UPDATE SET version = excluded.version,"
                 " updated_at = excluded.updated_at",
-                (name, version, _ts(now)),
+                (name, version, to_text(now)),
             )
             self._audit(db, now, "engine", "password.applied", name, version=version)
 
@@ -496,9 +488,9 @@ def _node(row: sqlite3.Row) -> tuple[NodeRecord, NodeDetail]:
         old_url=row["old_url"],
         new_url=row["new_url"],
         cert_fingerprint=row["cert_fingerprint"],
-        cert_not_after=_dt(row["cert_not_after"]),
-        freeze_started_at=_dt(row["freeze_started_at"]),
-        freeze_ended_at=_dt(row["freeze_ended_at"]),
+        cert_not_after=from_text(row["cert_not_after"]),
+        freeze_started_at=from_text(row["freeze_started_at"]),
+        freeze_ended_at=from_text(row["freeze_ended_at"]),
         restart_seconds=row["restart_seconds"],
         bootstrap_port=row["bootstrap_port"],
         steps=json.loads(row["steps"]),

@@ -12,21 +12,12 @@ from collections.abc import Callable
 from typing import Any
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from leader.schema_store import RolloutRow, SchemaStore
-from tlsroll.rpc import map_errors
+from tlsroll.rpc import map_errors, timestamp
 from tlsroll.v1 import schema_pb2, schema_pb2_grpc
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
-
-
-def ts(t: dt.datetime | None) -> Timestamp | None:
-    if t is None:
-        return None
-    out = Timestamp()
-    out.FromDatetime(t)
-    return out
 
 
 def rollout_view(row: RolloutRow, pending: set[str] | None = None) -> schema_pb2.RolloutView:
@@ -37,8 +28,8 @@ def rollout_view(row: RolloutRow, pending: set[str] | None = None) -> schema_pb2
         steps = [
             schema_pb2.StepTimes(
                 step=step,
-                started_at=ts(dt.datetime.fromisoformat(a)) if a else None,
-                ended_at=ts(dt.datetime.fromisoformat(b)) if b else None,
+                started_at=timestamp(dt.datetime.fromisoformat(a)) if a else None,
+                ended_at=timestamp(dt.datetime.fromisoformat(b)) if b else None,
             )
             for step, (a, b) in d.steps.items()
         ]
@@ -50,9 +41,9 @@ def rollout_view(row: RolloutRow, pending: set[str] | None = None) -> schema_pb2
                 old_url=d.old_url,
                 new_url=d.new_url,
                 cert_fingerprint=d.cert_fingerprint,
-                cert_not_after=ts(d.cert_not_after),
-                freeze_started_at=ts(d.freeze_started_at),
-                freeze_ended_at=ts(d.freeze_ended_at),
+                cert_not_after=timestamp(d.cert_not_after),
+                freeze_started_at=timestamp(d.freeze_started_at),
+                freeze_ended_at=timestamp(d.freeze_ended_at),
                 restart_seconds=d.restart_seconds,
                 steps=steps,
                 leader_node=rec.name == meta.leader_node,
@@ -71,9 +62,9 @@ def rollout_view(row: RolloutRow, pending: set[str] | None = None) -> schema_pb2
         freeze=r.freeze.value,
         epoch=r.epoch,
         state=r.state.value,
-        created_at=ts(meta.created_at),
-        started_at=ts(meta.started_at),
-        ended_at=ts(meta.ended_at),
+        created_at=timestamp(meta.created_at),
+        started_at=timestamp(meta.started_at),
+        ended_at=timestamp(meta.ended_at),
         started_by=meta.started_by,
         nodes=nodes,
         reason=meta.reason,
@@ -98,5 +89,5 @@ class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
             rows = await asyncio.to_thread(self.schema.all)
         pending = await asyncio.to_thread(self.schema.pending_password_nodes)
         return schema_pb2.Schema(
-            rollouts=[rollout_view(r, pending) for r in rows], generated_at=ts(self.clock())
+            rollouts=[rollout_view(r, pending) for r in rows], generated_at=timestamp(self.clock())
         )

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from leader.engine import Engine, RolloutRequest
 from leader.planner import NodesOffline, PlanError
@@ -26,7 +25,7 @@ from leader.store import NameTaken, NodeCert, NotFound, Store, TokenRejected
 from leader.tokens import JoinToken, MalformedToken
 from tlsroll import bootstrap, logs, pki
 from tlsroll.errors import PKIError
-from tlsroll.rpc import invalid, map_errors, peer_name, unauthenticated
+from tlsroll.rpc import invalid, map_errors, peer_name, timestamp, unauthenticated
 from tlsroll.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -56,14 +55,6 @@ ERRORS = {
 
 MAX_TOKEN_TTL = dt.timedelta(days=7)
 OFFLINE_AFTER_HEARTBEATS = 3
-
-
-def ts(t: dt.datetime | None) -> Timestamp | None:
-    if t is None:
-        return None
-    out = Timestamp()
-    out.FromDatetime(t)
-    return out
 
 
 @dataclass
@@ -174,7 +165,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         now = self.state.clock()
         await asyncio.to_thread(self.state.store.heartbeat, name, request.agent_version, now=now)
         return leader_pb2.HeartbeatResponse(
-            leader_time=ts(now), interval_seconds=self.state.heartbeat_interval
+            leader_time=timestamp(now), interval_seconds=self.state.heartbeat_interval
         )
 
     @map_errors(ERRORS)
@@ -214,8 +205,8 @@ def _actor(context: Ctx) -> str:
 def token_info(t: Any) -> admin_pb2.TokenInfo:
     return admin_pb2.TokenInfo(
         id=t.id,
-        created_at=ts(t.created_at),
-        expires_at=ts(t.expires_at),
+        created_at=timestamp(t.created_at),
+        expires_at=timestamp(t.expires_at),
         uses_allowed=t.uses_allowed,
         uses_left=t.uses_left,
         revoked=t.revoked_at is not None,
@@ -410,9 +401,9 @@ class AdminService(RolloutAdmin, admin_pb2_grpc.AdminServicer):
                     dns_names=n.dns_names,
                     agent_version=n.agent_version,
                     agent_port=n.agent_port,
-                    enrolled_at=ts(n.enrolled_at),
-                    last_heartbeat=ts(n.last_heartbeat),
-                    cert_not_after=ts(n.cert_not_after),
+                    enrolled_at=timestamp(n.enrolled_at),
+                    last_heartbeat=timestamp(n.last_heartbeat),
+                    cert_not_after=timestamp(n.cert_not_after),
                     cert_fingerprint=n.cert_fingerprint,
                     online=self.state.online(n.last_heartbeat),
                 )
@@ -427,6 +418,6 @@ class AdminService(RolloutAdmin, admin_pb2_grpc.AdminServicer):
             certificate_pem=self.state.ca.cert_pem,
             fingerprint=pki.fingerprint(ca),
             spki_pin=pki.spki_pin(ca),
-            not_after=ts(ca.not_valid_after_utc),
+            not_after=timestamp(ca.not_valid_after_utc),
             subject=ca.subject.rfc4514_string(),
         )

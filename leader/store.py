@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from tlsroll.errors import TlsrollError
-from tlsroll.sqlite import Database
+from tlsroll.sqlite import Database, from_text, to_text
 
 T = TypeVar("T")
 
@@ -70,14 +70,6 @@ class NameTaken(TlsrollError):
 
 class NotFound(TlsrollError):
     pass
-
-
-def _ts(t: dt.datetime) -> str:
-    return t.astimezone(dt.UTC).isoformat()
-
-
-def _dt(s: str | None) -> dt.datetime | None:
-    return dt.datetime.fromisoformat(s) if s else None
 
 
 def hash_secret(secret: str) -> str:
@@ -148,7 +140,7 @@ class Store:
     ) -> None:
         db.execute(
             "INSERT INTO audit (at, actor, kind, subject, detail) VALUES (?, ?, ?, ?, ?)",
-            (_ts(now), actor, kind, subject, json.dumps(detail, sort_keys=True)),
+            (to_text(now), actor, kind, subject, json.dumps(detail, sort_keys=True)),
         )
 
     # --- tokens -------------------------------------------------------------------------------
@@ -168,10 +160,18 @@ class Store:
             db.execute(
                 "INSERT INTO tokens (id, secret_hash, description, created_at, expires_at,"
                 " uses_allowed, uses_left) VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (token_id, hash_secret(secret), description, _ts(now), _ts(now + ttl), uses, uses),
+                (
+                    token_id,
+                    hash_secret(secret),
+                    description,
+                    to_text(now),
+                    to_text(now + ttl),
+                    uses,
+                    uses,
+                ),
             )
             self._audit(
-                db, now, actor, "token.created", token_id, uses=uses, expires_at=_ts(now + ttl)
+                db, now, actor, "token.created", token_id, uses=uses, expires_at=to_text(now + ttl)
             )
         return self.get_token(token_id)
 
@@ -191,7 +191,7 @@ class Store:
         with self._db.tx() as db:
             cur = db.execute(
                 "UPDATE tokens SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?",
-                (_ts(now), token_id),
+                (to_text(now), token_id),
             )
             if cur.rowcount == 0:
                 raise NotFound(f"no join token with id {token_id!r}")
@@ -257,8 +257,8 @@ class Store:
                     key_pin,
                     cert.fingerprint,
                     cert.serial,
-                    _ts(cert.not_after),
-                    _ts(now),
+                    to_text(cert.not_after),
+                    to_text(now),
                 ),
             )
             self._audit(
@@ -292,7 +292,7 @@ class Store:
         with self._db.tx() as db:
             db.execute(
                 "UPDATE nodes SET last_heartbeat = ?, agent_version = ? WHERE name = ?",
-                (_ts(now), agent_version, name),
+                (to_text(now), agent_version, name),
             )
 
     # --- audit --------------------------------------------------------------------------------
@@ -303,11 +303,6 @@ class Store:
         with self._db.tx() as db:
             self._audit(db, now, actor, kind, subject, **detail)
 
-    def audit_events(self, *, after: int = 0) -> list[dict[str, Any]]:
-        with self._db.read() as db:
-            rows = db.execute("SELECT * FROM audit WHERE seq > ? ORDER BY seq", (after,)).fetchall()
-        return [dict(r) | {"detail": json.loads(r["detail"])} for r in rows]
-
 
 def _token(row: sqlite3.Row) -> Token:
     return Token(
@@ -317,7 +312,7 @@ def _token(row: sqlite3.Row) -> Token:
         expires_at=dt.datetime.fromisoformat(row["expires_at"]),
         uses_allowed=row["uses_allowed"],
         uses_left=row["uses_left"],
-        revoked_at=_dt(row["revoked_at"]),
+        revoked_at=from_text(row["revoked_at"]),
     )
 
 
@@ -333,5 +328,5 @@ def _node(row: sqlite3.Row) -> Node:
         cert_serial=row["cert_serial"],
         cert_not_after=dt.datetime.fromisoformat(row["cert_not_after"]),
         enrolled_at=dt.datetime.fromisoformat(row["enrolled_at"]),
-        last_heartbeat=_dt(row["last_heartbeat"]),
+        last_heartbeat=from_text(row["last_heartbeat"]),
     )

@@ -241,11 +241,6 @@ class Journal:
             ).fetchall()
         return [_txn(r) for r in rows]
 
-    def all(self) -> list[Txn]:
-        with self._db.read() as db:
-            rows = db.execute("SELECT * FROM txns ORDER BY started_at").fetchall()
-        return [_txn(r) for r in rows]
-
     def create(self, txn: Txn) -> Txn:
         """Insert a new transaction, or return the existing one with the same key (a replay)."""
         with self._db.tx() as db:

@@ -18,7 +18,6 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 
 from nodeagent import probes
 from nodeagent.config import AgentConfig
@@ -30,7 +29,14 @@ from tlsroll import __version__, logs, password, pki
 from tlsroll.defaults import LEADER_NAME
 from tlsroll.errors import PKIError
 from tlsroll.fsutil import PRIVATE, PUBLIC, write_atomic
-from tlsroll.rpc import failed_precondition, invalid, map_errors, peer_name, permission_denied
+from tlsroll.rpc import (
+    failed_precondition,
+    invalid,
+    map_errors,
+    peer_name,
+    permission_denied,
+    timestamp,
+)
 from tlsroll.v1 import agent_pb2, agent_pb2_grpc
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -43,14 +49,6 @@ DEFAULT_MAX_CLOCK_OFFSET = 120
 DEFAULT_FREEZE_LEASE = 300
 LEASE_CHECK_SECONDS = 1.0
 log = logs.get_logger("tlsroll.agent")
-
-
-def ts(t: dt.datetime | None) -> Timestamp | None:
-    if t is None:
-        return None
-    out = Timestamp()
-    out.FromDatetime(t)
-    return out
 
 
 def require_leader(context: Ctx) -> None:
@@ -69,10 +67,10 @@ def txn_message(txn: Txn) -> agent_pb2.Transaction:
         outcome=txn.outcome,
         reason=txn.reason,
         watermark=txn.watermark or 0,
-        started_at=ts(txn.started_at),
-        ended_at=ts(txn.ended_at),
-        freeze_started_at=ts(txn.freeze_started_at),
-        freeze_ended_at=ts(txn.freeze_ended_at),
+        started_at=timestamp(txn.started_at),
+        ended_at=timestamp(txn.ended_at),
+        freeze_started_at=timestamp(txn.freeze_started_at),
+        freeze_ended_at=timestamp(txn.freeze_ended_at),
         restart_seconds=txn.restart_seconds,
         old_url=txn.old_url,
         new_url=txn.new_url,
@@ -173,8 +171,8 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         return agent_pb2.NodeStatus(
             node_name=self.cfg.node_name,
             agent_version=__version__,
-            cert_not_after=ts(self.identity.cert.not_valid_after_utc),
-            agent_time=ts(self.clock()),
+            cert_not_after=timestamp(self.identity.cert.not_valid_after_utc),
+            agent_time=timestamp(self.clock()),
             server=await self._view(),
             highest_epoch=await asyncio.to_thread(self.journal.highest_epoch),
         )
@@ -306,7 +304,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             )
         log.info("stage.done", rollout_id=rollout_id, cert_fingerprint=fingerprint)
         return agent_pb2.StageResponse(
-            fingerprint=fingerprint, not_after=ts(cert.not_valid_after_utc)
+            fingerprint=fingerprint, not_after=timestamp(cert.not_valid_after_utc)
         )
 
     # --- transactions -------------------------------------------------------------------------

@@ -185,9 +185,6 @@ class Runner:
             self.start(txn)
         return pending
 
-    async def wait(self, rollout_id: str, kind: str) -> Txn:
-        return await self.tasks[(rollout_id, kind)]
-
     async def close(self, grace: float) -> None:
         """Give running transactions ``grace`` seconds to end, then stop them (the journal lets
         the next start resume them)."""

@@ -6,8 +6,11 @@ from __future__ import annotations
 
 import json
 import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
+
+import pytest
 
 from tests.cluster import Cluster, wait_until
 from tests.conftest import next_loopback
@@ -15,26 +18,30 @@ from tests.nodeside import Node
 from tests.refserver_helper import http_request
 
 
-def test_scope_freeze_holds_every_node_until_the_rollout_ends(tmp_path: Path) -> None:
-    addresses = [next_loopback() for _ in range(3)]
-    cluster = Cluster(tmp_path / "cluster", addresses[0], heartbeat_interval=1)
-    nodes = [Node(cluster, f"node{i + 1}", a, tmp_path / f"n{i}") for i, a in enumerate(addresses)]
-    try:
-        cluster.init("--node-name", "node1")
-        cluster.start_leader()
-        for node in nodes:
+class ScopeWorld:
+    """Leader + nodes (node1 the leader node), a rollout started with --freeze scope and
+    paused at once: the node first in order (node2) finishes, the others wait, frozen."""
+
+    def __init__(self, root: Path, count: int) -> None:
+        addresses = [next_loopback() for _ in range(count)]
+        self.root = root
+        self.cluster = Cluster(root / "cluster", addresses[0], heartbeat_interval=1)
+        self.nodes = [
+            Node(self.cluster, f"node{i + 1}", a, root / f"n{i}") for i, a in enumerate(addresses)
+        ]
+
+    def start_paused_rollout(self, **leader_config: object) -> None:
+        self.cluster.init("--node-name", "node1")
+        if leader_config:
+            self.cluster.write_leader_config(leader_config)
+        self.cluster.start_leader()
+        for node in self.nodes:
             node.start()
-        cluster.wait_for_nodes_online([n.name for n in nodes])
-        pw = tmp_path / "pw"
+        self.cluster.wait_for_nodes_online([n.name for n in self.nodes])
+        pw = self.root / "pw"
         pw.touch(0o600)
         pw.write_text("scope-freeze-test-password\n")
-
-        def schema() -> dict[str, Any]:
-            data = json.loads(cluster.cli("schema", "show", "--json").stdout)
-            newest: dict[str, Any] = data["rollouts"][0]
-            return newest
-
-        started = cluster.cli(
+        started = self.cluster.cli(
             "rollout",
             "start",
             "--scope",
@@ -46,94 +53,89 @@ def test_scope_freeze_holds_every_node_until_the_rollout_ends(tmp_path: Path) ->
             "--yes",
         )
         assert started.returncode == 0, started.stderr
-        assert cluster.cli("rollout", "pause").returncode == 0
-        # The node already in flight (node2, first by name) finishes; the others wait, frozen.
-        wait_until(lambda: schema()["nodes"][0]["state"] == "done", 60, "node2 done")
-        r = schema()
-        assert r["state"] == "paused" and r["freeze"] == "scope"
-        assert [n["state"] for n in r["nodes"]] == ["done", "pending", "pending"]
-        for node in nodes[1:]:
-            assert node.server.status()["frozen"] is True
-        waiting = nodes[2]  # node3: untouched, on http, but no new entries
-        refused = http_request("POST", f"{waiting.http_url()}entries", {"note": "x"})
-        assert refused.status == 503 and refused.header("Retry-After")
-        switched = nodes[1]  # node2: on https, still frozen until the rollout ends
-        assert switched.server.status()["listen"] == ["https"]
+        assert self.cluster.cli("rollout", "pause").returncode == 0
+        wait_until(lambda: self.schema()["nodes"][0]["state"] == "done", 60, "node2 done")
 
-        assert cluster.cli("rollout", "resume").returncode == 0
-        wait_until(lambda: schema()["state"] == "completed", 90, "the rollout to complete")
-        r = schema()
-        assert all(n["state"] == "done" for n in r["nodes"])
-        times = {n["name"]: {s["step"]: s for s in n["steps"]} for n in r["nodes"]}
-        first_switch = min(t["switch"]["started_at"] for t in times.values())
-        last_confirm = max(t["confirm"]["ended_at"] for t in times.values())
-        for name, t in times.items():
-            assert t["freeze"]["ended_at"] <= first_switch, name
-            assert t["unfreeze"]["started_at"] >= last_confirm, name
-        for node in nodes:
-            assert node.server.status()["frozen"] is False
-    finally:
-        for node in nodes:
+    def schema(self) -> dict[str, Any]:
+        data = json.loads(self.cluster.cli("schema", "show", "--json").stdout)
+        newest: dict[str, Any] = data["rollouts"][0]
+        return newest
+
+    def close(self) -> None:
+        for node in self.nodes:
             node.close()
-        cluster.close()
+        self.cluster.close()
 
 
-def test_scope_freeze_is_a_lease_the_leader_must_renew(tmp_path: Path) -> None:
+@pytest.fixture
+def make_world(tmp_path: Path) -> Iterator[Callable[[int], ScopeWorld]]:
+    worlds: list[ScopeWorld] = []
+
+    def make(count: int) -> ScopeWorld:
+        worlds.append(ScopeWorld(tmp_path, count))
+        return worlds[-1]
+
+    try:
+        yield make
+    finally:
+        for w in worlds:
+            w.close()
+
+
+def test_scope_freeze_holds_every_node_until_the_rollout_ends(
+    make_world: Callable[[int], ScopeWorld],
+) -> None:
+    w = make_world(3)
+    w.start_paused_rollout()
+    cluster, nodes, schema = w.cluster, w.nodes, w.schema
+    r = schema()
+    assert r["state"] == "paused" and r["freeze"] == "scope"
+    assert [n["state"] for n in r["nodes"]] == ["done", "pending", "pending"]
+    for node in nodes[1:]:
+        assert node.server.status()["frozen"] is True
+    waiting = nodes[2]  # node3: untouched, on http, but no new entries
+    refused = http_request("POST", f"{waiting.http_url()}entries", {"note": "x"})
+    assert refused.status == 503 and refused.header("Retry-After")
+    switched = nodes[1]  # node2: on https, still frozen until the rollout ends
+    assert switched.server.status()["listen"] == ["https"]
+
+    assert cluster.cli("rollout", "resume").returncode == 0
+    wait_until(lambda: schema()["state"] == "completed", 90, "the rollout to complete")
+    r = schema()
+    assert all(n["state"] == "done" for n in r["nodes"])
+    times = {n["name"]: {s["step"]: s for s in n["steps"]} for n in r["nodes"]}
+    first_switch = min(t["switch"]["started_at"] for t in times.values())
+    last_confirm = max(t["confirm"]["ended_at"] for t in times.values())
+    for name, t in times.items():
+        assert t["freeze"]["ended_at"] <= first_switch, name
+        assert t["unfreeze"]["started_at"] >= last_confirm, name
+    for node in nodes:
+        assert node.server.status()["frozen"] is False
+
+
+def test_scope_freeze_is_a_lease_the_leader_must_renew(
+    make_world: Callable[[int], ScopeWorld],
+) -> None:
     """While the leader lives, a paused scope freeze outlasts its lease (it is renewed); once
     the leader is gone the agents lift it when the lease runs out — no node stays frozen
     because of a dead leader — and the restarted leader carries the rollout to its end."""
-    addresses = [next_loopback() for _ in range(2)]
-    cluster = Cluster(tmp_path / "cluster", addresses[0], heartbeat_interval=1)
-    nodes = [Node(cluster, f"node{i + 1}", a, tmp_path / f"n{i}") for i, a in enumerate(addresses)]
-    try:
-        cluster.init("--node-name", "node1")
-        cluster.write_leader_config({"scope_freeze_lease": 3})
-        cluster.start_leader()
-        for node in nodes:
-            node.start()
-        cluster.wait_for_nodes_online([n.name for n in nodes])
-        pw = tmp_path / "pw"
-        pw.touch(0o600)
-        pw.write_text("lease-test-password\n")
+    w = make_world(2)
+    w.start_paused_rollout(scope_freeze_lease=3)
+    cluster, nodes, schema = w.cluster, w.nodes, w.schema
+    waiting = nodes[0]  # node1, the leader node, goes last: it waits, frozen
+    time.sleep(5)  # longer than the 3 s lease: renewals keep it
+    assert waiting.server.status()["frozen"] is True
 
-        def schema() -> dict[str, Any]:
-            data = json.loads(cluster.cli("schema", "show", "--json").stdout)
-            newest: dict[str, Any] = data["rollouts"][0]
-            return newest
+    cluster.kill_leader()
+    wait_until(lambda: waiting.server.status()["frozen"] is False, 20, "the lease to lapse")
+    accepted = http_request("POST", f"{waiting.http_url()}entries", {"note": "after"})
+    assert accepted.status == 201
+    assert waiting.agent is not None
+    assert "scope_freeze.lease_expired" in waiting.agent.event_names()
 
-        started = cluster.cli(
-            "rollout",
-            "start",
-            "--scope",
-            "cluster",
-            "--freeze",
-            "scope",
-            "--password-file",
-            str(pw),
-            "--yes",
-        )
-        assert started.returncode == 0, started.stderr
-        assert cluster.cli("rollout", "pause").returncode == 0
-        # order: node2 first, node1 (the leader node) last; node1 waits, frozen.
-        wait_until(lambda: schema()["nodes"][0]["state"] == "done", 60, "node2 done")
-        waiting = nodes[0]
-        time.sleep(5)  # longer than the 3 s lease: renewals keep it
-        assert waiting.server.status()["frozen"] is True
-
-        cluster.kill_leader()
-        wait_until(lambda: waiting.server.status()["frozen"] is False, 20, "the lease to lapse")
-        accepted = http_request("POST", f"{waiting.http_url()}entries", {"note": "after"})
-        assert accepted.status == 201
-        assert waiting.agent is not None
-        assert "scope_freeze.lease_expired" in waiting.agent.event_names()
-
-        cluster.start_leader()
-        assert cluster.cli("rollout", "resume").returncode == 0
-        wait_until(lambda: schema()["state"] == "completed", 90, "the rollout to complete")
-        assert all(n["state"] == "done" for n in schema()["nodes"])
-        for node in nodes:
-            assert node.server.status()["frozen"] is False
-    finally:
-        for node in nodes:
-            node.close()
-        cluster.close()
+    cluster.start_leader()
+    assert cluster.cli("rollout", "resume").returncode == 0
+    wait_until(lambda: schema()["state"] == "completed", 90, "the rollout to complete")
+    assert all(n["state"] == "done" for n in schema()["nodes"])
+    for node in nodes:
+        assert node.server.status()["frozen"] is False

@@ -148,10 +148,6 @@ def key_matches(cert: x509.Certificate, key: PrivateKey) -> bool:
     return spki_pin(cert) == spki_pin(key.public_key())
 
 
-def not_after(cert: x509.Certificate) -> dt.datetime:
-    return cert.not_valid_after_utc
-
-
 def is_ca(cert: x509.Certificate) -> bool:
     try:
         bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value

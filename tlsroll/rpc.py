@@ -7,6 +7,7 @@ caller (unexpected errors become INTERNAL with a generic message and are logged)
 
 from __future__ import annotations
 
+import datetime as dt
 import functools
 import ipaddress
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -14,6 +15,7 @@ from typing import Any, TypeVar
 
 import grpc
 from cryptography import x509
+from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -93,6 +95,15 @@ def peer_name(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, x509.Ce
     if cert is None:
         raise unauthenticated("no client certificate")
     return pki.names_of(cert).common_name, cert
+
+
+def timestamp(t: dt.datetime | None) -> Timestamp | None:
+    """A protobuf Timestamp (None stays unset)."""
+    if t is None:
+        return None
+    out = Timestamp()
+    out.FromDatetime(t)
+    return out
 
 
 def hostport(address: str, port: int) -> str:

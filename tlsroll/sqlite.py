@@ -8,11 +8,21 @@ writer, in this process or another.
 
 from __future__ import annotations
 
+import datetime as dt
 import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
+
+
+def to_text(t: dt.datetime | None) -> str | None:
+    """How every store keeps a time: ISO 8601 in UTC."""
+    return t.astimezone(dt.UTC).isoformat() if t else None
+
+
+def from_text(s: str | None) -> dt.datetime | None:
+    return dt.datetime.fromisoformat(s) if s else None
 
 
 class Database:
