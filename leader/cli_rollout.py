@@ -254,6 +254,42 @@ def rollout_start(
     out.print("follow it with: tlsroll schema show --watch")
 
 
+@rollout.command("rollback")
+@click.argument("rollout_id", required=False, default="")
+@click.option(
+    "--max-parallel",
+    type=click.IntRange(1, 200),
+    default=1,
+    show_default=True,
+    help="How many nodes go back at the same time.",
+)
+@click.option("--yes", is_flag=True, help="Start without showing the plan and asking.")
+@pass_leader
+def rollout_rollback(leader: Leader, rollout_id: str, max_parallel: int, yes: bool) -> None:
+    """The way back: put the nodes an enable-tls rollout switched (default: the newest) back
+    on http, the same safe way (a new rollout of change disable-tls)."""
+    request = admin_pb2.RolloutRequest(
+        change="disable-tls", undo_rollout_id=rollout_id, max_parallel=max_parallel
+    )
+    with leader.admin() as admin:
+        planned = leader.call(admin.PlanRollout, request)
+        if not yes:
+            out.print(
+                f"Back to http: {', '.join(n.name for n in planned.rollout.nodes)} "
+                "(each: freeze writes, restore the http config, restart, verify, unfreeze)."
+            )
+            out.print("  ! Every workstation must go back to the old http address afterwards.")
+            if not sys.stdin.isatty():
+                raise click.UsageError("not a terminal: add --yes to go back without asking")
+            if not click.confirm("Go back to http now?", default=False):
+                raise CLIError("not started")
+        view = leader.call(admin.StartRollout, request)
+    out.print(
+        f"rollout {view.id} (disable-tls, undoes {view.undoes}) started; "
+        "follow it with: tlsroll schema show --watch"
+    )
+
+
 def _control(leader: Leader, action: str, rollout_id: str) -> None:
     with leader.admin() as admin:
         view = leader.call(

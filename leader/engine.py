@@ -78,6 +78,8 @@ class RolloutRequest:
     freeze: FreezeMode = FreezeMode.NODE
     # enable-tls: the auth password's verifier (JSON) made by the CLI; never the password.
     auth_verifier_json: str | None = None
+    # disable-tls: the enable-tls rollout to take back (None: the newest one).
+    undo_rollout_id: str | None = None
 
 
 class AgentClient:
@@ -158,6 +160,7 @@ class Engine:
         self, request: RolloutRequest, epoch: int | None = None
     ) -> tuple[Rollout, tuple[NodeRecord, ...]]:
         """The records a rollout would start with; PlanError if the scope cannot be planned."""
+        request, _undoes = self._resolve(request)
         nodes = self.store.list_nodes()
         leader = self.leader_node or ""
         if request.scope.kind.value == "local" and not self.leader_node:
@@ -177,8 +180,31 @@ class Engine:
             freeze=request.freeze,
         )
 
+    def _resolve(self, request: RolloutRequest) -> tuple[RolloutRequest, str]:
+        """disable-tls: its scope is the nodes the rollout it takes back switched."""
+        if request.change is not Change.DISABLE_TLS:
+            return request, ""
+        target = (
+            self.schema.get(request.undo_rollout_id)
+            if request.undo_rollout_id
+            else next((r for r in self.schema.all() if r.rollout.change is Change.ENABLE_TLS), None)
+        )
+        if target is None or target.rollout.change is not Change.ENABLE_TLS:
+            raise planner.PlanError(
+                f"no enable-tls rollout {request.undo_rollout_id!r} to take back"
+                if request.undo_rollout_id
+                else "no enable-tls rollout to take back"
+            )
+        switched = [r.name for r in target.records if r.state.value == "done"]
+        if not switched:
+            raise planner.PlanError(
+                f"rollout {target.rollout.id} switched no node; nothing to undo"
+            )
+        return replace(request, scope=Scope.of_nodes(switched)), target.rollout.id
+
     def start(self, request: RolloutRequest, actor: str) -> RolloutRow:
         new_verifier, auth_version = self._auth_for(request)
+        _, undoes = self._resolve(request)
         rollout, nodes = self.plan(request)
         now = self.clock()
         rollout = rollout.with_event(RolloutEvent.START)
@@ -188,6 +214,7 @@ class Engine:
             leader_node=self.leader_node or "",
             started_at=now,
             auth_version=auth_version,
+            undoes=undoes,
         )
         row = self.schema.create(rollout, nodes, meta, now, new_verifier)
         log.info(
@@ -221,6 +248,8 @@ class Engine:
             if latest == 0:
                 raise planner.PlanError("no password staged: run `tlsroll password set` first")
             return None, latest
+        if request.change is Change.DISABLE_TLS:
+            return None, 0
         raise planner.PlanError(f"change {request.change.value} is not available yet")
 
     def stage_password(self, verifier_json: str, actor: str) -> tuple[int, set[str]]:
@@ -453,6 +482,8 @@ class Engine:
         if event is NodeEvent.CONFIRM_DONE and row.meta.auth_version:
             # The node restarted with this rollout's password: it is live there now.
             self.schema.set_node_auth(step.node, row.meta.auth_version, self.clock())
+        if event is NodeEvent.CONFIRM_DONE and row.rollout.change is Change.DISABLE_TLS:
+            self.schema.set_node_auth(step.node, None, self.clock())  # back on http: no password
         log.info(
             "step.done",
             rollout_id=rollout_id,
@@ -485,7 +516,8 @@ class Engine:
         )
         if not reply.ok:
             return NodeEvent.PREFLIGHT_FAILED, "; ".join(reply.problems)
-        if rollout.change is Change.CHANGE_PASSWORD and "https" not in reply.server.schemes:
+        needs_https = rollout.change in (Change.CHANGE_PASSWORD, Change.DISABLE_TLS)
+        if needs_https and "https" not in reply.server.schemes:
             return NodeEvent.PREFLIGHT_FAILED, "the node is not on https; run enable-tls first"
         node = await asyncio.to_thread(self.store.get_node, name)
         claimed = pki.Names.of(reply.common_name, reply.ip_addresses, reply.dns_names)
@@ -497,8 +529,8 @@ class Engine:
         return NodeEvent.PREFLIGHT_PASSED, None
 
     async def _stage(self, rollout: Rollout, name: str) -> tuple[NodeEvent, str | None]:
-        if rollout.change is Change.CHANGE_PASSWORD:
-            return NodeEvent.STAGE_DONE, None  # the certificate stays; nothing to stage
+        if rollout.change in (Change.CHANGE_PASSWORD, Change.DISABLE_TLS):
+            return NodeEvent.STAGE_DONE, None  # no new certificate; nothing to stage
         client = await self._client(name)
         node = await asyncio.to_thread(self.store.get_node, name)
         try:
@@ -527,14 +559,18 @@ class Engine:
         )
         return NodeEvent.STAGE_DONE, None
 
-    async def _wait_txn(self, rollout: Rollout, name: str, kind: str) -> agent_pb2.Transaction:
+    async def _wait_txn(
+        self, txn_rollout_id: str, name: str, kind: str, record_as: str
+    ) -> agent_pb2.Transaction:
+        """Poll the agent's transaction (keyed by ``txn_rollout_id``) until it ends, recording
+        its timings in the schema of rollout ``record_as``."""
         client = await self._client(name)
         while True:
             txn = await client.call(
                 client.stub.GetTransaction,
-                agent_pb2.GetTransactionRequest(rollout_id=rollout.id, kind=kind),
+                agent_pb2.GetTransactionRequest(rollout_id=txn_rollout_id, kind=kind),
             )
-            await asyncio.to_thread(self._record_txn, rollout.id, name, txn)
+            await asyncio.to_thread(self._record_txn, record_as, name, txn)
             if txn.outcome:
                 return txn
             await asyncio.sleep(POLL_SECONDS)
@@ -551,6 +587,8 @@ class Engine:
         client = await self._client(name)
         row = await asyncio.to_thread(self.schema.get, rollout.id)
         assert row is not None
+        if rollout.change is Change.DISABLE_TLS:
+            return await self._switch_back(rollout, row.meta.undoes, name)
         verifier = ""
         if row.meta.auth_version:
             verifier = await asyncio.to_thread(self.schema.verifier, row.meta.auth_version)
@@ -564,7 +602,7 @@ class Engine:
                     keep_frozen=rollout.freeze is FreezeMode.SCOPE,
                 ),
             )
-            txn = await self._wait_txn(rollout, name, "switch")
+            txn = await self._wait_txn(rollout.id, name, "switch", record_as=rollout.id)
         except StepFailed as exc:
             return NodeEvent.SWITCH_ROLLED_BACK, f"switch refused: {exc}"
         if txn.outcome == "completed":
@@ -572,8 +610,33 @@ class Engine:
         prefix = "" if txn.outcome == "rolled_back" else "ROLLBACK FAILED, node needs attention: "
         return NodeEvent.SWITCH_ROLLED_BACK, prefix + txn.reason
 
+    async def _switch_back(
+        self, rollout: Rollout, undoes: str, name: str
+    ) -> tuple[NodeEvent, str | None]:
+        """disable-tls: the agent undoes the switch of rollout ``undoes`` (its Rollback, under
+        this rollout's epoch) and the node goes back to its http config."""
+        client = await self._client(name)
+        command = agent_pb2.Command(rollout_id=undoes, epoch=rollout.epoch)
+        try:
+            await client.call(client.stub.Rollback, agent_pb2.RollbackRequest(command=command))
+            txn = await self._wait_txn(undoes, name, "rollback", record_as=rollout.id)
+        except StepFailed as exc:
+            return NodeEvent.SWITCH_ROLLED_BACK, f"going back to http refused: {exc}"
+        if txn.outcome == "completed":
+            return NodeEvent.SWITCH_DONE, None
+        prefix = "still on https: " if txn.outcome == "rolled_back" else "NEEDS ATTENTION: "
+        return NodeEvent.SWITCH_ROLLED_BACK, prefix + txn.reason
+
     async def _confirm(self, rollout: Rollout, name: str) -> tuple[NodeEvent, str | None]:
         """Check the node from outside; if it fails, have the agent roll it back."""
+        if rollout.change is Change.DISABLE_TLS:
+            row = await asyncio.to_thread(self.schema.get, rollout.id)
+            assert row is not None
+            detail = next(d for r, d in row.nodes if r.name == name)
+            problem = await asyncio.to_thread(http_check, detail.old_url, detail.new_url)
+            if problem is None:
+                return NodeEvent.CONFIRM_DONE, None
+            return NodeEvent.CONFIRM_ROLLED_BACK, f"outside check after going back: {problem}"
         client = await self._client(name)
         # A rollback already under way (the leader restarted mid-confirm) is followed, not
         # second-guessed by a new check.
@@ -595,7 +658,7 @@ class Engine:
                 )
             except StepFailed as exc:
                 return NodeEvent.CONFIRM_ROLLED_BACK, f"{problem}; rollback refused: {exc}"
-        txn = await self._wait_txn(rollout, name, "rollback")
+        txn = await self._wait_txn(rollout.id, name, "rollback", record_as=rollout.id)
         why = problem or "confirm failed before a leader restart"
         if txn.outcome != "completed":
             why += f"; ROLLBACK FAILED, node needs attention: {txn.reason}"
@@ -612,6 +675,35 @@ class Engine:
             self.ca.cert_pem,
             detail.cert_fingerprint,
         )
+
+
+def http_check(http_url: str, https_url: str) -> str | None:
+    """After going back: the app answers on plain http and the https port is closed."""
+    import http.client  # noqa: PLC0415
+    import socket  # noqa: PLC0415
+
+    url = urllib.parse.urlsplit(http_url)
+    if url.scheme != "http" or not url.hostname or not url.port:
+        return f"no http address recorded for the node ({http_url!r})"
+    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
+    try:
+        conn.request("GET", url.path or "/")
+        resp = conn.getresponse()
+        resp.read()
+    except (OSError, http.client.HTTPException) as exc:
+        return f"{http_url}: {exc}"
+    finally:
+        conn.close()
+    if resp.status != 200:
+        return f"{http_url} answered {resp.status}"
+    tls_url = urllib.parse.urlsplit(https_url)
+    if tls_url.hostname and tls_url.port:
+        try:
+            with socket.create_connection((tls_url.hostname, tls_url.port), timeout=3):
+                return f"{https_url} still answers"
+        except OSError:
+            pass
+    return None
 
 
 def outside_check(new_url: str, old_url: str, ca_pem: bytes, fingerprint: str) -> str | None:

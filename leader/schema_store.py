@@ -50,7 +50,8 @@ CREATE TABLE IF NOT EXISTS rollouts (
     started_by     TEXT NOT NULL,
     leader_node    TEXT NOT NULL,
     reason         TEXT NOT NULL DEFAULT '',
-    auth_version   INTEGER NOT NULL DEFAULT 0   -- the auth password this rollout applies
+    auth_version   INTEGER NOT NULL DEFAULT 0,  -- the auth password this rollout applies
+    undoes         TEXT NOT NULL DEFAULT ''     -- disable-tls: the rollout it takes back
 );
 CREATE TABLE IF NOT EXISTS auth_versions (
     version    INTEGER PRIMARY KEY,
@@ -116,6 +117,7 @@ class RolloutMeta:
     ended_at: dt.datetime | None = None
     reason: str = ""
     auth_version: int = 0
+    undoes: str = ""  # disable-tls: the id of the rollout whose switch it takes back
 
 
 @dataclass(frozen=True)
@@ -210,6 +212,7 @@ class SchemaStore:
             ended_at=from_text(r["ended_at"]),
             reason=r["reason"],
             auth_version=r["auth_version"],
+            undoes=r["undoes"],
         )
         by_name = {row["name"]: row for row in rows}
         nodes = tuple(_node(by_name[name]) for name in rollout.order)
@@ -246,8 +249,8 @@ class SchemaStore:
             db.execute(
                 "INSERT INTO rollouts (id, change, scope_kind, scope_names, node_order, strategy,"
                 " max_parallel, failure_budget, freeze, epoch, state, created_at, started_at,"
-                " started_by, leader_node, auth_version)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " started_by, leader_node, auth_version, undoes)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     rollout.id,
                     rollout.change.value,
@@ -265,6 +268,7 @@ class SchemaStore:
                     meta.started_by,
                     meta.leader_node,
                     auth_version,
+                    meta.undoes,
                 ),
             )
             for n in nodes:
@@ -454,8 +458,13 @@ class SchemaStore:
         latest = self.latest_auth_version()
         return {name for name, v in self.node_auth().items() if v < latest}
 
-    def set_node_auth(self, name: str, version: int, now: dt.datetime) -> None:
+    def set_node_auth(self, name: str, version: int | None, now: dt.datetime) -> None:
+        """Record the password live on a node (None: the node is back on http, none is)."""
         with self._db.tx() as db:
+            if version is None:
+                db.execute("DELETE FROM node_auth WHERE name = ?", (name,))
+                self._audit(db, now, "engine", "password.cleared", name)
+                return
             db.execute(
                 "INSERT INTO node_auth (name, version, updated_at) VALUES (?, ?, ?)"
                 " ON CONFLICT(name) DO UPDATE SET version = excluded.version,"

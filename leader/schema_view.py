@@ -68,6 +68,7 @@ def rollout_view(row: RolloutRow, pending: set[str] | None = None) -> schema_pb2
         started_by=meta.started_by,
         nodes=nodes,
         reason=meta.reason,
+        undoes=meta.undoes,
     )
 
 

@@ -242,7 +242,11 @@ def rollout_request(request: admin_pb2.RolloutRequest) -> RolloutRequest:
     except ValueError:
         raise invalid(f"unknown change {request.change!r}") from None
     kind = request.scope or ("nodes" if request.nodes else "")
-    if kind == "local":
+    if change is Change.DISABLE_TLS:
+        if request.scope or request.nodes:
+            raise invalid("disable-tls takes its nodes from the rollout it takes back")
+        scope = Scope.cluster()  # replaced by the engine with the nodes that rollout switched
+    elif kind == "local":
         scope = Scope.local()
     elif kind == "cluster":
         scope = Scope.cluster()
@@ -263,6 +267,7 @@ def rollout_request(request: admin_pb2.RolloutRequest) -> RolloutRequest:
         failure_budget=request.failure_budget,
         auth_verifier_json=request.auth_verifier_json or None,
         freeze=freeze,
+        undo_rollout_id=request.undo_rollout_id or None,
     )
 
 

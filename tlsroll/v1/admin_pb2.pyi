@@ -80,6 +80,7 @@ class RolloutRequest(_message.Message):
     FREEZE_FIELD_NUMBER: _builtins.int
     FAILURE_BUDGET_FIELD_NUMBER: _builtins.int
     AUTH_VERIFIER_JSON_FIELD_NUMBER: _builtins.int
+    UNDO_ROLLOUT_ID_FIELD_NUMBER: _builtins.int
     change: _builtins.str
     """"enable-tls" (default)"""
     scope: _builtins.str
@@ -91,6 +92,10 @@ class RolloutRequest(_message.Message):
     auth_verifier_json: _builtins.str
     """enable-tls: the JSON scrypt verifier of the auth password, made by the CLI; the password
     itself never reaches the leader. change-password: empty (the staged one is used).
+    """
+    undo_rollout_id: _builtins.str
+    """disable-tls: the enable-tls rollout to take back (default: the newest one); its nodes that
+    ended `done` go back to http. Scope and nodes are taken from it.
     """
     @_builtins.property
     def nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
@@ -104,10 +109,11 @@ class RolloutRequest(_message.Message):
         freeze: _builtins.str = ...,
         failure_budget: _builtins.int = ...,
         auth_verifier_json: _builtins.str = ...,
+        undo_rollout_id: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth_verifier_json", b"auth_verifier_json", "change", b"change", "failure_budget", b"failure_budget", "freeze", b"freeze", "max_parallel", b"max_parallel", "nodes", b"nodes", "scope", b"scope"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth_verifier_json", b"auth_verifier_json", "change", b"change", "failure_budget", b"failure_budget", "freeze", b"freeze", "max_parallel", b"max_parallel", "nodes", b"nodes", "scope", b"scope", "undo_rollout_id", b"undo_rollout_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -153,6 +153,7 @@ class RolloutView(_message.Message):
     STARTED_BY_FIELD_NUMBER: _builtins.int
     NODES_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    UNDOES_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     change: _builtins.str
     scope: _builtins.str
@@ -164,6 +165,8 @@ class RolloutView(_message.Message):
     state: _builtins.str
     started_by: _builtins.str
     reason: _builtins.str
+    undoes: _builtins.str
+    """disable-tls: the rollout this one takes back."""
     @_builtins.property
     def scope_nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -193,10 +196,11 @@ class RolloutView(_message.Message):
         started_by: _builtins.str = ...,
         nodes: _abc.Iterable[Global___NodeView] | None = ...,
         reason: _builtins.str = ...,
+        undoes: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "ended_at", b"ended_at", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "created_at", b"created_at", "ended_at", b"ended_at", "epoch", b"epoch", "failure_budget", b"failure_budget", "freeze", b"freeze", "id", b"id", "max_parallel", b"max_parallel", "nodes", b"nodes", "reason", b"reason", "scope", b"scope", "scope_nodes", b"scope_nodes", "started_at", b"started_at", "started_by", b"started_by", "state", b"state", "strategy", b"strategy"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "created_at", b"created_at", "ended_at", b"ended_at", "epoch", b"epoch", "failure_budget", b"failure_budget", "freeze", b"freeze", "id", b"id", "max_parallel", b"max_parallel", "nodes", b"nodes", "reason", b"reason", "scope", b"scope", "scope_nodes", b"scope_nodes", "started_at", b"started_at", "started_by", b"started_by", "state", b"state", "strategy", b"strategy", "undoes", b"undoes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

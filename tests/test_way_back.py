@@ -1,0 +1,99 @@
+"""``tlsroll rollout rollback``: the way back (change ``disable-tls``). The nodes an enable-tls
+rollout switched go back to http the same safe way; entries written on https stay; the
+bootstrap service closes; nothing else is touched. Real processes throughout."""
+
+from __future__ import annotations
+
+import json
+import socket
+from pathlib import Path
+from typing import Any
+
+from tests.cluster import Cluster, wait_until
+from tests.conftest import next_loopback
+from tests.nodeside import Node
+from tests.refserver_helper import http_request
+from tlsroll import tls
+
+
+def port_open(address: str, port: int) -> bool:
+    try:
+        with socket.create_connection((address, port), timeout=1):
+            return True
+    except OSError:
+        return False
+
+
+def test_rollback_puts_switched_nodes_back_on_http(tmp_path: Path) -> None:
+    addresses = [next_loopback() for _ in range(2)]
+    cluster = Cluster(tmp_path / "cluster", addresses[0], heartbeat_interval=1)
+    nodes = [Node(cluster, f"node{i + 1}", a, tmp_path / f"n{i}") for i, a in enumerate(addresses)]
+    try:
+        cluster.init("--node-name", "node1")
+        cluster.start_leader()
+        for node in nodes:
+            node.start()
+        cluster.wait_for_nodes_online([n.name for n in nodes])
+
+        def newest() -> dict[str, Any]:
+            data = json.loads(cluster.cli("schema", "show", "--json").stdout)
+            rollout: dict[str, Any] = data["rollouts"][0]
+            return rollout
+
+        def ended() -> bool:
+            return newest()["state"] in ("completed", "halted", "aborted")
+
+        # Nothing to take back yet: a one-line refusal, nothing created.
+        refused = cluster.cli("rollout", "rollback", "--yes")
+        assert refused.returncode == 1
+        assert "no enable-tls rollout to take back" in refused.stderr
+
+        pw = tmp_path / "pw"
+        pw.touch(0o600)
+        pw.write_text("way-back-test-password\n")
+        start = cluster.cli(
+            "rollout", "start", "--scope", "cluster", "--password-file", str(pw), "--yes"
+        )
+        assert start.returncode == 0, start.stderr
+        wait_until(ended, 90, "the switch")
+        switch = newest()
+        assert switch["state"] == "completed"
+
+        ca = tls.client_context(cluster.ca_pem)
+        written = {}
+        for node in nodes:
+            resp = http_request("POST", f"{node.https_url()}entries", {"n": node.name}, context=ca)
+            assert resp.status == 201
+            written[node.name] = resp.json()["id"]
+            assert port_open(node.address, 9443)  # bootstrap open while on https
+
+        back = cluster.cli("rollout", "rollback", "--yes")
+        assert back.returncode == 0, back.stderr
+        wait_until(ended, 90, "the way back")
+        r = newest()
+        assert r["change"] == "disable-tls" and r["undoes"] == switch["id"]
+        assert r["state"] == "completed", r
+        assert [n["state"] for n in r["nodes"]] == ["done", "done"]
+        assert int(r["epoch"]) > int(switch["epoch"])
+        for node in nodes:
+            assert node.server.status()["listen"] == ["http"]
+            assert node.server.status()["frozen"] is False
+            assert not port_open(node.address, 8443)
+            assert not port_open(node.address, 9443)  # no bootstrap on http
+            entry = http_request("GET", f"{node.http_url()}entries/{written[node.name]}")
+            assert entry.status == 200  # what was written on https is still there
+            assert http_request("POST", f"{node.http_url()}entries", {"n": 1}).status == 201
+        for n in r["nodes"]:
+            assert not n["password_pending"]
+
+        # The same switch cannot be taken back twice: its nodes are on http now.
+        again = cluster.cli("rollout", "rollback", switch["id"], "--yes")
+        assert again.returncode == 0, again.stderr
+        wait_until(ended, 60, "the second attempt")
+        second = newest()
+        assert second["state"] == "halted"
+        assert "not on https" in second["nodes"][0]["reason"]
+    finally:
+        for node in nodes:
+            node.close()
+        cluster.close()
