@@ -355,7 +355,10 @@ def schema() -> None:
 def schema_show(leader: Leader, rollout_id: str, as_json: bool, watch: bool) -> None:
     """Show rollouts, nodes, states, times, freeze windows, addresses and cert expiry."""
     if watch:
-        watch_schema(leader, rollout_id, as_json)
+        try:
+            watch_schema(leader, rollout_id, as_json)
+        except KeyboardInterrupt:  # Ctrl-C is how one stops watching; the rollout goes on
+            out.print("stopped watching; the rollout goes on (tlsroll schema show --watch)")
         return
     data = fetch_schema(leader, rollout_id)
     if as_json:
