@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from tlsroll import pki
+from tlsroll.config import dump_toml
 from tlsroll.defaults import CONTROL_PORT, JOIN_PORT, LEADER_NAME
 from tlsroll.errors import TlsrollError
 from tlsroll.fsutil import PRIVATE, check_private_file, make_private_dir, write_atomic
@@ -99,18 +100,16 @@ def init(
     pki.write_key(layout.tls_key, key)
     write_atomic(layout.tls_cert, pki.cert_to_pem(cert) + ca.cert_pem)
 
-    lines = [
-        "# tlsroll leader configuration (written by `tlsroll init`)",
-        "[leader]",
-        f'address = "{names.ips[0]}"',
-        f"dns_names = {list(names.dns)!r}".replace("'", '"'),
-        f"control_port = {CONTROL_PORT}",
-        f"join_port = {JOIN_PORT}",
-        f'data_dir = "{layout.data_dir}"',
-        f'ca_passphrase_file = "{Path(passphrase_file).resolve()}"',
-        "heartbeat_interval = 5",
-    ]
-    if node_name:
-        lines.append(f'node_name = "{node_name}"')
-    write_atomic(layout.config, ("\n".join(lines) + "\n").encode())
+    leader: dict[str, object] = {
+        "address": names.ips[0],
+        "dns_names": list(names.dns),
+        "control_port": CONTROL_PORT,
+        "join_port": JOIN_PORT,
+        "data_dir": layout.data_dir,
+        "ca_passphrase_file": Path(passphrase_file).resolve(),
+        "heartbeat_interval": 5,
+        "node_name": node_name,  # None: left out (scope local then needs it set)
+    }
+    text = dump_toml({"leader": leader}, "tlsroll leader configuration (written by `tlsroll init`)")
+    write_atomic(layout.config, text.encode())
     return layout

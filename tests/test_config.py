@@ -256,3 +256,17 @@ def test_leader_config_written_by_init_loads(tmp_path: Path) -> None:
     assert cfg.address == "127.0.0.5"
     assert cfg.dns_names == ("leader.example",)
     assert cfg.layout == lay
+
+
+def test_init_writes_a_config_that_reads_back_whatever_the_path(tmp_path: Path) -> None:
+    """Paths with quotes or backslashes must not break the TOML that `tlsroll init` writes."""
+    from leader.config import LeaderConfig
+    from leader.layout import init
+
+    data = tmp_path / 'odd "dir" \\ name'
+    layout = init(data, "127.0.0.9", dns_names=("leader.praxis.local",), node_name="node1")
+    cfg = LeaderConfig.load(layout.config)
+    assert cfg.layout.data_dir == data.resolve()
+    assert cfg.dns_names == ("leader.praxis.local",)
+    assert cfg.node_name == "node1"
+    assert cfg.ca_passphrase_file == layout.default_passphrase_file
