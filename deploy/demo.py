@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -37,7 +36,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from tlsroll import pki, tls
+from tlsroll import pki, probe, tls
 from tlsroll.config import dump_toml
 
 ADDRESSES = ("127.0.10.1", "127.0.10.2", "127.0.10.3")
@@ -65,11 +64,7 @@ class DemoError(Exception):
 
 
 def port_open(address: str, port: int) -> bool:
-    try:
-        with socket.create_connection((address, port), timeout=1):
-            return True
-    except OSError:
-        return False
+    return probe.port_open(address, port, timeout=1)
 
 
 @dataclass
@@ -202,25 +197,15 @@ def check_node(address: str, ca_pem: bytes, fingerprint: str, acked: list[str]) 
     """What a workstation would see, and whether every acknowledged entry is still there."""
     result: dict[str, Any] = {"address": address, "problems": []}
     problems: list[str] = result["problems"]
-    ctx = tls.client_context(ca_pem)
-    conn = http.client.HTTPSConnection(address, HTTPS_PORT, timeout=10, context=ctx)
     try:
-        conn.request("GET", APP)
-        resp = conn.getresponse()
-        resp.read()
-        sock = conn.sock
-        assert isinstance(sock, ssl.SSLSocket)
-        der = sock.getpeercert(binary_form=True)
-        result["tls_version"] = sock.version()
-        if resp.status != 200:
-            problems.append(f"{APP} answered {resp.status}")
+        view = probe.fetch_https(address, HTTPS_PORT, APP, ca_pem, timeout=10)
     except (OSError, ssl.SSLError, http.client.HTTPException) as exc:
         problems.append(f"https on {HTTPS_PORT}: {exc}")
         return result
-    finally:
-        conn.close()
-    assert der is not None
-    cert = x509.load_der_x509_certificate(der)
+    result["tls_version"] = view.tls_version
+    if view.status != 200:
+        problems.append(f"{APP} answered {view.status}")
+    cert = view.certificate
     result["certificate_pem"] = pki.cert_to_pem(cert).decode()
     problems += certificate_problems(cert, address)
     if fingerprint and pki.fingerprint(cert) != fingerprint:
@@ -256,18 +241,12 @@ def certificate_problems(cert: x509.Certificate, address: str) -> list[str]:
 
 
 def entry_present(address: str, ca_pem: bytes, entry_id: str) -> bool:
-    conn = http.client.HTTPSConnection(
-        address, HTTPS_PORT, timeout=10, context=tls.client_context(ca_pem)
-    )
     try:
-        conn.request("GET", f"{APP}entries/{entry_id}")
-        resp = conn.getresponse()
-        resp.read()
-        return resp.status == 200
-    except OSError:
+        return (
+            probe.fetch_https(address, HTTPS_PORT, f"{APP}entries/{entry_id}", ca_pem).status == 200
+        )
+    except (OSError, ssl.SSLError, http.client.HTTPException):
         return False
-    finally:
-        conn.close()
 
 
 # --- the scenario -----------------------------------------------------------------------------

@@ -49,7 +49,7 @@ from leader.rollout_core import (
 )
 from leader.schema_store import RolloutMeta, RolloutRow, SchemaStore, StaleRecords
 from leader.store import Node, Store
-from tlsroll import logs, password, pki
+from tlsroll import logs, password, pki, probe
 from tlsroll.errors import PKIError, TlsrollError, TransientError
 from tlsroll.rpc import hostport
 from tlsroll.v1 import agent_pb2, agent_pb2_grpc
@@ -677,75 +677,37 @@ class Engine:
         )
 
 
-def http_check(http_url: str, https_url: str) -> str | None:
-    """After going back: the app answers on plain http and the https port is closed."""
-    import http.client  # noqa: PLC0415
-    import socket  # noqa: PLC0415
-
-    url = urllib.parse.urlsplit(http_url)
-    if url.scheme != "http" or not url.hostname or not url.port:
-        return f"no http address recorded for the node ({http_url!r})"
-    conn = http.client.HTTPConnection(url.hostname, url.port, timeout=10)
-    try:
-        conn.request("GET", url.path or "/")
-        resp = conn.getresponse()
-        resp.read()
-    except (OSError, http.client.HTTPException) as exc:
-        return f"{http_url}: {exc}"
-    finally:
-        conn.close()
-    if resp.status != 200:
-        return f"{http_url} answered {resp.status}"
-    tls_url = urllib.parse.urlsplit(https_url)
-    if tls_url.hostname and tls_url.port:
-        try:
-            with socket.create_connection((tls_url.hostname, tls_url.port), timeout=3):
-                return f"{https_url} still answers"
-        except OSError:
-            pass
-    return None
+def _host_port(url: str, scheme: str) -> tuple[str, int, str] | None:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != scheme or not parts.hostname or not parts.port:
+        return None
+    return parts.hostname, parts.port, parts.path or "/"
 
 
 def outside_check(new_url: str, old_url: str, ca_pem: bytes, fingerprint: str) -> str | None:
     """What a workstation would see: https with the staged certificate trusted through the
     cluster CA only, the app answering, and the old http port closed. None if all is well."""
-    import http.client  # noqa: PLC0415 - only the confirm step needs these
-    import socket  # noqa: PLC0415
-    import ssl  # noqa: PLC0415
-
-    from tlsroll import tls  # noqa: PLC0415
-
-    url = urllib.parse.urlsplit(new_url)
-    if url.scheme != "https" or not url.hostname or not url.port:
+    new = _host_port(new_url, "https")
+    if new is None:
         return f"no https address recorded for the node ({new_url!r})"
-    conn = http.client.HTTPSConnection(
-        url.hostname, url.port, timeout=10, context=tls.client_context(ca_pem)
-    )
-    try:
-        conn.request("GET", url.path or "/")
-        resp = conn.getresponse()
-        resp.read()
-        sock = conn.sock
-        assert isinstance(sock, ssl.SSLSocket)
-        der = sock.getpeercert(binary_form=True)
-    except (OSError, ssl.SSLError, http.client.HTTPException) as exc:
-        return f"{new_url}: {exc}"
-    finally:
-        conn.close()
-    if resp.status != 200:
-        return f"{new_url} answered {resp.status}"
-    if der is None:
-        return f"{new_url}: no certificate"
-    from cryptography import x509  # noqa: PLC0415
+    problem = probe.check_https(*new, ca_pem, fingerprint or None)
+    if problem is not None:
+        return problem
+    old = _host_port(old_url, "http")
+    if old is not None and probe.port_open(old[0], old[1], timeout=3):
+        return f"{old_url} still answers; plain http must be closed"
+    return None
 
-    got = pki.fingerprint(x509.load_der_x509_certificate(der))
-    if fingerprint and got != fingerprint:
-        return f"{new_url} presents {got}, not the staged certificate {fingerprint}"
-    old = urllib.parse.urlsplit(old_url)
-    if old.hostname and old.port:
-        try:
-            with socket.create_connection((old.hostname, old.port), timeout=3):
-                return f"{old_url} still answers; plain http must be closed"
-        except OSError:
-            pass
+
+def http_check(http_url: str, https_url: str) -> str | None:
+    """After going back: the app answers on plain http and the https port is closed."""
+    old = _host_port(http_url, "http")
+    if old is None:
+        return f"no http address recorded for the node ({http_url!r})"
+    problem = probe.check_http(*old)
+    if problem is not None:
+        return problem
+    new = _host_port(https_url, "https")
+    if new is not None and probe.port_open(new[0], new[1], timeout=3):
+        return f"{https_url} still answers"
     return None

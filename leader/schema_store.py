@@ -237,12 +237,7 @@ class SchemaStore:
         transaction, so two starts cannot both succeed). ``new_verifier`` adds the auth
         password the rollout applies, in the same transaction."""
         with self._db.tx() as db:
-            busy = db.execute(
-                f"SELECT id, state FROM rollouts WHERE {_ACTIVE}",  # noqa: S608
-                _TERMINAL,
-            ).fetchone()
-            if busy is not None:
-                raise RolloutBusy(busy["id"], busy["state"])
+            _refuse_if_busy(db)
             auth_version = meta.auth_version
             if new_verifier is not None:
                 auth_version = self._add_auth(db, new_verifier, now, meta.started_by)
@@ -426,12 +421,7 @@ class SchemaStore:
     def stage_password(self, verifier: str, now: dt.datetime, actor: str) -> int:
         """Add a new auth password version, refused while a rollout is active."""
         with self._db.tx() as db:
-            busy = db.execute(
-                f"SELECT id, state FROM rollouts WHERE {_ACTIVE}",  # noqa: S608
-                _TERMINAL,
-            ).fetchone()
-            if busy is not None:
-                raise RolloutBusy(busy["id"], busy["state"])
+            _refuse_if_busy(db)
             return self._add_auth(db, verifier, now, actor)
 
     def latest_auth_version(self) -> int:
@@ -472,6 +462,16 @@ class SchemaStore:
                 (name, version, to_text(now)),
             )
             self._audit(db, now, "engine", "password.applied", name, version=version)
+
+
+def _refuse_if_busy(db: sqlite3.Connection) -> None:
+    """Inside a write transaction: RolloutBusy if a rollout has not ended."""
+    busy = db.execute(
+        f"SELECT id, state FROM rollouts WHERE {_ACTIVE}",  # noqa: S608
+        _TERMINAL,
+    ).fetchone()
+    if busy is not None:
+        raise RolloutBusy(busy["id"], busy["state"])
 
 
 class StaleRecords(TlsrollError):

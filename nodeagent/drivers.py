@@ -35,6 +35,7 @@ import aiohttp
 from tlsroll.config import ConfigFile, Section, dump_toml
 from tlsroll.errors import ConfigError, TlsrollError
 from tlsroll.fsutil import write_atomic
+from tlsroll.probe import port_open
 
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 15.0
@@ -317,8 +318,6 @@ class TemplateDriver(Driver):
         self.https_port: int = section.port("https_port", 8443)
 
     def facts(self) -> ServerFacts:
-        from nodeagent.probes import port_open  # noqa: PLC0415 - probes import nothing of ours
-
         schemes = tuple(
             scheme
             for scheme, port in (("http", self.http_port), ("https", self.https_port))
