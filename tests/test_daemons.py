@@ -4,6 +4,7 @@ reflection; graceful stop, sd_notify, JSON logs; refusing bad configs and unsafe
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import json
 import os
@@ -46,6 +47,7 @@ from tests.cluster import (
 from tests.conftest import next_loopback
 from tests.refserver_helper import write_toml
 from tlsroll import __version__, pki
+from tlsroll.defaults import CONTROL_PORT, JOIN_PORT
 from tlsroll.errors import PKIError
 from tlsroll.v1 import agent_pb2, agent_pb2_grpc
 
@@ -453,6 +455,30 @@ def test_watchdog_pings_while_the_loop_lives(tmp_path: Path) -> None:
         for p in sock_dir.iterdir():
             p.unlink()
         sock_dir.rmdir()
+
+
+def test_failed_handshakes_do_not_break_the_json_log(tmp_path: Path) -> None:
+    """gRPC's C core would log each failed TLS handshake on stderr, past structlog: plaintext
+    knocking on every port must leave the leader's and agent's logs pure JSON lines."""
+    with Cluster(tmp_path, next_loopback()) as c:
+        c.init()
+        c.start_leader()
+        agent = c.add_agent("node1", next_loopback())
+        for address, port in (
+            (c.address, JOIN_PORT),
+            (c.address, CONTROL_PORT),
+            (agent.address, agent.port),
+        ):
+            with socket.create_connection((address, port), timeout=5) as raw:
+                raw.sendall(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                raw.settimeout(2)
+                with contextlib.suppress(OSError):
+                    raw.recv(100)
+        c.wait_for_nodes_online(["node1"])  # a later, good call still works
+        stop_within_grace(agent)
+        stop_within_grace(c.leader)
+        assert_json_lines(c.leader.log_text())
+        assert_json_lines(agent.log_text())
 
 
 def test_leader_stops_on_sigint(tmp_path: Path) -> None:
