@@ -36,7 +36,7 @@ from typing import Any
 from cryptography import x509
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from tlsroll import pki, probe, tls
+from tlsroll import httpcheck, pki, tls
 from tlsroll.config import dump_toml
 
 ADDRESSES = ("127.0.10.1", "127.0.10.2", "127.0.10.3")
@@ -64,7 +64,7 @@ class DemoError(Exception):
 
 
 def port_open(address: str, port: int) -> bool:
-    return probe.port_open(address, port, timeout=1)
+    return httpcheck.port_open(address, port, timeout=1)
 
 
 @dataclass
@@ -123,7 +123,7 @@ class Cli:
 
     def run(self, *args: str, show: bool = True, check: bool = True) -> str:
         result = subprocess.run(
-            [sys.executable, "-m", "leader.cli", *args],
+            [sys.executable, "-m", "tlsroll.cli", *args],
             env=self.env,
             capture_output=True,
             text=True,
@@ -198,7 +198,7 @@ def check_node(address: str, ca_pem: bytes, fingerprint: str, acked: list[str]) 
     result: dict[str, Any] = {"address": address, "problems": []}
     problems: list[str] = result["problems"]
     try:
-        view = probe.fetch_https(address, HTTPS_PORT, APP, ca_pem, timeout=10)
+        view = httpcheck.fetch_https(address, HTTPS_PORT, APP, ca_pem, timeout=10)
     except (OSError, ssl.SSLError, http.client.HTTPException) as exc:
         problems.append(f"https on {HTTPS_PORT}: {exc}")
         return result
@@ -243,7 +243,8 @@ def certificate_problems(cert: x509.Certificate, address: str) -> list[str]:
 def entry_present(address: str, ca_pem: bytes, entry_id: str) -> bool:
     try:
         return (
-            probe.fetch_https(address, HTTPS_PORT, f"{APP}entries/{entry_id}", ca_pem).status == 200
+            httpcheck.fetch_https(address, HTTPS_PORT, f"{APP}entries/{entry_id}", ca_pem).status
+            == 200
         )
     except (OSError, ssl.SSLError, http.client.HTTPException):
         return False
@@ -292,7 +293,7 @@ def set_up(work: Path, addresses: list[str], procs: Procs, cli: Cli) -> Path:
         procs.pid_files.append(node / "server" / "data" / "refserver.pid")
         procs.start(
             f"{name}-server",
-            [sys.executable, "-m", "nodeagent.refserver", "--config", str(server_cfg)],
+            [sys.executable, "-m", "refserver", "--config", str(server_cfg)],
         )
         wait_for(
             f"{name}'s server on http://{address}:{HTTP_PORT}",
@@ -365,7 +366,7 @@ def run(addresses: list[str], work: Path, report_file: Path | None) -> bool:
         )
         say("the update schema, live")
         subprocess.run(
-            [sys.executable, "-m", "leader.cli", "schema", "show", "--watch"],
+            [sys.executable, "-m", "tlsroll.cli", "schema", "show", "--watch"],
             env={**cli.env, "COLUMNS": os.environ.get("COLUMNS", "200")},
             timeout=180,
             check=False,
@@ -449,7 +450,7 @@ def workstation(
         [
             sys.executable,
             "-m",
-            "leader.cli",
+            "tlsroll.cli",
             "client",
             "test-connection",
             node["new_url"],

@@ -49,7 +49,7 @@ from leader.rollout_core import (
 )
 from leader.schema_store import RolloutMeta, RolloutRow, SchemaStore, StaleRecords
 from leader.store import Node, Store
-from tlsroll import logs, password, pki, probe
+from tlsroll import httpcheck, logs, password, pki
 from tlsroll.errors import PKIError, TlsrollError, TransientError
 from tlsroll.rpc import hostport
 from tlsroll.v1 import agent_pb2, agent_pb2_grpc
@@ -690,11 +690,11 @@ def outside_check(new_url: str, old_url: str, ca_pem: bytes, fingerprint: str) -
     new = _host_port(new_url, "https")
     if new is None:
         return f"no https address recorded for the node ({new_url!r})"
-    problem = probe.check_https(*new, ca_pem, fingerprint or None)
+    problem = httpcheck.check_https(*new, ca_pem, fingerprint or None)
     if problem is not None:
         return problem
     old = _host_port(old_url, "http")
-    if old is not None and probe.port_open(old[0], old[1], timeout=3):
+    if old is not None and httpcheck.port_open(old[0], old[1], timeout=3):
         return f"{old_url} still answers; plain http must be closed"
     return None
 
@@ -704,10 +704,10 @@ def http_check(http_url: str, https_url: str) -> str | None:
     old = _host_port(http_url, "http")
     if old is None:
         return f"no http address recorded for the node ({http_url!r})"
-    problem = probe.check_http(*old)
+    problem = httpcheck.check_http(*old)
     if problem is not None:
         return problem
     new = _host_port(https_url, "https")
-    if new is not None and probe.port_open(new[0], new[1], timeout=3):
+    if new is not None and httpcheck.port_open(new[0], new[1], timeout=3):
         return f"{https_url} still answers"
     return None

@@ -23,7 +23,7 @@ from leader.schema_store import NodeDetail, RolloutBusy, RolloutMeta, RolloutRow
 from leader.schema_view import rollout_view
 from leader.store import NameTaken, NodeCert, NotFound, Store, TokenRejected
 from leader.tokens import JoinToken, MalformedToken
-from tlsroll import bootstrap, logs, pki
+from tlsroll import bootstrap_protocol, logs, pki
 from tlsroll.errors import PKIError
 from tlsroll.rpc import invalid, map_errors, peer_name, timestamp, unauthenticated
 from tlsroll.v1 import (
@@ -41,7 +41,7 @@ log = logs.get_logger("tlsroll.leader")
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
 ERRORS = {
-    bootstrap.BootstrapError: grpc.StatusCode.INVALID_ARGUMENT,
+    bootstrap_protocol.BootstrapError: grpc.StatusCode.INVALID_ARGUMENT,
     PlanError: grpc.StatusCode.INVALID_ARGUMENT,
     NodesOffline: grpc.StatusCode.FAILED_PRECONDITION,
     RolloutBusy: grpc.StatusCode.FAILED_PRECONDITION,
@@ -175,10 +175,10 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         """A node's bootstrap service has checked the workstation's password proof; the
         leader signs a client-only certificate naming nothing but ``ws-<name>``."""
         node = await self._caller(context)
-        key, cn = bootstrap.check_workstation_csr(request.csr_pem)
+        key, cn = bootstrap_protocol.check_workstation_csr(request.csr_pem)
         cert = self.state.ca.issue(
             key,
-            bootstrap.workstation_names(cn),
+            bootstrap_protocol.workstation_names(cn),
             server=False,
             client=True,
             now=self.state.clock(),

@@ -23,7 +23,7 @@ from tenacity import (
     wait_exponential,
 )
 
-from nodeagent.bootstrap_host import BootstrapHost
+from nodeagent.bootstrap_supervisor import BootstrapHost
 from nodeagent.config import AgentConfig
 from nodeagent.drivers import make_driver
 from nodeagent.identity import Identity, enrol, load_identity

@@ -35,7 +35,7 @@ import aiohttp
 from tlsroll.config import ConfigFile, Section, dump_toml
 from tlsroll.errors import ConfigError, TlsrollError
 from tlsroll.fsutil import write_atomic
-from tlsroll.probe import port_open
+from tlsroll.httpcheck import port_open
 
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 15.0
@@ -264,7 +264,7 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
     def _spawn(self) -> subprocess.Popen[bytes]:
         with open(self.log_file, "ab") as log:
             return subprocess.Popen(
-                [sys.executable, "-m", "nodeagent.refserver", "--config", str(self.config_file)],
+                [sys.executable, "-m", "refserver", "--config", str(self.config_file)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,

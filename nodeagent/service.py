@@ -19,7 +19,7 @@ from typing import Any
 
 import grpc
 
-from nodeagent import probes
+from nodeagent import ports
 from nodeagent.config import AgentConfig
 from nodeagent.drivers import Driver, DriverError, ServerFacts, Target
 from nodeagent.identity import Identity
@@ -227,9 +227,9 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         for port, what in checks:
             if what == "https" and "https" in facts.schemes:
                 continue  # held by the managed server itself
-            if probes.port_free(facts.address, port):
+            if ports.port_free(facts.address, port):
                 continue
-            who = probes.holder(facts.address, port) or "another process"
+            who = ports.holder(facts.address, port) or "another process"
             if any(f"(pid {pid}:" in who for pid in own):
                 continue
             problems.append(

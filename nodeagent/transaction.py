@@ -44,7 +44,7 @@ from typing import Any
 
 from nodeagent.drivers import Driver, DriverError, ServerFacts
 from nodeagent.journal import Journal, Txn
-from tlsroll import logs, probe
+from tlsroll import httpcheck, logs
 from tlsroll.errors import TlsrollError
 from tlsroll.fsutil import PRIVATE, write_atomic
 
@@ -313,16 +313,23 @@ class Runner:
             if "https" in schemes:
                 problems.append(
                     await asyncio.to_thread(
-                        probe.check_https, f.address, f.https_port, f.app_path, ca_pem, fingerprint
+                        httpcheck.check_https,
+                        f.address,
+                        f.https_port,
+                        f.app_path,
+                        ca_pem,
+                        fingerprint,
                     )
                 )
-            elif await asyncio.to_thread(probe.port_open, f.address, f.https_port):
+            elif await asyncio.to_thread(httpcheck.port_open, f.address, f.https_port):
                 problems.append(f"port {f.https_port} still open")
             if "http" in schemes:
                 problems.append(
-                    await asyncio.to_thread(probe.check_http, f.address, f.http_port, f.app_path)
+                    await asyncio.to_thread(
+                        httpcheck.check_http, f.address, f.http_port, f.app_path
+                    )
                 )
-            elif await asyncio.to_thread(probe.port_open, f.address, f.http_port):
+            elif await asyncio.to_thread(httpcheck.port_open, f.address, f.http_port):
                 problems.append(f"port {f.http_port} still open (plain http must be closed)")
             if watermark is not None:
                 now = await self.driver.watermark()

@@ -536,7 +536,7 @@ class Cluster:
     ) -> subprocess.CompletedProcess[str]:
         """Run ``tlsroll ARGS`` with ``TLSROLL_DATA_DIR`` set to this cluster's data dir."""
         return subprocess.run(
-            [*command("tlsroll", "leader.cli"), *args],
+            [*command("tlsroll", "tlsroll.cli"), *args],
             input=input,
             capture_output=True,
             text=True,

@@ -149,7 +149,7 @@ def write_toml(path: Path, tables: Mapping[str, Mapping[str, object]]) -> Path:
 class RefServer:
     """One reference server process: its config, data dir, admin socket and stderr log.
 
-    ``settings`` are the ``[server]`` keys of the config (see ``nodeagent.refserver_config``);
+    ``settings`` are the ``[server]`` keys of the config (see ``refserver.config``);
     pass any key as a keyword, ``None`` leaves it out. ``env`` adds environment variables for
     the process (e.g. ``TLSROLL_REFSERVER_TEST_WRITE_DELAY``).
     """
@@ -202,7 +202,7 @@ class RefServer:
         return write_toml(self.config_path, {"server": self.settings})
 
     def command(self) -> list[str]:
-        return [sys.executable, "-m", "nodeagent.refserver", "--config", str(self.config_path)]
+        return [sys.executable, "-m", "refserver", "--config", str(self.config_path)]
 
     def spawn(self) -> subprocess.Popen[bytes]:
         """Start the process without waiting; stderr (the JSON log) is appended to log_path."""

@@ -1,4 +1,5 @@
-"""The bootstrap protocol (tlsroll.bootstrap) and the agent's service on 9443 (nodeagent.bootstrap).
+"""The bootstrap protocol (tlsroll.bootstrap_protocol) and the agent's service on 9443
+(nodeagent.bootstrap_server).
 
 Protocol tests are pure. Service tests run the real aiohttp https listener on a loopback address
 with the seed's port, a certificate from the test CA, and an injected clock; requests go over
@@ -21,9 +22,9 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from nodeagent.bootstrap import BootstrapService, NonceStore, RateLimiter
+from nodeagent.bootstrap_server import BootstrapService, NonceStore, RateLimiter
 from tests.conftest import IssuedCert
-from tlsroll import bootstrap as proto
+from tlsroll import bootstrap_protocol as proto
 from tlsroll import password, pki
 from tlsroll.defaults import BOOTSTRAP_PORT
 from tlsroll.errors import UnsafePermissions

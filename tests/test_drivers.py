@@ -106,7 +106,7 @@ def restart():
             os.kill(pid, signal.SIGKILL)
     with open(S["server_log"], "ab") as log:
         child = subprocess.Popen(
-            [sys.executable, "-m", "nodeagent.refserver", "--config", S["config"]],
+            [sys.executable, "-m", "refserver", "--config", S["config"]],
             stdin=subprocess.DEVNULL,
             stdout=log,
             stderr=log,

@@ -1,4 +1,4 @@
-"""The "Notify practice" template (leader.notify): German and English, text and Markdown, with
+"""The "Notify practice" template (leader.cli.notify): German and English, text and Markdown, with
 and without the password."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import datetime as dt
 
 import pytest
 
-from leader.notify import NoticeInfo, NoticeNode, render_notice
+from leader.cli.notify import NoticeInfo, NoticeNode, render_notice
 
 PIN = "sha256:" + "3f" * 32
 PASSWORD = "kd7q-x2mf-9vhc-3ptw-a8ke-rn5d"

@@ -84,7 +84,7 @@ class World:
             [
                 sys.executable,
                 "-m",
-                "leader.cli",
+                "tlsroll.cli",
                 "client",
                 "test-connection",
                 url,

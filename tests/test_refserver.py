@@ -18,7 +18,7 @@ from typing import Any, Protocol
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from nodeagent.refserver import SWITCHING_MESSAGE, WRITE_DELAY_ENV
+from refserver.server import SWITCHING_MESSAGE, WRITE_DELAY_ENV
 from tests.conftest import IssuedCert
 from tests.refserver_helper import RefServer, Response, peer_certificate, port_open
 from tlsroll import password, pki
@@ -135,7 +135,7 @@ def test_write_and_read_over_http(make_server: MakeServer) -> None:
 
 def test_version_flag() -> None:
     out = subprocess.run(
-        [sys.executable, "-m", "nodeagent.refserver", "--version"],
+        [sys.executable, "-m", "refserver", "--version"],
         capture_output=True,
         text=True,
         timeout=30,

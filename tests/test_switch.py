@@ -23,8 +23,8 @@ from typing import Any
 import grpc
 import pytest
 
-from nodeagent.refserver import SWITCHING_MESSAGE, WRITE_DELAY_ENV
 from nodeagent.transaction import CRASH_ENV
+from refserver.server import SWITCHING_MESSAGE, WRITE_DELAY_ENV
 from tests.cluster import Cluster, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node, NodeFactory, port_holder, read_only

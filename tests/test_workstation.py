@@ -2,7 +2,7 @@
 reference server process (https on 8443, or still http on 8080) and the agent's bootstrap
 service listens on 9443 of the same loopback address, as on a real node.
 
-The CLI runs in-process (``leader.cli.main``) in a worker thread, so that the bootstrap service
+The CLI runs in-process (``tlsroll.cli.main``) in a worker thread, so that the bootstrap service
 keeps serving on the test's event loop; its output is captured and checked line by line.
 """
 
@@ -27,9 +27,7 @@ import pytest
 import structlog
 from aiohttp import web
 
-from leader import cli, workstation
-from leader.workstation import Exit
-from nodeagent.bootstrap import BootstrapService
+from nodeagent.bootstrap_server import BootstrapService
 from tests.conftest import IssuedCert, next_loopback
 from tests.refserver_helper import RefServer, http_request, port_open
 from tests.test_bootstrap import (
@@ -40,11 +38,13 @@ from tests.test_bootstrap import (
     make_service,
     secrets_in,
 )
-from tlsroll import bootstrap as proto
-from tlsroll import pki
+from tlsroll import bootstrap_protocol as proto
+from tlsroll import cli, pki
 from tlsroll.defaults import BOOTSTRAP_PORT
 from tlsroll.fsutil import PRIVATE, write_atomic
 from tlsroll.tls import client_context, server_context
+from workstation import connection as workstation
+from workstation.connection import Exit
 
 APP = "/praxis_live/"
 
@@ -542,7 +542,7 @@ def test_host_unreachable(
     def fail(*_a: object, **_k: object) -> None:
         raise failure
 
-    monkeypatch.setattr("leader.workstation.socket.create_connection", fail)
+    monkeypatch.setattr("workstation.connection.socket.create_connection", fail)
     code = cli.main(["client", "test-connection", "https://192.0.2.7:8443/praxis_live/", "--yes"])
     err = capsys.readouterr().err
     assert code == 4 == int(Exit.UNREACHABLE)

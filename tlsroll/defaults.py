@@ -1,4 +1,6 @@
-"""Names and ports both sides agree on."""
+"""Names, ports and paths both sides agree on."""
+
+from pathlib import Path
 
 LEADER_NAME = "tlsroll-leader"  # CN of the leader's certificate; reserved, no node may take it
 CONTROL_PORT = 9440  # leader, mutual TLS: agents call Leader
@@ -8,3 +10,4 @@ BOOTSTRAP_PORT = 9443  # agent, https: workstations fetch the CA and enrol (the 
 HTTP_PORT = 8080  # managed server before the switch (the seed's)
 HTTPS_PORT = 8443  # managed server after the switch (the seed's)
 HEARTBEAT_INTERVAL = 5
+DEFAULT_DATA_DIR = Path("/var/lib/tlsroll")  # the leader's data directory

@@ -10,9 +10,9 @@ CA pin). The steps, in the seed's order:
   (c) the port check: the bootstrap port (9443, "Bootstrap port [9443]:" to confirm or change;
       ``--bootstrap-port`` or ``--yes`` for scripts) must accept connections;
   (d) the password (no echo, or ``--password-file``); the bootstrap answer is fetched and its
-      MAC verified before its CA bundle is believed (``tlsroll.bootstrap``); with ``--ca-pin``
-      the CA is trusted by its SPKI pin instead; then the certificate of (b) must come from
-      that CA, and a verified handshake (chain and IP/name) must succeed;
+      MAC verified before its CA bundle is believed (``tlsroll.bootstrap_protocol``); with
+      ``--ca-pin`` the CA is trusted by its SPKI pin instead; then the certificate of (b) must
+      come from that CA, and a verified handshake (chain and IP/name) must succeed;
   (e) a key and CSR (``ws-<host name>``, key never leaves the workstation), enrolment with a
       proof of the password, and the settings dir: ``settings.json``, ``ca.pem``,
       ``client.pem``, ``client.key`` (0600); a request with them must succeed; then
@@ -48,7 +48,6 @@ import json
 import os
 import socket
 import ssl
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from enum import IntEnum
@@ -59,7 +58,7 @@ from urllib.parse import urlsplit
 import click
 from cryptography import x509
 
-from tlsroll import bootstrap as proto
+from tlsroll import bootstrap_protocol as proto
 from tlsroll import pki
 from tlsroll.defaults import BOOTSTRAP_PORT, HTTP_PORT, HTTPS_PORT
 from tlsroll.errors import PKIError
@@ -756,101 +755,3 @@ def read_password_file(path: Path) -> str:
     if "\n" in text or "\r" in text:
         raise click.BadParameter(f"{path} must hold the password on one line", param_hint=hint)
     return text
-
-
-# --- the click commands -------------------------------------------------------------------------
-
-
-@click.group("client")
-def client() -> None:
-    """The workstation side: connect a workstation to the encrypted server."""
-
-
-@client.command("test-connection")
-@click.argument("url")
-@click.option(
-    "--bootstrap-port",
-    type=click.IntRange(1, 65535),
-    help=f"The node's bootstrap port, if not {BOOTSTRAP_PORT} (skips the port prompt).",
-)
-@click.option(
-    "--password-file",
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="Read the auth password from this file instead of asking (for scripts).",
-)
-@click.option(
-    "--ca-pin",
-    metavar="sha256:HEX",
-    help="Trust the CA by this SPKI pin (from the notify message), not by the password; "
-    "the password is still needed to enrol, unless --no-enrol.",
-)
-@click.option(
-    "--settings-dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    envvar="TLSROLL_CLIENT_DIR",
-    default=default_settings_dir,
-    show_default="~/.config/tlsroll/client",
-    help="Where to write the workstation's settings.",
-)
-@click.option("--yes", "-y", "assume_yes", is_flag=True, help="Accept the default port.")
-@click.option("--name", help="The workstation's name in its certificate [default: host name].")
-@click.option(
-    "--no-enrol",
-    "no_enrol",
-    is_flag=True,
-    help="With --ca-pin: trust the CA and write the settings, no password, no client certificate.",
-)
-@click.option(
-    "--timeout",
-    type=click.FloatRange(0.5, 120),
-    default=DEFAULT_TIMEOUT,
-    show_default=True,
-    help="Seconds to wait for each connection.",
-)
-def test_connection(
-    url: str,
-    bootstrap_port: int | None,
-    password_file: Path | None,
-    ca_pin: str | None,
-    settings_dir: Path,
-    assume_yes: bool,
-    name: str | None,
-    no_enrol: bool,
-    timeout: float,
-) -> None:
-    """Check the new server address URL and set this workstation up for it.
-
-    URL is the new address, e.g. https://192.168.1.5:8443/praxis_live/. Exit codes: 0 done,
-    1 failure, 2 usage, 3 http instead of https, 4 host unreachable, 5 connection refused,
-    6 TLS failure, 7 app path not found, 8 bootstrap port closed, 9 wrong password,
-    10 certificate not from the expected CA / pin mismatch, 11 enrolment refused.
-    """
-    if no_enrol and password_file is not None:
-        raise click.UsageError("--no-enrol uses no password; drop --password-file")
-    secret = read_password_file(password_file) if password_file is not None else None
-    options = Options(
-        url=url,
-        settings_dir=settings_dir,
-        bootstrap_port=bootstrap_port,
-        password=secret,
-        ca_pin=ca_pin,
-        assume_yes=assume_yes,
-        enrol=not no_enrol,
-        name=name,
-        timeout=timeout,
-    )
-    ui = UI(say=click.echo, ask_port=_ask_port, ask_password=_ask_password)
-    TestConnection(options, ui).run()
-    click.echo("restart the client to finish")
-
-
-def _ask_port(default: int) -> int:
-    port: int = click.prompt("Bootstrap port", default=default, type=click.IntRange(1, 65535))
-    return port
-
-
-def _ask_password() -> str:
-    if not sys.stdin.isatty():
-        raise click.UsageError("no terminal to ask for the password: use --password-file")
-    secret: str = click.prompt("Authentication password", hide_input=True)
-    return secret

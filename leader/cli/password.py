@@ -13,8 +13,8 @@ from pathlib import Path
 
 import click
 
-from leader.cli_base import CLIError, Leader, fetch_schema, out, pass_leader
-from leader.notify import NoticeInfo, NoticeNode, render_notice
+from leader.cli.base import CLIError, Leader, fetch_schema, out, pass_leader
+from leader.cli.notify import NoticeInfo, NoticeNode, render_notice
 from tlsroll import password
 from tlsroll.v1 import admin_pb2
 

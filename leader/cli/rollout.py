@@ -19,7 +19,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
-from leader.cli_base import (
+from leader.cli.base import (
     CLIError,
     Leader,
     emit_json,
@@ -29,7 +29,7 @@ from leader.cli_base import (
     pass_leader,
     to_dict,
 )
-from leader.cli_password import obtain_password, verifier_json
+from leader.cli.password import obtain_password, verifier_json
 from tlsroll.v1 import admin_pb2, schema_pb2
 
 TERMINAL = {"completed", "halted", "aborted"}

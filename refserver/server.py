@@ -54,8 +54,8 @@ from typing import Any, TypeVar
 
 from aiohttp import web
 
-from nodeagent import refserver_config
-from nodeagent.refserver_store import FreezeState, StateFile, Store, now_iso
+from refserver import config as refserver_config
+from refserver.store import FreezeState, StateFile, Store, now_iso
 from tlsroll import __version__, daemon, logs, password, pki
 from tlsroll.errors import ConfigError
 from tlsroll.fsutil import write_atomic

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import grpc
 
-from nodeagent.bootstrap import BootstrapService
+from nodeagent.bootstrap_server import BootstrapService
 from nodeagent.config import AgentConfig
 from nodeagent.identity import Identity
 from nodeagent.journal import Journal

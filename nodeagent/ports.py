@@ -1,7 +1,7 @@
 """Looking at the node from the agent: who holds a port, and could we bind it.
 
 All blocking; call through ``asyncio.to_thread`` from async code. Probes only read: they never
-change the node. Checks from outside (https, app path, open ports) are in ``tlsroll.probe``.
+change the node. Checks from outside (https, app path, open ports) are in ``tlsroll.httpcheck``.
 """
 
 from __future__ import annotations

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import getpass
 import json
 import os
@@ -19,10 +20,12 @@ from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 from rich.console import Console
 
+from leader.layout import Layout
+from tlsroll.cli import Target
+from tlsroll.defaults import DEFAULT_DATA_DIR
 from tlsroll.errors import TlsrollError
 from tlsroll.v1 import admin_pb2_grpc, schema_pb2, schema_pb2_grpc
 
-DEFAULT_DATA_DIR = Path("/var/lib/tlsroll")
 T = TypeVar("T")
 
 
@@ -85,7 +88,16 @@ class Leader:
             fail(f"{exc.details()}")
 
 
-pass_leader = click.make_pass_decorator(Leader)
+def pass_leader(f: Callable[..., T]) -> Callable[..., T]:
+    """Pass the admin connection the global options (``tlsroll.cli.Target``) point to."""
+
+    @click.pass_context
+    def wrapper(ctx: click.Context, /, *args: Any, **kwargs: Any) -> T:
+        target = ctx.find_object(Target) or Target(DEFAULT_DATA_DIR, None)
+        leader = Leader(target.socket or Layout(target.data_dir).admin_socket)
+        return ctx.invoke(f, leader, *args, **kwargs)
+
+    return functools.update_wrapper(wrapper, f)
 
 
 def emit_json(data: Any) -> None:

@@ -1,6 +1,6 @@
 """The bootstrap service on port 9443: workstations fetch the cluster CA and enrol here.
 
-The protocol, its keys and its MAC are in ``tlsroll.bootstrap``; this module is the https
+The protocol, its keys and its MAC are in ``tlsroll.bootstrap_protocol``; this module is the https
 listener (aiohttp) the agent runs once its node is switched:
 
     service = BootstrapService(
@@ -36,7 +36,7 @@ from typing import Any, Self
 
 from aiohttp import web
 
-from tlsroll import bootstrap as proto
+from tlsroll import bootstrap_protocol as proto
 from tlsroll import logs, pki
 from tlsroll.defaults import BOOTSTRAP_PORT
 from tlsroll.fsutil import check_private_file

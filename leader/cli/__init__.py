@@ -1,7 +1,9 @@
-"""``tlsroll``: the administrator's command line.
+"""The administrator's command line (``tlsroll init|ca|token|nodes|plan|rollout|schema|…``).
 
-Everything except ``init`` talks to the running leader over its Unix admin socket. Errors are
-one line on stderr; exit code 2 for usage errors, 1 for failures, never a traceback.
+It runs on the leader node, as root or a member of the leader's group. Everything except
+``init`` talks to the running leader over its Unix admin socket. The ``tlsroll`` entry point
+(``tlsroll.cli``) loads this package for every command but ``client``; it also turns errors
+into one line and an exit code.
 """
 
 from __future__ import annotations
@@ -15,8 +17,7 @@ from rich.table import Table
 from rich.text import Text
 
 from leader import layout as layout_mod
-from leader.cli_base import (
-    DEFAULT_DATA_DIR,
+from leader.cli.base import (
     Leader,
     emit_json,
     fmt_time,
@@ -25,39 +26,20 @@ from leader.cli_base import (
     pass_leader,
     to_dict,
 )
-from leader.cli_password import notify, password_group
-from leader.cli_rollout import plan, rollout, schema
-from leader.workstation import client as client_group
-from tlsroll import __version__, pki
-from tlsroll.errors import TlsrollError
+from leader.cli.password import notify, password_group
+from leader.cli.rollout import plan, rollout, schema
+from tlsroll import pki
 from tlsroll.v1 import admin_pb2
 
 # --- commands ---------------------------------------------------------------------------------
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.version_option(__version__, prog_name="tlsroll")
-@click.option(
-    "--data-dir",
-    type=click.Path(path_type=Path),
-    envvar="TLSROLL_DATA_DIR",
-    default=DEFAULT_DATA_DIR,
-    show_default=True,
-    help="The leader's data directory.",
-)
-@click.option(
-    "--socket",
-    type=click.Path(path_type=Path),
-    envvar="TLSROLL_SOCKET",
-    help="The leader's admin socket [default: DATA_DIR/run/admin.sock].",
-)
-@click.pass_context
-def cli(ctx: click.Context, data_dir: Path, socket: Path | None) -> None:
-    """tlsroll: switch a multiserver from http to https, safely, node by node."""
-    ctx.obj = Leader(socket or layout_mod.Layout(data_dir).admin_socket)
+@click.group()
+def admin() -> None:
+    """The administrator's commands; ``tlsroll.cli`` serves them as top-level commands."""
 
 
-@cli.command()
+@admin.command()
 @click.option(
     "--data-dir",
     type=click.Path(path_type=Path),
@@ -98,7 +80,7 @@ def init(
     out.print(f"start the leader:  tlsroll-leader --config {layout.config}")
 
 
-@cli.group()
+@admin.group()
 def ca() -> None:
     """The cluster CA."""
 
@@ -121,7 +103,7 @@ def ca_show(leader: Leader, as_json: bool) -> None:
     out.print(f"expires      {fmt_time(reply, 'not_after')}")
 
 
-@cli.group()
+@admin.group()
 def token() -> None:
     """Join tokens for enrolling agents."""
 
@@ -194,7 +176,7 @@ def token_revoke(leader: Leader, token_id: str) -> None:
     out.print(f"revoked token {reply.info.id}")
 
 
-@cli.command()
+@admin.command()
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @pass_leader
 def nodes(leader: Leader, as_json: bool) -> None:
@@ -217,45 +199,8 @@ def nodes(leader: Leader, as_json: bool) -> None:
     out.print(table)
 
 
-cli.add_command(client_group)
-cli.add_command(plan)
-cli.add_command(rollout)
-cli.add_command(schema)
-cli.add_command(password_group)
-cli.add_command(notify)
-
-
-# --- entry point ------------------------------------------------------------------------------
-
-
-def main(argv: list[str] | None = None) -> int:
-    """Run the CLI; every error is one line on stderr."""
-    try:
-        cli.main(args=argv, prog_name="tlsroll", standalone_mode=False)
-    except click.UsageError as exc:
-        hint = f" (see: {exc.ctx.command_path} --help)" if exc.ctx else ""
-        # A group called without a command: click's message is the whole help text.
-        message = (
-            "missing command"
-            if isinstance(exc, click.exceptions.NoArgsIsHelpError)
-            else exc.format_message()
-        )
-        click.echo(f"tlsroll: error: {message}{hint}", err=True)
-        return 2
-    except click.Abort:
-        click.echo("tlsroll: aborted", err=True)
-        return 1
-    except click.ClickException as exc:
-        click.echo(f"tlsroll: error: {exc.format_message()}", err=True)
-        return exc.exit_code
-    except TlsrollError as exc:
-        click.echo(f"tlsroll: error: {exc}", err=True)
-        return 1
-    except OSError as exc:
-        click.echo(f"tlsroll: error: {exc.strerror}: {exc.filename}", err=True)
-        return 1
-    return 0
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())
+admin.add_command(plan)
+admin.add_command(rollout)
+admin.add_command(schema)
+admin.add_command(password_group)
+admin.add_command(notify)
