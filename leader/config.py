@@ -1,4 +1,7 @@
-"""The leader daemon's configuration (``DATA/leader.toml``, written by ``tlsroll init``)."""
+"""The leader daemon's configuration (``DATA/leader.toml``, written by ``tlsroll init``).
+
+One table, ``[leader]``; an unknown key or table is an error naming it.
+"""
 
 from __future__ import annotations
 
@@ -29,7 +32,7 @@ class LeaderConfig:
         cfg = ConfigFile.load(path)
         s = cfg.section("leader")
         layout = Layout(s.path("data_dir"))
-        return cls(
+        config = cls(
             path=Path(path),
             address=s.ip("address"),
             dns_names=tuple(s.str_list("dns_names", [])),
@@ -42,3 +45,5 @@ class LeaderConfig:
             node_name=s.text("node_name", None),
             scope_freeze_lease=s.integer("scope_freeze_lease", 300, lo=2, hi=86400),
         )
+        cfg.finish()  # a key or table not read above is a typo: an error, not a default
+        return config

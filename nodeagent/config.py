@@ -12,6 +12,10 @@ join_token_file = "/etc/tlsroll/join-token"   # or join_token = "…"; first sta
 
 [agent]
 data_dir = "/var/lib/tlsroll-agent"
+
+An optional ``[server]`` table names the managed server's driver and its settings (see
+``nodeagent.drivers.make_driver``). A key or table nothing reads is an error naming it: a typo
+must not silently fall back to a default.
 """
 
 from __future__ import annotations
@@ -68,7 +72,8 @@ class AgentConfig:
             raise leader.error("ca_pin", str(exc)) from None
         if leader.has("join_token") and leader.has("join_token_file"):
             raise leader.error("join_token", "give join_token or join_token_file, not both")
-        return cls(
+        server = cfg.section("server", required=False)
+        config = cls(
             path=Path(path),
             node_name=name,
             addresses=tuple(node.ip_list("addresses")),
@@ -84,6 +89,10 @@ class AgentConfig:
             heartbeat_interval=agent.integer(
                 "heartbeat_interval", HEARTBEAT_INTERVAL, lo=1, hi=3600
             ),
-            server=cfg.section("server") if "server" in cfg.data else None,
+            server=server if "server" in cfg.data else None,
             bootstrap_port=agent.port("bootstrap_port", BOOTSTRAP_PORT),
         )
+        # Unknown keys are errors; [server]'s are checked by make_driver, once the driver it
+        # names has read its own.
+        cfg.finish(pending=("server",))
+        return config

@@ -98,11 +98,13 @@ async def heartbeat_loop(cfg: AgentConfig, identity: Identity) -> None:
 
 async def serve(cfg: AgentConfig) -> None:
     stop = stop_event()
-    make_private_dir(cfg.data_dir)
-    journal = Journal(cfg.data_dir / "journal.sqlite3")
+    # The driver first: it finishes reading [server], so a bad key there stops the agent
+    # before it creates anything.
     driver = (
         make_driver(cfg.server, cfg.addresses[0], cfg.data_dir) if cfg.server is not None else None
     )
+    make_private_dir(cfg.data_dir)
+    journal = Journal(cfg.data_dir / "journal.sqlite3")
     runner = Runner(journal, driver, now) if driver is not None else None
     if runner is not None:
         # First thing: a transaction cut short by a crash is carried on, so that no node

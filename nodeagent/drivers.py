@@ -33,7 +33,7 @@ from typing import Any
 import aiohttp
 
 from tlsroll.config import ConfigFile, Section, dump_toml
-from tlsroll.errors import ConfigError, TlsrollError
+from tlsroll.errors import TlsrollError
 from tlsroll.fsutil import write_atomic
 from tlsroll.httpcheck import port_open
 
@@ -397,10 +397,7 @@ class ExecDriver(TemplateDriver):
 
     def __init__(self, section: Section, address: str) -> None:
         super().__init__(section, address)
-        table = section.data.get("commands")
-        if not isinstance(table, dict):
-            raise section.error("commands", "missing table of commands")
-        commands = Section(section.file, f"{section.name}.commands", table)
+        commands = section.table("commands")
         self.commands = {op: commands.str_list(op) for op in self.OPERATIONS}
         for op, argv in self.commands.items():
             if not argv:
@@ -436,15 +433,21 @@ class ExecDriver(TemplateDriver):
 
 
 def make_driver(section: Section, address: str, data_dir: Path) -> Driver:
-    """The driver named in the agent config's ``[server]`` table."""
+    """The driver named in the agent config's ``[server]`` table.
+
+    A key of ``[server]`` (or ``[server.commands]``) the chosen driver does not read is a
+    ConfigError, raised before the driver touches anything."""
     kind = section.text("driver", "reference")
-    try:
-        if kind == "reference":
-            return ReferenceDriver(section.path("config_file"), data_dir / "refserver.log")
-        if kind == "systemd":
-            return SystemdDriver(section, address)
-        if kind == "exec":
-            return ExecDriver(section, address)
-    except ConfigError:
-        raise
-    raise section.error("driver", f"unknown driver {kind!r}: use reference, systemd or exec")
+    if kind == "reference":
+        config_file: Path = section.path("config_file")
+        section.finish()
+        return ReferenceDriver(config_file, data_dir / "refserver.log")
+    driver: Driver
+    if kind == "systemd":
+        driver = SystemdDriver(section, address)
+    elif kind == "exec":
+        driver = ExecDriver(section, address)
+    else:
+        raise section.error("driver", f"unknown driver {kind!r}: use reference, systemd or exec")
+    section.finish()
+    return driver

@@ -28,7 +28,7 @@ from typing import Any
 
 from tlsroll import password
 from tlsroll.config import ConfigFile, Section
-from tlsroll.errors import ConfigError, UnsafePermissions
+from tlsroll.errors import UnsafePermissions
 from tlsroll.fsutil import check_private_file
 from tlsroll.tls import server_context
 
@@ -91,13 +91,10 @@ class Loaded:
 def load(path: Path) -> Loaded:
     """Read and check the config and the files it names; raise ConfigError on any problem."""
     cfg = ConfigFile.load(Path(path))
-    extra_tables = sorted(k for k in cfg.data if k != "server")
-    if extra_tables:
-        raise ConfigError(cfg.path, f"[{extra_tables[0]}]", "unknown table (only [server])")
+    # Unknown tables and keys first: a typo must not surface as some other key's error.
+    cfg.check_tables({"server"})
     s = cfg.section("server")
-    unknown = sorted(k for k in s.data if k not in KEYS)
-    if unknown:
-        raise s.error(unknown[0], "unknown key")
+    s.check_keys(KEYS)
 
     address: str = s.ip("address")
     app_path: str = s.text("app_path")

@@ -4,14 +4,18 @@
 from __future__ import annotations
 
 import re
+import subprocess
+import tomllib
 from pathlib import Path
 
 import pytest
 
 from leader.config import LeaderConfig
 from nodeagent.config import AgentConfig
+from nodeagent.drivers import make_driver
+from tests.cluster import child_env, command, one_line_error
 from tests.refserver_helper import write_toml
-from tlsroll.config import ConfigFile, Section
+from tlsroll.config import ConfigFile, Section, dump_toml
 from tlsroll.defaults import AGENT_PORT, CONTROL_PORT, HEARTBEAT_INTERVAL, JOIN_PORT
 from tlsroll.errors import ConfigError
 
@@ -270,3 +274,230 @@ def test_init_writes_a_config_that_reads_back_whatever_the_path(tmp_path: Path) 
     assert cfg.dns_names == ("leader.praxis.local",)
     assert cfg.node_name == "node1"
     assert cfg.ca_passphrase_file == layout.default_passphrase_file
+
+
+# --- unknown keys and tables ------------------------------------------------------------------
+
+
+def load_agent(path: Path) -> AgentConfig:
+    """What the agent daemon does with its config: load it, then make the [server] driver."""
+    cfg = AgentConfig.load(path)
+    if cfg.server is not None:
+        make_driver(cfg.server, cfg.addresses[0], cfg.data_dir)
+    return cfg
+
+
+def refserver_config(tmp_path: Path) -> Path:
+    return write_toml(
+        tmp_path / "server.toml",
+        {
+            "server": {
+                "address": "127.0.0.1",
+                "app_path": "/a/",
+                "listen": ["http"],
+                "data_dir": "d",
+            }
+        },
+    )
+
+
+def exec_server(tmp_path: Path, **changes: object) -> dict[str, dict[str, object]]:
+    commands: dict[str, object] = {
+        op: ["true"] for op in ("restart", "status", "freeze", "unfreeze")
+    }
+    server: dict[str, object] = {
+        "driver": "exec",
+        "config_file": "server.toml",
+        "template": "server.toml.in",
+        "app_path": "/a/",
+        "timeout": 5,
+    }
+    return {"server": {**server, **changes}, "server.commands": commands}
+
+
+AGENT_TYPOS: list[tuple[str, dict[str, dict[str, object]], str, str]] = [
+    ("agent", {"agent": {"bootstrap_prot": 9444}}, "[agent].bootstrap_prot", "bootstrap_port"),
+    ("node", {"node": {"dns_name": ["x.example"]}}, "[node].dns_name", "dns_names"),
+    ("leader", {"leader": {"contol_port": 9440}}, "[leader].contol_port", "control_port"),
+    ("table", {"servre": {"driver": "reference"}}, "[servre]", "[server]"),
+]
+
+
+@pytest.mark.parametrize(
+    ("changes", "key", "hint"), [c[1:] for c in AGENT_TYPOS], ids=[c[0] for c in AGENT_TYPOS]
+)
+def test_agent_config_refuses_unknown_keys_and_tables(
+    tmp_path: Path, changes: dict[str, dict[str, object]], key: str, hint: str
+) -> None:
+    path = write_agent(tmp_path, changes)
+    kind = "table" if key.endswith("]") else "key"
+    with expect_error(tmp_path, key, f"unknown {kind} (did you mean {hint}?)"):
+        load_agent(path)
+
+
+def test_agent_config_refuses_unknown_keys_in_the_reference_drivers_server_table(
+    tmp_path: Path,
+) -> None:
+    server: dict[str, object] = {"driver": "reference", "config_file": refserver_config(tmp_path)}
+    assert load_agent(write_agent(tmp_path, {"server": server})).server is not None
+    path = write_agent(tmp_path, {"server": {**server, "drivr": "reference"}})
+    with expect_error(tmp_path, "[server].drivr", "unknown key (did you mean driver?)"):
+        load_agent(path)
+    # A key another driver reads is unknown to this one.
+    path = write_agent(tmp_path, {"server": {**server, "app_path": "/a/"}})
+    with expect_error(tmp_path, "[server].app_path", "unknown key"):
+        load_agent(path)
+
+
+def test_agent_config_refuses_unknown_keys_in_the_exec_drivers_tables(tmp_path: Path) -> None:
+    assert load_agent(write_agent(tmp_path, exec_server(tmp_path))).server is not None
+    path = write_agent(tmp_path, exec_server(tmp_path, timout=9))
+    with expect_error(tmp_path, "[server].timout", "unknown key (did you mean timeout?)"):
+        load_agent(path)
+    tables = exec_server(tmp_path)
+    tables["server.commands"]["restrat"] = ["true"]
+    path = write_agent(tmp_path, tables)
+    with expect_error(tmp_path, "[server.commands].restrat", "unknown key (did you mean restart?)"):
+        load_agent(path)
+
+
+def test_reference_driver_refuses_an_exec_commands_table(tmp_path: Path) -> None:
+    server: dict[str, object] = {"driver": "reference", "config_file": refserver_config(tmp_path)}
+    path = write_agent(tmp_path, {"server": server, "server.commands": {"restart": ["true"]}})
+    with expect_error(tmp_path, "[server.commands]", "unknown table"):
+        load_agent(path)
+
+
+def test_a_misspelt_required_key_is_named_where_it_is_missing(tmp_path: Path) -> None:
+    config = {t: dict(v) for t, v in AGENT.items()}
+    config["agent"] = {"data_dri": "agent-data"}
+    path = write_toml(tmp_path / "x.toml", config)
+    with expect_error(tmp_path, "[agent].data_dir", "missing (is data_dri misspelt?)"):
+        AgentConfig.load(path)
+    config["agnet"] = config.pop("agent")
+    path = write_toml(tmp_path / "x.toml", config)
+    with expect_error(tmp_path, "[agent]", "missing table (is [agnet] misspelt?)"):
+        AgentConfig.load(path)
+
+
+@pytest.mark.parametrize(
+    ("changes", "key", "problem"),
+    [
+        ({"leader": {"heartbeat_intervall": 2}}, "[leader].heartbeat_intervall", "unknown key"),
+        ({"leader": {"data_dir": "d", "port": 1}}, "[leader].port", "unknown key"),
+        ({"leadr": {"address": "127.0.0.1"}}, "[leadr]", "unknown table (did you mean [leader]?)"),
+        ({"agent": {"data_dir": "d"}}, "[agent]", "unknown table (only [leader])"),
+    ],
+)
+def test_leader_config_refuses_unknown_keys_and_tables(
+    tmp_path: Path, changes: dict[str, dict[str, object]], key: str, problem: str
+) -> None:
+    config: dict[str, dict[str, object]] = {"leader": {"address": "127.0.0.1", "data_dir": "d"}}
+    for table, values in changes.items():
+        config.setdefault(table, {}).update(values)
+    path = write_toml(tmp_path / "x.toml", config)
+    with expect_error(tmp_path, key, problem):
+        LeaderConfig.load(path)
+
+
+@pytest.mark.parametrize(
+    ("prog", "module", "tables", "where"),
+    [
+        (
+            "tlsroll-agent",
+            "nodeagent.daemon",
+            {"agent": {"bootstrap_prot": 9444}},
+            "[agent].bootstrap_prot: unknown key (did you mean bootstrap_port?)",
+        ),
+        (
+            "tlsroll-agent",
+            "nodeagent.daemon",
+            {"server": {"driver": "exec", "timout": 5}},
+            "[server].timout: unknown key (did you mean timeout?)",
+        ),
+        (
+            "tlsroll-leader",
+            "leader.daemon",
+            {"leader": {"address": "127.0.0.1", "data_dir": "d", "join_prot": 9441}},
+            "[leader].join_prot: unknown key (did you mean join_port?)",
+        ),
+    ],
+    ids=["agent", "agent-server", "leader"],
+)
+def test_daemons_exit_2_with_one_line_on_an_unknown_key(
+    tmp_path: Path, prog: str, module: str, tables: dict[str, dict[str, object]], where: str
+) -> None:
+    if prog == "tlsroll-agent":
+        if "server" in tables:
+            tables = exec_server(tmp_path, timout=5)
+        path = write_agent(tmp_path, tables)
+    else:
+        path = write_toml(tmp_path / "x.toml", tables)
+    result = subprocess.run(
+        [*command(prog, module), "--config", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env=child_env(),
+    )
+    assert result.returncode == 2, result.stderr
+    line = one_line_error(result.stderr, prog)
+    assert line == f"{prog}: config error: {path}: {where}"
+    assert not (tmp_path / "agent-data").exists() and not (tmp_path / "d").exists()
+
+
+def test_refserver_config_refuses_unknown_keys_and_tables(tmp_path: Path) -> None:
+    from refserver.config import load
+
+    path = refserver_config(tmp_path)
+    text = path.read_text()
+    path.write_text(text + "http_prot = 8080\n")
+    with pytest.raises(ConfigError, match=_escape(f"config error: {path}: [server].http_prot: ")):
+        load(path)
+    path.write_text(text + "\n[extra]\n")
+    with pytest.raises(
+        ConfigError, match=_escape(f"config error: {path}: [extra]: unknown table (only [server])")
+    ):
+        load(path)
+
+
+# --- writing TOML -----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "tab\there",
+        "line\nbreak",
+        "cr\r\nlf",
+        "ctrl\x01\x1f",
+        "del\x7f",
+        "quote \" and 'single'",
+        "back\\slash \\n \\u0041",
+        "Grüße 日本 \u2028 \U0001f512",
+        "",
+    ],
+    ids=["tab", "newline", "crlf", "control", "del", "quotes", "backslash", "non-ascii", "empty"],
+)
+def test_dump_toml_round_trips_any_string(value: str) -> None:
+    path = Path("/x", value)
+    text = dump_toml({"t": {"s": value, "l": [value, value], "p": path}}, "a header\nof two")
+    assert tomllib.loads(text) == {"t": {"s": value, "l": [value, value], "p": str(path)}}
+
+
+def test_dump_toml_header_none_and_nested_tables() -> None:
+    text = dump_toml(
+        {
+            "server": {"driver": "exec", "gone": None, "n": 3, "on": True},
+            "server.commands": {"restart": ["a", "b"]},
+            "empty": {},
+        },
+        "managed by tlsroll\n\nsecond paragraph",
+    )
+    assert text.startswith("# managed by tlsroll\n#\n# second paragraph\n\n")
+    assert tomllib.loads(text) == {
+        "server": {"driver": "exec", "n": 3, "on": True, "commands": {"restart": ["a", "b"]}},
+        "empty": {},
+    }
+    assert not dump_toml({"t": {}}).startswith("#")

@@ -1,18 +1,27 @@
-"""Typed reading of TOML config files, with errors that name the file and the key.
+"""Typed reading and writing of TOML config files; read errors name the file and the key.
 
 cfg = ConfigFile.load(path)
 node = cfg.section("node")
-name = node.str("name")                  # ConfigError: "...agent.toml: [node].name: missing"
-port = node.int("port", default=9442)    # ConfigError: "...: expected an integer, got string"
+name = node.text("name")                 # ConfigError: "...agent.toml: [node].name: missing"
+port = node.port("port", default=9442)   # ConfigError: "...: expected an integer, got string"
+cfg.finish()                             # ConfigError: "...: [node].prot: unknown key (did
+                                         #   you mean port?)" for any key or table never read
+
+A key counts as known once the code has asked for it (with or without a default), so the
+readers themselves are the list of keys; ``finish()`` refuses the rest, so that a misspelt key
+is an error instead of a silent fallback to a default. ``dump_toml`` writes config files.
 """
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TypeVar
+
+import tomli_w
 
 from tlsroll.errors import ConfigError
 
@@ -33,13 +42,20 @@ def _kind(value: object) -> str:
     }.get(type(value), type(value).__name__)
 
 
+def _did_you_mean(name: str, known: Iterable[str], fmt: str = "{}") -> str:
+    close = difflib.get_close_matches(name, list(known), n=1)
+    return f" (did you mean {fmt.format(close[0])}?)" if close else ""
+
+
 class Section:
-    """One ``[table]`` of a config file."""
+    """One ``[table]`` of a config file; it remembers which keys were read (see ``finish``)."""
 
     def __init__(self, file: Path, name: str, data: Mapping[str, Any]) -> None:
         self.file = file
         self.name = name
         self.data = data
+        self.read: set[str] = set()
+        self._tables: list[Section] = []
 
     def key(self, key: str) -> str:
         return f"[{self.name}].{key}"
@@ -48,9 +64,10 @@ class Section:
         return ConfigError(self.file, self.key(key), problem)
 
     def _get(self, key: str, typ: type[T], default: T) -> T:
+        self.read.add(key)
         if key not in self.data:
             if default is _MISSING:
-                raise self.error(key, "missing")
+                raise self.error(key, "missing" + self._misspelt(key))
             return default
         value = self.data[key]
         # bool is an int subclass in Python; TOML keeps them apart, and so do we.
@@ -58,8 +75,44 @@ class Section:
             raise self.error(key, f"expected {_TYPE_NAMES[typ]}, got {_kind(value)}")
         return value
 
+    def _misspelt(self, key: str) -> str:
+        unread = [k for k in self.data if k not in self.read]
+        close = difflib.get_close_matches(key, unread, n=1)
+        return f" (is {close[0]} misspelt?)" if close else ""
+
     def has(self, key: str) -> bool:
+        self.read.add(key)
         return key in self.data
+
+    def table(self, key: str) -> Section:
+        """The sub-table ``[name.key]`` (required); ``finish`` checks its keys too."""
+        self.read.add(key)
+        if key not in self.data:
+            raise ConfigError(self.file, f"[{self.name}.{key}]", "missing table")
+        value = self.data[key]
+        if not isinstance(value, dict):
+            raise self.error(key, f"expected a table, got {_kind(value)}")
+        sub = Section(self.file, f"{self.name}.{key}", value)
+        self._tables.append(sub)
+        return sub
+
+    def check_keys(self, known: Collection[str]) -> None:
+        """ConfigError for the first key (in file order) not in ``known``."""
+        for key, value in self.data.items():
+            if key in known:
+                continue
+            hint = _did_you_mean(key, known)
+            if isinstance(value, dict):
+                raise ConfigError(self.file, f"[{self.name}.{key}]", "unknown table" + hint)
+            raise self.error(key, "unknown key" + hint)
+
+    def finish(self) -> None:
+        """ConfigError for any key never read, here and in the sub-tables read with ``table``.
+
+        Call it once every reader of the table is done with it."""
+        self.check_keys(self.read)
+        for sub in self._tables:
+            sub.finish()
 
     def text(self, key: str, default: Any = _MISSING) -> Any:
         value = self._get(key, str, default)
@@ -121,6 +174,7 @@ class ConfigFile:
     def __init__(self, path: Path, data: Mapping[str, Any]) -> None:
         self.path = path
         self.data = data
+        self.sections: dict[str, Section] = {}
 
     @classmethod
     def load(cls, path: Path) -> ConfigFile:
@@ -140,38 +194,67 @@ class ConfigFile:
     def section(self, name: str, *, required: bool = True) -> Section:
         if name not in self.data:
             if required:
-                raise ConfigError(self.path, f"[{name}]", "missing table")
-            return Section(self.path, name, {})
-        value = self.data[name]
-        if not isinstance(value, dict):
-            raise ConfigError(self.path, f"[{name}]", f"expected a table, got {_kind(value)}")
-        return Section(self.path, name, value)
+                unread = [t for t in self.data if t not in self.sections and t != name]
+                close = difflib.get_close_matches(name, unread, n=1)
+                hint = f" (is [{close[0]}] misspelt?)" if close else ""
+                raise ConfigError(self.path, f"[{name}]", "missing table" + hint)
+            section = Section(self.path, name, {})
+        else:
+            value = self.data[name]
+            if not isinstance(value, dict):
+                raise ConfigError(self.path, f"[{name}]", f"expected a table, got {_kind(value)}")
+            section = Section(self.path, name, value)
+        self.sections[name] = section
+        return section
+
+    def check_tables(self, known: Collection[str]) -> None:
+        """ConfigError for the first top-level table or key (in file order) not in ``known``."""
+        for name, value in self.data.items():
+            if name in known:
+                continue
+            if not isinstance(value, dict):
+                raise ConfigError(self.path, name, "unknown key outside any table")
+            tables = ", ".join(f"[{t}]" for t in known)
+            hint = _did_you_mean(name, known, "[{}]") or (f" (only {tables})" if known else "")
+            raise ConfigError(self.path, f"[{name}]", "unknown table" + hint)
+
+    def finish(self, *, pending: Collection[str] = ()) -> None:
+        """ConfigError for any table never asked for and any key never read.
+
+        ``pending`` names sections whose readers are not done yet (e.g. ``[server]``, read by
+        the driver it names): whoever finishes reading one calls its ``Section.finish()``."""
+        self.check_tables(self.sections)
+        for name, section in self.sections.items():
+            if name not in pending:
+                section.finish()
 
 
-def _toml_value(value: object) -> str:
-    if isinstance(value, bool):
-        return "true" if value else "false"
-    if isinstance(value, int | float):
-        return repr(value)
-    if isinstance(value, str | Path):
-        text = str(value)
-        escaped = text.replace("\\", "\\\\").replace('"', '\\"')
-        if any(ord(c) < 0x20 for c in escaped):
-            raise ValueError(f"control character in config value {text!r}")
-        return f'"{escaped}"'
+def _plain(value: object) -> object:
+    if isinstance(value, Path):
+        return str(value)
     if isinstance(value, list | tuple):
-        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
-    raise TypeError(f"cannot write {type(value).__name__} to TOML")
+        return [_plain(v) for v in value]
+    if isinstance(value, Mapping):
+        return _plain_table(value)
+    return value
+
+
+def _plain_table(table: Mapping[str, object]) -> dict[str, object]:
+    return {str(k): _plain(v) for k, v in table.items() if v is not None}
 
 
 def dump_toml(tables: Mapping[str, Mapping[str, object]], header: str = "") -> str:
-    """Write tables of scalars and lists (all tlsroll's configs need); round-trips via tomllib."""
-    lines = [f"# {line}" for line in header.splitlines()]
+    """TOML text for ``tables`` (written by tomli-w, so any string round-trips via tomllib).
+
+    ``header`` becomes comment lines at the top; a ``None`` value leaves its key out; a path is
+    written as its string; a table named ``"a.b"`` is the sub-table ``[a.b]``.
+    """
+    doc: dict[str, Any] = {}
     for name, table in tables.items():
-        if lines:
-            lines.append("")
-        lines.append(f"[{name}]")
-        for key, value in table.items():
-            if value is not None:
-                lines.append(f"{key} = {_toml_value(value)}")
-    return "\n".join(lines) + "\n"
+        parent = doc
+        *outer, last = name.split(".")
+        for part in outer:
+            parent = parent.setdefault(part, {})
+        parent.setdefault(last, {}).update(_plain_table(table))
+    comments = "".join(f"# {line}".rstrip() + "\n" for line in header.splitlines())
+    return (comments + "\n" if comments else "") + tomli_w.dumps(doc)
