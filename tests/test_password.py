@@ -1,20 +1,26 @@
-"""tlsroll.password: generated passwords, scrypt verifiers, their JSON form and validation."""
+"""tlsroll.password: generated passwords, scrypt verifiers, their JSON form and validation, and
+the one rule for a ``--password-file`` (the admin CLI's and the workstation's)."""
 
 from __future__ import annotations
 
 import base64
 import json
 import math
+import os
 import re
+from pathlib import Path
 from typing import Any
 
 import pytest
 
-from tlsroll import password
+from tlsroll import cli, password
+from tlsroll.errors import TlsrollError
 from tlsroll.password import (
+    PasswordFileError,
     check_password,
     generate_password,
     make_verifier,
+    read_password_file,
     verifier_from_json,
     verifier_to_json,
 )
@@ -145,3 +151,98 @@ def test_entropy_is_at_least_100_bits() -> None:
     assert abs(password.ENTROPY_BITS - chars * math.log2(31)) < 1e-9
     assert password.ENTROPY_BITS >= 100
     assert len(generate_password().replace("-", "")) == chars
+
+
+# --- the password file ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("content", "expected"),
+    [
+        (b"s3cret", "s3cret"),
+        (b"s3cret\n", "s3cret"),
+        (b"s3cret\r\n", "s3cret"),
+        (b" with spaces\tand tab \n", " with spaces\tand tab "),
+        ("Grüße-日本\n".encode(), "Grüße-日本"),
+    ],
+    ids=["no-line-end", "lf", "crlf", "white-space-kept", "utf-8"],
+)
+def test_password_file_is_its_only_line(tmp_path: Path, content: bytes, expected: str) -> None:
+    path = tmp_path / "pw"
+    path.write_bytes(content)
+    assert read_password_file(path) == expected
+
+
+@pytest.mark.parametrize(
+    ("content", "problem"),
+    [
+        (b"", "is empty"),
+        (b"\n", "is empty"),
+        (b"\r\n", "is empty"),
+        (b"  \t \n", "is empty (white space only)"),
+        (b"s3cret\nsecond\n", "has more than one line"),
+        (b"s3cret\n\n", "has more than one line"),
+        (b"s3cret\r\n\r\n", "has more than one line"),
+        (b"\ns3cret", "has more than one line"),
+        (b"s3c\rret", "has more than one line"),
+        (b"s3cret\r", "has more than one line"),
+        (b"s3cr\xe9t\n", "is not UTF-8 text"),
+    ],
+    ids=[
+        "empty",
+        "lf-only",
+        "crlf-only",
+        "blank",
+        "two-lines",
+        "blank-second-line",
+        "two-crlf",
+        "leading-line-end",
+        "inner-cr",
+        "trailing-lone-cr",
+        "latin-1",
+    ],
+)
+def test_password_file_refused(tmp_path: Path, content: bytes, problem: str) -> None:
+    path = tmp_path / "pw"
+    path.write_bytes(content)
+    with pytest.raises(PasswordFileError) as info:
+        read_password_file(path)
+    assert isinstance(info.value, TlsrollError)
+    assert str(info.value).startswith(f"{path} {problem}")
+    assert "\n" not in str(info.value) and "s3c" not in str(info.value)
+
+
+def test_password_file_unreadable(tmp_path: Path) -> None:
+    with pytest.raises(PasswordFileError, match=re.escape("No such file or directory")):
+        read_password_file(tmp_path / "missing")
+    with pytest.raises(PasswordFileError, match="cannot read"):
+        read_password_file(tmp_path)  # a directory
+    if os.geteuid() != 0:  # root reads anything
+        locked = tmp_path / "locked"
+        locked.write_text("s3cret\n")
+        locked.chmod(0)
+        with pytest.raises(PasswordFileError, match=re.escape(f"cannot read {locked}: ")):
+            read_password_file(locked)
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["password", "set"],
+        ["client", "test-connection", "https://127.0.0.1:1/x/"],
+    ],
+    ids=["password-set", "client"],
+)
+def test_both_clis_refuse_a_two_line_password_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str]
+) -> None:
+    """Same file, same rule, same exit code, before anything is contacted (the socket and the
+    URL lead nowhere: reaching them would be another error)."""
+    path = tmp_path / "pw"
+    path.write_text("s3cret\nsecond\n")
+    socket = tmp_path / "no-leader.sock"
+    code = cli.main(["--socket", str(socket), *args, "--password-file", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith("tlsroll: error: ")
+    assert "--password-file" in err and f"{path} has more than one line" in err

@@ -1,4 +1,5 @@
-"""The cluster's auth password: generate it, keep only a salted scrypt verifier, check it.
+"""The cluster's auth password: generate it, read it from a file, keep only a salted scrypt
+verifier, check it.
 
 A node never stores the password in clear, only a *verifier*: a JSON object
 
@@ -13,6 +14,11 @@ Entropy: each character is drawn uniformly and independently (``secrets.choice``
 symbols, so the password carries 24 * log2(31) = 24 * 4.954 = 118.9 bits (the hyphens are fixed
 and add nothing). That is above the 100 bits we ask for; 21 characters would be the minimum
 (104.0 bits), 20 would not do (99.1 bits).
+
+A password file (``--password-file``, for the admin CLI and the workstation alike) holds the
+password as its only line: one trailing line end (LF or CR LF) is dropped, nothing
+else is; an empty or blank file, a second line, bytes that are not UTF-8 or a file that cannot
+be read are refused (``read_password_file``).
 """
 
 from __future__ import annotations
@@ -26,7 +32,10 @@ import math
 import secrets
 import unicodedata
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any, TypedDict
+
+from tlsroll.errors import TlsrollError
 
 ALG = "scrypt"
 DEFAULT_N = 2**15
@@ -62,6 +71,36 @@ class Verifier(TypedDict):
     p: int
     salt: str
     hash: str
+
+
+class PasswordFileError(TlsrollError):
+    """A password file that cannot be used; the message names the file and says why."""
+
+
+def read_password_file(path: Path) -> str:
+    """The password in ``path``: the file's only line, one trailing line end stripped.
+
+    PasswordFileError if the file cannot be read, is not UTF-8, is empty or blank, or has more
+    than one line (a line end anywhere but at the very end, or two at the end).
+    """
+    try:
+        data = Path(path).read_bytes()
+    except OSError as exc:
+        raise PasswordFileError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError:
+        raise PasswordFileError(f"{path} is not UTF-8 text") from None
+    text = text.removesuffix("\n").removesuffix("\r") if text.endswith("\n") else text
+    if not text:
+        raise PasswordFileError(f"{path} is empty")
+    if "\n" in text or "\r" in text:
+        raise PasswordFileError(
+            f"{path} has more than one line; the password must be the file's only line"
+        )
+    if not text.strip():
+        raise PasswordFileError(f"{path} is empty (white space only)")
+    return text
 
 
 def generate_password() -> str:

@@ -12,13 +12,13 @@ from pathlib import Path
 import click
 
 from tlsroll.defaults import BOOTSTRAP_PORT
+from tlsroll.password import PasswordFileError, read_password_file
 from workstation.connection import (
     DEFAULT_TIMEOUT,
     UI,
     Options,
     TestConnection,
     default_settings_dir,
-    read_password_file,
 )
 
 
@@ -37,7 +37,8 @@ def client() -> None:
 @click.option(
     "--password-file",
     type=click.Path(path_type=Path, dir_okay=False),
-    help="Read the auth password from this file instead of asking (for scripts).",
+    help="Read the auth password from this file (the file's only line) instead of asking "
+    "(for scripts).",
 )
 @click.option(
     "--ca-pin",
@@ -88,7 +89,7 @@ def test_connection(
     """
     if no_enrol and password_file is not None:
         raise click.UsageError("--no-enrol uses no password; drop --password-file")
-    secret = read_password_file(password_file) if password_file is not None else None
+    secret = _password_from(password_file) if password_file is not None else None
     options = Options(
         url=url,
         settings_dir=settings_dir,
@@ -103,6 +104,13 @@ def test_connection(
     ui = UI(say=click.echo, ask_port=_ask_port, ask_password=_ask_password)
     TestConnection(options, ui).run()
     click.echo("restart the client to finish")
+
+
+def _password_from(path: Path) -> str:
+    try:
+        return read_password_file(path)
+    except PasswordFileError as exc:
+        raise click.BadParameter(str(exc), param_hint="--password-file") from None
 
 
 def _ask_port(default: int) -> int:

@@ -734,24 +734,3 @@ def _error_of(reply: Reply) -> tuple[str, str]:
         data: Any = proto.loads_strict(reply.body)
         return str(data.get("error", "")), str(data.get("message", ""))
     return "", ""
-
-
-def read_password_file(path: Path) -> str:
-    """The password in ``path`` (first line, line end stripped); BadParameter if unusable."""
-    hint = "--password-file"
-    try:
-        data = path.read_bytes()
-    except OSError as exc:
-        raise click.BadParameter(
-            f"cannot read {path}: {exc.strerror or exc}", param_hint=hint
-        ) from None
-    try:
-        text = data.decode("utf-8")
-    except UnicodeDecodeError:
-        raise click.BadParameter(f"{path} is not UTF-8 text", param_hint=hint) from None
-    text = text.rstrip("\r\n")
-    if not text.strip():
-        raise click.BadParameter(f"{path} is empty", param_hint=hint)
-    if "\n" in text or "\r" in text:
-        raise click.BadParameter(f"{path} must hold the password on one line", param_hint=hint)
-    return text

@@ -20,15 +20,12 @@ from tlsroll.v1 import admin_pb2
 
 
 def read_password_file(path: Path) -> str:
+    """The password in ``path`` (``tlsroll.password.read_password_file``'s rule); a usage error
+    naming --password-file (exit 2) if the file is not usable."""
     try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as exc:
-        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise click.UsageError(f"cannot read password file {path}: {reason}") from None
-    value = text.rstrip("\r\n")
-    if not value.strip():
-        raise click.UsageError(f"password file {path} is empty")
-    return value
+        return password.read_password_file(path)
+    except password.PasswordFileError as exc:
+        raise click.BadParameter(str(exc), param_hint="--password-file") from None
 
 
 def obtain_password(password_file: Path | None, generate: bool) -> str:
@@ -65,7 +62,7 @@ def password_group() -> None:
 @click.option(
     "--password-file",
     type=click.Path(path_type=Path, dir_okay=False),
-    help="Read the new password from this file (first line).",
+    help="Read the new password from this file (the file's only line).",
 )
 @click.option("--generate", is_flag=True, help="Make a new password and show it once.")
 @pass_leader
@@ -108,7 +105,8 @@ def password_set(leader: Leader, password_file: Path | None, generate: bool) -> 
 @click.option(
     "--password-file",
     type=click.Path(path_type=Path, dir_okay=False),
-    help="With --include-password: read it from this file instead of asking.",
+    help="With --include-password: read it from this file (the file's only line) instead of "
+    "asking.",
 )
 @pass_leader
 def notify(

@@ -215,7 +215,7 @@ def rollout() -> None:
 @click.option(
     "--password-file",
     type=click.Path(path_type=Path, dir_okay=False),
-    help="enable-tls: the auth password workstations will need (first line of the file); "
+    help="enable-tls: the auth password workstations will need (the file's only line); "
     "without it a new one is generated and shown once.",
 )
 @click.option("--yes", is_flag=True, help="Start without showing the plan and asking.")
