@@ -99,7 +99,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     bind(control, hostport(cfg.address, cfg.control_port), control_creds)
 
     admin = grpc.aio.server()
-    schema = SchemaStore(layout.store)
+    schema = SchemaStore(state.store.db)  # one Database for the file (leader.db)
     engine = Engine(
         state.store,
         schema,

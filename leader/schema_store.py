@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from leader import db as leader_db
 from leader.rollout_core import (
     TERMINAL_ROLLOUT_STATES,
     Change,
@@ -30,66 +31,6 @@ from leader.rollout_core import (
 )
 from tlsroll.errors import TlsrollError
 from tlsroll.sqlite import Database, from_text, to_text
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS rollouts (
-    id             TEXT PRIMARY KEY,
-    change         TEXT NOT NULL,
-    scope_kind     TEXT NOT NULL,
-    scope_names    TEXT NOT NULL,
-    node_order     TEXT NOT NULL,
-    strategy       TEXT NOT NULL,
-    max_parallel   INTEGER NOT NULL,
-    failure_budget INTEGER NOT NULL,
-    freeze         TEXT NOT NULL,
-    epoch          INTEGER NOT NULL UNIQUE,
-    state          TEXT NOT NULL,
-    created_at     TEXT NOT NULL,
-    started_at     TEXT,
-    ended_at       TEXT,
-    started_by     TEXT NOT NULL,
-    leader_node    TEXT NOT NULL,
-    reason         TEXT NOT NULL DEFAULT '',
-    auth_version   INTEGER NOT NULL DEFAULT 0,  -- the auth password this rollout applies
-    undoes         TEXT NOT NULL DEFAULT ''     -- disable-tls: the rollout it takes back
-);
-CREATE TABLE IF NOT EXISTS auth_versions (
-    version    INTEGER PRIMARY KEY,
-    verifier   TEXT NOT NULL,                    -- scrypt verifier JSON, never the password
-    created_at TEXT NOT NULL,
-    actor      TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS node_auth (
-    name       TEXT PRIMARY KEY,
-    version    INTEGER NOT NULL,                 -- the auth password live on the node
-    updated_at TEXT NOT NULL
-);
-CREATE TABLE IF NOT EXISTS rollout_nodes (
-    rollout_id        TEXT NOT NULL REFERENCES rollouts(id),
-    name              TEXT NOT NULL,
-    state             TEXT NOT NULL,
-    reason            TEXT NOT NULL DEFAULT '',
-    scope_frozen      INTEGER NOT NULL DEFAULT 0,
-    old_url           TEXT NOT NULL DEFAULT '',
-    new_url           TEXT NOT NULL DEFAULT '',
-    cert_fingerprint  TEXT NOT NULL DEFAULT '',
-    cert_not_after    TEXT,
-    freeze_started_at TEXT,
-    freeze_ended_at   TEXT,
-    restart_seconds   REAL NOT NULL DEFAULT 0,
-    bootstrap_port    INTEGER NOT NULL DEFAULT 0,
-    steps             TEXT NOT NULL DEFAULT '{}',  -- step -> [started_at, ended_at]
-    PRIMARY KEY (rollout_id, name)
-);
-CREATE TABLE IF NOT EXISTS audit (
-    seq     INTEGER PRIMARY KEY AUTOINCREMENT,
-    at      TEXT NOT NULL,
-    actor   TEXT NOT NULL,
-    kind    TEXT NOT NULL,
-    subject TEXT NOT NULL,
-    detail  TEXT NOT NULL
-);
-"""
 
 _TERMINAL = tuple(s.value for s in TERMINAL_ROLLOUT_STATES)
 _ACTIVE = f"state NOT IN ({', '.join('?' * len(_TERMINAL))})"  # a rollout not yet ended
@@ -147,12 +88,15 @@ class RolloutRow:
 
 
 class SchemaStore:
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self._db = Database(self.path, _SCHEMA)
+    def __init__(self, db: Database | Path) -> None:
+        """``db``: the leader's open database (shared, as ``Store.db``), or the path of its
+        file (opened here, closed by ``close``); see ``leader.db``."""
+        self._db, self._owns_db = leader_db.use(db)
+        self.path = self._db.path
 
     def close(self) -> None:
-        self._db.close()
+        if self._owns_db:
+            self._db.close()
 
     @staticmethod
     def _audit(

@@ -18,46 +18,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
 
+from leader import db as leader_db
 from tlsroll.errors import TlsrollError
 from tlsroll.sqlite import Database, from_text, to_text
 
 T = TypeVar("T")
-
-SCHEMA_VERSION = 1
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS nodes (
-    name             TEXT PRIMARY KEY,
-    addresses        TEXT NOT NULL,      -- JSON list of IPs
-    dns_names        TEXT NOT NULL,      -- JSON list
-    agent_version    TEXT NOT NULL,
-    agent_port       INTEGER NOT NULL,
-    key_pin          TEXT NOT NULL,      -- sha256 SPKI of the node's key: its identity
-    cert_fingerprint TEXT NOT NULL,
-    cert_serial      TEXT NOT NULL,
-    cert_not_after   TEXT NOT NULL,
-    enrolled_at      TEXT NOT NULL,
-    last_heartbeat   TEXT
-);
-CREATE TABLE IF NOT EXISTS tokens (
-    id           TEXT PRIMARY KEY,
-    secret_hash  TEXT NOT NULL,          -- sha256 of the secret; the secret itself is not kept
-    description  TEXT NOT NULL,
-    created_at   TEXT NOT NULL,
-    expires_at   TEXT NOT NULL,
-    uses_allowed INTEGER NOT NULL,
-    uses_left    INTEGER NOT NULL,
-    revoked_at   TEXT
-);
-CREATE TABLE IF NOT EXISTS audit (
-    seq     INTEGER PRIMARY KEY AUTOINCREMENT,
-    at      TEXT NOT NULL,
-    actor   TEXT NOT NULL,
-    kind    TEXT NOT NULL,
-    subject TEXT NOT NULL,
-    detail  TEXT NOT NULL                -- JSON; never holds a secret
-);
-"""
 
 
 class TokenRejected(TlsrollError):
@@ -114,20 +79,20 @@ class NodeCert:
 
 
 class Store:
-    def __init__(self, path: Path) -> None:
-        self.path = Path(path)
-        self._db = Database(self.path, _SCHEMA)
-        with self._db.tx() as db:
-            version = db.execute("PRAGMA user_version").fetchone()[0]
-            if version > SCHEMA_VERSION:
-                raise TlsrollError(
-                    f"{self.path}: store schema version {version} is newer than this "
-                    f"tlsroll ({SCHEMA_VERSION}); upgrade tlsroll"
-                )
-            db.execute(f"PRAGMA user_version={SCHEMA_VERSION}")
+    def __init__(self, db: Database | Path) -> None:
+        """``db``: the leader's open database (shared), or the path of its file (opened here,
+        closed by ``close``); see ``leader.db``."""
+        self._db, self._owns_db = leader_db.use(db)
+        self.path = self._db.path
+
+    @property
+    def db(self) -> Database:
+        """The leader's database, for its other store (``SchemaStore(store.db)``)."""
+        return self._db
 
     def close(self) -> None:
-        self._db.close()
+        if self._owns_db:
+            self._db.close()
 
     def _audit(
         self,

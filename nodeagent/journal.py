@@ -17,9 +17,10 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
-from tlsroll.sqlite import Database
+from tlsroll.sqlite import Database, Migration
 
-_SCHEMA = """
+# Migration 1: the tables of tlsroll 0.1.0 (which left user_version at 0).
+_V1 = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS staged (
     rollout_id  TEXT PRIMARY KEY,
@@ -59,6 +60,11 @@ CREATE TABLE IF NOT EXISTS events (
     detail     TEXT NOT NULL
 );
 """
+
+# The journal's schema: append a migration to change it (see tlsroll.sqlite).
+MIGRATIONS: tuple[Migration, ...] = (
+    _V1,  # 0.1.0
+)
 
 
 @dataclass(frozen=True)
@@ -122,7 +128,7 @@ def _dec(name: str, value: Any) -> Any:
 class Journal:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self._db = Database(self.path, _SCHEMA)
+        self._db = Database(self.path, MIGRATIONS)
 
     def close(self) -> None:
         self._db.close()

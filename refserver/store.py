@@ -24,11 +24,13 @@ from pathlib import Path
 from typing import Any
 
 from tlsroll.fsutil import PRIVATE, write_atomic
+from tlsroll.sqlite import Migration, make_private, migrate
 
 DB_NAME = "entries.sqlite3"
 STATE_NAME = "state.json"
 
-_SCHEMA = """
+# Migration 1: the table of tlsroll 0.1.0 (which left user_version at 0).
+_V1 = """
 CREATE TABLE IF NOT EXISTS entries (
     seq        INTEGER PRIMARY KEY AUTOINCREMENT,
     id         TEXT    NOT NULL UNIQUE,
@@ -36,6 +38,11 @@ CREATE TABLE IF NOT EXISTS entries (
     created_at TEXT    NOT NULL
 )
 """
+
+# The schema of entries.sqlite3: append a migration to change it (see tlsroll.sqlite).
+MIGRATIONS: tuple[Migration, ...] = (
+    _V1,  # 0.1.0
+)
 
 
 def now_iso() -> str:
@@ -48,13 +55,14 @@ class Store:
         self._write_lock = threading.Lock()
         self._pool_lock = threading.Lock()
         self._readers: list[sqlite3.Connection] = []
+        make_private(self.path)  # 0600, and so its -wal and -shm
         self._writer = self._connect()
         try:
+            self._writer.execute("PRAGMA synchronous=FULL")
+            migrate(self._writer, self.path, MIGRATIONS)  # before WAL: a refused file stays
             mode = self._writer.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise sqlite3.OperationalError(f"cannot switch {self.path} to WAL (got {mode})")
-            self._writer.execute("PRAGMA synchronous=FULL")
-            self._writer.execute(_SCHEMA)
         except BaseException:
             self._writer.close()
             raise

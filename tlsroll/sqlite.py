@@ -1,19 +1,45 @@
-"""One SQLite file, shared by threads: the durability settings and transactions all stores use.
+"""One SQLite file, shared by threads: the durability settings, transactions and schema
+migrations all stores use.
 
 WAL journal with ``synchronous=FULL`` (a committed transaction survives a power cut), one
 connection guarded by a lock (async callers go through ``asyncio.to_thread``), and writes in
 ``BEGIN IMMEDIATE`` transactions so that a read-check-write is atomic against every other
-writer, in this process or another.
+writer, in this process or another. A store file and its ``-wal``/``-shm`` are 0600: they hold
+secrets (the password verifier).
+
+Schema migrations: each store has one list ``MIGRATIONS``; ``PRAGMA user_version`` is how many
+of them the file has had. ``migrate`` applies the missing ones in order, in one transaction
+(all or nothing), and refuses a file from a newer tlsroll (``SchemaTooNew``). Migration 1 is
+the tables of tlsroll 0.1.0 with ``CREATE … IF NOT EXISTS``, so that a file 0.1.0 wrote is
+taken over as it is.
+
+To change a schema, append one migration to the store's list: an SQL script (statements with
+``;``) or a function of the connection. Never edit, reorder or remove a migration that was
+released: files in the field have had it (their user_version counts it) and will not have it
+again. A migration must not commit or call ``executescript`` (which commits); it runs with
+foreign keys off (SQLite cannot switch them inside a transaction), and
+``PRAGMA foreign_key_check`` must pass before the commit.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import os
 import sqlite3
+import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
+from typing import TypeAlias
+
+from tlsroll.errors import TlsrollError, UnsafePermissions
+
+Migration: TypeAlias = str | Callable[[sqlite3.Connection], None]
+"""One step of a store's schema: an SQL script, or a function that changes the schema."""
+
+PRIVATE = 0o600
 
 
 def to_text(t: dt.datetime | None) -> str | None:
@@ -25,18 +51,124 @@ def from_text(s: str | None) -> dt.datetime | None:
     return dt.datetime.fromisoformat(s) if s else None
 
 
+class SchemaTooNew(TlsrollError):
+    """The file was written by a newer tlsroll: its schema has migrations this one lacks."""
+
+    def __init__(self, path: Path, found: int, known: int) -> None:
+        super().__init__(
+            f"{path}: store schema version {found} is newer than this tlsroll ({known}); "
+            "upgrade tlsroll"
+        )
+        self.path = path
+        self.found = found
+        self.known = known
+
+
+def make_private(path: Path) -> None:
+    """Create the store file 0600 before SQLite opens it, or make an existing one 0600.
+
+    SQLite creates ``-wal``, ``-shm`` (and ``-journal``) with the mode of the database file, so
+    they are 0600 too; ones left by an older tlsroll are made 0600 here.
+    """
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, PRIVATE)
+    try:
+        if (found := stat.S_IMODE(os.fstat(fd).st_mode)) != PRIVATE:
+            try:
+                os.fchmod(fd, PRIVATE)
+            except PermissionError:
+                raise UnsafePermissions(
+                    f"{path} has mode {found:04o} and is not ours to change; run: chmod 600 {path}"
+                ) from None
+    finally:
+        os.close(fd)
+    for suffix in ("-wal", "-shm", "-journal"):
+        with contextlib.suppress(FileNotFoundError):
+            os.chmod(f"{path}{suffix}", PRIVATE)
+
+
+def statements(script: str) -> Iterator[str]:
+    """The statements of an SQL script, one at a time (``;`` in a string or trigger is kept)."""
+    pending = ""
+    for piece in script.split(";"):
+        pending += piece + ";"
+        if sqlite3.complete_statement(pending):
+            yield pending
+            pending = ""
+    if pending.strip():
+        yield pending  # an unfinished statement: SQLite reports it
+
+
+def migrate(
+    conn: sqlite3.Connection,
+    path: Path,
+    migrations: Sequence[Migration],
+    *,
+    adopt: Callable[[sqlite3.Connection, int], None] | None = None,
+) -> int:
+    """Bring the file's schema to ``len(migrations)``, all or nothing; return that version.
+
+    ``conn`` is in autocommit mode (``isolation_level=None``) and in no transaction. In one
+    ``BEGIN IMMEDIATE`` transaction: read ``user_version``, refuse a newer one, call ``adopt``
+    with it (to bring a file written before migrations existed to what its version means),
+    apply ``migrations[user_version:]``, check foreign keys and set ``user_version``.
+    """
+    if conn.isolation_level is not None or conn.in_transaction:
+        raise ValueError("migrate needs an autocommit connection outside a transaction")
+    known = len(migrations)
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        found = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        if found > known:
+            raise SchemaTooNew(path, found, known)
+        if adopt is not None:
+            adopt(conn, found)
+        for number, step in enumerate(migrations[found:], start=found + 1):
+            if isinstance(step, str):
+                for statement in statements(step):
+                    conn.execute(statement)
+            else:
+                step(conn)
+            if not conn.in_transaction:
+                raise RuntimeError(f"{path}: migration {number} ended the transaction")
+        if found < known:
+            if broken := conn.execute("PRAGMA foreign_key_check").fetchall():
+                raise sqlite3.IntegrityError(
+                    f"{path}: foreign keys broken by a migration: {broken[:3]}"
+                )
+            conn.execute(f"PRAGMA user_version={known}")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    conn.execute("COMMIT")
+    return known
+
+
 class Database:
-    def __init__(self, path: Path, schema: str) -> None:
+    def __init__(
+        self,
+        path: Path,
+        migrations: Sequence[Migration],
+        *,
+        adopt: Callable[[sqlite3.Connection, int], None] | None = None,
+    ) -> None:
+        """Open (or create, 0600) the file and apply its missing migrations (see ``migrate``)."""
         self.path = Path(path)
         self._lock = threading.Lock()
+        make_private(self.path)
         self._db = sqlite3.connect(
             self.path, isolation_level=None, check_same_thread=False, timeout=10
         )
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(schema)  # CREATE … IF NOT EXISTS: safe on every start
+        try:
+            self._db.row_factory = sqlite3.Row
+            self._db.execute("PRAGMA synchronous=FULL")
+            # Before WAL: a file that is refused stays exactly as it was.
+            self.version = migrate(self._db, self.path, migrations, adopt=adopt)
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+        except BaseException:
+            self._db.close()
+            raise
 
     @contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:

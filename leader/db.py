@@ -1,0 +1,128 @@
+"""The leader's one SQLite file (``leader.sqlite3``): its schema migrations, and how to open it.
+
+Both stores of the leader live in this file: ``leader.store.Store`` (nodes, tokens) and
+``leader.schema_store.SchemaStore`` (rollouts and their nodes, auth password versions); they
+share the ``audit`` table. So the file has one migration list, here, and is opened once: the
+daemon's ``SchemaStore`` uses the ``Database`` of its ``Store``.
+
+To change the schema, append a migration to ``MIGRATIONS`` (see ``tlsroll.sqlite``); never edit
+one that was released.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from tlsroll.sqlite import Database, Migration, statements
+
+# Migration 1: the tables of tlsroll 0.1.0, whose Store set user_version=1 (nodes, tokens,
+# audit) and whose SchemaStore added its tables unversioned on every open.
+_V1 = """
+CREATE TABLE IF NOT EXISTS nodes (
+    name             TEXT PRIMARY KEY,
+    addresses        TEXT NOT NULL,      -- JSON list of IPs
+    dns_names        TEXT NOT NULL,      -- JSON list
+    agent_version    TEXT NOT NULL,
+    agent_port       INTEGER NOT NULL,
+    key_pin          TEXT NOT NULL,      -- sha256 SPKI of the node's key: its identity
+    cert_fingerprint TEXT NOT NULL,
+    cert_serial      TEXT NOT NULL,
+    cert_not_after   TEXT NOT NULL,
+    enrolled_at      TEXT NOT NULL,
+    last_heartbeat   TEXT
+);
+CREATE TABLE IF NOT EXISTS tokens (
+    id           TEXT PRIMARY KEY,
+    secret_hash  TEXT NOT NULL,          -- sha256 of the secret; the secret itself is not kept
+    description  TEXT NOT NULL,
+    created_at   TEXT NOT NULL,
+    expires_at   TEXT NOT NULL,
+    uses_allowed INTEGER NOT NULL,
+    uses_left    INTEGER NOT NULL,
+    revoked_at   TEXT
+);
+CREATE TABLE IF NOT EXISTS audit (
+    seq     INTEGER PRIMARY KEY AUTOINCREMENT,
+    at      TEXT NOT NULL,
+    actor   TEXT NOT NULL,
+    kind    TEXT NOT NULL,
+    subject TEXT NOT NULL,
+    detail  TEXT NOT NULL                -- JSON; never holds a secret
+);
+CREATE TABLE IF NOT EXISTS rollouts (
+    id             TEXT PRIMARY KEY,
+    change         TEXT NOT NULL,
+    scope_kind     TEXT NOT NULL,
+    scope_names    TEXT NOT NULL,
+    node_order     TEXT NOT NULL,
+    strategy       TEXT NOT NULL,
+    max_parallel   INTEGER NOT NULL,
+    failure_budget INTEGER NOT NULL,
+    freeze         TEXT NOT NULL,
+    epoch          INTEGER NOT NULL UNIQUE,
+    state          TEXT NOT NULL,
+    created_at     TEXT NOT NULL,
+    started_at     TEXT,
+    ended_at       TEXT,
+    started_by     TEXT NOT NULL,
+    leader_node    TEXT NOT NULL,
+    reason         TEXT NOT NULL DEFAULT '',
+    auth_version   INTEGER NOT NULL DEFAULT 0,  -- the auth password this rollout applies
+    undoes         TEXT NOT NULL DEFAULT ''     -- disable-tls: the rollout it takes back
+);
+CREATE TABLE IF NOT EXISTS auth_versions (
+    version    INTEGER PRIMARY KEY,
+    verifier   TEXT NOT NULL,                    -- scrypt verifier JSON, never the password
+    created_at TEXT NOT NULL,
+    actor      TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS node_auth (
+    name       TEXT PRIMARY KEY,
+    version    INTEGER NOT NULL,                 -- the auth password live on the node
+    updated_at TEXT NOT NULL
+);
+CREATE TABLE IF NOT EXISTS rollout_nodes (
+    rollout_id        TEXT NOT NULL REFERENCES rollouts(id),
+    name              TEXT NOT NULL,
+    state             TEXT NOT NULL,
+    reason            TEXT NOT NULL DEFAULT '',
+    scope_frozen      INTEGER NOT NULL DEFAULT 0,
+    old_url           TEXT NOT NULL DEFAULT '',
+    new_url           TEXT NOT NULL DEFAULT '',
+    cert_fingerprint  TEXT NOT NULL DEFAULT '',
+    cert_not_after    TEXT,
+    freeze_started_at TEXT,
+    freeze_ended_at   TEXT,
+    restart_seconds   REAL NOT NULL DEFAULT 0,
+    bootstrap_port    INTEGER NOT NULL DEFAULT 0,
+    steps             TEXT NOT NULL DEFAULT '{}',  -- step -> [started_at, ended_at]
+    PRIMARY KEY (rollout_id, name)
+);
+"""
+
+MIGRATIONS: tuple[Migration, ...] = (
+    _V1,  # 0.1.0
+)
+
+
+def _adopt(conn: sqlite3.Connection, found: int) -> None:
+    """A file at version 1 may be one of 0.1.0 that lacks SchemaStore's tables (its Store set
+    user_version=1 before they were made: a leader that stopped in between, say on a port in
+    use). Migration 1 only creates what is missing, so it is applied again there."""
+    if found == 1:
+        for statement in statements(_V1):
+            conn.execute(statement)
+
+
+def open_db(path: Path) -> Database:
+    """Open (or create) ``leader.sqlite3``, migrated to the current schema."""
+    return Database(path, MIGRATIONS, adopt=_adopt)
+
+
+def use(db: Database | Path) -> tuple[Database, bool]:
+    """What a leader store works on: ``db`` itself (shared: its owner closes it), or the file
+    at the path ``db``, opened here (the store owns it). Returns the database and ownership."""
+    if isinstance(db, Database):
+        return db, False
+    return open_db(db), True

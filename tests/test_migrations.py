@@ -1,0 +1,347 @@
+"""Schema migrations (``PRAGMA user_version``) of the three SQLite stores, against databases
+written by the previous release (tests/data/previous_layout, tlsroll 0.1.0), and the mode of
+every store file."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import os
+import sqlite3
+import stat
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Protocol
+
+import pytest
+
+from leader.schema_store import SchemaStore
+from leader.store import Store
+from nodeagent.journal import Journal
+from refserver import store as refstore
+from tlsroll.errors import TlsrollError
+
+PREVIOUS = Path(__file__).parent / "data" / "previous_layout"
+ROLLOUT = "r20261129-120000-ab12"  # the rollout in leader.sql
+
+
+class Closable(Protocol):
+    def close(self) -> None: ...
+
+
+def load(dump: str, path: Path) -> Path:
+    """A database file exactly as tlsroll 0.1.0 left it."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    conn = sqlite3.connect(path)
+    try:
+        conn.executescript((PREVIOUS / dump).read_text())
+    finally:
+        conn.close()
+    return path
+
+
+def user_version(path: Path) -> int:
+    conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+    try:
+        return int(conn.execute("PRAGMA user_version").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def tables(path: Path) -> set[str]:
+    conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+    try:
+        return {r[0] for r in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+    finally:
+        conn.close()
+
+
+def refserver_db(data_dir: Path) -> Path:
+    data_dir.mkdir(exist_ok=True)
+    return data_dir / refstore.DB_NAME
+
+
+# Each store: the dump of its 0.1.0 file, where its file goes under a directory, how it is
+# opened. The leader's file is opened through either of its two stores.
+STORES: dict[str, tuple[str, Callable[[Path], Path], Callable[[Path], Closable]]] = {
+    "leader-store": ("leader.sql", lambda d: d / "leader.sqlite3", Store),
+    "leader-schema": ("leader.sql", lambda d: d / "leader.sqlite3", SchemaStore),
+    "journal": ("journal.sql", lambda d: d / "journal.sqlite3", Journal),
+    "refserver": ("refserver.sql", refserver_db, lambda p: refstore.Store(p.parent)),
+}
+
+
+def current_version(kind: str, tmp_path: Path) -> int:
+    """The version a fresh database of this store gets (at least 1: the 0.1.0 tables)."""
+    _, where, opener = STORES[kind]
+    directory = tmp_path / f"fresh-{kind}"
+    directory.mkdir()
+    path = where(directory)
+    opener(path).close()
+    version = user_version(path)
+    assert version >= 1
+    return version
+
+
+# --- databases written by 0.1.0 ---------------------------------------------------------------
+
+
+def test_the_leader_file_of_0_1_0_is_taken_over(tmp_path: Path) -> None:
+    path = load("leader.sql", tmp_path / "leader.sqlite3")
+    assert user_version(path) == 1  # 0.1.0's Store set it
+    store = Store(path)
+    schema = SchemaStore(path)
+    try:
+        assert [n.name for n in store.list_nodes()] == ["node1", "node2"]
+        assert store.get_node("node2").last_heartbeat is None
+        assert store.get_token("abc123").uses_left == 0
+        row = schema.get(ROLLOUT)
+        assert row is not None
+        assert row.rollout.state.value == "halted"
+        assert row.rollout.order == ("node1", "node2")
+        assert [r.state.value for r in row.records] == ["done", "rolled_back"]
+        assert row.meta.auth_version == 1
+        assert '"alg": "scrypt"' in schema.verifier(1)
+        assert schema.node_auth() == {"node1": 1}
+        assert schema.next_epoch() == 2
+    finally:
+        schema.close()
+        store.close()
+    assert user_version(path) == current_version("leader-store", tmp_path)
+
+
+def test_a_leader_file_of_0_1_0_without_the_rollout_tables_gets_them(tmp_path: Path) -> None:
+    # 0.1.0's Store set user_version=1 on open; the rollout tables came later, from
+    # SchemaStore, so a leader that failed in between (a port in use) left a file at 1
+    # without them.
+    path = load("leader.sql", tmp_path / "leader.sqlite3")
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        "DROP TABLE rollout_nodes; DROP TABLE rollouts; DROP TABLE auth_versions;"
+        "DROP TABLE node_auth;"
+    )
+    conn.close()
+    assert user_version(path) == 1
+    schema = SchemaStore(path)
+    try:
+        assert schema.next_epoch() == 1
+        assert schema.latest_auth_version() == 0
+    finally:
+        schema.close()
+    assert {"rollouts", "rollout_nodes", "auth_versions", "node_auth"} <= tables(path)
+
+
+def test_the_agent_journal_of_0_1_0_is_taken_over(tmp_path: Path) -> None:
+    path = load("journal.sql", tmp_path / "journal.sqlite3")
+    assert user_version(path) == 0
+    journal = Journal(path)
+    try:
+        done = journal.get("r0", "switch")
+        assert done is not None
+        assert (done.epoch, done.outcome, done.watermark) == (2, "completed", 7)
+        failed = journal.get("r1", "switch")
+        assert failed is not None
+        assert (failed.phase, failed.reason) == ("restored", "verify: no answer")
+        assert failed.plan["failed_phase"] == "restarted"
+        assert [t.rollout_id for t in journal.unfinished()] == ["r1"]
+        assert journal.highest_epoch() == 3
+        live = journal.live_tls()
+        assert live is not None
+        assert live["server_url"] == "https://127.0.10.2:8443/praxis_live/"
+        staged = journal.staged("r1")
+        assert staged is not None
+        assert staged.cert_file is None
+        assert len(journal.events("r1")) == 3
+    finally:
+        journal.close()
+    assert user_version(path) == current_version("journal", tmp_path)
+
+
+def test_the_refserver_entries_of_0_1_0_are_taken_over(tmp_path: Path) -> None:
+    path = load("refserver.sql", refserver_db(tmp_path / "ref"))
+    assert user_version(path) == 0
+    store = refstore.Store(path.parent)
+    try:
+        assert store.watermark() == 2
+        entry = store.get("7dcf32ed12da42dd89eba9faab435dd2")
+        assert entry is not None
+        assert (entry["seq"], entry["body"]) == (1, {"text": "entry one"})
+        _, seq = store.insert({"text": "drei"})
+        assert seq == 3
+    finally:
+        store.close()
+    assert user_version(path) == current_version("refserver", tmp_path)
+
+
+# --- fresh, too new, failing ------------------------------------------------------------------
+
+
+def test_a_fresh_database_gets_the_current_version(tmp_path: Path) -> None:
+    from leader import db as leader_db
+    from nodeagent import journal
+
+    assert current_version("leader-store", tmp_path) == len(leader_db.MIGRATIONS)
+    assert current_version("leader-schema", tmp_path) == len(leader_db.MIGRATIONS)
+    assert current_version("journal", tmp_path) == len(journal.MIGRATIONS)
+    assert current_version("refserver", tmp_path) == len(refstore.MIGRATIONS)
+
+
+def test_both_leader_stores_share_one_database(tmp_path: Path) -> None:
+    store = Store(tmp_path / "leader.sqlite3")
+    schema = SchemaStore(store.db)
+    assert schema.next_epoch() == 1
+    assert store.list_nodes() == []
+    schema.close()  # the store owns the database: it is still open
+    assert schema.next_epoch() == 1
+    store.close()
+
+
+@pytest.mark.parametrize("kind", sorted(STORES))
+def test_a_newer_schema_is_refused_and_left_unchanged(kind: str, tmp_path: Path) -> None:
+    dump, where, opener = STORES[kind]
+    path = load(dump, where(tmp_path / "data"))
+    conn = sqlite3.connect(path)
+    conn.execute("PRAGMA user_version=99")
+    conn.close()
+    before = hashlib.sha256(path.read_bytes()).hexdigest()
+    current = current_version(kind, tmp_path)
+
+    with pytest.raises(TlsrollError) as refused:
+        opener(path)
+
+    assert str(refused.value) == (
+        f"{path}: store schema version 99 is newer than this tlsroll ({current}); upgrade tlsroll"
+    )
+    assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+    assert user_version(path) == 99
+
+
+def test_the_too_new_error_is_its_own_kind(tmp_path: Path) -> None:
+    from tlsroll.sqlite import Database, SchemaTooNew
+
+    path = tmp_path / "x.sqlite3"
+    Database(path, ["CREATE TABLE a (x)", "CREATE TABLE b (x)"]).close()
+    with pytest.raises(SchemaTooNew, match=r"store schema version 2 is newer .* \(1\);"):
+        Database(path, ["CREATE TABLE a (x)"])
+
+
+def test_a_migration_that_fails_halfway_leaves_the_old_version(tmp_path: Path) -> None:
+    from tlsroll.sqlite import Database, Migration
+
+    path = tmp_path / "x.sqlite3"
+    v1: list[Migration] = ["CREATE TABLE a (x); INSERT INTO a VALUES (1);"]
+    Database(path, v1).close()
+
+    def rename(conn: sqlite3.Connection) -> None:
+        conn.execute("ALTER TABLE a RENAME TO c")
+        conn.execute("INSERT INTO a VALUES (3)")  # a is gone: fails after a change
+
+    broken: list[Migration] = [
+        *v1,
+        "CREATE TABLE b (x); INSERT INTO a VALUES (2); INSERT INTO nosuch VALUES (1);",
+    ]
+    with pytest.raises(sqlite3.OperationalError, match="no such table: nosuch"):
+        Database(path, broken)
+    with pytest.raises(sqlite3.OperationalError, match="no such table: a"):
+        Database(path, [*v1, "CREATE TABLE b (x)", rename])
+
+    assert user_version(path) == 1
+    assert tables(path) == {"a"}
+    db = Database(path, v1)
+    with db.read() as conn:
+        assert [tuple(r) for r in conn.execute("SELECT x FROM a")] == [(1,)]
+    db.close()
+
+
+def test_migrations_apply_in_order_from_the_version_found(tmp_path: Path) -> None:
+    from tlsroll.sqlite import Database, Migration
+
+    path = tmp_path / "x.sqlite3"
+    seen: list[int] = []
+
+    def count(conn: sqlite3.Connection) -> None:
+        seen.append(conn.execute("SELECT COUNT(*) FROM t").fetchone()[0])
+
+    steps: list[Migration] = [
+        # a trigger's body and a string hold semicolons: split into statements correctly
+        "CREATE TABLE t (x TEXT); INSERT INTO t VALUES ('a;b');"
+        "CREATE TRIGGER t_ins AFTER INSERT ON t BEGIN SELECT 1; SELECT 2; END;",
+        count,
+    ]
+    Database(path, steps).close()
+    Database(path, [*steps, "INSERT INTO t VALUES ('c')", count]).close()
+    Database(path, [*steps, "INSERT INTO t VALUES ('c')", count]).close()  # nothing to do
+    assert seen == [1, 2]
+    assert user_version(path) == 4
+
+
+def test_a_migration_may_not_end_the_transaction(tmp_path: Path) -> None:
+    from tlsroll.sqlite import Database
+
+    def commits(conn: sqlite3.Connection) -> None:
+        conn.executescript("CREATE TABLE a (x)")  # COMMITs first
+
+    path = tmp_path / "x.sqlite3"
+    with pytest.raises(RuntimeError, match="migration 1 ended the transaction"):
+        Database(path, [commits])
+
+
+# --- file modes -------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def open_umask() -> Iterator[None]:
+    old = os.umask(0o022)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def mode(path: Path) -> int:
+    return stat.S_IMODE(path.stat().st_mode)
+
+
+def companions(path: Path) -> list[Path]:
+    return [path, path.with_name(path.name + "-wal"), path.with_name(path.name + "-shm")]
+
+
+def write(store: Closable) -> None:
+    now = dt.datetime(2026, 11, 29, 12, 0, tzinfo=dt.UTC)
+    if isinstance(store, Store):
+        store.add_token(
+            "t1", "s" * 32, ttl=dt.timedelta(hours=1), uses=1, description="", now=now, actor="test"
+        )
+    elif isinstance(store, SchemaStore):
+        assert store.stage_password('{"v": 1}', now, "test") == 1
+    elif isinstance(store, Journal):
+        assert store.admit_epoch(1) is None
+    else:
+        assert isinstance(store, refstore.Store)
+        store.insert({"text": "x"})
+
+
+@pytest.mark.usefixtures("open_umask")
+@pytest.mark.parametrize("kind", sorted(STORES))
+def test_store_files_are_private(kind: str, tmp_path: Path) -> None:
+    _, where, opener = STORES[kind]
+    path = where(tmp_path / "data")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    store = opener(path)
+    try:
+        write(store)  # so the WAL is in use
+        files = companions(path)
+        assert all(f.exists() for f in files), files
+        assert {f.name: mode(f) for f in files} == {f.name: 0o600 for f in files}
+    finally:
+        store.close()
+
+
+@pytest.mark.usefixtures("open_umask")
+@pytest.mark.parametrize("kind", sorted(STORES))
+def test_a_store_file_of_0_1_0_is_made_private(kind: str, tmp_path: Path) -> None:
+    dump, where, opener = STORES[kind]
+    path = load(dump, where(tmp_path / "data"))
+    assert mode(path) == 0o644
+    opener(path).close()
+    assert mode(path) == 0o600
