@@ -19,12 +19,15 @@ from pathlib import Path
 
 import grpc
 
+from leader.admin_service import AdminService
+from leader.agent_client import AgentPool
+from leader.commands import Commands
 from leader.config import LeaderConfig
 from leader.engine import Engine
 from leader.layout import read_passphrase
 from leader.schema_store import SchemaStore
 from leader.schema_view import SchemaViewService
-from leader.service import AdminService, EnrolmentService, LeaderService, LeaderState
+from leader.service import EnrolmentService, LeaderService, LeaderState
 from leader.store import Store
 from tlsroll import __version__, logs, pki
 from tlsroll.daemon import sd_notify, stop_event, watchdog
@@ -45,7 +48,7 @@ from tlsroll.v1 import (
 GRACE_SECONDS = 10.0
 # gRPC sets SO_REUSEPORT by default: a second leader would then share the ports with the first.
 SERVER_OPTIONS = [("grpc.so_reuseport", 0)]
-log = logs.get_logger("tlsroll.leader")
+log = logs.get_logger(__name__)
 
 
 def _service(module: object, name: str) -> str:
@@ -100,18 +103,23 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
 
     admin = grpc.aio.server()
     schema = SchemaStore(state.store.db)  # one Database for the file (leader.db)
+    agent_credentials = grpc.ssl_channel_credentials(
+        root_certificates=state.ca.cert_pem, private_key=key_pem, certificate_chain=chain_pem
+    )
     engine = Engine(
         state.store,
         schema,
         state.ca,
-        chain_pem,
-        key_pem,
+        AgentPool(state.store, agent_credentials),
         state.clock,
-        state.online,
-        cfg.node_name,
         cfg.scope_freeze_lease,
     )
-    admin_pb2_grpc.add_AdminServicer_to_server(AdminService(state, engine), admin)
+    commands = Commands(
+        state.store, schema, state.clock, state.online, cfg.node_name, engine.wake.set
+    )
+    admin_pb2_grpc.add_AdminServicer_to_server(
+        AdminService(state, commands, schema, cfg.node_name), admin
+    )
     schema_pb2_grpc.add_SchemaViewServicer_to_server(SchemaViewService(schema, state.clock), admin)
     await add_standard_services(
         admin, [_service(admin_pb2, "Admin"), _service(schema_pb2, "SchemaView")]

@@ -101,8 +101,17 @@ CREATE TABLE IF NOT EXISTS rollout_nodes (
 );
 """
 
+# Migration 2: a node whose way back failed is in a state of its own (``needs_attention``);
+# 0.1.0 recorded it as ``rolled_back`` with the words in its reason.
+_V2 = """
+UPDATE rollout_nodes SET state = 'needs_attention'
+ WHERE state = 'rolled_back'
+   AND (reason LIKE '%ROLLBACK FAILED%' OR reason LIKE 'NEEDS ATTENTION:%');
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     _V1,  # 0.1.0
+    _V2,  # needs_attention
 )
 
 

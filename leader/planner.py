@@ -22,6 +22,8 @@ Decisions, in the order ``next_actions`` makes them:
   ``failure_budget_exceeded`` (the rollout drains to ``halted``).
 * Draining (``halting``, ``aborting``): every ``pending`` node and every ``staged`` node (it
   has not begun its switch) is skipped; nodes in a working state finish their step.
+* Stage: a change that stages no certificate (``CHANGES``) has its ``staging`` nodes moved on
+  with ``stage_skipped``; no stage step runs for it.
 * Start: only in ``running``; the first ``pending`` nodes in ``order`` while fewer than
   ``max_parallel`` nodes are in flight (from leaving ``pending`` until a terminal state).
 * Switch: ``staged`` nodes begin their switch in ``running`` and ``paused`` (pause stops new
@@ -40,6 +42,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from leader.rollout_core import (
+    CHANGES,
     DRAINING_ROLLOUT_STATES,
     FAILED_NODE_STATES,
     IN_FLIGHT_NODE_STATES,
@@ -50,6 +53,7 @@ from leader.rollout_core import (
     NodeEvent,
     NodeRecord,
     NodeState,
+    Password,
     Rollout,
     RolloutEvent,
     RolloutState,
@@ -60,10 +64,10 @@ from leader.rollout_core import (
     node_transition,
     rollout_transition,
 )
-from tlsroll.errors import TlsrollError
+from tlsroll.errors import TerminalError
 
 
-class PlanError(TlsrollError):
+class PlanError(TerminalError):
     """A rollout cannot be planned for this scope; the message says which nodes and why."""
 
 
@@ -84,7 +88,7 @@ class NodesOffline(PlanError):
         self.names = tuple(names)
 
 
-class InconsistentRecords(TlsrollError):
+class InconsistentRecords(TerminalError):
     """The node records do not match the rollout's order (a bug or a damaged store)."""
 
 
@@ -204,6 +208,11 @@ def next_actions(rollout: Rollout, nodes: Sequence[NodeRecord]) -> Plan:
             if after[name] in (NodeState.PENDING, NodeState.STAGED):
                 emit(name, NodeEvent.SKIP, why)
 
+    if not CHANGES[rollout.change].stages_certificate:
+        for name in rollout.order:
+            if after[name] is NodeState.STAGING:
+                emit(name, NodeEvent.STAGE_SKIPPED)
+
     if state is RolloutState.RUNNING:
         free = rollout.max_parallel - sum(s in IN_FLIGHT_NODE_STATES for s in after.values())
         for name in [n for n in rollout.order if after[n] is NodeState.PENDING][: max(free, 0)]:
@@ -235,6 +244,66 @@ def next_actions(rollout: Rollout, nodes: Sequence[NodeRecord]) -> Plan:
             rollout_events.append(RolloutEvent.NODES_SETTLED)
 
     return Plan(rollout.epoch, tuple(rollout_events), tuple(node_events), tuple(steps))
+
+
+@dataclass(frozen=True)
+class AuthDecision:
+    """Which auth password a new rollout applies: ``add_new`` (the start command's verifier
+    becomes a new version in the same transaction as the rollout) or ``version`` (an existing
+    one; 0 = none)."""
+
+    add_new: bool
+    version: int
+
+
+def decide_auth(change: Change, verifier_given: bool, latest_version: int) -> AuthDecision:
+    """The password rule of ``change`` (``CHANGES``) applied to a start command; PlanError
+    says what is missing or too much."""
+    spec = CHANGES[change]
+    if not spec.available:
+        raise PlanError(f"change {change.value} is not available yet")
+    if spec.password is Password.NEW:
+        if not verifier_given:
+            raise PlanError(
+                f"{change.value} sets the auth password: give --password-file or let the CLI "
+                "generate one"
+            )
+        return AuthDecision(add_new=True, version=0)
+    if verifier_given:
+        raise PlanError(
+            f"{change.value} brings no password of its own; stage one with `tlsroll password set`"
+        )
+    if spec.password is Password.STAGED:
+        if latest_version == 0:
+            raise PlanError("no password staged: run `tlsroll password set` first")
+        return AuthDecision(add_new=False, version=latest_version)
+    return AuthDecision(add_new=False, version=0)
+
+
+def undo_target(
+    candidates: Sequence[tuple[Rollout, Sequence[NodeRecord]]], rollout_id: str | None
+) -> tuple[Rollout, tuple[str, ...]]:
+    """The enable-tls rollout a ``disable-tls`` rollout takes back, and the nodes it switched.
+
+    ``candidates`` are the stored rollouts, newest first; ``rollout_id`` names one, else the
+    newest enable-tls rollout is taken. The nodes are those it left ``done`` (only they run the
+    https config it made), in its order. PlanError if there is nothing to take back.
+    """
+    if rollout_id:
+        found = [(r, nodes) for r, nodes in candidates if r.id == rollout_id]
+        if not found or found[0][0].change is not Change.ENABLE_TLS:
+            raise PlanError(f"no enable-tls rollout {rollout_id!r} to take back")
+        target, records = found[0]
+    else:
+        enabling = [(r, nodes) for r, nodes in candidates if r.change is Change.ENABLE_TLS]
+        if not enabling:
+            raise PlanError("no enable-tls rollout to take back")
+        target, records = enabling[0]
+    by_name = {r.name: r for r in records}
+    switched = tuple(n for n in target.order if by_name[n].state is NodeState.DONE)
+    if not switched:
+        raise PlanError(f"rollout {target.id} switched no node; nothing to undo")
+    return target, switched
 
 
 def apply_plan(

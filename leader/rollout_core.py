@@ -21,13 +21,18 @@ orders, through these states::
     preflight/staging ─*_failed→ failed              (nothing was changed on the node)
     switching ─switch_rolled_back→ rolled_back       (the agent rolled its transaction back)
     confirming ─confirm_rolled_back→ rolled_back     (outside check failed; agent rolled back)
+    switching ─switch_failed→ needs_attention        (even the agent's way back failed)
+    confirming ─confirm_failed→ needs_attention      (outside check failed, and so did the
+                                                      rollback)
     pending/staged ─skip→ skipped                    (rollout halting or aborting)
+    staging ─stage_skipped→ staged                   (the change stages no certificate)
 
 Two kinds of node state:
 
 * *gates* (``pending``, ``staged``): the node waits for the planner. Only the planner emits the
   gate events ``start``, ``switch`` and ``skip`` — that is where ``max_parallel``, pause, halt,
-  abort and the scope freeze are enforced.
+  abort and the scope freeze are enforced. It also emits ``stage_skipped`` for a change that
+  stages no certificate (``CHANGES``), so no stage step runs for it.
 * *working* states (``preflight``, ``staging``, ``switching``, ``confirming``): exactly one step
   (``STEP_FOR_STATE``) runs; its outcome comes back from the engine as a *result* event.
 
@@ -36,8 +41,10 @@ exactly one step, and a leader that restarts knows which step to run again (step
 idempotent, keyed by rollout id + node + step).
 
 A node is *in flight* from the moment it leaves ``pending`` until it reaches a terminal state
-(``done``, ``failed``, ``rolled_back``, ``skipped``). ``failed`` and ``rolled_back`` count
-against the failure budget.
+(``done``, ``failed``, ``rolled_back``, ``needs_attention``, ``skipped``). ``failed``,
+``rolled_back`` and ``needs_attention`` count against the failure budget. ``needs_attention``
+is the one outcome in which the node is in no known good state: neither the target verified nor
+the source restored; the schema and the CLI show it apart from a clean rollback.
 
 The rollout itself::
 
@@ -60,16 +67,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
-from tlsroll.errors import TlsrollError
+from tlsroll.enums import Change
+from tlsroll.errors import TerminalError
 
-
-class Change(StrEnum):
-    """What a rollout does on each node."""
-
-    ENABLE_TLS = "enable-tls"
-    CHANGE_PASSWORD = "change-password"  # noqa: S105 (a change name, not a secret)
-    ROTATE_CERT = "rotate-cert"
-    DISABLE_TLS = "disable-tls"
+__all__ = ["Change"]  # re-exported: the core's vocabulary, defined where the agents share it
 
 
 class ScopeKind(StrEnum):
@@ -118,6 +119,18 @@ class RolloutEvent(StrEnum):
     NODES_SETTLED = "nodes_settled"
 
 
+class RolloutAction(StrEnum):
+    """What an administrator may do to a running rollout (each is a rollout event)."""
+
+    PAUSE = "pause"
+    RESUME = "resume"
+    ABORT = "abort"
+
+    @property
+    def event(self) -> RolloutEvent:
+        return RolloutEvent(self.value)
+
+
 class NodeState(StrEnum):
     """Where one node of a rollout is; see the module docstring."""
 
@@ -131,6 +144,7 @@ class NodeState(StrEnum):
     FAILED = "failed"
     ROLLED_BACK = "rolled_back"
     SKIPPED = "skipped"
+    NEEDS_ATTENTION = "needs_attention"
 
 
 class NodeEvent(StrEnum):
@@ -143,10 +157,13 @@ class NodeEvent(StrEnum):
     PREFLIGHT_FAILED = "preflight_failed"
     STAGE_DONE = "stage_done"
     STAGE_FAILED = "stage_failed"
+    STAGE_SKIPPED = "stage_skipped"
     SWITCH_DONE = "switch_done"
     SWITCH_ROLLED_BACK = "switch_rolled_back"
+    SWITCH_FAILED = "switch_failed"
     CONFIRM_DONE = "confirm_done"
     CONFIRM_ROLLED_BACK = "confirm_rolled_back"
+    CONFIRM_FAILED = "confirm_failed"
 
 
 class Step(StrEnum):
@@ -158,6 +175,35 @@ class Step(StrEnum):
     CONFIRM = "confirm"
     FREEZE = "freeze"
     UNFREEZE = "unfreeze"
+
+
+class Password(StrEnum):
+    """What a change does to the auth password live on a node once the node is ``done``."""
+
+    NEW = "new"  # the rollout brings its own (its verifier came with the start command)
+    STAGED = "staged"  # the newest staged one (`tlsroll password set`)
+    CLEARED = "cleared"  # none: the node is back on http
+    KEPT = "kept"  # unchanged
+
+
+@dataclass(frozen=True)
+class ChangeSpec:
+    """How one change runs on a node; the engine reads these instead of branching on names."""
+
+    available: bool  # can a rollout of this change be started today
+    stages_certificate: bool  # stage step: a new key on the node, a CSR signed by the CA
+    requires_https: bool  # preflight: the node must already serve https
+    password: Password
+    target_scheme: str  # what the outside check expects after the switch: "https" or "http"
+
+
+CHANGES: Mapping[Change, ChangeSpec] = {
+    Change.ENABLE_TLS: ChangeSpec(True, True, False, Password.NEW, "https"),
+    Change.CHANGE_PASSWORD: ChangeSpec(True, False, True, Password.STAGED, "https"),
+    Change.ROTATE_CERT: ChangeSpec(False, True, True, Password.KEPT, "https"),
+    Change.DISABLE_TLS: ChangeSpec(True, False, True, Password.CLEARED, "http"),
+}
+"""Every change and how it runs; a test checks that each one has a row."""
 
 
 _R = RolloutState
@@ -190,22 +236,36 @@ ROLLOUT_TRANSITIONS: Mapping[RolloutState, Mapping[RolloutEvent, RolloutState]] 
 NODE_TRANSITIONS: Mapping[NodeState, Mapping[NodeEvent, NodeState]] = {
     _N.PENDING: {_NE.START: _N.PREFLIGHT, _NE.SKIP: _N.SKIPPED},
     _N.PREFLIGHT: {_NE.PREFLIGHT_PASSED: _N.STAGING, _NE.PREFLIGHT_FAILED: _N.FAILED},
-    _N.STAGING: {_NE.STAGE_DONE: _N.STAGED, _NE.STAGE_FAILED: _N.FAILED},
+    _N.STAGING: {
+        _NE.STAGE_DONE: _N.STAGED,
+        _NE.STAGE_FAILED: _N.FAILED,
+        _NE.STAGE_SKIPPED: _N.STAGED,
+    },
     _N.STAGED: {_NE.SWITCH: _N.SWITCHING, _NE.SKIP: _N.SKIPPED},
-    _N.SWITCHING: {_NE.SWITCH_DONE: _N.CONFIRMING, _NE.SWITCH_ROLLED_BACK: _N.ROLLED_BACK},
-    _N.CONFIRMING: {_NE.CONFIRM_DONE: _N.DONE, _NE.CONFIRM_ROLLED_BACK: _N.ROLLED_BACK},
+    _N.SWITCHING: {
+        _NE.SWITCH_DONE: _N.CONFIRMING,
+        _NE.SWITCH_ROLLED_BACK: _N.ROLLED_BACK,
+        _NE.SWITCH_FAILED: _N.NEEDS_ATTENTION,
+    },
+    _N.CONFIRMING: {
+        _NE.CONFIRM_DONE: _N.DONE,
+        _NE.CONFIRM_ROLLED_BACK: _N.ROLLED_BACK,
+        _NE.CONFIRM_FAILED: _N.NEEDS_ATTENTION,
+    },
     _N.DONE: {},
     _N.FAILED: {},
     _N.ROLLED_BACK: {},
     _N.SKIPPED: {},
+    _N.NEEDS_ATTENTION: {},
 }
 """The per-node machine: state → event → new state. A missing entry is an illegal event."""
 
 ADMIN_ROLLOUT_EVENTS = frozenset({_RE.START, _RE.PAUSE, _RE.RESUME, _RE.ABORT})
 """Rollout events an administrator may send; the others come only from the planner."""
 
-PLANNER_NODE_EVENTS = frozenset({_NE.START, _NE.SWITCH, _NE.SKIP})
-"""Gate events: only the planner emits them (it enforces max_parallel, pause, halt, freeze)."""
+PLANNER_NODE_EVENTS = frozenset({_NE.START, _NE.SWITCH, _NE.SKIP, _NE.STAGE_SKIPPED})
+"""Gate events: only the planner emits them (it enforces max_parallel, pause, halt, freeze,
+and skips the stage step of a change that stages nothing)."""
 
 RESULT_NODE_EVENTS = frozenset(NodeEvent) - PLANNER_NODE_EVENTS
 """Step outcomes the engine feeds back after running the step of a working state."""
@@ -219,8 +279,10 @@ STEP_FOR_STATE: Mapping[NodeState, Step] = {
 """The one step that runs while a node is in a working state (the CONFIRM step includes having
 the agent roll back when the outside check fails)."""
 
-TERMINAL_NODE_STATES = frozenset({_N.DONE, _N.FAILED, _N.ROLLED_BACK, _N.SKIPPED})
-FAILED_NODE_STATES = frozenset({_N.FAILED, _N.ROLLED_BACK})
+TERMINAL_NODE_STATES = frozenset(
+    {_N.DONE, _N.FAILED, _N.ROLLED_BACK, _N.SKIPPED, _N.NEEDS_ATTENTION}
+)
+FAILED_NODE_STATES = frozenset({_N.FAILED, _N.ROLLED_BACK, _N.NEEDS_ATTENTION})
 """Node outcomes that count against the failure budget."""
 IN_FLIGHT_NODE_STATES = frozenset(NodeState) - TERMINAL_NODE_STATES - {_N.PENDING}
 """A node is in flight from leaving ``pending`` until it reaches a terminal state."""
@@ -230,7 +292,7 @@ DRAINING_ROLLOUT_STATES = frozenset({_R.ABORTING, _R.HALTING})
 """No node starts or begins a switch; in-flight work finishes, then the rollout ends."""
 
 
-class IllegalTransition(TlsrollError):
+class IllegalTransition(TerminalError):
     """An event that the tables do not allow in the subject's current state."""
 
     def __init__(

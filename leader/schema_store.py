@@ -29,7 +29,7 @@ from leader.rollout_core import (
     ScopeKind,
     Strategy,
 )
-from tlsroll.errors import TlsrollError
+from tlsroll.errors import TerminalError, TlsrollError, TransientError
 from tlsroll.sqlite import Database, from_text, to_text
 
 _TERMINAL = tuple(s.value for s in TERMINAL_ROLLOUT_STATES)
@@ -418,11 +418,11 @@ def _refuse_if_busy(db: sqlite3.Connection) -> None:
         raise RolloutBusy(busy["id"], busy["state"])
 
 
-class StaleRecords(TlsrollError):
+class StaleRecords(TransientError):
     """The records changed between reading and writing; read again."""
 
 
-class RolloutBusy(TlsrollError):
+class RolloutBusy(TerminalError):
     def __init__(self, rollout_id: str, state: str) -> None:
         super().__init__(
             f"rollout {rollout_id} is {state}; one rollout at a time per cluster "

@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 
 from leader.schema_store import RolloutRow, SchemaStore
+from leader.wire import CHANGE, FREEZE, NODE_STATE, ROLLOUT_STATE, SCOPE_KIND, STRATEGY
 from tlsroll.rpc import map_errors, timestamp
 from tlsroll.v1 import schema_pb2, schema_pb2_grpc
 
@@ -36,7 +37,7 @@ def rollout_view(row: RolloutRow, pending: set[str] | None = None) -> schema_pb2
         nodes.append(
             schema_pb2.NodeView(
                 name=rec.name,
-                state=rec.state.value,
+                state=NODE_STATE.wire(rec.state),
                 reason=rec.reason,
                 old_url=d.old_url,
                 new_url=d.new_url,
@@ -53,15 +54,15 @@ def rollout_view(row: RolloutRow, pending: set[str] | None = None) -> schema_pb2
         )
     return schema_pb2.RolloutView(
         id=r.id,
-        change=r.change.value,
-        scope=r.scope.kind.value,
+        change=CHANGE.wire(r.change),
+        scope=SCOPE_KIND.wire(r.scope.kind),
         scope_nodes=list(r.scope.names),
-        strategy=r.strategy.value,
+        strategy=STRATEGY.wire(r.strategy),
         max_parallel=r.max_parallel,
         failure_budget=r.failure_budget,
-        freeze=r.freeze.value,
+        freeze=FREEZE.wire(r.freeze),
         epoch=r.epoch,
-        state=r.state.value,
+        state=ROLLOUT_STATE.wire(r.state),
         created_at=timestamp(meta.created_at),
         started_at=timestamp(meta.started_at),
         ended_at=timestamp(meta.ended_at),

@@ -19,21 +19,21 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from leader import db as leader_db
-from tlsroll.errors import TlsrollError
+from tlsroll.errors import TerminalError
 from tlsroll.sqlite import Database, from_text, to_text
 
 T = TypeVar("T")
 
 
-class TokenRejected(TlsrollError):
+class TokenRejected(TerminalError):
     """The join token cannot be used; the message is safe to send to the caller."""
 
 
-class NameTaken(TlsrollError):
+class NameTaken(TerminalError):
     pass
 
 
-class NotFound(TlsrollError):
+class NotFound(TerminalError):
     pass
 
 

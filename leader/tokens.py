@@ -10,6 +10,8 @@ import re
 import secrets
 from dataclasses import dataclass
 
+from tlsroll.errors import TerminalError
+
 ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 SECRET_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"  # noqa: S105 - base32, 5 bits a char
 ID_LEN = 6
@@ -17,7 +19,7 @@ SECRET_LEN = 26  # 26 * 5 = 130 bits >= 128
 _FORMAT = re.compile(rf"^([a-z0-9]{{{ID_LEN}}})\.([a-z2-7]{{{SECRET_LEN}}})$")
 
 
-class MalformedToken(ValueError):
+class MalformedToken(TerminalError):
     pass
 
 

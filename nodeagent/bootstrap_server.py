@@ -39,6 +39,7 @@ from aiohttp import web
 from tlsroll import bootstrap_protocol as proto
 from tlsroll import logs, pki
 from tlsroll.defaults import BOOTSTRAP_PORT
+from tlsroll.errors import TerminalError
 from tlsroll.fsutil import check_private_file
 from tlsroll.tls import server_context
 
@@ -49,7 +50,7 @@ MAX_NONCES = 10_000  # outstanding nonces kept; the oldest is dropped beyond thi
 MAX_TRACKED_SOURCES = 10_000  # source addresses with recent failures kept for rate limiting
 SHUTDOWN_TIMEOUT = 5.0
 
-log = logs.get_logger("nodeagent.bootstrap")
+log = logs.get_logger(__name__)
 
 
 class RateLimiter:
@@ -115,7 +116,7 @@ class NonceStore:
         return len(self._expiry)
 
 
-class Refused(Exception):
+class Refused(TerminalError):
     """An enrol request refused: HTTP status, error code, one-line message for the client."""
 
     def __init__(self, status: int, code: str, message: str, *, count: bool = True) -> None:
@@ -211,13 +212,13 @@ class BootstrapService:
             raise
         self._runner = runner
         self.port = self.bound_port
-        log.info("bootstrap_started", address=self.address, port=self.port, node=self.node_name)
+        log.info("bootstrap.started", address=self.address, port=self.port, node=self.node_name)
 
     async def stop(self) -> None:
         if self._runner is not None:
             runner, self._runner = self._runner, None
             await runner.cleanup()
-            log.info("bootstrap_stopped", address=self.address, port=self.port)
+            log.info("bootstrap.stopped", address=self.address, port=self.port)
 
     @property
     def bound_port(self) -> int:
@@ -248,7 +249,7 @@ class BootstrapService:
             "nonce": self.nonces.issue(now),
             "expires_in": math.floor(self.nonces.ttl),
         }
-        log.info("bootstrap_answered", remote=request.remote)
+        log.info("bootstrap.answered", remote=request.remote)
         return web.json_response(
             proto.seal(payload, self._keys), headers={"Cache-Control": "no-store"}
         )
@@ -258,7 +259,7 @@ class BootstrapService:
         now = self.clock()
         retry_after = self.limiter.retry_after(source, now)
         if retry_after is not None:
-            log.warning("enrol_rate_limited", remote=source, retry_after=retry_after)
+            log.warning("bootstrap.rate_limited", remote=source, retry_after=retry_after)
             return web.json_response(
                 {
                     "error": "rate_limited",
@@ -272,14 +273,14 @@ class BootstrapService:
         except Refused as exc:
             if exc.count:
                 self.limiter.failed(source, self.clock())
-            log.warning("enrol_refused", remote=source, reason=exc.code)
+            log.warning("bootstrap.enrol_refused", remote=source, reason=exc.code)
             return web.json_response(
                 {"error": exc.code, "message": exc.message},
                 status=exc.status,
                 headers={"Cache-Control": "no-store"},
             )
         log.info(
-            "enrolled",
+            "bootstrap.enrolled",
             remote=source,
             cn=cn,
             fingerprint=pki.fingerprint(pki.load_cert_pem(cert_pem)),
@@ -323,11 +324,11 @@ class BootstrapService:
             cert_pem = await self.sign(csr_pem)
             cert = pki.load_cert_pem(cert_pem)
         except Exception as exc:  # whatever the CA path raises, the client gets one answer
-            log.error("enrol_sign_failed", remote=request.remote, error=type(exc).__name__)
+            log.error("bootstrap.sign_failed", remote=request.remote, error=type(exc).__name__)
             raise Refused(
                 502, "sign_failed", "the CA did not sign; try later", count=False
             ) from None
         if pki.spki_pin(cert) != pki.spki_pin(key):
-            log.error("enrol_sign_failed", remote=request.remote, error="key mismatch")
+            log.error("bootstrap.sign_failed", remote=request.remote, error="key mismatch")
             raise Refused(502, "sign_failed", "the CA returned a wrong certificate", count=False)
         return pki.cert_to_pem(cert), cn

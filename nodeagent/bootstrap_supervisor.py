@@ -19,14 +19,14 @@ from nodeagent.config import AgentConfig
 from nodeagent.identity import Identity
 from nodeagent.journal import Journal
 from tlsroll import logs, password
-from tlsroll.errors import TlsrollError
+from tlsroll.errors import TerminalError, TlsrollError
 from tlsroll.rpc import hostport
 from tlsroll.v1 import leader_pb2, leader_pb2_grpc
 
-log = logs.get_logger("tlsroll.agent.bootstrap")
+log = logs.get_logger(__name__)
 
 
-class SignRefused(TlsrollError):
+class SignRefused(TerminalError):
     pass
 
 

@@ -40,7 +40,7 @@ from tlsroll.v1 import agent_pb2, agent_pb2_grpc, leader_pb2, leader_pb2_grpc
 GRACE_SECONDS = 10.0
 TXN_GRACE_SECONDS = 60.0
 ENROL_PATIENCE_SECONDS = 60.0
-log = logs.get_logger("tlsroll.agent")
+log = logs.get_logger(__name__)
 
 
 def now() -> dt.datetime:

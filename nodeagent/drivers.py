@@ -33,7 +33,7 @@ from typing import Any
 import aiohttp
 
 from tlsroll.config import ConfigFile, Section, dump_toml
-from tlsroll.errors import TlsrollError
+from tlsroll.errors import TerminalError
 from tlsroll.fsutil import write_atomic
 from tlsroll.httpcheck import port_open
 
@@ -41,7 +41,7 @@ START_TIMEOUT = 20.0
 STOP_TIMEOUT = 15.0
 
 
-class DriverError(TlsrollError):
+class DriverError(TerminalError):
     """The managed server did not do what was asked; the message says what happened."""
 
 

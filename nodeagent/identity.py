@@ -20,18 +20,18 @@ from cryptography import x509
 
 from nodeagent.config import AgentConfig
 from tlsroll import __version__, logs, pki, tls
-from tlsroll.errors import PKIError, PKIReason, TlsrollError, TransientError
+from tlsroll.errors import PKIError, PKIReason, TerminalError, TlsrollError, TransientError
 from tlsroll.fsutil import check_private_file, make_private_dir
 from tlsroll.rpc import hostport
 from tlsroll.v1 import enrolment_pb2, enrolment_pb2_grpc
 
-log = logs.get_logger("tlsroll.agent")
+log = logs.get_logger(__name__)
 
 # Statuses that mean "try again later"; everything else is the leader saying no.
 TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 
-class EnrolmentRefused(TlsrollError):
+class EnrolmentRefused(TerminalError):
     pass
 
 

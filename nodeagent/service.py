@@ -24,9 +24,11 @@ from nodeagent.config import AgentConfig
 from nodeagent.drivers import Driver, DriverError, ServerFacts, Target
 from nodeagent.identity import Identity
 from nodeagent.journal import Journal, Txn
-from nodeagent.transaction import DRAIN_TIMEOUT, Plan, Runner, prepare
+from nodeagent.transaction import DRAIN_TIMEOUT, Phase, Plan, Runner, prepare
+from nodeagent.wire import CHANGE, TXN_KIND, TXN_OUTCOME, TXN_PHASE
 from tlsroll import __version__, logs, password, pki
 from tlsroll.defaults import LEADER_NAME
+from tlsroll.enums import Change, TxnKind, TxnOutcome
 from tlsroll.errors import PKIError
 from tlsroll.fsutil import PRIVATE, PUBLIC, write_atomic
 from tlsroll.rpc import (
@@ -48,7 +50,7 @@ ROLLOUT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 DEFAULT_MAX_CLOCK_OFFSET = 120
 DEFAULT_FREEZE_LEASE = 300
 LEASE_CHECK_SECONDS = 1.0
-log = logs.get_logger("tlsroll.agent")
+log = logs.get_logger(__name__)
 
 
 def require_leader(context: Ctx) -> None:
@@ -61,10 +63,10 @@ def require_leader(context: Ctx) -> None:
 def txn_message(txn: Txn) -> agent_pb2.Transaction:
     return agent_pb2.Transaction(
         rollout_id=txn.rollout_id,
-        kind=txn.kind,
+        kind=TXN_KIND.wire(TxnKind(txn.kind)),
         epoch=txn.epoch,
-        phase=txn.phase,
-        outcome=txn.outcome,
+        phase=TXN_PHASE.wire(Phase(txn.phase)),
+        outcome=TXN_OUTCOME.wire(TxnOutcome(txn.outcome) if txn.outcome else TxnOutcome.PENDING),
         reason=txn.reason,
         watermark=txn.watermark or 0,
         started_at=timestamp(txn.started_at),
@@ -350,10 +352,12 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
     @map_errors(ERRORS)
     async def Switch(self, request: agent_pb2.SwitchRequest, context: Ctx) -> agent_pb2.Transaction:
         rollout_id = await self._command(context, request.command)
-        change = request.change or "enable-tls"
-        if change not in ("enable-tls", "change-password"):
-            raise invalid(f"unknown change {request.change!r}")
-        verifier = self._verifier(request.auth_verifier_json, required=change == "change-password")
+        change = CHANGE.read(request.change, "change")
+        if change not in (Change.ENABLE_TLS, Change.CHANGE_PASSWORD):
+            raise invalid(f"change {change.value} is not a switch this agent makes")
+        verifier = self._verifier(
+            request.auth_verifier_json, required=change is Change.CHANGE_PASSWORD
+        )
         driver = self._driver()
 
         def make() -> tuple[bytes, Plan, str]:
@@ -361,7 +365,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             return config, replace(plan, keep_frozen=request.keep_frozen), fingerprint
 
         def build() -> tuple[bytes, Plan, str]:
-            if change == "change-password":
+            if change is Change.CHANGE_PASSWORD:
                 return self._password_plan(rollout_id, driver, verifier)
             staged = self.journal.staged(rollout_id)
             if staged is None or staged.cert_file is None or staged.ca_file is None:
@@ -507,13 +511,12 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         self, request: agent_pb2.GetTransactionRequest, context: Ctx
     ) -> agent_pb2.Transaction:
         require_leader(context)
-        txn = await asyncio.to_thread(
-            self.journal.get, request.rollout_id, request.kind or "switch"
-        )
+        kind = TXN_KIND.read(request.kind, "kind")
+        txn = await asyncio.to_thread(self.journal.get, request.rollout_id, kind.value)
         if txn is None:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,
-                f"no {request.kind or 'switch'} transaction for rollout {request.rollout_id!r}",
+                f"no {kind.value} transaction for rollout {request.rollout_id!r}",
             )
         assert txn is not None
         return txn_message(txn)

@@ -39,20 +39,39 @@ import signal
 import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from enum import StrEnum
 from pathlib import Path
 from typing import Any
 
 from nodeagent.drivers import Driver, DriverError, ServerFacts
 from nodeagent.journal import Journal, Txn
 from tlsroll import httpcheck, logs
-from tlsroll.errors import TlsrollError
+from tlsroll.errors import TerminalError
 from tlsroll.fsutil import PRIVATE, write_atomic
 
-log = logs.get_logger("tlsroll.agent.txn")
+log = logs.get_logger(__name__)
 
 CRASH_ENV = "TLSROLL_AGENT_TEST_CRASH_AFTER"
 DRAIN_TIMEOUT = 10.0
 BACKWARD_ATTEMPTS = 3
+
+
+class Phase(StrEnum):
+    """Where a transaction is: the last step the journal recorded (see the tables below)."""
+
+    STARTED = "started"
+    FROZEN = "frozen"
+    CONFIG_WRITTEN = "config_written"
+    RESTARTED = "restarted"
+    VERIFIED = "verified"
+    COMPLETED = "completed"
+    ROLLING_BACK = "rolling_back"
+    RESTORED = "restored"
+    RB_RESTARTED = "rb_restarted"
+    RB_VERIFIED = "rb_verified"
+    ROLLED_BACK = "rolled_back"
+    FAILED = "failed"
+
 
 # phase -> (action, phase after it)
 FORWARD: dict[str, tuple[str, str]] = {
@@ -71,7 +90,7 @@ BACKWARD: dict[str, tuple[str, str]] = {
 TERMINAL = {"completed", "rolled_back", "failed"}
 
 
-class StepFailed(TlsrollError):
+class StepFailed(TerminalError):
     pass
 
 

@@ -57,7 +57,7 @@ from aiohttp import web
 from refserver import config as refserver_config
 from refserver.store import FreezeState, StateFile, Store, now_iso
 from tlsroll import __version__, daemon, logs, password, pki
-from tlsroll.errors import ConfigError
+from tlsroll.errors import ConfigError, TerminalError
 from tlsroll.fsutil import write_atomic
 
 PROG = "tlsroll-refserver"
@@ -81,12 +81,12 @@ _STATUS_WORDS = {
     415: "unsupported_media_type",
 }
 
-log = logs.get_logger("refserver")
+log = logs.get_logger(__name__)
 T = TypeVar("T")
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
-class StartupError(Exception):
+class StartupError(TerminalError):
     """Start-up failed for a reason other than the config (one line for the admin)."""
 
 
@@ -246,7 +246,7 @@ class RefServer:
             return _error(400, "bad_request", 'body needs "password": a non-empty string')
         async with self._login_slots:
             ok = await asyncio.to_thread(password.check_password, self.verifier, secret)
-        log.info("login", accepted=ok, scheme=self._scheme(request), remote=request.remote)
+        log.info("login.checked", accepted=ok, scheme=self._scheme(request), remote=request.remote)
         if not ok:
             return web.json_response(
                 {"ok": False, "error": "wrong_password", "message": "The password is wrong."},
@@ -281,7 +281,7 @@ class RefServer:
             try:
                 saved = await asyncio.to_thread(self.state_file.save, True, since)
             except OSError as exc:
-                log.error("freeze_not_persisted", error=_one_line(exc))
+                log.error("freeze.not_persisted", error=_one_line(exc))
                 return _error(
                     500, "state_not_saved", f"frozen, but cannot persist it: {_one_line(exc)}"
                 )
@@ -290,7 +290,7 @@ class RefServer:
             await asyncio.wait_for(self._idle.wait(), timeout)
         watermark = await self.watermark()
         in_flight = self.in_flight
-        log.info("frozen", watermark=watermark, drained=in_flight == 0, in_flight=in_flight)
+        log.info("writes.frozen", watermark=watermark, drained=in_flight == 0, in_flight=in_flight)
         return web.json_response(
             {
                 "frozen": self.frozen,
@@ -305,14 +305,14 @@ class RefServer:
             try:
                 await asyncio.to_thread(self.state_file.save, False)
             except OSError as exc:
-                log.error("unfreeze_not_persisted", error=_one_line(exc))
+                log.error("unfreeze.not_persisted", error=_one_line(exc))
                 return _error(
                     500, "state_not_saved", f"still frozen: cannot persist: {_one_line(exc)}"
                 )
             self.frozen = False
             self.frozen_since = None
         watermark = await self.watermark()
-        log.info("unfrozen", watermark=watermark)
+        log.info("writes.unfrozen", watermark=watermark)
         return web.json_response({"frozen": False, "watermark": watermark})
 
     async def status(self, request: web.Request) -> web.Response:
@@ -342,7 +342,7 @@ class RefServer:
         )
 
 
-class _BadRequest(Exception):
+class _BadRequest(TerminalError):
     pass
 
 
@@ -361,7 +361,7 @@ async def _json_errors(request: web.Request, handler: Handler) -> web.StreamResp
         resp.headers.update(headers)
         return resp
     except Exception as exc:
-        log.exception("request_failed", path=request.path, error=_one_line(exc))
+        log.exception("request.failed", path=request.path, error=_one_line(exc))
         return _error(500, "internal", "internal server error")
 
 
@@ -466,7 +466,7 @@ async def serve(loaded: refserver_config.Loaded) -> int:
         state_file = StateFile(c.data_dir)
         state = state_file.load()
         if state.problem:
-            log.error("state_unreadable_staying_frozen", problem=state.problem)
+            log.error("state.unreadable", problem=state.problem)
         server = RefServer(loaded, store, state_file, state, write_delay=write_delay)
         public = web.AppRunner(
             server.public_app(),
@@ -493,9 +493,9 @@ async def serve(loaded: refserver_config.Loaded) -> int:
         await _start_admin(c.admin_socket, admin)
         socket_bound = True
         if write_delay:
-            log.warning("test_write_delay_active", seconds=write_delay, env=WRITE_DELAY_ENV)
+            log.warning("test_hook.write_delay", seconds=write_delay, env=WRITE_DELAY_ENV)
         log.info(
-            "started",
+            "server.started",
             pid=os.getpid(),
             address=c.address,
             app_path=c.app_path,
@@ -510,7 +510,7 @@ async def serve(loaded: refserver_config.Loaded) -> int:
         started = True
         daemon.sd_notify("READY=1")
         await stop.wait()
-        log.info("stopping", in_flight=server.in_flight)
+        log.info("server.stopping", in_flight=server.in_flight)
         daemon.sd_notify("STOPPING=1")
         return 0
     finally:
@@ -529,7 +529,7 @@ async def serve(loaded: refserver_config.Loaded) -> int:
                 pid_file.unlink()
         os.close(lock_fd)
         if started:
-            log.info("stopped")
+            log.info("server.stopped")
 
 
 def main(argv: list[str] | None = None) -> int:

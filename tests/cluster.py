@@ -67,12 +67,16 @@ def command(script: str, module: str) -> list[str]:
 
 
 def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment for a child: ours minus anything that would steer it elsewhere."""
+    """The environment for a child: ours minus anything that would steer it elsewhere, with
+    asyncio's debug mode on. Debug mode raises on a loop touched from another thread (an admin
+    command that once woke the engine from a worker thread answered INTERNAL only there) and
+    logs callbacks that block the loop; every daemon test runs with it."""
     env = {
         k: v
         for k, v in os.environ.items()
         if k not in {"NOTIFY_SOCKET", "TLSROLL_DATA_DIR", "TLSROLL_SOCKET"}
     }
+    env["PYTHONASYNCIODEBUG"] = "1"
     env.update(extra or {})
     return env
 

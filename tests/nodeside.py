@@ -41,8 +41,30 @@ from tests.conftest import next_loopback
 from tests.refserver_helper import RefServer, Response, http_request, peer_certificate
 from tlsroll import pki
 from tlsroll.defaults import HTTP_PORT, HTTPS_PORT
+from tlsroll.enums import Change, TxnKind, TxnOutcome
 from tlsroll.tls import client_context
 from tlsroll.v1 import agent_pb2, agent_pb2_grpc
+from tlsroll.wire import CHANGE, TXN_KIND, TXN_OUTCOME
+
+TXN_PHASE_PREFIX = "TRANSACTION_PHASE_"
+
+
+class TxnView:
+    """A Transaction reply with its enums as text, as the tests read them: ``kind`` "switch",
+    ``phase`` "config_written", ``outcome`` "completed" (or "" while it runs); every other field
+    is the message's own."""
+
+    def __init__(self, msg: agent_pb2.Transaction) -> None:
+        self.msg = msg
+        self.kind = TXN_KIND.text(msg.kind)
+        outcome = TXN_OUTCOME.text(msg.outcome)
+        self.outcome = "" if outcome == TxnOutcome.PENDING.value else outcome
+        name = agent_pb2.TransactionPhase.Name(msg.phase)
+        self.phase = name.removeprefix(TXN_PHASE_PREFIX).lower()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.msg, name)
+
 
 RPC_TIMEOUT = 15.0
 
@@ -202,36 +224,37 @@ class Node:
         """CreateCSR, sign with the cluster CA as the leader would, Stage."""
         return self.send_stage(rollout_id, self.sign(self.create_csr(rollout_id)))
 
-    def switch(self, rollout_id: str, epoch: int | None = None) -> agent_pb2.Transaction:
+    def switch(self, rollout_id: str, epoch: int | None = None) -> TxnView:
         with self.stub() as stub:
             reply: agent_pb2.Transaction = stub.Switch(
                 agent_pb2.SwitchRequest(
-                    command=self.command(rollout_id, epoch), change="enable-tls"
+                    command=self.command(rollout_id, epoch),
+                    change=CHANGE.wire(Change.ENABLE_TLS),
                 ),
                 timeout=RPC_TIMEOUT,
             )
-        return reply
+        return TxnView(reply)
 
-    def rollback(self, rollout_id: str) -> agent_pb2.Transaction:
+    def rollback(self, rollout_id: str) -> TxnView:
         with self.stub() as stub:
             reply: agent_pb2.Transaction = stub.Rollback(
                 agent_pb2.RollbackRequest(command=self.command(rollout_id)), timeout=RPC_TIMEOUT
             )
-        return reply
+        return TxnView(reply)
 
-    def txn(self, rollout_id: str, kind: str = "switch") -> agent_pb2.Transaction:
+    def txn(self, rollout_id: str, kind: str = "switch") -> TxnView:
         with self.stub() as stub:
             reply: agent_pb2.Transaction = stub.GetTransaction(
-                agent_pb2.GetTransactionRequest(rollout_id=rollout_id, kind=kind),
+                agent_pb2.GetTransactionRequest(
+                    rollout_id=rollout_id, kind=TXN_KIND.wire(TxnKind(kind))
+                ),
                 timeout=RPC_TIMEOUT,
             )
-        return reply
+        return TxnView(reply)
 
-    def wait_txn(
-        self, rollout_id: str, kind: str = "switch", timeout: float = 60
-    ) -> agent_pb2.Transaction:
+    def wait_txn(self, rollout_id: str, kind: str = "switch", timeout: float = 60) -> TxnView:
         """Poll GetTransaction until the transaction has an outcome (bounded)."""
-        result: list[agent_pb2.Transaction] = []
+        result: list[TxnView] = []
 
         def finished() -> bool:
             try:
@@ -239,7 +262,7 @@ class Node:
             except grpc.RpcError:
                 return False
             result[:] = [t]
-            return bool(t.outcome)
+            return bool(t.outcome)  # "" while pending
 
         wait_until(
             finished, timeout, f"{kind} of {rollout_id} on {self.name} to finish", interval=0.1
@@ -321,7 +344,7 @@ class Node:
         for line in text.splitlines():
             with contextlib.suppress(ValueError):
                 event = json.loads(line)
-                if isinstance(event, dict) and event.get("event") == "started":
+                if isinstance(event, dict) and event.get("event") == "server.started":
                     pids.append(int(event["pid"]))
         return pids
 

@@ -477,9 +477,9 @@ async def test_logs_name_reasons_but_no_secrets(node: Node, session: aiohttp.Cli
         await node.enrol_with(session, OTHER_PASSWORD, answer=answer)
         await node.enrol_with(session, answer=answer)
         await node.enrol_with(session)
-    reasons = [e.get("reason") for e in events if e["event"] == "enrol_refused"]
+    reasons = [e.get("reason") for e in events if e["event"] == "bootstrap.enrol_refused"]
     assert reasons == ["wrong_password", "nonce_invalid"]
-    assert any(e["event"] == "enrolled" and e["cn"] == "ws-empfang" for e in events)
+    assert any(e["event"] == "bootstrap.enrolled" and e["cn"] == "ws-empfang" for e in events)
     dump = json.dumps(events, default=str)
     assert secrets_in(dump) == []
     assert answer.nonce not in dump and "proof" not in dump

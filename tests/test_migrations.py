@@ -99,7 +99,9 @@ def test_the_leader_file_of_0_1_0_is_taken_over(tmp_path: Path) -> None:
         assert row is not None
         assert row.rollout.state.value == "halted"
         assert row.rollout.order == ("node1", "node2")
-        assert [r.state.value for r in row.records] == ["done", "rolled_back"]
+        # Migration 2: 0.1.0 wrote a failed way back as rolled_back + "ROLLBACK FAILED" words.
+        assert [r.state.value for r in row.records] == ["done", "needs_attention"]
+        assert "ROLLBACK FAILED" in row.records[1].reason
         assert row.meta.auth_version == 1
         assert '"alg": "scrypt"' in schema.verifier(1)
         assert schema.node_auth() == {"node1": 1}

@@ -130,7 +130,7 @@ def test_write_and_read_over_http(make_server: MakeServer) -> None:
     assert not server.admin_socket.exists()
     assert not (server.data_dir / "refserver.pid").exists()
     events = [e["event"] for e in server.log_events()]
-    assert events[0] == "started" and events[-1] == "stopped"
+    assert events[0] == "server.started" and events[-1] == "server.stopped"
 
 
 def test_version_flag() -> None:
@@ -446,7 +446,7 @@ def test_login_checks_the_verifier_read_at_start_up(
     for secret in (old_secret, new_secret):
         assert secret not in log
     assert json.loads(verifier_file.read_text())["hash"] not in log
-    assert any(e["event"] == "login" for e in server.log_events())
+    assert any(e["event"] == "login.checked" for e in server.log_events())
 
 
 def test_login_without_verifier_is_a_clear_409(make_server: MakeServer) -> None:

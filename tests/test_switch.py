@@ -30,7 +30,9 @@ from tests.conftest import next_loopback
 from tests.nodeside import Node, NodeFactory, port_holder, read_only
 from tests.refserver_helper import Response
 from tlsroll import pki
+from tlsroll.enums import Change
 from tlsroll.v1 import agent_pb2
+from tlsroll.wire import CHANGE
 
 FORWARD_ACTIONS = ("freeze", "write_config", "restart", "verify", "unfreeze")
 
@@ -478,7 +480,9 @@ def test_a_node_certificate_may_not_command_an_agent(make_node: NodeFactory) -> 
     with node.stub(own) as stub:
         err = rpc_error(
             lambda: stub.Switch(
-                agent_pb2.SwitchRequest(command=node.command("intruder"), change="enable-tls"),
+                agent_pb2.SwitchRequest(
+                    command=node.command("intruder"), change=CHANGE.wire(Change.ENABLE_TLS)
+                ),
                 timeout=15,
             )
         )

@@ -73,7 +73,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from tlsroll import password, pki
-from tlsroll.errors import PKIError, TlsrollError
+from tlsroll.errors import PKIError, TerminalError
 
 VERSION = 1
 BOOTSTRAP_PATH = "/v1/bootstrap"
@@ -102,7 +102,7 @@ class BootstrapReason(StrEnum):
     BAD_CSR = "unacceptable workstation CSR"
 
 
-class BootstrapError(TlsrollError):
+class BootstrapError(TerminalError):
     """A bootstrap message that is malformed or does not verify; ``str()`` is one line."""
 
     def __init__(self, reason: BootstrapReason, detail: str = "") -> None:

@@ -1,13 +1,21 @@
-"""The error tree shared by leader, agent and CLI.
+"""The error tree shared by every tlsroll package: one root, two kinds.
 
     TlsrollError                 every error tlsroll raises on purpose; str() is one clear line
-    ├── ConfigError              a config file is missing, unreadable or has a wrong key/value
-    ├── PKIError                 category + reason, with fixed messages (like cfssl's errors)
-    ├── UnsafePermissions        a secret file readable by others (refuse to start, like OpenSSH)
-    └── TransientError           worth retrying (network); everything else is terminal
+    ├── TransientError           may go away by itself (the network, a busy peer): retried with
+    │                            backoff at the network boundary; a step that still ends with it
+    │                            is run again later, and nothing is recorded as failed
+    └── TerminalError            retrying the same thing gives the same answer: a step that ends
+        │                        with it fails, and the schema shows the message
+        ├── ConfigError          a config file is missing, unreadable or has a wrong key/value
+        ├── PKIError             category + reason, with fixed messages (like cfssl's errors)
+        ├── UnsafePermissions    a secret file readable by others (refuse to start, like OpenSSH)
+        └── …                    each package's own (a test checks that every error class in
+                                 the project is one of the two kinds)
 
-Code that crosses a boundary (CLI, gRPC servicer) maps these to an exit code or a gRPC status
-in one place each; nothing below that boundary prints or exits.
+The model is controller-runtime's ``TerminalError``: the kind decides what the caller does, not
+the message. Code that crosses a boundary (CLI, gRPC servicer) maps these to an exit code or a
+gRPC status in one place each (``tlsroll.rpc.map_errors`` picks the most specific class);
+nothing below that boundary prints or exits.
 """
 
 from __future__ import annotations
@@ -16,10 +24,19 @@ from enum import StrEnum
 
 
 class TlsrollError(Exception):
-    """Base class; the message is one line meant for an administrator."""
+    """Base class; the message is one line meant for an administrator. Raise one of the two
+    kinds below, not this."""
 
 
-class ConfigError(TlsrollError):
+class TransientError(TlsrollError):
+    """A failure that may go away if the same thing is tried again later."""
+
+
+class TerminalError(TlsrollError):
+    """A failure that trying again will not change; it is reported, not retried."""
+
+
+class ConfigError(TerminalError):
     def __init__(self, path: object, key: str | None, problem: str) -> None:
         where = f"{path}: {key}" if key else f"{path}"
         super().__init__(f"config error: {where}: {problem}")
@@ -43,16 +60,12 @@ class PKIReason(StrEnum):
     BAD_PASSPHRASE = "wrong passphrase for the encrypted key"  # noqa: S105
 
 
-class PKIError(TlsrollError):
+class PKIError(TerminalError):
     def __init__(self, reason: PKIReason, detail: str = "") -> None:
         super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
         self.reason = reason
         self.detail = detail
 
 
-class UnsafePermissions(TlsrollError):
+class UnsafePermissions(TerminalError):
     pass
-
-
-class TransientError(TlsrollError):
-    """A failure at the network boundary that may go away if retried."""

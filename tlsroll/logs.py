@@ -1,5 +1,16 @@
 """Logging set-up for the daemons: structlog, JSON lines on stderr, pretty on a TTY.
 
+Every line names its event and its logger::
+
+    {"event": "rollout.started", "logger": "leader.commands", "level": "info",
+     "timestamp": "2026-11-30T10:00:00Z", "rollout_id": "r…", ...}
+
+Events are named ``subject.what_happened`` in lower snake case (``txn.rolling_back``,
+``bootstrap.enrol_refused``); loggers are the module's ``__name__`` (``logs.get_logger(
+__name__)``); a test checks both over the whole source. Records of the standard library's
+``logging`` (asyncio's debug warnings, for one) go through the same renderer, so the output
+stays one JSON object per line.
+
 Secrets are never passed to a logger in the first place; ``redact_secrets`` is the second line
 of defence: any event key whose name looks like a secret has its value replaced.
 """
@@ -28,19 +39,33 @@ def redact_secrets(
     return event_dict
 
 
+def _name_key(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """``logger_name`` (bound by ``get_logger``) is shown as ``logger``, as stdlib records are."""
+    if "logger_name" in event_dict:
+        event_dict["logger"] = event_dict.pop("logger_name")
+    return event_dict
+
+
 def configure(*, json: bool | None = None, level: int = logging.INFO) -> None:
-    """Configure structlog for a daemon; ``json=None`` picks JSON unless stderr is a TTY."""
+    """Configure structlog (and the standard library's logging) for a daemon; ``json=None``
+    picks JSON unless stderr is a TTY."""
     if json is None:
         json = not sys.stderr.isatty()
     renderer: Any = (
         structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=True)
     )
+    shared: list[Any] = [
+        structlog.processors.add_log_level,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        redact_secrets,
+    ]
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
-            structlog.processors.add_log_level,
-            structlog.processors.TimeStamper(fmt="iso", utc=True),
-            redact_secrets,
+            _name_key,
+            *shared,
             structlog.processors.format_exc_info,
             renderer,
         ],
@@ -48,7 +73,18 @@ def configure(*, json: bool | None = None, level: int = logging.INFO) -> None:
         logger_factory=structlog.PrintLoggerFactory(file=sys.stderr),
         cache_logger_on_first_use=True,
     )
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(
+        structlog.stdlib.ProcessorFormatter(
+            foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],
+            processors=[structlog.stdlib.ProcessorFormatter.remove_processors_meta, renderer],
+        )
+    )
+    root = logging.getLogger()
+    root.handlers = [handler]
+    root.setLevel(max(level, logging.WARNING))
 
 
 def get_logger(name: str) -> Any:
-    return structlog.get_logger(name)
+    """The logger of module ``name`` (pass ``__name__``): every event it logs carries it."""
+    return structlog.get_logger(logger_name=name)  # lazy: configure() may come later

@@ -35,7 +35,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, TypedDict
 
-from tlsroll.errors import TlsrollError
+from tlsroll.errors import TerminalError
 
 ALG = "scrypt"
 DEFAULT_N = 2**15
@@ -73,7 +73,7 @@ class Verifier(TypedDict):
     hash: str
 
 
-class PasswordFileError(TlsrollError):
+class PasswordFileError(TerminalError):
     """A password file that cannot be used; the message names the file and says why."""
 
 

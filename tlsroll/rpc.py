@@ -20,15 +20,16 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tlsroll import logs, pki
-from tlsroll.errors import TlsrollError
+from tlsroll.errors import TerminalError
+from tlsroll.wire import WireError
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 ErrorMap = Mapping[type[BaseException], grpc.StatusCode]
 
-log = logs.get_logger("tlsroll.rpc")
+log = logs.get_logger(__name__)
 
 
-class RpcStatusError(TlsrollError):
+class RpcStatusError(TerminalError):
     """An error that already knows its gRPC status."""
 
     def __init__(self, code: grpc.StatusCode, message: str) -> None:
@@ -52,8 +53,25 @@ def failed_precondition(message: str) -> RpcStatusError:
     return RpcStatusError(grpc.StatusCode.FAILED_PRECONDITION, message)
 
 
+def status_for(exc: BaseException, mapping: ErrorMap) -> grpc.StatusCode | None:
+    """The status of the most specific class of ``exc`` in ``mapping`` (its MRO decides, as in
+    httpx's ``map_exceptions``): a subclass mapped on its own wins over its base, whatever the
+    order of the mapping. None if no class of ``exc`` is mapped."""
+    for cls in type(exc).__mro__:
+        if cls in mapping:
+            return mapping[cls]
+    return None
+
+
+BASE_ERRORS: ErrorMap = {WireError: grpc.StatusCode.INVALID_ARGUMENT}
+"""Errors every servicer maps the same way; a servicer's own map is added to these."""
+
+
 def map_errors(mapping: ErrorMap) -> Callable[[F], F]:
-    """Decorate an async servicer method: project errors → status per ``mapping``."""
+    """Decorate an async servicer method: project errors → status per ``mapping`` (plus
+    ``BASE_ERRORS``), the most specific class winning. An unmapped error becomes INTERNAL with a
+    generic message; it is logged, never sent, so no detail of a bug reaches a caller."""
+    full = {**BASE_ERRORS, **mapping}
 
     def decorate(method: F) -> F:
         @functools.wraps(method)
@@ -64,12 +82,12 @@ def map_errors(mapping: ErrorMap) -> Callable[[F], F]:
                 return await method(self, request, context)
             except RpcStatusError as exc:
                 await context.abort(exc.code, str(exc))
+            except grpc.aio.AbortError:
+                raise
             except Exception as exc:
-                for typ, code in mapping.items():
-                    if isinstance(exc, typ):
-                        await context.abort(code, str(exc))
-                if isinstance(exc, grpc.aio.AbortError):
-                    raise
+                code = status_for(exc, full)
+                if code is not None:
+                    await context.abort(code, str(exc))
                 log.error(
                     "rpc.internal_error", method=method.__name__, error_type=type(exc).__name__
                 )
@@ -137,6 +155,6 @@ def bind(server: grpc.aio.Server, target: str, credentials: grpc.ServerCredentia
         else:
             server.add_secure_port(target, credentials)
     except RuntimeError:
-        raise TlsrollError(
+        raise TerminalError(
             f"cannot listen on {target}: in use or not an address of this host"
         ) from None

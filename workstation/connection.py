@@ -61,7 +61,7 @@ from cryptography import x509
 from tlsroll import bootstrap_protocol as proto
 from tlsroll import pki
 from tlsroll.defaults import BOOTSTRAP_PORT, HTTP_PORT, HTTPS_PORT
-from tlsroll.errors import PKIError
+from tlsroll.errors import PKIError, TerminalError, TransientError
 from tlsroll.fsutil import PRIVATE, PUBLIC, make_private_dir, write_atomic
 from tlsroll.tls import client_context, unverified_client_context
 
@@ -86,7 +86,7 @@ class Exit(IntEnum):
     ENROL_REFUSED = 11
 
 
-class ClientError(click.ClickException):
+class ClientError(click.ClickException, TerminalError):
     """One line for the workstation admin, with its own exit code (see the table above)."""
 
     def __init__(self, code: Exit, message: str) -> None:
@@ -166,7 +166,7 @@ def check_url(text: str) -> ServerURL:
 # --- network helpers ----------------------------------------------------------------------------
 
 
-class NetError(Exception):
+class NetError(TransientError):
     """A network failure, sorted by what the admin can do about it."""
 
     def __init__(

@@ -16,14 +16,15 @@ from typing import Any, NoReturn, TypeVar
 
 import click
 import grpc
-from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 from rich.console import Console
 
+from leader import wire as _leader_wire  # noqa: F401 - registers the leader's codecs
 from leader.layout import Layout
+from tlsroll import wire
 from tlsroll.cli import Target
 from tlsroll.defaults import DEFAULT_DATA_DIR
-from tlsroll.errors import TlsrollError
+from tlsroll.errors import TerminalError
 from tlsroll.v1 import admin_pb2_grpc, schema_pb2, schema_pb2_grpc
 
 T = TypeVar("T")
@@ -41,7 +42,7 @@ def _pipe_width() -> int | None:
 out = Console(highlight=False, soft_wrap=True, markup=False, width=_pipe_width())
 
 
-class CLIError(TlsrollError):
+class CLIError(TerminalError):
     """A failure to report as one line with exit code 1."""
 
 
@@ -105,9 +106,8 @@ def emit_json(data: Any) -> None:
 
 
 def to_dict(msg: Message) -> dict[str, Any]:
-    return MessageToDict(
-        msg, preserving_proto_field_name=True, always_print_fields_with_no_presence=True
-    )
+    """``--json`` data: enums as the words the CLI takes (``leader.wire`` registers them)."""
+    return wire.to_dict(msg)
 
 
 def fmt_time(msg: Any, field: str) -> str:

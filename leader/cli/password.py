@@ -15,6 +15,8 @@ import click
 
 from leader.cli.base import CLIError, Leader, fetch_schema, out, pass_leader
 from leader.cli.notify import NoticeInfo, NoticeNode, render_notice
+from leader.rollout_core import Change, ScopeKind
+from leader.wire import CHANGE, SCOPE_KIND
 from tlsroll import password
 from tlsroll.v1 import admin_pb2
 
@@ -120,7 +122,9 @@ def notify(
     password_file: Path | None,
 ) -> None:
     """Print the "Notify practice" message for the staff: a template to adapt."""
-    rollouts = [r for r in fetch_schema(leader).rollouts if r.change == "enable-tls"]
+    rollouts = [
+        r for r in fetch_schema(leader).rollouts if r.change == CHANGE.wire(Change.ENABLE_TLS)
+    ]
     if not rollouts:
         raise CLIError("no enable-tls rollout yet: plan one with `tlsroll plan --scope cluster`")
     r = rollouts[0]
@@ -152,6 +156,6 @@ def notify(
         contact=contact or ("Ihre Praxis-IT" if lang == "de" else "your practice IT"),
         start=started,
         end=ended,
-        scope=r.scope if r.scope in ("local", "cluster") else "cluster",
+        scope="local" if r.scope == SCOPE_KIND.wire(ScopeKind.LOCAL) else "cluster",
     )
     click.echo(render_notice(info, lang=lang, fmt=fmt, password=secret))

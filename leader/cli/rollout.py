@@ -30,11 +30,28 @@ from leader.cli.base import (
     to_dict,
 )
 from leader.cli.password import obtain_password, verifier_json
+from leader.rollout_core import (
+    TERMINAL_ROLLOUT_STATES,
+    Change,
+    FreezeMode,
+    RolloutAction,
+    ScopeKind,
+)
+from leader.wire import (
+    CHANGE,
+    FREEZE,
+    NODE_STATE,
+    ROLLOUT_ACTION,
+    ROLLOUT_STATE,
+    SCOPE_KIND,
+    STRATEGY,
+)
 from tlsroll.v1 import admin_pb2, schema_pb2
 
-TERMINAL = {"completed", "halted", "aborted"}
+TERMINAL = {s.value for s in TERMINAL_ROLLOUT_STATES}
 PENDING = "password change pending — takes effect at next restart"
 STATE_STYLE = {
+    "needs_attention": "bold reverse red",
     "done": "green",
     "completed": "green",
     "failed": "red",
@@ -93,7 +110,11 @@ def rollout_request(
     if scope != "nodes" and names:
         raise click.UsageError("--nodes goes with --scope nodes (or without --scope)")
     return admin_pb2.RolloutRequest(
-        change=change, scope=scope, nodes=names, max_parallel=max_parallel, freeze=freeze
+        change=CHANGE.wire(Change(change)),
+        scope=SCOPE_KIND.wire(ScopeKind(scope)),
+        nodes=names,
+        max_parallel=max_parallel,
+        freeze=FREEZE.wire(FreezeMode(freeze)),
     )
 
 
@@ -119,10 +140,11 @@ def render_rollout(r: schema_pb2.RolloutView) -> Group:
         ("rollout ", "bold"),
         (r.id, "bold"),
         "  ",
-        _styled(r.state),
-        f"  change {r.change}  scope {r.scope}"
+        _styled(ROLLOUT_STATE.text(r.state)),
+        f"  change {CHANGE.text(r.change)}  scope {SCOPE_KIND.text(r.scope)}"
         + (f" ({', '.join(r.scope_nodes)})" if r.scope_nodes else "")
-        + f"  strategy {r.strategy}  max-parallel {r.max_parallel}  freeze {r.freeze}"
+        + f"  strategy {STRATEGY.text(r.strategy)}  max-parallel {r.max_parallel}"
+        f"  freeze {FREEZE.text(r.freeze)}"
         f"  epoch {r.epoch}",
     )
     times = Text(
@@ -145,7 +167,7 @@ def render_rollout(r: schema_pb2.RolloutView) -> Group:
         table.add_row(
             str(i),
             n.name + (" (leader)" if n.leader_node else ""),
-            _styled(n.state),
+            _styled(NODE_STATE.text(n.state)),
             n.old_url or "-",
             n.new_url or "-",
             freeze_window(n),
@@ -185,7 +207,7 @@ def plan(
 def show_plan(reply: admin_pb2.PlanResponse) -> None:
     r = reply.rollout
     out.print(
-        f"Plan: enable https (change {r.change}) on scope {r.scope}, "
+        f"Plan: change {CHANGE.text(r.change)} on scope {SCOPE_KIND.text(r.scope)}, "
         f"{len(r.nodes)} node(s) in this order, {r.max_parallel} at a time:"
     )
     for i, n in enumerate(r.nodes, 1):
@@ -269,7 +291,10 @@ def rollout_rollback(leader: Leader, rollout_id: str, max_parallel: int, yes: bo
     """The way back: put the nodes an enable-tls rollout switched (default: the newest) back
     on http, the same safe way (a new rollout of change disable-tls)."""
     request = admin_pb2.RolloutRequest(
-        change="disable-tls", undo_rollout_id=rollout_id, max_parallel=max_parallel
+        change=CHANGE.wire(Change.DISABLE_TLS),
+        undo_rollout_id=rollout_id,
+        max_parallel=max_parallel,
+        freeze=FREEZE.wire(FreezeMode.NODE),
     )
     with leader.admin() as admin:
         planned = leader.call(admin.PlanRollout, request)
@@ -290,13 +315,15 @@ def rollout_rollback(leader: Leader, rollout_id: str, max_parallel: int, yes: bo
     )
 
 
-def _control(leader: Leader, action: str, rollout_id: str) -> None:
+def _control(leader: Leader, action: RolloutAction, rollout_id: str) -> None:
     with leader.admin() as admin:
         view = leader.call(
             admin.ControlRollout,
-            admin_pb2.ControlRolloutRequest(rollout_id=rollout_id, action=action),
+            admin_pb2.ControlRolloutRequest(
+                rollout_id=rollout_id, action=ROLLOUT_ACTION.wire(action)
+            ),
         )
-    out.print(f"rollout {view.id}: {view.state}")
+    out.print(f"rollout {view.id}: {ROLLOUT_STATE.text(view.state)}")
 
 
 @rollout.command("pause")
@@ -304,7 +331,7 @@ def _control(leader: Leader, action: str, rollout_id: str) -> None:
 @pass_leader
 def rollout_pause(leader: Leader, rollout_id: str) -> None:
     """No new node starts; nodes in flight finish."""
-    _control(leader, "pause", rollout_id)
+    _control(leader, RolloutAction.PAUSE, rollout_id)
 
 
 @rollout.command("resume")
@@ -312,7 +339,7 @@ def rollout_pause(leader: Leader, rollout_id: str) -> None:
 @pass_leader
 def rollout_resume(leader: Leader, rollout_id: str) -> None:
     """Carry on after a pause."""
-    _control(leader, "resume", rollout_id)
+    _control(leader, RolloutAction.RESUME, rollout_id)
 
 
 @rollout.command("abort")
@@ -320,7 +347,7 @@ def rollout_resume(leader: Leader, rollout_id: str) -> None:
 @pass_leader
 def rollout_abort(leader: Leader, rollout_id: str) -> None:
     """Finish the node(s) in flight safely, then stop; untouched nodes stay on http."""
-    _control(leader, "abort", rollout_id)
+    _control(leader, RolloutAction.ABORT, rollout_id)
 
 
 @rollout.command("status")
@@ -385,7 +412,7 @@ def watch_schema(leader: Leader, rollout_id: str, as_json: bool, interval: float
             if snapshot != last:
                 emit_json(snapshot)
                 last = snapshot
-            if r.state in TERMINAL:
+            if ROLLOUT_STATE.text(r.state) in TERMINAL:
                 return
             time.sleep(interval)
             r = newest() or r
@@ -400,15 +427,15 @@ def watch_schema(leader: Leader, rollout_id: str, as_json: bool, interval: float
 
         while True:
             for n in r.nodes:
-                note("node", n.name, n.state, n.reason)
-            note("rollout", r.id, r.state, r.reason)
-            if r.state in TERMINAL:
+                note("node", n.name, NODE_STATE.text(n.state), n.reason)
+            note("rollout", r.id, ROLLOUT_STATE.text(r.state), r.reason)
+            if ROLLOUT_STATE.text(r.state) in TERMINAL:
                 out.print(render_rollout(r))
                 return
             time.sleep(interval)
             r = newest() or r
     with Live(render_rollout(r), console=out, refresh_per_second=4) as live:
-        while r.state not in TERMINAL:
+        while ROLLOUT_STATE.text(r.state) not in TERMINAL:
             time.sleep(interval)
             r = newest() or r
             live.update(render_rollout(r))

@@ -12,7 +12,9 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from tlsroll.v1 import schema_pb2 as _schema_pb2
+from tlsroll.v1 import types_pb2 as _types_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -23,6 +25,25 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _RolloutAction:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _RolloutActionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RolloutAction.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    ROLLOUT_ACTION_UNSPECIFIED: _RolloutAction.ValueType  # 0
+    ROLLOUT_ACTION_PAUSE: _RolloutAction.ValueType  # 1
+    ROLLOUT_ACTION_RESUME: _RolloutAction.ValueType  # 2
+    ROLLOUT_ACTION_ABORT: _RolloutAction.ValueType  # 3
+
+class RolloutAction(_RolloutAction, metaclass=_RolloutActionEnumTypeWrapper): ...
+
+ROLLOUT_ACTION_UNSPECIFIED: RolloutAction.ValueType  # 0
+ROLLOUT_ACTION_PAUSE: RolloutAction.ValueType  # 1
+ROLLOUT_ACTION_RESUME: RolloutAction.ValueType  # 2
+ROLLOUT_ACTION_ABORT: RolloutAction.ValueType  # 3
+Global___RolloutAction: _TypeAlias = RolloutAction  # noqa: Y015
 
 @_typing.final
 class SetPasswordRequest(_message.Message):
@@ -81,13 +102,13 @@ class RolloutRequest(_message.Message):
     FAILURE_BUDGET_FIELD_NUMBER: _builtins.int
     AUTH_VERIFIER_JSON_FIELD_NUMBER: _builtins.int
     UNDO_ROLLOUT_ID_FIELD_NUMBER: _builtins.int
-    change: _builtins.str
-    """"enable-tls" (default)"""
-    scope: _builtins.str
-    """"local" | "cluster" | "nodes" """
+    change: _types_pb2.Change.ValueType
+    """Required."""
+    scope: _types_pb2.ScopeKind.ValueType
+    """Required, except for CHANGE_DISABLE_TLS, which takes its nodes from the rollout it undoes."""
     max_parallel: _builtins.int
-    freeze: _builtins.str
-    """"node" (default) | "scope" """
+    freeze: _types_pb2.FreezeMode.ValueType
+    """Required."""
     failure_budget: _builtins.int
     auth_verifier_json: _builtins.str
     """enable-tls: the JSON scrypt verifier of the auth password, made by the CLI; the password
@@ -98,15 +119,17 @@ class RolloutRequest(_message.Message):
     ended `done` go back to http. Scope and nodes are taken from it.
     """
     @_builtins.property
-    def nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """SCOPE_KIND_NODES: the nodes."""
+
     def __init__(
         self,
         *,
-        change: _builtins.str = ...,
-        scope: _builtins.str = ...,
+        change: _types_pb2.Change.ValueType = ...,
+        scope: _types_pb2.ScopeKind.ValueType = ...,
         nodes: _abc.Iterable[_builtins.str] | None = ...,
         max_parallel: _builtins.int = ...,
-        freeze: _builtins.str = ...,
+        freeze: _types_pb2.FreezeMode.ValueType = ...,
         failure_budget: _builtins.int = ...,
         auth_verifier_json: _builtins.str = ...,
         undo_rollout_id: _builtins.str = ...,
@@ -158,13 +181,12 @@ class ControlRolloutRequest(_message.Message):
     ROLLOUT_ID_FIELD_NUMBER: _builtins.int
     ACTION_FIELD_NUMBER: _builtins.int
     rollout_id: _builtins.str
-    action: _builtins.str
-    """"pause" | "resume" | "abort" """
+    action: Global___RolloutAction.ValueType
     def __init__(
         self,
         *,
         rollout_id: _builtins.str = ...,
-        action: _builtins.str = ...,
+        action: Global___RolloutAction.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...

@@ -23,47 +23,54 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from tlsroll.v1 import types_pb2 as tlsroll_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tlsroll/v1/agent.proto\x12\ntlsroll.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"L\n\rFreezeRequest\x12$\n\x07\x63ommand\x18\x01 \x01(\x0b\x32\x13.tlsroll.v1.Command\x12\x15\n\rlease_seconds\x18\x02 \x01(\r\"3\n\x0e\x46reezeResponse\x12\x0e\n\x06\x66rozen\x18\x01 \x01(\x08\x12\x11\n\twatermark\x18\x02 \x01(\x04\"\x12\n\x10GetStatusRequest\"\xd9\x01\n\nNodeStatus\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12\x32\n\x0e\x63\x65rt_not_after\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nagent_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x06server\x18\x05 \x01(\x0b\x32\x16.tlsroll.v1.ServerView\x12\x15\n\rhighest_epoch\x18\x06 \x01(\x04\"l\n\nServerView\x12\x0e\n\x06\x64river\x18\x01 \x01(\t\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\x0e\n\x06\x66rozen\x18\x03 \x01(\x08\x12\x0f\n\x07schemes\x18\x04 \x03(\t\x12\x0c\n\x04urls\x18\x05 \x03(\t\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\",\n\x07\x43ommand\x12\x12\n\nrollout_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"\x8b\x01\n\x10PreflightRequest\x12$\n\x07\x63ommand\x18\x01 \x01(\x0b\x32\x13.tlsroll.v1.Command\x12/\n\x0bleader_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12 \n\x18max_clock_offset_seconds\x18\x03 \x01(\r\"\xd1\x01\n\x11PreflightResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x10\n\x08problems\x18\x02 \x03(\t\x12\x13\n\x0b\x63ommon_name\x18\x03 \x01(\t\x12\x14\n\x0cip_addresses\x18\x04 \x03(\t\x12\x11\n\tdns_names\x18\x05 \x03(\t\x12&\n\x06server\x18\x06 \x01(\x0b\x32\x16.tlsroll.v1.ServerView\x12\x0f\n\x07new_url\x18\x07 \x01(\t\x12\x0f\n\x07old_url\x18\x08 \x01(\t\x12\x16\n\x0e\x62ootstrap_port\x18\t \x01(\r\"8\n\x10\x43reateCSRRequest\x12$\n\x07\x63ommand\x18\x01 \x01(\x0b\x32\x13.tlsroll.v1.Command\"$\n\x11\x43reateCSRResponse\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\x0c\"i\n\x0cStageRequest\x12$\n\x07\x63ommand\x18\x01 \x01(\x0b\x32\x13.tlsroll.v1.Command\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x02 \x01(\x0c\x12\x1a\n\x12\x63\x61_certificate_pem\x18\x03 \x01(\x0c\"S\n\rStageResponse\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12-\n\tnot_after\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"v\n\rSwitchRequest\x12$\n\x07\x63ommand\x18\x01 \x01(\x0b\x32\x13.tlsroll.v1.Command\x12\x0e\n\x06\x63hange\x18\x02 \x01(\t\x12\x1a\n\x12\x61uth_verifier_json\x18\x03 \x01(\t\x12\x13\n\x0bkeep_frozen\x18\x04 \x01(\x08\"7\n\x0fRollbackRequest\x12$\n\x07\x63ommand\x18\x01 \x01(\x0b\x32\x13.tlsroll.v1.Command\"9\n\x15GetTransactionRequest\x12\x12\n\nrollout_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\"\xa0\x03\n\x0bTransaction\x12\x12\n\nrollout_id\x18\x01 \x01(\t\x12\x0c\n\x04kind\x18\x02 \x01(\t\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\r\n\x05phase\x18\x04 \x01(\t\x12\x0f\n\x07outcome\x18\x05 \x01(\t\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x11\n\twatermark\x18\x07 \x01(\x04\x12.\n\nstarted_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11\x66reeze_started_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0f\x66reeze_ended_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0frestart_seconds\x18\x0c \x01(\x01\x12\x0f\n\x07old_url\x18\r \x01(\t\x12\x0f\n\x07new_url\x18\x0e \x01(\t\x12\x18\n\x10\x63\x65rt_fingerprint\x18\x0f \x01(\t2\xf2\x04\n\tNodeAgent\x12\x41\n\tGetStatus\x12\x1c.tlsroll.v1.GetStatusRequest\x1a\x16.tlsroll.v1.NodeStatus\x12H\n\tPreflight\x12\x1c.tlsroll.v1.PreflightRequest\x1a\x1d.tlsroll.v1.PreflightResponse\x12H\n\tCreateCSR\x12\x1c.tlsroll.v1.CreateCSRRequest\x1a\x1d.tlsroll.v1.CreateCSRResponse\x12<\n\x05Stage\x12\x18.tlsroll.v1.StageRequest\x1a\x19.tlsroll.v1.StageResponse\x12<\n\x06Switch\x12\x19.tlsroll.v1.SwitchRequest\x1a\x17.tlsroll.v1.Transaction\x12@\n\x08Rollback\x12\x1b.tlsroll.v1.RollbackRequest\x1a\x17.tlsroll.v1.Transaction\x12L\n\x0eGetTransaction\x12!.tlsroll.v1.GetTransactionRequest\x1a\x17.tlsroll.v1.Transaction\x12?\n\x06\x46reeze\x12\x19.tlsroll.v1.FreezeRequest\x1a\x1a.tlsroll.v1.FreezeResponse\x12\x41\n\x08Unfreeze\x12\x19.tlsroll.v1.FreezeRequest\x1a\x1a.tlsroll.v1.FreezeResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tlsroll/v1/agent.proto\x12\ntlsroll.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16tlsroll/v1/types.proto\"L\n\rFreezeRequest\x12$\n\x07\x63ommand\x18\x01 \x01(\x0b\x32\x13.tlsroll.v1.Command\x12\x15\n\rlease_seconds\x18\x02 \x01(\r\"3\n\x0e\x46reezeResponse\x12\x0e\n\x06\x66rozen\x18\x01 \x01(\x08\x12\x11\n\twatermark\x18\x02 \x01(\x04\"\x12\n\x10GetStatusRequest\"\xd9\x01\n\nNodeStatus\x12\x11\n\tnode_name\x18\x01 \x01(\t\x12\x15\n\ragent_version\x18\x02 \x01(\t\x12\x32\n\x0e\x63\x65rt_not_after\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nagent_time\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12&\n\x06server\x18\x05 \x01(\x0b\x32\x16.tlsroll.v1.ServerView\x12\x15\n\rhighest_epoch\x18\x06 \x01(\x04\"l\n\nServerView\x12\x0e\n\x06\x64river\x18\x01 \x01(\t\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\x0e\n\x06\x66rozen\x18\x03 \x01(\x08\x12\x0f\n\x07schemes\x18\x04 \x03(\t\x12\x0c\n\x04urls\x18\x05 \x03(\t\x12\x0e\n\x06\x64\x65tail\x18\x06 \x01(\t\",\n\x07\x43ommand\x12\x12\n\nrollout_id\x18\x01 \x01(\t\x12\r\n\x05\x65poch\x18\x02 \x01(\x04\"\x8b\x01\n\x10PreflightRequest\x12$\n\x07\x63ommand\x18\x01 \x01(\x0b\x32\x13.tlsroll.v1.Command\x12/\n\x0bleader_time\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12 \n\x18max_clock_offset_seconds\x18\x03 \x01(\r\"\xd1\x01\n\x11PreflightResponse\x12\n\n\x02ok\x18\x01 \x01(\x08\x12\x10\n\x08problems\x18\x02 \x03(\t\x12\x13\n\x0b\x63ommon_name\x18\x03 \x01(\t\x12\x14\n\x0cip_addresses\x18\x04 \x03(\t\x12\x11\n\tdns_names\x18\x05 \x03(\t\x12&\n\x06server\x18\x06 \x01(\x0b\x32\x16.tlsroll.v1.ServerView\x12\x0f\n\x07new_url\x18\x07 \x01(\t\x12\x0f\n\x07old_url\x18\x08 \x01(\t\x12\x16\n\x0e\x62ootstrap_port\x18\t \x01(\r\"8\n\x10\x43reateCSRRequest\x12$\n\x07\x63ommand\x18\x01 \x01(\x0b\x32\x13.tlsroll.v1.Command\"$\n\x11\x43reateCSRResponse\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\x0c\"i\n\x0cStageRequest\x12$\n\x07\x63ommand\x18\x01 \x01(\x0b\x32\x13.tlsroll.v1.Command\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x02 \x01(\x0c\x12\x1a\n\x12\x63\x61_certificate_pem\x18\x03 \x01(\x0c\"S\n\rStageResponse\x12\x13\n\x0b\x66ingerprint\x18\x01 \x01(\t\x12-\n\tnot_after\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x8a\x01\n\rSwitchRequest\x12$\n\x07\x63ommand\x18\x01 \x01(\x0b\x32\x13.tlsroll.v1.Command\x12\"\n\x06\x63hange\x18\x02 \x01(\x0e\x32\x12.tlsroll.v1.Change\x12\x1a\n\x12\x61uth_verifier_json\x18\x03 \x01(\t\x12\x13\n\x0bkeep_frozen\x18\x04 \x01(\x08\"7\n\x0fRollbackRequest\x12$\n\x07\x63ommand\x18\x01 \x01(\x0b\x32\x13.tlsroll.v1.Command\"V\n\x15GetTransactionRequest\x12\x12\n\nrollout_id\x18\x01 \x01(\t\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x1b.tlsroll.v1.TransactionKind\"\xfb\x03\n\x0bTransaction\x12\x12\n\nrollout_id\x18\x01 \x01(\t\x12)\n\x04kind\x18\x02 \x01(\x0e\x32\x1b.tlsroll.v1.TransactionKind\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12+\n\x05phase\x18\x04 \x01(\x0e\x32\x1c.tlsroll.v1.TransactionPhase\x12/\n\x07outcome\x18\x05 \x01(\x0e\x32\x1e.tlsroll.v1.TransactionOutcome\x12\x0e\n\x06reason\x18\x06 \x01(\t\x12\x11\n\twatermark\x18\x07 \x01(\x04\x12.\n\nstarted_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11\x66reeze_started_at\x18\n \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0f\x66reeze_ended_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0frestart_seconds\x18\x0c \x01(\x01\x12\x0f\n\x07old_url\x18\r \x01(\t\x12\x0f\n\x07new_url\x18\x0e \x01(\t\x12\x18\n\x10\x63\x65rt_fingerprint\x18\x0f \x01(\t*o\n\x0fTransactionKind\x12 \n\x1cTRANSACTION_KIND_UNSPECIFIED\x10\x00\x12\x1b\n\x17TRANSACTION_KIND_SWITCH\x10\x01\x12\x1d\n\x19TRANSACTION_KIND_ROLLBACK\x10\x02*\xc6\x03\n\x10TransactionPhase\x12!\n\x1dTRANSACTION_PHASE_UNSPECIFIED\x10\x00\x12\x1d\n\x19TRANSACTION_PHASE_STARTED\x10\x01\x12\x1c\n\x18TRANSACTION_PHASE_FROZEN\x10\x02\x12$\n TRANSACTION_PHASE_CONFIG_WRITTEN\x10\x03\x12\x1f\n\x1bTRANSACTION_PHASE_RESTARTED\x10\x04\x12\x1e\n\x1aTRANSACTION_PHASE_VERIFIED\x10\x05\x12\x1f\n\x1bTRANSACTION_PHASE_COMPLETED\x10\x06\x12\"\n\x1eTRANSACTION_PHASE_ROLLING_BACK\x10\x07\x12\x1e\n\x1aTRANSACTION_PHASE_RESTORED\x10\x08\x12\"\n\x1eTRANSACTION_PHASE_RB_RESTARTED\x10\t\x12!\n\x1dTRANSACTION_PHASE_RB_VERIFIED\x10\n\x12!\n\x1dTRANSACTION_PHASE_ROLLED_BACK\x10\x0b\x12\x1c\n\x18TRANSACTION_PHASE_FAILED\x10\x0c*\xc2\x01\n\x12TransactionOutcome\x12#\n\x1fTRANSACTION_OUTCOME_UNSPECIFIED\x10\x00\x12\x1f\n\x1bTRANSACTION_OUTCOME_PENDING\x10\x01\x12!\n\x1dTRANSACTION_OUTCOME_COMPLETED\x10\x02\x12#\n\x1fTRANSACTION_OUTCOME_ROLLED_BACK\x10\x03\x12\x1e\n\x1aTRANSACTION_OUTCOME_FAILED\x10\x04\x32\xf2\x04\n\tNodeAgent\x12\x41\n\tGetStatus\x12\x1c.tlsroll.v1.GetStatusRequest\x1a\x16.tlsroll.v1.NodeStatus\x12H\n\tPreflight\x12\x1c.tlsroll.v1.PreflightRequest\x1a\x1d.tlsroll.v1.PreflightResponse\x12H\n\tCreateCSR\x12\x1c.tlsroll.v1.CreateCSRRequest\x1a\x1d.tlsroll.v1.CreateCSRResponse\x12<\n\x05Stage\x12\x18.tlsroll.v1.StageRequest\x1a\x19.tlsroll.v1.StageResponse\x12<\n\x06Switch\x12\x19.tlsroll.v1.SwitchRequest\x1a\x17.tlsroll.v1.Transaction\x12@\n\x08Rollback\x12\x1b.tlsroll.v1.RollbackRequest\x1a\x17.tlsroll.v1.Transaction\x12L\n\x0eGetTransaction\x12!.tlsroll.v1.GetTransactionRequest\x1a\x17.tlsroll.v1.Transaction\x12?\n\x06\x46reeze\x12\x19.tlsroll.v1.FreezeRequest\x1a\x1a.tlsroll.v1.FreezeResponse\x12\x41\n\x08Unfreeze\x12\x19.tlsroll.v1.FreezeRequest\x1a\x1a.tlsroll.v1.FreezeResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tlsroll.v1.agent_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FREEZEREQUEST']._serialized_start=71
-  _globals['_FREEZEREQUEST']._serialized_end=147
-  _globals['_FREEZERESPONSE']._serialized_start=149
-  _globals['_FREEZERESPONSE']._serialized_end=200
-  _globals['_GETSTATUSREQUEST']._serialized_start=202
-  _globals['_GETSTATUSREQUEST']._serialized_end=220
-  _globals['_NODESTATUS']._serialized_start=223
-  _globals['_NODESTATUS']._serialized_end=440
-  _globals['_SERVERVIEW']._serialized_start=442
-  _globals['_SERVERVIEW']._serialized_end=550
-  _globals['_COMMAND']._serialized_start=552
-  _globals['_COMMAND']._serialized_end=596
-  _globals['_PREFLIGHTREQUEST']._serialized_start=599
-  _globals['_PREFLIGHTREQUEST']._serialized_end=738
-  _globals['_PREFLIGHTRESPONSE']._serialized_start=741
-  _globals['_PREFLIGHTRESPONSE']._serialized_end=950
-  _globals['_CREATECSRREQUEST']._serialized_start=952
-  _globals['_CREATECSRREQUEST']._serialized_end=1008
-  _globals['_CREATECSRRESPONSE']._serialized_start=1010
-  _globals['_CREATECSRRESPONSE']._serialized_end=1046
-  _globals['_STAGEREQUEST']._serialized_start=1048
-  _globals['_STAGEREQUEST']._serialized_end=1153
-  _globals['_STAGERESPONSE']._serialized_start=1155
-  _globals['_STAGERESPONSE']._serialized_end=1238
-  _globals['_SWITCHREQUEST']._serialized_start=1240
-  _globals['_SWITCHREQUEST']._serialized_end=1358
-  _globals['_ROLLBACKREQUEST']._serialized_start=1360
-  _globals['_ROLLBACKREQUEST']._serialized_end=1415
-  _globals['_GETTRANSACTIONREQUEST']._serialized_start=1417
-  _globals['_GETTRANSACTIONREQUEST']._serialized_end=1474
-  _globals['_TRANSACTION']._serialized_start=1477
-  _globals['_TRANSACTION']._serialized_end=1893
-  _globals['_NODEAGENT']._serialized_start=1896
-  _globals['_NODEAGENT']._serialized_end=2522
+  _globals['_TRANSACTIONKIND']._serialized_start=2060
+  _globals['_TRANSACTIONKIND']._serialized_end=2171
+  _globals['_TRANSACTIONPHASE']._serialized_start=2174
+  _globals['_TRANSACTIONPHASE']._serialized_end=2628
+  _globals['_TRANSACTIONOUTCOME']._serialized_start=2631
+  _globals['_TRANSACTIONOUTCOME']._serialized_end=2825
+  _globals['_FREEZEREQUEST']._serialized_start=95
+  _globals['_FREEZEREQUEST']._serialized_end=171
+  _globals['_FREEZERESPONSE']._serialized_start=173
+  _globals['_FREEZERESPONSE']._serialized_end=224
+  _globals['_GETSTATUSREQUEST']._serialized_start=226
+  _globals['_GETSTATUSREQUEST']._serialized_end=244
+  _globals['_NODESTATUS']._serialized_start=247
+  _globals['_NODESTATUS']._serialized_end=464
+  _globals['_SERVERVIEW']._serialized_start=466
+  _globals['_SERVERVIEW']._serialized_end=574
+  _globals['_COMMAND']._serialized_start=576
+  _globals['_COMMAND']._serialized_end=620
+  _globals['_PREFLIGHTREQUEST']._serialized_start=623
+  _globals['_PREFLIGHTREQUEST']._serialized_end=762
+  _globals['_PREFLIGHTRESPONSE']._serialized_start=765
+  _globals['_PREFLIGHTRESPONSE']._serialized_end=974
+  _globals['_CREATECSRREQUEST']._serialized_start=976
+  _globals['_CREATECSRREQUEST']._serialized_end=1032
+  _globals['_CREATECSRRESPONSE']._serialized_start=1034
+  _globals['_CREATECSRRESPONSE']._serialized_end=1070
+  _globals['_STAGEREQUEST']._serialized_start=1072
+  _globals['_STAGEREQUEST']._serialized_end=1177
+  _globals['_STAGERESPONSE']._serialized_start=1179
+  _globals['_STAGERESPONSE']._serialized_end=1262
+  _globals['_SWITCHREQUEST']._serialized_start=1265
+  _globals['_SWITCHREQUEST']._serialized_end=1403
+  _globals['_ROLLBACKREQUEST']._serialized_start=1405
+  _globals['_ROLLBACKREQUEST']._serialized_end=1460
+  _globals['_GETTRANSACTIONREQUEST']._serialized_start=1462
+  _globals['_GETTRANSACTIONREQUEST']._serialized_end=1548
+  _globals['_TRANSACTION']._serialized_start=1551
+  _globals['_TRANSACTION']._serialized_end=2058
+  _globals['_NODEAGENT']._serialized_start=2828
+  _globals['_NODEAGENT']._serialized_end=3454
 # @@protoc_insertion_point(module_scope)

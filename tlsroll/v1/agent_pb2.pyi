@@ -14,6 +14,8 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from tlsroll.v1 import types_pb2 as _types_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -24,6 +26,94 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _TransactionKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TransactionKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TransactionKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TRANSACTION_KIND_UNSPECIFIED: _TransactionKind.ValueType  # 0
+    TRANSACTION_KIND_SWITCH: _TransactionKind.ValueType  # 1
+    """From the source config to the target (enable-tls, change-password)."""
+    TRANSACTION_KIND_ROLLBACK: _TransactionKind.ValueType  # 2
+    """Undo a completed switch of the same rollout id."""
+
+class TransactionKind(_TransactionKind, metaclass=_TransactionKindEnumTypeWrapper): ...
+
+TRANSACTION_KIND_UNSPECIFIED: TransactionKind.ValueType  # 0
+TRANSACTION_KIND_SWITCH: TransactionKind.ValueType  # 1
+"""From the source config to the target (enable-tls, change-password)."""
+TRANSACTION_KIND_ROLLBACK: TransactionKind.ValueType  # 2
+"""Undo a completed switch of the same rollout id."""
+Global___TransactionKind: _TypeAlias = TransactionKind  # noqa: Y015
+
+class _TransactionPhase:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TransactionPhaseEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TransactionPhase.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TRANSACTION_PHASE_UNSPECIFIED: _TransactionPhase.ValueType  # 0
+    TRANSACTION_PHASE_STARTED: _TransactionPhase.ValueType  # 1
+    TRANSACTION_PHASE_FROZEN: _TransactionPhase.ValueType  # 2
+    TRANSACTION_PHASE_CONFIG_WRITTEN: _TransactionPhase.ValueType  # 3
+    TRANSACTION_PHASE_RESTARTED: _TransactionPhase.ValueType  # 4
+    TRANSACTION_PHASE_VERIFIED: _TransactionPhase.ValueType  # 5
+    TRANSACTION_PHASE_COMPLETED: _TransactionPhase.ValueType  # 6
+    TRANSACTION_PHASE_ROLLING_BACK: _TransactionPhase.ValueType  # 7
+    TRANSACTION_PHASE_RESTORED: _TransactionPhase.ValueType  # 8
+    TRANSACTION_PHASE_RB_RESTARTED: _TransactionPhase.ValueType  # 9
+    TRANSACTION_PHASE_RB_VERIFIED: _TransactionPhase.ValueType  # 10
+    TRANSACTION_PHASE_ROLLED_BACK: _TransactionPhase.ValueType  # 11
+    TRANSACTION_PHASE_FAILED: _TransactionPhase.ValueType  # 12
+
+class TransactionPhase(_TransactionPhase, metaclass=_TransactionPhaseEnumTypeWrapper):
+    """The agent's phase table (nodeagent/transaction.py): the last step journalled."""
+
+TRANSACTION_PHASE_UNSPECIFIED: TransactionPhase.ValueType  # 0
+TRANSACTION_PHASE_STARTED: TransactionPhase.ValueType  # 1
+TRANSACTION_PHASE_FROZEN: TransactionPhase.ValueType  # 2
+TRANSACTION_PHASE_CONFIG_WRITTEN: TransactionPhase.ValueType  # 3
+TRANSACTION_PHASE_RESTARTED: TransactionPhase.ValueType  # 4
+TRANSACTION_PHASE_VERIFIED: TransactionPhase.ValueType  # 5
+TRANSACTION_PHASE_COMPLETED: TransactionPhase.ValueType  # 6
+TRANSACTION_PHASE_ROLLING_BACK: TransactionPhase.ValueType  # 7
+TRANSACTION_PHASE_RESTORED: TransactionPhase.ValueType  # 8
+TRANSACTION_PHASE_RB_RESTARTED: TransactionPhase.ValueType  # 9
+TRANSACTION_PHASE_RB_VERIFIED: TransactionPhase.ValueType  # 10
+TRANSACTION_PHASE_ROLLED_BACK: TransactionPhase.ValueType  # 11
+TRANSACTION_PHASE_FAILED: TransactionPhase.ValueType  # 12
+Global___TransactionPhase: _TypeAlias = TransactionPhase  # noqa: Y015
+
+class _TransactionOutcome:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _TransactionOutcomeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_TransactionOutcome.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    TRANSACTION_OUTCOME_UNSPECIFIED: _TransactionOutcome.ValueType  # 0
+    TRANSACTION_OUTCOME_PENDING: _TransactionOutcome.ValueType  # 1
+    """Still running."""
+    TRANSACTION_OUTCOME_COMPLETED: _TransactionOutcome.ValueType  # 2
+    """The target is live, verified, writes accepted."""
+    TRANSACTION_OUTCOME_ROLLED_BACK: _TransactionOutcome.ValueType  # 3
+    """Something failed; the source is live again, verified, writes accepted."""
+    TRANSACTION_OUTCOME_FAILED: _TransactionOutcome.ValueType  # 4
+    """Even the way back failed; the reason says what the node needs."""
+
+class TransactionOutcome(_TransactionOutcome, metaclass=_TransactionOutcomeEnumTypeWrapper): ...
+
+TRANSACTION_OUTCOME_UNSPECIFIED: TransactionOutcome.ValueType  # 0
+TRANSACTION_OUTCOME_PENDING: TransactionOutcome.ValueType  # 1
+"""Still running."""
+TRANSACTION_OUTCOME_COMPLETED: TransactionOutcome.ValueType  # 2
+"""The target is live, verified, writes accepted."""
+TRANSACTION_OUTCOME_ROLLED_BACK: TransactionOutcome.ValueType  # 3
+"""Something failed; the source is live again, verified, writes accepted."""
+TRANSACTION_OUTCOME_FAILED: TransactionOutcome.ValueType  # 4
+"""Even the way back failed; the reason says what the node needs."""
+Global___TransactionOutcome: _TypeAlias = TransactionOutcome  # noqa: Y015
 
 @_typing.final
 class FreezeRequest(_message.Message):
@@ -363,8 +453,10 @@ class SwitchRequest(_message.Message):
     CHANGE_FIELD_NUMBER: _builtins.int
     AUTH_VERIFIER_JSON_FIELD_NUMBER: _builtins.int
     KEEP_FROZEN_FIELD_NUMBER: _builtins.int
-    change: _builtins.str
-    """"enable-tls" (the seed's switch) or "change-password" (same config, new verifier)."""
+    change: _types_pb2.Change.ValueType
+    """CHANGE_ENABLE_TLS (the seed's switch) or CHANGE_CHANGE_PASSWORD (same config, new
+    verifier); anything else is INVALID_ARGUMENT.
+    """
     auth_verifier_json: _builtins.str
     """JSON scrypt verifier of the auth password; it goes into the new config (0600 file) and
     takes effect when the server restarts.
@@ -379,7 +471,7 @@ class SwitchRequest(_message.Message):
         self,
         *,
         command: Global___Command | None = ...,
-        change: _builtins.str = ...,
+        change: _types_pb2.Change.ValueType = ...,
         auth_verifier_json: _builtins.str = ...,
         keep_frozen: _builtins.bool = ...,
     ) -> None: ...
@@ -418,13 +510,13 @@ class GetTransactionRequest(_message.Message):
     ROLLOUT_ID_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     rollout_id: _builtins.str
-    kind: _builtins.str
-    """"switch" or "rollback" """
+    kind: Global___TransactionKind.ValueType
+    """Required."""
     def __init__(
         self,
         *,
         rollout_id: _builtins.str = ...,
-        kind: _builtins.str = ...,
+        kind: Global___TransactionKind.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
@@ -454,16 +546,10 @@ class Transaction(_message.Message):
     NEW_URL_FIELD_NUMBER: _builtins.int
     CERT_FINGERPRINT_FIELD_NUMBER: _builtins.int
     rollout_id: _builtins.str
-    kind: _builtins.str
+    kind: Global___TransactionKind.ValueType
     epoch: _builtins.int
-    phase: _builtins.str
-    """Where the transaction is now (started, frozen, config_written, restarted, verified,
-    unfrozen, rolling_back, ...).
-    """
-    outcome: _builtins.str
-    """"" while running; then "completed" (the target is live), "rolled_back" (the source is
-    live again) or "failed" (even the way back failed; the reason says what the node needs).
-    """
+    phase: Global___TransactionPhase.ValueType
+    outcome: Global___TransactionOutcome.ValueType
     reason: _builtins.str
     watermark: _builtins.int
     restart_seconds: _builtins.float
@@ -482,10 +568,10 @@ class Transaction(_message.Message):
         self,
         *,
         rollout_id: _builtins.str = ...,
-        kind: _builtins.str = ...,
+        kind: Global___TransactionKind.ValueType = ...,
         epoch: _builtins.int = ...,
-        phase: _builtins.str = ...,
-        outcome: _builtins.str = ...,
+        phase: Global___TransactionPhase.ValueType = ...,
+        outcome: Global___TransactionOutcome.ValueType = ...,
         reason: _builtins.str = ...,
         watermark: _builtins.int = ...,
         started_at: _timestamp_pb2.Timestamp | None = ...,

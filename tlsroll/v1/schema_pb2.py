@@ -23,25 +23,26 @@ _sym_db = _symbol_database.Default()
 
 
 from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
+from tlsroll.v1 import types_pb2 as tlsroll_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tlsroll/v1/schema.proto\x12\ntlsroll.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"&\n\x10GetSchemaRequest\x12\x12\n\nrollout_id\x18\x01 \x01(\t\"w\n\tStepTimes\x12\x0c\n\x04step\x18\x01 \x01(\t\x12.\n\nstarted_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x99\x03\n\x08NodeView\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\r\n\x05state\x18\x02 \x01(\t\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07old_url\x18\x04 \x01(\t\x12\x0f\n\x07new_url\x18\x05 \x01(\t\x12\x18\n\x10\x63\x65rt_fingerprint\x18\x06 \x01(\t\x12\x32\n\x0e\x63\x65rt_not_after\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11\x66reeze_started_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0f\x66reeze_ended_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0frestart_seconds\x18\n \x01(\x01\x12$\n\x05steps\x18\x0b \x03(\x0b\x32\x15.tlsroll.v1.StepTimes\x12\x13\n\x0bleader_node\x18\x0c \x01(\x08\x12\x16\n\x0e\x62ootstrap_port\x18\r \x01(\r\x12\x18\n\x10password_pending\x18\x0e \x01(\x08\"\xa2\x03\n\x0bRolloutView\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0e\n\x06\x63hange\x18\x02 \x01(\t\x12\r\n\x05scope\x18\x03 \x01(\t\x12\x13\n\x0bscope_nodes\x18\x04 \x03(\t\x12\x10\n\x08strategy\x18\x05 \x01(\t\x12\x14\n\x0cmax_parallel\x18\x06 \x01(\r\x12\x16\n\x0e\x66\x61ilure_budget\x18\x07 \x01(\r\x12\x0e\n\x06\x66reeze\x18\x08 \x01(\t\x12\r\n\x05\x65poch\x18\t \x01(\x04\x12\r\n\x05state\x18\n \x01(\t\x12.\n\ncreated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nstarted_by\x18\x0e \x01(\t\x12#\n\x05nodes\x18\x0f \x03(\x0b\x32\x14.tlsroll.v1.NodeView\x12\x0e\n\x06reason\x18\x10 \x01(\t\x12\x0e\n\x06undoes\x18\x11 \x01(\t\"e\n\x06Schema\x12)\n\x08rollouts\x18\x01 \x03(\x0b\x32\x17.tlsroll.v1.RolloutView\x12\x30\n\x0cgenerated_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2K\n\nSchemaView\x12=\n\tGetSchema\x12\x1c.tlsroll.v1.GetSchemaRequest\x1a\x12.tlsroll.v1.Schemab\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tlsroll/v1/schema.proto\x12\ntlsroll.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16tlsroll/v1/types.proto\"&\n\x10GetSchemaRequest\x12\x12\n\nrollout_id\x18\x01 \x01(\t\"w\n\tStepTimes\x12\x0c\n\x04step\x18\x01 \x01(\t\x12.\n\nstarted_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\xb0\x03\n\x08NodeView\x12\x0c\n\x04name\x18\x01 \x01(\t\x12$\n\x05state\x18\x02 \x01(\x0e\x32\x15.tlsroll.v1.NodeState\x12\x0e\n\x06reason\x18\x03 \x01(\t\x12\x0f\n\x07old_url\x18\x04 \x01(\t\x12\x0f\n\x07new_url\x18\x05 \x01(\t\x12\x18\n\x10\x63\x65rt_fingerprint\x18\x06 \x01(\t\x12\x32\n\x0e\x63\x65rt_not_after\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x35\n\x11\x66reeze_started_at\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x33\n\x0f\x66reeze_ended_at\x18\t \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x17\n\x0frestart_seconds\x18\n \x01(\x01\x12$\n\x05steps\x18\x0b \x03(\x0b\x32\x15.tlsroll.v1.StepTimes\x12\x13\n\x0bleader_node\x18\x0c \x01(\x08\x12\x16\n\x0e\x62ootstrap_port\x18\r \x01(\r\x12\x18\n\x10password_pending\x18\x0e \x01(\x08\"\x95\x04\n\x0bRolloutView\x12\n\n\x02id\x18\x01 \x01(\t\x12\"\n\x06\x63hange\x18\x02 \x01(\x0e\x32\x12.tlsroll.v1.Change\x12$\n\x05scope\x18\x03 \x01(\x0e\x32\x15.tlsroll.v1.ScopeKind\x12\x13\n\x0bscope_nodes\x18\x04 \x03(\t\x12&\n\x08strategy\x18\x05 \x01(\x0e\x32\x14.tlsroll.v1.Strategy\x12\x14\n\x0cmax_parallel\x18\x06 \x01(\r\x12\x16\n\x0e\x66\x61ilure_budget\x18\x07 \x01(\r\x12&\n\x06\x66reeze\x18\x08 \x01(\x0e\x32\x16.tlsroll.v1.FreezeMode\x12\r\n\x05\x65poch\x18\t \x01(\x04\x12\'\n\x05state\x18\n \x01(\x0e\x32\x18.tlsroll.v1.RolloutState\x12.\n\ncreated_at\x18\x0b \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nstarted_at\x18\x0c \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12,\n\x08\x65nded_at\x18\r \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x12\n\nstarted_by\x18\x0e \x01(\t\x12#\n\x05nodes\x18\x0f \x03(\x0b\x32\x14.tlsroll.v1.NodeView\x12\x0e\n\x06reason\x18\x10 \x01(\t\x12\x0e\n\x06undoes\x18\x11 \x01(\t\"e\n\x06Schema\x12)\n\x08rollouts\x18\x01 \x03(\x0b\x32\x17.tlsroll.v1.RolloutView\x12\x30\n\x0cgenerated_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp2K\n\nSchemaView\x12=\n\tGetSchema\x12\x1c.tlsroll.v1.GetSchemaRequest\x1a\x12.tlsroll.v1.Schemab\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tlsroll.v1.schema_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_GETSCHEMAREQUEST']._serialized_start=72
-  _globals['_GETSCHEMAREQUEST']._serialized_end=110
-  _globals['_STEPTIMES']._serialized_start=112
-  _globals['_STEPTIMES']._serialized_end=231
-  _globals['_NODEVIEW']._serialized_start=234
-  _globals['_NODEVIEW']._serialized_end=643
-  _globals['_ROLLOUTVIEW']._serialized_start=646
-  _globals['_ROLLOUTVIEW']._serialized_end=1064
-  _globals['_SCHEMA']._serialized_start=1066
-  _globals['_SCHEMA']._serialized_end=1167
-  _globals['_SCHEMAVIEW']._serialized_start=1169
-  _globals['_SCHEMAVIEW']._serialized_end=1244
+  _globals['_GETSCHEMAREQUEST']._serialized_start=96
+  _globals['_GETSCHEMAREQUEST']._serialized_end=134
+  _globals['_STEPTIMES']._serialized_start=136
+  _globals['_STEPTIMES']._serialized_end=255
+  _globals['_NODEVIEW']._serialized_start=258
+  _globals['_NODEVIEW']._serialized_end=690
+  _globals['_ROLLOUTVIEW']._serialized_start=693
+  _globals['_ROLLOUTVIEW']._serialized_end=1226
+  _globals['_SCHEMA']._serialized_start=1228
+  _globals['_SCHEMA']._serialized_end=1329
+  _globals['_SCHEMAVIEW']._serialized_start=1331
+  _globals['_SCHEMAVIEW']._serialized_end=1406
 # @@protoc_insertion_point(module_scope)

@@ -11,6 +11,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from tlsroll.v1 import types_pb2 as _types_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -87,7 +88,7 @@ class NodeView(_message.Message):
     BOOTSTRAP_PORT_FIELD_NUMBER: _builtins.int
     PASSWORD_PENDING_FIELD_NUMBER: _builtins.int
     name: _builtins.str
-    state: _builtins.str
+    state: _types_pb2.NodeState.ValueType
     reason: _builtins.str
     old_url: _builtins.str
     new_url: _builtins.str
@@ -111,7 +112,7 @@ class NodeView(_message.Message):
         self,
         *,
         name: _builtins.str = ...,
-        state: _builtins.str = ...,
+        state: _types_pb2.NodeState.ValueType = ...,
         reason: _builtins.str = ...,
         old_url: _builtins.str = ...,
         new_url: _builtins.str = ...,
@@ -155,14 +156,14 @@ class RolloutView(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     UNDOES_FIELD_NUMBER: _builtins.int
     id: _builtins.str
-    change: _builtins.str
-    scope: _builtins.str
-    strategy: _builtins.str
+    change: _types_pb2.Change.ValueType
+    scope: _types_pb2.ScopeKind.ValueType
+    strategy: _types_pb2.Strategy.ValueType
     max_parallel: _builtins.int
     failure_budget: _builtins.int
-    freeze: _builtins.str
+    freeze: _types_pb2.FreezeMode.ValueType
     epoch: _builtins.int
-    state: _builtins.str
+    state: _types_pb2.RolloutState.ValueType
     started_by: _builtins.str
     reason: _builtins.str
     undoes: _builtins.str
@@ -181,15 +182,15 @@ class RolloutView(_message.Message):
         self,
         *,
         id: _builtins.str = ...,
-        change: _builtins.str = ...,
-        scope: _builtins.str = ...,
+        change: _types_pb2.Change.ValueType = ...,
+        scope: _types_pb2.ScopeKind.ValueType = ...,
         scope_nodes: _abc.Iterable[_builtins.str] | None = ...,
-        strategy: _builtins.str = ...,
+        strategy: _types_pb2.Strategy.ValueType = ...,
         max_parallel: _builtins.int = ...,
         failure_budget: _builtins.int = ...,
-        freeze: _builtins.str = ...,
+        freeze: _types_pb2.FreezeMode.ValueType = ...,
         epoch: _builtins.int = ...,
-        state: _builtins.str = ...,
+        state: _types_pb2.RolloutState.ValueType = ...,
         created_at: _timestamp_pb2.Timestamp | None = ...,
         started_at: _timestamp_pb2.Timestamp | None = ...,
         ended_at: _timestamp_pb2.Timestamp | None = ...,

@@ -1,0 +1,246 @@
+"""The Admin servicer, on the leader's Unix socket only: whoever can open the socket is an
+administrator. Requests are converted from the wire here (``rollout_request``, the enum codecs
+of ``leader.wire``); rollout commands run in ``leader.commands``; errors become statuses through
+the leader's one map (``leader.service.ERRORS``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import getpass
+from typing import Any
+
+import grpc
+
+from leader.commands import Commands, RolloutRequest
+from leader.rollout_core import Change, Scope, ScopeKind
+from leader.schema_store import NodeDetail, RolloutMeta, RolloutRow, SchemaStore
+from leader.schema_view import rollout_view
+from leader.service import ERRORS, LeaderState
+from leader.tokens import JoinToken
+from leader.wire import CHANGE, FREEZE, ROLLOUT_ACTION, SCOPE_KIND
+from tlsroll import logs, pki
+from tlsroll.rpc import invalid, map_errors, timestamp
+from tlsroll.v1 import admin_pb2, admin_pb2_grpc, schema_pb2
+
+log = logs.get_logger(__name__)
+
+Ctx = grpc.aio.ServicerContext[Any, Any]
+MAX_TOKEN_TTL = dt.timedelta(days=7)
+
+
+def _actor(context: Ctx) -> str:
+    for key, value in context.invocation_metadata() or ():
+        if key == "x-tlsroll-user" and isinstance(value, str) and value.isprintable():
+            return f"admin:{value[:64]}"
+    return f"admin:{getpass.getuser()}"
+
+
+def token_info(t: Any) -> admin_pb2.TokenInfo:
+    return admin_pb2.TokenInfo(
+        id=t.id,
+        created_at=timestamp(t.created_at),
+        expires_at=timestamp(t.expires_at),
+        uses_allowed=t.uses_allowed,
+        uses_left=t.uses_left,
+        revoked=t.revoked_at is not None,
+        description=t.description,
+    )
+
+
+SEED_WARNINGS = (
+    "The switch restarts the managed server on each node.",
+    "All connected clients must re-initiate their server connections afterwards.",
+    "No new entries can be made at the clients while a node switches (writes are refused "
+    "with 503 during the freeze, so no data is lost).",
+)
+CHECKS = (
+    "preflight: managed server healthy; ports 8443 and 9443 free on the node; config "
+    "directory writable; clock within 120 s of the leader; certificate names known",
+    "stage: node key made on the node, CSR signed by the cluster CA, stored inactive",
+    "switch: freeze writes, write new config atomically, restart, verify https with the "
+    "staged certificate and 8080 closed, write watermark unchanged, unfreeze; else roll back",
+    "confirm: the leader checks https from outside trusting only the cluster CA",
+)
+CLIENT_STEPS = (
+    "Admin -> change server address to the new https address of the node",
+    "Test connection; confirm the port prompt for 9443 (or the port shown)",
+    "enter the authentication password",
+    "restart the client",
+)
+
+
+def rollout_request(request: admin_pb2.RolloutRequest) -> RolloutRequest:
+    """The command's request from the wire; INVALID_ARGUMENT names what is wrong."""
+    change = CHANGE.read(request.change, "change")
+    if change is Change.DISABLE_TLS:
+        if request.scope or request.nodes:
+            raise invalid("disable-tls takes its nodes from the rollout it takes back")
+        scope = Scope.cluster()  # replaced by the nodes that rollout switched
+    else:
+        kind = SCOPE_KIND.read(request.scope, "scope")
+        if (kind is ScopeKind.NODES) != bool(request.nodes):
+            raise invalid("a node list goes with scope nodes, and only with it")
+        scope = Scope(kind, tuple(request.nodes))
+    if not 1 <= (request.max_parallel or 1) <= 200:
+        raise invalid("max-parallel must be 1..200")
+    return RolloutRequest(
+        change=change,
+        scope=scope,
+        max_parallel=request.max_parallel or 1,
+        failure_budget=request.failure_budget,
+        auth_verifier_json=request.auth_verifier_json or None,
+        freeze=FREEZE.read(request.freeze, "freeze"),
+        undo_rollout_id=request.undo_rollout_id or None,
+    )
+
+
+class AdminService(admin_pb2_grpc.AdminServicer):
+    def __init__(
+        self,
+        state: LeaderState,
+        commands: Commands,
+        schema: SchemaStore,
+        leader_node: str | None = None,
+    ) -> None:
+        self.state = state
+        self.commands = commands
+        self.schema = schema
+        self.leader_node = leader_node
+
+    # --- rollouts -----------------------------------------------------------------------------
+
+    @map_errors(ERRORS)
+    async def PlanRollout(
+        self, request: admin_pb2.RolloutRequest, context: Ctx
+    ) -> admin_pb2.PlanResponse:
+        rollout, nodes = await self.commands.plan(rollout_request(request))
+        warnings = list(SEED_WARNINGS)
+        active = await asyncio.to_thread(self.schema.active)
+        if active is not None:
+            warnings.append(
+                f"rollout {active.rollout.id} is {active.rollout.state.value}: a new one "
+                "cannot start until it has ended"
+            )
+        row = RolloutRow(
+            rollout,
+            RolloutMeta(
+                created_at=self.state.clock(),
+                started_by=_actor(context),
+                leader_node=self.leader_node or "",
+            ),
+            tuple((n, NodeDetail()) for n in nodes),
+        )
+        return admin_pb2.PlanResponse(
+            rollout=rollout_view(row),
+            checks=CHECKS,
+            client_steps=CLIENT_STEPS,
+            warnings=warnings,
+        )
+
+    @map_errors(ERRORS)
+    async def StartRollout(
+        self, request: admin_pb2.RolloutRequest, context: Ctx
+    ) -> schema_pb2.RolloutView:
+        row = await self.commands.start(rollout_request(request), _actor(context))
+        return rollout_view(row)
+
+    @map_errors(ERRORS)
+    async def ControlRollout(
+        self, request: admin_pb2.ControlRolloutRequest, context: Ctx
+    ) -> schema_pb2.RolloutView:
+        action = ROLLOUT_ACTION.read(request.action, "action")
+        row = await self.commands.control(request.rollout_id, action, _actor(context))
+        return rollout_view(row)
+
+    @map_errors(ERRORS)
+    async def SetPassword(
+        self, request: admin_pb2.SetPasswordRequest, context: Ctx
+    ) -> admin_pb2.SetPasswordResponse:
+        version, pending = await self.commands.stage_password(
+            request.auth_verifier_json, _actor(context)
+        )
+        return admin_pb2.SetPasswordResponse(version=version, pending_nodes=sorted(pending))
+
+    # --- tokens, nodes, CA --------------------------------------------------------------------
+
+    @map_errors(ERRORS)
+    async def CreateToken(
+        self, request: admin_pb2.CreateTokenRequest, context: Ctx
+    ) -> admin_pb2.CreateTokenResponse:
+        ttl = dt.timedelta(seconds=request.ttl_seconds or 3600)
+        if ttl > MAX_TOKEN_TTL:
+            raise invalid(f"a join token lives at most {MAX_TOKEN_TTL.days} days")
+        uses = request.uses or 1
+        if uses > 1000:
+            raise invalid("a join token allows at most 1000 uses")
+        token = JoinToken.generate()
+        info = await asyncio.to_thread(
+            self.state.store.add_token,
+            token.id,
+            token.secret,
+            ttl=ttl,
+            uses=uses,
+            description=request.description[:200],
+            now=self.state.clock(),
+            actor=_actor(context),
+        )
+        log.info(
+            "token.created", token_id=token.id, uses=uses, ttl_seconds=int(ttl.total_seconds())
+        )
+        return admin_pb2.CreateTokenResponse(token=str(token), info=token_info(info))
+
+    @map_errors(ERRORS)
+    async def ListTokens(
+        self, request: admin_pb2.ListTokensRequest, context: Ctx
+    ) -> admin_pb2.ListTokensResponse:
+        tokens = await asyncio.to_thread(self.state.store.list_tokens)
+        return admin_pb2.ListTokensResponse(tokens=[token_info(t) for t in tokens])
+
+    @map_errors(ERRORS)
+    async def RevokeToken(
+        self, request: admin_pb2.RevokeTokenRequest, context: Ctx
+    ) -> admin_pb2.RevokeTokenResponse:
+        info = await asyncio.to_thread(
+            self.state.store.revoke_token,
+            request.id,
+            now=self.state.clock(),
+            actor=_actor(context),
+        )
+        log.info("token.revoked", token_id=request.id)
+        return admin_pb2.RevokeTokenResponse(info=token_info(info))
+
+    @map_errors(ERRORS)
+    async def ListNodes(
+        self, request: admin_pb2.ListNodesRequest, context: Ctx
+    ) -> admin_pb2.ListNodesResponse:
+        nodes = await asyncio.to_thread(self.state.store.list_nodes)
+        return admin_pb2.ListNodesResponse(
+            nodes=[
+                admin_pb2.NodeInfo(
+                    name=n.name,
+                    addresses=n.addresses,
+                    dns_names=n.dns_names,
+                    agent_version=n.agent_version,
+                    agent_port=n.agent_port,
+                    enrolled_at=timestamp(n.enrolled_at),
+                    last_heartbeat=timestamp(n.last_heartbeat),
+                    cert_not_after=timestamp(n.cert_not_after),
+                    cert_fingerprint=n.cert_fingerprint,
+                    online=self.state.online(n.last_heartbeat),
+                )
+                for n in nodes
+            ]
+        )
+
+    @map_errors(ERRORS)
+    async def GetCA(self, request: admin_pb2.GetCARequest, context: Ctx) -> admin_pb2.GetCAResponse:
+        ca = self.state.ca.cert
+        return admin_pb2.GetCAResponse(
+            certificate_pem=self.state.ca.cert_pem,
+            fingerprint=pki.fingerprint(ca),
+            spki_pin=pki.spki_pin(ca),
+            not_after=timestamp(ca.not_valid_after_utc),
+            subject=ca.subject.rfc4514_string(),
+        )

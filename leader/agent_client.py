@@ -1,0 +1,150 @@
+"""The leader's calls to the node agents (NodeAgent, mutual TLS with the leader's certificate).
+
+    agents = AgentPool(store, credentials)
+    agent = await agents.get("node1")           # one channel per node, reused
+    reply = await agent.preflight(request)      # TransientError or StepFailed, never grpc's
+
+``AgentApi`` is what the engine needs of an agent; ``AgentClient`` is the real one, and tests
+drive the engine with a fake that has the same methods. Retries live here and only here: a call
+that fails with UNAVAILABLE or DEADLINE_EXCEEDED is tried again a few times with backoff
+(tenacity), then raises ``TransientError`` (the engine runs the step again later); any other
+status is the agent saying no, ``StepFailed`` (terminal for the step).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from typing import Any, Protocol, TypeVar
+
+import grpc
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
+
+from leader.store import Node, Store
+from tlsroll.errors import TerminalError, TransientError
+from tlsroll.rpc import hostport
+from tlsroll.v1 import agent_pb2, agent_pb2_grpc
+
+T = TypeVar("T")
+TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+CALL_TIMEOUT = 30.0
+
+
+class StepFailed(TerminalError):
+    """The agent refused or failed a command; the message (with the status) goes to the schema."""
+
+
+class AgentApi(Protocol):
+    """The NodeAgent calls the engine makes (the real client, or a fake in tests)."""
+
+    async def preflight(
+        self, request: agent_pb2.PreflightRequest
+    ) -> agent_pb2.PreflightResponse: ...
+
+    async def create_csr(
+        self, request: agent_pb2.CreateCSRRequest
+    ) -> agent_pb2.CreateCSRResponse: ...
+
+    async def stage(self, request: agent_pb2.StageRequest) -> agent_pb2.StageResponse: ...
+
+    async def switch(self, request: agent_pb2.SwitchRequest) -> agent_pb2.Transaction: ...
+
+    async def rollback(self, request: agent_pb2.RollbackRequest) -> agent_pb2.Transaction: ...
+
+    async def get_transaction(
+        self, request: agent_pb2.GetTransactionRequest
+    ) -> agent_pb2.Transaction: ...
+
+    async def freeze(self, request: agent_pb2.FreezeRequest) -> agent_pb2.FreezeResponse: ...
+
+    async def unfreeze(self, request: agent_pb2.FreezeRequest) -> agent_pb2.FreezeResponse: ...
+
+
+class Agents(Protocol):
+    """Where the engine gets the agent of a node."""
+
+    async def get(self, name: str) -> AgentApi: ...
+
+    async def close(self) -> None: ...
+
+
+class AgentClient:
+    """NodeAgent calls to one node over mutual TLS."""
+
+    def __init__(self, node: Node, credentials: grpc.ChannelCredentials) -> None:
+        self.node = node
+        target = hostport(node.addresses[0], node.agent_port)
+        self.channel = grpc.aio.secure_channel(target, credentials)
+        self.stub = agent_pb2_grpc.NodeAgentStub(self.channel)
+
+    async def _call(self, method: Callable[..., Awaitable[T]], request: Any) -> T:
+        async for attempt in AsyncRetrying(
+            retry=retry_if_exception_type(TransientError),
+            wait=wait_exponential(multiplier=0.2, max=2),
+            stop=stop_after_attempt(4),
+            reraise=True,
+        ):
+            with attempt:
+                try:
+                    return await method(request, timeout=CALL_TIMEOUT)
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() in TRANSIENT_CODES:
+                        raise TransientError(f"agent {self.node.name}: {exc.details()}") from None
+                    raise StepFailed(f"{exc.details()} ({exc.code().name})") from None
+        raise AssertionError("unreachable")  # pragma: no cover - reraise=True
+
+    async def preflight(self, request: agent_pb2.PreflightRequest) -> agent_pb2.PreflightResponse:
+        return await self._call(self.stub.Preflight, request)
+
+    async def create_csr(self, request: agent_pb2.CreateCSRRequest) -> agent_pb2.CreateCSRResponse:
+        return await self._call(self.stub.CreateCSR, request)
+
+    async def stage(self, request: agent_pb2.StageRequest) -> agent_pb2.StageResponse:
+        return await self._call(self.stub.Stage, request)
+
+    async def switch(self, request: agent_pb2.SwitchRequest) -> agent_pb2.Transaction:
+        return await self._call(self.stub.Switch, request)
+
+    async def rollback(self, request: agent_pb2.RollbackRequest) -> agent_pb2.Transaction:
+        return await self._call(self.stub.Rollback, request)
+
+    async def get_transaction(
+        self, request: agent_pb2.GetTransactionRequest
+    ) -> agent_pb2.Transaction:
+        return await self._call(self.stub.GetTransaction, request)
+
+    async def freeze(self, request: agent_pb2.FreezeRequest) -> agent_pb2.FreezeResponse:
+        return await self._call(self.stub.Freeze, request)
+
+    async def unfreeze(self, request: agent_pb2.FreezeRequest) -> agent_pb2.FreezeResponse:
+        return await self._call(self.stub.Unfreeze, request)
+
+    async def close(self) -> None:
+        await self.channel.close(None)
+
+
+class AgentPool:
+    """One client per enrolled node, made on first use and again if its address changed."""
+
+    def __init__(self, store: Store, credentials: grpc.ChannelCredentials) -> None:
+        self.store = store
+        self.credentials = credentials
+        self.clients: dict[str, AgentClient] = {}
+
+    async def get(self, name: str) -> AgentClient:
+        node = await asyncio.to_thread(self.store.get_node, name)
+        client = self.clients.get(name)
+        if client is None or (client.node.addresses, client.node.agent_port) != (
+            node.addresses,
+            node.agent_port,
+        ):
+            if client is not None:
+                await client.close()
+            client = AgentClient(node, self.credentials)
+            self.clients[name] = client
+        return client
+
+    async def close(self) -> None:
+        for client in self.clients.values():
+            await client.close()
+        self.clients.clear()

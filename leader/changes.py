@@ -1,0 +1,287 @@
+"""One step strategy per change: what preflight, stage, switch and confirm do on a node.
+
+The engine decides *when* a step runs (the planner's plan); a strategy decides *how*, talking
+to the node's agent and returning the step's result event for the pure core::
+
+    steps = STRATEGIES[rollout.change]
+    event, reason = await steps.switch(ctx)        # NodeEvent.SWITCH_DONE, None
+
+What differs between changes as data (does it stage a certificate, must the node already be on
+https, which password, which scheme the outside check expects) is in ``rollout_core.CHANGES``;
+a strategy holds only the calls that differ:
+
+    EnableTls       Switch(enable-tls) to https with the staged certificate; confirm over https
+    ChangePassword  Switch(change-password): same config, the staged password; confirm as above
+    DisableTls      Rollback of the enable-tls switch it undoes; confirm over http
+
+A strategy returns terminal outcomes as events; a ``TransientError`` (the agent unreachable)
+propagates and the engine runs the step again later.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import urllib.parse
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from leader.agent_client import AgentApi, StepFailed
+from leader.rollout_core import CHANGES, Change, FreezeMode, NodeEvent, Rollout
+from leader.schema_store import RolloutMeta, SchemaStore
+from leader.store import Store
+from leader.wire import CHANGE, TXN_KIND, TXN_OUTCOME
+from tlsroll import httpcheck, logs, pki
+from tlsroll.enums import TxnKind, TxnOutcome
+from tlsroll.errors import PKIError
+from tlsroll.v1 import agent_pb2
+
+log = logs.get_logger(__name__)
+
+Outcome = tuple[NodeEvent, str | None]
+MAX_CLOCK_OFFSET = 120
+POLL_SECONDS = 0.3
+
+
+@dataclass(frozen=True)
+class StepContext:
+    """Everything a step needs: the rollout, the node, its agent, and the leader's state."""
+
+    rollout: Rollout
+    meta: RolloutMeta
+    node: str
+    agent: AgentApi
+    schema: SchemaStore
+    store: Store
+    ca: pki.CertificateAuthority
+    clock: Callable[[], dt.datetime]
+    sleep: Callable[[float], Any] = asyncio.sleep
+
+    def command(self, rollout_id: str | None = None) -> agent_pb2.Command:
+        return agent_pb2.Command(rollout_id=rollout_id or self.rollout.id, epoch=self.rollout.epoch)
+
+    async def detail(self, **changes: Any) -> None:
+        await asyncio.to_thread(self.schema.update_detail, self.rollout.id, self.node, **changes)
+
+
+class ChangeSteps:
+    """The steps every change shares; subclasses change what differs."""
+
+    change: Change
+
+    async def preflight(self, ctx: StepContext) -> Outcome:
+        request = agent_pb2.PreflightRequest(
+            command=ctx.command(), max_clock_offset_seconds=MAX_CLOCK_OFFSET
+        )
+        request.leader_time.FromDatetime(ctx.clock())
+        try:
+            reply = await ctx.agent.preflight(request)
+        except StepFailed as exc:
+            return NodeEvent.PREFLIGHT_FAILED, str(exc)
+        await ctx.detail(
+            old_url=reply.old_url, new_url=reply.new_url, bootstrap_port=reply.bootstrap_port
+        )
+        if not reply.ok:
+            return NodeEvent.PREFLIGHT_FAILED, "; ".join(reply.problems)
+        if CHANGES[self.change].requires_https and "https" not in reply.server.schemes:
+            return NodeEvent.PREFLIGHT_FAILED, "the node is not on https; run enable-tls first"
+        node = await asyncio.to_thread(ctx.store.get_node, ctx.node)
+        claimed = pki.Names.of(reply.common_name, reply.ip_addresses, reply.dns_names)
+        enrolled = pki.Names.of(node.name, node.addresses, node.dns_names)
+        if claimed != enrolled:
+            return NodeEvent.PREFLIGHT_FAILED, (
+                f"the node's names {claimed} differ from its enrolment {enrolled}; re-enrol it"
+            )
+        return NodeEvent.PREFLIGHT_PASSED, None
+
+    async def stage(self, ctx: StepContext) -> Outcome:
+        """A new key made on the node, its CSR signed by the CA, the certificate stored there."""
+        node = await asyncio.to_thread(ctx.store.get_node, ctx.node)
+        try:
+            csr_reply = await ctx.agent.create_csr(
+                agent_pb2.CreateCSRRequest(command=ctx.command())
+            )
+            csr = pki.load_csr_pem(csr_reply.csr_pem)
+            expected = pki.Names.of(node.name, node.addresses, node.dns_names)
+            cert = ctx.ca.sign_csr(csr, expected, server=True, client=False, now=ctx.clock())
+            staged = await ctx.agent.stage(
+                agent_pb2.StageRequest(
+                    command=ctx.command(),
+                    certificate_pem=pki.cert_to_pem(cert),
+                    ca_certificate_pem=ctx.ca.cert_pem,
+                )
+            )
+        except (StepFailed, PKIError) as exc:
+            return NodeEvent.STAGE_FAILED, str(exc)
+        await ctx.detail(
+            cert_fingerprint=staged.fingerprint,
+            cert_not_after=staged.not_after.ToDatetime(tzinfo=dt.UTC),
+        )
+        return NodeEvent.STAGE_DONE, None
+
+    async def switch(self, ctx: StepContext) -> Outcome:
+        verifier = ""
+        if ctx.meta.auth_version:
+            verifier = await asyncio.to_thread(ctx.schema.verifier, ctx.meta.auth_version)
+        try:
+            await ctx.agent.switch(
+                agent_pb2.SwitchRequest(
+                    command=ctx.command(),
+                    change=CHANGE.wire(self.change),
+                    auth_verifier_json=verifier,
+                    keep_frozen=ctx.rollout.freeze is FreezeMode.SCOPE,
+                )
+            )
+            outcome, reason = await wait_transaction(ctx, ctx.rollout.id, TxnKind.SWITCH)
+        except StepFailed as exc:
+            return NodeEvent.SWITCH_ROLLED_BACK, f"switch refused: {exc}"
+        return switch_event(outcome), (None if outcome is TxnOutcome.COMPLETED else reason)
+
+    async def confirm(self, ctx: StepContext) -> Outcome:
+        """Check the node from outside as a workstation would; if that fails, have the agent
+        roll it back. A rollback already under way (the leader restarted mid-confirm) is
+        followed, not second-guessed by a new check."""
+        try:
+            existing: agent_pb2.Transaction | None = await ctx.agent.get_transaction(
+                agent_pb2.GetTransactionRequest(
+                    rollout_id=ctx.rollout.id,
+                    kind=TXN_KIND.wire(TxnKind.ROLLBACK),
+                )
+            )
+        except StepFailed:
+            existing = None
+        problem = None if existing is not None else await self.outside_problem(ctx)
+        if problem is None and existing is None:
+            return NodeEvent.CONFIRM_DONE, None
+        if existing is None:
+            log.warning("confirm.failed", rollout_id=ctx.rollout.id, node=ctx.node, problem=problem)
+            try:
+                await ctx.agent.rollback(agent_pb2.RollbackRequest(command=ctx.command()))
+            except StepFailed as exc:
+                return NodeEvent.CONFIRM_FAILED, f"{problem}; rollback refused: {exc}"
+        outcome, reason = await wait_transaction(ctx, ctx.rollout.id, TxnKind.ROLLBACK)
+        why = f"outside check failed: {problem or 'confirm failed before a leader restart'}"
+        if outcome is TxnOutcome.COMPLETED:
+            return NodeEvent.CONFIRM_ROLLED_BACK, why
+        return NodeEvent.CONFIRM_FAILED, f"{why}; the rollback failed too: {reason}"
+
+    async def outside_problem(self, ctx: StepContext) -> str | None:
+        row = await asyncio.to_thread(ctx.schema.get, ctx.rollout.id)
+        assert row is not None
+        detail = next(d for r, d in row.nodes if r.name == ctx.node)
+        return await asyncio.to_thread(
+            https_check, detail.new_url, detail.old_url, ctx.ca.cert_pem, detail.cert_fingerprint
+        )
+
+
+class EnableTls(ChangeSteps):
+    change = Change.ENABLE_TLS
+
+
+class ChangePassword(ChangeSteps):
+    change = Change.CHANGE_PASSWORD
+
+
+class DisableTls(ChangeSteps):
+    """The way back: the agent undoes the switch of the enable-tls rollout ``meta.undoes``
+    (its Rollback, under this rollout's epoch); the outside check expects http."""
+
+    change = Change.DISABLE_TLS
+
+    async def switch(self, ctx: StepContext) -> Outcome:
+        try:
+            await ctx.agent.rollback(
+                agent_pb2.RollbackRequest(command=ctx.command(ctx.meta.undoes))
+            )
+            outcome, reason = await wait_transaction(ctx, ctx.meta.undoes, TxnKind.ROLLBACK)
+        except StepFailed as exc:
+            return NodeEvent.SWITCH_ROLLED_BACK, f"going back to http refused: {exc}"
+        if outcome is TxnOutcome.ROLLED_BACK:
+            return NodeEvent.SWITCH_ROLLED_BACK, f"still on https: {reason}"
+        return switch_event(outcome), (None if outcome is TxnOutcome.COMPLETED else reason)
+
+    async def confirm(self, ctx: StepContext) -> Outcome:
+        row = await asyncio.to_thread(ctx.schema.get, ctx.rollout.id)
+        assert row is not None
+        detail = next(d for r, d in row.nodes if r.name == ctx.node)
+        problem = await asyncio.to_thread(http_check, detail.old_url, detail.new_url)
+        if problem is None:
+            return NodeEvent.CONFIRM_DONE, None
+        return NodeEvent.CONFIRM_ROLLED_BACK, f"outside check after going back: {problem}"
+
+
+STRATEGIES: Mapping[Change, ChangeSteps] = {
+    Change.ENABLE_TLS: EnableTls(),
+    Change.CHANGE_PASSWORD: ChangePassword(),
+    Change.DISABLE_TLS: DisableTls(),
+}
+
+
+def switch_event(outcome: TxnOutcome) -> NodeEvent:
+    """The node event for how the agent's transaction ended."""
+    return {
+        TxnOutcome.COMPLETED: NodeEvent.SWITCH_DONE,
+        TxnOutcome.ROLLED_BACK: NodeEvent.SWITCH_ROLLED_BACK,
+        TxnOutcome.FAILED: NodeEvent.SWITCH_FAILED,
+    }[outcome]
+
+
+async def wait_transaction(
+    ctx: StepContext, txn_rollout_id: str, kind: TxnKind
+) -> tuple[TxnOutcome, str]:
+    """Poll the agent's transaction (keyed by ``txn_rollout_id``) until it ends, recording its
+    timings on this rollout's node; return its outcome and reason."""
+    while True:
+        txn = await ctx.agent.get_transaction(
+            agent_pb2.GetTransactionRequest(
+                rollout_id=txn_rollout_id,
+                kind=TXN_KIND.wire(kind),
+            )
+        )
+        details: dict[str, Any] = {"restart_seconds": txn.restart_seconds}
+        if txn.HasField("freeze_started_at"):
+            details["freeze_started_at"] = txn.freeze_started_at.ToDatetime(tzinfo=dt.UTC)
+        if txn.HasField("freeze_ended_at"):
+            details["freeze_ended_at"] = txn.freeze_ended_at.ToDatetime(tzinfo=dt.UTC)
+        await ctx.detail(**details)
+        outcome = TXN_OUTCOME.read(txn.outcome, "transaction.outcome")
+        if outcome is not TxnOutcome.PENDING:
+            return outcome, txn.reason
+        await ctx.sleep(POLL_SECONDS)
+
+
+def _host_port(url: str, scheme: str) -> tuple[str, int, str] | None:
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != scheme or not parts.hostname or not parts.port:
+        return None
+    return parts.hostname, parts.port, parts.path or "/"
+
+
+def https_check(new_url: str, old_url: str, ca_pem: bytes, fingerprint: str) -> str | None:
+    """What a workstation would see: https with the staged certificate trusted through the
+    cluster CA only, the app answering, and the old http port closed. None if all is well."""
+    new = _host_port(new_url, "https")
+    if new is None:
+        return f"no https address recorded for the node ({new_url!r})"
+    problem = httpcheck.check_https(*new, ca_pem, fingerprint or None)
+    if problem is not None:
+        return problem
+    old = _host_port(old_url, "http")
+    if old is not None and httpcheck.port_open(old[0], old[1], timeout=3):
+        return f"{old_url} still answers; plain http must be closed"
+    return None
+
+
+def http_check(http_url: str, https_url: str) -> str | None:
+    """After going back: the app answers on plain http and the https port is closed."""
+    old = _host_port(http_url, "http")
+    if old is None:
+        return f"no http address recorded for the node ({http_url!r})"
+    problem = httpcheck.check_http(*old)
+    if problem is not None:
+        return problem
+    new = _host_port(https_url, "https")
+    if new is not None and httpcheck.port_open(new[0], new[1], timeout=3):
+        return f"{https_url} still answers"
+    return None

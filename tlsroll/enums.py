@@ -1,0 +1,36 @@
+"""Closed sets of values that the leader and the agents both use (the Python side of the
+contract's enums; ``tlsroll.wire`` converts between the two at the gRPC boundary).
+
+The values are the words an administrator reads and types (``tlsroll rollout start --change
+enable-tls``, ``schema show --json``).
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class Change(StrEnum):
+    """What a rollout does on each node."""
+
+    ENABLE_TLS = "enable-tls"
+    CHANGE_PASSWORD = "change-password"  # noqa: S105 (a change name, not a secret)
+    ROTATE_CERT = "rotate-cert"
+    DISABLE_TLS = "disable-tls"
+
+
+class TxnKind(StrEnum):
+    """A transaction on a node moves the server forward (``switch``) or undoes a completed
+    switch of the same rollout id (``rollback``)."""
+
+    SWITCH = "switch"
+    ROLLBACK = "rollback"
+
+
+class TxnOutcome(StrEnum):
+    """How a transaction on a node ended (``pending`` while it runs)."""
+
+    PENDING = "pending"
+    COMPLETED = "completed"  # the target is live, verified, writes accepted
+    ROLLED_BACK = "rolled_back"  # the source is live again, verified, writes accepted
+    FAILED = "failed"  # even the way back failed: the node needs a person
