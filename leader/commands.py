@@ -35,6 +35,7 @@ from leader.rollout_core import (
 from leader.schema_store import RolloutMeta, RolloutRow, SchemaStore, StaleRecords
 from leader.store import Store
 from tlsroll import logs, password
+from tlsroll.errors import TerminalError
 
 log = logs.get_logger(__name__)
 
@@ -53,6 +54,14 @@ class RolloutRequest:
     auth_verifier_json: str | None = None
     # disable-tls: the enable-tls rollout to take back (None: the newest one).
     undo_rollout_id: str | None = None
+
+
+class NoSuchRollout(TerminalError):
+    """The named rollout is not in the schema (NOT_FOUND)."""
+
+
+class NoRolloutYet(TerminalError):
+    """A command needs a rollout and none was ever started (FAILED_PRECONDITION)."""
 
 
 def new_rollout_id(now: dt.datetime) -> str:
@@ -199,6 +208,8 @@ class Commands:
             if rollout_id
             else self.schema.active() or self.schema.latest()
         )
+        if row is None and rollout_id:
+            raise NoSuchRollout(f"no rollout {rollout_id!r} (see: tlsroll schema show)")
         if row is None:
-            raise planner.PlanError(f"no rollout {rollout_id!r}" if rollout_id else "no rollout")
+            raise NoRolloutYet("no rollout yet; start one with: tlsroll rollout start")
         return row

@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 
+from leader.commands import NoRolloutYet, NoSuchRollout
 from leader.planner import EmptyScope, NodesOffline, PlanError
 from leader.rollout_core import IllegalTransition
 from leader.schema_store import RolloutBusy, StaleRecords
@@ -31,6 +32,8 @@ log = logs.get_logger(__name__)
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
 ERRORS = {
+    NoSuchRollout: grpc.StatusCode.NOT_FOUND,
+    NoRolloutYet: grpc.StatusCode.FAILED_PRECONDITION,
     bootstrap_protocol.BootstrapError: grpc.StatusCode.INVALID_ARGUMENT,
     PlanError: grpc.StatusCode.INVALID_ARGUMENT,
     NodesOffline: grpc.StatusCode.FAILED_PRECONDITION,

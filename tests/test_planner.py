@@ -10,20 +10,25 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from leader.planner import (
+    AuthDecision,
     EmptyScope,
     InconsistentRecords,
     NodeEventAction,
     NodesOffline,
     Plan,
+    PlanError,
     StepAction,
     UnknownNodes,
     apply_plan,
+    decide_auth,
     next_actions,
     order_nodes,
     plan_rollout,
+    undo_target,
 )
 from leader.rollout_core import (
     ADMIN_ROLLOUT_EVENTS,
+    CHANGES,
     DRAINING_ROLLOUT_STATES,
     FAILED_NODE_STATES,
     IN_FLIGHT_NODE_STATES,
@@ -573,3 +578,98 @@ def test_random_events_keep_the_rollout_sound_and_it_always_ends(
         else:
             run(eng, Ack())
     assert eng.rollout.state in TERMINAL_ROLLOUT_STATES
+
+
+# --- decisions the engine used to take: which password, which nodes to undo, which step ----
+
+
+def test_every_change_has_a_row() -> None:
+    assert set(CHANGES) == set(Change)
+
+
+@pytest.mark.parametrize(
+    ("change", "given", "latest", "expected"),
+    [
+        (Change.ENABLE_TLS, True, 0, AuthDecision(add_new=True, version=0)),
+        (Change.ENABLE_TLS, True, 4, AuthDecision(add_new=True, version=0)),
+        (Change.CHANGE_PASSWORD, False, 3, AuthDecision(add_new=False, version=3)),
+        (Change.DISABLE_TLS, False, 3, AuthDecision(add_new=False, version=0)),
+    ],
+)
+def test_decide_auth(change: Change, given: bool, latest: int, expected: AuthDecision) -> None:
+    assert decide_auth(change, given, latest) == expected
+
+
+@pytest.mark.parametrize(
+    ("change", "given", "latest", "words"),
+    [
+        (Change.ENABLE_TLS, False, 0, "sets the auth password"),
+        (Change.CHANGE_PASSWORD, False, 0, "no password staged"),
+        (Change.CHANGE_PASSWORD, True, 2, "brings no password of its own"),
+        (Change.DISABLE_TLS, True, 0, "brings no password of its own"),
+        (Change.ROTATE_CERT, False, 0, "not available"),
+    ],
+)
+def test_decide_auth_refuses(change: Change, given: bool, latest: int, words: str) -> None:
+    with pytest.raises(PlanError, match=words):
+        decide_auth(change, given, latest)
+
+
+def _stored(
+    rid: str, change: Change, states: dict[str, NodeState]
+) -> tuple[Rollout, tuple[NodeRecord, ...]]:
+    rollout = Rollout(rid, change, Scope.cluster(), tuple(states), epoch=1)
+    return rollout, tuple(NodeRecord(n, s) for n, s in states.items())
+
+
+def test_undo_target_takes_the_newest_enable_tls_and_its_done_nodes() -> None:
+    newest_first = [
+        _stored("r3", Change.CHANGE_PASSWORD, {"a": NodeState.DONE}),
+        _stored(
+            "r2",
+            Change.ENABLE_TLS,
+            {"a": NodeState.DONE, "b": NodeState.ROLLED_BACK, "c": NodeState.DONE},
+        ),
+        _stored("r1", Change.ENABLE_TLS, {"d": NodeState.DONE}),
+    ]
+    target, nodes = undo_target(newest_first, None)
+    assert (target.id, nodes) == ("r2", ("a", "c"))
+    target, nodes = undo_target(newest_first, "r1")
+    assert (target.id, nodes) == ("r1", ("d",))
+
+
+@pytest.mark.parametrize(
+    ("rollout_id", "words"),
+    [
+        ("r3", "no enable-tls rollout 'r3'"),
+        ("nope", "no enable-tls rollout 'nope'"),
+        ("r4", "switched no node"),
+    ],
+)
+def test_undo_target_refuses(rollout_id: str, words: str) -> None:
+    stored = [
+        _stored("r4", Change.ENABLE_TLS, {"a": NodeState.ROLLED_BACK}),
+        _stored("r3", Change.CHANGE_PASSWORD, {"a": NodeState.DONE}),
+    ]
+    with pytest.raises(PlanError, match=words):
+        undo_target(stored, rollout_id)
+    with pytest.raises(PlanError, match="no enable-tls rollout to take back"):
+        undo_target(stored[1:], None)
+
+
+@pytest.mark.parametrize("change", [Change.CHANGE_PASSWORD, Change.DISABLE_TLS])
+def test_a_change_without_staging_skips_the_stage_step(change: Change) -> None:
+    rollout = Rollout("r", change, Scope.cluster(), ("a",), 1, state=RolloutState.RUNNING)
+    plan = next_actions(rollout, [NodeRecord("a", NodeState.STAGING)])
+    assert plan.nodes_with_event(NodeEvent.STAGE_SKIPPED) == ("a",)
+    assert plan.nodes_with_step(Step.STAGE) == ()
+    assert plan.nodes_with_event(NodeEvent.SWITCH) == ("a",)  # the same plan moves it on
+
+
+def test_enable_tls_runs_the_stage_step() -> None:
+    rollout = Rollout(
+        "r", Change.ENABLE_TLS, Scope.cluster(), ("a",), 1, state=RolloutState.RUNNING
+    )
+    plan = next_actions(rollout, [NodeRecord("a", NodeState.STAGING)])
+    assert plan.nodes_with_event(NodeEvent.STAGE_SKIPPED) == ()
+    assert plan.nodes_with_step(Step.STAGE) == ("a",)

@@ -34,7 +34,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TypeAlias
 
-from tlsroll.errors import TlsrollError, UnsafePermissions
+from tlsroll.errors import TerminalError, UnsafePermissions
 
 Migration: TypeAlias = str | Callable[[sqlite3.Connection], None]
 """One step of a store's schema: an SQL script, or a function that changes the schema."""
@@ -51,7 +51,7 @@ def from_text(s: str | None) -> dt.datetime | None:
     return dt.datetime.fromisoformat(s) if s else None
 
 
-class SchemaTooNew(TlsrollError):
+class SchemaTooNew(TerminalError):
     """The file was written by a newer tlsroll: its schema has migrations this one lacks."""
 
     def __init__(self, path: Path, found: int, known: int) -> None:

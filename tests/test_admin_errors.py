@@ -1,0 +1,235 @@
+"""Every error path of the Admin service answers with its own gRPC status (a real leader over
+its Unix socket), and the error map behind it picks the most specific class.
+
+The status is decided in one place (``tlsroll.rpc.map_errors`` with ``leader.service.ERRORS``),
+by the most specific class of the error: ``NodesOffline`` is a ``PlanError`` but says
+FAILED_PRECONDITION, whatever the order of the map (it once came back INVALID_ARGUMENT).
+
+The cluster here has no agent process: nodes are enrolled with crafted requests, and "online"
+is a heartbeat this test sends with the node's own certificate. A rollout over such a node
+stays in preflight (its agent port answers nothing), which keeps it active for the paths that
+need an active rollout.
+"""
+
+from __future__ import annotations
+
+import importlib
+import pkgutil
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import pytest
+
+import leader
+import nodeagent
+import refserver
+import tlsroll
+import workstation
+from leader import planner
+from leader.rollout_core import Change, FreezeMode, RolloutAction, ScopeKind
+from leader.wire import CHANGE, FREEZE, ROLLOUT_ACTION, SCOPE_KIND
+from tests.cluster import Cluster, enrol, enrol_request
+from tests.conftest import next_loopback
+from tlsroll import password, pki
+from tlsroll.errors import TerminalError, TlsrollError, TransientError
+from tlsroll.rpc import status_for
+from tlsroll.v1 import admin_pb2, leader_pb2, leader_pb2_grpc
+
+Code = grpc.StatusCode
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with Cluster(tmp_path_factory.mktemp("admin-errors"), next_loopback()) as c:
+        c.init()  # no --node-name: scope local cannot be planned
+        c.start_leader()
+        yield c
+
+
+class Node:
+    """An enrolled node without an agent: its key and certificate, for heartbeats."""
+
+    def __init__(self, cluster: Cluster, name: str) -> None:
+        self.cluster = cluster
+        self.name = name
+        key = pki.generate_key()
+        self.key_pem = pki.key_to_pem(key)
+        reply = enrol(
+            cluster, enrol_request(cluster.create_token(), name, next_loopback(), key=key)
+        )
+        self.cert_pem = reply.certificate_pem
+
+    def heartbeat(self) -> None:
+        with self.cluster.control_channel(self.cert_pem, self.key_pem) as channel:
+            leader_pb2_grpc.LeaderStub(channel).Heartbeat(
+                leader_pb2.HeartbeatRequest(agent_version="test"), timeout=10
+            )
+
+
+def code_of(call: Callable[[], Any]) -> tuple[grpc.StatusCode, str]:
+    with pytest.raises(grpc.RpcError) as err:
+        call()
+    exc: Any = err.value
+    return exc.code(), exc.details()
+
+
+def request(
+    change: Change = Change.ENABLE_TLS,
+    scope: ScopeKind | None = ScopeKind.CLUSTER,
+    freeze: FreezeMode | None = FreezeMode.NODE,
+    **fields: Any,
+) -> admin_pb2.RolloutRequest:
+    return admin_pb2.RolloutRequest(
+        change=CHANGE.wire(change),
+        scope=SCOPE_KIND.wire(scope) if scope else 0,
+        freeze=FREEZE.wire(freeze) if freeze else 0,
+        **fields,
+    )
+
+
+VERIFIER = password.verifier_to_json(password.make_verifier("correct horse battery staple"))
+
+
+def test_plan_and_start_error_paths(cluster: Cluster) -> None:
+    with cluster.admin() as admin:
+        # Nothing enrolled yet.
+        assert (
+            code_of(lambda: admin.PlanRollout(request(), timeout=10))[0] == Code.FAILED_PRECONDITION
+        )
+        offline = Node(cluster, "offline1")  # enrolled, never a heartbeat
+        cases: list[tuple[admin_pb2.RolloutRequest, grpc.StatusCode, str]] = [
+            (request(), Code.FAILED_PRECONDITION, "offline: offline1"),  # NodesOffline
+            (request(scope=ScopeKind.NODES, nodes=["ghost"]), Code.INVALID_ARGUMENT, "ghost"),
+            (request(scope=ScopeKind.LOCAL), Code.INVALID_ARGUMENT, "node_name"),
+            (request(scope=ScopeKind.NODES), Code.INVALID_ARGUMENT, "node list"),
+            (request(nodes=["offline1"]), Code.INVALID_ARGUMENT, "node list"),
+            (request(scope=None), Code.INVALID_ARGUMENT, "scope: missing"),
+            (request(freeze=None), Code.INVALID_ARGUMENT, "freeze: missing"),
+            (admin_pb2.RolloutRequest(scope=2, freeze=1), Code.INVALID_ARGUMENT, "change: missing"),
+            (admin_pb2.RolloutRequest(change=99, scope=2, freeze=1), Code.INVALID_ARGUMENT, "99"),
+            (request(max_parallel=500), Code.INVALID_ARGUMENT, "max-parallel"),
+            (request(Change.DISABLE_TLS), Code.INVALID_ARGUMENT, "takes its nodes"),
+        ]
+        for req, code, words in cases:
+            got, details = code_of(lambda req=req: admin.PlanRollout(req, timeout=10))
+            assert (got, words in details) == (code, True), (req, got, details)
+        assert offline.name == "offline1"
+
+        node = Node(cluster, "node1")
+        node.heartbeat()
+        online = request(scope=ScopeKind.NODES, nodes=["node1"])
+        assert admin.PlanRollout(online, timeout=10).rollout.nodes[0].name == "node1"
+        start_cases: list[tuple[admin_pb2.RolloutRequest, grpc.StatusCode, str]] = [
+            (online, Code.INVALID_ARGUMENT, "password-file"),  # enable-tls without a verifier
+            (
+                request(scope=ScopeKind.NODES, nodes=["node1"], auth_verifier_json="{"),
+                Code.INVALID_ARGUMENT,
+                "bad password verifier",
+            ),
+            (
+                request(Change.CHANGE_PASSWORD, scope=ScopeKind.NODES, nodes=["node1"]),
+                Code.INVALID_ARGUMENT,
+                "no password staged",
+            ),
+            (
+                request(Change.ROTATE_CERT, scope=ScopeKind.NODES, nodes=["node1"]),
+                Code.INVALID_ARGUMENT,
+                "not available",
+            ),
+            (
+                request(Change.DISABLE_TLS, scope=None),
+                Code.INVALID_ARGUMENT,
+                "no enable-tls rollout",
+            ),
+        ]
+        for req, code, words in start_cases:
+            got, details = code_of(lambda req=req: admin.StartRollout(req, timeout=10))
+            assert (got, words in details) == (code, True), (req, got, details)
+        bad = admin_pb2.SetPasswordRequest(auth_verifier_json="not json")
+        assert code_of(lambda: admin.SetPassword(bad, timeout=10))[0] == Code.INVALID_ARGUMENT
+
+
+def test_control_and_busy_error_paths(cluster: Cluster) -> None:
+    node = Node(cluster, "busy1")
+    with cluster.admin() as admin:
+        action = admin_pb2.ControlRolloutRequest
+        pause = ROLLOUT_ACTION.wire(RolloutAction.PAUSE)
+        resume = ROLLOUT_ACTION.wire(RolloutAction.RESUME)
+        got, details = code_of(lambda: admin.ControlRollout(action(action=pause), timeout=10))
+        assert (got, "no rollout yet" in details) == (Code.FAILED_PRECONDITION, True), details
+        got, details = code_of(
+            lambda: admin.ControlRollout(action(rollout_id="r-none", action=pause), timeout=10)
+        )
+        assert (got, "r-none" in details) == (Code.NOT_FOUND, True), details
+        got, details = code_of(lambda: admin.ControlRollout(action(), timeout=10))
+        assert (got, "action: missing" in details) == (Code.INVALID_ARGUMENT, True), details
+
+        node.heartbeat()
+        start = request(scope=ScopeKind.NODES, nodes=["busy1"], auth_verifier_json=VERIFIER)
+        view = admin.StartRollout(start, timeout=10)  # stays in preflight: no agent answers
+        node.heartbeat()
+        got, details = code_of(lambda: admin.StartRollout(start, timeout=10))
+        assert (got, view.id in details) == (Code.FAILED_PRECONDITION, True), details  # busy
+        got, details = code_of(
+            lambda: admin.SetPassword(
+                admin_pb2.SetPasswordRequest(auth_verifier_json=VERIFIER), timeout=10
+            )
+        )
+        assert (got, view.id in details) == (Code.FAILED_PRECONDITION, True), details
+        got, details = code_of(lambda: admin.ControlRollout(action(action=resume), timeout=10))
+        assert (got, "'resume' is not allowed in state 'running'" in details) == (
+            Code.FAILED_PRECONDITION,
+            True,
+        ), details
+        admin.ControlRollout(action(action=ROLLOUT_ACTION.wire(RolloutAction.ABORT)), timeout=10)
+
+
+def test_the_most_specific_class_decides_whatever_the_order() -> None:
+    specific_last = {planner.PlanError: Code.INVALID_ARGUMENT, planner.NodesOffline: Code.ABORTED}
+    specific_first = dict(reversed(list(specific_last.items())))
+    for mapping in (specific_last, specific_first):
+        assert status_for(planner.NodesOffline(["n"]), mapping) == Code.ABORTED
+        assert status_for(planner.UnknownNodes(["n"]), mapping) == Code.INVALID_ARGUMENT
+        assert status_for(ValueError("x"), mapping) is None
+
+
+def _all_error_classes() -> set[type[TlsrollError]]:
+    for package in (tlsroll, leader, nodeagent, workstation, refserver):
+        for info in pkgutil.walk_packages(package.__path__, f"{package.__name__}."):
+            if not info.name.endswith("__main__"):
+                importlib.import_module(info.name)
+    found: set[type[TlsrollError]] = set()
+    todo: list[type[TlsrollError]] = [TlsrollError]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            if sub not in found:
+                found.add(sub)
+                todo.append(sub)
+    return found
+
+
+def test_every_error_is_transient_or_terminal() -> None:
+    """One tree: every error class of the project is exactly one of the two kinds, and
+    every exception class the project defines is in the tree."""
+    classes = _all_error_classes()
+    assert len(classes) > 20
+    kinds = {c: (issubclass(c, TransientError), issubclass(c, TerminalError)) for c in classes}
+    both_or_neither = [
+        c for c, (t, e) in kinds.items() if t == e and c not in {TransientError, TerminalError}
+    ]
+    assert both_or_neither == []
+    ours = [
+        obj
+        for package in ("tlsroll", "leader", "nodeagent", "workstation", "refserver")
+        for name, module in list(__import__("sys").modules.items())
+        if name == package or name.startswith(f"{package}.")
+        for obj in vars(module).values()
+        if isinstance(obj, type)
+        and issubclass(obj, BaseException)
+        and obj.__module__ == name
+        and "_pb2" not in name
+    ]
+    assert ours and all(issubclass(c, TlsrollError) for c in ours), [
+        c for c in ours if not issubclass(c, TlsrollError)
+    ]
