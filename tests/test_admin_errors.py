@@ -16,6 +16,7 @@ from __future__ import annotations
 import importlib
 import pkgutil
 from collections.abc import Callable, Iterator
+from functools import partial
 from typing import Any
 
 import grpc
@@ -80,12 +81,18 @@ def request(
     freeze: FreezeMode | None = FreezeMode.NODE,
     **fields: Any,
 ) -> admin_pb2.RolloutRequest:
+    unset: Any = 0  # UNSPECIFIED
     return admin_pb2.RolloutRequest(
         change=CHANGE.wire(change),
-        scope=SCOPE_KIND.wire(scope) if scope else 0,
-        freeze=FREEZE.wire(freeze) if freeze else 0,
+        scope=SCOPE_KIND.wire(scope) if scope else unset,
+        freeze=FREEZE.wire(freeze) if freeze else unset,
         **fields,
     )
+
+
+def raw(**numbers: Any) -> admin_pb2.RolloutRequest:
+    """A request with enum numbers as given (unchecked: an old or bent client)."""
+    return admin_pb2.RolloutRequest(**numbers)
 
 
 VERIFIER = password.verifier_to_json(password.make_verifier("correct horse battery staple"))
@@ -106,13 +113,13 @@ def test_plan_and_start_error_paths(cluster: Cluster) -> None:
             (request(nodes=["offline1"]), Code.INVALID_ARGUMENT, "node list"),
             (request(scope=None), Code.INVALID_ARGUMENT, "scope: missing"),
             (request(freeze=None), Code.INVALID_ARGUMENT, "freeze: missing"),
-            (admin_pb2.RolloutRequest(scope=2, freeze=1), Code.INVALID_ARGUMENT, "change: missing"),
-            (admin_pb2.RolloutRequest(change=99, scope=2, freeze=1), Code.INVALID_ARGUMENT, "99"),
+            (raw(scope=2, freeze=1), Code.INVALID_ARGUMENT, "change: missing"),
+            (raw(change=99, scope=2, freeze=1), Code.INVALID_ARGUMENT, "99"),
             (request(max_parallel=500), Code.INVALID_ARGUMENT, "max-parallel"),
             (request(Change.DISABLE_TLS), Code.INVALID_ARGUMENT, "takes its nodes"),
         ]
         for req, code, words in cases:
-            got, details = code_of(lambda req=req: admin.PlanRollout(req, timeout=10))
+            got, details = code_of(partial(admin.PlanRollout, req, timeout=10))
             assert (got, words in details) == (code, True), (req, got, details)
         assert offline.name == "offline1"
 
@@ -144,7 +151,7 @@ def test_plan_and_start_error_paths(cluster: Cluster) -> None:
             ),
         ]
         for req, code, words in start_cases:
-            got, details = code_of(lambda req=req: admin.StartRollout(req, timeout=10))
+            got, details = code_of(partial(admin.StartRollout, req, timeout=10))
             assert (got, words in details) == (code, True), (req, got, details)
         bad = admin_pb2.SetPasswordRequest(auth_verifier_json="not json")
         assert code_of(lambda: admin.SetPassword(bad, timeout=10))[0] == Code.INVALID_ARGUMENT

@@ -87,7 +87,7 @@ def cli(ctx: click.Context, data_dir: Path, socket: Path | None) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the command; every error is one line on stderr."""
     try:
-        cli.main(args=argv, prog_name="tlsroll", standalone_mode=False)
+        code = cli.main(args=argv, prog_name="tlsroll", standalone_mode=False)
     except click.UsageError as exc:
         hint = f" (see: {exc.ctx.command_path} --help)" if exc.ctx else ""
         # A group called without a command: click's message is the whole help text.
@@ -110,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as exc:
         click.echo(f"tlsroll: error: {exc.strerror}: {exc.filename}", err=True)
         return 1
-    return 0
+    return code if isinstance(code, int) else 0  # a command's ctx.exit(code), else 0
 
 
 if __name__ == "__main__":

@@ -34,7 +34,9 @@ from leader.rollout_core import (
     TERMINAL_ROLLOUT_STATES,
     Change,
     FreezeMode,
+    NodeState,
     RolloutAction,
+    RolloutState,
     ScopeKind,
 )
 from leader.wire import (
@@ -49,6 +51,9 @@ from leader.wire import (
 from tlsroll.v1 import admin_pb2, schema_pb2
 
 TERMINAL = {s.value for s in TERMINAL_ROLLOUT_STATES}
+NEEDS_ATTENTION = NodeState.NEEDS_ATTENTION.value
+EXIT_STOPPED = 3  # rollout status: halted or aborted
+EXIT_NEEDS_ATTENTION = 4  # rollout status: a node is in no known good state
 PENDING = "password change pending — takes effect at next restart"
 STATE_STYLE = {
     "needs_attention": "bold reverse red",
@@ -355,15 +360,30 @@ def rollout_abort(leader: Leader, rollout_id: str) -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @pass_leader
 def rollout_status(leader: Leader, rollout_id: str, as_json: bool) -> None:
-    """The newest (or named) rollout and its nodes."""
+    """The newest (or named) rollout and its nodes.
+
+    Exit codes: 0 running, paused or completed; 3 halted or aborted (every node that did not
+    finish is back where it was); 4 a node needs attention (neither switched nor back: see its
+    reason); 1 and 2 as for every command.
+    """
     schema = fetch_schema(leader, rollout_id)
     if not schema.rollouts:
         raise CLIError("no rollout yet; start one with: tlsroll rollout start --scope …")
     r = schema.rollouts[0]
     if as_json:
         emit_json(to_dict(r))
-        return
-    out.print(render_rollout(r))
+    else:
+        out.print(render_rollout(r))
+    attention = [n.name for n in r.nodes if NODE_STATE.text(n.state) == NEEDS_ATTENTION]
+    if attention:
+        click.echo(
+            f"tlsroll: {', '.join(attention)} need(s) attention: neither on the new settings nor "
+            "back on the old ones; see the reason above, fix the server by hand",
+            err=True,
+        )
+        click.get_current_context().exit(EXIT_NEEDS_ATTENTION)
+    if ROLLOUT_STATE.text(r.state) in (RolloutState.HALTED.value, RolloutState.ABORTED.value):
+        click.get_current_context().exit(EXIT_STOPPED)
 
 
 # --- schema -----------------------------------------------------------------------------------

@@ -1,0 +1,78 @@
+"""A node whose way back failed is ``needs_attention``: its own state in the store, the schema,
+``--json`` and the CLI, with an exit code of its own — not ``rolled_back`` with words in a
+reason. The engine's side (an agent transaction that ends ``failed``) is in test_engine.py;
+here a real leader serves a schema prepared in its store before it starts.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from collections.abc import Iterator
+
+import pytest
+
+from leader.rollout_core import (
+    Change,
+    NodeRecord,
+    NodeState,
+    Rollout,
+    RolloutEvent,
+    Scope,
+)
+from leader.schema_store import RolloutMeta, SchemaStore
+from tests.cluster import Cluster
+from tests.conftest import next_loopback
+
+NOW = dt.datetime(2026, 11, 30, 9, 0, tzinfo=dt.UTC)
+WHY = "outside check failed: https://x: refused; the rollback failed too: restart: no answer"
+
+
+def store_rollout(cluster: Cluster, rid: str, states: dict[str, NodeState], reason: str) -> None:
+    schema = SchemaStore(cluster.store_path)
+    try:
+        rollout = Rollout(rid, Change.DISABLE_TLS, Scope.of_nodes(states), tuple(states), epoch=1)
+        row = schema.create(
+            rollout.with_event(RolloutEvent.START),
+            [NodeRecord(n) for n in states],
+            RolloutMeta(created_at=NOW, started_by="admin:test", leader_node=""),
+            NOW,
+        )
+        ended = row.rollout.with_event(RolloutEvent.FAILURE_BUDGET_EXCEEDED).with_event(
+            RolloutEvent.NODES_SETTLED
+        )
+        records = [
+            NodeRecord(n, s, reason if s is not NodeState.DONE else "") for n, s in states.items()
+        ]
+        schema.save_states(row, ended, records, NOW, "engine", "halted: see the nodes")
+    finally:
+        schema.close()
+
+
+@pytest.fixture
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with Cluster(tmp_path_factory.mktemp("attention"), next_loopback()) as c:
+        c.init()
+        yield c
+
+
+def test_needs_attention_is_shown_apart_and_exits_4(cluster: Cluster) -> None:
+    store_rollout(cluster, "r-att", {"a1": NodeState.DONE, "a2": NodeState.NEEDS_ATTENTION}, WHY)
+    cluster.start_leader()
+    result = cluster.cli("rollout", "status")
+    assert result.returncode == 4, (result.stdout, result.stderr)
+    assert "needs_attention" in result.stdout and "the rollback failed too" in result.stdout
+    assert result.stderr.startswith("tlsroll: a2 need(s) attention")
+    assert result.stderr.count("\n") == 1
+
+    data = json.loads(cluster.cli("schema", "show", "--json").stdout)
+    states = {n["name"]: n["state"] for n in data["rollouts"][0]["nodes"]}
+    assert states == {"a1": "done", "a2": "needs_attention"}
+
+
+def test_a_halted_rollout_without_attention_exits_3(cluster: Cluster) -> None:
+    store_rollout(cluster, "r-rb", {"b1": NodeState.ROLLED_BACK}, "verify: port 8443 closed")
+    cluster.start_leader()
+    result = cluster.cli("rollout", "status", "--json")
+    assert result.returncode == 3, (result.stdout, result.stderr)
+    assert json.loads(result.stdout)["state"] == "halted" and result.stderr == ""
