@@ -25,7 +25,6 @@ import os
 import re
 import shutil
 import signal
-import socket
 import sqlite3
 import subprocess
 import sys
@@ -47,6 +46,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from tests.refserver_helper import write_toml
 from tlsroll import __version__, pki
 from tlsroll.defaults import AGENT_PORT, CONTROL_PORT, JOIN_PORT
+from tlsroll.httpcheck import port_open
 from tlsroll.v1 import admin_pb2, admin_pb2_grpc, enrolment_pb2, enrolment_pb2_grpc
 
 READY_TIMEOUT = 20.0  # a daemon up and answering
@@ -93,14 +93,6 @@ def merge_config(
 
 def hostport(address: str, port: int) -> str:
     return f"[{address}]:{port}" if ":" in address else f"{address}:{port}"
-
-
-def port_open(address: str, port: int, timeout: float = 1.0) -> bool:
-    try:
-        with socket.create_connection((address, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
 
 
 def wait_until(

@@ -36,12 +36,13 @@ import grpc
 from cryptography import x509
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from tests.cluster import Agent, Cluster, port_open, secure_channel, wait_until
+from tests.cluster import Agent, Cluster, secure_channel, wait_until
 from tests.conftest import next_loopback
 from tests.refserver_helper import RefServer, Response, http_request, peer_certificate
 from tlsroll import pki
 from tlsroll.defaults import HTTP_PORT, HTTPS_PORT
 from tlsroll.enums import Change, TxnKind, TxnOutcome
+from tlsroll.httpcheck import port_open
 from tlsroll.tls import client_context
 from tlsroll.v1 import agent_pb2, agent_pb2_grpc
 from tlsroll.wire import CHANGE, TXN_KIND, TXN_OUTCOME

@@ -131,15 +131,6 @@ def peer_certificate(
     return der
 
 
-def port_open(address: str, port: int, timeout: float = 2.0) -> bool:
-    """True if something accepts TCP connections on ``address:port``."""
-    try:
-        with socket.create_connection((address, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
 def write_toml(path: Path, tables: Mapping[str, Mapping[str, object]]) -> Path:
     """Write ``{"table": {key: value}}`` as TOML; a ``None`` value leaves the key out."""
     path.write_text(dump_toml(tables))

@@ -40,7 +40,6 @@ from tests.cluster import (
     health_check,
     one_line_error,
     pem_body_lines,
-    port_open,
     secure_channel,
     wait_until,
 )
@@ -49,6 +48,7 @@ from tests.refserver_helper import write_toml
 from tlsroll import __version__, pki
 from tlsroll.defaults import CONTROL_PORT, JOIN_PORT
 from tlsroll.errors import PKIError
+from tlsroll.httpcheck import port_open
 from tlsroll.v1 import agent_pb2, agent_pb2_grpc
 
 GRACE_SECONDS = 10.0  # both daemons' grace period for in-flight calls

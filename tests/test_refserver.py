@@ -20,9 +20,10 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from refserver.server import SWITCHING_MESSAGE, WRITE_DELAY_ENV
 from tests.conftest import IssuedCert
-from tests.refserver_helper import RefServer, Response, peer_certificate, port_open
+from tests.refserver_helper import RefServer, Response, peer_certificate
 from tlsroll import password, pki
 from tlsroll.fsutil import PRIVATE, write_atomic
+from tlsroll.httpcheck import port_open
 from tlsroll.tls import client_context
 
 IssueCert = Callable[..., IssuedCert]

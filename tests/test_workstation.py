@@ -29,7 +29,7 @@ from aiohttp import web
 
 from nodeagent.bootstrap_server import BootstrapService
 from tests.conftest import IssuedCert, next_loopback
-from tests.refserver_helper import RefServer, http_request, port_open
+from tests.refserver_helper import RefServer, http_request
 from tests.test_bootstrap import (
     OTHER_PASSWORD,
     PASSWORD,
@@ -42,6 +42,7 @@ from tlsroll import bootstrap_protocol as proto
 from tlsroll import cli, pki
 from tlsroll.defaults import BOOTSTRAP_PORT
 from tlsroll.fsutil import PRIVATE, write_atomic
+from tlsroll.httpcheck import port_open
 from tlsroll.tls import client_context, server_context
 from workstation import connection as workstation
 from workstation.connection import Exit

@@ -331,28 +331,24 @@ def _control(leader: Leader, action: RolloutAction, rollout_id: str) -> None:
     out.print(f"rollout {view.id}: {ROLLOUT_STATE.text(view.state)}")
 
 
-@rollout.command("pause")
-@click.argument("rollout_id", required=False, default="")
-@pass_leader
-def rollout_pause(leader: Leader, rollout_id: str) -> None:
-    """No new node starts; nodes in flight finish."""
-    _control(leader, RolloutAction.PAUSE, rollout_id)
+CONTROL_HELP = {
+    RolloutAction.PAUSE: "No new node starts; nodes in flight finish.",
+    RolloutAction.RESUME: "Carry on after a pause.",
+    RolloutAction.ABORT: "Finish the node(s) in flight safely, then stop; untouched nodes stay "
+    "on http.",
+}
 
 
-@rollout.command("resume")
-@click.argument("rollout_id", required=False, default="")
-@pass_leader
-def rollout_resume(leader: Leader, rollout_id: str) -> None:
-    """Carry on after a pause."""
-    _control(leader, RolloutAction.RESUME, rollout_id)
+def _control_command(action: RolloutAction) -> None:
+    @rollout.command(action.value, help=CONTROL_HELP[action])
+    @click.argument("rollout_id", required=False, default="")
+    @pass_leader
+    def command(leader: Leader, rollout_id: str) -> None:
+        _control(leader, action, rollout_id)
 
 
-@rollout.command("abort")
-@click.argument("rollout_id", required=False, default="")
-@pass_leader
-def rollout_abort(leader: Leader, rollout_id: str) -> None:
-    """Finish the node(s) in flight safely, then stop; untouched nodes stay on http."""
-    _control(leader, RolloutAction.ABORT, rollout_id)
+for _action in RolloutAction:  # rollout pause | resume | abort [ID]
+    _control_command(_action)
 
 
 @rollout.command("status")
