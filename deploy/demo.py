@@ -123,7 +123,7 @@ class Cli:
 
     def run(self, *args: str, show: bool = True, check: bool = True) -> str:
         result = subprocess.run(
-            [sys.executable, "-m", "tlsroll.cli", *args],
+            [sys.executable, "-m", "tlsroll", *args],
             env=self.env,
             capture_output=True,
             text=True,
@@ -366,7 +366,7 @@ def run(addresses: list[str], work: Path, report_file: Path | None) -> bool:
         )
         say("the update schema, live")
         subprocess.run(
-            [sys.executable, "-m", "tlsroll.cli", "schema", "show", "--watch"],
+            [sys.executable, "-m", "tlsroll", "schema", "show", "--watch"],
             env={**cli.env, "COLUMNS": os.environ.get("COLUMNS", "200")},
             timeout=180,
             check=False,
@@ -450,7 +450,7 @@ def workstation(
         [
             sys.executable,
             "-m",
-            "tlsroll.cli",
+            "tlsroll",
             "client",
             "test-connection",
             node["new_url"],

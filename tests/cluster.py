@@ -532,7 +532,7 @@ class Cluster:
     ) -> subprocess.CompletedProcess[str]:
         """Run ``tlsroll ARGS`` with ``TLSROLL_DATA_DIR`` set to this cluster's data dir."""
         return subprocess.run(
-            [*command("tlsroll", "tlsroll.cli"), *args],
+            [*command("tlsroll", "tlsroll"), *args],
             input=input,
             capture_output=True,
             text=True,

@@ -271,7 +271,7 @@ def test_cli_with_a_crashed_leader_then_a_restart(tmp_path: Path) -> None:
 )
 def test_usage_errors_are_one_line_exit_2(tmp_path: Path, args: list[str]) -> None:
     result = subprocess.run(
-        [*command("tlsroll", "tlsroll.cli"), *args],
+        [*command("tlsroll", "tlsroll"), *args],
         capture_output=True,
         text=True,
         timeout=30,
@@ -284,7 +284,7 @@ def test_usage_errors_are_one_line_exit_2(tmp_path: Path, args: list[str]) -> No
 
 def test_cli_version() -> None:
     result = subprocess.run(
-        [*command("tlsroll", "tlsroll.cli"), "--version"],
+        [*command("tlsroll", "tlsroll"), "--version"],
         capture_output=True,
         text=True,
         timeout=30,

@@ -29,7 +29,7 @@ class Terminal:
     def __init__(self, cluster: Cluster, *args: str) -> None:
         self.master, slave = pty.openpty()
         self.proc = subprocess.Popen(
-            [*command("tlsroll", "tlsroll.cli"), *args],
+            [*command("tlsroll", "tlsroll"), *args],
             stdin=slave,
             stdout=slave,
             stderr=slave,
@@ -122,7 +122,7 @@ def test_start_asks_then_shows_a_generated_password_once(
     password_file.write_text(secret + "\n")
     result = subprocess.run(
         [
-            *command("tlsroll", "tlsroll.cli"),
+            *command("tlsroll", "tlsroll"),
             "client",
             "test-connection",
             node.https_url(),

@@ -84,7 +84,7 @@ class World:
             [
                 sys.executable,
                 "-m",
-                "tlsroll.cli",
+                "tlsroll",
                 "client",
                 "test-connection",
                 url,

@@ -617,8 +617,17 @@ async def test_expired_nonce_is_fetched_again(
     async with bootstrap_on(node, test_ca, clock=clock):
         run = await run_cli(node.url, "--password-file", password_file(PASSWORD), "--yes")
     assert run.code == 0, run.err
-    events = [e["event"] for e in logs if e["event"].startswith(("bootstrap_a", "enrol"))]
-    assert events == ["bootstrap_answered", "enrol_refused", "bootstrap_answered", "enrolled"]
+    events = [
+        e["event"]
+        for e in logs
+        if e["event"] in ("bootstrap.answered", "bootstrap.enrol_refused", "bootstrap.enrolled")
+    ]
+    assert events == [
+        "bootstrap.answered",
+        "bootstrap.enrol_refused",
+        "bootstrap.answered",
+        "bootstrap.enrolled",
+    ]
 
 
 async def test_pin_only_against_a_server_that_wants_client_certificates(

@@ -113,5 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     return code if isinstance(code, int) else 0  # a command's ctx.exit(code), else 0
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # python -m tlsroll.cli: run the module itself, not a copy of it
+    from tlsroll.cli import main as _main
+
+    raise SystemExit(_main())
