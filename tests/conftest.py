@@ -13,9 +13,12 @@ import pytest
 from tlsroll import pki
 
 # Each test node gets its own 127.0.0.0/8 address so that it can use the seed's fixed ports
-# (8080, 8443, 9443) like a real server would. Offset by pid so that two pytest runs on one
-# machine do not collide.
-_BASE = 100 + os.getpid() % 100
+# (8080, 8443, 9443) like a real server would. The second octet is this process's own: the
+# workers of one run (pytest-xdist, up to 6) each get a different one, and the run's id (or the
+# pid) shifts them so that two runs on one machine rarely collide.
+_RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID", "")
+_WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
+_BASE = 100 + (int(_RUN[:8], 16) if _RUN else os.getpid()) % 25 * 6 + _WORKER % 6
 _counter = itertools.count(1)
 
 
