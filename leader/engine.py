@@ -3,6 +3,7 @@
 One loop, woken by admin commands and step outcomes (and a slow tick)::
 
     row   = schema.active()                       # read the durable records
+    record the password live on nodes now done    # level-triggered, like everything here
     plan  = next_actions(row.rollout, records)    # pure: what happens now
     persist plan's events (one transaction)       # BEFORE anything is sent
     start every step of the plan not yet running  # level-triggered; idempotent on the agent
@@ -45,6 +46,7 @@ from leader.rollout_core import (
     FAILED_NODE_STATES,
     FreezeMode,
     NodeEvent,
+    NodeState,
     Password,
     Rollout,
     RolloutEvent,
@@ -62,6 +64,7 @@ TICK_SECONDS = 1.0
 STEP_RETRY_SECONDS = 2.0
 STALE_ATTEMPTS = 5
 StepKey = tuple[str, str, Step]
+_OPPOSITE = {Step.FREEZE: Step.UNFREEZE, Step.UNFREEZE: Step.FREEZE}
 
 
 class Engine:
@@ -110,6 +113,7 @@ class Engine:
         row = await asyncio.to_thread(self.schema.active)
         if row is None:
             return
+        await self._record_node_auth(row)
         plan = planner.next_actions(row.rollout, row.records)
         if plan.rollout_events or plan.node_events:
             rollout, nodes = planner.apply_plan(row.rollout, row.records, plan)
@@ -140,16 +144,32 @@ class Engine:
                 log.info("rollout.state_changed", rollout_id=rollout.id, state=rollout.state.value)
         for step in plan.steps:
             self._ensure_step(row, step)
-        self._renew_freezes(row)
+        self._renew_freezes(row, plan)
 
-    def _renew_freezes(self, row: RolloutRow) -> None:
-        """Keep the scope freeze's lease alive on every frozen node (a third of the lease)."""
+    async def _record_node_auth(self, row: RolloutRow) -> None:
+        """Record the password live on each node the rollout has left ``done`` (it restarted
+        with this rollout's config). Level-triggered, before the plan: a leader that died
+        between recording a node done and this write makes it on its next pass, and the
+        rollout cannot end before it."""
+        rule = CHANGES[row.rollout.change].password
+        if rule is Password.KEPT:
+            return
+        version = None if rule is Password.CLEARED else row.meta.auth_version
+        live = await asyncio.to_thread(self.schema.node_auth)
+        for rec in row.records:
+            if rec.state is NodeState.DONE and live.get(rec.name) != version:
+                await asyncio.to_thread(self.schema.set_node_auth, rec.name, version, self.clock())
+
+    def _renew_freezes(self, row: RolloutRow, plan: planner.Plan) -> None:
+        """Keep the scope freeze's lease alive on every frozen node (a third of the lease),
+        but not on a node the plan unfreezes."""
         if row.rollout.freeze is not FreezeMode.SCOPE:
             return
         now = self.monotonic()
+        unfreezing = plan.nodes_with_step(Step.UNFREEZE)
         for rec in row.records:
             key = (row.rollout.id, rec.name)
-            if not rec.scope_frozen:
+            if not rec.scope_frozen or rec.name in unfreezing:
                 self.renewed.pop(key, None)
                 continue
             if now - self.renewed.setdefault(key, now) < self.freeze_lease / 3:
@@ -165,6 +185,13 @@ class Engine:
             return
         if self.monotonic() < self.not_before.get(key, 0.0):
             return
+        # A node's FREEZE and UNFREEZE never run at once: its agent could get them in either
+        # order, and the record of the one that ends last could contradict the node.
+        other = _OPPOSITE.get(step.step)
+        if other is not None:
+            running = self.tasks.get((row.rollout.id, step.node, other))
+            if running is not None and not running.done():
+                return
         self.tasks[key] = asyncio.create_task(self._run_step(row, step), name=str(key))
 
     async def settle(self) -> None:
@@ -278,19 +305,10 @@ class Engine:
     async def _record(
         self, rollout_id: str, step: planner.StepAction, event: NodeEvent, reason: str | None
     ) -> None:
-        row = await self._save_node(rollout_id, step.node, lambda r: r.with_event(event, reason))
+        await self._save_node(rollout_id, step.node, lambda r: r.with_event(event, reason))
         await asyncio.to_thread(
             self.schema.step_times, rollout_id, step.node, step.step.value, ended=self.clock()
         )
-        if event is NodeEvent.CONFIRM_DONE:
-            # The node restarted with this rollout's config: its password is live there now.
-            rule = CHANGES[row.rollout.change].password
-            if rule in (Password.NEW, Password.STAGED):
-                await asyncio.to_thread(
-                    self.schema.set_node_auth, step.node, row.meta.auth_version, self.clock()
-                )
-            elif rule is Password.CLEARED:
-                await asyncio.to_thread(self.schema.set_node_auth, step.node, None, self.clock())
         log.info(
             "step.finished",
             rollout_id=rollout_id,

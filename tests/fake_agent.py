@@ -1,0 +1,393 @@
+"""Node agents in memory, and a fake clock, for driving the leader's engine without processes.
+
+    clock = FakeClock()
+    agents = FakeAgents(clock, ca.cert, {"bravo": "10.0.0.2", ...})
+    agents["bravo"].switch_outcome = TxnOutcome.FAILED   # scripting, see FakeAgent
+    engine = Engine(..., agents, clock.wall, monotonic=clock.monotonic, sleep=clock.sleep)
+
+Each ``FakeAgent`` implements ``leader.agent_client.AgentApi`` and answers as the real agent does
+(``nodeagent/service.py``), only in memory:
+
+* a command with an epoch older than the highest one seen is refused (``StepFailed``);
+* CreateCSR, Switch and Rollback are idempotent by rollout id: a replay returns what was
+  recorded and changes nothing (a replayed Switch is not a second switch);
+* a transaction runs on the agent's own: its effect on the node (scheme, certificate, password)
+  is applied when it is created, and GetTransaction reports it ``pending`` until
+  ``txn_seconds`` of fake time have passed, then its outcome;
+* Rollback needs a completed switch of the same rollout id and restores what was live before it;
+* Freeze holds for its lease (fake time) unless renewed; a lapsed lease lifts it.
+
+What a test reads back: ``FakeAgents.calls`` (every call to any agent, in order, with the fake
+time, the answer and which nodes were frozen at that moment), ``FakeAgent.applied`` (the
+mutations that took effect, by kind) and the node's state (``scheme``, ``frozen``,
+``verifier``, ``txns``). ``FakeAgents.https_check``/``http_check`` stand in for the outside
+checks of ``leader.changes``: they look at the fake node that owns the address.
+
+Agents outlive a leader: a test that "crashes" the leader builds a new engine on the same
+``FakeAgents``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections import Counter
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field, replace
+
+from cryptography import x509
+
+from leader.agent_client import AgentApi, StepFailed
+from leader.wire import CHANGE, TXN_KIND, TXN_OUTCOME
+from tlsroll import pki
+from tlsroll.enums import Change, TxnKind, TxnOutcome
+from tlsroll.errors import PKIError, TransientError
+from tlsroll.rpc import timestamp
+from tlsroll.v1 import agent_pb2
+
+START = dt.datetime(2026, 11, 30, 10, 0, tzinfo=dt.UTC)
+HTTP_PORT, HTTPS_PORT, BOOTSTRAP_PORT = 8080, 8443, 9443
+RESTART_SECONDS = 1.5
+
+
+class FakeClock:
+    """Wall time and monotonic time from one counter that only the test (``advance``) and
+    ``sleep`` move; ``sleep`` yields to the loop once, so other tasks run meanwhile."""
+
+    def __init__(self, start: dt.datetime = START) -> None:
+        self.start = start
+        self.elapsed = 0.0
+
+    def wall(self) -> dt.datetime:
+        return self.start + dt.timedelta(seconds=self.elapsed)
+
+    def monotonic(self) -> float:
+        return self.elapsed
+
+    def advance(self, seconds: float) -> None:
+        self.elapsed += seconds
+
+    async def sleep(self, seconds: float) -> None:
+        self.advance(seconds)
+        await asyncio.sleep(0)
+
+
+@dataclass(frozen=True)
+class Call:
+    """One call to an agent: what, for which rollout, when, and how it was answered."""
+
+    node: str
+    method: str
+    rollout_id: str
+    epoch: int
+    at: float  # fake monotonic time
+    answer: str  # "ok", "replay", "not_found", "unreachable", "refused"
+    frozen: frozenset[str]  # every node frozen when the call arrived
+
+
+@dataclass
+class FakeTxn:
+    rollout_id: str
+    kind: TxnKind
+    epoch: int
+    started: float
+    outcome: TxnOutcome  # how it ends
+    reason: str
+    before: tuple[str, str, str]  # (scheme, fingerprint, verifier) live before it
+
+
+@dataclass
+class FakeAgent:
+    """One node's agent. Scripting: ``switch_outcome``/``switch_reason`` (how its switch
+    transactions end), ``refuse`` (method name → message: the call fails with StepFailed),
+    ``unreachable`` (the next N calls fail with TransientError), ``outside_problem`` (what the
+    outside check of the node reports; None: it answers as it should)."""
+
+    name: str
+    address: str
+    world: FakeAgents = field(repr=False)
+    scheme: str = "http"
+    frozen: bool = False
+    lease_until: float = 0.0
+    lapsed: int = 0  # freezes lifted because the lease ran out
+    fingerprint: str = ""  # the certificate live on https
+    verifier: str = ""  # the auth password verifier live on the node
+    highest_epoch: int = 0
+    keys: dict[str, pki.PrivateKey] = field(default_factory=dict)  # by rollout id
+    staged: dict[str, x509.Certificate] = field(default_factory=dict)
+    txns: dict[tuple[str, TxnKind], FakeTxn] = field(default_factory=dict)
+    applied: Counter[str] = field(default_factory=Counter)
+    # scripting
+    switch_outcome: TxnOutcome = TxnOutcome.COMPLETED
+    switch_reason: str = ""
+    refuse: dict[str, str] = field(default_factory=dict)
+    unreachable: int = 0
+    outside_problem: str | None = None
+    txn_seconds: float = 0.5
+
+    @property
+    def names(self) -> pki.Names:
+        return pki.Names.of(self.name, [self.address], [f"{self.name}.praxis.lan"])
+
+    def url(self, scheme: str) -> str:
+        port = HTTPS_PORT if scheme == "https" else HTTP_PORT
+        return f"{scheme}://{self.address}:{port}/praxis_live/"
+
+    # --- how every call is answered -----------------------------------------------------------
+
+    async def _arrive(self, method: str, command: agent_pb2.Command | None = None) -> None:
+        """A call reaches the node (or not): one hop on the loop, then the agent's guards."""
+        await asyncio.sleep(0)
+        self.world.expire_leases()
+        rollout_id, epoch = (command.rollout_id, command.epoch) if command else ("", 0)
+
+        def log(answer: str) -> None:
+            self.world.log(self, method, rollout_id, epoch, answer)
+
+        if self.unreachable:
+            self.unreachable -= 1
+            log("unreachable")
+            raise TransientError(f"agent {self.name}: unreachable")
+        if method in self.refuse:
+            log("refused")
+            raise StepFailed(f"{self.refuse[method]} (FAILED_PRECONDITION)")
+        if command is not None:
+            if epoch < self.highest_epoch:
+                log("refused")
+                raise StepFailed(
+                    f"stale epoch {epoch}: this node has seen epoch {self.highest_epoch} "
+                    "(FAILED_PRECONDITION)"
+                )
+            self.highest_epoch = epoch
+        log("ok")
+
+    def _answered(self, answer: str) -> None:
+        """How the call just logged was answered, if not "ok" ("replay": it changed nothing)."""
+        self.world.calls[-1] = replace(self.world.calls[-1], answer=answer)
+
+    def _refused(self, message: str) -> StepFailed:
+        """The call just logged is refused (a precondition): the error to raise."""
+        self._answered("refused")
+        return StepFailed(message)
+
+    # --- AgentApi -----------------------------------------------------------------------------
+
+    async def preflight(self, request: agent_pb2.PreflightRequest) -> agent_pb2.PreflightResponse:
+        await self._arrive("preflight", request.command)
+        names = self.names
+        return agent_pb2.PreflightResponse(
+            ok=True,
+            common_name=names.common_name,
+            ip_addresses=names.ips,
+            dns_names=names.dns,
+            server=agent_pb2.ServerView(driver="fake", healthy=True, schemes=[self.scheme]),
+            old_url=self.url("http"),
+            new_url=self.url("https"),
+            bootstrap_port=BOOTSTRAP_PORT,
+        )
+
+    async def create_csr(self, request: agent_pb2.CreateCSRRequest) -> agent_pb2.CreateCSRResponse:
+        await self._arrive("create_csr", request.command)
+        rollout_id = request.command.rollout_id
+        if rollout_id in self.keys:
+            self._answered("replay")
+        else:
+            self.keys[rollout_id] = pki.generate_key()
+            self.applied["create_csr"] += 1
+        csr = pki.make_csr(self.keys[rollout_id], self.names)
+        return agent_pb2.CreateCSRResponse(csr_pem=pki.csr_to_pem(csr))
+
+    async def stage(self, request: agent_pb2.StageRequest) -> agent_pb2.StageResponse:
+        await self._arrive("stage", request.command)
+        rollout_id = request.command.rollout_id
+        key = self.keys.get(rollout_id)
+        if key is None:
+            raise self._refused(f"no CSR for rollout {rollout_id}; call CreateCSR first")
+        if (rollout_id, TxnKind.SWITCH) in self.txns:
+            raise self._refused(f"rollout {rollout_id} is already switching this node")
+        try:
+            cert = pki.load_cert_pem(request.certificate_pem)
+            ca = pki.load_cert_pem(request.ca_certificate_pem)
+        except PKIError as exc:
+            raise self._refused(f"{exc} (INVALID_ARGUMENT)") from None
+        if pki.spki_pin(ca) != pki.spki_pin(self.world.ca) or not pki.issued_by(cert, ca):
+            raise self._refused(
+                "the certificate was not issued by the cluster CA (INVALID_ARGUMENT)"
+            )
+        if not pki.key_matches(cert, key) or pki.names_of(cert) != self.names:
+            raise self._refused("the certificate does not fit this node (INVALID_ARGUMENT)")
+        self.staged[rollout_id] = cert
+        self.applied["stage"] += 1
+        return agent_pb2.StageResponse(
+            fingerprint=pki.fingerprint(cert), not_after=timestamp(cert.not_valid_after_utc)
+        )
+
+    async def switch(self, request: agent_pb2.SwitchRequest) -> agent_pb2.Transaction:
+        await self._arrive("switch", request.command)
+        rollout_id = request.command.rollout_id
+        existing = self.txns.get((rollout_id, TxnKind.SWITCH))
+        if existing is not None:
+            self._answered("replay")
+            return self._message(existing)
+        change = CHANGE.read(request.change, "change")
+        target = (self.scheme, self.fingerprint, request.auth_verifier_json)
+        if change is Change.ENABLE_TLS:
+            if rollout_id not in self.staged:
+                raise self._refused(f"nothing staged for rollout {rollout_id}; run Stage")
+            target = ("https", pki.fingerprint(self.staged[rollout_id]), target[2])
+        elif change is Change.CHANGE_PASSWORD:
+            if self.scheme != "https" or not request.auth_verifier_json:
+                raise self._refused("the server is not on https here; run enable-tls first")
+        else:
+            raise self._refused(f"change {change.value} is not a switch this agent makes")
+        txn = self._begin(rollout_id, TxnKind.SWITCH, request.command.epoch, self.switch_outcome)
+        if txn.outcome is TxnOutcome.COMPLETED:
+            self.scheme, self.fingerprint, self.verifier = target
+        return self._message(txn)
+
+    async def rollback(self, request: agent_pb2.RollbackRequest) -> agent_pb2.Transaction:
+        await self._arrive("rollback", request.command)
+        rollout_id = request.command.rollout_id
+        existing = self.txns.get((rollout_id, TxnKind.ROLLBACK))
+        if existing is not None:
+            self._answered("replay")
+            return self._message(existing)
+        switch = self.txns.get((rollout_id, TxnKind.SWITCH))
+        if switch is None or switch.outcome is not TxnOutcome.COMPLETED:
+            raise self._refused(
+                f"rollout {rollout_id} did not switch this node; nothing to roll back "
+                "(FAILED_PRECONDITION)"
+            )
+        txn = self._begin(rollout_id, TxnKind.ROLLBACK, request.command.epoch)
+        self.scheme, self.fingerprint, self.verifier = switch.before
+        return self._message(txn)
+
+    async def get_transaction(
+        self, request: agent_pb2.GetTransactionRequest
+    ) -> agent_pb2.Transaction:
+        await self._arrive("get_transaction")
+        kind = TXN_KIND.read(request.kind, "kind")
+        txn = self.txns.get((request.rollout_id, kind))
+        if txn is None:
+            self._answered("not_found")
+            raise StepFailed(
+                f"no {kind.value} transaction for rollout {request.rollout_id!r} (NOT_FOUND)"
+            )
+        return self._message(txn)
+
+    async def freeze(self, request: agent_pb2.FreezeRequest) -> agent_pb2.FreezeResponse:
+        await self._arrive("freeze", request.command)
+        self.lease_until = self.world.clock.monotonic() + (request.lease_seconds or 300)
+        self.frozen = True
+        self.applied["freeze"] += 1
+        return agent_pb2.FreezeResponse(frozen=True, watermark=len(self.txns))
+
+    async def unfreeze(self, request: agent_pb2.FreezeRequest) -> agent_pb2.FreezeResponse:
+        await self._arrive("unfreeze", request.command)
+        self.frozen = False
+        self.applied["unfreeze"] += 1
+        return agent_pb2.FreezeResponse(frozen=False, watermark=len(self.txns))
+
+    # --- transactions -------------------------------------------------------------------------
+
+    def _begin(
+        self,
+        rollout_id: str,
+        kind: TxnKind,
+        epoch: int,
+        outcome: TxnOutcome = TxnOutcome.COMPLETED,
+    ) -> FakeTxn:
+        reason = self.switch_reason if kind is TxnKind.SWITCH else ""
+        txn = FakeTxn(
+            rollout_id,
+            kind,
+            epoch,
+            self.world.clock.monotonic(),
+            outcome,
+            reason,
+            (self.scheme, self.fingerprint, self.verifier),
+        )
+        self.txns[(rollout_id, kind)] = txn
+        self.applied[kind.value] += 1
+        return txn
+
+    def _message(self, txn: FakeTxn) -> agent_pb2.Transaction:
+        done = self.world.clock.monotonic() >= txn.started + self.txn_seconds
+        outcome = txn.outcome if done else TxnOutcome.PENDING
+        started = self.world.clock.start + dt.timedelta(seconds=txn.started)
+        return agent_pb2.Transaction(
+            rollout_id=txn.rollout_id,
+            kind=TXN_KIND.wire(txn.kind),
+            epoch=txn.epoch,
+            outcome=TXN_OUTCOME.wire(outcome),
+            reason=txn.reason if done else "",
+            started_at=timestamp(started),
+            freeze_started_at=timestamp(started),
+            restart_seconds=RESTART_SECONDS if done else 0.0,
+        )
+
+
+class FakeAgents:
+    """The ``Agents`` of a fake cluster: one ``FakeAgent`` per node name, a shared call log."""
+
+    def __init__(self, clock: FakeClock, ca: x509.Certificate, nodes: Mapping[str, str]) -> None:
+        self.clock = clock
+        self.ca = ca
+        self.calls: list[Call] = []
+        self.agents = {name: FakeAgent(name, address, self) for name, address in nodes.items()}
+
+    def __getitem__(self, name: str) -> FakeAgent:
+        return self.agents[name]
+
+    def __iter__(self) -> Iterator[FakeAgent]:
+        return iter(self.agents.values())
+
+    async def get(self, name: str) -> AgentApi:
+        return self.agents[name]
+
+    async def close(self) -> None:
+        """A leader closes its clients; the agents live on."""
+
+    def expire_leases(self) -> None:
+        """Every agent lifts a scope freeze whose lease ran out without renewal."""
+        for agent in self.agents.values():
+            if agent.frozen and self.clock.monotonic() > agent.lease_until:
+                agent.frozen = False
+                agent.lapsed += 1
+
+    def log(self, agent: FakeAgent, method: str, rollout_id: str, epoch: int, answer: str) -> None:
+        frozen = frozenset(a.name for a in self.agents.values() if a.frozen)
+        call = Call(agent.name, method, rollout_id, epoch, self.clock.monotonic(), answer, frozen)
+        self.calls.append(call)
+
+    def calls_to(self, node: str, method: str) -> list[Call]:
+        return [c for c in self.calls if c.node == node and c.method == method]
+
+    # --- the outside checks (leader.changes.https_check / http_check) -------------------------
+
+    def _at(self, url: str) -> FakeAgent | None:
+        return next((a for a in self if f"//{a.address}:" in url), None)
+
+    def https_check(
+        self, new_url: str, old_url: str, ca_pem: bytes, fingerprint: str
+    ) -> str | None:
+        agent = self._at(new_url)
+        if agent is None:
+            return f"no https address recorded for the node ({new_url!r})"
+        if agent.outside_problem is not None:
+            return agent.outside_problem
+        if agent.scheme != "https":
+            return f"{new_url}: connection refused"
+        if pki.load_cert_pem(ca_pem) != self.ca or fingerprint not in ("", agent.fingerprint):
+            return f"{new_url}: not the staged certificate"
+        return None
+
+    def http_check(self, http_url: str, https_url: str) -> str | None:
+        agent = self._at(http_url)
+        if agent is None:
+            return f"no http address recorded for the node ({http_url!r})"
+        if agent.outside_problem is not None:
+            return agent.outside_problem
+        if agent.scheme != "http":
+            return f"{https_url} still answers"
+        return None

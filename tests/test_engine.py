@@ -1,0 +1,733 @@
+"""The rollout engine in one process: real stores, fake agents, a fake clock, no sleeps.
+
+The harness, in the manner of etcd raft's deterministic tests:
+
+* **The world** (``World``): three nodes enrolled into a real ``Store`` on a tmp SQLite file
+  (``alpha`` is the leader node, so the order is bravo, charlie, alpha), a real CA, and one
+  ``FakeAgent`` per node (``tests/fake_agent.py``), which answers like the real agent and keeps
+  count of what it was asked to do. The outside https/http checks of ``leader.changes`` look at
+  those fake nodes.
+* **A leader** (``World.boot``): a ``Store`` and a ``ScriptedSchema`` (a ``SchemaStore`` whose
+  writes a test can count, crash, or cross with an admin command) on that file, an ``Engine``
+  and the admin ``Commands``. Booting again on the same world is a restarted leader: new stores
+  on the same file, the same agents.
+* **The loop** (``Leader.run``): one pass is ``reconcile()`` then ``settle()`` (wait for the
+  step tasks it started), then the fake clock ticks ``TICK_SECONDS``; passes repeat until the
+  rollout ends, with a bound.
+* **Determinism**: ``asyncio.to_thread`` is replaced by ``hop``, which yields to the loop once
+  (as a thread hop would let other tasks run) and then runs the call on the loop. No threads,
+  no real time: every run interleaves the tasks the same way, so a test can name "the 17th write"
+  and mean the same write each time.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import datetime as dt
+import functools
+import json
+import tempfile
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from itertools import pairwise
+from pathlib import Path
+from typing import Any, NoReturn, TypeVar
+
+import pytest
+from structlog.testing import capture_logs
+
+from leader import changes
+from leader.commands import Commands, RolloutRequest
+from leader.engine import STEP_RETRY_SECONDS, TICK_SECONDS, Engine
+from leader.rollout_core import (
+    IN_FLIGHT_NODE_STATES,
+    TERMINAL_ROLLOUT_STATES,
+    Change,
+    FreezeMode,
+    NodeRecord,
+    NodeState,
+    RolloutAction,
+    RolloutState,
+    Scope,
+)
+from leader.schema_store import RolloutRow, SchemaStore, StaleRecords
+from leader.store import NodeCert, Store
+from tests.fake_agent import START, FakeAgent, FakeAgents, FakeClock
+from tlsroll import pki
+from tlsroll.enums import TxnOutcome
+
+T = TypeVar("T")
+N, R = NodeState, RolloutState
+
+NODES = {"alpha": "10.0.0.1", "bravo": "10.0.0.2", "charlie": "10.0.0.3"}
+LEADER = "alpha"
+ORDER = ("bravo", "charlie", "alpha")  # by name, the leader node last
+ADMIN = "admin:test"
+ALL_DONE = dict.fromkeys(ORDER, N.DONE)
+
+
+def verifier(mark: int) -> str:
+    """A well-formed scrypt verifier (the engine only passes it on; nothing hashes here)."""
+    salt, digest = bytes([mark]) * 16, bytes([mark]) * 32
+    return json.dumps(
+        {
+            "alg": "scrypt",
+            "n": 2**14,
+            "r": 8,
+            "p": 1,
+            "salt": base64.b64encode(salt).decode(),
+            "hash": base64.b64encode(digest).decode(),
+        }
+    )
+
+
+VERIFIER_1, VERIFIER_2 = verifier(1), verifier(2)
+
+
+# --- the harness ------------------------------------------------------------------------------
+
+
+class Crash(BaseException):
+    """The leader process dies here. A BaseException, so that nothing in the engine catches it
+    (its step tasks log and retry every ``Exception``)."""
+
+
+@dataclass
+class Cue:
+    """An admin command run once, on the loop, just before the engine's first save whose node
+    records ``when`` matches: the command and the engine's write cross."""
+
+    when: Callable[[Sequence[NodeRecord]], bool]
+    action: Callable[[], Awaitable[object]]
+
+
+class ScriptedSchema(SchemaStore):
+    """A SchemaStore whose writes a test can count (``writes``), crash at (the ``crash_at``-th
+    write raises ``Crash`` before it commits, or after with ``crash_after``; a dead leader
+    writes nothing more) or cross with an admin command (``cue``)."""
+
+    def __init__(self, store: Store, *, crash_at: int = 0, crash_after: bool = False) -> None:
+        super().__init__(store.db)
+        self.crash_at = crash_at
+        self.crash_after = crash_after
+        self.writes: list[str] = []
+        self.dead = False
+        self.stale = 0  # writes refused with StaleRecords
+        self.cue: Cue | None = None
+
+    def _write(self, method: str, write: Callable[[], T]) -> T:
+        if self.dead:
+            raise Crash(f"the leader is dead; no {method}")
+        self.writes.append(method)
+        here = len(self.writes) == self.crash_at
+        if here and not self.crash_after:
+            self._die(f"before write {self.crash_at} ({method})")
+        try:
+            result = write()
+        except StaleRecords:
+            self.stale += 1
+            if here:
+                self._die(f"after write {self.crash_at} ({method}, refused as stale)")
+            raise
+        if here:
+            self._die(f"after write {self.crash_at} ({method})")
+        return result
+
+    def _die(self, where: str) -> NoReturn:
+        self.dead = True
+        raise Crash(where)
+
+    def create(self, *args: Any, **kwargs: Any) -> RolloutRow:
+        return self._write("create", functools.partial(super().create, *args, **kwargs))
+
+    def save_states(self, *args: Any, **kwargs: Any) -> RolloutRow:
+        return self._write("save_states", functools.partial(super().save_states, *args, **kwargs))
+
+    def update_detail(self, *args: Any, **kwargs: Any) -> None:
+        self._write("update_detail", functools.partial(super().update_detail, *args, **kwargs))
+
+    def step_times(self, *args: Any, **kwargs: Any) -> None:
+        self._write("step_times", functools.partial(super().step_times, *args, **kwargs))
+
+    def set_node_auth(self, *args: Any, **kwargs: Any) -> None:
+        self._write("set_node_auth", functools.partial(super().set_node_auth, *args, **kwargs))
+
+    async def interpose(self, method: str, args: tuple[Any, ...]) -> None:
+        """Called by ``hop`` just before a call on this store runs."""
+        cue = self.cue
+        if cue is None or method != "save_states" or args[4] != "engine" or not cue.when(args[2]):
+            return
+        self.cue = None
+        await cue.action()
+
+
+async def hop(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+    """``asyncio.to_thread`` for the harness: one hop through the loop (the other tasks run, as
+    they would while a thread works), then the call itself, on the loop."""
+    await asyncio.sleep(0)
+    owner = getattr(func, "__self__", None)
+    if isinstance(owner, ScriptedSchema):
+        await owner.interpose(func.__name__, args)
+    return func(*args, **kwargs)
+
+
+def ended(row: RolloutRow) -> bool:
+    return row.rollout.state in TERMINAL_ROLLOUT_STATES
+
+
+def states(row: RolloutRow) -> dict[str, NodeState]:
+    return {r.name: r.state for r in row.records}
+
+
+def open_store(path: Path) -> Store:
+    store = Store(path)
+    with store.db.read() as db:
+        # A crash here is a process dying, not a power cut: what was committed stays in the
+        # OS either way, so the tests do without an fsync per commit.
+        db.execute("PRAGMA synchronous=OFF")
+    return store
+
+
+@dataclass(frozen=True)
+class Audit:
+    actor: str
+    kind: str
+    subject: str
+    detail: dict[str, Any]
+
+
+class Leader:
+    """One leader process on the world's store file: its stores, engine and admin commands."""
+
+    def __init__(self, world: World, freeze_lease: int, crash_at: int, crash_after: bool) -> None:
+        self.world = world
+        self.store = open_store(world.path)
+        self.schema = ScriptedSchema(self.store, crash_at=crash_at, crash_after=crash_after)
+        clock = world.clock
+        self.engine = Engine(
+            self.store,
+            self.schema,
+            world.ca,
+            world.agents,
+            clock.wall,
+            freeze_lease,
+            monotonic=clock.monotonic,
+            sleep=clock.sleep,
+        )
+        self.commands = Commands(
+            self.store, self.schema, clock.wall, lambda _seen: True, LEADER, self.engine.wake.set
+        )
+
+    async def start(
+        self,
+        change: Change = Change.ENABLE_TLS,
+        *,
+        max_parallel: int = 1,
+        failure_budget: int = 0,
+        freeze: FreezeMode = FreezeMode.NODE,
+    ) -> RolloutRow:
+        request = RolloutRequest(
+            change,
+            Scope.cluster(),
+            max_parallel=max_parallel,
+            failure_budget=failure_budget,
+            freeze=freeze,
+            auth_verifier_json=VERIFIER_1 if change is Change.ENABLE_TLS else None,
+        )
+        return await self.commands.start(request, ADMIN)
+
+    async def control(self, action: RolloutAction) -> RolloutRow:
+        return await self.commands.control("", action, ADMIN)
+
+    async def one_pass(self) -> RolloutRow:
+        """One pass of the engine's loop: plan and persist, run the steps until they end, and
+        a tick of the clock. Returns the rollout as the pass left it."""
+        await self.engine.reconcile()
+        await self.engine.settle()
+        if self.schema.dead:
+            raise Crash("a step task crashed the leader")
+        row = self.schema.latest()
+        assert row is not None
+        self.world.clock.advance(TICK_SECONDS)
+        return row
+
+    async def run(
+        self, until: Callable[[RolloutRow], bool] = ended, passes: int = 100
+    ) -> RolloutRow:
+        """Pass after pass until ``until`` holds of the rollout (by default: it has ended)."""
+        for _ in range(passes):
+            row = await self.one_pass()
+            if until(row):
+                return row
+        raise AssertionError(f"still not there after {passes} passes: {self.schema.latest()}")
+
+    async def crash(self) -> None:
+        """The process is gone: its step tasks stop where they stand; the agents live on."""
+        tasks = list(self.engine.tasks.values())
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        self.store.close()
+
+    async def stop(self) -> None:
+        await self.engine.close()
+        self.store.close()
+
+    def audit(self) -> list[Audit]:
+        with self.store.db.read() as db:
+            rows = db.execute("SELECT actor, kind, subject, detail FROM audit ORDER BY seq")
+            return [Audit(r[0], r[1], r[2], json.loads(r[3])) for r in rows]
+
+
+@dataclass
+class World:
+    """What outlives a leader: the store file, the CA, the nodes and their agents, the time."""
+
+    path: Path
+    clock: FakeClock
+    ca: pki.CertificateAuthority
+    agents: FakeAgents
+
+    def boot(
+        self, *, freeze_lease: int = 300, crash_at: int = 0, crash_after: bool = False
+    ) -> Leader:
+        return Leader(self, freeze_lease, crash_at, crash_after)
+
+
+def make_world(directory: Path, mp: pytest.MonkeyPatch) -> World:
+    clock = FakeClock()
+    ca = pki.CertificateAuthority.create("tlsroll engine test CA", now=START)
+    agents = FakeAgents(clock, ca.cert, NODES)
+    mp.setattr(asyncio, "to_thread", hop)
+    mp.setattr(changes, "https_check", agents.https_check)
+    mp.setattr(changes, "http_check", agents.http_check)
+    world = World(directory / "leader.sqlite3", clock, ca, agents)
+    enrol(world)
+    return world
+
+
+def enrol(world: World) -> None:
+    """Every fake node enrolled with the names its agent will claim in preflight."""
+    store = open_store(world.path)
+    secret = "s" * 26
+    store.add_token(
+        "tok001",
+        secret,
+        ttl=dt.timedelta(hours=1),
+        uses=len(NODES),
+        description="engine test",
+        now=START,
+        actor=ADMIN,
+    )
+    cert = NodeCert("sha256:" + "0" * 64, "sha256:" + "1" * 64, "1", START + dt.timedelta(days=397))
+    for agent in world.agents:
+        store.enrol(
+            token_id="tok001",
+            secret=secret,
+            name=agent.name,
+            addresses=agent.names.ips,
+            dns_names=agent.names.dns,
+            agent_version="test",
+            agent_port=9442,
+            key_pin=f"pin-{agent.name}",
+            issue=lambda: cert,
+            now=START,
+        )
+    store.close()
+
+
+@pytest.fixture
+def world(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> World:
+    return make_world(tmp_path, monkeypatch)
+
+
+def most_in_flight(audit: Sequence[Audit]) -> int:
+    """The most nodes in flight at once, replayed from the audit trail."""
+    now: dict[str, NodeState] = {}
+    most = 0
+    for event in audit:
+        if event.kind == "node.state":
+            now[event.subject] = NodeState(event.detail["new"])
+            most = max(most, sum(s in IN_FLIGHT_NODE_STATES for s in now.values()))
+    return most
+
+
+# --- the happy path ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("max_parallel", [1, 2])
+async def test_enable_tls_switches_every_node_once_in_order(
+    world: World, max_parallel: int
+) -> None:
+    leader = world.boot()
+    started = await leader.start(max_parallel=max_parallel)
+    assert started.rollout.order == ORDER
+
+    row = await leader.run()
+
+    assert row.rollout.state is R.COMPLETED
+    assert states(row) == ALL_DONE
+    calls = world.agents.calls
+    assert [c.node for c in calls if c.method == "preflight"] == list(ORDER)
+    assert [c.node for c in calls if c.method == "switch"] == list(ORDER)
+    assert most_in_flight(leader.audit()) == max_parallel
+    for record, detail in row.nodes:
+        agent = world.agents[record.name]
+        assert agent.applied["switch"] == 1, record.name
+        assert (agent.scheme, agent.verifier) == ("https", VERIFIER_1), record.name
+        assert agent.fingerprint == detail.cert_fingerprint, record.name
+    assert leader.schema.node_auth() == dict.fromkeys(ORDER, row.meta.auth_version)
+    assert row.meta.auth_version == 1
+    await leader.stop()
+
+
+# --- a leader crash at every persisted point --------------------------------------------------
+
+
+async def full_rollout(leader: Leader) -> RolloutRow:
+    """The rollout the crash tests break: enable-tls on three nodes, two at a time."""
+    await leader.start(max_parallel=2)
+    return await leader.run()
+
+
+@functools.cache
+def writes_of_a_full_rollout() -> int:
+    """How many writes ``full_rollout`` makes without a crash (the same every run)."""
+
+    async def count(world: World) -> int:
+        leader = world.boot()
+        row = await full_rollout(leader)
+        assert row.rollout.state is R.COMPLETED
+        await leader.stop()
+        return len(leader.schema.writes)
+
+    with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as mp:
+        return asyncio.run(count(make_world(Path(tmp), mp)))
+
+
+async def test_the_harness_is_deterministic(tmp_path: Path) -> None:
+    """What the crash tests stand on: two runs make the same writes and the same agent calls
+    at the same fake times."""
+    runs = []
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+        with pytest.MonkeyPatch.context() as mp:
+            world = make_world(tmp_path / name, mp)
+            leader = world.boot()
+            await full_rollout(leader)
+            await leader.stop()
+        calls = [(c.node, c.method, c.at, c.answer, c.frozen) for c in world.agents.calls]
+        runs.append((leader.schema.writes, calls))
+    assert runs[0] == runs[1]
+    assert len(runs[0][0]) == writes_of_a_full_rollout()
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    if "crash_at" in metafunc.fixturenames:
+        metafunc.parametrize("crash_at", range(1, writes_of_a_full_rollout() + 1))
+
+
+@pytest.mark.parametrize("crash_after", [False, True], ids=["before", "after"])
+async def test_a_leader_crash_at_any_write_loses_nothing_and_repeats_nothing(
+    world: World, crash_at: int, crash_after: bool
+) -> None:
+    """Persist before send: whichever write the leader dies at (before it commits, or just
+    after), a restarted leader finishes the rollout, and no node is switched twice."""
+    first = world.boot(crash_at=crash_at, crash_after=crash_after)
+    with pytest.raises(Crash):
+        await full_rollout(first)
+    await first.crash()
+
+    second = world.boot()
+    if second.schema.latest() is None:  # it died taking the start command: the admin retries
+        await second.start(max_parallel=2)
+    row = await second.run()
+
+    assert row.rollout.state is R.COMPLETED
+    assert states(row) == ALL_DONE
+    for name in ORDER:
+        agent = world.agents[name]
+        assert agent.applied["switch"] == 1, name
+        assert agent.applied["rollback"] == 0, name
+        assert [kind for _id, kind in agent.txns] == ["switch"], name
+        assert agent.scheme == "https", name
+    assert second.schema.node_auth() == dict.fromkeys(ORDER, 1)
+    await second.stop()
+
+
+# --- admin commands that cross the engine -----------------------------------------------------
+
+
+def node(records: Sequence[NodeRecord], name: str) -> NodeRecord:
+    return next(r for r in records if r.name == name)
+
+
+async def test_an_abort_that_crosses_the_verdict_to_switch_wins(world: World) -> None:
+    """The engine is about to save "bravo switches"; the abort lands first. The engine's write
+    is stale, it plans again from the aborting rollout, and bravo is skipped, never switched."""
+    leader = world.boot()
+    leader.schema.cue = Cue(
+        when=lambda records: node(records, "bravo").state is N.SWITCHING,
+        action=lambda: leader.control(RolloutAction.ABORT),
+    )
+    await leader.start()
+
+    row = await leader.run()
+
+    assert leader.schema.stale == 1
+    assert row.rollout.state is R.ABORTED
+    assert states(row) == dict.fromkeys(ORDER, N.SKIPPED)
+    assert not [c for c in world.agents.calls if c.method == "switch"]
+    assert world.agents["bravo"].scheme == "http"
+    trail = [(a.actor, a.kind, a.detail.get("new")) for a in leader.audit()]
+    assert (ADMIN, "rollout.state", "aborting") in trail
+    assert ("engine", "node.state", "switching") not in trail
+    await leader.stop()
+
+
+async def test_an_abort_that_crosses_a_step_result_loses_neither(world: World) -> None:
+    """Bravo's switch is done and the engine is about to record it; the abort lands first. The
+    record is written again on the fresh records: bravo finishes, the others are skipped."""
+    leader = world.boot()
+    leader.schema.cue = Cue(
+        when=lambda records: node(records, "bravo").state is N.CONFIRMING,
+        action=lambda: leader.control(RolloutAction.ABORT),
+    )
+    await leader.start()
+
+    row = await leader.run()
+
+    assert leader.schema.stale == 1
+    assert row.rollout.state is R.ABORTED
+    assert states(row) == {"bravo": N.DONE, "charlie": N.SKIPPED, "alpha": N.SKIPPED}
+    assert world.agents["bravo"].applied["switch"] == 1
+    assert not world.agents.calls_to("charlie", "preflight")
+    trail = [(a.actor, a.kind, a.subject, a.detail.get("new")) for a in leader.audit()]
+    bravo = f"{row.rollout.id}/bravo"
+    aborted = trail.index((ADMIN, "rollout.state", row.rollout.id, "aborting"))
+    recorded = trail.index(("engine", "node.state", bravo, "confirming"))
+    assert aborted < recorded < trail.index(("engine", "node.state", bravo, "done"))
+    assert row.meta.reason == f"abort by {ADMIN}"
+    await leader.stop()
+
+
+@pytest.mark.parametrize(
+    "crossing",
+    [
+        lambda records: node(records, "bravo").state is N.CONFIRMING,
+        lambda records: node(records, "charlie").state is N.PREFLIGHT,
+    ],
+    ids=["bravo's switch result", "the verdict to start charlie"],
+)
+async def test_a_pause_that_crosses_the_engine_holds_new_nodes_only(
+    world: World, crossing: Callable[[Sequence[NodeRecord]], bool]
+) -> None:
+    """Paused while bravo is in flight (its result about to be saved), or just as charlie is
+    about to start: bravo finishes, charlie does not start until the rollout is resumed."""
+    leader = world.boot()
+    leader.schema.cue = Cue(crossing, lambda: leader.control(RolloutAction.PAUSE))
+    await leader.start()
+
+    row = await leader.run(until=lambda row: node(row.records, "bravo").state is N.DONE)
+    for _ in range(5):
+        row = await leader.one_pass()  # nothing more happens while paused
+
+    assert leader.schema.stale == 1
+    assert row.rollout.state is R.PAUSED
+    assert states(row) == {"bravo": N.DONE, "charlie": N.PENDING, "alpha": N.PENDING}
+    assert not world.agents.calls_to("charlie", "preflight")
+
+    await leader.control(RolloutAction.RESUME)
+    row = await leader.run()
+    assert row.rollout.state is R.COMPLETED
+    assert states(row) == ALL_DONE
+    trail = [(a.actor, a.detail.get("old"), a.detail.get("new")) for a in leader.audit()]
+    assert (ADMIN, "running", "paused") in trail
+    assert (ADMIN, "paused", "running") in trail
+    await leader.stop()
+
+
+# --- a switch that does not complete ----------------------------------------------------------
+
+
+def switch_fails(agent: FakeAgent) -> None:
+    agent.switch_outcome = TxnOutcome.FAILED
+    agent.switch_reason = "restoring the old config failed: disk full"
+
+
+def switch_rolls_back(agent: FakeAgent) -> None:
+    agent.switch_outcome = TxnOutcome.ROLLED_BACK
+    agent.switch_reason = "the server did not come back on https"
+
+
+def switch_refused(agent: FakeAgent) -> None:
+    agent.refuse["switch"] = "this node is busy with switch of rollout r0"
+
+
+@pytest.mark.parametrize(
+    ("script", "state", "reason"),
+    [
+        (switch_fails, N.NEEDS_ATTENTION, "restoring the old config failed: disk full"),
+        (switch_rolls_back, N.ROLLED_BACK, "the server did not come back on https"),
+        (switch_refused, N.ROLLED_BACK, "switch refused: this node is busy with switch"),
+    ],
+    ids=["failed", "rolled-back", "refused"],
+)
+async def test_a_switch_that_does_not_complete_halts_the_rollout(
+    world: World, script: Callable[[FakeAgent], None], state: NodeState, reason: str
+) -> None:
+    script(world.agents["charlie"])
+    leader = world.boot()
+    await leader.start()
+
+    row = await leader.run()
+
+    assert row.rollout.state is R.HALTED
+    assert states(row) == {"bravo": N.DONE, "charlie": state, "alpha": N.SKIPPED}
+    assert node(row.records, "charlie").reason.startswith(reason)
+    assert row.meta.reason.startswith(f"halted: charlie {state.value}: {reason}")
+    assert not world.agents.calls_to("alpha", "preflight")
+    await leader.stop()
+
+
+async def test_needs_attention_counts_against_the_budget_and_the_rest_carries_on(
+    world: World,
+) -> None:
+    switch_fails(world.agents["charlie"])
+    leader = world.boot()
+    await leader.start(failure_budget=1)
+
+    row = await leader.run()
+
+    assert row.rollout.state is R.COMPLETED
+    assert states(row) == {"bravo": N.DONE, "charlie": N.NEEDS_ATTENTION, "alpha": N.DONE}
+    assert leader.schema.node_auth() == {"bravo": 1, "alpha": 1}  # not charlie's: it is unknown
+    await leader.stop()
+
+
+async def test_a_node_that_fails_the_outside_check_is_rolled_back_by_its_agent(
+    world: World,
+) -> None:
+    world.agents["charlie"].outside_problem = "handshake: unknown CA"
+    leader = world.boot()
+    await leader.start(failure_budget=1)
+
+    row = await leader.run()
+
+    assert row.rollout.state is R.COMPLETED
+    assert states(row) == {"bravo": N.DONE, "charlie": N.ROLLED_BACK, "alpha": N.DONE}
+    assert node(row.records, "charlie").reason == "outside check failed: handshake: unknown CA"
+    charlie = world.agents["charlie"]
+    assert (charlie.applied["switch"], charlie.applied["rollback"]) == (1, 1)
+    assert (charlie.scheme, charlie.verifier) == ("http", "")
+    assert leader.schema.node_auth() == {"bravo": 1, "alpha": 1}
+    await leader.stop()
+
+
+# --- an agent that cannot be reached ----------------------------------------------------------
+
+
+async def test_an_unreachable_agent_defers_the_step_and_it_runs_again_later(world: World) -> None:
+    world.agents["bravo"].unreachable = 3
+    leader = world.boot()
+    await leader.start()
+
+    row = await leader.one_pass()  # the first try fails, and nothing is recorded
+    assert node(row.records, "bravo") == NodeRecord("bravo", N.PREFLIGHT)
+    row = await leader.run()
+
+    assert row.rollout.state is R.COMPLETED
+    assert states(row) == ALL_DONE
+    tries = world.agents.calls_to("bravo", "preflight")
+    assert [c.answer for c in tries] == ["unreachable"] * 3 + ["ok"]
+    for before, after in pairwise(tries):
+        assert STEP_RETRY_SECONDS <= after.at - before.at <= STEP_RETRY_SECONDS + TICK_SECONDS
+    assert not [a for a in leader.audit() if a.detail.get("new") == "failed"]
+    await leader.stop()
+
+
+# --- the other changes ------------------------------------------------------------------------
+
+
+async def test_change_password_skips_the_stage_and_applies_the_staged_password(
+    world: World,
+) -> None:
+    leader = world.boot()
+    await leader.start()
+    await leader.run()
+    version, pending = await leader.commands.stage_password(VERIFIER_2, ADMIN)
+    assert (version, pending) == (2, set(ORDER))
+    seen = len(world.agents.calls)
+
+    with capture_logs() as events:
+        await leader.start(Change.CHANGE_PASSWORD)
+        row = await leader.run()
+
+    assert row.rollout.state is R.COMPLETED
+    assert states(row) == ALL_DONE
+    skipped = [e["node"] for e in events if e.get("node_event") == "stage_skipped"]
+    assert skipped == list(ORDER)
+    methods = {c.method for c in world.agents.calls[seen:]}
+    assert methods.isdisjoint({"create_csr", "stage"})
+    assert {n: world.agents[n].verifier for n in ORDER} == dict.fromkeys(ORDER, VERIFIER_2)
+    assert leader.schema.node_auth() == dict.fromkeys(ORDER, 2)
+    assert leader.schema.pending_password_nodes() == set()
+    await leader.stop()
+
+
+async def test_disable_tls_rolls_back_the_undone_switch_and_clears_the_password(
+    world: World,
+) -> None:
+    leader = world.boot()
+    enabled = await leader.start()
+    await leader.run()
+    seen = len(world.agents.calls)
+
+    disabling = await leader.start(Change.DISABLE_TLS)
+    row = await leader.run()
+
+    assert disabling.meta.undoes == enabled.rollout.id
+    assert row.rollout.state is R.COMPLETED
+    assert states(row) == ALL_DONE
+    rollbacks = [c for c in world.agents.calls[seen:] if c.method == "rollback"]
+    # The switch undone is the enable-tls rollout's; the command carries this rollout's epoch.
+    assert [(c.node, c.rollout_id, c.epoch) for c in rollbacks] == [
+        (n, enabled.rollout.id, row.rollout.epoch) for n in ORDER
+    ]
+    assert {world.agents[n].scheme for n in ORDER} == {"http"}
+    assert leader.schema.node_auth() == {}
+    await leader.stop()
+
+
+# --- the scope freeze -------------------------------------------------------------------------
+
+
+async def test_scope_freeze_holds_every_node_from_the_first_switch_to_the_last(
+    world: World,
+) -> None:
+    lease = 6  # renewed every 2 s of fake time
+    leader = world.boot(freeze_lease=lease)
+    await leader.start(freeze=FreezeMode.SCOPE)
+
+    row = await leader.run()
+
+    assert row.rollout.state is R.COMPLETED
+    assert states(row) == ALL_DONE
+    assert not any(r.scope_frozen for r in row.records)
+    calls = world.agents.calls
+    switches = [c for c in calls if c.method == "switch"]
+    assert [c.node for c in switches] == list(ORDER)
+    assert all(c.frozen == set(ORDER) for c in switches)
+    last_confirm = max(i for i, c in enumerate(calls) if c.method == "get_transaction")
+    for name in ORDER:
+        agent = world.agents[name]
+        mine = [c for c in calls if c.node == name]
+        assert mine[-1].method == "unfreeze", name  # nothing after it
+        assert calls.index(mine[-1]) > last_confirm, name
+        assert not agent.frozen and agent.lapsed == 0, name
+        freezes = [c.at for c in mine if c.method == "freeze"]
+        assert len(freezes) >= 3, name  # the freeze and its renewals
+        assert all(lease / 3 <= b - a < lease for a, b in pairwise(freezes)), name
+        assert mine[-1].at - freezes[-1] < lease, name
+    await leader.stop()
