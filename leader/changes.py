@@ -167,11 +167,16 @@ class ChangeSteps:
         return NodeEvent.CONFIRM_FAILED, f"{why}; the rollback failed too: {reason}"
 
     async def outside_problem(self, ctx: StepContext) -> str | None:
+        """The outside check for where this change leaves the node (``CHANGES``)."""
         row = await asyncio.to_thread(ctx.schema.get, ctx.rollout.id)
         assert row is not None
         detail = next(d for r, d in row.nodes if r.name == ctx.node)
+        if CHANGES[self.change].target_scheme == "https":
+            live, closed = detail.new_url, detail.old_url
+        else:
+            live, closed = detail.old_url, detail.new_url
         return await asyncio.to_thread(
-            https_check, detail.new_url, detail.old_url, ctx.ca.cert_pem, detail.cert_fingerprint
+            outside_check, live, closed, ctx.ca.cert_pem, detail.cert_fingerprint
         )
 
 
@@ -202,10 +207,7 @@ class DisableTls(ChangeSteps):
         return switch_event(outcome), (None if outcome is TxnOutcome.COMPLETED else reason)
 
     async def confirm(self, ctx: StepContext) -> Outcome:
-        row = await asyncio.to_thread(ctx.schema.get, ctx.rollout.id)
-        assert row is not None
-        detail = next(d for r, d in row.nodes if r.name == ctx.node)
-        problem = await asyncio.to_thread(http_check, detail.old_url, detail.new_url)
+        problem = await self.outside_problem(ctx)
         if problem is None:
             return NodeEvent.CONFIRM_DONE, None
         return NodeEvent.CONFIRM_ROLLED_BACK, f"outside check after going back: {problem}"
@@ -258,30 +260,25 @@ def _host_port(url: str, scheme: str) -> tuple[str, int, str] | None:
     return parts.hostname, parts.port, parts.path or "/"
 
 
-def https_check(new_url: str, old_url: str, ca_pem: bytes, fingerprint: str) -> str | None:
-    """What a workstation would see: https with the staged certificate trusted through the
-    cluster CA only, the app answering, and the old http port closed. None if all is well."""
-    new = _host_port(new_url, "https")
-    if new is None:
-        return f"no https address recorded for the node ({new_url!r})"
-    problem = httpcheck.check_https(*new, ca_pem, fingerprint or None)
+def outside_check(
+    live_url: str, closed_url: str, ca_pem: bytes, fingerprint: str = ""
+) -> str | None:
+    """What a workstation would see: ``live_url`` answers (on https with the staged certificate,
+    trusted through the cluster CA only) and the port of ``closed_url`` is closed. None if all
+    is well, else what is wrong."""
+    scheme = urllib.parse.urlsplit(live_url).scheme
+    live = _host_port(live_url, scheme)
+    if live is None or scheme not in ("http", "https"):
+        return f"no address recorded for the node ({live_url!r})"
+    problem = (
+        httpcheck.check_https(*live, ca_pem, fingerprint or None)
+        if scheme == "https"
+        else httpcheck.check_http(*live)
+    )
     if problem is not None:
         return problem
-    old = _host_port(old_url, "http")
-    if old is not None and httpcheck.port_open(old[0], old[1], timeout=3):
-        return f"{old_url} still answers; plain http must be closed"
-    return None
-
-
-def http_check(http_url: str, https_url: str) -> str | None:
-    """After going back: the app answers on plain http and the https port is closed."""
-    old = _host_port(http_url, "http")
-    if old is None:
-        return f"no http address recorded for the node ({http_url!r})"
-    problem = httpcheck.check_http(*old)
-    if problem is not None:
-        return problem
-    new = _host_port(https_url, "https")
-    if new is not None and httpcheck.port_open(new[0], new[1], timeout=3):
-        return f"{https_url} still answers"
+    closed = _host_port(closed_url, "http" if scheme == "https" else "https")
+    if closed is not None and httpcheck.port_open(closed[0], closed[1], timeout=3):
+        why = "; plain http must be closed" if scheme == "https" else ""
+        return f"{closed_url} still answers{why}"
     return None

@@ -20,7 +20,7 @@ Each ``FakeAgent`` implements ``leader.agent_client.AgentApi`` and answers as th
 What a test reads back: ``FakeAgents.calls`` (every call to any agent, in order, with the fake
 time, the answer and which nodes were frozen at that moment), ``FakeAgent.applied`` (the
 mutations that took effect, by kind) and the node's state (``scheme``, ``frozen``,
-``verifier``, ``txns``). ``FakeAgents.https_check``/``http_check`` stand in for the outside
+``verifier``, ``txns``). ``FakeAgents.outside_check`` stands in for the outside
 checks of ``leader.changes``: they look at the fake node that owns the address.
 
 Agents outlive a leader: a test that "crashes" the leader builds a new engine on the same
@@ -363,31 +363,26 @@ class FakeAgents:
     def calls_to(self, node: str, method: str) -> list[Call]:
         return [c for c in self.calls if c.node == node and c.method == method]
 
-    # --- the outside checks (leader.changes.https_check / http_check) -------------------------
+    # --- the outside check (leader.changes.outside_check) ---------------------------------------
 
     def _at(self, url: str) -> FakeAgent | None:
         return next((a for a in self if f"//{a.address}:" in url), None)
 
-    def https_check(
-        self, new_url: str, old_url: str, ca_pem: bytes, fingerprint: str
+    def outside_check(
+        self, live_url: str, closed_url: str, ca_pem: bytes, fingerprint: str = ""
     ) -> str | None:
-        agent = self._at(new_url)
+        """As ``leader.changes.outside_check``: ``live_url`` answers (https: with the staged
+        certificate from the CA) and the other scheme's port is closed."""
+        agent = self._at(live_url)
         if agent is None:
-            return f"no https address recorded for the node ({new_url!r})"
+            return f"no address recorded for the node ({live_url!r})"
         if agent.outside_problem is not None:
             return agent.outside_problem
-        if agent.scheme != "https":
-            return f"{new_url}: connection refused"
-        if pki.load_cert_pem(ca_pem) != self.ca or fingerprint not in ("", agent.fingerprint):
-            return f"{new_url}: not the staged certificate"
-        return None
-
-    def http_check(self, http_url: str, https_url: str) -> str | None:
-        agent = self._at(http_url)
-        if agent is None:
-            return f"no http address recorded for the node ({http_url!r})"
-        if agent.outside_problem is not None:
-            return agent.outside_problem
-        if agent.scheme != "http":
-            return f"{https_url} still answers"
+        scheme = live_url.split(":", 1)[0]
+        if agent.scheme != scheme:
+            return f"{closed_url} still answers" if scheme == "http" else f"{live_url}: refused"
+        if scheme == "https" and (
+            pki.load_cert_pem(ca_pem) != self.ca or fingerprint not in ("", agent.fingerprint)
+        ):
+            return f"{live_url}: not the staged certificate"
         return None

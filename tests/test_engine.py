@@ -300,8 +300,7 @@ def make_world(directory: Path, mp: pytest.MonkeyPatch) -> World:
     ca = pki.CertificateAuthority.create("tlsroll engine test CA", now=START)
     agents = FakeAgents(clock, ca.cert, NODES)
     mp.setattr(asyncio, "to_thread", hop)
-    mp.setattr(changes, "https_check", agents.https_check)
-    mp.setattr(changes, "http_check", agents.http_check)
+    mp.setattr(changes, "outside_check", agents.outside_check)
     world = World(directory / "leader.sqlite3", clock, ca, agents)
     enrol(world)
     return world
