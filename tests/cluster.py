@@ -74,7 +74,9 @@ def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
     env = {
         k: v
         for k, v in os.environ.items()
-        if k not in {"NOTIFY_SOCKET", "TLSROLL_DATA_DIR", "TLSROLL_SOCKET"}
+        # COLUMNS/LINES: a terminal's size (pytest-xdist passes one on) would fold the CLI's
+        # tables; without them a pipe gets whole lines.
+        if k not in {"NOTIFY_SOCKET", "TLSROLL_DATA_DIR", "TLSROLL_SOCKET", "COLUMNS", "LINES"}
     }
     env["PYTHONASYNCIODEBUG"] = "1"
     env.update(extra or {})
