@@ -25,6 +25,7 @@ address, never the password, verifier, keys, nonce or proof.
 
 from __future__ import annotations
 
+import asyncio
 import math
 import secrets
 import ssl
@@ -189,6 +190,10 @@ class BootstrapService:
 
     # --- lifecycle ----------------------------------------------------------------------------
 
+    def _tls_context(self) -> ssl.SSLContext:
+        check_private_file(self.key_file)
+        return server_context(self.cert_file, self.key_file)
+
     def app(self) -> web.Application:
         app = web.Application(client_max_size=proto.MAX_REQUEST_BYTES)
         app.router.add_get(proto.BOOTSTRAP_PATH, self.get_bootstrap)
@@ -199,8 +204,7 @@ class BootstrapService:
         """Listen on https://address:port; UnsafePermissions if the key file is not 0600."""
         if self._runner is not None:
             raise RuntimeError("bootstrap service already started")
-        check_private_file(self.key_file)
-        self._ssl = server_context(self.cert_file, self.key_file)
+        self._ssl = await asyncio.to_thread(self._tls_context)  # reads the key and certificate
         runner = web.AppRunner(
             self.app(), access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT
         )

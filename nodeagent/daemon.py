@@ -109,7 +109,7 @@ async def serve(cfg: AgentConfig) -> None:
     if runner is not None:
         # First thing: a transaction cut short by a crash is carried on, so that no node
         # stays frozen or half-switched for longer than it takes the agent to restart.
-        runner.resume_all()
+        await runner.resume_all()
     identity = await obtain_identity(cfg)
     bootstrap = BootstrapHost(cfg, identity, journal)
     if runner is not None:

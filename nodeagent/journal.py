@@ -6,6 +6,10 @@ journal and carries every unfinished transaction on from its phase; each step is
 again, so a crash between "act" and "record" repeats an action that is idempotent, never one
 that is not. The journal also remembers the highest rollout epoch seen, to refuse stale
 leaders, and the staged certificate of each rollout.
+
+A transaction's ``plan`` is fixed when it starts (``update`` refuses to change it); what the
+runner learns on the way (``failed_phase``, ``restart_needed``) has columns of its own. Kind,
+phase and outcome are the enums' values as text (a pending outcome is ``''``, as in 0.1.0).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from nodeagent.transaction import Phase
+from tlsroll.enums import TxnKind, TxnOutcome
 from tlsroll.sqlite import Database, Migration
 
 # Migration 1: the tables of tlsroll 0.1.0 (which left user_version at 0).
@@ -61,21 +67,35 @@ CREATE TABLE IF NOT EXISTS events (
 );
 """
 
+# Migration 2: the runner's flags leave the plan (which 0.1.0 rewrote on the way) for columns
+# of their own; rows of 0.1.0 have them moved out of the plan's JSON.
+_V2 = """
+ALTER TABLE txns ADD COLUMN failed_phase TEXT;
+ALTER TABLE txns ADD COLUMN restart_needed INTEGER;
+UPDATE txns SET
+    failed_phase = json_extract(plan, '$.failed_phase'),
+    restart_needed = json_extract(plan, '$.restart_needed'),
+    plan = json_remove(plan, '$.failed_phase', '$.restart_needed')
+WHERE json_type(plan, '$.failed_phase') IS NOT NULL
+   OR json_type(plan, '$.restart_needed') IS NOT NULL;
+"""
+
 # The journal's schema: append a migration to change it (see tlsroll.sqlite).
 MIGRATIONS: tuple[Migration, ...] = (
     _V1,  # 0.1.0
+    _V2,  # failed_phase and restart_needed out of the plan
 )
 
 
 @dataclass(frozen=True)
 class Txn:
     rollout_id: str
-    kind: str
+    kind: TxnKind
     epoch: int
-    phase: str
-    plan: dict[str, Any]
+    phase: Phase
+    plan: dict[str, Any]  # transaction.Plan as JSON: fixed when the transaction starts
     started_at: dt.datetime
-    outcome: str = ""
+    outcome: TxnOutcome = TxnOutcome.PENDING
     reason: str = ""
     watermark: int | None = None
     ended_at: dt.datetime | None = None
@@ -85,10 +105,12 @@ class Txn:
     old_url: str = ""
     new_url: str = ""
     cert_fingerprint: str = ""
+    failed_phase: Phase | None = None  # the forward phase a failure left (for the way back)
+    restart_needed: bool | None = None  # the way back must restart (set by restore_config)
 
     @property
     def finished(self) -> bool:
-        return bool(self.outcome)
+        return self.outcome is not TxnOutcome.PENDING
 
 
 @dataclass(frozen=True)
@@ -103,25 +125,43 @@ class Staged:
 
 
 _DATETIME_FIELDS = {"started_at", "ended_at", "freeze_started_at", "freeze_ended_at"}
+_ENUM_FIELDS: dict[str, type[Phase | TxnKind]] = {
+    "kind": TxnKind,
+    "phase": Phase,
+    "failed_phase": Phase,
+}
+_PENDING = ""  # how the outcome column says "pending" (as 0.1.0 did)
 
 
 def _enc(name: str, value: Any) -> Any:
+    if name == "outcome":
+        return _PENDING if value is TxnOutcome.PENDING else TxnOutcome(value).value
     if value is None:
         return None
     if name in _DATETIME_FIELDS:
         return value.isoformat()
     if name == "plan":
         return json.dumps(value, sort_keys=True)
+    if name in _ENUM_FIELDS:
+        return _ENUM_FIELDS[name](value).value
+    if name == "restart_needed":
+        return int(value)
     return value
 
 
 def _dec(name: str, value: Any) -> Any:
+    if name == "outcome":
+        return TxnOutcome(value) if value != _PENDING else TxnOutcome.PENDING
     if value is None:
         return None
     if name in _DATETIME_FIELDS:
         return dt.datetime.fromisoformat(value)
     if name == "plan":
         return json.loads(value)
+    if name in _ENUM_FIELDS:
+        return _ENUM_FIELDS[name](value)
+    if name == "restart_needed":
+        return bool(value)
     return value
 
 
@@ -164,13 +204,13 @@ class Journal:
         value = json.loads(row["value"]) if row else None
         return value if isinstance(value, dict) else None
 
-    def set_live_tls(self, live: dict[str, str] | None) -> None:
-        with self._db.tx() as db:
-            db.execute(
-                "INSERT INTO meta (key, value) VALUES ('live_tls', ?)"
-                " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                (json.dumps(live, sort_keys=True),),
-            )
+    @staticmethod
+    def _set_live_tls(db: sqlite3.Connection, live: dict[str, str] | None) -> None:
+        db.execute(
+            "INSERT INTO meta (key, value) VALUES ('live_tls', ?)"
+            " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (json.dumps(live, sort_keys=True),),
+        )
 
     # --- the scope freeze lease ----------------------------------------------------------------
 
@@ -234,16 +274,18 @@ class Journal:
     # --- transactions -------------------------------------------------------------------------
 
     def get(self, rollout_id: str, kind: str) -> Txn | None:
+        """The transaction of ``kind`` (a ``TxnKind``) for ``rollout_id``, if there is one."""
         with self._db.read() as db:
             row = db.execute(
-                "SELECT * FROM txns WHERE rollout_id = ? AND kind = ?", (rollout_id, kind)
+                "SELECT * FROM txns WHERE rollout_id = ? AND kind = ?",
+                (rollout_id, TxnKind(kind).value),
             ).fetchone()
         return _txn(row) if row else None
 
     def unfinished(self) -> list[Txn]:
         with self._db.read() as db:
             rows = db.execute(
-                "SELECT * FROM txns WHERE outcome = '' ORDER BY started_at"
+                "SELECT * FROM txns WHERE outcome = ? ORDER BY started_at", (_PENDING,)
             ).fetchall()
         return [_txn(r) for r in rows]
 
@@ -252,7 +294,7 @@ class Journal:
         with self._db.tx() as db:
             row = db.execute(
                 "SELECT * FROM txns WHERE rollout_id = ? AND kind = ?",
-                (txn.rollout_id, txn.kind),
+                (txn.rollout_id, txn.kind.value),
             ).fetchone()
             if row is not None:
                 return _txn(row)
@@ -266,17 +308,36 @@ class Journal:
         return txn
 
     def update(self, txn: Txn, **changes: Any) -> Txn:
-        new = replace(txn, **changes)
+        """Record what a step changed (``phase`` and what it found; never the plan)."""
         with self._db.tx() as db:
-            sets = ", ".join(f"{k} = ?" for k in changes)
-            db.execute(
-                f"UPDATE txns SET {sets} WHERE rollout_id = ? AND kind = ?",  # noqa: S608 - names are dataclass fields
-                [*(_enc(k, v) for k, v in changes.items()), txn.rollout_id, txn.kind],
-            )
-            if "phase" in changes or "outcome" in changes:
-                self._event(
-                    db, new, new.phase, "end", {"outcome": new.outcome} if new.outcome else {}
-                )
+            return self._update(db, txn, changes)
+
+    def fail(self, txn: Txn, step: str, error: str, **changes: Any) -> Txn:
+        """Record, in one write, that ``step`` failed (its ``error`` event) and where that leaves
+        the transaction: a crash cannot separate the two."""
+        with self._db.tx() as db:
+            self._event(db, txn, step, "error", {"reason": error})
+            return self._update(db, txn, changes)
+
+    def complete(self, txn: Txn, live_tls: dict[str, str] | None, **changes: Any) -> Txn:
+        """Record, in one write, the transaction's last step and what is now live on the server
+        (see ``live_tls``)."""
+        with self._db.tx() as db:
+            self._set_live_tls(db, live_tls)
+            return self._update(db, txn, changes)
+
+    def _update(self, db: sqlite3.Connection, txn: Txn, changes: dict[str, Any]) -> Txn:
+        if "plan" in changes:
+            raise ValueError("a transaction's plan is fixed when it starts")
+        new = replace(txn, **changes)  # TypeError for a name that is not a field
+        sets = ", ".join(f"{k} = ?" for k in changes)
+        db.execute(
+            f"UPDATE txns SET {sets} WHERE rollout_id = ? AND kind = ?",  # noqa: S608 - names are dataclass fields
+            [*(_enc(k, v) for k, v in changes.items()), txn.rollout_id, txn.kind.value],
+        )
+        if "phase" in changes or "outcome" in changes:
+            detail = {"outcome": new.outcome.value} if new.finished else {}
+            self._event(db, new, new.phase, "end", detail)
         return new
 
     def event(self, txn: Txn, step: str, what: str, detail: dict[str, Any] | None = None) -> None:
@@ -292,8 +353,8 @@ class Journal:
             (
                 dt.datetime.now(dt.UTC).isoformat(),
                 txn.rollout_id,
-                txn.kind,
-                step,
+                txn.kind.value,
+                str(step),
                 what,
                 json.dumps(detail, sort_keys=True),
             ),

@@ -2,7 +2,9 @@
 
 Every command is checked in the same order: the caller is the leader, the epoch is not stale,
 then the step runs; each step is keyed by (rollout id, step) in the journal so a replay
-returns what was recorded and does nothing twice.
+returns what was recorded and does nothing twice. The servicer checks and converts; plans are
+made in ``nodeagent.plans`` and carried out by ``nodeagent.transaction``. Blocking work (the
+journal, files, keys) runs in threads, never on the event loop.
 """
 
 from __future__ import annotations
@@ -13,24 +15,25 @@ import os
 import re
 import tempfile
 from collections.abc import Callable
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import grpc
+from cryptography import x509
 
-from nodeagent import ports
+from nodeagent import plans, ports
 from nodeagent.config import AgentConfig
-from nodeagent.drivers import Driver, DriverError, ServerFacts, Target
+from nodeagent.drivers import Driver, DriverError, ServerFacts
 from nodeagent.identity import Identity
-from nodeagent.journal import Journal, Txn
-from nodeagent.transaction import DRAIN_TIMEOUT, Phase, Plan, Runner, prepare
+from nodeagent.journal import Journal, Staged, Txn
+from nodeagent.plans import Built, PlanRefused
+from nodeagent.transaction import DRAIN_TIMEOUT, Phase, Runner
 from nodeagent.wire import CHANGE, TXN_KIND, TXN_OUTCOME, TXN_PHASE
 from tlsroll import __version__, logs, password, pki
 from tlsroll.defaults import LEADER_NAME
-from tlsroll.enums import Change, TxnKind, TxnOutcome
+from tlsroll.enums import Change, TxnKind
 from tlsroll.errors import PKIError
-from tlsroll.fsutil import PRIVATE, PUBLIC, write_atomic
+from tlsroll.fsutil import PUBLIC, write_atomic
 from tlsroll.rpc import (
     failed_precondition,
     invalid,
@@ -45,6 +48,7 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 ERRORS: dict[type[BaseException], grpc.StatusCode] = {
     PKIError: grpc.StatusCode.INVALID_ARGUMENT,
     DriverError: grpc.StatusCode.FAILED_PRECONDITION,
+    PlanRefused: grpc.StatusCode.FAILED_PRECONDITION,
 }
 ROLLOUT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 DEFAULT_MAX_CLOCK_OFFSET = 120
@@ -63,10 +67,10 @@ def require_leader(context: Ctx) -> None:
 def txn_message(txn: Txn) -> agent_pb2.Transaction:
     return agent_pb2.Transaction(
         rollout_id=txn.rollout_id,
-        kind=TXN_KIND.wire(TxnKind(txn.kind)),
+        kind=TXN_KIND.wire(txn.kind),
         epoch=txn.epoch,
-        phase=TXN_PHASE.wire(Phase(txn.phase)),
-        outcome=TXN_OUTCOME.wire(TxnOutcome(txn.outcome) if txn.outcome else TxnOutcome.PENDING),
+        phase=TXN_PHASE.wire(txn.phase),
+        outcome=TXN_OUTCOME.wire(txn.outcome),
         reason=txn.reason,
         watermark=txn.watermark or 0,
         started_at=timestamp(txn.started_at),
@@ -118,10 +122,6 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         if self.driver is None:
             raise failed_precondition("no managed server configured on this node ([server])")
         return self.driver
-
-    def _stage_dir(self, rollout_id: str) -> Path:
-        """Staged files live beside the live config, inactive until a switch names them."""
-        return self._driver().config_file.parent / "tlsroll-tls" / rollout_id
 
     async def _view(self) -> agent_pb2.ServerView:
         if self.driver is None:
@@ -256,19 +256,25 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         self, request: agent_pb2.CreateCSRRequest, context: Ctx
     ) -> agent_pb2.CreateCSRResponse:
         rollout_id = await self._command(context, request.command)
+        driver = self._driver()
         async with self._lock:
             staged = await asyncio.to_thread(self.journal.staged, rollout_id)
             if staged is None:
-                stage_dir = self._stage_dir(rollout_id)
-                stage_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-                key = pki.generate_key()
-                key_file = stage_dir / "server.key"
-                pki.write_key(key_file, key)
-                csr_pem = pki.csr_to_pem(pki.make_csr(key, self.cfg.names))
-                await asyncio.to_thread(self.journal.record_csr, rollout_id, key_file, csr_pem)
+                csr_pem = await asyncio.to_thread(self._new_key, driver, rollout_id)
                 log.info("stage.csr_created", rollout_id=rollout_id)
                 return agent_pb2.CreateCSRResponse(csr_pem=csr_pem)
         return agent_pb2.CreateCSRResponse(csr_pem=staged.csr_pem)
+
+    def _new_key(self, driver: Driver, rollout_id: str) -> bytes:
+        """The node's new key (it never leaves the node) and its CSR, journalled (blocking)."""
+        stage_dir = plans.stage_dir(driver, rollout_id)
+        stage_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        key = pki.generate_key()
+        key_file = stage_dir / "server.key"
+        pki.write_key(key_file, key)
+        csr_pem = pki.csr_to_pem(pki.make_csr(key, self.cfg.names))
+        self.journal.record_csr(rollout_id, key_file, csr_pem)
+        return csr_pem
 
     @map_errors(ERRORS)
     async def Stage(self, request: agent_pb2.StageRequest, context: Ctx) -> agent_pb2.StageResponse:
@@ -277,7 +283,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             staged = await asyncio.to_thread(self.journal.staged, rollout_id)
             if staged is None:
                 raise failed_precondition(f"no CSR for rollout {rollout_id}; call CreateCSR first")
-            if await asyncio.to_thread(self.journal.get, rollout_id, "switch") is not None:
+            if await asyncio.to_thread(self.journal.get, rollout_id, TxnKind.SWITCH) is not None:
                 raise failed_precondition(f"rollout {rollout_id} is already switching this node")
             cert = pki.load_cert_pem(request.certificate_pem)
             ca = pki.load_cert_pem(request.ca_certificate_pem)
@@ -285,34 +291,34 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 raise invalid("the CA is not this cluster's CA (pin mismatch)")
             if not pki.issued_by(cert, ca):
                 raise invalid("the certificate was not issued by the cluster CA")
-            key = pki.read_key(staged.key_file)
+            key = await asyncio.to_thread(pki.read_key, staged.key_file)
             if not pki.key_matches(cert, key):
                 raise invalid("the certificate does not match the staged key")
             if pki.names_of(cert) != self.cfg.names:
                 raise invalid("the certificate's names differ from this node's names")
             pki.check_valid_now(cert, self.clock())
-            cert_file = staged.key_file.with_name("server.pem")
-            ca_file = staged.key_file.with_name("ca.pem")
-            write_atomic(ca_file, pki.cert_to_pem(ca), PUBLIC)
-            write_atomic(cert_file, pki.cert_to_pem(cert), PUBLIC)
-            fingerprint = pki.fingerprint(cert)
-            await asyncio.to_thread(
-                self.journal.record_stage,
-                rollout_id,
-                cert_file,
-                ca_file,
-                fingerprint,
-                cert.not_valid_after_utc,
-            )
+            fingerprint = await asyncio.to_thread(self._store_cert, staged, cert, ca)
         log.info("stage.done", rollout_id=rollout_id, cert_fingerprint=fingerprint)
         return agent_pb2.StageResponse(
             fingerprint=fingerprint, not_after=timestamp(cert.not_valid_after_utc)
         )
 
+    def _store_cert(self, staged: Staged, cert: x509.Certificate, ca: x509.Certificate) -> str:
+        """Write the certificate and the CA beside the staged key, journalled (blocking)."""
+        cert_file = staged.key_file.with_name("server.pem")
+        ca_file = staged.key_file.with_name("ca.pem")
+        write_atomic(ca_file, pki.cert_to_pem(ca), PUBLIC)
+        write_atomic(cert_file, pki.cert_to_pem(cert), PUBLIC)
+        fingerprint = pki.fingerprint(cert)
+        self.journal.record_stage(
+            staged.rollout_id, cert_file, ca_file, fingerprint, cert.not_valid_after_utc
+        )
+        return fingerprint
+
     # --- transactions -------------------------------------------------------------------------
 
     async def _begin(
-        self, rollout_id: str, kind: str, epoch: int, make: Callable[[], tuple[bytes, Plan, str]]
+        self, rollout_id: str, kind: TxnKind, epoch: int, make: Callable[[], Built]
     ) -> Txn:
         """Create (or find, on a replay) the transaction and hand it to the runner."""
         assert self.runner is not None
@@ -334,7 +340,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 rollout_id=rollout_id,
                 kind=kind,
                 epoch=epoch,
-                phase="started",
+                phase=Phase.STARTED,
                 plan=plan.to_json(),
                 started_at=self.clock(),
                 old_url=" ".join(facts.url(s) for s in source),
@@ -359,44 +365,19 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             request.auth_verifier_json, required=change is Change.CHANGE_PASSWORD
         )
         driver = self._driver()
+        build = plans.password_plan if change is Change.CHANGE_PASSWORD else plans.switch_plan
 
-        def make() -> tuple[bytes, Plan, str]:
-            config, plan, fingerprint = build()
-            return config, replace(plan, keep_frozen=request.keep_frozen), fingerprint
-
-        def build() -> tuple[bytes, Plan, str]:
-            if change is Change.CHANGE_PASSWORD:
-                return self._password_plan(rollout_id, driver, verifier)
-            staged = self.journal.staged(rollout_id)
-            if staged is None or staged.cert_file is None or staged.ca_file is None:
-                raise failed_precondition(f"nothing staged for rollout {rollout_id}; run Stage")
-            verifier_file = self._write_verifier(rollout_id, verifier)
-            facts = driver.facts()
-            new_config = driver.render(
-                Target(("https",), staged.cert_file, staged.key_file, staged.ca_file, verifier_file)
+        def make() -> Built:
+            return build(
+                self.journal,
+                driver,
+                self._txn_dir(),
+                rollout_id,
+                verifier,
+                keep_frozen=request.keep_frozen,
             )
-            new_file, backup = prepare(self._txn_dir(), rollout_id, "switch", new_config)
-            live = {
-                "cert_file": str(staged.cert_file),
-                "key_file": str(staged.key_file),
-                "ca_file": str(staged.ca_file),
-                "verifier_file": str(verifier_file or ""),
-                "server_url": facts.url("https"),
-            }
-            plan = Plan(
-                facts,
-                facts.schemes,
-                ("https",),
-                new_file,
-                backup,
-                staged.ca_file,
-                staged.fingerprint or "",
-                live,
-                self.journal.live_tls(),
-            )
-            return new_config, plan, staged.fingerprint or ""
 
-        txn = await self._begin(rollout_id, "switch", request.command.epoch, make)
+        txn = await self._begin(rollout_id, TxnKind.SWITCH, request.command.epoch, make)
         return txn_message(txn)
 
     @staticmethod
@@ -410,40 +391,6 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         except ValueError as exc:
             raise invalid(f"bad password verifier: {exc}") from None
 
-    def _write_verifier(self, rollout_id: str, verifier: dict[str, Any] | None) -> Path | None:
-        """The verifier file beside the live config (0600: it can fake bootstrap answers)."""
-        if verifier is None:
-            return None
-        stage_dir = self._stage_dir(rollout_id)
-        stage_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-        path = stage_dir / "auth-verifier.json"
-        write_atomic(path, password.verifier_to_json(verifier).encode(), PRIVATE)
-        return path
-
-    def _password_plan(
-        self, rollout_id: str, driver: Driver, verifier: dict[str, Any] | None
-    ) -> tuple[bytes, Plan, str]:
-        """Same server config, new verifier: it takes effect when the server restarts."""
-        live = self.journal.live_tls()
-        facts = driver.facts()
-        if live is None or "https" not in facts.schemes:
-            raise failed_precondition("the server is not on https here; run enable-tls first")
-        verifier_file = self._write_verifier(rollout_id, verifier)
-        new_config = driver.render(Target(facts.schemes, auth_verifier_file=verifier_file))
-        new_file, backup = prepare(self._txn_dir(), rollout_id, "switch", new_config)
-        plan = Plan(
-            facts,
-            facts.schemes,
-            facts.schemes,
-            new_file,
-            backup,
-            Path(live["ca_file"]),
-            "",
-            {**live, "verifier_file": str(verifier_file)},
-            live,
-        )
-        return new_config, plan, ""
-
     @map_errors(ERRORS)
     async def Rollback(
         self, request: agent_pb2.RollbackRequest, context: Ctx
@@ -451,31 +398,10 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         rollout_id = await self._command(context, request.command)
         driver = self._driver()
 
-        def make() -> tuple[bytes, Plan, str]:
-            switch = self.journal.get(rollout_id, "switch")
-            if switch is None or switch.outcome != "completed":
-                raise failed_precondition(
-                    f"rollout {rollout_id} did not switch this node; nothing to roll back"
-                )
-            done = Plan.from_json(switch.plan)
-            old_config = done.backup_file.read_bytes()
-            new_file, backup = prepare(self._txn_dir(), rollout_id, "rollback", old_config)
-            facts = driver.facts()
-            # Back to what was live before that switch: http, or the previous https settings.
-            plan = Plan(
-                facts,
-                facts.schemes,
-                done.source_schemes,
-                new_file,
-                backup,
-                done.ca_file,
-                "",
-                done.live_before,
-                self.journal.live_tls(),
-            )
-            return old_config, plan, ""
+        def make() -> Built:
+            return plans.rollback_plan(self.journal, driver, self._txn_dir(), rollout_id)
 
-        txn = await self._begin(rollout_id, "rollback", request.command.epoch, make)
+        txn = await self._begin(rollout_id, TxnKind.ROLLBACK, request.command.epoch, make)
         return txn_message(txn)
 
     @map_errors(ERRORS)
@@ -512,7 +438,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
     ) -> agent_pb2.Transaction:
         require_leader(context)
         kind = TXN_KIND.read(request.kind, "kind")
-        txn = await asyncio.to_thread(self.journal.get, request.rollout_id, kind.value)
+        txn = await asyncio.to_thread(self.journal.get, request.rollout_id, kind)
         if txn is None:
             await context.abort(
                 grpc.StatusCode.NOT_FOUND,

@@ -14,20 +14,29 @@ The steps are a table: each phase names the action that comes next and the phase
 to. The journal records the phase *after* each action, so after a crash the agent repeats at
 most the one action it was in the middle of; every action is idempotent (freeze twice returns
 the same watermark, the config write is atomic, a restart is a restart, unfreeze twice is
-unfreeze), so repeating it is safe::
+unfreeze), so repeating it is safe. A failed action's error and the phase it leads to are one
+journal write, and so are the last phase and what is then live, so that a crash cannot come
+between them::
 
     FORWARD   started ─freeze→ frozen ─write_config→ config_written ─restart→ restarted
               ─verify→ verified ─unfreeze→ completed
     BACKWARD  rolling_back ─restore_config→ restored ─restart→ rb_restarted
               ─verify_source→ rb_verified ─unfreeze→ rolled_back
 
-Any failure on the forward path enters ``rolling_back`` with the reason. The backward path
-retries each action a few times; if it still fails the outcome is ``failed`` and the agent
-still tries to lift the freeze, so that a node never stays frozen because of tlsroll.
+Any failure on the forward path enters ``rolling_back`` with the reason and the phase it
+left (``failed_phase``); ``restore_config`` records whether the source needs a restart
+(``restart_needed``). Both are fields of the transaction of their own: the ``Plan`` is fixed
+when the transaction starts and never rewritten. The backward path retries each action a few
+times (tenacity); if it still fails the outcome is ``failed`` and the agent still tries to lift
+the freeze, so that a node never stays frozen because of tlsroll.
+
+The runner does no blocking work on the event loop: journal writes, config files and the
+outside checks run in threads. Time (``clock``, ``sleep``) and the outside checks
+(``Checks``) are injected, so tests/test_runner.py drives it against a fake server.
 
 Test hook: if the environment variable ``TLSROLL_AGENT_TEST_CRASH_AFTER`` names a phase, the
-agent SIGKILLs itself right after journalling that phase (fault tests use it to kill the agent
-at an exact point; it is never set in production).
+agent SIGKILLs itself right after journalling that phase, ``started`` included (fault tests
+use it to kill the agent at an exact point; it is never set in production).
 """
 
 from __future__ import annotations
@@ -41,19 +50,33 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+from tenacity import (
+    AsyncRetrying,
+    RetryCallState,
+    retry_if_exception_type,
+    stop_after_attempt,
+    wait_incrementing,
+)
 
 from nodeagent.drivers import Driver, DriverError, ServerFacts
-from nodeagent.journal import Journal, Txn
 from tlsroll import httpcheck, logs
+from tlsroll.enums import TxnOutcome
 from tlsroll.errors import TerminalError
 from tlsroll.fsutil import PRIVATE, write_atomic
+
+if TYPE_CHECKING:  # the journal stores Phase values: it imports this module
+    from nodeagent.journal import Journal, Txn
 
 log = logs.get_logger(__name__)
 
 CRASH_ENV = "TLSROLL_AGENT_TEST_CRASH_AFTER"
 DRAIN_TIMEOUT = 10.0
-BACKWARD_ATTEMPTS = 3
+BACKWARD_ATTEMPTS = 3  # each action of the way back, before the outcome is ``failed``
+BACKWARD_WAIT = 0.5  # seconds before the 2nd attempt, 2 × that before the 3rd, ...
+VERIFY_ATTEMPTS = 3  # a server that has just restarted may need a moment to answer
+VERIFY_WAIT = 0.3
 
 
 class Phase(StrEnum):
@@ -73,21 +96,41 @@ class Phase(StrEnum):
     FAILED = "failed"
 
 
+class Action(StrEnum):
+    """What the agent does to the server between two phases (the journal's event steps)."""
+
+    FREEZE = "freeze"
+    WRITE_CONFIG = "write_config"
+    RESTART = "restart"
+    VERIFY = "verify"
+    UNFREEZE = "unfreeze"
+    RESTORE_CONFIG = "restore_config"
+    VERIFY_SOURCE = "verify_source"
+
+
 # phase -> (action, phase after it)
-FORWARD: dict[str, tuple[str, str]] = {
-    "started": ("freeze", "frozen"),
-    "frozen": ("write_config", "config_written"),
-    "config_written": ("restart", "restarted"),
-    "restarted": ("verify", "verified"),
-    "verified": ("unfreeze", "completed"),
+FORWARD: dict[Phase, tuple[Action, Phase]] = {
+    Phase.STARTED: (Action.FREEZE, Phase.FROZEN),
+    Phase.FROZEN: (Action.WRITE_CONFIG, Phase.CONFIG_WRITTEN),
+    Phase.CONFIG_WRITTEN: (Action.RESTART, Phase.RESTARTED),
+    Phase.RESTARTED: (Action.VERIFY, Phase.VERIFIED),
+    Phase.VERIFIED: (Action.UNFREEZE, Phase.COMPLETED),
 }
-BACKWARD: dict[str, tuple[str, str]] = {
-    "rolling_back": ("restore_config", "restored"),
-    "restored": ("restart", "rb_restarted"),
-    "rb_restarted": ("verify_source", "rb_verified"),
-    "rb_verified": ("unfreeze", "rolled_back"),
+BACKWARD: dict[Phase, tuple[Action, Phase]] = {
+    Phase.ROLLING_BACK: (Action.RESTORE_CONFIG, Phase.RESTORED),
+    Phase.RESTORED: (Action.RESTART, Phase.RB_RESTARTED),
+    Phase.RB_RESTARTED: (Action.VERIFY_SOURCE, Phase.RB_VERIFIED),
+    Phase.RB_VERIFIED: (Action.UNFREEZE, Phase.ROLLED_BACK),
 }
-TERMINAL = {"completed", "rolled_back", "failed"}
+# terminal phase -> the transaction's outcome
+TERMINAL: dict[Phase, TxnOutcome] = {
+    Phase.COMPLETED: TxnOutcome.COMPLETED,
+    Phase.ROLLED_BACK: TxnOutcome.ROLLED_BACK,
+    Phase.FAILED: TxnOutcome.FAILED,
+}
+# A failure in these phases left the target config live on a restarted server (or one about
+# to be): the way back restarts the server even if the source config is already in place.
+TARGET_MAY_BE_RUNNING = frozenset({Phase.CONFIG_WRITTEN, Phase.RESTARTED, Phase.VERIFIED})
 
 
 class StepFailed(TerminalError):
@@ -159,12 +202,17 @@ class Plan:
         )
 
 
-def prepare(txn_dir: Path, rollout_id: str, kind: str, new_config: bytes) -> tuple[Path, Path]:
-    """Write the target config where the transaction will find it; return (new, backup)."""
-    txn_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    new_file = txn_dir / f"{rollout_id}-{kind}.new"
-    write_atomic(new_file, new_config, PRIVATE)
-    return new_file, txn_dir / f"{rollout_id}-{kind}.old"
+@dataclass(frozen=True)
+class Checks:
+    """How verify looks at the server from outside: blocking functions (the runner calls them
+    in a thread) with ``tlsroll.httpcheck``'s signatures; tests answer them from a fake server."""
+
+    port_open: Callable[[str, int], bool] = httpcheck.port_open
+    check_http: Callable[[str, int, str], str | None] = httpcheck.check_http
+    check_https: Callable[[str, int, str, bytes, str | None], str | None] = httpcheck.check_https
+
+
+Sleep = Callable[[float], Awaitable[None]]
 
 
 class Runner:
@@ -176,28 +224,34 @@ class Runner:
         driver: Driver,
         clock: Callable[[], dt.datetime],
         on_complete: Callable[[], Awaitable[None]] | None = None,
+        *,
+        checks: Checks | None = None,
+        sleep: Sleep = asyncio.sleep,
     ) -> None:
         self.journal = journal
         self.driver = driver
         self.clock = clock
         self.on_complete = on_complete  # told when what is live has changed
+        self.checks = checks or Checks()
+        self.sleep = sleep  # between attempts (tenacity); tests move a fake clock instead
         self.tasks: dict[tuple[str, str], asyncio.Task[Txn]] = {}
         self.crash_after = os.environ.get(CRASH_ENV, "")
 
     def busy_with(self) -> Txn | None:
+        """Blocking (reads the journal)."""
         running = self.journal.unfinished()
         return running[0] if running else None
 
     def start(self, txn: Txn) -> None:
-        key = (txn.rollout_id, txn.kind)
+        key = (txn.rollout_id, txn.kind.value)
         if key in self.tasks and not self.tasks[key].done():
             return
         task = asyncio.create_task(self.run(txn), name=f"txn-{key}")
         task.add_done_callback(_log_crash)
         self.tasks[key] = task
 
-    def resume_all(self) -> list[Txn]:
-        pending = self.journal.unfinished()
+    async def resume_all(self) -> list[Txn]:
+        pending = await asyncio.to_thread(self.journal.unfinished)
         for txn in pending:
             log.warning("txn.resuming", rollout_id=txn.rollout_id, kind=txn.kind, phase=txn.phase)
             self.start(txn)
@@ -216,22 +270,21 @@ class Runner:
     # --- the loop -----------------------------------------------------------------------------
 
     async def run(self, txn: Txn) -> Txn:
-        plan = Plan.from_json(txn.plan)
+        plan = Plan.from_json(txn.plan)  # fixed: nothing below changes it
+        if txn.phase is Phase.STARTED:
+            self._journalled(txn.phase)  # the servicer journalled it; the crash hook is here
         while txn.phase not in TERMINAL:
-            if txn.phase in FORWARD:
-                action, after = FORWARD[txn.phase]
-                attempts = 1
-            else:
-                action, after = BACKWARD[txn.phase]
-                attempts = BACKWARD_ATTEMPTS
-            self.journal.event(txn, action, "begin")
+            forward = txn.phase in FORWARD
+            action, after = FORWARD[txn.phase] if forward else BACKWARD[txn.phase]
+            await asyncio.to_thread(self.journal.event, txn, action, "begin")
             try:
-                changes = await self._attempt(action, txn, plan, attempts)
+                changes = await self._attempt(
+                    action, txn, plan, 1 if forward else BACKWARD_ATTEMPTS
+                )
             except Exception as exc:  # any failure rolls back: a node must never stay frozen
                 detail = _describe(exc)
                 reason = detail if detail.startswith(f"{action}:") else f"{action}: {detail}"
-                self.journal.event(txn, action, "error", {"reason": reason})
-                if txn.phase in FORWARD:
+                if forward:
                     log.warning(
                         "txn.rolling_back",
                         rollout_id=txn.rollout_id,
@@ -239,66 +292,99 @@ class Runner:
                         failed_step=action,
                         reason=reason,
                     )
-                    txn = self.journal.update(
+                    txn = await self._record(
+                        self.journal.fail,
                         txn,
-                        phase="rolling_back",
+                        action,
+                        reason,
+                        phase=Phase.ROLLING_BACK,
                         reason=reason,
-                        plan={**txn.plan, "failed_phase": txn.phase},
+                        failed_phase=txn.phase,
                     )
                 else:
-                    txn = await self._give_up(txn, reason)
+                    txn = await self._give_up(txn, action, reason)
                 continue
             if after in TERMINAL:
-                changes |= {"outcome": after, "ended_at": self.clock()}
-            if after == "completed":
-                self.journal.set_live_tls(plan.live_tls)
-            txn = self.journal.update(txn, phase=after, **changes)
-            if after == "completed" and self.on_complete is not None:
+                changes |= {"outcome": TERMINAL[after], "ended_at": self.clock()}
+            if after is Phase.COMPLETED:  # what is live changes with the phase, in one write
+                txn = await self._record(
+                    self.journal.complete, txn, plan.live_tls, phase=after, **changes
+                )
+            else:
+                txn = await self._record(self.journal.update, txn, phase=after, **changes)
+            log.info("txn.step", rollout_id=txn.rollout_id, kind=txn.kind, step=action, phase=after)
+            if after is Phase.COMPLETED and self.on_complete is not None:
                 try:
                     await self.on_complete()
                 except Exception as exc:  # the transaction is done; a listener's trouble is not
                     log.error("txn.on_complete_failed", error=_describe(exc))
-            log.info("txn.step", rollout_id=txn.rollout_id, kind=txn.kind, step=action, phase=after)
-            if self.crash_after == after:
-                os.kill(os.getpid(), signal.SIGKILL)  # test hook, see module docstring
         return txn
 
-    async def _attempt(self, action: str, txn: Txn, plan: Plan, attempts: int) -> dict[str, Any]:
-        for attempt in range(1, attempts + 1):
-            try:
+    async def _record(self, write: Callable[..., Txn], txn: Txn, *args: Any, **changes: Any) -> Txn:
+        """Journal the transaction's new phase (and what the action found) with one of the
+        journal's writes (``update``, ``fail``, ``complete``), in a thread."""
+        txn = await asyncio.to_thread(write, txn, *args, **changes)
+        self._journalled(txn.phase)
+        return txn
+
+    def _journalled(self, phase: Phase) -> None:
+        if self.crash_after == phase:
+            os.kill(os.getpid(), signal.SIGKILL)  # test hook, see module docstring
+
+    async def _attempt(self, action: Action, txn: Txn, plan: Plan, attempts: int) -> dict[str, Any]:
+        def retrying(state: RetryCallState) -> None:
+            outcome = state.outcome
+            exc = outcome.exception() if outcome is not None else None
+            log.warning(
+                "txn.retrying",
+                rollout_id=txn.rollout_id,
+                kind=txn.kind,
+                step=action,
+                attempt=state.attempt_number,
+                error=_describe(exc) if isinstance(exc, Exception) else "",
+            )
+
+        async for attempt in AsyncRetrying(
+            stop=stop_after_attempt(attempts),
+            wait=wait_incrementing(start=BACKWARD_WAIT, increment=BACKWARD_WAIT),
+            sleep=self.sleep,
+            before_sleep=retrying,
+            reraise=True,
+        ):
+            with attempt:
                 return await self._act(action, txn, plan)
-            except Exception:
-                if attempt == attempts:
-                    raise
-                await asyncio.sleep(0.5 * attempt)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _give_up(self, txn: Txn, reason: str) -> Txn:
+    async def _give_up(self, txn: Txn, action: Action, reason: str) -> Txn:
         """The way back failed: say so, and do not leave the server frozen."""
         log.error("txn.failed", rollout_id=txn.rollout_id, kind=txn.kind, reason=reason)
+        why = reason
         try:
             await self.driver.unfreeze()
         except (DriverError, OSError) as exc:
-            reason += f"; and could not lift the freeze: {exc}"
-        return self.journal.update(
+            why += f"; and could not lift the freeze: {exc}"
+        return await self._record(
+            self.journal.fail,
             txn,
-            phase="failed",
-            outcome="failed",
-            reason=f"{txn.reason}; then {reason}",
+            action,
+            reason,
+            phase=Phase.FAILED,
+            outcome=TxnOutcome.FAILED,
+            reason=f"{txn.reason}; then {why}",
             ended_at=self.clock(),
         )
 
     # --- the actions --------------------------------------------------------------------------
 
-    async def _act(self, action: str, txn: Txn, plan: Plan) -> dict[str, Any]:
-        acts: dict[str, Callable[[Txn, Plan], Awaitable[dict[str, Any]]]] = {
-            "freeze": self._freeze,
-            "write_config": self._write_config,
-            "restart": self._restart,
-            "verify": self._verify_target,
-            "unfreeze": self._unfreeze,
-            "restore_config": self._restore_config,
-            "verify_source": self._verify_source,
+    async def _act(self, action: Action, txn: Txn, plan: Plan) -> dict[str, Any]:
+        acts: dict[Action, Callable[[Txn, Plan], Awaitable[dict[str, Any]]]] = {
+            Action.FREEZE: self._freeze,
+            Action.WRITE_CONFIG: self._write_config,
+            Action.RESTART: self._restart,
+            Action.VERIFY: self._verify_target,
+            Action.UNFREEZE: self._unfreeze,
+            Action.RESTORE_CONFIG: self._restore_config,
+            Action.VERIFY_SOURCE: self._verify_source,
         }
         return await acts[action](txn, plan)
 
@@ -308,14 +394,17 @@ class Runner:
         return {"watermark": watermark, "freeze_started_at": started}
 
     async def _write_config(self, txn: Txn, plan: Plan) -> dict[str, Any]:
+        await asyncio.to_thread(self._put_target, plan)
+        return {}
+
+    def _put_target(self, plan: Plan) -> None:
         # Save the source once: on a repeat after a crash the live file may already be new.
         if not plan.backup_file.exists():
             write_atomic(plan.backup_file, self.driver.read_config(), PRIVATE)
         self.driver.write_config(plan.new_config_file.read_bytes())
-        return {}
 
     async def _restart(self, txn: Txn, plan: Plan) -> dict[str, Any]:
-        if txn.phase == "restored" and not txn.plan.get("restart_needed", True):
+        if txn.phase is Phase.RESTORED and txn.restart_needed is False:
             return {}
         t0 = time.monotonic()
         await self.driver.restart()
@@ -324,40 +413,49 @@ class Runner:
     async def _verify(
         self, plan: Plan, schemes: tuple[str, ...], fingerprint: str, watermark: int | None
     ) -> None:
-        f = plan.facts
-        ca_pem = plan.ca_file.read_bytes()
+        # The CA only for https: the way back to http must not depend on the staged files.
+        ca_pem = await asyncio.to_thread(plan.ca_file.read_bytes) if "https" in schemes else b""
+        async for attempt in AsyncRetrying(
+            stop=stop_after_attempt(VERIFY_ATTEMPTS),
+            wait=wait_incrementing(start=VERIFY_WAIT, increment=VERIFY_WAIT),
+            retry=retry_if_exception_type(StepFailed),
+            sleep=self.sleep,
+            reraise=True,
+        ):
+            with attempt:
+                problems = await self._problems(plan, schemes, fingerprint, watermark, ca_pem)
+                if problems:
+                    raise StepFailed("; ".join(problems))
+
+    async def _problems(
+        self,
+        plan: Plan,
+        schemes: tuple[str, ...],
+        fingerprint: str,
+        watermark: int | None,
+        ca_pem: bytes,
+    ) -> list[str]:
+        f, checks = plan.facts, self.checks
         problems: list[str | None] = []
-        for attempt in range(3):
-            problems = []
-            if "https" in schemes:
-                problems.append(
-                    await asyncio.to_thread(
-                        httpcheck.check_https,
-                        f.address,
-                        f.https_port,
-                        f.app_path,
-                        ca_pem,
-                        fingerprint,
-                    )
+        if "https" in schemes:
+            problems.append(
+                await asyncio.to_thread(
+                    checks.check_https, f.address, f.https_port, f.app_path, ca_pem, fingerprint
                 )
-            elif await asyncio.to_thread(httpcheck.port_open, f.address, f.https_port):
-                problems.append(f"port {f.https_port} still open")
-            if "http" in schemes:
-                problems.append(
-                    await asyncio.to_thread(
-                        httpcheck.check_http, f.address, f.http_port, f.app_path
-                    )
-                )
-            elif await asyncio.to_thread(httpcheck.port_open, f.address, f.http_port):
-                problems.append(f"port {f.http_port} still open (plain http must be closed)")
-            if watermark is not None:
-                now = await self.driver.watermark()
-                if now != watermark:
-                    problems.append(f"write watermark moved from {watermark} to {now} while frozen")
-            if not any(problems):
-                return
-            await asyncio.sleep(0.3 * (attempt + 1))
-        raise StepFailed("; ".join(p for p in problems if p))
+            )
+        elif await asyncio.to_thread(checks.port_open, f.address, f.https_port):
+            problems.append(f"port {f.https_port} still open")
+        if "http" in schemes:
+            problems.append(
+                await asyncio.to_thread(checks.check_http, f.address, f.http_port, f.app_path)
+            )
+        elif await asyncio.to_thread(checks.port_open, f.address, f.http_port):
+            problems.append(f"port {f.http_port} still open (plain http must be closed)")
+        if watermark is not None:
+            now = await self.driver.watermark()
+            if now != watermark:
+                problems.append(f"write watermark moved from {watermark} to {now} while frozen")
+        return [p for p in problems if p]
 
     async def _verify_target(self, txn: Txn, plan: Plan) -> dict[str, Any]:
         await self._verify(plan, plan.target_schemes, plan.target_fingerprint, txn.watermark)
@@ -375,11 +473,16 @@ class Runner:
 
     async def _restore_config(self, txn: Txn, plan: Plan) -> dict[str, Any]:
         """Put the source config back if the live one is not it; say if a restart is needed."""
-        failed_phase = txn.plan.get("failed_phase", "started")
-        restart_needed = failed_phase in ("config_written", "restarted", "verified")
-        if plan.backup_file.exists():
-            source = plan.backup_file.read_bytes()
-            if self.driver.read_config() != source:
-                self.driver.write_config(source)
-                restart_needed = True
-        return {"plan": {**txn.plan, "restart_needed": restart_needed}}
+        rewritten = await asyncio.to_thread(self._put_source, plan)
+        target_loaded = (txn.failed_phase or Phase.STARTED) in TARGET_MAY_BE_RUNNING
+        return {"restart_needed": rewritten or target_loaded}
+
+    def _put_source(self, plan: Plan) -> bool:
+        """True if the live config was not the source and has been replaced by it."""
+        if not plan.backup_file.exists():
+            return False  # the target was never written
+        source = plan.backup_file.read_bytes()
+        if self.driver.read_config() == source:
+            return False
+        self.driver.write_config(source)
+        return True

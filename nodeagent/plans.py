@@ -1,0 +1,158 @@
+"""Making a transaction's plan, before it starts: the target config and everything the runner
+needs, from the journal, the driver and what the leader asked for. No gRPC here: the servicer
+checks the caller, converts the request and calls one of these.
+
+    built = switch_plan(journal, driver, txn_dir, "r1", verifier=None)
+    built.config       # the target config, also written to built.plan.new_config_file
+    built.plan         # fixed from now on: the journal keeps it as the transaction's plan
+    built.fingerprint  # the certificate https must present afterwards ("" = no new one)
+
+Blocking (reads the server's config, writes files): call through ``asyncio.to_thread``. A node
+that is not ready for the change gets ``PlanRefused`` and nothing on the server has changed
+(a prepared config file or a staged verifier is inactive until a transaction names it).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, NamedTuple
+
+from nodeagent.drivers import Driver, Target
+from nodeagent.journal import Journal
+from nodeagent.transaction import Plan
+from tlsroll import password
+from tlsroll.enums import TxnKind, TxnOutcome
+from tlsroll.errors import TerminalError
+from tlsroll.fsutil import PRIVATE, write_atomic
+
+
+class PlanRefused(TerminalError):
+    """The node is not ready for this change (nothing staged, not on https, nothing to roll
+    back); the message says what to do first."""
+
+
+class Built(NamedTuple):
+    config: bytes
+    plan: Plan
+    fingerprint: str
+
+
+def stage_dir(driver: Driver, rollout_id: str) -> Path:
+    """Staged files live beside the live config, inactive until a switch names them."""
+    return driver.config_file.parent / "tlsroll-tls" / rollout_id
+
+
+def prepare(txn_dir: Path, rollout_id: str, kind: TxnKind, new_config: bytes) -> tuple[Path, Path]:
+    """Write the target config where the transaction will find it; return (new, backup)."""
+    txn_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    new_file = txn_dir / f"{rollout_id}-{kind.value}.new"
+    write_atomic(new_file, new_config, PRIVATE)
+    return new_file, txn_dir / f"{rollout_id}-{kind.value}.old"
+
+
+def write_verifier(driver: Driver, rollout_id: str, verifier: dict[str, Any] | None) -> Path | None:
+    """The verifier file beside the live config (0600: it can fake bootstrap answers)."""
+    if verifier is None:
+        return None
+    directory = stage_dir(driver, rollout_id)
+    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = directory / "auth-verifier.json"
+    write_atomic(path, password.verifier_to_json(verifier).encode(), PRIVATE)
+    return path
+
+
+def switch_plan(
+    journal: Journal,
+    driver: Driver,
+    txn_dir: Path,
+    rollout_id: str,
+    verifier: dict[str, Any] | None,
+    *,
+    keep_frozen: bool = False,
+) -> Built:
+    """enable-tls: https on the staged certificate (and the password's verifier, if given)."""
+    staged = journal.staged(rollout_id)
+    if staged is None or staged.cert_file is None or staged.ca_file is None:
+        raise PlanRefused(f"nothing staged for rollout {rollout_id}; run Stage")
+    verifier_file = write_verifier(driver, rollout_id, verifier)
+    facts = driver.facts()
+    new_config = driver.render(
+        Target(("https",), staged.cert_file, staged.key_file, staged.ca_file, verifier_file)
+    )
+    new_file, backup = prepare(txn_dir, rollout_id, TxnKind.SWITCH, new_config)
+    live = {
+        "cert_file": str(staged.cert_file),
+        "key_file": str(staged.key_file),
+        "ca_file": str(staged.ca_file),
+        "verifier_file": str(verifier_file or ""),
+        "server_url": facts.url("https"),
+    }
+    plan = Plan(
+        facts,
+        facts.schemes,
+        ("https",),
+        new_file,
+        backup,
+        staged.ca_file,
+        staged.fingerprint or "",
+        live,
+        journal.live_tls(),
+        keep_frozen=keep_frozen,
+    )
+    return Built(new_config, plan, staged.fingerprint or "")
+
+
+def password_plan(
+    journal: Journal,
+    driver: Driver,
+    txn_dir: Path,
+    rollout_id: str,
+    verifier: dict[str, Any] | None,
+    *,
+    keep_frozen: bool = False,
+) -> Built:
+    """change-password: same server config, new verifier; it takes effect at the restart."""
+    live = journal.live_tls()
+    facts = driver.facts()
+    if live is None or "https" not in facts.schemes:
+        raise PlanRefused("the server is not on https here; run enable-tls first")
+    verifier_file = write_verifier(driver, rollout_id, verifier)
+    new_config = driver.render(Target(facts.schemes, auth_verifier_file=verifier_file))
+    new_file, backup = prepare(txn_dir, rollout_id, TxnKind.SWITCH, new_config)
+    plan = Plan(
+        facts,
+        facts.schemes,
+        facts.schemes,
+        new_file,
+        backup,
+        Path(live["ca_file"]),
+        "",
+        {**live, "verifier_file": str(verifier_file)},
+        live,
+        keep_frozen=keep_frozen,
+    )
+    return Built(new_config, plan, "")
+
+
+def rollback_plan(journal: Journal, driver: Driver, txn_dir: Path, rollout_id: str) -> Built:
+    """Undo the completed switch of ``rollout_id``: back to what was live before it (http, or
+    the previous https settings), through the same safe transaction."""
+    switch = journal.get(rollout_id, TxnKind.SWITCH)
+    if switch is None or switch.outcome is not TxnOutcome.COMPLETED:
+        raise PlanRefused(f"rollout {rollout_id} did not switch this node; nothing to roll back")
+    done = Plan.from_json(switch.plan)
+    old_config = done.backup_file.read_bytes()
+    new_file, backup = prepare(txn_dir, rollout_id, TxnKind.ROLLBACK, old_config)
+    facts = driver.facts()
+    plan = Plan(
+        facts,
+        facts.schemes,
+        done.source_schemes,
+        new_file,
+        backup,
+        done.ca_file,
+        "",
+        done.live_before,
+        journal.live_tls(),
+    )
+    return Built(old_config, plan, "")

@@ -1,0 +1,814 @@
+"""The agent's transaction runner in process, against a fake server, with a fake clock: no
+sockets, no processes, deterministic (in the style of etcd raft's tests).
+
+The fake world: ``FakeServer`` is the managed server as the driver and a workstation see it: the
+config file, the config the process runs (None while it is down), the freeze and the write
+watermark; ``ops`` lists every change the runner made to it. The outside checks of verify
+answer from it. Each scenario states the transcript of the runner's journal writes and the
+server operations it makes; the crash tests cut the agent off at every one of those writes:
+
+- *after* write N: the write is durable and the agent dies before doing anything else (as the
+  SIGKILL hook of tests/test_switch.py does), then a new Runner on the same SQLite file
+  resumes: every server operation happened exactly once;
+- *instead of* write N: the agent dies after acting but before the journal recorded it; the
+  resumed runner repeats that one action (each is idempotent) and nothing else.
+
+Either way the transaction ends as it does without a crash, the server unfrozen on exactly the
+source or the target config, and the plan journalled at the start unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import itertools
+import json
+import re
+import sqlite3
+import stat
+import time
+import tomllib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nodeagent import plans, transaction
+from nodeagent.drivers import Driver, DriverError, ServerFacts, Target
+from nodeagent.journal import Journal, Txn
+from nodeagent.transaction import Checks, Phase, Plan, Runner
+from tlsroll import fsutil, password
+from tlsroll.enums import TxnKind, TxnOutcome
+
+ADDRESS = "192.0.2.10"
+APP = "/praxis_live/"
+STAGED_FP = "sha256:" + "5" * 64
+
+# Configs as the fake server reads them.
+SOURCE = b'listen = ["http"]\n'
+TARGET = f'listen = ["https"]\ncert = "{STAGED_FP}"\n'.encode()
+WRONG_CERT = f'listen = ["https"]\ncert = "sha256:{"0" * 64}"\n'.encode()
+BROKEN = TARGET + b"broken = true\n"  # the server exits at start with it
+NAMES = {SOURCE: "source", TARGET: "target", WRONG_CERT: "wrong-cert", BROKEN: "broken"}
+
+
+# --- the fake world ----------------------------------------------------------------------------
+
+
+@dataclass
+class FakeServer:
+    config: bytes = SOURCE  # the config file
+    running: bytes | None = SOURCE  # what the process loaded at its last start; None: down
+    frozen: bool = False  # persisted by the server, like the reference server's state.json
+    watermark: int = 7
+    failing: frozenset[str] = frozenset()  # operations and checks that always fail
+    ops: list[str] = field(default_factory=list)
+
+    def listens(self) -> list[str]:
+        if self.running is None:
+            return []
+        listen: list[str] = tomllib.loads(self.running.decode())["listen"]
+        return listen
+
+    def cert(self) -> str:
+        assert self.running is not None
+        return str(tomllib.loads(self.running.decode()).get("cert", ""))
+
+    def up(self, what: str) -> None:
+        if self.running is None:
+            raise DriverError(f"{what}: managed server not answering")
+
+
+class FakeDriver(Driver):
+    name = "fake"
+
+    def __init__(self, server: FakeServer, config_file: Path) -> None:
+        self.server = server
+        self.config_file = config_file
+
+    def facts(self) -> ServerFacts:
+        return ServerFacts(ADDRESS, APP, 8080, 8443, tuple(self.server.listens()))
+
+    def render(self, target: Target) -> bytes:
+        lines = [f"listen = {json.dumps(list(target.schemes))}"]
+        lines += [f'cert_file = "{target.cert_file}"'] if target.cert_file else []
+        if target.auth_verifier_file:
+            lines += [f'verifier_file = "{target.auth_verifier_file}"']
+        return "\n".join([*lines, ""]).encode()
+
+    def read_config(self) -> bytes:
+        return self.server.config
+
+    def write_config(self, data: bytes) -> None:
+        self.server.ops.append(f"write_config {NAMES.get(data, '?')}")
+        self.server.config = data
+
+    async def restart(self) -> None:
+        s = self.server
+        s.ops.append("restart")
+        s.running = None
+        if "restart" in s.failing or b"broken" in s.config:
+            raise DriverError("the server exited at start (code 1): bad config")
+        s.running = s.config
+
+    async def status(self) -> dict[str, Any]:
+        self.server.up("status")
+        return {"frozen": self.server.frozen, "watermark": self.server.watermark}
+
+    async def freeze(self, drain_timeout: float) -> int:
+        s = self.server
+        s.ops.append("freeze")
+        s.up("freeze")
+        if "freeze" in s.failing:
+            raise DriverError(f"writes still in flight after {drain_timeout:g}s")
+        s.frozen = True
+        return s.watermark
+
+    async def unfreeze(self) -> None:
+        self.server.ops.append("unfreeze")
+        self.server.up("unfreeze")
+        self.server.frozen = False
+
+
+def fake_checks(server: FakeServer, where: str = ADDRESS) -> Checks:
+    """Verify's outside view of the server on address ``where``, answered by the fake server."""
+    ports = {8080: "http", 8443: "https"}
+
+    def port_open(address: str, port: int) -> bool:
+        assert address == where
+        return ports[port] in server.listens()
+
+    def check_http(address: str, port: int, path: str) -> str | None:
+        assert address == where
+        if "check_http" in server.failing or "http" not in server.listens():
+            return f"http://{address}:{port}{path}: connection refused"
+        return None
+
+    def check_https(
+        address: str, port: int, path: str, ca_pem: bytes, fingerprint: str | None
+    ) -> str | None:
+        assert address == where and ca_pem == b"the cluster CA"
+        if "https" not in server.listens():
+            return f"https://{address}:{port}{path}: connection refused"
+        if fingerprint and server.cert() != fingerprint:
+            return f"https://{address}:{port} presents {server.cert()}"
+        return None
+
+    return Checks(port_open=port_open, check_http=check_http, check_https=check_https)
+
+
+class FakeTime:
+    """The runner's clock and sleep: sleeping moves the clock, at once."""
+
+    def __init__(self) -> None:
+        self.now = dt.datetime(2026, 11, 30, 12, 0, tzinfo=dt.UTC)
+        self.slept: list[float] = []
+
+    def clock(self) -> dt.datetime:
+        return self.now
+
+    async def sleep(self, seconds: float) -> None:
+        self.slept.append(seconds)
+        self.now += dt.timedelta(seconds=seconds)
+        await asyncio.sleep(0)
+
+
+class Crash(BaseException):
+    """The agent process dies here (nothing in the agent may catch it)."""
+
+
+class CrashingJournal(Journal):
+    """The journal, with a transcript of its writes; at write ``at`` the agent dies, after the
+    write is durable or, with ``lost``, before it reaches the file."""
+
+    def __init__(self, path: Path, at: int | None = None, *, lost: bool = False) -> None:
+        super().__init__(path)
+        self.at = at
+        self.lost = lost
+        self.writes: list[str] = []
+        self.after_write: Callable[[], None] = lambda: None
+
+    def _write(self, label: str, write: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        n = len(self.writes) + 1
+        if n == self.at and self.lost:
+            raise Crash(label)
+        result = write(*args, **kwargs)
+        self.writes.append(label)
+        self.after_write()
+        if n == self.at:
+            raise Crash(label)
+        return result
+
+    def create(self, txn: Txn) -> Txn:
+        created: Txn = self._write("create", super().create, txn)
+        return created
+
+    def event(self, txn: Txn, step: str, what: str, detail: dict[str, Any] | None = None) -> None:
+        self._write(f"{step} {what}", super().event, txn, step, what, detail)
+
+    def update(self, txn: Txn, **changes: Any) -> Txn:
+        updated: Txn = self._write(str(changes["phase"]), super().update, txn, **changes)
+        return updated
+
+    def fail(self, txn: Txn, step: str, error: str, **changes: Any) -> Txn:
+        label = f"{step} error, {changes['phase']}"
+        updated: Txn = self._write(label, super().fail, txn, step, error, **changes)
+        return updated
+
+    def complete(self, txn: Txn, live_tls: dict[str, str] | None, **changes: Any) -> Txn:
+        label = f"{changes['phase']} + live"
+        updated: Txn = self._write(label, super().complete, txn, live_tls, **changes)
+        return updated
+
+
+# --- scenarios ---------------------------------------------------------------------------------
+
+FORWARD_HEAD = (
+    "create",
+    "freeze begin",
+    "frozen",
+    "write_config begin",
+    "config_written",
+    "restart begin",
+)
+WAY_BACK = (
+    "restore_config begin",
+    "restored",
+    "restart begin",
+    "rb_restarted",
+    "verify_source begin",
+    "rb_verified",
+    "unfreeze begin",
+    "rolled_back",
+)
+
+
+@dataclass(frozen=True)
+class Scenario:
+    """One transaction in the fake world and what it must do without a crash."""
+
+    target: bytes  # the config the plan switches to
+    outcome: TxnOutcome
+    ends_on: bytes  # the config the server runs, unfrozen, at the end
+    writes: tuple[str, ...]  # the journal's writes, in order
+    ops: tuple[str, ...]  # what the runner did to the server, in order
+    failed_phase: Phase | None = None
+    restart_needed: bool | None = None
+    slept: tuple[float, ...] = ()
+    failing: frozenset[str] = frozenset()
+    kind: TxnKind = TxnKind.SWITCH
+    start: bytes = SOURCE  # what the server runs before (the transaction's source)
+
+
+SCENARIOS = {
+    "completes": Scenario(
+        TARGET,
+        TxnOutcome.COMPLETED,
+        TARGET,
+        (
+            *FORWARD_HEAD,
+            "restarted",
+            "verify begin",
+            "verified",
+            "unfreeze begin",
+            "completed + live",
+        ),
+        ("freeze", "write_config target", "restart", "unfreeze"),
+    ),
+    "restart_fails": Scenario(
+        BROKEN,
+        TxnOutcome.ROLLED_BACK,
+        SOURCE,
+        (*FORWARD_HEAD, "restart error, rolling_back", *WAY_BACK),
+        ("freeze", "write_config broken", "restart", "write_config source", "restart", "unfreeze"),
+        failed_phase=Phase.CONFIG_WRITTEN,
+        restart_needed=True,
+    ),
+    "verify_fails": Scenario(
+        WRONG_CERT,
+        TxnOutcome.ROLLED_BACK,
+        SOURCE,
+        (*FORWARD_HEAD, "restarted", "verify begin", "verify error, rolling_back", *WAY_BACK),
+        (
+            "freeze",
+            "write_config wrong-cert",
+            "restart",
+            "write_config source",
+            "restart",
+            "unfreeze",
+        ),
+        failed_phase=Phase.RESTARTED,
+        restart_needed=True,
+        slept=(0.3, 0.6),  # verify tries three times
+    ),
+    "freeze_fails": Scenario(
+        TARGET,
+        TxnOutcome.ROLLED_BACK,
+        SOURCE,
+        ("create", "freeze begin", "freeze error, rolling_back", *WAY_BACK),
+        ("freeze", "unfreeze"),  # nothing was written: no restart on the way back
+        failed_phase=Phase.STARTED,
+        restart_needed=False,
+        failing=frozenset({"freeze"}),
+    ),
+    "way_back_fails": Scenario(
+        BROKEN,
+        TxnOutcome.FAILED,
+        SOURCE,
+        (
+            *FORWARD_HEAD,
+            "restart error, rolling_back",
+            *WAY_BACK[:5],
+            "verify_source error, failed",
+        ),
+        ("freeze", "write_config broken", "restart", "write_config source", "restart", "unfreeze"),
+        failed_phase=Phase.CONFIG_WRITTEN,
+        restart_needed=True,
+        # three attempts of verify_source (0.5 s, 1 s apart), each checking three times
+        slept=(0.3, 0.6, 0.5, 0.3, 0.6, 1.0, 0.3, 0.6),
+        failing=frozenset({"check_http"}),
+    ),
+    "undo": Scenario(  # a rollback transaction: a completed switch back to http
+        SOURCE,
+        TxnOutcome.COMPLETED,
+        SOURCE,
+        (
+            *FORWARD_HEAD,
+            "restarted",
+            "verify begin",
+            "verified",
+            "unfreeze begin",
+            "completed + live",
+        ),
+        ("freeze", "write_config source", "restart", "unfreeze"),
+        kind=TxnKind.ROLLBACK,
+        start=TARGET,
+    ),
+}
+
+
+class World:
+    """One node: the fake server, the journal file, the plan of one transaction."""
+
+    def __init__(self, root: Path, scenario: Scenario) -> None:
+        self.root = root
+        self.sc = scenario
+        self.time = FakeTime()
+        self.server = FakeServer(
+            config=scenario.start, running=scenario.start, failing=scenario.failing
+        )
+        config_file = root / "server" / "server.toml"
+        config_file.parent.mkdir(parents=True, exist_ok=True)
+        self.driver = FakeDriver(self.server, config_file)
+        self.journal_path = root / "journal.sqlite3"
+        ca_file = root / "ca.pem"
+        ca_file.write_bytes(b"the cluster CA")
+        new_file, backup = plans.prepare(root / "txn", "r1", scenario.kind, scenario.target)
+        https = scenario.target != SOURCE
+        live = {"cert_file": "/x/server.pem", "server_url": f"https://{ADDRESS}:8443{APP}"}
+        self.plan = Plan(
+            self.driver.facts(),
+            ("https",) if scenario.start != SOURCE else ("http",),
+            ("https",) if https else ("http",),
+            new_file,
+            backup,
+            ca_file,
+            STAGED_FP if https else "",
+            live if https else None,
+            live if not https else None,
+        )
+        self.txn = Txn(
+            rollout_id="r1",
+            kind=scenario.kind,
+            epoch=1,
+            phase=Phase.STARTED,
+            plan=self.plan.to_json(),
+            started_at=self.time.clock(),
+        )
+
+    def runner(self, journal: Journal) -> Runner:
+        return Runner(
+            journal,
+            self.driver,
+            self.time.clock,
+            checks=fake_checks(self.server),
+            sleep=self.time.sleep,
+        )
+
+    async def run(self, journal: CrashingJournal) -> Txn:
+        """Start the transaction as the servicer does and run it to its end (or a crash)."""
+        txn = await asyncio.to_thread(journal.create, self.txn)
+        return await self.runner(journal).run(txn)
+
+    async def resume(self) -> tuple[list[Txn], CrashingJournal]:
+        """The agent starts again: a new journal on the same file, a new runner."""
+        journal = CrashingJournal(self.journal_path)
+        runner = self.runner(journal)
+        pending = await runner.resume_all()
+        await asyncio.gather(*runner.tasks.values())
+        return pending, journal
+
+    def row(self) -> dict[str, Any]:
+        with contextlib.closing(sqlite3.connect(self.journal_path)) as db:
+            db.row_factory = sqlite3.Row
+            rows = db.execute("SELECT * FROM txns").fetchall()
+        assert len(rows) == 1
+        return dict(rows[0])
+
+    def assert_ended_well(self, journal: Journal) -> Txn:
+        """The outcome, the server unfrozen on exactly the expected config, the plan as it was
+        journalled at the start, the source never overwritten in its backup."""
+        txn = journal.get("r1", self.sc.kind)
+        assert txn is not None
+        assert txn.outcome is self.sc.outcome, txn.reason
+        assert txn.finished and txn.phase.value == self.sc.outcome.value
+        s = self.server
+        assert (s.running, s.config, s.frozen) == (self.sc.ends_on, self.sc.ends_on, False)
+        assert json.loads(self.row()["plan"]) == self.plan.to_json()
+        if self.plan.backup_file.exists():
+            assert self.plan.backup_file.read_bytes() == self.sc.start
+        assert (txn.failed_phase, txn.restart_needed) == (
+            self.sc.failed_phase,
+            self.sc.restart_needed,
+        )
+        expected_live = self.plan.live_tls if self.sc.outcome is TxnOutcome.COMPLETED else None
+        assert journal.live_tls() == expected_live
+        return txn
+
+
+@pytest.fixture
+def world(tmp_path: Path) -> Callable[[Scenario], World]:
+    """Makes worlds, each in a directory of its own."""
+    made = itertools.count(1)
+    return lambda scenario: World(tmp_path / f"w{next(made)}", scenario)
+
+
+# --- without a crash: each scenario's transcript ----------------------------------------------
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+async def test_scenario_transcript(name: str, world: Callable[[Scenario], World]) -> None:
+    sc = SCENARIOS[name]
+    w = world(sc)
+    journal = CrashingJournal(w.journal_path)
+    t0 = time.monotonic()
+    done = await w.run(journal)
+
+    assert tuple(journal.writes) == sc.writes
+    assert tuple(w.server.ops) == sc.ops
+    assert tuple(w.time.slept) == sc.slept
+    assert time.monotonic() - t0 < 5  # every wait went to the fake clock
+    assert w.assert_ended_well(journal) == done
+    assert done.watermark == (None if name == "freeze_fails" else 7)
+    if sc.outcome is not TxnOutcome.COMPLETED:
+        first_error = next(e for e in journal.events("r1") if e["what"] == "error")
+        assert done.reason.startswith(f"{first_error['step']}: ")
+
+
+async def test_a_journalled_plan_cannot_be_rewritten(world: Callable[[Scenario], World]) -> None:
+    w = world(SCENARIOS["completes"])
+    journal = Journal(w.journal_path)
+    txn = journal.create(w.txn)
+    with pytest.raises(ValueError, match="plan is fixed"):
+        journal.update(txn, plan={**txn.plan, "failed_phase": "frozen"})
+    with pytest.raises(ValueError, match="plan is fixed"):
+        journal.fail(txn, "freeze", "no", phase=Phase.ROLLING_BACK, plan={})
+    assert journal.get("r1", TxnKind.SWITCH) == txn
+    assert journal.events("r1")[-1]["step"] == "create"  # the refused writes left nothing
+
+
+# --- a crash at every write --------------------------------------------------------------------
+
+
+def _slug(label: str) -> str:
+    return re.sub(r"[^a-z_]+", "-", label).strip("-")
+
+
+CRASH_POINTS = [
+    pytest.param(name, n, lost, id=f"{name}-{'instead-of' if lost else 'after'}-{n}-{_slug(label)}")
+    for name, sc in sorted(SCENARIOS.items())
+    for n, label in enumerate(sc.writes, start=1)
+    for lost in (False, True)
+]
+
+
+@pytest.mark.parametrize(("name", "at", "lost"), CRASH_POINTS)
+async def test_a_crash_at_any_write_resumes_and_acts_once(
+    name: str, at: int, lost: bool, world: Callable[[Scenario], World]
+) -> None:
+    sc = SCENARIOS[name]
+    ops_at = await ops_at_each_write(name, world)
+    w = world(sc)
+    first = CrashingJournal(w.journal_path, at, lost=lost)
+    with pytest.raises(Crash, match=f"^{re.escape(sc.writes[at - 1])}$"):
+        await w.run(first)
+    first.close()
+    pending, journal = await w.resume()
+
+    label = sc.writes[at - 1]
+    if lost and at == 1:  # the transaction was never created: nothing happened, nothing resumes
+        assert pending == [] and journal.get("r1", sc.kind) is None
+        assert w.server.ops == [] and w.server.running == sc.start
+        return
+    finished = at == len(sc.writes) and not lost
+    assert [t.rollout_id for t in pending] == ([] if finished else ["r1"])
+    w.assert_ended_well(journal)
+    ops = tuple(w.server.ops)
+    if not lost:
+        # Every operation ran exactly once; only a "begin" the crash followed is journalled twice.
+        assert ops == sc.ops
+        again = (label,) if label.endswith(" begin") else ()
+        assert (*first.writes, *journal.writes) == (*sc.writes[:at], *again, *sc.writes[at:])
+    else:
+        # The action whose record was lost ran again, nothing else did (it may also find its
+        # work done: the source already back in place).
+        before, after = ops_at[at - 2], ops_at[at - 1]
+        assert ops in (sc.ops, sc.ops[:after] + sc.ops[before:]), (ops, sc.ops)
+    journal.close()
+
+
+_OPS_AT: dict[str, list[int]] = {}
+
+
+async def ops_at_each_write(name: str, world: Callable[[Scenario], World]) -> list[int]:
+    """How many server operations the scenario had made at each of its journal writes, without
+    a crash (run once per scenario)."""
+    if name not in _OPS_AT:
+        w = world(SCENARIOS[name])
+        journal = CrashingJournal(w.journal_path)
+        ops_at: list[int] = []
+        journal.after_write = lambda: ops_at.append(len(w.server.ops))
+        await w.run(journal)
+        journal.close()
+        assert tuple(journal.writes) == SCENARIOS[name].writes
+        _OPS_AT[name] = ops_at
+    return _OPS_AT[name]
+
+
+# --- a journal written by tlsroll 0.1.0 --------------------------------------------------------
+
+PREVIOUS = Path(__file__).parent / "data" / "previous_layout" / "journal.sql"
+
+
+async def test_a_transaction_of_0_1_0_on_its_way_back_resumes(tmp_path: Path) -> None:
+    """0.1.0 kept failed_phase and restart_needed in the plan: migration 2 moves them to their
+    columns. r1 (from the file) failed at verify and has its source back: it needs the restart;
+    r2 (the same with restart_needed false) must not restart."""
+    path = tmp_path / "journal.sqlite3"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        db.executescript(PREVIOUS.read_text())
+        db.execute(
+            "INSERT INTO txns SELECT 'r2', kind, epoch, phase, outcome, reason, watermark,"
+            " started_at, ended_at, freeze_started_at, freeze_ended_at, restart_seconds,"
+            " old_url, new_url, cert_fingerprint,"
+            " json_set(plan, '$.restart_needed', json('false'))"
+            " FROM txns WHERE rollout_id = 'r1'"
+        )
+        db.commit()
+
+    journal = Journal(path)
+    r1, r2 = (journal.get(r, TxnKind.SWITCH) for r in ("r1", "r2"))
+    assert r1 is not None and r2 is not None
+    assert (r1.phase, r1.failed_phase, r1.restart_needed) == (Phase.RESTORED, Phase.RESTARTED, True)
+    assert (r2.phase, r2.failed_phase, r2.restart_needed) == (
+        Phase.RESTORED,
+        Phase.RESTARTED,
+        False,
+    )
+    for txn in (r1, r2):
+        assert "failed_phase" not in txn.plan and "restart_needed" not in txn.plan
+        assert txn.plan["target_fingerprint"] == "sha256:" + "6" * 64  # the rest is kept
+    r0 = journal.get("r0", TxnKind.SWITCH)
+    assert r0 is not None and r0.outcome is TxnOutcome.COMPLETED
+    assert (r0.failed_phase, r0.restart_needed) == (None, None)
+    assert [t.rollout_id for t in journal.unfinished()] == ["r1", "r2"]
+
+    time_ = FakeTime()
+    for txn, ops in ((r1, ["restart", "unfreeze"]), (r2, ["unfreeze"])):
+        # The source config is back on disk; the server still runs the target (r1) or already
+        # the source (r2), frozen. The plan's CA file (/x/ca.pem) is gone: not needed for http.
+        running = TARGET if txn.restart_needed else SOURCE
+        server = FakeServer(config=SOURCE, running=running, frozen=True)
+        runner = Runner(
+            journal,
+            FakeDriver(server, tmp_path / "server.toml"),
+            time_.clock,
+            checks=fake_checks(server, "127.0.10.2"),
+            sleep=time_.sleep,
+        )
+        done = await runner.run(txn)
+        assert done.outcome is TxnOutcome.ROLLED_BACK, done.reason
+        assert done.reason == "verify: no answer"
+        assert server.ops == ops
+        assert (server.running, server.frozen) == (SOURCE, False)
+    journal.close()
+
+
+# --- no blocking work on the event loop --------------------------------------------------------
+
+
+def on_the_loop(blocking: list[str], name: str) -> None:
+    """Note ``name`` if it is called on the event loop's thread (where it would block every
+    other task: the gRPC server, the heartbeats, the freeze lease)."""
+    try:
+        asyncio.get_running_loop()
+    except RuntimeError:
+        return  # a worker thread: fine
+    blocking.append(name)
+
+
+class WatchedJournal(CrashingJournal):
+    def __init__(self, path: Path, blocking: list[str]) -> None:
+        super().__init__(path)
+        self.blocking = blocking
+
+    def __getattribute__(self, name: str) -> Any:
+        attr = super().__getattribute__(name)
+        if name not in {"get", "unfinished", "create", "event", "update", "fail", "complete"}:
+            return attr
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            on_the_loop(self.blocking, f"journal.{name}")
+            return attr(*args, **kwargs)
+
+        return call
+
+
+class WatchedDriver(FakeDriver):
+    def __init__(self, server: FakeServer, config_file: Path, blocking: list[str]) -> None:
+        super().__init__(server, config_file)
+        self.blocking = blocking
+
+    def read_config(self) -> bytes:
+        on_the_loop(self.blocking, "driver.read_config")
+        return super().read_config()
+
+    def write_config(self, data: bytes) -> None:
+        on_the_loop(self.blocking, "driver.write_config")
+        super().write_config(data)
+
+
+def watched_checks(checks: Checks, blocking: list[str]) -> Checks:
+    def watched(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any) -> Any:
+            on_the_loop(blocking, f"checks.{name}")
+            return fn(*args)
+
+        return call
+
+    return Checks(
+        port_open=watched("port_open", checks.port_open),
+        check_http=watched("check_http", checks.check_http),
+        check_https=watched("check_https", checks.check_https),
+    )
+
+
+@pytest.fixture
+def watched_files(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Reading and writing files (the plan's config files, the CA, the backup) noted too."""
+    blocking: list[str] = []
+    read_bytes, write_atomic = Path.read_bytes, fsutil.write_atomic
+
+    def read(path: Path) -> bytes:
+        on_the_loop(blocking, f"read {path.name}")
+        return read_bytes(path)
+
+    def write(path: Path, data: bytes, mode: int = 0o644) -> None:
+        on_the_loop(blocking, f"write {path.name}")
+        write_atomic(path, data, mode)
+
+    monkeypatch.setattr(Path, "read_bytes", read)
+    monkeypatch.setattr(transaction, "write_atomic", write)
+    return blocking
+
+
+@pytest.mark.parametrize("name", ["completes", "restart_fails", "way_back_fails"])
+async def test_the_runner_never_blocks_the_event_loop(
+    name: str, world: Callable[[Scenario], World], watched_files: list[str]
+) -> None:
+    """Journal, files, driver config and outside checks all run in worker threads, under
+    asyncio's debug mode (which also refuses a worker thread touching the loop)."""
+    sc = SCENARIOS[name]
+    w = world(sc)
+    blocking = watched_files
+    journal = WatchedJournal(w.journal_path, blocking)
+    driver = WatchedDriver(w.server, w.driver.config_file, blocking)
+    loop = asyncio.get_running_loop()
+    loop.set_debug(True)
+    try:
+        runner = Runner(
+            journal,
+            driver,
+            w.time.clock,
+            checks=watched_checks(fake_checks(w.server), blocking),
+            sleep=w.time.sleep,
+        )
+        txn = await asyncio.to_thread(journal.create, w.txn)
+        runner.start(txn)
+        assert await runner.resume_all() == [txn]  # already running: not started twice
+        await asyncio.gather(*runner.tasks.values())
+    finally:
+        loop.set_debug(False)
+    assert blocking == []
+    assert tuple(journal.writes) == sc.writes
+    w.assert_ended_well(journal)
+    journal.close()
+
+
+# --- plans: made without gRPC --------------------------------------------------------------
+
+
+@pytest.fixture
+def node(tmp_path: Path) -> tuple[Journal, FakeDriver, Path]:
+    config_file = tmp_path / "etc" / "server.toml"
+    config_file.parent.mkdir()
+    journal = Journal(tmp_path / "journal.sqlite3")
+    return journal, FakeDriver(FakeServer(), config_file), tmp_path / "txn"
+
+
+def stage(journal: Journal, driver: FakeDriver, rollout_id: str) -> Path:
+    directory = plans.stage_dir(driver, rollout_id)
+    key_file = directory / "server.key"
+    journal.record_csr(rollout_id, key_file, b"csr")
+    journal.record_stage(
+        rollout_id,
+        directory / "server.pem",
+        directory / "ca.pem",
+        STAGED_FP,
+        dt.datetime(2027, 1, 1, tzinfo=dt.UTC),
+    )
+    return directory
+
+
+def test_a_switch_plan_names_the_staged_certificate(
+    node: tuple[Journal, FakeDriver, Path],
+) -> None:
+    journal, driver, txn_dir = node
+    with pytest.raises(plans.PlanRefused, match="nothing staged for rollout r1; run Stage"):
+        plans.switch_plan(journal, driver, txn_dir, "r1", None)
+    assert not txn_dir.exists()
+
+    directory = stage(journal, driver, "r1")
+    verifier = password.make_verifier("pw", **password.TEST_PARAMS)
+    config, plan, fingerprint = plans.switch_plan(
+        journal, driver, txn_dir, "r1", dict(verifier), keep_frozen=True
+    )
+    verifier_file = directory / "auth-verifier.json"
+    assert (
+        config
+        == (
+            f'listen = ["https"]\ncert_file = "{directory / "server.pem"}"\n'
+            f'verifier_file = "{verifier_file}"\n'
+        ).encode()
+    )
+    assert fingerprint == STAGED_FP == plan.target_fingerprint
+    assert (plan.source_schemes, plan.target_schemes) == (("http",), ("https",))
+    assert plan.new_config_file.read_bytes() == config
+    assert stat.S_IMODE(plan.new_config_file.stat().st_mode) == 0o600
+    assert stat.S_IMODE(verifier_file.stat().st_mode) == 0o600
+    assert password.verifier_from_json(verifier_file.read_text()) == verifier
+    assert plan.backup_file == txn_dir / "r1-switch.old" and not plan.backup_file.exists()
+    assert plan.ca_file == directory / "ca.pem" and plan.keep_frozen
+    assert plan.live_tls is not None and plan.live_before is None
+    assert plan.live_tls["server_url"] == f"https://{ADDRESS}:8443{APP}"
+    assert plan.live_tls["verifier_file"] == str(verifier_file)
+    assert Plan.from_json(plan.to_json()) == plan
+
+
+def test_password_and_rollback_plans_need_what_they_change(
+    node: tuple[Journal, FakeDriver, Path],
+) -> None:
+    journal, driver, txn_dir = node
+    verifier = dict(password.make_verifier("pw", **password.TEST_PARAMS))
+    with pytest.raises(plans.PlanRefused, match="not on https here; run enable-tls first"):
+        plans.password_plan(journal, driver, txn_dir, "p1", verifier)
+    with pytest.raises(plans.PlanRefused, match="r1 did not switch this node"):
+        plans.rollback_plan(journal, driver, txn_dir, "r1")
+
+    # r1 switched this node: what a completed switch leaves in the journal.
+    stage(journal, driver, "r1")
+    _config, plan, _fp = plans.switch_plan(journal, driver, txn_dir, "r1", None)
+    plan.backup_file.write_bytes(SOURCE)
+    txn = journal.create(
+        Txn("r1", TxnKind.SWITCH, 1, Phase.VERIFIED, plan.to_json(), dt.datetime.now(dt.UTC))
+    )
+    journal.complete(txn, plan.live_tls, phase=Phase.COMPLETED, outcome=TxnOutcome.COMPLETED)
+    driver.server.running = driver.server.config = TARGET
+
+    config, changed, fingerprint = plans.password_plan(journal, driver, txn_dir, "p1", verifier)
+    assert fingerprint == "" and changed.source_schemes == changed.target_schemes == ("https",)
+    assert changed.live_before == plan.live_tls
+    assert changed.live_tls == {
+        **(plan.live_tls or {}),
+        "verifier_file": str(plans.stage_dir(driver, "p1") / "auth-verifier.json"),
+    }
+    assert b"verifier_file" in config
+
+    config, back, fingerprint = plans.rollback_plan(journal, driver, txn_dir, "r1")
+    assert config == SOURCE == back.new_config_file.read_bytes()
+    assert back.new_config_file == txn_dir / "r1-rollback.new"
+    assert (back.source_schemes, back.target_schemes) == (("https",), ("http",))
+    assert (back.live_tls, back.live_before, fingerprint) == (None, plan.live_tls, "")
