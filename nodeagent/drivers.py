@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+from tenacity import AsyncRetrying, RetryError, retry_if_result, stop_after_delay, wait_fixed
 
 from tlsroll.config import ConfigFile, Section, dump_toml
 from tlsroll.errors import TerminalError
@@ -39,6 +40,7 @@ from tlsroll.httpcheck import port_open
 
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 15.0
+POLL_INTERVAL = 0.2  # how often a starting server is asked whether it answers
 
 
 class DriverError(TerminalError):
@@ -172,16 +174,20 @@ class _AdminSocketFreeze:
         await self.admin.call("POST", "/admin/unfreeze")
 
 
-async def _wait_healthy(driver: Driver, timeout: float, why: str) -> None:
-    deadline = time.monotonic() + timeout
-    last = "no answer"
-    while time.monotonic() < deadline:
-        problem = await driver.health()
-        if problem is None:
-            return
-        last = problem
-        await asyncio.sleep(0.2)
-    raise DriverError(f"{why}: {last}")
+async def _wait_healthy(
+    driver: Driver, timeout: float, why: str, interval: float = POLL_INTERVAL
+) -> None:
+    """Poll ``driver.health()`` until it is healthy; DriverError with the last problem after
+    ``timeout`` seconds."""
+    polling = AsyncRetrying(
+        stop=stop_after_delay(timeout),
+        wait=wait_fixed(interval),
+        retry=retry_if_result(lambda problem: problem is not None),
+    )
+    try:
+        await polling(driver.health)
+    except RetryError as exc:
+        raise DriverError(f"{why}: {exc.last_attempt.result()}") from None
 
 
 # --- reference --------------------------------------------------------------------------------
@@ -271,19 +277,27 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
                 start_new_session=True,  # outlives an agent that is killed
             )
 
-    async def start(self) -> None:
+    async def start(self, timeout: float = START_TIMEOUT) -> None:
+        """Start the server and wait until it answers; DriverError at once if it exits."""
         child = await asyncio.to_thread(self._spawn)
         self._children.append(child)
-        deadline = time.monotonic() + START_TIMEOUT
-        while time.monotonic() < deadline:
+
+        async def answering() -> bool:
             if child.poll() is not None:
                 raise DriverError(
                     f"the server exited at start (code {child.returncode}): {self._last_log_line()}"
                 )
-            if self._pid() == child.pid and await self.health() is None:
-                return
-            await asyncio.sleep(0.1)
-        raise DriverError(f"the server did not answer within {START_TIMEOUT:g}s")
+            return self._pid() == child.pid and await self.health() is None
+
+        polling = AsyncRetrying(
+            stop=stop_after_delay(timeout),
+            wait=wait_fixed(POLL_INTERVAL / 2),
+            retry=retry_if_result(lambda ready: not ready),
+        )
+        try:
+            await polling(answering)
+        except RetryError:
+            raise DriverError(f"the server did not answer within {timeout:g}s") from None
 
     def _last_log_line(self) -> str:
         try:

@@ -22,9 +22,18 @@ from typing import Any
 import grpc
 import pytest
 
+from nodeagent.drivers import (
+    Driver,
+    DriverError,
+    ReferenceDriver,
+    ServerFacts,
+    Target,
+    _wait_healthy,
+)
 from tests.cluster import Cluster, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node, NodeFactory, alive
+from tests.refserver_helper import RefServer
 
 UNIT = "praxis-live.service"
 
@@ -416,3 +425,90 @@ def test_exec_status_without_a_watermark_rolls_back_and_unfreezes(nodes: NodeFac
     assert done.outcome == "rolled_back", done.reason
     assert done.reason.startswith("verify:") and "watermark" in done.reason, done.reason
     assert_back_on_http(node, config)
+
+
+# --- polling a starting server (tenacity), in process -----------------------------------------
+
+
+class Starting(Driver):
+    """A server that answers its status after ``unhealthy`` calls (nothing else is used)."""
+
+    name = "starting"
+    config_file = Path("/nonexistent/server.toml")
+
+    def __init__(self, unhealthy: int) -> None:
+        self.unhealthy = unhealthy
+        self.asked = 0
+
+    async def status(self) -> dict[str, Any]:
+        self.asked += 1
+        if self.asked <= self.unhealthy:
+            raise DriverError(f"not yet ({self.asked})")
+        return {"frozen": False, "watermark": 0}
+
+    def facts(self) -> ServerFacts:
+        raise NotImplementedError
+
+    def render(self, target: Target) -> bytes:
+        raise NotImplementedError
+
+    async def restart(self) -> None:
+        raise NotImplementedError
+
+    async def freeze(self, drain_timeout: float) -> int:
+        raise NotImplementedError
+
+    async def unfreeze(self) -> None:
+        raise NotImplementedError
+
+
+async def test_waiting_for_a_server_polls_until_it_answers() -> None:
+    driver = Starting(unhealthy=3)
+    await _wait_healthy(driver, 5, "did not come back", interval=0.01)
+    assert driver.asked == 4
+
+
+async def test_waiting_for_a_server_that_never_answers_names_the_last_problem() -> None:
+    driver = Starting(unhealthy=10**6)
+    t0 = time.monotonic()
+    with pytest.raises(DriverError, match=r"^unit did not come back: not yet \((\d+)\)$") as info:
+        await _wait_healthy(driver, 0.3, "unit did not come back", interval=0.05)
+    assert 0.3 <= time.monotonic() - t0 < 2
+    assert str(info.value).endswith(f"({driver.asked})") and 3 <= driver.asked <= 10
+
+
+def reference_driver(root: Path, **settings: object) -> ReferenceDriver:
+    """The reference driver of a server that is not running yet (``settings``: its config)."""
+    server = RefServer(root / "server", next_loopback())
+    server.write_config(**settings)
+    return ReferenceDriver(server.config_path, root / "refserver.log")
+
+
+async def test_reference_driver_start_waits_for_the_server(tmp_path: Path) -> None:
+    driver = reference_driver(tmp_path)
+    try:
+        await driver.start()
+        assert await driver.health() is None
+        assert driver._pid() is not None
+    finally:
+        await driver.stop()
+    assert await driver.health() is not None
+
+
+async def test_reference_driver_start_fails_at_once_if_the_server_exits(tmp_path: Path) -> None:
+    driver = reference_driver(tmp_path, no_such_key=1)  # the server refuses its config
+    t0 = time.monotonic()
+    with pytest.raises(DriverError, match=r"^the server exited at start \(code 2\): .*no_such_key"):
+        await driver.start(timeout=20)
+    assert time.monotonic() - t0 < 10  # not the whole timeout
+
+
+async def test_reference_driver_start_gives_up_after_its_timeout(tmp_path: Path) -> None:
+    driver = reference_driver(tmp_path)
+    try:
+        with pytest.raises(DriverError, match=r"^the server did not answer within 0.05s$"):
+            await driver.start(timeout=0.05)  # too short for a Python process to start
+    finally:
+        for child in driver._children:  # it may not have written its pid file yet
+            child.kill()
+            child.wait(10)
