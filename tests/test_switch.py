@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import http.client
+import json
 import os
 import signal
 import stat
@@ -276,16 +277,65 @@ def test_server_that_cannot_load_the_new_key_is_rolled_back(make_node: NodeFacto
 
 # --- 6. the agent is SIGKILLed in the middle ---------------------------------------------------
 
+FORWARD_PHASES = ("started", "frozen", "config_written", "restarted", "verified")
+BACKWARD_PHASES = ("rolling_back", "restored", "rb_restarted", "rb_verified")
+# The journal of a transaction that ran once to its end, whatever crash it survived: the agent
+# stops right after journalling a phase and carries on with the next action, so every action
+# begins exactly once. The way back is reached with a key the server refuses (restart fails).
+FORWARD_EVENTS = [
+    ("create", "end"),
+    ("freeze", "begin"),
+    ("frozen", "end"),
+    ("write_config", "begin"),
+    ("config_written", "end"),
+    ("restart", "begin"),
+    ("restarted", "end"),
+    ("verify", "begin"),
+    ("verified", "end"),
+    ("unfreeze", "begin"),
+    ("completed", "end"),
+]
+BACKWARD_EVENTS = [
+    *FORWARD_EVENTS[:6],  # create, freeze, write_config, restart begins
+    ("restart", "error"),
+    ("rolling_back", "end"),
+    ("restore_config", "begin"),
+    ("restored", "end"),
+    ("restart", "begin"),
+    ("rb_restarted", "end"),
+    ("verify_source", "begin"),
+    ("rb_verified", "end"),
+    ("unfreeze", "begin"),
+    ("rolled_back", "end"),
+]
+# Where the server is while the agent is dead after each phase: (scheme, frozen), None if the
+# server is down (its restart with the refused key failed).
+WHILE_DEAD: dict[str, tuple[str, bool] | None] = {
+    "started": ("http", False),
+    "frozen": ("http", True),
+    "config_written": ("http", True),  # the new config is on disk, not loaded
+    "restarted": ("https", True),
+    "verified": ("https", True),
+    "rolling_back": None,
+    "restored": None,  # the source config is back on disk
+    "rb_restarted": ("http", True),
+    "rb_verified": ("http", True),
+}
 
-@pytest.mark.parametrize("crash_after", ["frozen", "config_written", "restarted"])
-def test_agent_killed_mid_switch_resumes_from_its_journal(
+
+@pytest.mark.parametrize("crash_after", [*FORWARD_PHASES, *BACKWARD_PHASES])
+def test_agent_killed_after_any_phase_resumes_from_its_journal(
     make_node: NodeFactory, crash_after: str
 ) -> None:
+    backward = crash_after in BACKWARD_PHASES
     node = make_node(env={CRASH_ENV: crash_after})
     assert node.agent is not None
     rid = f"crash-{crash_after.replace('_', '-')}"
-    before = node.post("http", {"note": "before"}).json()
+    config = node.server.config_path.read_bytes()
+    acked = [node.post("http", {"note": "before"}).json()]
     staged = node.stage(rid)
+    if backward:  # the reference server refuses a key others may read: restart fails
+        (node.stage_dir(rid) / "server.key").chmod(0o644)
     try:
         node.switch(rid)
     except grpc.RpcError as exc:  # the agent may die before its answer is out
@@ -293,40 +343,57 @@ def test_agent_killed_mid_switch_resumes_from_its_journal(
     assert node.agent.proc is not None
     assert node.agent.proc.wait(30) == -signal.SIGKILL
 
-    # While the agent is down the server stays frozen, exactly where the journal says.
-    [row] = node.journal_query("SELECT phase, outcome, watermark FROM txns")
+    # While the agent is dead the server stays exactly where the journal says.
+    [row] = node.journal_query("SELECT phase, outcome, plan FROM txns")
     assert row["phase"] == crash_after and row["outcome"] == ""
-    assert row["watermark"] == before["seq"]
-    status = node.admin_status()
-    assert status["frozen"] is True
-    scheme = "https" if crash_after == "restarted" else "http"
-    assert status["listen"] == [scheme]
-    marker = uuid.uuid4().hex
-    assert_refused_while_frozen(node.post(scheme, {"marker": marker}))
-    assert node.admin_status()["watermark"] == before["seq"]
-    assert node.stored_with(marker) == 0
+    plan = row["plan"]
+    where = WHILE_DEAD[crash_after]
+    if where is None:
+        assert not node.port_open(8080) and not node.port_open(8443)
+    else:
+        scheme, frozen = where
+        status = node.admin_status()
+        assert (status["listen"], status["frozen"]) == ([scheme], frozen)
+        marker = uuid.uuid4().hex
+        if frozen:
+            assert_refused_while_frozen(node.post(scheme, {"marker": marker}))
+            assert node.stored_with(marker) == 0
+        else:  # not frozen yet: writes go on, and must survive what follows
+            acked.append(node.post(scheme, {"note": "while the agent is dead"}).json())
 
     node.restart_agent()  # without the crash hook
     done = node.wait_txn(rid)
-    assert done.outcome == "completed", done.reason
-    assert_switched(node, staged.fingerprint)
-    assert done.watermark == before["seq"]
-    assert node.get("https", f"entries/{before['id']}").status == 200
-    assert node.stored_with(marker) == 0
-    assert node.post("https", {"note": "after"}).status == 201
+    if backward:
+        assert done.outcome == "rolled_back", done.reason
+        assert done.reason.startswith("restart:") and "key_file" in done.reason, done.reason
+        assert node.server.config_path.read_bytes() == config
+        assert not node.port_open(8443)
+        scheme = "http"
+    else:
+        assert done.outcome == "completed", done.reason
+        assert_switched(node, staged.fingerprint)
+        scheme = "https"
+    status = node.admin_status()
+    assert (status["listen"], status["frozen"]) == ([scheme], False)
+    assert done.watermark == acked[-1]["seq"]
+    for entry in acked:  # no acknowledged write is lost
+        assert node.get(scheme, f"entries/{entry['id']}").status == 200
+    assert node.post(scheme, {"note": "after"}).status == 201
 
     # The journal: the agent stopped after recording `crash_after` and carried on from there,
-    # so every action ran exactly once; no action was repeated, nothing was rolled back.
-    events = node.journal_events(rid)
-    for action in FORWARD_ACTIONS:
-        assert events.count((action, "begin")) == 1, (action, events)
-    assert all(what != "error" for _step, what in events), events
-    assert ("rolling_back", "end") not in events
-    assert events.index((crash_after, "end")) < events.index(("completed", "end"))
+    # so every action ran exactly once and nothing was repeated.
+    assert node.journal_events(rid) == (BACKWARD_EVENTS if backward else FORWARD_EVENTS)
     resumed = [e for e in node.agent.log_events() if e.get("event") == "txn.resuming"]
     assert [e["phase"] for e in resumed] == [crash_after]
-    # One restart of the server, whichever side of it the agent died on.
+    # One successful start of the server, whichever side of it the agent died on.
     assert node.driver_started_pids() == [node.server_pid()]
+    # The plan journalled at the start was never rewritten; what the way back learnt has
+    # columns of its own.
+    [end] = node.journal_query("SELECT plan, failed_phase, restart_needed FROM txns")
+    assert end["plan"] == plan
+    assert "failed_phase" not in json.loads(plan) and "restart_needed" not in json.loads(plan)
+    expected = ("config_written", 1) if backward else (None, None)
+    assert (end["failed_phase"], end["restart_needed"]) == expected
 
 
 # --- 7. writes during the switch ---------------------------------------------------------------
