@@ -144,7 +144,9 @@ def test_the_agent_journal_of_0_1_0_is_taken_over(tmp_path: Path) -> None:
         failed = journal.get("r1", "switch")
         assert failed is not None
         assert (failed.phase, failed.reason) == ("restored", "verify: no answer")
-        assert failed.plan["failed_phase"] == "restarted"
+        # Migration 2 of the journal: runtime flags move out of the fixed plan.
+        assert (failed.failed_phase, failed.restart_needed) == ("restarted", True)
+        assert "failed_phase" not in failed.plan and "restart_needed" not in failed.plan
         assert [t.rollout_id for t in journal.unfinished()] == ["r1"]
         assert journal.highest_epoch() == 3
         live = journal.live_tls()
