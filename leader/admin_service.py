@@ -19,15 +19,18 @@ from leader.schema_store import NodeDetail, RolloutMeta, RolloutRow, SchemaStore
 from leader.schema_view import rollout_view
 from leader.service import ERRORS, LeaderState
 from leader.tokens import JoinToken
-from leader.wire import CHANGE, FREEZE, ROLLOUT_ACTION, SCOPE_KIND
+from leader.viewer.grants import MAX_TTL as MAX_VIEWER_TTL
+from leader.viewer.grants import Grant, Grants
+from leader.wire import CHANGE, FREEZE, ROLLOUT_ACTION, SCOPE_KIND, VIEWER_GRANT_STATE
 from tlsroll import logs, pki
-from tlsroll.rpc import invalid, map_errors, timestamp
+from tlsroll.rpc import failed_precondition, invalid, map_errors, timestamp
 from tlsroll.v1 import admin_pb2, admin_pb2_grpc, schema_pb2
 
 log = logs.get_logger(__name__)
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 MAX_TOKEN_TTL = dt.timedelta(days=7)
+DEFAULT_VIEWER_TTL = dt.timedelta(hours=8)
 
 
 def _actor(context: Ctx) -> str:
@@ -46,6 +49,18 @@ def token_info(t: Any) -> admin_pb2.TokenInfo:
         uses_left=t.uses_left,
         revoked=t.revoked_at is not None,
         description=t.description,
+    )
+
+
+def grant_info(g: Grant, now: dt.datetime) -> admin_pb2.ViewerGrantInfo:
+    return admin_pb2.ViewerGrantInfo(
+        id=g.id,
+        name=g.name,
+        created_at=timestamp(g.created_at),
+        expires_at=timestamp(g.expires_at),
+        used_at=timestamp(g.used_at),
+        state=VIEWER_GRANT_STATE.wire(g.state(now)),
+        created_by=g.created_by,
     )
 
 
@@ -103,11 +118,18 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         commands: Commands,
         schema: SchemaStore,
         leader_node: str | None = None,
+        *,
+        grants: Grants | None = None,
+        viewer_url: str = "",
     ) -> None:
+        """``viewer_url``: the web viewer's base URL (``https://ADDRESS:PORT``), empty if it
+        is off; ``grants``: its read-only grants (on the leader's database)."""
         self.state = state
         self.commands = commands
         self.schema = schema
         self.leader_node = leader_node
+        self.grants = grants or Grants(state.store.db)
+        self.viewer_url = viewer_url
 
     # --- rollouts -----------------------------------------------------------------------------
 
@@ -244,3 +266,51 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             not_after=timestamp(ca.not_valid_after_utc),
             subject=ca.subject.rfc4514_string(),
         )
+
+    # --- the web viewer's read-only grants ----------------------------------------------------
+
+    @map_errors(ERRORS)
+    async def CreateViewerGrant(
+        self, request: admin_pb2.CreateViewerGrantRequest, context: Ctx
+    ) -> admin_pb2.CreateViewerGrantResponse:
+        if not self.viewer_url:
+            raise failed_precondition(
+                "the web viewer is off (viewer_port = 0 in leader.toml); set a port and "
+                "restart tlsroll-leader"
+            )
+        ttl = dt.timedelta(seconds=request.ttl_seconds) if request.ttl_seconds else None
+        ttl = ttl or DEFAULT_VIEWER_TTL
+        if ttl > MAX_VIEWER_TTL:
+            raise invalid(f"a viewer grant lives at most {MAX_VIEWER_TTL.days} days")
+        now = self.state.clock()
+        made = await asyncio.to_thread(
+            self.grants.create, request.name, ttl=ttl, now=now, actor=_actor(context)
+        )
+        log.info(
+            "viewer_grant.created",
+            grant_id=made.grant.id,
+            ttl_seconds=int(ttl.total_seconds()),
+            actor=made.grant.created_by,
+        )
+        return admin_pb2.CreateViewerGrantResponse(
+            login_url=f"{self.viewer_url}/login/{made.secret}", info=grant_info(made.grant, now)
+        )
+
+    @map_errors(ERRORS)
+    async def ListViewerGrants(
+        self, request: admin_pb2.ListViewerGrantsRequest, context: Ctx
+    ) -> admin_pb2.ListViewerGrantsResponse:
+        grants = await asyncio.to_thread(self.grants.all)
+        now = self.state.clock()
+        return admin_pb2.ListViewerGrantsResponse(grants=[grant_info(g, now) for g in grants])
+
+    @map_errors(ERRORS)
+    async def RevokeViewerGrant(
+        self, request: admin_pb2.RevokeViewerGrantRequest, context: Ctx
+    ) -> admin_pb2.RevokeViewerGrantResponse:
+        now = self.state.clock()
+        grant = await asyncio.to_thread(
+            self.grants.revoke, request.id, now=now, actor=_actor(context)
+        )
+        log.info("viewer_grant.revoked", grant_id=grant.id)
+        return admin_pb2.RevokeViewerGrantResponse(info=grant_info(grant, now))

@@ -1,8 +1,9 @@
 """The leader's one SQLite file (``leader.sqlite3``): its schema migrations, and how to open it.
 
-Both stores of the leader live in this file: ``leader.store.Store`` (nodes, tokens) and
-``leader.schema_store.SchemaStore`` (rollouts and their nodes, auth password versions); they
-share the ``audit`` table. So the file has one migration list, here, and is opened once: the
+The stores of the leader live in this file: ``leader.store.Store`` (nodes, tokens),
+``leader.schema_store.SchemaStore`` (rollouts and their nodes, auth password versions) and
+``leader.viewer.grants.Grants`` (the web viewer's read-only grants); they share the ``audit``
+table. So the file has one migration list, here, and is opened once: the
 daemon's ``SchemaStore`` uses the ``Database`` of its ``Store``.
 
 To change the schema, append a migration to ``MIGRATIONS`` (see ``tlsroll.sqlite``); never edit
@@ -109,9 +110,27 @@ UPDATE rollout_nodes SET state = 'needs_attention'
    AND (reason LIKE '%ROLLBACK FAILED%' OR reason LIKE 'NEEDS ATTENTION:%');
 """
 
+# Migration 3: read-only grants for the web viewer (``leader.viewer.grants``). A grant is a
+# one-time login link; opening it binds one browser session to the grant. Only hashes of the
+# link's secret and of the session id are kept.
+_V3 = """
+CREATE TABLE viewer_grants (
+    id           TEXT PRIMARY KEY,
+    name         TEXT NOT NULL,
+    secret_hash  TEXT NOT NULL UNIQUE,   -- sha256 of the login link's secret
+    session_hash TEXT UNIQUE,            -- sha256 of the session id; set once, at login
+    created_at   TEXT NOT NULL,
+    expires_at   TEXT NOT NULL,          -- the link and the session end then
+    created_by   TEXT NOT NULL,
+    used_at      TEXT,
+    revoked_at   TEXT
+);
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     _V1,  # 0.1.0
     _V2,  # needs_attention
+    _V3,  # viewer grants
 )
 
 

@@ -15,6 +15,7 @@ from leader.rollout_core import (
     ScopeKind,
     Strategy,
 )
+from leader.viewer.grants import GrantState
 from tlsroll.v1 import admin_pb2, types_pb2
 from tlsroll.wire import CHANGE, TXN_KIND, TXN_OUTCOME, EnumCodec
 
@@ -26,3 +27,4 @@ FREEZE = EnumCodec(FreezeMode, types_pb2.FreezeMode)
 ROLLOUT_STATE = EnumCodec(RolloutState, types_pb2.RolloutState)
 NODE_STATE = EnumCodec(NodeState, types_pb2.NodeState)
 ROLLOUT_ACTION = EnumCodec(RolloutAction, admin_pb2.RolloutAction)
+VIEWER_GRANT_STATE = EnumCodec(GrantState, admin_pb2.ViewerGrantState)

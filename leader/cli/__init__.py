@@ -1,4 +1,4 @@
-"""The administrator's command line (``tlsroll init|ca|token|nodes|plan|rollout|schema|…``).
+"""The administrator's command line (``tlsroll init|ca|token|nodes|rollout|schema|viewer|…``).
 
 It runs on the leader node, as root or a member of the leader's group. Everything except
 ``init`` talks to the running leader over its Unix admin socket. The ``tlsroll`` entry point
@@ -28,6 +28,7 @@ from leader.cli.base import (
 )
 from leader.cli.password import notify, password_group
 from leader.cli.rollout import plan, rollout, schema
+from leader.cli.viewer import viewer
 from tlsroll import pki
 from tlsroll.v1 import admin_pb2
 
@@ -204,3 +205,4 @@ admin.add_command(rollout)
 admin.add_command(schema)
 admin.add_command(password_group)
 admin.add_command(notify)
+admin.add_command(viewer)

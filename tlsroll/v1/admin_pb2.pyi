@@ -26,6 +26,31 @@ else:
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
+class _ViewerGrantState:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ViewerGrantStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_ViewerGrantState.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    VIEWER_GRANT_STATE_UNSPECIFIED: _ViewerGrantState.ValueType  # 0
+    VIEWER_GRANT_STATE_UNUSED: _ViewerGrantState.ValueType  # 1
+    """The link has not been opened yet."""
+    VIEWER_GRANT_STATE_ACTIVE: _ViewerGrantState.ValueType  # 2
+    """Opened: a browser holds its session."""
+    VIEWER_GRANT_STATE_EXPIRED: _ViewerGrantState.ValueType  # 3
+    VIEWER_GRANT_STATE_REVOKED: _ViewerGrantState.ValueType  # 4
+
+class ViewerGrantState(_ViewerGrantState, metaclass=_ViewerGrantStateEnumTypeWrapper): ...
+
+VIEWER_GRANT_STATE_UNSPECIFIED: ViewerGrantState.ValueType  # 0
+VIEWER_GRANT_STATE_UNUSED: ViewerGrantState.ValueType  # 1
+"""The link has not been opened yet."""
+VIEWER_GRANT_STATE_ACTIVE: ViewerGrantState.ValueType  # 2
+"""Opened: a browser holds its session."""
+VIEWER_GRANT_STATE_EXPIRED: ViewerGrantState.ValueType  # 3
+VIEWER_GRANT_STATE_REVOKED: ViewerGrantState.ValueType  # 4
+Global___ViewerGrantState: _TypeAlias = ViewerGrantState  # noqa: Y015
+
 class _RolloutAction:
     ValueType = _typing.NewType("ValueType", _builtins.int)
     V: _TypeAlias = ValueType  # noqa: Y015
@@ -44,6 +69,168 @@ ROLLOUT_ACTION_PAUSE: RolloutAction.ValueType  # 1
 ROLLOUT_ACTION_RESUME: RolloutAction.ValueType  # 2
 ROLLOUT_ACTION_ABORT: RolloutAction.ValueType  # 3
 Global___RolloutAction: _TypeAlias = RolloutAction  # noqa: Y015
+
+@_typing.final
+class CreateViewerGrantRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TTL_SECONDS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    """Who the grant is for (shown in `viewer list`)."""
+    ttl_seconds: _builtins.int
+    """Default 8 h, at most 7 days: the link must be opened and the session ends within it."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        ttl_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name", b"name", "ttl_seconds", b"ttl_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateViewerGrantRequest: _TypeAlias = CreateViewerGrantRequest  # noqa: Y015
+
+@_typing.final
+class CreateViewerGrantResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LOGIN_URL_FIELD_NUMBER: _builtins.int
+    INFO_FIELD_NUMBER: _builtins.int
+    login_url: _builtins.str
+    """https://ADDRESS:PORT/login/<secret>; single use. Shown once."""
+    @_builtins.property
+    def info(self) -> Global___ViewerGrantInfo: ...
+    def __init__(
+        self,
+        *,
+        login_url: _builtins.str = ...,
+        info: Global___ViewerGrantInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["info", b"info"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["info", b"info", "login_url", b"login_url"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CreateViewerGrantResponse: _TypeAlias = CreateViewerGrantResponse  # noqa: Y015
+
+@_typing.final
+class ViewerGrantInfo(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    NAME_FIELD_NUMBER: _builtins.int
+    CREATED_AT_FIELD_NUMBER: _builtins.int
+    EXPIRES_AT_FIELD_NUMBER: _builtins.int
+    USED_AT_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    CREATED_BY_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    name: _builtins.str
+    state: Global___ViewerGrantState.ValueType
+    created_by: _builtins.str
+    @_builtins.property
+    def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def expires_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def used_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+        name: _builtins.str = ...,
+        created_at: _timestamp_pb2.Timestamp | None = ...,
+        expires_at: _timestamp_pb2.Timestamp | None = ...,
+        used_at: _timestamp_pb2.Timestamp | None = ...,
+        state: Global___ViewerGrantState.ValueType = ...,
+        created_by: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "expires_at", b"expires_at", "used_at", b"used_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "created_by", b"created_by", "expires_at", b"expires_at", "id", b"id", "name", b"name", "state", b"state", "used_at", b"used_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ViewerGrantInfo: _TypeAlias = ViewerGrantInfo  # noqa: Y015
+
+@_typing.final
+class ListViewerGrantsRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListViewerGrantsRequest: _TypeAlias = ListViewerGrantsRequest  # noqa: Y015
+
+@_typing.final
+class ListViewerGrantsResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    GRANTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def grants(self) -> _containers.RepeatedCompositeFieldContainer[Global___ViewerGrantInfo]: ...
+    def __init__(
+        self,
+        *,
+        grants: _abc.Iterable[Global___ViewerGrantInfo] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["grants", b"grants"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ListViewerGrantsResponse: _TypeAlias = ListViewerGrantsResponse  # noqa: Y015
+
+@_typing.final
+class RevokeViewerGrantRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    id: _builtins.str
+    def __init__(
+        self,
+        *,
+        id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeViewerGrantRequest: _TypeAlias = RevokeViewerGrantRequest  # noqa: Y015
+
+@_typing.final
+class RevokeViewerGrantResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INFO_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def info(self) -> Global___ViewerGrantInfo: ...
+    def __init__(
+        self,
+        *,
+        info: Global___ViewerGrantInfo | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["info", b"info"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["info", b"info"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokeViewerGrantResponse: _TypeAlias = RevokeViewerGrantResponse  # noqa: Y015
 
 @_typing.final
 class SetPasswordRequest(_message.Message):

@@ -80,6 +80,21 @@ class AdminStub:
                 request_serializer=tlsroll_dot_v1_dot_admin__pb2.SetPasswordRequest.SerializeToString,
                 response_deserializer=tlsroll_dot_v1_dot_admin__pb2.SetPasswordResponse.FromString,
                 _registered_method=True)
+        self.CreateViewerGrant = channel.unary_unary(
+                '/tlsroll.v1.Admin/CreateViewerGrant',
+                request_serializer=tlsroll_dot_v1_dot_admin__pb2.CreateViewerGrantRequest.SerializeToString,
+                response_deserializer=tlsroll_dot_v1_dot_admin__pb2.CreateViewerGrantResponse.FromString,
+                _registered_method=True)
+        self.ListViewerGrants = channel.unary_unary(
+                '/tlsroll.v1.Admin/ListViewerGrants',
+                request_serializer=tlsroll_dot_v1_dot_admin__pb2.ListViewerGrantsRequest.SerializeToString,
+                response_deserializer=tlsroll_dot_v1_dot_admin__pb2.ListViewerGrantsResponse.FromString,
+                _registered_method=True)
+        self.RevokeViewerGrant = channel.unary_unary(
+                '/tlsroll.v1.Admin/RevokeViewerGrant',
+                request_serializer=tlsroll_dot_v1_dot_admin__pb2.RevokeViewerGrantRequest.SerializeToString,
+                response_deserializer=tlsroll_dot_v1_dot_admin__pb2.RevokeViewerGrantResponse.FromString,
+                _registered_method=True)
 
 
 class AdminServicer:
@@ -148,6 +163,28 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CreateViewerGrant(self, request, context):
+        """Read-only access to the web viewer: a one-time login link (its secret is shown once; the
+        leader keeps only a hash). INVALID_ARGUMENT: ttl out of range; FAILED_PRECONDITION: the
+        viewer is off (viewer_port = 0).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListViewerGrants(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeViewerGrant(self, request, context):
+        """Ends the grant's browser session at once. NOT_FOUND: no grant with that id.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -195,6 +232,21 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.SetPassword,
                     request_deserializer=tlsroll_dot_v1_dot_admin__pb2.SetPasswordRequest.FromString,
                     response_serializer=tlsroll_dot_v1_dot_admin__pb2.SetPasswordResponse.SerializeToString,
+            ),
+            'CreateViewerGrant': grpc.unary_unary_rpc_method_handler(
+                    servicer.CreateViewerGrant,
+                    request_deserializer=tlsroll_dot_v1_dot_admin__pb2.CreateViewerGrantRequest.FromString,
+                    response_serializer=tlsroll_dot_v1_dot_admin__pb2.CreateViewerGrantResponse.SerializeToString,
+            ),
+            'ListViewerGrants': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListViewerGrants,
+                    request_deserializer=tlsroll_dot_v1_dot_admin__pb2.ListViewerGrantsRequest.FromString,
+                    response_serializer=tlsroll_dot_v1_dot_admin__pb2.ListViewerGrantsResponse.SerializeToString,
+            ),
+            'RevokeViewerGrant': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeViewerGrant,
+                    request_deserializer=tlsroll_dot_v1_dot_admin__pb2.RevokeViewerGrantRequest.FromString,
+                    response_serializer=tlsroll_dot_v1_dot_admin__pb2.RevokeViewerGrantResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -440,6 +492,87 @@ class Admin:
             '/tlsroll.v1.Admin/SetPassword',
             tlsroll_dot_v1_dot_admin__pb2.SetPasswordRequest.SerializeToString,
             tlsroll_dot_v1_dot_admin__pb2.SetPasswordResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CreateViewerGrant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tlsroll.v1.Admin/CreateViewerGrant',
+            tlsroll_dot_v1_dot_admin__pb2.CreateViewerGrantRequest.SerializeToString,
+            tlsroll_dot_v1_dot_admin__pb2.CreateViewerGrantResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListViewerGrants(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tlsroll.v1.Admin/ListViewerGrants',
+            tlsroll_dot_v1_dot_admin__pb2.ListViewerGrantsRequest.SerializeToString,
+            tlsroll_dot_v1_dot_admin__pb2.ListViewerGrantsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeViewerGrant(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tlsroll.v1.Admin/RevokeViewerGrant',
+            tlsroll_dot_v1_dot_admin__pb2.RevokeViewerGrantRequest.SerializeToString,
+            tlsroll_dot_v1_dot_admin__pb2.RevokeViewerGrantResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -57,6 +57,14 @@ class AdminStub:
     Switched nodes show "password change pending" until a change-password rollout restarts
     them. FAILED_PRECONDITION while a rollout is active.
     """
+    CreateViewerGrant: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CreateViewerGrantRequest, _admin_pb2.CreateViewerGrantResponse]
+    """Read-only access to the web viewer: a one-time login link (its secret is shown once; the
+    leader keeps only a hash). INVALID_ARGUMENT: ttl out of range; FAILED_PRECONDITION: the
+    viewer is off (viewer_port = 0).
+    """
+    ListViewerGrants: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListViewerGrantsRequest, _admin_pb2.ListViewerGrantsResponse]
+    RevokeViewerGrant: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RevokeViewerGrantRequest, _admin_pb2.RevokeViewerGrantResponse]
+    """Ends the grant's browser session at once. NOT_FOUND: no grant with that id."""
 
 @_typing.type_check_only
 class AdminAsyncStub(AdminStub):
@@ -82,6 +90,14 @@ class AdminAsyncStub(AdminStub):
     Switched nodes show "password change pending" until a change-password rollout restarts
     them. FAILED_PRECONDITION while a rollout is active.
     """
+    CreateViewerGrant: _aio.UnaryUnaryMultiCallable[_admin_pb2.CreateViewerGrantRequest, _admin_pb2.CreateViewerGrantResponse]  # type: ignore[assignment]
+    """Read-only access to the web viewer: a one-time login link (its secret is shown once; the
+    leader keeps only a hash). INVALID_ARGUMENT: ttl out of range; FAILED_PRECONDITION: the
+    viewer is off (viewer_port = 0).
+    """
+    ListViewerGrants: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListViewerGrantsRequest, _admin_pb2.ListViewerGrantsResponse]  # type: ignore[assignment]
+    RevokeViewerGrant: _aio.UnaryUnaryMultiCallable[_admin_pb2.RevokeViewerGrantRequest, _admin_pb2.RevokeViewerGrantResponse]  # type: ignore[assignment]
+    """Ends the grant's browser session at once. NOT_FOUND: no grant with that id."""
 
 class AdminServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -158,5 +174,31 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         Switched nodes show "password change pending" until a change-password rollout restarts
         them. FAILED_PRECONDITION while a rollout is active.
         """
+
+    @_abc_1.abstractmethod
+    def CreateViewerGrant(
+        self,
+        request: _admin_pb2.CreateViewerGrantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.CreateViewerGrantResponse, _abc.Awaitable[_admin_pb2.CreateViewerGrantResponse]]:
+        """Read-only access to the web viewer: a one-time login link (its secret is shown once; the
+        leader keeps only a hash). INVALID_ARGUMENT: ttl out of range; FAILED_PRECONDITION: the
+        viewer is off (viewer_port = 0).
+        """
+
+    @_abc_1.abstractmethod
+    def ListViewerGrants(
+        self,
+        request: _admin_pb2.ListViewerGrantsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListViewerGrantsResponse, _abc.Awaitable[_admin_pb2.ListViewerGrantsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RevokeViewerGrant(
+        self,
+        request: _admin_pb2.RevokeViewerGrantRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RevokeViewerGrantResponse, _abc.Awaitable[_admin_pb2.RevokeViewerGrantResponse]]:
+        """Ends the grant's browser session at once. NOT_FOUND: no grant with that id."""
 
 def add_AdminServicer_to_server(servicer: AdminServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,84 @@
+"""``tlsroll viewer grant|list|revoke``: read-only access to the web viewer, one link at a time.
+
+``grant`` prints a one-time login link (``https://ADDRESS:9444/login/<secret>``); the leader
+keeps only a hash of its secret. Whoever opens it first gets a browser session that may only
+look, until the grant expires or is revoked.
+"""
+
+from __future__ import annotations
+
+import sys
+
+import click
+from rich.table import Table
+
+from leader.cli.base import Leader, emit_json, fmt_time, out, parse_duration, pass_leader, to_dict
+from leader.wire import VIEWER_GRANT_STATE
+from tlsroll.v1 import admin_pb2
+
+
+@click.group()
+def viewer() -> None:
+    """Read-only access to the web viewer (https on the leader, port 9444)."""
+
+
+@viewer.command("grant")
+@click.option("--name", default="", help="Who it is for (shown in `viewer list`).")
+@click.option(
+    "--ttl",
+    default="8h",
+    show_default=True,
+    help="How long the link and its session last, e.g. 30m, 8h, 2d (at most 7d).",
+)
+@pass_leader
+def viewer_grant(leader: Leader, name: str, ttl: str) -> None:
+    """Print a one-time login link for the web viewer (shown once)."""
+    seconds = parse_duration(ttl)
+    with leader.admin() as admin:
+        reply = leader.call(
+            admin.CreateViewerGrant,
+            admin_pb2.CreateViewerGrantRequest(name=name, ttl_seconds=seconds),
+        )
+    click.echo(reply.login_url)
+    if sys.stderr.isatty():
+        click.echo(
+            f"grant {reply.info.id}: one login, read-only, until "
+            f"{fmt_time(reply.info, 'expires_at')}; the browser must trust the cluster CA; "
+            f"end it early with: tlsroll viewer revoke {reply.info.id}",
+            err=True,
+        )
+
+
+@viewer.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_leader
+def viewer_list(leader: Leader, as_json: bool) -> None:
+    """List the viewer grants (links are never shown again)."""
+    with leader.admin() as admin:
+        reply = leader.call(admin.ListViewerGrants, admin_pb2.ListViewerGrantsRequest())
+    if as_json:
+        emit_json([to_dict(g) for g in reply.grants])
+        return
+    table = Table("id", "name", "state", "created by", "opened", "expires")
+    for g in reply.grants:
+        table.add_row(
+            g.id,
+            g.name,
+            VIEWER_GRANT_STATE.text(g.state),
+            g.created_by,
+            fmt_time(g, "used_at"),
+            fmt_time(g, "expires_at"),
+        )
+    out.print(table)
+
+
+@viewer.command("revoke")
+@click.argument("grant_id")
+@pass_leader
+def viewer_revoke(leader: Leader, grant_id: str) -> None:
+    """Revoke a grant by its id: its browser session ends at once."""
+    with leader.admin() as admin:
+        reply = leader.call(
+            admin.RevokeViewerGrant, admin_pb2.RevokeViewerGrantRequest(id=grant_id)
+        )
+    out.print(f"revoked viewer grant {reply.info.id}")

@@ -1,0 +1,201 @@
+"""Read-only grants for the web viewer: one-time login links and the browser sessions they open.
+
+    grants = Grants(store.db)
+    made = grants.create("Dr. Huber", ttl=dt.timedelta(hours=8), now=now, actor="admin:root")
+    made.secret                                  # goes into the login link, shown once
+    session_id = grants.login(made.secret, now)  # spends the link: LoginRefused on a second use
+    grant = grants.session(session_id, now)      # the grant behind a browser's cookie, or None
+    grants.revoke(grant.id, now=now, actor="admin:root")
+
+A grant is single use: its first login binds it to one browser session (the cookie), which
+ends when the grant expires or is revoked. The link's secret and the session id have 256 bits
+from ``secrets``; the table keeps only their sha256 (a fast hash is enough at that entropy, as
+for join tokens), and neither is ever logged. Every change writes an audit event in the same
+transaction. Clocks are passed in.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import secrets
+import sqlite3
+from dataclasses import dataclass
+from enum import StrEnum
+from pathlib import Path
+from typing import Any
+
+from leader import db as leader_db
+from leader.store import NotFound
+from leader.tokens import ID_ALPHABET, ID_LEN
+from tlsroll.errors import TerminalError
+from tlsroll.sqlite import Database, from_text, to_text
+
+SECRET_BYTES = 32  # 256 bits, for the link's secret and for the session id
+MAX_TTL = dt.timedelta(days=7)
+MAX_NAME = 100
+
+
+class GrantState(StrEnum):
+    UNUSED = "unused"  # the link has not been opened yet
+    ACTIVE = "active"  # opened: a browser holds its session
+    EXPIRED = "expired"
+    REVOKED = "revoked"
+
+
+class LoginRefused(TerminalError):
+    """A login link cannot be used; ``reason`` is a GrantState-like word the page explains."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(f"viewer login refused: {reason}")
+        self.reason = reason
+
+
+def digest(secret: str) -> str:
+    return hashlib.sha256(secret.encode("utf-8")).hexdigest()
+
+
+@dataclass(frozen=True)
+class Grant:
+    id: str
+    name: str
+    created_at: dt.datetime
+    expires_at: dt.datetime
+    created_by: str
+    used_at: dt.datetime | None
+    revoked_at: dt.datetime | None
+
+    def state(self, now: dt.datetime) -> GrantState:
+        if self.revoked_at is not None:
+            return GrantState.REVOKED
+        if now >= self.expires_at:
+            return GrantState.EXPIRED
+        return GrantState.ACTIVE if self.used_at is not None else GrantState.UNUSED
+
+
+@dataclass(frozen=True)
+class NewGrant:
+    grant: Grant
+    secret: str  # for the login link; shown once
+
+    def __repr__(self) -> str:  # never show the secret by accident
+        return f"NewGrant(grant={self.grant!r}, secret=<hidden>)"
+
+
+class Grants:
+    def __init__(self, db: Database | Path) -> None:
+        """``db``: the leader's open database (shared, as ``Store.db``), or the path of its
+        file (opened here, closed by ``close``); see ``leader.db``."""
+        self._db, self._owns_db = leader_db.use(db)
+
+    def close(self) -> None:
+        if self._owns_db:
+            self._db.close()
+
+    @staticmethod
+    def _audit(
+        db: sqlite3.Connection, now: dt.datetime, actor: str, kind: str, subject: str, **detail: Any
+    ) -> None:
+        db.execute(
+            "INSERT INTO audit (at, actor, kind, subject, detail) VALUES (?, ?, ?, ?, ?)",
+            (to_text(now), actor, kind, subject, json.dumps(detail, sort_keys=True)),
+        )
+
+    def create(self, name: str, *, ttl: dt.timedelta, now: dt.datetime, actor: str) -> NewGrant:
+        if not dt.timedelta(seconds=1) <= ttl <= MAX_TTL:
+            raise ValueError(f"a viewer grant lives 1 s to {MAX_TTL.days} days")
+        secret = secrets.token_urlsafe(SECRET_BYTES)
+        name = name.strip()[:MAX_NAME]
+        with self._db.tx() as db:
+            while True:
+                grant_id = "".join(secrets.choice(ID_ALPHABET) for _ in range(ID_LEN))
+                if db.execute("SELECT 1 FROM viewer_grants WHERE id = ?", (grant_id,)).fetchone():
+                    continue
+                break
+            db.execute(
+                "INSERT INTO viewer_grants (id, name, secret_hash, created_at, expires_at,"
+                " created_by) VALUES (?, ?, ?, ?, ?, ?)",
+                (grant_id, name, digest(secret), to_text(now), to_text(now + ttl), actor),
+            )
+            self._audit(
+                db,
+                now,
+                actor,
+                "viewer_grant.created",
+                grant_id,
+                name=name,
+                expires_at=to_text(now + ttl),
+            )
+        return NewGrant(self.get(grant_id), secret)
+
+    def get(self, grant_id: str) -> Grant:
+        with self._db.read() as db:
+            row = db.execute("SELECT * FROM viewer_grants WHERE id = ?", (grant_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"no viewer grant with id {grant_id!r} (see: tlsroll viewer list)")
+        return _grant(row)
+
+    def all(self) -> list[Grant]:
+        with self._db.read() as db:
+            rows = db.execute("SELECT * FROM viewer_grants ORDER BY created_at, rowid").fetchall()
+        return [_grant(r) for r in rows]
+
+    def revoke(self, grant_id: str, *, now: dt.datetime, actor: str) -> Grant:
+        with self._db.tx() as db:
+            cur = db.execute(
+                "UPDATE viewer_grants SET revoked_at = COALESCE(revoked_at, ?) WHERE id = ?",
+                (to_text(now), grant_id),
+            )
+            if cur.rowcount == 0:
+                raise NotFound(f"no viewer grant with id {grant_id!r} (see: tlsroll viewer list)")
+            self._audit(db, now, actor, "viewer_grant.revoked", grant_id)
+        return self.get(grant_id)
+
+    def login(self, secret: str, now: dt.datetime) -> tuple[Grant, str]:
+        """Spend the link with this secret: the grant and a new session id (for the cookie).
+        LoginRefused (unknown, used, expired, revoked) if it cannot be used."""
+        session_id = secrets.token_urlsafe(SECRET_BYTES)
+        with self._db.tx() as db:
+            row = db.execute(
+                "SELECT * FROM viewer_grants WHERE secret_hash = ?", (digest(secret),)
+            ).fetchone()
+            if row is None:
+                raise LoginRefused("unknown")
+            grant = _grant(row)
+            state = grant.state(now)
+            if state is GrantState.ACTIVE:
+                raise LoginRefused("used")
+            if state is not GrantState.UNUSED:
+                raise LoginRefused(state.value)
+            db.execute(
+                "UPDATE viewer_grants SET used_at = ?, session_hash = ? WHERE id = ?",
+                (to_text(now), digest(session_id), grant.id),
+            )
+            self._audit(db, now, f"viewer:{grant.id}", "viewer_grant.used", grant.id)
+        return self.get(grant.id), session_id
+
+    def session(self, session_id: str, now: dt.datetime) -> Grant | None:
+        """The grant a session id belongs to, if the session is still valid."""
+        if not session_id:
+            return None
+        with self._db.read() as db:
+            row = db.execute(
+                "SELECT * FROM viewer_grants WHERE session_hash = ?", (digest(session_id),)
+            ).fetchone()
+        if row is None:
+            return None
+        grant = _grant(row)
+        return grant if grant.state(now) is GrantState.ACTIVE else None
+
+
+def _grant(row: sqlite3.Row) -> Grant:
+    return Grant(
+        id=row["id"],
+        name=row["name"],
+        created_at=dt.datetime.fromisoformat(row["created_at"]),
+        expires_at=dt.datetime.fromisoformat(row["expires_at"]),
+        created_by=row["created_by"],
+        used_at=from_text(row["used_at"]),
+        revoked_at=from_text(row["revoked_at"]),
+    )
