@@ -10,7 +10,7 @@ from pathlib import Path
 
 from leader.layout import Layout
 from tlsroll.config import ConfigFile
-from tlsroll.defaults import CONTROL_PORT, JOIN_PORT
+from tlsroll.defaults import CONTROL_PORT, JOIN_PORT, VIEWER_PORT
 
 
 @dataclass(frozen=True)
@@ -26,6 +26,10 @@ class LeaderConfig:
     admin_socket: Path
     node_name: str | None
     scope_freeze_lease: int  # seconds a --freeze scope holds on a node without renewal
+    viewer_port: int  # the read-only web viewer (https); 0: off
+    # A file (0600) with the bearer token a Prometheus server scrapes /metrics with; None: only
+    # a viewer session may read /metrics.
+    metrics_token_file: Path | None
 
     @classmethod
     def load(cls, path: Path) -> LeaderConfig:
@@ -44,6 +48,8 @@ class LeaderConfig:
             admin_socket=s.path("admin_socket", layout.admin_socket),
             node_name=s.text("node_name", None),
             scope_freeze_lease=s.integer("scope_freeze_lease", 300, lo=2, hi=86400),
+            viewer_port=s.integer("viewer_port", VIEWER_PORT, lo=0, hi=65535),
+            metrics_token_file=s.path("metrics_token_file", None),
         )
         cfg.finish()  # a key or table not read above is a typo: an error, not a default
         return config

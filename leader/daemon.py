@@ -1,9 +1,11 @@
 """``tlsroll-leader``: the leader daemon.
 
-Three listeners, each with the service for its level of trust:
+Four listeners, each with the service for its level of trust:
     join port     TLS (leader cert), no client cert   Enrolment + health + reflection
     control port  mutual TLS (cluster CA)             Leader + health + reflection
     admin socket  Unix socket in a 0750 directory     Admin + health
+    viewer port   https (viewer cert), read-only      the web viewer (``leader.viewer``), off
+                                                      with ``viewer_port = 0``
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from leader.schema_store import SchemaStore
 from leader.schema_view import SchemaViewService
 from leader.service import EnrolmentService, LeaderService, LeaderState
 from leader.store import Store
+from leader.viewer.server import Viewer
 from tlsroll import __version__, logs, pki
 from tlsroll.daemon import sd_notify, stop_event, watchdog
 from tlsroll.errors import ConfigError, TlsrollError
@@ -117,8 +120,12 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     commands = Commands(
         state.store, schema, state.clock, state.online, cfg.node_name, engine.wake.set
     )
+    viewer = Viewer.build(cfg, state, schema) if cfg.viewer_port else None
     admin_pb2_grpc.add_AdminServicer_to_server(
-        AdminService(state, commands, schema, cfg.node_name), admin
+        AdminService(
+            state, commands, schema, cfg.node_name, viewer_url=viewer.url if viewer else ""
+        ),
+        admin,
     )
     schema_pb2_grpc.add_SchemaViewServicer_to_server(SchemaViewService(schema, state.clock), admin)
     await add_standard_services(
@@ -137,12 +144,19 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     for server in servers:
         await server.start()
     os.chmod(sock, 0o660)
+    if viewer is not None:
+        try:
+            await viewer.start()
+        except BaseException:
+            await asyncio.gather(*(s.stop(None) for s in servers))
+            raise
     log.info(
         "leader.started",
         version=__version__,
         join=hostport(cfg.address, cfg.join_port),
         control=hostport(cfg.address, cfg.control_port),
         admin_socket=str(sock),
+        viewer=viewer.url if viewer else "off",
         ca_pin=pki.spki_pin(state.ca.cert),
     )
     sd_notify("READY=1")
@@ -153,6 +167,8 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     sd_notify("STOPPING=1")
     pinger.cancel()
     log.info("leader.stopping", grace_seconds=GRACE_SECONDS)
+    if viewer is not None:
+        await viewer.stop()
     await asyncio.gather(*(s.stop(GRACE_SECONDS) for s in servers))
     await engine_task
     schema.close()

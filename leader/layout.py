@@ -7,6 +7,9 @@ DATA/ca/ca.key            its key, encrypted with the CA passphrase, 0600
 DATA/secrets/ca.passphrase  the CA passphrase when the admin gave none elsewhere, 0600
 DATA/tls/leader.pem       the leader's serving + client certificate, chain with the CA
 DATA/tls/leader.key       its key, 0600 (unencrypted: the daemon needs it to start)
+DATA/tls/viewer.pem       the web viewer's serving certificate (serverAuth only), chain with
+                          the CA; issued by the daemon at start when missing or due
+DATA/tls/viewer.key       its key, 0600
 DATA/run/admin.sock       the admin socket, in a 0750 directory
 """
 
@@ -18,7 +21,7 @@ from pathlib import Path
 
 from tlsroll import pki
 from tlsroll.config import dump_toml
-from tlsroll.defaults import CONTROL_PORT, JOIN_PORT, LEADER_NAME
+from tlsroll.defaults import CONTROL_PORT, JOIN_PORT, LEADER_NAME, VIEWER_PORT
 from tlsroll.errors import TlsrollError
 from tlsroll.fsutil import PRIVATE, check_private_file, make_private_dir, write_atomic
 
@@ -54,6 +57,14 @@ class Layout:
     @property
     def tls_key(self) -> Path:
         return self.data_dir / "tls" / "leader.key"
+
+    @property
+    def viewer_cert(self) -> Path:
+        return self.data_dir / "tls" / "viewer.pem"
+
+    @property
+    def viewer_key(self) -> Path:
+        return self.data_dir / "tls" / "viewer.key"
 
     @property
     def admin_socket(self) -> Path:
@@ -105,6 +116,7 @@ def init(
         "dns_names": list(names.dns),
         "control_port": CONTROL_PORT,
         "join_port": JOIN_PORT,
+        "viewer_port": VIEWER_PORT,  # the read-only web viewer; 0 turns it off
         "data_dir": layout.data_dir,
         "ca_passphrase_file": Path(passphrase_file).resolve(),
         "heartbeat_interval": 5,

@@ -77,6 +77,17 @@ class NodeDetail:
 
 
 @dataclass(frozen=True)
+class AuditEvent:
+    """One row of the audit trail."""
+
+    at: dt.datetime
+    actor: str
+    kind: str  # "rollout.state", "node.state", ...
+    subject: str  # a rollout id, or "<rollout id>/<node name>"
+    detail: dict[str, Any]
+
+
+@dataclass(frozen=True)
 class RolloutRow:
     rollout: Rollout
     meta: RolloutMeta
@@ -166,6 +177,26 @@ class SchemaStore:
         with self._db.read() as db:
             ids = [r["id"] for r in db.execute("SELECT id FROM rollouts ORDER BY epoch DESC")]
         return [row for i in ids if (row := self.get(i)) is not None]
+
+    def history(self, rollout_id: str) -> list[AuditEvent]:
+        """The audit events of a rollout and of its nodes, oldest first: its timeline."""
+        prefix = f"{rollout_id}/"
+        with self._db.read() as db:
+            rows = db.execute(
+                "SELECT at, actor, kind, subject, detail FROM audit"
+                " WHERE subject = ? OR substr(subject, 1, ?) = ? ORDER BY seq",
+                (rollout_id, len(prefix), prefix),
+            ).fetchall()
+        return [
+            AuditEvent(
+                at=dt.datetime.fromisoformat(r["at"]),
+                actor=r["actor"],
+                kind=r["kind"],
+                subject=r["subject"],
+                detail=json.loads(r["detail"]),
+            )
+            for r in rows
+        ]
 
     # --- writing ------------------------------------------------------------------------------
 

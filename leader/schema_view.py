@@ -73,6 +73,15 @@ def rollout_view(row: RolloutRow, pending: set[str] | None = None) -> schema_pb2
     )
 
 
+def schema_message(
+    rows: list[RolloutRow], pending: set[str], now: dt.datetime
+) -> schema_pb2.Schema:
+    """The whole schema as ``GetSchema`` answers it (and ``schema show --json`` prints it)."""
+    return schema_pb2.Schema(
+        rollouts=[rollout_view(r, pending) for r in rows], generated_at=timestamp(now)
+    )
+
+
 class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
     def __init__(self, schema: SchemaStore, clock: Callable[[], dt.datetime]) -> None:
         self.schema = schema
@@ -90,6 +99,4 @@ class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
         else:
             rows = await asyncio.to_thread(self.schema.all)
         pending = await asyncio.to_thread(self.schema.pending_password_nodes)
-        return schema_pb2.Schema(
-            rollouts=[rollout_view(r, pending) for r in rows], generated_at=timestamp(self.clock())
-        )
+        return schema_message(rows, pending, self.clock())

@@ -9,5 +9,6 @@ AGENT_PORT = 9442  # agent, mutual TLS: the leader calls NodeAgent
 BOOTSTRAP_PORT = 9443  # agent, https: workstations fetch the CA and enrol (the seed's port)
 HTTP_PORT = 8080  # managed server before the switch (the seed's)
 HTTPS_PORT = 8443  # managed server after the switch (the seed's)
+VIEWER_PORT = 9444  # leader, https: the read-only web viewer of the schema (0 in leader.toml: off)
 HEARTBEAT_INTERVAL = 5
 DEFAULT_DATA_DIR = Path("/var/lib/tlsroll")  # the leader's data directory

@@ -1,0 +1,323 @@
+"""The web viewer: an aiohttp app the leader serves over https on its own port, read-only.
+
+    GET /                  the newest rollout: nodes, states, addresses, freeze windows,
+                           timeline; pending password changes; nodes offline; certificates
+                           near expiry; every rollout (newest first)
+    GET /rollouts/{id}     the same with that rollout selected
+    GET /events            server-sent events: the page's live part, sent again on a change
+    GET /api/v1/schema     the schema as JSON (what `tlsroll schema show --json` prints)
+    GET /metrics           Prometheus text format (a session, or the scrape token)
+    GET /login/{secret}    spends a one-time link (`tlsroll viewer grant`), sets the session
+                           cookie and moves on to /
+    GET /static/{name}     the stylesheet and the script (no session needed)
+
+Safe by construction: only GET and HEAD are served (every other method, on any path, answers
+405 before anything else runs); no handler writes anything but the login, which spends its
+grant; the pages have links and no forms, and the Content-Security-Policy forbids form
+submissions, inline scripts and anything from another origin. Without a valid session every
+path but the login and the static files answers 401 with a page that says how to get access.
+
+The session cookie (``__Host-tlsroll-viewer``) is HttpOnly, Secure and SameSite=Strict; its
+value is 256 random bits of which the leader keeps only a hash (``leader.viewer.grants``).
+Neither it nor a login link's secret is ever logged; aiohttp's access log is off for that
+reason (it would log the login path).
+
+Workstation certificates are not accepted as a viewer identity: the bootstrap service gives
+one to every practice PC that knows the shared password, so it says "a PC of this practice",
+not "someone allowed to watch the switch"; and asking browsers for a client certificate
+would show every visitor a certificate picker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import hmac
+import json
+import re
+import time
+from collections.abc import Awaitable, Callable
+from importlib import resources
+from urllib.parse import urlencode
+
+from aiohttp import web
+from prometheus_client import CONTENT_TYPE_LATEST
+
+from leader.viewer import metrics, pages
+from leader.viewer.grants import Grant, Grants, LoginRefused
+from leader.viewer.i18n import LANGS, Words, pick_lang
+from leader.viewer.snapshot import Reader, Snapshot
+from tlsroll import logs
+
+log = logs.get_logger(__name__)
+
+SESSION_COOKIE = "__Host-tlsroll-viewer"
+LANG_COOKIE = "tlsroll-lang"
+ALLOWED_METHODS = ("GET", "HEAD")
+EVENT_INTERVAL = 0.5  # seconds between two looks at the stores while a page is open
+# Open pages share what they read: however many are open, the stores are read at most once
+# per selection and interval.
+SHARED_SECONDS = EVENT_INTERVAL / 2
+KEEPALIVE = 15.0  # seconds of silence after which /events sends a comment
+_SECRET = re.compile(r"^[A-Za-z0-9_-]{20,100}$")
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
+        "connect-src 'self'; base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "Referrer-Policy": "no-referrer",
+    "X-Frame-Options": "DENY",
+    "Cross-Origin-Opener-Policy": "same-origin",
+    "Cross-Origin-Resource-Policy": "same-origin",
+    "Cache-Control": "no-store",
+    "Server": "tlsroll",
+}
+STATIC = {
+    "viewer.css": "text/css",
+    "viewer.js": "text/javascript",
+}
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+GRANT: web.RequestKey[Grant] = web.RequestKey("grant", Grant)
+
+
+class ViewerApp:
+    """The handlers and what they read: the grants, the snapshot reader, the clock."""
+
+    def __init__(
+        self,
+        *,
+        reader: Reader,
+        grants: Grants,
+        clock: Callable[[], dt.datetime],
+        address: str,
+        scrape_token: str | None,
+        closing: asyncio.Event,
+    ) -> None:
+        self.reader = reader
+        self.grants = grants
+        self.clock = clock
+        self.address = address
+        self.scrape_token = scrape_token
+        self.closing = closing
+        self._shared: dict[str | None, tuple[float, Snapshot]] = {}
+        self._reading = asyncio.Lock()
+        self.static = {
+            name: (kind, (resources.files("leader.viewer") / "static" / name).read_bytes())
+            for name, kind in STATIC.items()
+        }
+
+    def make(self) -> web.Application:
+        app = web.Application(middlewares=[self._only_get, self._language, self._session])
+        app.on_response_prepare.append(self._headers)
+        routes = app.router
+        routes.add_get("/", self.index)
+        routes.add_get("/rollouts/{rollout_id}", self.rollout)
+        routes.add_get("/events", self.events)
+        routes.add_get("/api/v1/schema", self.api_schema)
+        routes.add_get("/metrics", self.metrics)
+        routes.add_get("/login/{secret}", self.login)
+        routes.add_get("/static/{name}", self.static_file)
+        return app
+
+    # --- what every request goes through ------------------------------------------------------
+
+    @web.middleware
+    async def _only_get(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Nothing but GET and HEAD, on any path, known or not: nothing here takes input."""
+        if request.method not in ALLOWED_METHODS:
+            return web.Response(
+                status=405,
+                text="405: the viewer is read-only (GET and HEAD only)\n",
+                headers={"Allow": ", ".join(ALLOWED_METHODS)},
+            )
+        return await handler(request)
+
+    @web.middleware
+    async def _session(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """Every path but the login and the static files needs a valid session (or, for
+        /metrics, the scrape token)."""
+        if request.path.startswith(("/login/", "/static/")):
+            return await handler(request)
+        if request.path == "/metrics" and self._scrape_token_ok(request):
+            return await handler(request)
+        session_id = request.cookies.get(SESSION_COOKIE, "")
+        grant = await self._grant(session_id)
+        if grant is None:
+            return self._denied(request, "session" if session_id else "none")
+        request[GRANT] = grant
+        return await handler(request)
+
+    async def _grant(self, session_id: str) -> Grant | None:
+        if not _SECRET.match(session_id):
+            return None
+        return await asyncio.to_thread(self.grants.session, session_id, self.clock())
+
+    def _scrape_token_ok(self, request: web.Request) -> bool:
+        if self.scrape_token is None:
+            return False
+        scheme, _, value = request.headers.get("Authorization", "").partition(" ")
+        return scheme.lower() == "bearer" and hmac.compare_digest(
+            value.strip().encode(), self.scrape_token.encode()
+        )
+
+    @web.middleware
+    async def _language(self, request: web.Request, handler: Handler) -> web.StreamResponse:
+        """``?lang=en`` (or ``de``) is remembered in a cookie (not a secret)."""
+        response = await handler(request)
+        lang = request.query.get("lang")
+        if lang in LANGS and lang != request.cookies.get(LANG_COOKIE) and not response.prepared:
+            response.set_cookie(
+                LANG_COOKIE, lang, max_age=365 * 86400, path="/", secure=True, samesite="Strict"
+            )
+        return response
+
+    async def _headers(self, request: web.Request, response: web.StreamResponse) -> None:
+        for name, value in SECURITY_HEADERS.items():
+            response.headers[name] = value
+
+    def _words(self, request: web.Request) -> Words:
+        return Words.of(pick_lang(request.query.get("lang"), request.cookies.get(LANG_COOKIE)))
+
+    def _denied(self, request: web.Request, reason: str) -> web.Response:
+        """401 with the page that says how to get access."""
+        headers = {"WWW-Authenticate": 'Bearer realm="tlsroll"'}
+        return web.Response(
+            status=401,
+            text=pages.denied_page(self._words(request), reason),
+            content_type="text/html",
+            headers=headers if request.path == "/metrics" else None,
+        )
+
+    # --- pages --------------------------------------------------------------------------------
+
+    async def _snapshot(self, rollout_id: str | None) -> Snapshot:
+        return await asyncio.to_thread(self.reader.read, rollout_id)
+
+    async def _shared_snapshot(self, rollout_id: str | None) -> Snapshot:
+        """A snapshot at most ``SHARED_SECONDS`` old, for the live streams."""
+        async with self._reading:
+            now = time.monotonic()
+            hit = self._shared.get(rollout_id)
+            if hit is not None and now - hit[0] < SHARED_SECONDS:
+                return hit[1]
+            snap = await self._snapshot(rollout_id)
+            self._shared = {k: v for k, v in self._shared.items() if now - v[0] < SHARED_SECONDS}
+            self._shared[rollout_id] = (time.monotonic(), snap)
+            return snap
+
+    def _page(self, request: web.Request, rollout_id: str | None) -> pages.PageContext:
+        grant = request[GRANT]
+        query = {"lang": self._words(request).lang}
+        if rollout_id is not None:
+            query["rollout"] = rollout_id
+        return pages.PageContext(
+            address=self.address,
+            grant_name=grant.name,
+            grant_until=grant.expires_at,
+            events_url=f"/events?{urlencode(query)}",
+        )
+
+    async def index(self, request: web.Request) -> web.Response:
+        return await self._schema_page(request, None)
+
+    async def rollout(self, request: web.Request) -> web.Response:
+        return await self._schema_page(request, request.match_info["rollout_id"])
+
+    async def _schema_page(self, request: web.Request, rollout_id: str | None) -> web.Response:
+        snap = await self._snapshot(rollout_id)
+        if rollout_id is not None and snap.selected is None:
+            raise web.HTTPNotFound(text=f"no rollout {rollout_id!r}\n")
+        html = pages.schema_page(snap, self._words(request), self._page(request, rollout_id))
+        return web.Response(text=html, content_type="text/html")
+
+    async def events(self, request: web.Request) -> web.StreamResponse:
+        """The live part of the page as server-sent events: sent at once, then again whenever
+        it changes; ``unauthorized`` (and the end) when the session expires or is revoked."""
+        rollout_id = request.query.get("rollout") or None
+        words = self._words(request)
+        page = self._page(request, rollout_id)
+        session_id = request.cookies.get(SESSION_COOKIE, "")
+        response = web.StreamResponse(
+            headers={"Content-Type": "text/event-stream", "X-Accel-Buffering": "no"}
+        )
+        await response.prepare(request)
+        if request.method == "HEAD":
+            return response
+        last = ""
+        quiet = 0.0
+        with contextlib.suppress(ConnectionResetError):
+            await response.write(b"retry: 2000\n\n")
+            while not self.closing.is_set():
+                if request.transport is None or request.transport.is_closing():
+                    break
+                if await self._grant(session_id) is None:
+                    await response.write(sse("unauthorized", ""))
+                    break
+                snap = await self._shared_snapshot(rollout_id)
+                html = pages.schema_content(snap, words, page)
+                if html != last:
+                    await response.write(sse("update", html))
+                    last, quiet = html, 0.0
+                elif quiet >= KEEPALIVE:
+                    await response.write(b": keepalive\n\n")
+                    quiet = 0.0
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self.closing.wait(), EVENT_INTERVAL)
+                quiet += EVENT_INTERVAL
+        return response
+
+    async def api_schema(self, request: web.Request) -> web.Response:
+        snap = await self._snapshot(None)
+        return web.Response(
+            text=json.dumps(snap.data, indent=2, sort_keys=True) + "\n",
+            content_type="application/json",
+        )
+
+    async def metrics(self, request: web.Request) -> web.Response:
+        snap = await self._snapshot(None)
+        body = await asyncio.to_thread(metrics.render, snap)
+        return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
+
+    async def login(self, request: web.Request) -> web.Response:
+        """Spend the link, set the session cookie, move on to / (HEAD spends nothing, so a
+        link checker that only looks does not use the link up)."""
+        words = self._words(request)
+        if request.method == "HEAD":
+            return web.Response(content_type="text/html")
+        secret = request.match_info["secret"]
+        now = self.clock()
+        try:
+            if not _SECRET.match(secret):
+                raise LoginRefused("unknown")
+            grant, session_id = await asyncio.to_thread(self.grants.login, secret, now)
+        except LoginRefused as exc:
+            log.info("viewer.login_refused", reason=exc.reason)
+            return self._denied(request, exc.reason)
+        log.info("viewer.login_succeeded", grant_id=grant.id, name=grant.name)
+        response = web.Response(text=pages.login_page(words), content_type="text/html")
+        response.set_cookie(
+            SESSION_COOKIE,
+            session_id,
+            max_age=max(1, int((grant.expires_at - now).total_seconds())),
+            path="/",
+            secure=True,
+            httponly=True,
+            samesite="Strict",
+        )
+        return response
+
+    async def static_file(self, request: web.Request) -> web.Response:
+        found = self.static.get(request.match_info["name"])
+        if found is None:
+            raise web.HTTPNotFound()
+        kind, body = found
+        return web.Response(body=body, content_type=kind, charset="utf-8")
+
+
+def sse(event: str, data: str) -> bytes:
+    """One server-sent event; a line of ``data`` each (the browser joins them with \\n)."""
+    lines = [f"event: {event}"] + [f"data: {line}" for line in data.replace("\r", "").split("\n")]
+    return ("\n".join(lines) + "\n\n").encode("utf-8")

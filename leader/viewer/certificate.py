@@ -1,0 +1,70 @@
+"""The web viewer's serving certificate: issued by the cluster CA for the leader's address.
+
+A workstation that has done the bootstrap trusts the cluster CA, so it opens the viewer
+without a warning. The certificate is the viewer's own (serverAuth only, its own key 0600 in
+``DATA/tls/viewer.key``), not the leader's: the leader's certificate is also its client identity
+towards the agents, and a browser-facing listener has no need for that. The daemon calls
+``ensure`` at start: it issues a new certificate when there is none, when it is due (within
+``RENEW_BEFORE`` of its end), when the names changed or when it is not from this CA.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+
+from cryptography import x509
+
+from leader.layout import Layout
+from tlsroll import logs, pki
+from tlsroll.defaults import LEADER_NAME
+from tlsroll.errors import PKIError
+from tlsroll.fsutil import write_atomic
+
+RENEW_BEFORE = dt.timedelta(days=30)
+log = logs.get_logger(__name__)
+
+
+def _usable(
+    layout: Layout, ca: pki.CertificateAuthority, names: pki.Names, now: dt.datetime
+) -> x509.Certificate | None:
+    """The certificate on disk, if it can be served as it is."""
+    if not (layout.viewer_cert.exists() and layout.viewer_key.exists()):
+        return None
+    try:
+        cert = pki.load_certs_pem(layout.viewer_cert.read_bytes())[0]
+        key = pki.read_key(layout.viewer_key)
+    except (PKIError, IndexError):
+        return None
+    if (
+        not pki.key_matches(cert, key)
+        or not pki.issued_by(cert, ca.cert)
+        or pki.names_of(cert) != names
+        or cert.not_valid_after_utc - now < RENEW_BEFORE
+    ):
+        return None
+    return cert
+
+
+def ensure(
+    layout: Layout,
+    ca: pki.CertificateAuthority,
+    address: str,
+    dns_names: tuple[str, ...],
+    now: dt.datetime,
+) -> x509.Certificate:
+    """The viewer's certificate for ``address`` (and ``dns_names``), issued if needed."""
+    names = pki.Names.of(LEADER_NAME, [address], dns_names)
+    cert = _usable(layout, ca, names, now)
+    if cert is not None:
+        return cert
+    key = pki.generate_key()
+    cert = ca.issue(key.public_key(), names, server=True, client=False, now=now)
+    pki.write_key(layout.viewer_key, key)
+    write_atomic(layout.viewer_cert, pki.cert_to_pem(cert) + ca.cert_pem)
+    log.info(
+        "viewer.certificate_issued",
+        address=address,
+        fingerprint=pki.fingerprint(cert),
+        not_after=cert.not_valid_after_utc.isoformat(),
+    )
+    return cert

@@ -1,0 +1,307 @@
+"""The web viewer's words in German (the default) and English, and how it writes times.
+
+``Words.of(lang)`` gives the page its texts (``w("title")``), the words for the states and
+changes of the schema (``w.state("needs_attention")``) and the formats of times and
+durations. A test checks that both languages have every key and every state.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+
+from leader.rollout_core import NodeState, RolloutState
+from tlsroll.enums import Change
+
+LANGS = ("de", "en")
+DEFAULT_LANG = "de"
+
+_DE: dict[str, str] = {
+    "title": "Update-Schema",
+    "subtitle": "Umstellung auf https – Leader {address}",
+    "signed_in": "Angemeldet als {name} (nur lesen, bis {until})",
+    "nobody": "ohne Namen",
+    "lang_switch": "English",
+    "lang_switch_label": "Sprache",
+    "live_on": "Live",
+    "live_off": "Verbindung unterbrochen – versuche erneut …",
+    "live_label": "Live-Aktualisierung",
+    "updated": "Stand",
+    "read_only": "Nur lesen: nichts auf dieser Seite ändert den Multiserver.",
+    "print_title": "Aufzeichnung der Umstellung",
+    "printed": "Gedruckt",
+    "no_rollouts": "Noch keine Umstellung. Sobald eine beginnt, erscheint sie hier von selbst.",
+    "rollout": "Umstellung",
+    "rollouts": "Alle Umstellungen (neueste zuerst)",
+    "selected": "ausgewählt",
+    "change": "Änderung",
+    "state": "Zustand",
+    "scope": "Umfang",
+    "scope_cluster": "gesamter Multiserver",
+    "scope_local": "nur der Leader-Knoten",
+    "scope_nodes": "Knoten: {nodes}",
+    "freeze_mode": "Schreibsperre",
+    "freeze_node": "je Knoten nur während seiner Umstellung",
+    "freeze_scope": "alle Knoten während der gesamten Umstellung",
+    "started_by": "Gestartet von",
+    "created": "Angelegt",
+    "started": "Begonnen",
+    "ended": "Beendet",
+    "reason": "Grund",
+    "undoes": "Nimmt zurück",
+    "nodes": "Knoten",
+    "node": "Knoten",
+    "old_url": "Adresse bisher",
+    "new_url": "Adresse neu",
+    "freeze": "Schreibsperre",
+    "restart": "Neustart",
+    "cert_expiry": "Zertifikat gültig bis",
+    "leader_node": "Leader",
+    "attention": "Braucht Aufmerksamkeit: {nodes}. Der Rückweg ist fehlgeschlagen; der Knoten "
+    "ist in keinem bekannten Zustand. Bitte die Praxis-IT verständigen.",
+    "timeline": "Verlauf",
+    "timeline_rollout": "Umstellung insgesamt",
+    "transition": "{old} → {new}",
+    "no_transitions": "noch keine Übergänge",
+    "passwords": "Passwortänderungen",
+    "password_pending": "neues Passwort hinterlegt – wirksam nach Neustart",
+    "offline": "Knoten offline",
+    "all_online": "Alle {count} Knoten melden sich regelmäßig.",
+    "no_nodes": "Noch kein Knoten angemeldet.",
+    "addresses": "Adressen",
+    "last_heartbeat": "Letztes Lebenszeichen",
+    "never": "nie",
+    "certs": "Zertifikate, die bald ablaufen",
+    "certs_none": "Kein Zertifikat läuft in den nächsten {days} Tagen ab.",
+    "cert_kind": "Art",
+    "cert_subject": "Für",
+    "cert_days": "Tage übrig",
+    "expired": "abgelaufen",
+    "cert_ca": "Zertifizierungsstelle (CA)",
+    "cert_leader": "Leader (Steuerung)",
+    "cert_viewer": "diese Webansicht",
+    "cert_agent": "Agent eines Knotens",
+    "cert_server": "Server (https, 8443)",
+    "none": "–",
+    "seconds": "{value} s",
+    "window": "{start}–{end} ({seconds})",
+    "window_open": "seit {start}",
+    "denied_title": "Kein Zugang",
+    "denied_intro": "Diese Seite zeigt das Update-Schema nur mit einer gültigen Lesefreigabe.",
+    "denied_none": "Sie sind nicht angemeldet.",
+    "denied_session": "Ihre Sitzung ist abgelaufen oder wurde widerrufen.",
+    "denied_unknown": "Dieser Anmelde-Link ist unbekannt.",
+    "denied_used": "Dieser Anmelde-Link wurde bereits verwendet (er gilt nur einmal).",
+    "denied_expired": "Dieser Anmelde-Link ist abgelaufen.",
+    "denied_revoked": "Dieser Anmelde-Link wurde widerrufen.",
+    "denied_how": "So bekommen Sie Zugang: Bitten Sie die Praxis-IT um einen neuen Anmelde-Link. "
+    "Sie erstellt ihn am Leader-Knoten mit",
+    "denied_how_after": "und gibt Ihnen den Link; er gilt einmal und für eine begrenzte Zeit.",
+    "login_title": "Angemeldet",
+    "login_continue": "Weiter zum Update-Schema",
+    "date": "%d.%m.%Y %H:%M:%S %Z",
+    "time": "%H:%M:%S",
+}
+
+_EN: dict[str, str] = {
+    "title": "Update schema",
+    "subtitle": "Switch to https – leader {address}",
+    "signed_in": "Signed in as {name} (read-only, until {until})",
+    "nobody": "no name",
+    "lang_switch": "Deutsch",
+    "lang_switch_label": "Language",
+    "live_on": "Live",
+    "live_off": "Connection lost – retrying …",
+    "live_label": "Live updates",
+    "updated": "Updated",
+    "read_only": "Read-only: nothing on this page changes the multiserver.",
+    "print_title": "Record of the switch",
+    "printed": "Printed",
+    "no_rollouts": "No rollout yet. As soon as one starts, it appears here by itself.",
+    "rollout": "Rollout",
+    "rollouts": "All rollouts (newest first)",
+    "selected": "selected",
+    "change": "Change",
+    "state": "State",
+    "scope": "Scope",
+    "scope_cluster": "the whole multiserver",
+    "scope_local": "the leader node only",
+    "scope_nodes": "nodes: {nodes}",
+    "freeze_mode": "Write freeze",
+    "freeze_node": "each node only during its own switch",
+    "freeze_scope": "every node for the whole rollout",
+    "started_by": "Started by",
+    "created": "Created",
+    "started": "Started",
+    "ended": "Ended",
+    "reason": "Reason",
+    "undoes": "Takes back",
+    "nodes": "Nodes",
+    "node": "Node",
+    "old_url": "Old address",
+    "new_url": "New address",
+    "freeze": "Write freeze",
+    "restart": "Restart",
+    "cert_expiry": "Certificate valid until",
+    "leader_node": "leader",
+    "attention": "Needs attention: {nodes}. The way back failed; the node is in no known "
+    "state. Please call the practice IT.",
+    "timeline": "Timeline",
+    "timeline_rollout": "The rollout as a whole",
+    "transition": "{old} → {new}",
+    "no_transitions": "no transitions yet",
+    "passwords": "Password changes",
+    "password_pending": "new password staged – takes effect at next restart",
+    "offline": "Nodes offline",
+    "all_online": "All {count} nodes report in regularly.",
+    "no_nodes": "No node enrolled yet.",
+    "addresses": "Addresses",
+    "last_heartbeat": "Last heartbeat",
+    "never": "never",
+    "certs": "Certificates near expiry",
+    "certs_none": "No certificate expires within the next {days} days.",
+    "cert_kind": "Kind",
+    "cert_subject": "For",
+    "cert_days": "Days left",
+    "expired": "expired",
+    "cert_ca": "certificate authority (CA)",
+    "cert_leader": "leader (control)",
+    "cert_viewer": "this web viewer",
+    "cert_agent": "a node's agent",
+    "cert_server": "server (https, 8443)",
+    "none": "–",
+    "seconds": "{value} s",
+    "window": "{start}–{end} ({seconds})",
+    "window_open": "since {start}",
+    "denied_title": "No access",
+    "denied_intro": "This page shows the update schema only with a valid read-only grant.",
+    "denied_none": "You are not signed in.",
+    "denied_session": "Your session has expired or was revoked.",
+    "denied_unknown": "This login link is unknown.",
+    "denied_used": "This login link has already been used (it works once).",
+    "denied_expired": "This login link has expired.",
+    "denied_revoked": "This login link was revoked.",
+    "denied_how": "How to get access: ask the practice IT for a new login link. They make it on "
+    "the leader node with",
+    "denied_how_after": "and give you the link; it works once and for a limited time.",
+    "login_title": "Signed in",
+    "login_continue": "Continue to the update schema",
+    "date": "%Y-%m-%d %H:%M:%S %Z",
+    "time": "%H:%M:%S",
+}
+
+_STATES_DE: dict[str, str] = {
+    NodeState.PENDING: "wartet",
+    NodeState.PREFLIGHT: "Vorprüfung",
+    NodeState.STAGING: "bereitet vor",
+    NodeState.STAGED: "vorbereitet",
+    NodeState.SWITCHING: "stellt um",
+    NodeState.CONFIRMING: "prüft von außen",
+    NodeState.DONE: "fertig",
+    NodeState.FAILED: "fehlgeschlagen",
+    NodeState.ROLLED_BACK: "zurückgerollt",
+    NodeState.SKIPPED: "übersprungen",
+    NodeState.NEEDS_ATTENTION: "braucht Aufmerksamkeit",
+    RolloutState.PLANNED: "geplant",
+    RolloutState.RUNNING: "läuft",
+    RolloutState.PAUSED: "angehalten",
+    RolloutState.ABORTING: "wird abgebrochen",
+    RolloutState.HALTING: "stoppt nach Fehler",
+    RolloutState.COMPLETED: "abgeschlossen",
+    RolloutState.HALTED: "nach Fehler gestoppt",
+    RolloutState.ABORTED: "abgebrochen",
+}
+_STATES_EN: dict[str, str] = {
+    NodeState.PENDING: "pending",
+    NodeState.PREFLIGHT: "preflight",
+    NodeState.STAGING: "staging",
+    NodeState.STAGED: "staged",
+    NodeState.SWITCHING: "switching",
+    NodeState.CONFIRMING: "confirming",
+    NodeState.DONE: "done",
+    NodeState.FAILED: "failed",
+    NodeState.ROLLED_BACK: "rolled back",
+    NodeState.SKIPPED: "skipped",
+    NodeState.NEEDS_ATTENTION: "needs attention",
+    RolloutState.PLANNED: "planned",
+    RolloutState.RUNNING: "running",
+    RolloutState.PAUSED: "paused",
+    RolloutState.ABORTING: "aborting",
+    RolloutState.HALTING: "halting",
+    RolloutState.COMPLETED: "completed",
+    RolloutState.HALTED: "halted",
+    RolloutState.ABORTED: "aborted",
+}
+_CHANGES_DE: dict[str, str] = {
+    Change.ENABLE_TLS: "auf https umstellen",
+    Change.CHANGE_PASSWORD: "Passwort ändern",
+    Change.ROTATE_CERT: "Zertifikate erneuern",
+    Change.DISABLE_TLS: "zurück auf http",
+}
+_CHANGES_EN: dict[str, str] = {
+    Change.ENABLE_TLS: "switch to https",
+    Change.CHANGE_PASSWORD: "change password",
+    Change.ROTATE_CERT: "renew certificates",
+    Change.DISABLE_TLS: "back to http",
+}
+
+TEXTS = {"de": _DE, "en": _EN}
+STATES = {"de": _STATES_DE, "en": _STATES_EN}
+CHANGES = {"de": _CHANGES_DE, "en": _CHANGES_EN}
+
+
+def pick_lang(query: str | None, cookie: str | None) -> str:
+    """The language: ``?lang=`` first, then the cookie, else German."""
+    for choice in (query, cookie):
+        if choice in LANGS:
+            return choice
+    return DEFAULT_LANG
+
+
+@dataclass(frozen=True)
+class Words:
+    lang: str
+
+    @classmethod
+    def of(cls, lang: str) -> Words:
+        return cls(lang if lang in LANGS else DEFAULT_LANG)
+
+    def __call__(self, key: str, **values: object) -> str:
+        text = TEXTS[self.lang][key]
+        return text.format(**values) if values else text
+
+    def state(self, value: str) -> str:
+        """A node's or rollout's state in words (the value itself if unknown)."""
+        return STATES[self.lang].get(value, value)
+
+    def change(self, value: str) -> str:
+        return CHANGES[self.lang].get(value, value)
+
+    def when(self, value: dt.datetime | str | None) -> str:
+        """A time in the leader's local zone, as people in this language write it."""
+        if not value:
+            return self("none")
+        when = dt.datetime.fromisoformat(value) if isinstance(value, str) else value
+        return when.astimezone().strftime(self("date"))
+
+    def number(self, value: float, digits: int = 1) -> str:
+        text = f"{value:.{digits}f}"
+        return text.replace(".", ",") if self.lang == "de" else text
+
+    def seconds(self, value: float) -> str:
+        return self("seconds", value=self.number(value))
+
+    def window(self, start: str | None, end: str | None) -> str:
+        """A freeze window: from, to and how long."""
+        if not start:
+            return self("none")
+        if not end:
+            return self("window_open", start=self.when(start))
+        a, b = dt.datetime.fromisoformat(start), dt.datetime.fromisoformat(end)
+        same_day = a.astimezone().date() == b.astimezone().date()
+        return self(
+            "window",
+            start=self.when(a),
+            end=b.astimezone().strftime(self("time")) if same_day else self.when(b),
+            seconds=self.seconds((b - a).total_seconds()),
+        )

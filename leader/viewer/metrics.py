@@ -1,0 +1,106 @@
+"""``/metrics``: the schema in Prometheus' text format, made from one ``Snapshot`` per scrape.
+
+Each scrape builds a private ``CollectorRegistry`` from the stores (nothing is kept between
+scrapes, and the process-wide default registry is not used). The histograms count every node
+of every rollout in the schema, so their counts only grow, as Prometheus expects of them.
+
+    tlsroll_rollouts{state}                          rollouts in each state
+    tlsroll_rollout_node_state{rollout,node,state}   1 for the state a node of the newest
+                                                     rollout is in, 0 for the others
+    tlsroll_node_online{node}                        1 if the node's heartbeats arrive
+    tlsroll_node_heartbeat_age_seconds{node}         since its last heartbeat
+    tlsroll_freeze_window_seconds                    how long nodes refused writes
+    tlsroll_restart_seconds                          how long the managed server's restart took
+    tlsroll_certificate_expiry_timestamp_seconds{kind,subject,fingerprint}
+    tlsroll_password_change_pending{node}            1: a new password waits for a restart
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Gauge, Histogram, generate_latest
+
+from leader.rollout_core import NodeState, RolloutState
+from leader.viewer.snapshot import Snapshot
+from leader.wire import NODE_STATE, ROLLOUT_STATE
+
+SECONDS_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0)
+
+
+def render(snap: Snapshot) -> bytes:
+    """The text exposition of ``snap``."""
+    registry = CollectorRegistry(auto_describe=True)
+    rollouts = Gauge(
+        "tlsroll_rollouts", "Rollouts in the schema by state.", ["state"], registry=registry
+    )
+    counts = {s.value: 0 for s in RolloutState}
+    for r in snap.schema.rollouts:
+        counts[ROLLOUT_STATE.text(r.state)] += 1
+    for state, count in counts.items():
+        rollouts.labels(state).set(count)
+
+    node_state = Gauge(
+        "tlsroll_rollout_node_state",
+        "1 for the state each node of the newest rollout is in, 0 for the other states.",
+        ["rollout", "node", "state"],
+        registry=registry,
+    )
+    if snap.schema.rollouts:
+        newest = snap.schema.rollouts[0]
+        for n in newest.nodes:
+            current = NODE_STATE.text(n.state)
+            for s in NodeState:
+                node_state.labels(newest.id, n.name, s.value).set(int(s.value == current))
+
+    online = Gauge(
+        "tlsroll_node_online", "1 if the node's heartbeats arrive.", ["node"], registry=registry
+    )
+    age = Gauge(
+        "tlsroll_node_heartbeat_age_seconds",
+        "Seconds since the node's last heartbeat (absent: never).",
+        ["node"],
+        registry=registry,
+    )
+    for node in snap.nodes:
+        online.labels(node.name).set(int(node.online))
+        if node.heartbeat_age is not None:
+            age.labels(node.name).set(node.heartbeat_age)
+
+    freeze = Histogram(
+        "tlsroll_freeze_window_seconds",
+        "How long a node refused writes during its switch (every node of every rollout).",
+        buckets=SECONDS_BUCKETS,
+        registry=registry,
+    )
+    restart = Histogram(
+        "tlsroll_restart_seconds",
+        "How long the managed server took to restart during a switch.",
+        buckets=SECONDS_BUCKETS,
+        registry=registry,
+    )
+    for r in snap.schema.rollouts:
+        for n in r.nodes:
+            if n.HasField("freeze_started_at") and n.HasField("freeze_ended_at"):
+                window = n.freeze_ended_at.ToDatetime() - n.freeze_started_at.ToDatetime()
+                freeze.observe(window.total_seconds())
+            if n.restart_seconds > 0:
+                restart.observe(n.restart_seconds)
+
+    expiry = Gauge(
+        "tlsroll_certificate_expiry_timestamp_seconds",
+        "When a certificate expires (Unix time): the CA, the leader's, the viewer's, each "
+        "node's agent certificate and the certificate each node serves on 8443.",
+        ["kind", "subject", "fingerprint"],
+        registry=registry,
+    )
+    for cert in snap.certificates:
+        expiry.labels(cert.kind, cert.subject, cert.fingerprint).set(cert.not_after.timestamp())
+
+    pending = Gauge(
+        "tlsroll_password_change_pending",
+        "1 if a newer auth password is staged than the one live on the node.",
+        ["node"],
+        registry=registry,
+    )
+    for name in snap.pending_passwords:
+        pending.labels(name).set(1)
+    return generate_latest(registry)

@@ -1,0 +1,194 @@
+"""What the web viewer shows, read in one go from the leader's stores: the schema, the nodes,
+their certificates, and the timeline of the selected rollout.
+
+Nothing here writes. ``Reader.read`` runs in a worker thread (it reads SQLite); the pages,
+``/api/v1/schema`` and ``/metrics`` are all made from one ``Snapshot``. The schema part is the
+message ``GetSchema`` answers (``leader.schema_view.schema_message``), so ``/api/v1/schema`` is
+what ``tlsroll schema show --json`` prints.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from cryptography import x509
+
+from leader.rollout_core import NodeState
+from leader.schema_store import SchemaStore
+from leader.schema_view import schema_message
+from leader.store import Store
+from leader.wire import CHANGE, NODE_STATE
+from tlsroll import pki, wire
+from tlsroll.enums import Change
+from tlsroll.v1 import schema_pb2
+
+NEAR_EXPIRY = dt.timedelta(days=30)
+# The changes after which a node that ended `done` serves the rollout's certificate on 8443.
+_SERVES_NEW_CERT = {Change.ENABLE_TLS.value, Change.ROTATE_CERT.value}
+
+
+@dataclass(frozen=True)
+class NodeStatus:
+    """An enrolled node as the leader sees it by its heartbeat."""
+
+    name: str
+    addresses: tuple[str, ...]
+    online: bool
+    last_heartbeat: dt.datetime | None
+    heartbeat_age: float | None  # seconds since the last heartbeat; None: never
+
+
+@dataclass(frozen=True)
+class CertStatus:
+    """A certificate the cluster depends on, and when it expires."""
+
+    kind: str  # ca | leader | viewer | agent (a node's mTLS) | server (a node's 8443)
+    subject: str  # the node's name; "" for the leader's own
+    fingerprint: str
+    not_after: dt.datetime
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One state change of a rollout or a node, from the audit trail."""
+
+    at: dt.datetime
+    old: str
+    new: str
+    reason: str
+    actor: str
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    now: dt.datetime
+    schema: schema_pb2.Schema
+    data: dict[str, Any]  # wire.to_dict(schema): enums as words, as `schema show --json`
+    nodes: tuple[NodeStatus, ...]
+    pending_passwords: tuple[str, ...]
+    certificates: tuple[CertStatus, ...]
+    selected: dict[str, Any] | None  # the selected rollout of ``data``, if any
+    timeline: dict[str, tuple[Transition, ...]] = field(default_factory=dict)
+    """The selected rollout's transitions: "" its own, else by node name."""
+
+    @property
+    def offline(self) -> tuple[NodeStatus, ...]:
+        return tuple(n for n in self.nodes if not n.online)
+
+    @property
+    def near_expiry(self) -> tuple[CertStatus, ...]:
+        return tuple(c for c in self.certificates if c.not_after - self.now < NEAR_EXPIRY)
+
+    @property
+    def attention(self) -> tuple[str, ...]:
+        """The selected rollout's nodes that need a person (their way back failed)."""
+        if self.selected is None:
+            return ()
+        wanted = NodeState.NEEDS_ATTENTION.value
+        return tuple(n["name"] for n in self.selected["nodes"] if n["state"] == wanted)
+
+
+class Reader:
+    """Reads a ``Snapshot``; holds the stores and the certificates that live in files."""
+
+    def __init__(
+        self,
+        store: Store,
+        schema: SchemaStore,
+        clock: Callable[[], dt.datetime],
+        online: Callable[[dt.datetime | None], bool],
+        own_certs: Sequence[tuple[str, x509.Certificate]],
+    ) -> None:
+        """``own_certs``: the leader's own certificates as (kind, certificate): the CA, the
+        leader's, the viewer's."""
+        self.store = store
+        self.schema = schema
+        self.clock = clock
+        self.online = online
+        self.own_certs = tuple(
+            CertStatus(kind, "", pki.fingerprint(cert), cert.not_valid_after_utc)
+            for kind, cert in own_certs
+        )
+
+    def read(self, rollout_id: str | None = None) -> Snapshot:
+        """Everything at once; ``rollout_id`` selects a rollout (None: the newest). A rollout
+        id that does not exist selects none."""
+        now = self.clock()
+        rows = self.schema.all()
+        pending = self.schema.pending_password_nodes()
+        enrolled = self.store.list_nodes()
+        message = schema_message(rows, pending, now)
+        data = wire.to_dict(message)
+        selected = None
+        if data["rollouts"]:
+            if rollout_id is None:
+                selected = data["rollouts"][0]
+            else:
+                selected = next((r for r in data["rollouts"] if r["id"] == rollout_id), None)
+        timeline = _timeline(self.schema, selected["id"]) if selected else {}
+        nodes = tuple(
+            NodeStatus(
+                name=n.name,
+                addresses=n.addresses,
+                online=self.online(n.last_heartbeat),
+                last_heartbeat=n.last_heartbeat,
+                heartbeat_age=(now - n.last_heartbeat).total_seconds()
+                if n.last_heartbeat
+                else None,
+            )
+            for n in enrolled
+        )
+        agents = tuple(
+            CertStatus("agent", n.name, n.cert_fingerprint, n.cert_not_after) for n in enrolled
+        )
+        return Snapshot(
+            now=now,
+            schema=message,
+            data=data,
+            nodes=nodes,
+            pending_passwords=tuple(sorted(pending)),
+            certificates=self.own_certs + agents + server_certs(message),
+            selected=selected,
+            timeline=timeline,
+        )
+
+
+def server_certs(schema: schema_pb2.Schema) -> tuple[CertStatus, ...]:
+    """The certificate each node serves on 8443, as the schema recorded it: the newest
+    enable-tls or rotate-cert that ended ``done`` on the node, unless a disable-tls took the
+    node back to http after it."""
+    live: dict[str, CertStatus] = {}
+    for r in reversed(schema.rollouts):  # oldest first
+        change = CHANGE.text(r.change)
+        for n in r.nodes:
+            if NODE_STATE.text(n.state) != NodeState.DONE.value:
+                continue
+            if change in _SERVES_NEW_CERT and n.HasField("cert_not_after"):
+                live[n.name] = CertStatus(
+                    "server",
+                    n.name,
+                    n.cert_fingerprint,
+                    n.cert_not_after.ToDatetime(tzinfo=dt.UTC),
+                )
+            elif change == Change.DISABLE_TLS.value:
+                live.pop(n.name, None)
+    return tuple(live[name] for name in sorted(live))
+
+
+def _timeline(schema: SchemaStore, rollout_id: str) -> dict[str, tuple[Transition, ...]]:
+    found: dict[str, list[Transition]] = {}
+    for event in schema.history(rollout_id):
+        if event.kind == "rollout.created":
+            key, old, new = "", "", str(event.detail.get("state", ""))
+        elif event.kind in ("rollout.state", "node.state"):
+            key = event.subject.partition("/")[2]
+            old, new = str(event.detail.get("old", "")), str(event.detail.get("new", ""))
+        else:
+            continue
+        found.setdefault(key, []).append(
+            Transition(event.at, old, new, str(event.detail.get("reason", "")), event.actor)
+        )
+    return {key: tuple(items) for key, items in found.items()}
