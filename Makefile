@@ -5,6 +5,10 @@ PYTHON ?= python3
 VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
+# The browser tests (tests/test_viewer.py) drive Debian's Chromium through Playwright, which
+# must never download a browser of its own.
+CHROMIUM := /usr/bin/chromium
+export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
 .PHONY: test demo lint typecheck proto proto-check pytest bench clean
 
@@ -28,8 +32,18 @@ proto: $(STAMP)
 proto-check: $(STAMP)
 	$(PY) tools/protogen.py --check
 
-pytest: $(STAMP)
+pytest: $(STAMP) | $(CHROMIUM)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
+
+# Installed once when missing (CI runs as root on a fresh machine); `make demo` does not need it.
+$(CHROMIUM):
+	@if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+	  echo "make: the browser tests need $(CHROMIUM): install Debian's chromium package (as root: apt-get install chromium)" >&2; \
+	  exit 1; \
+	fi
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-liberation
+	@test -x $(CHROMIUM) || { echo "make: apt-get installed chromium, but $(CHROMIUM) is missing" >&2; exit 1; }
 
 test: lint typecheck proto-check pytest
 

@@ -1,0 +1,619 @@
+"""The web viewer (issue 13) against real processes: a leader, agents and reference servers on
+their own loopback addresses, steered with the real ``tlsroll`` CLI.
+
+Two ways in, as a person and a program would come:
+
+* HTTP (``http.client`` trusting only the cluster CA, hostname checked): the login link and
+  its cookie, 401 and 405, the scrape token, ``/api/v1/schema`` and ``/metrics``;
+* a browser: Debian's Chromium (``/usr/bin/chromium``, installed by ``make``), headless,
+  driven by Playwright (no browser download). It trusts the viewer's key by its SPKI hash
+  (``--ignore-certificate-errors-spki-list``), the browser's way of trusting one certificate;
+  that the chain verifies against the cluster CA is what the HTTP tests check.
+
+The rollout page's screenshot and its print view (a PDF) are written under the test's tmp
+dir; the paths are printed.
+"""
+
+from __future__ import annotations
+
+import base64
+import datetime as dt
+import hashlib
+import http.client
+import json
+import re
+import ssl
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from cryptography.hazmat.primitives import serialization
+from playwright.sync_api import Browser, BrowserContext, Page, Playwright, sync_playwright
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.cluster import Cluster, wait_until
+from tests.conftest import next_loopback
+from tests.test_rollout import Setup, Setups, newest, start_cmd, wait_ended, wait_rollout
+from tlsroll import pki
+from tlsroll.tls import client_context
+from tlsroll.v1 import admin_pb2
+
+pytestmark = pytest.mark.slow
+
+CHROMIUM = Path("/usr/bin/chromium")
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+VIEWER_PORT = 9444
+SESSION_COOKIE = "__Host-tlsroll-viewer"
+NODE_ORDER = ["pending", "preflight", "staging", "staged", "switching", "confirming", "done"]
+WORKING = {"preflight", "staging", "staged", "switching", "confirming"}
+BROWSER_TIMEOUT_MS = 45_000
+HOW_TO_GET_ACCESS = "tlsroll viewer grant"
+
+
+# --- HTTP with only the cluster CA trusted -------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reply:
+    status: int
+    headers: list[tuple[str, str]]
+    body: str
+
+    def header(self, name: str) -> str | None:
+        return next((v for k, v in self.headers if k.lower() == name.lower()), None)
+
+    def cookies(self) -> dict[str, str]:
+        """Set-Cookie headers by cookie name: the whole header line."""
+        lines = [v for k, v in self.headers if k.lower() == "set-cookie"]
+        return {line.split("=", 1)[0]: line for line in lines}
+
+
+def fetch(
+    cluster: Cluster,
+    path: str,
+    *,
+    method: str = "GET",
+    cookie: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> Reply:
+    """One request to the viewer, verifying its certificate against the cluster CA only."""
+    context = client_context(cluster.ca_pem)  # check_hostname: the leader's IP in the SAN
+    conn = http.client.HTTPSConnection(cluster.address, VIEWER_PORT, timeout=10, context=context)
+    sent = dict(headers or {})
+    if cookie is not None:
+        sent["Cookie"] = f"{SESSION_COOKIE}={cookie}"
+    try:
+        conn.request(method, path, headers=sent)
+        response = conn.getresponse()
+        return Reply(response.status, response.getheaders(), response.read().decode())
+    finally:
+        conn.close()
+
+
+def grant(cluster: Cluster, *args: str) -> str:
+    """``tlsroll viewer grant ARGS``: the printed login link."""
+    result = cluster.cli("viewer", "grant", *args)
+    assert result.returncode == 0, result.stderr
+    link = result.stdout.strip()
+    assert re.fullmatch(rf"https://{re.escape(cluster.address)}:9444/login/[\w-]{{43}}", link)
+    return link
+
+
+def path_of(link: str) -> str:
+    return "/" + link.split("/", 3)[3]
+
+
+def login(cluster: Cluster, *args: str) -> str:
+    """Grant and open the link over HTTP: the session cookie's value."""
+    reply = fetch(cluster, path_of(grant(cluster, *args)))
+    assert reply.status == 200, reply
+    line = reply.cookies()[SESSION_COOKIE]
+    return line.split(";", 1)[0].split("=", 1)[1]
+
+
+def grants(cluster: Cluster) -> dict[str, dict[str, Any]]:
+    result = cluster.cli("viewer", "list", "--json")
+    assert result.returncode == 0, result.stderr
+    return {g["name"]: g for g in json.loads(result.stdout)}
+
+
+def audit_rows(cluster: Cluster) -> list[dict[str, Any]]:
+    return cluster.store_table("audit")
+
+
+@pytest.fixture(scope="module")
+def lone(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """A leader alone (no node needed to log in), with a scrape token for /metrics."""
+    root = tmp_path_factory.mktemp("lone")
+    cluster = Cluster(root, next_loopback())
+    try:
+        cluster.init()
+        token_file = root / "metrics-token"
+        token_file.write_text("scrape-token-0123456789abcdef\n")
+        token_file.chmod(0o600)
+        cluster.write_leader_config({"metrics_token_file": str(token_file)})
+        cluster.start_leader()
+        yield cluster
+    finally:
+        cluster.close()
+
+
+def test_a_login_link_opens_one_strict_session_and_only_once(lone: Cluster) -> None:
+    before = fetch(lone, "/")
+    assert before.status == 401
+    assert '<html lang="de">' in before.body and HOW_TO_GET_ACCESS in before.body
+    assert 'data-reason="none"' in before.body
+
+    link = grant(lone, "--name", "Dr. Huber", "--ttl", "1h")
+    secret = link.rsplit("/", 1)[1]
+    assert fetch(lone, path_of(link), method="HEAD").status == 200  # a link checker's look
+    assert grants(lone)["Dr. Huber"]["state"] == "unused"
+
+    opened = fetch(lone, path_of(link))
+    assert opened.status == 200
+    assert '<meta http-equiv="refresh" content="0; url=/">' in opened.body
+    cookie_line = opened.cookies()[SESSION_COOKIE]
+    flags = {part.strip().split("=")[0].lower() for part in cookie_line.split(";")[1:]}
+    assert {"httponly", "secure", "path", "max-age"} <= flags, cookie_line
+    assert "samesite=strict" in cookie_line.lower().replace(" ", ""), cookie_line
+    assert "Path=/" in cookie_line and "Domain" not in cookie_line
+    max_age = int(re.search(r"Max-Age=(\d+)", cookie_line).group(1))  # type: ignore[union-attr]
+    assert 3500 <= max_age <= 3600
+    session = cookie_line.split(";", 1)[0].split("=", 1)[1]
+    assert session != secret and len(session) >= 43
+
+    again = fetch(lone, path_of(link))
+    assert again.status == 401 and 'data-reason="used"' in again.body
+    assert HOW_TO_GET_ACCESS in again.body
+    unknown = fetch(lone, "/login/" + "x" * 43)
+    assert unknown.status == 401 and 'data-reason="unknown"' in unknown.body
+
+    page = fetch(lone, "/", cookie=session)
+    assert page.status == 200 and "Angemeldet als Dr. Huber" in page.body
+    assert page.header("Content-Security-Policy") is not None
+    assert "form-action 'none'" in page.header("Content-Security-Policy")  # type: ignore[operator]
+    assert page.header("Cache-Control") == "no-store"
+    state = grants(lone)["Dr. Huber"]
+    assert state["state"] == "active" and state["used_at"]
+
+    # The leader keeps hashes only, and logs neither secret.
+    [row] = [r for r in lone.store_table("viewer_grants") if r["name"] == "Dr. Huber"]
+    assert row["secret_hash"] == hashlib.sha256(secret.encode()).hexdigest()
+    assert row["session_hash"] == hashlib.sha256(session.encode()).hexdigest()
+    stored = json.dumps(lone.store_rows(("viewer_grants", "audit")), default=str)
+    assert secret not in stored and session not in stored
+    assert lone.find_secrets(lone.logs_text(), extra=[secret, session]) == []
+    events = lone.leader.event_names()
+    assert "viewer.login_succeeded" in events and "viewer.login_refused" in events
+
+
+def test_every_method_but_get_and_head_answers_405_and_changes_nothing(lone: Cluster) -> None:
+    session = login(lone, "--name", "methods")
+    link = grant(lone, "--name", "unopened")
+    before = audit_rows(lone)
+    paths = ["/", "/rollouts/x", "/events", "/api/v1/schema", "/metrics", "/static/viewer.css"]
+    paths += [path_of(link), "/no/such/path"]
+    for path in paths:
+        for method in ("POST", "PUT", "DELETE", "PATCH", "OPTIONS"):
+            for cookie in (None, session):
+                reply = fetch(lone, path, method=method, cookie=cookie)
+                assert reply.status == 405, (method, path, reply.status)
+                assert reply.header("Allow") == "GET, HEAD", (method, path)
+    assert audit_rows(lone) == before
+    assert grants(lone)["unopened"]["state"] == "unused"  # a POST to its link spent nothing
+
+
+def test_revoked_and_expired_sessions_get_the_page_that_says_how_to_get_access(
+    lone: Cluster,
+) -> None:
+    revoked = login(lone, "--name", "to revoke")
+    assert fetch(lone, "/api/v1/schema", cookie=revoked).status == 200
+    grant_id = grants(lone)["to revoke"]["id"]
+    result = lone.cli("viewer", "revoke", grant_id)
+    assert result.returncode == 0 and grant_id in result.stdout, result.stderr
+    for path in ("/", "/api/v1/schema", "/metrics", "/events"):
+        reply = fetch(lone, path, cookie=revoked)
+        assert reply.status == 401, path
+        assert 'data-reason="session"' in reply.body and HOW_TO_GET_ACCESS in reply.body
+    assert grants(lone)["to revoke"]["state"] == "revoked"
+
+    unopened = grant(lone, "--name", "short, unopened", "--ttl", "2s")  # expires first
+    expiring = login(lone, "--name", "short", "--ttl", "2s")
+    assert fetch(lone, "/", cookie=expiring).status == 200
+    wait_until(lambda: fetch(lone, "/", cookie=expiring).status == 401, 10, "session expired")
+    english = fetch(lone, "/?lang=en", cookie=expiring)
+    assert english.status == 401 and '<html lang="en">' in english.body
+    assert "ask the practice IT" in english.body and HOW_TO_GET_ACCESS in english.body
+    late = fetch(lone, path_of(unopened))
+    assert late.status == 401 and 'data-reason="expired"' in late.body
+    assert grants(lone)["short"]["state"] == "expired"
+
+    refused = lone.cli("viewer", "revoke", "nosuch")
+    assert refused.returncode == 1 and "no viewer grant" in refused.stderr
+
+
+def test_metrics_take_the_scrape_token_or_a_session(lone: Cluster) -> None:
+    token = {"Authorization": "Bearer scrape-token-0123456789abcdef"}
+    scraped = fetch(lone, "/metrics", headers=token)
+    assert scraped.status == 200, scraped
+    assert (scraped.header("Content-Type") or "").startswith("text/plain; version=")
+    names = {f.name for f in text_string_to_metric_families(scraped.body)}
+    assert "tlsroll_rollouts" in names
+    wrong = fetch(lone, "/metrics", headers={"Authorization": "Bearer wrong-token-0123456789"})
+    assert wrong.status == 401 and wrong.header("WWW-Authenticate") == 'Bearer realm="tlsroll"'
+    assert fetch(lone, "/metrics").status == 401
+    assert fetch(lone, "/", headers=token).status == 401  # the token opens /metrics only
+    assert fetch(lone, "/metrics", cookie=login(lone, "--name", "prom")).status == 200
+
+
+def test_admin_calls_for_grants_answer_with_their_status(lone: Cluster) -> None:
+    with lone.admin() as admin:
+        made = admin.CreateViewerGrant(admin_pb2.CreateViewerGrantRequest(name="rpc"), timeout=10)
+        lives = made.info.expires_at.ToDatetime() - made.info.created_at.ToDatetime()
+        assert lives == dt.timedelta(hours=8)  # the default
+        assert made.login_url.startswith(f"https://{lone.address}:9444/login/")
+        with pytest.raises(grpc.RpcError) as too_long:
+            admin.CreateViewerGrant(
+                admin_pb2.CreateViewerGrantRequest(ttl_seconds=8 * 86400), timeout=10
+            )
+        assert too_long.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        with pytest.raises(grpc.RpcError) as missing:
+            admin.RevokeViewerGrant(admin_pb2.RevokeViewerGrantRequest(id="nosuch"), timeout=10)
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+    result = lone.cli("viewer", "grant", "--ttl", "8d")
+    assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
+    assert "at most 7 days" in result.stderr
+
+
+def test_viewer_port_zero_turns_the_viewer_off(tmp_path: Path) -> None:
+    with Cluster(tmp_path / "off", next_loopback()) as cluster:
+        cluster.init()
+        assert cluster.leader_config()["viewer_port"] == 9444  # init writes the default
+        cluster.write_leader_config({"viewer_port": 0})
+        cluster.start_leader()
+        assert not (cluster.data_dir / "tls" / "viewer.key").exists()
+        result = cluster.cli("viewer", "grant")
+        assert result.returncode == 1 and "viewer is off" in result.stderr, result.stderr
+        with pytest.raises(OSError):
+            fetch(cluster, "/")
+
+
+def test_tls_is_the_cluster_ca_and_the_leader_address(lone: Cluster) -> None:
+    """A client that trusts only the cluster CA and checks the name accepts the viewer;
+    one that trusts nothing refuses it."""
+    assert fetch(lone, "/static/viewer.css").status == 200
+    strict = ssl.create_default_context()  # the system's roots: not our CA
+    conn = http.client.HTTPSConnection(lone.address, VIEWER_PORT, timeout=10, context=strict)
+    with pytest.raises(ssl.SSLCertVerificationError):
+        conn.request("GET", "/")
+    conn.close()
+    key = lone.data_dir / "tls" / "viewer.key"
+    assert key.stat().st_mode & 0o777 == 0o600
+
+
+# --- a cluster with nodes: real rollouts, watched in a browser ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def farm(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
+    """Three nodes; z9's server demands client certificates, so its switch fails on https
+    (the agent's own check has none) and is rolled back."""
+    made = Setups(tmp_path_factory.mktemp("farm"))
+    try:
+        yield made(
+            "a1",
+            "a2",
+            "z9",
+            server={"z9": {"require_client_cert": True, "client_ca_file": "ca.pem"}},
+        )
+    finally:
+        made.close()
+
+
+def spki_hash(cluster: Cluster) -> str:
+    """Base64 SHA-256 of the viewer certificate's key, as Chromium's SPKI list takes it."""
+    cert = pki.load_certs_pem((cluster.data_dir / "tls" / "viewer.pem").read_bytes())[0]
+    der = cert.public_key().public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return base64.b64encode(hashlib.sha256(der).digest()).decode()
+
+
+@pytest.fixture(scope="module")
+def playwright() -> Iterator[Playwright]:
+    if not CHROMIUM.exists():
+        pytest.fail(f"{CHROMIUM} is missing: `make` installs Debian's chromium package")
+    with sync_playwright() as p:
+        yield p
+
+
+@pytest.fixture(scope="module")
+def browser(playwright: Playwright, farm: Setup) -> Iterator[Browser]:
+    """Chromium from Debian, headless, with a fresh profile (Playwright makes a temporary
+    user-data-dir for each launch), trusting the viewer's key."""
+    args = [*CHROMIUM_ARGS, f"--ignore-certificate-errors-spki-list={spki_hash(farm.cluster)}"]
+    browser = playwright.chromium.launch(executable_path=str(CHROMIUM), args=args, headless=True)
+    try:
+        yield browser
+    finally:
+        browser.close()
+
+
+@pytest.fixture
+def context(browser: Browser) -> Iterator[BrowserContext]:
+    """A fresh cookie jar per test."""
+    ctx = browser.new_context(viewport={"width": 1280, "height": 900})
+    ctx.set_default_timeout(BROWSER_TIMEOUT_MS)
+    try:
+        yield ctx
+    finally:
+        ctx.close()
+
+
+def base(cluster: Cluster) -> str:
+    return f"https://{cluster.address}:{VIEWER_PORT}"
+
+
+def browser_login(context: BrowserContext, cluster: Cluster, *args: str) -> Page:
+    """Open a fresh login link in the browser; it moves on to the schema by itself."""
+    page = context.new_page()
+    page.goto(grant(cluster, *args))
+    page.wait_for_url(base(cluster) + "/")
+    page.wait_for_selector("#live.on")  # the live stream is connected
+    return page
+
+
+RECORD_STATES = """() => {
+  window.__marker = "no reload";
+  window.__seen = [];
+  const record = () => {
+    const rollout = document.querySelector("#rollout");
+    const nodes = Array.from(document.querySelectorAll("#nodes tr[data-node]"))
+      .map((tr) => tr.dataset.node + "=" + tr.dataset.state);
+    const entry = (rollout ? rollout.dataset.state : "") + "|" + nodes.join(",");
+    if (window.__seen[window.__seen.length - 1] !== entry) { window.__seen.push(entry); }
+  };
+  new MutationObserver(record).observe(
+    document.getElementById("content"), {childList: true, subtree: true});
+  record();
+}"""
+
+
+def sequences(seen: list[str]) -> tuple[list[str], dict[str, list[str]]]:
+    """The rollout's states and each node's, in the order the page showed them (no repeats)."""
+    rollout: list[str] = []
+    nodes: dict[str, list[str]] = {}
+    for entry in seen:
+        state, _, rows = entry.partition("|")
+        if state and (not rollout or rollout[-1] != state):
+            rollout.append(state)
+        for row in filter(None, rows.split(",")):
+            name, _, node_state = row.partition("=")
+            states = nodes.setdefault(name, [])
+            if not states or states[-1] != node_state:
+                states.append(node_state)
+    return rollout, nodes
+
+
+def artefact(page: Page, path: Path, capsys: pytest.CaptureFixture[str], what: str) -> None:
+    page.screenshot(path=str(path), full_page=True)
+    assert path.stat().st_size > 10_000
+    with capsys.disabled():
+        print(f"\n{what}: {path}")
+
+
+def test_browser_watches_a_real_rollout_live_without_reload(
+    farm: Setup, context: BrowserContext, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    page = browser_login(context, farm.cluster, "--name", "Praxis-IT")
+    assert page.locator("html").get_attribute("lang") == "de"
+    before = newest(farm.cluster)
+    page.evaluate(RECORD_STATES)
+
+    result = farm.cli(*start_cmd(farm), "--nodes", "a1,a2", "--yes")
+    assert result.returncode == 0, result.stderr
+    rid = newest(farm.cluster)
+    assert rid is not None and rid != before
+    page.wait_for_selector(f'#rollout[data-rollout="{rid.id}"][data-state="completed"]')
+    assert wait_ended(farm.cluster).state == "completed"
+
+    assert page.evaluate("window.__marker") == "no reload"
+    rollout_states, node_states = sequences(page.evaluate("window.__seen"))
+    assert rollout_states[0] == "running" and rollout_states[-1] == "completed", rollout_states
+    for name in ("a1", "a2"):
+        states = node_states[name]
+        assert states[-1] == "done", (name, states)
+        assert [NODE_ORDER.index(s) for s in states] == sorted(NODE_ORDER.index(s) for s in states)
+    assert node_states["a2"][0] == "pending", node_states  # seen before it started
+    assert WORKING & {s for states in node_states.values() for s in states}, node_states
+
+    row = page.locator('#nodes tr[data-node="a1"]')
+    urls = row.locator("td.url").all_inner_texts()
+    address = farm["a1"].address
+    assert urls == [f"http://{address}:8080/praxis_live/", f"https://{address}:8443/praxis_live/"]
+    assert "fertig" in row.inner_text()
+    assert page.locator("#live").inner_text() == "Live"
+    artefact(page, tmp_path / "rollout-live.png", capsys, "screenshot of the rollout page")
+
+
+def test_browser_shows_why_a_node_failed_and_prints_the_record(
+    farm: Setup, context: BrowserContext, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    result = farm.cli(*start_cmd(farm), "--nodes", "z9", "--yes")
+    assert result.returncode == 0, result.stderr
+    snap = wait_rollout(farm.cluster, "z9 started", lambda s: "z9" in s.nodes)
+    page = browser_login(context, farm.cluster, "--name", "Support")
+    row = page.locator('#nodes tr[data-node="z9"][data-state="rolled_back"]')
+    row.wait_for()  # live, if the switch was still under way when the page opened
+    assert wait_ended(farm.cluster).state == "halted"
+    reason = row.locator("td.reason").inner_text()
+    assert reason.startswith("verify: ") and "8443" in reason, reason
+    assert "zurückgerollt" in row.inner_text()
+    page.wait_for_selector(f'#rollout[data-rollout="{snap.id}"][data-state="halted"]')
+    assert page.locator("#rollout .badge").first.inner_text() == "nach Fehler gestoppt"
+
+    timeline = page.locator("#tl-node-z9")
+    timeline.locator("summary").click()
+    items = timeline.locator("li").all_inner_texts()
+    assert any("zurückgerollt" in item for item in items), items
+    assert any("verify: " in item for item in items), items
+    artefact(page, tmp_path / "rollout-failed.png", capsys, "screenshot of a failed node")
+
+    page.emulate_media(media="print")
+    assert page.locator("#live").is_hidden()
+    assert page.locator("header nav").is_hidden()
+    assert page.locator(".print-only").is_visible()
+    pdf = tmp_path / "rollout-record.pdf"
+    page.pdf(path=str(pdf), prefer_css_page_size=True)
+    assert pdf.read_bytes().startswith(b"%PDF")
+    with capsys.disabled():
+        print(f"\nprint view of the rollout page: {pdf}")
+
+
+def test_browser_finds_nothing_that_posts_and_loads_nothing_from_elsewhere(
+    farm: Setup, context: BrowserContext
+) -> None:
+    requested: list[str] = []
+    context.on("request", lambda request: requested.append(request.url))
+    page = browser_login(context, farm.cluster, "--name", "Prüfer")
+    origin = base(farm.cluster)
+    assert page.locator("form").count() == 0
+    assert page.locator("button, input, select, textarea").count() == 0
+    for href in page.locator("a[href]").evaluate_all("(as) => as.map((a) => a.href)"):
+        assert href.startswith(origin + "/"), href
+    assert requested and all(url.startswith(origin + "/") for url in requested), requested
+    statuses = page.evaluate(
+        """async () => {
+          const out = {};
+          for (const method of ["POST", "PUT", "DELETE", "PATCH"]) {
+            out[method] = (await fetch("/", {method})).status;
+          }
+          out.GET = (await fetch("/api/v1/schema")).status;
+          return out;
+        }"""
+    )
+    assert statuses == {"POST": 405, "PUT": 405, "DELETE": 405, "PATCH": 405, "GET": 200}
+
+
+def test_browser_renders_german_and_english_also_on_a_phone(
+    farm: Setup, context: BrowserContext, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    page = browser_login(context, farm.cluster, "--name", "Sprachen")
+    assert page.locator("html").get_attribute("lang") == "de"
+    assert page.locator("h1").inner_text() == "Update-Schema"
+    assert page.locator("#offline h2").inner_text() == "Knoten offline"
+    page.get_by_role("link", name="English").click()
+    page.wait_for_selector('html[lang="en"]')
+    assert page.locator("h1").inner_text() == "Update schema"
+    assert page.locator("#offline h2").inner_text() == "Nodes offline"
+    assert page.locator("#certificates h2").inner_text() == "Certificates near expiry"
+    page.goto(base(farm.cluster) + "/")  # the choice is kept in a cookie
+    assert page.locator("html").get_attribute("lang") == "en"
+    page.wait_for_selector("#live.on")
+    page.get_by_role("link", name="Deutsch").click()
+    page.wait_for_selector('html[lang="de"]')
+
+    # A phone: the page fits the screen; wide tables scroll inside their own region.
+    page.set_viewport_size({"width": 390, "height": 844})
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    assert page.locator("h1").is_visible() and page.locator("#rollout h2").is_visible()
+    artefact(page, tmp_path / "phone.png", capsys, "screenshot on a phone")
+
+
+def test_browser_is_shown_the_door_when_revoked_or_expired(
+    farm: Setup, context: BrowserContext
+) -> None:
+    page = browser_login(context, farm.cluster, "--name", "Widerruf")
+    grant_id = grants(farm.cluster)["Widerruf"]["id"]
+    assert farm.cli("viewer", "revoke", grant_id).returncode == 0
+    page.wait_for_selector('#denied .why[data-reason="session"]')  # the open page, live
+    assert HOW_TO_GET_ACCESS in page.locator("#denied").inner_text()
+
+    # Expiry: the open page notices by itself (the browser has dropped the cookie by then, or
+    # the leader refuses it: either way the page says how to get access).
+    context.clear_cookies()
+    page = browser_login(context, farm.cluster, "--name", "Kurz", "--ttl", "3s")
+    page.wait_for_selector("#denied", timeout=15_000)
+    assert page.locator("#denied .why").get_attribute("data-reason") in ("none", "session")
+    assert "Praxis-IT" in page.locator("#denied").inner_text()
+
+
+# --- what programs read --------------------------------------------------------------------------
+
+
+def test_api_schema_is_what_schema_show_json_prints(farm: Setup) -> None:
+    session = login(farm.cluster, "--name", "api")
+    served = fetch(farm.cluster, "/api/v1/schema", cookie=session)
+    assert (
+        served.status == 200
+        and served.header(
+            "Content-Type",
+        )
+        is not None
+    )
+    shown = farm.cli("schema", "show", "--json")
+    assert shown.returncode == 0, shown.stderr
+    api, cli = json.loads(served.body), json.loads(shown.stdout)
+    api.pop("generated_at"), cli.pop("generated_at")
+    assert api == cli
+
+
+def test_metrics_parse_and_agree_with_the_schema(farm: Setup) -> None:
+    session = login(farm.cluster, "--name", "metrics")
+    scraped = fetch(farm.cluster, "/metrics", cookie=session)
+    assert scraped.status == 200, scraped
+    families = {f.name: f for f in text_string_to_metric_families(scraped.body)}
+    schema = json.loads(fetch(farm.cluster, "/api/v1/schema", cookie=session).body)
+
+    def samples(family: str, suffix: str = "") -> dict[tuple[tuple[str, str], ...], float]:
+        return {
+            tuple(sorted(s.labels.items())): s.value
+            for s in families[family].samples
+            if s.name == family + suffix
+        }
+
+    by_state = {labels[0][1]: v for labels, v in samples("tlsroll_rollouts").items()}
+    for state in ("completed", "halted", "running"):
+        assert by_state[state] == sum(r["state"] == state for r in schema["rollouts"])
+
+    online = {dict(k)["node"]: v for k, v in samples("tlsroll_node_online").items()}
+    assert online == {"a1": 1.0, "a2": 1.0, "z9": 1.0}
+    ages = samples("tlsroll_node_heartbeat_age_seconds")
+    assert len(ages) == 3 and all(0 <= age < 10 for age in ages.values())
+
+    windows = [n for r in schema["rollouts"] for n in r["nodes"] if n.get("freeze_ended_at")]
+    assert families["tlsroll_freeze_window_seconds"].type == "histogram"
+    [count] = samples("tlsroll_freeze_window_seconds", "_count").values()
+    assert count == len(windows)
+    restarts = [n for r in schema["rollouts"] for n in r["nodes"] if n["restart_seconds"] > 0]
+    [count] = samples("tlsroll_restart_seconds", "_count").values()
+    assert count == len(restarts)
+
+    expiry = samples("tlsroll_certificate_expiry_timestamp_seconds")
+    kinds = {dict(k)["kind"] for k in expiry}
+    assert {"ca", "leader", "viewer", "agent"} <= kinds
+    ca = pki.read_cert(farm.cluster.ca_cert_path)
+    [ca_expiry] = [v for k, v in expiry.items() if dict(k)["kind"] == "ca"]
+    assert ca_expiry == ca.not_valid_after_utc.timestamp()
+    if schema["rollouts"]:
+        newest_rollout = schema["rollouts"][0]
+        states = samples("tlsroll_rollout_node_state")
+        for n in newest_rollout["nodes"]:
+            current = [
+                dict(k)["state"]
+                for k, v in states.items()
+                if dict(k)["node"] == n["name"] and v == 1
+            ]
+            assert current == [n["state"]]

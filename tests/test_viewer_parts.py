@@ -1,0 +1,218 @@
+"""The web viewer's parts without a daemon: grants on a real SQLite file with a fixed clock,
+its certificate, the snapshot (timeline, live server certificates), the words in both
+languages, the server-sent event framing and /metrics (parsed by prometheus-client)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+from prometheus_client.parser import text_string_to_metric_families
+
+from leader import planner
+from leader.layout import Layout
+from leader.rollout_core import Change, NodeEvent, NodeState, RolloutEvent, RolloutState, Scope
+from leader.schema_store import RolloutMeta, SchemaStore
+from leader.store import NotFound, Store
+from leader.viewer import certificate, metrics
+from leader.viewer.app import sse
+from leader.viewer.grants import Grants, GrantState, LoginRefused
+from leader.viewer.i18n import CHANGES, LANGS, STATES, TEXTS, Words, pick_lang
+from leader.viewer.snapshot import Reader, server_certs
+from tlsroll import pki
+
+NOW = dt.datetime(2026, 11, 30, 9, 0, tzinfo=dt.UTC)
+HOUR = dt.timedelta(hours=1)
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> Store:
+    return Store(tmp_path / "leader.sqlite3")
+
+
+# --- grants --------------------------------------------------------------------------------------
+
+
+def test_a_grant_opens_once_and_its_session_ends_with_it(store: Store, tmp_path: Path) -> None:
+    grants = Grants(store.db)
+    made = grants.create(" Dr. Huber ", ttl=HOUR, now=NOW, actor="admin:root")
+    assert made.grant.name == "Dr. Huber" and made.grant.state(NOW) is GrantState.UNUSED
+    assert made.secret not in repr(made)
+
+    grant, session = grants.login(made.secret, NOW + dt.timedelta(minutes=1))
+    assert grant.id == made.grant.id and grant.state(NOW) is GrantState.ACTIVE
+    assert grants.session(session, NOW + dt.timedelta(minutes=2)) == grant
+    with pytest.raises(LoginRefused) as used:
+        grants.login(made.secret, NOW + dt.timedelta(minutes=3))
+    assert used.value.reason == "used"
+    with pytest.raises(LoginRefused) as unknown:
+        grants.login("not-a-secret-of-ours-at-all", NOW)
+    assert unknown.value.reason == "unknown"
+
+    assert grants.session(session, NOW + HOUR) is None  # expired with its grant
+    assert grants.session("", NOW) is None and grants.session("x" * 43, NOW) is None
+
+    other = grants.create("", ttl=HOUR, now=NOW, actor="admin:root")
+    _, other_session = grants.login(other.secret, NOW)
+    revoked = grants.revoke(other.grant.id, now=NOW, actor="admin:root")
+    assert revoked.state(NOW) is GrantState.REVOKED
+    assert grants.session(other_session, NOW) is None
+    late = grants.create("late", ttl=HOUR, now=NOW, actor="admin:root")
+    with pytest.raises(LoginRefused) as expired:
+        grants.login(late.secret, NOW + HOUR)
+    assert expired.value.reason == "expired"
+    with pytest.raises(NotFound):
+        grants.revoke("nosuch", now=NOW, actor="admin:root")
+
+    # Only hashes are stored; every change is in the audit trail, without a secret.
+    db = sqlite3.connect(f"{(tmp_path / 'leader.sqlite3').as_uri()}?mode=ro", uri=True)
+    try:
+        text = json.dumps([list(r) for r in db.execute("SELECT * FROM viewer_grants")])
+        audit = [tuple(r) for r in db.execute("SELECT actor, kind, subject FROM audit")]
+    finally:
+        db.close()
+    for secret in (made.secret, session, other.secret, other_session, late.secret):
+        assert secret not in text
+    assert hashlib.sha256(made.secret.encode()).hexdigest() in text
+    assert ("admin:root", "viewer_grant.created", made.grant.id) in audit
+    assert (f"viewer:{made.grant.id}", "viewer_grant.used", made.grant.id) in audit
+    assert ("admin:root", "viewer_grant.revoked", other.grant.id) in audit
+    assert [g.id for g in grants.all()] == [made.grant.id, other.grant.id, late.grant.id]
+
+
+def test_a_grant_lives_one_second_to_seven_days(store: Store) -> None:
+    grants = Grants(store.db)
+    for ttl in (dt.timedelta(0), dt.timedelta(days=8)):
+        with pytest.raises(ValueError, match="7 days"):
+            grants.create("x", ttl=ttl, now=NOW, actor="a")
+
+
+# --- the certificate -----------------------------------------------------------------------------
+
+
+def test_the_viewer_certificate_is_issued_once_and_again_when_names_change(
+    tmp_path: Path,
+) -> None:
+    layout = Layout(tmp_path)
+    (tmp_path / "tls").mkdir()
+    ca = pki.CertificateAuthority.create()
+    first = certificate.ensure(layout, ca, "127.0.0.9", (), NOW)
+    assert layout.viewer_key.stat().st_mode & 0o777 == 0o600
+    names = pki.names_of(first)
+    assert names.ips == ("127.0.0.9",) and pki.issued_by(first, ca.cert)
+    eku = first.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+    assert [u.dotted_string for u in eku] == ["1.3.6.1.5.5.7.3.1"]  # serverAuth only
+    assert certificate.ensure(layout, ca, "127.0.0.9", (), NOW) == first
+    moved = certificate.ensure(layout, ca, "127.0.0.10", ("leader.praxis",), NOW)
+    assert moved != first and pki.names_of(moved).dns == ("leader.praxis",)
+    due = moved.not_valid_after_utc - certificate.RENEW_BEFORE + dt.timedelta(hours=1)
+    assert certificate.ensure(layout, ca, "127.0.0.10", ("leader.praxis",), due) != moved
+    other_ca = pki.CertificateAuthority.create()
+    assert pki.issued_by(certificate.ensure(layout, other_ca, "127.0.0.10", (), NOW), other_ca.cert)
+
+
+# --- the snapshot --------------------------------------------------------------------------------
+
+
+def run_rollout(schema: SchemaStore, rollout_id: str, change: Change, fail: str = "") -> None:
+    """Plan and drive a rollout through the store as the engine would: every node done,
+    except ``fail`` (rolled back)."""
+    rollout, nodes = planner.plan_rollout(
+        rollout_id=rollout_id,
+        change=change,
+        scope=Scope.cluster(),
+        enrolled={"a": True, "b": True},
+        leader="a",
+        epoch=schema.next_epoch(),
+    )
+    meta = RolloutMeta(created_at=NOW, started_by="admin:test", leader_node="a")
+    row = schema.create(rollout.with_event(RolloutEvent.START), nodes, meta, NOW)
+    for name in ("b", "a"):
+        events = [NodeEvent.START, NodeEvent.PREFLIGHT_PASSED, NodeEvent.STAGE_DONE]
+        events.append(NodeEvent.SWITCH)
+        if name == fail:
+            events.append(NodeEvent.SWITCH_ROLLED_BACK)
+        else:
+            events += [NodeEvent.SWITCH_DONE, NodeEvent.CONFIRM_DONE]
+        for event in events:
+            records = [r.with_event(event) if r.name == name else r for r in row.records]
+            row = schema.save_states(row, row.rollout, records, NOW, "engine")
+        schema.update_detail(
+            rollout_id,
+            name,
+            cert_fingerprint=f"sha256:{rollout_id}-{name}",
+            cert_not_after=NOW + dt.timedelta(days=20),
+            freeze_started_at=NOW,
+            freeze_ended_at=NOW + dt.timedelta(seconds=3),
+            restart_seconds=1.5,
+        )
+    if fail:
+        halting = row.rollout.with_event(RolloutEvent.FAILURE_BUDGET_EXCEEDED)
+        row = schema.save_states(row, halting, row.records, NOW, "engine", f"{fail} failed")
+    settled = row.rollout.with_event(RolloutEvent.NODES_SETTLED)
+    schema.save_states(row, settled, row.records, NOW, "engine")
+
+
+def test_the_snapshot_has_the_timeline_and_the_certificates_nodes_serve(store: Store) -> None:
+    schema = SchemaStore(store.db)
+    run_rollout(schema, "r1", Change.ENABLE_TLS)
+    run_rollout(schema, "r2", Change.ENABLE_TLS, fail="a")
+    ca = pki.CertificateAuthority.create(now=NOW)
+    reader = Reader(store, schema, lambda: NOW, lambda _: True, [("ca", ca.cert)])
+    snap = reader.read()
+    assert snap.selected is not None and snap.selected["id"] == "r2"
+    assert snap.selected["state"] == RolloutState.HALTED.value
+    states = [t.new for t in snap.timeline["b"]]
+    assert states == ["preflight", "staging", "staged", "switching", "confirming", "done"]
+    assert snap.timeline["a"][-1].new == NodeState.ROLLED_BACK.value
+    assert [t.new for t in snap.timeline[""]] == ["running", "halting", "halted"]
+    assert reader.read("r1").selected["id"] == "r1"  # type: ignore[index]
+    assert reader.read("nosuch").selected is None
+
+    served = {c.subject: c.fingerprint for c in server_certs(snap.schema)}
+    assert served == {"a": "sha256:r1-a", "b": "sha256:r2-b"}  # a's r2 switch rolled back
+    near = {(c.kind, c.subject) for c in snap.near_expiry}
+    assert near == {("server", "a"), ("server", "b")}  # 20 days; the CA has ten years
+    assert snap.attention == ()
+
+    text = metrics.render(snap).decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    counts = {s.labels["state"]: s.value for s in families["tlsroll_rollouts"].samples}
+    assert counts["completed"] == 1 and counts["halted"] == 1 and counts["running"] == 0
+    freeze = {s.name: s.value for s in families["tlsroll_freeze_window_seconds"].samples}
+    assert freeze["tlsroll_freeze_window_seconds_count"] == 4
+    assert freeze["tlsroll_freeze_window_seconds_sum"] == 12
+    one_hot = [
+        (s.labels["node"], s.labels["state"])
+        for s in families["tlsroll_rollout_node_state"].samples
+        if s.value == 1
+    ]
+    assert sorted(one_hot) == [("a", "rolled_back"), ("b", "done")]
+
+
+# --- words and frames ----------------------------------------------------------------------------
+
+
+def test_both_languages_have_every_text_state_and_change() -> None:
+    assert set(TEXTS["de"]) == set(TEXTS["en"])
+    for lang in LANGS:
+        assert set(STATES[lang]) == {s.value for s in (*NodeState, *RolloutState)}
+        assert set(CHANGES[lang]) == {c.value for c in Change}
+    assert pick_lang(None, None) == "de" and pick_lang("en", "de") == "en"
+    assert pick_lang("fr", "en") == "en" and pick_lang("xx", "yy") == "de"
+    de, en = Words.of("de"), Words.of("en")
+    assert de.state("needs_attention") == "braucht Aufmerksamkeit"
+    assert en.change("enable-tls") == "switch to https"
+    assert de.seconds(2.25) == "2,2 s" and en.seconds(2.25) == "2.2 s"
+    start, end = "2026-11-30T09:00:00+00:00", "2026-11-30T09:00:03.500000+00:00"
+    assert de.window(start, end).endswith("(3,5 s)") and de.window(None, None) == "–"
+
+
+def test_a_server_sent_event_keeps_every_line_of_its_data() -> None:
+    assert sse("update", "<p>\r\na\n</p>") == b"event: update\ndata: <p>\ndata: a\ndata: </p>\n\n"
+    assert sse("unauthorized", "") == b"event: unauthorized\ndata: \n\n"
