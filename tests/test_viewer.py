@@ -22,6 +22,7 @@ import hashlib
 import http.client
 import json
 import re
+import socket
 import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -34,7 +35,7 @@ from cryptography.hazmat.primitives import serialization
 from playwright.sync_api import Browser, BrowserContext, Page, Playwright, sync_playwright
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.cluster import Cluster, wait_until
+from tests.cluster import Cluster, one_line_error, wait_until
 from tests.conftest import next_loopback
 from tests.test_rollout import Setup, Setups, newest, start_cmd, wait_ended, wait_rollout
 from tlsroll import pki
@@ -275,6 +276,18 @@ def test_admin_calls_for_grants_answer_with_their_status(lone: Cluster) -> None:
     result = lone.cli("viewer", "grant", "--ttl", "8d")
     assert result.returncode == 1 and result.stderr.count("\n") == 1, result.stderr
     assert "at most 7 days" in result.stderr
+
+
+def test_a_taken_viewer_port_stops_the_leader_with_one_line(tmp_path: Path) -> None:
+    with Cluster(tmp_path / "taken", next_loopback()) as cluster, socket.socket() as squatter:
+        cluster.init()
+        squatter.bind((cluster.address, VIEWER_PORT))
+        squatter.listen()
+        code, output = cluster.leader.run_to_exit()
+        assert code == 1, output
+        line = one_line_error(output, "tlsroll-leader", allow_grpc_core=True)
+        assert f"cannot listen on {cluster.address}:9444 (the viewer)" in line, line
+        assert "viewer_port" in line
 
 
 def test_viewer_port_zero_turns_the_viewer_off(tmp_path: Path) -> None:
