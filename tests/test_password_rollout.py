@@ -247,15 +247,15 @@ def test_bootstrap_port_taken_is_found_and_another_port_is_used(tmp_path: Path) 
 
         assert node.agent is not None
         node.agent.stop()
-        node.agent.write_config({"agent": {"bootstrap_port": 9444}})
+        node.agent.write_config({"agent": {"bootstrap_port": 9445}})
         node.agent.start()
         w.cluster.wait_for_nodes_online([node.name])
         rollout = w.run_rollout("--password-file", str(pw))
         assert rollout["state"] == "completed", rollout
-        assert rollout["nodes"][0]["bootstrap_port"] == 9444
+        assert rollout["nodes"][0]["bootstrap_port"] == 9445
         notice = w.cli("notify", "--lang", "en")
         assert notice.returncode == 0, notice.stderr
-        assert "9444" in notice.stdout
+        assert "9445" in notice.stdout
         assert PW1 not in notice.stdout
         german = w.cli("notify", "--format", "markdown")
         assert german.returncode == 0 and "Verbindung testen" in german.stdout
@@ -268,12 +268,12 @@ def test_bootstrap_port_taken_is_found_and_another_port_is_used(tmp_path: Path) 
         deadline = time.monotonic() + 10
         while time.monotonic() < deadline:  # the bootstrap service is up on the other port
             try:
-                with socket.create_connection((node.address, 9444), timeout=1):
+                with socket.create_connection((node.address, 9445), timeout=1):
                     break
             except OSError:
                 time.sleep(0.1)
         else:
-            pytest.fail("bootstrap service not listening on 9444")
+            pytest.fail("bootstrap service not listening on 9445")
     finally:
         squatter.close()
         w.close()
