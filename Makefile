@@ -8,6 +8,8 @@ STAMP  := $(VENV)/.installed
 # The browser tests (tests/test_viewer.py) drive Debian's Chromium through Playwright, which
 # must never download a browser of its own.
 CHROMIUM := /usr/bin/chromium
+# The multiprocess tests mostly wait on daemons: one pytest worker per core (pytest-xdist).
+PYTEST_ARGS ?= -n auto
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
 .PHONY: test demo lint typecheck proto proto-check pytest bench clean
