@@ -44,6 +44,7 @@ from leader.changes import STRATEGIES, Outcome, StepContext
 from leader.rollout_core import (
     CHANGES,
     FAILED_NODE_STATES,
+    STEP_FOR_STATE,
     FreezeMode,
     NodeEvent,
     NodeState,
@@ -172,7 +173,10 @@ class Engine:
             if not rec.scope_frozen or rec.name in unfreezing:
                 self.renewed.pop(key, None)
                 continue
-            if now - self.renewed.setdefault(key, now) < self.freeze_lease / 3:
+            # A key first seen by this process renews at once: after a leader restart the
+            # agents' leases run from the old process's last renewal, not from now.
+            last = self.renewed.get(key)
+            if last is not None and now - last < self.freeze_lease / 3:
                 continue
             self.renewed[key] = now
             step = planner.StepAction(rec.name, Step.FREEZE, row.rollout.epoch)
@@ -210,6 +214,15 @@ class Engine:
     async def _run_step(self, row: RolloutRow, step: planner.StepAction) -> None:
         rollout = row.rollout
         key = (rollout.id, step.node, step.step)
+        if step.step in STEP_FOR_STATE.values():
+            # ``row`` was read before this task started, maybe while the previous run of the
+            # same step was saving its result: run only if the node still waits for it.
+            fresh = await asyncio.to_thread(self.schema.get, rollout.id)
+            records = fresh.records if fresh is not None else ()
+            state = next((r.state for r in records if r.name == step.node), None)
+            if fresh is None or state is None or STEP_FOR_STATE.get(state) is not step.step:
+                return
+            row = fresh
         await asyncio.to_thread(
             self.schema.step_times, rollout.id, step.node, step.step.value, started=self.clock()
         )

@@ -27,6 +27,7 @@ import base64
 import datetime as dt
 import functools
 import json
+import random
 import tempfile
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
@@ -730,3 +731,80 @@ async def test_scope_freeze_holds_every_node_from_the_first_switch_to_the_last(
         assert all(lease / 3 <= b - a < lease for a, b in pairwise(freezes)), name
         assert mine[-1].at - freezes[-1] < lease, name
     await leader.stop()
+
+
+# --- the real loop, with thread hops of varying length (found by review) ---------------------
+
+
+def _hops(rng: random.Random) -> Callable[..., Awaitable[Any]]:
+    async def hop(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        for _ in range(rng.randint(1, 6)):  # as long as a worker thread might take
+            await asyncio.sleep(0)
+        return func(*args, **kwargs)
+
+    return hop
+
+
+async def _run_loop(world: World, leader: Leader) -> RolloutRow:
+    stop = asyncio.Event()
+    task = asyncio.create_task(leader.engine.run(stop))
+    try:
+        for _ in range(4000):
+            await asyncio.sleep(0)
+            world.clock.advance(0.05)
+            row = leader.schema.latest()
+            if row is not None and ended(row):
+                return row
+        raise AssertionError("the rollout did not end")
+    finally:
+        stop.set()
+        await task
+
+
+@pytest.mark.parametrize("seed", range(12))
+async def test_the_real_loop_never_runs_a_step_twice(
+    seed: int, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``Engine.run`` (not the pass-by-pass harness): a pass that read the schema while a step
+    was saving its result must not start that step again. With reads that take a few loop
+    turns, 16 of 30 seeds once re-ran preflight, stage, switch or confirm, and a confirm run
+    again could roll back a node already recorded done."""
+    world = make_world(tmp_path, monkeypatch)
+    monkeypatch.setattr(asyncio, "to_thread", _hops(random.Random(seed)))
+    monkeypatch.setattr("leader.engine.TICK_SECONDS", 0.001)
+    seen: dict[str, int] = {}
+    real = world.agents.outside_check
+
+    def one_blip(live: str, closed: str, ca: bytes, fp: str = "") -> str | None:
+        seen[live] = seen.get(live, 0) + 1  # a second check of a node would see a blip
+        return "timeout (a blip)" if seen[live] == 2 else real(live, closed, ca, fp)
+
+    monkeypatch.setattr(changes, "outside_check", one_blip)
+    leader = world.boot()
+    await leader.start(max_parallel=2)
+    with capture_logs() as logs:
+        row = await _run_loop(world, leader)
+    assert [e for e in logs if e.get("event") == "step.crashed"] == []
+    assert row.rollout.state is RolloutState.COMPLETED, states(row)
+    mutating = ("preflight", "create_csr", "stage", "switch", "rollback")
+    calls = [(c.node, c.method) for c in world.agents.calls if c.method in mutating]
+    assert sorted(calls) == sorted(set(calls)), calls  # each at most once per node
+    assert all(world.agents[n].scheme == "https" for n in states(row))
+
+
+async def test_a_restarted_leader_renews_the_scope_freeze_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agents' leases run from the old leader's last renewal: a leader back within the
+    lease must renew on its first pass, not a third of a lease later."""
+    world = make_world(tmp_path, monkeypatch)
+    lease = 6
+    first = world.boot(freeze_lease=lease)
+    await first.start(freeze=FreezeMode.SCOPE)
+    await first.run(until=lambda r: all(x.scope_frozen for x in r.records))
+    await first.crash()
+    world.clock.advance(lease * 0.6)
+    second = world.boot(freeze_lease=lease)
+    row = await second.run()
+    assert row.rollout.state is RolloutState.COMPLETED
+    assert {a.name: a.lapsed for a in world.agents} == {a.name: 0 for a in world.agents}
