@@ -309,6 +309,8 @@ class Engine:
         return row
 
     async def _record_frozen(self, rollout_id: str, step: planner.StepAction, frozen: bool) -> None:
+        if frozen:  # the lease this process just set or renewed runs from now
+            self.renewed[(rollout_id, step.node)] = self.monotonic()
         await self._save_node(rollout_id, step.node, lambda r: replace(r, scope_frozen=frozen))
         await asyncio.to_thread(
             self.schema.step_times, rollout_id, step.node, step.step.value, ended=self.clock()
