@@ -34,7 +34,7 @@ from leader.store import Store
 from leader.wire import CHANGE, TXN_KIND, TXN_OUTCOME
 from tlsroll import httpcheck, logs, pki
 from tlsroll.enums import TxnKind, TxnOutcome
-from tlsroll.errors import PKIError
+from tlsroll.errors import PKIError, TransientError
 from tlsroll.v1 import agent_pb2
 
 log = logs.get_logger(__name__)
@@ -133,9 +133,9 @@ class ChangeSteps:
                     keep_frozen=ctx.rollout.freeze is FreezeMode.SCOPE,
                 )
             )
-            outcome, reason = await wait_transaction(ctx, ctx.rollout.id, TxnKind.SWITCH)
-        except StepFailed as exc:
+        except StepFailed as exc:  # refused before it began: the node is as it was
             return NodeEvent.SWITCH_ROLLED_BACK, f"switch refused: {exc}"
+        outcome, reason = await wait_transaction(ctx, ctx.rollout.id, TxnKind.SWITCH)
         return switch_event(outcome), (None if outcome is TxnOutcome.COMPLETED else reason)
 
     async def confirm(self, ctx: StepContext) -> Outcome:
@@ -199,9 +199,9 @@ class DisableTls(ChangeSteps):
             await ctx.agent.rollback(
                 agent_pb2.RollbackRequest(command=ctx.command(ctx.meta.undoes))
             )
-            outcome, reason = await wait_transaction(ctx, ctx.meta.undoes, TxnKind.ROLLBACK)
-        except StepFailed as exc:
+        except StepFailed as exc:  # refused before it began: the node is as it was
             return NodeEvent.SWITCH_ROLLED_BACK, f"going back to http refused: {exc}"
+        outcome, reason = await wait_transaction(ctx, ctx.meta.undoes, TxnKind.ROLLBACK)
         if outcome is TxnOutcome.ROLLED_BACK:
             return NodeEvent.SWITCH_ROLLED_BACK, f"still on https: {reason}"
         return switch_event(outcome), (None if outcome is TxnOutcome.COMPLETED else reason)
@@ -233,14 +233,18 @@ async def wait_transaction(
     ctx: StepContext, txn_rollout_id: str, kind: TxnKind
 ) -> tuple[TxnOutcome, str]:
     """Poll the agent's transaction (keyed by ``txn_rollout_id``) until it ends, recording its
-    timings on this rollout's node; return its outcome and reason."""
+    timings on this rollout's node; return its outcome and reason.
+
+    The transaction is under way: an error while reading it says nothing about how it ends,
+    so it is a ``TransientError`` (the step runs again; the agent replays the transaction),
+    never an outcome."""
     while True:
-        txn = await ctx.agent.get_transaction(
-            agent_pb2.GetTransactionRequest(
-                rollout_id=txn_rollout_id,
-                kind=TXN_KIND.wire(kind),
+        try:
+            txn = await ctx.agent.get_transaction(
+                agent_pb2.GetTransactionRequest(rollout_id=txn_rollout_id, kind=TXN_KIND.wire(kind))
             )
-        )
+        except StepFailed as exc:
+            raise TransientError(f"reading the {kind.value} transaction: {exc}") from None
         details: dict[str, Any] = {"restart_seconds": txn.restart_seconds}
         if txn.HasField("freeze_started_at"):
             details["freeze_started_at"] = txn.freeze_started_at.ToDatetime(tzinfo=dt.UTC)

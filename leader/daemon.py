@@ -34,7 +34,7 @@ from leader.store import Store
 from leader.viewer.server import Viewer
 from tlsroll import __version__, logs, pki
 from tlsroll.daemon import sd_notify, stop_event, watchdog
-from tlsroll.errors import ConfigError, TlsrollError
+from tlsroll.errors import ConfigError, TerminalError, TlsrollError
 from tlsroll.fsutil import check_private_file
 from tlsroll.rpc import add_standard_services, bind, hostport
 from tlsroll.v1 import (
@@ -136,7 +136,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     os.chmod(sock.parent, 0o750)  # noqa: S103 - group = admins
     if sock.exists():
         if _answers(sock):
-            raise TlsrollError(f"another tlsroll-leader is running on {sock}")
+            raise TerminalError(f"another tlsroll-leader is running on {sock}")
         sock.unlink()  # a stale socket from a crash; the directory is ours
     bind(admin, f"unix:{sock}", None)
 

@@ -22,7 +22,7 @@ from pathlib import Path
 from tlsroll import pki
 from tlsroll.config import dump_toml
 from tlsroll.defaults import CONTROL_PORT, JOIN_PORT, LEADER_NAME, VIEWER_PORT
-from tlsroll.errors import TlsrollError
+from tlsroll.errors import TerminalError
 from tlsroll.fsutil import PRIVATE, check_private_file, make_private_dir, write_atomic
 
 
@@ -75,7 +75,7 @@ def read_passphrase(path: Path) -> bytes:
     check_private_file(path)
     value = Path(path).read_bytes().strip()
     if not value:
-        raise TlsrollError(f"{path} is empty; it must hold the CA passphrase")
+        raise TerminalError(f"{path} is empty; it must hold the CA passphrase")
     return value
 
 
@@ -90,9 +90,9 @@ def init(
     """Create a new cluster: CA, the leader's certificate, config. Refuses to overwrite."""
     layout = Layout(Path(data_dir).resolve())
     if node_name is not None and (problem := pki.node_name_problem(node_name)):
-        raise TlsrollError(problem)
+        raise TerminalError(problem)
     if layout.config.exists() or layout.ca_key.exists():
-        raise TlsrollError(f"{layout.data_dir} is already initialised; refusing to overwrite it")
+        raise TerminalError(f"{layout.data_dir} is already initialised; refusing to overwrite it")
     names = pki.Names.of(LEADER_NAME, [address], dns_names)  # validates the address
     for sub in ("ca", "secrets", "tls"):
         make_private_dir(layout.data_dir / sub)

@@ -29,7 +29,7 @@ from leader.rollout_core import (
     ScopeKind,
     Strategy,
 )
-from tlsroll.errors import TerminalError, TlsrollError, TransientError
+from tlsroll.errors import TerminalError, TransientError
 from tlsroll.sqlite import Database, from_text, to_text
 
 _TERMINAL = tuple(s.value for s in TERMINAL_ROLLOUT_STATES)
@@ -410,7 +410,7 @@ class SchemaStore:
                 "SELECT verifier FROM auth_versions WHERE version = ?", (version,)
             ).fetchone()
         if row is None:
-            raise TlsrollError(f"no auth password version {version}")
+            raise TerminalError(f"no auth password version {version}")
         return str(row["verifier"])
 
     def node_auth(self) -> dict[str, int]:

@@ -20,7 +20,7 @@ from cryptography import x509
 
 from nodeagent.config import AgentConfig
 from tlsroll import __version__, logs, pki, tls
-from tlsroll.errors import PKIError, PKIReason, TerminalError, TlsrollError, TransientError
+from tlsroll.errors import PKIError, PKIReason, TerminalError, TransientError
 from tlsroll.fsutil import check_private_file, make_private_dir
 from tlsroll.rpc import hostport
 from tlsroll.v1 import enrolment_pb2, enrolment_pb2_grpc
@@ -115,11 +115,11 @@ def read_token(cfg: AgentConfig) -> str:
             check_private_file(cfg.join_token_file)
             token = cfg.join_token_file.read_text().strip()
         except OSError as exc:
-            raise TlsrollError(f"cannot read {cfg.join_token_file}: {exc.strerror}") from None
+            raise TerminalError(f"cannot read {cfg.join_token_file}: {exc.strerror}") from None
         if token:
             return token
-        raise TlsrollError(f"{cfg.join_token_file} is empty; it must hold the join token")
-    raise TlsrollError(
+        raise TerminalError(f"{cfg.join_token_file} is empty; it must hold the join token")
+    raise TerminalError(
         f"{cfg.path}: [leader].join_token: missing; this node is not enrolled yet and needs "
         "a join token (tlsroll token create, on the leader)"
     )

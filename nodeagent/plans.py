@@ -117,7 +117,17 @@ def password_plan(
     if live is None or "https" not in facts.schemes:
         raise PlanRefused("the server is not on https here; run enable-tls first")
     verifier_file = write_verifier(driver, rollout_id, verifier)
-    new_config = driver.render(Target(facts.schemes, auth_verifier_file=verifier_file))
+    # The live certificate files go into the new config too: a template driver renders the
+    # whole config from them (the reference driver keeps what its file already says).
+    new_config = driver.render(
+        Target(
+            facts.schemes,
+            Path(live["cert_file"]),
+            Path(live["key_file"]),
+            Path(live["ca_file"]),
+            auth_verifier_file=verifier_file,
+        )
+    )
     new_file, backup = prepare(txn_dir, rollout_id, TxnKind.SWITCH, new_config)
     plan = Plan(
         facts,

@@ -39,6 +39,7 @@ import pytest
 from structlog.testing import capture_logs
 
 from leader import changes
+from leader.agent_client import StepFailed
 from leader.commands import Commands, RolloutRequest
 from leader.engine import STEP_RETRY_SECONDS, TICK_SECONDS, Engine
 from leader.rollout_core import (
@@ -56,7 +57,9 @@ from leader.schema_store import RolloutRow, SchemaStore, StaleRecords
 from leader.store import NodeCert, Store
 from tests.fake_agent import START, FakeAgent, FakeAgents, FakeClock
 from tlsroll import pki
-from tlsroll.enums import TxnOutcome
+from tlsroll.enums import TxnKind, TxnOutcome
+from tlsroll.v1 import agent_pb2
+from tlsroll.wire import TXN_KIND
 
 T = TypeVar("T")
 N, R = NodeState, RolloutState
@@ -808,3 +811,26 @@ async def test_a_restarted_leader_renews_the_scope_freeze_at_once(
     row = await second.run()
     assert row.rollout.state is RolloutState.COMPLETED
     assert {a.name: a.lapsed for a in world.agents} == {a.name: 0 for a in world.agents}
+
+
+async def test_an_error_reading_a_running_switch_is_not_its_outcome(world: World) -> None:
+    """Found by review: a GetTransaction that failed (INTERNAL on a journal hiccup, say) was
+    recorded as "rolled back" while the agent's switch went on to https. It is transient: the
+    step runs again and the agent replays the same transaction."""
+    agent = world.agents["bravo"]
+    real = agent.get_transaction
+    failures = [StepFailed("journal busy (INTERNAL)")]
+
+    async def hiccup(request: agent_pb2.GetTransactionRequest) -> agent_pb2.Transaction:
+        if request.kind == TXN_KIND.wire(TxnKind.SWITCH) and failures:
+            raise failures.pop()
+        return await real(request)
+
+    agent.get_transaction = hiccup  # type: ignore[method-assign]
+    leader = world.boot()
+    await leader.start()
+    row = await leader.run()
+    assert row.rollout.state is R.COMPLETED and states(row) == ALL_DONE
+    assert not failures  # the hiccup happened
+    assert [c.answer for c in world.agents.calls_to("bravo", "switch")] == ["ok", "replay"]
+    await leader.stop()

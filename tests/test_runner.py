@@ -806,6 +806,10 @@ def test_password_and_rollback_plans_need_what_they_change(
         "verifier_file": str(plans.stage_dir(driver, "p1") / "auth-verifier.json"),
     }
     assert b"verifier_file" in config
+    # Found by review: a template driver renders the whole config from the target, so the
+    # live certificate must be named in it (it was "", an https config without a certificate).
+    assert plan.live_tls is not None
+    assert f'cert_file = "{plan.live_tls["cert_file"]}"'.encode() in config
 
     config, back, fingerprint = plans.rollback_plan(journal, driver, txn_dir, "r1")
     assert config == SOURCE == back.new_config_file.read_bytes()

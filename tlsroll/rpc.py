@@ -20,7 +20,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tlsroll import logs, pki
-from tlsroll.errors import TerminalError
+from tlsroll.errors import TerminalError, TransientError
 from tlsroll.wire import WireError
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -63,8 +63,13 @@ def status_for(exc: BaseException, mapping: ErrorMap) -> grpc.StatusCode | None:
     return None
 
 
-BASE_ERRORS: ErrorMap = {WireError: grpc.StatusCode.INVALID_ARGUMENT}
-"""Errors every servicer maps the same way; a servicer's own map is added to these."""
+BASE_ERRORS: ErrorMap = {
+    WireError: grpc.StatusCode.INVALID_ARGUMENT,
+    TransientError: grpc.StatusCode.UNAVAILABLE,  # the caller may try again
+    TerminalError: grpc.StatusCode.FAILED_PRECONDITION,  # the message says what is wrong
+}
+"""Errors every servicer maps the same way; a servicer's own map is added to these (its more
+specific classes win). Only an error that is not the project's own becomes INTERNAL."""
 
 
 def map_errors(mapping: ErrorMap) -> Callable[[F], F]:
