@@ -38,6 +38,7 @@ from tlsroll.rpc import (
     failed_precondition,
     invalid,
     map_errors,
+    not_found,
     peer_name,
     permission_denied,
     timestamp,
@@ -440,9 +441,5 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         kind = TXN_KIND.read(request.kind, "kind")
         txn = await asyncio.to_thread(self.journal.get, request.rollout_id, kind)
         if txn is None:
-            await context.abort(
-                grpc.StatusCode.NOT_FOUND,
-                f"no {kind.value} transaction for rollout {request.rollout_id!r}",
-            )
-        assert txn is not None
+            raise not_found(f"no {kind.value} transaction for rollout {request.rollout_id!r}")
         return txn_message(txn)

@@ -53,6 +53,10 @@ def failed_precondition(message: str) -> RpcStatusError:
     return RpcStatusError(grpc.StatusCode.FAILED_PRECONDITION, message)
 
 
+def not_found(message: str) -> RpcStatusError:
+    return RpcStatusError(grpc.StatusCode.NOT_FOUND, message)
+
+
 def status_for(exc: BaseException, mapping: ErrorMap) -> grpc.StatusCode | None:
     """The status of the most specific class of ``exc`` in ``mapping`` (its MRO decides, as in
     httpx's ``map_exceptions``): a subclass mapped on its own wins over its base, whatever the
