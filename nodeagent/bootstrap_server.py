@@ -1,7 +1,8 @@
-"""The bootstrap service on port 9443: workstations fetch the cluster CA and enrol here.
+"""The bootstrap service on port 9443: workstations run the password exchange and enrol here.
 
-The protocol, its keys and its MAC are in ``tlsroll.bootstrap_protocol``; this module is the https
-listener (aiohttp) the agent runs once its node is switched:
+The protocol (SPAKE2, key confirmation, sealed delivery) is in ``tlsroll.bootstrap_protocol``;
+this module is the https listener (aiohttp) the agent runs once its node is switched, and the
+limits that make each password guess cost one counted exchange:
 
     service = BootstrapService(
         address="192.168.1.5", cert_file=..., key_file=..., ca_bundle_pem=...,
@@ -15,23 +16,35 @@ listener (aiohttp) the agent runs once its node is switched:
 ``sign(csr_pem) -> certificate_pem`` is injected: in production the agent forwards the CSR to
 the leader's CA, which issues a client certificate (EKU clientAuth only) for ``ws-<name>``.
 
-Nonces are single-use and live ``nonce_ttl`` seconds; an enrol request consumes its nonce
-whatever happens next, so a proof can be tried once. Refused enrol requests are counted per
-source address: ``max_failures`` within ``failure_window`` seconds and further requests get
-429 with Retry-After until the oldest failure leaves the window. The clock is injected
-(monotonic seconds) so tests can move time. Log events name the reason and the remote
-address, never the password, verifier, keys, nonce or proof.
+Limits (``Limits``; pure classes, time passed in, so tests move a fake clock):
+
+- ``Guard``: a wrong confirmation is a failure, counted against the source address (an IPv6
+  /64), the claimed workstation name and the whole node, each with exponential backoff, and
+  under a ceiling for the node (``ceiling`` failures a ``ceiling_window``). A start while any of
+  them must wait gets 429 with Retry-After before any work is done. A success clears the
+  source's and the name's count, not the node's.
+- ``ExchangeTable``: an exchange is single use (``finish`` takes it, whatever happens next) and
+  lives ``exchange_ttl`` seconds. At most ``open_per_source`` are open per source (429 busy)
+  and ``open_total`` in all (503 busy): a flood of starts is refused, it never evicts an
+  exchange in progress. An exchange that expires was never confirmed and gave nothing away,
+  so it is dropped without counting; ``finish`` on it answers 410 ``exchange_expired``.
+- ``FailureLog``: the failures not yet reported to the leader, per source, which the agent
+  sends with its heartbeat (the schema shows them to the practice IT).
+
+Log events name the reason, the remote address and the claimed name, never the password,
+verifier, keys, confirmations or the exchange id.
 """
 
 from __future__ import annotations
 
 import asyncio
-import math
+import datetime as dt
 import secrets
 import ssl
 import time
-from collections import OrderedDict, deque
+from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
@@ -39,6 +52,7 @@ from aiohttp import web
 
 from tlsroll import bootstrap_protocol as proto
 from tlsroll import logs, pki
+from tlsroll.backoff import Backoff, Ceiling, Policy, retry_after, source_key
 from tlsroll.defaults import BOOTSTRAP_PORT
 from tlsroll.errors import TerminalError
 from tlsroll.fsutil import check_private_file
@@ -46,86 +60,218 @@ from tlsroll.tls import server_context
 
 SignFn = Callable[[bytes], Awaitable[bytes]]
 Clock = Callable[[], float]
+WallClock = Callable[[], dt.datetime]
 
-MAX_NONCES = 10_000  # outstanding nonces kept; the oldest is dropped beyond this
-MAX_TRACKED_SOURCES = 10_000  # source addresses with recent failures kept for rate limiting
 SHUTDOWN_TIMEOUT = 5.0
+PAKE_CONCURRENCY = 2  # SPAKE2 is pure Python: at most this many in worker threads at once
+NODE_KEY = "node"
 
 log = logs.get_logger(__name__)
 
 
-class RateLimiter:
-    """Failures per source address in a sliding window (pure; time is passed in)."""
-
-    def __init__(self, max_failures: int, window: float) -> None:
-        if max_failures < 1 or window <= 0:
-            raise ValueError("max_failures must be >= 1 and window > 0")
-        self.max_failures = max_failures
-        self.window = window
-        self._failures: OrderedDict[str, deque[float]] = OrderedDict()
-
-    def _recent(self, source: str, now: float) -> deque[float]:
-        times = self._failures.get(source)
-        if times is None:
-            return deque()
-        while times and times[0] <= now - self.window:
-            times.popleft()
-        if not times:
-            del self._failures[source]
-        return times
-
-    def retry_after(self, source: str, now: float) -> int | None:
-        """Seconds until ``source`` may try again, or None if it may now."""
-        times = self._recent(source, now)
-        if len(times) < self.max_failures:
-            return None
-        return max(1, math.ceil(times[0] + self.window - now))
-
-    def failed(self, source: str, now: float) -> None:
-        times = self._recent(source, now)
-        if source not in self._failures:
-            self._failures[source] = times
-        times.append(now)
-        self._failures.move_to_end(source)
-        while len(self._failures) > MAX_TRACKED_SOURCES:
-            self._failures.popitem(last=False)
+PER_SOURCE = Policy(free=5, base=2.0, cap=900.0, forget=3600.0)
+PER_NAME = Policy(free=5, base=2.0, cap=900.0, forget=3600.0)
+PER_NODE = Policy(free=20, base=1.0, cap=60.0, forget=3600.0)
 
 
-class NonceStore:
-    """Single-use nonces with a time to live (pure; time is passed in)."""
+@dataclass(frozen=True)
+class Limits:
+    """The numbers behind the limits (see the module docstring)."""
 
-    def __init__(self, ttl: float, limit: int = MAX_NONCES) -> None:
+    per_source: Policy = PER_SOURCE
+    per_name: Policy = PER_NAME
+    per_node: Policy = PER_NODE
+    ceiling: int = 200  # failures a day, for the whole node; then every start waits
+    ceiling_window: float = 86_400.0
+    open_per_source: int = 4
+    open_total: int = 256
+    exchange_ttl: float = proto.EXCHANGE_TTL
+
+
+class Guard:
+    """Failed passwords per source, per claimed name and per node (pure; see ``Limits``)."""
+
+    def __init__(self, limits: Limits) -> None:
+        self.limits = limits
+        self.sources = Backoff(limits.per_source)
+        self.names = Backoff(limits.per_name)
+        self.node = Backoff(limits.per_node, max_keys=1)
+        self.ceiling = Ceiling(limits.ceiling, limits.ceiling_window)
+
+    def wait(self, source: str, name: str, now: float) -> float:
+        """Seconds until ``source`` may try ``name`` (0: now)."""
+        return max(
+            self.sources.wait(source, now),
+            self.names.wait(name, now),
+            self.node.wait(NODE_KEY, now),
+            self.ceiling.wait(now),
+        )
+
+    def failed(self, source: str, name: str, now: float) -> int:
+        """Count a wrong password; returns the source's failures so far."""
+        self.names.failed(name, now)
+        self.node.failed(NODE_KEY, now)
+        self.ceiling.failed(now)
+        return self.sources.failed(source, now)
+
+    def succeeded(self, source: str, name: str) -> None:
+        self.sources.reset(source)
+        self.names.reset(name)
+
+
+@dataclass
+class Exchange:
+    """One open exchange; ``keys`` is None while the node still computes its answer."""
+
+    id: str
+    source: str
+    workstation: str
+    expires: float
+    keys: proto.SessionKeys | None = field(default=None, repr=False)
+
+
+class Busy(TerminalError):
+    """No room for another exchange; ``status`` 429 (this source) or 503 (the node)."""
+
+    def __init__(self, status: int, message: str, retry: float) -> None:
+        super().__init__(message)
+        self.status = status
+        self.retry = retry
+
+
+class ExchangeTable:
+    """Open exchanges: single use, short-lived, bounded per source and in all; never evicts."""
+
+    def __init__(self, ttl: float, per_source: int, total: int) -> None:
         self.ttl = ttl
-        self.limit = limit
-        self._expiry: OrderedDict[str, float] = OrderedDict()
+        self.per_source = per_source
+        self.total = total
+        self._open: OrderedDict[str, Exchange] = OrderedDict()  # oldest first
+        self._by_source: dict[str, int] = {}
 
-    def issue(self, now: float) -> str:
-        while self._expiry and next(iter(self._expiry.values())) <= now:
-            self._expiry.popitem(last=False)
-        while len(self._expiry) >= self.limit:
-            self._expiry.popitem(last=False)
-        nonce = secrets.token_urlsafe(32)
-        self._expiry[nonce] = now + self.ttl
-        return nonce
+    def _remove(self, exchange_id: str) -> Exchange | None:
+        ex = self._open.pop(exchange_id, None)
+        if ex is not None:
+            left = self._by_source[ex.source] - 1
+            if left:
+                self._by_source[ex.source] = left
+            else:
+                del self._by_source[ex.source]
+        return ex
 
-    def consume(self, nonce: str, now: float) -> bool:
-        """True if ``nonce`` was issued, is unexpired and unused; it is used up either way."""
-        expiry = self._expiry.pop(nonce, None)
-        return expiry is not None and now < expiry
+    def purge(self, now: float) -> int:
+        """Drop the expired exchanges (never confirmed: not counted as failures)."""
+        dropped = 0
+        while self._open:
+            oldest = next(iter(self._open.values()))
+            if oldest.expires > now:
+                break
+            self._remove(oldest.id)
+            dropped += 1
+        return dropped
+
+    def reserve(self, source: str, workstation: str, now: float) -> Exchange:
+        """A new exchange for ``source``; Busy if it has too many open, or the node has."""
+        self.purge(now)
+        if self._by_source.get(source, 0) >= self.per_source:
+            first = next(e for e in self._open.values() if e.source == source)
+            raise Busy(429, "too many open exchanges from this address", first.expires - now)
+        if len(self._open) >= self.total:
+            first = next(iter(self._open.values()))
+            raise Busy(503, "the node has too many open exchanges", first.expires - now)
+        ex = Exchange(secrets.token_urlsafe(32), source, workstation, now + self.ttl)
+        self._open[ex.id] = ex
+        self._by_source[source] = self._by_source.get(source, 0) + 1
+        return ex
+
+    def drop(self, exchange_id: str) -> None:
+        self._remove(exchange_id)
+
+    def take(self, exchange_id: str, source: str, now: float) -> Exchange | None:
+        """The exchange, removed (single use); None if unknown, unready, expired, or started
+        from another source (which does not use it up)."""
+        ex = self._open.get(exchange_id)
+        if ex is None or ex.source != source or ex.keys is None:
+            return None
+        self._remove(exchange_id)
+        return ex if now < ex.expires else None
 
     def __len__(self) -> int:
-        return len(self._expiry)
+        return len(self._open)
+
+
+@dataclass
+class FailureCount:
+    """Failed passwords from one source since the last report."""
+
+    source: str
+    workstation: str  # the last name it claimed
+    count: int
+    last_at: dt.datetime
+
+
+class FailureLog:
+    """Failures not yet reported to the leader, per source; at most ``max_sources`` are kept
+    apart, the rest are added up under ``OTHER``."""
+
+    OTHER = "(other addresses)"
+
+    def __init__(self, max_sources: int = 64) -> None:
+        self.max_sources = max_sources
+        self._pending: OrderedDict[str, FailureCount] = OrderedDict()
+
+    def record(self, source: str, workstation: str, when: dt.datetime) -> None:
+        entry = self._pending.get(source)
+        if entry is None and len(self._pending) >= self.max_sources:
+            source = self.OTHER
+            entry = self._pending.get(source)
+        if entry is None:
+            entry = self._pending[source] = FailureCount(source, workstation, 0, when)
+        entry.count += 1
+        entry.workstation = workstation
+        entry.last_at = max(entry.last_at, when)
+        self._pending.move_to_end(source)
+
+    def pending(self) -> list[FailureCount]:
+        """A copy of what is to report (the agent sends it with its next heartbeat)."""
+        return [
+            FailureCount(e.source, e.workstation, e.count, e.last_at)
+            for e in self._pending.values()
+        ]
+
+    def reported(self, sent: list[FailureCount]) -> None:
+        """The leader took ``sent``: keep only what came in since."""
+        for item in sent:
+            entry = self._pending.get(item.source)
+            if entry is None:
+                continue
+            entry.count -= item.count
+            if entry.count <= 0:
+                del self._pending[item.source]
 
 
 class Refused(TerminalError):
-    """An enrol request refused: HTTP status, error code, one-line message for the client."""
+    """A request refused: HTTP status, error code, one-line message for the client."""
 
-    def __init__(self, status: int, code: str, message: str, *, count: bool = True) -> None:
+    def __init__(
+        self, status: int, code: proto.ErrorCode, message: str, *, retry: float | None = None
+    ) -> None:
         super().__init__(message)
         self.status = status
         self.code = code
         self.message = message
-        self.count = count  # counts towards the rate limit
+        self.retry = retry
+
+
+def _answer(data: Mapping[str, Any], status: int = 200, retry: float | None = None) -> web.Response:
+    headers = {"Cache-Control": "no-store"}
+    if retry is not None:
+        headers["Retry-After"] = str(retry_after(retry))
+    return web.json_response(dict(data), status=status, headers=headers)
+
+
+def _refusal(exc: Refused) -> web.Response:
+    return _answer({"error": exc.code.value, "message": exc.message}, exc.status, exc.retry)
 
 
 class BootstrapService:
@@ -144,9 +290,10 @@ class BootstrapService:
         sign: SignFn,
         port: int = BOOTSTRAP_PORT,
         clock: Clock = time.monotonic,
-        nonce_ttl: float = proto.NONCE_TTL,
-        max_failures: int = 5,
-        failure_window: float = 60.0,
+        wall: WallClock = lambda: dt.datetime.now(dt.UTC),
+        limits: Limits | None = None,
+        guard: Guard | None = None,
+        failures: FailureLog | None = None,
     ) -> None:
         if not server_url.startswith("https://") or not server_url.endswith("/"):
             raise ValueError(f"server_url must be https://HOST:PORT/APP/, got {server_url!r}")
@@ -158,8 +305,15 @@ class BootstrapService:
         self.node_name = node_name
         self.sign = sign
         self.clock = clock
-        self.nonces = NonceStore(nonce_ttl)
-        self.limiter = RateLimiter(max_failures, failure_window)
+        self.wall = wall
+        self.limits = limits or (guard.limits if guard is not None else Limits())
+        self.guard = guard or Guard(self.limits)
+        self.failures = failures if failures is not None else FailureLog()
+        self.exchanges = ExchangeTable(
+            self.limits.exchange_ttl, self.limits.open_per_source, self.limits.open_total
+        )
+        self._pake_slots = asyncio.Semaphore(PAKE_CONCURRENCY)
+        self.ca_bundle_pem = b""
         self.set_ca_bundle(ca_bundle_pem)
         self.set_verifier(verifier)
         self._runner: web.AppRunner | None = None
@@ -170,17 +324,25 @@ class BootstrapService:
     def set_verifier(self, verifier: Mapping[str, Any]) -> None:
         """Use a new password verifier from now on (ValueError if it is malformed).
 
-        Nonces already handed out stay valid, but proofs made with the old password fail.
+        Exchanges already started keep the keys they have; new ones use the new password.
         """
-        keys = proto.Keys.from_verifier(verifier)
-        kdf = proto.KDF.of_verifier(verifier)
-        self._keys, self._kdf = keys, kdf
+        self._secret = proto.NodeSecret(verifier)
 
     def set_ca_bundle(self, ca_bundle_pem: bytes) -> None:
         certs = pki.load_certs_pem(ca_bundle_pem)
         if not certs or not all(pki.is_ca(c) for c in certs):
             raise ValueError("ca_bundle_pem must hold one or more CA certificates")
         self.ca_bundle_pem = ca_bundle_pem
+
+    @property
+    def hello(self) -> proto.Hello:
+        return proto.Hello(
+            node=self.node_name,
+            server_url=self.server_url,
+            ca_bundle_pem=self.ca_bundle_pem,
+            kdf=self._secret.kdf,
+            exchange_ttl=int(self.limits.exchange_ttl),
+        )
 
     def reload_certificate(self) -> None:
         """Serve the (renewed) certificate and key files to new connections."""
@@ -196,8 +358,11 @@ class BootstrapService:
 
     def app(self) -> web.Application:
         app = web.Application(client_max_size=proto.MAX_REQUEST_BYTES)
-        app.router.add_get(proto.BOOTSTRAP_PATH, self.get_bootstrap)
-        app.router.add_post(proto.ENROL_PATH, self.post_enrol)
+        app.router.add_get(proto.HELLO_PATH, self.get_hello)
+        app.router.add_post(proto.START_PATH, self.post_start)
+        app.router.add_post(proto.FINISH_PATH, self.post_finish)
+        app.router.add_get(proto.V1_BOOTSTRAP_PATH, self.old_client)
+        app.router.add_post(proto.V1_ENROL_PATH, self.old_client)
         return app
 
     async def start(self) -> None:
@@ -242,97 +407,150 @@ class BootstrapService:
 
     # --- handlers -----------------------------------------------------------------------------
 
-    async def get_bootstrap(self, request: web.Request) -> web.Response:
-        now = self.clock()
-        payload = {
-            "version": proto.VERSION,
-            "node": self.node_name,
-            "server_url": self.server_url,
-            "ca_bundle_pem": self.ca_bundle_pem.decode("ascii"),
-            "kdf": self._kdf.to_json(),
-            "nonce": self.nonces.issue(now),
-            "expires_in": math.floor(self.nonces.ttl),
-        }
-        log.info("bootstrap.answered", remote=request.remote)
-        return web.json_response(
-            proto.seal(payload, self._keys), headers={"Cache-Control": "no-store"}
-        )
+    async def get_hello(self, request: web.Request) -> web.Response:
+        return _answer(self.hello.to_json())
 
-    async def post_enrol(self, request: web.Request) -> web.Response:
-        source = request.remote or "unknown"
-        now = self.clock()
-        retry_after = self.limiter.retry_after(source, now)
-        if retry_after is not None:
-            log.warning("bootstrap.rate_limited", remote=source, retry_after=retry_after)
-            return web.json_response(
-                {
-                    "error": "rate_limited",
-                    "message": f"too many failed attempts; try again in {retry_after} s",
-                },
-                status=429,
-                headers={"Retry-After": str(retry_after), "Cache-Control": "no-store"},
-            )
-        try:
-            cert_pem, cn = await self._enrol(request, now)
-        except Refused as exc:
-            if exc.count:
-                self.limiter.failed(source, self.clock())
-            log.warning("bootstrap.enrol_refused", remote=source, reason=exc.code)
-            return web.json_response(
-                {"error": exc.code, "message": exc.message},
-                status=exc.status,
-                headers={"Cache-Control": "no-store"},
-            )
-        log.info(
-            "bootstrap.enrolled",
-            remote=source,
-            cn=cn,
-            fingerprint=pki.fingerprint(pki.load_cert_pem(cert_pem)),
-        )
-        return web.json_response(
-            {
-                "certificate_pem": cert_pem.decode("ascii"),
-                "ca_bundle_pem": self.ca_bundle_pem.decode("ascii"),
-            },
-            headers={"Cache-Control": "no-store"},
-        )
+    async def old_client(self, request: web.Request) -> web.Response:
+        log.info("bootstrap.old_client", remote=request.remote, path=request.path)
+        answer = proto.upgrade_answer()
+        if request.method == "GET":  # what a v1 client reads: its version check speaks
+            return _answer(answer)
+        return _answer({k: answer[k] for k in ("error", "message")}, 410)
 
-    async def _enrol(self, request: web.Request, now: float) -> tuple[bytes, str]:
+    @staticmethod
+    async def _body(request: web.Request) -> bytes:
         try:
-            body = proto.loads_strict(await request.read())
+            return await request.read()
         except web.HTTPRequestEntityTooLarge:
-            raise Refused(413, "too_large", "request body too large") from None
-        except (ValueError, UnicodeDecodeError):
-            raise Refused(400, "bad_request", "body is not valid JSON") from None
-        if not isinstance(body, dict) or not all(
-            isinstance(body.get(k), str) for k in ("nonce", "csr_pem", "proof")
-        ):
-            raise Refused(400, "bad_request", 'body needs strings "nonce", "csr_pem", "proof"')
-        nonce, proof = body["nonce"], body["proof"]
-        csr_pem = body["csr_pem"].encode("utf-8")
-        # The nonce is used up here, before the proof is looked at: one try per nonce.
-        if not self.nonces.consume(nonce, now):
-            raise Refused(
-                401, "nonce_invalid", "nonce unknown, expired or used; fetch /v1/bootstrap again"
-            )
-        keys = self._keys
-        if not proto.check_enrol_proof(
-            keys, proof, nonce=nonce, csr_pem=csr_pem, node=self.node_name
-        ):
-            raise Refused(401, "wrong_password", "the password proof is wrong")
+            raise Refused(413, proto.ErrorCode.TOO_LARGE, "request body too large") from None
+
+    async def post_start(self, request: web.Request) -> web.Response:
+        source = source_key(request.remote)
         try:
+            try:
+                start = proto.parse_start_request(await self._body(request))
+            except proto.BootstrapError as exc:
+                raise Refused(400, proto.ErrorCode.BAD_REQUEST, str(exc)) from None
+            answer = await self._start(source, start)
+        except Refused as exc:
+            log.warning(
+                "bootstrap.start_refused",
+                remote=request.remote,
+                reason=exc.code.value,
+                retry_after=None if exc.retry is None else retry_after(exc.retry),
+            )
+            return _refusal(exc)
+        log.info("bootstrap.exchange_started", remote=request.remote, workstation=start.workstation)
+        return _answer(answer.to_json())
+
+    async def _start(self, source: str, start: proto.StartRequest) -> proto.StartAnswer:
+        now = self.clock()
+        wait = self.guard.wait(source, start.workstation, now)
+        if wait > 0:
+            raise Refused(
+                429,
+                proto.ErrorCode.RATE_LIMITED,
+                f"too many failed attempts; try again in {retry_after(wait)} s",
+                retry=wait,
+            )
+        try:
+            ex = self.exchanges.reserve(source, start.workstation, now)
+        except Busy as exc:
+            raise Refused(exc.status, proto.ErrorCode.BUSY, str(exc), retry=exc.retry) from None
+        secret, hello = self._secret, self.hello
+        try:
+            async with self._pake_slots:
+                msg_b, shared = await asyncio.to_thread(secret.respond, start.msg_a)
+        except proto.BootstrapError as exc:
+            self.exchanges.drop(ex.id)
+            raise Refused(400, proto.ErrorCode.BAD_REQUEST, str(exc)) from None
+        except BaseException:
+            self.exchanges.drop(ex.id)
+            raise
+        t = proto.transcript(hello, ex.id, start.workstation, start.msg_a, msg_b)
+        ex.keys = proto.SessionKeys.derive(shared, t)
+        expires_in = max(1, int(ex.expires - self.clock()))
+        return proto.StartAnswer(exchange=ex.id, msg_b=msg_b, expires_in=expires_in)
+
+    async def post_finish(self, request: web.Request) -> web.Response:
+        source = source_key(request.remote)
+        try:
+            try:
+                finish = proto.parse_finish_request(await self._body(request))
+            except proto.BootstrapError as exc:
+                raise Refused(400, proto.ErrorCode.BAD_REQUEST, str(exc)) from None
+            ex = self.exchanges.take(finish.exchange, source, self.clock())
+            if ex is None:
+                raise Refused(
+                    410,
+                    proto.ErrorCode.EXCHANGE_EXPIRED,
+                    "exchange unknown, used or expired; start again",
+                )
+            assert ex.keys is not None
+            if not ex.keys.check_confirmation(proto.Side.WORKSTATION, finish.confirm):
+                self._failed(request, ex)
+                raise Refused(
+                    401,
+                    proto.ErrorCode.WRONG_PASSWORD,
+                    "wrong password (a changed password takes effect when the server restarts)",
+                )
+            self.guard.succeeded(ex.source, ex.workstation)
+            cert_pem = await self._enrol(request, ex, finish)
+        except Refused as exc:
+            if exc.code is not proto.ErrorCode.WRONG_PASSWORD:
+                log.warning(
+                    "bootstrap.finish_refused", remote=request.remote, reason=exc.code.value
+                )
+            return _refusal(exc)
+        payload = proto.Payload(
+            ca_bundle_pem=self.ca_bundle_pem,
+            certificate_pem=cert_pem,
+            node=self.node_name,
+            server_url=self.server_url,
+        )
+        answer = proto.FinishAnswer(
+            confirm=ex.keys.confirmation(proto.Side.NODE),
+            payload=ex.keys.seal(proto.Side.WORKSTATION, payload.to_bytes()),
+        )
+        return _answer(answer.to_json())
+
+    def _failed(self, request: web.Request, ex: Exchange) -> None:
+        count = self.guard.failed(ex.source, ex.workstation, self.clock())
+        self.failures.record(ex.source, ex.workstation, self.wall())
+        log.warning(
+            "bootstrap.password_refused",
+            remote=request.remote,
+            workstation=ex.workstation,
+            failures=count,
+        )
+
+    async def _enrol(
+        self, request: web.Request, ex: Exchange, finish: proto.FinishRequest
+    ) -> bytes:
+        assert ex.keys is not None
+        try:
+            csr_pem = ex.keys.open(proto.Side.NODE, finish.csr)
             key, cn = proto.check_workstation_csr(csr_pem)
         except proto.BootstrapError as exc:
-            raise Refused(422, "bad_csr", str(exc)) from None
+            raise Refused(422, proto.ErrorCode.BAD_CSR, str(exc)) from None
+        if cn != ex.workstation:
+            raise Refused(
+                422, proto.ErrorCode.BAD_CSR, f"the CSR names {cn}, the exchange {ex.workstation}"
+            )
         try:
-            cert_pem = await self.sign(csr_pem)
-            cert = pki.load_cert_pem(cert_pem)
+            cert = pki.load_cert_pem(await self.sign(csr_pem))
         except Exception as exc:  # whatever the CA path raises, the client gets one answer
             log.error("bootstrap.sign_failed", remote=request.remote, error=type(exc).__name__)
             raise Refused(
-                502, "sign_failed", "the CA did not sign; try later", count=False
+                502, proto.ErrorCode.SIGN_FAILED, "the CA did not sign; try later"
             ) from None
         if pki.spki_pin(cert) != pki.spki_pin(key):
             log.error("bootstrap.sign_failed", remote=request.remote, error="key mismatch")
-            raise Refused(502, "sign_failed", "the CA returned a wrong certificate", count=False)
-        return pki.cert_to_pem(cert), cn
+            raise Refused(502, proto.ErrorCode.SIGN_FAILED, "the CA returned a wrong certificate")
+        log.info(
+            "bootstrap.enrolled",
+            remote=request.remote,
+            cn=cn,
+            fingerprint=pki.fingerprint(cert),
+        )
+        return pki.cert_to_pem(cert)

@@ -4,6 +4,10 @@ While the managed server is on https with an auth password, workstations can fet
 and enrol there; on http (before the switch, or after a rollback) the service is closed. The
 service uses the server's own certificate and key and the live verifier; a workstation's CSR
 is signed by the leader's CA over the agent's mutual-TLS channel.
+
+The failure counts (``Guard``) and the failures not yet reported (``FailureLog``) belong to the
+host, not to one service: a restart of the service (a new password, a rollback and a new
+switch) neither clears an address's backoff nor loses failures the leader has not seen.
 """
 
 from __future__ import annotations
@@ -14,7 +18,7 @@ from pathlib import Path
 
 import grpc
 
-from nodeagent.bootstrap_server import BootstrapService
+from nodeagent.bootstrap_server import BootstrapService, FailureLog, Guard, Limits
 from nodeagent.config import AgentConfig
 from nodeagent.identity import Identity
 from nodeagent.journal import Journal
@@ -37,10 +41,12 @@ class BootstrapHost:
         self.journal = journal
         self.service: BootstrapService | None = None
         self.current: dict[str, str] | None = None
+        self.guard = Guard(Limits())
+        self.failures = FailureLog()
         self._lock = asyncio.Lock()
 
     async def sign(self, csr_pem: bytes) -> bytes:
-        """The leader signs the workstation's CSR (the service has checked its password proof)."""
+        """The leader signs the workstation's CSR (the service has checked its key confirmation)."""
         creds = grpc.ssl_channel_credentials(
             root_certificates=self.identity.ca_pem,
             private_key=self.identity.key_pem,
@@ -81,6 +87,8 @@ class BootstrapHost:
                     verifier=verifier,
                     sign=self.sign,
                     port=self.cfg.bootstrap_port,
+                    guard=self.guard,
+                    failures=self.failures,
                 )
                 await service.start()
             except (OSError, ValueError, TlsrollError) as exc:

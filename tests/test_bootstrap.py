@@ -1,18 +1,21 @@
-"""The bootstrap protocol (tlsroll.bootstrap_protocol) and the agent's service on 9443
-(nodeagent.bootstrap_server).
+"""The bootstrap protocol v2 (tlsroll.bootstrap_protocol) and the agent's service on 9443
+(nodeagent.bootstrap_server): the password exchange, its limits, and what old clients get.
 
-Protocol tests are pure. Service tests run the real aiohttp https listener on a loopback address
-with the seed's port, a certificate from the test CA, and an injected clock; requests go over
-real TLS, verified against the test CA.
+Protocol and limit tests are pure. Service tests run the real aiohttp https listener on a
+loopback address with the seed's port, a certificate from the test CA and an injected clock;
+requests go over real TLS (verified against the test CA here, for the tests' own sake: a
+workstation cannot verify it, and the protocol does not need it to).
 """
 
 from __future__ import annotations
 
 import asyncio
 import base64
+import datetime as dt
 import json
 import os
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -21,11 +24,20 @@ import structlog
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID
+from spake2 import SPAKE2_B
 
-from nodeagent.bootstrap_server import BootstrapService, NonceStore, RateLimiter
+from nodeagent.bootstrap_server import (
+    BootstrapService,
+    Busy,
+    ExchangeTable,
+    FailureLog,
+    Guard,
+    Limits,
+)
 from tests.conftest import IssuedCert
 from tlsroll import bootstrap_protocol as proto
 from tlsroll import password, pki
+from tlsroll.backoff import Backoff, Ceiling, Policy, source_key
 from tlsroll.defaults import BOOTSTRAP_PORT
 from tlsroll.errors import UnsafePermissions
 from tlsroll.tls import client_context
@@ -37,7 +49,7 @@ TIMEOUT = aiohttp.ClientTimeout(total=10)
 APP_URL = "https://{address}:8443/praxis_live/"
 
 
-# --- helpers shared with test_workstation -------------------------------------------------------
+# --- helpers shared with test_workstation and test_offline_attack --------------------------------
 
 
 class FakeClock:
@@ -75,6 +87,7 @@ def make_service(
     verifier: password.Verifier = VERIFIER,
     port: int = BOOTSTRAP_PORT,
     sign: Callable[[bytes], Any] | None = None,
+    limits: Limits | None = None,
 ) -> BootstrapService:
     return BootstrapService(
         address=address,
@@ -87,6 +100,7 @@ def make_service(
         verifier=verifier,
         sign=sign or ca_signer(ca),
         clock=clock or FakeClock(),
+        limits=limits,
     )
 
 
@@ -96,18 +110,35 @@ def workstation_csr(cn: str = "ws-empfang") -> tuple[pki.PrivateKey, bytes]:
 
 
 def secrets_in(text: str) -> list[str]:
-    """Which secrets (password, verifier hash, derived keys) occur in ``text``."""
-    keys = proto.Keys.from_verifier(VERIFIER)
+    """Which secrets (password, verifier hash, what SPAKE2 runs on) occur in ``text``."""
+    digest = base64.b64decode(VERIFIER["hash"])
+    pake_pw = proto.pake_password(digest)
     found = [s for s in (PASSWORD, VERIFIER["hash"]) if s in text]
-    found += [
-        name
-        for name, k in (("mac_key", keys.mac_key), ("proof_key", keys.proof_key))
-        if k.hex() in text or base64.b64encode(k).decode() in text
-    ]
+    for name, value in (("scrypt hash", digest), ("spake2 password", pake_pw)):
+        if value.hex() in text or base64.b64encode(value).decode() in text:
+            found.append(name)
     return found
 
 
-# --- fixtures -----------------------------------------------------------------------------------
+@dataclass
+class Attempt:
+    """One exchange as a workstation runs it: the last answer, and the keys it derived."""
+
+    status: int
+    headers: dict[str, str]
+    body: Any
+    keys: proto.SessionKeys | None = None
+    key: pki.PrivateKey | None = None
+
+    @property
+    def error(self) -> str:
+        return str(self.body.get("error", "")) if isinstance(self.body, dict) else ""
+
+    def payload(self) -> proto.Payload:
+        assert self.status == 200 and self.keys is not None, self.body
+        answer = proto.parse_finish_answer(json.dumps(self.body).encode())
+        assert self.keys.check_confirmation(proto.Side.NODE, answer.confirm)
+        return proto.Payload.from_bytes(self.keys.open(proto.Side.WORKSTATION, answer.payload))
 
 
 class Node:
@@ -117,39 +148,60 @@ class Node:
         self.base = f"https://{service.address}:{service.bound_port}"
         self.ssl = client_context(ca_pem)
 
-    async def get(self, session: aiohttp.ClientSession) -> proto.BootstrapAnswer:
-        async with session.get(self.base + proto.BOOTSTRAP_PATH, ssl=self.ssl) as resp:
-            assert resp.status == 200
-            assert resp.headers["Cache-Control"] == "no-store"
-            return proto.parse_answer(await resp.read())
-
-    async def enrol(
-        self, session: aiohttp.ClientSession, body: object
-    ) -> tuple[int, dict[str, Any], Any]:
-        data = body if isinstance(body, bytes) else json.dumps(body).encode()
-        async with session.post(
-            self.base + proto.ENROL_PATH,
+    async def call(
+        self, session: aiohttp.ClientSession, method: str, path: str, body: object = None
+    ) -> tuple[int, dict[str, str], Any]:
+        data = None
+        if body is not None:
+            data = body if isinstance(body, bytes) else json.dumps(body).encode()
+        async with session.request(
+            method,
+            self.base + path,
             data=data,
             ssl=self.ssl,
             headers={"Content-Type": "application/json"},
         ) as resp:
             return resp.status, dict(resp.headers), await resp.json(content_type=None)
 
-    async def enrol_with(
+    async def hello(self, session: aiohttp.ClientSession) -> proto.Hello:
+        status, headers, body = await self.call(session, "GET", proto.HELLO_PATH)
+        assert status == 200 and headers["Cache-Control"] == "no-store"
+        return proto.parse_hello(json.dumps(body).encode())
+
+    async def exchange(
         self,
         session: aiohttp.ClientSession,
         secret: str = PASSWORD,
         *,
-        answer: proto.BootstrapAnswer | None = None,
-        csr_pem: bytes | None = None,
-    ) -> tuple[int, dict[str, Any], Any]:
-        answer = answer or await self.get(session)
-        csr_pem = csr_pem or workstation_csr()[1]
-        keys = proto.Keys.from_password(secret, answer.kdf)
-        proof = proto.enrol_proof(keys, nonce=answer.nonce, csr_pem=csr_pem, node=answer.node)
-        return await self.enrol(
-            session, {"nonce": answer.nonce, "csr_pem": csr_pem.decode(), "proof": proof}
+        cn: str = "ws-empfang",
+        csr_cn: str | None = None,
+        hello: proto.Hello | None = None,
+        before_finish: Callable[[], None] | None = None,
+    ) -> Attempt:
+        hello = hello or await self.hello(session)
+        pake = proto.WorkstationPAKE(secret, hello.kdf)
+        status, headers, body = await self.call(
+            session, "POST", proto.START_PATH, proto.StartRequest(cn, pake.msg_a).to_json()
         )
+        if status != 200:
+            return Attempt(status, headers, body)
+        start = proto.parse_start_answer(json.dumps(body).encode())
+        keys = proto.SessionKeys.derive(
+            pake.finish(start.msg_b),
+            proto.transcript(hello, start.exchange, cn, pake.msg_a, start.msg_b),
+        )
+        key, csr = workstation_csr(csr_cn or cn)
+        if before_finish is not None:
+            before_finish()
+        finish = proto.FinishRequest(
+            start.exchange,
+            keys.confirmation(proto.Side.WORKSTATION),
+            keys.seal(proto.Side.NODE, csr),
+        )
+        status, headers, body = await self.call(
+            session, "POST", proto.FINISH_PATH, finish.to_json()
+        )
+        return Attempt(status, headers, body, keys, key)
 
 
 @pytest.fixture
@@ -171,7 +223,13 @@ async def session() -> AsyncIterator[aiohttp.ClientSession]:
         yield s
 
 
-# --- canonical encoding and MAC -----------------------------------------------------------------
+def session_from(address: str) -> aiohttp.ClientSession:
+    """A client whose connections come from ``address`` (another workstation)."""
+    connector = aiohttp.TCPConnector(local_addr=(address, 0))
+    return aiohttp.ClientSession(timeout=TIMEOUT, connector=connector)
+
+
+# --- the protocol, pure -------------------------------------------------------------------------
 
 
 def test_canonical_encoding() -> None:
@@ -192,62 +250,96 @@ def test_strict_json_refuses_duplicates_and_constants() -> None:
         proto.loads_strict(b'{"a": NaN}')
 
 
-def test_keys_from_password_match_keys_from_verifier() -> None:
+def _hello() -> proto.Hello:
+    return proto.Hello(
+        node="node-a",
+        server_url="https://192.168.1.5:8443/praxis_live/",
+        ca_bundle_pem=b"-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
+        kdf=proto.KDF.of_verifier(VERIFIER),
+    )
+
+
+def _keys(secret: str, hello: proto.Hello | None = None) -> tuple[proto.SessionKeys, ...]:
+    """Both sides' keys of one exchange, run in memory."""
+    hello = hello or _hello()
+    node = proto.NodeSecret(VERIFIER)
+    ws = proto.WorkstationPAKE(secret, hello.kdf)
+    msg_b, node_key = node.respond(ws.msg_a)
+    ex = "x" * 43
+    t_ws = proto.transcript(hello, ex, "ws-a", ws.msg_a, msg_b)
+    t_node = proto.transcript(_hello(), ex, "ws-a", ws.msg_a, msg_b)
+    return (
+        proto.SessionKeys.derive(ws.finish(msg_b), t_ws),
+        proto.SessionKeys.derive(node_key, t_node),
+    )
+
+
+def test_the_right_password_gives_both_sides_the_same_key() -> None:
+    ws, node = _keys(PASSWORD)
+    assert node.check_confirmation(proto.Side.WORKSTATION, ws.confirmation(proto.Side.WORKSTATION))
+    assert ws.check_confirmation(proto.Side.NODE, node.confirmation(proto.Side.NODE))
+    sealed = node.seal(proto.Side.WORKSTATION, b"the CA bundle")
+    assert ws.open(proto.Side.WORKSTATION, sealed) == b"the CA bundle"
+    with pytest.raises(proto.BootstrapError):  # a message for the node is not one for us
+        ws.open(proto.Side.NODE, sealed)
+    # The confirmations of the two sides differ: a node cannot echo the workstation's.
+    assert ws.confirmation(proto.Side.WORKSTATION) != ws.confirmation(proto.Side.NODE)
+    assert repr(ws) == "SessionKeys()"  # keys never in a traceback
+
+
+def test_a_wrong_password_or_an_altered_hello_fails_the_confirmation() -> None:
+    ws, node = _keys(OTHER_PASSWORD)
+    assert not node.check_confirmation(
+        proto.Side.WORKSTATION, ws.confirmation(proto.Side.WORKSTATION)
+    )
+    altered = proto.Hello(
+        node="node-a",
+        server_url="https://10.0.0.66:8443/praxis_live/",  # a MITM's address
+        ca_bundle_pem=_hello().ca_bundle_pem,
+        kdf=_hello().kdf,
+    )
+    ws, node = _keys(PASSWORD, altered)
+    assert not node.check_confirmation(
+        proto.Side.WORKSTATION, ws.confirmation(proto.Side.WORKSTATION)
+    )
+    for bad in ("", "zz", "0" * 64, 42):
+        assert not node.check_confirmation(proto.Side.WORKSTATION, bad)
+
+
+def test_the_nodes_precomputed_side_is_plain_spake2() -> None:
+    """``NodeSecret`` reaches into spake2 (pinned); it must give the same key as SPAKE2_B."""
     kdf = proto.KDF.of_verifier(VERIFIER)
-    assert kdf.to_json()["salt"] == VERIFIER["salt"] and kdf.dklen == 32
-    assert proto.Keys.from_password(PASSWORD, kdf) == proto.Keys.from_verifier(VERIFIER)
-    assert proto.Keys.from_password(OTHER_PASSWORD, kdf) != proto.Keys.from_verifier(VERIFIER)
-    assert repr(proto.Keys.from_verifier(VERIFIER)) == "Keys()"  # never in a traceback
+    pw = proto.pake_password(proto.scrypt_hash(PASSWORD, kdf))
+    for _ in range(3):
+        ws = proto.WorkstationPAKE(PASSWORD, kdf)
+        plain = SPAKE2_B(
+            pw,
+            idA=proto.ID_WORKSTATION,
+            idB=proto.ID_NODE,
+            params=proto.PARAMS,
+        )
+        msg_b = plain.start()
+        assert plain.finish(ws.msg_a) == ws.finish(msg_b)
+    assert repr(proto.NodeSecret(VERIFIER)) == "NodeSecret()"
 
 
-def _sealed() -> bytes:
-    payload = {
-        "version": 1,
-        "node": "node-a",
-        "server_url": "https://192.168.1.5:8443/praxis_live/",
-        "ca_bundle_pem": "-----BEGIN CERTIFICATE-----\nMIIB\n-----END CERTIFICATE-----\n",
-        "kdf": proto.KDF.of_verifier(VERIFIER).to_json(),
-        "nonce": "n" * 43,
-        "expires_in": 120,
-    }
-    return json.dumps(proto.seal(payload, proto.Keys.from_verifier(VERIFIER))).encode()
-
-
-def test_mac_verifies_with_the_password_only() -> None:
-    answer = proto.parse_answer(_sealed())
-    proto.verify_answer(answer, proto.Keys.from_password(PASSWORD, answer.kdf))
-    with pytest.raises(proto.BootstrapError) as err:
-        proto.verify_answer(answer, proto.Keys.from_password(OTHER_PASSWORD, answer.kdf))
-    assert err.value.reason is proto.BootstrapReason.MAC_MISMATCH
-
-
-@pytest.mark.parametrize(
-    "change",
-    [
-        lambda d: d.update(node="node-b"),
-        lambda d: d.update(server_url="https://10.0.0.66:8443/praxis_live/"),
-        lambda d: d.update(ca_bundle_pem=d["ca_bundle_pem"].replace("MIIB", "MIIC")),
-        lambda d: d.update(nonce="m" * 43),
-        lambda d: d.update(expires_in=99999),
-        lambda d: d["kdf"].update(p=2),
-        lambda d: d.update(extra="added field"),
-        lambda d: d.update(mac=d["mac"][:-1] + ("0" if d["mac"][-1] != "0" else "1")),
-    ],
-)
-def test_mac_covers_every_field(change: Callable[[dict[str, Any]], None]) -> None:
-    data = json.loads(_sealed())
-    change(data)
-    answer = proto.parse_answer(json.dumps(data).encode())
-    with pytest.raises(proto.BootstrapError, match="does not verify"):
-        proto.verify_answer(answer, proto.Keys.from_password(PASSWORD, answer.kdf))
+def test_bad_pake_messages_are_refused() -> None:
+    node = proto.NodeSecret(VERIFIER)
+    ws = proto.WorkstationPAKE(PASSWORD, node.kdf)
+    for bad in (b"", b"A" + b"\x00" * 31, b"B" + ws.msg_a[1:], b"A" + b"\xff" * 32):
+        with pytest.raises(proto.BootstrapError):
+            node.respond(bad)
+    with pytest.raises(proto.BootstrapError):
+        ws.finish(ws.msg_a)  # its own message reflected
 
 
 @pytest.mark.parametrize(
     ("change", "reason"),
     [
-        (lambda d: d.pop("mac"), proto.BootstrapReason.MALFORMED),
-        (lambda d: d.update(version=2), proto.BootstrapReason.VERSION),
-        (lambda d: d.update(mac="zz"), proto.BootstrapReason.MALFORMED),
+        (lambda d: d.update(version=1), proto.BootstrapReason.VERSION),
+        (lambda d: d.pop("node"), proto.BootstrapReason.MALFORMED),
+        (lambda d: d.update(extra=1), proto.BootstrapReason.MALFORMED),
+        (lambda d: d.update(node="n" * 64), proto.BootstrapReason.MALFORMED),
         (lambda d: d["kdf"].update(n=2**20), proto.BootstrapReason.BAD_KDF),  # 1 GiB: refused
         (lambda d: d["kdf"].update(n=1000), proto.BootstrapReason.BAD_KDF),
         (lambda d: d["kdf"].update(salt="c2hvcnQ="), proto.BootstrapReason.BAD_KDF),
@@ -255,26 +347,30 @@ def test_mac_covers_every_field(change: Callable[[dict[str, Any]], None]) -> Non
         (lambda d: d["kdf"].update(r=True), proto.BootstrapReason.BAD_KDF),
     ],
 )
-def test_malformed_answers_are_refused_before_any_kdf(
+def test_malformed_hellos_are_refused_before_any_kdf(
     change: Callable[[dict[str, Any]], None], reason: proto.BootstrapReason
 ) -> None:
-    data = json.loads(_sealed())
+    data = _hello().to_json()
     change(data)
     with pytest.raises(proto.BootstrapError) as err:
-        proto.parse_answer(json.dumps(data).encode())
+        proto.parse_hello(json.dumps(data).encode())
     assert err.value.reason is reason
 
 
-def test_enrol_proof_is_bound_to_nonce_csr_and_node() -> None:
-    keys = proto.Keys.from_verifier(VERIFIER)
-    csr = workstation_csr()[1]
-    proof = proto.enrol_proof(keys, nonce="n1", csr_pem=csr, node="node-a")
-    assert proto.check_enrol_proof(keys, proof, nonce="n1", csr_pem=csr, node="node-a")
-    assert not proto.check_enrol_proof(keys, proof, nonce="n2", csr_pem=csr, node="node-a")
-    assert not proto.check_enrol_proof(keys, proof, nonce="n1", csr_pem=csr + b"\n", node="node-a")
-    assert not proto.check_enrol_proof(keys, proof, nonce="n1", csr_pem=csr, node="node-b")
-    other = proto.Keys.from_password(OTHER_PASSWORD, proto.KDF.of_verifier(VERIFIER))
-    assert not proto.check_enrol_proof(other, proof, nonce="n1", csr_pem=csr, node="node-a")
+def test_messages_parse_strictly() -> None:
+    ok = proto.StartRequest("ws-a", b"A" + b"\x01" * 32).to_json()
+    assert proto.parse_start_request(json.dumps(ok).encode()).workstation == "ws-a"
+    for bad in (
+        {**ok, "version": 1},
+        {**ok, "workstation": "node-a"},
+        {**ok, "workstation": "ws-a\x1b[31m"},
+        {**ok, "msg_a": "not base64!"},
+        {k: v for k, v in ok.items() if k != "msg_a"},
+    ):
+        with pytest.raises(proto.BootstrapError):
+            proto.parse_start_request(json.dumps(bad).encode())
+    with pytest.raises(proto.BootstrapError):
+        proto.parse_finish_request(b'{"exchange": "short", "confirm": "x", "csr": "x"}')
 
 
 def test_workstation_csr_rules() -> None:
@@ -293,8 +389,6 @@ def test_workstation_csr_rules() -> None:
         with pytest.raises(proto.BootstrapError, match="unacceptable workstation CSR"):
             proto.check_workstation_csr(pki.csr_to_pem(request))
             pytest.fail(f"accepted a CSR with {what}")
-    with pytest.raises(proto.BootstrapError):
-        proto.check_workstation_csr(b"-----BEGIN CERTIFICATE REQUEST-----\nxx\n")
 
 
 @pytest.mark.parametrize(
@@ -313,119 +407,292 @@ def test_workstation_cn(label: str, cn: str) -> None:
     assert proto.WORKSTATION_CN.match(cn)
 
 
-def test_nonce_store_and_rate_limiter_are_pure() -> None:
-    nonces = NonceStore(ttl=120, limit=3)
-    a = nonces.issue(0)
-    assert nonces.consume(a, 119.9) and not nonces.consume(a, 1)
-    b = nonces.issue(0)
-    assert not nonces.consume(b, 120)  # expired
-    for _ in range(5):
-        nonces.issue(200)
-    assert len(nonces) == 3  # bounded
-    limiter = RateLimiter(max_failures=2, window=60)
-    limiter.failed("a", 0)
-    assert limiter.retry_after("a", 1) is None
-    limiter.failed("a", 10)
-    assert limiter.retry_after("a", 10) == 50 and limiter.retry_after("b", 10) is None
-    assert limiter.retry_after("a", 60.5) is None  # the first failure left the window
+# --- the limits, pure ---------------------------------------------------------------------------
+
+
+def test_backoff_doubles_after_the_free_failures_and_forgets() -> None:
+    b = Backoff(Policy(free=2, base=2, cap=30, forget=600))
+    assert b.wait("a", 0) == 0
+    b.failed("a", 0)
+    b.failed("a", 1)
+    assert b.wait("a", 1) == 2  # third attempt: wait 2 s after the last failure
+    assert [b.policy.delay(n) for n in range(2, 8)] == [2, 4, 8, 16, 30, 30]
+    b.failed("a", 3)
+    assert b.wait("a", 3) == 4 and b.wait("a", 6) == 1 and b.wait("b", 3) == 0
+    assert b.wait("a", 603) == 0 and b.failures("a", 603) == 0  # quiet for 10 min: forgotten
+    b.failed("a", 700)
+    b.reset("a")
+    assert b.failures("a", 700) == 0
+
+
+def test_ceiling_counts_everyone() -> None:
+    c = Ceiling(limit=3, window=100)
+    for t in (0, 10, 20):
+        assert c.wait(t) == 0
+        c.failed(t)
+    assert c.wait(20) == 80 and c.count(20) == 3
+    assert c.wait(100) == 0  # the first failure left the window
+
+
+def test_guard_counts_source_name_and_node() -> None:
+    limits = Limits(
+        per_source=Policy(free=2, base=10, cap=100, forget=3600),
+        per_name=Policy(free=3, base=10, cap=100, forget=3600),
+        per_node=Policy(free=4, base=10, cap=100, forget=3600),
+        ceiling=6,
+        ceiling_window=1000,
+    )
+    g = Guard(limits)
+    g.failed("10.0.0.1", "ws-a", 0)
+    g.failed("10.0.0.1", "ws-a", 0)
+    assert g.wait("10.0.0.1", "ws-b", 0) == 10  # this source
+    assert g.wait("10.0.0.2", "ws-b", 0) == 0
+    g.failed("10.0.0.2", "ws-a", 0)
+    assert g.wait("10.0.0.3", "ws-a", 0) == 10  # this name, from any source
+    g.failed("10.0.0.3", "ws-c", 0)
+    assert g.wait("10.0.0.4", "ws-d", 0) == 10  # the node: a distributed attack
+    g.failed("10.0.0.4", "ws-e", 20)
+    g.failed("10.0.0.5", "ws-f", 40)
+    assert g.wait("10.0.0.6", "ws-g", 500) == 500  # the ceiling: 6 a 1000 s
+    g.succeeded("10.0.0.1", "ws-a")
+    assert g.sources.failures("10.0.0.1", 0) == 0 and g.names.failures("ws-a", 0) == 0
+
+
+def test_exchange_table_refuses_rather_than_evicts() -> None:
+    table = ExchangeTable(ttl=30, per_source=2, total=3)
+    a1 = table.reserve("a", "ws-a", 0)
+    table.reserve("a", "ws-a", 0)
+    with pytest.raises(Busy) as err:
+        table.reserve("a", "ws-a", 1)
+    assert err.value.status == 429 and err.value.retry == 29
+    b1 = table.reserve("b", "ws-b", 1)
+    with pytest.raises(Busy) as err:
+        table.reserve("c", "ws-c", 2)
+    assert err.value.status == 503
+    a1.keys = b1.keys = proto.SessionKeys.derive(b"k" * 32, b"t")
+    assert table.take(a1.id, "b", 3) is None  # another source cannot use it up ...
+    assert table.take(a1.id, "a", 3) is a1  # ... its own can, once
+    assert table.take(a1.id, "a", 3) is None
+    assert table.take(b1.id, "b", 31) is None  # expired
+    assert table.purge(40) == 1 and len(table) == 0
+
+
+def test_failure_log_adds_up_and_keeps_what_was_not_reported() -> None:
+    log = FailureLog(max_sources=2)
+    t = dt.datetime(2026, 11, 30, 9, 0, tzinfo=dt.UTC)
+    log.record("10.0.0.1", "ws-a", t)
+    log.record("10.0.0.1", "ws-b", t + dt.timedelta(seconds=5))
+    log.record("10.0.0.2", "ws-c", t)
+    log.record("10.0.0.3", "ws-d", t)  # one source too many: added up under OTHER
+    sent = log.pending()
+    assert [(f.source, f.workstation, f.count) for f in sent] == [
+        ("10.0.0.1", "ws-b", 2),
+        ("10.0.0.2", "ws-c", 1),
+        (FailureLog.OTHER, "ws-d", 1),
+    ]
+    log.record("10.0.0.1", "ws-b", t + dt.timedelta(seconds=9))  # while the heartbeat is out
+    log.reported(sent)
+    assert [(f.source, f.count) for f in log.pending()] == [("10.0.0.1", 1)]
+
+
+def test_source_key_counts_an_ipv6_host_by_its_64() -> None:
+    assert source_key("192.168.1.7") == "192.168.1.7"
+    assert source_key("fd00::1:2:3:4") == source_key("fd00::ffff:1:2:3") == "fd00::/64"
+    assert source_key("::ffff:192.168.1.7") == "192.168.1.7"
+    assert source_key(None) == "unknown"
 
 
 # --- the service ----------------------------------------------------------------------------------
 
 
-async def test_bootstrap_answer_verifies_with_the_password(
+async def test_hello_is_public_and_carries_no_secret(
     node: Node, session: aiohttp.ClientSession, test_ca: pki.CertificateAuthority
 ) -> None:
-    answer = await node.get(session)
-    proto.verify_answer(answer, proto.Keys.from_password(PASSWORD, answer.kdf))
-    assert answer.node == "node-a" and answer.expires_in == 120
-    assert answer.server_url == APP_URL.format(address=node.service.address)
-    assert answer.ca_bundle_pem == test_ca.cert_pem
-    assert set(answer.raw) == {
-        "version",
-        "node",
-        "server_url",
-        "ca_bundle_pem",
-        "kdf",
-        "nonce",
-        "expires_in",
-        "mac",
-    }
-    assert "hash" not in answer.raw["kdf"]  # the verifier's hash is never sent
-    assert (await node.get(session)).nonce != answer.nonce
+    status, _, body = await node.call(session, "GET", proto.HELLO_PATH)
+    assert status == 200
+    assert set(body) == {"version", "node", "server_url", "ca_bundle_pem", "kdf", "exchange_ttl"}
+    assert set(body["kdf"]) == {"alg", "n", "r", "p", "salt", "dklen"}  # never the hash
+    assert body["ca_bundle_pem"].encode() == test_ca.cert_pem and body["version"] == 2
+    assert secrets_in(json.dumps(body)) == []
 
 
-async def test_enrol_returns_a_client_certificate(
+async def test_right_password_gives_a_client_certificate(
     node: Node, session: aiohttp.ClientSession, test_ca: pki.CertificateAuthority
 ) -> None:
-    key, csr = workstation_csr("ws-empfang")
-    status, _, body = await node.enrol_with(session, csr_pem=csr)
-    assert status == 200, body
-    cert = pki.load_cert_pem(body["certificate_pem"].encode())
-    assert pki.key_matches(cert, key) and pki.issued_by(cert, test_ca.cert)
+    attempt = await node.exchange(session, cn="ws-empfang")
+    assert attempt.status == 200, attempt.body
+    assert set(attempt.body) == {"confirm", "payload"}  # the rest is sealed
+    payload = attempt.payload()
+    cert = pki.load_cert_pem(payload.certificate_pem)
+    assert attempt.key is not None and pki.key_matches(cert, attempt.key)
+    assert pki.issued_by(cert, test_ca.cert)
     assert pki.names_of(cert) == proto.workstation_names("ws-empfang")
     eku = cert.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
     assert list(eku) == [ExtendedKeyUsageOID.CLIENT_AUTH]
-    assert body["ca_bundle_pem"].encode() == test_ca.cert_pem
+    assert payload.ca_bundle_pem == test_ca.cert_pem and payload.node == "node-a"
+    assert payload.server_url == APP_URL.format(address=node.service.address)
 
 
-async def test_replayed_proof_is_refused(node: Node, session: aiohttp.ClientSession) -> None:
-    answer = await node.get(session)
-    csr = workstation_csr()[1]
-    keys = proto.Keys.from_password(PASSWORD, answer.kdf)
-    proof = proto.enrol_proof(keys, nonce=answer.nonce, csr_pem=csr, node=answer.node)
-    request = {"nonce": answer.nonce, "csr_pem": csr.decode(), "proof": proof}
-    assert (await node.enrol(session, request))[0] == 200
-    status, _, body = await node.enrol(session, request)
-    assert (status, body["error"]) == (401, "nonce_invalid")
-
-
-async def test_expired_nonce_is_refused(node: Node, session: aiohttp.ClientSession) -> None:
-    answer = await node.get(session)
-    node.clock.advance(120)
-    status, _, body = await node.enrol_with(session, answer=answer)
-    assert (status, body["error"]) == (401, "nonce_invalid")
-
-
-async def test_wrong_password_is_refused_and_uses_up_the_nonce(
+async def test_wrong_password_is_refused_counted_and_uses_up_the_exchange(
     node: Node, session: aiohttp.ClientSession
 ) -> None:
-    answer = await node.get(session)
-    status, _, body = await node.enrol_with(session, OTHER_PASSWORD, answer=answer)
-    assert (status, body["error"]) == (401, "wrong_password")
-    status, _, body = await node.enrol_with(session, PASSWORD, answer=answer)
-    assert (status, body["error"]) == (401, "nonce_invalid")
+    attempt = await node.exchange(session, OTHER_PASSWORD)
+    assert (attempt.status, attempt.error) == (401, "wrong_password")
+    assert set(attempt.body) == {"error", "message"}  # nothing keyed: no MAC, no ciphertext
+    assert sum(f.count for f in node.service.failures.pending()) == 1
+    # The same exchange cannot be tried again with the right password.
+    assert len(node.service.exchanges) == 0
 
 
-async def test_failures_are_rate_limited_per_source(
+async def test_a_stale_exchange_is_not_a_wrong_password(
+    node: Node, session: aiohttp.ClientSession
+) -> None:
+    attempt = await node.exchange(session, before_finish=lambda: node.clock.advance(31))
+    assert (attempt.status, attempt.error) == (410, "exchange_expired")
+    assert node.service.failures.pending() == []
+    assert node.service.guard.ceiling.count(node.clock()) == 0
+    assert (await node.exchange(session)).status == 200
+
+
+async def test_failures_back_off_exponentially_per_source(
     node: Node, session: aiohttp.ClientSession, loopback: Callable[[], str]
 ) -> None:
     for _ in range(5):
-        assert (await node.enrol_with(session, OTHER_PASSWORD))[0] == 401
-    node.clock.advance(10)
-    status, headers, body = await node.enrol_with(session, PASSWORD)  # even the right one
-    assert (status, body["error"]) == (429, "rate_limited")
-    assert headers["Retry-After"] == "50"
-    # Another source address is not affected.
-    connector = aiohttp.TCPConnector(local_addr=(loopback(), 0))
-    async with aiohttp.ClientSession(timeout=TIMEOUT, connector=connector) as other:
-        assert (await node.enrol_with(other, PASSWORD))[0] == 200
-    node.clock.advance(51)
-    assert (await node.enrol_with(session, PASSWORD))[0] == 200
+        assert (await node.exchange(session, OTHER_PASSWORD)).status == 401
+    (source,) = {f.source for f in node.service.failures.pending()}
+    assert node.service.guard.sources.failures(source, node.clock()) == 5
+    attempt = await node.exchange(session)  # even the right one waits
+    assert (attempt.status, attempt.error) == (429, "rate_limited")
+    assert attempt.headers["Retry-After"] == "2"
+    assert len(node.service.exchanges) == 0  # refused before any work
+    # Another address is not affected.
+    async with session_from(loopback()) as other:
+        assert (await node.exchange(other, cn="ws-labor")).status == 200
+    node.clock.advance(2)
+    assert (await node.exchange(session, OTHER_PASSWORD)).status == 401  # the 6th failure
+    assert (await node.exchange(session)).headers["Retry-After"] == "4"  # doubled
+    node.clock.advance(4)
+    assert (await node.exchange(session)).status == 200  # a success clears the address
+    assert node.service.guard.sources.failures(source, node.clock()) == 0
+
+
+async def test_a_claimed_name_and_the_node_back_off_across_addresses(
+    issue_cert: Callable[..., IssuedCert],
+    loopback: Callable[[], str],
+    test_ca: pki.CertificateAuthority,
+) -> None:
+    limits = Limits(
+        per_name=Policy(free=2, base=8, cap=60, forget=3600),
+        per_node=Policy(free=4, base=16, cap=60, forget=3600),
+        ceiling=6,
+        ceiling_window=3600,
+    )
+    address = loopback()
+    clock = FakeClock()
+    async with make_service(
+        issue_cert(address), address, test_ca, clock=clock, limits=limits
+    ) as service:
+        n = Node(service, clock, test_ca.cert_pem)
+
+        async def guess(cn: str) -> Attempt:
+            async with session_from(loopback()) as s:  # a fresh address every time
+                return await n.exchange(s, OTHER_PASSWORD, cn=cn)
+
+        assert (await guess("ws-empfang")).status == 401
+        assert (await guess("ws-empfang")).status == 401
+        blocked = await guess("ws-empfang")
+        assert (blocked.status, blocked.headers["Retry-After"]) == (429, "8")
+        assert (await guess("ws-labor")).status == 401
+        assert (await guess("ws-zimmer")).status == 401  # 4 failures on the node
+        attempt = await guess("ws-other")
+        assert (attempt.status, attempt.headers["Retry-After"]) == (429, "16")
+        clock.advance(16)
+        assert (await guess("ws-a")).status == 401
+        clock.advance(32)
+        assert (await guess("ws-b")).status == 401  # 6 in the hour: the ceiling
+        clock.advance(120)
+        attempt = await guess("ws-c")
+        assert attempt.status == 429
+        assert int(attempt.headers["Retry-After"]) == 3600 - 16 - 32 - 120
+        assert "too many failed attempts" in attempt.body["message"]
+
+
+async def test_a_flood_of_starts_cannot_evict_an_exchange_in_progress(
+    issue_cert: Callable[..., IssuedCert],
+    loopback: Callable[[], str],
+    test_ca: pki.CertificateAuthority,
+) -> None:
+    limits = Limits(open_per_source=2, open_total=6)
+    address = loopback()
+    clock = FakeClock()
+    async with make_service(
+        issue_cert(address), address, test_ca, clock=clock, limits=limits
+    ) as service:
+        n = Node(service, clock, test_ca.cert_pem)
+        flooder_ip = loopback()
+        flood_statuses: list[int] = []
+
+        async def flood() -> None:
+            ws = proto.WorkstationPAKE(OTHER_PASSWORD, service.hello.kdf)
+            start = proto.StartRequest("ws-flood", ws.msg_a).to_json()
+            async with session_from(flooder_ip) as s:
+                for _ in range(4):
+                    flood_statuses.append((await n.call(s, "POST", proto.START_PATH, start))[0])
+            for _ in range(3):  # more addresses, until the node is full
+                async with session_from(loopback()) as s:
+                    for _ in range(2):
+                        flood_statuses.append((await n.call(s, "POST", proto.START_PATH, start))[0])
+
+        # A workstation starts; the flood comes before it finishes.
+        async with session_from(loopback()) as legit:
+            hello = await n.hello(legit)
+            pake = proto.WorkstationPAKE(PASSWORD, hello.kdf)
+            status, _, body = await n.call(
+                legit, "POST", proto.START_PATH, proto.StartRequest("ws-x", pake.msg_a).to_json()
+            )
+            assert status == 200
+            await flood()
+            assert flood_statuses[:2] == [200, 200] and flood_statuses[2:4] == [429, 429]
+            assert 503 in flood_statuses  # the node is full: refused, nothing evicted
+            assert len(service.exchanges) == 6
+            start = proto.parse_start_answer(json.dumps(body).encode())
+            keys = proto.SessionKeys.derive(
+                pake.finish(start.msg_b),
+                proto.transcript(hello, start.exchange, "ws-x", pake.msg_a, start.msg_b),
+            )
+            finish = proto.FinishRequest(
+                start.exchange,
+                keys.confirmation(proto.Side.WORKSTATION),
+                keys.seal(proto.Side.NODE, workstation_csr("ws-x")[1]),
+            )
+            status, _, body = await n.call(legit, "POST", proto.FINISH_PATH, finish.to_json())
+            assert status == 200, body
+        # The flood's exchanges expire unconfirmed: not one counts as a wrong password.
+        clock.advance(31)
+        assert service.exchanges.purge(clock()) == 5
+        assert service.failures.pending() == []
+
+
+async def test_old_client_paths_say_upgrade(node: Node, session: aiohttp.ClientSession) -> None:
+    status, _, body = await node.call(session, "GET", proto.V1_BOOTSTRAP_PATH)
+    assert status == 200 and body["version"] == 2 and body["error"] == "upgrade_required"
+    assert set(body) == {"version", "error", "message"}  # nothing an old attack could use
+    status, _, body = await node.call(session, "POST", proto.V1_ENROL_PATH, {"nonce": "x"})
+    assert (status, body["error"]) == (410, "upgrade_required")
 
 
 async def test_bad_requests(node: Node, session: aiohttp.ClientSession) -> None:
-    assert (await node.enrol(session, b"{not json"))[0] == 400
-    assert (await node.enrol(session, {"nonce": "x"}))[0] == 400
-    status, _, _ = await node.enrol(
-        session, b'{"x": "' + b"a" * (proto.MAX_REQUEST_BYTES + 10) + b'"}'
-    )
-    assert status == 413
-    bad_csr = pki.csr_to_pem(
-        pki.make_csr(pki.generate_key(), pki.Names.of("node-b", ["127.0.0.9"]))
-    )
-    status, _, body = await node.enrol_with(session, csr_pem=bad_csr)
-    assert (status, body["error"]) == (422, "bad_csr")
+    assert (await node.call(session, "POST", proto.START_PATH, b"{not json"))[0] == 400
+    assert (await node.call(session, "POST", proto.START_PATH, {"version": 2}))[0] == 400
+    big = b'{"x": "' + b"a" * (proto.MAX_REQUEST_BYTES + 10) + b'"}'
+    assert (await node.call(session, "POST", proto.START_PATH, big))[0] == 413
+    bad_point = proto.StartRequest("ws-a", b"A" + b"\xff" * 32).to_json()
+    status, _, body = await node.call(session, "POST", proto.START_PATH, bad_point)
+    assert (status, body["error"]) == (400, "bad_request")
+    assert len(node.service.exchanges) == 0  # the reserved slot was given back
+    attempt = await node.exchange(session, cn="ws-a", csr_cn="ws-b")  # CSR for another name
+    assert (attempt.status, attempt.error) == (422, "bad_csr")
+    assert node.service.failures.pending() == []  # the password was right
 
 
 async def test_sign_failure_is_502_and_not_counted(
@@ -441,20 +708,16 @@ async def test_sign_failure_is_502_and_not_counted(
     async with make_service(issue_cert(address), address, test_ca, sign=broken) as service:
         n = Node(service, FakeClock(), test_ca.cert_pem)
         for _ in range(6):
-            status, _, body = await n.enrol_with(session)
-            assert (status, body["error"]) == (502, "sign_failed")
+            attempt = await n.exchange(session)
+            assert (attempt.status, attempt.error) == (502, "sign_failed")
 
 
 async def test_new_verifier_replaces_the_old_password(
     node: Node, session: aiohttp.ClientSession
 ) -> None:
     node.service.set_verifier(password.make_verifier(OTHER_PASSWORD, **password.TEST_PARAMS))
-    answer = await node.get(session)
-    with pytest.raises(proto.BootstrapError):
-        proto.verify_answer(answer, proto.Keys.from_password(PASSWORD, answer.kdf))
-    proto.verify_answer(answer, proto.Keys.from_password(OTHER_PASSWORD, answer.kdf))
-    assert (await node.enrol_with(session, PASSWORD, answer=answer))[2]["error"] == "wrong_password"
-    assert (await node.enrol_with(session, OTHER_PASSWORD))[0] == 200
+    assert (await node.exchange(session, PASSWORD)).status == 401
+    assert (await node.exchange(session, OTHER_PASSWORD)).status == 200
 
 
 async def test_key_file_readable_by_others_is_refused(
@@ -473,22 +736,27 @@ async def test_key_file_readable_by_others_is_refused(
 
 async def test_logs_name_reasons_but_no_secrets(node: Node, session: aiohttp.ClientSession) -> None:
     with structlog.testing.capture_logs() as events:
-        answer = await node.get(session)
-        await node.enrol_with(session, OTHER_PASSWORD, answer=answer)
-        await node.enrol_with(session, answer=answer)
-        await node.enrol_with(session)
-    reasons = [e.get("reason") for e in events if e["event"] == "bootstrap.enrol_refused"]
-    assert reasons == ["wrong_password", "nonce_invalid"]
-    assert any(e["event"] == "bootstrap.enrolled" and e["cn"] == "ws-empfang" for e in events)
+        wrong = await node.exchange(session, OTHER_PASSWORD)
+        right = await node.exchange(session)
+    kinds = [e["event"] for e in events]
+    assert kinds.count("bootstrap.exchange_started") == 2
+    assert "bootstrap.password_refused" in kinds and "bootstrap.enrolled" in kinds
+    refused = next(e for e in events if e["event"] == "bootstrap.password_refused")
+    assert refused["workstation"] == "ws-empfang" and refused["failures"] == 1
     dump = json.dumps(events, default=str)
     assert secrets_in(dump) == []
-    assert answer.nonce not in dump and "proof" not in dump
+    assert right.keys is not None and wrong.keys is not None
+    for keys in (right.keys, wrong.keys):
+        assert keys.confirmation(proto.Side.WORKSTATION) not in dump
+        assert keys.confirmation(proto.Side.NODE) not in dump
 
 
-async def test_service_answers_concurrent_requests(
-    node: Node, session: aiohttp.ClientSession
+async def test_service_answers_concurrent_exchanges(
+    node: Node, session: aiohttp.ClientSession, loopback: Callable[[], str]
 ) -> None:
-    results = await asyncio.wait_for(
-        asyncio.gather(*(node.enrol_with(session) for _ in range(8))), timeout=30
-    )
-    assert [r[0] for r in results] == [200] * 8
+    async def one(i: int) -> int:
+        async with session_from(loopback()) as s:
+            return (await node.exchange(s, cn=f"ws-pc{i}")).status
+
+    results = await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(8))), timeout=60)
+    assert results == [200] * 8

@@ -9,12 +9,15 @@ keeps serving on the test's event loop; its output is captured and checked line 
 from __future__ import annotations
 
 import asyncio
+import base64
 import errno
 import io
 import json
 import os
 import stat
+import subprocess
 import sys
+import tarfile
 from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
@@ -254,7 +257,7 @@ async def test_end_to_end_password_enrol_and_authenticated_request(
     assert (
         f"certificate {pki.fingerprint(pki.read_cert(node.cert.cert_file))}" in run.out
     )  # shown in step (b)
-    assert "verified with the password (MAC ok)" in run.out
+    assert "verified with the password (key exchange confirmed both ways)" in run.out
     d = tmp_path / "settings"
     assert sorted(p.name for p in d.iterdir()) == [
         "ca.pem",
@@ -324,7 +327,7 @@ async def test_ca_pin_with_password_and_the_port_prompt(
         )
     assert run.code == 0, run.err
     assert "Bootstrap port [9443]:" in run.out
-    assert "(and the password's MAC ok)" in run.out
+    assert "(and the password exchange confirmed)" in run.out
     assert settings_of(tmp_path)["client_fingerprint"].startswith("sha256:")
 
 
@@ -367,7 +370,8 @@ async def test_bootstrap_answer_altered_in_transit(
     tmp_path: Path,
 ) -> None:
     """A proxy on 9443 (its own certificate: the client cannot check TLS yet) forwards to the
-    real service on 9444 and flips one byte inside the CA bundle of the answer."""
+    real service on 9444 and flips one byte inside the CA bundle of the hello: the transcripts
+    differ, the node refuses the workstation's confirmation (and counts it)."""
     node = nodes["tls"]
     evil = pki.CertificateAuthority.create("evil")
     evil_cert = issue(evil, node.address, tmp_path / "evil")
@@ -386,7 +390,7 @@ async def test_bootstrap_answer_altered_in_transit(
         ):
             body = bytearray(await upstream.read())
             status = upstream.status
-        if request.path == proto.BOOTSTRAP_PATH:
+        if request.path == proto.HELLO_PATH:
             start = body.index(b"-----BEGIN CERTIFICATE-----\\n") + 40
             i = next(j for j in range(start, len(body)) if chr(body[j]).isalpha())
             body[i] ^= 0x20  # a -> A: still base64, still JSON
@@ -466,7 +470,57 @@ async def test_bootstrap_port_closed(nodes: dict[str, ServerNode], run_cli: Any)
     assert run.code == 8 and "bootstrap port 9444" in run.error
 
 
-async def test_enrolment_rate_limited(
+async def test_sealed_answer_altered_in_transit(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """A proxy flips one byte of the sealed payload the node sends back: the workstation
+    refuses it as not from the node (it cannot tell a fake node from an altered answer)."""
+    node = nodes["tls"]
+    evil = pki.CertificateAuthority.create("evil")
+    evil_cert = issue(evil, node.address, tmp_path / "evil")
+
+    async def forward(request: web.Request) -> web.Response:
+        async with (
+            aiohttp.ClientSession(timeout=TIMEOUT) as s,
+            s.request(
+                request.method,
+                f"https://{node.address}:9444{request.path_qs}",
+                data=await request.read(),
+                headers={"Content-Type": "application/json"},
+                ssl=False,
+            ) as upstream,
+        ):
+            body = await upstream.read()
+            status = upstream.status
+        if request.path == proto.FINISH_PATH and status == 200:
+            data = json.loads(body)
+            raw = bytearray(base64.b64decode(data["payload"]))
+            raw[20] ^= 0x01
+            data["payload"] = base64.b64encode(bytes(raw)).decode()
+            body = json.dumps(data).encode()
+        return web.Response(body=body, status=status, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", forward)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        ctx = server_context(evil_cert.cert_file, evil_cert.key_file)
+        await web.TCPSite(runner, node.address, BOOTSTRAP_PORT, ssl_context=ctx).start()
+        async with bootstrap_on(node, test_ca, port=9444):
+            run = await run_cli(node.url, "--password-file", password_file(PASSWORD), "--yes")
+    finally:
+        await runner.cleanup()
+    assert run.code == Exit.UNTRUSTED
+    assert "did not prove that it knows the password" in run.error
+    assert not (tmp_path / "settings").exists()
+
+
+async def test_backoff_after_wrong_passwords(
     nodes: dict[str, ServerNode],
     test_ca: pki.CertificateAuthority,
     run_cli: Any,
@@ -475,11 +529,13 @@ async def test_enrolment_rate_limited(
     node = nodes["tls"]
     async with bootstrap_on(node, test_ca) as service, aiohttp.ClientSession(timeout=TIMEOUT) as s:
         n = Node(service, service.clock, test_ca.cert_pem)  # type: ignore[arg-type]
-        for _ in range(5):
-            assert (await n.enrol_with(s, OTHER_PASSWORD))[0] == 401
+        for _ in range(4):
+            assert (await n.exchange(s, OTHER_PASSWORD)).status == 401
+        run = await run_cli(node.url, "--password-file", password_file(OTHER_PASSWORD), "--yes")
+        assert run.code == 9  # the 5th wrong one, from the CLI this time
         run = await run_cli(node.url, "--password-file", password_file(PASSWORD), "--yes")
     assert run.code == 11 == int(Exit.ENROL_REFUSED)
-    assert "too many failed attempts; try again in 60 s" in run.error
+    assert "too many failed attempts; try again in 2 s" in run.error
 
 
 async def test_server_certificate_not_from_the_announced_ca(
@@ -599,34 +655,41 @@ def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--no-enrol needs --ca-pin" in capsys.readouterr().err
 
 
-async def test_expired_nonce_is_fetched_again(
+async def test_an_expired_exchange_is_started_again(
     nodes: dict[str, ServerNode],
     test_ca: pki.CertificateAuthority,
     run_cli: Any,
     password_file: Callable[[str], str],
     logs: list[MutableMapping[str, Any]],
 ) -> None:
-    """The password took longer to type than the nonce lives: one fresh answer, then enrolled."""
+    """The exchange expired before the workstation finished it: one more, then enrolled (and
+    the stale one is no failure)."""
     calls: list[int] = []
 
     def clock() -> float:
         calls.append(1)
-        return 0.0 if len(calls) == 1 else 500.0  # the first nonce is stale when used
+        return 0.0 if len(calls) == 1 else 500.0  # the first exchange is stale when finished
 
     node = nodes["tls"]
     async with bootstrap_on(node, test_ca, clock=clock):
         run = await run_cli(node.url, "--password-file", password_file(PASSWORD), "--yes")
     assert run.code == 0, run.err
     events = [
-        e["event"]
+        (e["event"], e.get("reason"))
         for e in logs
-        if e["event"] in ("bootstrap.answered", "bootstrap.enrol_refused", "bootstrap.enrolled")
+        if e["event"]
+        in (
+            "bootstrap.exchange_started",
+            "bootstrap.finish_refused",
+            "bootstrap.password_refused",
+            "bootstrap.enrolled",
+        )
     ]
     assert events == [
-        "bootstrap.answered",
-        "bootstrap.enrol_refused",
-        "bootstrap.answered",
-        "bootstrap.enrolled",
+        ("bootstrap.exchange_started", None),
+        ("bootstrap.finish_refused", "exchange_expired"),
+        ("bootstrap.exchange_started", None),
+        ("bootstrap.enrolled", None),
     ]
 
 
@@ -638,3 +701,152 @@ async def test_pin_only_against_a_server_that_wants_client_certificates(
         run = await run_cli(node.url, "--ca-pin", pki.spki_pin(test_ca.cert), "--no-enrol", "--yes")
     assert run.code == 1
     assert "wants a client certificate: run again without --no-enrol" in run.error
+
+
+# --- versions: an old client, an old node -------------------------------------------------------
+
+# The last commit whose client and agent speak bootstrap protocol 1.
+OLD_RELEASE = "c30574978383cf62a250c2cbc7edd0ce0fbd848d"
+REPO = Path(__file__).resolve().parents[1]
+
+OLD_NODE = """
+import asyncio, sys
+from pathlib import Path
+from nodeagent.bootstrap_server import BootstrapService
+from tlsroll import password
+
+async def main() -> None:
+    address, cert, key, ca, secret = sys.argv[1:6]
+
+    async def sign(csr: bytes) -> bytes:
+        raise RuntimeError("no CA here")
+
+    service = BootstrapService(
+        address=address, cert_file=Path(cert), key_file=Path(key),
+        ca_bundle_pem=Path(ca).read_bytes(),
+        server_url=f"https://{address}:8443/praxis_live/", node_name="node-a",
+        verifier=password.make_verifier(secret, **password.TEST_PARAMS), sign=sign,
+    )
+    async with service:
+        print("ready", flush=True)
+        await asyncio.get_running_loop().run_in_executor(None, sys.stdin.read)
+
+asyncio.run(main())
+"""
+
+
+@pytest.fixture(scope="module")
+def old_tree(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The packages of ``OLD_RELEASE``, from git (a real old client and a real old agent)."""
+    known = subprocess.run(
+        ["git", "-C", str(REPO), "cat-file", "-e", f"{OLD_RELEASE}^{{commit}}"],
+        capture_output=True,
+        check=False,
+    )
+    if known.returncode != 0:
+        pytest.skip(f"commit {OLD_RELEASE[:7]} (bootstrap protocol 1) is not in this clone")
+    archive = subprocess.run(
+        ["git", "-C", str(REPO), "archive", OLD_RELEASE, "tlsroll", "workstation", "nodeagent"],
+        capture_output=True,
+        check=True,
+    ).stdout
+    tree = tmp_path_factory.mktemp("protocol-1")
+    with tarfile.open(fileobj=io.BytesIO(archive)) as tar:
+        tar.extractall(tree, filter="data")
+    return tree
+
+
+def old_env(tree: Path) -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(tree)}
+
+
+async def test_an_old_client_gets_a_clear_error_from_a_new_node(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    password_file: Callable[[str], str],
+    old_tree: Path,
+    tmp_path: Path,
+    logs: list[MutableMapping[str, Any]],
+) -> None:
+    node = nodes["tls"]
+    argv = [
+        sys.executable,
+        "-m",
+        "tlsroll",
+        "client",
+        "test-connection",
+        node.url,
+        "--password-file",
+        password_file(PASSWORD),
+        "--yes",
+        "--timeout",
+        "5",
+        "--settings-dir",
+        str(tmp_path / "old-client"),
+    ]
+    async with bootstrap_on(node, test_ca):
+        result = await asyncio.to_thread(
+            subprocess.run,
+            argv,
+            env=old_env(old_tree),
+            cwd=old_tree,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert result.stderr == (
+        f"tlsroll: error: {node.address}:9443: unsupported bootstrap protocol version: 2, "
+        "this client: 1\n"
+    )
+    assert not (tmp_path / "old-client").exists()
+    assert any(e["event"] == "bootstrap.old_client" for e in logs)
+
+
+async def test_a_new_client_tells_an_old_node_to_upgrade(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    old_tree: Path,
+    tmp_path: Path,
+) -> None:
+    node = nodes["tls"]
+    cert = node.cert
+    old = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            OLD_NODE,
+            node.address,
+            str(cert.cert_file),
+            str(cert.key_file),
+            str(cert.ca_file),
+            PASSWORD,
+        ],
+        env=old_env(old_tree),
+        cwd=old_tree,
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert old.stdout is not None
+        stdout = old.stdout
+
+        def wait_ready() -> bool:  # its log lines come first on stdout
+            return any(line == "ready\n" for line in iter(stdout.readline, ""))
+
+        assert await asyncio.wait_for(asyncio.to_thread(wait_ready), 30), "the old node died"
+        run = await run_cli(node.url, "--password-file", password_file(PASSWORD), "--yes")
+    finally:
+        old.communicate("", timeout=30)
+    assert run.code == 1
+    assert run.error == (
+        f"tlsroll: error: the node at {node.address}:9443 is too old: its tlsroll agent speaks "
+        "bootstrap protocol 1, which this client does not use; upgrade the agent (tlsroll) on "
+        "the node"
+    )
+    assert not (tmp_path / "settings").exists()

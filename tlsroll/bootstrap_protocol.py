@@ -1,58 +1,77 @@
-"""The workstation bootstrap protocol (port 9443), shared by the agent's service and the client.
+"""The workstation bootstrap protocol v2 (port 9443): SPAKE2 over the scrypt-stretched password.
 
 A workstation that knows the cluster's auth password, and nothing else, must learn the cluster
-CA without trusting the network, and then obtain a client certificate. Two requests, both over
-https with the node's certificate (which the client cannot verify yet, so it checks the answer
-instead):
+CA without trusting the network, and obtain a client certificate. It runs a password-
+authenticated key exchange (PAKE) with the node's bootstrap service; every password guess then
+costs one online exchange with the real node, which counts it (``nodeagent.bootstrap_server``).
+Nothing a passive listener, a stranger querying the node, or a fake node that a workstation is
+tricked into talking to captures lets anyone test a password offline.
 
-    GET  /v1/bootstrap  -> 200 {"version": 1,
-                                "node": "node-a",
-                                "server_url": "https://192.168.1.5:8443/praxis_live/",
-                                "ca_bundle_pem": "-----BEGIN CERTIFICATE-----\\n...",
-                                "kdf": {"alg": "scrypt", "n": 32768, "r": 8, "p": 1,
-                                        "salt": "<base64>", "dklen": 32},
-                                "nonce": "<43 url-safe base64 characters>",
-                                "expires_in": 120,
-                                "mac": "<64 hex digits>"}
+The exchange (https, but the client cannot check the node's certificate yet: the PAKE, not TLS,
+authenticates; ``msg_*`` and sealed values are base64, ``confirm`` 64 hex digits)::
 
-    POST /v1/enroll     {"nonce": "...", "csr_pem": "-----BEGIN CERTIFICATE REQUEST-----...",
-                         "proof": "<64 hex digits>"}
-                        -> 200 {"certificate_pem": "...", "ca_bundle_pem": "..."}
-                        -> {"error": <code>, "message": <one line>} with
-                           400 bad_request | 401 nonce_invalid | 401 wrong_password |
-                           413 too_large (over 64 KiB) | 422 bad_csr |
-                           429 rate_limited (with Retry-After) | 502 sign_failed
+    GET  /v2/hello            -> {"version": 2, "node", "server_url", "ca_bundle_pem",
+                                  "kdf": {"alg": "scrypt", "n", "r", "p", "salt", "dklen"},
+                                  "exchange_ttl": 30}
+    POST /v2/exchange/start   {"version": 2, "workstation": "ws-…", "msg_a": X*}
+                              -> {"exchange": "<43 url-safe chars>", "msg_b": Y*, "expires_in"}
+    POST /v2/exchange/finish  {"exchange", "confirm": confirm_ws, "csr": seal(to node, CSR PEM)}
+                              -> {"confirm": confirm_node, "payload": seal(to workstation,
+                                  canonical({"ca_bundle_pem", "certificate_pem", "node",
+                                             "server_url"}))}
+    errors: {"error": <ErrorCode>, "message": <one line>}, 429/503 with Retry-After
 
 Keys. ``H = scrypt(NFC(password), salt, n, r, p, dklen)`` is exactly the ``hash`` of the node's
-verifier (``tlsroll.password``); the node holds only the verifier, the client recomputes ``H``
-from the password and the published ``kdf``. From ``H``, two keys with domain separation:
+verifier (``tlsroll.password``). Both sides run SPAKE2 (``spake2``, Ed25519 group, sides A =
+workstation and B = node) on ``w = HMAC-SHA256(H, "tlsroll bootstrap v2: spake2 password")``.
+``T = SHA-256(canonical(everything said so far: version, node, server_url, kdf, SHA-256 of the
+CA bundle, exchange id, workstation name, X*, Y*))``; four keys come from HKDF-SHA256 (salt
+``T``, ikm the SPAKE2 key, a label each): two for key confirmation, two for AES-256-GCM, one per
+direction (``SessionKeys``). A hello field changed on the way changes ``T``, so the
+confirmation checks it too.
 
-    mac_key   = HMAC-SHA256(key=H, msg=b"tlsroll bootstrap mac v1")
-    proof_key = HMAC-SHA256(key=H, msg=b"tlsroll enrol proof v1")
+Order, and why. The workstation confirms first (``HMAC(k_confirm_ws, T)``) and sends its CSR
+sealed under the key; the node checks that confirmation *before* it says anything that depends
+on the key. A wrong one is counted as a failed password; only a right one makes the node
+confirm its side and hand over the CA bundle and the certificate, sealed. So:
 
-MAC. ``mac = hex(HMAC-SHA256(mac_key, canonical(answer without "mac")))`` over *every* other
-field the answer carries, so a field added later is covered too. The client checks it in
-constant time before it looks at the CA bundle; a byte changed on the way, or a wrong password,
-both show up as a MAC mismatch.
+- an observer (even one inside TLS) sees X*, Y*, two MACs and ciphertext; testing a candidate
+  needs the Diffie-Hellman value of X* and Y*, i.e. an ephemeral scalar it does not have;
+- a stranger who queries the node gets Y* and nothing keyed (no MAC, no ciphertext) until it
+  sends a confirmation, which the node counts: one guess per counted exchange;
+- a fake node that a workstation talks to chose Y* for one candidate; the workstation's
+  confirmation tells it whether that one candidate was right, and nothing about any other:
+  one guess per tricked run;
+- an exchange abandoned after ``start`` has given nothing away, so one that expires is not
+  counted as a failure.
 
-Proof. ``proof = hex(HMAC-SHA256(proof_key, canonical({"nonce": nonce, "csr_sha256":
-hex(SHA-256(csr_pem bytes as sent)), "node": node})))``: bound to one server-issued nonce
-(single use, 120 s), to this CSR and to this node, so it cannot be replayed or moved.
+Why SPAKE2 and not OPAQUE. OPAQUE (an augmented PAKE) would keep a stolen verifier from being
+usable to log in as a workstation. Three OPAQUE bindings install on Python 3.11 from PyPI
+(opaquepy 0.6.0 of 2025-01, opaque-ke-py 0.1.x of 2025-12, opaque-snake 0.1.1 of 2026-02), each
+a young single-maintainer wrapper with little use; ``spake2`` is magic-wormhole's. OPAQUE would
+also replace the verifier that every part of tlsroll carries (``password set``, change-password
+rollouts, the agent's journal, the reference server's ``/login``) by a registration record
+plus a server key shared by all nodes. And what it adds is small here: whoever can read a
+node's verifier file is root on that node and holds the agent's key, with which the leader
+signs workstation certificates anyway.
 
-Canonical encoding: JSON with object keys sorted (by code point), no whitespace
-(``separators=(",", ":")``), non-ASCII characters as themselves (``ensure_ascii=False``), encoded
-as UTF-8. Values are limited to strings, integers, booleans, null, arrays and objects with
-string keys; floats, NaN and non-string keys are refused rather than encoded ambiguously. For
-those values (and ASCII keys, which is all this protocol uses) the bytes are the same as
-RFC 8785 (JCS) produces, so another implementation can use a JCS library.
+What that costs: for this protocol ``H`` is password-equivalent. Whoever holds a node's verifier
+can run either side: enrol a workstation, or pose as a node to workstations. The verifier file
+stays 0600 and is never sent; only its salt and parameters are (a salt is no guessing oracle; a
+transcript that confirms a key would be, and there is none). A stolen verifier is open to
+offline guessing at scrypt's cost, as it was before. The CA pin (``--ca-pin``, public) still
+closes "whoever has the password can pose as a node": a pinned client trusts the CA by the pin
+and uses the password only to enrol.
 
-What the MAC does and does not give. Everyone who knows the password can compute ``mac_key``,
-and so can anyone who holds a verifier (the node's verifier file is 0600 and never leaves the
-node and the leader): such a party can fake a bootstrap answer to other workstations on the
-same network. The CA's SPKI pin (``sha256:...``, public) closes that gap; a client given the pin
-trusts the CA by the pin and uses the password only to enrol. The answer also lets whoever
-fetches it try passwords offline at scrypt's cost per guess: a generated password (119 bits)
-makes that hopeless; a short hand-picked one does not.
+Side channels. ``spake2`` is pure Python and not constant time. The node computes the
+password's blinding points ``w·N`` and ``−w·M`` once per verifier (``NodeSecret``), so what an
+exchange costs it depends on its random scalar and the peer's message, not on ``w``; the
+workstation's one run per attempt is a single timing sample.
+
+Canonical encoding: JSON with sorted keys, no whitespace, UTF-8, no floats (RFC 8785 for these
+values). An old (v1) client gets ``{"version": 2, "error": "upgrade_required", …}`` on
+``GET /v1/bootstrap``, which it reports as "unsupported bootstrap protocol version: 2"; a v2
+client never falls back to v1 (a fake node claiming to be old would get an offline oracle).
 """
 
 from __future__ import annotations
@@ -62,6 +81,7 @@ import binascii
 import hashlib
 import hmac
 import json
+import os
 import re
 import unicodedata
 from collections.abc import Mapping
@@ -70,35 +90,72 @@ from enum import StrEnum
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+from cryptography.hazmat.primitives.kdf.hkdf import HKDF
+from spake2 import SPAKE2_A, SPAKE2_B
+from spake2.ed25519_basic import NotOnCurve
+from spake2.parameters.ed25519 import ParamsEd25519
+from spake2.spake2 import SPAKEError
 
 from tlsroll import password, pki
 from tlsroll.errors import PKIError, TerminalError
 
-VERSION = 1
-BOOTSTRAP_PATH = "/v1/bootstrap"
-ENROL_PATH = "/v1/enroll"
-MAC_INFO = b"tlsroll bootstrap mac v1"
-PROOF_INFO = b"tlsroll enrol proof v1"
-NONCE_TTL = 120  # seconds
-MAX_ANSWER_BYTES = 1 << 20  # a bootstrap or enrol answer larger than this is refused
-MAX_REQUEST_BYTES = 64 << 10  # the service refuses larger enrol requests (413)
-# What a client will spend on the KDF of an answer it cannot verify yet: 256 MiB of memory
-# (n = 2**18 at r = 8; tlsroll's default is 2**15, 32 MiB). A forged answer must not be able to
+VERSION = 2
+HELLO_PATH = "/v2/hello"
+START_PATH = "/v2/exchange/start"
+FINISH_PATH = "/v2/exchange/finish"
+V1_BOOTSTRAP_PATH = "/v1/bootstrap"  # answered with "upgrade_required" for old clients
+V1_ENROL_PATH = "/v1/enroll"
+EXCHANGE_TTL = 30  # seconds from start to finish; the password is asked before start
+MAX_ANSWER_BYTES = 1 << 20  # a larger answer is refused by the client
+MAX_REQUEST_BYTES = 64 << 10  # the service refuses larger requests (413)
+# What a client will spend on the KDF of a hello it cannot verify yet: 256 MiB of memory
+# (n = 2**18 at r = 8; tlsroll's default is 2**15, 32 MiB). A fake node must not be able to
 # make a workstation allocate gigabytes.
 MAX_KDF_MEMORY = 256 << 20
 MIN_DKLEN = 16
 MAX_DKLEN = 64
 # "ws-" + a DNS label: at most 63 characters, lowercase letters, digits, inner hyphens.
 WORKSTATION_CN = re.compile(r"^ws-[a-z0-9]([a-z0-9-]{0,58}[a-z0-9])?$")
+EXCHANGE_ID = re.compile(r"^[A-Za-z0-9_-]{43}$")
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+PAKE_MESSAGE_BYTES = 33  # one side byte and one Ed25519 point
+
+PARAMS = ParamsEd25519  # the SPAKE2 group and its M, N (public: the tests attack with them)
+ID_WORKSTATION = b"tlsroll bootstrap v2: workstation"
+ID_NODE = b"tlsroll bootstrap v2: node"
+_PAKE_INFO = b"tlsroll bootstrap v2: spake2 password"
+_KEY_INFO = b"tlsroll bootstrap v2: "
+
+
+class Side(StrEnum):
+    WORKSTATION = "workstation"
+    NODE = "node"
+
+
+class ErrorCode(StrEnum):
+    """The ``error`` of a refusal; the client picks its exit code by it."""
+
+    BAD_REQUEST = "bad_request"  # 400
+    WRONG_PASSWORD = "wrong_password"  # noqa: S105 - 401: a wrong confirmation (counted)
+    EXCHANGE_EXPIRED = "exchange_expired"  # 410: unknown, used or expired (not counted)
+    UPGRADE_REQUIRED = "upgrade_required"  # a v1 request to a v2 node
+    TOO_LARGE = "too_large"  # 413
+    BAD_CSR = "bad_csr"  # 422
+    RATE_LIMITED = "rate_limited"  # 429 + Retry-After: too many failed passwords
+    BUSY = "busy"  # 429/503 + Retry-After: too many open exchanges
+    SIGN_FAILED = "sign_failed"  # 502: the password was right, the CA did not sign
 
 
 class BootstrapReason(StrEnum):
     MALFORMED = "not a valid tlsroll bootstrap message"
     VERSION = "unsupported bootstrap protocol version"
     BAD_KDF = "unacceptable key derivation parameters"
-    MAC_MISMATCH = "bootstrap answer does not verify (wrong password, or altered on the way)"
+    CONFIRMATION = "key confirmation failed (wrong password, not the real node, or altered)"
+    SEAL = "sealed data does not verify under the exchanged key"
     BAD_CSR = "unacceptable workstation CSR"
 
 
@@ -155,7 +212,39 @@ def loads_strict(body: bytes) -> Any:
     return json.loads(body.decode("utf-8"), object_pairs_hook=pairs, parse_constant=no_constant)
 
 
-# --- keys -------------------------------------------------------------------------------------
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def unb64(text: object, what: str) -> bytes:
+    if not isinstance(text, str):
+        raise BootstrapError(BootstrapReason.MALFORMED, f"{what} must be a base64 string")
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        raise BootstrapError(BootstrapReason.MALFORMED, f"{what} is not base64") from None
+
+
+def _object(body: bytes, fields: Mapping[str, type]) -> dict[str, Any]:
+    """A JSON object with exactly ``fields``, of those types (a bool is not an int here)."""
+    try:
+        data = loads_strict(body)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise BootstrapError(BootstrapReason.MALFORMED, f"not JSON: {exc}") from None
+    if not isinstance(data, dict):
+        raise BootstrapError(BootstrapReason.MALFORMED, "not a JSON object")
+    if set(data) != set(fields):
+        raise BootstrapError(
+            BootstrapReason.MALFORMED, f"expected the fields {', '.join(sorted(fields))}"
+        )
+    for name, kind in fields.items():
+        value = data[name]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise BootstrapError(BootstrapReason.MALFORMED, f"field {name} has the wrong type")
+    return data
+
+
+# --- the password's public parameters ---------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -174,13 +263,13 @@ class KDF:
             "n": self.n,
             "r": self.r,
             "p": self.p,
-            "salt": base64.b64encode(self.salt).decode("ascii"),
+            "salt": b64(self.salt),
             "dklen": self.dklen,
         }
 
     @classmethod
     def from_json(cls, data: object) -> KDF:
-        """Parse and bound the parameters of an answer that is not verified yet."""
+        """Parse and bound the parameters of a hello that is not verified yet."""
         if not isinstance(data, Mapping) or set(data) != {"alg", "n", "r", "p", "salt", "dklen"}:
             raise BootstrapError(BootstrapReason.BAD_KDF, "expected alg, n, r, p, salt, dklen")
         if data["alg"] != password.ALG:
@@ -194,13 +283,10 @@ class KDF:
             raise BootstrapError(BootstrapReason.BAD_KDF, f"n={n} r={r} p={p} is too costly")
         if not MIN_DKLEN <= dklen <= MAX_DKLEN:
             raise BootstrapError(BootstrapReason.BAD_KDF, f"dklen={dklen}")
-        salt_text = data["salt"]
-        if not isinstance(salt_text, str):
-            raise BootstrapError(BootstrapReason.BAD_KDF, "salt must be a base64 string")
         try:
-            salt = base64.b64decode(salt_text, validate=True)
-        except (binascii.Error, ValueError):
-            raise BootstrapError(BootstrapReason.BAD_KDF, "salt is not base64") from None
+            salt = unb64(data["salt"], "salt")
+        except BootstrapError as exc:
+            raise BootstrapError(BootstrapReason.BAD_KDF, exc.detail) from None
         if len(salt) < password.SALT_BYTES:
             raise BootstrapError(BootstrapReason.BAD_KDF, "salt too short")
         return cls(n=n, r=r, p=p, salt=salt, dklen=dklen)
@@ -217,32 +303,6 @@ class KDF:
         )
 
 
-@dataclass(frozen=True)
-class Keys:
-    """The two keys derived from the scrypt hash; never printed (``repr`` hides them)."""
-
-    mac_key: bytes = field(repr=False)
-    proof_key: bytes = field(repr=False)
-
-    @classmethod
-    def from_hash(cls, scrypt_hash: bytes) -> Keys:
-        return cls(
-            mac_key=hmac.digest(scrypt_hash, MAC_INFO, "sha256"),
-            proof_key=hmac.digest(scrypt_hash, PROOF_INFO, "sha256"),
-        )
-
-    @classmethod
-    def from_verifier(cls, verifier: Mapping[str, Any]) -> Keys:
-        """The node's side: the verifier's hash *is* the scrypt hash."""
-        v = password.validate_verifier(verifier)
-        return cls.from_hash(base64.b64decode(v["hash"]))
-
-    @classmethod
-    def from_password(cls, secret: str, kdf: KDF) -> Keys:
-        """The workstation's side: recompute the scrypt hash from the password (slow on purpose)."""
-        return cls.from_hash(scrypt_hash(secret, kdf))
-
-
 def scrypt_hash(secret: str, kdf: KDF) -> bytes:
     """``scrypt(NFC(secret) as UTF-8, ...)``: the same bytes as the verifier's ``hash``."""
     data = unicodedata.normalize("NFC", secret).encode("utf-8")
@@ -252,113 +312,349 @@ def scrypt_hash(secret: str, kdf: KDF) -> bytes:
     )
 
 
-# --- the bootstrap answer ---------------------------------------------------------------------
+def pake_password(scrypt_digest: bytes) -> bytes:
+    """What SPAKE2 runs on: ``HMAC-SHA256(H, label)``, apart from any other use of ``H``."""
+    return hmac.digest(scrypt_digest, _PAKE_INFO, "sha256")
 
 
-def compute_mac(keys: Keys, payload: Mapping[str, Any]) -> str:
-    """Hex HMAC of the canonical encoding of ``payload`` minus any ``mac`` field."""
-    body = {k: v for k, v in payload.items() if k != "mac"}
-    return hmac.new(keys.mac_key, canonical(body), "sha256").hexdigest()
-
-
-def seal(payload: Mapping[str, Any], keys: Keys) -> dict[str, Any]:
-    """``payload`` plus its ``mac``."""
-    return {**payload, "mac": compute_mac(keys, payload)}
+# --- hello --------------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
-class BootstrapAnswer:
-    """A parsed ``GET /v1/bootstrap`` answer; ``raw`` is what the MAC covers."""
+class Hello:
+    """``GET /v2/hello``: public and unauthenticated, but bound into the transcript."""
 
     node: str
     server_url: str
     ca_bundle_pem: bytes
     kdf: KDF
-    nonce: str
-    expires_in: int
-    mac: str
-    raw: Mapping[str, Any] = field(repr=False)
+    exchange_ttl: int = EXCHANGE_TTL
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "version": VERSION,
+            "node": self.node,
+            "server_url": self.server_url,
+            "ca_bundle_pem": self.ca_bundle_pem.decode("ascii"),
+            "kdf": self.kdf.to_json(),
+            "exchange_ttl": self.exchange_ttl,
+        }
 
 
-_ANSWER_FIELDS = {
+_HELLO_FIELDS = {
     "version": int,
     "node": str,
     "server_url": str,
     "ca_bundle_pem": str,
     "kdf": dict,
-    "nonce": str,
-    "expires_in": int,
-    "mac": str,
+    "exchange_ttl": int,
 }
 
 
-def parse_answer(body: bytes) -> BootstrapAnswer:
-    """Check the shape of an answer (not its MAC: see ``verify_answer``)."""
+def parse_hello(body: bytes) -> Hello:
+    """Check the shape of a hello (its content is checked later, through the transcript)."""
     try:
         data = loads_strict(body)
     except (ValueError, UnicodeDecodeError) as exc:
         raise BootstrapError(BootstrapReason.MALFORMED, f"not JSON: {exc}") from None
-    if not isinstance(data, dict):
-        raise BootstrapError(BootstrapReason.MALFORMED, "not a JSON object")
-    if "version" in data and data["version"] != VERSION:
-        raise BootstrapError(BootstrapReason.VERSION, f"{data['version']!r}, this client: 1")
-    for name, kind in _ANSWER_FIELDS.items():
-        value = data.get(name)
-        if not isinstance(value, kind) or isinstance(value, bool):
-            raise BootstrapError(BootstrapReason.MALFORMED, f"field {name} missing or wrong type")
-    if not _HEX64.match(data["mac"]):
-        raise BootstrapError(BootstrapReason.MALFORMED, "mac is not 64 hex digits")
+    if isinstance(data, dict) and "version" in data and data["version"] != VERSION:
+        raise BootstrapError(BootstrapReason.VERSION, f"{data['version']!r}, this client: 2")
+    data = _object(body, _HELLO_FIELDS)
     try:
         bundle = data["ca_bundle_pem"].encode("ascii")
     except UnicodeEncodeError:
         raise BootstrapError(BootstrapReason.MALFORMED, "ca_bundle_pem is not ASCII") from None
-    return BootstrapAnswer(
+    if len(data["node"]) > 63 or len(data["server_url"]) > 2048:
+        raise BootstrapError(BootstrapReason.MALFORMED, "node or server_url too long")
+    return Hello(
         node=data["node"],
         server_url=data["server_url"],
         ca_bundle_pem=bundle,
         kdf=KDF.from_json(data["kdf"]),
-        nonce=data["nonce"],
-        expires_in=data["expires_in"],
-        mac=data["mac"],
-        raw=data,
+        exchange_ttl=data["exchange_ttl"],
     )
 
 
-def verify_answer(answer: BootstrapAnswer, keys: Keys) -> None:
-    """Raise ``BootstrapError(MAC_MISMATCH)`` unless the MAC matches (constant time)."""
-    expected = compute_mac(keys, answer.raw)
-    if not hmac.compare_digest(expected.encode("ascii"), answer.mac.encode("ascii")):
-        raise BootstrapError(BootstrapReason.MAC_MISMATCH)
-
-
-def ca_certificates(answer: BootstrapAnswer) -> list[x509.Certificate]:
-    """The CA certificates of a (verified) answer; every one must be a CA."""
+def ca_certificates(bundle_pem: bytes) -> list[x509.Certificate]:
+    """The certificates of a CA bundle; every one must be a CA."""
     try:
-        certs = pki.load_certs_pem(answer.ca_bundle_pem)
+        certs = pki.load_certs_pem(bundle_pem)
     except PKIError as exc:
         raise BootstrapError(BootstrapReason.MALFORMED, str(exc)) from None
     if not certs or not all(pki.is_ca(c) for c in certs):
-        raise BootstrapError(BootstrapReason.MALFORMED, "ca_bundle_pem holds a non-CA certificate")
+        raise BootstrapError(BootstrapReason.MALFORMED, "the CA bundle holds a non-CA certificate")
     return certs
 
 
-# --- enrolment --------------------------------------------------------------------------------
+# --- SPAKE2 -------------------------------------------------------------------------------------
 
 
-def csr_sha256(csr_pem: bytes) -> str:
-    return hashlib.sha256(csr_pem).hexdigest()
+class _Fixed:
+    """A blinding point whose product with the password's scalar is already known."""
+
+    def __init__(self, element: Any) -> None:
+        self.element = element
+
+    def scalarmult(self, _scalar: int) -> Any:
+        return self.element
 
 
-def enrol_proof(keys: Keys, *, nonce: str, csr_pem: bytes, node: str) -> str:
-    """The hex proof of the password for one enrol request."""
-    message = canonical({"nonce": nonce, "csr_sha256": csr_sha256(csr_pem), "node": node})
-    return hmac.new(keys.proof_key, message, "sha256").hexdigest()
+class _NodeSPAKE2(SPAKE2_B):  # type: ignore[misc]
+    """SPAKE2's side B with ``w·N`` and ``−w·M`` computed beforehand (see "Side channels")."""
+
+    def __init__(self, pake_pw: bytes, blind: Any, unblind: Any) -> None:
+        super().__init__(pake_pw, idA=ID_WORKSTATION, idB=ID_NODE, params=PARAMS)
+        self._blind = _Fixed(blind)
+        self._unblind = _Fixed(unblind)
+
+    def my_blinding(self) -> _Fixed:
+        return self._blind
+
+    def my_unblinding(self) -> _Fixed:
+        return self._unblind
 
 
-def check_enrol_proof(keys: Keys, proof: str, *, nonce: str, csr_pem: bytes, node: str) -> bool:
-    """True if ``proof`` is right for this request (constant-time compare)."""
-    expected = enrol_proof(keys, nonce=nonce, csr_pem=csr_pem, node=node)
-    return hmac.compare_digest(expected.encode("ascii"), proof.encode("ascii", "replace"))
+def _check_message(msg: bytes, side: bytes) -> None:
+    if len(msg) != PAKE_MESSAGE_BYTES or msg[:1] != side:
+        raise BootstrapError(BootstrapReason.MALFORMED, "not a SPAKE2 message of the other side")
+
+
+class NodeSecret:
+    """The node's side of the password, made from its verifier; never printed."""
+
+    def __init__(self, verifier: Mapping[str, Any]) -> None:
+        v = password.validate_verifier(verifier)
+        self.kdf = KDF.of_verifier(v)
+        self._pw = pake_password(base64.b64decode(v["hash"]))
+        scalar = PARAMS.group.password_to_scalar(self._pw)
+        self._blind = PARAMS.N.scalarmult(scalar)
+        self._unblind = PARAMS.M.scalarmult(-scalar)
+
+    def __repr__(self) -> str:
+        return "NodeSecret()"
+
+    def respond(self, msg_a: bytes) -> tuple[bytes, bytes]:
+        """``(msg_b, SPAKE2 key)`` for the workstation's ``msg_a`` (BootstrapError if bad)."""
+        _check_message(msg_a, b"A")
+        side = _NodeSPAKE2(self._pw, self._blind, self._unblind)
+        msg_b: bytes = side.start()
+        try:
+            key: bytes = side.finish(msg_a)
+        except (SPAKEError, NotOnCurve, ValueError):
+            raise BootstrapError(BootstrapReason.MALFORMED, "msg_a is not a valid point") from None
+        return msg_b, key
+
+
+class WorkstationPAKE:
+    """The workstation's side: scrypt, then SPAKE2's side A; ``msg_a`` goes out first."""
+
+    def __init__(self, secret: str, kdf: KDF) -> None:
+        self._side = SPAKE2_A(
+            pake_password(scrypt_hash(secret, kdf)),
+            idA=ID_WORKSTATION,
+            idB=ID_NODE,
+            params=PARAMS,
+        )
+        self.msg_a: bytes = self._side.start()
+
+    def __repr__(self) -> str:
+        return "WorkstationPAKE()"
+
+    def finish(self, msg_b: bytes) -> bytes:
+        """The SPAKE2 key for the node's ``msg_b`` (BootstrapError if it is no valid point)."""
+        _check_message(msg_b, b"B")
+        try:
+            key: bytes = self._side.finish(msg_b)
+        except (SPAKEError, NotOnCurve, ValueError):
+            raise BootstrapError(BootstrapReason.MALFORMED, "msg_b is not a valid point") from None
+        return key
+
+
+# --- transcript and session keys ------------------------------------------------------------------
+
+
+def transcript(hello: Hello, exchange: str, workstation: str, msg_a: bytes, msg_b: bytes) -> bytes:
+    """``T``: SHA-256 of everything both sides said before the keys (see the docstring)."""
+    return hashlib.sha256(
+        canonical(
+            {
+                "protocol": "tlsroll-bootstrap",
+                "version": VERSION,
+                "node": hello.node,
+                "server_url": hello.server_url,
+                "kdf": hello.kdf.to_json(),
+                "ca_bundle_sha256": hashlib.sha256(hello.ca_bundle_pem).hexdigest(),
+                "exchange": exchange,
+                "workstation": workstation,
+                "msg_a": b64(msg_a),
+                "msg_b": b64(msg_b),
+            }
+        )
+    ).digest()
+
+
+def _hkdf(shared: bytes, salt: bytes, label: str) -> bytes:
+    return HKDF(hashes.SHA256(), 32, salt=salt, info=_KEY_INFO + label.encode()).derive(shared)
+
+
+@dataclass(frozen=True)
+class SessionKeys:
+    """The keys of one exchange, bound to its transcript; ``repr`` hides them."""
+
+    transcript: bytes = field(repr=False)
+    confirm: Mapping[Side, bytes] = field(repr=False)
+    seal_to: Mapping[Side, bytes] = field(repr=False)
+
+    @classmethod
+    def derive(cls, shared: bytes, transcript: bytes) -> SessionKeys:
+        return cls(
+            transcript=transcript,
+            confirm={s: _hkdf(shared, transcript, f"confirm {s.value}") for s in Side},
+            seal_to={s: _hkdf(shared, transcript, f"seal to {s.value}") for s in Side},
+        )
+
+    def confirmation(self, side: Side) -> str:
+        """What ``side`` sends to prove it holds the key: hex HMAC of the transcript."""
+        message = b"confirm " + side.value.encode() + b" " + self.transcript
+        return hmac.new(self.confirm[side], message, "sha256").hexdigest()
+
+    def check_confirmation(self, side: Side, value: object) -> bool:
+        """True if ``value`` is ``side``'s confirmation (constant-time compare)."""
+        if not isinstance(value, str) or not _HEX64.match(value):
+            return False
+        return hmac.compare_digest(self.confirmation(side).encode(), value.encode())
+
+    def seal(self, to: Side, plaintext: bytes) -> str:
+        """AES-256-GCM for ``to``, with the transcript and the direction as associated data."""
+        nonce = os.urandom(12)
+        aad = self.transcript + b" to " + to.value.encode()
+        return b64(nonce + AESGCM(self.seal_to[to]).encrypt(nonce, plaintext, aad))
+
+    def open(self, to: Side, sealed: object) -> bytes:
+        """The plaintext of ``seal(to, …)``; BootstrapError(SEAL) if it does not verify."""
+        raw = unb64(sealed, "sealed data")
+        if len(raw) < 12 + 16:
+            raise BootstrapError(BootstrapReason.SEAL, "too short")
+        aad = self.transcript + b" to " + to.value.encode()
+        try:
+            return AESGCM(self.seal_to[to]).decrypt(raw[:12], raw[12:], aad)
+        except InvalidTag:
+            raise BootstrapError(BootstrapReason.SEAL) from None
+
+
+# --- the exchange's messages ----------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class StartRequest:
+    workstation: str
+    msg_a: bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return {"version": VERSION, "workstation": self.workstation, "msg_a": b64(self.msg_a)}
+
+
+def parse_start_request(body: bytes) -> StartRequest:
+    data = _object(body, {"version": int, "workstation": str, "msg_a": str})
+    if data["version"] != VERSION:
+        raise BootstrapError(BootstrapReason.VERSION, f"{data['version']!r}, this node: 2")
+    if not WORKSTATION_CN.match(data["workstation"]):
+        raise BootstrapError(BootstrapReason.MALFORMED, "workstation must be ws-<name>")
+    return StartRequest(data["workstation"], unb64(data["msg_a"], "msg_a"))
+
+
+@dataclass(frozen=True)
+class StartAnswer:
+    exchange: str
+    msg_b: bytes
+    expires_in: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"exchange": self.exchange, "msg_b": b64(self.msg_b), "expires_in": self.expires_in}
+
+
+def parse_start_answer(body: bytes) -> StartAnswer:
+    data = _object(body, {"exchange": str, "msg_b": str, "expires_in": int})
+    if not EXCHANGE_ID.match(data["exchange"]):
+        raise BootstrapError(BootstrapReason.MALFORMED, "exchange id")
+    return StartAnswer(data["exchange"], unb64(data["msg_b"], "msg_b"), data["expires_in"])
+
+
+@dataclass(frozen=True)
+class FinishRequest:
+    exchange: str
+    confirm: str
+    csr: str  # sealed to the node
+
+    def to_json(self) -> dict[str, Any]:
+        return {"exchange": self.exchange, "confirm": self.confirm, "csr": self.csr}
+
+
+def parse_finish_request(body: bytes) -> FinishRequest:
+    data = _object(body, {"exchange": str, "confirm": str, "csr": str})
+    if not EXCHANGE_ID.match(data["exchange"]):
+        raise BootstrapError(BootstrapReason.MALFORMED, "exchange id")
+    return FinishRequest(data["exchange"], data["confirm"], data["csr"])
+
+
+@dataclass(frozen=True)
+class FinishAnswer:
+    confirm: str
+    payload: str  # sealed to the workstation
+
+    def to_json(self) -> dict[str, Any]:
+        return {"confirm": self.confirm, "payload": self.payload}
+
+
+def parse_finish_answer(body: bytes) -> FinishAnswer:
+    data = _object(body, {"confirm": str, "payload": str})
+    return FinishAnswer(data["confirm"], data["payload"])
+
+
+@dataclass(frozen=True)
+class Payload:
+    """What the node hands over under the confirmed key."""
+
+    ca_bundle_pem: bytes
+    certificate_pem: bytes
+    node: str
+    server_url: str
+
+    def to_bytes(self) -> bytes:
+        return canonical(
+            {
+                "ca_bundle_pem": self.ca_bundle_pem.decode("ascii"),
+                "certificate_pem": self.certificate_pem.decode("ascii"),
+                "node": self.node,
+                "server_url": self.server_url,
+            }
+        )
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> Payload:
+        fields = {"ca_bundle_pem": str, "certificate_pem": str, "node": str, "server_url": str}
+        obj = _object(data, fields)
+        try:
+            return cls(
+                ca_bundle_pem=obj["ca_bundle_pem"].encode("ascii"),
+                certificate_pem=obj["certificate_pem"].encode("ascii"),
+                node=obj["node"],
+                server_url=obj["server_url"],
+            )
+        except UnicodeEncodeError:
+            raise BootstrapError(BootstrapReason.MALFORMED, "PEM is not ASCII") from None
+
+
+def upgrade_answer() -> dict[str, Any]:
+    """What a v2 node answers a v1 client; the old client's version check reports it."""
+    return {
+        "version": VERSION,
+        "error": ErrorCode.UPGRADE_REQUIRED.value,
+        "message": "this node speaks bootstrap protocol 2: update tlsroll on the workstation",
+    }
+
+
+# --- workstation certificates ---------------------------------------------------------------------
 
 
 def workstation_names(common_name: str) -> pki.Names:

@@ -9,14 +9,20 @@ CA pin). The steps, in the seed's order:
       trusted yet: the CA is not known);
   (c) the port check: the bootstrap port (9443, "Bootstrap port [9443]:" to confirm or change;
       ``--bootstrap-port`` or ``--yes`` for scripts) must accept connections;
-  (d) the password (no echo, or ``--password-file``); the bootstrap answer is fetched and its
-      MAC verified before its CA bundle is believed (``tlsroll.bootstrap_protocol``); with
-      ``--ca-pin`` the CA is trusted by its SPKI pin instead; then the certificate of (b) must
-      come from that CA, and a verified handshake (chain and IP/name) must succeed;
-  (e) a key and CSR (``ws-<host name>``, key never leaves the workstation), enrolment with a
-      proof of the password, and the settings dir: ``settings.json``, ``ca.pem``,
+  (d) the password (no echo, or ``--password-file``), asked before anything is sent; the
+      node's hello (name, the password's salt and scrypt parameters, its CA; with
+      ``--ca-pin`` the CA must match the pin here already);
+  (e) a key and CSR (``ws-<host name>``, the key never leaves the workstation) and the
+      password exchange (``tlsroll.bootstrap_protocol``: SPAKE2, key confirmation both ways;
+      the CSR goes sealed, the CA bundle and the client certificate come back sealed). The
+      certificate of (b) must come from that CA (or the pinned one), a verified handshake
+      (chain and IP/name) must succeed; then the settings dir: ``settings.json``, ``ca.pem``,
       ``client.pem``, ``client.key`` (0600); a request with them must succeed; then
       "restart the client to finish".
+
+Each password attempt costs one exchange with the node, which counts the failures (backoff,
+429 with Retry-After). The client never falls back to protocol 1: a node that speaks only that
+is "too old: upgrade the agent".
 
 ``--ca-pin PIN --no-enrol`` trusts the CA by the pin and writes the settings without a client
 certificate, with no password involved at all.
@@ -33,9 +39,10 @@ Exit codes (every error is one line on stderr; the password is never printed):
     6   TLS failure (handshake failed, not TLS on that port)
     7   the app path does not answer (wrong APP path)
     8   bootstrap port closed (9443 or the one given)
-    9   wrong password: the bootstrap answer's MAC does not verify (or it was altered)
-    10  certificate not from the expected CA, or the CA does not match --ca-pin
-    11  enrolment refused or rate-limited by the node
+    9   wrong password: the node did not accept it
+    10  not the cluster's node: certificate not from the expected CA, the CA does not match
+        --ca-pin, or the node could not prove that it knows the password
+    11  enrolment refused, rate-limited or busy at the node
 """
 
 from __future__ import annotations
@@ -336,21 +343,38 @@ class TestConnection:
         self.ui.say(f"address   {server.url}")
         server_cert = self.check_server(server)
         port = self.check_bootstrap_port(server)
+        where = _netloc(server.host, port)
         secret = None
         if o.enrol:
             secret = o.password if o.password is not None else self.ui.ask_password()
             if not secret:
                 raise ClientError(Exit.USAGE, "no password given")
-        answer, keys = self.fetch_answer(server.host, port, secret)
-        trusted = self.trusted_cas(answer, keys)
+        hello = self.fetch_hello(server.host, port)
+        # A wrong CA is reported as such, before the password is used.
+        pinned = self._pinned(hello.ca_bundle_pem) if self.pin is not None else None
+        node, node_url = hello.node, hello.server_url
+        cert = key = None
+        if secret is not None:
+            key = pki.generate_key()
+            payload = self.exchange(server.host, port, hello, secret, key)
+            node, node_url = payload.node, payload.server_url
+            if pinned is not None:
+                trusted = self._pinned(payload.ca_bundle_pem)
+                how = f"pinned {self.pin} (and the password exchange confirmed)"
+            else:
+                trusted = self._cas(payload.ca_bundle_pem)
+                how = "verified with the password (key exchange confirmed both ways)"
+            cert = self._client_cert(payload, key, trusted, where)
+        else:
+            assert pinned is not None  # without a password there is always a pin
+            trusted, how = pinned, f"pinned {self.pin}"
+        self.ui.say(f"ca        {how}")
         ca = self.check_chain(server, server_cert, trusted)
-        if answer.server_url != server.url:
-            self.ui.say(f"note      the node gives its address as {one_line(answer.server_url)}")
+        if node_url != server.url:
+            self.ui.say(f"note      the node gives its address as {one_line(node_url)}")
         trusted_pem = b"".join(pki.cert_to_pem(c) for c in trusted)
         client_pem = key_pem = None
-        if keys is not None and secret is not None:
-            key = pki.generate_key()
-            cert = self.enrol(server.host, port, answer, keys, secret, key, trusted_pem)
+        if cert is not None and key is not None:
             client_pem, key_pem = pki.cert_to_pem(cert), pki.key_to_pem(key)
             self.ui.say(
                 f"enrol     client certificate {pki.names_of(cert).common_name} "
@@ -359,12 +383,10 @@ class TestConnection:
         result = Result(
             server=server,
             bootstrap_port=port,
-            node=answer.node,
+            node=one_line(node, 63),
             ca_pin=pki.spki_pin(ca),
             server_fingerprint=pki.fingerprint(server_cert),
-            client_fingerprint=None
-            if client_pem is None
-            else pki.fingerprint(pki.load_cert_pem(client_pem)),
+            client_fingerprint=None if cert is None else pki.fingerprint(cert),
             settings_dir=o.settings_dir,
         )
         self.write_settings(result, trusted_pem, client_pem, key_pem)
@@ -471,14 +493,15 @@ class TestConnection:
         )
 
     # (d)
-    def fetch_answer(
-        self, host: str, port: int, secret: str | None
-    ) -> tuple[proto.BootstrapAnswer, proto.Keys | None]:
-        """Fetch the bootstrap answer (unverified TLS) and check its MAC if a password is given."""
+    def _call(
+        self, host: str, port: int, method: str, path: str, body: dict[str, Any] | None = None
+    ) -> Reply:
+        """One request to the bootstrap port over unverified TLS (the PAKE authenticates)."""
         where = _netloc(host, port)
+        data = None if body is None else json.dumps(body).encode()
         try:
-            reply = request(
-                host, port, "GET", proto.BOOTSTRAP_PATH, self.context, timeout=self.o.timeout
+            return request(
+                host, port, method, path, self.context, body=data, timeout=self.o.timeout
             )
         except NetError as exc:
             if exc.kind in ("refused", "unreachable"):
@@ -486,32 +509,42 @@ class TestConnection:
             raise ClientError(
                 Exit.TLS, f"TLS with the bootstrap port {where} failed: {exc.detail}"
             ) from None
+
+    def fetch_hello(self, host: str, port: int) -> proto.Hello:
+        """The node's public hello: its name, the password's salt and parameters, its CA."""
+        where = _netloc(host, port)
+        reply = self._call(host, port, "GET", proto.HELLO_PATH)
+        if reply.status == 404:
+            raise self._too_old(host, port)
         if reply.status != 200:
             raise ClientError(
                 Exit.FAILURE,
                 f"{where} answered HTTP {reply.status}: is this the tlsroll bootstrap port?",
             )
         try:
-            answer = proto.parse_answer(reply.body)
+            return proto.parse_hello(reply.body)
         except proto.BootstrapError as exc:
             raise ClientError(Exit.FAILURE, f"{where}: {exc}") from None
-        if self.pin is not None:
-            self._pinned(answer)  # a wrong CA is reported as such, before the password
-        if secret is None:
-            return answer, None
-        keys = proto.Keys.from_password(secret, answer.kdf)
-        try:
-            proto.verify_answer(answer, keys)
-        except proto.BootstrapError:
-            raise ClientError(
-                Exit.WRONG_PASSWORD,
-                f"wrong password: the bootstrap answer of {where} does not verify with it "
-                "(or it was altered on the way); check the password and try again",
-            ) from None
-        return answer, keys
 
-    def _pinned(self, answer: proto.BootstrapAnswer) -> list[x509.Certificate]:
-        certs = self._cas(answer)
+    def _too_old(self, host: str, port: int) -> ClientError:
+        """No /v2 there: an agent that speaks only protocol 1 (never used: it would let a fake
+        node test passwords offline), or not a tlsroll bootstrap port at all."""
+        where = _netloc(host, port)
+        reply = self._call(host, port, "GET", proto.V1_BOOTSTRAP_PATH)
+        with contextlib.suppress(ValueError, UnicodeDecodeError):
+            data = proto.loads_strict(reply.body)
+            if reply.status == 200 and isinstance(data, dict) and data.get("version") == 1:
+                return ClientError(
+                    Exit.FAILURE,
+                    f"the node at {where} is too old: its tlsroll agent speaks bootstrap protocol "
+                    "1, which this client does not use; upgrade the agent (tlsroll) on the node",
+                )
+        return ClientError(
+            Exit.FAILURE, f"{where} answered HTTP 404: is this the tlsroll bootstrap port?"
+        )
+
+    def _pinned(self, bundle_pem: bytes) -> list[x509.Certificate]:
+        certs = self._cas(bundle_pem)
         pinned = [c for c in certs if pki.spki_pin(c) == self.pin]
         if not pinned:
             raise ClientError(
@@ -522,24 +555,11 @@ class TestConnection:
         return pinned
 
     @staticmethod
-    def _cas(answer: proto.BootstrapAnswer) -> list[x509.Certificate]:
+    def _cas(bundle_pem: bytes) -> list[x509.Certificate]:
         try:
-            return proto.ca_certificates(answer)
+            return proto.ca_certificates(bundle_pem)
         except proto.BootstrapError as exc:
             raise ClientError(Exit.FAILURE, f"bootstrap answer: {exc}") from None
-
-    def trusted_cas(
-        self, answer: proto.BootstrapAnswer, keys: proto.Keys | None
-    ) -> list[x509.Certificate]:
-        if self.pin is not None:
-            trusted = self._pinned(answer)
-            how = f"pinned {self.pin}" + (" (and the password's MAC ok)" if keys else "")
-        else:
-            assert keys is not None  # without a pin the password is always asked
-            trusted = self._cas(answer)
-            how = "verified with the password (MAC ok)"
-        self.ui.say(f"ca        {how}")
-        return trusted
 
     def check_chain(
         self, server: ServerURL, cert: x509.Certificate, trusted: list[x509.Certificate]
@@ -577,79 +597,98 @@ class TestConnection:
         return issuer
 
     # (e)
-    def enrol(
-        self,
-        host: str,
-        port: int,
-        answer: proto.BootstrapAnswer,
-        keys: proto.Keys,
-        secret: str,
-        key: pki.PrivateKey,
-        trusted_pem: bytes,
-    ) -> x509.Certificate:
+    def exchange(
+        self, host: str, port: int, hello: proto.Hello, secret: str, key: pki.PrivateKey
+    ) -> proto.Payload:
+        """The password exchange (SPAKE2, key confirmation both ways); the CSR goes to the node
+        and the CA bundle and the client certificate come back, sealed under the key."""
         where = _netloc(host, port)
         cn = proto.workstation_cn(self.o.name or socket.gethostname())
         csr_pem = pki.csr_to_pem(pki.make_csr(key, proto.workstation_names(cn)))
-        context = client_context(trusted_pem)  # from here on the node is verified
         for attempt in (1, 2):
-            proof = proto.enrol_proof(keys, nonce=answer.nonce, csr_pem=csr_pem, node=answer.node)
-            body = json.dumps(
-                {"nonce": answer.nonce, "csr_pem": csr_pem.decode("ascii"), "proof": proof}
-            ).encode()
+            pake = proto.WorkstationPAKE(secret, hello.kdf)
+            start_body = proto.StartRequest(cn, pake.msg_a).to_json()
+            reply = self._call(host, port, "POST", proto.START_PATH, start_body)
+            if reply.status != 200:
+                raise self._refused(reply, where)
             try:
-                reply = request(
-                    host, port, "POST", proto.ENROL_PATH, context, body=body, timeout=self.o.timeout
-                )
-            except NetError as exc:
-                if exc.kind == "verify":
-                    raise ClientError(
-                        Exit.UNTRUSTED,
-                        f"the bootstrap port {where} presents a certificate not from the "
-                        f"cluster CA: {exc.detail}",
-                    ) from None
-                if exc.kind in ("refused", "unreachable"):
-                    raise self._port_closed(host, port, exc.detail) from None
-                raise ClientError(Exit.TLS, f"TLS with {where} failed: {exc.detail}") from None
-            if reply.status == 200:
-                return self._enrolled(reply, key, trusted_pem, where)
-            error, message = _error_of(reply)
-            if reply.status == 401 and error == "nonce_invalid" and attempt == 1:
-                # The nonce expired while the password was typed: fetch a fresh answer.
-                answer, fresh = self.fetch_answer(host, port, secret)
-                assert fresh is not None
-                keys = fresh
-                continue
-            if reply.status == 429:
-                retry = reply.headers.get("retry-after", "?")
-                raise ClientError(
-                    Exit.ENROL_REFUSED,
-                    f"{where} refuses enrolment for now: too many failed attempts; "
-                    f"try again in {one_line(retry, 10)} s",
-                )
-            if error == "wrong_password":
-                raise ClientError(
-                    Exit.ENROL_REFUSED,
-                    f"{where} refused the password (a changed password takes effect only "
-                    "after the server restarts)",
-                )
-            raise ClientError(
-                Exit.ENROL_REFUSED,
-                f"{where} refused enrolment (HTTP {reply.status} {one_line(error, 40)}): "
-                f"{one_line(message)}",
+                start = proto.parse_start_answer(reply.body)
+                shared = pake.finish(start.msg_b)
+            except proto.BootstrapError as exc:
+                raise ClientError(Exit.FAILURE, f"{where}: {exc}") from None
+            keys = proto.SessionKeys.derive(
+                shared, proto.transcript(hello, start.exchange, cn, pake.msg_a, start.msg_b)
             )
-        raise AssertionError("unreachable")  # pragma: no cover
+            finish = proto.FinishRequest(
+                exchange=start.exchange,
+                confirm=keys.confirmation(proto.Side.WORKSTATION),
+                csr=keys.seal(proto.Side.NODE, csr_pem),
+            )
+            reply = self._call(host, port, "POST", proto.FINISH_PATH, finish.to_json())
+            error, _ = _error_of(reply)
+            if reply.status == 410 and error == proto.ErrorCode.EXCHANGE_EXPIRED and attempt == 1:
+                continue  # took longer than the exchange lives: once more, from the start
+            if reply.status != 200:
+                raise self._refused(reply, where)
+            return self._payload(reply, keys, where)
+        raise ClientError(Exit.FAILURE, f"{where}: the exchange expired twice; try again")
 
     @staticmethod
-    def _enrolled(
-        reply: Reply, key: pki.PrivateKey, trusted_pem: bytes, where: str
+    def _payload(reply: Reply, keys: proto.SessionKeys, where: str) -> proto.Payload:
+        not_node = (
+            f"{where} did not prove that it knows the password: this is not your cluster's "
+            "node, or its answer was altered on the way; do not continue"
+        )
+        try:
+            answer = proto.parse_finish_answer(reply.body)
+        except proto.BootstrapError:
+            raise ClientError(Exit.UNTRUSTED, not_node) from None
+        if not keys.check_confirmation(proto.Side.NODE, answer.confirm):
+            raise ClientError(Exit.UNTRUSTED, not_node)
+        try:
+            return proto.Payload.from_bytes(keys.open(proto.Side.WORKSTATION, answer.payload))
+        except proto.BootstrapError:
+            raise ClientError(Exit.UNTRUSTED, not_node) from None
+
+    @staticmethod
+    def _refused(reply: Reply, where: str) -> ClientError:
+        error, message = _error_of(reply)
+        retry = one_line(reply.headers.get("retry-after", "?"), 10)
+        if error == proto.ErrorCode.WRONG_PASSWORD:
+            return ClientError(
+                Exit.WRONG_PASSWORD,
+                f"wrong password: {where} did not accept it (or the exchange was altered on "
+                "the way; a changed password takes effect only after the server restarts); "
+                "check the password and try again",
+            )
+        if error == proto.ErrorCode.RATE_LIMITED:
+            return ClientError(
+                Exit.ENROL_REFUSED,
+                f"{where} refuses passwords for now: too many failed attempts; "
+                f"try again in {retry} s",
+            )
+        if error == proto.ErrorCode.BUSY:
+            return ClientError(
+                Exit.ENROL_REFUSED, f"{where} is busy ({one_line(message)}); try again in {retry} s"
+            )
+        return ClientError(
+            Exit.ENROL_REFUSED,
+            f"{where} refused enrolment (HTTP {reply.status} {one_line(error, 40)}): "
+            f"{one_line(message)}",
+        )
+
+    @staticmethod
+    def _client_cert(
+        payload: proto.Payload,
+        key: pki.PrivateKey,
+        trusted: list[x509.Certificate],
+        where: str,
     ) -> x509.Certificate:
         try:
-            data = proto.loads_strict(reply.body)
-            cert = pki.load_cert_pem(str(data["certificate_pem"]).encode("ascii"))
-        except (ValueError, KeyError, TypeError, UnicodeError, PKIError):
+            cert = pki.load_cert_pem(payload.certificate_pem)
+        except PKIError:
             raise ClientError(Exit.FAILURE, f"{where} sent no valid certificate") from None
-        cas = pki.load_certs_pem(trusted_pem)
-        if not pki.key_matches(cert, key) or not any(pki.issued_by(cert, ca) for ca in cas):
+        if not pki.key_matches(cert, key) or not any(pki.issued_by(cert, ca) for ca in trusted):
             raise ClientError(
                 Exit.UNTRUSTED, f"{where} sent a certificate not for this key or not from the CA"
             )
