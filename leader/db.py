@@ -1,7 +1,8 @@
 """The leader's one SQLite file (``leader.sqlite3``): its schema migrations, and how to open it.
 
 The stores of the leader live in this file: ``leader.store.Store`` (nodes, tokens),
-``leader.schema_store.SchemaStore`` (rollouts and their nodes, auth password versions) and
+``leader.schema_store.SchemaStore`` (rollouts and their nodes, auth password versions, failed
+bootstrap passwords) and
 ``leader.viewer.grants.Grants`` (the web viewer's read-only grants); they share the ``audit``
 table. So the file has one migration list, here, and is opened once: the
 daemon's ``SchemaStore`` uses the ``Database`` of its ``Store``.
@@ -127,10 +128,26 @@ CREATE TABLE viewer_grants (
 );
 """
 
+# Migration 4: failed passwords at the nodes' bootstrap services, per node and source address
+# (``SchemaStore.record_bootstrap_failures``; the agents report them with their heartbeats).
+_V4 = """
+CREATE TABLE bootstrap_failures (
+    node        TEXT NOT NULL,
+    source      TEXT NOT NULL,           -- IPv4 address or IPv6 /64, as the agent counted it
+    workstation TEXT NOT NULL,           -- the name it last claimed (cleaned, bounded)
+    count       INTEGER NOT NULL,
+    first_at    TEXT NOT NULL,
+    last_at     TEXT NOT NULL,
+    PRIMARY KEY (node, source)
+);
+CREATE INDEX bootstrap_failures_last ON bootstrap_failures (last_at);
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     _V1,  # 0.1.0
     _V2,  # needs_attention
     _V3,  # viewer grants
+    _V4,  # bootstrap failures
 )
 
 

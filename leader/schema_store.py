@@ -88,6 +88,22 @@ class AuditEvent:
 
 
 @dataclass(frozen=True)
+class BootstrapFailureRow:
+    """Failed passwords at one node's bootstrap service from one source address."""
+
+    node: str
+    source: str
+    workstation: str
+    count: int
+    first_at: dt.datetime
+    last_at: dt.datetime
+
+
+FAILURES_KEPT = dt.timedelta(days=30)  # older rows are dropped when new ones come in
+FAILURES_SHOWN = 100
+
+
+@dataclass(frozen=True)
 class RolloutRow:
     rollout: Rollout
     meta: RolloutMeta
@@ -437,6 +453,67 @@ class SchemaStore:
                 (name, version, to_text(now)),
             )
             self._audit(db, now, "engine", "password.applied", name, version=version)
+
+    # --- failed bootstrap passwords -----------------------------------------------------------
+
+    def record_bootstrap_failures(
+        self, node: str, failures: Sequence[BootstrapFailureRow], now: dt.datetime
+    ) -> None:
+        """Add what ``node``'s agent reported (already cleaned by the caller) to its counts;
+        drop rows quiet for longer than ``FAILURES_KEPT``."""
+        with self._db.tx() as db:
+            for f in failures:
+                db.execute(
+                    "INSERT INTO bootstrap_failures"
+                    " (node, source, workstation, count, first_at, last_at)"
+                    " VALUES (?, ?, ?, ?, ?, ?)"
+                    " ON CONFLICT(node, source) DO UPDATE SET"
+                    " workstation = excluded.workstation,"
+                    " count = count + excluded.count,"
+                    " last_at = MAX(last_at, excluded.last_at)",
+                    (
+                        node,
+                        f.source,
+                        f.workstation,
+                        f.count,
+                        to_text(f.last_at),
+                        to_text(f.last_at),
+                    ),
+                )
+            if failures:
+                self._audit(
+                    db,
+                    now,
+                    f"node:{node}",
+                    "bootstrap.failures",
+                    node,
+                    sources=len(failures),
+                    count=sum(f.count for f in failures),
+                )
+            db.execute(
+                "DELETE FROM bootstrap_failures WHERE last_at < ?",
+                (to_text(now - FAILURES_KEPT),),
+            )
+
+    def bootstrap_failures(self, limit: int = FAILURES_SHOWN) -> list[BootstrapFailureRow]:
+        """The most recent first."""
+        with self._db.read() as db:
+            rows = db.execute(
+                "SELECT node, source, workstation, count, first_at, last_at"
+                " FROM bootstrap_failures ORDER BY last_at DESC, node, source LIMIT ?",
+                (limit,),
+            ).fetchall()
+        return [
+            BootstrapFailureRow(
+                node=r["node"],
+                source=r["source"],
+                workstation=r["workstation"],
+                count=r["count"],
+                first_at=dt.datetime.fromisoformat(r["first_at"]),
+                last_at=dt.datetime.fromisoformat(r["last_at"]),
+            )
+            for r in rows
+        ]
 
 
 def _refuse_if_busy(db: sqlite3.Connection) -> None:

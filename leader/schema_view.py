@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import grpc
 
-from leader.schema_store import RolloutRow, SchemaStore
+from leader.schema_store import BootstrapFailureRow, RolloutRow, SchemaStore
 from leader.wire import CHANGE, FREEZE, NODE_STATE, ROLLOUT_STATE, SCOPE_KIND, STRATEGY
 from tlsroll.rpc import map_errors, timestamp
 from tlsroll.v1 import schema_pb2, schema_pb2_grpc
@@ -73,12 +73,28 @@ def rollout_view(row: RolloutRow, pending: set[str] | None = None) -> schema_pb2
     )
 
 
+def failure_view(row: BootstrapFailureRow) -> schema_pb2.BootstrapFailureView:
+    return schema_pb2.BootstrapFailureView(
+        node=row.node,
+        source=row.source,
+        workstation=row.workstation,
+        count=min(row.count, 2**32 - 1),
+        first_at=timestamp(row.first_at),
+        last_at=timestamp(row.last_at),
+    )
+
+
 def schema_message(
-    rows: list[RolloutRow], pending: set[str], now: dt.datetime
+    rows: list[RolloutRow],
+    pending: set[str],
+    now: dt.datetime,
+    failures: Sequence[BootstrapFailureRow] = (),
 ) -> schema_pb2.Schema:
     """The whole schema as ``GetSchema`` answers it (and ``schema show --json`` prints it)."""
     return schema_pb2.Schema(
-        rollouts=[rollout_view(r, pending) for r in rows], generated_at=timestamp(now)
+        rollouts=[rollout_view(r, pending) for r in rows],
+        generated_at=timestamp(now),
+        bootstrap_failures=[failure_view(f) for f in failures],
     )
 
 
@@ -99,4 +115,5 @@ class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
         else:
             rows = await asyncio.to_thread(self.schema.all)
         pending = await asyncio.to_thread(self.schema.pending_password_nodes)
-        return schema_message(rows, pending, self.clock())
+        failures = await asyncio.to_thread(self.schema.bootstrap_failures)
+        return schema_message(rows, pending, self.clock(), failures)

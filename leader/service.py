@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,10 +19,10 @@ import grpc
 from leader.commands import NoRolloutYet, NoSuchRollout
 from leader.planner import EmptyScope, NodesOffline, PlanError
 from leader.rollout_core import IllegalTransition
-from leader.schema_store import RolloutBusy, StaleRecords
+from leader.schema_store import BootstrapFailureRow, RolloutBusy, SchemaStore, StaleRecords
 from leader.store import NameTaken, NodeCert, NotFound, Store, TokenRejected
 from leader.tokens import JoinToken, MalformedToken
-from tlsroll import bootstrap_protocol, logs, pki
+from tlsroll import bootstrap_protocol, logs, peertext, pki
 from tlsroll.errors import PKIError
 from tlsroll.rpc import invalid, map_errors, peer_name, timestamp, unauthenticated
 from tlsroll.v1 import enrolment_pb2, enrolment_pb2_grpc, leader_pb2, leader_pb2_grpc
@@ -139,9 +139,39 @@ class EnrolmentService(enrolment_pb2_grpc.EnrolmentServicer):
         )
 
 
+MAX_FAILURE_REPORTS = 64  # per heartbeat; the agent sends at most that many
+MAX_FAILURE_COUNT = 1_000_000  # per source and report
+
+
+def failure_rows(
+    node: str, reports: Sequence[leader_pb2.BootstrapFailure], now: dt.datetime
+) -> list[BootstrapFailureRow]:
+    """What ``node``'s agent reported about failed bootstrap passwords, made safe to store and
+    print: at most 64 sources, strings bounded and without control characters, counts bounded,
+    no time later than ``now``."""
+    rows = []
+    for f in reports[:MAX_FAILURE_REPORTS]:
+        source = peertext.clean(f.source, 64)
+        if not source or f.count <= 0:
+            continue
+        last = f.last_at.ToDatetime(tzinfo=dt.UTC) if f.HasField("last_at") else now
+        rows.append(
+            BootstrapFailureRow(
+                node=node,
+                source=source,
+                workstation=peertext.clean(f.workstation, 63),
+                count=min(f.count, MAX_FAILURE_COUNT),
+                first_at=min(last, now),
+                last_at=min(last, now),
+            )
+        )
+    return rows
+
+
 class LeaderService(leader_pb2_grpc.LeaderServicer):
     def __init__(self, state: LeaderState) -> None:
         self.state = state
+        self.schema = SchemaStore(state.store.db)
 
     async def _caller(self, context: Ctx) -> str:
         """The enrolled node calling, checked against the certificate on record."""
@@ -161,6 +191,17 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         name = await self._caller(context)
         now = self.state.clock()
         await asyncio.to_thread(self.state.store.heartbeat, name, request.agent_version, now=now)
+        failures = failure_rows(name, request.bootstrap_failures, now)
+        if failures:
+            await asyncio.to_thread(self.schema.record_bootstrap_failures, name, failures, now)
+            for f in failures:
+                log.warning(
+                    "bootstrap.failures_reported",
+                    node=name,
+                    source=f.source,
+                    workstation=f.workstation,
+                    count=f.count,
+                )
         return leader_pb2.HeartbeatResponse(
             leader_time=timestamp(now), interval_seconds=self.state.heartbeat_interval
         )

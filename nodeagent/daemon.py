@@ -1,8 +1,8 @@
 """``tlsroll-agent``: the node agent daemon.
 
 Start-up: load the config, enrol if this node has no certificate yet (see ``identity``), serve
-NodeAgent over mutual TLS on every node address, and send heartbeats to the leader. SIGTERM or
-SIGINT stops it gracefully.
+NodeAgent over mutual TLS on every node address, and send heartbeats to the leader (with the
+bootstrap service's failed passwords since the last one). SIGTERM or SIGINT stops it gracefully.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ from tenacity import (
     wait_exponential,
 )
 
+from nodeagent.bootstrap_server import FailureCount, FailureLog
 from nodeagent.bootstrap_supervisor import BootstrapHost
 from nodeagent.config import AgentConfig
 from nodeagent.drivers import make_driver
@@ -62,7 +63,23 @@ async def obtain_identity(cfg: AgentConfig) -> Identity:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-async def heartbeat_loop(cfg: AgentConfig, identity: Identity) -> None:
+def failure_messages(sent: list[FailureCount]) -> list[leader_pb2.BootstrapFailure]:
+    """What the heartbeat carries about failed bootstrap passwords."""
+    messages = []
+    for f in sent:
+        last = Timestamp()
+        last.FromDatetime(f.last_at)
+        messages.append(
+            leader_pb2.BootstrapFailure(
+                source=f.source[:64], workstation=f.workstation[:63], count=f.count, last_at=last
+            )
+        )
+    return messages
+
+
+async def heartbeat_loop(
+    cfg: AgentConfig, identity: Identity, failures: FailureLog | None = None
+) -> None:
     creds = grpc.ssl_channel_credentials(
         root_certificates=identity.ca_pem,
         private_key=identity.key_pem,
@@ -75,9 +92,14 @@ async def heartbeat_loop(cfg: AgentConfig, identity: Identity) -> None:
         while True:
             sent = Timestamp()
             sent.FromDatetime(now())
+            report = failures.pending() if failures is not None else []
             try:
                 await stub.Heartbeat(
-                    leader_pb2.HeartbeatRequest(agent_version=__version__, sent_at=sent),
+                    leader_pb2.HeartbeatRequest(
+                        agent_version=__version__,
+                        sent_at=sent,
+                        bootstrap_failures=failure_messages(report),
+                    ),
                     timeout=cfg.heartbeat_interval,
                 )
             except grpc.aio.AioRpcError as exc:
@@ -90,6 +112,8 @@ async def heartbeat_loop(cfg: AgentConfig, identity: Identity) -> None:
                     )
                 healthy = False
             else:
+                if failures is not None:
+                    failures.reported(report)
                 if healthy is not True:
                     log.info("heartbeat.ok", leader=target)
                 healthy = True
@@ -130,7 +154,7 @@ async def serve(cfg: AgentConfig) -> None:
     for address in cfg.addresses:
         bind(server, hostport(address, cfg.port), creds)
     await server.start()
-    beats = asyncio.create_task(heartbeat_loop(cfg, identity))
+    beats = asyncio.create_task(heartbeat_loop(cfg, identity, bootstrap.failures))
     lease_watch = asyncio.create_task(service.watch_freeze_lease(), name="freeze-lease")
     log.info(
         "agent.started",

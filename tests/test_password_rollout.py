@@ -154,11 +154,26 @@ def test_workstations_join_then_a_new_password_takes_effect_at_restart(
         assert http_request("GET", node.https_url(), context=ctx).status == 200
         assert login(node, PW1, ca_pem) == 200
 
-    # A wrong password: the bootstrap answer's MAC does not verify (exit 9), nothing written.
+    # A wrong password: the node refuses the exchange (exit 9), nothing written; the agent
+    # reports the failure with its next heartbeat, and the schema shows it.
     wrong = secret_file(tmp_path / "wrong", "not-the-password")
     result = world.test_connection(world.nodes[0].https_url(), wrong, tmp_path / "ws-wrong")
     assert result.returncode == 9, result.stdout + result.stderr
+    assert "wrong password" in result.stderr
     assert not (tmp_path / "ws-wrong" / "client.key").exists()
+    failures: list[dict[str, Any]] = []
+
+    def reported() -> bool:
+        nonlocal failures
+        failures = world.schema()["bootstrap_failures"]
+        return bool(failures)
+
+    wait_until(reported, 15, "the failed password in the schema")
+    (failure,) = failures
+    assert failure["node"] == world.nodes[0].name and failure["count"] == 1
+    assert failure["workstation"].startswith("ws-") and failure["source"].startswith("127.")
+    assert failure["last_at"] and failure["first_at"]
+    assert "failed bootstrap passwords" in world.cli("schema", "show").stdout
 
     # Stage a new password: pending on every switched node until its server restarts.
     result = world.cli("password", "set", "--password-file", str(pw2))

@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as dt
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -181,6 +182,23 @@ def render_rollout(r: schema_pb2.RolloutView) -> Group:
             "; ".join(filter(None, [n.reason, PENDING if n.password_pending else ""])),
         )
     return Group(head, times, table)
+
+
+def render_failures(failures: Sequence[schema_pb2.BootstrapFailureView]) -> Group:
+    """Failed passwords at the nodes' bootstrap services: a guessing attack shows up here.
+    Peer-supplied strings are printed as plain text (no rich markup)."""
+    table = Table("node", "source address", "workstation", "failures", "first", "last")
+    for f in failures:
+        table.add_row(
+            Text(f.node),
+            Text(f.source),
+            Text(f.workstation or "-"),
+            str(f.count),
+            fmt_time(f, "first_at"),
+            fmt_time(f, "last_at"),
+        )
+    head = Text("failed bootstrap passwords (port 9443)", style="bold")
+    return Group(head, table)
 
 
 # --- plan -------------------------------------------------------------------------------------
@@ -396,7 +414,8 @@ def schema() -> None:
 @click.option("--watch", is_flag=True, help="Follow the newest rollout until it ends.")
 @pass_leader
 def schema_show(leader: Leader, rollout_id: str, as_json: bool, watch: bool) -> None:
-    """Show rollouts, nodes, states, times, freeze windows, addresses and cert expiry."""
+    """Show rollouts, nodes, states, times, freeze windows, addresses, cert expiry and failed
+    bootstrap passwords."""
     if watch:
         try:
             watch_schema(leader, rollout_id, as_json)
@@ -411,6 +430,8 @@ def schema_show(leader: Leader, rollout_id: str, as_json: bool, watch: bool) -> 
         out.print("no rollouts yet")
     for r in data.rollouts:
         out.print(render_rollout(r))
+    if data.bootstrap_failures:
+        out.print(render_failures(data.bootstrap_failures))
 
 
 def watch_schema(leader: Leader, rollout_id: str, as_json: bool, interval: float = 0.5) -> None:

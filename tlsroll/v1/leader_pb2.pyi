@@ -7,9 +7,11 @@ The caller is identified by its client certificate (issued at enrolment), never 
 in the request.
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -65,22 +67,63 @@ class HeartbeatRequest(_message.Message):
 
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
     SENT_AT_FIELD_NUMBER: _builtins.int
+    BOOTSTRAP_FAILURES_FIELD_NUMBER: _builtins.int
     agent_version: _builtins.str
     @_builtins.property
     def sent_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def bootstrap_failures(self) -> _containers.RepeatedCompositeFieldContainer[Global___BootstrapFailure]:
+        """Wrong passwords at the node's bootstrap service since the last accepted heartbeat, per
+        source address (the agent keeps them until the leader has taken them). At most 64.
+        """
+
     def __init__(
         self,
         *,
         agent_version: _builtins.str = ...,
         sent_at: _timestamp_pb2.Timestamp | None = ...,
+        bootstrap_failures: _abc.Iterable[Global___BootstrapFailure] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sent_at", b"sent_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "sent_at", b"sent_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "bootstrap_failures", b"bootstrap_failures", "sent_at", b"sent_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HeartbeatRequest: _TypeAlias = HeartbeatRequest  # noqa: Y015
+
+@_typing.final
+class BootstrapFailure(_message.Message):
+    """Failed password exchanges from one source address at a node's bootstrap service (port 9443)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SOURCE_FIELD_NUMBER: _builtins.int
+    WORKSTATION_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    LAST_AT_FIELD_NUMBER: _builtins.int
+    source: _builtins.str
+    """The source address (IPv4, or the IPv6 /64); at most 64 characters."""
+    workstation: _builtins.str
+    """The workstation name it last claimed (ws-…); at most 63 characters."""
+    count: _builtins.int
+    @_builtins.property
+    def last_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        source: _builtins.str = ...,
+        workstation: _builtins.str = ...,
+        count: _builtins.int = ...,
+        last_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["last_at", b"last_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "last_at", b"last_at", "source", b"source", "workstation", b"workstation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BootstrapFailure: _TypeAlias = BootstrapFailure  # noqa: Y015
 
 @_typing.final
 class HeartbeatResponse(_message.Message):

@@ -208,24 +208,73 @@ class RolloutView(_message.Message):
 Global___RolloutView: _TypeAlias = RolloutView  # noqa: Y015
 
 @_typing.final
+class BootstrapFailureView(_message.Message):
+    """Wrong passwords at a node's bootstrap service from one source address: a guessing attack
+    shows up here (each guess costs one exchange with the node, which counts it).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    WORKSTATION_FIELD_NUMBER: _builtins.int
+    COUNT_FIELD_NUMBER: _builtins.int
+    FIRST_AT_FIELD_NUMBER: _builtins.int
+    LAST_AT_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    source: _builtins.str
+    workstation: _builtins.str
+    """The workstation name the source last claimed."""
+    count: _builtins.int
+    @_builtins.property
+    def first_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def last_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        source: _builtins.str = ...,
+        workstation: _builtins.str = ...,
+        count: _builtins.int = ...,
+        first_at: _timestamp_pb2.Timestamp | None = ...,
+        last_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["first_at", b"first_at", "last_at", b"last_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["count", b"count", "first_at", b"first_at", "last_at", b"last_at", "node", b"node", "source", b"source", "workstation", b"workstation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___BootstrapFailureView: _TypeAlias = BootstrapFailureView  # noqa: Y015
+
+@_typing.final
 class Schema(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ROLLOUTS_FIELD_NUMBER: _builtins.int
     GENERATED_AT_FIELD_NUMBER: _builtins.int
+    BOOTSTRAP_FAILURES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def rollouts(self) -> _containers.RepeatedCompositeFieldContainer[Global___RolloutView]: ...
     @_builtins.property
     def generated_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def bootstrap_failures(self) -> _containers.RepeatedCompositeFieldContainer[Global___BootstrapFailureView]:
+        """Failed bootstrap passwords per node and source, the most recent first (at most 100, of the
+        last 30 days).
+        """
+
     def __init__(
         self,
         *,
         rollouts: _abc.Iterable[Global___RolloutView] | None = ...,
         generated_at: _timestamp_pb2.Timestamp | None = ...,
+        bootstrap_failures: _abc.Iterable[Global___BootstrapFailureView] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["generated_at", b"generated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["generated_at", b"generated_at", "rollouts", b"rollouts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bootstrap_failures", b"bootstrap_failures", "generated_at", b"generated_at", "rollouts", b"rollouts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

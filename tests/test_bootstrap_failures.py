@@ -1,0 +1,121 @@
+"""Failed bootstrap passwords on their way into the update schema: the agent's report, what
+the leader keeps of it (cleaned, bounded), the store, the schema message and ``schema show``.
+
+The whole path with real daemons (a wrong password at a node, then ``schema show --json``) is in
+tests/test_password_rollout.py.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import io
+from pathlib import Path
+
+from google.protobuf.timestamp_pb2 import Timestamp
+from rich.console import Console
+
+from leader.cli.base import to_dict
+from leader.cli.rollout import render_failures
+from leader.schema_store import SchemaStore
+from leader.schema_view import schema_message
+from leader.service import failure_rows
+from nodeagent.bootstrap_server import FailureLog
+from nodeagent.daemon import failure_messages
+from tlsroll import peertext
+from tlsroll.v1 import leader_pb2
+
+NOW = dt.datetime(2026, 11, 30, 10, 0, tzinfo=dt.UTC)
+
+
+def ts(when: dt.datetime) -> Timestamp:
+    t = Timestamp()
+    t.FromDatetime(when)
+    return t
+
+
+def test_peer_text_is_one_bounded_printable_line() -> None:
+    assert peertext.clean("ws-empfang") == "ws-empfang"
+    assert peertext.clean("a\x1b[31mb\x00c\u202ed\r\ne\tf") == "a[31mbcd e f"
+    assert peertext.clean("x" * 100, 10) == "x" * 9 + "…"
+    assert peertext.clean("  \n ") == ""
+
+
+def test_the_agent_reports_what_its_log_holds() -> None:
+    log = FailureLog()
+    log.record("192.168.1.7", "ws-empfang", NOW)
+    log.record("192.168.1.7", "ws-empfang", NOW + dt.timedelta(seconds=3))
+    (msg,) = failure_messages(log.pending())
+    assert (msg.source, msg.workstation, msg.count) == ("192.168.1.7", "ws-empfang", 2)
+    assert msg.last_at.ToDatetime(tzinfo=dt.UTC) == NOW + dt.timedelta(seconds=3)
+
+
+def test_the_leader_cleans_and_bounds_an_agents_report() -> None:
+    reports = [
+        leader_pb2.BootstrapFailure(
+            source="10.0.0.1\x1b[2J",
+            workstation="ws-a\u202e" + "b" * 100,
+            count=3,
+            last_at=ts(NOW),
+        ),
+        leader_pb2.BootstrapFailure(source="10.0.0.2", count=4_000_000_000, last_at=ts(NOW)),
+        leader_pb2.BootstrapFailure(
+            source="10.0.0.3", count=1, last_at=ts(NOW + dt.timedelta(days=365))
+        ),
+        leader_pb2.BootstrapFailure(source="", count=5),
+        leader_pb2.BootstrapFailure(source="10.0.0.4", count=0),
+    ] + [leader_pb2.BootstrapFailure(source=f"10.1.0.{i}", count=1) for i in range(100)]
+    rows = failure_rows("node-a", reports, NOW)
+    assert len(rows) == 64 - 2  # 64 looked at, the empty and the zero one dropped
+    first, second, third = rows[:3]
+    assert first.source == "10.0.0.1[2J" and first.node == "node-a"
+    assert first.workstation.startswith("ws-ab") and len(first.workstation) == 63
+    assert second.count == 1_000_000
+    assert third.last_at == NOW  # no time from the future
+
+
+def test_failures_are_kept_added_up_and_shown(tmp_path: Path) -> None:
+    store = SchemaStore(tmp_path / "leader.sqlite3")
+    try:
+        report = [leader_pb2.BootstrapFailure(source="10.0.0.1", workstation="ws-a", count=2)]
+        store.record_bootstrap_failures("node-a", failure_rows("node-a", report, NOW), NOW)
+        later = NOW + dt.timedelta(minutes=5)
+        report = [
+            leader_pb2.BootstrapFailure(
+                source="10.0.0.1", workstation="ws-b", count=3, last_at=ts(later)
+            ),
+            leader_pb2.BootstrapFailure(source="fd00::/64", workstation="[red]x[/red]", count=1),
+        ]
+        store.record_bootstrap_failures("node-b", failure_rows("node-b", report, later), later)
+        store.record_bootstrap_failures("node-a", failure_rows("node-a", report[:1], later), later)
+        rows = store.bootstrap_failures()
+        assert [(r.node, r.source, r.workstation, r.count) for r in rows] == [
+            ("node-a", "10.0.0.1", "ws-b", 5),
+            ("node-b", "10.0.0.1", "ws-b", 3),
+            ("node-b", "fd00::/64", "[red]x[/red]", 1),
+        ]
+        assert rows[0].first_at == NOW and rows[0].last_at == later
+
+        data = to_dict(schema_message([], set(), later, rows))
+        assert data["bootstrap_failures"][0] == {
+            "node": "node-a",
+            "source": "10.0.0.1",
+            "workstation": "ws-b",
+            "count": 5,
+            "first_at": "2026-11-30T10:00:00Z",
+            "last_at": "2026-11-30T10:05:00Z",
+        }
+
+        console = Console(file=io.StringIO(), width=120, markup=False)
+        console.print(render_failures(schema_message([], set(), later, rows).bootstrap_failures))
+        text = console.file.getvalue()  # type: ignore[attr-defined]
+        assert "failed bootstrap passwords" in text and "[red]x[/red]" in text
+
+        # Quiet for more than 30 days: dropped with the next report.
+        much_later = later + dt.timedelta(days=31)
+        report = [leader_pb2.BootstrapFailure(source="10.9.9.9", count=1, last_at=ts(much_later))]
+        store.record_bootstrap_failures(
+            "node-c", failure_rows("node-c", report, much_later), much_later
+        )
+        assert [r.node for r in store.bootstrap_failures()] == ["node-c"]
+    finally:
+        store.close()
