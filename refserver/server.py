@@ -12,6 +12,8 @@ Public API, under the app path ``APP`` (e.g. ``/praxis_live/``); every answer is
                              400 bad JSON; 503 + Retry-After while frozen
     GET  APP entries/{id}    200 {"id", "seq", "body", "created_at"} or 404
     POST APP login           {"password": "..."} -> 200 {"ok": true} | 401 | 409 (none configured)
+                             | 429 + Retry-After: too many wrong passwords from this address
+                             (5 free, then 2 s doubling up to 15 min; a right one clears it)
 
 Admin API, HTTP on the Unix socket ``admin_socket`` only (mode 0600, i.e. root/the service user):
 
@@ -47,6 +49,7 @@ import os
 import re
 import stat
 import sys
+import time
 from collections.abc import Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -57,6 +60,7 @@ from aiohttp import web
 from refserver import config as refserver_config
 from refserver.store import FreezeState, StateFile, Store, now_iso
 from tlsroll import __version__, daemon, logs, password, pki
+from tlsroll.backoff import Backoff, Policy, retry_after, source_key
 from tlsroll.errors import ConfigError, TerminalError
 from tlsroll.fsutil import write_atomic
 
@@ -69,6 +73,8 @@ DEFAULT_DRAIN_TIMEOUT = 30.0
 MAX_DRAIN_TIMEOUT = 600.0
 SHUTDOWN_TIMEOUT = 10.0  # graceful stop: wait this long for in-flight requests (agent: 15 s)
 LOGIN_CONCURRENCY = 4  # scrypt costs 32 MiB and ~0.1 s of CPU per check
+# The same backoff per source address as the bootstrap service's (nodeagent.bootstrap_server).
+LOGIN_BACKOFF = Policy(free=5, base=2.0, cap=900.0, forget=3600.0)
 MAX_TRACKED_CLIENTS = 10_000
 SWITCHING_MESSAGE = "The server is switching to https; no new entries now. Retry later."
 
@@ -126,6 +132,8 @@ class RefServer:
         self._idle.set()
         self._freeze_lock = asyncio.Lock()
         self._login_slots = asyncio.Semaphore(LOGIN_CONCURRENCY)
+        self._login_failures = Backoff(LOGIN_BACKOFF)
+        self.clock: Callable[[], float] = time.monotonic
         self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="refserver-writer")
 
     def close(self) -> None:
@@ -244,14 +252,29 @@ class RefServer:
         secret = body.get("password")
         if not isinstance(secret, str) or not secret:
             return _error(400, "bad_request", 'body needs "password": a non-empty string')
+        source = source_key(request.remote)
+        wait = self._login_failures.wait(source, self.clock())
+        if wait > 0:
+            log.warning("login.rate_limited", remote=request.remote, retry_after=retry_after(wait))
+            return web.json_response(
+                {
+                    "ok": False,
+                    "error": "rate_limited",
+                    "message": f"Too many wrong passwords; try again in {retry_after(wait)} s.",
+                },
+                status=429,
+                headers={"Retry-After": str(retry_after(wait))},
+            )
         async with self._login_slots:
             ok = await asyncio.to_thread(password.check_password, self.verifier, secret)
         log.info("login.checked", accepted=ok, scheme=self._scheme(request), remote=request.remote)
         if not ok:
+            self._login_failures.failed(source, self.clock())
             return web.json_response(
                 {"ok": False, "error": "wrong_password", "message": "The password is wrong."},
                 status=401,
             )
+        self._login_failures.reset(source)
         return web.json_response({"ok": True})
 
     # --- admin app ----------------------------------------------------------------------------

@@ -450,6 +450,30 @@ def test_login_checks_the_verifier_read_at_start_up(
     assert any(e["event"] == "login.checked" for e in server.log_events())
 
 
+def test_login_backs_off_after_wrong_passwords(make_server: MakeServer, tmp_path: Path) -> None:
+    """Per source address: 5 wrong ones are free, then 2 s, doubling; a right one clears it."""
+    secret = password.generate_password()
+    server = make_server(auth_verifier_file=write_verifier(tmp_path / "auth.json", secret))
+    server.start()
+
+    def login(value: str) -> Response:
+        return server.request("POST", "login", {"password": value})
+
+    for _ in range(5):
+        assert login("not-" + secret).status == 401
+    refused = login(secret)  # even the right one waits now
+    assert refused.status == 429 and refused.json()["error"] == "rate_limited"
+    assert refused.headers["retry-after"] == "2"
+    time.sleep(2.1)
+    assert login("not-" + secret).status == 401  # the 6th wrong one: 4 s now
+    assert login(secret).headers["retry-after"] == "4"
+    time.sleep(4.1)
+    assert login(secret).status == 200
+    assert login("not-" + secret).status == 401  # cleared: free again
+    assert any(e["event"] == "login.rate_limited" for e in server.log_events())
+    assert secret not in server.log()
+
+
 def test_login_without_verifier_is_a_clear_409(make_server: MakeServer) -> None:
     server = make_server()
     server.start()

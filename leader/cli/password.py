@@ -1,8 +1,9 @@
 """``tlsroll password set`` and ``tlsroll notify``, and how the CLI gets a password.
 
 The password is turned into its scrypt verifier here, in the CLI: the leader daemon and the
-nodes only ever see the verifier. A generated password is printed once, to a terminal, and
-never again; nothing stores it.
+nodes only ever see the verifier. A password the admin chose (``--password-file``) must meet
+``leader.password_policy``; ``--generate`` makes one that always does. A generated password is
+printed once, to a terminal, and never again; nothing stores it.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import click
 
+from leader import password_policy
 from leader.cli.base import CLIError, Leader, fetch_schema, out, pass_leader
 from leader.cli.notify import NoticeInfo, NoticeNode, render_notice
 from leader.rollout_core import Change, ScopeKind
@@ -31,9 +33,13 @@ def read_password_file(path: Path) -> str:
 
 
 def obtain_password(password_file: Path | None, generate: bool) -> str:
-    """The password from a file, or a new one shown once on the terminal."""
+    """The password from a file, if it meets the policy (``leader.password_policy``; a usage
+    error saying why, exit 2, if not), or a new one shown once on the terminal."""
     if password_file is not None:
-        return read_password_file(password_file)
+        secret = read_password_file(password_file)
+        if (why := password_policy.problem(secret)) is not None:
+            raise click.BadParameter(why, param_hint="--password-file")
+        return secret
     if not generate:
         raise click.UsageError("give --password-file FILE or --generate")
     if not sys.stdout.isatty():

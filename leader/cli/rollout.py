@@ -279,6 +279,8 @@ def rollout_start(
     request = rollout_request(scope, nodes, max_parallel, freeze, change)
     if change != "enable-tls" and password_file is not None:
         raise click.UsageError("--password-file goes with enable-tls; use `tlsroll password set`")
+    # A password file that is unusable or too weak fails before anything is asked or planned.
+    secret = obtain_password(password_file, generate=False) if password_file else None
     with leader.admin() as admin:
         # The dry run first: a bad scope or an offline node fails before anything is asked.
         planned = leader.call(admin.PlanRollout, request)
@@ -289,7 +291,8 @@ def rollout_start(
             if not click.confirm("Start the switch now?", default=False):
                 raise CLIError("not started")
         if change == "enable-tls":
-            secret = obtain_password(password_file, generate=password_file is None)
+            if secret is None:  # generated now, after the confirmation, and shown once
+                secret = obtain_password(None, generate=True)
             request.auth_verifier_json = verifier_json(secret)
         view = leader.call(admin.StartRollout, request)
     out.print(

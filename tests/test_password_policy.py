@@ -1,0 +1,77 @@
+"""The policy for an admin-chosen auth password (leader.password_policy) and how the admin CLI
+applies it: ``password set`` and ``rollout start`` with ``--password-file`` refuse a weak one
+with one line saying why (exit 2), before the leader is contacted; ``--generate`` passes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from leader import password_policy
+from tlsroll import cli, password
+
+
+@pytest.mark.parametrize(
+    ("secret", "why"),
+    [
+        ("Praxis2026!", "too short: at least 12 characters, it has 11"),
+        ("password1234", "one of the 30,000 most common passwords"),
+        ("PASSWORD1234", "one of the 30,000 most common passwords"),
+        ("hunter2hunter2", "too easy to guess (about 10^4 guesses, at least 10^10 needed)"),
+        ("Passwort1234", "too easy to guess"),
+        ("Sommer2024!!", "too easy to guess"),  # the practice's words count as known
+        ("Praxis-Dr-Huber", "too easy to guess"),
+        ("qwertzuiopasdf", "too easy to guess"),
+    ],
+)
+def test_weak_passwords_are_refused_with_a_reason(secret: str, why: str) -> None:
+    problem = password_policy.problem(secret)
+    assert problem is not None and why in problem
+    assert "\n" not in problem and secret not in problem  # one line, never the password
+
+
+@pytest.mark.parametrize(
+    "secret",
+    [
+        "correct horse battery staple",
+        "Umstellung auf https im Dezember, Praxis Süd",
+        "first-password-kd7q-x2mf",
+        # Longer than the estimator takes: its first 72 characters are judged.
+        "Die Umstellung der Praxis auf https ist am ersten Dezember, bitte vorher sichern",
+    ],
+)
+def test_strong_passwords_pass(secret: str) -> None:
+    assert password_policy.problem(secret) is None
+
+
+def test_long_input_is_judged_by_its_beginning() -> None:
+    assert "too easy" in str(password_policy.problem("x" * 500))
+
+
+def test_generated_passwords_always_pass() -> None:
+    for _ in range(20):
+        assert password_policy.problem(password.generate_password()) is None
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["password", "set"],
+        ["rollout", "start", "--scope", "cluster", "--yes"],
+    ],
+    ids=["password-set", "rollout-start"],
+)
+def test_the_admin_cli_refuses_a_weak_password_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str]
+) -> None:
+    """Exit 2 and one line, before anything is contacted (the socket leads nowhere)."""
+    path = tmp_path / "pw"
+    path.write_text("password1234\n")
+    socket = tmp_path / "no-leader.sock"
+    code = cli.main(["--socket", str(socket), *args, "--password-file", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith("tlsroll: error: ")
+    assert "--password-file" in err and "30,000 most common passwords" in err
+    assert "password1234" not in err
