@@ -149,3 +149,26 @@ def test_bad_arguments(kwargs: dict[str, str]) -> None:
         render_notice(info(), **kwargs)
     with pytest.raises(ValueError, match="at least one node"):
         render_notice(info(nodes=()))
+
+
+@pytest.mark.parametrize(
+    ("lang", "protects", "pin_adds"),
+    [
+        (
+            "de",
+            "berechtigt einen Arbeitsplatz, sich mit dem verschlüsselten Server zu verbinden",
+            "Auch wer das Passwort kennt, kann sich dann nicht als Server ausgeben.",
+        ),
+        (
+            "en",
+            "The password lets a workstation join the encrypted server",
+            "even someone who knows the password cannot pose as the server.",
+        ),
+    ],
+)
+def test_the_notice_says_what_the_password_protects_and_what_the_pin_adds(
+    lang: str, protects: str, pin_adds: str
+) -> None:
+    text = " ".join(render_notice(info(), lang=lang).split())
+    assert protects in text and pin_adds in text
+    assert text.index(pin_adds) > text.index(PIN)  # said where the pin is

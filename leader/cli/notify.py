@@ -3,8 +3,9 @@
 ``render_notice(info, lang="de"|"en", fmt="text"|"markdown", password=None)`` returns the text:
 what changes and when, each node's new address, the steps at the workstation (the seed's
 Admin → change server address, "Test connection", confirm the bootstrap port, enter the
-password, restart the client), the CA pin for those who can use it, where to get the password
-(never by e-mail), whom to ask, and a closing line that this is a template to adapt.
+password, restart the client), the CA pin for those who can use it and what it adds, what the
+password protects and where to get it (never by e-mail), whom to ask, and a closing line that
+this is a template to adapt.
 
 The password is in it only when passed explicitly; then a warning that the message must not be
 sent by e-mail is the very first line. Pure code: no I/O, no clock.
@@ -104,8 +105,21 @@ _DE = {
         "Zertifizierungsstelle mit diesem Prüfwert (CA-Pin). Er ist öffentlich und darf "
         "weitergegeben werden:"
     ),
+    "pin_adds": (
+        "Mit dem Prüfwert vertraut der Arbeitsplatz dem Server allein anhand dieses Werts: "
+        "Auch wer das Passwort kennt, kann sich dann nicht als Server ausgeben."
+    ),
     "pin_cli": "Mit dem Kommandozeilen-Werkzeug: {cmd}",
     "password_h": "Passwort",
+    "password_what": (
+        "Das Passwort berechtigt einen Arbeitsplatz, sich mit dem verschlüsselten Server zu "
+        "verbinden: Mit ihm erhält er die Zertifizierungsstelle des Servers und ein eigenes "
+        "Zertifikat. Arbeitsplatz und Server prüfen das Passwort gemeinsam, ohne es zu "
+        "übertragen; jede falsche Eingabe wird gezählt und ist in der Übersicht der Praxis-IT "
+        "zu sehen, nach einigen lässt der Server warten. Wer das Passwort kennt, kann einen "
+        "PC anschließen und könnte sich anderen im selben Netz gegenüber als Server ausgeben; "
+        "der Prüfwert oben schließt diese Lücke."
+    ),
     "password_source": (
         "Das Authentifizierungspasswort erhalten Sie {source}. Es wird nicht per E-Mail "
         "verschickt; bitte geben Sie es auch selbst nicht per E-Mail oder Chat weiter."
@@ -163,8 +177,20 @@ _EN = {
         "If you can check the certificate yourself, compare the certificate authority's key "
         "with this check value (CA pin). It is public and may be passed on freely:"
     ),
+    "pin_adds": (
+        "With the check value the workstation trusts the server by this value alone: then "
+        "even someone who knows the password cannot pose as the server."
+    ),
     "pin_cli": "With the command-line tool: {cmd}",
     "password_h": "Password",
+    "password_what": (
+        "The password lets a workstation join the encrypted server: with it the workstation "
+        "receives the server's certificate authority and a certificate of its own. Workstation "
+        "and server check the password together without sending it; every wrong entry is "
+        "counted and shown to the practice IT, and after a few the server makes you wait. "
+        "Whoever knows the password can connect a PC, and could pose as the server to others on "
+        "the same network; the check value above closes that gap."
+    ),
     "password_source": (
         "You get the authentication password {source}. It is not sent by e-mail; please do not "
         "pass it on by e-mail or chat either."
@@ -257,8 +283,10 @@ def render_notice(
     )
     cmd = f"tlsroll client test-connection {first.new_url} --ca-pin {info.ca_pin}{port_opt}"
     doc.para(w["pin_cli"].format(cmd=doc.code(cmd)))
+    doc.para(w["pin_adds"])
 
     doc.heading(w["password_h"])
+    doc.para(w["password_what"])
     doc.para(w["password_source"].format(source=doc.text(info.password_source)))
     if password is not None:
         doc.para(w["password_value"].format(password=doc.code(password)))
