@@ -15,7 +15,7 @@ import grpc
 
 from leader.schema_store import BootstrapFailureRow, RolloutRow, SchemaStore
 from leader.wire import CHANGE, FREEZE, NODE_STATE, ROLLOUT_STATE, SCOPE_KIND, STRATEGY
-from tlsroll.rpc import map_errors, timestamp
+from tlsroll.rpc import map_errors, not_found, timestamp
 from tlsroll.v1 import schema_pb2, schema_pb2_grpc
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -110,8 +110,8 @@ class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
         if request.rollout_id:
             row = await asyncio.to_thread(self.schema.get, request.rollout_id)
             if row is None:
-                await context.abort(grpc.StatusCode.NOT_FOUND, f"no rollout {request.rollout_id!r}")
-            rows = [row] if row else []
+                raise not_found(f"no rollout {request.rollout_id!r} (see: tlsroll schema show)")
+            rows = [row]
         else:
             rows = await asyncio.to_thread(self.schema.all)
         pending = await asyncio.to_thread(self.schema.pending_password_nodes)

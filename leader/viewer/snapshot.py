@@ -120,7 +120,7 @@ class Reader:
         rows = self.schema.all()
         pending = self.schema.pending_password_nodes()
         enrolled = self.store.list_nodes()
-        message = schema_message(rows, pending, now)
+        message = schema_message(rows, pending, now, self.schema.bootstrap_failures())
         data = wire.to_dict(message)
         selected = None
         if data["rollouts"]:
