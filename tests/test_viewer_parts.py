@@ -17,9 +17,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from leader import planner
 from leader.layout import Layout
 from leader.rollout_core import Change, NodeEvent, NodeState, RolloutEvent, RolloutState, Scope
-from leader.schema_store import RolloutMeta, SchemaStore
+from leader.schema_store import BootstrapFailureRow, RolloutMeta, SchemaStore
 from leader.store import NotFound, Store
-from leader.viewer import certificate, metrics
+from leader.viewer import certificate, metrics, pages
 from leader.viewer.app import sse
 from leader.viewer.grants import Grants, GrantState, LoginRefused
 from leader.viewer.i18n import CHANGES, LANGS, STATES, TEXTS, Words, pick_lang
@@ -193,6 +193,21 @@ def test_the_snapshot_has_the_timeline_and_the_certificates_nodes_serve(store: S
         if s.value == 1
     ]
     assert sorted(one_hot) == [("a", "rolled_back"), ("b", "done")]
+
+
+def test_failed_bootstrap_attempts_are_on_the_page_and_in_the_metrics(store: Store) -> None:
+    schema = SchemaStore(store.db)
+    failure = BootstrapFailureRow("a", "127.0.0.9", "ws-empfang", 7, NOW, NOW)
+    schema.record_bootstrap_failures("a", [failure], NOW)
+    snap = Reader(store, schema, lambda: NOW, lambda _: True, []).read()
+    text = metrics.render(snap).decode()
+    families = {f.name: f for f in text_string_to_metric_families(text)}
+    (sample,) = families["tlsroll_bootstrap_failures"].samples
+    assert (sample.labels, sample.value) == ({"node": "a", "source": "127.0.0.9"}, 7)
+    page = pages.PageContext("127.0.0.1", "test", NOW, "/events")
+    for lang, title in (("de", "Fehlgeschlagene Anmeldungen"), ("en", "Failed workstation")):
+        html = pages.schema_content(snap, Words.of(lang), page)
+        assert title in html and "ws-empfang" in html and "<td>7</td>" in html
 
 
 # --- words and frames ----------------------------------------------------------------------------

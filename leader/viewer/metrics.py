@@ -13,6 +13,7 @@ of every rollout in the schema, so their counts only grow, as Prometheus expects
     tlsroll_restart_seconds                          how long the managed server's restart took
     tlsroll_certificate_expiry_timestamp_seconds{kind,subject,fingerprint}
     tlsroll_password_change_pending{node}            1: a new password waits for a restart
+    tlsroll_bootstrap_failures{node,source}          wrong passwords on 9443, last 30 days
 """
 
 from __future__ import annotations
@@ -103,4 +104,13 @@ def render(snap: Snapshot) -> bytes:
     )
     for name in snap.pending_passwords:
         pending.labels(name).set(1)
+
+    failures = Gauge(
+        "tlsroll_bootstrap_failures",
+        "Wrong passwords on a node's bootstrap port (9443) from one source, last 30 days.",
+        ["node", "source"],
+        registry=registry,
+    )
+    for f in snap.schema.bootstrap_failures:
+        failures.labels(f.node, f.source).set(f.count)
     return generate_latest(registry)
