@@ -14,13 +14,18 @@ from cryptography import x509
 
 from tlsroll import pki, tls
 
+# Everything a probe can meet on the way: the network and TLS (OSError, which ssl.SSLError and
+# timeouts are), a broken or missing HTTP reply, an address or port that cannot be used
+# (ValueError, OverflowError), a certificate that does not parse (ValueError).
+PROBE_ERRORS = (OSError, http.client.HTTPException, ValueError, OverflowError)
+
 
 def port_open(address: str, port: int, timeout: float = 2.0) -> bool:
-    """True if something accepts TCP connections on ``address:port``."""
+    """True if something accepts TCP connections on ``address:port``; False on any failure."""
     try:
         with socket.create_connection((address, port), timeout=timeout):
             return True
-    except OSError:
+    except PROBE_ERRORS:
         return False
 
 
@@ -34,23 +39,33 @@ class HttpsView:
 def fetch_https(
     address: str, port: int, path: str, ca_pem: bytes, timeout: float = 5.0
 ) -> HttpsView:
-    """GET ``path`` over https trusting only ``ca_pem``; the server's certificate and status."""
+    """GET ``path`` over https trusting only ``ca_pem``; the server's certificate and status.
+
+    The certificate and TLS version are taken right after the handshake, before the request: a
+    server may close the connection after its reply (HTTP/1.0, ``Connection: close``), which
+    leaves the connection without a socket. Raises one of ``PROBE_ERRORS``."""
     ctx = tls.client_context(ca_pem)
     conn = http.client.HTTPSConnection(address, port, timeout=timeout, context=ctx)
     try:
+        conn.connect()
+        sock = conn.sock
+        if not isinstance(sock, ssl.SSLSocket):
+            raise ssl.SSLError("no TLS connection after the handshake")
+        der = sock.getpeercert(binary_form=True)
+        if der is None:
+            raise ssl.SSLError("the server presented no certificate")
+        certificate = x509.load_der_x509_certificate(der)
+        version = sock.version() or ""
         conn.request("GET", path)
         resp = conn.getresponse()
         resp.read()
-        sock = conn.sock
-        assert isinstance(sock, ssl.SSLSocket)
-        der = sock.getpeercert(binary_form=True)
-        assert der is not None
-        return HttpsView(x509.load_der_x509_certificate(der), resp.status, sock.version() or "")
+        return HttpsView(certificate, resp.status, version)
     finally:
         conn.close()
 
 
 def fetch_http(address: str, port: int, path: str, timeout: float = 5.0) -> int:
+    """GET ``path`` over plain http; the status. Raises one of ``PROBE_ERRORS``."""
     conn = http.client.HTTPConnection(address, port, timeout=timeout)
     try:
         conn.request("GET", path)
@@ -68,8 +83,8 @@ def check_https(
     certificate, else what is wrong."""
     try:
         view = fetch_https(address, port, path, ca_pem)
-    except (OSError, ssl.SSLError, http.client.HTTPException) as exc:
-        return f"https://{address}:{port}{path}: {exc}"
+    except PROBE_ERRORS as exc:
+        return f"https://{address}:{port}{path}: {_describe(exc)}"
     if fingerprint and pki.fingerprint(view.certificate) != fingerprint:
         return (
             f"https://{address}:{port} presents {pki.fingerprint(view.certificate)}, "
@@ -81,8 +96,15 @@ def check_https(
 
 
 def check_http(address: str, port: int, path: str) -> str | None:
+    """None if plain http on ``address:port`` serves ``path`` with 200, else what is wrong."""
     try:
         status = fetch_http(address, port, path)
-    except (OSError, http.client.HTTPException) as exc:
-        return f"http://{address}:{port}{path}: {exc}"
+    except PROBE_ERRORS as exc:
+        return f"http://{address}:{port}{path}: {_describe(exc)}"
     return None if status == 200 else f"http://{address}:{port}{path} answered {status}"
+
+
+def _describe(exc: BaseException) -> str:
+    """One line for a probe's failure; the exception's name when it carries no text."""
+    text = " ".join(str(exc).split())
+    return text or type(exc).__name__
