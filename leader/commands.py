@@ -93,12 +93,15 @@ class Commands:
         self.wake = wake
 
     async def _resolve(self, request: RolloutRequest) -> tuple[RolloutRequest, str]:
-        """disable-tls: its scope is the nodes the rollout it takes back switched."""
+        """disable-tls: its scope is the nodes the rollout it takes back switched; a rollout is
+        taken back once (``planner.AlreadyUndone`` names the one that did)."""
         if request.change is not Change.DISABLE_TLS:
             return request, ""
         rows = await asyncio.to_thread(self.schema.all)
         target, switched = planner.undo_target(
-            [(r.rollout, r.records) for r in rows], request.undo_rollout_id
+            [(r.rollout, r.records) for r in rows],
+            request.undo_rollout_id,
+            {r.rollout.id: r.meta.undoes for r in rows},
         )
         return replace(request, scope=Scope.of_nodes(switched)), target.id
 

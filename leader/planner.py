@@ -82,6 +82,19 @@ class UnknownNodes(PlanError):
         self.names = tuple(names)
 
 
+class AlreadyUndone(PlanError):
+    """The enable-tls rollout was already taken back by a disable-tls rollout (one per rollout,
+    whatever that one's state: a way back that halted is looked at, not started again)."""
+
+    def __init__(self, target: str, by: Rollout) -> None:
+        super().__init__(
+            f"rollout {target} was already taken back by rollout {by.id} ({by.state.value}); "
+            "see: tlsroll schema show"
+        )
+        self.target = target
+        self.by = by.id
+
+
 class NodesOffline(PlanError):
     def __init__(self, names: Sequence[str]) -> None:
         super().__init__(f"offline: {', '.join(names)} (bring the agent up or leave it out)")
@@ -281,13 +294,17 @@ def decide_auth(change: Change, verifier_given: bool, latest_version: int) -> Au
 
 
 def undo_target(
-    candidates: Sequence[tuple[Rollout, Sequence[NodeRecord]]], rollout_id: str | None
+    candidates: Sequence[tuple[Rollout, Sequence[NodeRecord]]],
+    rollout_id: str | None,
+    undoes: Mapping[str, str],
 ) -> tuple[Rollout, tuple[str, ...]]:
     """The enable-tls rollout a ``disable-tls`` rollout takes back, and the nodes it switched.
 
     ``candidates`` are the stored rollouts, newest first; ``rollout_id`` names one, else the
-    newest enable-tls rollout is taken. The nodes are those it left ``done`` (only they run the
-    https config it made), in its order. PlanError if there is nothing to take back.
+    newest enable-tls rollout is taken. ``undoes`` maps a stored rollout's id to the id of the
+    rollout it takes back (``RolloutMeta.undoes``; missing or "" for none). The nodes are those
+    it left ``done`` (only they run the https config it made), in its order. PlanError if there
+    is nothing to take back; AlreadyUndone if a disable-tls rollout already took it back.
     """
     if rollout_id:
         found = [(r, nodes) for r, nodes in candidates if r.id == rollout_id]
@@ -299,6 +316,9 @@ def undo_target(
         if not enabling:
             raise PlanError("no enable-tls rollout to take back")
         target, records = enabling[0]
+    for rollout, _ in candidates:
+        if rollout.change is Change.DISABLE_TLS and undoes.get(rollout.id) == target.id:
+            raise AlreadyUndone(target.id, rollout)
     by_name = {r.name: r for r in records}
     switched = tuple(n for n in target.order if by_name[n].state is NodeState.DONE)
     if not switched:

@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 
 from leader.commands import NoRolloutYet, NoSuchRollout
-from leader.planner import EmptyScope, NodesOffline, PlanError
+from leader.planner import AlreadyUndone, EmptyScope, NodesOffline, PlanError
 from leader.rollout_core import IllegalTransition
 from leader.schema_store import BootstrapFailureRow, RolloutBusy, SchemaStore, StaleRecords
 from leader.store import NameTaken, NodeCert, NotFound, Store, TokenRejected
@@ -38,6 +38,7 @@ ERRORS = {
     PlanError: grpc.StatusCode.INVALID_ARGUMENT,
     NodesOffline: grpc.StatusCode.FAILED_PRECONDITION,
     EmptyScope: grpc.StatusCode.FAILED_PRECONDITION,
+    AlreadyUndone: grpc.StatusCode.FAILED_PRECONDITION,
     StaleRecords: grpc.StatusCode.ABORTED,
     RolloutBusy: grpc.StatusCode.FAILED_PRECONDITION,
     IllegalTransition: grpc.StatusCode.FAILED_PRECONDITION,

@@ -35,6 +35,7 @@ from itertools import pairwise
 from pathlib import Path
 from typing import Any, NoReturn, TypeVar
 
+import grpc
 import pytest
 from structlog.testing import capture_logs
 
@@ -42,6 +43,7 @@ from leader import changes
 from leader.agent_client import StepFailed
 from leader.commands import Commands, RolloutRequest
 from leader.engine import STEP_RETRY_SECONDS, TICK_SECONDS, Engine
+from leader.planner import PlanError
 from leader.rollout_core import (
     IN_FLIGHT_NODE_STATES,
     TERMINAL_ROLLOUT_STATES,
@@ -54,10 +56,12 @@ from leader.rollout_core import (
     Scope,
 )
 from leader.schema_store import RolloutRow, SchemaStore, StaleRecords
+from leader.service import ERRORS
 from leader.store import NodeCert, Store
 from tests.fake_agent import START, FakeAgent, FakeAgents, FakeClock
 from tlsroll import pki
 from tlsroll.enums import TxnKind, TxnOutcome
+from tlsroll.rpc import status_for
 from tlsroll.v1 import agent_pb2
 from tlsroll.wire import TXN_KIND
 
@@ -700,6 +704,31 @@ async def test_disable_tls_rolls_back_the_undone_switch_and_clears_the_password(
     ]
     assert {world.agents[n].scheme for n in ORDER} == {"http"}
     assert leader.schema.node_auth() == {}
+    await leader.stop()
+
+
+async def test_a_rollout_is_taken_back_once_a_second_rollback_names_the_first(
+    world: World,
+) -> None:
+    """Issue 16 #5: a second ``rollout rollback`` of the same rollout started and halted at
+    preflight; it is refused with the first one's id and state, FAILED_PRECONDITION."""
+    leader = world.boot()
+    enabled = await leader.start()
+    await leader.run()
+    first = await leader.start(Change.DISABLE_TLS)
+    await leader.run()
+    seen = len(world.agents.calls)
+
+    for undo in (None, enabled.rollout.id):
+        request = RolloutRequest(Change.DISABLE_TLS, Scope.cluster(), undo_rollout_id=undo)
+        with pytest.raises(PlanError, match=f"already taken back by rollout {first.rollout.id}"):
+            await leader.commands.start(request, ADMIN)
+        with pytest.raises(PlanError, match="completed") as refused:
+            await leader.commands.plan(request)
+        assert status_for(refused.value, ERRORS) is grpc.StatusCode.FAILED_PRECONDITION
+
+    assert world.agents.calls[seen:] == []
+    assert [r.rollout.id for r in leader.schema.all()] == [first.rollout.id, enabled.rollout.id]
     await leader.stop()
 
 

@@ -10,6 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from leader.planner import (
+    AlreadyUndone,
     AuthDecision,
     EmptyScope,
     InconsistentRecords,
@@ -632,9 +633,9 @@ def test_undo_target_takes_the_newest_enable_tls_and_its_done_nodes() -> None:
         ),
         _stored("r1", Change.ENABLE_TLS, {"d": NodeState.DONE}),
     ]
-    target, nodes = undo_target(newest_first, None)
+    target, nodes = undo_target(newest_first, None, {})
     assert (target.id, nodes) == ("r2", ("a", "c"))
-    target, nodes = undo_target(newest_first, "r1")
+    target, nodes = undo_target(newest_first, "r1", {})
     assert (target.id, nodes) == ("r1", ("d",))
 
 
@@ -652,9 +653,29 @@ def test_undo_target_refuses(rollout_id: str, words: str) -> None:
         _stored("r3", Change.CHANGE_PASSWORD, {"a": NodeState.DONE}),
     ]
     with pytest.raises(PlanError, match=words):
-        undo_target(stored, rollout_id)
+        undo_target(stored, rollout_id, {})
     with pytest.raises(PlanError, match="no enable-tls rollout to take back"):
-        undo_target(stored[1:], None)
+        undo_target(stored[1:], None, {})
+
+
+def test_undo_target_takes_a_rollout_back_once() -> None:
+    """A disable-tls rollout that took ``r1`` back, in any state, is named; ``r2`` is free."""
+    r1 = _stored("r1", Change.ENABLE_TLS, {"a": NodeState.DONE})
+    r2 = _stored("r2", Change.ENABLE_TLS, {"b": NodeState.DONE})
+    for state in RolloutState:
+        undo = _stored("r3", Change.DISABLE_TLS, {"a": NodeState.PENDING})
+        undo = (replace(undo[0], state=state), undo[1])
+        stored = [undo, r2, r1]
+        with pytest.raises(
+            AlreadyUndone, match=f"rollout r1 was already taken back by rollout r3 [(]{state}[)]"
+        ) as refused:
+            undo_target(stored, "r1", {"r3": "r1"})
+        assert refused.value.by == "r3"
+        assert undo_target(stored, None, {"r3": "r1"})[0].id == "r2"
+        assert undo_target(stored, "r1", {"r3": ""})[0].id == "r1"  # undoes something else
+    undo_r2 = _stored("r3", Change.DISABLE_TLS, {"b": NodeState.DONE})
+    with pytest.raises(AlreadyUndone, match="by rollout r3"):  # the newest one was taken back
+        undo_target([undo_r2, r2, r1], None, {"r3": "r2"})
 
 
 @pytest.mark.parametrize("change", [Change.CHANGE_PASSWORD, Change.DISABLE_TLS])

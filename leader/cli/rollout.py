@@ -315,7 +315,7 @@ def rollout_start(
 @pass_leader
 def rollout_rollback(leader: Leader, rollout_id: str, max_parallel: int, yes: bool) -> None:
     """The way back: put the nodes an enable-tls rollout switched (default: the newest) back
-    on http, the same safe way (a new rollout of change disable-tls)."""
+    on http, the same safe way (a new rollout of change disable-tls). Once per rollout."""
     request = admin_pb2.RolloutRequest(
         change=CHANGE.wire(Change.DISABLE_TLS),
         undo_rollout_id=rollout_id,
