@@ -246,9 +246,12 @@ async def wait_transaction(
         except StepFailed as exc:
             raise TransientError(f"reading the {kind.value} transaction: {exc}") from None
         details: dict[str, Any] = {"restart_seconds": txn.restart_seconds}
-        if txn.HasField("freeze_started_at"):
+        # With --freeze scope the node's window is the scope freeze's (the engine records it),
+        # not the shorter one of the transaction inside it.
+        own_window = ctx.rollout.freeze is not FreezeMode.SCOPE
+        if own_window and txn.HasField("freeze_started_at"):
             details["freeze_started_at"] = txn.freeze_started_at.ToDatetime(tzinfo=dt.UTC)
-        if txn.HasField("freeze_ended_at"):
+        if own_window and txn.HasField("freeze_ended_at"):
             details["freeze_ended_at"] = txn.freeze_ended_at.ToDatetime(tzinfo=dt.UTC)
         await ctx.detail(**details)
         outcome = TXN_OUTCOME.read(txn.outcome, "transaction.outcome")

@@ -309,12 +309,27 @@ class Engine:
         return row
 
     async def _record_frozen(self, rollout_id: str, step: planner.StepAction, frozen: bool) -> None:
+        """A scope freeze or unfreeze the agent confirmed: the node's flag, the step's end and
+        the node's freeze window (from the first confirmed freeze, renewals leave it, to the
+        confirmed unfreeze). The agent's reply carries no time: the leader's clock it is."""
         if frozen:  # the lease this process just set or renewed runs from now
             self.renewed[(rollout_id, step.node)] = self.monotonic()
-        await self._save_node(rollout_id, step.node, lambda r: replace(r, scope_frozen=frozen))
-        await asyncio.to_thread(
-            self.schema.step_times, rollout_id, step.node, step.step.value, ended=self.clock()
+        row = await self._save_node(
+            rollout_id, step.node, lambda r: replace(r, scope_frozen=frozen)
         )
+        now = self.clock()
+        await asyncio.to_thread(
+            self.schema.step_times, rollout_id, step.node, step.step.value, ended=now
+        )
+        detail = next(d for r, d in row.nodes if r.name == step.node)
+        if frozen and detail.freeze_started_at is None:
+            await asyncio.to_thread(
+                self.schema.update_detail, rollout_id, step.node, freeze_started_at=now
+            )
+        elif not frozen and step.step is Step.UNFREEZE:
+            await asyncio.to_thread(
+                self.schema.update_detail, rollout_id, step.node, freeze_ended_at=now
+            )
         log.info("node.scope_frozen", rollout_id=rollout_id, node=step.node, frozen=frozen)
 
     async def _record(

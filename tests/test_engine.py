@@ -765,6 +765,33 @@ async def test_scope_freeze_holds_every_node_from_the_first_switch_to_the_last(
     await leader.stop()
 
 
+async def test_scope_freeze_window_runs_from_the_scope_freeze_to_the_scope_unfreeze(
+    world: World,
+) -> None:
+    """Issue 16 #4: with ``--freeze scope`` every node's window stayed "HH:MM:SS–(frozen)"
+    (``freeze_ended_at`` null) though the nodes took writes again. The window is the scope
+    freeze's: from its first confirmed freeze (renewals do not move it; the switch inside it
+    does not either) to its confirmed unfreeze."""
+    leader = world.boot(freeze_lease=6)
+    await leader.start(freeze=FreezeMode.SCOPE)
+
+    row = await leader.run()
+
+    assert row.rollout.state is R.COMPLETED
+    calls = world.agents.calls
+    for record, detail in row.nodes:
+        mine = [c for c in calls if c.node == record.name]
+        at = {
+            m: [START + dt.timedelta(seconds=c.at) for c in mine if c.method == m]
+            for m in ("freeze", "switch", "unfreeze")
+        }
+        started, ended_at = detail.freeze_started_at, detail.freeze_ended_at
+        assert started is not None and ended_at is not None, (record.name, detail)
+        assert at["freeze"][0] <= started < at["freeze"][1], record.name  # not a renewal
+        assert started <= at["switch"][0] <= at["unfreeze"][-1] <= ended_at, record.name
+    await leader.stop()
+
+
 # --- the real loop, with thread hops of varying length (found by review) ---------------------
 
 
