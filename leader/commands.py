@@ -177,7 +177,8 @@ class Commands:
 
     async def control(self, rollout_id: str, action: RolloutAction, actor: str) -> RolloutRow:
         """pause | resume | abort the named, else the active, else the latest rollout;
-        IllegalTransition (naming state and action) if not allowed now."""
+        IllegalTransition (naming state and action, ending with the command to run instead:
+        ``rollout_core.next_command``) if not allowed now."""
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type(StaleRecords),
             stop=stop_after_attempt(STALE_ATTEMPTS),
@@ -185,7 +186,7 @@ class Commands:
         ):
             with attempt:
                 row = await asyncio.to_thread(self._target, rollout_id)
-                rollout = row.rollout.with_event(action.event)
+                rollout = row.rollout.with_action(action)
                 row = await asyncio.to_thread(
                     self.schema.save_states,
                     row,

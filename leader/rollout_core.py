@@ -293,17 +293,44 @@ DRAINING_ROLLOUT_STATES = frozenset({_R.ABORTING, _R.HALTING})
 
 
 class IllegalTransition(TerminalError):
-    """An event that the tables do not allow in the subject's current state."""
+    """An event that the tables do not allow in the subject's current state; ``hint`` (for an
+    administrator's action) says what to run instead."""
 
     def __init__(
-        self, subject: str, state: RolloutState | NodeState, event: RolloutEvent | NodeEvent
+        self,
+        subject: str,
+        state: RolloutState | NodeState,
+        event: RolloutEvent | NodeEvent,
+        hint: str = "",
     ) -> None:
         super().__init__(
             f"{subject}: event {event.value!r} is not allowed in state {state.value!r}"
+            + (f"; {hint}" if hint else "")
         )
         self.subject = subject
         self.state = state
         self.event = event
+        self.hint = hint
+
+
+def next_command(rollout: Rollout, action: RolloutAction) -> str:
+    """What to run when ``action`` is not allowed in the rollout's state (one clause, the
+    end of an ``IllegalTransition``); the one place that says it."""
+    state = rollout.state
+    if state in TERMINAL_ROLLOUT_STATES:
+        back = (
+            f" or take it back (tlsroll rollout rollback {rollout.id})"
+            if rollout.change is Change.ENABLE_TLS
+            else ""
+        )
+        return f"it has ended: start a new rollout (tlsroll rollout start --scope …){back}"
+    if state in DRAINING_ROLLOUT_STATES:
+        return "wait until it has ended: tlsroll schema show --watch"
+    if state is RolloutState.RUNNING and action is RolloutAction.RESUME:
+        return "it is running: follow it with tlsroll schema show --watch"
+    if state is RolloutState.PAUSED and action is RolloutAction.PAUSE:
+        return f"it is paused already: carry on with tlsroll rollout resume {rollout.id}"
+    return "see: tlsroll schema show"
 
 
 def rollout_transition(
@@ -381,6 +408,15 @@ class Rollout:
         """Return this record after ``event``; raise ``IllegalTransition`` if not allowed."""
         new = rollout_transition(self.state, event, f"rollout {self.id}")
         return replace(self, state=new)
+
+    def with_action(self, action: RolloutAction) -> Rollout:
+        """``with_event`` for an administrator's action: a refusal ends with what to run
+        instead (``next_command``)."""
+        try:
+            return self.with_event(action.event)
+        except IllegalTransition as exc:
+            hint = next_command(self, action)
+            raise IllegalTransition(exc.subject, exc.state, exc.event, hint) from None
 
 
 @dataclass(frozen=True)

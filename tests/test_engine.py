@@ -49,6 +49,7 @@ from leader.rollout_core import (
     TERMINAL_ROLLOUT_STATES,
     Change,
     FreezeMode,
+    IllegalTransition,
     NodeRecord,
     NodeState,
     RolloutAction,
@@ -629,6 +630,46 @@ async def test_a_node_that_fails_the_outside_check_is_rolled_back_by_its_agent(
     assert (charlie.applied["switch"], charlie.applied["rollback"]) == (1, 1)
     assert (charlie.scheme, charlie.verifier) == ("http", "")
     assert leader.schema.node_auth() == {"bravo": 1, "alpha": 1}
+    await leader.stop()
+
+
+# --- an admin action refused: the next command to run ----------------------------------------
+
+
+async def refused(leader: Leader, action: RolloutAction, rollout_id: str = "") -> str:
+    with pytest.raises(IllegalTransition) as refusal:
+        await leader.commands.control(rollout_id, action, ADMIN)
+    line = str(refusal.value)
+    assert f"'{action.value}'" in line and "\n" not in line, line
+    return line
+
+
+async def test_a_refused_admin_action_ends_with_the_next_command_to_run(world: World) -> None:
+    """Issue 16 #2: ``rollout resume`` on a halted rollout said only "event 'resume' is not
+    allowed in state 'halted'"; now every refusal ends with what to run instead."""
+    leader = world.boot()
+    rid = (await leader.start()).rollout.id
+    line = await refused(leader, RolloutAction.RESUME)
+    assert line.endswith("; it is running: follow it with tlsroll schema show --watch"), line
+    await leader.control(RolloutAction.PAUSE)
+    line = await refused(leader, RolloutAction.PAUSE)
+    assert line.endswith(f"; it is paused already: carry on with tlsroll rollout resume {rid}")
+    await leader.control(RolloutAction.ABORT)
+    for action in RolloutAction:
+        line = await refused(leader, action)
+        assert line.endswith("; wait until it has ended: tlsroll schema show --watch"), line
+    assert (await leader.run()).rollout.state is R.ABORTED
+
+    switch_fails(world.agents["charlie"])
+    rid = (await leader.start()).rollout.id
+    assert (await leader.run()).rollout.state is R.HALTED
+    for action in RolloutAction:
+        line = await refused(leader, action, rid)
+        assert f"rollout {rid}: event '{action.value}' is not allowed in state 'halted'" in line
+        assert line.endswith(
+            "; it has ended: start a new rollout (tlsroll rollout start --scope …) "
+            f"or take it back (tlsroll rollout rollback {rid})"
+        ), line
     await leader.stop()
 
 

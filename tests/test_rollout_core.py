@@ -26,11 +26,13 @@ from leader.rollout_core import (
     NodeRecord,
     NodeState,
     Rollout,
+    RolloutAction,
     RolloutEvent,
     RolloutState,
     Scope,
     ScopeKind,
     Step,
+    next_command,
 )
 
 R, RE, N, NE = RolloutState, RolloutEvent, NodeState, NodeEvent
@@ -123,6 +125,32 @@ def test_rollout_illegal_event(state: RolloutState, event: RolloutEvent) -> None
     )
     assert str(caught.value) == f"rollout r1: event '{event}' is not allowed in state '{state}'"
     assert before == a_rollout(state)
+
+
+@pytest.mark.parametrize("change", list(Change))
+@pytest.mark.parametrize("action", list(RolloutAction))
+@pytest.mark.parametrize("state", list(RolloutState))
+def test_an_admin_action_refused_ends_with_the_command_to_run(
+    state: RolloutState, action: RolloutAction, change: Change
+) -> None:
+    before = replace(a_rollout(state), change=change)
+    if action.event in ROLLOUT_TRANSITIONS[state]:
+        assert before.with_action(action) == before.with_event(action.event)
+        return
+    with pytest.raises(IllegalTransition) as caught:
+        before.with_action(action)
+    hint = next_command(before, action)
+    assert (caught.value.state, caught.value.event, caught.value.hint) == (
+        state,
+        action.event,
+        hint,
+    )
+    assert str(caught.value) == (
+        f"rollout r1: event '{action}' is not allowed in state '{state}'; {hint}"
+    )
+    assert "tlsroll " in hint and "\n" not in hint
+    takes_back = "tlsroll rollout rollback r1" in hint
+    assert takes_back == (state in TERMINAL_ROLLOUT_STATES and change is Change.ENABLE_TLS)
 
 
 @pytest.mark.parametrize(("state", "event", "new"), NODE_ROWS)
