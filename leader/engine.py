@@ -171,8 +171,7 @@ class Engine:
         for rec in row.records:
             key = (row.rollout.id, rec.name)
             if not rec.scope_frozen or rec.name in unfreezing:
-                self.renewed.pop(key, None)
-                continue
+                continue  # (a stale read must not forget a renewal: only an unfreeze does)
             # A key first seen by this process renews at once: after a leader restart the
             # agents' leases run from the old process's last renewal, not from now.
             last = self.renewed.get(key)
@@ -314,6 +313,8 @@ class Engine:
         confirmed unfreeze). The agent's reply carries no time: the leader's clock it is."""
         if frozen:  # the lease this process just set or renewed runs from now
             self.renewed[(rollout_id, step.node)] = self.monotonic()
+        else:
+            self.renewed.pop((rollout_id, step.node), None)
         row = await self._save_node(
             rollout_id, step.node, lambda r: replace(r, scope_frozen=frozen)
         )
