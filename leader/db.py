@@ -13,10 +13,13 @@ one that was released.
 
 from __future__ import annotations
 
+import datetime as dt
+import json
 import sqlite3
 from pathlib import Path
+from typing import Any
 
-from tlsroll.sqlite import Database, Migration, statements
+from tlsroll.sqlite import Database, Migration, statements, to_text
 
 # Migration 1: the tables of tlsroll 0.1.0, whose Store set user_version=1 (nodes, tokens,
 # audit) and whose SchemaStore added its tables unversioned on every open.
@@ -163,6 +166,34 @@ def _adopt(conn: sqlite3.Connection, found: int) -> None:
 def open_db(path: Path) -> Database:
     """Open (or create) ``leader.sqlite3``, migrated to the current schema."""
     return Database(path, MIGRATIONS, adopt=_adopt)
+
+
+class LeaderStore:
+    """What every store of the leader's file shares: the database (``Store(store.db)``,
+    ``SchemaStore(store.db)``, ``Grants(store.db)`` share one; a path opens one of its own,
+    closed by ``close``) and the audit trail, written in the same transaction as the change."""
+
+    def __init__(self, db: Database | Path) -> None:
+        self._db, self._owns_db = use(db)
+        self.path = self._db.path
+
+    @property
+    def db(self) -> Database:
+        """The leader's database, for its other stores."""
+        return self._db
+
+    def close(self) -> None:
+        if self._owns_db:
+            self._db.close()
+
+    @staticmethod
+    def _audit(
+        db: sqlite3.Connection, now: dt.datetime, actor: str, kind: str, subject: str, **detail: Any
+    ) -> None:
+        db.execute(
+            "INSERT INTO audit (at, actor, kind, subject, detail) VALUES (?, ?, ?, ?, ?)",
+            (to_text(now), actor, kind, subject, json.dumps(detail, sort_keys=True, default=str)),
+        )
 
 
 def use(db: Database | Path) -> tuple[Database, bool]:

@@ -13,10 +13,9 @@ import json
 import sqlite3
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
-from leader import db as leader_db
+from leader.db import LeaderStore
 from leader.rollout_core import (
     TERMINAL_ROLLOUT_STATES,
     Change,
@@ -30,7 +29,7 @@ from leader.rollout_core import (
     Strategy,
 )
 from tlsroll.errors import TerminalError, TransientError
-from tlsroll.sqlite import Database, from_text, to_text
+from tlsroll.sqlite import from_text, to_text
 
 _TERMINAL = tuple(s.value for s in TERMINAL_ROLLOUT_STATES)
 _ACTIVE = f"state NOT IN ({', '.join('?' * len(_TERMINAL))})"  # a rollout not yet ended
@@ -114,25 +113,8 @@ class RolloutRow:
         return tuple(r for r, _ in self.nodes)
 
 
-class SchemaStore:
-    def __init__(self, db: Database | Path) -> None:
-        """``db``: the leader's open database (shared, as ``Store.db``), or the path of its
-        file (opened here, closed by ``close``); see ``leader.db``."""
-        self._db, self._owns_db = leader_db.use(db)
-        self.path = self._db.path
-
-    def close(self) -> None:
-        if self._owns_db:
-            self._db.close()
-
-    @staticmethod
-    def _audit(
-        db: sqlite3.Connection, now: dt.datetime, actor: str, kind: str, subject: str, **detail: Any
-    ) -> None:
-        db.execute(
-            "INSERT INTO audit (at, actor, kind, subject, detail) VALUES (?, ?, ?, ?, ?)",
-            (to_text(now), actor, kind, subject, json.dumps(detail, sort_keys=True, default=str)),
-        )
+class SchemaStore(LeaderStore):
+    """Rollouts, their nodes, auth password versions, failed bootstrap attempts."""
 
     # --- reading ------------------------------------------------------------------------------
 

@@ -15,12 +15,11 @@ import json
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, TypeVar
 
-from leader import db as leader_db
+from leader.db import LeaderStore
 from tlsroll.errors import TerminalError
-from tlsroll.sqlite import Database, from_text, to_text
+from tlsroll.sqlite import from_text, to_text
 
 T = TypeVar("T")
 
@@ -78,35 +77,8 @@ class NodeCert:
     not_after: dt.datetime
 
 
-class Store:
-    def __init__(self, db: Database | Path) -> None:
-        """``db``: the leader's open database (shared), or the path of its file (opened here,
-        closed by ``close``); see ``leader.db``."""
-        self._db, self._owns_db = leader_db.use(db)
-        self.path = self._db.path
-
-    @property
-    def db(self) -> Database:
-        """The leader's database, for its other store (``SchemaStore(store.db)``)."""
-        return self._db
-
-    def close(self) -> None:
-        if self._owns_db:
-            self._db.close()
-
-    def _audit(
-        self,
-        db: sqlite3.Connection,
-        now: dt.datetime,
-        actor: str,
-        kind: str,
-        subject: str,
-        **detail: Any,
-    ) -> None:
-        db.execute(
-            "INSERT INTO audit (at, actor, kind, subject, detail) VALUES (?, ?, ?, ?, ?)",
-            (to_text(now), actor, kind, subject, json.dumps(detail, sort_keys=True)),
-        )
+class Store(LeaderStore):
+    """Enrolled nodes and join tokens (``leader.db.LeaderStore`` has the shared part)."""
 
     # --- tokens -------------------------------------------------------------------------------
 

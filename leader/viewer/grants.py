@@ -18,19 +18,16 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
-import json
 import secrets
 import sqlite3
 from dataclasses import dataclass
 from enum import StrEnum
-from pathlib import Path
-from typing import Any
 
-from leader import db as leader_db
+from leader.db import LeaderStore
 from leader.store import NotFound
 from leader.tokens import ID_ALPHABET, ID_LEN
 from tlsroll.errors import TerminalError
-from tlsroll.sqlite import Database, from_text, to_text
+from tlsroll.sqlite import from_text, to_text
 
 SECRET_BYTES = 32  # 256 bits, for the link's secret and for the session id
 MAX_TTL = dt.timedelta(days=7)
@@ -83,24 +80,8 @@ class NewGrant:
         return f"NewGrant(grant={self.grant!r}, secret=<hidden>)"
 
 
-class Grants:
-    def __init__(self, db: Database | Path) -> None:
-        """``db``: the leader's open database (shared, as ``Store.db``), or the path of its
-        file (opened here, closed by ``close``); see ``leader.db``."""
-        self._db, self._owns_db = leader_db.use(db)
-
-    def close(self) -> None:
-        if self._owns_db:
-            self._db.close()
-
-    @staticmethod
-    def _audit(
-        db: sqlite3.Connection, now: dt.datetime, actor: str, kind: str, subject: str, **detail: Any
-    ) -> None:
-        db.execute(
-            "INSERT INTO audit (at, actor, kind, subject, detail) VALUES (?, ?, ?, ?, ?)",
-            (to_text(now), actor, kind, subject, json.dumps(detail, sort_keys=True)),
-        )
+class Grants(LeaderStore):
+    """The viewer's one-time links and their sessions (only hashes are kept)."""
 
     def create(self, name: str, *, ttl: dt.timedelta, now: dt.datetime, actor: str) -> NewGrant:
         if not dt.timedelta(seconds=1) <= ttl <= MAX_TTL:
