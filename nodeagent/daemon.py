@@ -11,6 +11,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import sqlite3
 import sys
 from pathlib import Path
 
@@ -128,7 +129,7 @@ async def serve(cfg: AgentConfig) -> None:
         make_driver(cfg.server, cfg.addresses[0], cfg.data_dir) if cfg.server is not None else None
     )
     make_private_dir(cfg.data_dir)
-    journal = Journal(cfg.data_dir / "journal.sqlite3")
+    journal = Journal(journal_path(cfg))
     runner = Runner(journal, driver, now) if driver is not None else None
     if runner is not None:
         # First thing: a transaction cut short by a crash is carried on, so that no node
@@ -181,6 +182,10 @@ async def serve(cfg: AgentConfig) -> None:
     log.info("agent.stopped")
 
 
+def journal_path(cfg: AgentConfig) -> Path:
+    return cfg.data_dir / "journal.sqlite3"
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tlsroll-agent", description="tlsroll node agent")
     parser.add_argument("--config", type=Path, required=True, help="agent.toml")
@@ -198,6 +203,9 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     except OSError as exc:
         print(f"tlsroll-agent: {exc.strerror}: {exc.filename}", file=sys.stderr)
+        return 1
+    except sqlite3.Error as exc:  # a damaged journal: say which file, never a traceback
+        print(f"tlsroll-agent: journal {journal_path(cfg)}: {exc}", file=sys.stderr)
         return 1
     return 0
 

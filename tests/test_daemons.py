@@ -350,6 +350,28 @@ def test_agent_refuses_a_key_file_readable_by_others(three: Cluster) -> None:
     three.wait_for_nodes_online(["node2"], timeout=15)
 
 
+def test_a_damaged_journal_stops_the_agent_with_one_line(three: Cluster) -> None:
+    """Random bytes where the journal was: one line naming the file, exit 1, no traceback
+    (a corrupt store used to end the agent with a Python traceback)."""
+    node3 = three.agents["node3"]
+    assert node3.stop() == 0
+    journal = node3.data_dir / "journal.sqlite3"
+    good = journal.read_bytes()
+    try:
+        for suffix in ("-wal", "-shm"):
+            journal.with_name(journal.name + suffix).unlink(missing_ok=True)
+        journal.write_bytes(b"\x00not a database\x17" * 512)
+        code, output = node3.run_to_exit()
+        assert code == 1
+        line = one_line_error(output, "tlsroll-agent")
+        assert line.startswith(f"tlsroll-agent: journal {journal}: "), line
+        assert "Traceback" not in output
+    finally:
+        journal.write_bytes(good)
+        node3.start()
+    three.wait_for_nodes_online(["node3"], timeout=15)
+
+
 def test_agent_refuses_a_token_file_readable_by_others(three: Cluster) -> None:
     agent = three.add_agent("node4", next_loopback(), token_file=True, start=False)
     token_file = Path(str(agent.config["leader"]["join_token_file"]))
