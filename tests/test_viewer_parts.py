@@ -85,6 +85,14 @@ def test_a_grant_opens_once_and_its_session_ends_with_it(store: Store, tmp_path:
     assert [g.id for g in grants.all()] == [made.grant.id, other.grant.id, late.grant.id]
 
 
+def test_a_grant_name_reaches_terminals_without_escapes(store: Store) -> None:
+    """`viewer list` and the log show the name: no control characters, one line, bounded."""
+    odd = Grants(store.db).create(
+        "Dr.\x1b[31m Huber\nOSC\x1b]0;x\x07", ttl=HOUR, now=NOW, actor="a"
+    )
+    assert odd.grant.name == "Dr.[31m Huber OSC]0;x"
+
+
 def test_a_grant_lives_one_second_to_seven_days(store: Store) -> None:
     grants = Grants(store.db)
     for ttl in (dt.timedelta(0), dt.timedelta(days=8)):

@@ -26,6 +26,7 @@ from enum import StrEnum
 from leader.db import LeaderStore
 from leader.store import NotFound
 from leader.tokens import ID_ALPHABET, ID_LEN
+from tlsroll import peertext
 from tlsroll.errors import TerminalError
 from tlsroll.sqlite import from_text, to_text
 
@@ -87,7 +88,7 @@ class Grants(LeaderStore):
         if not dt.timedelta(seconds=1) <= ttl <= MAX_TTL:
             raise ValueError(f"a viewer grant lives 1 s to {MAX_TTL.days} days")
         secret = secrets.token_urlsafe(SECRET_BYTES)
-        name = name.strip()[:MAX_NAME]
+        name = peertext.clean(name, MAX_NAME).strip()  # shown on terminals and in logs
         with self._db.tx() as db:
             while True:
                 grant_id = "".join(secrets.choice(ID_ALPHABET) for _ in range(ID_LEN))
@@ -137,6 +138,14 @@ class Grants(LeaderStore):
         """Spend the link with this secret: the grant and a new session id (for the cookie).
         LoginRefused (unknown, used, expired, revoked) if it cannot be used."""
         session_id = secrets.token_urlsafe(SECRET_BYTES)
+        # Strangers can send any link: a plain read turns them away without taking the write
+        # lock the rollout engine shares; only a link that exists opens the transaction.
+        with self._db.read() as db:
+            known = db.execute(
+                "SELECT 1 FROM viewer_grants WHERE secret_hash = ?", (digest(secret),)
+            ).fetchone()
+        if known is None:
+            raise LoginRefused("unknown")
         with self._db.tx() as db:
             row = db.execute(
                 "SELECT * FROM viewer_grants WHERE secret_hash = ?", (digest(secret),)
