@@ -21,8 +21,10 @@ Limits (``Limits``; pure classes, time passed in, so tests move a fake clock):
 - ``Guard``: a wrong confirmation is a failure, counted against the source address (an IPv6
   /64), the claimed workstation name and the whole node, each with exponential backoff, and
   under a ceiling for the node (``ceiling`` failures a ``ceiling_window``). A start while any of
-  them must wait gets 429 with Retry-After before any work is done. A success clears the
-  source's and the name's count, not the node's.
+  them must wait gets 429 with Retry-After before any work is done, and so does a finish
+  (checked again before its confirmation is, not counted, the exchange used up): exchanges
+  opened in advance buy no extra guesses, each allowance takes at most one confirmation. A
+  success clears the source's and the name's count, not the node's.
 - ``ExchangeTable``: an exchange is single use (``finish`` takes it, whatever happens next) and
   lives ``exchange_ttl`` seconds. At most ``open_per_source`` are open per source (429 busy)
   and ``open_total`` in all (503 busy): a flood of starts is refused, it never evicts an
@@ -443,9 +445,9 @@ class BootstrapService:
         log.info("bootstrap.exchange_started", remote=request.remote, workstation=start.workstation)
         return _answer(answer.to_json())
 
-    async def _start(self, source: str, start: proto.StartRequest) -> proto.StartAnswer:
-        now = self.clock()
-        wait = self.guard.wait(source, start.workstation, now)
+    def _check_guard(self, source: str, workstation: str, now: float) -> None:
+        """Refused(429) while the source, the name, the node or the ceiling must wait."""
+        wait = self.guard.wait(source, workstation, now)
         if wait > 0:
             raise Refused(
                 429,
@@ -453,6 +455,10 @@ class BootstrapService:
                 f"too many failed attempts; try again in {retry_after(wait)} s",
                 retry=wait,
             )
+
+    async def _start(self, source: str, start: proto.StartRequest) -> proto.StartAnswer:
+        now = self.clock()
+        self._check_guard(source, start.workstation, now)
         try:
             ex = self.exchanges.reserve(source, start.workstation, now)
         except Busy as exc:
@@ -479,7 +485,8 @@ class BootstrapService:
                 finish = proto.parse_finish_request(await self._body(request))
             except proto.BootstrapError as exc:
                 raise Refused(400, proto.ErrorCode.BAD_REQUEST, str(exc)) from None
-            ex = self.exchanges.take(finish.exchange, source, self.clock())
+            now = self.clock()
+            ex = self.exchanges.take(finish.exchange, source, now)
             if ex is None:
                 raise Refused(
                     410,
@@ -487,6 +494,9 @@ class BootstrapService:
                     "exchange unknown, used or expired; start again",
                 )
             assert ex.keys is not None
+            # The limits again (no await from here until a failure is counted): exchanges
+            # opened in advance must not spend several confirmations in one allowance.
+            self._check_guard(ex.source, ex.workstation, now)
             if not ex.keys.check_confirmation(proto.Side.WORKSTATION, finish.confirm):
                 self._failed(request, ex)
                 raise Refused(

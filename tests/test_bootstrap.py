@@ -617,6 +617,72 @@ async def test_a_claimed_name_and_the_node_back_off_across_addresses(
         assert "too many failed attempts" in attempt.body["message"]
 
 
+async def _open_then_finish_all(n: Node, sources: list[str], per_source: int) -> list[int]:
+    """Each source opens ``per_source`` exchanges first, then finishes them all with a wrong
+    password: the statuses of the finishes, in order."""
+    hello = proto.parse_hello(json.dumps(n.service.hello.to_json()).encode())
+    opened: list[tuple[str, proto.FinishRequest]] = []
+    for address in sources:
+        async with session_from(address) as s:
+            for _ in range(per_source):
+                pake = proto.WorkstationPAKE(OTHER_PASSWORD, hello.kdf)
+                status, _, body = await n.call(
+                    s, "POST", proto.START_PATH, proto.StartRequest("ws-x", pake.msg_a).to_json()
+                )
+                assert status == 200, body
+                start = proto.parse_start_answer(json.dumps(body).encode())
+                keys = proto.SessionKeys.derive(
+                    pake.finish(start.msg_b),
+                    proto.transcript(hello, start.exchange, "ws-x", pake.msg_a, start.msg_b),
+                )
+                finish = proto.FinishRequest(
+                    start.exchange,
+                    keys.confirmation(proto.Side.WORKSTATION),
+                    keys.seal(proto.Side.NODE, workstation_csr("ws-x")[1]),
+                )
+                opened.append((address, finish))
+    statuses = []
+    for address, finish in opened:
+        async with session_from(address) as s:
+            status, headers, body = await n.call(s, "POST", proto.FINISH_PATH, finish.to_json())
+        statuses.append(status)
+        if status == 429:
+            assert body["error"] == "rate_limited" and int(headers["Retry-After"]) >= 1
+    return statuses
+
+
+async def test_exchanges_opened_in_advance_buy_no_extra_guesses(
+    issue_cert: Callable[..., IssuedCert],
+    loopback: Callable[[], str],
+    test_ca: pki.CertificateAuthority,
+) -> None:
+    """The limits are checked again at finish: one source's 4 open exchanges, or many sources'
+    exchanges against the node's ceiling, spend only what the backoff allows; the rest 429."""
+    generous = Policy(free=100, base=1, cap=60, forget=3600)
+    limits = Limits(
+        per_source=Policy(free=2, base=10, cap=60, forget=3600),
+        per_name=generous,
+        per_node=generous,
+        ceiling=5,
+        ceiling_window=3600,
+    )
+    address = loopback()
+    clock = FakeClock()
+    async with make_service(
+        issue_cert(address), address, test_ca, clock=clock, limits=limits
+    ) as service:
+        n = Node(service, clock, test_ca.cert_pem)
+        # One source, 4 exchanges opened first: 2 free failures, then it must wait.
+        assert await _open_then_finish_all(n, [loopback()], 4) == [401, 401, 429, 429]
+        assert sum(f.count for f in service.failures.pending()) == 2
+        assert len(service.exchanges) == 0  # a refused finish uses its exchange up
+        # Three more sources, 2 each: the node's ceiling (5) lets 3 more through, no more.
+        statuses = await _open_then_finish_all(n, [loopback() for _ in range(3)], 2)
+        assert statuses == [401, 401, 401, 429, 429, 429]
+        assert service.guard.ceiling.count(clock()) == 5
+        assert sum(f.count for f in service.failures.pending()) == 5
+
+
 async def test_a_flood_of_starts_cannot_evict_an_exchange_in_progress(
     issue_cert: Callable[..., IssuedCert],
     loopback: Callable[[], str],
