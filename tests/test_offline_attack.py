@@ -429,6 +429,7 @@ class FakeNode:
     bet: Candidate
     y: int = 0
     captures: list[Capture] = field(default_factory=list)
+    finish_answers: list[tuple[int, dict[str, Any]]] = field(default_factory=list)  # then 401
 
     def app(self) -> web.Application:
         app = web.Application()
@@ -456,9 +457,24 @@ class FakeNode:
         cap = self.captures[-1]
         cap.confirms[proto.Side.WORKSTATION] = req.confirm
         cap.sealed[proto.Side.NODE] = req.csr
+        if self.finish_answers:
+            status, body = self.finish_answers.pop(0)
+            return web.json_response(body, status=status)
         return web.json_response(
             {"error": "wrong_password", "message": "wrong password"}, status=401
         )
+
+
+@asynccontextmanager
+async def fake_node_at(fake: FakeNode, tmp_path: Path) -> AsyncIterator[str]:
+    """The fake node's bootstrap port and an app path on a fresh address; yields the URL."""
+    address = next_loopback()  # where the workstation is sent
+    evil_cert = issue(pki.CertificateAuthority.create("evil"), address, tmp_path / "evil")
+    async with (
+        https_site(app_server(), address, HTTPS_PORT, evil_cert),
+        https_site(fake.app(), address, BOOTSTRAP_PORT, evil_cert),
+    ):
+        yield f"https://{address}:{HTTPS_PORT}{APP}"
 
 
 @pytest.mark.parametrize("bet_on_the_right_one", [False, True])
@@ -494,3 +510,96 @@ async def test_a_fake_node_learns_only_whether_its_one_bet_was_right(
         assert confirmed == [PASSWORD]  # its one bet, paid for with one tricked run
     else:
         assert confirmed == []  # not even the right password, though it is in the list
+
+
+async def _fake_node(real_node: Node, right: bool = False) -> tuple[FakeNode, list[Candidate]]:
+    async with aiohttp.ClientSession(timeout=TIMEOUT) as s:
+        _, _, hello_body = await real_node.call(s, "GET", proto.HELLO_PATH)
+    cands = candidates(proto.parse_hello(json.dumps(hello_body).encode()).kdf)
+    bet = next(c for c in cands if (c.word == PASSWORD) == right)
+    return FakeNode(hello_body, bet), cands
+
+
+@pytest.mark.parametrize("bet_on_the_right_one", [False, True])
+async def test_a_fake_node_that_says_expired_gets_no_second_guess(
+    real_node: Node,
+    tmp_path: Path,
+    run_client: Callable[..., Any],
+    bet_on_the_right_one: bool,
+) -> None:
+    """It answers the first finish with 410 exchange_expired, hoping the client starts again
+    and confirms once more (a second guess, on a second bet): one confirmation per run."""
+    fake, cands = await _fake_node(real_node, bet_on_the_right_one)
+    fake.finish_answers.append(
+        (410, {"error": "exchange_expired", "message": "exchange unknown, used or expired"})
+    )
+    async with fake_node_at(fake, tmp_path) as url:
+        code, output = await run_client(url, PASSWORD, "ws")
+    assert code == 1, output
+    assert "try again" in output
+    assert not (tmp_path / "ws").exists()
+    assert [len(c.confirms) for c in fake.captures] == [1]  # exactly one confirmation
+    confirmed = [c.word for c in cands if fake.captures[0].confirmed_as_b(c, fake.y)]
+    assert confirmed == ([PASSWORD] if bet_on_the_right_one else [])
+
+
+def _error_line(output: str) -> str:
+    lines = output.strip().splitlines()
+    assert len(lines) >= 1
+    return lines[-1]
+
+
+@pytest.mark.parametrize(
+    "where",
+    ["hello version", "hello alg", "hello duplicate key", "finish message"],
+)
+async def test_a_fake_nodes_long_text_gives_one_short_error_line(
+    real_node: Node, tmp_path: Path, run_client: Callable[..., Any], where: str
+) -> None:
+    """A node answering with (nearly) 1 MiB of text, line breaks included: the client's
+    error is still one line, of a bounded length."""
+    fake, _ = await _fake_node(real_node)
+    huge = ("x" * 999 + "\n") * 1000
+    if where == "hello version":
+        fake.hello_body = {"version": huge}
+    elif where == "hello alg":
+        fake.hello_body = {**fake.hello_body, "kdf": {**fake.hello_body["kdf"], "alg": huge}}
+    elif where == "finish message":
+        fake.finish_answers.append((500, {"error": huge[:5000], "message": huge}))
+    elif where == "hello duplicate key":
+        key = huge[: len(huge) // 2].replace("\n", " ")
+
+        async def duplicate(_request: web.Request) -> web.Response:
+            body = json.dumps({key: 1})[:-1] + ", " + json.dumps({key: 2})[1:]
+            return web.Response(body=body.encode(), content_type="application/json")
+
+        fake.hello = duplicate  # type: ignore[method-assign]
+    async with fake_node_at(fake, tmp_path) as url:
+        code, output = await run_client(url, PASSWORD, "ws")
+    assert code != 0
+    line = _error_line(output)
+    assert line.startswith("tlsroll: error: "), line
+    assert output.count("tlsroll: error: ") == 1 and len(line) < 300, line[:400]
+
+
+@pytest.mark.parametrize(
+    "kdf",
+    [
+        {"p": 16},  # 16 times the work
+        {"n": 2**18},  # 256 MiB
+        {"n": 2**16},
+        {"r": 16},
+        {"dklen": 64},
+    ],
+)
+async def test_a_fake_node_cannot_demand_costlier_scrypt_than_tlsroll_uses(
+    real_node: Node, tmp_path: Path, run_client: Callable[..., Any], kdf: dict[str, int]
+) -> None:
+    fake, _ = await _fake_node(real_node)
+    fake.hello_body = {**fake.hello_body, "kdf": {**fake.hello_body["kdf"], **kdf}}
+    async with fake_node_at(fake, tmp_path) as url:
+        code, output = await run_client(url, PASSWORD, "ws")
+    assert code == 1, output
+    line = _error_line(output)
+    assert "unacceptable key derivation parameters" in line and "more than tlsroll uses" in line
+    assert fake.captures == []  # refused before any exchange (and before any scrypt)

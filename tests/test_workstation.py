@@ -655,26 +655,8 @@ def test_usage_errors(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--no-enrol needs --ca-pin" in capsys.readouterr().err
 
 
-async def test_an_expired_exchange_is_started_again(
-    nodes: dict[str, ServerNode],
-    test_ca: pki.CertificateAuthority,
-    run_cli: Any,
-    password_file: Callable[[str], str],
-    logs: list[MutableMapping[str, Any]],
-) -> None:
-    """The exchange expired before the workstation finished it: one more, then enrolled (and
-    the stale one is no failure)."""
-    calls: list[int] = []
-
-    def clock() -> float:
-        calls.append(1)
-        return 0.0 if len(calls) == 1 else 500.0  # the first exchange is stale when finished
-
-    node = nodes["tls"]
-    async with bootstrap_on(node, test_ca, clock=clock):
-        run = await run_cli(node.url, "--password-file", password_file(PASSWORD), "--yes")
-    assert run.code == 0, run.err
-    events = [
+def _exchange_events(logs: list[MutableMapping[str, Any]]) -> list[tuple[str, Any]]:
+    return [
         (e["event"], e.get("reason"))
         for e in logs
         if e["event"]
@@ -685,11 +667,57 @@ async def test_an_expired_exchange_is_started_again(
             "bootstrap.enrolled",
         )
     ]
-    assert events == [
+
+
+async def test_an_exchange_about_to_expire_is_started_again_before_confirming(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    logs: list[MutableMapping[str, Any]],
+) -> None:
+    """The first exchange comes back with (almost) no time left: the workstation starts
+    another before it sends any confirmation, then enrols (the stale one is no failure)."""
+    calls: list[int] = []
+
+    def clock() -> float:
+        calls.append(1)
+        return 0.0 if len(calls) == 1 else 500.0  # the first exchange is stale at once
+
+    node = nodes["tls"]
+    async with bootstrap_on(node, test_ca, clock=clock):
+        run = await run_cli(node.url, "--password-file", password_file(PASSWORD), "--yes")
+    assert run.code == 0, run.err
+    assert _exchange_events(logs) == [
         ("bootstrap.exchange_started", None),
-        ("bootstrap.finish_refused", "exchange_expired"),
         ("bootstrap.exchange_started", None),
         ("bootstrap.enrolled", None),
+    ]
+
+
+async def test_an_exchange_expired_after_the_confirmation_is_final(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    logs: list[MutableMapping[str, Any]],
+) -> None:
+    """Once its confirmation is sent, a 410 ends the run: no second exchange, no second
+    confirmation (a fake node would get a second guess)."""
+    calls: list[int] = []
+
+    def clock() -> float:
+        calls.append(1)
+        return 0.0 if len(calls) <= 2 else 500.0  # started in time, stale when finished
+
+    node = nodes["tls"]
+    async with bootstrap_on(node, test_ca, clock=clock):
+        run = await run_cli(node.url, "--password-file", password_file(PASSWORD), "--yes")
+    assert run.code == 1 == int(Exit.FAILURE)
+    assert "the exchange expired before the node took it; try again" in run.error
+    assert _exchange_events(logs) == [
+        ("bootstrap.exchange_started", None),
+        ("bootstrap.finish_refused", "exchange_expired"),
     ]
 
 

@@ -41,7 +41,9 @@ confirm its side and hand over the CA bundle and the certificate, sealed. So:
   sends a confirmation, which the node counts: one guess per counted exchange;
 - a fake node that a workstation talks to chose Y* for one candidate; the workstation's
   confirmation tells it whether that one candidate was right, and nothing about any other:
-  one guess per tricked run;
+  one guess per tricked run. So a client sends one confirmation per run: whatever the answer
+  (a 410 ``exchange_expired`` too), it reports it and stops; it starts a fresh exchange only
+  *before* confirming, if the one it has is about to expire;
 - an exchange abandoned after ``start`` has given nothing away, so one that expires is not
   counted as a failure.
 
@@ -100,7 +102,7 @@ from spake2.ed25519_basic import NotOnCurve
 from spake2.parameters.ed25519 import ParamsEd25519
 from spake2.spake2 import SPAKEError
 
-from tlsroll import password, pki
+from tlsroll import password, peertext, pki
 from tlsroll.errors import PKIError, TerminalError
 
 VERSION = 2
@@ -112,12 +114,15 @@ V1_ENROL_PATH = "/v1/enroll"
 EXCHANGE_TTL = 30  # seconds from start to finish; the password is asked before start
 MAX_ANSWER_BYTES = 1 << 20  # a larger answer is refused by the client
 MAX_REQUEST_BYTES = 64 << 10  # the service refuses larger requests (413)
-# What a client will spend on the KDF of a hello it cannot verify yet: 256 MiB of memory
-# (n = 2**18 at r = 8; tlsroll's default is 2**15, 32 MiB). A fake node must not be able to
-# make a workstation allocate gigabytes.
-MAX_KDF_MEMORY = 256 << 20
+# What a client will spend on the KDF of a hello it cannot verify yet: no more than tlsroll
+# itself asks of the verifiers it makes (``tlsroll.password``: n = 2**15, r = 8, p = 1, 32 MiB,
+# a 32-byte hash). A fake node must not be able to make a workstation spend more.
+MAX_N = password.DEFAULT_N
+MAX_R = password.DEFAULT_R
+MAX_P = password.DEFAULT_P
 MIN_DKLEN = 16
-MAX_DKLEN = 64
+MAX_DKLEN = password.HASH_BYTES
+DETAIL_CHARS = 200  # node-supplied text in an error is cleaned and cut to this
 # "ws-" + a DNS label: at most 63 characters, lowercase letters, digits, inner hyphens.
 WORKSTATION_CN = re.compile(r"^ws-[a-z0-9]([a-z0-9-]{0,58}[a-z0-9])?$")
 EXCHANGE_ID = re.compile(r"^[A-Za-z0-9_-]{43}$")
@@ -163,6 +168,8 @@ class BootstrapError(TerminalError):
     """A bootstrap message that is malformed or does not verify; ``str()`` is one line."""
 
     def __init__(self, reason: BootstrapReason, detail: str = "") -> None:
+        # ``detail`` may quote what a node or a client sent: one line, bounded.
+        detail = peertext.clean(detail, DETAIL_CHARS) if detail else ""
         super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
         self.reason = reason
         self.detail = detail
@@ -277,12 +284,14 @@ class KDF:
         n, r, p, dklen = (data[k] for k in ("n", "r", "p", "dklen"))
         if not all(isinstance(v, int) and not isinstance(v, bool) for v in (n, r, p, dklen)):
             raise BootstrapError(BootstrapReason.BAD_KDF, "n, r, p and dklen must be integers")
-        if n < password.MIN_N or n & (n - 1) or not 1 <= r <= password.MAX_R:
-            raise BootstrapError(BootstrapReason.BAD_KDF, f"n={n} r={r}")
-        if 128 * r * n > MAX_KDF_MEMORY or not 1 <= p <= password.MAX_P:
-            raise BootstrapError(BootstrapReason.BAD_KDF, f"n={n} r={r} p={p} is too costly")
-        if not MIN_DKLEN <= dklen <= MAX_DKLEN:
-            raise BootstrapError(BootstrapReason.BAD_KDF, f"dklen={dklen}")
+        if n < password.MIN_N or n & (n - 1) or r < 1 or p < 1 or dklen < MIN_DKLEN:
+            raise BootstrapError(BootstrapReason.BAD_KDF, f"n={n} r={r} p={p} dklen={dklen}")
+        if n > MAX_N or r > MAX_R or p > MAX_P or dklen > MAX_DKLEN:
+            raise BootstrapError(
+                BootstrapReason.BAD_KDF,
+                f"n={n} r={r} p={p} dklen={dklen} is more than tlsroll uses "
+                f"(n<={MAX_N} r<={MAX_R} p<={MAX_P} dklen<={MAX_DKLEN}): not a tlsroll node",
+            )
         try:
             salt = unb64(data["salt"], "salt")
         except BootstrapError as exc:
