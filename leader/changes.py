@@ -157,7 +157,12 @@ class ChangeSteps:
         if existing is None:
             log.warning("confirm.failed", rollout_id=ctx.rollout.id, node=ctx.node, problem=problem)
             try:
-                await ctx.agent.rollback(agent_pb2.RollbackRequest(command=ctx.command()))
+                await ctx.agent.rollback(
+                    agent_pb2.RollbackRequest(
+                        command=ctx.command(),
+                        keep_frozen=ctx.rollout.freeze is FreezeMode.SCOPE,
+                    )
+                )
             except StepFailed as exc:
                 return NodeEvent.CONFIRM_FAILED, f"{problem}; rollback refused: {exc}"
         outcome, reason = await wait_transaction(ctx, ctx.rollout.id, TxnKind.ROLLBACK)
@@ -197,7 +202,10 @@ class DisableTls(ChangeSteps):
     async def switch(self, ctx: StepContext) -> Outcome:
         try:
             await ctx.agent.rollback(
-                agent_pb2.RollbackRequest(command=ctx.command(ctx.meta.undoes))
+                agent_pb2.RollbackRequest(
+                    command=ctx.command(ctx.meta.undoes),
+                    keep_frozen=ctx.rollout.freeze is FreezeMode.SCOPE,
+                )
             )
         except StepFailed as exc:  # refused before it began: the node is as it was
             return NodeEvent.SWITCH_ROLLED_BACK, f"going back to http refused: {exc}"

@@ -144,9 +144,17 @@ def password_plan(
     return Built(new_config, plan, "")
 
 
-def rollback_plan(journal: Journal, driver: Driver, txn_dir: Path, rollout_id: str) -> Built:
+def rollback_plan(
+    journal: Journal,
+    driver: Driver,
+    txn_dir: Path,
+    rollout_id: str,
+    *,
+    keep_frozen: bool = False,
+) -> Built:
     """Undo the completed switch of ``rollout_id``: back to what was live before it (http, or
-    the previous https settings), through the same safe transaction."""
+    the previous https settings), through the same safe transaction. ``keep_frozen``: under a
+    scope freeze the node stays frozen after it, as after a switch."""
     switch = journal.get(rollout_id, TxnKind.SWITCH)
     if switch is None or switch.outcome is not TxnOutcome.COMPLETED:
         raise PlanRefused(f"rollout {rollout_id} did not switch this node; nothing to roll back")
@@ -164,5 +172,6 @@ def rollback_plan(journal: Journal, driver: Driver, txn_dir: Path, rollout_id: s
         "",
         done.live_before,
         journal.live_tls(),
+        keep_frozen=keep_frozen,
     )
     return Built(old_config, plan, "")

@@ -400,7 +400,13 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         driver = self._driver()
 
         def make() -> Built:
-            return plans.rollback_plan(self.journal, driver, self._txn_dir(), rollout_id)
+            return plans.rollback_plan(
+                self.journal,
+                driver,
+                self._txn_dir(),
+                rollout_id,
+                keep_frozen=request.keep_frozen,
+            )
 
         txn = await self._begin(rollout_id, TxnKind.ROLLBACK, request.command.epoch, make)
         return txn_message(txn)

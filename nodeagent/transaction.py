@@ -302,7 +302,7 @@ class Runner:
                         failed_phase=txn.phase,
                     )
                 else:
-                    txn = await self._give_up(txn, action, reason)
+                    txn = await self._give_up(txn, action, reason, plan)
                 continue
             if after in TERMINAL:
                 changes |= {"outcome": TERMINAL[after], "ended_at": self.clock()}
@@ -355,14 +355,22 @@ class Runner:
                 return await self._act(action, txn, plan)
         raise AssertionError("unreachable")  # pragma: no cover
 
-    async def _give_up(self, txn: Txn, action: Action, reason: str) -> Txn:
-        """The way back failed: say so, and do not leave the server frozen."""
+    async def _give_up(self, txn: Txn, action: Action, reason: str, plan: Plan) -> Txn:
+        """The way back failed: say so, and do not leave the server frozen because of this
+        transaction. Under a scope freeze (``keep_frozen``) whose lease the journal still
+        holds, the freeze is the rollout's, not ours: it stays, bounded by that lease (the
+        leader's unfreeze or, once it runs out, the agent's lease watch lifts it). Without a
+        lease nothing would ever lift it, so it is lifted here."""
         log.error("txn.failed", rollout_id=txn.rollout_id, kind=txn.kind, reason=reason)
         why = reason
-        try:
-            await self.driver.unfreeze()
-        except (DriverError, OSError) as exc:
-            why += f"; and could not lift the freeze: {exc}"
+        scope_frozen = plan.keep_frozen and (
+            await asyncio.to_thread(self.journal.freeze_lease) is not None
+        )
+        if not scope_frozen:
+            try:
+                await self.driver.unfreeze()
+            except (DriverError, OSError) as exc:
+                why += f"; and could not lift the freeze: {exc}"
         return await self._record(
             self.journal.fail,
             txn,

@@ -15,6 +15,9 @@ Each ``FakeAgent`` implements ``leader.agent_client.AgentApi`` and answers as th
   is applied when it is created, and GetTransaction reports it ``pending`` until
   ``txn_seconds`` of fake time have passed, then its outcome;
 * Rollback needs a completed switch of the same rollout id and restores what was live before it;
+* a Switch or Rollback transaction ends by lifting the node's freeze (as the real runner's
+  unfreeze step does), applied with its effect, unless the request says ``keep_frozen``
+  (``--freeze scope``: the leader lifts it when the rollout ends);
 * Freeze holds for its lease (fake time) unless renewed; a lapsed lease lifts it.
 
 What a test reads back: ``FakeAgents.calls`` (every call to any agent, in order, with the fake
@@ -243,6 +246,7 @@ class FakeAgent:
         txn = self._begin(rollout_id, TxnKind.SWITCH, request.command.epoch, self.switch_outcome)
         if txn.outcome is TxnOutcome.COMPLETED:
             self.scheme, self.fingerprint, self.verifier = target
+        self._txn_ends(keep_frozen=request.keep_frozen)
         return self._message(txn)
 
     async def rollback(self, request: agent_pb2.RollbackRequest) -> agent_pb2.Transaction:
@@ -252,6 +256,7 @@ class FakeAgent:
         if existing is not None:
             self._answered("replay")
             return self._message(existing)
+        keep_frozen = request.keep_frozen
         switch = self.txns.get((rollout_id, TxnKind.SWITCH))
         if switch is None or switch.outcome is not TxnOutcome.COMPLETED:
             raise self._refused(
@@ -260,6 +265,7 @@ class FakeAgent:
             )
         txn = self._begin(rollout_id, TxnKind.ROLLBACK, request.command.epoch)
         self.scheme, self.fingerprint, self.verifier = switch.before
+        self._txn_ends(keep_frozen=keep_frozen)
         return self._message(txn)
 
     async def get_transaction(
@@ -310,6 +316,12 @@ class FakeAgent:
         self.txns[(rollout_id, kind)] = txn
         self.applied[kind.value] += 1
         return txn
+
+    def _txn_ends(self, *, keep_frozen: bool) -> None:
+        """The transaction's last step: it lifts the freeze unless the rollout keeps it."""
+        if not keep_frozen and self.frozen:
+            self.frozen = False
+            self.applied["txn_unfreeze"] += 1
 
     def _message(self, txn: FakeTxn) -> agent_pb2.Transaction:
         done = self.world.clock.monotonic() >= txn.started + self.txn_seconds

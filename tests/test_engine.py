@@ -806,6 +806,59 @@ async def test_scope_freeze_holds_every_node_from_the_first_switch_to_the_last(
     await leader.stop()
 
 
+def assert_frozen_until_the_scope_unfreeze(world: World, since: int = 0) -> None:
+    """Every node stays frozen from its first scope freeze to the rollout's scope unfreeze:
+    no call in the log (from ``since`` on) shows it unfrozen in between, and its last call is
+    that unfreeze, after the last confirm."""
+    calls = world.agents.calls[since:]
+    last_confirm = max(i for i, c in enumerate(calls) if c.method == "get_transaction")
+    for name in ORDER:
+        mine = [i for i, c in enumerate(calls) if c.node == name]
+        first_freeze = next(i for i in mine if calls[i].method == "freeze")
+        last = mine[-1]
+        assert calls[last].method == "unfreeze" and last > last_confirm, name
+        thawed = [calls[i] for i in range(first_freeze + 1, last) if name not in calls[i].frozen]
+        assert thawed == [], name
+        assert not world.agents[name].frozen and world.agents[name].lapsed == 0, name
+
+
+async def test_scope_freeze_holds_on_a_node_its_confirm_rolls_back(world: World) -> None:
+    """Found by review: a Rollback carried no ``keep_frozen``, so the agent's rollback
+    transaction lifted the scope freeze at its end and the node took writes until the next
+    renewal froze it again (up to a third of the lease later)."""
+    world.agents["charlie"].outside_problem = "handshake: unknown CA"
+    leader = world.boot(freeze_lease=6)
+    await leader.start(freeze=FreezeMode.SCOPE, failure_budget=1)
+
+    row = await leader.run()
+
+    assert row.rollout.state is R.COMPLETED
+    assert states(row) == {"bravo": N.DONE, "charlie": N.ROLLED_BACK, "alpha": N.DONE}
+    charlie = world.agents["charlie"]
+    assert (charlie.applied["switch"], charlie.applied["rollback"]) == (1, 1)
+    assert charlie.scheme == "http"
+    assert_frozen_until_the_scope_unfreeze(world)
+    await leader.stop()
+
+
+async def test_scope_freeze_holds_through_a_disable_tls_rollout(world: World) -> None:
+    """disable-tls switches each node with its agent's Rollback: under ``--freeze scope`` that
+    Rollback keeps the node frozen too."""
+    leader = world.boot(freeze_lease=6)
+    await leader.start()
+    await leader.run()
+    seen = len(world.agents.calls)
+
+    await leader.start(Change.DISABLE_TLS, freeze=FreezeMode.SCOPE)
+    row = await leader.run()
+
+    assert row.rollout.state is R.COMPLETED
+    assert states(row) == ALL_DONE
+    assert {world.agents[n].scheme for n in ORDER} == {"http"}
+    assert_frozen_until_the_scope_unfreeze(world, seen)
+    await leader.stop()
+
+
 async def test_scope_freeze_window_runs_from_the_scope_freeze_to_the_scope_unfreeze(
     world: World,
 ) -> None:

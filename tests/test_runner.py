@@ -30,7 +30,7 @@ import stat
 import time
 import tomllib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -816,3 +816,61 @@ def test_password_and_rollback_plans_need_what_they_change(
     assert back.new_config_file == txn_dir / "r1-rollback.new"
     assert (back.source_schemes, back.target_schemes) == (("https",), ("http",))
     assert (back.live_tls, back.live_before, fingerprint) == (None, plan.live_tls, "")
+
+
+# --- the scope freeze: a plan that keeps the node frozen ---------------------------------------
+
+
+async def test_a_rollback_plan_with_keep_frozen_leaves_the_server_frozen(
+    node: tuple[Journal, FakeDriver, Path],
+) -> None:
+    """Found by review: a rollback under ``--freeze scope`` lifted the rollout's freeze at its
+    end (its plan had no keep_frozen); the leader lifts it when the rollout ends."""
+    journal, driver, txn_dir = node
+    stage(journal, driver, "r1")
+    _config, plan, _fp = plans.switch_plan(journal, driver, txn_dir, "r1", None, keep_frozen=True)
+    plan.backup_file.write_bytes(SOURCE)
+    txn = journal.create(
+        Txn("r1", TxnKind.SWITCH, 1, Phase.VERIFIED, plan.to_json(), dt.datetime.now(dt.UTC))
+    )
+    journal.complete(txn, plan.live_tls, phase=Phase.COMPLETED, outcome=TxnOutcome.COMPLETED)
+    server = driver.server
+    server.running = server.config = TARGET
+    server.frozen = True  # the leader's scope freeze
+
+    _config, back, _fp = plans.rollback_plan(journal, driver, txn_dir, "r1", keep_frozen=True)
+    assert back.keep_frozen and Plan.from_json(back.to_json()) == back
+    time = FakeTime()
+    runner = Runner(journal, driver, time.clock, checks=fake_checks(server), sleep=time.sleep)
+    rollback = journal.create(
+        Txn("r1", TxnKind.ROLLBACK, 1, Phase.STARTED, back.to_json(), time.clock())
+    )
+    done = await runner.run(rollback)
+
+    assert done.outcome is TxnOutcome.COMPLETED, done.reason
+    assert (server.running, server.config, server.frozen) == (SOURCE, SOURCE, True)
+    assert server.ops == ["freeze", "write_config source", "restart"]  # no unfreeze
+    assert done.freeze_ended_at is None
+    journal.close()
+
+
+@pytest.mark.parametrize("lease", [True, False])
+async def test_a_failed_way_back_keeps_a_scope_freeze_only_while_its_lease_holds(
+    world: Callable[[Scenario], World], lease: bool
+) -> None:
+    """A failed way back never leaves the node frozen because of tlsroll: under a scope freeze
+    (keep_frozen) it stays frozen only while the leader's lease is journalled, which the agent
+    lifts when it runs out; without a lease (the leader already lifted it) it unfreezes."""
+    sc = SCENARIOS["way_back_fails"]
+    w = world(sc)
+    w.plan = replace(w.plan, keep_frozen=True)
+    w.txn = replace(w.txn, plan=w.plan.to_json())
+    journal = CrashingJournal(w.journal_path)
+    if lease:
+        journal.set_freeze_lease(("r1", w.time.clock() + dt.timedelta(minutes=5)))
+    done = await w.run(journal)
+
+    assert done.outcome is TxnOutcome.FAILED
+    assert w.server.frozen is lease
+    assert (w.server.ops[-1] == "unfreeze") is not lease
+    journal.close()

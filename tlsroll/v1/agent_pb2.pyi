@@ -488,16 +488,22 @@ class RollbackRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     COMMAND_FIELD_NUMBER: _builtins.int
+    KEEP_FROZEN_FIELD_NUMBER: _builtins.int
+    keep_frozen: _builtins.bool
+    """`--freeze scope`: as SwitchRequest.keep_frozen, the node stays frozen after the rollback;
+    the leader lifts the freeze when the whole rollout has ended.
+    """
     @_builtins.property
     def command(self) -> Global___Command: ...
     def __init__(
         self,
         *,
         command: Global___Command | None = ...,
+        keep_frozen: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["command", b"command"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "keep_frozen", b"keep_frozen"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
