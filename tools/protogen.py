@@ -57,8 +57,10 @@ def generate(out_root: Path) -> list[Path]:
         *(str(p) for p in protos),
     ]
     subprocess.run(args, check=True, cwd=PROTO_DIR)
-    return sorted(
-        p.relative_to(out_root) for p in out_root.rglob("*") if p.name.endswith(GENERATED_SUFFIXES)
+    return sorted(  # only our package: out_root may be the repository, .venv and all
+        p.relative_to(out_root)
+        for p in (out_root / OUT_PACKAGE).rglob("*")
+        if p.name.endswith(GENERATED_SUFFIXES)
     )
 
 
