@@ -117,9 +117,9 @@ def path_of(link: str) -> str:
 
 
 def login(cluster: Cluster, *args: str) -> str:
-    """Grant and open the link over HTTP: the session cookie's value."""
-    reply = fetch(cluster, path_of(grant(cluster, *args)))
-    assert reply.status == 200, reply
+    """Grant and sign in over HTTP (the link's sign-in URL): the session cookie's value."""
+    reply = fetch(cluster, path_of(grant(cluster, *args)) + "/open")
+    assert reply.status == 303 and reply.header("Location") == "/", reply
     line = reply.cookies()[SESSION_COOKIE]
     return line.split(";", 1)[0].split("=", 1)[1]
 
@@ -162,9 +162,19 @@ def test_a_login_link_opens_one_strict_session_and_only_once(lone: Cluster) -> N
     assert fetch(lone, path_of(link), method="HEAD").status == 200  # a link checker's look
     assert grants(lone)["Dr. Huber"]["state"] == "unused"
 
-    opened = fetch(lone, path_of(link))
-    assert opened.status == 200
-    assert '<meta http-equiv="refresh" content="0; url=/">' in opened.body
+    # A mail or chat preview, a security scanner: a plain GET spends nothing and sets no
+    # session; the page it gets has one link, to the URL that signs in.
+    for _ in range(2):
+        shown = fetch(lone, path_of(link))
+        assert shown.status == 200 and SESSION_COOKIE not in shown.cookies(), shown
+        assert f'href="{path_of(link)}/open"' in shown.body and "Anmelden" in shown.body
+        assert "<form" not in shown.body and "http-equiv" not in shown.body
+    assert "Sign in" in fetch(lone, path_of(link) + "?lang=en").body
+    assert fetch(lone, path_of(link) + "/open", method="HEAD").status == 200
+    assert grants(lone)["Dr. Huber"]["state"] == "unused"
+
+    opened = fetch(lone, path_of(link) + "/open")
+    assert opened.status == 303 and opened.header("Location") == "/"
     cookie_line = opened.cookies()[SESSION_COOKIE]
     flags = {part.strip().split("=")[0].lower() for part in cookie_line.split(";")[1:]}
     assert {"httponly", "secure", "path", "max-age"} <= flags, cookie_line
@@ -175,11 +185,13 @@ def test_a_login_link_opens_one_strict_session_and_only_once(lone: Cluster) -> N
     session = cookie_line.split(";", 1)[0].split("=", 1)[1]
     assert session != secret and len(session) >= 43
 
-    again = fetch(lone, path_of(link))
-    assert again.status == 401 and 'data-reason="used"' in again.body
-    assert HOW_TO_GET_ACCESS in again.body
-    unknown = fetch(lone, "/login/" + "x" * 43)
-    assert unknown.status == 401 and 'data-reason="unknown"' in unknown.body
+    for used in (path_of(link), path_of(link) + "/open"):  # once only, on either URL
+        again = fetch(lone, used)
+        assert again.status == 401 and 'data-reason="used"' in again.body, used
+        assert HOW_TO_GET_ACCESS in again.body and SESSION_COOKIE not in again.cookies()
+    for unknown_path in ("/login/" + "x" * 43, "/login/" + "x" * 43 + "/open"):
+        unknown = fetch(lone, unknown_path)
+        assert unknown.status == 401 and 'data-reason="unknown"' in unknown.body
 
     page = fetch(lone, "/", cookie=session)
     assert page.status == 200 and "Angemeldet als Dr. Huber" in page.body
@@ -380,9 +392,10 @@ def base(cluster: Cluster) -> str:
 
 
 def browser_login(context: BrowserContext, cluster: Cluster, *args: str) -> Page:
-    """Open a fresh login link in the browser; it moves on to the schema by itself."""
+    """Open a fresh login link in the browser and sign in; it lands on the schema."""
     page = context.new_page()
     page.goto(grant(cluster, *args))
+    page.get_by_role("link", name="Anmelden").click()
     page.wait_for_url(base(cluster) + "/")
     page.wait_for_selector("#live.on")  # the live stream is connected
     return page
@@ -493,6 +506,46 @@ def test_browser_shows_why_a_node_failed_and_prints_the_record(
     assert pdf.read_bytes().startswith(b"%PDF")
     with capsys.disabled():
         print(f"\nprint view of the rollout page: {pdf}")
+
+
+def test_browser_signs_in_from_a_link_in_a_mail_after_a_preview_spent_nothing(
+    farm: Setup, context: BrowserContext
+) -> None:
+    """The link as it comes: clicked in another site (a web mail), after a preview fetched it.
+    The click on the sign-in page is a same-site navigation, so the SameSite=Strict cookie set
+    by the sign-in URL goes along its redirect to /."""
+    link = grant(farm.cluster, "--name", "Kollegin")
+    assert fetch(farm.cluster, path_of(link)).status == 200  # the mail program's preview
+    assert grants(farm.cluster)["Kollegin"]["state"] == "unused"
+    mail = "https://mail.example/inbox"
+    context.route(
+        mail,
+        lambda route: route.fulfill(
+            content_type="text/html", body=f'<p>Ihr Zugang: <a href="{link}">Schema</a></p>'
+        ),
+    )
+    page = context.new_page()
+    page.goto(mail)
+    page.get_by_role("link", name="Schema").click()
+    page.wait_for_url(link)
+    assert page.locator("html").get_attribute("lang") == "de"
+    assert page.locator("form, button, input").count() == 0
+    assert context.cookies() == [] and grants(farm.cluster)["Kollegin"]["state"] == "unused"
+
+    page.get_by_role("link", name="Anmelden").click()
+    page.wait_for_url(base(farm.cluster) + "/")  # a redirect, no self-refreshing page
+    page.wait_for_selector("#live.on")
+    assert "Kollegin" in page.locator("header").inner_text()
+    assert page.locator("h1").inner_text() == "Update-Schema"
+    [cookie] = [c for c in context.cookies() if c["name"] == SESSION_COOKIE]
+    assert cookie["httpOnly"] and cookie["secure"] and cookie["sameSite"] == "Strict"
+    assert grants(farm.cluster)["Kollegin"]["state"] == "active"
+
+    again = context.new_page()  # the sign-in URL works once
+    again.goto(link + "/open")
+    assert again.locator('#denied .why[data-reason="used"]').count() == 1
+    again.goto(link + "?lang=en")
+    assert again.locator('#denied .why[data-reason="used"]').count() == 1
 
 
 def test_browser_finds_nothing_that_posts_and_loads_nothing_from_elsewhere(

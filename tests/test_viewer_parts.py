@@ -44,15 +44,20 @@ def test_a_grant_opens_once_and_its_session_ends_with_it(store: Store, tmp_path:
     assert made.grant.name == "Dr. Huber" and made.grant.state(NOW) is GrantState.UNUSED
     assert made.secret not in repr(made)
 
+    # A look (the page a preview fetches) spends nothing and writes nothing.
+    for _ in range(2):
+        assert grants.check(made.secret, NOW) == made.grant
+    assert grants.get(made.grant.id) == made.grant
     grant, session = grants.login(made.secret, NOW + dt.timedelta(minutes=1))
     assert grant.id == made.grant.id and grant.state(NOW) is GrantState.ACTIVE
     assert grants.session(session, NOW + dt.timedelta(minutes=2)) == grant
-    with pytest.raises(LoginRefused) as used:
-        grants.login(made.secret, NOW + dt.timedelta(minutes=3))
-    assert used.value.reason == "used"
-    with pytest.raises(LoginRefused) as unknown:
-        grants.login("not-a-secret-of-ours-at-all", NOW)
-    assert unknown.value.reason == "unknown"
+    for spend in (grants.check, grants.login):  # the look refuses as the login does
+        with pytest.raises(LoginRefused) as used:
+            spend(made.secret, NOW + dt.timedelta(minutes=3))
+        assert used.value.reason == "used"
+        with pytest.raises(LoginRefused) as unknown:
+            spend("not-a-secret-of-ours-at-all", NOW)
+        assert unknown.value.reason == "unknown"
 
     assert grants.session(session, NOW + HOUR) is None  # expired with its grant
     assert grants.session("", NOW) is None and grants.session("x" * 43, NOW) is None
@@ -63,9 +68,13 @@ def test_a_grant_opens_once_and_its_session_ends_with_it(store: Store, tmp_path:
     assert revoked.state(NOW) is GrantState.REVOKED
     assert grants.session(other_session, NOW) is None
     late = grants.create("late", ttl=HOUR, now=NOW, actor="admin:root")
-    with pytest.raises(LoginRefused) as expired:
-        grants.login(late.secret, NOW + HOUR)
-    assert expired.value.reason == "expired"
+    for spend in (grants.check, grants.login):
+        with pytest.raises(LoginRefused) as expired:
+            spend(late.secret, NOW + HOUR)
+        assert expired.value.reason == "expired"
+    with pytest.raises(LoginRefused) as revoked_link:
+        grants.check(other.secret, NOW)
+    assert revoked_link.value.reason == "revoked"
     with pytest.raises(NotFound):
         grants.revoke("nosuch", now=NOW, actor="admin:root")
 

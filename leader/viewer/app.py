@@ -7,13 +7,15 @@
     GET /events            server-sent events: the page's live part, sent again on a change
     GET /api/v1/schema     the schema as JSON (what `tlsroll schema show --json` prints)
     GET /metrics           Prometheus text format (a session, or the scrape token)
-    GET /login/{secret}    spends a one-time link (`tlsroll viewer grant`), sets the session
-                           cookie and moves on to /
+    GET /login/{secret}    the one-time link (`tlsroll viewer grant`): a page with one link,
+                           "Anmelden"/"Sign in", to the URL below; spends nothing
+    GET /login/{secret}/open
+                           spends the link, sets the session cookie and redirects to /
     GET /static/{name}     the stylesheet and the script (no session needed)
 
 Safe by construction: only GET and HEAD are served (every other method, on any path, answers
-405 before anything else runs); no handler writes anything but the login, which spends its
-grant; the pages have links and no forms, and the Content-Security-Policy forbids form
+405 before anything else runs); no handler writes anything but the sign-in URL, which spends
+its grant; the pages have links and no forms, and the Content-Security-Policy forbids form
 submissions, inline scripts and anything from another origin. Without a valid session every
 path but the login and the static files answers 401 with a page that says how to get access.
 
@@ -21,6 +23,17 @@ The session cookie (``__Host-tlsroll-viewer``) is HttpOnly, Secure and SameSite=
 value is 256 random bits of which the leader keeps only a hash (``leader.viewer.grants``).
 Neither it nor a login link's secret is ever logged; aiohttp's access log is off for that
 reason (it would log the login path).
+
+Mail and chat programs fetch a link with GET to show a preview, and mail security scanners
+fetch the links in a message; they do not click on. So the link itself spends nothing: it
+answers the sign-in page (after a read-only check: an unknown, used, expired or revoked link
+gets the 401 page, as the sign-in URL would, so the page tells nothing the sign-in URL does
+not), and only a GET of ``/login/{secret}/open``, the page's one link, spends the grant. HEAD
+spends nothing on either. The person's click on that link is a same-site navigation, so the
+SameSite=Strict cookie set by the sign-in URL goes along its redirect to / (the browser test
+clicks the link in a page of another site first). A scanner that also follows the links on
+the page it fetched would still spend the grant; nothing served GET-only can tell it from a
+person.
 
 Workstation certificates are not accepted as a viewer identity: the bootstrap service gives
 one to every practice PC that knows the shared password, so it says "a PC of this practice",
@@ -118,7 +131,8 @@ class ViewerApp:
         routes.add_get("/events", self.events)
         routes.add_get("/api/v1/schema", self.api_schema)
         routes.add_get("/metrics", self.metrics)
-        routes.add_get("/login/{secret}", self.login)
+        routes.add_get("/login/{secret}", self.login_page)
+        routes.add_get("/login/{secret}/open", self.login)
         routes.add_get("/static/{name}", self.static_file)
         return app
 
@@ -281,10 +295,26 @@ class ViewerApp:
         body = await asyncio.to_thread(metrics.render, snap)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 
+    async def login_page(self, request: web.Request) -> web.Response:
+        """The link itself: a page with one link to the sign-in URL. Spends nothing, so a
+        preview or a scanner that fetches the link does not use it up; a link that cannot be
+        used gets the 401 page, by a read-only check (HEAD: not even that)."""
+        if request.method == "HEAD":
+            return web.Response(content_type="text/html")
+        secret = request.match_info["secret"]
+        try:
+            if not _SECRET.match(secret):
+                raise LoginRefused("unknown")
+            await asyncio.to_thread(self.grants.check, secret, self.clock())
+        except LoginRefused as exc:
+            log.info("viewer.login_refused", reason=exc.reason)
+            return self._denied(request, exc.reason)
+        html = pages.login_page(self._words(request), f"/login/{secret}/open")
+        return web.Response(text=html, content_type="text/html")
+
     async def login(self, request: web.Request) -> web.Response:
-        """Spend the link, set the session cookie, move on to / (HEAD spends nothing, so a
-        link checker that only looks does not use the link up)."""
-        words = self._words(request)
+        """The sign-in URL: spend the link, set the session cookie, redirect to / (HEAD spends
+        nothing)."""
         if request.method == "HEAD":
             return web.Response(content_type="text/html")
         secret = request.match_info["secret"]
@@ -297,7 +327,7 @@ class ViewerApp:
             log.info("viewer.login_refused", reason=exc.reason)
             return self._denied(request, exc.reason)
         log.info("viewer.login_succeeded", grant_id=grant.id, name=grant.name)
-        response = web.Response(text=pages.login_page(words), content_type="text/html")
+        response = web.Response(status=303, headers={"Location": "/"})
         response.set_cookie(
             SESSION_COOKIE,
             session_id,

@@ -3,7 +3,8 @@
     grants = Grants(store.db)
     made = grants.create("Dr. Huber", ttl=dt.timedelta(hours=8), now=now, actor="admin:root")
     made.secret                                  # goes into the login link, shown once
-    session_id = grants.login(made.secret, now)  # spends the link: LoginRefused on a second use
+    grant = grants.check(made.secret, now)       # a look: spends nothing, writes nothing
+    grant, session_id = grants.login(made.secret, now)  # spends it: LoginRefused the next time
     grant = grants.session(session_id, now)      # the grant behind a browser's cookie, or None
     grants.revoke(grant.id, now=now, actor="admin:root")
 
@@ -134,6 +135,19 @@ class Grants(LeaderStore):
             self._audit(db, now, actor, "viewer_grant.revoked", grant_id)
         return self.get(grant_id)
 
+    def check(self, secret: str, now: dt.datetime) -> Grant:
+        """The unused grant behind this link, by a plain read that spends and writes nothing
+        (the sign-in page a link preview also fetches). LoginRefused as ``login`` would."""
+        with self._db.read() as db:
+            row = db.execute(
+                "SELECT * FROM viewer_grants WHERE secret_hash = ?", (digest(secret),)
+            ).fetchone()
+        if row is None:
+            raise LoginRefused("unknown")
+        grant = _grant(row)
+        _refuse_unless_unused(grant, now)
+        return grant
+
     def login(self, secret: str, now: dt.datetime) -> tuple[Grant, str]:
         """Spend the link with this secret: the grant and a new session id (for the cookie).
         LoginRefused (unknown, used, expired, revoked) if it cannot be used."""
@@ -153,11 +167,7 @@ class Grants(LeaderStore):
             if row is None:
                 raise LoginRefused("unknown")
             grant = _grant(row)
-            state = grant.state(now)
-            if state is GrantState.ACTIVE:
-                raise LoginRefused("used")
-            if state is not GrantState.UNUSED:
-                raise LoginRefused(state.value)
+            _refuse_unless_unused(grant, now)
             db.execute(
                 "UPDATE viewer_grants SET used_at = ?, session_hash = ? WHERE id = ?",
                 (to_text(now), digest(session_id), grant.id),
@@ -177,6 +187,14 @@ class Grants(LeaderStore):
             return None
         grant = _grant(row)
         return grant if grant.state(now) is GrantState.ACTIVE else None
+
+
+def _refuse_unless_unused(grant: Grant, now: dt.datetime) -> None:
+    state = grant.state(now)
+    if state is GrantState.ACTIVE:
+        raise LoginRefused("used")
+    if state is not GrantState.UNUSED:
+        raise LoginRefused(state.value)
 
 
 def _grant(row: sqlite3.Row) -> Grant:

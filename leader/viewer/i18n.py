@@ -105,8 +105,10 @@ _DE: dict[str, str] = {
     "denied_how": "So bekommen Sie Zugang: Bitten Sie die Praxis-IT um einen neuen Anmelde-Link. "
     "Sie erstellt ihn am Leader-Knoten mit",
     "denied_how_after": "und gibt Ihnen den Link; er gilt einmal und für eine begrenzte Zeit.",
-    "login_title": "Angemeldet",
-    "login_continue": "Weiter zum Update-Schema",
+    "login_title": "Anmelden",
+    "login_intro": "Dieser Link gibt Ihnen Lesezugriff auf das Update-Schema. Er gilt nur "
+    "einmal: Mit „Anmelden“ wird er für diesen Browser verbraucht.",
+    "login_button": "Anmelden",
     "date": "%d.%m.%Y %H:%M:%S %Z",
     "time": "%H:%M:%S",
 }
@@ -200,8 +202,10 @@ _EN: dict[str, str] = {
     "denied_how": "How to get access: ask the practice IT for a new login link. They make it on "
     "the leader node with",
     "denied_how_after": "and give you the link; it works once and for a limited time.",
-    "login_title": "Signed in",
-    "login_continue": "Continue to the update schema",
+    "login_title": "Sign in",
+    "login_intro": "This link gives you read access to the update schema. It works once: "
+    "“Sign in” uses it up for this browser.",
+    "login_button": "Sign in",
     "date": "%Y-%m-%d %H:%M:%S %Z",
     "time": "%H:%M:%S",
 }

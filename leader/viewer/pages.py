@@ -1,7 +1,8 @@
 """The viewer's HTML, rendered on the leader with Jinja2 from the templates in this package.
 
 ``schema_page`` is the whole page; ``schema_content`` is the part a live update replaces (what
-``/events`` sends); ``denied_page`` is the 401 page that says how to get access. Every value
+``/events`` sends); ``denied_page`` is the 401 page that says how to get access; ``login_page``
+is what a login link answers (a link to sign in). Every value
 is escaped (autoescape), and nothing on any page posts: there are links, and no forms.
 """
 
@@ -83,5 +84,9 @@ def denied_page(w: Words, reason: str) -> str:
     )
 
 
-def login_page(w: Words) -> str:
-    return _ENV.get_template("login.html").render(w=w)
+def login_page(w: Words, open_url: str) -> str:
+    """The page a login link answers: one link, to ``open_url``, which signs in."""
+    other = _other(w.lang)
+    return _ENV.get_template("login.html").render(
+        w=w, open_url=open_url, other_lang=other, other_lang_words=w("lang_switch")
+    )
