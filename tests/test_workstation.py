@@ -18,7 +18,7 @@ import stat
 import subprocess
 import sys
 import tarfile
-from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -114,6 +114,28 @@ async def bootstrap_on(
     service = make_service(node.cert, node.address, ca, port=port, **kw)
     async with service:
         yield service
+
+
+@asynccontextmanager
+async def bootstrap_behind(
+    node: ServerNode,
+    ca: pki.CertificateAuthority,
+    cert: Any,
+    forward: Callable[[web.Request], Awaitable[web.StreamResponse]],
+) -> AsyncIterator[None]:
+    """The node's real bootstrap service on 9444 and, on the bootstrap port, a proxy in front
+    of it (``forward``, serving ``cert``): what a machine in the middle would run."""
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", forward)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        ctx = server_context(cert.cert_file, cert.key_file)
+        await web.TCPSite(runner, node.address, BOOTSTRAP_PORT, ssl_context=ctx).start()
+        async with bootstrap_on(node, ca, port=9444):
+            yield
+    finally:
+        await runner.cleanup()
 
 
 @dataclass
@@ -397,17 +419,8 @@ async def test_bootstrap_answer_altered_in_transit(
             flipped.append(i)
         return web.Response(body=bytes(body), status=status, content_type="application/json")
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", forward)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    try:
-        ctx = server_context(evil_cert.cert_file, evil_cert.key_file)
-        await web.TCPSite(runner, node.address, BOOTSTRAP_PORT, ssl_context=ctx).start()
-        async with bootstrap_on(node, test_ca, port=9444):
-            run = await run_cli(node.url, "--password-file", password_file(PASSWORD), "--yes")
-    finally:
-        await runner.cleanup()
+    async with bootstrap_behind(node, test_ca, evil_cert, forward):
+        run = await run_cli(node.url, "--password-file", password_file(PASSWORD), "--yes")
     assert flipped, "the proxy saw no bootstrap answer"
     assert run.code == Exit.WRONG_PASSWORD
     assert "altered on the way" in run.error
@@ -504,17 +517,8 @@ async def test_sealed_answer_altered_in_transit(
             body = json.dumps(data).encode()
         return web.Response(body=body, status=status, content_type="application/json")
 
-    app = web.Application()
-    app.router.add_route("*", "/{tail:.*}", forward)
-    runner = web.AppRunner(app, access_log=None)
-    await runner.setup()
-    try:
-        ctx = server_context(evil_cert.cert_file, evil_cert.key_file)
-        await web.TCPSite(runner, node.address, BOOTSTRAP_PORT, ssl_context=ctx).start()
-        async with bootstrap_on(node, test_ca, port=9444):
-            run = await run_cli(node.url, "--password-file", password_file(PASSWORD), "--yes")
-    finally:
-        await runner.cleanup()
+    async with bootstrap_behind(node, test_ca, evil_cert, forward):
+        run = await run_cli(node.url, "--password-file", password_file(PASSWORD), "--yes")
     assert run.code == Exit.UNTRUSTED
     assert "did not prove that it knows the password" in run.error
     assert not (tmp_path / "settings").exists()
