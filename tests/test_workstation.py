@@ -18,7 +18,7 @@ import stat
 import subprocess
 import sys
 import tarfile
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, MutableMapping
+from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -121,10 +121,27 @@ async def bootstrap_behind(
     node: ServerNode,
     ca: pki.CertificateAuthority,
     cert: Any,
-    forward: Callable[[web.Request], Awaitable[web.StreamResponse]],
+    alter: Callable[[str, int, bytes], bytes],
 ) -> AsyncIterator[None]:
     """The node's real bootstrap service on 9444 and, on the bootstrap port, a proxy in front
-    of it (``forward``, serving ``cert``): what a machine in the middle would run."""
+    of it serving ``cert`` that passes every answer through ``alter(path, status, body)``:
+    what a machine in the middle would run."""
+
+    async def forward(request: web.Request) -> web.Response:
+        async with (
+            aiohttp.ClientSession(timeout=TIMEOUT) as s,
+            s.request(
+                request.method,
+                f"https://{node.address}:9444{request.path_qs}",
+                data=await request.read(),
+                headers={"Content-Type": "application/json"},
+                ssl=False,
+            ) as upstream,
+        ):
+            body, status = await upstream.read(), upstream.status
+        body = alter(request.path, status, body)
+        return web.Response(body=body, status=status, content_type="application/json")
+
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", forward)
     runner = web.AppRunner(app, access_log=None)
@@ -399,27 +416,16 @@ async def test_bootstrap_answer_altered_in_transit(
     evil_cert = issue(evil, node.address, tmp_path / "evil")
     flipped: list[int] = []
 
-    async def forward(request: web.Request) -> web.Response:
-        async with (
-            aiohttp.ClientSession(timeout=TIMEOUT) as s,
-            s.request(
-                request.method,
-                f"https://{node.address}:9444{request.path_qs}",
-                data=await request.read(),
-                headers={"Content-Type": "application/json"},
-                ssl=False,
-            ) as upstream,
-        ):
-            body = bytearray(await upstream.read())
-            status = upstream.status
-        if request.path == proto.HELLO_PATH:
+    def alter(path: str, status: int, answer: bytes) -> bytes:
+        body = bytearray(answer)
+        if path == proto.HELLO_PATH:
             start = body.index(b"-----BEGIN CERTIFICATE-----\\n") + 40
             i = next(j for j in range(start, len(body)) if chr(body[j]).isalpha())
             body[i] ^= 0x20  # a -> A: still base64, still JSON
             flipped.append(i)
-        return web.Response(body=bytes(body), status=status, content_type="application/json")
+        return bytes(body)
 
-    async with bootstrap_behind(node, test_ca, evil_cert, forward):
+    async with bootstrap_behind(node, test_ca, evil_cert, alter):
         run = await run_cli(node.url, "--password-file", password_file(PASSWORD), "--yes")
     assert flipped, "the proxy saw no bootstrap answer"
     assert run.code == Exit.WRONG_PASSWORD
@@ -496,28 +502,16 @@ async def test_sealed_answer_altered_in_transit(
     evil = pki.CertificateAuthority.create("evil")
     evil_cert = issue(evil, node.address, tmp_path / "evil")
 
-    async def forward(request: web.Request) -> web.Response:
-        async with (
-            aiohttp.ClientSession(timeout=TIMEOUT) as s,
-            s.request(
-                request.method,
-                f"https://{node.address}:9444{request.path_qs}",
-                data=await request.read(),
-                headers={"Content-Type": "application/json"},
-                ssl=False,
-            ) as upstream,
-        ):
-            body = await upstream.read()
-            status = upstream.status
-        if request.path == proto.FINISH_PATH and status == 200:
-            data = json.loads(body)
-            raw = bytearray(base64.b64decode(data["payload"]))
-            raw[20] ^= 0x01
-            data["payload"] = base64.b64encode(bytes(raw)).decode()
-            body = json.dumps(data).encode()
-        return web.Response(body=body, status=status, content_type="application/json")
+    def alter(path: str, status: int, body: bytes) -> bytes:
+        if path != proto.FINISH_PATH or status != 200:
+            return body
+        data = json.loads(body)
+        raw = bytearray(base64.b64decode(data["payload"]))
+        raw[20] ^= 0x01
+        data["payload"] = base64.b64encode(bytes(raw)).decode()
+        return json.dumps(data).encode()
 
-    async with bootstrap_behind(node, test_ca, evil_cert, forward):
+    async with bootstrap_behind(node, test_ca, evil_cert, alter):
         run = await run_cli(node.url, "--password-file", password_file(PASSWORD), "--yes")
     assert run.code == Exit.UNTRUSTED
     assert "did not prove that it knows the password" in run.error
