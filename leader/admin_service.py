@@ -7,8 +7,10 @@ the leader's one map (``leader.service.ERRORS``).
 from __future__ import annotations
 
 import asyncio
+import base64
 import datetime as dt
 import getpass
+import hmac
 from typing import Any
 
 import grpc
@@ -22,7 +24,7 @@ from leader.tokens import JoinToken
 from leader.viewer.grants import MAX_TTL as MAX_VIEWER_TTL
 from leader.viewer.grants import Grant, Grants
 from leader.wire import CHANGE, FREEZE, ROLLOUT_ACTION, SCOPE_KIND, VIEWER_GRANT_STATE
-from tlsroll import logs, pki
+from tlsroll import logs, password, pki
 from tlsroll.rpc import failed_precondition, invalid, map_errors, timestamp
 from tlsroll.v1 import admin_pb2, admin_pb2_grpc, schema_pb2
 
@@ -184,6 +186,34 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             request.auth_verifier_json, _actor(context)
         )
         return admin_pb2.SetPasswordResponse(version=version, pending_nodes=sorted(pending))
+
+    @map_errors(ERRORS)
+    async def CheckPassword(
+        self, request: admin_pb2.CheckPasswordRequest, context: Ctx
+    ) -> admin_pb2.CheckPasswordResponse:
+        """The newest staged password's salt and parameters, and with ``candidate_hash``
+        whether that is its hash; the verifier's own hash never leaves the leader."""
+        version = await asyncio.to_thread(self.schema.latest_auth_version)
+        if version == 0:
+            raise failed_precondition("no password staged: run `tlsroll password set` first")
+        stored = password.verifier_from_json(await asyncio.to_thread(self.schema.verifier, version))
+        expected = base64.b64decode(stored["hash"])
+        reply = admin_pb2.CheckPasswordResponse(
+            version=version,
+            salt=stored["salt"],
+            n=stored["n"],
+            r=stored["r"],
+            p=stored["p"],
+            dklen=len(expected),
+        )
+        if request.candidate_hash:
+            if request.version != version:
+                raise failed_precondition(
+                    f"password version {version} was staged meanwhile; check again"
+                )
+            reply.matches = hmac.compare_digest(request.candidate_hash, expected)
+            log.info("password.checked", version=version, matches=reply.matches)
+        return reply
 
     # --- tokens, nodes, CA --------------------------------------------------------------------
 

@@ -151,6 +151,20 @@ def check_password(verifier: Mapping[str, Any], password: str) -> bool:
     return hmac.compare_digest(actual, expected)
 
 
+def derive_hash(password: str, *, salt: str, n: int, r: int, p: int, dklen: int) -> bytes:
+    """The hash a verifier with this salt (base64) and these parameters holds for ``password``:
+    for a check made elsewhere (the leader's CheckPassword compares it with the staged one, so
+    that the password itself never leaves the CLI). ValueError on bad parameters."""
+    _check_params(n, r, p)
+    if not 16 <= dklen <= 64:
+        raise ValueError(f"hash length must be 16 to 64 bytes, got {dklen}")
+    try:
+        raw_salt = base64.b64decode(salt, validate=True)
+    except (binascii.Error, ValueError):
+        raise ValueError("salt is not valid base64") from None
+    return _scrypt(password, raw_salt, n=n, r=r, p=p, dklen=dklen)
+
+
 def verifier_to_json(verifier: Mapping[str, Any]) -> str:
     """The verifier as one JSON line (validated first)."""
     v = validate_verifier(verifier)

@@ -27,17 +27,17 @@ from tlsroll.v1 import schema_pb2 as tlsroll_dot_v1_dot_schema__pb2
 from tlsroll.v1 import types_pb2 as tlsroll_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tlsroll/v1/admin.proto\x12\ntlsroll.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17tlsroll/v1/schema.proto\x1a\x16tlsroll/v1/types.proto\"=\n\x18\x43reateViewerGrantRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\"Y\n\x19\x43reateViewerGrantResponse\x12\x11\n\tlogin_url\x18\x01 \x01(\t\x12)\n\x04info\x18\x02 \x01(\x0b\x32\x1b.tlsroll.v1.ViewerGrantInfo\"\xf9\x01\n\x0fViewerGrantInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07used_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x05state\x18\x06 \x01(\x0e\x32\x1c.tlsroll.v1.ViewerGrantState\x12\x12\n\ncreated_by\x18\x07 \x01(\t\"\x19\n\x17ListViewerGrantsRequest\"G\n\x18ListViewerGrantsResponse\x12+\n\x06grants\x18\x01 \x03(\x0b\x32\x1b.tlsroll.v1.ViewerGrantInfo\"&\n\x18RevokeViewerGrantRequest\x12\n\n\x02id\x18\x01 \x01(\t\"F\n\x19RevokeViewerGrantResponse\x12)\n\x04info\x18\x01 \x01(\x0b\x32\x1b.tlsroll.v1.ViewerGrantInfo\"0\n\x12SetPasswordRequest\x12\x1a\n\x12\x61uth_verifier_json\x18\x01 \x01(\t\"=\n\x13SetPasswordResponse\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x15\n\rpending_nodes\x18\x02 \x03(\t\"\xf4\x01\n\x0eRolloutRequest\x12\"\n\x06\x63hange\x18\x01 \x01(\x0e\x32\x12.tlsroll.v1.Change\x12$\n\x05scope\x18\x02 \x01(\x0e\x32\x15.tlsroll.v1.ScopeKind\x12\r\n\x05nodes\x18\x03 \x03(\t\x12\x14\n\x0cmax_parallel\x18\x04 \x01(\r\x12&\n\x06\x66reeze\x18\x05 \x01(\x0e\x32\x16.tlsroll.v1.FreezeMode\x12\x16\n\x0e\x66\x61ilure_budget\x18\x06 \x01(\r\x12\x1a\n\x12\x61uth_verifier_json\x18\x07 \x01(\t\x12\x17\n\x0fundo_rollout_id\x18\x08 \x01(\t\"p\n\x0cPlanResponse\x12(\n\x07rollout\x18\x01 \x01(\x0b\x32\x17.tlsroll.v1.RolloutView\x12\x0e\n\x06\x63hecks\x18\x02 \x03(\t\x12\x14\n\x0c\x63lient_steps\x18\x03 \x03(\t\x12\x10\n\x08warnings\x18\x04 \x03(\t\"V\n\x15\x43ontrolRolloutRequest\x12\x12\n\nrollout_id\x18\x01 \x01(\t\x12)\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x19.tlsroll.v1.RolloutAction\"L\n\x12\x43reateTokenRequest\x12\x13\n\x0bttl_seconds\x18\x01 \x01(\r\x12\x0c\n\x04uses\x18\x02 \x01(\r\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\"I\n\x13\x43reateTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12#\n\x04info\x18\x02 \x01(\x0b\x32\x15.tlsroll.v1.TokenInfo\"\xc6\x01\n\tTokenInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12.\n\ncreated_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cuses_allowed\x18\x04 \x01(\r\x12\x11\n\tuses_left\x18\x05 \x01(\r\x12\x0f\n\x07revoked\x18\x06 \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x07 \x01(\t\"\x13\n\x11ListTokensRequest\";\n\x12ListTokensResponse\x12%\n\x06tokens\x18\x01 \x03(\x0b\x32\x15.tlsroll.v1.TokenInfo\" \n\x12RevokeTokenRequest\x12\n\n\x02id\x18\x01 \x01(\t\":\n\x13RevokeTokenResponse\x12#\n\x04info\x18\x01 \x01(\x0b\x32\x15.tlsroll.v1.TokenInfo\"\x12\n\x10ListNodesRequest\"\xac\x02\n\x08NodeInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\taddresses\x18\x02 \x03(\t\x12\x11\n\tdns_names\x18\x03 \x03(\t\x12\x15\n\ragent_version\x18\x04 \x01(\t\x12\x12\n\nagent_port\x18\x05 \x01(\r\x12/\n\x0b\x65nrolled_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_heartbeat\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63\x65rt_not_after\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x63\x65rt_fingerprint\x18\t \x01(\t\x12\x0e\n\x06online\x18\n \x01(\x08\"8\n\x11ListNodesResponse\x12#\n\x05nodes\x18\x01 \x03(\x0b\x32\x14.tlsroll.v1.NodeInfo\"\x0e\n\x0cGetCARequest\"\x8f\x01\n\rGetCAResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x10\n\x08spki_pin\x18\x03 \x01(\t\x12-\n\tnot_after\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07subject\x18\x05 \x01(\t*\xb4\x01\n\x10ViewerGrantState\x12\"\n\x1eVIEWER_GRANT_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19VIEWER_GRANT_STATE_UNUSED\x10\x01\x12\x1d\n\x19VIEWER_GRANT_STATE_ACTIVE\x10\x02\x12\x1e\n\x1aVIEWER_GRANT_STATE_EXPIRED\x10\x03\x12\x1e\n\x1aVIEWER_GRANT_STATE_REVOKED\x10\x04*~\n\rRolloutAction\x12\x1e\n\x1aROLLOUT_ACTION_UNSPECIFIED\x10\x00\x12\x18\n\x14ROLLOUT_ACTION_PAUSE\x10\x01\x12\x19\n\x15ROLLOUT_ACTION_RESUME\x10\x02\x12\x18\n\x14ROLLOUT_ACTION_ABORT\x10\x03\x32\xc7\x07\n\x05\x41\x64min\x12N\n\x0b\x43reateToken\x12\x1e.tlsroll.v1.CreateTokenRequest\x1a\x1f.tlsroll.v1.CreateTokenResponse\x12K\n\nListTokens\x12\x1d.tlsroll.v1.ListTokensRequest\x1a\x1e.tlsroll.v1.ListTokensResponse\x12N\n\x0bRevokeToken\x12\x1e.tlsroll.v1.RevokeTokenRequest\x1a\x1f.tlsroll.v1.RevokeTokenResponse\x12H\n\tListNodes\x12\x1c.tlsroll.v1.ListNodesRequest\x1a\x1d.tlsroll.v1.ListNodesResponse\x12<\n\x05GetCA\x12\x18.tlsroll.v1.GetCARequest\x1a\x19.tlsroll.v1.GetCAResponse\x12\x43\n\x0bPlanRollout\x12\x1a.tlsroll.v1.RolloutRequest\x1a\x18.tlsroll.v1.PlanResponse\x12\x43\n\x0cStartRollout\x12\x1a.tlsroll.v1.RolloutRequest\x1a\x17.tlsroll.v1.RolloutView\x12L\n\x0e\x43ontrolRollout\x12!.tlsroll.v1.ControlRolloutRequest\x1a\x17.tlsroll.v1.RolloutView\x12N\n\x0bSetPassword\x12\x1e.tlsroll.v1.SetPasswordRequest\x1a\x1f.tlsroll.v1.SetPasswordResponse\x12`\n\x11\x43reateViewerGrant\x12$.tlsroll.v1.CreateViewerGrantRequest\x1a%.tlsroll.v1.CreateViewerGrantResponse\x12]\n\x10ListViewerGrants\x12#.tlsroll.v1.ListViewerGrantsRequest\x1a$.tlsroll.v1.ListViewerGrantsResponse\x12`\n\x11RevokeViewerGrant\x12$.tlsroll.v1.RevokeViewerGrantRequest\x1a%.tlsroll.v1.RevokeViewerGrantResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tlsroll/v1/admin.proto\x12\ntlsroll.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17tlsroll/v1/schema.proto\x1a\x16tlsroll/v1/types.proto\"=\n\x18\x43reateViewerGrantRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\"Y\n\x19\x43reateViewerGrantResponse\x12\x11\n\tlogin_url\x18\x01 \x01(\t\x12)\n\x04info\x18\x02 \x01(\x0b\x32\x1b.tlsroll.v1.ViewerGrantInfo\"\xf9\x01\n\x0fViewerGrantInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07used_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x05state\x18\x06 \x01(\x0e\x32\x1c.tlsroll.v1.ViewerGrantState\x12\x12\n\ncreated_by\x18\x07 \x01(\t\"\x19\n\x17ListViewerGrantsRequest\"G\n\x18ListViewerGrantsResponse\x12+\n\x06grants\x18\x01 \x03(\x0b\x32\x1b.tlsroll.v1.ViewerGrantInfo\"&\n\x18RevokeViewerGrantRequest\x12\n\n\x02id\x18\x01 \x01(\t\"F\n\x19RevokeViewerGrantResponse\x12)\n\x04info\x18\x01 \x01(\x0b\x32\x1b.tlsroll.v1.ViewerGrantInfo\"0\n\x12SetPasswordRequest\x12\x1a\n\x12\x61uth_verifier_json\x18\x01 \x01(\t\"=\n\x13SetPasswordResponse\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x15\n\rpending_nodes\x18\x02 \x03(\t\"?\n\x14\x43heckPasswordRequest\x12\x16\n\x0e\x63\x61ndidate_hash\x18\x01 \x01(\x0c\x12\x0f\n\x07version\x18\x02 \x01(\r\"w\n\x15\x43heckPasswordResponse\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x0c\n\x04salt\x18\x02 \x01(\t\x12\t\n\x01n\x18\x03 \x01(\r\x12\t\n\x01r\x18\x04 \x01(\r\x12\t\n\x01p\x18\x05 \x01(\r\x12\r\n\x05\x64klen\x18\x06 \x01(\r\x12\x0f\n\x07matches\x18\x07 \x01(\x08\"\xf4\x01\n\x0eRolloutRequest\x12\"\n\x06\x63hange\x18\x01 \x01(\x0e\x32\x12.tlsroll.v1.Change\x12$\n\x05scope\x18\x02 \x01(\x0e\x32\x15.tlsroll.v1.ScopeKind\x12\r\n\x05nodes\x18\x03 \x03(\t\x12\x14\n\x0cmax_parallel\x18\x04 \x01(\r\x12&\n\x06\x66reeze\x18\x05 \x01(\x0e\x32\x16.tlsroll.v1.FreezeMode\x12\x16\n\x0e\x66\x61ilure_budget\x18\x06 \x01(\r\x12\x1a\n\x12\x61uth_verifier_json\x18\x07 \x01(\t\x12\x17\n\x0fundo_rollout_id\x18\x08 \x01(\t\"p\n\x0cPlanResponse\x12(\n\x07rollout\x18\x01 \x01(\x0b\x32\x17.tlsroll.v1.RolloutView\x12\x0e\n\x06\x63hecks\x18\x02 \x03(\t\x12\x14\n\x0c\x63lient_steps\x18\x03 \x03(\t\x12\x10\n\x08warnings\x18\x04 \x03(\t\"V\n\x15\x43ontrolRolloutRequest\x12\x12\n\nrollout_id\x18\x01 \x01(\t\x12)\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x19.tlsroll.v1.RolloutAction\"L\n\x12\x43reateTokenRequest\x12\x13\n\x0bttl_seconds\x18\x01 \x01(\r\x12\x0c\n\x04uses\x18\x02 \x01(\r\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\"I\n\x13\x43reateTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12#\n\x04info\x18\x02 \x01(\x0b\x32\x15.tlsroll.v1.TokenInfo\"\xc6\x01\n\tTokenInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12.\n\ncreated_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cuses_allowed\x18\x04 \x01(\r\x12\x11\n\tuses_left\x18\x05 \x01(\r\x12\x0f\n\x07revoked\x18\x06 \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x07 \x01(\t\"\x13\n\x11ListTokensRequest\";\n\x12ListTokensResponse\x12%\n\x06tokens\x18\x01 \x03(\x0b\x32\x15.tlsroll.v1.TokenInfo\" \n\x12RevokeTokenRequest\x12\n\n\x02id\x18\x01 \x01(\t\":\n\x13RevokeTokenResponse\x12#\n\x04info\x18\x01 \x01(\x0b\x32\x15.tlsroll.v1.TokenInfo\"\x12\n\x10ListNodesRequest\"\xac\x02\n\x08NodeInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\taddresses\x18\x02 \x03(\t\x12\x11\n\tdns_names\x18\x03 \x03(\t\x12\x15\n\ragent_version\x18\x04 \x01(\t\x12\x12\n\nagent_port\x18\x05 \x01(\r\x12/\n\x0b\x65nrolled_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_heartbeat\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63\x65rt_not_after\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x63\x65rt_fingerprint\x18\t \x01(\t\x12\x0e\n\x06online\x18\n \x01(\x08\"8\n\x11ListNodesResponse\x12#\n\x05nodes\x18\x01 \x03(\x0b\x32\x14.tlsroll.v1.NodeInfo\"\x0e\n\x0cGetCARequest\"\x8f\x01\n\rGetCAResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x10\n\x08spki_pin\x18\x03 \x01(\t\x12-\n\tnot_after\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07subject\x18\x05 \x01(\t*\xb4\x01\n\x10ViewerGrantState\x12\"\n\x1eVIEWER_GRANT_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19VIEWER_GRANT_STATE_UNUSED\x10\x01\x12\x1d\n\x19VIEWER_GRANT_STATE_ACTIVE\x10\x02\x12\x1e\n\x1aVIEWER_GRANT_STATE_EXPIRED\x10\x03\x12\x1e\n\x1aVIEWER_GRANT_STATE_REVOKED\x10\x04*~\n\rRolloutAction\x12\x1e\n\x1aROLLOUT_ACTION_UNSPECIFIED\x10\x00\x12\x18\n\x14ROLLOUT_ACTION_PAUSE\x10\x01\x12\x19\n\x15ROLLOUT_ACTION_RESUME\x10\x02\x12\x18\n\x14ROLLOUT_ACTION_ABORT\x10\x03\x32\x9d\x08\n\x05\x41\x64min\x12N\n\x0b\x43reateToken\x12\x1e.tlsroll.v1.CreateTokenRequest\x1a\x1f.tlsroll.v1.CreateTokenResponse\x12K\n\nListTokens\x12\x1d.tlsroll.v1.ListTokensRequest\x1a\x1e.tlsroll.v1.ListTokensResponse\x12N\n\x0bRevokeToken\x12\x1e.tlsroll.v1.RevokeTokenRequest\x1a\x1f.tlsroll.v1.RevokeTokenResponse\x12H\n\tListNodes\x12\x1c.tlsroll.v1.ListNodesRequest\x1a\x1d.tlsroll.v1.ListNodesResponse\x12<\n\x05GetCA\x12\x18.tlsroll.v1.GetCARequest\x1a\x19.tlsroll.v1.GetCAResponse\x12\x43\n\x0bPlanRollout\x12\x1a.tlsroll.v1.RolloutRequest\x1a\x18.tlsroll.v1.PlanResponse\x12\x43\n\x0cStartRollout\x12\x1a.tlsroll.v1.RolloutRequest\x1a\x17.tlsroll.v1.RolloutView\x12L\n\x0e\x43ontrolRollout\x12!.tlsroll.v1.ControlRolloutRequest\x1a\x17.tlsroll.v1.RolloutView\x12N\n\x0bSetPassword\x12\x1e.tlsroll.v1.SetPasswordRequest\x1a\x1f.tlsroll.v1.SetPasswordResponse\x12T\n\rCheckPassword\x12 .tlsroll.v1.CheckPasswordRequest\x1a!.tlsroll.v1.CheckPasswordResponse\x12`\n\x11\x43reateViewerGrant\x12$.tlsroll.v1.CreateViewerGrantRequest\x1a%.tlsroll.v1.CreateViewerGrantResponse\x12]\n\x10ListViewerGrants\x12#.tlsroll.v1.ListViewerGrantsRequest\x1a$.tlsroll.v1.ListViewerGrantsResponse\x12`\n\x11RevokeViewerGrant\x12$.tlsroll.v1.RevokeViewerGrantRequest\x1a%.tlsroll.v1.RevokeViewerGrantResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tlsroll.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_VIEWERGRANTSTATE']._serialized_start=2374
-  _globals['_VIEWERGRANTSTATE']._serialized_end=2554
-  _globals['_ROLLOUTACTION']._serialized_start=2556
-  _globals['_ROLLOUTACTION']._serialized_end=2682
+  _globals['_VIEWERGRANTSTATE']._serialized_start=2560
+  _globals['_VIEWERGRANTSTATE']._serialized_end=2740
+  _globals['_ROLLOUTACTION']._serialized_start=2742
+  _globals['_ROLLOUTACTION']._serialized_end=2868
   _globals['_CREATEVIEWERGRANTREQUEST']._serialized_start=120
   _globals['_CREATEVIEWERGRANTREQUEST']._serialized_end=181
   _globals['_CREATEVIEWERGRANTRESPONSE']._serialized_start=183
@@ -56,36 +56,40 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SETPASSWORDREQUEST']._serialized_end=786
   _globals['_SETPASSWORDRESPONSE']._serialized_start=788
   _globals['_SETPASSWORDRESPONSE']._serialized_end=849
-  _globals['_ROLLOUTREQUEST']._serialized_start=852
-  _globals['_ROLLOUTREQUEST']._serialized_end=1096
-  _globals['_PLANRESPONSE']._serialized_start=1098
-  _globals['_PLANRESPONSE']._serialized_end=1210
-  _globals['_CONTROLROLLOUTREQUEST']._serialized_start=1212
-  _globals['_CONTROLROLLOUTREQUEST']._serialized_end=1298
-  _globals['_CREATETOKENREQUEST']._serialized_start=1300
-  _globals['_CREATETOKENREQUEST']._serialized_end=1376
-  _globals['_CREATETOKENRESPONSE']._serialized_start=1378
-  _globals['_CREATETOKENRESPONSE']._serialized_end=1451
-  _globals['_TOKENINFO']._serialized_start=1454
-  _globals['_TOKENINFO']._serialized_end=1652
-  _globals['_LISTTOKENSREQUEST']._serialized_start=1654
-  _globals['_LISTTOKENSREQUEST']._serialized_end=1673
-  _globals['_LISTTOKENSRESPONSE']._serialized_start=1675
-  _globals['_LISTTOKENSRESPONSE']._serialized_end=1734
-  _globals['_REVOKETOKENREQUEST']._serialized_start=1736
-  _globals['_REVOKETOKENREQUEST']._serialized_end=1768
-  _globals['_REVOKETOKENRESPONSE']._serialized_start=1770
-  _globals['_REVOKETOKENRESPONSE']._serialized_end=1828
-  _globals['_LISTNODESREQUEST']._serialized_start=1830
-  _globals['_LISTNODESREQUEST']._serialized_end=1848
-  _globals['_NODEINFO']._serialized_start=1851
-  _globals['_NODEINFO']._serialized_end=2151
-  _globals['_LISTNODESRESPONSE']._serialized_start=2153
-  _globals['_LISTNODESRESPONSE']._serialized_end=2209
-  _globals['_GETCAREQUEST']._serialized_start=2211
-  _globals['_GETCAREQUEST']._serialized_end=2225
-  _globals['_GETCARESPONSE']._serialized_start=2228
-  _globals['_GETCARESPONSE']._serialized_end=2371
-  _globals['_ADMIN']._serialized_start=2685
-  _globals['_ADMIN']._serialized_end=3652
+  _globals['_CHECKPASSWORDREQUEST']._serialized_start=851
+  _globals['_CHECKPASSWORDREQUEST']._serialized_end=914
+  _globals['_CHECKPASSWORDRESPONSE']._serialized_start=916
+  _globals['_CHECKPASSWORDRESPONSE']._serialized_end=1035
+  _globals['_ROLLOUTREQUEST']._serialized_start=1038
+  _globals['_ROLLOUTREQUEST']._serialized_end=1282
+  _globals['_PLANRESPONSE']._serialized_start=1284
+  _globals['_PLANRESPONSE']._serialized_end=1396
+  _globals['_CONTROLROLLOUTREQUEST']._serialized_start=1398
+  _globals['_CONTROLROLLOUTREQUEST']._serialized_end=1484
+  _globals['_CREATETOKENREQUEST']._serialized_start=1486
+  _globals['_CREATETOKENREQUEST']._serialized_end=1562
+  _globals['_CREATETOKENRESPONSE']._serialized_start=1564
+  _globals['_CREATETOKENRESPONSE']._serialized_end=1637
+  _globals['_TOKENINFO']._serialized_start=1640
+  _globals['_TOKENINFO']._serialized_end=1838
+  _globals['_LISTTOKENSREQUEST']._serialized_start=1840
+  _globals['_LISTTOKENSREQUEST']._serialized_end=1859
+  _globals['_LISTTOKENSRESPONSE']._serialized_start=1861
+  _globals['_LISTTOKENSRESPONSE']._serialized_end=1920
+  _globals['_REVOKETOKENREQUEST']._serialized_start=1922
+  _globals['_REVOKETOKENREQUEST']._serialized_end=1954
+  _globals['_REVOKETOKENRESPONSE']._serialized_start=1956
+  _globals['_REVOKETOKENRESPONSE']._serialized_end=2014
+  _globals['_LISTNODESREQUEST']._serialized_start=2016
+  _globals['_LISTNODESREQUEST']._serialized_end=2034
+  _globals['_NODEINFO']._serialized_start=2037
+  _globals['_NODEINFO']._serialized_end=2337
+  _globals['_LISTNODESRESPONSE']._serialized_start=2339
+  _globals['_LISTNODESRESPONSE']._serialized_end=2395
+  _globals['_GETCAREQUEST']._serialized_start=2397
+  _globals['_GETCAREQUEST']._serialized_end=2411
+  _globals['_GETCARESPONSE']._serialized_start=2414
+  _globals['_GETCARESPONSE']._serialized_end=2557
+  _globals['_ADMIN']._serialized_start=2871
+  _globals['_ADMIN']._serialized_end=3924
 # @@protoc_insertion_point(module_scope)

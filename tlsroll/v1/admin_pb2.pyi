@@ -278,6 +278,71 @@ class SetPasswordResponse(_message.Message):
 Global___SetPasswordResponse: _TypeAlias = SetPasswordResponse  # noqa: Y015
 
 @_typing.final
+class CheckPasswordRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CANDIDATE_HASH_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    candidate_hash: _builtins.bytes
+    """Empty: only ask for the parameters."""
+    version: _builtins.int
+    """With candidate_hash: the version whose salt made it."""
+    def __init__(
+        self,
+        *,
+        candidate_hash: _builtins.bytes = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidate_hash", b"candidate_hash", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckPasswordRequest: _TypeAlias = CheckPasswordRequest  # noqa: Y015
+
+@_typing.final
+class CheckPasswordResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    SALT_FIELD_NUMBER: _builtins.int
+    N_FIELD_NUMBER: _builtins.int
+    R_FIELD_NUMBER: _builtins.int
+    P_FIELD_NUMBER: _builtins.int
+    DKLEN_FIELD_NUMBER: _builtins.int
+    MATCHES_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    """The newest staged auth password version."""
+    salt: _builtins.str
+    """Its salt (base64) and scrypt parameters, as in the verifier (tlsroll/password.py)."""
+    n: _builtins.int
+    r: _builtins.int
+    p: _builtins.int
+    dklen: _builtins.int
+    """Hash length in bytes."""
+    matches: _builtins.bool
+    """With candidate_hash: whether it is the newest version's hash."""
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        salt: _builtins.str = ...,
+        n: _builtins.int = ...,
+        r: _builtins.int = ...,
+        p: _builtins.int = ...,
+        dklen: _builtins.int = ...,
+        matches: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dklen", b"dklen", "matches", b"matches", "n", b"n", "p", b"p", "r", b"r", "salt", b"salt", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckPasswordResponse: _TypeAlias = CheckPasswordResponse  # noqa: Y015
+
+@_typing.final
 class RolloutRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

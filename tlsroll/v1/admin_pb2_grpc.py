@@ -80,6 +80,11 @@ class AdminStub:
                 request_serializer=tlsroll_dot_v1_dot_admin__pb2.SetPasswordRequest.SerializeToString,
                 response_deserializer=tlsroll_dot_v1_dot_admin__pb2.SetPasswordResponse.FromString,
                 _registered_method=True)
+        self.CheckPassword = channel.unary_unary(
+                '/tlsroll.v1.Admin/CheckPassword',
+                request_serializer=tlsroll_dot_v1_dot_admin__pb2.CheckPasswordRequest.SerializeToString,
+                response_deserializer=tlsroll_dot_v1_dot_admin__pb2.CheckPasswordResponse.FromString,
+                _registered_method=True)
         self.CreateViewerGrant = channel.unary_unary(
                 '/tlsroll.v1.Admin/CreateViewerGrant',
                 request_serializer=tlsroll_dot_v1_dot_admin__pb2.CreateViewerGrantRequest.SerializeToString,
@@ -163,6 +168,18 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CheckPassword(self, request, context):
+        """Whether a password is the newest staged one (what `tlsroll notify --include-password`
+        may print). Two calls, so that the password never reaches the leader: with no
+        `candidate_hash` the answer carries the newest version's salt and scrypt parameters; the
+        CLI derives the hash under them and asks again with it and that `version`. The leader
+        compares in constant time and never returns the verifier's hash. FAILED_PRECONDITION: no
+        password staged, or `version` is no longer the newest.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def CreateViewerGrant(self, request, context):
         """Read-only access to the web viewer: a one-time login link (its secret is shown once; the
         leader keeps only a hash). INVALID_ARGUMENT: ttl out of range; FAILED_PRECONDITION: the
@@ -232,6 +249,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.SetPassword,
                     request_deserializer=tlsroll_dot_v1_dot_admin__pb2.SetPasswordRequest.FromString,
                     response_serializer=tlsroll_dot_v1_dot_admin__pb2.SetPasswordResponse.SerializeToString,
+            ),
+            'CheckPassword': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckPassword,
+                    request_deserializer=tlsroll_dot_v1_dot_admin__pb2.CheckPasswordRequest.FromString,
+                    response_serializer=tlsroll_dot_v1_dot_admin__pb2.CheckPasswordResponse.SerializeToString,
             ),
             'CreateViewerGrant': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateViewerGrant,
@@ -492,6 +514,33 @@ class Admin:
             '/tlsroll.v1.Admin/SetPassword',
             tlsroll_dot_v1_dot_admin__pb2.SetPasswordRequest.SerializeToString,
             tlsroll_dot_v1_dot_admin__pb2.SetPasswordResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckPassword(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tlsroll.v1.Admin/CheckPassword',
+            tlsroll_dot_v1_dot_admin__pb2.CheckPasswordRequest.SerializeToString,
+            tlsroll_dot_v1_dot_admin__pb2.CheckPasswordResponse.FromString,
             options,
             channel_credentials,
             insecure,

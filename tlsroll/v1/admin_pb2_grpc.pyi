@@ -57,6 +57,14 @@ class AdminStub:
     Switched nodes show "password change pending" until a change-password rollout restarts
     them. FAILED_PRECONDITION while a rollout is active.
     """
+    CheckPassword: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CheckPasswordRequest, _admin_pb2.CheckPasswordResponse]
+    """Whether a password is the newest staged one (what `tlsroll notify --include-password`
+    may print). Two calls, so that the password never reaches the leader: with no
+    `candidate_hash` the answer carries the newest version's salt and scrypt parameters; the
+    CLI derives the hash under them and asks again with it and that `version`. The leader
+    compares in constant time and never returns the verifier's hash. FAILED_PRECONDITION: no
+    password staged, or `version` is no longer the newest.
+    """
     CreateViewerGrant: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CreateViewerGrantRequest, _admin_pb2.CreateViewerGrantResponse]
     """Read-only access to the web viewer: a one-time login link (its secret is shown once; the
     leader keeps only a hash). INVALID_ARGUMENT: ttl out of range; FAILED_PRECONDITION: the
@@ -89,6 +97,14 @@ class AdminAsyncStub(AdminStub):
     """Stage a new auth password (its verifier only; the password never reaches the leader).
     Switched nodes show "password change pending" until a change-password rollout restarts
     them. FAILED_PRECONDITION while a rollout is active.
+    """
+    CheckPassword: _aio.UnaryUnaryMultiCallable[_admin_pb2.CheckPasswordRequest, _admin_pb2.CheckPasswordResponse]  # type: ignore[assignment]
+    """Whether a password is the newest staged one (what `tlsroll notify --include-password`
+    may print). Two calls, so that the password never reaches the leader: with no
+    `candidate_hash` the answer carries the newest version's salt and scrypt parameters; the
+    CLI derives the hash under them and asks again with it and that `version`. The leader
+    compares in constant time and never returns the verifier's hash. FAILED_PRECONDITION: no
+    password staged, or `version` is no longer the newest.
     """
     CreateViewerGrant: _aio.UnaryUnaryMultiCallable[_admin_pb2.CreateViewerGrantRequest, _admin_pb2.CreateViewerGrantResponse]  # type: ignore[assignment]
     """Read-only access to the web viewer: a one-time login link (its secret is shown once; the
@@ -173,6 +189,20 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         """Stage a new auth password (its verifier only; the password never reaches the leader).
         Switched nodes show "password change pending" until a change-password rollout restarts
         them. FAILED_PRECONDITION while a rollout is active.
+        """
+
+    @_abc_1.abstractmethod
+    def CheckPassword(
+        self,
+        request: _admin_pb2.CheckPasswordRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.CheckPasswordResponse, _abc.Awaitable[_admin_pb2.CheckPasswordResponse]]:
+        """Whether a password is the newest staged one (what `tlsroll notify --include-password`
+        may print). Two calls, so that the password never reaches the leader: with no
+        `candidate_hash` the answer carries the newest version's salt and scrypt parameters; the
+        CLI derives the hash under them and asks again with it and that `version`. The leader
+        compares in constant time and never returns the verifier's hash. FAILED_PRECONDITION: no
+        password staged, or `version` is no longer the newest.
         """
 
     @_abc_1.abstractmethod
