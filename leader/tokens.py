@@ -16,7 +16,7 @@ ID_ALPHABET = "abcdefghijklmnopqrstuvwxyz0123456789"
 SECRET_ALPHABET = "abcdefghijklmnopqrstuvwxyz234567"  # noqa: S105 - base32, 5 bits a char
 ID_LEN = 6
 SECRET_LEN = 26  # 26 * 5 = 130 bits >= 128
-_FORMAT = re.compile(rf"^([a-z0-9]{{{ID_LEN}}})\.([a-z2-7]{{{SECRET_LEN}}})$")
+_FORMAT = re.compile(rf"([a-z0-9]{{{ID_LEN}}})\.([a-z2-7]{{{SECRET_LEN}}})")
 
 
 class MalformedToken(TerminalError):
@@ -43,7 +43,7 @@ class JoinToken:
 
     @classmethod
     def parse(cls, text: str) -> JoinToken:
-        m = _FORMAT.match(text.strip())
+        m = _FORMAT.fullmatch(text.strip())
         if m is None:
             raise MalformedToken(
                 f"a join token looks like <{ID_LEN} characters>.<{SECRET_LEN} characters>"

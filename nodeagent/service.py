@@ -51,7 +51,7 @@ ERRORS: dict[type[BaseException], grpc.StatusCode] = {
     DriverError: grpc.StatusCode.FAILED_PRECONDITION,
     PlanRefused: grpc.StatusCode.FAILED_PRECONDITION,
 }
-ROLLOUT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+ROLLOUT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 DEFAULT_MAX_CLOCK_OFFSET = 120
 DEFAULT_FREEZE_LEASE = 300
 LEASE_CHECK_SECONDS = 1.0
@@ -107,7 +107,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
 
     async def _command(self, context: Ctx, command: agent_pb2.Command) -> str:
         require_leader(context)
-        if not ROLLOUT_ID.match(command.rollout_id):
+        if not ROLLOUT_ID.fullmatch(command.rollout_id):
             raise invalid("rollout_id: 1-64 letters, digits, '.', '_' or '-'")
         if command.epoch == 0:
             raise invalid("epoch must be set")

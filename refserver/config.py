@@ -51,7 +51,7 @@ KEYS = frozenset(
 )
 # sockaddr_un.sun_path is 108 bytes on Linux, including the terminating NUL.
 MAX_SOCKET_PATH = 107
-_APP_PATH = re.compile(r"^/(?:[A-Za-z0-9._~-]+/)*$")
+_APP_PATH = re.compile(r"/(?:[A-Za-z0-9._~-]+/)*")
 
 
 @dataclass(frozen=True)
@@ -98,7 +98,7 @@ def load(path: Path) -> Loaded:
 
     address: str = s.ip("address")
     app_path: str = s.text("app_path")
-    if not _APP_PATH.match(app_path):
+    if not _APP_PATH.fullmatch(app_path):
         raise s.error("app_path", f"{app_path!r} must start and end with '/', e.g. '/praxis_live/'")
     listen = _listen(s)
     http_port: int = s.port("http_port", 8080)

@@ -78,7 +78,7 @@ LOGIN_BACKOFF = Policy(free=5, base=2.0, cap=900.0, forget=3600.0)
 MAX_TRACKED_CLIENTS = 10_000
 SWITCHING_MESSAGE = "The server is switching to https; no new entries now. Retry later."
 
-_ENTRY_ID = re.compile(r"^[0-9a-f]{32}$")
+_ENTRY_ID = re.compile(r"[0-9a-f]{32}")
 _STATUS_WORDS = {
     400: "bad_request",
     404: "not_found",
@@ -239,7 +239,9 @@ class RefServer:
     async def get_entry(self, request: web.Request) -> web.Response:
         entry_id = request.match_info["id"]
         entry = (
-            await asyncio.to_thread(self.store.get, entry_id) if _ENTRY_ID.match(entry_id) else None
+            await asyncio.to_thread(self.store.get, entry_id)
+            if _ENTRY_ID.fullmatch(entry_id)
+            else None
         )
         if entry is None:
             return _error(404, "not_found", f"no entry {entry_id}")

@@ -124,9 +124,9 @@ MIN_DKLEN = 16
 MAX_DKLEN = password.HASH_BYTES
 DETAIL_CHARS = 200  # node-supplied text in an error is cleaned and cut to this
 # "ws-" + a DNS label: at most 63 characters, lowercase letters, digits, inner hyphens.
-WORKSTATION_CN = re.compile(r"^ws-[a-z0-9]([a-z0-9-]{0,58}[a-z0-9])?$")
-EXCHANGE_ID = re.compile(r"^[A-Za-z0-9_-]{43}$")
-_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+WORKSTATION_CN = re.compile(r"ws-[a-z0-9]([a-z0-9-]{0,58}[a-z0-9])?")
+EXCHANGE_ID = re.compile(r"[A-Za-z0-9_-]{43}")
+_HEX64 = re.compile(r"[0-9a-f]{64}")
 PAKE_MESSAGE_BYTES = 33  # one side byte and one Ed25519 point
 
 PARAMS = ParamsEd25519  # the SPAKE2 group and its M, N (public: the tests attack with them)
@@ -529,7 +529,7 @@ class SessionKeys:
 
     def check_confirmation(self, side: Side, value: object) -> bool:
         """True if ``value`` is ``side``'s confirmation (constant-time compare)."""
-        if not isinstance(value, str) or not _HEX64.match(value):
+        if not isinstance(value, str) or not _HEX64.fullmatch(value):
             return False
         return hmac.compare_digest(self.confirmation(side).encode(), value.encode())
 
@@ -567,7 +567,7 @@ def parse_start_request(body: bytes) -> StartRequest:
     data = _object(body, {"version": int, "workstation": str, "msg_a": str})
     if data["version"] != VERSION:
         raise BootstrapError(BootstrapReason.VERSION, f"{data['version']!r}, this node: 2")
-    if not WORKSTATION_CN.match(data["workstation"]):
+    if not WORKSTATION_CN.fullmatch(data["workstation"]):
         raise BootstrapError(BootstrapReason.MALFORMED, "workstation must be ws-<name>")
     return StartRequest(data["workstation"], unb64(data["msg_a"], "msg_a"))
 
@@ -584,7 +584,7 @@ class StartAnswer:
 
 def parse_start_answer(body: bytes) -> StartAnswer:
     data = _object(body, {"exchange": str, "msg_b": str, "expires_in": int})
-    if not EXCHANGE_ID.match(data["exchange"]):
+    if not EXCHANGE_ID.fullmatch(data["exchange"]):
         raise BootstrapError(BootstrapReason.MALFORMED, "exchange id")
     return StartAnswer(data["exchange"], unb64(data["msg_b"], "msg_b"), data["expires_in"])
 
@@ -601,7 +601,7 @@ class FinishRequest:
 
 def parse_finish_request(body: bytes) -> FinishRequest:
     data = _object(body, {"exchange": str, "confirm": str, "csr": str})
-    if not EXCHANGE_ID.match(data["exchange"]):
+    if not EXCHANGE_ID.fullmatch(data["exchange"]):
         raise BootstrapError(BootstrapReason.MALFORMED, "exchange id")
     return FinishRequest(data["exchange"], data["confirm"], data["csr"])
 
@@ -698,7 +698,7 @@ def check_workstation_csr(csr_pem: bytes) -> tuple[ec.EllipticCurvePublicKey, st
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
         raise BootstrapError(BootstrapReason.BAD_CSR, "the key must be ECDSA P-256")
     cn = pki.names_of(csr).common_name
-    if not WORKSTATION_CN.match(cn):
+    if not WORKSTATION_CN.fullmatch(cn):
         raise BootstrapError(BootstrapReason.BAD_CSR, f"CN {cn!r} is not ws-<name>")
     try:
         pki.check_csr(csr, workstation_names(cn))

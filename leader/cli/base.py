@@ -117,12 +117,12 @@ def fmt_time(msg: Any, field: str) -> str:
     return when.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
-_DURATION = re.compile(r"^(\d+)([smhd])$")
+_DURATION = re.compile(r"(\d+)([smhd])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
 def parse_duration(text: str) -> int:
-    m = _DURATION.match(text.strip())
+    m = _DURATION.fullmatch(text.strip())
     if not m or int(m.group(1)) == 0:
         raise click.BadParameter(f"{text!r}: use a number with s, m, h or d, e.g. 1h")
     return int(m.group(1)) * _UNITS[m.group(2)]

@@ -73,7 +73,7 @@ EVENT_INTERVAL = 0.5  # seconds between two looks at the stores while a page is 
 # per selection and interval.
 SHARED_SECONDS = EVENT_INTERVAL / 2
 KEEPALIVE = 15.0  # seconds of silence after which /events sends a comment
-_SECRET = re.compile(r"^[A-Za-z0-9_-]{20,100}$")
+_SECRET = re.compile(r"[A-Za-z0-9_-]{20,100}")
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
         "default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self'; "
@@ -165,7 +165,7 @@ class ViewerApp:
         return await handler(request)
 
     async def _grant(self, session_id: str) -> Grant | None:
-        if not _SECRET.match(session_id):
+        if not _SECRET.fullmatch(session_id):
             return None
         return await asyncio.to_thread(self.grants.session, session_id, self.clock())
 
@@ -303,7 +303,7 @@ class ViewerApp:
             return web.Response(content_type="text/html")
         secret = request.match_info["secret"]
         try:
-            if not _SECRET.match(secret):
+            if not _SECRET.fullmatch(secret):
                 raise LoginRefused("unknown")
             await asyncio.to_thread(self.grants.check, secret, self.clock())
         except LoginRefused as exc:
@@ -320,7 +320,7 @@ class ViewerApp:
         secret = request.match_info["secret"]
         now = self.clock()
         try:
-            if not _SECRET.match(secret):
+            if not _SECRET.fullmatch(secret):
                 raise LoginRefused("unknown")
             grant, session_id = await asyncio.to_thread(self.grants.login, secret, now)
         except LoginRefused as exc:
