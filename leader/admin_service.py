@@ -9,12 +9,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
-import getpass
 import hmac
 from typing import Any
 
 import grpc
 
+from leader.admin_socket import current_caller
 from leader.commands import Commands, RolloutRequest
 from leader.rollout_core import Change, Scope, ScopeKind
 from leader.schema_store import NodeDetail, RolloutMeta, RolloutRow, SchemaStore
@@ -36,10 +36,9 @@ DEFAULT_VIEWER_TTL = dt.timedelta(hours=8)
 
 
 def _actor(context: Ctx) -> str:
-    for key, value in context.invocation_metadata() or ():
-        if key == "x-tlsroll-user" and isinstance(value, str) and value.isprintable():
-            return f"admin:{value[:64]}"
-    return f"admin:{getpass.getuser()}"
+    """Who is calling, for the audit trail: the user the kernel saw connect to the admin socket
+    (``leader.admin_socket``), never a name the client sends."""
+    return current_caller().actor
 
 
 def token_info(t: Any) -> admin_pb2.TokenInfo:

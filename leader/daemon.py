@@ -22,6 +22,7 @@ from pathlib import Path
 import grpc
 
 from leader.admin_service import AdminService
+from leader.admin_socket import AdminRelay
 from leader.agent_client import AgentPool
 from leader.commands import Commands
 from leader.config import LeaderConfig
@@ -104,7 +105,8 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     await add_standard_services(control, [_service(leader_pb2, "Leader")])
     bind(control, hostport(cfg.address, cfg.control_port), control_creds)
 
-    admin = grpc.aio.server()
+    relay = AdminRelay(cfg.admin_socket)  # the caller from SO_PEERCRED (leader.admin_socket)
+    admin = grpc.aio.server(interceptors=[relay.interceptor()])
     schema = SchemaStore(state.store.db)  # one Database for the file (leader.db)
     agent_credentials = grpc.ssl_channel_credentials(
         root_certificates=state.ca.cert_pem, private_key=key_pem, certificate_chain=chain_pem
@@ -138,17 +140,18 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         if _answers(sock):
             raise TerminalError(f"another tlsroll-leader is running on {sock}")
         sock.unlink()  # a stale socket from a crash; the directory is ours
-    bind(admin, f"unix:{sock}", None)
+    bind(admin, relay.backend, None)
 
     servers = (join, control, admin)
     for server in servers:
         await server.start()
-    os.chmod(sock, 0o660)
+    await relay.start(0o660)
     if viewer is not None:
         try:
             await viewer.start()
         except BaseException:
             await asyncio.gather(*(s.stop(None) for s in servers))
+            await relay.stop()
             raise
     log.info(
         "leader.started",
@@ -170,6 +173,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     if viewer is not None:
         await viewer.stop()
     await asyncio.gather(*(s.stop(GRACE_SECONDS) for s in servers))
+    await relay.stop()
     await engine_task
     schema.close()
     state.store.close()

@@ -1,16 +1,26 @@
-"""The "Notify practice" template (leader.cli.notify): German and English, text and Markdown, with
-and without the password."""
+"""The "Notify practice" message (leader.cli.notify) and the notify command's input rules
+(leader.cli.notify_cmd): what every notice must say, the password only on request and with the
+warning first, escaping in Markdown and HTML, the practice's time zone, and bad --when,
+--duration and --timezone as usage errors. The whole texts are golden files
+(tests/test_notify_golden.py); the command against a real leader is tests/test_notify_cli.py."""
 
 from __future__ import annotations
 
 import datetime as dt
+import html.parser
+import zoneinfo
 
+import click
 import pytest
 
-from leader.cli.notify import NoticeInfo, NoticeNode, render_notice
+from leader.cli import notify_cmd
+from leader.cli.notify import NoticeInfo, NoticeNode, Timing, render_notice, when_text
+from leader.rollout_core import Change
 
+BERLIN = zoneinfo.ZoneInfo("Europe/Berlin")
 PIN = "sha256:" + "3f" * 32
 PASSWORD = "kd7q-x2mf-9vhc-3ptw-a8ke-rn5d"
+NOW = dt.datetime(2026, 11, 30, 3, 0, tzinfo=dt.UTC)
 
 
 def info(**changes: object) -> NoticeInfo:
@@ -31,18 +41,21 @@ def info(**changes: object) -> NoticeInfo:
         "ca_pin": PIN,
         "password_source": "persönlich bei Frau Beispiel (Praxis-IT)",
         "contact": "die Praxis-IT, Tel. 0123 456789",
-        "start": dt.datetime(2025, 7, 14, 18, 0),
-        "end": dt.datetime(2025, 7, 14, 20, 30),
+        "timing": Timing(
+            "announced",
+            dt.datetime(2026, 7, 14, 18, 0, tzinfo=BERLIN),
+            dt.datetime(2026, 7, 14, 20, 30, tzinfo=BERLIN),
+        ),
     }
     base.update(changes)
     return NoticeInfo(**base)  # type: ignore[arg-type]
 
 
-ALL = [(lang, fmt) for lang in ("de", "en") for fmt in ("text", "markdown")]
+ALL = [(lang, fmt) for lang in ("de", "en") for fmt in ("text", "markdown", "html")]
 
 
 @pytest.mark.parametrize(("lang", "fmt"), ALL)
-def test_every_notice_has_the_essentials(lang: str, fmt: str) -> None:
+def test_every_enable_tls_notice_has_the_essentials(lang: str, fmt: str) -> None:
     text = render_notice(info(), lang=lang, fmt=fmt)
     for node in info().nodes:
         assert node.new_url in text and node.old_url in text
@@ -52,20 +65,20 @@ def test_every_notice_has_the_essentials(lang: str, fmt: str) -> None:
     assert "tlsroll client test-connection https://192.168.1.5:8443/praxis_live/ --ca-pin" in text
     assert PASSWORD not in text
     if lang == "de":
-        assert text.startswith("# Umstellung" if fmt == "markdown" else "Umstellung")
         for phrase in (
             "verschlüsselt",
-            "Admin → Server-Adresse ändern",
+            "Admin → Serveradresse ändern",
             "„Verbindung testen“",
             "Port 9443",
             "Authentifizierungspasswort eingeben",
             "Client neu starten",
-            "nicht per E-Mail",
+            "nie per E-Mail",
             "keine neuen Einträge",
-            "Diese Nachricht ist eine Vorlage",
-            "14.07.2025, 18:00 Uhr bis 14.07.2025, 20:30 Uhr",
+            "Dienstag, 14. Juli 2026, von 18:00 bis 20:30 Uhr (MESZ) geplant.",
         ):
             assert phrase in text, phrase
+        assert "Server-Adresse" not in text  # one spelling: Serveradresse
+        assert "Vorlage" not in text  # the template reminder goes to the admin, not the staff
     else:
         for phrase in (
             "Admin → Change server address",
@@ -73,76 +86,107 @@ def test_every_notice_has_the_essentials(lang: str, fmt: str) -> None:
             "port 9443",
             "Enter the authentication password",
             "Restart the client",
-            "not sent by e-mail",
-            "this message is a template",
-            "2025-07-14 18:00 to 2025-07-14 20:30",
+            "never by e-mail",
+            "Tuesday, 14 July 2026, from 18:00 to 20:30 (CEST).",
         ):
             assert phrase in text, phrase
+
+
+def test_the_email_sentence_is_said_once() -> None:
+    """The old text said "(nicht per E-Mail). Es wird nicht per E-Mail verschickt"."""
+    text = render_notice(info())
+    assert text.count("E-Mail") == 1
+    assert "Es wird nicht per E-Mail verschickt" not in text
 
 
 @pytest.mark.parametrize(("lang", "fmt"), ALL)
 def test_password_only_on_request_and_with_a_warning_on_top(lang: str, fmt: str) -> None:
     text = render_notice(info(), lang=lang, fmt=fmt, password=PASSWORD)
-    first = text.splitlines()[0]
+    body = text.split("<body", 1)[1] if fmt == "html" else text
+    first = next(line for line in body.splitlines()[1 if fmt == "html" else 0 :] if line)
     assert ("WARNUNG" if lang == "de" else "WARNING") in first
-    assert ("nicht per E-Mail" if lang == "de" else "not send it by e-mail") in first
+    assert ("nicht per E-Mail" if lang == "de" else "Do not send it by e-mail") in first
     assert text.count(PASSWORD) == 1
     plain = render_notice(info(), lang=lang, fmt=fmt)
     assert "WARN" not in plain and PASSWORD not in plain
 
 
-def test_german_is_the_default_and_markdown_is_markdown() -> None:
-    assert render_notice(info()) == render_notice(info(), lang="de", fmt="text")
-    md = render_notice(info(), fmt="markdown")
-    assert "## Neue Serveradressen" in md
-    assert "- node-a: neu `https://192.168.1.5:8443/praxis_live/`" in md
-    assert f"```\n{PIN}\n```" in md
-    assert "1. Als Benutzer mit Administrationsrechten anmelden." in md
-    text = render_notice(info())
-    assert "Neue Serveradressen\n-------------------" in text and "`" not in text
+@pytest.mark.parametrize("change", ["rotate-cert", "disable-tls"])
+def test_changes_without_a_password_take_none(change: str) -> None:
+    with pytest.raises(ValueError, match="no password"):
+        render_notice(info(change=change), password=PASSWORD)
+    text = render_notice(info(change=change))
+    assert PIN not in text and "Authentifizierungspasswort eingeben" not in text
+
+
+def test_wording_per_change() -> None:
+    titles = {
+        "enable-tls": "Umstellung auf verschlüsselte Verbindung (https)",
+        "change-password": "Neues Authentifizierungspasswort",
+        "rotate-cert": "Neues Serverzertifikat",
+        "disable-tls": "Rückkehr zur unverschlüsselten Verbindung (http)",
+    }
+    for change, title in titles.items():
+        text = render_notice(info(change=change))
+        assert text.startswith(title), change
+    pw = render_notice(info(change="change-password"))
+    assert "Die Serveradresse bleibt gleich." in pw and "Neue Serveradressen" not in pw
+    assert "Der Passwortwechsel ist für" in pw
 
 
 def test_markdown_escapes_what_the_admin_typed() -> None:
     md = render_notice(info(practice="Praxis *Dr.* [Muster](http://evil)"), fmt="markdown")
     assert "Praxis \\*Dr.\\* \\[Muster\\](http://evil)" in md
-    tricky = "ab`cd"
-    assert "``ab`cd``" in render_notice(info(), fmt="markdown", password=tricky)
+    assert "``ab`cd``" in render_notice(info(), fmt="markdown", password="ab`cd")
 
 
-def test_one_node_a_custom_port_and_no_date() -> None:
-    node = NoticeNode(
-        "node-a",
-        "http://192.168.1.5:8080/praxis_live/",
-        "https://192.168.1.5:8443/praxis_live/",
-        bootstrap_port=9543,
+class _Tags(html.parser.HTMLParser):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tags: set[str] = set()
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        self.tags.add(tag)
+
+
+def test_html_escapes_everything_the_admin_typed() -> None:
+    evil = "<script>alert(1)</script><a href='x'>"
+    page = render_notice(
+        info(practice=evil, contact=evil, password_source=evil, extra=(evil,)),
+        fmt="html",
+        password="<b>&pw",
     )
-    text = render_notice(info(nodes=(node,), start=None, end=None, scope="local"))
-    assert (
-        "Server-Adresse ändern öffnen und https://192.168.1.5:8443/praxis_live/ eintragen" in text
+    assert "<script>" not in page and "<a " not in page
+    assert "&lt;script&gt;" in page and "<code>&lt;b&gt;&amp;pw</code>" in page
+    parser = _Tags()
+    parser.feed(page)
+    assert parser.tags <= {"html", "head", "meta", "title", "body", "h1", "h2", "p", "ul", "ol"} | {
+        "li",
+        "code",
+        "pre",
+        "strong",
+        "!doctype",
+    }
+
+
+def test_zone_abbreviations_and_times() -> None:
+    winter = Timing("done", dt.datetime(2026, 12, 5, 18, 2, tzinfo=BERLIN))
+    summer = Timing("done", dt.datetime(2026, 7, 5, 18, 2, tzinfo=BERLIN))
+    assert "(MEZ)" in when_text(info(timing=winter), "de")
+    assert "(MESZ)" in when_text(info(timing=summer), "de")
+    assert "(CET)" in when_text(info(timing=winter), "en")
+    assert "(CEST)" in when_text(info(timing=summer), "en")
+    same = Timing("done", winter.start, winter.start + dt.timedelta(seconds=20))
+    assert when_text(info(timing=same), "de") == (
+        "Die Umstellung fand am Samstag, 5. Dezember 2026, um 18:02 Uhr (MEZ) statt."
     )
-    assert "Die Abfrage nach Port 9543 einfach bestätigen" in text
-    assert "--bootstrap-port 9543" in text
-    assert "Geplant; der genaue Termin wird noch bekannt gegeben." in text
-    assert "ein einzelner Server-Knoten" in text
-    en = render_notice(info(nodes=(node,), start=None), lang="en")
-    assert "Just confirm the prompt for port 9543" in en and "Planned" in en
-
-
-def test_mixed_ports_name_each_one() -> None:
-    a, b = info().nodes
-    mixed = (a, NoticeNode(b.name, b.old_url, b.new_url, bootstrap_port=9543))
-    text = render_notice(info(nodes=mixed))
-    assert "Port aus der Liste oben eintragen (bei Ihrem Server: 9443, 9543)" in text
-
-
-def test_aware_dates_show_their_zone() -> None:
-    start = dt.datetime(2025, 7, 14, 18, 0, tzinfo=dt.UTC)
-    assert "14.07.2025, 18:00 Uhr (UTC)." in render_notice(info(start=start, end=None))
+    with pytest.raises(ValueError, match="aware"):
+        when_text(info(timing=Timing("done", dt.datetime(2026, 1, 1))), "de")
 
 
 @pytest.mark.parametrize(
     "kwargs",
-    [{"lang": "fr"}, {"fmt": "html"}, {"password": ""}],
+    [{"lang": "fr"}, {"fmt": "pdf"}, {"password": ""}],
 )
 def test_bad_arguments(kwargs: dict[str, str]) -> None:
     with pytest.raises(ValueError):
@@ -151,24 +195,66 @@ def test_bad_arguments(kwargs: dict[str, str]) -> None:
         render_notice(info(nodes=()))
 
 
+# --- the command's input ----------------------------------------------------------------------
+
+
+def test_when_is_read_in_the_practice_zone() -> None:
+    when = notify_cmd.parse_when("2026-12-05 18:00", BERLIN, NOW)
+    assert when == dt.datetime(2026, 12, 5, 17, 0, tzinfo=dt.UTC)
+    assert notify_cmd.parse_when("05.12.2026 18:00", BERLIN, NOW) == when
+
+
 @pytest.mark.parametrize(
-    ("lang", "protects", "pin_adds"),
+    ("text", "message"),
     [
-        (
-            "de",
-            "berechtigt einen Arbeitsplatz, sich mit dem verschlüsselten Server zu verbinden",
-            "Auch wer das Passwort kennt, kann sich dann nicht als Server ausgeben.",
-        ),
-        (
-            "en",
-            "The password lets a workstation join the encrypted server",
-            "even someone who knows the password cannot pose as the server.",
-        ),
+        ("tomorrow", "YYYY-MM-DD HH:MM"),
+        ("2026-13-05 18:00", "YYYY-MM-DD HH:MM"),
+        ("2026-11-01 18:00", "past"),
+        ("2027-03-28 02:30", "does not exist"),
+        ("2027-10-31 02:30", "occurs twice"),
     ],
 )
-def test_the_notice_says_what_the_password_protects_and_what_the_pin_adds(
-    lang: str, protects: str, pin_adds: str
-) -> None:
-    text = " ".join(render_notice(info(), lang=lang).split())
-    assert protects in text and pin_adds in text
-    assert text.index(pin_adds) > text.index(PIN)  # said where the pin is
+def test_bad_when(text: str, message: str) -> None:
+    with pytest.raises(click.BadParameter, match=message):
+        notify_cmd.parse_when(text, BERLIN, NOW)
+
+
+def test_duration() -> None:
+    assert notify_cmd.parse_duration("30m") == dt.timedelta(minutes=30)
+    assert notify_cmd.parse_duration("1h30m") == dt.timedelta(minutes=90)
+    for bad in ("", "0m", "soon", "30", "49h", "-5m", "1d"):
+        with pytest.raises(click.BadParameter):
+            notify_cmd.parse_duration(bad)
+
+
+def test_practice_zone(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("TZ", "UTC")
+    assert notify_cmd.practice_zone(None, "de").key == "Europe/Berlin"  # German default
+    assert notify_cmd.practice_zone(None, "en").key == "UTC"
+    monkeypatch.setenv("TZ", "Europe/Vienna")
+    assert notify_cmd.practice_zone(None, "de").key == "Europe/Vienna"  # the leader's own
+    assert notify_cmd.practice_zone("America/New_York", "de").key == "America/New_York"
+    with pytest.raises(click.BadParameter, match="unknown time zone"):
+        notify_cmd.practice_zone("Mars/Olympus", "de")
+    with pytest.raises(click.BadParameter):
+        notify_cmd.practice_zone("../../etc/passwd", "de")
+
+
+def test_announced_addresses_come_from_the_record_else_the_seed_ports() -> None:
+    known = {
+        "http": ("http://10.0.0.5:8080/praxis_live/", 9443),
+        "https": ("https://10.0.0.5:8443/praxis_live/", 9543),
+    }
+    back = notify_cmd.notice_node("a", Change.DISABLE_TLS, known, "10.0.0.5")
+    assert (back.old_url, back.new_url, back.bootstrap_port, back.path_known) == (
+        "https://10.0.0.5:8443/praxis_live/",
+        "http://10.0.0.5:8080/praxis_live/",
+        9543,
+        True,
+    )
+    first = notify_cmd.notice_node("a", Change.ENABLE_TLS, {}, "10.0.0.5")
+    assert (first.old_url, first.new_url, first.path_known) == (
+        "http://10.0.0.5:8080/…",
+        "https://10.0.0.5:8443/…",
+        False,
+    )

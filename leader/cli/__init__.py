@@ -26,7 +26,8 @@ from leader.cli.base import (
     pass_leader,
     to_dict,
 )
-from leader.cli.password import notify, password_group
+from leader.cli.notify_cmd import notify
+from leader.cli.password import password_group
 from leader.cli.rollout import plan, rollout, schema
 from leader.cli.viewer import viewer
 from tlsroll import pki

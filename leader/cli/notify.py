@@ -1,14 +1,22 @@
-"""The seed's "Notify practice" message: a template for the practice staff, German by default.
+"""The seed's "Notify practice" message: what the practice staff are told, German by default.
 
-``render_notice(info, lang="de"|"en", fmt="text"|"markdown", password=None)`` returns the text:
-what changes and when, each node's new address, the steps at the workstation (the seed's
-Admin → change server address, "Test connection", confirm the bootstrap port, enter the
-password, restart the client), the CA pin for those who can use it and what it adds, what the
-password protects and where to get it (never by e-mail), whom to ask, and a closing line that
-this is a template to adapt.
+``render_notice(info, lang="de"|"en", fmt="text"|"markdown"|"html", password=None)`` returns
+the message for one change (``enable-tls``, ``change-password``, ``rotate-cert``,
+``disable-tls``) at one point of its life (``Timing.phase``):
 
-The password is in it only when passed explicitly; then a warning that the message must not be
-sent by e-mail is the very first line. Pure code: no I/O, no clock.
+* ``announced``: before the switch (``tlsroll notify --when …``): when it will be, what staff
+  must not do meanwhile, what to do afterwards;
+* ``running``: the rollout has started and is not over;
+* ``done``: the rollout is over; the times are the schema's, and nodes it left unchanged are
+  named.
+
+Times are shown in the zone of the datetimes passed in (the CLI converts them to the practice's
+zone) with the zone's abbreviation, MEZ/MESZ in German. The text is meant to go out as it is:
+the reminder that the seed's message is a template to adapt is the CLI's business (stderr), not
+part of the message. The password is in it only when passed explicitly (the CLI checks it
+against the staged verifier first); then a warning not to e-mail the message is the very first
+line. HTML is escaped by Jinja2's autoescape and markupsafe: nothing an admin typed can add
+markup. Pure code: no I/O, no clock.
 """
 
 from __future__ import annotations
@@ -17,87 +25,196 @@ import datetime as dt
 import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Literal
+
+import jinja2
+from markupsafe import Markup, escape
 
 from tlsroll.defaults import BOOTSTRAP_PORT
 
 LANGS = ("de", "en")
-FORMATS = ("text", "markdown")
+FORMATS = ("text", "markdown", "html")
+CHANGES = ("enable-tls", "change-password", "rotate-cert", "disable-tls")
+PHASES = ("announced", "running", "done")
+Phase = Literal["announced", "running", "done"]
 
 
 @dataclass(frozen=True)
 class NoticeNode:
-    """One server node as the practice sees it."""
+    """One server node as the practice sees it.
+
+    ``old_url`` is its address now, ``new_url`` after the change (the same for changes that keep
+    the address). ``path_known`` False: the app path is not known yet (a first switch announced
+    before any agent reported its server), and the URLs end at the port.
+    """
 
     name: str
     old_url: str  # e.g. http://192.168.1.5:8080/praxis_live/
     new_url: str  # e.g. https://192.168.1.5:8443/praxis_live/
     bootstrap_port: int = BOOTSTRAP_PORT
+    path_known: bool = True
+
+
+@dataclass(frozen=True)
+class Timing:
+    """When: ``start`` and ``end`` are aware datetimes in the zone to show; ``end`` None means
+    open (an announcement without a duration, a rollout still running)."""
+
+    phase: Phase
+    start: dt.datetime
+    end: dt.datetime | None = None
 
 
 @dataclass(frozen=True)
 class NoticeInfo:
-    """Everything the message says; ``start``/``end`` None means "planned, date to follow"."""
+    """Everything the message says."""
 
     practice: str  # the practice or cluster label, e.g. "Praxis Dr. Muster"
     nodes: Sequence[NoticeNode]
     ca_pin: str  # sha256:<hex> of the cluster CA's key (public)
-    # Where staff get the password, completing "Sie erhalten das Passwort …" / "You get the
-    # password …" in the message's language, e.g. "persönlich bei Frau Beispiel (Praxis-IT)".
+    # Where staff get the password, completing "Das Authentifizierungspasswort erhalten Sie …"
+    # / "You get the authentication password …", e.g. "persönlich bei Frau Beispiel".
     password_source: str
-    contact: str  # whom to ask, e.g. "Praxis-IT, Tel. 0123 456789"
-    start: dt.datetime | None = None
-    end: dt.datetime | None = None
-    scope: str = "cluster"  # "local" (one node) or "cluster" (the whole multiserver)
+    contact: str  # whom to ask, completing "wenden Sie sich bitte an …" / "please contact …"
+    timing: Timing
+    change: str = "enable-tls"
+    scope: str = "cluster"  # "local" (the leader node), "cluster" or "nodes" (named ones)
+    unchanged: Sequence[str] = ()  # done: the nodes the rollout left as they were
     extra: Sequence[str] = field(default_factory=tuple)  # further notes, one paragraph each
 
 
 # --- wording ------------------------------------------------------------------------------------
+# One table per language. Keys with a change in them exist for every change that uses them;
+# "before" covers announced and running, "after" done.
 
-_DE = {
-    "title": "Umstellung auf verschlüsselte Verbindung (https) – {practice}",
+_DE: dict[str, str] = {
+    "title.enable-tls": "Umstellung auf verschlüsselte Verbindung (https) – {practice}",
+    "title.change-password": (
+        "Neues Authentifizierungspasswort für die Serververbindung – {practice}"
+    ),
+    "title.rotate-cert": "Neues Serverzertifikat – {practice}",
+    "title.disable-tls": "Rückkehr zur unverschlüsselten Verbindung (http) – {practice}",
+    "subject.enable-tls": "Die Umstellung",
+    "subject.change-password": "Der Passwortwechsel",
+    "subject.rotate-cert": "Der Zertifikatswechsel",
+    "subject.disable-tls": "Die Rückumstellung",
     "warning": (
-        "WARNUNG: Diese Nachricht enthält das Authentifizierungspasswort. Sie darf nicht per "
-        "E-Mail versendet werden; geben Sie sie nur persönlich, telefonisch oder auf einem "
+        "WARNUNG: Diese Nachricht enthält das Authentifizierungspasswort. Versenden Sie sie "
+        "nicht per E-Mail, sondern geben Sie sie nur persönlich, telefonisch oder auf einem "
         "anderen sicheren Weg weiter."
     ),
     "what_h": "Was ändert sich?",
-    "what": (
-        "Zum Schutz der Patientendaten wird die Kommunikation zwischen den Arbeitsplätzen "
-        "(Clients) und dem Server künftig verschlüsselt (https, SSL/TLS). Dadurch ändert sich "
-        "die Serveradresse: aus http://…:8080/… wird https://…:8443/…. Jeder Arbeitsplatz muss "
-        "danach einmal auf die neue Adresse umgestellt werden."
+    "what.enable-tls.before": (
+        "Zum Schutz der Patientendaten wird die Verbindung zwischen den Arbeitsplätzen (Clients) "
+        "und dem Server verschlüsselt (https, SSL/TLS). Dadurch ändert sich die Serveradresse. "
+        "Jeder Arbeitsplatz muss danach einmal auf die neue Adresse umgestellt werden."
     ),
-    "what_cluster": "Umgestellt wird der gesamte Multiserver-Verbund.",
-    "what_local": "Umgestellt wird ein einzelner Server-Knoten.",
+    "what.enable-tls.after": (
+        "Zum Schutz der Patientendaten ist die Verbindung zwischen den Arbeitsplätzen (Clients) "
+        "und dem Server jetzt verschlüsselt (https, SSL/TLS). Dadurch hat sich die Serveradresse "
+        "geändert. Jeder Arbeitsplatz muss jetzt einmal auf die neue Adresse umgestellt werden."
+    ),
+    "what.change-password.before": (
+        "Das Authentifizierungspasswort, mit dem ein Arbeitsplatz für die verschlüsselte "
+        "Verbindung eingerichtet wird, wird geändert. Das neue Passwort gilt auf jedem Server "
+        "erst nach dessen Neustart. Die Serveradresse bleibt gleich."
+    ),
+    "what.change-password.after": (
+        "Das Authentifizierungspasswort, mit dem ein Arbeitsplatz für die verschlüsselte "
+        "Verbindung eingerichtet wird, wurde geändert. Die Serveradresse bleibt gleich."
+    ),
+    "what.rotate-cert.before": (
+        "Der Server erhält ein neues Zertifikat für die verschlüsselte Verbindung. Serveradresse "
+        "und Passwort bleiben gleich; an den Arbeitsplätzen ist nichts zu tun."
+    ),
+    "what.rotate-cert.after": (
+        "Der Server hat ein neues Zertifikat für die verschlüsselte Verbindung erhalten. "
+        "Serveradresse und Passwort bleiben gleich; an den Arbeitsplätzen ist nichts zu tun."
+    ),
+    "what.disable-tls.before": (
+        "Die Verbindung zwischen den Arbeitsplätzen (Clients) und dem Server wird wieder auf "
+        "unverschlüsseltes http zurückgestellt. Dadurch gilt wieder die frühere Serveradresse. "
+        "Jeder Arbeitsplatz muss danach einmal auf diese Adresse umgestellt werden."
+    ),
+    "what.disable-tls.after": (
+        "Die Verbindung zwischen den Arbeitsplätzen (Clients) und dem Server wurde wieder auf "
+        "unverschlüsseltes http zurückgestellt. Damit gilt wieder die frühere Serveradresse. "
+        "Jeder Arbeitsplatz muss jetzt einmal auf diese Adresse umgestellt werden."
+    ),
+    "scope.cluster": "Betroffen ist der gesamte Multiserver-Verbund.",
+    "scope.local": "Betroffen ist ein einzelner Server.",
+    "scope.nodes": "Betroffen sind die unten genannten Server.",
     "when_h": "Wann?",
-    "when_range": "Von {start} bis {end}.",
-    "when_start": "Ab {start}.",
-    "when_planned": "Geplant; der genaue Termin wird noch bekannt gegeben.",
-    "when_note": (
-        "Während der Umstellung bitte keine neuen Einträge an den Arbeitsplätzen vornehmen, "
-        "sonst können Daten verloren gehen. Der Server wird dabei neu gestartet; alle "
-        "Arbeitsplätze müssen ihre Verbindung danach neu einrichten."
+    "announced.range_day": "{subject} ist für {day}, von {start} bis {end} geplant.",
+    "announced.range": "{subject} ist von {start_full} bis {end_full} geplant.",
+    "announced.open": "{subject} beginnt am {day}, um {start}.",
+    "running": "{subject} hat am {day}, um {start} begonnen und läuft noch.",
+    "done.range_day": "{subject} fand am {day}, von {start} bis {end} statt.",
+    "done.range": "{subject} fand von {start_full} bis {end_full} statt.",
+    "done.moment": "{subject} fand am {day}, um {start} statt.",
+    "restart.one": "Dabei wird der Server neu gestartet und ist kurz nicht erreichbar.",
+    "restart.many": (
+        "Dabei werden die Server nacheinander neu gestartet und sind jeweils kurz nicht erreichbar."
     ),
-    "nodes_h": "Neue Serveradressen",
-    "node_line": "{name}: neu {new} (bisher {old}), Port für die Einrichtung: {port}",
-    "steps_h": "Was ist an jedem Arbeitsplatz zu tun (nach der Umstellung)?",
+    "entries.announced": (
+        "Bitte schließen Sie Ihre Eingaben vorher ab und nehmen Sie in dieser Zeit keine neuen "
+        "Einträge vor."
+    ),
+    "entries.running": "Bitte nehmen Sie bis zum Abschluss keine neuen Einträge vor.",
+    "unchanged.one": "Für den Server {names} gilt vorerst weiter die bisherige Adresse.",
+    "unchanged.many": "Für die Server {names} gilt vorerst weiter die bisherige Adresse.",
+    "nodes_h.address": "Neue Serveradressen",
+    "nodes_h.same": "Betroffene Server",
+    "node.new.before": "{name}: neu {new} (bisher {old})",
+    "node.new.after": "{name}: neu {new} (vorher {old})",
+    "node.port": "{line}, Port für die Einrichtung: {port}",
+    "node.same": "{name}: {url}",
+    "path_unknown": (
+        "Nur der Anfang der Adresse ändert sich; was nach der Portnummer folgt, bleibt gleich."
+    ),
+    "steps_h.before": "Was ist danach an jedem Arbeitsplatz zu tun?",
+    "steps_h.after": "Was ist jetzt an jedem Arbeitsplatz zu tun?",
+    "steps_h.setup": "So richten Sie einen Arbeitsplatz (neu) ein",
+    "password_steps.before": (
+        "An bereits eingerichteten Arbeitsplätzen ist in der Regel nichts zu tun. Fragt ein "
+        "Arbeitsplatz nach dem Neustart des Servers nach dem Passwort oder wird er neu "
+        "eingerichtet, geben Sie das neue Passwort ein."
+    ),
+    "password_steps.after": (
+        "An bereits eingerichteten Arbeitsplätzen ist in der Regel nichts zu tun. Fragt ein "
+        "Arbeitsplatz nach dem Passwort oder wird er neu eingerichtet, geben Sie das neue "
+        "Passwort ein."
+    ),
     "step_login": "Als Benutzer mit Administrationsrechten anmelden.",
-    "step_menu_one": "In der Menüleiste Admin → Server-Adresse ändern öffnen und {url} eintragen.",
+    "step_menu_one": "In der Menüleiste „Admin → Serveradresse ändern“ öffnen und {url} eintragen.",
     "step_menu_many": (
-        "In der Menüleiste Admin → Server-Adresse ändern öffnen und die neue Adresse Ihres "
+        "In der Menüleiste „Admin → Serveradresse ändern“ öffnen und die neue Adresse Ihres "
         "Servers aus der Liste oben eintragen."
+    ),
+    "step_menu_same": (
+        "In der Menüleiste „Admin → Serveradresse ändern“ öffnen und die Adresse Ihres Servers "
+        "aus der Liste oben eintragen."
+    ),
+    "step_menu_path": (
+        "In der Menüleiste „Admin → Serveradresse ändern“ öffnen und den Anfang der Adresse "
+        "wie in der Liste oben ändern."
     ),
     "step_test": "Auf „Verbindung testen“ klicken.",
     "step_port_default": (
-        "Die Abfrage nach Port {port} einfach bestätigen (nur ändern, wenn Sie ausdrücklich "
-        "einen anderen Port genannt bekommen haben)."
+        "Die Abfrage nach Port {port} einfach bestätigen (nur ändern, wenn Ihnen ausdrücklich "
+        "ein anderer Port genannt wurde)."
     ),
-    "step_port_custom": (
-        "Bei der Port-Abfrage den Port aus der Liste oben eintragen (bei Ihrem Server: {ports})."
-    ),
+    "step_port_custom": "Bei der Abfrage nach dem Port den Port Ihres Servers aus der Liste oben "
+    "eintragen.",
     "step_password": "Das Authentifizierungspasswort eingeben.",
-    "step_restart": (
+    "step_restart.enable-tls": (
         "Den Client neu starten. Damit ist die Umstellung an diesem Arbeitsplatz abgeschlossen."
+    ),
+    "step_restart.change-password": (
+        "Den Client neu starten. Damit ist der Arbeitsplatz eingerichtet."
+    ),
+    "step_restart.disable-tls": (
+        "Den Client neu starten. Damit ist die Rückumstellung an diesem Arbeitsplatz abgeschlossen."
     ),
     "pin_h": "Prüfwert des Zertifikats (für IT-Kundige)",
     "pin": (
@@ -105,107 +222,300 @@ _DE = {
         "Zertifizierungsstelle mit diesem Prüfwert (CA-Pin). Er ist öffentlich und darf "
         "weitergegeben werden:"
     ),
+    "pin_cli": "Mit dem Kommandozeilenwerkzeug geht das so: {cmd}",
     "pin_adds": (
-        "Mit dem Prüfwert vertraut der Arbeitsplatz dem Server allein anhand dieses Werts: "
+        "Mit dem Prüfwert vertraut der Arbeitsplatz dem Server allein anhand dieses Wertes: "
         "Auch wer das Passwort kennt, kann sich dann nicht als Server ausgeben."
     ),
-    "pin_cli": "Mit dem Kommandozeilen-Werkzeug: {cmd}",
     "password_h": "Passwort",
     "password_what": (
-        "Das Passwort berechtigt einen Arbeitsplatz, sich mit dem verschlüsselten Server zu "
-        "verbinden: Mit ihm erhält er die Zertifizierungsstelle des Servers und ein eigenes "
-        "Zertifikat. Arbeitsplatz und Server prüfen das Passwort gemeinsam, ohne es zu "
-        "übertragen; jede falsche Eingabe wird gezählt und ist in der Übersicht der Praxis-IT "
-        "zu sehen, nach einigen lässt der Server warten. Wer das Passwort kennt, kann einen "
-        "PC anschließen und könnte sich anderen im selben Netz gegenüber als Server ausgeben; "
-        "der Prüfwert oben schließt diese Lücke."
+        "Mit dem Passwort wird ein Arbeitsplatz für die verschlüsselte Verbindung eingerichtet: "
+        "Er erhält damit die Zertifizierungsstelle des Servers und ein eigenes Zertifikat. "
+        "Arbeitsplatz und Server prüfen das Passwort gemeinsam, ohne es zu übertragen. Jede "
+        "falsche Eingabe wird gezählt und ist in der Übersicht der Praxis-IT zu sehen; nach "
+        "mehreren Fehlversuchen lässt der Server Sie eine Weile warten. Wer das Passwort kennt, "
+        "kann einen PC anschließen und sich im selben Netz gegenüber anderen Arbeitsplätzen "
+        "als Server ausgeben; der Prüfwert oben schließt diese Lücke."
     ),
     "password_source": (
-        "Das Authentifizierungspasswort erhalten Sie {source}. Es wird nicht per E-Mail "
-        "verschickt; bitte geben Sie es auch selbst nicht per E-Mail oder Chat weiter."
+        "Das Authentifizierungspasswort erhalten Sie {source}, nie per E-Mail. Bitte geben Sie "
+        "es auch selbst nur persönlich oder telefonisch weiter."
     ),
-    "password_value": "Authentifizierungspasswort: {password}",
+    "password_value": "Das Authentifizierungspasswort lautet: {password}",
+    "password_keep": "Bitte geben Sie es nicht per E-Mail oder Chat weiter.",
     "contact_h": "Fragen?",
     "contact": "Bei Fragen oder Problemen wenden Sie sich bitte an {contact}.",
-    "template": (
-        "Hinweis: Diese Nachricht ist eine Vorlage. Bitte passen Sie Formulierungen und Hinweise "
-        "in eigener Verantwortung an Ihre Praxis an, bevor Sie sie weitergeben."
-    ),
-    "date": "%d.%m.%Y, %H:%M Uhr",
+    "time": "{time} Uhr",
+    "zone": "{text} ({zone})",
 }
 
-_EN = {
-    "title": "Switch to an encrypted connection (https) – {practice}",
+_EN: dict[str, str] = {
+    "title.enable-tls": "Switch to an encrypted connection (https) – {practice}",
+    "title.change-password": "New authentication password for the server connection – {practice}",
+    "title.rotate-cert": "New server certificate – {practice}",
+    "title.disable-tls": "Return to the unencrypted connection (http) – {practice}",
+    "subject.enable-tls": "The switch",
+    "subject.change-password": "The password change",
+    "subject.rotate-cert": "The certificate change",
+    "subject.disable-tls": "The switch back",
     "warning": (
         "WARNING: this message contains the authentication password. Do not send it by e-mail; "
         "hand it on only in person, by phone or by another secure channel."
     ),
     "what_h": "What changes?",
-    "what": (
-        "To protect patient data, the traffic between the workstations (clients) and the server "
-        "will be encrypted (https, SSL/TLS). The server address changes: http://…:8080/… becomes "
-        "https://…:8443/…. Every workstation has to be switched to the new address once."
+    "what.enable-tls.before": (
+        "To protect patient data, the connection between the workstations (clients) and the "
+        "server will be encrypted (https, SSL/TLS). This changes the server address. Every "
+        "workstation then has to be switched to the new address once."
     ),
-    "what_cluster": "The whole multiserver is switched.",
-    "what_local": "A single server node is switched.",
+    "what.enable-tls.after": (
+        "To protect patient data, the connection between the workstations (clients) and the "
+        "server is now encrypted (https, SSL/TLS). This has changed the server address. Every "
+        "workstation now has to be switched to the new address once."
+    ),
+    "what.change-password.before": (
+        "The authentication password with which a workstation is set up for the encrypted "
+        "connection will change. On each server the new password takes effect only after that "
+        "server restarts. The server address stays the same."
+    ),
+    "what.change-password.after": (
+        "The authentication password with which a workstation is set up for the encrypted "
+        "connection has changed. The server address stays the same."
+    ),
+    "what.rotate-cert.before": (
+        "The server will receive a new certificate for the encrypted connection. Server address "
+        "and password stay the same; nothing needs to be done at the workstations."
+    ),
+    "what.rotate-cert.after": (
+        "The server has received a new certificate for the encrypted connection. Server address "
+        "and password stay the same; nothing needs to be done at the workstations."
+    ),
+    "what.disable-tls.before": (
+        "The connection between the workstations (clients) and the server will go back to "
+        "unencrypted http. The earlier server address applies again. Every workstation then has "
+        "to be switched to that address once."
+    ),
+    "what.disable-tls.after": (
+        "The connection between the workstations (clients) and the server has gone back to "
+        "unencrypted http. The earlier server address applies again. Every workstation now has "
+        "to be switched to that address once."
+    ),
+    "scope.cluster": "This affects the whole multiserver.",
+    "scope.local": "This affects a single server.",
+    "scope.nodes": "This affects the servers listed below.",
     "when_h": "When?",
-    "when_range": "From {start} to {end}.",
-    "when_start": "From {start}.",
-    "when_planned": "Planned; the exact date will follow.",
-    "when_note": (
-        "During the switch, please make no new entries at the workstations, or data could be "
-        "lost. The server restarts; every workstation has to set up its connection again."
+    "announced.range_day": "{subject} is planned for {day}, from {start} to {end}.",
+    "announced.range": "{subject} is planned from {start_full} to {end_full}.",
+    "announced.open": "{subject} starts on {day}, at {start}.",
+    "running": "{subject} began on {day}, at {start}, and is still in progress.",
+    "done.range_day": "{subject} took place on {day}, from {start} to {end}.",
+    "done.range": "{subject} took place from {start_full} to {end_full}.",
+    "done.moment": "{subject} took place on {day}, at {start}.",
+    "restart.one": "The server restarts and is briefly unavailable.",
+    "restart.many": "The servers restart one after another and are each briefly unavailable.",
+    "entries.announced": (
+        "Please finish your entries beforehand and make no new entries during this time."
     ),
-    "nodes_h": "New server addresses",
-    "node_line": "{name}: new {new} (was {old}), port for the set-up: {port}",
-    "steps_h": "What to do at each workstation (after the switch)",
+    "entries.running": "Please make no new entries until it is complete.",
+    "unchanged.one": "The server {names} keeps its current address for now.",
+    "unchanged.many": "The servers {names} keep their current address for now.",
+    "nodes_h.address": "New server addresses",
+    "nodes_h.same": "Servers concerned",
+    "node.new.before": "{name}: new {new} (currently {old})",
+    "node.new.after": "{name}: new {new} (previously {old})",
+    "node.port": "{line}, port for the set-up: {port}",
+    "node.same": "{name}: {url}",
+    "path_unknown": (
+        "Only the beginning of the address changes; whatever follows the port number stays "
+        "the same."
+    ),
+    "steps_h.before": "What to do at each workstation afterwards",
+    "steps_h.after": "What to do at each workstation now",
+    "steps_h.setup": "How to set up a workstation (again)",
+    "password_steps.before": (
+        "Workstations already set up usually need nothing. If a workstation asks for the "
+        "password after its server has restarted, or is set up again, enter the new password."
+    ),
+    "password_steps.after": (
+        "Workstations already set up usually need nothing. If a workstation asks for the "
+        "password, or is set up again, enter the new password."
+    ),
     "step_login": "Log in as a user with administration rights.",
-    "step_menu_one": "In the menu bar open Admin → Change server address and enter {url}.",
+    "step_menu_one": "In the menu bar open “Admin → Change server address” and enter {url}.",
     "step_menu_many": (
-        "In the menu bar open Admin → Change server address and enter your server's new address "
+        "In the menu bar open “Admin → Change server address” and enter your server's new "
+        "address from the list above."
+    ),
+    "step_menu_same": (
+        "In the menu bar open “Admin → Change server address” and enter your server's address "
         "from the list above."
+    ),
+    "step_menu_path": (
+        "In the menu bar open “Admin → Change server address” and change the beginning of the "
+        "address as in the list above."
     ),
     "step_test": "Click “Test connection”.",
     "step_port_default": (
         "Just confirm the prompt for port {port} (change it only if you were told another port)."
     ),
-    "step_port_custom": "At the port prompt, enter the port from the list above ({ports}).",
+    "step_port_custom": "At the port prompt, enter your server's port from the list above.",
     "step_password": "Enter the authentication password.",
-    "step_restart": "Restart the client. This completes the switch at this workstation.",
+    "step_restart.enable-tls": "Restart the client. This completes the switch at this workstation.",
+    "step_restart.change-password": "Restart the client. The workstation is now set up.",
+    "step_restart.disable-tls": (
+        "Restart the client. This completes the switch back at this workstation."
+    ),
     "pin_h": "Certificate check value (for IT staff)",
     "pin": (
         "If you can check the certificate yourself, compare the certificate authority's key "
         "with this check value (CA pin). It is public and may be passed on freely:"
     ),
+    "pin_cli": "With the command-line tool: {cmd}",
     "pin_adds": (
         "With the check value the workstation trusts the server by this value alone: then "
         "even someone who knows the password cannot pose as the server."
     ),
-    "pin_cli": "With the command-line tool: {cmd}",
     "password_h": "Password",
     "password_what": (
-        "The password lets a workstation join the encrypted server: with it the workstation "
-        "receives the server's certificate authority and a certificate of its own. Workstation "
-        "and server check the password together without sending it; every wrong entry is "
-        "counted and shown to the practice IT, and after a few the server makes you wait. "
-        "Whoever knows the password can connect a PC, and could pose as the server to others on "
-        "the same network; the check value above closes that gap."
+        "The password sets up a workstation for the encrypted connection: with it the "
+        "workstation receives the server's certificate authority and a certificate of its own. "
+        "Workstation and server check the password together without sending it. Every wrong "
+        "entry is counted and shown to the practice IT; after several failed attempts the "
+        "server makes you wait a while. Whoever knows the password can connect a PC and pose "
+        "as the server to other workstations on the same network; the check value above closes "
+        "that gap."
     ),
     "password_source": (
-        "You get the authentication password {source}. It is not sent by e-mail; please do not "
-        "pass it on by e-mail or chat either."
+        "You get the authentication password {source}, never by e-mail. If you pass it on "
+        "yourself, please do so only in person or by phone."
     ),
-    "password_value": "Authentication password: {password}",
+    "password_value": "The authentication password is: {password}",
+    "password_keep": "Please do not pass it on by e-mail or chat.",
     "contact_h": "Questions?",
     "contact": "If you have questions or problems, please contact {contact}.",
-    "template": (
-        "Note: this message is a template. Adapt its wording and notes to your practice, on your "
-        "own responsibility, before you pass it on."
-    ),
-    "date": "%Y-%m-%d %H:%M",
+    "time": "{time}",
+    "zone": "{text} ({zone})",
 }
 
 _WORDS = {"de": _DE, "en": _EN}
+
+_WEEKDAYS = {
+    "de": ("Montag", "Dienstag", "Mittwoch", "Donnerstag", "Freitag", "Samstag", "Sonntag"),
+    "en": ("Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"),
+}
+_MONTHS = {
+    "de": (
+        "Januar",
+        "Februar",
+        "März",
+        "April",
+        "Mai",
+        "Juni",
+        "Juli",
+        "August",
+        "September",
+        "Oktober",
+        "November",
+        "Dezember",
+    ),
+    "en": (
+        "January",
+        "February",
+        "March",
+        "April",
+        "May",
+        "June",
+        "July",
+        "August",
+        "September",
+        "October",
+        "November",
+        "December",
+    ),
+}
+# German names of the abbreviations the tz database uses in English.
+_ZONE_DE = {
+    "CET": "MEZ",
+    "CEST": "MESZ",
+    "WET": "WEZ",
+    "WEST": "WESZ",
+    "EET": "OEZ",
+    "EEST": "OESZ",
+}
+
+# What each change says and asks (wording above): its nodes' addresses change, workstations
+# act, the password and the CA pin matter.
+_ADDRESS_CHANGES = {"enable-tls", "disable-tls"}
+_PASSWORD_MATTERS = {"enable-tls", "change-password"}
+
+
+# --- dates ------------------------------------------------------------------------------------
+
+
+def day_text(when: dt.datetime, lang: str) -> str:
+    """``Samstag, 5. Dezember 2026`` / ``Saturday, 5 December 2026``."""
+    weekday = _WEEKDAYS[lang][when.weekday()]
+    month = _MONTHS[lang][when.month - 1]
+    if lang == "de":
+        return f"{weekday}, {when.day}. {month} {when.year}"
+    return f"{weekday}, {when.day} {month} {when.year}"
+
+
+def zone_text(when: dt.datetime, lang: str) -> str:
+    """The zone's abbreviation at ``when`` (MEZ/MESZ in German, CET/CEST in English)."""
+    name = when.tzname() or "UTC"
+    return _ZONE_DE.get(name, name) if lang == "de" else name
+
+
+def when_text(info: NoticeInfo, lang: str) -> str:
+    """The "Wann?" sentence."""
+    w = _WORDS[lang]
+    t = info.timing
+    subject = w[f"subject.{info.change}"]
+    start, end = t.start, t.end
+    if start.tzinfo is None or (end is not None and end.tzinfo is None):
+        raise ValueError("the notice's times must be aware datetimes")
+    if end is not None and end < start:
+        raise ValueError("the notice's end lies before its start")
+
+    def clock(when: dt.datetime) -> str:
+        return w["time"].format(time=f"{when:%H:%M}")
+
+    same_zone = end is None or zone_text(start, lang) == zone_text(end, lang)
+
+    def zoned(text: str, when: dt.datetime) -> str:
+        return w["zone"].format(text=text, zone=zone_text(when, lang))
+
+    def stamp(when: dt.datetime, with_zone: bool) -> str:
+        return zoned(clock(when), when) if with_zone else clock(when)
+
+    def bare(when: dt.datetime, with_zone: bool) -> str:
+        """The start of a range within a day: "von 18:00 bis 18:30 Uhr (MEZ)", the unit and
+        zone once at the end unless the zone changes in between."""
+        return stamp(when, True) if with_zone else f"{when:%H:%M}"
+
+    if t.phase == "running" or end is None:
+        key = "running" if t.phase == "running" else f"{t.phase}.open"
+        if t.phase == "done":  # done without an end: say when it started
+            key = "done.moment"
+        return w[key].format(subject=subject, day=day_text(start, lang), start=stamp(start, True))
+    minute = dt.timedelta(minutes=1)
+    if t.phase == "done" and end - start < minute and start.minute == end.minute:
+        return w["done.moment"].format(
+            subject=subject, day=day_text(start, lang), start=stamp(start, True)
+        )
+    if start.date() == end.date():
+        return w[f"{t.phase}.range_day"].format(
+            subject=subject,
+            day=day_text(start, lang),
+            start=bare(start, not same_zone),
+            end=stamp(end, True),
+        )
+    return w[f"{t.phase}.range"].format(
+        subject=subject,
+        start_full=f"{day_text(start, lang)}, {stamp(start, not same_zone)}",
+        end_full=f"{day_text(end, lang)}, {stamp(end, True)}",
+    )
 
 
 # --- rendering ----------------------------------------------------------------------------------
@@ -218,153 +528,254 @@ def render_notice(
     fmt: str = "text",
     password: str | None = None,
 ) -> str:
-    """The message for ``info`` in ``lang`` ("de", "en") and ``fmt`` ("text", "markdown")."""
+    """The message for ``info`` in ``lang`` ("de", "en") and ``fmt`` ("text", "markdown",
+    "html"); ValueError for arguments it cannot render."""
     if lang not in LANGS:
         raise ValueError(f"lang must be one of {', '.join(LANGS)}, got {lang!r}")
     if fmt not in FORMATS:
         raise ValueError(f"fmt must be one of {', '.join(FORMATS)}, got {fmt!r}")
+    if info.change not in CHANGES:
+        raise ValueError(f"change must be one of {', '.join(CHANGES)}, got {info.change!r}")
+    if info.timing.phase not in PHASES:
+        raise ValueError(f"phase must be one of {', '.join(PHASES)}, got {info.timing.phase!r}")
     if password is not None and not password:
         raise ValueError("password, when given, must not be empty")
+    if password is not None and info.change not in _PASSWORD_MATTERS:
+        raise ValueError(f"a {info.change} notice has no password to give")
     if not info.nodes:
         raise ValueError("the notice needs at least one node")
     w = _WORDS[lang]
-    md = fmt == "markdown"
-    doc = _Doc(md)
+    doc = _Doc(fmt)
+    change = info.change
+    when = "after" if info.timing.phase == "done" else "before"
+    moves = change in _ADDRESS_CHANGES
 
     if password is not None:
         doc.warning(w["warning"])
-    doc.title(w["title"].format(practice=doc.text(info.practice)))
+    doc.title(w[f"title.{change}"], practice=_Text(info.practice))
 
     doc.heading(w["what_h"])
-    scope = w["what_local"] if info.scope == "local" else w["what_cluster"]
-    doc.para(f"{w['what']} {scope}")
+    doc.para(w[f"what.{change}.{when}"] + " " + w[f"scope.{info.scope}"])
 
     doc.heading(w["when_h"])
-    doc.para(_when(info, w))
-    doc.para(w["when_note"])
+    doc.para(when_text(info, lang))
+    if info.timing.phase != "done":
+        restart = w["restart.many"] if len(info.nodes) > 1 else w["restart.one"]
+        doc.para(restart + " " + w[f"entries.{info.timing.phase}"])
+    elif info.unchanged:
+        many = "many" if len(info.unchanged) > 1 else "one"
+        doc.para(w[f"unchanged.{many}"], names=_Text(", ".join(info.unchanged)))
 
-    doc.heading(w["nodes_h"])
-    doc.bullets(
-        [
-            w["node_line"].format(
-                name=doc.text(n.name),
-                new=doc.code(n.new_url),
-                old=doc.code(n.old_url),
-                port=n.bootstrap_port,
-            )
-            for n in info.nodes
-        ]
-    )
-
-    doc.heading(w["steps_h"])
     ports = sorted({n.bootstrap_port for n in info.nodes})
-    menu = (
-        w["step_menu_one"].format(url=doc.code(info.nodes[0].new_url))
-        if len(info.nodes) == 1
-        else w["step_menu_many"]
-    )
-    port_step = (
-        w["step_port_default"].format(port=ports[0])
-        if len(ports) == 1
-        else w["step_port_custom"].format(ports=", ".join(str(p) for p in ports))
-    )
-    doc.steps(
-        [w["step_login"], menu, w["step_test"], port_step, w["step_password"], w["step_restart"]]
-    )
+    port_shown = change == "enable-tls"
+    doc.heading(w["nodes_h.address" if moves else "nodes_h.same"])
+    lines: list[tuple[str, dict[str, _Value]]] = []
+    for n in info.nodes:
+        if moves:
+            template = w[f"node.new.{when}"]
+            if port_shown:
+                template = w["node.port"].format(line=template, port="{port}")
+            values: dict[str, _Value] = {
+                "name": _Text(n.name),
+                "new": _Code(n.new_url),
+                "old": _Code(n.old_url),
+                "port": _Text(str(n.bootstrap_port)),
+            }
+        else:
+            template = w["node.same"]
+            values = {"name": _Text(n.name), "url": _Code(n.new_url)}
+        lines.append((template, values))
+    doc.bullets(lines)
+    if moves and not all(n.path_known for n in info.nodes):
+        doc.para(w["path_unknown"])
 
-    doc.heading(w["pin_h"])
-    doc.para(w["pin"])
-    doc.block(info.ca_pin)
-    first = info.nodes[0]
-    port_opt = (
-        ""
-        if first.bootstrap_port == BOOTSTRAP_PORT
-        else f" --bootstrap-port {first.bootstrap_port}"
-    )
-    cmd = f"tlsroll client test-connection {first.new_url} --ca-pin {info.ca_pin}{port_opt}"
-    doc.para(w["pin_cli"].format(cmd=doc.code(cmd)))
-    doc.para(w["pin_adds"])
+    if change != "rotate-cert":
+        steps: list[tuple[str, dict[str, _Value]]] = [(w["step_login"], {})]
+        if not all(n.path_known for n in info.nodes):
+            steps.append((w["step_menu_path"], {}))
+        elif len(info.nodes) == 1:
+            steps.append((w["step_menu_one"], {"url": _Code(info.nodes[0].new_url)}))
+        else:
+            steps.append((w["step_menu_many" if moves else "step_menu_same"], {}))
+        steps.append((w["step_test"], {}))
+        if change != "disable-tls":
+            if len(ports) == 1:
+                steps.append((w["step_port_default"], {"port": _Text(str(ports[0]))}))
+            else:
+                steps.append((w["step_port_custom"], {}))
+            steps.append((w["step_password"], {}))
+        steps.append((w[f"step_restart.{change}"], {}))
+        if change == "change-password":
+            doc.heading(w[f"steps_h.{when}"])
+            doc.para(w[f"password_steps.{when}"])
+            doc.heading(w["steps_h.setup"])
+        else:
+            doc.heading(w[f"steps_h.{when}"])
+        doc.steps(steps)
 
-    doc.heading(w["password_h"])
-    doc.para(w["password_what"])
-    doc.para(w["password_source"].format(source=doc.text(info.password_source)))
-    if password is not None:
-        doc.para(w["password_value"].format(password=doc.code(password)))
+    if change in _PASSWORD_MATTERS:
+        doc.heading(w["pin_h"])
+        doc.para(w["pin"])
+        doc.block(info.ca_pin)
+        first = info.nodes[0]
+        port_opt = (
+            ""
+            if first.bootstrap_port == BOOTSTRAP_PORT
+            else f" --bootstrap-port {first.bootstrap_port}"
+        )
+        if first.path_known:
+            cmd = f"tlsroll client test-connection {first.new_url} --ca-pin {info.ca_pin}{port_opt}"
+            doc.para(w["pin_cli"], cmd=_Code(cmd))
+        doc.para(w["pin_adds"])
+
+        doc.heading(w["password_h"])
+        doc.para(w["password_what"])
+        if password is None:
+            doc.para(w["password_source"], source=_Text(info.password_source))
+        else:
+            doc.para(w["password_value"], password=_Code(password))
+            doc.para(w["password_keep"])
 
     doc.heading(w["contact_h"])
-    doc.para(w["contact"].format(contact=doc.text(info.contact)))
+    doc.para(w["contact"], contact=_Text(info.contact))
     for note in info.extra:
-        doc.para(doc.text(note))
-
-    doc.rule()
-    doc.para(w["template"])
-    return doc.render()
+        doc.para("{note}", note=_Text(note))
+    return doc.render(lang)
 
 
-def _when(info: NoticeInfo, w: dict[str, str]) -> str:
-    if info.start is None:
-        return w["when_planned"]
-    start = _date(info.start, w["date"])
-    if info.end is None:
-        return w["when_start"].format(start=start)
-    return w["when_range"].format(start=start, end=_date(info.end, w["date"]))
+# --- output formats -----------------------------------------------------------------------------
 
 
-def _date(when: dt.datetime, pattern: str) -> str:
-    text = when.strftime(pattern)
-    zone = when.tzname() if when.tzinfo is not None else None
-    return f"{text} ({zone})" if zone else text
+@dataclass(frozen=True)
+class _Text:
+    """A value the admin typed: plain words, escaped per format."""
 
+    value: str
+
+
+@dataclass(frozen=True)
+class _Code:
+    """An address, a command, a password: shown verbatim (code in Markdown and HTML)."""
+
+    value: str
+
+
+_Value = _Text | _Code
 
 _MD_SPECIAL = re.compile(r"([\\`*_\[\]<>#|~])")
 
+_HTML = jinja2.Environment(autoescape=True, keep_trailing_newline=True).from_string(
+    """<!DOCTYPE html>
+<html lang="{{ lang }}">
+<head>
+<meta charset="utf-8">
+<title>{{ title }}</title>
+</head>
+<body style="font-family: Arial, Helvetica, sans-serif; font-size: 15px; line-height: 1.45; \
+color: #1a1a1a; max-width: 46em;">
+{% for kind, content in blocks -%}
+{% if kind == "warning" -%}
+<p style="border: 2px solid #b00020; padding: 0.6em; color: #b00020;"><strong>{{ content }}\
+</strong></p>
+{% elif kind == "title" -%}
+<h1 style="font-size: 1.4em;">{{ content }}</h1>
+{% elif kind == "heading" -%}
+<h2 style="font-size: 1.15em; margin-top: 1.4em;">{{ content }}</h2>
+{% elif kind == "para" -%}
+<p>{{ content }}</p>
+{% elif kind == "bullets" -%}
+<ul>
+{% for item in content %}<li>{{ item }}</li>
+{% endfor %}</ul>
+{% elif kind == "steps" -%}
+<ol>
+{% for item in content %}<li>{{ item }}</li>
+{% endfor %}</ol>
+{% elif kind == "block" -%}
+<pre style="font-size: 0.95em; background: #f2f2f2; padding: 0.5em;">{{ content }}</pre>
+{% endif -%}
+{% endfor -%}
+</body>
+</html>
+"""
+)
+
 
 class _Doc:
-    """Paragraphs and lists, as plain text or as Markdown."""
+    """Headings, paragraphs and lists, as plain text, Markdown or HTML.
 
-    def __init__(self, markdown: bool) -> None:
-        self.md = markdown
-        self.parts: list[str] = []
+    Templates are ours; values (``_Text``, ``_Code``) are escaped for the format, and in HTML
+    the template's own text too (markupsafe's ``Markup.format`` escapes what it fills in)."""
 
-    def text(self, value: str) -> str:
-        """User-supplied text: escaped in Markdown so it cannot add formatting or links."""
-        value = " ".join(value.split())
-        return _MD_SPECIAL.sub(r"\\\1", value) if self.md else value
+    def __init__(self, fmt: str) -> None:
+        self.fmt = fmt
+        self.parts: list[tuple[str, object]] = []
+        self.title_text = ""
 
-    def code(self, value: str) -> str:
-        if not self.md:
-            return value
-        longest = max((len(m) for m in re.findall(r"`+", value)), default=0)
-        fence = "`" * (longest + 1)
-        pad = " " if value.startswith("`") or value.endswith("`") else ""
-        return f"{fence}{pad}{value}{pad}{fence}"
+    def _value(self, v: _Value) -> object:
+        if isinstance(v, _Text):
+            text = " ".join(v.value.split())
+            if self.fmt == "markdown":
+                return _MD_SPECIAL.sub(r"\\\1", text)
+            return text  # html: escaped by Markup.format
+        if self.fmt == "markdown":
+            longest = max((len(m) for m in re.findall(r"`+", v.value)), default=0)
+            fence = "`" * (longest + 1)
+            pad = " " if v.value.startswith("`") or v.value.endswith("`") else ""
+            return f"{fence}{pad}{v.value}{pad}{fence}"
+        if self.fmt == "html":
+            return Markup("<code>{}</code>").format(v.value)
+        return v.value
+
+    def fill(self, template: str, values: dict[str, _Value]) -> object:
+        filled = {k: self._value(v) for k, v in values.items()}
+        if self.fmt == "html":
+            return escape(template).format(**filled)
+        return template.format(**filled)
 
     def warning(self, line: str) -> None:
-        self.parts.append(f"**{line}**" if self.md else line)
+        self.parts.append(("warning", self.fill(line, {})))
 
-    def title(self, line: str) -> None:
-        if self.md:
-            self.parts.append(f"# {line}")
-        else:
-            self.parts.append(f"{line}\n{'=' * len(line)}")
+    def title(self, template: str, **values: _Value) -> None:
+        self.title_text = template.format(**{k: v.value for k, v in values.items()})
+        self.parts.append(("title", self.fill(template, values)))
 
     def heading(self, line: str) -> None:
-        self.parts.append(f"## {line}" if self.md else f"{line}\n{'-' * len(line)}")
+        self.parts.append(("heading", self.fill(line, {})))
 
-    def para(self, line: str) -> None:
-        self.parts.append(line)
+    def para(self, template: str, **values: _Value) -> None:
+        self.parts.append(("para", self.fill(template, values)))
 
-    def bullets(self, items: Sequence[str]) -> None:
-        self.parts.append("\n".join(f"- {i}" for i in items))
+    def bullets(self, items: Sequence[tuple[str, dict[str, _Value]]]) -> None:
+        self.parts.append(("bullets", [self.fill(t, v) for t, v in items]))
 
-    def steps(self, items: Sequence[str]) -> None:
-        self.parts.append("\n".join(f"{n}. {i}" for n, i in enumerate(items, 1)))
+    def steps(self, items: Sequence[tuple[str, dict[str, _Value]]]) -> None:
+        self.parts.append(("steps", [self.fill(t, v) for t, v in items]))
 
     def block(self, value: str) -> None:
-        self.parts.append(f"```\n{value}\n```" if self.md else f"    {value}")
+        self.parts.append(("block", value))
 
-    def rule(self) -> None:
-        self.parts.append("---" if self.md else "-" * 40)
+    def render(self, lang: str) -> str:
+        if self.fmt == "html":
+            return _HTML.render(lang=lang, title=self.title_text, blocks=self.parts)
+        return "\n\n".join(self._plain(kind, content) for kind, content in self.parts) + "\n"
 
-    def render(self) -> str:
-        return "\n\n".join(self.parts) + "\n"
+    def _plain(self, kind: str, content: object) -> str:
+        md = self.fmt == "markdown"
+        if kind == "warning":
+            return f"**{content}**" if md else str(content)
+        if kind == "title":
+            line = str(content)
+            return f"# {line}" if md else f"{line}\n{'=' * len(line)}"
+        if kind == "heading":
+            line = str(content)
+            return f"## {line}" if md else f"{line}\n{'-' * len(line)}"
+        if kind == "bullets":
+            assert isinstance(content, list)
+            return "\n".join(f"- {i}" for i in content)
+        if kind == "steps":
+            assert isinstance(content, list)
+            return "\n".join(f"{n}. {i}" for n, i in enumerate(content, 1))
+        if kind == "block":
+            return f"```\n{content}\n```" if md else f"    {content}"
+        return str(content)

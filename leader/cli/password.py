@@ -1,4 +1,4 @@
-"""``tlsroll password set`` and ``tlsroll notify``, and how the CLI gets a password.
+"""``tlsroll password set``, and how the CLI gets a password.
 
 The password is turned into its scrypt verifier here, in the CLI: the leader daemon and the
 nodes only ever see the verifier. A password the admin chose (``--password-file``) must meet
@@ -8,17 +8,13 @@ printed once, to a terminal, and never again; nothing stores it.
 
 from __future__ import annotations
 
-import datetime as dt
 import sys
 from pathlib import Path
 
 import click
 
 from leader import password_policy
-from leader.cli.base import CLIError, Leader, fetch_schema, out, pass_leader
-from leader.cli.notify import NoticeInfo, NoticeNode, render_notice
-from leader.rollout_core import Change, ScopeKind
-from leader.wire import CHANGE, SCOPE_KIND
+from leader.cli.base import Leader, out, pass_leader
 from tlsroll import password
 from tlsroll.v1 import admin_pb2
 
@@ -91,77 +87,3 @@ def password_set(leader: Leader, password_file: Path | None, generate: bool) -> 
             + ", ".join(reply.pending_nodes)
         )
         out.print("Apply it with: tlsroll rollout start --change change-password --scope cluster")
-
-
-@click.command()
-@click.option("--lang", type=click.Choice(["de", "en"]), default="de", show_default=True)
-@click.option(
-    "--format", "fmt", type=click.Choice(["text", "markdown"]), default="text", show_default=True
-)
-@click.option("--practice", default="Praxis", show_default=True, help="Name for the title.")
-@click.option("--contact", default="", help="Whom to ask (name, phone).")
-@click.option(
-    "--password-source",
-    default="",
-    help='Where staff get the password, e.g. "persönlich bei der Praxis-IT".',
-)
-@click.option(
-    "--include-password",
-    is_flag=True,
-    help="Put the password into the message (with a warning not to e-mail it).",
-)
-@click.option(
-    "--password-file",
-    type=click.Path(path_type=Path, dir_okay=False),
-    help="With --include-password: read it from this file (the file's only line) instead of "
-    "asking.",
-)
-@pass_leader
-def notify(
-    leader: Leader,
-    lang: str,
-    fmt: str,
-    practice: str,
-    contact: str,
-    password_source: str,
-    include_password: bool,
-    password_file: Path | None,
-) -> None:
-    """Print the "Notify practice" message for the staff: a template to adapt."""
-    rollouts = [
-        r for r in fetch_schema(leader).rollouts if r.change == CHANGE.wire(Change.ENABLE_TLS)
-    ]
-    if not rollouts:
-        raise CLIError("no enable-tls rollout yet: plan one with `tlsroll plan --scope cluster`")
-    r = rollouts[0]
-    with leader.admin() as admin:
-        ca = leader.call(admin.GetCA, admin_pb2.GetCARequest())
-    secret = None
-    if include_password:
-        secret = (
-            read_password_file(password_file)
-            if password_file
-            else click.prompt("Password to include", hide_input=True)
-        )
-    started = r.started_at.ToDatetime(tzinfo=dt.UTC) if r.HasField("started_at") else None
-    ended = r.ended_at.ToDatetime(tzinfo=dt.UTC) if r.HasField("ended_at") else None
-    default_source = (
-        "persönlich bei Ihrer Praxis-IT (nicht per E-Mail)"
-        if lang == "de"
-        else "in person from your practice IT (not by e-mail)"
-    )
-    info = NoticeInfo(
-        practice=practice,
-        nodes=[
-            NoticeNode(n.name, n.old_url, n.new_url, n.bootstrap_port or 9443)
-            for n in r.nodes
-            if n.new_url
-        ],
-        ca_pin=ca.spki_pin,
-        password_source=password_source or default_source,
-        contact=contact or ("Ihre Praxis-IT" if lang == "de" else "your practice IT"),
-        start=started,
-        end=ended,
-        scope="local" if r.scope == SCOPE_KIND.wire(ScopeKind.LOCAL) else "cluster",
-    )
-    click.echo(render_notice(info, lang=lang, fmt=fmt, password=secret))

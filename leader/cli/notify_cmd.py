@@ -1,0 +1,459 @@
+"""``tlsroll notify``: the "Notify practice" message, before a switch and after it.
+
+Before: ``--when "2026-12-05 18:00" [--duration 30m]`` announces a change for a scope; the
+leader plans it (nothing is stored) and the nodes' addresses come from what the schema last
+recorded for them, else from their enrolled address with the seed's ports. After (or while it
+runs): the newest rollout, or ``--rollout ID``, with the schema's real times and the nodes it
+switched. Times are shown in the practice's zone: ``--timezone``, else the leader's own (``TZ``,
+``/etc/timezone``, ``/etc/localtime``); a leader on UTC gives a German notice Europe/Berlin.
+
+``--include-password`` puts a password into the message only if it is the newest staged one
+(``Admin.CheckPassword``: the leader compares a hash derived here; the password never leaves
+this process).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import re
+import sys
+import zoneinfo
+from collections.abc import Sequence
+from pathlib import Path
+from urllib.parse import urlsplit
+
+import click
+
+from leader.cli.base import CLIError, Leader, fetch_schema, pass_leader
+from leader.cli.notify import CHANGES, NoticeInfo, NoticeNode, Timing, render_notice
+from leader.cli.password import read_password_file
+from leader.rollout_core import Change, FreezeMode, NodeState, RolloutState, ScopeKind
+from leader.wire import CHANGE, FREEZE, NODE_STATE, ROLLOUT_STATE, SCOPE_KIND
+from tlsroll import password
+from tlsroll.defaults import BOOTSTRAP_PORT
+from tlsroll.v1 import admin_pb2, schema_pb2
+
+GERMAN_DEFAULT_ZONE = "Europe/Berlin"
+DEFAULT_SOURCE = {"de": "persönlich bei Ihrer Praxis-IT", "en": "in person from your practice IT"}
+_UTC_NAMES = {"UTC", "Etc/UTC", "Etc/UCT", "UCT", "Etc/Universal", "Universal", "Zulu", "Etc/Zulu"}
+_UTC_NAMES |= {"GMT", "Etc/GMT", "Etc/GMT0", "Etc/GMT+0", "Etc/GMT-0", "GMT0", "Etc/Greenwich"}
+HTTP_PORT, HTTPS_PORT = 8080, 8443  # the seed's, for nodes no agent has reported yet
+MAX_DURATION = dt.timedelta(days=2)
+_WHEN_FORMATS = ("%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M", "%d.%m.%Y %H:%M")
+_DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?$")
+_ACTIVE = {RolloutState.RUNNING, RolloutState.PAUSED, RolloutState.ABORTING, RolloutState.HALTING}
+_NOT_SWITCHED = {
+    NodeState.FAILED,
+    NodeState.ROLLED_BACK,
+    NodeState.NEEDS_ATTENTION,
+    NodeState.PENDING,
+    NodeState.PREFLIGHT,
+    NodeState.STAGING,
+    NodeState.STAGED,
+    NodeState.SWITCHING,
+    NodeState.CONFIRMING,
+}
+
+
+# --- parsing the options --------------------------------------------------------------------
+
+
+def local_zone_name() -> str | None:
+    """The leader's own zone as an IANA key, or None if it cannot be told."""
+    tz = os.environ.get("TZ", "").removeprefix(":")
+    if tz:
+        return tz
+    try:
+        name = Path("/etc/timezone").read_text(encoding="utf-8").strip()
+    except OSError:
+        name = ""
+    if name:
+        return name
+    try:
+        target = os.readlink("/etc/localtime")
+    except OSError:
+        return None
+    _, sep, key = target.partition("zoneinfo/")
+    return key if sep else None
+
+
+def practice_zone(option: str | None, lang: str) -> zoneinfo.ZoneInfo:
+    """``--timezone``, else the leader's zone; a German notice on a UTC (or unknown) leader
+    uses Europe/Berlin. A bad name is a usage error."""
+    name = option
+    if name is None:
+        name = local_zone_name()
+        if lang == "de" and (name is None or name in _UTC_NAMES):
+            name = GERMAN_DEFAULT_ZONE
+        name = name or "UTC"
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+        if option is None:  # the machine's own setting is odd: say so, not "bad option"
+            raise click.UsageError(
+                f"this machine's time zone {name!r} is unknown; give --timezone, e.g. Europe/Berlin"
+            ) from None
+        raise click.BadParameter(
+            f"unknown time zone {option!r}; use a name like Europe/Berlin",
+            param_hint="--timezone",
+        ) from None
+
+
+def parse_when(text: str, zone: zoneinfo.ZoneInfo, now: dt.datetime) -> dt.datetime:
+    """``--when`` in ``zone``: a time that exists once there and lies ahead."""
+    naive = None
+    for pattern in _WHEN_FORMATS:
+        try:
+            naive = dt.datetime.strptime(text.strip(), pattern)
+            break
+        except ValueError:
+            continue
+    if naive is None:
+        raise click.BadParameter(
+            f"{text!r}: give date and time as YYYY-MM-DD HH:MM, e.g. 2026-12-05 18:00",
+            param_hint="--when",
+        )
+    when = naive.replace(tzinfo=zone)
+    back = when.astimezone(dt.UTC).astimezone(zone).replace(tzinfo=None)
+    if back != naive:
+        raise click.BadParameter(
+            f"{text} does not exist in {zone.key} (the clocks skip it); pick another time",
+            param_hint="--when",
+        )
+    if when.utcoffset() != naive.replace(tzinfo=zone, fold=1).utcoffset():
+        raise click.BadParameter(
+            f"{text} occurs twice in {zone.key} (the clocks go back); pick another time",
+            param_hint="--when",
+        )
+    if when <= now:
+        raise click.BadParameter(f"{text} ({zone.key}) lies in the past", param_hint="--when")
+    return when
+
+
+def parse_duration(text: str) -> dt.timedelta:
+    """``30m``, ``2h``, ``1h30m``: more than nothing, at most two days."""
+    m = _DURATION.match(text.strip())
+    if not m or not any(m.groups()):
+        raise click.BadParameter(f"{text!r}: use e.g. 30m, 2h or 1h30m", param_hint="--duration")
+    span = dt.timedelta(hours=int(m.group(1) or 0), minutes=int(m.group(2) or 0))
+    if not dt.timedelta(0) < span <= MAX_DURATION:
+        raise click.BadParameter(
+            f"{text!r}: give more than 0 minutes and at most 48 hours", param_hint="--duration"
+        )
+    return span
+
+
+# --- what the notice is about -----------------------------------------------------------------
+
+
+def _dt(msg: object, name: str) -> dt.datetime | None:
+    if not msg.HasField(name):  # type: ignore[attr-defined]
+        return None
+    value: dt.datetime = getattr(msg, name).ToDatetime(tzinfo=dt.UTC)
+    return value
+
+
+def _split(url: str) -> tuple[str, str]:
+    """(scheme, url) of a recorded address."""
+    return urlsplit(url).scheme, url
+
+
+def known_urls(schema: schema_pb2.Schema) -> dict[str, dict[str, tuple[str, int]]]:
+    """Per node, its http and https URL (with the bootstrap port) as last recorded."""
+    found: dict[str, dict[str, tuple[str, int]]] = {}
+    for r in schema.rollouts:  # newest first: the first record wins
+        for n in r.nodes:
+            urls = found.setdefault(n.name, {})
+            for url in (n.old_url, n.new_url):
+                if url:
+                    scheme, _ = _split(url)
+                    urls.setdefault(scheme, (url, n.bootstrap_port or BOOTSTRAP_PORT))
+    return found
+
+
+def notice_node(
+    name: str,
+    change: Change,
+    known: dict[str, tuple[str, int]],
+    address: str,
+) -> NoticeNode:
+    """The node's addresses before and after ``change``."""
+    http, https = known.get("http"), known.get("https")
+    port = (https or (None, BOOTSTRAP_PORT))[1]
+    if http and https:
+        path_known = True
+        http_url, https_url = http[0], https[0]
+    else:
+        path_known = False
+        host = f"[{address}]" if ":" in address else address
+        http_url = http[0] if http else f"http://{host}:{HTTP_PORT}/…"
+        https_url = https[0] if https else f"https://{host}:{HTTPS_PORT}/…"
+    if change is Change.ENABLE_TLS:
+        return NoticeNode(name, http_url, https_url, port, path_known)
+    if change is Change.DISABLE_TLS:
+        return NoticeNode(name, https_url, http_url, port, path_known)
+    return NoticeNode(name, https_url, https_url, port, path_known)
+
+
+def node_addresses(leader: Leader) -> dict[str, str]:
+    with leader.admin() as admin:
+        reply = leader.call(admin.ListNodes, admin_pb2.ListNodesRequest())
+    return {n.name: (n.addresses[0] if n.addresses else n.name) for n in reply.nodes}
+
+
+def plan_request(change: Change, scope: str | None, nodes: str | None) -> admin_pb2.RolloutRequest:
+    names = [n.strip() for n in (nodes or "").split(",") if n.strip()]
+    if change is Change.DISABLE_TLS:
+        if scope or names:
+            raise click.UsageError(
+                "disable-tls takes its nodes from the rollout it takes back; drop --scope/--nodes"
+            )
+        return admin_pb2.RolloutRequest(
+            change=CHANGE.wire(change), freeze=FREEZE.wire(FreezeMode.NODE)
+        )
+    if scope is None:
+        scope = "nodes" if names else "cluster"
+    if (scope == "nodes") != bool(names):
+        raise click.UsageError("--nodes a,b goes with --scope nodes (or without --scope)")
+    return admin_pb2.RolloutRequest(
+        change=CHANGE.wire(change),
+        scope=SCOPE_KIND.wire(ScopeKind(scope)),
+        nodes=names,
+        freeze=FREEZE.wire(FreezeMode.NODE),
+    )
+
+
+def pick_rollout(schema: schema_pb2.Schema, rollout_id: str | None) -> schema_pb2.RolloutView:
+    rollouts = list(schema.rollouts)
+    if rollout_id:
+        rollouts = [r for r in rollouts if r.id == rollout_id]
+        if not rollouts:
+            raise CLIError(f"no rollout {rollout_id!r}: see `tlsroll schema show`")
+    if not rollouts:
+        raise CLIError(
+            "no rollout yet: announce one with "
+            '`tlsroll notify --when "YYYY-MM-DD HH:MM" [--duration 30m]`'
+        )
+    return rollouts[0]
+
+
+# --- the password -----------------------------------------------------------------------------
+
+
+def check_staged(leader: Leader, secret: str) -> None:
+    """CLIError unless ``secret`` is the newest staged password (Admin.CheckPassword)."""
+    with leader.admin() as admin:
+        params = leader.call(admin.CheckPassword, admin_pb2.CheckPasswordRequest())
+        try:
+            digest = password.derive_hash(
+                secret, salt=params.salt, n=params.n, r=params.r, p=params.p, dklen=params.dklen
+            )
+        except ValueError as exc:
+            raise CLIError(f"the leader's password parameters are unusable: {exc}") from None
+        reply = leader.call(
+            admin.CheckPassword,
+            admin_pb2.CheckPasswordRequest(candidate_hash=digest, version=params.version),
+        )
+    if not reply.matches:
+        raise CLIError(
+            f"that is not the staged password (version {reply.version}); the notice would "
+            "give the practice a wrong one. Check the file, or stage it with "
+            "`tlsroll password set`"
+        )
+
+
+# --- the command ------------------------------------------------------------------------------
+
+
+@click.command()
+@click.option("--lang", type=click.Choice(["de", "en"]), default="de", show_default=True)
+@click.option(
+    "--format",
+    "fmt",
+    type=click.Choice(["text", "markdown", "html"]),
+    default="text",
+    show_default=True,
+    help="html: for e-mail programs (one page, inline styles, everything escaped).",
+)
+@click.option(
+    "--when",
+    help="Announce a switch that has not started: its start in the practice's time zone, e.g. "
+    '"2026-12-05 18:00". Without it the notice is about the newest (or --rollout) rollout.',
+)
+@click.option("--duration", help="With --when: how long it is planned to take, e.g. 30m, 1h30m.")
+@click.option(
+    "--change",
+    type=click.Choice(CHANGES),
+    help="With --when: what is announced [default: enable-tls].",
+)
+@click.option(
+    "--scope",
+    type=click.Choice(["local", "cluster", "nodes"]),
+    help="With --when: which nodes [default: cluster].",
+)
+@click.option("--nodes", help="With --when: comma-separated node names (scope 'nodes').")
+@click.option("--rollout", "rollout_id", help="Without --when: this rollout, not the newest.")
+@click.option(
+    "--timezone",
+    "tz_name",
+    help="Time zone of the times shown, e.g. Europe/Berlin [default: the leader's; a German "
+    "notice on a UTC leader: Europe/Berlin].",
+)
+@click.option("--practice", default="Praxis", show_default=True, help="Name for the title.")
+@click.option("--contact", default="", help="Whom to ask (name, phone).")
+@click.option(
+    "--password-source",
+    default="",
+    help='Where staff get the password, e.g. "persönlich bei Frau Beispiel".',
+)
+@click.option(
+    "--include-password",
+    is_flag=True,
+    help="Put the password into the message (only the staged one; with a warning not to "
+    "e-mail it).",
+)
+@click.option(
+    "--password-file",
+    type=click.Path(path_type=Path, dir_okay=False),
+    help="With --include-password: read it from this file (the file's only line) instead of "
+    "asking.",
+)
+@pass_leader
+def notify(
+    leader: Leader,
+    lang: str,
+    fmt: str,
+    when: str | None,
+    duration: str | None,
+    change: str | None,
+    scope: str | None,
+    nodes: str | None,
+    rollout_id: str | None,
+    tz_name: str | None,
+    practice: str,
+    contact: str,
+    password_source: str,
+    include_password: bool,
+    password_file: Path | None,
+) -> None:
+    """Print the "Notify practice" message for the staff, before or after a switch."""
+    if when is None:
+        for name, value in (
+            ("--duration", duration),
+            ("--change", change),
+            ("--scope", scope),
+            ("--nodes", nodes),
+        ):
+            if value is not None:
+                raise click.UsageError(f"{name} goes with --when (an announced switch)")
+    elif rollout_id is not None:
+        raise click.UsageError("--rollout names a rollout that exists; --when announces one")
+    if password_file is not None and not include_password:
+        raise click.UsageError("--password-file goes with --include-password")
+    zone = practice_zone(tz_name, lang)
+    now = dt.datetime.now(dt.UTC)
+    start = parse_when(when, zone, now) if when is not None else None
+    span = parse_duration(duration) if duration is not None else None
+    if include_password and change in ("rotate-cert", "disable-tls"):
+        raise click.UsageError(f"a {change} notice has no password to give")
+
+    schema = fetch_schema(leader)
+    known = known_urls(schema)
+    unchanged: list[str] = []
+    if start is not None:
+        the_change = Change(change or "enable-tls")
+        with leader.admin() as admin:
+            plan = leader.call(admin.PlanRollout, plan_request(the_change, scope, nodes)).rollout
+        addresses = node_addresses(leader)
+        names = [
+            n.name for n in plan.nodes if NODE_STATE.read(n.state, "state") is not NodeState.SKIPPED
+        ]
+        if not names:
+            raise CLIError(f"{the_change.value} would change no node: nothing to announce")
+        notice_nodes = [
+            notice_node(n, the_change, known.get(n, {}), addresses.get(n, n)) for n in names
+        ]
+        timing = Timing("announced", start, start + span if span else None)
+        kind = SCOPE_KIND.read_optional(plan.scope, "scope")
+    else:
+        r = pick_rollout(schema, rollout_id)
+        the_change = CHANGE.read(r.change, "change")
+        state = ROLLOUT_STATE.read(r.state, "state")
+        started = _dt(r, "started_at") or _dt(r, "created_at")
+        assert started is not None
+        running = state in _ACTIVE
+        records = [
+            (n, NODE_STATE.read(n.state, "state"))
+            for n in r.nodes
+            if NODE_STATE.read(n.state, "state") is not NodeState.SKIPPED
+        ]
+        shown = [n for n, s in records if running or s is NodeState.DONE]
+        unchanged = [] if running else [n.name for n, s in records if s in _NOT_SWITCHED]
+        if not shown:
+            raise CLIError(
+                f"rollout {r.id} ({state.value}) changed no node: nothing to tell the practice"
+            )
+        addresses = node_addresses(leader) if any(not n.new_url for n in shown) else {}
+        notice_nodes = [
+            _recorded_node(n, the_change, known.get(n.name, {}), addresses.get(n.name, n.name))
+            for n in shown
+        ]
+        end = None if running else _dt(r, "ended_at")
+        timing = Timing(
+            "running" if running else "done",
+            started.astimezone(zone),
+            end.astimezone(zone) if end else None,
+        )
+        kind = SCOPE_KIND.read_optional(r.scope, "scope")
+
+    secret = None
+    if include_password:
+        if the_change not in (Change.ENABLE_TLS, Change.CHANGE_PASSWORD):
+            raise click.UsageError(f"a {the_change.value} notice has no password to give")
+        if start is not None and the_change is Change.ENABLE_TLS:
+            raise click.UsageError(
+                "enable-tls sets its password when it starts (rollout start --password-file): "
+                "include it in the notice after the start, or leave out --include-password"
+            )
+        secret = (
+            read_password_file(password_file)
+            if password_file
+            else click.prompt("Password to include", hide_input=True, err=True)
+        )
+        check_staged(leader, secret)
+
+    with leader.admin() as admin:
+        ca = leader.call(admin.GetCA, admin_pb2.GetCARequest())
+    info = NoticeInfo(
+        practice=practice,
+        nodes=notice_nodes,
+        ca_pin=ca.spki_pin,
+        password_source=password_source or DEFAULT_SOURCE[lang],
+        contact=contact or ("Ihre Praxis-IT" if lang == "de" else "your practice IT"),
+        timing=timing,
+        change=the_change.value,
+        scope=kind.value if kind is not None else "cluster",
+        unchanged=unchanged,
+    )
+    click.echo(render_notice(info, lang=lang, fmt=fmt, password=secret), nl=False)
+    _remind(include_password)
+
+
+def _recorded_node(
+    n: schema_pb2.NodeView, change: Change, known: dict[str, tuple[str, int]], address: str
+) -> NoticeNode:
+    if n.old_url and n.new_url:
+        return NoticeNode(n.name, n.old_url, n.new_url, n.bootstrap_port or BOOTSTRAP_PORT)
+    return notice_node(n.name, change, known, address)
+
+
+def _remind(with_password: bool) -> None:
+    notes: Sequence[str] = [
+        "the notice is a template (seed): adapt it to the practice before sending it"
+    ]
+    if with_password:
+        notes = [*notes, "it contains the password: do not send it by e-mail"]
+    for note in notes:
+        click.echo(f"tlsroll: note: {note}", err=True)
+    sys.stderr.flush()

@@ -1,0 +1,196 @@
+"""The edges of the daemons, tried as a local attacker would (real processes throughout):
+private store files, the audit actor from the kernel, the reference server's socket directory,
+and secret files and inline secrets in configs.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import shutil
+import socket
+import sqlite3
+import stat
+import subprocess
+import sys
+import tempfile
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+
+from tests.cluster import Cluster, child_env
+from tests.conftest import next_loopback
+from tests.refserver_helper import RefServer
+from tlsroll.v1 import admin_pb2, admin_pb2_grpc
+
+# Public by design: certificates, the leader's config (paths and ports, no secret), the socket
+# and run directory meant for the admin group, and what the tests themselves write.
+PUBLIC_NAMES = {"ca.pem", "leader.pem", "viewer.pem", "node.pem", "leader.toml", "refserver.pid"}
+
+
+def readable_by_others(root: Path) -> list[str]:
+    """Every file under ``root`` (not a public one) that group or others may read or write."""
+    found = []
+    for path in sorted(root.rglob("*")):
+        st = path.lstat()
+        if stat.S_ISDIR(st.st_mode) or stat.S_ISSOCK(st.st_mode) or path.name in PUBLIC_NAMES:
+            continue
+        if st.st_mode & 0o077:
+            found.append(f"{path.relative_to(root)} {stat.S_IMODE(st.st_mode):04o}")
+    return found
+
+
+# --- 1. every store file 0600 -------------------------------------------------------------------
+
+
+def test_store_files_of_leader_agent_and_refserver_are_private(tmp_path: Path) -> None:
+    """Under umask 000 (the loosest an operator could run with) a leader, an agent and a
+    reference server create their SQLite files and ``-wal``/``-shm`` 0600; nothing else in
+    their data directories is open to group or others."""
+    old = os.umask(0)
+    try:
+        with Cluster(tmp_path / "c", next_loopback()) as c:
+            c.init()
+            c.start_leader()
+            agent = c.add_agent("node1", next_loopback(), token_file=True)
+            c.wait_for_nodes_online(["node1"])
+            assert c.cli("nodes").returncode == 0  # a command: the store is read and written
+            ref = RefServer(tmp_path / "ref", next_loopback())
+            try:
+                ref.start()
+                assert ref.request("POST", "entries", {"x": 1}).status == 201
+                ref.freeze()
+                stores = {
+                    c.store_path: c.data_dir,
+                    agent.data_dir / "journal.sqlite3": agent.data_dir,
+                    ref.data_dir / "entries.sqlite3": ref.data_dir,
+                }
+                for store in stores:
+                    for suffix in ("", "-wal", "-shm"):
+                        path = Path(f"{store}{suffix}")
+                        assert path.exists(), path
+                        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+                for data_dir in stores.values():
+                    assert readable_by_others(data_dir) == [], data_dir
+            finally:
+                ref.close()
+    finally:
+        os.umask(old)
+
+
+# --- 2. the audit actor is the kernel's, not the client's ---------------------------------------
+
+FORGING_CLIENT = textwrap.dedent(
+    """
+    import os, sys, grpc
+    from tlsroll.v1 import admin_pb2, admin_pb2_grpc
+    if len(sys.argv) > 3:  # become that user (group root) once everything is imported
+        os.setgroups([])
+        os.setgid(0)
+        os.setuid(int(sys.argv[3]))
+    with grpc.insecure_channel("unix:" + sys.argv[1]) as channel:
+        reply = admin_pb2_grpc.AdminStub(channel).CreateViewerGrant(
+            admin_pb2.CreateViewerGrantRequest(name=sys.argv[2], ttl_seconds=600),
+            metadata=(("x-tlsroll-user", "dr-mueller"),),
+            timeout=10,
+        )
+    print(reply.info.id)
+    """
+)
+
+
+def grant_actor(cluster: Cluster, grant_id: str) -> list[str]:
+    db = sqlite3.connect(f"{cluster.store_path.as_uri()}?mode=ro", uri=True, timeout=10)
+    try:
+        rows = db.execute(
+            "SELECT actor FROM audit WHERE kind = 'viewer_grant.created' AND subject = ?",
+            (grant_id,),
+        ).fetchall()
+    finally:
+        db.close()
+    return [r[0] for r in rows]
+
+
+@pytest.fixture(scope="module")
+def leader() -> Iterator[Cluster]:
+    # Not under pytest's tmp dir (0700): other users must reach the admin socket's directory.
+    root = Path(tempfile.mkdtemp(prefix="tlsroll-edges-"))
+    root.chmod(0o711)
+    try:
+        with Cluster(root, next_loopback()) as c:
+            c.init()
+            c.start_leader()
+            yield c
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def forge(cluster: Cluster, name: str, uid: int | None = None) -> str:
+    """Create a viewer grant with a forged ``x-tlsroll-user`` header, as ``uid`` (with group
+    root: the admin socket is 0660 root:root) if given; the grant's id."""
+    result = subprocess.run(
+        [sys.executable, "-c", FORGING_CLIENT, str(cluster.admin_socket), name]
+        + ([] if uid is None else [str(uid)]),
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env=child_env(),
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+def test_actor_is_the_socket_peer_not_the_header(leader: Cluster) -> None:
+    me = pwd.getpwuid(os.getuid()).pw_name
+    assert grant_actor(leader, forge(leader, "forged")) == [f"admin:{me}"]
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="runs a client as other users (CI runs as root)")
+def test_actor_of_another_user_and_of_a_uid_without_a_name(leader: Cluster) -> None:
+    nobody = pwd.getpwnam("nobody").pw_uid
+    assert grant_actor(leader, forge(leader, "as nobody", nobody)) == ["admin:nobody"]
+    nameless = next(u for u in range(54321, 60000) if not _has_name(u))
+    assert grant_actor(leader, forge(leader, "nameless", nameless)) == [f"admin:uid={nameless}"]
+
+
+def _has_name(uid: int) -> bool:
+    try:
+        pwd.getpwuid(uid)
+    except KeyError:
+        return False
+    return True
+
+
+def test_the_grpc_server_behind_the_socket_refuses_direct_callers(leader: Cluster) -> None:
+    """The relay's backend is an abstract socket anyone can find in /proc/net/unix; a call that
+    does not come through the relay is refused before any servicer runs."""
+    pid = str(leader.leader.pid)
+    names = []
+    for line in Path("/proc/net/unix").read_text().splitlines()[1:]:
+        fields = line.split()
+        if len(fields) >= 8 and fields[7].startswith(f"@tlsroll-admin-{pid}-"):
+            names.append(fields[7][1:])
+    (backend,) = set(names)
+    for bound in (None, "tlsroll-admin-peer-" + "0" * 32):  # unbound, and a made-up relay name
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            if bound:
+                sock.bind(b"\0" + bound.encode())
+            sock.connect(b"\0" + backend.encode())
+            channel = grpc.insecure_channel(f"unix-abstract:{backend}")
+            with channel:
+                with pytest.raises(grpc.RpcError) as info:
+                    admin_pb2_grpc.AdminStub(channel).ListNodes(
+                        admin_pb2.ListNodesRequest(), timeout=10
+                    )
+            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        finally:
+            sock.close()
+    # and the admin socket itself still answers
+    assert leader.cli("viewer", "list", "--json").returncode == 0
+    assert json.loads(leader.cli("viewer", "list", "--json").stdout) is not None

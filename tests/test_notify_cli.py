@@ -1,0 +1,164 @@
+"""``tlsroll notify`` through the real CLI against a real leader, two agents and their reference
+servers on loopback: an announced switch before any rollout, the schema's times after it, the
+password block only for the staged password (a superseded one is refused), wording per change,
+the practice's time zone, HTML, and bad input as one line with exit code 2."""
+
+from __future__ import annotations
+
+import datetime as dt
+import subprocess
+import zoneinfo
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from leader.cli.notify import day_text
+from tests.cluster import one_line_error
+from tests.test_password_rollout import PW1, PW2, World, secret_file
+
+pytestmark = pytest.mark.slow
+
+BERLIN = zoneinfo.ZoneInfo("Europe/Berlin")
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    w = World(tmp_path_factory.mktemp("notify"), nodes=2)
+    try:
+        yield w.start()
+    finally:
+        w.close()
+
+
+def ok(result: subprocess.CompletedProcess[str]) -> str:
+    assert result.returncode == 0, result.stderr
+    assert "Traceback" not in result.stderr
+    assert "adapt it to the practice" in result.stderr  # the reminder goes to the admin only
+    return result.stdout
+
+
+def usage_error(result: subprocess.CompletedProcess[str], code: int = 2) -> str:
+    assert result.returncode == code, (result.stdout, result.stderr)
+    assert result.stdout == ""
+    return one_line_error(result.stderr, "tlsroll")
+
+
+def ahead(days: int = 5) -> dt.datetime:
+    """A time in the future, on the minute, in Berlin."""
+    when = (dt.datetime.now(BERLIN) + dt.timedelta(days=days)).replace(
+        hour=18, minute=0, second=0, microsecond=0
+    )
+    return when
+
+
+def test_notify_before_during_and_after(world: World, tmp_path: Path) -> None:
+    # --- before any rollout: the old command pointed to `plan`, which stores nothing
+    line = usage_error(world.cli("notify"), 1)
+    assert "--when" in line and "plan" not in line
+
+    when = ahead()
+    text = ok(
+        world.cli(
+            "notify",
+            "--when",
+            f"{when:%Y-%m-%d %H:%M}",
+            "--duration",
+            "30m",
+            "--timezone",
+            "Europe/Berlin",
+        )
+    )
+    zone = "MESZ" if when.dst() else "MEZ"
+    assert (
+        f"Die Umstellung ist für {day_text(when, 'de')}, von 18:00 bis 18:30 Uhr ({zone})" in text
+    )
+    assert "geplant" in text and "keine neuen Einträge" in text
+    for node in world.nodes:
+        assert f"{node.name}: neu https://{node.address}:8443/…" in text
+    assert "Nur der Anfang der Adresse ändert sich" in text
+    assert world.schema()["rollouts"] == []  # announcing stored nothing
+
+    # the leader on UTC, a German notice: Europe/Berlin; an English one keeps the leader's zone
+    utc = world.cluster.cli("notify", "--when", f"{when:%Y-%m-%d %H:%M}", env={"TZ": "UTC"})
+    assert f"um 18:00 Uhr ({zone})" in ok(utc)
+    ny = world.cluster.cli(
+        "notify",
+        "--lang",
+        "en",
+        "--when",
+        f"{when:%Y-%m-%d %H:%M}",
+        env={"TZ": "America/New_York"},
+    )
+    assert "(EST)" in ok(ny) or "(EDT)" in ny.stdout
+
+    # --- the switch, then the schema's real times
+    pw1 = secret_file(tmp_path / "pw1", PW1)
+    rollout = world.run_rollout("--password-file", str(pw1))
+    assert rollout["state"] == "completed", rollout
+    text = ok(world.cli("notify", "--timezone", "Europe/Berlin"))
+    started = dt.datetime.fromisoformat(rollout["started_at"].replace("Z", "+00:00"))
+    local = started.astimezone(BERLIN)
+    assert f"Die Umstellung fand am {day_text(local, 'de')}, " in text
+    assert "(MEZ)" in text or "(MESZ)" in text
+    assert "(UTC)" not in text and "Von " not in text and "Während der Umstellung" not in text
+    for node in world.nodes:
+        assert f"https://{node.address}:8443/praxis_live/" in text
+        assert f"http://{node.address}:8080/praxis_live/" in text
+    assert PW1 not in text
+
+    # the password: only the staged one
+    with_pw = ok(world.cli("notify", "--include-password", "--password-file", str(pw1)))
+    assert with_pw.splitlines()[0].startswith("WARNUNG") and with_pw.count(PW1) == 1
+    pw2 = secret_file(tmp_path / "pw2", PW2)
+    wrong = world.cli("notify", "--include-password", "--password-file", str(pw2))
+    assert "not the staged password" in usage_error(wrong, 1)
+    assert PW2 not in wrong.stderr
+
+    # html for e-mail programs, escaped
+    page = ok(world.cli("notify", "--lang", "en", "--format", "html", "--practice", "<b>Dr. & Co"))
+    assert page.startswith("<!DOCTYPE html>") and "&lt;b&gt;Dr. &amp; Co" in page
+    assert "<b>Dr." not in page
+
+    # --- a new password staged: announce the change; the superseded password is refused now
+    assert world.cli("password", "set", "--password-file", str(pw2)).returncode == 0
+    args = ["notify", "--when", f"{when:%Y-%m-%d %H:%M}", "--change", "change-password"]
+    text = ok(world.cli(*args))
+    assert text.startswith("Neues Authentifizierungspasswort")
+    assert "Der Passwortwechsel beginnt am" in text and "Die Serveradresse bleibt gleich." in text
+    for node in world.nodes:  # the addresses the schema recorded, path and all
+        assert f"{node.name}: https://{node.address}:8443/praxis_live/" in text
+    stale = world.cli(*args, "--include-password", "--password-file", str(pw1))
+    assert "not the staged password" in usage_error(stale, 1)
+    assert PW1 not in stale.stderr
+    fresh = ok(world.cli(*args, "--include-password", "--password-file", str(pw2)))
+    assert fresh.count(PW2) == 1 and PW1 not in fresh
+
+    back = ok(world.cli("notify", "--when", f"{when:%Y-%m-%d %H:%M}", "--change", "disable-tls"))
+    assert back.startswith("Rückkehr zur unverschlüsselten Verbindung (http)")
+    for node in world.nodes:
+        assert f"neu http://{node.address}:8080/praxis_live/" in back
+    assert "Authentifizierungspasswort eingeben" not in back
+    for out in world.outputs:  # no password anywhere but in the notices that asked for it
+        if "WARNUNG" not in out and "WARNING" not in out:
+            assert PW1 not in out and PW2 not in out
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--when", "next friday"], "--when"),
+        (["--when", "2020-01-01 10:00"], "past"),
+        (["--when", "2099-01-01 10:00", "--duration", "soon"], "--duration"),
+        (["--when", "2099-01-01 10:00", "--timezone", "Mars/Olympus"], "--timezone"),
+        (["--duration", "30m"], "--when"),
+        (["--when", "2099-01-01 10:00", "--rollout", "r1"], "--rollout"),
+        (["--when", "2099-01-01 10:00", "--include-password"], "enable-tls sets its password"),
+        (["--when", "2099-01-01 10:00", "--change", "rotate-cert", "--include-password"], "no"),
+        (["--format", "pdf"], "pdf"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_2(world: World, args: list[str], says: str) -> None:
+    result = world.cli("notify", *args)
+    line = usage_error(result)
+    assert says in line, line
