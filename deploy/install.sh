@@ -1,27 +1,351 @@
 #!/usr/bin/env bash
-# Install tlsroll on a server node: a virtual environment in /opt/tlsroll, the systemd units,
-# and a dedicated user for the leader. Run as root from a checkout; it changes nothing else.
-#   deploy/install.sh leader|agent
+# Install tlsroll on a server node (Debian 12 or Ubuntu 24.04), as root.
+#
+#   install.sh leader [--address IP] [--node-name NAME] [--python PYTHON]
+#   install.sh agent  [--server-config-dir DIR] [--python PYTHON]
+#   install.sh uninstall [--purge]
+#
+# From a release bundle (`make dist`: this script beside wheels/) it installs offline; from a
+# checkout (deploy/install.sh) pip fetches the dependencies from PyPI. What it writes:
+#   /opt/tlsroll                      the virtual environment (and installed-files, see below)
+#   /usr/lib/systemd/system/tlsroll-{leader,agent}.service
+#   /usr/share/doc/tlsroll/           README.md and the example agent config
+#   /usr/local/bin/tlsroll            a link to the admin command
+#   /etc/tlsroll/agent.toml           (agent) from the example, only if there is none
+#   /var/lib/tlsroll                  (leader) the data dir, owned by the user tlsroll, 0750
+#   /var/lib/tlsroll-agent            (agent) the agent's data dir, 0700
+# A file it shipped is replaced on a re-run only while it is unchanged (its checksum is in
+# /opt/tlsroll/installed-files); a changed one is kept and the new version put beside it as
+# FILE.tlsroll-new. Local changes to a unit belong in a drop-in (`systemctl edit tlsroll-agent`).
+# `uninstall` removes the units, the venv, the docs and the link, and keeps config and data
+# (/etc/tlsroll, /var/lib/tlsroll*, drop-ins, the user tlsroll) unless --purge is given.
 set -euo pipefail
-role=${1:?usage: install.sh leader|agent}
-here=$(cd "$(dirname "$0")/.." && pwd)
-python3 -m venv /opt/tlsroll
-/opt/tlsroll/bin/pip install --quiet --upgrade pip
-/opt/tlsroll/bin/pip install --quiet "$here"
-install -d -m 0755 /etc/tlsroll
+umask 022
+
+VENV=/opt/tlsroll
+MANIFEST=$VENV/installed-files
+UNIT_DIR=/usr/lib/systemd/system
+ETC_UNIT_DIR=/etc/systemd/system
+DOC_DIR=/usr/share/doc/tlsroll
+CONF_DIR=/etc/tlsroll
+LINK=/usr/local/bin/tlsroll
+LEADER_DATA=/var/lib/tlsroll
+AGENT_DATA=/var/lib/tlsroll-agent
+# sha256 of every unit file the earlier installer copied to /etc/systemd/system: such a copy
+# is ours and unchanged, so it may go (it would shadow the unit in /usr/lib).
+LEGACY_UNITS="7fae2a94454ca85bd2d9768b168e44c36d77d56e323b8571f213d3aaad3dea01
+9e0f56aab23a3f56a13aa5dce01e1b409ef3237acb40a96d7a423391aad42543
+c0c6a7a7a917d9be47f9393b02551e2b0dbacd03ad374c1a49e392ac15cf7092
+fc08deb3ad7499b4c9be16b3251867ae727d89ca66dcf9c160383c1a86529669"
+
+USAGE="usage: install.sh leader [--address IP] [--node-name NAME] [--python PYTHON]
+       install.sh agent [--server-config-dir DIR] [--python PYTHON]
+       install.sh uninstall [--purge]"
+
+usage_error() {
+    echo "install.sh: $1" >&2
+    echo "$USAGE" >&2
+    exit 2
+}
+die() {
+    echo "install.sh: $1" >&2
+    exit 1
+}
+warn() { echo "install.sh: warning: $1" >&2; }
+say() { echo "install.sh: $1"; }
+
+# --- arguments: all of them are checked before anything is changed ---------------------------
+[ $# -gt 0 ] || usage_error "name a role: leader or agent (or uninstall)"
+role=$1
+shift
 case "$role" in
-  leader)
-    id tlsroll >/dev/null 2>&1 || useradd --system --home /var/lib/tlsroll --shell /usr/sbin/nologin tlsroll
-    install -m 0644 "$here/deploy/systemd/tlsroll-leader.service" /etc/systemd/system/
-    echo "next: sudo -u tlsroll /opt/tlsroll/bin/tlsroll init --data-dir /var/lib/tlsroll --address IP --node-name NAME"
-    echo "      systemctl enable --now tlsroll-leader"
-    ;;
-  agent)
-    install -m 0644 "$here/deploy/systemd/tlsroll-agent.service" /etc/systemd/system/
-    [ -e /etc/tlsroll/agent.toml ] || install -m 0600 "$here/deploy/examples/agent.toml" /etc/tlsroll/agent.toml
-    echo "next: edit /etc/tlsroll/agent.toml, put the join token in /etc/tlsroll/join-token (0600),"
-    echo "      systemctl enable --now tlsroll-agent"
-    ;;
-  *) echo "install.sh: unknown role $role (leader or agent)" >&2; exit 2 ;;
+    leader | agent | uninstall) ;;
+    -h | --help)
+        echo "$USAGE"
+        exit 0
+        ;;
+    *) usage_error "unknown role '$role' (leader, agent or uninstall)" ;;
 esac
-systemctl daemon-reload 2>/dev/null || true
+python=python3
+address=""
+node_name=""
+server_config_dir=""
+purge=no
+while [ $# -gt 0 ]; do
+    opt=$1
+    case "$role:$opt" in
+        leader:--address | leader:--node-name | leader:--python | agent:--python | agent:--server-config-dir)
+            [ $# -ge 2 ] && [ -n "$2" ] || usage_error "$opt needs a value"
+            case "$opt" in
+                --address) address=$2 ;;
+                --node-name) node_name=$2 ;;
+                --python) python=$2 ;;
+                --server-config-dir) server_config_dir=$2 ;;
+            esac
+            shift 2
+            ;;
+        uninstall:--purge)
+            purge=yes
+            shift
+            ;;
+        *) usage_error "unknown option '$opt' for '$role'" ;;
+    esac
+done
+if [ -n "$node_name" ] && ! [[ $node_name =~ ^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$ ]]; then
+    usage_error "--node-name '$node_name': lowercase letters, digits and '-', at most 63"
+fi
+if [ -n "$address" ] && ! [[ $address =~ ^[0-9a-fA-F:.]+$ ]]; then
+    usage_error "--address '$address' is not an IP address"
+fi
+if [ -n "$server_config_dir" ] && [[ $server_config_dir != /* || $server_config_dir =~ [[:space:]] ]]; then
+    usage_error "--server-config-dir must be an absolute path without spaces"
+fi
+
+[ "$(id -u)" = 0 ] || die "run me as root (Debian has no sudo by default: su - -c '$0 $role ...')"
+
+here=$(cd "$(dirname "$0")" && pwd)
+if [ -d "$here/wheels" ]; then
+    bundle=yes # a release bundle from `make dist`: everything is beside this script
+    readme=$here/README.md
+else
+    bundle=no # a checkout: deploy/install.sh
+    readme=$here/../README.md
+fi
+units=$here/systemd
+examples=$here/examples
+
+sha256() { sha256sum "$1" | cut -d' ' -f1; }
+systemd_running() { [ -d /run/systemd/system ]; }
+
+# --- uninstall -------------------------------------------------------------------------------
+if [ "$role" = uninstall ]; then
+    if systemd_running; then
+        for unit in tlsroll-leader.service tlsroll-agent.service; do
+            systemctl disable --now "$unit" >/dev/null 2>&1 || true
+        done
+    fi
+    if [ -f "$MANIFEST" ]; then
+        while read -r _ path; do
+            # What we wrote under /etc (a drop-in) is configuration: kept unless --purge.
+            if [ "$purge" = yes ] || [[ $path != /etc/* ]]; then
+                rm -f -- "$path" "$path.tlsroll-new"
+            fi
+        done <"$MANIFEST"
+    fi
+    if [ -L "$LINK" ] && [[ $(readlink "$LINK") == "$VENV"/* ]]; then
+        rm -f "$LINK"
+    fi
+    rm -rf "$VENV" "$DOC_DIR"
+    if [ "$purge" = yes ]; then
+        rm -rf "$CONF_DIR" "$LEADER_DATA" "$AGENT_DATA" \
+            "$ETC_UNIT_DIR/tlsroll-leader.service.d" "$ETC_UNIT_DIR/tlsroll-agent.service.d"
+        if getent passwd tlsroll >/dev/null; then userdel tlsroll; fi
+        if getent group tlsroll >/dev/null; then groupdel tlsroll; fi
+        say "removed tlsroll, its configuration, its data (the cluster CA) and the user tlsroll"
+    else
+        say "removed tlsroll; kept $CONF_DIR, $LEADER_DATA, $AGENT_DATA, unit drop-ins and the user tlsroll (--purge removes them)"
+    fi
+    if systemd_running; then systemctl daemon-reload; fi
+    exit 0
+fi
+
+# --- checks: the system, Python and the bundle ------------------------------------------------
+os_id=unknown
+os_version=""
+if [ -r /etc/os-release ]; then
+    # shellcheck disable=SC1091
+    os_id=$(. /etc/os-release && echo "${ID:-unknown}")
+    # shellcheck disable=SC1091
+    os_version=$(. /etc/os-release && echo "${VERSION_ID:-}")
+fi
+case "$os_id:$os_version" in
+    debian:12 | ubuntu:24.04) ;;
+    *) warn "tested on Debian 12 and Ubuntu 24.04; this is $os_id $os_version: going on" ;;
+esac
+[ -d /usr/lib/systemd ] || die "systemd is not installed: tlsroll runs as systemd services"
+
+command -v "$python" >/dev/null || die "no $python: install Python 3.11 or newer (apt-get install python3)"
+"$python" -c 'import sys; sys.exit(sys.version_info < (3, 11))' ||
+    die "$python is Python $("$python" -c 'import platform; print(platform.python_version())'); tlsroll needs 3.11 or newer (--python PYTHON names another)"
+pytag=$("$python" -c 'import sys; print("cp%d%d" % sys.version_info[:2])')
+pyversion=$("$python" -c 'import sys; print("%d.%d" % sys.version_info[:2])')
+"$python" -c 'import venv' 2>/dev/null || die "$python has no venv module"
+
+if [ "$bundle" = yes ]; then
+    bundle_pythons=$(sed -n 's/^pythons=//p' "$here/BUNDLE")
+    bundle_machine=$(sed -n 's/^machine=//p' "$here/BUNDLE")
+    [ "$bundle_machine" = "$(uname -m)" ] ||
+        die "this bundle is for $bundle_machine, this machine is $(uname -m): run make dist on one like it"
+    [[ " $bundle_pythons " == *" $pytag "* ]] ||
+        die "this bundle has wheels for $bundle_pythons, $python is $pytag: run make dist DIST_PYTHONS=$pyversion"
+    pip_wheel=$(find "$here/wheels" -maxdepth 1 -name 'pip-*.whl' | head -n 1)
+    tlsroll_wheel=$(find "$here/wheels" -maxdepth 1 -name 'tlsroll-*.whl' | head -n 1)
+    [ -n "$pip_wheel" ] && [ -n "$tlsroll_wheel" ] || die "$here/wheels lacks pip or tlsroll: a broken bundle"
+else
+    [ -f "$here/../pyproject.toml" ] || die "neither a bundle (wheels/) nor a checkout beside $0"
+    warn "installing from a checkout: pip fetches the dependencies from PyPI (make dist builds an offline bundle)"
+fi
+if [ "$role" = leader ]; then
+    command -v useradd >/dev/null || die "useradd is missing (Debian: apt-get install passwd)"
+fi
+
+# --- the virtual environment -------------------------------------------------------------------
+manifest_get() { [ -f "$MANIFEST" ] && awk -v p="$1" '$2 == p { print $1 }' "$MANIFEST" || true; }
+manifest_set() {
+    local tmp="$MANIFEST.tmp"
+    { [ -f "$MANIFEST" ] && awk -v p="$2" '$2 != p' "$MANIFEST"; echo "$1 $2"; } >"$tmp"
+    mv -f "$tmp" "$MANIFEST"
+}
+
+if [ -f "$VENV/pyvenv.cfg" ] && ! grep -Eq "^version(_info)? = $pyversion\." "$VENV/pyvenv.cfg"; then
+    say "recreating $VENV for Python $pyversion"
+    rm -rf "$VENV/bin" "$VENV/lib" "$VENV/lib64" "$VENV/include" "$VENV/share" "$VENV/pyvenv.cfg"
+fi
+if [ ! -x "$VENV/bin/python" ]; then
+    # Without pip: Debian's python3 lacks ensurepip unless python3-venv is installed. pip comes
+    # from the bundle (or, from a checkout, from ensurepip).
+    if [ "$bundle" = yes ]; then
+        "$python" -m venv --without-pip "$VENV"
+    else
+        "$python" -m venv "$VENV" || die "$python -m venv failed: apt-get install python3-venv"
+    fi
+fi
+if [ "$bundle" = yes ]; then
+    # Only the bundle's wheels: no index, no pip configuration or PIP_* variables of this host.
+    pip() { PIP_CONFIG_FILE=/dev/null "$VENV/bin/python" "$pip_wheel/pip" --isolated --disable-pip-version-check "$@"; }
+    pip install --quiet --no-index --find-links "$here/wheels" --upgrade pip tlsroll
+    # The same version again (a rebuilt bundle) is installed again too.
+    pip install --quiet --no-index --find-links "$here/wheels" --force-reinstall --no-deps "$tlsroll_wheel"
+else
+    "$VENV/bin/python" -m pip install --quiet --upgrade pip
+    "$VENV/bin/python" -m pip install --quiet --upgrade "$here/.."
+fi
+"$VENV/bin/tlsroll" --help >/dev/null || die "$VENV/bin/tlsroll does not run"
+if [ ! -e "$LINK" ] || { [ -L "$LINK" ] && [[ $(readlink "$LINK") == "$VENV"/* ]]; }; then
+    mkdir -p "$(dirname "$LINK")"
+    ln -sfn "$VENV/bin/tlsroll" "$LINK"
+else
+    warn "$LINK exists and is not ours: left alone (the command is $VENV/bin/tlsroll)"
+fi
+
+# --- files we ship: replaced only while unchanged ----------------------------------------------
+# install_managed SRC DEST MODE
+install_managed() {
+    local src=$1 dest=$2 mode=$3 new current recorded
+    new=$(sha256 "$src")
+    if [ -e "$dest" ]; then
+        current=$(sha256 "$dest")
+        recorded=$(manifest_get "$dest")
+        if [ "$current" = "$new" ]; then
+            manifest_set "$new" "$dest"
+            rm -f "$dest.tlsroll-new"
+            return
+        fi
+        if [ "$current" != "$recorded" ]; then
+            install -m "$mode" "$src" "$dest.tlsroll-new"
+            warn "kept $dest: it was changed here; the new version is $dest.tlsroll-new (put local changes in a drop-in or config, then move it over)"
+            return
+        fi
+    fi
+    install -D -m "$mode" "$src" "$dest.tlsroll-tmp"
+    mv -f "$dest.tlsroll-tmp" "$dest"
+    manifest_set "$new" "$dest"
+}
+
+install_unit() {
+    local unit=$1 old=$ETC_UNIT_DIR/$1
+    install_managed "$units/$unit" "$UNIT_DIR/$unit" 0644
+    if [ -f "$old" ] && [ ! -L "$old" ]; then
+        if grep -qx "$(sha256 "$old")" <<<"$LEGACY_UNITS"; then
+            rm -f "$old"
+            say "removed $old, an unchanged copy from an earlier install (the unit is now in $UNIT_DIR)"
+        else
+            warn "$old overrides $UNIT_DIR/$unit and was changed here: move your changes into a drop-in (systemctl edit ${unit%.service}) and delete it"
+        fi
+    fi
+}
+
+install -d -m 0755 "$CONF_DIR"
+install_managed "$readme" "$DOC_DIR/README.md" 0644
+install_managed "$examples/agent.toml" "$DOC_DIR/examples/agent.toml" 0644
+if [ -d "$here/share" ]; then # man pages and shell completion, when the bundle has them
+    while IFS= read -r -d '' file; do
+        install_managed "$file" "/usr/share/${file#"$here/share/"}" 0644
+    done < <(find "$here/share" -type f -print0)
+fi
+
+case "$role" in
+    leader)
+        install_unit tlsroll-leader.service
+        if ! getent passwd tlsroll >/dev/null; then
+            useradd --system --user-group --home-dir "$LEADER_DATA" --no-create-home \
+                --shell /usr/sbin/nologin --comment "tlsroll leader" tlsroll
+        fi
+        # The data dir exists before the first start, so that `tlsroll init` can fill it.
+        if [ ! -d "$LEADER_DATA" ]; then
+            install -d -o tlsroll -g tlsroll -m 0750 "$LEADER_DATA"
+        elif [ "$(stat -c %U "$LEADER_DATA")" != tlsroll ]; then
+            chown tlsroll:tlsroll "$LEADER_DATA"
+        fi
+        ;;
+    agent)
+        install_unit tlsroll-agent.service
+        install -d -m 0700 "$AGENT_DATA"
+        if [ ! -e "$CONF_DIR/agent.toml" ]; then
+            install -m 0600 "$examples/agent.toml" "$CONF_DIR/agent.toml"
+        fi
+        if [ ! -e "$CONF_DIR/join-token" ]; then
+            install -m 0600 /dev/null "$CONF_DIR/join-token"
+        fi
+        if [ -n "$server_config_dir" ]; then
+            dropin=$ETC_UNIT_DIR/tlsroll-agent.service.d/server-config.conf
+            tmp=$(mktemp)
+            printf '# written by install.sh --server-config-dir: the managed server'"'"'s config dir\n[Service]\nReadWritePaths=%s\n' \
+                "$server_config_dir" >"$tmp"
+            install_managed "$tmp" "$dropin" 0644
+            rm -f "$tmp"
+        fi
+        ;;
+esac
+if systemd_running; then
+    systemctl daemon-reload
+else
+    warn "systemd is not running here: the units are installed but not loaded"
+fi
+
+# --- next steps, each a command that works as printed (as root) --------------------------------
+version=$("$VENV/bin/python" -c 'from importlib.metadata import version; print(version("tlsroll"))')
+say "installed tlsroll $version for the $role in $VENV"
+if [ "$role" = leader ]; then
+    if [ -z "$address" ]; then
+        address=$(ip -o route get 192.0.2.1 2>/dev/null | sed -n 's/.* src \([^ ]*\).*/\1/p' || true)
+    fi
+    if [ -z "$node_name" ]; then
+        node_name=$(hostname -s 2>/dev/null | tr 'A-Z_.' 'a-z--' | tr -cd 'a-z0-9-' | sed 's/^-*//; s/-*$//' | cut -c1-63)
+        [ -n "$node_name" ] || node_name=leader
+    fi
+    echo
+    echo "next steps (as root):"
+    if [ -z "$address" ]; then
+        echo "  # no address found: put the address the workstations and agents use for this server instead of IP"
+        address=IP
+    fi
+    echo "  runuser -u tlsroll -- $VENV/bin/tlsroll init --data-dir $LEADER_DATA --address $address --node-name $node_name"
+    echo "  systemctl enable --now tlsroll-leader"
+    echo "  tlsroll nodes"
+    echo "  # this node also runs an agent (name it $node_name): install.sh agent"
+else
+    echo
+    echo "next steps:"
+    echo "  # on the leader: the CA pin and a join token for this node"
+    echo "  tlsroll ca show"
+    echo "  tlsroll token create"
+    echo "  # here, as root: the node's name and addresses, the leader's address and ca_pin, the [server]"
+    echo "  editor $CONF_DIR/agent.toml"
+    echo "  editor $CONF_DIR/join-token"
+    if [ -z "$server_config_dir" ]; then
+        echo "  # the agent may write the managed server's config only under /etc/praxis; elsewhere: install.sh agent --server-config-dir DIR"
+    fi
+    echo "  systemctl enable --now tlsroll-agent"
+    echo "  journalctl -u tlsroll-agent -f"
+fi

@@ -1,0 +1,304 @@
+"""Deployment (issue 14): the systemd units and the installer.
+
+* Both units pass ``systemd-analyze verify`` without a word and score at most 4.5 ("OK") on
+  ``systemd-analyze security``. ``make pytest`` installs Debian's systemd when
+  /usr/bin/systemd-analyze is missing, as it installs chromium.
+* The release bundle (``deploy/dist.py``, what ``make dist`` runs) installs in a throwaway root:
+  a private mount namespace with overlays on /etc, /opt, /var/lib, /usr/lib/systemd/system,
+  /usr/share/doc and /usr/local, no network at all (a private network namespace) and no
+  ensurepip (as on a Debian 12 without python3-venv). There install.sh installs the leader,
+  ``tlsroll init`` runs exactly as install.sh printed it, the agent is installed too, and the
+  installed units verify. A re-run keeps a unit the admin changed; ``uninstall`` keeps config
+  and data, ``--purge`` removes them.
+* A bad argument or a too old Python changes nothing: every overlay's upper layer stays empty.
+
+The throwaway root needs root (mount namespaces); CI runs ``make test`` as root.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+UNITS = ROOT / "deploy" / "systemd"
+INSTALL_SH = ROOT / "deploy" / "install.sh"
+SYSTEMD_ANALYZE = Path("/usr/bin/systemd-analyze")
+UNIT_NAMES = ("tlsroll-leader.service", "tlsroll-agent.service")
+MAX_EXPOSURE = 4.5
+# What a server's root is made of here; everything install.sh writes is below one of these.
+OVERLAID = ("/etc", "/opt", "/var/lib", "/usr/lib/systemd/system", "/usr/share/doc", "/usr/local")
+SERVER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+
+
+def analyze(*args: str, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    if not SYSTEMD_ANALYZE.exists():
+        pytest.fail(f"{SYSTEMD_ANALYZE} is missing: `make pytest` installs Debian's systemd")
+    return subprocess.run(
+        [str(SYSTEMD_ANALYZE), *args], check=False, capture_output=True, text=True, timeout=timeout
+    )
+
+
+# --- the units ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def unit_root(tmp_path: Path) -> Path:
+    """A root for ``systemd-analyze verify --root``: the host's system units, ours, and
+    stand-ins for the executables our units name (verify checks that they exist)."""
+    root = tmp_path / "root"
+    shutil.copytree("/usr/lib/systemd/system", root / "usr/lib/systemd/system", symlinks=True)
+    for unit in UNIT_NAMES:
+        shutil.copy(UNITS / unit, root / "usr/lib/systemd/system" / unit)
+    bin_dir = root / "opt/tlsroll/bin"
+    bin_dir.mkdir(parents=True)
+    for name in ("tlsroll-leader", "tlsroll-agent"):
+        (bin_dir / name).write_text("#!/bin/sh\n")
+        (bin_dir / name).chmod(0o755)
+    return root
+
+
+@pytest.mark.parametrize("unit", UNIT_NAMES)
+def test_unit_verifies_without_a_word(unit: str, unit_root: Path) -> None:
+    result = analyze("verify", f"--root={unit_root}", unit)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout + result.stderr == "", "systemd-analyze verify complained"
+
+
+@pytest.mark.parametrize("unit", UNIT_NAMES)
+def test_unit_exposure_is_ok(unit: str) -> None:
+    result = analyze("security", "--offline=yes", "--no-pager", str(UNITS / unit))
+    found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
+    assert found, f"no score in:\n{result.stdout}\n{result.stderr}"
+    score = float(found.group(1))
+    assert score <= MAX_EXPOSURE, f"{unit} scores {score}:\n{result.stdout}"
+
+
+# --- the throwaway root -------------------------------------------------------------------------
+
+
+class ThrowawayRoot:
+    """A process holding a private mount and network namespace whose OVERLAID directories are
+    overlays with their upper layers in a tmpfs; commands run inside it through nsenter."""
+
+    def __init__(self, work: Path) -> None:
+        self.work = work
+        ready = work / "ready"
+        setup = "\n".join(
+            [
+                "set -eu",
+                f"mount -t tmpfs tmpfs {work}/layers",
+                *(
+                    f"mkdir -p {work}/layers/{i}/upper {work}/layers/{i}/work && "
+                    f"mount -t overlay overlay -o lowerdir={d},upperdir={work}/layers/{i}/upper,"
+                    f"workdir={work}/layers/{i}/work {d}"
+                    for i, d in enumerate(OVERLAID)
+                ),
+                # A fresh Debian without python3-venv has no ensurepip.
+                "for d in /usr/lib/python3*/ensurepip; do mount -t tmpfs tmpfs $d; done",
+                f"touch {ready}",
+                "exec sleep 600",
+            ]
+        )
+        (work / "layers").mkdir()
+        self.proc = subprocess.Popen(
+            ["unshare", "--mount", "--net", "--propagation", "private", "bash", "-c", setup],
+            stdin=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 20
+        while not ready.exists():
+            if self.proc.poll() is not None or time.monotonic() > deadline:
+                self.close()
+                pytest.fail("could not make the throwaway root (unshare, tmpfs, overlay)")
+            time.sleep(0.05)
+
+    def run(self, script: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
+        """Run ``script`` with bash as root inside, with a server's PATH and environment."""
+        env = {"PATH": SERVER_PATH, "LANG": "C.UTF-8", "HOME": "/root"}
+        return subprocess.run(
+            [
+                "nsenter",
+                f"--target={self.proc.pid}",
+                "--mount",
+                "--net",
+                "--",
+                "bash",
+                "-c",
+                script,
+            ],
+            check=False,
+            cwd="/",
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            env=env,
+        )
+
+    def ok(self, script: str, timeout: float = 120) -> str:
+        result = self.run(script, timeout)
+        assert result.returncode == 0, (
+            f"{script!r} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
+        )
+        return result.stdout + result.stderr
+
+    def changed(self) -> list[str]:
+        """Every path written inside the overlays so far."""
+        found = []
+        for i, d in enumerate(OVERLAID):
+            listing = self.ok(f"cd {self.work}/layers/{i}/upper && find . -mindepth 1")
+            found += [d + line[1:] for line in listing.splitlines()]
+        return found
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+        self.proc.wait(timeout=10)
+
+
+@pytest.fixture
+def throwaway(tmp_path: Path) -> Iterator[ThrowawayRoot]:
+    if os.geteuid() != 0:
+        pytest.skip("needs root for a private mount namespace (CI runs `make test` as root)")
+    root = ThrowawayRoot(tmp_path)
+    try:
+        yield root
+    finally:
+        root.close()
+
+
+def server_python() -> str:
+    """install.sh's --python: none when the system's python3 is the one the bundle is built
+    with (Debian 12's /usr/bin/python3 in CI), else this interpreter."""
+    system = Path("/usr/bin/python3")
+    if system.exists():
+        found = subprocess.run(
+            [str(system), "-c", "import sys; print(sys.version_info[:2])"],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=30,
+        ).stdout.strip()
+        if found == str(sys.version_info[:2]):
+            return ""
+    return f"--python {shlex.quote(sys.executable)}"
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The release bundle, built once, unpacked."""
+    out = tmp_path_factory.mktemp("dist")
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "deploy" / "dist.py"), "--out", str(out)],
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    tarball = Path(result.stdout.strip().splitlines()[-1])
+    assert tarball.parent == out
+    subprocess.run(["tar", "-xzf", str(tarball), "-C", str(out)], check=True, timeout=60)
+    (unpacked,) = out.glob("tlsroll-*/install.sh")
+    return unpacked.parent
+
+
+# --- install.sh ---------------------------------------------------------------------------------
+
+
+def test_a_bad_argument_or_an_old_python_changes_nothing(
+    throwaway: ThrowawayRoot, tmp_path: Path
+) -> None:
+    install = shlex.quote(str(INSTALL_SH))
+    bad = ["", "both", "leader --bogus", "agent --node-name n1", "leader --node-name Bad_Name"]
+    for args in [*bad, "leader --address", "uninstall --force"]:
+        result = throwaway.run(f"{install} {args}")
+        assert result.returncode == 2, (args, result.stdout, result.stderr)
+        assert "usage: install.sh leader" in result.stderr, (args, result.stderr)
+        assert "line " not in result.stderr, (args, result.stderr)
+    # Ubuntu 22.04's python3 is 3.10.
+    old_python = tmp_path / "python3.10"
+    old_python.write_text(
+        '#!/bin/sh\ncase "$2" in *version_info*) exit 1;; *platform*) echo 3.10.12;; esac\n'
+    )
+    old_python.chmod(0o755)
+    result = throwaway.run(f"{install} leader --python {old_python}")
+    assert result.returncode == 1
+    assert "is Python 3.10.12; tlsroll needs 3.11 or newer" in result.stderr
+    assert throwaway.changed() == []
+
+
+@pytest.mark.timeout(400)
+def test_the_bundle_installs_offline_then_init_runs_as_printed(
+    throwaway: ThrowawayRoot, bundle: Path
+) -> None:
+    install = shlex.quote(str(bundle / "install.sh"))
+    python = server_python()
+    # Nothing can reach an index: there is no network in here.
+    throwaway.ok("! python3 -c 'import socket; socket.create_connection((\"1.1.1.1\", 443), 3)'")
+
+    out = throwaway.ok(f"{install} leader --address 127.0.0.1 --node-name srv1 {python}")
+    assert "sudo" not in out
+    (init,) = [line.strip() for line in out.splitlines() if "tlsroll init" in line]
+    assert init.startswith("runuser -u tlsroll -- "), init
+    throwaway.ok(init)  # exactly as printed
+    owner = throwaway.ok("stat -c '%U %a' /var/lib/tlsroll /var/lib/tlsroll/leader.toml")
+    assert owner.split() == ["tlsroll", "750", "tlsroll", "644"], owner
+    throwaway.ok("test -s /usr/share/doc/tlsroll/README.md")
+    throwaway.ok("tlsroll --help >/dev/null")  # /usr/local/bin/tlsroll
+
+    out = throwaway.ok(f"{install} agent {python}")
+    assert "systemctl enable --now tlsroll-agent" in out
+    modes = throwaway.ok(
+        "stat -c %a /etc/tlsroll/agent.toml /etc/tlsroll/join-token /var/lib/tlsroll-agent"
+    )
+    assert modes.split() == ["600", "600", "700"]
+    result = throwaway.run("systemd-analyze verify tlsroll-leader.service tlsroll-agent.service")
+    assert (result.returncode, result.stdout + result.stderr) == (0, ""), result.stderr
+
+    # A re-run keeps the admin's change to a unit and says where the new one is; a drop-in
+    # (the right place for a change) is left alone.
+    unit = "/usr/lib/systemd/system/tlsroll-agent.service"
+    dropin = "/etc/systemd/system/tlsroll-agent.service.d/local.conf"
+    throwaway.ok(f"echo '# changed here' >> {unit}")
+    throwaway.ok(
+        f"mkdir -p {dropin.rsplit('/', 1)[0]} && printf '[Service]\\nNice=5\\n' > {dropin}"
+    )
+    result = throwaway.run(f"{install} agent {python}")
+    assert result.returncode == 0, result.stderr
+    assert f"kept {unit}" in result.stderr
+    assert throwaway.ok(f"tail -n 1 {unit}").strip() == "# changed here"
+    shipped = shlex.quote(str(bundle / "systemd"))
+    throwaway.ok(f"cmp {unit}.tlsroll-new {shipped}/tlsroll-agent.service")
+    assert "Nice=5" in throwaway.ok(f"cat {dropin}")
+    result = throwaway.run("systemd-analyze verify tlsroll-agent.service")
+    assert (result.returncode, result.stdout + result.stderr) == (0, ""), result.stderr
+    # A unit as an earlier version shipped it (so recorded in the manifest) is replaced.
+    leader_unit = "/usr/lib/systemd/system/tlsroll-leader.service"
+    manifest = "/opt/tlsroll/installed-files"
+    throwaway.ok(
+        f"echo '# an earlier version' > {leader_unit} && "
+        f'sed -i "s|^[0-9a-f]* {leader_unit}$|$(sha256sum < {leader_unit} | cut -c1-64) '
+        f'{leader_unit}|" {manifest}'
+    )
+    throwaway.ok(f"{install} leader --address 127.0.0.1 --node-name srv1 {python}")
+    throwaway.ok(f"cmp {leader_unit} {shipped}/tlsroll-leader.service")
+
+    # uninstall: the program goes, config and data (the CA) stay; --purge takes them too.
+    throwaway.ok(f"{install} uninstall")
+    gone = "/opt/tlsroll /usr/local/bin/tlsroll /usr/share/doc/tlsroll " + leader_unit
+    throwaway.ok(f"for p in {gone} {unit}; do ! test -e $p || {{ echo $p; exit 1; }}; done")
+    throwaway.ok(f"test -f /var/lib/tlsroll/ca/ca.pem -a -f /etc/tlsroll/agent.toml -a -f {dropin}")
+    throwaway.ok("getent passwd tlsroll")
+    throwaway.ok(f"{install} uninstall --purge")
+    throwaway.ok(f"! test -e /var/lib/tlsroll && ! test -e /etc/tlsroll && ! test -e {dropin}")
+    throwaway.ok("! getent passwd tlsroll")
