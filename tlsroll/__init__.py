@@ -6,9 +6,8 @@ settings and gRPC credentials), ``config`` (typed TOML loading), ``logs`` (struc
 ``daemon`` (signals, sd_notify), ``errors`` (the shared error tree).
 """
 
-from importlib import metadata
-
-try:
-    __version__ = metadata.version("tlsroll")
-except metadata.PackageNotFoundError:  # pragma: no cover - running from a bare checkout
-    __version__ = "0+unknown"
+# The one place the version is written: pyproject.toml reads it from here (hatch's dynamic
+# version), every ``--version`` and the agents' reported version print it, CHANGELOG.md names it.
+# A literal rather than importlib.metadata: right in a bare checkout and in an editable install
+# that was not reinstalled, and readable without importing anything.
+__version__ = "0.1.0"
