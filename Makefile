@@ -8,11 +8,13 @@ STAMP  := $(VENV)/.installed
 # The browser tests (tests/test_viewer.py) drive Debian's Chromium through Playwright, which
 # must never download a browser of its own.
 CHROMIUM := /usr/bin/chromium
+# tests/test_deploy.py checks the systemd units with Debian's systemd-analyze.
+SYSTEMD_ANALYZE := /usr/bin/systemd-analyze
 # The multiprocess tests mostly wait on daemons: one pytest worker per core (pytest-xdist).
 PYTEST_ARGS ?= -n auto
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
-.PHONY: test demo lint typecheck proto proto-check pytest bench clean man completions
+.PHONY: test demo lint typecheck proto proto-check pytest bench clean dist man completions
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,7 +36,7 @@ proto: $(STAMP)
 proto-check: $(STAMP)
 	$(PY) tools/protogen.py --check
 
-pytest: $(STAMP) | $(CHROMIUM)
+pytest: $(STAMP) | $(CHROMIUM) $(SYSTEMD_ANALYZE)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 # Installed once when missing (CI runs as root on a fresh machine); `make demo` does not need it.
@@ -47,6 +49,15 @@ $(CHROMIUM):
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium fonts-liberation
 	@test -x $(CHROMIUM) || { echo "make: apt-get installed chromium, but $(CHROMIUM) is missing" >&2; exit 1; }
 
+$(SYSTEMD_ANALYZE):
+	@if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+	  echo "make: the deploy tests need $(SYSTEMD_ANALYZE): install Debian's systemd package (as root: apt-get install systemd)" >&2; \
+	  exit 1; \
+	fi
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd
+	@test -x $(SYSTEMD_ANALYZE) || { echo "make: apt-get installed systemd, but $(SYSTEMD_ANALYZE) is missing" >&2; exit 1; }
+
 test: lint typecheck proto-check pytest
 
 # Man pages and shell completion files, made from the click commands, for an installer to copy:
@@ -57,6 +68,13 @@ man: $(STAMP)
 
 completions: $(STAMP)
 	$(PY) tools/completions.py --out dist/completions
+
+# The release bundle dist/tlsroll-VERSION-cpXY-ARCH.tar.gz: install.sh, the units and a wheelhouse
+# that installs offline (deploy/dist.py says why not a .deb). DIST_PYTHONS="3.12" adds wheels
+# for another CPython (Ubuntu 24.04).
+DIST_PYTHONS ?=
+dist: $(STAMP)
+	$(PY) deploy/dist.py $(foreach v,$(DIST_PYTHONS),--python-version $(v))
 
 demo: $(STAMP)
 	$(PY) deploy/demo.py
