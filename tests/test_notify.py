@@ -236,8 +236,12 @@ def test_practice_zone(monkeypatch: pytest.MonkeyPatch) -> None:
     assert notify_cmd.practice_zone("America/New_York", "de").key == "America/New_York"
     with pytest.raises(click.BadParameter, match="unknown time zone"):
         notify_cmd.practice_zone("Mars/Olympus", "de")
-    with pytest.raises(click.BadParameter):
-        notify_cmd.practice_zone("../../etc/passwd", "de")
+    for bad in ("../../etc/passwd", "Europe", "x" * 300, "", "CET-1CEST"):
+        with pytest.raises(click.BadParameter):
+            notify_cmd.practice_zone(bad, "de")
+    monkeypatch.setenv("TZ", "Europe")  # the machine's own setting is broken: said as such
+    with pytest.raises(click.UsageError, match="this machine's time zone"):
+        notify_cmd.practice_zone(None, "en")
 
 
 def test_announced_addresses_come_from_the_record_else_the_seed_ports() -> None:

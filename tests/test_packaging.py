@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import re
 import subprocess
+import sys
 import tomllib
 from pathlib import Path
 
@@ -15,7 +16,6 @@ import pytest
 from tests.cluster import child_env, command
 from tlsroll import __version__
 from tlsroll.cli import cli
-from tools import completions, manpages
 
 ROOT = Path(__file__).resolve().parent.parent
 # hatch's default pattern for a version in a source file (hatchling's "regex" version source)
@@ -77,14 +77,48 @@ def test_every_entry_point_prints_the_version(script: str, module: str, expected
     assert result.stdout.strip() == expected
 
 
+DAEMONS = ("tlsroll-leader", "tlsroll-agent", "tlsroll-refserver")
+
+
 def every_command() -> list[str]:
     """``tlsroll ca show``, ``tlsroll rollout start``, …: every command path under the CLI."""
-    root = click.Context(cli, info_name="tlsroll")
-    return [ctx.command_path for _, _, ctx in manpages.subcommands(cli, root)]
+    paths: list[str] = []
+
+    def walk(group: click.Command, ctx: click.Context) -> None:
+        if not isinstance(group, click.Group):
+            return
+        for name in group.list_commands(ctx):
+            sub = group.get_command(ctx, name)
+            if sub is None or sub.hidden:
+                continue
+            sub_ctx = click.Context(sub, info_name=name, parent=ctx)
+            paths.append(sub_ctx.command_path)
+            walk(sub, sub_ctx)
+
+    walk(cli, click.Context(cli, info_name="tlsroll"))
+    return paths
+
+
+def esc(text: str) -> str:
+    return text.replace("-", "\\-")
+
+
+def run_tool(script: str, out: Path) -> list[Path]:
+    """Run tools/SCRIPT --out OUT as ``make`` does; the files it says it wrote."""
+    result = subprocess.run(
+        [sys.executable, str(ROOT / "tools" / script), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=child_env(),
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    return [Path(line) for line in result.stdout.split()]
 
 
 def test_man_pages_name_every_command(tmp_path: Path) -> None:
-    pages = {p.name: p.read_text(encoding="utf-8") for p in manpages.generate(tmp_path)}
+    pages = {p.name: p.read_text(encoding="utf-8") for p in run_tool("manpages.py", tmp_path)}
     main = pages["tlsroll.1"]
     paths = every_command()
     assert {"tlsroll notify", "tlsroll rollout start", "tlsroll client test-connection"} <= set(
@@ -92,11 +126,11 @@ def test_man_pages_name_every_command(tmp_path: Path) -> None:
     )
     commands = main.split(".SH COMMANDS", 1)[1].split(".SH ", 1)[0]
     for path in paths:
-        assert f"\\fB{manpages.esc(path)}\\fR" in commands, path
+        assert f"\\fB{esc(path)}\\fR" in commands, path
     tops = {p.split()[1] for p in paths}
-    assert {f"tlsroll-{t}.1" for t in tops} | {"tlsroll.1"} | {
-        f"{d}.1" for d in manpages.DAEMONS
-    } == set(pages)
+    assert {f"tlsroll-{t}.1" for t in tops} | {"tlsroll.1"} | {f"{d}.1" for d in DAEMONS} == set(
+        pages
+    )
     notify = pages["tlsroll-notify.1"]
     for option in ("\\-\\-when", "\\-\\-duration", "\\-\\-timezone", "\\-\\-include\\-password"):
         assert option in notify, option
@@ -105,19 +139,19 @@ def test_man_pages_name_every_command(tmp_path: Path) -> None:
     assert "\\fB\\-\\-config\\fR" not in pages["tlsroll-leader.1"]  # the --help text, .nf
     assert "\\-\\-config CONFIG" in pages["tlsroll-leader.1"]
     for name, text in pages.items():
-        assert text.startswith(f'.TH "{manpages.esc(name[:-2].upper())}" "1" ""'), name
+        assert text.startswith(f'.TH "{esc(name[:-2].upper())}" "1" ""'), name
         assert f"tlsroll {__version__}" in text.splitlines()[0]
         for line in text.splitlines():  # a stray control line would swallow text
             assert not line.startswith("'"), (name, line)
             if line.startswith("."):
                 assert re.match(r"\.(TH|SH|TP|PP|nf|fi)\b", line), (name, line)
-    assert manpages.generate(tmp_path / "again") and all(  # no date: the same files again
+    assert run_tool("manpages.py", tmp_path / "again") and all(  # no date: the same files again
         (tmp_path / "again" / n).read_text(encoding="utf-8") == t for n, t in pages.items()
     )
 
 
 def test_completion_files_and_completion_itself(tmp_path: Path) -> None:
-    paths = {p.relative_to(tmp_path).as_posix(): p for p in completions.generate(tmp_path)}
+    paths = {p.relative_to(tmp_path).as_posix(): p for p in run_tool("completions.py", tmp_path)}
     assert set(paths) == {"bash/tlsroll", "zsh/_tlsroll", "fish/tlsroll.fish"}
     bash = paths["bash/tlsroll"].read_text(encoding="utf-8")
     assert "_TLSROLL_COMPLETE=bash_complete" in bash and "-F _tlsroll_completion tlsroll" in bash

@@ -230,7 +230,8 @@ _DE: dict[str, str] = {
     "password_h": "Passwort",
     "password_what": (
         "Mit dem Passwort wird ein Arbeitsplatz für die verschlüsselte Verbindung eingerichtet: "
-        "Er erhält damit die Zertifizierungsstelle des Servers und ein eigenes Zertifikat. "
+        "Er erhält damit das Zertifikat der Zertifizierungsstelle (CA) und ein eigenes "
+        "Zertifikat. "
         "Arbeitsplatz und Server prüfen das Passwort gemeinsam, ohne es zu übertragen. Jede "
         "falsche Eingabe wird gezählt und ist in der Übersicht der Praxis-IT zu sehen; nach "
         "mehreren Fehlversuchen lässt der Server Sie eine Weile warten. Wer das Passwort kennt, "
@@ -378,7 +379,8 @@ _EN: dict[str, str] = {
     "password_h": "Password",
     "password_what": (
         "The password sets up a workstation for the encrypted connection: with it the "
-        "workstation receives the server's certificate authority and a certificate of its own. "
+        "workstation receives the certificate of the certificate authority (CA) and a "
+        "certificate of its own. "
         "Workstation and server check the password together without sending it. Every wrong "
         "entry is counted and shown to the practice IT; after several failed attempts the "
         "server makes you wait a while. Whoever knows the password can connect a PC and pose "

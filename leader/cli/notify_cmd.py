@@ -89,7 +89,7 @@ def practice_zone(option: str | None, lang: str) -> zoneinfo.ZoneInfo:
         name = name or "UTC"
     try:
         return zoneinfo.ZoneInfo(name)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError):
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):  # OSError: "Europe", a dir
         if option is None:  # the machine's own setting is odd: say so, not "bad option"
             raise click.UsageError(
                 f"this machine's time zone {name!r} is unknown; give --timezone, e.g. Europe/Berlin"
