@@ -41,11 +41,47 @@ def listeners(port: int) -> dict[str, set[int]]:
     return found
 
 
-def holder(address: str, port: int) -> str | None:
-    """Who listens on ``address:port`` (or on the wildcard): "name (pid N)", or None.
+def _socket_inodes(pid: str) -> set[str] | None:
+    """The ``socket:[inode]`` links among the open fds of process ``pid``; None if the process
+    is gone or its fds are not ours to read.
 
-    Needs to read other processes' fds to name them (the agent runs as root or as the
-    server's user); otherwise it says "another process".
+    The fds change while they are read: one that is closed between the listing and its
+    ``readlink`` is skipped, never the whole process. The listing's own directory fd is always
+    such a one when the process is this one (it is closed again before the names are read).
+    """
+    fd_dir = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(fd_dir)
+    except OSError:
+        return None
+    links = set()
+    for name in names:
+        try:
+            link = os.readlink(f"{fd_dir}/{name}")
+        except OSError:  # closed meanwhile (ENOENT) or not ours to read
+            continue
+        if link.startswith("socket:["):
+            links.add(link)
+    return links
+
+
+def _describe(pid: str) -> str:
+    try:
+        comm = Path(f"/proc/{pid}/comm").read_text().strip()
+        raw = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:  # it exited after we saw the socket: name it by its pid alone
+        return f"a process that has just exited (pid {pid})"
+    cmdline = raw.replace(b"\0", b" ").decode("utf-8", "replace").strip()
+    return f"{comm} (pid {pid}: {cmdline[:120]})"
+
+
+def holder(address: str, port: int) -> str | None:
+    """Who listens on ``address:port`` (or on the wildcard): "name (pid N: cmdline)", or None.
+
+    This process is looked at first, so that the agent's own listener (the bootstrap service
+    on 9443) is named as the agent whatever else shares the socket. Needs to read other
+    processes' fds to name them (the agent runs as root or as the server's user); otherwise it
+    says "another process".
     """
     wildcard = {"0.0.0.0", "::"}  # noqa: S104 - compared, not bound
     inodes = set()
@@ -55,22 +91,15 @@ def holder(address: str, port: int) -> str | None:
     if not inodes:
         return None
     targets = {f"socket:[{i}]" for i in inodes}
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            for fd in (proc / "fd").iterdir():
-                if os.readlink(fd) in targets:
-                    comm = (proc / "comm").read_text().strip()
-                    cmdline = (
-                        (proc / "cmdline")
-                        .read_bytes()
-                        .replace(b"\0", b" ")
-                        .decode("utf-8", "replace")
-                    )
-                    return f"{comm} (pid {proc.name}: {cmdline.strip()[:120]})"
-        except OSError:
-            continue
+    me = str(os.getpid())
+    try:
+        others = sorted((p for p in os.listdir("/proc") if p.isdigit() and p != me), key=int)
+    except OSError:
+        others = []
+    for pid in (me, *others):
+        links = _socket_inodes(pid)
+        if links and links & targets:
+            return _describe(pid)
     return "another process"
 
 
