@@ -87,7 +87,10 @@ class Store:
                 seq = cur.lastrowid
                 cur.execute("COMMIT")
             except BaseException:
-                cur.execute("ROLLBACK")
+                # A full disk may have rolled it back already: a ROLLBACK then fails with "no
+                # transaction is active" and hides the error that matters.
+                if self._writer.in_transaction:
+                    cur.execute("ROLLBACK")
                 raise
         assert seq is not None
         return entry_id, seq
