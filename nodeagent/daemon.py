@@ -3,6 +3,10 @@
 Start-up: load the config, enrol if this node has no certificate yet (see ``identity``), serve
 NodeAgent over mutual TLS on every node address, and send heartbeats to the leader (with the
 bootstrap service's failed passwords since the last one). SIGTERM or SIGINT stops it gracefully.
+
+A transaction task that dies for good (see ``nodeagent.transaction``, supervision) stops the
+agent too, with exit code 1 and one line saying why: never a live agent with a dead transaction;
+the service manager starts it again and the journal resumes the transaction.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from nodeagent.drivers import make_driver
 from nodeagent.identity import Identity, enrol, load_identity
 from nodeagent.journal import Journal
 from nodeagent.service import NodeAgentService
-from nodeagent.transaction import Runner
+from nodeagent.transaction import Runner, TransactionDied
 from tlsroll import __version__, logs
 from tlsroll.daemon import sd_notify, stop_event, watchdog
 from tlsroll.errors import ConfigError, TlsrollError, TransientError
@@ -165,7 +169,12 @@ async def serve(cfg: AgentConfig) -> None:
     )
     sd_notify("READY=1")
     pinger = asyncio.create_task(watchdog(), name="watchdog")
-    await stop.wait()
+    waits = [asyncio.create_task(stop.wait(), name="stop")]
+    if runner is not None:
+        waits.append(asyncio.create_task(runner.dead.wait(), name="txn-died"))
+    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+    for waiting in waits:
+        waiting.cancel()
     sd_notify("STOPPING=1")
     pinger.cancel()
     log.info("agent.stopping", grace_seconds=GRACE_SECONDS)
@@ -180,6 +189,8 @@ async def serve(cfg: AgentConfig) -> None:
     await bootstrap.close()
     journal.close()
     log.info("agent.stopped")
+    if runner is not None and runner.dead.is_set():
+        raise TransactionDied(runner.fatal)
 
 
 def journal_path(cfg: AgentConfig) -> Path:

@@ -17,12 +17,15 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sqlite3
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
 from nodeagent.transaction import Phase
 from tlsroll.enums import TxnKind, TxnOutcome
+from tlsroll.errors import TerminalError
 from tlsroll.sqlite import Database, Migration
 
 # Migration 1: the tables of tlsroll 0.1.0 (which left user_version at 0).
@@ -165,6 +168,12 @@ def _dec(name: str, value: Any) -> Any:
     return value
 
 
+class JournalError(TerminalError):
+    """A read or write of the journal failed (a full disk, a damaged file): the message names
+    the file and SQLite's words and code, e.g. ``journal /var/lib/tlsroll/journal.sqlite3:
+    database or disk is full (SQLITE_FULL)``."""
+
+
 class Journal:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
@@ -173,16 +182,36 @@ class Journal:
     def close(self) -> None:
         self._db.close()
 
+    def _error(self, exc: sqlite3.Error) -> JournalError:
+        code = getattr(exc, "sqlite_errorname", None)
+        return JournalError(f"journal {self.path}: {exc}" + (f" ({code})" if code else ""))
+
+    @contextmanager
+    def _read(self) -> Iterator[sqlite3.Connection]:
+        try:
+            with self._db.read() as db:
+                yield db
+        except sqlite3.Error as exc:
+            raise self._error(exc) from exc
+
+    @contextmanager
+    def _tx(self) -> Iterator[sqlite3.Connection]:
+        try:
+            with self._db.tx() as db:
+                yield db
+        except sqlite3.Error as exc:
+            raise self._error(exc) from exc
+
     # --- epochs -------------------------------------------------------------------------------
 
     def highest_epoch(self) -> int:
-        with self._db.read() as db:
+        with self._read() as db:
             row = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
         return int(row["value"]) if row else 0
 
     def admit_epoch(self, epoch: int) -> int | None:
         """Record ``epoch`` if it is not older than any seen; return the higher one if it is."""
-        with self._db.tx() as db:
+        with self._tx() as db:
             row = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
             highest = int(row["value"]) if row else 0
             if epoch < highest:
@@ -199,7 +228,7 @@ class Journal:
     def live_tls(self) -> dict[str, str] | None:
         """The https files and address live on the server (from the last completed
         transaction), or None while it serves http."""
-        with self._db.read() as db:
+        with self._read() as db:
             row = db.execute("SELECT value FROM meta WHERE key = 'live_tls'").fetchone()
         value = json.loads(row["value"]) if row else None
         return value if isinstance(value, dict) else None
@@ -216,7 +245,7 @@ class Journal:
 
     def freeze_lease(self) -> tuple[str, dt.datetime] | None:
         """(rollout id, deadline) of the leader's scope freeze, if one holds."""
-        with self._db.read() as db:
+        with self._read() as db:
             row = db.execute("SELECT value FROM meta WHERE key = 'freeze_lease'").fetchone()
         if row is None or not row["value"]:
             return None
@@ -225,17 +254,34 @@ class Journal:
 
     def set_freeze_lease(self, lease: tuple[str, dt.datetime] | None) -> None:
         value = json.dumps([lease[0], lease[1].isoformat()]) if lease else ""
-        with self._db.tx() as db:
-            db.execute(
-                "INSERT INTO meta (key, value) VALUES ('freeze_lease', ?)"
-                " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                (value,),
-            )
+        with self._tx() as db:
+            self._set_meta(db, "freeze_lease", value)
+
+    # --- a freeze a failed transaction could not lift yet ----------------------------------------
+
+    def unfreeze_owed(self) -> str | None:
+        """The rollout whose failed transaction left the server frozen, if one did: the runner
+        keeps trying to lift it (see ``nodeagent.transaction``)."""
+        with self._read() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'unfreeze_owed'").fetchone()
+        return str(row["value"]) if row and row["value"] else None
+
+    def set_unfreeze_owed(self, rollout_id: str | None) -> None:
+        with self._tx() as db:
+            self._set_meta(db, "unfreeze_owed", rollout_id or "")
+
+    @staticmethod
+    def _set_meta(db: sqlite3.Connection, key: str, value: str) -> None:
+        db.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?)"
+            " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (key, value),
+        )
 
     # --- staged certificates ------------------------------------------------------------------
 
     def staged(self, rollout_id: str) -> Staged | None:
-        with self._db.read() as db:
+        with self._read() as db:
             row = db.execute("SELECT * FROM staged WHERE rollout_id = ?", (rollout_id,)).fetchone()
         if row is None:
             return None
@@ -250,7 +296,7 @@ class Journal:
         )
 
     def record_csr(self, rollout_id: str, key_file: Path, csr_pem: bytes) -> None:
-        with self._db.tx() as db:
+        with self._tx() as db:
             db.execute(
                 "INSERT INTO staged (rollout_id, key_file, csr_pem) VALUES (?, ?, ?)",
                 (rollout_id, str(key_file), csr_pem.decode()),
@@ -264,7 +310,7 @@ class Journal:
         fingerprint: str,
         not_after: dt.datetime,
     ) -> None:
-        with self._db.tx() as db:
+        with self._tx() as db:
             db.execute(
                 "UPDATE staged SET cert_file = ?, ca_file = ?, fingerprint = ?, not_after = ?"
                 " WHERE rollout_id = ?",
@@ -275,7 +321,7 @@ class Journal:
 
     def get(self, rollout_id: str, kind: str) -> Txn | None:
         """The transaction of ``kind`` (a ``TxnKind``) for ``rollout_id``, if there is one."""
-        with self._db.read() as db:
+        with self._read() as db:
             row = db.execute(
                 "SELECT * FROM txns WHERE rollout_id = ? AND kind = ?",
                 (rollout_id, TxnKind(kind).value),
@@ -283,7 +329,7 @@ class Journal:
         return _txn(row) if row else None
 
     def unfinished(self) -> list[Txn]:
-        with self._db.read() as db:
+        with self._read() as db:
             rows = db.execute(
                 "SELECT * FROM txns WHERE outcome = ? ORDER BY started_at", (_PENDING,)
             ).fetchall()
@@ -291,7 +337,7 @@ class Journal:
 
     def create(self, txn: Txn) -> Txn:
         """Insert a new transaction, or return the existing one with the same key (a replay)."""
-        with self._db.tx() as db:
+        with self._tx() as db:
             row = db.execute(
                 "SELECT * FROM txns WHERE rollout_id = ? AND kind = ?",
                 (txn.rollout_id, txn.kind.value),
@@ -309,20 +355,25 @@ class Journal:
 
     def update(self, txn: Txn, **changes: Any) -> Txn:
         """Record what a step changed (``phase`` and what it found; never the plan)."""
-        with self._db.tx() as db:
+        with self._tx() as db:
             return self._update(db, txn, changes)
 
-    def fail(self, txn: Txn, step: str, error: str, **changes: Any) -> Txn:
+    def fail(
+        self, txn: Txn, step: str, error: str, *, unfreeze_owed: bool = False, **changes: Any
+    ) -> Txn:
         """Record, in one write, that ``step`` failed (its ``error`` event) and where that leaves
-        the transaction: a crash cannot separate the two."""
-        with self._db.tx() as db:
+        the transaction: a crash cannot separate the two. ``unfreeze_owed``: the transaction
+        ends with the server still frozen (see ``unfreeze_owed``)."""
+        with self._tx() as db:
             self._event(db, txn, step, "error", {"reason": error})
+            if unfreeze_owed:
+                self._set_meta(db, "unfreeze_owed", txn.rollout_id)
             return self._update(db, txn, changes)
 
     def complete(self, txn: Txn, live_tls: dict[str, str] | None, **changes: Any) -> Txn:
         """Record, in one write, the transaction's last step and what is now live on the server
         (see ``live_tls``)."""
-        with self._db.tx() as db:
+        with self._tx() as db:
             self._set_live_tls(db, live_tls)
             return self._update(db, txn, changes)
 
@@ -341,7 +392,7 @@ class Journal:
         return new
 
     def event(self, txn: Txn, step: str, what: str, detail: dict[str, Any] | None = None) -> None:
-        with self._db.tx() as db:
+        with self._tx() as db:
             self._event(db, txn, step, what, detail or {})
 
     def _event(
@@ -361,7 +412,7 @@ class Journal:
         )
 
     def events(self, rollout_id: str) -> list[dict[str, Any]]:
-        with self._db.read() as db:
+        with self._read() as db:
             rows = db.execute(
                 "SELECT * FROM events WHERE rollout_id = ? ORDER BY seq", (rollout_id,)
             ).fetchall()

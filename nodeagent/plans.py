@@ -9,26 +9,52 @@ checks the caller, converts the request and calls one of these.
 
 Blocking (reads the server's config, writes files): call through ``asyncio.to_thread``. A node
 that is not ready for the change gets ``PlanRefused`` and nothing on the server has changed
-(a prepared config file or a staged verifier is inactive until a transaction names it).
+(a prepared config file or a staged verifier is inactive until a transaction names it). A file
+that cannot be read or written gives ``PrepareFailed`` naming the file and the errno, which the
+servicer sends on to the leader (so the schema says ``No space left on device``, not "internal
+error").
 """
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, ParamSpec
 
 from nodeagent.drivers import Driver, Target
 from nodeagent.journal import Journal
 from nodeagent.transaction import Plan
 from tlsroll import password
 from tlsroll.enums import TxnKind, TxnOutcome
-from tlsroll.errors import TerminalError
+from tlsroll.errors import TerminalError, os_error_text
 from tlsroll.fsutil import PRIVATE, write_atomic
 
 
 class PlanRefused(TerminalError):
     """The node is not ready for this change (nothing staged, not on https, nothing to roll
     back); the message says what to do first."""
+
+
+class PrepareFailed(TerminalError):
+    """A file the transaction needs could not be read or written; nothing on the server has
+    changed. The message names the file and the errno."""
+
+
+P = ParamSpec("P")
+
+
+def _keeps_cause(build: Callable[P, Built]) -> Callable[P, Built]:
+    """An OSError while making a plan becomes ``PrepareFailed`` with its path and errno."""
+
+    @functools.wraps(build)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> Built:
+        try:
+            return build(*args, **kwargs)
+        except OSError as exc:
+            raise PrepareFailed(f"cannot prepare the transaction: {os_error_text(exc)}") from None
+
+    return wrapper
 
 
 class Built(NamedTuple):
@@ -61,6 +87,7 @@ def write_verifier(driver: Driver, rollout_id: str, verifier: dict[str, Any] | N
     return path
 
 
+@_keeps_cause
 def switch_plan(
     journal: Journal,
     driver: Driver,
@@ -102,6 +129,7 @@ def switch_plan(
     return Built(new_config, plan, staged.fingerprint or "")
 
 
+@_keeps_cause
 def password_plan(
     journal: Journal,
     driver: Driver,
@@ -144,6 +172,7 @@ def password_plan(
     return Built(new_config, plan, "")
 
 
+@_keeps_cause
 def rollback_plan(
     journal: Journal,
     driver: Driver,

@@ -25,10 +25,29 @@ between them::
 
 Any failure on the forward path enters ``rolling_back`` with the reason and the phase it
 left (``failed_phase``); ``restore_config`` records whether the source needs a restart
-(``restart_needed``). Both are fields of the transaction of their own: the ``Plan`` is fixed
-when the transaction starts and never rewritten. The backward path retries each action a few
-times (tenacity); if it still fails the outcome is ``failed`` and the agent still tries to lift
-the freeze, so that a node never stays frozen because of tlsroll.
+(``restart_needed``: also when the server is down, so that the way back starts it). Both are
+fields of the transaction of their own: the ``Plan`` is fixed when the transaction starts and
+never rewritten. The backward path retries each action a few times (tenacity); if it still
+fails the outcome is ``failed``.
+
+A node never stays frozen because of tlsroll:
+
+- ``unfreeze`` is retried with capped exponential backoff (``UNFREEZE_BACKOFF``) until it
+  succeeds or the agent stops (the journal resumes it at the next start); a full disk under
+  the server's state, say, only delays it. The attempts are logged at a bounded rate.
+- A ``failed`` transaction lifts the freeze too; if the server does not take the unfreeze yet,
+  the journal records that one is owed (in the same write as the outcome) and the runner keeps
+  trying in the background, across restarts, until it succeeds or a new transaction or a scope
+  freeze takes the freeze over.
+- A freeze that fails because the server is *down* is no failure: a server that is down takes
+  no writes. The transaction goes on (no watermark to compare), so a rollback that finds the
+  server dead still writes the old config and starts the server, and verify decides.
+
+Supervision: each transaction runs in a task that is restarted from the journal when it dies
+(a journal write that fails, say on a full disk), at most ``TASK_RESTARTS`` times with backoff.
+If it still dies, the runner lifts the freeze (unless a scope freeze holds it) and sets
+``dead``: the daemon then exits non-zero so that the service manager restarts it, and the next
+start resumes the transaction from the journal. Never a live agent with a dead transaction.
 
 The runner does no blocking work on the event loop: journal writes, config files and the
 outside checks run in threads. Time (``clock``, ``sleep``) and the outside checks
@@ -62,8 +81,9 @@ from tenacity import (
 
 from nodeagent.drivers import Driver, DriverError, ServerFacts
 from tlsroll import httpcheck, logs
+from tlsroll.backoff import Policy
 from tlsroll.enums import TxnOutcome
-from tlsroll.errors import TerminalError
+from tlsroll.errors import TerminalError, os_error_text
 from tlsroll.fsutil import PRIVATE, write_atomic
 
 if TYPE_CHECKING:  # the journal stores Phase values: it imports this module
@@ -77,6 +97,14 @@ BACKWARD_ATTEMPTS = 3  # each action of the way back, before the outcome is ``fa
 BACKWARD_WAIT = 0.5  # seconds before the 2nd attempt, 2 × that before the 3rd, ...
 VERIFY_ATTEMPTS = 3  # a server that has just restarted may need a moment to answer
 VERIFY_WAIT = 0.3
+# unfreeze: 0.5 s, 1 s, 2 s ... at most 30 s between attempts, for as long as it takes
+UNFREEZE_BACKOFF = Policy(free=1, base=0.5, cap=30.0, forget=3600.0)
+UNFREEZE_LOG_EVERY = 600.0  # seconds: past the first attempts, at most one line this often
+# a transaction task that dies is started again from the journal after 1 s, 2 s, 4 s; if it
+# dies once more, the agent exits (see the module docstring)
+TASK_RESTARTS = 3
+TASK_BACKOFF = Policy(free=1, base=1.0, cap=8.0, forget=3600.0)
+EXIT_UNFREEZE_ATTEMPTS = 3  # before the agent exits: a few quick tries, the next start resumes
 
 
 class Phase(StrEnum):
@@ -137,12 +165,25 @@ class StepFailed(TerminalError):
     pass
 
 
-def _describe(exc: Exception) -> str:
-    """Our own errors say what happened; anything else (an admin's command printing JSON
-    without a field, say) also names its type."""
-    if isinstance(exc, StepFailed | DriverError | OSError):
+class TransactionDied(TerminalError):
+    """A transaction task died more often than it is restarted: the agent must exit (its
+    message is the daemon's one line)."""
+
+
+def _describe(exc: BaseException) -> str:
+    """Our own errors say what happened; an OSError its path and errno; anything else (an
+    admin's command printing JSON without a field, a journal write, say) also names its type."""
+    if isinstance(exc, OSError):
+        return os_error_text(exc)
+    if isinstance(exc, StepFailed | DriverError):
         return str(exc)
     return f"{type(exc).__name__}: {exc}"
+
+
+def _worth_logging(attempt: int, since_logged: float) -> bool:
+    """Retries are logged at a bounded rate: the first three, then the 4th, 8th, 16th ...,
+    and at least one every ``UNFREEZE_LOG_EVERY`` seconds."""
+    return attempt <= 3 or attempt & (attempt - 1) == 0 or since_logged >= UNFREEZE_LOG_EVERY
 
 
 def _log_crash(task: asyncio.Task[Txn]) -> None:
@@ -236,6 +277,10 @@ class Runner:
         self.sleep = sleep  # between attempts (tenacity); tests move a fake clock instead
         self.tasks: dict[tuple[str, str], asyncio.Task[Txn]] = {}
         self.crash_after = os.environ.get(CRASH_ENV, "")
+        # Set when a transaction task died for good (``fatal`` says why): the daemon exits.
+        self.dead = asyncio.Event()
+        self.fatal = ""
+        self._owed: asyncio.Task[None] | None = None  # lifts a freeze a failed transaction owes
 
     def busy_with(self) -> Txn | None:
         """Blocking (reads the journal)."""
@@ -246,7 +291,10 @@ class Runner:
         key = (txn.rollout_id, txn.kind.value)
         if key in self.tasks and not self.tasks[key].done():
             return
-        task = asyncio.create_task(self.run(txn), name=f"txn-{key}")
+        if self._owed is not None:  # the new transaction owns the freeze from now on
+            self._owed.cancel()
+            self._owed = None
+        task = asyncio.create_task(self._supervised(txn), name=f"txn-{key}")
         task.add_done_callback(_log_crash)
         self.tasks[key] = task
 
@@ -255,17 +303,125 @@ class Runner:
         for txn in pending:
             log.warning("txn.resuming", rollout_id=txn.rollout_id, kind=txn.kind, phase=txn.phase)
             self.start(txn)
+        if not pending and await asyncio.to_thread(self.journal.unfreeze_owed) is not None:
+            self._lift_owed_freeze()
         return pending
 
     async def close(self, grace: float) -> None:
         """Give running transactions ``grace`` seconds to end, then stop them (the journal lets
         the next start resume them)."""
+        if self._owed is not None:
+            self._owed.cancel()  # the journal keeps what is owed for the next start
         running = [t for t in self.tasks.values() if not t.done()]
         if running:
             await asyncio.wait(running, timeout=grace)
         for task in running:
             task.cancel()
-        await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        await asyncio.gather(
+            *self.tasks.values(), *([self._owed] if self._owed else []), return_exceptions=True
+        )
+
+    # --- supervision --------------------------------------------------------------------------
+
+    async def _supervised(self, txn: Txn) -> Txn:
+        """Run ``txn``; if its task dies, start it again from what the journal holds, at most
+        ``TASK_RESTARTS`` times; then lift the freeze and tell the daemon (``dead``)."""
+        deaths = 0
+        while True:
+            try:
+                return await self.run(txn)
+            except Exception as exc:
+                deaths += 1
+                error = _describe(exc)
+                if deaths > TASK_RESTARTS:
+                    await self._die(txn, deaths, error)
+                    raise
+                wait = TASK_BACKOFF.delay(deaths)
+                log.error(
+                    "txn.crashed",
+                    rollout_id=txn.rollout_id,
+                    kind=txn.kind,
+                    error=error,
+                    restart_in=wait,
+                    restarts_left=TASK_RESTARTS - deaths + 1,
+                )
+            await self.sleep(wait)
+            try:
+                latest = await asyncio.to_thread(self.journal.get, txn.rollout_id, txn.kind)
+            except Exception as exc:  # counted at the next death: run() needs the journal too
+                log.error("txn.journal_unreadable", rollout_id=txn.rollout_id, error=_describe(exc))
+                latest = None
+            if latest is not None and latest.finished:
+                return latest
+            txn = latest or txn
+            log.warning("txn.restarting", rollout_id=txn.rollout_id, kind=txn.kind, phase=txn.phase)
+
+    async def _die(self, txn: Txn, deaths: int, error: str) -> None:
+        """The task died for good: lift the freeze unless a scope freeze holds it (its lease
+        bounds it), and tell the daemon to exit."""
+        lifted = "the freeze is left to the scope freeze's lease"
+        if not await self._scope_frozen(txn):
+            lifted = "writes are accepted again"
+            for attempt in range(1, EXIT_UNFREEZE_ATTEMPTS + 1):
+                try:
+                    await self.driver.unfreeze()
+                    break
+                except (DriverError, OSError) as exc:
+                    lifted = f"could not lift the freeze: {_describe(exc)}"
+                    if attempt < EXIT_UNFREEZE_ATTEMPTS:
+                        await self.sleep(UNFREEZE_BACKOFF.delay(attempt))
+        self.fatal = (
+            f"the {txn.kind} transaction of rollout {txn.rollout_id} died {deaths} times"
+            f" (last: {error}); {lifted}; exiting so that the service manager restarts the"
+            f" agent, which resumes it from {self.journal.path}"
+        )
+        log.error("txn.died", rollout_id=txn.rollout_id, kind=txn.kind, detail=self.fatal)
+        self.dead.set()
+
+    async def _scope_frozen(self, txn: Txn) -> bool:
+        """True if the freeze belongs to a rollout's scope freeze whose lease still holds."""
+        try:
+            keep = bool(txn.plan.get("keep_frozen", False))
+            return keep and await asyncio.to_thread(self.journal.freeze_lease) is not None
+        except Exception:  # an unreadable journal holds no lease we could honour
+            return False
+
+    def _lift_owed_freeze(self) -> None:
+        if self._owed is None or self._owed.done():
+            self._owed = asyncio.create_task(self._lift_owed(), name="txn-owed-unfreeze")
+
+    async def _lift_owed(self) -> None:
+        """Keep trying to lift the freeze a failed transaction left, until it is lifted or a
+        transaction or a scope freeze takes the freeze over (then what is owed is dropped)."""
+        attempt, logged = 0, time.monotonic()
+        while True:
+            owed = await asyncio.to_thread(self.journal.unfreeze_owed)
+            if owed is None:
+                return
+            running = await asyncio.to_thread(self.journal.unfinished)
+            lease = await asyncio.to_thread(self.journal.freeze_lease)
+            if running or lease is not None:
+                await asyncio.to_thread(self.journal.set_unfreeze_owed, None)
+                return
+            try:
+                await self.driver.unfreeze()
+            except (DriverError, OSError) as exc:
+                attempt += 1
+                wait = UNFREEZE_BACKOFF.delay(attempt)
+                if _worth_logging(attempt, time.monotonic() - logged):
+                    logged = time.monotonic()
+                    log.error(
+                        "txn.owed_unfreeze_failed",
+                        rollout_id=owed,
+                        attempt=attempt,
+                        retry_in=wait,
+                        error=_describe(exc),
+                    )
+                await self.sleep(wait)
+                continue
+            await asyncio.to_thread(self.journal.set_unfreeze_owed, None)
+            log.warning("txn.owed_unfreeze_done", rollout_id=owed, attempts=attempt + 1)
+            return
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -363,6 +519,7 @@ class Runner:
         lease nothing would ever lift it, so it is lifted here."""
         log.error("txn.failed", rollout_id=txn.rollout_id, kind=txn.kind, reason=reason)
         why = reason
+        owed = False
         scope_frozen = plan.keep_frozen and (
             await asyncio.to_thread(self.journal.freeze_lease) is not None
         )
@@ -370,17 +527,25 @@ class Runner:
             try:
                 await self.driver.unfreeze()
             except (DriverError, OSError) as exc:
-                why += f"; and could not lift the freeze: {exc}"
-        return await self._record(
+                owed = True
+                why += (
+                    f"; and could not lift the freeze yet: {_describe(exc)}"
+                    " (the agent keeps trying)"
+                )
+        txn = await self._record(
             self.journal.fail,
             txn,
             action,
             reason,
+            unfreeze_owed=owed,
             phase=Phase.FAILED,
             outcome=TxnOutcome.FAILED,
             reason=f"{txn.reason}; then {why}",
             ended_at=self.clock(),
         )
+        if owed:
+            self._lift_owed_freeze()
+        return txn
 
     # --- the actions --------------------------------------------------------------------------
 
@@ -398,7 +563,22 @@ class Runner:
 
     async def _freeze(self, txn: Txn, plan: Plan) -> dict[str, Any]:
         started = txn.freeze_started_at or self.clock()
-        watermark = await self.driver.freeze(DRAIN_TIMEOUT)
+        try:
+            watermark = await self.driver.freeze(DRAIN_TIMEOUT)
+        except DriverError as exc:
+            down = await self.driver.health()
+            if down is None:
+                raise  # it answers and refused: a failure (writes still in flight, say)
+            # Down: it takes no writes, so there is nothing to freeze and no watermark to keep.
+            # Going on writes the new config and starts the server; verify decides.
+            log.warning(
+                "txn.freeze_skipped",
+                rollout_id=txn.rollout_id,
+                kind=txn.kind,
+                reason=f"the managed server is down: {down}",
+                freeze_error=str(exc),
+            )
+            return {"watermark": None, "freeze_started_at": started}
         return {"watermark": watermark, "freeze_started_at": started}
 
     async def _write_config(self, txn: Txn, plan: Plan) -> dict[str, Any]:
@@ -474,16 +654,44 @@ class Runner:
         return {}
 
     async def _unfreeze(self, txn: Txn, plan: Plan) -> dict[str, Any]:
+        """Lift the freeze, trying until it works (see the module docstring): the server is
+        already on the config this transaction ends with; only the freeze is left."""
         if plan.keep_frozen:
             return {}  # the rollout's scope freeze goes on; the leader lifts it at the end
-        await self.driver.unfreeze()
-        return {"freeze_ended_at": self.clock()}
+        attempt, logged = 0, time.monotonic()
+        while True:
+            try:
+                await self.driver.unfreeze()
+            except (DriverError, OSError) as exc:
+                attempt += 1
+                wait = UNFREEZE_BACKOFF.delay(attempt)
+                if _worth_logging(attempt, time.monotonic() - logged):
+                    logged = time.monotonic()
+                    log.error(
+                        "txn.unfreeze_failed",
+                        rollout_id=txn.rollout_id,
+                        kind=txn.kind,
+                        attempt=attempt,
+                        retry_in=wait,
+                        error=_describe(exc),
+                    )
+                await self.sleep(wait)
+                continue
+            if attempt:
+                log.warning(
+                    "txn.unfreeze_done",
+                    rollout_id=txn.rollout_id,
+                    kind=txn.kind,
+                    attempts=attempt + 1,
+                )
+            return {"freeze_ended_at": self.clock()}
 
     async def _restore_config(self, txn: Txn, plan: Plan) -> dict[str, Any]:
         """Put the source config back if the live one is not it; say if a restart is needed."""
         rewritten = await asyncio.to_thread(self._put_source, plan)
         target_loaded = (txn.failed_phase or Phase.STARTED) in TARGET_MAY_BE_RUNNING
-        return {"restart_needed": rewritten or target_loaded}
+        down = not rewritten and not target_loaded and await self.driver.health() is not None
+        return {"restart_needed": rewritten or target_loaded or down}
 
     def _put_source(self, plan: Plan) -> bool:
         """True if the live config was not the source and has been replaced by it."""

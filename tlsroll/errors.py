@@ -20,6 +20,7 @@ nothing below that boundary prints or exits.
 
 from __future__ import annotations
 
+import errno
 from enum import StrEnum
 
 
@@ -69,3 +70,19 @@ class PKIError(TerminalError):
 
 class UnsafePermissions(TerminalError):
     pass
+
+
+def os_error_text(exc: OSError) -> str:
+    """An OSError as one line that keeps its cause: the path (both of a rename), the system's
+    words and the errno, e.g. ``/var/lib/x/a.tmp: No space left on device (errno 28, ENOSPC)``.
+    An OSError without an errno (raised with a message only) is its message."""
+    if exc.errno is None:
+        return str(exc) or type(exc).__name__
+    name = errno.errorcode.get(exc.errno, "?")
+    where = ""
+    if exc.filename is not None:
+        where = f"{exc.filename}"
+        if exc.filename2 is not None:
+            where += f" -> {exc.filename2}"
+        where += ": "
+    return f"{where}{exc.strerror or 'error'} (errno {exc.errno}, {name})"

@@ -1,0 +1,385 @@
+"""Faults on the node side that used to leave a node frozen, dead or misreported (issue 16),
+each injected from outside the agent: real agents, real reference servers, real mutual TLS,
+driven step by step by a stand-in for the leader (``tests.nodeside``).
+
+How the faults are made, none through a hook in the agent:
+
+- a vanishing fd: this process (or a child) closes fds while ``ports.holder`` reads them;
+- a server state file that cannot be replaced: a read-only bind mount of ``state.json`` on
+  itself (a rename onto a mount point fails with EBUSY), as a full or read-only disk would;
+- a dead server: SIGKILL of the managed server's process;
+- a full disk under the agent's journal: the agent's data dir is a small tmpfs, filled up
+  with a file (SQLite then fails with SQLITE_FULL), and freed again by deleting that file;
+- a directory the agent cannot write: a read-only bind mount.
+
+The mounts need root, as ``tests.nodeside.read_only`` does. A write kept in flight by the
+reference server's own test knob (``TLSROLL_REFSERVER_TEST_WRITE_DELAY``) holds the agent in
+its freeze's bounded drain for a moment, so that a fault lands between two exact steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from nodeagent import ports
+from refserver.server import WRITE_DELAY_ENV
+from tests.cluster import Cluster, one_line_error, wait_until
+from tests.conftest import next_loopback
+from tests.nodeside import Node, NodeFactory, alive, read_only
+from tests.refserver_helper import Response
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with Cluster(tmp_path_factory.mktemp("recovery"), next_loopback()) as c:
+        c.init()
+        c.start_leader()
+        yield c
+
+
+@pytest.fixture
+def make_node(cluster: Cluster, tmp_path: Path) -> Iterator[NodeFactory]:
+    factory = NodeFactory(cluster, tmp_path, "rc")
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+def assert_on_https(node: Node, fingerprint: str) -> None:
+    """From outside: https with the staged certificate, writes accepted, http closed."""
+    assert node.served_fingerprint() == fingerprint
+    status = node.admin_status()
+    assert status["frozen"] is False
+    assert status["listen"] == ["https"]
+    assert node.post("https", {"after": "switch"}).status == 201
+    assert not node.port_open(8080)
+
+
+def assert_on_http(node: Node) -> None:
+    status = node.admin_status()
+    assert status["frozen"] is False
+    assert status["listen"] == ["http"]
+    assert node.post("http", {"after": "way back"}).status == 201
+    assert not node.port_open(8443)
+
+
+def server_events(node: Node, name: str) -> list[dict[str, Any]]:
+    """Events ``name`` in the log of the servers the agent's driver started."""
+    assert node.agent is not None
+    path = node.agent.data_dir / "refserver.log"
+    found = []
+    for line in (path.read_text(errors="replace") if path.exists() else "").splitlines():
+        with contextlib.suppress(ValueError):
+            event = json.loads(line)
+            if isinstance(event, dict) and event.get("event") == name:
+                found.append(event)
+    return found
+
+
+class SlowWrite:
+    """One write that the reference server keeps in flight (its write-delay knob): the agent's
+    freeze waits for it to drain, which holds the switch between two known steps."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.response: Response | None = None
+        self.thread = threading.Thread(target=self._post, daemon=True)
+
+    def _post(self) -> None:
+        self.response = self.node.post("http", {"slow": "write"})
+
+    def start(self) -> SlowWrite:
+        self.thread.start()
+        wait_until(lambda: self.node.admin_status()["in_flight"] == 1, 10, "a write in flight")
+        return self
+
+    def acknowledged(self) -> None:
+        self.thread.join(30)
+        assert self.response is not None and self.response.status == 201
+
+
+def wait_frozen_on_disk(node: Node) -> Path:
+    """Wait until the server has persisted the agent's freeze (its state.json says so)."""
+    state = node.server_data_dir / "state.json"
+
+    def persisted() -> bool:
+        with contextlib.suppress(OSError, ValueError):
+            return bool(json.loads(state.read_text())["frozen"])
+        return False
+
+    wait_until(persisted, 15, "the freeze persisted", interval=0.01)
+    return state
+
+
+# --- 1. who holds a port: fds that vanish during the scan ---------------------------------------
+
+
+def test_holder_names_this_process_although_an_fd_vanishes_during_the_scan(
+    loopback: Callable[[], str],
+) -> None:
+    """The scan's own directory fd is listed in /proc/self/fd and closed before it is read.
+    Below the listener's fd (a gap made here), it used to make the scan drop this process and
+    say "another process" (the agent then called its own 9443 listener foreign)."""
+    address = loopback()
+    gap = os.open(os.devnull, os.O_RDONLY)
+    listener = socket.socket()
+    try:
+        listener.bind((address, 0))
+        listener.listen()
+        os.close(gap)  # the lowest free fd is now below the listener's: the scan's own takes it
+        assert listener.fileno() > gap
+        who = ports.holder(address, listener.getsockname()[1])
+        assert who is not None and f"(pid {os.getpid()}:" in who, who
+    finally:
+        listener.close()
+
+
+CHURNER = """
+import os, socket, sys
+def burst():
+    return [os.open(os.devnull, os.O_RDONLY) for _ in range(300)]
+gap = burst()
+s = socket.socket()
+s.bind((sys.argv[1], 0))
+s.listen()
+for fd in gap:
+    os.close(fd)
+print(s.getsockname()[1], flush=True)
+while True:  # 300 fds below the listener's, opened and closed all the time
+    for fd in burst():
+        os.close(fd)
+"""
+
+
+def test_holder_names_another_process_whose_fds_come_and_go(loopback: Callable[[], str]) -> None:
+    address = loopback()
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CHURNER, address],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        for _ in range(30):
+            who = ports.holder(address, port)
+            assert who is not None and f"(pid {proc.pid}:" in who, who
+    finally:
+        proc.kill()
+        proc.wait(10)
+        if proc.stdout is not None:
+            proc.stdout.close()
+
+
+# --- 2. unfreeze is retried until it works ------------------------------------------------------
+
+
+def test_an_unfreeze_that_fails_for_a_while_is_retried_until_the_node_is_unfrozen(
+    make_node: NodeFactory,
+) -> None:
+    """The server cannot persist the unfreeze for several seconds (its state file cannot be
+    replaced, as on a full disk); the agent used to try three times in 1.5 s, roll back and
+    leave the node frozen. Now the switch completes once the file can be written again."""
+    node = make_node(server_env={WRITE_DELAY_ENV: "2"})
+    staged = node.stage("uf")
+    slow = SlowWrite(node).start()
+    node.switch("uf")
+    state = wait_frozen_on_disk(node)  # the freeze is still draining the slow write
+    with read_only(state):
+        wait_until(
+            lambda: len(server_events(node, "unfreeze.not_persisted")) >= 3,
+            30,
+            "three refused unfreezes",
+        )
+        assert node.txn("uf").outcome == ""  # still at it: neither given up nor rolled back
+        assert node.admin_status()["frozen"] is True
+    txn = node.wait_txn("uf", timeout=60)
+    assert txn.outcome == "completed", txn.reason
+    assert_on_https(node, staged.fingerprint)
+    slow.acknowledged()
+    assert node.agent is not None
+    failed = [e for e in node.agent.log_events() if e.get("event") == "txn.unfreeze_failed"]
+    assert [e["attempt"] for e in failed][:3] == [1, 2, 3]
+    assert all(e["retry_in"] <= 30 for e in failed)
+    assert "unfreeze_done" in " ".join(node.agent.event_names())
+
+
+# --- 3. a rollback that finds the server dead --------------------------------------------------
+
+
+def test_a_rollback_that_finds_the_server_dead_restores_http_and_starts_it(
+    make_node: NodeFactory,
+) -> None:
+    """The server dies after the switch (before the leader's confirm, say): the rollback's
+    freeze fails on it. That used to skip the restart and end "failed" with both ports closed;
+    now the old config is written, the server started on it and verified."""
+    node = make_node()
+    node.stage("dead")
+    node.switch("dead")
+    assert node.wait_txn("dead").outcome == "completed"
+    pid = node.server_pid()
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: not alive(pid), 10, "the server killed")
+    assert not node.port_open(8443)
+
+    node.rollback("dead")
+    txn = node.wait_txn("dead", "rollback", timeout=60)
+    assert txn.outcome == "completed", txn.reason
+    assert_on_http(node)
+    assert node.server_pid() not in (None, pid)
+    assert node.agent is not None
+    assert "txn.freeze_skipped" in node.agent.event_names()
+
+
+# --- 4. a transaction task that dies ----------------------------------------------------------
+
+
+@contextlib.contextmanager
+def tmpfs(directory: Path, size: str = "8m") -> Iterator[Path]:
+    """``directory`` on a tmpfs of its own (needs root); unmounted at the end."""
+    directory.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(directory)],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    try:
+        yield directory
+    finally:
+        umount = ["umount", str(directory)]
+        if subprocess.run(umount, check=False, capture_output=True, timeout=30).returncode:
+            subprocess.run(["umount", "-l", str(directory)], check=False, timeout=30)
+
+
+def fill(directory: Path) -> Path:
+    """Fill the file system of ``directory`` up with one file; delete it to free the space."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for chunk in (1 << 20, 4096, 512):
+            try:
+                while True:
+                    os.write(fd, b"\0" * chunk)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    return filler
+
+
+@contextlib.contextmanager
+def node_with_agent_on_tmpfs(make_node: NodeFactory) -> Iterator[tuple[Node, Path]]:
+    """A node (server with a slow write knob) whose agent's data dir is a small tmpfs."""
+    node = make_node.new(server_env={WRITE_DELAY_ENV: "2"})
+    data_dir = make_node.cluster.root / "agents" / node.name / "data"
+    with tmpfs(data_dir):
+        try:
+            node.start()
+            yield node, data_dir
+        finally:
+            node.close()
+
+
+def crash_at_frozen(node: Node, data_dir: Path, rollout_id: str) -> tuple[Path, SlowWrite]:
+    """Start a switch and fill the agent's disk while its freeze drains a slow write: the
+    journal write of ``frozen`` fails and the task dies."""
+    slow = SlowWrite(node).start()
+    node.switch(rollout_id)
+    wait_frozen_on_disk(node)
+    return fill(data_dir), slow
+
+
+def test_a_transaction_task_that_dies_is_restarted_from_the_journal(
+    make_node: NodeFactory,
+) -> None:
+    with node_with_agent_on_tmpfs(make_node) as (node, data_dir):
+        staged = node.stage("td")
+        filler, slow = crash_at_frozen(node, data_dir, "td")
+        assert node.agent is not None
+        agent = node.agent
+        wait_until(lambda: "txn.crashed" in agent.event_names(), 30, "the task to die")
+        filler.unlink()  # space again before the restart (after 1 s)
+        txn = node.wait_txn("td", timeout=60)
+        assert txn.outcome == "completed", txn.reason
+        assert_on_https(node, staged.fingerprint)
+        slow.acknowledged()
+        assert agent.running  # the same agent carried it on
+        assert "txn.restarting" in agent.event_names()
+        crashed = [e for e in agent.log_events() if e.get("event") == "txn.crashed"]
+        assert len(crashed) == 1
+        # the journal's error names its file and SQLite's code
+        assert "SQLITE_FULL" in crashed[0]["error"] and str(data_dir) in crashed[0]["error"]
+
+
+def test_a_transaction_task_that_keeps_dying_unfreezes_and_stops_the_agent(
+    make_node: NodeFactory,
+) -> None:
+    """The disk stays full: after its restarts the agent lifts the freeze and exits 1 with one
+    line (systemd would start it again); started again with space, it resumes the switch."""
+    with node_with_agent_on_tmpfs(make_node) as (node, data_dir):
+        staged = node.stage("tk")
+        filler, slow = crash_at_frozen(node, data_dir, "tk")
+        assert node.agent is not None
+        agent = node.agent
+        assert agent.proc is not None
+        code = agent.proc.wait(60)
+        output = agent.log_text()
+        assert code == 1, output
+        line = one_line_error(output, "tlsroll-agent", allow_grpc_core=True)
+        assert "rollout tk died 4 times" in line and "SQLITE_FULL" in line, line
+        assert "writes are accepted again" in line
+        assert node.admin_status()["frozen"] is False  # never left frozen by a dead task
+        slow.acknowledged()
+        assert node.post("http", {"while": "agent down"}).status == 201
+
+        filler.unlink()
+        node.restart_agent()
+        txn = node.wait_txn("tk", timeout=60)
+        # Writes went in while the agent was away, so the resumed switch finds the watermark
+        # moved and goes back; either way the node ends whole and unfrozen.
+        if txn.outcome == "completed":
+            assert_on_https(node, staged.fingerprint)
+        else:
+            assert txn.outcome == "rolled_back", txn.reason
+            assert_on_http(node)
+
+
+# --- 5. errors carry their cause ----------------------------------------------------------------
+
+
+def test_a_file_error_while_preparing_a_switch_names_the_file_and_the_errno(
+    make_node: NodeFactory,
+) -> None:
+    """The agent's transaction dir is read-only: Switch used to answer INTERNAL "internal
+    error"; now the leader gets the path and the errno (its schema shows them)."""
+    node = make_node()
+    node.stage("ro")
+    assert node.agent is not None
+    txn_dir = node.agent.data_dir / "txn"
+    txn_dir.mkdir(mode=0o700, exist_ok=True)
+    with read_only(txn_dir), pytest.raises(grpc.RpcError) as info:
+        node.switch("ro")
+    err = info.value
+    assert err.code() == grpc.StatusCode.FAILED_PRECONDITION, err.details()
+    details = str(err.details())
+    assert str(txn_dir) in details and "(errno 30, EROFS)" in details, details
+    assert node.admin_status()["frozen"] is False
+    assert_on_http(node)
