@@ -11,7 +11,8 @@
     client_ca_file = "ca.pem"       # optional: verify client certificates against this CA
     require_client_cert = false     # true needs client_ca_file
     data_dir = "data"               # entries.sqlite3, state.json, refserver.pid (required)
-    admin_socket = "admin.sock"     # admin endpoint's Unix socket (default data_dir/admin.sock)
+    admin_socket = "admin.sock"     # admin endpoint's Unix socket (default data_dir/admin.sock);
+                                    # its directory must be ours alone (not /tmp itself)
     auth_verifier_file = "auth.json"  # optional scrypt verifier; refused if others may read it
 
 Relative paths are taken relative to the config file's directory. Unknown keys are errors

@@ -62,7 +62,7 @@ from refserver.store import FreezeState, StateFile, Store, now_iso
 from tlsroll import __version__, daemon, logs, password, pki
 from tlsroll.backoff import Backoff, Policy, retry_after, source_key
 from tlsroll.errors import ConfigError, TerminalError
-from tlsroll.fsutil import write_atomic
+from tlsroll.fsutil import socket_dir_problem, write_atomic
 
 PROG = "tlsroll-refserver"
 WRITE_DELAY_ENV = "TLSROLL_REFSERVER_TEST_WRITE_DELAY"
@@ -514,6 +514,10 @@ async def serve(loaded: refserver_config.Loaded) -> int:
             c.admin_socket.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
         except OSError as exc:
             raise StartupError(f"cannot create {c.admin_socket.parent}: {exc.strerror}") from None
+        # Whoever can write there can put their own socket in its place (the agent would then
+        # freeze a fake): refuse a directory that is not ours alone.
+        if problem := socket_dir_problem(c.admin_socket.parent):
+            raise StartupError(f"admin_socket directory: {problem}")
         _remove_stale_socket(c.admin_socket)
         await _start_admin(c.admin_socket, admin)
         socket_bound = True

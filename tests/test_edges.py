@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 import os
 import pwd
+import secrets
 import shutil
-import socket
 import sqlite3
 import stat
 import subprocess
@@ -48,38 +48,43 @@ def readable_by_others(root: Path) -> list[str]:
 
 
 def test_store_files_of_leader_agent_and_refserver_are_private(tmp_path: Path) -> None:
-    """Under umask 000 (the loosest an operator could run with) a leader, an agent and a
-    reference server create their SQLite files and ``-wal``/``-shm`` 0600; nothing else in
-    their data directories is open to group or others."""
-    old = os.umask(0)
-    try:
-        with Cluster(tmp_path / "c", next_loopback()) as c:
-            c.init()
+    """Daemons started with umask 000 (the loosest an operator could give them): the leader,
+    an agent and a reference server create their SQLite files and ``-wal``/``-shm`` 0600, and
+    nothing else in their data directories is open to group or others."""
+    with Cluster(tmp_path / "c", next_loopback()) as c:
+        c.init()
+        old = os.umask(0)  # inherited by the daemons, not by the files the test writes
+        try:
             c.start_leader()
-            agent = c.add_agent("node1", next_loopback(), token_file=True)
+        finally:
+            os.umask(old)
+        agent = c.add_agent("node1", next_loopback(), token_file=True, start=False)
+        ref = RefServer(tmp_path / "ref", next_loopback())
+        old = os.umask(0)
+        try:
+            agent.start()
+            ref.start()
+        finally:
+            os.umask(old)
+        try:
             c.wait_for_nodes_online(["node1"])
             assert c.cli("nodes").returncode == 0  # a command: the store is read and written
-            ref = RefServer(tmp_path / "ref", next_loopback())
-            try:
-                ref.start()
-                assert ref.request("POST", "entries", {"x": 1}).status == 201
-                ref.freeze()
-                stores = {
-                    c.store_path: c.data_dir,
-                    agent.data_dir / "journal.sqlite3": agent.data_dir,
-                    ref.data_dir / "entries.sqlite3": ref.data_dir,
-                }
-                for store in stores:
-                    for suffix in ("", "-wal", "-shm"):
-                        path = Path(f"{store}{suffix}")
-                        assert path.exists(), path
-                        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
-                for data_dir in stores.values():
-                    assert readable_by_others(data_dir) == [], data_dir
-            finally:
-                ref.close()
-    finally:
-        os.umask(old)
+            assert ref.request("POST", "entries", {"x": 1}).status == 201
+            ref.freeze()
+            stores = {
+                c.store_path: c.data_dir,
+                agent.data_dir / "journal.sqlite3": agent.data_dir,
+                ref.data_dir / "entries.sqlite3": ref.data_dir,
+            }
+            for store in stores:
+                for suffix in ("", "-wal", "-shm"):
+                    path = Path(f"{store}{suffix}")
+                    assert path.exists(), path
+                    assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+            for data_dir in stores.values():
+                assert readable_by_others(data_dir) == [], data_dir
+        finally:
+            ref.close()
 
 
 # --- 2. the audit actor is the kernel's, not the client's ---------------------------------------
@@ -176,21 +181,97 @@ def test_the_grpc_server_behind_the_socket_refuses_direct_callers(leader: Cluste
         if len(fields) >= 8 and fields[7].startswith(f"@tlsroll-admin-{pid}-"):
             names.append(fields[7][1:])
     (backend,) = set(names)
-    for bound in (None, "tlsroll-admin-peer-" + "0" * 32):  # unbound, and a made-up relay name
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            if bound:
-                sock.bind(b"\0" + bound.encode())
-            sock.connect(b"\0" + backend.encode())
-            channel = grpc.insecure_channel(f"unix-abstract:{backend}")
-            with channel:
-                with pytest.raises(grpc.RpcError) as info:
-                    admin_pb2_grpc.AdminStub(channel).ListNodes(
-                        admin_pb2.ListNodesRequest(), timeout=10
-                    )
-            assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
-        finally:
-            sock.close()
+    channel = grpc.insecure_channel(f"unix-abstract:{backend}")
+    with channel, pytest.raises(grpc.RpcError) as info:
+        admin_pb2_grpc.AdminStub(channel).ListNodes(admin_pb2.ListNodesRequest(), timeout=10)
+    assert info.value.code() == grpc.StatusCode.PERMISSION_DENIED
     # and the admin socket itself still answers
     assert leader.cli("viewer", "list", "--json").returncode == 0
     assert json.loads(leader.cli("viewer", "list", "--json").stdout) is not None
+
+
+# --- 3. the reference server's socket directory --------------------------------------------------
+
+
+def refserver_error(err: str) -> str:
+    """The one error line a refused reference server printed (JSON log lines may precede it)."""
+    assert "Traceback" not in err, err
+    errors = [line for line in err.splitlines() if line.startswith("tlsroll-refserver: ")]
+    assert len(errors) == 1, err
+    assert err.splitlines()[-1] == errors[0], err
+    return errors[0]
+
+
+@pytest.fixture
+def socket_dirs() -> Iterator[Path]:
+    """A root for socket directories outside pytest's tmp dir (sun_path is short)."""
+    root = Path(tempfile.mkdtemp(prefix="trs-edges-"))
+    try:
+        yield root
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def test_refserver_refuses_a_socket_directory_others_can_write(
+    tmp_path: Path, socket_dirs: Path
+) -> None:
+    shared = socket_dirs / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    ref = RefServer(tmp_path / "ref", next_loopback(), admin_socket=shared / "admin.sock")
+    try:
+        code, err = ref.run_to_exit()
+    finally:
+        ref.close()
+    assert code == 1
+    line = refserver_error(err)
+    assert "admin_socket directory" in line and "writable by group or others" in line
+    assert not (shared / "admin.sock").exists()
+
+
+def test_refserver_refuses_tmp_itself_as_the_socket_directory(tmp_path: Path) -> None:
+    sock = Path(f"/tmp/trs-edges-{os.getpid()}-{secrets.token_hex(4)}.sock")
+    ref = RefServer(tmp_path / "ref", next_loopback(), admin_socket=sock)
+    try:
+        code, err = ref.run_to_exit()
+    finally:
+        ref.close()
+        bound = sock.exists()
+        sock.unlink(missing_ok=True)
+    assert code == 1
+    assert "admin_socket directory" in refserver_error(err)
+    assert not bound
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="chown to another user needs root (CI runs as root)")
+def test_refserver_refuses_a_socket_directory_another_user_owns(
+    tmp_path: Path, socket_dirs: Path
+) -> None:
+    """The audit's attack: another user made the directory (0700, theirs), so they can swap
+    the socket at any time; the server must not bind there."""
+    nobody = pwd.getpwnam("nobody")
+    theirs = socket_dirs / "theirs"
+    theirs.mkdir(mode=0o700)
+    os.chown(theirs, nobody.pw_uid, nobody.pw_gid)
+    ref = RefServer(tmp_path / "ref", next_loopback(), admin_socket=theirs / "admin.sock")
+    try:
+        code, err = ref.run_to_exit()
+    finally:
+        ref.close()
+    assert code == 1
+    line = refserver_error(err)
+    assert "admin_socket directory" in line and "owned by nobody" in line
+
+
+def test_refserver_default_socket_directory_is_private(tmp_path: Path) -> None:
+    """Without admin_socket the server binds in its data_dir, which it creates 0700."""
+    ref = RefServer(tmp_path / "ref", next_loopback(), admin_socket=None)
+    ref.admin_socket = ref.data_dir / "admin.sock"
+    if len(str(ref.admin_socket)) > 100:
+        pytest.skip("tmp path too long for a socket")
+    try:
+        ref.start()
+        assert stat.S_IMODE(ref.data_dir.stat().st_mode) == 0o700
+        assert stat.S_IMODE(ref.admin_socket.stat().st_mode) == 0o600
+    finally:
+        ref.close()

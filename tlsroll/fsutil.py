@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import pwd
 import stat
 from pathlib import Path
 
@@ -48,17 +49,115 @@ def fsync_dir(directory: Path) -> None:
 
 
 def make_private_dir(path: Path, mode: int = 0o700) -> Path:
+    """Create ``path`` (and its parents) or take it over: ours, with ``mode``. A directory
+    another user owns is refused: whoever owns it can swap what we put there."""
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True, mode=mode)
+    _check_owner(path, os.stat(path), "directory")
     os.chmod(path, mode)
     return path
 
 
+def user_label(uid: int) -> str:
+    """``name (uid n)``, or ``uid n`` for a uid without a passwd entry."""
+    try:
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _check_owner(path: Path, st: os.stat_result, what: str) -> None:
+    me = os.geteuid()
+    if st.st_uid != me:
+        raise UnsafePermissions(
+            f"{what} {path} is owned by {user_label(st.st_uid)}, not by {user_label(me)} who "
+            f"runs this; run: chown {_user_name(me)} {path}"
+        )
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
 def check_private_file(path: Path) -> None:
-    """Refuse a secret file that group or others can read or write (as OpenSSH does)."""
+    """Refuse a secret file that is not ours, that group or others can read or write, or that
+    others could replace: its directory must be ours or root's and writable by nobody else
+    (as OpenSSH does for its keys)."""
+    path = Path(path)
     st = os.stat(path)
+    _check_owner(path, st, "secret file")
     if st.st_mode & 0o077:
         raise UnsafePermissions(
             f"{path} is accessible by others (mode {stat.S_IMODE(st.st_mode):04o}); "
             f"run: chmod 600 {path}"
         )
+    directory = path.resolve().parent
+    dst = os.stat(directory)
+    if dst.st_uid not in (os.geteuid(), 0):
+        raise UnsafePermissions(
+            f"{directory} (holding the secret {path.name}) is owned by "
+            f"{user_label(dst.st_uid)}; keep secrets in a directory of yours or root's"
+        )
+    if dst.st_mode & 0o022:
+        raise UnsafePermissions(
+            f"{directory} (holding the secret {path.name}) is writable by group or others "
+            f"(mode {stat.S_IMODE(dst.st_mode):04o}); run: chmod 700 {directory}"
+        )
+
+
+def check_private_dir(path: Path) -> None:
+    """Refuse a directory of secrets that is not ours or that group or others can enter
+    (it must be 0700)."""
+    path = Path(path)
+    st = os.stat(path)
+    _check_owner(path, st, "secret directory")
+    if st.st_mode & 0o077:
+        raise UnsafePermissions(
+            f"secret directory {path} is accessible by others (mode "
+            f"{stat.S_IMODE(st.st_mode):04o}); run: chmod 700 {path}"
+        )
+
+
+def socket_dir_problem(directory: Path) -> str | None:
+    """Why a Unix socket may not be bound in ``directory``, or None.
+
+    Whoever can write to the directory can remove the socket and bind their own in its place
+    (a sticky directory such as /tmp only stops that for files they do not own, and the name
+    is free while the server is down). So the directory must be ours and writable by nobody
+    else; each directory above it must be ours or root's and, unless sticky, writable by
+    nobody else (otherwise the whole directory could be renamed away and replaced); and no
+    symbolic link on the way may be someone else's.
+    """
+    me = os.geteuid()
+    given = Path(os.path.abspath(directory))
+    for part in [given, *given.parents]:
+        st = os.lstat(part)
+        if stat.S_ISLNK(st.st_mode) and st.st_uid not in (me, 0):
+            return f"{part} is a symbolic link owned by {user_label(st.st_uid)}"
+    real = given.resolve()
+    st = os.stat(real)
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{real} is not a directory"
+    if st.st_uid != me:
+        return (
+            f"{real} is owned by {user_label(st.st_uid)}, not by {user_label(me)} who runs "
+            "this; use a directory of its own (e.g. under the data_dir)"
+        )
+    if st.st_mode & 0o022:
+        return (
+            f"{real} is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
+            f"run: chmod 700 {real}, or use a directory of its own"
+        )
+    for parent in real.parents:
+        pst = os.stat(parent)
+        if pst.st_uid not in (me, 0):
+            return f"{parent} (above {real}) is owned by {user_label(pst.st_uid)}"
+        if pst.st_mode & 0o022 and not pst.st_mode & stat.S_ISVTX:
+            return (
+                f"{parent} (above {real}) is writable by group or others "
+                f"(mode {stat.S_IMODE(pst.st_mode):04o})"
+            )
+    return None
