@@ -5,17 +5,21 @@ the practice's time zone, HTML, and bad input as one line with exit code 2."""
 
 from __future__ import annotations
 
+import base64
 import datetime as dt
+import json
 import subprocess
 import zoneinfo
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import pytest
 
 from leader.cli.notify import day_text
 from tests.cluster import one_line_error
 from tests.test_password_rollout import PW1, PW2, World, secret_file
+from tlsroll.v1 import admin_pb2
 
 pytestmark = pytest.mark.slow
 
@@ -92,6 +96,11 @@ def test_notify_before_during_and_after(world: World, tmp_path: Path) -> None:
     )
     assert "(EST)" in ok(ny) or "(EDT)" in ny.stdout
 
+    with world.cluster.admin() as admin, pytest.raises(grpc.RpcError) as none_yet:
+        admin.CheckPassword(admin_pb2.CheckPasswordRequest(), timeout=10)
+    assert none_yet.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "no password staged" in (none_yet.value.details() or "")
+
     # --- the switch, then the schema's real times
     pw1 = secret_file(tmp_path / "pw1", PW1)
     rollout = world.run_rollout("--password-file", str(pw1))
@@ -114,6 +123,8 @@ def test_notify_before_during_and_after(world: World, tmp_path: Path) -> None:
     wrong = world.cli("notify", "--include-password", "--password-file", str(pw2))
     assert "not the staged password" in usage_error(wrong, 1)
     assert PW2 not in wrong.stderr
+
+    check_password_rpc(world)
 
     # html for e-mail programs, escaped
     page = ok(world.cli("notify", "--lang", "en", "--format", "html", "--practice", "<b>Dr. & Co"))
@@ -142,6 +153,43 @@ def test_notify_before_during_and_after(world: World, tmp_path: Path) -> None:
     for out in world.outputs:  # no password anywhere but in the notices that asked for it
         if "WARNUNG" not in out and "WARNING" not in out:
             assert PW1 not in out and PW2 not in out
+
+
+def check_password_rpc(world: World) -> None:
+    """Admin.CheckPassword hands out the salt and parameters, never the verifier's hash, and
+    answers a hash made under another version with FAILED_PRECONDITION."""
+    rows = world.cluster.store_rows(("auth_versions",), ignore=("created_at", "actor"))
+    _version, verifier_json = rows["auth_versions"][-1]  # ordered by version: the newest
+    stored = json.loads(verifier_json)
+    digest = base64.b64decode(stored["hash"])
+    with world.cluster.admin() as admin:
+        params = admin.CheckPassword(admin_pb2.CheckPasswordRequest(), timeout=10)
+        assert (params.salt, params.n, params.r, params.p, params.dklen) == (
+            stored["salt"],
+            stored["n"],
+            stored["r"],
+            stored["p"],
+            len(digest),
+        )
+        wire = params.SerializeToString()
+        assert digest not in wire and stored["hash"].encode() not in wire and not params.matches
+        right = admin.CheckPassword(
+            admin_pb2.CheckPasswordRequest(candidate_hash=digest, version=params.version),
+            timeout=10,
+        )
+        wrong = admin.CheckPassword(
+            admin_pb2.CheckPasswordRequest(
+                candidate_hash=b"x" * len(digest), version=params.version
+            ),
+            timeout=10,
+        )
+        assert right.matches and not wrong.matches
+        with pytest.raises(grpc.RpcError) as stale:
+            admin.CheckPassword(
+                admin_pb2.CheckPasswordRequest(candidate_hash=digest, version=params.version + 1),
+                timeout=10,
+            )
+        assert stale.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
 @pytest.mark.parametrize(
