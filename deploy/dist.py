@@ -3,9 +3,10 @@
     python deploy/dist.py [--out DIR] [--python-version 3.12 ...]
 
 It holds ``install.sh`` with what it installs: the systemd units, the example agent config,
-the README, and ``wheels/``, a wheelhouse with the tlsroll wheel, every dependency's wheel for
-this machine and Python (at the versions installed in the environment running this, which
-``make test`` ran with) and pip's own (Debian's python3 has no ensurepip without python3-venv).
+the README, the man pages and shell completion (``share/``, copied to /usr/share), and
+``wheels/``, a wheelhouse with the tlsroll wheel, every dependency's wheel for this machine and
+Python (at the versions installed in the environment running this, which ``make test`` ran
+with) and pip's own (Debian's python3 has no ensurepip without python3-venv).
 ``--python-version`` adds binary wheels for another CPython (Ubuntu 24.04 has 3.12), fetched
 with ``pip download``. ``BUNDLE`` says which Pythons and which machine the wheels are for;
 install.sh refuses a mismatch before it changes anything.
@@ -45,6 +46,32 @@ def pip(*args: str) -> None:
     )
 
 
+# tools/completions.py's layout -> where the shells look (install.sh copies share/ to /usr/share)
+COMPLETIONS = {
+    "bash/tlsroll": "bash-completion/completions/tlsroll",
+    "zsh/_tlsroll": "zsh/vendor-completions/_tlsroll",
+    "fish/tlsroll.fish": "fish/vendor_completions.d/tlsroll.fish",
+}
+
+
+def share_files(share: Path, scratch: Path) -> None:
+    """Man pages and shell completion, made from the click commands, under ``share``."""
+    tools = ROOT / "tools"
+    subprocess.run(
+        [sys.executable, str(tools / "manpages.py"), "--out", str(share / "man" / "man1")],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    subprocess.run(
+        [sys.executable, str(tools / "completions.py"), "--out", str(scratch)],
+        check=True,
+        stdout=subprocess.DEVNULL,
+    )
+    for made, target in COMPLETIONS.items():
+        (share / target).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(scratch / made, share / target)
+
+
 def build(out: Path, python_versions: list[str]) -> Path:
     """Build the bundle into ``out``; returns the tarball's path."""
     machine = platform.machine()
@@ -67,10 +94,13 @@ def build(out: Path, python_versions: list[str]) -> Path:
             f"pip=={pip_version}")  # fmt: skip
         (tlsroll_wheel,) = wheels.glob("tlsroll-*.whl")
         version = tlsroll_wheel.name.split("-")[1]
+        # pip takes a target's platform tags literally: name every manylinux a glibc 2.36
+        # (Debian 12; Ubuntu 24.04 has 2.39) runs.
+        platforms = [f"--platform=manylinux_2_{minor}_{machine}" for minor in range(5, 37)]
         for other in versions[1:]:
             pip("download", "--quiet", "--only-binary=:all:", "-c", str(constraints),
-                "--python-version", other, "--platform", f"manylinux_2_36_{machine}",
-                "-d", str(wheels), str(tlsroll_wheel))  # fmt: skip
+                "--python-version", other, *platforms, "-d", str(wheels),
+                str(tlsroll_wheel))  # fmt: skip
         tags = " ".join("cp" + v.replace(".", "") for v in versions)
 
         name = f"tlsroll-{version}"
@@ -82,6 +112,7 @@ def build(out: Path, python_versions: list[str]) -> Path:
         shutil.copytree(DEPLOY / "systemd", bundle / "systemd")
         shutil.copytree(DEPLOY / "examples", bundle / "examples")
         shutil.copy2(ROOT / "README.md", bundle / "README.md")
+        share_files(bundle / "share", work / "completions")
         (bundle / "BUNDLE").write_text(f"version={version}\npythons={tags}\nmachine={machine}\n")
 
         out.mkdir(parents=True, exist_ok=True)

@@ -298,6 +298,7 @@ case "$role" in
             install -m 0600 /dev/null "$CONF_DIR/join-token"
         fi
         if [ -n "$server_config_dir" ]; then
+            [ -d "$server_config_dir" ] || warn "$server_config_dir does not exist (yet): the agent does not start without it"
             dropin=$ETC_UNIT_DIR/tlsroll-agent.service.d/server-config.conf
             tmp=$(mktemp)
             printf '# written by install.sh --server-config-dir: the managed server'"'"'s config dir\n[Service]\nReadWritePaths=%s\n' \

@@ -5,7 +5,7 @@
   /usr/bin/systemd-analyze is missing, as it installs chromium.
 * The release bundle (``deploy/dist.py``, what ``make dist`` runs) installs in a throwaway root:
   a private mount namespace with overlays on /etc, /opt, /var/lib, /usr/lib/systemd/system,
-  /usr/share/doc and /usr/local, no network at all (a private network namespace) and no
+  /usr/share and /usr/local, no network at all (a private network namespace) and no
   ensurepip (as on a Debian 12 without python3-venv). There install.sh installs the leader,
   ``tlsroll init`` runs exactly as install.sh printed it, the agent is installed too, and the
   installed units verify. A re-run keeps a unit the admin changed; ``uninstall`` keeps config
@@ -37,7 +37,7 @@ SYSTEMD_ANALYZE = Path("/usr/bin/systemd-analyze")
 UNIT_NAMES = ("tlsroll-leader.service", "tlsroll-agent.service")
 MAX_EXPOSURE = 4.5
 # What a server's root is made of here; everything install.sh writes is below one of these.
-OVERLAID = ("/etc", "/opt", "/var/lib", "/usr/lib/systemd/system", "/usr/share/doc", "/usr/local")
+OVERLAID = ("/etc", "/opt", "/var/lib", "/usr/lib/systemd/system", "/usr/share", "/usr/local")
 SERVER_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 
 
@@ -254,6 +254,8 @@ def test_the_bundle_installs_offline_then_init_runs_as_printed(
     owner = throwaway.ok("stat -c '%U %a' /var/lib/tlsroll /var/lib/tlsroll/leader.toml")
     assert owner.split() == ["tlsroll", "750", "tlsroll", "644"], owner
     throwaway.ok("test -s /usr/share/doc/tlsroll/README.md")
+    throwaway.ok("test -s /usr/share/man/man1/tlsroll.1")
+    throwaway.ok("test -s /usr/share/bash-completion/completions/tlsroll")
     throwaway.ok("tlsroll --help >/dev/null")  # /usr/local/bin/tlsroll
 
     out = throwaway.ok(f"{install} agent {python}")
