@@ -27,7 +27,7 @@ from leader.agent_client import AgentPool
 from leader.commands import Commands
 from leader.config import LeaderConfig
 from leader.engine import Engine
-from leader.layout import read_passphrase
+from leader.layout import check_secret_dirs, read_passphrase
 from leader.schema_store import SchemaStore
 from leader.schema_view import SchemaViewService
 from leader.service import EnrolmentService, LeaderService, LeaderState
@@ -72,6 +72,7 @@ def _answers(sock: Path) -> bool:
 
 def load_state(cfg: LeaderConfig) -> LeaderState:
     layout = cfg.layout
+    check_secret_dirs(layout)
     for secret in (layout.ca_key, layout.tls_key, cfg.ca_passphrase_file):
         check_private_file(secret)
     ca = pki.CertificateAuthority.load(

@@ -23,7 +23,13 @@ from tlsroll import pki
 from tlsroll.config import dump_toml
 from tlsroll.defaults import CONTROL_PORT, JOIN_PORT, LEADER_NAME, VIEWER_PORT
 from tlsroll.errors import TerminalError
-from tlsroll.fsutil import PRIVATE, check_private_file, make_private_dir, write_atomic
+from tlsroll.fsutil import (
+    PRIVATE,
+    check_private_dir,
+    check_private_file,
+    make_private_dir,
+    write_atomic,
+)
 
 
 @dataclass(frozen=True)
@@ -69,6 +75,14 @@ class Layout:
     @property
     def admin_socket(self) -> Path:
         return self.data_dir / "run" / "admin.sock"
+
+
+def check_secret_dirs(layout: Layout) -> None:
+    """Refuse to start if a directory of the leader's secrets (``ca``, ``secrets``, ``tls``) is
+    not ours alone (0700): whoever can enter or write it can read or swap a key."""
+    for sub in ("ca", "secrets", "tls"):
+        if (layout.data_dir / sub).exists():
+            check_private_dir(layout.data_dir / sub)
 
 
 def read_passphrase(path: Path) -> bytes:

@@ -132,8 +132,10 @@ def peer_certificate(
 
 
 def write_toml(path: Path, tables: Mapping[str, Mapping[str, object]]) -> Path:
-    """Write ``{"table": {key: value}}`` as TOML; a ``None`` value leaves the key out."""
+    """Write ``{"table": {key: value}}`` as TOML, 0600 (an agent's may hold its join token
+    inline); a ``None`` value leaves the key out."""
     path.write_text(dump_toml(tables))
+    path.chmod(0o600)
     return path
 
 

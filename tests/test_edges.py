@@ -22,7 +22,7 @@ from pathlib import Path
 import grpc
 import pytest
 
-from tests.cluster import Cluster, child_env
+from tests.cluster import Cluster, Daemon, child_env, one_line_error
 from tests.conftest import next_loopback
 from tests.refserver_helper import RefServer
 from tlsroll.v1 import admin_pb2, admin_pb2_grpc
@@ -275,3 +275,76 @@ def test_refserver_default_socket_directory_is_private(tmp_path: Path) -> None:
         assert stat.S_IMODE(ref.admin_socket.stat().st_mode) == 0o600
     finally:
         ref.close()
+
+
+# --- 4. secret files, secret directories, inline secrets ---------------------------------------
+
+
+@pytest.fixture(scope="module")
+def idle(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    """An initialised leader that is not running: each test starts it with one thing wrong."""
+    with Cluster(tmp_path_factory.mktemp("secrets"), next_loopback()) as c:
+        c.init()
+        yield c
+
+
+def refused_start(daemon: Daemon, prog: str, code: int = 1) -> str:
+    exit_code, output = daemon.run_to_exit()
+    assert exit_code == code, output
+    return one_line_error(output, prog)
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="chown to another user needs root (CI runs as root)")
+def test_leader_refuses_a_passphrase_file_another_user_owns(idle: Cluster) -> None:
+    nobody = pwd.getpwnam("nobody")
+    os.chown(idle.passphrase_path, nobody.pw_uid, nobody.pw_gid)
+    try:
+        line = refused_start(idle.leader, "tlsroll-leader")
+    finally:
+        os.chown(idle.passphrase_path, 0, 0)
+    assert str(idle.passphrase_path) in line and "owned by nobody" in line
+    assert "chown" in line
+
+
+@pytest.mark.parametrize(("sub", "mode"), [("secrets", 0o777), ("ca", 0o755), ("tls", 0o750)])
+def test_leader_refuses_a_secret_directory_others_can_enter(
+    idle: Cluster, sub: str, mode: int
+) -> None:
+    directory = idle.data_dir / sub
+    directory.chmod(mode)
+    try:
+        line = refused_start(idle.leader, "tlsroll-leader")
+    finally:
+        directory.chmod(0o700)
+    assert str(directory) in line and f"chmod 700 {directory}" in line
+
+
+def test_leader_starts_when_its_secrets_are_private(idle: Cluster) -> None:
+    """The control for the refusals above: restored, the same data dir starts."""
+    idle.start_leader()
+    idle.stop_leader()
+
+
+def test_agent_refuses_an_inline_join_token_in_a_readable_config(idle: Cluster) -> None:
+    agent = idle.add_agent("inline", next_loopback(), token="abcdef.x", start=False)
+    agent.config_path.chmod(0o644)
+    line = refused_start(agent, "tlsroll-agent", code=2)
+    assert str(agent.config_path) in line and "[leader].join_token" in line
+    assert f"chmod 600 {agent.config_path}" in line and "join_token_file" in line
+    assert "abcdef.x" not in agent.log_text()
+
+
+@pytest.mark.skipif(os.getuid() != 0, reason="chown to another user needs root (CI runs as root)")
+def test_agent_refuses_a_join_token_file_another_user_owns(idle: Cluster) -> None:
+    agent = idle.add_agent(
+        "foreign", next_loopback(), token="abcdef.y", token_file=True, start=False
+    )
+    token_file = Path(str(agent.config["leader"]["join_token_file"]))
+    nobody = pwd.getpwnam("nobody")
+    os.chown(token_file, nobody.pw_uid, nobody.pw_gid)
+    idle.start_leader()
+    try:
+        line = refused_start(agent, "tlsroll-agent")
+    finally:
+        idle.stop_leader()
+    assert str(token_file) in line and "owned by nobody" in line

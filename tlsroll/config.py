@@ -7,6 +7,10 @@ port = node.port("port", default=9442)   # ConfigError: "...: expected an intege
 cfg.finish()                             # ConfigError: "...: [node].prot: unknown key (did
                                          #   you mean port?)" for any key or table never read
 
+A file that holds a secret inline (a key named like one, e.g. ``join_token``, that does not
+name a file) must be ours and readable by nobody else: ``load`` refuses it otherwise, naming the
+key and the fix (``chmod 600``, or the key's ``…_file`` twin).
+
 A key counts as known once the code has asked for it (with or without a default), so the
 readers themselves are the list of keys; ``finish()`` refuses the rest, so that a misspelt key
 is an error instead of a silent fallback to a default. ``dump_toml`` writes config files.
@@ -16,6 +20,9 @@ from __future__ import annotations
 
 import difflib
 import ipaddress
+import os
+import re
+import stat
 import tomllib
 from collections.abc import Collection, Iterable, Mapping
 from pathlib import Path
@@ -189,6 +196,8 @@ class ConfigFile:
             data = tomllib.loads(raw.decode("utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ConfigError(path, None, f"not valid TOML: {exc}") from None
+        if inline := inline_secrets(data):
+            _check_holds_secrets(path, inline[0])
         return cls(path, data)
 
     def section(self, name: str, *, required: bool = True) -> Section:
@@ -227,6 +236,53 @@ class ConfigFile:
         for name, section in self.sections.items():
             if name not in pending:
                 section.finish()
+
+
+# A key named like a secret holds one inline, unless it names a file (``join_token_file``).
+_SECRET_KEY = re.compile(r"(secret|token|password|passphrase|private|verifier)", re.IGNORECASE)
+# Where the secret of a key can live instead of inline.
+_SECRET_FILE_KEYS = {"join_token": "join_token_file"}
+
+
+def inline_secrets(data: Mapping[str, Any], table: str = "") -> list[str]:
+    """The keys (``[table].key``) of ``data`` that hold a secret inline, in file order."""
+    found = []
+    for key, value in data.items():
+        if isinstance(value, dict):
+            found += inline_secrets(value, f"{table}.{key}" if table else key)
+        elif (
+            isinstance(value, str)
+            and value
+            and _SECRET_KEY.search(key)
+            and not key.endswith(("_file", "_dir", "_path"))
+        ):
+            found.append(f"[{table}].{key}" if table else key)
+    return found
+
+
+def _check_holds_secrets(path: Path, key: str) -> None:
+    """A config file with a secret inline is a secret file: ours, and 0600 (or stricter)."""
+    st = os.stat(path)
+    name = key.rpartition(".")[2]
+    instead = (
+        f", or put it in a file named by {_SECRET_FILE_KEYS[name]}"
+        if (name in _SECRET_FILE_KEYS)
+        else ""
+    )
+    if st.st_mode & 0o077:
+        raise ConfigError(
+            path,
+            key,
+            f"a secret inline in a file group or others can read (mode "
+            f"{stat.S_IMODE(st.st_mode):04o}); run: chmod 600 {path}{instead}",
+        )
+    if st.st_uid != os.geteuid():
+        raise ConfigError(
+            path,
+            key,
+            f"a secret inline in a file owned by uid {st.st_uid}, not by uid {os.geteuid()} "
+            f"who runs this; run: chown {os.geteuid()} {path}{instead}",
+        )
 
 
 def _plain(value: object) -> object:
