@@ -30,6 +30,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import next_loopback
+
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "deploy" / "systemd"
 INSTALL_SH = ROOT / "deploy" / "install.sh"
@@ -122,20 +124,15 @@ class ThrowawayRoot:
                 pytest.fail("could not make the throwaway root (unshare, tmpfs, overlay)")
             time.sleep(0.05)
 
-    def run(self, script: str, timeout: float = 120) -> subprocess.CompletedProcess[str]:
-        """Run ``script`` with bash as root inside, with a server's PATH and environment."""
+    def run(
+        self, script: str, timeout: float = 120, *, network: bool = False
+    ) -> subprocess.CompletedProcess[str]:
+        """Run ``script`` with bash as root inside, with a server's PATH and environment;
+        without the host's network unless ``network``."""
         env = {"PATH": SERVER_PATH, "LANG": "C.UTF-8", "HOME": "/root"}
+        namespaces = ["--mount"] if network else ["--mount", "--net"]
         return subprocess.run(
-            [
-                "nsenter",
-                f"--target={self.proc.pid}",
-                "--mount",
-                "--net",
-                "--",
-                "bash",
-                "-c",
-                script,
-            ],
+            ["nsenter", f"--target={self.proc.pid}", *namespaces, "--", "bash", "-c", script],
             check=False,
             cwd="/",
             capture_output=True,
@@ -144,8 +141,8 @@ class ThrowawayRoot:
             env=env,
         )
 
-    def ok(self, script: str, timeout: float = 120) -> str:
-        result = self.run(script, timeout)
+    def ok(self, script: str, timeout: float = 120, *, network: bool = False) -> str:
+        result = self.run(script, timeout, network=network)
         assert result.returncode == 0, (
             f"{script!r} exited {result.returncode}:\n{result.stdout}\n{result.stderr}"
         )
@@ -243,10 +240,11 @@ def test_the_bundle_installs_offline_then_init_runs_as_printed(
 ) -> None:
     install = shlex.quote(str(bundle / "install.sh"))
     python = server_python()
+    address = next_loopback()
     # Nothing can reach an index: there is no network in here.
     throwaway.ok("! python3 -c 'import socket; socket.create_connection((\"1.1.1.1\", 443), 3)'")
 
-    out = throwaway.ok(f"{install} leader --address 127.0.0.1 --node-name srv1 {python}")
+    out = throwaway.ok(f"{install} leader --address {address} --node-name srv1 {python}")
     assert "sudo" not in out
     (init,) = [line.strip() for line in out.splitlines() if "tlsroll init" in line]
     assert init.startswith("runuser -u tlsroll -- "), init
@@ -256,7 +254,15 @@ def test_the_bundle_installs_offline_then_init_runs_as_printed(
     throwaway.ok("test -s /usr/share/doc/tlsroll/README.md")
     throwaway.ok("test -s /usr/share/man/man1/tlsroll.1")
     throwaway.ok("test -s /usr/share/bash-completion/completions/tlsroll")
-    throwaway.ok("tlsroll --help >/dev/null")  # /usr/local/bin/tlsroll
+    # The leader starts as its user from what was installed and answers root's tlsroll (on a
+    # loopback address of the host's network, the only place where it can listen).
+    leader = (
+        "runuser -u tlsroll -- /opt/tlsroll/bin/tlsroll-leader"
+        " --config /var/lib/tlsroll/leader.toml >/var/lib/tlsroll/test.log 2>&1 & pid=$!\n"
+        "for i in $(seq 100); do tlsroll ca show >/dev/null 2>&1 && break; sleep 0.2; done\n"
+        "tlsroll ca show; status=$?; kill $pid; wait $pid; exit $status"
+    )
+    assert "sha256:" in throwaway.ok(leader, network=True)
 
     out = throwaway.ok(f"{install} agent {python}")
     assert "systemctl enable --now tlsroll-agent" in out
@@ -292,7 +298,7 @@ def test_the_bundle_installs_offline_then_init_runs_as_printed(
         f'sed -i "s|^[0-9a-f]* {leader_unit}$|$(sha256sum < {leader_unit} | cut -c1-64) '
         f'{leader_unit}|" {manifest}'
     )
-    throwaway.ok(f"{install} leader --address 127.0.0.1 --node-name srv1 {python}")
+    throwaway.ok(f"{install} leader --address {address} --node-name srv1 {python}")
     throwaway.ok(f"cmp {leader_unit} {shipped}/tlsroll-leader.service")
 
     # uninstall: the program goes, config and data (the CA) stay; --purge takes them too.
