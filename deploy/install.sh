@@ -322,7 +322,7 @@ if [ "$role" = leader ]; then
         address=$(ip -o route get 192.0.2.1 2>/dev/null | sed -n 's/.* src \([^ ]*\).*/\1/p' || true)
     fi
     if [ -z "$node_name" ]; then
-        node_name=$(hostname -s 2>/dev/null | tr 'A-Z_.' 'a-z--' | tr -cd 'a-z0-9-' | sed 's/^-*//; s/-*$//' | cut -c1-63)
+        node_name=$({ hostname -s 2>/dev/null || uname -n; } | tr 'A-Z_.' 'a-z--' | tr -cd 'a-z0-9-' | sed 's/^-*//; s/-*$//' | cut -c1-63 || true)
         [ -n "$node_name" ] || node_name=leader
     fi
     echo

@@ -107,7 +107,9 @@ class ThrowawayRoot:
                     for i, d in enumerate(OVERLAID)
                 ),
                 # A fresh Debian without python3-venv has no ensurepip.
-                "for d in /usr/lib/python3*/ensurepip; do mount -t tmpfs tmpfs $d; done",
+                "for d in /usr/lib/python3*/ensurepip; do",
+                "  if [ -d $d ]; then mount -t tmpfs tmpfs $d; fi",
+                "done",
                 f"touch {ready}",
                 "exec sleep 600",
             ]
