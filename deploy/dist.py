@@ -87,7 +87,9 @@ def build(out: Path, python_versions: list[str]) -> Path:
             capture_output=True,
             text=True,
         ).stdout
-        constraints.write_text(frozen)
+        # Pins only: a constraint may not be a URL ("name @ file://…" from a local install).
+        pins = [line for line in frozen.splitlines() if "==" in line and " @ " not in line]
+        constraints.write_text("\n".join(pins) + "\n")
         pip("wheel", "--quiet", "-c", str(constraints), "--wheel-dir", str(wheels), str(ROOT))
         pip_version = importlib.metadata.version("pip")
         pip("download", "--quiet", "--no-deps", "--only-binary=:all:", "-d", str(wheels),
