@@ -30,6 +30,9 @@ class LeaderConfig:
     # A file (0600) with the bearer token a Prometheus server scrapes /metrics with; None: only
     # a viewer session may read /metrics.
     metrics_token_file: Path | None
+    # Failed enrolments one source (an IPv4 address, an IPv6 /64) may make on the join port
+    # before it has to wait, doubling from 1 s (leader.join_guard).
+    join_free_failures: int = 5
 
     @classmethod
     def load(cls, path: Path) -> LeaderConfig:
@@ -50,6 +53,7 @@ class LeaderConfig:
             scope_freeze_lease=s.integer("scope_freeze_lease", 300, lo=2, hi=86400),
             viewer_port=s.integer("viewer_port", VIEWER_PORT, lo=0, hi=65535),
             metrics_token_file=s.path("metrics_token_file", None),
+            join_free_failures=s.integer("join_free_failures", 5, lo=1, hi=1_000_000),
         )
         cfg.finish()  # a key or table not read above is a typo: an error, not a default
         return config

@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 
+from leader import join_guard
 from leader.commands import NoRolloutYet, NoSuchRollout
 from leader.planner import AlreadyUndone, EmptyScope, NodesOffline, PlanError
 from leader.rollout_core import IllegalTransition
@@ -86,8 +87,10 @@ def _claimed_names(request: enrolment_pb2.EnrolRequest) -> pki.Names:
 class EnrolmentService(enrolment_pb2_grpc.EnrolmentServicer):
     def __init__(self, state: LeaderState) -> None:
         self.state = state
+        self.guard = join_guard.JoinGuard()  # per-source backoff, sampled logs
 
     @map_errors(ERRORS)
+    @join_guard.guarded
     async def Enrol(
         self, request: enrolment_pb2.EnrolRequest, context: Ctx
     ) -> enrolment_pb2.EnrolResponse:
@@ -123,7 +126,7 @@ class EnrolmentService(enrolment_pb2_grpc.EnrolmentServicer):
                 issue=issue,
                 now=self.state.clock(),
             )
-        except (TokenRejected, NameTaken) as exc:
+        except NameTaken as exc:  # a refused token is logged (sampled) by join_guard
             log.warning(
                 "enrol.refused",
                 node=names.common_name,

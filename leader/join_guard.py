@@ -1,0 +1,245 @@
+"""The join port under a flood of token guesses: per-source backoff and sampled logging.
+
+The audit made 550–830 failed enrolments a second, each logged. ``JoinGuard`` (pure: the clock
+is a function passed in, monotonic seconds) decides per *source*, the caller's IPv4 address or
+IPv6 /64 (``tlsroll.backoff.source_key``):
+
+* **Backoff.** A source may fail ``free`` times at once; after that each failure makes it wait
+  ``base * 2**(n - free)`` seconds (at most ``cap``) before its next attempt is even looked at,
+  and at most ``max_in_flight`` of its attempts may be open at a time (so a burst of parallel
+  calls cannot all slip in before the first failure is counted). A refused attempt costs no
+  parsing, no CSR check and no store access, and it does not count as a failure (the wait
+  does not grow while the caller is only being told to wait). A success forgets the source; a
+  source quiet for ``forget`` seconds starts over. At most ``max_sources`` sources are kept,
+  the longest quiet dropped first.
+* **Log sampling.** The first failure of a source is logged with its reason; later ones and
+  the refusals are counted, and ``summary()`` hands out one summary of them at most every
+  ``summary_every`` seconds (the busiest sources named), so a flood writes a bounded number of
+  lines.
+
+``guarded`` wraps the ``Enrol`` servicer method with all of that (its service has a ``guard``
+attribute). Every refused enrolment counts as a failure, not only a wrong token: a request
+with a bad CSR must not reset its source's count (an agent that is set up right fails rarely).
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import math
+import time
+import urllib.parse
+from collections import Counter, OrderedDict
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, TypeVar
+
+import grpc
+
+from leader.tokens import JoinToken, MalformedToken
+from tlsroll import logs, peertext
+from tlsroll.backoff import Backoff, Policy, source_key
+from tlsroll.errors import TlsrollError
+from tlsroll.rpc import RpcStatusError
+
+log = logs.get_logger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+TOP_SOURCES = 5  # how many sources a summary names
+
+
+@dataclass(frozen=True)
+class GuardPolicy:
+    free: int = 5  # failures a source may make without waiting
+    base: float = 1.0  # then it waits this long after a failure, doubling each time
+    cap: float = 300.0  # the longest wait
+    forget: float = 3600.0  # a source quiet this long starts over
+    max_in_flight: int = 4  # attempts of one source open at once
+    max_sources: int = 10_000  # sources remembered (least recently active dropped first)
+    summary_every: float = 60.0  # at most one summary of unlogged failures this often
+
+
+@dataclass(frozen=True)
+class Verdict:
+    allowed: bool
+    retry_after: float = 0.0  # seconds, when refused
+
+
+@dataclass(frozen=True)
+class Summary:
+    """Failures and refusals since the last summary that were not logged one by one."""
+
+    seconds: float  # the time the summary covers
+    failures: int
+    refused: int
+    sources: int  # distinct sources among them (at most max_sources are told apart)
+    top: tuple[tuple[str, int], ...]  # the busiest sources and their counts
+
+
+def peer_source(peer: str) -> str:
+    """The source to count a gRPC peer (``ipv4:1.2.3.4:5``, ``ipv6:[::1]:5``, also
+    percent-encoded) against: its IPv4 address or IPv6 /64; the peer text itself, bounded and
+    cleaned, for anything else (a Unix socket)."""
+    kind, _, rest = urllib.parse.unquote(peer).partition(":")
+    host = rest
+    if kind == "ipv6" and rest.startswith("["):
+        host = rest[1:].partition("]")[0]
+    elif kind == "ipv4":
+        host = rest.rpartition(":")[0]
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return peertext.clean(peer, 64) or "unknown"
+    return source_key(host)
+
+
+class JoinGuard:
+    def __init__(
+        self, policy: GuardPolicy | None = None, clock: Callable[[], float] = time.monotonic
+    ) -> None:
+        self.policy = policy or GuardPolicy()
+        self.clock = clock
+        p = self.policy
+        self._backoff = Backoff(
+            Policy(free=p.free, base=p.base, cap=p.cap, forget=p.forget), max_keys=p.max_sources
+        )
+        self._in_flight: Counter[str] = Counter()
+        self._logged: OrderedDict[str, float] = OrderedDict()  # source -> when last logged
+        self._unlogged: Counter[str] = Counter()
+        self._unlogged_failures = 0
+        self._unlogged_refused = 0
+        self._last_summary = clock()
+
+    # --- one attempt --------------------------------------------------------------------------
+
+    def admit(self, source: str) -> Verdict:
+        """May ``source`` make an attempt now? If so it is open until ``done``."""
+        now = self.clock()
+        wait = self._backoff.wait(source, now)
+        if wait <= 0 and self._in_flight[source] >= self.policy.max_in_flight:
+            wait = self.policy.base
+        if wait > 0:
+            self._unlogged_refused += 1
+            self._count_unlogged(source)
+            return Verdict(False, wait)
+        self._in_flight[source] += 1
+        return Verdict(True)
+
+    def done(self, source: str, *, failed: bool | None) -> bool:
+        """End an admitted attempt: ``failed`` True counts a failure, False (a success) forgets
+        the source, None (cancelled) neither. True if this failure should be logged on its own
+        (the source's first), False if it goes into the next summary."""
+        if self._in_flight[source] <= 1:
+            self._in_flight.pop(source, None)
+        else:
+            self._in_flight[source] -= 1
+        if failed is None:
+            return False
+        if not failed:
+            self._backoff.reset(source)
+            return False
+        now = self.clock()
+        self._backoff.failed(source, now)
+        logged_at = self._logged.get(source)
+        if logged_at is None or now - logged_at >= self.policy.forget:
+            self._logged[source] = now
+            self._logged.move_to_end(source)
+            while len(self._logged) > self.policy.max_sources:
+                self._logged.popitem(last=False)
+            return True
+        self._unlogged_failures += 1
+        self._count_unlogged(source)
+        return False
+
+    def _count_unlogged(self, source: str) -> None:
+        if source in self._unlogged or len(self._unlogged) < self.policy.max_sources:
+            self._unlogged[source] += 1
+
+    # --- the summary --------------------------------------------------------------------------
+
+    def summary(self) -> Summary | None:
+        """The summary that is due (something unlogged, the last one ``summary_every`` ago),
+        or None; a returned summary is not handed out again."""
+        now = self.clock()
+        if not (self._unlogged_failures or self._unlogged_refused):
+            return None
+        if now - self._last_summary < self.policy.summary_every:
+            return None
+        made = Summary(
+            seconds=now - self._last_summary,
+            failures=self._unlogged_failures,
+            refused=self._unlogged_refused,
+            sources=len(self._unlogged),
+            top=tuple(self._unlogged.most_common(TOP_SOURCES)),
+        )
+        self._last_summary = now
+        self._unlogged.clear()
+        self._unlogged_failures = self._unlogged_refused = 0
+        return made
+
+
+def _token_id(text: str) -> str | None:
+    try:
+        return JoinToken.parse(text).id
+    except MalformedToken:
+        return None
+
+
+def _log_summary(guard: JoinGuard) -> None:
+    if (s := guard.summary()) is not None:
+        log.warning(
+            "enrol.failures_summary",
+            seconds=round(s.seconds),
+            failures_not_logged=s.failures,
+            refused=s.refused,
+            sources=s.sources,
+            top=[f"{source}: {count}" for source, count in s.top],
+        )
+
+
+def _reason(exc: BaseException) -> str:
+    """What to log about a refused enrolment: the project's own message (it never holds the
+    secret), else only the error's type."""
+    return str(exc) if isinstance(exc, TlsrollError) else type(exc).__name__
+
+
+def guarded(method: F) -> F:
+    """Wrap ``Enrol``: a source in backoff is refused (RESOURCE_EXHAUSTED, ``retry-after`` in
+    the trailing metadata and the message) before anything else; every refused enrolment (a
+    wrong token, a bad CSR...) counts as a failure of its source and is logged sampled
+    (``enrol.refused`` for a source's first, then ``enrol.failures_summary``); a success
+    forgets the source."""
+
+    @functools.wraps(method)
+    async def wrapper(self: Any, request: Any, context: Any) -> Any:
+        guard: JoinGuard = self.guard
+        source = peer_source(context.peer())
+        verdict = guard.admit(source)
+        if not verdict.allowed:
+            _log_summary(guard)
+            seconds = max(1, math.ceil(verdict.retry_after))
+            context.set_trailing_metadata((("retry-after", str(seconds)),))
+            raise RpcStatusError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"too many failed join attempts from {source}; retry in {seconds} s",
+            )
+        try:
+            result = await method(self, request, context)
+        except Exception as exc:
+            if guard.done(source, failed=True):
+                log.warning(
+                    "enrol.refused",
+                    source=source,
+                    node=peertext.clean(request.node_name, 63),
+                    token_id=_token_id(request.token),
+                    reason=_reason(exc),
+                )
+            _log_summary(guard)
+            raise
+        except BaseException:  # cancelled: neither a success nor a failure
+            guard.done(source, failed=None)
+            raise
+        guard.done(source, failed=False)
+        return result
+
+    return wrapper  # type: ignore[return-value]

@@ -1,0 +1,268 @@
+"""The join port's guard: per-source backoff and sampled logging (``leader.join_guard``).
+
+Unit tests drive the pure ``JoinGuard`` with a hand-moved clock; one end-to-end test floods a
+real leader's join port with wrong tokens from one loopback source (through a TCP relay bound
+to that address) while a good token from another source still enrols.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import inspect
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import grpc
+import pytest
+
+from leader.join_guard import GuardPolicy, JoinGuard, peer_source
+from tests.cluster import Cluster, enrol, enrol_request
+from tests.conftest import next_loopback
+from tlsroll.defaults import JOIN_PORT
+from tlsroll.v1 import enrolment_pb2_grpc
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def guard(**policy: object) -> tuple[JoinGuard, Clock]:
+    clock = Clock()
+    return JoinGuard(GuardPolicy(**policy), clock), clock  # type: ignore[arg-type]
+
+
+def fail(g: JoinGuard, source: str) -> bool:
+    """One admitted attempt that fails; whether it is logged on its own."""
+    assert g.admit(source).allowed
+    return g.done(source, failed=True)
+
+
+# --- sources -------------------------------------------------------------------------------------
+
+
+def test_peer_source_is_the_ipv4_address_or_the_ipv6_slash_64() -> None:
+    assert peer_source("ipv4:192.0.2.7:51234") == "192.0.2.7"
+    assert peer_source("ipv6:[2001:db8:1:2::7]:51234") == "2001:db8:1:2::/64"
+    assert peer_source("ipv6:%5B2001:db8:1:2:ffff::1%5D:9") == "2001:db8:1:2::/64"
+    assert peer_source("ipv6:[::ffff:192.0.2.7]:1") == "192.0.2.7"
+    assert peer_source("ipv6:[2001:db8:1:3::7]:1") != peer_source("ipv6:[2001:db8:1:2::7]:1")
+    assert peer_source("unix:/run/x\x1b[31m") == "unix:/run/x[31m"  # control characters go
+    assert peer_source("") == "unknown"
+
+
+# --- backoff -------------------------------------------------------------------------------------
+
+
+def test_free_failures_then_a_doubling_wait() -> None:
+    g, clock = guard(free=3, base=1.0, cap=8.0)
+    for _ in range(3):
+        fail(g, "a")
+    verdict = g.admit("a")
+    assert not verdict.allowed and verdict.retry_after == pytest.approx(1.0)
+    clock.now += 1.0
+    fail(g, "a")  # the fourth failure: 2 s
+    assert g.admit("a").retry_after == pytest.approx(2.0)
+    for _ in range(50):  # being told to wait does not make the wait longer
+        assert not g.admit("a").allowed
+    clock.now += 2.0
+    assert g.admit("a").retry_after == 0.0
+    g.done("a", failed=True)
+    clock.now += 4.0
+    fail(g, "a")
+    assert g.admit("a").retry_after == pytest.approx(8.0)  # the cap
+    assert g.admit("b").allowed  # another source is not affected
+
+
+def test_success_forgets_a_source_and_quiet_sources_start_over() -> None:
+    g, clock = guard(free=2, base=10.0, cap=10.0, forget=100.0)
+    fail(g, "a")
+    fail(g, "a")
+    assert not g.admit("a").allowed
+    clock.now += 10.0
+    assert g.admit("a").allowed
+    g.done("a", failed=False)  # a good token
+    fail(g, "a")
+    assert g.admit("a").allowed  # counted from zero again
+    g.done("a", failed=True)
+    assert not g.admit("a").allowed
+    clock.now += 100.0
+    assert g.admit("a").allowed
+
+
+def test_cancelled_attempt_is_neither_success_nor_failure() -> None:
+    g, _ = guard(free=2, base=10.0, cap=10.0)
+    fail(g, "a")
+    assert g.admit("a").allowed
+    g.done("a", failed=None)
+    assert g.admit("a").allowed  # no failure was added
+    g.done("a", failed=True)
+    assert not g.admit("a").allowed  # and nothing was forgotten either
+
+
+def test_parallel_attempts_of_one_source_are_capped() -> None:
+    """A burst of parallel calls cannot all slip in before the first failure is counted."""
+    g, _ = guard(max_in_flight=2)
+    assert g.admit("a").allowed and g.admit("a").allowed
+    refused = g.admit("a")
+    assert not refused.allowed and refused.retry_after > 0
+    assert g.admit("b").allowed
+    g.done("a", failed=False)
+    assert g.admit("a").allowed
+
+
+def test_memory_is_bounded_by_max_sources() -> None:
+    g, clock = guard(max_sources=50, free=0)
+    for i in range(5000):
+        clock.now += 0.001
+        fail(g, f"10.0.{i // 250}.{i % 250}")
+        g.admit(f"10.0.{i // 250}.{i % 250}")  # refused: counted for the summary
+    assert len(g._backoff._counts) <= 50
+    assert len(g._logged) <= 50
+    assert len(g._unlogged) <= 50
+    assert not g._in_flight
+    # The most recent sources are the ones kept.
+    assert not g.admit("10.0.19.249").allowed
+
+
+# --- log sampling --------------------------------------------------------------------------------
+
+
+def test_first_failure_of_a_source_is_logged_then_one_summary_per_interval() -> None:
+    g, clock = guard(free=1000, summary_every=60.0, forget=3600.0)
+    assert fail(g, "a") is True
+    assert fail(g, "b") is True
+    assert [fail(g, "a") for _ in range(99)] == [False] * 99
+    assert fail(g, "b") is False
+    assert g.summary() is None  # not yet: at most one per interval
+    clock.now += 60.0
+    s = g.summary()
+    assert s is not None
+    assert (s.failures, s.refused, s.sources) == (100, 0, 2)
+    assert s.top[0] == ("a", 99)
+    assert g.summary() is None  # handed out once
+    clock.now += 60.0
+    assert g.summary() is None  # nothing new to tell
+    clock.now += 3600.0
+    assert fail(g, "a") is True  # a source quiet for `forget` is logged again
+
+
+def test_a_flood_writes_a_bounded_number_of_lines() -> None:
+    """200 attempts a second for 10 minutes from 20 sources: 20 failures logged one by one,
+    then at most one summary a minute."""
+    g, clock = guard(summary_every=60.0)
+    lines = 0
+    for _ in range(600 * 10):
+        clock.now += 0.1
+        for k in range(20):
+            source = f"192.0.2.{k}"
+            if g.admit(source).allowed:
+                lines += g.done(source, failed=True)
+        lines += g.summary() is not None
+    assert lines <= 20 + 10
+
+
+def join_token(cluster: Cluster, node: str, address: str) -> str:
+    """A one-use join token for ``node`` at ``address``: bound to them by a tlsroll that binds
+    tokens to a node (``token create --node``), a plain one before that."""
+    create: Any = cluster.create_token
+    if "node" in inspect.signature(create).parameters:
+        return str(create(node, address))
+    return str(create())
+
+
+# --- end to end: a real leader ------------------------------------------------------------------
+
+
+class Relay:
+    """A TCP relay on loopback whose outgoing connections come from ``source``: calls through
+    it reach the leader from that address."""
+
+    def __init__(self, listen: str, target: tuple[str, int], source: str) -> None:
+        self.target = target
+        self.source = source
+        self.server = socket.create_server((listen, 0))
+        self.address = f"{listen}:{self.server.getsockname()[1]}"
+        self._closing = False
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while not self._closing:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(
+                self.target, timeout=10, source_address=(self.source, 0)
+            )
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    @staticmethod
+    def _pipe(src: socket.socket, dst: socket.socket) -> None:
+        with contextlib.suppress(OSError):
+            while data := src.recv(65536):
+                dst.sendall(data)
+        for s in (src, dst):
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        self._closing = True
+        self.server.close()
+
+
+@pytest.fixture
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with Cluster(tmp_path_factory.mktemp("joinguard"), next_loopback()) as c:
+        c.init()
+        c.write_leader_config({"join_free_failures": None})  # the default, not the tests' own
+        c.start_leader()
+        yield c
+
+
+def test_a_flood_of_wrong_tokens_is_held_off_and_a_good_token_still_enrols(
+    cluster: Cluster,
+) -> None:
+    attacker = next_loopback()
+    relay = Relay(attacker, (cluster.address, JOIN_PORT), attacker)
+    options = [("grpc.ssl_target_name_override", cluster.address)]
+    wrong = f"{'a' * 6}.{'b' * 26}"
+    codes: list[grpc.StatusCode] = []
+    retry_after: list[str] = []
+    started = time.monotonic()
+    try:
+        creds = grpc.ssl_channel_credentials(root_certificates=cluster.ca_pem)
+        with grpc.secure_channel(relay.address, creds, options=options) as channel:
+            stub = enrolment_pb2_grpc.EnrolmentStub(channel)
+            for i in range(200):
+                with pytest.raises(grpc.RpcError) as info:
+                    stub.Enrol(enrol_request(wrong, f"guess{i}", attacker), timeout=10)
+                codes.append(info.value.code())
+                if info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    trailers: Any = info.value.trailing_metadata()
+                    retry_after += [str(v) for k, v in trailers if k == "retry-after"]
+    finally:
+        relay.close()
+    elapsed = time.monotonic() - started
+    exhausted = codes.count(grpc.StatusCode.RESOURCE_EXHAUSTED)
+    assert codes.count(grpc.StatusCode.UNAUTHENTICATED) <= 10, codes
+    assert exhausted >= 190, codes
+    assert len(retry_after) == exhausted and all(int(v) >= 1 for v in retry_after)
+    assert elapsed < 60
+    # The leader logged the attacker's first failure, and no line per attempt.
+    events = cluster.leader.event_names()
+    assert events.count("enrol.refused") == 1, events
+    assert len([e for e in events if e.startswith("enrol.")]) <= 3, events
+    # Another source is not held off: a good token enrols at once.
+    address = next_loopback()
+    token = join_token(cluster, "good", address)
+    reply = enrol(cluster, enrol_request(token, "good", address))
+    assert reply.certificate_pem
+    assert cluster.find_secrets(cluster.logs_text()) == []
