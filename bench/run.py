@@ -82,15 +82,22 @@ def bench_store(nodes: int = 200, beats: int = 2000) -> str:
     now = dt.datetime.now(dt.UTC)
     with tempfile.TemporaryDirectory() as tmp:
         store = Store(Path(tmp) / "leader.sqlite3")
-        store.add_token(
-            "abcdef",
-            "x" * 26,
-            ttl=dt.timedelta(hours=1),
-            uses=nodes,
-            description="bench",
-            now=now,
-            actor="bench",
-        )
+
+        def address(i: int) -> str:
+            return f"127.0.{i // 250}.{i % 250 + 1}"
+
+        for i in range(nodes):  # a token names one node
+            store.add_token(
+                f"t{i:05d}",
+                "x" * 26,
+                ttl=dt.timedelta(hours=1),
+                uses=1,
+                description="bench",
+                now=now,
+                actor="bench",
+                node_name=f"node{i:03d}",
+                addresses=(address(i),),
+            )
         cert = NodeCert("sha256:" + "0" * 64, "sha256:" + "1" * 64, "1", now)
 
         def issue() -> NodeCert:
@@ -99,10 +106,10 @@ def bench_store(nodes: int = 200, beats: int = 2000) -> str:
         t0 = time.perf_counter()
         for i in range(nodes):
             store.enrol(
-                token_id="abcdef",
+                token_id=f"t{i:05d}",
                 secret="x" * 26,
                 name=f"node{i:03d}",
-                addresses=(f"127.0.{i // 250}.{i % 250 + 1}",),
+                addresses=(address(i),),
                 dns_names=(),
                 agent_version="bench",
                 agent_port=9442,

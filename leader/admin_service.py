@@ -19,12 +19,13 @@ from leader.commands import Commands, RolloutRequest
 from leader.rollout_core import Change, Scope, ScopeKind
 from leader.schema_store import NodeDetail, RolloutMeta, RolloutRow, SchemaStore
 from leader.schema_view import rollout_view
-from leader.service import ERRORS, LeaderState
+from leader.service import ERRORS, LeaderState, claimed_names
+from leader.store import Node
 from leader.tokens import JoinToken
 from leader.viewer.grants import MAX_TTL as MAX_VIEWER_TTL
 from leader.viewer.grants import Grant, Grants
 from leader.wire import CHANGE, FREEZE, ROLLOUT_ACTION, SCOPE_KIND, VIEWER_GRANT_STATE
-from tlsroll import logs, password, pki
+from tlsroll import logs, password, peertext, pki, spiffe
 from tlsroll.rpc import failed_precondition, invalid, map_errors, timestamp
 from tlsroll.v1 import admin_pb2, admin_pb2_grpc, schema_pb2
 
@@ -50,6 +51,9 @@ def token_info(t: Any) -> admin_pb2.TokenInfo:
         uses_left=t.uses_left,
         revoked=t.revoked_at is not None,
         description=t.description,
+        node_name=t.node_name or "",
+        addresses=t.addresses,
+        dns_names=t.dns_names,
     )
 
 
@@ -226,6 +230,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         uses = request.uses or 1
         if uses > 1000:
             raise invalid("a join token allows at most 1000 uses")
+        names = claimed_names(request.node_name, request.addresses, request.dns_names)
         token = JoinToken.generate()
         info = await asyncio.to_thread(
             self.state.store.add_token,
@@ -233,12 +238,20 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             token.secret,
             ttl=ttl,
             uses=uses,
-            description=request.description[:200],
+            description=peertext.clean(request.description, 200),
             now=self.state.clock(),
             actor=_actor(context),
+            node_name=names.common_name,
+            addresses=names.ips,
+            dns_names=names.dns,
+            reserved=lambda: self.state.reserved_for(names.common_name),
         )
         log.info(
-            "token.created", token_id=token.id, uses=uses, ttl_seconds=int(ttl.total_seconds())
+            "token.created",
+            token_id=token.id,
+            node=names.common_name,
+            uses=uses,
+            ttl_seconds=int(ttl.total_seconds()),
         )
         return admin_pb2.CreateTokenResponse(token=str(token), info=token_info(info))
 
@@ -262,28 +275,120 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         log.info("token.revoked", token_id=request.id)
         return admin_pb2.RevokeTokenResponse(info=token_info(info))
 
+    def _node_info(self, n: Node) -> admin_pb2.NodeInfo:
+        return admin_pb2.NodeInfo(
+            name=n.name,
+            addresses=n.addresses,
+            dns_names=n.dns_names,
+            agent_version=n.agent_version,
+            agent_port=n.agent_port,
+            enrolled_at=timestamp(n.enrolled_at),
+            last_heartbeat=timestamp(n.last_heartbeat),
+            cert_not_after=timestamp(n.cert_not_after),
+            cert_fingerprint=n.cert_fingerprint,
+            online=n.removed_at is None and self.state.online(n.last_heartbeat),
+            identity=spiffe.node(self.state.trust_domain, n.name).uri,
+            token_id=n.token_id,
+            highest_epoch=n.highest_epoch,
+            removed_at=timestamp(n.removed_at),
+        )
+
     @map_errors(ERRORS)
     async def ListNodes(
         self, request: admin_pb2.ListNodesRequest, context: Ctx
     ) -> admin_pb2.ListNodesResponse:
-        nodes = await asyncio.to_thread(self.state.store.list_nodes)
-        return admin_pb2.ListNodesResponse(
-            nodes=[
-                admin_pb2.NodeInfo(
-                    name=n.name,
-                    addresses=n.addresses,
-                    dns_names=n.dns_names,
-                    agent_version=n.agent_version,
-                    agent_port=n.agent_port,
-                    enrolled_at=timestamp(n.enrolled_at),
-                    last_heartbeat=timestamp(n.last_heartbeat),
-                    cert_not_after=timestamp(n.cert_not_after),
-                    cert_fingerprint=n.cert_fingerprint,
-                    online=self.state.online(n.last_heartbeat),
+        nodes = await asyncio.to_thread(
+            self.state.store.list_nodes, include_removed=request.include_removed
+        )
+        return admin_pb2.ListNodesResponse(nodes=[self._node_info(n) for n in nodes])
+
+    @map_errors(ERRORS)
+    async def RemoveNode(
+        self, request: admin_pb2.RemoveNodeRequest, context: Ctx
+    ) -> admin_pb2.RemoveNodeResponse:
+        active = await asyncio.to_thread(self.schema.active)
+        if active is not None and request.name in {r.name for r in active.records}:
+            raise failed_precondition(
+                f"node {request.name!r} is in rollout {active.rollout.id}, which is "
+                f"{active.rollout.state.value}; let it end (or `tlsroll rollout abort`) first"
+            )
+        node, serials = await asyncio.to_thread(
+            self.state.store.remove_node,
+            request.name,
+            now=self.state.clock(),
+            actor=_actor(context),
+        )
+        log.warning("node.removed", node=node.name, revoked=len(serials))
+        return admin_pb2.RemoveNodeResponse(node=self._node_info(node), revoked_serials=serials)
+
+    @map_errors(ERRORS)
+    async def ListWorkstations(
+        self, request: admin_pb2.ListWorkstationsRequest, context: Ctx
+    ) -> admin_pb2.ListWorkstationsResponse:
+        certs = await asyncio.to_thread(self.state.store.list_certificates, "workstation")
+        return admin_pb2.ListWorkstationsResponse(
+            workstations=[
+                admin_pb2.WorkstationInfo(
+                    name=c.subject,
+                    serial=c.serial,
+                    fingerprint=c.fingerprint,
+                    node=c.node,
+                    issued_at=timestamp(c.issued_at),
+                    not_after=timestamp(c.not_after),
+                    revoked_at=timestamp(c.revoked_at),
                 )
-                for n in nodes
+                for c in certs
             ]
         )
+
+    @map_errors(ERRORS)
+    async def RevokeCertificate(
+        self, request: admin_pb2.RevokeCertificateRequest, context: Ctx
+    ) -> admin_pb2.RevokeCertificateResponse:
+        serials = await asyncio.to_thread(
+            self.state.store.revoke,
+            request.name_or_serial,
+            reason=peertext.clean(request.reason, 200),
+            now=self.state.clock(),
+            actor=_actor(context),
+        )
+        log.warning("certificate.revoked", serials=serials)
+        return admin_pb2.RevokeCertificateResponse(revoked_serials=serials)
+
+    async def _epochs(self) -> admin_pb2.EpochInfo:
+        leader_epoch = await asyncio.to_thread(self.schema.current_epoch)
+        nodes = await asyncio.to_thread(self.state.store.list_nodes)
+        return admin_pb2.EpochInfo(
+            leader_epoch=leader_epoch,
+            nodes=[admin_pb2.NodeEpoch(name=n.name, highest_epoch=n.highest_epoch) for n in nodes],
+            behind=any(n.highest_epoch > leader_epoch for n in nodes),
+        )
+
+    @map_errors(ERRORS)
+    async def GetEpoch(
+        self, request: admin_pb2.GetEpochRequest, context: Ctx
+    ) -> admin_pb2.EpochInfo:
+        return await self._epochs()
+
+    @map_errors(ERRORS)
+    async def AdvanceEpoch(
+        self, request: admin_pb2.AdvanceEpochRequest, context: Ctx
+    ) -> admin_pb2.EpochInfo:
+        """Raise the leader's epoch to the highest any node reports, so the next rollout's is
+        above it. Refused while a rollout runs (its epoch is fixed)."""
+        active = await asyncio.to_thread(self.schema.active)
+        if active is not None:
+            raise failed_precondition(
+                f"rollout {active.rollout.id} is {active.rollout.state.value}; advance the "
+                "epoch once it has ended"
+            )
+        before = await self._epochs()
+        target = max([before.leader_epoch, *(n.highest_epoch for n in before.nodes)])
+        floor = await asyncio.to_thread(
+            self.state.store.advance_epoch, target, now=self.state.clock(), actor=_actor(context)
+        )
+        log.warning("epoch.advanced", floor=floor, was=before.leader_epoch)
+        return await self._epochs()
 
     @map_errors(ERRORS)
     async def GetCA(self, request: admin_pb2.GetCARequest, context: Ctx) -> admin_pb2.GetCAResponse:

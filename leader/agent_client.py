@@ -21,6 +21,7 @@ import grpc
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from leader.store import Node, Store
+from tlsroll import spiffe
 from tlsroll.errors import TerminalError, TransientError
 from tlsroll.rpc import hostport
 from tlsroll.v1 import agent_pb2, agent_pb2_grpc
@@ -69,12 +70,24 @@ class Agents(Protocol):
 
 
 class AgentClient:
-    """NodeAgent calls to one node over mutual TLS."""
+    """NodeAgent calls to one node over mutual TLS.
 
-    def __init__(self, node: Node, credentials: grpc.ChannelCredentials) -> None:
+    The TLS target name is the node's key name (``tlsroll.spiffe.key_host``), not its address:
+    the handshake succeeds only with a server certificate that the CA issued for the very key
+    this node enrolled with, so a certificate of another node, a removed node or the leader
+    that someone serves on this node's address is refused before a command is sent.
+    """
+
+    def __init__(self, node: Node, credentials: grpc.ChannelCredentials, trust_domain: str) -> None:
         self.node = node
         target = hostport(node.addresses[0], node.agent_port)
-        self.channel = grpc.aio.secure_channel(target, credentials)
+        self.channel = grpc.aio.secure_channel(
+            target,
+            credentials,
+            options=[
+                ("grpc.ssl_target_name_override", spiffe.key_host(trust_domain, node.key_pin))
+            ],
+        )
         self.stub = agent_pb2_grpc.NodeAgentStub(self.channel)
 
     async def _call(self, method: Callable[..., Awaitable[T]], request: Any) -> T:
@@ -126,21 +139,25 @@ class AgentClient:
 class AgentPool:
     """One client per enrolled node, made on first use and again if its address changed."""
 
-    def __init__(self, store: Store, credentials: grpc.ChannelCredentials) -> None:
+    def __init__(
+        self, store: Store, credentials: grpc.ChannelCredentials, trust_domain: str
+    ) -> None:
         self.store = store
         self.credentials = credentials
+        self.trust_domain = trust_domain
         self.clients: dict[str, AgentClient] = {}
 
     async def get(self, name: str) -> AgentClient:
         node = await asyncio.to_thread(self.store.get_node, name)
         client = self.clients.get(name)
-        if client is None or (client.node.addresses, client.node.agent_port) != (
-            node.addresses,
-            node.agent_port,
-        ):
+        if client is None or (
+            client.node.addresses,
+            client.node.agent_port,
+            client.node.key_pin,
+        ) != (node.addresses, node.agent_port, node.key_pin):
             if client is not None:
                 await client.close()
-            client = AgentClient(node, self.credentials)
+            client = AgentClient(node, self.credentials, self.trust_domain)
             self.clients[name] = client
         return client
 

@@ -27,8 +27,7 @@ from leader.agent_client import AgentPool
 from leader.commands import Commands
 from leader.config import LeaderConfig
 from leader.engine import Engine
-from leader.join_guard import GuardPolicy, JoinGuard
-from leader.layout import check_secret_dirs, read_passphrase
+from leader.layout import check_secret_dirs, ensure_leader_identity, read_passphrase
 from leader.schema_store import SchemaStore
 from leader.schema_view import SchemaViewService
 from leader.service import EnrolmentService, LeaderService, LeaderState
@@ -36,6 +35,7 @@ from leader.store import Store
 from leader.viewer.server import Viewer
 from tlsroll import __version__, logs, pki
 from tlsroll.daemon import sd_notify, stop_event, watchdog
+from tlsroll.defaults import LEADER_NAME
 from tlsroll.errors import ConfigError, TerminalError, TlsrollError
 from tlsroll.fsutil import check_private_file
 from tlsroll.rpc import add_standard_services, bind, hostport
@@ -79,11 +79,16 @@ def load_state(cfg: LeaderConfig) -> LeaderState:
     ca = pki.CertificateAuthority.load(
         layout.ca_cert, layout.ca_key, read_passphrase(cfg.ca_passphrase_file)
     )
+    names = pki.Names.of(LEADER_NAME, [cfg.address], cfg.dns_names)
+    if ensure_leader_identity(layout, ca, names):
+        log.info("leader.certificate_reissued", reason="identity or names changed")
     return LeaderState(
         store=Store(layout.store),
         ca=ca,
         clock=lambda: dt.datetime.now(dt.UTC),
         heartbeat_interval=cfg.heartbeat_interval,
+        leader_names=names,
+        leader_node=cfg.node_name,
     )
 
 
@@ -98,9 +103,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     )
 
     join = grpc.aio.server(options=SERVER_OPTIONS)
-    enrolment = EnrolmentService(state)
-    enrolment.guard = JoinGuard(GuardPolicy(free=cfg.join_free_failures))
-    enrolment_pb2_grpc.add_EnrolmentServicer_to_server(enrolment, join)
+    enrolment_pb2_grpc.add_EnrolmentServicer_to_server(EnrolmentService(state), join)
     await add_standard_services(join, [_service(enrolment_pb2, "Enrolment")])
     bind(join, hostport(cfg.address, cfg.join_port), join_creds)
 
@@ -119,7 +122,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         state.store,
         schema,
         state.ca,
-        AgentPool(state.store, agent_credentials),
+        AgentPool(state.store, agent_credentials, state.trust_domain),
         state.clock,
         cfg.scope_freeze_lease,
     )

@@ -146,11 +146,43 @@ CREATE TABLE bootstrap_failures (
 CREATE INDEX bootstrap_failures_last ON bootstrap_failures (last_at);
 """
 
+# Migration 5: identities (issue 9). A join token names the one node it can enrol and that
+# node's addresses and DNS names (a token from before has none and is refused); every
+# certificate the CA issues is recorded, so that it can be listed and revoked; a node can be
+# removed (its names freed, its certificates revoked); ``meta`` keeps the revocation list's
+# number and the epoch floor set by ``tlsroll epoch advance``.
+_V5 = """
+ALTER TABLE tokens ADD COLUMN node_name TEXT;          -- NULL: a token of 0.1.0, refused
+ALTER TABLE tokens ADD COLUMN addresses TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE tokens ADD COLUMN dns_names TEXT NOT NULL DEFAULT '[]';
+ALTER TABLE nodes ADD COLUMN token_id TEXT NOT NULL DEFAULT '';
+ALTER TABLE nodes ADD COLUMN removed_at TEXT;
+ALTER TABLE nodes ADD COLUMN highest_epoch INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE certificates (
+    serial        TEXT PRIMARY KEY,      -- hex
+    kind          TEXT NOT NULL,         -- node | server | workstation | leader | other
+    subject       TEXT NOT NULL,         -- the node's or workstation's name
+    node          TEXT NOT NULL,         -- the node it was issued to or for
+    fingerprint   TEXT NOT NULL,
+    issued_at     TEXT NOT NULL,
+    not_after     TEXT NOT NULL,
+    revoked_at    TEXT,
+    revoke_reason TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX certificates_subject ON certificates (kind, subject);
+CREATE INDEX certificates_node ON certificates (node);
+CREATE TABLE meta (
+    key   TEXT PRIMARY KEY,
+    value TEXT NOT NULL
+);
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     _V1,  # 0.1.0
     _V2,  # needs_attention
     _V3,  # viewer grants
     _V4,  # bootstrap failures
+    _V5,  # bound tokens, certificates, removal, meta
 )
 
 

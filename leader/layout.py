@@ -19,7 +19,9 @@ import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
-from tlsroll import pki
+from cryptography import x509
+
+from tlsroll import pki, spiffe
 from tlsroll.config import dump_toml
 from tlsroll.defaults import CONTROL_PORT, JOIN_PORT, LEADER_NAME, VIEWER_PORT
 from tlsroll.errors import TerminalError
@@ -77,6 +79,42 @@ class Layout:
         return self.data_dir / "run" / "admin.sock"
 
 
+def write_leader_cert(
+    layout: Layout, ca: pki.CertificateAuthority, key: pki.PrivateKey, names: pki.Names
+) -> None:
+    """Issue the leader's certificate for ``key``: its names, its cluster identity
+    (``spiffe://…/leader``) and its internal name, serving and client use; written as a chain
+    with the CA."""
+    td = ca.trust_domain
+    cert = ca.issue(
+        key.public_key(),
+        names,
+        server=True,
+        client=True,
+        identity=spiffe.leader(td),
+        internal_dns=[spiffe.leader_host(td)],
+    )
+    write_atomic(layout.tls_cert, pki.cert_to_pem(cert) + ca.cert_pem)
+
+
+def ensure_leader_identity(layout: Layout, ca: pki.CertificateAuthority, names: pki.Names) -> bool:
+    """Give the leader's certificate its cluster identity if it lacks it (one made by tlsroll
+    0.1.0), keeping its key; True if it was issued again. Agents accept commands only from a
+    certificate that names the leader."""
+    cert = pki.read_cert(layout.tls_cert)
+    td = ca.trust_domain
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        dns = san.get_values_for_type(x509.DNSName)
+    except x509.ExtensionNotFound:
+        dns = []
+    current = spiffe.of(cert) == spiffe.leader(td) and spiffe.leader_host(td) in dns
+    if current and pki.names_of(cert) == names:
+        return False
+    write_leader_cert(layout, ca, pki.read_key(layout.tls_key), names)
+    return True
+
+
 def check_secret_dirs(layout: Layout) -> None:
     """Refuse to start if a directory of the leader's secrets (``ca``, ``secrets``, ``tls``) is
     not ours alone (0700): whoever can enter or write it can read or swap a key."""
@@ -121,9 +159,8 @@ def init(
     ca = pki.CertificateAuthority.create()
     ca.save(layout.ca_cert, layout.ca_key, passphrase)
     key = pki.generate_key()
-    cert = ca.issue(key.public_key(), names, server=True, client=True)
     pki.write_key(layout.tls_key, key)
-    write_atomic(layout.tls_cert, pki.cert_to_pem(cert) + ca.cert_pem)
+    write_leader_cert(layout, ca, key, names)
 
     leader: dict[str, object] = {
         "address": names.ips[0],

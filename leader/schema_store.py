@@ -119,8 +119,16 @@ class SchemaStore(LeaderStore):
     # --- reading ------------------------------------------------------------------------------
 
     def next_epoch(self) -> int:
+        return self.current_epoch() + 1
+
+    def current_epoch(self) -> int:
+        """The newest rollout's epoch, or the floor ``tlsroll epoch advance`` set if higher:
+        what the leader tells agents in heartbeats, the highest epoch it asked for."""
         with self._db.read() as db:
-            row = db.execute("SELECT COALESCE(MAX(epoch), 0) + 1 FROM rollouts").fetchone()
+            row = db.execute(
+                "SELECT MAX(COALESCE((SELECT MAX(epoch) FROM rollouts), 0),"
+                " COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'epoch_floor'), 0))"
+            ).fetchone()
         return int(row[0])
 
     def active(self) -> RolloutRow | None:

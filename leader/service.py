@@ -16,16 +16,30 @@ from typing import Any
 
 import grpc
 
-from leader import join_guard
 from leader.commands import NoRolloutYet, NoSuchRollout
 from leader.planner import AlreadyUndone, EmptyScope, NodesOffline, PlanError
 from leader.rollout_core import IllegalTransition
 from leader.schema_store import BootstrapFailureRow, RolloutBusy, SchemaStore, StaleRecords
-from leader.store import NameTaken, NodeCert, NotFound, Store, TokenRejected
+from leader.store import (
+    IssuedCert,
+    NameTaken,
+    NodeCert,
+    NotFound,
+    Store,
+    TokenRejected,
+    TooMany,
+)
 from leader.tokens import JoinToken, MalformedToken
-from tlsroll import bootstrap_protocol, logs, peertext, pki
+from tlsroll import bootstrap_protocol, logs, peertext, pki, spiffe
 from tlsroll.errors import PKIError
-from tlsroll.rpc import invalid, map_errors, peer_name, timestamp, unauthenticated
+from tlsroll.rpc import (
+    invalid,
+    map_errors,
+    peer_certificate,
+    permission_denied,
+    timestamp,
+    unauthenticated,
+)
 from tlsroll.v1 import enrolment_pb2, enrolment_pb2_grpc, leader_pb2, leader_pb2_grpc
 
 log = logs.get_logger(__name__)
@@ -48,22 +62,57 @@ ERRORS = {
     PKIError: grpc.StatusCode.INVALID_ARGUMENT,
     NameTaken: grpc.StatusCode.ALREADY_EXISTS,
     NotFound: grpc.StatusCode.NOT_FOUND,
+    TooMany: grpc.StatusCode.RESOURCE_EXHAUSTED,
 }
 
 """Most specific class wins (``tlsroll.rpc.status_for``): NodesOffline is a PlanError, and
 FAILED_PRECONDITION, not INVALID_ARGUMENT."""
 
 OFFLINE_AFTER_HEARTBEATS = 3
+MAX_AGENT_VERSION = 64  # characters of the version string an agent reports
 
 
 @dataclass
 class LeaderState:
-    """What the servicers share: the store, the CA, the clock and a few settings."""
+    """What the servicers share: the store, the CA, the clock and a few settings.
+
+    ``leader_names`` are the leader's own addresses and DNS names: no node can have them,
+    except the leader node's own agent (``leader_node``, the node the leader runs on), which
+    shares its server's address. Roles never mix up for that: agents check the leader by its
+    identity and the leader checks each agent by its key (``tlsroll.spiffe``), not by address.
+    """
 
     store: Store
     ca: pki.CertificateAuthority
     clock: Callable[[], dt.datetime]
     heartbeat_interval: int
+    leader_names: pki.Names | None = None
+    leader_node: str | None = None
+    _crl: tuple[int, bytes] = (-1, b"")
+    _crl_made: dt.datetime | None = None
+
+    @property
+    def trust_domain(self) -> str:
+        return self.ca.trust_domain
+
+    def reserved_for(self, node: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The leader's names that node ``node`` may not hold (none for the leader node)."""
+        names = self.leader_names
+        if names is None or node == self.leader_node:
+            return (), ()
+        return names.ips, names.dns
+
+    def crl(self) -> tuple[int, bytes]:
+        """The CA's current revocation list (number, PEM), signed again only when its number
+        changed or it is more than a day old."""
+        number, entries = self.store.revoked()
+        cached_number = self._crl[0]
+        made = self._crl_made
+        if cached_number != number or made is None or self.clock() - made > dt.timedelta(days=1):
+            crl = pki.build_crl(self.ca, number, entries, now=self.clock())
+            self._crl = (number, pki.crl_to_pem(crl))
+            self._crl_made = self.clock()
+        return self._crl
 
     def online(self, last_heartbeat: dt.datetime | None) -> bool:
         if last_heartbeat is None:
@@ -72,38 +121,53 @@ class LeaderState:
         return silence <= dt.timedelta(seconds=self.heartbeat_interval * OFFLINE_AFTER_HEARTBEATS)
 
 
-def _claimed_names(request: enrolment_pb2.EnrolRequest) -> pki.Names:
-    name = request.node_name
+def claimed_names(name: str, addresses: Sequence[str], dns_names: Sequence[str]) -> pki.Names:
+    """The names a node claims (at token time or enrolment), or INVALID_ARGUMENT: a valid node
+    name, at least one address, few enough names, each naming one host (``pki`` rules)."""
     if problem := pki.node_name_problem(name):
         raise invalid(problem)
-    if not request.addresses:
-        raise invalid("a node needs at least one IP address")
-    try:
-        return pki.Names.of(name, request.addresses, request.dns_names)
-    except ValueError as exc:
-        raise invalid(f"bad address: {exc}") from None
+    if len(addresses) > pki.MAX_IPS or len(dns_names) > pki.MAX_DNS:
+        raise invalid(f"a node holds at most {pki.MAX_IPS} addresses and {pki.MAX_DNS} DNS names")
+    for address in addresses:
+        if problem := pki.ip_problem(address):
+            raise invalid(problem)
+    for dns in dns_names:
+        if problem := pki.dns_problem(dns):
+            raise invalid(problem)
+    names = pki.Names.of(name, addresses, dns_names)
+    if problem := pki.requested_names_problem(names):
+        raise invalid(problem)
+    return names
 
 
 class EnrolmentService(enrolment_pb2_grpc.EnrolmentServicer):
     def __init__(self, state: LeaderState) -> None:
         self.state = state
-        self.guard = join_guard.JoinGuard()  # per-source backoff, sampled logs
 
     @map_errors(ERRORS)
-    @join_guard.guarded
     async def Enrol(
         self, request: enrolment_pb2.EnrolRequest, context: Ctx
     ) -> enrolment_pb2.EnrolResponse:
         token = JoinToken.parse(request.token)
-        names = _claimed_names(request)
+        names = claimed_names(request.node_name, request.addresses, request.dns_names)
         if not 1 <= request.agent_port <= 65535:
             raise invalid("agent_port must be 1..65535")
         csr = pki.load_csr_pem(request.csr_pem)
         public_key = pki.check_csr(csr, names)
+        key_pin = pki.spki_pin(public_key)
+        td = self.state.trust_domain
         issued: list[Any] = []
 
         def issue() -> NodeCert:
-            cert = self.state.ca.issue(public_key, names, server=True, client=True)
+            cert = self.state.ca.issue(
+                public_key,
+                names,
+                server=True,  # the agent serves NodeAgent
+                client=True,  # and calls the leader
+                identity=spiffe.node(td, names.common_name),
+                internal_dns=[spiffe.key_host(td, key_pin)],
+                now=self.state.clock(),
+            )
             issued.append(cert)
             return NodeCert(
                 key_pin=pki.spki_pin(public_key),
@@ -120,13 +184,14 @@ class EnrolmentService(enrolment_pb2_grpc.EnrolmentServicer):
                 name=names.common_name,
                 addresses=names.ips,
                 dns_names=names.dns,
-                agent_version=request.agent_version,
+                agent_version=peertext.clean(request.agent_version, MAX_AGENT_VERSION),
                 agent_port=request.agent_port,
-                key_pin=pki.spki_pin(public_key),
+                key_pin=key_pin,
                 issue=issue,
                 now=self.state.clock(),
+                reserved=lambda: self.state.reserved_for(names.common_name),
             )
-        except NameTaken as exc:  # a refused token is logged (sampled) by join_guard
+        except (TokenRejected, NameTaken) as exc:
             log.warning(
                 "enrol.refused",
                 node=names.common_name,
@@ -178,12 +243,22 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         self.schema = SchemaStore(state.store.db)
 
     async def _caller(self, context: Ctx) -> str:
-        """The enrolled node calling, checked against the certificate on record."""
-        name, cert = peer_name(context)
+        """The enrolled node calling: its certificate names a node of this cluster (not the
+        leader, not a workstation), and it is the very certificate on record for that node,
+        which is not removed (so a revoked or superseded certificate is refused)."""
+        cert = peer_certificate(context)
+        if cert is None:
+            raise unauthenticated("no client certificate")
+        identity = spiffe.of(cert)
+        if identity is None or identity.trust_domain != self.state.trust_domain:
+            raise unauthenticated("the certificate carries no identity of this cluster")
+        if identity.role is not spiffe.Role.NODE:
+            raise permission_denied(f"{identity} may not call Leader: only nodes may")
+        name = identity.name
         try:
             node = await asyncio.to_thread(self.state.store.get_node, name)
         except NotFound:
-            raise unauthenticated(f"{name!r} is not an enrolled node") from None
+            raise unauthenticated(f"{name!r} is not an enrolled node (removed?)") from None
         if pki.fingerprint(cert) != node.cert_fingerprint:
             raise unauthenticated(f"certificate is not the one on record for node {name!r}")
         return name
@@ -194,7 +269,13 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
     ) -> leader_pb2.HeartbeatResponse:
         name = await self._caller(context)
         now = self.state.clock()
-        await asyncio.to_thread(self.state.store.heartbeat, name, request.agent_version, now=now)
+        await asyncio.to_thread(
+            self.state.store.heartbeat,
+            name,
+            peertext.clean(request.agent_version, MAX_AGENT_VERSION),
+            now=now,
+            highest_epoch=min(request.highest_epoch, 2**62),
+        )
         failures = failure_rows(name, request.bootstrap_failures, now)
         if failures:
             await asyncio.to_thread(self.schema.record_bootstrap_failures, name, failures, now)
@@ -206,32 +287,52 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                     workstation=f.workstation,
                     count=f.count,
                 )
+        epoch = await asyncio.to_thread(self.schema.current_epoch)
+        number, crl_pem = await asyncio.to_thread(self.state.crl)
         return leader_pb2.HeartbeatResponse(
-            leader_time=timestamp(now), interval_seconds=self.state.heartbeat_interval
+            leader_time=timestamp(now),
+            interval_seconds=self.state.heartbeat_interval,
+            epoch=epoch,
+            crl_pem=crl_pem if request.crl_number != number else b"",
         )
 
     @map_errors(ERRORS)
     async def SignWorkstationCertificate(
         self, request: leader_pb2.SignWorkstationRequest, context: Ctx
     ) -> leader_pb2.SignWorkstationResponse:
-        """A node's bootstrap service has checked the workstation's password proof; the
-        leader signs a client-only certificate naming nothing but ``ws-<name>``."""
+        """A node's bootstrap service has checked the workstation's password proof and vouches
+        for it with its own identity; the leader signs a client-only certificate naming nothing
+        but ``ws-<name>`` and its workstation identity. At most ``WORKSTATION_CERTS_PER_HOUR``
+        per node; a name another node's workstation holds is refused (ALREADY_EXISTS)."""
         node = await self._caller(context)
         key, cn = bootstrap_protocol.check_workstation_csr(request.csr_pem)
-        cert = self.state.ca.issue(
-            key,
-            bootstrap_protocol.workstation_names(cn),
-            server=False,
-            client=True,
-            now=self.state.clock(),
-        )
-        await asyncio.to_thread(
-            self.state.store.record_event,
-            "workstation.enrolled",
-            f"node:{node}",
-            cn,
-            self.state.clock(),
-            fingerprint=pki.fingerprint(cert),
-        )
+        now = self.state.clock()
+
+        def issue() -> IssuedCert:
+            cert = self.state.ca.issue(
+                key,
+                bootstrap_protocol.workstation_names(cn),
+                server=False,
+                client=True,
+                now=now,
+                identity=spiffe.workstation(self.state.trust_domain, cn),
+            )
+            issued.append(cert)
+            return IssuedCert(
+                serial=f"{cert.serial_number:x}",
+                kind="workstation",
+                subject=cn,
+                node=node,
+                fingerprint=pki.fingerprint(cert),
+                issued_at=now,
+                not_after=cert.not_valid_after_utc,
+            )
+
+        issued: list[Any] = []
+        try:
+            await asyncio.to_thread(self.state.store.issue_workstation, node, cn, issue, now=now)
+        except (TooMany, NameTaken) as exc:
+            log.warning("workstation.refused", node=node, workstation=cn, reason=str(exc))
+            raise
         log.info("workstation.enrolled", node=node, workstation=cn)
-        return leader_pb2.SignWorkstationResponse(certificate_pem=pki.cert_to_pem(cert))
+        return leader_pb2.SignWorkstationResponse(certificate_pem=pki.cert_to_pem(issued[0]))

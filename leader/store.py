@@ -1,4 +1,5 @@
-"""The leader's durable state in SQLite: enrolled nodes, join tokens, and the audit trail.
+"""The leader's durable state in SQLite: enrolled nodes, join tokens, the certificates the CA
+issued (and which of them are revoked), and the audit trail.
 
 One connection, used from one thread at a time (callers in async code go through
 ``asyncio.to_thread``; a lock serialises them). WAL journal with ``synchronous=FULL``: a
@@ -12,6 +13,7 @@ import datetime as dt
 import hashlib
 import hmac
 import json
+import re
 import sqlite3
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -36,6 +38,15 @@ class NotFound(TerminalError):
     pass
 
 
+class TooMany(TerminalError):
+    """A node asked for more than it may (workstation certificates per hour)."""
+
+
+# Workstation certificates a node's bootstrap service may ask for, per hour: a practice has
+# tens of PCs; a node that asks for more is broken or not ours any more.
+WORKSTATION_CERTS_PER_HOUR = 30
+
+
 def hash_secret(secret: str) -> str:
     # The secret has >= 128 bits of entropy, so a fast hash is enough (no dictionary to try).
     return hashlib.sha256(secret.encode("ascii")).hexdigest()
@@ -50,6 +61,9 @@ class Token:
     uses_allowed: int
     uses_left: int
     revoked_at: dt.datetime | None
+    node_name: str | None  # None: a token of 0.1.0, bound to no node; refused
+    addresses: tuple[str, ...]
+    dns_names: tuple[str, ...]
 
 
 @dataclass(frozen=True)
@@ -65,6 +79,24 @@ class Node:
     cert_not_after: dt.datetime
     enrolled_at: dt.datetime
     last_heartbeat: dt.datetime | None
+    token_id: str = ""
+    removed_at: dt.datetime | None = None
+    highest_epoch: int = 0
+
+
+@dataclass(frozen=True)
+class IssuedCert:
+    """A certificate the CA issued, as the store records it."""
+
+    serial: str
+    kind: str  # node | server | workstation | leader | other
+    subject: str
+    node: str
+    fingerprint: str
+    issued_at: dt.datetime
+    not_after: dt.datetime
+    revoked_at: dt.datetime | None = None
+    revoke_reason: str = ""
 
 
 @dataclass(frozen=True)
@@ -92,11 +124,20 @@ class Store(LeaderStore):
         description: str,
         now: dt.datetime,
         actor: str,
+        node_name: str,
+        addresses: tuple[str, ...],
+        dns_names: tuple[str, ...] = (),
+        reserved: Callable[[], tuple[tuple[str, ...], tuple[str, ...]]] = lambda: ((), ()),
     ) -> Token:
+        """Record a token that can enrol node ``node_name`` with exactly these addresses and
+        DNS names. ``reserved`` gives the leader's own (addresses, DNS names); NameTaken if
+        the leader or another node holds one of them."""
         with self._db.tx() as db:
+            _check_free(db, node_name, addresses, dns_names, reserved())
             db.execute(
                 "INSERT INTO tokens (id, secret_hash, description, created_at, expires_at,"
-                " uses_allowed, uses_left) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                " uses_allowed, uses_left, node_name, addresses, dns_names)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     token_id,
                     hash_secret(secret),
@@ -105,10 +146,22 @@ class Store(LeaderStore):
                     to_text(now + ttl),
                     uses,
                     uses,
+                    node_name,
+                    json.dumps(list(addresses)),
+                    json.dumps(list(dns_names)),
                 ),
             )
             self._audit(
-                db, now, actor, "token.created", token_id, uses=uses, expires_at=to_text(now + ttl)
+                db,
+                now,
+                actor,
+                "token.created",
+                token_id,
+                uses=uses,
+                expires_at=to_text(now + ttl),
+                node=node_name,
+                addresses=list(addresses),
+                dns_names=list(dns_names),
             )
         return self.get_token(token_id)
 
@@ -150,12 +203,16 @@ class Store(LeaderStore):
         key_pin: str,
         issue: Callable[[], NodeCert],
         now: dt.datetime,
+        reserved: Callable[[], tuple[tuple[str, ...], tuple[str, ...]]] = lambda: ((), ()),
     ) -> NodeCert:
         """Spend one use of a join token and record the node, all in one transaction.
 
-        ``issue`` is called (to sign the certificate) only once the token and the name check
-        out; if anything fails, nothing is written.
+        The token must name this node and exactly these addresses and DNS names, and none of
+        them may be held by the leader (``reserved``) or another node. ``issue`` is called (to
+        sign the certificate) only once all of that checks out; if anything fails, nothing is
+        written.
         """
+        self._check_secret(token_id, secret)  # a wrong secret never takes the write lock
         with self._db.tx() as db:
             row = db.execute("SELECT * FROM tokens WHERE id = ?", (token_id,)).fetchone()
             # Compare even when the id is unknown, so both cases take the same time.
@@ -169,12 +226,27 @@ class Store(LeaderStore):
                 raise TokenRejected("join token expired")
             if token.uses_left <= 0:
                 raise TokenRejected("join token already used up")
-            existing = db.execute("SELECT key_pin FROM nodes WHERE name = ?", (name,)).fetchone()
+            if token.node_name is None:
+                raise TokenRejected(
+                    "join token names no node (made by an older tlsroll); create a new one "
+                    "with `tlsroll token create --node NAME --address IP`"
+                )
+            bound = (token.node_name, token.addresses, token.dns_names)
+            if bound != (name, tuple(addresses), tuple(dns_names)):
+                raise TokenRejected(
+                    f"join token is for node {token.node_name!r} with "
+                    f"{', '.join(token.addresses + token.dns_names)}; this node asked for "
+                    f"{name!r} with {', '.join(addresses + dns_names) or 'no names'}"
+                )
+            existing = db.execute(
+                "SELECT key_pin FROM nodes WHERE name = ? AND removed_at IS NULL", (name,)
+            ).fetchone()
             if existing is not None and existing["key_pin"] != key_pin:
                 raise NameTaken(
                     f"node name {name!r} is already enrolled with another key; "
-                    "remove the old node first"
+                    f"remove the old node first: tlsroll nodes remove {name}"
                 )
+            _check_free(db, name, addresses, dns_names, reserved())
             cert = issue()
             db.execute("UPDATE tokens SET uses_left = uses_left - 1 WHERE id = ?", (token_id,))
             db.execute(
@@ -184,7 +256,9 @@ class Store(LeaderStore):
                 " ON CONFLICT(name) DO UPDATE SET addresses=excluded.addresses,"
                 " dns_names=excluded.dns_names, agent_version=excluded.agent_version,"
                 " agent_port=excluded.agent_port, cert_fingerprint=excluded.cert_fingerprint,"
-                " cert_serial=excluded.cert_serial, cert_not_after=excluded.cert_not_after",
+                " cert_serial=excluded.cert_serial, cert_not_after=excluded.cert_not_after,"
+                " key_pin=excluded.key_pin, enrolled_at=excluded.enrolled_at,"
+                " removed_at=NULL, last_heartbeat=NULL, highest_epoch=0",
                 (
                     name,
                     json.dumps(list(addresses)),
@@ -198,6 +272,8 @@ class Store(LeaderStore):
                     to_text(now),
                 ),
             )
+            db.execute("UPDATE nodes SET token_id = ? WHERE name = ?", (token_id, name))
+            _record_cert(db, cert.serial, "node", name, name, cert.fingerprint, now, cert.not_after)
             self._audit(
                 db,
                 now,
@@ -213,24 +289,244 @@ class Store(LeaderStore):
 
     # --- nodes --------------------------------------------------------------------------------
 
-    def list_nodes(self) -> list[Node]:
+    def _check_secret(self, token_id: str, secret: str) -> None:
+        """TokenRejected for a wrong secret, in a read transaction: a stream of guesses at the
+        join port never queues behind (or holds) the store's write lock."""
         with self._db.read() as db:
-            rows = db.execute("SELECT * FROM nodes ORDER BY name").fetchall()
+            row = db.execute("SELECT secret_hash FROM tokens WHERE id = ?", (token_id,)).fetchone()
+        expected = row["secret_hash"] if row else hash_secret("x" * 26)
+        if not hmac.compare_digest(expected, hash_secret(secret)) or row is None:
+            raise TokenRejected("join token not valid")
+
+    def list_nodes(self, *, include_removed: bool = False) -> list[Node]:
+        where = "" if include_removed else " WHERE removed_at IS NULL"
+        with self._db.read() as db:
+            rows = db.execute(f"SELECT * FROM nodes{where} ORDER BY name").fetchall()  # noqa: S608
         return [_node(r) for r in rows]
 
     def get_node(self, name: str) -> Node:
         with self._db.read() as db:
-            row = db.execute("SELECT * FROM nodes WHERE name = ?", (name,)).fetchone()
+            row = db.execute(
+                "SELECT * FROM nodes WHERE name = ? AND removed_at IS NULL", (name,)
+            ).fetchone()
         if row is None:
             raise NotFound(f"no enrolled node named {name!r}")
         return _node(row)
 
-    def heartbeat(self, name: str, agent_version: str, *, now: dt.datetime) -> None:
+    def heartbeat(
+        self, name: str, agent_version: str, *, now: dt.datetime, highest_epoch: int = 0
+    ) -> None:
         with self._db.tx() as db:
             db.execute(
-                "UPDATE nodes SET last_heartbeat = ?, agent_version = ? WHERE name = ?",
-                (to_text(now), agent_version, name),
+                "UPDATE nodes SET last_heartbeat = ?, agent_version = ?,"
+                " highest_epoch = MAX(highest_epoch, ?) WHERE name = ? AND removed_at IS NULL",
+                (to_text(now), agent_version, highest_epoch, name),
             )
+
+    def remove_node(self, name: str, *, now: dt.datetime, actor: str) -> tuple[Node, list[str]]:
+        """Remove node ``name``: revoke every certificate issued to or for it, free its names
+        (a token can name them again) and spend its unused tokens. Returns the node as it was
+        and the serials revoked now."""
+        with self._db.tx() as db:
+            row = db.execute(
+                "SELECT * FROM nodes WHERE name = ? AND removed_at IS NULL", (name,)
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"no enrolled node named {name!r}")
+            serials = [
+                r["serial"]
+                for r in db.execute(
+                    "SELECT serial FROM certificates WHERE node = ? AND revoked_at IS NULL",
+                    (name,),
+                )
+            ]
+            # The node's own certificate, if it predates the certificates table.
+            if row["cert_serial"] not in serials:
+                _record_cert(
+                    db,
+                    row["cert_serial"],
+                    "node",
+                    name,
+                    name,
+                    row["cert_fingerprint"],
+                    from_text(row["enrolled_at"]) or now,
+                    dt.datetime.fromisoformat(row["cert_not_after"]),
+                )
+                serials.append(row["cert_serial"])
+            db.executemany(
+                "UPDATE certificates SET revoked_at = ?, revoke_reason = ? WHERE serial = ?",
+                [(to_text(now), "node removed", s) for s in serials],
+            )
+            db.execute("UPDATE nodes SET removed_at = ? WHERE name = ?", (to_text(now), name))
+            db.execute(
+                "UPDATE tokens SET revoked_at = COALESCE(revoked_at, ?)"
+                " WHERE node_name = ? AND uses_left > 0",
+                (to_text(now), name),
+            )
+            _bump_crl(db)
+            self._audit(db, now, actor, "node.removed", name, revoked=serials)
+        with self._db.read() as db:
+            removed = _node(db.execute("SELECT * FROM nodes WHERE name = ?", (name,)).fetchone())
+        return removed, serials
+
+    # --- certificates -------------------------------------------------------------------------
+
+    def record_certificate(self, cert: IssuedCert, *, actor: str, now: dt.datetime) -> None:
+        with self._db.tx() as db:
+            _record_cert(
+                db,
+                cert.serial,
+                cert.kind,
+                cert.subject,
+                cert.node,
+                cert.fingerprint,
+                cert.issued_at,
+                cert.not_after,
+            )
+            self._audit(
+                db, now, actor, f"certificate.issued.{cert.kind}", cert.subject, serial=cert.serial
+            )
+
+    def issue_workstation(
+        self,
+        node: str,
+        workstation: str,
+        issue: Callable[[], IssuedCert],
+        *,
+        now: dt.datetime,
+    ) -> IssuedCert:
+        """Record a workstation certificate that node ``node`` asks for, all in one
+        transaction: at most ``WORKSTATION_CERTS_PER_HOUR`` per node, and a name that another
+        node's workstation already holds (unrevoked) is refused. The same node asking again for
+        the same name (a PC set up again) revokes the older certificate."""
+        with self._db.tx() as db:
+            since = to_text(now - dt.timedelta(hours=1))
+            (recent,) = db.execute(
+                "SELECT COUNT(*) FROM certificates WHERE kind = 'workstation' AND node = ?"
+                " AND issued_at > ?",
+                (node, since),
+            ).fetchone()
+            if recent >= WORKSTATION_CERTS_PER_HOUR:
+                raise TooMany(
+                    f"node {node!r} asked for {recent} workstation certificates in the last "
+                    f"hour (at most {WORKSTATION_CERTS_PER_HOUR})"
+                )
+            held = db.execute(
+                "SELECT serial, node FROM certificates WHERE kind = 'workstation' AND subject = ?"
+                " AND revoked_at IS NULL AND not_after > ?",
+                (workstation, to_text(now)),
+            ).fetchall()
+            if any(r["node"] != node for r in held):
+                raise NameTaken(
+                    f"workstation name {workstation!r} is held by a workstation of node "
+                    f"{held[0]['node']!r}; revoke it first: tlsroll workstations revoke "
+                    f"{workstation}"
+                )
+            cert = issue()
+            db.executemany(
+                "UPDATE certificates SET revoked_at = ?, revoke_reason = ? WHERE serial = ?",
+                [(to_text(now), "superseded", r["serial"]) for r in held],
+            )
+            if held:
+                _bump_crl(db)
+            _record_cert(
+                db,
+                cert.serial,
+                "workstation",
+                workstation,
+                node,
+                cert.fingerprint,
+                cert.issued_at,
+                cert.not_after,
+            )
+            self._audit(
+                db,
+                now,
+                f"node:{node}",
+                "workstation.enrolled",
+                workstation,
+                serial=cert.serial,
+                fingerprint=cert.fingerprint,
+                superseded=[r["serial"] for r in held],
+            )
+        return cert
+
+    def list_certificates(self, kind: str | None = None) -> list[IssuedCert]:
+        with self._db.read() as db:
+            if kind is None:
+                rows = db.execute("SELECT * FROM certificates ORDER BY issued_at").fetchall()
+            else:
+                rows = db.execute(
+                    "SELECT * FROM certificates WHERE kind = ? ORDER BY subject, issued_at",
+                    (kind,),
+                ).fetchall()
+        return [_cert(r) for r in rows]
+
+    def revoke(
+        self, name_or_serial: str, *, reason: str, now: dt.datetime, actor: str
+    ) -> list[str]:
+        """Revoke the workstation certificates of a name (ws-…), or one certificate by its
+        serial (hex; one the CA issued but the store does not know is recorded as "other").
+        Returns the serials revoked now; NotFound if nothing matched."""
+        key = name_or_serial.strip().lower()
+        with self._db.tx() as db:
+            if key.startswith("ws-"):
+                rows = db.execute(
+                    "SELECT serial FROM certificates WHERE kind = 'workstation' AND subject = ?"
+                    " AND revoked_at IS NULL",
+                    (key,),
+                ).fetchall()
+                serials = [r["serial"] for r in rows]
+            elif re.fullmatch(r"[0-9a-f]{1,40}", key):
+                serial = key.lstrip("0") or "0"
+                known = db.execute(
+                    "SELECT revoked_at FROM certificates WHERE serial = ?", (serial,)
+                ).fetchone()
+                if known is None:
+                    far = now + dt.timedelta(days=3650)
+                    _record_cert(db, serial, "other", "", "", "", now, far)
+                serials = [] if known is not None and known["revoked_at"] else [serial]
+            else:
+                raise NotFound(f"{name_or_serial!r} is neither a workstation name nor a serial")
+            if not serials:
+                raise NotFound(f"no unrevoked certificate matches {name_or_serial!r}")
+            db.executemany(
+                "UPDATE certificates SET revoked_at = ?, revoke_reason = ? WHERE serial = ?",
+                [(to_text(now), reason or "revoked by the admin", s) for s in serials],
+            )
+            _bump_crl(db)
+            self._audit(db, now, actor, "certificate.revoked", key, serials=serials)
+        return serials
+
+    def revoked(self) -> tuple[int, list[tuple[str, dt.datetime]]]:
+        """The revocation list's number and its entries: (serial, revoked at), unexpired only
+        (an expired certificate is refused anyway)."""
+        with self._db.read() as db:
+            number = _meta(db, "crl_number", 0)
+            rows = db.execute(
+                "SELECT serial, revoked_at, not_after FROM certificates"
+                " WHERE revoked_at IS NOT NULL ORDER BY serial"
+            ).fetchall()
+        return number, [(r["serial"], dt.datetime.fromisoformat(r["revoked_at"])) for r in rows]
+
+    # --- epochs -------------------------------------------------------------------------------
+
+    def epoch_floor(self) -> int:
+        with self._db.read() as db:
+            return _meta(db, "epoch_floor", 0)
+
+    def advance_epoch(self, to: int, *, now: dt.datetime, actor: str) -> int:
+        """Raise the epoch floor to ``to`` (never lower it); the next rollout's epoch is above
+        it. Returns the floor."""
+        with self._db.tx() as db:
+            floor = max(_meta(db, "epoch_floor", 0), to)
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES ('epoch_floor', ?)"
+                " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (str(floor),),
+            )
+            self._audit(db, now, actor, "epoch.advanced", "leader", floor=floor)
+        return floor
 
     # --- audit --------------------------------------------------------------------------------
 
@@ -239,6 +535,80 @@ class Store(LeaderStore):
     ) -> None:
         with self._db.tx() as db:
             self._audit(db, now, actor, kind, subject, **detail)
+
+
+def _meta(db: sqlite3.Connection, key: str, default: int) -> int:
+    row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+    return int(row["value"]) if row else default
+
+
+def _bump_crl(db: sqlite3.Connection) -> None:
+    """A certificate was revoked: the next revocation list gets a higher number."""
+    db.execute(
+        "INSERT INTO meta (key, value) VALUES ('crl_number', '1')"
+        " ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
+    )
+
+
+def _record_cert(
+    db: sqlite3.Connection,
+    serial: str,
+    kind: str,
+    subject: str,
+    node: str,
+    fingerprint: str,
+    issued_at: dt.datetime,
+    not_after: dt.datetime,
+) -> None:
+    db.execute(
+        "INSERT OR IGNORE INTO certificates (serial, kind, subject, node, fingerprint,"
+        " issued_at, not_after) VALUES (?, ?, ?, ?, ?, ?, ?)",
+        (serial, kind, subject, node, fingerprint, to_text(issued_at), to_text(not_after)),
+    )
+
+
+def _check_free(
+    db: sqlite3.Connection,
+    name: str,
+    addresses: tuple[str, ...],
+    dns_names: tuple[str, ...],
+    reserved: tuple[tuple[str, ...], tuple[str, ...]],
+) -> None:
+    """NameTaken if the leader or another (not removed) node holds one of these names."""
+    leader_ips, leader_dns = reserved
+    for held in set(addresses) & set(leader_ips):
+        raise NameTaken(f"address {held} is the leader's")
+    for held in set(dns_names) & set(leader_dns):
+        raise NameTaken(f"DNS name {held} is the leader's")
+    rows = db.execute(
+        "SELECT name, addresses, dns_names FROM nodes WHERE removed_at IS NULL AND name != ?",
+        (name,),
+    ).fetchall()
+    for row in rows:
+        for held in set(addresses) & set(json.loads(row["addresses"])):
+            raise NameTaken(
+                f"address {held} belongs to node {row['name']!r}; "
+                f"remove it first: tlsroll nodes remove {row['name']}"
+            )
+        for held in set(dns_names) & set(json.loads(row["dns_names"])):
+            raise NameTaken(
+                f"DNS name {held} belongs to node {row['name']!r}; "
+                f"remove it first: tlsroll nodes remove {row['name']}"
+            )
+
+
+def _cert(row: sqlite3.Row) -> IssuedCert:
+    return IssuedCert(
+        serial=row["serial"],
+        kind=row["kind"],
+        subject=row["subject"],
+        node=row["node"],
+        fingerprint=row["fingerprint"],
+        issued_at=dt.datetime.fromisoformat(row["issued_at"]),
+        not_after=dt.datetime.fromisoformat(row["not_after"]),
+        revoked_at=from_text(row["revoked_at"]),
+        revoke_reason=row["revoke_reason"],
+    )
 
 
 def _token(row: sqlite3.Row) -> Token:
@@ -250,6 +620,9 @@ def _token(row: sqlite3.Row) -> Token:
         uses_allowed=row["uses_allowed"],
         uses_left=row["uses_left"],
         revoked_at=from_text(row["revoked_at"]),
+        node_name=row["node_name"],
+        addresses=tuple(json.loads(row["addresses"])),
+        dns_names=tuple(json.loads(row["dns_names"])),
     )
 
 
@@ -266,4 +639,7 @@ def _node(row: sqlite3.Row) -> Node:
         cert_not_after=dt.datetime.fromisoformat(row["cert_not_after"]),
         enrolled_at=dt.datetime.fromisoformat(row["enrolled_at"]),
         last_heartbeat=from_text(row["last_heartbeat"]),
+        token_id=row["token_id"],
+        removed_at=from_text(row["removed_at"]),
+        highest_epoch=row["highest_epoch"],
     )

@@ -20,7 +20,6 @@ import sys
 from pathlib import Path
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 from tenacity import (
     AsyncRetrying,
     retry_if_exception_type,
@@ -28,20 +27,21 @@ from tenacity import (
     wait_exponential,
 )
 
-from nodeagent.bootstrap_server import FailureCount, FailureLog
 from nodeagent.bootstrap_supervisor import BootstrapHost
 from nodeagent.config import AgentConfig
 from nodeagent.drivers import make_driver
 from nodeagent.identity import Identity, enrol, load_identity
 from nodeagent.journal import Journal
+from nodeagent.leader_link import LeaderLink
 from nodeagent.service import NodeAgentService
 from nodeagent.transaction import Runner, TransactionDied
+from nodeagent.trust import LeaderTrust
 from tlsroll import __version__, logs
 from tlsroll.daemon import sd_notify, stop_event, watchdog
 from tlsroll.errors import ConfigError, TlsrollError, TransientError
 from tlsroll.fsutil import make_private_dir
 from tlsroll.rpc import add_standard_services, bind, hostport
-from tlsroll.v1 import agent_pb2, agent_pb2_grpc, leader_pb2, leader_pb2_grpc
+from tlsroll.v1 import agent_pb2, agent_pb2_grpc
 
 GRACE_SECONDS = 10.0
 TXN_GRACE_SECONDS = 60.0
@@ -66,63 +66,6 @@ async def obtain_identity(cfg: AgentConfig) -> Identity:
         with attempt:
             return await asyncio.to_thread(enrol, cfg)
     raise AssertionError("unreachable")  # pragma: no cover
-
-
-def failure_messages(sent: list[FailureCount]) -> list[leader_pb2.BootstrapFailure]:
-    """What the heartbeat carries about failed bootstrap passwords."""
-    messages = []
-    for f in sent:
-        last = Timestamp()
-        last.FromDatetime(f.last_at)
-        messages.append(
-            leader_pb2.BootstrapFailure(
-                source=f.source[:64], workstation=f.workstation[:63], count=f.count, last_at=last
-            )
-        )
-    return messages
-
-
-async def heartbeat_loop(
-    cfg: AgentConfig, identity: Identity, failures: FailureLog | None = None
-) -> None:
-    creds = grpc.ssl_channel_credentials(
-        root_certificates=identity.ca_pem,
-        private_key=identity.key_pem,
-        certificate_chain=identity.cert_pem,
-    )
-    target = hostport(cfg.leader_address, cfg.control_port)
-    healthy: bool | None = None
-    async with grpc.aio.secure_channel(target, creds) as channel:
-        stub = leader_pb2_grpc.LeaderStub(channel)
-        while True:
-            sent = Timestamp()
-            sent.FromDatetime(now())
-            report = failures.pending() if failures is not None else []
-            try:
-                await stub.Heartbeat(
-                    leader_pb2.HeartbeatRequest(
-                        agent_version=__version__,
-                        sent_at=sent,
-                        bootstrap_failures=failure_messages(report),
-                    ),
-                    timeout=cfg.heartbeat_interval,
-                )
-            except grpc.aio.AioRpcError as exc:
-                if healthy is not False:
-                    log.warning(
-                        "heartbeat.failed",
-                        leader=target,
-                        code=exc.code().name,
-                        detail=exc.details(),
-                    )
-                healthy = False
-            else:
-                if failures is not None:
-                    failures.reported(report)
-                if healthy is not True:
-                    log.info("heartbeat.ok", leader=target)
-                healthy = True
-            await asyncio.sleep(cfg.heartbeat_interval)
 
 
 async def serve(cfg: AgentConfig) -> None:
@@ -151,7 +94,10 @@ async def serve(cfg: AgentConfig) -> None:
     )
     # gRPC sets SO_REUSEPORT by default: a second agent would then share the port silently.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    service = NodeAgentService(cfg, identity, journal, driver, runner, now)
+    trust = LeaderTrust.load(identity.ca, cfg.data_dir)
+    link = LeaderLink(cfg, identity, trust, journal, bootstrap.failures)
+    trust.refresh = link.beat  # an epoch the agent has not heard of: ask the leader now
+    service = NodeAgentService(cfg, identity, journal, driver, runner, now, trust)
     agent_pb2_grpc.add_NodeAgentServicer_to_server(service, server)
     await add_standard_services(
         server, [agent_pb2.DESCRIPTOR.services_by_name["NodeAgent"].full_name]
@@ -159,7 +105,7 @@ async def serve(cfg: AgentConfig) -> None:
     for address in cfg.addresses:
         bind(server, hostport(address, cfg.port), creds)
     await server.start()
-    beats = asyncio.create_task(heartbeat_loop(cfg, identity, bootstrap.failures))
+    beats = asyncio.create_task(link.run(), name="heartbeats")
     lease_watch = asyncio.create_task(service.watch_freeze_lease(), name="freeze-lease")
     log.info(
         "agent.started",
@@ -187,6 +133,7 @@ async def serve(cfg: AgentConfig) -> None:
         # Let a running transaction reach its end; the journal resumes it if we are cut short.
         await runner.close(TXN_GRACE_SECONDS)
     await bootstrap.close()
+    await link.close()
     journal.close()
     log.info("agent.stopped")
     if runner is not None and runner.dead.is_set():

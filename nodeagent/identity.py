@@ -19,7 +19,7 @@ import grpc
 from cryptography import x509
 
 from nodeagent.config import AgentConfig
-from tlsroll import __version__, logs, pki, tls
+from tlsroll import __version__, logs, pki, spiffe, tls
 from tlsroll.errors import PKIError, PKIReason, TerminalError, TransientError
 from tlsroll.fsutil import check_private_file, make_private_dir
 from tlsroll.rpc import hostport
@@ -73,6 +73,13 @@ def load_identity(cfg: AgentConfig) -> Identity | None:
     if pki.spki_pin(ca) != cfg.ca_pin:
         raise PKIError(PKIReason.PIN_MISMATCH, f"{ca_file} is not the CA of [leader].ca_pin")
     _check_issued(cert, key, ca, cfg.names)
+    if spiffe.of(cert) != spiffe.node(spiffe.trust_domain(ca), cfg.node_name):
+        raise TerminalError(
+            f"{cert_file} carries no cluster identity for node {cfg.node_name!r} (issued by an "
+            "older tlsroll): enrol again — on the leader `tlsroll nodes remove "
+            f"{cfg.node_name}` and `tlsroll token create --node {cfg.node_name} --address …`, "
+            f"then move {cert_file} aside and give this agent the new token"
+        )
     return Identity(key_file, cert_file, ca_file, cert, ca)
 
 
@@ -141,7 +148,11 @@ def enrol(cfg: AgentConfig, timeout: float = 10.0) -> Identity:
     ca = pki.find_pinned_ca(chain, cfg.ca_pin)
     creds = grpc.ssl_channel_credentials(root_certificates=pki.cert_to_pem(ca))
     target = hostport(cfg.leader_address, cfg.join_port)
-    with grpc.secure_channel(target, creds) as channel:
+    # The target name is the leader's internal name: only the leader's certificate has it, so
+    # a node's certificate served on the leader's address cannot take the join token.
+    leader_host = spiffe.leader_host(spiffe.trust_domain(ca))
+    options = [("grpc.ssl_target_name_override", leader_host)]
+    with grpc.secure_channel(target, creds, options=options) as channel:
         stub = enrolment_pb2_grpc.EnrolmentStub(channel)
         try:
             reply = stub.Enrol(

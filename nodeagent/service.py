@@ -28,9 +28,9 @@ from nodeagent.identity import Identity
 from nodeagent.journal import Journal, Staged, Txn
 from nodeagent.plans import Built, PlanRefused
 from nodeagent.transaction import DRAIN_TIMEOUT, Phase, Runner
+from nodeagent.trust import EpochNotAnnounced, LeaderTrust, NotTheLeader, Revoked
 from nodeagent.wire import CHANGE, TXN_KIND, TXN_OUTCOME, TXN_PHASE
 from tlsroll import __version__, logs, password, pki
-from tlsroll.defaults import LEADER_NAME
 from tlsroll.enums import Change, TxnKind
 from tlsroll.errors import PKIError
 from tlsroll.fsutil import PUBLIC, write_atomic
@@ -39,9 +39,9 @@ from tlsroll.rpc import (
     invalid,
     map_errors,
     not_found,
-    peer_name,
-    permission_denied,
+    peer_certificate,
     timestamp,
+    unauthenticated,
 )
 from tlsroll.v1 import agent_pb2, agent_pb2_grpc
 
@@ -50,6 +50,9 @@ ERRORS: dict[type[BaseException], grpc.StatusCode] = {
     PKIError: grpc.StatusCode.INVALID_ARGUMENT,
     DriverError: grpc.StatusCode.FAILED_PRECONDITION,
     PlanRefused: grpc.StatusCode.FAILED_PRECONDITION,
+    NotTheLeader: grpc.StatusCode.PERMISSION_DENIED,
+    Revoked: grpc.StatusCode.UNAUTHENTICATED,
+    EpochNotAnnounced: grpc.StatusCode.PERMISSION_DENIED,
 }
 ROLLOUT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 DEFAULT_MAX_CLOCK_OFFSET = 120
@@ -58,11 +61,13 @@ LEASE_CHECK_SECONDS = 1.0
 log = logs.get_logger(__name__)
 
 
-def require_leader(context: Ctx) -> None:
-    """Only the leader may command an agent; other nodes hold certificates of the same CA."""
-    name, _cert = peer_name(context)
-    if name != LEADER_NAME:
-        raise permission_denied(f"{name!r} is not the leader; only the leader may call NodeAgent")
+def require_leader(context: Ctx, trust: LeaderTrust) -> None:
+    """Only the leader may command an agent (by the identity in its certificate, see
+    ``nodeagent.trust``); other nodes and workstations hold certificates of the same CA."""
+    cert = peer_certificate(context)
+    if cert is None:
+        raise unauthenticated("no client certificate")
+    trust.check_leader(cert)
 
 
 def txn_message(txn: Txn) -> agent_pb2.Transaction:
@@ -94,9 +99,11 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         driver: Driver | None,
         runner: Runner | None,
         clock: Callable[[], dt.datetime],
+        trust: LeaderTrust | None = None,
     ) -> None:
         self.cfg = cfg
         self.identity = identity
+        self.trust = trust or LeaderTrust.load(identity.ca, cfg.data_dir)
         self.journal = journal
         self.driver = driver
         self.runner = runner
@@ -106,11 +113,16 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
     # --- guards -------------------------------------------------------------------------------
 
     async def _command(self, context: Ctx, command: agent_pb2.Command) -> str:
-        require_leader(context)
+        require_leader(context, self.trust)
         if not ROLLOUT_ID.fullmatch(command.rollout_id):
             raise invalid("rollout_id: 1-64 letters, digits, '.', '_' or '-'")
         if command.epoch == 0:
             raise invalid("epoch must be set")
+        # Not older than any seen (the journal), and not above what the leader announced
+        # (``nodeagent.trust``), before the journal records it as the highest.
+        seen = await asyncio.to_thread(self.journal.highest_epoch)
+        if command.epoch >= seen:
+            await self.trust.admit_epoch(command.epoch)
         higher = await asyncio.to_thread(self.journal.admit_epoch, command.epoch)
         if higher is not None:
             raise failed_precondition(
@@ -170,7 +182,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
     async def GetStatus(
         self, request: agent_pb2.GetStatusRequest, context: Ctx
     ) -> agent_pb2.NodeStatus:
-        require_leader(context)
+        require_leader(context, self.trust)
         return agent_pb2.NodeStatus(
             node_name=self.cfg.node_name,
             agent_version=__version__,
@@ -443,7 +455,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
     async def GetTransaction(
         self, request: agent_pb2.GetTransactionRequest, context: Ctx
     ) -> agent_pb2.Transaction:
-        require_leader(context)
+        require_leader(context, self.trust)
         kind = TXN_KIND.read(request.kind, "kind")
         txn = await asyncio.to_thread(self.journal.get, request.rollout_id, kind)
         if txn is None:

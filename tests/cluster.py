@@ -484,11 +484,7 @@ class Cluster:
         )
         if result.returncode != 0:
             raise RuntimeError(f"tlsroll init failed ({result.returncode}): {result.stderr}")
-        # Tests make many refused enrolments from one address; test_join_guard.py sets the
-        # join port's backoff back to its default.
-        self.write_leader_config(
-            {"heartbeat_interval": self.heartbeat_interval, "join_free_failures": 10_000}
-        )
+        self.write_leader_config({"heartbeat_interval": self.heartbeat_interval})
         return result
 
     def leader_config(self) -> dict[str, Any]:
@@ -547,9 +543,18 @@ class Cluster:
             check=False,
         )
 
-    def create_token(self, ttl: str = "1h", uses: int = 1, description: str = "") -> str:
-        """``tlsroll token create``; the printed ``<id>.<secret>``."""
-        args = ["token", "create", "--ttl", ttl, "--uses", str(uses)]
+    def create_token(
+        self,
+        node: str,
+        *addresses: str,
+        dns: Sequence[str] = (),
+        ttl: str = "1h",
+        uses: int = 1,
+        description: str = "",
+    ) -> str:
+        """``tlsroll token create --node NODE --address …``; the printed ``<id>.<secret>``."""
+        args = ["token", "create", "--node", node, "--ttl", ttl, "--uses", str(uses)]
+        args += [f"--address={a}" for a in addresses] + [f"--dns={d}" for d in dns]
         if description:
             args += ["--description", description]
         result = self.cli(*args)
@@ -642,7 +647,7 @@ class Cluster:
         if name in self.agents:
             raise ValueError(f"agent {name!r} already added")
         if token is None:
-            token = self.create_token()
+            token = self.create_token(name, address)
         root = self.root / "agents" / name
         config = self.agent_config(name, address, token, root)
         if token_file:

@@ -52,7 +52,11 @@ def tokens_json(cluster: Cluster) -> dict[str, dict[str, object]]:
 
 
 def test_token_create_list_revoke(cluster: Cluster) -> None:
-    result = cluster.cli("token", "create", "--ttl", "30m", "--uses", "3", "--description", "n7")
+    address = next_loopback()
+    result = cluster.cli(
+        *("token", "create", "--node", "n7", "--address", address),
+        *("--ttl", "30m", "--uses", "3", "--description", "n7"),
+    )
     assert result.returncode == 0, result.stderr
     assert result.stderr == ""  # the hint goes to a terminal only
     m = TOKEN.match(result.stdout.strip())
@@ -65,6 +69,7 @@ def test_token_create_list_revoke(cluster: Cluster) -> None:
     assert info["uses_left"] == 3
     assert info["revoked"] is False
     assert info["description"] == "n7"
+    assert (info["node_name"], info["addresses"]) == ("n7", [address])
     listed = cluster.cli("token", "list")
     assert listed.returncode == 0
     (row,) = [line for line in listed.stdout.splitlines() if token_id in line]
@@ -80,7 +85,8 @@ def test_token_create_list_revoke(cluster: Cluster) -> None:
 
 
 def test_token_secret_is_random_and_only_its_hash_is_stored(cluster: Cluster) -> None:
-    first, second = cluster.create_token(), cluster.create_token()
+    first = cluster.create_token("first-a", next_loopback())
+    second = cluster.create_token("second-a", next_loopback())
     secrets = []
     for token in (first, second):
         m = TOKEN.match(token)
@@ -121,7 +127,8 @@ def test_revoke_unknown_token_is_one_line_exit_1(cluster: Cluster) -> None:
 )
 def test_token_create_bad_values(cluster: Cluster, args: list[str], code: int, says: str) -> None:
     before = cluster.store_rows()
-    line = cli_error(cluster.cli("token", "create", *args), code)
+    node = ("--node", "bad-values", "--address", next_loopback())
+    line = cli_error(cluster.cli("token", "create", *node, *args), code)
     assert says in line
     assert cluster.store_rows() == before
 
@@ -179,7 +186,9 @@ def test_init_with_a_bad_address_is_a_usage_error(tmp_path: Path) -> None:
 
 def test_nodes_lists_an_enrolled_node(cluster: Cluster) -> None:
     address = next_loopback()
-    reply = enrol(cluster, enrol_request(cluster.create_token(), "listed", address))
+    reply = enrol(
+        cluster, enrol_request(cluster.create_token("listed", address), "listed", address)
+    )
     cert = pki.load_cert_pem(reply.certificate_pem)
     result = cluster.cli("nodes", "--json")
     assert result.returncode == 0, result.stderr
@@ -209,9 +218,9 @@ def test_admin_socket_is_private(cluster: Cluster) -> None:
 @pytest.mark.parametrize("port", ["join", "control"])
 def test_admin_service_is_not_served_over_tcp(cluster: Cluster, port: str) -> None:
     key = pki.generate_key()
-    reply = enrol(
-        cluster, enrol_request(cluster.create_token(), f"nosy-{port}", next_loopback(), key=key)
-    )
+    address = next_loopback()
+    token = cluster.create_token(f"nosy-{port}", address)
+    reply = enrol(cluster, enrol_request(token, f"nosy-{port}", address, key=key))
     if port == "join":
         channel = cluster.join_channel()
     else:
@@ -235,7 +244,11 @@ def test_admin_service_is_not_served_over_tcp(cluster: Cluster, port: str) -> No
 def test_cli_without_a_leader_is_one_line_exit_1(tmp_path: Path) -> None:
     with Cluster(tmp_path, next_loopback()) as idle:
         idle.init()
-        for args in (["nodes"], ["token", "create"], ["ca", "show"]):
+        for args in (
+            ["nodes"],
+            ["token", "create", "--node=n", "--address=127.0.0.2"],
+            ["ca", "show"],
+        ):
             line = cli_error(idle.cli(*args), 1)
             assert "is tlsroll-leader running?" in line
         line = cli_error(idle.cli("--data-dir", str(tmp_path / "nowhere"), "token", "list"), 1)

@@ -59,9 +59,9 @@ class Node:
         self.name = name
         key = pki.generate_key()
         self.key_pem = pki.key_to_pem(key)
-        reply = enrol(
-            cluster, enrol_request(cluster.create_token(), name, next_loopback(), key=key)
-        )
+        address = next_loopback()
+        token = cluster.create_token(name, address)
+        reply = enrol(cluster, enrol_request(token, name, address, key=key))
         self.cert_pem = reply.certificate_pem
 
     def heartbeat(self) -> None:

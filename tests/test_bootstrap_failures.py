@@ -20,7 +20,7 @@ from leader.schema_store import SchemaStore
 from leader.schema_view import schema_message
 from leader.service import failure_rows
 from nodeagent.bootstrap_server import FailureLog
-from nodeagent.daemon import failure_messages
+from nodeagent.leader_link import failure_messages
 from tlsroll import peertext
 from tlsroll.v1 import leader_pb2
 

@@ -319,19 +319,23 @@ def enrol(world: World) -> None:
     """Every fake node enrolled with the names its agent will claim in preflight."""
     store = open_store(world.path)
     secret = "s" * 26
-    store.add_token(
-        "tok001",
-        secret,
-        ttl=dt.timedelta(hours=1),
-        uses=len(NODES),
-        description="engine test",
-        now=START,
-        actor=ADMIN,
-    )
+    for i, agent in enumerate(world.agents):
+        store.add_token(
+            f"tok{i:03}",
+            secret,
+            ttl=dt.timedelta(hours=1),
+            uses=1,
+            description="engine test",
+            now=START,
+            actor=ADMIN,
+            node_name=agent.name,
+            addresses=agent.names.ips,
+            dns_names=agent.names.dns,
+        )
     cert = NodeCert("sha256:" + "0" * 64, "sha256:" + "1" * 64, "1", START + dt.timedelta(days=397))
-    for agent in world.agents:
+    for i, agent in enumerate(world.agents):
         store.enrol(
-            token_id="tok001",
+            token_id=f"tok{i:03}",
             secret=secret,
             name=agent.name,
             addresses=agent.names.ips,

@@ -20,7 +20,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from leader.layout import read_passphrase
 from tests.cluster import Cluster, csr_pem, enrol, enrol_request, one_line_error, secure_channel
 from tests.conftest import next_loopback
-from tlsroll import pki
+from tlsroll import pki, spiffe
 from tlsroll.v1 import admin_pb2, enrolment_pb2, leader_pb2, leader_pb2_grpc
 
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
@@ -69,7 +69,7 @@ def token_info(cluster: Cluster, token: str) -> admin_pb2.TokenInfo:
 def test_crafted_request_enrols_and_spends_the_token(cluster: Cluster) -> None:
     """The crafting helpers make a request the leader accepts: the refusals below are real."""
     address = next_loopback()
-    token = cluster.create_token(uses=1)
+    token = cluster.create_token("good", address, uses=1)
     key = pki.generate_key()
     reply = enrol(cluster, enrol_request(token, "good", address, key=key))
     cert = pki.load_cert_pem(reply.certificate_pem)
@@ -87,44 +87,43 @@ def test_crafted_request_enrols_and_spends_the_token(cluster: Cluster) -> None:
 
 
 def test_expired_token_is_refused(cluster: Cluster) -> None:
-    token = cluster.create_token(ttl="1s")
+    address = next_loopback()
+    token = cluster.create_token("late", address, ttl="1s")
     expires = token_info(cluster, token).expires_at.ToDatetime(tzinfo=dt.UTC)
     while dt.datetime.now(dt.UTC) <= expires + dt.timedelta(milliseconds=100):
         time.sleep(0.1)  # waiting for time itself to pass; bounded by the 1 s TTL
-    details = assert_refused(
-        cluster, enrol_request(token, "late", next_loopback()), UNAUTHENTICATED
-    )
+    details = assert_refused(cluster, enrol_request(token, "late", address), UNAUTHENTICATED)
     assert "expired" in details
 
 
 def test_used_up_token_is_refused(cluster: Cluster) -> None:
-    token = cluster.create_token(uses=1)
-    enrol(cluster, enrol_request(token, "first", next_loopback()))
-    details = assert_refused(
-        cluster, enrol_request(token, "second", next_loopback()), UNAUTHENTICATED
-    )
+    address = next_loopback()
+    token = cluster.create_token("first", address, uses=1)
+    enrol(cluster, enrol_request(token, "first", address))
+    before = cluster.store_rows()
+    details = assert_refused(cluster, enrol_request(token, "first", address), UNAUTHENTICATED)
     assert "used up" in details
-    assert "second" not in cluster.list_nodes()
+    assert cluster.store_rows() == before
 
 
 def test_revoked_token_is_refused(cluster: Cluster) -> None:
-    token = cluster.create_token(uses=5)
+    address = next_loopback()
+    token = cluster.create_token("revoked", address, uses=5)
     result = cluster.cli("token", "revoke", token.split(".")[0])
     assert result.returncode == 0, result.stderr
-    details = assert_refused(
-        cluster, enrol_request(token, "revoked", next_loopback()), UNAUTHENTICATED
-    )
+    details = assert_refused(cluster, enrol_request(token, "revoked", address), UNAUTHENTICATED)
     assert "revoked" in details
     assert token_info(cluster, token).uses_left == 5
 
 
 def test_right_id_wrong_secret_is_refused_like_an_unknown_id(cluster: Cluster) -> None:
-    token = cluster.create_token(uses=5)
+    address = next_loopback()
+    token = cluster.create_token("guess", address, uses=5)
     token_id, secret = token.split(".")
     wrong = ("a" if secret[0] != "a" else "b") + secret[1:]
     details = assert_refused(
         cluster,
-        enrol_request(f"{token_id}.{wrong}", "guess", next_loopback()),
+        enrol_request(f"{token_id}.{wrong}", "guess", address),
         UNAUTHENTICATED,
         secrets=[wrong],
     )
@@ -151,7 +150,7 @@ def test_right_id_wrong_secret_is_refused_like_an_unknown_id(cluster: Cluster) -
 )
 def test_malformed_token_is_invalid_argument(cluster: Cluster, mangle: object) -> None:
     assert callable(mangle)
-    token = cluster.create_token()
+    token = cluster.create_token("mangled", next_loopback())
     bad = str(mangle(token))
     details = assert_refused(
         cluster,
@@ -178,8 +177,8 @@ def test_malformed_token_is_invalid_argument(cluster: Cluster, mangle: object) -
 def test_csr_names_that_differ_from_the_claim_are_refused(
     cluster: Cluster, csr_cn: str, csr_ips: list[str] | None, csr_dns: list[str]
 ) -> None:
-    token = cluster.create_token()
     address = next_loopback()
+    token = cluster.create_token("liar", address)
     key = pki.generate_key()
     csr = csr_pem(key, csr_cn, [address] if csr_ips is None else csr_ips, csr_dns)
     details = assert_refused(
@@ -190,8 +189,8 @@ def test_csr_names_that_differ_from_the_claim_are_refused(
 
 
 def test_csr_with_the_ca_bit_is_refused(cluster: Cluster) -> None:
-    token = cluster.create_token()
     address = next_loopback()
+    token = cluster.create_token("wannabe-ca", address)
     key = pki.generate_key()
     csr = csr_pem(key, "wannabe-ca", [address], ca=True)
     details = assert_refused(
@@ -201,8 +200,8 @@ def test_csr_with_the_ca_bit_is_refused(cluster: Cluster) -> None:
 
 
 def test_csr_with_a_weak_curve_or_garbage_is_refused(cluster: Cluster) -> None:
-    token = cluster.create_token()
     address = next_loopback()
+    token = cluster.create_token("curvy", address)
     p384 = ec.generate_private_key(ec.SECP384R1())
     details = assert_refused(
         cluster,
@@ -216,12 +215,13 @@ def test_csr_with_a_weak_curve_or_garbage_is_refused(cluster: Cluster) -> None:
 
 
 def test_second_key_for_an_enrolled_name_is_already_exists(cluster: Cluster) -> None:
-    enrol(cluster, enrol_request(cluster.create_token(), "taken", next_loopback()))
+    first = next_loopback()
+    enrol(cluster, enrol_request(cluster.create_token("taken", first), "taken", first))
     owner_row = [r for r in cluster.store_rows()["nodes"] if r[0] == "taken"]
-    token = cluster.create_token()
+    token = cluster.create_token("taken", first)
     assert_refused(
         cluster,
-        enrol_request(token, "taken", next_loopback(), key=pki.generate_key()),
+        enrol_request(token, "taken", first, key=pki.generate_key()),
         grpc.StatusCode.ALREADY_EXISTS,
     )
     assert [r for r in cluster.store_rows()["nodes"] if r[0] == "taken"] == owner_row
@@ -229,8 +229,8 @@ def test_second_key_for_an_enrolled_name_is_already_exists(cluster: Cluster) -> 
 
 
 def test_bad_claims_are_invalid_argument(cluster: Cluster) -> None:
-    token = cluster.create_token()
     address = next_loopback()
+    token = cluster.create_token("noport", address)
     key = pki.generate_key()
     for name in ("tlsroll-leader", "UPPER", "under_score"):
         request = enrol_request(token, name, address, key=key, csr=csr_pem(key, name, [address]))
@@ -246,7 +246,9 @@ def test_bad_claims_are_invalid_argument(cluster: Cluster) -> None:
 def _enrolled(cluster: Cluster, name: str) -> tuple[bytes, bytes]:
     """Enrol ``name`` with a key made here; its certificate and key PEM."""
     key = pki.generate_key()
-    reply = enrol(cluster, enrol_request(cluster.create_token(), name, next_loopback(), key=key))
+    address = next_loopback()
+    token = cluster.create_token(name, address)
+    reply = enrol(cluster, enrol_request(token, name, address, key=key))
     return reply.certificate_pem, pki.key_to_pem(key)
 
 
@@ -311,20 +313,24 @@ def test_cluster_certificate_not_on_record_is_unauthenticated(cluster: Cluster) 
         cluster.ca_cert_path, cluster.ca_key_path, read_passphrase(cluster.passphrase_path)
     )
     key = pki.generate_key()
+    names = pki.Names.of("recorded", [next_loopback()])
+    td = spiffe.trust_domain(ca.cert)
     other = ca.issue(
-        key.public_key(), pki.Names.of("recorded", [next_loopback()]), server=True, client=True
+        key.public_key(), names, server=True, client=True, identity=spiffe.node(td, "recorded")
     )
+    bare = ca.issue(key.public_key(), names, server=True, client=True)  # no identity at all
     before = cluster.store_rows()
-    for cert_pem, key_pem, expected in [
-        (pki.cert_to_pem(other), pki.key_to_pem(key), "not the one on record"),
-        (*cluster.leader_credentials(), "not an enrolled node"),
+    for cert_pem, key_pem, code, expected in [
+        (pki.cert_to_pem(other), pki.key_to_pem(key), UNAUTHENTICATED, "not the one on record"),
+        (pki.cert_to_pem(bare), pki.key_to_pem(key), UNAUTHENTICATED, "no identity"),
+        (*cluster.leader_credentials(), grpc.StatusCode.PERMISSION_DENIED, "only nodes may"),
     ]:
         with (
             cluster.control_channel(cert_pem, key_pem) as channel,
             pytest.raises(grpc.RpcError) as info,
         ):
             heartbeat(channel)
-        assert info.value.code() == UNAUTHENTICATED
+        assert info.value.code() == code
         assert expected in (info.value.details() or "")
     assert cluster.store_rows() == before
 
@@ -361,9 +367,10 @@ def test_plaintext_is_refused_on_the_leader_ports(cluster: Cluster, port: str) -
 
 
 def test_agent_with_a_used_token_exits_with_one_line(cluster: Cluster) -> None:
-    token = cluster.create_token()
-    enrol(cluster, enrol_request(token, "spender", next_loopback()))
-    agent = cluster.add_agent("latecomer", next_loopback(), token=token, start=False)
+    address = next_loopback()
+    token = cluster.create_token("latecomer", address)
+    enrol(cluster, enrol_request(token, "latecomer", address))
+    agent = cluster.add_agent("latecomer", address, token=token, start=False)
     before = cluster.store_rows()
     code, output = agent.run_to_exit()
     assert code == 1

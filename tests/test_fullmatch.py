@@ -110,7 +110,7 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
 def test_enrolment_of_a_name_with_a_newline_is_invalid_argument(cluster: Cluster) -> None:
     """The audit's request: claim and CSR both say ``node9\\n``; it must not enrol."""
     address = next_loopback()
-    token = cluster.create_token(uses=1)
+    token = cluster.create_token("node9", address, uses=1)  # the admin meant node9
     key = pki.generate_key()
     request = enrol_request(
         token, "node9\n", address, key=key, csr=csr_pem(key, "node9\n", [address])

@@ -314,7 +314,15 @@ def write(store: Closable) -> None:
     now = dt.datetime(2026, 11, 29, 12, 0, tzinfo=dt.UTC)
     if isinstance(store, Store):
         store.add_token(
-            "t1", "s" * 32, ttl=dt.timedelta(hours=1), uses=1, description="", now=now, actor="test"
+            "t1",
+            "s" * 32,
+            ttl=dt.timedelta(hours=1),
+            uses=1,
+            description="",
+            now=now,
+            actor="test",
+            node_name="n1",
+            addresses=("127.0.0.2",),
         )
     elif isinstance(store, SchemaStore):
         assert store.stage_password('{"v": 1}', now, "test") == 1

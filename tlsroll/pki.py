@@ -22,6 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from tlsroll import spiffe
 from tlsroll.errors import PKIError, PKIReason
 from tlsroll.fsutil import PRIVATE, PUBLIC, check_private_file, write_atomic
 
@@ -31,18 +32,68 @@ PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
 LEAF_VALIDITY_DAYS = 397  # under Apple's 398 (public CAs) and 825 (private CAs)
 CA_VALIDITY_DAYS = 3650
 BACKDATE = dt.timedelta(hours=1)  # tolerate clocks that lag the CA's
-NODE_NAME = re.compile(r"^[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?$")
+NODE_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 # The leader's certificate is "tlsroll-leader" and workstations' are "ws-…": no node may
 # take a name that could be mistaken for either.
 RESERVED_PREFIXES = ("tlsroll-", "ws-")
+# What one node may hold: enough for a server with a few interfaces and names, far below what
+# would make a certificate a tool (the audit got one with 60000 DNS names).
+MAX_IPS = 8
+MAX_DNS = 8
+DNS_NAME = re.compile(
+    r"(?=.{1,253}\Z)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*"
+)
+# Addresses that name every host, or none: a certificate for them vouches for any machine.
+EVERY_HOST_IPS = frozenset({"127.0.0.1", "::1"})
 
 
 def node_name_problem(name: str) -> str | None:
     """Why ``name`` cannot be a node name, or None."""
-    if not NODE_NAME.match(name):
+    if not NODE_NAME.fullmatch(name):
         return f"{name!r} is not a valid node name: lowercase letters, digits and '-', at most 63"
     if name.startswith(RESERVED_PREFIXES):
         return f"node name {name!r} is reserved (names starting {' or '.join(RESERVED_PREFIXES)})"
+    return None
+
+
+def ip_problem(text: str) -> str | None:
+    """Why the CA will not put address ``text`` in a certificate, or None."""
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return f"{text!r} is not an IP address"
+    if ip.is_unspecified or ip.is_multicast or ip.is_link_local:
+        return f"{ip} is not the address of one host"
+    if str(ip) in EVERY_HOST_IPS or ip == ipaddress.IPv4Address("255.255.255.255"):
+        return f"{ip} names every host, not this one"
+    return None
+
+
+def dns_problem(name: str) -> str | None:
+    """Why the CA will not put DNS name ``name`` in a certificate, or None."""
+    if "*" in name:
+        return f"{name!r}: wildcard names are never signed"
+    if not DNS_NAME.fullmatch(name):
+        return f"{name!r} is not a DNS host name (lowercase letters, digits, '-' and '.')"
+    if name == "localhost" or name.endswith(".localhost"):
+        return f"{name!r} names every host, not this one"
+    if name.endswith("." + spiffe.INTERNAL_TLD):
+        return f"{name!r}: names under .{spiffe.INTERNAL_TLD} are the cluster's own"
+    return None
+
+
+def requested_names_problem(names: Names) -> str | None:
+    """Why the CA will not sign ``names`` for a node, or None: bounded, one host each."""
+    if not names.ips:
+        return "a node needs at least one IP address"
+    if len(names.ips) > MAX_IPS or len(names.dns) > MAX_DNS:
+        return f"a node holds at most {MAX_IPS} addresses and {MAX_DNS} DNS names"
+    for ip in names.ips:
+        if problem := ip_problem(ip):
+            return problem
+    for dns in names.dns:
+        if problem := dns_problem(dns):
+            return problem
     return None
 
 
@@ -198,6 +249,9 @@ class Names:
     ips: tuple[str, ...] = ()
     dns: tuple[str, ...] = ()
 
+    def __str__(self) -> str:
+        return _describe(self)
+
     @classmethod
     def of(cls, common_name: str, ips: Iterable[str] = (), dns: Iterable[str] = ()) -> Names:
         norm_ips = tuple(sorted({str(ipaddress.ip_address(i)) for i in ips}))
@@ -219,11 +273,23 @@ def names_of(obj: x509.Certificate | x509.CertificateSigningRequest) -> Names:
         san = obj.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
         return Names.of(cn)
+    # The cluster's own names (``tlsroll.spiffe``) are not names a client dials.
+    internal = "." + spiffe.INTERNAL_TLD
     return Names.of(
         cn,
         (str(ip) for ip in san.get_values_for_type(x509.IPAddress)),
-        san.get_values_for_type(x509.DNSName),
+        (d for d in san.get_values_for_type(x509.DNSName) if not d.endswith(internal)),
     )
+
+
+def _san(
+    names: Names, identity: spiffe.Identity | None, internal_dns: Sequence[str]
+) -> x509.SubjectAlternativeName:
+    general = list(names.san())
+    general += [x509.DNSName(d) for d in internal_dns]
+    if identity is not None:
+        general.append(x509.UniformResourceIdentifier(identity.uri))
+    return x509.SubjectAlternativeName(general)
 
 
 # --- CSRs -------------------------------------------------------------------------------------
@@ -358,8 +424,12 @@ class CertificateAuthority:
         client: bool = False,
         validity_days: int = LEAF_VALIDITY_DAYS,
         now: dt.datetime | None = None,
+        identity: spiffe.Identity | None = None,
+        internal_dns: Sequence[str] = (),
     ) -> x509.Certificate:
-        """Issue a leaf certificate for ``public_key`` carrying exactly ``names``."""
+        """Issue a leaf certificate for ``public_key`` carrying exactly ``names``, and with
+        ``identity`` its cluster identity (URI SAN) and ``internal_dns`` its names under
+        ``.invalid`` (see ``tlsroll.spiffe``)."""
         if not 1 <= validity_days <= LEAF_VALIDITY_DAYS:
             raise ValueError(f"validity must be 1..{LEAF_VALIDITY_DAYS} days")
         if not (names.ips or names.dns):
@@ -396,7 +466,7 @@ class CertificateAuthority:
             )
             .add_extension(x509.ExtendedKeyUsage(usages), critical=False)
             # Clients match the IP they dial against the SAN; CN is ignored by modern clients.
-            .add_extension(names.san(), critical=False)
+            .add_extension(_san(names, identity, internal_dns), critical=False)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(public_key), critical=False)
             .add_extension(
                 x509.AuthorityKeyIdentifier.from_issuer_subject_key_identifier(ca_ski),
@@ -413,9 +483,21 @@ class CertificateAuthority:
         server: bool = True,
         client: bool = False,
         now: dt.datetime | None = None,
+        identity: spiffe.Identity | None = None,
     ) -> x509.Certificate:
         """Check ``csr`` against ``expected`` and issue a certificate for its key."""
-        return self.issue(check_csr(csr, expected), expected, server=server, client=client, now=now)
+        return self.issue(
+            check_csr(csr, expected),
+            expected,
+            server=server,
+            client=client,
+            now=now,
+            identity=identity,
+        )
+
+    @property
+    def trust_domain(self) -> str:
+        return spiffe.trust_domain(self.cert)
 
     # -- persistence -------------------------------------------------------------------------
 
@@ -429,3 +511,56 @@ class CertificateAuthority:
     @classmethod
     def load(cls, cert_path: Path, key_path: Path, passphrase: bytes) -> CertificateAuthority:
         return cls(read_cert(cert_path), read_key(key_path, passphrase))
+
+
+# --- revocation -------------------------------------------------------------------------------
+
+CRL_VALIDITY = dt.timedelta(days=7)
+
+
+def build_crl(
+    ca: CertificateAuthority,
+    number: int,
+    revoked: Iterable[tuple[str, dt.datetime]],
+    *,
+    now: dt.datetime | None = None,
+) -> x509.CertificateRevocationList:
+    """The CA's revocation list number ``number``: ``revoked`` is (serial in hex, when)."""
+    now = now or utcnow()
+    builder = (
+        x509.CertificateRevocationListBuilder()
+        .issuer_name(ca.cert.subject)
+        .last_update(now - BACKDATE)
+        .next_update(now + CRL_VALIDITY)
+        .add_extension(x509.CRLNumber(number), critical=False)
+    )
+    for serial, when in revoked:
+        builder = builder.add_revoked_certificate(
+            x509.RevokedCertificateBuilder()
+            .serial_number(int(serial, 16))
+            .revocation_date(when)
+            .build()
+        )
+    return builder.sign(ca.key, hashes.SHA256())
+
+
+def crl_to_pem(crl: x509.CertificateRevocationList) -> bytes:
+    return crl.public_bytes(serialization.Encoding.PEM)
+
+
+def load_crl(data: bytes, ca: x509.Certificate) -> tuple[int, frozenset[int]]:
+    """A revocation list signed by ``ca``: its number and its revoked serials."""
+    try:
+        crl = x509.load_pem_x509_crl(data)
+    except ValueError as exc:
+        raise PKIError(PKIReason.BAD_PEM, "revocation list") from exc
+    public = ca.public_key()
+    if not isinstance(public, ec.EllipticCurvePublicKey | rsa.RSAPublicKey) or not (
+        crl.is_signature_valid(public)
+    ):
+        raise PKIError(PKIReason.UNTRUSTED, "revocation list")
+    try:
+        number = crl.extensions.get_extension_for_class(x509.CRLNumber).value.crl_number
+    except x509.ExtensionNotFound:
+        number = 0
+    return number, frozenset(r.serial_number for r in crl)

@@ -14,7 +14,6 @@ from pathlib import Path
 
 import click
 from rich.table import Table
-from rich.text import Text
 
 from leader import layout as layout_mod
 from leader.cli.base import (
@@ -26,6 +25,7 @@ from leader.cli.base import (
     pass_leader,
     to_dict,
 )
+from leader.cli.identity import epoch, nodes, workstations
 from leader.cli.notify_cmd import notify
 from leader.cli.password import password_group
 from leader.cli.rollout import plan, rollout, schema
@@ -105,35 +105,79 @@ def ca_show(leader: Leader, as_json: bool) -> None:
     out.print(f"expires      {fmt_time(reply, 'not_after')}")
 
 
+@ca.command("revoke")
+@click.argument("serial")
+@click.option("--reason", default="", help="Why (kept in the audit trail).")
+@pass_leader
+def ca_revoke(leader: Leader, serial: str, reason: str) -> None:
+    """Revoke one certificate the CA issued, by its SERIAL (hex). Agents learn of it with their
+    next heartbeat and refuse it from then on. (`tlsroll nodes remove` and
+    `tlsroll workstations revoke` revoke by name.)"""
+    with leader.admin() as admin:
+        reply = leader.call(
+            admin.RevokeCertificate,
+            admin_pb2.RevokeCertificateRequest(name_or_serial=serial, reason=reason),
+        )
+    out.print(f"revoked {', '.join(reply.revoked_serials)}")
+
+
 @admin.group()
 def token() -> None:
     """Join tokens for enrolling agents."""
 
 
 @token.command("create")
+@click.option("--node", "node_name", required=True, help="The name of the node it enrols.")
+@click.option(
+    "--address",
+    "addresses",
+    multiple=True,
+    required=True,
+    help="An IP address of that node (repeatable); its certificate holds exactly these.",
+)
+@click.option("--dns", "dns_names", multiple=True, help="A DNS name of that node (repeatable).")
 @click.option("--ttl", default="1h", show_default=True, help="Lifetime, e.g. 30m, 1h, 2d.")
 @click.option(
     "--uses",
     default=1,
     show_default=True,
     type=click.IntRange(1, 1000),
-    help="How many agents may enrol with it.",
+    help="How often that node may enrol with it.",
 )
 @click.option("--description", default="", help="A note for `token list`.")
 @pass_leader
-def token_create(leader: Leader, ttl: str, uses: int, description: str) -> None:
-    """Create a join token and print it (shown once; only its hash is kept)."""
+def token_create(
+    leader: Leader,
+    node_name: str,
+    addresses: tuple[str, ...],
+    dns_names: tuple[str, ...],
+    ttl: str,
+    uses: int,
+    description: str,
+) -> None:
+    """Create a join token for one node and print it (shown once; only its hash is kept).
+
+    The token enrols only node NAME with exactly the given addresses and DNS names: the CA
+    signs those and nothing else, and refuses names the leader or another node holds."""
     seconds = parse_duration(ttl)
     with leader.admin() as admin:
         reply = leader.call(
             admin.CreateToken,
-            admin_pb2.CreateTokenRequest(ttl_seconds=seconds, uses=uses, description=description),
+            admin_pb2.CreateTokenRequest(
+                ttl_seconds=seconds,
+                uses=uses,
+                description=description,
+                node_name=node_name,
+                addresses=addresses,
+                dns_names=dns_names,
+            ),
         )
     click.echo(reply.token)
     if sys.stderr.isatty():
         click.echo(
-            f"token {reply.info.id}: {uses} use(s), expires {fmt_time(reply.info, 'expires_at')}; "
-            "give it to the agent's config as join_token_file (0600)",
+            f"token {reply.info.id} for node {reply.info.node_name}: {uses} use(s), expires "
+            f"{fmt_time(reply.info, 'expires_at')}; give it to the agent's config as "
+            "join_token_file (0600)",
             err=True,
         )
 
@@ -148,7 +192,7 @@ def token_list(leader: Leader, as_json: bool) -> None:
     if as_json:
         emit_json([to_dict(t) for t in reply.tokens])
         return
-    table = Table("id", "uses left", "expires", "state", "description")
+    table = Table("id", "node", "uses left", "expires", "state", "description")
     now = dt.datetime.now(dt.UTC)
     for t in reply.tokens:
         expired = t.expires_at.ToDatetime(tzinfo=dt.UTC) <= now
@@ -162,7 +206,12 @@ def token_list(leader: Leader, as_json: bool) -> None:
             else "valid"
         )
         table.add_row(
-            t.id, f"{t.uses_left}/{t.uses_allowed}", fmt_time(t, "expires_at"), state, t.description
+            t.id,
+            t.node_name or "(none: not usable)",
+            f"{t.uses_left}/{t.uses_allowed}",
+            fmt_time(t, "expires_at"),
+            state,
+            t.description,
         )
     out.print(table)
 
@@ -178,30 +227,10 @@ def token_revoke(leader: Leader, token_id: str) -> None:
     out.print(f"revoked token {reply.info.id}")
 
 
-@admin.command()
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@pass_leader
-def nodes(leader: Leader, as_json: bool) -> None:
-    """List enrolled nodes, online or offline by their heartbeat."""
-    with leader.admin() as admin:
-        reply = leader.call(admin.ListNodes, admin_pb2.ListNodesRequest())
-    if as_json:
-        emit_json([to_dict(n) for n in reply.nodes])
-        return
-    table = Table("node", "addresses", "state", "agent", "last heartbeat", "cert expires")
-    for n in reply.nodes:
-        table.add_row(
-            n.name,
-            ", ".join(n.addresses),
-            Text("online", style="green") if n.online else Text("offline", style="red"),
-            n.agent_version,
-            fmt_time(n, "last_heartbeat"),
-            fmt_time(n, "cert_not_after"),
-        )
-    out.print(table)
-
-
 admin.add_command(plan)
+admin.add_command(nodes)
+admin.add_command(workstations)
+admin.add_command(epoch)
 admin.add_command(rollout)
 admin.add_command(schema)
 admin.add_command(password_group)

@@ -55,6 +55,31 @@ class AdminStub:
                 request_serializer=tlsroll_dot_v1_dot_admin__pb2.ListNodesRequest.SerializeToString,
                 response_deserializer=tlsroll_dot_v1_dot_admin__pb2.ListNodesResponse.FromString,
                 _registered_method=True)
+        self.RemoveNode = channel.unary_unary(
+                '/tlsroll.v1.Admin/RemoveNode',
+                request_serializer=tlsroll_dot_v1_dot_admin__pb2.RemoveNodeRequest.SerializeToString,
+                response_deserializer=tlsroll_dot_v1_dot_admin__pb2.RemoveNodeResponse.FromString,
+                _registered_method=True)
+        self.ListWorkstations = channel.unary_unary(
+                '/tlsroll.v1.Admin/ListWorkstations',
+                request_serializer=tlsroll_dot_v1_dot_admin__pb2.ListWorkstationsRequest.SerializeToString,
+                response_deserializer=tlsroll_dot_v1_dot_admin__pb2.ListWorkstationsResponse.FromString,
+                _registered_method=True)
+        self.RevokeCertificate = channel.unary_unary(
+                '/tlsroll.v1.Admin/RevokeCertificate',
+                request_serializer=tlsroll_dot_v1_dot_admin__pb2.RevokeCertificateRequest.SerializeToString,
+                response_deserializer=tlsroll_dot_v1_dot_admin__pb2.RevokeCertificateResponse.FromString,
+                _registered_method=True)
+        self.GetEpoch = channel.unary_unary(
+                '/tlsroll.v1.Admin/GetEpoch',
+                request_serializer=tlsroll_dot_v1_dot_admin__pb2.GetEpochRequest.SerializeToString,
+                response_deserializer=tlsroll_dot_v1_dot_admin__pb2.EpochInfo.FromString,
+                _registered_method=True)
+        self.AdvanceEpoch = channel.unary_unary(
+                '/tlsroll.v1.Admin/AdvanceEpoch',
+                request_serializer=tlsroll_dot_v1_dot_admin__pb2.AdvanceEpochRequest.SerializeToString,
+                response_deserializer=tlsroll_dot_v1_dot_admin__pb2.EpochInfo.FromString,
+                _registered_method=True)
         self.GetCA = channel.unary_unary(
                 '/tlsroll.v1.Admin/GetCA',
                 request_serializer=tlsroll_dot_v1_dot_admin__pb2.GetCARequest.SerializeToString,
@@ -126,6 +151,44 @@ class AdminServicer:
 
     def ListNodes(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RemoveNode(self, request, context):
+        """Remove a node: revoke every certificate issued to it (its identity, its servers' and the
+        workstation certificates its bootstrap service asked for) and free its names and
+        addresses. Its agent is refused from then on. NOT_FOUND: no such node.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListWorkstations(self, request, context):
+        """Workstation certificates, as the nodes' bootstrap services asked for them.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RevokeCertificate(self, request, context):
+        """Revoke certificates by workstation name (ws-…) or by serial. NOT_FOUND: nothing matches.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def GetEpoch(self, request, context):
+        """The leader's epoch and the highest epoch each node reports having seen.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def AdvanceEpoch(self, request, context):
+        """Move the leader's epoch past every epoch a node reports (the way out for a leader restored
+        from backup, or a node that saw an epoch no rollout of this leader had). Audited.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -224,6 +287,31 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.ListNodes,
                     request_deserializer=tlsroll_dot_v1_dot_admin__pb2.ListNodesRequest.FromString,
                     response_serializer=tlsroll_dot_v1_dot_admin__pb2.ListNodesResponse.SerializeToString,
+            ),
+            'RemoveNode': grpc.unary_unary_rpc_method_handler(
+                    servicer.RemoveNode,
+                    request_deserializer=tlsroll_dot_v1_dot_admin__pb2.RemoveNodeRequest.FromString,
+                    response_serializer=tlsroll_dot_v1_dot_admin__pb2.RemoveNodeResponse.SerializeToString,
+            ),
+            'ListWorkstations': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListWorkstations,
+                    request_deserializer=tlsroll_dot_v1_dot_admin__pb2.ListWorkstationsRequest.FromString,
+                    response_serializer=tlsroll_dot_v1_dot_admin__pb2.ListWorkstationsResponse.SerializeToString,
+            ),
+            'RevokeCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.RevokeCertificate,
+                    request_deserializer=tlsroll_dot_v1_dot_admin__pb2.RevokeCertificateRequest.FromString,
+                    response_serializer=tlsroll_dot_v1_dot_admin__pb2.RevokeCertificateResponse.SerializeToString,
+            ),
+            'GetEpoch': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetEpoch,
+                    request_deserializer=tlsroll_dot_v1_dot_admin__pb2.GetEpochRequest.FromString,
+                    response_serializer=tlsroll_dot_v1_dot_admin__pb2.EpochInfo.SerializeToString,
+            ),
+            'AdvanceEpoch': grpc.unary_unary_rpc_method_handler(
+                    servicer.AdvanceEpoch,
+                    request_deserializer=tlsroll_dot_v1_dot_admin__pb2.AdvanceEpochRequest.FromString,
+                    response_serializer=tlsroll_dot_v1_dot_admin__pb2.EpochInfo.SerializeToString,
             ),
             'GetCA': grpc.unary_unary_rpc_method_handler(
                     servicer.GetCA,
@@ -379,6 +467,141 @@ class Admin:
             '/tlsroll.v1.Admin/ListNodes',
             tlsroll_dot_v1_dot_admin__pb2.ListNodesRequest.SerializeToString,
             tlsroll_dot_v1_dot_admin__pb2.ListNodesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RemoveNode(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tlsroll.v1.Admin/RemoveNode',
+            tlsroll_dot_v1_dot_admin__pb2.RemoveNodeRequest.SerializeToString,
+            tlsroll_dot_v1_dot_admin__pb2.RemoveNodeResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListWorkstations(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tlsroll.v1.Admin/ListWorkstations',
+            tlsroll_dot_v1_dot_admin__pb2.ListWorkstationsRequest.SerializeToString,
+            tlsroll_dot_v1_dot_admin__pb2.ListWorkstationsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RevokeCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tlsroll.v1.Admin/RevokeCertificate',
+            tlsroll_dot_v1_dot_admin__pb2.RevokeCertificateRequest.SerializeToString,
+            tlsroll_dot_v1_dot_admin__pb2.RevokeCertificateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetEpoch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tlsroll.v1.Admin/GetEpoch',
+            tlsroll_dot_v1_dot_admin__pb2.GetEpochRequest.SerializeToString,
+            tlsroll_dot_v1_dot_admin__pb2.EpochInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AdvanceEpoch(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tlsroll.v1.Admin/AdvanceEpoch',
+            tlsroll_dot_v1_dot_admin__pb2.AdvanceEpochRequest.SerializeToString,
+            tlsroll_dot_v1_dot_admin__pb2.EpochInfo.FromString,
             options,
             channel_credentials,
             insecure,

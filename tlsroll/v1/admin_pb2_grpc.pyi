@@ -41,6 +41,21 @@ class AdminStub:
     RevokeToken: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RevokeTokenRequest, _admin_pb2.RevokeTokenResponse]
     """NOT_FOUND: no token with that id."""
     ListNodes: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListNodesRequest, _admin_pb2.ListNodesResponse]
+    RemoveNode: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RemoveNodeRequest, _admin_pb2.RemoveNodeResponse]
+    """Remove a node: revoke every certificate issued to it (its identity, its servers' and the
+    workstation certificates its bootstrap service asked for) and free its names and
+    addresses. Its agent is refused from then on. NOT_FOUND: no such node.
+    """
+    ListWorkstations: _grpc.UnaryUnaryMultiCallable[_admin_pb2.ListWorkstationsRequest, _admin_pb2.ListWorkstationsResponse]
+    """Workstation certificates, as the nodes' bootstrap services asked for them."""
+    RevokeCertificate: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RevokeCertificateRequest, _admin_pb2.RevokeCertificateResponse]
+    """Revoke certificates by workstation name (ws-…) or by serial. NOT_FOUND: nothing matches."""
+    GetEpoch: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetEpochRequest, _admin_pb2.EpochInfo]
+    """The leader's epoch and the highest epoch each node reports having seen."""
+    AdvanceEpoch: _grpc.UnaryUnaryMultiCallable[_admin_pb2.AdvanceEpochRequest, _admin_pb2.EpochInfo]
+    """Move the leader's epoch past every epoch a node reports (the way out for a leader restored
+    from backup, or a node that saw an epoch no rollout of this leader had). Audited.
+    """
     GetCA: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetCARequest, _admin_pb2.GetCAResponse]
     PlanRollout: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RolloutRequest, _admin_pb2.PlanResponse]
     """The schema a rollout would have, and the checks and client steps it implies. Changes
@@ -82,6 +97,21 @@ class AdminAsyncStub(AdminStub):
     RevokeToken: _aio.UnaryUnaryMultiCallable[_admin_pb2.RevokeTokenRequest, _admin_pb2.RevokeTokenResponse]  # type: ignore[assignment]
     """NOT_FOUND: no token with that id."""
     ListNodes: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListNodesRequest, _admin_pb2.ListNodesResponse]  # type: ignore[assignment]
+    RemoveNode: _aio.UnaryUnaryMultiCallable[_admin_pb2.RemoveNodeRequest, _admin_pb2.RemoveNodeResponse]  # type: ignore[assignment]
+    """Remove a node: revoke every certificate issued to it (its identity, its servers' and the
+    workstation certificates its bootstrap service asked for) and free its names and
+    addresses. Its agent is refused from then on. NOT_FOUND: no such node.
+    """
+    ListWorkstations: _aio.UnaryUnaryMultiCallable[_admin_pb2.ListWorkstationsRequest, _admin_pb2.ListWorkstationsResponse]  # type: ignore[assignment]
+    """Workstation certificates, as the nodes' bootstrap services asked for them."""
+    RevokeCertificate: _aio.UnaryUnaryMultiCallable[_admin_pb2.RevokeCertificateRequest, _admin_pb2.RevokeCertificateResponse]  # type: ignore[assignment]
+    """Revoke certificates by workstation name (ws-…) or by serial. NOT_FOUND: nothing matches."""
+    GetEpoch: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetEpochRequest, _admin_pb2.EpochInfo]  # type: ignore[assignment]
+    """The leader's epoch and the highest epoch each node reports having seen."""
+    AdvanceEpoch: _aio.UnaryUnaryMultiCallable[_admin_pb2.AdvanceEpochRequest, _admin_pb2.EpochInfo]  # type: ignore[assignment]
+    """Move the leader's epoch past every epoch a node reports (the way out for a leader restored
+    from backup, or a node that saw an epoch no rollout of this leader had). Audited.
+    """
     GetCA: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetCARequest, _admin_pb2.GetCAResponse]  # type: ignore[assignment]
     PlanRollout: _aio.UnaryUnaryMultiCallable[_admin_pb2.RolloutRequest, _admin_pb2.PlanResponse]  # type: ignore[assignment]
     """The schema a rollout would have, and the checks and client steps it implies. Changes
@@ -144,6 +174,51 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.ListNodesRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.ListNodesResponse, _abc.Awaitable[_admin_pb2.ListNodesResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def RemoveNode(
+        self,
+        request: _admin_pb2.RemoveNodeRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RemoveNodeResponse, _abc.Awaitable[_admin_pb2.RemoveNodeResponse]]:
+        """Remove a node: revoke every certificate issued to it (its identity, its servers' and the
+        workstation certificates its bootstrap service asked for) and free its names and
+        addresses. Its agent is refused from then on. NOT_FOUND: no such node.
+        """
+
+    @_abc_1.abstractmethod
+    def ListWorkstations(
+        self,
+        request: _admin_pb2.ListWorkstationsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.ListWorkstationsResponse, _abc.Awaitable[_admin_pb2.ListWorkstationsResponse]]:
+        """Workstation certificates, as the nodes' bootstrap services asked for them."""
+
+    @_abc_1.abstractmethod
+    def RevokeCertificate(
+        self,
+        request: _admin_pb2.RevokeCertificateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.RevokeCertificateResponse, _abc.Awaitable[_admin_pb2.RevokeCertificateResponse]]:
+        """Revoke certificates by workstation name (ws-…) or by serial. NOT_FOUND: nothing matches."""
+
+    @_abc_1.abstractmethod
+    def GetEpoch(
+        self,
+        request: _admin_pb2.GetEpochRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.EpochInfo, _abc.Awaitable[_admin_pb2.EpochInfo]]:
+        """The leader's epoch and the highest epoch each node reports having seen."""
+
+    @_abc_1.abstractmethod
+    def AdvanceEpoch(
+        self,
+        request: _admin_pb2.AdvanceEpochRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.EpochInfo, _abc.Awaitable[_admin_pb2.EpochInfo]]:
+        """Move the leader's epoch past every epoch a node reports (the way out for a leader restored
+        from backup, or a node that saw an epoch no rollout of this leader had). Audited.
+        """
 
     @_abc_1.abstractmethod
     def GetCA(

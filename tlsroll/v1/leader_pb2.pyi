@@ -68,7 +68,13 @@ class HeartbeatRequest(_message.Message):
     AGENT_VERSION_FIELD_NUMBER: _builtins.int
     SENT_AT_FIELD_NUMBER: _builtins.int
     BOOTSTRAP_FAILURES_FIELD_NUMBER: _builtins.int
+    HIGHEST_EPOCH_FIELD_NUMBER: _builtins.int
+    CRL_NUMBER_FIELD_NUMBER: _builtins.int
     agent_version: _builtins.str
+    highest_epoch: _builtins.int
+    """The highest rollout epoch this agent has seen (commands with a lower one are refused)."""
+    crl_number: _builtins.int
+    """The number of the newest revocation list the agent holds (0: none)."""
     @_builtins.property
     def sent_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -83,10 +89,12 @@ class HeartbeatRequest(_message.Message):
         agent_version: _builtins.str = ...,
         sent_at: _timestamp_pb2.Timestamp | None = ...,
         bootstrap_failures: _abc.Iterable[Global___BootstrapFailure] | None = ...,
+        highest_epoch: _builtins.int = ...,
+        crl_number: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["sent_at", b"sent_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "bootstrap_failures", b"bootstrap_failures", "sent_at", b"sent_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "bootstrap_failures", b"bootstrap_failures", "crl_number", b"crl_number", "highest_epoch", b"highest_epoch", "sent_at", b"sent_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -131,8 +139,16 @@ class HeartbeatResponse(_message.Message):
 
     LEADER_TIME_FIELD_NUMBER: _builtins.int
     INTERVAL_SECONDS_FIELD_NUMBER: _builtins.int
+    EPOCH_FIELD_NUMBER: _builtins.int
+    CRL_PEM_FIELD_NUMBER: _builtins.int
     interval_seconds: _builtins.int
     """How often the leader expects a heartbeat; a node silent for three intervals is offline."""
+    epoch: _builtins.int
+    """The highest epoch this leader has given a rollout: an agent accepts commands up to it and
+    refuses a higher one, which no leader asked for.
+    """
+    crl_pem: _builtins.bytes
+    """The CA's revocation list (PEM), sent when it is newer than the agent's `crl_number`."""
     @_builtins.property
     def leader_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -140,10 +156,12 @@ class HeartbeatResponse(_message.Message):
         *,
         leader_time: _timestamp_pb2.Timestamp | None = ...,
         interval_seconds: _builtins.int = ...,
+        epoch: _builtins.int = ...,
+        crl_pem: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["leader_time", b"leader_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["interval_seconds", b"interval_seconds", "leader_time", b"leader_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crl_pem", b"crl_pem", "epoch", b"epoch", "interval_seconds", b"interval_seconds", "leader_time", b"leader_time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

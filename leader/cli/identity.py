@@ -1,0 +1,168 @@
+"""``tlsroll nodes``, ``tlsroll workstations`` and ``tlsroll epoch``: who belongs to the cluster.
+
+tlsroll nodes [--all] [--json]          enrolled nodes (with --all, removed ones too)
+tlsroll nodes remove NAME --yes         revoke everything issued to NAME, free its names
+tlsroll workstations list [--json]      workstation certificates and the node that asked
+tlsroll workstations revoke NAME|SERIAL revoke a workstation's certificates (or one serial)
+tlsroll epoch show [--json]             the leader's epoch and what each node has seen
+tlsroll epoch advance --yes             move the leader past every epoch a node reports
+"""
+
+from __future__ import annotations
+
+import click
+from rich.table import Table
+from rich.text import Text
+
+from leader.cli.base import Leader, emit_json, fail, fmt_time, out, pass_leader, to_dict
+from leader.layout import Layout
+from tlsroll import peertext
+from tlsroll.cli import Target
+from tlsroll.defaults import DEFAULT_DATA_DIR
+from tlsroll.v1 import admin_pb2
+
+
+@click.group(invoke_without_command=True)
+@click.option("--all", "include_removed", is_flag=True, help="Also list removed nodes.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.pass_context
+def nodes(ctx: click.Context, include_removed: bool, as_json: bool) -> None:
+    """List enrolled nodes, online or offline by their heartbeat; or remove one."""
+    if ctx.invoked_subcommand is not None:
+        return
+    target = ctx.find_object(Target) or Target(DEFAULT_DATA_DIR, None)
+    leader = Leader(target.socket or Layout(target.data_dir).admin_socket)
+    with leader.admin() as admin:
+        reply = leader.call(
+            admin.ListNodes, admin_pb2.ListNodesRequest(include_removed=include_removed)
+        )
+    if as_json:
+        emit_json([to_dict(n) for n in reply.nodes])
+        return
+    table = Table("node", "addresses", "state", "agent", "last heartbeat", "cert expires")
+    for n in reply.nodes:
+        if n.HasField("removed_at"):
+            state = Text(f"removed {fmt_time(n, 'removed_at')}", style="dim")
+        else:
+            state = Text("online", style="green") if n.online else Text("offline", style="red")
+        table.add_row(
+            n.name,
+            ", ".join(n.addresses),
+            state,
+            # Whatever an agent reported, printed without control characters (the leader
+            # cleans it too; an older store may still hold raw text).
+            peertext.clean(n.agent_version, 64),
+            fmt_time(n, "last_heartbeat"),
+            fmt_time(n, "cert_not_after"),
+        )
+    out.print(table)
+
+
+@nodes.command("remove")
+@click.argument("name")
+@click.option("--yes", is_flag=True, help="Do it without asking.")
+@pass_leader
+def nodes_remove(leader: Leader, name: str, yes: bool) -> None:
+    """Remove a node: revoke its certificates (its agent's, its servers' and its workstations')
+    and free its name and addresses for a new token. Its agent is refused from then on."""
+    if not yes:
+        click.confirm(
+            f"Remove node {name}? Its agent stops being accepted at once, and its certificates "
+            "are revoked.",
+            abort=True,
+        )
+    with leader.admin() as admin:
+        reply = leader.call(admin.RemoveNode, admin_pb2.RemoveNodeRequest(name=name))
+    out.print(
+        f"removed node {reply.node.name}; revoked {len(reply.revoked_serials)} certificate(s). "
+        f"To enrol it again: tlsroll token create --node {reply.node.name} "
+        + " ".join(f"--address {a}" for a in reply.node.addresses)
+    )
+
+
+@click.group()
+def workstations() -> None:
+    """Workstation certificates issued through the nodes' bootstrap services."""
+
+
+@workstations.command("list")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_leader
+def workstations_list(leader: Leader, as_json: bool) -> None:
+    """List workstation certificates (revoked ones too)."""
+    with leader.admin() as admin:
+        reply = leader.call(admin.ListWorkstations, admin_pb2.ListWorkstationsRequest())
+    if as_json:
+        emit_json([to_dict(w) for w in reply.workstations])
+        return
+    table = Table("workstation", "node", "issued", "expires", "state", "serial")
+    for w in reply.workstations:
+        state = (
+            Text(f"revoked {fmt_time(w, 'revoked_at')}", style="red")
+            if w.HasField("revoked_at")
+            else Text("valid", style="green")
+        )
+        table.add_row(
+            w.name, w.node, fmt_time(w, "issued_at"), fmt_time(w, "not_after"), state, w.serial
+        )
+    out.print(table)
+
+
+@workstations.command("revoke")
+@click.argument("name_or_serial")
+@click.option("--reason", default="", help="Why (kept in the audit trail).")
+@pass_leader
+def workstations_revoke(leader: Leader, name_or_serial: str, reason: str) -> None:
+    """Revoke every certificate of workstation NAME (ws-…), or one certificate by SERIAL (hex).
+    Agents learn of it with their next heartbeat."""
+    with leader.admin() as admin:
+        reply = leader.call(
+            admin.RevokeCertificate,
+            admin_pb2.RevokeCertificateRequest(name_or_serial=name_or_serial, reason=reason),
+        )
+    out.print(f"revoked {', '.join(reply.revoked_serials)}")
+
+
+@click.group()
+def epoch() -> None:
+    """Rollout epochs: what the leader has given out and what each node has seen."""
+
+
+def _print_epochs(info: admin_pb2.EpochInfo) -> None:
+    out.print(f"leader epoch {info.leader_epoch}")
+    table = Table("node", "highest epoch seen")
+    for n in info.nodes:
+        mark = Text(
+            str(n.highest_epoch), style="red" if n.highest_epoch > info.leader_epoch else ""
+        )
+        table.add_row(n.name, mark)
+    out.print(table)
+
+
+@epoch.command("show")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_leader
+def epoch_show(leader: Leader, as_json: bool) -> None:
+    """The leader's epoch and the highest epoch each node reports; exit 1 if a node has seen
+    a higher one (run `tlsroll epoch advance`)."""
+    with leader.admin() as admin:
+        info = leader.call(admin.GetEpoch, admin_pb2.GetEpochRequest())
+    if as_json:
+        emit_json(to_dict(info))
+    else:
+        _print_epochs(info)
+    if info.behind:
+        fail("a node has seen a higher epoch than the leader's: run `tlsroll epoch advance`")
+
+
+@epoch.command("advance")
+@click.option("--yes", is_flag=True, help="Do it without asking.")
+@pass_leader
+def epoch_advance(leader: Leader, yes: bool) -> None:
+    """Move the leader's epoch past every epoch a node reports (after restoring the leader from
+    a backup, or when a node refuses rollouts with "stale epoch"). Audited."""
+    if not yes:
+        click.confirm("Advance the leader's epoch past every node's?", abort=True)
+    with leader.admin() as admin:
+        info = leader.call(admin.AdvanceEpoch, admin_pb2.AdvanceEpochRequest())
+    _print_epochs(info)

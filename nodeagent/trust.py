@@ -1,0 +1,118 @@
+"""Whom the agent obeys: the leader's identity, the CA's revocation list, and the epoch ceiling.
+
+    trust = LeaderTrust.load(identity, data_dir)
+    trust.check_leader(cert)          # PermissionDenied / Unauthenticated, else None
+    await trust.admit_epoch(epoch)    # EpochNotAnnounced if no leader asked for it
+
+* **Identity.** Only a certificate carrying ``spiffe://<trust domain>/leader`` may command the
+  agent (``tlsroll.spiffe``); the trust domain comes from the CA this node pinned. Other nodes
+  and workstations hold certificates of the same CA and are refused.
+* **Revocation.** The leader sends the CA's revocation list with a heartbeat reply when it is
+  newer than the agent's; the agent checks its signature, keeps it in ``DATA/crl.pem`` (the
+  managed server can use it for workstation certificates) and refuses a revoked leader
+  certificate at once.
+* **Epochs.** Every command carries its rollout's epoch, and the journal refuses one older than
+  any it has seen. An epoch *higher* than the leader has announced (in a heartbeat reply, on the
+  agent's own connection to the leader's address) is refused too: otherwise one stray command
+  with a huge epoch would make the node refuse every later rollout. Before refusing, the agent
+  asks the leader once more (a heartbeat now), so a new rollout never waits for the next
+  scheduled heartbeat.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+
+from tlsroll import logs, pki, spiffe
+from tlsroll.errors import PKIError, TerminalError, TransientError
+from tlsroll.fsutil import PUBLIC, write_atomic
+
+log = logs.get_logger(__name__)
+
+
+class NotTheLeader(TerminalError):
+    """The caller's certificate does not name this cluster's leader."""
+
+
+class Revoked(TerminalError):
+    """The caller's certificate is on the CA's revocation list."""
+
+
+class EpochNotAnnounced(TerminalError):
+    """A command's epoch is higher than any the leader has announced."""
+
+
+@dataclass
+class LeaderTrust:
+    ca: x509.Certificate
+    crl_file: Path
+    crl_number: int = 0
+    revoked: frozenset[int] = frozenset()
+    announced_epoch: int = 0
+    refresh: Callable[[], Awaitable[None]] | None = None
+    _refreshing: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def trust_domain(self) -> str:
+        return spiffe.trust_domain(self.ca)
+
+    @classmethod
+    def load(cls, ca: x509.Certificate, data_dir: Path) -> LeaderTrust:
+        """The trust kept in ``data_dir`` (the revocation list, if one was received)."""
+        trust = cls(ca, data_dir / "crl.pem")
+        if trust.crl_file.exists():
+            try:
+                trust.crl_number, trust.revoked = pki.load_crl(trust.crl_file.read_bytes(), ca)
+            except PKIError as exc:
+                log.warning("crl.unreadable", path=str(trust.crl_file), error=str(exc))
+        return trust
+
+    def check_leader(self, cert: x509.Certificate) -> None:
+        identity = spiffe.of(cert)
+        if identity != spiffe.leader(self.trust_domain):
+            who = str(identity) if identity else "a certificate without a cluster identity"
+            raise NotTheLeader(f"{who} is not the leader; only the leader may call NodeAgent")
+        if cert.serial_number in self.revoked:
+            raise Revoked("the caller's certificate is revoked")
+
+    def take_crl(self, pem: bytes) -> None:
+        """A revocation list from the leader: kept if the CA signed it and it is newer."""
+        try:
+            number, revoked = pki.load_crl(pem, self.ca)
+        except PKIError as exc:
+            log.warning("crl.refused", error=str(exc))
+            return
+        if number < self.crl_number:
+            return
+        write_atomic(self.crl_file, pem, PUBLIC)
+        self.crl_number, self.revoked = number, revoked
+        log.info("crl.updated", number=number, revoked=len(revoked))
+
+    def announce(self, epoch: int) -> None:
+        self.announced_epoch = max(self.announced_epoch, epoch)
+
+    async def admit_epoch(self, epoch: int) -> None:
+        """Return if the leader has announced ``epoch`` (asking it again if need be)."""
+        if epoch <= self.announced_epoch:
+            return
+        if self.refresh is not None:
+            async with self._refreshing:
+                if epoch > self.announced_epoch:
+                    try:
+                        await self.refresh()
+                    except TransientError as exc:
+                        raise TransientError(
+                            f"epoch {epoch} is not announced yet and the leader cannot be "
+                            f"asked: {exc}"
+                        ) from None
+        if epoch > self.announced_epoch:
+            log.warning("epoch.refused", epoch=epoch, announced=self.announced_epoch)
+            raise EpochNotAnnounced(
+                f"epoch {epoch} was never announced by the leader (its highest is "
+                f"{self.announced_epoch}); refusing a command no leader asked for"
+            )

@@ -1,0 +1,239 @@
+"""Who may call what: every caller identity × every RPC of the TLS ports, with the exact status.
+
+The methods come from the services' descriptors, so a new RPC fails this test until the table
+below says who may call it. Callers: the leader, the node itself, another node, a workstation,
+no certificate, a foreign CA (with a certificate that claims the leader's identity), and a
+revoked certificate (a removed node's for the leader's services, a revoked leader certificate
+for the agents'). Real leader and agents, real mutual TLS.
+
+Requests are minimal and the same for every caller, so that a caller who passes the identity
+check gets the method's own answer to a bad request (INVALID_ARGUMENT, NOT_FOUND, …) and a
+caller who does not gets PERMISSION_DENIED or UNAUTHENTICATED (or UNAVAILABLE where the TLS
+handshake itself refuses it).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import grpc
+import pytest
+
+from leader.layout import read_passphrase
+from tests.cluster import Cluster, secure_channel, wait_until
+from tests.conftest import next_loopback
+from tlsroll import bootstrap_protocol, pki, spiffe
+from tlsroll.v1 import (
+    agent_pb2,
+    agent_pb2_grpc,
+    enrolment_pb2,
+    enrolment_pb2_grpc,
+    leader_pb2,
+    leader_pb2_grpc,
+)
+
+OK = grpc.StatusCode.OK
+UNAUTH = grpc.StatusCode.UNAUTHENTICATED
+DENIED = grpc.StatusCode.PERMISSION_DENIED
+NO_TLS = grpc.StatusCode.UNAVAILABLE  # the handshake refused the caller
+INVALID = grpc.StatusCode.INVALID_ARGUMENT
+
+CALLERS = ("leader", "node", "other_node", "workstation", "no_cert", "foreign_ca", "revoked")
+Creds = tuple[bytes, bytes] | None
+
+NO_EPOCH = agent_pb2.Command(rollout_id="matrix", epoch=0)  # refused by the method itself
+AGENT_REQUESTS: dict[str, Any] = {
+    "GetStatus": agent_pb2.GetStatusRequest(),
+    "Preflight": agent_pb2.PreflightRequest(command=NO_EPOCH),
+    "CreateCSR": agent_pb2.CreateCSRRequest(command=NO_EPOCH),
+    "Stage": agent_pb2.StageRequest(command=NO_EPOCH),
+    "Switch": agent_pb2.SwitchRequest(command=NO_EPOCH),
+    "Rollback": agent_pb2.RollbackRequest(command=NO_EPOCH),
+    "GetTransaction": agent_pb2.GetTransactionRequest(rollout_id="matrix"),
+    "Freeze": agent_pb2.FreezeRequest(command=NO_EPOCH),
+    "Unfreeze": agent_pb2.FreezeRequest(command=NO_EPOCH),
+}
+# NodeAgent: only the leader; what the leader gets is the method's answer to the request.
+LEADER_GETS = {m: INVALID for m in AGENT_REQUESTS} | {"GetStatus": OK}
+AGENT_EXPECTED = {
+    "leader": LEADER_GETS,
+    "node": dict.fromkeys(AGENT_REQUESTS, DENIED),  # node1 calling its own agent
+    "other_node": dict.fromkeys(AGENT_REQUESTS, DENIED),
+    "workstation": dict.fromkeys(AGENT_REQUESTS, DENIED),
+    "no_cert": dict.fromkeys(AGENT_REQUESTS, NO_TLS),
+    "foreign_ca": dict.fromkeys(AGENT_REQUESTS, NO_TLS),
+    "revoked": dict.fromkeys(AGENT_REQUESTS, UNAUTH),
+}
+
+LEADER_METHODS = ("Heartbeat", "SignWorkstationCertificate")
+# Leader: only enrolled nodes, each as itself (node2 is as much "a node" as node1).
+LEADER_EXPECTED = {
+    "leader": dict.fromkeys(LEADER_METHODS, DENIED),
+    "node": dict.fromkeys(LEADER_METHODS, OK),
+    "other_node": dict.fromkeys(LEADER_METHODS, OK),
+    "workstation": dict.fromkeys(LEADER_METHODS, DENIED),
+    "no_cert": dict.fromkeys(LEADER_METHODS, NO_TLS),
+    "foreign_ca": dict.fromkeys(LEADER_METHODS, NO_TLS),
+    "revoked": dict.fromkeys(LEADER_METHODS, UNAUTH),
+}
+# Enrolment (join port): a token is the credential, never a certificate; the port asks for
+# none, so every caller gets the same answer to a malformed token.
+ENROL_EXPECTED = dict.fromkeys(CALLERS, INVALID)
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, dict[str, Creds]]]:
+    with Cluster(tmp_path_factory.mktemp("matrix"), next_loopback()) as c:
+        c.init()
+        c.start_leader()
+        node1 = c.add_agent("node1", next_loopback())
+        node2 = c.add_agent("node2", next_loopback())
+        gone = c.add_agent("gone", next_loopback())
+        c.wait_for_nodes_online(["node1", "node2", "gone"])
+        ca = pki.CertificateAuthority.load(
+            c.ca_cert_path, c.ca_key_path, read_passphrase(c.passphrase_path)
+        )
+        td = spiffe.trust_domain(ca.cert)
+
+        def creds_of(cert: Any, key: pki.PrivateKey) -> tuple[bytes, bytes]:
+            return pki.cert_to_pem(cert), pki.key_to_pem(key)
+
+        # A workstation certificate, as node1's bootstrap service gets it.
+        ws_key = pki.generate_key()
+        csr = pki.make_csr(ws_key, bootstrap_protocol.workstation_names("ws-matrix"))
+        with c.control_channel(node1.cert_file.read_bytes(), node1.key_file.read_bytes()) as ch:
+            ws_cert = pki.load_cert_pem(
+                leader_pb2_grpc.LeaderStub(ch)
+                .SignWorkstationCertificate(
+                    leader_pb2.SignWorkstationRequest(csr_pem=pki.csr_to_pem(csr)), timeout=10
+                )
+                .certificate_pem
+            )
+        # Another CA's certificate claiming this cluster's leader identity.
+        foreign = pki.CertificateAuthority.create("foreign")
+        f_key = pki.generate_key()
+        f_cert = foreign.issue(
+            f_key.public_key(),
+            pki.Names.of("tlsroll-leader", [c.address]),
+            client=True,
+            identity=spiffe.leader(td),
+        )
+        # A removed node's certificate, and a leader certificate the CA revoked.
+        gone_creds = (gone.cert_file.read_bytes(), gone.key_file.read_bytes())
+        gone.stop()
+        assert c.cli("nodes", "remove", "gone", "--yes").returncode == 0
+        r_key = pki.generate_key()
+        r_cert = ca.issue(
+            r_key.public_key(),
+            pki.Names.of("tlsroll-leader", [c.address]),
+            client=True,
+            identity=spiffe.leader(td),
+        )
+        assert c.cli("ca", "revoke", f"{r_cert.serial_number:x}").returncode == 0
+        crl = node1.data_dir / "crl.pem"
+
+        def node1_knows() -> bool:
+            if not crl.exists():
+                return False
+            return r_cert.serial_number in pki.load_crl(crl.read_bytes(), ca.cert)[1]
+
+        wait_until(node1_knows, 15, "node1 has the revocation list")
+        creds: dict[str, Creds] = {
+            "leader": c.leader_credentials(),
+            "node": (node1.cert_file.read_bytes(), node1.key_file.read_bytes()),
+            "other_node": (node2.cert_file.read_bytes(), node2.key_file.read_bytes()),
+            "workstation": creds_of(ws_cert, ws_key),
+            "no_cert": None,
+            "foreign_ca": creds_of(f_cert, f_key),
+            "revoked_leader": creds_of(r_cert, r_key),
+            "revoked_node": gone_creds,
+        }
+        yield c, creds
+
+
+def call(channel_of: Callable[[], grpc.Channel], invoke: Callable[[grpc.Channel], Any]) -> Any:
+    with channel_of() as channel:
+        try:
+            invoke(channel)
+        except grpc.RpcError as exc:
+            return exc.code()
+    return OK
+
+
+def invoker(
+    stub: Callable[[grpc.Channel], Any], method: str, request: Any
+) -> Callable[[grpc.Channel], Any]:
+    def invoke(channel: grpc.Channel) -> Any:
+        return getattr(stub(channel), method)(request, timeout=10)
+
+    return invoke
+
+
+def test_the_table_names_every_method() -> None:
+    agent = agent_pb2.DESCRIPTOR.services_by_name["NodeAgent"].methods_by_name
+    leader = leader_pb2.DESCRIPTOR.services_by_name["Leader"].methods_by_name
+    enrolment = enrolment_pb2.DESCRIPTOR.services_by_name["Enrolment"].methods_by_name
+    assert set(agent) == set(AGENT_REQUESTS)
+    assert set(leader) == set(LEADER_METHODS)
+    assert set(enrolment) == {"Enrol"}
+    for table in (AGENT_EXPECTED, LEADER_EXPECTED):
+        assert set(table) == set(CALLERS)
+
+
+@pytest.mark.parametrize("caller", CALLERS)
+def test_node_agent(world: tuple[Cluster, dict[str, Creds]], caller: str) -> None:
+    cluster, creds = world
+    mine = creds["revoked_leader" if caller == "revoked" else caller]
+    target = cluster.agents["node1"].target
+
+    def channel() -> grpc.Channel:
+        cert, key = mine if mine is not None else (None, None)
+        return secure_channel(target, cluster.ca_pem, cert, key)
+
+    got = {
+        m: call(channel, invoker(agent_pb2_grpc.NodeAgentStub, m, r))
+        for m, r in AGENT_REQUESTS.items()
+    }
+    assert got == AGENT_EXPECTED[caller]
+
+
+@pytest.mark.parametrize("caller", CALLERS)
+def test_leader_service(world: tuple[Cluster, dict[str, Creds]], caller: str) -> None:
+    cluster, creds = world
+    mine = creds["revoked_node" if caller == "revoked" else caller]
+
+    def channel() -> grpc.Channel:
+        cert, key = mine if mine is not None else (None, None)
+        return secure_channel(cluster.control_target, cluster.ca_pem, cert, key)
+
+    ws_key = pki.generate_key()
+    csr = pki.make_csr(
+        ws_key, bootstrap_protocol.workstation_names(f"ws-m-{caller.replace('_', '-')}")
+    )
+    requests = {
+        "Heartbeat": leader_pb2.HeartbeatRequest(agent_version="matrix"),
+        "SignWorkstationCertificate": leader_pb2.SignWorkstationRequest(
+            csr_pem=pki.csr_to_pem(csr)
+        ),
+    }
+    got = {m: call(channel, invoker(leader_pb2_grpc.LeaderStub, m, r)) for m, r in requests.items()}
+    assert got == LEADER_EXPECTED[caller]
+
+
+@pytest.mark.parametrize("caller", CALLERS)
+def test_enrolment(world: tuple[Cluster, dict[str, Creds]], caller: str) -> None:
+    cluster, creds = world
+    mine = creds["revoked_node" if caller == "revoked" else caller]
+
+    def channel() -> grpc.Channel:
+        cert, key = mine if mine is not None else (None, None)
+        return secure_channel(cluster.join_target, cluster.ca_pem, cert, key)
+
+    got = call(
+        channel,
+        lambda ch: enrolment_pb2_grpc.EnrolmentStub(ch).Enrol(
+            enrolment_pb2.EnrolRequest(token="not-a-token"), timeout=10
+        ),
+    )
+    assert got == ENROL_EXPECTED[caller]

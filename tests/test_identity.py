@@ -1,0 +1,542 @@
+"""Identities that cannot be borrowed (issue 9): bound join tokens, a CA that signs only what a
+token names, roles in the certificate checked by every peer, revocation, recoverable epochs.
+
+Real leader and agents as processes, real mutual TLS. Where a test needs an attacker's server
+(a fake Enrolment or NodeAgent service), it runs in this process with the attacker's real
+certificate; the victim side is the product's own client code (``nodeagent.identity.enrol``,
+``leader.agent_client.AgentClient``), built exactly as the daemons build it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import sqlite3
+from collections.abc import Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from cryptography import x509
+
+from leader.agent_client import AgentClient
+from leader.layout import read_passphrase
+from leader.store import Node
+from nodeagent.config import AgentConfig
+from nodeagent.identity import enrol as agent_enrol
+from tests.cluster import (
+    Agent,
+    Cluster,
+    csr_pem,
+    enrol,
+    enrol_request,
+    secure_channel,
+    wait_until,
+)
+from tests.conftest import next_loopback
+from tests.refserver_helper import write_toml
+from tlsroll import bootstrap_protocol, pki, spiffe
+from tlsroll.errors import TlsrollError
+from tlsroll.v1 import (
+    agent_pb2,
+    agent_pb2_grpc,
+    enrolment_pb2,
+    enrolment_pb2_grpc,
+    leader_pb2,
+    leader_pb2_grpc,
+)
+
+OK = grpc.StatusCode.OK
+UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
+PERMISSION_DENIED = grpc.StatusCode.PERMISSION_DENIED
+UNAVAILABLE = grpc.StatusCode.UNAVAILABLE
+INVALID_ARGUMENT = grpc.StatusCode.INVALID_ARGUMENT
+ALREADY_EXISTS = grpc.StatusCode.ALREADY_EXISTS
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with Cluster(tmp_path_factory.mktemp("identity"), next_loopback()) as c:
+        c.init()
+        c.start_leader()
+        c.add_agent("node1", next_loopback())
+        c.add_agent("node2", next_loopback())
+        c.wait_for_nodes_online(["node1", "node2"])
+        yield c
+
+
+def the_ca(cluster: Cluster) -> pki.CertificateAuthority:
+    """The cluster's CA, read from the leader's data dir: what only the leader can do."""
+    return pki.CertificateAuthority.load(
+        cluster.ca_cert_path, cluster.ca_key_path, read_passphrase(cluster.passphrase_path)
+    )
+
+
+def snapshot(cluster: Cluster) -> dict[str, list[tuple[Any, ...]]]:
+    """Nodes, tokens and certificates (the agents' heartbeats aside)."""
+    return cluster.store_rows(
+        ("nodes", "tokens", "certificates"), ignore=("last_heartbeat", "highest_epoch")
+    )
+
+
+def cli_fails(cluster: Cluster, *args: str) -> str:
+    result = cluster.cli(*args)
+    assert result.returncode != 0, result.stdout
+    assert "Traceback" not in result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    return line
+
+
+def status_of(call: Any) -> tuple[grpc.StatusCode, str]:
+    try:
+        call()
+    except grpc.RpcError as exc:
+        return exc.code(), exc.details() or ""
+    return OK, ""
+
+
+# --- the CA signs only what a token names -----------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("names", "says"),
+    [
+        (["--address", "0.0.0.0"], "not the address of one host"),  # noqa: S104
+        (["--address", "::1"], "names every host"),
+        (["--address", "127.0.0.1"], "names every host"),
+        (["--address", "224.0.0.1"], "not the address of one host"),
+        (["--dns", "*.bank.example"], "wildcard"),
+        (["--dns", "localhost"], "names every host"),
+        (["--dns", "leader.tlsroll-0123456789abcdef.invalid"], "cluster's own"),
+        (["--dns", "bad_name"], "not a DNS host name"),
+        ([f"--dns=h{i}.example" for i in range(9)], "at most"),
+        ([f"--address=127.200.0.{i}" for i in range(1, 10)], "at most"),
+    ],
+)
+def test_token_for_names_the_ca_never_signs_is_refused(
+    cluster: Cluster, names: list[str], says: str
+) -> None:
+    before = snapshot(cluster)
+    args = ["token", "create", "--node", "wrong", *names]
+    if "--address" not in " ".join(names):
+        args += ["--address", next_loopback()]
+    line = cli_fails(cluster, *args)
+    assert says in line
+    assert snapshot(cluster) == before
+
+
+def test_token_for_names_held_by_the_leader_or_another_node_is_refused(cluster: Cluster) -> None:
+    node2 = cluster.agents["node2"].address
+    before = snapshot(cluster)
+    for address, says in [(cluster.address, "the leader's"), (node2, "belongs to node 'node2'")]:
+        line = cli_fails(cluster, "token", "create", "--node", "thief", "--address", address)
+        assert says in line
+    assert "tlsroll nodes remove node2" in line  # the way out the message names exists
+    assert snapshot(cluster) == before
+
+
+def test_an_ordinary_token_gets_nothing_but_its_own_names(cluster: Cluster) -> None:
+    """The audit's requests, each with a valid token bound to node9 at its own address: the
+    leader's address, node2's, foreign names, every-host names, 5000 addresses, 60000 DNS
+    names. None is signed and nothing is stored."""
+    mine = next_loopback()
+    token = cluster.create_token("node9", mine, uses=20)
+    key = pki.generate_key()
+    many_ips = [f"127.{(i >> 16) & 255}.{(i >> 8) & 255}.{i & 255}" for i in range(1, 5001)]
+    asks: list[tuple[list[str], list[str]]] = [
+        ([cluster.address], []),
+        ([cluster.agents["node2"].address], []),
+        ([mine], ["www.google.com"]),
+        ([mine], ["*.bank.example"]),
+        ([mine], ["localhost"]),
+        (["8.8.8.8"], []),
+        (["0.0.0.0"], []),  # noqa: S104
+        (["::1"], []),
+        (many_ips, []),
+        ([mine], [f"n{i}.example" for i in range(60000)]),
+    ]
+    before = snapshot(cluster)
+    for ips, dns in asks:
+        request = enrolment_pb2.EnrolRequest(
+            token=token,
+            csr_pem=csr_pem(key, "node9", ips, dns),
+            node_name="node9",
+            addresses=ips,
+            dns_names=dns,
+            agent_version="x",
+            agent_port=9442,
+        )
+        code, details = status_of(lambda r=request: enrol(cluster, r))
+        assert code in (INVALID_ARGUMENT, UNAUTHENTICATED), (ips[:2], dns[:2], code, details)
+    assert snapshot(cluster) == before
+    # The names it was made for still work, and the certificate holds exactly them.
+    reply = enrol(cluster, enrol_request(token, "node9", mine, key=key))
+    cert = pki.load_cert_pem(reply.certificate_pem)
+    assert pki.names_of(cert) == pki.Names.of("node9", [mine])
+    td = spiffe.trust_domain(cluster_ca_cert(cluster))
+    assert spiffe.of(cert) == spiffe.node(td, "node9")
+
+
+def cluster_ca_cert(cluster: Cluster) -> Any:
+    return pki.load_cert_pem(cluster.ca_pem)
+
+
+def test_certificates_carry_their_role(cluster: Cluster) -> None:
+    td = spiffe.trust_domain(cluster_ca_cert(cluster))
+    leader_cert = pki.load_certs_pem(cluster.leader_credentials()[0])[0]
+    assert spiffe.of(leader_cert) == spiffe.leader(td)
+    node1 = cluster.agents["node1"].cert()
+    assert spiffe.of(node1) == spiffe.node(td, "node1")
+    san = node1.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    assert spiffe.key_host(td, pki.spki_pin(node1)) in san.get_values_for_type(x509.DNSName)
+
+
+# --- the two impersonations, end to end -------------------------------------------------------
+
+
+@contextlib.contextmanager
+def fake_server(
+    address: str, port: int, cert_pem: bytes, key_pem: bytes, add: Any, servicer: Any
+) -> Iterator[None]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    add(servicer, server)
+    server.add_secure_port(f"{address}:{port}", grpc.ssl_server_credentials([(key_pem, cert_pem)]))
+    server.start()
+    try:
+        yield
+    finally:
+        server.stop(None)
+
+
+class CapturingEnrolment(enrolment_pb2_grpc.EnrolmentServicer):
+    def __init__(self) -> None:
+        self.tokens: list[str] = []
+
+    def Enrol(self, request: Any, context: Any) -> Any:
+        self.tokens.append(request.token)
+        context.abort(grpc.StatusCode.UNAVAILABLE, "try again")
+
+
+def test_a_node_certificate_cannot_catch_another_agents_join_token(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """An attacker with a token of its own cannot get a certificate for the leader's address;
+    and serving the best certificate it can have (its own node certificate, chained to the CA
+    the victim pins) where the victim dials the leader, it receives no join token: the agent
+    checks for the leader's identity, not an address."""
+    evil = next_loopback()
+    token = cluster.create_token("evil", evil)
+    key = pki.generate_key()
+    request = enrolment_pb2.EnrolRequest(
+        token=token,
+        csr_pem=csr_pem(key, "evil", [cluster.address]),
+        node_name="evil",
+        addresses=[cluster.address],
+        agent_version="x",
+        agent_port=9442,
+    )
+    code, _ = status_of(lambda: enrol(cluster, request))
+    assert code in (UNAUTHENTICATED, ALREADY_EXISTS)
+    reply = enrol(cluster, enrol_request(token, "evil", evil, key=key))
+    chain = reply.certificate_pem + reply.ca_certificate_pem
+
+    capture = CapturingEnrolment()
+    victim_token = cluster.create_token("victim", next_loopback())
+    config: dict[str, dict[str, object]] = {
+        "node": {"name": "victim", "addresses": [next_loopback()]},
+        "leader": {
+            "address": evil,  # where the victim's packets for the leader end up
+            "ca_pin": cluster.ca_pin(),
+            "join_token": victim_token,
+        },
+        "agent": {"data_dir": tmp_path / "victim"},
+    }
+    path = write_toml(tmp_path / "agent.toml", config)
+    path.chmod(0o600)
+    cfg = AgentConfig.load(path)
+    with (
+        fake_server(
+            evil,
+            cfg.join_port,
+            chain,
+            pki.key_to_pem(key),
+            enrolment_pb2_grpc.add_EnrolmentServicer_to_server,
+            capture,
+        ),
+        pytest.raises(TlsrollError),
+    ):
+        agent_enrol(cfg, timeout=3)
+    assert capture.tokens == []
+
+
+class CapturingAgent(agent_pb2_grpc.NodeAgentServicer):
+    def __init__(self) -> None:
+        self.calls: list[str] = []
+
+    def Switch(self, request: Any, context: Any) -> Any:
+        self.calls.append(request.auth_verifier_json)
+        return agent_pb2.Transaction()
+
+
+def test_a_node_certificate_cannot_receive_another_nodes_switch(cluster: Cluster) -> None:
+    """The leader's client dials node2's agent; an attacker holding a valid node certificate of
+    the cluster answers at that address. The handshake fails before any command is sent: the
+    client checks for the key node2 enrolled with, not the address."""
+    evil = next_loopback()
+    key = pki.generate_key()
+    token = cluster.create_token("evil2", evil)
+    reply = enrol(cluster, enrol_request(token, "evil2", evil, key=key))
+    node2 = cluster.list_nodes()["node2"]
+    record = Node(
+        name="node2",
+        addresses=(evil,),  # the attacker took node2's address
+        dns_names=(),
+        agent_version="",
+        agent_port=9442,
+        key_pin=pki.spki_pin(cluster.agents["node2"].cert()),
+        cert_fingerprint=node2.cert_fingerprint,
+        cert_serial="",
+        cert_not_after=dt.datetime.now(dt.UTC),
+        enrolled_at=dt.datetime.now(dt.UTC),
+        last_heartbeat=None,
+    )
+    chain_pem, leader_key = cluster.leader_credentials()
+    capture = CapturingAgent()  # type: ignore[abstract]  # serves Switch only
+    with fake_server(
+        evil,
+        9442,
+        reply.certificate_pem + reply.ca_certificate_pem,
+        pki.key_to_pem(key),
+        agent_pb2_grpc.add_NodeAgentServicer_to_server,
+        capture,
+    ):
+
+        async def switch() -> None:
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=cluster.ca_pem,
+                private_key=leader_key,
+                certificate_chain=chain_pem,
+            )
+            client = AgentClient(record, creds, spiffe.trust_domain(cluster_ca_cert(cluster)))
+            try:
+                await client.switch(
+                    agent_pb2.SwitchRequest(
+                        command=agent_pb2.Command(rollout_id="r1", epoch=1),
+                        auth_verifier_json='{"secret": "verifier"}',
+                    )
+                )
+            finally:
+                await client.close()
+
+        with pytest.raises(TlsrollError):
+            asyncio.run(switch())
+    assert capture.calls == []
+
+
+# --- workstation certificates -----------------------------------------------------------------
+
+
+def node_credentials(agent: Agent) -> tuple[bytes, bytes]:
+    return agent.cert_file.read_bytes(), agent.key_file.read_bytes()
+
+
+def sign_workstation(cluster: Cluster, agent: Agent, cn: str) -> tuple[grpc.StatusCode, str]:
+    key = pki.generate_key()
+    csr = pki.csr_to_pem(pki.make_csr(key, bootstrap_protocol.workstation_names(cn)))
+    with cluster.control_channel(*node_credentials(agent)) as channel:
+        stub = leader_pb2_grpc.LeaderStub(channel)
+        return status_of(
+            lambda: stub.SignWorkstationCertificate(
+                leader_pb2.SignWorkstationRequest(csr_pem=csr), timeout=10
+            )
+        )
+
+
+def test_workstation_names_are_unique_listed_and_revocable(cluster: Cluster) -> None:
+    node1, node2 = cluster.agents["node1"], cluster.agents["node2"]
+    assert sign_workstation(cluster, node1, "ws-vm")[0] == OK
+    code, details = sign_workstation(cluster, node2, "ws-vm")  # another node: a duplicate
+    assert code == ALREADY_EXISTS
+    assert "tlsroll workstations revoke ws-vm" in details
+    assert sign_workstation(cluster, node1, "ws-vm")[0] == OK  # the same node: supersedes
+    listed = cluster.cli("workstations", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    rows = [w for w in json.loads(listed.stdout) if w["name"] == "ws-vm"]
+    assert len(rows) == 2 and sum("revoked_at" in w for w in rows) == 1
+    assert {w["node"] for w in rows} == {"node1"}
+    revoked = cluster.cli("workstations", "revoke", "ws-vm")
+    assert revoked.returncode == 0, revoked.stderr
+    rows = [w for w in json.loads(cluster.cli("workstations", "list", "--json").stdout)]
+    assert all("revoked_at" in w for w in rows if w["name"] == "ws-vm")
+    # Revoked serials reach the agents with their next heartbeat (DATA/crl.pem).
+    serials = {int(w["serial"], 16) for w in rows if w["name"] == "ws-vm"}
+    crl = node2.data_dir / "crl.pem"
+
+    def has_them() -> bool:
+        if not crl.exists():
+            return False
+        _, revoked_serials = pki.load_crl(crl.read_bytes(), cluster_ca_cert(cluster))
+        return serials <= revoked_serials
+
+    wait_until(has_them, 15, "the revocation list on node2")
+    # After revocation the name is free for another node.
+    assert sign_workstation(cluster, node2, "ws-vm")[0] == OK
+
+
+def test_a_node_cannot_mint_workstation_certificates_without_limit(tmp_path: Path) -> None:
+    with Cluster(tmp_path, next_loopback()) as c:
+        c.init()
+        c.start_leader()
+        agent = c.add_agent("minter", next_loopback())
+        codes = [sign_workstation(c, agent, f"ws-pc{i}")[0] for i in range(31)]
+        assert codes[:30] == [OK] * 30
+        assert codes[30] == grpc.StatusCode.RESOURCE_EXHAUSTED
+
+
+# --- removal and revocation -------------------------------------------------------------------
+
+
+def test_removed_node_is_refused_and_its_names_are_free(tmp_path: Path) -> None:
+    with Cluster(tmp_path, next_loopback()) as c:
+        c.init()
+        c.start_leader()
+        address = next_loopback()
+        gone = c.add_agent("gone", address)
+        c.wait_for_nodes_online(["gone"])
+        creds = node_credentials(gone)
+        assert sign_workstation(c, gone, "ws-gone-pc")[0] == OK
+        result = c.cli("nodes", "remove", "gone", "--yes")
+        assert result.returncode == 0, result.stderr
+        assert "revoked 2 certificate(s)" in result.stdout
+        assert f"tlsroll token create --node gone --address {address}" in result.stdout
+        with c.control_channel(*creds) as channel:
+            code, details = status_of(
+                lambda: leader_pb2_grpc.LeaderStub(channel).Heartbeat(
+                    leader_pb2.HeartbeatRequest(), timeout=10
+                )
+            )
+        assert code == UNAUTHENTICATED and "not an enrolled node" in details
+        c.wait_for_nodes([], online=True)
+        assert "gone" not in c.list_nodes()
+        listed = c.cli("nodes", "--all")
+        assert "removed" in listed.stdout
+        gone.stop()
+        # Its name and address can be given to a new token and enrolled with a new key.
+        token = c.create_token("gone", address)
+        reply = enrol(c, enrol_request(token, "gone", address))
+        assert pki.names_of(pki.load_cert_pem(reply.certificate_pem)).ips == (address,)
+
+
+def test_revoked_leader_certificate_is_refused_by_agents(cluster: Cluster) -> None:
+    """A second certificate with the leader's identity (as after a key compromise): once the CA
+    revokes it, agents refuse it within a heartbeat or two."""
+    ca = the_ca(cluster)
+    key = pki.generate_key()
+    td = spiffe.trust_domain(ca.cert)
+    cert = ca.issue(
+        key.public_key(),
+        pki.Names.of("tlsroll-leader", [cluster.address]),
+        client=True,
+        identity=spiffe.leader(td),
+    )
+    agent = cluster.agents["node1"]
+
+    def get_status() -> tuple[grpc.StatusCode, str]:
+        with secure_channel(
+            agent.target, cluster.ca_pem, pki.cert_to_pem(cert), pki.key_to_pem(key)
+        ) as channel:
+            stub = agent_pb2_grpc.NodeAgentStub(channel)
+            return status_of(lambda: stub.GetStatus(agent_pb2.GetStatusRequest(), timeout=10))
+
+    assert get_status()[0] == OK
+    result = cluster.cli("ca", "revoke", f"{cert.serial_number:x}")
+    assert result.returncode == 0, result.stderr
+    wait_until(lambda: get_status()[0] == UNAUTHENTICATED, 15, "agent refuses the revoked cert")
+    assert "revoked" in get_status()[1]
+
+
+# --- epochs -----------------------------------------------------------------------------------
+
+
+def preflight(cluster: Cluster, agent: Agent, epoch: int) -> tuple[grpc.StatusCode, str]:
+    chain, key = cluster.leader_credentials()
+    with secure_channel(agent.target, cluster.ca_pem, chain, key) as channel:
+        stub = agent_pb2_grpc.NodeAgentStub(channel)
+        return status_of(
+            lambda: stub.Preflight(
+                agent_pb2.PreflightRequest(
+                    command=agent_pb2.Command(rollout_id="probe", epoch=epoch)
+                ),
+                timeout=10,
+            )
+        )
+
+
+def test_an_epoch_no_leader_asked_for_is_refused(cluster: Cluster) -> None:
+    """The audit's Freeze(epoch=1000) with the leader's own certificate: refused, and the
+    node's highest epoch stays where it was, so later rollouts are not locked out."""
+    agent = cluster.agents["node2"]
+    code, details = preflight(cluster, agent, 1000)
+    assert code == PERMISSION_DENIED and "never announced" in details, details
+    status = cluster.cli("epoch", "show", "--json")
+    assert status.returncode == 0, status.stdout  # the node was not pushed ahead
+    (mine,) = [n for n in json.loads(status.stdout)["nodes"] if n["name"] == "node2"]
+    assert int(mine.get("highest_epoch", 0)) < 1000
+
+
+def test_a_restored_leader_advances_past_what_nodes_have_seen(tmp_path: Path) -> None:
+    """A node has seen epoch 50 (as from a leader state newer than the restored backup): the
+    leader shows it is behind, and `tlsroll epoch advance` moves it past."""
+    with Cluster(tmp_path, next_loopback()) as c:
+        c.init()
+        c.start_leader()
+        agent = c.add_agent("ahead", next_loopback())
+        c.wait_for_nodes_online(["ahead"])
+        agent.stop()
+        db = sqlite3.connect(agent.data_dir / "journal.sqlite3")
+        with db:
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES ('epoch', '50')"
+                " ON CONFLICT(key) DO UPDATE SET value = '50'"
+            )
+        db.close()
+        agent.start()
+
+        def behind() -> bool:
+            shown = c.cli("epoch", "show", "--json")
+            return shown.returncode == 1 and json.loads(shown.stdout)["behind"] is True
+
+        wait_until(behind, 15, "epoch show reports the node ahead")
+        code, details = preflight(c, agent, 3)  # what the leader would use next
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "stale epoch" in details
+        advanced = c.cli("epoch", "advance", "--yes")
+        assert advanced.returncode == 0, advanced.stderr
+        assert "leader epoch 50" in advanced.stdout
+        shown = c.cli("epoch", "show")
+        assert shown.returncode == 0, shown.stderr
+        code, details = preflight(c, agent, 51)  # not yet given out: refused
+        assert code == PERMISSION_DENIED
+        code, details = preflight(c, agent, 50)
+        assert code == grpc.StatusCode.FAILED_PRECONDITION and "no managed server" in details
+        audit = c.store_table("audit")
+        assert any(a["kind"] == "epoch.advanced" for a in audit)
+
+
+# --- what a peer says is cleaned ---------------------------------------------------------------
+
+
+def test_escape_sequences_from_an_agent_never_reach_the_terminal(cluster: Cluster) -> None:
+    hostile = "1.0\x1b[31mRED\x1b]0;pwned\x07" + "x" * 500
+    with cluster.control_channel(*node_credentials(cluster.agents["node1"])) as channel:
+        leader_pb2_grpc.LeaderStub(channel).Heartbeat(
+            leader_pb2.HeartbeatRequest(agent_version=hostile), timeout=10
+        )
+    listed = cluster.cli("nodes")
+    assert listed.returncode == 0
+    assert "\x1b" not in listed.stdout and "\x07" not in listed.stdout
+    (row,) = [r for r in cluster.store_table("nodes") if r["name"] == "node1"]
+    assert "\x1b" not in row["agent_version"] and len(row["agent_version"]) <= 64

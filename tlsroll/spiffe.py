@@ -1,0 +1,109 @@
+"""Who a certificate belongs to: the cluster's identities, in SPIFFE's X.509-SVID layout.
+
+Every certificate the cluster CA issues to a party of the cluster carries exactly one URI SAN
+naming its role, separate from the IP and DNS names that TLS hostname checks use:
+
+    spiffe://tlsroll-<16 hex>/leader              the leader
+    spiffe://tlsroll-<16 hex>/node/<name>         a node's agent
+    spiffe://tlsroll-<16 hex>/workstation/<name>  a practice PC (client certificates only)
+
+The trust domain is derived from the CA's key (``trust_domain``), so every party that has
+pinned the CA knows it without being told. Peers decide by the URI, never by the CN.
+
+A node's certificate also carries one DNS name that no one can resolve and that names the
+node's key (``key_host``: ``k<32 hex>.node.<trust domain>.invalid``). The leader dials an
+agent with that name as the TLS target name (gRPC cannot run a check of its own on the
+server's certificate), so the TLS handshake itself proves that the server holds the key the
+leader enrolled, not merely a certificate of the cluster for that IP address. The leader's
+certificate carries ``leader.<trust domain>.invalid`` the same way. The CA never signs a
+``.invalid`` name that a node asks for.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from enum import StrEnum
+
+from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+
+SCHEME = "spiffe://"
+INTERNAL_TLD = "invalid"  # RFC 6761: never resolves
+
+
+class Role(StrEnum):
+    LEADER = "leader"
+    NODE = "node"
+    WORKSTATION = "workstation"
+
+
+@dataclass(frozen=True)
+class Identity:
+    """A parsed identity: its trust domain, role and (for nodes and workstations) name."""
+
+    trust_domain: str
+    role: Role
+    name: str = ""
+
+    @property
+    def uri(self) -> str:
+        path = self.role.value if self.role is Role.LEADER else f"{self.role.value}/{self.name}"
+        return f"{SCHEME}{self.trust_domain}/{path}"
+
+    def __str__(self) -> str:
+        return self.uri
+
+
+def trust_domain(ca: x509.Certificate) -> str:
+    """``tlsroll-<16 hex>``: the first 64 bits of the SHA-256 of the CA's key."""
+    der = ca.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
+    return "tlsroll-" + hashlib.sha256(der).hexdigest()[:16]
+
+
+def leader(td: str) -> Identity:
+    return Identity(td, Role.LEADER)
+
+
+def node(td: str, name: str) -> Identity:
+    return Identity(td, Role.NODE, name)
+
+
+def workstation(td: str, name: str) -> Identity:
+    return Identity(td, Role.WORKSTATION, name)
+
+
+def parse(uri: str) -> Identity | None:
+    """The identity a URI names, or None if it is not one of ours."""
+    if not uri.startswith(SCHEME):
+        return None
+    td, _, path = uri.removeprefix(SCHEME).partition("/")
+    if not td.startswith("tlsroll-"):
+        return None
+    if path == Role.LEADER.value:
+        return Identity(td, Role.LEADER)
+    role, _, name = path.partition("/")
+    if role in (Role.NODE.value, Role.WORKSTATION.value) and name and "/" not in name:
+        return Identity(td, Role(role), name)
+    return None
+
+
+def of(cert: x509.Certificate) -> Identity | None:
+    """The one cluster identity ``cert`` carries; None if it has none, or more than one."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+    if len(uris) != 1:
+        return None
+    return parse(uris[0])
+
+
+def key_host(td: str, key_pin: str) -> str:
+    """The unresolvable DNS name that names a node's key (see the module's docstring)."""
+    return f"k{key_pin.removeprefix('sha256:')[:32]}.node.{td}.{INTERNAL_TLD}"
+
+
+def leader_host(td: str) -> str:
+    return f"leader.{td}.{INTERNAL_TLD}"
