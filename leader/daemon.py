@@ -27,6 +27,7 @@ from leader.agent_client import AgentPool
 from leader.commands import Commands
 from leader.config import LeaderConfig
 from leader.engine import Engine
+from leader.join_guard import GuardPolicy, JoinGuard
 from leader.layout import check_secret_dirs, ensure_leader_identity, read_passphrase
 from leader.schema_store import SchemaStore
 from leader.schema_view import SchemaViewService
@@ -103,7 +104,9 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     )
 
     join = grpc.aio.server(options=SERVER_OPTIONS)
-    enrolment_pb2_grpc.add_EnrolmentServicer_to_server(EnrolmentService(state), join)
+    enrolment = EnrolmentService(state)
+    enrolment.guard = JoinGuard(GuardPolicy(free=cfg.join_free_failures))
+    enrolment_pb2_grpc.add_EnrolmentServicer_to_server(enrolment, join)
     await add_standard_services(join, [_service(enrolment_pb2, "Enrolment")])
     bind(join, hostport(cfg.address, cfg.join_port), join_creds)
 

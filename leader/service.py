@@ -16,6 +16,7 @@ from typing import Any
 
 import grpc
 
+from leader import join_guard
 from leader.commands import NoRolloutYet, NoSuchRollout
 from leader.planner import AlreadyUndone, EmptyScope, NodesOffline, PlanError
 from leader.rollout_core import IllegalTransition
@@ -143,8 +144,10 @@ def claimed_names(name: str, addresses: Sequence[str], dns_names: Sequence[str])
 class EnrolmentService(enrolment_pb2_grpc.EnrolmentServicer):
     def __init__(self, state: LeaderState) -> None:
         self.state = state
+        self.guard = join_guard.JoinGuard()  # per-source backoff, sampled logs
 
     @map_errors(ERRORS)
+    @join_guard.guarded
     async def Enrol(
         self, request: enrolment_pb2.EnrolRequest, context: Ctx
     ) -> enrolment_pb2.EnrolResponse:
@@ -191,7 +194,7 @@ class EnrolmentService(enrolment_pb2_grpc.EnrolmentServicer):
                 now=self.state.clock(),
                 reserved=lambda: self.state.reserved_for(names.common_name),
             )
-        except (TokenRejected, NameTaken) as exc:
+        except NameTaken as exc:  # a refused token is logged (sampled) by join_guard
             log.warning(
                 "enrol.refused",
                 node=names.common_name,
