@@ -299,7 +299,11 @@ def set_up(work: Path, addresses: list[str], procs: Procs, cli: Cli) -> Path:
             f"{name}'s server on http://{address}:{HTTP_PORT}",
             functools.partial(port_open, address, HTTP_PORT),
         )
-        token = cli.run("token", "create", "--ttl", "10m", "--uses", "1", show=False).strip()
+        token = cli.run(
+            *("token", "create", "--node", name, "--address", address),
+            *("--ttl", "10m", "--uses", "1"),
+            show=False,
+        ).strip()
         token_file = node / "join-token"
         token_file.touch(0o600)
         token_file.write_text(token + "\n")

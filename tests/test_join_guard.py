@@ -8,7 +8,6 @@ to that address) while a good token from another source still enrols.
 from __future__ import annotations
 
 import contextlib
-import inspect
 import socket
 import threading
 import time
@@ -169,12 +168,8 @@ def test_a_flood_writes_a_bounded_number_of_lines() -> None:
 
 
 def join_token(cluster: Cluster, node: str, address: str) -> str:
-    """A one-use join token for ``node`` at ``address``: bound to them by a tlsroll that binds
-    tokens to a node (``token create --node``), a plain one before that."""
-    create: Any = cluster.create_token
-    if "node" in inspect.signature(create).parameters:
-        return str(create(node, address))
-    return str(create())
+    """A one-use join token for ``node`` at ``address``."""
+    return cluster.create_token(node, address)
 
 
 # --- end to end: a real leader ------------------------------------------------------------------
