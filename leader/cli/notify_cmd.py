@@ -41,7 +41,7 @@ _UTC_NAMES |= {"GMT", "Etc/GMT", "Etc/GMT0", "Etc/GMT+0", "Etc/GMT-0", "GMT0", "
 HTTP_PORT, HTTPS_PORT = 8080, 8443  # the seed's, for nodes no agent has reported yet
 MAX_DURATION = dt.timedelta(days=2)
 _WHEN_FORMATS = ("%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M", "%d.%m.%Y %H:%M")
-_DURATION = re.compile(r"^(?:(\d+)h)?(?:(\d+)m)?$")
+_DURATION = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?")
 _ACTIVE = {RolloutState.RUNNING, RolloutState.PAUSED, RolloutState.ABORTING, RolloutState.HALTING}
 _NOT_SWITCHED = {
     NodeState.FAILED,
@@ -133,7 +133,7 @@ def parse_when(text: str, zone: zoneinfo.ZoneInfo, now: dt.datetime) -> dt.datet
 
 def parse_duration(text: str) -> dt.timedelta:
     """``30m``, ``2h``, ``1h30m``: more than nothing, at most two days."""
-    m = _DURATION.match(text.strip())
+    m = _DURATION.fullmatch(text.strip())
     if not m or not any(m.groups()):
         raise click.BadParameter(f"{text!r}: use e.g. 30m, 2h or 1h30m", param_hint="--duration")
     span = dt.timedelta(hours=int(m.group(1) or 0), minutes=int(m.group(2) or 0))
