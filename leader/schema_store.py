@@ -505,6 +505,33 @@ class SchemaStore(LeaderStore):
             for r in rows
         ]
 
+    def removed_nodes(self) -> list[tuple[str, tuple[str, ...], dt.datetime]]:
+        """(name, addresses, removed at) of removed nodes, the most recent first."""
+        with self._db.read() as db:
+            rows = db.execute(
+                "SELECT name, addresses, removed_at FROM nodes WHERE removed_at IS NOT NULL"
+                " ORDER BY removed_at DESC, name"
+            ).fetchall()
+        return [
+            (
+                r["name"],
+                tuple(json.loads(r["addresses"])),
+                dt.datetime.fromisoformat(r["removed_at"]),
+            )
+            for r in rows
+        ]
+
+    def revoked_certificates(
+        self, now: dt.datetime, limit: int = FAILURES_SHOWN
+    ) -> list[sqlite3.Row]:
+        """Revoked, unexpired certificates (rows of ``certificates``), most recent first."""
+        with self._db.read() as db:
+            return db.execute(
+                "SELECT * FROM certificates WHERE revoked_at IS NOT NULL AND not_after > ?"
+                " ORDER BY revoked_at DESC, serial LIMIT ?",
+                (to_text(now), limit),
+            ).fetchall()
+
 
 def _refuse_if_busy(db: sqlite3.Connection) -> None:
     """Inside a write transaction: RolloutBusy if a rollout has not ended."""

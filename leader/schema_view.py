@@ -16,6 +16,7 @@ import grpc
 from leader.schema_store import BootstrapFailureRow, RolloutRow, SchemaStore
 from leader.wire import CHANGE, FREEZE, NODE_STATE, ROLLOUT_STATE, SCOPE_KIND, STRATEGY
 from tlsroll.rpc import map_errors, not_found, timestamp
+from tlsroll.sqlite import from_text
 from tlsroll.v1 import schema_pb2, schema_pb2_grpc
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -89,12 +90,30 @@ def schema_message(
     pending: set[str],
     now: dt.datetime,
     failures: Sequence[BootstrapFailureRow] = (),
+    removed: Sequence[tuple[str, tuple[str, ...], dt.datetime]] = (),
+    revoked: Sequence[Any] = (),
 ) -> schema_pb2.Schema:
     """The whole schema as ``GetSchema`` answers it (and ``schema show --json`` prints it)."""
     return schema_pb2.Schema(
         rollouts=[rollout_view(r, pending) for r in rows],
         generated_at=timestamp(now),
         bootstrap_failures=[failure_view(f) for f in failures],
+        removed_nodes=[
+            schema_pb2.RemovedNodeView(name=name, addresses=addresses, removed_at=timestamp(at))
+            for name, addresses, at in removed
+        ],
+        revoked_certificates=[
+            schema_pb2.RevokedCertificateView(
+                serial=r["serial"],
+                kind=r["kind"],
+                subject=r["subject"],
+                node=r["node"],
+                revoked_at=timestamp(from_text(r["revoked_at"])),
+                reason=r["revoke_reason"],
+                not_after=timestamp(from_text(r["not_after"])),
+            )
+            for r in revoked
+        ],
     )
 
 
@@ -116,4 +135,7 @@ class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
             rows = await asyncio.to_thread(self.schema.all)
         pending = await asyncio.to_thread(self.schema.pending_password_nodes)
         failures = await asyncio.to_thread(self.schema.bootstrap_failures)
-        return schema_message(rows, pending, self.clock(), failures)
+        now = self.clock()
+        removed = await asyncio.to_thread(self.schema.removed_nodes)
+        revoked = await asyncio.to_thread(self.schema.revoked_certificates, now)
+        return schema_message(rows, pending, now, failures, removed, revoked)

@@ -424,6 +424,14 @@ def test_removed_node_is_refused_and_its_names_are_free(tmp_path: Path) -> None:
         assert "gone" not in c.list_nodes()
         listed = c.cli("nodes", "--all")
         assert "removed" in listed.stdout
+        # The schema shows the removal and what it revoked.
+        shown = json.loads(c.cli("schema", "show", "--json").stdout)
+        assert [n["name"] for n in shown["removed_nodes"]] == ["gone"]
+        revoked = shown["revoked_certificates"]
+        assert sorted(r["kind"] for r in revoked) == ["node", "workstation"]
+        assert {r["reason"] for r in revoked} == {"node removed"}
+        text = c.cli("schema", "show").stdout
+        assert "removed node" in text and "revoked certificate" in text
         gone.stop()
         # Its name and address can be given to a new token and enrolled with a new key.
         token = c.create_token("gone", address)

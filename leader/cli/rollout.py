@@ -184,6 +184,29 @@ def render_rollout(r: schema_pb2.RolloutView) -> Group:
     return Group(head, times, table)
 
 
+def render_revocations(data: schema_pb2.Schema) -> Group:
+    """Removed nodes and revoked certificates (``tlsroll nodes remove``, ``… revoke``)."""
+    parts: list[Any] = []
+    if data.removed_nodes:
+        removed = Table("removed node", "addresses", "removed")
+        for n in data.removed_nodes:
+            removed.add_row(Text(n.name), ", ".join(n.addresses), fmt_time(n, "removed_at"))
+        parts.append(removed)
+    if data.revoked_certificates:
+        revoked = Table("revoked certificate", "kind", "of", "node", "revoked", "reason")
+        for c in data.revoked_certificates:
+            revoked.add_row(
+                c.serial,
+                c.kind,
+                Text(c.subject or "-"),
+                Text(c.node or "-"),
+                fmt_time(c, "revoked_at"),
+                Text(c.reason),
+            )
+        parts.append(revoked)
+    return Group(Text("removed and revoked", style="bold"), *parts)
+
+
 def render_failures(failures: Sequence[schema_pb2.BootstrapFailureView]) -> Group:
     """Failed passwords at the nodes' bootstrap services: a guessing attack shows up here.
     Peer-supplied strings are printed as plain text (no rich markup)."""
@@ -435,6 +458,8 @@ def schema_show(leader: Leader, rollout_id: str, as_json: bool, watch: bool) -> 
         out.print(render_rollout(r))
     if data.bootstrap_failures:
         out.print(render_failures(data.bootstrap_failures))
+    if data.removed_nodes or data.revoked_certificates:
+        out.print(render_revocations(data))
 
 
 def watch_schema(leader: Leader, rollout_id: str, as_json: bool, interval: float = 0.5) -> None:

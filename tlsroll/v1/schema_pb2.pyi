@@ -255,6 +255,8 @@ class Schema(_message.Message):
     ROLLOUTS_FIELD_NUMBER: _builtins.int
     GENERATED_AT_FIELD_NUMBER: _builtins.int
     BOOTSTRAP_FAILURES_FIELD_NUMBER: _builtins.int
+    REMOVED_NODES_FIELD_NUMBER: _builtins.int
+    REVOKED_CERTIFICATES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def rollouts(self) -> _containers.RepeatedCompositeFieldContainer[Global___RolloutView]: ...
     @_builtins.property
@@ -265,17 +267,98 @@ class Schema(_message.Message):
         last 30 days).
         """
 
+    @_builtins.property
+    def removed_nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___RemovedNodeView]:
+        """Nodes removed from the cluster (`tlsroll nodes remove`), the most recent first."""
+
+    @_builtins.property
+    def revoked_certificates(self) -> _containers.RepeatedCompositeFieldContainer[Global___RevokedCertificateView]:
+        """Revoked certificates that have not expired yet, the most recently revoked first (at most
+        100): the leader's revocation list as the agents get it.
+        """
+
     def __init__(
         self,
         *,
         rollouts: _abc.Iterable[Global___RolloutView] | None = ...,
         generated_at: _timestamp_pb2.Timestamp | None = ...,
         bootstrap_failures: _abc.Iterable[Global___BootstrapFailureView] | None = ...,
+        removed_nodes: _abc.Iterable[Global___RemovedNodeView] | None = ...,
+        revoked_certificates: _abc.Iterable[Global___RevokedCertificateView] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["generated_at", b"generated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bootstrap_failures", b"bootstrap_failures", "generated_at", b"generated_at", "rollouts", b"rollouts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bootstrap_failures", b"bootstrap_failures", "generated_at", b"generated_at", "removed_nodes", b"removed_nodes", "revoked_certificates", b"revoked_certificates", "rollouts", b"rollouts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Schema: _TypeAlias = Schema  # noqa: Y015
+
+@_typing.final
+class RemovedNodeView(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    ADDRESSES_FIELD_NUMBER: _builtins.int
+    REMOVED_AT_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    @_builtins.property
+    def addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def removed_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        addresses: _abc.Iterable[_builtins.str] | None = ...,
+        removed_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["removed_at", b"removed_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "name", b"name", "removed_at", b"removed_at"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RemovedNodeView: _TypeAlias = RemovedNodeView  # noqa: Y015
+
+@_typing.final
+class RevokedCertificateView(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SERIAL_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    NODE_FIELD_NUMBER: _builtins.int
+    REVOKED_AT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    NOT_AFTER_FIELD_NUMBER: _builtins.int
+    serial: _builtins.str
+    kind: _builtins.str
+    """node | server | workstation | leader | other"""
+    subject: _builtins.str
+    """The node's or workstation's name."""
+    node: _builtins.str
+    """The node it was issued to or for."""
+    reason: _builtins.str
+    @_builtins.property
+    def revoked_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def not_after(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        serial: _builtins.str = ...,
+        kind: _builtins.str = ...,
+        subject: _builtins.str = ...,
+        node: _builtins.str = ...,
+        revoked_at: _timestamp_pb2.Timestamp | None = ...,
+        reason: _builtins.str = ...,
+        not_after: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["not_after", b"not_after", "revoked_at", b"revoked_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "node", b"node", "not_after", b"not_after", "reason", b"reason", "revoked_at", b"revoked_at", "serial", b"serial", "subject", b"subject"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RevokedCertificateView: _TypeAlias = RevokedCertificateView  # noqa: Y015
