@@ -21,6 +21,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
 from tests.cluster import Cluster, Daemon, child_env, one_line_error
 from tests.conftest import next_loopback
@@ -348,3 +350,19 @@ def test_agent_refuses_a_join_token_file_another_user_owns(idle: Cluster) -> Non
     finally:
         idle.stop_leader()
     assert str(token_file) in line and "owned by nobody" in line
+
+
+def test_every_kind_of_call_passes_the_relay(leader: Cluster) -> None:
+    """The guard wraps unary and streaming handlers alike: health Check (unary), health Watch
+    (a server stream) and reflection (a bidirectional stream) answer through the socket."""
+    with grpc.insecure_channel(f"unix:{leader.admin_socket}") as channel:
+        health = health_pb2_grpc.HealthStub(channel)
+        assert health.Check(health_pb2.HealthCheckRequest(), timeout=10).status == 1
+        watch = health.Watch(health_pb2.HealthCheckRequest(), timeout=10)
+        assert next(iter(watch)).status == 1
+        watch.cancel()
+        stub = reflection_pb2_grpc.ServerReflectionStub(channel)
+        request = reflection_pb2.ServerReflectionRequest(list_services="")
+        (reply,) = list(stub.ServerReflectionInfo(iter([request]), timeout=10))
+        names = {s.name for s in reply.list_services_response.service}
+        assert "tlsroll.v1.Admin" in names
