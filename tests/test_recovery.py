@@ -25,6 +25,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import subprocess
 import sys
 import threading
@@ -48,7 +49,21 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
     with Cluster(tmp_path_factory.mktemp("recovery"), next_loopback()) as c:
         c.init()
         c.start_leader()
+        announce_epoch(c, 1)
         yield c
+
+
+def announce_epoch(cluster: Cluster, epoch: int) -> None:
+    """The stand-in leader commands with epoch 1, and agents obey only an epoch the leader
+    announced: raise the leader's epoch floor (what ``tlsroll epoch advance`` keeps) in its
+    store, so that its heartbeat replies announce it."""
+    with contextlib.closing(sqlite3.connect(cluster.store_path, timeout=10)) as db:
+        db.execute(
+            "INSERT INTO meta (key, value) VALUES ('epoch_floor', ?)"
+            " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (str(epoch),),
+        )
+        db.commit()
 
 
 @pytest.fixture
