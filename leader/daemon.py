@@ -26,6 +26,7 @@ from leader.admin_socket import AdminRelay
 from leader.agent_client import AgentPool
 from leader.commands import Commands
 from leader.config import LeaderConfig
+from leader.db import check_store, mark_store
 from leader.engine import Engine
 from leader.join_guard import GuardPolicy, JoinGuard
 from leader.layout import check_secret_dirs, ensure_leader_identity, read_passphrase
@@ -83,8 +84,11 @@ def load_state(cfg: LeaderConfig) -> LeaderState:
     names = pki.Names.of(LEADER_NAME, [cfg.address], cfg.dns_names)
     if ensure_leader_identity(layout, ca, names):
         log.info("leader.certificate_reissued", reason="identity or names changed")
+    check_store(layout.store)  # lost state stops the leader; it never starts empty instead
+    store = Store(layout.store)
+    mark_store(layout.store)
     return LeaderState(
-        store=Store(layout.store),
+        store=store,
         ca=ca,
         clock=lambda: dt.datetime.now(dt.UTC),
         heartbeat_interval=cfg.heartbeat_interval,

@@ -9,6 +9,12 @@ daemon's ``SchemaStore`` uses the ``Database`` of its ``Store``.
 
 To change the schema, append a migration to ``MIGRATIONS`` (see ``tlsroll.sqlite``); never edit
 one that was released.
+
+Lost state is loud: once the leader has made the file it leaves ``leader.sqlite3.created``
+beside it (``mark_store``), and ``check_store`` refuses a store that is then missing, or one
+that is empty (0 bytes) or damaged, with one line saying how to recover (restore it from a
+backup). There is no ``--reinitialise`` for the leader yet: an empty store would forget every
+enrolled node, and the leader cannot re-learn them from their agents.
 """
 
 from __future__ import annotations
@@ -19,7 +25,9 @@ import sqlite3
 from pathlib import Path
 from typing import Any
 
-from tlsroll.sqlite import Database, Migration, statements, to_text
+from tlsroll.errors import TerminalError
+from tlsroll.fsutil import PRIVATE, write_atomic
+from tlsroll.sqlite import Database, Migration, damage, statements, to_text
 
 # Migration 1: the tables of tlsroll 0.1.0, whose Store set user_version=1 (nodes, tokens,
 # audit) and whose SchemaStore added its tables unversioned on every open.
@@ -198,6 +206,38 @@ def _adopt(conn: sqlite3.Connection, found: int) -> None:
 def open_db(path: Path) -> Database:
     """Open (or create) ``leader.sqlite3``, migrated to the current schema."""
     return Database(path, MIGRATIONS, adopt=_adopt)
+
+
+class StoreLost(TerminalError):
+    """The leader's store is missing, empty or damaged: the leader does not start on it."""
+
+
+def _created_mark(path: Path) -> Path:
+    return path.with_name(path.name + ".created")
+
+
+def check_store(path: Path) -> None:
+    """Refuse a lost store (see the module docstring); blocking, before ``open_db``."""
+    problem = damage(path, expected=_created_mark(path).exists())
+    if problem is not None:
+        raise StoreLost(
+            f"store {path}: {problem}; restore it from a backup with the leader stopped (it holds"
+            " the enrolled nodes, join tokens and rollouts; the leader cannot re-learn them, so"
+            " it does not start without it)"
+        )
+
+
+def mark_store(path: Path) -> None:
+    """Say beside the store that it exists, so that a missing one is known to be lost."""
+    mark = _created_mark(path)
+    if not mark.exists():
+        stamp = dt.datetime.now(dt.UTC).isoformat(timespec="seconds")
+        write_atomic(
+            mark,
+            f"tlsroll-leader made {path.name} here by {stamp}. While this file exists the leader"
+            f" does not start without {path.name}: restore it from a backup.\n".encode(),
+            PRIVATE,
+        )
 
 
 class LeaderStore:

@@ -30,8 +30,8 @@ from tenacity import (
 from nodeagent.bootstrap_supervisor import BootstrapHost
 from nodeagent.config import AgentConfig
 from nodeagent.drivers import make_driver
-from nodeagent.identity import Identity, enrol, load_identity
-from nodeagent.journal import Journal
+from nodeagent.identity import Identity, enrol, load_identity, paths
+from nodeagent.journal import open_journal
 from nodeagent.leader_link import LeaderLink
 from nodeagent.service import NodeAgentService
 from nodeagent.transaction import Runner, TransactionDied
@@ -68,7 +68,7 @@ async def obtain_identity(cfg: AgentConfig) -> Identity:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-async def serve(cfg: AgentConfig) -> None:
+async def serve(cfg: AgentConfig, *, reinitialise: bool = False) -> None:
     stop = stop_event()
     # The driver first: it finishes reading [server], so a bad key there stops the agent
     # before it creates anything.
@@ -76,7 +76,9 @@ async def serve(cfg: AgentConfig) -> None:
         make_driver(cfg.server, cfg.addresses[0], cfg.data_dir) if cfg.server is not None else None
     )
     make_private_dir(cfg.data_dir)
-    journal = Journal(journal_path(cfg))
+    # Enrolled (the journal is made before the enrolment): a missing journal is lost, not new.
+    enrolled = any(p.exists() for p in paths(cfg.data_dir))
+    journal = open_journal(journal_path(cfg), expected=enrolled, reinitialise=reinitialise)
     runner = Runner(journal, driver, now) if driver is not None else None
     if runner is not None:
         # First thing: a transaction cut short by a crash is carried on, so that no node
@@ -148,11 +150,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tlsroll-agent", description="tlsroll node agent")
     parser.add_argument("--config", type=Path, required=True, help="agent.toml")
     parser.add_argument("--version", action="version", version=f"tlsroll-agent {__version__}")
+    parser.add_argument(
+        "--reinitialise",
+        action="store_true",
+        help="start with an empty journal in place of a missing, empty or damaged one (the lost"
+        " file is kept beside it); refused if the journal is intact",
+    )
     ns = parser.parse_args(argv)
     logs.configure()
     try:
         cfg = AgentConfig.load(ns.config)
-        asyncio.run(serve(cfg))
+        asyncio.run(serve(cfg, reinitialise=ns.reinitialise))
     except ConfigError as exc:
         print(f"tlsroll-agent: {exc}", file=sys.stderr)
         return 2

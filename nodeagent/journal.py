@@ -7,6 +7,11 @@ again, so a crash between "act" and "record" repeats an action that is idempoten
 that is not. The journal also remembers the highest rollout epoch seen, to refuse stale
 leaders, and the staged certificate of each rollout.
 
+Lost state is loud: ``open_journal`` refuses a journal that is missing although the agent is
+enrolled (it had one), empty (0 bytes) or damaged, with one line naming the file and the two
+ways on (restore it from a backup, or ``tlsroll-agent --reinitialise``, which moves the lost
+file aside and starts an empty journal, logged as ``journal.reinitialised``).
+
 A transaction's ``plan`` is fixed when it starts (``update`` refuses to change it); what the
 runner learns on the way (``failed_phase``, ``restart_needed``) has columns of its own. Kind,
 phase and outcome are the enums' values as text (a pending outcome is ``''``, as in 0.1.0).
@@ -24,9 +29,12 @@ from pathlib import Path
 from typing import Any
 
 from nodeagent.transaction import Phase
+from tlsroll import logs
 from tlsroll.enums import TxnKind, TxnOutcome
 from tlsroll.errors import TerminalError
-from tlsroll.sqlite import Database, Migration
+from tlsroll.sqlite import Database, Migration, damage
+
+log = logs.get_logger(__name__)
 
 # Migration 1: the tables of tlsroll 0.1.0 (which left user_version at 0).
 _V1 = """
@@ -172,6 +180,59 @@ class JournalError(TerminalError):
     """A read or write of the journal failed (a full disk, a damaged file): the message names
     the file and SQLite's words and code, e.g. ``journal /var/lib/tlsroll/journal.sqlite3:
     database or disk is full (SQLITE_FULL)``."""
+
+
+class JournalLost(TerminalError):
+    """The journal is missing, empty or damaged: the agent does not start on it (the message
+    says how to recover)."""
+
+
+RECOVER = (
+    "restore it from a backup with the agent stopped, or start the agent once with"
+    " --reinitialise to begin an empty journal (this node then forgets its transactions and"
+    " staged certificates: check the managed server's config by hand, and run the rollout again)"
+)
+
+
+def open_journal(path: Path, *, expected: bool, reinitialise: bool = False) -> Journal:
+    """The journal at ``path``, refusing lost state (see the module docstring).
+
+    ``expected``: the agent had a journal (it is enrolled; the journal is made before the
+    enrolment). ``reinitialise``: the admin's explicit choice to start an empty journal in
+    place of a lost one; refused for an intact journal, which it would throw away."""
+    path = Path(path)
+    problem = damage(path, expected=expected)
+    if problem is None:
+        if reinitialise and path.exists():
+            raise JournalLost(
+                f"journal {path}: intact; --reinitialise is only for a missing, empty or"
+                " damaged journal: start the agent without it"
+            )
+        return Journal(path)
+    if not reinitialise:
+        raise JournalLost(f"journal {path}: {problem}; {RECOVER}")
+    kept = _move_aside(path)
+    log.warning(
+        "journal.reinitialised",
+        path=str(path),
+        problem=problem,
+        kept_as=[str(k) for k in kept],
+        detail="started with an empty journal on the admin's --reinitialise",
+    )
+    return Journal(path)
+
+
+def _move_aside(path: Path) -> list[Path]:
+    """Rename the journal and its -wal/-shm to ``NAME.lost-TIME…`` (kept for a post-mortem)."""
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    kept = []
+    for suffix in ("", "-wal", "-shm", "-journal"):
+        source = path.with_name(path.name + suffix)
+        if source.exists():
+            target = path.with_name(f"{path.name}.lost-{stamp}{suffix}")
+            source.rename(target)
+            kept.append(target)
+    return kept
 
 
 class Journal:

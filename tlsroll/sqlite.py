@@ -144,6 +144,34 @@ def migrate(
     return known
 
 
+def damage(path: Path, *, expected: bool) -> str | None:
+    """What makes the store file at ``path`` unfit to open as it is, or None if it is fine
+    (or missing and not ``expected``). Only reads the file.
+
+    A daemon calls this before ``Database`` so that lost state is never taken for a new store:
+    ``expected`` says its data dir shows the file was created before (then a missing file is
+    lost, not new); a file of 0 bytes is always lost (SQLite would take it for a new, empty
+    database); one SQLite cannot read, or whose ``quick_check`` fails, is damaged.
+    """
+    try:
+        size = path.stat().st_size
+    except FileNotFoundError:
+        return "missing" if expected else None
+    if size == 0:
+        return "empty (0 bytes)"
+    try:
+        conn = sqlite3.connect(path, timeout=10)
+        try:
+            rows = [str(r[0]) for r in conn.execute("PRAGMA quick_check(3)").fetchall()]
+        finally:
+            conn.close()
+    except sqlite3.Error as exc:
+        return f"damaged ({exc})"
+    if rows != ["ok"]:
+        return f"damaged (quick_check: {'; '.join(rows)})"
+    return None
+
+
 class Database:
     def __init__(
         self,

@@ -1,0 +1,141 @@
+"""Lost state is loud (issue 16): a leader store or an agent journal that is missing (though
+the data dir shows it existed), empty (0 bytes) or damaged (random bytes) stops the daemon with
+one line naming the file and how to recover, exit code 1, no traceback, and nothing new in its
+place; never a silent fresh start or "internal error" on every command. The agent's explicit
+``--reinitialise`` starts an empty journal and keeps the lost file beside it.
+
+The daemons are real processes (tests.cluster); the files are broken from outside while the
+daemon is stopped, and put back afterwards.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+from tests.cluster import Agent, Cluster, Daemon, one_line_error
+from tests.conftest import next_loopback
+
+EXIT_TIMEOUT = 15.0
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with Cluster(tmp_path_factory.mktemp("loss"), next_loopback()) as c:
+        c.init()
+        c.start_leader()
+        c.add_agent("lossy", next_loopback())
+        c.wait_for_nodes_online(["lossy"])
+        yield c
+
+
+def sqlite_files(path: Path) -> list[Path]:
+    return [path.with_name(path.name + suffix) for suffix in ("", "-wal", "-shm")]
+
+
+@contextlib.contextmanager
+def stopped(daemon: Daemon, path: Path, start: Callable[[], object]) -> Iterator[None]:
+    """The daemon stopped and its store file's copy kept; both put back at the end."""
+    assert daemon.stop() == 0
+    saved = path.read_bytes()
+    try:
+        yield
+    finally:
+        daemon.close()  # if a test left it running
+        for f in sqlite_files(path):
+            f.unlink(missing_ok=True)
+        path.write_bytes(saved)
+        path.chmod(0o600)
+        start()
+
+
+def break_file(path: Path, how: str) -> None:
+    for f in sqlite_files(path)[1:]:
+        f.unlink(missing_ok=True)
+    if how == "missing":
+        path.unlink()
+    elif how == "empty":
+        path.write_bytes(b"")
+    else:
+        path.write_bytes(os.urandom(64 * 1024))
+
+
+PROBLEM = {"missing": "missing", "empty": "empty (0 bytes)", "random": "damaged ("}
+
+
+def refused(daemon: Daemon, prog: str) -> str:
+    code, output = daemon.run_to_exit(timeout=EXIT_TIMEOUT)
+    assert code == 1, output
+    assert "Traceback" not in output
+    return one_line_error(output, prog, allow_grpc_core=True)
+
+
+@pytest.mark.parametrize("how", ["missing", "empty", "random"])
+def test_a_lost_leader_store_stops_the_leader_with_one_line(cluster: Cluster, how: str) -> None:
+    store = cluster.store_path
+    with stopped(cluster.leader, store, cluster.start_leader):
+        break_file(store, how)
+        before = store.read_bytes() if store.exists() else None
+        line = refused(cluster.leader, "tlsroll-leader")
+        assert line.startswith(f"tlsroll-leader: store {store}: {PROBLEM[how]}"), line
+        assert "restore it from a backup" in line
+        # nothing new in its place: no fresh, empty store was made
+        assert (store.read_bytes() if store.exists() else None) == before
+    cluster.wait_for_nodes_online(["lossy"])  # restored from the copy: the node is known again
+
+
+def agent_of(cluster: Cluster) -> Agent:
+    return cluster.agents["lossy"]
+
+
+def journal_of(agent: Agent) -> Path:
+    return agent.data_dir / "journal.sqlite3"
+
+
+@pytest.mark.parametrize("how", ["missing", "empty", "random"])
+def test_a_lost_journal_stops_the_agent_with_one_line(cluster: Cluster, how: str) -> None:
+    agent = agent_of(cluster)
+    journal = journal_of(agent)
+    with stopped(agent, journal, agent.start):
+        break_file(journal, how)
+        before = journal.read_bytes() if journal.exists() else None
+        line = refused(agent, "tlsroll-agent")
+        assert line.startswith(f"tlsroll-agent: journal {journal}: {PROBLEM[how]}"), line
+        assert "restore it from a backup" in line and "--reinitialise" in line
+        assert (journal.read_bytes() if journal.exists() else None) == before
+    cluster.wait_for_nodes_online(["lossy"])
+
+
+def test_reinitialise_starts_an_empty_journal_and_keeps_the_lost_one(cluster: Cluster) -> None:
+    agent = agent_of(cluster)
+    journal = journal_of(agent)
+    argv = list(agent.argv)
+    with stopped(agent, journal, agent.start):
+        break_file(journal, "random")
+        damaged = journal.read_bytes()
+        agent.argv = [*argv, "--reinitialise"]
+        try:
+            agent.start()
+        finally:
+            agent.argv = argv
+        cluster.wait_for_nodes_online(["lossy"])
+        (event,) = [e for e in agent.log_events() if e.get("event") == "journal.reinitialised"]
+        assert event["path"] == str(journal) and event["problem"].startswith("damaged (")
+        (kept,) = [Path(k) for k in event["kept_as"]]
+        assert kept.parent == journal.parent and kept.read_bytes() == damaged
+        assert journal.exists() and journal.read_bytes() != damaged
+
+        # Once is enough: an intact journal is never thrown away by the flag.
+        assert agent.stop() == 0
+        agent.argv = [*argv, "--reinitialise"]
+        try:
+            line = refused(agent, "tlsroll-agent")
+        finally:
+            agent.argv = argv
+        assert line.startswith(f"tlsroll-agent: journal {journal}: intact;"), line
+        kept.unlink()
+    cluster.wait_for_nodes_online(["lossy"])
