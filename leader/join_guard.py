@@ -240,6 +240,7 @@ def guarded(method: F) -> F:
             guard.done(source, failed=None)
             raise
         guard.done(source, failed=False)
+        _log_summary(guard)  # what a flood that has stopped left unsaid
         return result
 
     return wrapper  # type: ignore[return-value]
