@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import sqlite3
 import threading
 import time
 from collections.abc import Iterator
@@ -261,3 +262,22 @@ def test_a_flood_of_wrong_tokens_is_held_off_and_a_good_token_still_enrols(
     reply = enrol(cluster, enrol_request(token, "good", address))
     assert reply.certificate_pem
     assert cluster.find_secrets(cluster.logs_text()) == []
+
+
+def test_a_wrong_token_is_refused_while_another_process_holds_the_write_lock(
+    cluster: Cluster,
+) -> None:
+    """A wrong token is turned away by a read: it neither waits for nor takes the store's
+    write lock (WAL readers never wait for a writer)."""
+    holder = sqlite3.connect(cluster.store_path, isolation_level=None, timeout=1)
+    try:
+        holder.execute("BEGIN IMMEDIATE")  # the write lock, held for the whole attempt
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as info:
+            enrol(cluster, enrol_request(f"{'c' * 6}.{'d' * 26}", "locked", next_loopback()))
+        elapsed = time.monotonic() - started
+    finally:
+        holder.execute("ROLLBACK")
+        holder.close()
+    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, info.value.details()
+    assert elapsed < 5  # the store's busy timeout is 10 s
