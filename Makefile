@@ -8,8 +8,10 @@ STAMP  := $(VENV)/.installed
 # The browser tests (tests/test_viewer.py) drive Debian's Chromium through Playwright, which
 # must never download a browser of its own.
 CHROMIUM := /usr/bin/chromium
-# tests/test_deploy.py checks the systemd units with Debian's systemd-analyze.
+# tests/test_deploy.py checks the systemd units with Debian's systemd-analyze and runs them
+# under systemd in a container (systemd-nspawn).
 SYSTEMD_ANALYZE := /usr/bin/systemd-analyze
+NSPAWN := /usr/bin/systemd-nspawn
 # The multiprocess tests mostly wait on daemons: one pytest worker per core (pytest-xdist).
 PYTEST_ARGS ?= -n auto
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
@@ -36,7 +38,7 @@ proto: $(STAMP)
 proto-check: $(STAMP)
 	$(PY) tools/protogen.py --check
 
-pytest: $(STAMP) | $(CHROMIUM) $(SYSTEMD_ANALYZE)
+pytest: $(STAMP) | $(CHROMIUM) $(SYSTEMD_ANALYZE) $(NSPAWN)
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
 
 # Installed once when missing (CI runs as root on a fresh machine); `make demo` does not need it.
@@ -57,6 +59,15 @@ $(SYSTEMD_ANALYZE):
 	apt-get update -qq
 	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd
 	@test -x $(SYSTEMD_ANALYZE) || { echo "make: apt-get installed systemd, but $(SYSTEMD_ANALYZE) is missing" >&2; exit 1; }
+
+$(NSPAWN): | $(SYSTEMD_ANALYZE)
+	@if [ "$$(id -u)" != 0 ] || ! command -v apt-get >/dev/null; then \
+	  echo "make: the deploy tests need $(NSPAWN): install Debian's systemd-container package (as root: apt-get install systemd-container)" >&2; \
+	  exit 1; \
+	fi
+	apt-get update -qq
+	DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends systemd-container
+	@test -x $(NSPAWN) || { echo "make: apt-get installed systemd-container, but $(NSPAWN) is missing" >&2; exit 1; }
 
 test: lint typecheck proto-check pytest
 

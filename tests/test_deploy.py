@@ -11,8 +11,14 @@
   installed units verify. A re-run keeps a unit the admin changed; ``uninstall`` keeps config
   and data, ``--purge`` removes them.
 * A bad argument or a too old Python changes nothing: every overlay's upper layer stays empty.
+* Under a real systemd (booted by systemd-nspawn in a container on an overlay of this machine's
+  root, no network): the installed leader unit starts, and the installed agent unit's sandbox,
+  running a probe in place of the agent, leaves exactly the capabilities it claims while the
+  agent can still restart another unit, write the managed server's config and use grpcio and
+  cryptography without writable-and-executable memory. ``make pytest`` installs
+  systemd-container when /usr/bin/systemd-nspawn is missing.
 
-The throwaway root needs root (mount namespaces); CI runs ``make test`` as root.
+The throwaway root and the container need root; CI runs ``make test`` as root.
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "deploy" / "systemd"
 INSTALL_SH = ROOT / "deploy" / "install.sh"
 SYSTEMD_ANALYZE = Path("/usr/bin/systemd-analyze")
+NSPAWN = Path("/usr/bin/systemd-nspawn")
 UNIT_NAMES = ("tlsroll-leader.service", "tlsroll-agent.service")
 MAX_EXPOSURE = 4.5
 # What a server's root is made of here; everything install.sh writes is below one of these.
@@ -312,3 +319,122 @@ def test_the_bundle_installs_offline_then_init_runs_as_printed(
     throwaway.ok(f"{install} uninstall --purge")
     throwaway.ok(f"! test -e /var/lib/tlsroll && ! test -e /etc/tlsroll && ! test -e {dropin}")
     throwaway.ok("! getent passwd tlsroll")
+
+
+# --- the units under a real systemd ---------------------------------------------------------------
+
+PROBE = r"""#!/bin/bash
+# Runs as PID 1's only job in the container: install, init, start the leader, run the agent's
+# unit with a probe in place of the agent, power off.
+exec >/probe-out/probe.log 2>&1
+trap 'systemctl poweroff --no-block' EXIT
+set -x
+cd /probe-bundle
+./install.sh leader --address 127.0.0.1 --node-name srv1 >/probe-out/install-leader 2>&1 || exit 1
+init=$(grep -o 'runuser -u tlsroll -- .* init .*' /probe-out/install-leader)
+eval "$init" || exit 1
+./install.sh agent >/probe-out/install-agent 2>&1 || exit 1
+mkdir -p /etc/praxis /etc/systemd/system/tlsroll-agent.service.d
+cat >/etc/systemd/system/tlsroll-agent.service.d/probe.conf <<EOF
+[Service]
+Type=oneshot
+Restart=no
+WatchdogSec=0
+ExecStart=
+ExecStart=/bin/bash /probe/agent.sh
+ReadWritePaths=/probe-out
+EOF
+systemctl daemon-reload
+systemd-run --quiet --unit=praxis-dummy sleep infinity
+systemctl start tlsroll-leader.service && echo LEADER-STARTED >>/probe-out/leader
+tlsroll ca show >>/probe-out/leader 2>&1 && echo CA-SHOW-OK >>/probe-out/leader
+pid=$(systemctl show -p MainPID --value tlsroll-leader.service)
+grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/$pid/status >>/probe-out/leader
+systemctl start tlsroll-agent.service
+"""
+
+AGENT_PROBE = r"""#!/bin/bash
+# In place of tlsroll-agent, with the installed unit's sandbox: what may it do?
+exec >/probe-out/agent 2>&1
+grep -E '^(Uid|CapEff|NoNewPrivs|Seccomp):' /proc/self/status
+systemctl restart praxis-dummy.service && echo RESTART-OK
+/opt/tlsroll/bin/python -c '
+import mmap, grpc, aiohttp
+from cryptography.hazmat.primitives.asymmetric import ec
+ec.generate_private_key(ec.SECP256R1())
+try:
+    mmap.mmap(-1, 4096, prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+except OSError:
+    print("WX-DENIED")
+print("PYTHON-OK")'
+echo x >/etc/praxis/server.toml && echo WRITE-SERVER-CONFIG-OK
+echo x >/etc/tlsroll/elsewhere 2>/dev/null || echo WRITE-ETC-DENIED
+echo x >/var/lib/tlsroll-agent/probe && echo WRITE-DATA-OK
+[ -z "$(ls -A /root 2>/dev/null)" ] && echo HOME-HIDDEN
+"""
+
+
+@pytest.mark.timeout(400)
+def test_the_installed_units_run_under_systemd(bundle: Path, tmp_path: Path) -> None:
+    """Boot systemd in a container (systemd-nspawn on an overlay of this machine's root, no
+    network), install there, and run the real units: the leader starts (Type=notify) without
+    capabilities; the agent's sandbox leaves exactly CAP_DAC_OVERRIDE and CAP_KILL, still lets
+    it restart another unit through systemctl, write the managed server's config and its data
+    dir, and refuses writable-and-executable memory, which grpcio and cryptography do without."""
+    if os.geteuid() != 0:
+        pytest.skip("needs root to boot a container (CI runs `make test` as root)")
+    if not NSPAWN.exists():
+        pytest.fail(f"{NSPAWN} is missing: `make pytest` installs Debian's systemd-container")
+    probe, out, layers = tmp_path / "probe", tmp_path / "out", tmp_path / "layers"
+    for d in (probe, out, layers):
+        d.mkdir()
+    (probe / "probe.sh").write_text(PROBE)
+    (probe / "agent.sh").write_text(AGENT_PROBE)
+    (probe / "tlsroll-probe.service").write_text(
+        "[Service]\nType=oneshot\nExecStart=/bin/bash /probe/probe.sh\n"
+    )
+    (probe / "tlsroll-probe.target").write_text(
+        "[Unit]\nRequires=tlsroll-probe.service\nAfter=tlsroll-probe.service\n"
+    )
+    units = " ".join(
+        f"--bind-ro={probe / name}:/etc/systemd/system/{name}"
+        for name in ("tlsroll-probe.service", "tlsroll-probe.target")
+    )
+    # A private mount namespace: the container's root is an overlay of ours, and what nspawn
+    # keeps in /run stays in a tmpfs.
+    script = f"""set -e
+mount -t tmpfs tmpfs /run
+mount -t tmpfs tmpfs {layers}
+mkdir {layers}/upper {layers}/work {layers}/root
+mount -t overlay overlay -o lowerdir=/,upperdir={layers}/upper,workdir={layers}/work {layers}/root
+exec systemd-nspawn --quiet --directory={layers}/root --private-network --register=no \\
+  --keep-unit --link-journal=no --machine=tlsroll-test \\
+  --bind-ro={probe}:/probe --bind-ro={bundle}:/probe-bundle --bind={out}:/probe-out {units} \\
+  --boot -- systemd.unit=tlsroll-probe.target
+"""
+    try:
+        console = subprocess.run(
+            ["unshare", "--mount", "--propagation", "private", "bash", "-c", script],
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=240,
+        )
+    except subprocess.TimeoutExpired as exc:
+        pytest.fail(f"the container did not power off within {exc.timeout}s")
+    files = {p.name: p.read_text() for p in out.iterdir()}
+    report = f"console:\n{console.stdout[-3000:]}{console.stderr[-2000:]}\n" + "\n".join(
+        f"--- {name}\n{text}" for name, text in sorted(files.items())
+    )
+    leader = files.get("leader", "")
+    assert "LEADER-STARTED" in leader and "CA-SHOW-OK" in leader, report
+    assert re.search(r"CapEff:\s+0+\n", leader), report
+    assert re.search(r"NoNewPrivs:\s+1\n", leader) and re.search(r"Seccomp:\s+2\n", leader), report
+    agent = files.get("agent", "")
+    assert re.search(r"Uid:\s+0\s", agent), report
+    assert re.search(r"CapEff:\s+0+22\n", agent), report  # CAP_DAC_OVERRIDE | CAP_KILL
+    assert re.search(r"Seccomp:\s+2\n", agent), report
+    allowed = ["RESTART-OK", "PYTHON-OK", "WRITE-SERVER-CONFIG-OK", "WRITE-DATA-OK"]
+    refused = ["WX-DENIED", "WRITE-ETC-DENIED", "HOME-HIDDEN"]
+    for word in allowed + refused:
+        assert word in agent, report
