@@ -14,6 +14,7 @@ import datetime as dt
 import os
 import re
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -27,7 +28,14 @@ from nodeagent.drivers import Driver, DriverError, ServerFacts
 from nodeagent.identity import Identity
 from nodeagent.journal import Journal, Staged, Txn
 from nodeagent.plans import Built, PlanRefused
-from nodeagent.transaction import DRAIN_TIMEOUT, Phase, Runner
+from nodeagent.transaction import (
+    DRAIN_TIMEOUT,
+    UNFREEZE_BACKOFF,
+    Phase,
+    Runner,
+    describe,
+    worth_logging,
+)
 from nodeagent.trust import EpochNotAnnounced, LeaderTrust, NotTheLeader, Revoked
 from nodeagent.wire import CHANGE, TXN_KIND, TXN_OUTCOME, TXN_PHASE
 from tlsroll import __version__, logs, password, pki
@@ -156,20 +164,35 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
     async def watch_freeze_lease(self) -> None:
         """Lift a scope freeze whose lease ran out: the leader is gone or cut off, and a node
         must not stay frozen because of that. Never while a transaction runs (it owns the
-        freeze until it ends)."""
+        freeze until it ends). A failure (the server refuses the unfreeze, the journal cannot be
+        read) is retried with the transactions' backoff and logged at their bounded rate; it
+        never ends the watch."""
+        failures, logged = 0, time.monotonic()
         while True:
-            await asyncio.sleep(LEASE_CHECK_SECONDS)
-            lease = await asyncio.to_thread(self.journal.freeze_lease)
-            if lease is None or self.driver is None or self.clock() < lease[1]:
-                continue
-            if await asyncio.to_thread(self.journal.unfinished):
-                continue
+            wait = UNFREEZE_BACKOFF.delay(failures) if failures else LEASE_CHECK_SECONDS
+            await asyncio.sleep(wait)
             try:
+                lease = await asyncio.to_thread(self.journal.freeze_lease)
+                if lease is None or self.driver is None or self.clock() < lease[1]:
+                    failures = 0
+                    continue
+                if await asyncio.to_thread(self.journal.unfinished):
+                    failures = 0
+                    continue
                 await self.driver.unfreeze()
-            except DriverError as exc:
-                log.error("scope_freeze.lease_unfreeze_failed", error=str(exc))
+                await asyncio.to_thread(self.journal.set_freeze_lease, None)
+            except Exception as exc:
+                failures += 1
+                if worth_logging(failures, time.monotonic() - logged):
+                    logged = time.monotonic()
+                    log.error(
+                        "scope_freeze.lease_unfreeze_failed",
+                        attempt=failures,
+                        retry_in=UNFREEZE_BACKOFF.delay(failures),
+                        error=describe(exc),
+                    )
                 continue
-            await asyncio.to_thread(self.journal.set_freeze_lease, None)
+            failures = 0
             log.warning(
                 "scope_freeze.lease_expired",
                 rollout_id=lease[0],

@@ -170,7 +170,7 @@ class TransactionDied(TerminalError):
     message is the daemon's one line)."""
 
 
-def _describe(exc: BaseException) -> str:
+def describe(exc: BaseException) -> str:
     """Our own errors say what happened; an OSError its path and errno; anything else (an
     admin's command printing JSON without a field, a journal write, say) also names its type."""
     if isinstance(exc, OSError):
@@ -180,7 +180,7 @@ def _describe(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc}"
 
 
-def _worth_logging(attempt: int, since_logged: float) -> bool:
+def worth_logging(attempt: int, since_logged: float) -> bool:
     """Retries are logged at a bounded rate: the first three, then the 4th, 8th, 16th ...,
     and at least one every ``UNFREEZE_LOG_EVERY`` seconds."""
     return attempt <= 3 or attempt & (attempt - 1) == 0 or since_logged >= UNFREEZE_LOG_EVERY
@@ -191,7 +191,7 @@ def _log_crash(task: asyncio.Task[Txn]) -> None:
     but the log has to say why it stopped now."""
     exc = None if task.cancelled() else task.exception()
     if isinstance(exc, Exception):
-        log.error("txn.crashed", task=task.get_name(), error=_describe(exc))
+        log.error("txn.crashed", task=task.get_name(), error=describe(exc))
 
 
 @dataclass(frozen=True)
@@ -332,7 +332,7 @@ class Runner:
                 return await self.run(txn)
             except Exception as exc:
                 deaths += 1
-                error = _describe(exc)
+                error = describe(exc)
                 if deaths > TASK_RESTARTS:
                     await self._die(txn, deaths, error)
                     raise
@@ -349,7 +349,7 @@ class Runner:
             try:
                 latest = await asyncio.to_thread(self.journal.get, txn.rollout_id, txn.kind)
             except Exception as exc:  # counted at the next death: run() needs the journal too
-                log.error("txn.journal_unreadable", rollout_id=txn.rollout_id, error=_describe(exc))
+                log.error("txn.journal_unreadable", rollout_id=txn.rollout_id, error=describe(exc))
                 latest = None
             if latest is not None and latest.finished:
                 return latest
@@ -367,7 +367,7 @@ class Runner:
                     await self.driver.unfreeze()
                     break
                 except (DriverError, OSError) as exc:
-                    lifted = f"could not lift the freeze: {_describe(exc)}"
+                    lifted = f"could not lift the freeze: {describe(exc)}"
                     if attempt < EXIT_UNFREEZE_ATTEMPTS:
                         await self.sleep(UNFREEZE_BACKOFF.delay(attempt))
         self.fatal = (
@@ -408,14 +408,14 @@ class Runner:
             except (DriverError, OSError) as exc:
                 attempt += 1
                 wait = UNFREEZE_BACKOFF.delay(attempt)
-                if _worth_logging(attempt, time.monotonic() - logged):
+                if worth_logging(attempt, time.monotonic() - logged):
                     logged = time.monotonic()
                     log.error(
                         "txn.owed_unfreeze_failed",
                         rollout_id=owed,
                         attempt=attempt,
                         retry_in=wait,
-                        error=_describe(exc),
+                        error=describe(exc),
                     )
                 await self.sleep(wait)
                 continue
@@ -438,7 +438,7 @@ class Runner:
                     action, txn, plan, 1 if forward else BACKWARD_ATTEMPTS
                 )
             except Exception as exc:  # any failure rolls back: a node must never stay frozen
-                detail = _describe(exc)
+                detail = describe(exc)
                 reason = detail if detail.startswith(f"{action}:") else f"{action}: {detail}"
                 if forward:
                     log.warning(
@@ -473,7 +473,7 @@ class Runner:
                 try:
                     await self.on_complete()
                 except Exception as exc:  # the transaction is done; a listener's trouble is not
-                    log.error("txn.on_complete_failed", error=_describe(exc))
+                    log.error("txn.on_complete_failed", error=describe(exc))
         return txn
 
     async def _record(self, write: Callable[..., Txn], txn: Txn, *args: Any, **changes: Any) -> Txn:
@@ -497,7 +497,7 @@ class Runner:
                 kind=txn.kind,
                 step=action,
                 attempt=state.attempt_number,
-                error=_describe(exc) if isinstance(exc, Exception) else "",
+                error=describe(exc) if isinstance(exc, Exception) else "",
             )
 
         async for attempt in AsyncRetrying(
@@ -529,8 +529,7 @@ class Runner:
             except (DriverError, OSError) as exc:
                 owed = True
                 why += (
-                    f"; and could not lift the freeze yet: {_describe(exc)}"
-                    " (the agent keeps trying)"
+                    f"; and could not lift the freeze yet: {describe(exc)} (the agent keeps trying)"
                 )
         txn = await self._record(
             self.journal.fail,
@@ -665,7 +664,7 @@ class Runner:
             except (DriverError, OSError) as exc:
                 attempt += 1
                 wait = UNFREEZE_BACKOFF.delay(attempt)
-                if _worth_logging(attempt, time.monotonic() - logged):
+                if worth_logging(attempt, time.monotonic() - logged):
                     logged = time.monotonic()
                     log.error(
                         "txn.unfreeze_failed",
@@ -673,7 +672,7 @@ class Runner:
                         kind=txn.kind,
                         attempt=attempt,
                         retry_in=wait,
-                        error=_describe(exc),
+                        error=describe(exc),
                     )
                 await self.sleep(wait)
                 continue

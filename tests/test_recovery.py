@@ -36,12 +36,13 @@ from typing import Any
 import grpc
 import pytest
 
-from nodeagent import ports
+from nodeagent import ports, transaction
 from refserver.server import WRITE_DELAY_ENV
 from tests.cluster import Cluster, one_line_error, wait_until
 from tests.conftest import next_loopback
-from tests.nodeside import Node, NodeFactory, alive, read_only
+from tests.nodeside import RPC_TIMEOUT, Node, NodeFactory, alive, read_only
 from tests.refserver_helper import Response
+from tlsroll.v1 import agent_pb2
 
 
 @pytest.fixture(scope="module")
@@ -233,6 +234,39 @@ def test_an_unfreeze_that_fails_for_a_while_is_retried_until_the_node_is_unfroze
     assert [e["attempt"] for e in failed][:3] == [1, 2, 3]
     assert all(e["retry_in"] <= 30 for e in failed)
     assert "unfreeze_done" in " ".join(node.agent.event_names())
+
+
+def test_a_lapsed_scope_freeze_is_lifted_once_the_server_takes_the_unfreeze(
+    make_node: NodeFactory,
+) -> None:
+    """A scope freeze whose lease ran out (the leader is gone) while the server cannot persist
+    an unfreeze: the agent's lease watch retries with backoff and logs at a bounded rate (it
+    used to log every second), and lifts the freeze once the server takes it."""
+    node = make_node()
+    with node.stub() as stub:
+        stub.Freeze(
+            agent_pb2.FreezeRequest(command=node.command("sf"), lease_seconds=1),
+            timeout=RPC_TIMEOUT,
+        )
+    state = wait_frozen_on_disk(node)
+
+    def refusals() -> int:
+        return sum(e.get("event") == "unfreeze.not_persisted" for e in node.server.log_events())
+
+    with read_only(state):
+        wait_until(lambda: refusals() >= 5, 40, "five refused unfreezes")
+    wait_until(lambda: node.admin_status()["frozen"] is False, 40, "the freeze lifted")
+    refused = refusals()
+    assert node.agent is not None
+    failed = [
+        e for e in node.agent.log_events() if e.get("event") == "scope_freeze.lease_unfreeze_failed"
+    ]
+    assert [e["attempt"] for e in failed] == [
+        n for n in range(1, refused + 1) if transaction.worth_logging(n, 0.0)
+    ]
+    assert [e["retry_in"] for e in failed][:4] == [0.5, 1.0, 2.0, 4.0]
+    assert "scope_freeze.lease_expired" in node.agent.event_names()
+    assert node.post("http", {"after": "lease"}).status == 201
 
 
 # --- 3. a rollback that finds the server dead --------------------------------------------------

@@ -77,9 +77,9 @@ async def test_an_unfreeze_refused_many_times_is_retried_with_capped_backoff(
 
 
 def test_unfreeze_retries_are_logged_at_a_bounded_rate() -> None:
-    logged = [n for n in range(1, 1001) if transaction._worth_logging(n, 0.0)]
+    logged = [n for n in range(1, 1001) if transaction.worth_logging(n, 0.0)]
     assert logged == [1, 2, 3, 4, 8, 16, 32, 64, 128, 256, 512]
-    assert transaction._worth_logging(999, transaction.UNFREEZE_LOG_EVERY)
+    assert transaction.worth_logging(999, transaction.UNFREEZE_LOG_EVERY)
 
 
 async def test_a_failed_transaction_owes_the_unfreeze_until_the_server_takes_it(
