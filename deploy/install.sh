@@ -3,6 +3,7 @@
 #
 #   install.sh leader [--address IP] [--node-name NAME] [--python PYTHON]
 #   install.sh agent  [--server-config-dir DIR] [--python PYTHON]
+#   install.sh ca-credential
 #   install.sh uninstall [--purge]
 #
 # From a release bundle (`make dist`: this script beside wheels/) it installs offline; from a
@@ -17,6 +18,8 @@
 # A file it shipped is replaced on a re-run only while it is unchanged (its checksum is in
 # /opt/tlsroll/installed-files); a changed one is kept and the new version put beside it as
 # FILE.tlsroll-new. Local changes to a unit belong in a drop-in (`systemctl edit tlsroll-agent`).
+# `ca-credential` (after `tlsroll init`) moves the CA passphrase out of the data dir into a
+# systemd credential encrypted for this machine (its host key, and its TPM2 when it has one).
 # `uninstall` removes the units, the venv, the docs and the link, and keeps config and data
 # (/etc/tlsroll, /var/lib/tlsroll*, drop-ins, the user tlsroll) unless --purge is given.
 set -euo pipefail
@@ -31,6 +34,7 @@ CONF_DIR=/etc/tlsroll
 LINK=/usr/local/bin/tlsroll
 LEADER_DATA=/var/lib/tlsroll
 AGENT_DATA=/var/lib/tlsroll-agent
+CA_CREDENTIAL=/etc/tlsroll/credstore.encrypted/tlsroll-ca-passphrase
 # sha256 of every unit file the earlier installer copied to /etc/systemd/system: such a copy
 # is ours and unchanged, so it may go (it would shadow the unit in /usr/lib).
 LEGACY_UNITS="7fae2a94454ca85bd2d9768b168e44c36d77d56e323b8571f213d3aaad3dea01
@@ -40,6 +44,7 @@ fc08deb3ad7499b4c9be16b3251867ae727d89ca66dcf9c160383c1a86529669"
 
 USAGE="usage: install.sh leader [--address IP] [--node-name NAME] [--python PYTHON]
        install.sh agent [--server-config-dir DIR] [--python PYTHON]
+       install.sh ca-credential
        install.sh uninstall [--purge]"
 
 usage_error() {
@@ -55,16 +60,16 @@ warn() { echo "install.sh: warning: $1" >&2; }
 say() { echo "install.sh: $1"; }
 
 # --- arguments: all of them are checked before anything is changed ---------------------------
-[ $# -gt 0 ] || usage_error "name a role: leader or agent (or uninstall)"
+[ $# -gt 0 ] || usage_error "name a role: leader or agent (or ca-credential, uninstall)"
 role=$1
 shift
 case "$role" in
-    leader | agent | uninstall) ;;
+    leader | agent | ca-credential | uninstall) ;;
     -h | --help)
         echo "$USAGE"
         exit 0
         ;;
-    *) usage_error "unknown role '$role' (leader, agent or uninstall)" ;;
+    *) usage_error "unknown role '$role' (leader, agent, ca-credential or uninstall)" ;;
 esac
 python=python3
 address=""
@@ -117,6 +122,72 @@ examples=$here/examples
 sha256() { sha256sum "$1" | cut -d' ' -f1; }
 systemd_running() { [ -d /run/systemd/system ]; }
 
+# --- ca-credential ---------------------------------------------------------------------------
+# The passphrase file becomes a credential only this machine can decrypt; systemd decrypts it
+# at each start of the leader (LoadCredentialEncrypted=) and a root ExecStartPre= copies it to
+# /run/tlsroll (tmpfs, the leader's alone, removed when it stops), where leader.toml then
+# points. Why the copy: the leader refuses a secret file it does not own, and newer systemd
+# (Ubuntu 24.04's 255) leaves a credential owned by root with an ACL for the service's user.
+# The credential is named tlsroll-ca-passphrase, not ca-passphrase, so that a leader that looks
+# for $CREDENTIALS_DIRECTORY/ca-passphrase itself takes the copy instead.
+if [ "$role" = ca-credential ]; then
+    config=$LEADER_DATA/leader.toml
+    runtime_file=/run/tlsroll/ca-passphrase
+    dropin=$ETC_UNIT_DIR/tlsroll-leader.service.d/ca-passphrase.conf
+    [ -x "$VENV/bin/python" ] || die "tlsroll is not installed: run install.sh leader first"
+    command -v systemd-creds >/dev/null || die "systemd-creds is missing (it needs systemd 250 or newer)"
+    [ -f "$config" ] || die "no $config: run tlsroll init first (install.sh leader prints how)"
+    passfile=$("$VENV/bin/python" -c 'import sys, tomllib
+print(tomllib.load(open(sys.argv[1], "rb"))["leader"]["ca_passphrase_file"])' "$config") ||
+        die "cannot read ca_passphrase_file from $config"
+    if [ "$passfile" = "$runtime_file" ] && [ -f "$CA_CREDENTIAL" ] && [ -f "$dropin" ]; then
+        say "the CA passphrase already is the credential $CA_CREDENTIAL"
+        exit 0
+    fi
+    [ -s "$passfile" ] || die "$passfile (ca_passphrase_file in $config) is missing or empty"
+    [ "$(grep -c '^ca_passphrase_file = ' "$config")" = 1 ] ||
+        die "cannot find the line ca_passphrase_file = ... in $config"
+    errors=$(mktemp)
+    install -d -m 0700 "$(dirname "$CA_CREDENTIAL")"
+    if ! systemd-creds encrypt --name=tlsroll-ca-passphrase "$passfile" "$CA_CREDENTIAL.tmp" 2>"$errors"; then
+        cat "$errors" >&2
+        rm -f "$CA_CREDENTIAL.tmp" "$errors"
+        die "systemd-creds encrypt failed; nothing changed"
+    fi
+    rm -f "$errors"
+    if ! systemd-creds decrypt --name=tlsroll-ca-passphrase "$CA_CREDENTIAL.tmp" - 2>/dev/null | cmp -s - "$passfile"; then
+        rm -f "$CA_CREDENTIAL.tmp"
+        die "the credential does not decrypt to the passphrase; nothing changed"
+    fi
+    chmod 0400 "$CA_CREDENTIAL.tmp"
+    mv -f "$CA_CREDENTIAL.tmp" "$CA_CREDENTIAL"
+    install -d -m 0755 "$(dirname "$dropin")"
+    {
+        echo "# Written by install.sh ca-credential: the CA passphrase comes from an encrypted credential."
+        echo "[Service]"
+        echo "LoadCredentialEncrypted=tlsroll-ca-passphrase:$CA_CREDENTIAL"
+        echo "RuntimeDirectory=tlsroll"
+        echo "RuntimeDirectoryMode=0700"
+        echo "ExecStartPre=+/usr/bin/install -m 0400 -o tlsroll -g tlsroll %d/tlsroll-ca-passphrase $runtime_file"
+    } >"$dropin"
+    tmp=$(mktemp "$config.XXXXXX")
+    sed "s|^ca_passphrase_file = .*|ca_passphrase_file = \"$runtime_file\"|" "$config" >"$tmp"
+    chown --reference="$config" "$tmp"
+    chmod --reference="$config" "$tmp"
+    mv -f "$tmp" "$config"
+    passphrase=$(cat "$passfile")
+    shred -u "$passfile" 2>/dev/null || rm -f "$passfile"
+    if systemd_running; then systemctl daemon-reload; fi
+    say "the CA passphrase is now the credential $CA_CREDENTIAL, which only this machine can decrypt; $passfile is gone"
+    echo
+    echo "Keep the CA passphrase offline (a password safe, or on paper in the safe): a copy of"
+    echo "$LEADER_DATA on another machine needs it to use the CA. It is shown this once:"
+    echo "  $passphrase"
+    echo
+    echo "next step (as root): systemctl restart tlsroll-leader"
+    exit 0
+fi
+
 # --- uninstall -------------------------------------------------------------------------------
 if [ "$role" = uninstall ]; then
     if systemd_running; then
@@ -137,7 +208,7 @@ if [ "$role" = uninstall ]; then
     fi
     rm -rf "$VENV" "$DOC_DIR"
     if [ "$purge" = yes ]; then
-        rm -rf "$CONF_DIR" "$LEADER_DATA" "$AGENT_DATA" \
+        rm -rf "$CONF_DIR" "$LEADER_DATA" "$AGENT_DATA" "$CA_CREDENTIAL" \
             "$ETC_UNIT_DIR/tlsroll-leader.service.d" "$ETC_UNIT_DIR/tlsroll-agent.service.d"
         if getent passwd tlsroll >/dev/null; then userdel tlsroll; fi
         if getent group tlsroll >/dev/null; then groupdel tlsroll; fi
@@ -332,6 +403,7 @@ if [ "$role" = leader ]; then
         address=IP
     fi
     echo "  runuser -u tlsroll -- $VENV/bin/tlsroll init --data-dir $LEADER_DATA --address $address --node-name $node_name"
+    echo "  $here/install.sh ca-credential    # the CA passphrase out of $LEADER_DATA, encrypted for this machine"
     echo "  systemctl enable --now tlsroll-leader"
     echo "  tlsroll nodes"
     echo "  # this node also runs an agent (name it $node_name): install.sh agent"

@@ -226,7 +226,7 @@ def test_a_bad_argument_or_an_old_python_changes_nothing(
 ) -> None:
     install = shlex.quote(str(INSTALL_SH))
     bad = ["", "both", "leader --bogus", "agent --node-name n1", "leader --node-name Bad_Name"]
-    for args in [*bad, "leader --address", "uninstall --force"]:
+    for args in [*bad, "leader --address", "uninstall --force", "ca-credential --purge"]:
         result = throwaway.run(f"{install} {args}")
         assert result.returncode == 2, (args, result.stdout, result.stderr)
         assert "usage: install.sh leader" in result.stderr, (args, result.stderr)
@@ -351,6 +351,15 @@ tlsroll ca show >>/probe-out/leader 2>&1 && echo CA-SHOW-OK >>/probe-out/leader
 pid=$(systemctl show -p MainPID --value tlsroll-leader.service)
 grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/$pid/status >>/probe-out/leader
 systemctl start tlsroll-agent.service
+# The CA passphrase into an encrypted credential, as install.sh printed; the leader restarts.
+step=$(grep -o '/probe-bundle/install.sh ca-credential' /probe-out/install-leader)
+$step >/probe-out/ca-credential 2>&1 || exit 1
+test -e /var/lib/tlsroll/secrets/ca.passphrase || echo PLAINTEXT-GONE >>/probe-out/credential
+systemctl restart tlsroll-leader.service && tlsroll ca show >/dev/null &&
+  echo RESTARTED-OK >>/probe-out/credential
+stat -c '%U %a' /run/tlsroll/ca-passphrase >>/probe-out/credential
+systemctl stop tlsroll-leader.service
+test -e /run/tlsroll || echo RUNTIME-GONE >>/probe-out/credential
 """
 
 AGENT_PROBE = r"""#!/bin/bash
@@ -378,9 +387,11 @@ echo x >/var/lib/tlsroll-agent/probe && echo WRITE-DATA-OK
 def test_the_installed_units_run_under_systemd(bundle: Path, tmp_path: Path) -> None:
     """Boot systemd in a container (systemd-nspawn on an overlay of this machine's root, no
     network), install there, and run the real units: the leader starts (Type=notify) without
-    capabilities; the agent's sandbox leaves exactly CAP_DAC_OVERRIDE and CAP_KILL, still lets
-    it restart another unit through systemctl, write the managed server's config and its data
-    dir, and refuses writable-and-executable memory, which grpcio and cryptography do without."""
+    capabilities, and again with its CA passphrase from the encrypted credential that
+    ``install.sh ca-credential`` made (the plaintext file gone); the agent's sandbox leaves
+    exactly CAP_DAC_OVERRIDE and CAP_KILL, still lets it restart another unit through
+    systemctl, write the managed server's config and its data dir, and refuses writable and
+    executable memory, which grpcio and cryptography do without."""
     if os.geteuid() != 0:
         pytest.skip("needs root to boot a container (CI runs `make test` as root)")
     if not NSPAWN.exists():
@@ -430,6 +441,9 @@ exec systemd-nspawn --quiet --directory={layers}/root --private-network --regist
     assert "LEADER-STARTED" in leader and "CA-SHOW-OK" in leader, report
     assert re.search(r"CapEff:\s+0+\n", leader), report
     assert re.search(r"NoNewPrivs:\s+1\n", leader) and re.search(r"Seccomp:\s+2\n", leader), report
+    credential = files.get("credential", "")
+    for word in ("PLAINTEXT-GONE", "RESTARTED-OK", "tlsroll 400", "RUNTIME-GONE"):
+        assert word in credential, report
     agent = files.get("agent", "")
     assert re.search(r"Uid:\s+0\s", agent), report
     assert re.search(r"CapEff:\s+0+22\n", agent), report  # CAP_DAC_OVERRIDE | CAP_KILL
