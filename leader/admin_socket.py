@@ -33,7 +33,6 @@ import pwd
 import secrets
 import socket
 import stat
-import struct
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,12 +41,12 @@ from typing import Any
 import grpc
 
 from tlsroll import logs
+from tlsroll.fsutil import peer_credentials
 
 log = logs.get_logger(__name__)
 
 MAX_CONNECTIONS = 64
 CHUNK = 65536
-_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
 PEER_PREFIX = "tlsroll-admin-peer-"
 
 
@@ -88,14 +87,6 @@ def current_caller() -> Caller:
     """Who made the admin call being served (set by ``guard``); the daemon's own process when
     no relay admitted the call (servicers called in-process, as in unit tests)."""
     return _CALLER.get(None) or this_process()
-
-
-def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
-    """``(pid, uid, gid)`` of the process at the other end of a connected Unix socket."""
-    pid, uid, gid = _UCRED.unpack(
-        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
-    )
-    return pid, uid, gid
 
 
 class AdminRelay:

@@ -10,6 +10,7 @@ import os
 import pwd
 import secrets
 import shutil
+import socket
 import sqlite3
 import stat
 import subprocess
@@ -27,6 +28,7 @@ from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from tests.cluster import Cluster, Daemon, child_env, one_line_error
 from tests.conftest import next_loopback
 from tests.refserver_helper import RefServer
+from tlsroll.fsutil import peer_credentials, socket_dir_problem
 from tlsroll.v1 import admin_pb2, admin_pb2_grpc
 
 # Public by design: certificates, the leader's config (paths and ports, no secret), the socket
@@ -275,6 +277,14 @@ def test_refserver_default_socket_directory_is_private(tmp_path: Path) -> None:
         ref.start()
         assert stat.S_IMODE(ref.data_dir.stat().st_mode) == 0o700
         assert stat.S_IMODE(ref.admin_socket.stat().st_mode) == 0o600
+        # What a client (the agent) can check before it trusts the socket: the directory is
+        # the expected user's alone, and the kernel names that user as the one listening.
+        assert socket_dir_problem(ref.admin_socket.parent, owner=os.getuid()) is None
+        assert "owned by" in str(socket_dir_problem(ref.admin_socket.parent, owner=65534))
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as client:
+            client.connect(str(ref.admin_socket))
+            pid, uid, _ = peer_credentials(client)
+        assert (pid, uid) == (ref.proc.pid if ref.proc else -1, os.getuid())
     finally:
         ref.close()
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 import contextlib
 import os
 import pwd
+import socket
 import stat
+import struct
 from pathlib import Path
 
 from tlsroll.errors import UnsafePermissions
@@ -121,8 +123,9 @@ def check_private_dir(path: Path) -> None:
         )
 
 
-def socket_dir_problem(directory: Path) -> str | None:
-    """Why a Unix socket may not be bound in ``directory``, or None.
+def socket_dir_problem(directory: Path, owner: int | None = None) -> str | None:
+    """Why a Unix socket may not be bound in ``directory`` (by ``owner``, default: us), or
+    None. A client can ask the same before it trusts a server's socket there.
 
     Whoever can write to the directory can remove the socket and bind their own in its place
     (a sticky directory such as /tmp only stops that for files they do not own, and the name
@@ -131,7 +134,7 @@ def socket_dir_problem(directory: Path) -> str | None:
     nobody else (otherwise the whole directory could be renamed away and replaced); and no
     symbolic link on the way may be someone else's.
     """
-    me = os.geteuid()
+    me = os.geteuid() if owner is None else owner
     given = Path(os.path.abspath(directory))
     for part in [given, *given.parents]:
         st = os.lstat(part)
@@ -144,7 +147,7 @@ def socket_dir_problem(directory: Path) -> str | None:
     if st.st_uid != me:
         return (
             f"{real} is owned by {user_label(st.st_uid)}, not by {user_label(me)} who runs "
-            "this; use a directory of its own (e.g. under the data_dir)"
+            "the server; use a directory of its own (e.g. under the data_dir)"
         )
     if st.st_mode & 0o022:
         return (
@@ -161,3 +164,16 @@ def socket_dir_problem(directory: Path) -> str | None:
                 f"(mode {stat.S_IMODE(pst.st_mode):04o})"
             )
     return None
+
+
+_UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
+
+
+def peer_credentials(sock: socket.socket) -> tuple[int, int, int]:
+    """``(pid, uid, gid)`` of the process at the other end of a connected Unix socket, as the
+    kernel recorded them (``SO_PEERCRED``: at ``connect`` for a client, at ``listen`` for a
+    server), so a client can check who serves a socket as well."""
+    pid, uid, gid = _UCRED.unpack(
+        sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, _UCRED.size)
+    )
+    return pid, uid, gid
