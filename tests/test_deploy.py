@@ -263,6 +263,8 @@ def test_the_bundle_installs_offline_then_init_runs_as_printed(
     throwaway.ok("test -s /usr/share/doc/tlsroll/README.md")
     throwaway.ok("test -s /usr/share/man/man1/tlsroll.1")
     throwaway.ok("test -s /usr/share/bash-completion/completions/tlsroll")
+    version = (bundle / "BUNDLE").read_text().split("version=", 1)[1].split()[0]
+    assert version in throwaway.ok("tlsroll --version")  # /usr/local/bin/tlsroll
     # The leader starts as its user from what was installed and answers root's tlsroll (on a
     # loopback address of the host's network, the only place where it can listen).
     leader = (
