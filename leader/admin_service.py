@@ -142,7 +142,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def PlanRollout(
         self, request: admin_pb2.RolloutRequest, context: Ctx
     ) -> admin_pb2.PlanResponse:
-        rollout, nodes = await self.commands.plan(rollout_request(request))
+        planned = await self.commands.plan(rollout_request(request))
+        rollout, nodes = planned.rollout, planned.records
         warnings = list(SEED_WARNINGS)
         active = await asyncio.to_thread(self.schema.active)
         if active is not None:
@@ -159,18 +160,28 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             ),
             tuple((n, NodeDetail()) for n in nodes),
         )
-        return admin_pb2.PlanResponse(
+        reply = admin_pb2.PlanResponse(
             rollout=rollout_view(row),
             checks=CHECKS,
             client_steps=CLIENT_STEPS,
             warnings=warnings,
         )
+        if rollout.change is Change.ENABLE_TLS:
+            reply.password_version_in_use = planned.password_in_use
+        return reply
 
     @map_errors(ERRORS)
     async def StartRollout(
         self, request: admin_pb2.RolloutRequest, context: Ctx
     ) -> schema_pb2.RolloutView:
         row = await self.commands.start(rollout_request(request), _actor(context))
+        return rollout_view(row)
+
+    @map_errors(ERRORS)
+    async def RetryRollout(
+        self, request: admin_pb2.RetryRolloutRequest, context: Ctx
+    ) -> schema_pb2.RolloutView:
+        row = await self.commands.retry(request.rollout_id, _actor(context))
         return rollout_view(row)
 
     @map_errors(ERRORS)

@@ -38,6 +38,10 @@ class StepFailed(TerminalError):
 class AgentApi(Protocol):
     """The NodeAgent calls the engine makes (the real client, or a fake in tests)."""
 
+    async def get_status(
+        self, request: agent_pb2.GetStatusRequest, timeout: float = CALL_TIMEOUT
+    ) -> agent_pb2.NodeStatus: ...
+
     async def preflight(
         self, request: agent_pb2.PreflightRequest
     ) -> agent_pb2.PreflightResponse: ...
@@ -105,6 +109,17 @@ class AgentClient:
                         raise TransientError(f"agent {self.node.name}: {exc.details()}") from None
                     raise StepFailed(f"{exc.details()} ({exc.code().name})") from None
         raise AssertionError("unreachable")  # pragma: no cover - reraise=True
+
+    async def get_status(
+        self, request: agent_pb2.GetStatusRequest, timeout: float = CALL_TIMEOUT
+    ) -> agent_pb2.NodeStatus:
+        """One try with ``timeout``: what the node runs now (no retries; callers decide)."""
+        try:
+            return await self.stub.GetStatus(request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in TRANSIENT_CODES:
+                raise TransientError(f"agent {self.node.name}: {exc.details()}") from None
+            raise StepFailed(f"{exc.details()} ({exc.code().name})") from None
 
     async def preflight(self, request: agent_pb2.PreflightRequest) -> agent_pb2.PreflightResponse:
         return await self._call(self.stub.Preflight, request)

@@ -194,8 +194,9 @@ class ChangePassword(ChangeSteps):
 
 
 class DisableTls(ChangeSteps):
-    """The way back: the agent undoes the switch of the enable-tls rollout ``meta.undoes``
-    (its Rollback, under this rollout's epoch); the outside check expects http."""
+    """The way back: the agent undoes the switch that took the node from http to https,
+    whatever it runs now (a later password change included), in a transaction keyed by this
+    rollout, so a way back that failed can be tried again; the outside check expects http."""
 
     change = Change.DISABLE_TLS
 
@@ -203,13 +204,14 @@ class DisableTls(ChangeSteps):
         try:
             await ctx.agent.rollback(
                 agent_pb2.RollbackRequest(
-                    command=ctx.command(ctx.meta.undoes),
+                    command=ctx.command(),
                     keep_frozen=ctx.rollout.freeze is FreezeMode.SCOPE,
+                    undoes="",  # the switch from http, not one of this rollout
                 )
             )
         except StepFailed as exc:  # refused before it began: the node is as it was
             return NodeEvent.SWITCH_ROLLED_BACK, f"going back to http refused: {exc}"
-        outcome, reason = await wait_transaction(ctx, ctx.meta.undoes, TxnKind.ROLLBACK)
+        outcome, reason = await wait_transaction(ctx, ctx.rollout.id, TxnKind.ROLLBACK)
         if outcome is TxnOutcome.ROLLED_BACK:
             return NodeEvent.SWITCH_ROLLED_BACK, f"still on https: {reason}"
         return switch_event(outcome), (None if outcome is TxnOutcome.COMPLETED else reason)

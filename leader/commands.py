@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, replace
 
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
@@ -25,10 +25,13 @@ from leader import planner
 from leader.rollout_core import (
     Change,
     FreezeMode,
+    NodeObservation,
     NodeRecord,
+    NodeState,
     Rollout,
     RolloutAction,
     RolloutEvent,
+    RolloutState,
     Scope,
     ScopeKind,
 )
@@ -52,8 +55,26 @@ class RolloutRequest:
     # The auth password's verifier (JSON) made by the CLI, for a change that brings its own
     # password (enable-tls); never the password itself.
     auth_verifier_json: str | None = None
-    # disable-tls: the enable-tls rollout to take back (None: the newest one).
+    # disable-tls: the enable-tls rollout to take back (None: every node on https now).
     undo_rollout_id: str | None = None
+    # ``rollout retry``: the rollout retried, the password version it applied, what it undid.
+    retry_of: str = ""
+    keep_auth_version: int = 0
+    undoes: str = ""
+
+
+@dataclass(frozen=True)
+class Planned:
+    """What a rollout would start with: its records (nodes already in the desired state are
+    ``skipped``, with the reason) and the auth password version the nodes run now (0: none)."""
+
+    rollout: Rollout
+    records: tuple[NodeRecord, ...]
+    password_in_use: int = 0
+
+
+class NotRetriable(TerminalError):
+    """Only a halted or aborted rollout can be retried (FAILED_PRECONDITION)."""
 
 
 class NoSuchRollout(TerminalError):
@@ -84,59 +105,122 @@ class Commands:
         online: Callable[[dt.datetime | None], bool],
         leader_node: str | None,
         wake: Callable[[], None],
+        observe: Callable[[Sequence[str]], Awaitable[dict[str, NodeObservation]]] | None = None,
     ) -> None:
+        """``observe``: asks the named nodes' agents what they run (``leader.observe``); rollouts
+        are planned from it. None (tests of the bookkeeping only): plans from records alone."""
         self.store = store
+        self.observe = observe
         self.schema = schema
         self.clock = clock
         self.online = online
         self.leader_node = leader_node
         self.wake = wake
 
-    async def _resolve(self, request: RolloutRequest) -> tuple[RolloutRequest, str]:
-        """disable-tls: its scope is the nodes the rollout it takes back switched; a rollout is
-        taken back once (``planner.AlreadyUndone`` names the one that did)."""
-        if request.change is not Change.DISABLE_TLS:
-            return request, ""
+    async def _resolve(
+        self, request: RolloutRequest
+    ) -> tuple[RolloutRequest, str, planner.AlreadyUndone | None]:
+        """disable-tls: which enable-tls rollout it takes back (``undoes``) and its scope.
+
+        Named (``undo_rollout_id``): that rollout's nodes, once per rollout
+        (``planner.AlreadyUndone`` names the one that did). Not named: every enrolled node that
+        runs https now (the plan skips those on http), whichever rollout switched it; the newest
+        enable-tls rollout is the one recorded as taken back, and its earlier way back is the
+        reason given if nothing is left to do. A retry keeps the scope it is given."""
+        if request.change is not Change.DISABLE_TLS or request.retry_of:
+            return request, request.undoes, None
         rows = await asyncio.to_thread(self.schema.all)
-        target, switched = planner.undo_target(
-            [(r.rollout, r.records) for r in rows],
-            request.undo_rollout_id,
-            {r.rollout.id: r.meta.undoes for r in rows},
-        )
-        return replace(request, scope=Scope.of_nodes(switched)), target.id
+        candidates = [(r.rollout, r.records) for r in rows]
+        undoes = {r.rollout.id: r.meta.undoes for r in rows}
+        if request.undo_rollout_id:
+            target, _switched = planner.undo_target(candidates, request.undo_rollout_id, undoes)
+            return replace(request, scope=Scope.of_nodes(target.order)), target.id, None
+        try:
+            target, _switched = planner.undo_target(candidates, None, undoes)
+        except planner.AlreadyUndone as exc:
+            return replace(request, scope=Scope.cluster()), "", exc
+        return replace(request, scope=Scope.cluster()), target.id, None
 
-    async def plan(self, request: RolloutRequest) -> tuple[Rollout, tuple[NodeRecord, ...]]:
-        """The records a rollout would start with; PlanError if the scope cannot be planned."""
-        request, _undoes = await self._resolve(request)
-        return await self._plan(request)
+    async def plan(self, request: RolloutRequest) -> Planned:
+        """What a rollout would start with, from what each node runs now; PlanError if the
+        scope cannot be planned (or nothing is left to do)."""
+        request, _undoes, undone = await self._resolve(request)
+        return await self._plan(request, undone)
 
-    async def _plan(self, request: RolloutRequest) -> tuple[Rollout, tuple[NodeRecord, ...]]:
+    async def _observe_all(self) -> tuple[dict[str, bool], dict[str, NodeObservation] | None]:
+        nodes = await asyncio.to_thread(self.store.list_nodes)
+        online = {n.name: self.online(n.last_heartbeat) for n in nodes}
+        if self.observe is None:
+            return online, None
+        seen = await self.observe([name for name, up in online.items() if up])
+        return online, seen
+
+    async def _digests(self) -> dict[str, int]:
+        """Verifier digest → auth password version, for every version staged."""
+        latest = await asyncio.to_thread(self.schema.latest_auth_version)
+        found: dict[str, int] = {}
+        for version in range(1, latest + 1):
+            try:
+                text = await asyncio.to_thread(self.schema.verifier, version)
+                found[password.verifier_digest(text)] = version
+            except (TerminalError, ValueError):
+                continue
+        return found
+
+    async def _plan(
+        self, request: RolloutRequest, undone: planner.AlreadyUndone | None = None
+    ) -> Planned:
         if request.scope.kind is ScopeKind.LOCAL and not self.leader_node:
             raise planner.PlanError(
                 "scope local needs the leader node's name: set node_name in leader.toml"
             )
-        nodes = await asyncio.to_thread(self.store.list_nodes)
-        epoch = await asyncio.to_thread(self.schema.next_epoch)
-        return planner.plan_rollout(
-            rollout_id=new_rollout_id(self.clock()),
-            change=request.change,
-            scope=request.scope,
-            enrolled={n.name: self.online(n.last_heartbeat) for n in nodes},
-            leader=self.leader_node or "",
-            epoch=epoch,
-            max_parallel=request.max_parallel,
-            failure_budget=request.failure_budget,
-            freeze=request.freeze,
+        online, seen = await self._observe_all()
+        if seen is None and undone is not None:
+            raise undone  # nothing observed: what was taken back is all there is to go by
+        digests = await self._digests()
+        in_use = max(
+            (digests.get(o.verifier_digest, 0) for o in (seen or {}).values() if o.reachable),
+            default=0,
         )
+        target_digest = ""
+        if request.change is Change.CHANGE_PASSWORD and digests:
+            target_digest = max(digests, key=lambda d: digests[d])
+        epoch = await asyncio.to_thread(self.schema.next_epoch)
+        try:
+            rollout, records = planner.plan_rollout(
+                rollout_id=new_rollout_id(self.clock()),
+                change=request.change,
+                scope=request.scope,
+                enrolled=online,
+                leader=self.leader_node or "",
+                epoch=epoch,
+                max_parallel=request.max_parallel,
+                failure_budget=request.failure_budget,
+                freeze=request.freeze,
+                observed=seen,
+                target_digest=target_digest,
+            )
+        except planner.NothingToDo:
+            if undone is not None:
+                raise undone from None
+            raise
+        return Planned(rollout, records, in_use)
 
     async def start(self, request: RolloutRequest, actor: str) -> RolloutRow:
+        request, undoes, undone = await self._resolve(request)
+        planned = await self._plan(request, undone)
+        rollout, nodes = planned.rollout, planned.records
         latest = await asyncio.to_thread(self.schema.latest_auth_version)
-        auth = planner.decide_auth(request.change, bool(request.auth_verifier_json), latest)
+        auth = planner.decide_auth(
+            request.change,
+            bool(request.auth_verifier_json),
+            latest,
+            in_use=planned.password_in_use,
+            keep=request.keep_auth_version,
+        )
         if auth.add_new:
             assert request.auth_verifier_json is not None
             _check_verifier(request.auth_verifier_json)
-        request, undoes = await self._resolve(request)
-        rollout, nodes = await self._plan(request)
         now = self.clock()
         rollout = rollout.with_event(RolloutEvent.START)
         meta = RolloutMeta(
@@ -161,11 +245,36 @@ class Commands:
             change=rollout.change.value,
             scope=rollout.scope.kind.value,
             order=list(rollout.order),
+            already_done=[r.name for r in nodes if r.state is NodeState.SKIPPED],
             epoch=rollout.epoch,
             actor=actor,
+            retry_of=request.retry_of or None,
         )
         self.wake()
         return row
+
+    async def retry(self, rollout_id: str, actor: str) -> RolloutRow:
+        """Start the nodes a halted or aborted rollout left unfinished again, as a new rollout
+        planned from what they run now (same change, options and password)."""
+        row = await asyncio.to_thread(self._target, rollout_id)
+        old = row.rollout
+        if old.state not in (RolloutState.HALTED, RolloutState.ABORTED):
+            raise NotRetriable(
+                f"rollout {old.id} is {old.state.value}: only a halted or aborted rollout is "
+                "retried (see: tlsroll schema show)"
+            )
+        left = tuple(r.name for r in row.records if r.state is not NodeState.DONE)
+        request = RolloutRequest(
+            change=old.change,
+            scope=Scope.of_nodes(left),
+            max_parallel=old.max_parallel,
+            failure_budget=old.failure_budget,
+            freeze=old.freeze,
+            retry_of=old.id,
+            keep_auth_version=row.meta.auth_version,
+            undoes=row.meta.undoes,
+        )
+        return await self.start(request, actor)
 
     async def stage_password(self, verifier_json: str, actor: str) -> tuple[int, set[str]]:
         _check_verifier(verifier_json)

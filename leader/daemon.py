@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import functools
 import os
 import socket
 import sqlite3
@@ -30,6 +31,7 @@ from leader.db import check_store, mark_store
 from leader.engine import Engine
 from leader.join_guard import GuardPolicy, JoinGuard
 from leader.layout import check_secret_dirs, ensure_leader_identity, read_passphrase
+from leader.observe import observe
 from leader.schema_store import SchemaStore
 from leader.schema_view import SchemaViewService
 from leader.service import EnrolmentService, LeaderService, LeaderState
@@ -125,16 +127,23 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     agent_credentials = grpc.ssl_channel_credentials(
         root_certificates=state.ca.cert_pem, private_key=key_pem, certificate_chain=chain_pem
     )
+    agents = AgentPool(state.store, agent_credentials, state.trust_domain)
     engine = Engine(
         state.store,
         schema,
         state.ca,
-        AgentPool(state.store, agent_credentials, state.trust_domain),
+        agents,
         state.clock,
         cfg.scope_freeze_lease,
     )
     commands = Commands(
-        state.store, schema, state.clock, state.online, cfg.node_name, engine.wake.set
+        state.store,
+        schema,
+        state.clock,
+        state.online,
+        cfg.node_name,
+        engine.wake.set,
+        observe=functools.partial(observe, agents, ca=state.ca.cert),
     )
     viewer = Viewer.build(cfg, state, schema) if cfg.viewer_port else None
     admin_pb2_grpc.add_AdminServicer_to_server(

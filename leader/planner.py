@@ -51,6 +51,7 @@ from leader.rollout_core import (
     Change,
     FreezeMode,
     NodeEvent,
+    NodeObservation,
     NodeRecord,
     NodeState,
     Password,
@@ -61,6 +62,7 @@ from leader.rollout_core import (
     ScopeKind,
     Step,
     Strategy,
+    already_done,
     node_transition,
     rollout_transition,
 )
@@ -99,6 +101,33 @@ class NodesOffline(PlanError):
     def __init__(self, names: Sequence[str]) -> None:
         super().__init__(f"offline: {', '.join(names)} (bring the agent up or leave it out)")
         self.names = tuple(names)
+
+
+class Unreachable(PlanError):
+    """Nodes whose agents could not be asked what they run (the plan needs to know)."""
+
+    def __init__(self, errors: Mapping[str, str]) -> None:
+        what = "; ".join(f"{n}: {e}" for n, e in sorted(errors.items()))
+        super().__init__(
+            f"cannot ask the agent of {', '.join(sorted(errors))} what it runs ({what}); "
+            "bring the agent up or leave the node out (--nodes)"
+        )
+        self.names = tuple(sorted(errors))
+
+
+class NothingToUndo(PlanError):
+    """No enable-tls rollout to take back, or it switched no node (FAILED_PRECONDITION)."""
+
+
+class NothingToDo(PlanError):
+    """Every node in scope already runs what the change wants."""
+
+    def __init__(self, change: Change, done: Mapping[str, str]) -> None:
+        names = ", ".join(sorted(done))
+        super().__init__(
+            f"nothing to do: every node in scope ({names}) already runs what {change.value} "
+            "wants (see: tlsroll nodes, tlsroll schema show)"
+        )
 
 
 class InconsistentRecords(TerminalError):
@@ -158,6 +187,8 @@ def plan_rollout(
     max_parallel: int = 1,
     failure_budget: int = 0,
     freeze: FreezeMode = FreezeMode.NODE,
+    observed: Mapping[str, NodeObservation] | None = None,
+    target_digest: str = "",
 ) -> tuple[Rollout, tuple[NodeRecord, ...]]:
     """Make the records of a new, ``planned`` rollout.
 
@@ -165,6 +196,11 @@ def plan_rollout(
     decides, e.g. from heartbeats); ``leader`` is the leader node's name. Scope ``local`` is the
     leader node alone, ``cluster`` every enrolled node; a node list is de-duplicated. Raises
     ``UnknownNodes``, ``NodesOffline`` or ``EmptyScope``, each naming every offending node.
+
+    ``observed``: what each node's agent reports it runs now. A node already in the state the
+    change wants (``already_done``) starts ``skipped`` with the reason, so nothing is done to
+    it twice; a node whose agent cannot be asked is ``Unreachable``; if no node is left to
+    change, ``NothingToDo``.
     """
     if scope.kind is ScopeKind.LOCAL:
         names: Sequence[str] = (leader,)
@@ -180,6 +216,16 @@ def plan_rollout(
     offline = sorted(name for name in names if not enrolled[name])
     if offline:
         raise NodesOffline(offline)
+    done: dict[str, str] = {}
+    if observed is not None:
+        unreachable = {n: observed[n].error for n in names if not observed[n].reachable}
+        if unreachable:
+            raise Unreachable(unreachable)
+        for name in names:
+            if why := already_done(change, observed[name], target_digest):
+                done[name] = why
+        if len(done) == len(names):
+            raise NothingToDo(change, done)
     order = order_nodes(names, leader)
     rollout = Rollout(
         id=rollout_id,
@@ -192,7 +238,10 @@ def plan_rollout(
         failure_budget=failure_budget,
         freeze=freeze,
     )
-    return rollout, tuple(NodeRecord(name) for name in order)
+    return rollout, tuple(
+        NodeRecord(name, NodeState.SKIPPED, done[name]) if name in done else NodeRecord(name)
+        for name in order
+    )
 
 
 def next_actions(rollout: Rollout, nodes: Sequence[NodeRecord]) -> Plan:
@@ -269,12 +318,32 @@ class AuthDecision:
     version: int
 
 
-def decide_auth(change: Change, verifier_given: bool, latest_version: int) -> AuthDecision:
+def decide_auth(
+    change: Change,
+    verifier_given: bool,
+    latest_version: int,
+    in_use: int = 0,
+    keep: int = 0,
+) -> AuthDecision:
     """The password rule of ``change`` (``CHANGES``) applied to a start command; PlanError
-    says what is missing or too much."""
+    says what is missing or too much.
+
+    ``in_use``: the auth password version that nodes of the cluster run now (0: none). A
+    password is never replaced as a side effect: enable-tls then gives the nodes it switches
+    that same version and refuses a new one. ``keep``: a retried rollout keeps its version."""
     spec = CHANGES[change]
     if not spec.available:
         raise PlanError(f"change {change.value} is not available yet")
+    if keep:
+        return AuthDecision(add_new=False, version=keep)
+    if spec.password is Password.NEW and in_use:
+        if verifier_given:
+            raise PlanError(
+                f"nodes already use auth password version {in_use}; {change.value} gives the "
+                "other nodes the same one: leave out --password-file (to change the password: "
+                "tlsroll password set, then a change-password rollout)"
+            )
+        return AuthDecision(add_new=False, version=in_use)
     if spec.password is Password.NEW:
         if not verifier_given:
             raise PlanError(
@@ -314,7 +383,7 @@ def undo_target(
     else:
         enabling = [(r, nodes) for r, nodes in candidates if r.change is Change.ENABLE_TLS]
         if not enabling:
-            raise PlanError("no enable-tls rollout to take back")
+            raise NothingToUndo("no enable-tls rollout to take back")
         target, records = enabling[0]
     for rollout, _ in candidates:
         if rollout.change is Change.DISABLE_TLS and undoes.get(rollout.id) == target.id:
@@ -322,7 +391,7 @@ def undo_target(
     by_name = {r.name: r for r in records}
     switched = tuple(n for n in target.order if by_name[n].state is NodeState.DONE)
     if not switched:
-        raise PlanError(f"rollout {target.id} switched no node; nothing to undo")
+        raise NothingToUndo(f"rollout {target.id} switched no node; nothing to undo")
     return target, switched
 
 

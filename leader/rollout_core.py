@@ -206,6 +206,36 @@ CHANGES: Mapping[Change, ChangeSpec] = {
 """Every change and how it runs; a test checks that each one has a row."""
 
 
+@dataclass(frozen=True)
+class NodeObservation:
+    """What a node's agent reports it runs now (``GetStatus``), as the planner needs it:
+    rollouts are planned from this, not from what earlier rollouts recorded."""
+
+    reachable: bool
+    error: str = ""  # why the agent could not be asked (reachable False)
+    schemes: tuple[str, ...] = ()  # what the managed server listens on: "http", "https"
+    cert_from_ca: bool = False  # the certificate served on https was issued by this CA
+    verifier_digest: str = ""  # SHA-256 of the live auth password verifier ("" if none)
+
+
+def already_done(change: Change, seen: NodeObservation, target_digest: str = "") -> str | None:
+    """Why node ``seen`` needs nothing of ``change`` (it already runs the desired state), or
+    None if it does. ``target_digest``: the digest of the password change-password applies."""
+    https_only = seen.schemes == ("https",)
+    if change is Change.ENABLE_TLS and https_only and seen.cert_from_ca:
+        return "already done: on https with a certificate of this CA"
+    if change is Change.DISABLE_TLS and seen.schemes == ("http",):
+        return "already done: on http"
+    if (
+        change is Change.CHANGE_PASSWORD
+        and https_only
+        and target_digest
+        and seen.verifier_digest == target_digest
+    ):
+        return "already done: the staged password is live"
+    return None
+
+
 _R = RolloutState
 _RE = RolloutEvent
 _N = NodeState

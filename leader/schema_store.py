@@ -249,8 +249,9 @@ class SchemaStore(LeaderStore):
             )
             for n in nodes:
                 db.execute(
-                    "INSERT INTO rollout_nodes (rollout_id, name, state) VALUES (?, ?, ?)",
-                    (rollout.id, n.name, n.state.value),
+                    "INSERT INTO rollout_nodes (rollout_id, name, state, reason)"
+                    " VALUES (?, ?, ?, ?)",
+                    (rollout.id, n.name, n.state.value, n.reason),
                 )
             self._audit(
                 db,

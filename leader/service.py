@@ -17,8 +17,16 @@ from typing import Any
 import grpc
 
 from leader import join_guard
-from leader.commands import NoRolloutYet, NoSuchRollout
-from leader.planner import AlreadyUndone, EmptyScope, NodesOffline, PlanError
+from leader.commands import NoRolloutYet, NoSuchRollout, NotRetriable
+from leader.planner import (
+    AlreadyUndone,
+    EmptyScope,
+    NodesOffline,
+    NothingToDo,
+    NothingToUndo,
+    PlanError,
+    Unreachable,
+)
 from leader.rollout_core import IllegalTransition
 from leader.schema_store import BootstrapFailureRow, RolloutBusy, SchemaStore, StaleRecords
 from leader.store import (
@@ -53,6 +61,10 @@ ERRORS = {
     bootstrap_protocol.BootstrapError: grpc.StatusCode.INVALID_ARGUMENT,
     PlanError: grpc.StatusCode.INVALID_ARGUMENT,
     NodesOffline: grpc.StatusCode.FAILED_PRECONDITION,
+    Unreachable: grpc.StatusCode.FAILED_PRECONDITION,
+    NothingToDo: grpc.StatusCode.FAILED_PRECONDITION,
+    NothingToUndo: grpc.StatusCode.FAILED_PRECONDITION,
+    NotRetriable: grpc.StatusCode.FAILED_PRECONDITION,
     EmptyScope: grpc.StatusCode.FAILED_PRECONDITION,
     AlreadyUndone: grpc.StatusCode.FAILED_PRECONDITION,
     StaleRecords: grpc.StatusCode.ABORTED,

@@ -389,6 +389,15 @@ class Journal:
             ).fetchone()
         return _txn(row) if row else None
 
+    def completed(self, kind: str) -> list[Txn]:
+        """The completed transactions of ``kind``, the newest first."""
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT * FROM txns WHERE kind = ? AND outcome = ? ORDER BY started_at DESC",
+                (TxnKind(kind).value, TxnOutcome.COMPLETED.value),
+            ).fetchall()
+        return [_txn(r) for r in rows]
+
     def unfinished(self) -> list[Txn]:
         with self._read() as db:
             rows = db.execute(

@@ -172,6 +172,21 @@ def password_plan(
     return Built(new_config, plan, "")
 
 
+def switch_to_undo(journal: Journal, undoes: str | None) -> Plan:
+    """The plan of the completed switch to undo: that of rollout ``undoes``, or (None) the
+    newest switch that took this node from http to https, whatever it runs now."""
+    if undoes:
+        switch = journal.get(undoes, TxnKind.SWITCH)
+        if switch is None or switch.outcome is not TxnOutcome.COMPLETED:
+            raise PlanRefused(f"rollout {undoes} did not switch this node; nothing to roll back")
+        return Plan.from_json(switch.plan)
+    for switch in journal.completed(TxnKind.SWITCH):
+        done = Plan.from_json(switch.plan)
+        if "https" not in done.source_schemes:
+            return done
+    raise PlanRefused("this node was never switched from http to https; nothing to go back to")
+
+
 @_keeps_cause
 def rollback_plan(
     journal: Journal,
@@ -180,14 +195,13 @@ def rollback_plan(
     rollout_id: str,
     *,
     keep_frozen: bool = False,
+    undoes: str | None = None,
 ) -> Built:
-    """Undo the completed switch of ``rollout_id``: back to what was live before it (http, or
-    the previous https settings), through the same safe transaction. ``keep_frozen``: under a
-    scope freeze the node stays frozen after it, as after a switch."""
-    switch = journal.get(rollout_id, TxnKind.SWITCH)
-    if switch is None or switch.outcome is not TxnOutcome.COMPLETED:
-        raise PlanRefused(f"rollout {rollout_id} did not switch this node; nothing to roll back")
-    done = Plan.from_json(switch.plan)
+    """Undo a completed switch (``switch_to_undo``: rollout ``undoes``, else the one that left
+    http): back to what was live before it, through the same safe transaction, keyed by
+    ``rollout_id``. ``keep_frozen``: under a scope freeze the node stays frozen after it, as
+    after a switch."""
+    done = switch_to_undo(journal, undoes if undoes is not None else rollout_id)
     old_config = done.backup_file.read_bytes()
     new_file, backup = prepare(txn_dir, rollout_id, TxnKind.ROLLBACK, old_config)
     facts = driver.facts()

@@ -10,6 +10,7 @@ journal, files, keys) runs in threads, never on the event loop.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import os
 import re
@@ -153,13 +154,31 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             status = await driver.status()
         except (DriverError, OSError) as exc:
             return agent_pb2.ServerView(driver=driver.name, healthy=False, detail=str(exc))
+        cert_pem, digest = await asyncio.to_thread(self._live_files)
         return agent_pb2.ServerView(
             driver=driver.name,
             healthy=True,
             frozen=bool(status.get("frozen")),
             schemes=list(facts.schemes),
             urls=[facts.url(s) for s in facts.schemes],
+            cert_pem=cert_pem,
+            verifier_digest=digest,
         )
+
+    def _live_files(self) -> tuple[bytes, str]:
+        """The certificate served on https and the digest of the live verifier (journal's
+        ``live_tls``); empty where there is none or a file cannot be read."""
+        live = self.journal.live_tls() or {}
+        cert_pem, digest = b"", ""
+        with contextlib.suppress(OSError, PKIError):
+            if live.get("cert_file"):
+                cert_pem = pki.cert_to_pem(
+                    pki.load_certs_pem(Path(live["cert_file"]).read_bytes())[0]
+                )
+        with contextlib.suppress(OSError, ValueError):
+            if live.get("verifier_file"):
+                digest = password.verifier_digest(Path(live["verifier_file"]).read_bytes())
+        return cert_pem, digest
 
     async def watch_freeze_lease(self) -> None:
         """Lift a scope freeze whose lease ran out: the leader is gone or cut off, and a node
@@ -441,6 +460,8 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 self._txn_dir(),
                 rollout_id,
                 keep_frozen=request.keep_frozen,
+                # An old leader sends the undone rollout's id as the command's: undo that.
+                undoes=request.undoes if request.HasField("undoes") else None,
             )
 
         txn = await self._begin(rollout_id, TxnKind.ROLLBACK, request.command.epoch, make)

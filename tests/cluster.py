@@ -717,6 +717,19 @@ class Cluster:
         finally:
             db.close()
 
+    def announce_epoch(self, epoch: int) -> None:
+        """Let a test that stands in for the leader command agents with ``epoch``: agents obey
+        only an epoch the leader announced (``nodeagent.trust``), so raise the leader's epoch
+        floor (what ``tlsroll epoch advance`` keeps) in its store, never lowering it; its
+        heartbeat replies (and the answer to an agent that asks) then announce it."""
+        with contextlib.closing(sqlite3.connect(self.store_path, timeout=10)) as db:
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES ('epoch_floor', ?) ON CONFLICT(key)"
+                " DO UPDATE SET value = MAX(CAST(value AS INTEGER), excluded.value)",
+                (str(epoch),),
+            )
+            db.commit()
+
     def store_table(self, table: str) -> list[dict[str, Any]]:
         """The rows of ``table`` as dicts by column name (read-only, like ``store_rows``)."""
         db = sqlite3.connect(f"{self.store_path.as_uri()}?mode=ro", uri=True, timeout=10)

@@ -175,6 +175,16 @@ class FakeAgent:
 
     # --- AgentApi -----------------------------------------------------------------------------
 
+    async def get_status(
+        self, request: agent_pb2.GetStatusRequest, timeout: float = 30.0
+    ) -> agent_pb2.NodeStatus:
+        await self._arrive("get_status")
+        return agent_pb2.NodeStatus(
+            node_name=self.name,
+            server=agent_pb2.ServerView(driver="fake", healthy=True, schemes=[self.scheme]),
+            highest_epoch=self.highest_epoch,
+        )
+
     async def preflight(self, request: agent_pb2.PreflightRequest) -> agent_pb2.PreflightResponse:
         await self._arrive("preflight", request.command)
         names = self.names
@@ -257,10 +267,23 @@ class FakeAgent:
             self._answered("replay")
             return self._message(existing)
         keep_frozen = request.keep_frozen
-        switch = self.txns.get((rollout_id, TxnKind.SWITCH))
+        if request.HasField("undoes") and not request.undoes:
+            # The way back to http: the newest completed switch that left http.
+            switches = [
+                t
+                for (_, kind), t in self.txns.items()
+                if kind is TxnKind.SWITCH
+                and t.outcome is TxnOutcome.COMPLETED
+                and t.before[0] == "http"
+            ]
+            switch = switches[-1] if switches else None
+            undone = "a switch from http"
+        else:
+            undone = request.undoes if request.HasField("undoes") else rollout_id
+            switch = self.txns.get((undone, TxnKind.SWITCH))
         if switch is None or switch.outcome is not TxnOutcome.COMPLETED:
             raise self._refused(
-                f"rollout {rollout_id} did not switch this node; nothing to roll back "
+                f"rollout {undone} did not switch this node; nothing to roll back "
                 "(FAILED_PRECONDITION)"
             )
         txn = self._begin(rollout_id, TxnKind.ROLLBACK, request.command.epoch)

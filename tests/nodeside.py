@@ -173,7 +173,11 @@ class Node:
             yield agent_pb2_grpc.NodeAgentStub(channel)
 
     def command(self, rollout_id: str, epoch: int | None = None) -> agent_pb2.Command:
-        return agent_pb2.Command(rollout_id=rollout_id, epoch=epoch or self.epoch)
+        """A command as the leader sends it; its epoch is announced first, as a leader does
+        when it starts a rollout (``Cluster.announce_epoch``)."""
+        epoch = epoch or self.epoch
+        self.cluster.announce_epoch(epoch)
+        return agent_pb2.Command(rollout_id=rollout_id, epoch=epoch)
 
     def ca(self) -> pki.CertificateAuthority:
         passphrase = self.cluster.passphrase_path.read_bytes().strip()

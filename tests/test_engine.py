@@ -743,9 +743,10 @@ async def test_disable_tls_rolls_back_the_undone_switch_and_clears_the_password(
     assert row.rollout.state is R.COMPLETED
     assert states(row) == ALL_DONE
     rollbacks = [c for c in world.agents.calls[seen:] if c.method == "rollback"]
-    # The switch undone is the enable-tls rollout's; the command carries this rollout's epoch.
+    # The way back is this rollout's transaction (so a failed one can be tried again), and it
+    # undoes the switch that took the node from http, whichever rollout that was.
     assert [(c.node, c.rollout_id, c.epoch) for c in rollbacks] == [
-        (n, enabled.rollout.id, row.rollout.epoch) for n in ORDER
+        (n, disabling.rollout.id, row.rollout.epoch) for n in ORDER
     ]
     assert {world.agents[n].scheme for n in ORDER} == {"http"}
     assert leader.schema.node_auth() == {}

@@ -180,6 +180,13 @@ def verifier_from_json(text: str | bytes) -> Verifier:
     return validate_verifier(data)
 
 
+def verifier_digest(text: str | bytes) -> str:
+    """SHA-256 (hex) of a verifier in its one canonical form: how the leader and an agent tell
+    which password a node runs without sending the verifier. ValueError if it is not one."""
+    canonical = verifier_to_json(verifier_from_json(text)).encode()
+    return hashlib.sha256(canonical).hexdigest()
+
+
 def validate_verifier(data: object) -> Verifier:
     """Check every field of a verifier; return it as a ``Verifier`` or raise ValueError."""
     if not isinstance(data, Mapping):

@@ -94,6 +94,13 @@ def scope_options(f: Any) -> Any:
         show_default=True,
         help="How many nodes switch at the same time.",
     )(f)
+    f = click.option(
+        "--failure-budget",
+        type=click.IntRange(0, 200),
+        default=0,
+        show_default=True,
+        help="How many nodes may fail (and go back) before the rollout halts.",
+    )(f)
     f = click.option("--nodes", help="Comma-separated node names (scope 'nodes').")(f)
     f = click.option(
         "--scope",
@@ -104,7 +111,12 @@ def scope_options(f: Any) -> Any:
 
 
 def rollout_request(
-    scope: str | None, nodes: str | None, max_parallel: int, freeze: str, change: str
+    scope: str | None,
+    nodes: str | None,
+    max_parallel: int,
+    freeze: str,
+    change: str,
+    failure_budget: int = 0,
 ) -> admin_pb2.RolloutRequest:
     names = [n.strip() for n in (nodes or "").split(",") if n.strip()]
     if scope is None:
@@ -121,6 +133,7 @@ def rollout_request(
         nodes=names,
         max_parallel=max_parallel,
         freeze=FREEZE.wire(FreezeMode(freeze)),
+        failure_budget=failure_budget,
     )
 
 
@@ -235,13 +248,15 @@ def plan(
     leader: Leader,
     scope: str | None,
     nodes: str | None,
+    failure_budget: int,
     max_parallel: int,
     freeze: str,
     change: str,
     as_json: bool,
 ) -> None:
-    """Dry run: the update schema a rollout would make, its checks, what clients must do."""
-    request = rollout_request(scope, nodes, max_parallel, freeze, change)
+    """Dry run: the update schema a rollout would make, from what each node runs now (nodes
+    already in the wanted state show "already done"), its checks, what clients must do."""
+    request = rollout_request(scope, nodes, max_parallel, freeze, change, failure_budget)
     with leader.admin() as admin:
         reply = leader.call(admin.PlanRollout, request)
     if as_json:
@@ -257,7 +272,13 @@ def show_plan(reply: admin_pb2.PlanResponse) -> None:
         f"{len(r.nodes)} node(s) in this order, {r.max_parallel} at a time:"
     )
     for i, n in enumerate(r.nodes, 1):
-        out.print(f"  {i}. {n.name}{' (leader node)' if n.leader_node else ''}")
+        done = f" — {n.reason}" if n.reason.startswith("already done") else " — will switch"
+        out.print(f"  {i}. {n.name}{' (leader node)' if n.leader_node else ''}{done}")
+    if reply.password_version_in_use:
+        out.print(
+            f"Auth password: the one the nodes already use (version "
+            f"{reply.password_version_in_use}); it is not replaced."
+        )
     out.print("Checks and steps on each node:")
     for c in reply.checks:
         out.print(f"  - {c}")
@@ -284,22 +305,33 @@ def rollout() -> None:
     "--password-file",
     type=click.Path(path_type=Path, dir_okay=False),
     help="enable-tls: the auth password workstations will need (the file's only line); "
-    "without it a new one is generated and shown once.",
+    "without it a new one is generated and shown once, unless nodes already use one (then "
+    "the others get that one too).",
 )
 @click.option("--yes", is_flag=True, help="Start without showing the plan and asking.")
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="Wait until the rollout ends; the exit code is its outcome (as `rollout status`).",
+)
 @pass_leader
 def rollout_start(
     leader: Leader,
     scope: str | None,
     nodes: str | None,
+    failure_budget: int,
     max_parallel: int,
     freeze: str,
     change: str,
     password_file: Path | None,
     yes: bool,
+    wait: bool,
 ) -> None:
-    """Start the switch from http to https on the local node or the whole multiserver."""
-    request = rollout_request(scope, nodes, max_parallel, freeze, change)
+    """Start the switch from http to https on the local node or the whole multiserver.
+
+    The plan comes from what each node runs now: a node already in the wanted state is left
+    alone ("already done"), and a password the nodes already use is never replaced."""
+    request = rollout_request(scope, nodes, max_parallel, freeze, change, failure_budget)
     if change != "enable-tls" and password_file is not None:
         raise click.UsageError("--password-file goes with enable-tls; use `tlsroll password set`")
     # A password file that is unusable or too weak fails before anything is asked or planned.
@@ -307,22 +339,74 @@ def rollout_start(
     with leader.admin() as admin:
         # The dry run first: a bad scope or an offline node fails before anything is asked.
         planned = leader.call(admin.PlanRollout, request)
+        in_use = planned.password_version_in_use
+        if in_use and secret is not None:
+            raise CLIError(
+                f"nodes already use auth password version {in_use}; the other nodes get the "
+                "same one: leave out --password-file (to change it: tlsroll password set, "
+                "then --change change-password)"
+            )
         if not yes:
             show_plan(planned)
             if not sys.stdin.isatty():
                 raise click.UsageError("not a terminal: review `tlsroll plan`, then add --yes")
             if not click.confirm("Start the switch now?", default=False):
                 raise CLIError("not started")
-        if change == "enable-tls":
+        if change == "enable-tls" and not in_use:
             if secret is None:  # generated now, after the confirmation, and shown once
                 secret = obtain_password(None, generate=True)
             request.auth_verifier_json = verifier_json(secret)
         view = leader.call(admin.StartRollout, request)
+    started(view, in_use)
+    if wait:
+        wait_for_end(leader, view.id)
+
+
+def started(view: schema_pb2.RolloutView, password_in_use: int = 0) -> None:
+    skipped = [n for n in view.nodes if n.reason.startswith("already done")]
     out.print(
         f"rollout {view.id} started (epoch {view.epoch}); order: "
-        f"{', '.join(n.name for n in view.nodes)}"
+        f"{', '.join(n.name for n in view.nodes if n not in skipped)}"
     )
+    for n in skipped:
+        out.print(f"  {n.name}: {n.reason}")
+    if password_in_use:
+        out.print(f"  the nodes get the auth password already in use (version {password_in_use})")
     out.print("follow it with: tlsroll schema show --watch")
+
+
+def wait_for_end(leader: Leader, rollout_id: str, interval: float = 0.5) -> None:
+    """Poll until the rollout ends, then exit as `rollout status` does."""
+    while True:
+        schema = fetch_schema(leader, rollout_id)
+        state = ROLLOUT_STATE.text(schema.rollouts[0].state)
+        if state in (
+            RolloutState.COMPLETED.value,
+            RolloutState.HALTED.value,
+            RolloutState.ABORTED.value,
+        ):
+            break
+        time.sleep(interval)
+    click.get_current_context().invoke(rollout_status, rollout_id=rollout_id, as_json=False)
+
+
+@rollout.command("retry")
+@click.argument("rollout_id", required=False, default="")
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="Wait until the new rollout ends; the exit code is its outcome.",
+)
+@pass_leader
+def rollout_retry(leader: Leader, rollout_id: str, wait: bool) -> None:
+    """Try a halted or aborted rollout (default: the newest) again: its nodes that did not end
+    `done` are planned again from what they run now and started as a new rollout, with the
+    same change, options and password."""
+    with leader.admin() as admin:
+        view = leader.call(admin.RetryRollout, admin_pb2.RetryRolloutRequest(rollout_id=rollout_id))
+    started(view)
+    if wait:
+        wait_for_end(leader, view.id)
 
 
 @rollout.command("rollback")

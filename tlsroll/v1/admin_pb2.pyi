@@ -367,8 +367,8 @@ class RolloutRequest(_message.Message):
     itself never reaches the leader. change-password: empty (the staged one is used).
     """
     undo_rollout_id: _builtins.str
-    """disable-tls: the enable-tls rollout to take back (default: the newest one); its nodes that
-    ended `done` go back to http. Scope and nodes are taken from it.
+    """disable-tls: the enable-tls rollout to take back; its nodes that ended `done` and still run
+    https go back to http. Empty: every enrolled node that runs https now goes back to http.
     """
     @_builtins.property
     def nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -402,6 +402,11 @@ class PlanResponse(_message.Message):
     CHECKS_FIELD_NUMBER: _builtins.int
     CLIENT_STEPS_FIELD_NUMBER: _builtins.int
     WARNINGS_FIELD_NUMBER: _builtins.int
+    PASSWORD_VERSION_IN_USE_FIELD_NUMBER: _builtins.int
+    password_version_in_use: _builtins.int
+    """enable-tls: the nodes already run this auth password version (and the others get it too),
+    so the CLI sends no new password; 0: the rollout needs a new one.
+    """
     @_builtins.property
     def rollout(self) -> _schema_pb2.RolloutView: ...
     @_builtins.property
@@ -417,14 +422,35 @@ class PlanResponse(_message.Message):
         checks: _abc.Iterable[_builtins.str] | None = ...,
         client_steps: _abc.Iterable[_builtins.str] | None = ...,
         warnings: _abc.Iterable[_builtins.str] | None = ...,
+        password_version_in_use: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks", "client_steps", b"client_steps", "rollout", b"rollout", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks", "client_steps", b"client_steps", "password_version_in_use", b"password_version_in_use", "rollout", b"rollout", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___PlanResponse: _TypeAlias = PlanResponse  # noqa: Y015
+
+@_typing.final
+class RetryRolloutRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_ID_FIELD_NUMBER: _builtins.int
+    rollout_id: _builtins.str
+    """The halted or aborted rollout (default: the newest one)."""
+    def __init__(
+        self,
+        *,
+        rollout_id: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollout_id", b"rollout_id"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RetryRolloutRequest: _TypeAlias = RetryRolloutRequest  # noqa: Y015
 
 @_typing.final
 class ControlRolloutRequest(_message.Message):

@@ -100,6 +100,11 @@ class AdminStub:
                 request_serializer=tlsroll_dot_v1_dot_admin__pb2.ControlRolloutRequest.SerializeToString,
                 response_deserializer=tlsroll_dot_v1_dot_schema__pb2.RolloutView.FromString,
                 _registered_method=True)
+        self.RetryRollout = channel.unary_unary(
+                '/tlsroll.v1.Admin/RetryRollout',
+                request_serializer=tlsroll_dot_v1_dot_admin__pb2.RetryRolloutRequest.SerializeToString,
+                response_deserializer=tlsroll_dot_v1_dot_schema__pb2.RolloutView.FromString,
+                _registered_method=True)
         self.SetPassword = channel.unary_unary(
                 '/tlsroll.v1.Admin/SetPassword',
                 request_serializer=tlsroll_dot_v1_dot_admin__pb2.SetPasswordRequest.SerializeToString,
@@ -222,6 +227,15 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RetryRollout(self, request, context):
+        """Plan the nodes a halted or aborted rollout left unfinished again, from what each node runs
+        now, and start that as a new rollout (same change, scope, options and password).
+        FAILED_PRECONDITION: the rollout is still active or completed; NOT_FOUND: no such rollout.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SetPassword(self, request, context):
         """Stage a new auth password (its verifier only; the password never reaches the leader).
         Switched nodes show "password change pending" until a change-password rollout restarts
@@ -331,6 +345,11 @@ def add_AdminServicer_to_server(servicer, server):
             'ControlRollout': grpc.unary_unary_rpc_method_handler(
                     servicer.ControlRollout,
                     request_deserializer=tlsroll_dot_v1_dot_admin__pb2.ControlRolloutRequest.FromString,
+                    response_serializer=tlsroll_dot_v1_dot_schema__pb2.RolloutView.SerializeToString,
+            ),
+            'RetryRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.RetryRollout,
+                    request_deserializer=tlsroll_dot_v1_dot_admin__pb2.RetryRolloutRequest.FromString,
                     response_serializer=tlsroll_dot_v1_dot_schema__pb2.RolloutView.SerializeToString,
             ),
             'SetPassword': grpc.unary_unary_rpc_method_handler(
@@ -709,6 +728,33 @@ class Admin:
             target,
             '/tlsroll.v1.Admin/ControlRollout',
             tlsroll_dot_v1_dot_admin__pb2.ControlRolloutRequest.SerializeToString,
+            tlsroll_dot_v1_dot_schema__pb2.RolloutView.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RetryRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tlsroll.v1.Admin/RetryRollout',
+            tlsroll_dot_v1_dot_admin__pb2.RetryRolloutRequest.SerializeToString,
             tlsroll_dot_v1_dot_schema__pb2.RolloutView.FromString,
             options,
             channel_credentials,

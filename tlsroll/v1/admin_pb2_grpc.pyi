@@ -67,6 +67,11 @@ class AdminStub:
     """pause | resume | abort the active (or named) rollout. FAILED_PRECONDITION: not allowed in
     its state (the message says why).
     """
+    RetryRollout: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RetryRolloutRequest, _schema_pb2.RolloutView]
+    """Plan the nodes a halted or aborted rollout left unfinished again, from what each node runs
+    now, and start that as a new rollout (same change, scope, options and password).
+    FAILED_PRECONDITION: the rollout is still active or completed; NOT_FOUND: no such rollout.
+    """
     SetPassword: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetPasswordRequest, _admin_pb2.SetPasswordResponse]
     """Stage a new auth password (its verifier only; the password never reaches the leader).
     Switched nodes show "password change pending" until a change-password rollout restarts
@@ -122,6 +127,11 @@ class AdminAsyncStub(AdminStub):
     ControlRollout: _aio.UnaryUnaryMultiCallable[_admin_pb2.ControlRolloutRequest, _schema_pb2.RolloutView]  # type: ignore[assignment]
     """pause | resume | abort the active (or named) rollout. FAILED_PRECONDITION: not allowed in
     its state (the message says why).
+    """
+    RetryRollout: _aio.UnaryUnaryMultiCallable[_admin_pb2.RetryRolloutRequest, _schema_pb2.RolloutView]  # type: ignore[assignment]
+    """Plan the nodes a halted or aborted rollout left unfinished again, from what each node runs
+    now, and start that as a new rollout (same change, scope, options and password).
+    FAILED_PRECONDITION: the rollout is still active or completed; NOT_FOUND: no such rollout.
     """
     SetPassword: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetPasswordRequest, _admin_pb2.SetPasswordResponse]  # type: ignore[assignment]
     """Stage a new auth password (its verifier only; the password never reaches the leader).
@@ -253,6 +263,17 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_schema_pb2.RolloutView, _abc.Awaitable[_schema_pb2.RolloutView]]:
         """pause | resume | abort the active (or named) rollout. FAILED_PRECONDITION: not allowed in
         its state (the message says why).
+        """
+
+    @_abc_1.abstractmethod
+    def RetryRollout(
+        self,
+        request: _admin_pb2.RetryRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_schema_pb2.RolloutView, _abc.Awaitable[_schema_pb2.RolloutView]]:
+        """Plan the nodes a halted or aborted rollout left unfinished again, from what each node runs
+        now, and start that as a new rollout (same change, scope, options and password).
+        FAILED_PRECONDITION: the rollout is still active or completed; NOT_FOUND: no such rollout.
         """
 
     @_abc_1.abstractmethod

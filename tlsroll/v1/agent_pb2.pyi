@@ -225,10 +225,18 @@ class ServerView(_message.Message):
     SCHEMES_FIELD_NUMBER: _builtins.int
     URLS_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
+    CERT_PEM_FIELD_NUMBER: _builtins.int
+    VERIFIER_DIGEST_FIELD_NUMBER: _builtins.int
     driver: _builtins.str
     healthy: _builtins.bool
     frozen: _builtins.bool
     detail: _builtins.str
+    cert_pem: _builtins.bytes
+    """What is live, so the leader plans from what a node runs, not from what it recorded: the
+    certificate the server serves https with (public; empty on http) and the SHA-256 (hex) of
+    the live auth password verifier (empty if none; never the verifier itself).
+    """
+    verifier_digest: _builtins.str
     @_builtins.property
     def schemes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """"http", "https" or both: what the server listens on now."""
@@ -246,10 +254,12 @@ class ServerView(_message.Message):
         schemes: _abc.Iterable[_builtins.str] | None = ...,
         urls: _abc.Iterable[_builtins.str] | None = ...,
         detail: _builtins.str = ...,
+        cert_pem: _builtins.bytes = ...,
+        verifier_digest: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "driver", b"driver", "frozen", b"frozen", "healthy", b"healthy", "schemes", b"schemes", "urls", b"urls"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cert_pem", b"cert_pem", "detail", b"detail", "driver", b"driver", "frozen", b"frozen", "healthy", b"healthy", "schemes", b"schemes", "urls", b"urls", "verifier_digest", b"verifier_digest"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -489,9 +499,16 @@ class RollbackRequest(_message.Message):
 
     COMMAND_FIELD_NUMBER: _builtins.int
     KEEP_FROZEN_FIELD_NUMBER: _builtins.int
+    UNDOES_FIELD_NUMBER: _builtins.int
     keep_frozen: _builtins.bool
     """`--freeze scope`: as SwitchRequest.keep_frozen, the node stays frozen after the rollback;
     the leader lifts the freeze when the whole rollout has ended.
+    """
+    undoes: _builtins.str
+    """The rollout whose switch to undo; unset: the command's own rollout (the confirm step's
+    rollback). Empty: the switch that took this node from http to https, whatever it runs now
+    (the way back of `tlsroll rollout rollback`). The transaction is keyed by
+    `command.rollout_id`, so a way back that failed can be tried again by a new rollout.
     """
     @_builtins.property
     def command(self) -> Global___Command: ...
@@ -500,12 +517,15 @@ class RollbackRequest(_message.Message):
         *,
         command: Global___Command | None = ...,
         keep_frozen: _builtins.bool = ...,
+        undoes: _builtins.str | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["command", b"command"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_undoes", b"_undoes", "command", b"command", "undoes", b"undoes"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "keep_frozen", b"keep_frozen"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_undoes", b"_undoes", "command", b"command", "keep_frozen", b"keep_frozen", "undoes", b"undoes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__undoes: _TypeAlias = _typing.Literal["undoes"]  # noqa: Y015
+    _WhichOneofArgType__undoes: _TypeAlias = _typing.Literal["_undoes", b"_undoes"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__undoes) -> _WhichOneofReturnType__undoes | None: ...
 
 Global___RollbackRequest: _TypeAlias = RollbackRequest  # noqa: Y015
 

@@ -1,0 +1,64 @@
+"""What each node runs now, asked of its agent (``GetStatus``): what rollouts are planned from.
+
+    seen = await observe(agents, ["node1", "node2"], ca_cert)
+    seen["node1"].schemes          # ("https",)
+
+Every agent is asked at once, each with a short deadline and no retries: a plan is shown to
+an admin who waits for it, and an agent that does not answer within ``OBSERVE_TIMEOUT`` is
+reported as unreachable (with the reason), never waited for.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+
+from cryptography import x509
+
+from leader.agent_client import Agents
+from leader.rollout_core import NodeObservation
+from tlsroll import pki
+from tlsroll.errors import PKIError, TlsrollError
+from tlsroll.v1 import agent_pb2
+
+OBSERVE_TIMEOUT = 5.0
+
+
+def observation(view: agent_pb2.ServerView, ca: x509.Certificate) -> NodeObservation:
+    """A ``ServerView`` as the planner sees it."""
+    from_ca = False
+    if view.cert_pem:
+        try:
+            from_ca = pki.issued_by(pki.load_cert_pem(view.cert_pem), ca)
+        except PKIError:
+            from_ca = False
+    if not view.healthy:
+        return NodeObservation(False, f"the managed server: {view.detail or 'not healthy'}")
+    return NodeObservation(
+        reachable=True,
+        schemes=tuple(sorted(view.schemes)),
+        cert_from_ca=from_ca,
+        verifier_digest=view.verifier_digest,
+    )
+
+
+async def observe(
+    agents: Agents, names: Sequence[str], ca: x509.Certificate
+) -> dict[str, NodeObservation]:
+    """Ask every named node's agent what it runs; unreachable ones say why."""
+
+    async def one(name: str) -> NodeObservation:
+        try:
+            agent = await agents.get(name)
+            status = await asyncio.wait_for(
+                agent.get_status(agent_pb2.GetStatusRequest(), timeout=OBSERVE_TIMEOUT),
+                OBSERVE_TIMEOUT + 1,
+            )
+        except TimeoutError:
+            return NodeObservation(False, f"no answer within {OBSERVE_TIMEOUT:.0f} s")
+        except TlsrollError as exc:
+            return NodeObservation(False, str(exc))
+        return observation(status.server, ca)
+
+    results = await asyncio.gather(*(one(n) for n in names))
+    return dict(zip(names, results, strict=True))

@@ -1,0 +1,173 @@
+"""Rollouts planned from what the nodes run, not from what earlier rollouts recorded (issue 16):
+local then cluster leaves the leader node alone and keeps its password; the way back returns
+every node that runs https to http, whichever rollout switched it; a halted rollout is retried
+to the end. A real leader, agents and reference servers, with writes checked throughout.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.cluster import Cluster, wait_until
+from tests.conftest import next_loopback
+from tests.nodeside import Node, port_holder
+from tests.refserver_helper import http_request
+from tlsroll import tls
+from tlsroll.v1 import agent_pb2
+
+ENDED = ("completed", "halted", "aborted")
+
+
+@pytest.fixture
+def three(tmp_path: Path) -> Iterator[tuple[Cluster, list[Node]]]:
+    addresses = [next_loopback() for _ in range(3)]
+    cluster = Cluster(tmp_path / "cluster", addresses[0], heartbeat_interval=1)
+    nodes = [Node(cluster, f"node{i + 1}", a, tmp_path / f"n{i}") for i, a in enumerate(addresses)]
+    try:
+        cluster.init("--node-name", "node1")
+        cluster.start_leader()
+        for node in nodes:
+            node.start()
+        cluster.wait_for_nodes_online([n.name for n in nodes])
+        yield cluster, nodes
+    finally:
+        for node in nodes:
+            node.close()
+        cluster.close()
+
+
+def newest(cluster: Cluster) -> dict[str, Any]:
+    data = json.loads(cluster.cli("schema", "show", "--json").stdout)
+    rollout: dict[str, Any] = data["rollouts"][0]
+    return rollout
+
+
+def wait_ended(cluster: Cluster, what: str) -> dict[str, Any]:
+    wait_until(lambda: newest(cluster)["state"] in ENDED, 120, what)
+    return newest(cluster)
+
+
+def live(node: Node) -> agent_pb2.ServerView:
+    with node.stub() as stub:
+        status: agent_pb2.NodeStatus = stub.GetStatus(agent_pb2.GetStatusRequest(), timeout=10)
+    return status.server
+
+
+def password_file(tmp_path: Path, name: str, text: str) -> Path:
+    path = tmp_path / name
+    path.touch(0o600)
+    path.write_text(text + "\n")
+    return path
+
+
+def writes_work(node: Node, scheme: str, ca_pem: bytes) -> None:
+    context = tls.client_context(ca_pem) if scheme == "https" else None
+    url = node.https_url() if scheme == "https" else node.http_url()
+    assert http_request("POST", f"{url}entries", {"n": node.name}, context=context).status == 201
+
+
+def test_local_then_cluster_leaves_the_leader_node_and_its_password_alone(
+    three: tuple[Cluster, list[Node]], tmp_path: Path
+) -> None:
+    """Issue 16 #1 and #2: scope local with password A, then scope cluster: the leader node is
+    not switched again (it shows "already done"), a second password is refused and the other
+    nodes get A; then `rollout rollback` returns every node to http, node1 included."""
+    cluster, nodes = three
+    node1 = nodes[0]
+    a = password_file(tmp_path, "a", "first-password-for-the-practice")
+    b = password_file(tmp_path, "b", "another-password-for-the-practice")
+
+    local = cluster.cli("rollout", "start", "--scope", "local", "--password-file", str(a), "--yes")
+    assert local.returncode == 0, local.stderr
+    assert wait_ended(cluster, "the local switch")["state"] == "completed"
+    digest_a = live(node1).verifier_digest
+    assert digest_a and live(node1).schemes == ["https"]
+    pid_before = node1.server_pid()
+
+    # The plan shows node1 as already done and says the password in use is kept.
+    plan = cluster.cli("plan", "--scope", "cluster")
+    assert plan.returncode == 0, plan.stderr
+    (line,) = [ln for ln in plan.stdout.splitlines() if "node1" in ln]
+    assert "already done" in line
+    assert "it is not replaced" in plan.stdout
+    # A new password would silently replace A on node1's neighbours: refused, nothing started.
+    refused = cluster.cli(
+        "rollout", "start", "--scope", "cluster", "--password-file", str(b), "--yes"
+    )
+    assert refused.returncode == 1 and "already use auth password" in refused.stderr
+    assert newest(cluster)["scope"] == "local"
+
+    started = cluster.cli("rollout", "start", "--scope", "cluster", "--yes")
+    assert started.returncode == 0, started.stderr
+    assert "node1: already done" in started.stdout
+    r = wait_ended(cluster, "the cluster switch")
+    assert r["state"] == "completed", r
+    states = {n["name"]: (n["state"], n.get("reason", "")) for n in r["nodes"]}
+    assert states["node1"][0] == "skipped" and "already done" in states["node1"][1]
+    assert states["node2"][0] == states["node3"][0] == "done"
+    assert node1.server_pid() == pid_before  # not frozen, not restarted
+    for node in nodes:
+        view = live(node)
+        assert view.schemes == ["https"]
+        assert view.verifier_digest == digest_a  # one password, A, everywhere
+        writes_work(node, "https", cluster.ca_pem)
+
+    back = cluster.cli("rollout", "rollback", "--yes")
+    assert back.returncode == 0, back.stderr
+    r = wait_ended(cluster, "the way back")
+    assert r["change"] == "disable-tls" and r["state"] == "completed", r
+    assert sorted(n["name"] for n in r["nodes"] if n["state"] == "done") == [
+        "node1",
+        "node2",
+        "node3",
+    ]
+    for node in nodes:
+        assert live(node).schemes == ["http"]
+        assert node.server.status()["frozen"] is False
+        writes_work(node, "http", cluster.ca_pem)
+    # Nothing is left on https: a second way back has nothing to do and says whose it was.
+    again = cluster.cli("rollout", "rollback", "--yes")
+    assert again.returncode == 1
+    assert f"already taken back by rollout {r['id']}" in again.stderr
+
+
+def test_a_halted_rollout_is_retried_to_the_end(
+    three: tuple[Cluster, list[Node]], tmp_path: Path
+) -> None:
+    """A node whose port 8443 is taken halts the rollout at preflight; once it is free,
+    `rollout retry --wait` plans the nodes not done again and exits 0 when they are."""
+    cluster, nodes = three
+    node2 = nodes[1]
+    pw = password_file(tmp_path, "pw", "retry-password-for-the-practice")
+    with port_holder(node2.address, 8443):
+        start = cluster.cli(
+            *("rollout", "start", "--scope", "cluster", "--password-file", str(pw)),
+            *("--yes", "--wait"),
+        )
+        assert start.returncode == 3, (start.stdout, start.stderr)  # halted
+        halted = newest(cluster)
+        assert halted["state"] == "halted"
+        by_name = {n["name"]: n for n in halted["nodes"]}
+        assert by_name["node2"]["state"] == "failed" and "8443" in by_name["node2"]["reason"]
+    for node in nodes:
+        writes_work(node, "http", cluster.ca_pem)
+    done_before = {n["name"] for n in halted["nodes"] if n["state"] == "done"}
+
+    retried = cluster.cli("rollout", "retry", "--wait")
+    assert retried.returncode == 0, (retried.stdout, retried.stderr)
+    r = newest(cluster)
+    assert r["id"] != halted["id"] and r["state"] == "completed"
+    assert {n["name"] for n in r["nodes"]} == {"node1", "node2", "node3"} - done_before
+    digests = {live(n).verifier_digest for n in nodes}
+    assert len(digests) == 1  # the halted rollout's password, on every node
+    for node in nodes:
+        assert live(node).schemes == ["https"]
+        writes_work(node, "https", cluster.ca_pem)
+    # Only a halted or aborted rollout is retried.
+    again = cluster.cli("rollout", "retry")
+    assert again.returncode == 1 and "only a halted or aborted rollout" in again.stderr
