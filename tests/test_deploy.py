@@ -23,6 +23,7 @@ The throwaway root and the container need root; CI runs ``make test`` as root.
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shlex
@@ -201,20 +202,30 @@ def server_python() -> str:
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The release bundle, built once, unpacked."""
-    out = tmp_path_factory.mktemp("dist")
-    result = subprocess.run(
-        [sys.executable, str(ROOT / "deploy" / "dist.py"), "--out", str(out)],
-        check=False,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
-    tarball = Path(result.stdout.strip().splitlines()[-1])
-    assert tarball.parent == out
-    subprocess.run(["tar", "-xzf", str(tarball), "-C", str(out)], check=True, timeout=60)
-    (unpacked,) = out.glob("tlsroll-*/install.sh")
+    """The release bundle, unpacked: built once per run, also when pytest-xdist spreads the
+    tests that use it over several workers (they share the run's base temp directory)."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        out = tmp_path_factory.getbasetemp().parent / "tlsroll-dist"  # this run's, shared
+        out.mkdir(exist_ok=True)
+    else:
+        out = tmp_path_factory.mktemp("dist")
+    with (out / ".lock").open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        found = list(out.glob("tlsroll-*/install.sh"))
+        if not found:
+            result = subprocess.run(
+                [sys.executable, str(ROOT / "deploy" / "dist.py"), "--out", str(out)],
+                check=False,
+                capture_output=True,
+                text=True,
+                timeout=240,
+            )
+            assert result.returncode == 0, result.stderr[-3000:]
+            tarball = Path(result.stdout.strip().splitlines()[-1])
+            assert tarball.parent == out
+            subprocess.run(["tar", "-xzf", str(tarball), "-C", str(out)], check=True, timeout=60)
+            found = list(out.glob("tlsroll-*/install.sh"))
+    (unpacked,) = found
     return unpacked.parent
 
 
@@ -270,8 +281,9 @@ def test_the_bundle_installs_offline_then_init_runs_as_printed(
     leader = (
         "runuser -u tlsroll -- /opt/tlsroll/bin/tlsroll-leader"
         " --config /var/lib/tlsroll/leader.toml >/var/lib/tlsroll/test.log 2>&1 & pid=$!\n"
-        "for i in $(seq 100); do tlsroll ca show >/dev/null 2>&1 && break; sleep 0.2; done\n"
-        "tlsroll ca show; status=$?; kill $pid; wait $pid; exit $status"
+        "for i in $(seq 300); do tlsroll ca show >/dev/null 2>&1 && break; sleep 0.2; done\n"
+        "tlsroll ca show; status=$?; kill $pid; wait $pid\n"
+        "[ $status = 0 ] || cat /var/lib/tlsroll/test.log; exit $status"
     )
     assert "sha256:" in throwaway.ok(leader, network=True)
 
