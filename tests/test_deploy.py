@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import random
 import re
 import shlex
 import shutil
@@ -36,8 +37,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-
-from tests.conftest import next_loopback
 
 ROOT = Path(__file__).resolve().parent.parent
 UNITS = ROOT / "deploy" / "systemd"
@@ -260,7 +259,9 @@ def test_the_bundle_installs_offline_then_init_runs_as_printed(
 ) -> None:
     install = shlex.quote(str(bundle / "install.sh"))
     python = server_python()
-    address = next_loopback()
+    # Not from tests.conftest's next_loopback(): other runs on this machine use those and the
+    # leader's fixed ports; 127.99.0.0/16 is outside them.
+    address = f"127.99.{random.randrange(256)}.{random.randrange(1, 255)}"
     # Nothing can reach an index: there is no network in here.
     throwaway.ok("! python3 -c 'import socket; socket.create_connection((\"1.1.1.1\", 443), 3)'")
 
