@@ -10,12 +10,14 @@ import asyncio
 import base64
 import datetime as dt
 import hmac
+from dataclasses import dataclass
 from typing import Any
 
 import grpc
 
 from leader.admin_socket import current_caller
 from leader.commands import Commands, RolloutRequest
+from leader.node_check import check_nodes
 from leader.rollout_core import Change, Scope, ScopeKind
 from leader.schema_store import NodeDetail, RolloutMeta, RolloutRow, SchemaStore
 from leader.schema_view import rollout_view
@@ -24,7 +26,14 @@ from leader.store import Node
 from leader.tokens import JoinToken
 from leader.viewer.grants import MAX_TTL as MAX_VIEWER_TTL
 from leader.viewer.grants import Grant, Grants
-from leader.wire import CHANGE, FREEZE, ROLLOUT_ACTION, SCOPE_KIND, VIEWER_GRANT_STATE
+from leader.wire import (
+    CHANGE,
+    FREEZE,
+    NODE_HEALTH,
+    ROLLOUT_ACTION,
+    SCOPE_KIND,
+    VIEWER_GRANT_STATE,
+)
 from tlsroll import logs, password, peertext, pki, spiffe
 from tlsroll.rpc import failed_precondition, invalid, map_errors, timestamp
 from tlsroll.v1 import admin_pb2, admin_pb2_grpc, schema_pb2
@@ -116,6 +125,15 @@ def rollout_request(request: admin_pb2.RolloutRequest) -> RolloutRequest:
     )
 
 
+@dataclass(frozen=True)
+class Endpoints:
+    """Where agents reach the leader: what an agent's ``[leader]`` table needs."""
+
+    address: str
+    join_port: int
+    control_port: int
+
+
 class AdminService(admin_pb2_grpc.AdminServicer):
     def __init__(
         self,
@@ -126,9 +144,15 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         *,
         grants: Grants | None = None,
         viewer_url: str = "",
+        endpoints: Endpoints | None = None,
+        agent_credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
         """``viewer_url``: the web viewer's base URL (``https://ADDRESS:PORT``), empty if it
-        is off; ``grants``: its read-only grants (on the leader's database)."""
+        is off; ``grants``: its read-only grants (on the leader's database); ``endpoints``:
+        where agents reach the leader (for a token's join command); ``agent_credentials``:
+        the leader's mutual-TLS credentials for calls to agents (``CheckNodes``)."""
+        self.endpoints = endpoints
+        self.agent_credentials = agent_credentials
         self.state = state
         self.commands = commands
         self.schema = schema
@@ -264,7 +288,38 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             uses=uses,
             ttl_seconds=int(ttl.total_seconds()),
         )
-        return admin_pb2.CreateTokenResponse(token=str(token), info=token_info(info))
+        reply = admin_pb2.CreateTokenResponse(
+            token=str(token), info=token_info(info), ca_pin=pki.spki_pin(self.state.ca.cert)
+        )
+        if self.endpoints is not None:
+            reply.leader_address = self.endpoints.address
+            reply.join_port = self.endpoints.join_port
+            reply.control_port = self.endpoints.control_port
+        return reply
+
+    @map_errors(ERRORS)
+    async def CheckNodes(
+        self, request: admin_pb2.CheckNodesRequest, context: Ctx
+    ) -> admin_pb2.CheckNodesResponse:
+        if request.timeout_seconds > 60:
+            raise invalid("timeout must be 1..60 seconds")
+        if self.agent_credentials is None:
+            raise failed_precondition("this leader makes no calls to agents")
+        nodes = await asyncio.to_thread(self.state.store.list_nodes)
+        checks = await check_nodes(
+            nodes,
+            self.agent_credentials,
+            self.state.trust_domain,
+            float(request.timeout_seconds or 5),
+        )
+        return admin_pb2.CheckNodesResponse(
+            nodes=[
+                admin_pb2.NodeHealthCheck(
+                    name=c.name, target=c.target, health=NODE_HEALTH.wire(c.health), detail=c.detail
+                )
+                for c in checks
+            ]
+        )
 
     @map_errors(ERRORS)
     async def ListTokens(

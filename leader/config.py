@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from leader.layout import Layout
+from tlsroll import logs
 from tlsroll.config import ConfigFile
 from tlsroll.defaults import CONTROL_PORT, JOIN_PORT, VIEWER_PORT
 
@@ -33,6 +34,8 @@ class LeaderConfig:
     # Failed enrolments one source (an IPv4 address, an IPv6 /64) may make on the join port
     # before it has to wait, doubling from 1 s (leader.join_guard).
     join_free_failures: int = 5
+    # debug | info | warning | error (``tlsroll-leader --log-level`` wins over it).
+    log_level: str = "info"
 
     @classmethod
     def load(cls, path: Path) -> LeaderConfig:
@@ -54,6 +57,7 @@ class LeaderConfig:
             viewer_port=s.integer("viewer_port", VIEWER_PORT, lo=0, hi=65535),
             metrics_token_file=s.path("metrics_token_file", None),
             join_free_failures=s.integer("join_free_failures", 5, lo=1, hi=1_000_000),
+            log_level=logs.config_level(s),
         )
         cfg.finish()  # a key or table not read above is a typo: an error, not a default
         return config

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import grpc
 
-from leader.admin_service import AdminService
+from leader.admin_service import AdminService, Endpoints
 from leader.admin_socket import AdminRelay
 from leader.agent_client import AgentPool
 from leader.commands import Commands
@@ -30,14 +30,20 @@ from leader.config import LeaderConfig
 from leader.db import check_store, mark_store
 from leader.engine import Engine
 from leader.join_guard import GuardPolicy, JoinGuard
-from leader.layout import check_secret_dirs, ensure_leader_identity, read_passphrase
+from leader.layout import (
+    check_secret_dirs,
+    ensure_leader_identity,
+    passphrase_source,
+    read_passphrase,
+    upgrade_ca_key,
+)
 from leader.observe import observe
 from leader.schema_store import SchemaStore
 from leader.schema_view import SchemaViewService
 from leader.service import EnrolmentService, LeaderService, LeaderState
 from leader.store import Store
 from leader.viewer.server import Viewer
-from tlsroll import __version__, logs, pki
+from tlsroll import __version__, keywrap, logs, pki
 from tlsroll.daemon import sd_notify, stop_event, watchdog
 from tlsroll.defaults import LEADER_NAME
 from tlsroll.errors import ConfigError, TerminalError, TlsrollError
@@ -78,11 +84,24 @@ def _answers(sock: Path) -> bool:
 def load_state(cfg: LeaderConfig) -> LeaderState:
     layout = cfg.layout
     check_secret_dirs(layout)
-    for secret in (layout.ca_key, layout.tls_key, cfg.ca_passphrase_file):
+    source = passphrase_source(cfg.ca_passphrase_file)
+    credential = source != cfg.ca_passphrase_file
+    for secret in (layout.ca_key, layout.tls_key):
         check_private_file(secret)
-    ca = pki.CertificateAuthority.load(
-        layout.ca_cert, layout.ca_key, read_passphrase(cfg.ca_passphrase_file)
-    )
+    passphrase = read_passphrase(source, credential=credential)
+    ca = pki.CertificateAuthority.load(layout.ca_cert, layout.ca_key, passphrase)
+    if credential and cfg.ca_passphrase_file.exists():
+        log.warning(
+            "ca.passphrase_file_left",
+            path=str(cfg.ca_passphrase_file),
+            hint="the passphrase comes from the systemd credential; remove this copy (shred -u)",
+        )
+    if (weak := upgrade_ca_key(layout, ca, passphrase)) is not None:
+        log.info(
+            "ca.key_reencrypted",
+            kdf_before=weak,
+            kdf_now=str(keywrap.kdf_of(layout.ca_key.read_bytes())),
+        )
     names = pki.Names.of(LEADER_NAME, [cfg.address], cfg.dns_names)
     if ensure_leader_identity(layout, ca, names):
         log.info("leader.certificate_reissued", reason="identity or names changed")
@@ -148,7 +167,13 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     viewer = Viewer.build(cfg, state, schema) if cfg.viewer_port else None
     admin_pb2_grpc.add_AdminServicer_to_server(
         AdminService(
-            state, commands, schema, cfg.node_name, viewer_url=viewer.url if viewer else ""
+            state,
+            commands,
+            schema,
+            cfg.node_name,
+            viewer_url=viewer.url if viewer else "",
+            endpoints=Endpoints(cfg.address, cfg.join_port, cfg.control_port),
+            agent_credentials=agent_credentials,
         ),
         admin,
     )
@@ -207,10 +232,19 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="tlsroll-leader", description="tlsroll leader daemon")
     parser.add_argument("--config", type=Path, required=True, help="leader.toml (see tlsroll init)")
     parser.add_argument("--version", action="version", version=f"tlsroll-leader {__version__}")
+    parser.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=list(logs.LEVELS),
+        help="debug, info, warning or error (default: log_level in the config, else info)",
+    )
     ns = parser.parse_args(argv)
-    logs.configure()
     try:
         cfg = LeaderConfig.load(ns.config)
+        logs.configure(level=logs.level_of(ns.log_level or cfg.log_level))
+        log.debug(
+            "leader.config_loaded", config=str(ns.config), log_level=ns.log_level or cfg.log_level
+        )
         state = load_state(cfg)
         asyncio.run(serve(cfg, state))
     except TlsrollError as exc:

@@ -4,7 +4,9 @@ DATA/leader.toml          the leader's config (written by init, edited by the ad
 DATA/leader.sqlite3       the store (nodes, tokens, rollouts, audit)
 DATA/ca/ca.pem            the cluster CA certificate (public)
 DATA/ca/ca.key            its key, encrypted with the CA passphrase, 0600
-DATA/secrets/ca.passphrase  the CA passphrase when the admin gave none elsewhere, 0600
+DATA/secrets/ca.passphrase  the CA passphrase when the admin gave none elsewhere, 0600 (the
+                          demo's; a server moves it into a systemd credential, see
+                          ``passphrase_source``)
 DATA/tls/leader.pem       the leader's serving + client certificate, chain with the CA
 DATA/tls/leader.key       its key, 0600 (unencrypted: the daemon needs it to start)
 DATA/tls/viewer.pem       the web viewer's serving certificate (serverAuth only), chain with
@@ -15,21 +17,25 @@ DATA/run/admin.sock       the admin socket, in a 0750 directory
 
 from __future__ import annotations
 
+import os
 import secrets
+import stat
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
 
-from tlsroll import pki, spiffe
+from tlsroll import keywrap, pki, spiffe
 from tlsroll.config import dump_toml
 from tlsroll.defaults import CONTROL_PORT, JOIN_PORT, LEADER_NAME, VIEWER_PORT
-from tlsroll.errors import TerminalError
+from tlsroll.errors import TerminalError, UnsafePermissions
 from tlsroll.fsutil import (
     PRIVATE,
     check_private_dir,
     check_private_file,
     make_private_dir,
+    user_label,
     write_atomic,
 )
 
@@ -123,12 +129,75 @@ def check_secret_dirs(layout: Layout) -> None:
             check_private_dir(layout.data_dir / sub)
 
 
-def read_passphrase(path: Path) -> bytes:
-    check_private_file(path)
+def read_passphrase(path: Path, *, credential: bool = False) -> bytes:
+    """The CA passphrase from ``path``: a secret file (``check_private_file``) or, with
+    ``credential``, a systemd credential (``check_credential``)."""
+    if credential:
+        check_credential(path)
+    else:
+        check_private_file(path)
     value = Path(path).read_bytes().strip()
     if not value:
         raise TerminalError(f"{path} is empty; it must hold the CA passphrase")
     return value
+
+
+CREDENTIAL = "ca-passphrase"
+"""The systemd credential that holds the CA passphrase on a real server: the unit loads it with
+``LoadCredentialEncrypted=ca-passphrase:/etc/tlsroll/credstore.encrypted/ca-passphrase``, so
+that it is kept encrypted (by the host's key or TPM, ``systemd-creds encrypt``) outside the
+data directory and reaches only this service, in ``$CREDENTIALS_DIRECTORY``."""
+
+
+def passphrase_source(configured: Path, environ: Mapping[str, str] = os.environ) -> Path:
+    """Where the CA passphrase comes from: the systemd credential ``ca-passphrase`` when the
+    service manager passed it (``$CREDENTIALS_DIRECTORY``), else ``configured``
+    (``ca_passphrase_file``, the demo's way). One line says what to do if neither exists."""
+    directory = environ.get("CREDENTIALS_DIRECTORY")
+    if directory and (Path(directory) / CREDENTIAL).exists():
+        return Path(directory) / CREDENTIAL
+    if not Path(configured).exists():
+        where = (
+            f"{directory} has no {CREDENTIAL}"
+            if directory
+            else f"no systemd credential {CREDENTIAL} (LoadCredentialEncrypted=)"
+        )
+        raise TerminalError(
+            f"no CA passphrase: {where}, and ca_passphrase_file {configured} does not exist"
+        )
+    return Path(configured)
+
+
+def check_credential(path: Path) -> None:
+    """Refuse a credential file others could read or anyone but root or us could change.
+
+    Looser than ``check_private_file`` on purpose: systemd (PID 1) makes
+    ``$CREDENTIALS_DIRECTORY`` for this service alone, and since v254 leaves the files owned
+    by root with an ACL for the service's user, which shows as group bits in the mode (0440).
+    What must still hold: no access for others, no write for group, owner root or us, in a
+    directory with the same properties."""
+    me = os.geteuid()
+    for target, what in ((path.parent, "credential directory"), (path, "credential")):
+        st = os.stat(target)
+        mode = stat.S_IMODE(st.st_mode)
+        if st.st_uid not in (me, 0):
+            raise UnsafePermissions(f"{what} {target} is owned by {user_label(st.st_uid)}")
+        if mode & 0o027:
+            raise UnsafePermissions(
+                f"{what} {target} is accessible by others (mode {mode:04o}); "
+                "systemd's LoadCredentialEncrypted= never leaves it so"
+            )
+
+
+def upgrade_ca_key(layout: Layout, ca: pki.CertificateAuthority, passphrase: bytes) -> str | None:
+    """Encrypt the CA key again if its key derivation is weak (an older tlsroll wrote PBKDF2
+    with 2048 iterations): same key, same passphrase, scrypt (``tlsroll.keywrap``). Returns the
+    old derivation's description if it did, else None."""
+    kdf = keywrap.kdf_of(layout.ca_key.read_bytes())
+    if kdf.strong:
+        return None
+    pki.write_key(layout.ca_key, ca.key, passphrase)
+    return str(kdf)
 
 
 def init(

@@ -7,6 +7,7 @@ compares protobuf numbers or strings.
 
 from __future__ import annotations
 
+from leader.node_check import Health
 from leader.rollout_core import (
     FreezeMode,
     NodeState,
@@ -28,3 +29,4 @@ ROLLOUT_STATE = EnumCodec(RolloutState, types_pb2.RolloutState)
 NODE_STATE = EnumCodec(NodeState, types_pb2.NodeState)
 ROLLOUT_ACTION = EnumCodec(RolloutAction, admin_pb2.RolloutAction)
 VIEWER_GRANT_STATE = EnumCodec(GrantState, admin_pb2.ViewerGrantState)
+NODE_HEALTH = EnumCodec(Health, admin_pb2.NodeHealth)

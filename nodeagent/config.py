@@ -12,6 +12,7 @@ join_token_file = "/etc/tlsroll/join-token"   # or join_token = "…"; first sta
 
 [agent]
 data_dir = "/var/lib/tlsroll-agent"
+log_level = "info"                # debug | info | warning | error
 
 An optional ``[server]`` table names the managed server's driver and its settings (see
 ``nodeagent.drivers.make_driver``). A key or table nothing reads is an error naming it: a typo
@@ -23,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tlsroll import pki
+from tlsroll import logs, pki
 from tlsroll.config import ConfigFile, Section
 from tlsroll.defaults import (
     AGENT_PORT,
@@ -51,6 +52,7 @@ class AgentConfig:
     heartbeat_interval: int
     server: Section | None  # [server]: the managed server's driver settings
     bootstrap_port: int
+    log_level: str = "info"  # [agent] log_level; ``tlsroll-agent --log-level`` wins over it
 
     @property
     def names(self) -> pki.Names:
@@ -91,6 +93,7 @@ class AgentConfig:
             ),
             server=server if "server" in cfg.data else None,
             bootstrap_port=agent.port("bootstrap_port", BOOTSTRAP_PORT),
+            log_level=logs.config_level(agent),
         )
         # Unknown keys are errors; [server]'s are checked by make_driver, once the driver it
         # names has read its own.

@@ -151,15 +151,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", type=Path, required=True, help="agent.toml")
     parser.add_argument("--version", action="version", version=f"tlsroll-agent {__version__}")
     parser.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=list(logs.LEVELS),
+        help="debug, info, warning or error (default: log_level in the config, else info)",
+    )
+    parser.add_argument(
         "--reinitialise",
         action="store_true",
         help="start with an empty journal in place of a missing, empty or damaged one (the lost"
         " file is kept beside it); refused if the journal is intact",
     )
     ns = parser.parse_args(argv)
-    logs.configure()
     try:
         cfg = AgentConfig.load(ns.config)
+        logs.configure(level=logs.level_of(ns.log_level or cfg.log_level))
+        log.debug(
+            "agent.config_loaded", config=str(ns.config), log_level=ns.log_level or cfg.log_level
+        )
         asyncio.run(serve(cfg, reinitialise=ns.reinitialise))
     except ConfigError as exc:
         print(f"tlsroll-agent: {exc}", file=sys.stderr)

@@ -66,7 +66,9 @@ class LazyGroup(click.Group):
 @click.version_option(__version__, prog_name="tlsroll")
 @click.option(
     "--data-dir",
-    type=click.Path(path_type=Path),
+    # readable=False: click would refuse a data dir we may not read with a usage error; the
+    # admin command says which group to join when it cannot reach the socket.
+    type=click.Path(path_type=Path, readable=False),
     envvar="TLSROLL_DATA_DIR",
     default=DEFAULT_DATA_DIR,
     show_default=True,
@@ -74,7 +76,7 @@ class LazyGroup(click.Group):
 )
 @click.option(
     "--socket",
-    type=click.Path(path_type=Path),
+    type=click.Path(path_type=Path, readable=False),
     envvar="TLSROLL_SOCKET",
     help="The leader's admin socket [default: DATA_DIR/run/admin.sock].",
 )

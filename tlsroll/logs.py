@@ -25,6 +25,8 @@ from typing import Any
 
 import structlog
 
+from tlsroll.config import Section
+
 _SECRET_KEY = re.compile(r"(secret|token|password|passphrase|private|verifier)", re.IGNORECASE)
 # Keys that contain one of the words above but hold only public identifiers.
 _PUBLIC_KEYS = frozenset({"token_id"})
@@ -48,9 +50,39 @@ def _name_key(
     return event_dict
 
 
+LEVELS = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+"""The names ``--log-level`` and ``log_level`` take (a daemon's default is ``info``)."""
+
+
+def level_problem(name: str) -> str | None:
+    """Why ``name`` is not a log level, or None."""
+    if name.lower() in LEVELS:
+        return None
+    return f"unknown log level {name!r}; use one of {', '.join(LEVELS)}"
+
+
+def config_level(section: Section) -> str:
+    """``log_level`` of a daemon's config section (default ``info``), checked."""
+    value: str = section.text("log_level", "info")
+    if problem := level_problem(value):
+        raise section.error("log_level", problem)
+    return value.lower()
+
+
+def level_of(name: str) -> int:
+    """The ``logging`` level of a name in ``LEVELS`` (any case)."""
+    return LEVELS[name.lower()]
+
+
 def configure(*, json: bool | None = None, level: int = logging.INFO) -> None:
     """Configure structlog (and the standard library's logging) for a daemon; ``json=None``
-    picks JSON unless stderr is a TTY."""
+    picks JSON unless stderr is a TTY. Events below ``level`` are dropped; the standard
+    library's records (third-party libraries) stay at WARNING or above whatever the level."""
     if json is None:
         json = not sys.stderr.isatty()
     renderer: Any = (

@@ -22,7 +22,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from tlsroll import spiffe
+from tlsroll import keywrap, spiffe
 from tlsroll.errors import PKIError, PKIReason
 from tlsroll.fsutil import PRIVATE, PUBLIC, check_private_file, write_atomic
 
@@ -109,13 +109,12 @@ def generate_key() -> ec.EllipticCurvePrivateKey:
 
 
 def key_to_pem(key: PrivateKey, passphrase: bytes | None = None) -> bytes:
-    encryption: serialization.KeySerializationEncryption = (
-        serialization.BestAvailableEncryption(passphrase)
-        if passphrase
-        else serialization.NoEncryption()
-    )
+    """PKCS#8 PEM; with ``passphrase`` encrypted under scrypt (``tlsroll.keywrap``, not
+    ``cryptography``'s 2048 iterations of PBKDF2)."""
+    if passphrase:
+        return keywrap.encrypt(key, passphrase)
     return key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, encryption
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
     )
 
 

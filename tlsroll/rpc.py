@@ -8,8 +8,10 @@ caller (unexpected errors become INTERNAL with a generic message and are logged)
 from __future__ import annotations
 
 import datetime as dt
+import errno
 import functools
 import ipaddress
+import socket
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
@@ -156,8 +158,48 @@ async def add_standard_services(server: grpc.aio.Server, service_names: Iterable
     return servicer
 
 
+def _tcp_target(target: str) -> tuple[str, int] | None:
+    """(address, port) of an ``IP:PORT`` or ``[IPv6]:PORT`` target; None for anything else
+    (``unix:…``, a name)."""
+    host, sep, port = target.rpartition(":")
+    if not sep or not port.isdigit():
+        return None
+    try:
+        return str(ipaddress.ip_address(host.strip("[]"))), int(port)
+    except ValueError:
+        return None
+
+
+def check_port_free(target: str) -> None:
+    """Fail with one line if ``target`` (``IP:PORT``) cannot be listened on: in use, or not an
+    address of this host. gRPC's C core would log its own line to stderr first (``E1130 …
+    add_port.cc``), past our logging, before its bare RuntimeError; a plain socket finds out
+    quietly. (A port taken between this check and gRPC's bind still gets gRPC's line.)"""
+    tcp = _tcp_target(target)
+    if tcp is None:
+        return
+    address, port = tcp
+    family = socket.AF_INET6 if ":" in address else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as probe:
+        # As gRPC does: a port in TIME_WAIT is free, one that a process listens on is not.
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            probe.bind((address, port))
+        except OSError as exc:
+            if exc.errno == errno.EADDRINUSE:
+                raise TerminalError(
+                    f"cannot listen on {target}: another process listens there"
+                ) from None
+            if exc.errno == errno.EADDRNOTAVAIL:
+                raise TerminalError(
+                    f"cannot listen on {target}: not an address of this host"
+                ) from None
+            raise TerminalError(f"cannot listen on {target}: {exc.strerror}") from None
+
+
 def bind(server: grpc.aio.Server, target: str, credentials: grpc.ServerCredentials | None) -> None:
     """Bind a port or fail with one clear line (grpc's own error is a bare RuntimeError)."""
+    check_port_free(target)
     try:
         if credentials is None:
             server.add_insecure_port(target)

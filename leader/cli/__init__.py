@@ -9,6 +9,7 @@ into one line and an exit code.
 from __future__ import annotations
 
 import datetime as dt
+import shlex
 import sys
 from pathlib import Path
 
@@ -31,6 +32,8 @@ from leader.cli.password import password_group
 from leader.cli.rollout import plan, rollout, schema
 from leader.cli.viewer import viewer
 from tlsroll import pki
+from tlsroll.config import dump_toml
+from tlsroll.defaults import CONTROL_PORT, JOIN_PORT
 from tlsroll.v1 import admin_pb2
 
 # --- commands ---------------------------------------------------------------------------------
@@ -53,7 +56,7 @@ def admin() -> None:
 @click.option("--node-name", help="The name the leader node's own agent enrols with.")
 @click.option(
     "--ca-passphrase-file",
-    type=click.Path(path_type=Path, dir_okay=False),
+    type=click.Path(path_type=Path, dir_okay=False, exists=True),
     help="File (0600) holding the passphrase that encrypts the CA key; "
     "default: a new random one in DATA_DIR/secrets/.",
 )
@@ -65,6 +68,8 @@ def init(
     ca_passphrase_file: Path | None,
 ) -> None:
     """Create a new multiserver: the CA, the leader's certificate and config."""
+    if node_name is not None and (problem := pki.node_name_problem(node_name)):
+        raise click.BadParameter(problem, param_hint="--node-name")
     try:
         layout = layout_mod.init(
             data_dir,
@@ -145,6 +150,26 @@ def token() -> None:
     help="How often that node may enrol with it.",
 )
 @click.option("--description", default="", help="A note for `token list`.")
+@click.option(
+    "--print-join-command",
+    is_flag=True,
+    help="Print a shell script for the node instead of the bare token: it writes the agent's "
+    "config (node, addresses, leader address, CA pin) and the token file, both 0600.",
+)
+@click.option(
+    "--agent-config-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("/etc/tlsroll"),
+    show_default=True,
+    help="With --print-join-command: where the script puts agent.toml and join-token.",
+)
+@click.option(
+    "--agent-data-dir",
+    type=click.Path(path_type=Path, file_okay=False),
+    default=Path("/var/lib/tlsroll-agent"),
+    show_default=True,
+    help="With --print-join-command: the agent's data_dir in the config it writes.",
+)
 @pass_leader
 def token_create(
     leader: Leader,
@@ -154,12 +179,25 @@ def token_create(
     ttl: str,
     uses: int,
     description: str,
+    print_join_command: bool,
+    agent_config_dir: Path,
+    agent_data_dir: Path,
 ) -> None:
     """Create a join token for one node and print it (shown once; only its hash is kept).
 
     The token enrols only node NAME with exactly the given addresses and DNS names: the CA
-    signs those and nothing else, and refuses names the leader or another node holds."""
+    signs those and nothing else, and refuses names the leader or another node holds.
+
+    With --print-join-command it prints, instead, a shell script to run as root on that node:
+    it writes the agent's whole config and the token file; add the [server] table (the managed
+    server's driver, see the example agent.toml) and start the agent."""
     seconds = parse_duration(ttl)
+    for option, path in (
+        ("--agent-config-dir", agent_config_dir),
+        ("--agent-data-dir", agent_data_dir),
+    ):
+        if print_join_command and not path.is_absolute():
+            raise click.BadParameter("must be an absolute path", param_hint=option)
     with leader.admin() as admin:
         reply = leader.call(
             admin.CreateToken,
@@ -172,6 +210,9 @@ def token_create(
                 dns_names=dns_names,
             ),
         )
+    if print_join_command:
+        click.echo(join_script(reply, agent_config_dir, agent_data_dir), nl=False)
+        return
     click.echo(reply.token)
     if sys.stderr.isatty():
         click.echo(
@@ -180,6 +221,53 @@ def token_create(
             "join_token_file (0600)",
             err=True,
         )
+
+
+def join_script(reply: admin_pb2.CreateTokenResponse, config_dir: Path, data_dir: Path) -> str:
+    """A POSIX shell script that writes an agent's config and join token for the node the token
+    names, each 0600 (the token in its own file, never in the config)."""
+    info = reply.info
+    config_file, token_file = config_dir / "agent.toml", config_dir / "join-token"
+    leader_table: dict[str, object] = {
+        "address": reply.leader_address,
+        "ca_pin": reply.ca_pin,
+        "join_token_file": token_file,
+    }
+    if reply.join_port and reply.join_port != JOIN_PORT:
+        leader_table["join_port"] = reply.join_port
+    if reply.control_port and reply.control_port != CONTROL_PORT:
+        leader_table["control_port"] = reply.control_port
+    config = dump_toml(
+        {
+            "node": {
+                "name": info.node_name,
+                "addresses": list(info.addresses),
+                "dns_names": list(info.dns_names),
+            },
+            "leader": leader_table,
+            "agent": {"data_dir": data_dir},
+        },
+        f"tlsroll agent {info.node_name} (written by `tlsroll token create --print-join-command`)",
+    )
+    marker = "TLSROLL_AGENT_TOML"
+    q = shlex.quote
+    lines = [
+        "#!/bin/sh",
+        f"# Run as root on node {info.node_name} ({', '.join(info.addresses)}). It writes",
+        f"# {config_file} and {token_file} (0600). The token is secret; it enrols this",
+        f"# node {info.uses_allowed} time(s) until {fmt_time(info, 'expires_at')}.",
+        "set -eu",
+        "umask 077",
+        f"mkdir -p {q(str(config_dir))}",
+        f"cat > {q(str(config_file))} <<'{marker}'",
+        config.rstrip("\n"),
+        marker,
+        f"printf '%s\\n' {q(reply.token)} > {q(str(token_file))}",
+        f"chmod 600 {q(str(config_file))} {q(str(token_file))}",
+        "# Next: add the [server] table for the managed server (see the example agent.toml),",
+        "# then: systemctl enable --now tlsroll-agent",
+    ]
+    return "\n".join(lines) + "\n"
 
 
 @token.command("list")

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 import functools
+import grp
 import json
 import os
+import pwd
 import re
 import sys
 from collections.abc import Callable, Iterator
@@ -52,6 +54,34 @@ def fail(message: str) -> NoReturn:
 # --- talking to the leader --------------------------------------------------------------------
 
 
+def permission_hint(sock: Path) -> str:
+    """What to do when the admin socket is out of reach: join the group of the first path on
+    the way to it that we may not pass (the socket itself, ``run/`` or the data directory; all
+    the leader's group), or run as root."""
+    blocking = sock
+    for path in [sock, *sock.parents]:
+        try:
+            st = os.stat(path)
+        except OSError:
+            continue
+        blocking = path
+        break
+    else:
+        return f"permission denied on {sock}: run as root or the leader's user"
+    try:
+        group = grp.getgrgid(st.st_gid).gr_name
+    except KeyError:
+        group = str(st.st_gid)
+    try:
+        user = pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        user = str(os.geteuid())
+    return (
+        f"permission denied on {sock} ({blocking} belongs to group {group}): join that group "
+        f"(usermod -aG {group} {user}, then log in again) or run as root"
+    )
+
+
 class Leader:
     """The admin connection: one place that turns gRPC errors into one-line CLI errors."""
 
@@ -61,10 +91,14 @@ class Leader:
     @contextmanager
     def channel(self) -> Iterator[grpc.Channel]:
         sock = self.socket
-        if not sock.exists():
+        try:
+            os.stat(sock)
+        except FileNotFoundError:
             fail(f"no admin socket at {sock}: is tlsroll-leader running? (see --data-dir/--socket)")
+        except PermissionError:
+            fail(permission_hint(sock))
         if not os.access(sock, os.R_OK | os.W_OK):
-            fail(f"permission denied on {sock}: run as the leader's user or a member of its group")
+            fail(permission_hint(sock))
         with grpc.insecure_channel(f"unix:{sock}") as channel:
             yield channel
 
@@ -78,13 +112,19 @@ class Leader:
         with self.channel() as channel:
             yield schema_pb2_grpc.SchemaViewStub(channel)
 
-    def call(self, method: Callable[..., T], request: Message) -> T:
+    def call(self, method: Callable[..., T], request: Message, timeout: float = 30) -> T:
+        """Call the leader; its INVALID_ARGUMENT is a usage error (exit 2), any other refusal a
+        failure (exit 1), each one line."""
         try:
-            return method(request, timeout=30)  # the leader asks the kernel who we are
+            return method(request, timeout=timeout)  # the leader asks the kernel who we are
         except grpc.RpcError as exc:
             code = exc.code()
             if code == grpc.StatusCode.UNAVAILABLE:
                 fail(f"cannot reach the leader on {self.socket}: is tlsroll-leader running?")
+            if code == grpc.StatusCode.INVALID_ARGUMENT:
+                raise click.UsageError(
+                    f"{exc.details()}", click.get_current_context(silent=True)
+                ) from None
             fail(f"{exc.details()}")
 
 

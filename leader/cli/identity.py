@@ -1,6 +1,7 @@
 """``tlsroll nodes``, ``tlsroll workstations`` and ``tlsroll epoch``: who belongs to the cluster.
 
 tlsroll nodes [--all] [--json]          enrolled nodes (with --all, removed ones too)
+tlsroll nodes --check [--json]          each node's agent asked for its gRPC health
 tlsroll nodes remove NAME --yes         revoke everything issued to NAME, free its names
 tlsroll workstations list [--json]      workstation certificates and the node that asked
 tlsroll workstations revoke NAME|SERIAL revoke a workstation's certificates (or one serial)
@@ -16,6 +17,8 @@ from rich.text import Text
 
 from leader.cli.base import Leader, emit_json, fail, fmt_time, out, pass_leader, to_dict
 from leader.layout import Layout
+from leader.node_check import Health
+from leader.wire import NODE_HEALTH
 from tlsroll import peertext
 from tlsroll.cli import Target
 from tlsroll.defaults import DEFAULT_DATA_DIR
@@ -25,13 +28,33 @@ from tlsroll.v1 import admin_pb2
 @click.group(invoke_without_command=True)
 @click.option("--all", "include_removed", is_flag=True, help="Also list removed nodes.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option(
+    "--check",
+    is_flag=True,
+    help="Ask each node's agent for its gRPC health (the leader dials them): SERVING, "
+    "NOT_SERVING or UNREACHABLE per node; exit 1 unless every node is SERVING.",
+)
+@click.option(
+    "--timeout",
+    default=5,
+    show_default=True,
+    type=click.IntRange(1, 60),
+    help="With --check: seconds to wait for each node.",
+)
 @click.pass_context
-def nodes(ctx: click.Context, include_removed: bool, as_json: bool) -> None:
-    """List enrolled nodes, online or offline by their heartbeat; or remove one."""
+def nodes(
+    ctx: click.Context, include_removed: bool, as_json: bool, check: bool, timeout: int
+) -> None:
+    """List enrolled nodes, online or offline by their heartbeat; check them; or remove one."""
     if ctx.invoked_subcommand is not None:
         return
     target = ctx.find_object(Target) or Target(DEFAULT_DATA_DIR, None)
     leader = Leader(target.socket or Layout(target.data_dir).admin_socket)
+    if check:
+        if include_removed:
+            raise click.UsageError("--check asks enrolled nodes only; leave out --all")
+        _check_nodes(ctx, leader, as_json, timeout)
+        return
     with leader.admin() as admin:
         reply = leader.call(
             admin.ListNodes, admin_pb2.ListNodesRequest(include_removed=include_removed)
@@ -56,6 +79,29 @@ def nodes(ctx: click.Context, include_removed: bool, as_json: bool) -> None:
             fmt_time(n, "cert_not_after"),
         )
     out.print(table)
+
+
+def _check_nodes(ctx: click.Context, leader: Leader, as_json: bool, timeout: int) -> None:
+    with leader.admin() as admin:
+        reply = leader.call(
+            admin.CheckNodes, admin_pb2.CheckNodesRequest(timeout_seconds=timeout), timeout + 30
+        )
+    if as_json:
+        emit_json([to_dict(n) for n in reply.nodes])
+    else:
+        table = Table("node", "agent", "health", "detail")
+        for n in reply.nodes:
+            health = NODE_HEALTH.read(n.health, "health")
+            style = "green" if health is Health.SERVING else "red"
+            word = health.value.upper().replace("-", "_")
+            table.add_row(n.name, n.target, Text(word, style=style), n.detail)
+        if reply.nodes:
+            out.print(table)
+        else:
+            out.print("no nodes enrolled")
+    serving = NODE_HEALTH.wire(Health.SERVING)
+    if any(n.health != serving for n in reply.nodes):
+        ctx.exit(1)
 
 
 @nodes.command("remove")

@@ -27,17 +27,19 @@ from tlsroll.v1 import schema_pb2 as tlsroll_dot_v1_dot_schema__pb2
 from tlsroll.v1 import types_pb2 as tlsroll_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tlsroll/v1/admin.proto\x12\ntlsroll.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17tlsroll/v1/schema.proto\x1a\x16tlsroll/v1/types.proto\"=\n\x18\x43reateViewerGrantRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\"Y\n\x19\x43reateViewerGrantResponse\x12\x11\n\tlogin_url\x18\x01 \x01(\t\x12)\n\x04info\x18\x02 \x01(\x0b\x32\x1b.tlsroll.v1.ViewerGrantInfo\"\xf9\x01\n\x0fViewerGrantInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07used_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x05state\x18\x06 \x01(\x0e\x32\x1c.tlsroll.v1.ViewerGrantState\x12\x12\n\ncreated_by\x18\x07 \x01(\t\"\x19\n\x17ListViewerGrantsRequest\"G\n\x18ListViewerGrantsResponse\x12+\n\x06grants\x18\x01 \x03(\x0b\x32\x1b.tlsroll.v1.ViewerGrantInfo\"&\n\x18RevokeViewerGrantRequest\x12\n\n\x02id\x18\x01 \x01(\t\"F\n\x19RevokeViewerGrantResponse\x12)\n\x04info\x18\x01 \x01(\x0b\x32\x1b.tlsroll.v1.ViewerGrantInfo\"0\n\x12SetPasswordRequest\x12\x1a\n\x12\x61uth_verifier_json\x18\x01 \x01(\t\"=\n\x13SetPasswordResponse\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x15\n\rpending_nodes\x18\x02 \x03(\t\"?\n\x14\x43heckPasswordRequest\x12\x16\n\x0e\x63\x61ndidate_hash\x18\x01 \x01(\x0c\x12\x0f\n\x07version\x18\x02 \x01(\r\"w\n\x15\x43heckPasswordResponse\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x0c\n\x04salt\x18\x02 \x01(\t\x12\t\n\x01n\x18\x03 \x01(\r\x12\t\n\x01r\x18\x04 \x01(\r\x12\t\n\x01p\x18\x05 \x01(\r\x12\r\n\x05\x64klen\x18\x06 \x01(\r\x12\x0f\n\x07matches\x18\x07 \x01(\x08\"\xf4\x01\n\x0eRolloutRequest\x12\"\n\x06\x63hange\x18\x01 \x01(\x0e\x32\x12.tlsroll.v1.Change\x12$\n\x05scope\x18\x02 \x01(\x0e\x32\x15.tlsroll.v1.ScopeKind\x12\r\n\x05nodes\x18\x03 \x03(\t\x12\x14\n\x0cmax_parallel\x18\x04 \x01(\r\x12&\n\x06\x66reeze\x18\x05 \x01(\x0e\x32\x16.tlsroll.v1.FreezeMode\x12\x16\n\x0e\x66\x61ilure_budget\x18\x06 \x01(\r\x12\x1a\n\x12\x61uth_verifier_json\x18\x07 \x01(\t\x12\x17\n\x0fundo_rollout_id\x18\x08 \x01(\t\"\x91\x01\n\x0cPlanResponse\x12(\n\x07rollout\x18\x01 \x01(\x0b\x32\x17.tlsroll.v1.RolloutView\x12\x0e\n\x06\x63hecks\x18\x02 \x03(\t\x12\x14\n\x0c\x63lient_steps\x18\x03 \x03(\t\x12\x10\n\x08warnings\x18\x04 \x03(\t\x12\x1f\n\x17password_version_in_use\x18\x05 \x01(\r\")\n\x13RetryRolloutRequest\x12\x12\n\nrollout_id\x18\x01 \x01(\t\"V\n\x15\x43ontrolRolloutRequest\x12\x12\n\nrollout_id\x18\x01 \x01(\t\x12)\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x19.tlsroll.v1.RolloutAction\"\x85\x01\n\x12\x43reateTokenRequest\x12\x13\n\x0bttl_seconds\x18\x01 \x01(\r\x12\x0c\n\x04uses\x18\x02 \x01(\r\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x11\n\tnode_name\x18\x04 \x01(\t\x12\x11\n\taddresses\x18\x05 \x03(\t\x12\x11\n\tdns_names\x18\x06 \x03(\t\"I\n\x13\x43reateTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12#\n\x04info\x18\x02 \x01(\x0b\x32\x15.tlsroll.v1.TokenInfo\"\xff\x01\n\tTokenInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12.\n\ncreated_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cuses_allowed\x18\x04 \x01(\r\x12\x11\n\tuses_left\x18\x05 \x01(\r\x12\x0f\n\x07revoked\x18\x06 \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x07 \x01(\t\x12\x11\n\tnode_name\x18\x08 \x01(\t\x12\x11\n\taddresses\x18\t \x03(\t\x12\x11\n\tdns_names\x18\n \x03(\t\"\x13\n\x11ListTokensRequest\";\n\x12ListTokensResponse\x12%\n\x06tokens\x18\x01 \x03(\x0b\x32\x15.tlsroll.v1.TokenInfo\" \n\x12RevokeTokenRequest\x12\n\n\x02id\x18\x01 \x01(\t\":\n\x13RevokeTokenResponse\x12#\n\x04info\x18\x01 \x01(\x0b\x32\x15.tlsroll.v1.TokenInfo\"+\n\x10ListNodesRequest\x12\x17\n\x0finclude_removed\x18\x01 \x01(\x08\"\x97\x03\n\x08NodeInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\taddresses\x18\x02 \x03(\t\x12\x11\n\tdns_names\x18\x03 \x03(\t\x12\x15\n\ragent_version\x18\x04 \x01(\t\x12\x12\n\nagent_port\x18\x05 \x01(\r\x12/\n\x0b\x65nrolled_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_heartbeat\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63\x65rt_not_after\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x63\x65rt_fingerprint\x18\t \x01(\t\x12\x0e\n\x06online\x18\n \x01(\x08\x12\x10\n\x08identity\x18\x0b \x01(\t\x12\x10\n\x08token_id\x18\x0c \x01(\t\x12\x15\n\rhighest_epoch\x18\r \x01(\x04\x12.\n\nremoved_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"!\n\x11RemoveNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"Q\n\x12RemoveNodeResponse\x12\"\n\x04node\x18\x01 \x01(\x0b\x32\x14.tlsroll.v1.NodeInfo\x12\x17\n\x0frevoked_serials\x18\x02 \x03(\t\"\x19\n\x17ListWorkstationsRequest\"\xe0\x01\n\x0fWorkstationInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06serial\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x0c\n\x04node\x18\x04 \x01(\t\x12-\n\tissued_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tnot_after\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"M\n\x18ListWorkstationsResponse\x12\x31\n\x0cworkstations\x18\x01 \x03(\x0b\x32\x1b.tlsroll.v1.WorkstationInfo\"B\n\x18RevokeCertificateRequest\x12\x16\n\x0ename_or_serial\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"4\n\x19RevokeCertificateResponse\x12\x17\n\x0frevoked_serials\x18\x01 \x03(\t\"\x11\n\x0fGetEpochRequest\"\x15\n\x13\x41\x64vanceEpochRequest\"0\n\tNodeEpoch\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rhighest_epoch\x18\x02 \x01(\x04\"W\n\tEpochInfo\x12\x14\n\x0cleader_epoch\x18\x01 \x01(\x04\x12$\n\x05nodes\x18\x02 \x03(\x0b\x32\x15.tlsroll.v1.NodeEpoch\x12\x0e\n\x06\x62\x65hind\x18\x03 \x01(\x08\"8\n\x11ListNodesResponse\x12#\n\x05nodes\x18\x01 \x03(\x0b\x32\x14.tlsroll.v1.NodeInfo\"\x0e\n\x0cGetCARequest\"\x8f\x01\n\rGetCAResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x10\n\x08spki_pin\x18\x03 \x01(\t\x12-\n\tnot_after\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07subject\x18\x05 \x01(\t*\xb4\x01\n\x10ViewerGrantState\x12\"\n\x1eVIEWER_GRANT_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19VIEWER_GRANT_STATE_UNUSED\x10\x01\x12\x1d\n\x19VIEWER_GRANT_STATE_ACTIVE\x10\x02\x12\x1e\n\x1aVIEWER_GRANT_STATE_EXPIRED\x10\x03\x12\x1e\n\x1aVIEWER_GRANT_STATE_REVOKED\x10\x04*~\n\rRolloutAction\x12\x1e\n\x1aROLLOUT_ACTION_UNSPECIFIED\x10\x00\x12\x18\n\x14ROLLOUT_ACTION_PAUSE\x10\x01\x12\x19\n\x15ROLLOUT_ACTION_RESUME\x10\x02\x12\x18\n\x14ROLLOUT_ACTION_ABORT\x10\x03\x32\xfd\x0b\n\x05\x41\x64min\x12N\n\x0b\x43reateToken\x12\x1e.tlsroll.v1.CreateTokenRequest\x1a\x1f.tlsroll.v1.CreateTokenResponse\x12K\n\nListTokens\x12\x1d.tlsroll.v1.ListTokensRequest\x1a\x1e.tlsroll.v1.ListTokensResponse\x12N\n\x0bRevokeToken\x12\x1e.tlsroll.v1.RevokeTokenRequest\x1a\x1f.tlsroll.v1.RevokeTokenResponse\x12H\n\tListNodes\x12\x1c.tlsroll.v1.ListNodesRequest\x1a\x1d.tlsroll.v1.ListNodesResponse\x12K\n\nRemoveNode\x12\x1d.tlsroll.v1.RemoveNodeRequest\x1a\x1e.tlsroll.v1.RemoveNodeResponse\x12]\n\x10ListWorkstations\x12#.tlsroll.v1.ListWorkstationsRequest\x1a$.tlsroll.v1.ListWorkstationsResponse\x12`\n\x11RevokeCertificate\x12$.tlsroll.v1.RevokeCertificateRequest\x1a%.tlsroll.v1.RevokeCertificateResponse\x12>\n\x08GetEpoch\x12\x1b.tlsroll.v1.GetEpochRequest\x1a\x15.tlsroll.v1.EpochInfo\x12\x46\n\x0c\x41\x64vanceEpoch\x12\x1f.tlsroll.v1.AdvanceEpochRequest\x1a\x15.tlsroll.v1.EpochInfo\x12<\n\x05GetCA\x12\x18.tlsroll.v1.GetCARequest\x1a\x19.tlsroll.v1.GetCAResponse\x12\x43\n\x0bPlanRollout\x12\x1a.tlsroll.v1.RolloutRequest\x1a\x18.tlsroll.v1.PlanResponse\x12\x43\n\x0cStartRollout\x12\x1a.tlsroll.v1.RolloutRequest\x1a\x17.tlsroll.v1.RolloutView\x12L\n\x0e\x43ontrolRollout\x12!.tlsroll.v1.ControlRolloutRequest\x1a\x17.tlsroll.v1.RolloutView\x12H\n\x0cRetryRollout\x12\x1f.tlsroll.v1.RetryRolloutRequest\x1a\x17.tlsroll.v1.RolloutView\x12N\n\x0bSetPassword\x12\x1e.tlsroll.v1.SetPasswordRequest\x1a\x1f.tlsroll.v1.SetPasswordResponse\x12T\n\rCheckPassword\x12 .tlsroll.v1.CheckPasswordRequest\x1a!.tlsroll.v1.CheckPasswordResponse\x12`\n\x11\x43reateViewerGrant\x12$.tlsroll.v1.CreateViewerGrantRequest\x1a%.tlsroll.v1.CreateViewerGrantResponse\x12]\n\x10ListViewerGrants\x12#.tlsroll.v1.ListViewerGrantsRequest\x1a$.tlsroll.v1.ListViewerGrantsResponse\x12`\n\x11RevokeViewerGrant\x12$.tlsroll.v1.RevokeViewerGrantRequest\x1a%.tlsroll.v1.RevokeViewerGrantResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tlsroll/v1/admin.proto\x12\ntlsroll.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x17tlsroll/v1/schema.proto\x1a\x16tlsroll/v1/types.proto\"=\n\x18\x43reateViewerGrantRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x13\n\x0bttl_seconds\x18\x02 \x01(\r\"Y\n\x19\x43reateViewerGrantResponse\x12\x11\n\tlogin_url\x18\x01 \x01(\t\x12)\n\x04info\x18\x02 \x01(\x0b\x32\x1b.tlsroll.v1.ViewerGrantInfo\"\xf9\x01\n\x0fViewerGrantInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12\x0c\n\x04name\x18\x02 \x01(\t\x12.\n\ncreated_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x07used_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12+\n\x05state\x18\x06 \x01(\x0e\x32\x1c.tlsroll.v1.ViewerGrantState\x12\x12\n\ncreated_by\x18\x07 \x01(\t\"\x19\n\x17ListViewerGrantsRequest\"G\n\x18ListViewerGrantsResponse\x12+\n\x06grants\x18\x01 \x03(\x0b\x32\x1b.tlsroll.v1.ViewerGrantInfo\"&\n\x18RevokeViewerGrantRequest\x12\n\n\x02id\x18\x01 \x01(\t\"F\n\x19RevokeViewerGrantResponse\x12)\n\x04info\x18\x01 \x01(\x0b\x32\x1b.tlsroll.v1.ViewerGrantInfo\"0\n\x12SetPasswordRequest\x12\x1a\n\x12\x61uth_verifier_json\x18\x01 \x01(\t\"=\n\x13SetPasswordResponse\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x15\n\rpending_nodes\x18\x02 \x03(\t\"?\n\x14\x43heckPasswordRequest\x12\x16\n\x0e\x63\x61ndidate_hash\x18\x01 \x01(\x0c\x12\x0f\n\x07version\x18\x02 \x01(\r\"w\n\x15\x43heckPasswordResponse\x12\x0f\n\x07version\x18\x01 \x01(\r\x12\x0c\n\x04salt\x18\x02 \x01(\t\x12\t\n\x01n\x18\x03 \x01(\r\x12\t\n\x01r\x18\x04 \x01(\r\x12\t\n\x01p\x18\x05 \x01(\r\x12\r\n\x05\x64klen\x18\x06 \x01(\r\x12\x0f\n\x07matches\x18\x07 \x01(\x08\"\xf4\x01\n\x0eRolloutRequest\x12\"\n\x06\x63hange\x18\x01 \x01(\x0e\x32\x12.tlsroll.v1.Change\x12$\n\x05scope\x18\x02 \x01(\x0e\x32\x15.tlsroll.v1.ScopeKind\x12\r\n\x05nodes\x18\x03 \x03(\t\x12\x14\n\x0cmax_parallel\x18\x04 \x01(\r\x12&\n\x06\x66reeze\x18\x05 \x01(\x0e\x32\x16.tlsroll.v1.FreezeMode\x12\x16\n\x0e\x66\x61ilure_budget\x18\x06 \x01(\r\x12\x1a\n\x12\x61uth_verifier_json\x18\x07 \x01(\t\x12\x17\n\x0fundo_rollout_id\x18\x08 \x01(\t\"\x91\x01\n\x0cPlanResponse\x12(\n\x07rollout\x18\x01 \x01(\x0b\x32\x17.tlsroll.v1.RolloutView\x12\x0e\n\x06\x63hecks\x18\x02 \x03(\t\x12\x14\n\x0c\x63lient_steps\x18\x03 \x03(\t\x12\x10\n\x08warnings\x18\x04 \x03(\t\x12\x1f\n\x17password_version_in_use\x18\x05 \x01(\r\")\n\x13RetryRolloutRequest\x12\x12\n\nrollout_id\x18\x01 \x01(\t\"V\n\x15\x43ontrolRolloutRequest\x12\x12\n\nrollout_id\x18\x01 \x01(\t\x12)\n\x06\x61\x63tion\x18\x02 \x01(\x0e\x32\x19.tlsroll.v1.RolloutAction\"\x85\x01\n\x12\x43reateTokenRequest\x12\x13\n\x0bttl_seconds\x18\x01 \x01(\r\x12\x0c\n\x04uses\x18\x02 \x01(\r\x12\x13\n\x0b\x64\x65scription\x18\x03 \x01(\t\x12\x11\n\tnode_name\x18\x04 \x01(\t\x12\x11\n\taddresses\x18\x05 \x03(\t\x12\x11\n\tdns_names\x18\x06 \x03(\t\"\x9a\x01\n\x13\x43reateTokenResponse\x12\r\n\x05token\x18\x01 \x01(\t\x12#\n\x04info\x18\x02 \x01(\x0b\x32\x15.tlsroll.v1.TokenInfo\x12\x16\n\x0eleader_address\x18\x03 \x01(\t\x12\x11\n\tjoin_port\x18\x04 \x01(\r\x12\x14\n\x0c\x63ontrol_port\x18\x05 \x01(\r\x12\x0e\n\x06\x63\x61_pin\x18\x06 \x01(\t\"\xff\x01\n\tTokenInfo\x12\n\n\x02id\x18\x01 \x01(\t\x12.\n\ncreated_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nexpires_at\x18\x03 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x14\n\x0cuses_allowed\x18\x04 \x01(\r\x12\x11\n\tuses_left\x18\x05 \x01(\r\x12\x0f\n\x07revoked\x18\x06 \x01(\x08\x12\x13\n\x0b\x64\x65scription\x18\x07 \x01(\t\x12\x11\n\tnode_name\x18\x08 \x01(\t\x12\x11\n\taddresses\x18\t \x03(\t\x12\x11\n\tdns_names\x18\n \x03(\t\"\x13\n\x11ListTokensRequest\";\n\x12ListTokensResponse\x12%\n\x06tokens\x18\x01 \x03(\x0b\x32\x15.tlsroll.v1.TokenInfo\" \n\x12RevokeTokenRequest\x12\n\n\x02id\x18\x01 \x01(\t\":\n\x13RevokeTokenResponse\x12#\n\x04info\x18\x01 \x01(\x0b\x32\x15.tlsroll.v1.TokenInfo\"+\n\x10ListNodesRequest\x12\x17\n\x0finclude_removed\x18\x01 \x01(\x08\"\x97\x03\n\x08NodeInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x11\n\taddresses\x18\x02 \x03(\t\x12\x11\n\tdns_names\x18\x03 \x03(\t\x12\x15\n\ragent_version\x18\x04 \x01(\t\x12\x12\n\nagent_port\x18\x05 \x01(\r\x12/\n\x0b\x65nrolled_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0elast_heartbeat\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x32\n\x0e\x63\x65rt_not_after\x18\x08 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10\x63\x65rt_fingerprint\x18\t \x01(\t\x12\x0e\n\x06online\x18\n \x01(\x08\x12\x10\n\x08identity\x18\x0b \x01(\t\x12\x10\n\x08token_id\x18\x0c \x01(\t\x12\x15\n\rhighest_epoch\x18\r \x01(\x04\x12.\n\nremoved_at\x18\x0e \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"!\n\x11RemoveNodeRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\"Q\n\x12RemoveNodeResponse\x12\"\n\x04node\x18\x01 \x01(\x0b\x32\x14.tlsroll.v1.NodeInfo\x12\x17\n\x0frevoked_serials\x18\x02 \x03(\t\"\x19\n\x17ListWorkstationsRequest\"\xe0\x01\n\x0fWorkstationInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06serial\x18\x02 \x01(\t\x12\x13\n\x0b\x66ingerprint\x18\x03 \x01(\t\x12\x0c\n\x04node\x18\x04 \x01(\t\x12-\n\tissued_at\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tnot_after\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12.\n\nrevoked_at\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"M\n\x18ListWorkstationsResponse\x12\x31\n\x0cworkstations\x18\x01 \x03(\x0b\x32\x1b.tlsroll.v1.WorkstationInfo\"B\n\x18RevokeCertificateRequest\x12\x16\n\x0ename_or_serial\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"4\n\x19RevokeCertificateResponse\x12\x17\n\x0frevoked_serials\x18\x01 \x03(\t\"\x11\n\x0fGetEpochRequest\"\x15\n\x13\x41\x64vanceEpochRequest\"0\n\tNodeEpoch\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x15\n\rhighest_epoch\x18\x02 \x01(\x04\"W\n\tEpochInfo\x12\x14\n\x0cleader_epoch\x18\x01 \x01(\x04\x12$\n\x05nodes\x18\x02 \x03(\x0b\x32\x15.tlsroll.v1.NodeEpoch\x12\x0e\n\x06\x62\x65hind\x18\x03 \x01(\x08\"8\n\x11ListNodesResponse\x12#\n\x05nodes\x18\x01 \x03(\x0b\x32\x14.tlsroll.v1.NodeInfo\"\x0e\n\x0cGetCARequest\"\x8f\x01\n\rGetCAResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12\x13\n\x0b\x66ingerprint\x18\x02 \x01(\t\x12\x10\n\x08spki_pin\x18\x03 \x01(\t\x12-\n\tnot_after\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x0f\n\x07subject\x18\x05 \x01(\t\",\n\x11\x43heckNodesRequest\x12\x17\n\x0ftimeout_seconds\x18\x01 \x01(\r\"g\n\x0fNodeHealthCheck\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06target\x18\x02 \x01(\t\x12&\n\x06health\x18\x03 \x01(\x0e\x32\x16.tlsroll.v1.NodeHealth\x12\x0e\n\x06\x64\x65tail\x18\x04 \x01(\t\"@\n\x12\x43heckNodesResponse\x12*\n\x05nodes\x18\x01 \x03(\x0b\x32\x1b.tlsroll.v1.NodeHealthCheck*\xb4\x01\n\x10ViewerGrantState\x12\"\n\x1eVIEWER_GRANT_STATE_UNSPECIFIED\x10\x00\x12\x1d\n\x19VIEWER_GRANT_STATE_UNUSED\x10\x01\x12\x1d\n\x19VIEWER_GRANT_STATE_ACTIVE\x10\x02\x12\x1e\n\x1aVIEWER_GRANT_STATE_EXPIRED\x10\x03\x12\x1e\n\x1aVIEWER_GRANT_STATE_REVOKED\x10\x04*~\n\rRolloutAction\x12\x1e\n\x1aROLLOUT_ACTION_UNSPECIFIED\x10\x00\x12\x18\n\x14ROLLOUT_ACTION_PAUSE\x10\x01\x12\x19\n\x15ROLLOUT_ACTION_RESUME\x10\x02\x12\x18\n\x14ROLLOUT_ACTION_ABORT\x10\x03*|\n\nNodeHealth\x12\x1b\n\x17NODE_HEALTH_UNSPECIFIED\x10\x00\x12\x17\n\x13NODE_HEALTH_SERVING\x10\x01\x12\x1b\n\x17NODE_HEALTH_NOT_SERVING\x10\x02\x12\x1b\n\x17NODE_HEALTH_UNREACHABLE\x10\x03\x32\xca\x0c\n\x05\x41\x64min\x12N\n\x0b\x43reateToken\x12\x1e.tlsroll.v1.CreateTokenRequest\x1a\x1f.tlsroll.v1.CreateTokenResponse\x12K\n\nListTokens\x12\x1d.tlsroll.v1.ListTokensRequest\x1a\x1e.tlsroll.v1.ListTokensResponse\x12N\n\x0bRevokeToken\x12\x1e.tlsroll.v1.RevokeTokenRequest\x1a\x1f.tlsroll.v1.RevokeTokenResponse\x12H\n\tListNodes\x12\x1c.tlsroll.v1.ListNodesRequest\x1a\x1d.tlsroll.v1.ListNodesResponse\x12K\n\nRemoveNode\x12\x1d.tlsroll.v1.RemoveNodeRequest\x1a\x1e.tlsroll.v1.RemoveNodeResponse\x12]\n\x10ListWorkstations\x12#.tlsroll.v1.ListWorkstationsRequest\x1a$.tlsroll.v1.ListWorkstationsResponse\x12`\n\x11RevokeCertificate\x12$.tlsroll.v1.RevokeCertificateRequest\x1a%.tlsroll.v1.RevokeCertificateResponse\x12>\n\x08GetEpoch\x12\x1b.tlsroll.v1.GetEpochRequest\x1a\x15.tlsroll.v1.EpochInfo\x12\x46\n\x0c\x41\x64vanceEpoch\x12\x1f.tlsroll.v1.AdvanceEpochRequest\x1a\x15.tlsroll.v1.EpochInfo\x12<\n\x05GetCA\x12\x18.tlsroll.v1.GetCARequest\x1a\x19.tlsroll.v1.GetCAResponse\x12K\n\nCheckNodes\x12\x1d.tlsroll.v1.CheckNodesRequest\x1a\x1e.tlsroll.v1.CheckNodesResponse\x12\x43\n\x0bPlanRollout\x12\x1a.tlsroll.v1.RolloutRequest\x1a\x18.tlsroll.v1.PlanResponse\x12\x43\n\x0cStartRollout\x12\x1a.tlsroll.v1.RolloutRequest\x1a\x17.tlsroll.v1.RolloutView\x12L\n\x0e\x43ontrolRollout\x12!.tlsroll.v1.ControlRolloutRequest\x1a\x17.tlsroll.v1.RolloutView\x12H\n\x0cRetryRollout\x12\x1f.tlsroll.v1.RetryRolloutRequest\x1a\x17.tlsroll.v1.RolloutView\x12N\n\x0bSetPassword\x12\x1e.tlsroll.v1.SetPasswordRequest\x1a\x1f.tlsroll.v1.SetPasswordResponse\x12T\n\rCheckPassword\x12 .tlsroll.v1.CheckPasswordRequest\x1a!.tlsroll.v1.CheckPasswordResponse\x12`\n\x11\x43reateViewerGrant\x12$.tlsroll.v1.CreateViewerGrantRequest\x1a%.tlsroll.v1.CreateViewerGrantResponse\x12]\n\x10ListViewerGrants\x12#.tlsroll.v1.ListViewerGrantsRequest\x1a$.tlsroll.v1.ListViewerGrantsResponse\x12`\n\x11RevokeViewerGrant\x12$.tlsroll.v1.RevokeViewerGrantRequest\x1a%.tlsroll.v1.RevokeViewerGrantResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tlsroll.v1.admin_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_VIEWERGRANTSTATE']._serialized_start=3638
-  _globals['_VIEWERGRANTSTATE']._serialized_end=3818
-  _globals['_ROLLOUTACTION']._serialized_start=3820
-  _globals['_ROLLOUTACTION']._serialized_end=3946
+  _globals['_VIEWERGRANTSTATE']._serialized_start=3937
+  _globals['_VIEWERGRANTSTATE']._serialized_end=4117
+  _globals['_ROLLOUTACTION']._serialized_start=4119
+  _globals['_ROLLOUTACTION']._serialized_end=4245
+  _globals['_NODEHEALTH']._serialized_start=4247
+  _globals['_NODEHEALTH']._serialized_end=4371
   _globals['_CREATEVIEWERGRANTREQUEST']._serialized_start=120
   _globals['_CREATEVIEWERGRANTREQUEST']._serialized_end=181
   _globals['_CREATEVIEWERGRANTRESPONSE']._serialized_start=183
@@ -70,50 +72,56 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_CONTROLROLLOUTREQUEST']._serialized_end=1561
   _globals['_CREATETOKENREQUEST']._serialized_start=1564
   _globals['_CREATETOKENREQUEST']._serialized_end=1697
-  _globals['_CREATETOKENRESPONSE']._serialized_start=1699
-  _globals['_CREATETOKENRESPONSE']._serialized_end=1772
-  _globals['_TOKENINFO']._serialized_start=1775
-  _globals['_TOKENINFO']._serialized_end=2030
-  _globals['_LISTTOKENSREQUEST']._serialized_start=2032
-  _globals['_LISTTOKENSREQUEST']._serialized_end=2051
-  _globals['_LISTTOKENSRESPONSE']._serialized_start=2053
-  _globals['_LISTTOKENSRESPONSE']._serialized_end=2112
-  _globals['_REVOKETOKENREQUEST']._serialized_start=2114
-  _globals['_REVOKETOKENREQUEST']._serialized_end=2146
-  _globals['_REVOKETOKENRESPONSE']._serialized_start=2148
-  _globals['_REVOKETOKENRESPONSE']._serialized_end=2206
-  _globals['_LISTNODESREQUEST']._serialized_start=2208
-  _globals['_LISTNODESREQUEST']._serialized_end=2251
-  _globals['_NODEINFO']._serialized_start=2254
-  _globals['_NODEINFO']._serialized_end=2661
-  _globals['_REMOVENODEREQUEST']._serialized_start=2663
-  _globals['_REMOVENODEREQUEST']._serialized_end=2696
-  _globals['_REMOVENODERESPONSE']._serialized_start=2698
-  _globals['_REMOVENODERESPONSE']._serialized_end=2779
-  _globals['_LISTWORKSTATIONSREQUEST']._serialized_start=2781
-  _globals['_LISTWORKSTATIONSREQUEST']._serialized_end=2806
-  _globals['_WORKSTATIONINFO']._serialized_start=2809
-  _globals['_WORKSTATIONINFO']._serialized_end=3033
-  _globals['_LISTWORKSTATIONSRESPONSE']._serialized_start=3035
-  _globals['_LISTWORKSTATIONSRESPONSE']._serialized_end=3112
-  _globals['_REVOKECERTIFICATEREQUEST']._serialized_start=3114
-  _globals['_REVOKECERTIFICATEREQUEST']._serialized_end=3180
-  _globals['_REVOKECERTIFICATERESPONSE']._serialized_start=3182
-  _globals['_REVOKECERTIFICATERESPONSE']._serialized_end=3234
-  _globals['_GETEPOCHREQUEST']._serialized_start=3236
-  _globals['_GETEPOCHREQUEST']._serialized_end=3253
-  _globals['_ADVANCEEPOCHREQUEST']._serialized_start=3255
-  _globals['_ADVANCEEPOCHREQUEST']._serialized_end=3276
-  _globals['_NODEEPOCH']._serialized_start=3278
-  _globals['_NODEEPOCH']._serialized_end=3326
-  _globals['_EPOCHINFO']._serialized_start=3328
-  _globals['_EPOCHINFO']._serialized_end=3415
-  _globals['_LISTNODESRESPONSE']._serialized_start=3417
-  _globals['_LISTNODESRESPONSE']._serialized_end=3473
-  _globals['_GETCAREQUEST']._serialized_start=3475
-  _globals['_GETCAREQUEST']._serialized_end=3489
-  _globals['_GETCARESPONSE']._serialized_start=3492
-  _globals['_GETCARESPONSE']._serialized_end=3635
-  _globals['_ADMIN']._serialized_start=3949
-  _globals['_ADMIN']._serialized_end=5482
+  _globals['_CREATETOKENRESPONSE']._serialized_start=1700
+  _globals['_CREATETOKENRESPONSE']._serialized_end=1854
+  _globals['_TOKENINFO']._serialized_start=1857
+  _globals['_TOKENINFO']._serialized_end=2112
+  _globals['_LISTTOKENSREQUEST']._serialized_start=2114
+  _globals['_LISTTOKENSREQUEST']._serialized_end=2133
+  _globals['_LISTTOKENSRESPONSE']._serialized_start=2135
+  _globals['_LISTTOKENSRESPONSE']._serialized_end=2194
+  _globals['_REVOKETOKENREQUEST']._serialized_start=2196
+  _globals['_REVOKETOKENREQUEST']._serialized_end=2228
+  _globals['_REVOKETOKENRESPONSE']._serialized_start=2230
+  _globals['_REVOKETOKENRESPONSE']._serialized_end=2288
+  _globals['_LISTNODESREQUEST']._serialized_start=2290
+  _globals['_LISTNODESREQUEST']._serialized_end=2333
+  _globals['_NODEINFO']._serialized_start=2336
+  _globals['_NODEINFO']._serialized_end=2743
+  _globals['_REMOVENODEREQUEST']._serialized_start=2745
+  _globals['_REMOVENODEREQUEST']._serialized_end=2778
+  _globals['_REMOVENODERESPONSE']._serialized_start=2780
+  _globals['_REMOVENODERESPONSE']._serialized_end=2861
+  _globals['_LISTWORKSTATIONSREQUEST']._serialized_start=2863
+  _globals['_LISTWORKSTATIONSREQUEST']._serialized_end=2888
+  _globals['_WORKSTATIONINFO']._serialized_start=2891
+  _globals['_WORKSTATIONINFO']._serialized_end=3115
+  _globals['_LISTWORKSTATIONSRESPONSE']._serialized_start=3117
+  _globals['_LISTWORKSTATIONSRESPONSE']._serialized_end=3194
+  _globals['_REVOKECERTIFICATEREQUEST']._serialized_start=3196
+  _globals['_REVOKECERTIFICATEREQUEST']._serialized_end=3262
+  _globals['_REVOKECERTIFICATERESPONSE']._serialized_start=3264
+  _globals['_REVOKECERTIFICATERESPONSE']._serialized_end=3316
+  _globals['_GETEPOCHREQUEST']._serialized_start=3318
+  _globals['_GETEPOCHREQUEST']._serialized_end=3335
+  _globals['_ADVANCEEPOCHREQUEST']._serialized_start=3337
+  _globals['_ADVANCEEPOCHREQUEST']._serialized_end=3358
+  _globals['_NODEEPOCH']._serialized_start=3360
+  _globals['_NODEEPOCH']._serialized_end=3408
+  _globals['_EPOCHINFO']._serialized_start=3410
+  _globals['_EPOCHINFO']._serialized_end=3497
+  _globals['_LISTNODESRESPONSE']._serialized_start=3499
+  _globals['_LISTNODESRESPONSE']._serialized_end=3555
+  _globals['_GETCAREQUEST']._serialized_start=3557
+  _globals['_GETCAREQUEST']._serialized_end=3571
+  _globals['_GETCARESPONSE']._serialized_start=3574
+  _globals['_GETCARESPONSE']._serialized_end=3717
+  _globals['_CHECKNODESREQUEST']._serialized_start=3719
+  _globals['_CHECKNODESREQUEST']._serialized_end=3763
+  _globals['_NODEHEALTHCHECK']._serialized_start=3765
+  _globals['_NODEHEALTHCHECK']._serialized_end=3868
+  _globals['_CHECKNODESRESPONSE']._serialized_start=3870
+  _globals['_CHECKNODESRESPONSE']._serialized_end=3934
+  _globals['_ADMIN']._serialized_start=4374
+  _globals['_ADMIN']._serialized_end=5984
 # @@protoc_insertion_point(module_scope)

@@ -70,6 +70,31 @@ ROLLOUT_ACTION_RESUME: RolloutAction.ValueType  # 2
 ROLLOUT_ACTION_ABORT: RolloutAction.ValueType  # 3
 Global___RolloutAction: _TypeAlias = RolloutAction  # noqa: Y015
 
+class _NodeHealth:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _NodeHealthEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NodeHealth.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    NODE_HEALTH_UNSPECIFIED: _NodeHealth.ValueType  # 0
+    NODE_HEALTH_SERVING: _NodeHealth.ValueType  # 1
+    """The agent answered SERVING."""
+    NODE_HEALTH_NOT_SERVING: _NodeHealth.ValueType  # 2
+    """The agent answered, but not SERVING (NOT_SERVING, UNKNOWN or SERVICE_UNKNOWN)."""
+    NODE_HEALTH_UNREACHABLE: _NodeHealth.ValueType  # 3
+    """No answer within the timeout, or the TLS handshake failed (`detail` says which)."""
+
+class NodeHealth(_NodeHealth, metaclass=_NodeHealthEnumTypeWrapper): ...
+
+NODE_HEALTH_UNSPECIFIED: NodeHealth.ValueType  # 0
+NODE_HEALTH_SERVING: NodeHealth.ValueType  # 1
+"""The agent answered SERVING."""
+NODE_HEALTH_NOT_SERVING: NodeHealth.ValueType  # 2
+"""The agent answered, but not SERVING (NOT_SERVING, UNKNOWN or SERVICE_UNKNOWN)."""
+NODE_HEALTH_UNREACHABLE: NodeHealth.ValueType  # 3
+"""No answer within the timeout, or the TLS handshake failed (`detail` says which)."""
+Global___NodeHealth: _TypeAlias = NodeHealth  # noqa: Y015
+
 @_typing.final
 class CreateViewerGrantRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -520,8 +545,19 @@ class CreateTokenResponse(_message.Message):
 
     TOKEN_FIELD_NUMBER: _builtins.int
     INFO_FIELD_NUMBER: _builtins.int
+    LEADER_ADDRESS_FIELD_NUMBER: _builtins.int
+    JOIN_PORT_FIELD_NUMBER: _builtins.int
+    CONTROL_PORT_FIELD_NUMBER: _builtins.int
+    CA_PIN_FIELD_NUMBER: _builtins.int
     token: _builtins.str
     """"<id>.<secret>"; shown once, the leader keeps only a hash of the secret."""
+    leader_address: _builtins.str
+    """What the agent's config needs besides the token ([leader] in agent.toml): the leader's
+    address and ports, and the CA's pin (as GetCAResponse.spki_pin).
+    """
+    join_port: _builtins.int
+    control_port: _builtins.int
+    ca_pin: _builtins.str
     @_builtins.property
     def info(self) -> Global___TokenInfo: ...
     def __init__(
@@ -529,10 +565,14 @@ class CreateTokenResponse(_message.Message):
         *,
         token: _builtins.str = ...,
         info: Global___TokenInfo | None = ...,
+        leader_address: _builtins.str = ...,
+        join_port: _builtins.int = ...,
+        control_port: _builtins.int = ...,
+        ca_pin: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["info", b"info"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["info", b"info", "token", b"token"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_pin", b"ca_pin", "control_port", b"control_port", "info", b"info", "join_port", b"join_port", "leader_address", b"leader_address", "token", b"token"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1066,3 +1106,75 @@ class GetCAResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetCAResponse: _TypeAlias = GetCAResponse  # noqa: Y015
+
+@_typing.final
+class CheckNodesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    timeout_seconds: _builtins.int
+    """Seconds to wait for each node's answer (1..60; 0: 5)."""
+    def __init__(
+        self,
+        *,
+        timeout_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckNodesRequest: _TypeAlias = CheckNodesRequest  # noqa: Y015
+
+@_typing.final
+class NodeHealthCheck(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    TARGET_FIELD_NUMBER: _builtins.int
+    HEALTH_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    target: _builtins.str
+    """The address and port dialled."""
+    health: Global___NodeHealth.ValueType
+    detail: _builtins.str
+    """Why it is not SERVING: the agent's status or the call's error."""
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        target: _builtins.str = ...,
+        health: Global___NodeHealth.ValueType = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "health", b"health", "name", b"name", "target", b"target"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeHealthCheck: _TypeAlias = NodeHealthCheck  # noqa: Y015
+
+@_typing.final
+class CheckNodesResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeHealthCheck]:
+        """Every enrolled (not removed) node, by name."""
+
+    def __init__(
+        self,
+        *,
+        nodes: _abc.Iterable[Global___NodeHealthCheck] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["nodes", b"nodes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckNodesResponse: _TypeAlias = CheckNodesResponse  # noqa: Y015

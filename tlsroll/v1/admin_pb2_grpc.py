@@ -85,6 +85,11 @@ class AdminStub:
                 request_serializer=tlsroll_dot_v1_dot_admin__pb2.GetCARequest.SerializeToString,
                 response_deserializer=tlsroll_dot_v1_dot_admin__pb2.GetCAResponse.FromString,
                 _registered_method=True)
+        self.CheckNodes = channel.unary_unary(
+                '/tlsroll.v1.Admin/CheckNodes',
+                request_serializer=tlsroll_dot_v1_dot_admin__pb2.CheckNodesRequest.SerializeToString,
+                response_deserializer=tlsroll_dot_v1_dot_admin__pb2.CheckNodesResponse.FromString,
+                _registered_method=True)
         self.PlanRollout = channel.unary_unary(
                 '/tlsroll.v1.Admin/PlanRollout',
                 request_serializer=tlsroll_dot_v1_dot_admin__pb2.RolloutRequest.SerializeToString,
@@ -200,6 +205,15 @@ class AdminServicer:
 
     def GetCA(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CheckNodes(self, request, context):
+        """Ask every enrolled node's agent for its standard gRPC health (grpc.health.v1.Health/Check
+        on the NodeAgent port, mutual TLS with the leader's certificate, the node's key name as
+        the TLS target), all at once, each within the timeout. Changes nothing.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -331,6 +345,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GetCA,
                     request_deserializer=tlsroll_dot_v1_dot_admin__pb2.GetCARequest.FromString,
                     response_serializer=tlsroll_dot_v1_dot_admin__pb2.GetCAResponse.SerializeToString,
+            ),
+            'CheckNodes': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckNodes,
+                    request_deserializer=tlsroll_dot_v1_dot_admin__pb2.CheckNodesRequest.FromString,
+                    response_serializer=tlsroll_dot_v1_dot_admin__pb2.CheckNodesResponse.SerializeToString,
             ),
             'PlanRollout': grpc.unary_unary_rpc_method_handler(
                     servicer.PlanRollout,
@@ -648,6 +667,33 @@ class Admin:
             '/tlsroll.v1.Admin/GetCA',
             tlsroll_dot_v1_dot_admin__pb2.GetCARequest.SerializeToString,
             tlsroll_dot_v1_dot_admin__pb2.GetCAResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckNodes(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tlsroll.v1.Admin/CheckNodes',
+            tlsroll_dot_v1_dot_admin__pb2.CheckNodesRequest.SerializeToString,
+            tlsroll_dot_v1_dot_admin__pb2.CheckNodesResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -57,6 +57,11 @@ class AdminStub:
     from backup, or a node that saw an epoch no rollout of this leader had). Audited.
     """
     GetCA: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetCARequest, _admin_pb2.GetCAResponse]
+    CheckNodes: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CheckNodesRequest, _admin_pb2.CheckNodesResponse]
+    """Ask every enrolled node's agent for its standard gRPC health (grpc.health.v1.Health/Check
+    on the NodeAgent port, mutual TLS with the leader's certificate, the node's key name as
+    the TLS target), all at once, each within the timeout. Changes nothing.
+    """
     PlanRollout: _grpc.UnaryUnaryMultiCallable[_admin_pb2.RolloutRequest, _admin_pb2.PlanResponse]
     """The schema a rollout would have, and the checks and client steps it implies. Changes
     nothing. INVALID_ARGUMENT: unknown scope or node; FAILED_PRECONDITION: a node offline.
@@ -118,6 +123,11 @@ class AdminAsyncStub(AdminStub):
     from backup, or a node that saw an epoch no rollout of this leader had). Audited.
     """
     GetCA: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetCARequest, _admin_pb2.GetCAResponse]  # type: ignore[assignment]
+    CheckNodes: _aio.UnaryUnaryMultiCallable[_admin_pb2.CheckNodesRequest, _admin_pb2.CheckNodesResponse]  # type: ignore[assignment]
+    """Ask every enrolled node's agent for its standard gRPC health (grpc.health.v1.Health/Check
+    on the NodeAgent port, mutual TLS with the leader's certificate, the node's key name as
+    the TLS target), all at once, each within the timeout. Changes nothing.
+    """
     PlanRollout: _aio.UnaryUnaryMultiCallable[_admin_pb2.RolloutRequest, _admin_pb2.PlanResponse]  # type: ignore[assignment]
     """The schema a rollout would have, and the checks and client steps it implies. Changes
     nothing. INVALID_ARGUMENT: unknown scope or node; FAILED_PRECONDITION: a node offline.
@@ -236,6 +246,17 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.GetCARequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.GetCAResponse, _abc.Awaitable[_admin_pb2.GetCAResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def CheckNodes(
+        self,
+        request: _admin_pb2.CheckNodesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.CheckNodesResponse, _abc.Awaitable[_admin_pb2.CheckNodesResponse]]:
+        """Ask every enrolled node's agent for its standard gRPC health (grpc.health.v1.Health/Check
+        on the NodeAgent port, mutual TLS with the leader's certificate, the node's key name as
+        the TLS target), all at once, each within the timeout. Changes nothing.
+        """
 
     @_abc_1.abstractmethod
     def PlanRollout(

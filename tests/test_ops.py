@@ -1,0 +1,468 @@
+"""Operations and secrets (issue 14): the CA key under scrypt and its passphrase from a systemd
+credential, log levels, the agents' gRPC health for any cluster identity and ``tlsroll nodes
+--check``, ``token create --print-join-command``, one-line errors (a second daemon on a taken
+port, the admin socket out of reach) and exit code 2 for usage errors.
+
+Real leader and agents as processes, real mutual TLS, loopback addresses only.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import shutil
+import stat
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from cryptography.hazmat.primitives import serialization
+from grpc_health.v1 import health_pb2
+
+from leader.layout import read_passphrase
+from tests.cluster import (
+    Cluster,
+    Daemon,
+    child_env,
+    command,
+    health_check,
+    one_line_error,
+    secure_channel,
+)
+from tests.conftest import next_loopback
+from tlsroll import bootstrap_protocol, pki, spiffe
+from tlsroll.v1 import leader_pb2, leader_pb2_grpc
+
+SERVING = health_pb2.HealthCheckResponse.SERVING
+OPENSSL = shutil.which("openssl")
+
+
+def asn1(path: Path) -> str:
+    """``openssl asn1parse`` of a PEM file (the test's own reading of the DER; the product
+    never runs openssl)."""
+    assert OPENSSL is not None
+    result = subprocess.run(
+        [OPENSSL, "asn1parse", "-in", str(path)], capture_output=True, text=True, check=True
+    )
+    return result.stdout
+
+
+def kdf_lines(path: Path) -> list[str]:
+    """The OBJECT and INTEGER lines of the key's encryption parameters (before the encrypted
+    data), e.g. ``['OBJECT :PBES2', 'OBJECT :scrypt', 'INTEGER :4000', …]``."""
+    found = []
+    for line in asn1(path).splitlines():
+        if "OCTET STRING" in line and "l=  16" not in line and "l=  8" not in line:
+            break  # the encrypted key itself: the parameters are over
+        m = re.search(r"prim: (OBJECT|INTEGER)\s+(:\S+)", line)
+        if m:
+            found.append(f"{m.group(1)} {m.group(2)}")
+    return found
+
+
+SCRYPT_LINES = [
+    "OBJECT :PBES2",
+    "OBJECT :scrypt",
+    "INTEGER :4000",  # N = 2^14
+    "INTEGER :08",  # r
+    "INTEGER :05",  # p
+    "OBJECT :aes-256-cbc",
+]
+
+
+@pytest.fixture
+def cluster(tmp_path: Path) -> Iterator[Cluster]:
+    with Cluster(tmp_path / "c", next_loopback()) as c:
+        c.init()
+        yield c
+
+
+# --- the CA key --------------------------------------------------------------------------------
+
+
+@pytest.mark.skipif(OPENSSL is None, reason="needs the openssl tool to read the DER")
+def test_init_writes_the_ca_key_under_scrypt_and_openssl_reads_it(cluster: Cluster) -> None:
+    assert kdf_lines(cluster.ca_key_path) == SCRYPT_LINES
+    # Any PKCS#8 reader takes it: openssl decrypts it with the passphrase (output discarded).
+    result = subprocess.run(
+        [
+            str(OPENSSL),
+            "pkcs8",
+            "-in",
+            str(cluster.ca_key_path),
+            "-passin",
+            f"file:{cluster.passphrase_path}",
+            "-out",
+            os.devnull,
+        ],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    with pytest.raises(subprocess.CalledProcessError):  # and only with it
+        subprocess.run(
+            [str(OPENSSL), "pkcs8", "-in", str(cluster.ca_key_path), "-passin", "pass:wrong"],
+            capture_output=True,
+            check=True,
+        )
+
+
+@pytest.mark.skipif(OPENSSL is None, reason="needs the openssl tool to read the DER")
+def test_a_weak_ca_key_is_encrypted_again_at_start(cluster: Cluster) -> None:
+    passphrase = read_passphrase(cluster.passphrase_path)
+    ca = pki.CertificateAuthority.load(cluster.ca_cert_path, cluster.ca_key_path, passphrase)
+    # As tlsroll 0.1.0 wrote it: cryptography's own choice, PBKDF2 with 2048 iterations.
+    old = ca.key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.BestAvailableEncryption(passphrase),
+    )
+    cluster.ca_key_path.write_bytes(old)
+    assert "OBJECT :PBKDF2" in kdf_lines(cluster.ca_key_path)
+    assert "INTEGER :0800" in kdf_lines(cluster.ca_key_path)  # 2048
+
+    cluster.start_leader()
+    events = [e for e in cluster.leader.log_events() if e["event"] == "ca.key_reencrypted"]
+    assert len(events) == 1, cluster.leader.log_text()
+    assert events[0]["kdf_before"] == "PBKDF2 2048 iterations (hmacWithSHA256)"
+    assert events[0]["kdf_now"] == "scrypt N=16384 r=8 p=5"
+    assert kdf_lines(cluster.ca_key_path) == SCRYPT_LINES
+    assert stat.S_IMODE(cluster.ca_key_path.stat().st_mode) == 0o600
+    again = pki.CertificateAuthority.load(cluster.ca_cert_path, cluster.ca_key_path, passphrase)
+    assert again.key.private_numbers() == ca.key.private_numbers()  # the same key
+
+    # The CA still signs: an agent enrols. A second start leaves the key alone.
+    cluster.add_agent("node1", next_loopback())
+    before = cluster.ca_key_path.read_bytes()
+    cluster.stop_leader()
+    cluster.start_leader()
+    assert cluster.ca_key_path.read_bytes() == before
+    names = cluster.leader.event_names()
+    assert names.count("ca.key_reencrypted") == 1
+    assert cluster.find_secrets(cluster.logs_text()) == []
+
+
+def move_passphrase_to_credentials(cluster: Cluster, mode: int = 0o400) -> tuple[Path, str]:
+    """What ``LoadCredentialEncrypted=ca-passphrase:…`` gives the leader: the passphrase in
+    ``$CREDENTIALS_DIRECTORY/ca-passphrase``; the file in the data dir is gone."""
+    creds = cluster.root / "credentials"
+    creds.mkdir(mode=0o700)
+    secret = cluster.passphrase_path.read_text().strip()
+    (creds / "ca-passphrase").write_text(secret)
+    (creds / "ca-passphrase").chmod(mode)
+    cluster.passphrase_path.unlink()
+    return creds, secret
+
+
+def test_the_leader_takes_the_passphrase_from_a_systemd_credential(cluster: Cluster) -> None:
+    creds, secret = move_passphrase_to_credentials(cluster)
+    assert not list((cluster.data_dir / "secrets").iterdir())  # nothing of it in the data dir
+
+    # Without the credential: one line that says where it looked.
+    twin = Daemon("twin", cluster.leader.argv, cluster.root / "twin.log", lambda: False)
+    code, output = twin.run_to_exit()
+    assert code == 1
+    line = one_line_error(output, "tlsroll-leader")
+    assert "no CA passphrase" in line and "ca-passphrase" in line, line
+
+    cluster.start_leader(env={"CREDENTIALS_DIRECTORY": str(creds)})
+    node = cluster.add_agent("node1", next_loopback())  # the CA signs its certificate
+    assert spiffe.of(node.cert()) == spiffe.node(
+        spiffe.trust_domain(pki.read_cert(cluster.ca_cert_path)), "node1"
+    )
+    assert "ca.passphrase_file_left" not in cluster.leader.event_names()
+    assert cluster.find_secrets(cluster.logs_text(), [secret]) == []
+
+
+def test_a_credential_others_can_read_is_refused_and_a_left_file_is_warned_about(
+    cluster: Cluster,
+) -> None:
+    creds, secret = move_passphrase_to_credentials(cluster, 0o444)
+    twin = Daemon("twin", cluster.leader.argv, cluster.root / "twin.log", lambda: False)
+    code, output = twin.run_to_exit(env={"CREDENTIALS_DIRECTORY": str(creds)})
+    assert code == 1
+    assert "accessible by others" in one_line_error(output, "tlsroll-leader")
+
+    # systemd ≥ 254 leaves the file root's with an ACL for the service's user: 0440 shows.
+    (creds / "ca-passphrase").chmod(0o440)
+    cluster.passphrase_path.write_text(secret + "\n")  # a copy left behind in the data dir
+    cluster.passphrase_path.chmod(0o600)
+    cluster.start_leader(env={"CREDENTIALS_DIRECTORY": str(creds)})
+    left = [e for e in cluster.leader.log_events() if e["event"] == "ca.passphrase_file_left"]
+    assert left and left[0]["path"] == str(cluster.passphrase_path)
+    assert cluster.find_secrets(cluster.logs_text(), [secret]) == []
+
+
+# --- log levels --------------------------------------------------------------------------------
+
+
+def test_log_level_in_the_config_and_on_the_command_line(cluster: Cluster) -> None:
+    cluster.write_leader_config({"log_level": "warning"})
+    cluster.start_leader()
+    agent = cluster.add_agent("node1", next_loopback(), start=False)
+    agent.write_config({"agent": {"log_level": "WARNING"}})
+    agent.start()
+    cluster.wait_for_nodes_online(["node1"])
+    cluster.stop_leader()
+    agent.stop()
+    for daemon in (cluster.leader, agent):
+        levels = {e["level"] for e in daemon.log_events()}
+        assert levels <= {"warning", "error"}, daemon.log_text()
+
+    # --log-level wins over the config.
+    cluster.leader.argv += ["--log-level", "debug"]
+    agent.argv += ["--log-level", "debug"]
+    cluster.start_leader()
+    agent.start()
+    assert "leader.config_loaded" in cluster.leader.event_names()
+    assert "leader.started" in cluster.leader.event_names()
+    assert "agent.config_loaded" in agent.event_names()
+
+
+def test_a_bad_log_level_is_a_usage_error(cluster: Cluster) -> None:
+    cluster.write_leader_config({"log_level": "loud"})
+    twin = Daemon("twin", cluster.leader.argv, cluster.root / "twin.log", lambda: False)
+    code, output = twin.run_to_exit()
+    assert code == 2
+    line = one_line_error(output, "tlsroll-leader")
+    assert "log_level: unknown log level 'loud'; use one of debug, info" in line, line
+    cluster.write_leader_config({"log_level": None})
+    twin.argv = [*cluster.leader.argv, "--log-level", "loud"]
+    code, output = twin.run_to_exit()
+    assert code == 2 and "Traceback" not in output
+    assert "argument --log-level: invalid choice: 'loud'" in output, output
+
+    agent = cluster.add_agent("node1", next_loopback(), token="x.y", start=False)
+    agent.write_config({"agent": {"log_level": "verbose"}})
+    code, output = agent.run_to_exit()
+    assert code == 2
+    assert "unknown log level 'verbose'" in one_line_error(output, "tlsroll-agent")
+
+
+# --- one line when a port is taken -------------------------------------------------------------
+
+
+def test_a_second_leader_or_agent_on_a_taken_port_prints_one_line(cluster: Cluster) -> None:
+    cluster.start_leader()
+    twin = Daemon("twin", cluster.leader.argv, cluster.root / "twin.log", lambda: False)
+    code, output = twin.run_to_exit()
+    assert code == 1
+    # Not even a line of gRPC's C core (``E1130 … add_port.cc``) before it.
+    assert output.strip().splitlines() == [
+        f"tlsroll-leader: cannot listen on {cluster.join_target}: another process listens there"
+    ], output
+
+    node = cluster.add_agent("node1", next_loopback())
+    agent_twin = Daemon("agent twin", node.argv, cluster.root / "agent-twin.log", lambda: False)
+    code, output = agent_twin.run_to_exit()
+    assert code == 1
+    assert f"tlsroll-agent: cannot listen on {node.target}" in one_line_error(
+        output, "tlsroll-agent"
+    )
+    assert not [line for line in output.splitlines() if "add_port" in line], output
+
+
+# --- health and nodes --check ------------------------------------------------------------------
+
+
+def test_any_cluster_identity_may_ask_an_agent_for_its_health(cluster: Cluster) -> None:
+    cluster.start_leader()
+    node1 = cluster.add_agent("node1", next_loopback())
+    node2 = cluster.add_agent("node2", next_loopback())
+    cluster.wait_for_nodes_online(["node1", "node2"])
+    ca = pki.CertificateAuthority.load(
+        cluster.ca_cert_path, cluster.ca_key_path, read_passphrase(cluster.passphrase_path)
+    )
+    ws_key = pki.generate_key()
+    csr = pki.make_csr(ws_key, bootstrap_protocol.workstation_names("ws-monitor"))
+    with cluster.control_channel(node1.cert_file.read_bytes(), node1.key_file.read_bytes()) as ch:
+        ws_cert = (
+            leader_pb2_grpc.LeaderStub(ch)
+            .SignWorkstationCertificate(
+                leader_pb2.SignWorkstationRequest(csr_pem=pki.csr_to_pem(csr)), timeout=10
+            )
+            .certificate_pem
+        )
+    callers = {
+        "leader": cluster.leader_credentials(),
+        "node itself": (node1.cert_file.read_bytes(), node1.key_file.read_bytes()),
+        "other node": (node2.cert_file.read_bytes(), node2.key_file.read_bytes()),
+        "workstation": (ws_cert, pki.key_to_pem(ws_key)),
+    }
+    assert ca.cert_pem == cluster.ca_pem
+    for who, (cert_pem, key_pem) in callers.items():
+        with secure_channel(node1.target, cluster.ca_pem, cert_pem, key_pem) as channel:
+            assert health_check(channel) == SERVING, who
+            assert health_check(channel, "tlsroll.v1.NodeAgent") == SERVING, who
+    with (
+        secure_channel(node1.target, cluster.ca_pem) as channel,
+        pytest.raises(grpc.RpcError) as info,
+    ):
+        health_check(channel)  # no client certificate: the handshake refuses it
+    assert info.value.code() == grpc.StatusCode.UNAVAILABLE
+
+
+def test_nodes_check_asks_every_agent(cluster: Cluster) -> None:
+    cluster.start_leader()
+    empty = cluster.cli("nodes", "--check")
+    assert (empty.returncode, empty.stdout.strip()) == (0, "no nodes enrolled"), empty.stderr
+    node1 = cluster.add_agent("node1", next_loopback())
+    node2 = cluster.add_agent("node2", next_loopback())
+    cluster.wait_for_nodes_online(["node1", "node2"])
+
+    result = cluster.cli("nodes", "--check")
+    assert result.returncode == 0, result.stderr
+    for node in (node1, node2):  # a rich table: one row per node, with borders
+        row = re.escape(node.node_name) + r"\W+" + re.escape(node.target) + r"\W+SERVING\W"
+        assert re.search(row, result.stdout), result.stdout
+
+    node2.stop()
+    result = cluster.cli("nodes", "--check", "--timeout", "2", "--json")
+    assert result.returncode == 1, result.stderr
+    health = {n["name"]: n for n in json.loads(result.stdout)}
+    assert health["node1"]["health"] == "serving"
+    assert health["node2"]["health"] == "unreachable"
+    assert health["node2"]["detail"].startswith("UNAVAILABLE")
+
+    text = cluster.cli("nodes", "--check", "--timeout", "2")
+    assert text.returncode == 1
+    assert re.search(r"node2\W+\S+\W+UNREACHABLE\W", text.stdout), text.stdout
+    assert cluster.cli("nodes", "--check", "--all").returncode == 2
+    assert cluster.cli("nodes", "--check", "--timeout", "0").returncode == 2
+
+
+# --- the join command --------------------------------------------------------------------------
+
+
+def test_print_join_command_writes_a_config_that_enrols_a_real_agent(cluster: Cluster) -> None:
+    cluster.start_leader()
+    address = next_loopback()
+    etc, data = cluster.root / "node-etc", cluster.root / "node-data"
+    result = cluster.cli(
+        "token",
+        "create",
+        "--node",
+        "node7",
+        "--address",
+        address,
+        "--print-join-command",
+        "--agent-config-dir",
+        str(etc),
+        "--agent-data-dir",
+        str(data),
+    )
+    assert result.returncode == 0, result.stderr
+    script = result.stdout
+    token = next(w.strip("'") for w in script.split() if re.fullmatch(r"'?[\w-]+\.[\w-]+'?", w))
+    cluster.tokens.append(token)  # find_secrets looks for it in the logs
+
+    ran = subprocess.run(
+        ["sh", "-s"], input=script, capture_output=True, text=True, timeout=30, check=False
+    )
+    assert ran.returncode == 0, ran.stderr
+    config, token_file = etc / "agent.toml", etc / "join-token"
+    for path in (config, token_file):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
+    assert token_file.read_text() == token + "\n"
+    assert token not in config.read_text()
+    text = config.read_text()
+    assert f'address = "{cluster.address}"' in text and cluster.ca_pin() in text, text
+
+    agent = Daemon(
+        "node7",
+        [*command("tlsroll-agent", "nodeagent.daemon"), "--config", str(config)],
+        cluster.root / "node7.log",
+        (data / "node.pem").exists,
+    )
+    try:
+        agent.start()
+        nodes = cluster.list_nodes()
+        assert list(nodes["node7"].addresses) == [address]
+        assert cluster.find_secrets(agent.log_text() + cluster.leader.log_text()) == []
+    finally:
+        agent.close()
+
+
+# --- usage errors and the admin socket ---------------------------------------------------------
+
+
+def test_usage_errors_exit_2(cluster: Cluster, tmp_path: Path) -> None:
+    bad_name = cluster.cli(
+        "init",
+        "--data-dir",
+        str(tmp_path / "d"),
+        "--address",
+        next_loopback(),
+        "--node-name",
+        "Bad_Name",
+    )
+    assert bad_name.returncode == 2, bad_name.stderr
+    assert "--node-name" in bad_name.stderr and "Traceback" not in bad_name.stderr
+    assert not (tmp_path / "d").exists()  # refused before anything was made
+    no_file = cluster.cli(
+        "init",
+        "--data-dir",
+        str(tmp_path / "e"),
+        "--address",
+        next_loopback(),
+        "--ca-passphrase-file",
+        str(tmp_path / "missing"),
+    )
+    assert no_file.returncode == 2, no_file.stderr
+
+    cluster.start_leader()
+    # The leader's INVALID_ARGUMENT is the admin's mistake too.
+    for args in (
+        ("token", "create", "--node", "Bad_Name", "--address", next_loopback()),
+        ("token", "create", "--node", "n1", "--address", "127.0.0.1"),
+        ("plan", "--scope", "nodes", "--nodes", "ghost"),
+    ):
+        result = cluster.cli(*args)
+        assert result.returncode == 2, (args, result.stderr)
+        assert len(result.stderr.strip().splitlines()) == 1, result.stderr
+    assert cluster.cli("token", "revoke", "nosuchid").returncode == 1  # a failure, not usage
+
+
+def test_admin_socket_out_of_reach_names_the_group_to_join() -> None:
+    if os.geteuid() != 0 or shutil.which("setpriv") is None:
+        pytest.skip("needs root and setpriv to run the CLI as another user")
+    root = Path(tempfile.mkdtemp(prefix="tlsroll-ops-"))
+    root.chmod(0o755)  # the way to the data dir is open; the data dir itself is not
+    try:
+        _socket_out_of_reach(root)
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _socket_out_of_reach(root: Path) -> None:
+    with Cluster(root, next_loopback()) as c:
+        c.init()
+        c.start_leader()
+        shutil.chown(c.data_dir, group="daemon")  # the leader's group, as install.sh makes it
+        result = subprocess.run(
+            [
+                "setpriv",
+                "--reuid=nobody",
+                "--regid=nogroup",
+                "--clear-groups",
+                *command("tlsroll", "tlsroll"),
+                "--data-dir",
+                str(c.data_dir),
+                "nodes",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=child_env({"HOME": "/"}),
+            check=False,
+        )
+        assert result.returncode == 1, result
+        line = result.stderr.strip()
+        assert len(line.splitlines()) == 1 and "Traceback" not in line, result.stderr
+        assert "permission denied" in line and "group daemon" in line, line
+        assert "usermod -aG daemon nobody" in line, line
