@@ -23,12 +23,13 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 from leader.store import Node, Store
 from tlsroll import spiffe
 from tlsroll.errors import TerminalError, TransientError
-from tlsroll.rpc import hostport
+from tlsroll.rpc import hostport, reconnect_options
 from tlsroll.v1 import agent_pb2, agent_pb2_grpc
 
 T = TypeVar("T")
 TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 CALL_TIMEOUT = 30.0
+RECONNECT_SECONDS = 2.0
 
 
 class StepFailed(TerminalError):
@@ -89,7 +90,8 @@ class AgentClient:
             target,
             credentials,
             options=[
-                ("grpc.ssl_target_name_override", spiffe.key_host(trust_domain, node.key_pin))
+                ("grpc.ssl_target_name_override", spiffe.key_host(trust_domain, node.key_pin)),
+                *reconnect_options(RECONNECT_SECONDS),  # a returning agent is reached soon
             ],
         )
         self.stub = agent_pb2_grpc.NodeAgentStub(self.channel)

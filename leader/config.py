@@ -34,6 +34,9 @@ class LeaderConfig:
     # Failed enrolments one source (an IPv4 address, an IPv6 /64) may make on the join port
     # before it has to wait, doubling from 1 s (leader.join_guard).
     join_free_failures: int = 5
+    # Seconds a preflight may go without an answer before the node fails with "agent
+    # unreachable" (a stage: twice that); see leader.engine.
+    step_deadline: int = 30
     # debug | info | warning | error (``tlsroll-leader --log-level`` wins over it).
     log_level: str = "info"
 
@@ -57,6 +60,7 @@ class LeaderConfig:
             viewer_port=s.integer("viewer_port", VIEWER_PORT, lo=0, hi=65535),
             metrics_token_file=s.path("metrics_token_file", None),
             join_free_failures=s.integer("join_free_failures", 5, lo=1, hi=1_000_000),
+            step_deadline=s.integer("step_deadline", 30, lo=1, hi=3600),
             log_level=logs.config_level(s),
         )
         cfg.finish()  # a key or table not read above is a typo: an error, not a default

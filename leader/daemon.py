@@ -154,6 +154,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         agents,
         state.clock,
         cfg.scope_freeze_lease,
+        step_deadline=cfg.step_deadline,
     )
     commands = Commands(
         state.store,

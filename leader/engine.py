@@ -13,7 +13,13 @@ How a step runs on a node is the change's strategy (``leader.changes``); the eng
 only when, and what happens with the result:
 
 * ``TransientError`` (the agent unreachable after the client's own retries, a write that
-  crossed an admin command): nothing is recorded; the step runs again after a pause.
+  crossed an admin command): nothing is recorded; the step runs again after a pause. Nothing
+  waits forever: a preflight or stage (which changes nothing live) that gets no answer for
+  ``step_deadline`` seconds (twice that for a stage) fails with "agent unreachable since …";
+  a switch or confirm cannot fail that way (the node may be mid-transaction), so after
+  ``UNKNOWN_AFTER`` seconds its node's reason says "unknown — agent unreachable since …" while
+  the leader keeps asking, and the next answer replaces it. A scope freeze or unfreeze the
+  agent keeps refusing is retried with a growing pause, and its reason shown on the node.
 * The strategy's result event (terminal outcomes included: a refused switch, a failed check):
   recorded on the node, with its reason, which the schema shows.
 * Anything else is a bug: logged with its type, and the step runs again after a pause, so that
@@ -52,6 +58,7 @@ from leader.rollout_core import (
     Rollout,
     RolloutEvent,
     Step,
+    way_out,
 )
 from leader.schema_store import RolloutRow, SchemaStore, StaleRecords
 from leader.store import Store
@@ -63,6 +70,11 @@ log = logs.get_logger(__name__)
 
 TICK_SECONDS = 1.0
 STEP_RETRY_SECONDS = 2.0
+STEP_DEADLINE = 30.0  # seconds without an answer before a preflight fails (a stage: twice)
+UNKNOWN_AFTER = 10.0  # seconds without an answer before a switching node shows "unknown"
+UNKNOWN = "unknown — agent unreachable since"
+MAX_RETRY_SECONDS = 30.0
+REASON_AFTER_ATTEMPTS = 3  # a freeze refused this often: its reason goes on the node
 STALE_ATTEMPTS = 5
 StepKey = tuple[str, str, Step]
 _OPPOSITE = {Step.FREEZE: Step.UNFREEZE, Step.UNFREEZE: Step.FREEZE}
@@ -80,6 +92,7 @@ class Engine:
         *,
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
+        step_deadline: float = STEP_DEADLINE,
     ) -> None:
         self.store = store
         self.schema = schema
@@ -93,6 +106,9 @@ class Engine:
         self.tasks: dict[StepKey, asyncio.Task[None]] = {}
         self.not_before: dict[StepKey, float] = {}
         self.renewed: dict[tuple[str, str], float] = {}  # scope freezes: last renewal
+        self.step_deadline = step_deadline
+        # A step that gets no (good) answer: since when (monotonic, wall) and how often.
+        self.trouble: dict[StepKey, tuple[float, dt.datetime, int]] = {}
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -125,7 +141,7 @@ class Engine:
                     for r in nodes
                     if r.reason and r.state in FAILED_NODE_STATES
                 ]
-                reason = "halted: " + "; ".join(failed)
+                reason = f"halted: {'; '.join(failed)}; next: {way_out(rollout)}"
             try:
                 row = await asyncio.to_thread(
                     self.schema.save_states, row, rollout, nodes, self.clock(), "engine", reason
@@ -225,22 +241,30 @@ class Engine:
         await asyncio.to_thread(
             self.schema.step_times, rollout.id, step.node, step.step.value, started=self.clock()
         )
+        bounded = step.step in (Step.PREFLIGHT, Step.STAGE)
+        started = (self.monotonic(), self.clock())
+        deadline = self.step_deadline * (2 if step.step is Step.STAGE else 1)
         try:
             if step.step in (Step.FREEZE, Step.UNFREEZE):
                 frozen = await self._scope_freeze(rollout, step.node, step.step is Step.FREEZE)
                 await self._record_frozen(rollout.id, step, frozen)
             else:
-                event, reason = await self._step(row, step)
+                if bounded:  # one attempt never outlasts the step's deadline
+                    result = await asyncio.wait_for(self._step(row, step), deadline)
+                else:
+                    result = await self._step(row, step)
+                event, reason = result
                 await self._record(rollout.id, step, event, reason)
-        except (TransientError, StepFailed) as exc:  # StepFailed here: a freeze refused
+        except (TransientError, StepFailed, TimeoutError) as exc:  # StepFailed: a freeze refused
+            why = str(exc) or f"no answer within {deadline:.0f} s"
             log.warning(
                 "step.deferred",
                 rollout_id=rollout.id,
                 node=step.node,
                 step=step.step.value,
-                reason=str(exc),
+                reason=why,
             )
-            self.not_before[key] = self.monotonic() + STEP_RETRY_SECONDS
+            await self._trouble(row, step, why, deadline if bounded else None, started)
             return
         except asyncio.CancelledError:
             raise
@@ -255,7 +279,61 @@ class Engine:
             )
             self.not_before[key] = self.monotonic() + STEP_RETRY_SECONDS
             return
+        self.trouble.pop(key, None)
         self.wake.set()
+
+    async def _trouble(
+        self,
+        row: RolloutRow,
+        step: planner.StepAction,
+        why: str,
+        deadline: float | None,
+        started: tuple[float, dt.datetime],
+    ) -> None:
+        """A step got no good answer: when to try again, and what the records say about it.
+        ``deadline``: the step fails once it has had no answer that long since the attempt
+        that began the trouble started (``started``; None: never)."""
+        rollout = row.rollout
+        key = (rollout.id, step.node, step.step)
+        now = self.monotonic()
+        first, since, attempts = self.trouble.get(key, (*started, 0))
+        attempts += 1
+        self.trouble[key] = (first, since, attempts)
+        pause = min(STEP_RETRY_SECONDS * 2 ** max(attempts - 3, 0), MAX_RETRY_SECONDS)
+        self.not_before[key] = now + pause
+        stamp = f"{since:%H:%M:%S} UTC"
+        if deadline is not None and now - first >= deadline:
+            failed = {
+                Step.PREFLIGHT: NodeEvent.PREFLIGHT_FAILED,
+                Step.STAGE: NodeEvent.STAGE_FAILED,
+            }
+            self.trouble.pop(key, None)
+            await self._record(
+                rollout.id,
+                step,
+                failed[step.step],
+                f"agent unreachable since {stamp} (no answer for {deadline:.0f} s): {why}",
+            )
+            self.wake.set()
+            return
+        if step.step in (Step.SWITCH, Step.CONFIRM) and now - first >= UNKNOWN_AFTER:
+            reason = (
+                f"{UNKNOWN} {stamp}: {why}; it may be mid-switch (writes refused); the leader "
+                "keeps asking and records the outcome when it answers"
+            )
+            await self._note(rollout.id, step, reason)
+        elif step.step in (Step.FREEZE, Step.UNFREEZE) and attempts >= REASON_AFTER_ATTEMPTS:
+            await self._note(
+                rollout.id, step, f"scope {step.step.value} failing since {stamp}: {why}"
+            )
+
+    async def _note(self, rollout_id: str, step: planner.StepAction, reason: str) -> None:
+        """Put ``reason`` on the node's record (its state unchanged), once."""
+        row = await asyncio.to_thread(self.schema.get, rollout_id)
+        current = next((r for r in row.records if r.name == step.node), None) if row else None
+        if current is None or current.reason == reason:
+            return
+        await self._save_node(rollout_id, step.node, lambda r: replace(r, reason=reason))
 
     async def _step(self, row: RolloutRow, step: planner.StepAction) -> Outcome:
         steps = STRATEGIES[row.rollout.change]
@@ -336,7 +414,28 @@ class Engine:
     async def _record(
         self, rollout_id: str, step: planner.StepAction, event: NodeEvent, reason: str | None
     ) -> None:
-        await self._save_node(rollout_id, step.node, lambda r: r.with_event(event, reason))
+        """The step's result on the node, if the node still waits for it (an abort skips a
+        node whose preflight or stage is in flight: that result is dropped)."""
+        dropped: list[bool] = []
+
+        def change(r: Any) -> Any:
+            if STEP_FOR_STATE.get(r.state) is not step.step:
+                dropped.append(True)
+                return r
+            # An answer at last: what was said while the agent was away no longer holds.
+            cleared = "" if reason is None and r.reason.startswith(UNKNOWN) else reason
+            return r.with_event(event, cleared)
+
+        await self._save_node(rollout_id, step.node, change)
+        if dropped:
+            log.info(
+                "step.result_dropped",
+                rollout_id=rollout_id,
+                node=step.node,
+                step=step.step.value,
+                node_event=event.value,
+            )
+            return
         await asyncio.to_thread(
             self.schema.step_times, rollout_id, step.node, step.step.value, ended=self.clock()
         )

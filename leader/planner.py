@@ -21,7 +21,9 @@ Decisions, in the order ``next_actions`` makes them:
 * Halt: in ``running`` or ``paused``, more failed/rolled-back nodes than ``failure_budget`` →
   ``failure_budget_exceeded`` (the rollout drains to ``halted``).
 * Draining (``halting``, ``aborting``): every ``pending`` node and every ``staged`` node (it
-  has not begun its switch) is skipped; nodes in a working state finish their step.
+  has not begun its switch) is skipped; on an abort also every node still in ``preflight`` or
+  ``staging`` (nothing live changed; its step's result is dropped); other nodes in a working
+  state finish their step.
 * Stage: a change that stages no certificate (``CHANGES``) has its ``staging`` nodes moved on
   with ``stage_skipped``; no stage step runs for it.
 * Start: only in ``running``; the first ``pending`` nodes in ``order`` while fewer than
@@ -266,8 +268,9 @@ def next_actions(rollout: Rollout, nodes: Sequence[NodeRecord]) -> Plan:
 
     if state in DRAINING_ROLLOUT_STATES:
         why = "rollout aborted" if state is RolloutState.ABORTING else "rollout halted"
+        gates = _ABORT_SKIPS if state is RolloutState.ABORTING else _HALT_SKIPS
         for name in rollout.order:
-            if after[name] in (NodeState.PENDING, NodeState.STAGED):
+            if after[name] in gates:
                 emit(name, NodeEvent.SKIP, why)
 
     if not CHANGES[rollout.change].stages_certificate:
@@ -407,6 +410,10 @@ def apply_plan(
     return rollout, tuple(by_name[name] for name in rollout.order)
 
 
+# Draining: an abort skips every node whose live config is untouched at once (a preflight or
+# stage in flight is abandoned: it changes nothing live); a halt lets those steps finish.
+_HALT_SKIPS = frozenset({NodeState.PENDING, NodeState.STAGED})
+_ABORT_SKIPS = _HALT_SKIPS | {NodeState.PREFLIGHT, NodeState.STAGING}
 _LIVE_STATES = frozenset({RolloutState.RUNNING, RolloutState.PAUSED} | DRAINING_ROLLOUT_STATES)
 
 

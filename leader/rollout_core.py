@@ -25,6 +25,7 @@ orders, through these states::
     confirming ─confirm_failed→ needs_attention      (outside check failed, and so did the
                                                       rollback)
     pending/staged ─skip→ skipped                    (rollout halting or aborting)
+    preflight/staging ─skip→ skipped                 (rollout aborting: nothing was changed)
     staging ─stage_skipped→ staged                   (the change stages no certificate)
 
 Two kinds of node state:
@@ -54,11 +55,13 @@ The rollout itself::
     running/paused ─nodes_settled→ completed
 
 ``aborting`` and ``halting`` are explicit draining states: no node starts, no node begins a
-switch, nodes already switching or confirming finish, nodes still preflighting or staging finish
-that step (it changes nothing on the node) and are then skipped at the ``staged`` gate, and
-untouched nodes are skipped. ``pause`` only stops new nodes from starting; nodes in flight go
-all the way to a terminal state. Admin events are ``start``, ``pause``, ``resume``, ``abort``;
-``failure_budget_exceeded`` and ``nodes_settled`` are emitted only by the planner.
+switch, nodes already switching or confirming finish, and untouched nodes are skipped. Nodes
+still preflighting or staging (which changes nothing live on the node) are skipped at once on
+an abort, so an abort never waits for an agent that does not answer; on a halt they finish
+that step and are then skipped at the ``staged`` gate. ``pause`` only stops new nodes from
+starting; nodes in flight go all the way to a terminal state. Admin events are ``start``,
+``pause``, ``resume``, ``abort``; ``failure_budget_exceeded`` and ``nodes_settled`` are emitted
+only by the planner.
 """
 
 from __future__ import annotations
@@ -265,11 +268,16 @@ ROLLOUT_TRANSITIONS: Mapping[RolloutState, Mapping[RolloutEvent, RolloutState]] 
 
 NODE_TRANSITIONS: Mapping[NodeState, Mapping[NodeEvent, NodeState]] = {
     _N.PENDING: {_NE.START: _N.PREFLIGHT, _NE.SKIP: _N.SKIPPED},
-    _N.PREFLIGHT: {_NE.PREFLIGHT_PASSED: _N.STAGING, _NE.PREFLIGHT_FAILED: _N.FAILED},
+    _N.PREFLIGHT: {
+        _NE.PREFLIGHT_PASSED: _N.STAGING,
+        _NE.PREFLIGHT_FAILED: _N.FAILED,
+        _NE.SKIP: _N.SKIPPED,
+    },
     _N.STAGING: {
         _NE.STAGE_DONE: _N.STAGED,
         _NE.STAGE_FAILED: _N.FAILED,
         _NE.STAGE_SKIPPED: _N.STAGED,
+        _NE.SKIP: _N.SKIPPED,
     },
     _N.STAGED: {_NE.SWITCH: _N.SWITCHING, _NE.SKIP: _N.SKIPPED},
     _N.SWITCHING: {
@@ -343,10 +351,22 @@ class IllegalTransition(TerminalError):
         self.hint = hint
 
 
+def way_out(rollout: Rollout) -> str:
+    """The commands that go on from a halted or aborted rollout (the end of its reason)."""
+    back = (
+        f" or go back to http: tlsroll rollout rollback {rollout.id}"
+        if rollout.change is Change.ENABLE_TLS
+        else ""
+    )
+    return f"finish the nodes left: tlsroll rollout retry {rollout.id}{back}"
+
+
 def next_command(rollout: Rollout, action: RolloutAction) -> str:
     """What to run when ``action`` is not allowed in the rollout's state (one clause, the
     end of an ``IllegalTransition``); the one place that says it."""
     state = rollout.state
+    if state in (RolloutState.HALTED, RolloutState.ABORTED):
+        return f"it has ended: {way_out(rollout)}"
     if state in TERMINAL_ROLLOUT_STATES:
         back = (
             f" or take it back (tlsroll rollout rollback {rollout.id})"

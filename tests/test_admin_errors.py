@@ -16,7 +16,9 @@ from __future__ import annotations
 import ast
 import importlib
 import pkgutil
+import threading
 from collections.abc import Callable, Iterator
+from concurrent import futures
 from functools import partial
 from pathlib import Path
 from typing import Any
@@ -35,9 +37,10 @@ from leader.wire import CHANGE, FREEZE, ROLLOUT_ACTION, SCOPE_KIND
 from tests.cluster import Cluster, enrol, enrol_request
 from tests.conftest import next_loopback
 from tlsroll import password, pki
+from tlsroll.defaults import AGENT_PORT
 from tlsroll.errors import ConfigError, TerminalError, TlsrollError, TransientError
 from tlsroll.rpc import BASE_ERRORS, status_for
-from tlsroll.v1 import admin_pb2, leader_pb2, leader_pb2_grpc
+from tlsroll.v1 import admin_pb2, agent_pb2, agent_pb2_grpc, leader_pb2, leader_pb2_grpc
 from tlsroll.wire import WireError
 
 Code = grpc.StatusCode
@@ -51,10 +54,27 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         yield c
 
 
-class Node:
-    """An enrolled node without an agent: its key and certificate, for heartbeats."""
+class StubAgent(agent_pb2_grpc.NodeAgentServicer):
+    """Just enough of an agent for the leader's plan: it says it runs http, and its preflight
+    never answers (the rollout stays in preflight, up to the leader's step deadline)."""
 
-    def __init__(self, cluster: Cluster, name: str) -> None:
+    def __init__(self) -> None:
+        self.stop = threading.Event()
+
+    def GetStatus(self, request: Any, context: Any) -> agent_pb2.NodeStatus:
+        view = agent_pb2.ServerView(driver="stub", healthy=True, schemes=["http"])
+        return agent_pb2.NodeStatus(server=view)
+
+    def Preflight(self, request: Any, context: Any) -> agent_pb2.PreflightResponse:
+        self.stop.wait(60)
+        context.abort(grpc.StatusCode.UNAVAILABLE, "stub agent stopping")
+        raise AssertionError("unreachable")
+
+
+class Node:
+    """An enrolled node with a stub agent (mutual TLS with its own certificate)."""
+
+    def __init__(self, cluster: Cluster, name: str, *, agent: bool = True) -> None:
         self.cluster = cluster
         self.name = name
         key = pki.generate_key()
@@ -63,6 +83,23 @@ class Node:
         token = cluster.create_token(name, address)
         reply = enrol(cluster, enrol_request(token, name, address, key=key))
         self.cert_pem = reply.certificate_pem
+        self.stub = StubAgent()  # type: ignore[abstract]  # answers what the plan asks
+        self.server: grpc.Server | None = None
+        if agent:
+            self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+            agent_pb2_grpc.add_NodeAgentServicer_to_server(self.stub, self.server)
+            creds = grpc.ssl_server_credentials(
+                [(self.key_pem, self.cert_pem)],
+                root_certificates=cluster.ca_pem,
+                require_client_auth=True,
+            )
+            self.server.add_secure_port(f"{address}:{AGENT_PORT}", creds)
+            self.server.start()
+
+    def close(self) -> None:
+        self.stub.stop.set()
+        if self.server is not None:
+            self.server.stop(None)
 
     def heartbeat(self) -> None:
         with self.cluster.control_channel(self.cert_pem, self.key_pem) as channel:
@@ -107,7 +144,7 @@ def test_plan_and_start_error_paths(cluster: Cluster) -> None:
         assert (
             code_of(lambda: admin.PlanRollout(request(), timeout=10))[0] == Code.FAILED_PRECONDITION
         )
-        offline = Node(cluster, "offline1")  # enrolled, never a heartbeat
+        offline = Node(cluster, "offline1", agent=False)  # enrolled, never a heartbeat
         cases: list[tuple[admin_pb2.RolloutRequest, grpc.StatusCode, str]] = [
             (request(), Code.FAILED_PRECONDITION, "offline: offline1"),  # NodesOffline
             (request(scope=ScopeKind.NODES, nodes=["ghost"]), Code.INVALID_ARGUMENT, "ghost"),
@@ -125,6 +162,7 @@ def test_plan_and_start_error_paths(cluster: Cluster) -> None:
             got, details = code_of(partial(admin.PlanRollout, req, timeout=10))
             assert (got, words in details) == (code, True), (req, got, details)
         assert offline.name == "offline1"
+        offline.close()
 
         node = Node(cluster, "node1")
         node.heartbeat()
@@ -147,9 +185,9 @@ def test_plan_and_start_error_paths(cluster: Cluster) -> None:
                 Code.INVALID_ARGUMENT,
                 "not available",
             ),
-            (
+            (  # nothing to take back: a precondition, not a bad request
                 request(Change.DISABLE_TLS, scope=None),
-                Code.INVALID_ARGUMENT,
+                Code.FAILED_PRECONDITION,
                 "no enable-tls rollout",
             ),
         ]
@@ -158,6 +196,7 @@ def test_plan_and_start_error_paths(cluster: Cluster) -> None:
             assert (got, words in details) == (code, True), (req, got, details)
         bad = admin_pb2.SetPasswordRequest(auth_verifier_json="not json")
         assert code_of(lambda: admin.SetPassword(bad, timeout=10))[0] == Code.INVALID_ARGUMENT
+    node.close()
 
 
 def test_control_and_busy_error_paths(cluster: Cluster) -> None:
@@ -177,7 +216,7 @@ def test_control_and_busy_error_paths(cluster: Cluster) -> None:
 
         node.heartbeat()
         start = request(scope=ScopeKind.NODES, nodes=["busy1"], auth_verifier_json=VERIFIER)
-        view = admin.StartRollout(start, timeout=10)  # stays in preflight: no agent answers
+        view = admin.StartRollout(start, timeout=10)  # stays in preflight: the stub never answers
         node.heartbeat()
         got, details = code_of(lambda: admin.StartRollout(start, timeout=10))
         assert (got, view.id in details) == (Code.FAILED_PRECONDITION, True), details  # busy
@@ -193,6 +232,7 @@ def test_control_and_busy_error_paths(cluster: Cluster) -> None:
             True,
         ), details
         admin.ControlRollout(action(action=ROLLOUT_ACTION.wire(RolloutAction.ABORT)), timeout=10)
+    node.close()
 
 
 def test_the_most_specific_class_decides_whatever_the_order() -> None:

@@ -42,7 +42,14 @@ from structlog.testing import capture_logs
 from leader import changes
 from leader.agent_client import StepFailed
 from leader.commands import Commands, RolloutRequest
-from leader.engine import STEP_RETRY_SECONDS, TICK_SECONDS, Engine
+from leader.engine import (
+    MAX_RETRY_SECONDS,
+    STEP_DEADLINE,
+    STEP_RETRY_SECONDS,
+    TICK_SECONDS,
+    UNKNOWN,
+    Engine,
+)
 from leader.planner import PlanError
 from leader.rollout_core import (
     IN_FLIGHT_NODE_STATES,
@@ -671,13 +678,59 @@ async def test_a_refused_admin_action_ends_with_the_next_command_to_run(world: W
         line = await refused(leader, action, rid)
         assert f"rollout {rid}: event '{action.value}' is not allowed in state 'halted'" in line
         assert line.endswith(
-            "; it has ended: start a new rollout (tlsroll rollout start --scope …) "
-            f"or take it back (tlsroll rollout rollback {rid})"
+            f"; it has ended: finish the nodes left: tlsroll rollout retry {rid} "
+            f"or go back to http: tlsroll rollout rollback {rid}"
         ), line
     await leader.stop()
 
 
 # --- an agent that cannot be reached ----------------------------------------------------------
+
+
+async def test_a_preflight_without_answer_fails_after_the_step_deadline(world: World) -> None:
+    """Issue 16 #3: an agent that never answers its preflight no longer keeps the node in
+    `preflight` with an empty reason: after the deadline the node fails, saying since when the
+    agent is unreachable, and the rollout halts (failure budget 0)."""
+    world.agents["bravo"].unreachable = 10_000
+    leader = world.boot()
+    started = world.clock.monotonic()
+    await leader.start()
+    row = await leader.run()
+    assert row.rollout.state is R.HALTED
+    bravo = node(row.records, "bravo")
+    assert bravo.state is N.FAILED
+    assert bravo.reason.startswith("agent unreachable since ")
+    assert "no answer for 30 s" in bravo.reason
+    waited = world.clock.monotonic() - started
+    assert STEP_DEADLINE <= waited <= STEP_DEADLINE + MAX_RETRY_SECONDS + 2 * TICK_SECONDS
+    await leader.stop()
+
+
+async def test_a_switching_node_without_answer_shows_unknown_until_it_answers(
+    world: World,
+) -> None:
+    """A switch cannot fail for want of an answer (the node may be mid-transaction): its reason
+    says "unknown — agent unreachable since …" while the leader keeps asking, and the outcome
+    replaces it once the agent answers again."""
+    alpha = world.agents["alpha"]
+    switch = alpha.switch
+
+    async def switch_then_vanish(request: agent_pb2.SwitchRequest) -> agent_pb2.Transaction:
+        txn = await switch(request)
+        alpha.unreachable = 6  # the agent goes away right after it began the switch (~20 s)
+        alpha.switch = switch  # type: ignore[method-assign]  # once
+        return txn
+
+    alpha.switch = switch_then_vanish  # type: ignore[method-assign]
+    leader = world.boot()
+    await leader.start()
+    row = await leader.run(until=lambda row: node(row.records, "alpha").reason.startswith(UNKNOWN))
+    assert node(row.records, "alpha").state is N.SWITCHING
+    assert "keeps asking" in node(row.records, "alpha").reason
+    row = await leader.run()
+    assert row.rollout.state is R.COMPLETED
+    assert node(row.records, "alpha") == NodeRecord("alpha", N.DONE)
+    await leader.stop()
 
 
 async def test_an_unreachable_agent_defers_the_step_and_it_runs_again_later(world: World) -> None:

@@ -6,7 +6,10 @@ to the end. A real leader, agents and reference servers, with writes checked thr
 
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -23,13 +26,17 @@ from tlsroll.v1 import agent_pb2
 ENDED = ("completed", "halted", "aborted")
 
 
-@pytest.fixture
-def three(tmp_path: Path) -> Iterator[tuple[Cluster, list[Node]]]:
+@contextlib.contextmanager
+def three_nodes(root: Path, **leader: object) -> Iterator[tuple[Cluster, list[Node]]]:
+    """A leader (``leader``: keys for leader.toml) and node1 (the leader node), node2, node3,
+    each with its reference server, all online."""
     addresses = [next_loopback() for _ in range(3)]
-    cluster = Cluster(tmp_path / "cluster", addresses[0], heartbeat_interval=1)
-    nodes = [Node(cluster, f"node{i + 1}", a, tmp_path / f"n{i}") for i, a in enumerate(addresses)]
+    cluster = Cluster(root / "cluster", addresses[0], heartbeat_interval=1)
+    nodes = [Node(cluster, f"node{i + 1}", a, root / f"n{i}") for i, a in enumerate(addresses)]
     try:
         cluster.init("--node-name", "node1")
+        if leader:
+            cluster.write_leader_config(leader)
         cluster.start_leader()
         for node in nodes:
             node.start()
@@ -39,6 +46,12 @@ def three(tmp_path: Path) -> Iterator[tuple[Cluster, list[Node]]]:
         for node in nodes:
             node.close()
         cluster.close()
+
+
+@pytest.fixture
+def three(tmp_path: Path) -> Iterator[tuple[Cluster, list[Node]]]:
+    with three_nodes(tmp_path) as world:
+        yield world
 
 
 def newest(cluster: Cluster) -> dict[str, Any]:
@@ -171,3 +184,55 @@ def test_a_halted_rollout_is_retried_to_the_end(
     # Only a halted or aborted rollout is retried.
     again = cluster.cli("rollout", "retry")
     assert again.returncode == 1 and "only a halted or aborted rollout" in again.stderr
+
+
+def test_an_agent_that_stops_answering_neither_wedges_abort_nor_the_rollout(
+    tmp_path: Path,
+) -> None:
+    """Issue 16 #3 with a real agent stopped (SIGSTOP) after the start: an abort settles at
+    once (the node in preflight is skipped, nothing on it was touched), well within the
+    step deadline (20 s here); a retry while the agent is away is refused naming it, and
+    once it answers again the retry finishes the rollout."""
+    with three_nodes(tmp_path, step_deadline=20) as (cluster, nodes):
+        stopped_agent(cluster, nodes, tmp_path)
+
+
+def stopped_agent(cluster: Cluster, nodes: list[Node], tmp_path: Path) -> None:
+    node3 = nodes[2]
+    pw = password_file(tmp_path, "pw", "stopped-agent-password-for-practice")
+    assert node3.agent is not None
+
+    def node_state(name: str) -> str:
+        r = newest(cluster)
+        return str(next(n["state"] for n in r["nodes"] if n["name"] == name))
+
+    start = cluster.cli(
+        "rollout", "start", "--scope", "cluster", "--password-file", str(pw), "--yes"
+    )
+    assert start.returncode == 0, start.stderr
+    node3.agent.send_signal(signal.SIGSTOP)
+    try:
+        wait_until(lambda: node_state("node3") == "preflight", 60, "node3 in preflight")
+        aborted_at = time.monotonic()
+        abort = cluster.cli("rollout", "abort")
+        assert abort.returncode == 0, abort.stderr
+        r = wait_ended(cluster, "the abort")
+        assert r["state"] == "aborted"
+        assert time.monotonic() - aborted_at < 10  # not the agent's 20 s, nor its return
+        states = {n["name"]: n["state"] for n in r["nodes"]}
+        assert states == {"node2": "done", "node3": "skipped", "node1": "skipped"}
+
+        # Retried with the agent still stopped: refused at once, naming the node and why (the
+        # engine's step deadline for an agent that stops mid-step is tested in test_engine).
+        retried = cluster.cli("rollout", "retry", "--wait")
+        assert retried.returncode == 1, (retried.stdout, retried.stderr)
+        assert "node3" in retried.stderr and len(retried.stderr.strip().splitlines()) == 1
+        assert newest(cluster)["id"] == r["id"]
+    finally:
+        node3.agent.send_signal(signal.SIGCONT)
+
+    retried = cluster.cli("rollout", "retry", "--wait")
+    assert retried.returncode == 0, (retried.stdout, retried.stderr)
+    for node in nodes:
+        assert live(node).schemes == ["https"]
+        writes_work(node, "https", cluster.ca_pem)

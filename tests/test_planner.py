@@ -16,10 +16,12 @@ from leader.planner import (
     InconsistentRecords,
     NodeEventAction,
     NodesOffline,
+    NothingToDo,
     Plan,
     PlanError,
     StepAction,
     UnknownNodes,
+    Unreachable,
     apply_plan,
     decide_auth,
     next_actions,
@@ -41,6 +43,7 @@ from leader.rollout_core import (
     FreezeMode,
     IllegalTransition,
     NodeEvent,
+    NodeObservation,
     NodeRecord,
     NodeState,
     Rollout,
@@ -48,6 +51,7 @@ from leader.rollout_core import (
     RolloutState,
     Scope,
     Step,
+    already_done,
 )
 
 R, RE, N, NE = RolloutState, RolloutEvent, NodeState, NodeEvent
@@ -694,3 +698,103 @@ def test_enable_tls_runs_the_stage_step() -> None:
     plan = next_actions(rollout, [NodeRecord("a", NodeState.STAGING)])
     assert plan.nodes_with_event(NodeEvent.STAGE_SKIPPED) == ()
     assert plan.nodes_with_step(Step.STAGE) == ("a",)
+
+
+# --- issue 16: abort at once, plans from what nodes run ----------------------------------------
+
+
+def test_an_abort_skips_nodes_still_preflighting_or_staging_at_once() -> None:
+    """Issue 16 #3: an agent that does not answer its preflight must not keep the rollout in
+    `aborting`: a node whose live config nothing touched yet is skipped at once."""
+    eng = Engine.cluster(max_parallel=2)
+    eng.admin(RE.START)  # a and b in preflight
+    eng.succeed("a")  # a is staging; b's agent never answers
+    plan = eng.admin(RE.ABORT)
+    assert set(plan.nodes_with_event(NE.SKIP)) == {"a", "b", "c"}
+    assert eng.states() == {"a": N.SKIPPED, "b": N.SKIPPED, "c": N.SKIPPED}
+    assert eng.status() is R.ABORTED
+    assert not plan.steps  # nothing is asked of any agent any more
+
+
+def test_a_halt_still_lets_a_preflight_finish() -> None:
+    eng = Engine.cluster(max_parallel=2)
+    eng.admin(RE.START)
+    eng.outcome("b", NE.PREFLIGHT_FAILED, "port 8443 taken")
+    assert eng.node("a").state is N.PREFLIGHT  # halting: a's preflight runs to its end
+    assert eng.status() is R.HALTING
+
+
+def seen(*schemes: str, from_ca: bool = True, digest: str = "") -> NodeObservation:
+    return NodeObservation(True, "", tuple(schemes), from_ca, digest)
+
+
+def test_nodes_already_in_the_wanted_state_start_skipped_with_the_reason() -> None:
+    rollout, nodes = plan_rollout(
+        rollout_id="r2",
+        change=Change.ENABLE_TLS,
+        scope=Scope.cluster(),
+        enrolled=dict.fromkeys(["a", "b", "c"], True),
+        leader="c",
+        epoch=4,
+        observed={"a": seen("http"), "b": seen("https", from_ca=False), "c": seen("https")},
+    )
+    states = {n.name: (n.state, n.reason) for n in nodes}
+    assert states["a"] == (N.PENDING, "")
+    assert states["b"] == (N.PENDING, "")  # https with a certificate of another CA: switched
+    assert states["c"][0] is N.SKIPPED and states["c"][1].startswith("already done")
+    plan = next_actions(rollout.with_event(RE.START), nodes)
+    assert plan.nodes_with_event(NE.START) == ("a",)
+
+
+@pytest.mark.parametrize(
+    ("change", "observed", "target"),
+    [
+        (Change.ENABLE_TLS, seen("https"), ""),
+        (Change.DISABLE_TLS, seen("http"), ""),
+        (Change.CHANGE_PASSWORD, seen("https", digest="d2"), "d2"),
+    ],
+)
+def test_nothing_to_do_when_every_node_already_runs_it(
+    change: Change, observed: NodeObservation, target: str
+) -> None:
+    with pytest.raises(NothingToDo, match="already runs what"):
+        plan_rollout(
+            rollout_id="r3",
+            change=change,
+            scope=Scope.cluster(),
+            enrolled={"a": True},
+            leader="a",
+            epoch=1,
+            observed={"a": observed},
+            target_digest=target,
+        )
+
+
+def test_a_node_whose_agent_cannot_be_asked_blocks_the_plan_naming_why() -> None:
+    with pytest.raises(Unreachable, match=r"node b.*|b: connection refused") as info:
+        plan_rollout(
+            rollout_id="r4",
+            change=Change.ENABLE_TLS,
+            scope=Scope.cluster(),
+            enrolled={"a": True, "b": True},
+            leader="a",
+            epoch=1,
+            observed={"a": seen("http"), "b": NodeObservation(False, "connection refused")},
+        )
+    assert info.value.names == ("b",)
+    assert "b: connection refused" in str(info.value)
+
+
+def test_a_password_in_use_is_kept_never_replaced() -> None:
+    assert decide_auth(Change.ENABLE_TLS, False, 3, in_use=2) == AuthDecision(False, 2)
+    with pytest.raises(PlanError, match="already use auth password version 2"):
+        decide_auth(Change.ENABLE_TLS, True, 3, in_use=2)
+    assert decide_auth(Change.ENABLE_TLS, True, 0) == AuthDecision(True, 0)
+    assert decide_auth(Change.ENABLE_TLS, False, 3, keep=1) == AuthDecision(False, 1)
+
+
+def test_already_done_per_change() -> None:
+    assert already_done(Change.ENABLE_TLS, seen("http", "https")) is None  # dual: not done
+    assert already_done(Change.DISABLE_TLS, seen("https")) is None
+    assert already_done(Change.CHANGE_PASSWORD, seen("https", digest="d1"), "d2") is None
+    assert already_done(Change.CHANGE_PASSWORD, seen("https", digest="d1"), "") is None

@@ -55,6 +55,8 @@ ROLLOUT_ROWS = [
 NODE_ROWS = [
     (N.PENDING, NE.START, N.PREFLIGHT),
     (N.PENDING, NE.SKIP, N.SKIPPED),
+    (N.PREFLIGHT, NE.SKIP, N.SKIPPED),
+    (N.STAGING, NE.SKIP, N.SKIPPED),
     (N.PREFLIGHT, NE.PREFLIGHT_PASSED, N.STAGING),
     (N.PREFLIGHT, NE.PREFLIGHT_FAILED, N.FAILED),
     (N.STAGING, NE.STAGE_DONE, N.STAGED),
@@ -151,6 +153,8 @@ def test_an_admin_action_refused_ends_with_the_command_to_run(
     assert "tlsroll " in hint and "\n" not in hint
     takes_back = "tlsroll rollout rollback r1" in hint
     assert takes_back == (state in TERMINAL_ROLLOUT_STATES and change is Change.ENABLE_TLS)
+    retries = "tlsroll rollout retry r1" in hint
+    assert retries == (state in (RolloutState.HALTED, RolloutState.ABORTED))
 
 
 @pytest.mark.parametrize(("state", "event", "new"), NODE_ROWS)

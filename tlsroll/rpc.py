@@ -197,6 +197,18 @@ def check_port_free(target: str) -> None:
             raise TerminalError(f"cannot listen on {target}: {exc.strerror}") from None
 
 
+def reconnect_options(max_seconds: float) -> list[tuple[str, int]]:
+    """Channel options so that a peer that comes back is reached within ``max_seconds``
+    (gRPC's own reconnect backoff grows to 120 s: a restarted leader or agent would go
+    unnoticed that long)."""
+    top = max(int(max_seconds * 1000), 500)
+    return [
+        ("grpc.initial_reconnect_backoff_ms", min(500, top)),
+        ("grpc.min_reconnect_backoff_ms", min(500, top)),
+        ("grpc.max_reconnect_backoff_ms", top),
+    ]
+
+
 def bind(server: grpc.aio.Server, target: str, credentials: grpc.ServerCredentials | None) -> None:
     """Bind a port or fail with one clear line (grpc's own error is a bare RuntimeError)."""
     check_port_free(target)

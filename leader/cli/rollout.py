@@ -507,6 +507,16 @@ def rollout_status(leader: Leader, rollout_id: str, as_json: bool) -> None:
         )
         click.get_current_context().exit(EXIT_NEEDS_ATTENTION)
     if ROLLOUT_STATE.text(r.state) in (RolloutState.HALTED.value, RolloutState.ABORTED.value):
+        back = (
+            " (or go back to http: tlsroll rollout rollback)"
+            if CHANGE.text(r.change) == (Change.ENABLE_TLS.value)
+            else ""
+        )
+        click.echo(
+            f"tlsroll: rollout {r.id} {ROLLOUT_STATE.text(r.state)}; to finish the nodes it left: "
+            f"tlsroll rollout retry {r.id}{back}",
+            err=True,
+        )
         click.get_current_context().exit(EXIT_STOPPED)
 
 
