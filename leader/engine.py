@@ -107,6 +107,10 @@ class Engine:
         self.not_before: dict[StepKey, float] = {}
         self.renewed: dict[tuple[str, str], float] = {}  # scope freezes: last renewal
         self.step_deadline = step_deadline
+        # Scope freezes this process has seen an agent confirm: a switch under --freeze scope
+        # begins only when every frozen node's is, so a leader back after the lease ran out
+        # (the agents lifted their freezes) freezes them all again first.
+        self.confirmed: set[tuple[str, str]] = set()
         # A step that gets no (good) answer: since when (monotonic, wall) and how often.
         self.trouble: dict[StepKey, tuple[float, dt.datetime, int]] = {}
 
@@ -202,6 +206,14 @@ class Engine:
         task = self.tasks.get(key)
         if task is not None and not task.done():
             return
+        if step.step is Step.SWITCH and row.rollout.freeze is FreezeMode.SCOPE:
+            unconfirmed = [
+                r.name
+                for r in row.records
+                if r.scope_frozen and (row.rollout.id, r.name) not in self.confirmed
+            ]
+            if unconfirmed:  # _renew_freezes is freezing them again; the switch waits
+                return
         if self.monotonic() < self.not_before.get(key, 0.0):
             return
         # A node's FREEZE and UNFREEZE never run at once: its agent could get them in either
@@ -391,8 +403,10 @@ class Engine:
         confirmed unfreeze). The agent's reply carries no time: the leader's clock it is."""
         if frozen:  # the lease this process just set or renewed runs from now
             self.renewed[(rollout_id, step.node)] = self.monotonic()
+            self.confirmed.add((rollout_id, step.node))
         else:
             self.renewed.pop((rollout_id, step.node), None)
+            self.confirmed.discard((rollout_id, step.node))
         row = await self._save_node(
             rollout_id, step.node, lambda r: replace(r, scope_frozen=frozen)
         )

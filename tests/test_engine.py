@@ -1021,6 +1021,48 @@ async def test_a_restarted_leader_renews_the_scope_freeze_at_once(
     assert {a.name: a.lapsed for a in world.agents} == {a.name: 0 for a in world.agents}
 
 
+async def test_a_leader_back_after_the_lease_freezes_again_before_the_next_switch(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 16 #6: a leader away longer than the lease found the agents unfrozen (they lift a
+    freeze nobody renews) and went on switching. It freezes every node in scope again, and
+    no switch begins before each of them confirmed it."""
+    world = make_world(tmp_path, monkeypatch)
+    lease = 6
+    first = world.boot(freeze_lease=lease)
+    await first.start(freeze=FreezeMode.SCOPE)
+    # Down when charlie is staged: its switch is the next step of the plan.
+    await first.run(until=lambda r: node(r.records, "charlie").state is N.STAGED)
+    await first.crash()
+    world.clock.advance(lease * 2)
+    world.agents.expire_leases()
+    assert not any(a.frozen for a in world.agents)
+    for agent in world.agents:  # a freeze takes a while to reach the node
+
+        def slow(real: Any) -> Any:
+            async def freeze(request: agent_pb2.FreezeRequest) -> agent_pb2.FreezeResponse:
+                for _ in range(50):
+                    await asyncio.sleep(0)
+                return await real(request)
+
+            return freeze
+
+        agent.freeze = slow(agent.freeze)  # type: ignore[method-assign]
+    seen = len(world.agents.calls)
+    second = world.boot(freeze_lease=lease)
+    row = await second.run()
+    assert row.rollout.state is RolloutState.COMPLETED
+    calls = world.agents.calls[seen:]
+    first_switch = next(i for i, c in enumerate(calls) if c.method == "switch")
+    refrozen = {c.node for c in calls[:first_switch] if c.method == "freeze" and c.answer == "ok"}
+    assert refrozen == {"bravo", "charlie", "alpha"}
+    # Every switch after the restart ran with the whole scope frozen.
+    for c in calls:
+        if c.method == "switch":
+            assert c.frozen == frozenset({"bravo", "charlie", "alpha"}), c
+    await second.stop()
+
+
 async def test_an_error_reading_a_running_switch_is_not_its_outcome(world: World) -> None:
     """Found by review: a GetTransaction that failed (INTERNAL on a journal hiccup, say) was
     recorded as "rolled back" while the agent's switch went on to https. It is transient: the
