@@ -17,6 +17,7 @@ import grpc
 
 from leader.admin_socket import current_caller
 from leader.commands import Commands, RolloutRequest
+from leader.expiry import ExpiryWatch
 from leader.node_check import check_nodes
 from leader.rollout_core import Change, Scope, ScopeKind
 from leader.schema_store import NodeDetail, RolloutMeta, RolloutRow, SchemaStore
@@ -144,6 +145,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         *,
         grants: Grants | None = None,
         viewer_url: str = "",
+        expiry: ExpiryWatch | None = None,
         endpoints: Endpoints | None = None,
         agent_credentials: grpc.ChannelCredentials | None = None,
     ) -> None:
@@ -159,6 +161,14 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         self.leader_node = leader_node
         self.grants = grants or Grants(state.store.db)
         self.viewer_url = viewer_url
+        self.expiry = expiry or ExpiryWatch(
+            state.store,
+            schema,
+            state.ca.cert,
+            lambda: [],
+            state.clock,
+            agent_lifetime=state.agent_cert_lifetime,
+        )
 
     # --- rollouts -----------------------------------------------------------------------------
 
@@ -357,6 +367,12 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             token_id=n.token_id,
             highest_epoch=n.highest_epoch,
             removed_at=timestamp(n.removed_at),
+            cert_serial=n.cert_serial,
+            key_pin=n.key_pin,
+            cert_renewed_at=timestamp(n.cert_renewed_at),
+            renewal_due_at=timestamp(n.renewal_due_at),
+            renewal_failing_since=timestamp(n.renewal_failing_since),
+            renewal_error=n.renewal_error,
         )
 
     @map_errors(ERRORS)
@@ -466,6 +482,31 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             not_after=timestamp(ca.not_valid_after_utc),
             subject=ca.subject.rfc4514_string(),
         )
+
+    @map_errors(ERRORS)
+    async def CheckExpiration(
+        self, request: admin_pb2.CheckExpirationRequest, context: Ctx
+    ) -> admin_pb2.CheckExpirationResponse:
+        now = self.state.clock()
+        entries = await asyncio.to_thread(self.expiry.check)
+        reply = admin_pb2.CheckExpirationResponse(checked_at=timestamp(now))
+        for e in entries:
+            warning = e.warning(now)
+            reply.certificates.append(
+                admin_pb2.CertificateExpiry(
+                    kind=e.kind,
+                    subject=e.subject,
+                    serial=e.serial,
+                    fingerprint=e.fingerprint,
+                    not_after=timestamp(e.not_after),
+                    residual_seconds=int(e.residual(now).total_seconds()),
+                    horizon_seconds=int(e.horizon.total_seconds()),
+                    warning=warning,
+                    advice=e.advice if warning else "",
+                )
+            )
+            reply.warning |= warning
+        return reply
 
     # --- the web viewer's read-only grants ----------------------------------------------------
 

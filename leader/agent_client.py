@@ -154,7 +154,10 @@ class AgentClient:
 
 
 class AgentPool:
-    """One client per enrolled node, made on first use and again if its address changed."""
+    """One client per enrolled node, made on first use and again if its address or key
+    changed (an agent that renewed its certificate is dialled by its new key at once). The
+    client it replaces is closed only after ``CALL_TIMEOUT``: a call in flight on it ends as
+    it would have."""
 
     def __init__(
         self, store: Store, credentials: grpc.ChannelCredentials, trust_domain: str
@@ -163,6 +166,7 @@ class AgentPool:
         self.credentials = credentials
         self.trust_domain = trust_domain
         self.clients: dict[str, AgentClient] = {}
+        self._retiring: dict[AgentClient, asyncio.Task[None]] = {}
 
     async def get(self, name: str) -> AgentClient:
         node = await asyncio.to_thread(self.store.get_node, name)
@@ -173,12 +177,24 @@ class AgentPool:
             client.node.key_pin,
         ) != (node.addresses, node.agent_port, node.key_pin):
             if client is not None:
-                await client.close()
+                self._retire(client)
             client = AgentClient(node, self.credentials, self.trust_domain)
             self.clients[name] = client
         return client
 
+    def _retire(self, client: AgentClient) -> None:
+        async def close_later() -> None:
+            try:
+                await client.channel.close(CALL_TIMEOUT)
+            finally:
+                self._retiring.pop(client, None)
+
+        self._retiring[client] = asyncio.create_task(close_later(), name="retire-agent-client")
+
     async def close(self) -> None:
-        for client in self.clients.values():
-            await client.close()
+        for client in [*self.clients.values(), *self._retiring]:
+            await client.close()  # ends the grace of a retired one too
         self.clients.clear()
+        for task in list(self._retiring.values()):
+            task.cancel()
+        self._retiring.clear()

@@ -30,7 +30,7 @@ from typing import Any
 from leader.agent_client import AgentApi, StepFailed
 from leader.rollout_core import CHANGES, Change, FreezeMode, NodeEvent, Rollout
 from leader.schema_store import RolloutMeta, SchemaStore
-from leader.store import Store
+from leader.store import IssuedCert, Store
 from leader.wire import CHANGE, TXN_KIND, TXN_OUTCOME
 from tlsroll import httpcheck, logs, pki
 from tlsroll.enums import TxnKind, TxnOutcome
@@ -105,6 +105,22 @@ class ChangeSteps:
             csr = pki.load_csr_pem(csr_reply.csr_pem)
             expected = pki.Names.of(node.name, node.addresses, node.dns_names)
             cert = ctx.ca.sign_csr(csr, expected, server=True, client=False, now=ctx.clock())
+            # Recorded, so that `certs check-expiration` has its serial and `nodes remove`
+            # revokes it.
+            await asyncio.to_thread(
+                ctx.store.record_certificate,
+                IssuedCert(
+                    serial=f"{cert.serial_number:x}",
+                    kind="server",
+                    subject=node.name,
+                    node=node.name,
+                    fingerprint=pki.fingerprint(cert),
+                    issued_at=ctx.clock(),
+                    not_after=cert.not_valid_after_utc,
+                ),
+                actor="leader",
+                now=ctx.clock(),
+            )
             staged = await ctx.agent.stage(
                 agent_pb2.StageRequest(
                     command=ctx.command(),

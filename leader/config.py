@@ -13,6 +13,8 @@ from tlsroll import logs
 from tlsroll.config import ConfigFile
 from tlsroll.defaults import CONTROL_PORT, JOIN_PORT, VIEWER_PORT
 
+AGENT_CERT_LIFETIME = 30 * 86400  # seconds; see LeaderConfig.agent_cert_lifetime
+
 
 @dataclass(frozen=True)
 class LeaderConfig:
@@ -34,6 +36,15 @@ class LeaderConfig:
     # Failed enrolments one source (an IPv4 address, an IPv6 /64) may make on the join port
     # before it has to wait, doubling from 1 s (leader.join_guard).
     join_free_failures: int = 5
+    # How long an agent's own (mTLS) certificate lives, in seconds (default 30 days). Agents
+    # renew it by themselves at a jittered 70-90 % of that, so a short life costs nothing and
+    # bounds how long a stolen agent key is of use; 30 days leaves a node that is switched off
+    # for a few days (a holiday, a repair) room to come back and renew (a node offline past
+    # the end must enrol again). Tests set a minute.
+    agent_cert_lifetime: int = AGENT_CERT_LIFETIME
+    # Days before its end that a server, leader, viewer or workstation certificate is warned
+    # about (`tlsroll certs check-expiration`, the leader's log, the schema).
+    expiry_warning_days: int = 30
     # Seconds a preflight may go without an answer before the node fails with "agent
     # unreachable" (a stage: twice that); see leader.engine.
     step_deadline: int = 30
@@ -60,6 +71,10 @@ class LeaderConfig:
             viewer_port=s.integer("viewer_port", VIEWER_PORT, lo=0, hi=65535),
             metrics_token_file=s.path("metrics_token_file", None),
             join_free_failures=s.integer("join_free_failures", 5, lo=1, hi=1_000_000),
+            agent_cert_lifetime=s.integer(
+                "agent_cert_lifetime", AGENT_CERT_LIFETIME, lo=60, hi=397 * 86400
+            ),
+            expiry_warning_days=s.integer("expiry_warning_days", 30, lo=1, hi=365),
             step_deadline=s.integer("step_deadline", 30, lo=1, hi=3600),
             log_level=logs.config_level(s),
         )

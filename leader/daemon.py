@@ -29,6 +29,7 @@ from leader.commands import Commands
 from leader.config import LeaderConfig
 from leader.db import check_store, mark_store
 from leader.engine import Engine
+from leader.expiry import ExpiryWatch, own_certificates
 from leader.join_guard import GuardPolicy, JoinGuard
 from leader.layout import (
     check_secret_dirs,
@@ -115,6 +116,7 @@ def load_state(cfg: LeaderConfig) -> LeaderState:
         heartbeat_interval=cfg.heartbeat_interval,
         leader_names=names,
         leader_node=cfg.node_name,
+        agent_cert_lifetime=dt.timedelta(seconds=cfg.agent_cert_lifetime),
     )
 
 
@@ -166,6 +168,19 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         observe=functools.partial(observe, agents, ca=state.ca.cert),
     )
     viewer = Viewer.build(cfg, state, schema) if cfg.viewer_port else None
+    expiry = ExpiryWatch(
+        state.store,
+        schema,
+        state.ca.cert,
+        lambda: own_certificates(
+            [("leader", layout.tls_cert)] + ([("viewer", layout.viewer_cert)] if viewer else [])
+        ),
+        state.clock,
+        warning_days=cfg.expiry_warning_days,
+        agent_lifetime=state.agent_cert_lifetime,
+    )
+    if viewer is not None:
+        expiry.before_check.append(viewer.renew_if_due)  # renewed while the leader runs
     admin_pb2_grpc.add_AdminServicer_to_server(
         AdminService(
             state,
@@ -173,12 +188,15 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
             schema,
             cfg.node_name,
             viewer_url=viewer.url if viewer else "",
+            expiry=expiry,
             endpoints=Endpoints(cfg.address, cfg.join_port, cfg.control_port),
             agent_credentials=agent_credentials,
         ),
         admin,
     )
-    schema_pb2_grpc.add_SchemaViewServicer_to_server(SchemaViewService(schema, state.clock), admin)
+    schema_pb2_grpc.add_SchemaViewServicer_to_server(
+        SchemaViewService(schema, state.clock, expiry), admin
+    )
     await add_standard_services(
         admin, [_service(admin_pb2, "Admin"), _service(schema_pb2, "SchemaView")]
     )
@@ -215,6 +233,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     pinger = asyncio.create_task(watchdog(), name="watchdog")
     # The engine resumes an unfinished rollout from the store on its first pass.
     engine_task = asyncio.create_task(engine.run(stop), name="engine")
+    expiry_task = asyncio.create_task(expiry.run(stop), name="expiry-watch")
     await stop.wait()
     sd_notify("STOPPING=1")
     pinger.cancel()
@@ -224,6 +243,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     await asyncio.gather(*(s.stop(GRACE_SECONDS) for s in servers))
     await relay.stop()
     await engine_task
+    await expiry_task
     schema.close()
     state.store.close()
     log.info("leader.stopped")

@@ -185,12 +185,26 @@ CREATE TABLE meta (
 );
 """
 
+# Migration 6: agents renew their own certificates (issue 11). The certificate before the
+# current one is accepted from its agent until the agent has used the new one (a renewal whose
+# answer was lost can be asked again, and the switch-over is never a moment without an
+# accepted certificate); the agent reports when it means to renew and, while renewing fails,
+# since when and why.
+_V6 = """
+ALTER TABLE nodes ADD COLUMN prev_cert_fingerprint TEXT NOT NULL DEFAULT '';
+ALTER TABLE nodes ADD COLUMN cert_renewed_at TEXT;
+ALTER TABLE nodes ADD COLUMN renewal_due_at TEXT;
+ALTER TABLE nodes ADD COLUMN renewal_failing_since TEXT;
+ALTER TABLE nodes ADD COLUMN renewal_error TEXT NOT NULL DEFAULT '';
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     _V1,  # 0.1.0
     _V2,  # needs_attention
     _V3,  # viewer grants
     _V4,  # bootstrap failures
     _V5,  # bound tokens, certificates, removal, meta
+    _V6,  # agent certificate renewal
 )
 
 

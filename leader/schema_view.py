@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 from collections.abc import Callable, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 
@@ -18,6 +18,9 @@ from leader.wire import CHANGE, FREEZE, NODE_STATE, ROLLOUT_STATE, SCOPE_KIND, S
 from tlsroll.rpc import map_errors, not_found, timestamp
 from tlsroll.sqlite import from_text
 from tlsroll.v1 import schema_pb2, schema_pb2_grpc
+
+if TYPE_CHECKING:
+    from leader.expiry import ExpiryWatch
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
@@ -92,8 +95,12 @@ def schema_message(
     failures: Sequence[BootstrapFailureRow] = (),
     removed: Sequence[tuple[str, tuple[str, ...], dt.datetime]] = (),
     revoked: Sequence[Any] = (),
+    expiring: Sequence[Any] = (),
+    renewal_failures: Sequence[tuple[str, dt.datetime, str, dt.datetime]] = (),
 ) -> schema_pb2.Schema:
-    """The whole schema as ``GetSchema`` answers it (and ``schema show --json`` prints it)."""
+    """The whole schema as ``GetSchema`` answers it (and ``schema show --json`` prints it).
+    ``expiring``: ``leader.expiry.Expiry`` within their horizon; ``renewal_failures``: (node,
+    failing since, reason, its certificate's end)."""
     return schema_pb2.Schema(
         rollouts=[rollout_view(r, pending) for r in rows],
         generated_at=timestamp(now),
@@ -114,13 +121,38 @@ def schema_message(
             )
             for r in revoked
         ],
+        expiring_certificates=[
+            schema_pb2.ExpiringCertificateView(
+                kind=e.kind,
+                subject=e.subject,
+                serial=e.serial,
+                not_after=timestamp(e.not_after),
+                residual_seconds=int(e.residual(now).total_seconds()),
+            )
+            for e in expiring
+        ],
+        renewal_failures=[
+            schema_pb2.RenewalFailureView(
+                node=node,
+                failing_since=timestamp(since),
+                reason=reason,
+                cert_not_after=timestamp(not_after),
+            )
+            for node, since, reason, not_after in renewal_failures
+        ],
     )
 
 
 class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
-    def __init__(self, schema: SchemaStore, clock: Callable[[], dt.datetime]) -> None:
+    def __init__(
+        self,
+        schema: SchemaStore,
+        clock: Callable[[], dt.datetime],
+        expiry: ExpiryWatch | None = None,
+    ) -> None:
         self.schema = schema
         self.clock = clock
+        self.expiry = expiry
 
     @map_errors({})
     async def GetSchema(
@@ -138,4 +170,9 @@ class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
         now = self.clock()
         removed = await asyncio.to_thread(self.schema.removed_nodes)
         revoked = await asyncio.to_thread(self.schema.revoked_certificates, now)
-        return schema_message(rows, pending, now, failures, removed, revoked)
+        expiring: list[Any] = []
+        renewals: list[Any] = []
+        if self.expiry is not None:
+            expiring = await asyncio.to_thread(self.expiry.warnings)
+            renewals = await asyncio.to_thread(self.expiry.renewal_failures)
+        return schema_message(rows, pending, now, failures, removed, revoked, expiring, renewals)

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import grpc
+from cryptography import x509
 
 from leader import join_guard
 from leader.commands import NoRolloutYet, NoSuchRollout, NotRetriable
@@ -34,7 +35,9 @@ from leader.store import (
     NameTaken,
     NodeCert,
     NotFound,
+    RenewalReport,
     Store,
+    Superseded,
     TokenRejected,
     TooMany,
 )
@@ -76,6 +79,7 @@ ERRORS = {
     NameTaken: grpc.StatusCode.ALREADY_EXISTS,
     NotFound: grpc.StatusCode.NOT_FOUND,
     TooMany: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    Superseded: grpc.StatusCode.UNAUTHENTICATED,
 }
 
 """Most specific class wins (``tlsroll.rpc.status_for``): NodesOffline is a PlanError, and
@@ -101,6 +105,8 @@ class LeaderState:
     heartbeat_interval: int
     leader_names: pki.Names | None = None
     leader_node: str | None = None
+    # How long an agent's own certificate lives (``LeaderConfig.agent_cert_lifetime``).
+    agent_cert_lifetime: dt.timedelta = dt.timedelta(days=30)
     _crl: tuple[int, bytes] = (-1, b"")
     _crl_made: dt.datetime | None = None
 
@@ -182,6 +188,7 @@ class EnrolmentService(enrolment_pb2_grpc.EnrolmentServicer):
                 identity=spiffe.node(td, names.common_name),
                 internal_dns=[spiffe.key_host(td, key_pin)],
                 now=self.state.clock(),
+                lifetime=self.state.agent_cert_lifetime,
             )
             issued.append(cert)
             return NodeCert(
@@ -224,6 +231,26 @@ class EnrolmentService(enrolment_pb2_grpc.EnrolmentServicer):
 
 
 MAX_FAILURE_REPORTS = 64  # per heartbeat; the agent sends at most that many
+MAX_RENEWAL_ERROR = 200  # characters of the reason an agent gives for a failed renewal
+
+
+def renewal_report(request: leader_pb2.HeartbeatRequest, now: dt.datetime) -> RenewalReport:
+    """What an agent says about renewing its certificate, made safe to store and print (no
+    failure reported later than ``now``)."""
+    due = (
+        request.renewal_due_at.ToDatetime(tzinfo=dt.UTC)
+        if request.HasField("renewal_due_at")
+        else None
+    )
+    since = None
+    if request.HasField("renewal_failing_since"):
+        since = min(request.renewal_failing_since.ToDatetime(tzinfo=dt.UTC), now)
+    error = peertext.clean(request.renewal_error, MAX_RENEWAL_ERROR) if since else ""
+    return RenewalReport(
+        due_at=due, failing_since=since, error=error or ("failing" if since else "")
+    )
+
+
 MAX_FAILURE_COUNT = 1_000_000  # per source and report
 
 
@@ -258,9 +285,14 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         self.schema = SchemaStore(state.store.db)
 
     async def _caller(self, context: Ctx) -> str:
-        """The enrolled node calling: its certificate names a node of this cluster (not the
-        leader, not a workstation), and it is the very certificate on record for that node,
-        which is not removed (so a revoked or superseded certificate is refused)."""
+        name, _ = await self._caller_cert(context)
+        return name
+
+    async def _caller_cert(self, context: Ctx) -> tuple[str, x509.Certificate]:
+        """The enrolled node calling, and its certificate: it names a node of this cluster
+        (not the leader, not a workstation), and it is the very certificate on record for that
+        node, which is not removed (so a revoked or superseded certificate is refused) — or,
+        right after a renewal and until the agent has used the new one, the one before it."""
         cert = peer_certificate(context)
         if cert is None:
             raise unauthenticated("no client certificate")
@@ -274,15 +306,17 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             node = await asyncio.to_thread(self.state.store.get_node, name)
         except NotFound:
             raise unauthenticated(f"{name!r} is not an enrolled node (removed?)") from None
-        if pki.fingerprint(cert) != node.cert_fingerprint:
+        presented = pki.fingerprint(cert)
+        accepted = {node.cert_fingerprint, node.prev_cert_fingerprint} - {""}
+        if presented not in accepted:
             raise unauthenticated(f"certificate is not the one on record for node {name!r}")
-        return name
+        return name, cert
 
     @map_errors(ERRORS)
     async def Heartbeat(
         self, request: leader_pb2.HeartbeatRequest, context: Ctx
     ) -> leader_pb2.HeartbeatResponse:
-        name = await self._caller(context)
+        name, cert = await self._caller_cert(context)
         now = self.state.clock()
         await asyncio.to_thread(
             self.state.store.heartbeat,
@@ -290,6 +324,8 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             peertext.clean(request.agent_version, MAX_AGENT_VERSION),
             now=now,
             highest_epoch=min(request.highest_epoch, 2**62),
+            cert_fingerprint=pki.fingerprint(cert),
+            renewal=renewal_report(request, now),
         )
         failures = failure_rows(name, request.bootstrap_failures, now)
         if failures:
@@ -351,3 +387,61 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             raise
         log.info("workstation.enrolled", node=node, workstation=cn)
         return leader_pb2.SignWorkstationResponse(certificate_pem=pki.cert_to_pem(issued[0]))
+
+    @map_errors(ERRORS)
+    async def RenewNodeCertificate(
+        self, request: leader_pb2.RenewNodeCertificateRequest, context: Ctx
+    ) -> leader_pb2.RenewNodeCertificateResponse:
+        """An agent renews its own certificate, proving who it is with the certificate it
+        holds: a CSR for a new key naming exactly the node's names on record; the new
+        certificate carries the node's identity and the new key's internal name. The leader
+        then dials the agent by the new key (``leader.agent_client.AgentPool``), and accepts
+        the old certificate only until the agent has used the new one."""
+        name, cert = await self._caller_cert(context)
+        node = await asyncio.to_thread(self.state.store.get_node, name)
+        csr = pki.load_csr_pem(request.csr_pem)
+        names = pki.Names.of(node.name, node.addresses, node.dns_names)
+        public_key = pki.check_csr(csr, names)
+        key_pin = pki.spki_pin(public_key)
+        if key_pin == pki.spki_pin(cert):
+            raise invalid("a renewal needs a new key; this CSR has the key of the current one")
+        td = self.state.trust_domain
+        now = self.state.clock()
+        issued: list[Any] = []
+
+        def issue() -> NodeCert:
+            new = self.state.ca.issue(
+                public_key,
+                names,
+                server=True,
+                client=True,
+                identity=spiffe.node(td, name),
+                internal_dns=[spiffe.key_host(td, key_pin)],
+                now=now,
+                lifetime=self.state.agent_cert_lifetime,
+            )
+            issued.append(new)
+            return NodeCert(
+                key_pin=key_pin,
+                fingerprint=pki.fingerprint(new),
+                serial=f"{new.serial_number:x}",
+                not_after=new.not_valid_after_utc,
+            )
+
+        recorded = await asyncio.to_thread(
+            self.state.store.renew_node_certificate,
+            name,
+            presented=pki.fingerprint(cert),
+            key_pin=key_pin,
+            issue=issue,
+            now=now,
+        )
+        log.info(
+            "node.certificate_renewed",
+            node=name,
+            serial=recorded.serial,
+            not_after=recorded.not_after.isoformat(),
+        )
+        return leader_pb2.RenewNodeCertificateResponse(
+            certificate_pem=pki.cert_to_pem(issued[0]), not_after=timestamp(recorded.not_after)
+        )

@@ -42,9 +42,25 @@ class TooMany(TerminalError):
     """A node asked for more than it may (workstation certificates per hour)."""
 
 
+class Superseded(TerminalError):
+    """A node's certificate is neither the one on record nor the one before it."""
+
+
+@dataclass(frozen=True)
+class RenewalReport:
+    """What an agent says about renewing its certificate, with its heartbeat."""
+
+    due_at: dt.datetime | None = None
+    failing_since: dt.datetime | None = None
+    error: str = ""
+
+
 # Workstation certificates a node's bootstrap service may ask for, per hour: a practice has
 # tens of PCs; a node that asks for more is broken or not ours any more.
 WORKSTATION_CERTS_PER_HOUR = 30
+# Certificates of its own a node may renew, per hour: an agent renews once in weeks (tests: every
+# minute or two); one that asks more often is broken or not ours any more.
+NODE_CERTS_PER_HOUR = 30
 
 
 def hash_secret(secret: str) -> str:
@@ -82,6 +98,12 @@ class Node:
     token_id: str = ""
     removed_at: dt.datetime | None = None
     highest_epoch: int = 0
+    # The certificate before ``cert_fingerprint``, accepted until the agent uses the new one.
+    prev_cert_fingerprint: str = ""
+    cert_renewed_at: dt.datetime | None = None
+    renewal_due_at: dt.datetime | None = None
+    renewal_failing_since: dt.datetime | None = None
+    renewal_error: str = ""
 
 
 @dataclass(frozen=True)
@@ -314,14 +336,115 @@ class Store(LeaderStore):
         return _node(row)
 
     def heartbeat(
-        self, name: str, agent_version: str, *, now: dt.datetime, highest_epoch: int = 0
+        self,
+        name: str,
+        agent_version: str,
+        *,
+        now: dt.datetime,
+        highest_epoch: int = 0,
+        cert_fingerprint: str = "",
+        renewal: RenewalReport | None = None,
     ) -> None:
+        """Record a heartbeat. A heartbeat with the certificate on record (``cert_fingerprint``)
+        shows the agent has switched to it: the one before it is accepted no more."""
         with self._db.tx() as db:
             db.execute(
                 "UPDATE nodes SET last_heartbeat = ?, agent_version = ?,"
                 " highest_epoch = MAX(highest_epoch, ?) WHERE name = ? AND removed_at IS NULL",
                 (to_text(now), agent_version, highest_epoch, name),
             )
+            if renewal is not None:
+                db.execute(
+                    "UPDATE nodes SET renewal_due_at = ?, renewal_failing_since = ?,"
+                    " renewal_error = ? WHERE name = ? AND removed_at IS NULL",
+                    (
+                        to_text(renewal.due_at) if renewal.due_at else None,
+                        to_text(renewal.failing_since) if renewal.failing_since else None,
+                        renewal.error,
+                        name,
+                    ),
+                )
+            if cert_fingerprint:
+                cur = db.execute(
+                    "UPDATE nodes SET prev_cert_fingerprint = '' WHERE name = ?"
+                    " AND removed_at IS NULL AND cert_fingerprint = ?"
+                    " AND prev_cert_fingerprint != ''",
+                    (name, cert_fingerprint),
+                )
+                if cur.rowcount:
+                    self._audit(
+                        db,
+                        now,
+                        f"node:{name}",
+                        "node.certificate_switched",
+                        name,
+                        cert_fingerprint=cert_fingerprint,
+                    )
+
+    def renew_node_certificate(
+        self,
+        name: str,
+        *,
+        presented: str,
+        key_pin: str,
+        issue: Callable[[], NodeCert],
+        now: dt.datetime,
+    ) -> NodeCert:
+        """Record a renewed certificate for node ``name``, which called with the certificate
+        whose fingerprint is ``presented``: the one on record (which becomes the one before
+        it) or the one before it (a renewal asked again: that stays the one before). Anything
+        else is Superseded. ``issue`` signs, inside the transaction. The old certificate is
+        not revoked: the leader accepts it no more once the agent has used the new one, and
+        it dials the agent by the new key (see ``leader.agent_client``)."""
+        with self._db.tx() as db:
+            row = db.execute(
+                "SELECT * FROM nodes WHERE name = ? AND removed_at IS NULL", (name,)
+            ).fetchone()
+            if row is None:
+                raise NotFound(f"no enrolled node named {name!r}")
+            current, prev = row["cert_fingerprint"], row["prev_cert_fingerprint"]
+            if presented not in {current, prev} - {""}:
+                raise Superseded(f"certificate is not the one on record for node {name!r}")
+            keep = current if presented == current else prev
+            since = to_text(now - dt.timedelta(hours=1))
+            (recent,) = db.execute(
+                "SELECT COUNT(*) FROM certificates WHERE kind = 'node' AND node = ?"
+                " AND issued_at > ?",
+                (name, since),
+            ).fetchone()
+            if recent >= NODE_CERTS_PER_HOUR:
+                raise TooMany(
+                    f"node {name!r} had {recent} certificates issued in the last hour "
+                    f"(at most {NODE_CERTS_PER_HOUR})"
+                )
+            cert = issue()
+            db.execute(
+                "UPDATE nodes SET key_pin = ?, cert_fingerprint = ?, cert_serial = ?,"
+                " cert_not_after = ?, cert_renewed_at = ?, prev_cert_fingerprint = ?,"
+                " renewal_failing_since = NULL, renewal_error = '' WHERE name = ?",
+                (
+                    key_pin,
+                    cert.fingerprint,
+                    cert.serial,
+                    to_text(cert.not_after),
+                    to_text(now),
+                    keep,
+                    name,
+                ),
+            )
+            _record_cert(db, cert.serial, "node", name, name, cert.fingerprint, now, cert.not_after)
+            self._audit(
+                db,
+                now,
+                f"node:{name}",
+                "node.certificate_renewed",
+                name,
+                serial=cert.serial,
+                cert_fingerprint=cert.fingerprint,
+                previous=row["cert_serial"],
+                key_pin=key_pin,
+            )
+        return cert
 
     def remove_node(self, name: str, *, now: dt.datetime, actor: str) -> tuple[Node, list[str]]:
         """Remove node ``name``: revoke every certificate issued to or for it, free its names
@@ -642,4 +765,9 @@ def _node(row: sqlite3.Row) -> Node:
         token_id=row["token_id"],
         removed_at=from_text(row["removed_at"]),
         highest_epoch=row["highest_epoch"],
+        prev_cert_fingerprint=row["prev_cert_fingerprint"],
+        cert_renewed_at=from_text(row["cert_renewed_at"]),
+        renewal_due_at=from_text(row["renewal_due_at"]),
+        renewal_failing_since=from_text(row["renewal_failing_since"]),
+        renewal_error=row["renewal_error"],
     )

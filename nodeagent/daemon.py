@@ -17,6 +17,7 @@ import contextlib
 import datetime as dt
 import sqlite3
 import sys
+from collections.abc import Awaitable
 from pathlib import Path
 
 import grpc
@@ -33,6 +34,7 @@ from nodeagent.drivers import make_driver
 from nodeagent.identity import Identity, enrol, load_identity, paths
 from nodeagent.journal import open_journal
 from nodeagent.leader_link import LeaderLink
+from nodeagent.renewal import Renewer, ServerCredentials
 from nodeagent.service import NodeAgentService
 from nodeagent.transaction import Runner, TransactionDied
 from nodeagent.trust import LeaderTrust
@@ -89,25 +91,32 @@ async def serve(cfg: AgentConfig, *, reinitialise: bool = False) -> None:
     if runner is not None:
         runner.on_complete = bootstrap.sync
     await bootstrap.sync()
-    creds = grpc.ssl_server_credentials(
-        [(identity.key_pem, identity.cert_pem)],
-        root_certificates=identity.ca_pem,
-        require_client_auth=True,
-    )
+    # Hot-reloaded: a renewed certificate is served to new connections at once.
+    creds = ServerCredentials(identity)
     # gRPC sets SO_REUSEPORT by default: a second agent would then share the port silently.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
     trust = LeaderTrust.load(identity.ca, cfg.data_dir)
     link = LeaderLink(cfg, identity, trust, journal, bootstrap.failures)
     trust.refresh = link.beat  # an epoch the agent has not heard of: ask the leader now
     service = NodeAgentService(cfg, identity, journal, driver, runner, now, trust)
+
+    def renewed(new: Identity) -> Awaitable[None]:
+        creds.update(new)
+        service.identity = new
+        bootstrap.identity = new
+        return link.use(new)
+
+    renewer = Renewer(cfg, identity, link, clock=now, on_renewed=[renewed])
+    link.renewal = lambda: renewer.status
     agent_pb2_grpc.add_NodeAgentServicer_to_server(service, server)
     await add_standard_services(
         server, [agent_pb2.DESCRIPTOR.services_by_name["NodeAgent"].full_name]
     )
     for address in cfg.addresses:
-        bind(server, hostport(address, cfg.port), creds)
+        bind(server, hostport(address, cfg.port), creds.for_listener())
     await server.start()
     beats = asyncio.create_task(link.run(), name="heartbeats")
+    renewals = asyncio.create_task(renewer.run(), name="renewal")
     lease_watch = asyncio.create_task(service.watch_freeze_lease(), name="freeze-lease")
     log.info(
         "agent.started",
@@ -126,7 +135,7 @@ async def serve(cfg: AgentConfig, *, reinitialise: bool = False) -> None:
     sd_notify("STOPPING=1")
     pinger.cancel()
     log.info("agent.stopping", grace_seconds=GRACE_SECONDS)
-    for task in (beats, lease_watch):
+    for task in (beats, lease_watch, renewals):
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task

@@ -6,11 +6,18 @@ and that CA issued the leader's certificate; then enrol over TLS verified agains
 the join token and a CSR. Later starts: load and check what is on disk.
 
     DATA/node.key   0600      DATA/node.pem   the node certificate      DATA/ca.pem  the CA
+
+A renewal (``nodeagent.renewal``) keeps its new key in ``DATA/node.key.new`` and certificate
+in ``DATA/node.pem.new`` until it moves them into place; ``load_identity`` first completes one
+that a crash cut short (``finish_pending``). A certificate past its end is refused with one
+line saying how to enrol the node again (``expired_message``).
 """
 
 from __future__ import annotations
 
 import _ssl
+import datetime as dt
+import os
 import socket
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +28,7 @@ from cryptography import x509
 from nodeagent.config import AgentConfig
 from tlsroll import __version__, logs, pki, spiffe, tls
 from tlsroll.errors import PKIError, PKIReason, TerminalError, TransientError
-from tlsroll.fsutil import check_private_file, make_private_dir
+from tlsroll.fsutil import check_private_file, fsync_dir, make_private_dir
 from tlsroll.rpc import hostport
 from tlsroll.v1 import enrolment_pb2, enrolment_pb2_grpc
 
@@ -33,6 +40,10 @@ TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
 
 class EnrolmentRefused(TerminalError):
     pass
+
+
+class CertificateExpired(TerminalError):
+    """The node's certificate has ended: it cannot renew, only enrol again."""
 
 
 @dataclass(frozen=True)
@@ -60,9 +71,12 @@ def paths(data_dir: Path) -> tuple[Path, Path, Path]:
     return data_dir / "node.key", data_dir / "node.pem", data_dir / "ca.pem"
 
 
-def load_identity(cfg: AgentConfig) -> Identity | None:
-    """The identity on disk, checked; None if the node has not enrolled yet."""
+def load_identity(cfg: AgentConfig, now: dt.datetime | None = None) -> Identity | None:
+    """The identity on disk, checked; None if the node has not enrolled yet;
+    CertificateExpired if its certificate has ended (at ``now``)."""
     key_file, cert_file, ca_file = paths(cfg.data_dir)
+    if cfg.data_dir.exists():
+        finish_pending(cfg.data_dir)
     if key_file.exists():
         check_private_file(key_file)
     if not (key_file.exists() and cert_file.exists() and ca_file.exists()):
@@ -72,7 +86,7 @@ def load_identity(cfg: AgentConfig) -> Identity | None:
     ca = pki.read_cert(ca_file)
     if pki.spki_pin(ca) != cfg.ca_pin:
         raise PKIError(PKIReason.PIN_MISMATCH, f"{ca_file} is not the CA of [leader].ca_pin")
-    _check_issued(cert, key, ca, cfg.names)
+    check_issued(cert, key, ca, cfg.names)
     if spiffe.of(cert) != spiffe.node(spiffe.trust_domain(ca), cfg.node_name):
         raise TerminalError(
             f"{cert_file} carries no cluster identity for node {cfg.node_name!r} (issued by an "
@@ -80,10 +94,12 @@ def load_identity(cfg: AgentConfig) -> Identity | None:
             f"{cfg.node_name}` and `tlsroll token create --node {cfg.node_name} --address …`, "
             f"then move {cert_file} aside and give this agent the new token"
         )
+    if (now or pki.utcnow()) >= cert.not_valid_after_utc:
+        raise CertificateExpired(expired_message(cfg, cert.not_valid_after_utc))
     return Identity(key_file, cert_file, ca_file, cert, ca)
 
 
-def _check_issued(
+def check_issued(
     cert: x509.Certificate, key: pki.PrivateKey, ca: x509.Certificate, names: pki.Names
 ) -> None:
     if not pki.issued_by(cert, ca):
@@ -178,7 +194,7 @@ def enrol(cfg: AgentConfig, timeout: float = 10.0) -> Identity:
     got_ca = pki.load_cert_pem(reply.ca_certificate_pem)
     if pki.spki_pin(got_ca) != cfg.ca_pin:
         raise PKIError(PKIReason.PIN_MISMATCH, "CA in the enrolment answer")
-    _check_issued(cert, key, got_ca, cfg.names)
+    check_issued(cert, key, got_ca, cfg.names)
     pki.write_cert(ca_file, got_ca)
     pki.write_cert(cert_file, cert)
     log.info(
@@ -188,3 +204,56 @@ def enrol(cfg: AgentConfig, timeout: float = 10.0) -> Identity:
         not_after=cert.not_valid_after_utc.isoformat(),
     )
     return Identity(key_file, cert_file, ca_file, cert, got_ca)
+
+
+def expired_message(cfg: AgentConfig, not_after: dt.datetime) -> str:
+    return (
+        f"node certificate {paths(cfg.data_dir)[1]} expired {not_after:%Y-%m-%d %H:%M:%S} UTC "
+        "(the node was offline past its end, so it cannot renew it): enrol it again — on the "
+        f"leader `tlsroll nodes remove {cfg.node_name}` and `tlsroll token create --node "
+        f"{cfg.node_name} " + " ".join(f"--address {a}" for a in cfg.addresses) + "`, then "
+        f"move {paths(cfg.data_dir)[1]} aside and give this agent the new token"
+    )
+
+
+# --- files ------------------------------------------------------------------------------------
+
+
+def pending_paths(data_dir: Path) -> tuple[Path, Path]:
+    """Where a renewal keeps the new key and certificate until it moves them into place."""
+    key_file, cert_file, _ = paths(data_dir)
+    return key_file.with_name(key_file.name + ".new"), cert_file.with_name(cert_file.name + ".new")
+
+
+def finish_pending(data_dir: Path) -> bool:
+    """Complete a renewal a crash cut short (see the module docstring); True if a new key is
+    still waiting for its certificate (renew at once)."""
+    key_file, cert_file, _ = paths(data_dir)
+    new_key, new_cert = pending_paths(data_dir)
+    if new_cert.exists():
+        try:
+            cert = pki.read_cert(new_cert)
+            if new_key.exists() and pki.key_matches(cert, pki.read_key(new_key)):
+                os.replace(new_key, key_file)
+                os.replace(new_cert, cert_file)
+            elif key_file.exists() and pki.key_matches(cert, pki.read_key(key_file)):
+                os.replace(new_cert, cert_file)  # the key had been moved already
+            else:
+                new_cert.unlink()
+        except PKIError as exc:
+            log.warning("renewal.pending_discarded", path=str(new_cert), error=str(exc))
+            new_cert.unlink()
+        fsync_dir(data_dir)
+        log.info("renewal.completed_after_restart", node_cert=str(cert_file))
+    return new_key.exists()
+
+
+def install_renewed(data_dir: Path, cert: x509.Certificate) -> None:
+    """Move a renewal's new key and certificate into place: the certificate written beside
+    the new key, then the key moved, then the certificate (see ``finish_pending``)."""
+    key_file, cert_file, _ = paths(data_dir)
+    new_key, new_cert = pending_paths(data_dir)
+    pki.write_cert(new_cert, cert)
+    os.replace(new_key, key_file)
+    os.replace(new_cert, cert_file)
+    fsync_dir(data_dir)

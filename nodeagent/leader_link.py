@@ -10,6 +10,10 @@ hold the leader's address. Each heartbeat reports the agent's version, the highe
 journal has seen and the number of its revocation list, and carries the failed bootstrap
 passwords since the last one; the reply announces the leader's epoch and, when newer, the
 revocation list (both go to ``nodeagent.trust``).
+
+The link also carries the agent's certificate renewal (``renew``; ``nodeagent.renewal``) and
+the renewal's status in each heartbeat; ``use`` reconnects it with the renewed certificate
+(between two calls: a call in flight finishes on the old channel first).
 """
 
 from __future__ import annotations
@@ -17,6 +21,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+from collections.abc import Callable
+from typing import Protocol
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -27,8 +33,8 @@ from nodeagent.identity import Identity
 from nodeagent.journal import Journal
 from nodeagent.trust import LeaderTrust
 from tlsroll import __version__, logs, spiffe
-from tlsroll.errors import TransientError
-from tlsroll.rpc import hostport
+from tlsroll.errors import TlsrollError, TransientError
+from tlsroll.rpc import hostport, reconnect_options
 from tlsroll.v1 import leader_pb2, leader_pb2_grpc
 
 log = logs.get_logger(__name__)
@@ -48,6 +54,26 @@ def failure_messages(sent: list[FailureCount]) -> list[leader_pb2.BootstrapFailu
     return messages
 
 
+class RenewalState(Protocol):
+    """What a heartbeat says about renewal (``nodeagent.renewal.Status``)."""
+
+    due_at: dt.datetime | None
+    failing_since: dt.datetime | None
+    error: str
+
+
+class RenewalRefused(TlsrollError):
+    """The leader did not renew the agent's certificate; the message says why."""
+
+
+def _ts(when: dt.datetime | None) -> Timestamp | None:
+    if when is None:
+        return None
+    stamp = Timestamp()
+    stamp.FromDatetime(when)
+    return stamp
+
+
 class LeaderLink:
     def __init__(
         self,
@@ -61,20 +87,57 @@ class LeaderLink:
         self.trust = trust
         self.journal = journal
         self.failures = failures
+        self.target = hostport(cfg.leader_address, cfg.control_port)
+        self.channel, self.stub = self._connect(identity)
+        self.healthy: bool | None = None
+        self.renewal: Callable[[], RenewalState] | None = None
+        self._lock = asyncio.Lock()
+
+    def _connect(
+        self, identity: Identity
+    ) -> tuple[grpc.aio.Channel, leader_pb2_grpc.LeaderAsyncStub]:
         creds = grpc.ssl_channel_credentials(
             root_certificates=identity.ca_pem,
             private_key=identity.key_pem,
             certificate_chain=identity.cert_pem,
         )
-        self.target = hostport(cfg.leader_address, cfg.control_port)
-        self.channel = grpc.aio.secure_channel(
+        channel = grpc.aio.secure_channel(
             self.target,
             creds,
-            options=[("grpc.ssl_target_name_override", spiffe.leader_host(trust.trust_domain))],
+            options=[
+                ("grpc.ssl_target_name_override", spiffe.leader_host(self.trust.trust_domain)),
+                # A restarted leader hears from this agent within a heartbeat interval.
+                *reconnect_options(self.cfg.heartbeat_interval),
+            ],
         )
-        self.stub = leader_pb2_grpc.LeaderStub(self.channel)
-        self.healthy: bool | None = None
-        self._lock = asyncio.Lock()
+        return channel, leader_pb2_grpc.LeaderStub(channel)
+
+    async def use(self, identity: Identity) -> None:
+        """Call the leader with ``identity`` (a renewed certificate) from now on."""
+        async with self._lock:
+            old = self.channel
+            self.channel, self.stub = self._connect(identity)
+        await old.close(None)
+
+    async def renew(self, csr_pem: bytes) -> bytes:
+        """Ask the leader to renew this agent's certificate; the new certificate (PEM).
+        TransientError when the leader did not answer, RenewalRefused when it said no."""
+        async with self._lock:
+            try:
+                reply = await self.stub.RenewNodeCertificate(
+                    leader_pb2.RenewNodeCertificateRequest(csr_pem=csr_pem),
+                    timeout=max(self.cfg.heartbeat_interval, 15),
+                )
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() in (
+                    grpc.StatusCode.UNAVAILABLE,
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                ):
+                    raise TransientError(f"renewal at {self.target}: {exc.details()}") from None
+                raise RenewalRefused(
+                    f"the leader refused the renewal: {exc.details()} ({exc.code().name})"
+                ) from None
+        return bytes(reply.certificate_pem)
 
     async def beat(self) -> None:
         """One heartbeat; TransientError if the leader did not answer."""
@@ -83,17 +146,22 @@ class LeaderLink:
             sent.FromDatetime(dt.datetime.now(dt.UTC))
             report = self.failures.pending() if self.failures is not None else []
             highest = await asyncio.to_thread(self.journal.highest_epoch)
+            request = leader_pb2.HeartbeatRequest(
+                agent_version=__version__,
+                sent_at=sent,
+                bootstrap_failures=failure_messages(report),
+                highest_epoch=highest,
+                crl_number=self.trust.crl_number,
+            )
+            if self.renewal is not None:
+                state = self.renewal()
+                if (due := _ts(state.due_at)) is not None:
+                    request.renewal_due_at.CopyFrom(due)
+                if (since := _ts(state.failing_since)) is not None:
+                    request.renewal_failing_since.CopyFrom(since)
+                    request.renewal_error = state.error[:200]
             try:
-                reply = await self.stub.Heartbeat(
-                    leader_pb2.HeartbeatRequest(
-                        agent_version=__version__,
-                        sent_at=sent,
-                        bootstrap_failures=failure_messages(report),
-                        highest_epoch=highest,
-                        crl_number=self.trust.crl_number,
-                    ),
-                    timeout=self.cfg.heartbeat_interval,
-                )
+                reply = await self.stub.Heartbeat(request, timeout=self.cfg.heartbeat_interval)
             except grpc.aio.AioRpcError as exc:
                 if self.healthy is not False:
                     log.warning(

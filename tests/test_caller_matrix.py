@@ -66,12 +66,14 @@ AGENT_EXPECTED = {
     "revoked": dict.fromkeys(AGENT_REQUESTS, UNAUTH),
 }
 
-LEADER_METHODS = ("Heartbeat", "SignWorkstationCertificate")
-# Leader: only enrolled nodes, each as itself (node2 is as much "a node" as node1).
+LEADER_METHODS = ("Heartbeat", "SignWorkstationCertificate", "RenewNodeCertificate")
+# Leader: only enrolled nodes, each as itself (node2 is as much "a node" as node1); a node that
+# passes gets the method's answer (a renewal with a CSR that is none: INVALID_ARGUMENT).
+NODE_GETS = dict.fromkeys(LEADER_METHODS, OK) | {"RenewNodeCertificate": INVALID}
 LEADER_EXPECTED = {
     "leader": dict.fromkeys(LEADER_METHODS, DENIED),
-    "node": dict.fromkeys(LEADER_METHODS, OK),
-    "other_node": dict.fromkeys(LEADER_METHODS, OK),
+    "node": NODE_GETS,
+    "other_node": NODE_GETS,
     "workstation": dict.fromkeys(LEADER_METHODS, DENIED),
     "no_cert": dict.fromkeys(LEADER_METHODS, NO_TLS),
     "foreign_ca": dict.fromkeys(LEADER_METHODS, NO_TLS),
@@ -216,6 +218,7 @@ def test_leader_service(world: tuple[Cluster, dict[str, Creds]], caller: str) ->
         "SignWorkstationCertificate": leader_pb2.SignWorkstationRequest(
             csr_pem=pki.csr_to_pem(csr)
         ),
+        "RenewNodeCertificate": leader_pb2.RenewNodeCertificateRequest(csr_pem=b"not a CSR"),
     }
     got = {m: call(channel, invoker(leader_pb2_grpc.LeaderStub, m, r)) for m, r in requests.items()}
     assert got == LEADER_EXPECTED[caller]

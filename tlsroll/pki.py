@@ -32,6 +32,7 @@ PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
 LEAF_VALIDITY_DAYS = 397  # under Apple's 398 (public CAs) and 825 (private CAs)
 CA_VALIDITY_DAYS = 3650
 BACKDATE = dt.timedelta(hours=1)  # tolerate clocks that lag the CA's
+MIN_LIFETIME = dt.timedelta(minutes=1)  # the shortest leaf (tests of renewal use it)
 NODE_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
 # The leader's certificate is "tlsroll-leader" and workstations' are "ws-…": no node may
 # take a name that could be mistaken for either.
@@ -425,12 +426,18 @@ class CertificateAuthority:
         now: dt.datetime | None = None,
         identity: spiffe.Identity | None = None,
         internal_dns: Sequence[str] = (),
+        lifetime: dt.timedelta | None = None,
     ) -> x509.Certificate:
         """Issue a leaf certificate for ``public_key`` carrying exactly ``names``, and with
         ``identity`` its cluster identity (URI SAN) and ``internal_dns`` its names under
-        ``.invalid`` (see ``tlsroll.spiffe``)."""
-        if not 1 <= validity_days <= LEAF_VALIDITY_DAYS:
-            raise ValueError(f"validity must be 1..{LEAF_VALIDITY_DAYS} days")
+        ``.invalid`` (see ``tlsroll.spiffe``). ``lifetime`` (from now; at least a minute, for
+        tests of renewal) replaces ``validity_days``."""
+        if lifetime is None:
+            if not 1 <= validity_days <= LEAF_VALIDITY_DAYS:
+                raise ValueError(f"validity must be 1..{LEAF_VALIDITY_DAYS} days")
+            lifetime = dt.timedelta(days=validity_days)
+        if not MIN_LIFETIME <= lifetime <= dt.timedelta(days=LEAF_VALIDITY_DAYS):
+            raise ValueError(f"lifetime must be {MIN_LIFETIME}..{LEAF_VALIDITY_DAYS} days")
         if not (names.ips or names.dns):
             raise ValueError("a certificate needs at least one IP address or DNS name")
         now = now or utcnow()
@@ -447,7 +454,7 @@ class CertificateAuthority:
             .public_key(public_key)
             .serial_number(x509.random_serial_number())  # 159 random bits
             .not_valid_before(now - BACKDATE)
-            .not_valid_after(now + dt.timedelta(days=validity_days))
+            .not_valid_after(now + lifetime)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(

@@ -26,6 +26,7 @@ from leader.cli.base import (
     pass_leader,
     to_dict,
 )
+from leader.cli.certs import certs
 from leader.cli.identity import epoch, nodes, workstations
 from leader.cli.notify_cmd import notify
 from leader.cli.password import password_group
@@ -324,3 +325,4 @@ admin.add_command(schema)
 admin.add_command(password_group)
 admin.add_command(notify)
 admin.add_command(viewer)
+admin.add_command(certs)

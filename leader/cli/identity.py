@@ -62,7 +62,9 @@ def nodes(
     if as_json:
         emit_json([to_dict(n) for n in reply.nodes])
         return
-    table = Table("node", "addresses", "state", "agent", "last heartbeat", "cert expires")
+    table = Table(
+        "node", "addresses", "state", "agent", "last heartbeat", "cert expires", "renewal"
+    )
     for n in reply.nodes:
         if n.HasField("removed_at"):
             state = Text(f"removed {fmt_time(n, 'removed_at')}", style="dim")
@@ -77,8 +79,20 @@ def nodes(
             peertext.clean(n.agent_version, 64),
             fmt_time(n, "last_heartbeat"),
             fmt_time(n, "cert_not_after"),
+            _renewal(n),
         )
     out.print(table)
+
+
+def _renewal(n: admin_pb2.NodeInfo) -> Text:
+    """The agent's certificate renewal: failing (since when, why), or when it is due."""
+    if n.HasField("renewal_failing_since"):
+        reason = peertext.clean(n.renewal_error, 200)
+        since = fmt_time(n, "renewal_failing_since")
+        return Text(f"renewal failing since {since}: {reason}", style="red")
+    if n.HasField("renewal_due_at"):
+        return Text(f"due {fmt_time(n, 'renewal_due_at')}")
+    return Text("-")
 
 
 def _check_nodes(ctx: click.Context, leader: Leader, as_json: bool, timeout: int) -> None:

@@ -7,14 +7,21 @@
 
 The listener serves on the leader's address only, with the viewer's own certificate from the
 cluster CA (``leader.viewer.certificate``) and the TLS settings every tlsroll listener uses.
+``renew_if_due`` (the daemon calls it with every check of the expiry watch) issues a new
+certificate when the old one is due and loads it into the listener's context: new connections
+get it, open ones keep theirs, no restart.
 """
 
 from __future__ import annotations
 
 import asyncio
+import ssl
+from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
 from aiohttp import web
+from cryptography import x509
 
 from leader.config import LeaderConfig
 from leader.schema_store import SchemaStore
@@ -51,13 +58,23 @@ def read_scrape_token(cfg: LeaderConfig) -> str | None:
 
 class Viewer:
     def __init__(
-        self, app: ViewerApp, address: str, port: int, tls_files: tuple[Path, Path]
+        self,
+        app: ViewerApp,
+        address: str,
+        port: int,
+        tls_files: tuple[Path, Path],
+        ensure: Callable[[], x509.Certificate] | None = None,
     ) -> None:
+        """``ensure`` gives the certificate to serve, issuing a new one when it is due
+        (``leader.viewer.certificate.ensure`` with the leader's CA and names)."""
         self.app = app
         self.address = address
         self.port = port
         self.tls_files = tls_files
+        self.ensure = ensure
         self._runner: web.AppRunner | None = None
+        self._context: ssl.SSLContext | None = None
+        self.serving: x509.Certificate | None = None
 
     @property
     def url(self) -> str:
@@ -66,7 +83,11 @@ class Viewer:
     @classmethod
     def build(cls, cfg: LeaderConfig, state: LeaderState, schema: SchemaStore) -> Viewer:
         layout = cfg.layout
-        cert = certificate.ensure(layout, state.ca, cfg.address, cfg.dns_names, state.clock())
+
+        def ensure() -> x509.Certificate:
+            return certificate.ensure(layout, state.ca, cfg.address, cfg.dns_names, state.clock())
+
+        cert = ensure()
         reader = Reader(
             state.store,
             schema,
@@ -87,10 +108,37 @@ class Viewer:
             closing=asyncio.Event(),
         )
         files = (layout.viewer_cert, layout.viewer_key)
-        return cls(app, cfg.address, cfg.viewer_port, files)
+        viewer = cls(app, cfg.address, cfg.viewer_port, files, ensure)
+        viewer.serving = cert
+        return viewer
+
+    def renew_if_due(self) -> bool:
+        """Issue and serve a new certificate if the one served is due (see the module's
+        docstring); True if it did. On the event loop: the context is the listener's."""
+        if self.ensure is None or self._context is None:
+            return False
+        cert = self.ensure()
+        if self.serving is not None and cert == self.serving:
+            return False
+        self._context.load_cert_chain(*self.tls_files)
+        self.serving = cert
+        reader = self.app.reader
+        reader.own_certs = tuple(
+            c
+            if c.kind != "viewer"
+            else replace(c, fingerprint=pki.fingerprint(cert), not_after=cert.not_valid_after_utc)
+            for c in reader.own_certs
+        )
+        log.info(
+            "viewer.certificate_reloaded",
+            fingerprint=pki.fingerprint(cert),
+            not_after=cert.not_valid_after_utc.isoformat(),
+        )
+        return True
 
     async def start(self) -> None:
         context = tls.server_context(*self.tls_files)
+        self._context = context
         runner = web.AppRunner(self.app.make(), access_log=None, shutdown_timeout=SHUTDOWN_SECONDS)
         await runner.setup()
         try:

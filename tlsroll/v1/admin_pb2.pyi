@@ -740,6 +740,12 @@ class NodeInfo(_message.Message):
     TOKEN_ID_FIELD_NUMBER: _builtins.int
     HIGHEST_EPOCH_FIELD_NUMBER: _builtins.int
     REMOVED_AT_FIELD_NUMBER: _builtins.int
+    CERT_SERIAL_FIELD_NUMBER: _builtins.int
+    KEY_PIN_FIELD_NUMBER: _builtins.int
+    CERT_RENEWED_AT_FIELD_NUMBER: _builtins.int
+    RENEWAL_DUE_AT_FIELD_NUMBER: _builtins.int
+    RENEWAL_FAILING_SINCE_FIELD_NUMBER: _builtins.int
+    RENEWAL_ERROR_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     agent_version: _builtins.str
     agent_port: _builtins.int
@@ -751,6 +757,10 @@ class NodeInfo(_message.Message):
     """The join token that enrolled it."""
     highest_epoch: _builtins.int
     """The highest rollout epoch the agent reports having seen."""
+    cert_serial: _builtins.str
+    """The agent's certificate: its serial (hex) and key pin, as on record."""
+    key_pin: _builtins.str
+    renewal_error: _builtins.str
     @_builtins.property
     def addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -763,6 +773,18 @@ class NodeInfo(_message.Message):
     def cert_not_after(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
     def removed_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def cert_renewed_at(self) -> _timestamp_pb2.Timestamp:
+        """When the agent last renewed its certificate, and when it means to next (it says so with
+        its heartbeats).
+        """
+
+    @_builtins.property
+    def renewal_due_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def renewal_failing_since(self) -> _timestamp_pb2.Timestamp:
+        """Set while the agent's renewals fail: since when, and the last reason."""
+
     def __init__(
         self,
         *,
@@ -780,10 +802,16 @@ class NodeInfo(_message.Message):
         token_id: _builtins.str = ...,
         highest_epoch: _builtins.int = ...,
         removed_at: _timestamp_pb2.Timestamp | None = ...,
+        cert_serial: _builtins.str = ...,
+        key_pin: _builtins.str = ...,
+        cert_renewed_at: _timestamp_pb2.Timestamp | None = ...,
+        renewal_due_at: _timestamp_pb2.Timestamp | None = ...,
+        renewal_failing_since: _timestamp_pb2.Timestamp | None = ...,
+        renewal_error: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cert_not_after", b"cert_not_after", "enrolled_at", b"enrolled_at", "last_heartbeat", b"last_heartbeat", "removed_at", b"removed_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cert_not_after", b"cert_not_after", "cert_renewed_at", b"cert_renewed_at", "enrolled_at", b"enrolled_at", "last_heartbeat", b"last_heartbeat", "removed_at", b"removed_at", "renewal_due_at", b"renewal_due_at", "renewal_failing_since", b"renewal_failing_since"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "agent_port", b"agent_port", "agent_version", b"agent_version", "cert_fingerprint", b"cert_fingerprint", "cert_not_after", b"cert_not_after", "dns_names", b"dns_names", "enrolled_at", b"enrolled_at", "highest_epoch", b"highest_epoch", "identity", b"identity", "last_heartbeat", b"last_heartbeat", "name", b"name", "online", b"online", "removed_at", b"removed_at", "token_id", b"token_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "agent_port", b"agent_port", "agent_version", b"agent_version", "cert_fingerprint", b"cert_fingerprint", "cert_not_after", b"cert_not_after", "cert_renewed_at", b"cert_renewed_at", "cert_serial", b"cert_serial", "dns_names", b"dns_names", "enrolled_at", b"enrolled_at", "highest_epoch", b"highest_epoch", "identity", b"identity", "key_pin", b"key_pin", "last_heartbeat", b"last_heartbeat", "name", b"name", "online", b"online", "removed_at", b"removed_at", "renewal_due_at", b"renewal_due_at", "renewal_error", b"renewal_error", "renewal_failing_since", b"renewal_failing_since", "token_id", b"token_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1057,6 +1085,98 @@ class ListNodesResponse(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___ListNodesResponse: _TypeAlias = ListNodesResponse  # noqa: Y015
+
+@_typing.final
+class CheckExpirationRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckExpirationRequest: _TypeAlias = CheckExpirationRequest  # noqa: Y015
+
+@_typing.final
+class CertificateExpiry(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    SERIAL_FIELD_NUMBER: _builtins.int
+    FINGERPRINT_FIELD_NUMBER: _builtins.int
+    NOT_AFTER_FIELD_NUMBER: _builtins.int
+    RESIDUAL_SECONDS_FIELD_NUMBER: _builtins.int
+    HORIZON_SECONDS_FIELD_NUMBER: _builtins.int
+    WARNING_FIELD_NUMBER: _builtins.int
+    ADVICE_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """ca | leader | viewer | agent | server | workstation"""
+    subject: _builtins.str
+    """The node's or workstation's name; empty for the leader's own certificates."""
+    serial: _builtins.str
+    fingerprint: _builtins.str
+    residual_seconds: _builtins.int
+    """Seconds until it expires (negative: expired)."""
+    horizon_seconds: _builtins.int
+    """The warning horizon for it, in seconds: within it, `warning` is set."""
+    warning: _builtins.bool
+    advice: _builtins.str
+    """What to do about it, when `warning` is set."""
+    @_builtins.property
+    def not_after(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        subject: _builtins.str = ...,
+        serial: _builtins.str = ...,
+        fingerprint: _builtins.str = ...,
+        not_after: _timestamp_pb2.Timestamp | None = ...,
+        residual_seconds: _builtins.int = ...,
+        horizon_seconds: _builtins.int = ...,
+        warning: _builtins.bool = ...,
+        advice: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["not_after", b"not_after"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["advice", b"advice", "fingerprint", b"fingerprint", "horizon_seconds", b"horizon_seconds", "kind", b"kind", "not_after", b"not_after", "residual_seconds", b"residual_seconds", "serial", b"serial", "subject", b"subject", "warning", b"warning"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CertificateExpiry: _TypeAlias = CertificateExpiry  # noqa: Y015
+
+@_typing.final
+class CheckExpirationResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CERTIFICATES_FIELD_NUMBER: _builtins.int
+    CHECKED_AT_FIELD_NUMBER: _builtins.int
+    WARNING_FIELD_NUMBER: _builtins.int
+    warning: _builtins.bool
+    """True when any certificate is within its warning horizon (or expired)."""
+    @_builtins.property
+    def certificates(self) -> _containers.RepeatedCompositeFieldContainer[Global___CertificateExpiry]: ...
+    @_builtins.property
+    def checked_at(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        certificates: _abc.Iterable[Global___CertificateExpiry] | None = ...,
+        checked_at: _timestamp_pb2.Timestamp | None = ...,
+        warning: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checked_at", b"checked_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificates", b"certificates", "checked_at", b"checked_at", "warning", b"warning"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckExpirationResponse: _TypeAlias = CheckExpirationResponse  # noqa: Y015
 
 @_typing.final
 class GetCARequest(_message.Message):

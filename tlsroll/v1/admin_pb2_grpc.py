@@ -85,6 +85,11 @@ class AdminStub:
                 request_serializer=tlsroll_dot_v1_dot_admin__pb2.GetCARequest.SerializeToString,
                 response_deserializer=tlsroll_dot_v1_dot_admin__pb2.GetCAResponse.FromString,
                 _registered_method=True)
+        self.CheckExpiration = channel.unary_unary(
+                '/tlsroll.v1.Admin/CheckExpiration',
+                request_serializer=tlsroll_dot_v1_dot_admin__pb2.CheckExpirationRequest.SerializeToString,
+                response_deserializer=tlsroll_dot_v1_dot_admin__pb2.CheckExpirationResponse.FromString,
+                _registered_method=True)
         self.CheckNodes = channel.unary_unary(
                 '/tlsroll.v1.Admin/CheckNodes',
                 request_serializer=tlsroll_dot_v1_dot_admin__pb2.CheckNodesRequest.SerializeToString,
@@ -205,6 +210,15 @@ class AdminServicer:
 
     def GetCA(self, request, context):
         """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def CheckExpiration(self, request, context):
+        """Every certificate in use with its residual time: the CA, the leader's, the viewer's, each
+        agent's, each node's server (8443) certificate as the rollouts recorded it and every
+        unrevoked workstation certificate. Reads no key.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -345,6 +359,11 @@ def add_AdminServicer_to_server(servicer, server):
                     servicer.GetCA,
                     request_deserializer=tlsroll_dot_v1_dot_admin__pb2.GetCARequest.FromString,
                     response_serializer=tlsroll_dot_v1_dot_admin__pb2.GetCAResponse.SerializeToString,
+            ),
+            'CheckExpiration': grpc.unary_unary_rpc_method_handler(
+                    servicer.CheckExpiration,
+                    request_deserializer=tlsroll_dot_v1_dot_admin__pb2.CheckExpirationRequest.FromString,
+                    response_serializer=tlsroll_dot_v1_dot_admin__pb2.CheckExpirationResponse.SerializeToString,
             ),
             'CheckNodes': grpc.unary_unary_rpc_method_handler(
                     servicer.CheckNodes,
@@ -667,6 +686,33 @@ class Admin:
             '/tlsroll.v1.Admin/GetCA',
             tlsroll_dot_v1_dot_admin__pb2.GetCARequest.SerializeToString,
             tlsroll_dot_v1_dot_admin__pb2.GetCAResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CheckExpiration(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tlsroll.v1.Admin/CheckExpiration',
+            tlsroll_dot_v1_dot_admin__pb2.CheckExpirationRequest.SerializeToString,
+            tlsroll_dot_v1_dot_admin__pb2.CheckExpirationResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -57,6 +57,11 @@ class AdminStub:
     from backup, or a node that saw an epoch no rollout of this leader had). Audited.
     """
     GetCA: _grpc.UnaryUnaryMultiCallable[_admin_pb2.GetCARequest, _admin_pb2.GetCAResponse]
+    CheckExpiration: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CheckExpirationRequest, _admin_pb2.CheckExpirationResponse]
+    """Every certificate in use with its residual time: the CA, the leader's, the viewer's, each
+    agent's, each node's server (8443) certificate as the rollouts recorded it and every
+    unrevoked workstation certificate. Reads no key.
+    """
     CheckNodes: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CheckNodesRequest, _admin_pb2.CheckNodesResponse]
     """Ask every enrolled node's agent for its standard gRPC health (grpc.health.v1.Health/Check
     on the NodeAgent port, mutual TLS with the leader's certificate, the node's key name as
@@ -123,6 +128,11 @@ class AdminAsyncStub(AdminStub):
     from backup, or a node that saw an epoch no rollout of this leader had). Audited.
     """
     GetCA: _aio.UnaryUnaryMultiCallable[_admin_pb2.GetCARequest, _admin_pb2.GetCAResponse]  # type: ignore[assignment]
+    CheckExpiration: _aio.UnaryUnaryMultiCallable[_admin_pb2.CheckExpirationRequest, _admin_pb2.CheckExpirationResponse]  # type: ignore[assignment]
+    """Every certificate in use with its residual time: the CA, the leader's, the viewer's, each
+    agent's, each node's server (8443) certificate as the rollouts recorded it and every
+    unrevoked workstation certificate. Reads no key.
+    """
     CheckNodes: _aio.UnaryUnaryMultiCallable[_admin_pb2.CheckNodesRequest, _admin_pb2.CheckNodesResponse]  # type: ignore[assignment]
     """Ask every enrolled node's agent for its standard gRPC health (grpc.health.v1.Health/Check
     on the NodeAgent port, mutual TLS with the leader's certificate, the node's key name as
@@ -246,6 +256,17 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.GetCARequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.GetCAResponse, _abc.Awaitable[_admin_pb2.GetCAResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def CheckExpiration(
+        self,
+        request: _admin_pb2.CheckExpirationRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_admin_pb2.CheckExpirationResponse, _abc.Awaitable[_admin_pb2.CheckExpirationResponse]]:
+        """Every certificate in use with its residual time: the CA, the leader's, the viewer's, each
+        agent's, each node's server (8443) certificate as the rollouts recorded it and every
+        unrevoked workstation certificate. Reads no key.
+        """
 
     @_abc_1.abstractmethod
     def CheckNodes(

@@ -24,6 +24,48 @@ else:
 DESCRIPTOR: _descriptor.FileDescriptor
 
 @_typing.final
+class RenewNodeCertificateRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CSR_PEM_FIELD_NUMBER: _builtins.int
+    csr_pem: _builtins.bytes
+    def __init__(
+        self,
+        *,
+        csr_pem: _builtins.bytes = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["csr_pem", b"csr_pem"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewNodeCertificateRequest: _TypeAlias = RenewNodeCertificateRequest  # noqa: Y015
+
+@_typing.final
+class RenewNodeCertificateResponse(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CERTIFICATE_PEM_FIELD_NUMBER: _builtins.int
+    NOT_AFTER_FIELD_NUMBER: _builtins.int
+    certificate_pem: _builtins.bytes
+    @_builtins.property
+    def not_after(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        certificate_pem: _builtins.bytes = ...,
+        not_after: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["not_after", b"not_after"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_pem", b"certificate_pem", "not_after", b"not_after"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewNodeCertificateResponse: _TypeAlias = RenewNodeCertificateResponse  # noqa: Y015
+
+@_typing.final
 class SignWorkstationRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -70,11 +112,15 @@ class HeartbeatRequest(_message.Message):
     BOOTSTRAP_FAILURES_FIELD_NUMBER: _builtins.int
     HIGHEST_EPOCH_FIELD_NUMBER: _builtins.int
     CRL_NUMBER_FIELD_NUMBER: _builtins.int
+    RENEWAL_DUE_AT_FIELD_NUMBER: _builtins.int
+    RENEWAL_FAILING_SINCE_FIELD_NUMBER: _builtins.int
+    RENEWAL_ERROR_FIELD_NUMBER: _builtins.int
     agent_version: _builtins.str
     highest_epoch: _builtins.int
     """The highest rollout epoch this agent has seen (commands with a lower one are refused)."""
     crl_number: _builtins.int
     """The number of the newest revocation list the agent holds (0: none)."""
+    renewal_error: _builtins.str
     @_builtins.property
     def sent_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -82,6 +128,14 @@ class HeartbeatRequest(_message.Message):
         """Wrong passwords at the node's bootstrap service since the last accepted heartbeat, per
         source address (the agent keeps them until the leader has taken them). At most 64.
         """
+
+    @_builtins.property
+    def renewal_due_at(self) -> _timestamp_pb2.Timestamp:
+        """When the agent means to renew its certificate (a jittered 70-90 % of its life)."""
+
+    @_builtins.property
+    def renewal_failing_since(self) -> _timestamp_pb2.Timestamp:
+        """Set while renewing fails: since when, and the last reason (at most 200 characters)."""
 
     def __init__(
         self,
@@ -91,10 +145,13 @@ class HeartbeatRequest(_message.Message):
         bootstrap_failures: _abc.Iterable[Global___BootstrapFailure] | None = ...,
         highest_epoch: _builtins.int = ...,
         crl_number: _builtins.int = ...,
+        renewal_due_at: _timestamp_pb2.Timestamp | None = ...,
+        renewal_failing_since: _timestamp_pb2.Timestamp | None = ...,
+        renewal_error: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["sent_at", b"sent_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["renewal_due_at", b"renewal_due_at", "renewal_failing_since", b"renewal_failing_since", "sent_at", b"sent_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "bootstrap_failures", b"bootstrap_failures", "crl_number", b"crl_number", "highest_epoch", b"highest_epoch", "sent_at", b"sent_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "bootstrap_failures", b"bootstrap_failures", "crl_number", b"crl_number", "highest_epoch", b"highest_epoch", "renewal_due_at", b"renewal_due_at", "renewal_error", b"renewal_error", "renewal_failing_since", b"renewal_failing_since", "sent_at", b"sent_at"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

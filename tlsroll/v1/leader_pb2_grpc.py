@@ -44,6 +44,11 @@ class LeaderStub:
                 request_serializer=tlsroll_dot_v1_dot_leader__pb2.SignWorkstationRequest.SerializeToString,
                 response_deserializer=tlsroll_dot_v1_dot_leader__pb2.SignWorkstationResponse.FromString,
                 _registered_method=True)
+        self.RenewNodeCertificate = channel.unary_unary(
+                '/tlsroll.v1.Leader/RenewNodeCertificate',
+                request_serializer=tlsroll_dot_v1_dot_leader__pb2.RenewNodeCertificateRequest.SerializeToString,
+                response_deserializer=tlsroll_dot_v1_dot_leader__pb2.RenewNodeCertificateResponse.FromString,
+                _registered_method=True)
 
 
 class LeaderServicer:
@@ -65,6 +70,17 @@ class LeaderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RenewNodeCertificate(self, request, context):
+        """Renew the calling agent's own certificate: a CSR for a new key made on the node, naming
+        exactly the node's names on record. The caller is authenticated by its current
+        certificate (or, until it has used the new one, by the one before it: a renewal whose
+        answer was lost can be asked again). INVALID_ARGUMENT: the CSR's names or key are not
+        what the node may hold.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LeaderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -77,6 +93,11 @@ def add_LeaderServicer_to_server(servicer, server):
                     servicer.SignWorkstationCertificate,
                     request_deserializer=tlsroll_dot_v1_dot_leader__pb2.SignWorkstationRequest.FromString,
                     response_serializer=tlsroll_dot_v1_dot_leader__pb2.SignWorkstationResponse.SerializeToString,
+            ),
+            'RenewNodeCertificate': grpc.unary_unary_rpc_method_handler(
+                    servicer.RenewNodeCertificate,
+                    request_deserializer=tlsroll_dot_v1_dot_leader__pb2.RenewNodeCertificateRequest.FromString,
+                    response_serializer=tlsroll_dot_v1_dot_leader__pb2.RenewNodeCertificateResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -133,6 +154,33 @@ class Leader:
             '/tlsroll.v1.Leader/SignWorkstationCertificate',
             tlsroll_dot_v1_dot_leader__pb2.SignWorkstationRequest.SerializeToString,
             tlsroll_dot_v1_dot_leader__pb2.SignWorkstationResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RenewNodeCertificate(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tlsroll.v1.Leader/RenewNodeCertificate',
+            tlsroll_dot_v1_dot_leader__pb2.RenewNodeCertificateRequest.SerializeToString,
+            tlsroll_dot_v1_dot_leader__pb2.RenewNodeCertificateResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -43,6 +43,13 @@ class LeaderStub:
     """Sign a workstation's client certificate for the node's bootstrap service, which has
     checked the workstation's password proof. INVALID_ARGUMENT: not a workstation CSR.
     """
+    RenewNodeCertificate: _grpc.UnaryUnaryMultiCallable[_leader_pb2.RenewNodeCertificateRequest, _leader_pb2.RenewNodeCertificateResponse]
+    """Renew the calling agent's own certificate: a CSR for a new key made on the node, naming
+    exactly the node's names on record. The caller is authenticated by its current
+    certificate (or, until it has used the new one, by the one before it: a renewal whose
+    answer was lost can be asked again). INVALID_ARGUMENT: the CSR's names or key are not
+    what the node may hold.
+    """
 
 @_typing.type_check_only
 class LeaderAsyncStub(LeaderStub):
@@ -54,6 +61,13 @@ class LeaderAsyncStub(LeaderStub):
     SignWorkstationCertificate: _aio.UnaryUnaryMultiCallable[_leader_pb2.SignWorkstationRequest, _leader_pb2.SignWorkstationResponse]  # type: ignore[assignment]
     """Sign a workstation's client certificate for the node's bootstrap service, which has
     checked the workstation's password proof. INVALID_ARGUMENT: not a workstation CSR.
+    """
+    RenewNodeCertificate: _aio.UnaryUnaryMultiCallable[_leader_pb2.RenewNodeCertificateRequest, _leader_pb2.RenewNodeCertificateResponse]  # type: ignore[assignment]
+    """Renew the calling agent's own certificate: a CSR for a new key made on the node, naming
+    exactly the node's names on record. The caller is authenticated by its current
+    certificate (or, until it has used the new one, by the one before it: a renewal whose
+    answer was lost can be asked again). INVALID_ARGUMENT: the CSR's names or key are not
+    what the node may hold.
     """
 
 class LeaderServicer(metaclass=_abc_1.ABCMeta):
@@ -75,6 +89,19 @@ class LeaderServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_leader_pb2.SignWorkstationResponse, _abc.Awaitable[_leader_pb2.SignWorkstationResponse]]:
         """Sign a workstation's client certificate for the node's bootstrap service, which has
         checked the workstation's password proof. INVALID_ARGUMENT: not a workstation CSR.
+        """
+
+    @_abc_1.abstractmethod
+    def RenewNodeCertificate(
+        self,
+        request: _leader_pb2.RenewNodeCertificateRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_leader_pb2.RenewNodeCertificateResponse, _abc.Awaitable[_leader_pb2.RenewNodeCertificateResponse]]:
+        """Renew the calling agent's own certificate: a CSR for a new key made on the node, naming
+        exactly the node's names on record. The caller is authenticated by its current
+        certificate (or, until it has used the new one, by the one before it: a renewal whose
+        answer was lost can be asked again). INVALID_ARGUMENT: the CSR's names or key are not
+        what the node may hold.
         """
 
 def add_LeaderServicer_to_server(servicer: LeaderServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -257,6 +257,8 @@ class Schema(_message.Message):
     BOOTSTRAP_FAILURES_FIELD_NUMBER: _builtins.int
     REMOVED_NODES_FIELD_NUMBER: _builtins.int
     REVOKED_CERTIFICATES_FIELD_NUMBER: _builtins.int
+    EXPIRING_CERTIFICATES_FIELD_NUMBER: _builtins.int
+    RENEWAL_FAILURES_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def rollouts(self) -> _containers.RepeatedCompositeFieldContainer[Global___RolloutView]: ...
     @_builtins.property
@@ -277,6 +279,16 @@ class Schema(_message.Message):
         100): the leader's revocation list as the agents get it.
         """
 
+    @_builtins.property
+    def expiring_certificates(self) -> _containers.RepeatedCompositeFieldContainer[Global___ExpiringCertificateView]:
+        """Certificates within their warning horizon or expired (`tlsroll certs check-expiration`),
+        the soonest first.
+        """
+
+    @_builtins.property
+    def renewal_failures(self) -> _containers.RepeatedCompositeFieldContainer[Global___RenewalFailureView]:
+        """Nodes whose agent fails to renew its own certificate."""
+
     def __init__(
         self,
         *,
@@ -285,14 +297,79 @@ class Schema(_message.Message):
         bootstrap_failures: _abc.Iterable[Global___BootstrapFailureView] | None = ...,
         removed_nodes: _abc.Iterable[Global___RemovedNodeView] | None = ...,
         revoked_certificates: _abc.Iterable[Global___RevokedCertificateView] | None = ...,
+        expiring_certificates: _abc.Iterable[Global___ExpiringCertificateView] | None = ...,
+        renewal_failures: _abc.Iterable[Global___RenewalFailureView] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["generated_at", b"generated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bootstrap_failures", b"bootstrap_failures", "generated_at", b"generated_at", "removed_nodes", b"removed_nodes", "revoked_certificates", b"revoked_certificates", "rollouts", b"rollouts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bootstrap_failures", b"bootstrap_failures", "expiring_certificates", b"expiring_certificates", "generated_at", b"generated_at", "removed_nodes", b"removed_nodes", "renewal_failures", b"renewal_failures", "revoked_certificates", b"revoked_certificates", "rollouts", b"rollouts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Schema: _TypeAlias = Schema  # noqa: Y015
+
+@_typing.final
+class ExpiringCertificateView(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    SERIAL_FIELD_NUMBER: _builtins.int
+    NOT_AFTER_FIELD_NUMBER: _builtins.int
+    RESIDUAL_SECONDS_FIELD_NUMBER: _builtins.int
+    kind: _builtins.str
+    """ca | leader | viewer | agent | server | workstation"""
+    subject: _builtins.str
+    serial: _builtins.str
+    residual_seconds: _builtins.int
+    @_builtins.property
+    def not_after(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        kind: _builtins.str = ...,
+        subject: _builtins.str = ...,
+        serial: _builtins.str = ...,
+        not_after: _timestamp_pb2.Timestamp | None = ...,
+        residual_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["not_after", b"not_after"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "not_after", b"not_after", "residual_seconds", b"residual_seconds", "serial", b"serial", "subject", b"subject"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ExpiringCertificateView: _TypeAlias = ExpiringCertificateView  # noqa: Y015
+
+@_typing.final
+class RenewalFailureView(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    FAILING_SINCE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    CERT_NOT_AFTER_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    reason: _builtins.str
+    @_builtins.property
+    def failing_since(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def cert_not_after(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        failing_since: _timestamp_pb2.Timestamp | None = ...,
+        reason: _builtins.str = ...,
+        cert_not_after: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cert_not_after", b"cert_not_after", "failing_since", b"failing_since"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cert_not_after", b"cert_not_after", "failing_since", b"failing_since", "node", b"node", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RenewalFailureView: _TypeAlias = RenewalFailureView  # noqa: Y015
 
 @_typing.final
 class RemovedNodeView(_message.Message):

@@ -1,0 +1,77 @@
+"""``tlsroll certs check-expiration [--json]``: every certificate the cluster depends on, with
+its residual time (kubeadm's ``certs check-expiration``).
+
+The leader answers (``Admin.CheckExpiration``); the CLI reads no key and no certificate file.
+Exit code 1 when any certificate is within its warning horizon or expired, so that a cron job
+or a monitoring check can run it as it is.
+"""
+
+from __future__ import annotations
+
+import click
+from rich.table import Table
+from rich.text import Text
+
+from leader.cli.base import Leader, emit_json, fail, fmt_time, out, pass_leader, to_dict
+from tlsroll.v1 import admin_pb2
+
+
+def residual(seconds: int) -> str:
+    """``12d 3h``, ``5h 20m``, ``40s``; ``expired 2d ago`` for a negative residual."""
+    if seconds < 0:
+        return f"expired {residual(-seconds)} ago"
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d {hours}h"
+    if hours:
+        return f"{hours}h {minutes}m"
+    if minutes:
+        return f"{minutes}m {secs}s"
+    return f"{secs}s"
+
+
+@click.group()
+def certs() -> None:
+    """The certificates of the cluster."""
+
+
+@certs.command("check-expiration")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@pass_leader
+def check_expiration(leader: Leader, as_json: bool) -> None:
+    """List every certificate (CA, leader, viewer, each agent's, each node's server
+    certificate, each workstation's) with its residual time; exit 1 if any is within its
+    warning horizon (`expiry_warning_days` in leader.toml; agents: a tenth of their life)."""
+    with leader.admin() as admin:
+        reply = leader.call(admin.CheckExpiration, admin_pb2.CheckExpirationRequest())
+    if as_json:
+        data = to_dict(reply)
+        data.setdefault("warning", False)
+        emit_json(data)
+    else:
+        table = Table("kind", "subject", "expires", "residual", "warn within", "state", "serial")
+        for c in reply.certificates:
+            if c.residual_seconds < 0:
+                state = Text("EXPIRED", style="bold red")
+            elif c.warning:
+                state = Text("WARNING", style="bold yellow")
+            else:
+                state = Text("ok", style="green")
+            table.add_row(
+                c.kind,
+                c.subject or "-",
+                fmt_time(c, "not_after"),
+                residual(c.residual_seconds),
+                residual(c.horizon_seconds),
+                state,
+                c.serial or "-",
+            )
+        out.print(table)
+        for c in reply.certificates:
+            if c.warning and c.advice:
+                out.print(f"{c.kind} {c.subject or ''}".rstrip() + f": {c.advice}")
+    if reply.warning:
+        count = sum(c.warning for c in reply.certificates)
+        fail(f"{count} certificate(s) within their warning horizon or expired")

@@ -1,0 +1,222 @@
+"""The expiry watch: every certificate the cluster depends on, with its residual time and its
+warning horizon (``tlsroll certs check-expiration``, the schema, and a log line per certificate
+at most once a day).
+
+    watch = ExpiryWatch(store, schema, ca, own_certs, clock, warning_days=30,
+                        agent_lifetime=dt.timedelta(days=30))
+    entries = watch.check()               # blocking (reads the store and public certificates)
+    await watch.run(stop)                 # checks every hour, logs what is within its horizon
+
+What is watched, and from where (no key is ever read):
+
+* ``ca``: the cluster CA; warned a year ahead (rolling a CA takes planning, see SPEC).
+* ``leader``, ``viewer``: the leader's own certificates, from ``DATA/tls`` (``own_certs``).
+* ``agent``: each enrolled node's own mTLS certificate as on record. Agents renew it by
+  themselves at 70-90 % of its life, so it is warned about only once less than 10 % is left:
+  the renewal is overdue.
+* ``server``: each node's 8443 certificate as the rollouts recorded it (the newest
+  ``enable-tls`` or ``rotate-cert`` that ended ``done`` on the node, unless a ``disable-tls``
+  came after), with its serial from the certificates table.
+* ``workstation``: every workstation certificate that is neither revoked nor expired.
+
+``server``, ``leader``, ``viewer`` and ``workstation`` certificates are warned about
+``expiry_warning_days`` (leader.toml, default 30) before their end.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from cryptography import x509
+
+from leader.schema_store import SchemaStore
+from leader.schema_view import schema_message
+from leader.store import Store
+from leader.viewer.snapshot import server_certs
+from tlsroll import logs, pki
+from tlsroll.errors import PKIError
+
+log = logs.get_logger(__name__)
+
+CA_HORIZON = dt.timedelta(days=365)
+AGENT_HORIZON_FRACTION = 0.1  # agents renew by 90 % of the life; later than that is overdue
+CHECK_EVERY = 3600.0  # seconds
+WARN_EVERY = dt.timedelta(days=1)  # per certificate
+
+ADVICE = {
+    "ca": "plan the CA's renewal (SPEC: PKI, CA renewal)",
+    "leader": "restart tlsroll-leader after renewing DATA/tls/leader.pem",
+    "viewer": "the leader renews it at its next start; restart tlsroll-leader",
+    "agent": "the agent renews it by itself: see `tlsroll nodes` for a failing renewal; if it "
+    "has expired, enrol the node again (tlsroll nodes remove NAME, tlsroll token create)",
+    "server": "rotate it: tlsroll rollout start --change rotate-cert",
+    "workstation": "run `tlsroll client test-connection` on that workstation again",
+}
+
+
+@dataclass(frozen=True)
+class Expiry:
+    kind: str  # ca | leader | viewer | agent | server | workstation
+    subject: str
+    serial: str
+    fingerprint: str
+    not_after: dt.datetime
+    horizon: dt.timedelta
+
+    def residual(self, now: dt.datetime) -> dt.timedelta:
+        return self.not_after - now
+
+    def warning(self, now: dt.datetime) -> bool:
+        return self.residual(now) <= self.horizon
+
+    @property
+    def advice(self) -> str:
+        return ADVICE.get(self.kind, "")
+
+
+def _of(kind: str, subject: str, cert: x509.Certificate, horizon: dt.timedelta) -> Expiry:
+    return Expiry(
+        kind,
+        subject,
+        f"{cert.serial_number:x}",
+        pki.fingerprint(cert),
+        cert.not_valid_after_utc,
+        horizon,
+    )
+
+
+class ExpiryWatch:
+    def __init__(
+        self,
+        store: Store,
+        schema: SchemaStore,
+        ca: x509.Certificate,
+        own_certs: Callable[[], Sequence[tuple[str, x509.Certificate]]],
+        clock: Callable[[], dt.datetime],
+        *,
+        warning_days: int = 30,
+        agent_lifetime: dt.timedelta = dt.timedelta(days=30),
+    ) -> None:
+        """``own_certs`` gives the leader's own certificates (kind, certificate) as they are
+        on disk now: ``leader``, ``viewer``."""
+        self.store = store
+        self.schema = schema
+        self.ca = ca
+        self.own_certs = own_certs
+        self.clock = clock
+        self.horizon = dt.timedelta(days=warning_days)
+        self.agent_horizon = agent_lifetime * AGENT_HORIZON_FRACTION
+        self._warned: dict[tuple[str, str, str], dt.datetime] = {}
+        # Called on the event loop before each periodic check (the viewer renews its
+        # certificate there: ``leader.viewer.server.Viewer.renew_if_due``).
+        self.before_check: list[Callable[[], object]] = []
+
+    def check(self) -> list[Expiry]:
+        """Every watched certificate, soonest end first (blocking)."""
+        now = self.clock()
+        found = [_of("ca", "", self.ca, CA_HORIZON)]
+        found += [_of(kind, "", cert, self.horizon) for kind, cert in self.own_certs()]
+        for n in self.store.list_nodes():
+            found.append(
+                Expiry(
+                    "agent",
+                    n.name,
+                    n.cert_serial,
+                    n.cert_fingerprint,
+                    n.cert_not_after,
+                    self.agent_horizon,
+                )
+            )
+        certs = self.store.list_certificates()
+        serial_of = {c.fingerprint: c.serial for c in certs if c.fingerprint}
+        enrolled = {n.name for n in self.store.list_nodes()}
+        live = server_certs(schema_message(self.schema.all(), set(), now))
+        for s in live:
+            if s.subject in enrolled:
+                found.append(
+                    Expiry(
+                        "server",
+                        s.subject,
+                        serial_of.get(s.fingerprint, ""),
+                        s.fingerprint,
+                        s.not_after,
+                        self.horizon,
+                    )
+                )
+        for c in certs:
+            if c.kind == "workstation" and c.revoked_at is None and c.not_after > now:
+                found.append(
+                    Expiry(c.kind, c.subject, c.serial, c.fingerprint, c.not_after, self.horizon)
+                )
+        return sorted(found, key=lambda e: (e.not_after, e.kind, e.subject))
+
+    def warnings(self) -> list[Expiry]:
+        now = self.clock()
+        return [e for e in self.check() if e.warning(now)]
+
+    def log_warnings(self) -> list[Expiry]:
+        """Log each certificate within its horizon, at most once a day each; returns those
+        logged now (blocking)."""
+        now = self.clock()
+        logged = []
+        for e in self.warnings():
+            key = (e.kind, e.subject, e.fingerprint)
+            last = self._warned.get(key)
+            if last is not None and now - last < WARN_EVERY:
+                continue
+            self._warned[key] = now
+            logged.append(e)
+            fields = {
+                "kind": e.kind,
+                "subject": e.subject,
+                "serial": e.serial,
+                "not_after": e.not_after.isoformat(timespec="seconds"),
+                "residual_days": round(e.residual(now).total_seconds() / 86400, 1),
+                "advice": e.advice,
+            }
+            if e.residual(now) > dt.timedelta(0):
+                log.warning("certificate.expiring", **fields)
+            else:
+                log.warning("certificate.expired", **fields)
+        return logged
+
+    async def run(self, stop: asyncio.Event, every: float | None = None) -> None:
+        """Check now and then every ``every`` seconds (default: hourly, or more often when
+        agent certificates are that short-lived) until ``stop`` is set."""
+        if every is None:
+            every = min(CHECK_EVERY, max(self.agent_horizon.total_seconds(), 1.0))
+        while not stop.is_set():
+            for hook in self.before_check:
+                try:
+                    hook()
+                except Exception as exc:  # the check itself still runs
+                    log.error("expiry_watch.hook_failed", error=str(exc))
+            try:
+                await asyncio.to_thread(self.log_warnings)
+            except Exception as exc:  # a bad row must not end the watch
+                log.error("expiry_watch.failed", error=str(exc))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), every)
+
+    def renewal_failures(self) -> list[tuple[str, dt.datetime, str, dt.datetime]]:
+        """(node, failing since, reason, its certificate's end) for every node whose agent
+        reports that renewing its certificate fails."""
+        return [
+            (n.name, n.renewal_failing_since, n.renewal_error, n.cert_not_after)
+            for n in self.store.list_nodes()
+            if n.renewal_failing_since is not None
+        ]
+
+
+def own_certificates(files: Sequence[tuple[str, Path]]) -> list[tuple[str, x509.Certificate]]:
+    """The first certificate of each PEM file that exists, as (kind, certificate)."""
+    found = []
+    for kind, path in files:
+        with contextlib.suppress(OSError, PKIError, IndexError):
+            found.append((kind, pki.load_certs_pem(path.read_bytes())[0]))
+    return found

@@ -1,0 +1,305 @@
+"""The agent renews its own (mTLS) certificate, like the kubelet: a new key made on the node and
+a CSR, sent over the existing mutual-TLS channel with the current certificate as proof, at a
+random point between 70 % and 90 % of the certificate's life, so a fleet never renews at once.
+
+    renewer = Renewer(cfg, identity, link, on_renewed=[...])
+    await renewer.run()          # until cancelled
+
+**Schedule** (pure: ``renewal_time``, ``next_step``). The life is counted from the moment the
+CA issued the certificate (its NotBefore is backdated by ``pki.BACKDATE`` for clock skew, so
+that is added back), not from NotBefore: a one-minute certificate (tests) is then renewed at
+42-54 s, not at once. The jitter is drawn anew at every start; a certificate already past its
+point is renewed at start. A failed renewal is tried again after a backoff
+(``tlsroll.backoff.Policy``: 2 s, doubling, at most 5 minutes and never past the end); the
+heartbeat reports since when it fails and why (``tlsroll nodes``, the schema).
+
+**Files.** A renewal writes the new key to ``DATA/node.key.new`` (0600) before it asks, and
+the certificate to ``DATA/node.pem.new`` once it has it; then renames the key, then the
+certificate, into place. ``finish_pending`` (called before the identity is loaded) completes a
+renewal cut short by a crash: a new certificate matching a new key is moved into place; a new
+key without its certificate is kept and used by the next renewal, which then runs at once (the
+leader may already dial the node by that key).
+
+**Switch-over.** Right after the answer the agent serves the new certificate to new
+connections (``ServerCredentials``: gRPC asks for the certificate at every handshake; existing
+connections, and a command in flight on them, go on) and reconnects its leader link with it.
+The leader dials the node by the new key from then on, and accepts the old certificate only
+until the agent's first heartbeat with the new one (``leader.store.renew_node_certificate``).
+
+**Expired.** A certificate past its end cannot renew (the leader's TLS refuses it): the node
+must enrol again with a fresh token. At start that is a one-line error (``expired_message``);
+while running, one log line.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import random
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+import grpc
+
+from nodeagent.config import AgentConfig
+from nodeagent.identity import (
+    Identity,
+    check_issued,
+    expired_message,
+    install_renewed,
+    paths,
+    pending_paths,
+)
+from tlsroll import logs, pki, spiffe
+from tlsroll.backoff import Policy
+from tlsroll.errors import PKIError, TlsrollError
+
+log = logs.get_logger(__name__)
+
+RENEW_FROM = 0.7
+RENEW_TO = 0.9
+RETRY = Policy(free=0, base=2.0, cap=300.0, forget=86400.0)
+MAX_ERROR = 200
+
+
+# --- the schedule (pure) ----------------------------------------------------------------------
+
+
+def issued_at(not_before: dt.datetime, not_after: dt.datetime) -> dt.datetime:
+    """When the CA issued a certificate: NotBefore is backdated by ``pki.BACKDATE``."""
+    return min(not_before + pki.BACKDATE, not_after)
+
+
+def renewal_time(not_before: dt.datetime, not_after: dt.datetime, draw: float) -> dt.datetime:
+    """The point to renew at: ``draw`` (uniform in [0, 1)) picks it in 70-90 % of the life."""
+    start = issued_at(not_before, not_after)
+    fraction = RENEW_FROM + (RENEW_TO - RENEW_FROM) * min(max(draw, 0.0), 1.0)
+    return start + (not_after - start) * fraction
+
+
+@dataclass(frozen=True)
+class Step:
+    """What the renewer does next: ``renew`` now, give up (``expired``), or wait ``seconds``."""
+
+    renew: bool = False
+    expired: bool = False
+    seconds: float = 0.0
+
+
+def next_step(
+    now: dt.datetime,
+    due: dt.datetime,
+    not_after: dt.datetime,
+    failures: int = 0,
+    last_failure: dt.datetime | None = None,
+    policy: Policy = RETRY,
+) -> Step:
+    """The renewer's decision for a certificate due at ``due`` that ends at ``not_after``,
+    after ``failures`` failed attempts, the last at ``last_failure``."""
+    if now >= not_after:
+        return Step(expired=True)
+    at = due
+    if failures and last_failure is not None:
+        at = max(at, last_failure + dt.timedelta(seconds=policy.delay(failures - 1)))
+    if now >= at:
+        return Step(renew=True)
+    # Wake up in time to try once more before the end, however long the backoff.
+    wait = min((at - now).total_seconds(), max((not_after - now).total_seconds() / 2, 0.5))
+    return Step(seconds=max(wait, 0.05))
+
+
+# --- the agent's serving credentials ----------------------------------------------------------
+
+
+class ServerCredentials:
+    """The agent's NodeAgent server credentials, hot-reloaded: gRPC asks each listener's
+    fetcher for the certificate at every new handshake, and gets the new one once after a
+    renewal; connections already open keep theirs."""
+
+    def __init__(self, identity: Identity) -> None:
+        self._current = (0, _config(identity))
+
+    def update(self, identity: Identity) -> None:
+        """Serve ``identity`` to new connections from now on."""
+        version, _ = self._current
+        self._current = (version + 1, _config(identity))  # one assignment: atomic for readers
+
+    def for_listener(self) -> grpc.ServerCredentials:
+        """Credentials for one listener: each has a fetcher (and a version seen) of its own."""
+        seen, initial = self._current
+
+        def fetch() -> grpc.ServerCertificateConfiguration | None:
+            # Runs on gRPC's threads at every handshake: no I/O, one read of ``_current``.
+            nonlocal seen
+            version, config = self._current
+            if version == seen:
+                return None
+            seen = version
+            return config
+
+        # grpc's stubs say the fetcher returns a configuration; None ("unchanged") is allowed.
+        return grpc.dynamic_ssl_server_credentials(
+            initial,
+            fetch,  # type: ignore[arg-type]
+            require_client_authentication=True,
+        )
+
+
+def _config(identity: Identity) -> grpc.ServerCertificateConfiguration:
+    return grpc.ssl_server_certificate_configuration(
+        [(identity.key_pem, identity.cert_pem)], root_certificates=identity.ca_pem
+    )
+
+
+# --- the renewer --------------------------------------------------------------------------------
+
+
+@dataclass
+class Status:
+    """What the heartbeat reports: when the agent means to renew, and whether renewing fails."""
+
+    due_at: dt.datetime | None = None
+    failing_since: dt.datetime | None = None
+    error: str = ""
+
+
+class RenewalRefused(TlsrollError):
+    """The renewed certificate is not what this node asked for."""
+
+
+class Link(Protocol):
+    """What the renewer needs of the agent's link to the leader (``nodeagent.leader_link``)."""
+
+    async def renew(self, csr_pem: bytes) -> bytes: ...
+
+
+Renewed = Callable[[Identity], Awaitable[None] | None]
+
+
+class Renewer:
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        identity: Identity,
+        link: Link,
+        *,
+        clock: Callable[[], dt.datetime] = pki.utcnow,
+        draw: Callable[[], float] = random.random,
+        on_renewed: Sequence[Renewed] = (),
+    ) -> None:
+        self.cfg = cfg
+        self.identity = identity
+        self.link = link
+        self.clock = clock
+        self.draw = draw
+        self.on_renewed = list(on_renewed)
+        self.status = Status()
+        self.failures = 0
+        self.last_failure: dt.datetime | None = None
+        self.expired = False
+        self._schedule()
+
+    def _schedule(self) -> None:
+        cert = self.identity.cert
+        due = renewal_time(cert.not_valid_before_utc, cert.not_valid_after_utc, self.draw())
+        if pending_paths(self.cfg.data_dir)[0].exists():
+            due = min(due, self.clock())  # a renewal cut short: the leader may dial the new key
+        self.status.due_at = due
+
+    async def run(self) -> None:
+        """Renew whenever due, until cancelled (or the certificate has ended)."""
+        log.info("renewal.scheduled", due_at=_iso(self.status.due_at))
+        while True:
+            now = self.clock()
+            assert self.status.due_at is not None
+            step = next_step(
+                now,
+                self.status.due_at,
+                self.identity.cert.not_valid_after_utc,
+                self.failures,
+                self.last_failure,
+            )
+            if step.expired:
+                self.expired = True
+                self.status.failing_since = self.status.failing_since or now
+                self.status.error = "certificate expired; the node must enrol again"
+                log.error(
+                    "agent.certificate_expired",
+                    message=expired_message(self.cfg, self.identity.cert.not_valid_after_utc),
+                )
+                return
+            if not step.renew:
+                await asyncio.sleep(step.seconds)
+                continue
+            try:
+                await self.renew()
+            except (TlsrollError, OSError, ValueError) as exc:
+                self._failed(now, exc)
+
+    def _failed(self, now: dt.datetime, exc: BaseException) -> None:
+        self.failures += 1
+        self.last_failure = now
+        reason = str(exc) if not isinstance(exc, OSError) else f"{exc.strerror}: {exc.filename}"
+        self.status.failing_since = self.status.failing_since or now
+        self.status.error = reason[:MAX_ERROR]
+        retry = now + dt.timedelta(seconds=RETRY.delay(self.failures - 1))
+        log.warning(
+            "renewal.failed",
+            attempt=self.failures,
+            error=self.status.error,
+            retry_at=_iso(min(retry, self.identity.cert.not_valid_after_utc)),
+            not_after=_iso(self.identity.cert.not_valid_after_utc),
+        )
+
+    async def renew(self) -> Identity:
+        """One renewal: a new key (or the one a renewal cut short left), a CSR with exactly the
+        node's names, the leader's answer checked, the files moved into place, then everyone
+        told (``on_renewed``). Raises on failure; nothing changes then."""
+        cfg = self.cfg
+        new_key = pending_paths(cfg.data_dir)[0]
+        key = await asyncio.to_thread(_pending_key, new_key)
+        csr = pki.make_csr(key, cfg.names)
+        cert_pem = await self.link.renew(pki.csr_to_pem(csr))
+        cert = pki.load_cert_pem(cert_pem)
+        ca = self.identity.ca
+        check_issued(cert, key, ca, cfg.names)
+        td = spiffe.trust_domain(ca)
+        if spiffe.of(cert) != spiffe.node(td, cfg.node_name):
+            raise RenewalRefused("the renewed certificate carries another identity")
+        await asyncio.to_thread(install_renewed, cfg.data_dir, cert)
+        key_file, cert_file, ca_file = paths(cfg.data_dir)
+        self.identity = Identity(key_file, cert_file, ca_file, cert, ca)
+        self.failures = 0
+        self.last_failure = None
+        self.status = Status()
+        self._schedule()
+        log.info(
+            "agent.certificate_renewed",
+            serial=f"{cert.serial_number:x}",
+            key_pin=pki.spki_pin(cert),
+            not_after=_iso(cert.not_valid_after_utc),
+            next_due_at=_iso(self.status.due_at),
+        )
+        for callback in self.on_renewed:
+            result = callback(self.identity)
+            if result is not None:
+                await result
+        return self.identity
+
+
+def _pending_key(path: Path) -> pki.PrivateKey:
+    """The key a renewal cut short left (used again: the leader may have signed it), else a
+    new one, written 0600 before the CSR leaves the node."""
+    if path.exists():
+        with contextlib.suppress(PKIError):
+            return pki.read_key(path)
+    key = pki.generate_key()
+    pki.write_key(path, key)
+    return key
+
+
+def _iso(when: dt.datetime | None) -> str | None:
+    return when.isoformat(timespec="seconds") if when else None

@@ -1,0 +1,608 @@
+"""Agent certificates renew themselves; every certificate's expiry is watched (issue 11).
+
+The pure parts (the jittered schedule, the retry decision, finishing a renewal a crash cut
+short) run with an injected clock and draw. The rest is one real cluster (leader and agents as
+processes, real mutual TLS) whose agent certificates live ``LIFETIME`` seconds
+(``agent_cert_lifetime`` in leader.toml), so that renewals happen while the test watches:
+
+* node1 runs throughout: it renews at 70-90 % of its life, keeps answering a command stream on
+  a connection opened before, the leader reaches it by its new key (through ``AgentPool``), and
+  its heartbeats go on with the new certificate;
+* node2 is stopped at once and started again past 90 % of its certificate's life: it renews at
+  start;
+* node3 is stopped at once and started again after its certificate ended: one line saying how
+  to enrol it again, and the expiry watch reports it (exit code, schema, one log line);
+* node4's renewal is cut short after the leader signed (the answer never reached the agent)
+  and before the agent had its certificate: it finishes the renewal at its next start.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from leader.agent_client import AgentPool
+from leader.store import Node, _node
+from nodeagent.config import AgentConfig
+from nodeagent.identity import Identity, finish_pending, install_renewed, paths, pending_paths
+from nodeagent.renewal import (
+    RENEW_FROM,
+    RENEW_TO,
+    RETRY,
+    Renewer,
+    issued_at,
+    next_step,
+    renewal_time,
+)
+from tests.cluster import Agent, Cluster, csr_pem, one_line_error, wait_until
+from tests.conftest import next_loopback
+from tests.refserver_helper import write_toml
+from tlsroll import pki, spiffe
+from tlsroll.errors import TransientError
+from tlsroll.v1 import agent_pb2, agent_pb2_grpc, leader_pb2, leader_pb2_grpc
+
+LIFETIME = 120  # seconds: renewal at 84-108 s
+WARNED = {"certificate.expiring", "certificate.expired"}  # the leader's log, once a day each
+UTC = dt.UTC
+T0 = dt.datetime(2026, 11, 30, 12, 0, tzinfo=UTC)
+
+
+# --- the schedule (pure) ----------------------------------------------------------------------
+
+
+def test_renewal_point_is_uniform_in_70_to_90_percent_of_the_life() -> None:
+    not_before = T0 - pki.BACKDATE  # as the CA backdates it
+    not_after = T0 + dt.timedelta(days=30)
+    life = not_after - T0
+    assert issued_at(not_before, not_after) == T0
+    assert renewal_time(not_before, not_after, 0.0) == T0 + life * RENEW_FROM
+    assert renewal_time(not_before, not_after, 0.5) == T0 + life * 0.8
+    assert renewal_time(not_before, not_after, 0.999999) < T0 + life * RENEW_TO
+    # a minute-long certificate is renewed at 42-54 s, not at once (NotBefore is backdated)
+    short = T0 + dt.timedelta(seconds=60)
+    assert renewal_time(not_before, short, 0.0) == T0 + dt.timedelta(seconds=42)
+    assert renewal_time(not_before, short, 1.0) == T0 + dt.timedelta(seconds=54)
+
+
+def test_a_fleet_spreads_its_renewals() -> None:
+    import random
+
+    rng = random.Random(11)
+    not_before, not_after = T0 - pki.BACKDATE, T0 + dt.timedelta(days=30)
+    points = sorted(renewal_time(not_before, not_after, rng.random()) for _ in range(200))
+    assert points[0] >= T0 + dt.timedelta(days=21)
+    assert points[-1] <= T0 + dt.timedelta(days=27)
+    assert points[-1] - points[0] > dt.timedelta(days=5)  # not all at once
+
+
+def test_next_step_waits_renews_backs_off_and_gives_up_at_the_end() -> None:
+    due = T0 + dt.timedelta(days=24)
+    end = T0 + dt.timedelta(days=30)
+    early = next_step(T0, due, end)
+    assert not early.renew and not early.expired and early.seconds > 0
+    assert next_step(due, due, end).renew
+    # after a failure: wait for the backoff, then try again
+    failed_at = due + dt.timedelta(seconds=1)
+    wait = next_step(failed_at, due, end, failures=1, last_failure=failed_at)
+    assert not wait.renew and 0 < wait.seconds <= RETRY.delay(0)
+    later = failed_at + dt.timedelta(seconds=RETRY.delay(0))
+    assert next_step(later, due, end, failures=1, last_failure=failed_at).renew
+    # many failures: the wait is capped, and never sleeps past the end
+    near_end = end - dt.timedelta(seconds=60)
+    capped = next_step(near_end, due, end, failures=30, last_failure=near_end)
+    assert capped.seconds <= 30
+    assert next_step(end, due, end).expired
+    assert next_step(end + dt.timedelta(days=1), due, end, failures=3, last_failure=end).expired
+
+
+# --- files of a renewal cut short ---------------------------------------------------------------
+
+
+def _agent_config(tmp_path: Path, ca: pki.CertificateAuthority) -> AgentConfig:
+    path = tmp_path / "agent.toml"
+    write_toml(
+        path,
+        {
+            "node": {"name": "n1", "addresses": ["10.1.1.1"]},
+            "leader": {"address": "10.1.1.2", "ca_pin": pki.spki_pin(ca.cert)},
+            "agent": {"data_dir": tmp_path / "data"},
+        },
+    )
+    cfg = AgentConfig.load(path)
+    cfg.data_dir.mkdir(mode=0o700)
+    return cfg
+
+
+def _issue(ca: pki.CertificateAuthority, key: pki.PrivateKey, cfg: AgentConfig) -> Any:
+    td = ca.trust_domain
+    return ca.issue(
+        key.public_key(),
+        cfg.names,
+        client=True,
+        identity=spiffe.node(td, cfg.node_name),
+        internal_dns=[spiffe.key_host(td, pki.spki_pin(key.public_key()))],
+    )
+
+
+def _enrolled(cfg: AgentConfig, ca: pki.CertificateAuthority) -> tuple[Path, Path]:
+    key_file, cert_file, ca_file = paths(cfg.data_dir)
+    key = pki.generate_key()
+    pki.write_key(key_file, key)
+    pki.write_cert(cert_file, _issue(ca, key, cfg))
+    pki.write_cert(ca_file, ca.cert)
+    return key_file, cert_file
+
+
+@pytest.mark.parametrize("crash", ["before_answer", "after_cert_written", "between_renames"])
+def test_a_renewal_cut_short_is_finished_or_redone(
+    tmp_path: Path, test_ca: pki.CertificateAuthority, crash: str
+) -> None:
+    cfg = _agent_config(tmp_path, test_ca)
+    key_file, cert_file = _enrolled(cfg, test_ca)
+    old_cert = pki.read_cert(cert_file)
+    new_key_file, new_cert_file = pending_paths(cfg.data_dir)
+    new_key = pki.generate_key()
+    pki.write_key(new_key_file, new_key)
+    new_cert = _issue(test_ca, new_key, cfg)
+    if crash in ("after_cert_written", "between_renames"):
+        pki.write_cert(new_cert_file, new_cert)
+    if crash == "between_renames":
+        new_key_file.replace(key_file)
+    waiting = finish_pending(cfg.data_dir)
+    if crash == "before_answer":
+        # nothing to install: the new key waits for its certificate (renew at once)
+        assert waiting and new_key_file.exists()
+        assert pki.read_cert(cert_file) == old_cert
+    else:
+        assert not waiting
+        assert not new_key_file.exists() and not new_cert_file.exists()
+        assert pki.read_cert(cert_file) == new_cert
+        assert pki.key_matches(new_cert, pki.read_key(key_file))
+        assert key_file.stat().st_mode & 0o777 == 0o600
+
+
+def test_install_keeps_the_key_private(tmp_path: Path, test_ca: pki.CertificateAuthority) -> None:
+    cfg = _agent_config(tmp_path, test_ca)
+    key_file, cert_file = _enrolled(cfg, test_ca)
+    new_key = pki.generate_key()
+    pki.write_key(pending_paths(cfg.data_dir)[0], new_key)
+    install_renewed(cfg.data_dir, _issue(test_ca, new_key, cfg))
+    assert key_file.stat().st_mode & 0o777 == 0o600
+    assert pki.key_matches(pki.read_cert(cert_file), pki.read_key(key_file))
+
+
+class FlakyLink:
+    """A leader link that fails ``fail`` times, then signs the CSR with ``ca``."""
+
+    def __init__(self, ca: pki.CertificateAuthority, cfg: AgentConfig, fail: int) -> None:
+        self.ca, self.cfg, self.fail = ca, cfg, fail
+        self.csrs: list[bytes] = []
+
+    async def renew(self, csr: bytes) -> bytes:
+        self.csrs.append(csr)
+        if self.fail:
+            self.fail -= 1
+            raise TransientError("renewal at 10.1.1.2:9440: leader unreachable")
+        key = pki.check_csr(pki.load_csr_pem(csr), self.cfg.names)
+        td = self.ca.trust_domain
+        cert = self.ca.issue(
+            key,
+            self.cfg.names,
+            client=True,
+            identity=spiffe.node(td, self.cfg.node_name),
+            internal_dns=[spiffe.key_host(td, pki.spki_pin(key))],
+        )
+        return pki.cert_to_pem(cert)
+
+
+def test_a_failed_renewal_is_reported_and_the_next_one_uses_the_same_key(
+    tmp_path: Path, test_ca: pki.CertificateAuthority
+) -> None:
+    cfg = _agent_config(tmp_path, test_ca)
+    key_file, cert_file = _enrolled(cfg, test_ca)
+    identity = Identity(
+        key_file, cert_file, paths(cfg.data_dir)[2], pki.read_cert(cert_file), test_ca.cert
+    )
+    link = FlakyLink(test_ca, cfg, fail=1)
+    told: list[Identity] = []
+    now = [T0]
+    renewer = Renewer(
+        cfg, identity, link, clock=lambda: now[0], draw=lambda: 0.5, on_renewed=[told.append]
+    )
+    with pytest.raises(TransientError):
+        asyncio.run(renewer.renew())
+    renewer._failed(now[0], TransientError("leader unreachable"))
+    assert renewer.status.failing_since == T0 and "unreachable" in renewer.status.error
+    assert pending_paths(cfg.data_dir)[0].exists()  # kept for the next attempt
+    renewed = asyncio.run(renewer.renew())
+    first, second = (pki.check_csr(pki.load_csr_pem(c), cfg.names) for c in link.csrs)
+    assert pki.spki_pin(first) == pki.spki_pin(second)  # the same new key, asked again
+    assert told == [renewed] and renewer.status.failing_since is None
+    assert pki.spki_pin(renewed.cert) == pki.spki_pin(second) != pki.spki_pin(identity.cert)
+    assert not pending_paths(cfg.data_dir)[0].exists()
+
+
+# --- a real cluster -----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with Cluster(tmp_path_factory.mktemp("renewal"), next_loopback()) as c:
+        c.init()
+        c.write_leader_config({"agent_cert_lifetime": LIFETIME})
+        c.start_leader()
+        yield c
+
+
+def _row(cluster: Cluster, name: str) -> dict[str, Any]:
+    (row,) = [r for r in cluster.store_table("nodes") if r["name"] == name]
+    return row
+
+
+def _issued(cert: Any) -> dt.datetime:
+    return issued_at(cert.not_valid_before_utc, cert.not_valid_after_utc)
+
+
+def _sleep_until(when: dt.datetime) -> None:
+    delay = (when - dt.datetime.now(UTC)).total_seconds()
+    if delay > 0:
+        time.sleep(delay)
+
+
+def _status(cluster: Cluster, agent: Agent, key_pin: str) -> agent_pb2.NodeStatus:
+    """GetStatus with the leader's certificate, dialling the agent by key ``key_pin``."""
+    chain, key = cluster.leader_credentials()
+    creds = grpc.ssl_channel_credentials(cluster.ca_pem, key, chain)
+    td = spiffe.trust_domain(pki.read_cert(cluster.ca_cert_path))
+    options = [("grpc.ssl_target_name_override", spiffe.key_host(td, key_pin))]
+    with grpc.secure_channel(agent.target, creds, options=options) as channel:
+        stub = agent_pb2_grpc.NodeAgentStub(channel)
+        reply: agent_pb2.NodeStatus = stub.GetStatus(agent_pb2.GetStatusRequest(), timeout=5)
+    return reply
+
+
+class RowStore:
+    """What ``AgentPool`` reads of the store: the node rows, read-only from the leader's file."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+
+    def get_node(self, name: str) -> Node:
+        return _node(_row(self.cluster, name))  # type: ignore[arg-type]
+
+
+@pytest.mark.timeout(360)
+def test_agents_renew_and_the_expiry_watch_sees_them(cluster: Cluster) -> None:
+    # Before anything is near its end: every certificate listed, exit 0.
+    node1 = cluster.add_agent("node1", next_loopback())
+    node2 = cluster.add_agent("node2", next_loopback())
+    node3 = cluster.add_agent("node3", next_loopback())
+    node4 = cluster.add_agent("node4", next_loopback())
+    cluster.wait_for_nodes_online(["node1", "node2", "node3", "node4"])
+    node2.stop()
+    node3.stop()
+    check = cluster.cli("certs", "check-expiration", "--json")
+    assert check.returncode == 0, check.stderr
+    report = json.loads(check.stdout)
+    kinds = {(c["kind"], c.get("subject", "")) for c in report["certificates"]}
+    assert {("ca", ""), ("leader", ""), ("viewer", "")} <= kinds
+    assert {("agent", f"node{i}") for i in range(1, 5)} <= kinds
+    assert not report.get("warning", False)
+    text = cluster.cli("certs", "check-expiration")
+    assert text.returncode == 0 and "node1" in text.stdout and "ok" in text.stdout
+
+    # node4: the leader signs a renewal whose answer never reaches the agent (it stops first).
+    start4 = _row(cluster, "node4")
+    node4.stop()
+    new_key = pki.generate_key()
+    pki.write_key(pending_paths(node4.data_dir)[0], new_key)
+    with cluster.control_channel(node4.cert_file.read_bytes(), node4.key_file.read_bytes()) as ch:
+        leader_pb2_grpc.LeaderStub(ch).RenewNodeCertificate(
+            leader_pb2.RenewNodeCertificateRequest(
+                csr_pem=csr_pem(new_key, "node4", [node4.address])
+            ),
+            timeout=10,
+        )
+    lost = _row(cluster, "node4")
+    assert lost["key_pin"] == pki.spki_pin(new_key.public_key()) != start4["key_pin"]
+    assert lost["prev_cert_fingerprint"] == start4["cert_fingerprint"]
+    node4.start()  # renews at once, with the key it had made, proving itself by the old cert
+    wait_until(
+        lambda: (
+            _row(cluster, "node4")["cert_serial"]
+            not in {start4["cert_serial"], lost["cert_serial"]}
+        ),
+        30,
+        "node4 finishes its renewal at start",
+    )
+    wait_until(
+        lambda: _row(cluster, "node4")["prev_cert_fingerprint"] == "",
+        15,
+        "node4 heartbeats with its new certificate",
+    )
+    assert pki.spki_pin(node4.cert()) == pki.spki_pin(new_key.public_key())
+    assert _status(cluster, node4, _row(cluster, "node4")["key_pin"]).node_name == "node4"
+
+    # node1: a command stream on a connection opened before the renewal, until after it.
+    start1 = _row(cluster, "node1")
+    cert1 = node1.cert()
+    stream_errors: list[str] = []
+    answered = [0]
+    done = threading.Event()
+
+    def stream() -> None:
+        chain, key = cluster.leader_credentials()
+        creds = grpc.ssl_channel_credentials(cluster.ca_pem, key, chain)
+        td = spiffe.trust_domain(pki.read_cert(cluster.ca_cert_path))
+        options = [("grpc.ssl_target_name_override", spiffe.key_host(td, start1["key_pin"]))]
+        with grpc.secure_channel(node1.target, creds, options=options) as channel:
+            stub = agent_pb2_grpc.NodeAgentStub(channel)
+            while not done.is_set():
+                try:
+                    stub.GetStatus(agent_pb2.GetStatusRequest(), timeout=5)
+                    answered[0] += 1
+                except grpc.RpcError as exc:
+                    stream_errors.append(f"{exc.code()}: {exc.details()}")
+                done.wait(0.5)
+
+    streamer = threading.Thread(target=stream, daemon=True)
+    streamer.start()
+    pool = AgentPool(RowStore(cluster), *_pool_credentials(cluster))  # type: ignore[arg-type]
+    loop = asyncio.new_event_loop()
+    try:
+        before = loop.run_until_complete(pool.get("node1"))
+        assert (
+            loop.run_until_complete(
+                before.get_status(agent_pb2.GetStatusRequest(), timeout=5)
+            ).node_name
+            == "node1"
+        )
+
+        # node2: restart past 90 % of its life: due, so it renews at start.
+        cert2 = node2.cert()
+        life2 = cert2.not_valid_after_utc - _issued(cert2)
+        _sleep_until(_issued(cert2) + life2 * 0.91)
+        serial2 = _row(cluster, "node2")["cert_serial"]
+        node2.start()
+        wait_until(
+            lambda: _row(cluster, "node2")["cert_serial"] != serial2,
+            max(5.0, (cert2.not_valid_after_utc - dt.datetime.now(UTC)).total_seconds()),
+            "node2 renews at start",
+        )
+
+        # node1 has renewed at its jittered point meanwhile (or does so now).
+        life1 = cert1.not_valid_after_utc - _issued(cert1)
+        wait_until(
+            lambda: _row(cluster, "node1")["key_pin"] != start1["key_pin"],
+            max(5.0, (_issued(cert1) + life1 * RENEW_TO - dt.datetime.now(UTC)).total_seconds())
+            + 5,
+            "node1 renews by 90 % of its life",
+        )
+        renewed_at = dt.datetime.fromisoformat(_row(cluster, "node1")["cert_renewed_at"])
+        assert _issued(cert1) + life1 * RENEW_FROM - dt.timedelta(seconds=2) <= renewed_at
+        wait_until(
+            lambda: _row(cluster, "node1")["prev_cert_fingerprint"] == "",
+            15,
+            "node1 heartbeats with its new certificate",
+        )
+        time.sleep(3)  # a few more commands on the old connection
+        done.set()
+        streamer.join(10)
+        after = loop.run_until_complete(pool.get("node1"))
+        assert after is not before  # dialled by the new key
+        status = loop.run_until_complete(after.get_status(agent_pb2.GetStatusRequest(), timeout=5))
+        assert status.cert_not_after.ToDatetime(tzinfo=UTC) > cert1.not_valid_after_utc
+        loop.run_until_complete(pool.close())
+    finally:
+        loop.close()
+
+    assert stream_errors == [] and answered[0] > 5  # kept serving across the renewal
+    row1 = _row(cluster, "node1")
+    new1 = node1.cert()
+    assert row1["cert_serial"] == f"{new1.serial_number:x}" != start1["cert_serial"]
+    assert row1["key_pin"] == pki.spki_pin(new1)
+    assert node1.key_file.stat().st_mode & 0o777 == 0o600
+    assert pki.key_matches(new1, pki.read_key(node1.key_file))
+    # New connections get the new certificate only: the old key's name no longer passes.
+    with pytest.raises(grpc.RpcError):
+        _status(cluster, node1, start1["key_pin"])
+    assert _status(cluster, node1, row1["key_pin"]).node_name == "node1"
+    # Heartbeats go on; the old certificate is recorded, the new one too.
+    cluster.wait_for_nodes_online(["node1", "node2", "node4"])
+    certs = {c["serial"]: c for c in cluster.store_table("certificates")}
+    assert certs[start1["cert_serial"]]["kind"] == "node"
+    assert certs[row1["cert_serial"]]["kind"] == "node"
+    events = node1.event_names()
+    assert "agent.certificate_renewed" in events
+    assert "heartbeat.failed" not in events
+    listed = json.loads(cluster.cli("nodes", "--json").stdout)
+    (n1,) = [n for n in listed if n["name"] == "node1"]
+    assert n1["cert_serial"] == row1["cert_serial"] and "cert_renewed_at" in n1
+    assert "renewal_due_at" in n1 and "renewal_failing_since" not in n1
+    assert cluster.find_secrets(cluster.logs_text()) == []
+
+    # node3 was offline past its end: one line saying how to enrol it again.
+    cert3 = node3.cert()
+    _sleep_until(cert3.not_valid_after_utc + dt.timedelta(seconds=1))
+    code, output = node3.run_to_exit()
+    assert code == 1
+    line = one_line_error(output, "tlsroll-agent")
+    assert "expired" in line and "tlsroll nodes remove node3" in line
+    assert f"tlsroll token create --node node3 --address {node3.address}" in line
+
+    # ... and the expiry watch says so: exit 1, the schema, one log line.
+    check = cluster.cli("certs", "check-expiration", "--json")
+    assert check.returncode == 1
+    assert "within their warning horizon" in check.stderr
+    report = json.loads(check.stdout)
+    (c3,) = [c for c in report["certificates"] if c.get("subject") == "node3"]
+    assert c3["warning"] and int(c3["residual_seconds"]) < 0 and c3["advice"]
+    text = cluster.cli("certs", "check-expiration")
+    assert text.returncode == 1 and "EXPIRED" in text.stdout
+    schema = json.loads(cluster.cli("schema", "show", "--json").stdout)
+    assert any(e.get("subject") == "node3" for e in schema["expiring_certificates"])
+    wait_until(
+        lambda: any(
+            e.get("event") in WARNED and e.get("subject") == "node3"
+            for e in cluster.leader.log_events()
+        ),
+        30,
+        "the leader warns about node3's certificate",
+    )
+    time.sleep(LIFETIME * 0.1 + 1)  # another check of the watch: no second line today
+    warned = [
+        e
+        for e in cluster.leader.log_events()
+        if e.get("event") in WARNED and e.get("subject") == "node3"
+    ]
+    assert len(warned) == 1
+
+
+def _pool_credentials(cluster: Cluster) -> tuple[grpc.ChannelCredentials, str]:
+    chain, key = cluster.leader_credentials()
+    creds = grpc.ssl_channel_credentials(cluster.ca_pem, key, chain)
+    return creds, spiffe.trust_domain(pki.read_cert(cluster.ca_cert_path))
+
+
+def test_a_failing_renewal_shows_in_nodes_and_the_schema(cluster: Cluster) -> None:
+    """What an agent reports about a failing renewal (a node enrolled here, without an agent
+    process, sends the heartbeat) is shown by `tlsroll nodes` and the schema, cleaned."""
+    from tests.cluster import enrol, enrol_request
+
+    address = next_loopback()
+    key = pki.generate_key()
+    reply = enrol(
+        cluster, enrol_request(cluster.create_token("node9", address), "node9", address, key=key)
+    )
+    key_pem = pki.key_to_pem(key)
+    since = dt.datetime.now(UTC) - dt.timedelta(minutes=5)
+    request = leader_pb2.HeartbeatRequest(
+        agent_version="test", renewal_error="leader said no\x1b[31m"
+    )
+    request.renewal_failing_since.FromDatetime(since)
+    with cluster.control_channel(reply.certificate_pem, key_pem) as channel:
+        leader_pb2_grpc.LeaderStub(channel).Heartbeat(request, timeout=10)
+    listed = cluster.cli("nodes")
+    assert listed.returncode == 0
+    assert "renewal failing since" in listed.stdout and "leader said no" in listed.stdout
+    assert "\x1b" not in listed.stdout
+    schema = json.loads(cluster.cli("schema", "show", "--json").stdout)
+    (failure,) = [f for f in schema["renewal_failures"] if f["node"] == "node9"]
+    assert failure["reason"].startswith("leader said no")
+
+
+def test_the_viewer_certificate_is_renewed_while_the_leader_runs(cluster: Cluster) -> None:
+    """A viewer certificate that is due is issued again and served to new connections, with no
+    restart (the expiry watch checks it; with these agent lifetimes every 12 s)."""
+    from leader.layout import read_passphrase
+    from nodeagent.identity import fetch_chain
+    from tlsroll.defaults import VIEWER_PORT
+    from tlsroll.fsutil import write_atomic
+
+    def served() -> Any:
+        return fetch_chain(cluster.address, VIEWER_PORT)[0]
+
+    before = served()
+    ca = pki.CertificateAuthority.load(
+        cluster.ca_cert_path, cluster.ca_key_path, read_passphrase(cluster.passphrase_path)
+    )
+    tls_dir = cluster.data_dir / "tls"
+    key = pki.read_key(tls_dir / "viewer.key")
+    due = ca.issue(
+        key.public_key(),
+        pki.names_of(before),
+        server=True,
+        client=False,
+        lifetime=dt.timedelta(days=10),  # within the 30 days before its end: due
+    )
+    write_atomic(tls_dir / "viewer.pem", pki.cert_to_pem(due) + ca.cert_pem)
+    wait_until(
+        lambda: served() not in (before, due), 40, "the leader serves a renewed viewer certificate"
+    )
+    now = served()
+    assert pki.issued_by(now, ca.cert) and pki.names_of(now) == pki.names_of(before)
+    assert now.not_valid_after_utc > dt.datetime.now(UTC) + dt.timedelta(days=300)
+    assert pki.read_cert(tls_dir / "viewer.pem") == now
+    assert "viewer.certificate_reloaded" in cluster.leader.event_names()
+    report = json.loads(cluster.cli("certs", "check-expiration", "--json").stdout)
+    (viewer,) = [c for c in report["certificates"] if c["kind"] == "viewer"]
+    assert viewer["fingerprint"] == pki.fingerprint(now)
+
+
+def test_the_store_accepts_the_previous_certificate_only_and_bounds_renewals(
+    tmp_path: Path,
+) -> None:
+    from leader.store import NODE_CERTS_PER_HOUR, NodeCert, Store, Superseded, TooMany
+
+    store = Store(tmp_path / "leader.sqlite3")
+    store.add_token(
+        "t1",
+        "s" * 26,
+        ttl=dt.timedelta(hours=1),
+        uses=1,
+        description="",
+        now=T0,
+        actor="test",
+        node_name="n1",
+        addresses=("10.1.1.1",),
+    )
+    serials = iter(range(1, 1000))
+
+    def cert() -> NodeCert:
+        n = next(serials)
+        return NodeCert(f"sha256:pin{n}", f"sha256:fp{n}", f"{n:x}", T0 + dt.timedelta(days=30))
+
+    store.enrol(
+        token_id="t1",
+        secret="s" * 26,
+        name="n1",
+        addresses=("10.1.1.1",),
+        dns_names=(),
+        agent_version="t",
+        agent_port=9442,
+        key_pin="sha256:pin1",
+        issue=cert,
+        now=T0,
+    )
+    # renewed with the current certificate: that one becomes the previous
+    store.renew_node_certificate(
+        "n1", presented="sha256:fp1", key_pin="sha256:pin2", issue=cert, now=T0
+    )
+    node = store.get_node("n1")
+    assert (node.cert_fingerprint, node.prev_cert_fingerprint) == ("sha256:fp2", "sha256:fp1")
+    # the answer was lost: asked again with the previous one, which stays the previous
+    store.renew_node_certificate(
+        "n1", presented="sha256:fp1", key_pin="sha256:pin3", issue=cert, now=T0
+    )
+    node = store.get_node("n1")
+    assert (node.cert_fingerprint, node.prev_cert_fingerprint) == ("sha256:fp3", "sha256:fp1")
+    with pytest.raises(Superseded):  # the one never used is not accepted
+        store.renew_node_certificate(
+            "n1", presented="sha256:fp2", key_pin="sha256:pinx", issue=cert, now=T0
+        )
+    # a heartbeat with the current certificate: the previous one is accepted no more
+    store.heartbeat("n1", "t", now=T0, cert_fingerprint="sha256:fp3")
+    assert store.get_node("n1").prev_cert_fingerprint == ""
+    with pytest.raises(Superseded):
+        store.renew_node_certificate(
+            "n1", presented="sha256:fp1", key_pin="sha256:pinx", issue=cert, now=T0
+        )
+    current = "sha256:fp3"
+    with pytest.raises(TooMany):
+        for _ in range(NODE_CERTS_PER_HOUR):
+            current = store.renew_node_certificate(
+                "n1", presented=current, key_pin="sha256:piny", issue=cert, now=T0
+            ).fingerprint
+    # an hour later it may again
+    later = T0 + dt.timedelta(hours=1, seconds=1)
+    store.renew_node_certificate("n1", presented=current, key_pin="sha256:p", issue=cert, now=later)
+    store.close()
