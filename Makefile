@@ -16,7 +16,7 @@ NSPAWN := /usr/bin/systemd-nspawn
 PYTEST_ARGS ?= -n auto
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
-.PHONY: test demo lint typecheck proto proto-check pytest bench clean dist man completions
+.PHONY: fault-matrix test demo lint typecheck proto proto-check pytest bench clean dist man completions
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -89,6 +89,11 @@ dist: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) deploy/demo.py
+
+# Every fault × step of tests/test_fault_matrix.py (make test runs one seeded step per fault);
+# TLSROLL_FAULT_SEED=N picks other moments.
+fault-matrix: $(STAMP)
+	$(VENV)/bin/pytest $(PYTEST_ARGS) -m fault_matrix tests/test_fault_matrix.py
 
 bench: $(STAMP)
 	$(PY) bench/run.py
