@@ -35,7 +35,7 @@ from tenacity import AsyncRetrying, RetryError, retry_if_result, stop_after_dela
 
 from tlsroll.config import ConfigFile, Section, dump_toml
 from tlsroll.errors import TerminalError
-from tlsroll.fsutil import write_atomic
+from tlsroll.fsutil import socket_dir_problem, write_atomic
 from tlsroll.httpcheck import port_open
 
 START_TIMEOUT = 20.0
@@ -124,11 +124,17 @@ class Driver(abc.ABC):
 
 
 class AdminSocketClient:
-    """HTTP over the managed server's local admin socket (the reference server's protocol)."""
+    """HTTP over the managed server's local admin socket (the reference server's protocol).
 
-    def __init__(self, socket_path: Path, timeout: float = 10.0) -> None:
+    With ``owner`` (the uid the server runs as) the socket is trusted only in a directory that
+    user owns and nobody else can write (``tlsroll.fsutil.socket_dir_problem``): whoever can
+    write there can put a socket of their own in its place, and the agent would freeze (and
+    believe) a fake."""
+
+    def __init__(self, socket_path: Path, timeout: float = 10.0, owner: int | None = None) -> None:
         self.socket_path = socket_path
         self.timeout = timeout
+        self.owner = owner
 
     async def call(
         self,
@@ -137,6 +143,13 @@ class AdminSocketClient:
         body: Mapping[str, Any] | None = None,
         timeout: float | None = None,
     ) -> dict[str, Any]:
+        if self.owner is not None:
+            try:
+                problem = socket_dir_problem(self.socket_path.parent, self.owner)
+            except OSError as exc:
+                problem = f"{exc.strerror}: {exc.filename}"
+            if problem is not None:
+                raise DriverError(f"not trusting the admin socket {self.socket_path}: {problem}")
         connector = aiohttp.UnixConnector(path=str(self.socket_path))
         client_timeout = aiohttp.ClientTimeout(total=timeout or self.timeout)
         try:
@@ -212,7 +225,10 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
         self._children: list[subprocess.Popen[bytes]] = []
         section = self._section()
         self.data_dir: Path = section.path("data_dir")
-        self.admin = AdminSocketClient(section.path("admin_socket", self.data_dir / "admin.sock"))
+        # The server runs as the agent does (the driver starts it): its socket must be ours.
+        self.admin = AdminSocketClient(
+            section.path("admin_socket", self.data_dir / "admin.sock"), owner=os.geteuid()
+        )
 
     def _section(self) -> Section:
         return ConfigFile.load(self.config_file).section("server")

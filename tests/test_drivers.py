@@ -21,6 +21,7 @@ from typing import Any
 
 import grpc
 import pytest
+from aiohttp import web
 
 from nodeagent.drivers import (
     Driver,
@@ -512,3 +513,39 @@ async def test_reference_driver_start_gives_up_after_its_timeout(tmp_path: Path)
         for child in driver._children:  # it may not have written its pid file yet
             child.kill()
             child.wait(10)
+
+
+async def test_reference_driver_refuses_a_socket_others_could_have_put_there(
+    tmp_path: Path,
+) -> None:
+    """Issue 9: someone who can write the socket's directory can swap in a socket of their
+    own, and the agent froze that fake. The driver now refuses before it connects: a fake
+    admin socket in a directory everyone may write gets no request."""
+    shared = tmp_path / "shared"
+    shared.mkdir()
+    shared.chmod(0o777)
+    sock = shared / "admin.sock"
+    asked: list[str] = []
+
+    async def fake(request: web.Request) -> web.Response:
+        asked.append(request.path)
+        return web.json_response({"frozen": True, "drained": True, "watermark": 0})
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", fake)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.UnixSite(runner, str(sock))
+    await site.start()
+    try:
+        driver = reference_driver(tmp_path, admin_socket=str(sock))
+        with pytest.raises(DriverError, match=r"not trusting the admin socket .*writ"):
+            await driver.freeze(5)
+        with pytest.raises(DriverError, match="not trusting"):
+            await driver.status()
+        assert asked == []
+        shared.chmod(0o700)  # ours alone: now it is the server's socket
+        assert (await driver.status())["frozen"] is True
+        assert asked == ["/admin/status"]
+    finally:
+        await runner.cleanup()

@@ -1039,7 +1039,9 @@ async def test_a_leader_back_after_the_lease_freezes_again_before_the_next_switc
     assert not any(a.frozen for a in world.agents)
     for agent in world.agents:  # a freeze takes a while to reach the node
 
-        def slow(real: Any) -> Any:
+        def slow(
+            real: Callable[[agent_pb2.FreezeRequest], Awaitable[agent_pb2.FreezeResponse]],
+        ) -> Callable[[agent_pb2.FreezeRequest], Awaitable[agent_pb2.FreezeResponse]]:
             async def freeze(request: agent_pb2.FreezeRequest) -> agent_pb2.FreezeResponse:
                 for _ in range(50):
                     await asyncio.sleep(0)
