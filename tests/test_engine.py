@@ -1049,7 +1049,7 @@ async def test_a_leader_back_after_the_lease_freezes_again_before_the_next_switc
 
             return freeze
 
-        agent.freeze = slow(agent.freeze)  # type: ignore[method-assign]
+        agent.freeze = slow(agent.freeze)  # type: ignore[method-assign,assignment]
     seen = len(world.agents.calls)
     second = world.boot(freeze_lease=lease)
     row = await second.run()
