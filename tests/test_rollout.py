@@ -306,7 +306,7 @@ def test_unknown_scope_is_a_usage_error_and_changes_nothing(idle: Setup) -> None
 def test_unknown_node_is_refused_naming_it_and_changes_nothing(idle: Setup) -> None:
     for command in ([*start_cmd(idle), "--yes"], ["plan"]):
         for nodes in ("nodeX", "i1,nodeX"):
-            line = refused(idle, [*command, "--nodes", nodes])
+            line = refused(idle, [*command, "--nodes", nodes], code=2)  # a bad value: usage
             assert "not enrolled: nodeX " in line, line
             assert "i1" not in line, line
     assert newest(idle.cluster) is None
