@@ -357,14 +357,19 @@ def test_print_join_command_writes_a_config_that_enrols_a_real_agent(cluster: Cl
     )
     assert result.returncode == 0, result.stderr
     script = result.stdout
-    token = next(w.strip("'") for w in script.split() if re.fullmatch(r"'?[\w-]+\.[\w-]+'?", w))
+    printed = re.search(r"^printf '%s\\n' '?([\w-]+\.[\w-]+)'? > ", script, re.MULTILINE)
+    assert printed, script
+    token = printed.group(1)
     cluster.tokens.append(token)  # find_secrets looks for it in the logs
 
+    config, token_file = etc / "agent.toml", etc / "join-token"
+    etc.mkdir()
+    config.write_text("# the example, with the admin's [server] table\n")  # kept aside
     ran = subprocess.run(
         ["sh", "-s"], input=script, capture_output=True, text=True, timeout=30, check=False
     )
     assert ran.returncode == 0, ran.stderr
-    config, token_file = etc / "agent.toml", etc / "join-token"
+    assert (etc / "agent.toml.before-join").read_text().startswith("# the example")
     for path in (config, token_file):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path
     assert token_file.read_text() == token + "\n"

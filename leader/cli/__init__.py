@@ -260,13 +260,16 @@ def join_script(reply: admin_pb2.CreateTokenResponse, config_dir: Path, data_dir
         "set -eu",
         "umask 077",
         f"mkdir -p {q(str(config_dir))}",
+        "# An agent.toml already there (install.sh's example, your [server] table) is kept aside.",
+        f"if [ -e {q(str(config_file))} ]; then "
+        f"cp -p {q(str(config_file))} {q(str(config_file) + '.before-join')}; fi",
         f"cat > {q(str(config_file))} <<'{marker}'",
         config.rstrip("\n"),
         marker,
         f"printf '%s\\n' {q(reply.token)} > {q(str(token_file))}",
         f"chmod 600 {q(str(config_file))} {q(str(token_file))}",
-        "# Next: add the [server] table for the managed server (see the example agent.toml),",
-        "# then: systemctl enable --now tlsroll-agent",
+        "# Next: add the [server] table for the managed server (from agent.toml.before-join or",
+        "# the example agent.toml), then: systemctl enable --now tlsroll-agent",
     ]
     return "\n".join(lines) + "\n"
 
