@@ -606,3 +606,50 @@ def test_the_store_accepts_the_previous_certificate_only_and_bounds_renewals(
     later = T0 + dt.timedelta(hours=1, seconds=1)
     store.renew_node_certificate("n1", presented=current, key_pin="sha256:p", issue=cert, now=later)
     store.close()
+
+
+@pytest.mark.timeout(360)
+def test_a_renewal_while_the_leader_restarts_is_tried_again(cluster: Cluster) -> None:
+    """The leader is down at the agent's renewal point: the agent retries with backoff and
+    renews once the leader is back, before its certificate ends."""
+    names = [n for n, a in cluster.agents.items() if a.running]
+    if not names:  # run alone: an agent of its own
+        cluster.add_agent("node5", next_loopback())
+        names = ["node5"]
+    cluster.wait_for_nodes_online(names)
+
+    def due(name: str) -> dt.datetime:
+        info = cluster.list_nodes()[name]
+        assert info.HasField("renewal_due_at")  # reported with the heartbeats
+        return info.renewal_due_at.ToDatetime(tzinfo=UTC)
+
+    wait_until(
+        lambda: all(cluster.list_nodes()[n].HasField("renewal_due_at") for n in names),
+        15,
+        "renewal points reported",
+    )
+    soon = dt.datetime.now(UTC) + dt.timedelta(seconds=5)
+    name = min((n for n in names if due(n) > soon), key=due, default=None)
+    if name is None:  # every point is too close: wait for the next round
+        time.sleep(LIFETIME * 0.3)
+        name = min(names, key=due)
+    agent = cluster.agents[name]
+    when = due(name)
+    serial = _row(cluster, name)["cert_serial"]
+    _sleep_until(when - dt.timedelta(seconds=1))
+    cluster.stop_leader()
+    _sleep_until(when + dt.timedelta(seconds=2))  # the agent tries, and fails
+    cluster.start_leader()
+    wait_until(
+        lambda: _row(cluster, name)["cert_serial"] != serial,
+        30,
+        f"{name} renews once the leader is back",
+    )
+    failed = [e for e in agent.log_events() if e.get("event") == "renewal.failed"]
+    assert failed and "renewal at" in str(failed[-1].get("error"))
+    wait_until(  # the agent has switched to it (it serves it before it heartbeats with it)
+        lambda: _row(cluster, name)["prev_cert_fingerprint"] == "",
+        15,
+        f"{name} heartbeats with its new certificate",
+    )
+    assert _status(cluster, agent, _row(cluster, name)["key_pin"]).node_name == name
