@@ -653,3 +653,48 @@ def test_a_renewal_while_the_leader_restarts_is_tried_again(cluster: Cluster) ->
         f"{name} heartbeats with its new certificate",
     )
     assert _status(cluster, agent, _row(cluster, name)["key_pin"]).node_name == name
+
+
+def test_the_viewer_lists_an_agent_certificate_only_once_its_renewal_is_overdue(
+    tmp_path: Path,
+) -> None:
+    """30-day agent certificates are always "within 30 days": the viewer lists one only when
+    less than a tenth of its life is left (the expiry watch's rule)."""
+    from leader.schema_store import SchemaStore
+    from leader.store import NodeCert, Store
+    from leader.viewer.snapshot import Reader
+
+    store = Store(tmp_path / "leader.sqlite3")
+    for name, days in (("fresh", 20.0), ("overdue", 2.0)):
+        cert = NodeCert(
+            f"sha256:{name}", f"sha256:fp-{name}", name.encode().hex(), T0 + dt.timedelta(days=days)
+        )
+        store.add_token(
+            name,
+            "s" * 26,
+            ttl=dt.timedelta(hours=1),
+            uses=1,
+            description="",
+            now=T0,
+            actor="test",
+            node_name=name,
+            addresses=(f"10.1.1.{int(days)}",),
+        )
+        store.enrol(
+            token_id=name,
+            secret="s" * 26,
+            name=name,
+            addresses=(f"10.1.1.{int(days)}",),
+            dns_names=(),
+            agent_version="t",
+            agent_port=9442,
+            key_pin=f"sha256:{name}",
+            issue=lambda cert=cert: cert,  # type: ignore[misc]
+            now=T0,
+        )
+    schema = SchemaStore(store.db)
+    old = Reader(store, schema, lambda: T0, lambda _: True, [])
+    assert {c.subject for c in old.read().near_expiry} == {"fresh", "overdue"}
+    reader = Reader(store, schema, lambda: T0, lambda _: True, [], agent_near=dt.timedelta(days=3))
+    assert {c.subject for c in reader.read().near_expiry} == {"overdue"}
+    store.close()

@@ -24,6 +24,7 @@ from aiohttp import web
 from cryptography import x509
 
 from leader.config import LeaderConfig
+from leader.expiry import AGENT_HORIZON_FRACTION
 from leader.schema_store import SchemaStore
 from leader.service import LeaderState
 from leader.viewer import certificate
@@ -98,6 +99,7 @@ class Viewer:
                 ("leader", pki.load_certs_pem(layout.tls_cert.read_bytes())[0]),
                 ("viewer", cert),
             ],
+            agent_near=state.agent_cert_lifetime * AGENT_HORIZON_FRACTION,
         )
         app = ViewerApp(
             reader=reader,

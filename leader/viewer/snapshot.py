@@ -73,6 +73,9 @@ class Snapshot:
     selected: dict[str, Any] | None  # the selected rollout of ``data``, if any
     timeline: dict[str, tuple[Transition, ...]] = field(default_factory=dict)
     """The selected rollout's transitions: "" its own, else by node name."""
+    agent_near: dt.timedelta = NEAR_EXPIRY
+    """Agents renew their own certificates: one is near its end only once its renewal is
+    overdue (``leader.expiry``: a tenth of its life), not merely within ``NEAR_EXPIRY``."""
 
     @property
     def offline(self) -> tuple[NodeStatus, ...]:
@@ -80,7 +83,11 @@ class Snapshot:
 
     @property
     def near_expiry(self) -> tuple[CertStatus, ...]:
-        return tuple(c for c in self.certificates if c.not_after - self.now < NEAR_EXPIRY)
+        return tuple(
+            c
+            for c in self.certificates
+            if c.not_after - self.now < (self.agent_near if c.kind == "agent" else NEAR_EXPIRY)
+        )
 
     @property
     def attention(self) -> tuple[str, ...]:
@@ -101,6 +108,7 @@ class Reader:
         clock: Callable[[], dt.datetime],
         online: Callable[[dt.datetime | None], bool],
         own_certs: Sequence[tuple[str, x509.Certificate]],
+        agent_near: dt.timedelta = NEAR_EXPIRY,
     ) -> None:
         """``own_certs``: the leader's own certificates as (kind, certificate): the CA, the
         leader's, the viewer's."""
@@ -108,6 +116,7 @@ class Reader:
         self.schema = schema
         self.clock = clock
         self.online = online
+        self.agent_near = agent_near
         self.own_certs = tuple(
             CertStatus(kind, "", pki.fingerprint(cert), cert.not_valid_after_utc)
             for kind, cert in own_certs
@@ -153,6 +162,7 @@ class Reader:
             certificates=self.own_certs + agents + server_certs(message),
             selected=selected,
             timeline=timeline,
+            agent_near=self.agent_near,
         )
 
 
