@@ -310,6 +310,10 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         accepted = {node.cert_fingerprint, node.prev_cert_fingerprint} - {""}
         if presented not in accepted:
             raise unauthenticated(f"certificate is not the one on record for node {name!r}")
+        # A certificate revoked by serial (`tlsroll ca revoke`) must not renew itself into a
+        # fresh one, nor go on calling: the node has to enrol again.
+        if await asyncio.to_thread(self.state.store.is_revoked, f"{cert.serial_number:x}"):
+            raise unauthenticated(f"the certificate of node {name!r} is revoked; enrol it again")
         return name, cert
 
     @map_errors(ERRORS)

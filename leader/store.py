@@ -621,6 +621,15 @@ class Store(LeaderStore):
             self._audit(db, now, actor, "certificate.revoked", key, serials=serials)
         return serials
 
+    def is_revoked(self, serial: str) -> bool:
+        """Whether the certificate with ``serial`` (hex) is revoked."""
+        with self._db.read() as db:
+            row = db.execute(
+                "SELECT 1 FROM certificates WHERE serial = ? AND revoked_at IS NOT NULL",
+                (serial.lstrip("0") or "0",),
+            ).fetchone()
+        return row is not None
+
     def revoked(self) -> tuple[int, list[tuple[str, dt.datetime]]]:
         """The revocation list's number and its entries: (serial, revoked at), unexpired only
         (an expired certificate is refused anyway)."""

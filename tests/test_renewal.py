@@ -698,3 +698,28 @@ def test_the_viewer_lists_an_agent_certificate_only_once_its_renewal_is_overdue(
     reader = Reader(store, schema, lambda: T0, lambda _: True, [], agent_near=dt.timedelta(days=3))
     assert {c.subject for c in reader.read().near_expiry} == {"overdue"}
     store.close()
+
+
+def test_a_certificate_revoked_by_serial_cannot_renew_itself(cluster: Cluster) -> None:
+    """`tlsroll ca revoke SERIAL` of a node's certificate: the leader refuses its calls, so it
+    cannot renew into a fresh, unrevoked certificate (the node must enrol again)."""
+    from tests.cluster import enrol, enrol_request
+
+    address = next_loopback()
+    key = pki.generate_key()
+    token = cluster.create_token("node8", address)
+    reply = enrol(cluster, enrol_request(token, "node8", address, key=key))
+    creds = (reply.certificate_pem, pki.key_to_pem(key))
+    serial = f"{pki.load_cert_pem(reply.certificate_pem).serial_number:x}"
+    new_key = pki.generate_key()
+    request = leader_pb2.RenewNodeCertificateRequest(csr_pem=csr_pem(new_key, "node8", [address]))
+    assert cluster.cli("ca", "revoke", serial).returncode == 0
+    with cluster.control_channel(*creds) as channel:
+        stub = leader_pb2_grpc.LeaderStub(channel)
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.RenewNodeCertificate(request, timeout=10)
+        assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        assert "revoked" in (refused.value.details() or "")
+        with pytest.raises(grpc.RpcError):
+            stub.Heartbeat(leader_pb2.HeartbeatRequest(agent_version="t"), timeout=10)
+    assert _row(cluster, "node8")["cert_serial"] == serial
