@@ -541,9 +541,9 @@ class Store(LeaderStore):
             ).fetchall()
             if any(r["node"] != node for r in held):
                 raise NameTaken(
-                    f"workstation name {workstation!r} is held by a workstation of node "
-                    f"{held[0]['node']!r}; revoke it first: tlsroll workstations revoke "
-                    f"{workstation}"
+                    f"workstation name {workstation} is taken (at node {held[0]['node']}): "
+                    f"choose another (--name), or the admin frees it (tlsroll workstations "
+                    f"revoke {workstation})"
                 )
             cert = issue()
             db.executemany(

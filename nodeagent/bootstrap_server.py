@@ -549,6 +549,15 @@ class BootstrapService:
             )
         try:
             cert = pki.load_cert_pem(await self.sign(csr_pem))
+        except TerminalError as exc:
+            if not getattr(exc, "refused", False):
+                raise Refused(
+                    502, proto.ErrorCode.SIGN_FAILED, "the CA did not sign; try later"
+                ) from None
+            # The cluster said no for a reason the workstation's admin can act on (the name is
+            # another workstation's): say it, rather than "try later".
+            log.warning("bootstrap.sign_refused", remote=request.remote, cn=cn)
+            raise Refused(409, proto.ErrorCode.SIGN_FAILED, str(exc)) from None
         except Exception as exc:  # whatever the CA path raises, the client gets one answer
             log.error("bootstrap.sign_failed", remote=request.remote, error=type(exc).__name__)
             raise Refused(

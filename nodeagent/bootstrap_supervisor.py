@@ -22,7 +22,7 @@ from nodeagent.bootstrap_server import BootstrapService, FailureLog, Guard, Limi
 from nodeagent.config import AgentConfig
 from nodeagent.identity import Identity
 from nodeagent.journal import Journal
-from tlsroll import logs, password
+from tlsroll import logs, password, spiffe
 from tlsroll.errors import TerminalError, TlsrollError
 from tlsroll.rpc import hostport
 from tlsroll.v1 import leader_pb2, leader_pb2_grpc
@@ -31,7 +31,16 @@ log = logs.get_logger(__name__)
 
 
 class SignRefused(TerminalError):
-    pass
+    """The leader did not sign a workstation's certificate; ``refused`` when it said no (a
+    name another workstation holds, too many for this node), not merely could not be asked."""
+
+    def __init__(self, message: str, *, refused: bool = False) -> None:
+        super().__init__(message)
+        self.refused = refused
+
+
+# What the leader answers when it will not sign for a reason the workstation can act on.
+REFUSALS = frozenset({grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.RESOURCE_EXHAUSTED})
 
 
 class BootstrapHost:
@@ -53,14 +62,19 @@ class BootstrapHost:
             certificate_chain=self.identity.cert_pem,
         )
         target = hostport(self.cfg.leader_address, self.cfg.control_port)
-        async with grpc.aio.secure_channel(target, creds) as channel:
+        # The leader by its identity, not by its address (tlsroll.spiffe).
+        host = spiffe.leader_host(spiffe.trust_domain(self.identity.ca))
+        options = [("grpc.ssl_target_name_override", host)]
+        async with grpc.aio.secure_channel(target, creds, options=options) as channel:
             stub = leader_pb2_grpc.LeaderStub(channel)
             try:
                 reply = await stub.SignWorkstationCertificate(
                     leader_pb2.SignWorkstationRequest(csr_pem=csr_pem), timeout=15
                 )
             except grpc.aio.AioRpcError as exc:
-                raise SignRefused(f"the leader did not sign: {exc.details()}") from None
+                raise SignRefused(
+                    f"the leader did not sign: {exc.details()}", refused=exc.code() in REFUSALS
+                ) from None
         return reply.certificate_pem
 
     async def sync(self) -> None:

@@ -33,7 +33,7 @@ from nodeagent.identity import Identity
 from nodeagent.journal import Journal
 from nodeagent.trust import LeaderTrust
 from tlsroll import __version__, logs, spiffe
-from tlsroll.errors import TlsrollError, TransientError
+from tlsroll.errors import TerminalError, TransientError
 from tlsroll.rpc import hostport, reconnect_options
 from tlsroll.v1 import leader_pb2, leader_pb2_grpc
 
@@ -62,7 +62,7 @@ class RenewalState(Protocol):
     error: str
 
 
-class RenewalRefused(TlsrollError):
+class RenewalRefused(TerminalError):
     """The leader did not renew the agent's certificate; the message says why."""
 
 

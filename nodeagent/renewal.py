@@ -55,7 +55,7 @@ from nodeagent.identity import (
 )
 from tlsroll import logs, pki, spiffe
 from tlsroll.backoff import Policy
-from tlsroll.errors import PKIError, TlsrollError
+from tlsroll.errors import PKIError, TerminalError, TlsrollError
 
 log = logs.get_logger(__name__)
 
@@ -166,7 +166,7 @@ class Status:
     error: str = ""
 
 
-class RenewalRefused(TlsrollError):
+class RenewalRefused(TerminalError):
     """The renewed certificate is not what this node asked for."""
 
 

@@ -361,7 +361,7 @@ def test_workstation_names_are_unique_listed_and_revocable(cluster: Cluster) -> 
     assert sign_workstation(cluster, node1, "ws-vm")[0] == OK
     code, details = sign_workstation(cluster, node2, "ws-vm")  # another node: a duplicate
     assert code == ALREADY_EXISTS
-    assert "tlsroll workstations revoke ws-vm" in details
+    assert "tlsroll workstations revoke ws-vm" in details and "is taken" in details
     assert sign_workstation(cluster, node1, "ws-vm")[0] == OK  # the same node: supersedes
     listed = cluster.cli("workstations", "list", "--json")
     assert listed.returncode == 0, listed.stderr

@@ -75,4 +75,9 @@ def test_a_halted_rollout_without_attention_exits_3(cluster: Cluster) -> None:
     cluster.start_leader()
     result = cluster.cli("rollout", "status", "--json")
     assert result.returncode == 3, (result.stdout, result.stderr)
-    assert json.loads(result.stdout)["state"] == "halted" and result.stderr == ""
+    assert json.loads(result.stdout)["state"] == "halted"
+    # One line on stderr: the way on (issue 16: every halted rollout names the next command).
+    assert result.stderr.startswith(
+        "tlsroll: rollout r-rb halted; to finish the nodes it left: tlsroll rollout retry r-rb"
+    )
+    assert result.stderr.count("\n") == 1

@@ -78,8 +78,11 @@ class World:
         return latest
 
     def test_connection(
-        self, url: str, password_file: Path, settings: Path
+        self, url: str, password_file: Path, settings: Path, name: str = ""
     ) -> subprocess.CompletedProcess[str]:
+        """``tlsroll client test-connection`` as a workstation named after its settings dir
+        (``name`` else): one machine plays every practice PC, and each PC has a name of its
+        own (a name another node's workstation holds is refused)."""
         result = subprocess.run(
             [
                 sys.executable,
@@ -93,6 +96,8 @@ class World:
                 "--yes",
                 "--settings-dir",
                 str(settings),
+                "--name",
+                name or settings.name,
             ],
             capture_output=True,
             text=True,
@@ -153,6 +158,16 @@ def test_workstations_join_then_a_new_password_takes_effect_at_restart(
         )
         assert http_request("GET", node.https_url(), context=ctx).status == 200
         assert login(node, PW1, ca_pem) == 200
+
+    # The same PC name at another node: refused with a reason it can act on (issue 9: names
+    # are unique across the cluster), not "try later"; nothing written.
+    taken = world.test_connection(
+        world.nodes[1].https_url(), pw1, tmp_path / "ws-taken", name="ws-node1"
+    )
+    assert taken.returncode != 0
+    assert "ws-node1 is taken" in taken.stderr and "choose another (--name)" in taken.stderr
+    assert "try later" not in taken.stderr
+    assert not (tmp_path / "ws-taken" / "client.key").exists()
 
     # A wrong password: the node refuses the exchange (exit 9), nothing written; the agent
     # reports the failure with its next heartbeat, and the schema shows it.

@@ -28,7 +28,7 @@ from cryptography.hazmat.primitives.asymmetric.types import PrivateKeyTypes
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.scrypt import Scrypt
 
-from tlsroll.errors import PKIError, PKIReason
+from tlsroll.errors import PKIError, PKIReason, TerminalError
 
 SCRYPT_N = 2**14
 SCRYPT_R = 8
@@ -86,7 +86,7 @@ def _oid(dotted: str) -> bytes:
     return _tlv(_OID, bytes(out))
 
 
-class _Malformed(ValueError):
+class _Malformed(TerminalError):  # caught in this module only (read_pkcs8)
     pass
 
 

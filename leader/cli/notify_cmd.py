@@ -357,6 +357,12 @@ def notify(
     span = parse_duration(duration) if duration is not None else None
     if include_password and change in ("rotate-cert", "disable-tls"):
         raise click.UsageError(f"a {change} notice has no password to give")
+    if include_password and start is not None and change in (None, "enable-tls"):
+        # A usage error whatever the nodes run: said before the plan is asked for.
+        raise click.UsageError(
+            "enable-tls sets its password when it starts (rollout start --password-file): "
+            "include it in the notice after the start, or leave out --include-password"
+        )
 
     schema = fetch_schema(leader)
     known = known_urls(schema)
