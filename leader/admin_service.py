@@ -367,6 +367,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             token_id=n.token_id,
             highest_epoch=n.highest_epoch,
             removed_at=timestamp(n.removed_at),
+            server=self.state.live_servers.get(n.name, "") if n.removed_at is None else "",
             cert_serial=n.cert_serial,
             key_pin=n.key_pin,
             cert_renewed_at=timestamp(n.cert_renewed_at),

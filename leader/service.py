@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
@@ -105,6 +105,8 @@ class LeaderState:
     heartbeat_interval: int
     leader_names: pki.Names | None = None
     leader_node: str | None = None
+    # node -> what its managed server runs, as its last heartbeat said (``server_summary``).
+    live_servers: dict[str, str] = field(default_factory=dict)
     # How long an agent's own certificate lives (``LeaderConfig.agent_cert_lifetime``).
     agent_cert_lifetime: dt.timedelta = dt.timedelta(days=30)
     _crl: tuple[int, bytes] = (-1, b"")
@@ -230,6 +232,20 @@ class EnrolmentService(enrolment_pb2_grpc.EnrolmentServicer):
         )
 
 
+def server_summary(request: leader_pb2.HeartbeatRequest) -> str:
+    """One line on what a node's managed server runs, from its heartbeat (cleaned: a peer
+    wrote it): "http", "https", "http+https", "down: <why>", "none"; "frozen" added."""
+    if not request.HasField("server"):
+        return ""
+    live = request.server
+    if live.driver == "none":
+        return "none"
+    if not live.healthy:
+        return "down: " + (peertext.clean(live.detail, 120) or "no answer")
+    schemes = [s for s in ("http", "https") if s in live.schemes]
+    return "+".join(schemes or ["?"]) + (" frozen" if live.frozen else "")
+
+
 MAX_FAILURE_REPORTS = 64  # per heartbeat; the agent sends at most that many
 MAX_RENEWAL_ERROR = 200  # characters of the reason an agent gives for a failed renewal
 
@@ -342,6 +358,12 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                     workstation=f.workstation,
                     count=f.count,
                 )
+        summary = server_summary(request)
+        if summary.startswith("down") and not self.state.live_servers.get(name, "").startswith(
+            "down"
+        ):
+            log.warning("node.server_down", node=name, detail=summary)
+        self.state.live_servers[name] = summary
         epoch = await asyncio.to_thread(self.schema.current_epoch)
         number, crl_pem = await asyncio.to_thread(self.state.crl)
         return leader_pb2.HeartbeatResponse(

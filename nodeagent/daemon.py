@@ -99,6 +99,7 @@ async def serve(cfg: AgentConfig, *, reinitialise: bool = False) -> None:
     link = LeaderLink(cfg, identity, trust, journal, bootstrap.failures)
     trust.refresh = link.beat  # an epoch the agent has not heard of: ask the leader now
     service = NodeAgentService(cfg, identity, journal, driver, runner, now, trust)
+    link.server_view = service.server_view
 
     def renewed(new: Identity) -> Awaitable[None]:
         creds.update(new)

@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Protocol
 
 import grpc
@@ -35,9 +35,10 @@ from nodeagent.trust import LeaderTrust
 from tlsroll import __version__, logs, spiffe
 from tlsroll.errors import TerminalError, TransientError
 from tlsroll.rpc import hostport, reconnect_options
-from tlsroll.v1 import leader_pb2, leader_pb2_grpc
+from tlsroll.v1 import agent_pb2, leader_pb2, leader_pb2_grpc
 
 log = logs.get_logger(__name__)
+SERVER_VIEW_SECONDS = 2.0  # a heartbeat does not wait longer for the server's status
 
 
 def failure_messages(sent: list[FailureCount]) -> list[leader_pb2.BootstrapFailure]:
@@ -91,6 +92,9 @@ class LeaderLink:
         self.channel, self.stub = self._connect(identity)
         self.healthy: bool | None = None
         self.renewal: Callable[[], RenewalState] | None = None
+        # What the managed server runs now (NodeAgentService.server_view), sent with every
+        # heartbeat so the leader sees a server that went down after its rollout.
+        self.server_view: Callable[[], Awaitable[agent_pb2.ServerView]] | None = None
         self._lock = asyncio.Lock()
 
     def _connect(
@@ -160,6 +164,18 @@ class LeaderLink:
                 if (since := _ts(state.failing_since)) is not None:
                     request.renewal_failing_since.CopyFrom(since)
                     request.renewal_error = state.error[:200]
+            if self.server_view is not None:
+                with contextlib.suppress(TimeoutError):
+                    view = await asyncio.wait_for(self.server_view(), SERVER_VIEW_SECONDS)
+                    request.server.CopyFrom(
+                        leader_pb2.LiveServer(
+                            driver=view.driver,
+                            healthy=view.healthy,
+                            frozen=view.frozen,
+                            schemes=list(view.schemes),
+                            detail=view.detail[:200],
+                        )
+                    )
             try:
                 reply = await self.stub.Heartbeat(request, timeout=self.cfg.heartbeat_interval)
             except grpc.aio.AioRpcError as exc:

@@ -145,6 +145,10 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             raise failed_precondition("no managed server configured on this node ([server])")
         return self.driver
 
+    async def server_view(self) -> agent_pb2.ServerView:
+        """What the managed server runs now (for the heartbeats)."""
+        return await self._view()
+
     async def _view(self) -> agent_pb2.ServerView:
         if self.driver is None:
             return agent_pb2.ServerView(driver="none", detail="no managed server configured")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import signal
 import time
 from collections.abc import Iterator
@@ -236,3 +237,34 @@ def stopped_agent(cluster: Cluster, nodes: list[Node], tmp_path: Path) -> None:
     for node in nodes:
         assert live(node).schemes == ["https"]
         writes_work(node, "https", cluster.ca_pem)
+
+
+def test_a_server_that_dies_after_its_rollout_shows_within_heartbeats(
+    three: tuple[Cluster, list[Node]], tmp_path: Path
+) -> None:
+    """Issue 16 #6: a managed server killed after its node finished stayed down while the
+    leader showed `done`. Heartbeats carry what the server runs: `tlsroll nodes` says it is
+    down within a few intervals, and a new plan names it instead of going ahead."""
+    cluster, nodes = three
+    node2 = nodes[1]
+    pw = password_file(tmp_path, "pw", "dead-server-password-for-practice")
+    start = cluster.cli(
+        *("rollout", "start", "--scope", "cluster", "--password-file", str(pw)), "--yes", "--wait"
+    )
+    assert start.returncode == 0, (start.stdout, start.stderr)
+
+    def server_of(name: str) -> str:
+        listed = json.loads(cluster.cli("nodes", "--json").stdout)
+        return str(next(n.get("server", "") for n in listed if n["name"] == name))
+
+    wait_until(lambda: server_of("node2") == "https", 15, "node2's server on https")
+    pid = node2.server_pid()
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    wait_until(lambda: server_of("node2").startswith("down"), 15, "node2's server down")
+    assert server_of("node1") == "https"
+    table = cluster.cli("nodes").stdout
+    (row,) = [ln for ln in table.splitlines() if " node2 " in ln]
+    assert "down" in row
+    plan = cluster.cli("plan", "--scope", "cluster", "--change", "change-password")
+    assert plan.returncode == 1 and "node2" in plan.stderr, (plan.stdout, plan.stderr)

@@ -63,7 +63,14 @@ def nodes(
         emit_json([to_dict(n) for n in reply.nodes])
         return
     table = Table(
-        "node", "addresses", "state", "agent", "last heartbeat", "cert expires", "renewal"
+        "node",
+        "addresses",
+        "state",
+        "server",
+        "agent",
+        "last heartbeat",
+        "cert expires",
+        "renewal",
     )
     for n in reply.nodes:
         if n.HasField("removed_at"):
@@ -74,6 +81,7 @@ def nodes(
             n.name,
             ", ".join(n.addresses),
             state,
+            Text(n.server or "-", style="red" if n.server.startswith("down") else ""),
             # Whatever an agent reported, printed without control characters (the leader
             # cleans it too; an older store may still hold raw text).
             peertext.clean(n.agent_version, 64),

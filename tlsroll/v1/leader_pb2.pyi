@@ -115,6 +115,7 @@ class HeartbeatRequest(_message.Message):
     RENEWAL_DUE_AT_FIELD_NUMBER: _builtins.int
     RENEWAL_FAILING_SINCE_FIELD_NUMBER: _builtins.int
     RENEWAL_ERROR_FIELD_NUMBER: _builtins.int
+    SERVER_FIELD_NUMBER: _builtins.int
     agent_version: _builtins.str
     highest_epoch: _builtins.int
     """The highest rollout epoch this agent has seen (commands with a lower one are refused)."""
@@ -137,6 +138,12 @@ class HeartbeatRequest(_message.Message):
     def renewal_failing_since(self) -> _timestamp_pb2.Timestamp:
         """Set while renewing fails: since when, and the last reason (at most 200 characters)."""
 
+    @_builtins.property
+    def server(self) -> Global___LiveServer:
+        """What the managed server runs now, as the agent sees it (no [server]: driver "none"), so
+        that the leader notices a server that went down after its rollout, within an interval.
+        """
+
     def __init__(
         self,
         *,
@@ -148,14 +155,50 @@ class HeartbeatRequest(_message.Message):
         renewal_due_at: _timestamp_pb2.Timestamp | None = ...,
         renewal_failing_since: _timestamp_pb2.Timestamp | None = ...,
         renewal_error: _builtins.str = ...,
+        server: Global___LiveServer | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["renewal_due_at", b"renewal_due_at", "renewal_failing_since", b"renewal_failing_since", "sent_at", b"sent_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["renewal_due_at", b"renewal_due_at", "renewal_failing_since", b"renewal_failing_since", "sent_at", b"sent_at", "server", b"server"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "bootstrap_failures", b"bootstrap_failures", "crl_number", b"crl_number", "highest_epoch", b"highest_epoch", "renewal_due_at", b"renewal_due_at", "renewal_error", b"renewal_error", "renewal_failing_since", b"renewal_failing_since", "sent_at", b"sent_at"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "bootstrap_failures", b"bootstrap_failures", "crl_number", b"crl_number", "highest_epoch", b"highest_epoch", "renewal_due_at", b"renewal_due_at", "renewal_error", b"renewal_error", "renewal_failing_since", b"renewal_failing_since", "sent_at", b"sent_at", "server", b"server"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HeartbeatRequest: _TypeAlias = HeartbeatRequest  # noqa: Y015
+
+@_typing.final
+class LiveServer(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    DRIVER_FIELD_NUMBER: _builtins.int
+    HEALTHY_FIELD_NUMBER: _builtins.int
+    FROZEN_FIELD_NUMBER: _builtins.int
+    SCHEMES_FIELD_NUMBER: _builtins.int
+    DETAIL_FIELD_NUMBER: _builtins.int
+    driver: _builtins.str
+    healthy: _builtins.bool
+    frozen: _builtins.bool
+    detail: _builtins.str
+    """Why it is not healthy (at most 200 characters)."""
+    @_builtins.property
+    def schemes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """"http", "https" or both."""
+
+    def __init__(
+        self,
+        *,
+        driver: _builtins.str = ...,
+        healthy: _builtins.bool = ...,
+        frozen: _builtins.bool = ...,
+        schemes: _abc.Iterable[_builtins.str] | None = ...,
+        detail: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "driver", b"driver", "frozen", b"frozen", "healthy", b"healthy", "schemes", b"schemes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___LiveServer: _TypeAlias = LiveServer  # noqa: Y015
 
 @_typing.final
 class BootstrapFailure(_message.Message):
