@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import ssl
 import stat
 import subprocess
@@ -18,7 +19,7 @@ from typing import Any, Protocol
 import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from refserver.server import SWITCHING_MESSAGE, WRITE_DELAY_ENV
+from refserver.server import SHUTDOWN_TIMEOUT, SWITCHING_MESSAGE, WRITE_DELAY_ENV
 from tests.conftest import IssuedCert
 from tests.refserver_helper import RefServer, Response, peer_certificate
 from tlsroll import password, pki
@@ -308,6 +309,31 @@ def test_sigterm_lets_the_write_in_flight_finish(make_server: MakeServer) -> Non
     server.start()
     got = server.request("GET", f"entries/{written.json()['id']}")
     assert got.json()["body"] == {"last": "words"}
+
+
+def test_idle_and_half_open_connections_do_not_hold_up_a_stop(make_server: MakeServer) -> None:
+    """Issue 16 #6: 200 half-open connections on 8080 stretched a restart (and the freeze
+    around it) from 0.5 s to ~11 s: a stop waited for them. It waits for writes in flight
+    only; a connection that carries no request is closed at once."""
+    server = make_server()
+    server.start()
+    held = []
+    try:
+        for _ in range(200):
+            sock = socket.create_connection((server.address, 8080), timeout=5)
+            sock.sendall(  # a request whose body never comes: its handler waits for it
+                b"POST /praxis_live/entries HTTP/1.1\r\nHost: x\r\n"
+                b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n{"
+            )
+            held.append(sock)
+        wait_for(lambda: post(server, {"still": "up"}).status == 201, what="server answers")
+        t0 = time.monotonic()
+        assert server.stop() == 0
+        stopped = time.monotonic() - t0
+    finally:
+        for sock in held:
+            sock.close()
+    assert stopped < SHUTDOWN_TIMEOUT / 2, f"the stop took {stopped:.1f} s"
 
 
 # --- durability and start-up ----------------------------------------------------------------------
