@@ -105,7 +105,7 @@ def load_state(cfg: LeaderConfig) -> LeaderState:
         )
     names = pki.Names.of(LEADER_NAME, [cfg.address], cfg.dns_names)
     if ensure_leader_identity(layout, ca, names):
-        log.info("leader.certificate_reissued", reason="identity or names changed")
+        log.info("leader.certificate_reissued", reason="identity or names changed, or due")
     check_store(layout.store)  # lost state stops the leader; it never starts empty instead
     store = Store(layout.store)
     mark_store(layout.store)

@@ -50,7 +50,7 @@ WARN_EVERY = dt.timedelta(days=1)  # per certificate
 
 ADVICE = {
     "ca": "plan the CA's renewal (SPEC: PKI, CA renewal)",
-    "leader": "restart tlsroll-leader after renewing DATA/tls/leader.pem",
+    "leader": "restart tlsroll-leader: it issues its certificate again at start when due",
     "viewer": "the leader renews it at its next start; restart tlsroll-leader",
     "agent": "the agent renews it by itself: see `tlsroll nodes` for a failing renewal; if it "
     "has expired, enrol the node again (tlsroll nodes remove NAME, tlsroll token create)",

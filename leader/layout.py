@@ -17,6 +17,7 @@ DATA/run/admin.sock       the admin socket, in a 0750 directory
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import secrets
 import stat
@@ -103,11 +104,24 @@ def write_leader_cert(
     write_atomic(layout.tls_cert, pki.cert_to_pem(cert) + ca.cert_pem)
 
 
-def ensure_leader_identity(layout: Layout, ca: pki.CertificateAuthority, names: pki.Names) -> bool:
+# The leader's own certificate is issued again at a start when it ends within this (nothing
+# else renews it: restart the leader when `tlsroll certs check-expiration` warns about it).
+LEADER_RENEW_BEFORE = dt.timedelta(days=30)
+
+
+def ensure_leader_identity(
+    layout: Layout,
+    ca: pki.CertificateAuthority,
+    names: pki.Names,
+    now: dt.datetime | None = None,
+) -> bool:
     """Give the leader's certificate its cluster identity if it lacks it (one made by tlsroll
     0.1.0), keeping its key; True if it was issued again. Agents accept commands only from a
-    certificate that names the leader."""
+    certificate that names the leader. It is also issued again (same key) when it ends within
+    ``LEADER_RENEW_BEFORE`` of ``now``: agents check the leader's identity, not its
+    certificate, so they accept the new one at once."""
     cert = pki.read_cert(layout.tls_cert)
+    due = cert.not_valid_after_utc - (now or pki.utcnow()) < LEADER_RENEW_BEFORE
     td = ca.trust_domain
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
@@ -115,7 +129,7 @@ def ensure_leader_identity(layout: Layout, ca: pki.CertificateAuthority, names: 
     except x509.ExtensionNotFound:
         dns = []
     current = spiffe.of(cert) == spiffe.leader(td) and spiffe.leader_host(td) in dns
-    if current and pki.names_of(cert) == names:
+    if current and pki.names_of(cert) == names and not due:
         return False
     write_leader_cert(layout, ca, pki.read_key(layout.tls_key), names)
     return True

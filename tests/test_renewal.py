@@ -723,3 +723,47 @@ def test_a_certificate_revoked_by_serial_cannot_renew_itself(cluster: Cluster) -
         with pytest.raises(grpc.RpcError):
             stub.Heartbeat(leader_pb2.HeartbeatRequest(agent_version="t"), timeout=10)
     assert _row(cluster, "node8")["cert_serial"] == serial
+
+
+def test_a_due_leader_certificate_is_issued_again_at_start(cluster: Cluster) -> None:
+    """The leader's own certificate, within 30 days of its end, is issued again (same key) when
+    the leader starts; agents go on with it (they check its identity, not the certificate)."""
+    from leader.layout import read_passphrase
+    from tlsroll.fsutil import write_atomic
+
+    ca = pki.CertificateAuthority.load(
+        cluster.ca_cert_path, cluster.ca_key_path, read_passphrase(cluster.passphrase_path)
+    )
+    td = ca.trust_domain
+    key = pki.read_key(cluster.tls_key_path)
+    before = pki.read_cert(cluster.tls_cert_path)
+    due = ca.issue(
+        key.public_key(),
+        pki.names_of(before),
+        client=True,
+        identity=spiffe.leader(td),
+        internal_dns=[spiffe.leader_host(td)],
+        lifetime=dt.timedelta(days=10),
+    )
+    cluster.stop_leader()
+    write_atomic(cluster.tls_cert_path, pki.cert_to_pem(due) + ca.cert_pem)
+    cluster.start_leader()
+    now = pki.read_cert(cluster.tls_cert_path)
+    assert now != due and pki.key_matches(now, key)
+    assert now.not_valid_after_utc > dt.datetime.now(UTC) + dt.timedelta(days=300)
+    assert spiffe.of(now) == spiffe.leader(td)
+    assert "leader.certificate_reissued" in cluster.leader.event_names()
+    running = [n for n, a in cluster.agents.items() if a.running]
+    if running:
+        since = dt.datetime.now(UTC)
+        wait_until(
+            lambda: all(
+                cluster.list_nodes()[n].last_heartbeat.ToDatetime(tzinfo=UTC) > since
+                for n in running
+            ),
+            20,
+            "agents heartbeat to the leader with its new certificate",
+        )
+    report = json.loads(cluster.cli("certs", "check-expiration", "--json").stdout)
+    (leader,) = [c for c in report["certificates"] if c["kind"] == "leader"]
+    assert leader["fingerprint"] == pki.fingerprint(now)
