@@ -43,6 +43,10 @@ class AgentApi(Protocol):
         self, request: agent_pb2.GetStatusRequest, timeout: float = CALL_TIMEOUT
     ) -> agent_pb2.NodeStatus: ...
 
+    async def check(
+        self, request: agent_pb2.CheckRequest, timeout: float = CALL_TIMEOUT
+    ) -> agent_pb2.PreflightResponse: ...
+
     async def preflight(
         self, request: agent_pb2.PreflightRequest
     ) -> agent_pb2.PreflightResponse: ...
@@ -118,6 +122,17 @@ class AgentClient:
         """One try with ``timeout``: what the node runs now (no retries; callers decide)."""
         try:
             return await self.stub.GetStatus(request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in TRANSIENT_CODES:
+                raise TransientError(f"agent {self.node.name}: {exc.details()}") from None
+            raise StepFailed(f"{exc.details()} ({exc.code().name})") from None
+
+    async def check(
+        self, request: agent_pb2.CheckRequest, timeout: float = CALL_TIMEOUT
+    ) -> agent_pb2.PreflightResponse:
+        """Preflight's checks, read-only (one try, like ``get_status``)."""
+        try:
+            return await self.stub.Check(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             if exc.code() in TRANSIENT_CODES:
                 raise TransientError(f"agent {self.node.name}: {exc.details()}") from None

@@ -11,7 +11,9 @@ reported as unreachable (with the reason), never waited for.
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 from collections.abc import Sequence
+from dataclasses import replace
 
 from cryptography import x509
 
@@ -22,6 +24,7 @@ from tlsroll.errors import PKIError, TlsrollError
 from tlsroll.v1 import agent_pb2
 
 OBSERVE_TIMEOUT = 5.0
+MAX_CLOCK_OFFSET = 120  # as the preflight step (leader.changes)
 
 
 def observation(view: agent_pb2.ServerView, ca: x509.Certificate) -> NodeObservation:
@@ -58,7 +61,22 @@ async def observe(
             return NodeObservation(False, f"no answer within {OBSERVE_TIMEOUT:.0f} s")
         except TlsrollError as exc:
             return NodeObservation(False, str(exc))
-        return observation(status.server, ca)
+        seen = observation(status.server, ca)
+        if not seen.reachable:
+            return seen
+        request = agent_pb2.CheckRequest(max_clock_offset_seconds=MAX_CLOCK_OFFSET)
+        request.leader_time.FromDatetime(dt.datetime.now(dt.UTC))
+        try:
+            checked = await asyncio.wait_for(
+                agent.check(request, timeout=OBSERVE_TIMEOUT), OBSERVE_TIMEOUT + 1
+            )
+        except TimeoutError:
+            return replace(
+                seen, problems=(f"no answer to its checks within {OBSERVE_TIMEOUT:.0f} s",)
+            )
+        except TlsrollError as exc:
+            return replace(seen, problems=(f"its checks: {exc}",))
+        return replace(seen, problems=tuple(checked.problems))
 
     results = await asyncio.gather(*(one(n) for n in names))
     return dict(zip(names, results, strict=True))

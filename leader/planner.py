@@ -105,6 +105,9 @@ class NodesOffline(PlanError):
         self.names = tuple(names)
 
 
+BLOCKED = "blocked:"  # the reason of a pending node whose preflight checks found problems
+
+
 class Unreachable(PlanError):
     """Nodes whose agents could not be asked what they run (the plan needs to know)."""
 
@@ -240,10 +243,16 @@ def plan_rollout(
         failure_budget=failure_budget,
         freeze=freeze,
     )
-    return rollout, tuple(
-        NodeRecord(name, NodeState.SKIPPED, done[name]) if name in done else NodeRecord(name)
-        for name in order
-    )
+
+    def record(name: str) -> NodeRecord:
+        if name in done:
+            return NodeRecord(name, NodeState.SKIPPED, done[name])
+        seen = observed.get(name) if observed is not None else None
+        if seen is not None and seen.problems:  # its preflight will fail: say so up front
+            return NodeRecord(name, reason=f"{BLOCKED} {'; '.join(seen.problems)}")
+        return NodeRecord(name)
+
+    return rollout, tuple(record(name) for name in order)
 
 
 def next_actions(rollout: Rollout, nodes: Sequence[NodeRecord]) -> Plan:

@@ -219,6 +219,7 @@ class NodeObservation:
     schemes: tuple[str, ...] = ()  # what the managed server listens on: "http", "https"
     cert_from_ca: bool = False  # the certificate served on https was issued by this CA
     verifier_digest: str = ""  # SHA-256 of the live auth password verifier ("" if none)
+    problems: tuple[str, ...] = ()  # what the agent's read-only preflight checks found
 
 
 def already_done(change: Change, seen: NodeObservation, target_digest: str = "") -> str | None:

@@ -245,6 +245,19 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         self, request: agent_pb2.PreflightRequest, context: Ctx
     ) -> agent_pb2.PreflightResponse:
         await self._command(context, request.command)
+        return await self._checks(request)
+
+    @map_errors(ERRORS)
+    async def Check(
+        self, request: agent_pb2.CheckRequest, context: Ctx
+    ) -> agent_pb2.PreflightResponse:
+        """Preflight's checks for `tlsroll plan`: read-only, no epoch, nothing recorded."""
+        require_leader(context, self.trust)
+        return await self._checks(request)
+
+    async def _checks(
+        self, request: agent_pb2.PreflightRequest | agent_pb2.CheckRequest
+    ) -> agent_pb2.PreflightResponse:
         driver = self._driver()
         problems: list[str] = []
         facts: ServerFacts | None = None

@@ -175,6 +175,12 @@ class FakeAgent:
 
     # --- AgentApi -----------------------------------------------------------------------------
 
+    async def check(
+        self, request: agent_pb2.CheckRequest, timeout: float = 30.0
+    ) -> agent_pb2.PreflightResponse:
+        await self._arrive("check")
+        return agent_pb2.PreflightResponse(ok=True)
+
     async def get_status(
         self, request: agent_pb2.GetStatusRequest, timeout: float = 30.0
     ) -> agent_pb2.NodeStatus:

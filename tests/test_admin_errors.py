@@ -65,6 +65,9 @@ class StubAgent(agent_pb2_grpc.NodeAgentServicer):
         view = agent_pb2.ServerView(driver="stub", healthy=True, schemes=["http"])
         return agent_pb2.NodeStatus(server=view)
 
+    def Check(self, request: Any, context: Any) -> agent_pb2.PreflightResponse:
+        return agent_pb2.PreflightResponse(ok=True)
+
     def Preflight(self, request: Any, context: Any) -> agent_pb2.PreflightResponse:
         self.stop.wait(60)
         context.abort(grpc.StatusCode.UNAVAILABLE, "stub agent stopping")

@@ -45,6 +45,7 @@ Creds = tuple[bytes, bytes] | None
 NO_EPOCH = agent_pb2.Command(rollout_id="matrix", epoch=0)  # refused by the method itself
 AGENT_REQUESTS: dict[str, Any] = {
     "GetStatus": agent_pb2.GetStatusRequest(),
+    "Check": agent_pb2.CheckRequest(),
     "Preflight": agent_pb2.PreflightRequest(command=NO_EPOCH),
     "CreateCSR": agent_pb2.CreateCSRRequest(command=NO_EPOCH),
     "Stage": agent_pb2.StageRequest(command=NO_EPOCH),
@@ -55,7 +56,11 @@ AGENT_REQUESTS: dict[str, Any] = {
     "Unfreeze": agent_pb2.FreezeRequest(command=NO_EPOCH),
 }
 # NodeAgent: only the leader; what the leader gets is the method's answer to the request.
-LEADER_GETS = {m: INVALID for m in AGENT_REQUESTS} | {"GetStatus": OK}
+# (Check runs preflight's checks: this node has no managed server.)
+LEADER_GETS = {m: INVALID for m in AGENT_REQUESTS} | {
+    "GetStatus": OK,
+    "Check": grpc.StatusCode.FAILED_PRECONDITION,
+}
 AGENT_EXPECTED = {
     "leader": LEADER_GETS,
     "node": dict.fromkeys(AGENT_REQUESTS, DENIED),  # node1 calling its own agent

@@ -159,6 +159,13 @@ def test_a_halted_rollout_is_retried_to_the_end(
     node2 = nodes[1]
     pw = password_file(tmp_path, "pw", "retry-password-for-the-practice")
     with port_holder(node2.address, 8443):
+        # The plan runs the agents' read-only checks: node2 is shown blocked, and why.
+        plan = cluster.cli("plan", "--scope", "cluster")
+        assert plan.returncode == 0, plan.stderr
+        (line,) = [ln for ln in plan.stdout.splitlines() if "node2" in ln]
+        assert "blocked: port 8443" in line and "taken by" in line, line
+        node3 = next(ln for ln in plan.stdout.splitlines() if "node3" in ln)
+        assert node3.endswith("will switch"), node3
         start = cluster.cli(
             *("rollout", "start", "--scope", "cluster", "--password-file", str(pw)),
             *("--yes", "--wait"),

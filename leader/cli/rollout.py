@@ -272,7 +272,8 @@ def show_plan(reply: admin_pb2.PlanResponse) -> None:
         f"{len(r.nodes)} node(s) in this order, {r.max_parallel} at a time:"
     )
     for i, n in enumerate(r.nodes, 1):
-        done = f" — {n.reason}" if n.reason.startswith("already done") else " — will switch"
+        shown = n.reason.startswith(("already done", "blocked:"))
+        done = f" — {n.reason}" if shown else " — will switch"
         out.print(f"  {i}. {n.name}{' (leader node)' if n.leader_node else ''}{done}")
     if reply.password_version_in_use:
         out.print(

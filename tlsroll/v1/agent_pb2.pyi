@@ -290,6 +290,29 @@ class Command(_message.Message):
 Global___Command: _TypeAlias = Command  # noqa: Y015
 
 @_typing.final
+class CheckRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    LEADER_TIME_FIELD_NUMBER: _builtins.int
+    MAX_CLOCK_OFFSET_SECONDS_FIELD_NUMBER: _builtins.int
+    max_clock_offset_seconds: _builtins.int
+    @_builtins.property
+    def leader_time(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        leader_time: _timestamp_pb2.Timestamp | None = ...,
+        max_clock_offset_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["leader_time", b"leader_time"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["leader_time", b"leader_time", "max_clock_offset_seconds", b"max_clock_offset_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckRequest: _TypeAlias = CheckRequest  # noqa: Y015
+
+@_typing.final
 class PreflightRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

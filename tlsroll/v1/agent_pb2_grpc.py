@@ -44,6 +44,11 @@ class NodeAgentStub:
                 request_serializer=tlsroll_dot_v1_dot_agent__pb2.PreflightRequest.SerializeToString,
                 response_deserializer=tlsroll_dot_v1_dot_agent__pb2.PreflightResponse.FromString,
                 _registered_method=True)
+        self.Check = channel.unary_unary(
+                '/tlsroll.v1.NodeAgent/Check',
+                request_serializer=tlsroll_dot_v1_dot_agent__pb2.CheckRequest.SerializeToString,
+                response_deserializer=tlsroll_dot_v1_dot_agent__pb2.PreflightResponse.FromString,
+                _registered_method=True)
         self.CreateCSR = channel.unary_unary(
                 '/tlsroll.v1.NodeAgent/CreateCSR',
                 request_serializer=tlsroll_dot_v1_dot_agent__pb2.CreateCSRRequest.SerializeToString,
@@ -94,6 +99,14 @@ class NodeAgentServicer:
     def Preflight(self, request, context):
         """Check that the node can be switched; every problem found, not just the first. Changes
         nothing on the node.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Check(self, request, context):
+        """The same checks, read-only and outside any rollout (no epoch; `tlsroll plan` asks it):
+        nothing is recorded on the node.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -163,6 +176,11 @@ def add_NodeAgentServicer_to_server(servicer, server):
             'Preflight': grpc.unary_unary_rpc_method_handler(
                     servicer.Preflight,
                     request_deserializer=tlsroll_dot_v1_dot_agent__pb2.PreflightRequest.FromString,
+                    response_serializer=tlsroll_dot_v1_dot_agent__pb2.PreflightResponse.SerializeToString,
+            ),
+            'Check': grpc.unary_unary_rpc_method_handler(
+                    servicer.Check,
+                    request_deserializer=tlsroll_dot_v1_dot_agent__pb2.CheckRequest.FromString,
                     response_serializer=tlsroll_dot_v1_dot_agent__pb2.PreflightResponse.SerializeToString,
             ),
             'CreateCSR': grpc.unary_unary_rpc_method_handler(
@@ -254,6 +272,33 @@ class NodeAgent:
             target,
             '/tlsroll.v1.NodeAgent/Preflight',
             tlsroll_dot_v1_dot_agent__pb2.PreflightRequest.SerializeToString,
+            tlsroll_dot_v1_dot_agent__pb2.PreflightResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Check(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tlsroll.v1.NodeAgent/Check',
+            tlsroll_dot_v1_dot_agent__pb2.CheckRequest.SerializeToString,
             tlsroll_dot_v1_dot_agent__pb2.PreflightResponse.FromString,
             options,
             channel_credentials,

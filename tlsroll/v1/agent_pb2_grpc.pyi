@@ -43,6 +43,10 @@ class NodeAgentStub:
     """Check that the node can be switched; every problem found, not just the first. Changes
     nothing on the node.
     """
+    Check: _grpc.UnaryUnaryMultiCallable[_agent_pb2.CheckRequest, _agent_pb2.PreflightResponse]
+    """The same checks, read-only and outside any rollout (no epoch; `tlsroll plan` asks it):
+    nothing is recorded on the node.
+    """
     CreateCSR: _grpc.UnaryUnaryMultiCallable[_agent_pb2.CreateCSRRequest, _agent_pb2.CreateCSRResponse]
     """Make the server key (it never leaves the node) and a CSR for the node's names."""
     Stage: _grpc.UnaryUnaryMultiCallable[_agent_pb2.StageRequest, _agent_pb2.StageResponse]
@@ -72,6 +76,10 @@ class NodeAgentAsyncStub(NodeAgentStub):
     Preflight: _aio.UnaryUnaryMultiCallable[_agent_pb2.PreflightRequest, _agent_pb2.PreflightResponse]  # type: ignore[assignment]
     """Check that the node can be switched; every problem found, not just the first. Changes
     nothing on the node.
+    """
+    Check: _aio.UnaryUnaryMultiCallable[_agent_pb2.CheckRequest, _agent_pb2.PreflightResponse]  # type: ignore[assignment]
+    """The same checks, read-only and outside any rollout (no epoch; `tlsroll plan` asks it):
+    nothing is recorded on the node.
     """
     CreateCSR: _aio.UnaryUnaryMultiCallable[_agent_pb2.CreateCSRRequest, _agent_pb2.CreateCSRResponse]  # type: ignore[assignment]
     """Make the server key (it never leaves the node) and a CSR for the node's names."""
@@ -111,6 +119,16 @@ class NodeAgentServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_agent_pb2.PreflightResponse, _abc.Awaitable[_agent_pb2.PreflightResponse]]:
         """Check that the node can be switched; every problem found, not just the first. Changes
         nothing on the node.
+        """
+
+    @_abc_1.abstractmethod
+    def Check(
+        self,
+        request: _agent_pb2.CheckRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agent_pb2.PreflightResponse, _abc.Awaitable[_agent_pb2.PreflightResponse]]:
+        """The same checks, read-only and outside any rollout (no epoch; `tlsroll plan` asks it):
+        nothing is recorded on the node.
         """
 
     @_abc_1.abstractmethod
