@@ -27,7 +27,7 @@ from leader.admin_socket import AdminRelay
 from leader.agent_client import AgentPool
 from leader.commands import Commands
 from leader.config import LeaderConfig
-from leader.db import check_store, mark_store
+from leader.db import RELEARN_WINDOW, check_store, mark_store
 from leader.engine import Engine
 from leader.expiry import ExpiryWatch, own_certificates
 from leader.join_guard import GuardPolicy, JoinGuard
@@ -82,7 +82,7 @@ def _answers(sock: Path) -> bool:
     return True
 
 
-def load_state(cfg: LeaderConfig) -> LeaderState:
+def load_state(cfg: LeaderConfig, *, reinitialise: bool = False) -> LeaderState:
     layout = cfg.layout
     check_secret_dirs(layout)
     source = passphrase_source(cfg.ca_passphrase_file)
@@ -106,9 +106,21 @@ def load_state(cfg: LeaderConfig) -> LeaderState:
     names = pki.Names.of(LEADER_NAME, [cfg.address], cfg.dns_names)
     if ensure_leader_identity(layout, ca, names):
         log.info("leader.certificate_reissued", reason="identity or names changed, or due")
-    check_store(layout.store)  # lost state stops the leader; it never starts empty instead
+    # Lost state stops the leader; it never starts empty instead, unless the admin says so.
+    kept = check_store(layout.store, reinitialise=reinitialise)
     store = Store(layout.store)
     mark_store(layout.store)
+    if reinitialise:
+        now = dt.datetime.now(dt.UTC)
+        store.open_relearning(now + RELEARN_WINDOW, now=now, actor="admin:--reinitialise")
+        log.warning(
+            "store.reinitialised",
+            path=str(layout.store),
+            kept_as=[str(k) for k in kept],
+            relearn_until=(now + RELEARN_WINDOW).isoformat(timespec="seconds"),
+            detail="an empty store on the admin's --reinitialise; nodes are re-learned from "
+            "their agents' heartbeats; check `tlsroll nodes` and remove any that do not belong",
+        )
     return LeaderState(
         store=store,
         ca=ca,
@@ -259,6 +271,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=list(logs.LEVELS),
         help="debug, info, warning or error (default: log_level in the config, else info)",
     )
+    parser.add_argument(
+        "--reinitialise",
+        action="store_true",
+        help="start with an empty store in place of a lost (missing, empty or damaged) one; "
+        "enrolled nodes are re-learned from their agents for 24 h",
+    )
     ns = parser.parse_args(argv)
     try:
         cfg = LeaderConfig.load(ns.config)
@@ -266,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         log.debug(
             "leader.config_loaded", config=str(ns.config), log_level=ns.log_level or cfg.log_level
         )
-        state = load_state(cfg)
+        state = load_state(cfg, reinitialise=ns.reinitialise)
         asyncio.run(serve(cfg, state))
     except TlsrollError as exc:
         print(f"tlsroll-leader: {exc}", file=sys.stderr)

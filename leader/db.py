@@ -230,15 +230,39 @@ def _created_mark(path: Path) -> Path:
     return path.with_name(path.name + ".created")
 
 
-def check_store(path: Path) -> None:
-    """Refuse a lost store (see the module docstring); blocking, before ``open_db``."""
+RELEARN_WINDOW = dt.timedelta(hours=24)
+
+
+def check_store(path: Path, *, reinitialise: bool = False) -> list[Path]:
+    """Refuse a lost store (see the module docstring); blocking, before ``open_db``.
+
+    ``reinitialise``: the admin's explicit choice to start an empty store in place of a lost
+    one (refused for an intact store): the lost file is moved aside, and the new store
+    re-learns the enrolled nodes from their agents' heartbeats for ``RELEARN_WINDOW``
+    (``Store.relearn``). Returns what was moved aside."""
     problem = damage(path, expected=_created_mark(path).exists())
-    if problem is not None:
+    if problem is None:
+        if reinitialise and path.exists():
+            raise StoreLost(
+                f"store {path}: intact; --reinitialise is only for a missing, empty or damaged"
+                " store: start the leader without it"
+            )
+        return []
+    if not reinitialise:
         raise StoreLost(
             f"store {path}: {problem}; restore it from a backup with the leader stopped (it holds"
-            " the enrolled nodes, join tokens and rollouts; the leader cannot re-learn them, so"
-            " it does not start without it)"
+            " the enrolled nodes, join tokens and rollouts), or start tlsroll-leader once with"
+            " --reinitialise: an empty store that re-learns the nodes from their agents"
         )
+    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
+    kept = []
+    for suffix in ("", "-wal", "-shm"):
+        old = Path(f"{path}{suffix}")
+        if old.exists():
+            new = Path(f"{path}.lost-{stamp}{suffix}")
+            old.rename(new)
+            kept.append(new)
+    return kept
 
 
 def mark_store(path: Path) -> None:

@@ -45,6 +45,7 @@ from leader.tokens import JoinToken, MalformedToken
 from tlsroll import bootstrap_protocol, logs, peertext, pki, spiffe
 from tlsroll.errors import PKIError
 from tlsroll.rpc import (
+    RpcStatusError,
     invalid,
     map_errors,
     peer_certificate,
@@ -332,11 +333,53 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             raise unauthenticated(f"the certificate of node {name!r} is revoked; enrol it again")
         return name, cert
 
+    async def _relearn(self, context: Ctx, request: leader_pb2.HeartbeatRequest) -> bool:
+        """After ``--reinitialise``: record an unknown node from the certificate its agent
+        presents (issued by this CA, with its node identity), within the store's window."""
+        cert = peer_certificate(context)
+        identity = spiffe.of(cert) if cert is not None else None
+        if (
+            cert is None
+            or identity is None
+            or identity.trust_domain != self.state.trust_domain
+            or identity.role is not spiffe.Role.NODE
+            or not 1 <= request.agent_port <= 65535
+        ):
+            return False
+        names = pki.names_of(cert)
+        if names.common_name != identity.name or not names.ips:
+            return False
+        learned = await asyncio.to_thread(
+            self.state.store.relearn,
+            name=identity.name,
+            names=(names.ips, names.dns),
+            agent_port=request.agent_port,
+            key_pin=pki.spki_pin(cert),
+            cert=NodeCert(
+                key_pin=pki.spki_pin(cert),
+                fingerprint=pki.fingerprint(cert),
+                serial=f"{cert.serial_number:x}",
+                not_after=cert.not_valid_after_utc,
+            ),
+            highest_epoch=min(request.highest_epoch, 2**62),
+            now=self.state.clock(),
+        )
+        if learned:
+            log.warning("node.relearned", node=identity.name, addresses=list(names.ips))
+        return learned
+
     @map_errors(ERRORS)
     async def Heartbeat(
         self, request: leader_pb2.HeartbeatRequest, context: Ctx
     ) -> leader_pb2.HeartbeatResponse:
-        name, cert = await self._caller_cert(context)
+        try:
+            name, cert = await self._caller_cert(context)
+        except RpcStatusError as exc:
+            if exc.code is not grpc.StatusCode.UNAUTHENTICATED or not await self._relearn(
+                context, request
+            ):
+                raise
+            name, cert = await self._caller_cert(context)
         now = self.state.clock()
         await asyncio.to_thread(
             self.state.store.heartbeat,

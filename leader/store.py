@@ -641,6 +641,75 @@ class Store(LeaderStore):
             ).fetchall()
         return number, [(r["serial"], dt.datetime.fromisoformat(r["revoked_at"])) for r in rows]
 
+    # --- re-learning nodes after a lost store --------------------------------------------------
+
+    def open_relearning(self, until: dt.datetime, *, now: dt.datetime, actor: str) -> None:
+        """A store begun by ``--reinitialise``: nodes may be re-learned until ``until``."""
+        with self._db.tx() as db:
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES ('relearn_until', ?)"
+                " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (to_text(until),),
+            )
+            self._audit(db, now, actor, "store.reinitialised", "leader", relearn_until=until)
+
+    def relearn(
+        self,
+        *,
+        name: str,
+        names: tuple[tuple[str, ...], tuple[str, ...]],
+        agent_port: int,
+        key_pin: str,
+        cert: NodeCert,
+        highest_epoch: int,
+        now: dt.datetime,
+    ) -> bool:
+        """Record a node the leader no longer knows from the certificate its agent presents
+        (the CA issued it: the TLS handshake checked that), while the re-learning window of a
+        reinitialised store is open, unless the name was removed since; its epoch raises the
+        floor. False if the window is closed (the caller refuses the agent)."""
+        addresses, dns_names = names
+        with self._db.tx() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'relearn_until'").fetchone()
+            if row is None or now > dt.datetime.fromisoformat(row["value"]):
+                return False
+            if db.execute("SELECT 1 FROM nodes WHERE name = ?", (name,)).fetchone():
+                return False  # known (or removed since the loss): not re-learned
+            db.execute(
+                "INSERT INTO nodes (name, addresses, dns_names, agent_version, agent_port,"
+                " key_pin, cert_fingerprint, cert_serial, cert_not_after, enrolled_at,"
+                " token_id) VALUES (?, ?, ?, '', ?, ?, ?, ?, ?, ?, 'relearned')",
+                (
+                    name,
+                    json.dumps(list(addresses)),
+                    json.dumps(list(dns_names)),
+                    agent_port,
+                    key_pin,
+                    cert.fingerprint,
+                    cert.serial,
+                    to_text(cert.not_after),
+                    to_text(now),
+                ),
+            )
+            _record_cert(db, cert.serial, "node", name, name, cert.fingerprint, now, cert.not_after)
+            floor = max(_meta(db, "epoch_floor", 0), highest_epoch)
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES ('epoch_floor', ?)"
+                " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (str(floor),),
+            )
+            self._audit(
+                db,
+                now,
+                f"node:{name}",
+                "node.relearned",
+                name,
+                addresses=list(addresses),
+                cert_fingerprint=cert.fingerprint,
+                epoch_floor=floor,
+            )
+        return True
+
     # --- epochs -------------------------------------------------------------------------------
 
     def epoch_floor(self) -> int:

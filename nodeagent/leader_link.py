@@ -156,6 +156,7 @@ class LeaderLink:
                 bootstrap_failures=failure_messages(report),
                 highest_epoch=highest,
                 crl_number=self.trust.crl_number,
+                agent_port=self.cfg.port,
             )
             if self.renewal is not None:
                 state = self.renewal()

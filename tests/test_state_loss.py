@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -139,3 +140,49 @@ def test_reinitialise_starts_an_empty_journal_and_keeps_the_lost_one(cluster: Cl
         assert line.startswith(f"tlsroll-agent: journal {journal}: intact;"), line
         kept.unlink()
     cluster.wait_for_nodes_online(["lossy"])
+
+
+def test_a_reinitialised_leader_relearns_its_nodes_from_their_agents(tmp_path: Path) -> None:
+    """Issue 16: a lost leader store, started again with --reinitialise: the lost file is
+    kept aside, the empty store re-learns each node from the certificate its agent presents
+    with its heartbeats (name, addresses, key, agent port), its epoch floor rises to what the
+    agents have seen, and the leader reaches the agents again. --reinitialise on an intact
+    store is refused; a node removed after the re-learning stays removed."""
+    with Cluster(tmp_path, next_loopback()) as c:
+        c.init()
+        c.start_leader()
+        one = c.add_agent("one", next_loopback())
+        two = c.add_agent("two", next_loopback())
+        c.wait_for_nodes_online(["one", "two"])
+        before = {n.name: n for n in c.list_nodes().values()}
+        argv = list(c.leader.argv)
+        assert c.leader.stop() == 0
+        c.leader.argv = [*argv, "--reinitialise"]
+        line = refused(c.leader, "tlsroll-leader")  # intact: nothing to reinitialise
+        assert "intact" in line
+
+        store = c.store_path
+        break_file(store, "random")
+        c.leader.argv = argv
+        assert "--reinitialise" in refused(c.leader, "tlsroll-leader")
+        c.leader.argv = [*argv, "--reinitialise"]
+        c.start_leader()
+        c.leader.argv = argv
+        assert list(store.parent.glob("leader.sqlite3.lost-*"))
+        nodes = c.wait_for_nodes_online(["one", "two"], timeout=30)
+        for name in ("one", "two"):
+            assert nodes[name].addresses == before[name].addresses
+            assert nodes[name].cert_fingerprint == before[name].cert_fingerprint
+            assert nodes[name].token_id == "relearned"
+        events = [e for e in c.leader.log_events() if e.get("event") == "node.relearned"]
+        assert sorted(e["node"] for e in events) == ["one", "two"]
+        # The leader reaches the agents again (by their key names), and its epochs go on.
+        check = c.cli("nodes", "--check")
+        assert check.returncode == 0, check.stdout + check.stderr
+        shown = c.cli("epoch", "show", "--json")
+        assert shown.returncode == 0, shown.stdout
+        # A node removed now stays removed: its agent is refused, not re-learned.
+        assert c.cli("nodes", "remove", "two", "--yes").returncode == 0
+        time.sleep(3 * c.agent_heartbeat_interval)
+        assert "two" not in c.list_nodes()
+        assert one.running and two.running

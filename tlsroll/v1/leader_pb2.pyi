@@ -116,12 +116,17 @@ class HeartbeatRequest(_message.Message):
     RENEWAL_FAILING_SINCE_FIELD_NUMBER: _builtins.int
     RENEWAL_ERROR_FIELD_NUMBER: _builtins.int
     SERVER_FIELD_NUMBER: _builtins.int
+    AGENT_PORT_FIELD_NUMBER: _builtins.int
     agent_version: _builtins.str
     highest_epoch: _builtins.int
     """The highest rollout epoch this agent has seen (commands with a lower one are refused)."""
     crl_number: _builtins.int
     """The number of the newest revocation list the agent holds (0: none)."""
     renewal_error: _builtins.str
+    agent_port: _builtins.int
+    """The port of the agent's NodeAgent service (for a leader that re-learns the node after
+    losing its store: `tlsroll-leader --reinitialise`).
+    """
     @_builtins.property
     def sent_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -156,10 +161,11 @@ class HeartbeatRequest(_message.Message):
         renewal_failing_since: _timestamp_pb2.Timestamp | None = ...,
         renewal_error: _builtins.str = ...,
         server: Global___LiveServer | None = ...,
+        agent_port: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["renewal_due_at", b"renewal_due_at", "renewal_failing_since", b"renewal_failing_since", "sent_at", b"sent_at", "server", b"server"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_version", b"agent_version", "bootstrap_failures", b"bootstrap_failures", "crl_number", b"crl_number", "highest_epoch", b"highest_epoch", "renewal_due_at", b"renewal_due_at", "renewal_error", b"renewal_error", "renewal_failing_since", b"renewal_failing_since", "sent_at", b"sent_at", "server", b"server"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_port", b"agent_port", "agent_version", b"agent_version", "bootstrap_failures", b"bootstrap_failures", "crl_number", b"crl_number", "highest_epoch", b"highest_epoch", "renewal_due_at", b"renewal_due_at", "renewal_error", b"renewal_error", "renewal_failing_since", b"renewal_failing_since", "sent_at", b"sent_at", "server", b"server"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
