@@ -209,6 +209,14 @@ class ChangePassword(ChangeSteps):
     change = Change.CHANGE_PASSWORD
 
 
+class RotateCert(ChangeSteps):
+    """A new key and certificate for the node's https, through the same transaction as the
+    switch (freeze, atomic config, verify the *new* fingerprint from outside, back to the old
+    certificate on failure); the password stays."""
+
+    change = Change.ROTATE_CERT
+
+
 class DisableTls(ChangeSteps):
     """The way back: the agent undoes the switch that took the node from http to https,
     whatever it runs now (a later password change included), in a transaction keyed by this
@@ -242,6 +250,7 @@ class DisableTls(ChangeSteps):
 STRATEGIES: Mapping[Change, ChangeSteps] = {
     Change.ENABLE_TLS: EnableTls(),
     Change.CHANGE_PASSWORD: ChangePassword(),
+    Change.ROTATE_CERT: RotateCert(),
     Change.DISABLE_TLS: DisableTls(),
 }
 

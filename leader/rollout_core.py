@@ -203,7 +203,7 @@ class ChangeSpec:
 CHANGES: Mapping[Change, ChangeSpec] = {
     Change.ENABLE_TLS: ChangeSpec(True, True, False, Password.NEW, "https"),
     Change.CHANGE_PASSWORD: ChangeSpec(True, False, True, Password.STAGED, "https"),
-    Change.ROTATE_CERT: ChangeSpec(False, True, True, Password.KEPT, "https"),
+    Change.ROTATE_CERT: ChangeSpec(True, True, True, Password.KEPT, "https"),
     Change.DISABLE_TLS: ChangeSpec(True, False, True, Password.CLEARED, "http"),
 }
 """Every change and how it runs; a test checks that each one has a row."""

@@ -130,6 +130,52 @@ def switch_plan(
 
 
 @_keeps_cause
+def rotate_plan(
+    journal: Journal,
+    driver: Driver,
+    txn_dir: Path,
+    rollout_id: str,
+    verifier: dict[str, Any] | None,
+    *,
+    keep_frozen: bool = False,
+) -> Built:
+    """rotate-cert: https on the newly staged certificate and key; the auth password stays
+    the one live (its verifier file is kept), so workstations notice nothing: they trust the
+    CA, not the certificate."""
+    live = journal.live_tls()
+    facts = driver.facts()
+    if live is None or "https" not in facts.schemes:
+        raise PlanRefused("the server is not on https here; run enable-tls first")
+    staged = journal.staged(rollout_id)
+    if staged is None or staged.cert_file is None or staged.ca_file is None:
+        raise PlanRefused(f"nothing staged for rollout {rollout_id}; run Stage")
+    verifier_file = Path(live["verifier_file"]) if live.get("verifier_file") else None
+    new_config = driver.render(
+        Target(facts.schemes, staged.cert_file, staged.key_file, staged.ca_file, verifier_file)
+    )
+    new_file, backup = prepare(txn_dir, rollout_id, TxnKind.SWITCH, new_config)
+    rotated = {
+        **live,
+        "cert_file": str(staged.cert_file),
+        "key_file": str(staged.key_file),
+        "ca_file": str(staged.ca_file),
+    }
+    plan = Plan(
+        facts,
+        facts.schemes,
+        facts.schemes,
+        new_file,
+        backup,
+        staged.ca_file,
+        staged.fingerprint or "",
+        rotated,
+        live,
+        keep_frozen=keep_frozen,
+    )
+    return Built(new_config, plan, staged.fingerprint or "")
+
+
+@_keeps_cause
 def password_plan(
     journal: Journal,
     driver: Driver,

@@ -431,13 +431,18 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
     async def Switch(self, request: agent_pb2.SwitchRequest, context: Ctx) -> agent_pb2.Transaction:
         rollout_id = await self._command(context, request.command)
         change = CHANGE.read(request.change, "change")
-        if change not in (Change.ENABLE_TLS, Change.CHANGE_PASSWORD):
+        builders = {
+            Change.ENABLE_TLS: plans.switch_plan,
+            Change.CHANGE_PASSWORD: plans.password_plan,
+            Change.ROTATE_CERT: plans.rotate_plan,
+        }
+        if change not in builders:
             raise invalid(f"change {change.value} is not a switch this agent makes")
         verifier = self._verifier(
             request.auth_verifier_json, required=change is Change.CHANGE_PASSWORD
         )
         driver = self._driver()
-        build = plans.password_plan if change is Change.CHANGE_PASSWORD else plans.switch_plan
+        build = builders[change]
 
         def make() -> Built:
             return build(

@@ -184,9 +184,14 @@ def test_plan_and_start_error_paths(cluster: Cluster) -> None:
                 "no password staged",
             ),
             (
-                request(Change.ROTATE_CERT, scope=ScopeKind.NODES, nodes=["node1"]),
+                request(
+                    Change.ROTATE_CERT,
+                    scope=ScopeKind.NODES,
+                    nodes=["node1"],
+                    auth_verifier_json=VERIFIER,
+                ),
                 Code.INVALID_ARGUMENT,
-                "not available",
+                "brings no password of its own",
             ),
             (  # nothing to take back: a precondition, not a bad request
                 request(Change.DISABLE_TLS, scope=None),

@@ -275,3 +275,33 @@ def test_a_server_that_dies_after_its_rollout_shows_within_heartbeats(
     assert "down" in row
     plan = cluster.cli("plan", "--scope", "cluster", "--change", "change-password")
     assert plan.returncode == 1 and "node2" in plan.stderr, (plan.stdout, plan.stderr)
+
+
+def test_rotate_cert_gives_every_node_a_new_key_and_certificate(
+    three: tuple[Cluster, list[Node]], tmp_path: Path
+) -> None:
+    """Issue 11: `rollout start --change rotate-cert` issues a new key and certificate per
+    node through the same safe transaction; each node serves the new fingerprint, keeps its
+    password, and workstations (which trust the CA) go on writing."""
+    cluster, nodes = three
+    pw = password_file(tmp_path, "pw", "rotate-cert-password-for-practice")
+    start = cluster.cli(
+        *("rollout", "start", "--scope", "cluster", "--password-file", str(pw)), "--yes", "--wait"
+    )
+    assert start.returncode == 0, (start.stdout, start.stderr)
+    before = {n.name: n.served_fingerprint() for n in nodes}
+    digests = {n.name: live(n).verifier_digest for n in nodes}
+    rotate = cluster.cli(
+        "rollout", "start", "--scope", "cluster", "--change", "rotate-cert", "--yes", "--wait"
+    )
+    assert rotate.returncode == 0, (rotate.stdout, rotate.stderr)
+    r = newest(cluster)
+    assert r["change"] == "rotate-cert" and r["state"] == "completed", r
+    for node in nodes:
+        after = node.served_fingerprint()
+        assert after != before[node.name]
+        entry = next(n for n in r["nodes"] if n["name"] == node.name)
+        assert entry["cert_fingerprint"] == after
+        view = live(node)
+        assert view.schemes == ["https"] and view.verifier_digest == digests[node.name]
+        writes_work(node, "https", cluster.ca_pem)

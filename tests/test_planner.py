@@ -612,7 +612,7 @@ def test_decide_auth(change: Change, given: bool, latest: int, expected: AuthDec
         (Change.CHANGE_PASSWORD, False, 0, "no password staged"),
         (Change.CHANGE_PASSWORD, True, 2, "brings no password of its own"),
         (Change.DISABLE_TLS, True, 0, "brings no password of its own"),
-        (Change.ROTATE_CERT, False, 0, "not available"),
+        (Change.ROTATE_CERT, True, 0, "brings no password of its own"),
     ],
 )
 def test_decide_auth_refuses(change: Change, given: bool, latest: int, words: str) -> None:

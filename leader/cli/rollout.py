@@ -75,10 +75,11 @@ STATE_STYLE = {
 def scope_options(f: Any) -> Any:
     f = click.option(
         "--change",
-        type=click.Choice(["enable-tls", "change-password"]),
+        type=click.Choice(["enable-tls", "change-password", "rotate-cert"]),
         default="enable-tls",
         show_default=True,
-        help="enable-tls: the switch to https; change-password: apply a staged password.",
+        help="enable-tls: the switch to https; change-password: apply a staged password; "
+        "rotate-cert: a new server key and certificate on nodes already on https.",
     )(f)
     f = click.option(
         "--freeze",
