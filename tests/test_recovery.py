@@ -256,8 +256,12 @@ def test_a_lapsed_scope_freeze_is_lifted_once_the_server_takes_the_unfreeze(
     with read_only(state):
         wait_until(lambda: refusals() >= 5, 40, "five refused unfreezes")
     wait_until(lambda: node.admin_status()["frozen"] is False, 40, "the freeze lifted")
-    refused = refusals()
     assert node.agent is not None
+    agent = node.agent
+    # The agent logs the lapse once the journal has forgotten the lease, just after the
+    # server took the unfreeze: wait for the line rather than race it.
+    wait_until(lambda: "scope_freeze.lease_expired" in agent.event_names(), 10, "the lapse logged")
+    refused = refusals()
     failed = [
         e for e in node.agent.log_events() if e.get("event") == "scope_freeze.lease_unfreeze_failed"
     ]
