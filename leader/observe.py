@@ -1,7 +1,12 @@
-"""What each node runs now, asked of its agent (``GetStatus``): what rollouts are planned from.
+"""What each node runs now, asked of its agent: what rollouts are planned from.
 
     seen = await observe(agents, ["node1", "node2"], ca_cert)
     seen["node1"].schemes          # ("https",)
+    seen["node2"].problems         # ("port 8443 (https) on … is taken by …",)
+
+``GetStatus`` says what the managed server runs (schemes, the served certificate, the live
+verifier's digest); ``Check`` then runs preflight's checks read-only (no epoch, nothing
+recorded on the node), so ``tlsroll plan`` can say "blocked" and why.
 
 Every agent is asked at once, each with a short deadline and no retries: a plan is shown to
 an admin who waits for it, and an agent that does not answer within ``OBSERVE_TIMEOUT`` is
