@@ -100,7 +100,20 @@ class AgentClient:
         )
         self.stub = agent_pb2_grpc.NodeAgentStub(self.channel)
 
+    async def _once(
+        self, method: Callable[..., Awaitable[T]], request: Any, timeout: float = CALL_TIMEOUT
+    ) -> T:
+        """One call: UNAVAILABLE or DEADLINE_EXCEEDED is a TransientError, any other status the
+        agent saying no (StepFailed)."""
+        try:
+            return await method(request, timeout=timeout)
+        except grpc.aio.AioRpcError as exc:
+            if exc.code() in TRANSIENT_CODES:
+                raise TransientError(f"agent {self.node.name}: {exc.details()}") from None
+            raise StepFailed(f"{exc.details()} ({exc.code().name})") from None
+
     async def _call(self, method: Callable[..., Awaitable[T]], request: Any) -> T:
+        """``_once``, tried again a few times with backoff while it is transient."""
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type(TransientError),
             wait=wait_exponential(multiplier=0.2, max=2),
@@ -108,35 +121,20 @@ class AgentClient:
             reraise=True,
         ):
             with attempt:
-                try:
-                    return await method(request, timeout=CALL_TIMEOUT)
-                except grpc.aio.AioRpcError as exc:
-                    if exc.code() in TRANSIENT_CODES:
-                        raise TransientError(f"agent {self.node.name}: {exc.details()}") from None
-                    raise StepFailed(f"{exc.details()} ({exc.code().name})") from None
+                return await self._once(method, request)
         raise AssertionError("unreachable")  # pragma: no cover - reraise=True
 
     async def get_status(
         self, request: agent_pb2.GetStatusRequest, timeout: float = CALL_TIMEOUT
     ) -> agent_pb2.NodeStatus:
         """One try with ``timeout``: what the node runs now (no retries; callers decide)."""
-        try:
-            return await self.stub.GetStatus(request, timeout=timeout)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() in TRANSIENT_CODES:
-                raise TransientError(f"agent {self.node.name}: {exc.details()}") from None
-            raise StepFailed(f"{exc.details()} ({exc.code().name})") from None
+        return await self._once(self.stub.GetStatus, request, timeout)
 
     async def check(
         self, request: agent_pb2.CheckRequest, timeout: float = CALL_TIMEOUT
     ) -> agent_pb2.PreflightResponse:
         """Preflight's checks, read-only (one try, like ``get_status``)."""
-        try:
-            return await self.stub.Check(request, timeout=timeout)
-        except grpc.aio.AioRpcError as exc:
-            if exc.code() in TRANSIENT_CODES:
-                raise TransientError(f"agent {self.node.name}: {exc.details()}") from None
-            raise StepFailed(f"{exc.details()} ({exc.code().name})") from None
+        return await self._once(self.stub.Check, request, timeout)
 
     async def preflight(self, request: agent_pb2.PreflightRequest) -> agent_pb2.PreflightResponse:
         return await self._call(self.stub.Preflight, request)
