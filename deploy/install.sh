@@ -412,7 +412,7 @@ else
     echo "next steps:"
     echo "  # on the leader: the CA pin and a join token for this node"
     echo "  tlsroll ca show"
-    echo "  tlsroll token create"
+    echo "  tlsroll token create --node NAME --address IP   # add --print-join-command for a script"
     echo "  # here, as root: the node's name and addresses, the leader's address and ca_pin, the [server]"
     echo "  editor $CONF_DIR/agent.toml"
     echo "  editor $CONF_DIR/join-token"

@@ -53,7 +53,8 @@ ADVICE = {
     "leader": "restart tlsroll-leader: it issues its certificate again at start when due",
     "viewer": "the leader renews it at its next start; restart tlsroll-leader",
     "agent": "the agent renews it by itself: see `tlsroll nodes` for a failing renewal; if it "
-    "has expired, enrol the node again (tlsroll nodes remove NAME, tlsroll token create)",
+    "has expired, enrol the node again (tlsroll nodes remove NAME, tlsroll token create "
+    "--node NAME --address IP)",
     "server": "rotate it: tlsroll rollout start --change rotate-cert",
     "workstation": "run `tlsroll client test-connection` on that workstation again",
 }

@@ -144,7 +144,7 @@ def read_token(cfg: AgentConfig) -> str:
         raise TerminalError(f"{cfg.join_token_file} is empty; it must hold the join token")
     raise TerminalError(
         f"{cfg.path}: [leader].join_token: missing; this node is not enrolled yet and needs "
-        "a join token (tlsroll token create, on the leader)"
+        "a join token (on the leader: tlsroll token create --node NAME --address IP)"
     )
 
 
