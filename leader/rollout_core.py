@@ -88,6 +88,7 @@ class Strategy(StrEnum):
     """How the switch is done; ``direct`` closes http in the same step that opens https."""
 
     DIRECT = "direct"
+    TRANSITIONAL = "transitional"  # https beside http first; `rollout finalize` closes http
 
 
 class FreezeMode(StrEnum):
@@ -109,6 +110,7 @@ class RolloutState(StrEnum):
     COMPLETED = "completed"
     HALTED = "halted"
     ABORTED = "aborted"
+    AWAITING_FINALIZE = "awaiting_finalize"  # transitional: every node dual, nothing frozen
 
 
 class RolloutEvent(StrEnum):
@@ -148,6 +150,7 @@ class NodeState(StrEnum):
     ROLLED_BACK = "rolled_back"
     SKIPPED = "skipped"
     NEEDS_ATTENTION = "needs_attention"
+    DUAL = "dual"  # transitional phase 1 done: http and https
 
 
 class NodeEvent(StrEnum):
@@ -205,6 +208,8 @@ CHANGES: Mapping[Change, ChangeSpec] = {
     Change.CHANGE_PASSWORD: ChangeSpec(True, False, True, Password.STAGED, "https"),
     Change.ROTATE_CERT: ChangeSpec(True, True, True, Password.KEPT, "https"),
     Change.DISABLE_TLS: ChangeSpec(True, False, True, Password.CLEARED, "http"),
+    # Not yet startable: `tlsroll rollout finalize` is being built (issue 12).
+    Change.FINALIZE: ChangeSpec(False, False, True, Password.KEPT, "https"),
 }
 """Every change and how it runs; a test checks that each one has a row."""
 

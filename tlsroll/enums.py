@@ -17,6 +17,7 @@ class Change(StrEnum):
     CHANGE_PASSWORD = "change-password"  # noqa: S105 (a change name, not a secret)
     ROTATE_CERT = "rotate-cert"
     DISABLE_TLS = "disable-tls"
+    FINALIZE = "finalize"  # transitional phase 2: a dual node closes http
 
 
 class TxnKind(StrEnum):

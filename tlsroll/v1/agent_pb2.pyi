@@ -227,6 +227,7 @@ class ServerView(_message.Message):
     DETAIL_FIELD_NUMBER: _builtins.int
     CERT_PEM_FIELD_NUMBER: _builtins.int
     VERIFIER_DIGEST_FIELD_NUMBER: _builtins.int
+    CLIENTS_FIELD_NUMBER: _builtins.int
     driver: _builtins.str
     healthy: _builtins.bool
     frozen: _builtins.bool
@@ -245,6 +246,10 @@ class ServerView(_message.Message):
     def urls(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """e.g. http://192.168.1.5:8080/praxis_live/ and/or https://192.168.1.5:8443/praxis_live/"""
 
+    @_builtins.property
+    def clients(self) -> _types_pb2.ClientsView:
+        """Which workstations the server has seen on which scheme lately."""
+
     def __init__(
         self,
         *,
@@ -256,10 +261,11 @@ class ServerView(_message.Message):
         detail: _builtins.str = ...,
         cert_pem: _builtins.bytes = ...,
         verifier_digest: _builtins.str = ...,
+        clients: _types_pb2.ClientsView | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["clients", b"clients"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cert_pem", b"cert_pem", "detail", b"detail", "driver", b"driver", "frozen", b"frozen", "healthy", b"healthy", "schemes", b"schemes", "urls", b"urls", "verifier_digest", b"verifier_digest"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["cert_pem", b"cert_pem", "clients", b"clients", "detail", b"detail", "driver", b"driver", "frozen", b"frozen", "healthy", b"healthy", "schemes", b"schemes", "urls", b"urls", "verifier_digest", b"verifier_digest"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -486,9 +492,12 @@ class SwitchRequest(_message.Message):
     CHANGE_FIELD_NUMBER: _builtins.int
     AUTH_VERIFIER_JSON_FIELD_NUMBER: _builtins.int
     KEEP_FROZEN_FIELD_NUMBER: _builtins.int
+    KEEP_HTTP_FIELD_NUMBER: _builtins.int
     change: _types_pb2.Change.ValueType
-    """CHANGE_ENABLE_TLS (the seed's switch) or CHANGE_CHANGE_PASSWORD (same config, new
-    verifier); anything else is INVALID_ARGUMENT.
+    """CHANGE_ENABLE_TLS (the seed's switch; with keep_http, transitional phase 1),
+    CHANGE_CHANGE_PASSWORD (same config, new verifier), CHANGE_ROTATE_CERT (the staged
+    certificate, same verifier) or CHANGE_FINALIZE (a dual node closes http; verified by 8080
+    being closed and https live); anything else is INVALID_ARGUMENT.
     """
     auth_verifier_json: _builtins.str
     """JSON scrypt verifier of the auth password; it goes into the new config (0600 file) and
@@ -497,6 +506,10 @@ class SwitchRequest(_message.Message):
     keep_frozen: _builtins.bool
     """`--freeze scope`: the node was frozen before the switch and stays frozen after it; the
     leader lifts the freeze when the whole rollout has ended.
+    """
+    keep_http: _builtins.bool
+    """Transitional phase 1 (CHANGE_ENABLE_TLS only): the target serves https on 8443 and keeps
+    http on 8080, so the node ends dual. Unset: the seed's direct switch (http closes).
     """
     @_builtins.property
     def command(self) -> Global___Command: ...
@@ -507,10 +520,11 @@ class SwitchRequest(_message.Message):
         change: _types_pb2.Change.ValueType = ...,
         auth_verifier_json: _builtins.str = ...,
         keep_frozen: _builtins.bool = ...,
+        keep_http: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["command", b"command"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth_verifier_json", b"auth_verifier_json", "change", b"change", "command", b"command", "keep_frozen", b"keep_frozen"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth_verifier_json", b"auth_verifier_json", "change", b"change", "command", b"command", "keep_frozen", b"keep_frozen", "keep_http", b"keep_http"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

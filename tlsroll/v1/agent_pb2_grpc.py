@@ -74,6 +74,11 @@ class NodeAgentStub:
                 request_serializer=tlsroll_dot_v1_dot_agent__pb2.GetTransactionRequest.SerializeToString,
                 response_deserializer=tlsroll_dot_v1_dot_agent__pb2.Transaction.FromString,
                 _registered_method=True)
+        self.WatchTransaction = channel.unary_stream(
+                '/tlsroll.v1.NodeAgent/WatchTransaction',
+                request_serializer=tlsroll_dot_v1_dot_agent__pb2.GetTransactionRequest.SerializeToString,
+                response_deserializer=tlsroll_dot_v1_dot_agent__pb2.Transaction.FromString,
+                _registered_method=True)
         self.Freeze = channel.unary_unary(
                 '/tlsroll.v1.NodeAgent/Freeze',
                 request_serializer=tlsroll_dot_v1_dot_agent__pb2.FreezeRequest.SerializeToString,
@@ -149,6 +154,14 @@ class NodeAgentServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def WatchTransaction(self, request, context):
+        """The state of a transaction now, then again each time it changes; the stream ends after
+        the transaction's outcome is no longer PENDING (event-driven steps: no poll interval).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def Freeze(self, request, context):
         """Freeze writes for a whole rollout (`--freeze scope`): new writes get 503, in-flight ones
         finish. Idempotent; calling it again renews the lease. The freeze lasts until Unfreeze or
@@ -205,6 +218,11 @@ def add_NodeAgentServicer_to_server(servicer, server):
             ),
             'GetTransaction': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTransaction,
+                    request_deserializer=tlsroll_dot_v1_dot_agent__pb2.GetTransactionRequest.FromString,
+                    response_serializer=tlsroll_dot_v1_dot_agent__pb2.Transaction.SerializeToString,
+            ),
+            'WatchTransaction': grpc.unary_stream_rpc_method_handler(
+                    servicer.WatchTransaction,
                     request_deserializer=tlsroll_dot_v1_dot_agent__pb2.GetTransactionRequest.FromString,
                     response_serializer=tlsroll_dot_v1_dot_agent__pb2.Transaction.SerializeToString,
             ),
@@ -433,6 +451,33 @@ class NodeAgent:
             request,
             target,
             '/tlsroll.v1.NodeAgent/GetTransaction',
+            tlsroll_dot_v1_dot_agent__pb2.GetTransactionRequest.SerializeToString,
+            tlsroll_dot_v1_dot_agent__pb2.Transaction.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WatchTransaction(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/tlsroll.v1.NodeAgent/WatchTransaction',
             tlsroll_dot_v1_dot_agent__pb2.GetTransactionRequest.SerializeToString,
             tlsroll_dot_v1_dot_agent__pb2.Transaction.FromString,
             options,

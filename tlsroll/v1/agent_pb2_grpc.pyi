@@ -60,6 +60,10 @@ class NodeAgentStub:
     """Put a switched node back on http the same safe way (also a transaction)."""
     GetTransaction: _grpc.UnaryUnaryMultiCallable[_agent_pb2.GetTransactionRequest, _agent_pb2.Transaction]
     """The state of a transaction."""
+    WatchTransaction: _grpc.UnaryStreamMultiCallable[_agent_pb2.GetTransactionRequest, _agent_pb2.Transaction]
+    """The state of a transaction now, then again each time it changes; the stream ends after
+    the transaction's outcome is no longer PENDING (event-driven steps: no poll interval).
+    """
     Freeze: _grpc.UnaryUnaryMultiCallable[_agent_pb2.FreezeRequest, _agent_pb2.FreezeResponse]
     """Freeze writes for a whole rollout (`--freeze scope`): new writes get 503, in-flight ones
     finish. Idempotent; calling it again renews the lease. The freeze lasts until Unfreeze or
@@ -94,6 +98,10 @@ class NodeAgentAsyncStub(NodeAgentStub):
     """Put a switched node back on http the same safe way (also a transaction)."""
     GetTransaction: _aio.UnaryUnaryMultiCallable[_agent_pb2.GetTransactionRequest, _agent_pb2.Transaction]  # type: ignore[assignment]
     """The state of a transaction."""
+    WatchTransaction: _aio.UnaryStreamMultiCallable[_agent_pb2.GetTransactionRequest, _agent_pb2.Transaction]  # type: ignore[assignment]
+    """The state of a transaction now, then again each time it changes; the stream ends after
+    the transaction's outcome is no longer PENDING (event-driven steps: no poll interval).
+    """
     Freeze: _aio.UnaryUnaryMultiCallable[_agent_pb2.FreezeRequest, _agent_pb2.FreezeResponse]  # type: ignore[assignment]
     """Freeze writes for a whole rollout (`--freeze scope`): new writes get 503, in-flight ones
     finish. Idempotent; calling it again renews the lease. The freeze lasts until Unfreeze or
@@ -173,6 +181,16 @@ class NodeAgentServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agent_pb2.Transaction, _abc.Awaitable[_agent_pb2.Transaction]]:
         """The state of a transaction."""
+
+    @_abc_1.abstractmethod
+    def WatchTransaction(
+        self,
+        request: _agent_pb2.GetTransactionRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_agent_pb2.Transaction], _abc.AsyncIterator[_agent_pb2.Transaction]]:
+        """The state of a transaction now, then again each time it changes; the stream ends after
+        the transaction's outcome is no longer PENDING (event-driven steps: no poll interval).
+        """
 
     @_abc_1.abstractmethod
     def Freeze(

@@ -12,6 +12,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from tlsroll.v1 import types_pb2 as _types_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -180,6 +181,7 @@ class LiveServer(_message.Message):
     FROZEN_FIELD_NUMBER: _builtins.int
     SCHEMES_FIELD_NUMBER: _builtins.int
     DETAIL_FIELD_NUMBER: _builtins.int
+    CLIENTS_FIELD_NUMBER: _builtins.int
     driver: _builtins.str
     healthy: _builtins.bool
     frozen: _builtins.bool
@@ -189,6 +191,10 @@ class LiveServer(_message.Message):
     def schemes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """"http", "https" or both."""
 
+    @_builtins.property
+    def clients(self) -> _types_pb2.ClientsView:
+        """Which workstations the server has seen on which scheme lately (who is still on http)."""
+
     def __init__(
         self,
         *,
@@ -197,10 +203,11 @@ class LiveServer(_message.Message):
         frozen: _builtins.bool = ...,
         schemes: _abc.Iterable[_builtins.str] | None = ...,
         detail: _builtins.str = ...,
+        clients: _types_pb2.ClientsView | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["clients", b"clients"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["detail", b"detail", "driver", b"driver", "frozen", b"frozen", "healthy", b"healthy", "schemes", b"schemes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clients", b"clients", "detail", b"detail", "driver", b"driver", "frozen", b"frozen", "healthy", b"healthy", "schemes", b"schemes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

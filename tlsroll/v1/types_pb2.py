@@ -22,25 +22,30 @@ _runtime_version.ValidateProtobufRuntimeVersion(
 _sym_db = _symbol_database.Default()
 
 
+from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tlsroll/v1/types.proto\x12\ntlsroll.v1*\x83\x01\n\x06\x43hange\x12\x16\n\x12\x43HANGE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43HANGE_ENABLE_TLS\x10\x01\x12\x1a\n\x16\x43HANGE_CHANGE_PASSWORD\x10\x02\x12\x16\n\x12\x43HANGE_ROTATE_CERT\x10\x03\x12\x16\n\x12\x43HANGE_DISABLE_TLS\x10\x04*k\n\tScopeKind\x12\x1a\n\x16SCOPE_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10SCOPE_KIND_LOCAL\x10\x01\x12\x16\n\x12SCOPE_KIND_CLUSTER\x10\x02\x12\x14\n\x10SCOPE_KIND_NODES\x10\x03*9\n\x08Strategy\x12\x18\n\x14STRATEGY_UNSPECIFIED\x10\x00\x12\x13\n\x0fSTRATEGY_DIRECT\x10\x01*V\n\nFreezeMode\x12\x1b\n\x17\x46REEZE_MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x46REEZE_MODE_NODE\x10\x01\x12\x15\n\x11\x46REEZE_MODE_SCOPE\x10\x02*\x86\x02\n\x0cRolloutState\x12\x1d\n\x19ROLLOUT_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15ROLLOUT_STATE_PLANNED\x10\x01\x12\x19\n\x15ROLLOUT_STATE_RUNNING\x10\x02\x12\x18\n\x14ROLLOUT_STATE_PAUSED\x10\x03\x12\x1a\n\x16ROLLOUT_STATE_ABORTING\x10\x04\x12\x19\n\x15ROLLOUT_STATE_HALTING\x10\x05\x12\x1b\n\x17ROLLOUT_STATE_COMPLETED\x10\x06\x12\x18\n\x14ROLLOUT_STATE_HALTED\x10\x07\x12\x19\n\x15ROLLOUT_STATE_ABORTED\x10\x08*\xbd\x02\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12NODE_STATE_PENDING\x10\x01\x12\x18\n\x14NODE_STATE_PREFLIGHT\x10\x02\x12\x16\n\x12NODE_STATE_STAGING\x10\x03\x12\x15\n\x11NODE_STATE_STAGED\x10\x04\x12\x18\n\x14NODE_STATE_SWITCHING\x10\x05\x12\x19\n\x15NODE_STATE_CONFIRMING\x10\x06\x12\x13\n\x0fNODE_STATE_DONE\x10\x07\x12\x15\n\x11NODE_STATE_FAILED\x10\x08\x12\x1a\n\x16NODE_STATE_ROLLED_BACK\x10\t\x12\x16\n\x12NODE_STATE_SKIPPED\x10\n\x12\x1e\n\x1aNODE_STATE_NEEDS_ATTENTION\x10\x0b\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x16tlsroll/v1/types.proto\x12\ntlsroll.v1\x1a\x1fgoogle/protobuf/timestamp.proto\"\xb3\x01\n\nClientSeen\x12\x0e\n\x06scheme\x18\x01 \x01(\t\x12\x0f\n\x07\x61\x64\x64ress\x18\x02 \x01(\t\x12\x13\n\x0bworkstation\x18\x03 \x01(\t\x12.\n\nfirst_seen\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12-\n\tlast_seen\x18\x05 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x10\n\x08requests\x18\x06 \x01(\x04\"o\n\x0b\x43lientsView\x12\'\n\x07\x63lients\x18\x01 \x03(\x0b\x32\x16.tlsroll.v1.ClientSeen\x12\x16\n\x0ewindow_seconds\x18\x02 \x01(\r\x12\x0e\n\x06source\x18\x03 \x01(\t\x12\x0f\n\x07problem\x18\x04 \x01(\t*\x98\x01\n\x06\x43hange\x12\x16\n\x12\x43HANGE_UNSPECIFIED\x10\x00\x12\x15\n\x11\x43HANGE_ENABLE_TLS\x10\x01\x12\x1a\n\x16\x43HANGE_CHANGE_PASSWORD\x10\x02\x12\x16\n\x12\x43HANGE_ROTATE_CERT\x10\x03\x12\x16\n\x12\x43HANGE_DISABLE_TLS\x10\x04\x12\x13\n\x0f\x43HANGE_FINALIZE\x10\x05*k\n\tScopeKind\x12\x1a\n\x16SCOPE_KIND_UNSPECIFIED\x10\x00\x12\x14\n\x10SCOPE_KIND_LOCAL\x10\x01\x12\x16\n\x12SCOPE_KIND_CLUSTER\x10\x02\x12\x14\n\x10SCOPE_KIND_NODES\x10\x03*T\n\x08Strategy\x12\x18\n\x14STRATEGY_UNSPECIFIED\x10\x00\x12\x13\n\x0fSTRATEGY_DIRECT\x10\x01\x12\x19\n\x15STRATEGY_TRANSITIONAL\x10\x02*V\n\nFreezeMode\x12\x1b\n\x17\x46REEZE_MODE_UNSPECIFIED\x10\x00\x12\x14\n\x10\x46REEZE_MODE_NODE\x10\x01\x12\x15\n\x11\x46REEZE_MODE_SCOPE\x10\x02*\xab\x02\n\x0cRolloutState\x12\x1d\n\x19ROLLOUT_STATE_UNSPECIFIED\x10\x00\x12\x19\n\x15ROLLOUT_STATE_PLANNED\x10\x01\x12\x19\n\x15ROLLOUT_STATE_RUNNING\x10\x02\x12\x18\n\x14ROLLOUT_STATE_PAUSED\x10\x03\x12\x1a\n\x16ROLLOUT_STATE_ABORTING\x10\x04\x12\x19\n\x15ROLLOUT_STATE_HALTING\x10\x05\x12\x1b\n\x17ROLLOUT_STATE_COMPLETED\x10\x06\x12\x18\n\x14ROLLOUT_STATE_HALTED\x10\x07\x12\x19\n\x15ROLLOUT_STATE_ABORTED\x10\x08\x12#\n\x1fROLLOUT_STATE_AWAITING_FINALIZE\x10\t*\xd2\x02\n\tNodeState\x12\x1a\n\x16NODE_STATE_UNSPECIFIED\x10\x00\x12\x16\n\x12NODE_STATE_PENDING\x10\x01\x12\x18\n\x14NODE_STATE_PREFLIGHT\x10\x02\x12\x16\n\x12NODE_STATE_STAGING\x10\x03\x12\x15\n\x11NODE_STATE_STAGED\x10\x04\x12\x18\n\x14NODE_STATE_SWITCHING\x10\x05\x12\x19\n\x15NODE_STATE_CONFIRMING\x10\x06\x12\x13\n\x0fNODE_STATE_DONE\x10\x07\x12\x15\n\x11NODE_STATE_FAILED\x10\x08\x12\x1a\n\x16NODE_STATE_ROLLED_BACK\x10\t\x12\x16\n\x12NODE_STATE_SKIPPED\x10\n\x12\x1e\n\x1aNODE_STATE_NEEDS_ATTENTION\x10\x0b\x12\x13\n\x0fNODE_STATE_DUAL\x10\x0c\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'tlsroll.v1.types_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_CHANGE']._serialized_start=39
-  _globals['_CHANGE']._serialized_end=170
-  _globals['_SCOPEKIND']._serialized_start=172
-  _globals['_SCOPEKIND']._serialized_end=279
-  _globals['_STRATEGY']._serialized_start=281
-  _globals['_STRATEGY']._serialized_end=338
-  _globals['_FREEZEMODE']._serialized_start=340
-  _globals['_FREEZEMODE']._serialized_end=426
-  _globals['_ROLLOUTSTATE']._serialized_start=429
-  _globals['_ROLLOUTSTATE']._serialized_end=691
-  _globals['_NODESTATE']._serialized_start=694
-  _globals['_NODESTATE']._serialized_end=1011
+  _globals['_CHANGE']._serialized_start=367
+  _globals['_CHANGE']._serialized_end=519
+  _globals['_SCOPEKIND']._serialized_start=521
+  _globals['_SCOPEKIND']._serialized_end=628
+  _globals['_STRATEGY']._serialized_start=630
+  _globals['_STRATEGY']._serialized_end=714
+  _globals['_FREEZEMODE']._serialized_start=716
+  _globals['_FREEZEMODE']._serialized_end=802
+  _globals['_ROLLOUTSTATE']._serialized_start=805
+  _globals['_ROLLOUTSTATE']._serialized_end=1104
+  _globals['_NODESTATE']._serialized_start=1107
+  _globals['_NODESTATE']._serialized_end=1445
+  _globals['_CLIENTSEEN']._serialized_start=72
+  _globals['_CLIENTSEEN']._serialized_end=251
+  _globals['_CLIENTSVIEW']._serialized_start=253
+  _globals['_CLIENTSVIEW']._serialized_end=364
 # @@protoc_insertion_point(module_scope)

@@ -6,16 +6,20 @@ refuses it (INVALID_ARGUMENT) where a value is required, so a missing field is n
 the first real value. Value names are the enum's name in UPPER_SNAKE_CASE, then the value.
 """
 
+from collections import abc as _abc
 from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from google.protobuf import timestamp_pb2 as _timestamp_pb2
+from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 import builtins as _builtins
 import sys
 import typing as _typing
 
-if sys.version_info >= (3, 10):
-    from typing import TypeAlias as _TypeAlias
+if sys.version_info >= (3, 11):
+    from typing import TypeAlias as _TypeAlias, Never as _Never
 else:
-    from typing_extensions import TypeAlias as _TypeAlias
+    from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
 
@@ -33,6 +37,10 @@ class _ChangeEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Change.ValueTy
     CHANGE_ROTATE_CERT: _Change.ValueType  # 3
     CHANGE_DISABLE_TLS: _Change.ValueType  # 4
     """https -> http: the way back."""
+    CHANGE_FINALIZE: _Change.ValueType  # 5
+    """Phase 2 of the transitional strategy: a dual node (http on 8080 and https on 8443) closes
+    8080; certificate and auth password stay as they are.
+    """
 
 class Change(_Change, metaclass=_ChangeEnumTypeWrapper):
     """What a rollout does on each node."""
@@ -45,6 +53,10 @@ CHANGE_CHANGE_PASSWORD: Change.ValueType  # 2
 CHANGE_ROTATE_CERT: Change.ValueType  # 3
 CHANGE_DISABLE_TLS: Change.ValueType  # 4
 """https -> http: the way back."""
+CHANGE_FINALIZE: Change.ValueType  # 5
+"""Phase 2 of the transitional strategy: a dual node (http on 8080 and https on 8443) closes
+8080; certificate and auth password stay as they are.
+"""
 Global___Change: _TypeAlias = Change  # noqa: Y015
 
 class _ScopeKind:
@@ -82,12 +94,20 @@ class _StrategyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Strategy.Val
     STRATEGY_UNSPECIFIED: _Strategy.ValueType  # 0
     STRATEGY_DIRECT: _Strategy.ValueType  # 1
     """http closes in the same restart that opens https."""
+    STRATEGY_TRANSITIONAL: _Strategy.ValueType  # 2
+    """Phase 1 opens https beside http (the node is dual); phase 2 (`tlsroll rollout finalize`)
+    closes http once the workstations have moved.
+    """
 
 class Strategy(_Strategy, metaclass=_StrategyEnumTypeWrapper): ...
 
 STRATEGY_UNSPECIFIED: Strategy.ValueType  # 0
 STRATEGY_DIRECT: Strategy.ValueType  # 1
 """http closes in the same restart that opens https."""
+STRATEGY_TRANSITIONAL: Strategy.ValueType  # 2
+"""Phase 1 opens https beside http (the node is dual); phase 2 (`tlsroll rollout finalize`)
+closes http once the workstations have moved.
+"""
 Global___Strategy: _TypeAlias = Strategy  # noqa: Y015
 
 class _FreezeMode:
@@ -126,6 +146,8 @@ class _RolloutStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RolloutS
     ROLLOUT_STATE_COMPLETED: _RolloutState.ValueType  # 6
     ROLLOUT_STATE_HALTED: _RolloutState.ValueType  # 7
     ROLLOUT_STATE_ABORTED: _RolloutState.ValueType  # 8
+    ROLLOUT_STATE_AWAITING_FINALIZE: _RolloutState.ValueType  # 9
+    """Transitional: every node is dual; nothing is frozen; waiting for `tlsroll rollout finalize`."""
 
 class RolloutState(_RolloutState, metaclass=_RolloutStateEnumTypeWrapper):
     """Where a rollout is (leader/rollout_core.py draws the machine)."""
@@ -139,6 +161,8 @@ ROLLOUT_STATE_HALTING: RolloutState.ValueType  # 5
 ROLLOUT_STATE_COMPLETED: RolloutState.ValueType  # 6
 ROLLOUT_STATE_HALTED: RolloutState.ValueType  # 7
 ROLLOUT_STATE_ABORTED: RolloutState.ValueType  # 8
+ROLLOUT_STATE_AWAITING_FINALIZE: RolloutState.ValueType  # 9
+"""Transitional: every node is dual; nothing is frozen; waiting for `tlsroll rollout finalize`."""
 Global___RolloutState: _TypeAlias = RolloutState  # noqa: Y015
 
 class _NodeState:
@@ -160,6 +184,8 @@ class _NodeStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NodeState.V
     NODE_STATE_SKIPPED: _NodeState.ValueType  # 10
     NODE_STATE_NEEDS_ATTENTION: _NodeState.ValueType  # 11
     """Even the way back failed: the node is in no known good state and needs a person."""
+    NODE_STATE_DUAL: _NodeState.ValueType  # 12
+    """Transitional phase 1 done on this node: it serves http and https; finalize closes http."""
 
 class NodeState(_NodeState, metaclass=_NodeStateEnumTypeWrapper):
     """Where one node of a rollout is (leader/rollout_core.py draws the machine)."""
@@ -177,4 +203,91 @@ NODE_STATE_ROLLED_BACK: NodeState.ValueType  # 9
 NODE_STATE_SKIPPED: NodeState.ValueType  # 10
 NODE_STATE_NEEDS_ATTENTION: NodeState.ValueType  # 11
 """Even the way back failed: the node is in no known good state and needs a person."""
+NODE_STATE_DUAL: NodeState.ValueType  # 12
+"""Transitional phase 1 done on this node: it serves http and https; finalize closes http."""
 Global___NodeState: _TypeAlias = NodeState  # noqa: Y015
+
+@_typing.final
+class ClientSeen(_message.Message):
+    """The clients a managed server has seen on one scheme in a recent window (who is still on
+    http). Reported by the agent with the node's status, stored by the leader.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SCHEME_FIELD_NUMBER: _builtins.int
+    ADDRESS_FIELD_NUMBER: _builtins.int
+    WORKSTATION_FIELD_NUMBER: _builtins.int
+    FIRST_SEEN_FIELD_NUMBER: _builtins.int
+    LAST_SEEN_FIELD_NUMBER: _builtins.int
+    REQUESTS_FIELD_NUMBER: _builtins.int
+    scheme: _builtins.str
+    """"http" or "https"."""
+    address: _builtins.str
+    """The source address (IPv4 or IPv6, no port); at most 64 characters."""
+    workstation: _builtins.str
+    """The workstation name where it is known (the ws-… name of its client certificate or the
+    name it sent), else empty; at most 63 characters.
+    """
+    requests: _builtins.int
+    @_builtins.property
+    def first_seen(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def last_seen(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        scheme: _builtins.str = ...,
+        address: _builtins.str = ...,
+        workstation: _builtins.str = ...,
+        first_seen: _timestamp_pb2.Timestamp | None = ...,
+        last_seen: _timestamp_pb2.Timestamp | None = ...,
+        requests: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["first_seen", b"first_seen", "last_seen", b"last_seen"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["address", b"address", "first_seen", b"first_seen", "last_seen", b"last_seen", "requests", b"requests", "scheme", b"scheme", "workstation", b"workstation"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClientSeen: _TypeAlias = ClientSeen  # noqa: Y015
+
+@_typing.final
+class ClientsView(_message.Message):
+    """Who a node's managed server has seen, and how the agent knows."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CLIENTS_FIELD_NUMBER: _builtins.int
+    WINDOW_SECONDS_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    PROBLEM_FIELD_NUMBER: _builtins.int
+    window_seconds: _builtins.int
+    """The window the list covers, in seconds (a client not seen for longer is dropped)."""
+    source: _builtins.str
+    """Where the list comes from: "refserver", "exec" (the configured command) or "access-log"
+    (the systemd driver's configured log); empty when the driver cannot tell.
+    """
+    problem: _builtins.str
+    """Why the list is unknown or incomplete (the command failed, the log is unreadable); at
+    most 200 characters. Empty when the list is complete.
+    """
+    @_builtins.property
+    def clients(self) -> _containers.RepeatedCompositeFieldContainer[Global___ClientSeen]:
+        """At most 256 entries, most recently seen first."""
+
+    def __init__(
+        self,
+        *,
+        clients: _abc.Iterable[Global___ClientSeen] | None = ...,
+        window_seconds: _builtins.int = ...,
+        source: _builtins.str = ...,
+        problem: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clients", b"clients", "problem", b"problem", "source", b"source", "window_seconds", b"window_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ClientsView: _TypeAlias = ClientsView  # noqa: Y015
