@@ -15,10 +15,13 @@ from tlsroll import pki
 # Each test node gets its own 127.0.0.0/8 address so that it can use the seed's fixed ports
 # (8080, 8443, 9443) like a real server would. The second octet is this process's own: the
 # workers of one run (pytest-xdist, up to 6) each get a different one, and the run's id (or the
-# pid) shifts them so that two runs on one machine rarely collide.
+# pid) shifts them so that two runs on one machine rarely collide. Runs that must never collide
+# (several checkouts tested at once) each set TLSROLL_TEST_SLOT to a different number 0-24.
 _RUN = os.environ.get("PYTEST_XDIST_TESTRUNUID", "")
 _WORKER = int(os.environ.get("PYTEST_XDIST_WORKER", "gw0").removeprefix("gw") or 0)
-_BASE = 100 + (int(_RUN[:8], 16) if _RUN else os.getpid()) % 25 * 6 + _WORKER % 6
+_SLOT = os.environ.get("TLSROLL_TEST_SLOT", "")
+_SEED = int(_SLOT) if _SLOT.isdigit() else int(_RUN[:8], 16) if _RUN else os.getpid()
+_BASE = 100 + _SEED % 25 * 6 + _WORKER % 6
 _counter = itertools.count(1)
 
 
