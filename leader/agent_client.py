@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
 import grpc
@@ -33,6 +33,11 @@ CALL_TIMEOUT = 30.0
 # Open agent channels the pool keeps at most (least recently used idle ones are closed): each
 # costs the leader about two descriptors, so 500 nodes would otherwise need ~1000 of them.
 MAX_OPEN_CHANNELS = 64
+# WatchTransaction: one stream lasts at most this long (a stopped agent sends nothing, and TCP
+# does not tell); it is opened again at once and the agent sends the current state first.
+STREAM_SECONDS = 15.0
+STREAM_ATTEMPTS = 3  # streams in a row that bring nothing before it is a TransientError
+POLL_SECONDS = 0.3  # only for an agent without WatchTransaction (UNIMPLEMENTED)
 Method = Callable[["agent_pb2_grpc.NodeAgentAsyncStub"], Callable[..., Awaitable[T]]]
 RECONNECT_SECONDS = 2.0
 
@@ -69,6 +74,10 @@ class AgentApi(Protocol):
     async def get_transaction(
         self, request: agent_pb2.GetTransactionRequest
     ) -> agent_pb2.Transaction: ...
+
+    def watch_transaction(
+        self, request: agent_pb2.GetTransactionRequest
+    ) -> AsyncIterator[agent_pb2.Transaction]: ...
 
     async def freeze(self, request: agent_pb2.FreezeRequest) -> agent_pb2.FreezeResponse: ...
 
@@ -207,6 +216,49 @@ class AgentClient:
         self, request: agent_pb2.GetTransactionRequest
     ) -> agent_pb2.Transaction:
         return await self._call(lambda s: s.GetTransaction, request)
+
+    async def watch_transaction(
+        self, request: agent_pb2.GetTransactionRequest
+    ) -> AsyncIterator[agent_pb2.Transaction]:
+        """Each state of the transaction as the agent journals it, the current one first, until
+        it has an outcome (``NodeAgent.WatchTransaction``: the leader hears of a step when it
+        happens, no poll interval). A stream that breaks or brings nothing for
+        ``STREAM_SECONDS`` is opened again with backoff; ``STREAM_ATTEMPTS`` such streams in a
+        row are a ``TransientError``. Another status is ``StepFailed``. An agent without the
+        stream (UNIMPLEMENTED: an older version) is asked with GetTransaction every
+        ``POLL_SECONDS`` instead."""
+        failures = 0
+        self.in_flight += 1
+        try:
+            while True:
+                call = self.stub.WatchTransaction(request, timeout=STREAM_SECONDS)
+                try:
+                    async for txn in call:
+                        failures = 0
+                        yield txn
+                        if txn.outcome != agent_pb2.TRANSACTION_OUTCOME_PENDING:
+                            return
+                    error = TransientError(f"agent {self.node.name}: the stream ended early")
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
+                        break
+                    if exc.code() not in TRANSIENT_CODES:
+                        raise StepFailed(f"{exc.details()} ({exc.code().name})") from None
+                    error = TransientError(f"agent {self.node.name}: {exc.details()}")
+                finally:
+                    call.cancel()
+                failures += 1
+                if failures >= STREAM_ATTEMPTS:
+                    raise error
+                await asyncio.sleep(min(2.0, 0.1 * 2**failures))
+            while True:
+                txn = await self.get_transaction(request)
+                yield txn
+                if txn.outcome != agent_pb2.TRANSACTION_OUTCOME_PENDING:
+                    return
+                await asyncio.sleep(POLL_SECONDS)
+        finally:
+            self.in_flight -= 1
 
     async def freeze(self, request: agent_pb2.FreezeRequest) -> agent_pb2.FreezeResponse:
         return await self._call(lambda s: s.Freeze, request)
