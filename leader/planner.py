@@ -47,6 +47,7 @@ decided by the engine from the clients each node has seen) are described in
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -137,6 +138,11 @@ class WrongSource(PlanError):
         what = "; ".join(f"{n}: {w}" for n, w in sorted(why.items()))
         super().__init__(f"{change.value} cannot start on {', '.join(sorted(why))} ({what})")
         self.names = tuple(sorted(why))
+
+
+class NotAwaitingFinalize(PlanError):
+    """Finalize asked of a rollout that is not a transitional one awaiting it
+    (FAILED_PRECONDITION)."""
 
 
 class NothingToUndo(PlanError):
@@ -455,12 +461,12 @@ def finalize_scope(rollout: Rollout, records: Sequence[NodeRecord]) -> tuple[str
     """The nodes phase 2 closes http on: those phase 1 left ``dual``, in its order. PlanError
     if ``rollout`` is not a transitional rollout awaiting finalize."""
     if rollout.strategy is not Strategy.TRANSITIONAL or rollout.change is not Change.ENABLE_TLS:
-        raise PlanError(
+        raise NotAwaitingFinalize(
             f"rollout {rollout.id} is {rollout.change.value} ({rollout.strategy.value}): only a "
             "transitional rollout is finalized (tlsroll rollout start --strategy transitional)"
         )
     if rollout.state is not RolloutState.AWAITING_FINALIZE:
-        raise PlanError(
+        raise NotAwaitingFinalize(
             f"rollout {rollout.id} is {rollout.state.value}, not awaiting finalize; "
             + (
                 "wait until every node is dual: tlsroll schema show --watch"
@@ -486,6 +492,27 @@ def awaiting_verdict(follower: Rollout, nodes: Sequence[NodeRecord]) -> RolloutE
     if follower.change is Change.DISABLE_TLS:
         return RolloutEvent.TAKEN_BACK
     return None
+
+
+def held_for_quiet(
+    pending: Sequence[str],
+    last_http: Mapping[str, dt.datetime | None],
+    known_since: Mapping[str, dt.datetime],
+    now: dt.datetime,
+    quiet: dt.timedelta,
+) -> frozenset[str]:
+    """``--when-quiet``: the pending nodes that may not start yet. A node starts once no http
+    client was seen on it for ``quiet``: its ``last_http`` sighting is that old, or none was
+    ever seen and the leader has known its clients (``known_since``: the start of its agent's
+    first reported window) for that long. A node whose clients cannot be told (no report, or
+    the report names a problem) waits."""
+    held = set()
+    for name in pending:
+        since = known_since.get(name)
+        last = last_http.get(name)
+        if since is None or now - (last or since) < quiet:
+            held.add(name)
+    return frozenset(held)
 
 
 def apply_plan(
