@@ -334,8 +334,13 @@ class TemplateDriver(Driver):
     """A server whose config the agent renders from an admin-supplied template.
 
     The template is ``string.Template`` text; it may use ``$address``, ``$app_path``,
-    ``$http_port``, ``$https_port``, ``$listen`` (a TOML list such as ``["https"]``),
-    ``$scheme``, ``$cert_file``, ``$key_file``, ``$ca_file``, ``$auth_verifier_file``.
+    ``$http_port``, ``$https_port``, ``$listen`` (a TOML list such as ``["https"]``, or
+    ``["http", "https"]`` for a dual node), ``$scheme`` (``https`` whenever https is served),
+    ``$http_enabled``/``$https_enabled`` (``true``/``false``), ``$http_off``/``$https_off``
+    (``""`` when that scheme is served, else ``#``: put it before a line-based config's
+    listener line to comment it out), ``$cert_file``, ``$key_file``, ``$ca_file``,
+    ``$auth_verifier_file``. One template thus renders http-only, https-only and dual (the
+    transitional strategy's phase 1: http on 8080 and https on 8443, same certificate).
     """
 
     def __init__(self, section: Section, address: str) -> None:
@@ -368,7 +373,8 @@ class TemplateDriver(Driver):
             "http_port": str(self.http_port),
             "https_port": str(self.https_port),
             "listen": json.dumps(list(target.schemes)),
-            "scheme": target.schemes[0],
+            "scheme": "https" if "https" in target.schemes else target.schemes[0],
+            **_scheme_switches(target.schemes),
             "cert_file": str(target.cert_file or ""),
             "key_file": str(target.key_file or ""),
             "ca_file": str(target.ca_file or ""),
@@ -380,6 +386,17 @@ class TemplateDriver(Driver):
             raise DriverError(
                 f"template {self.template_file}: unknown or bad placeholder {exc}"
             ) from None
+
+
+def _scheme_switches(schemes: Sequence[str]) -> dict[str, str]:
+    """``$http_enabled``/``$https_enabled`` and the comment prefixes ``$http_off``/``$https_off``
+    for a template (see ``TemplateDriver``)."""
+    values = {}
+    for scheme in ("http", "https"):
+        on = scheme in schemes
+        values[f"{scheme}_enabled"] = "true" if on else "false"
+        values[f"{scheme}_off"] = "" if on else "#"
+    return values
 
 
 async def _run(argv: Sequence[str], timeout: float, what: str) -> str:

@@ -25,10 +25,14 @@ from typing import Any, NamedTuple, ParamSpec
 from nodeagent.drivers import Driver, Target
 from nodeagent.journal import Journal
 from nodeagent.transaction import Plan
-from tlsroll import password
-from tlsroll.enums import TxnKind, TxnOutcome
-from tlsroll.errors import TerminalError, os_error_text
+from tlsroll import password, pki
+from tlsroll.enums import Change, TxnKind, TxnOutcome
+from tlsroll.errors import PKIError, TerminalError, os_error_text
 from tlsroll.fsutil import PRIVATE, write_atomic
+
+# A dual node (transitional phase 1) serves both, the same certificate on https.
+DUAL = ("http", "https")
+ENABLE_DUAL = "enable-tls+http"  # Plan.change of the phase-1 switch (enable-tls, keep_http)
 
 
 class PlanRefused(TerminalError):
@@ -96,15 +100,19 @@ def switch_plan(
     verifier: dict[str, Any] | None,
     *,
     keep_frozen: bool = False,
+    keep_http: bool = False,
 ) -> Built:
-    """enable-tls: https on the staged certificate (and the password's verifier, if given)."""
+    """enable-tls: https on the staged certificate (and the password's verifier, if given).
+    ``keep_http`` (transitional phase 1): http stays open beside https, so the node ends
+    *dual* and verify wants both live; without it http closes in the same restart."""
     staged = journal.staged(rollout_id)
     if staged is None or staged.cert_file is None or staged.ca_file is None:
         raise PlanRefused(f"nothing staged for rollout {rollout_id}; run Stage")
     verifier_file = write_verifier(driver, rollout_id, verifier)
     facts = driver.facts()
+    target = DUAL if keep_http else ("https",)
     new_config = driver.render(
-        Target(("https",), staged.cert_file, staged.key_file, staged.ca_file, verifier_file)
+        Target(target, staged.cert_file, staged.key_file, staged.ca_file, verifier_file)
     )
     new_file, backup = prepare(txn_dir, rollout_id, TxnKind.SWITCH, new_config)
     live = {
@@ -117,7 +125,7 @@ def switch_plan(
     plan = Plan(
         facts,
         facts.schemes,
-        ("https",),
+        target,
         new_file,
         backup,
         staged.ca_file,
@@ -125,8 +133,66 @@ def switch_plan(
         live,
         journal.live_tls(),
         keep_frozen=keep_frozen,
+        change=ENABLE_DUAL if keep_http else Change.ENABLE_TLS.value,
     )
     return Built(new_config, plan, staged.fingerprint or "")
+
+
+def dual_problem(facts_schemes: tuple[str, ...], live: dict[str, str] | None) -> str | None:
+    """Why a node is not dual (finalize needs http and https served, with the https files
+    tlsroll made live), else None."""
+    serves = " and ".join(facts_schemes) or "nothing"
+    if set(facts_schemes) != set(DUAL) or live is None or not live.get("cert_file"):
+        return (
+            f"this node is not dual (it serves {serves}): finalize only closes http on a node "
+            "that serves http and https after the transitional switch"
+        )
+    return None
+
+
+@_keeps_cause
+def finalize_plan(
+    journal: Journal,
+    driver: Driver,
+    txn_dir: Path,
+    rollout_id: str,
+    verifier: dict[str, Any] | None,
+    *,
+    keep_frozen: bool = False,
+) -> Built:
+    """finalize (transitional phase 2): a dual node closes http. Certificate, key, CA and
+    verifier stay the live ones, so https does not change at all; verify wants https live
+    with that very certificate and 8080 closed. ``verifier`` is ignored (the password does
+    not change here)."""
+    live = journal.live_tls()
+    facts = driver.facts()
+    if problem := dual_problem(facts.schemes, live):
+        raise PlanRefused(problem)
+    assert live is not None
+    cert_file = Path(live["cert_file"])
+    try:
+        fingerprint = pki.fingerprint(pki.read_cert(cert_file))
+    except PKIError as exc:
+        raise PrepareFailed(f"cannot read the live certificate {cert_file}: {exc}") from None
+    verifier_file = Path(live["verifier_file"]) if live.get("verifier_file") else None
+    new_config = driver.render(
+        Target(("https",), cert_file, Path(live["key_file"]), Path(live["ca_file"]), verifier_file)
+    )
+    new_file, backup = prepare(txn_dir, rollout_id, TxnKind.SWITCH, new_config)
+    plan = Plan(
+        facts,
+        facts.schemes,
+        ("https",),
+        new_file,
+        backup,
+        Path(live["ca_file"]),
+        fingerprint,
+        live,
+        live,
+        keep_frozen=keep_frozen,
+        change=Change.FINALIZE.value,
+    )
+    return Built(new_config, plan, fingerprint)
 
 
 @_keeps_cause
@@ -171,6 +237,7 @@ def rotate_plan(
         rotated,
         live,
         keep_frozen=keep_frozen,
+        change=Change.ROTATE_CERT.value,
     )
     return Built(new_config, plan, staged.fingerprint or "")
 
@@ -214,6 +281,7 @@ def password_plan(
         {**live, "verifier_file": str(verifier_file)},
         live,
         keep_frozen=keep_frozen,
+        change=Change.CHANGE_PASSWORD.value,
     )
     return Built(new_config, plan, "")
 

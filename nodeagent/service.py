@@ -390,12 +390,26 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
     # --- transactions -------------------------------------------------------------------------
 
     async def _begin(
-        self, rollout_id: str, kind: TxnKind, epoch: int, make: Callable[[], Built]
+        self,
+        rollout_id: str,
+        kind: TxnKind,
+        epoch: int,
+        make: Callable[[], Built],
+        *,
+        change: str = "",
     ) -> Txn:
-        """Create (or find, on a replay) the transaction and hand it to the runner."""
+        """Create (or find, on a replay) the transaction and hand it to the runner. A switch
+        journalled under this id for another ``change`` is no replay: refused, never answered
+        with that other switch's outcome (a finalize needs a rollout id of its own)."""
         assert self.runner is not None
         async with self._lock:
             existing = await asyncio.to_thread(self.journal.get, rollout_id, kind)
+            done = str(existing.plan.get("change", "")) if existing is not None else ""
+            if existing is not None and change and done and done != change:
+                raise failed_precondition(
+                    f"rollout id {rollout_id} already names a {done} switch on this node; "
+                    f"a {change} needs a rollout id of its own"
+                )
             if existing is not None:  # a replay: report, never run twice
                 if not existing.finished:
                     self.runner.start(existing)
@@ -435,14 +449,19 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             Change.ENABLE_TLS: plans.switch_plan,
             Change.CHANGE_PASSWORD: plans.password_plan,
             Change.ROTATE_CERT: plans.rotate_plan,
+            Change.FINALIZE: plans.finalize_plan,
         }
         if change not in builders:
             raise invalid(f"change {change.value} is not a switch this agent makes")
+        if request.keep_http and change is not Change.ENABLE_TLS:
+            raise invalid("keep_http is for enable-tls only (transitional phase 1)")
         verifier = self._verifier(
             request.auth_verifier_json, required=change is Change.CHANGE_PASSWORD
         )
         driver = self._driver()
         build = builders[change]
+        extra = {"keep_http": True} if request.keep_http else {}
+        wanted = plans.ENABLE_DUAL if request.keep_http else change.value
 
         def make() -> Built:
             return build(
@@ -452,9 +471,12 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 rollout_id,
                 verifier,
                 keep_frozen=request.keep_frozen,
+                **extra,
             )
 
-        txn = await self._begin(rollout_id, TxnKind.SWITCH, request.command.epoch, make)
+        txn = await self._begin(
+            rollout_id, TxnKind.SWITCH, request.command.epoch, make, change=wanted
+        )
         return txn_message(txn)
 
     @staticmethod

@@ -210,6 +210,10 @@ class Plan:
     live_tls: dict[str, str] | None = None
     live_before: dict[str, str] | None = None  # what was live when it started (for rollback)
     keep_frozen: bool = False  # scope freeze: the leader unfreezes when the rollout ends
+    # What the switch does ("enable-tls", "enable-tls+http" for a dual target, "finalize", ...;
+    # "" for a rollback and for plans journalled before it was recorded): a replay of a
+    # different change under the same rollout id is refused, never answered with this one.
+    change: str = ""
 
     def to_json(self) -> dict[str, Any]:
         f = self.facts
@@ -224,6 +228,7 @@ class Plan:
             "live_tls": self.live_tls,
             "live_before": self.live_before,
             "keep_frozen": self.keep_frozen,
+            "change": self.change,
         }
 
     @classmethod
@@ -240,6 +245,7 @@ class Plan:
             live_tls=data.get("live_tls"),
             live_before=data.get("live_before"),
             keep_frozen=bool(data.get("keep_frozen", False)),
+            change=str(data.get("change", "")),
         )
 
 

@@ -28,13 +28,18 @@ from nodeagent.drivers import (
     DriverError,
     ReferenceDriver,
     ServerFacts,
+    SystemdDriver,
     Target,
     _wait_healthy,
 )
 from tests.cluster import Cluster, wait_until
 from tests.conftest import next_loopback
-from tests.nodeside import Node, NodeFactory, alive
+from tests.nodeside import RPC_TIMEOUT, Node, NodeFactory, alive
 from tests.refserver_helper import RefServer
+from tlsroll.config import Section
+from tlsroll.enums import Change
+from tlsroll.v1 import agent_pb2
+from tlsroll.wire import CHANGE
 
 UNIT = "praxis-live.service"
 
@@ -340,6 +345,78 @@ def test_systemd_driver_switches_through_systemctl(nodes: NodeFactory) -> None:
         ca_file=stage_dir / "ca.pem",
     )
     assert node.server.config_path.read_text() == expected
+
+
+def dual_switch(node: Node, rollout_id: str, change: Change, *, keep_http: bool = False) -> str:
+    """Switch(change) as the leader sends it (keep_http: transitional phase 1); the outcome."""
+    with node.stub() as stub:
+        stub.Switch(
+            agent_pb2.SwitchRequest(
+                command=node.command(rollout_id), change=CHANGE.wire(change), keep_http=keep_http
+            ),
+            timeout=RPC_TIMEOUT,
+        )
+    done = node.wait_txn(rollout_id)
+    assert done.outcome == "completed", done.reason
+    return str(done.outcome)
+
+
+def test_systemd_driver_goes_dual_then_finalizes(nodes: NodeFactory) -> None:
+    """The transitional strategy through a template: phase 1 renders http and https into one
+    config (both served by one restarted process), finalize renders https only."""
+    node, control, _template = systemd_node(nodes)
+    entry = node.post("http", {"n": 1}).json()
+    staged = node.stage("sd-dual")
+    dual_switch(node, "sd-dual", Change.ENABLE_TLS, keep_http=True)
+    assert node.admin_status()["listen"] == ["http", "https"]
+    assert node.get("http", f"entries/{entry['id']}").status == 200
+    assert node.get("https", f"entries/{entry['id']}").status == 200
+    assert node.served_fingerprint() == staged.fingerprint
+    assert 'listen = ["http", "https"]' in node.server.config_path.read_text()
+    dual_switch(node, "sd-dual.finalize", Change.FINALIZE)
+    assert_switched(node, staged.fingerprint)
+    assert control.calls_made().count(f"restart {UNIT}") == 2
+
+
+def test_template_renders_http_only_https_only_and_dual(tmp_path: Path) -> None:
+    template = tmp_path / "nginx.conf.tmpl"
+    template.write_text(
+        "$http_off listen $address:$http_port;\n"
+        "$https_off listen $address:$https_port ssl;\n"
+        "$https_off ssl_certificate $cert_file;\n"
+        "# scheme=$scheme http=$http_enabled https=$https_enabled listen=$listen\n"
+    )
+    settings = {
+        "config_file": str(tmp_path / "nginx.conf"),
+        "template": str(template),
+        "app_path": "/",
+        "unit": "nginx.service",
+        "admin_socket": str(tmp_path / "admin.sock"),
+    }
+    driver = SystemdDriver(Section(tmp_path / "agent.toml", "server", settings), "10.0.0.5")
+    cert = tmp_path / "server.pem"
+
+    def render(*schemes: str) -> list[str]:
+        return driver.render(Target(schemes, cert_file=cert)).decode().splitlines()
+
+    assert render("http") == [
+        " listen 10.0.0.5:8080;",
+        "# listen 10.0.0.5:8443 ssl;",
+        f"# ssl_certificate {cert};",
+        '# scheme=http http=true https=false listen=["http"]',
+    ]
+    assert render("https") == [
+        "# listen 10.0.0.5:8080;",
+        " listen 10.0.0.5:8443 ssl;",
+        f" ssl_certificate {cert};",
+        '# scheme=https http=false https=true listen=["https"]',
+    ]
+    assert render("http", "https") == [
+        " listen 10.0.0.5:8080;",
+        " listen 10.0.0.5:8443 ssl;",
+        f" ssl_certificate {cert};",
+        '# scheme=https http=true https=true listen=["http", "https"]',
+    ]
 
 
 def test_systemd_template_with_an_unknown_placeholder_is_refused(nodes: NodeFactory) -> None:
