@@ -19,7 +19,7 @@ from leader.admin_socket import current_caller
 from leader.commands import Commands, RolloutRequest
 from leader.expiry import ExpiryWatch
 from leader.node_check import check_nodes
-from leader.rollout_core import Change, Scope, ScopeKind
+from leader.rollout_core import Change, Scope, ScopeKind, Strategy
 from leader.schema_store import NodeDetail, RolloutMeta, RolloutRow, SchemaStore
 from leader.schema_view import rollout_view
 from leader.service import ERRORS, LeaderState, claimed_names
@@ -33,6 +33,7 @@ from leader.wire import (
     NODE_HEALTH,
     ROLLOUT_ACTION,
     SCOPE_KIND,
+    STRATEGY,
     VIEWER_GRANT_STATE,
 )
 from tlsroll import logs, password, peertext, pki, spiffe
@@ -44,6 +45,7 @@ log = logs.get_logger(__name__)
 Ctx = grpc.aio.ServicerContext[Any, Any]
 MAX_TOKEN_TTL = dt.timedelta(days=7)
 DEFAULT_VIEWER_TTL = dt.timedelta(hours=8)
+MAX_WHEN_QUIET = 30 * 86400
 
 
 def _actor(context: Ctx) -> str:
@@ -93,6 +95,25 @@ CHECKS = (
     "staged certificate and 8080 closed, write watermark unchanged, unfreeze; else roll back",
     "confirm: the leader checks https from outside trusting only the cluster CA",
 )
+TRANSITIONAL_CHECKS = (
+    "phase 1, node by node: " + CHECKS[0],
+    "stage: node key made on the node, CSR signed by the cluster CA, stored inactive",
+    "switch: freeze writes, write the dual config atomically (https on 8443 AND http on "
+    "8080), restart, verify both, write watermark unchanged, unfreeze; else roll back to http",
+    "confirm: the leader checks https (cluster CA only) and http from outside; the node is "
+    "dual and the rollout waits (awaiting_finalize) holding no freeze",
+    "meanwhile: tlsroll schema show lists who is still on http per node; tlsroll notify "
+    "--remaining prints the workstations that still need the client steps",
+    "phase 2 (tlsroll rollout finalize; refused while a node had http clients lately, unless "
+    "--force; --when-quiet DURATION finalizes each node once quiet): node by node freeze, "
+    "https-only config, restart, verify 8080 closed and https live, unfreeze; else back to dual",
+)
+TRANSITIONAL_WARNINGS = (
+    "Phase 1 restarts the managed server on each node; workstations keep working on http.",
+    "Workstations can move to https any time until finalize; finalize cuts off any still on http.",
+    "No new entries can be made at the clients while a node restarts (writes are refused "
+    "with 503 during the freeze, so no data is lost).",
+)
 CLIENT_STEPS = (
     "Admin -> change server address to the new https address of the node",
     "Test connection; confirm the port prompt for 9443 (or the port shown)",
@@ -104,6 +125,13 @@ CLIENT_STEPS = (
 def rollout_request(request: admin_pb2.RolloutRequest) -> RolloutRequest:
     """The command's request from the wire; INVALID_ARGUMENT names what is wrong."""
     change = CHANGE.read(request.change, "change")
+    if change is Change.FINALIZE:
+        raise invalid(
+            "finalize is phase 2 of a transitional rollout: tlsroll rollout finalize [ID]"
+        )
+    strategy = STRATEGY.read_optional(request.strategy, "strategy") or Strategy.DIRECT
+    if strategy is Strategy.TRANSITIONAL and change is not Change.ENABLE_TLS:
+        raise invalid("the transitional strategy is for enable-tls only")
     if change is Change.DISABLE_TLS:
         if request.scope or request.nodes:
             raise invalid("disable-tls takes its nodes from the rollout it takes back")
@@ -122,6 +150,7 @@ def rollout_request(request: admin_pb2.RolloutRequest) -> RolloutRequest:
         failure_budget=request.failure_budget,
         auth_verifier_json=request.auth_verifier_json or None,
         freeze=FREEZE.read(request.freeze, "freeze"),
+        strategy=strategy,
         undo_rollout_id=request.undo_rollout_id or None,
     )
 
@@ -178,7 +207,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     ) -> admin_pb2.PlanResponse:
         planned = await self.commands.plan(rollout_request(request))
         rollout, nodes = planned.rollout, planned.records
-        warnings = list(SEED_WARNINGS)
+        transitional = rollout.strategy is Strategy.TRANSITIONAL
+        warnings = list(TRANSITIONAL_WARNINGS if transitional else SEED_WARNINGS)
         active = await asyncio.to_thread(self.schema.active)
         if active is not None:
             warnings.append(
@@ -196,7 +226,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         )
         reply = admin_pb2.PlanResponse(
             rollout=rollout_view(row),
-            checks=CHECKS,
+            checks=TRANSITIONAL_CHECKS if transitional else CHECKS,
             client_steps=CLIENT_STEPS,
             warnings=warnings,
         )
@@ -216,6 +246,22 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.RetryRolloutRequest, context: Ctx
     ) -> schema_pb2.RolloutView:
         row = await self.commands.retry(request.rollout_id, _actor(context))
+        return rollout_view(row)
+
+    @map_errors(ERRORS)
+    async def FinalizeRollout(
+        self, request: admin_pb2.FinalizeRolloutRequest, context: Ctx
+    ) -> schema_pb2.RolloutView:
+        if request.when_quiet_seconds > MAX_WHEN_QUIET:
+            raise invalid("--when-quiet is at most 30 days")
+        if request.when_quiet_seconds and request.force:
+            raise invalid("--force and --when-quiet exclude each other")
+        row = await self.commands.finalize(
+            request.rollout_id,
+            _actor(context),
+            force=request.force,
+            when_quiet=request.when_quiet_seconds,
+        )
         return rollout_view(row)
 
     @map_errors(ERRORS)

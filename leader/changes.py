@@ -11,8 +11,13 @@ https, which password, which scheme the outside check expects) is in ``rollout_c
 a strategy holds only the calls that differ:
 
     EnableTls       Switch(enable-tls) to https with the staged certificate; confirm over https
+    DualTls         transitional phase 1: Switch(enable-tls, keep_http): https beside http;
+                    confirm both from outside; the node ends dual (``strategy_for``)
+    Finalize        transitional phase 2: Switch(finalize) closes http on a dual node; confirm
+                    https live and 8080 closed; the agent's rollback goes back to dual
     ChangePassword  Switch(change-password): same config, the staged password; confirm as above
-    DisableTls      Rollback of the enable-tls switch it undoes; confirm over http
+    DisableTls      Rollback of the enable-tls switch it undoes (from https or dual); confirm
+                    over http
 
 A strategy returns terminal outcomes as events; a ``TransientError`` (the agent unreachable)
 propagates and the engine runs the step again later.
@@ -28,7 +33,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from leader.agent_client import AgentApi, StepFailed
-from leader.rollout_core import CHANGES, Change, FreezeMode, NodeEvent, Rollout
+from leader.planner import confirm_success
+from leader.rollout_core import (
+    CHANGES,
+    Change,
+    FreezeMode,
+    NodeEvent,
+    NodeObservation,
+    Rollout,
+    Strategy,
+    wrong_source,
+)
 from leader.schema_store import RolloutMeta, SchemaStore
 from leader.store import IssuedCert, Store
 from leader.wire import CHANGE, TXN_KIND, TXN_OUTCOME
@@ -68,6 +83,7 @@ class ChangeSteps:
     """The steps every change shares; subclasses change what differs."""
 
     change: Change
+    keep_http = False  # the switch's target keeps http on 8080 beside https (dual)
 
     async def preflight(self, ctx: StepContext) -> Outcome:
         request = agent_pb2.PreflightRequest(
@@ -85,6 +101,9 @@ class ChangeSteps:
             return NodeEvent.PREFLIGHT_FAILED, "; ".join(reply.problems)
         if CHANGES[self.change].requires_https and "https" not in reply.server.schemes:
             return NodeEvent.PREFLIGHT_FAILED, "the node is not on https; run enable-tls first"
+        serving = NodeObservation(True, schemes=tuple(sorted(reply.server.schemes)))
+        if why := wrong_source(self.change, serving, ctx.rollout.strategy):
+            return NodeEvent.PREFLIGHT_FAILED, why  # what the plan saw may have changed
         node = await asyncio.to_thread(ctx.store.get_node, ctx.node)
         claimed = pki.Names.of(reply.common_name, reply.ip_addresses, reply.dns_names)
         enrolled = pki.Names.of(node.name, node.addresses, node.dns_names)
@@ -146,6 +165,7 @@ class ChangeSteps:
                     change=CHANGE.wire(self.change),
                     auth_verifier_json=verifier,
                     keep_frozen=ctx.rollout.freeze is FreezeMode.SCOPE,
+                    keep_http=self.keep_http,
                 )
             )
         except StepFailed as exc:  # refused before it began: the node is as it was
@@ -168,7 +188,7 @@ class ChangeSteps:
             existing = None
         problem = None if existing is not None else await self.outside_problem(ctx)
         if problem is None and existing is None:
-            return NodeEvent.CONFIRM_DONE, None
+            return confirm_success(ctx.rollout), None
         if existing is None:
             log.warning("confirm.failed", rollout_id=ctx.rollout.id, node=ctx.node, problem=problem)
             try:
@@ -202,6 +222,31 @@ class ChangeSteps:
 
 class EnableTls(ChangeSteps):
     change = Change.ENABLE_TLS
+
+
+class DualTls(ChangeSteps):
+    """Transitional phase 1: the staged certificate on https (8443) while http (8080) stays
+    open; the outside check wants both to answer, and the node ends ``dual``."""
+
+    change = Change.ENABLE_TLS
+    keep_http = True
+
+    async def outside_problem(self, ctx: StepContext) -> str | None:
+        row = await asyncio.to_thread(ctx.schema.get, ctx.rollout.id)
+        assert row is not None
+        detail = next(d for r, d in row.nodes if r.name == ctx.node)
+        return await asyncio.to_thread(
+            dual_check, detail.new_url, detail.old_url, ctx.ca.cert_pem, detail.cert_fingerprint
+        )
+
+
+class Finalize(ChangeSteps):
+    """Transitional phase 2: the dual node's http (8080) closes, https stays as it is (no
+    stage: the certificate and password phase 1 brought stay). The outside check wants https
+    live and 8080 closed; on failure the agent's rollback of this switch returns the node to
+    dual (what it was before), so ``rolled_back`` here means "still dual"."""
+
+    change = Change.FINALIZE
 
 
 class ChangePassword(ChangeSteps):
@@ -251,7 +296,16 @@ STRATEGIES: Mapping[Change, ChangeSteps] = {
     Change.CHANGE_PASSWORD: ChangePassword(),
     Change.ROTATE_CERT: RotateCert(),
     Change.DISABLE_TLS: DisableTls(),
+    Change.FINALIZE: Finalize(),
 }
+TRANSITIONAL = DualTls()
+
+
+def strategy_for(rollout: Rollout) -> ChangeSteps:
+    """The steps of ``rollout``: by its change, and for a transitional phase 1, ``DualTls``."""
+    if rollout.change is Change.ENABLE_TLS and rollout.strategy is Strategy.TRANSITIONAL:
+        return TRANSITIONAL
+    return STRATEGIES[rollout.change]
 
 
 def switch_event(outcome: TxnOutcome) -> NodeEvent:
@@ -294,6 +348,22 @@ async def wait_transaction(
     except StepFailed as exc:
         raise TransientError(f"reading the {kind.value} transaction: {exc}") from None
     raise TransientError(f"the {kind.value} transaction's states ended without an outcome")
+
+
+def dual_check(https_url: str, http_url: str, ca_pem: bytes, fingerprint: str = "") -> str | None:
+    """What a workstation would see of a dual node: ``https_url`` answers with the staged
+    certificate (trusted through the cluster CA only) and ``http_url`` still answers."""
+    https = _host_port(https_url, "https")
+    http = _host_port(http_url, "http")
+    if https is None or http is None:
+        return f"no address recorded for the node ({https_url!r}, {http_url!r})"
+    problem = httpcheck.check_https(*https, ca_pem, fingerprint or None)
+    if problem is not None:
+        return problem
+    problem = httpcheck.check_http(*http)
+    if problem is not None:
+        return f"http must stay open until finalize: {problem}"
+    return None
 
 
 def _host_port(url: str, scheme: str) -> tuple[str, int, str] | None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import secrets
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
@@ -24,6 +24,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 from leader import planner
 from leader.rollout_core import (
     Change,
+    Client,
     FreezeMode,
     NodeObservation,
     NodeRecord,
@@ -34,8 +35,10 @@ from leader.rollout_core import (
     RolloutState,
     Scope,
     ScopeKind,
+    Strategy,
 )
 from leader.schema_store import RolloutMeta, RolloutRow, SchemaStore, StaleRecords
+from leader.schema_view import still_on_http_now
 from leader.store import Store
 from tlsroll import logs, password
 from tlsroll.errors import TerminalError
@@ -52,6 +55,7 @@ class RolloutRequest:
     max_parallel: int = 1
     failure_budget: int = 0
     freeze: FreezeMode = FreezeMode.NODE
+    strategy: Strategy = Strategy.DIRECT
     # The auth password's verifier (JSON) made by the CLI, for a change that brings its own
     # password (enable-tls); never the password itself.
     auth_verifier_json: str | None = None
@@ -61,6 +65,9 @@ class RolloutRequest:
     retry_of: str = ""
     keep_auth_version: int = 0
     undoes: str = ""
+    # finalize: the transitional rollout whose phase 2 it is; --when-quiet in seconds.
+    finalizes: str = ""
+    when_quiet: int = 0
 
 
 @dataclass(frozen=True)
@@ -71,6 +78,27 @@ class Planned:
     rollout: Rollout
     records: tuple[NodeRecord, ...]
     password_in_use: int = 0
+
+
+class StillOnHttp(TerminalError):
+    """Finalize refused: workstations were seen on http lately (FAILED_PRECONDITION)."""
+
+    def __init__(self, rollout_id: str, left: Sequence[Client], unknown: Mapping[str, str]):
+        parts = [
+            f"{c.node}: {c.address}"
+            + (f" ({c.workstation})" if c.workstation else "")
+            + f" last seen on http {c.last_seen:%Y-%m-%d %H:%M:%S} UTC"
+            for c in left
+        ]
+        parts += [f"{node}: cannot tell who is on http ({why})" for node, why in unknown.items()]
+        super().__init__(
+            f"finalize would close http on workstations that still use it: {'; '.join(parts)}. "
+            "Have them do the client steps (tlsroll notify --remaining), then finalize again; "
+            f"or let the leader finalize each node once it is quiet (tlsroll rollout finalize "
+            f"{rollout_id} --when-quiet 30m), or cut them off (--force)"
+        )
+        self.clients = tuple(left)
+        self.unknown = dict(unknown)
 
 
 class NotRetriable(TerminalError):
@@ -197,6 +225,7 @@ class Commands:
                 max_parallel=request.max_parallel,
                 failure_budget=request.failure_budget,
                 freeze=request.freeze,
+                strategy=request.strategy,
                 observed=seen,
                 target_digest=target_digest,
             )
@@ -230,6 +259,8 @@ class Commands:
             started_at=now,
             auth_version=auth.version,
             undoes=undoes,
+            finalizes=request.finalizes,
+            when_quiet=request.when_quiet,
         )
         row = await asyncio.to_thread(
             self.schema.create,
@@ -249,6 +280,8 @@ class Commands:
             epoch=rollout.epoch,
             actor=actor,
             retry_of=request.retry_of or None,
+            strategy=rollout.strategy.value,
+            finalizes=request.finalizes or None,
         )
         self.wake()
         return row
@@ -263,18 +296,77 @@ class Commands:
                 f"rollout {old.id} is {old.state.value}: only a halted or aborted rollout is "
                 "retried (see: tlsroll schema show)"
             )
-        left = tuple(r.name for r in row.records if r.state is not NodeState.DONE)
+        finished = (NodeState.DONE, NodeState.DUAL)
+        left = tuple(r.name for r in row.records if r.state not in finished)
         request = RolloutRequest(
             change=old.change,
             scope=Scope.of_nodes(left),
             max_parallel=old.max_parallel,
             failure_budget=old.failure_budget,
             freeze=old.freeze,
+            strategy=old.strategy,
             retry_of=old.id,
             keep_auth_version=row.meta.auth_version,
             undoes=row.meta.undoes,
+            finalizes=row.meta.finalizes,
+            when_quiet=row.meta.when_quiet,
         )
         return await self.start(request, actor)
+
+    async def finalize(
+        self, rollout_id: str, actor: str, *, force: bool = False, when_quiet: int = 0
+    ) -> RolloutRow:
+        """Phase 2 of the transitional rollout awaiting finalize (named, else the one
+        awaiting): a linked finalize rollout over the nodes phase 1 left dual. Refused
+        (``StillOnHttp``) while workstations were seen on http there lately, unless ``force``;
+        with ``when_quiet`` the engine starts each node once it has been quiet that long."""
+        row = await asyncio.to_thread(self._awaiting, rollout_id)
+        names = planner.finalize_scope(row.rollout, row.records)
+        if not names:
+            raise planner.NotAwaitingFinalize(f"rollout {row.rollout.id} left no node dual")
+        if not force and not when_quiet:
+            clients = await asyncio.to_thread(self.schema.clients, names)
+            infos = await asyncio.to_thread(self.schema.clients_info)
+            unknown = {
+                n: (infos[n].problem if n in infos else "its agent has not reported its clients")
+                for n in names
+                if n not in infos or infos[n].problem
+            }
+            left = still_on_http_now(clients, infos, self.clock())
+            if left or unknown:
+                raise StillOnHttp(row.rollout.id, left, unknown)
+        old = row.rollout
+        request = RolloutRequest(
+            change=Change.FINALIZE,
+            scope=Scope.of_nodes(names),
+            max_parallel=old.max_parallel,
+            failure_budget=old.failure_budget,
+            # Waiting for quiet nodes must hold no freeze: each node is frozen in its switch.
+            freeze=FreezeMode.NODE if when_quiet else old.freeze,
+            finalizes=old.id,
+            when_quiet=when_quiet,
+        )
+        started = await self.start(request, actor)
+        log.info(
+            "rollout.finalize_started",
+            rollout_id=started.rollout.id,
+            finalizes=old.id,
+            forced=force,
+            when_quiet=when_quiet or None,
+            actor=actor,
+        )
+        return started
+
+    def _awaiting(self, rollout_id: str) -> RolloutRow:
+        if rollout_id:
+            return self._target(rollout_id)
+        waiting = self.schema.awaiting()
+        if waiting:
+            return waiting[0]
+        latest = self.schema.latest()
+        if latest is None:
+            raise NoRolloutYet("no rollout yet; start one with: tlsroll rollout start")
+        return latest  # finalize_scope says why it cannot be finalized
 
     async def stage_password(self, verifier_json: str, actor: str) -> tuple[int, set[str]]:
         _check_verifier(verifier_json)

@@ -46,7 +46,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
 from leader import planner
 from leader.agent_client import Agents, StepFailed
-from leader.changes import STRATEGIES, Outcome, StepContext
+from leader.changes import Outcome, StepContext, strategy_for
 from leader.rollout_core import (
     CHANGES,
     FAILED_NODE_STATES,
@@ -131,11 +131,13 @@ class Engine:
 
     async def reconcile(self) -> None:
         """Persist the plan's events, then make sure its steps run."""
+        await self._settle_awaiting()
         row = await asyncio.to_thread(self.schema.active)
         if row is None:
             return
         await self._record_node_auth(row)
-        plan = planner.next_actions(row.rollout, row.records)
+        held = await self._held_for_quiet(row)
+        plan = planner.next_actions(row.rollout, row.records, held)
         if plan.rollout_events or plan.node_events:
             rollout, nodes = planner.apply_plan(row.rollout, row.records, plan)
             reason = None
@@ -167,6 +169,49 @@ class Engine:
             self._ensure_step(row, step)
         self._renew_freezes(row, plan)
 
+    async def _settle_awaiting(self) -> None:
+        """A transitional rollout awaiting finalize moves on once its linked finalize (or way
+        back) has completed (``planner.awaiting_verdict``). Level-triggered: a leader that
+        died between the two writes makes the second on its next pass."""
+        for row in await asyncio.to_thread(self.schema.awaiting):
+            follower = await asyncio.to_thread(self.schema.follower, row.rollout.id)
+            if follower is None:
+                continue
+            event = planner.awaiting_verdict(follower.rollout, follower.records)
+            if event is None:
+                continue
+            reason = f"{event.value} by rollout {follower.rollout.id}"
+            try:
+                await asyncio.to_thread(
+                    self.schema.save_states,
+                    row,
+                    row.rollout.with_event(event),
+                    row.records,
+                    self.clock(),
+                    "engine",
+                    reason,
+                )
+            except StaleRecords:
+                continue
+            log.info("rollout.state_changed", rollout_id=row.rollout.id, state=event.value)
+
+    async def _held_for_quiet(self, row: RolloutRow) -> frozenset[str]:
+        """``finalize --when-quiet``: the pending nodes that have had http clients lately."""
+        if not row.meta.when_quiet:
+            return frozenset()
+        pending = [r.name for r in row.records if r.state is NodeState.PENDING]
+        if not pending:
+            return frozenset()
+        infos = await asyncio.to_thread(self.schema.clients_info)
+        known = {
+            n: i.first_report - dt.timedelta(seconds=i.window_seconds)
+            for n, i in infos.items()
+            if i.source and not i.problem
+        }
+        last = {n: i.last_http_at for n, i in infos.items()}
+        quiet = dt.timedelta(seconds=row.meta.when_quiet)
+        return planner.held_for_quiet(pending, last, known, self.clock(), quiet)
+
     async def _record_node_auth(self, row: RolloutRow) -> None:
         """Record the password live on each node the rollout has left ``done`` (it restarted
         with this rollout's config). Level-triggered, before the plan: a leader that died
@@ -177,8 +222,9 @@ class Engine:
             return
         version = None if rule is Password.CLEARED else row.meta.auth_version
         live = await asyncio.to_thread(self.schema.node_auth)
-        for rec in row.records:
-            if rec.state is NodeState.DONE and live.get(rec.name) != version:
+        for rec in row.records:  # a dual node runs the password on its https side
+            done = rec.state in (NodeState.DONE, NodeState.DUAL)
+            if done and live.get(rec.name) != version:
                 await asyncio.to_thread(self.schema.set_node_auth, rec.name, version, self.clock())
 
     def _renew_freezes(self, row: RolloutRow, plan: planner.Plan) -> None:
@@ -348,7 +394,7 @@ class Engine:
         await self._save_node(rollout_id, step.node, lambda r: replace(r, reason=reason))
 
     async def _step(self, row: RolloutRow, step: planner.StepAction) -> Outcome:
-        steps = STRATEGIES[row.rollout.change]
+        steps = strategy_for(row.rollout)
         runners: dict[Step, Callable[[StepContext], Awaitable[Outcome]]] = {
             Step.PREFLIGHT: steps.preflight,
             Step.STAGE: steps.stage,

@@ -32,14 +32,22 @@ Decisions, in the order ``next_actions`` makes them:
   nodes, not nodes in flight). With ``FreezeMode.SCOPE`` the first switch waits until every node
   in scope that has not failed or been skipped is frozen; until then the plan holds FREEZE steps.
 * Settle: no node pending or in flight → UNFREEZE steps for frozen nodes; once none is frozen,
-  ``nodes_settled`` (the rollout ends ``completed``, ``halted`` or ``aborted``). The rollout
-  never ends while a node may still be frozen.
+  ``nodes_settled`` (the rollout ends ``completed``, ``halted`` or ``aborted``), or for a
+  transitional phase 1 in ``running``/``paused`` with a node ``dual``: ``nodes_dual`` (it
+  waits in ``awaiting_finalize``). The rollout never ends or waits while a node may still be
+  frozen.
 
-A terminal rollout never starts a node; its plan is empty.
+A terminal or waiting rollout never starts a node; its plan is empty.
+
+The transitional strategy's phase 2 (``finalize_request``, ``awaiting_verdict``) and the
+``--when-quiet`` gate (``held`` in ``next_actions``: pending nodes that may not start yet,
+decided by the engine from the clients each node has seen) are described in
+``leader.rollout_core``.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -50,6 +58,7 @@ from leader.rollout_core import (
     IN_FLIGHT_NODE_STATES,
     STEP_FOR_STATE,
     TERMINAL_NODE_STATES,
+    TERMINAL_ROLLOUT_STATES,
     Change,
     FreezeMode,
     NodeEvent,
@@ -67,6 +76,7 @@ from leader.rollout_core import (
     already_done,
     node_transition,
     rollout_transition,
+    wrong_source,
 )
 from tlsroll.errors import TerminalError
 
@@ -118,6 +128,21 @@ class Unreachable(PlanError):
             "bring the agent up or leave the node out (--nodes)"
         )
         self.names = tuple(sorted(errors))
+
+
+class WrongSource(PlanError):
+    """Nodes that serve what the change cannot start from (a dual node under anything but
+    finalize or the way back): named, with what to run instead."""
+
+    def __init__(self, change: Change, why: Mapping[str, str]) -> None:
+        what = "; ".join(f"{n}: {w}" for n, w in sorted(why.items()))
+        super().__init__(f"{change.value} cannot start on {', '.join(sorted(why))} ({what})")
+        self.names = tuple(sorted(why))
+
+
+class NotAwaitingFinalize(PlanError):
+    """Finalize asked of a rollout that is not a transitional one awaiting it
+    (FAILED_PRECONDITION)."""
 
 
 class NothingToUndo(PlanError):
@@ -226,9 +251,14 @@ def plan_rollout(
         unreachable = {n: observed[n].error for n in names if not observed[n].reachable}
         if unreachable:
             raise Unreachable(unreachable)
+        wrong: dict[str, str] = {}
         for name in names:
-            if why := already_done(change, observed[name], target_digest):
+            if why := already_done(change, observed[name], target_digest, strategy):
                 done[name] = why
+            elif why := wrong_source(change, observed[name], strategy):
+                wrong[name] = why
+        if wrong:
+            raise WrongSource(change, wrong)
         if len(done) == len(names):
             raise NothingToDo(change, done)
     order = order_nodes(names, leader)
@@ -255,8 +285,13 @@ def plan_rollout(
     return rollout, tuple(record(name) for name in order)
 
 
-def next_actions(rollout: Rollout, nodes: Sequence[NodeRecord]) -> Plan:
-    """Decide what happens now; safe to call any number of times (it only reads)."""
+def next_actions(
+    rollout: Rollout, nodes: Sequence[NodeRecord], held: frozenset[str] = frozenset()
+) -> Plan:
+    """Decide what happens now; safe to call any number of times (it only reads).
+
+    ``held``: pending nodes that may not start yet (``--when-quiet``: http clients were seen
+    on them lately); the others start in order past them."""
     records = _in_order(rollout, nodes)
     state = rollout.state
     if state not in _LIVE_STATES:  # planned or terminal: nothing to do
@@ -289,7 +324,8 @@ def next_actions(rollout: Rollout, nodes: Sequence[NodeRecord]) -> Plan:
 
     if state is RolloutState.RUNNING:
         free = rollout.max_parallel - sum(s in IN_FLIGHT_NODE_STATES for s in after.values())
-        for name in [n for n in rollout.order if after[n] is NodeState.PENDING][: max(free, 0)]:
+        ready = [n for n in rollout.order if after[n] is NodeState.PENDING and n not in held]
+        for name in ready[: max(free, 0)]:
             emit(name, NodeEvent.START)
 
     to_freeze: list[str] = []
@@ -315,7 +351,13 @@ def next_actions(rollout: Rollout, nodes: Sequence[NodeRecord]) -> Plan:
         frozen = [r.name for r in records if r.scope_frozen]
         steps += [StepAction(name, Step.UNFREEZE, rollout.epoch) for name in frozen]
         if not frozen:
-            rollout_events.append(RolloutEvent.NODES_SETTLED)
+            dual = any(s is NodeState.DUAL for s in after.values())
+            waits = (
+                dual
+                and rollout.strategy is Strategy.TRANSITIONAL
+                and state in (RolloutState.RUNNING, RolloutState.PAUSED)
+            )
+            rollout_events.append(RolloutEvent.NODES_DUAL if waits else RolloutEvent.NODES_SETTLED)
 
     return Plan(rollout.epoch, tuple(rollout_events), tuple(node_events), tuple(steps))
 
@@ -401,10 +443,76 @@ def undo_target(
         if rollout.change is Change.DISABLE_TLS and undoes.get(rollout.id) == target.id:
             raise AlreadyUndone(target.id, rollout)
     by_name = {r.name: r for r in records}
-    switched = tuple(n for n in target.order if by_name[n].state is NodeState.DONE)
+    switched = tuple(
+        n for n in target.order if by_name[n].state in (NodeState.DONE, NodeState.DUAL)
+    )
     if not switched:
         raise NothingToUndo(f"rollout {target.id} switched no node; nothing to undo")
     return target, switched
+
+
+def confirm_success(rollout: Rollout) -> NodeEvent:
+    """The event of a node confirmed from outside: ``dual`` for a transitional phase 1."""
+    transitional = rollout.strategy is Strategy.TRANSITIONAL
+    return NodeEvent.CONFIRM_DUAL if transitional else NodeEvent.CONFIRM_DONE
+
+
+def finalize_scope(rollout: Rollout, records: Sequence[NodeRecord]) -> tuple[str, ...]:
+    """The nodes phase 2 closes http on: those phase 1 left ``dual``, in its order. PlanError
+    if ``rollout`` is not a transitional rollout awaiting finalize."""
+    if rollout.strategy is not Strategy.TRANSITIONAL or rollout.change is not Change.ENABLE_TLS:
+        raise NotAwaitingFinalize(
+            f"rollout {rollout.id} is {rollout.change.value} ({rollout.strategy.value}): only a "
+            "transitional rollout is finalized (tlsroll rollout start --strategy transitional)"
+        )
+    if rollout.state is not RolloutState.AWAITING_FINALIZE:
+        raise NotAwaitingFinalize(
+            f"rollout {rollout.id} is {rollout.state.value}, not awaiting finalize; "
+            + (
+                "wait until every node is dual: tlsroll schema show --watch"
+                if rollout.state not in TERMINAL_ROLLOUT_STATES
+                else "see: tlsroll schema show"
+            )
+        )
+    by_name = {r.name: r for r in _in_order(rollout, records)}
+    return tuple(n for n in rollout.order if by_name[n].state is NodeState.DUAL)
+
+
+def awaiting_verdict(follower: Rollout, nodes: Sequence[NodeRecord]) -> RolloutEvent | None:
+    """What the end of a rollout linked to one awaiting finalize does to it: ``finalized`` or
+    ``taken_back`` once the finalize or the way back completed with no node failed; None while
+    it runs, or if it left nodes dual (the waiting rollout keeps waiting; finalize again or
+    retry)."""
+    if follower.state is not RolloutState.COMPLETED:
+        return None
+    if any(r.state in FAILED_NODE_STATES for r in nodes):
+        return None
+    if follower.change is Change.FINALIZE:
+        return RolloutEvent.FINALIZED
+    if follower.change is Change.DISABLE_TLS:
+        return RolloutEvent.TAKEN_BACK
+    return None
+
+
+def held_for_quiet(
+    pending: Sequence[str],
+    last_http: Mapping[str, dt.datetime | None],
+    known_since: Mapping[str, dt.datetime],
+    now: dt.datetime,
+    quiet: dt.timedelta,
+) -> frozenset[str]:
+    """``--when-quiet``: the pending nodes that may not start yet. A node starts once no http
+    client was seen on it for ``quiet``: its ``last_http`` sighting is that old, or none was
+    ever seen and the leader has known its clients (``known_since``: the start of its agent's
+    first reported window) for that long. A node whose clients cannot be told (no report, or
+    the report names a problem) waits."""
+    held = set()
+    for name in pending:
+        since = known_since.get(name)
+        last = last_http.get(name)
+        if since is None or now - (last or since) < quiet:
+            held.add(name)
+    return frozenset(held)
 
 
 def apply_plan(

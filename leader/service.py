@@ -18,18 +18,26 @@ import grpc
 from cryptography import x509
 
 from leader import join_guard
-from leader.commands import NoRolloutYet, NoSuchRollout, NotRetriable
+from leader.commands import NoRolloutYet, NoSuchRollout, NotRetriable, StillOnHttp
 from leader.planner import (
     AlreadyUndone,
     EmptyScope,
     NodesOffline,
+    NotAwaitingFinalize,
     NothingToDo,
     NothingToUndo,
     PlanError,
     Unreachable,
+    WrongSource,
 )
-from leader.rollout_core import IllegalTransition
-from leader.schema_store import BootstrapFailureRow, RolloutBusy, SchemaStore, StaleRecords
+from leader.rollout_core import Client, IllegalTransition
+from leader.schema_store import (
+    MAX_CLIENTS,
+    BootstrapFailureRow,
+    RolloutBusy,
+    SchemaStore,
+    StaleRecords,
+)
 from leader.store import (
     IssuedCert,
     NameTaken,
@@ -53,7 +61,7 @@ from tlsroll.rpc import (
     timestamp,
     unauthenticated,
 )
-from tlsroll.v1 import enrolment_pb2, enrolment_pb2_grpc, leader_pb2, leader_pb2_grpc
+from tlsroll.v1 import enrolment_pb2, enrolment_pb2_grpc, leader_pb2, leader_pb2_grpc, types_pb2
 
 log = logs.get_logger(__name__)
 
@@ -71,6 +79,9 @@ ERRORS = {
     NotRetriable: grpc.StatusCode.FAILED_PRECONDITION,
     EmptyScope: grpc.StatusCode.FAILED_PRECONDITION,
     AlreadyUndone: grpc.StatusCode.FAILED_PRECONDITION,
+    NotAwaitingFinalize: grpc.StatusCode.FAILED_PRECONDITION,
+    WrongSource: grpc.StatusCode.FAILED_PRECONDITION,
+    StillOnHttp: grpc.StatusCode.FAILED_PRECONDITION,
     StaleRecords: grpc.StatusCode.ABORTED,
     RolloutBusy: grpc.StatusCode.FAILED_PRECONDITION,
     IllegalTransition: grpc.StatusCode.FAILED_PRECONDITION,
@@ -248,6 +259,33 @@ def server_summary(request: leader_pb2.HeartbeatRequest) -> str:
 
 
 MAX_FAILURE_REPORTS = 64  # per heartbeat; the agent sends at most that many
+
+
+def client_rows(node: str, view: types_pb2.ClientsView, now: dt.datetime) -> list[Client]:
+    """Who ``node``'s server saw, from its heartbeat, made safe to store and print: at most
+    ``MAX_CLIENTS`` entries, schemes http/https only, strings bounded and cleaned, no time
+    later than ``now``, counts bounded."""
+    rows = []
+    for c in view.clients[:MAX_CLIENTS]:
+        address = peertext.clean(c.address, 64)
+        if c.scheme not in ("http", "https") or not address:
+            continue
+        last = min(c.last_seen.ToDatetime(tzinfo=dt.UTC), now) if c.HasField("last_seen") else now
+        first = c.first_seen.ToDatetime(tzinfo=dt.UTC) if c.HasField("first_seen") else last
+        rows.append(
+            Client(
+                node=node,
+                scheme=c.scheme,
+                address=address,
+                workstation=peertext.clean(c.workstation, 63),
+                first_seen=min(first, last),
+                last_seen=last,
+                requests=min(c.requests, 2**62),
+            )
+        )
+    return rows
+
+
 MAX_RENEWAL_ERROR = 200  # characters of the reason an agent gives for a failed renewal
 
 
@@ -401,6 +439,17 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                     workstation=f.workstation,
                     count=f.count,
                 )
+        if request.HasField("server") and request.server.HasField("clients"):
+            seen = request.server.clients
+            await asyncio.to_thread(
+                self.schema.record_clients,
+                name,
+                client_rows(name, seen, now),
+                window_seconds=min(seen.window_seconds, 366 * 86400),
+                source=peertext.clean(seen.source, 20),
+                problem=peertext.clean(seen.problem, 200),
+                now=now,
+            )
         summary = server_summary(request)
         if summary.startswith("down") and not self.state.live_servers.get(name, "").startswith(
             "down"

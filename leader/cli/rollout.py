@@ -27,6 +27,7 @@ from leader.cli.base import (
     fetch_schema,
     fmt_time,
     out,
+    parse_duration,
     pass_leader,
     to_dict,
 )
@@ -39,6 +40,7 @@ from leader.rollout_core import (
     RolloutAction,
     RolloutState,
     ScopeKind,
+    Strategy,
 )
 from leader.wire import (
     CHANGE,
@@ -52,6 +54,8 @@ from leader.wire import (
 from tlsroll.v1 import admin_pb2, schema_pb2
 
 TERMINAL = {s.value for s in TERMINAL_ROLLOUT_STATES}
+AWAITING = RolloutState.AWAITING_FINALIZE.value
+ENDS = TERMINAL | {AWAITING}  # where --wait and --watch stop: nothing more happens by itself
 NEEDS_ATTENTION = NodeState.NEEDS_ATTENTION.value
 EXIT_STOPPED = 3  # rollout status: halted or aborted
 EXIT_NEEDS_ATTENTION = 4  # rollout status: a node is in no known good state
@@ -69,10 +73,21 @@ STATE_STYLE = {
     "switching": "cyan",
     "confirming": "cyan",
     "running": "cyan",
+    "dual": "green",
+    "awaiting_finalize": "bold yellow",
 }
 
 
 def scope_options(f: Any) -> Any:
+    f = click.option(
+        "--strategy",
+        type=click.Choice(["direct", "transitional"]),
+        default="direct",
+        show_default=True,
+        help="enable-tls: direct closes http in the same restart that opens https; "
+        "transitional opens https beside http (phase 1), and `tlsroll rollout finalize` "
+        "closes http once the workstations have moved (phase 2).",
+    )(f)
     f = click.option(
         "--change",
         type=click.Choice(["enable-tls", "change-password", "rotate-cert"]),
@@ -118,8 +133,11 @@ def rollout_request(
     freeze: str,
     change: str,
     failure_budget: int = 0,
+    strategy: str = "direct",
 ) -> admin_pb2.RolloutRequest:
     names = [n.strip() for n in (nodes or "").split(",") if n.strip()]
+    if strategy == "transitional" and change != "enable-tls":
+        raise click.UsageError("--strategy transitional goes with --change enable-tls")
     if scope is None:
         if not names:
             raise click.UsageError("give --scope local|cluster or --nodes a,b")
@@ -135,6 +153,7 @@ def rollout_request(
         max_parallel=max_parallel,
         freeze=FREEZE.wire(FreezeMode(freeze)),
         failure_budget=failure_budget,
+        strategy=STRATEGY.wire(Strategy(strategy)),
     )
 
 
@@ -165,7 +184,9 @@ def render_rollout(r: schema_pb2.RolloutView) -> Group:
         + (f" ({', '.join(r.scope_nodes)})" if r.scope_nodes else "")
         + f"  strategy {STRATEGY.text(r.strategy)}  max-parallel {r.max_parallel}"
         f"  freeze {FREEZE.text(r.freeze)}"
-        f"  epoch {r.epoch}",
+        f"  epoch {r.epoch}"
+        + (f"  finalizes {r.finalizes}" if r.finalizes else "")
+        + (f"  when quiet for {r.when_quiet_seconds}s" if r.when_quiet_seconds else ""),
     )
     times = Text(
         f"created {fmt_time(r, 'created_at')} by {r.started_by or '-'}"
@@ -181,6 +202,7 @@ def render_rollout(r: schema_pb2.RolloutView) -> Group:
         "freeze window",
         "restart",
         "cert expires",
+        "still on http",
         "reason",
     )
     for i, n in enumerate(r.nodes, 1):
@@ -193,9 +215,44 @@ def render_rollout(r: schema_pb2.RolloutView) -> Group:
             freeze_window(n),
             f"{n.restart_seconds:.1f}s" if n.restart_seconds else "-",
             fmt_time(n, "cert_not_after"),
+            str(n.still_on_http) if n.still_on_http else "-",
             "; ".join(filter(None, [n.reason, PENDING if n.password_pending else ""])),
         )
     return Group(head, times, table)
+
+
+def render_clients(views: Sequence[schema_pb2.NodeClientsView]) -> Group:
+    """Per node, who its managed server saw on which scheme lately (from the agents'
+    heartbeats); peer-supplied strings are printed as plain text (no rich markup)."""
+    table = Table("node", "scheme", "address", "workstation", "requests", "first", "last", "")
+    notes: list[Text] = []
+    for v in views:
+        left = {(c.address, c.workstation) for c in v.still_on_http}
+        for c in v.clients.clients:
+            mark = (
+                "still on http" if c.scheme == "http" and (c.address, c.workstation) in left else ""
+            )
+            table.add_row(
+                Text(v.node),
+                c.scheme,
+                Text(c.address),
+                Text(c.workstation or "-"),
+                str(c.requests),
+                fmt_time(c, "first_seen"),
+                fmt_time(c, "last_seen"),
+                Text(mark, style="bold yellow"),
+            )
+        source = v.clients.source or "unknown"
+        problem = f"; problem: {v.clients.problem}" if v.clients.problem else ""
+        notes.append(
+            Text(
+                f"{v.node}: {len(v.still_on_http)} still on http; window "
+                f"{v.clients.window_seconds}s, source {source}, reported "
+                f"{fmt_time(v, 'reported_at')}{problem}"
+            )
+        )
+    head = Text("who is on which scheme (per node)", style="bold")
+    return Group(head, table, *notes)
 
 
 def render_revocations(data: schema_pb2.Schema) -> Group:
@@ -253,11 +310,13 @@ def plan(
     max_parallel: int,
     freeze: str,
     change: str,
+    strategy: str,
     as_json: bool,
 ) -> None:
     """Dry run: the update schema a rollout would make, from what each node runs now (nodes
-    already in the wanted state show "already done"), its checks, what clients must do."""
-    request = rollout_request(scope, nodes, max_parallel, freeze, change, failure_budget)
+    already in the wanted state show "already done"), its checks, what clients must do. With
+    --strategy transitional: both phases."""
+    request = rollout_request(scope, nodes, max_parallel, freeze, change, failure_budget, strategy)
     with leader.admin() as admin:
         reply = leader.call(admin.PlanRollout, request)
     if as_json:
@@ -268,13 +327,20 @@ def plan(
 
 def show_plan(reply: admin_pb2.PlanResponse) -> None:
     r = reply.rollout
+    transitional = STRATEGY.text(r.strategy) == Strategy.TRANSITIONAL.value
     out.print(
         f"Plan: change {CHANGE.text(r.change)} on scope {SCOPE_KIND.text(r.scope)}, "
-        f"{len(r.nodes)} node(s) in this order, {r.max_parallel} at a time:"
+        f"{len(r.nodes)} node(s) in this order, {r.max_parallel} at a time"
+        + (", in two phases (strategy transitional):" if transitional else ":")
+    )
+    will = (
+        " — phase 1: https beside http (dual); phase 2 (finalize): http closes"
+        if transitional
+        else " — will switch"
     )
     for i, n in enumerate(r.nodes, 1):
         shown = n.reason.startswith(("already done", "blocked:"))
-        done = f" — {n.reason}" if shown else " — will switch"
+        done = f" — {n.reason}" if shown else will
         out.print(f"  {i}. {n.name}{' (leader node)' if n.leader_node else ''}{done}")
     if reply.password_version_in_use:
         out.print(
@@ -287,7 +353,11 @@ def show_plan(reply: admin_pb2.PlanResponse) -> None:
     out.print("Important:")
     for w in reply.warnings:
         out.print(f"  ! {w}")
-    out.print("Afterwards, at every workstation:")
+    out.print(
+        "At every workstation, any time before finalize:"
+        if transitional
+        else "Afterwards, at every workstation:"
+    )
     for s in reply.client_steps:
         out.print(f"  - {s}")
     out.print("Nothing has been changed.")
@@ -325,6 +395,7 @@ def rollout_start(
     max_parallel: int,
     freeze: str,
     change: str,
+    strategy: str,
     password_file: Path | None,
     yes: bool,
     wait: bool,
@@ -332,8 +403,9 @@ def rollout_start(
     """Start the switch from http to https on the local node or the whole multiserver.
 
     The plan comes from what each node runs now: a node already in the wanted state is left
-    alone ("already done"), and a password the nodes already use is never replaced."""
-    request = rollout_request(scope, nodes, max_parallel, freeze, change, failure_budget)
+    alone ("already done"), and a password the nodes already use is never replaced. With
+    --strategy transitional the nodes keep http beside https until `tlsroll rollout finalize`."""
+    request = rollout_request(scope, nodes, max_parallel, freeze, change, failure_budget, strategy)
     if change != "enable-tls" and password_file is not None:
         raise click.UsageError("--password-file goes with enable-tls; use `tlsroll password set`")
     # A password file that is unusable or too weak fails before anything is asked or planned.
@@ -382,11 +454,7 @@ def wait_for_end(leader: Leader, rollout_id: str, interval: float = 0.5) -> None
     while True:
         schema = fetch_schema(leader, rollout_id)
         state = ROLLOUT_STATE.text(schema.rollouts[0].state)
-        if state in (
-            RolloutState.COMPLETED.value,
-            RolloutState.HALTED.value,
-            RolloutState.ABORTED.value,
-        ):
+        if state in ENDS:
             break
         time.sleep(interval)
     click.get_current_context().invoke(rollout_status, rollout_id=rollout_id, as_json=False)
@@ -448,6 +516,68 @@ def rollout_rollback(leader: Leader, rollout_id: str, max_parallel: int, yes: bo
         f"rollout {view.id} (disable-tls, undoes {view.undoes}) started; "
         "follow it with: tlsroll schema show --watch"
     )
+
+
+@rollout.command("finalize")
+@click.argument("rollout_id", required=False, default="")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Close http even though workstations were seen on it lately (they lose the server).",
+)
+@click.option(
+    "--when-quiet",
+    "when_quiet",
+    metavar="DURATION",
+    help="Let the leader finalize each node by itself once no http client was seen on it for "
+    "DURATION (e.g. 30m, 2h, 1d); kept across leader restarts.",
+)
+@click.option("--yes", is_flag=True, help="Start without showing what happens and asking.")
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="Wait until the finalize rollout ends; the exit code is its outcome.",
+)
+@pass_leader
+def rollout_finalize(
+    leader: Leader, rollout_id: str, force: bool, when_quiet: str | None, yes: bool, wait: bool
+) -> None:
+    """Phase 2 of a transitional rollout (default: the one awaiting finalize): close http
+    (8080) node by node — freeze, https-only config, restart, verify 8080 closed and https
+    live, unfreeze, or back to dual. Refused while workstations were seen on http lately,
+    naming them, unless --force or --when-quiet."""
+    quiet = parse_duration(when_quiet) if when_quiet else 0
+    if force and quiet:
+        raise click.UsageError("--force and --when-quiet exclude each other")
+    if not yes:
+        how = (
+            f"each node once no http client was seen on it for {when_quiet}"
+            if quiet
+            else "node by node now"
+        )
+        out.print(
+            f"Finalize {rollout_id or 'the rollout awaiting finalize'}: close http (8080), "
+            f"{how} (each: freeze writes, https-only config, restart, verify 8080 closed and "
+            "https live, unfreeze; else back to http+https)."
+        )
+        out.print("  ! A workstation still on http loses the server until it does the steps.")
+        if not sys.stdin.isatty():
+            raise click.UsageError("not a terminal: add --yes to finalize without asking")
+        if not click.confirm("Close http now?", default=False):
+            raise CLIError("not started")
+    request = admin_pb2.FinalizeRolloutRequest(
+        rollout_id=rollout_id, force=force, when_quiet_seconds=quiet
+    )
+    with leader.admin() as admin:
+        view = leader.call(admin.FinalizeRollout, request)
+    out.print(
+        f"rollout {view.id} (finalize of {view.finalizes}) started on "
+        f"{', '.join(n.name for n in view.nodes)}"
+        + (f"; each node waits until quiet for {when_quiet}" if quiet else "")
+        + "; follow it with: tlsroll schema show --watch"
+    )
+    if wait:
+        wait_for_end(leader, view.id)
 
 
 def _control(leader: Leader, action: RolloutAction, rollout_id: str) -> None:
@@ -520,6 +650,12 @@ def rollout_status(leader: Leader, rollout_id: str, as_json: bool) -> None:
             err=True,
         )
         click.get_current_context().exit(EXIT_STOPPED)
+    if ROLLOUT_STATE.text(r.state) == AWAITING:
+        click.echo(
+            f"tlsroll: rollout {r.id} awaits finalize: its nodes serve http and https; who is "
+            f"still on http: tlsroll schema show; then: tlsroll rollout finalize {r.id}",
+            err=True,
+        )
 
 
 # --- schema -----------------------------------------------------------------------------------
@@ -552,6 +688,8 @@ def schema_show(leader: Leader, rollout_id: str, as_json: bool, watch: bool) -> 
         out.print("no rollouts yet")
     for r in data.rollouts:
         out.print(render_rollout(r))
+    if data.node_clients:
+        out.print(render_clients(data.node_clients))
     if data.bootstrap_failures:
         out.print(render_failures(data.bootstrap_failures))
     if data.removed_nodes or data.revoked_certificates:
@@ -573,7 +711,7 @@ def watch_schema(leader: Leader, rollout_id: str, as_json: bool, interval: float
             if snapshot != last:
                 emit_json(snapshot)
                 last = snapshot
-            if ROLLOUT_STATE.text(r.state) in TERMINAL:
+            if ROLLOUT_STATE.text(r.state) in ENDS:
                 return
             time.sleep(interval)
             r = newest() or r
@@ -590,13 +728,13 @@ def watch_schema(leader: Leader, rollout_id: str, as_json: bool, interval: float
             for n in r.nodes:
                 note("node", n.name, NODE_STATE.text(n.state), n.reason)
             note("rollout", r.id, ROLLOUT_STATE.text(r.state), r.reason)
-            if ROLLOUT_STATE.text(r.state) in TERMINAL:
+            if ROLLOUT_STATE.text(r.state) in ENDS:
                 out.print(render_rollout(r))
                 return
             time.sleep(interval)
             r = newest() or r
     with Live(render_rollout(r), console=out, refresh_per_second=4) as live:
-        while ROLLOUT_STATE.text(r.state) not in TERMINAL:
+        while ROLLOUT_STATE.text(r.state) not in ENDS:
             time.sleep(interval)
             r = newest() or r
             live.update(render_rollout(r))

@@ -379,6 +379,7 @@ class RolloutRequest(_message.Message):
     FAILURE_BUDGET_FIELD_NUMBER: _builtins.int
     AUTH_VERIFIER_JSON_FIELD_NUMBER: _builtins.int
     UNDO_ROLLOUT_ID_FIELD_NUMBER: _builtins.int
+    STRATEGY_FIELD_NUMBER: _builtins.int
     change: _types_pb2.Change.ValueType
     """Required."""
     scope: _types_pb2.ScopeKind.ValueType
@@ -395,6 +396,10 @@ class RolloutRequest(_message.Message):
     """disable-tls: the enable-tls rollout to take back; its nodes that ended `done` and still run
     https go back to http. Empty: every enrolled node that runs https now goes back to http.
     """
+    strategy: _types_pb2.Strategy.ValueType
+    """enable-tls only: STRATEGY_TRANSITIONAL opens https beside http (phase 1); unspecified or
+    STRATEGY_DIRECT: the seed's switch.
+    """
     @_builtins.property
     def nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """SCOPE_KIND_NODES: the nodes."""
@@ -410,14 +415,45 @@ class RolloutRequest(_message.Message):
         failure_budget: _builtins.int = ...,
         auth_verifier_json: _builtins.str = ...,
         undo_rollout_id: _builtins.str = ...,
+        strategy: _types_pb2.Strategy.ValueType = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth_verifier_json", b"auth_verifier_json", "change", b"change", "failure_budget", b"failure_budget", "freeze", b"freeze", "max_parallel", b"max_parallel", "nodes", b"nodes", "scope", b"scope", "undo_rollout_id", b"undo_rollout_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth_verifier_json", b"auth_verifier_json", "change", b"change", "failure_budget", b"failure_budget", "freeze", b"freeze", "max_parallel", b"max_parallel", "nodes", b"nodes", "scope", b"scope", "strategy", b"strategy", "undo_rollout_id", b"undo_rollout_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RolloutRequest: _TypeAlias = RolloutRequest  # noqa: Y015
+
+@_typing.final
+class FinalizeRolloutRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ROLLOUT_ID_FIELD_NUMBER: _builtins.int
+    FORCE_FIELD_NUMBER: _builtins.int
+    WHEN_QUIET_SECONDS_FIELD_NUMBER: _builtins.int
+    rollout_id: _builtins.str
+    """The transitional rollout awaiting finalize (default: the one awaiting)."""
+    force: _builtins.bool
+    """Finalize even though workstations were seen on http lately (they lose the server)."""
+    when_quiet_seconds: _builtins.int
+    """> 0: each node is finalized by the leader once no http client was seen on it for this
+    many seconds (kept across leader restarts); at most 30 days.
+    """
+    def __init__(
+        self,
+        *,
+        rollout_id: _builtins.str = ...,
+        force: _builtins.bool = ...,
+        when_quiet_seconds: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["force", b"force", "rollout_id", b"rollout_id", "when_quiet_seconds", b"when_quiet_seconds"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___FinalizeRolloutRequest: _TypeAlias = FinalizeRolloutRequest  # noqa: Y015
 
 @_typing.final
 class PlanResponse(_message.Message):
