@@ -109,5 +109,10 @@ $(BENCH_STAMP): $(STAMP)
 bench-rollout: $(BENCH_STAMP)
 	$(PY) -m bench.rollout --nodes $(N) --runs $(RUNS)
 
+# One real leader, 50-500 simulated agents (bench/simagents.py).
+NODES ?= 50,200,500
+bench-agents: $(STAMP)
+	$(PY) -m bench.simagents --nodes $(NODES)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .demo
