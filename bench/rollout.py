@@ -48,6 +48,7 @@ from bench.common import (
     get_schema,
     log_says_ended,
     median,
+    rss_mib,
     seconds,
     summary,
     wait_for,
@@ -147,6 +148,7 @@ class Run:
     restarts: list[float]
     freezes: list[float]
     bare: list[float]
+    agent_rss: list[float]
     cpu: float
     after: Reading
     writes: Writes
@@ -174,6 +176,7 @@ def one_run(root: Path, n: int, *, ansible: bool, restarts: int) -> Run:
         start_nodes(cluster, nodes)
         baseline = ansible_baseline.run(nodes, root / "ansible") if ansible else None
         bare = bare_restarts(root / "bare", address(1), restarts)
+        agent_rss = [rss_mib(node.agent.pid) for node in nodes if node.agent is not None]
         ca = client_context(cluster.ca_pem)
         writes, stop = Writes(), threading.Event()
         thread = threading.Thread(target=writer, args=(nodes, ca, stop, writes), daemon=True)
@@ -202,6 +205,7 @@ def one_run(root: Path, n: int, *, ansible: bool, restarts: int) -> Run:
                 if v.HasField("freeze_started_at") and v.HasField("freeze_ended_at")
             ],
             bare=bare,
+            agent_rss=agent_rss,
             cpu=after.cpu - before.cpu,
             after=after,
             writes=writes,
@@ -235,6 +239,10 @@ def report(runs: Sequence[Run]) -> None:
         "  freeze − bare restart:    "
         f"{summary([median(r.freeze_excess) for r in runs], 'ms', ms, 0)} (median node); "
         f"worst node {max(max(r.freeze_excess, default=0) for r in runs) * ms:.0f} ms"
+    )
+    print(
+        "  agent idle RSS:           "
+        f"{summary([median(r.agent_rss) for r in runs], 'MiB')} (median agent, before the rollout)"
     )
     print(f"  leader CPU per node:      {summary([r.cpu / r.nodes for r in runs], 'ms', ms, 1)}")
     print(f"  leader RSS after:         {summary([r.after.rss for r in runs], 'MiB')}")
