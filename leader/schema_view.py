@@ -97,6 +97,7 @@ def schema_message(
     revoked: Sequence[Any] = (),
     expiring: Sequence[Any] = (),
     renewal_failures: Sequence[tuple[str, dt.datetime, str, dt.datetime]] = (),
+    auto_rotate: schema_pb2.AutoRotateView | None = None,
 ) -> schema_pb2.Schema:
     """The whole schema as ``GetSchema`` answers it (and ``schema show --json`` prints it).
     ``expiring``: ``leader.expiry.Expiry`` within their horizon; ``renewal_failures``: (node,
@@ -140,6 +141,7 @@ def schema_message(
             )
             for node, since, reason, not_after in renewal_failures
         ],
+        auto_rotate=auto_rotate,
     )
 
 
@@ -149,10 +151,14 @@ class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
         schema: SchemaStore,
         clock: Callable[[], dt.datetime],
         expiry: ExpiryWatch | None = None,
+        auto_rotate: Callable[[], schema_pb2.AutoRotateView] | None = None,
     ) -> None:
+        """``auto_rotate``: what the automatic rotation last decided
+        (``leader.auto_rotate.Status.view``)."""
         self.schema = schema
         self.clock = clock
         self.expiry = expiry
+        self.auto_rotate = auto_rotate
 
     @map_errors({})
     async def GetSchema(
@@ -175,4 +181,7 @@ class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
         if self.expiry is not None:
             expiring = await asyncio.to_thread(self.expiry.warnings)
             renewals = await asyncio.to_thread(self.expiry.renewal_failures)
-        return schema_message(rows, pending, now, failures, removed, revoked, expiring, renewals)
+        auto = self.auto_rotate() if self.auto_rotate is not None else None
+        return schema_message(
+            rows, pending, now, failures, removed, revoked, expiring, renewals, auto
+        )
