@@ -25,6 +25,7 @@ import grpc
 from leader.admin_service import AdminService, Endpoints
 from leader.admin_socket import AdminRelay
 from leader.agent_client import AgentPool
+from leader.auto_rotate import AutoRotator
 from leader.commands import Commands
 from leader.config import LeaderConfig
 from leader.db import RELEARN_WINDOW, check_store, mark_store
@@ -91,6 +92,7 @@ def load_state(cfg: LeaderConfig, *, reinitialise: bool = False) -> LeaderState:
         check_private_file(secret)
     passphrase = read_passphrase(source, credential=credential)
     ca = pki.CertificateAuthority.load(layout.ca_cert, layout.ca_key, passphrase)
+    ca.csr_lifetime = dt.timedelta(seconds=cfg.server_cert_lifetime)  # the nodes' https
     if credential and cfg.ca_passphrase_file.exists():
         log.warning(
             "ca.passphrase_file_left",
@@ -190,9 +192,14 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         state.clock,
         warning_days=cfg.expiry_warning_days,
         agent_lifetime=state.agent_cert_lifetime,
+        check_every=cfg.expiry_check_interval,
     )
     if viewer is not None:
         expiry.before_check.append(viewer.renew_if_due)  # renewed while the leader runs
+    rotator = AutoRotator(
+        expiry, schema, commands, enabled=cfg.auto_rotate, window=cfg.maintenance_window
+    )
+    expiry.before_check.append(rotator.check)  # auto_rotate: in the maintenance window
     admin_pb2_grpc.add_AdminServicer_to_server(
         AdminService(
             state,
@@ -207,7 +214,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         admin,
     )
     schema_pb2_grpc.add_SchemaViewServicer_to_server(
-        SchemaViewService(schema, state.clock, expiry), admin
+        SchemaViewService(schema, state.clock, expiry, rotator.status.view), admin
     )
     await add_standard_services(
         admin, [_service(admin_pb2, "Admin"), _service(schema_pb2, "SchemaView")]

@@ -106,6 +106,7 @@ class Engine:
         self.tasks: dict[StepKey, asyncio.Task[None]] = {}
         self.not_before: dict[StepKey, float] = {}
         self.renewed: dict[tuple[str, str], float] = {}  # scope freezes: last renewal
+        self.revoked: set[tuple[str, str]] = set()  # (rollout, node): superseded cert revoked
         self.step_deadline = step_deadline
         # Scope freezes this process has seen an agent confirm: a switch under --freeze scope
         # begins only when every frozen node's is, so a leader back after the lease ran out
@@ -136,6 +137,7 @@ class Engine:
         if row is None:
             return
         await self._record_node_auth(row)
+        await self._revoke_superseded(row)
         held = await self._held_for_quiet(row)
         plan = planner.next_actions(row.rollout, row.records, held)
         if plan.rollout_events or plan.node_events:
@@ -226,6 +228,31 @@ class Engine:
             done = rec.state in (NodeState.DONE, NodeState.DUAL)
             if done and live.get(rec.name) != version:
                 await asyncio.to_thread(self.schema.set_node_auth, rec.name, version, self.clock())
+
+    async def _revoke_superseded(self, row: RolloutRow) -> None:
+        """Revoke the server certificate a node served before this rollout gave it a new one,
+        once the node is ``done`` (level-triggered, before the plan, like the password above:
+        the rollout cannot end before it). Not earlier: a node that fails goes back to it."""
+        if not CHANGES[row.rollout.change].stages_certificate:
+            return
+        for rec, detail in row.nodes:
+            key = (row.rollout.id, rec.name)
+            if (
+                rec.state is not NodeState.DONE
+                or not detail.cert_fingerprint
+                or key in self.revoked
+            ):
+                continue
+            serials = await asyncio.to_thread(
+                self.store.revoke_superseded,
+                rec.name,
+                detail.cert_fingerprint,
+                before=row.meta.started_at or row.meta.created_at,
+                now=self.clock(),
+            )
+            self.revoked.add(key)
+            if serials:
+                log.info("certificate.superseded", node=rec.name, serials=serials)
 
     def _renew_freezes(self, row: RolloutRow, plan: planner.Plan) -> None:
         """Keep the scope freeze's lease alive on every frozen node (a third of the lease),

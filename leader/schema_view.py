@@ -155,6 +155,7 @@ def schema_message(
     renewal_failures: Sequence[tuple[str, dt.datetime, str, dt.datetime]] = (),
     clients: Sequence[Client] = (),
     infos: Mapping[str, ClientsInfo] | None = None,
+    auto_rotate: schema_pb2.AutoRotateView | None = None,
 ) -> schema_pb2.Schema:
     """The whole schema as ``GetSchema`` answers it (and ``schema show --json`` prints it).
     ``expiring``: ``leader.expiry.Expiry`` within their horizon; ``renewal_failures``: (node,
@@ -201,6 +202,7 @@ def schema_message(
             )
             for node, since, reason, not_after in renewal_failures
         ],
+        auto_rotate=auto_rotate,
     )
 
 
@@ -210,10 +212,14 @@ class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
         schema: SchemaStore,
         clock: Callable[[], dt.datetime],
         expiry: ExpiryWatch | None = None,
+        auto_rotate: Callable[[], schema_pb2.AutoRotateView] | None = None,
     ) -> None:
+        """``auto_rotate``: what the automatic rotation last decided
+        (``leader.auto_rotate.Status.view``)."""
         self.schema = schema
         self.clock = clock
         self.expiry = expiry
+        self.auto_rotate = auto_rotate
 
     @map_errors({})
     async def GetSchema(
@@ -238,6 +244,17 @@ class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
             renewals = await asyncio.to_thread(self.expiry.renewal_failures)
         clients = await asyncio.to_thread(self.schema.clients)
         infos = await asyncio.to_thread(self.schema.clients_info)
+        auto = self.auto_rotate() if self.auto_rotate is not None else None
         return schema_message(
-            rows, pending, now, failures, removed, revoked, expiring, renewals, clients, infos
+            rows,
+            pending,
+            now,
+            failures,
+            removed,
+            revoked,
+            expiring,
+            renewals,
+            clients=clients,
+            infos=infos,
+            auto_rotate=auto,
         )

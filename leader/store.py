@@ -574,6 +574,47 @@ class Store(LeaderStore):
             )
         return cert
 
+    def revoke_superseded(
+        self, node: str, live_fingerprint: str, *, before: dt.datetime, now: dt.datetime
+    ) -> list[str]:
+        """Revoke (reason "superseded") the server certificates of ``node`` that the one it
+        now serves, ``live_fingerprint``, replaced: every unrevoked ``server`` certificate of
+        the node issued before that one (before ``before``, the rollout's start, if the live
+        one is not on record, e.g. brought by the admin). A certificate issued later (a newer
+        rollout's) is left alone. Idempotent; returns the serials revoked now."""
+        with self._db.tx() as db:
+            live = db.execute(
+                "SELECT issued_at FROM certificates WHERE kind = 'server' AND node = ?"
+                " AND fingerprint = ?",
+                (node, live_fingerprint),
+            ).fetchone()
+            cutoff = live["issued_at"] if live is not None else to_text(before)
+            serials = [
+                r["serial"]
+                for r in db.execute(
+                    "SELECT serial FROM certificates WHERE kind = 'server' AND node = ?"
+                    " AND revoked_at IS NULL AND fingerprint != ? AND issued_at < ?",
+                    (node, live_fingerprint, cutoff),
+                )
+            ]
+            if not serials:
+                return []
+            db.executemany(
+                "UPDATE certificates SET revoked_at = ?, revoke_reason = ? WHERE serial = ?",
+                [(to_text(now), "superseded", s) for s in serials],
+            )
+            _bump_crl(db)
+            self._audit(
+                db,
+                now,
+                "leader",
+                "certificate.superseded",
+                node,
+                serials=serials,
+                live_fingerprint=live_fingerprint,
+            )
+        return serials
+
     def list_certificates(self, kind: str | None = None) -> list[IssuedCert]:
         with self._db.read() as db:
             if kind is None:

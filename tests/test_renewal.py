@@ -498,6 +498,13 @@ def test_a_failing_renewal_shows_in_nodes_and_the_schema(cluster: Cluster) -> No
     schema = json.loads(cluster.cli("schema", "show", "--json").stdout)
     (failure,) = [f for f in schema["renewal_failures"] if f["node"] == "node9"]
     assert failure["reason"].startswith("leader said no")
+    # The text of `schema show` says it too: which node, since when, why (plain text).
+    text = cluster.cli("schema", "show")
+    assert text.returncode == 0, text.stderr
+    assert "agent certificate renewals failing" in text.stdout, text.stdout
+    (row,) = [ln for ln in text.stdout.splitlines() if " node9 " in ln]
+    assert "leader said no" in row and f"{since:%Y-%m-%d %H:%M:%S} UTC" in row, row
+    assert "\x1b" not in text.stdout
 
 
 def test_the_viewer_certificate_is_renewed_while_the_leader_runs(cluster: Cluster) -> None:

@@ -368,6 +368,9 @@ class CertificateAuthority:
             raise PKIError(PKIReason.KEY_MISMATCH, "CA")
         self.cert = cert
         self.key = key
+        # The lifetime of the certificates ``sign_csr`` issues (the nodes' https certificates);
+        # None: LEAF_VALIDITY_DAYS. The leader sets it from ``server_cert_lifetime``.
+        self.csr_lifetime: dt.timedelta | None = None
 
     @classmethod
     def create(
@@ -491,7 +494,8 @@ class CertificateAuthority:
         now: dt.datetime | None = None,
         identity: spiffe.Identity | None = None,
     ) -> x509.Certificate:
-        """Check ``csr`` against ``expected`` and issue a certificate for its key."""
+        """Check ``csr`` against ``expected`` and issue a certificate for its key, living
+        ``csr_lifetime``."""
         return self.issue(
             check_csr(csr, expected),
             expected,
@@ -499,6 +503,7 @@ class CertificateAuthority:
             client=client,
             now=now,
             identity=identity,
+            lifetime=self.csr_lifetime,
         )
 
     @property

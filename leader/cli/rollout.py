@@ -31,6 +31,7 @@ from leader.cli.base import (
     pass_leader,
     to_dict,
 )
+from leader.cli.certs import render_certificate_health
 from leader.cli.password import obtain_password, verifier_json
 from leader.rollout_core import (
     TERMINAL_ROLLOUT_STATES,
@@ -694,6 +695,8 @@ def schema_show(leader: Leader, rollout_id: str, as_json: bool, watch: bool) -> 
         out.print(render_failures(data.bootstrap_failures))
     if data.removed_nodes or data.revoked_certificates:
         out.print(render_revocations(data))
+    if (health := render_certificate_health(data)) is not None:
+        out.print(health)
 
 
 def watch_schema(leader: Leader, rollout_id: str, as_json: bool, interval: float = 0.5) -> None:
