@@ -15,6 +15,7 @@ from typing import Any
 
 import grpc
 
+from leader import byo
 from leader.admin_socket import current_caller
 from leader.commands import Commands, RolloutRequest
 from leader.expiry import ExpiryWatch
@@ -114,6 +115,13 @@ TRANSITIONAL_WARNINGS = (
     "No new entries can be made at the clients while a node restarts (writes are refused "
     "with 503 during the freeze, so no data is lost).",
 )
+# ``--cert-dir``: the stage and confirm lines of ``CHECKS`` as they are then.
+OWN_CERT_CHECKS = {
+    1: "stage: the certificate and key from --cert-dir sent to the node over mutual TLS, "
+    "checked there (key matches, chain to the practice CA), stored inactive (key 0600)",
+    3: "confirm: the leader checks https from outside trusting only the practice CA "
+    "(ca.crt); workstations enrolling at 9443 get the practice CA",
+}
 CLIENT_STEPS = (
     "Admin -> change server address to the new https address of the node",
     "Test connection; confirm the port prompt for 9443 (or the port shown)",
@@ -152,7 +160,19 @@ def rollout_request(request: admin_pb2.RolloutRequest) -> RolloutRequest:
         freeze=FREEZE.read(request.freeze, "freeze"),
         strategy=strategy,
         undo_rollout_id=request.undo_rollout_id or None,
+        own_certs=own_certs(request.cert_dir) if request.HasField("cert_dir") else None,
     )
+
+
+def own_certs(cert_dir: admin_pb2.CertDir) -> byo.Material:
+    """``--cert-dir`` from the wire (the keys are secrets: into memory, nowhere else)."""
+    nodes: dict[str, byo.NodeMaterial] = {}
+    for n in cert_dir.nodes:
+        if n.node in nodes:
+            raise invalid(f"--cert-dir: node {n.node!r} given twice")
+        mode = n.key_file_mode if n.HasField("key_file_mode") else None
+        nodes[n.node] = byo.NodeMaterial(n.node, n.chain_pem, n.private_key_pem, mode)
+    return byo.Material(cert_dir.ca_pem, nodes)
 
 
 @dataclass(frozen=True)
@@ -224,14 +244,22 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             ),
             tuple((n, NodeDetail()) for n in nodes),
         )
+        checks = list(TRANSITIONAL_CHECKS if transitional else CHECKS)
+        if request.HasField("cert_dir"):
+            for i, line in OWN_CERT_CHECKS.items():
+                checks[i] = line
         reply = admin_pb2.PlanResponse(
             rollout=rollout_view(row),
-            checks=TRANSITIONAL_CHECKS if transitional else CHECKS,
+            checks=checks,
             client_steps=CLIENT_STEPS,
             warnings=warnings,
         )
         if rollout.change is Change.ENABLE_TLS:
             reply.password_version_in_use = planned.password_in_use
+        for c in planned.certificates:
+            reply.certificates.append(
+                f"{c.node}: {c.subject}, {c.fingerprint}, valid until {c.not_after:%Y-%m-%d}"
+            )
         return reply
 
     @map_errors(ERRORS)

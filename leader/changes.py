@@ -32,6 +32,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from leader import byo
 from leader.agent_client import AgentApi, StepFailed
 from leader.planner import confirm_success
 from leader.rollout_core import (
@@ -71,6 +72,7 @@ class StepContext:
     ca: pki.CertificateAuthority
     clock: Callable[[], dt.datetime]
     sleep: Callable[[float], Any] = asyncio.sleep
+    vault: byo.Vault | None = None  # ``--cert-dir`` keys (``leader.byo``)
 
     def command(self, rollout_id: str | None = None) -> agent_pb2.Command:
         return agent_pb2.Command(rollout_id=rollout_id or self.rollout.id, epoch=self.rollout.epoch)
@@ -114,7 +116,11 @@ class ChangeSteps:
         return NodeEvent.PREFLIGHT_PASSED, None
 
     async def stage(self, ctx: StepContext) -> Outcome:
-        """A new key made on the node, its CSR signed by the CA, the certificate stored there."""
+        """A new key made on the node, its CSR signed by the CA, the certificate stored there
+        (``--cert-dir``: the practice's own certificate and key instead, ``stage_own``)."""
+        own_ca = await asyncio.to_thread(ctx.schema.own_ca, ctx.rollout.id)
+        if own_ca is not None:
+            return await self.stage_own(ctx, own_ca)
         node = await asyncio.to_thread(ctx.store.get_node, ctx.node)
         try:
             csr_reply = await ctx.agent.create_csr(
@@ -148,6 +154,42 @@ class ChangeSteps:
             )
         except (StepFailed, PKIError) as exc:
             return NodeEvent.STAGE_FAILED, str(exc)
+        await ctx.detail(
+            cert_fingerprint=staged.fingerprint,
+            cert_not_after=staged.not_after.ToDatetime(tzinfo=dt.UTC),
+        )
+        return NodeEvent.STAGE_DONE, None
+
+    async def stage_own(self, ctx: StepContext, own_ca: bytes) -> Outcome:
+        """``--cert-dir``: the node's certificate and key from the leader's memory to the
+        agent (mutual TLS), which checks them again and stores them inactive, then the key is
+        forgotten here. A leader that restarted since the rollout started has no key: the
+        node fails its stage, unchanged, and the reason says what to do."""
+        item = ctx.vault.get(ctx.rollout.id, ctx.node) if ctx.vault is not None else None
+        if item is None:
+            return NodeEvent.STAGE_FAILED, (
+                f"the leader holds no key from --cert-dir for {ctx.node} (keys are kept in "
+                "memory only, and the leader restarted since the rollout started); nothing "
+                f"changed on {ctx.node}: start again with tlsroll rollout start --change "
+                f"{self.change.value} --nodes {ctx.node} --cert-dir DIR"
+            )
+        try:
+            staged = await ctx.agent.stage(
+                agent_pb2.StageRequest(
+                    command=ctx.command(),
+                    certificate_pem=byo.chain_pem(item),
+                    # The cluster CA too: it signs the workstations' client certificates.
+                    ca_certificate_pem=own_ca + ctx.ca.cert_pem,
+                    private_key_pem=item.key_pem,
+                    own_certificate=True,
+                )
+            )
+        except (StepFailed, PKIError) as exc:
+            assert ctx.vault is not None
+            ctx.vault.drop(ctx.rollout.id, ctx.node)
+            return NodeEvent.STAGE_FAILED, str(exc)
+        assert ctx.vault is not None
+        ctx.vault.drop(ctx.rollout.id, ctx.node)
         await ctx.detail(
             cert_fingerprint=staged.fingerprint,
             cert_not_after=staged.not_after.ToDatetime(tzinfo=dt.UTC),
@@ -215,8 +257,13 @@ class ChangeSteps:
             live, closed = detail.new_url, detail.old_url
         else:
             live, closed = detail.old_url, detail.new_url
+        # ``--cert-dir``: this rollout's practice CA only; any other rollout: the cluster CA
+        # and the practice CAs earlier ones installed (what the workstations were handed).
+        trusted = await asyncio.to_thread(ctx.schema.own_ca, ctx.rollout.id)
+        if trusted is None:
+            trusted = ctx.ca.cert_pem + await asyncio.to_thread(ctx.schema.own_cas)
         return await asyncio.to_thread(
-            outside_check, live, closed, ctx.ca.cert_pem, detail.cert_fingerprint
+            outside_check, live, closed, trusted, detail.cert_fingerprint
         )
 
 

@@ -180,6 +180,8 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         cfg.node_name,
         engine.wake.set,
         observe=functools.partial(observe, agents, ca=state.ca.cert),
+        vault=engine.vault,
+        cert_horizon=dt.timedelta(days=cfg.expiry_warning_days),
     )
     viewer = Viewer.build(cfg, state, schema) if cfg.viewer_port else None
     expiry = ExpiryWatch(

@@ -44,13 +44,14 @@ from typing import Any
 
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
-from leader import planner
+from leader import byo, planner
 from leader.agent_client import Agents, StepFailed
 from leader.changes import Outcome, StepContext, strategy_for
 from leader.rollout_core import (
     CHANGES,
     FAILED_NODE_STATES,
     STEP_FOR_STATE,
+    TERMINAL_ROLLOUT_STATES,
     FreezeMode,
     NodeEvent,
     NodeState,
@@ -114,6 +115,8 @@ class Engine:
         self.confirmed: set[tuple[str, str]] = set()
         # A step that gets no (good) answer: since when (monotonic, wall) and how often.
         self.trouble: dict[StepKey, tuple[float, dt.datetime, int]] = {}
+        # ``--cert-dir``: the running rollout's keys, until each node has staged its own.
+        self.vault = byo.Vault()
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -134,6 +137,7 @@ class Engine:
         """Persist the plan's events, then make sure its steps run."""
         await self._settle_awaiting()
         row = await asyncio.to_thread(self.schema.active)
+        await self._forget_ended_keys(row)
         if row is None:
             return
         await self._record_node_auth(row)
@@ -412,6 +416,15 @@ class Engine:
                 rollout.id, step, f"scope {step.step.value} failing since {stamp}: {why}"
             )
 
+    async def _forget_ended_keys(self, active: RolloutRow | None) -> None:
+        """``--cert-dir`` keys live no longer than their rollout (``leader.byo.Vault``)."""
+        held = self.vault.rollout_id
+        if not held or (active is not None and active.rollout.id == held):
+            return
+        row = await asyncio.to_thread(self.schema.get, held)
+        if row is None or row.rollout.state in TERMINAL_ROLLOUT_STATES:
+            self.vault.forget(held)
+
     async def _note(self, rollout_id: str, step: planner.StepAction, reason: str) -> None:
         """Put ``reason`` on the node's record (its state unchanged), once."""
         row = await asyncio.to_thread(self.schema.get, rollout_id)
@@ -438,6 +451,7 @@ class Engine:
             ca=self.ca,
             clock=self.clock,
             sleep=self.sleep,
+            vault=self.vault,
         )
         return await runners[step.step](ctx)
 

@@ -34,10 +34,11 @@ MAX_CLOCK_OFFSET = 120  # as the preflight step (leader.changes)
 
 def observation(view: agent_pb2.ServerView, ca: x509.Certificate) -> NodeObservation:
     """A ``ServerView`` as the planner sees it."""
-    from_ca = False
+    from_ca, fingerprint = False, ""
     if view.cert_pem:
         try:
-            from_ca = pki.issued_by(pki.load_cert_pem(view.cert_pem), ca)
+            served = pki.load_cert_pem(view.cert_pem)
+            from_ca, fingerprint = pki.issued_by(served, ca), pki.fingerprint(served)
         except PKIError:
             from_ca = False
     if not view.healthy:
@@ -47,6 +48,7 @@ def observation(view: agent_pb2.ServerView, ca: x509.Certificate) -> NodeObserva
         schemes=tuple(sorted(view.schemes)),
         cert_from_ca=from_ca,
         verifier_digest=view.verifier_digest,
+        cert_fingerprint=fingerprint,
     )
 
 

@@ -543,6 +543,40 @@ class SchemaStore(LeaderStore):
             _refuse_if_busy(db)
             return self._add_auth(db, verifier, now, actor)
 
+    # --- bring your own certificate (``--cert-dir``) ---------------------------------------
+    # The practice CA a rollout's certificates chain to, kept in the ``meta`` table under
+    # ``own_ca/<rollout id>`` (public; the keys are never stored). Its presence marks the
+    # rollout as one with the practice's own certificates: the stage step hands the nodes
+    # those, the confirm step checks https against this CA, retry is refused.
+
+    def set_own_ca(self, rollout_id: str, ca_pem: bytes) -> None:
+        with self._db.tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                (f"own_ca/{rollout_id}", ca_pem.decode("ascii")),
+            )
+
+    def own_ca(self, rollout_id: str) -> bytes | None:
+        """The practice CA of a ``--cert-dir`` rollout; None for the usual one."""
+        with self._db.read() as db:
+            row = db.execute(
+                "SELECT value FROM meta WHERE key = ?", (f"own_ca/{rollout_id}",)
+            ).fetchone()
+        return str(row["value"]).encode("ascii") if row else None
+
+    def own_cas(self) -> bytes:
+        """Every practice CA a ``--cert-dir`` rollout has used (PEM, each once): the nodes
+        they went to hand them to their workstations with the cluster CA."""
+        with self._db.read() as db:
+            rows = db.execute(
+                "SELECT value FROM meta WHERE key LIKE 'own\\_ca/%' ESCAPE '\\' ORDER BY key"
+            ).fetchall()
+        return b"".join(dict.fromkeys(str(r["value"]).encode("ascii") for r in rows))
+
+    def drop_own_ca(self, rollout_id: str) -> None:
+        with self._db.tx() as db:
+            db.execute("DELETE FROM meta WHERE key = ?", (f"own_ca/{rollout_id}",))
+
     def latest_auth_version(self) -> int:
         with self._db.read() as db:
             row = db.execute("SELECT COALESCE(MAX(version), 0) FROM auth_versions").fetchone()

@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 from cryptography import x509
 
-from leader import join_guard
+from leader import byo, join_guard
 from leader.commands import NoRolloutYet, NoSuchRollout, NotRetriable, StillOnHttp
 from leader.planner import (
     AlreadyUndone,
@@ -77,6 +77,7 @@ ERRORS = {
     NothingToDo: grpc.StatusCode.FAILED_PRECONDITION,
     NothingToUndo: grpc.StatusCode.FAILED_PRECONDITION,
     NotRetriable: grpc.StatusCode.FAILED_PRECONDITION,
+    byo.Refused: grpc.StatusCode.FAILED_PRECONDITION,
     EmptyScope: grpc.StatusCode.FAILED_PRECONDITION,
     AlreadyUndone: grpc.StatusCode.FAILED_PRECONDITION,
     NotAwaitingFinalize: grpc.StatusCode.FAILED_PRECONDITION,

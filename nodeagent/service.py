@@ -16,7 +16,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -353,6 +353,8 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
     @map_errors(ERRORS)
     async def Stage(self, request: agent_pb2.StageRequest, context: Ctx) -> agent_pb2.StageResponse:
         rollout_id = await self._command(context, request.command)
+        if request.own_certificate:
+            return await self._stage_own(rollout_id, request)
         async with self._lock:
             staged = await asyncio.to_thread(self.journal.staged, rollout_id)
             if staged is None:
@@ -377,17 +379,78 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             fingerprint=fingerprint, not_after=timestamp(cert.not_valid_after_utc)
         )
 
-    def _store_cert(self, staged: Staged, cert: x509.Certificate, ca: x509.Certificate) -> str:
-        """Write the certificate and the CA beside the staged key, journalled (blocking)."""
+    def _store_cert(
+        self,
+        staged: Staged,
+        cert: x509.Certificate,
+        ca: x509.Certificate | Sequence[x509.Certificate],
+        intermediates: Sequence[x509.Certificate] = (),
+    ) -> str:
+        """Write the certificate (and intermediates, served with it) and the CA(s) beside the
+        staged key, journalled (blocking)."""
         cert_file = staged.key_file.with_name("server.pem")
         ca_file = staged.key_file.with_name("ca.pem")
-        write_atomic(ca_file, pki.cert_to_pem(ca), PUBLIC)
-        write_atomic(cert_file, pki.cert_to_pem(cert), PUBLIC)
+        cas = [ca] if isinstance(ca, x509.Certificate) else list(ca)
+        write_atomic(ca_file, b"".join(pki.cert_to_pem(c) for c in cas), PUBLIC)
+        chain = b"".join(pki.cert_to_pem(c) for c in (cert, *intermediates))
+        write_atomic(cert_file, chain, PUBLIC)
         fingerprint = pki.fingerprint(cert)
         self.journal.record_stage(
             staged.rollout_id, cert_file, ca_file, fingerprint, cert.not_valid_after_utc
         )
         return fingerprint
+
+    async def _stage_own(
+        self, rollout_id: str, request: agent_pb2.StageRequest
+    ) -> agent_pb2.StageResponse:
+        """``--cert-dir``: the practice's certificate and key, made off the node. Checked here
+        again (key matches, chain to the CA sent, SAN covers this node's names, valid now)
+        before anything is written; the key is written 0600 and never logged. A replay (the
+        answer was lost) writes the same files again."""
+        driver = self._driver()
+        certs = pki.load_certs_pem(request.certificate_pem)
+        cas = pki.load_certs_pem(request.ca_certificate_pem)
+        if not certs or not cas or not all(pki.is_ca(c) for c in cas):
+            raise invalid("own certificate: a certificate and CA certificates are needed")
+        cert, intermediates = certs[0], certs[1:]
+        if pki.chain_to(cert, intermediates, cas) is None:
+            raise invalid("own certificate: it does not chain to the CA sent with it")
+        if not request.private_key_pem:
+            raise invalid("own certificate: its private key is missing")
+        key = pki.load_key_pem(request.private_key_pem)
+        if not pki.key_matches(cert, key):
+            raise invalid("own certificate: the private key does not match it")
+        lacks = pki.san_lacks(cert, self.cfg.names)
+        if lacks is None or lacks:
+            raise invalid(
+                f"own certificate: its SAN lacks {', '.join(lacks or ['everything'])}, "
+                "which this node serves on"
+            )
+        pki.check_valid_now(cert, self.clock())
+        async with self._lock:
+            if await asyncio.to_thread(self.journal.get, rollout_id, TxnKind.SWITCH) is not None:
+                raise failed_precondition(f"rollout {rollout_id} is already switching this node")
+            staged = await asyncio.to_thread(self._own_key, driver, rollout_id, key)
+            fingerprint = await asyncio.to_thread(
+                self._store_cert, staged, cert, cas, intermediates
+            )
+        log.info("stage.done", rollout_id=rollout_id, cert_fingerprint=fingerprint, own=True)
+        return agent_pb2.StageResponse(
+            fingerprint=fingerprint, not_after=timestamp(cert.not_valid_after_utc)
+        )
+
+    def _own_key(self, driver: Driver, rollout_id: str, key: pki.PrivateKey) -> Staged:
+        """Write the practice's key where CreateCSR would have made one (0600), journalled
+        with no CSR (blocking)."""
+        stage_dir = plans.stage_dir(driver, rollout_id)
+        stage_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        key_file = stage_dir / "server.key"
+        pki.write_key(key_file, key)
+        if self.journal.staged(rollout_id) is None:
+            self.journal.record_csr(rollout_id, key_file, b"")
+        staged = self.journal.staged(rollout_id)
+        assert staged is not None
+        return staged
 
     # --- transactions -------------------------------------------------------------------------
 

@@ -20,6 +20,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from leader import byo
 from leader.cli.base import (
     CLIError,
     Leader,
@@ -118,6 +119,14 @@ def scope_options(f: Any) -> Any:
         show_default=True,
         help="How many nodes may fail (and go back) before the rollout halts.",
     )(f)
+    f = click.option(
+        "--cert-dir",
+        type=click.Path(path_type=Path, file_okay=False, exists=True),
+        help="enable-tls, rotate-cert: the practice's own certificates instead of the cluster "
+        "CA's: DIR/ca.crt (the practice CA), DIR/<node>.crt (certificate, then intermediates) "
+        "and DIR/<node>.key (0600) for every node in scope; all checked before any node is "
+        "touched.",
+    )(f)
     f = click.option("--nodes", help="Comma-separated node names (scope 'nodes').")(f)
     f = click.option(
         "--scope",
@@ -156,6 +165,23 @@ def rollout_request(
         failure_budget=failure_budget,
         strategy=STRATEGY.wire(Strategy(strategy)),
     )
+
+
+def cert_dir_message(directory: Path) -> admin_pb2.CertDir:
+    """``--cert-dir`` for the leader (``leader.byo``: the layout). The keys go over the admin
+    socket to the leader, which keeps them in memory only until each node has its own."""
+    try:
+        material = byo.read_cert_dir(directory)
+    except OSError as exc:
+        raise CLIError(f"--cert-dir {directory}: cannot read it ({exc.strerror or exc})") from None
+    message = admin_pb2.CertDir(ca_pem=material.ca_pem)
+    for item in material.nodes.values():
+        node = message.nodes.add(
+            node=item.node, chain_pem=item.chain_pem, private_key_pem=item.key_pem
+        )
+        if item.key_mode is not None:
+            node.key_file_mode = item.key_mode
+    return message
 
 
 def _dt(msg: Any, field: str) -> dt.datetime | None:
@@ -312,12 +338,16 @@ def plan(
     freeze: str,
     change: str,
     strategy: str,
+    cert_dir: Path | None,
     as_json: bool,
 ) -> None:
     """Dry run: the update schema a rollout would make, from what each node runs now (nodes
     already in the wanted state show "already done"), its checks, what clients must do. With
-    --strategy transitional: both phases."""
+    --strategy transitional: both phases. With --cert-dir the certificates are checked too, and
+    any problem refuses the plan."""
     request = rollout_request(scope, nodes, max_parallel, freeze, change, failure_budget, strategy)
+    if cert_dir is not None:
+        request.cert_dir.CopyFrom(cert_dir_message(cert_dir))
     with leader.admin() as admin:
         reply = leader.call(admin.PlanRollout, request)
     if as_json:
@@ -351,6 +381,10 @@ def show_plan(reply: admin_pb2.PlanResponse) -> None:
     out.print("Checks and steps on each node:")
     for c in reply.checks:
         out.print(f"  - {c}")
+    if reply.certificates:
+        out.print("Certificates from --cert-dir (every check passed):")
+        for line in reply.certificates:
+            out.print(f"  - {line}")
     out.print("Important:")
     for w in reply.warnings:
         out.print(f"  ! {w}")
@@ -397,6 +431,7 @@ def rollout_start(
     freeze: str,
     change: str,
     strategy: str,
+    cert_dir: Path | None,
     password_file: Path | None,
     yes: bool,
     wait: bool,
@@ -407,6 +442,10 @@ def rollout_start(
     alone ("already done"), and a password the nodes already use is never replaced. With
     --strategy transitional the nodes keep http beside https until `tlsroll rollout finalize`."""
     request = rollout_request(scope, nodes, max_parallel, freeze, change, failure_budget, strategy)
+    if cert_dir is not None:
+        if change not in ("enable-tls", "rotate-cert"):
+            raise click.UsageError("--cert-dir goes with --change enable-tls or rotate-cert")
+        request.cert_dir.CopyFrom(cert_dir_message(cert_dir))
     if change != "enable-tls" and password_file is not None:
         raise click.UsageError("--password-file goes with enable-tls; use `tlsroll password set`")
     # A password file that is unusable or too weak fails before anything is asked or planned.
