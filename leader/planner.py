@@ -135,8 +135,11 @@ class WrongSource(PlanError):
     finalize or the way back): named, with what to run instead."""
 
     def __init__(self, change: Change, why: Mapping[str, str]) -> None:
-        what = "; ".join(f"{n}: {w}" for n, w in sorted(why.items()))
-        super().__init__(f"{change.value} cannot start on {', '.join(sorted(why))} ({what})")
+        by_reason: dict[str, list[str]] = {}
+        for name, reason in sorted(why.items()):
+            by_reason.setdefault(reason, []).append(name)
+        what = "; ".join(f"{', '.join(names)}: {w}" for w, names in by_reason.items())
+        super().__init__(f"{change.value} cannot start on {what}")
         self.names = tuple(sorted(why))
 
 

@@ -974,7 +974,7 @@ def plan_on(
 def test_a_dual_node_is_refused_to_any_change_but_finalize_and_the_way_back(
     change: Change, strategy: Strategy
 ) -> None:
-    with pytest.raises(WrongSource, match=r"cannot start on b .*rollout finalize.*rollback"):
+    with pytest.raises(WrongSource, match=r"cannot start on b: .*rollout finalize.*rollback"):
         plan_on(change, {"a": seen("https"), "b": seen("http", "https")}, strategy)
 
 
