@@ -94,6 +94,7 @@ class Engine:
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         step_deadline: float = STEP_DEADLINE,
+        prepare_ahead: int = 0,
     ) -> None:
         self.store = store
         self.schema = schema
@@ -109,6 +110,7 @@ class Engine:
         self.renewed: dict[tuple[str, str], float] = {}  # scope freezes: last renewal
         self.revoked: set[tuple[str, str]] = set()  # (rollout, node): superseded cert revoked
         self.step_deadline = step_deadline
+        self.prepare_ahead = prepare_ahead  # pipelining (``planner.next_actions``)
         # Scope freezes this process has seen an agent confirm: a switch under --freeze scope
         # begins only when every frozen node's is, so a leader back after the lease ran out
         # (the agents lifted their freezes) freezes them all again first.
@@ -143,7 +145,9 @@ class Engine:
         await self._record_node_auth(row)
         await self._revoke_superseded(row)
         held = await self._held_for_quiet(row)
-        plan = planner.next_actions(row.rollout, row.records, held)
+        plan = planner.next_actions(
+            row.rollout, row.records, held, prepare_ahead=self.prepare_ahead
+        )
         if plan.rollout_events or plan.node_events:
             rollout, nodes = planner.apply_plan(row.rollout, row.records, plan)
             reason = None

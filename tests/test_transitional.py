@@ -34,8 +34,8 @@ import pytest
 from nodeagent.transaction import CRASH_ENV
 from tests.cluster import Cluster, wait_until
 from tests.conftest import next_loopback
-from tests.nodeside import Node
-from tests.test_level_based import live, password_file, three_nodes
+from tests.nodeside import Node, cluster_of
+from tests.test_level_based import live, password_file
 from tlsroll import tls
 
 WAITED = ("completed", "halted", "aborted", "awaiting_finalize")
@@ -282,7 +282,7 @@ def after_the_crash(node: Node) -> None:
 def test_a_node_failing_in_each_phase_goes_back_to_the_side_it_came_from(
     tmp_path: Path,
 ) -> None:
-    with three_nodes(tmp_path) as (cluster, nodes), two_per_node(cluster, nodes) as world:
+    with cluster_of(tmp_path, 3) as (cluster, nodes), two_per_node(cluster, nodes) as world:
         node2 = nodes[1]  # the order: node2, node3, node1 (the leader node last)
         # Phase 1 fails on node2: back to http only, the rollout halts (budget 0).
         fail_next_switch(node2)
@@ -336,7 +336,7 @@ def test_a_node_failing_in_each_phase_goes_back_to_the_side_it_came_from(
 
 @pytest.mark.timeout(420)
 def test_rollback_from_dual_returns_every_node_to_http_and_ends_the_wait(tmp_path: Path) -> None:
-    with three_nodes(tmp_path) as (cluster, nodes), two_per_node(cluster, nodes) as world:
+    with cluster_of(tmp_path, 3) as (cluster, nodes), two_per_node(cluster, nodes) as world:
         phase1 = start_transitional(cluster, tmp_path, "--wait")
         assert rollout(cluster, phase1)["state"] == "awaiting_finalize"
         # An abort of a waiting rollout would hide that its nodes are dual: refused, with the
@@ -365,7 +365,7 @@ def test_rollback_from_dual_returns_every_node_to_http_and_ends_the_wait(tmp_pat
 
 @pytest.mark.timeout(420)
 def test_a_leader_killed_between_the_phases_finalizes_after_its_restart(tmp_path: Path) -> None:
-    with three_nodes(tmp_path) as (cluster, nodes), two_per_node(cluster, nodes) as world:
+    with cluster_of(tmp_path, 3) as (cluster, nodes), two_per_node(cluster, nodes) as world:
         phase1 = start_transitional(cluster, tmp_path, "--wait")
         assert rollout(cluster, phase1)["state"] == "awaiting_finalize"
         cluster.kill_leader()
