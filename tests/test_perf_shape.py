@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import json
 import sqlite3
 import subprocess
 import sys
@@ -18,6 +19,8 @@ import pytest
 
 from leader.observe import OBSERVE_AT_ONCE, observe
 from leader.planner import NodesOffline, Unreachable
+from leader.rollout_core import Change, NodeRecord, NodeState, Rollout, RolloutEvent, Scope
+from leader.schema_store import RolloutMeta, SchemaStore
 from leader.service import LeaderService, LeaderState
 from leader.store import NodeCert, Store
 from tests.cluster import Cluster, child_env
@@ -225,3 +228,58 @@ async def test_a_heartbeat_that_says_nothing_new_parses_nothing_and_writes_nothi
         watcher.close()
         await server.stop(None)
         store.close()
+
+
+# --- schema show --------------------------------------------------------------------------------
+
+
+def store_finished_rollout(cluster: Cluster, rollout_id: str, epoch: int) -> None:
+    """A completed enable-tls rollout of one node, written to the leader's store."""
+    at = dt.datetime(2026, 11, 1, tzinfo=dt.UTC) + dt.timedelta(hours=epoch)
+    schema = SchemaStore(cluster.store_path)
+    try:
+        rollout = Rollout(
+            rollout_id, Change.ENABLE_TLS, Scope.of_nodes(["n1"]), ("n1",), epoch=epoch
+        )
+        row = schema.create(
+            rollout.with_event(RolloutEvent.START),
+            [NodeRecord("n1")],
+            RolloutMeta(created_at=at, started_by="admin:test", leader_node=""),
+            at,
+        )
+        ended = row.rollout.with_event(RolloutEvent.NODES_SETTLED)
+        schema.save_states(row, ended, [NodeRecord("n1", NodeState.DONE)], at, "engine", None)
+    finally:
+        schema.close()
+
+
+def test_schema_show_draws_the_newest_rollout_and_all_of_them_with_all(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """With a history of rollouts, `schema show` draws the active or latest one and says how
+    many older ones it left out; `--all` (and `--all --json`) draws every one."""
+    with Cluster(tmp_path / "cluster", loopback()) as cluster:
+        cluster.init()
+        for epoch, rid in enumerate(["r-old-1", "r-old-2", "r-newest"], start=1):
+            store_finished_rollout(cluster, rid, epoch)
+        cluster.start_leader()
+
+        shown = cluster.cli("schema", "show")
+        assert shown.returncode == 0, shown.stderr
+        assert "r-newest" in shown.stdout
+        assert "r-old-1" not in shown.stdout and "r-old-2" not in shown.stdout
+        assert "2 older rollout(s) not shown: tlsroll schema show --all" in shown.stdout
+
+        every = cluster.cli("schema", "show", "--all")
+        assert every.returncode == 0, every.stderr
+        assert all(rid in every.stdout for rid in ("r-old-1", "r-old-2", "r-newest"))
+        assert "not shown" not in every.stdout
+
+        data = json.loads(cluster.cli("schema", "show", "--json").stdout)
+        assert [r["id"] for r in data["rollouts"]] == ["r-newest"]
+        assert data["total_rollouts"] == 3
+        data = json.loads(cluster.cli("schema", "show", "--all", "--json").stdout)
+        assert [r["id"] for r in data["rollouts"]] == ["r-newest", "r-old-2", "r-old-1"]
+
+        one = cluster.cli("schema", "show", "--rollout", "r-old-1")
+        assert "r-old-1" in one.stdout and "r-newest" not in one.stdout
