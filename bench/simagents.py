@@ -561,10 +561,17 @@ def one_run(
         idle_reading = Reading.of(pid)
         before = Reading.of(pid)
         t0 = time.monotonic()
-        with grpc.insecure_channel(f"unix:{cluster.admin_socket}") as channel:
-            view = admin_pb2_grpc.AdminStub(channel).StartRollout(
-                enable_tls_request(max_parallel), timeout=120
-            )
+        # A refusal may name hundreds of nodes: let its message through whole.
+        options = [("grpc.max_metadata_size", 1 << 20)]
+        with grpc.insecure_channel(f"unix:{cluster.admin_socket}", options) as channel:
+            try:
+                view = admin_pb2_grpc.AdminStub(channel).StartRollout(
+                    enable_tls_request(max_parallel), timeout=120
+                )
+            except grpc.RpcError as exc:
+                details = str(exc.details())
+                why = f"start refused: {details[:1500]} ({len(details)} chars)"
+                raise RuntimeError(why) from None
             wait_for(
                 lambda: log_says_ended(cluster.leader.log_path, view.id),
                 120 + 2 * n,

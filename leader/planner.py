@@ -114,9 +114,20 @@ class AlreadyUndone(PlanError):
         self.by = by.id
 
 
+MAX_NAMED = 10
+"""Nodes a refusal names one by one; the rest are counted (a message of 500 nodes' errors
+outgrew gRPC's 16 KiB limit for status details, and the admin saw "Stream removed")."""
+
+
+def _some(items: Sequence[str], noun: str = "") -> str:
+    shown = ", ".join(items[:MAX_NAMED])
+    more = len(items) - MAX_NAMED
+    return shown if more <= 0 else f"{shown} and {more} more{noun}"
+
+
 class NodesOffline(PlanError):
     def __init__(self, names: Sequence[str]) -> None:
-        super().__init__(f"offline: {', '.join(names)} (bring the agent up or leave it out)")
+        super().__init__(f"offline: {_some(names)} (bring the agent up or leave it out)")
         self.names = tuple(names)
 
 
@@ -127,9 +138,10 @@ class Unreachable(PlanError):
     """Nodes whose agents could not be asked what they run (the plan needs to know)."""
 
     def __init__(self, errors: Mapping[str, str]) -> None:
-        what = "; ".join(f"{n}: {e}" for n, e in sorted(errors.items()))
+        names = sorted(errors)
+        what = _some([f"{n}: {errors[n]}" for n in names], " (tlsroll nodes --check)")
         super().__init__(
-            f"cannot ask the agent of {', '.join(sorted(errors))} what it runs ({what}); "
+            f"cannot ask the agent of {_some(names)} what it runs ({what}); "
             "bring the agent up or leave the node out (--nodes)"
         )
         self.names = tuple(sorted(errors))

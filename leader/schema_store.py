@@ -205,6 +205,19 @@ class SchemaStore(LeaderStore):
             ids = [r["id"] for r in db.execute("SELECT id FROM rollouts ORDER BY epoch DESC")]
         return [row for i in ids if (row := self.get(i)) is not None]
 
+    def newest(self, limit: int) -> tuple[list[RolloutRow], int]:
+        """The newest ``limit`` rollouts (newest first) and how many are stored: ``schema
+        show`` draws the active or latest one, not every rollout ever stored."""
+        with self._db.read() as db:
+            total = int(db.execute("SELECT count(*) FROM rollouts").fetchone()[0])
+            ids = [
+                r["id"]
+                for r in db.execute(
+                    "SELECT id FROM rollouts ORDER BY epoch DESC LIMIT ?", (max(limit, 0),)
+                )
+            ]
+        return [row for i in ids if (row := self.get(i)) is not None], total
+
     def history(self, rollout_id: str) -> list[AuditEvent]:
         """The audit events of a rollout and of its nodes, oldest first: its timeline."""
         prefix = f"{rollout_id}/"

@@ -229,32 +229,41 @@ class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
             row = await asyncio.to_thread(self.schema.get, request.rollout_id)
             if row is None:
                 raise not_found(f"no rollout {request.rollout_id!r} (see: tlsroll schema show)")
-            rows = [row]
+            rows, total = [row], 0
+        elif request.limit:
+            rows, total = await asyncio.to_thread(self.schema.newest, request.limit)
         else:
             rows = await asyncio.to_thread(self.schema.all)
+            total = len(rows)
         pending = await asyncio.to_thread(self.schema.pending_password_nodes)
-        failures = await asyncio.to_thread(self.schema.bootstrap_failures)
         now = self.clock()
-        removed = await asyncio.to_thread(self.schema.removed_nodes)
-        revoked = await asyncio.to_thread(self.schema.revoked_certificates, now)
-        expiring: list[Any] = []
-        renewals: list[Any] = []
-        if self.expiry is not None:
-            expiring = await asyncio.to_thread(self.expiry.warnings)
-            renewals = await asyncio.to_thread(self.expiry.renewal_failures)
         clients = await asyncio.to_thread(self.schema.clients)
         infos = await asyncio.to_thread(self.schema.clients_info)
-        auto = self.auto_rotate() if self.auto_rotate is not None else None
-        return schema_message(
-            rows,
-            pending,
-            now,
-            failures,
-            removed,
-            revoked,
-            expiring,
-            renewals,
-            clients=clients,
-            infos=infos,
-            auto_rotate=auto,
-        )
+        if request.rollouts_only:
+            message = schema_message(rows, pending, now, clients=clients, infos=infos)
+        else:
+            failures = await asyncio.to_thread(self.schema.bootstrap_failures)
+            removed = await asyncio.to_thread(self.schema.removed_nodes)
+            revoked = await asyncio.to_thread(self.schema.revoked_certificates, now)
+            expiring: list[Any] = []
+            renewals: list[Any] = []
+            if self.expiry is not None:
+                expiring = await asyncio.to_thread(self.expiry.warnings)
+                renewals = await asyncio.to_thread(self.expiry.renewal_failures)
+            auto = self.auto_rotate() if self.auto_rotate is not None else None
+            message = schema_message(
+                rows,
+                pending,
+                now,
+                failures,
+                removed,
+                revoked,
+                expiring,
+                renewals,
+                clients=clients,
+                infos=infos,
+                auto_rotate=auto,
+            )
+        if total > len(rows):  # only when some were left out (else as the viewer's API)
+            message.total_rollouts = total
+        return message

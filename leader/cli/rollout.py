@@ -492,7 +492,7 @@ def started(view: schema_pb2.RolloutView, password_in_use: int = 0) -> None:
 def wait_for_end(leader: Leader, rollout_id: str, interval: float = 0.5) -> None:
     """Poll until the rollout ends, then exit as `rollout status` does."""
     while True:
-        schema = fetch_schema(leader, rollout_id)
+        schema = fetch_schema(leader, rollout_id, rollouts_only=True)
         state = ROLLOUT_STATE.text(schema.rollouts[0].state)
         if state in ENDS:
             break
@@ -662,7 +662,7 @@ def rollout_status(leader: Leader, rollout_id: str, as_json: bool) -> None:
     finish is back where it was); 4 a node needs attention (neither switched nor back: see its
     reason); 1 and 2 as for every command.
     """
-    schema = fetch_schema(leader, rollout_id)
+    schema = fetch_schema(leader, rollout_id, limit=1, rollouts_only=True)
     if not schema.rollouts:
         raise CLIError("no rollout yet; start one with: tlsroll rollout start --scope …")
     r = schema.rollouts[0]
@@ -708,19 +708,22 @@ def schema() -> None:
 
 @schema.command("show")
 @click.option("--rollout", "rollout_id", default="", help="Only this rollout.")
+@click.option("--all", "show_all", is_flag=True, help="Every rollout stored, not only the newest.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--watch", is_flag=True, help="Follow the newest rollout until it ends.")
 @pass_leader
-def schema_show(leader: Leader, rollout_id: str, as_json: bool, watch: bool) -> None:
-    """Show rollouts, nodes, states, times, freeze windows, addresses, cert expiry and failed
-    bootstrap passwords."""
+def schema_show(
+    leader: Leader, rollout_id: str, show_all: bool, as_json: bool, watch: bool
+) -> None:
+    """Show the active rollout (else the latest; --all: every one) with its nodes, states,
+    times, freeze windows, addresses and cert expiry, and failed bootstrap passwords."""
     if watch:
         try:
             watch_schema(leader, rollout_id, as_json)
         except KeyboardInterrupt:  # Ctrl-C is how one stops watching; the rollout goes on
             out.print("stopped watching; the rollout goes on (tlsroll schema show --watch)")
         return
-    data = fetch_schema(leader, rollout_id)
+    data = fetch_schema(leader, rollout_id, limit=0 if show_all or rollout_id else 1)
     if as_json:
         emit_json(to_dict(data))
         return
@@ -730,6 +733,9 @@ def schema_show(leader: Leader, rollout_id: str, as_json: bool, watch: bool) -> 
         out.print(render_rollout(r))
     if data.node_clients:
         out.print(render_clients(data.node_clients))
+    older = data.total_rollouts - len(data.rollouts)
+    if older > 0 and not rollout_id:
+        out.print(f"{older} older rollout(s) not shown: tlsroll schema show --all")
     if data.bootstrap_failures:
         out.print(render_failures(data.bootstrap_failures))
     if data.removed_nodes or data.revoked_certificates:
@@ -739,13 +745,18 @@ def schema_show(leader: Leader, rollout_id: str, as_json: bool, watch: bool) -> 
 
 
 def watch_schema(leader: Leader, rollout_id: str, as_json: bool, interval: float = 0.5) -> None:
+    """Follow one rollout (the named one, else the newest) by asking for it alone, each time
+    without the rest of the schema."""
+    first = fetch_schema(leader, rollout_id, limit=1, rollouts_only=True)
+    if not first.rollouts:
+        raise CLIError("no rollout to watch")
+    r = first.rollouts[0]
+    watched = r.id
+
     def newest() -> schema_pb2.RolloutView | None:
-        data = fetch_schema(leader, rollout_id)
+        data = fetch_schema(leader, watched, rollouts_only=True)
         return data.rollouts[0] if data.rollouts else None
 
-    r = newest()
-    if r is None:
-        raise CLIError("no rollout to watch")
     if as_json:
         last = None
         while True:

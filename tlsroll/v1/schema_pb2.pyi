@@ -28,15 +28,27 @@ class GetSchemaRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ROLLOUT_ID_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    ROLLOUTS_ONLY_FIELD_NUMBER: _builtins.int
     rollout_id: _builtins.str
+    limit: _builtins.int
+    """At most this many rollouts, the newest first (0: every one). `schema show` asks for 1:
+    the active rollout, else the latest; `--all` for every one.
+    """
+    rollouts_only: _builtins.bool
+    """Only the rollouts: no bootstrap failures, removed nodes, revocations, expiring
+    certificates or renewal failures (what `schema show --watch` polls).
+    """
     def __init__(
         self,
         *,
         rollout_id: _builtins.str = ...,
+        limit: _builtins.int = ...,
+        rollouts_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollout_id", b"rollout_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "rollout_id", b"rollout_id", "rollouts_only", b"rollouts_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -320,6 +332,9 @@ class Schema(_message.Message):
     RENEWAL_FAILURES_FIELD_NUMBER: _builtins.int
     NODE_CLIENTS_FIELD_NUMBER: _builtins.int
     AUTO_ROTATE_FIELD_NUMBER: _builtins.int
+    TOTAL_ROLLOUTS_FIELD_NUMBER: _builtins.int
+    total_rollouts: _builtins.int
+    """How many rollouts are stored, when `limit` left some out (else 0)."""
     @_builtins.property
     def rollouts(self) -> _containers.RepeatedCompositeFieldContainer[Global___RolloutView]: ...
     @_builtins.property
@@ -372,10 +387,11 @@ class Schema(_message.Message):
         renewal_failures: _abc.Iterable[Global___RenewalFailureView] | None = ...,
         node_clients: _abc.Iterable[Global___NodeClientsView] | None = ...,
         auto_rotate: Global___AutoRotateView | None = ...,
+        total_rollouts: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["auto_rotate", b"auto_rotate", "generated_at", b"generated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_rotate", b"auto_rotate", "bootstrap_failures", b"bootstrap_failures", "expiring_certificates", b"expiring_certificates", "generated_at", b"generated_at", "node_clients", b"node_clients", "removed_nodes", b"removed_nodes", "renewal_failures", b"renewal_failures", "revoked_certificates", b"revoked_certificates", "rollouts", b"rollouts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_rotate", b"auto_rotate", "bootstrap_failures", b"bootstrap_failures", "expiring_certificates", b"expiring_certificates", "generated_at", b"generated_at", "node_clients", b"node_clients", "removed_nodes", b"removed_nodes", "renewal_failures", b"renewal_failures", "revoked_certificates", b"revoked_certificates", "rollouts", b"rollouts", "total_rollouts", b"total_rollouts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
