@@ -195,6 +195,14 @@ class AgentPool:
             self.clients[name] = client
         return client
 
+    def set_credentials(self, credentials: grpc.ChannelCredentials) -> None:
+        """Dial with ``credentials`` from now on (the leader's certificate was renewed): every
+        client is made again on its next use; the old ones close after ``CALL_TIMEOUT``."""
+        self.credentials = credentials
+        for client in self.clients.values():
+            self._retire(client)
+        self.clients.clear()
+
     def _retire(self, client: AgentClient) -> None:
         async def close_later() -> None:
             try:
