@@ -49,6 +49,13 @@ DEFAULT_VIEWER_TTL = dt.timedelta(hours=8)
 MAX_WHEN_QUIET = 30 * 86400
 
 
+def trust_bundle(ca: pki.CertificateAuthority) -> list[Any]:
+    """The CA certificates agents and workstations are given to trust (enrolment, the
+    bootstrap's ``ca_bundle_pem``): today the cluster CA alone. During a CA roll it holds the
+    old and the new CA (docs/ca-renewal.md), and ``tlsroll ca show`` lists both."""
+    return [ca.cert]
+
+
 def _actor(context: Ctx) -> str:
     """Who is calling, for the audit trail: the user the kernel saw connect to the admin socket
     (``leader.admin_socket``), never a name the client sends."""
@@ -550,12 +557,28 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     @map_errors(ERRORS)
     async def GetCA(self, request: admin_pb2.GetCARequest, context: Ctx) -> admin_pb2.GetCAResponse:
         ca = self.state.ca.cert
+        now = self.state.clock()
+        bundle = trust_bundle(self.state.ca)
         return admin_pb2.GetCAResponse(
             certificate_pem=self.state.ca.cert_pem,
             fingerprint=pki.fingerprint(ca),
             spki_pin=pki.spki_pin(ca),
             not_after=timestamp(ca.not_valid_after_utc),
             subject=ca.subject.rfc4514_string(),
+            residual_seconds=int((ca.not_valid_after_utc - now).total_seconds()),
+            bundle=[
+                admin_pb2.TrustedCA(
+                    subject=c.subject.rfc4514_string(),
+                    fingerprint=pki.fingerprint(c),
+                    spki_pin=pki.spki_pin(c),
+                    not_before=timestamp(c.not_valid_before_utc),
+                    not_after=timestamp(c.not_valid_after_utc),
+                    residual_seconds=int((c.not_valid_after_utc - now).total_seconds()),
+                    issuing=c == ca,
+                )
+                for c in bundle
+            ],
+            bundle_pem=b"".join(pki.cert_to_pem(c) for c in bundle),
         )
 
     @map_errors(ERRORS)

@@ -334,6 +334,15 @@ class AgentPool:
                 self._closing.add(task)
                 task.add_done_callback(self._closing.discard)
 
+    def set_credentials(self, credentials: grpc.ChannelCredentials) -> None:
+        """Dial with ``credentials`` from now on (the leader's certificate was renewed): every
+        client is made again on its next use; the old ones close after ``CALL_TIMEOUT``."""
+        self.credentials = credentials
+        for client in self.clients.values():
+            self._retire(client)
+        self.clients.clear()
+        self._used.clear()
+
     def _retire(self, client: AgentClient) -> None:
         async def close_later() -> None:
             try:

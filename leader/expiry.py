@@ -51,8 +51,10 @@ WARN_EVERY = dt.timedelta(days=1)  # per certificate
 
 ADVICE = {
     "ca": "plan the CA's renewal (SPEC: PKI, CA renewal)",
-    "leader": "restart tlsroll-leader: it issues its certificate again at start when due",
-    "viewer": "the leader renews it at its next start; restart tlsroll-leader",
+    "leader": "the leader issues it again by itself within 30 days of its end; if this "
+    "stays, look for leader.certificate_reloaded or errors in the leader's log",
+    "viewer": "the leader issues it again by itself within 30 days of its end; if this "
+    "stays, look for viewer.certificate_reloaded or errors in the leader's log",
     "agent": "the agent renews it by itself: see `tlsroll nodes` for a failing renewal; if it "
     "has expired, enrol the node again (tlsroll nodes remove NAME, tlsroll token create "
     "--node NAME --address IP)",

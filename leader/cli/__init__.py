@@ -121,18 +121,34 @@ def ca() -> None:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @pass_leader
 def ca_show(leader: Leader, as_json: bool) -> None:
-    """Print the CA's fingerprint and SPKI pin (public; safe to share)."""
+    """Print the CA (subject, fingerprint, SPKI pin, expiry and residual time) and the trust
+    bundle agents and workstations are given (all public; safe to share). How the 10-year CA
+    is rolled: docs/ca-renewal.md."""
+    from leader.cli.certs import residual  # noqa: PLC0415 - lazy, as the command groups are
+
     with leader.admin() as admin:
         reply = leader.call(admin.GetCA, admin_pb2.GetCARequest())
     if as_json:
         data = to_dict(reply)
         data["certificate_pem"] = reply.certificate_pem.decode()
+        data["bundle_pem"] = reply.bundle_pem.decode()
+        data.setdefault("residual_seconds", 0)
         emit_json(data)
         return
     out.print(f"subject      {reply.subject}")
     out.print(f"fingerprint  {reply.fingerprint}")
     out.print(f"pin          {reply.spki_pin}")
     out.print(f"expires      {fmt_time(reply, 'not_after')}")
+    out.print(f"residual     {residual(reply.residual_seconds)}")
+    out.print(
+        f"trust bundle {len(reply.bundle)} CA certificate(s), what agents and workstations trust:"
+    )
+    for c in reply.bundle:
+        role = "issuing" if c.issuing else "trusted"
+        out.print(
+            f"  {role:8} {c.subject}  {c.fingerprint}  expires {fmt_time(c, 'not_after')}"
+            f" ({residual(c.residual_seconds)})"
+        )
 
 
 @ca.command("revoke")

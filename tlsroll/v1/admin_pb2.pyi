@@ -1320,14 +1320,27 @@ class GetCAResponse(_message.Message):
     SPKI_PIN_FIELD_NUMBER: _builtins.int
     NOT_AFTER_FIELD_NUMBER: _builtins.int
     SUBJECT_FIELD_NUMBER: _builtins.int
+    RESIDUAL_SECONDS_FIELD_NUMBER: _builtins.int
+    BUNDLE_FIELD_NUMBER: _builtins.int
+    BUNDLE_PEM_FIELD_NUMBER: _builtins.int
     certificate_pem: _builtins.bytes
     fingerprint: _builtins.str
     """"sha256:<hex>" of the certificate (DER)."""
     spki_pin: _builtins.str
     """"sha256:<hex>" of the SubjectPublicKeyInfo: the pin agents and workstations use."""
     subject: _builtins.str
+    residual_seconds: _builtins.int
+    """Seconds from the leader's now to not_after (negative once expired)."""
+    bundle_pem: _builtins.bytes
+    """The bundle as one PEM file, as it is handed out."""
     @_builtins.property
     def not_after(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def bundle(self) -> _containers.RepeatedCompositeFieldContainer[Global___TrustedCA]:
+        """The trust bundle: every CA certificate agents and workstations are given to trust, the
+        issuing CA first. One today; during a CA roll the old and the new CA (docs/ca-renewal.md).
+        """
+
     def __init__(
         self,
         *,
@@ -1336,14 +1349,57 @@ class GetCAResponse(_message.Message):
         spki_pin: _builtins.str = ...,
         not_after: _timestamp_pb2.Timestamp | None = ...,
         subject: _builtins.str = ...,
+        residual_seconds: _builtins.int = ...,
+        bundle: _abc.Iterable[Global___TrustedCA] | None = ...,
+        bundle_pem: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["not_after", b"not_after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_pem", b"certificate_pem", "fingerprint", b"fingerprint", "not_after", b"not_after", "spki_pin", b"spki_pin", "subject", b"subject"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle", "bundle_pem", b"bundle_pem", "certificate_pem", b"certificate_pem", "fingerprint", b"fingerprint", "not_after", b"not_after", "residual_seconds", b"residual_seconds", "spki_pin", b"spki_pin", "subject", b"subject"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetCAResponse: _TypeAlias = GetCAResponse  # noqa: Y015
+
+@_typing.final
+class TrustedCA(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    FINGERPRINT_FIELD_NUMBER: _builtins.int
+    SPKI_PIN_FIELD_NUMBER: _builtins.int
+    NOT_BEFORE_FIELD_NUMBER: _builtins.int
+    NOT_AFTER_FIELD_NUMBER: _builtins.int
+    RESIDUAL_SECONDS_FIELD_NUMBER: _builtins.int
+    ISSUING_FIELD_NUMBER: _builtins.int
+    subject: _builtins.str
+    fingerprint: _builtins.str
+    spki_pin: _builtins.str
+    residual_seconds: _builtins.int
+    issuing: _builtins.bool
+    """True for the CA that signs new certificates."""
+    @_builtins.property
+    def not_before(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def not_after(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        subject: _builtins.str = ...,
+        fingerprint: _builtins.str = ...,
+        spki_pin: _builtins.str = ...,
+        not_before: _timestamp_pb2.Timestamp | None = ...,
+        not_after: _timestamp_pb2.Timestamp | None = ...,
+        residual_seconds: _builtins.int = ...,
+        issuing: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["not_after", b"not_after", "not_before", b"not_before"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fingerprint", b"fingerprint", "issuing", b"issuing", "not_after", b"not_after", "not_before", b"not_before", "residual_seconds", b"residual_seconds", "spki_pin", b"spki_pin", "subject", b"subject"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrustedCA: _TypeAlias = TrustedCA  # noqa: Y015
 
 @_typing.final
 class CheckNodesRequest(_message.Message):
