@@ -325,6 +325,7 @@ def secret_lines(*keys: Any) -> list[str]:
     return [key_pem(k).decode().splitlines()[i] for k in keys for i in (1, 2)]
 
 
+@pytest.mark.timeout(240)  # bringing up two nodes takes a minute on a busy machine
 def test_a_refused_cert_dir_leaves_every_node_untouched(
     two: tuple[Cluster, list[Node]], tmp_path: Path
 ) -> None:
@@ -376,6 +377,7 @@ def test_a_refused_cert_dir_leaves_every_node_untouched(
         assert line not in logs + plan.stdout + plan.stderr + start.stdout + start.stderr
 
 
+@pytest.mark.timeout(360)  # two rollouts and two workstation enrolments (~80 s alone)
 def test_own_certificates_are_live_and_the_bootstrap_hands_out_the_practice_ca(
     two: tuple[Cluster, list[Node]], tmp_path: Path
 ) -> None:
@@ -415,7 +417,21 @@ def test_own_certificates_are_live_and_the_bootstrap_hands_out_the_practice_ca(
         hello = hello_of(node, practice.pem)
         bundle = pki.load_certs_pem(hello.ca_bundle_pem)
         assert bundle[0] == practice.cert  # the practice CA, handed to the workstations
-        assert set(bundle) == {practice.cert, pki.load_cert_pem(cluster.ca_pem)}
+        # The cluster CA (it signs the workstations' client certificates), the intermediate
+        # (workstations build the chain with it).
+        assert bundle[1:] == [pki.load_cert_pem(cluster.ca_pem), inter.cert]
+
+    # Real workstations enrol at both nodes: by the password alone, and by the practice CA's
+    # pin (their client certificates still come from the cluster CA).
+    pw = password_file(tmp_path)
+    for node, pin in ((nodes[0], []), (nodes[1], ["--ca-pin", pki.spki_pin(practice.cert)])):
+        settings = tmp_path / f"ws-{node.name}"
+        enrolled = cluster.cli(
+            "client", "test-connection", node.https_url(), "--password-file", str(pw),
+            "--yes", "--name", f"desk-{node.name}", "--settings-dir", str(settings), *pin,
+        )  # fmt: skip
+        assert enrolled.returncode == 0, enrolled.stdout + enrolled.stderr
+        assert pki.load_certs_pem((settings / "ca.pem").read_bytes())[0] == practice.cert
 
     # rotate-cert with the certificates already live: refused, one line per node.
     same = cluster.cli("rollout", "start", "--change", "rotate-cert", "--scope", "cluster",
@@ -453,3 +469,90 @@ def hello_of(node: Node, ca_pem: bytes) -> proto.Hello:
     )
     assert reply.status == 200
     return proto.parse_hello(reply.body)
+
+
+# --- a leader that restarts mid-rollout (the engine harness of tests/test_engine.py) -------
+
+
+async def test_a_restarted_leader_without_the_keys_fails_the_stage_and_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The keys are in the leader's memory only: a leader that restarts before a node's
+    stage has none, so that node fails its stage (no agent is asked to stage anything, none
+    switches) with what to do, and `rollout retry` is refused (it would have no keys)."""
+    from leader.commands import NotRetriable, RolloutRequest
+    from leader.rollout_core import Change, NodeState, RolloutState, Scope
+    from tests.fake_agent import START
+    from tests.test_engine import ADMIN, VERIFIER_1, make_world
+
+    world = make_world(tmp_path, monkeypatch)
+    practice = make_ca("Praxis CA", now=START)
+    files = {}
+    for agent in world.agents:
+        cert, key = leaf(practice, list(agent.names.ips), list(agent.names.dns), now=START)
+        files[agent.name] = byo.NodeMaterial(agent.name, pem(cert), key_pem(key), 0o600)
+    request = RolloutRequest(
+        Change.ENABLE_TLS,
+        Scope.cluster(),
+        auth_verifier_json=VERIFIER_1,
+        own_certs=byo.Material(practice.pem, files),
+    )
+    first = world.boot()
+    first.commands.vault = first.engine.vault  # as the daemon wires them
+    row = await first.commands.start(request, ADMIN)
+    assert first.engine.vault.rollout_id == row.rollout.id
+    await first.crash()  # before any step ran
+
+    second = world.boot()  # a new process: an empty vault
+    row = await second.run()
+    assert row.rollout.state is RolloutState.HALTED
+    failed = [r for r in row.records if r.state is NodeState.FAILED]
+    assert len(failed) == 1
+    assert failed[0].reason.startswith(
+        f"the leader holds no key from --cert-dir for {failed[0].name} (keys are kept in memory "
+        "only, and the leader restarted since the rollout started); nothing changed on"
+    )
+    assert failed[0].reason.endswith(
+        f"start again with tlsroll rollout start --change enable-tls --nodes {failed[0].name} "
+        "--cert-dir DIR"
+    )
+    for agent in world.agents:
+        assert agent.applied["stage"] == 0 and agent.applied["switch"] == 0
+    with pytest.raises(NotRetriable, match="used certificates from --cert-dir"):
+        await second.commands.retry(row.rollout.id, ADMIN)
+    await second.stop()
+
+
+async def test_the_vault_forgets_the_keys_once_the_rollout_has_ended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keys of nodes the rollout never reached are dropped when it ends (here: aborted
+    before any node started)."""
+    from leader.commands import RolloutRequest
+    from leader.rollout_core import Change, RolloutAction, Scope
+    from tests.fake_agent import START
+    from tests.test_engine import ADMIN, VERIFIER_1, make_world
+
+    world = make_world(tmp_path, monkeypatch)
+    practice = make_ca("Praxis CA", now=START)
+    files = {}
+    for agent in world.agents:
+        cert, key = leaf(practice, list(agent.names.ips), list(agent.names.dns), now=START)
+        files[agent.name] = byo.NodeMaterial(agent.name, pem(cert), key_pem(key), 0o600)
+    leader_ = world.boot()
+    leader_.commands.vault = leader_.engine.vault  # as the daemon wires them
+    row = await leader_.commands.start(
+        RolloutRequest(
+            Change.ENABLE_TLS,
+            Scope.cluster(),
+            auth_verifier_json=VERIFIER_1,
+            own_certs=byo.Material(practice.pem, files),
+        ),
+        ADMIN,
+    )
+    await leader_.commands.control(row.rollout.id, RolloutAction.ABORT, ADMIN)
+    await leader_.run()
+    await leader_.engine.reconcile()  # the engine loop's next pass (a tick at most)
+    assert leader_.engine.vault.rollout_id == ""
+    assert leader_.engine.vault.get(row.rollout.id, "alpha") is None
+    await leader_.stop()
