@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -334,7 +335,7 @@ def test_a_refused_cert_dir_leaves_every_node_untouched(
     nothing restarted, no rollout was recorded."""
     cluster, (node1, node2) = two
     practice = make_ca("Praxis CA")
-    cert1, _key1 = real_leaf(practice, node1)
+    cert1, key1 = real_leaf(practice, node1)
     wrong_key = ec.generate_private_key(ec.SECP256R1())
     cert2, key2 = leaf(practice, ["127.0.0.1"], now=dt.datetime.now(dt.UTC), cn="node2")
     d = write_dir(
@@ -364,6 +365,27 @@ def test_a_refused_cert_dir_leaves_every_node_untouched(
             f"node2: node2.crt: its subjectAltName lacks IP:{node2.address}, which the node "
             "serves on; reissue it with"
         )
+    # The agent checks again (a leader is not taken at its word): a key that is not the
+    # certificate's, or a certificate for another node, is refused before anything is written.
+    good2, _good_key2 = real_leaf(practice, node2)
+    for chain, key, why in (
+        (pem(good2), wrong_key, "own certificate: the private key does not match it"),
+        (pem(cert1), key1, f"own certificate: its SAN lacks IP:{node2.address}"),
+    ):
+        with node2.stub() as stub, pytest.raises(grpc.RpcError) as refused:
+            stub.Stage(
+                agent_pb2.StageRequest(
+                    command=node2.command("r-direct"),
+                    certificate_pem=chain,
+                    ca_certificate_pem=practice.pem + cluster.ca_pem,
+                    private_key_pem=key_pem(key),
+                    own_certificate=True,
+                ),
+                timeout=10,
+            )
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert refused.value.details().startswith(why)
+
     assert newest(cluster) is None  # no rollout recorded
     for node in (node1, node2):
         assert list(live(node).schemes) == ["http"]
@@ -373,7 +395,7 @@ def test_a_refused_cert_dir_leaves_every_node_untouched(
     logs = cluster.leader.log_text() + "".join(
         n.agent.log_text() for n in (node1, node2) if n.agent
     )
-    for line in secret_lines(wrong_key, key2):
+    for line in secret_lines(wrong_key, key2, key1):
         assert line not in logs + plan.stdout + plan.stderr + start.stdout + start.stderr
 
 
@@ -555,4 +577,80 @@ async def test_the_vault_forgets_the_keys_once_the_rollout_has_ended(
     await leader_.engine.reconcile()  # the engine loop's next pass (a tick at most)
     assert leader_.engine.vault.rollout_id == ""
     assert leader_.engine.vault.get(row.rollout.id, "alpha") is None
+    await leader_.stop()
+
+
+def _defect(kind: str, ca: Issuer, names: pki.Names) -> tuple[bytes, Any]:
+    """A certificate and key for ``names`` with one defect."""
+    from tests.fake_agent import START
+
+    ips, dns = list(names.ips), list(names.dns)
+    if kind == "wrong chain":
+        cert, key = leaf(make_ca("Some other CA", now=START), ips, dns, now=START)
+    elif kind == "key mismatch":
+        cert, _ = leaf(ca, ips, dns, now=START)
+        key = ec.generate_private_key(ec.SECP256R1())
+    elif kind == "missing SAN":
+        cert, key = leaf(ca, ips, now=START)
+    elif kind == "expired":
+        cert, key = leaf(ca, ips, dns, now=START, start=dt.timedelta(days=-300), days=200)
+    elif kind == "expiring":
+        cert, key = leaf(ca, ips, dns, now=START, start=dt.timedelta(days=-190), days=200)
+    elif kind == "wrong EKU":
+        cert, key = leaf(ca, ips, dns, now=START, eku=[ExtendedKeyUsageOID.CLIENT_AUTH])
+    else:  # Apple: more than 398 days
+        cert, key = leaf(ca, ips, dns, now=START, days=500)
+    return pem(cert), key
+
+
+@pytest.mark.parametrize(
+    ("kind", "words"),
+    [
+        ("wrong chain", "not signed by the CA in ca.crt"),
+        ("key mismatch", "does not belong to bravo.crt"),
+        ("missing SAN", "its subjectAltName lacks DNS:bravo.praxis.lan"),
+        ("expired", "it expired on"),
+        ("expiring", "within the 30-day warning horizon"),
+        ("wrong EKU", "extendedKeyUsage lacks serverAuth"),
+        ("apple validity", "is valid for 500 days (Apple: at most 398)"),
+    ],
+)
+async def test_each_defect_refuses_the_rollout_before_any_node_is_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str, words: str
+) -> None:
+    """One defective certificate (bravo's) among good ones: the start is refused with that
+    problem only, no rollout is recorded, no agent is asked anything, nothing is kept."""
+    from leader.commands import RolloutRequest
+    from leader.rollout_core import Change, Scope
+    from tests.fake_agent import START
+    from tests.test_engine import ADMIN, VERIFIER_1, make_world
+
+    world = make_world(tmp_path, monkeypatch)
+    practice = make_ca("Praxis CA", now=START)
+    files = {}
+    for agent in world.agents:
+        if agent.name == "bravo":
+            chain, key = _defect(kind, practice, agent.names)
+        else:
+            cert, key = leaf(practice, list(agent.names.ips), list(agent.names.dns), now=START)
+            chain = pem(cert)
+        files[agent.name] = byo.NodeMaterial(agent.name, chain, key_pem(key), 0o600)
+    leader_ = world.boot()
+    leader_.commands.vault = leader_.engine.vault
+    request = RolloutRequest(
+        Change.ENABLE_TLS,
+        Scope.cluster(),
+        auth_verifier_json=VERIFIER_1,
+        own_certs=byo.Material(practice.pem, files),
+    )
+    with pytest.raises(byo.Refused) as refused:
+        await leader_.commands.start(request, ADMIN)
+    [problem] = refused.value.problems
+    assert problem.node == "bravo" and words in str(problem)
+    assert leader_.schema.latest() is None
+    assert leader_.schema.own_cas() == b""
+    assert leader_.engine.vault.rollout_id == ""
+    await leader_.engine.reconcile()
+    for agent in world.agents:
+        assert sum(agent.applied.values()) == 0
     await leader_.stop()
