@@ -654,3 +654,50 @@ async def test_each_defect_refuses_the_rollout_before_any_node_is_asked(
     for agent in world.agents:
         assert sum(agent.applied.values()) == 0
     await leader_.stop()
+
+
+async def test_the_plan_warns_that_nodes_already_on_https_keep_their_certificate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """enable-tls --cert-dir skips a node already on https (level-based planning): the plan
+    says it keeps the certificate it serves and how to give it the practice's."""
+    import types
+
+    from leader.admin_service import AdminService
+    from leader.cli.rollout import rollout_request
+    from leader.commands import Planned
+    from leader.rollout_core import Change, NodeRecord, NodeState, Rollout, Scope
+    from leader.service import LeaderState
+    from tests.fake_agent import START
+    from tests.test_engine import make_world, open_store
+    from tlsroll.v1 import admin_pb2
+
+    world = make_world(tmp_path, monkeypatch)
+    store = open_store(world.path)
+    rollout = Rollout(
+        id="r1", change=Change.ENABLE_TLS, scope=Scope.cluster(), order=("bravo", "alpha"), epoch=1
+    )
+    records = (
+        NodeRecord("bravo", NodeState.PENDING),
+        NodeRecord("alpha", NodeState.SKIPPED, reason="already done: on https"),
+    )
+
+    async def plan(_request: object) -> Planned:
+        return Planned(rollout, records)
+
+    service = AdminService(
+        LeaderState(store, world.ca, lambda: START, 1),
+        types.SimpleNamespace(plan=plan),  # type: ignore[arg-type]
+        types.SimpleNamespace(active=lambda: None),  # type: ignore[arg-type]
+    )
+    request = rollout_request("cluster", None, 1, "node", "enable-tls")
+    request.cert_dir.CopyFrom(admin_pb2.CertDir(ca_pem=b"x"))
+    reply = await service.PlanRollout(request, None)  # type: ignore[arg-type]
+    assert (
+        "alpha already run(s) https and keep(s) the certificate served now; to give them "
+        "yours: --change rotate-cert --cert-dir DIR"
+    ) in reply.warnings
+    request.ClearField("cert_dir")
+    reply = await service.PlanRollout(request, None)  # type: ignore[arg-type]
+    assert not any("keep(s) the certificate" in w for w in reply.warnings)
+    store.close()
