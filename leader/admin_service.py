@@ -20,7 +20,7 @@ from leader.admin_socket import current_caller
 from leader.commands import Commands, RolloutRequest
 from leader.expiry import ExpiryWatch
 from leader.node_check import check_nodes
-from leader.rollout_core import Change, Scope, ScopeKind, Strategy
+from leader.rollout_core import Change, NodeState, Scope, ScopeKind, Strategy
 from leader.schema_store import NodeDetail, RolloutMeta, RolloutRow, SchemaStore
 from leader.schema_view import rollout_view
 from leader.service import ERRORS, LeaderState, claimed_names
@@ -241,6 +241,12 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             warnings.append(
                 f"rollout {active.rollout.id} is {active.rollout.state.value}: a new one "
                 "cannot start until it has ended"
+            )
+        kept = [r.name for r in nodes if r.state is NodeState.SKIPPED]
+        if request.HasField("cert_dir") and kept:
+            warnings.append(
+                f"{', '.join(kept)} already run(s) https and keep(s) the certificate served "
+                "now; to give them yours: --change rotate-cert --cert-dir DIR"
             )
         row = RolloutRow(
             rollout,

@@ -449,8 +449,11 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             if await asyncio.to_thread(self.journal.get, rollout_id, TxnKind.SWITCH) is not None:
                 raise failed_precondition(f"rollout {rollout_id} is already switching this node")
             staged = await asyncio.to_thread(self._own_key, driver, rollout_id, key)
+            # The intermediates in the CA file too: workstations build the server's chain
+            # with the bundle the bootstrap service hands them.
+            bundle = [*cas, *(c for c in intermediates if c not in cas)]
             fingerprint = await asyncio.to_thread(
-                self._store_cert, staged, cert, cas, intermediates
+                self._store_cert, staged, cert, bundle, intermediates
             )
         log.info("stage.done", rollout_id=rollout_id, cert_fingerprint=fingerprint, own=True)
         return agent_pb2.StageResponse(

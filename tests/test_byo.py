@@ -10,6 +10,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import grpc
 import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes
@@ -325,6 +326,7 @@ def secret_lines(*keys: Any) -> list[str]:
     return [key_pem(k).decode().splitlines()[i] for k in keys for i in (1, 2)]
 
 
+@pytest.mark.timeout(240)  # bringing up two nodes takes a minute on a busy machine
 def test_a_refused_cert_dir_leaves_every_node_untouched(
     two: tuple[Cluster, list[Node]], tmp_path: Path
 ) -> None:
@@ -333,7 +335,7 @@ def test_a_refused_cert_dir_leaves_every_node_untouched(
     nothing restarted, no rollout was recorded."""
     cluster, (node1, node2) = two
     practice = make_ca("Praxis CA")
-    cert1, _key1 = real_leaf(practice, node1)
+    cert1, key1 = real_leaf(practice, node1)
     wrong_key = ec.generate_private_key(ec.SECP256R1())
     cert2, key2 = leaf(practice, ["127.0.0.1"], now=dt.datetime.now(dt.UTC), cn="node2")
     d = write_dir(
@@ -363,6 +365,27 @@ def test_a_refused_cert_dir_leaves_every_node_untouched(
             f"node2: node2.crt: its subjectAltName lacks IP:{node2.address}, which the node "
             "serves on; reissue it with"
         )
+    # The agent checks again (a leader is not taken at its word): a key that is not the
+    # certificate's, or a certificate for another node, is refused before anything is written.
+    good2, _good_key2 = real_leaf(practice, node2)
+    for chain, key, why in (
+        (pem(good2), wrong_key, "own certificate: the private key does not match it"),
+        (pem(cert1), key1, f"own certificate: its SAN lacks IP:{node2.address}"),
+    ):
+        with node2.stub() as stub, pytest.raises(grpc.RpcError) as refused:
+            stub.Stage(
+                agent_pb2.StageRequest(
+                    command=node2.command("r-direct"),
+                    certificate_pem=chain,
+                    ca_certificate_pem=practice.pem + cluster.ca_pem,
+                    private_key_pem=key_pem(key),
+                    own_certificate=True,
+                ),
+                timeout=10,
+            )
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert (refused.value.details() or "").startswith(why)
+
     assert newest(cluster) is None  # no rollout recorded
     for node in (node1, node2):
         assert list(live(node).schemes) == ["http"]
@@ -372,10 +395,11 @@ def test_a_refused_cert_dir_leaves_every_node_untouched(
     logs = cluster.leader.log_text() + "".join(
         n.agent.log_text() for n in (node1, node2) if n.agent
     )
-    for line in secret_lines(wrong_key, key2):
+    for line in secret_lines(wrong_key, key2, key1):
         assert line not in logs + plan.stdout + plan.stderr + start.stdout + start.stderr
 
 
+@pytest.mark.timeout(360)  # two rollouts and two workstation enrolments (~80 s alone)
 def test_own_certificates_are_live_and_the_bootstrap_hands_out_the_practice_ca(
     two: tuple[Cluster, list[Node]], tmp_path: Path
 ) -> None:
@@ -415,7 +439,21 @@ def test_own_certificates_are_live_and_the_bootstrap_hands_out_the_practice_ca(
         hello = hello_of(node, practice.pem)
         bundle = pki.load_certs_pem(hello.ca_bundle_pem)
         assert bundle[0] == practice.cert  # the practice CA, handed to the workstations
-        assert set(bundle) == {practice.cert, pki.load_cert_pem(cluster.ca_pem)}
+        # The cluster CA (it signs the workstations' client certificates), the intermediate
+        # (workstations build the chain with it).
+        assert bundle[1:] == [pki.load_cert_pem(cluster.ca_pem), inter.cert]
+
+    # Real workstations enrol at both nodes: by the password alone, and by the practice CA's
+    # pin (their client certificates still come from the cluster CA).
+    pw = password_file(tmp_path)
+    for node, pin in ((nodes[0], []), (nodes[1], ["--ca-pin", pki.spki_pin(practice.cert)])):
+        settings = tmp_path / f"ws-{node.name}"
+        enrolled = cluster.cli(
+            "client", "test-connection", node.https_url(), "--password-file", str(pw),
+            "--yes", "--name", f"desk-{node.name}", "--settings-dir", str(settings), *pin,
+        )  # fmt: skip
+        assert enrolled.returncode == 0, enrolled.stdout + enrolled.stderr
+        assert pki.load_certs_pem((settings / "ca.pem").read_bytes())[0] == practice.cert
 
     # rotate-cert with the certificates already live: refused, one line per node.
     same = cluster.cli("rollout", "start", "--change", "rotate-cert", "--scope", "cluster",
@@ -453,3 +491,213 @@ def hello_of(node: Node, ca_pem: bytes) -> proto.Hello:
     )
     assert reply.status == 200
     return proto.parse_hello(reply.body)
+
+
+# --- a leader that restarts mid-rollout (the engine harness of tests/test_engine.py) -------
+
+
+async def test_a_restarted_leader_without_the_keys_fails_the_stage_and_changes_nothing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The keys are in the leader's memory only: a leader that restarts before a node's
+    stage has none, so that node fails its stage (no agent is asked to stage anything, none
+    switches) with what to do, and `rollout retry` is refused (it would have no keys)."""
+    from leader.commands import NotRetriable, RolloutRequest
+    from leader.rollout_core import Change, NodeState, RolloutState, Scope
+    from tests.fake_agent import START
+    from tests.test_engine import ADMIN, VERIFIER_1, make_world
+
+    world = make_world(tmp_path, monkeypatch)
+    practice = make_ca("Praxis CA", now=START)
+    files = {}
+    for agent in world.agents:
+        cert, key = leaf(practice, list(agent.names.ips), list(agent.names.dns), now=START)
+        files[agent.name] = byo.NodeMaterial(agent.name, pem(cert), key_pem(key), 0o600)
+    request = RolloutRequest(
+        Change.ENABLE_TLS,
+        Scope.cluster(),
+        auth_verifier_json=VERIFIER_1,
+        own_certs=byo.Material(practice.pem, files),
+    )
+    first = world.boot()
+    first.commands.vault = first.engine.vault  # as the daemon wires them
+    row = await first.commands.start(request, ADMIN)
+    assert first.engine.vault.rollout_id == row.rollout.id
+    await first.crash()  # before any step ran
+
+    second = world.boot()  # a new process: an empty vault
+    row = await second.run()
+    assert row.rollout.state is RolloutState.HALTED
+    failed = [r for r in row.records if r.state is NodeState.FAILED]
+    assert len(failed) == 1
+    assert failed[0].reason.startswith(
+        f"the leader holds no key from --cert-dir for {failed[0].name} (keys are kept in memory "
+        "only, and the leader restarted since the rollout started); nothing changed on"
+    )
+    assert failed[0].reason.endswith(
+        f"start again with tlsroll rollout start --change enable-tls --nodes {failed[0].name} "
+        "--cert-dir DIR"
+    )
+    for agent in world.agents:
+        assert agent.applied["stage"] == 0 and agent.applied["switch"] == 0
+    with pytest.raises(NotRetriable, match="used certificates from --cert-dir"):
+        await second.commands.retry(row.rollout.id, ADMIN)
+    await second.stop()
+
+
+async def test_the_vault_forgets_the_keys_once_the_rollout_has_ended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Keys of nodes the rollout never reached are dropped when it ends (here: aborted
+    before any node started)."""
+    from leader.commands import RolloutRequest
+    from leader.rollout_core import Change, RolloutAction, Scope
+    from tests.fake_agent import START
+    from tests.test_engine import ADMIN, VERIFIER_1, make_world
+
+    world = make_world(tmp_path, monkeypatch)
+    practice = make_ca("Praxis CA", now=START)
+    files = {}
+    for agent in world.agents:
+        cert, key = leaf(practice, list(agent.names.ips), list(agent.names.dns), now=START)
+        files[agent.name] = byo.NodeMaterial(agent.name, pem(cert), key_pem(key), 0o600)
+    leader_ = world.boot()
+    leader_.commands.vault = leader_.engine.vault  # as the daemon wires them
+    row = await leader_.commands.start(
+        RolloutRequest(
+            Change.ENABLE_TLS,
+            Scope.cluster(),
+            auth_verifier_json=VERIFIER_1,
+            own_certs=byo.Material(practice.pem, files),
+        ),
+        ADMIN,
+    )
+    await leader_.commands.control(row.rollout.id, RolloutAction.ABORT, ADMIN)
+    await leader_.run()
+    await leader_.engine.reconcile()  # the engine loop's next pass (a tick at most)
+    assert leader_.engine.vault.rollout_id == ""
+    assert leader_.engine.vault.get(row.rollout.id, "alpha") is None
+    await leader_.stop()
+
+
+def _defect(kind: str, ca: Issuer, names: pki.Names) -> tuple[bytes, Any]:
+    """A certificate and key for ``names`` with one defect."""
+    from tests.fake_agent import START
+
+    ips, dns = list(names.ips), list(names.dns)
+    if kind == "wrong chain":
+        cert, key = leaf(make_ca("Some other CA", now=START), ips, dns, now=START)
+    elif kind == "key mismatch":
+        cert, _ = leaf(ca, ips, dns, now=START)
+        key = ec.generate_private_key(ec.SECP256R1())
+    elif kind == "missing SAN":
+        cert, key = leaf(ca, ips, now=START)
+    elif kind == "expired":
+        cert, key = leaf(ca, ips, dns, now=START, start=dt.timedelta(days=-300), days=200)
+    elif kind == "expiring":
+        cert, key = leaf(ca, ips, dns, now=START, start=dt.timedelta(days=-190), days=200)
+    elif kind == "wrong EKU":
+        cert, key = leaf(ca, ips, dns, now=START, eku=[ExtendedKeyUsageOID.CLIENT_AUTH])
+    else:  # Apple: more than 398 days
+        cert, key = leaf(ca, ips, dns, now=START, days=500)
+    return pem(cert), key
+
+
+@pytest.mark.parametrize(
+    ("kind", "words"),
+    [
+        ("wrong chain", "not signed by the CA in ca.crt"),
+        ("key mismatch", "does not belong to bravo.crt"),
+        ("missing SAN", "its subjectAltName lacks DNS:bravo.praxis.lan"),
+        ("expired", "it expired on"),
+        ("expiring", "within the 30-day warning horizon"),
+        ("wrong EKU", "extendedKeyUsage lacks serverAuth"),
+        ("apple validity", "is valid for 500 days (Apple: at most 398)"),
+    ],
+)
+async def test_each_defect_refuses_the_rollout_before_any_node_is_asked(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, kind: str, words: str
+) -> None:
+    """One defective certificate (bravo's) among good ones: the start is refused with that
+    problem only, no rollout is recorded, no agent is asked anything, nothing is kept."""
+    from leader.commands import RolloutRequest
+    from leader.rollout_core import Change, Scope
+    from tests.fake_agent import START
+    from tests.test_engine import ADMIN, VERIFIER_1, make_world
+
+    world = make_world(tmp_path, monkeypatch)
+    practice = make_ca("Praxis CA", now=START)
+    files = {}
+    for agent in world.agents:
+        if agent.name == "bravo":
+            chain, key = _defect(kind, practice, agent.names)
+        else:
+            cert, key = leaf(practice, list(agent.names.ips), list(agent.names.dns), now=START)
+            chain = pem(cert)
+        files[agent.name] = byo.NodeMaterial(agent.name, chain, key_pem(key), 0o600)
+    leader_ = world.boot()
+    leader_.commands.vault = leader_.engine.vault
+    request = RolloutRequest(
+        Change.ENABLE_TLS,
+        Scope.cluster(),
+        auth_verifier_json=VERIFIER_1,
+        own_certs=byo.Material(practice.pem, files),
+    )
+    with pytest.raises(byo.Refused) as refused:
+        await leader_.commands.start(request, ADMIN)
+    [problem] = refused.value.problems
+    assert problem.node == "bravo" and words in str(problem)
+    assert leader_.schema.latest() is None
+    assert leader_.schema.own_cas() == b""
+    assert leader_.engine.vault.rollout_id == ""
+    await leader_.engine.reconcile()
+    for agent in world.agents:
+        assert sum(agent.applied.values()) == 0
+    await leader_.stop()
+
+
+async def test_the_plan_warns_that_nodes_already_on_https_keep_their_certificate(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """enable-tls --cert-dir skips a node already on https (level-based planning): the plan
+    says it keeps the certificate it serves and how to give it the practice's."""
+    import types
+
+    from leader.admin_service import AdminService
+    from leader.cli.rollout import rollout_request
+    from leader.commands import Planned
+    from leader.rollout_core import Change, NodeRecord, NodeState, Rollout, Scope
+    from leader.service import LeaderState
+    from tests.fake_agent import START
+    from tests.test_engine import make_world, open_store
+    from tlsroll.v1 import admin_pb2
+
+    world = make_world(tmp_path, monkeypatch)
+    store = open_store(world.path)
+    rollout = Rollout(
+        id="r1", change=Change.ENABLE_TLS, scope=Scope.cluster(), order=("bravo", "alpha"), epoch=1
+    )
+    records = (
+        NodeRecord("bravo", NodeState.PENDING),
+        NodeRecord("alpha", NodeState.SKIPPED, reason="already done: on https"),
+    )
+
+    async def plan(_request: object) -> Planned:
+        return Planned(rollout, records)
+
+    service = AdminService(
+        LeaderState(store, world.ca, lambda: START, 1),
+        types.SimpleNamespace(plan=plan),  # type: ignore[arg-type]
+        types.SimpleNamespace(active=lambda: None),  # type: ignore[arg-type]
+    )
+    request = rollout_request("cluster", None, 1, "node", "enable-tls")
+    request.cert_dir.CopyFrom(admin_pb2.CertDir(ca_pem=b"x"))
+    reply = await service.PlanRollout(request, None)  # type: ignore[arg-type]
+    assert (
+        "alpha already run(s) https and keep(s) the certificate served now; to give them "
+        "yours: --change rotate-cert --cert-dir DIR"
+    ) in reply.warnings
+    request.ClearField("cert_dir")
+    reply = await service.PlanRollout(request, None)  # type: ignore[arg-type]
+    assert not any("keep(s) the certificate" in w for w in reply.warnings)
+    store.close()
