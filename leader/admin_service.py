@@ -15,11 +15,12 @@ from typing import Any
 
 import grpc
 
+from leader import byo
 from leader.admin_socket import current_caller
 from leader.commands import Commands, RolloutRequest
 from leader.expiry import ExpiryWatch
 from leader.node_check import check_nodes
-from leader.rollout_core import Change, Scope, ScopeKind
+from leader.rollout_core import Change, NodeState, Scope, ScopeKind, Strategy
 from leader.schema_store import NodeDetail, RolloutMeta, RolloutRow, SchemaStore
 from leader.schema_view import rollout_view
 from leader.service import ERRORS, LeaderState, claimed_names
@@ -33,6 +34,7 @@ from leader.wire import (
     NODE_HEALTH,
     ROLLOUT_ACTION,
     SCOPE_KIND,
+    STRATEGY,
     VIEWER_GRANT_STATE,
 )
 from tlsroll import logs, password, peertext, pki, spiffe
@@ -44,6 +46,14 @@ log = logs.get_logger(__name__)
 Ctx = grpc.aio.ServicerContext[Any, Any]
 MAX_TOKEN_TTL = dt.timedelta(days=7)
 DEFAULT_VIEWER_TTL = dt.timedelta(hours=8)
+MAX_WHEN_QUIET = 30 * 86400
+
+
+def trust_bundle(ca: pki.CertificateAuthority) -> list[Any]:
+    """The CA certificates agents and workstations are given to trust (enrolment, the
+    bootstrap's ``ca_bundle_pem``): today the cluster CA alone. During a CA roll it holds the
+    old and the new CA (docs/ca-renewal.md), and ``tlsroll ca show`` lists both."""
+    return [ca.cert]
 
 
 def _actor(context: Ctx) -> str:
@@ -93,6 +103,32 @@ CHECKS = (
     "staged certificate and 8080 closed, write watermark unchanged, unfreeze; else roll back",
     "confirm: the leader checks https from outside trusting only the cluster CA",
 )
+TRANSITIONAL_CHECKS = (
+    "phase 1, node by node: " + CHECKS[0],
+    "stage: node key made on the node, CSR signed by the cluster CA, stored inactive",
+    "switch: freeze writes, write the dual config atomically (https on 8443 AND http on "
+    "8080), restart, verify both, write watermark unchanged, unfreeze; else roll back to http",
+    "confirm: the leader checks https (cluster CA only) and http from outside; the node is "
+    "dual and the rollout waits (awaiting_finalize) holding no freeze",
+    "meanwhile: tlsroll schema show lists who is still on http per node; tlsroll notify "
+    "--remaining prints the workstations that still need the client steps",
+    "phase 2 (tlsroll rollout finalize; refused while a node had http clients lately, unless "
+    "--force; --when-quiet DURATION finalizes each node once quiet): node by node freeze, "
+    "https-only config, restart, verify 8080 closed and https live, unfreeze; else back to dual",
+)
+TRANSITIONAL_WARNINGS = (
+    "Phase 1 restarts the managed server on each node; workstations keep working on http.",
+    "Workstations can move to https any time until finalize; finalize cuts off any still on http.",
+    "No new entries can be made at the clients while a node restarts (writes are refused "
+    "with 503 during the freeze, so no data is lost).",
+)
+# ``--cert-dir``: the stage and confirm lines of ``CHECKS`` as they are then.
+OWN_CERT_CHECKS = {
+    1: "stage: the certificate and key from --cert-dir sent to the node over mutual TLS, "
+    "checked there (key matches, chain to the practice CA), stored inactive (key 0600)",
+    3: "confirm: the leader checks https from outside trusting only the practice CA "
+    "(ca.crt); workstations enrolling at 9443 get the practice CA",
+}
 CLIENT_STEPS = (
     "Admin -> change server address to the new https address of the node",
     "Test connection; confirm the port prompt for 9443 (or the port shown)",
@@ -104,6 +140,13 @@ CLIENT_STEPS = (
 def rollout_request(request: admin_pb2.RolloutRequest) -> RolloutRequest:
     """The command's request from the wire; INVALID_ARGUMENT names what is wrong."""
     change = CHANGE.read(request.change, "change")
+    if change is Change.FINALIZE:
+        raise invalid(
+            "finalize is phase 2 of a transitional rollout: tlsroll rollout finalize [ID]"
+        )
+    strategy = STRATEGY.read_optional(request.strategy, "strategy") or Strategy.DIRECT
+    if strategy is Strategy.TRANSITIONAL and change is not Change.ENABLE_TLS:
+        raise invalid("the transitional strategy is for enable-tls only")
     if change is Change.DISABLE_TLS:
         if request.scope or request.nodes:
             raise invalid("disable-tls takes its nodes from the rollout it takes back")
@@ -122,8 +165,21 @@ def rollout_request(request: admin_pb2.RolloutRequest) -> RolloutRequest:
         failure_budget=request.failure_budget,
         auth_verifier_json=request.auth_verifier_json or None,
         freeze=FREEZE.read(request.freeze, "freeze"),
+        strategy=strategy,
         undo_rollout_id=request.undo_rollout_id or None,
+        own_certs=own_certs(request.cert_dir) if request.HasField("cert_dir") else None,
     )
+
+
+def own_certs(cert_dir: admin_pb2.CertDir) -> byo.Material:
+    """``--cert-dir`` from the wire (the keys are secrets: into memory, nowhere else)."""
+    nodes: dict[str, byo.NodeMaterial] = {}
+    for n in cert_dir.nodes:
+        if n.node in nodes:
+            raise invalid(f"--cert-dir: node {n.node!r} given twice")
+        mode = n.key_file_mode if n.HasField("key_file_mode") else None
+        nodes[n.node] = byo.NodeMaterial(n.node, n.chain_pem, n.private_key_pem, mode)
+    return byo.Material(cert_dir.ca_pem, nodes)
 
 
 @dataclass(frozen=True)
@@ -178,12 +234,19 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     ) -> admin_pb2.PlanResponse:
         planned = await self.commands.plan(rollout_request(request))
         rollout, nodes = planned.rollout, planned.records
-        warnings = list(SEED_WARNINGS)
+        transitional = rollout.strategy is Strategy.TRANSITIONAL
+        warnings = list(TRANSITIONAL_WARNINGS if transitional else SEED_WARNINGS)
         active = await asyncio.to_thread(self.schema.active)
         if active is not None:
             warnings.append(
                 f"rollout {active.rollout.id} is {active.rollout.state.value}: a new one "
                 "cannot start until it has ended"
+            )
+        kept = [r.name for r in nodes if r.state is NodeState.SKIPPED]
+        if request.HasField("cert_dir") and kept:
+            warnings.append(
+                f"{', '.join(kept)} already run(s) https and keep(s) the certificate served "
+                "now; to give them yours: --change rotate-cert --cert-dir DIR"
             )
         row = RolloutRow(
             rollout,
@@ -194,14 +257,22 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             ),
             tuple((n, NodeDetail()) for n in nodes),
         )
+        checks = list(TRANSITIONAL_CHECKS if transitional else CHECKS)
+        if request.HasField("cert_dir"):
+            for i, line in OWN_CERT_CHECKS.items():
+                checks[i] = line
         reply = admin_pb2.PlanResponse(
             rollout=rollout_view(row),
-            checks=CHECKS,
+            checks=checks,
             client_steps=CLIENT_STEPS,
             warnings=warnings,
         )
         if rollout.change is Change.ENABLE_TLS:
             reply.password_version_in_use = planned.password_in_use
+        for c in planned.certificates:
+            reply.certificates.append(
+                f"{c.node}: {c.subject}, {c.fingerprint}, valid until {c.not_after:%Y-%m-%d}"
+            )
         return reply
 
     @map_errors(ERRORS)
@@ -216,6 +287,22 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         self, request: admin_pb2.RetryRolloutRequest, context: Ctx
     ) -> schema_pb2.RolloutView:
         row = await self.commands.retry(request.rollout_id, _actor(context))
+        return rollout_view(row)
+
+    @map_errors(ERRORS)
+    async def FinalizeRollout(
+        self, request: admin_pb2.FinalizeRolloutRequest, context: Ctx
+    ) -> schema_pb2.RolloutView:
+        if request.when_quiet_seconds > MAX_WHEN_QUIET:
+            raise invalid("--when-quiet is at most 30 days")
+        if request.when_quiet_seconds and request.force:
+            raise invalid("--force and --when-quiet exclude each other")
+        row = await self.commands.finalize(
+            request.rollout_id,
+            _actor(context),
+            force=request.force,
+            when_quiet=request.when_quiet_seconds,
+        )
         return rollout_view(row)
 
     @map_errors(ERRORS)
@@ -476,12 +563,28 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     @map_errors(ERRORS)
     async def GetCA(self, request: admin_pb2.GetCARequest, context: Ctx) -> admin_pb2.GetCAResponse:
         ca = self.state.ca.cert
+        now = self.state.clock()
+        bundle = trust_bundle(self.state.ca)
         return admin_pb2.GetCAResponse(
             certificate_pem=self.state.ca.cert_pem,
             fingerprint=pki.fingerprint(ca),
             spki_pin=pki.spki_pin(ca),
             not_after=timestamp(ca.not_valid_after_utc),
             subject=ca.subject.rfc4514_string(),
+            residual_seconds=int((ca.not_valid_after_utc - now).total_seconds()),
+            bundle=[
+                admin_pb2.TrustedCA(
+                    subject=c.subject.rfc4514_string(),
+                    fingerprint=pki.fingerprint(c),
+                    spki_pin=pki.spki_pin(c),
+                    not_before=timestamp(c.not_valid_before_utc),
+                    not_after=timestamp(c.not_valid_after_utc),
+                    residual_seconds=int((c.not_valid_after_utc - now).total_seconds()),
+                    issuing=c == ca,
+                )
+                for c in bundle
+            ],
+            bundle_pem=b"".join(pki.cert_to_pem(c) for c in bundle),
         )
 
     @map_errors(ERRORS)

@@ -11,8 +11,13 @@ https, which password, which scheme the outside check expects) is in ``rollout_c
 a strategy holds only the calls that differ:
 
     EnableTls       Switch(enable-tls) to https with the staged certificate; confirm over https
+    DualTls         transitional phase 1: Switch(enable-tls, keep_http): https beside http;
+                    confirm both from outside; the node ends dual (``strategy_for``)
+    Finalize        transitional phase 2: Switch(finalize) closes http on a dual node; confirm
+                    https live and 8080 closed; the agent's rollback goes back to dual
     ChangePassword  Switch(change-password): same config, the staged password; confirm as above
-    DisableTls      Rollback of the enable-tls switch it undoes; confirm over http
+    DisableTls      Rollback of the enable-tls switch it undoes (from https or dual); confirm
+                    over http
 
 A strategy returns terminal outcomes as events; a ``TransientError`` (the agent unreachable)
 propagates and the engine runs the step again later.
@@ -27,8 +32,19 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from leader import byo
 from leader.agent_client import AgentApi, StepFailed
-from leader.rollout_core import CHANGES, Change, FreezeMode, NodeEvent, Rollout
+from leader.planner import confirm_success
+from leader.rollout_core import (
+    CHANGES,
+    Change,
+    FreezeMode,
+    NodeEvent,
+    NodeObservation,
+    Rollout,
+    Strategy,
+    wrong_source,
+)
 from leader.schema_store import RolloutMeta, SchemaStore
 from leader.store import IssuedCert, Store
 from leader.wire import CHANGE, TXN_KIND, TXN_OUTCOME
@@ -41,7 +57,6 @@ log = logs.get_logger(__name__)
 
 Outcome = tuple[NodeEvent, str | None]
 MAX_CLOCK_OFFSET = 120
-POLL_SECONDS = 0.3
 
 
 @dataclass(frozen=True)
@@ -57,6 +72,7 @@ class StepContext:
     ca: pki.CertificateAuthority
     clock: Callable[[], dt.datetime]
     sleep: Callable[[float], Any] = asyncio.sleep
+    vault: byo.Vault | None = None  # ``--cert-dir`` keys (``leader.byo``)
 
     def command(self, rollout_id: str | None = None) -> agent_pb2.Command:
         return agent_pb2.Command(rollout_id=rollout_id or self.rollout.id, epoch=self.rollout.epoch)
@@ -69,6 +85,7 @@ class ChangeSteps:
     """The steps every change shares; subclasses change what differs."""
 
     change: Change
+    keep_http = False  # the switch's target keeps http on 8080 beside https (dual)
 
     async def preflight(self, ctx: StepContext) -> Outcome:
         request = agent_pb2.PreflightRequest(
@@ -86,6 +103,9 @@ class ChangeSteps:
             return NodeEvent.PREFLIGHT_FAILED, "; ".join(reply.problems)
         if CHANGES[self.change].requires_https and "https" not in reply.server.schemes:
             return NodeEvent.PREFLIGHT_FAILED, "the node is not on https; run enable-tls first"
+        serving = NodeObservation(True, schemes=tuple(sorted(reply.server.schemes)))
+        if why := wrong_source(self.change, serving, ctx.rollout.strategy):
+            return NodeEvent.PREFLIGHT_FAILED, why  # what the plan saw may have changed
         node = await asyncio.to_thread(ctx.store.get_node, ctx.node)
         claimed = pki.Names.of(reply.common_name, reply.ip_addresses, reply.dns_names)
         enrolled = pki.Names.of(node.name, node.addresses, node.dns_names)
@@ -96,7 +116,11 @@ class ChangeSteps:
         return NodeEvent.PREFLIGHT_PASSED, None
 
     async def stage(self, ctx: StepContext) -> Outcome:
-        """A new key made on the node, its CSR signed by the CA, the certificate stored there."""
+        """A new key made on the node, its CSR signed by the CA, the certificate stored there
+        (``--cert-dir``: the practice's own certificate and key instead, ``stage_own``)."""
+        own_ca = await asyncio.to_thread(ctx.schema.own_ca, ctx.rollout.id)
+        if own_ca is not None:
+            return await self.stage_own(ctx, own_ca)
         node = await asyncio.to_thread(ctx.store.get_node, ctx.node)
         try:
             csr_reply = await ctx.agent.create_csr(
@@ -136,6 +160,42 @@ class ChangeSteps:
         )
         return NodeEvent.STAGE_DONE, None
 
+    async def stage_own(self, ctx: StepContext, own_ca: bytes) -> Outcome:
+        """``--cert-dir``: the node's certificate and key from the leader's memory to the
+        agent (mutual TLS), which checks them again and stores them inactive, then the key is
+        forgotten here. A leader that restarted since the rollout started has no key: the
+        node fails its stage, unchanged, and the reason says what to do."""
+        item = ctx.vault.get(ctx.rollout.id, ctx.node) if ctx.vault is not None else None
+        if item is None:
+            return NodeEvent.STAGE_FAILED, (
+                f"the leader holds no key from --cert-dir for {ctx.node} (keys are kept in "
+                "memory only, and the leader restarted since the rollout started); nothing "
+                f"changed on {ctx.node}: start again with tlsroll rollout start --change "
+                f"{self.change.value} --nodes {ctx.node} --cert-dir DIR"
+            )
+        try:
+            staged = await ctx.agent.stage(
+                agent_pb2.StageRequest(
+                    command=ctx.command(),
+                    certificate_pem=byo.chain_pem(item),
+                    # The cluster CA too: it signs the workstations' client certificates.
+                    ca_certificate_pem=own_ca + ctx.ca.cert_pem,
+                    private_key_pem=item.key_pem,
+                    own_certificate=True,
+                )
+            )
+        except (StepFailed, PKIError) as exc:
+            assert ctx.vault is not None
+            ctx.vault.drop(ctx.rollout.id, ctx.node)
+            return NodeEvent.STAGE_FAILED, str(exc)
+        assert ctx.vault is not None
+        ctx.vault.drop(ctx.rollout.id, ctx.node)
+        await ctx.detail(
+            cert_fingerprint=staged.fingerprint,
+            cert_not_after=staged.not_after.ToDatetime(tzinfo=dt.UTC),
+        )
+        return NodeEvent.STAGE_DONE, None
+
     async def switch(self, ctx: StepContext) -> Outcome:
         verifier = ""
         if ctx.meta.auth_version:
@@ -147,6 +207,7 @@ class ChangeSteps:
                     change=CHANGE.wire(self.change),
                     auth_verifier_json=verifier,
                     keep_frozen=ctx.rollout.freeze is FreezeMode.SCOPE,
+                    keep_http=self.keep_http,
                 )
             )
         except StepFailed as exc:  # refused before it began: the node is as it was
@@ -169,7 +230,7 @@ class ChangeSteps:
             existing = None
         problem = None if existing is not None else await self.outside_problem(ctx)
         if problem is None and existing is None:
-            return NodeEvent.CONFIRM_DONE, None
+            return confirm_success(ctx.rollout), None
         if existing is None:
             log.warning("confirm.failed", rollout_id=ctx.rollout.id, node=ctx.node, problem=problem)
             try:
@@ -196,13 +257,43 @@ class ChangeSteps:
             live, closed = detail.new_url, detail.old_url
         else:
             live, closed = detail.old_url, detail.new_url
+        # ``--cert-dir``: this rollout's practice CA only; any other rollout: the cluster CA
+        # and the practice CAs earlier ones installed (what the workstations were handed).
+        trusted = await asyncio.to_thread(ctx.schema.own_ca, ctx.rollout.id)
+        if trusted is None:
+            trusted = ctx.ca.cert_pem + await asyncio.to_thread(ctx.schema.own_cas)
         return await asyncio.to_thread(
-            outside_check, live, closed, ctx.ca.cert_pem, detail.cert_fingerprint
+            outside_check, live, closed, trusted, detail.cert_fingerprint
         )
 
 
 class EnableTls(ChangeSteps):
     change = Change.ENABLE_TLS
+
+
+class DualTls(ChangeSteps):
+    """Transitional phase 1: the staged certificate on https (8443) while http (8080) stays
+    open; the outside check wants both to answer, and the node ends ``dual``."""
+
+    change = Change.ENABLE_TLS
+    keep_http = True
+
+    async def outside_problem(self, ctx: StepContext) -> str | None:
+        row = await asyncio.to_thread(ctx.schema.get, ctx.rollout.id)
+        assert row is not None
+        detail = next(d for r, d in row.nodes if r.name == ctx.node)
+        return await asyncio.to_thread(
+            dual_check, detail.new_url, detail.old_url, ctx.ca.cert_pem, detail.cert_fingerprint
+        )
+
+
+class Finalize(ChangeSteps):
+    """Transitional phase 2: the dual node's http (8080) closes, https stays as it is (no
+    stage: the certificate and password phase 1 brought stay). The outside check wants https
+    live and 8080 closed; on failure the agent's rollback of this switch returns the node to
+    dual (what it was before), so ``rolled_back`` here means "still dual"."""
+
+    change = Change.FINALIZE
 
 
 class ChangePassword(ChangeSteps):
@@ -252,7 +343,16 @@ STRATEGIES: Mapping[Change, ChangeSteps] = {
     Change.CHANGE_PASSWORD: ChangePassword(),
     Change.ROTATE_CERT: RotateCert(),
     Change.DISABLE_TLS: DisableTls(),
+    Change.FINALIZE: Finalize(),
 }
+TRANSITIONAL = DualTls()
+
+
+def strategy_for(rollout: Rollout) -> ChangeSteps:
+    """The steps of ``rollout``: by its change, and for a transitional phase 1, ``DualTls``."""
+    if rollout.change is Change.ENABLE_TLS and rollout.strategy is Strategy.TRANSITIONAL:
+        return TRANSITIONAL
+    return STRATEGIES[rollout.change]
 
 
 def switch_event(outcome: TxnOutcome) -> NodeEvent:
@@ -267,32 +367,50 @@ def switch_event(outcome: TxnOutcome) -> NodeEvent:
 async def wait_transaction(
     ctx: StepContext, txn_rollout_id: str, kind: TxnKind
 ) -> tuple[TxnOutcome, str]:
-    """Poll the agent's transaction (keyed by ``txn_rollout_id``) until it ends, recording its
-    timings on this rollout's node; return its outcome and reason.
+    """Follow the agent's transaction (keyed by ``txn_rollout_id``) until it ends, recording its
+    timings on this rollout's node when they change; return its outcome and reason.
 
-    The transaction is under way: an error while reading it says nothing about how it ends,
-    so it is a ``TransientError`` (the step runs again; the agent replays the transaction),
-    never an outcome."""
-    while True:
-        try:
-            txn = await ctx.agent.get_transaction(
-                agent_pb2.GetTransactionRequest(rollout_id=txn_rollout_id, kind=TXN_KIND.wire(kind))
-            )
-        except StepFailed as exc:
-            raise TransientError(f"reading the {kind.value} transaction: {exc}") from None
-        details: dict[str, Any] = {"restart_seconds": txn.restart_seconds}
-        # With --freeze scope the node's window is the scope freeze's (the engine records it),
-        # not the shorter one of the transaction inside it.
-        own_window = ctx.rollout.freeze is not FreezeMode.SCOPE
-        if own_window and txn.HasField("freeze_started_at"):
-            details["freeze_started_at"] = txn.freeze_started_at.ToDatetime(tzinfo=dt.UTC)
-        if own_window and txn.HasField("freeze_ended_at"):
-            details["freeze_ended_at"] = txn.freeze_ended_at.ToDatetime(tzinfo=dt.UTC)
-        await ctx.detail(**details)
-        outcome = TXN_OUTCOME.read(txn.outcome, "transaction.outcome")
-        if outcome is not TxnOutcome.PENDING:
-            return outcome, txn.reason
-        await ctx.sleep(POLL_SECONDS)
+    The agent streams each state as it journals it (``AgentApi.watch_transaction``), so the
+    outcome is known when it happens, not at the next poll. The transaction is under way: an
+    error while reading it says nothing about how it ends, so it is a ``TransientError`` (the
+    step runs again; the agent replays the transaction), never an outcome."""
+    request = agent_pb2.GetTransactionRequest(rollout_id=txn_rollout_id, kind=TXN_KIND.wire(kind))
+    recorded: dict[str, Any] | None = None
+    try:
+        async for txn in ctx.agent.watch_transaction(request):
+            details: dict[str, Any] = {"restart_seconds": txn.restart_seconds}
+            # With --freeze scope the node's window is the scope freeze's (the engine records
+            # it), not the shorter one of the transaction inside it.
+            own_window = ctx.rollout.freeze is not FreezeMode.SCOPE
+            if own_window and txn.HasField("freeze_started_at"):
+                details["freeze_started_at"] = txn.freeze_started_at.ToDatetime(tzinfo=dt.UTC)
+            if own_window and txn.HasField("freeze_ended_at"):
+                details["freeze_ended_at"] = txn.freeze_ended_at.ToDatetime(tzinfo=dt.UTC)
+            if details != recorded:  # nothing is written when nothing changed
+                await ctx.detail(**details)
+                recorded = details
+            outcome = TXN_OUTCOME.read(txn.outcome, "transaction.outcome")
+            if outcome is not TxnOutcome.PENDING:
+                return outcome, txn.reason
+    except StepFailed as exc:
+        raise TransientError(f"reading the {kind.value} transaction: {exc}") from None
+    raise TransientError(f"the {kind.value} transaction's states ended without an outcome")
+
+
+def dual_check(https_url: str, http_url: str, ca_pem: bytes, fingerprint: str = "") -> str | None:
+    """What a workstation would see of a dual node: ``https_url`` answers with the staged
+    certificate (trusted through the cluster CA only) and ``http_url`` still answers."""
+    https = _host_port(https_url, "https")
+    http = _host_port(http_url, "http")
+    if https is None or http is None:
+        return f"no address recorded for the node ({https_url!r}, {http_url!r})"
+    problem = httpcheck.check_https(*https, ca_pem, fingerprint or None)
+    if problem is not None:
+        return problem
+    problem = httpcheck.check_http(*http)
+    if problem is not None:
+        return f"http must stay open until finalize: {problem}"
+    return None
 
 
 def _host_port(url: str, scheme: str) -> tuple[str, int, str] | None:

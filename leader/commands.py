@@ -16,14 +16,15 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import secrets
-from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from dataclasses import dataclass, field, replace
 
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
-from leader import planner
+from leader import byo, planner
 from leader.rollout_core import (
     Change,
+    Client,
     FreezeMode,
     NodeObservation,
     NodeRecord,
@@ -34,11 +35,14 @@ from leader.rollout_core import (
     RolloutState,
     Scope,
     ScopeKind,
+    Strategy,
 )
 from leader.schema_store import RolloutMeta, RolloutRow, SchemaStore, StaleRecords
+from leader.schema_view import still_on_http_now
 from leader.store import Store
 from tlsroll import logs, password
 from tlsroll.errors import TerminalError
+from tlsroll.pki import Names
 
 log = logs.get_logger(__name__)
 
@@ -52,6 +56,7 @@ class RolloutRequest:
     max_parallel: int = 1
     failure_budget: int = 0
     freeze: FreezeMode = FreezeMode.NODE
+    strategy: Strategy = Strategy.DIRECT
     # The auth password's verifier (JSON) made by the CLI, for a change that brings its own
     # password (enable-tls); never the password itself.
     auth_verifier_json: str | None = None
@@ -61,6 +66,11 @@ class RolloutRequest:
     retry_of: str = ""
     keep_auth_version: int = 0
     undoes: str = ""
+    # finalize: the transitional rollout whose phase 2 it is; --when-quiet in seconds.
+    finalizes: str = ""
+    when_quiet: int = 0
+    # enable-tls, rotate-cert: the practice's own certificates (``--cert-dir``; ``leader.byo``).
+    own_certs: byo.Material | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -71,6 +81,29 @@ class Planned:
     rollout: Rollout
     records: tuple[NodeRecord, ...]
     password_in_use: int = 0
+    # ``--cert-dir``: the node certificates that passed every check.
+    certificates: tuple[byo.Accepted, ...] = ()
+
+
+class StillOnHttp(TerminalError):
+    """Finalize refused: workstations were seen on http lately (FAILED_PRECONDITION)."""
+
+    def __init__(self, rollout_id: str, left: Sequence[Client], unknown: Mapping[str, str]):
+        parts = [
+            f"{c.node}: {c.address}"
+            + (f" ({c.workstation})" if c.workstation else "")
+            + f" last seen on http {c.last_seen:%Y-%m-%d %H:%M:%S} UTC"
+            for c in left
+        ]
+        parts += [f"{node}: cannot tell who is on http ({why})" for node, why in unknown.items()]
+        super().__init__(
+            f"finalize would close http on workstations that still use it: {'; '.join(parts)}. "
+            "Have them do the client steps (tlsroll notify --remaining), then finalize again; "
+            f"or let the leader finalize each node once it is quiet (tlsroll rollout finalize "
+            f"{rollout_id} --when-quiet 30m), or cut them off (--force)"
+        )
+        self.clients = tuple(left)
+        self.unknown = dict(unknown)
 
 
 class NotRetriable(TerminalError):
@@ -106,9 +139,17 @@ class Commands:
         leader_node: str | None,
         wake: Callable[[], None],
         observe: Callable[[Sequence[str]], Awaitable[dict[str, NodeObservation]]] | None = None,
+        *,
+        vault: byo.Vault | None = None,
+        cert_horizon: dt.timedelta = dt.timedelta(days=30),
     ) -> None:
         """``observe``: asks the named nodes' agents what they run (``leader.observe``); rollouts
-        are planned from it. None (tests of the bookkeeping only): plans from records alone."""
+        are planned from it. None (tests of the bookkeeping only): plans from records alone.
+        ``vault``: where a ``--cert-dir`` rollout's keys wait for its stage steps (the
+        engine's); ``cert_horizon``: how long such certificates must still be valid
+        (``expiry_warning_days``)."""
+        self.vault = vault if vault is not None else byo.Vault()
+        self.cert_horizon = cert_horizon
         self.store = store
         self.observe = observe
         self.schema = schema
@@ -197,6 +238,7 @@ class Commands:
                 max_parallel=request.max_parallel,
                 failure_budget=request.failure_budget,
                 freeze=request.freeze,
+                strategy=request.strategy,
                 observed=seen,
                 target_digest=target_digest,
             )
@@ -204,7 +246,41 @@ class Commands:
             if undone is not None:
                 raise undone from None
             raise
-        return Planned(rollout, records, in_use)
+        certificates: tuple[byo.Accepted, ...] = ()
+        if request.own_certs is not None:
+            certificates = await self._check_own_certs(request, records, seen or {})
+        return Planned(rollout, records, in_use, certificates)
+
+    async def _check_own_certs(
+        self,
+        request: RolloutRequest,
+        records: Sequence[NodeRecord],
+        seen: dict[str, NodeObservation],
+    ) -> tuple[byo.Accepted, ...]:
+        """``--cert-dir``: every node the rollout touches has a certificate and key that pass
+        every check (``leader.byo``), before any node is touched; else ``byo.Refused`` with
+        one line per problem."""
+        material = request.own_certs
+        assert material is not None
+        if request.change not in (Change.ENABLE_TLS, Change.ROTATE_CERT):
+            raise planner.PlanError("--cert-dir goes with enable-tls or rotate-cert")
+        touched = [r.name for r in records if r.state is not NodeState.SKIPPED]
+        expected = {}
+        for name in touched:
+            node = await asyncio.to_thread(self.store.get_node, name)
+            names = Names.of(node.name, node.addresses, node.dns_names)
+            live = seen[name].cert_fingerprint if name in seen else ""
+            expected[name] = byo.Expected(names, live)
+        problems = byo.validate(
+            material,
+            expected,
+            now=self.clock(),
+            horizon=self.cert_horizon,
+            rotate=request.change is Change.ROTATE_CERT,
+        )
+        if problems:
+            raise byo.Refused(problems)
+        return tuple(byo.accepted(material, touched))
 
     async def start(self, request: RolloutRequest, actor: str) -> RolloutRow:
         request, undoes, undone = await self._resolve(request)
@@ -230,15 +306,27 @@ class Commands:
             started_at=now,
             auth_version=auth.version,
             undoes=undoes,
+            finalizes=request.finalizes,
+            when_quiet=request.when_quiet,
         )
-        row = await asyncio.to_thread(
-            self.schema.create,
-            rollout,
-            nodes,
-            meta,
-            now,
-            request.auth_verifier_json if auth.add_new else None,
-        )
+        own = request.own_certs
+        if own is not None:  # before the rollout exists: its steps find it from the start
+            await asyncio.to_thread(self.schema.set_own_ca, rollout.id, byo.ca_bundle(own))
+        try:
+            row = await asyncio.to_thread(
+                self.schema.create,
+                rollout,
+                nodes,
+                meta,
+                now,
+                request.auth_verifier_json if auth.add_new else None,
+            )
+        except BaseException:
+            if own is not None:
+                await asyncio.to_thread(self.schema.drop_own_ca, rollout.id)
+            raise
+        if own is not None:  # the keys in memory only, until each node has staged its own
+            self.vault.put(rollout.id, own.nodes)
         log.info(
             "rollout.started",
             rollout_id=rollout.id,
@@ -246,9 +334,12 @@ class Commands:
             scope=rollout.scope.kind.value,
             order=list(rollout.order),
             already_done=[r.name for r in nodes if r.state is NodeState.SKIPPED],
+            own_certificates=request.own_certs is not None,
             epoch=rollout.epoch,
             actor=actor,
             retry_of=request.retry_of or None,
+            strategy=rollout.strategy.value,
+            finalizes=request.finalizes or None,
         )
         self.wake()
         return row
@@ -263,18 +354,83 @@ class Commands:
                 f"rollout {old.id} is {old.state.value}: only a halted or aborted rollout is "
                 "retried (see: tlsroll schema show)"
             )
-        left = tuple(r.name for r in row.records if r.state is not NodeState.DONE)
+        finished = (NodeState.DONE, NodeState.DUAL)
+        left = tuple(r.name for r in row.records if r.state not in finished)
+        if await asyncio.to_thread(self.schema.own_ca, old.id) is not None:
+            raise NotRetriable(
+                f"rollout {old.id} used certificates from --cert-dir, whose keys the leader "
+                f"does not keep; start again: tlsroll rollout start --change {old.change.value} "
+                f"--nodes {','.join(left)} --cert-dir DIR"
+            )
         request = RolloutRequest(
             change=old.change,
             scope=Scope.of_nodes(left),
             max_parallel=old.max_parallel,
             failure_budget=old.failure_budget,
             freeze=old.freeze,
+            strategy=old.strategy,
             retry_of=old.id,
             keep_auth_version=row.meta.auth_version,
             undoes=row.meta.undoes,
+            finalizes=row.meta.finalizes,
+            when_quiet=row.meta.when_quiet,
         )
         return await self.start(request, actor)
+
+    async def finalize(
+        self, rollout_id: str, actor: str, *, force: bool = False, when_quiet: int = 0
+    ) -> RolloutRow:
+        """Phase 2 of the transitional rollout awaiting finalize (named, else the one
+        awaiting): a linked finalize rollout over the nodes phase 1 left dual. Refused
+        (``StillOnHttp``) while workstations were seen on http there lately, unless ``force``;
+        with ``when_quiet`` the engine starts each node once it has been quiet that long."""
+        row = await asyncio.to_thread(self._awaiting, rollout_id)
+        names = planner.finalize_scope(row.rollout, row.records)
+        if not names:
+            raise planner.NotAwaitingFinalize(f"rollout {row.rollout.id} left no node dual")
+        if not force and not when_quiet:
+            clients = await asyncio.to_thread(self.schema.clients, names)
+            infos = await asyncio.to_thread(self.schema.clients_info)
+            unknown = {
+                n: (infos[n].problem if n in infos else "its agent has not reported its clients")
+                for n in names
+                if n not in infos or infos[n].problem
+            }
+            left = still_on_http_now(clients, infos, self.clock())
+            if left or unknown:
+                raise StillOnHttp(row.rollout.id, left, unknown)
+        old = row.rollout
+        request = RolloutRequest(
+            change=Change.FINALIZE,
+            scope=Scope.of_nodes(names),
+            max_parallel=old.max_parallel,
+            failure_budget=old.failure_budget,
+            # Waiting for quiet nodes must hold no freeze: each node is frozen in its switch.
+            freeze=FreezeMode.NODE if when_quiet else old.freeze,
+            finalizes=old.id,
+            when_quiet=when_quiet,
+        )
+        started = await self.start(request, actor)
+        log.info(
+            "rollout.finalize_started",
+            rollout_id=started.rollout.id,
+            finalizes=old.id,
+            forced=force,
+            when_quiet=when_quiet or None,
+            actor=actor,
+        )
+        return started
+
+    def _awaiting(self, rollout_id: str) -> RolloutRow:
+        if rollout_id:
+            return self._target(rollout_id)
+        waiting = self.schema.awaiting()
+        if waiting:
+            return waiting[0]
+        latest = self.schema.latest()
+        if latest is None:
+            raise NoRolloutYet("no rollout yet; start one with: tlsroll rollout start")
+        return latest  # finalize_scope says why it cannot be finalized
 
     async def stage_password(self, verifier_json: str, actor: str) -> tuple[int, set[str]]:
         _check_verifier(verifier_json)

@@ -198,6 +198,34 @@ ALTER TABLE nodes ADD COLUMN renewal_failing_since TEXT;
 ALTER TABLE nodes ADD COLUMN renewal_error TEXT NOT NULL DEFAULT '';
 """
 
+# Migration 7: the transitional strategy (issue 12). A finalize rollout names the transitional
+# rollout whose phase 2 it is, and may wait for quiet nodes; the leader keeps, per node, who
+# its managed server saw on which scheme (the agent's last report, at most 256 rows a node,
+# replaced by each report) and when http was last used there.
+_V7 = """
+ALTER TABLE rollouts ADD COLUMN finalizes TEXT NOT NULL DEFAULT '';
+ALTER TABLE rollouts ADD COLUMN when_quiet INTEGER NOT NULL DEFAULT 0;
+CREATE TABLE node_clients (
+    node        TEXT NOT NULL,
+    scheme      TEXT NOT NULL,               -- http | https
+    address     TEXT NOT NULL,
+    workstation TEXT NOT NULL,
+    first_seen  TEXT NOT NULL,
+    last_seen   TEXT NOT NULL,
+    requests    INTEGER NOT NULL,
+    PRIMARY KEY (node, scheme, address, workstation)
+);
+CREATE TABLE node_clients_info (
+    node           TEXT PRIMARY KEY,
+    window_seconds INTEGER NOT NULL,
+    source         TEXT NOT NULL,            -- refserver | exec | access-log | ''
+    problem        TEXT NOT NULL,
+    first_report   TEXT NOT NULL,
+    reported_at    TEXT NOT NULL,
+    last_http_at   TEXT
+);
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     _V1,  # 0.1.0
     _V2,  # needs_attention
@@ -205,6 +233,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     _V4,  # bootstrap failures
     _V5,  # bound tokens, certificates, removal, meta
     _V6,  # agent certificate renewal
+    _V7,  # transitional strategy: finalize links, clients per scheme
 )
 
 

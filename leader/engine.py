@@ -44,13 +44,14 @@ from typing import Any
 
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
-from leader import planner
+from leader import byo, planner
 from leader.agent_client import Agents, StepFailed
-from leader.changes import STRATEGIES, Outcome, StepContext
+from leader.changes import Outcome, StepContext, strategy_for
 from leader.rollout_core import (
     CHANGES,
     FAILED_NODE_STATES,
     STEP_FOR_STATE,
+    TERMINAL_ROLLOUT_STATES,
     FreezeMode,
     NodeEvent,
     NodeState,
@@ -93,6 +94,7 @@ class Engine:
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         step_deadline: float = STEP_DEADLINE,
+        prepare_ahead: int = 0,
     ) -> None:
         self.store = store
         self.schema = schema
@@ -106,13 +108,17 @@ class Engine:
         self.tasks: dict[StepKey, asyncio.Task[None]] = {}
         self.not_before: dict[StepKey, float] = {}
         self.renewed: dict[tuple[str, str], float] = {}  # scope freezes: last renewal
+        self.revoked: set[tuple[str, str]] = set()  # (rollout, node): superseded cert revoked
         self.step_deadline = step_deadline
+        self.prepare_ahead = prepare_ahead  # pipelining (``planner.next_actions``)
         # Scope freezes this process has seen an agent confirm: a switch under --freeze scope
         # begins only when every frozen node's is, so a leader back after the lease ran out
         # (the agents lifted their freezes) freezes them all again first.
         self.confirmed: set[tuple[str, str]] = set()
         # A step that gets no (good) answer: since when (monotonic, wall) and how often.
         self.trouble: dict[StepKey, tuple[float, dt.datetime, int]] = {}
+        # ``--cert-dir``: the running rollout's keys, until each node has staged its own.
+        self.vault = byo.Vault()
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -131,11 +137,17 @@ class Engine:
 
     async def reconcile(self) -> None:
         """Persist the plan's events, then make sure its steps run."""
+        await self._settle_awaiting()
         row = await asyncio.to_thread(self.schema.active)
+        await self._forget_ended_keys(row)
         if row is None:
             return
         await self._record_node_auth(row)
-        plan = planner.next_actions(row.rollout, row.records)
+        await self._revoke_superseded(row)
+        held = await self._held_for_quiet(row)
+        plan = planner.next_actions(
+            row.rollout, row.records, held, prepare_ahead=self.prepare_ahead
+        )
         if plan.rollout_events or plan.node_events:
             rollout, nodes = planner.apply_plan(row.rollout, row.records, plan)
             reason = None
@@ -167,6 +179,49 @@ class Engine:
             self._ensure_step(row, step)
         self._renew_freezes(row, plan)
 
+    async def _settle_awaiting(self) -> None:
+        """A transitional rollout awaiting finalize moves on once its linked finalize (or way
+        back) has completed (``planner.awaiting_verdict``). Level-triggered: a leader that
+        died between the two writes makes the second on its next pass."""
+        for row in await asyncio.to_thread(self.schema.awaiting):
+            follower = await asyncio.to_thread(self.schema.follower, row.rollout.id)
+            if follower is None:
+                continue
+            event = planner.awaiting_verdict(follower.rollout, follower.records)
+            if event is None:
+                continue
+            reason = f"{event.value} by rollout {follower.rollout.id}"
+            try:
+                await asyncio.to_thread(
+                    self.schema.save_states,
+                    row,
+                    row.rollout.with_event(event),
+                    row.records,
+                    self.clock(),
+                    "engine",
+                    reason,
+                )
+            except StaleRecords:
+                continue
+            log.info("rollout.state_changed", rollout_id=row.rollout.id, state=event.value)
+
+    async def _held_for_quiet(self, row: RolloutRow) -> frozenset[str]:
+        """``finalize --when-quiet``: the pending nodes that have had http clients lately."""
+        if not row.meta.when_quiet:
+            return frozenset()
+        pending = [r.name for r in row.records if r.state is NodeState.PENDING]
+        if not pending:
+            return frozenset()
+        infos = await asyncio.to_thread(self.schema.clients_info)
+        known = {
+            n: i.first_report - dt.timedelta(seconds=i.window_seconds)
+            for n, i in infos.items()
+            if i.source and not i.problem
+        }
+        last = {n: i.last_http_at for n, i in infos.items()}
+        quiet = dt.timedelta(seconds=row.meta.when_quiet)
+        return planner.held_for_quiet(pending, last, known, self.clock(), quiet)
+
     async def _record_node_auth(self, row: RolloutRow) -> None:
         """Record the password live on each node the rollout has left ``done`` (it restarted
         with this rollout's config). Level-triggered, before the plan: a leader that died
@@ -177,9 +232,35 @@ class Engine:
             return
         version = None if rule is Password.CLEARED else row.meta.auth_version
         live = await asyncio.to_thread(self.schema.node_auth)
-        for rec in row.records:
-            if rec.state is NodeState.DONE and live.get(rec.name) != version:
+        for rec in row.records:  # a dual node runs the password on its https side
+            done = rec.state in (NodeState.DONE, NodeState.DUAL)
+            if done and live.get(rec.name) != version:
                 await asyncio.to_thread(self.schema.set_node_auth, rec.name, version, self.clock())
+
+    async def _revoke_superseded(self, row: RolloutRow) -> None:
+        """Revoke the server certificate a node served before this rollout gave it a new one,
+        once the node is ``done`` (level-triggered, before the plan, like the password above:
+        the rollout cannot end before it). Not earlier: a node that fails goes back to it."""
+        if not CHANGES[row.rollout.change].stages_certificate:
+            return
+        for rec, detail in row.nodes:
+            key = (row.rollout.id, rec.name)
+            if (
+                rec.state is not NodeState.DONE
+                or not detail.cert_fingerprint
+                or key in self.revoked
+            ):
+                continue
+            serials = await asyncio.to_thread(
+                self.store.revoke_superseded,
+                rec.name,
+                detail.cert_fingerprint,
+                before=row.meta.started_at or row.meta.created_at,
+                now=self.clock(),
+            )
+            self.revoked.add(key)
+            if serials:
+                log.info("certificate.superseded", node=rec.name, serials=serials)
 
     def _renew_freezes(self, row: RolloutRow, plan: planner.Plan) -> None:
         """Keep the scope freeze's lease alive on every frozen node (a third of the lease),
@@ -339,6 +420,15 @@ class Engine:
                 rollout.id, step, f"scope {step.step.value} failing since {stamp}: {why}"
             )
 
+    async def _forget_ended_keys(self, active: RolloutRow | None) -> None:
+        """``--cert-dir`` keys live no longer than their rollout (``leader.byo.Vault``)."""
+        held = self.vault.rollout_id
+        if not held or (active is not None and active.rollout.id == held):
+            return
+        row = await asyncio.to_thread(self.schema.get, held)
+        if row is None or row.rollout.state in TERMINAL_ROLLOUT_STATES:
+            self.vault.forget(held)
+
     async def _note(self, rollout_id: str, step: planner.StepAction, reason: str) -> None:
         """Put ``reason`` on the node's record (its state unchanged), once."""
         row = await asyncio.to_thread(self.schema.get, rollout_id)
@@ -348,7 +438,7 @@ class Engine:
         await self._save_node(rollout_id, step.node, lambda r: replace(r, reason=reason))
 
     async def _step(self, row: RolloutRow, step: planner.StepAction) -> Outcome:
-        steps = STRATEGIES[row.rollout.change]
+        steps = strategy_for(row.rollout)
         runners: dict[Step, Callable[[StepContext], Awaitable[Outcome]]] = {
             Step.PREFLIGHT: steps.preflight,
             Step.STAGE: steps.stage,
@@ -365,6 +455,7 @@ class Engine:
             ca=self.ca,
             clock=self.clock,
             sleep=self.sleep,
+            vault=self.vault,
         )
         return await runners[step.step](ctx)
 

@@ -28,18 +28,31 @@ Decisions, in the order ``next_actions`` makes them:
   with ``stage_skipped``; no stage step runs for it.
 * Start: only in ``running``; the first ``pending`` nodes in ``order`` while fewer than
   ``max_parallel`` nodes are in flight (from leaving ``pending`` until a terminal state).
+  Pipelining (``prepare_ahead`` > 0): up to ``prepare_ahead`` more nodes may be in
+  ``preflight``, ``staging`` or ``staged`` meanwhile; those steps change nothing live on a node.
 * Switch: ``staged`` nodes begin their switch in ``running`` and ``paused`` (pause stops new
-  nodes, not nodes in flight). With ``FreezeMode.SCOPE`` the first switch waits until every node
-  in scope that has not failed or been skipped is frozen; until then the plan holds FREEZE steps.
+  nodes, not nodes in flight). Pipelining: at most ``max_parallel`` nodes switch or confirm at
+  once, and a staged node begins only when no node before it in ``order`` is still to begin
+  (the switch order is the rollout's order; a node prepared early waits its turn). With
+  ``FreezeMode.SCOPE`` the first switch waits until every node in scope that has not failed or
+  been skipped is frozen; until then the plan holds FREEZE steps.
 * Settle: no node pending or in flight → UNFREEZE steps for frozen nodes; once none is frozen,
-  ``nodes_settled`` (the rollout ends ``completed``, ``halted`` or ``aborted``). The rollout
-  never ends while a node may still be frozen.
+  ``nodes_settled`` (the rollout ends ``completed``, ``halted`` or ``aborted``), or for a
+  transitional phase 1 in ``running``/``paused`` with a node ``dual``: ``nodes_dual`` (it
+  waits in ``awaiting_finalize``). The rollout never ends or waits while a node may still be
+  frozen.
 
-A terminal rollout never starts a node; its plan is empty.
+A terminal or waiting rollout never starts a node; its plan is empty.
+
+The transitional strategy's phase 2 (``finalize_request``, ``awaiting_verdict``) and the
+``--when-quiet`` gate (``held`` in ``next_actions``: pending nodes that may not start yet,
+decided by the engine from the clients each node has seen) are described in
+``leader.rollout_core``.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -50,6 +63,7 @@ from leader.rollout_core import (
     IN_FLIGHT_NODE_STATES,
     STEP_FOR_STATE,
     TERMINAL_NODE_STATES,
+    TERMINAL_ROLLOUT_STATES,
     Change,
     FreezeMode,
     NodeEvent,
@@ -67,6 +81,7 @@ from leader.rollout_core import (
     already_done,
     node_transition,
     rollout_transition,
+    wrong_source,
 )
 from tlsroll.errors import TerminalError
 
@@ -99,9 +114,20 @@ class AlreadyUndone(PlanError):
         self.by = by.id
 
 
+MAX_NAMED = 10
+"""Nodes a refusal names one by one; the rest are counted (a message of 500 nodes' errors
+outgrew gRPC's 16 KiB limit for status details, and the admin saw "Stream removed")."""
+
+
+def _some(items: Sequence[str], noun: str = "") -> str:
+    shown = ", ".join(items[:MAX_NAMED])
+    more = len(items) - MAX_NAMED
+    return shown if more <= 0 else f"{shown} and {more} more{noun}"
+
+
 class NodesOffline(PlanError):
     def __init__(self, names: Sequence[str]) -> None:
-        super().__init__(f"offline: {', '.join(names)} (bring the agent up or leave it out)")
+        super().__init__(f"offline: {_some(names)} (bring the agent up or leave it out)")
         self.names = tuple(names)
 
 
@@ -112,12 +138,31 @@ class Unreachable(PlanError):
     """Nodes whose agents could not be asked what they run (the plan needs to know)."""
 
     def __init__(self, errors: Mapping[str, str]) -> None:
-        what = "; ".join(f"{n}: {e}" for n, e in sorted(errors.items()))
+        names = sorted(errors)
+        what = _some([f"{n}: {errors[n]}" for n in names], " (tlsroll nodes --check)")
         super().__init__(
-            f"cannot ask the agent of {', '.join(sorted(errors))} what it runs ({what}); "
+            f"cannot ask the agent of {_some(names)} what it runs ({what}); "
             "bring the agent up or leave the node out (--nodes)"
         )
         self.names = tuple(sorted(errors))
+
+
+class WrongSource(PlanError):
+    """Nodes that serve what the change cannot start from (a dual node under anything but
+    finalize or the way back): named, with what to run instead."""
+
+    def __init__(self, change: Change, why: Mapping[str, str]) -> None:
+        by_reason: dict[str, list[str]] = {}
+        for name, reason in sorted(why.items()):
+            by_reason.setdefault(reason, []).append(name)
+        what = "; ".join(f"{', '.join(names)}: {w}" for w, names in by_reason.items())
+        super().__init__(f"{change.value} cannot start on {what}")
+        self.names = tuple(sorted(why))
+
+
+class NotAwaitingFinalize(PlanError):
+    """Finalize asked of a rollout that is not a transitional one awaiting it
+    (FAILED_PRECONDITION)."""
 
 
 class NothingToUndo(PlanError):
@@ -226,9 +271,14 @@ def plan_rollout(
         unreachable = {n: observed[n].error for n in names if not observed[n].reachable}
         if unreachable:
             raise Unreachable(unreachable)
+        wrong: dict[str, str] = {}
         for name in names:
-            if why := already_done(change, observed[name], target_digest):
+            if why := already_done(change, observed[name], target_digest, strategy):
                 done[name] = why
+            elif why := wrong_source(change, observed[name], strategy):
+                wrong[name] = why
+        if wrong:
+            raise WrongSource(change, wrong)
         if len(done) == len(names):
             raise NothingToDo(change, done)
     order = order_nodes(names, leader)
@@ -255,8 +305,25 @@ def plan_rollout(
     return rollout, tuple(record(name) for name in order)
 
 
-def next_actions(rollout: Rollout, nodes: Sequence[NodeRecord]) -> Plan:
-    """Decide what happens now; safe to call any number of times (it only reads)."""
+# The states of a node being prepared (nothing live changed yet) and of a node that may have
+# begun to change live (its switch slot).
+PREPARING = frozenset({NodeState.PREFLIGHT, NodeState.STAGING, NodeState.STAGED})
+SWITCH_SLOT = IN_FLIGHT_NODE_STATES - PREPARING
+
+
+def next_actions(
+    rollout: Rollout,
+    nodes: Sequence[NodeRecord],
+    held: frozenset[str] = frozenset(),
+    *,
+    prepare_ahead: int = 0,
+) -> Plan:
+    """Decide what happens now; safe to call any number of times (it only reads).
+
+    ``held``: pending nodes that may not start yet (``--when-quiet``: http clients were seen
+    on them lately); the others start in order past them. ``prepare_ahead``: how many nodes
+    beyond ``max_parallel`` may be preflighted and staged while others switch (0: a node starts
+    only when one has ended, as the seed does)."""
     records = _in_order(rollout, nodes)
     state = rollout.state
     if state not in _LIVE_STATES:  # planned or terminal: nothing to do
@@ -287,10 +354,14 @@ def next_actions(rollout: Rollout, nodes: Sequence[NodeRecord]) -> Plan:
             if after[name] is NodeState.STAGING:
                 emit(name, NodeEvent.STAGE_SKIPPED)
 
-    if state is RolloutState.RUNNING:
-        free = rollout.max_parallel - sum(s in IN_FLIGHT_NODE_STATES for s in after.values())
-        for name in [n for n in rollout.order if after[n] is NodeState.PENDING][: max(free, 0)]:
+    def start(limit: int) -> None:
+        free = limit - sum(s in IN_FLIGHT_NODE_STATES for s in after.values())
+        ready = [n for n in rollout.order if after[n] is NodeState.PENDING and n not in held]
+        for name in ready[: max(free, 0)]:
             emit(name, NodeEvent.START)
+
+    if state is RolloutState.RUNNING and prepare_ahead <= 0:
+        start(rollout.max_parallel)
 
     to_freeze: list[str] = []
     staged = [name for name in rollout.order if after[name] is NodeState.STAGED]
@@ -301,8 +372,13 @@ def next_actions(rollout: Rollout, nodes: Sequence[NodeRecord]) -> Plan:
             if not r.scope_frozen and after[r.name] not in (NodeState.FAILED, NodeState.SKIPPED)
         ]
     if not to_freeze:
+        if prepare_ahead > 0:
+            staged = _switch_turns(rollout, after, staged, held)
         for name in staged:
             emit(name, NodeEvent.SWITCH)
+
+    if state is RolloutState.RUNNING and prepare_ahead > 0:
+        start(rollout.max_parallel + prepare_ahead)  # after the switches: slots they freed
 
     steps = [
         StepAction(name, STEP_FOR_STATE[after[name]], rollout.epoch)
@@ -315,9 +391,39 @@ def next_actions(rollout: Rollout, nodes: Sequence[NodeRecord]) -> Plan:
         frozen = [r.name for r in records if r.scope_frozen]
         steps += [StepAction(name, Step.UNFREEZE, rollout.epoch) for name in frozen]
         if not frozen:
-            rollout_events.append(RolloutEvent.NODES_SETTLED)
+            dual = any(s is NodeState.DUAL for s in after.values())
+            waits = (
+                dual
+                and rollout.strategy is Strategy.TRANSITIONAL
+                and state in (RolloutState.RUNNING, RolloutState.PAUSED)
+            )
+            rollout_events.append(RolloutEvent.NODES_DUAL if waits else RolloutEvent.NODES_SETTLED)
 
     return Plan(rollout.epoch, tuple(rollout_events), tuple(node_events), tuple(steps))
+
+
+def _switch_turns(
+    rollout: Rollout,
+    after: Mapping[str, NodeState],
+    staged: Sequence[str],
+    held: frozenset[str] = frozenset(),
+) -> list[str]:
+    """The staged nodes whose turn it is to switch when nodes are prepared ahead: in rollout
+    order, none after a node still waiting to begin (pending or being prepared; a node
+    ``held`` by ``--when-quiet`` is passed over, as it is when nodes start), and no more than
+    the switch slots ``max_parallel`` leaves free."""
+    free = rollout.max_parallel - sum(s in SWITCH_SLOT for s in after.values())
+    turns: list[str] = []
+    for name in rollout.order:
+        if len(turns) >= free:
+            break
+        if after[name] is NodeState.PENDING and name in held:
+            continue
+        if after[name] is NodeState.PENDING or after[name] in PREPARING - {NodeState.STAGED}:
+            break
+        if name in staged:
+            turns.append(name)
+    return turns
 
 
 @dataclass(frozen=True)
@@ -401,10 +507,76 @@ def undo_target(
         if rollout.change is Change.DISABLE_TLS and undoes.get(rollout.id) == target.id:
             raise AlreadyUndone(target.id, rollout)
     by_name = {r.name: r for r in records}
-    switched = tuple(n for n in target.order if by_name[n].state is NodeState.DONE)
+    switched = tuple(
+        n for n in target.order if by_name[n].state in (NodeState.DONE, NodeState.DUAL)
+    )
     if not switched:
         raise NothingToUndo(f"rollout {target.id} switched no node; nothing to undo")
     return target, switched
+
+
+def confirm_success(rollout: Rollout) -> NodeEvent:
+    """The event of a node confirmed from outside: ``dual`` for a transitional phase 1."""
+    transitional = rollout.strategy is Strategy.TRANSITIONAL
+    return NodeEvent.CONFIRM_DUAL if transitional else NodeEvent.CONFIRM_DONE
+
+
+def finalize_scope(rollout: Rollout, records: Sequence[NodeRecord]) -> tuple[str, ...]:
+    """The nodes phase 2 closes http on: those phase 1 left ``dual``, in its order. PlanError
+    if ``rollout`` is not a transitional rollout awaiting finalize."""
+    if rollout.strategy is not Strategy.TRANSITIONAL or rollout.change is not Change.ENABLE_TLS:
+        raise NotAwaitingFinalize(
+            f"rollout {rollout.id} is {rollout.change.value} ({rollout.strategy.value}): only a "
+            "transitional rollout is finalized (tlsroll rollout start --strategy transitional)"
+        )
+    if rollout.state is not RolloutState.AWAITING_FINALIZE:
+        raise NotAwaitingFinalize(
+            f"rollout {rollout.id} is {rollout.state.value}, not awaiting finalize; "
+            + (
+                "wait until every node is dual: tlsroll schema show --watch"
+                if rollout.state not in TERMINAL_ROLLOUT_STATES
+                else "see: tlsroll schema show"
+            )
+        )
+    by_name = {r.name: r for r in _in_order(rollout, records)}
+    return tuple(n for n in rollout.order if by_name[n].state is NodeState.DUAL)
+
+
+def awaiting_verdict(follower: Rollout, nodes: Sequence[NodeRecord]) -> RolloutEvent | None:
+    """What the end of a rollout linked to one awaiting finalize does to it: ``finalized`` or
+    ``taken_back`` once the finalize or the way back completed with no node failed; None while
+    it runs, or if it left nodes dual (the waiting rollout keeps waiting; finalize again or
+    retry)."""
+    if follower.state is not RolloutState.COMPLETED:
+        return None
+    if any(r.state in FAILED_NODE_STATES for r in nodes):
+        return None
+    if follower.change is Change.FINALIZE:
+        return RolloutEvent.FINALIZED
+    if follower.change is Change.DISABLE_TLS:
+        return RolloutEvent.TAKEN_BACK
+    return None
+
+
+def held_for_quiet(
+    pending: Sequence[str],
+    last_http: Mapping[str, dt.datetime | None],
+    known_since: Mapping[str, dt.datetime],
+    now: dt.datetime,
+    quiet: dt.timedelta,
+) -> frozenset[str]:
+    """``--when-quiet``: the pending nodes that may not start yet. A node starts once no http
+    client was seen on it for ``quiet``: its ``last_http`` sighting is that old, or none was
+    ever seen and the leader has known its clients (``known_since``: the start of its agent's
+    first reported window) for that long. A node whose clients cannot be told (no report, or
+    the report names a problem) waits."""
+    held = set()
+    for name in pending:
+        since = known_since.get(name)
+        last = last_http.get(name)
+        if since is None or now - (last or since) < quiet:
+            held.add(name)
+    return frozenset(held)
 
 
 def apply_plan(

@@ -24,6 +24,7 @@ orders, through these states::
     switching ─switch_failed→ needs_attention        (even the agent's way back failed)
     confirming ─confirm_failed→ needs_attention      (outside check failed, and so did the
                                                       rollback)
+    confirming ─confirm_dual→ dual                   (transitional phase 1: http and https)
     pending/staged ─skip→ skipped                    (rollout halting or aborting)
     preflight/staging ─skip→ skipped                 (rollout aborting: nothing was changed)
     staging ─stage_skipped→ staged                   (the change stages no certificate)
@@ -42,7 +43,7 @@ exactly one step, and a leader that restarts knows which step to run again (step
 idempotent, keyed by rollout id + node + step).
 
 A node is *in flight* from the moment it leaves ``pending`` until it reaches a terminal state
-(``done``, ``failed``, ``rolled_back``, ``needs_attention``, ``skipped``). ``failed``,
+(``done``, ``dual``, ``failed``, ``rolled_back``, ``needs_attention``, ``skipped``). ``failed``,
 ``rolled_back`` and ``needs_attention`` count against the failure budget. ``needs_attention``
 is the one outcome in which the node is in no known good state: neither the target verified nor
 the source restored; the schema and the CLI show it apart from a clean rollback.
@@ -60,12 +61,45 @@ still preflighting or staging (which changes nothing live on the node) are skipp
 an abort, so an abort never waits for an agent that does not answer; on a halt they finish
 that step and are then skipped at the ``staged`` gate. ``pause`` only stops new nodes from
 starting; nodes in flight go all the way to a terminal state. Admin events are ``start``,
-``pause``, ``resume``, ``abort``; ``failure_budget_exceeded`` and ``nodes_settled`` are emitted
-only by the planner.
+``pause``, ``resume``, ``abort``; ``failure_budget_exceeded``, ``nodes_settled`` and
+``nodes_dual`` are emitted only by the planner, ``finalized`` and ``taken_back`` only by the
+engine (``leader.planner.awaiting_verdict``).
+
+The transitional strategy (issue 12)
+------------------------------------
+Phase 1 is an ``enable-tls`` rollout with ``strategy=transitional``: each node goes through the
+same safe transaction (freeze only for its restart, atomic config, verify, roll back on
+failure), but its target serves https on 8443 *and keeps* http on 8080, so a confirmed node
+ends ``dual`` (``confirm_dual``), not ``done``. Once every node has settled, with at least one
+``dual`` and no more failures than the budget, the rollout waits in a state of its own::
+
+    running/paused ─nodes_dual→ awaiting_finalize ─finalized→ completed
+                                awaiting_finalize ─taken_back→ aborted
+
+``awaiting_finalize`` holds no freeze and runs no step: every node is settled (the planner
+unfroze a scope freeze before ``nodes_dual``). Phase 2 is *a linked rollout* of
+``Change.FINALIZE`` (``tlsroll rollout finalize``; ``RolloutMeta.finalizes`` names phase 1):
+its nodes walk the ordinary path (pending … switching, confirming) with the agent closing
+8080, so everything a rollout has — freeze per node, verify, the agent's rollback (which for a
+finalize goes back to *dual*), pause, abort, failure budget, retry, leader restarts — works for
+phase 2 unchanged, and ``rolled_back`` means "back where the change found it" in both phases.
+The way back from dual is the ordinary ``disable-tls`` rollout undoing phase 1 (``rollout
+rollback``): its nodes go from dual to http-only. When the linked rollout ends completed with
+no failed node, the engine moves phase 1 on: ``finalized`` (→ ``completed``) or ``taken_back``
+(→ ``aborted``). Until then phase 1 keeps waiting, and only its finalize or its way back may
+start beside it (``SchemaStore.create``). An admin's ``abort`` of a waiting rollout is refused
+with those two commands (an abort that left nodes dual would hide that they are).
+
+Linking a rollout instead of a second phase inside one record keeps every node state meaning
+one thing, keeps the node table small (one new row) and reuses the whole engine. Which
+schemes a node serves before and after each change is the data in ``SCHEMES``; the planner
+refuses to plan a change whose source is not what a node serves (a dual node never goes to
+https-only except through ``finalize``).
 """
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
@@ -122,6 +156,9 @@ class RolloutEvent(StrEnum):
     ABORT = "abort"
     FAILURE_BUDGET_EXCEEDED = "failure_budget_exceeded"
     NODES_SETTLED = "nodes_settled"
+    NODES_DUAL = "nodes_dual"  # transitional phase 1 settled with dual nodes
+    FINALIZED = "finalized"  # its linked finalize rollout completed
+    TAKEN_BACK = "taken_back"  # its linked way back (disable-tls) completed
 
 
 class RolloutAction(StrEnum):
@@ -168,6 +205,7 @@ class NodeEvent(StrEnum):
     SWITCH_ROLLED_BACK = "switch_rolled_back"
     SWITCH_FAILED = "switch_failed"
     CONFIRM_DONE = "confirm_done"
+    CONFIRM_DUAL = "confirm_dual"  # transitional phase 1: both schemes answer from outside
     CONFIRM_ROLLED_BACK = "confirm_rolled_back"
     CONFIRM_FAILED = "confirm_failed"
 
@@ -208,10 +246,118 @@ CHANGES: Mapping[Change, ChangeSpec] = {
     Change.CHANGE_PASSWORD: ChangeSpec(True, False, True, Password.STAGED, "https"),
     Change.ROTATE_CERT: ChangeSpec(True, True, True, Password.KEPT, "https"),
     Change.DISABLE_TLS: ChangeSpec(True, False, True, Password.CLEARED, "http"),
-    # Not yet startable: `tlsroll rollout finalize` is being built (issue 12).
-    Change.FINALIZE: ChangeSpec(False, False, True, Password.KEPT, "https"),
+    # Started only by `tlsroll rollout finalize` (a transitional rollout's phase 2).
+    Change.FINALIZE: ChangeSpec(True, False, True, Password.KEPT, "https"),
 }
 """Every change and how it runs; a test checks that each one has a row."""
+
+HTTP: frozenset[str] = frozenset({"http"})
+HTTPS: frozenset[str] = frozenset({"https"})
+DUAL_SCHEMES: frozenset[str] = frozenset({"http", "https"})
+
+
+@dataclass(frozen=True)
+class Schemes:
+    """What a node serves before a change may run on it (``sources``) and after it is done."""
+
+    sources: frozenset[frozenset[str]]
+    target: frozenset[str]
+
+
+SCHEMES: Mapping[tuple[Change, Strategy], Schemes] = {
+    (Change.ENABLE_TLS, Strategy.DIRECT): Schemes(frozenset({HTTP, HTTPS}), HTTPS),
+    (Change.ENABLE_TLS, Strategy.TRANSITIONAL): Schemes(frozenset({HTTP}), DUAL_SCHEMES),
+    (Change.CHANGE_PASSWORD, Strategy.DIRECT): Schemes(frozenset({HTTPS}), HTTPS),
+    (Change.ROTATE_CERT, Strategy.DIRECT): Schemes(frozenset({HTTPS}), HTTPS),
+    (Change.DISABLE_TLS, Strategy.DIRECT): Schemes(frozenset({HTTPS, DUAL_SCHEMES}), HTTP),
+    (Change.FINALIZE, Strategy.DIRECT): Schemes(frozenset({DUAL_SCHEMES}), HTTPS),
+}
+"""Which schemes each change (with its strategy) starts from and leaves behind. Direct
+enable-tls may start on https-only (a certificate of another CA is replaced); no change but
+``finalize`` and ``disable-tls`` starts on a dual node, so a dual node never goes to
+https-only without finalize."""
+
+
+def schemes(change: Change, strategy: Strategy = Strategy.DIRECT) -> Schemes:
+    """The ``SCHEMES`` row of a change; ValueError for a strategy it does not have."""
+    try:
+        return SCHEMES[(change, strategy)]
+    except KeyError:
+        raise ValueError(f"{change.value} has no {strategy.value} strategy") from None
+
+
+def serves_after(rollout: Rollout, state: NodeState, before: frozenset[str]) -> frozenset[str]:
+    """What a node that served ``before`` serves once its record in ``rollout`` is ``state``
+    (a terminal state): the target when done or dual, else what it served (nothing changed,
+    or the agent rolled it back). ``needs_attention`` is unknown: the empty set."""
+    if state in (NodeState.DONE, NodeState.DUAL):
+        return schemes(rollout.change, rollout.strategy).target
+    if state is NodeState.NEEDS_ATTENTION:
+        return frozenset()
+    return before
+
+
+def wrong_source(
+    change: Change, seen: NodeObservation, strategy: Strategy = Strategy.DIRECT
+) -> str | None:
+    """Why a node may not take ``change`` from what it serves now (None: it may). A dual node
+    is named with the two ways on."""
+    now = frozenset(seen.schemes)
+    row = schemes(change, strategy)
+    # Only the transitional states are judged here; the other changes' preflight says why a
+    # node is not ready (as it did before issue 12).
+    strict = now == DUAL_SCHEMES or change is Change.FINALIZE or strategy is Strategy.TRANSITIONAL
+    if now in row.sources or not now or not strict:
+        return None
+    if now == DUAL_SCHEMES:
+        return (
+            "it serves http and https (a transitional rollout's phase 1): close http with "
+            "tlsroll rollout finalize, or go back with tlsroll rollout rollback, first"
+        )
+    if change is Change.FINALIZE:
+        return f"it serves {'+'.join(sorted(now))} only: finalize closes http on a dual node"
+    return f"it serves {'+'.join(sorted(now))}: {change.value} does not start from there"
+
+
+@dataclass(frozen=True)
+class Client:
+    """A workstation a node's managed server saw on one scheme (from the agent's heartbeat
+    ``ClientsView``; the leader keeps them in ``SchemaStore.clients``)."""
+
+    node: str
+    scheme: str  # "http" or "https"
+    address: str
+    workstation: str  # "" where unknown
+    first_seen: dt.datetime
+    last_seen: dt.datetime
+    requests: int = 0
+
+    @property
+    def key(self) -> str:
+        """Who it is: its workstation name where known, else its address."""
+        return self.workstation or self.address
+
+
+def still_on_http(
+    clients: Iterable[Client], now: dt.datetime, window: dt.timedelta
+) -> list[Client]:
+    """The http clients seen within ``window`` of ``now`` that have not been seen on https
+    (same node, same workstation or address) since: who still needs the client steps. Most
+    recently seen first."""
+    everyone = list(clients)
+    latest_https: dict[tuple[str, str], dt.datetime] = {}
+    for c in everyone:
+        if c.scheme == "https":
+            k = (c.node, c.key)
+            latest_https[k] = max(latest_https.get(k, c.last_seen), c.last_seen)
+    left = [
+        c
+        for c in everyone
+        if c.scheme == "http"
+        and now - c.last_seen <= window
+        and c.last_seen >= latest_https.get((c.node, c.key), c.last_seen)
+    ]
+    return sorted(left, key=lambda c: (c.last_seen, c.node, c.key), reverse=True)
 
 
 @dataclass(frozen=True)
@@ -225,12 +371,27 @@ class NodeObservation:
     cert_from_ca: bool = False  # the certificate served on https was issued by this CA
     verifier_digest: str = ""  # SHA-256 of the live auth password verifier ("" if none)
     problems: tuple[str, ...] = ()  # what the agent's read-only preflight checks found
+    cert_fingerprint: str = ""  # ``sha256:…`` of the certificate served on https ("" if none)
 
 
-def already_done(change: Change, seen: NodeObservation, target_digest: str = "") -> str | None:
+def already_done(
+    change: Change,
+    seen: NodeObservation,
+    target_digest: str = "",
+    strategy: Strategy = Strategy.DIRECT,
+) -> str | None:
     """Why node ``seen`` needs nothing of ``change`` (it already runs the desired state), or
     None if it does. ``target_digest``: the digest of the password change-password applies."""
     https_only = seen.schemes == ("https",)
+    dual = frozenset(seen.schemes) == DUAL_SCHEMES
+    if change is Change.ENABLE_TLS and strategy is Strategy.TRANSITIONAL:
+        if dual and seen.cert_from_ca:
+            return "already done: on http and https with a certificate of this CA"
+        if https_only and seen.cert_from_ca:
+            return "already done: on https only (finalized)"
+        return None
+    if change is Change.FINALIZE and https_only and seen.cert_from_ca:
+        return "already done: on https only"
     if change is Change.ENABLE_TLS and https_only and seen.cert_from_ca:
         return "already done: on https with a certificate of this CA"
     if change is Change.DISABLE_TLS and seen.schemes == ("http",):
@@ -257,15 +418,18 @@ ROLLOUT_TRANSITIONS: Mapping[RolloutState, Mapping[RolloutEvent, RolloutState]] 
         _RE.ABORT: _R.ABORTING,
         _RE.FAILURE_BUDGET_EXCEEDED: _R.HALTING,
         _RE.NODES_SETTLED: _R.COMPLETED,
+        _RE.NODES_DUAL: _R.AWAITING_FINALIZE,
     },
     _R.PAUSED: {
         _RE.RESUME: _R.RUNNING,
         _RE.ABORT: _R.ABORTING,
         _RE.FAILURE_BUDGET_EXCEEDED: _R.HALTING,
         _RE.NODES_SETTLED: _R.COMPLETED,
+        _RE.NODES_DUAL: _R.AWAITING_FINALIZE,
     },
     _R.ABORTING: {_RE.NODES_SETTLED: _R.ABORTED},
     _R.HALTING: {_RE.NODES_SETTLED: _R.HALTED},
+    _R.AWAITING_FINALIZE: {_RE.FINALIZED: _R.COMPLETED, _RE.TAKEN_BACK: _R.ABORTED},
     _R.COMPLETED: {},
     _R.HALTED: {},
     _R.ABORTED: {},
@@ -293,6 +457,7 @@ NODE_TRANSITIONS: Mapping[NodeState, Mapping[NodeEvent, NodeState]] = {
     },
     _N.CONFIRMING: {
         _NE.CONFIRM_DONE: _N.DONE,
+        _NE.CONFIRM_DUAL: _N.DUAL,
         _NE.CONFIRM_ROLLED_BACK: _N.ROLLED_BACK,
         _NE.CONFIRM_FAILED: _N.NEEDS_ATTENTION,
     },
@@ -301,11 +466,16 @@ NODE_TRANSITIONS: Mapping[NodeState, Mapping[NodeEvent, NodeState]] = {
     _N.ROLLED_BACK: {},
     _N.SKIPPED: {},
     _N.NEEDS_ATTENTION: {},
+    _N.DUAL: {},  # phase 1 ends here; a linked finalize or disable-tls rollout moves it on
 }
 """The per-node machine: state → event → new state. A missing entry is an illegal event."""
 
 ADMIN_ROLLOUT_EVENTS = frozenset({_RE.START, _RE.PAUSE, _RE.RESUME, _RE.ABORT})
-"""Rollout events an administrator may send; the others come only from the planner."""
+"""Rollout events an administrator may send; the others come only from the planner (and,
+for a rollout awaiting finalize, from the engine: ``LINKED_ROLLOUT_EVENTS``)."""
+
+LINKED_ROLLOUT_EVENTS = frozenset({_RE.FINALIZED, _RE.TAKEN_BACK})
+"""What a linked rollout's end does to the transitional rollout awaiting finalize."""
 
 PLANNER_NODE_EVENTS = frozenset({_NE.START, _NE.SWITCH, _NE.SKIP, _NE.STAGE_SKIPPED})
 """Gate events: only the planner emits them (it enforces max_parallel, pause, halt, freeze,
@@ -324,7 +494,7 @@ STEP_FOR_STATE: Mapping[NodeState, Step] = {
 the agent roll back when the outside check fails)."""
 
 TERMINAL_NODE_STATES = frozenset(
-    {_N.DONE, _N.FAILED, _N.ROLLED_BACK, _N.SKIPPED, _N.NEEDS_ATTENTION}
+    {_N.DONE, _N.DUAL, _N.FAILED, _N.ROLLED_BACK, _N.SKIPPED, _N.NEEDS_ATTENTION}
 )
 FAILED_NODE_STATES = frozenset({_N.FAILED, _N.ROLLED_BACK, _N.NEEDS_ATTENTION})
 """Node outcomes that count against the failure budget."""
@@ -332,6 +502,8 @@ IN_FLIGHT_NODE_STATES = frozenset(NodeState) - TERMINAL_NODE_STATES - {_N.PENDIN
 """A node is in flight from leaving ``pending`` until it reaches a terminal state."""
 
 TERMINAL_ROLLOUT_STATES = frozenset({_R.COMPLETED, _R.HALTED, _R.ABORTED})
+WAITING_ROLLOUT_STATES = frozenset({_R.AWAITING_FINALIZE})
+"""Not ended, but nothing runs: no step, no freeze; only a linked rollout moves it on."""
 DRAINING_ROLLOUT_STATES = frozenset({_R.ABORTING, _R.HALTING})
 """No node starts or begins a switch; in-flight work finishes, then the rollout ends."""
 
@@ -371,6 +543,11 @@ def next_command(rollout: Rollout, action: RolloutAction) -> str:
     """What to run when ``action`` is not allowed in the rollout's state (one clause, the
     end of an ``IllegalTransition``); the one place that says it."""
     state = rollout.state
+    if state is RolloutState.AWAITING_FINALIZE:
+        return (
+            f"its nodes serve http and https: close http with tlsroll rollout finalize "
+            f"{rollout.id}, or go back to http with tlsroll rollout rollback {rollout.id}"
+        )
     if state in (RolloutState.HALTED, RolloutState.ABORTED):
         return f"it has ended: {way_out(rollout)}"
     if state in TERMINAL_ROLLOUT_STATES:

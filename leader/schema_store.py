@@ -19,6 +19,7 @@ from leader.db import LeaderStore
 from leader.rollout_core import (
     TERMINAL_ROLLOUT_STATES,
     Change,
+    Client,
     FreezeMode,
     NodeRecord,
     NodeState,
@@ -58,6 +59,8 @@ class RolloutMeta:
     reason: str = ""
     auth_version: int = 0
     undoes: str = ""  # disable-tls: the id of the rollout whose switch it takes back
+    finalizes: str = ""  # finalize: the transitional rollout whose phase 2 this is
+    when_quiet: int = 0  # finalize --when-quiet: seconds without an http client per node
 
 
 @dataclass(frozen=True)
@@ -100,6 +103,22 @@ class BootstrapFailureRow:
 
 FAILURES_KEPT = dt.timedelta(days=30)  # older rows are dropped when new ones come in
 FAILURES_SHOWN = 100
+
+
+@dataclass(frozen=True)
+class ClientsInfo:
+    """How a node's agent last reported its clients (``ClientsView`` without the list)."""
+
+    node: str
+    window_seconds: int
+    source: str
+    problem: str
+    first_report: dt.datetime
+    reported_at: dt.datetime
+    last_http_at: dt.datetime | None
+
+
+MAX_CLIENTS = 256  # per node, as the agent sends at most
 
 
 @dataclass(frozen=True)
@@ -174,6 +193,8 @@ class SchemaStore(LeaderStore):
             reason=r["reason"],
             auth_version=r["auth_version"],
             undoes=r["undoes"],
+            finalizes=r["finalizes"],
+            when_quiet=r["when_quiet"],
         )
         by_name = {row["name"]: row for row in rows}
         nodes = tuple(_node(by_name[name]) for name in rollout.order)
@@ -183,6 +204,19 @@ class SchemaStore(LeaderStore):
         with self._db.read() as db:
             ids = [r["id"] for r in db.execute("SELECT id FROM rollouts ORDER BY epoch DESC")]
         return [row for i in ids if (row := self.get(i)) is not None]
+
+    def newest(self, limit: int) -> tuple[list[RolloutRow], int]:
+        """The newest ``limit`` rollouts (newest first) and how many are stored: ``schema
+        show`` draws the active or latest one, not every rollout ever stored."""
+        with self._db.read() as db:
+            total = int(db.execute("SELECT count(*) FROM rollouts").fetchone()[0])
+            ids = [
+                r["id"]
+                for r in db.execute(
+                    "SELECT id FROM rollouts ORDER BY epoch DESC LIMIT ?", (max(limit, 0),)
+                )
+            ]
+        return [row for i in ids if (row := self.get(i)) is not None], total
 
     def history(self, rollout_id: str) -> list[AuditEvent]:
         """The audit events of a rollout and of its nodes, oldest first: its timeline."""
@@ -204,6 +238,119 @@ class SchemaStore(LeaderStore):
             for r in rows
         ]
 
+    def awaiting(self) -> list[RolloutRow]:
+        """Transitional rollouts awaiting finalize (at most one, but read as a list)."""
+        with self._db.read() as db:
+            ids = [
+                r["id"]
+                for r in db.execute(
+                    "SELECT id FROM rollouts WHERE state = ? ORDER BY epoch DESC",
+                    (RolloutState.AWAITING_FINALIZE.value,),
+                )
+            ]
+        return [row for i in ids if (row := self.get(i)) is not None]
+
+    def follower(self, rollout_id: str) -> RolloutRow | None:
+        """The newest rollout that finalizes ``rollout_id`` or takes it back."""
+        with self._db.read() as db:
+            row = db.execute(
+                "SELECT id FROM rollouts WHERE finalizes = ? OR undoes = ?"
+                " ORDER BY epoch DESC LIMIT 1",
+                (rollout_id, rollout_id),
+            ).fetchone()
+        return self.get(row["id"]) if row else None
+
+    # --- who each node's server has seen (from heartbeats) ------------------------------------
+
+    def record_clients(
+        self,
+        node: str,
+        clients: Sequence[Client],
+        *,
+        window_seconds: int,
+        source: str,
+        problem: str,
+        now: dt.datetime,
+    ) -> None:
+        """Replace what ``node``'s agent last reported (at most ``MAX_CLIENTS`` rows) and move
+        its ``last_http_at`` on: the list covers only the agent's window, the last http
+        sighting is kept beyond it (``--when-quiet`` may wait longer than the window)."""
+        kept = sorted(clients, key=lambda c: c.last_seen, reverse=True)[:MAX_CLIENTS]
+        last_http = max((c.last_seen for c in kept if c.scheme == "http"), default=None)
+        with self._db.tx() as db:
+            db.execute("DELETE FROM node_clients WHERE node = ?", (node,))
+            db.executemany(
+                "INSERT OR REPLACE INTO node_clients (node, scheme, address, workstation,"
+                " first_seen, last_seen, requests) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                [
+                    (
+                        node,
+                        c.scheme,
+                        c.address,
+                        c.workstation,
+                        to_text(c.first_seen),
+                        to_text(c.last_seen),
+                        c.requests,
+                    )
+                    for c in kept
+                ],
+            )
+            db.execute(
+                "INSERT INTO node_clients_info (node, window_seconds, source, problem,"
+                " first_report, reported_at, last_http_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT(node) DO UPDATE SET window_seconds = excluded.window_seconds,"
+                " source = excluded.source, problem = excluded.problem,"
+                " reported_at = excluded.reported_at,"
+                " last_http_at = CASE WHEN excluded.last_http_at IS NULL THEN last_http_at"
+                "  WHEN last_http_at IS NULL OR last_http_at < excluded.last_http_at"
+                "  THEN excluded.last_http_at ELSE last_http_at END",
+                (
+                    node,
+                    window_seconds,
+                    source,
+                    problem,
+                    to_text(now),
+                    to_text(now),
+                    to_text(last_http),
+                ),
+            )
+
+    def clients(self, nodes: Sequence[str] | None = None) -> list[Client]:
+        """What the agents last reported (of ``nodes``, or all), most recently seen first."""
+        with self._db.read() as db:
+            rows = db.execute(
+                "SELECT * FROM node_clients ORDER BY last_seen DESC, node, address"
+            ).fetchall()
+        return [
+            Client(
+                node=r["node"],
+                scheme=r["scheme"],
+                address=r["address"],
+                workstation=r["workstation"],
+                first_seen=dt.datetime.fromisoformat(r["first_seen"]),
+                last_seen=dt.datetime.fromisoformat(r["last_seen"]),
+                requests=r["requests"],
+            )
+            for r in rows
+            if nodes is None or r["node"] in nodes
+        ]
+
+    def clients_info(self) -> dict[str, ClientsInfo]:
+        with self._db.read() as db:
+            rows = db.execute("SELECT * FROM node_clients_info").fetchall()
+        return {
+            r["node"]: ClientsInfo(
+                node=r["node"],
+                window_seconds=r["window_seconds"],
+                source=r["source"],
+                problem=r["problem"],
+                first_report=dt.datetime.fromisoformat(r["first_report"]),
+                reported_at=dt.datetime.fromisoformat(r["reported_at"]),
+                last_http_at=from_text(r["last_http_at"]),
+            )
+            for r in rows
+        }
+
     # --- writing ------------------------------------------------------------------------------
 
     def create(
@@ -216,17 +363,18 @@ class SchemaStore(LeaderStore):
     ) -> RolloutRow:
         """Insert a new rollout, refusing if another one is active (checked in the same
         transaction, so two starts cannot both succeed). ``new_verifier`` adds the auth
-        password the rollout applies, in the same transaction."""
+        password the rollout applies, in the same transaction. A transitional rollout awaiting
+        finalize lets only its finalize or its way back start beside it."""
         with self._db.tx() as db:
-            _refuse_if_busy(db)
+            _refuse_if_busy(db, meta.finalizes or meta.undoes)
             auth_version = meta.auth_version
             if new_verifier is not None:
                 auth_version = self._add_auth(db, new_verifier, now, meta.started_by)
             db.execute(
                 "INSERT INTO rollouts (id, change, scope_kind, scope_names, node_order, strategy,"
                 " max_parallel, failure_budget, freeze, epoch, state, created_at, started_at,"
-                " started_by, leader_node, auth_version, undoes)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                " started_by, leader_node, auth_version, undoes, finalizes, when_quiet)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     rollout.id,
                     rollout.change.value,
@@ -245,6 +393,8 @@ class SchemaStore(LeaderStore):
                     meta.leader_node,
                     auth_version,
                     meta.undoes,
+                    meta.finalizes,
+                    meta.when_quiet,
                 ),
             )
             for n in nodes:
@@ -406,6 +556,40 @@ class SchemaStore(LeaderStore):
             _refuse_if_busy(db)
             return self._add_auth(db, verifier, now, actor)
 
+    # --- bring your own certificate (``--cert-dir``) ---------------------------------------
+    # The practice CA a rollout's certificates chain to, kept in the ``meta`` table under
+    # ``own_ca/<rollout id>`` (public; the keys are never stored). Its presence marks the
+    # rollout as one with the practice's own certificates: the stage step hands the nodes
+    # those, the confirm step checks https against this CA, retry is refused.
+
+    def set_own_ca(self, rollout_id: str, ca_pem: bytes) -> None:
+        with self._db.tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                (f"own_ca/{rollout_id}", ca_pem.decode("ascii")),
+            )
+
+    def own_ca(self, rollout_id: str) -> bytes | None:
+        """The practice CA of a ``--cert-dir`` rollout; None for the usual one."""
+        with self._db.read() as db:
+            row = db.execute(
+                "SELECT value FROM meta WHERE key = ?", (f"own_ca/{rollout_id}",)
+            ).fetchone()
+        return str(row["value"]).encode("ascii") if row else None
+
+    def own_cas(self) -> bytes:
+        """Every practice CA a ``--cert-dir`` rollout has used (PEM, each once): the nodes
+        they went to hand them to their workstations with the cluster CA."""
+        with self._db.read() as db:
+            rows = db.execute(
+                "SELECT value FROM meta WHERE key LIKE 'own\\_ca/%' ESCAPE '\\' ORDER BY key"
+            ).fetchall()
+        return b"".join(dict.fromkeys(str(r["value"]).encode("ascii") for r in rows))
+
+    def drop_own_ca(self, rollout_id: str) -> None:
+        with self._db.tx() as db:
+            db.execute("DELETE FROM meta WHERE key = ?", (f"own_ca/{rollout_id}",))
+
     def latest_auth_version(self) -> int:
         with self._db.read() as db:
             row = db.execute("SELECT COALESCE(MAX(version), 0) FROM auth_versions").fetchone()
@@ -534,14 +718,17 @@ class SchemaStore(LeaderStore):
             ).fetchall()
 
 
-def _refuse_if_busy(db: sqlite3.Connection) -> None:
-    """Inside a write transaction: RolloutBusy if a rollout has not ended."""
-    busy = db.execute(
+def _refuse_if_busy(db: sqlite3.Connection, follows: str = "") -> None:
+    """Inside a write transaction: RolloutBusy if a rollout has not ended, unless it is the
+    transitional rollout ``follows`` awaiting finalize (a new rollout that finalizes it or
+    takes it back may start beside it)."""
+    for busy in db.execute(
         f"SELECT id, state FROM rollouts WHERE {_ACTIVE}",  # noqa: S608
         _TERMINAL,
-    ).fetchone()
-    if busy is not None:
-        raise RolloutBusy(busy["id"], busy["state"])
+    ).fetchall():
+        waiting = busy["state"] == RolloutState.AWAITING_FINALIZE.value
+        if not (waiting and follows and busy["id"] == follows):
+            raise RolloutBusy(busy["id"], busy["state"])
 
 
 class StaleRecords(TransientError):
@@ -550,6 +737,13 @@ class StaleRecords(TransientError):
 
 class RolloutBusy(TerminalError):
     def __init__(self, rollout_id: str, state: str) -> None:
+        if state == RolloutState.AWAITING_FINALIZE.value:
+            super().__init__(
+                f"rollout {rollout_id} awaits finalize (its nodes serve http and https); close "
+                f"http first (tlsroll rollout finalize {rollout_id}) or go back to http "
+                f"(tlsroll rollout rollback {rollout_id})"
+            )
+            return
         super().__init__(
             f"rollout {rollout_id} is {state}; one rollout at a time per cluster "
             "(wait for it, or: tlsroll rollout abort)"

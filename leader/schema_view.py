@@ -8,16 +8,18 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Callable, Sequence
+from collections import Counter
+from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from leader.schema_store import BootstrapFailureRow, RolloutRow, SchemaStore
+from leader.rollout_core import Client, still_on_http
+from leader.schema_store import BootstrapFailureRow, ClientsInfo, RolloutRow, SchemaStore
 from leader.wire import CHANGE, FREEZE, NODE_STATE, ROLLOUT_STATE, SCOPE_KIND, STRATEGY
 from tlsroll.rpc import map_errors, not_found, timestamp
 from tlsroll.sqlite import from_text
-from tlsroll.v1 import schema_pb2, schema_pb2_grpc
+from tlsroll.v1 import schema_pb2, schema_pb2_grpc, types_pb2
 
 if TYPE_CHECKING:
     from leader.expiry import ExpiryWatch
@@ -25,8 +27,11 @@ if TYPE_CHECKING:
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
-def rollout_view(row: RolloutRow, pending: set[str] | None = None) -> schema_pb2.RolloutView:
-    """The view of one rollout; ``pending`` names nodes with a staged, not yet live password."""
+def rollout_view(
+    row: RolloutRow, pending: set[str] | None = None, on_http: Mapping[str, int] | None = None
+) -> schema_pb2.RolloutView:
+    """The view of one rollout; ``pending`` names nodes with a staged, not yet live password,
+    ``on_http`` counts the workstations still on http per node."""
     r, meta = row.rollout, row.meta
     nodes = []
     for rec, d in row.nodes:
@@ -54,6 +59,7 @@ def rollout_view(row: RolloutRow, pending: set[str] | None = None) -> schema_pb2
                 leader_node=rec.name == meta.leader_node,
                 bootstrap_port=d.bootstrap_port,
                 password_pending=rec.name in (pending or set()),
+                still_on_http=(on_http or {}).get(rec.name, 0),
             )
         )
     return schema_pb2.RolloutView(
@@ -74,7 +80,57 @@ def rollout_view(row: RolloutRow, pending: set[str] | None = None) -> schema_pb2
         nodes=nodes,
         reason=meta.reason,
         undoes=meta.undoes,
+        finalizes=meta.finalizes,
+        when_quiet_seconds=meta.when_quiet,
     )
+
+
+def client_view(c: Client) -> types_pb2.ClientSeen:
+    return types_pb2.ClientSeen(
+        scheme=c.scheme,
+        address=c.address,
+        workstation=c.workstation,
+        first_seen=timestamp(c.first_seen),
+        last_seen=timestamp(c.last_seen),
+        requests=c.requests,
+    )
+
+
+def still_on_http_now(
+    clients: Sequence[Client], infos: Mapping[str, ClientsInfo], now: dt.datetime
+) -> list[Client]:
+    """Who still needs the client steps: per node, within the window its agent reports."""
+    return [
+        c
+        for c in still_on_http(clients, now, dt.timedelta(days=366))
+        if c.node in infos
+        and now - c.last_seen <= dt.timedelta(seconds=infos[c.node].window_seconds)
+    ]
+
+
+def node_clients_views(
+    clients: Sequence[Client], infos: Mapping[str, ClientsInfo], now: dt.datetime
+) -> list[schema_pb2.NodeClientsView]:
+    """Per node that reported, which clients are on which scheme, by node name."""
+    left = still_on_http_now(clients, infos, now)
+    views = []
+    for node in sorted(infos):
+        info = infos[node]
+        views.append(
+            schema_pb2.NodeClientsView(
+                node=node,
+                clients=types_pb2.ClientsView(
+                    clients=[client_view(c) for c in clients if c.node == node],
+                    window_seconds=info.window_seconds,
+                    source=info.source,
+                    problem=info.problem,
+                ),
+                still_on_http=[client_view(c) for c in left if c.node == node],
+                reported_at=timestamp(info.reported_at),
+                last_http_at=timestamp(info.last_http_at),
+            )
+        )
+    return views
 
 
 def failure_view(row: BootstrapFailureRow) -> schema_pb2.BootstrapFailureView:
@@ -97,12 +153,18 @@ def schema_message(
     revoked: Sequence[Any] = (),
     expiring: Sequence[Any] = (),
     renewal_failures: Sequence[tuple[str, dt.datetime, str, dt.datetime]] = (),
+    clients: Sequence[Client] = (),
+    infos: Mapping[str, ClientsInfo] | None = None,
+    auto_rotate: schema_pb2.AutoRotateView | None = None,
 ) -> schema_pb2.Schema:
     """The whole schema as ``GetSchema`` answers it (and ``schema show --json`` prints it).
     ``expiring``: ``leader.expiry.Expiry`` within their horizon; ``renewal_failures``: (node,
     failing since, reason, its certificate's end)."""
+    infos = infos or {}
+    on_http = Counter(c.node for c in still_on_http_now(clients, infos, now))
     return schema_pb2.Schema(
-        rollouts=[rollout_view(r, pending) for r in rows],
+        node_clients=node_clients_views(clients, infos, now),
+        rollouts=[rollout_view(r, pending, on_http) for r in rows],
         generated_at=timestamp(now),
         bootstrap_failures=[failure_view(f) for f in failures],
         removed_nodes=[
@@ -140,6 +202,7 @@ def schema_message(
             )
             for node, since, reason, not_after in renewal_failures
         ],
+        auto_rotate=auto_rotate,
     )
 
 
@@ -149,10 +212,14 @@ class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
         schema: SchemaStore,
         clock: Callable[[], dt.datetime],
         expiry: ExpiryWatch | None = None,
+        auto_rotate: Callable[[], schema_pb2.AutoRotateView] | None = None,
     ) -> None:
+        """``auto_rotate``: what the automatic rotation last decided
+        (``leader.auto_rotate.Status.view``)."""
         self.schema = schema
         self.clock = clock
         self.expiry = expiry
+        self.auto_rotate = auto_rotate
 
     @map_errors({})
     async def GetSchema(
@@ -162,17 +229,41 @@ class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
             row = await asyncio.to_thread(self.schema.get, request.rollout_id)
             if row is None:
                 raise not_found(f"no rollout {request.rollout_id!r} (see: tlsroll schema show)")
-            rows = [row]
+            rows, total = [row], 0
+        elif request.limit:
+            rows, total = await asyncio.to_thread(self.schema.newest, request.limit)
         else:
             rows = await asyncio.to_thread(self.schema.all)
+            total = len(rows)
         pending = await asyncio.to_thread(self.schema.pending_password_nodes)
-        failures = await asyncio.to_thread(self.schema.bootstrap_failures)
         now = self.clock()
-        removed = await asyncio.to_thread(self.schema.removed_nodes)
-        revoked = await asyncio.to_thread(self.schema.revoked_certificates, now)
-        expiring: list[Any] = []
-        renewals: list[Any] = []
-        if self.expiry is not None:
-            expiring = await asyncio.to_thread(self.expiry.warnings)
-            renewals = await asyncio.to_thread(self.expiry.renewal_failures)
-        return schema_message(rows, pending, now, failures, removed, revoked, expiring, renewals)
+        clients = await asyncio.to_thread(self.schema.clients)
+        infos = await asyncio.to_thread(self.schema.clients_info)
+        if request.rollouts_only:
+            message = schema_message(rows, pending, now, clients=clients, infos=infos)
+        else:
+            failures = await asyncio.to_thread(self.schema.bootstrap_failures)
+            removed = await asyncio.to_thread(self.schema.removed_nodes)
+            revoked = await asyncio.to_thread(self.schema.revoked_certificates, now)
+            expiring: list[Any] = []
+            renewals: list[Any] = []
+            if self.expiry is not None:
+                expiring = await asyncio.to_thread(self.expiry.warnings)
+                renewals = await asyncio.to_thread(self.expiry.renewal_failures)
+            auto = self.auto_rotate() if self.auto_rotate is not None else None
+            message = schema_message(
+                rows,
+                pending,
+                now,
+                failures,
+                removed,
+                revoked,
+                expiring,
+                renewals,
+                clients=clients,
+                infos=infos,
+                auto_rotate=auto,
+            )
+        if total > len(rows):  # only when some were left out (else as the viewer's API)
+            message.total_rollouts = total
+        return message

@@ -216,7 +216,14 @@ class Audit:
 class Leader:
     """One leader process on the world's store file: its stores, engine and admin commands."""
 
-    def __init__(self, world: World, freeze_lease: int, crash_at: int, crash_after: bool) -> None:
+    def __init__(
+        self,
+        world: World,
+        freeze_lease: int,
+        crash_at: int,
+        crash_after: bool,
+        prepare_ahead: int = 0,
+    ) -> None:
         self.world = world
         self.store = open_store(world.path)
         self.schema = ScriptedSchema(self.store, crash_at=crash_at, crash_after=crash_after)
@@ -230,6 +237,7 @@ class Leader:
             freeze_lease,
             monotonic=clock.monotonic,
             sleep=clock.sleep,
+            prepare_ahead=prepare_ahead,
         )
         self.commands = Commands(
             self.store, self.schema, clock.wall, lambda _seen: True, LEADER, self.engine.wake.set
@@ -306,9 +314,14 @@ class World:
     agents: FakeAgents
 
     def boot(
-        self, *, freeze_lease: int = 300, crash_at: int = 0, crash_after: bool = False
+        self,
+        *,
+        freeze_lease: int = 300,
+        crash_at: int = 0,
+        crash_after: bool = False,
+        prepare_ahead: int = 0,
     ) -> Leader:
-        return Leader(self, freeze_lease, crash_at, crash_after)
+        return Leader(self, freeze_lease, crash_at, crash_after, prepare_ahead)
 
 
 def make_world(directory: Path, mp: pytest.MonkeyPatch) -> World:
@@ -398,6 +411,26 @@ async def test_enable_tls_switches_every_node_once_in_order(
         assert agent.fingerprint == detail.cert_fingerprint, record.name
     assert leader.schema.node_auth() == dict.fromkeys(ORDER, row.meta.auth_version)
     assert row.meta.auth_version == 1
+    await leader.stop()
+
+
+async def test_pipelining_prepares_the_next_node_while_one_switches(world: World) -> None:
+    """prepare_ahead=1: the next node's preflight and stage run while a node switches; the
+    switches still run one at a time, in order, each after the previous node's confirm."""
+    leader = world.boot(prepare_ahead=1)
+    await leader.start(max_parallel=1)
+    row = await leader.run()
+    assert row.rollout.state is R.COMPLETED
+    assert states(row) == ALL_DONE
+    calls = [(c.node, c.method) for c in world.agents.calls]
+    assert [n for n, m in calls if m == "switch"] == list(ORDER)
+    first, second = ORDER[0], ORDER[1]
+    # The second node was prepared before the first one's switch began ...
+    assert calls.index((second, "stage")) < calls.index((first, "switch"))
+    # ... and its switch began only after the first node's switch and confirm ended.
+    last_of_first = max(i for i, (n, _m) in enumerate(calls) if n == first)
+    assert calls.index((second, "switch")) > last_of_first
+    assert most_in_flight(leader.audit()) == 2
     await leader.stop()
 
 

@@ -10,6 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from leader.planner import (
+    PREPARING,
+    SWITCH_SLOT,
     AlreadyUndone,
     AuthDecision,
     EmptyScope,
@@ -22,8 +24,12 @@ from leader.planner import (
     StepAction,
     UnknownNodes,
     Unreachable,
+    WrongSource,
     apply_plan,
+    awaiting_verdict,
+    confirm_success,
     decide_auth,
+    finalize_scope,
     next_actions,
     order_nodes,
     plan_rollout,
@@ -51,7 +57,9 @@ from leader.rollout_core import (
     RolloutState,
     Scope,
     Step,
+    Strategy,
     already_done,
+    serves_after,
 )
 
 R, RE, N, NE = RolloutState, RolloutEvent, NodeState, NodeEvent
@@ -64,6 +72,11 @@ SUCCESS = {
 }
 
 
+def success(rollout: Rollout, state: NodeState) -> NodeEvent:
+    """The event of the step of ``state`` succeeding (a transitional confirm: dual)."""
+    return confirm_success(rollout) if state is N.CONFIRMING else SUCCESS[state]
+
+
 @dataclass
 class Engine:
     """A stand-in for the engine: holds the records, persists plans, feeds outcomes back."""
@@ -71,6 +84,7 @@ class Engine:
     rollout: Rollout
     nodes: tuple[NodeRecord, ...]
     plans: list[Plan] = field(default_factory=list)
+    prepare_ahead: int = 0
 
     @classmethod
     def cluster(
@@ -81,10 +95,13 @@ class Engine:
         max_parallel: int = 1,
         failure_budget: int = 0,
         freeze: FreezeMode = FreezeMode.NODE,
+        strategy: Strategy = Strategy.DIRECT,
+        prepare_ahead: int = 0,
     ) -> Engine:
         """A started-from-scratch rollout over ``names`` (all online), epoch 3."""
         rollout, nodes = plan_rollout(
             rollout_id="r1",
+            strategy=strategy,
             change=Change.ENABLE_TLS,
             scope=Scope.cluster(),
             enrolled=dict.fromkeys(names.split(), True),
@@ -94,11 +111,11 @@ class Engine:
             failure_budget=failure_budget,
             freeze=freeze,
         )
-        return cls(rollout, nodes)
+        return cls(rollout, nodes, prepare_ahead=prepare_ahead)
 
     def plan(self) -> Plan:
         """Ask the planner, persist the plan's events, return the plan."""
-        plan = next_actions(self.rollout, self.nodes)
+        plan = next_actions(self.rollout, self.nodes, prepare_ahead=self.prepare_ahead)
         self.rollout, self.nodes = apply_plan(self.rollout, self.nodes, plan)
         self.plans.append(plan)
         return plan
@@ -113,7 +130,7 @@ class Engine:
 
     def succeed(self, name: str) -> Plan:
         """The step now running on ``name`` succeeds."""
-        return self.outcome(name, SUCCESS[self.node(name).state])
+        return self.outcome(name, success(self.rollout, self.node(name).state))
 
     def finish(self, name: str) -> Plan:
         """Every remaining step on ``name`` succeeds (it must not wait at a gate)."""
@@ -172,6 +189,47 @@ def test_three_nodes_one_at_a_time() -> None:
     assert plan.rollout_events == (RE.NODES_SETTLED,)
     assert eng.status() is R.COMPLETED
     assert eng.plan() == Plan(epoch=3)
+
+
+def test_pipelining_prepares_the_next_node_while_one_switches() -> None:
+    """prepare_ahead=1: b is preflighted and staged while a switches (nothing live changes on
+    b), but b switches only after a, and never two at once with max_parallel 1."""
+    eng = Engine.cluster(prepare_ahead=1)
+    plan = eng.admin(RE.START)
+    assert plan.nodes_with_event(NE.START) == ("a", "b")
+    eng.succeed("b")
+    plan = eng.succeed("b")  # b is staged first: it waits for a, which is still preparing
+    assert eng.states() == {"a": N.PREFLIGHT, "b": N.STAGED, "c": N.PENDING}
+    assert plan.nodes_with_event(NE.SWITCH) == ()
+    eng.succeed("a")
+    plan = eng.succeed("a")  # a staged: a switches; b keeps waiting, c waits for a slot
+    assert plan.nodes_with_event(NE.SWITCH) == ("a",)
+    assert eng.states() == {"a": N.SWITCHING, "b": N.STAGED, "c": N.PENDING}
+    plan = eng.succeed("a")  # confirming: still a's switch slot
+    assert plan.nodes_with_event(NE.SWITCH) == () and plan.nodes_with_event(NE.START) == ()
+    plan = eng.succeed("a")  # a done: b switches and c starts preparing, in one plan
+    assert plan.nodes_with_event(NE.SWITCH) == ("b",)
+    assert plan.nodes_with_event(NE.START) == ("c",)
+    assert eng.states() == {"a": N.DONE, "b": N.SWITCHING, "c": N.PREFLIGHT}
+    eng.finish("c")  # c is ready before b is done: it waits
+    assert eng.states() == {"a": N.DONE, "b": N.SWITCHING, "c": N.STAGED}
+    eng.finish("b")
+    eng.finish("c")
+    assert eng.status() is R.COMPLETED
+
+
+def test_pipelining_keeps_the_seeds_safety_a_failed_switch_switches_nothing_else() -> None:
+    """A switch that rolls back halts the rollout (budget 0): the node prepared meanwhile is
+    skipped without switching, and no other node starts."""
+    eng = Engine.cluster(prepare_ahead=1)
+    eng.admin(RE.START)
+    eng.finish("b")
+    eng.succeed("a")
+    eng.succeed("a")  # a switching, b staged
+    plan = eng.outcome("a", NE.SWITCH_ROLLED_BACK, "server did not come back")
+    assert plan.nodes_with_event(NE.SWITCH) == () and plan.nodes_with_event(NE.START) == ()
+    assert eng.states() == {"a": N.ROLLED_BACK, "b": N.SKIPPED, "c": N.SKIPPED}
+    assert eng.status() is R.HALTED
 
 
 def test_two_at_a_time() -> None:
@@ -483,7 +541,10 @@ ops = st.one_of(
 
 def check_plan(rollout: Rollout, plan: Plan) -> None:
     """What a plan may contain, given the rollout state it was made for."""
-    if rollout.state in TERMINAL_ROLLOUT_STATES or rollout.state is R.PLANNED:
+    if rollout.state in TERMINAL_ROLLOUT_STATES or rollout.state in (
+        R.PLANNED,
+        R.AWAITING_FINALIZE,
+    ):
         assert plan == Plan(epoch=rollout.epoch)
     if rollout.state is not R.RUNNING:
         assert not plan.nodes_with_event(NE.START)
@@ -492,16 +553,24 @@ def check_plan(rollout: Rollout, plan: Plan) -> None:
         or RE.FAILURE_BUDGET_EXCEEDED in plan.rollout_events
     ):
         assert not plan.nodes_with_event(NE.SWITCH)
-    if RE.NODES_SETTLED in plan.rollout_events:  # nothing may be left to do, not even unfreeze
-        assert plan.steps == ()
+    if {RE.NODES_SETTLED, RE.NODES_DUAL} & set(plan.rollout_events):
+        assert plan.steps == ()  # nothing may be left to do, not even unfreeze
+    if RE.NODES_DUAL in plan.rollout_events:
+        assert rollout.strategy is Strategy.TRANSITIONAL
     assert all(a.epoch == rollout.epoch for a in plan.steps)
 
 
-def check_records(rollout: Rollout, nodes: tuple[NodeRecord, ...]) -> None:
+def check_records(rollout: Rollout, nodes: tuple[NodeRecord, ...], ahead: int = 0) -> None:
     """What must hold of the records at every moment."""
     states = [n.state for n in nodes]
     failures = sum(s in FAILED_NODE_STATES for s in states)
-    assert sum(s in IN_FLIGHT_NODE_STATES for s in states) <= rollout.max_parallel
+    assert sum(s in IN_FLIGHT_NODE_STATES for s in states) <= rollout.max_parallel + ahead
+    assert sum(s in SWITCH_SLOT for s in states) <= rollout.max_parallel
+    if ahead:  # a node switches only once every node before it in order has begun
+        for i, n in enumerate(nodes):
+            if n.state in SWITCH_SLOT:
+                before = {m.state for m in nodes[:i]}
+                assert not before & (PREPARING | {N.PENDING}), (n.name, states)
     if rollout.state in TERMINAL_ROLLOUT_STATES:
         assert all(s in TERMINAL_NODE_STATES for s in states)
         assert not any(n.scope_frozen for n in nodes)
@@ -512,6 +581,15 @@ def check_records(rollout: Rollout, nodes: tuple[NodeRecord, ...]) -> None:
         assert failures > rollout.failure_budget
     if rollout.state in (R.PLANNED, R.RUNNING, R.PAUSED):
         assert N.SKIPPED not in states
+    if rollout.state is R.AWAITING_FINALIZE:  # waits holding nothing: settled, unfrozen
+        assert all(s in TERMINAL_NODE_STATES for s in states)
+        assert not any(n.scope_frozen for n in nodes)
+        assert N.DUAL in states and N.SKIPPED not in states
+        assert failures <= rollout.failure_budget
+    if rollout.strategy is Strategy.DIRECT:
+        assert N.DUAL not in states  # only a transitional phase 1 leaves a node dual
+    else:
+        assert N.DONE not in states  # ... and it never leaves one https-only
     if rollout.freeze is FreezeMode.NODE:
         assert not any(n.scope_frozen for n in nodes)
     elif any(s in (N.SWITCHING, N.CONFIRMING) for s in states):
@@ -527,7 +605,10 @@ def run(eng: Engine, op: Op) -> None:
                 eng.rollout = eng.rollout.with_event(op.event)
             else:
                 i = op.node % len(eng.nodes)
-                new = eng.nodes[i].with_event(op.event)
+                event = op.event
+                if event in (NE.CONFIRM_DONE, NE.CONFIRM_DUAL):  # the strategy picks which
+                    event = confirm_success(eng.rollout)
+                new = eng.nodes[i].with_event(event)
                 eng.nodes = (*eng.nodes[:i], new, *eng.nodes[i + 1 :])
         except IllegalTransition:
             assert (eng.rollout, eng.nodes) == before
@@ -535,17 +616,19 @@ def run(eng: Engine, op: Op) -> None:
         working = [n for n in eng.nodes if n.state in STEP_FOR_STATE]
         if working:
             node = working[op.node % len(working)]
-            results = SUCCESS if op.ok else FAILURE
+            event = success(eng.rollout, node.state) if op.ok else FAILURE[node.state]
             i = eng.nodes.index(node)
-            new = node.with_event(results[node.state], None if op.ok else "it broke")
+            new = node.with_event(event, None if op.ok else "it broke")
             eng.nodes = (*eng.nodes[:i], new, *eng.nodes[i + 1 :])
     else:  # the planner itself must never make an illegal move
-        check_plan(eng.rollout, next_actions(eng.rollout, eng.nodes))
+        check_plan(
+            eng.rollout, next_actions(eng.rollout, eng.nodes, prepare_ahead=eng.prepare_ahead)
+        )
         plan = eng.plan()
-        check_records(eng.rollout, eng.nodes)
+        check_records(eng.rollout, eng.nodes, eng.prepare_ahead)
         if isinstance(op, Ack):
             eng.ack(plan)
-    check_records(eng.rollout, eng.nodes)
+    check_records(eng.rollout, eng.nodes, eng.prepare_ahead)
 
 
 @settings(max_examples=200, deadline=None)
@@ -554,10 +637,18 @@ def run(eng: Engine, op: Op) -> None:
     max_parallel=st.integers(1, 3),
     failure_budget=st.integers(0, 2),
     freeze=st.sampled_from(FreezeMode),
+    strategy=st.sampled_from(Strategy),
     script=st.lists(ops, max_size=60),
+    prepare_ahead=st.integers(0, 2),
 )
 def test_random_events_keep_the_rollout_sound_and_it_always_ends(
-    size: int, max_parallel: int, failure_budget: int, freeze: FreezeMode, script: list[Op]
+    size: int,
+    max_parallel: int,
+    failure_budget: int,
+    freeze: FreezeMode,
+    strategy: Strategy,
+    script: list[Op],
+    prepare_ahead: int,
 ) -> None:
     eng = Engine.cluster(
         " ".join(f"n{i}" for i in range(size)),
@@ -565,6 +656,8 @@ def test_random_events_keep_the_rollout_sound_and_it_always_ends(
         max_parallel=max_parallel,
         failure_budget=failure_budget,
         freeze=freeze,
+        strategy=strategy,
+        prepare_ahead=prepare_ahead,
     )
     for op in script:
         run(eng, op)
@@ -574,15 +667,21 @@ def test_random_events_keep_the_rollout_sound_and_it_always_ends(
         run(eng, Admin(RE.START))
     if eng.rollout.state is R.PAUSED:
         run(eng, Admin(RE.RESUME))
+    ends = TERMINAL_ROLLOUT_STATES | {R.AWAITING_FINALIZE}
     for _ in range(10 * size + 10):
-        if eng.rollout.state in TERMINAL_ROLLOUT_STATES:
+        if eng.rollout.state in ends:
             break
         working = [n for n in eng.nodes if n.state in STEP_FOR_STATE]
         if working:
-            run(eng, Outcome(eng.nodes.index(working[0]), SUCCESS[working[0].state]))
+            event = success(eng.rollout, working[0].state)
+            run(eng, Outcome(eng.nodes.index(working[0]), event))
         else:
             run(eng, Ack())
-    assert eng.rollout.state in TERMINAL_ROLLOUT_STATES
+    assert eng.rollout.state in ends
+    # A transitional rollout waits for finalize exactly when it ended well with a node dual.
+    waits = eng.rollout.state is R.AWAITING_FINALIZE
+    assert not waits or strategy is Strategy.TRANSITIONAL
+    assert eng.plan() == Plan(epoch=3)
 
 
 # --- decisions the engine used to take: which password, which nodes to undo, which step ----
@@ -798,3 +897,243 @@ def test_already_done_per_change() -> None:
     assert already_done(Change.DISABLE_TLS, seen("https")) is None
     assert already_done(Change.CHANGE_PASSWORD, seen("https", digest="d1"), "d2") is None
     assert already_done(Change.CHANGE_PASSWORD, seen("https", digest="d1"), "") is None
+
+
+# --- the transitional strategy (issue 12) ------------------------------------------------------
+
+
+def test_transitional_phase_1_leaves_every_node_dual_and_waits_holding_nothing() -> None:
+    eng = Engine.cluster(freeze=FreezeMode.SCOPE, strategy=Strategy.TRANSITIONAL)
+    plan = eng.admin(RE.START)
+    for name in "abc":
+        eng.succeed(name)  # preflight
+        plan = eng.succeed(name)  # stage: the scope freeze comes first
+        if plan.nodes_with_step(Step.FREEZE):
+            plan = eng.ack(plan)
+        eng.finish(name)
+        assert eng.node(name).state is N.DUAL
+    assert eng.status() is R.RUNNING  # still frozen: unfreeze before it waits
+    plan = next_actions(eng.rollout, eng.nodes)
+    assert set(plan.nodes_with_step(Step.UNFREEZE)) == {"a", "b", "c"}
+    assert plan.rollout_events == ()
+    plan = eng.ack(eng.plan())
+    assert plan.rollout_events == (RE.NODES_DUAL,)
+    assert eng.status() is R.AWAITING_FINALIZE
+    assert not any(n.scope_frozen for n in eng.nodes)
+    assert eng.plan() == Plan(epoch=3)  # waiting: no step at all
+    assert finalize_scope(eng.rollout, eng.nodes) == ("a", "b", "c")
+
+
+def test_transitional_node_failing_goes_back_to_http_and_halts() -> None:
+    eng = Engine.cluster(strategy=Strategy.TRANSITIONAL)
+    eng.admin(RE.START)
+    eng.finish("a")
+    eng.succeed("b")
+    eng.succeed("b")
+    eng.succeed("b")  # switched; the outside check fails → the agent rolls b back to http
+    eng.outcome("b", NE.CONFIRM_ROLLED_BACK, "8080 closed")
+    assert eng.states() == {"a": N.DUAL, "b": N.ROLLED_BACK, "c": N.SKIPPED}
+    assert eng.status() is R.HALTED  # a halted phase 1 does not wait for finalize
+    assert serves_after(eng.rollout, N.ROLLED_BACK, frozenset({"http"})) == {"http"}
+    assert serves_after(eng.rollout, N.DUAL, frozenset({"http"})) == {"http", "https"}
+    with pytest.raises(PlanError, match="halted, not awaiting finalize"):
+        finalize_scope(eng.rollout, eng.nodes)
+
+
+def test_a_transitional_failure_within_the_budget_still_waits_for_the_others() -> None:
+    eng = Engine.cluster(strategy=Strategy.TRANSITIONAL, failure_budget=1)
+    eng.admin(RE.START)
+    eng.finish("a")
+    eng.outcome("b", NE.PREFLIGHT_FAILED, "port 8443 taken")
+    eng.finish("c")
+    assert eng.status() is R.AWAITING_FINALIZE
+    assert finalize_scope(eng.rollout, eng.nodes) == ("a", "c")  # b is on http only
+
+
+def test_finalize_is_only_for_a_transitional_rollout_awaiting_it() -> None:
+    eng = Engine.cluster()
+    eng.admin(RE.START)
+    with pytest.raises(PlanError, match="only a transitional rollout is finalized"):
+        finalize_scope(eng.rollout, eng.nodes)
+    eng = Engine.cluster(strategy=Strategy.TRANSITIONAL)
+    eng.admin(RE.START)
+    with pytest.raises(PlanError, match="running, not awaiting finalize; wait until every"):
+        finalize_scope(eng.rollout, eng.nodes)
+
+
+def test_held_nodes_wait_at_the_gate_and_the_others_go_past() -> None:
+    eng = Engine.cluster(max_parallel=1)
+    eng.rollout = eng.rollout.with_event(RE.START)
+    plan = next_actions(eng.rollout, eng.nodes, held=frozenset({"a"}))
+    assert plan.nodes_with_event(NE.START) == ("b",)
+    plan = next_actions(eng.rollout, eng.nodes, held=frozenset({"a", "b", "c"}))
+    assert plan == Plan(epoch=3)  # nobody quiet: the rollout waits, nothing in flight
+    aborted = eng.rollout.with_event(RE.ABORT)
+    plan = next_actions(aborted, eng.nodes, held=frozenset({"a", "b", "c"}))
+    assert plan.nodes_with_event(NE.SKIP) == ("a", "b", "c")  # an abort skips held nodes
+
+
+def a_follower(
+    change: Change, state: RolloutState, *node_states: NodeState
+) -> tuple[Rollout, list[NodeRecord]]:
+    names = [f"n{i}" for i in range(len(node_states))]
+    rollout = Rollout("f1", change, Scope.of_nodes(names), tuple(names), 9, state=state)
+    return rollout, [NodeRecord(n, s) for n, s in zip(names, node_states, strict=True)]
+
+
+@pytest.mark.parametrize(
+    ("change", "state", "nodes", "verdict"),
+    [
+        (Change.FINALIZE, R.COMPLETED, (N.DONE, N.DONE), RE.FINALIZED),
+        (Change.FINALIZE, R.COMPLETED, (N.DONE, N.SKIPPED), RE.FINALIZED),  # already https
+        (Change.FINALIZE, R.COMPLETED, (N.DONE, N.ROLLED_BACK), None),  # within the budget
+        (Change.FINALIZE, R.RUNNING, (N.DONE, N.PENDING), None),
+        (Change.FINALIZE, R.HALTED, (N.DONE, N.ROLLED_BACK), None),
+        (Change.FINALIZE, R.ABORTED, (N.DONE, N.SKIPPED), None),
+        (Change.DISABLE_TLS, R.COMPLETED, (N.DONE, N.DONE), RE.TAKEN_BACK),
+        (Change.DISABLE_TLS, R.HALTED, (N.DONE, N.NEEDS_ATTENTION), None),
+    ],
+)
+def test_what_a_linked_rollout_ending_does_to_the_one_awaiting_finalize(
+    change: Change,
+    state: RolloutState,
+    nodes: tuple[NodeState, ...],
+    verdict: RolloutEvent | None,
+) -> None:
+    rollout, records = a_follower(change, state, *nodes)
+    assert awaiting_verdict(rollout, records) == verdict
+
+
+def plan_on(
+    change: Change, observed: dict[str, NodeObservation], strategy: Strategy = Strategy.DIRECT
+) -> tuple[Rollout, tuple[NodeRecord, ...]]:
+    return plan_rollout(
+        rollout_id="r9",
+        change=change,
+        scope=Scope.of_nodes(sorted(observed)),
+        enrolled=dict.fromkeys(observed, True),
+        leader="zz",
+        epoch=9,
+        strategy=strategy,
+        observed=observed,
+    )
+
+
+@pytest.mark.parametrize(
+    ("change", "strategy"),
+    [
+        (Change.ENABLE_TLS, Strategy.DIRECT),
+        (Change.CHANGE_PASSWORD, Strategy.DIRECT),
+        (Change.ROTATE_CERT, Strategy.DIRECT),
+    ],
+)
+def test_a_dual_node_is_refused_to_any_change_but_finalize_and_the_way_back(
+    change: Change, strategy: Strategy
+) -> None:
+    with pytest.raises(WrongSource, match=r"cannot start on b: .*rollout finalize.*rollback"):
+        plan_on(change, {"a": seen("https"), "b": seen("http", "https")}, strategy)
+
+
+def test_transitional_and_finalize_plans_from_what_each_node_serves() -> None:
+    _, nodes = plan_on(
+        Change.ENABLE_TLS,
+        {"a": seen("http"), "b": seen("http", "https"), "c": seen("https")},
+        Strategy.TRANSITIONAL,
+    )
+    assert [(n.state, n.reason.split(":")[0]) for n in nodes] == [
+        (N.PENDING, ""),
+        (N.SKIPPED, "already done"),  # dual already
+        (N.SKIPPED, "already done"),  # finalized already
+    ]
+    _, nodes = plan_on(Change.FINALIZE, {"a": seen("http", "https"), "b": seen("https")})
+    assert [n.state for n in nodes] == [N.PENDING, N.SKIPPED]
+    with pytest.raises(WrongSource, match="b: it serves http only: finalize closes http"):
+        plan_on(Change.FINALIZE, {"a": seen("http", "https"), "b": seen("http")})
+    _, nodes = plan_on(Change.DISABLE_TLS, {"a": seen("http", "https")})
+    assert [n.state for n in nodes] == [N.PENDING]  # the way back from dual
+
+
+# --- property: what the nodes serve across a chain of rollouts --------------------------------
+
+HTTP_ONLY, HTTPS_ONLY, BOTH = (
+    frozenset({"http"}),
+    frozenset({"https"}),
+    frozenset({"http", "https"}),
+)
+
+Kind = tuple[Change, Strategy]
+KINDS: list[Kind] = [
+    (Change.ENABLE_TLS, Strategy.TRANSITIONAL),
+    (Change.FINALIZE, Strategy.DIRECT),
+    (Change.DISABLE_TLS, Strategy.DIRECT),
+    (Change.ENABLE_TLS, Strategy.DIRECT),
+    (Change.CHANGE_PASSWORD, Strategy.DIRECT),
+    (Change.ROTATE_CERT, Strategy.DIRECT),
+]
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    size=st.integers(1, 4),
+    chain=st.lists(
+        st.tuples(st.sampled_from(KINDS), st.lists(st.booleans(), min_size=1, max_size=40)),
+        max_size=8,
+    ),
+)
+def test_a_dual_node_reaches_https_only_only_through_finalize(
+    size: int, chain: list[tuple[Kind, list[bool]]]
+) -> None:
+    """Nodes start on http; rollouts of random kinds follow one another, each planned from what
+    the nodes serve (as the leader plans from ``GetStatus``) and run with random step outcomes.
+    What each node serves moves only as its record says (``serves_after``). Whatever the
+    chain: no node ever goes from dual to https-only except in a finalize rollout, a finalize
+    that fails leaves it dual, and the way back from dual ends on http only."""
+    serving = {f"n{i}": HTTP_ONLY for i in range(size)}
+    for (change, strategy), outcomes in chain:
+        observed = {n: seen(*sorted(s)) for n, s in serving.items()}
+        try:
+            rollout, nodes = plan_rollout(
+                rollout_id="rx",
+                change=change,
+                scope=Scope.cluster(),
+                enrolled=dict.fromkeys(serving, True),
+                leader="n0",
+                epoch=1,
+                strategy=strategy,
+                observed=observed,
+            )
+        except (WrongSource, NothingToDo):
+            continue
+        for n in nodes:  # a node planned to change starts where the change may start
+            if n.state is N.PENDING:
+                assert frozenset(serving[n.name]) != BOTH or change in (
+                    Change.FINALIZE,
+                    Change.DISABLE_TLS,
+                )
+        eng = Engine(rollout.with_event(RE.START), nodes)
+        eng.plan()
+        flips = iter(outcomes * 20)
+        while eng.rollout.state not in TERMINAL_ROLLOUT_STATES | {R.AWAITING_FINALIZE}:
+            working = [n for n in eng.nodes if n.state in STEP_FOR_STATE]
+            if not working:
+                eng.plan()
+                continue
+            node = working[0]
+            ok = next(flips, True)
+            eng.outcome(
+                node.name,
+                success(eng.rollout, node.state) if ok else FAILURE[node.state],
+                None if ok else "it broke",
+            )
+        for n in eng.nodes:
+            before = serving[n.name]
+            after = serves_after(eng.rollout, n.state, before)
+            if not after:  # needs attention: a person looks; the chain ends for the test
+                return
+            if before == BOTH and after == HTTPS_ONLY:
+                assert change is Change.FINALIZE and n.state is N.DONE
+            if before == BOTH and change is Change.FINALIZE and n.state is not N.DONE:
+                assert after == BOTH  # a finalize that did not finish leaves it dual
+            if before == BOTH and change is Change.DISABLE_TLS and n.state is N.DONE:
+                assert after == HTTP_ONLY  # the way back from dual: http only
+            serving[n.name] = after

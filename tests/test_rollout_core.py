@@ -13,6 +13,7 @@ from leader.rollout_core import (
     ADMIN_ROLLOUT_EVENTS,
     FAILED_NODE_STATES,
     IN_FLIGHT_NODE_STATES,
+    LINKED_ROLLOUT_EVENTS,
     NODE_TRANSITIONS,
     PLANNER_NODE_EVENTS,
     RESULT_NODE_EVENTS,
@@ -20,6 +21,7 @@ from leader.rollout_core import (
     STEP_FOR_STATE,
     TERMINAL_NODE_STATES,
     TERMINAL_ROLLOUT_STATES,
+    WAITING_ROLLOUT_STATES,
     Change,
     IllegalTransition,
     NodeEvent,
@@ -51,6 +53,12 @@ ROLLOUT_ROWS = [
     (R.PAUSED, RE.NODES_SETTLED, R.COMPLETED),
     (R.ABORTING, RE.NODES_SETTLED, R.ABORTED),
     (R.HALTING, RE.NODES_SETTLED, R.HALTED),
+    # The transitional strategy: phase 1 waits once its nodes are dual; a linked finalize (or
+    # way back) that completes moves it on.
+    (R.RUNNING, RE.NODES_DUAL, R.AWAITING_FINALIZE),
+    (R.PAUSED, RE.NODES_DUAL, R.AWAITING_FINALIZE),
+    (R.AWAITING_FINALIZE, RE.FINALIZED, R.COMPLETED),
+    (R.AWAITING_FINALIZE, RE.TAKEN_BACK, R.ABORTED),
 ]
 NODE_ROWS = [
     (N.PENDING, NE.START, N.PREFLIGHT),
@@ -70,6 +78,7 @@ NODE_ROWS = [
     (N.CONFIRMING, NE.CONFIRM_DONE, N.DONE),
     (N.CONFIRMING, NE.CONFIRM_ROLLED_BACK, N.ROLLED_BACK),
     (N.CONFIRMING, NE.CONFIRM_FAILED, N.NEEDS_ATTENTION),
+    (N.CONFIRMING, NE.CONFIRM_DUAL, N.DUAL),  # transitional phase 1: http and https answer
 ]
 
 ROLLOUT_ILLEGAL = [
@@ -152,7 +161,11 @@ def test_an_admin_action_refused_ends_with_the_command_to_run(
     )
     assert "tlsroll " in hint and "\n" not in hint
     takes_back = "tlsroll rollout rollback r1" in hint
-    assert takes_back == (state in TERMINAL_ROLLOUT_STATES and change is Change.ENABLE_TLS)
+    waiting = state is R.AWAITING_FINALIZE
+    assert takes_back == (
+        (state in TERMINAL_ROLLOUT_STATES and change is Change.ENABLE_TLS) or waiting
+    )
+    assert ("tlsroll rollout finalize r1" in hint) == waiting
     retries = "tlsroll rollout retry r1" in hint
     assert retries == (state in (RolloutState.HALTED, RolloutState.ABORTED))
 
@@ -195,6 +208,30 @@ def test_a_node_switched_and_confirmed() -> None:
     assert node == NodeRecord("a", N.DONE)
 
 
+def test_a_node_through_transitional_phase_1_ends_dual_and_stays() -> None:
+    node = NodeRecord("a")
+    for event in (NE.START, NE.PREFLIGHT_PASSED, NE.STAGE_DONE, NE.SWITCH, NE.SWITCH_DONE):
+        node = node.with_event(event)
+    node = node.with_event(NE.CONFIRM_DUAL)
+    assert node == NodeRecord("a", N.DUAL)
+    # Dual is the end of phase 1 for this record: no event moves it (not even a confirm), so
+    # nothing inside this rollout takes it to https-only; a linked finalize rollout does.
+    for event in NodeEvent:
+        with pytest.raises(IllegalTransition):
+            node.with_event(event)
+
+
+def test_a_transitional_rollout_waits_then_is_finalized_or_taken_back() -> None:
+    rollout = a_rollout().with_event(RE.START).with_event(RE.NODES_DUAL)
+    assert rollout == a_rollout(R.AWAITING_FINALIZE)
+    assert rollout.with_event(RE.FINALIZED) == a_rollout(R.COMPLETED)
+    assert rollout.with_event(RE.TAKEN_BACK) == a_rollout(R.ABORTED)
+    # While it waits, the admin's actions are refused with the two ways on.
+    for action in RolloutAction:
+        with pytest.raises(IllegalTransition, match=r"rollout finalize r1.*rollout rollback r1"):
+            rollout.with_action(action)
+
+
 def test_a_node_rolled_back_by_the_agent_keeps_the_reason() -> None:
     node = NodeRecord("a", N.SWITCHING)
     node = node.with_event(NE.SWITCH_ROLLED_BACK, "verify: 8080 still open")
@@ -223,9 +260,18 @@ def test_event_groups() -> None:
 
 def test_state_groups() -> None:
     assert {N.PREFLIGHT, N.STAGING, N.STAGED, N.SWITCHING, N.CONFIRMING} == IN_FLIGHT_NODE_STATES
-    assert {N.DONE, N.FAILED, N.ROLLED_BACK, N.SKIPPED, N.NEEDS_ATTENTION} == TERMINAL_NODE_STATES
+    assert {
+        N.DONE,
+        N.DUAL,
+        N.FAILED,
+        N.ROLLED_BACK,
+        N.SKIPPED,
+        N.NEEDS_ATTENTION,
+    } == TERMINAL_NODE_STATES
     assert {N.FAILED, N.ROLLED_BACK, N.NEEDS_ATTENTION} == FAILED_NODE_STATES
     assert {R.COMPLETED, R.HALTED, R.ABORTED} == TERMINAL_ROLLOUT_STATES
+    assert {R.AWAITING_FINALIZE} == WAITING_ROLLOUT_STATES
+    assert {RE.FINALIZED, RE.TAKEN_BACK} == LINKED_ROLLOUT_EVENTS
     # Terminal states have no way out; every other state has one.
     assert {s for s, row in NODE_TRANSITIONS.items() if not row} == TERMINAL_NODE_STATES
     assert {s for s, row in ROLLOUT_TRANSITIONS.items() if not row} == TERMINAL_ROLLOUT_STATES

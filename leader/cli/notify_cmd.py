@@ -319,6 +319,12 @@ def check_staged(leader: Leader, secret: str) -> None:
     help="With --include-password: read it from this file (the file's only line) instead of "
     "asking.",
 )
+@click.option(
+    "--remaining",
+    is_flag=True,
+    help="Only list the workstations still on http (transitional strategy): each still needs "
+    "the client steps before `tlsroll rollout finalize` closes http.",
+)
 @pass_leader
 def notify(
     leader: Leader,
@@ -336,8 +342,20 @@ def notify(
     password_source: str,
     include_password: bool,
     password_file: Path | None,
+    remaining: bool,
 ) -> None:
-    """Print the "Notify practice" message for the staff, before or after a switch."""
+    """Print the "Notify practice" message for the staff, before or after a switch; with
+    --remaining only the workstations that still need the client steps."""
+    if remaining:
+        for name, value in (("--when", when), ("--rollout", rollout_id)):
+            if value is not None:
+                raise click.UsageError(f"--remaining lists who is still on http; leave out {name}")
+        if include_password:
+            raise click.UsageError("--remaining lists who is still on http; no password in it")
+        click.echo(
+            remaining_text(fetch_schema(leader), lang, practice_zone(tz_name, lang)), nl=False
+        )
+        return
     if when is None:
         for name, value in (
             ("--duration", duration),
@@ -444,6 +462,51 @@ def notify(
     )
     click.echo(render_notice(info, lang=lang, fmt=fmt, password=secret), nl=False)
     _remind(include_password)
+
+
+_REMAINING = {
+    "de": {
+        "head": "Arbeitsplätze, die noch http nutzen (sie brauchen die Schritte, bevor http "
+        "geschlossen wird):",
+        "none": "Kein Arbeitsplatz wurde zuletzt über http gesehen.",
+        "row": "  {node}: {address}{ws}, zuletzt {last}",
+        "unknown": "  {node}: nicht feststellbar ({why})",
+        "never": "der Agent hat noch nichts gemeldet",
+    },
+    "en": {
+        "head": "Workstations still on http (each needs the client steps before http closes):",
+        "none": "No workstation was seen on http lately.",
+        "row": "  {node}: {address}{ws}, last seen {last}",
+        "unknown": "  {node}: cannot tell ({why})",
+        "never": "its agent has not reported yet",
+    },
+}
+
+
+def remaining_text(schema: schema_pb2.Schema, lang: str, zone: zoneinfo.ZoneInfo) -> str:
+    """Who still needs the client steps, per node, from what the agents last reported (the
+    leader's ``still_on_http``), in the practice's time zone; nodes that cannot tell, named."""
+    t = _REMAINING[lang]
+    rows = []
+    for view in schema.node_clients:
+        for c in view.still_on_http:
+            last = c.last_seen.ToDatetime(tzinfo=dt.UTC).astimezone(zone)
+            rows.append(
+                t["row"].format(
+                    node=view.node,
+                    address=c.address,
+                    ws=f" ({c.workstation})" if c.workstation else "",
+                    last=f"{last:%Y-%m-%d %H:%M:%S %Z}",
+                )
+            )
+        if view.clients.problem or not view.clients.source:
+            why = view.clients.problem or t["never"]
+            rows.append(t["unknown"].format(node=view.node, why=why))
+    if not schema.node_clients:
+        rows.append(t["unknown"].format(node="*", why=t["never"]))
+    if not rows:
+        return t["none"] + "\n"
+    return "\n".join([t["head"], *rows]) + "\n"
 
 
 def _recorded_node(

@@ -20,6 +20,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from leader import byo
 from leader.cli.base import (
     CLIError,
     Leader,
@@ -27,9 +28,11 @@ from leader.cli.base import (
     fetch_schema,
     fmt_time,
     out,
+    parse_duration,
     pass_leader,
     to_dict,
 )
+from leader.cli.certs import render_certificate_health
 from leader.cli.password import obtain_password, verifier_json
 from leader.rollout_core import (
     TERMINAL_ROLLOUT_STATES,
@@ -39,6 +42,7 @@ from leader.rollout_core import (
     RolloutAction,
     RolloutState,
     ScopeKind,
+    Strategy,
 )
 from leader.wire import (
     CHANGE,
@@ -52,6 +56,8 @@ from leader.wire import (
 from tlsroll.v1 import admin_pb2, schema_pb2
 
 TERMINAL = {s.value for s in TERMINAL_ROLLOUT_STATES}
+AWAITING = RolloutState.AWAITING_FINALIZE.value
+ENDS = TERMINAL | {AWAITING}  # where --wait and --watch stop: nothing more happens by itself
 NEEDS_ATTENTION = NodeState.NEEDS_ATTENTION.value
 EXIT_STOPPED = 3  # rollout status: halted or aborted
 EXIT_NEEDS_ATTENTION = 4  # rollout status: a node is in no known good state
@@ -69,10 +75,21 @@ STATE_STYLE = {
     "switching": "cyan",
     "confirming": "cyan",
     "running": "cyan",
+    "dual": "green",
+    "awaiting_finalize": "bold yellow",
 }
 
 
 def scope_options(f: Any) -> Any:
+    f = click.option(
+        "--strategy",
+        type=click.Choice(["direct", "transitional"]),
+        default="direct",
+        show_default=True,
+        help="enable-tls: direct closes http in the same restart that opens https; "
+        "transitional opens https beside http (phase 1), and `tlsroll rollout finalize` "
+        "closes http once the workstations have moved (phase 2).",
+    )(f)
     f = click.option(
         "--change",
         type=click.Choice(["enable-tls", "change-password", "rotate-cert"]),
@@ -102,6 +119,14 @@ def scope_options(f: Any) -> Any:
         show_default=True,
         help="How many nodes may fail (and go back) before the rollout halts.",
     )(f)
+    f = click.option(
+        "--cert-dir",
+        type=click.Path(path_type=Path, file_okay=False, exists=True),
+        help="enable-tls, rotate-cert: the practice's own certificates instead of the cluster "
+        "CA's: DIR/ca.crt (the practice CA), DIR/<node>.crt (certificate, then intermediates) "
+        "and DIR/<node>.key (0600) for every node in scope; all checked before any node is "
+        "touched.",
+    )(f)
     f = click.option("--nodes", help="Comma-separated node names (scope 'nodes').")(f)
     f = click.option(
         "--scope",
@@ -118,8 +143,11 @@ def rollout_request(
     freeze: str,
     change: str,
     failure_budget: int = 0,
+    strategy: str = "direct",
 ) -> admin_pb2.RolloutRequest:
     names = [n.strip() for n in (nodes or "").split(",") if n.strip()]
+    if strategy == "transitional" and change != "enable-tls":
+        raise click.UsageError("--strategy transitional goes with --change enable-tls")
     if scope is None:
         if not names:
             raise click.UsageError("give --scope local|cluster or --nodes a,b")
@@ -135,7 +163,25 @@ def rollout_request(
         max_parallel=max_parallel,
         freeze=FREEZE.wire(FreezeMode(freeze)),
         failure_budget=failure_budget,
+        strategy=STRATEGY.wire(Strategy(strategy)),
     )
+
+
+def cert_dir_message(directory: Path) -> admin_pb2.CertDir:
+    """``--cert-dir`` for the leader (``leader.byo``: the layout). The keys go over the admin
+    socket to the leader, which keeps them in memory only until each node has its own."""
+    try:
+        material = byo.read_cert_dir(directory)
+    except OSError as exc:
+        raise CLIError(f"--cert-dir {directory}: cannot read it ({exc.strerror or exc})") from None
+    message = admin_pb2.CertDir(ca_pem=material.ca_pem)
+    for item in material.nodes.values():
+        node = message.nodes.add(
+            node=item.node, chain_pem=item.chain_pem, private_key_pem=item.key_pem
+        )
+        if item.key_mode is not None:
+            node.key_file_mode = item.key_mode
+    return message
 
 
 def _dt(msg: Any, field: str) -> dt.datetime | None:
@@ -165,7 +211,9 @@ def render_rollout(r: schema_pb2.RolloutView) -> Group:
         + (f" ({', '.join(r.scope_nodes)})" if r.scope_nodes else "")
         + f"  strategy {STRATEGY.text(r.strategy)}  max-parallel {r.max_parallel}"
         f"  freeze {FREEZE.text(r.freeze)}"
-        f"  epoch {r.epoch}",
+        f"  epoch {r.epoch}"
+        + (f"  finalizes {r.finalizes}" if r.finalizes else "")
+        + (f"  when quiet for {r.when_quiet_seconds}s" if r.when_quiet_seconds else ""),
     )
     times = Text(
         f"created {fmt_time(r, 'created_at')} by {r.started_by or '-'}"
@@ -181,6 +229,7 @@ def render_rollout(r: schema_pb2.RolloutView) -> Group:
         "freeze window",
         "restart",
         "cert expires",
+        "still on http",
         "reason",
     )
     for i, n in enumerate(r.nodes, 1):
@@ -193,9 +242,44 @@ def render_rollout(r: schema_pb2.RolloutView) -> Group:
             freeze_window(n),
             f"{n.restart_seconds:.1f}s" if n.restart_seconds else "-",
             fmt_time(n, "cert_not_after"),
+            str(n.still_on_http) if n.still_on_http else "-",
             "; ".join(filter(None, [n.reason, PENDING if n.password_pending else ""])),
         )
     return Group(head, times, table)
+
+
+def render_clients(views: Sequence[schema_pb2.NodeClientsView]) -> Group:
+    """Per node, who its managed server saw on which scheme lately (from the agents'
+    heartbeats); peer-supplied strings are printed as plain text (no rich markup)."""
+    table = Table("node", "scheme", "address", "workstation", "requests", "first", "last", "")
+    notes: list[Text] = []
+    for v in views:
+        left = {(c.address, c.workstation) for c in v.still_on_http}
+        for c in v.clients.clients:
+            mark = (
+                "still on http" if c.scheme == "http" and (c.address, c.workstation) in left else ""
+            )
+            table.add_row(
+                Text(v.node),
+                c.scheme,
+                Text(c.address),
+                Text(c.workstation or "-"),
+                str(c.requests),
+                fmt_time(c, "first_seen"),
+                fmt_time(c, "last_seen"),
+                Text(mark, style="bold yellow"),
+            )
+        source = v.clients.source or "unknown"
+        problem = f"; problem: {v.clients.problem}" if v.clients.problem else ""
+        notes.append(
+            Text(
+                f"{v.node}: {len(v.still_on_http)} still on http; window "
+                f"{v.clients.window_seconds}s, source {source}, reported "
+                f"{fmt_time(v, 'reported_at')}{problem}"
+            )
+        )
+    head = Text("who is on which scheme (per node)", style="bold")
+    return Group(head, table, *notes)
 
 
 def render_revocations(data: schema_pb2.Schema) -> Group:
@@ -253,11 +337,17 @@ def plan(
     max_parallel: int,
     freeze: str,
     change: str,
+    strategy: str,
+    cert_dir: Path | None,
     as_json: bool,
 ) -> None:
     """Dry run: the update schema a rollout would make, from what each node runs now (nodes
-    already in the wanted state show "already done"), its checks, what clients must do."""
-    request = rollout_request(scope, nodes, max_parallel, freeze, change, failure_budget)
+    already in the wanted state show "already done"), its checks, what clients must do. With
+    --strategy transitional: both phases. With --cert-dir the certificates are checked too, and
+    any problem refuses the plan."""
+    request = rollout_request(scope, nodes, max_parallel, freeze, change, failure_budget, strategy)
+    if cert_dir is not None:
+        request.cert_dir.CopyFrom(cert_dir_message(cert_dir))
     with leader.admin() as admin:
         reply = leader.call(admin.PlanRollout, request)
     if as_json:
@@ -268,13 +358,20 @@ def plan(
 
 def show_plan(reply: admin_pb2.PlanResponse) -> None:
     r = reply.rollout
+    transitional = STRATEGY.text(r.strategy) == Strategy.TRANSITIONAL.value
     out.print(
         f"Plan: change {CHANGE.text(r.change)} on scope {SCOPE_KIND.text(r.scope)}, "
-        f"{len(r.nodes)} node(s) in this order, {r.max_parallel} at a time:"
+        f"{len(r.nodes)} node(s) in this order, {r.max_parallel} at a time"
+        + (", in two phases (strategy transitional):" if transitional else ":")
+    )
+    will = (
+        " — phase 1: https beside http (dual); phase 2 (finalize): http closes"
+        if transitional
+        else " — will switch"
     )
     for i, n in enumerate(r.nodes, 1):
         shown = n.reason.startswith(("already done", "blocked:"))
-        done = f" — {n.reason}" if shown else " — will switch"
+        done = f" — {n.reason}" if shown else will
         out.print(f"  {i}. {n.name}{' (leader node)' if n.leader_node else ''}{done}")
     if reply.password_version_in_use:
         out.print(
@@ -284,10 +381,18 @@ def show_plan(reply: admin_pb2.PlanResponse) -> None:
     out.print("Checks and steps on each node:")
     for c in reply.checks:
         out.print(f"  - {c}")
+    if reply.certificates:
+        out.print("Certificates from --cert-dir (every check passed):")
+        for line in reply.certificates:
+            out.print(f"  - {line}")
     out.print("Important:")
     for w in reply.warnings:
         out.print(f"  ! {w}")
-    out.print("Afterwards, at every workstation:")
+    out.print(
+        "At every workstation, any time before finalize:"
+        if transitional
+        else "Afterwards, at every workstation:"
+    )
     for s in reply.client_steps:
         out.print(f"  - {s}")
     out.print("Nothing has been changed.")
@@ -325,6 +430,8 @@ def rollout_start(
     max_parallel: int,
     freeze: str,
     change: str,
+    strategy: str,
+    cert_dir: Path | None,
     password_file: Path | None,
     yes: bool,
     wait: bool,
@@ -332,8 +439,13 @@ def rollout_start(
     """Start the switch from http to https on the local node or the whole multiserver.
 
     The plan comes from what each node runs now: a node already in the wanted state is left
-    alone ("already done"), and a password the nodes already use is never replaced."""
-    request = rollout_request(scope, nodes, max_parallel, freeze, change, failure_budget)
+    alone ("already done"), and a password the nodes already use is never replaced. With
+    --strategy transitional the nodes keep http beside https until `tlsroll rollout finalize`."""
+    request = rollout_request(scope, nodes, max_parallel, freeze, change, failure_budget, strategy)
+    if cert_dir is not None:
+        if change not in ("enable-tls", "rotate-cert"):
+            raise click.UsageError("--cert-dir goes with --change enable-tls or rotate-cert")
+        request.cert_dir.CopyFrom(cert_dir_message(cert_dir))
     if change != "enable-tls" and password_file is not None:
         raise click.UsageError("--password-file goes with enable-tls; use `tlsroll password set`")
     # A password file that is unusable or too weak fails before anything is asked or planned.
@@ -380,13 +492,9 @@ def started(view: schema_pb2.RolloutView, password_in_use: int = 0) -> None:
 def wait_for_end(leader: Leader, rollout_id: str, interval: float = 0.5) -> None:
     """Poll until the rollout ends, then exit as `rollout status` does."""
     while True:
-        schema = fetch_schema(leader, rollout_id)
+        schema = fetch_schema(leader, rollout_id, rollouts_only=True)
         state = ROLLOUT_STATE.text(schema.rollouts[0].state)
-        if state in (
-            RolloutState.COMPLETED.value,
-            RolloutState.HALTED.value,
-            RolloutState.ABORTED.value,
-        ):
+        if state in ENDS:
             break
         time.sleep(interval)
     click.get_current_context().invoke(rollout_status, rollout_id=rollout_id, as_json=False)
@@ -450,6 +558,68 @@ def rollout_rollback(leader: Leader, rollout_id: str, max_parallel: int, yes: bo
     )
 
 
+@rollout.command("finalize")
+@click.argument("rollout_id", required=False, default="")
+@click.option(
+    "--force",
+    is_flag=True,
+    help="Close http even though workstations were seen on it lately (they lose the server).",
+)
+@click.option(
+    "--when-quiet",
+    "when_quiet",
+    metavar="DURATION",
+    help="Let the leader finalize each node by itself once no http client was seen on it for "
+    "DURATION (e.g. 30m, 2h, 1d); kept across leader restarts.",
+)
+@click.option("--yes", is_flag=True, help="Start without showing what happens and asking.")
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="Wait until the finalize rollout ends; the exit code is its outcome.",
+)
+@pass_leader
+def rollout_finalize(
+    leader: Leader, rollout_id: str, force: bool, when_quiet: str | None, yes: bool, wait: bool
+) -> None:
+    """Phase 2 of a transitional rollout (default: the one awaiting finalize): close http
+    (8080) node by node — freeze, https-only config, restart, verify 8080 closed and https
+    live, unfreeze, or back to dual. Refused while workstations were seen on http lately,
+    naming them, unless --force or --when-quiet."""
+    quiet = parse_duration(when_quiet) if when_quiet else 0
+    if force and quiet:
+        raise click.UsageError("--force and --when-quiet exclude each other")
+    if not yes:
+        how = (
+            f"each node once no http client was seen on it for {when_quiet}"
+            if quiet
+            else "node by node now"
+        )
+        out.print(
+            f"Finalize {rollout_id or 'the rollout awaiting finalize'}: close http (8080), "
+            f"{how} (each: freeze writes, https-only config, restart, verify 8080 closed and "
+            "https live, unfreeze; else back to http+https)."
+        )
+        out.print("  ! A workstation still on http loses the server until it does the steps.")
+        if not sys.stdin.isatty():
+            raise click.UsageError("not a terminal: add --yes to finalize without asking")
+        if not click.confirm("Close http now?", default=False):
+            raise CLIError("not started")
+    request = admin_pb2.FinalizeRolloutRequest(
+        rollout_id=rollout_id, force=force, when_quiet_seconds=quiet
+    )
+    with leader.admin() as admin:
+        view = leader.call(admin.FinalizeRollout, request)
+    out.print(
+        f"rollout {view.id} (finalize of {view.finalizes}) started on "
+        f"{', '.join(n.name for n in view.nodes)}"
+        + (f"; each node waits until quiet for {when_quiet}" if quiet else "")
+        + "; follow it with: tlsroll schema show --watch"
+    )
+    if wait:
+        wait_for_end(leader, view.id)
+
+
 def _control(leader: Leader, action: RolloutAction, rollout_id: str) -> None:
     with leader.admin() as admin:
         view = leader.call(
@@ -492,7 +662,7 @@ def rollout_status(leader: Leader, rollout_id: str, as_json: bool) -> None:
     finish is back where it was); 4 a node needs attention (neither switched nor back: see its
     reason); 1 and 2 as for every command.
     """
-    schema = fetch_schema(leader, rollout_id)
+    schema = fetch_schema(leader, rollout_id, limit=1, rollouts_only=True)
     if not schema.rollouts:
         raise CLIError("no rollout yet; start one with: tlsroll rollout start --scope …")
     r = schema.rollouts[0]
@@ -520,6 +690,12 @@ def rollout_status(leader: Leader, rollout_id: str, as_json: bool) -> None:
             err=True,
         )
         click.get_current_context().exit(EXIT_STOPPED)
+    if ROLLOUT_STATE.text(r.state) == AWAITING:
+        click.echo(
+            f"tlsroll: rollout {r.id} awaits finalize: its nodes serve http and https; who is "
+            f"still on http: tlsroll schema show; then: tlsroll rollout finalize {r.id}",
+            err=True,
+        )
 
 
 # --- schema -----------------------------------------------------------------------------------
@@ -532,19 +708,22 @@ def schema() -> None:
 
 @schema.command("show")
 @click.option("--rollout", "rollout_id", default="", help="Only this rollout.")
+@click.option("--all", "show_all", is_flag=True, help="Every rollout stored, not only the newest.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--watch", is_flag=True, help="Follow the newest rollout until it ends.")
 @pass_leader
-def schema_show(leader: Leader, rollout_id: str, as_json: bool, watch: bool) -> None:
-    """Show rollouts, nodes, states, times, freeze windows, addresses, cert expiry and failed
-    bootstrap passwords."""
+def schema_show(
+    leader: Leader, rollout_id: str, show_all: bool, as_json: bool, watch: bool
+) -> None:
+    """Show the active rollout (else the latest; --all: every one) with its nodes, states,
+    times, freeze windows, addresses and cert expiry, and failed bootstrap passwords."""
     if watch:
         try:
             watch_schema(leader, rollout_id, as_json)
         except KeyboardInterrupt:  # Ctrl-C is how one stops watching; the rollout goes on
             out.print("stopped watching; the rollout goes on (tlsroll schema show --watch)")
         return
-    data = fetch_schema(leader, rollout_id)
+    data = fetch_schema(leader, rollout_id, limit=0 if show_all or rollout_id else 1)
     if as_json:
         emit_json(to_dict(data))
         return
@@ -552,20 +731,32 @@ def schema_show(leader: Leader, rollout_id: str, as_json: bool, watch: bool) -> 
         out.print("no rollouts yet")
     for r in data.rollouts:
         out.print(render_rollout(r))
+    if data.node_clients:
+        out.print(render_clients(data.node_clients))
+    older = data.total_rollouts - len(data.rollouts)
+    if older > 0 and not rollout_id:
+        out.print(f"{older} older rollout(s) not shown: tlsroll schema show --all")
     if data.bootstrap_failures:
         out.print(render_failures(data.bootstrap_failures))
     if data.removed_nodes or data.revoked_certificates:
         out.print(render_revocations(data))
+    if (health := render_certificate_health(data)) is not None:
+        out.print(health)
 
 
 def watch_schema(leader: Leader, rollout_id: str, as_json: bool, interval: float = 0.5) -> None:
+    """Follow one rollout (the named one, else the newest) by asking for it alone, each time
+    without the rest of the schema."""
+    first = fetch_schema(leader, rollout_id, limit=1, rollouts_only=True)
+    if not first.rollouts:
+        raise CLIError("no rollout to watch")
+    r = first.rollouts[0]
+    watched = r.id
+
     def newest() -> schema_pb2.RolloutView | None:
-        data = fetch_schema(leader, rollout_id)
+        data = fetch_schema(leader, watched, rollouts_only=True)
         return data.rollouts[0] if data.rollouts else None
 
-    r = newest()
-    if r is None:
-        raise CLIError("no rollout to watch")
     if as_json:
         last = None
         while True:
@@ -573,7 +764,7 @@ def watch_schema(leader: Leader, rollout_id: str, as_json: bool, interval: float
             if snapshot != last:
                 emit_json(snapshot)
                 last = snapshot
-            if ROLLOUT_STATE.text(r.state) in TERMINAL:
+            if ROLLOUT_STATE.text(r.state) in ENDS:
                 return
             time.sleep(interval)
             r = newest() or r
@@ -590,13 +781,13 @@ def watch_schema(leader: Leader, rollout_id: str, as_json: bool, interval: float
             for n in r.nodes:
                 note("node", n.name, NODE_STATE.text(n.state), n.reason)
             note("rollout", r.id, ROLLOUT_STATE.text(r.state), r.reason)
-            if ROLLOUT_STATE.text(r.state) in TERMINAL:
+            if ROLLOUT_STATE.text(r.state) in ENDS:
                 out.print(render_rollout(r))
                 return
             time.sleep(interval)
             r = newest() or r
     with Live(render_rollout(r), console=out, refresh_per_second=4) as live:
-        while ROLLOUT_STATE.text(r.state) not in TERMINAL:
+        while ROLLOUT_STATE.text(r.state) not in ENDS:
             time.sleep(interval)
             r = newest() or r
             live.update(render_rollout(r))

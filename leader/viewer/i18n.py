@@ -222,6 +222,7 @@ _STATES_DE: dict[str, str] = {
     NodeState.ROLLED_BACK: "zurückgerollt",
     NodeState.SKIPPED: "übersprungen",
     NodeState.NEEDS_ATTENTION: "braucht Aufmerksamkeit",
+    NodeState.DUAL: "http und https",
     RolloutState.PLANNED: "geplant",
     RolloutState.RUNNING: "läuft",
     RolloutState.PAUSED: "angehalten",
@@ -230,6 +231,7 @@ _STATES_DE: dict[str, str] = {
     RolloutState.COMPLETED: "abgeschlossen",
     RolloutState.HALTED: "nach Fehler gestoppt",
     RolloutState.ABORTED: "abgebrochen",
+    RolloutState.AWAITING_FINALIZE: "wartet auf Abschluss (http schließen)",
 }
 _STATES_EN: dict[str, str] = {
     NodeState.PENDING: "pending",
@@ -243,6 +245,7 @@ _STATES_EN: dict[str, str] = {
     NodeState.ROLLED_BACK: "rolled back",
     NodeState.SKIPPED: "skipped",
     NodeState.NEEDS_ATTENTION: "needs attention",
+    NodeState.DUAL: "http and https",
     RolloutState.PLANNED: "planned",
     RolloutState.RUNNING: "running",
     RolloutState.PAUSED: "paused",
@@ -251,18 +254,21 @@ _STATES_EN: dict[str, str] = {
     RolloutState.COMPLETED: "completed",
     RolloutState.HALTED: "halted",
     RolloutState.ABORTED: "aborted",
+    RolloutState.AWAITING_FINALIZE: "awaiting finalize (close http)",
 }
 _CHANGES_DE: dict[str, str] = {
     Change.ENABLE_TLS: "auf https umstellen",
     Change.CHANGE_PASSWORD: "Passwort ändern",
     Change.ROTATE_CERT: "Zertifikate erneuern",
     Change.DISABLE_TLS: "zurück auf http",
+    Change.FINALIZE: "http schließen",
 }
 _CHANGES_EN: dict[str, str] = {
     Change.ENABLE_TLS: "switch to https",
     Change.CHANGE_PASSWORD: "change password",
     Change.ROTATE_CERT: "renew certificates",
     Change.DISABLE_TLS: "back to http",
+    Change.FINALIZE: "close http",
 }
 
 TEXTS = {"de": _DE, "en": _EN}

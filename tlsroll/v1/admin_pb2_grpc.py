@@ -115,6 +115,11 @@ class AdminStub:
                 request_serializer=tlsroll_dot_v1_dot_admin__pb2.RetryRolloutRequest.SerializeToString,
                 response_deserializer=tlsroll_dot_v1_dot_schema__pb2.RolloutView.FromString,
                 _registered_method=True)
+        self.FinalizeRollout = channel.unary_unary(
+                '/tlsroll.v1.Admin/FinalizeRollout',
+                request_serializer=tlsroll_dot_v1_dot_admin__pb2.FinalizeRolloutRequest.SerializeToString,
+                response_deserializer=tlsroll_dot_v1_dot_schema__pb2.RolloutView.FromString,
+                _registered_method=True)
         self.SetPassword = channel.unary_unary(
                 '/tlsroll.v1.Admin/SetPassword',
                 request_serializer=tlsroll_dot_v1_dot_admin__pb2.SetPasswordRequest.SerializeToString,
@@ -264,6 +269,17 @@ class AdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def FinalizeRollout(self, request, context):
+        """Phase 2 of a transitional rollout awaiting finalize: a linked rollout of CHANGE_FINALIZE
+        closes http on every node phase 1 left dual, node by node. FAILED_PRECONDITION: the
+        rollout is not awaiting finalize, or workstations were seen on http lately (the message
+        names node, address, workstation and when; `force` goes on anyway, `when_quiet_seconds`
+        finalizes each node by itself once no http client was seen on it for that long).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def SetPassword(self, request, context):
         """Stage a new auth password (its verifier only; the password never reaches the leader).
         Switched nodes show "password change pending" until a change-password rollout restarts
@@ -388,6 +404,11 @@ def add_AdminServicer_to_server(servicer, server):
             'RetryRollout': grpc.unary_unary_rpc_method_handler(
                     servicer.RetryRollout,
                     request_deserializer=tlsroll_dot_v1_dot_admin__pb2.RetryRolloutRequest.FromString,
+                    response_serializer=tlsroll_dot_v1_dot_schema__pb2.RolloutView.SerializeToString,
+            ),
+            'FinalizeRollout': grpc.unary_unary_rpc_method_handler(
+                    servicer.FinalizeRollout,
+                    request_deserializer=tlsroll_dot_v1_dot_admin__pb2.FinalizeRolloutRequest.FromString,
                     response_serializer=tlsroll_dot_v1_dot_schema__pb2.RolloutView.SerializeToString,
             ),
             'SetPassword': grpc.unary_unary_rpc_method_handler(
@@ -847,6 +868,33 @@ class Admin:
             target,
             '/tlsroll.v1.Admin/RetryRollout',
             tlsroll_dot_v1_dot_admin__pb2.RetryRolloutRequest.SerializeToString,
+            tlsroll_dot_v1_dot_schema__pb2.RolloutView.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def FinalizeRollout(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/tlsroll.v1.Admin/FinalizeRollout',
+            tlsroll_dot_v1_dot_admin__pb2.FinalizeRolloutRequest.SerializeToString,
             tlsroll_dot_v1_dot_schema__pb2.RolloutView.FromString,
             options,
             channel_credentials,

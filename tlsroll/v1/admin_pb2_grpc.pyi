@@ -82,6 +82,13 @@ class AdminStub:
     now, and start that as a new rollout (same change, scope, options and password).
     FAILED_PRECONDITION: the rollout is still active or completed; NOT_FOUND: no such rollout.
     """
+    FinalizeRollout: _grpc.UnaryUnaryMultiCallable[_admin_pb2.FinalizeRolloutRequest, _schema_pb2.RolloutView]
+    """Phase 2 of a transitional rollout awaiting finalize: a linked rollout of CHANGE_FINALIZE
+    closes http on every node phase 1 left dual, node by node. FAILED_PRECONDITION: the
+    rollout is not awaiting finalize, or workstations were seen on http lately (the message
+    names node, address, workstation and when; `force` goes on anyway, `when_quiet_seconds`
+    finalizes each node by itself once no http client was seen on it for that long).
+    """
     SetPassword: _grpc.UnaryUnaryMultiCallable[_admin_pb2.SetPasswordRequest, _admin_pb2.SetPasswordResponse]
     """Stage a new auth password (its verifier only; the password never reaches the leader).
     Switched nodes show "password change pending" until a change-password rollout restarts
@@ -152,6 +159,13 @@ class AdminAsyncStub(AdminStub):
     """Plan the nodes a halted or aborted rollout left unfinished again, from what each node runs
     now, and start that as a new rollout (same change, scope, options and password).
     FAILED_PRECONDITION: the rollout is still active or completed; NOT_FOUND: no such rollout.
+    """
+    FinalizeRollout: _aio.UnaryUnaryMultiCallable[_admin_pb2.FinalizeRolloutRequest, _schema_pb2.RolloutView]  # type: ignore[assignment]
+    """Phase 2 of a transitional rollout awaiting finalize: a linked rollout of CHANGE_FINALIZE
+    closes http on every node phase 1 left dual, node by node. FAILED_PRECONDITION: the
+    rollout is not awaiting finalize, or workstations were seen on http lately (the message
+    names node, address, workstation and when; `force` goes on anyway, `when_quiet_seconds`
+    finalizes each node by itself once no http client was seen on it for that long).
     """
     SetPassword: _aio.UnaryUnaryMultiCallable[_admin_pb2.SetPasswordRequest, _admin_pb2.SetPasswordResponse]  # type: ignore[assignment]
     """Stage a new auth password (its verifier only; the password never reaches the leader).
@@ -316,6 +330,19 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         """Plan the nodes a halted or aborted rollout left unfinished again, from what each node runs
         now, and start that as a new rollout (same change, scope, options and password).
         FAILED_PRECONDITION: the rollout is still active or completed; NOT_FOUND: no such rollout.
+        """
+
+    @_abc_1.abstractmethod
+    def FinalizeRollout(
+        self,
+        request: _admin_pb2.FinalizeRolloutRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_schema_pb2.RolloutView, _abc.Awaitable[_schema_pb2.RolloutView]]:
+        """Phase 2 of a transitional rollout awaiting finalize: a linked rollout of CHANGE_FINALIZE
+        closes http on every node phase 1 left dual, node by node. FAILED_PRECONDITION: the
+        rollout is not awaiting finalize, or workstations were seen on http lately (the message
+        names node, address, workstation and when; `force` goes on anyway, `when_quiet_seconds`
+        finalizes each node by itself once no http client was seen on it for that long).
         """
 
     @_abc_1.abstractmethod

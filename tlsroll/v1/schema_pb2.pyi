@@ -28,15 +28,27 @@ class GetSchemaRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ROLLOUT_ID_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    ROLLOUTS_ONLY_FIELD_NUMBER: _builtins.int
     rollout_id: _builtins.str
+    limit: _builtins.int
+    """At most this many rollouts, the newest first (0: every one). `schema show` asks for 1:
+    the active rollout, else the latest; `--all` for every one.
+    """
+    rollouts_only: _builtins.bool
+    """Only the rollouts: no bootstrap failures, removed nodes, revocations, expiring
+    certificates or renewal failures (what `schema show --watch` polls).
+    """
     def __init__(
         self,
         *,
         rollout_id: _builtins.str = ...,
+        limit: _builtins.int = ...,
+        rollouts_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollout_id", b"rollout_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "rollout_id", b"rollout_id", "rollouts_only", b"rollouts_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -87,6 +99,7 @@ class NodeView(_message.Message):
     LEADER_NODE_FIELD_NUMBER: _builtins.int
     BOOTSTRAP_PORT_FIELD_NUMBER: _builtins.int
     PASSWORD_PENDING_FIELD_NUMBER: _builtins.int
+    STILL_ON_HTTP_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     state: _types_pb2.NodeState.ValueType
     reason: _builtins.str
@@ -99,6 +112,10 @@ class NodeView(_message.Message):
     password_pending: _builtins.bool
     """A newer auth password is staged than the one live on this node: it takes effect at the
     node's next restart (a change-password rollout).
+    """
+    still_on_http: _builtins.int
+    """Workstations seen on http lately that have not been seen on https since (who still needs
+    the client steps; transitional strategy).
     """
     @_builtins.property
     def cert_not_after(self) -> _timestamp_pb2.Timestamp: ...
@@ -125,10 +142,11 @@ class NodeView(_message.Message):
         leader_node: _builtins.bool = ...,
         bootstrap_port: _builtins.int = ...,
         password_pending: _builtins.bool = ...,
+        still_on_http: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["cert_not_after", b"cert_not_after", "freeze_ended_at", b"freeze_ended_at", "freeze_started_at", b"freeze_started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bootstrap_port", b"bootstrap_port", "cert_fingerprint", b"cert_fingerprint", "cert_not_after", b"cert_not_after", "freeze_ended_at", b"freeze_ended_at", "freeze_started_at", b"freeze_started_at", "leader_node", b"leader_node", "name", b"name", "new_url", b"new_url", "old_url", b"old_url", "password_pending", b"password_pending", "reason", b"reason", "restart_seconds", b"restart_seconds", "state", b"state", "steps", b"steps"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bootstrap_port", b"bootstrap_port", "cert_fingerprint", b"cert_fingerprint", "cert_not_after", b"cert_not_after", "freeze_ended_at", b"freeze_ended_at", "freeze_started_at", b"freeze_started_at", "leader_node", b"leader_node", "name", b"name", "new_url", b"new_url", "old_url", b"old_url", "password_pending", b"password_pending", "reason", b"reason", "restart_seconds", b"restart_seconds", "state", b"state", "steps", b"steps", "still_on_http", b"still_on_http"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -155,6 +173,8 @@ class RolloutView(_message.Message):
     NODES_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
     UNDOES_FIELD_NUMBER: _builtins.int
+    FINALIZES_FIELD_NUMBER: _builtins.int
+    WHEN_QUIET_SECONDS_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     change: _types_pb2.Change.ValueType
     scope: _types_pb2.ScopeKind.ValueType
@@ -168,6 +188,10 @@ class RolloutView(_message.Message):
     reason: _builtins.str
     undoes: _builtins.str
     """disable-tls: the rollout this one takes back."""
+    finalizes: _builtins.str
+    """finalize: the transitional rollout whose phase 2 this is."""
+    when_quiet_seconds: _builtins.int
+    """finalize --when-quiet: a node is finalized once no http client was seen on it this long."""
     @_builtins.property
     def scope_nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -198,14 +222,61 @@ class RolloutView(_message.Message):
         nodes: _abc.Iterable[Global___NodeView] | None = ...,
         reason: _builtins.str = ...,
         undoes: _builtins.str = ...,
+        finalizes: _builtins.str = ...,
+        when_quiet_seconds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "ended_at", b"ended_at", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "created_at", b"created_at", "ended_at", b"ended_at", "epoch", b"epoch", "failure_budget", b"failure_budget", "freeze", b"freeze", "id", b"id", "max_parallel", b"max_parallel", "nodes", b"nodes", "reason", b"reason", "scope", b"scope", "scope_nodes", b"scope_nodes", "started_at", b"started_at", "started_by", b"started_by", "state", b"state", "strategy", b"strategy", "undoes", b"undoes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "created_at", b"created_at", "ended_at", b"ended_at", "epoch", b"epoch", "failure_budget", b"failure_budget", "finalizes", b"finalizes", "freeze", b"freeze", "id", b"id", "max_parallel", b"max_parallel", "nodes", b"nodes", "reason", b"reason", "scope", b"scope", "scope_nodes", b"scope_nodes", "started_at", b"started_at", "started_by", b"started_by", "state", b"state", "strategy", b"strategy", "undoes", b"undoes", "when_quiet_seconds", b"when_quiet_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___RolloutView: _TypeAlias = RolloutView  # noqa: Y015
+
+@_typing.final
+class NodeClientsView(_message.Message):
+    """Who a node's managed server has seen on which scheme (from its agent's heartbeats)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    CLIENTS_FIELD_NUMBER: _builtins.int
+    STILL_ON_HTTP_FIELD_NUMBER: _builtins.int
+    REPORTED_AT_FIELD_NUMBER: _builtins.int
+    LAST_HTTP_AT_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    @_builtins.property
+    def clients(self) -> _types_pb2.ClientsView:
+        """What the agent last reported (most recently seen first)."""
+
+    @_builtins.property
+    def still_on_http(self) -> _containers.RepeatedCompositeFieldContainer[_types_pb2.ClientSeen]:
+        """Of those, the http clients not seen on https since: who still needs the client steps."""
+
+    @_builtins.property
+    def reported_at(self) -> _timestamp_pb2.Timestamp:
+        """When the agent last reported; unset: never."""
+
+    @_builtins.property
+    def last_http_at(self) -> _timestamp_pb2.Timestamp:
+        """The last time any client was seen on http at this node; unset: none seen."""
+
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        clients: _types_pb2.ClientsView | None = ...,
+        still_on_http: _abc.Iterable[_types_pb2.ClientSeen] | None = ...,
+        reported_at: _timestamp_pb2.Timestamp | None = ...,
+        last_http_at: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["clients", b"clients", "last_http_at", b"last_http_at", "reported_at", b"reported_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["clients", b"clients", "last_http_at", b"last_http_at", "node", b"node", "reported_at", b"reported_at", "still_on_http", b"still_on_http"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeClientsView: _TypeAlias = NodeClientsView  # noqa: Y015
 
 @_typing.final
 class BootstrapFailureView(_message.Message):
@@ -259,6 +330,11 @@ class Schema(_message.Message):
     REVOKED_CERTIFICATES_FIELD_NUMBER: _builtins.int
     EXPIRING_CERTIFICATES_FIELD_NUMBER: _builtins.int
     RENEWAL_FAILURES_FIELD_NUMBER: _builtins.int
+    NODE_CLIENTS_FIELD_NUMBER: _builtins.int
+    AUTO_ROTATE_FIELD_NUMBER: _builtins.int
+    TOTAL_ROLLOUTS_FIELD_NUMBER: _builtins.int
+    total_rollouts: _builtins.int
+    """How many rollouts are stored, when `limit` left some out (else 0)."""
     @_builtins.property
     def rollouts(self) -> _containers.RepeatedCompositeFieldContainer[Global___RolloutView]: ...
     @_builtins.property
@@ -289,6 +365,16 @@ class Schema(_message.Message):
     def renewal_failures(self) -> _containers.RepeatedCompositeFieldContainer[Global___RenewalFailureView]:
         """Nodes whose agent fails to renew its own certificate."""
 
+    @_builtins.property
+    def node_clients(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeClientsView]:
+        """Per enrolled node, which workstations are on which scheme (transitional strategy)."""
+
+    @_builtins.property
+    def auto_rotate(self) -> Global___AutoRotateView:
+        """What the automatic rotation of server certificates (`auto_rotate` in leader.toml) last
+        decided; unset if the leader does not say.
+        """
+
     def __init__(
         self,
         *,
@@ -299,14 +385,73 @@ class Schema(_message.Message):
         revoked_certificates: _abc.Iterable[Global___RevokedCertificateView] | None = ...,
         expiring_certificates: _abc.Iterable[Global___ExpiringCertificateView] | None = ...,
         renewal_failures: _abc.Iterable[Global___RenewalFailureView] | None = ...,
+        node_clients: _abc.Iterable[Global___NodeClientsView] | None = ...,
+        auto_rotate: Global___AutoRotateView | None = ...,
+        total_rollouts: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["generated_at", b"generated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["auto_rotate", b"auto_rotate", "generated_at", b"generated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bootstrap_failures", b"bootstrap_failures", "expiring_certificates", b"expiring_certificates", "generated_at", b"generated_at", "removed_nodes", b"removed_nodes", "renewal_failures", b"renewal_failures", "revoked_certificates", b"revoked_certificates", "rollouts", b"rollouts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_rotate", b"auto_rotate", "bootstrap_failures", b"bootstrap_failures", "expiring_certificates", b"expiring_certificates", "generated_at", b"generated_at", "node_clients", b"node_clients", "removed_nodes", b"removed_nodes", "renewal_failures", b"renewal_failures", "revoked_certificates", b"revoked_certificates", "rollouts", b"rollouts", "total_rollouts", b"total_rollouts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Schema: _TypeAlias = Schema  # noqa: Y015
+
+@_typing.final
+class AutoRotateView(_message.Message):
+    """The leader's last check for `auto_rotate` (it checks with every run of the expiry watch)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENABLED_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    IN_WINDOW_FIELD_NUMBER: _builtins.int
+    CHECKED_AT_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DUE_NODES_FIELD_NUMBER: _builtins.int
+    ROLLOUT_ID_FIELD_NUMBER: _builtins.int
+    NEXT_WINDOW_FIELD_NUMBER: _builtins.int
+    enabled: _builtins.bool
+    window: _builtins.str
+    """The maintenance window as configured, e.g. "Sat 02:00-05:00" (leader's local time)."""
+    in_window: _builtins.bool
+    verdict: _builtins.str
+    """off | nothing-due | outside-window | busy | held | started | blocked"""
+    reason: _builtins.str
+    """Why nothing was started (blocked: the plan's refusal), in words."""
+    rollout_id: _builtins.str
+    """The last rollout auto_rotate started, if any (since the leader started)."""
+    next_window: _builtins.str
+    """When the window opens next, in the leader's local time written as UTC-less wall time
+    ("2026-12-05T02:00"); empty if it is open now or never closes.
+    """
+    @_builtins.property
+    def checked_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def due_nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Nodes whose server certificate is within its warning horizon."""
+
+    def __init__(
+        self,
+        *,
+        enabled: _builtins.bool = ...,
+        window: _builtins.str = ...,
+        in_window: _builtins.bool = ...,
+        checked_at: _timestamp_pb2.Timestamp | None = ...,
+        verdict: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        due_nodes: _abc.Iterable[_builtins.str] | None = ...,
+        rollout_id: _builtins.str = ...,
+        next_window: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checked_at", b"checked_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checked_at", b"checked_at", "due_nodes", b"due_nodes", "enabled", b"enabled", "in_window", b"in_window", "next_window", b"next_window", "reason", b"reason", "rollout_id", b"rollout_id", "verdict", b"verdict", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AutoRotateView: _TypeAlias = AutoRotateView  # noqa: Y015
 
 @_typing.final
 class ExpiringCertificateView(_message.Message):

@@ -1,0 +1,385 @@
+"""The transitional strategy end to end (issue 12): a real leader, agents and reference servers
+over real mutual TLS, with two kinds of workstation writing to every node throughout — one
+that moves to https after phase 1 and one that stays on http.
+
+Phase 1 (`rollout start --strategy transitional`) leaves every node dual and the rollout
+`awaiting_finalize`, holding no freeze; `rollout finalize` is refused while a workstation was
+seen on http lately (naming it), forced with `--force`, or done by the leader itself with
+`--when-quiet`; a node failing in either phase goes back to the side it came from; a leader
+killed between the phases picks the rollout up again.
+
+Each workstation writes from a loopback address of its own, so the managed server tells them
+apart by address (no workstation name is sent).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import http.client
+import json
+import signal
+import sqlite3
+import ssl
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nodeagent.transaction import CRASH_ENV
+from tests.cluster import Cluster, wait_until
+from tests.conftest import next_loopback
+from tests.nodeside import Node, cluster_of
+from tests.test_level_based import live, password_file
+from tlsroll import tls
+
+WAITED = ("completed", "halted", "aborted", "awaiting_finalize")
+
+
+@dataclass
+class Write:
+    started: dt.datetime
+    ended: dt.datetime
+    scheme: str
+    status: int  # 0: no answer (connection refused or reset)
+    marker: str
+    entry_id: str = ""
+
+
+@dataclass
+class Workstation:
+    """Posts entries to one node from its own source address until stopped, on ``scheme``
+    (switched by the test: the client steps), recording every POST and its outcome."""
+
+    name: str
+    node: Node
+    source: str
+    ca_pem: bytes
+    scheme: str = "http"
+    stop: threading.Event = field(default_factory=threading.Event)
+    writes: list[Write] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+    thread: threading.Thread | None = None
+
+    def post(self, scheme: str, marker: str) -> tuple[int, str]:
+        conn: http.client.HTTPConnection
+        if scheme == "https":
+            conn = http.client.HTTPSConnection(
+                self.node.address,
+                8443,
+                timeout=10,
+                context=tls.client_context(self.ca_pem),
+                source_address=(self.source, 0),
+            )
+        else:
+            conn = http.client.HTTPConnection(
+                self.node.address, 8080, timeout=10, source_address=(self.source, 0)
+            )
+        try:
+            conn.request(
+                "POST",
+                f"{self.node.server.app_path}entries",
+                body=json.dumps({"marker": marker, "ws": self.name}).encode(),
+                headers={"Content-Type": "application/json", "Connection": "close"},
+            )
+            resp = conn.getresponse()
+            body = resp.read()
+        finally:
+            conn.close()
+        entry = json.loads(body).get("id", "") if resp.status == 201 else ""
+        return resp.status, str(entry)
+
+    def _run(self) -> None:
+        while not self.stop.is_set():
+            scheme, marker = self.scheme, uuid.uuid4().hex
+            started = dt.datetime.now(dt.UTC)
+            try:
+                status, entry = self.post(scheme, marker)
+            except (OSError, http.client.HTTPException, ssl.SSLError):
+                status, entry = 0, ""
+            except Exception as exc:  # reported by the test, never lost with the thread
+                self.errors.append(f"{self.name}: {exc!r}")
+                return
+            self.writes.append(
+                Write(started, dt.datetime.now(dt.UTC), scheme, status, marker, entry)
+            )
+            time.sleep(0.2 if status == 201 else 0.05)
+
+    def start(self) -> Workstation:
+        self.thread = threading.Thread(target=self._run, name=self.name, daemon=True)
+        self.thread.start()
+        return self
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.thread is not None:
+            self.thread.join(20)
+
+    def acked_on(self, scheme: str, after: dt.datetime) -> int:
+        return sum(
+            w.status == 201 and w.scheme == scheme and w.started > after for w in self.writes
+        )
+
+
+@contextlib.contextmanager
+def two_per_node(cluster: Cluster, nodes: list[Node]) -> Iterator[dict[str, list[Workstation]]]:
+    """Per node a workstation that will move to https ("mover") and one that stays on http
+    ("stayer"), writing from the start."""
+    ca = cluster.ca_pem
+    world = {
+        n.name: [
+            Workstation(f"{n.name}-mover", n, next_loopback(), ca).start(),
+            Workstation(f"{n.name}-stayer", n, next_loopback(), ca).start(),
+        ]
+        for n in nodes
+    }
+    try:
+        yield world
+    finally:
+        for pair in world.values():
+            for ws in pair:
+                ws.close()
+
+
+def schema(cluster: Cluster) -> dict[str, Any]:
+    out = cluster.cli("schema", "show", "--json")
+    assert out.returncode == 0, out.stderr
+    data: dict[str, Any] = json.loads(out.stdout)
+    return data
+
+
+def rollout(cluster: Cluster, rollout_id: str) -> dict[str, Any]:
+    found: dict[str, Any] = next(r for r in schema(cluster)["rollouts"] if r["id"] == rollout_id)
+    return found
+
+
+def newest(cluster: Cluster) -> dict[str, Any]:
+    found: dict[str, Any] = schema(cluster)["rollouts"][0]
+    return found
+
+
+def wait_state(
+    cluster: Cluster, rollout_id: str, states: tuple[str, ...], what: str
+) -> dict[str, Any]:
+    wait_until(lambda: rollout(cluster, rollout_id)["state"] in states, 150, what)
+    return rollout(cluster, rollout_id)
+
+
+def when(text: str) -> dt.datetime:
+    return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
+
+
+def windows(view: dict[str, Any]) -> dict[str, tuple[dt.datetime, dt.datetime]]:
+    """Each node's freeze window in a rollout (its restart lies inside it)."""
+    return {
+        n["name"]: (when(n["freeze_started_at"]), when(n["freeze_ended_at"]))
+        for n in view["nodes"]
+        if n.get("freeze_started_at") and n.get("freeze_ended_at")
+    }
+
+
+def check_writes(
+    cluster: Cluster,
+    world: dict[str, list[Workstation]],
+    rollouts: list[dict[str, Any]],
+    cut_off: dict[str, dt.datetime] | None = None,
+) -> None:
+    """No acknowledged write is lost, nothing refused is stored, and every write that was
+    refused or got no answer overlaps its node's freeze window in one of ``rollouts`` (or came
+    after ``cut_off[workstation]``: http closed by a forced finalize)."""
+    frozen: dict[str, list[tuple[dt.datetime, dt.datetime]]] = {}
+    for view in rollouts:
+        for name, window in windows(view).items():
+            frozen.setdefault(name, []).append(window)
+    for pair in world.values():
+        for ws in pair:
+            assert ws.errors == []
+            assert sum(w.status == 201 for w in ws.writes) > 0, ws.name
+            for w in ws.writes:
+                if w.status == 201:
+                    continue
+                assert w.status in (0, 503), (ws.name, w)
+                if cut_off and ws.name in cut_off and w.started >= cut_off[ws.name]:
+                    continue
+                assert any(
+                    w.started <= end and w.ended >= start
+                    for start, end in frozen.get(ws.node.name, [])
+                ), f"{ws.name}: {w.scheme} write refused outside the node's restart window: {w}"
+                if w.status == 503:
+                    assert ws.node.stored_with(w.marker) == 0, w
+            for w in ws.writes:
+                if w.status == 201:
+                    assert ws.node.stored_with(w.marker) == 1, (ws.name, w)
+
+
+LONG = 240  # seconds a CLI call with --wait may take (a rollout over three nodes)
+
+
+def start_transitional(cluster: Cluster, tmp_path: Path, *extra: str) -> str:
+    secret = password_file(tmp_path, "pw", "transitional-password-for-the-practice")
+    started = cluster.cli(
+        "rollout",
+        "start",
+        "--scope",
+        "cluster",
+        "--strategy",
+        "transitional",
+        "--password-file",
+        str(secret),
+        "--yes",
+        *extra,
+        timeout=LONG,
+    )
+    assert started.returncode == 0, started.stderr
+    rollout_id: str = newest(cluster)["id"]
+    return rollout_id
+
+
+def on_http_named(cluster: Cluster, node: str) -> list[str]:
+    """The addresses ``schema show --json`` lists as still on http at ``node``."""
+    for view in schema(cluster).get("node_clients", []):
+        if view["node"] == node:
+            return sorted(c["address"] for c in view.get("still_on_http", []))
+    return []
+
+
+# --- a node failing in each phase goes back to the side it came from --------------------------
+
+
+def write_behind_the_freeze(node: Node) -> None:
+    """A row committed straight into the server's store, as a write the freeze failed to stop
+    would be: the watermark moves, and the agent's verify must notice (and roll back)."""
+    db_path = node.server_data_dir / "entries.sqlite3"
+    with contextlib.closing(sqlite3.connect(db_path, timeout=10)) as db, db:
+        db.execute(
+            "INSERT INTO entries (id, body, created_at) VALUES (?, '{}', '2026-01-01T00:00:00Z')",
+            (uuid.uuid4().hex,),
+        )
+
+
+def fail_next_switch(node: Node) -> None:
+    """The node's agent dies right after its next restart of the server (the crash hook);
+    the test slips a write past the freeze and starts the agent again, which resumes at
+    verify, finds the watermark moved and rolls the switch back."""
+    assert node.agent is not None
+    node.agent.stop()
+    node.restart_agent({CRASH_ENV: "restarted"})
+
+
+def after_the_crash(node: Node) -> None:
+    assert node.agent is not None and node.agent.proc is not None
+    assert node.agent.proc.wait(90) == -signal.SIGKILL
+    write_behind_the_freeze(node)
+    node.restart_agent()
+
+
+@pytest.mark.timeout(420)
+def test_a_node_failing_in_each_phase_goes_back_to_the_side_it_came_from(
+    tmp_path: Path,
+) -> None:
+    with cluster_of(tmp_path, 3) as (cluster, nodes), two_per_node(cluster, nodes) as world:
+        node2 = nodes[1]  # the order: node2, node3, node1 (the leader node last)
+        # Phase 1 fails on node2: back to http only, the rollout halts (budget 0).
+        fail_next_switch(node2)
+        first = start_transitional(cluster, tmp_path)
+        after_the_crash(node2)
+        view = wait_state(cluster, first, WAITED, "phase 1 halting")
+        assert view["state"] == "halted", view
+        states = {n["name"]: n["state"] for n in view["nodes"]}
+        assert states == {"node1": "skipped", "node2": "rolled_back", "node3": "skipped"}
+        assert list(live(node2).schemes) == ["http"]
+        # The way on: retry the nodes it left, to dual; then it waits for finalize.
+        retried = cluster.cli("rollout", "retry", first, "--wait", timeout=LONG)
+        assert retried.returncode == 0, retried.stderr
+        phase1 = newest(cluster)["id"]
+        assert rollout(cluster, phase1)["state"] == "awaiting_finalize"
+        for node in nodes:
+            assert sorted(live(node).schemes) == ["http", "https"]
+
+        # Phase 2 fails on node2: back to dual (not http only), phase 1 keeps waiting.
+        fail_next_switch(node2)
+        forced = cluster.cli("rollout", "finalize", phase1, "--force", "--yes")
+        assert forced.returncode == 0, forced.stderr
+        finalize = newest(cluster)["id"]
+        after_the_crash(node2)
+        view = wait_state(cluster, finalize, WAITED, "finalize halting")
+        assert view["state"] == "halted", view
+        states = {n["name"]: n["state"] for n in view["nodes"]}
+        assert states == {"node1": "skipped", "node2": "rolled_back", "node3": "skipped"}
+        assert sorted(live(node2).schemes) == ["http", "https"] and not live(node2).frozen
+        assert rollout(cluster, phase1)["state"] == "awaiting_finalize"
+
+        # Finalize again: every node is dual still, and now they all close http.
+        again = cluster.cli(
+            "rollout", "finalize", phase1, "--force", "--yes", "--wait", timeout=LONG
+        )
+        assert again.returncode == 0, again.stderr
+        second = newest(cluster)
+        assert second["state"] == "completed" and second["finalizes"] == phase1
+        wait_state(cluster, phase1, ("completed",), "phase 1 finalized")
+        for node in nodes:
+            assert list(live(node).schemes) == ["https"] and not node.port_open(8080)
+        views = [rollout(cluster, r) for r in (first, phase1, finalize, second["id"])]
+        # Nobody moved: the forced finalize cut every workstation off when its node closed
+        # http; until then, writes were refused only inside the nodes' restart windows.
+        cut = {ws.name: windows(second)[ws.node.name][0] for pair in world.values() for ws in pair}
+        check_writes(cluster, world, views, cut_off=cut)
+
+
+# --- the way back from dual -------------------------------------------------------------------
+
+
+@pytest.mark.timeout(420)
+def test_rollback_from_dual_returns_every_node_to_http_and_ends_the_wait(tmp_path: Path) -> None:
+    with cluster_of(tmp_path, 3) as (cluster, nodes), two_per_node(cluster, nodes) as world:
+        phase1 = start_transitional(cluster, tmp_path, "--wait")
+        assert rollout(cluster, phase1)["state"] == "awaiting_finalize"
+        # An abort of a waiting rollout would hide that its nodes are dual: refused, with the
+        # two ways on.
+        abort = cluster.cli("rollout", "abort", phase1)
+        assert abort.returncode == 1
+        assert "rollout finalize" in abort.stderr and "rollout rollback" in abort.stderr
+        back = cluster.cli("rollout", "rollback", phase1, "--yes")
+        assert back.returncode == 0, back.stderr
+        way_back = newest(cluster)
+        assert way_back["change"] == "disable-tls" and way_back["undoes"] == phase1
+        way_back = wait_state(cluster, way_back["id"], WAITED, "the way back")
+        assert way_back["state"] == "completed", way_back
+        for node in nodes:
+            assert list(live(node).schemes) == ["http"] and not node.port_open(8443)
+        view = wait_state(cluster, phase1, ("aborted",), "phase 1 taken back")
+        assert "taken_back by rollout" in view["reason"]
+        # Nothing waits any more: a new rollout may start.
+        plan = cluster.cli("plan", "--scope", "cluster", "--strategy", "transitional")
+        assert plan.returncode == 0, plan.stderr
+        check_writes(cluster, world, [rollout(cluster, phase1), way_back])
+
+
+# --- the leader killed between the phases ------------------------------------------------------
+
+
+@pytest.mark.timeout(420)
+def test_a_leader_killed_between_the_phases_finalizes_after_its_restart(tmp_path: Path) -> None:
+    with cluster_of(tmp_path, 3) as (cluster, nodes), two_per_node(cluster, nodes) as world:
+        phase1 = start_transitional(cluster, tmp_path, "--wait")
+        assert rollout(cluster, phase1)["state"] == "awaiting_finalize"
+        cluster.kill_leader()
+        cluster.start_leader()
+        cluster.wait_for_nodes_online([n.name for n in nodes])
+        assert rollout(cluster, phase1)["state"] == "awaiting_finalize"
+        for pair in world.values():
+            for ws in pair:
+                ws.scheme = "https"
+        done = cluster.cli("rollout", "finalize", "--force", "--yes", "--wait", timeout=LONG)
+        assert done.returncode == 0, done.stderr
+        final = newest(cluster)
+        assert final["finalizes"] == phase1 and final["state"] == "completed"
+        wait_state(cluster, phase1, ("completed",), "phase 1 finalized after the restart")
+        for node in nodes:
+            assert list(live(node).schemes) == ["https"]
+        check_writes(cluster, world, [rollout(cluster, phase1), final])
