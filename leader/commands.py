@@ -216,6 +216,8 @@ class Commands:
                 "scope local needs the leader node's name: set node_name in leader.toml"
             )
         online, seen = await self._observe_all()
+        if seen and request.change is Change.ENABLE_TLS:
+            seen = await self._own_certs_count(seen)
         if seen is None and undone is not None:
             raise undone  # nothing observed: what was taken back is all there is to go by
         digests = await self._digests()
@@ -250,6 +252,18 @@ class Commands:
         if request.own_certs is not None:
             certificates = await self._check_own_certs(request, records, seen or {})
         return Planned(rollout, records, in_use, certificates)
+
+    async def _own_certs_count(
+        self, seen: dict[str, NodeObservation]
+    ) -> dict[str, NodeObservation]:
+        """A node on https with the certificate a ``--cert-dir`` rollout gave it is as done
+        for enable-tls as one with the cluster CA's: a later enable-tls must not put it back
+        on the cluster CA's (that takes rotate-cert, said plainly)."""
+        installed = await asyncio.to_thread(self.schema.own_fingerprints)
+        return {
+            name: replace(o, cert_from_ca=True) if o.cert_fingerprint in installed else o
+            for name, o in seen.items()
+        }
 
     async def _check_own_certs(
         self,

@@ -586,6 +586,16 @@ class SchemaStore(LeaderStore):
             ).fetchall()
         return b"".join(dict.fromkeys(str(r["value"]).encode("ascii") for r in rows))
 
+    def own_fingerprints(self) -> set[str]:
+        """The certificates ``--cert-dir`` rollouts installed (nodes that ended ``done``)."""
+        with self._db.read() as db:
+            rows = db.execute(
+                "SELECT n.cert_fingerprint FROM rollout_nodes n"
+                " JOIN meta m ON m.key = 'own_ca/' || n.rollout_id"
+                " WHERE n.state = 'done' AND n.cert_fingerprint != ''"
+            ).fetchall()
+        return {str(r[0]) for r in rows}
+
     def drop_own_ca(self, rollout_id: str) -> None:
         with self._db.tx() as db:
             db.execute("DELETE FROM meta WHERE key = ?", (f"own_ca/{rollout_id}",))

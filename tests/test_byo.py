@@ -443,6 +443,12 @@ def test_own_certificates_are_live_and_the_bootstrap_hands_out_the_practice_ca(
         # (workstations build the chain with it).
         assert bundle[1:] == [pki.load_cert_pem(cluster.ca_pem), inter.cert]
 
+    # A later plain enable-tls leaves them alone: on https with the practice's certificate
+    # is as done as with the cluster CA's.
+    again = cluster.cli("plan", "--scope", "cluster")
+    assert again.returncode == 1
+    assert "nothing to do: every node in scope (node1, node2) already runs" in again.stderr
+
     # Real workstations enrol at both nodes: by the password alone, and by the practice CA's
     # pin (their client certificates still come from the cluster CA).
     pw = password_file(tmp_path)

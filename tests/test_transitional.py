@@ -147,7 +147,7 @@ def two_per_node(cluster: Cluster, nodes: list[Node]) -> Iterator[dict[str, list
 
 
 def schema(cluster: Cluster) -> dict[str, Any]:
-    out = cluster.cli("schema", "show", "--json")
+    out = cluster.cli("schema", "show", "--all", "--json")
     assert out.returncode == 0, out.stderr
     data: dict[str, Any] = json.loads(out.stdout)
     return data
