@@ -42,6 +42,7 @@ from tlsroll.fsutil import socket_dir_problem, write_atomic
 from tlsroll.httpcheck import port_open
 
 CLIENTS_TTL = 10.0  # seconds a driver's view of the clients is reused
+CLIENTS_WAIT = 1.0  # seconds a status waits for a fresh view before it takes the last one
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 15.0
 POLL_INTERVAL = 0.2  # how often a starting server is asked whether it answers
@@ -131,19 +132,38 @@ class Driver(abc.ABC):
     # --- who the server has seen (issue 12: who is still on http) ----------------------------
 
     _clients_cache: tuple[float, ClientsView] | None = None
+    _clients_task: asyncio.Task[ClientsView] | None = None
     clients_ttl: float = CLIENTS_TTL  # [server].clients_refresh
 
     async def clients(self) -> ClientsView:
         """Who the server has seen on which scheme lately. Cached for ``clients_ttl`` seconds:
-        a heartbeat every few seconds must not run a command or read a log every time."""
-        lock = self.__dict__.setdefault("_clients_lock", asyncio.Lock())
-        async with lock:  # a heartbeat and a GetStatus at once share one read
-            cached = self._clients_cache
-            if cached is not None and time.monotonic() - cached[0] < self.clients_ttl:
+        a heartbeat every few seconds must not run a command or read a log every time. One
+        read at a time, in a task of its own: a caller that gives up (the heartbeat waits 2 s
+        for the whole view) neither kills it nor starts another; it gets the last view (or
+        a problem saying the read is slow) after ``CLIENTS_WAIT`` seconds."""
+        cached = self._clients_cache
+        if cached is not None and time.monotonic() - cached[0] < self.clients_ttl:
+            return cached[1]
+        task = self._clients_task
+        if task is None or task.done():
+            task = asyncio.create_task(self._refresh_clients(), name=f"{self.name}-clients")
+            self._clients_task = task
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), CLIENTS_WAIT)
+        except TimeoutError:
+            if cached is not None:
                 return cached[1]
+            return ClientsView(
+                problem="still reading who the server has seen (slow command or log)"
+            )
+
+    async def _refresh_clients(self) -> ClientsView:
+        try:
             view = await self.read_clients()
-            self._clients_cache = (time.monotonic(), view)
-            return view
+        except Exception as exc:  # a driver's trouble is the view's problem, never ours
+            view = ClientsView(problem=client_sources.one_line(f"cannot read the clients: {exc}"))
+        self._clients_cache = (time.monotonic(), view)
+        return view
 
     async def read_clients(self) -> ClientsView:
         """The driver's own way to find out; by default it cannot tell."""

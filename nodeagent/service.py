@@ -493,8 +493,8 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             done = str(existing.plan.get("change", "")) if existing is not None else ""
             if existing is not None and change and done and done != change:
                 raise failed_precondition(
-                    f"rollout id {rollout_id} already names a {done} switch on this node; "
-                    f"a {change} needs a rollout id of its own"
+                    f"rollout id {rollout_id} already names another switch on this node "
+                    f"({done}); {change} needs a rollout id of its own"
                 )
             if existing is not None:  # a replay: report, never run twice
                 if not existing.finished:

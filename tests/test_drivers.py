@@ -9,6 +9,7 @@ driver (restart, status, freeze, unfreeze).
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import os
@@ -926,10 +927,18 @@ def test_the_agent_reports_the_exec_clients_and_caches_them(nodes: NodeFactory) 
         app_path=node.server.app_path,
         clients_refresh=600,
     )
-    with node.stub() as stub:
-        first = stub.GetStatus(agent_pb2.GetStatusRequest(), timeout=RPC_TIMEOUT).server.clients
-        again = stub.GetStatus(agent_pb2.GetStatusRequest(), timeout=RPC_TIMEOUT).server.clients
-    assert first == again
+    views: list[Any] = []
+
+    def reported() -> bool:  # the first read may outlast a status call (a slow machine)
+        with node.stub() as stub:
+            views.append(
+                stub.GetStatus(agent_pb2.GetStatusRequest(), timeout=RPC_TIMEOUT).server.clients
+            )
+        return bool(views[-1].source)
+
+    wait_until(reported, 30, "the agent to report the clients")
+    first = views[-1]
+    assert reported() and views[-1] == first
     assert first.source == "exec" and first.window_seconds == 3600
     assert [(c.scheme, c.address, c.workstation) for c in first.clients] == [
         ("https", "192.168.1.21", ""),
@@ -954,3 +963,29 @@ def test_a_heartbeat_carries_the_clients_of_the_status_view() -> None:
     assert list(live.schemes) == ["http", "https"]
     assert live.clients == view.clients
     assert live.clients.clients[0].workstation == "ws-empfang"
+
+
+async def test_a_slow_clients_command_runs_once_whoever_gives_up_waiting(tmp_path: Path) -> None:
+    """A heartbeat waits only so long for the view: giving up must neither kill the command
+    nor start another one; the next status gets what it printed."""
+    runs = tmp_path / "runs"
+    gate = tmp_path / "gate"
+    script = (
+        "import os, time\n"
+        f"open({str(runs)!r}, 'a').write('run\\n')\n"
+        f"while not os.path.exists({str(gate)!r}): time.sleep(0.02)\n"
+        f"print({json.dumps(json.dumps(GOOD))})\n"
+    )
+    driver = exec_driver(tmp_path, script, clients_timeout=60)
+    for _ in range(3):  # three callers give up while the command runs
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(driver.clients(), 0.05)
+    waiting = await driver.clients()  # one that waits its own while: the slow-read problem
+    assert waiting.clients == () and "still reading" in waiting.problem
+    gate.touch()
+    task = driver._clients_task
+    assert task is not None
+    view = await asyncio.wait_for(asyncio.shield(task), 30)
+    assert view.source == "exec" and len(view.clients) == 2
+    assert (await driver.clients()) == view  # cached now
+    assert runs.read_text() == "run\n"
