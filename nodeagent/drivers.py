@@ -33,11 +33,15 @@ from typing import Any
 import aiohttp
 from tenacity import AsyncRetrying, RetryError, retry_if_result, stop_after_delay, wait_fixed
 
+from nodeagent import clients as client_sources
+from tlsroll import clients
+from tlsroll.clients import ClientsView
 from tlsroll.config import ConfigFile, Section, dump_toml
 from tlsroll.errors import TerminalError
 from tlsroll.fsutil import socket_dir_problem, write_atomic
 from tlsroll.httpcheck import port_open
 
+CLIENTS_TTL = 10.0  # seconds a driver's view of the clients is reused
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 15.0
 POLL_INTERVAL = 0.2  # how often a starting server is asked whether it answers
@@ -118,6 +122,27 @@ class Driver(abc.ABC):
 
     async def watermark(self) -> int:
         return int((await self.status())["watermark"])
+
+    # --- who the server has seen (issue 12: who is still on http) ----------------------------
+
+    _clients_cache: tuple[float, ClientsView] | None = None
+    clients_ttl: float = CLIENTS_TTL  # [server].clients_refresh
+
+    async def clients(self) -> ClientsView:
+        """Who the server has seen on which scheme lately. Cached for ``clients_ttl`` seconds:
+        a heartbeat every few seconds must not run a command or read a log every time."""
+        lock = self.__dict__.setdefault("_clients_lock", asyncio.Lock())
+        async with lock:  # a heartbeat and a GetStatus at once share one read
+            cached = self._clients_cache
+            if cached is not None and time.monotonic() - cached[0] < self.clients_ttl:
+                return cached[1]
+            view = await self.read_clients()
+            self._clients_cache = (time.monotonic(), view)
+            return view
+
+    async def read_clients(self) -> ClientsView:
+        """The driver's own way to find out; by default it cannot tell."""
+        return ClientsView()
 
 
 # --- the reference server's admin protocol ----------------------------------------------------
@@ -326,6 +351,16 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
         await self.stop()
         await self.start()
 
+    async def read_clients(self) -> ClientsView:
+        """The reference server records its clients itself (``GET /admin/clients``)."""
+        try:
+            data = await self.admin.call("GET", "/admin/clients")
+            seen, window, problem = clients.from_json(data)
+        except (DriverError, ValueError) as exc:
+            return ClientsView(source="refserver", problem=client_sources.one_line(exc))
+        window = window or clients.WINDOW_SECONDS
+        return ClientsView(tuple(seen[: clients.MAX_REPORTED]), window, "refserver", problem)
+
 
 # --- systemd and exec: config from a template -------------------------------------------------
 
@@ -351,6 +386,9 @@ class TemplateDriver(Driver):
         self.app_path: str = section.text("app_path")
         self.http_port: int = section.port("http_port", 8080)
         self.https_port: int = section.port("https_port", 8443)
+        self.clients_window: int = section.integer(
+            "clients_window", clients.WINDOW_SECONDS, lo=60, hi=clients.MAX_WINDOW_SECONDS
+        )
 
     def facts(self) -> ServerFacts:
         schemes = tuple(
@@ -429,6 +467,15 @@ class SystemdDriver(_AdminSocketFreeze, TemplateDriver):
         self.systemctl: str = section.text("systemctl", "systemctl")
         self.timeout: int = section.integer("timeout", 60, lo=1, hi=3600)
         self.admin = AdminSocketClient(section.path("admin_socket"))
+        self.access_log = client_sources.access_log_clients(
+            section, address, self.http_port, self.https_port, self.clients_window
+        )
+
+    async def read_clients(self) -> ClientsView:
+        """From the configured access log(s), read incrementally in a thread."""
+        if self.access_log is None:
+            return ClientsView()
+        return await asyncio.to_thread(self.access_log.read)
 
     async def restart(self) -> None:
         await _run([self.systemctl, "restart", self.unit], self.timeout, "restart")
@@ -450,6 +497,20 @@ class ExecDriver(TemplateDriver):
             if not argv:
                 raise commands.error(op, "must name a command")
         self.timeout: int = section.integer("timeout", 60, lo=1, hi=3600)
+        # Optional: a command that prints the clients JSON (nodeagent.clients, README).
+        self.clients_command: list[str] | None = commands.str_list("clients", None)
+        if self.clients_command is not None and not self.clients_command:
+            raise commands.error("clients", "must name a command")
+        self.clients_timeout: int = section.integer(
+            "clients_timeout", client_sources.DEFAULT_TIMEOUT, lo=1, hi=120
+        )
+
+    async def read_clients(self) -> ClientsView:
+        if self.clients_command is None:
+            return ClientsView()
+        return await client_sources.exec_clients(
+            self.clients_command, self.clients_timeout, self.clients_window
+        )
 
     async def _op(self, op: str, timeout: float | None = None) -> str:
         return await _run(self.commands[op], timeout or self.timeout, op)
@@ -485,16 +546,18 @@ def make_driver(section: Section, address: str, data_dir: Path) -> Driver:
     A key of ``[server]`` (or ``[server.commands]``) the chosen driver does not read is a
     ConfigError, raised before the driver touches anything."""
     kind = section.text("driver", "reference")
+    refresh: int = section.integer("clients_refresh", int(CLIENTS_TTL), lo=0, hi=3600)
+    driver: Driver
     if kind == "reference":
         config_file: Path = section.path("config_file")
         section.finish()
-        return ReferenceDriver(config_file, data_dir / "refserver.log")
-    driver: Driver
-    if kind == "systemd":
+        driver = ReferenceDriver(config_file, data_dir / "refserver.log")
+    elif kind == "systemd":
         driver = SystemdDriver(section, address)
     elif kind == "exec":
         driver = ExecDriver(section, address)
     else:
         raise section.error("driver", f"unknown driver {kind!r}: use reference, systemd or exec")
     section.finish()
+    driver.clients_ttl = refresh
     return driver

@@ -75,6 +75,20 @@ def _ts(when: dt.datetime | None) -> Timestamp | None:
     return stamp
 
 
+def live_server(view: agent_pb2.ServerView) -> leader_pb2.LiveServer:
+    """What a heartbeat says about the managed server: the status view, less the certificate
+    and verifier, with who the server has seen lately (the driver caches that list, so a
+    heartbeat does not run a command or read a log each time)."""
+    return leader_pb2.LiveServer(
+        driver=view.driver,
+        healthy=view.healthy,
+        frozen=view.frozen,
+        schemes=list(view.schemes),
+        detail=view.detail[:200],
+        clients=view.clients,
+    )
+
+
 class LeaderLink:
     def __init__(
         self,
@@ -168,15 +182,7 @@ class LeaderLink:
             if self.server_view is not None:
                 with contextlib.suppress(TimeoutError):
                     view = await asyncio.wait_for(self.server_view(), SERVER_VIEW_SECONDS)
-                    request.server.CopyFrom(
-                        leader_pb2.LiveServer(
-                            driver=view.driver,
-                            healthy=view.healthy,
-                            frozen=view.frozen,
-                            schemes=list(view.schemes),
-                            detail=view.detail[:200],
-                        )
-                    )
+                    request.server.CopyFrom(live_server(view))
             try:
                 reply = await self.stub.Heartbeat(request, timeout=self.cfg.heartbeat_interval)
             except grpc.aio.AioRpcError as exc:

@@ -40,6 +40,7 @@ from nodeagent.transaction import (
 from nodeagent.trust import EpochNotAnnounced, LeaderTrust, NotTheLeader, Revoked
 from nodeagent.wire import CHANGE, TXN_KIND, TXN_OUTCOME, TXN_PHASE
 from tlsroll import __version__, logs, password, pki
+from tlsroll.clients import ClientsView
 from tlsroll.enums import Change, TxnKind
 from tlsroll.errors import PKIError
 from tlsroll.fsutil import PUBLIC, write_atomic
@@ -52,7 +53,8 @@ from tlsroll.rpc import (
     timestamp,
     unauthenticated,
 )
-from tlsroll.v1 import agent_pb2, agent_pb2_grpc
+from tlsroll.v1 import agent_pb2, agent_pb2_grpc, types_pb2
+from tlsroll.wire import clients_message
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
 ERRORS: dict[type[BaseException], grpc.StatusCode] = {
@@ -157,7 +159,12 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             facts = await asyncio.to_thread(driver.facts)
             status = await driver.status()
         except (DriverError, OSError) as exc:
-            return agent_pb2.ServerView(driver=driver.name, healthy=False, detail=str(exc))
+            return agent_pb2.ServerView(
+                driver=driver.name,
+                healthy=False,
+                detail=str(exc),
+                clients=await self._clients(driver),
+            )
         cert_pem, digest = await asyncio.to_thread(self._live_files)
         return agent_pb2.ServerView(
             driver=driver.name,
@@ -167,7 +174,18 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             urls=[facts.url(s) for s in facts.schemes],
             cert_pem=cert_pem,
             verifier_digest=digest,
+            clients=await self._clients(driver),
         )
+
+    @staticmethod
+    async def _clients(driver: Driver) -> types_pb2.ClientsView:
+        """Who the server has seen lately (the driver caches it); a driver's trouble here is a
+        ``problem`` in the view, never a failed status."""
+        try:
+            view = await driver.clients()
+        except Exception as exc:
+            view = ClientsView(problem=f"cannot read the clients: {describe(exc)}"[:200])
+        return clients_message(view)
 
     def _live_files(self) -> tuple[bytes, str]:
         """The certificate served on https and the digest of the live verifier (journal's

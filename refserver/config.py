@@ -14,6 +14,8 @@
     admin_socket = "admin.sock"     # admin endpoint's Unix socket (default data_dir/admin.sock);
                                     # its directory must be ours alone (not /tmp itself)
     auth_verifier_file = "auth.json"  # optional scrypt verifier; refused if others may read it
+    clients_window = 86400          # seconds: who is still on http covers this long (60..31 days)
+    clients_max = 1024              # clients kept at most (the least recently seen goes first)
 
 Relative paths are taken relative to the config file's directory. Unknown keys are errors
 (a typo must not silently fall back to a default).
@@ -27,7 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tlsroll import password
+from tlsroll import clients, password
 from tlsroll.config import ConfigFile, Section
 from tlsroll.errors import UnsafePermissions
 from tlsroll.fsutil import check_private_file
@@ -48,6 +50,8 @@ KEYS = frozenset(
         "data_dir",
         "admin_socket",
         "auth_verifier_file",
+        "clients_window",
+        "clients_max",
     }
 )
 # sockaddr_un.sun_path is 108 bytes on Linux, including the terminating NUL.
@@ -70,6 +74,8 @@ class RefServerConfig:
     data_dir: Path
     admin_socket: Path
     auth_verifier_file: Path | None
+    clients_window: int = clients.WINDOW_SECONDS
+    clients_max: int = clients.MAX_ENTRIES
 
     @property
     def app_name(self) -> str:
@@ -118,6 +124,10 @@ def load(path: Path) -> Loaded:
     if len(str(admin_socket).encode()) > MAX_SOCKET_PATH:
         raise s.error("admin_socket", f"path longer than {MAX_SOCKET_PATH} bytes")
     verifier_file: Path | None = s.path("auth_verifier_file", None)
+    clients_window: int = s.integer(
+        "clients_window", clients.WINDOW_SECONDS, lo=60, hi=clients.MAX_WINDOW_SECONDS
+    )
+    clients_max: int = s.integer("clients_max", clients.MAX_ENTRIES, lo=1, hi=100_000)
 
     config = RefServerConfig(
         path=cfg.path,
@@ -133,6 +143,8 @@ def load(path: Path) -> Loaded:
         data_dir=data_dir,
         admin_socket=admin_socket,
         auth_verifier_file=verifier_file,
+        clients_window=clients_window,
+        clients_max=clients_max,
     )
     ctx = _ssl_context(s, config) if "https" in listen else None
     verifier = _verifier(s, verifier_file) if verifier_file is not None else None

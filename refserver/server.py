@@ -19,6 +19,13 @@ Admin API, HTTP on the Unix socket ``admin_socket`` only (mode 0600, i.e. root/t
 
     POST /admin/freeze       {"drain_timeout": s} -> {"frozen", "watermark", "drained", "in_flight"}
     POST /admin/unfreeze     -> {"frozen": false, "watermark": n}
+    GET  /admin/clients      -> {"window_seconds", "clients": [{"scheme", "address",
+                                 "workstation", "first_seen", "last_seen", "requests"}, ...]}
+                                 (``tlsroll.clients``: who was seen on which scheme within
+                                 ``clients_window``, most recent first, at most 256; the
+                                 workstation is the ws-… CN of a verified client certificate,
+                                 else the ws-… name in an X-Tlsroll-Workstation header; tlsroll's
+                                 own probes, User-Agent tlsroll-check/…, are not clients)
     GET  /admin/status       -> {"frozen", "frozen_since", "watermark", "in_flight", "listen",
                                  "ports" (listened schemes only), "address", "app_path", "pid",
                                  "config", "requests": {"http": n, "https": n} (every request
@@ -43,6 +50,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import datetime as dt
 import fcntl
 import json
 import os
@@ -59,7 +67,7 @@ from aiohttp import web
 
 from refserver import config as refserver_config
 from refserver.store import FreezeState, StateFile, Store, now_iso
-from tlsroll import __version__, daemon, logs, password, pki
+from tlsroll import __version__, clients, daemon, logs, password, pki
 from tlsroll.backoff import Backoff, Policy, retry_after, source_key
 from tlsroll.errors import ConfigError, TerminalError
 from tlsroll.fsutil import socket_dir_problem, write_atomic
@@ -100,6 +108,22 @@ class StartupError(TerminalError):
     """Start-up failed for a reason other than the config (one line for the admin)."""
 
 
+def _workstation(request: web.Request) -> str:
+    """The ws-… name of the client: the CN of a client certificate the TLS handshake verified
+    (the server asks for one when it has a client CA), else the name the client sent in the
+    X-Tlsroll-Workstation header, else ""."""
+    transport = request.transport
+    ssl_object = transport.get_extra_info("ssl_object") if transport is not None else None
+    if ssl_object is not None:
+        with contextlib.suppress(ValueError, AttributeError):
+            cert = ssl_object.getpeercert() or {}
+            for rdn in cert.get("subject", ()):
+                for key, value in rdn:
+                    if key == "commonName" and (name := clients.workstation_name(value)):
+                        return name
+    return clients.workstation_name(request.headers.get(clients.WORKSTATION_HEADER))
+
+
 def _error(status: int, error: str, message: str, **extra: Any) -> web.Response:
     return web.json_response({"error": error, "message": message, **extra}, status=status)
 
@@ -131,6 +155,7 @@ class RefServer:
         self.in_flight = 0
         self.requests = {scheme: 0 for scheme in refserver_config.SCHEMES}
         self.clients: dict[str, set[str]] = {scheme: set() for scheme in refserver_config.SCHEMES}
+        self.seen = clients.ClientLog(self.config.clients_window, self.config.clients_max)
         self.started_at = now_iso()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -191,6 +216,8 @@ class RefServer:
         seen = self.clients[scheme]
         if request.remote and len(seen) < MAX_TRACKED_CLIENTS:
             seen.add(request.remote)
+        if request.remote and not clients.is_probe(request.headers.get("User-Agent")):
+            self.seen.record(scheme, request.remote, _workstation(request), dt.datetime.now(dt.UTC))
         return await handler(request)
 
     async def index(self, request: web.Request) -> web.Response:
@@ -294,7 +321,13 @@ class RefServer:
         app.router.add_post("/admin/freeze", self.freeze)
         app.router.add_post("/admin/unfreeze", self.unfreeze)
         app.router.add_get("/admin/status", self.status)
+        app.router.add_get("/admin/clients", self.clients_seen)
         return app
+
+    async def clients_seen(self, request: web.Request) -> web.Response:
+        """Who was seen on which scheme within the window (``tlsroll.clients``)."""
+        recent = self.seen.view(dt.datetime.now(dt.UTC))
+        return web.json_response(clients.to_json(recent, self.config.clients_window))
 
     async def freeze(self, request: web.Request) -> web.Response:
         body = await self._json_body(request, allow_empty=True)

@@ -9,6 +9,7 @@ driver (restart, status, freeze, unfreeze).
 
 from __future__ import annotations
 
+import datetime as dt
 import json
 import os
 import string
@@ -23,23 +24,29 @@ import grpc
 import pytest
 from aiohttp import web
 
+from nodeagent import clients as client_sources
 from nodeagent.drivers import (
     Driver,
     DriverError,
+    ExecDriver,
     ReferenceDriver,
     ServerFacts,
     SystemdDriver,
     Target,
     _wait_healthy,
+    make_driver,
 )
+from nodeagent.leader_link import live_server
 from tests.cluster import Cluster, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import RPC_TIMEOUT, Node, NodeFactory, alive
 from tests.refserver_helper import RefServer
+from tlsroll.clients import ClientSeen, ClientsView
 from tlsroll.config import Section
 from tlsroll.enums import Change
+from tlsroll.errors import ConfigError
 from tlsroll.v1 import agent_pb2
-from tlsroll.wire import CHANGE
+from tlsroll.wire import CHANGE, clients_message
 
 UNIT = "praxis-live.service"
 
@@ -626,3 +633,296 @@ async def test_reference_driver_refuses_a_socket_others_could_have_put_there(
         assert asked == ["/admin/status"]
     finally:
         await runner.cleanup()
+
+
+# --- who is on which scheme: the systemd driver's access logs, the exec driver's command ------
+
+NOW = dt.datetime.now(dt.UTC).replace(microsecond=0)
+
+
+def clf(address: str, at: dt.datetime, agent: str | None = None, port: int | None = None) -> str:
+    """One access log line: common log format, combined with ``agent``, vhost with ``port``."""
+    line = (
+        f'{address} - - [{at.strftime("%d/%b/%Y:%H:%M:%S %z")}] "GET /praxis_live/ HTTP/1.1" 200 57'
+    )
+    if agent is not None:
+        line += f' "-" "{agent}"'
+    if port is not None:
+        line = f"praxis.local:{port} {line}"
+    return line + "\n"
+
+
+def driver_section(tmp_path: Path, driver: str = "systemd", **settings: Any) -> Section:
+    base: dict[str, object] = {
+        "driver": driver,
+        "config_file": str(tmp_path / "server.toml"),
+        "template": str(tmp_path / "server.toml.in"),
+        "app_path": "/praxis_live/",
+    }
+    if driver == "systemd":
+        base |= {"unit": "praxis.service", "admin_socket": str(tmp_path / "admin.sock")}
+    return Section(tmp_path / "agent.toml", "server", {**base, **settings})
+
+
+def systemd_with_logs(tmp_path: Path, **settings: Any) -> SystemdDriver:
+    driver = make_driver(driver_section(tmp_path, **settings), "10.0.0.5", tmp_path)
+    assert isinstance(driver, SystemdDriver)
+    return driver
+
+
+def rows(view: ClientsView) -> list[tuple[str, str, int]]:
+    return [(c.scheme, c.address, c.requests) for c in view.clients]
+
+
+async def test_access_logs_one_per_scheme_in_the_common_log_format(tmp_path: Path) -> None:
+    http_log, https_log = tmp_path / "http.log", tmp_path / "https.log"
+    http_log.write_text(
+        clf("192.168.1.20", NOW - dt.timedelta(minutes=5))
+        + clf("192.168.1.21", NOW - dt.timedelta(minutes=4))
+        + clf("192.168.1.20", NOW - dt.timedelta(minutes=3))
+        + clf("10.0.0.5", NOW - dt.timedelta(minutes=2))  # the node itself (its own checks)
+        + clf("192.168.1.9", NOW - dt.timedelta(days=3))  # outside the window
+        + clf("192.168.1.22", NOW, agent="tlsroll-check/0.9")  # combined: tlsroll's probe
+        + clf("192.168.1.23", NOW - dt.timedelta(minutes=1), agent="Praxis/7")  # combined
+    )
+    https_log.write_text(clf("192.168.1.30", NOW - dt.timedelta(seconds=30)))
+    driver = systemd_with_logs(
+        tmp_path, access_log_http=str(http_log), access_log_https=str(https_log)
+    )
+    view = await driver.read_clients()
+    assert view.source == "access-log" and view.problem == "" and view.window_seconds == 86400
+    assert rows(view) == [
+        ("https", "192.168.1.30", 1),
+        ("http", "192.168.1.23", 1),
+        ("http", "192.168.1.20", 2),
+        ("http", "192.168.1.21", 1),
+    ]
+    first = next(c for c in view.clients if c.address == "192.168.1.20")
+    assert first.first_seen == NOW - dt.timedelta(minutes=5)
+    assert first.last_seen == NOW - dt.timedelta(minutes=3)
+
+    # Incremental: only what was appended is read, and counts go on.
+    with http_log.open("a") as f:
+        f.write(clf("192.168.1.21", NOW))
+        f.write("this is not an access log line\n")
+        f.write(clf("192.168.1.24", NOW)[:20])  # a line still being written: not yet
+    view = await driver.read_clients()
+    assert rows(view)[0] == ("http", "192.168.1.21", 2)
+    assert "1 lines not in access_log_format" in view.problem and "\n" not in view.problem
+    with http_log.open("a") as f:
+        f.write(clf("192.168.1.24", NOW)[20:])
+    view = await driver.read_clients()
+    assert ("http", "192.168.1.24", 1) in rows(view) and view.problem == ""
+
+    # Rotated: the new file is read from its start; the clients seen stay.
+    http_log.rename(tmp_path / "http.log.1")
+    http_log.write_text(clf("192.168.1.25", NOW))
+    view = await driver.read_clients()
+    assert ("http", "192.168.1.25", 1) in rows(view)
+    assert ("http", "192.168.1.20", 2) in rows(view)
+
+
+async def test_a_missing_log_is_a_problem_not_a_crash(tmp_path: Path) -> None:
+    log = tmp_path / "missing.log"
+    driver = systemd_with_logs(tmp_path, access_log_http=str(log))
+    view = await driver.read_clients()
+    assert view.clients == () and view.problem == f"access log {log}: no such file"
+    log.write_text(clf("192.168.1.20", NOW))
+    view = await driver.read_clients()
+    assert rows(view) == [("http", "192.168.1.20", 1)] and view.problem == ""
+
+
+async def test_a_huge_log_is_read_from_its_tail_and_in_bounded_steps(tmp_path: Path) -> None:
+    log = tmp_path / "huge.log"
+    old = clf("192.168.1.1", NOW - dt.timedelta(hours=1))
+    with log.open("w") as f:  # twice what a first look reads
+        f.write(old * (2 * client_sources.TAIL_BYTES // len(old)))
+        f.write(clf("192.168.1.2", NOW))
+    driver = systemd_with_logs(tmp_path, access_log_http=str(log))
+    view = await driver.read_clients()
+    assert [a for _s, a, _n in rows(view)] == ["192.168.1.2", "192.168.1.1"]
+    n = next(c.requests for c in view.clients if c.address == "192.168.1.1")
+    assert n <= client_sources.TAIL_BYTES // len(old)  # the tail only, not the whole file
+    assert view.problem == ""
+    # More appended at once than one look reads: the older part is skipped, and said so.
+    with log.open("a") as f:
+        f.write(old * (2 * client_sources.MAX_READ_BYTES // len(old)))
+        f.write(clf("192.168.1.3", NOW))
+    view = await driver.read_clients()
+    assert rows(view)[0][1] == "192.168.1.3"
+    assert "skipped" in view.problem and "written too fast" in view.problem
+
+
+async def test_one_log_for_both_schemes_tells_them_by_port(tmp_path: Path) -> None:
+    log = tmp_path / "vhost.log"
+    log.write_text(
+        clf("192.168.1.20", NOW - dt.timedelta(minutes=1), agent="Praxis", port=8080)
+        + clf("192.168.1.20", NOW, agent="Praxis", port=8443)
+        + clf("192.168.1.21", NOW, agent="Praxis", port=9000)  # another site on this server
+    )
+    driver = systemd_with_logs(tmp_path, access_log=str(log), access_log_format="vhost_combined")
+    view = await driver.read_clients()
+    assert rows(view) == [("https", "192.168.1.20", 1), ("http", "192.168.1.20", 1)]
+    # A pattern of the admin's own, with a workstation name the server logs.
+    log.write_text(f"{NOW.isoformat()} 192.168.1.40 https ws-empfang\n")
+    driver = systemd_with_logs(
+        tmp_path,
+        access_log=str(log),
+        access_log_format=r"(?P<time>\S+) (?P<address>\S+) (?P<scheme>\S+) (?P<workstation>\S+)",
+    )
+    view = await driver.read_clients()
+    assert [(c.scheme, c.address, c.workstation) for c in view.clients] == [
+        ("https", "192.168.1.40", "ws-empfang")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("settings", "key", "problem"),
+    [
+        ({"access_log": "a.log"}, "access_log", "does not say the scheme"),
+        ({"access_log_http": "a.log", "access_log_format": "(x"}, "access_log_format", "regex"),
+        (
+            {"access_log_http": "a.log", "access_log_format": r"(?P<address>\S+)"},
+            "access_log_format",
+            "needs the groups",
+        ),
+        ({"access_log": "a.log", "access_log_http": "b.log"}, "access_log", "either"),
+        (
+            {"access_log_http": "a.log", "clients_ignore": ["leader"]},
+            "clients_ignore[0]",
+            "not an IP",
+        ),
+        ({"access_log_format": "combined"}, "access_log_format", "needs access_log"),
+        ({"clients_window": 5}, "clients_window", "must be between 60"),
+        ({"clients_refresh": -1}, "clients_refresh", "must be between 0"),
+    ],
+)
+def test_bad_client_settings_are_one_line_config_errors(
+    tmp_path: Path, settings: dict[str, Any], key: str, problem: str
+) -> None:
+    with pytest.raises(ConfigError) as info:
+        make_driver(driver_section(tmp_path, **settings), "10.0.0.5", tmp_path)
+    text = str(info.value)
+    assert f"[server].{key}" in text and problem in text and "\n" not in text
+
+
+def exec_driver(tmp_path: Path, script: str, **settings: object) -> ExecDriver:
+    """An exec driver whose ``clients`` command runs ``script`` (Python)."""
+    commands = {op: ["true"] for op in ("restart", "status", "freeze", "unfreeze")}
+    section = driver_section(
+        tmp_path, "exec", commands={**commands, "clients": [sys.executable, "-c", script]}
+    )
+    section.data = {**section.data, **settings}
+    driver = make_driver(section, "10.0.0.5", tmp_path)
+    assert isinstance(driver, ExecDriver)
+    return driver
+
+
+GOOD = {
+    "window_seconds": 3600,
+    "clients": [
+        {
+            "scheme": "http",
+            "address": "192.168.1.20",
+            "workstation": "ws-empfang",
+            "first_seen": (NOW - dt.timedelta(minutes=9)).isoformat(),
+            "last_seen": (NOW - dt.timedelta(minutes=1)).isoformat(),
+            "requests": 40,
+        },
+        {"scheme": "https", "address": "192.168.1.21", "last_seen": NOW.timestamp()},
+        {"scheme": "http", "address": "192.168.1.22", "last_seen": NOW.timestamp() - 7200},
+    ],
+}
+
+
+async def test_exec_clients_command_prints_the_documented_json(tmp_path: Path) -> None:
+    driver = exec_driver(tmp_path, f"print({json.dumps(json.dumps(GOOD))})")
+    view = await driver.read_clients()
+    assert view.source == "exec" and view.problem == "" and view.window_seconds == 3600
+    assert [(c.scheme, c.address, c.workstation, c.requests) for c in view.clients] == [
+        ("https", "192.168.1.21", "", 1),
+        ("http", "192.168.1.20", "ws-empfang", 40),  # 192.168.1.22: outside its window
+    ]
+
+
+@pytest.mark.parametrize(
+    ("script", "problem"),
+    [
+        ("print('not json')", "printed no clients JSON: not JSON"),
+        ("print('[1, 2]')", 'expected a JSON object with "clients"'),
+        (
+            "import json; print(json.dumps({'clients': [{'scheme': 'ftp', 'address': '1.2.3.4', "
+            "'last_seen': 1}, {'scheme': 'http', 'address': '192.168.1.5', 'last_seen': 9e9}]}))",
+            "1 malformed entries left out (first: clients[0]: scheme 'ftp'",
+        ),
+        ("import sys; sys.stdout.write('x' * 3_000_000)", "printed more than 1024 KiB"),
+        ("import sys; sys.exit('no access to the log')", "exited 1: no access to the log"),
+        ("import time; time.sleep(30)", "did not finish within 1s"),
+    ],
+    ids=["not-json", "not-object", "bad-entry", "huge", "fails", "hangs"],
+)
+async def test_exec_clients_command_gone_wrong_is_a_problem(
+    tmp_path: Path, script: str, problem: str
+) -> None:
+    driver = exec_driver(tmp_path, script, clients_timeout=1)
+    view = await driver.read_clients()
+    assert problem in view.problem, view.problem
+    assert view.source == "exec" and len(view.problem) <= 200 and "\n" not in view.problem
+
+
+async def test_exec_clients_command_that_does_not_exist(tmp_path: Path) -> None:
+    driver = exec_driver(tmp_path, "")
+    assert driver.clients_command is not None
+    driver.clients_command = [str(tmp_path / "no-such-command")]
+    view = await driver.read_clients()
+    assert view.problem.startswith("clients: cannot run") and "No such file" in view.problem
+
+
+def test_the_agent_reports_the_exec_clients_and_caches_them(nodes: NodeFactory) -> None:
+    """GetStatus carries what the command printed; the command runs once per clients_refresh,
+    not once per status or heartbeat."""
+    node = nodes.new()
+    control = write_control(node)
+    template = write_template(node)
+    runs = node.root / "clients-runs"
+    script = f"open({str(runs)!r}, 'a').write('run\\n'); print({json.dumps(json.dumps(GOOD))})"
+    commands: dict[str, object] = {
+        op: [sys.executable, str(control.script), op]
+        for op in ("restart", "status", "freeze", "unfreeze")
+    }
+    commands["clients"] = [sys.executable, "-c", script]
+    node.start(
+        extra_config={"server.commands": commands},
+        driver="exec",
+        template=template,
+        app_path=node.server.app_path,
+        clients_refresh=600,
+    )
+    with node.stub() as stub:
+        first = stub.GetStatus(agent_pb2.GetStatusRequest(), timeout=RPC_TIMEOUT).server.clients
+        again = stub.GetStatus(agent_pb2.GetStatusRequest(), timeout=RPC_TIMEOUT).server.clients
+    assert first == again
+    assert first.source == "exec" and first.window_seconds == 3600
+    assert [(c.scheme, c.address, c.workstation) for c in first.clients] == [
+        ("https", "192.168.1.21", ""),
+        ("http", "192.168.1.20", "ws-empfang"),
+    ]
+    assert first.clients[1].requests == 40
+    assert first.clients[1].last_seen.ToDatetime(tzinfo=dt.UTC) == NOW - dt.timedelta(minutes=1)
+    # Heartbeats (every few seconds) and both GetStatus calls shared one run of the command.
+    assert runs.read_text() == "run\n"
+
+
+def test_a_heartbeat_carries_the_clients_of_the_status_view() -> None:
+    view = agent_pb2.ServerView(driver="reference", healthy=True, schemes=["http", "https"])
+    view.clients.CopyFrom(
+        clients_message(
+            ClientsView(
+                (ClientSeen("http", "192.168.1.20", "ws-empfang", NOW, NOW, 3),), 86400, "refserver"
+            )
+        )
+    )
+    live = live_server(view)
+    assert list(live.schemes) == ["http", "https"]
+    assert live.clients == view.clients
+    assert live.clients.clients[0].workstation == "ws-empfang"

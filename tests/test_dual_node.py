@@ -12,8 +12,10 @@ Every node has its own loopback address with the seed's ports (8080, 8443).
 from __future__ import annotations
 
 import contextlib
+import http.client
 import signal
 import sqlite3
+import ssl
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +27,10 @@ from nodeagent.transaction import CRASH_ENV
 from tests.cluster import Cluster
 from tests.conftest import next_loopback
 from tests.nodeside import RPC_TIMEOUT, Node, NodeFactory, TxnView
+from tlsroll import pki
+from tlsroll.clients import WORKSTATION_HEADER
 from tlsroll.enums import Change
+from tlsroll.tls import client_context
 from tlsroll.v1 import agent_pb2
 from tlsroll.wire import CHANGE
 
@@ -288,3 +293,59 @@ def test_failed_verification_rolls_back_to_the_side_it_came_from(
         assert_http_only(node)
     events = node.journal_events(rid)
     assert ("verify", "error") in events and ("rolled_back", "end") in events
+
+
+# --- who is still on http ------------------------------------------------------------------------
+
+
+def get_from(
+    source: str, url: str, *, context: ssl.SSLContext | None = None, name: str = ""
+) -> int:
+    """GET ``url`` from the local address ``source`` (the client socket is bound to it), as the
+    workstation with that address would, optionally saying its name."""
+    host, port = url.split("://", 1)[1].split("/", 1)[0].rsplit(":", 1)
+    path = "/" + url.split("://", 1)[1].split("/", 1)[1]
+    conn: http.client.HTTPConnection
+    if context is not None:
+        conn = http.client.HTTPSConnection(
+            host, int(port), timeout=10, context=context, source_address=(source, 0)
+        )
+    else:
+        conn = http.client.HTTPConnection(host, int(port), timeout=10, source_address=(source, 0))
+    try:
+        conn.request("GET", path, headers={WORKSTATION_HEADER: name} if name else {})
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    finally:
+        conn.close()
+
+
+def test_the_agent_reports_who_is_still_on_http(make_node: NodeFactory, tmp_path: Path) -> None:
+    """GetStatus says, per scheme, which workstations the dual server has seen: the one still
+    on http (named by its header) and the one that moved to https (named by the client
+    certificate it enrolled for). The agent's own verify probes are not among them."""
+    node = make_node(clients_refresh=0)
+    go_dual(node, "t6")
+    empfang, labor = next_loopback(), next_loopback()
+    key = pki.generate_key()
+    ws_cert = node.ca().issue(
+        key.public_key(), pki.Names.of("ws-labor", [labor]), server=False, client=True
+    )
+    pki.write_key(tmp_path / "ws.key", key)
+    pki.write_cert(tmp_path / "ws.pem", ws_cert)
+    ws_context = client_context(
+        node.cluster.ca_pem, cert_file=tmp_path / "ws.pem", key_file=tmp_path / "ws.key"
+    )
+    for _ in range(2):
+        assert get_from(empfang, node.http_url(), name="ws-empfang") == 200
+    assert get_from(labor, node.https_url(), context=ws_context) == 200
+
+    view = status(node).server.clients
+    assert view.source == "refserver" and view.problem == "" and view.window_seconds == 86400
+    assert [(c.scheme, c.address, c.workstation, c.requests) for c in view.clients] == [
+        ("https", labor, "ws-labor", 1),
+        ("http", empfang, "ws-empfang", 2),
+    ]
+    for c in view.clients:
+        assert c.first_seen.ToDatetime() <= c.last_seen.ToDatetime()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import datetime as dt
+import http.client
 import json
 import os
 import signal
@@ -22,7 +24,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from refserver.server import SHUTDOWN_TIMEOUT, SWITCHING_MESSAGE, WRITE_DELAY_ENV
 from tests.conftest import IssuedCert
 from tests.refserver_helper import RefServer, Response, peer_certificate
-from tlsroll import password, pki
+from tlsroll import bootstrap_protocol, clients, httpcheck, password, pki
+from tlsroll.clients import WORKSTATION_HEADER
 from tlsroll.fsutil import PRIVATE, write_atomic
 from tlsroll.httpcheck import port_open
 from tlsroll.tls import client_context
@@ -232,6 +235,117 @@ def test_both_listeners_count_requests_per_protocol(
     assert status["ports"] == {"http": 8080, "https": 8443}
 
 
+# --- who is on which scheme (issue 12) -----------------------------------------------------------
+
+
+def request_from(
+    source: str,
+    server: RefServer,
+    scheme: str = "http",
+    *,
+    context: ssl.SSLContext | None = None,
+    headers: dict[str, str] | None = None,
+) -> int:
+    """GET the app path from the local address ``source`` (the client socket is bound to it),
+    as a workstation with that address would; the status."""
+    port = server.port(scheme)
+    conn: http.client.HTTPConnection
+    if scheme == "https":
+        conn = http.client.HTTPSConnection(
+            server.address, port, timeout=10, context=context, source_address=(source, 0)
+        )
+    else:
+        conn = http.client.HTTPConnection(
+            server.address, port, timeout=10, source_address=(source, 0)
+        )
+    try:
+        conn.request("GET", server.app_path, headers=headers or {})
+        resp = conn.getresponse()
+        resp.read()
+        return resp.status
+    finally:
+        conn.close()
+
+
+def clients_seen(server: RefServer) -> dict[str, Any]:
+    resp = server.admin("GET", "/admin/clients")
+    assert resp.status == 200, resp.body
+    data: dict[str, Any] = resp.json()
+    return data
+
+
+def test_dual_server_records_who_is_on_which_scheme(
+    make_server: MakeServer, loopback: Callable[[], str], issue_cert: IssueCert
+) -> None:
+    """Both listeners at once, and per scheme each client: its source address, its workstation
+    name (a ws-… client certificate on https, the X-Tlsroll-Workstation header otherwise),
+    first/last seen and request count. tlsroll's own probes are no clients."""
+    address = loopback()
+    cert = issue_cert(address, "node1")
+    server = make_server(
+        address=address,
+        listen=["http", "https"],
+        cert_file=cert.cert_file,
+        key_file=cert.key_file,
+        client_ca_file=cert.ca_file,
+    )
+    server.start()
+    empfang, labor, anonym, kasse = loopback(), loopback(), loopback(), loopback()
+    ws_labor = issue_cert(labor, "ws-labor")  # the certificate a workstation enrols for
+    named = {WORKSTATION_HEADER: "ws-empfang"}
+    for _ in range(3):
+        assert request_from(empfang, server, headers=named) == 200
+    assert request_from(anonym, server) == 200
+    for _ in range(2):
+        ctx = https_context(ws_labor, client=True)
+        assert request_from(labor, server, "https", context=ctx) == 200
+    # A claim that is no workstation name is not taken.
+    assert request_from(kasse, server, headers={WORKSTATION_HEADER: "x'); DROP TABLE"}) == 200
+    # The same workstation moved to https, without a client certificate: named by its header.
+    assert request_from(empfang, server, "https", context=https_context(cert), headers=named) == 200
+    # tlsroll's own checks (the agent's verify, the leader's confirm) are not counted.
+    assert httpcheck.check_http(address, 8080, server.app_path) is None
+    assert (
+        httpcheck.check_https(address, 8443, server.app_path, cert.ca_file.read_bytes(), None)
+        is None
+    )
+
+    seen = clients_seen(server)
+    assert seen["window_seconds"] == 86400
+    rows = seen["clients"]
+    assert [(c["scheme"], c["address"], c["workstation"], c["requests"]) for c in rows] == [
+        ("https", empfang, "ws-empfang", 1),
+        ("http", kasse, "", 1),
+        ("https", labor, "ws-labor", 2),
+        ("http", anonym, "", 1),
+        ("http", empfang, "ws-empfang", 3),
+    ]
+    for c in rows:
+        first = dt.datetime.fromisoformat(c["first_seen"])
+        last = dt.datetime.fromisoformat(c["last_seen"])
+        assert first <= last and first.tzinfo is not None
+    # The counts per scheme include the probes (every request), the clients list does not.
+    assert server.status()["requests"] == {"http": 6, "https": 4}
+
+
+def test_workstation_names_are_the_ones_enrolment_gives() -> None:
+    assert clients.WORKSTATION_CN.pattern == bootstrap_protocol.WORKSTATION_CN.pattern
+    assert clients.workstation_name("ws-empfang") == "ws-empfang"
+    assert clients.workstation_name("empfang") == clients.workstation_name("ws-") == ""
+
+
+def test_clients_kept_are_bounded(make_server: MakeServer, loopback: Callable[[], str]) -> None:
+    server = make_server(clients_max=3)
+    server.start()
+    sources = [loopback() for _ in range(5)]
+    for source in sources:
+        assert request_from(source, server) == 200
+    assert request_from(sources[0], server) == 200  # seen again: the most recent now
+    rows = clients_seen(server)["clients"]
+    assert [c["address"] for c in rows] == [sources[0], sources[4], sources[3]]
+    assert rows[0]["requests"] == 1  # it was evicted once: counted afresh
+
+
 # --- freeze -------------------------------------------------------------------------------------
 
 
@@ -383,6 +497,8 @@ CONFIG_CASES: list[tuple[str, dict[str, Any], str]] = [
     ("client-no-ca", {"require_client_cert": True}, "[server].require_client_cert: needs"),
     ("data-dir-missing", {"data_dir": None}, "[server].data_dir: missing"),
     ("flag-type", {"require_client_cert": "yes"}, "[server].require_client_cert: expected true"),
+    ("window-short", {"clients_window": 10}, "[server].clients_window: must be between 60"),
+    ("clients-max-0", {"clients_max": 0}, "[server].clients_max: must be between 1"),
 ]
 
 

@@ -12,7 +12,11 @@ from dataclasses import dataclass
 
 from cryptography import x509
 
-from tlsroll import pki, tls
+from tlsroll import __version__, pki, tls
+from tlsroll.clients import PROBE_AGENT
+
+# tlsroll's own probes say so: a managed server must not count them as clients still on http.
+PROBE_HEADERS = {"User-Agent": f"{PROBE_AGENT}/{__version__}"}
 
 # Everything a probe can meet on the way: the network and TLS (OSError, which ssl.SSLError and
 # timeouts are), a broken or missing HTTP reply, an address or port that cannot be used
@@ -56,7 +60,7 @@ def fetch_https(
             raise ssl.SSLError("the server presented no certificate")
         certificate = x509.load_der_x509_certificate(der)
         version = sock.version() or ""
-        conn.request("GET", path)
+        conn.request("GET", path, headers=PROBE_HEADERS)
         resp = conn.getresponse()
         resp.read()
         return HttpsView(certificate, resp.status, version)
@@ -68,7 +72,7 @@ def fetch_http(address: str, port: int, path: str, timeout: float = 5.0) -> int:
     """GET ``path`` over plain http; the status. Raises one of ``PROBE_ERRORS``."""
     conn = http.client.HTTPConnection(address, port, timeout=timeout)
     try:
-        conn.request("GET", path)
+        conn.request("GET", path, headers=PROBE_HEADERS)
         resp = conn.getresponse()
         resp.read()
         return resp.status

@@ -17,6 +17,7 @@ default::
 
 from __future__ import annotations
 
+import datetime as dt
 import re
 from enum import StrEnum
 from typing import Any, Generic, TypeVar
@@ -25,6 +26,14 @@ from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.json_format import MessageToDict
 from google.protobuf.message import Message
 
+from tlsroll.clients import (
+    MAX_ADDRESS,
+    MAX_PROBLEM,
+    MAX_REPORTED,
+    MAX_WORKSTATION,
+    ClientSeen,
+    ClientsView,
+)
 from tlsroll.enums import Change, TxnKind, TxnOutcome
 from tlsroll.errors import TerminalError
 from tlsroll.v1 import agent_pb2, types_pb2
@@ -121,3 +130,42 @@ def _texts(descriptor: Any, data: dict[str, Any]) -> None:
             for item in items:
                 if isinstance(item, dict):
                     _texts(field.message_type, item)
+
+
+def clients_message(view: ClientsView) -> types_pb2.ClientsView:
+    """A driver's ``ClientsView`` as the agent reports it (GetStatus, heartbeats)."""
+    msg = types_pb2.ClientsView(
+        window_seconds=view.window_seconds,
+        source=view.source,
+        problem=view.problem[:MAX_PROBLEM],
+    )
+    for c in view.clients[:MAX_REPORTED]:
+        seen = msg.clients.add(
+            scheme=c.scheme,
+            address=c.address[:MAX_ADDRESS],
+            workstation=c.workstation[:MAX_WORKSTATION],
+            requests=c.requests,
+        )
+        seen.first_seen.FromDatetime(c.first_seen)
+        seen.last_seen.FromDatetime(c.last_seen)
+    return msg
+
+
+def clients_view(msg: types_pb2.ClientsView) -> ClientsView:
+    """The reverse (the leader's side): timestamps as aware UTC datetimes."""
+    return ClientsView(
+        tuple(
+            ClientSeen(
+                c.scheme,
+                c.address,
+                c.workstation,
+                c.first_seen.ToDatetime(tzinfo=dt.UTC),
+                c.last_seen.ToDatetime(tzinfo=dt.UTC),
+                c.requests,
+            )
+            for c in msg.clients
+        ),
+        msg.window_seconds,
+        msg.source,
+        msg.problem,
+    )

@@ -68,6 +68,7 @@ from cryptography import x509
 
 from tlsroll import bootstrap_protocol as proto
 from tlsroll import pki
+from tlsroll.clients import WORKSTATION_HEADER
 from tlsroll.defaults import BOOTSTRAP_PORT, HTTP_PORT, HTTPS_PORT
 from tlsroll.errors import PKIError, TerminalError, TransientError
 from tlsroll.fsutil import PRIVATE, PUBLIC, make_private_dir, write_atomic
@@ -232,8 +233,11 @@ def request(
     *,
     body: bytes | None = None,
     timeout: float = DEFAULT_TIMEOUT,
+    workstation: str | None = None,
 ) -> Reply:
-    """One https request; every failure becomes a NetError with its kind."""
+    """One https request; every failure becomes a NetError with its kind. ``workstation``:
+    the ws-… name sent in the X-Tlsroll-Workstation header, so that the application server
+    can tell which workstation is on which scheme (``tlsroll.clients``)."""
     raw = connect(host, port, timeout)
     try:
         try:
@@ -249,6 +253,8 @@ def request(
             conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
             conn.sock = tls
             headers = {"Accept": "application/json", "Connection": "close"}
+            if workstation:
+                headers[WORKSTATION_HEADER] = workstation
             if body is not None:
                 headers["Content-Type"] = "application/json"
             try:
@@ -335,6 +341,8 @@ class TestConnection:
         self.o = options
         self.ui = ui
         self.pin = proto_pin(options.ca_pin)
+        # The name of its certificate, also sent with each request to the app path.
+        self.workstation = proto.workstation_cn(options.name or socket.gethostname())
         if not options.enrol and self.pin is None:
             raise click.UsageError(
                 "--no-enrol needs --ca-pin: without the password only a pin can verify the CA"
@@ -402,7 +410,13 @@ class TestConnection:
         o = self.o
         try:
             reply = request(
-                server.host, server.port, "GET", server.app_path, self.context, timeout=o.timeout
+                server.host,
+                server.port,
+                "GET",
+                server.app_path,
+                self.context,
+                timeout=o.timeout,
+                workstation=self.workstation,
             )
         except NetError as exc:
             if exc.kind == "refused":
@@ -583,7 +597,13 @@ class TestConnection:
         context = client_context(b"".join(pki.cert_to_pem(c) for c in trusted))
         try:
             request(
-                server.host, server.port, "GET", server.app_path, context, timeout=self.o.timeout
+                server.host,
+                server.port,
+                "GET",
+                server.app_path,
+                context,
+                timeout=self.o.timeout,
+                workstation=self.workstation,
             )
         except NetError as exc:
             if exc.kind == "verify":
@@ -607,7 +627,7 @@ class TestConnection:
         """The password exchange (SPAKE2, key confirmation both ways); the CSR goes to the node
         and the CA bundle and the client certificate come back, sealed under the key."""
         where = _netloc(host, port)
-        cn = proto.workstation_cn(self.o.name or socket.gethostname())
+        cn = self.workstation
         csr_pem = pki.csr_to_pem(pki.make_csr(key, proto.workstation_names(cn)))
         # One confirmation per run, whatever the node answers to it: each one a (fake) node
         # sees tests one password guess. Only an exchange about to expire *before* the
@@ -755,7 +775,13 @@ class TestConnection:
         )
         try:
             reply = request(
-                server.host, server.port, "GET", server.app_path, context, timeout=self.o.timeout
+                server.host,
+                server.port,
+                "GET",
+                server.app_path,
+                context,
+                timeout=self.o.timeout,
+                workstation=self.workstation,
             )
         except NetError as exc:
             hint = (

@@ -1,0 +1,236 @@
+"""Who a managed server has seen lately, on which scheme ("who is still on http").
+
+The reference server records its clients in a ``ClientLog``; the agent's drivers read them
+(the reference server's admin socket, an ``exec`` command, a ``systemd`` server's access log)
+into a ``ClientsView`` that the agent reports with the node's status and in its heartbeats.
+
+One JSON shape serves the reference server's ``GET /admin/clients`` and the ``exec`` driver's
+``clients`` command (README, "The managed server (drivers)")::
+
+    {"window_seconds": 86400,
+     "clients": [{"scheme": "http", "address": "192.168.1.20", "workstation": "ws-empfang",
+                  "first_seen": "2026-11-30T07:01:02Z", "last_seen": "2026-11-30T07:05:00Z",
+                  "requests": 12}]}
+
+``clients`` is required; ``workstation`` may be empty or left out; ``requests`` defaults to 1;
+times are ISO 8601 with a zone (or Unix seconds). An entry that breaks these rules is left out
+and named in the view's ``problem``; a document that is not such an object is a ``ValueError``.
+
+tlsroll's own probes (the agent's verify, the leader's confirm: ``tlsroll.httpcheck``) send
+``User-Agent: tlsroll-check/…`` and are not clients: they are never recorded.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import json
+import re
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from typing import Any
+
+SCHEMES = ("http", "https")
+WINDOW_SECONDS = 24 * 3600  # default: who was seen in the last day
+MAX_WINDOW_SECONDS = 31 * 24 * 3600
+MAX_ENTRIES = 1024  # what a ClientLog keeps; the least recently seen goes first
+MAX_REPORTED = 256  # what a ClientsView carries (agent.proto)
+MAX_ADDRESS = 64
+MAX_WORKSTATION = 63
+MAX_PROBLEM = 200
+PROBE_AGENT = "tlsroll-check"  # the User-Agent product of tlsroll's own probes
+WORKSTATION_HEADER = "X-Tlsroll-Workstation"  # the name a workstation says it has
+# The names tlsroll gives workstations: tlsroll.bootstrap_protocol.WORKSTATION_CN (a test keeps
+# them equal), not imported from there: the reference server must not load SPAKE2 to start.
+WORKSTATION_CN = re.compile(r"ws-[a-z0-9]([a-z0-9-]{0,58}[a-z0-9])?")
+
+
+@dataclass(frozen=True)
+class ClientSeen:
+    scheme: str
+    address: str
+    workstation: str
+    first_seen: dt.datetime
+    last_seen: dt.datetime
+    requests: int
+
+
+@dataclass(frozen=True)
+class ClientsView:
+    """What a driver knows; ``source`` says how ("refserver", "exec", "access-log", or "" when
+    the driver cannot tell), ``problem`` why the list is unknown or incomplete."""
+
+    clients: tuple[ClientSeen, ...] = ()
+    window_seconds: int = 0
+    source: str = ""
+    problem: str = ""
+
+
+def is_probe(user_agent: str | None) -> bool:
+    """True for tlsroll's own checks (never a workstation)."""
+    return bool(user_agent) and str(user_agent).startswith(PROBE_AGENT + "/")
+
+
+def workstation_name(text: str | None) -> str:
+    """``text`` if it is a workstation name tlsroll gives (``ws-…``), else ""."""
+    if text and WORKSTATION_CN.fullmatch(text):
+        return text
+    return ""
+
+
+class ClientLog:
+    """Clients per (scheme, address, workstation) seen within ``window`` seconds; at most
+    ``cap`` entries (memory stays bounded whatever the traffic): past it the least recently
+    recorded goes first. Not thread-safe; the reference server uses it from its event loop."""
+
+    def __init__(self, window: float = WINDOW_SECONDS, cap: int = MAX_ENTRIES) -> None:
+        self.window = dt.timedelta(seconds=window)
+        self.cap = cap
+        self.evicted = 0
+        self._seen: OrderedDict[tuple[str, str, str], ClientSeen] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def record(
+        self, scheme: str, address: str, workstation: str, at: dt.datetime, requests: int = 1
+    ) -> None:
+        key = (scheme, address[:MAX_ADDRESS], workstation[:MAX_WORKSTATION])
+        old = self._seen.pop(key, None)
+        if old is None:
+            entry = ClientSeen(*key, first_seen=at, last_seen=at, requests=requests)
+        else:
+            entry = ClientSeen(
+                *key,
+                first_seen=min(old.first_seen, at),
+                last_seen=max(old.last_seen, at),
+                requests=old.requests + requests,
+            )
+        self._seen[key] = entry  # most recently recorded last
+        while len(self._seen) > self.cap:
+            self._seen.popitem(last=False)
+            self.evicted += 1
+
+    def prune(self, now: dt.datetime) -> None:
+        """Forget every client not seen within the window."""
+        horizon = now - self.window
+        for key in [k for k, e in self._seen.items() if e.last_seen < horizon]:
+            del self._seen[key]
+
+    def view(self, now: dt.datetime, limit: int = MAX_REPORTED) -> list[ClientSeen]:
+        """The clients seen within the window, most recently seen first, at most ``limit``."""
+        self.prune(now)
+        return recent(self._seen.values(), now, self.window, limit)
+
+
+def recent(
+    clients: Iterable[ClientSeen], now: dt.datetime, window: dt.timedelta, limit: int
+) -> list[ClientSeen]:
+    """The clients seen within ``window`` before ``now``, most recently seen first (of two
+    seen at the same time, the one given later first), at most ``limit``."""
+    horizon = now - window
+    kept = [c for c in reversed(list(clients)) if c.last_seen >= horizon]
+    kept.sort(key=lambda c: c.last_seen, reverse=True)
+    return kept[:limit]
+
+
+# --- JSON ---------------------------------------------------------------------------------------
+
+
+def _iso(at: dt.datetime) -> str:
+    return at.astimezone(dt.UTC).isoformat(timespec="seconds").replace("+00:00", "Z")
+
+
+def to_json(clients: Iterable[ClientSeen], window_seconds: int) -> dict[str, Any]:
+    return {
+        "window_seconds": window_seconds,
+        "clients": [
+            {
+                "scheme": c.scheme,
+                "address": c.address,
+                "workstation": c.workstation,
+                "first_seen": _iso(c.first_seen),
+                "last_seen": _iso(c.last_seen),
+                "requests": c.requests,
+            }
+            for c in clients
+        ],
+    }
+
+
+class _Bad(ValueError):
+    pass
+
+
+def _time(value: object, field: str) -> dt.datetime:
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        try:
+            return dt.datetime.fromtimestamp(value, dt.UTC)
+        except (OverflowError, OSError, ValueError):
+            raise _Bad(f"{field} {value!r} is not a time") from None
+    if isinstance(value, str):
+        try:
+            at = dt.datetime.fromisoformat(value)
+        except ValueError:
+            raise _Bad(f"{field} {value[:40]!r} is not an ISO 8601 time") from None
+        if at.tzinfo is None:
+            raise _Bad(f"{field} {value[:40]!r} has no time zone")
+        return at.astimezone(dt.UTC)
+    raise _Bad(f"{field} must be an ISO 8601 time or Unix seconds")
+
+
+def _entry(raw: object) -> ClientSeen:
+    if not isinstance(raw, Mapping):
+        raise _Bad("not an object")
+    scheme = raw.get("scheme")
+    if scheme not in SCHEMES:
+        raise _Bad(f'scheme {str(scheme)[:20]!r} is not "http" or "https"')
+    address = raw.get("address")
+    try:
+        address = str(ipaddress.ip_address(address if isinstance(address, str) else ""))
+    except ValueError:
+        raise _Bad(f"address {str(address)[:40]!r} is not an IP address") from None
+    workstation = raw.get("workstation") or ""
+    if not isinstance(workstation, str) or len(workstation) > MAX_WORKSTATION:
+        raise _Bad(f"workstation must be a text of at most {MAX_WORKSTATION} characters")
+    if not workstation.isprintable():
+        raise _Bad("workstation has characters that are not printable")
+    requests = raw.get("requests", 1)
+    if not isinstance(requests, int) or isinstance(requests, bool) or requests < 0:
+        raise _Bad("requests must be a whole number, 0 or more")
+    last = _time(raw.get("last_seen"), "last_seen")
+    first = _time(raw.get("first_seen"), "first_seen") if "first_seen" in raw else last
+    return ClientSeen(str(scheme), address, workstation, min(first, last), last, requests)
+
+
+def from_json(data: object) -> tuple[list[ClientSeen], int | None, str]:
+    """Parse the documented shape: (clients, window_seconds or None, problem). ``ValueError``
+    (one line) if ``data`` is not such an object; a malformed entry is left out and the first
+    one is named in the problem."""
+    if isinstance(data, str | bytes):
+        try:
+            data = json.loads(data)
+        except (ValueError, UnicodeDecodeError) as exc:
+            raise ValueError(f"not JSON: {' '.join(str(exc).split())[:80]}") from None
+    if not isinstance(data, Mapping):
+        raise ValueError('expected a JSON object with "clients"')
+    raw_clients = data.get("clients")
+    if not isinstance(raw_clients, list):
+        raise ValueError('"clients" must be a list')
+    window = data.get("window_seconds")
+    if window is not None and (
+        not isinstance(window, int)
+        or isinstance(window, bool)
+        or not 0 < window <= MAX_WINDOW_SECONDS
+    ):
+        raise ValueError(f'"window_seconds" must be 1 to {MAX_WINDOW_SECONDS}')
+    clients, bad, first_bad = [], 0, ""
+    for i, raw in enumerate(raw_clients):
+        try:
+            clients.append(_entry(raw))
+        except _Bad as exc:
+            bad += 1
+            first_bad = first_bad or f"clients[{i}]: {exc}"
+    problem = f"{bad} malformed entries left out (first: {first_bad})" if bad else ""
+    return clients, window, problem[:MAX_PROBLEM]
