@@ -248,6 +248,100 @@ def on_http_named(cluster: Cluster, node: str) -> list[str]:
     return []
 
 
+# --- phase 1, the still-on-http list, finalize refused then done -------------------------------
+
+
+@pytest.mark.timeout(420)
+def test_phase_1_keeps_every_write_then_finalize_waits_for_the_workstation_that_stayed(
+    tmp_path: Path,
+) -> None:
+    with three_nodes(tmp_path) as (cluster, nodes), two_per_node(cluster, nodes) as world:
+        wait_until(
+            lambda: all(
+                ws.acked_on("http", dt.datetime.min.replace(tzinfo=dt.UTC)) >= 3
+                for pair in world.values()
+                for ws in pair
+            ),
+            30,
+            "writes before the rollout",
+        )
+        phase1 = start_transitional(cluster, tmp_path)
+        view = wait_state(cluster, phase1, WAITED, "phase 1")
+        assert view["state"] == "awaiting_finalize", view
+        assert {n["name"]: n["state"] for n in view["nodes"]} == dict.fromkeys(
+            [n.name for n in nodes], "dual"
+        )
+        for node in nodes:  # dual, and nothing left frozen while the rollout waits
+            server = live(node)
+            assert sorted(server.schemes) == ["http", "https"] and not server.frozen
+        # Another rollout cannot start meanwhile; the refusal says what to run.
+        other = cluster.cli(
+            "rollout", "start", "--scope", "cluster", "--change", "rotate-cert", "--yes"
+        )
+        assert other.returncode == 1
+        assert "tlsroll rollout finalize" in other.stderr and "node1, node2, node3" in other.stderr
+
+        # The movers do the client steps; the stayers do not.
+        moved_at = dt.datetime.now(dt.UTC)
+        for pair in world.values():
+            pair[0].scheme = "https"
+        wait_until(
+            lambda: all(pair[0].acked_on("https", moved_at) >= 3 for pair in world.values()),
+            30,
+            "movers writing over https",
+        )
+        stayers = {n.name: world[n.name][1].source for n in nodes}
+        movers = {n.name: world[n.name][0].source for n in nodes}
+        # Who is still on http, per node: exactly the stayer, once the agents have reported.
+        wait_until(
+            lambda: all(on_http_named(cluster, n) == [a] for n, a in stayers.items()),
+            30,
+            "the still-on-http list",
+        )
+        data = schema(cluster)
+        for v in data["node_clients"]:
+            seen = {(c["scheme"], c["address"]) for c in v["clients"]["clients"]}
+            assert ("http", stayers[v["node"]]) in seen and ("https", movers[v["node"]]) in seen
+        shown = cluster.cli("schema", "show")
+        assert "still on http" in shown.stdout
+        for address in stayers.values():
+            assert address in shown.stdout
+
+        refused = cluster.cli("rollout", "finalize", phase1, "--yes")
+        assert refused.returncode == 1, refused.stdout
+        for name, address in stayers.items():
+            assert f"{name}: {address}" in refused.stderr
+        for address in movers.values():
+            assert address not in refused.stderr
+        assert rollout(cluster, phase1)["state"] == "awaiting_finalize"  # nothing started
+
+        remaining = cluster.cli("notify", "--remaining")
+        assert remaining.returncode == 0, remaining.stderr
+        for address in stayers.values():
+            assert address in remaining.stdout
+        for address in movers.values():
+            assert address not in remaining.stdout
+
+        moved_at = dt.datetime.now(dt.UTC)
+        for pair in world.values():
+            pair[1].scheme = "https"
+        wait_until(
+            lambda: all(on_http_named(cluster, n) == [] for n in stayers), 30, "everyone moved"
+        )
+        done = cluster.cli("rollout", "finalize", phase1, "--yes", "--wait", timeout=LONG)
+        assert done.returncode == 0, done.stderr
+        final = newest(cluster)
+        assert final["change"] == "finalize" and final["finalizes"] == phase1
+        assert final["state"] == "completed"
+        wait_state(cluster, phase1, ("completed",), "phase 1 finalized")
+        for node in nodes:
+            server = live(node)
+            assert list(server.schemes) == ["https"] and not server.frozen
+            assert not node.port_open(8080)
+        time.sleep(0.5)  # a few more writes after the end
+        check_writes(cluster, world, [rollout(cluster, phase1), final])
+
+
 # --- a node failing in each phase goes back to the side it came from --------------------------
 
 
