@@ -1116,11 +1116,13 @@ def test_still_on_http_is_who_was_on_http_lately_and_not_on_https_since() -> Non
 
 def test_a_node_is_quiet_once_no_http_client_was_seen_for_the_duration() -> None:
     quiet = dt.timedelta(minutes=10)
-    known = {n: T0 - 60 * MIN for n in "abcd"}
-    last = {"a": T0 - 11 * MIN, "b": T0 - 2 * MIN, "c": None}
-    held = held_for_quiet(["a", "b", "c", "d", "e"], last, known, T0, quiet)
+    known = {n: T0 - 60 * MIN for n in "abcdf"}
+    last = {"a": T0 - 11 * MIN, "b": T0 - 2 * MIN, "c": None, "f": T0 - 30 * MIN}
+    as_of = {n: T0 for n in "abcde"} | {"f": T0 - 25 * MIN}
+    held = held_for_quiet(["a", "b", "c", "d", "e", "f"], last, known, as_of, quiet)
     # a: quiet for 11 min; c, d: no http client since the leader knows (60 min); b: 2 min ago;
-    # e: its clients cannot be told (no report, or a problem): it waits.
-    assert held == {"b", "e"}
+    # e: its clients cannot be told (no report, or a problem): it waits; f: its last report
+    # is 25 min old and spoke for 5 quiet minutes only: the silence since is not quiet.
+    assert held == {"b", "e", "f"}
     recent = {"c": T0 - 3 * MIN}  # known for 3 min only, nothing seen: not long enough yet
-    assert held_for_quiet(["c"], {"c": None}, recent, T0, quiet) == {"c"}
+    assert held_for_quiet(["c"], {"c": None}, recent, {"c": T0}, quiet) == {"c"}

@@ -477,3 +477,77 @@ def test_a_leader_killed_between_the_phases_finalizes_after_its_restart(tmp_path
         for node in nodes:
             assert list(live(node).schemes) == ["https"]
         check_writes(cluster, world, [rollout(cluster, phase1), final])
+
+
+# --- finalize --when-quiet: each node by itself, across a leader restart -----------------------
+
+
+@contextlib.contextmanager
+def fresh_reports(root: Path) -> Iterator[tuple[Cluster, list[Node]]]:
+    """Three nodes whose agents read their server's clients afresh every second (the default
+    reuses them for 10 s), so "quiet for 8 s" can be told apart from a busy workstation."""
+    addresses = [next_loopback() for _ in range(3)]
+    cluster = Cluster(root / "cluster", addresses[0], heartbeat_interval=1)
+    nodes = [Node(cluster, f"node{i + 1}", a, root / f"n{i}") for i, a in enumerate(addresses)]
+    try:
+        cluster.init("--node-name", "node1")
+        cluster.start_leader()
+        for node in nodes:
+            node.start(clients_refresh=1)
+        cluster.wait_for_nodes_online([n.name for n in nodes])
+        yield cluster, nodes
+    finally:
+        for node in nodes:
+            node.close()
+        cluster.close()
+
+
+@pytest.mark.timeout(420)
+def test_finalize_when_quiet_closes_each_node_once_its_http_clients_are_gone(
+    tmp_path: Path,
+) -> None:
+    with fresh_reports(tmp_path) as (cluster, nodes), two_per_node(cluster, nodes) as world:
+        phase1 = start_transitional(cluster, tmp_path, "--wait")
+        assert rollout(cluster, phase1)["state"] == "awaiting_finalize"
+        for pair in world.values():
+            pair[0].scheme = "https"
+        stayers = {n.name: world[n.name][1].source for n in nodes}
+        wait_until(
+            lambda: all(on_http_named(cluster, n) == [a] for n, a in stayers.items()),
+            30,
+            "the stayers reported on http",
+        )
+        started = cluster.cli("rollout", "finalize", phase1, "--when-quiet", "8s", "--yes")
+        assert started.returncode == 0, started.stderr
+        final_id = newest(cluster)["id"]
+        view = rollout(cluster, final_id)
+        assert view["when_quiet_seconds"] == 8 and view["finalizes"] == phase1
+        # While its stayer writes on http, no node starts — across a leader restart too.
+        cluster.kill_leader()
+        cluster.start_leader()
+        cluster.wait_for_nodes_online([n.name for n in nodes])
+        deadline = time.monotonic() + 12  # longer than the quiet time
+        while time.monotonic() < deadline:
+            states = {n["name"]: n["state"] for n in rollout(cluster, final_id)["nodes"]}
+            assert set(states.values()) == {"pending"}, states
+            time.sleep(1)
+        # node2's stayer moves: node2 alone is finalized once quiet; the others keep waiting.
+        world["node2"][1].scheme = "https"
+        wait_until(
+            lambda: (
+                {n["name"]: n["state"] for n in rollout(cluster, final_id)["nodes"]}
+                == {"node1": "pending", "node2": "done", "node3": "pending"}
+            ),
+            90,
+            "node2 finalized by itself",
+        )
+        assert list(live(nodes[1]).schemes) == ["https"]
+        assert sorted(live(nodes[2]).schemes) == ["http", "https"]
+        for name in ("node1", "node3"):
+            world[name][1].scheme = "https"
+        final = wait_state(cluster, final_id, WAITED, "the rest finalized once quiet")
+        assert final["state"] == "completed", final
+        wait_state(cluster, phase1, ("completed",), "phase 1 finalized")
+        for node in nodes:
+            assert list(live(node).schemes) == ["https"]
+        check_writes(cluster, world, [rollout(cluster, phase1), final])
