@@ -281,6 +281,13 @@ def test_phase_1_keeps_every_write_then_finalize_waits_for_the_workstation_that_
         assert other.returncode == 1
         assert "tlsroll rollout finalize" in other.stderr and "node1, node2, node3" in other.stderr
 
+        # The practice is told it can switch any time until http closes.
+        notice = cluster.cli("notify", "--lang", "en", "--until", "2099-12-12 18:00")
+        assert notice.returncode == 0, notice.stderr
+        assert "switch each workstation any time until Saturday, 12 December 2099" in notice.stdout
+        for node in nodes:
+            assert f"(for now {node.http_url()} still works too)" in notice.stdout
+
         # The movers do the client steps; the stayers do not.
         moved_at = dt.datetime.now(dt.UTC)
         for pair in world.values():
