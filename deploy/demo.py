@@ -9,6 +9,14 @@ still there. Prints the new addresses and a one-line verdict, cleans up, and exi
 any check failed.
 
     python deploy/demo.py [--addresses A,B,C] [--workdir DIR] [--report FILE] [--keep]
+                          [--strategy direct|transitional]
+
+``--strategy transitional`` (issue 12): two workstations write to every node, each from a
+loopback address of its own and naming itself (``X-Tlsroll-Workstation``). Phase 1 makes every
+node serve https beside http; one workstation per node then moves to https, the other stays.
+``tlsroll schema show`` and ``tlsroll notify --remaining`` show who is still on http;
+``tlsroll rollout finalize`` is refused naming the ones that stayed; they move; finalize closes
+http. ``make demo`` stays the direct switch.
 """
 
 from __future__ import annotations
@@ -121,13 +129,13 @@ class Cli:
     def __init__(self, data_dir: Path) -> None:
         self.env = {**os.environ, "TLSROLL_DATA_DIR": str(data_dir)}
 
-    def run(self, *args: str, show: bool = True, check: bool = True) -> str:
+    def run(self, *args: str, show: bool = True, check: bool = True, timeout: float = 120) -> str:
         result = subprocess.run(
             [sys.executable, "-m", "tlsroll", *args],
             env=self.env,
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=timeout,
             check=False,
         )
         if show:
@@ -188,6 +196,60 @@ class Writer:
             self.acked.setdefault(address, []).append(json.loads(body)["id"])
         elif resp.status == 503:
             self.refused[address] = self.refused.get(address, 0) + 1
+
+
+@dataclass
+class Workstations:
+    """Transitional demo: per node a workstation that moves to https after phase 1 and one
+    that stays on http until told, each writing from its own loopback address (``sources``)
+    and naming itself; acknowledged ids per node address, as ``Writer`` keeps them."""
+
+    nodes: list[str]
+    sources: dict[str, tuple[str, str]]  # node address -> (mover's, stayer's) source address
+    ca_pem: Callable[[], bytes]
+    acked: dict[str, list[str]] = field(default_factory=dict)
+    refused: dict[str, int] = field(default_factory=dict)
+    on_https: set[tuple[str, int]] = field(default_factory=set)  # (node address, 0|1)
+    stop: threading.Event = field(default_factory=threading.Event)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @staticmethod
+    def name(node: int, kind: int) -> str:
+        return f"ws-{'empfang' if kind == 0 else 'labor'}-{node + 1}"
+
+    def run(self) -> None:
+        n = 0
+        while not self.stop.is_set():
+            for i, address in enumerate(self.nodes):
+                for kind in (0, 1):
+                    n += 1
+                    self._write(i, address, kind, {"patient": f"demo-{n}"})
+            time.sleep(0.1)
+
+    def _write(self, i: int, address: str, kind: int, entry: dict[str, str]) -> None:
+        source = (self.sources[address][kind], 0)
+        conn: http.client.HTTPConnection
+        if (address, kind) in self.on_https:
+            ctx = tls.client_context(self.ca_pem())
+            conn = http.client.HTTPSConnection(
+                address, HTTPS_PORT, timeout=5, context=ctx, source_address=source
+            )
+        else:
+            conn = http.client.HTTPConnection(address, HTTP_PORT, timeout=5, source_address=source)
+        headers = {"Content-Type": "application/json", "X-Tlsroll-Workstation": self.name(i, kind)}
+        try:
+            conn.request("POST", f"{APP}entries", json.dumps(entry), headers)
+            resp = conn.getresponse()
+            body = resp.read()
+        except (OSError, ssl.SSLError, http.client.HTTPException):
+            return  # the server restarting (inside its freeze window)
+        finally:
+            conn.close()
+        with self.lock:
+            if resp.status == 201:
+                self.acked.setdefault(address, []).append(json.loads(body)["id"])
+            elif resp.status == 503:
+                self.refused[address] = self.refused.get(address, 0) + 1
 
 
 # --- checks from outside ----------------------------------------------------------------------
@@ -339,7 +401,78 @@ def set_up(work: Path, addresses: list[str], procs: Procs, cli: Cli) -> Path:
     return data
 
 
-def run(addresses: list[str], work: Path, report_file: Path | None) -> bool:
+def still_on_http(cli: Cli) -> dict[str, list[str]]:
+    """Per node, the workstation names the leader lists as still on http."""
+    data = json.loads(cli.run("schema", "show", "--json", show=False))
+    return {
+        v["node"]: sorted(c["workstation"] or c["address"] for c in v.get("still_on_http", []))
+        for v in data.get("node_clients", [])
+    }
+
+
+def transitional(
+    cli: Cli, work: Path, addresses: list[str], password_file: Path, report: dict[str, Any]
+) -> Workstations:
+    """Phase 1, the workstations moving at their own pace, finalize refused, then done."""
+    data = work / "leader"
+    base = addresses[0].rsplit(".", 1)[0]
+    sources = {  # two more loopback addresses per node, next to the demo's own
+        a: (f"{base}.{100 + 2 * i}", f"{base}.{101 + 2 * i}") for i, a in enumerate(addresses)
+    }
+    ws = Workstations(addresses, sources, (data / "ca" / "ca.pem").read_bytes)  # the leader's CA
+    thread = threading.Thread(target=ws.run, name="workstations", daemon=True)
+    say("two workstations per node keep writing entries over http from now on")
+    for i, a in enumerate(addresses):
+        print(
+            f"   node{i + 1}: {ws.name(i, 0)} ({sources[a][0]}), {ws.name(i, 1)} ({sources[a][1]})"
+        )
+    thread.start()
+    time.sleep(1.0)
+    try:
+        say("phase 1: https beside http on every node (strategy transitional)")
+        cli.run("plan", "--scope", "cluster", "--strategy", "transitional")
+        cli.run(
+            *("rollout", "start", "--scope", "cluster", "--strategy", "transitional"),
+            *("--password-file", str(password_file), "--yes", "--wait"),
+            timeout=400,
+        )
+        say(
+            f"the {ws.name(0, 0).rsplit('-', 1)[0]} workstations do the client steps; the "
+            f"{ws.name(0, 1).rsplit('-', 1)[0]} ones do not (yet)"
+        )
+        for a in addresses:
+            ws.on_https.add((a, 0))
+        stayers = {f"node{i + 1}": [ws.name(i, 1)] for i in range(len(addresses))}
+        wait_for("the agents to report who is on which scheme",
+                 lambda: still_on_http(cli) == stayers, 60)  # fmt: skip
+        cli.run("schema", "show")
+        cli.run("notify", "--remaining", "--lang", "en")
+        say("finalize is refused while workstations still use http")
+        refused = subprocess.run(
+            [sys.executable, "-m", "tlsroll", "rollout", "finalize", "--yes"],
+            env=cli.env, capture_output=True, text=True, timeout=120, check=False,
+        )  # fmt: skip
+        print(f"$ tlsroll rollout finalize --yes\n{refused.stderr.strip()}")
+        named = all(n[0] in refused.stderr for n in stayers.values())
+        report["finalize_refused"] = {"exit": refused.returncode, "names_the_stayers": named}
+        if refused.returncode == 0 or not named:
+            raise DemoError("finalize was not refused naming the workstations still on http")
+        say("they do the client steps too")
+        for a in addresses:
+            ws.on_https.add((a, 1))
+        wait_for("no workstation left on http", lambda: not any(still_on_http(cli).values()), 60)
+        say("phase 2: close http node by node")
+        cli.run("rollout", "finalize", "--yes", "--wait", timeout=400)
+        time.sleep(1.0)  # a last round of writes over https
+    finally:
+        ws.stop.set()
+        thread.join(10)
+    return ws
+
+
+def run(
+    addresses: list[str], work: Path, report_file: Path | None, strategy: str = "direct"
+) -> bool:
     (work / "logs").mkdir(parents=True, exist_ok=True)
     procs = Procs(work)
     data = work / "leader"
@@ -351,12 +484,17 @@ def run(addresses: list[str], work: Path, report_file: Path | None) -> bool:
     ok = False
     try:
         set_up(work, addresses, procs, cli)
+        password_file.touch(0o600)
+        password_file.write_text(DEMO_PASSWORD + "\n")
+        if strategy == "transitional":
+            ws = transitional(cli, work, addresses, password_file, report)
+            schema = json.loads(cli.run("schema", "show", "--json", show=False))
+            report["schema"] = schema
+            return verify(schema, ws, data, report)
         say("a client keeps writing entries to every node from now on")
         thread.start()
         time.sleep(1.0)
         say("switch the whole multiserver to https")
-        password_file.touch(0o600)
-        password_file.write_text(DEMO_PASSWORD + "\n")
         print("   the workstations' auth password is in a 0600 file (a real admin would let")
         print("   tlsroll generate one and show it once on the terminal)")
         cli.run(
@@ -395,7 +533,9 @@ def run(addresses: list[str], work: Path, report_file: Path | None) -> bool:
     return ok
 
 
-def verify(schema: dict[str, Any], writer: Writer, data: Path, report: dict[str, Any]) -> bool:
+def verify(
+    schema: dict[str, Any], writer: Writer | Workstations, data: Path, report: dict[str, Any]
+) -> bool:
     rollout = schema["rollouts"][0]
     ca_pem = (data / "ca" / "ca.pem").read_bytes()
     say("check every node from outside (trusting only the cluster CA)")
@@ -505,6 +645,12 @@ def main() -> int:
     parser.add_argument("--workdir", type=Path, help="keep everything here (default: a temp dir)")
     parser.add_argument("--report", type=Path, help="write a JSON report of the checks here")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
+    parser.add_argument(
+        "--strategy",
+        choices=["direct", "transitional"],
+        default="direct",
+        help="transitional: https beside http first, finalize once the workstations moved",
+    )
     ns = parser.parse_args()
     addresses = [a.strip() for a in ns.addresses.split(",") if a.strip()]
     if any(not a.startswith("127.") for a in addresses):
@@ -518,7 +664,7 @@ def main() -> int:
         return 1
     t0 = time.monotonic()
     with workdir(ns.workdir, ns.keep) as work:
-        ok = run(addresses, work, ns.report)
+        ok = run(addresses, work, ns.report, ns.strategy)
     print(f"   ({time.monotonic() - t0:.0f}s)")
     return 0 if ok else 1
 

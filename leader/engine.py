@@ -77,6 +77,9 @@ UNKNOWN = "unknown — agent unreachable since"
 MAX_RETRY_SECONDS = 30.0
 REASON_AFTER_ATTEMPTS = 3  # a freeze refused this often: its reason goes on the node
 STALE_ATTEMPTS = 5
+# --when-quiet: how old an agent's view of its clients may be when it reports it (the agent
+# reuses it for [server].clients_refresh, 10 s by default, and sends it with a heartbeat)
+REPORT_LAG = dt.timedelta(seconds=15)
 StepKey = tuple[str, str, Step]
 _OPPOSITE = {Step.FREEZE: Step.UNFREEZE, Step.UNFREEZE: Step.FREEZE}
 
@@ -213,14 +216,20 @@ class Engine:
         if not pending:
             return frozenset()
         infos = await asyncio.to_thread(self.schema.clients_info)
+        clients = await asyncio.to_thread(self.schema.clients, pending)
         known = {
             n: i.first_report - dt.timedelta(seconds=i.window_seconds)
             for n, i in infos.items()
             if i.source and not i.problem
         }
+        # How fresh each node's latest report is known to be: its newest sighting of anyone,
+        # or its arrival less what an agent may have cached (REPORT_LAG), the later of both.
+        as_of = {n: i.reported_at - REPORT_LAG for n, i in infos.items()}
+        for c in clients:
+            as_of[c.node] = max(as_of.get(c.node, c.last_seen), c.last_seen)
         last = {n: i.last_http_at for n, i in infos.items()}
         quiet = dt.timedelta(seconds=row.meta.when_quiet)
-        return planner.held_for_quiet(pending, last, known, self.clock(), quiet)
+        return planner.held_for_quiet(pending, last, known, as_of, quiet)
 
     async def _record_node_auth(self, row: RolloutRow) -> None:
         """Record the password live on each node the rollout has left ``done`` (it restarted

@@ -562,19 +562,19 @@ def held_for_quiet(
     pending: Sequence[str],
     last_http: Mapping[str, dt.datetime | None],
     known_since: Mapping[str, dt.datetime],
-    now: dt.datetime,
+    as_of: Mapping[str, dt.datetime],
     quiet: dt.timedelta,
 ) -> frozenset[str]:
     """``--when-quiet``: the pending nodes that may not start yet. A node starts once no http
-    client was seen on it for ``quiet``: its ``last_http`` sighting is that old, or none was
-    ever seen and the leader has known its clients (``known_since``: the start of its agent's
-    first reported window) for that long. A node whose clients cannot be told (no report, or
-    the report names a problem) waits."""
+    client was seen on it for ``quiet``, *as far as its reports show*: from its ``last_http``
+    sighting (or, if none was ever seen, from ``known_since``: the start of its agent's first
+    reported window) to ``as_of`` (how recent its latest report is known to be). Time for
+    which no report speaks (the agent silent, the leader restarting) never counts as quiet. A
+    node whose clients cannot be told (no report, or a report naming a problem) waits."""
     held = set()
     for name in pending:
-        since = known_since.get(name)
-        last = last_http.get(name)
-        if since is None or now - (last or since) < quiet:
+        since, until = known_since.get(name), as_of.get(name)
+        if since is None or until is None or until - (last_http.get(name) or since) < quiet:
             held.add(name)
     return frozenset(held)
 

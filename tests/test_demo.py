@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
@@ -80,3 +81,48 @@ def test_demo_switches_three_nodes_without_losing_a_write(tmp_path: Path) -> Non
         assert check["missing"] == []
         total_acked += len(acked)
     assert total_acked >= 30
+
+
+@pytest.mark.timeout(480)
+def test_demo_transitional_refuses_finalize_until_the_last_workstation_moved(
+    tmp_path: Path,
+) -> None:
+    """``deploy/demo.py --strategy transitional`` (issue 12): two workstations per node, one
+    moves after phase 1, one stays; finalize is refused naming the ones that stayed; they move;
+    finalize closes http; nothing lost."""
+    addresses = [next_loopback() for _ in range(3)]
+    report_file = tmp_path / "report.json"
+    result = subprocess.run(
+        [
+            sys.executable,
+            str(ROOT / "deploy" / "demo.py"),
+            "--strategy",
+            "transitional",
+            "--addresses",
+            ",".join(addresses),
+            "--workdir",
+            str(tmp_path / "work"),
+            "--report",
+            str(report_file),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=450,
+        check=False,
+    )
+    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
+    assert "VERDICT: OK" in result.stdout
+    report = json.loads(report_file.read_text())
+    assert report["finalize_refused"] == {"exit": 1, "names_the_stayers": True}
+    for name in ("ws-labor-1", "ws-labor-2", "ws-labor-3"):  # the ones that stayed, named
+        assert name in result.stdout
+    rollouts = report["schema"]["rollouts"]
+    finalize, phase1 = rollouts[0], rollouts[1]
+    assert (finalize["change"], finalize["state"]) == ("finalize", "completed")
+    assert finalize["finalizes"] == phase1["id"]
+    assert (phase1["strategy"], phase1["state"]) == ("transitional", "completed")
+    assert {n["state"] for n in phase1["nodes"]} == {"dual"}
+    for node, check in zip(finalize["nodes"], report["checks"], strict=True):
+        assert node["state"] == "done"
+        assert check["problems"] == []  # https with the CA's certificate, 8080 closed
+        assert report["acked"][check["address"]] and check["missing"] == []

@@ -147,6 +147,18 @@ CASES["enable-tls.done.escaping.html"] = (
     "html",
     None,
 )
+# The transitional strategy (issue 12): http stays beside https until finalize.
+for _phase in ("running", "done"):
+    CASES[f"enable-tls.transitional.{_phase}"] = (
+        info("enable-tls", _phase, transitional=True, until=at(12, 18, 0)),
+        "text",
+        None,
+    )
+CASES["enable-tls.transitional.open"] = (
+    info("enable-tls", "done", transitional=True),
+    "text",
+    None,
+)
 
 
 def golden(case: str, lang: str) -> Path:

@@ -3,6 +3,7 @@ initial plan of a scope, and a property test over random event sequences."""
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass, field, replace
 
 import pytest
@@ -30,6 +31,7 @@ from leader.planner import (
     confirm_success,
     decide_auth,
     finalize_scope,
+    held_for_quiet,
     next_actions,
     order_nodes,
     plan_rollout,
@@ -46,6 +48,7 @@ from leader.rollout_core import (
     TERMINAL_NODE_STATES,
     TERMINAL_ROLLOUT_STATES,
     Change,
+    Client,
     FreezeMode,
     IllegalTransition,
     NodeEvent,
@@ -60,6 +63,7 @@ from leader.rollout_core import (
     Strategy,
     already_done,
     serves_after,
+    still_on_http,
 )
 
 R, RE, N, NE = RolloutState, RolloutEvent, NodeState, NodeEvent
@@ -1137,3 +1141,44 @@ def test_a_dual_node_reaches_https_only_only_through_finalize(
             if before == BOTH and change is Change.DISABLE_TLS and n.state is N.DONE:
                 assert after == HTTP_ONLY  # the way back from dual: http only
             serving[n.name] = after
+
+
+# --- who is still on http; when a node is quiet ------------------------------------------------
+
+T0 = dt.datetime(2026, 11, 30, 12, 0, tzinfo=dt.UTC)
+MIN = dt.timedelta(minutes=1)
+
+
+def seen_at(node: str, scheme: str, who: str, minutes_ago: int, ws: str = "") -> Client:
+    at = T0 - minutes_ago * MIN
+    return Client(node, scheme, who, ws, at - MIN, at, 1)
+
+
+def test_still_on_http_is_who_was_on_http_lately_and_not_on_https_since() -> None:
+    clients = [
+        seen_at("a", "http", "10.0.0.1", 1),  # stays on http
+        seen_at("a", "http", "10.0.0.2", 5),
+        seen_at("a", "https", "10.0.0.2", 2),  # moved after its last http request
+        seen_at("a", "https", "10.0.0.3", 9),
+        seen_at("a", "http", "10.0.0.3", 3),  # went back to http after https
+        seen_at("b", "https", "10.0.0.1", 0),  # same address at another node: not a move
+        seen_at("a", "http", "10.0.0.4", 30),  # outside the window
+        seen_at("b", "http", "10.9.9.9", 2, ws="ws-front"),
+        seen_at("b", "https", "10.9.9.8", 1, ws="ws-front"),  # same workstation, new address
+    ]
+    left = still_on_http(clients, T0, dt.timedelta(minutes=10))
+    assert [(c.node, c.address) for c in left] == [("a", "10.0.0.1"), ("a", "10.0.0.3")]
+
+
+def test_a_node_is_quiet_once_no_http_client_was_seen_for_the_duration() -> None:
+    quiet = dt.timedelta(minutes=10)
+    known = {n: T0 - 60 * MIN for n in "abcdf"}
+    last = {"a": T0 - 11 * MIN, "b": T0 - 2 * MIN, "c": None, "f": T0 - 30 * MIN}
+    as_of = {n: T0 for n in "abcde"} | {"f": T0 - 25 * MIN}
+    held = held_for_quiet(["a", "b", "c", "d", "e", "f"], last, known, as_of, quiet)
+    # a: quiet for 11 min; c, d: no http client since the leader knows (60 min); b: 2 min ago;
+    # e: its clients cannot be told (no report, or a problem): it waits; f: its last report
+    # is 25 min old and spoke for 5 quiet minutes only: the silence since is not quiet.
+    assert held == {"b", "e", "f"}
+    recent = {"c": T0 - 3 * MIN}  # known for 3 min only, nothing seen: not long enough yet
+    assert held_for_quiet(["c"], {"c": None}, recent, {"c": T0}, quiet) == {"c"}

@@ -11,8 +11,24 @@ from pathlib import Path
 import pytest
 
 from leader import planner
-from leader.rollout_core import Change, NodeEvent, RolloutEvent, Scope
-from leader.schema_store import RolloutBusy, RolloutMeta, SchemaStore, StaleRecords
+from leader.rollout_core import (
+    Change,
+    Client,
+    NodeEvent,
+    NodeState,
+    RolloutEvent,
+    Scope,
+    Strategy,
+)
+from leader.schema_store import (
+    MAX_CLIENTS,
+    RolloutBusy,
+    RolloutMeta,
+    SchemaStore,
+    StaleRecords,
+)
+from leader.service import client_rows
+from tlsroll.v1 import types_pb2
 
 NOW = dt.datetime(2026, 11, 28, 12, 0, tzinfo=dt.UTC)
 
@@ -103,3 +119,111 @@ def test_pending_password_nodes(tmp_path: Path) -> None:
     store.set_node_auth("a", 2, NOW)
     assert store.pending_password_nodes() == {"b"}
     store.close()
+
+
+# --- the transitional strategy (issue 12) ------------------------------------------------------
+
+
+def awaiting_rollout(store: SchemaStore, rollout_id: str = "t1") -> None:
+    rollout, nodes = planner.plan_rollout(
+        rollout_id=rollout_id,
+        change=Change.ENABLE_TLS,
+        scope=Scope.cluster(),
+        enrolled={"a": True, "b": True},
+        leader="a",
+        epoch=store.next_epoch(),
+        strategy=Strategy.TRANSITIONAL,
+    )
+    meta = RolloutMeta(created_at=NOW, started_by="admin:test", leader_node="a")
+    row = store.create(rollout.with_event(RolloutEvent.START), nodes, meta, NOW, '{"v": 1}')
+    dual = [replace(n, state=NodeState.DUAL) for n in row.records]
+    store.save_states(row, row.rollout.with_event(RolloutEvent.NODES_DUAL), dual, NOW, "engine")
+
+
+def follower(store: SchemaStore, change: Change, link: str, rollout_id: str = "f1") -> None:
+    rollout, nodes = planner.plan_rollout(
+        rollout_id=rollout_id,
+        change=change,
+        scope=Scope.of_nodes(["a", "b"]),
+        enrolled={"a": True, "b": True},
+        leader="a",
+        epoch=store.next_epoch(),
+    )
+    meta = RolloutMeta(
+        created_at=NOW,
+        started_by="admin:test",
+        leader_node="a",
+        finalizes=link if change is Change.FINALIZE else "",
+        undoes=link if change is Change.DISABLE_TLS else "",
+        when_quiet=600 if change is Change.FINALIZE else 0,
+    )
+    store.create(rollout.with_event(RolloutEvent.START), nodes, meta, NOW)
+
+
+def test_a_rollout_awaiting_finalize_lets_only_its_finalize_or_way_back_start(
+    tmp_path: Path,
+) -> None:
+    store = SchemaStore(tmp_path / "s.sqlite3")
+    awaiting_rollout(store)
+    with pytest.raises(RolloutBusy, match=r"awaits finalize.*rollout finalize t1.*rollback t1"):
+        new_rollout(store, "r2")
+    with pytest.raises(RolloutBusy):
+        follower(store, Change.FINALIZE, "another")
+    with pytest.raises(RolloutBusy):
+        store.stage_password('{"v": 2}', NOW, "admin")
+    follower(store, Change.FINALIZE, "t1")
+    row = store.get("f1")
+    assert row is not None and (row.meta.finalizes, row.meta.when_quiet) == ("t1", 600)
+    assert store.active() == row  # the finalize runs; the engine drives it, not t1
+    assert [r.rollout.id for r in store.awaiting()] == ["t1"]
+    assert store.follower("t1") == row
+    with pytest.raises(RolloutBusy, match="f1 is running"):  # one finalize at a time
+        follower(store, Change.DISABLE_TLS, "t1", "f2")
+
+
+def client(node: str, scheme: str, address: str, at: dt.datetime, ws: str = "") -> Client:
+    return Client(node, scheme, address, ws, at - dt.timedelta(minutes=5), at, 3)
+
+
+def test_clients_each_report_replaces_the_last_and_the_last_http_sighting_stays(
+    tmp_path: Path,
+) -> None:
+    store = SchemaStore(tmp_path / "s.sqlite3")
+    early = NOW - dt.timedelta(minutes=1)
+    store.record_clients(
+        "a",
+        [client("a", "http", "10.0.0.1", early), client("a", "https", "10.0.0.2", NOW)],
+        window_seconds=600,
+        source="refserver",
+        problem="",
+        now=NOW,
+    )
+    assert {c.address for c in store.clients(["a"])} == {"10.0.0.1", "10.0.0.2"}
+    assert store.clients_info()["a"].last_http_at == early
+    later = NOW + dt.timedelta(minutes=20)
+    store.record_clients(
+        "a", [client("a", "https", "10.0.0.1", later)], window_seconds=600, source="refserver",
+        problem="", now=later,
+    )  # fmt: skip
+    assert [(c.scheme, c.address) for c in store.clients(["a"])] == [("https", "10.0.0.1")]
+    info = store.clients_info()["a"]
+    assert (info.last_http_at, info.first_report, info.reported_at) == (early, NOW, later)
+    many = [client("b", "http", f"10.1.{i // 250}.{i % 250}", NOW) for i in range(400)]
+    store.record_clients("b", many, window_seconds=60, source="exec", problem="", now=NOW)
+    assert len(store.clients(["b"])) == MAX_CLIENTS  # bounded per node
+
+
+def test_what_an_agent_reports_about_clients_is_cleaned_before_it_is_stored() -> None:
+    view = types_pb2.ClientsView(window_seconds=600, source="refserver")
+    future = NOW + dt.timedelta(days=1)
+    view.clients.add(scheme="http", address="10.0.0.1\x1b[31m", workstation="ws-a\n", requests=3)
+    view.clients[-1].last_seen.FromDatetime(future)  # a clock ahead: not later than now
+    view.clients.add(scheme="gopher", address="10.0.0.2")  # not a scheme: dropped
+    view.clients.add(scheme="https", address="")  # no address: dropped
+    for i in range(300):
+        view.clients.add(scheme="https", address=f"10.1.0.{i}")
+    rows = client_rows("a", view, NOW)
+    assert len(rows) == MAX_CLIENTS - 2  # at most 256 looked at; two of them dropped
+    first = rows[0]
+    assert (first.scheme, first.last_seen, first.requests) == ("http", NOW, 3)
+    assert "\x1b" not in first.address and "\n" not in first.workstation

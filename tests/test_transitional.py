@@ -248,6 +248,107 @@ def on_http_named(cluster: Cluster, node: str) -> list[str]:
     return []
 
 
+# --- phase 1, the still-on-http list, finalize refused then done -------------------------------
+
+
+@pytest.mark.timeout(420)
+def test_phase_1_keeps_every_write_then_finalize_waits_for_the_workstation_that_stayed(
+    tmp_path: Path,
+) -> None:
+    with three_nodes(tmp_path) as (cluster, nodes), two_per_node(cluster, nodes) as world:
+        wait_until(
+            lambda: all(
+                ws.acked_on("http", dt.datetime.min.replace(tzinfo=dt.UTC)) >= 3
+                for pair in world.values()
+                for ws in pair
+            ),
+            30,
+            "writes before the rollout",
+        )
+        phase1 = start_transitional(cluster, tmp_path)
+        view = wait_state(cluster, phase1, WAITED, "phase 1")
+        assert view["state"] == "awaiting_finalize", view
+        assert {n["name"]: n["state"] for n in view["nodes"]} == dict.fromkeys(
+            [n.name for n in nodes], "dual"
+        )
+        for node in nodes:  # dual, and nothing left frozen while the rollout waits
+            server = live(node)
+            assert sorted(server.schemes) == ["http", "https"] and not server.frozen
+        # Another rollout cannot start meanwhile; the refusal says what to run.
+        other = cluster.cli(
+            "rollout", "start", "--scope", "cluster", "--change", "rotate-cert", "--yes"
+        )
+        assert other.returncode == 1
+        assert "tlsroll rollout finalize" in other.stderr and "node1, node2, node3" in other.stderr
+
+        # The practice is told it can switch any time until http closes.
+        notice = cluster.cli("notify", "--lang", "en", "--until", "2099-12-12 18:00")
+        assert notice.returncode == 0, notice.stderr
+        assert "switch each workstation any time until Saturday, 12 December 2099" in notice.stdout
+        for node in nodes:
+            assert f"(for now {node.http_url()} still works too)" in notice.stdout
+
+        # The movers do the client steps; the stayers do not.
+        moved_at = dt.datetime.now(dt.UTC)
+        for pair in world.values():
+            pair[0].scheme = "https"
+        wait_until(
+            lambda: all(pair[0].acked_on("https", moved_at) >= 3 for pair in world.values()),
+            30,
+            "movers writing over https",
+        )
+        stayers = {n.name: world[n.name][1].source for n in nodes}
+        movers = {n.name: world[n.name][0].source for n in nodes}
+        # Who is still on http, per node: exactly the stayer, once the agents have reported.
+        wait_until(
+            lambda: all(on_http_named(cluster, n) == [a] for n, a in stayers.items()),
+            30,
+            "the still-on-http list",
+        )
+        data = schema(cluster)
+        for v in data["node_clients"]:
+            seen = {(c["scheme"], c["address"]) for c in v["clients"]["clients"]}
+            assert ("http", stayers[v["node"]]) in seen and ("https", movers[v["node"]]) in seen
+        shown = cluster.cli("schema", "show")
+        assert "still on http" in shown.stdout
+        for address in stayers.values():
+            assert address in shown.stdout
+
+        refused = cluster.cli("rollout", "finalize", phase1, "--yes")
+        assert refused.returncode == 1, refused.stdout
+        for name, address in stayers.items():
+            assert f"{name}: {address}" in refused.stderr
+        for address in movers.values():
+            assert address not in refused.stderr
+        assert rollout(cluster, phase1)["state"] == "awaiting_finalize"  # nothing started
+
+        remaining = cluster.cli("notify", "--remaining")
+        assert remaining.returncode == 0, remaining.stderr
+        for address in stayers.values():
+            assert address in remaining.stdout
+        for address in movers.values():
+            assert address not in remaining.stdout
+
+        moved_at = dt.datetime.now(dt.UTC)
+        for pair in world.values():
+            pair[1].scheme = "https"
+        wait_until(
+            lambda: all(on_http_named(cluster, n) == [] for n in stayers), 30, "everyone moved"
+        )
+        done = cluster.cli("rollout", "finalize", phase1, "--yes", "--wait", timeout=LONG)
+        assert done.returncode == 0, done.stderr
+        final = newest(cluster)
+        assert final["change"] == "finalize" and final["finalizes"] == phase1
+        assert final["state"] == "completed"
+        wait_state(cluster, phase1, ("completed",), "phase 1 finalized")
+        for node in nodes:
+            server = live(node)
+            assert list(server.schemes) == ["https"] and not server.frozen
+            assert not node.port_open(8080)
+        time.sleep(0.5)  # a few more writes after the end
+        check_writes(cluster, world, [rollout(cluster, phase1), final])
+
+
 # --- a node failing in each phase goes back to the side it came from --------------------------
 
 
@@ -380,6 +481,80 @@ def test_a_leader_killed_between_the_phases_finalizes_after_its_restart(tmp_path
         final = newest(cluster)
         assert final["finalizes"] == phase1 and final["state"] == "completed"
         wait_state(cluster, phase1, ("completed",), "phase 1 finalized after the restart")
+        for node in nodes:
+            assert list(live(node).schemes) == ["https"]
+        check_writes(cluster, world, [rollout(cluster, phase1), final])
+
+
+# --- finalize --when-quiet: each node by itself, across a leader restart -----------------------
+
+
+@contextlib.contextmanager
+def fresh_reports(root: Path) -> Iterator[tuple[Cluster, list[Node]]]:
+    """Three nodes whose agents read their server's clients afresh every second (the default
+    reuses them for 10 s), so "quiet for 8 s" can be told apart from a busy workstation."""
+    addresses = [next_loopback() for _ in range(3)]
+    cluster = Cluster(root / "cluster", addresses[0], heartbeat_interval=1)
+    nodes = [Node(cluster, f"node{i + 1}", a, root / f"n{i}") for i, a in enumerate(addresses)]
+    try:
+        cluster.init("--node-name", "node1")
+        cluster.start_leader()
+        for node in nodes:
+            node.start(clients_refresh=1)
+        cluster.wait_for_nodes_online([n.name for n in nodes])
+        yield cluster, nodes
+    finally:
+        for node in nodes:
+            node.close()
+        cluster.close()
+
+
+@pytest.mark.timeout(420)
+def test_finalize_when_quiet_closes_each_node_once_its_http_clients_are_gone(
+    tmp_path: Path,
+) -> None:
+    with fresh_reports(tmp_path) as (cluster, nodes), two_per_node(cluster, nodes) as world:
+        phase1 = start_transitional(cluster, tmp_path, "--wait")
+        assert rollout(cluster, phase1)["state"] == "awaiting_finalize"
+        for pair in world.values():
+            pair[0].scheme = "https"
+        stayers = {n.name: world[n.name][1].source for n in nodes}
+        wait_until(
+            lambda: all(on_http_named(cluster, n) == [a] for n, a in stayers.items()),
+            30,
+            "the stayers reported on http",
+        )
+        started = cluster.cli("rollout", "finalize", phase1, "--when-quiet", "8s", "--yes")
+        assert started.returncode == 0, started.stderr
+        final_id = newest(cluster)["id"]
+        view = rollout(cluster, final_id)
+        assert view["when_quiet_seconds"] == 8 and view["finalizes"] == phase1
+        # While its stayer writes on http, no node starts — across a leader restart too.
+        cluster.kill_leader()
+        cluster.start_leader()
+        cluster.wait_for_nodes_online([n.name for n in nodes])
+        deadline = time.monotonic() + 12  # longer than the quiet time
+        while time.monotonic() < deadline:
+            states = {n["name"]: n["state"] for n in rollout(cluster, final_id)["nodes"]}
+            assert set(states.values()) == {"pending"}, states
+            time.sleep(1)
+        # node2's stayer moves: node2 alone is finalized once quiet; the others keep waiting.
+        world["node2"][1].scheme = "https"
+        wait_until(
+            lambda: (
+                {n["name"]: n["state"] for n in rollout(cluster, final_id)["nodes"]}
+                == {"node1": "pending", "node2": "done", "node3": "pending"}
+            ),
+            90,
+            "node2 finalized by itself",
+        )
+        assert list(live(nodes[1]).schemes) == ["https"]
+        assert sorted(live(nodes[2]).schemes) == ["http", "https"]
+        for name in ("node1", "node3"):
+            world[name][1].scheme = "https"
+        final = wait_state(cluster, final_id, WAITED, "the rest finalized once quiet")
+        assert final["state"] == "completed", final
+        wait_state(cluster, phase1, ("completed",), "phase 1 finalized")
         for node in nodes:
             assert list(live(node).schemes) == ["https"]
         check_writes(cluster, world, [rollout(cluster, phase1), final])

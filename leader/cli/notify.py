@@ -10,6 +10,10 @@ the message for one change (``enable-tls``, ``change-password``, ``rotate-cert``
 * ``done``: the rollout is over; the times are the schema's, and nodes it left unchanged are
   named.
 
+``NoticeInfo.transitional`` (an ``enable-tls`` rollout of the transitional strategy): the old
+http address keeps working beside the new one, so the message says "you can switch any time
+until …" (``until``: when `tlsroll rollout finalize` is planned; None: "until you are told").
+
 Times are shown in the zone of the datetimes passed in (the CLI converts them to the practice's
 zone) with the zone's abbreviation, MEZ/MESZ in German. The text is meant to go out as it is:
 the reminder that the seed's message is a template to adapt is the CLI's business (stderr), not
@@ -81,6 +85,8 @@ class NoticeInfo:
     scope: str = "cluster"  # "local" (the leader node), "cluster" or "nodes" (named ones)
     unchanged: Sequence[str] = ()  # done: the nodes the rollout left as they were
     extra: Sequence[str] = field(default_factory=tuple)  # further notes, one paragraph each
+    transitional: bool = False  # enable-tls keeping http until finalize (strategy transitional)
+    until: dt.datetime | None = None  # transitional: when http is planned to close
 
 
 # --- wording ------------------------------------------------------------------------------------
@@ -141,6 +147,20 @@ _DE: dict[str, str] = {
         "unverschlüsseltes http zurückgestellt. Damit gilt wieder die frühere Serveradresse. "
         "Jeder Arbeitsplatz muss jetzt einmal auf diese Adresse umgestellt werden."
     ),
+    "what.enable-tls.transitional.before": (
+        "Zum Schutz der Patientendaten erhält die Verbindung zwischen den Arbeitsplätzen "
+        "(Clients) und dem Server eine zusätzliche, verschlüsselte Adresse (https, SSL/TLS). Die "
+        "bisherige Adresse funktioniert vorerst weiter: Sie können jeden Arbeitsplatz jederzeit "
+        "umstellen, {until}. Danach gilt nur noch die neue Adresse."
+    ),
+    "what.enable-tls.transitional.after": (
+        "Zum Schutz der Patientendaten ist der Server jetzt zusätzlich über eine verschlüsselte "
+        "Adresse erreichbar (https, SSL/TLS). Die bisherige Adresse funktioniert vorerst weiter: "
+        "Sie können jeden Arbeitsplatz jederzeit umstellen, {until}. Danach gilt nur noch die "
+        "neue Adresse; ein Arbeitsplatz, der dann noch die alte nutzt, erreicht den Server nicht."
+    ),
+    "until.when": "spätestens bis {when}",
+    "until.open": "bis die Praxis-IT die alte Adresse schließt (Sie erfahren es vorher)",
     "scope.cluster": "Betroffen ist der gesamte Multiserver-Verbund.",
     "scope.local": "Betroffen ist ein einzelner Server.",
     "scope.nodes": "Betroffen sind die unten genannten Server.",
@@ -167,6 +187,7 @@ _DE: dict[str, str] = {
     "nodes_h.same": "Betroffene Server",
     "node.new.before": "{name}: neu {new} (bisher {old})",
     "node.new.after": "{name}: neu {new} (vorher {old})",
+    "node.new.transitional": "{name}: neu {new} (vorerst geht auch noch {old})",
     "node.port": "{line}, Port für die Einrichtung: {port}",
     "node.same": "{name}: {url}",
     "path_unknown": (
@@ -301,6 +322,19 @@ _EN: dict[str, str] = {
         "unencrypted http. The earlier server address applies again. Every workstation now has "
         "to be switched to that address once."
     ),
+    "what.enable-tls.transitional.before": (
+        "To protect patient data, the server will get an additional, encrypted address (https, "
+        "SSL/TLS). The current address keeps working for now: you can switch each workstation "
+        "any time {until}. After that only the new address works."
+    ),
+    "what.enable-tls.transitional.after": (
+        "To protect patient data, the server can now also be reached at an encrypted address "
+        "(https, SSL/TLS). The current address keeps working for now: you can switch each "
+        "workstation any time {until}. After that only the new address works; a workstation "
+        "still on the old one will not reach the server."
+    ),
+    "until.when": "until {when} at the latest",
+    "until.open": "until the practice IT closes the old address (you will be told beforehand)",
     "scope.cluster": "This affects the whole multiserver.",
     "scope.local": "This affects a single server.",
     "scope.nodes": "This affects the servers listed below.",
@@ -324,6 +358,7 @@ _EN: dict[str, str] = {
     "nodes_h.same": "Servers concerned",
     "node.new.before": "{name}: new {new} (currently {old})",
     "node.new.after": "{name}: new {new} (previously {old})",
+    "node.new.transitional": "{name}: new {new} (for now {old} still works too)",
     "node.port": "{line}, port for the set-up: {port}",
     "node.same": "{name}: {url}",
     "path_unknown": (
@@ -469,6 +504,15 @@ def zone_text(when: dt.datetime, lang: str) -> str:
     return _ZONE_DE.get(name, name) if lang == "de" else name
 
 
+def _full_time(when: dt.datetime, lang: str) -> str:
+    """``Donnerstag, 10. Dezember 2026, 18:00 Uhr (MEZ)``."""
+    if when.tzinfo is None:
+        raise ValueError("the notice's times must be aware datetimes")
+    w = _WORDS[lang]
+    clock = w["time"].format(time=f"{when:%H:%M}")
+    return f"{day_text(when, lang)}, " + w["zone"].format(text=clock, zone=zone_text(when, lang))
+
+
 def when_text(info: NoticeInfo, lang: str) -> str:
     """The "Wann?" sentence."""
     w = _WORDS[lang]
@@ -557,7 +601,16 @@ def render_notice(
     doc.title(w[f"title.{change}"], practice=_Text(info.practice))
 
     doc.heading(w["what_h"])
-    doc.para(w[f"what.{change}.{when}"] + " " + w[f"scope.{info.scope}"])
+    if info.transitional and change == "enable-tls":
+        until = (
+            w["until.when"].format(when=_full_time(info.until, lang))
+            if info.until is not None
+            else w["until.open"]
+        )
+        what = w[f"what.enable-tls.transitional.{when}"]
+        doc.para(what + " " + w[f"scope.{info.scope}"], until=_Text(until))
+    else:
+        doc.para(w[f"what.{change}.{when}"] + " " + w[f"scope.{info.scope}"])
 
     doc.heading(w["when_h"])
     doc.para(when_text(info, lang))
@@ -574,7 +627,8 @@ def render_notice(
     lines: list[tuple[str, dict[str, _Value]]] = []
     for n in info.nodes:
         if moves:
-            template = w[f"node.new.{when}"]
+            both = info.transitional and change == "enable-tls"
+            template = w["node.new.transitional" if both else f"node.new.{when}"]
             if port_shown:
                 template = w["node.port"].format(line=template, port="{port}")
             values: dict[str, _Value] = {

@@ -28,8 +28,8 @@ import click
 from leader.cli.base import CLIError, Leader, fetch_schema, pass_leader
 from leader.cli.notify import CHANGES, NoticeInfo, NoticeNode, Timing, render_notice
 from leader.cli.password import read_password_file
-from leader.rollout_core import Change, FreezeMode, NodeState, RolloutState, ScopeKind
-from leader.wire import CHANGE, FREEZE, NODE_STATE, ROLLOUT_STATE, SCOPE_KIND
+from leader.rollout_core import Change, FreezeMode, NodeState, RolloutState, ScopeKind, Strategy
+from leader.wire import CHANGE, FREEZE, NODE_STATE, ROLLOUT_STATE, SCOPE_KIND, STRATEGY
 from tlsroll import password
 from tlsroll.defaults import BOOTSTRAP_PORT
 from tlsroll.v1 import admin_pb2, schema_pb2
@@ -100,8 +100,10 @@ def practice_zone(option: str | None, lang: str) -> zoneinfo.ZoneInfo:
         ) from None
 
 
-def parse_when(text: str, zone: zoneinfo.ZoneInfo, now: dt.datetime) -> dt.datetime:
-    """``--when`` in ``zone``: a time that exists once there and lies ahead."""
+def parse_when(
+    text: str, zone: zoneinfo.ZoneInfo, now: dt.datetime, hint: str = "--when"
+) -> dt.datetime:
+    """``--when`` (or ``hint``) in ``zone``: a time that exists once there and lies ahead."""
     naive = None
     for pattern in _WHEN_FORMATS:
         try:
@@ -112,22 +114,22 @@ def parse_when(text: str, zone: zoneinfo.ZoneInfo, now: dt.datetime) -> dt.datet
     if naive is None:
         raise click.BadParameter(
             f"{text!r}: give date and time as YYYY-MM-DD HH:MM, e.g. 2026-12-05 18:00",
-            param_hint="--when",
+            param_hint=hint,
         )
     when = naive.replace(tzinfo=zone)
     back = when.astimezone(dt.UTC).astimezone(zone).replace(tzinfo=None)
     if back != naive:
         raise click.BadParameter(
             f"{text} does not exist in {zone.key} (the clocks skip it); pick another time",
-            param_hint="--when",
+            param_hint=hint,
         )
     if when.utcoffset() != naive.replace(tzinfo=zone, fold=1).utcoffset():
         raise click.BadParameter(
             f"{text} occurs twice in {zone.key} (the clocks go back); pick another time",
-            param_hint="--when",
+            param_hint=hint,
         )
     if when <= now:
-        raise click.BadParameter(f"{text} ({zone.key}) lies in the past", param_hint="--when")
+        raise click.BadParameter(f"{text} ({zone.key}) lies in the past", param_hint=hint)
     return when
 
 
@@ -320,6 +322,12 @@ def check_staged(leader: Leader, secret: str) -> None:
     "asking.",
 )
 @click.option(
+    "--until",
+    help="A transitional rollout: when http is planned to close (tlsroll rollout finalize), in "
+    'the practice\'s time zone, e.g. "2026-12-12 18:00": the notice says "you can switch any '
+    'time until …".',
+)
+@click.option(
     "--remaining",
     is_flag=True,
     help="Only list the workstations still on http (transitional strategy): each still needs "
@@ -342,6 +350,7 @@ def notify(
     password_source: str,
     include_password: bool,
     password_file: Path | None,
+    until: str | None,
     remaining: bool,
 ) -> None:
     """Print the "Notify practice" message for the staff, before or after a switch; with
@@ -367,6 +376,8 @@ def notify(
                 raise click.UsageError(f"{name} goes with --when (an announced switch)")
     elif rollout_id is not None:
         raise click.UsageError("--rollout names a rollout that exists; --when announces one")
+    if when is not None and until is not None:
+        raise click.UsageError("--until goes with a transitional rollout, not with --when")
     if password_file is not None and not include_password:
         raise click.UsageError("--password-file goes with --include-password")
     zone = practice_zone(tz_name, lang)
@@ -385,6 +396,7 @@ def notify(
     schema = fetch_schema(leader)
     known = known_urls(schema)
     unchanged: list[str] = []
+    transitional = False
     if start is not None:
         the_change = Change(change or "enable-tls")
         with leader.admin() as admin:
@@ -412,7 +424,11 @@ def notify(
             for n in r.nodes
             if NODE_STATE.read(n.state, "state") is not NodeState.SKIPPED
         ]
-        shown = [n for n, s in records if running or s is NodeState.DONE]
+        transitional = STRATEGY.read_optional(r.strategy, "strategy") is Strategy.TRANSITIONAL
+        if until is not None and not transitional:
+            raise click.UsageError(f"--until goes with a transitional rollout; {r.id} is not")
+        switched = (NodeState.DONE, NodeState.DUAL)
+        shown = [n for n, s in records if running or s in switched]
         unchanged = [] if running else [n.name for n, s in records if s in _NOT_SWITCHED]
         if not shown:
             raise CLIError(
@@ -459,6 +475,8 @@ def notify(
         change=the_change.value,
         scope=kind.value if kind is not None else "cluster",
         unchanged=unchanged,
+        transitional=transitional,
+        until=parse_when(until, zone, now, "--until") if until is not None else None,
     )
     click.echo(render_notice(info, lang=lang, fmt=fmt, password=secret), nl=False)
     _remind(include_password)
