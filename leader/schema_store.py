@@ -213,12 +213,24 @@ class SchemaStore(LeaderStore):
         meta: RolloutMeta,
         now: dt.datetime,
         new_verifier: str | None = None,
+        *,
+        takes_back_once: bool = False,
     ) -> RolloutRow:
         """Insert a new rollout, refusing if another one is active (checked in the same
         transaction, so two starts cannot both succeed). ``new_verifier`` adds the auth
-        password the rollout applies, in the same transaction."""
+        password the rollout applies, in the same transaction. ``takes_back_once``: a
+        disable-tls rollout is refused (``AlreadyTakenBack``) if another one already takes back
+        ``meta.undoes``, checked here too, so two rollbacks that crossed cannot both start."""
         with self._db.tx() as db:
             _refuse_if_busy(db)
+            if takes_back_once and meta.undoes:
+                by = db.execute(
+                    "SELECT id, state FROM rollouts WHERE change = ? AND undoes = ?"
+                    " ORDER BY epoch DESC LIMIT 1",
+                    (Change.DISABLE_TLS.value, meta.undoes),
+                ).fetchone()
+                if by is not None:
+                    raise AlreadyTakenBack(meta.undoes, by["id"], by["state"])
             auth_version = meta.auth_version
             if new_verifier is not None:
                 auth_version = self._add_auth(db, new_verifier, now, meta.started_by)
@@ -542,6 +554,16 @@ def _refuse_if_busy(db: sqlite3.Connection) -> None:
     ).fetchone()
     if busy is not None:
         raise RolloutBusy(busy["id"], busy["state"])
+
+
+class AlreadyTakenBack(TerminalError):
+    """A rollout's switch is taken back once (``planner.AlreadyUndone``, kept in the store)."""
+
+    def __init__(self, target: str, by: str, state: str) -> None:
+        super().__init__(
+            f"rollout {target} was already taken back by rollout {by} ({state}); "
+            "see: tlsroll schema show"
+        )
 
 
 class StaleRecords(TransientError):
