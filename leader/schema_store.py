@@ -289,8 +289,12 @@ class SchemaStore(LeaderStore):
         now: dt.datetime,
         actor: str,
         reason: str | None = None,
+        *,
+        step_ended: tuple[str, str] | None = None,
     ) -> RolloutRow:
         """Persist the records after a plan or an event, with one audit event per change.
+        ``step_ended`` (node, step): that step's end time is ``now``, in the same transaction
+        (a step's outcome is one durable write).
 
         Optimistic: if the stored records are no longer ``before`` (an admin command and an
         engine verdict crossed), nothing is written and ``StaleRecords`` is raised; the caller
@@ -354,17 +358,27 @@ class SchemaStore(LeaderStore):
                     new=rec.state.value,
                     reason=rec.reason,
                 )
+            if step_ended is not None:
+                _set_step_time(db, rollout.id, *step_ended, None, now)
         row = self.get(rollout.id)
         assert row is not None
         return row
 
     def update_detail(self, rollout_id: str, name: str, **changes: Any) -> None:
-        """Record what a step learnt about a node (addresses, certificate, freeze window)."""
+        """Record what a step learnt about a node (addresses, certificate, freeze window); a
+        no-op if the stored values are these already."""
         unknown = set(changes) - set(_NODE_DETAIL_FIELDS)
         if unknown:
             raise ValueError(f"not node details: {sorted(unknown)}")
         values = [to_text(v) if isinstance(v, dt.datetime) else v for v in changes.values()]
         with self._db.tx() as db:
+            stored = db.execute(
+                f"SELECT {', '.join(changes)} FROM rollout_nodes"  # noqa: S608 - checked names
+                " WHERE rollout_id = ? AND name = ?",
+                (rollout_id, name),
+            ).fetchone()
+            if stored is not None and list(stored) == values:
+                return  # nothing changed: nothing is written
             db.execute(
                 f"UPDATE rollout_nodes SET {', '.join(f'{k} = ?' for k in changes)}"  # noqa: S608
                 " WHERE rollout_id = ? AND name = ?",
@@ -381,20 +395,7 @@ class SchemaStore(LeaderStore):
         ended: dt.datetime | None = None,
     ) -> None:
         with self._db.tx() as db:
-            row = db.execute(
-                "SELECT steps FROM rollout_nodes WHERE rollout_id = ? AND name = ?",
-                (rollout_id, name),
-            ).fetchone()
-            steps: dict[str, list[str | None]] = json.loads(row["steps"])
-            times = steps.setdefault(step, [None, None])
-            if started is not None and times[0] is None:
-                times[0] = to_text(started)
-            if ended is not None:
-                times[1] = to_text(ended)
-            db.execute(
-                "UPDATE rollout_nodes SET steps = ? WHERE rollout_id = ? AND name = ?",
-                (json.dumps(steps), rollout_id, name),
-            )
+            _set_step_time(db, rollout_id, name, step, started, ended)
 
     # --- the auth password (verifiers only) ---------------------------------------------------
 
@@ -544,6 +545,31 @@ class SchemaStore(LeaderStore):
                 " ORDER BY revoked_at DESC, serial LIMIT ?",
                 (to_text(now), limit),
             ).fetchall()
+
+
+def _set_step_time(
+    db: sqlite3.Connection,
+    rollout_id: str,
+    name: str,
+    step: str,
+    started: dt.datetime | None,
+    ended: dt.datetime | None,
+) -> None:
+    """Inside a write transaction: when ``step`` started (the first time) or ended on a node."""
+    row = db.execute(
+        "SELECT steps FROM rollout_nodes WHERE rollout_id = ? AND name = ?",
+        (rollout_id, name),
+    ).fetchone()
+    steps: dict[str, list[str | None]] = json.loads(row["steps"])
+    times = steps.setdefault(step, [None, None])
+    if started is not None and times[0] is None:
+        times[0] = to_text(started)
+    if ended is not None:
+        times[1] = to_text(ended)
+    db.execute(
+        "UPDATE rollout_nodes SET steps = ? WHERE rollout_id = ? AND name = ?",
+        (json.dumps(steps), rollout_id, name),
+    )
 
 
 def _refuse_if_busy(db: sqlite3.Connection) -> None:

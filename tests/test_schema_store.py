@@ -154,3 +154,28 @@ def test_a_switch_is_taken_back_once_even_when_two_rollbacks_cross(tmp_path: Pat
     assert dump(tmp_path / "s.sqlite3") == before
     rollback("r3", once=False)  # `rollout retry` of r2 keeps what it takes back
     store.close()
+
+
+def test_node_details_that_did_not_change_are_not_written(tmp_path: Path) -> None:
+    """A step that learns nothing new writes nothing (issue 15: the leader rewrote the node's
+    details on every poll): the rows the store's connection changed (``total_changes``)."""
+    store = SchemaStore(tmp_path / "s.sqlite3")
+    new_rollout(store)
+    at = dt.datetime(2026, 11, 28, 12, 0, 1, tzinfo=dt.UTC)
+    store.update_detail("r1", "a", restart_seconds=0.4, freeze_started_at=at)
+
+    def changes() -> int:
+        with store.db.read() as db:
+            return db.total_changes
+
+    before = changes()
+    store.update_detail("r1", "a", restart_seconds=0.4, freeze_started_at=at)
+    store.update_detail("r1", "a", restart_seconds=0.4)
+    assert changes() == before
+    store.update_detail("r1", "a", restart_seconds=0.5)
+    assert changes() == before + 1
+    row = store.get("r1")
+    assert row is not None
+    detail = next(d for r, d in row.nodes if r.name == "a")
+    assert (detail.restart_seconds, detail.freeze_started_at) == (0.5, at)
+    store.close()
