@@ -479,9 +479,14 @@ class Engine:
         return reply.frozen
 
     async def _save_node(
-        self, rollout_id: str, name: str, change: Callable[[Any], Any]
+        self,
+        rollout_id: str,
+        name: str,
+        change: Callable[[Any], Any],
+        step_ended: str | None = None,
     ) -> RolloutRow:
-        """Apply ``change`` to one node record and save it; read again if a write crossed."""
+        """Apply ``change`` to one node record and save it; read again if a write crossed.
+        ``step_ended``: if the record changed, that step's end time goes in the same write."""
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type(StaleRecords),
             stop=stop_after_attempt(STALE_ATTEMPTS),
@@ -491,8 +496,17 @@ class Engine:
                 row = await asyncio.to_thread(self.schema.get, rollout_id)
                 assert row is not None
                 records = [change(r) if r.name == name else r for r in row.records]
+                ended = None
+                if step_ended is not None and tuple(records) != tuple(row.records):
+                    ended = (name, step_ended)
                 await asyncio.to_thread(
-                    self.schema.save_states, row, row.rollout, records, self.clock(), "engine"
+                    self.schema.save_states,
+                    row,
+                    row.rollout,
+                    records,
+                    self.clock(),
+                    "engine",
+                    step_ended=ended,
                 )
         assert row is not None
         return row
@@ -540,7 +554,7 @@ class Engine:
             cleared = "" if reason is None and r.reason.startswith(UNKNOWN) else reason
             return r.with_event(event, cleared)
 
-        await self._save_node(rollout_id, step.node, change)
+        await self._save_node(rollout_id, step.node, change, step.step.value)
         if dropped:
             log.info(
                 "step.result_dropped",
@@ -550,9 +564,6 @@ class Engine:
                 node_event=event.value,
             )
             return
-        await asyncio.to_thread(
-            self.schema.step_times, rollout_id, step.node, step.step.value, ended=self.clock()
-        )
         log.info(
             "step.finished",
             rollout_id=rollout_id,

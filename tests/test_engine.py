@@ -29,6 +29,7 @@ import functools
 import json
 import random
 import tempfile
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
@@ -432,6 +433,31 @@ async def test_pipelining_prepares_the_next_node_while_one_switches(world: World
     assert calls.index((second, "switch")) > last_of_first
     assert most_in_flight(leader.audit()) == 2
     await leader.stop()
+
+
+async def test_a_longer_transaction_costs_no_more_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15: the leader rewrote a node's details on every read of its transaction, so the
+    writes grew with the switch's duration. Now a write happens only when something changed:
+    a transaction six times as long makes exactly as many writes."""
+
+    async def writes(name: str, txn_seconds: float) -> Counter[str]:
+        (tmp_path / name).mkdir()
+        world = make_world(tmp_path / name, monkeypatch)
+        for agent in world.agents:
+            agent.txn_seconds = txn_seconds
+        leader = world.boot()
+        await leader.start(max_parallel=1)
+        row = await leader.run(passes=400)
+        assert row.rollout.state is R.COMPLETED
+        await leader.stop()
+        assert sum(c.method == "get_transaction" for c in world.agents.calls) > 3 * len(NODES)
+        return Counter(leader.schema.writes)
+
+    short, long = await writes("short", 0.5), await writes("long", 3.0)
+    assert long == short
+    assert long["update_detail"] <= 4 * len(NODES)  # preflight, stage, the switch's start and end
 
 
 # --- a leader crash at every persisted point --------------------------------------------------

@@ -255,7 +255,7 @@ def on_http_named(cluster: Cluster, node: str) -> list[str]:
 def test_phase_1_keeps_every_write_then_finalize_waits_for_the_workstation_that_stayed(
     tmp_path: Path,
 ) -> None:
-    with three_nodes(tmp_path) as (cluster, nodes), two_per_node(cluster, nodes) as world:
+    with cluster_of(tmp_path, 3) as (cluster, nodes), two_per_node(cluster, nodes) as world:
         wait_until(
             lambda: all(
                 ws.acked_on("http", dt.datetime.min.replace(tzinfo=dt.UTC)) >= 3
