@@ -41,7 +41,6 @@ log = logs.get_logger(__name__)
 
 Outcome = tuple[NodeEvent, str | None]
 MAX_CLOCK_OFFSET = 120
-POLL_SECONDS = 0.3
 
 
 @dataclass(frozen=True)
@@ -267,32 +266,34 @@ def switch_event(outcome: TxnOutcome) -> NodeEvent:
 async def wait_transaction(
     ctx: StepContext, txn_rollout_id: str, kind: TxnKind
 ) -> tuple[TxnOutcome, str]:
-    """Poll the agent's transaction (keyed by ``txn_rollout_id``) until it ends, recording its
-    timings on this rollout's node; return its outcome and reason.
+    """Follow the agent's transaction (keyed by ``txn_rollout_id``) until it ends, recording its
+    timings on this rollout's node when they change; return its outcome and reason.
 
-    The transaction is under way: an error while reading it says nothing about how it ends,
-    so it is a ``TransientError`` (the step runs again; the agent replays the transaction),
-    never an outcome."""
-    while True:
-        try:
-            txn = await ctx.agent.get_transaction(
-                agent_pb2.GetTransactionRequest(rollout_id=txn_rollout_id, kind=TXN_KIND.wire(kind))
-            )
-        except StepFailed as exc:
-            raise TransientError(f"reading the {kind.value} transaction: {exc}") from None
-        details: dict[str, Any] = {"restart_seconds": txn.restart_seconds}
-        # With --freeze scope the node's window is the scope freeze's (the engine records it),
-        # not the shorter one of the transaction inside it.
-        own_window = ctx.rollout.freeze is not FreezeMode.SCOPE
-        if own_window and txn.HasField("freeze_started_at"):
-            details["freeze_started_at"] = txn.freeze_started_at.ToDatetime(tzinfo=dt.UTC)
-        if own_window and txn.HasField("freeze_ended_at"):
-            details["freeze_ended_at"] = txn.freeze_ended_at.ToDatetime(tzinfo=dt.UTC)
-        await ctx.detail(**details)
-        outcome = TXN_OUTCOME.read(txn.outcome, "transaction.outcome")
-        if outcome is not TxnOutcome.PENDING:
-            return outcome, txn.reason
-        await ctx.sleep(POLL_SECONDS)
+    The agent streams each state as it journals it (``AgentApi.watch_transaction``), so the
+    outcome is known when it happens, not at the next poll. The transaction is under way: an
+    error while reading it says nothing about how it ends, so it is a ``TransientError`` (the
+    step runs again; the agent replays the transaction), never an outcome."""
+    request = agent_pb2.GetTransactionRequest(rollout_id=txn_rollout_id, kind=TXN_KIND.wire(kind))
+    recorded: dict[str, Any] | None = None
+    try:
+        async for txn in ctx.agent.watch_transaction(request):
+            details: dict[str, Any] = {"restart_seconds": txn.restart_seconds}
+            # With --freeze scope the node's window is the scope freeze's (the engine records
+            # it), not the shorter one of the transaction inside it.
+            own_window = ctx.rollout.freeze is not FreezeMode.SCOPE
+            if own_window and txn.HasField("freeze_started_at"):
+                details["freeze_started_at"] = txn.freeze_started_at.ToDatetime(tzinfo=dt.UTC)
+            if own_window and txn.HasField("freeze_ended_at"):
+                details["freeze_ended_at"] = txn.freeze_ended_at.ToDatetime(tzinfo=dt.UTC)
+            if details != recorded:  # nothing is written when nothing changed
+                await ctx.detail(**details)
+                recorded = details
+            outcome = TXN_OUTCOME.read(txn.outcome, "transaction.outcome")
+            if outcome is not TxnOutcome.PENDING:
+                return outcome, txn.reason
+    except StepFailed as exc:
+        raise TransientError(f"reading the {kind.value} transaction: {exc}") from None
+    raise TransientError(f"the {kind.value} transaction's states ended without an outcome")
 
 
 def _host_port(url: str, scheme: str) -> tuple[str, int, str] | None:

@@ -238,6 +238,8 @@ class Commands:
             meta,
             now,
             request.auth_verifier_json if auth.add_new else None,
+            # A way back takes a switch back once (a retry goes on with the same one).
+            takes_back_once=rollout.change is Change.DISABLE_TLS and not request.retry_of,
         )
         log.info(
             "rollout.started",

@@ -48,6 +48,10 @@ class LeaderConfig:
     # Seconds a preflight may go without an answer before the node fails with "agent
     # unreachable" (a stage: twice that); see leader.engine.
     step_deadline: int = 30
+    # Pipelining: how many nodes beyond --max-parallel are preflighted and staged while others
+    # switch (nothing live changes on them; they still switch one after another, in order).
+    # 0: a node starts only once one has ended, as the seed did.
+    prepare_ahead: int = 0
     # debug | info | warning | error (``tlsroll-leader --log-level`` wins over it).
     log_level: str = "info"
 
@@ -76,6 +80,7 @@ class LeaderConfig:
             ),
             expiry_warning_days=s.integer("expiry_warning_days", 30, lo=1, hi=365),
             step_deadline=s.integer("step_deadline", 30, lo=1, hi=3600),
+            prepare_ahead=s.integer("prepare_ahead", 0, lo=0, hi=64),
             log_level=logs.config_level(s),
         )
         cfg.finish()  # a key or table not read above is a typo: an error, not a default

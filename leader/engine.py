@@ -93,6 +93,7 @@ class Engine:
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         step_deadline: float = STEP_DEADLINE,
+        prepare_ahead: int = 0,
     ) -> None:
         self.store = store
         self.schema = schema
@@ -107,6 +108,7 @@ class Engine:
         self.not_before: dict[StepKey, float] = {}
         self.renewed: dict[tuple[str, str], float] = {}  # scope freezes: last renewal
         self.step_deadline = step_deadline
+        self.prepare_ahead = prepare_ahead  # pipelining (``planner.next_actions``)
         # Scope freezes this process has seen an agent confirm: a switch under --freeze scope
         # begins only when every frozen node's is, so a leader back after the lease ran out
         # (the agents lifted their freezes) freezes them all again first.
@@ -135,7 +137,7 @@ class Engine:
         if row is None:
             return
         await self._record_node_auth(row)
-        plan = planner.next_actions(row.rollout, row.records)
+        plan = planner.next_actions(row.rollout, row.records, self.prepare_ahead)
         if plan.rollout_events or plan.node_events:
             rollout, nodes = planner.apply_plan(row.rollout, row.records, plan)
             reason = None
@@ -379,9 +381,14 @@ class Engine:
         return reply.frozen
 
     async def _save_node(
-        self, rollout_id: str, name: str, change: Callable[[Any], Any]
+        self,
+        rollout_id: str,
+        name: str,
+        change: Callable[[Any], Any],
+        step_ended: str | None = None,
     ) -> RolloutRow:
-        """Apply ``change`` to one node record and save it; read again if a write crossed."""
+        """Apply ``change`` to one node record and save it; read again if a write crossed.
+        ``step_ended``: if the record changed, that step's end time goes in the same write."""
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type(StaleRecords),
             stop=stop_after_attempt(STALE_ATTEMPTS),
@@ -391,8 +398,17 @@ class Engine:
                 row = await asyncio.to_thread(self.schema.get, rollout_id)
                 assert row is not None
                 records = [change(r) if r.name == name else r for r in row.records]
+                ended = None
+                if step_ended is not None and tuple(records) != tuple(row.records):
+                    ended = (name, step_ended)
                 await asyncio.to_thread(
-                    self.schema.save_states, row, row.rollout, records, self.clock(), "engine"
+                    self.schema.save_states,
+                    row,
+                    row.rollout,
+                    records,
+                    self.clock(),
+                    "engine",
+                    step_ended=ended,
                 )
         assert row is not None
         return row
@@ -440,7 +456,7 @@ class Engine:
             cleared = "" if reason is None and r.reason.startswith(UNKNOWN) else reason
             return r.with_event(event, cleared)
 
-        await self._save_node(rollout_id, step.node, change)
+        await self._save_node(rollout_id, step.node, change, step.step.value)
         if dropped:
             log.info(
                 "step.result_dropped",
@@ -450,9 +466,6 @@ class Engine:
                 node_event=event.value,
             )
             return
-        await asyncio.to_thread(
-            self.schema.step_times, rollout_id, step.node, step.step.value, ended=self.clock()
-        )
         log.info(
             "step.finished",
             rollout_id=rollout_id,

@@ -226,12 +226,24 @@ class SchemaStore(LeaderStore):
         meta: RolloutMeta,
         now: dt.datetime,
         new_verifier: str | None = None,
+        *,
+        takes_back_once: bool = False,
     ) -> RolloutRow:
         """Insert a new rollout, refusing if another one is active (checked in the same
         transaction, so two starts cannot both succeed). ``new_verifier`` adds the auth
-        password the rollout applies, in the same transaction."""
+        password the rollout applies, in the same transaction. ``takes_back_once``: a
+        disable-tls rollout is refused (``AlreadyTakenBack``) if another one already takes back
+        ``meta.undoes``, checked here too, so two rollbacks that crossed cannot both start."""
         with self._db.tx() as db:
             _refuse_if_busy(db)
+            if takes_back_once and meta.undoes:
+                by = db.execute(
+                    "SELECT id, state FROM rollouts WHERE change = ? AND undoes = ?"
+                    " ORDER BY epoch DESC LIMIT 1",
+                    (Change.DISABLE_TLS.value, meta.undoes),
+                ).fetchone()
+                if by is not None:
+                    raise AlreadyTakenBack(meta.undoes, by["id"], by["state"])
             auth_version = meta.auth_version
             if new_verifier is not None:
                 auth_version = self._add_auth(db, new_verifier, now, meta.started_by)
@@ -290,8 +302,12 @@ class SchemaStore(LeaderStore):
         now: dt.datetime,
         actor: str,
         reason: str | None = None,
+        *,
+        step_ended: tuple[str, str] | None = None,
     ) -> RolloutRow:
         """Persist the records after a plan or an event, with one audit event per change.
+        ``step_ended`` (node, step): that step's end time is ``now``, in the same transaction
+        (a step's outcome is one durable write).
 
         Optimistic: if the stored records are no longer ``before`` (an admin command and an
         engine verdict crossed), nothing is written and ``StaleRecords`` is raised; the caller
@@ -355,17 +371,27 @@ class SchemaStore(LeaderStore):
                     new=rec.state.value,
                     reason=rec.reason,
                 )
+            if step_ended is not None:
+                _set_step_time(db, rollout.id, *step_ended, None, now)
         row = self.get(rollout.id)
         assert row is not None
         return row
 
     def update_detail(self, rollout_id: str, name: str, **changes: Any) -> None:
-        """Record what a step learnt about a node (addresses, certificate, freeze window)."""
+        """Record what a step learnt about a node (addresses, certificate, freeze window); a
+        no-op if the stored values are these already."""
         unknown = set(changes) - set(_NODE_DETAIL_FIELDS)
         if unknown:
             raise ValueError(f"not node details: {sorted(unknown)}")
         values = [to_text(v) if isinstance(v, dt.datetime) else v for v in changes.values()]
         with self._db.tx() as db:
+            stored = db.execute(
+                f"SELECT {', '.join(changes)} FROM rollout_nodes"  # noqa: S608 - checked names
+                " WHERE rollout_id = ? AND name = ?",
+                (rollout_id, name),
+            ).fetchone()
+            if stored is not None and list(stored) == values:
+                return  # nothing changed: nothing is written
             db.execute(
                 f"UPDATE rollout_nodes SET {', '.join(f'{k} = ?' for k in changes)}"  # noqa: S608
                 " WHERE rollout_id = ? AND name = ?",
@@ -382,20 +408,7 @@ class SchemaStore(LeaderStore):
         ended: dt.datetime | None = None,
     ) -> None:
         with self._db.tx() as db:
-            row = db.execute(
-                "SELECT steps FROM rollout_nodes WHERE rollout_id = ? AND name = ?",
-                (rollout_id, name),
-            ).fetchone()
-            steps: dict[str, list[str | None]] = json.loads(row["steps"])
-            times = steps.setdefault(step, [None, None])
-            if started is not None and times[0] is None:
-                times[0] = to_text(started)
-            if ended is not None:
-                times[1] = to_text(ended)
-            db.execute(
-                "UPDATE rollout_nodes SET steps = ? WHERE rollout_id = ? AND name = ?",
-                (json.dumps(steps), rollout_id, name),
-            )
+            _set_step_time(db, rollout_id, name, step, started, ended)
 
     # --- the auth password (verifiers only) ---------------------------------------------------
 
@@ -547,6 +560,31 @@ class SchemaStore(LeaderStore):
             ).fetchall()
 
 
+def _set_step_time(
+    db: sqlite3.Connection,
+    rollout_id: str,
+    name: str,
+    step: str,
+    started: dt.datetime | None,
+    ended: dt.datetime | None,
+) -> None:
+    """Inside a write transaction: when ``step`` started (the first time) or ended on a node."""
+    row = db.execute(
+        "SELECT steps FROM rollout_nodes WHERE rollout_id = ? AND name = ?",
+        (rollout_id, name),
+    ).fetchone()
+    steps: dict[str, list[str | None]] = json.loads(row["steps"])
+    times = steps.setdefault(step, [None, None])
+    if started is not None and times[0] is None:
+        times[0] = to_text(started)
+    if ended is not None:
+        times[1] = to_text(ended)
+    db.execute(
+        "UPDATE rollout_nodes SET steps = ? WHERE rollout_id = ? AND name = ?",
+        (json.dumps(steps), rollout_id, name),
+    )
+
+
 def _refuse_if_busy(db: sqlite3.Connection) -> None:
     """Inside a write transaction: RolloutBusy if a rollout has not ended."""
     busy = db.execute(
@@ -555,6 +593,16 @@ def _refuse_if_busy(db: sqlite3.Connection) -> None:
     ).fetchone()
     if busy is not None:
         raise RolloutBusy(busy["id"], busy["state"])
+
+
+class AlreadyTakenBack(TerminalError):
+    """A rollout's switch is taken back once (``planner.AlreadyUndone``, kept in the store)."""
+
+    def __init__(self, target: str, by: str, state: str) -> None:
+        super().__init__(
+            f"rollout {target} was already taken back by rollout {by} ({state}); "
+            "see: tlsroll schema show"
+        )
 
 
 class StaleRecords(TransientError):

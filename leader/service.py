@@ -29,7 +29,13 @@ from leader.planner import (
     Unreachable,
 )
 from leader.rollout_core import IllegalTransition
-from leader.schema_store import BootstrapFailureRow, RolloutBusy, SchemaStore, StaleRecords
+from leader.schema_store import (
+    AlreadyTakenBack,
+    BootstrapFailureRow,
+    RolloutBusy,
+    SchemaStore,
+    StaleRecords,
+)
 from leader.store import (
     IssuedCert,
     NameTaken,
@@ -71,6 +77,7 @@ ERRORS = {
     NotRetriable: grpc.StatusCode.FAILED_PRECONDITION,
     EmptyScope: grpc.StatusCode.FAILED_PRECONDITION,
     AlreadyUndone: grpc.StatusCode.FAILED_PRECONDITION,
+    AlreadyTakenBack: grpc.StatusCode.FAILED_PRECONDITION,
     StaleRecords: grpc.StatusCode.ABORTED,
     RolloutBusy: grpc.StatusCode.FAILED_PRECONDITION,
     IllegalTransition: grpc.StatusCode.FAILED_PRECONDITION,

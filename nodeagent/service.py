@@ -16,7 +16,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 from typing import Any
 
@@ -47,6 +47,7 @@ from tlsroll.rpc import (
     failed_precondition,
     invalid,
     map_errors,
+    map_stream_errors,
     not_found,
     peer_certificate,
     timestamp,
@@ -67,6 +68,7 @@ ROLLOUT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 DEFAULT_MAX_CLOCK_OFFSET = 120
 DEFAULT_FREEZE_LEASE = 300
 LEASE_CHECK_SECONDS = 1.0
+WATCH_RECHECK_SECONDS = 5.0  # WatchTransaction reads the journal again at least this often
 log = logs.get_logger(__name__)
 
 
@@ -516,6 +518,32 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         await asyncio.to_thread(self.journal.set_freeze_lease, None)
         log.info("scope_freeze.off", rollout_id=rollout_id)
         return agent_pb2.FreezeResponse(frozen=False, watermark=await driver.watermark())
+
+    @map_stream_errors(ERRORS)
+    async def WatchTransaction(
+        self, request: agent_pb2.GetTransactionRequest, context: Ctx
+    ) -> AsyncIterator[agent_pb2.Transaction]:
+        """The transaction now, then again each time the runner journals a change to it (its
+        ``changes`` event: no polling); the stream ends once it has an outcome. A leader whose
+        stream broke opens a new one and gets the current state first, so it misses nothing."""
+        require_leader(context, self.trust)
+        kind = TXN_KIND.read(request.kind, "kind")
+        sent: Txn | None = None
+        while True:
+            changed = self.runner.changes.next() if self.runner is not None else None
+            txn = await asyncio.to_thread(self.journal.get, request.rollout_id, kind)
+            if txn is None:
+                raise not_found(f"no {kind.value} transaction for rollout {request.rollout_id!r}")
+            if txn != sent:
+                yield txn_message(txn)
+                sent = txn
+            if txn.finished or changed is None:
+                return
+            # The timeout only guards against a change journalled outside the runner (a
+            # replay after a restart is another process, so another stream); it sends nothing
+            # unless the record changed.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), WATCH_RECHECK_SECONDS)
 
     @map_errors(ERRORS)
     async def GetTransaction(

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import pytest
 from aiohttp import web
@@ -494,6 +495,33 @@ async def test_reference_driver_start_waits_for_the_server(tmp_path: Path) -> No
     finally:
         await driver.stop()
     assert await driver.health() is not None
+
+
+async def test_reference_driver_asks_readiness_through_one_client_session(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15: every readiness check made a new HTTP session (and waited 100 ms between
+    checks). A start and a restart now make one session each for all their checks; the
+    server's answers are real (a real reference server on its admin socket)."""
+    made: list[object] = []
+    real = aiohttp.ClientSession
+
+    def counting(*args: Any, **kwargs: Any) -> aiohttp.ClientSession:
+        session = real(*args, **kwargs)
+        made.append(session)
+        return session
+
+    monkeypatch.setattr(aiohttp, "ClientSession", counting)
+    driver = reference_driver(tmp_path)
+    try:
+        await driver.start()
+        assert len(made) == 1
+        first = driver._pid()
+        await driver.restart()
+        assert len(made) == 2
+        assert driver._pid() != first and await driver.health() is None
+    finally:
+        await driver.stop()
 
 
 async def test_reference_driver_start_fails_at_once_if_the_server_exits(tmp_path: Path) -> None:
