@@ -110,10 +110,12 @@ class AutoRotator:
 
     async def _check(self) -> Decision:
         local = self.local_clock()
-        due: list[str] = []
-        if self.enabled:
-            warnings = await asyncio.to_thread(self.watch.warnings)
-            due = [e.subject for e in warnings if e.kind == "server"]
+        if not self.enabled or self.window is None:
+            decision = Decision(Verdict.OFF)
+            self._record(decision, local)
+            return decision
+        warnings = await asyncio.to_thread(self.watch.warnings)
+        due = [e.subject for e in warnings if e.kind == "server"]
         active = await asyncio.to_thread(self.schema.active)
         latest = await asyncio.to_thread(self.schema.latest)
         last = None

@@ -363,3 +363,118 @@ def test_auto_rotate_starts_a_rotation_only_inside_the_window(tmp_path: Path) ->
         for node in nodes:
             node.close()
         cluster.close()
+
+
+# --- the rotator, in process (fakes for the watch, the schema and the commands) ---------------
+
+
+class FakeSchema:
+    def __init__(self) -> None:
+        self.active_row: Any = None
+        self.latest_row: Any = None
+
+    def active(self) -> Any:
+        return self.active_row
+
+    def latest(self) -> Any:
+        return self.latest_row
+
+
+def _row(rollout_id: str, state: str, by: str) -> Any:
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        rollout=SimpleNamespace(id=rollout_id, state=SimpleNamespace(value=state)),
+        meta=SimpleNamespace(started_by=by),
+    )
+
+
+class FakeCommands:
+    """``start`` takes a moment (as planning does: it asks every agent), then the rollout is
+    active; or it refuses as the planner would."""
+
+    def __init__(self, schema: FakeSchema, refuse: tuple[str, ...] = ()) -> None:
+        self.schema = schema
+        self.refuse = refuse
+        self.started: list[tuple[Any, str]] = []
+
+    async def start(self, request: Any, actor: str) -> Any:
+        import asyncio
+
+        from leader.planner import NodesOffline
+
+        await asyncio.sleep(0.05)
+        if self.refuse:
+            raise NodesOffline(self.refuse)
+        self.started.append((request, actor))
+        row = _row(f"r{len(self.started)}", "running", actor)
+        self.schema.active_row = self.schema.latest_row = row
+        return row
+
+
+def _rotator(schema: FakeSchema, commands: FakeCommands, due: list[str], when: str) -> Any:
+    from types import SimpleNamespace
+
+    from leader.auto_rotate import AutoRotator
+
+    watch = SimpleNamespace(
+        warnings=lambda: (
+            [SimpleNamespace(kind="server", subject=n) for n in due]
+            + [SimpleNamespace(kind="agent", subject="n9")]
+        )
+    )
+    return AutoRotator(
+        watch,  # type: ignore[arg-type]
+        schema,  # type: ignore[arg-type]
+        commands,  # type: ignore[arg-type]
+        enabled=True,
+        window=WINDOW,
+        local_clock=lambda: local(when),
+    )
+
+
+def test_the_rotator_starts_once_even_when_two_checks_cross() -> None:
+    import asyncio
+
+    from leader.auto_rotate import ACTOR
+    from leader.rollout_core import Change, ScopeKind
+
+    schema = FakeSchema()
+    commands = FakeCommands(schema)
+    rotator = _rotator(schema, commands, ["n2", "n1"], "2026-12-05 03:00")
+
+    async def both() -> list[Any]:
+        return list(await asyncio.gather(rotator.check(), rotator.check()))
+
+    decisions = asyncio.run(both())
+    assert sorted(d.verdict.value for d in decisions) == ["busy", "started"]
+    ((request, actor),) = commands.started
+    assert actor == ACTOR == "leader (auto_rotate)"
+    assert request.change is Change.ROTATE_CERT
+    assert request.scope.kind is ScopeKind.NODES and set(request.scope.names) == {"n1", "n2"}
+    view = rotator.status.view()
+    assert view.rollout_id == "r1" and view.in_window and not view.next_window
+
+
+def test_the_rotator_says_why_nothing_starts() -> None:
+    import asyncio
+
+    schema = FakeSchema()
+    refused = FakeCommands(schema, refuse=("n2",))
+    rotator = _rotator(schema, refused, ["n2"], "2026-12-05 03:00")
+    decision = asyncio.run(rotator.check())
+    assert decision.verdict.value == "blocked" and "offline: n2" in decision.reason
+    view = rotator.status.view()
+    assert view.verdict == "blocked" and "offline: n2" in view.reason
+    assert list(view.due_nodes) == ["n2"] and not refused.started
+
+    outside = _rotator(FakeSchema(), FakeCommands(FakeSchema()), ["n2"], "2026-12-07 03:00")
+    decision = asyncio.run(outside.check())
+    assert decision.verdict.value == "outside-window"
+    assert outside.status.view().next_window == "2026-12-12T02:00"
+
+    held_schema = FakeSchema()
+    held_schema.latest_row = _row("r7", "halted", "leader (auto_rotate)")
+    held = _rotator(held_schema, FakeCommands(held_schema), ["n2"], "2026-12-05 03:00")
+    decision = asyncio.run(held.check())
+    assert decision.verdict.value == "held" and "r7" in decision.reason

@@ -466,6 +466,22 @@ def test_agents_renew_and_the_expiry_watch_sees_them(cluster: Cluster) -> None:
     ]
     assert len(warned) == 1
 
+    # node3 recovers by doing what the line says: removed, a fresh token, the expired
+    # certificate moved aside, the token given to the agent; it enrols and renews again.
+    assert cluster.cli("nodes", "remove", "node3", "--yes").returncode == 0
+    token = cluster.create_token("node3", node3.address)
+    node3.cert_file.rename(node3.cert_file.with_name("node.pem.expired"))
+    node3.write_config({"leader": {"join_token": token}})
+    node3.start()
+    cluster.wait_for_nodes_online(["node3"])
+    fresh = node3.cert()
+    assert fresh.serial_number != cert3.serial_number
+    assert fresh.not_valid_after_utc > dt.datetime.now(UTC)
+    assert _row(cluster, "node3")["cert_serial"] == f"{fresh.serial_number:x}"
+    report = json.loads(cluster.cli("certs", "check-expiration", "--json").stdout)
+    (c3,) = [c for c in report["certificates"] if c.get("subject") == "node3"]
+    assert int(c3["residual_seconds"]) > 0 and c3["serial"] == f"{fresh.serial_number:x}"
+
 
 def _pool_credentials(cluster: Cluster) -> tuple[grpc.ChannelCredentials, str]:
     chain, key = cluster.leader_credentials()
