@@ -115,7 +115,10 @@ class AutoRotator:
             self._record(decision, local)
             return decision
         warnings = await asyncio.to_thread(self.watch.warnings)
-        due = [e.subject for e in warnings if e.kind == "server"]
+        servers = [e for e in warnings if e.kind == "server"]
+        due = [e.subject for e in servers]
+        # No record of the cluster CA issuing it: the practice's own (--cert-dir) certificate.
+        foreign = [e.subject for e in servers if not e.serial]
         active = await asyncio.to_thread(self.schema.active)
         latest = await asyncio.to_thread(self.schema.latest)
         last = None
@@ -130,6 +133,7 @@ class AutoRotator:
             due=due,
             active=active.rollout.id if active is not None else None,
             latest=last,
+            foreign=foreign,
         )
         if decision.verdict is Verdict.START:
             decision = await self._start(decision)

@@ -58,7 +58,8 @@ ADVICE = {
     "agent": "the agent renews it by itself: see `tlsroll nodes` for a failing renewal; if it "
     "has expired, enrol the node again (tlsroll nodes remove NAME, tlsroll token create "
     "--node NAME --address IP)",
-    "server": "rotate it: tlsroll rollout start --change rotate-cert",
+    "server": "rotate it: tlsroll rollout start --change rotate-cert (a node serving the "
+    "practice's own certificate: renew it and add --cert-dir DIR)",
     "workstation": "run `tlsroll client test-connection` on that workstation again",
 }
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 import datetime as dt
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from enum import StrEnum
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
@@ -186,6 +186,7 @@ def decide(
     due: Sequence[str],
     active: str | None,
     latest: LastRollout | None,
+    foreign: Sequence[str] = (),
 ) -> Decision:
     """Whether to start a ``rotate-cert`` rollout of the nodes ``due`` (server certificates
     within their horizon) now.
@@ -194,10 +195,34 @@ def decide(
     is never joined by a second one. An automatic rotation that halted or was aborted is not
     tried again by itself: the same node would most likely fail the same way at every check,
     restarting the practice's servers each time; it waits until an admin has started a rollout
-    (``tlsroll rollout retry`` or a new one)."""
-    nodes = tuple(sorted(set(due)))
+    (``tlsroll rollout retry`` or a new one).
+
+    ``foreign``: due nodes whose live certificate the cluster CA did not issue (the practice's
+    own, from ``--cert-dir``). They are never rotated automatically, which would replace the
+    practice's certificate with a cluster one behind the admin's back; the reason names them
+    and what to do."""
+    nodes = tuple(sorted(set(due) - set(foreign)))
     if not enabled or window is None:
         return Decision(Verdict.OFF, nodes)
+    decision = _decide(window, local, nodes, active, latest)
+    own = sorted(set(foreign))
+    if not own:
+        return decision
+    note = (
+        f"left alone (they serve the practice's own certificates): {', '.join(own)}; renew "
+        "those and run: tlsroll rollout start --change rotate-cert --nodes "
+        f"{','.join(own)} --cert-dir DIR"
+    )
+    return replace(decision, reason=f"{decision.reason}; {note}" if decision.reason else note)
+
+
+def _decide(
+    window: Window,
+    local: dt.datetime,
+    nodes: tuple[str, ...],
+    active: str | None,
+    latest: LastRollout | None,
+) -> Decision:
     if not nodes:
         return Decision(Verdict.NOTHING_DUE)
     if not in_window(window, local):

@@ -235,6 +235,15 @@ def test_decide() -> None:
     assert d(latest=LastRollout("r2", "aborted", automatic=True)).verdict is Verdict.HELD
     assert d(latest=LastRollout("r3", "halted", automatic=False)).verdict is Verdict.START
     assert d(latest=LastRollout("r2", "completed", automatic=True)).verdict is Verdict.START
+    # A practice's own certificate (--cert-dir) is never replaced behind the admin's back.
+    mixed = d(foreign=["n2"])
+    assert mixed.verdict is Verdict.START and mixed.nodes == ("n1",)
+    assert "n2" in mixed.reason and "--cert-dir" in mixed.reason
+    only_own = d(due=["n2"], foreign=["n2"])
+    assert only_own.verdict is Verdict.NOTHING_DUE and only_own.nodes == ()
+    assert "rotate-cert --nodes n2 --cert-dir DIR" in only_own.reason
+    outside_own = d(local=MON, foreign=["n2"])
+    assert outside_own.verdict is Verdict.OUTSIDE_WINDOW and "n2" in outside_own.reason
 
 
 # --- a real cluster ---------------------------------------------------------------------------
@@ -419,8 +428,8 @@ def _rotator(schema: FakeSchema, commands: FakeCommands, due: list[str], when: s
 
     watch = SimpleNamespace(
         warnings=lambda: (
-            [SimpleNamespace(kind="server", subject=n) for n in due]
-            + [SimpleNamespace(kind="agent", subject="n9")]
+            [SimpleNamespace(kind="server", subject=n, serial="1f") for n in due]
+            + [SimpleNamespace(kind="agent", subject="n9", serial="2f")]
         )
     )
     return AutoRotator(
