@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import resource
 import shutil
 import subprocess
 import sys
@@ -48,15 +49,23 @@ def store_history(cluster: Cluster, rollouts: int, nodes: int) -> None:
         schema.close()
 
 
-def timed(argv: list[str], env: dict[str, str], runs: int) -> list[float]:
-    times = []
+def children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
+def timed(argv: list[str], env: dict[str, str], runs: int) -> tuple[list[float], list[float]]:
+    """Wall time and the command's own CPU time (user + system) of each run: on a shared
+    machine the CPU time is the steadier figure."""
+    walls, cpus = [], []
     for _ in range(runs):
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), children_cpu()
         done = subprocess.run(argv, capture_output=True, env=env, timeout=60, check=False)
-        times.append(time.perf_counter() - t0)
+        walls.append(time.perf_counter() - t0)
+        cpus.append(children_cpu() - c0)
         if done.returncode != 0:
             raise RuntimeError(done.stderr.decode(errors="replace"))
-    return times
+    return walls, cpus
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,17 +83,19 @@ def main(argv: list[str] | None = None) -> int:
             env = child_env({"TLSROLL_DATA_DIR": str(cluster.data_dir), **NO_DEBUG})
             cli = command("tlsroll", "tlsroll")
             print(f"schema show: {ns.rollouts} stored rollouts of {ns.nodes} nodes each")
-            for label, args in (
-                ("schema show", ["schema", "show"]),
-                ("schema show --all", ["schema", "show", "--all"]),
-                ("schema show --json", ["schema", "show", "--json"]),
-            ):
-                times = timed([*cli, *args], env, ns.runs)
-                print(f"  {label:22s} {summary(times, 'ms', 1000, 0)}")
-            imports = timed([sys.executable, "-c", "import leader.cli"], env, ns.runs)
-            print(f"  {'import leader.cli':22s} {summary(imports, 'ms', 1000, 0)}")
-            python = timed([sys.executable, "-c", "pass"], env, ns.runs)
-            print(f"  {'python -c pass':22s} {summary(python, 'ms', 1000, 0)}")
+            commands = [
+                ("schema show", [*cli, "schema", "show"]),
+                ("schema show --all", [*cli, "schema", "show", "--all"]),
+                ("schema show --json", [*cli, "schema", "show", "--json"]),
+                ("import leader.cli", [sys.executable, "-c", "import leader.cli"]),
+                ("python -c pass", [sys.executable, "-c", "pass"]),
+            ]
+            for label, command_line in commands:
+                walls, cpus = timed(command_line, env, ns.runs)
+                print(
+                    f"  {label:20s} wall {summary(walls, 'ms', 1000, 0)}; "
+                    f"CPU {summary(cpus, 'ms', 1000, 0)}"
+                )
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0

@@ -13,13 +13,15 @@ import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from leader.store import Node
 from tlsroll import peertext, spiffe
-from tlsroll.rpc import hostport
+
+if TYPE_CHECKING:  # the admin CLI imports Health (leader.wire), not the store or logging
+    from leader.store import Node
 
 UNREACHABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 
@@ -41,6 +43,8 @@ class NodeCheck:
 async def check_node(
     node: Node, credentials: grpc.ChannelCredentials, trust_domain: str, timeout: float
 ) -> NodeCheck:
+    from tlsroll.rpc import hostport  # noqa: PLC0415 - see the TYPE_CHECKING note above
+
     target = hostport(node.addresses[0], node.agent_port)
     options = [("grpc.ssl_target_name_override", spiffe.key_host(trust_domain, node.key_pin))]
     async with grpc.aio.secure_channel(target, credentials, options=options) as channel:

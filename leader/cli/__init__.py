@@ -17,7 +17,6 @@ from pathlib import Path
 import click
 from rich.table import Table
 
-from leader import layout as layout_mod
 from leader.cli.base import (
     Leader,
     emit_json,
@@ -96,6 +95,8 @@ def init(
     if node_name is not None and (problem := pki.node_name_problem(node_name)):
         raise click.BadParameter(problem, param_hint="--node-name")
     try:
+        from leader import layout as layout_mod  # noqa: PLC0415 - only init needs it
+
         layout = layout_mod.init(
             data_dir,
             address,

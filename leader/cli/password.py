@@ -13,7 +13,6 @@ from pathlib import Path
 
 import click
 
-from leader import password_policy
 from leader.cli.base import Leader, out, pass_leader
 from tlsroll import password
 from tlsroll.v1 import admin_pb2
@@ -31,6 +30,10 @@ def read_password_file(path: Path) -> str:
 def obtain_password(password_file: Path | None, generate: bool) -> str:
     """The password from a file, if it meets the policy (``leader.password_policy``; a usage
     error saying why, exit 2, if not), or a new one shown once on the terminal."""
+    # Imported here: the policy's dictionaries (zxcvbn) cost every rollout and schema command
+    # 20 ms otherwise (leader.cli.rollout imports this module).
+    from leader import password_policy  # noqa: PLC0415
+
     if password_file is not None:
         secret = read_password_file(password_file)
         if (why := password_policy.problem(secret)) is not None:
