@@ -42,6 +42,7 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 CALLERS = ("leader", "node", "other_node", "workstation", "no_cert", "foreign_ca", "revoked")
 Creds = tuple[bytes, bytes] | None
 
+STREAMS = {"WatchTransaction"}  # server-streaming methods
 NO_EPOCH = agent_pb2.Command(rollout_id="matrix", epoch=0)  # refused by the method itself
 AGENT_REQUESTS: dict[str, Any] = {
     "GetStatus": agent_pb2.GetStatusRequest(),
@@ -52,6 +53,7 @@ AGENT_REQUESTS: dict[str, Any] = {
     "Switch": agent_pb2.SwitchRequest(command=NO_EPOCH),
     "Rollback": agent_pb2.RollbackRequest(command=NO_EPOCH),
     "GetTransaction": agent_pb2.GetTransactionRequest(rollout_id="matrix"),
+    "WatchTransaction": agent_pb2.GetTransactionRequest(rollout_id="matrix"),
     "Freeze": agent_pb2.FreezeRequest(command=NO_EPOCH),
     "Unfreeze": agent_pb2.FreezeRequest(command=NO_EPOCH),
 }
@@ -172,7 +174,10 @@ def invoker(
     stub: Callable[[grpc.Channel], Any], method: str, request: Any
 ) -> Callable[[grpc.Channel], Any]:
     def invoke(channel: grpc.Channel) -> Any:
-        return getattr(stub(channel), method)(request, timeout=10)
+        answer = getattr(stub(channel), method)(request, timeout=10)
+        if method in STREAMS:  # a stream's status comes with reading it
+            return list(answer)
+        return answer
 
     return invoke
 
