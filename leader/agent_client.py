@@ -106,12 +106,13 @@ class AgentClient:
         node: Node,
         credentials: grpc.ChannelCredentials,
         trust_domain: str,
-        on_open: Callable[[AgentClient], None] | None = None,
+        on_change: Callable[[AgentClient], None] | None = None,
     ) -> None:
         self.node = node
         self.credentials = credentials
         self.trust_domain = trust_domain
-        self.on_open = on_open  # the pool hears of every channel opened (its cap)
+        # The pool hears when a channel opens and when the last call on it ends (its cap).
+        self.on_change = on_change
         self.in_flight = 0  # calls and streams on the channel now: it is not closed under them
         self._channel: grpc.aio.Channel | None = None
         self._stub: agent_pb2_grpc.NodeAgentAsyncStub | None = None
@@ -136,8 +137,7 @@ class AgentClient:
                 ],
             )
             self._stub = None
-            if self.on_open is not None:
-                self.on_open(self)
+            self._changed()
         return self._channel
 
     @property
@@ -146,6 +146,16 @@ class AgentClient:
         if self._stub is None:
             self._stub = agent_pb2_grpc.NodeAgentStub(channel)
         return self._stub
+
+    def _changed(self) -> None:
+        if self.on_change is not None:
+            self.on_change(self)
+
+    def _done(self) -> None:
+        """One call or stream fewer on the channel; the pool may close it once idle."""
+        self.in_flight -= 1
+        if not self.in_flight:
+            self._changed()
 
     def close_idle(self) -> asyncio.Task[None] | None:
         """Close the channel if no call is on it (the next call opens a new one); the closing
@@ -166,7 +176,7 @@ class AgentClient:
                 raise TransientError(f"agent {self.node.name}: {exc.details()}") from None
             raise StepFailed(f"{exc.details()} ({exc.code().name})") from None
         finally:
-            self.in_flight -= 1
+            self._done()
 
     async def _call(self, method: Method[T], request: Any) -> T:
         """``_once``, tried again a few times with backoff while it is transient (the channel
@@ -182,7 +192,7 @@ class AgentClient:
                 with attempt:
                     return await self._once(method, request)
         finally:
-            self.in_flight -= 1
+            self._done()
         raise AssertionError("unreachable")  # pragma: no cover - reraise=True
 
     async def get_status(
@@ -258,7 +268,7 @@ class AgentClient:
                     return
                 await asyncio.sleep(POLL_SECONDS)
         finally:
-            self.in_flight -= 1
+            self._done()
 
     async def freeze(self, request: agent_pb2.FreezeRequest) -> agent_pb2.FreezeResponse:
         return await self._call(lambda s: s.Freeze, request)
@@ -308,7 +318,7 @@ class AgentPool:
         ) != (node.addresses, node.agent_port, node.key_pin):
             if client is not None:
                 self._retire(client)
-            client = AgentClient(node, self.credentials, self.trust_domain, self._opened)
+            client = AgentClient(node, self.credentials, self.trust_domain, self._trim)
             self.clients[name] = client
         self._used[name] = None
         self._used.move_to_end(name)
@@ -317,10 +327,12 @@ class AgentPool:
     def open_channels(self) -> int:
         return sum(1 for c in self.clients.values() if c.open)
 
-    def _opened(self, client: AgentClient) -> None:
-        """A client opened its channel: close idle ones beyond the cap, oldest use first."""
-        self._used[client.node.name] = None
-        self._used.move_to_end(client.node.name)
+    def _trim(self, client: AgentClient) -> None:
+        """A client opened its channel or ended its last call: close idle channels beyond the
+        cap, least recently used first (never the one that just opened)."""
+        if client.open and client.in_flight:  # just opened for a call: it is the newest use
+            self._used[client.node.name] = None
+            self._used.move_to_end(client.node.name)
         excess = self.open_channels() - self.max_open
         for name in list(self._used):
             if excess <= 0:

@@ -119,3 +119,28 @@ def test_http_probes_answer_a_string_or_false(loopback: Callable[[], str]) -> No
     assert not httpcheck.port_open(address, 70000)
     assert httpcheck.check_http(address, 70000, APP) is not None
     assert not httpcheck.port_open("not an address", 1)
+
+
+def test_the_leaders_outside_check_passes_servers_that_close_after_replying(
+    loopback: Callable[[], str], issue_cert: Callable[..., IssuedCert]
+) -> None:
+    """``leader.changes.outside_check`` (the confirm step) against a server that closes after
+    its reply: https live with the staged certificate and http closed is confirmed; the other
+    way round too. It used to raise (and the leader retried confirm for ten minutes)."""
+    from leader.changes import outside_check
+
+    address = loopback()
+    cert = issue_cert(address)
+    ca_pem = cert.ca_file.read_bytes()
+    fingerprint = pki.fingerprint(pki.read_cert(cert.cert_file))
+    with tiny_server(address, OK_10) as closed_port:
+        pass  # a port nobody listens on any more
+    for answer in (OK_10, OK_CLOSE, OK_CLOSE_NO_LENGTH):
+        with tiny_server(address, answer, _tls(cert)) as port:
+            live = f"https://{address}:{port}{APP}"
+            gone = f"http://{address}:{closed_port}{APP}"
+            assert outside_check(live, gone, ca_pem, fingerprint) is None
+        with tiny_server(address, answer) as port:
+            live = f"http://{address}:{port}{APP}"
+            gone = f"https://{address}:{closed_port}{APP}"
+            assert outside_check(live, gone, ca_pem) is None
