@@ -16,7 +16,7 @@ NSPAWN := /usr/bin/systemd-nspawn
 PYTEST_ARGS ?= -n auto
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
-.PHONY: fault-matrix test demo lint typecheck proto proto-check pytest bench clean dist man completions
+.PHONY: fault-matrix test demo lint typecheck proto proto-check pytest bench bench-rollout bench-agents bench-schema clean dist man completions
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -97,6 +97,26 @@ fault-matrix: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/run.py
+
+# End to end on N real nodes, with the Ansible baseline in the same run (the bench extra).
+N ?= 10
+RUNS ?= 3
+BENCH_STAMP := $(VENV)/.bench-installed
+$(BENCH_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet -e '.[bench]'
+	touch $(BENCH_STAMP)
+
+bench-rollout: $(BENCH_STAMP)
+	$(PY) -m bench.rollout --nodes $(N) --runs $(RUNS)
+
+# One real leader, 50-500 simulated agents (bench/simagents.py).
+NODES ?= 50,200,500
+bench-agents: $(STAMP)
+	$(PY) -m bench.simagents --nodes $(NODES)
+
+# `tlsroll schema show` with 100 stored rollouts.
+bench-schema: $(STAMP)
+	$(PY) -m bench.schema_show
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache .demo

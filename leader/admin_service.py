@@ -15,11 +15,12 @@ from typing import Any
 
 import grpc
 
+from leader import byo
 from leader.admin_socket import current_caller
 from leader.commands import Commands, RolloutRequest
 from leader.expiry import ExpiryWatch
 from leader.node_check import check_nodes
-from leader.rollout_core import Change, Scope, ScopeKind, Strategy
+from leader.rollout_core import Change, NodeState, Scope, ScopeKind, Strategy
 from leader.schema_store import NodeDetail, RolloutMeta, RolloutRow, SchemaStore
 from leader.schema_view import rollout_view
 from leader.service import ERRORS, LeaderState, claimed_names
@@ -46,6 +47,13 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 MAX_TOKEN_TTL = dt.timedelta(days=7)
 DEFAULT_VIEWER_TTL = dt.timedelta(hours=8)
 MAX_WHEN_QUIET = 30 * 86400
+
+
+def trust_bundle(ca: pki.CertificateAuthority) -> list[Any]:
+    """The CA certificates agents and workstations are given to trust (enrolment, the
+    bootstrap's ``ca_bundle_pem``): today the cluster CA alone. During a CA roll it holds the
+    old and the new CA (docs/ca-renewal.md), and ``tlsroll ca show`` lists both."""
+    return [ca.cert]
 
 
 def _actor(context: Ctx) -> str:
@@ -114,6 +122,13 @@ TRANSITIONAL_WARNINGS = (
     "No new entries can be made at the clients while a node restarts (writes are refused "
     "with 503 during the freeze, so no data is lost).",
 )
+# ``--cert-dir``: the stage and confirm lines of ``CHECKS`` as they are then.
+OWN_CERT_CHECKS = {
+    1: "stage: the certificate and key from --cert-dir sent to the node over mutual TLS, "
+    "checked there (key matches, chain to the practice CA), stored inactive (key 0600)",
+    3: "confirm: the leader checks https from outside trusting only the practice CA "
+    "(ca.crt); workstations enrolling at 9443 get the practice CA",
+}
 CLIENT_STEPS = (
     "Admin -> change server address to the new https address of the node",
     "Test connection; confirm the port prompt for 9443 (or the port shown)",
@@ -152,7 +167,19 @@ def rollout_request(request: admin_pb2.RolloutRequest) -> RolloutRequest:
         freeze=FREEZE.read(request.freeze, "freeze"),
         strategy=strategy,
         undo_rollout_id=request.undo_rollout_id or None,
+        own_certs=own_certs(request.cert_dir) if request.HasField("cert_dir") else None,
     )
+
+
+def own_certs(cert_dir: admin_pb2.CertDir) -> byo.Material:
+    """``--cert-dir`` from the wire (the keys are secrets: into memory, nowhere else)."""
+    nodes: dict[str, byo.NodeMaterial] = {}
+    for n in cert_dir.nodes:
+        if n.node in nodes:
+            raise invalid(f"--cert-dir: node {n.node!r} given twice")
+        mode = n.key_file_mode if n.HasField("key_file_mode") else None
+        nodes[n.node] = byo.NodeMaterial(n.node, n.chain_pem, n.private_key_pem, mode)
+    return byo.Material(cert_dir.ca_pem, nodes)
 
 
 @dataclass(frozen=True)
@@ -215,6 +242,12 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 f"rollout {active.rollout.id} is {active.rollout.state.value}: a new one "
                 "cannot start until it has ended"
             )
+        kept = [r.name for r in nodes if r.state is NodeState.SKIPPED]
+        if request.HasField("cert_dir") and kept:
+            warnings.append(
+                f"{', '.join(kept)} already run(s) https and keep(s) the certificate served "
+                "now; to give them yours: --change rotate-cert --cert-dir DIR"
+            )
         row = RolloutRow(
             rollout,
             RolloutMeta(
@@ -224,14 +257,22 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             ),
             tuple((n, NodeDetail()) for n in nodes),
         )
+        checks = list(TRANSITIONAL_CHECKS if transitional else CHECKS)
+        if request.HasField("cert_dir"):
+            for i, line in OWN_CERT_CHECKS.items():
+                checks[i] = line
         reply = admin_pb2.PlanResponse(
             rollout=rollout_view(row),
-            checks=TRANSITIONAL_CHECKS if transitional else CHECKS,
+            checks=checks,
             client_steps=CLIENT_STEPS,
             warnings=warnings,
         )
         if rollout.change is Change.ENABLE_TLS:
             reply.password_version_in_use = planned.password_in_use
+        for c in planned.certificates:
+            reply.certificates.append(
+                f"{c.node}: {c.subject}, {c.fingerprint}, valid until {c.not_after:%Y-%m-%d}"
+            )
         return reply
 
     @map_errors(ERRORS)
@@ -522,12 +563,28 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     @map_errors(ERRORS)
     async def GetCA(self, request: admin_pb2.GetCARequest, context: Ctx) -> admin_pb2.GetCAResponse:
         ca = self.state.ca.cert
+        now = self.state.clock()
+        bundle = trust_bundle(self.state.ca)
         return admin_pb2.GetCAResponse(
             certificate_pem=self.state.ca.cert_pem,
             fingerprint=pki.fingerprint(ca),
             spki_pin=pki.spki_pin(ca),
             not_after=timestamp(ca.not_valid_after_utc),
             subject=ca.subject.rfc4514_string(),
+            residual_seconds=int((ca.not_valid_after_utc - now).total_seconds()),
+            bundle=[
+                admin_pb2.TrustedCA(
+                    subject=c.subject.rfc4514_string(),
+                    fingerprint=pki.fingerprint(c),
+                    spki_pin=pki.spki_pin(c),
+                    not_before=timestamp(c.not_valid_before_utc),
+                    not_after=timestamp(c.not_valid_after_utc),
+                    residual_seconds=int((c.not_valid_after_utc - now).total_seconds()),
+                    issuing=c == ca,
+                )
+                for c in bundle
+            ],
+            bundle_pem=b"".join(pki.cert_to_pem(c) for c in bundle),
         )
 
     @map_errors(ERRORS)

@@ -14,7 +14,8 @@ status is the agent saying no, ``StepFailed`` (terminal for the step).
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections import OrderedDict
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
 import grpc
@@ -29,6 +30,15 @@ from tlsroll.v1 import agent_pb2, agent_pb2_grpc
 T = TypeVar("T")
 TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 CALL_TIMEOUT = 30.0
+# Open agent channels the pool keeps at most (least recently used idle ones are closed): each
+# costs the leader about two descriptors, so 500 nodes would otherwise need ~1000 of them.
+MAX_OPEN_CHANNELS = 64
+# WatchTransaction: one stream lasts at most this long (a stopped agent sends nothing, and TCP
+# does not tell); it is opened again at once and the agent sends the current state first.
+STREAM_SECONDS = 15.0
+STREAM_ATTEMPTS = 3  # streams in a row that bring nothing before it is a TransientError
+POLL_SECONDS = 0.3  # only for an agent without WatchTransaction (UNIMPLEMENTED)
+Method = Callable[["agent_pb2_grpc.NodeAgentAsyncStub"], Callable[..., Awaitable[T]]]
 RECONNECT_SECONDS = 2.0
 
 
@@ -65,6 +75,10 @@ class AgentApi(Protocol):
         self, request: agent_pb2.GetTransactionRequest
     ) -> agent_pb2.Transaction: ...
 
+    def watch_transaction(
+        self, request: agent_pb2.GetTransactionRequest
+    ) -> AsyncIterator[agent_pb2.Transaction]: ...
+
     async def freeze(self, request: agent_pb2.FreezeRequest) -> agent_pb2.FreezeResponse: ...
 
     async def unfreeze(self, request: agent_pb2.FreezeRequest) -> agent_pb2.FreezeResponse: ...
@@ -87,99 +101,202 @@ class AgentClient:
     that someone serves on this node's address is refused before a command is sent.
     """
 
-    def __init__(self, node: Node, credentials: grpc.ChannelCredentials, trust_domain: str) -> None:
+    def __init__(
+        self,
+        node: Node,
+        credentials: grpc.ChannelCredentials,
+        trust_domain: str,
+        on_open: Callable[[AgentClient], None] | None = None,
+    ) -> None:
         self.node = node
-        target = hostport(node.addresses[0], node.agent_port)
-        self.channel = grpc.aio.secure_channel(
-            target,
-            credentials,
-            options=[
-                ("grpc.ssl_target_name_override", spiffe.key_host(trust_domain, node.key_pin)),
-                *reconnect_options(RECONNECT_SECONDS),  # a returning agent is reached soon
-            ],
-        )
-        self.stub = agent_pb2_grpc.NodeAgentStub(self.channel)
+        self.credentials = credentials
+        self.trust_domain = trust_domain
+        self.on_open = on_open  # the pool hears of every channel opened (its cap)
+        self.in_flight = 0  # calls and streams on the channel now: it is not closed under them
+        self._channel: grpc.aio.Channel | None = None
+        self._stub: agent_pb2_grpc.NodeAgentAsyncStub | None = None
 
-    async def _once(
-        self, method: Callable[..., Awaitable[T]], request: Any, timeout: float = CALL_TIMEOUT
-    ) -> T:
+    @property
+    def open(self) -> bool:
+        return self._channel is not None
+
+    @property
+    def channel(self) -> grpc.aio.Channel:
+        """The channel, opened on first use and again after the pool closed it as idle."""
+        if self._channel is None:
+            self._channel = grpc.aio.secure_channel(
+                hostport(self.node.addresses[0], self.node.agent_port),
+                self.credentials,
+                options=[
+                    (
+                        "grpc.ssl_target_name_override",
+                        spiffe.key_host(self.trust_domain, self.node.key_pin),
+                    ),
+                    *reconnect_options(RECONNECT_SECONDS),  # a returning agent is reached soon
+                ],
+            )
+            self._stub = None
+            if self.on_open is not None:
+                self.on_open(self)
+        return self._channel
+
+    @property
+    def stub(self) -> agent_pb2_grpc.NodeAgentAsyncStub:
+        channel = self.channel
+        if self._stub is None:
+            self._stub = agent_pb2_grpc.NodeAgentStub(channel)
+        return self._stub
+
+    def close_idle(self) -> asyncio.Task[None] | None:
+        """Close the channel if no call is on it (the next call opens a new one); the closing
+        task, or None if it is busy or closed already."""
+        if self._channel is None or self.in_flight:
+            return None
+        channel, self._channel, self._stub = self._channel, None, None
+        return asyncio.create_task(channel.close(None), name="close-idle-agent-channel")
+
+    async def _once(self, method: Method[T], request: Any, timeout: float = CALL_TIMEOUT) -> T:
         """One call: UNAVAILABLE or DEADLINE_EXCEEDED is a TransientError, any other status the
         agent saying no (StepFailed)."""
+        self.in_flight += 1
         try:
-            return await method(request, timeout=timeout)
+            return await method(self.stub)(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
             if exc.code() in TRANSIENT_CODES:
                 raise TransientError(f"agent {self.node.name}: {exc.details()}") from None
             raise StepFailed(f"{exc.details()} ({exc.code().name})") from None
+        finally:
+            self.in_flight -= 1
 
-    async def _call(self, method: Callable[..., Awaitable[T]], request: Any) -> T:
-        """``_once``, tried again a few times with backoff while it is transient."""
-        async for attempt in AsyncRetrying(
-            retry=retry_if_exception_type(TransientError),
-            wait=wait_exponential(multiplier=0.2, max=2),
-            stop=stop_after_attempt(4),
-            reraise=True,
-        ):
-            with attempt:
-                return await self._once(method, request)
+    async def _call(self, method: Method[T], request: Any) -> T:
+        """``_once``, tried again a few times with backoff while it is transient (the channel
+        counts as busy between the tries too)."""
+        self.in_flight += 1
+        try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type(TransientError),
+                wait=wait_exponential(multiplier=0.2, max=2),
+                stop=stop_after_attempt(4),
+                reraise=True,
+            ):
+                with attempt:
+                    return await self._once(method, request)
+        finally:
+            self.in_flight -= 1
         raise AssertionError("unreachable")  # pragma: no cover - reraise=True
 
     async def get_status(
         self, request: agent_pb2.GetStatusRequest, timeout: float = CALL_TIMEOUT
     ) -> agent_pb2.NodeStatus:
         """One try with ``timeout``: what the node runs now (no retries; callers decide)."""
-        return await self._once(self.stub.GetStatus, request, timeout)
+        return await self._once(lambda s: s.GetStatus, request, timeout)
 
     async def check(
         self, request: agent_pb2.CheckRequest, timeout: float = CALL_TIMEOUT
     ) -> agent_pb2.PreflightResponse:
         """Preflight's checks, read-only (one try, like ``get_status``)."""
-        return await self._once(self.stub.Check, request, timeout)
+        return await self._once(lambda s: s.Check, request, timeout)
 
     async def preflight(self, request: agent_pb2.PreflightRequest) -> agent_pb2.PreflightResponse:
-        return await self._call(self.stub.Preflight, request)
+        return await self._call(lambda s: s.Preflight, request)
 
     async def create_csr(self, request: agent_pb2.CreateCSRRequest) -> agent_pb2.CreateCSRResponse:
-        return await self._call(self.stub.CreateCSR, request)
+        return await self._call(lambda s: s.CreateCSR, request)
 
     async def stage(self, request: agent_pb2.StageRequest) -> agent_pb2.StageResponse:
-        return await self._call(self.stub.Stage, request)
+        return await self._call(lambda s: s.Stage, request)
 
     async def switch(self, request: agent_pb2.SwitchRequest) -> agent_pb2.Transaction:
-        return await self._call(self.stub.Switch, request)
+        return await self._call(lambda s: s.Switch, request)
 
     async def rollback(self, request: agent_pb2.RollbackRequest) -> agent_pb2.Transaction:
-        return await self._call(self.stub.Rollback, request)
+        return await self._call(lambda s: s.Rollback, request)
 
     async def get_transaction(
         self, request: agent_pb2.GetTransactionRequest
     ) -> agent_pb2.Transaction:
-        return await self._call(self.stub.GetTransaction, request)
+        return await self._call(lambda s: s.GetTransaction, request)
+
+    async def watch_transaction(
+        self, request: agent_pb2.GetTransactionRequest
+    ) -> AsyncIterator[agent_pb2.Transaction]:
+        """Each state of the transaction as the agent journals it, the current one first, until
+        it has an outcome (``NodeAgent.WatchTransaction``: the leader hears of a step when it
+        happens, no poll interval). A stream that breaks or brings nothing for
+        ``STREAM_SECONDS`` is opened again with backoff; ``STREAM_ATTEMPTS`` such streams in a
+        row are a ``TransientError``. Another status is ``StepFailed``. An agent without the
+        stream (UNIMPLEMENTED: an older version) is asked with GetTransaction every
+        ``POLL_SECONDS`` instead."""
+        failures = 0
+        self.in_flight += 1
+        try:
+            while True:
+                call = self.stub.WatchTransaction(request, timeout=STREAM_SECONDS)
+                try:
+                    async for txn in call:
+                        failures = 0
+                        yield txn
+                        if txn.outcome != agent_pb2.TRANSACTION_OUTCOME_PENDING:
+                            return
+                    error = TransientError(f"agent {self.node.name}: the stream ended early")
+                except grpc.aio.AioRpcError as exc:
+                    if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
+                        break
+                    if exc.code() not in TRANSIENT_CODES:
+                        raise StepFailed(f"{exc.details()} ({exc.code().name})") from None
+                    error = TransientError(f"agent {self.node.name}: {exc.details()}")
+                finally:
+                    call.cancel()
+                failures += 1
+                if failures >= STREAM_ATTEMPTS:
+                    raise error
+                await asyncio.sleep(min(2.0, 0.1 * 2**failures))
+            while True:
+                txn = await self.get_transaction(request)
+                yield txn
+                if txn.outcome != agent_pb2.TRANSACTION_OUTCOME_PENDING:
+                    return
+                await asyncio.sleep(POLL_SECONDS)
+        finally:
+            self.in_flight -= 1
 
     async def freeze(self, request: agent_pb2.FreezeRequest) -> agent_pb2.FreezeResponse:
-        return await self._call(self.stub.Freeze, request)
+        return await self._call(lambda s: s.Freeze, request)
 
     async def unfreeze(self, request: agent_pb2.FreezeRequest) -> agent_pb2.FreezeResponse:
-        return await self._call(self.stub.Unfreeze, request)
+        return await self._call(lambda s: s.Unfreeze, request)
 
     async def close(self) -> None:
-        await self.channel.close(None)
+        if self._channel is not None:
+            channel, self._channel, self._stub = self._channel, None, None
+            await channel.close(None)
 
 
 class AgentPool:
     """One client per enrolled node, made on first use and again if its address or key
     changed (an agent that renewed its certificate is dialled by its new key at once). The
     client it replaces is closed only after ``CALL_TIMEOUT``: a call in flight on it ends as
-    it would have."""
+    it would have.
+
+    Open channels are bounded: past ``max_open``, the least recently used idle ones are closed
+    (their clients open a new channel on their next call), so the leader's descriptors do not
+    grow with the number of nodes. A busy channel is never closed under a call."""
 
     def __init__(
-        self, store: Store, credentials: grpc.ChannelCredentials, trust_domain: str
+        self,
+        store: Store,
+        credentials: grpc.ChannelCredentials,
+        trust_domain: str,
+        max_open: int = MAX_OPEN_CHANNELS,
     ) -> None:
         self.store = store
         self.credentials = credentials
         self.trust_domain = trust_domain
+        self.max_open = max_open
         self.clients: dict[str, AgentClient] = {}
+        self._used: OrderedDict[str, None] = OrderedDict()  # least recently used first
         self._retiring: dict[AgentClient, asyncio.Task[None]] = {}
+        self._closing: set[asyncio.Task[None]] = set()
 
     async def get(self, name: str) -> AgentClient:
         node = await asyncio.to_thread(self.store.get_node, name)
@@ -191,14 +308,45 @@ class AgentPool:
         ) != (node.addresses, node.agent_port, node.key_pin):
             if client is not None:
                 self._retire(client)
-            client = AgentClient(node, self.credentials, self.trust_domain)
+            client = AgentClient(node, self.credentials, self.trust_domain, self._opened)
             self.clients[name] = client
+        self._used[name] = None
+        self._used.move_to_end(name)
         return client
+
+    def open_channels(self) -> int:
+        return sum(1 for c in self.clients.values() if c.open)
+
+    def _opened(self, client: AgentClient) -> None:
+        """A client opened its channel: close idle ones beyond the cap, oldest use first."""
+        self._used[client.node.name] = None
+        self._used.move_to_end(client.node.name)
+        excess = self.open_channels() - self.max_open
+        for name in list(self._used):
+            if excess <= 0:
+                break
+            other = self.clients.get(name)
+            if other is None or other is client:
+                continue
+            task = other.close_idle()
+            if task is not None:
+                excess -= 1
+                self._closing.add(task)
+                task.add_done_callback(self._closing.discard)
+
+    def set_credentials(self, credentials: grpc.ChannelCredentials) -> None:
+        """Dial with ``credentials`` from now on (the leader's certificate was renewed): every
+        client is made again on its next use; the old ones close after ``CALL_TIMEOUT``."""
+        self.credentials = credentials
+        for client in self.clients.values():
+            self._retire(client)
+        self.clients.clear()
+        self._used.clear()
 
     def _retire(self, client: AgentClient) -> None:
         async def close_later() -> None:
             try:
-                await client.channel.close(CALL_TIMEOUT)
+                await client.channel.close(CALL_TIMEOUT) if client.open else None
             finally:
                 self._retiring.pop(client, None)
 
@@ -208,6 +356,8 @@ class AgentPool:
         for client in [*self.clients.values(), *self._retiring]:
             await client.close()  # ends the grace of a retired one too
         self.clients.clear()
+        self._used.clear()
         for task in list(self._retiring.values()):
             task.cancel()
         self._retiring.clear()
+        await asyncio.gather(*self._closing, return_exceptions=True)

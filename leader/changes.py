@@ -32,6 +32,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from leader import byo
 from leader.agent_client import AgentApi, StepFailed
 from leader.planner import confirm_success
 from leader.rollout_core import (
@@ -56,7 +57,6 @@ log = logs.get_logger(__name__)
 
 Outcome = tuple[NodeEvent, str | None]
 MAX_CLOCK_OFFSET = 120
-POLL_SECONDS = 0.3
 
 
 @dataclass(frozen=True)
@@ -72,6 +72,7 @@ class StepContext:
     ca: pki.CertificateAuthority
     clock: Callable[[], dt.datetime]
     sleep: Callable[[float], Any] = asyncio.sleep
+    vault: byo.Vault | None = None  # ``--cert-dir`` keys (``leader.byo``)
 
     def command(self, rollout_id: str | None = None) -> agent_pb2.Command:
         return agent_pb2.Command(rollout_id=rollout_id or self.rollout.id, epoch=self.rollout.epoch)
@@ -115,7 +116,11 @@ class ChangeSteps:
         return NodeEvent.PREFLIGHT_PASSED, None
 
     async def stage(self, ctx: StepContext) -> Outcome:
-        """A new key made on the node, its CSR signed by the CA, the certificate stored there."""
+        """A new key made on the node, its CSR signed by the CA, the certificate stored there
+        (``--cert-dir``: the practice's own certificate and key instead, ``stage_own``)."""
+        own_ca = await asyncio.to_thread(ctx.schema.own_ca, ctx.rollout.id)
+        if own_ca is not None:
+            return await self.stage_own(ctx, own_ca)
         node = await asyncio.to_thread(ctx.store.get_node, ctx.node)
         try:
             csr_reply = await ctx.agent.create_csr(
@@ -149,6 +154,42 @@ class ChangeSteps:
             )
         except (StepFailed, PKIError) as exc:
             return NodeEvent.STAGE_FAILED, str(exc)
+        await ctx.detail(
+            cert_fingerprint=staged.fingerprint,
+            cert_not_after=staged.not_after.ToDatetime(tzinfo=dt.UTC),
+        )
+        return NodeEvent.STAGE_DONE, None
+
+    async def stage_own(self, ctx: StepContext, own_ca: bytes) -> Outcome:
+        """``--cert-dir``: the node's certificate and key from the leader's memory to the
+        agent (mutual TLS), which checks them again and stores them inactive, then the key is
+        forgotten here. A leader that restarted since the rollout started has no key: the
+        node fails its stage, unchanged, and the reason says what to do."""
+        item = ctx.vault.get(ctx.rollout.id, ctx.node) if ctx.vault is not None else None
+        if item is None:
+            return NodeEvent.STAGE_FAILED, (
+                f"the leader holds no key from --cert-dir for {ctx.node} (keys are kept in "
+                "memory only, and the leader restarted since the rollout started); nothing "
+                f"changed on {ctx.node}: start again with tlsroll rollout start --change "
+                f"{self.change.value} --nodes {ctx.node} --cert-dir DIR"
+            )
+        try:
+            staged = await ctx.agent.stage(
+                agent_pb2.StageRequest(
+                    command=ctx.command(),
+                    certificate_pem=byo.chain_pem(item),
+                    # The cluster CA too: it signs the workstations' client certificates.
+                    ca_certificate_pem=own_ca + ctx.ca.cert_pem,
+                    private_key_pem=item.key_pem,
+                    own_certificate=True,
+                )
+            )
+        except (StepFailed, PKIError) as exc:
+            assert ctx.vault is not None
+            ctx.vault.drop(ctx.rollout.id, ctx.node)
+            return NodeEvent.STAGE_FAILED, str(exc)
+        assert ctx.vault is not None
+        ctx.vault.drop(ctx.rollout.id, ctx.node)
         await ctx.detail(
             cert_fingerprint=staged.fingerprint,
             cert_not_after=staged.not_after.ToDatetime(tzinfo=dt.UTC),
@@ -216,8 +257,13 @@ class ChangeSteps:
             live, closed = detail.new_url, detail.old_url
         else:
             live, closed = detail.old_url, detail.new_url
+        # ``--cert-dir``: this rollout's practice CA only; any other rollout: the cluster CA
+        # and the practice CAs earlier ones installed (what the workstations were handed).
+        trusted = await asyncio.to_thread(ctx.schema.own_ca, ctx.rollout.id)
+        if trusted is None:
+            trusted = ctx.ca.cert_pem + await asyncio.to_thread(ctx.schema.own_cas)
         return await asyncio.to_thread(
-            outside_check, live, closed, ctx.ca.cert_pem, detail.cert_fingerprint
+            outside_check, live, closed, trusted, detail.cert_fingerprint
         )
 
 
@@ -321,32 +367,34 @@ def switch_event(outcome: TxnOutcome) -> NodeEvent:
 async def wait_transaction(
     ctx: StepContext, txn_rollout_id: str, kind: TxnKind
 ) -> tuple[TxnOutcome, str]:
-    """Poll the agent's transaction (keyed by ``txn_rollout_id``) until it ends, recording its
-    timings on this rollout's node; return its outcome and reason.
+    """Follow the agent's transaction (keyed by ``txn_rollout_id``) until it ends, recording its
+    timings on this rollout's node when they change; return its outcome and reason.
 
-    The transaction is under way: an error while reading it says nothing about how it ends,
-    so it is a ``TransientError`` (the step runs again; the agent replays the transaction),
-    never an outcome."""
-    while True:
-        try:
-            txn = await ctx.agent.get_transaction(
-                agent_pb2.GetTransactionRequest(rollout_id=txn_rollout_id, kind=TXN_KIND.wire(kind))
-            )
-        except StepFailed as exc:
-            raise TransientError(f"reading the {kind.value} transaction: {exc}") from None
-        details: dict[str, Any] = {"restart_seconds": txn.restart_seconds}
-        # With --freeze scope the node's window is the scope freeze's (the engine records it),
-        # not the shorter one of the transaction inside it.
-        own_window = ctx.rollout.freeze is not FreezeMode.SCOPE
-        if own_window and txn.HasField("freeze_started_at"):
-            details["freeze_started_at"] = txn.freeze_started_at.ToDatetime(tzinfo=dt.UTC)
-        if own_window and txn.HasField("freeze_ended_at"):
-            details["freeze_ended_at"] = txn.freeze_ended_at.ToDatetime(tzinfo=dt.UTC)
-        await ctx.detail(**details)
-        outcome = TXN_OUTCOME.read(txn.outcome, "transaction.outcome")
-        if outcome is not TxnOutcome.PENDING:
-            return outcome, txn.reason
-        await ctx.sleep(POLL_SECONDS)
+    The agent streams each state as it journals it (``AgentApi.watch_transaction``), so the
+    outcome is known when it happens, not at the next poll. The transaction is under way: an
+    error while reading it says nothing about how it ends, so it is a ``TransientError`` (the
+    step runs again; the agent replays the transaction), never an outcome."""
+    request = agent_pb2.GetTransactionRequest(rollout_id=txn_rollout_id, kind=TXN_KIND.wire(kind))
+    recorded: dict[str, Any] | None = None
+    try:
+        async for txn in ctx.agent.watch_transaction(request):
+            details: dict[str, Any] = {"restart_seconds": txn.restart_seconds}
+            # With --freeze scope the node's window is the scope freeze's (the engine records
+            # it), not the shorter one of the transaction inside it.
+            own_window = ctx.rollout.freeze is not FreezeMode.SCOPE
+            if own_window and txn.HasField("freeze_started_at"):
+                details["freeze_started_at"] = txn.freeze_started_at.ToDatetime(tzinfo=dt.UTC)
+            if own_window and txn.HasField("freeze_ended_at"):
+                details["freeze_ended_at"] = txn.freeze_ended_at.ToDatetime(tzinfo=dt.UTC)
+            if details != recorded:  # nothing is written when nothing changed
+                await ctx.detail(**details)
+                recorded = details
+            outcome = TXN_OUTCOME.read(txn.outcome, "transaction.outcome")
+            if outcome is not TxnOutcome.PENDING:
+                return outcome, txn.reason
+    except StepFailed as exc:
+        raise TransientError(f"reading the {kind.value} transaction: {exc}") from None
+    raise TransientError(f"the {kind.value} transaction's states ended without an outcome")
 
 
 def dual_check(https_url: str, http_url: str, ca_pem: bytes, fingerprint: str = "") -> str | None:

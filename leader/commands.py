@@ -17,11 +17,11 @@ import asyncio
 import datetime as dt
 import secrets
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
-from leader import planner
+from leader import byo, planner
 from leader.rollout_core import (
     Change,
     Client,
@@ -42,6 +42,7 @@ from leader.schema_view import still_on_http_now
 from leader.store import Store
 from tlsroll import logs, password
 from tlsroll.errors import TerminalError
+from tlsroll.pki import Names
 
 log = logs.get_logger(__name__)
 
@@ -68,6 +69,8 @@ class RolloutRequest:
     # finalize: the transitional rollout whose phase 2 it is; --when-quiet in seconds.
     finalizes: str = ""
     when_quiet: int = 0
+    # enable-tls, rotate-cert: the practice's own certificates (``--cert-dir``; ``leader.byo``).
+    own_certs: byo.Material | None = field(default=None, repr=False)
 
 
 @dataclass(frozen=True)
@@ -78,6 +81,8 @@ class Planned:
     rollout: Rollout
     records: tuple[NodeRecord, ...]
     password_in_use: int = 0
+    # ``--cert-dir``: the node certificates that passed every check.
+    certificates: tuple[byo.Accepted, ...] = ()
 
 
 class StillOnHttp(TerminalError):
@@ -134,9 +139,17 @@ class Commands:
         leader_node: str | None,
         wake: Callable[[], None],
         observe: Callable[[Sequence[str]], Awaitable[dict[str, NodeObservation]]] | None = None,
+        *,
+        vault: byo.Vault | None = None,
+        cert_horizon: dt.timedelta = dt.timedelta(days=30),
     ) -> None:
         """``observe``: asks the named nodes' agents what they run (``leader.observe``); rollouts
-        are planned from it. None (tests of the bookkeeping only): plans from records alone."""
+        are planned from it. None (tests of the bookkeeping only): plans from records alone.
+        ``vault``: where a ``--cert-dir`` rollout's keys wait for its stage steps (the
+        engine's); ``cert_horizon``: how long such certificates must still be valid
+        (``expiry_warning_days``)."""
+        self.vault = vault if vault is not None else byo.Vault()
+        self.cert_horizon = cert_horizon
         self.store = store
         self.observe = observe
         self.schema = schema
@@ -203,6 +216,8 @@ class Commands:
                 "scope local needs the leader node's name: set node_name in leader.toml"
             )
         online, seen = await self._observe_all()
+        if seen and request.change is Change.ENABLE_TLS:
+            seen = await self._own_certs_count(seen)
         if seen is None and undone is not None:
             raise undone  # nothing observed: what was taken back is all there is to go by
         digests = await self._digests()
@@ -233,7 +248,53 @@ class Commands:
             if undone is not None:
                 raise undone from None
             raise
-        return Planned(rollout, records, in_use)
+        certificates: tuple[byo.Accepted, ...] = ()
+        if request.own_certs is not None:
+            certificates = await self._check_own_certs(request, records, seen or {})
+        return Planned(rollout, records, in_use, certificates)
+
+    async def _own_certs_count(
+        self, seen: dict[str, NodeObservation]
+    ) -> dict[str, NodeObservation]:
+        """A node on https with the certificate a ``--cert-dir`` rollout gave it is as done
+        for enable-tls as one with the cluster CA's: a later enable-tls must not put it back
+        on the cluster CA's (that takes rotate-cert, said plainly)."""
+        installed = await asyncio.to_thread(self.schema.own_fingerprints)
+        return {
+            name: replace(o, cert_from_ca=True) if o.cert_fingerprint in installed else o
+            for name, o in seen.items()
+        }
+
+    async def _check_own_certs(
+        self,
+        request: RolloutRequest,
+        records: Sequence[NodeRecord],
+        seen: dict[str, NodeObservation],
+    ) -> tuple[byo.Accepted, ...]:
+        """``--cert-dir``: every node the rollout touches has a certificate and key that pass
+        every check (``leader.byo``), before any node is touched; else ``byo.Refused`` with
+        one line per problem."""
+        material = request.own_certs
+        assert material is not None
+        if request.change not in (Change.ENABLE_TLS, Change.ROTATE_CERT):
+            raise planner.PlanError("--cert-dir goes with enable-tls or rotate-cert")
+        touched = [r.name for r in records if r.state is not NodeState.SKIPPED]
+        expected = {}
+        for name in touched:
+            node = await asyncio.to_thread(self.store.get_node, name)
+            names = Names.of(node.name, node.addresses, node.dns_names)
+            live = seen[name].cert_fingerprint if name in seen else ""
+            expected[name] = byo.Expected(names, live)
+        problems = byo.validate(
+            material,
+            expected,
+            now=self.clock(),
+            horizon=self.cert_horizon,
+            rotate=request.change is Change.ROTATE_CERT,
+        )
+        if problems:
+            raise byo.Refused(problems)
+        return tuple(byo.accepted(material, touched))
 
     async def start(self, request: RolloutRequest, actor: str) -> RolloutRow:
         request, undoes, undone = await self._resolve(request)
@@ -262,14 +323,26 @@ class Commands:
             finalizes=request.finalizes,
             when_quiet=request.when_quiet,
         )
-        row = await asyncio.to_thread(
-            self.schema.create,
-            rollout,
-            nodes,
-            meta,
-            now,
-            request.auth_verifier_json if auth.add_new else None,
-        )
+        own = request.own_certs
+        if own is not None:  # before the rollout exists: its steps find it from the start
+            await asyncio.to_thread(self.schema.set_own_ca, rollout.id, byo.ca_bundle(own))
+        try:
+            row = await asyncio.to_thread(
+                self.schema.create,
+                rollout,
+                nodes,
+                meta,
+                now,
+                request.auth_verifier_json if auth.add_new else None,
+                # A way back takes a switch back once (a retry goes on with the same one).
+                takes_back_once=rollout.change is Change.DISABLE_TLS and not request.retry_of,
+            )
+        except BaseException:
+            if own is not None:
+                await asyncio.to_thread(self.schema.drop_own_ca, rollout.id)
+            raise
+        if own is not None:  # the keys in memory only, until each node has staged its own
+            self.vault.put(rollout.id, own.nodes)
         log.info(
             "rollout.started",
             rollout_id=rollout.id,
@@ -277,6 +350,7 @@ class Commands:
             scope=rollout.scope.kind.value,
             order=list(rollout.order),
             already_done=[r.name for r in nodes if r.state is NodeState.SKIPPED],
+            own_certificates=request.own_certs is not None,
             epoch=rollout.epoch,
             actor=actor,
             retry_of=request.retry_of or None,
@@ -298,6 +372,12 @@ class Commands:
             )
         finished = (NodeState.DONE, NodeState.DUAL)
         left = tuple(r.name for r in row.records if r.state not in finished)
+        if await asyncio.to_thread(self.schema.own_ca, old.id) is not None:
+            raise NotRetriable(
+                f"rollout {old.id} used certificates from --cert-dir, whose keys the leader "
+                f"does not keep; start again: tlsroll rollout start --change {old.change.value} "
+                f"--nodes {','.join(left)} --cert-dir DIR"
+            )
         request = RolloutRequest(
             change=old.change,
             scope=Scope.of_nodes(left),

@@ -9,11 +9,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from leader.layout import Layout
-from tlsroll import logs
-from tlsroll.config import ConfigFile
+from leader.maintenance import Window, WindowError, parse_window
+from tlsroll import logs, pki
+from tlsroll.config import ConfigFile, Section
 from tlsroll.defaults import CONTROL_PORT, JOIN_PORT, VIEWER_PORT
 
 AGENT_CERT_LIFETIME = 30 * 86400  # seconds; see LeaderConfig.agent_cert_lifetime
+SERVER_CERT_LIFETIME = pki.LEAF_VALIDITY_DAYS * 86400  # seconds; under Apple's 398 days
+EXPIRY_CHECK_INTERVAL = 3600  # seconds
 
 
 @dataclass(frozen=True)
@@ -44,12 +47,26 @@ class LeaderConfig:
     agent_cert_lifetime: int = AGENT_CERT_LIFETIME
     # Days before its end that a server, leader, viewer or workstation certificate is warned
     # about (`tlsroll certs check-expiration`, the leader's log, the schema).
-    expiry_warning_days: int = 30
+    expiry_warning_days: float = 30
     # Seconds a preflight may go without an answer before the node fails with "agent
     # unreachable" (a stage: twice that); see leader.engine.
     step_deadline: int = 30
+    # Pipelining: how many nodes beyond --max-parallel are preflighted and staged while others
+    # switch (nothing live changes on them; they still switch one after another, in order).
+    # 0: a node starts only once one has ended, as the seed did.
+    prepare_ahead: int = 0
     # debug | info | warning | error (``tlsroll-leader --log-level`` wins over it).
     log_level: str = "info"
+    # How long a node's https (8443) certificate lives, in seconds (default 397 days, under
+    # the 398 Apple's clients accept). Tests set a few minutes.
+    server_cert_lifetime: int = SERVER_CERT_LIFETIME
+    # Start a rotate-cert rollout by itself for the nodes whose server certificate is within
+    # ``expiry_warning_days``, but only inside ``maintenance_window`` (leader.maintenance).
+    auto_rotate: bool = False
+    maintenance_window: Window | None = None
+    # Seconds between two checks of the expiry watch (at most this; agent certificates that
+    # live shorter than 10 h are checked more often). Tests set a second.
+    expiry_check_interval: int = EXPIRY_CHECK_INTERVAL
 
     @classmethod
     def load(cls, path: Path) -> LeaderConfig:
@@ -74,9 +91,56 @@ class LeaderConfig:
             agent_cert_lifetime=s.integer(
                 "agent_cert_lifetime", AGENT_CERT_LIFETIME, lo=60, hi=397 * 86400
             ),
-            expiry_warning_days=s.integer("expiry_warning_days", 30, lo=1, hi=365),
+            expiry_warning_days=_warning_days(s),
             step_deadline=s.integer("step_deadline", 30, lo=1, hi=3600),
+            prepare_ahead=s.integer("prepare_ahead", 0, lo=0, hi=64),
             log_level=logs.config_level(s),
+            server_cert_lifetime=s.integer(
+                "server_cert_lifetime", SERVER_CERT_LIFETIME, lo=60, hi=SERVER_CERT_LIFETIME
+            ),
+            auto_rotate=s.flag("auto_rotate", False),
+            maintenance_window=_window(s),
+            expiry_check_interval=s.integer(
+                "expiry_check_interval", EXPIRY_CHECK_INTERVAL, lo=1, hi=86400
+            ),
         )
+        if config.auto_rotate and config.maintenance_window is None:
+            raise s.error(
+                "auto_rotate",
+                "needs maintenance_window, when the servers may be restarted, e.g. "
+                'maintenance_window = "Sat 02:00-05:00"',
+            )
+        if config.expiry_warning_days * 86400 >= config.server_cert_lifetime:
+            raise s.error(
+                "expiry_warning_days",
+                f"{config.expiry_warning_days:g} days is not shorter than server_cert_lifetime "
+                f"({config.server_cert_lifetime} s): every server certificate would be due "
+                "from the day it is issued",
+            )
         cfg.finish()  # a key or table not read above is a typo: an error, not a default
         return config
+
+
+def _warning_days(s: Section) -> float:
+    """``expiry_warning_days``: whole days (1-365); a fraction of a day (> 0) is accepted for
+    tests with certificates that live minutes."""
+    if s.has("expiry_warning_days") and isinstance(s.data["expiry_warning_days"], float):
+        value = float(s.data["expiry_warning_days"])
+        if not 0 < value <= 365:
+            raise s.error("expiry_warning_days", f"must be between 0 and 365, got {value}")
+        return value
+    return float(s.integer("expiry_warning_days", 30, lo=1, hi=365))
+
+
+def _window(s: Section) -> Window | None:
+    if not s.has("maintenance_window"):
+        return None
+    raw = s.data["maintenance_window"]
+    if isinstance(raw, str):
+        value: str | list[str] = raw
+    else:
+        value = s.str_list("maintenance_window")
+    try:
+        return parse_window(value)
+    except WindowError as exc:
+        raise s.error("maintenance_window", str(exc)) from None

@@ -25,6 +25,7 @@ import grpc
 from leader.admin_service import AdminService, Endpoints
 from leader.admin_socket import AdminRelay
 from leader.agent_client import AgentPool
+from leader.auto_rotate import AutoRotator
 from leader.commands import Commands
 from leader.config import LeaderConfig
 from leader.db import RELEARN_WINDOW, check_store, mark_store
@@ -39,6 +40,7 @@ from leader.layout import (
     upgrade_ca_key,
 )
 from leader.observe import observe
+from leader.own_tls import OwnTls
 from leader.schema_store import SchemaStore
 from leader.schema_view import SchemaViewService
 from leader.service import EnrolmentService, LeaderService, LeaderState
@@ -91,6 +93,7 @@ def load_state(cfg: LeaderConfig, *, reinitialise: bool = False) -> LeaderState:
         check_private_file(secret)
     passphrase = read_passphrase(source, credential=credential)
     ca = pki.CertificateAuthority.load(layout.ca_cert, layout.ca_key, passphrase)
+    ca.csr_lifetime = dt.timedelta(seconds=cfg.server_cert_lifetime)  # the nodes' https
     if credential and cfg.ca_passphrase_file.exists():
         log.warning(
             "ca.passphrase_file_left",
@@ -135,12 +138,10 @@ def load_state(cfg: LeaderConfig, *, reinitialise: bool = False) -> LeaderState:
 async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     stop = stop_event()
     layout = cfg.layout
-    key_pem = layout.tls_key.read_bytes()
-    chain_pem = layout.tls_cert.read_bytes()
-    join_creds = grpc.ssl_server_credentials([(key_pem, chain_pem)], require_client_auth=False)
-    control_creds = grpc.ssl_server_credentials(
-        [(key_pem, chain_pem)], root_certificates=state.ca.cert_pem, require_client_auth=True
-    )
+    names = state.leader_names or pki.Names.of(LEADER_NAME, [cfg.address], cfg.dns_names)
+    own = OwnTls(layout, state.ca, names)  # renewed and served while running
+    join_creds = own.join_credentials()
+    control_creds = own.control_credentials()
 
     join = grpc.aio.server(options=SERVER_OPTIONS)
     enrolment = EnrolmentService(state)
@@ -157,9 +158,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     relay = AdminRelay(cfg.admin_socket)  # the caller from SO_PEERCRED (leader.admin_socket)
     admin = grpc.aio.server(interceptors=[relay.interceptor()])
     schema = SchemaStore(state.store.db)  # one Database for the file (leader.db)
-    agent_credentials = grpc.ssl_channel_credentials(
-        root_certificates=state.ca.cert_pem, private_key=key_pem, certificate_chain=chain_pem
-    )
+    agent_credentials = own.channel_credentials()
     agents = AgentPool(state.store, agent_credentials, state.trust_domain)
     engine = Engine(
         state.store,
@@ -169,6 +168,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         state.clock,
         cfg.scope_freeze_lease,
         step_deadline=cfg.step_deadline,
+        prepare_ahead=cfg.prepare_ahead,
     )
     commands = Commands(
         state.store,
@@ -178,6 +178,8 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         cfg.node_name,
         engine.wake.set,
         observe=functools.partial(observe, agents, ca=state.ca.cert),
+        vault=engine.vault,
+        cert_horizon=dt.timedelta(days=cfg.expiry_warning_days),
     )
     viewer = Viewer.build(cfg, state, schema) if cfg.viewer_port else None
     expiry = ExpiryWatch(
@@ -190,24 +192,35 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         state.clock,
         warning_days=cfg.expiry_warning_days,
         agent_lifetime=state.agent_cert_lifetime,
+        check_every=cfg.expiry_check_interval,
     )
     if viewer is not None:
         expiry.before_check.append(viewer.renew_if_due)  # renewed while the leader runs
-    admin_pb2_grpc.add_AdminServicer_to_server(
-        AdminService(
-            state,
-            commands,
-            schema,
-            cfg.node_name,
-            viewer_url=viewer.url if viewer else "",
-            expiry=expiry,
-            endpoints=Endpoints(cfg.address, cfg.join_port, cfg.control_port),
-            agent_credentials=agent_credentials,
-        ),
-        admin,
+    rotator = AutoRotator(
+        expiry, schema, commands, enabled=cfg.auto_rotate, window=cfg.maintenance_window
     )
+    expiry.before_check.append(rotator.check)  # auto_rotate: in the maintenance window
+    admin_service = AdminService(
+        state,
+        commands,
+        schema,
+        cfg.node_name,
+        viewer_url=viewer.url if viewer else "",
+        expiry=expiry,
+        endpoints=Endpoints(cfg.address, cfg.join_port, cfg.control_port),
+        agent_credentials=agent_credentials,
+    )
+    admin_pb2_grpc.add_AdminServicer_to_server(admin_service, admin)
+
+    def redial(_chain: bytes) -> None:
+        credentials = own.channel_credentials()
+        agents.set_credentials(credentials)
+        admin_service.agent_credentials = credentials
+
+    own.on_renewed.append(redial)
+    expiry.before_check.insert(0, own.renew_if_due)  # the leader's certificate, while it runs
     schema_pb2_grpc.add_SchemaViewServicer_to_server(
-        SchemaViewService(schema, state.clock, expiry), admin
+        SchemaViewService(schema, state.clock, expiry, rotator.status.view), admin
     )
     await add_standard_services(
         admin, [_service(admin_pb2, "Admin"), _service(schema_pb2, "SchemaView")]

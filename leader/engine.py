@@ -44,13 +44,14 @@ from typing import Any
 
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
-from leader import planner
+from leader import byo, planner
 from leader.agent_client import Agents, StepFailed
 from leader.changes import Outcome, StepContext, strategy_for
 from leader.rollout_core import (
     CHANGES,
     FAILED_NODE_STATES,
     STEP_FOR_STATE,
+    TERMINAL_ROLLOUT_STATES,
     FreezeMode,
     NodeEvent,
     NodeState,
@@ -96,6 +97,7 @@ class Engine:
         monotonic: Callable[[], float] = time.monotonic,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         step_deadline: float = STEP_DEADLINE,
+        prepare_ahead: int = 0,
     ) -> None:
         self.store = store
         self.schema = schema
@@ -109,13 +111,17 @@ class Engine:
         self.tasks: dict[StepKey, asyncio.Task[None]] = {}
         self.not_before: dict[StepKey, float] = {}
         self.renewed: dict[tuple[str, str], float] = {}  # scope freezes: last renewal
+        self.revoked: set[tuple[str, str]] = set()  # (rollout, node): superseded cert revoked
         self.step_deadline = step_deadline
+        self.prepare_ahead = prepare_ahead  # pipelining (``planner.next_actions``)
         # Scope freezes this process has seen an agent confirm: a switch under --freeze scope
         # begins only when every frozen node's is, so a leader back after the lease ran out
         # (the agents lifted their freezes) freezes them all again first.
         self.confirmed: set[tuple[str, str]] = set()
         # A step that gets no (good) answer: since when (monotonic, wall) and how often.
         self.trouble: dict[StepKey, tuple[float, dt.datetime, int]] = {}
+        # ``--cert-dir``: the running rollout's keys, until each node has staged its own.
+        self.vault = byo.Vault()
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -136,11 +142,15 @@ class Engine:
         """Persist the plan's events, then make sure its steps run."""
         await self._settle_awaiting()
         row = await asyncio.to_thread(self.schema.active)
+        await self._forget_ended_keys(row)
         if row is None:
             return
         await self._record_node_auth(row)
+        await self._revoke_superseded(row)
         held = await self._held_for_quiet(row)
-        plan = planner.next_actions(row.rollout, row.records, held)
+        plan = planner.next_actions(
+            row.rollout, row.records, held, prepare_ahead=self.prepare_ahead
+        )
         if plan.rollout_events or plan.node_events:
             rollout, nodes = planner.apply_plan(row.rollout, row.records, plan)
             reason = None
@@ -235,6 +245,31 @@ class Engine:
             done = rec.state in (NodeState.DONE, NodeState.DUAL)
             if done and live.get(rec.name) != version:
                 await asyncio.to_thread(self.schema.set_node_auth, rec.name, version, self.clock())
+
+    async def _revoke_superseded(self, row: RolloutRow) -> None:
+        """Revoke the server certificate a node served before this rollout gave it a new one,
+        once the node is ``done`` (level-triggered, before the plan, like the password above:
+        the rollout cannot end before it). Not earlier: a node that fails goes back to it."""
+        if not CHANGES[row.rollout.change].stages_certificate:
+            return
+        for rec, detail in row.nodes:
+            key = (row.rollout.id, rec.name)
+            if (
+                rec.state is not NodeState.DONE
+                or not detail.cert_fingerprint
+                or key in self.revoked
+            ):
+                continue
+            serials = await asyncio.to_thread(
+                self.store.revoke_superseded,
+                rec.name,
+                detail.cert_fingerprint,
+                before=row.meta.started_at or row.meta.created_at,
+                now=self.clock(),
+            )
+            self.revoked.add(key)
+            if serials:
+                log.info("certificate.superseded", node=rec.name, serials=serials)
 
     def _renew_freezes(self, row: RolloutRow, plan: planner.Plan) -> None:
         """Keep the scope freeze's lease alive on every frozen node (a third of the lease),
@@ -394,6 +429,15 @@ class Engine:
                 rollout.id, step, f"scope {step.step.value} failing since {stamp}: {why}"
             )
 
+    async def _forget_ended_keys(self, active: RolloutRow | None) -> None:
+        """``--cert-dir`` keys live no longer than their rollout (``leader.byo.Vault``)."""
+        held = self.vault.rollout_id
+        if not held or (active is not None and active.rollout.id == held):
+            return
+        row = await asyncio.to_thread(self.schema.get, held)
+        if row is None or row.rollout.state in TERMINAL_ROLLOUT_STATES:
+            self.vault.forget(held)
+
     async def _note(self, rollout_id: str, step: planner.StepAction, reason: str) -> None:
         """Put ``reason`` on the node's record (its state unchanged), once."""
         row = await asyncio.to_thread(self.schema.get, rollout_id)
@@ -420,6 +464,7 @@ class Engine:
             ca=self.ca,
             clock=self.clock,
             sleep=self.sleep,
+            vault=self.vault,
         )
         return await runners[step.step](ctx)
 
@@ -434,9 +479,14 @@ class Engine:
         return reply.frozen
 
     async def _save_node(
-        self, rollout_id: str, name: str, change: Callable[[Any], Any]
+        self,
+        rollout_id: str,
+        name: str,
+        change: Callable[[Any], Any],
+        step_ended: str | None = None,
     ) -> RolloutRow:
-        """Apply ``change`` to one node record and save it; read again if a write crossed."""
+        """Apply ``change`` to one node record and save it; read again if a write crossed.
+        ``step_ended``: if the record changed, that step's end time goes in the same write."""
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type(StaleRecords),
             stop=stop_after_attempt(STALE_ATTEMPTS),
@@ -446,8 +496,17 @@ class Engine:
                 row = await asyncio.to_thread(self.schema.get, rollout_id)
                 assert row is not None
                 records = [change(r) if r.name == name else r for r in row.records]
+                ended = None
+                if step_ended is not None and tuple(records) != tuple(row.records):
+                    ended = (name, step_ended)
                 await asyncio.to_thread(
-                    self.schema.save_states, row, row.rollout, records, self.clock(), "engine"
+                    self.schema.save_states,
+                    row,
+                    row.rollout,
+                    records,
+                    self.clock(),
+                    "engine",
+                    step_ended=ended,
                 )
         assert row is not None
         return row
@@ -495,7 +554,7 @@ class Engine:
             cleared = "" if reason is None and r.reason.startswith(UNKNOWN) else reason
             return r.with_event(event, cleared)
 
-        await self._save_node(rollout_id, step.node, change)
+        await self._save_node(rollout_id, step.node, change, step.step.value)
         if dropped:
             log.info(
                 "step.result_dropped",
@@ -505,9 +564,6 @@ class Engine:
                 node_event=event.value,
             )
             return
-        await asyncio.to_thread(
-            self.schema.step_times, rollout_id, step.node, step.step.value, ended=self.clock()
-        )
         log.info(
             "step.finished",
             rollout_id=rollout_id,

@@ -28,6 +28,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import inspect
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,8 +51,10 @@ WARN_EVERY = dt.timedelta(days=1)  # per certificate
 
 ADVICE = {
     "ca": "plan the CA's renewal (SPEC: PKI, CA renewal)",
-    "leader": "restart tlsroll-leader: it issues its certificate again at start when due",
-    "viewer": "the leader renews it at its next start; restart tlsroll-leader",
+    "leader": "the leader issues it again by itself within 30 days of its end; if this "
+    "stays, look for leader.certificate_reloaded or errors in the leader's log",
+    "viewer": "the leader issues it again by itself within 30 days of its end; if this "
+    "stays, look for viewer.certificate_reloaded or errors in the leader's log",
     "agent": "the agent renews it by itself: see `tlsroll nodes` for a failing renewal; if it "
     "has expired, enrol the node again (tlsroll nodes remove NAME, tlsroll token create "
     "--node NAME --address IP)",
@@ -100,8 +103,9 @@ class ExpiryWatch:
         own_certs: Callable[[], Sequence[tuple[str, x509.Certificate]]],
         clock: Callable[[], dt.datetime],
         *,
-        warning_days: int = 30,
+        warning_days: float = 30,
         agent_lifetime: dt.timedelta = dt.timedelta(days=30),
+        check_every: float = CHECK_EVERY,
     ) -> None:
         """``own_certs`` gives the leader's own certificates (kind, certificate) as they are
         on disk now: ``leader``, ``viewer``."""
@@ -112,9 +116,12 @@ class ExpiryWatch:
         self.clock = clock
         self.horizon = dt.timedelta(days=warning_days)
         self.agent_horizon = agent_lifetime * AGENT_HORIZON_FRACTION
+        self.check_every = check_every
         self._warned: dict[tuple[str, str, str], dt.datetime] = {}
-        # Called on the event loop before each periodic check (the viewer renews its
-        # certificate there: ``leader.viewer.server.Viewer.renew_if_due``).
+        # Called on the event loop before each periodic check, one after the other; a hook
+        # that returns an awaitable is awaited before the next (the viewer renews its
+        # certificate there: ``leader.viewer.server.Viewer.renew_if_due``; ``auto_rotate``
+        # starts its rollout there: ``leader.auto_rotate.AutoRotator.check``).
         self.before_check: list[Callable[[], object]] = []
 
     def check(self) -> list[Expiry]:
@@ -187,14 +194,16 @@ class ExpiryWatch:
         return logged
 
     async def run(self, stop: asyncio.Event, every: float | None = None) -> None:
-        """Check now and then every ``every`` seconds (default: hourly, or more often when
-        agent certificates are that short-lived) until ``stop`` is set."""
+        """Check now and then every ``every`` seconds (default: ``check_every``, hourly, or
+        more often when agent certificates are that short-lived) until ``stop`` is set."""
         if every is None:
-            every = min(CHECK_EVERY, max(self.agent_horizon.total_seconds(), 1.0))
+            every = min(self.check_every, max(self.agent_horizon.total_seconds(), 1.0))
         while not stop.is_set():
             for hook in self.before_check:
                 try:
-                    hook()
+                    result = hook()
+                    if inspect.isawaitable(result):
+                        await result
                 except Exception as exc:  # the check itself still runs
                     log.error("expiry_watch.hook_failed", error=str(exc))
             try:

@@ -8,9 +8,9 @@
 verifier's digest); ``Check`` then runs preflight's checks read-only (no epoch, nothing
 recorded on the node), so ``tlsroll plan`` can say "blocked" and why.
 
-Every agent is asked at once, each with a short deadline and no retries: a plan is shown to
-an admin who waits for it, and an agent that does not answer within ``OBSERVE_TIMEOUT`` is
-reported as unreachable (with the reason), never waited for.
+Agents are asked ``OBSERVE_AT_ONCE`` at a time, each with a short deadline and no retries: a
+plan is shown to an admin who waits for it, and an agent that does not answer within
+``OBSERVE_TIMEOUT`` is reported as unreachable (with the reason), never waited for.
 """
 
 from __future__ import annotations
@@ -29,15 +29,19 @@ from tlsroll.errors import PKIError, TlsrollError
 from tlsroll.v1 import agent_pb2
 
 OBSERVE_TIMEOUT = 5.0
+# Agents asked at once: each first call opens a TLS connection, and 500 handshakes at once on
+# a small leader machine timed out by the hundred ("no SETTINGS frame").
+OBSERVE_AT_ONCE = 16
 MAX_CLOCK_OFFSET = 120  # as the preflight step (leader.changes)
 
 
 def observation(view: agent_pb2.ServerView, ca: x509.Certificate) -> NodeObservation:
     """A ``ServerView`` as the planner sees it."""
-    from_ca = False
+    from_ca, fingerprint = False, ""
     if view.cert_pem:
         try:
-            from_ca = pki.issued_by(pki.load_cert_pem(view.cert_pem), ca)
+            served = pki.load_cert_pem(view.cert_pem)
+            from_ca, fingerprint = pki.issued_by(served, ca), pki.fingerprint(served)
         except PKIError:
             from_ca = False
     if not view.healthy:
@@ -47,6 +51,7 @@ def observation(view: agent_pb2.ServerView, ca: x509.Certificate) -> NodeObserva
         schemes=tuple(sorted(view.schemes)),
         cert_from_ca=from_ca,
         verifier_digest=view.verifier_digest,
+        cert_fingerprint=fingerprint,
     )
 
 
@@ -83,5 +88,11 @@ async def observe(
             return replace(seen, problems=(f"its checks: {exc}",))
         return replace(seen, problems=tuple(checked.problems))
 
-    results = await asyncio.gather(*(one(n) for n in names))
+    gate = asyncio.Semaphore(OBSERVE_AT_ONCE)
+
+    async def gated(name: str) -> NodeObservation:
+        async with gate:
+            return await one(name)
+
+    results = await asyncio.gather(*(gated(n) for n in names))
     return dict(zip(names, results, strict=True))

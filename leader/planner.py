@@ -28,9 +28,14 @@ Decisions, in the order ``next_actions`` makes them:
   with ``stage_skipped``; no stage step runs for it.
 * Start: only in ``running``; the first ``pending`` nodes in ``order`` while fewer than
   ``max_parallel`` nodes are in flight (from leaving ``pending`` until a terminal state).
+  Pipelining (``prepare_ahead`` > 0): up to ``prepare_ahead`` more nodes may be in
+  ``preflight``, ``staging`` or ``staged`` meanwhile; those steps change nothing live on a node.
 * Switch: ``staged`` nodes begin their switch in ``running`` and ``paused`` (pause stops new
-  nodes, not nodes in flight). With ``FreezeMode.SCOPE`` the first switch waits until every node
-  in scope that has not failed or been skipped is frozen; until then the plan holds FREEZE steps.
+  nodes, not nodes in flight). Pipelining: at most ``max_parallel`` nodes switch or confirm at
+  once, and a staged node begins only when no node before it in ``order`` is still to begin
+  (the switch order is the rollout's order; a node prepared early waits its turn). With
+  ``FreezeMode.SCOPE`` the first switch waits until every node in scope that has not failed or
+  been skipped is frozen; until then the plan holds FREEZE steps.
 * Settle: no node pending or in flight → UNFREEZE steps for frozen nodes; once none is frozen,
   ``nodes_settled`` (the rollout ends ``completed``, ``halted`` or ``aborted``), or for a
   transitional phase 1 in ``running``/``paused`` with a node ``dual``: ``nodes_dual`` (it
@@ -109,9 +114,20 @@ class AlreadyUndone(PlanError):
         self.by = by.id
 
 
+MAX_NAMED = 10
+"""Nodes a refusal names one by one; the rest are counted (a message of 500 nodes' errors
+outgrew gRPC's 16 KiB limit for status details, and the admin saw "Stream removed")."""
+
+
+def _some(items: Sequence[str], noun: str = "") -> str:
+    shown = ", ".join(items[:MAX_NAMED])
+    more = len(items) - MAX_NAMED
+    return shown if more <= 0 else f"{shown} and {more} more{noun}"
+
+
 class NodesOffline(PlanError):
     def __init__(self, names: Sequence[str]) -> None:
-        super().__init__(f"offline: {', '.join(names)} (bring the agent up or leave it out)")
+        super().__init__(f"offline: {_some(names)} (bring the agent up or leave it out)")
         self.names = tuple(names)
 
 
@@ -122,9 +138,10 @@ class Unreachable(PlanError):
     """Nodes whose agents could not be asked what they run (the plan needs to know)."""
 
     def __init__(self, errors: Mapping[str, str]) -> None:
-        what = "; ".join(f"{n}: {e}" for n, e in sorted(errors.items()))
+        names = sorted(errors)
+        what = _some([f"{n}: {errors[n]}" for n in names], " (tlsroll nodes --check)")
         super().__init__(
-            f"cannot ask the agent of {', '.join(sorted(errors))} what it runs ({what}); "
+            f"cannot ask the agent of {_some(names)} what it runs ({what}); "
             "bring the agent up or leave the node out (--nodes)"
         )
         self.names = tuple(sorted(errors))
@@ -288,13 +305,25 @@ def plan_rollout(
     return rollout, tuple(record(name) for name in order)
 
 
+# The states of a node being prepared (nothing live changed yet) and of a node that may have
+# begun to change live (its switch slot).
+PREPARING = frozenset({NodeState.PREFLIGHT, NodeState.STAGING, NodeState.STAGED})
+SWITCH_SLOT = IN_FLIGHT_NODE_STATES - PREPARING
+
+
 def next_actions(
-    rollout: Rollout, nodes: Sequence[NodeRecord], held: frozenset[str] = frozenset()
+    rollout: Rollout,
+    nodes: Sequence[NodeRecord],
+    held: frozenset[str] = frozenset(),
+    *,
+    prepare_ahead: int = 0,
 ) -> Plan:
     """Decide what happens now; safe to call any number of times (it only reads).
 
     ``held``: pending nodes that may not start yet (``--when-quiet``: http clients were seen
-    on them lately); the others start in order past them."""
+    on them lately); the others start in order past them. ``prepare_ahead``: how many nodes
+    beyond ``max_parallel`` may be preflighted and staged while others switch (0: a node starts
+    only when one has ended, as the seed does)."""
     records = _in_order(rollout, nodes)
     state = rollout.state
     if state not in _LIVE_STATES:  # planned or terminal: nothing to do
@@ -325,11 +354,14 @@ def next_actions(
             if after[name] is NodeState.STAGING:
                 emit(name, NodeEvent.STAGE_SKIPPED)
 
-    if state is RolloutState.RUNNING:
-        free = rollout.max_parallel - sum(s in IN_FLIGHT_NODE_STATES for s in after.values())
+    def start(limit: int) -> None:
+        free = limit - sum(s in IN_FLIGHT_NODE_STATES for s in after.values())
         ready = [n for n in rollout.order if after[n] is NodeState.PENDING and n not in held]
         for name in ready[: max(free, 0)]:
             emit(name, NodeEvent.START)
+
+    if state is RolloutState.RUNNING and prepare_ahead <= 0:
+        start(rollout.max_parallel)
 
     to_freeze: list[str] = []
     staged = [name for name in rollout.order if after[name] is NodeState.STAGED]
@@ -340,8 +372,13 @@ def next_actions(
             if not r.scope_frozen and after[r.name] not in (NodeState.FAILED, NodeState.SKIPPED)
         ]
     if not to_freeze:
+        if prepare_ahead > 0:
+            staged = _switch_turns(rollout, after, staged, held)
         for name in staged:
             emit(name, NodeEvent.SWITCH)
+
+    if state is RolloutState.RUNNING and prepare_ahead > 0:
+        start(rollout.max_parallel + prepare_ahead)  # after the switches: slots they freed
 
     steps = [
         StepAction(name, STEP_FOR_STATE[after[name]], rollout.epoch)
@@ -363,6 +400,30 @@ def next_actions(
             rollout_events.append(RolloutEvent.NODES_DUAL if waits else RolloutEvent.NODES_SETTLED)
 
     return Plan(rollout.epoch, tuple(rollout_events), tuple(node_events), tuple(steps))
+
+
+def _switch_turns(
+    rollout: Rollout,
+    after: Mapping[str, NodeState],
+    staged: Sequence[str],
+    held: frozenset[str] = frozenset(),
+) -> list[str]:
+    """The staged nodes whose turn it is to switch when nodes are prepared ahead: in rollout
+    order, none after a node still waiting to begin (pending or being prepared; a node
+    ``held`` by ``--when-quiet`` is passed over, as it is when nodes start), and no more than
+    the switch slots ``max_parallel`` leaves free."""
+    free = rollout.max_parallel - sum(s in SWITCH_SLOT for s in after.values())
+    turns: list[str] = []
+    for name in rollout.order:
+        if len(turns) >= free:
+            break
+        if after[name] is NodeState.PENDING and name in held:
+            continue
+        if after[name] is NodeState.PENDING or after[name] in PREPARING - {NodeState.STAGED}:
+            break
+        if name in staged:
+            turns.append(name)
+    return turns
 
 
 @dataclass(frozen=True)

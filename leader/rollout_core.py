@@ -371,6 +371,7 @@ class NodeObservation:
     cert_from_ca: bool = False  # the certificate served on https was issued by this CA
     verifier_digest: str = ""  # SHA-256 of the live auth password verifier ("" if none)
     problems: tuple[str, ...] = ()  # what the agent's read-only preflight checks found
+    cert_fingerprint: str = ""  # ``sha256:…`` of the certificate served on https ("" if none)
 
 
 def already_done(

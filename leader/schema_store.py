@@ -205,6 +205,19 @@ class SchemaStore(LeaderStore):
             ids = [r["id"] for r in db.execute("SELECT id FROM rollouts ORDER BY epoch DESC")]
         return [row for i in ids if (row := self.get(i)) is not None]
 
+    def newest(self, limit: int) -> tuple[list[RolloutRow], int]:
+        """The newest ``limit`` rollouts (newest first) and how many are stored: ``schema
+        show`` draws the active or latest one, not every rollout ever stored."""
+        with self._db.read() as db:
+            total = int(db.execute("SELECT count(*) FROM rollouts").fetchone()[0])
+            ids = [
+                r["id"]
+                for r in db.execute(
+                    "SELECT id FROM rollouts ORDER BY epoch DESC LIMIT ?", (max(limit, 0),)
+                )
+            ]
+        return [row for i in ids if (row := self.get(i)) is not None], total
+
     def history(self, rollout_id: str) -> list[AuditEvent]:
         """The audit events of a rollout and of its nodes, oldest first: its timeline."""
         prefix = f"{rollout_id}/"
@@ -347,13 +360,25 @@ class SchemaStore(LeaderStore):
         meta: RolloutMeta,
         now: dt.datetime,
         new_verifier: str | None = None,
+        *,
+        takes_back_once: bool = False,
     ) -> RolloutRow:
         """Insert a new rollout, refusing if another one is active (checked in the same
         transaction, so two starts cannot both succeed). ``new_verifier`` adds the auth
         password the rollout applies, in the same transaction. A transitional rollout awaiting
-        finalize lets only its finalize or its way back start beside it."""
+        finalize lets only its finalize or its way back start beside it. ``takes_back_once``: a
+        disable-tls rollout is refused (``AlreadyTakenBack``) if another one already takes back
+        ``meta.undoes``, checked here too, so two rollbacks that crossed cannot both start."""
         with self._db.tx() as db:
             _refuse_if_busy(db, meta.finalizes or meta.undoes)
+            if takes_back_once and meta.undoes:
+                by = db.execute(
+                    "SELECT id, state FROM rollouts WHERE change = ? AND undoes = ?"
+                    " ORDER BY epoch DESC LIMIT 1",
+                    (Change.DISABLE_TLS.value, meta.undoes),
+                ).fetchone()
+                if by is not None:
+                    raise AlreadyTakenBack(meta.undoes, by["id"], by["state"])
             auth_version = meta.auth_version
             if new_verifier is not None:
                 auth_version = self._add_auth(db, new_verifier, now, meta.started_by)
@@ -414,8 +439,12 @@ class SchemaStore(LeaderStore):
         now: dt.datetime,
         actor: str,
         reason: str | None = None,
+        *,
+        step_ended: tuple[str, str] | None = None,
     ) -> RolloutRow:
         """Persist the records after a plan or an event, with one audit event per change.
+        ``step_ended`` (node, step): that step's end time is ``now``, in the same transaction
+        (a step's outcome is one durable write).
 
         Optimistic: if the stored records are no longer ``before`` (an admin command and an
         engine verdict crossed), nothing is written and ``StaleRecords`` is raised; the caller
@@ -479,17 +508,27 @@ class SchemaStore(LeaderStore):
                     new=rec.state.value,
                     reason=rec.reason,
                 )
+            if step_ended is not None:
+                _set_step_time(db, rollout.id, *step_ended, None, now)
         row = self.get(rollout.id)
         assert row is not None
         return row
 
     def update_detail(self, rollout_id: str, name: str, **changes: Any) -> None:
-        """Record what a step learnt about a node (addresses, certificate, freeze window)."""
+        """Record what a step learnt about a node (addresses, certificate, freeze window); a
+        no-op if the stored values are these already."""
         unknown = set(changes) - set(_NODE_DETAIL_FIELDS)
         if unknown:
             raise ValueError(f"not node details: {sorted(unknown)}")
         values = [to_text(v) if isinstance(v, dt.datetime) else v for v in changes.values()]
         with self._db.tx() as db:
+            stored = db.execute(
+                f"SELECT {', '.join(changes)} FROM rollout_nodes"  # noqa: S608 - checked names
+                " WHERE rollout_id = ? AND name = ?",
+                (rollout_id, name),
+            ).fetchone()
+            if stored is not None and list(stored) == values:
+                return  # nothing changed: nothing is written
             db.execute(
                 f"UPDATE rollout_nodes SET {', '.join(f'{k} = ?' for k in changes)}"  # noqa: S608
                 " WHERE rollout_id = ? AND name = ?",
@@ -506,20 +545,7 @@ class SchemaStore(LeaderStore):
         ended: dt.datetime | None = None,
     ) -> None:
         with self._db.tx() as db:
-            row = db.execute(
-                "SELECT steps FROM rollout_nodes WHERE rollout_id = ? AND name = ?",
-                (rollout_id, name),
-            ).fetchone()
-            steps: dict[str, list[str | None]] = json.loads(row["steps"])
-            times = steps.setdefault(step, [None, None])
-            if started is not None and times[0] is None:
-                times[0] = to_text(started)
-            if ended is not None:
-                times[1] = to_text(ended)
-            db.execute(
-                "UPDATE rollout_nodes SET steps = ? WHERE rollout_id = ? AND name = ?",
-                (json.dumps(steps), rollout_id, name),
-            )
+            _set_step_time(db, rollout_id, name, step, started, ended)
 
     # --- the auth password (verifiers only) ---------------------------------------------------
 
@@ -542,6 +568,50 @@ class SchemaStore(LeaderStore):
         with self._db.tx() as db:
             _refuse_if_busy(db)
             return self._add_auth(db, verifier, now, actor)
+
+    # --- bring your own certificate (``--cert-dir``) ---------------------------------------
+    # The practice CA a rollout's certificates chain to, kept in the ``meta`` table under
+    # ``own_ca/<rollout id>`` (public; the keys are never stored). Its presence marks the
+    # rollout as one with the practice's own certificates: the stage step hands the nodes
+    # those, the confirm step checks https against this CA, retry is refused.
+
+    def set_own_ca(self, rollout_id: str, ca_pem: bytes) -> None:
+        with self._db.tx() as db:
+            db.execute(
+                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                (f"own_ca/{rollout_id}", ca_pem.decode("ascii")),
+            )
+
+    def own_ca(self, rollout_id: str) -> bytes | None:
+        """The practice CA of a ``--cert-dir`` rollout; None for the usual one."""
+        with self._db.read() as db:
+            row = db.execute(
+                "SELECT value FROM meta WHERE key = ?", (f"own_ca/{rollout_id}",)
+            ).fetchone()
+        return str(row["value"]).encode("ascii") if row else None
+
+    def own_cas(self) -> bytes:
+        """Every practice CA a ``--cert-dir`` rollout has used (PEM, each once): the nodes
+        they went to hand them to their workstations with the cluster CA."""
+        with self._db.read() as db:
+            rows = db.execute(
+                "SELECT value FROM meta WHERE key LIKE 'own\\_ca/%' ESCAPE '\\' ORDER BY key"
+            ).fetchall()
+        return b"".join(dict.fromkeys(str(r["value"]).encode("ascii") for r in rows))
+
+    def own_fingerprints(self) -> set[str]:
+        """The certificates ``--cert-dir`` rollouts installed (nodes that ended ``done``)."""
+        with self._db.read() as db:
+            rows = db.execute(
+                "SELECT n.cert_fingerprint FROM rollout_nodes n"
+                " JOIN meta m ON m.key = 'own_ca/' || n.rollout_id"
+                " WHERE n.state = 'done' AND n.cert_fingerprint != ''"
+            ).fetchall()
+        return {str(r[0]) for r in rows}
+
+    def drop_own_ca(self, rollout_id: str) -> None:
+        with self._db.tx() as db:
+            db.execute("DELETE FROM meta WHERE key = ?", (f"own_ca/{rollout_id}",))
 
     def latest_auth_version(self) -> int:
         with self._db.read() as db:
@@ -671,6 +741,31 @@ class SchemaStore(LeaderStore):
             ).fetchall()
 
 
+def _set_step_time(
+    db: sqlite3.Connection,
+    rollout_id: str,
+    name: str,
+    step: str,
+    started: dt.datetime | None,
+    ended: dt.datetime | None,
+) -> None:
+    """Inside a write transaction: when ``step`` started (the first time) or ended on a node."""
+    row = db.execute(
+        "SELECT steps FROM rollout_nodes WHERE rollout_id = ? AND name = ?",
+        (rollout_id, name),
+    ).fetchone()
+    steps: dict[str, list[str | None]] = json.loads(row["steps"])
+    times = steps.setdefault(step, [None, None])
+    if started is not None and times[0] is None:
+        times[0] = to_text(started)
+    if ended is not None:
+        times[1] = to_text(ended)
+    db.execute(
+        "UPDATE rollout_nodes SET steps = ? WHERE rollout_id = ? AND name = ?",
+        (json.dumps(steps), rollout_id, name),
+    )
+
+
 def _refuse_if_busy(db: sqlite3.Connection, follows: str = "") -> None:
     """Inside a write transaction: RolloutBusy if a rollout has not ended, unless it is the
     transitional rollout ``follows`` awaiting finalize (a new rollout that finalizes it or
@@ -682,6 +777,16 @@ def _refuse_if_busy(db: sqlite3.Connection, follows: str = "") -> None:
         waiting = busy["state"] == RolloutState.AWAITING_FINALIZE.value
         if not (waiting and follows and busy["id"] == follows):
             raise RolloutBusy(busy["id"], busy["state"])
+
+
+class AlreadyTakenBack(TerminalError):
+    """A rollout's switch is taken back once (``planner.AlreadyUndone``, kept in the store)."""
+
+    def __init__(self, target: str, by: str, state: str) -> None:
+        super().__init__(
+            f"rollout {target} was already taken back by rollout {by} ({state}); "
+            "see: tlsroll schema show"
+        )
 
 
 class StaleRecords(TransientError):

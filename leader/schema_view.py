@@ -155,6 +155,7 @@ def schema_message(
     renewal_failures: Sequence[tuple[str, dt.datetime, str, dt.datetime]] = (),
     clients: Sequence[Client] = (),
     infos: Mapping[str, ClientsInfo] | None = None,
+    auto_rotate: schema_pb2.AutoRotateView | None = None,
 ) -> schema_pb2.Schema:
     """The whole schema as ``GetSchema`` answers it (and ``schema show --json`` prints it).
     ``expiring``: ``leader.expiry.Expiry`` within their horizon; ``renewal_failures``: (node,
@@ -201,6 +202,7 @@ def schema_message(
             )
             for node, since, reason, not_after in renewal_failures
         ],
+        auto_rotate=auto_rotate,
     )
 
 
@@ -210,10 +212,14 @@ class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
         schema: SchemaStore,
         clock: Callable[[], dt.datetime],
         expiry: ExpiryWatch | None = None,
+        auto_rotate: Callable[[], schema_pb2.AutoRotateView] | None = None,
     ) -> None:
+        """``auto_rotate``: what the automatic rotation last decided
+        (``leader.auto_rotate.Status.view``)."""
         self.schema = schema
         self.clock = clock
         self.expiry = expiry
+        self.auto_rotate = auto_rotate
 
     @map_errors({})
     async def GetSchema(
@@ -223,21 +229,41 @@ class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
             row = await asyncio.to_thread(self.schema.get, request.rollout_id)
             if row is None:
                 raise not_found(f"no rollout {request.rollout_id!r} (see: tlsroll schema show)")
-            rows = [row]
+            rows, total = [row], 0
+        elif request.limit:
+            rows, total = await asyncio.to_thread(self.schema.newest, request.limit)
         else:
             rows = await asyncio.to_thread(self.schema.all)
+            total = len(rows)
         pending = await asyncio.to_thread(self.schema.pending_password_nodes)
-        failures = await asyncio.to_thread(self.schema.bootstrap_failures)
         now = self.clock()
-        removed = await asyncio.to_thread(self.schema.removed_nodes)
-        revoked = await asyncio.to_thread(self.schema.revoked_certificates, now)
-        expiring: list[Any] = []
-        renewals: list[Any] = []
-        if self.expiry is not None:
-            expiring = await asyncio.to_thread(self.expiry.warnings)
-            renewals = await asyncio.to_thread(self.expiry.renewal_failures)
         clients = await asyncio.to_thread(self.schema.clients)
         infos = await asyncio.to_thread(self.schema.clients_info)
-        return schema_message(
-            rows, pending, now, failures, removed, revoked, expiring, renewals, clients, infos
-        )
+        if request.rollouts_only:
+            message = schema_message(rows, pending, now, clients=clients, infos=infos)
+        else:
+            failures = await asyncio.to_thread(self.schema.bootstrap_failures)
+            removed = await asyncio.to_thread(self.schema.removed_nodes)
+            revoked = await asyncio.to_thread(self.schema.revoked_certificates, now)
+            expiring: list[Any] = []
+            renewals: list[Any] = []
+            if self.expiry is not None:
+                expiring = await asyncio.to_thread(self.expiry.warnings)
+                renewals = await asyncio.to_thread(self.expiry.renewal_failures)
+            auto = self.auto_rotate() if self.auto_rotate is not None else None
+            message = schema_message(
+                rows,
+                pending,
+                now,
+                failures,
+                removed,
+                revoked,
+                expiring,
+                renewals,
+                clients=clients,
+                infos=infos,
+                auto_rotate=auto,
+            )
+        if total > len(rows):  # only when some were left out (else as the viewer's API)
+            message.total_rollouts = total
+        return message

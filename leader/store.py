@@ -15,13 +15,15 @@ import hmac
 import json
 import re
 import sqlite3
+import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any, TypeVar
 
 from leader.db import LeaderStore
 from tlsroll.errors import TerminalError
-from tlsroll.sqlite import from_text, to_text
+from tlsroll.sqlite import Database, from_text, to_text
 
 T = TypeVar("T")
 
@@ -131,8 +133,43 @@ class NodeCert:
     not_after: dt.datetime
 
 
+HEARTBEAT_PERSIST = dt.timedelta(seconds=30)
+"""How stale a node's stored ``last_heartbeat`` may get while its heartbeats say nothing new:
+every heartbeat used to be an fsync'd write. The newest one is kept in memory (``_seen``) and
+every node this store returns carries it; after a leader restart a node is online again with
+its next heartbeat."""
+
+
+@dataclass
+class _Seen:
+    """A node's newest heartbeat and what its last stored one said."""
+
+    stored_at: dt.datetime
+    said: tuple[object, ...]
+    seen: dt.datetime
+
+
 class Store(LeaderStore):
     """Enrolled nodes and join tokens (``leader.db.LeaderStore`` has the shared part)."""
+
+    def __init__(self, db: Database | Path) -> None:
+        super().__init__(db)
+        self._seen: dict[str, _Seen] = {}
+        self._seen_lock = threading.Lock()
+
+    def _forget_seen(self, name: str) -> None:
+        with self._seen_lock:
+            self._seen.pop(name, None)
+
+    def _with_seen(self, node: Node) -> Node:
+        """``node`` with its newest heartbeat, stored or not."""
+        with self._seen_lock:
+            seen = self._seen.get(node.name)
+        if seen is None or node.removed_at is not None:
+            return node
+        if node.last_heartbeat is not None and node.last_heartbeat >= seen.seen:
+            return node
+        return replace(node, last_heartbeat=seen.seen)
 
     # --- tokens -------------------------------------------------------------------------------
 
@@ -235,6 +272,7 @@ class Store(LeaderStore):
         written.
         """
         self._check_secret(token_id, secret)  # a wrong secret never takes the write lock
+        self._forget_seen(name)  # enrolled anew: no heartbeat yet
         with self._db.tx() as db:
             row = db.execute("SELECT * FROM tokens WHERE id = ?", (token_id,)).fetchone()
             # Compare even when the id is unknown, so both cases take the same time.
@@ -324,7 +362,7 @@ class Store(LeaderStore):
         where = "" if include_removed else " WHERE removed_at IS NULL"
         with self._db.read() as db:
             rows = db.execute(f"SELECT * FROM nodes{where} ORDER BY name").fetchall()  # noqa: S608
-        return [_node(r) for r in rows]
+        return [self._with_seen(_node(r)) for r in rows]
 
     def get_node(self, name: str) -> Node:
         with self._db.read() as db:
@@ -333,7 +371,7 @@ class Store(LeaderStore):
             ).fetchone()
         if row is None:
             raise NotFound(f"no enrolled node named {name!r}")
-        return _node(row)
+        return self._with_seen(_node(row))
 
     def heartbeat(
         self,
@@ -346,7 +384,28 @@ class Store(LeaderStore):
         renewal: RenewalReport | None = None,
     ) -> None:
         """Record a heartbeat. A heartbeat with the certificate on record (``cert_fingerprint``)
-        shows the agent has switched to it: the one before it is accepted no more."""
+        shows the agent has switched to it: the one before it is accepted no more. Written
+        only when it says something new or the stored one is ``HEARTBEAT_PERSIST`` old;
+        otherwise kept in memory (see ``HEARTBEAT_PERSIST``)."""
+        said = (agent_version, highest_epoch, cert_fingerprint, renewal)
+        with self._seen_lock:
+            seen = self._seen.get(name)
+            if seen is not None and seen.said == said and now - seen.stored_at < HEARTBEAT_PERSIST:
+                seen.seen = max(seen.seen, now)
+                return
+        self._write_heartbeat(name, agent_version, now, highest_epoch, cert_fingerprint, renewal)
+        with self._seen_lock:
+            self._seen[name] = _Seen(stored_at=now, said=said, seen=now)
+
+    def _write_heartbeat(
+        self,
+        name: str,
+        agent_version: str,
+        now: dt.datetime,
+        highest_epoch: int,
+        cert_fingerprint: str,
+        renewal: RenewalReport | None,
+    ) -> None:
         with self._db.tx() as db:
             db.execute(
                 "UPDATE nodes SET last_heartbeat = ?, agent_version = ?,"
@@ -450,6 +509,7 @@ class Store(LeaderStore):
         """Remove node ``name``: revoke every certificate issued to or for it, free its names
         (a token can name them again) and spend its unused tokens. Returns the node as it was
         and the serials revoked now."""
+        self._forget_seen(name)
         with self._db.tx() as db:
             row = db.execute(
                 "SELECT * FROM nodes WHERE name = ? AND removed_at IS NULL", (name,)
@@ -574,6 +634,47 @@ class Store(LeaderStore):
             )
         return cert
 
+    def revoke_superseded(
+        self, node: str, live_fingerprint: str, *, before: dt.datetime, now: dt.datetime
+    ) -> list[str]:
+        """Revoke (reason "superseded") the server certificates of ``node`` that the one it
+        now serves, ``live_fingerprint``, replaced: every unrevoked ``server`` certificate of
+        the node issued before that one (before ``before``, the rollout's start, if the live
+        one is not on record, e.g. brought by the admin). A certificate issued later (a newer
+        rollout's) is left alone. Idempotent; returns the serials revoked now."""
+        with self._db.tx() as db:
+            live = db.execute(
+                "SELECT issued_at FROM certificates WHERE kind = 'server' AND node = ?"
+                " AND fingerprint = ?",
+                (node, live_fingerprint),
+            ).fetchone()
+            cutoff = live["issued_at"] if live is not None else to_text(before)
+            serials = [
+                r["serial"]
+                for r in db.execute(
+                    "SELECT serial FROM certificates WHERE kind = 'server' AND node = ?"
+                    " AND revoked_at IS NULL AND fingerprint != ? AND issued_at < ?",
+                    (node, live_fingerprint, cutoff),
+                )
+            ]
+            if not serials:
+                return []
+            db.executemany(
+                "UPDATE certificates SET revoked_at = ?, revoke_reason = ? WHERE serial = ?",
+                [(to_text(now), "superseded", s) for s in serials],
+            )
+            _bump_crl(db)
+            self._audit(
+                db,
+                now,
+                "leader",
+                "certificate.superseded",
+                node,
+                serials=serials,
+                live_fingerprint=live_fingerprint,
+            )
+        return serials
+
     def list_certificates(self, kind: str | None = None) -> list[IssuedCert]:
         with self._db.read() as db:
             if kind is None:
@@ -669,6 +770,7 @@ class Store(LeaderStore):
         reinitialised store is open, unless the name was removed since; its epoch raises the
         floor. False if the window is closed (the caller refuses the agent)."""
         addresses, dns_names = names
+        self._forget_seen(name)
         with self._db.tx() as db:
             row = db.execute("SELECT value FROM meta WHERE key = 'relearn_until'").fetchone()
             if row is None or now > dt.datetime.fromisoformat(row["value"]):

@@ -22,6 +22,7 @@ import datetime as dt
 import ipaddress
 import os
 import re
+import signal
 import subprocess
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -90,11 +91,19 @@ async def run_bounded(argv: Sequence[str], timeout: float, limit: int) -> tuple[
                 _drain(proc.stdout, limit), _drain(proc.stderr, 4096), proc.wait()
             )
     except TimeoutError:
-        with contextlib.suppress(ProcessLookupError):
-            proc.kill()
+        _kill(proc)
         await proc.wait()
         raise RuntimeError(f"{argv[0]} did not finish within {timeout:g}s") from None
+    except BaseException:  # cancelled (the agent stops): no command is left behind
+        _kill(proc)
+        raise
     return code, out, err
+
+
+def _kill(proc: asyncio.subprocess.Process) -> None:
+    if proc.returncode is None:
+        with contextlib.suppress(ProcessLookupError):  # its own session: children go too
+            os.killpg(proc.pid, signal.SIGKILL)
 
 
 async def exec_clients(argv: Sequence[str], timeout: float, window: int) -> ClientsView:

@@ -1,198 +1,21 @@
-"""``tlsroll-agent``: the node agent daemon.
+"""``tlsroll-agent``: the node agent daemon's entry point.
 
-Start-up: load the config, enrol if this node has no certificate yet (see ``identity``), serve
-NodeAgent over mutual TLS on every node address, and send heartbeats to the leader (with the
-bootstrap service's failed passwords since the last one). SIGTERM or SIGINT stops it gracefully.
-
-A transaction task that dies for good (see ``nodeagent.transaction``, supervision) stops the
-agent too, with exit code 1 and one line saying why: never a live agent with a dead transaction;
-the service manager starts it again and the journal resumes the transaction.
+The agent runs on every node for months, and whatever it imports stays in its memory: first
+``tlsroll.lean.keep_out()`` (structlog would import rich and pygments merely because they are
+installed), then the daemon itself (``nodeagent.runtime``: start-up, serving, heartbeats,
+graceful stop). Nothing else is imported here, so ``keep_out`` runs before structlog.
 """
 
 from __future__ import annotations
 
-import argparse
-import asyncio
-import contextlib
-import datetime as dt
-import sqlite3
-import sys
-from collections.abc import Awaitable
-from pathlib import Path
-
-import grpc
-from tenacity import (
-    AsyncRetrying,
-    retry_if_exception_type,
-    stop_after_delay,
-    wait_exponential,
-)
-
-from nodeagent.bootstrap_supervisor import BootstrapHost
-from nodeagent.config import AgentConfig
-from nodeagent.drivers import make_driver
-from nodeagent.identity import Identity, enrol, load_identity, paths
-from nodeagent.journal import open_journal
-from nodeagent.leader_link import LeaderLink
-from nodeagent.renewal import Renewer, ServerCredentials
-from nodeagent.service import NodeAgentService
-from nodeagent.transaction import Runner, TransactionDied
-from nodeagent.trust import LeaderTrust
-from tlsroll import __version__, logs
-from tlsroll.daemon import sd_notify, stop_event, watchdog
-from tlsroll.errors import ConfigError, TlsrollError, TransientError
-from tlsroll.fsutil import make_private_dir
-from tlsroll.rpc import add_standard_services, bind, hostport
-from tlsroll.v1 import agent_pb2, agent_pb2_grpc
-
-GRACE_SECONDS = 10.0
-TXN_GRACE_SECONDS = 60.0
-ENROL_PATIENCE_SECONDS = 60.0
-log = logs.get_logger(__name__)
-
-
-def now() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
-
-
-async def obtain_identity(cfg: AgentConfig) -> Identity:
-    identity = await asyncio.to_thread(load_identity, cfg)
-    if identity is not None:
-        return identity
-    async for attempt in AsyncRetrying(
-        retry=retry_if_exception_type(TransientError),
-        wait=wait_exponential(multiplier=0.2, max=5),
-        stop=stop_after_delay(ENROL_PATIENCE_SECONDS),
-        reraise=True,
-    ):
-        with attempt:
-            return await asyncio.to_thread(enrol, cfg)
-    raise AssertionError("unreachable")  # pragma: no cover
-
-
-async def serve(cfg: AgentConfig, *, reinitialise: bool = False) -> None:
-    stop = stop_event()
-    # The driver first: it finishes reading [server], so a bad key there stops the agent
-    # before it creates anything.
-    driver = (
-        make_driver(cfg.server, cfg.addresses[0], cfg.data_dir) if cfg.server is not None else None
-    )
-    make_private_dir(cfg.data_dir)
-    # Enrolled (the journal is made before the enrolment): a missing journal is lost, not new.
-    enrolled = any(p.exists() for p in paths(cfg.data_dir))
-    journal = open_journal(journal_path(cfg), expected=enrolled, reinitialise=reinitialise)
-    runner = Runner(journal, driver, now) if driver is not None else None
-    if runner is not None:
-        # First thing: a transaction cut short by a crash is carried on, so that no node
-        # stays frozen or half-switched for longer than it takes the agent to restart.
-        await runner.resume_all()
-    identity = await obtain_identity(cfg)
-    bootstrap = BootstrapHost(cfg, identity, journal)
-    if runner is not None:
-        runner.on_complete = bootstrap.sync
-    await bootstrap.sync()
-    # Hot-reloaded: a renewed certificate is served to new connections at once.
-    creds = ServerCredentials(identity)
-    # gRPC sets SO_REUSEPORT by default: a second agent would then share the port silently.
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    trust = LeaderTrust.load(identity.ca, cfg.data_dir)
-    link = LeaderLink(cfg, identity, trust, journal, bootstrap.failures)
-    trust.refresh = link.beat  # an epoch the agent has not heard of: ask the leader now
-    service = NodeAgentService(cfg, identity, journal, driver, runner, now, trust)
-    link.server_view = service.server_view
-
-    def renewed(new: Identity) -> Awaitable[None]:
-        creds.update(new)
-        service.identity = new
-        bootstrap.identity = new
-        return link.use(new)
-
-    renewer = Renewer(cfg, identity, link, clock=now, on_renewed=[renewed])
-    link.renewal = lambda: renewer.status
-    agent_pb2_grpc.add_NodeAgentServicer_to_server(service, server)
-    await add_standard_services(
-        server, [agent_pb2.DESCRIPTOR.services_by_name["NodeAgent"].full_name]
-    )
-    for address in cfg.addresses:
-        bind(server, hostport(address, cfg.port), creds.for_listener())
-    await server.start()
-    beats = asyncio.create_task(link.run(), name="heartbeats")
-    renewals = asyncio.create_task(renewer.run(), name="renewal")
-    lease_watch = asyncio.create_task(service.watch_freeze_lease(), name="freeze-lease")
-    log.info(
-        "agent.started",
-        node=cfg.node_name,
-        version=__version__,
-        listen=[hostport(a, cfg.port) for a in cfg.addresses],
-    )
-    sd_notify("READY=1")
-    pinger = asyncio.create_task(watchdog(), name="watchdog")
-    waits = [asyncio.create_task(stop.wait(), name="stop")]
-    if runner is not None:
-        waits.append(asyncio.create_task(runner.dead.wait(), name="txn-died"))
-    await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
-    for waiting in waits:
-        waiting.cancel()
-    sd_notify("STOPPING=1")
-    pinger.cancel()
-    log.info("agent.stopping", grace_seconds=GRACE_SECONDS)
-    for task in (beats, lease_watch, renewals):
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
-    await server.stop(GRACE_SECONDS)
-    if runner is not None:
-        # Let a running transaction reach its end; the journal resumes it if we are cut short.
-        await runner.close(TXN_GRACE_SECONDS)
-    await bootstrap.close()
-    await link.close()
-    journal.close()
-    log.info("agent.stopped")
-    if runner is not None and runner.dead.is_set():
-        raise TransactionDied(runner.fatal)
-
-
-def journal_path(cfg: AgentConfig) -> Path:
-    return cfg.data_dir / "journal.sqlite3"
+from tlsroll import lean
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="tlsroll-agent", description="tlsroll node agent")
-    parser.add_argument("--config", type=Path, required=True, help="agent.toml")
-    parser.add_argument("--version", action="version", version=f"tlsroll-agent {__version__}")
-    parser.add_argument(
-        "--log-level",
-        type=str.lower,
-        choices=list(logs.LEVELS),
-        help="debug, info, warning or error (default: log_level in the config, else info)",
-    )
-    parser.add_argument(
-        "--reinitialise",
-        action="store_true",
-        help="start with an empty journal in place of a missing, empty or damaged one (the lost"
-        " file is kept beside it); refused if the journal is intact",
-    )
-    ns = parser.parse_args(argv)
-    try:
-        cfg = AgentConfig.load(ns.config)
-        logs.configure(level=logs.level_of(ns.log_level or cfg.log_level))
-        log.debug(
-            "agent.config_loaded", config=str(ns.config), log_level=ns.log_level or cfg.log_level
-        )
-        asyncio.run(serve(cfg, reinitialise=ns.reinitialise))
-    except ConfigError as exc:
-        print(f"tlsroll-agent: {exc}", file=sys.stderr)
-        return 2
-    except TlsrollError as exc:
-        print(f"tlsroll-agent: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"tlsroll-agent: {exc.strerror}: {exc.filename}", file=sys.stderr)
-        return 1
-    except sqlite3.Error as exc:  # a damaged journal: say which file, never a traceback
-        print(f"tlsroll-agent: journal {journal_path(cfg)}: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    lean.keep_out()
+    from nodeagent import runtime  # noqa: PLC0415 - only after keep_out (see the docstring)
+
+    return runtime.main(argv)
 
 
 if __name__ == "__main__":

@@ -25,7 +25,7 @@ import string
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -42,9 +42,15 @@ from tlsroll.fsutil import socket_dir_problem, write_atomic
 from tlsroll.httpcheck import port_open
 
 CLIENTS_TTL = 10.0  # seconds a driver's view of the clients is reused
+CLIENTS_WAIT = 1.0  # seconds a status waits for a fresh view before it takes the last one
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 15.0
 POLL_INTERVAL = 0.2  # how often a starting server is asked whether it answers
+# The reference server is watched more closely: its readiness (and its exit at a stop) is
+# checked after 5 ms, then twice as long each time up to 40 ms, so a restart costs the server's
+# own start plus a few ms, not a poll interval.
+READY_FIRST_WAIT = 0.005
+READY_MAX_WAIT = 0.04
 
 
 class DriverError(TerminalError):
@@ -126,19 +132,38 @@ class Driver(abc.ABC):
     # --- who the server has seen (issue 12: who is still on http) ----------------------------
 
     _clients_cache: tuple[float, ClientsView] | None = None
+    _clients_task: asyncio.Task[ClientsView] | None = None
     clients_ttl: float = CLIENTS_TTL  # [server].clients_refresh
 
     async def clients(self) -> ClientsView:
         """Who the server has seen on which scheme lately. Cached for ``clients_ttl`` seconds:
-        a heartbeat every few seconds must not run a command or read a log every time."""
-        lock = self.__dict__.setdefault("_clients_lock", asyncio.Lock())
-        async with lock:  # a heartbeat and a GetStatus at once share one read
-            cached = self._clients_cache
-            if cached is not None and time.monotonic() - cached[0] < self.clients_ttl:
+        a heartbeat every few seconds must not run a command or read a log every time. One
+        read at a time, in a task of its own: a caller that gives up (the heartbeat waits 2 s
+        for the whole view) neither kills it nor starts another; it gets the last view (or
+        a problem saying the read is slow) after ``CLIENTS_WAIT`` seconds."""
+        cached = self._clients_cache
+        if cached is not None and time.monotonic() - cached[0] < self.clients_ttl:
+            return cached[1]
+        task = self._clients_task
+        if task is None or task.done():
+            task = asyncio.create_task(self._refresh_clients(), name=f"{self.name}-clients")
+            self._clients_task = task
+        try:
+            return await asyncio.wait_for(asyncio.shield(task), CLIENTS_WAIT)
+        except TimeoutError:
+            if cached is not None:
                 return cached[1]
+            return ClientsView(
+                problem="still reading who the server has seen (slow command or log)"
+            )
+
+    async def _refresh_clients(self) -> ClientsView:
+        try:
             view = await self.read_clients()
-            self._clients_cache = (time.monotonic(), view)
-            return view
+        except Exception as exc:  # a driver's trouble is the view's problem, never ours
+            view = ClientsView(problem=client_sources.one_line(f"cannot read the clients: {exc}"))
+        self._clients_cache = (time.monotonic(), view)
+        return view
 
     async def read_clients(self) -> ClientsView:
         """The driver's own way to find out; by default it cannot tell."""
@@ -160,6 +185,23 @@ class AdminSocketClient:
         self.socket_path = socket_path
         self.timeout = timeout
         self.owner = owner
+        self._shared: aiohttp.ClientSession | None = None
+
+    @contextlib.asynccontextmanager
+    async def reused(self) -> AsyncIterator[None]:
+        """Calls made inside share one client session (a readiness wait asks many times in a
+        few ms; a session per call costs more than the call). Each request still opens its own
+        connection, so a server restarted meanwhile is reached afresh."""
+        if self._shared is not None:
+            yield
+            return
+        connector = aiohttp.UnixConnector(path=str(self.socket_path), force_close=True)
+        async with aiohttp.ClientSession(connector=connector) as session:
+            self._shared = session
+            try:
+                yield
+            finally:
+                self._shared = None
 
     async def call(
         self,
@@ -175,23 +217,35 @@ class AdminSocketClient:
                 problem = f"{exc.strerror}: {exc.filename}"
             if problem is not None:
                 raise DriverError(f"not trusting the admin socket {self.socket_path}: {problem}")
-        connector = aiohttp.UnixConnector(path=str(self.socket_path))
         client_timeout = aiohttp.ClientTimeout(total=timeout or self.timeout)
         try:
-            async with (
-                aiohttp.ClientSession(connector=connector, timeout=client_timeout) as session,
-                session.request(method, f"http://localhost{path}", json=body) as resp,
-            ):
-                data = await resp.json(content_type=None)
-                if resp.status != 200:
-                    raise DriverError(f"admin {path} answered {resp.status}: {data}")
-                if not isinstance(data, dict):
-                    raise DriverError(f"admin {path} answered {data!r}")
-                return data
+            if self._shared is not None:
+                return await self._request(self._shared, method, path, body, client_timeout)
+            connector = aiohttp.UnixConnector(path=str(self.socket_path))
+            async with aiohttp.ClientSession(connector=connector) as session:
+                return await self._request(session, method, path, body, client_timeout)
         except (aiohttp.ClientError, OSError, TimeoutError, json.JSONDecodeError) as exc:
             raise DriverError(
                 f"managed server not answering on {self.socket_path}: {exc or type(exc).__name__}"
             ) from None
+
+    @staticmethod
+    async def _request(
+        session: aiohttp.ClientSession,
+        method: str,
+        path: str,
+        body: Mapping[str, Any] | None,
+        timeout: aiohttp.ClientTimeout,
+    ) -> dict[str, Any]:
+        async with session.request(
+            method, f"http://localhost{path}", json=body, timeout=timeout
+        ) as resp:
+            data = await resp.json(content_type=None)
+            if resp.status != 200:
+                raise DriverError(f"admin {path} answered {resp.status}: {data}")
+            if not isinstance(data, dict):
+                raise DriverError(f"admin {path} answered {data!r}")
+            return data
 
 
 class _AdminSocketFreeze:
@@ -296,9 +350,11 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGTERM)
         deadline = time.monotonic() + STOP_TIMEOUT
+        wait = READY_FIRST_WAIT
         while _pid_alive(pid) and time.monotonic() < deadline:
             self._reap()
-            await asyncio.sleep(0.05)
+            await asyncio.sleep(wait)
+            wait = min(wait * 2, READY_MAX_WAIT)
         if _pid_alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -319,26 +375,27 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
             )
 
     async def start(self, timeout: float = START_TIMEOUT) -> None:
-        """Start the server and wait until it answers; DriverError at once if it exits."""
+        """Start the server and wait until it answers; DriverError at once if it exits.
+
+        The child is watched between checks (its exit ends the wait at once), and readiness is
+        asked through one client session after 5 ms, then with a doubling wait up to 40 ms."""
         child = await asyncio.to_thread(self._spawn)
         self._children.append(child)
-
-        async def answering() -> bool:
-            if child.poll() is not None:
-                raise DriverError(
-                    f"the server exited at start (code {child.returncode}): {self._last_log_line()}"
-                )
-            return self._pid() == child.pid and await self.health() is None
-
-        polling = AsyncRetrying(
-            stop=stop_after_delay(timeout),
-            wait=wait_fixed(POLL_INTERVAL / 2),
-            retry=retry_if_result(lambda ready: not ready),
-        )
-        try:
-            await polling(answering)
-        except RetryError:
-            raise DriverError(f"the server did not answer within {timeout:g}s") from None
+        deadline = time.monotonic() + timeout
+        wait = READY_FIRST_WAIT
+        async with self.admin.reused():
+            while True:
+                await asyncio.sleep(wait)
+                if child.poll() is not None:
+                    raise DriverError(
+                        f"the server exited at start (code {child.returncode}): "
+                        f"{self._last_log_line()}"
+                    )
+                if self._pid() == child.pid and await self.health() is None:
+                    return
+                if time.monotonic() >= deadline:
+                    raise DriverError(f"the server did not answer within {timeout:g}s")
+                wait = min(wait * 2, READY_MAX_WAIT)
 
     def _last_log_line(self) -> str:
         try:

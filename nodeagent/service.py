@@ -16,7 +16,7 @@ import os
 import re
 import tempfile
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -48,6 +48,7 @@ from tlsroll.rpc import (
     failed_precondition,
     invalid,
     map_errors,
+    map_stream_errors,
     not_found,
     peer_certificate,
     timestamp,
@@ -69,6 +70,7 @@ ROLLOUT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 DEFAULT_MAX_CLOCK_OFFSET = 120
 DEFAULT_FREEZE_LEASE = 300
 LEASE_CHECK_SECONDS = 1.0
+WATCH_RECHECK_SECONDS = 5.0  # WatchTransaction reads the journal again at least this often
 log = logs.get_logger(__name__)
 
 
@@ -369,6 +371,8 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
     @map_errors(ERRORS)
     async def Stage(self, request: agent_pb2.StageRequest, context: Ctx) -> agent_pb2.StageResponse:
         rollout_id = await self._command(context, request.command)
+        if request.own_certificate:
+            return await self._stage_own(rollout_id, request)
         async with self._lock:
             staged = await asyncio.to_thread(self.journal.staged, rollout_id)
             if staged is None:
@@ -393,17 +397,81 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             fingerprint=fingerprint, not_after=timestamp(cert.not_valid_after_utc)
         )
 
-    def _store_cert(self, staged: Staged, cert: x509.Certificate, ca: x509.Certificate) -> str:
-        """Write the certificate and the CA beside the staged key, journalled (blocking)."""
+    def _store_cert(
+        self,
+        staged: Staged,
+        cert: x509.Certificate,
+        ca: x509.Certificate | Sequence[x509.Certificate],
+        intermediates: Sequence[x509.Certificate] = (),
+    ) -> str:
+        """Write the certificate (and intermediates, served with it) and the CA(s) beside the
+        staged key, journalled (blocking)."""
         cert_file = staged.key_file.with_name("server.pem")
         ca_file = staged.key_file.with_name("ca.pem")
-        write_atomic(ca_file, pki.cert_to_pem(ca), PUBLIC)
-        write_atomic(cert_file, pki.cert_to_pem(cert), PUBLIC)
+        cas = [ca] if isinstance(ca, x509.Certificate) else list(ca)
+        write_atomic(ca_file, b"".join(pki.cert_to_pem(c) for c in cas), PUBLIC)
+        chain = b"".join(pki.cert_to_pem(c) for c in (cert, *intermediates))
+        write_atomic(cert_file, chain, PUBLIC)
         fingerprint = pki.fingerprint(cert)
         self.journal.record_stage(
             staged.rollout_id, cert_file, ca_file, fingerprint, cert.not_valid_after_utc
         )
         return fingerprint
+
+    async def _stage_own(
+        self, rollout_id: str, request: agent_pb2.StageRequest
+    ) -> agent_pb2.StageResponse:
+        """``--cert-dir``: the practice's certificate and key, made off the node. Checked here
+        again (key matches, chain to the CA sent, SAN covers this node's names, valid now)
+        before anything is written; the key is written 0600 and never logged. A replay (the
+        answer was lost) writes the same files again."""
+        driver = self._driver()
+        certs = pki.load_certs_pem(request.certificate_pem)
+        cas = pki.load_certs_pem(request.ca_certificate_pem)
+        if not certs or not cas or not all(pki.is_ca(c) for c in cas):
+            raise invalid("own certificate: a certificate and CA certificates are needed")
+        cert, intermediates = certs[0], certs[1:]
+        if pki.chain_to(cert, intermediates, cas) is None:
+            raise invalid("own certificate: it does not chain to the CA sent with it")
+        if not request.private_key_pem:
+            raise invalid("own certificate: its private key is missing")
+        key = pki.load_key_pem(request.private_key_pem)
+        if not pki.key_matches(cert, key):
+            raise invalid("own certificate: the private key does not match it")
+        lacks = pki.san_lacks(cert, self.cfg.names)
+        if lacks is None or lacks:
+            raise invalid(
+                f"own certificate: its SAN lacks {', '.join(lacks or ['everything'])}, "
+                "which this node serves on"
+            )
+        pki.check_valid_now(cert, self.clock())
+        async with self._lock:
+            if await asyncio.to_thread(self.journal.get, rollout_id, TxnKind.SWITCH) is not None:
+                raise failed_precondition(f"rollout {rollout_id} is already switching this node")
+            staged = await asyncio.to_thread(self._own_key, driver, rollout_id, key)
+            # The intermediates in the CA file too: workstations build the server's chain
+            # with the bundle the bootstrap service hands them.
+            bundle = [*cas, *(c for c in intermediates if c not in cas)]
+            fingerprint = await asyncio.to_thread(
+                self._store_cert, staged, cert, bundle, intermediates
+            )
+        log.info("stage.done", rollout_id=rollout_id, cert_fingerprint=fingerprint, own=True)
+        return agent_pb2.StageResponse(
+            fingerprint=fingerprint, not_after=timestamp(cert.not_valid_after_utc)
+        )
+
+    def _own_key(self, driver: Driver, rollout_id: str, key: pki.PrivateKey) -> Staged:
+        """Write the practice's key where CreateCSR would have made one (0600), journalled
+        with no CSR (blocking)."""
+        stage_dir = plans.stage_dir(driver, rollout_id)
+        stage_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        key_file = stage_dir / "server.key"
+        pki.write_key(key_file, key)
+        if self.journal.staged(rollout_id) is None:
+            self.journal.record_csr(rollout_id, key_file, b"")
+        staged = self.journal.staged(rollout_id)
+        assert staged is not None
+        return staged
 
     # --- transactions -------------------------------------------------------------------------
 
@@ -425,8 +493,8 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             done = str(existing.plan.get("change", "")) if existing is not None else ""
             if existing is not None and change and done and done != change:
                 raise failed_precondition(
-                    f"rollout id {rollout_id} already names a {done} switch on this node; "
-                    f"a {change} needs a rollout id of its own"
+                    f"rollout id {rollout_id} already names another switch on this node "
+                    f"({done}); {change} needs a rollout id of its own"
                 )
             if existing is not None:  # a replay: report, never run twice
                 if not existing.finished:
@@ -556,6 +624,32 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         await asyncio.to_thread(self.journal.set_freeze_lease, None)
         log.info("scope_freeze.off", rollout_id=rollout_id)
         return agent_pb2.FreezeResponse(frozen=False, watermark=await driver.watermark())
+
+    @map_stream_errors(ERRORS)
+    async def WatchTransaction(
+        self, request: agent_pb2.GetTransactionRequest, context: Ctx
+    ) -> AsyncIterator[agent_pb2.Transaction]:
+        """The transaction now, then again each time the runner journals a change to it (its
+        ``changes`` event: no polling); the stream ends once it has an outcome. A leader whose
+        stream broke opens a new one and gets the current state first, so it misses nothing."""
+        require_leader(context, self.trust)
+        kind = TXN_KIND.read(request.kind, "kind")
+        sent: Txn | None = None
+        while True:
+            changed = self.runner.changes.next() if self.runner is not None else None
+            txn = await asyncio.to_thread(self.journal.get, request.rollout_id, kind)
+            if txn is None:
+                raise not_found(f"no {kind.value} transaction for rollout {request.rollout_id!r}")
+            if txn != sent:
+                yield txn_message(txn)
+                sent = txn
+            if txn.finished or changed is None:
+                return
+            # The timeout only guards against a change journalled outside the runner (a
+            # replay after a restart is another process, so another stream); it sends nothing
+            # unless the record changed.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(changed.wait(), WATCH_RECHECK_SECONDS)
 
     @map_errors(ERRORS)
     async def GetTransaction(

@@ -262,6 +262,24 @@ class Checks:
 Sleep = Callable[[float], Awaitable[None]]
 
 
+class TxnChanges:
+    """Tells whoever waits that a transaction's journal record changed (``WatchTransaction``
+    streams each state to the leader as it is journalled, instead of the leader polling).
+
+    Take ``next()`` *before* reading the journal, then wait on it: a change journalled between
+    the read and the wait has set that very event, so none is missed."""
+
+    def __init__(self) -> None:
+        self._event = asyncio.Event()
+
+    def next(self) -> asyncio.Event:
+        return self._event
+
+    def changed(self) -> None:
+        event, self._event = self._event, asyncio.Event()
+        event.set()
+
+
 class Runner:
     """Runs transactions as asyncio tasks, one at a time per node."""
 
@@ -287,6 +305,7 @@ class Runner:
         self.dead = asyncio.Event()
         self.fatal = ""
         self._owed: asyncio.Task[None] | None = None  # lifts a freeze a failed transaction owes
+        self.changes = TxnChanges()  # set after every journalled phase (WatchTransaction)
 
     def busy_with(self) -> Txn | None:
         """Blocking (reads the journal)."""
@@ -487,6 +506,7 @@ class Runner:
         journal's writes (``update``, ``fail``, ``complete``), in a thread."""
         txn = await asyncio.to_thread(write, txn, *args, **changes)
         self._journalled(txn.phase)
+        self.changes.changed()
         return txn
 
     def _journalled(self, phase: Phase) -> None:

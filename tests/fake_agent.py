@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 from collections import Counter
-from collections.abc import Iterator, Mapping
+from collections.abc import AsyncIterator, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 
 from cryptography import x509
@@ -51,6 +51,7 @@ from tlsroll.v1 import agent_pb2
 START = dt.datetime(2026, 11, 30, 10, 0, tzinfo=dt.UTC)
 HTTP_PORT, HTTPS_PORT, BOOTSTRAP_PORT = 8080, 8443, 9443
 RESTART_SECONDS = 1.5
+WATCH_SECONDS = 0.3  # the fake stream's granularity in fake time
 
 
 class FakeClock:
@@ -309,6 +310,18 @@ class FakeAgent:
                 f"no {kind.value} transaction for rollout {request.rollout_id!r} (NOT_FOUND)"
             )
         return self._message(txn)
+
+    async def watch_transaction(
+        self, request: agent_pb2.GetTransactionRequest
+    ) -> AsyncIterator[agent_pb2.Transaction]:
+        """The stream as the fake world can give it: its states read every ``WATCH_SECONDS``
+        of fake time (each read is a ``get_transaction`` call in ``calls``)."""
+        while True:
+            txn = await self.get_transaction(request)
+            yield txn
+            if txn.outcome != agent_pb2.TRANSACTION_OUTCOME_PENDING:
+                return
+            await self.world.clock.sleep(WATCH_SECONDS)
 
     async def freeze(self, request: agent_pb2.FreezeRequest) -> agent_pb2.FreezeResponse:
         await self._arrive("freeze", request.command)

@@ -355,6 +355,32 @@ class Node:
 
 
 @contextlib.contextmanager
+def cluster_of(root: Path, count: int, **leader: object) -> Iterator[tuple[Cluster, list[Node]]]:
+    """A leader (``leader``: keys for leader.toml) and ``count`` nodes, node1 on the leader's
+    own address, each with its agent and reference server, all online. A node's agent left
+    stopped (SIGSTOP) by a test is continued before it is closed."""
+    addresses = [next_loopback() for _ in range(count)]
+    cluster = Cluster(root / "cluster", addresses[0], heartbeat_interval=1)
+    nodes = [Node(cluster, f"node{i + 1}", a, root / f"n{i}") for i, a in enumerate(addresses)]
+    try:
+        cluster.init("--node-name", "node1")
+        if leader:
+            cluster.write_leader_config(leader)
+        cluster.start_leader()
+        for node in nodes:
+            node.start()
+        cluster.wait_for_nodes_online([n.name for n in nodes])
+        yield cluster, nodes
+    finally:
+        for node in nodes:
+            with contextlib.suppress(Exception):
+                if node.agent is not None and node.agent.running:
+                    node.agent.send_signal(signal.SIGCONT)
+            node.close()
+        cluster.close()
+
+
+@contextlib.contextmanager
 def port_holder(address: str, port: int) -> Iterator[subprocess.Popen[bytes]]:
     """Another program (a small python process) listening on ``address:port``."""
     code = (

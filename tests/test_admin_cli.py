@@ -147,15 +147,24 @@ def test_ca_show_pin_is_the_sha256_of_the_ca_spki(cluster: Cluster) -> None:
 
     result = cluster.cli("ca", "show")
     assert result.returncode == 0, result.stderr
-    fields = dict(line.split(None, 1) for line in result.stdout.splitlines())
+    head, _, bundle = result.stdout.partition("trust bundle")
+    fields = dict(line.split(None, 1) for line in head.splitlines())
     assert fields["pin"] == pin
     assert fields["fingerprint"] == fingerprint
     assert "tlsroll multiserver CA" in fields["subject"]
+    # Residual time (about 10 years) and the trust bundle: the CA alone, issuing.
+    assert re.fullmatch(r"36[45]\dd \d+h", fields["residual"]), fields["residual"]
+    (member,) = [ln.split() for ln in bundle.splitlines() if fingerprint in ln]
+    assert member[0] == "issuing", member
 
     as_json = cluster.cli("ca", "show", "--json")
     data = json.loads(as_json.stdout)
     assert data["spki_pin"] == pin
     assert data["certificate_pem"].encode() == cluster.ca_pem
+    assert data["bundle_pem"].encode() == cluster.ca_pem
+    (entry,) = data["bundle"]
+    assert entry["fingerprint"] == fingerprint and entry["issuing"] is True
+    assert 3640 * 86400 < int(data["residual_seconds"]) <= 3650 * 86400
     assert "PRIVATE" not in result.stdout + as_json.stdout
 
 

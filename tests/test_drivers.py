@@ -9,6 +9,7 @@ driver (restart, status, freeze, unfreeze).
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import json
 import os
@@ -20,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
 import grpc
 import pytest
 from aiohttp import web
@@ -580,6 +582,33 @@ async def test_reference_driver_start_waits_for_the_server(tmp_path: Path) -> No
     assert await driver.health() is not None
 
 
+async def test_reference_driver_asks_readiness_through_one_client_session(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15: every readiness check made a new HTTP session (and waited 100 ms between
+    checks). A start and a restart now make one session each for all their checks; the
+    server's answers are real (a real reference server on its admin socket)."""
+    made: list[object] = []
+    real = aiohttp.ClientSession
+
+    def counting(*args: Any, **kwargs: Any) -> aiohttp.ClientSession:
+        session = real(*args, **kwargs)
+        made.append(session)
+        return session
+
+    monkeypatch.setattr(aiohttp, "ClientSession", counting)
+    driver = reference_driver(tmp_path)
+    try:
+        await driver.start()
+        assert len(made) == 1
+        first = driver._pid()
+        await driver.restart()
+        assert len(made) == 2
+        assert driver._pid() != first and await driver.health() is None
+    finally:
+        await driver.stop()
+
+
 async def test_reference_driver_start_fails_at_once_if_the_server_exits(tmp_path: Path) -> None:
     driver = reference_driver(tmp_path, no_such_key=1)  # the server refuses its config
     t0 = time.monotonic()
@@ -898,10 +927,18 @@ def test_the_agent_reports_the_exec_clients_and_caches_them(nodes: NodeFactory) 
         app_path=node.server.app_path,
         clients_refresh=600,
     )
-    with node.stub() as stub:
-        first = stub.GetStatus(agent_pb2.GetStatusRequest(), timeout=RPC_TIMEOUT).server.clients
-        again = stub.GetStatus(agent_pb2.GetStatusRequest(), timeout=RPC_TIMEOUT).server.clients
-    assert first == again
+    views: list[Any] = []
+
+    def reported() -> bool:  # the first read may outlast a status call (a slow machine)
+        with node.stub() as stub:
+            views.append(
+                stub.GetStatus(agent_pb2.GetStatusRequest(), timeout=RPC_TIMEOUT).server.clients
+            )
+        return bool(views[-1].source)
+
+    wait_until(reported, 30, "the agent to report the clients")
+    first = views[-1]
+    assert reported() and views[-1] == first
     assert first.source == "exec" and first.window_seconds == 3600
     assert [(c.scheme, c.address, c.workstation) for c in first.clients] == [
         ("https", "192.168.1.21", ""),
@@ -926,3 +963,29 @@ def test_a_heartbeat_carries_the_clients_of_the_status_view() -> None:
     assert list(live.schemes) == ["http", "https"]
     assert live.clients == view.clients
     assert live.clients.clients[0].workstation == "ws-empfang"
+
+
+async def test_a_slow_clients_command_runs_once_whoever_gives_up_waiting(tmp_path: Path) -> None:
+    """A heartbeat waits only so long for the view: giving up must neither kill the command
+    nor start another one; the next status gets what it printed."""
+    runs = tmp_path / "runs"
+    gate = tmp_path / "gate"
+    script = (
+        "import os, time\n"
+        f"open({str(runs)!r}, 'a').write('run\\n')\n"
+        f"while not os.path.exists({str(gate)!r}): time.sleep(0.02)\n"
+        f"print({json.dumps(json.dumps(GOOD))})\n"
+    )
+    driver = exec_driver(tmp_path, script, clients_timeout=60)
+    for _ in range(3):  # three callers give up while the command runs
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(driver.clients(), 0.05)
+    waiting = await driver.clients()  # one that waits its own while: the slow-read problem
+    assert waiting.clients == () and "still reading" in waiting.problem
+    gate.touch()
+    task = driver._clients_task
+    assert task is not None
+    view = await asyncio.wait_for(asyncio.shield(task), 30)
+    assert view.source == "exec" and len(view.clients) == 2
+    assert (await driver.clients()) == view  # cached now
+    assert runs.read_text() == "run\n"

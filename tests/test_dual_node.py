@@ -24,14 +24,14 @@ import grpc
 import pytest
 
 from nodeagent.transaction import CRASH_ENV
-from tests.cluster import Cluster
+from tests.cluster import Cluster, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import RPC_TIMEOUT, Node, NodeFactory, TxnView
-from tlsroll import pki
+from tlsroll import password, pki
 from tlsroll.clients import WORKSTATION_HEADER
 from tlsroll.enums import Change
 from tlsroll.tls import client_context
-from tlsroll.v1 import agent_pb2
+from tlsroll.v1 import agent_pb2, types_pb2
 from tlsroll.wire import CHANGE
 
 DUAL = ["http", "https"]
@@ -57,13 +57,16 @@ def make_node(cluster: Cluster, tmp_path: Path) -> Iterator[NodeFactory]:
 # --- the leader's calls ---------------------------------------------------------------------
 
 
-def switch(node: Node, rollout_id: str, change: Change, *, keep_http: bool = False) -> TxnView:
+def switch(
+    node: Node, rollout_id: str, change: Change, *, keep_http: bool = False, verifier: str = ""
+) -> TxnView:
     with node.stub() as stub:
         reply: agent_pb2.Transaction = stub.Switch(
             agent_pb2.SwitchRequest(
                 command=node.command(rollout_id),
                 change=CHANGE.wire(change),
                 keep_http=keep_http,
+                auth_verifier_json=verifier,
             ),
             timeout=RPC_TIMEOUT,
         )
@@ -94,10 +97,11 @@ def refused(call: object) -> grpc.RpcError:
     return info.value
 
 
-def go_dual(node: Node, rollout_id: str) -> str:
-    """Phase 1 on ``node``; the staged certificate's fingerprint."""
+def go_dual(node: Node, rollout_id: str, verifier: str = "") -> str:
+    """Phase 1 on ``node`` (with the auth password's ``verifier``, if given); the staged
+    certificate's fingerprint."""
     staged = node.stage(rollout_id)
-    switch(node, rollout_id, Change.ENABLE_TLS, keep_http=True)
+    switch(node, rollout_id, Change.ENABLE_TLS, keep_http=True, verifier=verifier)
     done = node.wait_txn(rollout_id)
     assert done.outcome == "completed", done.reason
     assert done.cert_fingerprint == staged.fingerprint
@@ -142,8 +146,12 @@ def assert_https_only(node: Node, fingerprint: str) -> None:
 def test_dual_switch_serves_both_and_finalize_closes_http(make_node: NodeFactory) -> None:
     node = make_node()
     first = node.post("http", {"note": "before"}).json()
-    fingerprint = go_dual(node, "t1")
+    secret = "Praxis-Passwort-2026"
+    verifier = password.verifier_to_json(password.make_verifier(secret, **password.TEST_PARAMS))
+    fingerprint = go_dual(node, "t1", verifier)
     assert_dual(node, fingerprint)
+    for scheme in ("http", "https"):  # the password is live on both listeners
+        assert node.post(scheme, {"password": secret}, path="login").status == 200
     pid = node.server_pid()
     # One store behind both: a write on http is read on https and the other way round.
     on_http = node.post("http", {"note": "dual via http"}).json()
@@ -163,7 +171,8 @@ def test_dual_switch_serves_both_and_finalize_closes_http(make_node: NodeFactory
     assert node.server_pid() != pid  # a real restart
     assert_https_only(node, fingerprint)
     view = status(node).server
-    assert view.verifier_digest == verifier_digest  # the same verifier
+    assert view.verifier_digest == verifier_digest != ""  # the same verifier
+    assert node.post("https", {"password": secret}, path="login").status == 200
     for entry in (first, on_http, on_https):
         assert node.get("https", f"entries/{entry['id']}").status == 200
 
@@ -341,11 +350,17 @@ def test_the_agent_reports_who_is_still_on_http(make_node: NodeFactory, tmp_path
         assert get_from(empfang, node.http_url(), name="ws-empfang") == 200
     assert get_from(labor, node.https_url(), context=ws_context) == 200
 
-    view = status(node).server.clients
+    expected = [("https", labor, "ws-labor", 1), ("http", empfang, "ws-empfang", 2)]
+    views: list[types_pb2.ClientsView] = []
+
+    def reported() -> bool:  # a status on a slow machine may still carry the previous view
+        views.append(status(node).server.clients)
+        return [(c.scheme, c.address, c.workstation, c.requests) for c in views[-1].clients] == (
+            expected
+        )
+
+    wait_until(reported, 30, f"the agent to report {expected}")
+    view = views[-1]
     assert view.source == "refserver" and view.problem == "" and view.window_seconds == 86400
-    assert [(c.scheme, c.address, c.workstation, c.requests) for c in view.clients] == [
-        ("https", labor, "ws-labor", 1),
-        ("http", empfang, "ws-empfang", 2),
-    ]
     for c in view.clients:
         assert c.first_seen.ToDatetime() <= c.last_seen.ToDatetime()

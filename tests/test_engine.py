@@ -29,6 +29,7 @@ import functools
 import json
 import random
 import tempfile
+from collections import Counter
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
@@ -216,7 +217,14 @@ class Audit:
 class Leader:
     """One leader process on the world's store file: its stores, engine and admin commands."""
 
-    def __init__(self, world: World, freeze_lease: int, crash_at: int, crash_after: bool) -> None:
+    def __init__(
+        self,
+        world: World,
+        freeze_lease: int,
+        crash_at: int,
+        crash_after: bool,
+        prepare_ahead: int = 0,
+    ) -> None:
         self.world = world
         self.store = open_store(world.path)
         self.schema = ScriptedSchema(self.store, crash_at=crash_at, crash_after=crash_after)
@@ -230,6 +238,7 @@ class Leader:
             freeze_lease,
             monotonic=clock.monotonic,
             sleep=clock.sleep,
+            prepare_ahead=prepare_ahead,
         )
         self.commands = Commands(
             self.store, self.schema, clock.wall, lambda _seen: True, LEADER, self.engine.wake.set
@@ -306,9 +315,14 @@ class World:
     agents: FakeAgents
 
     def boot(
-        self, *, freeze_lease: int = 300, crash_at: int = 0, crash_after: bool = False
+        self,
+        *,
+        freeze_lease: int = 300,
+        crash_at: int = 0,
+        crash_after: bool = False,
+        prepare_ahead: int = 0,
     ) -> Leader:
-        return Leader(self, freeze_lease, crash_at, crash_after)
+        return Leader(self, freeze_lease, crash_at, crash_after, prepare_ahead)
 
 
 def make_world(directory: Path, mp: pytest.MonkeyPatch) -> World:
@@ -399,6 +413,51 @@ async def test_enable_tls_switches_every_node_once_in_order(
     assert leader.schema.node_auth() == dict.fromkeys(ORDER, row.meta.auth_version)
     assert row.meta.auth_version == 1
     await leader.stop()
+
+
+async def test_pipelining_prepares_the_next_node_while_one_switches(world: World) -> None:
+    """prepare_ahead=1: the next node's preflight and stage run while a node switches; the
+    switches still run one at a time, in order, each after the previous node's confirm."""
+    leader = world.boot(prepare_ahead=1)
+    await leader.start(max_parallel=1)
+    row = await leader.run()
+    assert row.rollout.state is R.COMPLETED
+    assert states(row) == ALL_DONE
+    calls = [(c.node, c.method) for c in world.agents.calls]
+    assert [n for n, m in calls if m == "switch"] == list(ORDER)
+    first, second = ORDER[0], ORDER[1]
+    # The second node was prepared before the first one's switch began ...
+    assert calls.index((second, "stage")) < calls.index((first, "switch"))
+    # ... and its switch began only after the first node's switch and confirm ended.
+    last_of_first = max(i for i, (n, _m) in enumerate(calls) if n == first)
+    assert calls.index((second, "switch")) > last_of_first
+    assert most_in_flight(leader.audit()) == 2
+    await leader.stop()
+
+
+async def test_a_longer_transaction_costs_no_more_writes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15: the leader rewrote a node's details on every read of its transaction, so the
+    writes grew with the switch's duration. Now a write happens only when something changed:
+    a transaction six times as long makes exactly as many writes."""
+
+    async def writes(name: str, txn_seconds: float) -> Counter[str]:
+        (tmp_path / name).mkdir()
+        world = make_world(tmp_path / name, monkeypatch)
+        for agent in world.agents:
+            agent.txn_seconds = txn_seconds
+        leader = world.boot()
+        await leader.start(max_parallel=1)
+        row = await leader.run(passes=400)
+        assert row.rollout.state is R.COMPLETED
+        await leader.stop()
+        assert sum(c.method == "get_transaction" for c in world.agents.calls) > 3 * len(NODES)
+        return Counter(leader.schema.writes)
+
+    short, long = await writes("short", 0.5), await writes("long", 3.0)
+    assert long == short
+    assert long["update_detail"] <= 4 * len(NODES)  # preflight, stage, the switch's start and end
 
 
 # --- a leader crash at every persisted point --------------------------------------------------

@@ -19,7 +19,6 @@ import random
 import signal
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
@@ -27,8 +26,7 @@ import pytest
 
 from leader.wire import NODE_STATE, ROLLOUT_STATE
 from tests.cluster import Cluster, wait_until
-from tests.conftest import next_loopback
-from tests.nodeside import Node
+from tests.nodeside import Node, cluster_of
 from tests.test_switch import Writer
 from tlsroll.v1 import schema_pb2, schema_pb2_grpc
 
@@ -40,28 +38,6 @@ SAMPLE = [
     (fault, random.Random(SEED + i).choice(STEPS)) for i, fault in enumerate(FAULTS)
 ]  # one step per fault, the same on every run with the same seed
 MATRIX = [(f, s) for f in FAULTS for s in STEPS if (f, s) not in SAMPLE]
-
-
-@contextlib.contextmanager
-def two_nodes(root: Path) -> Iterator[tuple[Cluster, list[Node]]]:
-    addresses = [next_loopback() for _ in range(2)]
-    cluster = Cluster(root / "cluster", addresses[0], heartbeat_interval=1)
-    nodes = [Node(cluster, f"node{i + 1}", a, root / f"n{i}") for i, a in enumerate(addresses)]
-    try:
-        cluster.init("--node-name", "node1")
-        cluster.write_leader_config({"step_deadline": 15, "scope_freeze_lease": 20})
-        cluster.start_leader()
-        for node in nodes:
-            node.start()
-        cluster.wait_for_nodes_online([n.name for n in nodes])
-        yield cluster, nodes
-    finally:
-        for node in nodes:
-            with contextlib.suppress(Exception):
-                if node.agent is not None and node.agent.running:
-                    node.agent.send_signal(signal.SIGCONT)
-            node.close()
-        cluster.close()
 
 
 def schema(cluster: Cluster) -> schema_pb2.Schema:
@@ -122,7 +98,7 @@ def server_answers(node: Node) -> bool:
 
 def run_scenario(fault: str, step: str, root: Path) -> None:
     rng = random.Random(f"{SEED}-{fault}-{step}")
-    with two_nodes(root) as (cluster, nodes):
+    with cluster_of(root, 2, step_deadline=15, scope_freeze_lease=20) as (cluster, nodes):
         node2 = nodes[1]
         stop = threading.Event()
         writers = [Writer(n, stop) for n in nodes]

@@ -6,7 +6,6 @@ to the end. A real leader, agents and reference servers, with writes checked thr
 
 from __future__ import annotations
 
-import contextlib
 import json
 import os
 import signal
@@ -18,8 +17,7 @@ from typing import Any
 import pytest
 
 from tests.cluster import Cluster, wait_until
-from tests.conftest import next_loopback
-from tests.nodeside import Node, port_holder
+from tests.nodeside import Node, cluster_of, port_holder
 from tests.refserver_helper import http_request
 from tlsroll import tls
 from tlsroll.v1 import agent_pb2
@@ -27,31 +25,9 @@ from tlsroll.v1 import agent_pb2
 ENDED = ("completed", "halted", "aborted")
 
 
-@contextlib.contextmanager
-def three_nodes(root: Path, **leader: object) -> Iterator[tuple[Cluster, list[Node]]]:
-    """A leader (``leader``: keys for leader.toml) and node1 (the leader node), node2, node3,
-    each with its reference server, all online."""
-    addresses = [next_loopback() for _ in range(3)]
-    cluster = Cluster(root / "cluster", addresses[0], heartbeat_interval=1)
-    nodes = [Node(cluster, f"node{i + 1}", a, root / f"n{i}") for i, a in enumerate(addresses)]
-    try:
-        cluster.init("--node-name", "node1")
-        if leader:
-            cluster.write_leader_config(leader)
-        cluster.start_leader()
-        for node in nodes:
-            node.start()
-        cluster.wait_for_nodes_online([n.name for n in nodes])
-        yield cluster, nodes
-    finally:
-        for node in nodes:
-            node.close()
-        cluster.close()
-
-
 @pytest.fixture
 def three(tmp_path: Path) -> Iterator[tuple[Cluster, list[Node]]]:
-    with three_nodes(tmp_path) as world:
+    with cluster_of(tmp_path, 3) as world:
         yield world
 
 
@@ -201,7 +177,7 @@ def test_an_agent_that_stops_answering_neither_wedges_abort_nor_the_rollout(
     once (the node in preflight is skipped, nothing on it was touched), well within the
     step deadline (20 s here); a retry while the agent is away is refused naming it, and
     once it answers again the retry finishes the rollout."""
-    with three_nodes(tmp_path, step_deadline=20) as (cluster, nodes):
+    with cluster_of(tmp_path, 3, step_deadline=20) as (cluster, nodes):
         stopped_agent(cluster, nodes, tmp_path)
 
 

@@ -11,6 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from leader.planner import (
+    PREPARING,
+    SWITCH_SLOT,
     AlreadyUndone,
     AuthDecision,
     EmptyScope,
@@ -86,6 +88,7 @@ class Engine:
     rollout: Rollout
     nodes: tuple[NodeRecord, ...]
     plans: list[Plan] = field(default_factory=list)
+    prepare_ahead: int = 0
 
     @classmethod
     def cluster(
@@ -97,6 +100,7 @@ class Engine:
         failure_budget: int = 0,
         freeze: FreezeMode = FreezeMode.NODE,
         strategy: Strategy = Strategy.DIRECT,
+        prepare_ahead: int = 0,
     ) -> Engine:
         """A started-from-scratch rollout over ``names`` (all online), epoch 3."""
         rollout, nodes = plan_rollout(
@@ -111,11 +115,11 @@ class Engine:
             failure_budget=failure_budget,
             freeze=freeze,
         )
-        return cls(rollout, nodes)
+        return cls(rollout, nodes, prepare_ahead=prepare_ahead)
 
     def plan(self) -> Plan:
         """Ask the planner, persist the plan's events, return the plan."""
-        plan = next_actions(self.rollout, self.nodes)
+        plan = next_actions(self.rollout, self.nodes, prepare_ahead=self.prepare_ahead)
         self.rollout, self.nodes = apply_plan(self.rollout, self.nodes, plan)
         self.plans.append(plan)
         return plan
@@ -189,6 +193,47 @@ def test_three_nodes_one_at_a_time() -> None:
     assert plan.rollout_events == (RE.NODES_SETTLED,)
     assert eng.status() is R.COMPLETED
     assert eng.plan() == Plan(epoch=3)
+
+
+def test_pipelining_prepares_the_next_node_while_one_switches() -> None:
+    """prepare_ahead=1: b is preflighted and staged while a switches (nothing live changes on
+    b), but b switches only after a, and never two at once with max_parallel 1."""
+    eng = Engine.cluster(prepare_ahead=1)
+    plan = eng.admin(RE.START)
+    assert plan.nodes_with_event(NE.START) == ("a", "b")
+    eng.succeed("b")
+    plan = eng.succeed("b")  # b is staged first: it waits for a, which is still preparing
+    assert eng.states() == {"a": N.PREFLIGHT, "b": N.STAGED, "c": N.PENDING}
+    assert plan.nodes_with_event(NE.SWITCH) == ()
+    eng.succeed("a")
+    plan = eng.succeed("a")  # a staged: a switches; b keeps waiting, c waits for a slot
+    assert plan.nodes_with_event(NE.SWITCH) == ("a",)
+    assert eng.states() == {"a": N.SWITCHING, "b": N.STAGED, "c": N.PENDING}
+    plan = eng.succeed("a")  # confirming: still a's switch slot
+    assert plan.nodes_with_event(NE.SWITCH) == () and plan.nodes_with_event(NE.START) == ()
+    plan = eng.succeed("a")  # a done: b switches and c starts preparing, in one plan
+    assert plan.nodes_with_event(NE.SWITCH) == ("b",)
+    assert plan.nodes_with_event(NE.START) == ("c",)
+    assert eng.states() == {"a": N.DONE, "b": N.SWITCHING, "c": N.PREFLIGHT}
+    eng.finish("c")  # c is ready before b is done: it waits
+    assert eng.states() == {"a": N.DONE, "b": N.SWITCHING, "c": N.STAGED}
+    eng.finish("b")
+    eng.finish("c")
+    assert eng.status() is R.COMPLETED
+
+
+def test_pipelining_keeps_the_seeds_safety_a_failed_switch_switches_nothing_else() -> None:
+    """A switch that rolls back halts the rollout (budget 0): the node prepared meanwhile is
+    skipped without switching, and no other node starts."""
+    eng = Engine.cluster(prepare_ahead=1)
+    eng.admin(RE.START)
+    eng.finish("b")
+    eng.succeed("a")
+    eng.succeed("a")  # a switching, b staged
+    plan = eng.outcome("a", NE.SWITCH_ROLLED_BACK, "server did not come back")
+    assert plan.nodes_with_event(NE.SWITCH) == () and plan.nodes_with_event(NE.START) == ()
+    assert eng.states() == {"a": N.ROLLED_BACK, "b": N.SKIPPED, "c": N.SKIPPED}
+    assert eng.status() is R.HALTED
 
 
 def test_two_at_a_time() -> None:
@@ -519,11 +564,17 @@ def check_plan(rollout: Rollout, plan: Plan) -> None:
     assert all(a.epoch == rollout.epoch for a in plan.steps)
 
 
-def check_records(rollout: Rollout, nodes: tuple[NodeRecord, ...]) -> None:
+def check_records(rollout: Rollout, nodes: tuple[NodeRecord, ...], ahead: int = 0) -> None:
     """What must hold of the records at every moment."""
     states = [n.state for n in nodes]
     failures = sum(s in FAILED_NODE_STATES for s in states)
-    assert sum(s in IN_FLIGHT_NODE_STATES for s in states) <= rollout.max_parallel
+    assert sum(s in IN_FLIGHT_NODE_STATES for s in states) <= rollout.max_parallel + ahead
+    assert sum(s in SWITCH_SLOT for s in states) <= rollout.max_parallel
+    if ahead:  # a node switches only once every node before it in order has begun
+        for i, n in enumerate(nodes):
+            if n.state in SWITCH_SLOT:
+                before = {m.state for m in nodes[:i]}
+                assert not before & (PREPARING | {N.PENDING}), (n.name, states)
     if rollout.state in TERMINAL_ROLLOUT_STATES:
         assert all(s in TERMINAL_NODE_STATES for s in states)
         assert not any(n.scope_frozen for n in nodes)
@@ -574,12 +625,14 @@ def run(eng: Engine, op: Op) -> None:
             new = node.with_event(event, None if op.ok else "it broke")
             eng.nodes = (*eng.nodes[:i], new, *eng.nodes[i + 1 :])
     else:  # the planner itself must never make an illegal move
-        check_plan(eng.rollout, next_actions(eng.rollout, eng.nodes))
+        check_plan(
+            eng.rollout, next_actions(eng.rollout, eng.nodes, prepare_ahead=eng.prepare_ahead)
+        )
         plan = eng.plan()
-        check_records(eng.rollout, eng.nodes)
+        check_records(eng.rollout, eng.nodes, eng.prepare_ahead)
         if isinstance(op, Ack):
             eng.ack(plan)
-    check_records(eng.rollout, eng.nodes)
+    check_records(eng.rollout, eng.nodes, eng.prepare_ahead)
 
 
 @settings(max_examples=200, deadline=None)
@@ -590,6 +643,7 @@ def run(eng: Engine, op: Op) -> None:
     freeze=st.sampled_from(FreezeMode),
     strategy=st.sampled_from(Strategy),
     script=st.lists(ops, max_size=60),
+    prepare_ahead=st.integers(0, 2),
 )
 def test_random_events_keep_the_rollout_sound_and_it_always_ends(
     size: int,
@@ -598,6 +652,7 @@ def test_random_events_keep_the_rollout_sound_and_it_always_ends(
     freeze: FreezeMode,
     strategy: Strategy,
     script: list[Op],
+    prepare_ahead: int,
 ) -> None:
     eng = Engine.cluster(
         " ".join(f"n{i}" for i in range(size)),
@@ -606,6 +661,7 @@ def test_random_events_keep_the_rollout_sound_and_it_always_ends(
         failure_budget=failure_budget,
         freeze=freeze,
         strategy=strategy,
+        prepare_ahead=prepare_ahead,
     )
     for op in script:
         run(eng, op)

@@ -466,6 +466,22 @@ def test_agents_renew_and_the_expiry_watch_sees_them(cluster: Cluster) -> None:
     ]
     assert len(warned) == 1
 
+    # node3 recovers by doing what the line says: removed, a fresh token, the expired
+    # certificate moved aside, the token given to the agent; it enrols and renews again.
+    assert cluster.cli("nodes", "remove", "node3", "--yes").returncode == 0
+    token = cluster.create_token("node3", node3.address)
+    node3.cert_file.rename(node3.cert_file.with_name("node.pem.expired"))
+    node3.write_config({"leader": {"join_token": token}})
+    node3.start()
+    cluster.wait_for_nodes_online(["node3"])
+    fresh = node3.cert()
+    assert fresh.serial_number != cert3.serial_number
+    assert fresh.not_valid_after_utc > dt.datetime.now(UTC)
+    assert _row(cluster, "node3")["cert_serial"] == f"{fresh.serial_number:x}"
+    report = json.loads(cluster.cli("certs", "check-expiration", "--json").stdout)
+    (c3,) = [c for c in report["certificates"] if c.get("subject") == "node3"]
+    assert int(c3["residual_seconds"]) > 0 and c3["serial"] == f"{fresh.serial_number:x}"
+
 
 def _pool_credentials(cluster: Cluster) -> tuple[grpc.ChannelCredentials, str]:
     chain, key = cluster.leader_credentials()
@@ -498,6 +514,13 @@ def test_a_failing_renewal_shows_in_nodes_and_the_schema(cluster: Cluster) -> No
     schema = json.loads(cluster.cli("schema", "show", "--json").stdout)
     (failure,) = [f for f in schema["renewal_failures"] if f["node"] == "node9"]
     assert failure["reason"].startswith("leader said no")
+    # The text of `schema show` says it too: which node, since when, why (plain text).
+    text = cluster.cli("schema", "show")
+    assert text.returncode == 0, text.stderr
+    assert "agent certificate renewals failing" in text.stdout, text.stdout
+    (row,) = [ln for ln in text.stdout.splitlines() if " node9 " in ln]
+    assert "leader said no" in row and f"{since:%Y-%m-%d %H:%M:%S} UTC" in row, row
+    assert "\x1b" not in text.stdout
 
 
 def test_the_viewer_certificate_is_renewed_while_the_leader_runs(cluster: Cluster) -> None:
@@ -767,3 +790,86 @@ def test_a_due_leader_certificate_is_issued_again_at_start(cluster: Cluster) -> 
     report = json.loads(cluster.cli("certs", "check-expiration", "--json").stdout)
     (leader,) = [c for c in report["certificates"] if c["kind"] == "leader"]
     assert leader["fingerprint"] == pki.fingerprint(now)
+
+
+def _served_with_client_cert(cluster: Cluster, port: int, tmp: Path) -> Any:
+    """The certificate the leader presents on ``port`` to a client that shows a certificate
+    of the cluster (the leader's own, as any mTLS peer would) and trusts only the CA."""
+    import socket
+    import ssl
+
+    from cryptography import x509
+
+    chain, key = cluster.leader_credentials()
+    (tmp / "c.pem").write_bytes(chain)
+    (tmp / "k.pem").touch(0o600)
+    (tmp / "k.pem").write_bytes(key)
+    ctx = ssl.create_default_context(cadata=cluster.ca_pem.decode())
+    ctx.check_hostname = False  # the leader is checked by its identity, not its address
+    ctx.set_alpn_protocols(["h2"])
+    ctx.load_cert_chain(tmp / "c.pem", tmp / "k.pem")
+    with (
+        socket.create_connection((cluster.address, port), timeout=5) as raw,
+        ctx.wrap_socket(raw) as conn,
+    ):
+        der = conn.getpeercert(binary_form=True)
+    assert der is not None
+    return x509.load_der_x509_certificate(der)
+
+
+def test_the_leader_certificate_is_renewed_while_the_leader_runs(
+    cluster: Cluster, tmp_path: Path
+) -> None:
+    """The leader's own certificate (join and control ports), once due (within 30 days of its
+    end), is issued again while the leader runs and served to new connections with no restart;
+    the leader dials agents with it, and agents go on heartbeating."""
+    from leader.layout import read_passphrase
+    from nodeagent.identity import fetch_chain
+    from tlsroll.defaults import CONTROL_PORT, JOIN_PORT
+    from tlsroll.fsutil import write_atomic
+
+    agent = cluster.add_agent("node11", next_loopback())
+    cluster.wait_for_nodes_online(["node11"])
+    pid = cluster.leader.pid
+    before = _served_with_client_cert(cluster, CONTROL_PORT, tmp_path)
+    assert fetch_chain(cluster.address, JOIN_PORT)[0] == before
+    ca = pki.CertificateAuthority.load(
+        cluster.ca_cert_path, cluster.ca_key_path, read_passphrase(cluster.passphrase_path)
+    )
+    td = ca.trust_domain
+    key = pki.read_key(cluster.tls_key_path)
+    due = ca.issue(
+        key.public_key(),
+        pki.names_of(before),
+        client=True,
+        identity=spiffe.leader(td),
+        internal_dns=[spiffe.leader_host(td)],
+        lifetime=dt.timedelta(days=10),  # within the 30 days before its end: due
+    )
+    # What the running leader's next check finds on disk (as if 11 months had passed).
+    write_atomic(cluster.tls_cert_path, pki.cert_to_pem(due) + ca.cert_pem)
+    wait_until(
+        lambda: _served_with_client_cert(cluster, CONTROL_PORT, tmp_path) not in (before, due),
+        40,
+        "the leader serves a renewed certificate on its control port",
+    )
+    now = _served_with_client_cert(cluster, CONTROL_PORT, tmp_path)
+    assert cluster.leader.pid == pid and cluster.leader.running  # no restart
+    assert now.serial_number not in (before.serial_number, due.serial_number)
+    assert pki.read_cert(cluster.tls_cert_path) == now and pki.key_matches(now, key)
+    assert now.not_valid_after_utc > dt.datetime.now(UTC) + dt.timedelta(days=300)
+    assert spiffe.of(now) == spiffe.leader(td)
+    assert fetch_chain(cluster.address, JOIN_PORT)[0] == now
+    assert "leader.certificate_reloaded" in cluster.leader.event_names()
+    # The leader dials the agent with its new certificate (nodes --check asks each agent),
+    # and the agent's next heartbeats are accepted.
+    check = cluster.cli("nodes", "--check", "--json")
+    health = {n["name"]: n for n in json.loads(check.stdout)}
+    assert health["node11"]["health"] == "serving", health["node11"]
+    since = dt.datetime.now(UTC)
+    wait_until(
+        lambda: cluster.list_nodes()["node11"].last_heartbeat.ToDatetime(tzinfo=UTC) > since,
+        20,
+        "node11 heartbeats after the renewal",
+    )
+    agent.stop()

@@ -16,12 +16,14 @@ from leader.rollout_core import (
     Client,
     NodeEvent,
     NodeState,
+    RolloutAction,
     RolloutEvent,
     Scope,
     Strategy,
 )
 from leader.schema_store import (
     MAX_CLIENTS,
+    AlreadyTakenBack,
     RolloutBusy,
     RolloutMeta,
     SchemaStore,
@@ -227,3 +229,73 @@ def test_what_an_agent_reports_about_clients_is_cleaned_before_it_is_stored() ->
     first = rows[0]
     assert (first.scheme, first.last_seen, first.requests) == ("http", NOW, 3)
     assert "\x1b" not in first.address and "\n" not in first.workstation
+
+
+def test_a_switch_is_taken_back_once_even_when_two_rollbacks_cross(tmp_path: Path) -> None:
+    """Two `rollout rollback` commands planned at the same time both found nothing taking r1
+    back; the store itself refuses the second (FAILED_PRECONDITION at the admin API), whatever
+    state the first is in, and writes nothing. A retry of the first may go on."""
+    store = SchemaStore(tmp_path / "s.sqlite3")
+    new_rollout(store, "r1")
+
+    def end(rollout_id: str) -> None:
+        row = store.get(rollout_id)
+        assert row is not None
+        store.save_states(
+            row, row.rollout.with_action(RolloutAction.ABORT), row.records, NOW, "admin"
+        )
+        row = store.get(rollout_id)
+        assert row is not None
+        skipped = [r.with_event(NodeEvent.SKIP, "aborted") for r in row.records]
+        store.save_states(
+            row, row.rollout.with_event(RolloutEvent.NODES_SETTLED), skipped, NOW, "engine"
+        )
+
+    def rollback(rollout_id: str, *, once: bool = True) -> None:
+        rollout, nodes = planner.plan_rollout(
+            rollout_id=rollout_id,
+            change=Change.DISABLE_TLS,
+            scope=Scope.cluster(),
+            enrolled={"a": True, "b": True},
+            leader="a",
+            epoch=store.next_epoch(),
+        )
+        meta = RolloutMeta(created_at=NOW, started_by="admin:test", leader_node="a", undoes="r1")
+        store.create(rollout.with_event(RolloutEvent.START), nodes, meta, NOW, takes_back_once=once)
+
+    end("r1")
+    rollback("r2")
+    end("r2")
+    before = dump(tmp_path / "s.sqlite3")
+    with pytest.raises(
+        AlreadyTakenBack, match=r"^rollout r1 was already taken back by rollout r2 \(aborted\)"
+    ):
+        rollback("r3")
+    assert dump(tmp_path / "s.sqlite3") == before
+    rollback("r3", once=False)  # `rollout retry` of r2 keeps what it takes back
+    store.close()
+
+
+def test_node_details_that_did_not_change_are_not_written(tmp_path: Path) -> None:
+    """A step that learns nothing new writes nothing (issue 15: the leader rewrote the node's
+    details on every poll): the rows the store's connection changed (``total_changes``)."""
+    store = SchemaStore(tmp_path / "s.sqlite3")
+    new_rollout(store)
+    at = dt.datetime(2026, 11, 28, 12, 0, 1, tzinfo=dt.UTC)
+    store.update_detail("r1", "a", restart_seconds=0.4, freeze_started_at=at)
+
+    def changes() -> int:
+        with store.db.read() as db:
+            return db.total_changes
+
+    before = changes()
+    store.update_detail("r1", "a", restart_seconds=0.4, freeze_started_at=at)
+    store.update_detail("r1", "a", restart_seconds=0.4)
+    assert changes() == before
+    store.update_detail("r1", "a", restart_seconds=0.5)
+    assert changes() == before + 1
+    row = store.get("r1")
+    assert row is not None
+    detail = next(d for r, d in row.nodes if r.name == "a")
+    assert (detail.restart_seconds, detail.freeze_started_at) == (0.5, at)
+    store.close()

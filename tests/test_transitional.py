@@ -34,8 +34,8 @@ import pytest
 from nodeagent.transaction import CRASH_ENV
 from tests.cluster import Cluster, wait_until
 from tests.conftest import next_loopback
-from tests.nodeside import Node
-from tests.test_level_based import live, password_file, three_nodes
+from tests.nodeside import Node, cluster_of
+from tests.test_level_based import live, password_file
 from tlsroll import tls
 
 WAITED = ("completed", "halted", "aborted", "awaiting_finalize")
@@ -147,7 +147,7 @@ def two_per_node(cluster: Cluster, nodes: list[Node]) -> Iterator[dict[str, list
 
 
 def schema(cluster: Cluster) -> dict[str, Any]:
-    out = cluster.cli("schema", "show", "--json")
+    out = cluster.cli("schema", "show", "--all", "--json")
     assert out.returncode == 0, out.stderr
     data: dict[str, Any] = json.loads(out.stdout)
     return data
@@ -255,7 +255,7 @@ def on_http_named(cluster: Cluster, node: str) -> list[str]:
 def test_phase_1_keeps_every_write_then_finalize_waits_for_the_workstation_that_stayed(
     tmp_path: Path,
 ) -> None:
-    with three_nodes(tmp_path) as (cluster, nodes), two_per_node(cluster, nodes) as world:
+    with cluster_of(tmp_path, 3) as (cluster, nodes), two_per_node(cluster, nodes) as world:
         wait_until(
             lambda: all(
                 ws.acked_on("http", dt.datetime.min.replace(tzinfo=dt.UTC)) >= 3
@@ -383,7 +383,7 @@ def after_the_crash(node: Node) -> None:
 def test_a_node_failing_in_each_phase_goes_back_to_the_side_it_came_from(
     tmp_path: Path,
 ) -> None:
-    with three_nodes(tmp_path) as (cluster, nodes), two_per_node(cluster, nodes) as world:
+    with cluster_of(tmp_path, 3) as (cluster, nodes), two_per_node(cluster, nodes) as world:
         node2 = nodes[1]  # the order: node2, node3, node1 (the leader node last)
         # Phase 1 fails on node2: back to http only, the rollout halts (budget 0).
         fail_next_switch(node2)
@@ -437,7 +437,7 @@ def test_a_node_failing_in_each_phase_goes_back_to_the_side_it_came_from(
 
 @pytest.mark.timeout(420)
 def test_rollback_from_dual_returns_every_node_to_http_and_ends_the_wait(tmp_path: Path) -> None:
-    with three_nodes(tmp_path) as (cluster, nodes), two_per_node(cluster, nodes) as world:
+    with cluster_of(tmp_path, 3) as (cluster, nodes), two_per_node(cluster, nodes) as world:
         phase1 = start_transitional(cluster, tmp_path, "--wait")
         assert rollout(cluster, phase1)["state"] == "awaiting_finalize"
         # An abort of a waiting rollout would hide that its nodes are dual: refused, with the
@@ -469,7 +469,7 @@ def test_rollback_from_dual_returns_every_node_to_http_and_ends_the_wait(tmp_pat
 
 @pytest.mark.timeout(420)
 def test_a_leader_killed_between_the_phases_finalizes_after_its_restart(tmp_path: Path) -> None:
-    with three_nodes(tmp_path) as (cluster, nodes), two_per_node(cluster, nodes) as world:
+    with cluster_of(tmp_path, 3) as (cluster, nodes), two_per_node(cluster, nodes) as world:
         phase1 = start_transitional(cluster, tmp_path, "--wait")
         assert rollout(cluster, phase1)["state"] == "awaiting_finalize"
         cluster.kill_leader()

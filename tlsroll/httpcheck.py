@@ -5,7 +5,9 @@ by the leader's confirm step. Blocking; call through ``asyncio.to_thread`` from 
 
 from __future__ import annotations
 
+import errno
 import http.client
+import os
 import socket
 import ssl
 from dataclasses import dataclass
@@ -14,6 +16,7 @@ from cryptography import x509
 
 from tlsroll import __version__, pki, tls
 from tlsroll.clients import PROBE_AGENT
+from tlsroll.errors import TransientError
 
 # tlsroll's own probes say so: a managed server must not count them as clients still on http.
 PROBE_HEADERS = {"User-Agent": f"{PROBE_AGENT}/{__version__}"}
@@ -23,13 +26,33 @@ PROBE_HEADERS = {"User-Agent": f"{PROBE_AGENT}/{__version__}"}
 # (ValueError, OverflowError), a certificate that does not parse (ValueError).
 PROBE_ERRORS = (OSError, http.client.HTTPException, ValueError, OverflowError)
 
+# Errors that say the machine *doing* the check ran short (descriptors, kernel memory), nothing
+# about the server looked at: the leader out of file descriptors must not roll back a node.
+LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+class LocalResourceError(TransientError):
+    """The checking side ran out of a resource (e.g. "Too many open files"): the check says
+    nothing about the server; try again later (and raise LimitNOFILE if it keeps happening)."""
+
+
+def _local_trouble(exc: BaseException, what: str) -> None:
+    """Raise ``LocalResourceError`` if ``exc`` is this machine's shortage, not the server's."""
+    if isinstance(exc, OSError) and exc.errno in LOCAL_ERRNOS:
+        raise LocalResourceError(
+            f"checking {what} from here: {os.strerror(exc.errno)} on this machine, not the "
+            "server's fault; it is tried again (raise LimitNOFILE if it persists)"
+        ) from None
+
 
 def port_open(address: str, port: int, timeout: float = 2.0) -> bool:
-    """True if something accepts TCP connections on ``address:port``; False on any failure."""
+    """True if something accepts TCP connections on ``address:port``; False on any failure of
+    the port's (``LocalResourceError`` if this machine ran out of descriptors)."""
     try:
         with socket.create_connection((address, port), timeout=timeout):
             return True
-    except PROBE_ERRORS:
+    except PROBE_ERRORS as exc:
+        _local_trouble(exc, f"{address}:{port}")
         return False
 
 
@@ -84,10 +107,11 @@ def check_https(
     address: str, port: int, path: str, ca_pem: bytes, fingerprint: str | None
 ) -> str | None:
     """None if https on ``address:port`` serves ``path`` with exactly the expected
-    certificate, else what is wrong."""
+    certificate, else what is wrong (``LocalResourceError`` if the checking side ran short)."""
     try:
         view = fetch_https(address, port, path, ca_pem)
     except PROBE_ERRORS as exc:
+        _local_trouble(exc, f"https://{address}:{port}{path}")
         return f"https://{address}:{port}{path}: {_describe(exc)}"
     if fingerprint and pki.fingerprint(view.certificate) != fingerprint:
         return (
@@ -100,10 +124,12 @@ def check_https(
 
 
 def check_http(address: str, port: int, path: str) -> str | None:
-    """None if plain http on ``address:port`` serves ``path`` with 200, else what is wrong."""
+    """None if plain http on ``address:port`` serves ``path`` with 200, else what is wrong
+    (``LocalResourceError`` if the checking side ran short)."""
     try:
         status = fetch_http(address, port, path)
     except PROBE_ERRORS as exc:
+        _local_trouble(exc, f"http://{address}:{port}{path}")
         return f"http://{address}:{port}{path}: {_describe(exc)}"
     return None if status == 200 else f"http://{address}:{port}{path} answered {status}"
 

@@ -224,6 +224,47 @@ def check_valid_now(cert: x509.Certificate, now: dt.datetime | None = None) -> N
         )
 
 
+MAX_CHAIN = 5
+
+
+def chain_to(
+    leaf: x509.Certificate,
+    intermediates: Sequence[x509.Certificate],
+    anchors: Sequence[x509.Certificate],
+) -> list[x509.Certificate] | None:
+    """The path leaf → intermediate CAs → one of ``anchors`` (each link's issuer name and
+    signature checked), or None if there is none (a certificate brought by the practice,
+    ``--cert-dir``, may come with intermediates)."""
+    path, current = [leaf], leaf
+    for _ in range(MAX_CHAIN):
+        for anchor in anchors:
+            if issued_by(current, anchor):
+                return [*path, anchor]
+        step = next((c for c in intermediates if c not in path and issued_by(current, c)), None)
+        if step is None or not is_ca(step):
+            return None
+        path.append(step)
+        current = step
+    return None
+
+
+def san_lacks(cert: x509.Certificate, names: Names) -> list[str] | None:
+    """Which of ``names``' addresses and DNS names the certificate's SAN lacks (``IP:…``,
+    ``DNS:…``; a DNS name may match a one-label wildcard); None if it has no SAN at all."""
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    except x509.ExtensionNotFound:
+        return None
+    ips = {str(i) for i in san.get_values_for_type(x509.IPAddress)}
+    dns = {d.lower().rstrip(".") for d in san.get_values_for_type(x509.DNSName)}
+    missing = [f"IP:{ip}" for ip in names.ips if str(ipaddress.ip_address(ip)) not in ips]
+    for name in names.dns:
+        wildcard = "*." + name.split(".", 1)[1] if "." in name else ""
+        if name not in dns and wildcard not in dns:
+            missing.append(f"DNS:{name}")
+    return missing
+
+
 def find_pinned_ca(chain: Sequence[x509.Certificate], pin: str) -> x509.Certificate:
     """Return the CA certificate in ``chain`` whose key matches ``pin``, having checked that it
     is a CA and that the first certificate (the server's) was issued by it."""
@@ -368,6 +409,9 @@ class CertificateAuthority:
             raise PKIError(PKIReason.KEY_MISMATCH, "CA")
         self.cert = cert
         self.key = key
+        # The lifetime of the certificates ``sign_csr`` issues (the nodes' https certificates);
+        # None: LEAF_VALIDITY_DAYS. The leader sets it from ``server_cert_lifetime``.
+        self.csr_lifetime: dt.timedelta | None = None
 
     @classmethod
     def create(
@@ -491,7 +535,8 @@ class CertificateAuthority:
         now: dt.datetime | None = None,
         identity: spiffe.Identity | None = None,
     ) -> x509.Certificate:
-        """Check ``csr`` against ``expected`` and issue a certificate for its key."""
+        """Check ``csr`` against ``expected`` and issue a certificate for its key, living
+        ``csr_lifetime``."""
         return self.issue(
             check_csr(csr, expected),
             expected,
@@ -499,6 +544,7 @@ class CertificateAuthority:
             client=client,
             now=now,
             identity=identity,
+            lifetime=self.csr_lifetime,
         )
 
     @property

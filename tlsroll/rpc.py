@@ -12,7 +12,7 @@ import errno
 import functools
 import ipaddress
 import socket
-from collections.abc import Awaitable, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from typing import Any, TypeVar
 
 import grpc
@@ -26,6 +26,7 @@ from tlsroll.errors import TerminalError, TransientError
 from tlsroll.wire import WireError
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+G = TypeVar("G", bound=Callable[..., AsyncIterator[Any]])
 ErrorMap = Mapping[type[BaseException], grpc.StatusCode]
 
 log = logs.get_logger(__name__)
@@ -91,24 +92,48 @@ def map_errors(mapping: ErrorMap) -> Callable[[F], F]:
         ) -> Any:
             try:
                 return await method(self, request, context)
-            except RpcStatusError as exc:
-                await context.abort(exc.code, str(exc))
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
-                code = status_for(exc, full)
-                if code is not None:
-                    await context.abort(code, str(exc))
-                log.error(
-                    "rpc.internal_error", method=method.__name__, error_type=type(exc).__name__
-                )
-                await context.abort(
-                    grpc.StatusCode.INTERNAL, "internal error; see the daemon's log"
-                )
+                await _abort_for(exc, full, method.__name__, context)
 
         return wrapper  # type: ignore[return-value]
 
     return decorate
+
+
+def map_stream_errors(mapping: ErrorMap) -> Callable[[G], G]:
+    """``map_errors`` for a server-streaming method (an async generator)."""
+    full = {**BASE_ERRORS, **mapping}
+
+    def decorate(method: G) -> G:
+        @functools.wraps(method)
+        async def wrapper(
+            self: Any, request: Any, context: grpc.aio.ServicerContext[Any, Any]
+        ) -> AsyncIterator[Any]:
+            try:
+                async for item in method(self, request, context):
+                    yield item
+            except grpc.aio.AbortError:
+                raise
+            except Exception as exc:
+                await _abort_for(exc, full, method.__name__, context)
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+async def _abort_for(
+    exc: Exception, full: ErrorMap, name: str, context: grpc.aio.ServicerContext[Any, Any]
+) -> None:
+    if isinstance(exc, RpcStatusError):
+        await context.abort(exc.code, str(exc))
+    code = status_for(exc, full)
+    if code is not None:
+        await context.abort(code, str(exc))
+    log.error("rpc.internal_error", method=name, error_type=type(exc).__name__)
+    await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the daemon's log")
 
 
 def peer_certificate(context: grpc.aio.ServicerContext[Any, Any]) -> x509.Certificate | None:

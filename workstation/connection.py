@@ -56,7 +56,7 @@ import os
 import socket
 import ssl
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from enum import IntEnum
 from pathlib import Path
@@ -366,22 +366,27 @@ class TestConnection:
         pinned = self._pinned(hello.ca_bundle_pem) if self.pin is not None else None
         node, node_url = hello.node, hello.server_url
         cert = key = None
+        # The whole bundle: intermediates to build the server's chain with (a practice's own
+        # certificates, ``--cert-dir``, may come through one), and the CA of the client
+        # certificate (the cluster's, which may not be the one pinned).
         if secret is not None:
             key = pki.generate_key()
             payload = self.exchange(server.host, port, hello, secret, key)
             node, node_url = payload.node, payload.server_url
+            bundle = self._cas(payload.ca_bundle_pem)  # sealed: confirmed by the password
             if pinned is not None:
                 trusted = self._pinned(payload.ca_bundle_pem)
                 how = f"pinned {self.pin} (and the password exchange confirmed)"
             else:
-                trusted = self._cas(payload.ca_bundle_pem)
+                trusted = bundle
                 how = "verified with the password (key exchange confirmed both ways)"
-            cert = self._client_cert(payload, key, trusted, where)
+            cert = self._client_cert(payload, key, bundle, where)
         else:
             assert pinned is not None  # without a password there is always a pin
             trusted, how = pinned, f"pinned {self.pin}"
+            bundle = self._cas(hello.ca_bundle_pem)  # parsed already: ``pinned`` is of it
         self.ui.say(f"ca        {how}")
-        ca = self.check_chain(server, server_cert, trusted)
+        ca = self.check_chain(server, server_cert, trusted, bundle)
         if node_url != server.url:
             self.ui.say(f"note      the node gives its address as {one_line(node_url)}")
         trusted_pem = b"".join(pki.cert_to_pem(c) for c in trusted)
@@ -580,10 +585,16 @@ class TestConnection:
             raise ClientError(Exit.FAILURE, f"bootstrap answer: {exc}") from None
 
     def check_chain(
-        self, server: ServerURL, cert: x509.Certificate, trusted: list[x509.Certificate]
+        self,
+        server: ServerURL,
+        cert: x509.Certificate,
+        trusted: list[x509.Certificate],
+        bundle: Sequence[x509.Certificate] = (),
     ) -> x509.Certificate:
-        """The certificate of (b) must come from a trusted CA; then a verified handshake."""
-        issuer = next((ca for ca in trusted if pki.issued_by(cert, ca)), None)
+        """The certificate of (b) must come from a trusted CA (directly, or through an
+        intermediate CA of the bundle); then a verified handshake. Returns that CA."""
+        path = pki.chain_to(cert, bundle, trusted)
+        issuer = path[-1] if path is not None else None
         if issuer is None:
             raise ClientError(
                 Exit.UNTRUSTED,

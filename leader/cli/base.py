@@ -167,6 +167,13 @@ def parse_duration(text: str) -> int:
     return int(m.group(1)) * _UNITS[m.group(2)]
 
 
-def fetch_schema(leader: Leader, rollout_id: str = "") -> schema_pb2.Schema:
+def fetch_schema(
+    leader: Leader, rollout_id: str = "", *, limit: int = 0, rollouts_only: bool = False
+) -> schema_pb2.Schema:
+    """The schema: one rollout (``rollout_id``), the newest ``limit`` (0: every one); with
+    ``rollouts_only`` without the failures, revocations and expiring certificates."""
+    request = schema_pb2.GetSchemaRequest(
+        rollout_id=rollout_id, limit=limit, rollouts_only=rollouts_only
+    )
     with leader.schema() as stub:
-        return leader.call(stub.GetSchema, schema_pb2.GetSchemaRequest(rollout_id=rollout_id))
+        return leader.call(stub.GetSchema, request)

@@ -8,12 +8,15 @@ or a monitoring check can run it as it is.
 
 from __future__ import annotations
 
+from typing import Any
+
 import click
+from rich.console import Group
 from rich.table import Table
 from rich.text import Text
 
 from leader.cli.base import Leader, emit_json, fail, fmt_time, out, pass_leader, to_dict
-from tlsroll.v1 import admin_pb2
+from tlsroll.v1 import admin_pb2, schema_pb2
 
 
 def residual(seconds: int) -> str:
@@ -75,3 +78,45 @@ def check_expiration(leader: Leader, as_json: bool) -> None:
     if reply.warning:
         count = sum(c.warning for c in reply.certificates)
         fail(f"{count} certificate(s) within their warning horizon or expired")
+
+
+def render_certificate_health(data: schema_pb2.Schema) -> Group | None:
+    """The certificate part of ``tlsroll schema show``: what is within its warning horizon,
+    which agents fail to renew their certificate, and what ``auto_rotate`` last decided; None
+    if there is nothing to say. Text from agents (a renewal's reason) is printed as plain text
+    (no rich markup)."""
+    parts: list[Any] = []
+    if data.expiring_certificates:
+        table = Table("kind", "subject", "expires", "residual", "serial")
+        for c in data.expiring_certificates:
+            table.add_row(
+                c.kind,
+                Text(c.subject or "-"),
+                fmt_time(c, "not_after"),
+                residual(c.residual_seconds),
+                c.serial or "-",
+            )
+        parts += [Text("certificates within their warning horizon", style="bold"), table]
+    if data.renewal_failures:
+        table = Table("node", "failing since", "reason", "its certificate ends")
+        for f in data.renewal_failures:
+            table.add_row(
+                Text(f.node),
+                fmt_time(f, "failing_since"),
+                Text(f.reason),
+                fmt_time(f, "cert_not_after"),
+            )
+        parts += [Text("agent certificate renewals failing", style="bold"), table]
+    auto = data.auto_rotate
+    if data.HasField("auto_rotate") and auto.enabled:
+        line = f"auto_rotate: {auto.verdict or 'not checked yet'}"
+        if auto.reason:
+            line += f" ({auto.reason})"
+        state = "open now" if auto.in_window else f"next opens {auto.next_window or '-'}"
+        line += f"; window {auto.window}, {state}"
+        if auto.due_nodes:
+            line += f"; due: {', '.join(auto.due_nodes)}"
+        if auto.rollout_id:
+            line += f"; last started: {auto.rollout_id}"
+        parts.append(Text(line))
+    return Group(*parts) if parts else None

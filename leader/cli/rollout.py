@@ -20,6 +20,7 @@ from rich.live import Live
 from rich.table import Table
 from rich.text import Text
 
+from leader import byo
 from leader.cli.base import (
     CLIError,
     Leader,
@@ -31,6 +32,7 @@ from leader.cli.base import (
     pass_leader,
     to_dict,
 )
+from leader.cli.certs import render_certificate_health
 from leader.cli.password import obtain_password, verifier_json
 from leader.rollout_core import (
     TERMINAL_ROLLOUT_STATES,
@@ -117,6 +119,14 @@ def scope_options(f: Any) -> Any:
         show_default=True,
         help="How many nodes may fail (and go back) before the rollout halts.",
     )(f)
+    f = click.option(
+        "--cert-dir",
+        type=click.Path(path_type=Path, file_okay=False, exists=True),
+        help="enable-tls, rotate-cert: the practice's own certificates instead of the cluster "
+        "CA's: DIR/ca.crt (the practice CA), DIR/<node>.crt (certificate, then intermediates) "
+        "and DIR/<node>.key (0600) for every node in scope; all checked before any node is "
+        "touched.",
+    )(f)
     f = click.option("--nodes", help="Comma-separated node names (scope 'nodes').")(f)
     f = click.option(
         "--scope",
@@ -155,6 +165,23 @@ def rollout_request(
         failure_budget=failure_budget,
         strategy=STRATEGY.wire(Strategy(strategy)),
     )
+
+
+def cert_dir_message(directory: Path) -> admin_pb2.CertDir:
+    """``--cert-dir`` for the leader (``leader.byo``: the layout). The keys go over the admin
+    socket to the leader, which keeps them in memory only until each node has its own."""
+    try:
+        material = byo.read_cert_dir(directory)
+    except OSError as exc:
+        raise CLIError(f"--cert-dir {directory}: cannot read it ({exc.strerror or exc})") from None
+    message = admin_pb2.CertDir(ca_pem=material.ca_pem)
+    for item in material.nodes.values():
+        node = message.nodes.add(
+            node=item.node, chain_pem=item.chain_pem, private_key_pem=item.key_pem
+        )
+        if item.key_mode is not None:
+            node.key_file_mode = item.key_mode
+    return message
 
 
 def _dt(msg: Any, field: str) -> dt.datetime | None:
@@ -311,12 +338,16 @@ def plan(
     freeze: str,
     change: str,
     strategy: str,
+    cert_dir: Path | None,
     as_json: bool,
 ) -> None:
     """Dry run: the update schema a rollout would make, from what each node runs now (nodes
     already in the wanted state show "already done"), its checks, what clients must do. With
-    --strategy transitional: both phases."""
+    --strategy transitional: both phases. With --cert-dir the certificates are checked too, and
+    any problem refuses the plan."""
     request = rollout_request(scope, nodes, max_parallel, freeze, change, failure_budget, strategy)
+    if cert_dir is not None:
+        request.cert_dir.CopyFrom(cert_dir_message(cert_dir))
     with leader.admin() as admin:
         reply = leader.call(admin.PlanRollout, request)
     if as_json:
@@ -350,6 +381,10 @@ def show_plan(reply: admin_pb2.PlanResponse) -> None:
     out.print("Checks and steps on each node:")
     for c in reply.checks:
         out.print(f"  - {c}")
+    if reply.certificates:
+        out.print("Certificates from --cert-dir (every check passed):")
+        for line in reply.certificates:
+            out.print(f"  - {line}")
     out.print("Important:")
     for w in reply.warnings:
         out.print(f"  ! {w}")
@@ -396,6 +431,7 @@ def rollout_start(
     freeze: str,
     change: str,
     strategy: str,
+    cert_dir: Path | None,
     password_file: Path | None,
     yes: bool,
     wait: bool,
@@ -406,6 +442,10 @@ def rollout_start(
     alone ("already done"), and a password the nodes already use is never replaced. With
     --strategy transitional the nodes keep http beside https until `tlsroll rollout finalize`."""
     request = rollout_request(scope, nodes, max_parallel, freeze, change, failure_budget, strategy)
+    if cert_dir is not None:
+        if change not in ("enable-tls", "rotate-cert"):
+            raise click.UsageError("--cert-dir goes with --change enable-tls or rotate-cert")
+        request.cert_dir.CopyFrom(cert_dir_message(cert_dir))
     if change != "enable-tls" and password_file is not None:
         raise click.UsageError("--password-file goes with enable-tls; use `tlsroll password set`")
     # A password file that is unusable or too weak fails before anything is asked or planned.
@@ -452,7 +492,7 @@ def started(view: schema_pb2.RolloutView, password_in_use: int = 0) -> None:
 def wait_for_end(leader: Leader, rollout_id: str, interval: float = 0.5) -> None:
     """Poll until the rollout ends, then exit as `rollout status` does."""
     while True:
-        schema = fetch_schema(leader, rollout_id)
+        schema = fetch_schema(leader, rollout_id, rollouts_only=True)
         state = ROLLOUT_STATE.text(schema.rollouts[0].state)
         if state in ENDS:
             break
@@ -622,7 +662,7 @@ def rollout_status(leader: Leader, rollout_id: str, as_json: bool) -> None:
     finish is back where it was); 4 a node needs attention (neither switched nor back: see its
     reason); 1 and 2 as for every command.
     """
-    schema = fetch_schema(leader, rollout_id)
+    schema = fetch_schema(leader, rollout_id, limit=1, rollouts_only=True)
     if not schema.rollouts:
         raise CLIError("no rollout yet; start one with: tlsroll rollout start --scope …")
     r = schema.rollouts[0]
@@ -668,19 +708,22 @@ def schema() -> None:
 
 @schema.command("show")
 @click.option("--rollout", "rollout_id", default="", help="Only this rollout.")
+@click.option("--all", "show_all", is_flag=True, help="Every rollout stored, not only the newest.")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.option("--watch", is_flag=True, help="Follow the newest rollout until it ends.")
 @pass_leader
-def schema_show(leader: Leader, rollout_id: str, as_json: bool, watch: bool) -> None:
-    """Show rollouts, nodes, states, times, freeze windows, addresses, cert expiry and failed
-    bootstrap passwords."""
+def schema_show(
+    leader: Leader, rollout_id: str, show_all: bool, as_json: bool, watch: bool
+) -> None:
+    """Show the active rollout (else the latest; --all: every one) with its nodes, states,
+    times, freeze windows, addresses and cert expiry, and failed bootstrap passwords."""
     if watch:
         try:
             watch_schema(leader, rollout_id, as_json)
         except KeyboardInterrupt:  # Ctrl-C is how one stops watching; the rollout goes on
             out.print("stopped watching; the rollout goes on (tlsroll schema show --watch)")
         return
-    data = fetch_schema(leader, rollout_id)
+    data = fetch_schema(leader, rollout_id, limit=0 if show_all or rollout_id else 1)
     if as_json:
         emit_json(to_dict(data))
         return
@@ -690,20 +733,30 @@ def schema_show(leader: Leader, rollout_id: str, as_json: bool, watch: bool) -> 
         out.print(render_rollout(r))
     if data.node_clients:
         out.print(render_clients(data.node_clients))
+    older = data.total_rollouts - len(data.rollouts)
+    if older > 0 and not rollout_id:
+        out.print(f"{older} older rollout(s) not shown: tlsroll schema show --all")
     if data.bootstrap_failures:
         out.print(render_failures(data.bootstrap_failures))
     if data.removed_nodes or data.revoked_certificates:
         out.print(render_revocations(data))
+    if (health := render_certificate_health(data)) is not None:
+        out.print(health)
 
 
 def watch_schema(leader: Leader, rollout_id: str, as_json: bool, interval: float = 0.5) -> None:
+    """Follow one rollout (the named one, else the newest) by asking for it alone, each time
+    without the rest of the schema."""
+    first = fetch_schema(leader, rollout_id, limit=1, rollouts_only=True)
+    if not first.rollouts:
+        raise CLIError("no rollout to watch")
+    r = first.rollouts[0]
+    watched = r.id
+
     def newest() -> schema_pb2.RolloutView | None:
-        data = fetch_schema(leader, rollout_id)
+        data = fetch_schema(leader, watched, rollouts_only=True)
         return data.rollouts[0] if data.rollouts else None
 
-    r = newest()
-    if r is None:
-        raise CLIError("no rollout to watch")
     if as_json:
         last = None
         while True:

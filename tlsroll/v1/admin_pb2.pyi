@@ -380,6 +380,7 @@ class RolloutRequest(_message.Message):
     AUTH_VERIFIER_JSON_FIELD_NUMBER: _builtins.int
     UNDO_ROLLOUT_ID_FIELD_NUMBER: _builtins.int
     STRATEGY_FIELD_NUMBER: _builtins.int
+    CERT_DIR_FIELD_NUMBER: _builtins.int
     change: _types_pb2.Change.ValueType
     """Required."""
     scope: _types_pb2.ScopeKind.ValueType
@@ -404,6 +405,13 @@ class RolloutRequest(_message.Message):
     def nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """SCOPE_KIND_NODES: the nodes."""
 
+    @_builtins.property
+    def cert_dir(self) -> Global___CertDir:
+        """enable-tls, rotate-cert: the practice's own certificates (`--cert-dir`) instead of keys
+        made on the nodes and signed by the cluster CA. Checked for every node in scope before any
+        node is touched (leader/byo.py).
+        """
+
     def __init__(
         self,
         *,
@@ -416,10 +424,11 @@ class RolloutRequest(_message.Message):
         auth_verifier_json: _builtins.str = ...,
         undo_rollout_id: _builtins.str = ...,
         strategy: _types_pb2.Strategy.ValueType = ...,
+        cert_dir: Global___CertDir | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["cert_dir", b"cert_dir"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth_verifier_json", b"auth_verifier_json", "change", b"change", "failure_budget", b"failure_budget", "freeze", b"freeze", "max_parallel", b"max_parallel", "nodes", b"nodes", "scope", b"scope", "strategy", b"strategy", "undo_rollout_id", b"undo_rollout_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth_verifier_json", b"auth_verifier_json", "cert_dir", b"cert_dir", "change", b"change", "failure_budget", b"failure_budget", "freeze", b"freeze", "max_parallel", b"max_parallel", "nodes", b"nodes", "scope", b"scope", "strategy", b"strategy", "undo_rollout_id", b"undo_rollout_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -456,6 +465,67 @@ class FinalizeRolloutRequest(_message.Message):
 Global___FinalizeRolloutRequest: _TypeAlias = FinalizeRolloutRequest  # noqa: Y015
 
 @_typing.final
+class CertDir(_message.Message):
+    """The files of a `--cert-dir` directory, as the CLI read them (layout: README, leader/byo.py)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CA_PEM_FIELD_NUMBER: _builtins.int
+    NODES_FIELD_NUMBER: _builtins.int
+    ca_pem: _builtins.bytes
+    """DIR/ca.crt: the practice CA that signed the node certificates (PEM, one or more)."""
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeCertificate]: ...
+    def __init__(
+        self,
+        *,
+        ca_pem: _builtins.bytes = ...,
+        nodes: _abc.Iterable[Global___NodeCertificate] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_pem", b"ca_pem", "nodes", b"nodes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CertDir: _TypeAlias = CertDir  # noqa: Y015
+
+@_typing.final
+class NodeCertificate(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    CHAIN_PEM_FIELD_NUMBER: _builtins.int
+    PRIVATE_KEY_PEM_FIELD_NUMBER: _builtins.int
+    KEY_FILE_MODE_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    chain_pem: _builtins.bytes
+    """DIR/<node>.crt: the node's certificate, then any intermediates (PEM; empty: missing)."""
+    private_key_pem: _builtins.bytes
+    """DIR/<node>.key. SECRET: never logged, never in an error, the audit or the schema; the
+    leader keeps it in memory only until the node has staged it (empty: missing).
+    """
+    key_file_mode: _builtins.int
+    """The permission bits of DIR/<node>.key; a key group or others can read is refused."""
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        chain_pem: _builtins.bytes = ...,
+        private_key_pem: _builtins.bytes = ...,
+        key_file_mode: _builtins.int | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_key_file_mode", b"_key_file_mode", "key_file_mode", b"key_file_mode"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_key_file_mode", b"_key_file_mode", "chain_pem", b"chain_pem", "key_file_mode", b"key_file_mode", "node", b"node", "private_key_pem", b"private_key_pem"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__key_file_mode: _TypeAlias = _typing.Literal["key_file_mode"]  # noqa: Y015
+    _WhichOneofArgType__key_file_mode: _TypeAlias = _typing.Literal["_key_file_mode", b"_key_file_mode"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__key_file_mode) -> _WhichOneofReturnType__key_file_mode | None: ...
+
+Global___NodeCertificate: _TypeAlias = NodeCertificate  # noqa: Y015
+
+@_typing.final
 class PlanResponse(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -464,6 +534,7 @@ class PlanResponse(_message.Message):
     CLIENT_STEPS_FIELD_NUMBER: _builtins.int
     WARNINGS_FIELD_NUMBER: _builtins.int
     PASSWORD_VERSION_IN_USE_FIELD_NUMBER: _builtins.int
+    CERTIFICATES_FIELD_NUMBER: _builtins.int
     password_version_in_use: _builtins.int
     """enable-tls: the nodes already run this auth password version (and the others get it too),
     so the CLI sends no new password; 0: the rollout needs a new one.
@@ -476,6 +547,10 @@ class PlanResponse(_message.Message):
     def client_steps(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
     def warnings(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    @_builtins.property
+    def certificates(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """`--cert-dir`: one line per node certificate that passed every check (fingerprint, expiry)."""
+
     def __init__(
         self,
         *,
@@ -484,10 +559,11 @@ class PlanResponse(_message.Message):
         client_steps: _abc.Iterable[_builtins.str] | None = ...,
         warnings: _abc.Iterable[_builtins.str] | None = ...,
         password_version_in_use: _builtins.int = ...,
+        certificates: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checks", b"checks", "client_steps", b"client_steps", "password_version_in_use", b"password_version_in_use", "rollout", b"rollout", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificates", b"certificates", "checks", b"checks", "client_steps", b"client_steps", "password_version_in_use", b"password_version_in_use", "rollout", b"rollout", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1244,14 +1320,27 @@ class GetCAResponse(_message.Message):
     SPKI_PIN_FIELD_NUMBER: _builtins.int
     NOT_AFTER_FIELD_NUMBER: _builtins.int
     SUBJECT_FIELD_NUMBER: _builtins.int
+    RESIDUAL_SECONDS_FIELD_NUMBER: _builtins.int
+    BUNDLE_FIELD_NUMBER: _builtins.int
+    BUNDLE_PEM_FIELD_NUMBER: _builtins.int
     certificate_pem: _builtins.bytes
     fingerprint: _builtins.str
     """"sha256:<hex>" of the certificate (DER)."""
     spki_pin: _builtins.str
     """"sha256:<hex>" of the SubjectPublicKeyInfo: the pin agents and workstations use."""
     subject: _builtins.str
+    residual_seconds: _builtins.int
+    """Seconds from the leader's now to not_after (negative once expired)."""
+    bundle_pem: _builtins.bytes
+    """The bundle as one PEM file, as it is handed out."""
     @_builtins.property
     def not_after(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def bundle(self) -> _containers.RepeatedCompositeFieldContainer[Global___TrustedCA]:
+        """The trust bundle: every CA certificate agents and workstations are given to trust, the
+        issuing CA first. One today; during a CA roll the old and the new CA (docs/ca-renewal.md).
+        """
+
     def __init__(
         self,
         *,
@@ -1260,14 +1349,57 @@ class GetCAResponse(_message.Message):
         spki_pin: _builtins.str = ...,
         not_after: _timestamp_pb2.Timestamp | None = ...,
         subject: _builtins.str = ...,
+        residual_seconds: _builtins.int = ...,
+        bundle: _abc.Iterable[Global___TrustedCA] | None = ...,
+        bundle_pem: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["not_after", b"not_after"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificate_pem", b"certificate_pem", "fingerprint", b"fingerprint", "not_after", b"not_after", "spki_pin", b"spki_pin", "subject", b"subject"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bundle", b"bundle", "bundle_pem", b"bundle_pem", "certificate_pem", b"certificate_pem", "fingerprint", b"fingerprint", "not_after", b"not_after", "residual_seconds", b"residual_seconds", "spki_pin", b"spki_pin", "subject", b"subject"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GetCAResponse: _TypeAlias = GetCAResponse  # noqa: Y015
+
+@_typing.final
+class TrustedCA(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    SUBJECT_FIELD_NUMBER: _builtins.int
+    FINGERPRINT_FIELD_NUMBER: _builtins.int
+    SPKI_PIN_FIELD_NUMBER: _builtins.int
+    NOT_BEFORE_FIELD_NUMBER: _builtins.int
+    NOT_AFTER_FIELD_NUMBER: _builtins.int
+    RESIDUAL_SECONDS_FIELD_NUMBER: _builtins.int
+    ISSUING_FIELD_NUMBER: _builtins.int
+    subject: _builtins.str
+    fingerprint: _builtins.str
+    spki_pin: _builtins.str
+    residual_seconds: _builtins.int
+    issuing: _builtins.bool
+    """True for the CA that signs new certificates."""
+    @_builtins.property
+    def not_before(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def not_after(self) -> _timestamp_pb2.Timestamp: ...
+    def __init__(
+        self,
+        *,
+        subject: _builtins.str = ...,
+        fingerprint: _builtins.str = ...,
+        spki_pin: _builtins.str = ...,
+        not_before: _timestamp_pb2.Timestamp | None = ...,
+        not_after: _timestamp_pb2.Timestamp | None = ...,
+        residual_seconds: _builtins.int = ...,
+        issuing: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["not_after", b"not_after", "not_before", b"not_before"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["fingerprint", b"fingerprint", "issuing", b"issuing", "not_after", b"not_after", "not_before", b"not_before", "residual_seconds", b"residual_seconds", "spki_pin", b"spki_pin", "subject", b"subject"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___TrustedCA: _TypeAlias = TrustedCA  # noqa: Y015
 
 @_typing.final
 class CheckNodesRequest(_message.Message):

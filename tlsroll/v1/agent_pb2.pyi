@@ -442,8 +442,24 @@ class StageRequest(_message.Message):
     COMMAND_FIELD_NUMBER: _builtins.int
     CERTIFICATE_PEM_FIELD_NUMBER: _builtins.int
     CA_CERTIFICATE_PEM_FIELD_NUMBER: _builtins.int
+    PRIVATE_KEY_PEM_FIELD_NUMBER: _builtins.int
+    OWN_CERTIFICATE_FIELD_NUMBER: _builtins.int
     certificate_pem: _builtins.bytes
+    """The node's certificate; with own_certificate, then any intermediate CAs (served too)."""
     ca_certificate_pem: _builtins.bytes
+    """The CA(s) the certificate chains to; with own_certificate the practice CA, then the
+    cluster CA (which signs workstation client certificates). This file is what the server
+    checks client certificates against and what the bootstrap service (9443) hands out.
+    """
+    private_key_pem: _builtins.bytes
+    """Bring your own certificate (`--cert-dir`): the certificate's key, made by the practice,
+    not by CreateCSR. SECRET: never logged, written 0600 beside the staged certificate.
+    Required with own_certificate; the agent checks it matches the certificate first.
+    """
+    own_certificate: _builtins.bool
+    """The certificate is the practice's own (`--cert-dir`), not the cluster CA's: its CA is
+    not checked against the cluster pin, and its SAN must cover (not equal) the node's names.
+    """
     @_builtins.property
     def command(self) -> Global___Command: ...
     def __init__(
@@ -452,10 +468,12 @@ class StageRequest(_message.Message):
         command: Global___Command | None = ...,
         certificate_pem: _builtins.bytes = ...,
         ca_certificate_pem: _builtins.bytes = ...,
+        private_key_pem: _builtins.bytes = ...,
+        own_certificate: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["command", b"command"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_certificate_pem", b"ca_certificate_pem", "certificate_pem", b"certificate_pem", "command", b"command"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_certificate_pem", b"ca_certificate_pem", "certificate_pem", b"certificate_pem", "command", b"command", "own_certificate", b"own_certificate", "private_key_pem", b"private_key_pem"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -28,15 +28,27 @@ class GetSchemaRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     ROLLOUT_ID_FIELD_NUMBER: _builtins.int
+    LIMIT_FIELD_NUMBER: _builtins.int
+    ROLLOUTS_ONLY_FIELD_NUMBER: _builtins.int
     rollout_id: _builtins.str
+    limit: _builtins.int
+    """At most this many rollouts, the newest first (0: every one). `schema show` asks for 1:
+    the active rollout, else the latest; `--all` for every one.
+    """
+    rollouts_only: _builtins.bool
+    """Only the rollouts: no bootstrap failures, removed nodes, revocations, expiring
+    certificates or renewal failures (what `schema show --watch` polls).
+    """
     def __init__(
         self,
         *,
         rollout_id: _builtins.str = ...,
+        limit: _builtins.int = ...,
+        rollouts_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["rollout_id", b"rollout_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["limit", b"limit", "rollout_id", b"rollout_id", "rollouts_only", b"rollouts_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -319,6 +331,10 @@ class Schema(_message.Message):
     EXPIRING_CERTIFICATES_FIELD_NUMBER: _builtins.int
     RENEWAL_FAILURES_FIELD_NUMBER: _builtins.int
     NODE_CLIENTS_FIELD_NUMBER: _builtins.int
+    AUTO_ROTATE_FIELD_NUMBER: _builtins.int
+    TOTAL_ROLLOUTS_FIELD_NUMBER: _builtins.int
+    total_rollouts: _builtins.int
+    """How many rollouts are stored, when `limit` left some out (else 0)."""
     @_builtins.property
     def rollouts(self) -> _containers.RepeatedCompositeFieldContainer[Global___RolloutView]: ...
     @_builtins.property
@@ -353,6 +369,12 @@ class Schema(_message.Message):
     def node_clients(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeClientsView]:
         """Per enrolled node, which workstations are on which scheme (transitional strategy)."""
 
+    @_builtins.property
+    def auto_rotate(self) -> Global___AutoRotateView:
+        """What the automatic rotation of server certificates (`auto_rotate` in leader.toml) last
+        decided; unset if the leader does not say.
+        """
+
     def __init__(
         self,
         *,
@@ -364,14 +386,72 @@ class Schema(_message.Message):
         expiring_certificates: _abc.Iterable[Global___ExpiringCertificateView] | None = ...,
         renewal_failures: _abc.Iterable[Global___RenewalFailureView] | None = ...,
         node_clients: _abc.Iterable[Global___NodeClientsView] | None = ...,
+        auto_rotate: Global___AutoRotateView | None = ...,
+        total_rollouts: _builtins.int = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["generated_at", b"generated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["auto_rotate", b"auto_rotate", "generated_at", b"generated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bootstrap_failures", b"bootstrap_failures", "expiring_certificates", b"expiring_certificates", "generated_at", b"generated_at", "node_clients", b"node_clients", "removed_nodes", b"removed_nodes", "renewal_failures", b"renewal_failures", "revoked_certificates", b"revoked_certificates", "rollouts", b"rollouts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_rotate", b"auto_rotate", "bootstrap_failures", b"bootstrap_failures", "expiring_certificates", b"expiring_certificates", "generated_at", b"generated_at", "node_clients", b"node_clients", "removed_nodes", b"removed_nodes", "renewal_failures", b"renewal_failures", "revoked_certificates", b"revoked_certificates", "rollouts", b"rollouts", "total_rollouts", b"total_rollouts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Schema: _TypeAlias = Schema  # noqa: Y015
+
+@_typing.final
+class AutoRotateView(_message.Message):
+    """The leader's last check for `auto_rotate` (it checks with every run of the expiry watch)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ENABLED_FIELD_NUMBER: _builtins.int
+    WINDOW_FIELD_NUMBER: _builtins.int
+    IN_WINDOW_FIELD_NUMBER: _builtins.int
+    CHECKED_AT_FIELD_NUMBER: _builtins.int
+    VERDICT_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    DUE_NODES_FIELD_NUMBER: _builtins.int
+    ROLLOUT_ID_FIELD_NUMBER: _builtins.int
+    NEXT_WINDOW_FIELD_NUMBER: _builtins.int
+    enabled: _builtins.bool
+    window: _builtins.str
+    """The maintenance window as configured, e.g. "Sat 02:00-05:00" (leader's local time)."""
+    in_window: _builtins.bool
+    verdict: _builtins.str
+    """off | nothing-due | outside-window | busy | held | started | blocked"""
+    reason: _builtins.str
+    """Why nothing was started (blocked: the plan's refusal), in words."""
+    rollout_id: _builtins.str
+    """The last rollout auto_rotate started, if any (since the leader started)."""
+    next_window: _builtins.str
+    """When the window opens next, in the leader's local time written as UTC-less wall time
+    ("2026-12-05T02:00"); empty if it is open now or never closes.
+    """
+    @_builtins.property
+    def checked_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def due_nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Nodes whose server certificate is within its warning horizon."""
+
+    def __init__(
+        self,
+        *,
+        enabled: _builtins.bool = ...,
+        window: _builtins.str = ...,
+        in_window: _builtins.bool = ...,
+        checked_at: _timestamp_pb2.Timestamp | None = ...,
+        verdict: _builtins.str = ...,
+        reason: _builtins.str = ...,
+        due_nodes: _abc.Iterable[_builtins.str] | None = ...,
+        rollout_id: _builtins.str = ...,
+        next_window: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checked_at", b"checked_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checked_at", b"checked_at", "due_nodes", b"due_nodes", "enabled", b"enabled", "in_window", b"in_window", "next_window", b"next_window", "reason", b"reason", "rollout_id", b"rollout_id", "verdict", b"verdict", "window", b"window"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AutoRotateView: _TypeAlias = AutoRotateView  # noqa: Y015
 
 @_typing.final
 class ExpiringCertificateView(_message.Message):

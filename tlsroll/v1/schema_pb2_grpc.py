@@ -45,7 +45,8 @@ class SchemaViewServicer:
     """Missing associated documentation comment in .proto file."""
 
     def GetSchema(self, request, context):
-        """Every rollout (newest first) with its nodes, or one rollout with `rollout_id`.
+        """Every rollout (newest first) with its nodes, or one rollout with `rollout_id`, or the
+        newest `limit`.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

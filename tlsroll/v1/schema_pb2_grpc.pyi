@@ -35,13 +35,17 @@ class SchemaViewStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> SchemaViewAsyncStub: ...
     GetSchema: _grpc.UnaryUnaryMultiCallable[_schema_pb2.GetSchemaRequest, _schema_pb2.Schema]
-    """Every rollout (newest first) with its nodes, or one rollout with `rollout_id`."""
+    """Every rollout (newest first) with its nodes, or one rollout with `rollout_id`, or the
+    newest `limit`.
+    """
 
 @_typing.type_check_only
 class SchemaViewAsyncStub(SchemaViewStub):
     def __init__(self, channel: _aio.Channel) -> None: ...
     GetSchema: _aio.UnaryUnaryMultiCallable[_schema_pb2.GetSchemaRequest, _schema_pb2.Schema]  # type: ignore[assignment]
-    """Every rollout (newest first) with its nodes, or one rollout with `rollout_id`."""
+    """Every rollout (newest first) with its nodes, or one rollout with `rollout_id`, or the
+    newest `limit`.
+    """
 
 class SchemaViewServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -50,6 +54,8 @@ class SchemaViewServicer(metaclass=_abc_1.ABCMeta):
         request: _schema_pb2.GetSchemaRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_schema_pb2.Schema, _abc.Awaitable[_schema_pb2.Schema]]:
-        """Every rollout (newest first) with its nodes, or one rollout with `rollout_id`."""
+        """Every rollout (newest first) with its nodes, or one rollout with `rollout_id`, or the
+        newest `limit`.
+        """
 
 def add_SchemaViewServicer_to_server(servicer: SchemaViewServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -1,0 +1,297 @@
+"""End-to-end rollout benchmark on real nodes (``make bench-rollout N=10``); prints figures,
+asserts nothing.
+
+Each run builds a fresh cluster on loopback addresses (``bench.common.address``): ``tlsroll
+init``, a real leader, and N real nodes, each a reference server on its own address (ports
+8080/8443) managed by a real agent (9442, bootstrap 9443), enrolled through the join port with a
+one-time token. Then, in this order:
+
+1. the Ansible baseline (``bench.ansible_baseline``) on the same nodes, if ansible-playbook is
+   installed (``pip install -e '.[bench]'``) and ``--ansible`` is not 0;
+2. the bare restart of a reference server (SIGTERM, wait for the exit, start, poll its health
+   every 5 ms) on an address of its own, ``--restarts`` times: the server's own restart;
+3. an enable-tls rollout of the whole cluster (max-parallel 1, freeze per node) while a writer
+   thread posts entries to every node in turn (http, then https once a node has switched).
+
+The leader is read from /proc before and after the rollout (CPU: utime + stime), and after it
+(RSS, open files); the end of the rollout is read from the leader's log, so that finding it out
+costs the leader nothing. Figures per run, then over the runs: median and spread (min–max).
+
+Overhead per node = (rollout wall time − Σ managed-server restart) / N, the restart being what
+each agent's transaction recorded (``restart_seconds``). Freeze − bare restart = each node's
+write freeze window (schema) minus the median bare restart.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import itertools
+import shutil
+import signal
+import ssl
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+
+from bench import ansible_baseline
+from bench.common import (
+    NO_DEBUG,
+    Reading,
+    address,
+    enable_tls_request,
+    get_schema,
+    log_says_ended,
+    median,
+    rss_mib,
+    seconds,
+    summary,
+    wait_for,
+)
+from tests.cluster import Agent, Cluster
+from tests.nodeside import Node
+from tests.refserver_helper import RefServer, http_request
+from tlsroll.tls import client_context
+from tlsroll.v1 import admin_pb2_grpc, types_pb2
+
+START_TIMEOUT = 60.0
+
+
+@dataclass
+class Writes:
+    """What the writer thread saw: accepted, refused while frozen (503), no answer on either
+    scheme (the server restarting), any other answer."""
+
+    ok: int = 0
+    frozen: int = 0
+    no_answer: int = 0
+    failed: int = 0
+    https: set[str] = field(default_factory=set)
+
+
+def writer(nodes: Sequence[Node], ca: ssl.SSLContext, stop: threading.Event, w: Writes) -> None:
+    """Post one entry to each node in turn (about 50 a second in all) until ``stop``."""
+    for n in itertools.cycle(nodes):
+        if stop.is_set():
+            return
+        body = {"bench": "write", "node": n.name}
+        for scheme in ("https", "http") if n.name in w.https else ("http", "https"):
+            url = n.https_url("entries") if scheme == "https" else n.http_url("entries")
+            try:
+                r = http_request("POST", url, body, context=ca, timeout=5)
+            except OSError:
+                continue
+            if scheme == "https":
+                w.https.add(n.name)
+            if r.status == 201:
+                w.ok += 1
+            elif r.status == 503:
+                w.frozen += 1
+            else:
+                w.failed += 1
+            break
+        else:
+            w.no_answer += 1
+        stop.wait(0.02)
+
+
+def bare_restarts(root: Path, addr: str, count: int) -> list[float]:
+    """The reference server's own restart, ``count`` times: SIGTERM, exit, start, first 200
+    on its health path (polled every 5 ms)."""
+    times: list[float] = []
+    with RefServer(root, addr) as server:
+        server.start()
+        for _ in range(count):
+            assert server.proc is not None
+            t0 = time.perf_counter()
+            server.proc.send_signal(signal.SIGTERM)
+            server.proc.wait(15)
+            server.spawn()
+            while True:
+                with contextlib.suppress(OSError):
+                    if server.request("GET", "health", timeout=1).status == 200:
+                        break
+                if server.proc.poll() is not None:
+                    raise RuntimeError(f"refserver exited on restart:\n{server.log()}")
+                time.sleep(0.005)
+            times.append(time.perf_counter() - t0)
+    return times
+
+
+def start_nodes(cluster: Cluster, nodes: Sequence[Node]) -> None:
+    """Start the nodes (server + agent) side by side; each enrolled and online."""
+    for n in nodes:
+        n.server.spawn()
+    for n in nodes:
+        n.server.wait_ready(START_TIMEOUT)
+    agents: list[Agent] = []
+    for n in nodes:
+        config = {"server": {"driver": "reference", "config_file": n.server.config_path}}
+        n.agent = cluster.add_agent(n.name, n.address, extra_config=config, start=False)
+        agents.append(n.agent)
+    for a in agents:
+        a.spawn(NO_DEBUG)
+    for a in agents:
+        a.wait_ready(START_TIMEOUT)
+    cluster.wait_for_nodes_online([n.name for n in nodes], timeout=START_TIMEOUT)
+
+
+@dataclass
+class Run:
+    nodes: int
+    wall: float
+    restarts: list[float]
+    freezes: list[float]
+    bare: list[float]
+    agent_rss: list[float]
+    cpu: float
+    after: Reading
+    writes: Writes
+    state: str
+    ansible: ansible_baseline.Result | None
+
+    @property
+    def overhead(self) -> float:
+        return (self.wall - sum(self.restarts)) / self.nodes
+
+    @property
+    def freeze_excess(self) -> list[float]:
+        bare = median(self.bare)
+        return [f - bare for f in self.freezes]
+
+
+def one_run(root: Path, n: int, *, ansible: bool, restarts: int) -> Run:
+    cluster = Cluster(
+        root / "cluster", address(0), heartbeat_interval=5, agent_heartbeat_interval=5
+    )
+    nodes = [Node(cluster, f"n{i:03d}", address(i + 2), root / f"n{i:03d}") for i in range(n)]
+    try:
+        cluster.init()
+        cluster.start_leader(NO_DEBUG)
+        start_nodes(cluster, nodes)
+        baseline = ansible_baseline.run(nodes, root / "ansible") if ansible else None
+        bare = bare_restarts(root / "bare", address(1), restarts)
+        agent_rss = [rss_mib(node.agent.pid) for node in nodes if node.agent is not None]
+        ca = client_context(cluster.ca_pem)
+        writes, stop = Writes(), threading.Event()
+        thread = threading.Thread(target=writer, args=(nodes, ca, stop, writes), daemon=True)
+        thread.start()
+        pid = cluster.leader.pid
+        before = Reading.of(pid)
+        with grpc.insecure_channel(f"unix:{cluster.admin_socket}") as channel:
+            view = admin_pb2_grpc.AdminStub(channel).StartRollout(enable_tls_request(), timeout=60)
+            wait_for(
+                lambda: log_says_ended(cluster.leader.log_path, view.id),
+                60 + 15 * n,
+                f"rollout {view.id}",
+                poll=0.05,
+            )
+            after = Reading.of(pid)
+            stop.set()
+            thread.join(10)
+            view = get_schema(channel, view.id)
+        return Run(
+            nodes=n,
+            wall=seconds(view),
+            restarts=[v.restart_seconds for v in view.nodes],
+            freezes=[
+                (v.freeze_ended_at.ToDatetime() - v.freeze_started_at.ToDatetime()).total_seconds()
+                for v in view.nodes
+                if v.HasField("freeze_started_at") and v.HasField("freeze_ended_at")
+            ],
+            bare=bare,
+            agent_rss=agent_rss,
+            cpu=after.cpu - before.cpu,
+            after=after,
+            writes=writes,
+            state=types_pb2.RolloutState.Name(view.state),
+            ansible=baseline,
+        )
+    finally:
+        for node in nodes:
+            with contextlib.suppress(Exception):
+                node.close()
+        cluster.close()
+
+
+def report(runs: Sequence[Run]) -> None:
+    ms = 1000.0
+    n = runs[0].nodes
+    print(f"rollout: enable-tls on {n} real nodes, max-parallel 1, freeze per node")
+    print(f"  outcome:                  {', '.join(r.state for r in runs)}")
+    print(f"  rollout wall:             {summary([r.wall for r in runs], 's', digits=2)}")
+    print(
+        "  managed-server restart:   "
+        f"{summary([median(r.restarts) for r in runs], 'ms', ms, 0)} (agent-recorded, median)"
+    )
+    print(f"  overhead per node:        {summary([r.overhead for r in runs], 'ms', ms, 0)}")
+    print(f"  bare refserver restart:   {summary([median(r.bare) for r in runs], 'ms', ms, 0)}")
+    print(
+        "  freeze window:            "
+        f"{summary([median(r.freezes) for r in runs], 'ms', ms, 0)} (median node)"
+    )
+    print(
+        "  freeze − bare restart:    "
+        f"{summary([median(r.freeze_excess) for r in runs], 'ms', ms, 0)} (median node); "
+        f"worst node {max(max(r.freeze_excess, default=0) for r in runs) * ms:.0f} ms"
+    )
+    print(
+        "  agent idle RSS:           "
+        f"{summary([median(r.agent_rss) for r in runs], 'MiB')} (median agent, before the rollout)"
+    )
+    print(f"  leader CPU per node:      {summary([r.cpu / r.nodes for r in runs], 'ms', ms, 1)}")
+    print(f"  leader RSS after:         {summary([r.after.rss for r in runs], 'MiB')}")
+    print(f"  leader open files after:  {summary([r.after.files for r in runs], 'fds', digits=0)}")
+    writes = [r.writes for r in runs]
+    print(
+        "  writes during rollout:    "
+        f"{sum(w.ok for w in writes)} accepted, {sum(w.frozen for w in writes)} refused while "
+        f"frozen (503), {sum(w.no_answer for w in writes)} unanswered (restarting), "
+        f"{sum(w.failed for w in writes)} other answers"
+    )
+    with_ansible = [r for r in runs if r.ansible is not None and r.ansible.ok]
+    if with_ansible:
+        per_node = [r.ansible.seconds / r.nodes for r in with_ansible if r.ansible]
+        print(f"  ansible playbook per node: {summary(per_node, 'ms', ms, 0)} (serial 1, local)")
+        ratios = [r.overhead / (r.ansible.seconds / r.nodes) for r in with_ansible if r.ansible]
+        print(f"  tlsroll overhead / ansible per node: {summary(ratios, '×', digits=3)}")
+    else:
+        why = next((r.ansible.problem for r in runs if r.ansible), "not run (--ansible 0)")
+        print(f"  ansible baseline:         {why}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--nodes", type=int, default=10)
+    parser.add_argument("--runs", type=int, default=3)
+    parser.add_argument("--restarts", type=int, default=5, help="bare restarts per run")
+    parser.add_argument("--ansible", type=int, default=1, help="0: leave out the baseline")
+    parser.add_argument("--keep", action="store_true", help="keep the run directories")
+    ns = parser.parse_args(argv)
+    runs = []
+    for i in range(ns.runs):
+        root = Path(tempfile.mkdtemp(prefix="tlsroll-bench-"))
+        try:
+            run = one_run(root, ns.nodes, ansible=bool(ns.ansible), restarts=ns.restarts)
+        finally:
+            if not ns.keep:
+                shutil.rmtree(root, ignore_errors=True)
+        runs.append(run)
+        ans = f", ansible {run.ansible.seconds:.2f} s" if run.ansible and run.ansible.ok else ""
+        print(
+            f"run {i + 1}/{ns.runs}: {run.state}, wall {run.wall:.2f} s, overhead/node "
+            f"{run.overhead * 1000:.0f} ms, leader CPU/node {run.cpu / run.nodes * 1000:.1f} ms"
+            f"{ans}",
+            flush=True,
+        )
+    report(runs)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

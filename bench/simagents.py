@@ -1,0 +1,668 @@
+"""One real leader driven by 50–500 simulated agents (``make bench-agents NODES=50,200,500``);
+prints figures, asserts nothing.
+
+The leader is the real daemon (``tlsroll init``, ``tlsroll-leader``). The agents are not: a few
+worker processes (``--worker``, about 125 agents each) each run many light agents in one event
+loop, because 500 real agents (~80 MiB each) do not fit a 2-core test machine. What each
+simulated agent does is what the leader sees of a real one:
+
+* it enrols through the real join flow: a one-time token made by the leader (Admin.CreateToken
+  over the admin socket), a key made here, a CSR, ``Enrolment.Enrol`` on the join port;
+* it serves NodeAgent over mutual TLS on its own loopback address (port 9442) with the
+  certificate it enrolled with, requiring the leader's client certificate;
+* it sends heartbeats over mutual TLS every ``--interval`` seconds (the product default, 5 s),
+  with the fields a real agent sends, staggered over the interval; it takes the revocation
+  list once, as a real agent does;
+* it answers the calls an enable-tls rollout makes: Preflight (its enrolled names), CreateCSR
+  (a new key), Stage, Switch (a transaction that "restarts" for ``--restart`` seconds, then
+  serves https on 8443 with the staged certificate and closes http on 8080, so that the
+  leader's outside check from confirm really connects), GetTransaction, WatchTransaction,
+  Rollback, Freeze/Unfreeze, GetStatus and Check.
+
+What is measured, on the leader (from /proc): CPU per heartbeat over an idle window, CPU per
+node over the rollout (with and without the heartbeats that fell in it), RSS and open files
+after it. On the workers: CPU per heartbeat sent (the agent side of the heartbeat).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import json
+import math
+import os
+import resource
+import shutil
+import signal
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from cryptography import x509
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from bench.common import (
+    NO_DEBUG,
+    Reading,
+    address,
+    cpu_seconds,
+    enable_tls_request,
+    get_schema,
+    log_says_ended,
+    seconds,
+    wait_for,
+)
+from tests.cluster import Cluster, hostport
+from tlsroll import __version__, pki, spiffe
+from tlsroll.defaults import AGENT_PORT, CONTROL_PORT, HTTP_PORT, HTTPS_PORT, JOIN_PORT
+from tlsroll.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    agent_pb2,
+    agent_pb2_grpc,
+    enrolment_pb2,
+    enrolment_pb2_grpc,
+    leader_pb2,
+    leader_pb2_grpc,
+    types_pb2,
+)
+
+APP = "/praxis_live/"
+PER_WORKER = 125
+BOOTSTRAP_PORT = 9443
+
+
+def now_ts() -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(dt.datetime.now(dt.UTC))
+    return stamp
+
+
+# --- the worker: many simulated agents in one event loop ---------------------------------------
+
+
+async def http_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """The managed server, as little of it as the outside check needs: 200 on any GET."""
+    try:
+        await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        body = b'{"status": "ok"}'
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        await writer.drain()
+    except (OSError, asyncio.IncompleteReadError, TimeoutError):
+        pass
+    finally:
+        writer.close()
+
+
+class SimAgent(agent_pb2_grpc.NodeAgentServicer):
+    """One node's agent and managed server, in memory (see the module docstring)."""
+
+    def __init__(self, spec: dict[str, str], world: Worker) -> None:
+        self.name = spec["name"]
+        self.address = spec["address"]
+        self.token = spec["token"]
+        self.world = world
+        self.key = pki.generate_key()
+        self.cert_pem = b""
+        self.scheme = "http"
+        self.frozen = False
+        self.highest_epoch = 0
+        self.crl_number = 0
+        self.staged: dict[str, tuple[pki.PrivateKey, bytes]] = {}  # rollout id -> key, cert
+        self.csr_keys: dict[str, pki.PrivateKey] = {}
+        self.txns: dict[tuple[str, Any], agent_pb2.Transaction] = {}
+        self.changed = asyncio.Condition()
+        self.http: asyncio.Server | None = None
+        self.https: asyncio.Server | None = None
+        self.server: grpc.aio.Server | None = None
+        self.beats = 0
+
+    # --- start-up -----------------------------------------------------------------------------
+
+    async def enrol(self) -> None:
+        """Enrol; told to wait (the join port lets one source have 4 attempts open), wait."""
+        for _ in range(100):
+            try:
+                return await self._enrol()
+            except grpc.aio.AioRpcError as exc:
+                if exc.code() != grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    raise
+                await asyncio.sleep(0.2)
+        raise RuntimeError(f"{self.name}: the join port kept refusing")
+
+    async def _enrol(self) -> None:
+        names = pki.Names.of(self.name, [self.address])
+        csr = pki.csr_to_pem(pki.make_csr(self.key, names))
+        creds = grpc.ssl_channel_credentials(root_certificates=self.world.ca_pem)
+        async with grpc.aio.secure_channel(self.world.join_target, creds) as channel:
+            reply = await enrolment_pb2_grpc.EnrolmentStub(channel).Enrol(
+                enrolment_pb2.EnrolRequest(
+                    token=self.token,
+                    csr_pem=csr,
+                    node_name=self.name,
+                    addresses=[self.address],
+                    agent_version=__version__,
+                    agent_port=AGENT_PORT,
+                ),
+                timeout=60,
+            )
+        self.cert_pem = bytes(reply.certificate_pem)
+
+    async def serve(self) -> None:
+        self.http = await asyncio.start_server(http_handler, self.address, HTTP_PORT)
+        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        agent_pb2_grpc.add_NodeAgentServicer_to_server(self, server)
+        creds = grpc.ssl_server_credentials(
+            [(pki.key_to_pem(self.key), self.cert_pem)],
+            root_certificates=self.world.ca_pem,
+            require_client_auth=True,
+        )
+        server.add_secure_port(hostport(self.address, AGENT_PORT), creds)
+        await server.start()
+        self.server = server
+
+    async def heartbeats(self, offset: float) -> None:
+        creds = grpc.ssl_channel_credentials(
+            root_certificates=self.world.ca_pem,
+            private_key=pki.key_to_pem(self.key),
+            certificate_chain=self.cert_pem,
+        )
+        options = [("grpc.ssl_target_name_override", spiffe.leader_host(self.world.td))]
+        await asyncio.sleep(offset)
+        async with grpc.aio.secure_channel(self.world.control_target, creds, options) as channel:
+            stub = leader_pb2_grpc.LeaderStub(channel)
+            while True:
+                started = time.monotonic()
+                request = leader_pb2.HeartbeatRequest(
+                    agent_version=__version__,
+                    sent_at=now_ts(),
+                    highest_epoch=self.highest_epoch,
+                    crl_number=self.crl_number,
+                    agent_port=AGENT_PORT,
+                    server=leader_pb2.LiveServer(
+                        driver="reference",
+                        healthy=True,
+                        frozen=self.frozen,
+                        schemes=[self.scheme],
+                    ),
+                )
+                try:
+                    reply = await stub.Heartbeat(request, timeout=self.world.interval)
+                    self.beats += 1
+                    self.world.beats += 1
+                    self.highest_epoch = max(self.highest_epoch, reply.epoch)
+                    if reply.crl_pem:
+                        crl = x509.load_pem_x509_crl(bytes(reply.crl_pem))
+                        ext = crl.extensions.get_extension_for_class(x509.CRLNumber)
+                        self.crl_number = ext.value.crl_number
+                except grpc.aio.AioRpcError:
+                    self.world.failed_beats += 1
+                await asyncio.sleep(max(0.0, self.world.interval - (time.monotonic() - started)))
+
+    # --- what the node runs -------------------------------------------------------------------
+
+    def urls(self) -> tuple[str, str]:
+        return (
+            f"http://{self.address}:{HTTP_PORT}{APP}",
+            f"https://{self.address}:{HTTPS_PORT}{APP}",
+        )
+
+    def view(self) -> agent_pb2.ServerView:
+        http_url, https_url = self.urls()
+        return agent_pb2.ServerView(
+            driver="reference",
+            healthy=True,
+            frozen=self.frozen,
+            schemes=[self.scheme],
+            urls=[https_url if self.scheme == "https" else http_url],
+        )
+
+    def checks(self) -> agent_pb2.PreflightResponse:
+        old_url, new_url = self.urls()
+        return agent_pb2.PreflightResponse(
+            ok=True,
+            common_name=self.name,
+            ip_addresses=[self.address],
+            server=self.view(),
+            new_url=new_url,
+            old_url=old_url,
+            bootstrap_port=BOOTSTRAP_PORT,
+        )
+
+    def seen(self, command: agent_pb2.Command) -> None:
+        self.highest_epoch = max(self.highest_epoch, command.epoch)
+
+    async def set_txn(self, txn: agent_pb2.Transaction) -> None:
+        async with self.changed:
+            self.txns[(txn.rollout_id, txn.kind)] = txn
+            self.changed.notify_all()
+
+    async def go(self, rollout_id: str, kind: Any, scheme: str) -> None:
+        """The transaction: freeze, "restart" (``--restart`` s), serve ``scheme``, unfreeze."""
+        txn = agent_pb2.Transaction()
+        txn.CopyFrom(self.txns[(rollout_id, kind)])
+        txn.freeze_started_at.CopyFrom(now_ts())
+        txn.phase = agent_pb2.TRANSACTION_PHASE_FROZEN
+        await self.set_txn(txn)
+        t0 = time.monotonic()
+        await asyncio.sleep(self.world.restart)
+        if scheme == "https":
+            key, cert = self.staged[rollout_id]
+            ctx = self.world.server_context(self.name, key, cert)
+            self.https = await asyncio.start_server(http_handler, self.address, HTTPS_PORT, ssl=ctx)
+            if self.http is not None:
+                self.http.close()
+                await self.http.wait_closed()
+                self.http = None
+        else:
+            self.http = await asyncio.start_server(http_handler, self.address, HTTP_PORT)
+            if self.https is not None:
+                self.https.close()
+                await self.https.wait_closed()
+                self.https = None
+        self.scheme = scheme
+        done = agent_pb2.Transaction()
+        done.CopyFrom(txn)
+        done.restart_seconds = time.monotonic() - t0
+        done.freeze_ended_at.CopyFrom(now_ts())
+        done.ended_at.CopyFrom(now_ts())
+        done.phase = agent_pb2.TRANSACTION_PHASE_COMPLETED
+        done.outcome = agent_pb2.TRANSACTION_OUTCOME_COMPLETED
+        await self.set_txn(done)
+
+    async def begin(self, command: agent_pb2.Command, kind: Any, scheme: str) -> Any:
+        self.seen(command)
+        key = (command.rollout_id, kind)
+        if key not in self.txns:  # idempotent by rollout id, as the real agent
+            old_url, new_url = self.urls()
+            self.txns[key] = agent_pb2.Transaction(
+                rollout_id=command.rollout_id,
+                kind=kind,
+                epoch=command.epoch,
+                phase=agent_pb2.TRANSACTION_PHASE_STARTED,
+                outcome=agent_pb2.TRANSACTION_OUTCOME_PENDING,
+                started_at=now_ts(),
+                old_url=old_url,
+                new_url=new_url,
+            )
+            self.world.spawn(self.go(command.rollout_id, kind, scheme))
+        return self.txns[key]
+
+    # --- NodeAgent ----------------------------------------------------------------------------
+
+    async def GetStatus(self, request: Any, context: Any) -> agent_pb2.NodeStatus:
+        return agent_pb2.NodeStatus(
+            node_name=self.name,
+            agent_version=__version__,
+            agent_time=now_ts(),
+            server=self.view(),
+            highest_epoch=self.highest_epoch,
+        )
+
+    async def Check(self, request: Any, context: Any) -> agent_pb2.PreflightResponse:
+        return self.checks()
+
+    async def Preflight(
+        self, request: agent_pb2.PreflightRequest, context: Any
+    ) -> agent_pb2.PreflightResponse:
+        self.seen(request.command)
+        return self.checks()
+
+    async def CreateCSR(
+        self, request: agent_pb2.CreateCSRRequest, context: Any
+    ) -> agent_pb2.CreateCSRResponse:
+        self.seen(request.command)
+        key = self.csr_keys.setdefault(request.command.rollout_id, pki.generate_key())
+        csr = pki.make_csr(key, pki.Names.of(self.name, [self.address]))
+        return agent_pb2.CreateCSRResponse(csr_pem=pki.csr_to_pem(csr))
+
+    async def Stage(self, request: agent_pb2.StageRequest, context: Any) -> agent_pb2.StageResponse:
+        self.seen(request.command)
+        rid = request.command.rollout_id
+        cert = pki.load_cert_pem(bytes(request.certificate_pem))
+        self.staged[rid] = (self.csr_keys[rid], bytes(request.certificate_pem))
+        reply = agent_pb2.StageResponse(fingerprint=pki.fingerprint(cert))
+        reply.not_after.FromDatetime(cert.not_valid_after_utc)
+        return reply
+
+    async def Switch(self, request: agent_pb2.SwitchRequest, context: Any) -> agent_pb2.Transaction:
+        txn: agent_pb2.Transaction = await self.begin(
+            request.command, agent_pb2.TRANSACTION_KIND_SWITCH, "https"
+        )
+        return txn
+
+    async def Rollback(
+        self, request: agent_pb2.RollbackRequest, context: Any
+    ) -> agent_pb2.Transaction:
+        txn: agent_pb2.Transaction = await self.begin(
+            request.command, agent_pb2.TRANSACTION_KIND_ROLLBACK, "http"
+        )
+        return txn
+
+    async def GetTransaction(
+        self, request: agent_pb2.GetTransactionRequest, context: Any
+    ) -> agent_pb2.Transaction:
+        txn = self.txns.get((request.rollout_id, request.kind))
+        if txn is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no such transaction")
+        assert txn is not None
+        return txn
+
+    async def WatchTransaction(self, request: agent_pb2.GetTransactionRequest, context: Any) -> Any:
+        key = (request.rollout_id, request.kind)
+        if key not in self.txns:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no such transaction")
+        current = self.txns[key]
+        yield current
+        while current.outcome == agent_pb2.TRANSACTION_OUTCOME_PENDING:
+            sent = current
+            async with self.changed:
+                await self.changed.wait_for(lambda: self.txns[key] is not sent)  # noqa: B023
+                current = self.txns[key]
+            yield current
+
+    async def Freeze(
+        self, request: agent_pb2.FreezeRequest, context: Any
+    ) -> agent_pb2.FreezeResponse:
+        self.seen(request.command)
+        self.frozen = True
+        return agent_pb2.FreezeResponse(frozen=True)
+
+    async def Unfreeze(
+        self, request: agent_pb2.FreezeRequest, context: Any
+    ) -> agent_pb2.FreezeResponse:
+        self.seen(request.command)
+        self.frozen = False
+        return agent_pb2.FreezeResponse(frozen=False)
+
+
+class Worker:
+    """The agents of one worker process, and what they share."""
+
+    def __init__(self, spec: dict[str, Any]) -> None:
+        self.ca_pem = Path(spec["ca_file"]).read_bytes()
+        self.td = spiffe.trust_domain(pki.load_cert_pem(self.ca_pem))
+        self.join_target = hostport(spec["leader"], JOIN_PORT)
+        self.control_target = hostport(spec["leader"], CONTROL_PORT)
+        self.interval = float(spec["interval"])
+        self.restart = float(spec["restart"])
+        self.work = Path(spec["work"])
+        self.agents = [SimAgent(node, self) for node in spec["nodes"]]
+        self.beats = 0
+        self.failed_beats = 0
+        self.tasks: set[asyncio.Task[Any]] = set()
+
+    def spawn(self, coro: Any) -> None:
+        task = asyncio.get_running_loop().create_task(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    def server_context(self, name: str, key: pki.PrivateKey, cert_pem: bytes) -> ssl.SSLContext:
+        d = self.work / name
+        d.mkdir(parents=True, exist_ok=True)
+        (d / "key.pem").write_bytes(pki.key_to_pem(key))
+        (d / "cert.pem").write_bytes(cert_pem)
+        ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        ctx.load_cert_chain(d / "cert.pem", d / "key.pem")
+        return ctx
+
+    async def run(self) -> None:
+        limit = asyncio.Semaphore(1)
+
+        async def enrol(a: SimAgent) -> None:
+            async with limit:
+                await a.enrol()
+            await a.serve()
+
+        await asyncio.gather(*(enrol(a) for a in self.agents))
+        print("ready", flush=True)
+        n = len(self.agents)
+        for i, a in enumerate(self.agents):
+            self.spawn(a.heartbeats(self.interval * i / n))
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, stop.set)
+        loop.add_signal_handler(signal.SIGUSR1, lambda: print(f"beats {self.beats}", flush=True))
+        await stop.wait()
+        for task in list(self.tasks):
+            task.cancel()
+        for a in self.agents:
+            if a.server is not None:
+                await a.server.stop(None)
+
+
+def worker_main(spec_path: Path) -> int:
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    spec = json.loads(spec_path.read_text())
+    asyncio.run(Worker(spec).run())
+    return 0
+
+
+# --- the parent: the leader and the measurements ----------------------------------------------
+
+
+@dataclass
+class Result:
+    nodes: int
+    workers: int
+    hb_leader_ms: float
+    hb_agent_ms: float
+    idle_rss: float
+    idle_files: int
+    wall: float
+    cpu_per_node: float
+    cpu_per_node_net: float
+    after: Reading
+    state: str
+    nofile: str
+
+
+def leader_nofile(pid: int) -> str:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return line.split()[3]
+    return "?"
+
+
+def make_tokens(cluster: Cluster, names: Sequence[tuple[str, str]]) -> list[str]:
+    tokens = []
+    with cluster.admin() as admin:
+        for name, addr in names:
+            reply = admin.CreateToken(
+                admin_pb2.CreateTokenRequest(
+                    ttl_seconds=3600, uses=1, node_name=name, addresses=[addr]
+                ),
+                timeout=30,
+            )
+            tokens.append(reply.token)
+    return tokens
+
+
+def one_run(
+    root: Path,
+    n: int,
+    *,
+    interval: int,
+    restart: float,
+    idle: float,
+    max_parallel: int,
+    nofile: int,
+) -> Result:
+    cluster = Cluster(
+        root / "cluster",
+        address(0),
+        heartbeat_interval=interval,
+        agent_heartbeat_interval=interval,
+    )
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        cluster.init()
+        if nofile:  # as a unit's LimitNOFILE would set it
+            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, hard))
+            try:
+                cluster.start_leader(NO_DEBUG)
+            finally:
+                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        else:
+            cluster.start_leader(NO_DEBUG)
+        pid = cluster.leader.pid
+        names = [(f"s{i:03d}", address(i + 1)) for i in range(n)]
+        tokens = make_tokens(cluster, names)
+        workers = max(1, math.ceil(n / PER_WORKER))
+        entries = [
+            {"name": name, "address": addr, "token": token}
+            for (name, addr), token in zip(names, tokens, strict=True)
+        ]
+        for w in range(workers):
+            nodes = entries[w::workers]
+            spec = {
+                "ca_file": str(cluster.ca_cert_path),
+                "leader": cluster.address,
+                "interval": interval,
+                "restart": restart,
+                "work": str(root / f"w{w}"),
+                "nodes": nodes,
+            }
+            path = root / f"worker{w}.json"
+            path.write_text(json.dumps(spec))
+            procs.append(
+                subprocess.Popen(
+                    [sys.executable, "-m", "bench.simagents", "--worker", str(path)],
+                    stdout=subprocess.PIPE,
+                    stderr=(root / f"worker{w}.log").open("w"),
+                    text=True,
+                    env={**os.environ, **NO_DEBUG},
+                )
+            )
+        for p in procs:
+            assert p.stdout is not None
+            line = p.stdout.readline()
+            if line.strip() != "ready":
+                raise RuntimeError(f"worker did not start: {(root / 'worker0.log').read_text()}")
+        cluster.wait_for_nodes_online([name for name, _ in names], timeout=60)
+        time.sleep(2 * interval)  # every agent beating, channels up
+        l0, a0 = cpu_seconds(pid), sum(cpu_seconds(p.pid) for p in procs)
+        time.sleep(idle)
+        l1, a1 = cpu_seconds(pid), sum(cpu_seconds(p.pid) for p in procs)
+        beats = n * idle / interval
+        idle_reading = Reading.of(pid)
+        before = Reading.of(pid)
+        t0 = time.monotonic()
+        # A refusal may name hundreds of nodes: let its message through whole.
+        options = [("grpc.max_metadata_size", 1 << 20)]
+        with grpc.insecure_channel(f"unix:{cluster.admin_socket}", options) as channel:
+            try:
+                view = admin_pb2_grpc.AdminStub(channel).StartRollout(
+                    enable_tls_request(max_parallel), timeout=120
+                )
+            except grpc.RpcError as exc:
+                details = str(exc.details())
+                why = f"start refused: {details[:1500]} ({len(details)} chars)"
+                raise RuntimeError(why) from None
+            wait_for(
+                lambda: log_says_ended(cluster.leader.log_path, view.id),
+                120 + 2 * n,
+                f"rollout {view.id}",
+                poll=0.2,
+            )
+            after = Reading.of(pid)
+            during = time.monotonic() - t0
+            view = get_schema(channel, view.id)
+        hb_leader = (l1 - l0) / beats
+        cpu = after.cpu - before.cpu
+        hb_in_rollout = hb_leader * n * during / interval
+        return Result(
+            nodes=n,
+            workers=workers,
+            hb_leader_ms=hb_leader * 1000,
+            hb_agent_ms=(a1 - a0) / beats * 1000,
+            idle_rss=idle_reading.rss,
+            idle_files=idle_reading.files,
+            wall=seconds(view),
+            cpu_per_node=cpu / n * 1000,
+            cpu_per_node_net=(cpu - hb_in_rollout) / n * 1000,
+            after=after,
+            state=types_pb2.RolloutState.Name(view.state).removeprefix("ROLLOUT_STATE_").lower(),
+            nofile=leader_nofile(pid),
+        )
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(20)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait(10)
+        cluster.close()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--nodes", default="50,200,500", help="comma-separated cluster sizes")
+    parser.add_argument("--interval", type=int, default=5, help="heartbeat interval (s)")
+    parser.add_argument("--restart", type=float, default=0.4, help="simulated restart (s)")
+    parser.add_argument("--idle", type=float, default=20.0, help="idle window measured (s)")
+    parser.add_argument("--max-parallel", type=int, default=10)
+    parser.add_argument(
+        "--nofile", type=int, default=0, help="the leader's open-file limit (0: inherit)"
+    )
+    parser.add_argument("--keep", action="store_true", help="keep the run directories")
+    ns = parser.parse_args(argv)
+    if ns.worker is not None:
+        return worker_main(ns.worker)
+    sizes = [int(s) for s in ns.nodes.split(",") if s.strip()]
+    print(
+        f"simulated agents: heartbeat every {ns.interval} s, restart {ns.restart} s, "
+        f"enable-tls max-parallel {ns.max_parallel}, idle window {ns.idle:g} s"
+    )
+    print(
+        f"{'nodes':>5} {'outcome':>9} {'wall s':>7} {'CPU/node ms':>11} {'net ms':>7} "
+        f"{'HB leader ms':>12} {'HB agent ms':>11} {'RSS MiB':>7} {'files':>5} "
+        f"{'idle RSS':>8} {'idle files':>10} {'nofile':>6}"
+    )
+    for n in sizes:
+        root = Path(tempfile.mkdtemp(prefix="tlsroll-sim-"))
+        try:
+            r = one_run(
+                root,
+                n,
+                interval=ns.interval,
+                restart=ns.restart,
+                idle=ns.idle,
+                max_parallel=ns.max_parallel,
+                nofile=ns.nofile,
+            )
+        finally:
+            if not ns.keep:
+                shutil.rmtree(root, ignore_errors=True)
+        print(
+            f"{r.nodes:>5} {r.state:>9} {r.wall:>7.1f} {r.cpu_per_node:>11.1f} "
+            f"{r.cpu_per_node_net:>7.1f} {r.hb_leader_ms:>12.2f} {r.hb_agent_ms:>11.2f} "
+            f"{r.after.rss:>7.1f} {r.after.files:>5} {r.idle_rss:>8.1f} {r.idle_files:>10} "
+            f"{r.nofile:>6}",
+            flush=True,
+        )
+    print(
+        "CPU/node: leader CPU over the rollout / nodes; net: less the heartbeats in that time; "
+        "HB: CPU per heartbeat, leader side and agent side, over the idle window"
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

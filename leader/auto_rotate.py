@@ -1,0 +1,176 @@
+"""``auto_rotate = true``: the leader rotates server certificates by itself, in the window.
+
+    window = parse_window("Sat 02:00-05:00")
+    rotator = AutoRotator(watch, schema, commands, enabled=True, window=window)
+    watch.before_check.append(rotator.check)   # with every check of the expiry watch
+
+At each check it takes the server (8443) certificates within their warning horizon
+(``ExpiryWatch.warnings``), the active and the newest rollout, and the local time, and asks the
+pure ``leader.maintenance.decide`` what to do. If that says start, it plans and starts a
+``rotate-cert`` rollout of exactly those nodes, as an admin's ``tlsroll rollout start`` would
+(the same planner, the same checks of the nodes), with the audit actor ``leader (auto_rotate)``.
+A plan that is refused (a node offline, one that cannot be reached, ...) starts nothing: the
+refusal is logged once and kept for the schema (``status``) until something changes.
+
+Never two at once: the checks run one after the other (a lock as well), ``decide`` waits while
+any rollout is active, and the schema store refuses a second active rollout in the same
+transaction that would create it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from leader.commands import Commands, RolloutRequest
+from leader.expiry import ExpiryWatch
+from leader.maintenance import (
+    Decision,
+    LastRollout,
+    Verdict,
+    Window,
+    decide,
+    in_window,
+    next_opening,
+)
+from leader.rollout_core import Change, Scope
+from leader.schema_store import SchemaStore
+from tlsroll import logs
+from tlsroll.errors import TlsrollError
+from tlsroll.v1 import schema_pb2
+
+log = logs.get_logger(__name__)
+
+ACTOR = "leader (auto_rotate)"
+
+
+def local_now() -> dt.datetime:
+    """Now, on the leader host's wall clock (its TZ), aware."""
+    return dt.datetime.now().astimezone()
+
+
+@dataclass
+class Status:
+    """The last check, as the schema shows it (``AutoRotateView``)."""
+
+    enabled: bool
+    window: str
+    in_window: bool = False
+    checked_at: dt.datetime | None = None
+    verdict: str = ""
+    reason: str = ""
+    due: tuple[str, ...] = ()
+    rollout_id: str = ""
+    next_window: str = ""
+    logged: tuple[str, str] = field(default=("", ""))  # (verdict, reason) last logged
+
+    def view(self) -> schema_pb2.AutoRotateView:
+        view = schema_pb2.AutoRotateView(
+            enabled=self.enabled,
+            window=self.window,
+            in_window=self.in_window,
+            verdict=self.verdict,
+            reason=self.reason,
+            due_nodes=list(self.due),
+            rollout_id=self.rollout_id,
+            next_window=self.next_window,
+        )
+        if self.checked_at is not None:
+            view.checked_at.FromDatetime(self.checked_at)
+        return view
+
+
+class AutoRotator:
+    def __init__(
+        self,
+        watch: ExpiryWatch,
+        schema: SchemaStore,
+        commands: Commands,
+        *,
+        enabled: bool,
+        window: Window | None,
+        local_clock: Callable[[], dt.datetime] = local_now,
+    ) -> None:
+        self.watch = watch
+        self.schema = schema
+        self.commands = commands
+        self.enabled = enabled
+        self.window = window
+        self.local_clock = local_clock
+        self.status = Status(enabled, window.text if window else "")
+        self._lock = asyncio.Lock()
+
+    async def check(self) -> Decision:
+        """One check (the expiry watch's hook); returns what was decided, with STARTED or
+        BLOCKED once the start was tried."""
+        async with self._lock:
+            return await self._check()
+
+    async def _check(self) -> Decision:
+        local = self.local_clock()
+        if not self.enabled or self.window is None:
+            decision = Decision(Verdict.OFF)
+            self._record(decision, local)
+            return decision
+        warnings = await asyncio.to_thread(self.watch.warnings)
+        due = [e.subject for e in warnings if e.kind == "server"]
+        active = await asyncio.to_thread(self.schema.active)
+        latest = await asyncio.to_thread(self.schema.latest)
+        last = None
+        if latest is not None:
+            last = LastRollout(
+                latest.rollout.id, latest.rollout.state.value, latest.meta.started_by == ACTOR
+            )
+        decision = decide(
+            enabled=self.enabled,
+            window=self.window,
+            local=local,
+            due=due,
+            active=active.rollout.id if active is not None else None,
+            latest=last,
+        )
+        if decision.verdict is Verdict.START:
+            decision = await self._start(decision)
+        self._record(decision, local)
+        return decision
+
+    async def _start(self, decision: Decision) -> Decision:
+        request = RolloutRequest(Change.ROTATE_CERT, Scope.of_nodes(decision.nodes))
+        try:
+            row = await self.commands.start(request, ACTOR)
+        except TlsrollError as exc:  # refused plan, a rollout begun meanwhile, agents away
+            return Decision(Verdict.BLOCKED, decision.nodes, str(exc))
+        self.status.rollout_id = row.rollout.id
+        log.info(
+            "auto_rotate.started",
+            rollout_id=row.rollout.id,
+            nodes=list(decision.nodes),
+            window=self.status.window,
+            actor=ACTOR,
+        )
+        return Decision(Verdict.STARTED, decision.nodes, f"rollout {row.rollout.id}")
+
+    def _record(self, decision: Decision, local: dt.datetime) -> None:
+        s = self.status
+        s.checked_at = dt.datetime.now(dt.UTC)
+        s.verdict = decision.verdict.value
+        s.reason = decision.reason
+        s.due = decision.nodes
+        s.in_window = self.window is not None and in_window(self.window, local)
+        opens = None
+        if self.window is not None and not s.in_window:
+            opens = next_opening(self.window, local)
+        s.next_window = opens.isoformat(timespec="minutes") if opens else ""
+        key = (s.verdict, s.reason)
+        if key == s.logged or decision.verdict in (Verdict.OFF, Verdict.STARTED):
+            return
+        s.logged = key
+        fields = {"verdict": s.verdict, "reason": s.reason, "due": list(s.due)}
+        if decision.verdict is Verdict.BLOCKED:
+            log.warning("auto_rotate.blocked", **fields, next="tlsroll plan --change rotate-cert")
+        elif decision.verdict is Verdict.HELD:
+            log.warning("auto_rotate.held", **fields)
+        elif decision.nodes:
+            log.info("auto_rotate.waiting", **fields, next_window=s.next_window)

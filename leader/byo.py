@@ -1,0 +1,526 @@
+"""Bring your own certificate (``--cert-dir DIR``): the practice's own certificates for 8443.
+
+The usual rollout makes each node's https key on the node and has the cluster CA sign it. A
+practice that runs its own CA (the "practice CA") can hand tlsroll a certificate and key per
+node instead. The directory's layout::
+
+    DIR/ca.crt          the practice CA that signed the node certificates (PEM; more than one
+                        CA certificate is allowed, e.g. a root and an intermediate)
+    DIR/<node>.crt      the node's certificate first, then any intermediate CA certificates
+    DIR/<node>.key      its private key (PEM, unencrypted), mode 0600 or 0400
+    anything else       ignored, as are files of nodes outside the rollout's scope
+
+Everything is checked for every node the rollout would touch before any node is: a rollout
+with one problem is refused whole, with one line per problem (``Problem``: node, file, what
+is wrong, what to do). ``validate`` is pure (``cryptography`` only; never ``openssl``), given
+what the leader knows of each node (``Expected``: its enrolled names, the certificate it
+serves now) and the clock. ``read_cert_dir`` is the one function here that touches files; the
+CLI runs it.
+
+A key file that group or others can read is refused, not merely warned about: the key is
+what makes the certificate worth anything, and a node's own keys are 0600 too.
+
+The keys are secrets. They travel CLI → leader over the admin socket, leader → agent over
+mutual TLS (``StageRequest.private_key_pem``), are kept by the leader in memory only
+(``Vault``) until the node has staged its key, and never appear in a log, an error, the audit
+trail or the schema (``NodeMaterial`` hides the key from ``repr``).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import ipaddress
+import os
+import stat
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.x509 import verification
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+from tlsroll import pki
+from tlsroll.errors import TerminalError
+
+CA_FILE = "ca.crt"
+CERT_SUFFIX = ".crt"
+KEY_SUFFIX = ".key"
+MAX_FILE_BYTES = 64 * 1024  # a certificate chain or a key is a few KiB
+# Apple: TLS server certificates valid for at most 398 days (support.apple.com/102028).
+MAX_VALIDITY = dt.timedelta(days=398)
+MIN_RSA_BITS = 2048
+CURVES = ("secp256r1", "secp384r1")
+SHA2 = (hashes.SHA256, hashes.SHA384, hashes.SHA512)
+
+
+class Refused(TerminalError):
+    """The certificates from ``--cert-dir`` cannot be used; the message has one line per
+    problem. Nothing was changed on any node."""
+
+    def __init__(self, problems: Sequence[Problem]) -> None:
+        self.problems = tuple(problems)
+        lines = "\n".join(f"  {p}" for p in self.problems)
+        super().__init__(
+            f"the certificates from --cert-dir are refused ({len(self.problems)} "
+            f"problem{'s' if len(self.problems) != 1 else ''}); no node was changed:\n{lines}"
+        )
+
+
+@dataclass(frozen=True)
+class Problem:
+    """One thing wrong: the node ("" for the CA), the file, what is wrong, what to do."""
+
+    node: str
+    file: str
+    what: str
+    fix: str
+
+    def __str__(self) -> str:
+        return f"{self.node or 'ca'}: {self.file}: {self.what}; {self.fix}"
+
+
+@dataclass(frozen=True)
+class NodeMaterial:
+    """One node's files as read from the directory (empty bytes: the file is missing)."""
+
+    node: str
+    chain_pem: bytes
+    key_pem: bytes = field(repr=False)  # secret
+    key_mode: int | None = None  # permission bits of the key file, None if unknown
+
+
+@dataclass(frozen=True)
+class Material:
+    """The whole directory: the practice CA and each node's files."""
+
+    ca_pem: bytes
+    nodes: Mapping[str, NodeMaterial]
+
+
+@dataclass(frozen=True)
+class Expected:
+    """What the leader knows of a node the rollout touches: the names it serves on (its
+    enrolment, which preflight checks the node still claims) and the certificate it serves
+    now (``sha256:…``, "" if none)."""
+
+    names: pki.Names
+    live_fingerprint: str = ""
+
+
+@dataclass(frozen=True)
+class Accepted:
+    """A node's certificate that passed every check."""
+
+    node: str
+    fingerprint: str
+    not_after: dt.datetime
+    subject: str
+
+
+# --- reading the directory (the CLI) ------------------------------------------------------
+
+
+def _read(path: Path) -> bytes:
+    with path.open("rb") as f:
+        data = f.read(MAX_FILE_BYTES + 1)
+    if len(data) > MAX_FILE_BYTES:
+        raise OSError(f"{path}: larger than {MAX_FILE_BYTES} bytes; not a certificate or key")
+    return data
+
+
+def read_cert_dir(directory: Path) -> Material:
+    """The files of ``directory`` (layout: module docstring). A missing or unreadable file
+    is read as empty, and ``validate`` reports it if its node is in scope; OSError only if
+    the directory itself cannot be listed."""
+    directory = Path(directory)
+    names = sorted(p.name for p in directory.iterdir())
+    ca_pem = b""
+    if CA_FILE in names:
+        try:
+            ca_pem = _read(directory / CA_FILE)
+        except OSError:
+            ca_pem = b""
+    stems = {n[: -len(s)] for n in names for s in (CERT_SUFFIX, KEY_SUFFIX) if n.endswith(s)} - {
+        CA_FILE[: -len(CERT_SUFFIX)]
+    }
+    nodes: dict[str, NodeMaterial] = {}
+    for stem in sorted(stems):
+        if pki.node_name_problem(stem) is not None:
+            continue  # not a node's file: ignored
+        chain = key = b""
+        mode: int | None = None
+        with contextlib.suppress(OSError):
+            chain = _read(directory / f"{stem}{CERT_SUFFIX}")
+        key_path = directory / f"{stem}{KEY_SUFFIX}"
+        try:
+            mode = stat.S_IMODE(os.stat(key_path).st_mode)
+            key = _read(key_path)
+        except OSError:
+            pass
+        nodes[stem] = NodeMaterial(stem, chain, key, mode)
+    return Material(ca_pem, nodes)
+
+
+# --- checks (pure) --------------------------------------------------------------------------
+
+
+def _load_certs(data: bytes) -> list[x509.Certificate] | None:
+    try:
+        return pki.load_certs_pem(data) if data.strip() else None
+    except Exception:  # any parse failure is "not PEM certificates"
+        return None
+
+
+def ca_problems(ca_pem: bytes, now: dt.datetime, horizon: dt.timedelta) -> list[Problem]:
+    """The practice CA file: present, CA certificates, valid now and beyond the horizon."""
+    fix = f"put the practice CA's certificate (PEM) in DIR/{CA_FILE}"
+    if not ca_pem.strip():
+        return [Problem("", CA_FILE, "missing or empty", fix)]
+    certs = _load_certs(ca_pem)
+    if not certs:
+        return [Problem("", CA_FILE, "holds no PEM certificate", fix)]
+    problems = []
+    for cert in certs:
+        who = cert.subject.rfc4514_string() or "(no subject)"
+        if not pki.is_ca(cert):
+            problems.append(
+                Problem("", CA_FILE, f"{who} is not a CA certificate (basicConstraints CA)", fix)
+            )
+        problems += _validity(cert, now, horizon, "", CA_FILE, f"the CA {who}", "renew the CA")
+    return problems
+
+
+def _validity(
+    cert: x509.Certificate,
+    now: dt.datetime,
+    horizon: dt.timedelta,
+    node: str,
+    file: str,
+    what: str,
+    fix: str,
+) -> list[Problem]:
+    start, end = cert.not_valid_before_utc, cert.not_valid_after_utc
+    if now < start:
+        return [Problem(node, file, f"{what} is not valid before {start:%Y-%m-%d %H:%M} UTC", fix)]
+    if end < now:
+        return [Problem(node, file, f"{what} expired on {end:%Y-%m-%d}", fix)]
+    if end < now + horizon:
+        days = (end - now).days
+        return [
+            Problem(
+                node,
+                file,
+                f"{what} expires on {end:%Y-%m-%d}, in {days} days (within the "
+                f"{horizon.days}-day warning horizon, expiry_warning_days)",
+                fix,
+            )
+        ]
+    return []
+
+
+def _key_type_problem(public: object) -> str | None:
+    if isinstance(public, rsa.RSAPublicKey):
+        if public.key_size < MIN_RSA_BITS:
+            return f"an RSA key of {public.key_size} bits (at least {MIN_RSA_BITS})"
+        return None
+    if isinstance(public, ec.EllipticCurvePublicKey):
+        if public.curve.name not in CURVES:
+            return f"an ECDSA key on {public.curve.name} (P-256 or P-384 only)"
+        return None
+    return f"a {type(public).__name__} key (RSA 2048+ or ECDSA P-256/P-384 only)"
+
+
+def _apple_problems(
+    node: str, file: str, leaf: x509.Certificate, chain: Sequence[x509.Certificate]
+) -> list[Problem]:
+    """Apple's rules for TLS server certificates (support.apple.com/103769, /102028), which
+    every macOS workstation enforces: serverAuth, SHA-2, key sizes, at most 398 days, not a
+    CA. The SAN (CN is ignored) is checked by ``pki.san_lacks``."""
+    problems = []
+    reissue = "reissue it as a TLS server certificate"
+    try:
+        eku = leaf.extensions.get_extension_for_class(x509.ExtendedKeyUsage).value
+        if ExtendedKeyUsageOID.SERVER_AUTH not in eku:
+            problems.append(
+                Problem(node, file, "extendedKeyUsage lacks serverAuth", f"{reissue} (EKU)")
+            )
+    except x509.ExtensionNotFound:
+        problems.append(
+            Problem(node, file, "has no extendedKeyUsage (Apple requires serverAuth)", reissue)
+        )
+    try:
+        ku = leaf.extensions.get_extension_for_class(x509.KeyUsage).value
+        if not ku.digital_signature:
+            problems.append(
+                Problem(
+                    node,
+                    file,
+                    "keyUsage lacks digitalSignature (TLS 1.3 and ECDHE sign with the key)",
+                    reissue,
+                )
+            )
+    except x509.ExtensionNotFound:
+        pass  # no keyUsage: every usage allowed
+    if pki.is_ca(leaf):
+        problems.append(Problem(node, file, "is a CA certificate, not a server's", reissue))
+    lifetime = leaf.not_valid_after_utc - leaf.not_valid_before_utc
+    if lifetime > MAX_VALIDITY:
+        problems.append(
+            Problem(
+                node,
+                file,
+                f"is valid for {lifetime.days} days (Apple: at most {MAX_VALIDITY.days})",
+                "reissue it with a shorter validity",
+            )
+        )
+    if why := _key_type_problem(leaf.public_key()):
+        problems.append(Problem(node, file, f"has {why}", "reissue it with a stronger key"))
+    for cert in chain[:-1]:  # the anchor's own signature is not checked by anyone
+        algorithm = cert.signature_hash_algorithm
+        if not isinstance(algorithm, SHA2):
+            name = algorithm.name if algorithm is not None else "no hash"
+            who = "it" if cert is leaf else cert.subject.rfc4514_string()
+            problems.append(
+                Problem(
+                    node,
+                    file,
+                    f"{who} is signed with {name} (SHA-256, SHA-384 or SHA-512 only)",
+                    "reissue it with SHA-256",
+                )
+            )
+    return problems
+
+
+def _load_key(data: bytes) -> tuple[pki.PrivateKey | None, str]:
+    try:
+        key = serialization.load_pem_private_key(data, password=None)
+    except TypeError:
+        return None, "is encrypted (tlsroll needs it unencrypted; it is stored 0600 on the node)"
+    except Exception:  # never echo the key or the parser's view of it
+        return None, "is not a PEM private key"
+    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
+        return None, f"is a {type(key).__name__} (RSA or ECDSA only)"
+    return key, ""
+
+
+def node_problems(
+    item: NodeMaterial | None,
+    node: str,
+    expected: Expected,
+    anchors: Sequence[x509.Certificate],
+    now: dt.datetime,
+    horizon: dt.timedelta,
+    *,
+    rotate: bool = False,
+) -> list[Problem]:
+    """Every problem of one node's certificate and key (see the module docstring)."""
+    crt, keyf = f"{node}{CERT_SUFFIX}", f"{node}{KEY_SUFFIX}"
+    problems: list[Problem] = []
+    chain_pem = item.chain_pem if item is not None else b""
+    key_pem = item.key_pem if item is not None else b""
+    if not chain_pem.strip():
+        problems.append(
+            Problem(node, crt, "missing", f"put {node}'s certificate (PEM) in DIR/{crt}")
+        )
+    if not key_pem.strip():
+        problems.append(Problem(node, keyf, "missing", f"put {node}'s private key in DIR/{keyf}"))
+    mode = item.key_mode if item is not None else None
+    if key_pem.strip() and mode is not None and mode & 0o077:
+        problems.append(
+            Problem(
+                node,
+                keyf,
+                f"can be read by group or others (mode {mode:04o})",
+                f"chmod 600 DIR/{keyf}",
+            )
+        )
+    key = None
+    if key_pem.strip():
+        key, why = _load_key(key_pem)
+        if key is None:
+            problems.append(Problem(node, keyf, why, "give the certificate's private key in PEM"))
+    if not chain_pem.strip():
+        return problems
+    certs = _load_certs(chain_pem)
+    if not certs:
+        problems.append(
+            Problem(node, crt, "holds no PEM certificate", "put the node's certificate first")
+        )
+        return problems
+    leaf, intermediates = certs[0], certs[1:]
+    fingerprint = pki.fingerprint(leaf)
+    chain = pki.chain_to(leaf, intermediates, anchors)
+    if chain is None:
+        problems.append(
+            Problem(
+                node,
+                crt,
+                f"not signed by the CA in {CA_FILE} (issuer {leaf.issuer.rfc4514_string()})",
+                "use a certificate the practice CA issued, with any intermediate CA after it "
+                "in the same file",
+            )
+        )
+    if key is not None and not pki.key_matches(leaf, key):
+        problems.append(
+            Problem(
+                node, keyf, f"does not belong to {crt}", "give the key the certificate was made for"
+            )
+        )
+    missing = pki.san_lacks(leaf, expected.names)
+    if missing is None:
+        problems.append(
+            Problem(
+                node,
+                crt,
+                "has no subjectAltName (clients ignore the CN)",
+                f"reissue it with {', '.join(_wanted(expected.names))}",
+            )
+        )
+    elif missing:
+        problems.append(
+            Problem(
+                node,
+                crt,
+                f"its subjectAltName lacks {', '.join(missing)}, which the node serves on",
+                f"reissue it with {', '.join(_wanted(expected.names))}",
+            )
+        )
+    problems += _validity(leaf, now, horizon, node, crt, "it", "use a newer certificate")
+    for extra in (chain or [])[1:-1]:
+        what = f"the intermediate {extra.subject.rfc4514_string()}"
+        problems += _validity(extra, now, horizon, node, crt, what, "renew the intermediate CA")
+    problems += _apple_problems(node, crt, leaf, chain or [leaf])
+    if rotate and expected.live_fingerprint and fingerprint == expected.live_fingerprint:
+        problems.append(
+            Problem(
+                node,
+                crt,
+                "is the certificate the node already serves",
+                "rotate-cert needs a new certificate",
+            )
+        )
+    if not problems and chain is not None:
+        problems += _client_view(node, crt, chain, expected.names, now)
+    return problems
+
+
+def _wanted(names: pki.Names) -> list[str]:
+    return [f"IP:{ip}" for ip in names.ips] + [f"DNS:{d}" for d in names.dns]
+
+
+def _client_view(
+    node: str,
+    file: str,
+    chain: Sequence[x509.Certificate],
+    names: pki.Names,
+    now: dt.datetime,
+) -> list[Problem]:
+    """What a TLS client's path validation (``cryptography``'s, RFC 5280 with the CA/B
+    Forum's profile) says for each name: a last check beyond the ones above."""
+    store = verification.Store([chain[-1]])
+    verifier = verification.PolicyBuilder().store(store).time(now)
+    subjects: list[verification.Subject] = [
+        x509.IPAddress(ipaddress.ip_address(ip)) for ip in names.ips
+    ] + [x509.DNSName(d) for d in names.dns]
+    for subject in subjects:
+        try:
+            verifier.build_server_verifier(subject).verify(chain[0], list(chain[1:-1]))
+        except verification.VerificationError as exc:
+            return [
+                Problem(
+                    node,
+                    file,
+                    f"a TLS client would refuse it for {subject.value}: {exc}",
+                    "reissue it as a TLS server certificate",
+                )
+            ]
+    return []
+
+
+def validate(
+    material: Material,
+    expected: Mapping[str, Expected],
+    *,
+    now: dt.datetime,
+    horizon: dt.timedelta,
+    rotate: bool = False,
+) -> list[Problem]:
+    """Every problem of the directory for the nodes in ``expected`` (those the rollout would
+    touch); files of other nodes are ignored. Empty: every node's certificate can be used."""
+    problems = ca_problems(material.ca_pem, now, horizon)
+    anchors = [c for c in (_load_certs(material.ca_pem) or []) if pki.is_ca(c)]
+    for node in sorted(expected):
+        problems += node_problems(
+            material.nodes.get(node), node, expected[node], anchors, now, horizon, rotate=rotate
+        )
+    return problems
+
+
+def ca_bundle(material: Material) -> bytes:
+    """The practice CA certificates of a validated directory, as plain PEM (any text around
+    them dropped)."""
+    certs = _load_certs(material.ca_pem) or []
+    return b"".join(pki.cert_to_pem(c) for c in certs if pki.is_ca(c))
+
+
+def chain_pem(item: NodeMaterial) -> bytes:
+    """A validated node's certificate and intermediates, as plain PEM."""
+    return b"".join(pki.cert_to_pem(c) for c in pki.load_certs_pem(item.chain_pem))
+
+
+def accepted(material: Material, nodes: Iterable[str]) -> list[Accepted]:
+    """What ``plan`` shows of certificates that passed ``validate``."""
+    out = []
+    for node in sorted(nodes):
+        leaf = pki.load_certs_pem(material.nodes[node].chain_pem)[0]
+        out.append(
+            Accepted(
+                node,
+                pki.fingerprint(leaf),
+                leaf.not_valid_after_utc,
+                leaf.subject.rfc4514_string(),
+            )
+        )
+    return out
+
+
+# --- the leader's custody of the keys -------------------------------------------------------
+
+
+class Vault:
+    """The keys of the running BYO rollout, in the leader's memory only (never on disk).
+
+    ``put`` when the rollout starts (it replaces whatever an earlier rollout left), ``get``
+    in the stage step, ``drop`` once the node has staged its key (or its stage ended). A
+    leader that restarts has none: a node that has staged its key goes on (the agent keeps
+    it); one that has not fails its stage with what to do (start again with --cert-dir)."""
+
+    def __init__(self) -> None:
+        self._rollout = ""
+        self._nodes: dict[str, NodeMaterial] = {}
+
+    def put(self, rollout_id: str, nodes: Mapping[str, NodeMaterial]) -> None:
+        self._rollout, self._nodes = rollout_id, dict(nodes)
+
+    def get(self, rollout_id: str, node: str) -> NodeMaterial | None:
+        return self._nodes.get(node) if rollout_id == self._rollout else None
+
+    def drop(self, rollout_id: str, node: str) -> None:
+        if rollout_id == self._rollout:
+            self._nodes.pop(node, None)
+
+    @property
+    def rollout_id(self) -> str:
+        return self._rollout
+
+    def forget(self, rollout_id: str) -> None:
+        """Forget every key of ``rollout_id`` (it has ended)."""
+        if rollout_id == self._rollout:
+            self._rollout, self._nodes = "", {}
+
+    def __repr__(self) -> str:
+        return f"Vault(rollout={self._rollout!r}, nodes={sorted(self._nodes)})"

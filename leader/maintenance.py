@@ -1,0 +1,214 @@
+"""The maintenance window and the automatic rotation's decision (pure: data in, data out).
+
+``maintenance_window`` in leader.toml says when the leader may restart the practice's servers by
+itself (``auto_rotate = true``): one string or a list of them, each ``DAYS HH:MM-HH:MM`` in the
+leader host's local time::
+
+    maintenance_window = "Sat 02:00-05:00"
+    maintenance_window = ["Mon-Fri 22:00-01:00", "Sun 03:00-04:00"]   # weekdays cross midnight
+
+DAYS is ``Mon``..``Sun`` (or the full English name), a range ``Mon-Fri`` (``Fri-Mon`` wraps
+the week), several of these separated by commas, or ``daily``. An end before the start runs
+into the next day: ``Sat 22:00-02:00`` is Saturday 22:00 to Sunday 02:00. ``24:00`` is
+midnight at the end of the day.
+
+Wall-clock time is compared, not elapsed time, because that is how an admin thinks of "Saturday
+02:00 to 05:00". On the day daylight saving time starts, a window over the skipped hour is that
+much shorter (in Europe/Berlin, ``Sun 02:00-04:00`` on the last Sunday of March is open 03:00 to
+04:00 CEST); on the day it ends, a window over the repeated hour is open through both passes.
+
+``decide`` is what the expiry watch does with the server certificates inside their horizon
+(``leader.auto_rotate`` runs it and does the I/O).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+
+DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
+FULL_DAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
+_ENTRY = re.compile(
+    r"^\s*(?P<days>\S+)\s+(?P<start>\d{1,2}:\d{2})\s*-\s*(?P<end>\d{1,2}:\d{2})\s*$"
+)
+MINUTES_PER_DAY = 24 * 60
+
+
+class WindowError(ValueError):
+    """A maintenance window that cannot be read; the message says what is wrong and shows the
+    form (the config loader adds the file and the key)."""
+
+
+@dataclass(frozen=True)
+class Span:
+    """Open from ``start`` (minutes after midnight) on ``weekday`` (0 = Monday) for
+    ``minutes``; it may run into the next day."""
+
+    weekday: int
+    start: int
+    minutes: int
+
+
+@dataclass(frozen=True)
+class Window:
+    text: str  # as the admin wrote it, for the schema and the log
+    spans: tuple[Span, ...]
+
+
+def _day(name: str, entry: str) -> int:
+    key = name.strip().lower()
+    if key in DAYS:
+        return DAYS.index(key)
+    if key in FULL_DAYS:
+        return FULL_DAYS.index(key)
+    raise WindowError(f"{entry!r}: unknown day {name!r} (Mon, Tue, Wed, Thu, Fri, Sat, Sun)")
+
+
+def _days(text: str, entry: str) -> list[int]:
+    if text.lower() in ("daily", "*"):
+        return list(range(7))
+    found: list[int] = []
+    for part in text.split(","):
+        if not part:
+            raise WindowError(f"{entry!r}: an empty day in {text!r}")
+        if "-" in part:
+            first, _, last = part.partition("-")
+            a, b = _day(first, entry), _day(last, entry)
+            found += [(a + i) % 7 for i in range((b - a) % 7 + 1)]
+        else:
+            found.append(_day(part, entry))
+    return sorted(set(found))
+
+
+def _minutes(text: str, entry: str) -> int:
+    hours, minutes = (int(x) for x in text.split(":"))
+    if not (0 <= hours <= 24 and 0 <= minutes <= 59) or (hours == 24 and minutes):
+        raise WindowError(f"{entry!r}: {text} is not a time of day (00:00 to 24:00)")
+    return hours * 60 + minutes
+
+
+def parse_window(value: str | Sequence[str]) -> Window:
+    """The window from the config's string or list of strings; WindowError if it cannot be
+    read (no entry, an unknown day, a bad time, or an empty span such as 03:00-03:00)."""
+    entries = [value] if isinstance(value, str) else list(value)
+    if not entries:
+        raise WindowError('no window given; e.g. "Sat 02:00-05:00"')
+    spans: list[Span] = []
+    for entry in entries:
+        m = _ENTRY.match(entry)
+        if m is None:
+            raise WindowError(f'{entry!r} is not DAYS HH:MM-HH:MM, e.g. "Sat 02:00-05:00"')
+        start = _minutes(m["start"], entry)
+        end = _minutes(m["end"], entry)
+        if start == MINUTES_PER_DAY:
+            raise WindowError(f"{entry!r}: a window cannot start at 24:00; write 00:00")
+        if start == end:
+            raise WindowError(f"{entry!r}: the window is empty (it starts where it ends)")
+        length = (end - start) % MINUTES_PER_DAY or MINUTES_PER_DAY
+        spans += [Span(day, start, length) for day in _days(m["days"], entry)]
+    text = value if isinstance(value, str) else ", ".join(value)
+    return Window(text, tuple(spans))
+
+
+def in_window(window: Window, local: dt.datetime) -> bool:
+    """Whether the local wall-clock time ``local`` (naive, or aware in the leader's zone) is
+    inside the window."""
+    now = local.hour * 60 + local.minute + (local.second + local.microsecond / 1e6) / 60
+    today = local.weekday()
+    for span in window.spans:
+        # Minutes since the span's start, had it started on its weekday this week or last.
+        since = ((today - span.weekday) % 7) * MINUTES_PER_DAY + now - span.start
+        if 0 <= since < span.minutes:
+            return True
+    return False
+
+
+def next_opening(window: Window, local: dt.datetime) -> dt.datetime | None:
+    """The next wall-clock time (naive, in the leader's zone) the window opens after
+    ``local``; None if it is never closed (e.g. ``daily 00:00-24:00``)."""
+    base = local.replace(tzinfo=None, second=0, microsecond=0)
+    midnight = base.replace(hour=0, minute=0)
+    candidates = []
+    for span in window.spans:
+        for ahead in range(8):
+            day = midnight + dt.timedelta(days=ahead)
+            if day.weekday() != span.weekday:
+                continue
+            opens = day + dt.timedelta(minutes=span.start)
+            if opens > base and not in_window(window, opens - dt.timedelta(minutes=1)):
+                candidates.append(opens)
+    return min(candidates, default=None)
+
+
+# --- the automatic rotation -------------------------------------------------------------------
+
+
+class Verdict(StrEnum):
+    """What one check of ``auto_rotate`` decided (the schema shows it)."""
+
+    OFF = "off"  # auto_rotate = false
+    NOTHING_DUE = "nothing-due"  # no server certificate is within its horizon
+    OUTSIDE_WINDOW = "outside-window"
+    BUSY = "busy"  # a rollout is active; never two at once
+    HELD = "held"  # the last automatic rotation did not complete; an admin looks first
+    START = "start"
+    STARTED = "started"  # (set by the caller once the rollout is created)
+    BLOCKED = "blocked"  # (set by the caller: the plan was refused, with its reason)
+
+
+@dataclass(frozen=True)
+class LastRollout:
+    """The newest rollout: its id, state, and whether ``auto_rotate`` started it."""
+
+    id: str
+    state: str
+    automatic: bool
+
+
+@dataclass(frozen=True)
+class Decision:
+    verdict: Verdict
+    nodes: tuple[str, ...] = ()  # the nodes to rotate (START), or those due
+    reason: str = ""
+
+
+ENDED_BADLY = ("halted", "aborted")
+
+
+def decide(
+    *,
+    enabled: bool,
+    window: Window | None,
+    local: dt.datetime,
+    due: Sequence[str],
+    active: str | None,
+    latest: LastRollout | None,
+) -> Decision:
+    """Whether to start a ``rotate-cert`` rollout of the nodes ``due`` (server certificates
+    within their horizon) now.
+
+    Outside the window nothing happens, whatever is due. An active rollout (``active``: its id)
+    is never joined by a second one. An automatic rotation that halted or was aborted is not
+    tried again by itself: the same node would most likely fail the same way at every check,
+    restarting the practice's servers each time; it waits until an admin has started a rollout
+    (``tlsroll rollout retry`` or a new one)."""
+    nodes = tuple(sorted(set(due)))
+    if not enabled or window is None:
+        return Decision(Verdict.OFF, nodes)
+    if not nodes:
+        return Decision(Verdict.NOTHING_DUE)
+    if not in_window(window, local):
+        return Decision(Verdict.OUTSIDE_WINDOW, nodes, f"outside the window {window.text}")
+    if active is not None:
+        return Decision(Verdict.BUSY, nodes, f"rollout {active} is active")
+    if latest is not None and latest.automatic and latest.state in ENDED_BADLY:
+        return Decision(
+            Verdict.HELD,
+            nodes,
+            f"the automatic rotation {latest.id} ended {latest.state}; see `tlsroll schema "
+            f"show --rollout {latest.id}`, then `tlsroll rollout retry` (or start one)",
+        )
+    return Decision(Verdict.START, nodes)

@@ -1,0 +1,101 @@
+"""The leader's own certificate (``DATA/tls/leader.pem``), renewed and served while it runs.
+
+    own = OwnTls(layout, ca, names)
+    bind(join, ..., own.join_credentials())        # TLS, no client certificate
+    bind(control, ..., own.control_credentials())  # mutual TLS, the cluster CA
+    await own.renew_if_due()                       # with every check of the expiry watch
+
+``renew_if_due`` issues the certificate again (same key) once it ends within
+``LEADER_RENEW_BEFORE`` (``leader.layout.ensure_leader_identity``, the same rule as at start)
+and serves it from then on: gRPC asks each listener's fetcher for the certificate at every new
+handshake, so new connections get the new one and open ones keep theirs, with no restart.
+Agents check the leader's identity (its URI SAN), not its certificate, so they accept it at
+once. The credentials the leader dials agents with (``on_renewed`` callbacks) change too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+from cryptography import x509
+
+from leader.layout import Layout, ensure_leader_identity
+from tlsroll import logs, pki
+
+log = logs.get_logger(__name__)
+
+
+class OwnTls:
+    def __init__(self, layout: Layout, ca: pki.CertificateAuthority, names: pki.Names) -> None:
+        self.layout = layout
+        self.ca = ca
+        self.names = names
+        self.key_pem = layout.tls_key.read_bytes()
+        self.chain_pem = layout.tls_cert.read_bytes()
+        self._version = 0
+        # Called with the new chain (PEM) after a renewal, on the event loop.
+        self.on_renewed: list[Callable[[bytes], None]] = []
+
+    @property
+    def cert(self) -> x509.Certificate:
+        return pki.load_certs_pem(self.chain_pem)[0]
+
+    def _config(self, client_auth: bool) -> grpc.ServerCertificateConfiguration:
+        return grpc.ssl_server_certificate_configuration(
+            [(self.key_pem, self.chain_pem)],
+            root_certificates=self.ca.cert_pem if client_auth else None,
+        )
+
+    def _credentials(self, client_auth: bool) -> grpc.ServerCredentials:
+        """Credentials for one listener, with a fetcher (and a version seen) of its own."""
+        seen = self._version
+
+        def fetch() -> grpc.ServerCertificateConfiguration | None:
+            # On gRPC's threads at every handshake: no I/O, reads of two attributes.
+            nonlocal seen
+            if self._version == seen:
+                return None  # unchanged
+            seen = self._version
+            return self._config(client_auth)
+
+        # grpc's stubs say the fetcher returns a configuration; None ("unchanged") is allowed.
+        return grpc.dynamic_ssl_server_credentials(
+            self._config(client_auth),
+            fetch,  # type: ignore[arg-type]
+            require_client_authentication=client_auth,
+        )
+
+    def join_credentials(self) -> grpc.ServerCredentials:
+        return self._credentials(client_auth=False)
+
+    def control_credentials(self) -> grpc.ServerCredentials:
+        return self._credentials(client_auth=True)
+
+    def channel_credentials(self) -> grpc.ChannelCredentials:
+        """What the leader dials agents with: its certificate as the client's."""
+        return grpc.ssl_channel_credentials(
+            root_certificates=self.ca.cert_pem,
+            private_key=self.key_pem,
+            certificate_chain=self.chain_pem,
+        )
+
+    async def renew_if_due(self) -> bool:
+        """Issue the certificate again if it is due, and serve it; True if it did."""
+        reissued = await asyncio.to_thread(ensure_leader_identity, self.layout, self.ca, self.names)
+        if not reissued:  # (a file changed by hand is read at the next start, not here)
+            return False
+        chain = await asyncio.to_thread(Path(self.layout.tls_cert).read_bytes)
+        self.chain_pem = chain  # before the version: a fetcher that sees it reads the new chain
+        self._version += 1
+        for callback in self.on_renewed:
+            callback(chain)
+        cert = self.cert
+        log.info(
+            "leader.certificate_reloaded",
+            serial=f"{cert.serial_number:x}",
+            not_after=cert.not_valid_after_utc.isoformat(timespec="seconds"),
+        )
+        return True

@@ -1,0 +1,480 @@
+"""``auto_rotate = true`` with a maintenance window (issue 11).
+
+The pure part (``leader.maintenance``): the window's grammar, ``in_window`` as a table
+(midnight wrap, daylight saving days in Europe/Berlin), ``decide``; the config's one-line
+errors. Then a real leader, agents and reference servers with server certificates that live
+minutes: inside the window a rotate-cert rollout starts by itself and completes with new
+fingerprints (seen from outside with Python's ssl module); outside it nothing starts, however
+many checks see the certificates due.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import pytest
+
+from leader.config import LeaderConfig
+from leader.maintenance import (
+    LastRollout,
+    Verdict,
+    WindowError,
+    decide,
+    in_window,
+    next_opening,
+    parse_window,
+)
+from tests.cluster import Cluster, wait_until
+from tests.conftest import next_loopback
+from tests.refserver_helper import write_toml
+from tlsroll.errors import ConfigError
+
+BERLIN = ZoneInfo("Europe/Berlin")
+UTC = dt.UTC
+
+
+def local(text: str) -> dt.datetime:
+    """A naive local wall-clock time, ``2026-12-05 02:30`` (a Saturday)."""
+    return dt.datetime.fromisoformat(text)
+
+
+def berlin(utc_text: str) -> dt.datetime:
+    """The Berlin wall clock at the UTC instant ``utc_text``."""
+    return dt.datetime.fromisoformat(utc_text).replace(tzinfo=UTC).astimezone(BERLIN)
+
+
+# --- the window -------------------------------------------------------------------------------
+
+# 2026-12-05 is a Saturday, 2026-12-06 a Sunday, 2026-12-07 a Monday.
+WINDOW_TABLE = [
+    ("Sat 02:00-05:00", "2026-12-05 01:59", False),
+    ("Sat 02:00-05:00", "2026-12-05 02:00", True),
+    ("Sat 02:00-05:00", "2026-12-05 04:59", True),
+    ("Sat 02:00-05:00", "2026-12-05 05:00", False),  # the end is not inside
+    ("Sat 02:00-05:00", "2026-12-06 03:00", False),  # another day
+    ("sat 02:00-05:00", "2026-12-05 03:00", True),  # days in any case
+    ("Saturday 02:00-05:00", "2026-12-05 03:00", True),
+    # Crossing midnight: Saturday 22:00 to Sunday 02:00.
+    ("Sat 22:00-02:00", "2026-12-05 21:59", False),
+    ("Sat 22:00-02:00", "2026-12-05 23:30", True),
+    ("Sat 22:00-02:00", "2026-12-06 00:00", True),
+    ("Sat 22:00-02:00", "2026-12-06 01:59", True),
+    ("Sat 22:00-02:00", "2026-12-06 02:00", False),
+    ("Sat 22:00-02:00", "2026-12-05 01:00", False),  # Friday night's is not Saturday's
+    # Sunday night into Monday wraps the week.
+    ("Sun 23:00-01:00", "2026-12-07 00:30", True),
+    ("Sun 23:00-01:00", "2026-11-30 00:30", True),
+    ("Sun 23:00-01:00", "2026-12-08 00:30", False),
+    # Several days, ranges, a range that wraps the week, and 24:00.
+    ("Sat,Sun 02:00-05:00", "2026-12-06 03:00", True),
+    ("Mon-Fri 20:00-24:00", "2026-12-04 23:59", True),  # Friday
+    ("Mon-Fri 20:00-24:00", "2026-12-05 00:00", False),  # Friday's ends at 24:00
+    ("Mon-Fri 20:00-24:00", "2026-12-05 20:00", False),  # Saturday
+    ("Fri-Mon 03:00-04:00", "2026-12-06 03:30", True),  # Sunday
+    ("Fri-Mon 03:00-04:00", "2026-12-08 03:30", False),  # Tuesday
+    ("daily 00:00-24:00", "2026-12-08 12:00", True),
+]
+
+
+@pytest.mark.parametrize(("window", "at", "inside"), WINDOW_TABLE)
+def test_in_window(window: str, at: str, inside: bool) -> None:
+    assert in_window(parse_window(window), local(at)) is inside
+
+
+def test_a_list_of_windows_is_open_when_any_is() -> None:
+    window = parse_window(["Wed 22:00-01:00", "Sat 02:00-05:00"])
+    assert window.text == "Wed 22:00-01:00, Sat 02:00-05:00"
+    assert in_window(window, local("2026-12-03 00:30"))  # Thursday, from Wednesday night
+    assert in_window(window, local("2026-12-05 02:30"))
+    assert not in_window(window, local("2026-12-04 00:30"))  # Friday
+
+
+# Daylight saving time in Europe/Berlin: 2026-03-29 02:00 CET becomes 03:00 CEST (a Sunday);
+# 2026-10-25 03:00 CEST becomes 02:00 CET (a Sunday). Wall-clock time is what counts.
+DST_TABLE = [
+    # Spring: "Sun 02:00-04:00" is open from 03:00 CEST (the hour 02:00-03:00 does not exist).
+    ("Sun 02:00-04:00", "2026-03-29 00:59", False),  # 01:59 CET
+    ("Sun 02:00-04:00", "2026-03-29 01:00", True),  # 03:00 CEST
+    ("Sun 02:00-04:00", "2026-03-29 01:59", True),  # 03:59 CEST
+    ("Sun 02:00-04:00", "2026-03-29 02:00", False),  # 04:00 CEST
+    ("Sun 01:00-02:30", "2026-03-29 00:59", True),  # 01:59 CET
+    ("Sun 01:00-02:30", "2026-03-29 01:00", False),  # 03:00 CEST: past 02:30 on the wall
+    # Autumn: "Sun 02:00-03:00" is open through both passes of the repeated hour.
+    ("Sun 02:00-03:00", "2026-10-24 23:59", False),  # 01:59 CEST
+    ("Sun 02:00-03:00", "2026-10-25 00:00", True),  # 02:00 CEST
+    ("Sun 02:00-03:00", "2026-10-25 00:59", True),  # 02:59 CEST
+    ("Sun 02:00-03:00", "2026-10-25 01:00", True),  # 02:00 CET, the second time
+    ("Sun 02:00-03:00", "2026-10-25 01:59", True),  # 02:59 CET
+    ("Sun 02:00-03:00", "2026-10-25 02:00", False),  # 03:00 CET
+    # A window across midnight on the night DST starts.
+    ("Sat 23:00-03:30", "2026-03-28 22:30", True),  # Saturday 23:30 CET
+    ("Sat 23:00-03:30", "2026-03-29 01:15", True),  # Sunday 03:15 CEST
+    ("Sat 23:00-03:30", "2026-03-29 01:30", False),  # Sunday 03:30 CEST
+]
+
+
+@pytest.mark.parametrize(("window", "utc", "inside"), DST_TABLE)
+def test_in_window_on_daylight_saving_days(window: str, utc: str, inside: bool) -> None:
+    assert in_window(parse_window(window), berlin(utc)) is inside
+
+
+def test_next_opening() -> None:
+    window = parse_window("Sat 02:00-05:00")
+    assert next_opening(window, local("2026-12-03 10:00")) == local("2026-12-05 02:00")
+    assert next_opening(window, local("2026-12-05 06:00")) == local("2026-12-12 02:00")
+    assert next_opening(parse_window("daily 00:00-24:00"), local("2026-12-05 06:00")) is None
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("Sat", "is not DAYS HH:MM-HH:MM"),
+        ("Sat 2-5", "is not DAYS HH:MM-HH:MM"),
+        ("Sam 02:00-05:00", "unknown day 'Sam'"),
+        ("Sat 25:00-05:00", "25:00 is not a time of day"),
+        ("Sat 02:60-05:00", "02:60 is not a time of day"),
+        ("Sat 24:00-05:00", "cannot start at 24:00"),
+        ("Sat 03:00-03:00", "the window is empty"),
+        ("Sat,,Sun 03:00-04:00", "an empty day"),
+        ([], "no window given"),
+    ],
+)
+def test_a_bad_window_says_what_is_wrong(value: Any, problem: str) -> None:
+    with pytest.raises(WindowError, match=problem):
+        parse_window(value)
+
+
+def leader_toml(tmp_path: Path, **keys: object) -> Path:
+    return write_toml(
+        tmp_path / "leader.toml", {"leader": {"address": "::1", "data_dir": "d", **keys}}
+    )
+
+
+@pytest.mark.parametrize(
+    ("keys", "key", "problem"),
+    [
+        ({"maintenance_window": "Sam 02:00-05:00"}, "maintenance_window", "unknown day 'Sam'"),
+        ({"maintenance_window": 5}, "maintenance_window", "expected a list, got integer"),
+        ({"maintenance_window": ["Sat 02:00-05:00", 3]}, "maintenance_window[1]", "expected a"),
+        ({"auto_rotate": True}, "auto_rotate", "needs maintenance_window"),
+        ({"auto_rotate": "yes"}, "auto_rotate", "expected true or false"),
+        ({"expiry_warning_days": 0.0}, "expiry_warning_days", "must be between 0 and 365"),
+        (
+            {"expiry_warning_days": 1, "server_cert_lifetime": 3600},
+            "expiry_warning_days",
+            "1 days is not shorter than server_cert_lifetime",
+        ),
+        ({"server_cert_lifetime": 10}, "server_cert_lifetime", "must be between 60 and"),
+        ({"expiry_check_interval": 0}, "expiry_check_interval", "must be between 1 and"),
+    ],
+)
+def test_auto_rotate_config_errors_are_one_line_naming_the_key(
+    tmp_path: Path, keys: dict[str, object], key: str, problem: str
+) -> None:
+    path = leader_toml(tmp_path, **keys)
+    with pytest.raises(ConfigError) as err:
+        LeaderConfig.load(path)
+    message = str(err.value)
+    assert message.startswith(f"config error: {path}: [leader].{key}: "), message
+    assert problem in message and "\n" not in message
+
+
+def test_auto_rotate_config_defaults_and_values(tmp_path: Path) -> None:
+    cfg = LeaderConfig.load(leader_toml(tmp_path))
+    assert cfg.auto_rotate is False and cfg.maintenance_window is None
+    cfg = LeaderConfig.load(
+        leader_toml(
+            tmp_path,
+            auto_rotate=True,
+            maintenance_window=["Sat 02:00-05:00", "Wed 22:00-01:00"],
+            expiry_warning_days=0.001,
+            server_cert_lifetime=600,
+            expiry_check_interval=1,
+        )
+    )
+    assert cfg.auto_rotate and cfg.maintenance_window is not None
+    assert cfg.maintenance_window.text == "Sat 02:00-05:00, Wed 22:00-01:00"
+    assert (cfg.expiry_warning_days, cfg.server_cert_lifetime) == (0.001, 600)
+
+
+# --- the decision -----------------------------------------------------------------------------
+
+SAT = local("2026-12-05 03:00")
+MON = local("2026-12-07 03:00")
+WINDOW = parse_window("Sat 02:00-05:00")
+
+
+def test_decide() -> None:
+    def d(**kw: Any) -> Any:
+        args: dict[str, Any] = {
+            "enabled": True,
+            "window": WINDOW,
+            "local": SAT,
+            "due": ["n2", "n1", "n1"],
+            "active": None,
+            "latest": None,
+        }
+        args.update(kw)
+        return decide(**args)
+
+    start = d()
+    assert start.verdict is Verdict.START and start.nodes == ("n1", "n2")
+    assert d(enabled=False).verdict is Verdict.OFF
+    assert d(due=[]).verdict is Verdict.NOTHING_DUE
+    outside = d(local=MON)
+    assert outside.verdict is Verdict.OUTSIDE_WINDOW and "Sat 02:00-05:00" in outside.reason
+    assert d(active="r1").verdict is Verdict.BUSY
+    assert d(local=MON, active="r1").verdict is Verdict.OUTSIDE_WINDOW
+    # An automatic rotation that halted waits for an admin; one an admin's came after does not.
+    held = d(latest=LastRollout("r2", "halted", automatic=True))
+    assert held.verdict is Verdict.HELD and "tlsroll rollout retry" in held.reason
+    assert d(latest=LastRollout("r2", "aborted", automatic=True)).verdict is Verdict.HELD
+    assert d(latest=LastRollout("r3", "halted", automatic=False)).verdict is Verdict.START
+    assert d(latest=LastRollout("r2", "completed", automatic=True)).verdict is Verdict.START
+
+
+# --- a real cluster ---------------------------------------------------------------------------
+
+LIFETIME = 300  # seconds a server certificate lives here
+HORIZON_DAYS = 270 / 86400  # due 30 s after it is issued
+
+
+def schema_json(cluster: Cluster) -> dict[str, Any]:
+    shown = cluster.cli("schema", "show", "--json")
+    assert shown.returncode == 0, shown.stderr
+    data: dict[str, Any] = json.loads(shown.stdout)
+    return data
+
+
+def auto_view(cluster: Cluster) -> dict[str, Any]:
+    view: dict[str, Any] = schema_json(cluster).get("auto_rotate", {})
+    return view
+
+
+def checked_at(cluster: Cluster) -> dt.datetime:
+    return dt.datetime.fromisoformat(auto_view(cluster)["checked_at"].replace("Z", "+00:00"))
+
+
+def closed_window(now: dt.datetime) -> str:
+    """A window on a day three days from today: nowhere near now, whatever the hour."""
+    day = ("Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun")[(now.weekday() + 3) % 7]
+    return f"{day} 02:00-03:00"
+
+
+@pytest.mark.timeout(600)
+def test_auto_rotate_starts_a_rotation_only_inside_the_window(tmp_path: Path) -> None:
+    """Server certificates living 5 minutes, due 30 s after they are issued, the expiry watch
+    checking every second. Outside the window: the schema says the nodes are due and why nothing
+    starts, check after check, and no rollout starts. The admin opens the window (config,
+    leader restart): a rotate-cert rollout of the due nodes starts by itself, audited as the
+    leader's, and completes; each node serves a new certificate from outside."""
+    from tests.nodeside import Node
+    from tests.test_level_based import password_file
+
+    addresses = [next_loopback() for _ in range(2)]
+    cluster = Cluster(tmp_path / "cluster", addresses[0], heartbeat_interval=1)
+    nodes = [Node(cluster, f"node{i + 1}", a, tmp_path / f"n{i}") for i, a in enumerate(addresses)]
+    try:
+        cluster.init("--node-name", "node1")
+        cluster.write_leader_config(
+            {
+                "server_cert_lifetime": LIFETIME,
+                "expiry_warning_days": HORIZON_DAYS,
+                "expiry_check_interval": 1,
+                "auto_rotate": True,
+                "maintenance_window": closed_window(dt.datetime.now()),
+            }
+        )
+        cluster.start_leader()
+        for node in nodes:
+            node.start()
+        cluster.wait_for_nodes_online([n.name for n in nodes])
+        pw = password_file(tmp_path, "pw", "auto-rotate-password-for-practice")
+        start = cluster.cli(
+            *("rollout", "start", "--scope", "cluster", "--password-file", str(pw)),
+            *("--yes", "--wait"),
+        )
+        assert start.returncode == 0, (start.stdout, start.stderr)
+        enabled = schema_json(cluster)["rollouts"][0]
+        first = {n["name"]: n["cert_fingerprint"] for n in enabled["nodes"]}
+        assert {n.name: n.served_fingerprint() for n in nodes} == first
+
+        # (b) Outside the window: due, waiting, check after check; nothing starts.
+        wait_until(
+            lambda: set(auto_view(cluster).get("due_nodes", [])) == {"node1", "node2"},
+            90,
+            "both server certificates due",
+        )
+        view = auto_view(cluster)
+        assert view["enabled"] and view["verdict"] == "outside-window", view
+        assert view["next_window"] and not view.get("in_window", False)
+        seen = checked_at(cluster)
+        wait_until(
+            lambda: checked_at(cluster) >= seen + dt.timedelta(seconds=3), 30, "3 more checks"
+        )
+        assert auto_view(cluster)["verdict"] == "outside-window"
+        assert [r["id"] for r in schema_json(cluster)["rollouts"]] == [enabled["id"]]
+        assert "auto_rotate.started" not in cluster.leader.event_names()
+        assert "auto_rotate.waiting" in cluster.leader.event_names()
+        text = cluster.cli("schema", "show").stdout
+        assert "auto_rotate" in text and "outside the window" in text, text
+
+        # (a) The admin opens the window: the leader rotates the due certificates by itself.
+        cluster.stop_leader()
+        cluster.write_leader_config({"maintenance_window": "daily 00:00-24:00"})
+        cluster.start_leader()
+
+        def rotated() -> dict[str, Any] | None:
+            rollouts: list[dict[str, Any]] = schema_json(cluster)["rollouts"]
+            ended = [
+                r
+                for r in rollouts
+                if r["change"] == "rotate-cert" and r["state"] in ("completed", "halted")
+            ]
+            return ended[-1] if ended else None  # the oldest (newest first)
+
+        wait_until(lambda: rotated() is not None, 180, "an automatic rotation that ended")
+        r = rotated()
+        assert r is not None and r["state"] == "completed", r
+        assert r["started_by"] == "leader (auto_rotate)"
+        assert {n["name"] for n in r["nodes"]} == {"node1", "node2"}
+        for node in nodes:
+            entry = next(n for n in r["nodes"] if n["name"] == node.name)
+            assert entry["state"] == "done"
+            assert entry["cert_fingerprint"] != first[node.name]
+        # From outside (Python's ssl, trusting only the cluster CA): the new certificates, or
+        # newer ones still if a later automatic rotation has already begun.
+        for node in nodes:
+            assert node.served_fingerprint() != first[node.name]
+        events = cluster.leader.log_events()
+        started = [e for e in events if e.get("event") == "auto_rotate.started"]
+        assert started and started[0]["rollout_id"] == r["id"]
+        audit = [
+            row
+            for row in cluster.store_table("audit")
+            if row["kind"] == "rollout.created" and row["subject"] == r["id"]
+        ]
+        assert [a["actor"] for a in audit] == ["leader (auto_rotate)"]
+    finally:
+        for node in nodes:
+            node.close()
+        cluster.close()
+
+
+# --- the rotator, in process (fakes for the watch, the schema and the commands) ---------------
+
+
+class FakeSchema:
+    def __init__(self) -> None:
+        self.active_row: Any = None
+        self.latest_row: Any = None
+
+    def active(self) -> Any:
+        return self.active_row
+
+    def latest(self) -> Any:
+        return self.latest_row
+
+
+def _row(rollout_id: str, state: str, by: str) -> Any:
+    from types import SimpleNamespace
+
+    return SimpleNamespace(
+        rollout=SimpleNamespace(id=rollout_id, state=SimpleNamespace(value=state)),
+        meta=SimpleNamespace(started_by=by),
+    )
+
+
+class FakeCommands:
+    """``start`` takes a moment (as planning does: it asks every agent), then the rollout is
+    active; or it refuses as the planner would."""
+
+    def __init__(self, schema: FakeSchema, refuse: tuple[str, ...] = ()) -> None:
+        self.schema = schema
+        self.refuse = refuse
+        self.started: list[tuple[Any, str]] = []
+
+    async def start(self, request: Any, actor: str) -> Any:
+        import asyncio
+
+        from leader.planner import NodesOffline
+
+        await asyncio.sleep(0.05)
+        if self.refuse:
+            raise NodesOffline(self.refuse)
+        self.started.append((request, actor))
+        row = _row(f"r{len(self.started)}", "running", actor)
+        self.schema.active_row = self.schema.latest_row = row
+        return row
+
+
+def _rotator(schema: FakeSchema, commands: FakeCommands, due: list[str], when: str) -> Any:
+    from types import SimpleNamespace
+
+    from leader.auto_rotate import AutoRotator
+
+    watch = SimpleNamespace(
+        warnings=lambda: (
+            [SimpleNamespace(kind="server", subject=n) for n in due]
+            + [SimpleNamespace(kind="agent", subject="n9")]
+        )
+    )
+    return AutoRotator(
+        watch,  # type: ignore[arg-type]
+        schema,  # type: ignore[arg-type]
+        commands,  # type: ignore[arg-type]
+        enabled=True,
+        window=WINDOW,
+        local_clock=lambda: local(when),
+    )
+
+
+def test_the_rotator_starts_once_even_when_two_checks_cross() -> None:
+    import asyncio
+
+    from leader.auto_rotate import ACTOR
+    from leader.rollout_core import Change, ScopeKind
+
+    schema = FakeSchema()
+    commands = FakeCommands(schema)
+    rotator = _rotator(schema, commands, ["n2", "n1"], "2026-12-05 03:00")
+
+    async def both() -> list[Any]:
+        return list(await asyncio.gather(rotator.check(), rotator.check()))
+
+    decisions = asyncio.run(both())
+    assert sorted(d.verdict.value for d in decisions) == ["busy", "started"]
+    ((request, actor),) = commands.started
+    assert actor == ACTOR == "leader (auto_rotate)"
+    assert request.change is Change.ROTATE_CERT
+    assert request.scope.kind is ScopeKind.NODES and set(request.scope.names) == {"n1", "n2"}
+    view = rotator.status.view()
+    assert view.rollout_id == "r1" and view.in_window and not view.next_window
+
+
+def test_the_rotator_says_why_nothing_starts() -> None:
+    import asyncio
+
+    schema = FakeSchema()
+    refused = FakeCommands(schema, refuse=("n2",))
+    rotator = _rotator(schema, refused, ["n2"], "2026-12-05 03:00")
+    decision = asyncio.run(rotator.check())
+    assert decision.verdict.value == "blocked" and "offline: n2" in decision.reason
+    view = rotator.status.view()
+    assert view.verdict == "blocked" and "offline: n2" in view.reason
+    assert list(view.due_nodes) == ["n2"] and not refused.started
+
+    outside = _rotator(FakeSchema(), FakeCommands(FakeSchema()), ["n2"], "2026-12-07 03:00")
+    decision = asyncio.run(outside.check())
+    assert decision.verdict.value == "outside-window"
+    assert outside.status.view().next_window == "2026-12-12T02:00"
+
+    held_schema = FakeSchema()
+    held_schema.latest_row = _row("r7", "halted", "leader (auto_rotate)")
+    held = _rotator(held_schema, FakeCommands(held_schema), ["n2"], "2026-12-05 03:00")
+    decision = asyncio.run(held.check())
+    assert decision.verdict.value == "held" and "r7" in decision.reason

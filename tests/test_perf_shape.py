@@ -1,0 +1,285 @@
+"""The shape of what makes tlsroll cheap to run (issue 15), without timing anything: which
+modules a running agent holds, what the leader does per heartbeat, what ``schema show`` draws.
+The figures themselves come from ``bench/`` (``make bench-rollout``, ``make bench-agents``).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import json
+import sqlite3
+import subprocess
+import sys
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+
+from leader.observe import OBSERVE_AT_ONCE, observe
+from leader.planner import NodesOffline, Unreachable
+from leader.rollout_core import Change, NodeRecord, NodeState, Rollout, RolloutEvent, Scope
+from leader.schema_store import RolloutMeta, SchemaStore
+from leader.service import LeaderService, LeaderState
+from leader.store import NodeCert, Store
+from tests.cluster import Cluster, child_env
+from tests.refserver_helper import write_toml
+from tlsroll import pki, spiffe
+from tlsroll.defaults import AGENT_PORT, CONTROL_PORT
+from tlsroll.v1 import agent_pb2, leader_pb2, leader_pb2_grpc
+
+# Never in a running agent: a terminal UI (rich, and pygments through it), the admin CLI's
+# libraries, the other roles.
+NOT_IN_AGENT = {"rich", "pygments", "click", "jinja2", "zxcvbn", "prometheus_client"}
+OTHER_ROLES = {"leader", "workstation", "refserver"}
+
+# Runs the real agent daemon (``nodeagent.daemon.main``, as the tlsroll-agent script does) and,
+# once its NodeAgent port answers, writes the modules the process holds and stops it (SIGTERM,
+# the graceful stop). Only the standard library is imported besides the daemon itself.
+HARNESS = """
+import os, signal, socket, sys, threading, time
+address, port, out, config = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+
+def watch():
+    deadline = time.monotonic() + 40
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection((address, port), 0.5).close()
+            break
+        except OSError:
+            time.sleep(0.1)
+    time.sleep(1.0)  # a heartbeat and the bootstrap service's first sync
+    loaded = sorted(name for name, module in list(sys.modules.items()) if module is not None)
+    with open(out, "w") as f:
+        f.write("\\n".join(loaded))
+    os.kill(os.getpid(), signal.SIGTERM)
+
+threading.Thread(target=watch, daemon=True).start()
+from nodeagent.daemon import main
+sys.exit(main(["--config", config]))
+"""
+
+
+def test_the_running_agent_holds_no_terminal_ui_nor_cli_libraries(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    with Cluster(tmp_path / "cluster", loopback()) as cluster:
+        cluster.init()
+        cluster.start_leader()
+        address = loopback()
+        token = cluster.create_token("lean1", address)
+        config = write_toml(
+            tmp_path / "agent.toml",
+            cluster.agent_config("lean1", address, token, tmp_path / "agent"),
+        )
+        out = tmp_path / "modules.txt"
+        done = subprocess.run(
+            [sys.executable, "-c", HARNESS, address, str(AGENT_PORT), str(out), str(config)],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=child_env(),
+            check=False,
+        )
+        assert done.returncode == 0, done.stderr
+        assert "agent.started" in done.stderr, done.stderr
+        modules = out.read_text().split()
+    tops = {m.split(".")[0] for m in modules}
+    assert "nodeagent" in tops and "grpc" in tops  # it did run
+    assert tops & NOT_IN_AGENT == set()
+    assert tops & OTHER_ROLES == set()
+
+
+# --- the leader at 500 nodes -------------------------------------------------------------------
+
+
+def test_a_refusal_naming_hundreds_of_nodes_stays_short() -> None:
+    """500 unreachable agents once made a message of 14 KiB, over gRPC's 16 KiB limit for a
+    status with its framing: the admin saw "Stream removed", not why."""
+    errors = {f"s{i:03d}": f"agent s{i:03d}: connection attempt timed out" for i in range(500)}
+    text = str(Unreachable(errors))
+    assert len(text) < 2000
+    assert "s000" in text and "and 490 more" in text
+    offline = str(NodesOffline([f"s{i:03d}" for i in range(500)]))
+    assert len(offline) < 500 and "and 490 more" in offline
+
+
+class CountingAgents:
+    """Agents that answer GetStatus after a moment, counting how many calls are open at once."""
+
+    def __init__(self) -> None:
+        self.open = 0
+        self.most = 0
+
+    async def get(self, name: str) -> CountingAgents:
+        return self
+
+    async def close(self) -> None:
+        return None
+
+    async def get_status(self, request: object, timeout: float = 0) -> agent_pb2.NodeStatus:
+        self.open += 1
+        self.most = max(self.most, self.open)
+        await asyncio.sleep(0.01)
+        self.open -= 1
+        view = agent_pb2.ServerView(driver="none", healthy=False, detail="bench")
+        return agent_pb2.NodeStatus(server=view)
+
+
+async def test_observe_asks_a_bounded_number_of_agents_at_once() -> None:
+    """Every first call opens a TLS connection: 500 at once timed out by the hundred."""
+    agents = CountingAgents()
+    ca = pki.CertificateAuthority.create()
+    seen = await observe(agents, [f"s{i:03d}" for i in range(200)], ca.cert)  # type: ignore[arg-type]
+    assert len(seen) == 200
+    assert agents.most <= OBSERVE_AT_ONCE
+
+
+# --- heartbeats ---------------------------------------------------------------------------------
+
+
+def data_version(db: sqlite3.Connection) -> int:
+    """Changes whenever another connection has committed to the file since ``db`` last asked."""
+    return int(db.execute("PRAGMA data_version").fetchone()[0])
+
+
+async def test_a_heartbeat_that_says_nothing_new_parses_nothing_and_writes_nothing(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The Leader service on a real gRPC server with mutual TLS and a real store file: the
+    caller's certificate is parsed once, not per heartbeat, and a heartbeat that says what the
+    last one said is not written (the node's newest heartbeat is still what the store returns),
+    while one that says something new is."""
+    ca = pki.CertificateAuthority.create()
+    td = ca.trust_domain
+    address, node_address = loopback(), loopback()
+    leader_key = pki.generate_key()
+    leader_cert = ca.issue(
+        leader_key.public_key(),
+        pki.Names.of("tlsroll-leader", [address]),
+        server=True,
+        client=True,
+        identity=spiffe.leader(td),
+    )
+    node_key = pki.generate_key()
+    node_cert = ca.issue(
+        node_key.public_key(),
+        pki.Names.of("hb1", [node_address]),
+        server=True,
+        client=True,
+        identity=spiffe.node(td, "hb1"),
+    )
+    clock = [dt.datetime(2026, 11, 30, 10, 0, tzinfo=dt.UTC)]
+    store = Store(tmp_path / "leader.sqlite3")
+    store.add_token(
+        "t00001", "s" * 26, ttl=dt.timedelta(hours=1), uses=1, description="", now=clock[0],
+        actor="test", node_name="hb1", addresses=(node_address,),
+    )  # fmt: skip
+    store.enrol(
+        token_id="t00001", secret="s" * 26, name="hb1", addresses=(node_address,), dns_names=(),
+        agent_version="1", agent_port=AGENT_PORT, key_pin=pki.spki_pin(node_cert), now=clock[0],
+        issue=lambda: NodeCert(
+            pki.spki_pin(node_cert), pki.fingerprint(node_cert),
+            f"{node_cert.serial_number:x}", node_cert.not_valid_after_utc,
+        ),
+    )  # fmt: skip
+    state = LeaderState(store=store, ca=ca, clock=lambda: clock[0], heartbeat_interval=5)
+    server = grpc.aio.server()
+    leader_pb2_grpc.add_LeaderServicer_to_server(LeaderService(state), server)
+    server.add_secure_port(
+        f"{address}:{CONTROL_PORT}",
+        grpc.ssl_server_credentials(
+            [(pki.key_to_pem(leader_key), pki.cert_to_pem(leader_cert))],
+            root_certificates=ca.cert_pem,
+            require_client_auth=True,
+        ),
+    )
+    parsed: list[bytes] = []
+    load = pki.load_cert_pem
+
+    def counting(data: bytes) -> object:
+        parsed.append(data)
+        return load(data)
+
+    monkeypatch.setattr(pki, "load_cert_pem", counting)
+    await server.start()
+    creds = grpc.ssl_channel_credentials(
+        ca.cert_pem, pki.key_to_pem(node_key), pki.cert_to_pem(node_cert)
+    )
+    watcher = sqlite3.connect(store.path)
+    try:
+        async with grpc.aio.secure_channel(f"{address}:{CONTROL_PORT}", creds) as channel:
+            stub = leader_pb2_grpc.LeaderStub(channel)
+            beat = leader_pb2.HeartbeatRequest(agent_version="1", agent_port=AGENT_PORT)
+            await stub.Heartbeat(beat, timeout=10)
+            written = data_version(watcher)
+            for _ in range(3):
+                clock[0] += dt.timedelta(seconds=5)
+                await stub.Heartbeat(beat, timeout=10)
+            assert data_version(watcher) == written  # nothing new: nothing written
+            assert store.get_node("hb1").last_heartbeat == clock[0]  # yet the newest is known
+            assert len(parsed) == 1  # parsed once, not per heartbeat
+            clock[0] += dt.timedelta(seconds=5)
+            await stub.Heartbeat(leader_pb2.HeartbeatRequest(agent_version="2"), timeout=10)
+            assert data_version(watcher) != written  # something new: written
+            assert store.get_node("hb1").agent_version == "2"
+    finally:
+        watcher.close()
+        await server.stop(None)
+        store.close()
+
+
+# --- schema show --------------------------------------------------------------------------------
+
+
+def store_finished_rollout(cluster: Cluster, rollout_id: str, epoch: int) -> None:
+    """A completed enable-tls rollout of one node, written to the leader's store."""
+    at = dt.datetime(2026, 11, 1, tzinfo=dt.UTC) + dt.timedelta(hours=epoch)
+    schema = SchemaStore(cluster.store_path)
+    try:
+        rollout = Rollout(
+            rollout_id, Change.ENABLE_TLS, Scope.of_nodes(["n1"]), ("n1",), epoch=epoch
+        )
+        row = schema.create(
+            rollout.with_event(RolloutEvent.START),
+            [NodeRecord("n1")],
+            RolloutMeta(created_at=at, started_by="admin:test", leader_node=""),
+            at,
+        )
+        ended = row.rollout.with_event(RolloutEvent.NODES_SETTLED)
+        schema.save_states(row, ended, [NodeRecord("n1", NodeState.DONE)], at, "engine", None)
+    finally:
+        schema.close()
+
+
+def test_schema_show_draws_the_newest_rollout_and_all_of_them_with_all(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """With a history of rollouts, `schema show` draws the active or latest one and says how
+    many older ones it left out; `--all` (and `--all --json`) draws every one."""
+    with Cluster(tmp_path / "cluster", loopback()) as cluster:
+        cluster.init()
+        for epoch, rid in enumerate(["r-old-1", "r-old-2", "r-newest"], start=1):
+            store_finished_rollout(cluster, rid, epoch)
+        cluster.start_leader()
+
+        shown = cluster.cli("schema", "show")
+        assert shown.returncode == 0, shown.stderr
+        assert "r-newest" in shown.stdout
+        assert "r-old-1" not in shown.stdout and "r-old-2" not in shown.stdout
+        assert "2 older rollout(s) not shown: tlsroll schema show --all" in shown.stdout
+
+        every = cluster.cli("schema", "show", "--all")
+        assert every.returncode == 0, every.stderr
+        assert all(rid in every.stdout for rid in ("r-old-1", "r-old-2", "r-newest"))
+        assert "not shown" not in every.stdout
+
+        data = json.loads(cluster.cli("schema", "show", "--json").stdout)
+        assert [r["id"] for r in data["rollouts"]] == ["r-newest"]
+        assert data["total_rollouts"] == 3
+        data = json.loads(cluster.cli("schema", "show", "--all", "--json").stdout)
+        assert [r["id"] for r in data["rollouts"]] == ["r-newest", "r-old-2", "r-old-1"]
+
+        one = cluster.cli("schema", "show", "--rollout", "r-old-1")
+        assert "r-old-1" in one.stdout and "r-newest" not in one.stdout

@@ -1,0 +1,156 @@
+"""The leader out of file descriptors (issue 15): "Too many open files" is the leader's own
+trouble, never the node's. A real leader whose soft RLIMIT_NOFILE is lowered (``prlimit``) in
+the middle of a rollout must defer the step, not record a failed confirm and roll back a healthy
+node; once it has descriptors again the rollout completes."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import resource
+import signal
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from leader.agent_client import AgentPool
+from leader.store import Node as NodeRow
+from leader.store import _node
+from tests.cluster import Cluster, wait_until
+from tests.conftest import next_loopback
+from tests.nodeside import Node
+from tlsroll import pki, spiffe
+from tlsroll.errors import TransientError
+from tlsroll.v1 import agent_pb2
+
+
+def lowest_free_fd(pid: int) -> int:
+    """The lowest descriptor number ``pid`` does not use: a soft limit of it makes every new
+    descriptor fail with EMFILE while the open ones keep working."""
+    used = {int(n) for n in os.listdir(f"/proc/{pid}/fd")}
+    return next(n for n in range(len(used) + 1) if n not in used)
+
+
+def deferred_for_files(events: list[dict[str, Any]]) -> bool:
+    return any(
+        e.get("event") == "step.deferred" and "Too many open files" in str(e.get("reason"))
+        for e in events
+    )
+
+
+def test_a_leader_out_of_descriptors_defers_and_never_rolls_back(tmp_path: Path) -> None:
+    address = next_loopback()
+    cluster = Cluster(tmp_path / "cluster", address, heartbeat_interval=1)
+    node = Node(cluster, "node1", address, tmp_path / "n1")
+    try:
+        cluster.init("--node-name", "node1")
+        cluster.start_leader()
+        node.start()
+        cluster.wait_for_nodes_online(["node1"])
+        pw = tmp_path / "pw"
+        pw.touch(0o600)
+        pw.write_text("resource-test-password\n")
+        started = cluster.cli(
+            "rollout", "start", "--scope", "cluster", "--password-file", str(pw), "--yes"
+        )
+        assert started.returncode == 0, started.stderr
+        # The plan dialled the agent: its channel stays open. From now on the leader gets no new
+        # descriptor (the confirm's outside check needs a socket).
+        pid = cluster.leader.pid
+        soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+        resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free_fd(pid), hard))
+        try:
+            wait_until(
+                lambda: (
+                    deferred_for_files(cluster.leader.log_events())
+                    or "confirm.failed" in cluster.leader.event_names()
+                ),
+                60,
+                "the confirm meeting EMFILE",
+            )
+        finally:
+            resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+        assert "confirm.failed" not in cluster.leader.event_names()
+
+        def newest() -> dict[str, Any]:
+            shown = cluster.cli("schema", "show", "--json")
+            rollout: dict[str, Any] = json.loads(shown.stdout)["rollouts"][0]
+            return rollout
+
+        wait_until(lambda: newest()["state"] in ("completed", "halted"), 60, "the rollout")
+        r = newest()
+        assert r["state"] == "completed", r
+        assert [n["state"] for n in r["nodes"]] == ["done"]
+        assert "confirm.failed" not in cluster.leader.event_names()
+        assert node.server.status()["listen"] == ["https"]
+        assert node.journal_query("SELECT * FROM txns WHERE kind = 'rollback'") == []
+    finally:
+        node.close()
+        cluster.close()
+
+
+class RowStore:
+    """What ``AgentPool`` reads of the store: the node rows, from the leader's file."""
+
+    def __init__(self, cluster: Cluster) -> None:
+        self.cluster = cluster
+
+    def get_node(self, name: str) -> NodeRow:
+        (row,) = [r for r in self.cluster.store_table("nodes") if r["name"] == name]
+        return _node(row)  # type: ignore[arg-type]
+
+
+def test_the_agent_pool_keeps_few_channels_open_and_never_closes_a_busy_one(
+    tmp_path: Path,
+) -> None:
+    """Three real agents, a pool capped at two open channels: the least recently used idle
+    channel is closed when a third opens, its client opens a new one when asked again, and a
+    channel with a call on it (its agent stopped, the call waiting) is left alone."""
+    with Cluster(tmp_path / "cluster", next_loopback()) as cluster:
+        cluster.init()
+        cluster.start_leader()
+        agents = {f"node{i}": cluster.add_agent(f"node{i}", next_loopback()) for i in (1, 2, 3)}
+        cluster.wait_for_nodes_online(list(agents))
+        chain, key = cluster.leader_credentials()
+        creds = grpc.ssl_channel_credentials(cluster.ca_pem, key, chain)
+        domain = spiffe.trust_domain(pki.read_cert(cluster.ca_cert_path))
+
+        async def scenario() -> None:
+            pool = AgentPool(RowStore(cluster), creds, domain, max_open=2)  # type: ignore[arg-type]
+            try:
+
+                async def ask(name: str, timeout: float = 5) -> str:
+                    client = await pool.get(name)
+                    reply = await client.get_status(agent_pb2.GetStatusRequest(), timeout)
+                    return reply.node_name
+
+                assert [await ask(n) for n in ("node1", "node2")] == ["node1", "node2"]
+                assert pool.open_channels() == 2
+                assert await ask("node3") == "node3"
+                assert pool.open_channels() == 2
+                assert not pool.clients["node1"].open  # the least recently used
+                assert await ask("node1") == "node1"  # opened again
+                assert pool.open_channels() == 2 and not pool.clients["node2"].open
+
+                # node1's agent stopped: a call on its channel waits; opening two others must
+                # not close it under the call.
+                agents["node1"].send_signal(signal.SIGSTOP)
+                try:
+                    waiting = asyncio.create_task(ask("node1", timeout=3))
+                    await asyncio.sleep(0.2)
+                    assert await ask("node2") == "node2"
+                    assert await ask("node3") == "node3"
+                    assert pool.clients["node1"].open
+                    with contextlib.suppress(TransientError):  # no answer in time: expected
+                        await waiting
+                finally:
+                    agents["node1"].send_signal(signal.SIGCONT)
+                assert await ask("node1") == "node1"
+                assert pool.open_channels() <= 2
+            finally:
+                await pool.close()
+
+        asyncio.run(scenario())

@@ -1,0 +1,275 @@
+"""Rotating the server (8443) certificates of a 3-node cluster under continuous writes
+(issue 11): real leader, agents and reference servers, writers posting over https (trusting
+only the cluster CA) to every node throughout.
+
+One node is made to fail verification from outside: the moment its new certificate is staged,
+the test swaps the staged pair for another CA-signed pair with the node's names (as a
+misbehaving deployment tool or a second hand on the server might), so the server starts but
+presents a certificate other than the one the leader signed and recorded. The agent's check
+of the *new* fingerprint fails and the node goes back to its old certificate. Nothing goes
+through a test hook of the product.
+
+Afterwards: the two other nodes present their new certificates to a plain ssl client, the
+failed one its old certificate, every write any server acknowledged is stored exactly once, and
+the certificates the two nodes no longer serve are revoked as "superseded" (the schema, and the
+revocation list the agents get), while the failed node's old one, still live, is not.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import http.client
+import json
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+from cryptography import x509
+
+from refserver.server import WRITE_DELAY_ENV
+from tests.cluster import Cluster, wait_until
+from tests.conftest import next_loopback
+from tests.nodeside import Node
+from tests.refserver_helper import peer_certificate
+from tests.test_level_based import password_file
+from tlsroll import pki
+from tlsroll.defaults import HTTPS_PORT
+from tlsroll.fsutil import write_atomic
+
+DELAY = {WRITE_DELAY_ENV: "0.05"}  # writes in flight when a server is frozen and restarted
+
+
+@dataclass
+class HttpsWriter:
+    """Posts entries to one node over https until stopped; records what each POST got."""
+
+    node: Node
+    stop: threading.Event
+    acked: list[tuple[str, str]] = field(default_factory=list)  # (id, marker) of every 201
+    refused: int = 0  # 503 while frozen: not stored, the client tries again
+    unknown: int = 0  # no answer (the server restarting)
+    errors: list[str] = field(default_factory=list)
+
+    def run(self) -> None:
+        try:
+            while not self.stop.is_set():
+                marker = uuid.uuid4().hex
+                try:
+                    resp = self.node.post("https", {"marker": marker})
+                except (OSError, http.client.HTTPException):
+                    self.unknown += 1
+                    time.sleep(0.02)
+                    continue
+                if resp.status == 201:
+                    self.acked.append((resp.json()["id"], marker))
+                elif resp.status == 503:
+                    self.refused += 1
+                    time.sleep(0.01)
+                else:
+                    self.errors.append(f"{resp.status} {resp.body[:200]!r}")
+        except Exception as exc:  # reported by the test, never lost with the thread
+            self.errors.append(f"writer died: {exc!r}")
+
+
+def served(node: Node) -> x509.Certificate:
+    """The certificate node's 8443 presents to Python's ssl, trusting only the cluster CA."""
+    return x509.load_der_x509_certificate(
+        peer_certificate(node.address, HTTPS_PORT, node.ca_context())
+    )
+
+
+class StagedSwap:
+    """Swaps the next certificate staged on ``node`` (a new rollout's stage directory) for
+    another CA-signed key and certificate with the same names, as soon as it is written."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.root = node.config_dir / "tlsroll-tls"
+        self.before = {p.name for p in self.root.iterdir()} if self.root.exists() else set()
+        self.stop = threading.Event()
+        self.swapped: x509.Certificate | None = None
+        self.thread = threading.Thread(target=self._watch, name="staged-swap")
+
+    def _watch(self) -> None:
+        ca = self.node.ca()
+        while not self.stop.is_set() and self.swapped is None:
+            for d in self.root.iterdir() if self.root.exists() else []:
+                cert_file = d / "server.pem"
+                if d.name in self.before or not cert_file.exists():
+                    continue
+                staged = pki.read_cert(cert_file)
+                key = pki.generate_key()
+                other = ca.issue(key.public_key(), pki.names_of(staged), server=True)
+                write_atomic(d / "server.key", pki.key_to_pem(key), 0o600)
+                write_atomic(cert_file, pki.cert_to_pem(other), 0o644)
+                self.swapped = other
+                return
+            time.sleep(0.001)
+
+    def __enter__(self) -> StagedSwap:
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop.set()
+        self.thread.join(10)
+
+
+@contextlib.contextmanager
+def writers(nodes: list[Node]) -> Iterator[list[HttpsWriter]]:
+    stop = threading.Event()
+    ws = [HttpsWriter(n, stop) for n in nodes]
+    threads = [threading.Thread(target=w.run, name=f"writer-{w.node.name}") for w in ws]
+    for t in threads:
+        t.start()
+    try:
+        yield ws
+    finally:
+        stop.set()
+        for t in threads:
+            t.join(30)
+    assert not any(t.is_alive() for t in threads)
+
+
+def serial(cert: x509.Certificate) -> str:
+    return f"{cert.serial_number:x}"
+
+
+@pytest.mark.timeout(600)
+def test_rotating_three_nodes_under_writes_one_fails_verification_and_keeps_its_cert(
+    tmp_path: Path,
+) -> None:
+    addresses = [next_loopback() for _ in range(3)]
+    cluster = Cluster(tmp_path / "cluster", addresses[0], heartbeat_interval=1)
+    nodes = [
+        Node(cluster, f"node{i + 1}", a, tmp_path / f"n{i}", server_env=DELAY)
+        for i, a in enumerate(addresses)
+    ]
+    node1, node2, node3 = nodes
+    try:
+        cluster.init("--node-name", "node1")
+        cluster.start_leader()
+        for node in nodes:
+            node.start(env=DELAY)
+        cluster.wait_for_nodes_online([n.name for n in nodes])
+        pw = password_file(tmp_path, "pw", "rotation-password-for-the-practice")
+        enable = cluster.cli(
+            *("rollout", "start", "--scope", "cluster", "--password-file", str(pw)),
+            *("--yes", "--wait"),
+        )
+        assert enable.returncode == 0, (enable.stdout, enable.stderr)
+        before = {n.name: served(n) for n in nodes}
+
+        with writers(nodes) as ws:
+            wait_until(lambda: all(len(w.acked) >= 3 for w in ws), 30, "writes before")
+            with StagedSwap(node2) as swap:
+                rotate = cluster.cli(
+                    *("rollout", "start", "--scope", "cluster", "--change", "rotate-cert"),
+                    *("--failure-budget", "1", "--yes", "--wait"),
+                )
+            counts = [len(w.acked) for w in ws]
+            wait_until(
+                lambda: all(len(w.acked) >= c + 3 for w, c in zip(ws, counts, strict=True)),
+                30,
+                "writes after the rotation",
+            )
+        assert swap.swapped is not None, "node2's staged certificate was never seen"
+        shown = json.loads(cluster.cli("schema", "show", "--json").stdout)
+        r = shown["rollouts"][0]
+        assert r["change"] == "rotate-cert", r
+        states = {n["name"]: n for n in r["nodes"]}
+        assert rotate.returncode != 0 or states["node2"]["state"] != "done", rotate.stdout
+
+        # node1, node3: the new certificate, the one the leader signed and recorded.
+        for node in (node1, node3):
+            now = served(node)
+            assert states[node.name]["state"] == "done", states[node.name]
+            assert now != before[node.name]
+            assert pki.fingerprint(now) == states[node.name]["cert_fingerprint"]
+            assert pki.spki_pin(now) != pki.spki_pin(before[node.name])  # a new key
+        # node2: the new fingerprint was not what https presented; back to its old one.
+        assert states["node2"]["state"] == "rolled_back", states["node2"]
+        assert "presents" in states["node2"]["reason"], states["node2"]["reason"]
+        assert served(node2) == before["node2"]
+
+        # Not one acknowledged write lost, none stored twice; the writers saw only 201, 503
+        # (frozen) and the odd connection refused while a server restarted.
+        for w in ws:
+            assert not w.errors, w.errors
+            assert w.acked
+            missing = [m for _id, m in w.acked if w.node.stored_with(m) != 1]
+            assert not missing, f"{w.node.name}: {len(missing)} acknowledged writes not stored once"
+            assert w.node.get("https", f"entries/{w.acked[0][0]}").status == 200
+
+        # The certificates node1 and node3 no longer serve are revoked as superseded; node2's
+        # old one is still its live certificate and stays valid.
+        revoked = {c["serial"]: c for c in shown.get("revoked_certificates", [])}
+        for node in (node1, node3):
+            entry = revoked.get(serial(before[node.name]))
+            assert entry is not None, (node.name, sorted(revoked))
+            assert entry["reason"] == "superseded" and entry["node"] == node.name
+            assert entry["kind"] == "server"
+            assert serial(served(node)) not in revoked
+        assert serial(before["node2"]) not in revoked
+        text = cluster.cli("schema", "show").stdout
+        assert serial(before["node1"]) in text and "superseded" in text
+        # The revocation list the agents get with their heartbeats lists them too.
+        ca = pki.read_cert(cluster.ca_cert_path)
+        crl_file = node3.agent.data_dir / "crl.pem" if node3.agent else Path()
+
+        def crl() -> set[int]:
+            if not crl_file.exists():
+                return set()
+            return set(pki.load_crl(crl_file.read_bytes(), ca)[1])
+
+        wanted = {before["node1"].serial_number, before["node3"].serial_number}
+        wait_until(lambda: wanted <= crl(), 20, "the superseded serials in node3's CRL")
+        assert before["node2"].serial_number not in crl()
+    finally:
+        for node in nodes:
+            node.close()
+        cluster.close()
+
+
+def test_the_store_revokes_only_what_the_live_certificate_superseded(tmp_path: Path) -> None:
+    """``Store.revoke_superseded``: the node's server certificates issued before the live one
+    (a rotate's, or a later enable-tls's after a way back to http) are revoked once, with
+    reason "superseded"; a newer one (another rollout's), another node's, and the live one are
+    not; a live certificate not on record (brought by the admin) supersedes what was issued
+    before its rollout began."""
+    import datetime as dt
+
+    from leader.store import IssuedCert, Store
+
+    t0 = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
+    store = Store(tmp_path / "leader.sqlite3")
+
+    def issue(serial_: str, node: str, minutes: int) -> None:
+        at = t0 + dt.timedelta(minutes=minutes)
+        cert = IssuedCert(
+            serial_, "server", node, node, f"fp{serial_}", at, at + dt.timedelta(days=397)
+        )
+        store.record_certificate(cert, actor="test", now=at)
+
+    issue("a1", "n1", 0)  # the first enable-tls
+    issue("a2", "n1", 10)  # a rotate that was rolled back (never live)
+    issue("a3", "n1", 20)  # a later enable-tls: live now
+    issue("a4", "n1", 30)  # staged by a newer rollout, not live yet
+    issue("b1", "n2", 0)
+    later = t0 + dt.timedelta(hours=1)
+    assert store.revoke_superseded("n1", "fpa3", before=t0, now=later) == ["a1", "a2"]
+    assert store.revoke_superseded("n1", "fpa3", before=t0, now=later) == []  # once
+    rows = {c.serial: c for c in store.list_certificates("server")}
+    assert {s for s, c in rows.items() if c.revoked_at} == {"a1", "a2"}
+    assert rows["a1"].revoke_reason == rows["a2"].revoke_reason == "superseded"
+    assert store.revoked()[1] and {s for s, _ in store.revoked()[1]} == {"a1", "a2"}
+    # A certificate the admin brought (not on record): what was issued before its rollout.
+    assert store.revoke_superseded(
+        "n1", "byo", before=t0 + dt.timedelta(minutes=25), now=later
+    ) == ["a3"]
+    assert store.revoke_superseded("n2", "fpb1", before=t0, now=later) == []
+    store.close()
