@@ -270,14 +270,21 @@ class AccessLogClients:
 
 
 def access_log_clients(
-    section: Section, address: str, http_port: int, https_port: int, window: int
+    section: Section,
+    address: str,
+    http_port: int,
+    https_port: int,
+    window: int,
+    not_clients: Sequence[str] = (),
 ) -> AccessLogClients | None:
     """The systemd driver's access-log settings (ConfigError, one line, on a bad one); None
-    when no log is configured."""
+    when no log is configured. ``clients_ignore`` defaults to the node's own ``address`` and
+    ``not_clients`` (the leader's: its confirm step checks http from outside, and the common
+    log format has no User-Agent to tell its probes by)."""
     single: Path | None = section.path("access_log", None)
     per_scheme = {scheme: section.path(f"access_log_{scheme}", None) for scheme in clients.SCHEMES}
     fmt: str = section.text("access_log_format", "common")
-    ignore = section.str_list("clients_ignore", [address])
+    ignore = section.str_list("clients_ignore", [address, *not_clients])
     if single is None and not any(per_scheme.values()):
         if section.has("access_log_format"):
             raise section.error("access_log_format", "needs access_log or access_log_http/https")

@@ -518,14 +518,14 @@ async def _run(argv: Sequence[str], timeout: float, what: str) -> str:
 class SystemdDriver(_AdminSocketFreeze, TemplateDriver):
     name = "systemd"
 
-    def __init__(self, section: Section, address: str) -> None:
+    def __init__(self, section: Section, address: str, not_clients: Sequence[str] = ()) -> None:
         super().__init__(section, address)
         self.unit: str = section.text("unit")
         self.systemctl: str = section.text("systemctl", "systemctl")
         self.timeout: int = section.integer("timeout", 60, lo=1, hi=3600)
         self.admin = AdminSocketClient(section.path("admin_socket"))
         self.access_log = client_sources.access_log_clients(
-            section, address, self.http_port, self.https_port, self.clients_window
+            section, address, self.http_port, self.https_port, self.clients_window, not_clients
         )
 
     async def read_clients(self) -> ClientsView:
@@ -597,7 +597,9 @@ class ExecDriver(TemplateDriver):
         await self._op("unfreeze")
 
 
-def make_driver(section: Section, address: str, data_dir: Path) -> Driver:
+def make_driver(
+    section: Section, address: str, data_dir: Path, *, not_clients: Sequence[str] = ()
+) -> Driver:
     """The driver named in the agent config's ``[server]`` table.
 
     A key of ``[server]`` (or ``[server.commands]``) the chosen driver does not read is a
@@ -610,7 +612,7 @@ def make_driver(section: Section, address: str, data_dir: Path) -> Driver:
         section.finish()
         driver = ReferenceDriver(config_file, data_dir / "refserver.log")
     elif kind == "systemd":
-        driver = SystemdDriver(section, address)
+        driver = SystemdDriver(section, address, not_clients)
     elif kind == "exec":
         driver = ExecDriver(section, address)
     else:

@@ -76,7 +76,9 @@ async def serve(cfg: AgentConfig, *, reinitialise: bool = False) -> None:
     # The driver first: it finishes reading [server], so a bad key there stops the agent
     # before it creates anything.
     driver = (
-        make_driver(cfg.server, cfg.addresses[0], cfg.data_dir) if cfg.server is not None else None
+        make_driver(cfg.server, cfg.addresses[0], cfg.data_dir, not_clients=(cfg.leader_address,))
+        if cfg.server is not None
+        else None
     )
     make_private_dir(cfg.data_dir)
     # Enrolled (the journal is made before the enrolment): a missing journal is lost, not new.

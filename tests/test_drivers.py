@@ -693,8 +693,13 @@ def driver_section(tmp_path: Path, driver: str = "systemd", **settings: Any) -> 
     return Section(tmp_path / "agent.toml", "server", {**base, **settings})
 
 
+LEADER = "10.0.0.2"
+
+
 def systemd_with_logs(tmp_path: Path, **settings: Any) -> SystemdDriver:
-    driver = make_driver(driver_section(tmp_path, **settings), "10.0.0.5", tmp_path)
+    driver = make_driver(
+        driver_section(tmp_path, **settings), "10.0.0.5", tmp_path, not_clients=(LEADER,)
+    )
     assert isinstance(driver, SystemdDriver)
     return driver
 
@@ -710,6 +715,7 @@ async def test_access_logs_one_per_scheme_in_the_common_log_format(tmp_path: Pat
         + clf("192.168.1.21", NOW - dt.timedelta(minutes=4))
         + clf("192.168.1.20", NOW - dt.timedelta(minutes=3))
         + clf("10.0.0.5", NOW - dt.timedelta(minutes=2))  # the node itself (its own checks)
+        + clf(LEADER, NOW - dt.timedelta(minutes=2))  # the leader's confirm step
         + clf("192.168.1.9", NOW - dt.timedelta(days=3))  # outside the window
         + clf("192.168.1.22", NOW, agent="tlsroll-check/0.9")  # combined: tlsroll's probe
         + clf("192.168.1.23", NOW - dt.timedelta(minutes=1), agent="Praxis/7")  # combined
