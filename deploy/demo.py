@@ -488,7 +488,7 @@ def run(
         password_file.write_text(DEMO_PASSWORD + "\n")
         if strategy == "transitional":
             ws = transitional(cli, work, addresses, password_file, report)
-            schema = json.loads(cli.run("schema", "show", "--json", show=False))
+            schema = json.loads(cli.run("schema", "show", "--all", "--json", show=False))
             report["schema"] = schema
             return verify(schema, ws, data, report)
         say("a client keeps writing entries to every node from now on")

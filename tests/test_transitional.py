@@ -458,6 +458,9 @@ def test_rollback_from_dual_returns_every_node_to_http_and_ends_the_wait(tmp_pat
         # Nothing waits any more: a new rollout may start.
         plan = cluster.cli("plan", "--scope", "cluster", "--strategy", "transitional")
         assert plan.returncode == 0, plan.stderr
+        assert "in two phases (strategy transitional)" in plan.stdout  # both phases explained
+        assert "phase 1: https beside http (dual); phase 2 (finalize): http closes" in plan.stdout
+        assert "awaiting_finalize" in plan.stdout and "tlsroll rollout finalize" in plan.stdout
         check_writes(cluster, world, [rollout(cluster, phase1), way_back])
 
 

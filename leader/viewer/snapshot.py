@@ -129,7 +129,14 @@ class Reader:
         rows = self.schema.all()
         pending = self.schema.pending_password_nodes()
         enrolled = self.store.list_nodes()
-        message = schema_message(rows, pending, now, self.schema.bootstrap_failures())
+        message = schema_message(
+            rows,
+            pending,
+            now,
+            self.schema.bootstrap_failures(),
+            clients=self.schema.clients(),
+            infos=self.schema.clients_info(),
+        )
         data = wire.to_dict(message)
         selected = None
         if data["rollouts"]:
