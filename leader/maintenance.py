@@ -29,6 +29,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
+from tlsroll.errors import TerminalError
+
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 FULL_DAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
 _ENTRY = re.compile(
@@ -37,7 +39,7 @@ _ENTRY = re.compile(
 MINUTES_PER_DAY = 24 * 60
 
 
-class WindowError(ValueError):
+class WindowError(TerminalError, ValueError):
     """A maintenance window that cannot be read; the message says what is wrong and shows the
     form (the config loader adds the file and the key)."""
 

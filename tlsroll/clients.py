@@ -31,6 +31,8 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from tlsroll.errors import TerminalError
+
 SCHEMES = ("http", "https")
 WINDOW_SECONDS = 24 * 3600  # default: who was seen in the last day
 MAX_WINDOW_SECONDS = 31 * 24 * 3600
@@ -159,8 +161,8 @@ def to_json(clients: Iterable[ClientSeen], window_seconds: int) -> dict[str, Any
     }
 
 
-class _Bad(ValueError):
-    pass
+class _Bad(TerminalError, ValueError):
+    """One malformed entry of a client list; it is left out and counted, never raised on."""
 
 
 def _time(value: object, field: str) -> dt.datetime:
