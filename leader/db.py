@@ -200,8 +200,8 @@ ALTER TABLE nodes ADD COLUMN renewal_error TEXT NOT NULL DEFAULT '';
 
 # Migration 7: the transitional strategy (issue 12). A finalize rollout names the transitional
 # rollout whose phase 2 it is, and may wait for quiet nodes; the leader keeps, per node, who
-# its managed server saw on which scheme (the agent's last report, at most 256 rows a node,
-# replaced by each report) and when http was last used there.
+# its managed server saw on which scheme (what its agent reported, at most 256 rows a node,
+# merged from each report, aged out past the agent's window) and when http was last used there.
 _V7 = """
 ALTER TABLE rollouts ADD COLUMN finalizes TEXT NOT NULL DEFAULT '';
 ALTER TABLE rollouts ADD COLUMN when_quiet INTEGER NOT NULL DEFAULT 0;

@@ -272,16 +272,22 @@ class SchemaStore(LeaderStore):
         problem: str,
         now: dt.datetime,
     ) -> None:
-        """Replace what ``node``'s agent last reported (at most ``MAX_CLIENTS`` rows) and move
-        its ``last_http_at`` on: the list covers only the agent's window, the last http
-        sighting is kept beyond it (``--when-quiet`` may wait longer than the window)."""
+        """Merge what ``node``'s agent reports into what it reported before and move its
+        ``last_http_at`` on. Merged, not replaced: the server's own log may forget (the
+        reference server keeps it in memory and phase 1 restarts it), and a workstation seen
+        on http before that must still be named and still refuse a plain finalize. A row
+        goes once its ``last_seen`` is older than the agent's window; at most
+        ``MAX_CLIENTS`` rows a node, the most recently seen (times compare as UTC ISO text)."""
         kept = sorted(clients, key=lambda c: c.last_seen, reverse=True)[:MAX_CLIENTS]
         last_http = max((c.last_seen for c in kept if c.scheme == "http"), default=None)
         with self._db.tx() as db:
-            db.execute("DELETE FROM node_clients WHERE node = ?", (node,))
             db.executemany(
-                "INSERT OR REPLACE INTO node_clients (node, scheme, address, workstation,"
-                " first_seen, last_seen, requests) VALUES (?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO node_clients (node, scheme, address, workstation,"
+                " first_seen, last_seen, requests) VALUES (?, ?, ?, ?, ?, ?, ?)"
+                " ON CONFLICT(node, scheme, address, workstation) DO UPDATE SET"
+                " first_seen = min(first_seen, excluded.first_seen),"
+                " last_seen = max(last_seen, excluded.last_seen),"
+                " requests = max(requests, excluded.requests)",
                 [
                     (
                         node,
@@ -294,6 +300,15 @@ class SchemaStore(LeaderStore):
                     )
                     for c in kept
                 ],
+            )
+            db.execute(
+                "DELETE FROM node_clients WHERE node = ? AND last_seen < ?",
+                (node, to_text(now - dt.timedelta(seconds=window_seconds))),
+            )
+            db.execute(
+                "DELETE FROM node_clients WHERE node = ? AND rowid NOT IN (SELECT rowid FROM"
+                " node_clients WHERE node = ? ORDER BY last_seen DESC LIMIT ?)",
+                (node, node, MAX_CLIENTS),
             )
             db.execute(
                 "INSERT INTO node_clients_info (node, window_seconds, source, problem,"

@@ -29,6 +29,7 @@ from leader.schema_store import (
     SchemaStore,
     StaleRecords,
 )
+from leader.schema_view import still_on_http_now
 from leader.service import client_rows
 from tlsroll.v1 import types_pb2
 
@@ -299,3 +300,46 @@ def test_node_details_that_did_not_change_are_not_written(tmp_path: Path) -> Non
     detail = next(d for r, d in row.nodes if r.name == "a")
     assert (detail.restart_seconds, detail.freeze_started_at) == (0.5, at)
     store.close()
+
+
+def test_clients_reports_are_merged_so_a_server_restart_forgets_no_workstation(
+    tmp_path: Path,
+) -> None:
+    """Issue 12 review: phase 1 restarts the reference server, whose client log is in memory;
+    a workstation on http until 17:30 and off before 18:00 must still be named (and refuse a
+    plain finalize) until the agent's window has passed since it was last seen."""
+    store = SchemaStore(tmp_path / "s.sqlite3")
+    at = dt.datetime(2026, 11, 28, 17, 35, tzinfo=dt.UTC)
+    gone = Client("a", "http", "10.0.0.7", "ws-7", at - dt.timedelta(minutes=35), at, 40)
+    stays = Client("a", "https", "10.0.0.1", "ws-1", at - dt.timedelta(minutes=30), at, 9)
+
+    def report(now: dt.datetime, *clients: Client) -> list[Client]:
+        store.record_clients(
+            "a", clients, window_seconds=3600, source="refserver", problem="", now=now
+        )
+        return still_on_http_now(store.clients(["a"]), store.clients_info(), now)
+
+    assert [c.workstation for c in report(at, gone, stays)] == ["ws-7"]
+    restarted = at + dt.timedelta(minutes=30)  # 18:05: the server forgot both
+    again = replace(stays, first_seen=restarted, last_seen=restarted, requests=2)
+    assert [c.workstation for c in report(restarted, again)] == ["ws-7"]
+    merged = {(c.scheme, c.workstation): c for c in store.clients(["a"])}
+    assert merged[("http", "ws-7")] == gone
+    assert merged[("https", "ws-1")] == replace(stays, last_seen=restarted)  # min, max, max
+    moved = replace(gone, scheme="https", first_seen=restarted, last_seen=restarted)
+    assert report(restarted, moved) == []  # seen on https since: moved, though still stored
+    assert ("http", "ws-7") in {(c.scheme, c.workstation) for c in store.clients(["a"])}
+    late = at + dt.timedelta(hours=1, seconds=1)  # the window has passed since 17:35
+    report(late)
+    assert {(c.scheme, c.workstation) for c in store.clients(["a"])} == {
+        ("https", "ws-1"),
+        ("https", "ws-7"),
+    }
+    first = [Client("b", "http", f"10.1.0.{i}", "", NOW, NOW, 1) for i in range(200)]
+    newer = NOW + dt.timedelta(seconds=1)
+    second = [Client("b", "http", f"10.2.0.{i}", "", newer, newer, 1) for i in range(200)]
+    for batch, now in ((first, NOW), (second, newer)):
+        store.record_clients("b", batch, window_seconds=600, source="exec", problem="", now=now)
+    kept = store.clients(["b"])
+    assert len(kept) == MAX_CLIENTS  # bounded per node across reports: the oldest go
+    assert sum(c.last_seen == newer for c in kept) == 200
