@@ -186,13 +186,18 @@ class LogTail:
 
 
 def _parse_time(text: str) -> dt.datetime:
+    """A log line's time in UTC; ValueError (the line is left out) if it is none, also for a
+    date at the very edge of the calendar that cannot be moved to UTC (OverflowError)."""
     try:
-        return dt.datetime.strptime(text, CLF_TIME).astimezone(dt.UTC)
-    except ValueError:
-        at = dt.datetime.fromisoformat(text)
-        if at.tzinfo is None:
-            raise ValueError("no time zone") from None
-        return at.astimezone(dt.UTC)
+        try:
+            return dt.datetime.strptime(text, CLF_TIME).astimezone(dt.UTC)
+        except ValueError:
+            at = dt.datetime.fromisoformat(text)
+            if at.tzinfo is None:
+                raise ValueError("no time zone") from None
+            return at.astimezone(dt.UTC)
+    except OverflowError:
+        raise ValueError(f"{text[:40]!r} is out of range") from None
 
 
 @dataclass

@@ -205,9 +205,16 @@ class LeaderLink:
             self.healthy = True
 
     async def run(self) -> None:
+        """Beat until cancelled. A beat that fails in an unforeseen way is logged and the next
+        one comes as usual: an agent that stopped heartbeating would look offline for good
+        while still serving, and get no revocation lists."""
         while True:
-            with contextlib.suppress(TransientError):  # logged once per outage by beat
+            try:
                 await self.beat()
+            except TransientError:  # logged once per outage by beat
+                pass
+            except Exception as exc:
+                log.error("heartbeat.failed", error=f"{type(exc).__name__}: {exc}"[:200])
             await asyncio.sleep(self.cfg.heartbeat_interval)
 
     async def close(self) -> None:

@@ -184,8 +184,8 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         """Who the server has seen lately (the driver caches it); a driver's trouble here is a
         ``problem`` in the view, never a failed status."""
         try:
-            view = await driver.clients()
-        except Exception as exc:
+            return clients_message(await driver.clients())
+        except Exception as exc:  # a driver's or a report's trouble: never a failed status
             view = ClientsView(problem=f"cannot read the clients: {describe(exc)}"[:200])
         return clients_message(view)
 

@@ -905,6 +905,29 @@ async def test_exec_clients_command_gone_wrong_is_a_problem(
     assert view.source == "exec" and len(view.problem) <= 200 and "\n" not in view.problem
 
 
+async def test_exec_clients_at_the_edges_of_the_wire_still_make_a_report(tmp_path: Path) -> None:
+    """A count beyond uint64 once made building the agent's report raise, which ended its
+    heartbeats for good (the node looked offline while serving); a date at the calendar's edge
+    with an offset raised OverflowError instead of being one malformed entry."""
+    data = {
+        "clients": [
+            {
+                "scheme": "http",
+                "address": "192.168.1.20",
+                "last_seen": NOW.timestamp(),
+                "requests": 2**64,
+            },
+            {"scheme": "http", "address": "192.168.1.21", "last_seen": "0001-01-01T00:00:00+05:00"},
+        ]
+    }
+    driver = exec_driver(tmp_path, f"print({json.dumps(json.dumps(data))})")
+    view = await driver.read_clients()
+    assert [c.address for c in view.clients] == ["192.168.1.20"]
+    assert "1 malformed entries left out" in view.problem and "out of range" in view.problem
+    report = clients_message(view)  # what GetStatus and every heartbeat carry
+    assert report.clients[0].requests == 2**62
+
+
 async def test_exec_clients_command_that_does_not_exist(tmp_path: Path) -> None:
     driver = exec_driver(tmp_path, "")
     assert driver.clients_command is not None

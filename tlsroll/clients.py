@@ -41,6 +41,7 @@ MAX_REPORTED = 256  # what a ClientsView carries (agent.proto)
 MAX_ADDRESS = 64
 MAX_WORKSTATION = 63
 MAX_PROBLEM = 200
+MAX_REQUESTS = 2**62  # a count beyond it is shown as this
 PROBE_AGENT = "tlsroll-check"  # the User-Agent product of tlsroll's own probes
 WORKSTATION_HEADER = "X-Tlsroll-Workstation"  # the name a workstation says it has
 # The names tlsroll gives workstations: tlsroll.bootstrap_protocol.WORKSTATION_CN (a test keeps
@@ -178,7 +179,10 @@ def _time(value: object, field: str) -> dt.datetime:
             raise _Bad(f"{field} {value[:40]!r} is not an ISO 8601 time") from None
         if at.tzinfo is None:
             raise _Bad(f"{field} {value[:40]!r} has no time zone")
-        return at.astimezone(dt.UTC)
+        try:
+            return at.astimezone(dt.UTC)
+        except OverflowError:  # year 1 or 9999 with an offset
+            raise _Bad(f"{field} {value[:40]!r} is out of range") from None
     raise _Bad(f"{field} must be an ISO 8601 time or Unix seconds")
 
 
@@ -201,6 +205,7 @@ def _entry(raw: object) -> ClientSeen:
     requests = raw.get("requests", 1)
     if not isinstance(requests, int) or isinstance(requests, bool) or requests < 0:
         raise _Bad("requests must be a whole number, 0 or more")
+    requests = min(requests, MAX_REQUESTS)  # the wire's uint64 holds no more
     last = _time(raw.get("last_seen"), "last_seen")
     first = _time(raw.get("first_seen"), "first_seen") if "first_seen" in raw else last
     return ClientSeen(str(scheme), address, workstation, min(first, last), last, requests)
