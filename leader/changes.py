@@ -257,14 +257,20 @@ class ChangeSteps:
             live, closed = detail.new_url, detail.old_url
         else:
             live, closed = detail.old_url, detail.new_url
-        # ``--cert-dir``: this rollout's practice CA only; any other rollout: the cluster CA
-        # and the practice CAs earlier ones installed (what the workstations were handed).
-        trusted = await asyncio.to_thread(ctx.schema.own_ca, ctx.rollout.id)
-        if trusted is None:
-            trusted = ctx.ca.cert_pem + await asyncio.to_thread(ctx.schema.own_cas)
+        trusted = await self.trusted(ctx)
         return await asyncio.to_thread(
             outside_check, live, closed, trusted, detail.cert_fingerprint
         )
+
+    @staticmethod
+    async def trusted(ctx: StepContext) -> bytes:
+        """The CAs the outside check trusts. ``--cert-dir``: this rollout's practice CA only;
+        any other rollout: the cluster CA and the practice CAs earlier ones installed (what
+        the workstations were handed)."""
+        own = await asyncio.to_thread(ctx.schema.own_ca, ctx.rollout.id)
+        if own is not None:
+            return own
+        return ctx.ca.cert_pem + await asyncio.to_thread(ctx.schema.own_cas)
 
 
 class EnableTls(ChangeSteps):
@@ -282,8 +288,9 @@ class DualTls(ChangeSteps):
         row = await asyncio.to_thread(ctx.schema.get, ctx.rollout.id)
         assert row is not None
         detail = next(d for r, d in row.nodes if r.name == ctx.node)
+        trusted = await self.trusted(ctx)  # --cert-dir: the practice CA, as for the direct switch
         return await asyncio.to_thread(
-            dual_check, detail.new_url, detail.old_url, ctx.ca.cert_pem, detail.cert_fingerprint
+            dual_check, detail.new_url, detail.old_url, trusted, detail.cert_fingerprint
         )
 
 
