@@ -96,8 +96,13 @@ class StillOnHttp(TerminalError):
             for c in left
         ]
         parts += [f"{node}: cannot tell who is on http ({why})" for node, why in unknown.items()]
+        # Named one by one up to planner.MAX_NAMED, the rest counted: a practice's whole list
+        # would outgrow gRPC's limit for a status message ("Stream removed").
+        shown = "; ".join(parts[: planner.MAX_NAMED])
+        if len(parts) > planner.MAX_NAMED:
+            shown += f"; and {len(parts) - planner.MAX_NAMED} more (tlsroll schema show)"
         super().__init__(
-            f"finalize would close http on workstations that still use it: {'; '.join(parts)}. "
+            f"finalize would close http on workstations that still use it: {shown}. "
             "Have them do the client steps (tlsroll notify --remaining), then finalize again; "
             f"or let the leader finalize each node once it is quiet (tlsroll rollout finalize "
             f"{rollout_id} --when-quiet 30m), or cut them off (--force)"
@@ -342,7 +347,10 @@ class Commands:
                 await asyncio.to_thread(self.schema.drop_own_ca, rollout.id)
             raise
         if own is not None:  # the keys in memory only, until each node has staged its own
-            self.vault.put(rollout.id, own.nodes)
+            # ... and only the keys of nodes this rollout stages: not those outside its scope
+            # or left alone ("already done"), which it would keep until it ends.
+            touched = {r.name for r in nodes if r.state is not NodeState.SKIPPED}
+            self.vault.put(rollout.id, {n: m for n, m in own.nodes.items() if n in touched})
         log.info(
             "rollout.started",
             rollout_id=rollout.id,

@@ -586,6 +586,40 @@ async def test_the_vault_forgets_the_keys_once_the_rollout_has_ended(
     await leader_.stop()
 
 
+async def test_the_vault_keeps_only_the_keys_of_nodes_the_rollout_stages(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A directory with every node's files, a rollout of one node: the leader holds that
+    node's key only (before, every key in the directory stayed until the rollout ended)."""
+    from leader.commands import RolloutRequest
+    from leader.rollout_core import Change, Scope
+    from tests.fake_agent import START
+    from tests.test_engine import ADMIN, VERIFIER_1, make_world
+
+    world = make_world(tmp_path, monkeypatch)
+    practice = make_ca("Praxis CA", now=START)
+    files = {}
+    for agent in world.agents:
+        cert, key = leaf(practice, list(agent.names.ips), list(agent.names.dns), now=START)
+        files[agent.name] = byo.NodeMaterial(agent.name, pem(cert), key_pem(key), 0o600)
+    one, *others = sorted(files)
+    assert others
+    leader_ = world.boot()
+    leader_.commands.vault = leader_.engine.vault  # as the daemon wires them
+    row = await leader_.commands.start(
+        RolloutRequest(
+            Change.ENABLE_TLS,
+            Scope.of_nodes([one]),
+            auth_verifier_json=VERIFIER_1,
+            own_certs=byo.Material(practice.pem, files),
+        ),
+        ADMIN,
+    )
+    assert leader_.engine.vault.get(row.rollout.id, one) is not None
+    assert all(leader_.engine.vault.get(row.rollout.id, n) is None for n in others)
+    await leader_.stop()
+
+
 def _defect(kind: str, ca: Issuer, names: pki.Names) -> tuple[bytes, Any]:
     """A certificate and key for ``names`` with one defect."""
     from tests.fake_agent import START

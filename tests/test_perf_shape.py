@@ -105,6 +105,23 @@ def test_a_refusal_naming_hundreds_of_nodes_stays_short() -> None:
     assert len(offline) < 500 and "and 490 more" in offline
 
 
+def test_a_finalize_refusal_naming_a_whole_practice_stays_short() -> None:
+    """Right after phase 1 every workstation is still on http: the refusal names ten and
+    counts the rest, so the admin reads why and not "Stream removed"."""
+    from leader.commands import StillOnHttp
+    from leader.rollout_core import Client
+
+    at = dt.datetime(2026, 11, 30, 8, 0, tzinfo=dt.UTC)
+    left = [
+        Client(f"node{i % 3}", "http", f"192.168.1.{i}", f"ws-platz-{i:03d}", at, at, 5)
+        for i in range(1, 250)
+    ]
+    text = str(StillOnHttp("r1", left, {f"node{i}": "no report yet" for i in range(3, 60)}))
+    assert len(text) < 2000, len(text)
+    assert "ws-platz-001" in text and "and 296 more (tlsroll schema show)" in text
+    assert "tlsroll notify --remaining" in text and "--force" in text
+
+
 class CountingAgents:
     """Agents that answer GetStatus after a moment, counting how many calls are open at once."""
 
