@@ -169,6 +169,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         cfg.scope_freeze_lease,
         step_deadline=cfg.step_deadline,
         prepare_ahead=cfg.prepare_ahead,
+        heartbeat_interval=cfg.heartbeat_interval,
     )
     commands = Commands(
         state.store,

@@ -77,9 +77,7 @@ UNKNOWN = "unknown — agent unreachable since"
 MAX_RETRY_SECONDS = 30.0
 REASON_AFTER_ATTEMPTS = 3  # a freeze refused this often: its reason goes on the node
 STALE_ATTEMPTS = 5
-# --when-quiet: how old an agent's view of its clients may be when it reports it (the agent
-# reuses it for [server].clients_refresh, 10 s by default, and sends it with a heartbeat)
-REPORT_LAG = dt.timedelta(seconds=15)
+REPORT_LAG = planner.REPORT_LAG  # --when-quiet: how old an agent's client view may be
 StepKey = tuple[str, str, Step]
 _OPPOSITE = {Step.FREEZE: Step.UNFREEZE, Step.UNFREEZE: Step.FREEZE}
 
@@ -98,8 +96,11 @@ class Engine:
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         step_deadline: float = STEP_DEADLINE,
         prepare_ahead: int = 0,
+        heartbeat_interval: float = 5,
     ) -> None:
         self.store = store
+        # --when-quiet holds a node whose latest client report is older than this.
+        self.stale_after = planner.report_stale_after(heartbeat_interval)
         self.schema = schema
         self.ca = ca
         self.agents = agents
@@ -229,7 +230,9 @@ class Engine:
             as_of[c.node] = max(as_of.get(c.node, c.last_seen), c.last_seen)
         last = {n: i.last_http_at for n, i in infos.items()}
         quiet = dt.timedelta(seconds=row.meta.when_quiet)
-        return planner.held_for_quiet(pending, last, known, as_of, quiet)
+        reported = {n: i.reported_at for n, i in infos.items()}
+        stale = planner.stale_reports(reported, self.clock(), self.stale_after)
+        return planner.held_for_quiet(pending, last, known, as_of, quiet, stale)
 
     async def _record_node_auth(self, row: RolloutRow) -> None:
         """Record the password live on each node the rollout has left ``done`` (it restarted

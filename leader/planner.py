@@ -53,7 +53,7 @@ decided by the engine from the clients each node has seen) are described in
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from leader.rollout_core import (
@@ -558,23 +558,53 @@ def awaiting_verdict(follower: Rollout, nodes: Sequence[NodeRecord]) -> RolloutE
     return None
 
 
+# How old an agent's view of its clients may be when it reports it (the agent reuses it for
+# [server].clients_refresh, 10 s by default, and sends it with a heartbeat).
+REPORT_LAG = dt.timedelta(seconds=15)
+# A node's client report is stale once older than this many heartbeat intervals + REPORT_LAG
+# (the leader calls an agent offline after as many silent heartbeats: ``service.online``).
+STALE_REPORT_HEARTBEATS = 3
+
+
+def report_stale_after(heartbeat_interval: float) -> dt.timedelta:
+    """How old a node's latest client report may be and still speak for it: an agent reports
+    with every heartbeat, so a report older than a few intervals (a silent agent, a leader
+    just restarted that no agent has reported to yet) says nothing about now."""
+    return STALE_REPORT_HEARTBEATS * dt.timedelta(seconds=heartbeat_interval) + REPORT_LAG
+
+
+def stale_reports(
+    reported_at: Mapping[str, dt.datetime], now: dt.datetime, bound: dt.timedelta
+) -> frozenset[str]:
+    """The nodes whose latest client report is older than ``bound`` (``report_stale_after``):
+    unknown for a plain finalize, held by ``--when-quiet``."""
+    return frozenset(n for n, at in reported_at.items() if now - at > bound)
+
+
 def held_for_quiet(
     pending: Sequence[str],
     last_http: Mapping[str, dt.datetime | None],
     known_since: Mapping[str, dt.datetime],
     as_of: Mapping[str, dt.datetime],
     quiet: dt.timedelta,
+    stale: Collection[str] = frozenset(),
 ) -> frozenset[str]:
     """``--when-quiet``: the pending nodes that may not start yet. A node starts once no http
     client was seen on it for ``quiet``, *as far as its reports show*: from its ``last_http``
     sighting (or, if none was ever seen, from ``known_since``: the start of its agent's first
     reported window) to ``as_of`` (how recent its latest report is known to be). Time for
     which no report speaks (the agent silent, the leader restarting) never counts as quiet. A
-    node whose clients cannot be told (no report, or a report naming a problem) waits."""
+    node whose clients cannot be told (no report, a report naming a problem, or only a
+    ``stale`` one: ``stale_reports``) waits."""
     held = set()
     for name in pending:
         since, until = known_since.get(name), as_of.get(name)
-        if since is None or until is None or until - (last_http.get(name) or since) < quiet:
+        if (
+            name in stale
+            or since is None
+            or until is None
+            or until - (last_http.get(name) or since) < quiet
+        ):
             held.add(name)
     return frozenset(held)
 

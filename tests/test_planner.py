@@ -35,6 +35,8 @@ from leader.planner import (
     next_actions,
     order_nodes,
     plan_rollout,
+    report_stale_after,
+    stale_reports,
     undo_target,
 )
 from leader.rollout_core import (
@@ -1182,3 +1184,17 @@ def test_a_node_is_quiet_once_no_http_client_was_seen_for_the_duration() -> None
     assert held == {"b", "e", "f"}
     recent = {"c": T0 - 3 * MIN}  # known for 3 min only, nothing seen: not long enough yet
     assert held_for_quiet(["c"], {"c": None}, recent, {"c": T0}, quiet) == {"c"}
+
+
+def test_when_quiet_holds_a_node_whose_client_report_is_stale() -> None:
+    """Issue 12 review: right after a leader restart (or with its agent silent) a node's last
+    report may have shown it quiet long enough; an old report never releases it."""
+    bound = report_stale_after(5)
+    assert bound == dt.timedelta(seconds=3 * 5) + dt.timedelta(seconds=15)
+    reported = {"a": T0 - bound, "b": T0 - bound - dt.timedelta(seconds=1)}
+    assert stale_reports(reported, T0, bound) == {"b"}
+    quiet = 10 * MIN
+    known = {n: T0 - 60 * MIN for n in "ab"}
+    as_of = {n: T0 - MIN for n in "ab"}  # both reports spoke for 59 quiet minutes
+    stale = stale_reports(reported, T0, bound)
+    assert held_for_quiet(["a", "b"], {"a": None, "b": None}, known, as_of, quiet, stale) == {"b"}
