@@ -386,6 +386,17 @@ class Commands:
                 f"does not keep; start again: tlsroll rollout start --change {old.change.value} "
                 f"--nodes {','.join(left)} --cert-dir DIR"
             )
+        if old.change is Change.FINALIZE and not row.meta.when_quiet:
+            # As finalize would: a retry cannot tell whether the original was --force.
+            try:
+                await self._refuse_while_on_http(row.meta.finalizes, left)
+            except StillOnHttp as refused:
+                refused.args = (
+                    f"{refused}. A retry does not know whether rollout {old.id} was forced;"
+                    f" to close http anyway: tlsroll rollout finalize {row.meta.finalizes}"
+                    " --force",
+                )
+                raise
         request = RolloutRequest(
             change=old.change,
             scope=Scope.of_nodes(left),
@@ -413,16 +424,7 @@ class Commands:
         if not names:
             raise planner.NotAwaitingFinalize(f"rollout {row.rollout.id} left no node dual")
         if not force and not when_quiet:
-            clients = await asyncio.to_thread(self.schema.clients, names)
-            infos = await asyncio.to_thread(self.schema.clients_info)
-            unknown = {
-                n: (infos[n].problem if n in infos else "its agent has not reported its clients")
-                for n in names
-                if n not in infos or infos[n].problem
-            }
-            left = still_on_http_now(clients, infos, self.clock())
-            if left or unknown:
-                raise StillOnHttp(row.rollout.id, left, unknown)
+            await self._refuse_while_on_http(row.rollout.id, names)
         old = row.rollout
         request = RolloutRequest(
             change=Change.FINALIZE,
@@ -444,6 +446,30 @@ class Commands:
             actor=actor,
         )
         return started
+
+    async def _refuse_while_on_http(self, rollout_id: str, names: Sequence[str]) -> None:
+        """``StillOnHttp`` if workstations were seen on http on ``names`` lately, or if who is
+        on http cannot be told there: no report, a report naming a problem, or only a stale
+        one. Stale is ``planner.report_stale_after``: older than ``STALE_REPORT_HEARTBEATS``
+        heartbeat intervals + ``REPORT_LAG``, i.e. ``self.online`` (offline after as many
+        silent heartbeats) says no for the report's time + ``REPORT_LAG``."""
+        clients = await asyncio.to_thread(self.schema.clients, names)
+        infos = await asyncio.to_thread(self.schema.clients_info)
+        unknown = {}
+        for n in names:
+            info = infos.get(n)
+            if info is None:
+                unknown[n] = "its agent has not reported its clients"
+            elif info.problem:
+                unknown[n] = info.problem
+            elif not self.online(info.reported_at + planner.REPORT_LAG):
+                unknown[n] = (
+                    f"no recent report from its agent since {info.reported_at:%Y-%m-%d %H:%M:%S}"
+                    " UTC; check it runs: tlsroll status"
+                )
+        left = still_on_http_now(clients, infos, self.clock())
+        if left or unknown:
+            raise StillOnHttp(rollout_id, left, unknown)
 
     def _awaiting(self, rollout_id: str) -> RolloutRow:
         if rollout_id:

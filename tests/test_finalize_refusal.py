@@ -1,0 +1,87 @@
+"""Issue 12 review: plain finalize and a retry of a finalize refuse while who is on http cannot
+be told, in-process on a real SchemaStore (SQLite file) and the real Commands (no agents: the
+refusal comes before any node is asked)."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from leader import planner
+from leader.commands import Commands, StillOnHttp
+from leader.rollout_core import Change, Client, NodeState, RolloutEvent, Scope, Strategy
+from leader.schema_store import RolloutMeta, SchemaStore
+from leader.store import Store
+
+NOW = dt.datetime(2026, 11, 30, 18, 0, tzinfo=dt.UTC)
+HEARTBEAT = 5  # seconds: the leader's heartbeat_interval in these tests
+
+
+def online(last: dt.datetime | None) -> bool:
+    """``service.LeaderState.online`` for HEARTBEAT: offline after 3 silent heartbeats."""
+    return last is not None and NOW - last <= dt.timedelta(seconds=3 * HEARTBEAT)
+
+
+def cluster(tmp_path: Path) -> tuple[SchemaStore, Commands]:
+    """t1: a transitional rollout awaiting finalize with a and b dual; both agents reported
+    their clients (a: only https) — b's report is stale (the leader just restarted)."""
+    store = Store(tmp_path / "leader.sqlite3")
+    schema = SchemaStore(store.db)
+    rollout, nodes = planner.plan_rollout(
+        rollout_id="t1",
+        change=Change.ENABLE_TLS,
+        scope=Scope.cluster(),
+        enrolled={"a": True, "b": True},
+        leader="a",
+        epoch=schema.next_epoch(),
+        strategy=Strategy.TRANSITIONAL,
+    )
+    meta = RolloutMeta(created_at=NOW, started_by="admin:test", leader_node="a")
+    row = schema.create(rollout.with_event(RolloutEvent.START), nodes, meta, NOW, '{"v": 1}')
+    dual = [replace(n, state=NodeState.DUAL) for n in row.records]
+    schema.save_states(row, row.rollout.with_event(RolloutEvent.NODES_DUAL), dual, NOW, "engine")
+    fresh = NOW - dt.timedelta(seconds=HEARTBEAT)
+    stale = NOW - planner.report_stale_after(HEARTBEAT) - dt.timedelta(seconds=1)
+    for node, at in (("a", fresh), ("b", stale)):
+        https = Client(node, "https", "10.0.0.1", "ws-1", at - dt.timedelta(minutes=9), at, 5)
+        schema.record_clients(
+            node, [https], window_seconds=600, source="refserver", problem="", now=at
+        )
+    return schema, Commands(store, schema, lambda: NOW, online, "a", lambda: None)
+
+
+def test_a_node_whose_client_report_is_stale_refuses_plain_finalize(tmp_path: Path) -> None:
+    schema, commands = cluster(tmp_path)
+    with pytest.raises(StillOnHttp, match=r"b: cannot tell who is on http \(no recent report"):
+        asyncio.run(commands.finalize("t1", "admin:test"))
+    refused = None
+    try:
+        asyncio.run(commands.finalize("t1", "admin:test"))
+    except StillOnHttp as exc:
+        refused = exc
+    assert refused is not None and set(refused.unknown) == {"b"} and not refused.clients
+    assert [r.rollout.id for r in schema.awaiting()] == ["t1"]  # nothing started
+
+
+def test_a_retry_of_a_finalize_refuses_as_finalize_does(tmp_path: Path) -> None:
+    schema, commands = cluster(tmp_path)
+    rollout, nodes = planner.plan_rollout(
+        rollout_id="f1",
+        change=Change.FINALIZE,
+        scope=Scope.of_nodes(["a", "b"]),
+        enrolled={"a": True, "b": True},
+        leader="a",
+        epoch=schema.next_epoch(),
+    )
+    meta = RolloutMeta(created_at=NOW, started_by="admin:test", leader_node="a", finalizes="t1")
+    row = schema.create(rollout.with_event(RolloutEvent.START), nodes, meta, NOW)
+    halting = row.rollout.with_event(RolloutEvent.FAILURE_BUDGET_EXCEEDED)
+    halted = halting.with_event(RolloutEvent.NODES_SETTLED)
+    row = schema.save_states(row, halted, row.records, NOW, "engine")
+    with pytest.raises(StillOnHttp, match=r"b: .*no recent report.*rollout finalize t1 --force"):
+        asyncio.run(commands.retry("f1", "admin:test"))
+    assert schema.get("f1") == row and schema.follower("t1") == row  # no retry started
