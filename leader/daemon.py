@@ -201,6 +201,8 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         expiry, schema, commands, enabled=cfg.auto_rotate, window=cfg.maintenance_window
     )
     expiry.before_check.append(rotator.check)  # auto_rotate: in the maintenance window
+    if viewer is not None:
+        viewer.app.reader.auto_rotate = rotator.status.view
     admin_service = AdminService(
         state,
         commands,

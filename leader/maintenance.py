@@ -33,9 +33,7 @@ from tlsroll.errors import TerminalError
 
 DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 FULL_DAYS = ("monday", "tuesday", "wednesday", "thursday", "friday", "saturday", "sunday")
-_ENTRY = re.compile(
-    r"^\s*(?P<days>\S+)\s+(?P<start>\d{1,2}:\d{2})\s*-\s*(?P<end>\d{1,2}:\d{2})\s*$"
-)
+_ENTRY = re.compile(r"\s*(?P<days>\S+)\s+(?P<start>\d{1,2}:\d{2})\s*-\s*(?P<end>\d{1,2}:\d{2})\s*")
 MINUTES_PER_DAY = 24 * 60
 
 
@@ -100,7 +98,7 @@ def parse_window(value: str | Sequence[str]) -> Window:
         raise WindowError('no window given; e.g. "Sat 02:00-05:00"')
     spans: list[Span] = []
     for entry in entries:
-        m = _ENTRY.match(entry)
+        m = _ENTRY.fullmatch(entry)
         if m is None:
             raise WindowError(f'{entry!r} is not DAYS HH:MM-HH:MM, e.g. "Sat 02:00-05:00"')
         start = _minutes(m["start"], entry)

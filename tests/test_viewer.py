@@ -633,7 +633,7 @@ def test_api_schema_is_what_schema_show_json_prints(farm: Setup) -> None:
         )
         is not None
     )
-    shown = farm.cli("schema", "show", "--json")
+    shown = farm.cli("schema", "show", "--all", "--json")  # the API serves every rollout
     assert shown.returncode == 0, shown.stderr
     api, cli = json.loads(served.body), json.loads(shown.stdout)
     api.pop("generated_at"), cli.pop("generated_at")

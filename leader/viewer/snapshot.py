@@ -121,6 +121,9 @@ class Reader:
             CertStatus(kind, "", pki.fingerprint(cert), cert.not_valid_after_utc)
             for kind, cert in own_certs
         )
+        # What ``auto_rotate`` last decided (``leader.auto_rotate.Status.view``), set by the
+        # daemon once the rotator exists, so the API carries what `schema show --json` prints.
+        self.auto_rotate: Callable[[], schema_pb2.AutoRotateView] | None = None
 
     def read(self, rollout_id: str | None = None) -> Snapshot:
         """Everything at once; ``rollout_id`` selects a rollout (None: the newest). A rollout
@@ -136,6 +139,7 @@ class Reader:
             self.schema.bootstrap_failures(),
             clients=self.schema.clients(),
             infos=self.schema.clients_info(),
+            auto_rotate=self.auto_rotate() if self.auto_rotate is not None else None,
         )
         data = wire.to_dict(message)
         selected = None
