@@ -10,6 +10,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -22,28 +23,36 @@ from tlsroll import pki
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def test_demo_switches_three_nodes_without_losing_a_write(tmp_path: Path) -> None:
-    addresses = [next_loopback() for _ in range(3)]
+def run_demo(
+    tmp_path: Path, *options: str, timeout: float
+) -> tuple[subprocess.CompletedProcess[str], dict[str, Any]]:
+    """``deploy/demo.py`` on three fresh loopback addresses; it must end ``VERDICT: OK``.
+    Returns its output and the report it wrote."""
     report_file = tmp_path / "report.json"
+    addresses = ",".join(next_loopback() for _ in range(3))
+    where = ["--workdir", str(tmp_path / "work"), "--report", str(report_file)]
     result = subprocess.run(
         [
             sys.executable,
             str(ROOT / "deploy" / "demo.py"),
+            *options,
             "--addresses",
-            ",".join(addresses),
-            "--workdir",
-            str(tmp_path / "work"),
-            "--report",
-            str(report_file),
+            addresses,
+            *where,
         ],
         capture_output=True,
         text=True,
-        timeout=240,
+        timeout=timeout,
         check=False,
     )
     assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
     assert "VERDICT: OK" in result.stdout
-    report = json.loads(report_file.read_text())
+    report: dict[str, Any] = json.loads(report_file.read_text())
+    return result, report
+
+
+def test_demo_switches_three_nodes_without_losing_a_write(tmp_path: Path) -> None:
+    _, report = run_demo(tmp_path, timeout=240)
     ca = pki.load_cert_pem(report["ca_pem"].encode())
 
     rollout = report["schema"]["rollouts"][0]
@@ -90,29 +99,7 @@ def test_demo_transitional_refuses_finalize_until_the_last_workstation_moved(
     """``deploy/demo.py --strategy transitional`` (issue 12): two workstations per node, one
     moves after phase 1, one stays; finalize is refused naming the ones that stayed; they move;
     finalize closes http; nothing lost."""
-    addresses = [next_loopback() for _ in range(3)]
-    report_file = tmp_path / "report.json"
-    result = subprocess.run(
-        [
-            sys.executable,
-            str(ROOT / "deploy" / "demo.py"),
-            "--strategy",
-            "transitional",
-            "--addresses",
-            ",".join(addresses),
-            "--workdir",
-            str(tmp_path / "work"),
-            "--report",
-            str(report_file),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=450,
-        check=False,
-    )
-    assert result.returncode == 0, result.stdout[-4000:] + result.stderr[-2000:]
-    assert "VERDICT: OK" in result.stdout
-    report = json.loads(report_file.read_text())
+    result, report = run_demo(tmp_path, "--strategy", "transitional", timeout=450)
     assert report["finalize_refused"] == {"exit": 1, "names_the_stayers": True}
     for name in ("ws-labor-1", "ws-labor-2", "ws-labor-3"):  # the ones that stayed, named
         assert name in result.stdout
