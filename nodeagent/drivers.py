@@ -37,7 +37,7 @@ from nodeagent import clients as client_sources
 from tlsroll import clients
 from tlsroll.clients import ClientsView
 from tlsroll.config import ConfigFile, Section, dump_toml
-from tlsroll.errors import TerminalError
+from tlsroll.errors import LocalResourceError, TerminalError, raise_if_local
 from tlsroll.fsutil import socket_dir_problem, write_atomic
 from tlsroll.httpcheck import port_open
 
@@ -225,6 +225,9 @@ class AdminSocketClient:
             async with aiohttp.ClientSession(connector=connector) as session:
                 return await self._request(session, method, path, body, client_timeout)
         except (aiohttp.ClientError, OSError, TimeoutError, json.JSONDecodeError) as exc:
+            # The agent out of descriptors says nothing about the server: not "down", not a
+            # refused freeze (the transaction waits for descriptors, tlsroll.httpcheck).
+            raise_if_local(exc, f"calling the managed server's admin socket {self.socket_path}")
             raise DriverError(
                 f"managed server not answering on {self.socket_path}: {exc or type(exc).__name__}"
             ) from None
@@ -379,7 +382,11 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
 
         The child is watched between checks (its exit ends the wait at once), and readiness is
         asked through one client session after 5 ms, then with a doubling wait up to 40 ms."""
-        child = await asyncio.to_thread(self._spawn)
+        try:
+            child = await asyncio.to_thread(self._spawn)
+        except OSError as exc:
+            raise_if_local(exc, "starting the managed server")
+            raise
         self._children.append(child)
         deadline = time.monotonic() + timeout
         wait = READY_FIRST_WAIT
@@ -391,11 +398,19 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
                         f"the server exited at start (code {child.returncode}): "
                         f"{self._last_log_line()}"
                     )
-                if self._pid() == child.pid and await self.health() is None:
+                if self._pid() == child.pid and await self._ready():
                     return
                 if time.monotonic() >= deadline:
                     raise DriverError(f"the server did not answer within {timeout:g}s")
                 wait = min(wait * 2, READY_MAX_WAIT)
+
+    async def _ready(self) -> bool:
+        """The started server answers. The agent short of descriptors cannot tell yet: it
+        keeps asking (until the start's deadline) rather than restart the server again."""
+        try:
+            return await self.health() is None
+        except LocalResourceError:
+            return False
 
     def _last_log_line(self) -> str:
         try:
@@ -413,7 +428,7 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
         try:
             data = await self.admin.call("GET", "/admin/clients")
             seen, window, problem = clients.from_json(data)
-        except (DriverError, ValueError) as exc:
+        except (DriverError, LocalResourceError, ValueError) as exc:
             return ClientsView(source="refserver", problem=client_sources.one_line(exc))
         window = window or clients.WINDOW_SECONDS
         return ClientsView(tuple(seen[: clients.MAX_REPORTED]), window, "refserver", problem)
@@ -500,6 +515,7 @@ async def _run(argv: Sequence[str], timeout: float, what: str) -> str:
             *argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE
         )
     except OSError as exc:
+        raise_if_local(exc, f"{what}: running {argv[0]}")
         raise DriverError(f"{what}: cannot run {argv[0]}: {exc.strerror}") from None
     try:
         out, err = await asyncio.wait_for(proc.communicate(), timeout)

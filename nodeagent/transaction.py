@@ -83,7 +83,7 @@ from nodeagent.drivers import Driver, DriverError, ServerFacts
 from tlsroll import httpcheck, logs
 from tlsroll.backoff import Policy
 from tlsroll.enums import TxnOutcome
-from tlsroll.errors import TerminalError, os_error_text
+from tlsroll.errors import LocalResourceError, TerminalError, is_local_shortage, os_error_text
 from tlsroll.fsutil import PRIVATE, write_atomic
 
 if TYPE_CHECKING:  # the journal stores Phase values: it imports this module
@@ -100,6 +100,12 @@ VERIFY_WAIT = 0.3
 # unfreeze: 0.5 s, 1 s, 2 s ... at most 30 s between attempts, for as long as it takes
 UNFREEZE_BACKOFF = Policy(free=1, base=0.5, cap=30.0, forget=3600.0)
 UNFREEZE_LOG_EVERY = 600.0  # seconds: past the first attempts, at most one line this often
+# The agent itself short of descriptors or kernel memory (EMFILE, ENFILE, ENOMEM, ENOBUFS:
+# ``is_local_shortage``) says nothing about the server: the action is tried again
+# after 0.5 s, 1 s, 2 s, 4 s, then every 5 s, about two minutes in all (the node stays frozen
+# meanwhile), before it counts as the action failing. Rolling back would need descriptors too.
+SHORTAGE_ATTEMPTS = 30
+SHORTAGE_BACKOFF = Policy(free=0, base=0.5, cap=5.0, forget=3600.0)
 # a transaction task that dies is started again from the journal after 1 s, 2 s, 4 s; if it
 # dies once more, the agent exits (see the module docstring)
 TASK_RESTARTS = 3
@@ -175,7 +181,7 @@ def describe(exc: BaseException) -> str:
     admin's command printing JSON without a field, a journal write, say) also names its type."""
     if isinstance(exc, OSError):
         return os_error_text(exc)
-    if isinstance(exc, StepFailed | DriverError):
+    if isinstance(exc, StepFailed | DriverError | LocalResourceError):
         return str(exc)
     return f"{type(exc).__name__}: {exc}"
 
@@ -391,7 +397,7 @@ class Runner:
                 try:
                     await self.driver.unfreeze()
                     break
-                except (DriverError, OSError) as exc:
+                except (DriverError, OSError, LocalResourceError) as exc:
                     lifted = f"could not lift the freeze: {describe(exc)}"
                     if attempt < EXIT_UNFREEZE_ATTEMPTS:
                         await self.sleep(UNFREEZE_BACKOFF.delay(attempt))
@@ -430,7 +436,7 @@ class Runner:
                 return
             try:
                 await self.driver.unfreeze()
-            except (DriverError, OSError) as exc:
+            except (DriverError, OSError, LocalResourceError) as exc:
                 attempt += 1
                 wait = UNFREEZE_BACKOFF.delay(attempt)
                 if worth_logging(attempt, time.monotonic() - logged):
@@ -514,6 +520,35 @@ class Runner:
             os.kill(os.getpid(), signal.SIGKILL)  # test hook, see module docstring
 
     async def _attempt(self, action: Action, txn: Txn, plan: Plan, attempts: int) -> dict[str, Any]:
+        """Run ``action`` (``attempts`` times on a failure of the server's); while the agent
+        itself is short of descriptors, wait and try again (``SHORTAGE_ATTEMPTS``): its own
+        shortage must not roll back, or skip the freeze of, a healthy server."""
+        shortages = 0
+        while True:
+            try:
+                return await self._attempts(action, txn, plan, attempts)
+            except Exception as exc:
+                if not is_local_shortage(exc) or shortages >= SHORTAGE_ATTEMPTS:
+                    raise
+                shortages += 1
+                wait = SHORTAGE_BACKOFF.delay(shortages - 1)
+                detail = {"error": describe(exc), "retry_in": wait}
+                await asyncio.to_thread(self.journal.event, txn, action, "short", detail)
+                if shortages == 1 or shortages % 6 == 0:
+                    log.error(
+                        "txn.agent_short",
+                        rollout_id=txn.rollout_id,
+                        kind=txn.kind,
+                        step=action,
+                        attempt=shortages,
+                        retry_in=wait,
+                        error=describe(exc),
+                    )
+                await self.sleep(wait)
+
+    async def _attempts(
+        self, action: Action, txn: Txn, plan: Plan, attempts: int
+    ) -> dict[str, Any]:
         def retrying(state: RetryCallState) -> None:
             outcome = state.outcome
             exc = outcome.exception() if outcome is not None else None
@@ -552,7 +587,7 @@ class Runner:
         if not scope_frozen:
             try:
                 await self.driver.unfreeze()
-            except (DriverError, OSError) as exc:
+            except (DriverError, OSError, LocalResourceError) as exc:
                 owed = True
                 why += (
                     f"; and could not lift the freeze yet: {describe(exc)} (the agent keeps trying)"
@@ -687,7 +722,7 @@ class Runner:
         while True:
             try:
                 await self.driver.unfreeze()
-            except (DriverError, OSError) as exc:
+            except (DriverError, OSError, LocalResourceError) as exc:
                 attempt += 1
                 wait = UNFREEZE_BACKOFF.delay(attempt)
                 if worth_logging(attempt, time.monotonic() - logged):

@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 
 from leader.agent_client import AgentPool
 from leader.store import Node as NodeRow
@@ -23,8 +24,10 @@ from tests.cluster import Cluster, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node
 from tlsroll import pki, spiffe
+from tlsroll.enums import Change
 from tlsroll.errors import TransientError
 from tlsroll.v1 import agent_pb2
+from tlsroll.wire import CHANGE
 
 
 def lowest_free_fd(pid: int) -> int:
@@ -159,3 +162,55 @@ def test_the_agent_pool_keeps_few_channels_open_and_never_closes_a_busy_one(
                 await pool.close()
 
         asyncio.run(scenario())
+
+
+def test_an_agent_out_of_descriptors_waits_and_never_rolls_back(tmp_path: Path) -> None:
+    """The agent's own "Too many open files" says nothing about the managed server. With no
+    descriptor left (its soft limit lowered with ``prlimit`` to what it holds) a Switch is
+    refused as UNAVAILABLE, the leader's cue to try again, not as a config error (before:
+    FAILED_PRECONDITION "cannot read" the server's config). With one left the switch begins
+    and meets the shortage inside the transaction: before the fix that rolled the node back
+    (or skipped the freeze, taking its own EMFILE for a server that is down); now the agent
+    journals the shortage, waits for descriptors and carries the switch to the end."""
+    with Cluster(tmp_path / "cluster", next_loopback()) as cluster:
+        cluster.init()
+        cluster.start_leader()
+        node = Node(cluster, "fd1", next_loopback(), tmp_path / "fd1")
+        try:
+            node.start()
+            node.preflight("r-fd")
+            node.stage("r-fd")
+            assert node.agent is not None
+            pid = node.agent.pid
+            request = agent_pb2.SwitchRequest(
+                command=node.command("r-fd"), change=CHANGE.wire(Change.ENABLE_TLS)
+            )
+            with node.stub() as stub:
+                stub.GetStatus(agent_pb2.GetStatusRequest(), timeout=10)  # the connection is up
+                soft, hard = resource.prlimit(pid, resource.RLIMIT_NOFILE)
+                try:
+                    resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free_fd(pid), hard))
+                    with pytest.raises(grpc.RpcError) as refused:
+                        stub.Switch(request, timeout=10)
+                    assert refused.value.code() == grpc.StatusCode.UNAVAILABLE, refused.value
+                    assert "Too many open files" in str(refused.value.details())
+                    assert node.journal_query("SELECT * FROM txns") == []
+
+                    resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free_fd(pid) + 1, hard))
+                    stub.Switch(request, timeout=10)
+                    wait_until(
+                        lambda: node.journal_query("SELECT * FROM events WHERE what = 'short'"),
+                        30,
+                        "the agent journalling its shortage",
+                    )
+                finally:
+                    resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
+            txn = node.wait_txn("r-fd")
+            assert txn.outcome == "completed", txn.reason
+            shortages = node.journal_query("SELECT detail FROM events WHERE what = 'short'")
+            assert all("Too many open files" in r["detail"] for r in shortages), shortages
+            assert "txn.freeze_skipped" not in node.agent.event_names()
+            assert node.journal_query("SELECT * FROM txns WHERE kind = 'rollback'") == []
+            assert node.server.status()["listen"] == ["https"]
+        finally:
+            node.close()

@@ -30,7 +30,7 @@ from typing import Any, TypeVar
 
 import tomli_w
 
-from tlsroll.errors import ConfigError
+from tlsroll.errors import ConfigError, raise_if_local
 
 T = TypeVar("T")
 _MISSING: Any = object()
@@ -191,6 +191,7 @@ class ConfigFile:
         except FileNotFoundError:
             raise ConfigError(path, None, "no such file") from None
         except OSError as exc:
+            raise_if_local(exc, f"reading {path}")
             raise ConfigError(path, None, f"cannot read: {exc.strerror}") from None
         try:
             data = tomllib.loads(raw.decode("utf-8"))

@@ -21,6 +21,7 @@ nothing below that boundary prints or exits.
 from __future__ import annotations
 
 import errno
+import os
 from enum import StrEnum
 
 
@@ -31,6 +32,34 @@ class TlsrollError(Exception):
 
 class TransientError(TlsrollError):
     """A failure that may go away if the same thing is tried again later."""
+
+
+# Errors that say the machine *doing* something ran short (descriptors, kernel memory), nothing
+# about the server or file it was doing it with: the leader or an agent out of file descriptors
+# must not roll back a node, skip its freeze, or call its config unreadable.
+LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+
+
+class LocalResourceError(TransientError):
+    """This machine ran out of a resource (e.g. "Too many open files"): what was tried says
+    nothing about the server; try again later (and raise LimitNOFILE if it keeps happening)."""
+
+
+def is_local_shortage(exc: BaseException) -> bool:
+    """True if ``exc`` says this machine ran short (descriptors, kernel memory)."""
+    return isinstance(exc, LocalResourceError) or (
+        isinstance(exc, OSError) and exc.errno in LOCAL_ERRNOS
+    )
+
+
+def raise_if_local(exc: BaseException, what: str) -> None:
+    """Raise ``LocalResourceError`` if ``exc`` is this machine's shortage; ``what``: what was
+    being done ("checking https://…", "reading /etc/…")."""
+    if isinstance(exc, OSError) and exc.errno in LOCAL_ERRNOS:
+        raise LocalResourceError(
+            f"{what} from here: {os.strerror(exc.errno)} on this machine, not the "
+            "server's fault; it is tried again (raise LimitNOFILE if it persists)"
+        ) from None
 
 
 class TerminalError(TlsrollError):

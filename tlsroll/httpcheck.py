@@ -5,9 +5,7 @@ by the leader's confirm step. Blocking; call through ``asyncio.to_thread`` from 
 
 from __future__ import annotations
 
-import errno
 import http.client
-import os
 import socket
 import ssl
 from dataclasses import dataclass
@@ -16,7 +14,7 @@ from cryptography import x509
 
 from tlsroll import __version__, pki, tls
 from tlsroll.clients import PROBE_AGENT
-from tlsroll.errors import TransientError
+from tlsroll.errors import raise_if_local
 
 # tlsroll's own probes say so: a managed server must not count them as clients still on http.
 PROBE_HEADERS = {"User-Agent": f"{PROBE_AGENT}/{__version__}"}
@@ -26,23 +24,9 @@ PROBE_HEADERS = {"User-Agent": f"{PROBE_AGENT}/{__version__}"}
 # (ValueError, OverflowError), a certificate that does not parse (ValueError).
 PROBE_ERRORS = (OSError, http.client.HTTPException, ValueError, OverflowError)
 
-# Errors that say the machine *doing* the check ran short (descriptors, kernel memory), nothing
-# about the server looked at: the leader out of file descriptors must not roll back a node.
-LOCAL_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-
-
-class LocalResourceError(TransientError):
-    """The checking side ran out of a resource (e.g. "Too many open files"): the check says
-    nothing about the server; try again later (and raise LimitNOFILE if it keeps happening)."""
-
 
 def _local_trouble(exc: BaseException, what: str) -> None:
-    """Raise ``LocalResourceError`` if ``exc`` is this machine's shortage, not the server's."""
-    if isinstance(exc, OSError) and exc.errno in LOCAL_ERRNOS:
-        raise LocalResourceError(
-            f"checking {what} from here: {os.strerror(exc.errno)} on this machine, not the "
-            "server's fault; it is tried again (raise LimitNOFILE if it persists)"
-        ) from None
+    raise_if_local(exc, f"checking {what}")
 
 
 def port_open(address: str, port: int, timeout: float = 2.0) -> bool:
