@@ -199,7 +199,9 @@ def test_an_agent_out_of_descriptors_waits_and_never_rolls_back(tmp_path: Path) 
                     resource.prlimit(pid, resource.RLIMIT_NOFILE, (lowest_free_fd(pid) + 1, hard))
                     stub.Switch(request, timeout=10)
                     wait_until(
-                        lambda: node.journal_query("SELECT * FROM events WHERE what = 'short'"),
+                        lambda: bool(
+                            node.journal_query("SELECT * FROM events WHERE what = 'short'")
+                        ),
                         30,
                         "the agent journalling its shortage",
                     )
