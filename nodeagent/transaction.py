@@ -680,29 +680,41 @@ class Runner:
         plan: Plan,
         schemes: tuple[str, ...],
         fingerprint: str,
-        watermark: int | None,
+        watermark_was: int | None,
         ca_pem: bytes,
     ) -> list[str]:
+        """What is wrong with the server as ``schemes`` want it: each scheme's port and the
+        watermark, asked at once (they are independent; the freeze window waits for them),
+        reported in this order."""
         f, checks = plan.facts, self.checks
-        problems: list[str | None] = []
-        if "https" in schemes:
-            problems.append(
-                await asyncio.to_thread(
+
+        async def https() -> str | None:
+            if "https" in schemes:
+                return await asyncio.to_thread(
                     checks.check_https, f.address, f.https_port, f.app_path, ca_pem, fingerprint
                 )
-            )
-        elif await asyncio.to_thread(checks.port_open, f.address, f.https_port):
-            problems.append(f"port {f.https_port} still open")
-        if "http" in schemes:
-            problems.append(
-                await asyncio.to_thread(checks.check_http, f.address, f.http_port, f.app_path)
-            )
-        elif await asyncio.to_thread(checks.port_open, f.address, f.http_port):
-            problems.append(f"port {f.http_port} still open (plain http must be closed)")
-        if watermark is not None:
+            if await asyncio.to_thread(checks.port_open, f.address, f.https_port):
+                return f"port {f.https_port} still open"
+            return None
+
+        async def http() -> str | None:
+            if "http" in schemes:
+                return await asyncio.to_thread(
+                    checks.check_http, f.address, f.http_port, f.app_path
+                )
+            if await asyncio.to_thread(checks.port_open, f.address, f.http_port):
+                return f"port {f.http_port} still open (plain http must be closed)"
+            return None
+
+        async def watermark() -> str | None:
+            if watermark_was is None:
+                return None
             now = await self.driver.watermark()
-            if now != watermark:
-                problems.append(f"write watermark moved from {watermark} to {now} while frozen")
+            if now != watermark_was:
+                return f"write watermark moved from {watermark_was} to {now} while frozen"
+            return None
+
+        problems = await asyncio.gather(https(), http(), watermark())
         return [p for p in problems if p]
 
     async def _verify_target(self, txn: Txn, plan: Plan) -> dict[str, Any]:
