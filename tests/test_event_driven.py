@@ -5,21 +5,27 @@ Real agents, reference servers and a real leader; mutual TLS throughout."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
 
+from leader.agent_client import AgentClient
+from leader.store import _node
 from nodeagent.transaction import CRASH_ENV
 from nodeagent.wire import TXN_PHASE
 from tests.cluster import Cluster, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node, NodeFactory
+from tlsroll import pki, spiffe
 from tlsroll.enums import TxnKind
-from tlsroll.v1 import agent_pb2
+from tlsroll.rpc import hostport
+from tlsroll.v1 import agent_pb2, agent_pb2_grpc
 from tlsroll.wire import TXN_KIND
 
 FORWARD = ["started", "frozen", "config_written", "restarted", "verified", "completed"]
@@ -121,3 +127,76 @@ def test_the_leader_gets_the_outcome_through_a_broken_stream(tmp_path: Path) -> 
     finally:
         node.close()
         cluster.close()
+
+
+class AgentBeforeWatch(agent_pb2_grpc.NodeAgentServicer):
+    """An agent of a version before ``WatchTransaction``: it answers ``GetTransaction`` (from
+    the real agent behind it) and nothing else; grpc's generated base class answers every
+    other method UNIMPLEMENTED, as a server without the method does."""
+
+    def __init__(self, node: Node) -> None:
+        self.node = node
+        self.asked = 0
+
+    async def GetTransaction(
+        self, request: agent_pb2.GetTransactionRequest, context: Any
+    ) -> agent_pb2.Transaction:
+        self.asked += 1
+
+        def ask() -> agent_pb2.Transaction:
+            with self.node.stub() as stub:
+                reply: agent_pb2.Transaction = stub.GetTransaction(request, timeout=10)
+                return reply
+
+        return await asyncio.to_thread(ask)
+
+
+def test_an_agent_without_the_stream_is_followed_by_asking(
+    cluster: Cluster, make_node: NodeFactory
+) -> None:
+    """The leader's fallback for an older agent (UNIMPLEMENTED): it follows the transaction
+    with GetTransaction until the outcome. The older agent is a gRPC server on its own loopback
+    address with the real node's certificate and key (so the leader's TLS check of the node's
+    key passes), answering GetTransaction from the real agent, which runs a real switch. This
+    guards the fallback path, which no real agent of today takes; it passed before this test."""
+    node = make_node()
+    agent = node.agent
+    assert agent is not None
+    node.preflight("r-old")
+    node.stage("r-old")
+    node.switch("r-old")
+    [row] = [r for r in cluster.store_table("nodes") if r["name"] == node.name]
+    older_at = next_loopback()
+    chain, key = cluster.leader_credentials()
+    domain = spiffe.trust_domain(pki.read_cert(cluster.ca_cert_path))
+
+    async def scenario() -> list[agent_pb2.Transaction]:
+        older = AgentBeforeWatch(node)  # type: ignore[abstract]  # lacking them is the point
+        server = grpc.aio.server()
+        agent_pb2_grpc.add_NodeAgentServicer_to_server(older, server)
+        server_creds = grpc.ssl_server_credentials(
+            [(agent.key_file.read_bytes(), agent.cert_file.read_bytes())],
+            root_certificates=cluster.ca_pem,
+            require_client_auth=True,
+        )
+        port = server.add_secure_port(hostport(older_at, 0), server_creds)
+        await server.start()
+        client = AgentClient(
+            replace(_node(row), addresses=(older_at,), agent_port=port),  # type: ignore[arg-type]
+            grpc.ssl_channel_credentials(cluster.ca_pem, key, chain),
+            domain,
+        )
+        try:
+            request = agent_pb2.GetTransactionRequest(
+                rollout_id="r-old", kind=TXN_KIND.wire(TxnKind.SWITCH)
+            )
+            seen = [txn async for txn in client.watch_transaction(request)]
+            assert older.asked == len(seen)  # every state came from asking, none streamed
+            return seen
+        finally:
+            await client.close()
+            await server.stop(None)
+
+    seen = asyncio.run(scenario())
+    assert seen[-1].outcome == agent_pb2.TRANSACTION_OUTCOME_COMPLETED, seen[-1]
+    assert all(t.outcome == agent_pb2.TRANSACTION_OUTCOME_PENDING for t in seen[:-1])
