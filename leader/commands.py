@@ -69,6 +69,8 @@ class RolloutRequest:
     # finalize: the transitional rollout whose phase 2 it is; --when-quiet in seconds.
     finalizes: str = ""
     when_quiet: int = 0
+    # retry of a transitional phase 1: the rollout whose dual nodes the retry carries over.
+    dual_from: str = ""
     # enable-tls, rotate-cert: the practice's own certificates (``--cert-dir``; ``leader.byo``).
     own_certs: byo.Material | None = field(default=None, repr=False)
 
@@ -233,6 +235,10 @@ class Commands:
         target_digest = ""
         if request.change is Change.CHANGE_PASSWORD and digests:
             target_digest = max(digests, key=lambda d: digests[d])
+        if request.dual_from and request.keep_auth_version:  # the password phase 1 staged
+            target_digest = next(
+                (d for d, v in digests.items() if v == request.keep_auth_version), "?"
+            )
         epoch = await asyncio.to_thread(self.schema.next_epoch)
         try:
             rollout, records = planner.plan_rollout(
@@ -248,6 +254,7 @@ class Commands:
                 strategy=request.strategy,
                 observed=seen,
                 target_digest=target_digest,
+                dual_from=request.dual_from,
             )
         except planner.NothingToDo:
             if undone is not None:
@@ -380,6 +387,13 @@ class Commands:
             )
         finished = (NodeState.DONE, NodeState.DUAL)
         left = tuple(r.name for r in row.records if r.state not in finished)
+        # A transitional phase 1 carries the nodes it left dual (those that still are, as
+        # their agents report) into the retry, whose finalize then covers them.
+        dual_from = ""
+        transitional = old.strategy is Strategy.TRANSITIONAL and old.change is Change.ENABLE_TLS
+        if transitional and self.observe is not None:
+            dual_from = old.id
+            left = tuple(r.name for r in row.records if r.state is NodeState.DUAL or r.name in left)
         if await asyncio.to_thread(self.schema.own_ca, old.id) is not None:
             raise NotRetriable(
                 f"rollout {old.id} used certificates from --cert-dir, whose keys the leader "
@@ -409,6 +423,7 @@ class Commands:
             undoes=row.meta.undoes,
             finalizes=row.meta.finalizes,
             when_quiet=row.meta.when_quiet,
+            dual_from=dual_from,
         )
         return await self.start(request, actor)
 

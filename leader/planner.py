@@ -81,6 +81,7 @@ from leader.rollout_core import (
     already_done,
     node_transition,
     rollout_transition,
+    still_dual,
     wrong_source,
 )
 from tlsroll.errors import TerminalError
@@ -239,6 +240,7 @@ def plan_rollout(
     freeze: FreezeMode = FreezeMode.NODE,
     observed: Mapping[str, NodeObservation] | None = None,
     target_digest: str = "",
+    dual_from: str = "",
 ) -> tuple[Rollout, tuple[NodeRecord, ...]]:
     """Make the records of a new, ``planned`` rollout.
 
@@ -251,6 +253,12 @@ def plan_rollout(
     change wants (``already_done``) starts ``skipped`` with the reason, so nothing is done to
     it twice; a node whose agent cannot be asked is ``Unreachable``; if no node is left to
     change, ``NothingToDo``.
+
+    ``dual_from``: this is a retry of that transitional phase 1 (``rollout retry``). A node
+    that still serves http and https with a certificate of this CA and the password of
+    ``target_digest`` (``still_dual``) starts ``dual``, as phase 1 left it, not ``skipped``:
+    the retry's finalize must close http there too, or the node would serve http for good
+    (the halted rollout is never finalized, and a new one would skip the node).
     """
     if scope.kind is ScopeKind.LOCAL:
         names: Sequence[str] = (leader,)
@@ -267,13 +275,19 @@ def plan_rollout(
     if offline:
         raise NodesOffline(offline)
     done: dict[str, str] = {}
+    dual: dict[str, str] = {}
     if observed is not None:
         unreachable = {n: observed[n].error for n in names if not observed[n].reachable}
         if unreachable:
             raise Unreachable(unreachable)
         wrong: dict[str, str] = {}
         for name in names:
-            if why := already_done(change, observed[name], target_digest, strategy):
+            if dual_from and still_dual(observed[name], target_digest):
+                dual[name] = (
+                    f"dual since rollout {dual_from}: on http and https with a certificate of "
+                    "this CA; finalize closes http here too"
+                )
+            elif why := already_done(change, observed[name], target_digest, strategy):
                 done[name] = why
             elif why := wrong_source(change, observed[name], strategy):
                 wrong[name] = why
@@ -297,6 +311,8 @@ def plan_rollout(
     def record(name: str) -> NodeRecord:
         if name in done:
             return NodeRecord(name, NodeState.SKIPPED, done[name])
+        if name in dual:
+            return NodeRecord(name, NodeState.DUAL, dual[name])
         seen = observed.get(name) if observed is not None else None
         if seen is not None and seen.problems:  # its preflight will fail: say so up front
             return NodeRecord(name, reason=f"{BLOCKED} {'; '.join(seen.problems)}")

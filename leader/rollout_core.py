@@ -374,6 +374,17 @@ class NodeObservation:
     cert_fingerprint: str = ""  # ``sha256:…`` of the certificate served on https ("" if none)
 
 
+def still_dual(seen: NodeObservation, digest: str = "") -> bool:
+    """Node ``seen`` serves http and https with a certificate of this CA (and, given a
+    ``digest``, the password whose verifier has it): where a transitional phase 1 leaves a
+    node. A retry of that phase 1 starts such a node ``dual``, so that its finalize covers it."""
+    return (
+        frozenset(seen.schemes) == DUAL_SCHEMES
+        and seen.cert_from_ca
+        and (not digest or seen.verifier_digest == digest)
+    )
+
+
 def already_done(
     change: Change,
     seen: NodeObservation,

@@ -851,6 +851,56 @@ def test_nodes_already_in_the_wanted_state_start_skipped_with_the_reason() -> No
     assert plan.nodes_with_event(NE.START) == ("a",)
 
 
+@pytest.mark.parametrize("dual_from", ["", "r1"])
+def test_a_retry_of_phase_1_starts_the_nodes_still_dual_with_its_password_dual(
+    dual_from: str,
+) -> None:
+    """A retry of a transitional phase 1 (``dual_from``) carries the nodes phase 1 left dual
+    (http and https, this CA, its password) as ``dual``, so its finalize covers them; a new
+    transitional rollout skips them as before. A dual node with another password or another
+    CA's certificate is not carried."""
+    observed = {
+        "a": seen("http", "https", digest="d1"),
+        "b": seen("http", "https", digest="d0"),
+        "c": seen("http"),
+        "d": seen("http", "https", from_ca=False, digest="d1"),
+    }
+    rollout, nodes = plan_rollout(
+        rollout_id="r2",
+        change=Change.ENABLE_TLS,
+        strategy=Strategy.TRANSITIONAL,
+        scope=Scope.of_nodes(["a", "b", "c"]),
+        enrolled=dict.fromkeys(observed, True),
+        leader="c",
+        epoch=4,
+        observed=observed,
+        target_digest="d1",
+        dual_from=dual_from,
+    )
+    states = {n.name: (n.state, n.reason) for n in nodes}
+    if dual_from:
+        assert states["a"][0] is N.DUAL and "dual since rollout r1" in states["a"][1]
+    else:
+        assert states["a"][0] is N.SKIPPED
+    assert states["b"][0] is N.SKIPPED  # another password: not this retry's to finalize
+    assert states["c"] == (N.PENDING, "")
+    plan = next_actions(rollout.with_event(RE.START), nodes)
+    assert plan.nodes_with_event(NE.START) == ("c",)
+    with pytest.raises(PlanError, match="http and https"):
+        plan_rollout(
+            rollout_id="r3",
+            change=Change.ENABLE_TLS,
+            strategy=Strategy.TRANSITIONAL,
+            scope=Scope.of_nodes(["d"]),
+            enrolled=dict.fromkeys(observed, True),
+            leader="c",
+            epoch=5,
+            observed=observed,
+            target_digest="d1",
+            dual_from="r1",
+        )
+
+
 @pytest.mark.parametrize(
     ("change", "observed", "target"),
     [

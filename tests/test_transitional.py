@@ -432,6 +432,42 @@ def test_a_node_failing_in_each_phase_goes_back_to_the_side_it_came_from(
         check_writes(cluster, world, views, cut_off=cut)
 
 
+@pytest.mark.timeout(420)
+def test_a_retry_of_phase_1_carries_the_nodes_it_left_dual_to_its_finalize(
+    tmp_path: Path,
+) -> None:
+    """Phase 1 halts after one node went dual: that node must not be stranded. Before, the
+    retry planned only the unfinished nodes, so its finalize closed http there and left the
+    dual node serving http for good (finalize needs a rollout awaiting it; the halted one never
+    will, and a new transitional rollout skipped the node as already done). Now the retry starts
+    the node ``dual`` (it serves both with this CA's certificate and the same password), and the
+    retry's finalize closes http on every node."""
+    with cluster_of(tmp_path, 2) as (cluster, nodes):
+        node1 = nodes[0]  # the order: node2, then node1 (the leader node last)
+        fail_next_switch(node1)
+        first = start_transitional(cluster, tmp_path)
+        after_the_crash(node1)
+        view = wait_state(cluster, first, WAITED, "phase 1 halting")
+        assert view["state"] == "halted", view
+        states = {n["name"]: n["state"] for n in view["nodes"]}
+        assert states == {"node1": "rolled_back", "node2": "dual"}
+        retried = cluster.cli("rollout", "retry", first, "--wait", timeout=LONG)
+        assert retried.returncode == 0, retried.stderr
+        retry = newest(cluster)
+        assert retry["state"] == "awaiting_finalize", retry
+        states = {n["name"]: n["state"] for n in retry["nodes"]}
+        assert states == {"node1": "dual", "node2": "dual"}, retry["nodes"]
+        carried = next(n for n in retry["nodes"] if n["name"] == "node2")
+        assert first in carried["reason"], carried
+        done = cluster.cli(
+            "rollout", "finalize", retry["id"], "--force", "--yes", "--wait", timeout=LONG
+        )
+        assert done.returncode == 0, done.stderr
+        assert newest(cluster)["state"] == "completed"
+        for node in nodes:
+            assert list(live(node).schemes) == ["https"] and not node.port_open(8080), node.name
+
+
 # --- the way back from dual -------------------------------------------------------------------
 
 
