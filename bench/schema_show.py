@@ -4,10 +4,11 @@ nothing (``make bench-schema``).
 A real leader (``tlsroll init``, ``tlsroll-leader``) whose store holds ``--rollouts`` finished
 enable-tls rollouts of ``--nodes`` nodes each (written to the store before it starts, as
 months of history would be); then the CLI as an admin runs it, ``--runs`` times each:
-``schema show`` (the active or latest rollout), ``schema show --all``, and the CLI's import
-alone (``python -c 'import leader.cli'``); and the leader's part alone: the ``GetSchema`` call
-``schema show`` makes, from an open channel (wall time, and the leader's CPU per call read from
-/proc), so that what the leader does is told apart from what the CLI does.
+``schema show`` (the active or latest rollout), ``schema show --all``, ``--json``, the CLI's
+import alone (``python -c 'import leader.cli'``) and what ``schema show`` imports; and the
+leader's part alone: the ``GetSchema`` call ``schema show`` makes, from an open channel (wall
+time, and the leader's CPU per call read from /proc), so that what the leader does is told
+apart from what the CLI does.
 """
 
 from __future__ import annotations
@@ -29,6 +30,13 @@ from leader.rollout_core import Change, NodeRecord, NodeState, Rollout, RolloutE
 from leader.schema_store import RolloutMeta, SchemaStore
 from tests.cluster import Cluster, child_env, command
 from tlsroll.v1 import schema_pb2, schema_pb2_grpc
+
+# What `tlsroll schema show` imports before it calls the leader: the entry point, and the
+# command looked up as click does.
+SCHEMA_SHOW_IMPORTS = (
+    "import click; from tlsroll.cli import cli; "
+    "cli.get_command(click.Context(cli), 'schema').get_command(None, 'show')"
+)
 
 
 def store_history(cluster: Cluster, rollouts: int, nodes: int) -> None:
@@ -112,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("schema show --all", [*cli, "schema", "show", "--all"]),
                 ("schema show --json", [*cli, "schema", "show", "--json"]),
                 ("import leader.cli", [sys.executable, "-c", "import leader.cli"]),
+                ("import schema show", [sys.executable, "-c", SCHEMA_SHOW_IMPORTS]),
                 ("python -c pass", [sys.executable, "-c", "pass"]),
             ]
             for label, command_line in commands:
