@@ -4,8 +4,11 @@ nothing (``make bench-schema``).
 A real leader (``tlsroll init``, ``tlsroll-leader``) whose store holds ``--rollouts`` finished
 enable-tls rollouts of ``--nodes`` nodes each (written to the store before it starts, as
 months of history would be); then the CLI as an admin runs it, ``--runs`` times each:
-``schema show`` (the active or latest rollout), ``schema show --all``, and the CLI's import
-alone (``python -c 'import leader.cli'``).
+``schema show`` (the active or latest rollout), ``schema show --all``, ``--json``, the CLI's
+import alone (``python -c 'import leader.cli'``) and what ``schema show`` imports; and the
+leader's part alone: the ``GetSchema`` call ``schema show`` makes, from an open channel (wall
+time, and the leader's CPU per call read from /proc), so that what the leader does is told
+apart from what the CLI does.
 """
 
 from __future__ import annotations
@@ -20,10 +23,20 @@ import tempfile
 import time
 from pathlib import Path
 
-from bench.common import NO_DEBUG, address, summary
+import grpc
+
+from bench.common import NO_DEBUG, address, cpu_seconds, summary
 from leader.rollout_core import Change, NodeRecord, NodeState, Rollout, RolloutEvent, Scope
 from leader.schema_store import RolloutMeta, SchemaStore
 from tests.cluster import Cluster, child_env, command
+from tlsroll.v1 import schema_pb2, schema_pb2_grpc
+
+# What `tlsroll schema show` imports before it calls the leader: the entry point, and the
+# command looked up as click does.
+SCHEMA_SHOW_IMPORTS = (
+    "import click; from tlsroll.cli import cli; "
+    "cli.get_command(click.Context(cli), 'schema').get_command(None, 'show')"
+)
 
 
 def store_history(cluster: Cluster, rollouts: int, nodes: int) -> None:
@@ -68,6 +81,25 @@ def timed(argv: list[str], env: dict[str, str], runs: int) -> tuple[list[float],
     return walls, cpus
 
 
+def rpc_alone(cluster: Cluster, calls: int) -> tuple[list[float], float]:
+    """The ``GetSchema`` call of a plain ``schema show`` (the newest rollout), ``calls`` times
+    on one channel: each call's wall time, and the leader's CPU per call."""
+    assert cluster.leader is not None
+    pid = cluster.leader.pid
+    walls = []
+    with grpc.insecure_channel(f"unix:{cluster.admin_socket}") as channel:
+        stub = schema_pb2_grpc.SchemaViewStub(channel)
+        request = schema_pb2.GetSchemaRequest(limit=1)
+        stub.GetSchema(request, timeout=30)  # the connection, outside the figures
+        cpu0 = cpu_seconds(pid)
+        for _ in range(calls):
+            t0 = time.perf_counter()
+            stub.GetSchema(request, timeout=30)
+            walls.append(time.perf_counter() - t0)
+        cpu = (cpu_seconds(pid) - cpu0) / calls
+    return walls, cpu
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rollouts", type=int, default=100)
@@ -88,6 +120,7 @@ def main(argv: list[str] | None = None) -> int:
                 ("schema show --all", [*cli, "schema", "show", "--all"]),
                 ("schema show --json", [*cli, "schema", "show", "--json"]),
                 ("import leader.cli", [sys.executable, "-c", "import leader.cli"]),
+                ("import schema show", [sys.executable, "-c", SCHEMA_SHOW_IMPORTS]),
                 ("python -c pass", [sys.executable, "-c", "pass"]),
             ]
             for label, command_line in commands:
@@ -96,6 +129,11 @@ def main(argv: list[str] | None = None) -> int:
                     f"  {label:20s} wall {summary(walls, 'ms', 1000, 0)}; "
                     f"CPU {summary(cpus, 'ms', 1000, 0)}"
                 )
+            walls, cpu = rpc_alone(cluster, 20 * ns.runs)
+            print(
+                f"  {'GetSchema RPC alone':20s} wall {summary(walls, 'ms', 1000, 1)}; "
+                f"leader CPU {cpu * 1000:.1f} ms per call"
+            )
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0

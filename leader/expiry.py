@@ -36,9 +36,7 @@ from pathlib import Path
 from cryptography import x509
 
 from leader.schema_store import SchemaStore
-from leader.schema_view import schema_message
 from leader.store import Store
-from leader.viewer.snapshot import server_certs
 from tlsroll import logs, pki
 from tlsroll.errors import PKIError
 
@@ -144,16 +142,15 @@ class ExpiryWatch:
         certs = self.store.list_certificates()
         serial_of = {c.fingerprint: c.serial for c in certs if c.fingerprint}
         enrolled = {n.name for n in self.store.list_nodes()}
-        live = server_certs(schema_message(self.schema.all(), set(), now))
-        for s in live:
-            if s.subject in enrolled:
+        for name, (fingerprint, not_after) in sorted(self.schema.served_certificates().items()):
+            if name in enrolled:
                 found.append(
                     Expiry(
                         "server",
-                        s.subject,
-                        serial_of.get(s.fingerprint, ""),
-                        s.fingerprint,
-                        s.not_after,
+                        name,
+                        serial_of.get(fingerprint, ""),
+                        fingerprint,
+                        not_after,
                         self.horizon,
                     )
                 )

@@ -24,11 +24,8 @@ import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from cryptography import x509
-
-from tlsroll import keywrap, pki, spiffe
-from tlsroll.config import dump_toml
 from tlsroll.defaults import CONTROL_PORT, JOIN_PORT, LEADER_NAME, VIEWER_PORT
 from tlsroll.errors import TerminalError, UnsafePermissions
 from tlsroll.fsutil import (
@@ -39,6 +36,12 @@ from tlsroll.fsutil import (
     user_label,
     write_atomic,
 )
+
+if TYPE_CHECKING:
+    from tlsroll import pki
+
+# Every admin command reads where the admin socket is (``Layout``); the certificate work below
+# imports cryptography (some 40 ms) in the functions that do it, not with the module.
 
 
 @dataclass(frozen=True)
@@ -92,6 +95,8 @@ def write_leader_cert(
     """Issue the leader's certificate for ``key``: its names, its cluster identity
     (``spiffe://…/leader``) and its internal name, serving and client use; written as a chain
     with the CA."""
+    from tlsroll import pki, spiffe  # noqa: PLC0415 - see the imports
+
     td = ca.trust_domain
     cert = ca.issue(
         key.public_key(),
@@ -120,6 +125,10 @@ def ensure_leader_identity(
     certificate that names the leader. It is also issued again (same key) when it ends within
     ``LEADER_RENEW_BEFORE`` of ``now``: agents check the leader's identity, not its
     certificate, so they accept the new one at once."""
+    from cryptography import x509  # noqa: PLC0415 - see the imports
+
+    from tlsroll import pki, spiffe  # noqa: PLC0415 - see the imports
+
     cert = pki.read_cert(layout.tls_cert)
     due = cert.not_valid_after_utc - (now or pki.utcnow()) < LEADER_RENEW_BEFORE
     td = ca.trust_domain
@@ -207,6 +216,8 @@ def upgrade_ca_key(layout: Layout, ca: pki.CertificateAuthority, passphrase: byt
     """Encrypt the CA key again if its key derivation is weak (an older tlsroll wrote PBKDF2
     with 2048 iterations): same key, same passphrase, scrypt (``tlsroll.keywrap``). Returns the
     old derivation's description if it did, else None."""
+    from tlsroll import keywrap, pki  # noqa: PLC0415 - see the imports
+
     kdf = keywrap.kdf_of(layout.ca_key.read_bytes())
     if kdf.strong:
         return None
@@ -223,6 +234,9 @@ def init(
     passphrase_file: Path | None = None,
 ) -> Layout:
     """Create a new cluster: CA, the leader's certificate, config. Refuses to overwrite."""
+    from tlsroll import pki  # noqa: PLC0415 - see the imports
+    from tlsroll.config import dump_toml  # noqa: PLC0415 - see the imports
+
     layout = Layout(Path(data_dir).resolve())
     if node_name is not None and (problem := pki.node_name_problem(node_name)):
         raise TerminalError(problem)

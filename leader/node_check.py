@@ -12,24 +12,18 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Iterable
 from dataclasses import dataclass
-from enum import StrEnum
 from typing import TYPE_CHECKING
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from leader.states import Health
 from tlsroll import peertext, spiffe
 
-if TYPE_CHECKING:  # the admin CLI imports Health (leader.wire), not the store or logging
+if TYPE_CHECKING:  # not the store or logging
     from leader.store import Node
 
 UNREACHABLE_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
-
-
-class Health(StrEnum):
-    SERVING = "serving"
-    NOT_SERVING = "not-serving"  # answered, but not SERVING (or refused the call)
-    UNREACHABLE = "unreachable"  # no answer in time, or the TLS handshake failed
 
 
 @dataclass(frozen=True)

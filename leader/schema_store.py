@@ -218,6 +218,35 @@ class SchemaStore(LeaderStore):
             ]
         return [row for i in ids if (row := self.get(i)) is not None], total
 
+    def served_certificates(self) -> dict[str, tuple[str, dt.datetime]]:
+        """Per node, the certificate it serves on 8443 as the rollouts recorded it
+        (fingerprint, end): that of the newest enable-tls or rotate-cert that ended ``done`` on
+        the node, unless a disable-tls that ended ``done`` came after it (the same rule as
+        ``leader.viewer.snapshot.server_certs``). One query that SQLite answers with a row per
+        node: the expiry check behind every ``schema show`` once drew every rollout ever
+        stored for it."""
+        with self._db.read() as db:
+            rows = db.execute(
+                "SELECT name, change, cert_fingerprint, cert_not_after FROM ("
+                " SELECT n.name, r.change, n.cert_fingerprint, n.cert_not_after, row_number()"
+                "  OVER (PARTITION BY n.name ORDER BY r.epoch DESC) AS newest"
+                " FROM rollout_nodes n JOIN rollouts r ON r.id = n.rollout_id"
+                " WHERE n.state = ? AND (r.change = ?"
+                "  OR (r.change IN (?, ?) AND n.cert_not_after IS NOT NULL))"
+                ") WHERE newest = 1",
+                (
+                    NodeState.DONE.value,
+                    Change.DISABLE_TLS.value,
+                    Change.ENABLE_TLS.value,
+                    Change.ROTATE_CERT.value,
+                ),
+            ).fetchall()
+        return {
+            r["name"]: (r["cert_fingerprint"], dt.datetime.fromisoformat(r["cert_not_after"]))
+            for r in rows
+            if r["change"] != Change.DISABLE_TLS.value
+        }
+
     def history(self, rollout_id: str) -> list[AuditEvent]:
         """The audit events of a rollout and of its nodes, oldest first: its timeline."""
         prefix = f"{rollout_id}/"

@@ -7,7 +7,6 @@ compares protobuf numbers or strings.
 
 from __future__ import annotations
 
-from leader.node_check import Health
 from leader.rollout_core import (
     FreezeMode,
     NodeState,
@@ -16,7 +15,7 @@ from leader.rollout_core import (
     ScopeKind,
     Strategy,
 )
-from leader.viewer.grants import GrantState
+from leader.states import GrantState, Health
 from tlsroll.v1 import admin_pb2, types_pb2
 from tlsroll.wire import CHANGE, TXN_KIND, TXN_OUTCOME, EnumCodec
 

@@ -15,7 +15,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from rich.console import Console
 
 from leader.cli.base import to_dict
-from leader.cli.rollout import render_failures
+from leader.cli.draw import render_failures
 from leader.schema_store import SchemaStore
 from leader.schema_view import schema_message
 from leader.service import failure_rows

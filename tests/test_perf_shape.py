@@ -300,3 +300,108 @@ def test_schema_show_draws_the_newest_rollout_and_all_of_them_with_all(
 
         one = cluster.cli("schema", "show", "--rollout", "r-old-1")
         assert "r-old-1" in one.stdout and "r-newest" not in one.stdout
+
+
+# Runs ``tlsroll ARGS`` as its console script does (``tlsroll.cli.main``) and, as the process
+# exits, writes the modules it imported.
+CLI_HARNESS = """
+import atexit, sys
+out, args = sys.argv[1], sys.argv[2:]
+
+def written():
+    with open(out, "w") as f:
+        f.write("\\n".join(sorted(n for n, m in list(sys.modules.items()) if m is not None)))
+
+atexit.register(written)
+from tlsroll.cli import main
+sys.exit(main(args))
+"""
+
+# Never in `tlsroll schema show`: the certificate code (cryptography: 40 ms), the daemons'
+# libraries, the notice templates and password policy, the other roles.
+NOT_IN_SCHEMA_SHOW = {
+    "cryptography", "aiohttp", "structlog", "spake2", "jinja2", "zxcvbn", "tenacity",
+    "nodeagent", "workstation", "refserver",
+}  # fmt: skip
+# ... nor the leader's daemon parts: the store, the engine, the --cert-dir checks.
+NOT_IN_SCHEMA_SHOW_LEADER = {
+    "leader.store", "leader.schema_store", "leader.engine", "leader.byo", "leader.node_check",
+    "leader.viewer", "leader.cli.rollout", "leader.cli.password", "leader.cli.cluster_cmd",
+}  # fmt: skip
+
+
+def imported_by(cluster: Cluster, out: Path, *args: str) -> tuple[str, set[str]]:
+    """What ``tlsroll ARGS`` printed, and the modules the process had imported by its end."""
+    done = subprocess.run(
+        [sys.executable, "-c", CLI_HARNESS, str(out), *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=child_env({"TLSROLL_DATA_DIR": str(cluster.data_dir)}),
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    return done.stdout, set(out.read_text().split())
+
+
+def test_schema_show_imports_what_it_draws_with_and_nothing_else(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """An admin runs `schema show` often (and --watch while a rollout runs): it once imported
+    every command's libraries and, through the leader's codecs, cryptography, for 270 ms
+    before it asked the leader anything. Its text is drawn with rich; with --json not even
+    that is imported."""
+    with Cluster(tmp_path / "cluster", loopback()) as cluster:
+        cluster.init()
+        store_finished_rollout(cluster, "r-lean", 1)
+        cluster.start_leader()
+        text, modules = imported_by(cluster, tmp_path / "text.txt", "schema", "show")
+        assert "r-lean" in text and "done" in text  # it did draw the rollout
+        data, json_modules = imported_by(cluster, tmp_path / "json.txt", "schema", "show", "--json")
+        assert json.loads(data)["rollouts"][0]["id"] == "r-lean"
+    for seen in (modules, json_modules):
+        tops = {m.split(".")[0] for m in seen}
+        assert "grpc" in tops and "leader" in tops  # it did talk to the leader
+        assert tops & NOT_IN_SCHEMA_SHOW == set()
+        assert {m for m in seen if m.startswith(tuple(NOT_IN_SCHEMA_SHOW_LEADER))} == set()
+    assert "rich" in {m.split(".")[0] for m in modules}
+    assert "rich" not in {m.split(".")[0] for m in json_modules}
+
+
+def test_the_expiry_check_behind_every_schema_show_reads_no_rollout_history(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`schema show` asks the expiry watch which certificates are near their end; the
+    certificate each node serves was found by drawing every rollout ever stored (35 ms of
+    leader CPU per call with 100 rollouts). One query now gives the same answer, whatever the
+    history: enable-tls and rotate-cert set it, a node rolled back keeps the one before, a
+    disable-tls takes it away."""
+    from leader.expiry import ExpiryWatch
+    from leader.schema_view import schema_message
+    from leader.viewer.snapshot import server_certs
+    from tests.test_viewer_parts import NOW, run_rollout
+
+    store = Store(tmp_path / "leader.sqlite3")
+    schema = SchemaStore(store.db)
+    run_rollout(schema, "r1", Change.ENABLE_TLS)
+    run_rollout(schema, "r2", Change.ROTATE_CERT, fail="a")
+    run_rollout(schema, "r3", Change.DISABLE_TLS, fail="b")
+    run_rollout(schema, "r4", Change.ROTATE_CERT, fail="a")
+    every = schema_message(schema.all(), set(), NOW)
+    drawn = {c.subject: (c.fingerprint, c.not_after) for c in server_certs(every)}
+    assert drawn == {"b": ("sha256:r4-b", NOW + dt.timedelta(days=20))}  # a: disabled in r3
+    assert schema.served_certificates() == drawn
+
+    reads: list[str] = []
+    get = SchemaStore.get
+
+    def counting(self: SchemaStore, rollout_id: str) -> object:
+        reads.append(rollout_id)
+        return get(self, rollout_id)
+
+    monkeypatch.setattr(SchemaStore, "get", counting)
+    ca = pki.CertificateAuthority.create()
+    watch = ExpiryWatch(store, schema, ca.cert, lambda: [], lambda: NOW)
+    assert [e.kind for e in watch.check()] == ["ca"]  # no node enrolled in this store
+    assert reads == []  # no rollout drawn
+    store.close()

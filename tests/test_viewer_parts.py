@@ -18,10 +18,11 @@ from leader import planner
 from leader.layout import Layout
 from leader.rollout_core import Change, NodeEvent, NodeState, RolloutEvent, RolloutState, Scope
 from leader.schema_store import BootstrapFailureRow, RolloutMeta, SchemaStore
+from leader.states import GrantState
 from leader.store import NotFound, Store
 from leader.viewer import certificate, metrics, pages
 from leader.viewer.app import sse
-from leader.viewer.grants import Grants, GrantState, LoginRefused
+from leader.viewer.grants import Grants, LoginRefused
 from leader.viewer.i18n import CHANGES, LANGS, STATES, TEXTS, Words, pick_lang
 from leader.viewer.snapshot import Reader, server_certs
 from tlsroll import pki

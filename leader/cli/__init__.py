@@ -8,46 +8,31 @@ into one line and an exit code.
 
 from __future__ import annotations
 
-import datetime as dt
 import importlib
-import shlex
-import sys
-from pathlib import Path
 
 import click
-from rich.table import Table
-
-from leader.cli.base import (
-    Leader,
-    emit_json,
-    fmt_time,
-    out,
-    parse_duration,
-    pass_leader,
-    to_dict,
-)
-from tlsroll import pki
-from tlsroll.config import dump_toml
-from tlsroll.defaults import CONTROL_PORT, JOIN_PORT
-from tlsroll.v1 import admin_pb2
 
 # --- commands ---------------------------------------------------------------------------------
 
 LAZY = {
+    "init": "leader.cli.cluster_cmd:init",
+    "ca": "leader.cli.cluster_cmd:ca",
+    "token": "leader.cli.cluster_cmd:token",
     "plan": "leader.cli.rollout:plan",
     "nodes": "leader.cli.identity:nodes",
     "workstations": "leader.cli.identity:workstations",
     "epoch": "leader.cli.identity:epoch",
     "rollout": "leader.cli.rollout:rollout",
-    "schema": "leader.cli.rollout:schema",
+    "schema": "leader.cli.schema_cmd:schema",
     "password": "leader.cli.password:password_group",
     "notify": "leader.cli.notify_cmd:notify",
     "viewer": "leader.cli.viewer:viewer",
     "certs": "leader.cli.certs:certs",
 }
-"""Commands whose module is imported only when that command runs (or help lists it): one
+"""Every command's module, imported only when that command runs (or help lists it): one
 ``tlsroll schema show`` loaded every command's module, the notice templates (jinja2) and the
-password policy (zxcvbn) among them, for 260 ms of imports."""
+password policy (zxcvbn) among them, for 260 ms of imports. This module holds only the group,
+so that what it imports is what every command needs anyway."""
 
 
 class LazyAdmin(click.Group):
@@ -66,295 +51,3 @@ class LazyAdmin(click.Group):
 @click.group(cls=LazyAdmin)
 def admin() -> None:
     """The administrator's commands; ``tlsroll.cli`` serves them as top-level commands."""
-
-
-@admin.command()
-@click.option(
-    "--data-dir",
-    type=click.Path(path_type=Path),
-    required=True,
-    help="Where the leader keeps its CA, store and config (created).",
-)
-@click.option("--address", required=True, help="The leader node's IP address.")
-@click.option("--dns", "dns_names", multiple=True, help="A DNS name of the leader (repeatable).")
-@click.option("--node-name", help="The name the leader node's own agent enrols with.")
-@click.option(
-    "--ca-passphrase-file",
-    type=click.Path(path_type=Path, dir_okay=False, exists=True),
-    help="File (0600) holding the passphrase that encrypts the CA key; "
-    "default: a new random one in DATA_DIR/secrets/.",
-)
-def init(
-    data_dir: Path,
-    address: str,
-    dns_names: tuple[str, ...],
-    node_name: str | None,
-    ca_passphrase_file: Path | None,
-) -> None:
-    """Create a new multiserver: the CA, the leader's certificate and config."""
-    if node_name is not None and (problem := pki.node_name_problem(node_name)):
-        raise click.BadParameter(problem, param_hint="--node-name")
-    try:
-        from leader import layout as layout_mod  # noqa: PLC0415 - only init needs it
-
-        layout = layout_mod.init(
-            data_dir,
-            address,
-            dns_names=dns_names,
-            node_name=node_name,
-            passphrase_file=ca_passphrase_file,
-        )
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--address") from None
-    ca = pki.read_cert(layout.ca_cert)
-    out.print(f"initialised {layout.data_dir}")
-    out.print(f"  config      {layout.config}")
-    out.print(f"  CA pin      {pki.spki_pin(ca)}   (agents need it: [leader].ca_pin)")
-    out.print(f"start the leader:  tlsroll-leader --config {layout.config}")
-
-
-@admin.group()
-def ca() -> None:
-    """The cluster CA."""
-
-
-@ca.command("show")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@pass_leader
-def ca_show(leader: Leader, as_json: bool) -> None:
-    """Print the CA (subject, fingerprint, SPKI pin, expiry and residual time) and the trust
-    bundle agents and workstations are given (all public; safe to share). How the 10-year CA
-    is rolled: docs/ca-renewal.md."""
-    from leader.cli.certs import residual  # noqa: PLC0415 - lazy, as the command groups are
-
-    with leader.admin() as admin:
-        reply = leader.call(admin.GetCA, admin_pb2.GetCARequest())
-    if as_json:
-        data = to_dict(reply)
-        data["certificate_pem"] = reply.certificate_pem.decode()
-        data["bundle_pem"] = reply.bundle_pem.decode()
-        data.setdefault("residual_seconds", 0)
-        emit_json(data)
-        return
-    out.print(f"subject      {reply.subject}")
-    out.print(f"fingerprint  {reply.fingerprint}")
-    out.print(f"pin          {reply.spki_pin}")
-    out.print(f"expires      {fmt_time(reply, 'not_after')}")
-    out.print(f"residual     {residual(reply.residual_seconds)}")
-    out.print(
-        f"trust bundle {len(reply.bundle)} CA certificate(s), what agents and workstations trust:"
-    )
-    for c in reply.bundle:
-        role = "issuing" if c.issuing else "trusted"
-        out.print(
-            f"  {role:8} {c.subject}  {c.fingerprint}  expires {fmt_time(c, 'not_after')}"
-            f" ({residual(c.residual_seconds)})"
-        )
-
-
-@ca.command("revoke")
-@click.argument("serial")
-@click.option("--reason", default="", help="Why (kept in the audit trail).")
-@pass_leader
-def ca_revoke(leader: Leader, serial: str, reason: str) -> None:
-    """Revoke one certificate the CA issued, by its SERIAL (hex). Agents learn of it with their
-    next heartbeat and refuse it from then on. (`tlsroll nodes remove` and
-    `tlsroll workstations revoke` revoke by name.)"""
-    with leader.admin() as admin:
-        reply = leader.call(
-            admin.RevokeCertificate,
-            admin_pb2.RevokeCertificateRequest(name_or_serial=serial, reason=reason),
-        )
-    out.print(f"revoked {', '.join(reply.revoked_serials)}")
-
-
-@admin.group()
-def token() -> None:
-    """Join tokens for enrolling agents."""
-
-
-@token.command("create")
-@click.option("--node", "node_name", required=True, help="The name of the node it enrols.")
-@click.option(
-    "--address",
-    "addresses",
-    multiple=True,
-    required=True,
-    help="An IP address of that node (repeatable); its certificate holds exactly these.",
-)
-@click.option("--dns", "dns_names", multiple=True, help="A DNS name of that node (repeatable).")
-@click.option("--ttl", default="1h", show_default=True, help="Lifetime, e.g. 30m, 1h, 2d.")
-@click.option(
-    "--uses",
-    default=1,
-    show_default=True,
-    type=click.IntRange(1, 1000),
-    help="How often that node may enrol with it.",
-)
-@click.option("--description", default="", help="A note for `token list`.")
-@click.option(
-    "--print-join-command",
-    is_flag=True,
-    help="Print a shell script for the node instead of the bare token: it writes the agent's "
-    "config (node, addresses, leader address, CA pin) and the token file, both 0600.",
-)
-@click.option(
-    "--agent-config-dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    default=Path("/etc/tlsroll"),
-    show_default=True,
-    help="With --print-join-command: where the script puts agent.toml and join-token.",
-)
-@click.option(
-    "--agent-data-dir",
-    type=click.Path(path_type=Path, file_okay=False),
-    default=Path("/var/lib/tlsroll-agent"),
-    show_default=True,
-    help="With --print-join-command: the agent's data_dir in the config it writes.",
-)
-@pass_leader
-def token_create(
-    leader: Leader,
-    node_name: str,
-    addresses: tuple[str, ...],
-    dns_names: tuple[str, ...],
-    ttl: str,
-    uses: int,
-    description: str,
-    print_join_command: bool,
-    agent_config_dir: Path,
-    agent_data_dir: Path,
-) -> None:
-    """Create a join token for one node and print it (shown once; only its hash is kept).
-
-    The token enrols only node NAME with exactly the given addresses and DNS names: the CA
-    signs those and nothing else, and refuses names the leader or another node holds.
-
-    With --print-join-command it prints, instead, a shell script to run as root on that node:
-    it writes the agent's whole config and the token file; add the [server] table (the managed
-    server's driver, see the example agent.toml) and start the agent."""
-    seconds = parse_duration(ttl)
-    for option, path in (
-        ("--agent-config-dir", agent_config_dir),
-        ("--agent-data-dir", agent_data_dir),
-    ):
-        if print_join_command and not path.is_absolute():
-            raise click.BadParameter("must be an absolute path", param_hint=option)
-    with leader.admin() as admin:
-        reply = leader.call(
-            admin.CreateToken,
-            admin_pb2.CreateTokenRequest(
-                ttl_seconds=seconds,
-                uses=uses,
-                description=description,
-                node_name=node_name,
-                addresses=addresses,
-                dns_names=dns_names,
-            ),
-        )
-    if print_join_command:
-        click.echo(join_script(reply, agent_config_dir, agent_data_dir), nl=False)
-        return
-    click.echo(reply.token)
-    if sys.stderr.isatty():
-        click.echo(
-            f"token {reply.info.id} for node {reply.info.node_name}: {uses} use(s), expires "
-            f"{fmt_time(reply.info, 'expires_at')}; give it to the agent's config as "
-            "join_token_file (0600)",
-            err=True,
-        )
-
-
-def join_script(reply: admin_pb2.CreateTokenResponse, config_dir: Path, data_dir: Path) -> str:
-    """A POSIX shell script that writes an agent's config and join token for the node the token
-    names, each 0600 (the token in its own file, never in the config)."""
-    info = reply.info
-    config_file, token_file = config_dir / "agent.toml", config_dir / "join-token"
-    leader_table: dict[str, object] = {
-        "address": reply.leader_address,
-        "ca_pin": reply.ca_pin,
-        "join_token_file": token_file,
-    }
-    if reply.join_port and reply.join_port != JOIN_PORT:
-        leader_table["join_port"] = reply.join_port
-    if reply.control_port and reply.control_port != CONTROL_PORT:
-        leader_table["control_port"] = reply.control_port
-    config = dump_toml(
-        {
-            "node": {
-                "name": info.node_name,
-                "addresses": list(info.addresses),
-                "dns_names": list(info.dns_names),
-            },
-            "leader": leader_table,
-            "agent": {"data_dir": data_dir},
-        },
-        f"tlsroll agent {info.node_name} (written by `tlsroll token create --print-join-command`)",
-    )
-    marker = "TLSROLL_AGENT_TOML"
-    q = shlex.quote
-    lines = [
-        "#!/bin/sh",
-        f"# Run as root on node {info.node_name} ({', '.join(info.addresses)}). It writes",
-        f"# {config_file} and {token_file} (0600). The token is secret; it enrols this",
-        f"# node {info.uses_allowed} time(s) until {fmt_time(info, 'expires_at')}.",
-        "set -eu",
-        "umask 077",
-        f"mkdir -p {q(str(config_dir))}",
-        "# An agent.toml already there (install.sh's example, your [server] table) is kept aside.",
-        f"if [ -e {q(str(config_file))} ]; then "
-        f"cp -p {q(str(config_file))} {q(str(config_file) + '.before-join')}; fi",
-        f"cat > {q(str(config_file))} <<'{marker}'",
-        config.rstrip("\n"),
-        marker,
-        f"printf '%s\\n' {q(reply.token)} > {q(str(token_file))}",
-        f"chmod 600 {q(str(config_file))} {q(str(token_file))}",
-        "# Next: add the [server] table for the managed server (from agent.toml.before-join or",
-        "# the example agent.toml), then: systemctl enable --now tlsroll-agent",
-    ]
-    return "\n".join(lines) + "\n"
-
-
-@token.command("list")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@pass_leader
-def token_list(leader: Leader, as_json: bool) -> None:
-    """List join tokens (ids and state; secrets are never shown again)."""
-    with leader.admin() as admin:
-        reply = leader.call(admin.ListTokens, admin_pb2.ListTokensRequest())
-    if as_json:
-        emit_json([to_dict(t) for t in reply.tokens])
-        return
-    table = Table("id", "node", "uses left", "expires", "state", "description")
-    now = dt.datetime.now(dt.UTC)
-    for t in reply.tokens:
-        expired = t.expires_at.ToDatetime(tzinfo=dt.UTC) <= now
-        state = (
-            "revoked"
-            if t.revoked
-            else "expired"
-            if expired
-            else "used up"
-            if t.uses_left == 0
-            else "valid"
-        )
-        table.add_row(
-            t.id,
-            t.node_name or "(none: not usable)",
-            f"{t.uses_left}/{t.uses_allowed}",
-            fmt_time(t, "expires_at"),
-            state,
-            t.description,
-        )
-    out.print(table)
-
-
-@token.command("revoke")
-@click.argument("token_id")
-@pass_leader
-def token_revoke(leader: Leader, token_id: str) -> None:
-    """Revoke a join token by its id (the part before the dot)."""
-    token_id = token_id.split(".", 1)[0]  # accept a whole token too, but never echo its secret
-    with leader.admin() as admin:
-        reply = leader.call(admin.RevokeToken, admin_pb2.RevokeTokenRequest(id=token_id))
-    out.print(f"revoked token {reply.info.id}")

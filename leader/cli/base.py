@@ -13,12 +13,11 @@ import sys
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
 import click
 import grpc
 from google.protobuf.message import Message
-from rich.console import Console
 
 from leader import wire as _leader_wire  # noqa: F401 - registers the leader's codecs
 from leader.layout import Layout
@@ -26,7 +25,12 @@ from tlsroll import wire
 from tlsroll.cli import Target
 from tlsroll.defaults import DEFAULT_DATA_DIR
 from tlsroll.errors import TerminalError
-from tlsroll.v1 import admin_pb2_grpc, schema_pb2, schema_pb2_grpc
+from tlsroll.v1 import schema_pb2, schema_pb2_grpc
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from tlsroll.v1 import admin_pb2_grpc
 
 T = TypeVar("T")
 
@@ -40,7 +44,25 @@ def _pipe_width() -> int | None:
     return int(columns) if columns.isdigit() and int(columns) >= 40 else 200
 
 
-out = Console(highlight=False, soft_wrap=True, markup=False, width=_pipe_width())
+@functools.cache
+def console() -> Console:
+    """The console every command prints with, made at its first use."""
+    from rich.console import Console  # noqa: PLC0415 - see _Out
+
+    # No markup and no emoji codes: text from agents and workstations (a reason, a name) is
+    # printed as it came, never as "[bold]" or ":x:" turned into a style or a picture.
+    return Console(highlight=False, soft_wrap=True, markup=False, emoji=False, width=_pipe_width())
+
+
+class _Out:
+    """``out.print(…)`` and the rest of the console, which is made (and rich imported, some
+    20 ms) only when a command prints through it: ``--json`` and one-line commands never do."""
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(console(), name)
+
+
+out = cast("Console", _Out())
 
 
 class CLIError(TerminalError):
@@ -104,6 +126,9 @@ class Leader:
 
     @contextmanager
     def admin(self) -> Iterator[admin_pb2_grpc.AdminStub]:
+        # The Admin service's messages are many; `schema show` talks to SchemaView only.
+        from tlsroll.v1 import admin_pb2_grpc  # noqa: PLC0415
+
         with self.channel() as channel:
             yield admin_pb2_grpc.AdminStub(channel)
 

@@ -16,7 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from leader.cli.base import Leader, emit_json, fail, fmt_time, out, pass_leader, to_dict
-from tlsroll.v1 import admin_pb2, schema_pb2
+from tlsroll.v1 import schema_pb2
 
 
 def residual(seconds: int) -> str:
@@ -47,6 +47,9 @@ def check_expiration(leader: Leader, as_json: bool) -> None:
     """List every certificate (CA, leader, viewer, each agent's, each node's server
     certificate, each workstation's) with its residual time; exit 1 if any is within its
     warning horizon (`expiry_warning_days` in leader.toml; agents: a tenth of their life)."""
+    # Here, not with the module: `schema show` imports this module for its certificate part.
+    from tlsroll.v1 import admin_pb2  # noqa: PLC0415
+
     with leader.admin() as admin:
         reply = leader.call(admin.CheckExpiration, admin_pb2.CheckExpirationRequest())
     if as_json:

@@ -17,7 +17,7 @@ from rich.text import Text
 
 from leader.cli.base import Leader, emit_json, fail, fmt_time, out, pass_leader, to_dict
 from leader.layout import Layout
-from leader.node_check import Health
+from leader.states import Health
 from leader.wire import NODE_HEALTH
 from tlsroll import peertext
 from tlsroll.cli import Target

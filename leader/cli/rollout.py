@@ -1,24 +1,19 @@
-"""``tlsroll plan``, ``tlsroll rollout …`` and ``tlsroll schema show``: the seed's switch dialog.
+"""``tlsroll plan`` and ``tlsroll rollout …``: the seed's switch dialog.
 
 ``plan`` is the dry run (changes nothing). ``rollout start`` without ``--yes`` shows the plan
-and the seed's warnings and asks. ``schema show`` only reads; ``--watch`` follows a rollout
-live until it ends.
+and the seed's warnings and asks. ``tlsroll schema show`` (read-only; ``--watch`` follows a
+rollout live until it ends) is in ``leader.cli.schema_cmd``, which also draws a rollout for
+``rollout status``.
 """
 
 from __future__ import annotations
 
-import datetime as dt
 import sys
 import time
-from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 import click
-from rich.console import Group
-from rich.live import Live
-from rich.table import Table
-from rich.text import Text
 
 from leader import byo
 from leader.cli.base import (
@@ -26,16 +21,15 @@ from leader.cli.base import (
     Leader,
     emit_json,
     fetch_schema,
-    fmt_time,
     out,
     parse_duration,
     pass_leader,
     to_dict,
 )
-from leader.cli.certs import render_certificate_health
+from leader.cli.draw import render_rollout
 from leader.cli.password import obtain_password, verifier_json
+from leader.cli.schema_cmd import AWAITING, ENDS
 from leader.rollout_core import (
-    TERMINAL_ROLLOUT_STATES,
     Change,
     FreezeMode,
     NodeState,
@@ -55,29 +49,9 @@ from leader.wire import (
 )
 from tlsroll.v1 import admin_pb2, schema_pb2
 
-TERMINAL = {s.value for s in TERMINAL_ROLLOUT_STATES}
-AWAITING = RolloutState.AWAITING_FINALIZE.value
-ENDS = TERMINAL | {AWAITING}  # where --wait and --watch stop: nothing more happens by itself
 NEEDS_ATTENTION = NodeState.NEEDS_ATTENTION.value
 EXIT_STOPPED = 3  # rollout status: halted or aborted
 EXIT_NEEDS_ATTENTION = 4  # rollout status: a node is in no known good state
-PENDING = "password change pending — takes effect at next restart"
-STATE_STYLE = {
-    "needs_attention": "bold reverse red",
-    "done": "green",
-    "completed": "green",
-    "failed": "red",
-    "rolled_back": "red",
-    "halted": "red",
-    "aborted": "yellow",
-    "skipped": "yellow",
-    "paused": "yellow",
-    "switching": "cyan",
-    "confirming": "cyan",
-    "running": "cyan",
-    "dual": "green",
-    "awaiting_finalize": "bold yellow",
-}
 
 
 def scope_options(f: Any) -> Any:
@@ -182,144 +156,6 @@ def cert_dir_message(directory: Path) -> admin_pb2.CertDir:
         if item.key_mode is not None:
             node.key_file_mode = item.key_mode
     return message
-
-
-def _dt(msg: Any, field: str) -> dt.datetime | None:
-    return getattr(msg, field).ToDatetime(tzinfo=dt.UTC) if msg.HasField(field) else None
-
-
-def _styled(state: str) -> Text:
-    return Text(state, style=STATE_STYLE.get(state, ""))
-
-
-def freeze_window(node: schema_pb2.NodeView) -> str:
-    start, end = _dt(node, "freeze_started_at"), _dt(node, "freeze_ended_at")
-    if start is None:
-        return "-"
-    if end is None:
-        return f"{start:%H:%M:%S}–(frozen)"
-    return f"{start:%H:%M:%S}–{end:%H:%M:%S} ({(end - start).total_seconds():.1f}s)"
-
-
-def render_rollout(r: schema_pb2.RolloutView) -> Group:
-    head = Text.assemble(
-        ("rollout ", "bold"),
-        (r.id, "bold"),
-        "  ",
-        _styled(ROLLOUT_STATE.text(r.state)),
-        f"  change {CHANGE.text(r.change)}  scope {SCOPE_KIND.text(r.scope)}"
-        + (f" ({', '.join(r.scope_nodes)})" if r.scope_nodes else "")
-        + f"  strategy {STRATEGY.text(r.strategy)}  max-parallel {r.max_parallel}"
-        f"  freeze {FREEZE.text(r.freeze)}"
-        f"  epoch {r.epoch}"
-        + (f"  finalizes {r.finalizes}" if r.finalizes else "")
-        + (f"  when quiet for {r.when_quiet_seconds}s" if r.when_quiet_seconds else ""),
-    )
-    times = Text(
-        f"created {fmt_time(r, 'created_at')} by {r.started_by or '-'}"
-        f"   started {fmt_time(r, 'started_at')}   ended {fmt_time(r, 'ended_at')}"
-        + (f"   note: {r.reason}" if r.reason else "")
-    )
-    table = Table(
-        "#",
-        "node",
-        "state",
-        "old address",
-        "new address",
-        "freeze window",
-        "restart",
-        "cert expires",
-        "still on http",
-        "reason",
-    )
-    for i, n in enumerate(r.nodes, 1):
-        table.add_row(
-            str(i),
-            n.name + (" (leader)" if n.leader_node else ""),
-            _styled(NODE_STATE.text(n.state)),
-            n.old_url or "-",
-            n.new_url or "-",
-            freeze_window(n),
-            f"{n.restart_seconds:.1f}s" if n.restart_seconds else "-",
-            fmt_time(n, "cert_not_after"),
-            str(n.still_on_http) if n.still_on_http else "-",
-            "; ".join(filter(None, [n.reason, PENDING if n.password_pending else ""])),
-        )
-    return Group(head, times, table)
-
-
-def render_clients(views: Sequence[schema_pb2.NodeClientsView]) -> Group:
-    """Per node, who its managed server saw on which scheme lately (from the agents'
-    heartbeats); peer-supplied strings are printed as plain text (no rich markup)."""
-    table = Table("node", "scheme", "address", "workstation", "requests", "first", "last", "")
-    notes: list[Text] = []
-    for v in views:
-        left = {(c.address, c.workstation) for c in v.still_on_http}
-        for c in v.clients.clients:
-            mark = (
-                "still on http" if c.scheme == "http" and (c.address, c.workstation) in left else ""
-            )
-            table.add_row(
-                Text(v.node),
-                c.scheme,
-                Text(c.address),
-                Text(c.workstation or "-"),
-                str(c.requests),
-                fmt_time(c, "first_seen"),
-                fmt_time(c, "last_seen"),
-                Text(mark, style="bold yellow"),
-            )
-        source = v.clients.source or "unknown"
-        problem = f"; problem: {v.clients.problem}" if v.clients.problem else ""
-        notes.append(
-            Text(
-                f"{v.node}: {len(v.still_on_http)} still on http; window "
-                f"{v.clients.window_seconds}s, source {source}, reported "
-                f"{fmt_time(v, 'reported_at')}{problem}"
-            )
-        )
-    head = Text("who is on which scheme (per node)", style="bold")
-    return Group(head, table, *notes)
-
-
-def render_revocations(data: schema_pb2.Schema) -> Group:
-    """Removed nodes and revoked certificates (``tlsroll nodes remove``, ``… revoke``)."""
-    parts: list[Any] = []
-    if data.removed_nodes:
-        removed = Table("removed node", "addresses", "removed")
-        for n in data.removed_nodes:
-            removed.add_row(Text(n.name), ", ".join(n.addresses), fmt_time(n, "removed_at"))
-        parts.append(removed)
-    if data.revoked_certificates:
-        revoked = Table("revoked certificate", "kind", "of", "node", "revoked", "reason")
-        for c in data.revoked_certificates:
-            revoked.add_row(
-                c.serial,
-                c.kind,
-                Text(c.subject or "-"),
-                Text(c.node or "-"),
-                fmt_time(c, "revoked_at"),
-                Text(c.reason),
-            )
-        parts.append(revoked)
-    return Group(Text("removed and revoked", style="bold"), *parts)
-
-
-def render_failures(failures: Sequence[schema_pb2.BootstrapFailureView]) -> Group:
-    """Failed passwords at the nodes' bootstrap services: a guessing attack shows up here.
-    Peer-supplied strings are printed as plain text (no rich markup)."""
-    table = Table("node", "source address", "workstation", "failures", "first", "last")
-    for f in failures:
-        table.add_row(
-            Text(f.node),
-            Text(f.source),
-            Text(f.workstation or "-"),
-            str(f.count),
-            fmt_time(f, "first_at"),
-            fmt_time(f, "last_at"),
-        )
-    head = Text("failed bootstrap passwords (port 9443)", style="bold")
-    return Group(head, table)
 
 
 # --- plan -------------------------------------------------------------------------------------
@@ -696,98 +532,3 @@ def rollout_status(leader: Leader, rollout_id: str, as_json: bool) -> None:
             f"still on http: tlsroll schema show; then: tlsroll rollout finalize {r.id}",
             err=True,
         )
-
-
-# --- schema -----------------------------------------------------------------------------------
-
-
-@click.group()
-def schema() -> None:
-    """The update schema (read-only)."""
-
-
-@schema.command("show")
-@click.option("--rollout", "rollout_id", default="", help="Only this rollout.")
-@click.option("--all", "show_all", is_flag=True, help="Every rollout stored, not only the newest.")
-@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-@click.option("--watch", is_flag=True, help="Follow the newest rollout until it ends.")
-@pass_leader
-def schema_show(
-    leader: Leader, rollout_id: str, show_all: bool, as_json: bool, watch: bool
-) -> None:
-    """Show the active rollout (else the latest; --all: every one) with its nodes, states,
-    times, freeze windows, addresses and cert expiry, and failed bootstrap passwords."""
-    if watch:
-        try:
-            watch_schema(leader, rollout_id, as_json)
-        except KeyboardInterrupt:  # Ctrl-C is how one stops watching; the rollout goes on
-            out.print("stopped watching; the rollout goes on (tlsroll schema show --watch)")
-        return
-    data = fetch_schema(leader, rollout_id, limit=0 if show_all or rollout_id else 1)
-    if as_json:
-        emit_json(to_dict(data))
-        return
-    if not data.rollouts:
-        out.print("no rollouts yet")
-    for r in data.rollouts:
-        out.print(render_rollout(r))
-    if data.node_clients:
-        out.print(render_clients(data.node_clients))
-    older = data.total_rollouts - len(data.rollouts)
-    if older > 0 and not rollout_id:
-        out.print(f"{older} older rollout(s) not shown: tlsroll schema show --all")
-    if data.bootstrap_failures:
-        out.print(render_failures(data.bootstrap_failures))
-    if data.removed_nodes or data.revoked_certificates:
-        out.print(render_revocations(data))
-    if (health := render_certificate_health(data)) is not None:
-        out.print(health)
-
-
-def watch_schema(leader: Leader, rollout_id: str, as_json: bool, interval: float = 0.5) -> None:
-    """Follow one rollout (the named one, else the newest) by asking for it alone, each time
-    without the rest of the schema."""
-    first = fetch_schema(leader, rollout_id, limit=1, rollouts_only=True)
-    if not first.rollouts:
-        raise CLIError("no rollout to watch")
-    r = first.rollouts[0]
-    watched = r.id
-
-    def newest() -> schema_pb2.RolloutView | None:
-        data = fetch_schema(leader, watched, rollouts_only=True)
-        return data.rollouts[0] if data.rollouts else None
-
-    if as_json:
-        last = None
-        while True:
-            snapshot = to_dict(r)
-            if snapshot != last:
-                emit_json(snapshot)
-                last = snapshot
-            if ROLLOUT_STATE.text(r.state) in ENDS:
-                return
-            time.sleep(interval)
-            r = newest() or r
-    if not out.is_terminal:  # a log, not a screen: one line per change, the table at the end
-        seen: dict[str, str] = {}
-
-        def note(what: str, key: str, state: str, reason: str) -> None:
-            if seen.get(key) != state:
-                seen[key] = state
-                why = f" ({reason})" if reason else ""
-                out.print(f"{dt.datetime.now(dt.UTC):%H:%M:%S} {what} {key}: {state}{why}")
-
-        while True:
-            for n in r.nodes:
-                note("node", n.name, NODE_STATE.text(n.state), n.reason)
-            note("rollout", r.id, ROLLOUT_STATE.text(r.state), r.reason)
-            if ROLLOUT_STATE.text(r.state) in ENDS:
-                out.print(render_rollout(r))
-                return
-            time.sleep(interval)
-            r = newest() or r
-    with Live(render_rollout(r), console=out, refresh_per_second=4) as live:
-        while ROLLOUT_STATE.text(r.state) not in ENDS:
-            time.sleep(interval)
-            r = newest() or r
-            live.update(render_rollout(r))

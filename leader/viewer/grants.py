@@ -22,9 +22,9 @@ import hashlib
 import secrets
 import sqlite3
 from dataclasses import dataclass
-from enum import StrEnum
 
 from leader.db import LeaderStore
+from leader.states import GrantState
 from leader.store import NotFound
 from leader.tokens import ID_ALPHABET, ID_LEN
 from tlsroll import peertext
@@ -34,13 +34,6 @@ from tlsroll.sqlite import from_text, to_text
 SECRET_BYTES = 32  # 256 bits, for the link's secret and for the session id
 MAX_TTL = dt.timedelta(days=7)
 MAX_NAME = 100
-
-
-class GrantState(StrEnum):
-    UNUSED = "unused"  # the link has not been opened yet
-    ACTIVE = "active"  # opened: a browser holds its session
-    EXPIRED = "expired"
-    REVOKED = "revoked"
 
 
 class LoginRefused(TerminalError):

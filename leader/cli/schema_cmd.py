@@ -1,0 +1,140 @@
+"""``tlsroll schema show``: the update schema, read-only (``--watch`` follows a rollout).
+
+Its own module, apart from the commands that start and steer rollouts: an admin runs it often
+(``--watch`` while a rollout runs), so it imports what it draws with and nothing else — not the
+``--cert-dir`` checks or the password policy of ``rollout start``, nor cryptography; with
+``--json`` not rich either (``leader.cli.draw``). A test in ``tests/test_perf_shape.py`` keeps
+it so.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+
+import click
+
+from leader.cli.base import (
+    CLIError,
+    Leader,
+    console,
+    emit_json,
+    fetch_schema,
+    out,
+    pass_leader,
+    to_dict,
+)
+from leader.rollout_core import TERMINAL_ROLLOUT_STATES, RolloutState
+from leader.wire import NODE_STATE, ROLLOUT_STATE
+from tlsroll.v1 import schema_pb2
+
+TERMINAL = {s.value for s in TERMINAL_ROLLOUT_STATES}
+AWAITING = RolloutState.AWAITING_FINALIZE.value
+ENDS = TERMINAL | {AWAITING}  # where --wait and --watch stop: nothing more happens by itself
+
+
+# --- schema -----------------------------------------------------------------------------------
+
+
+@click.group()
+def schema() -> None:
+    """The update schema (read-only)."""
+
+
+@schema.command("show")
+@click.option("--rollout", "rollout_id", default="", help="Only this rollout.")
+@click.option("--all", "show_all", is_flag=True, help="Every rollout stored, not only the newest.")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@click.option("--watch", is_flag=True, help="Follow the newest rollout until it ends.")
+@pass_leader
+def schema_show(
+    leader: Leader, rollout_id: str, show_all: bool, as_json: bool, watch: bool
+) -> None:
+    """Show the active rollout (else the latest; --all: every one) with its nodes, states,
+    times, freeze windows, addresses and cert expiry, and failed bootstrap passwords."""
+    if watch:
+        try:
+            watch_schema(leader, rollout_id, as_json)
+        except KeyboardInterrupt:  # Ctrl-C is how one stops watching; the rollout goes on
+            out.print("stopped watching; the rollout goes on (tlsroll schema show --watch)")
+        return
+    data = fetch_schema(leader, rollout_id, limit=0 if show_all or rollout_id else 1)
+    if as_json:
+        emit_json(to_dict(data))
+        return
+    from leader.cli.certs import render_certificate_health  # noqa: PLC0415 - rich: text only
+    from leader.cli.draw import (  # noqa: PLC0415 - rich: text only
+        render_clients,
+        render_failures,
+        render_revocations,
+        render_rollout,
+    )
+
+    if not data.rollouts:
+        out.print("no rollouts yet")
+    for r in data.rollouts:
+        out.print(render_rollout(r))
+    if data.node_clients:
+        out.print(render_clients(data.node_clients))
+    older = data.total_rollouts - len(data.rollouts)
+    if older > 0 and not rollout_id:
+        out.print(f"{older} older rollout(s) not shown: tlsroll schema show --all")
+    if data.bootstrap_failures:
+        out.print(render_failures(data.bootstrap_failures))
+    if data.removed_nodes or data.revoked_certificates:
+        out.print(render_revocations(data))
+    if (health := render_certificate_health(data)) is not None:
+        out.print(health)
+
+
+def watch_schema(leader: Leader, rollout_id: str, as_json: bool, interval: float = 0.5) -> None:
+    """Follow one rollout (the named one, else the newest) by asking for it alone, each time
+    without the rest of the schema."""
+    first = fetch_schema(leader, rollout_id, limit=1, rollouts_only=True)
+    if not first.rollouts:
+        raise CLIError("no rollout to watch")
+    r = first.rollouts[0]
+    watched = r.id
+
+    def newest() -> schema_pb2.RolloutView | None:
+        data = fetch_schema(leader, watched, rollouts_only=True)
+        return data.rollouts[0] if data.rollouts else None
+
+    if as_json:
+        last = None
+        while True:
+            snapshot = to_dict(r)
+            if snapshot != last:
+                emit_json(snapshot)
+                last = snapshot
+            if ROLLOUT_STATE.text(r.state) in ENDS:
+                return
+            time.sleep(interval)
+            r = newest() or r
+    from leader.cli.draw import render_rollout  # noqa: PLC0415 - rich: text only
+
+    if not out.is_terminal:  # a log, not a screen: one line per change, the table at the end
+        seen: dict[str, str] = {}
+
+        def note(what: str, key: str, state: str, reason: str) -> None:
+            if seen.get(key) != state:
+                seen[key] = state
+                why = f" ({reason})" if reason else ""
+                out.print(f"{dt.datetime.now(dt.UTC):%H:%M:%S} {what} {key}: {state}{why}")
+
+        while True:
+            for n in r.nodes:
+                note("node", n.name, NODE_STATE.text(n.state), n.reason)
+            note("rollout", r.id, ROLLOUT_STATE.text(r.state), r.reason)
+            if ROLLOUT_STATE.text(r.state) in ENDS:
+                out.print(render_rollout(r))
+                return
+            time.sleep(interval)
+            r = newest() or r
+    from rich.live import Live  # noqa: PLC0415 - only a terminal watching live needs it
+
+    with Live(render_rollout(r), console=console(), refresh_per_second=4) as live:
+        while ROLLOUT_STATE.text(r.state) not in ENDS:
+            time.sleep(interval)
+            r = newest() or r
+            live.update(render_rollout(r))
