@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -354,9 +355,11 @@ class Caller:
 MAX_CALLERS = 4096  # parsed certificates kept (one per node, and a renewed one beside it)
 
 
-SNAPSHOT_MAX_AGE = dt.timedelta(hours=1)
-"""A ``Snapshot`` is read again after this long even if the store did not change, so that the
-revocation list it carries is signed anew in time (``LeaderState.crl``: daily)."""
+SNAPSHOT_MAX_AGE = 30.0
+"""Seconds after which a ``Snapshot`` is read again even if the store did not change: the
+revocation list it carries is signed anew in time (``LeaderState.crl``: daily), and a write
+to the file that did not come through this process (there is none: the CLI goes through the
+admin socket) would not go unnoticed for long."""
 
 
 @dataclass(frozen=True)
@@ -368,7 +371,7 @@ class Snapshot:
     a message on an open ``Heartbeats`` stream is checked as strictly as a new call."""
 
     generation: int
-    made: dt.datetime
+    made: float  # time.monotonic()
     accepted: dict[str, frozenset[str]]  # node -> fingerprints (``Store.accepted_certificates``)
     revoked: frozenset[str]  # serials (hex)
     epoch: int
@@ -517,7 +520,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         crl_number, crl_pem = self.state.crl_of(number, entries)
         return Snapshot(
             generation=generation,
-            made=self.state.clock(),
+            made=time.monotonic(),
             accepted=accepted,
             revoked=frozenset(serial for serial, _ in entries),
             epoch=self.schema.current_epoch(),
@@ -541,7 +544,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         if (
             snap is not None
             and snap.generation >= wanted
-            and self.state.clock() - snap.made < SNAPSHOT_MAX_AGE
+            and time.monotonic() - snap.made < SNAPSHOT_MAX_AGE
         ):
             return snap
         while True:
