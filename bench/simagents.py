@@ -11,8 +11,12 @@ simulated agent does is what the leader sees of a real one:
 * it serves NodeAgent over mutual TLS on its own loopback address (port 9442) with the
   certificate it enrolled with, requiring the leader's client certificate;
 * it sends heartbeats over mutual TLS every ``--interval`` seconds (the product default, 5 s),
-  with the fields a real agent sends, staggered over the interval; it takes the revocation
-  list once, as a real agent does;
+  with the fields a real agent sends, staggered over the interval, on one ``Heartbeats``
+  stream as a real agent does (``--heartbeat unary``: a unary call each, as agents before
+  the stream did; a leader without the stream gets unary calls too); each carries a client
+  report of ``--clients`` workstations whose times and counts move with every heartbeat, as
+  a real server's busy workstations' do; it takes the revocation list once, as a real agent
+  does;
 * it answers the calls an enable-tls rollout makes: Preflight (its enrolled names), CreateCSR
   (a new key), Stage, Switch (a transaction that "restarts" for ``--restart`` seconds, then
   serves https on 8443 with the staged certificate and closes http on 8080, so that the
@@ -21,7 +25,9 @@ simulated agent does is what the leader sees of a real one:
 
 What is measured, on the leader (from /proc): CPU per heartbeat over an idle window, CPU per
 node over the rollout (with and without the heartbeats that fell in it), RSS and open files
-after it. On the workers: CPU per heartbeat sent (the agent side of the heartbeat).
+after it, and how many of those files are the agents' inbound heartbeat connections (one per
+agent: the rest is the leader's own, which the AgentPool caps). On the workers: CPU per
+heartbeat sent (the agent side of the heartbeat).
 """
 
 from __future__ import annotations
@@ -56,6 +62,7 @@ from bench.common import (
     cpu_seconds,
     enable_tls_request,
     get_schema,
+    inbound_connections,
     log_says_ended,
     seconds,
     wait_for,
@@ -127,6 +134,8 @@ class SimAgent(agent_pb2_grpc.NodeAgentServicer):
         self.https: asyncio.Server | None = None
         self.server: grpc.aio.Server | None = None
         self.beats = 0
+        self.requests = 0
+        self.first_seen = now_ts()
 
     # --- start-up -----------------------------------------------------------------------------
 
@@ -180,25 +189,23 @@ class SimAgent(agent_pb2_grpc.NodeAgentServicer):
         )
         options = [("grpc.ssl_target_name_override", spiffe.leader_host(self.world.td))]
         await asyncio.sleep(offset)
+        stream_mode = self.world.heartbeat == "stream"
+        stream: Any = None
         async with grpc.aio.secure_channel(self.world.control_target, creds, options) as channel:
             stub = leader_pb2_grpc.LeaderStub(channel)
             while True:
                 started = time.monotonic()
-                request = leader_pb2.HeartbeatRequest(
-                    agent_version=__version__,
-                    sent_at=now_ts(),
-                    highest_epoch=self.highest_epoch,
-                    crl_number=self.crl_number,
-                    agent_port=AGENT_PORT,
-                    server=leader_pb2.LiveServer(
-                        driver="reference",
-                        healthy=True,
-                        frozen=self.frozen,
-                        schemes=[self.scheme],
-                    ),
-                )
+                request = self.heartbeat_request()
                 try:
-                    reply = await stub.Heartbeat(request, timeout=self.world.interval)
+                    if stream_mode:
+                        if stream is None:
+                            stream = stub.Heartbeats()  # type: ignore[call-arg]
+                        await stream.write(request)
+                        reply = await asyncio.wait_for(stream.read(), self.world.interval)
+                        if not isinstance(reply, leader_pb2.HeartbeatResponse):
+                            raise TimeoutError("the leader ended the stream")
+                    else:
+                        reply = await stub.Heartbeat(request, timeout=self.world.interval)
                     self.beats += 1
                     self.world.beats += 1
                     self.highest_epoch = max(self.highest_epoch, reply.epoch)
@@ -206,9 +213,50 @@ class SimAgent(agent_pb2_grpc.NodeAgentServicer):
                         crl = x509.load_pem_x509_crl(bytes(reply.crl_pem))
                         ext = crl.extensions.get_extension_for_class(x509.CRLNumber)
                         self.crl_number = ext.value.crl_number
-                except grpc.aio.AioRpcError:
-                    self.world.failed_beats += 1
+                except (grpc.aio.AioRpcError, TimeoutError, asyncio.InvalidStateError) as exc:
+                    if stream is not None:
+                        stream.cancel()
+                        stream = None
+                    unimplemented = grpc.StatusCode.UNIMPLEMENTED
+                    if isinstance(exc, grpc.aio.AioRpcError) and exc.code() == unimplemented:
+                        stream_mode = False  # an older leader: unary, as a real agent falls back
+                    else:
+                        self.world.failed_beats += 1
                 await asyncio.sleep(max(0.0, self.world.interval - (time.monotonic() - started)))
+
+    def heartbeat_request(self) -> leader_pb2.HeartbeatRequest:
+        """What a real agent sends: its version, epoch, revocation list number and port, and
+        its server's state with who it has seen lately (``--clients`` workstations, each with
+        one more request since the last heartbeat)."""
+        now = now_ts()
+        self.requests += 1
+        clients = [
+            types_pb2.ClientSeen(
+                scheme=self.scheme,
+                address=f"10.{i // 250}.{i % 250}.{7}",
+                workstation=f"ws-{i:03d}",
+                first_seen=self.first_seen,
+                last_seen=now,
+                requests=self.requests,
+            )
+            for i in range(self.world.clients)
+        ]
+        return leader_pb2.HeartbeatRequest(
+            agent_version=__version__,
+            sent_at=now,
+            highest_epoch=self.highest_epoch,
+            crl_number=self.crl_number,
+            agent_port=AGENT_PORT,
+            server=leader_pb2.LiveServer(
+                driver="reference",
+                healthy=True,
+                frozen=self.frozen,
+                schemes=[self.scheme],
+                clients=types_pb2.ClientsView(
+                    clients=clients, window_seconds=3600, source="refserver"
+                ),
+            ),
+        )
 
     # --- what the node runs -------------------------------------------------------------------
 
@@ -397,6 +445,8 @@ class Worker:
         self.control_target = hostport(spec["leader"], CONTROL_PORT)
         self.interval = float(spec["interval"])
         self.restart = float(spec["restart"])
+        self.heartbeat = str(spec["heartbeat"])
+        self.clients = int(spec["clients"])
         self.work = Path(spec["work"])
         self.agents = [SimAgent(node, self) for node in spec["nodes"]]
         self.beats = 0
@@ -461,6 +511,7 @@ class Result:
     hb_agent_ms: float
     idle_rss: float
     idle_files: int
+    idle_inbound: int
     wall: float
     cpu_per_node: float
     cpu_per_node_net: float
@@ -499,6 +550,8 @@ def one_run(
     idle: float,
     max_parallel: int,
     nofile: int,
+    heartbeat: str,
+    clients: int,
 ) -> Result:
     cluster = Cluster(
         root / "cluster",
@@ -533,6 +586,8 @@ def one_run(
                 "leader": cluster.address,
                 "interval": interval,
                 "restart": restart,
+                "heartbeat": heartbeat,
+                "clients": clients,
                 "work": str(root / f"w{w}"),
                 "nodes": nodes,
             }
@@ -559,6 +614,7 @@ def one_run(
         l1, a1 = cpu_seconds(pid), sum(cpu_seconds(p.pid) for p in procs)
         beats = n * idle / interval
         idle_reading = Reading.of(pid)
+        idle_inbound = inbound_connections(pid, CONTROL_PORT)
         before = Reading.of(pid)
         t0 = time.monotonic()
         # A refusal may name hundreds of nodes: let its message through whole.
@@ -591,6 +647,7 @@ def one_run(
             hb_agent_ms=(a1 - a0) / beats * 1000,
             idle_rss=idle_reading.rss,
             idle_files=idle_reading.files,
+            idle_inbound=idle_inbound,
             wall=seconds(view),
             cpu_per_node=cpu / n * 1000,
             cpu_per_node_net=(cpu - hb_in_rollout) / n * 1000,
@@ -621,6 +678,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--nofile", type=int, default=0, help="the leader's open-file limit (0: inherit)"
     )
+    parser.add_argument(
+        "--heartbeat",
+        choices=("stream", "unary"),
+        default="stream",
+        help="how the agents send heartbeats: one stream each (as agents do) or unary calls",
+    )
+    parser.add_argument(
+        "--clients", type=int, default=2, help="workstations in each heartbeat's client report"
+    )
     parser.add_argument("--keep", action="store_true", help="keep the run directories")
     ns = parser.parse_args(argv)
     if ns.worker is not None:
@@ -628,12 +694,13 @@ def main(argv: list[str] | None = None) -> int:
     sizes = [int(s) for s in ns.nodes.split(",") if s.strip()]
     print(
         f"simulated agents: heartbeat every {ns.interval} s, restart {ns.restart} s, "
-        f"enable-tls max-parallel {ns.max_parallel}, idle window {ns.idle:g} s"
+        f"enable-tls max-parallel {ns.max_parallel}, idle window {ns.idle:g} s, "
+        f"{ns.heartbeat} heartbeats with {ns.clients} clients each"
     )
     print(
         f"{'nodes':>5} {'outcome':>9} {'wall s':>7} {'CPU/node ms':>11} {'net ms':>7} "
         f"{'HB leader ms':>12} {'HB agent ms':>11} {'RSS MiB':>7} {'files':>5} "
-        f"{'idle RSS':>8} {'idle files':>10} {'nofile':>6}"
+        f"{'idle RSS':>8} {'idle files':>10} {'inbound':>7} {'nofile':>6}"
     )
     for n in sizes:
         root = Path(tempfile.mkdtemp(prefix="tlsroll-sim-"))
@@ -646,6 +713,8 @@ def main(argv: list[str] | None = None) -> int:
                 idle=ns.idle,
                 max_parallel=ns.max_parallel,
                 nofile=ns.nofile,
+                heartbeat=ns.heartbeat,
+                clients=ns.clients,
             )
         finally:
             if not ns.keep:
@@ -654,12 +723,14 @@ def main(argv: list[str] | None = None) -> int:
             f"{r.nodes:>5} {r.state:>9} {r.wall:>7.1f} {r.cpu_per_node:>11.1f} "
             f"{r.cpu_per_node_net:>7.1f} {r.hb_leader_ms:>12.2f} {r.hb_agent_ms:>11.2f} "
             f"{r.after.rss:>7.1f} {r.after.files:>5} {r.idle_rss:>8.1f} {r.idle_files:>10} "
-            f"{r.nofile:>6}",
+            f"{r.idle_inbound:>7} {r.nofile:>6}",
             flush=True,
         )
     print(
         "CPU/node: leader CPU over the rollout / nodes; net: less the heartbeats in that time; "
-        "HB: CPU per heartbeat, leader side and agent side, over the idle window"
+        "HB: CPU per heartbeat, leader side and agent side, over the idle window; inbound: "
+        "of the idle files, the agents' heartbeat connections (idle files - inbound: the "
+        "leader's own)"
     )
     return 0
 

@@ -309,7 +309,7 @@ class SchemaStore(LeaderStore):
         ``MAX_CLIENTS`` rows a node, the most recently seen (times compare as UTC ISO text)."""
         kept = sorted(clients, key=lambda c: c.last_seen, reverse=True)[:MAX_CLIENTS]
         last_http = max((c.last_seen for c in kept if c.scheme == "http"), default=None)
-        with self._db.tx() as db:
+        with self._db.tx(routine=True) as db:
             db.executemany(
                 "INSERT INTO node_clients (node, scheme, address, workstation,"
                 " first_seen, last_seen, requests) VALUES (?, ?, ?, ?, ?, ?, ?)"
@@ -703,7 +703,7 @@ class SchemaStore(LeaderStore):
     ) -> None:
         """Add what ``node``'s agent reported (already cleaned by the caller) to its counts;
         drop rows quiet for longer than ``FAILURES_KEPT``."""
-        with self._db.tx() as db:
+        with self._db.tx(routine=True) as db:
             for f in failures:
                 db.execute(
                     "INSERT INTO bootstrap_failures"

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -29,6 +30,7 @@ from leader.planner import (
     PlanError,
     Unreachable,
     WrongSource,
+    report_stale_after,
 )
 from leader.rollout_core import Client, IllegalTransition
 from leader.schema_store import (
@@ -54,9 +56,9 @@ from leader.tokens import JoinToken, MalformedToken
 from tlsroll import bootstrap_protocol, logs, peertext, pki, spiffe
 from tlsroll.errors import PKIError
 from tlsroll.rpc import (
-    RpcStatusError,
     invalid,
     map_errors,
+    map_stream_errors,
     peer_certificate,
     permission_denied,
     timestamp,
@@ -141,7 +143,10 @@ class LeaderState:
     def crl(self) -> tuple[int, bytes]:
         """The CA's current revocation list (number, PEM), signed again only when its number
         changed or it is more than a day old."""
-        number, entries = self.store.revoked()
+        return self.crl_of(*self.store.revoked())
+
+    def crl_of(self, number: int, entries: Sequence[tuple[str, dt.datetime]]) -> tuple[int, bytes]:
+        """``crl`` for the store's revocation list as just read (``Store.revoked``)."""
         cached_number = self._crl[0]
         made = self._crl_made
         if cached_number != number or made is None or self.clock() - made > dt.timedelta(days=1):
@@ -350,26 +355,76 @@ class Caller:
 MAX_CALLERS = 4096  # parsed certificates kept (one per node, and a renewed one beside it)
 
 
-@dataclass(frozen=True)
-class Beat:
-    """What a heartbeat's reply needs from the store."""
+SNAPSHOT_MAX_AGE = 30.0
+"""Seconds after which a ``Snapshot`` is read again even if the store did not change: the
+revocation list it carries is signed anew in time (``LeaderState.crl``: daily), and a write
+to the file that did not come through this process (there is none: the CLI goes through the
+admin socket) would not go unnoticed for long."""
 
+
+@dataclass(frozen=True)
+class Snapshot:
+    """What every heartbeat needs from the store, read in one worker-thread hop and kept until
+    the store changes (``Database.generation``, which every write but a heartbeat's routine
+    record moves on): which certificate each enrolled node may call with, which serials are
+    revoked, the epoch and the revocation list. A heartbeat then asks the store nothing, and
+    a message on an open ``Heartbeats`` stream is checked as strictly as a new call."""
+
+    generation: int
+    made: float  # time.monotonic()
+    accepted: dict[str, frozenset[str]]  # node -> fingerprints (``Store.accepted_certificates``)
+    revoked: frozenset[str]  # serials (hex)
     epoch: int
     crl_number: int
     crl_pem: bytes
+
+    def refusal(self, caller: Caller) -> str | None:
+        """Why ``caller`` may not call (``LeaderService._check_on_record``'s rules), or None."""
+        name = caller.name
+        accepted = self.accepted.get(name)
+        if accepted is None:
+            return f"{name!r} is not an enrolled node (removed?)"
+        if caller.fingerprint not in accepted:
+            return f"certificate is not the one on record for node {name!r}"
+        if caller.serial in self.revoked:
+            return f"the certificate of node {name!r} is revoked; enrol it again"
+        return None
+
+
+def clients_said(view: types_pb2.ClientsView) -> tuple[object, ...]:
+    """What of a client report makes it worth a write at once: who was seen on which scheme,
+    and the window, source and problem. The times and counts alone move with every request a
+    workstation makes; they are written at most every ``clients_persist`` seconds."""
+    who = frozenset((c.scheme, c.address, c.workstation) for c in view.clients)
+    return (who, view.window_seconds, view.source, view.problem)
+
+
+def clients_persist(heartbeat_interval: int) -> dt.timedelta:
+    """How stale a stored client report may get while its reports say nothing new: half of
+    the age at which the engine no longer trusts it (``planner.report_stale_after``), so a
+    report is never taken for stale while its agent reports. A report written later makes
+    the leader's view *older* (``reported_at``, the ``--when-quiet`` as-of), never newer."""
+    return report_stale_after(heartbeat_interval) / 2
 
 
 class LeaderService(leader_pb2_grpc.LeaderServicer):
     """Agents' calls. A heartbeat arrives from every agent every few seconds, so its path is
     kept short (issue 15: ~2 ms of leader CPU each, 90 % of a core for 500 agents at 1 s):
-    the caller's certificate is parsed once per certificate (``Caller``, keyed by its PEM),
-    every store access of one heartbeat runs in one worker-thread hop (``_beat``), and the
-    store writes the heartbeat only when something in it changed (``Store.heartbeat``)."""
+    agents keep one ``Heartbeats`` stream open (a unary call costs gRPC several times more);
+    the caller's certificate is parsed once per certificate (``Caller``, keyed by its PEM)
+    and checked against a ``Snapshot`` of the store; the store writes the heartbeat only when
+    something in it changed (``Store.note_heartbeat``), the client report only when who was
+    seen changed or it is getting old (``clients_said``). A heartbeat that says nothing new
+    runs on the event loop alone, without a worker-thread hop."""
 
     def __init__(self, state: LeaderState) -> None:
         self.state = state
         self.schema = SchemaStore(state.store.db)
         self._callers: dict[bytes, Caller] = {}
+        self._snapshot: Snapshot | None = None
+        self._reading: asyncio.Future[Snapshot] | None = None
+        # node -> what its last stored client report said (``clients_said``), and when.
+        self._clients: dict[str, tuple[tuple[object, ...], dt.datetime]] = {}
 
     async def _caller(self, context: Ctx) -> str:
         name, _ = await self._caller_cert(context)
@@ -456,37 +511,77 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             log.warning("node.relearned", node=identity.name, addresses=list(names.ips))
         return learned
 
-    def _beat(self, caller: Caller, request: leader_pb2.HeartbeatRequest, now: dt.datetime) -> Beat:
-        """(Worker thread.) Everything a heartbeat asks of the store, in one hop: the caller
-        checked, the heartbeat recorded, the epoch and the revocation list read."""
-        self._check_on_record(caller)
-        self.state.store.heartbeat(
-            caller.name,
-            peertext.clean(request.agent_version, MAX_AGENT_VERSION),
-            now=now,
-            highest_epoch=min(request.highest_epoch, 2**62),
-            cert_fingerprint=caller.fingerprint,
-            renewal=renewal_report(request, now),
+    def _read_snapshot(self) -> Snapshot:
+        """(Worker thread.) The store as a heartbeat needs it (``Snapshot``)."""
+        store = self.state.store
+        generation = store.db.generation  # before reading: a write meanwhile means read again
+        accepted = store.accepted_certificates()
+        number, entries = store.revoked()
+        crl_number, crl_pem = self.state.crl_of(number, entries)
+        return Snapshot(
+            generation=generation,
+            made=time.monotonic(),
+            accepted=accepted,
+            revoked=frozenset(serial for serial, _ in entries),
+            epoch=self.schema.current_epoch(),
+            crl_number=crl_number,
+            crl_pem=crl_pem,
         )
-        number, crl_pem = self.state.crl()
-        return Beat(self.schema.current_epoch(), number, crl_pem)
 
-    @map_errors(ERRORS)
-    async def Heartbeat(
-        self, request: leader_pb2.HeartbeatRequest, context: Ctx
+    def _snapshot_read(self, done: asyncio.Future[Snapshot]) -> None:
+        self._reading = None
+        if not done.cancelled() and done.exception() is None:
+            snap = done.result()
+            if self._snapshot is None or snap.generation >= self._snapshot.generation:
+                self._snapshot = snap
+
+    async def snapshot(self) -> Snapshot:
+        """The store as of now (``Snapshot``): the one in memory while the store has not
+        changed since it was read, else one read anew. Heartbeats that arrive meanwhile wait
+        for the same read."""
+        wanted = self.state.store.db.generation
+        snap = self._snapshot
+        if (
+            snap is not None
+            and snap.generation >= wanted
+            and time.monotonic() - snap.made < SNAPSHOT_MAX_AGE
+        ):
+            return snap
+        while True:
+            reading = self._reading
+            if reading is None:
+                reading = asyncio.ensure_future(asyncio.to_thread(self._read_snapshot))
+                reading.add_done_callback(self._snapshot_read)
+                self._reading = reading
+            snap = await asyncio.shield(reading)
+            if snap.generation >= wanted:
+                return snap
+
+    async def _heartbeat(
+        self, caller: Caller, request: leader_pb2.HeartbeatRequest, context: Ctx
     ) -> leader_pb2.HeartbeatResponse:
+        """One heartbeat, from a unary call or a message on a stream: the caller's certificate
+        checked (``Snapshot.refusal``; re-learning the node after ``--reinitialise`` as
+        ``_relearn`` allows), then recorded, written only what needs writing."""
         now = self.state.clock()
-        try:
-            caller = self._identify(context)
-            beat = await asyncio.to_thread(self._beat, caller, request, now)
-        except RpcStatusError as exc:
-            if exc.code is not grpc.StatusCode.UNAUTHENTICATED or not await self._relearn(
-                context, request
-            ):
-                raise
-            caller = self._identify(context)
-            beat = await asyncio.to_thread(self._beat, caller, request, now)
+        snap = await self.snapshot()
+        if (why := snap.refusal(caller)) is not None:
+            if not await self._relearn(context, request):
+                raise unauthenticated(why)
+            snap = await self.snapshot()
+            if (why := snap.refusal(caller)) is not None:
+                raise unauthenticated(why)
         name = caller.name
+        store = self.state.store
+        said: dict[str, Any] = {
+            "now": now,
+            "highest_epoch": min(request.highest_epoch, 2**62),
+            "cert_fingerprint": caller.fingerprint,
+            "renewal": renewal_report(request, now),
+        }
+        version = peertext.clean(request.agent_version, MAX_AGENT_VERSION)
+        if not store.note_heartbeat(name, version, **said):
+            await asyncio.to_thread(store.heartbeat, name, version, **said)
         failures = failure_rows(name, request.bootstrap_failures, now)
         if failures:
             await asyncio.to_thread(self.schema.record_bootstrap_failures, name, failures, now)
@@ -499,16 +594,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                     count=f.count,
                 )
         if request.HasField("server") and request.server.HasField("clients"):
-            seen = request.server.clients
-            await asyncio.to_thread(
-                self.schema.record_clients,
-                name,
-                client_rows(name, seen, now),
-                window_seconds=min(seen.window_seconds, 366 * 86400),
-                source=peertext.clean(seen.source, 20),
-                problem=peertext.clean(seen.problem, 200),
-                now=now,
-            )
+            await self._record_clients(name, request.server.clients, now)
         summary = server_summary(request)
         if summary.startswith("down") and not self.state.live_servers.get(name, "").startswith(
             "down"
@@ -518,9 +604,48 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         return leader_pb2.HeartbeatResponse(
             leader_time=timestamp(now),
             interval_seconds=self.state.heartbeat_interval,
-            epoch=beat.epoch,
-            crl_pem=beat.crl_pem if request.crl_number != beat.crl_number else b"",
+            epoch=snap.epoch,
+            crl_pem=snap.crl_pem if request.crl_number != snap.crl_number else b"",
         )
+
+    async def _record_clients(
+        self, name: str, seen: types_pb2.ClientsView, now: dt.datetime
+    ) -> None:
+        """Store a node's client report when it says something new (``clients_said``) or the
+        stored one is ``clients_persist`` old; else nothing (a write transaction each time
+        before)."""
+        said = clients_said(seen)
+        last = self._clients.get(name)
+        persist = clients_persist(self.state.heartbeat_interval)
+        if last is not None and last[0] == said and dt.timedelta(0) <= now - last[1] < persist:
+            return
+        await asyncio.to_thread(
+            self.schema.record_clients,
+            name,
+            client_rows(name, seen, now),
+            window_seconds=min(seen.window_seconds, 366 * 86400),
+            source=peertext.clean(seen.source, 20),
+            problem=peertext.clean(seen.problem, 200),
+            now=now,
+        )
+        self._clients[name] = (said, now)
+
+    @map_errors(ERRORS)
+    async def Heartbeat(
+        self, request: leader_pb2.HeartbeatRequest, context: Ctx
+    ) -> leader_pb2.HeartbeatResponse:
+        return await self._heartbeat(self._identify(context), request, context)
+
+    @map_stream_errors(ERRORS)
+    async def Heartbeats(
+        self, requests: AsyncIterator[leader_pb2.HeartbeatRequest], context: Ctx
+    ) -> AsyncIterator[leader_pb2.HeartbeatResponse]:
+        """``Heartbeat`` on one stream: each message is checked and answered as a call would
+        be, and a refusal ends the stream with its status (the agent opens a new one, with a
+        new certificate if it has one, or falls silent)."""
+        caller = self._identify(context)
+        async for request in requests:
+            yield await self._heartbeat(caller, request, context)
 
     @map_errors(ERRORS)
     async def SignWorkstationCertificate(

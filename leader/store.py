@@ -387,15 +387,40 @@ class Store(LeaderStore):
         shows the agent has switched to it: the one before it is accepted no more. Written
         only when it says something new or the stored one is ``HEARTBEAT_PERSIST`` old;
         otherwise kept in memory (see ``HEARTBEAT_PERSIST``)."""
+        if self.note_heartbeat(
+            name,
+            agent_version,
+            now=now,
+            highest_epoch=highest_epoch,
+            cert_fingerprint=cert_fingerprint,
+            renewal=renewal,
+        ):
+            return
+        said = (agent_version, highest_epoch, cert_fingerprint, renewal)
+        self._write_heartbeat(name, agent_version, now, highest_epoch, cert_fingerprint, renewal)
+        with self._seen_lock:
+            self._seen[name] = _Seen(stored_at=now, said=said, seen=now)
+
+    def note_heartbeat(
+        self,
+        name: str,
+        agent_version: str,
+        *,
+        now: dt.datetime,
+        highest_epoch: int = 0,
+        cert_fingerprint: str = "",
+        renewal: RenewalReport | None = None,
+    ) -> bool:
+        """Record a heartbeat in memory if that is all it takes (it says nothing new and the
+        stored one is recent): True. False: ``heartbeat`` has to write it. In memory only, so
+        the event loop may call it without a worker thread."""
         said = (agent_version, highest_epoch, cert_fingerprint, renewal)
         with self._seen_lock:
             seen = self._seen.get(name)
             if seen is not None and seen.said == said and now - seen.stored_at < HEARTBEAT_PERSIST:
                 seen.seen = max(seen.seen, now)
-                return
-        self._write_heartbeat(name, agent_version, now, highest_epoch, cert_fingerprint, renewal)
-        with self._seen_lock:
-            self._seen[name] = _Seen(stored_at=now, said=said, seen=now)
+                return True
+        return False
 
     def _write_heartbeat(
         self,
@@ -406,7 +431,8 @@ class Store(LeaderStore):
         cert_fingerprint: str,
         renewal: RenewalReport | None,
     ) -> None:
-        with self._db.tx() as db:
+        switched = False
+        with self._db.tx(routine=True) as db:
             db.execute(
                 "UPDATE nodes SET last_heartbeat = ?, agent_version = ?,"
                 " highest_epoch = MAX(highest_epoch, ?) WHERE name = ? AND removed_at IS NULL",
@@ -431,6 +457,7 @@ class Store(LeaderStore):
                     (name, cert_fingerprint),
                 )
                 if cur.rowcount:
+                    switched = True
                     self._audit(
                         db,
                         now,
@@ -439,6 +466,21 @@ class Store(LeaderStore):
                         name,
                         cert_fingerprint=cert_fingerprint,
                     )
+        if switched:  # the certificate before is accepted no more: not routine
+            self._db.touch()
+
+    def accepted_certificates(self) -> dict[str, frozenset[str]]:
+        """Each enrolled node's certificates (fingerprints) that may call the leader: the one
+        on record and, until the agent has used it, the one before it (``heartbeat``)."""
+        with self._db.read() as db:
+            rows = db.execute(
+                "SELECT name, cert_fingerprint, prev_cert_fingerprint FROM nodes"
+                " WHERE removed_at IS NULL"
+            ).fetchall()
+        return {
+            r["name"]: frozenset({r["cert_fingerprint"], r["prev_cert_fingerprint"]} - {""})
+            for r in rows
+        }
 
     def renew_node_certificate(
         self,

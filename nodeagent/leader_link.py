@@ -11,6 +11,13 @@ journal has seen and the number of its revocation list, and carries the failed b
 passwords since the last one; the reply announces the leader's epoch and, when newer, the
 revocation list (both go to ``nodeagent.trust``).
 
+Heartbeats go over one long-lived ``Leader.Heartbeats`` stream, a message per interval (a
+unary call costs the leader several times the CPU of a message on an open stream). A stream
+that breaks (the leader restarted, refused the certificate, did not answer within the
+interval) is dropped and the next heartbeat opens a new one, on the usual schedule. A leader
+older than that RPC answers UNIMPLEMENTED: the agent then sends unary ``Heartbeat`` calls,
+and tries the stream again once that leader has been unreachable (it may come back upgraded).
+
 The link also carries the agent's certificate renewal (``renew``; ``nodeagent.renewal``) and
 the renewal's status in each heartbeat; ``use`` reconnects it with the renewed certificate
 (between two calls: a call in flight finishes on the old channel first).
@@ -89,6 +96,9 @@ def live_server(view: agent_pb2.ServerView) -> leader_pb2.LiveServer:
     )
 
 
+Beats = grpc.aio.StreamStreamCall[leader_pb2.HeartbeatRequest, leader_pb2.HeartbeatResponse]
+
+
 class LeaderLink:
     def __init__(
         self,
@@ -110,6 +120,9 @@ class LeaderLink:
         # heartbeat so the leader sees a server that went down after its rollout.
         self.server_view: Callable[[], Awaitable[agent_pb2.ServerView]] | None = None
         self._lock = asyncio.Lock()
+        self._stream: Beats | None = None
+        # False once the leader answered UNIMPLEMENTED to the stream (older than it).
+        self.streaming = True
 
     def _connect(
         self, identity: Identity
@@ -134,8 +147,42 @@ class LeaderLink:
         """Call the leader with ``identity`` (a renewed certificate) from now on."""
         async with self._lock:
             old = self.channel
+            self._drop_stream()  # the next heartbeat opens one with the new certificate
             self.channel, self.stub = self._connect(identity)
         await old.close(None)
+
+    def _drop_stream(self) -> None:
+        if self._stream is not None:
+            self._stream.cancel()
+            self._stream = None
+
+    async def _exchange(self, request: leader_pb2.HeartbeatRequest) -> leader_pb2.HeartbeatResponse:
+        """One heartbeat's request and reply: on the stream (opened if none is), or a unary
+        call to a leader without it. AioRpcError or TimeoutError when it failed."""
+        timeout = self.cfg.heartbeat_interval
+        if self.streaming:
+            if self._stream is None:
+                self._stream = self.stub.Heartbeats()  # type: ignore[call-arg]
+            stream = self._stream
+            try:
+                await asyncio.wait_for(stream.write(request), timeout)
+                reply = await asyncio.wait_for(stream.read(), timeout)
+                if isinstance(reply, leader_pb2.HeartbeatResponse):
+                    return reply
+                ended: BaseException = TimeoutError("the leader ended the heartbeat stream")
+            except (grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError) as exc:
+                ended = exc
+            # The stream is broken: the next heartbeat opens a new one.
+            code = await stream.code() if stream.done() else None
+            self._drop_stream()
+            if code != grpc.StatusCode.UNIMPLEMENTED:
+                if isinstance(ended, grpc.aio.AioRpcError):
+                    raise ended
+                why = f"ended: {code.name}" if code is not None else "no reply within the interval"
+                raise TimeoutError(f"the heartbeat stream {why}") from None
+            self.streaming = False
+            log.info("heartbeat.unary", leader=self.target, reason="the leader has no stream")
+        return await self.stub.Heartbeat(request, timeout=timeout)
 
     async def renew(self, csr_pem: bytes) -> bytes:
         """Ask the leader to renew this agent's certificate; the new certificate (PEM).
@@ -184,24 +231,25 @@ class LeaderLink:
                     view = await asyncio.wait_for(self.server_view(), SERVER_VIEW_SECONDS)
                     request.server.CopyFrom(live_server(view))
             try:
-                reply = await self.stub.Heartbeat(request, timeout=self.cfg.heartbeat_interval)
-            except grpc.aio.AioRpcError as exc:
+                reply = await self._exchange(request)
+            except (grpc.aio.AioRpcError, TimeoutError) as exc:
+                if isinstance(exc, grpc.aio.AioRpcError):
+                    code, detail = exc.code().name, str(exc.details())
+                    if not self.streaming and exc.code() == grpc.StatusCode.UNAVAILABLE:
+                        self.streaming = True  # the leader may come back upgraded: try again
+                else:
+                    code, detail = "DEADLINE_EXCEEDED", str(exc)
                 if self.healthy is not False:
-                    log.warning(
-                        "heartbeat.failed",
-                        leader=self.target,
-                        code=exc.code().name,
-                        detail=exc.details(),
-                    )
+                    log.warning("heartbeat.failed", leader=self.target, code=code, detail=detail)
                 self.healthy = False
-                raise TransientError(f"heartbeat to {self.target}: {exc.details()}") from None
+                raise TransientError(f"heartbeat to {self.target}: {detail}") from None
             if self.failures is not None:
                 self.failures.reported(report)
             self.trust.announce(reply.epoch)
             if reply.crl_pem:
                 await asyncio.to_thread(self.trust.take_crl, reply.crl_pem)
             if self.healthy is not True:
-                log.info("heartbeat.ok", leader=self.target)
+                log.info("heartbeat.ok", leader=self.target, stream=self.streaming)
             self.healthy = True
 
     async def run(self) -> None:
@@ -218,4 +266,5 @@ class LeaderLink:
             await asyncio.sleep(self.cfg.heartbeat_interval)
 
     async def close(self) -> None:
+        self._drop_stream()
         await self.channel.close(None)

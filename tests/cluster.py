@@ -729,6 +729,23 @@ class Cluster:
                 (str(epoch),),
             )
             db.commit()
+        self.notice_store_written()
+
+    def notice_store_written(self) -> None:
+        """Make a running leader take in what a test wrote to its store file directly. The
+        leader is its store's only writer and keeps what heartbeats need in memory until it
+        writes (``leader.service.Snapshot``); ``tlsroll epoch advance`` is a write of its
+        own that changes nothing here (the floor it sets is at most the one just written,
+        no node reporting a higher epoch in these tests)."""
+        if not self.leader.running:
+            return  # a leader that starts reads the file anew
+        with self.admin() as admin:
+            try:
+                admin.AdvanceEpoch(admin_pb2.AdvanceEpochRequest(), timeout=CLI_TIMEOUT)
+            except grpc.RpcError as exc:
+                # Refused while a rollout runs: its own writes make the leader read anew.
+                if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
+                    raise
 
     def store_table(self, table: str) -> list[dict[str, Any]]:
         """The rows of ``table`` as dicts by column name (read-only, like ``store_rows``)."""

@@ -42,7 +42,8 @@ INVALID = grpc.StatusCode.INVALID_ARGUMENT
 CALLERS = ("leader", "node", "other_node", "workstation", "no_cert", "foreign_ca", "revoked")
 Creds = tuple[bytes, bytes] | None
 
-STREAMS = {"WatchTransaction"}  # server-streaming methods
+STREAMS = {"WatchTransaction", "Heartbeats"}  # methods that answer with a stream
+REQUEST_STREAMS = {"Heartbeats"}  # methods that take one (here: one message)
 NO_EPOCH = agent_pb2.Command(rollout_id="matrix", epoch=0)  # refused by the method itself
 AGENT_REQUESTS: dict[str, Any] = {
     "GetStatus": agent_pb2.GetStatusRequest(),
@@ -73,7 +74,7 @@ AGENT_EXPECTED = {
     "revoked": dict.fromkeys(AGENT_REQUESTS, UNAUTH),
 }
 
-LEADER_METHODS = ("Heartbeat", "SignWorkstationCertificate", "RenewNodeCertificate")
+LEADER_METHODS = ("Heartbeat", "SignWorkstationCertificate", "RenewNodeCertificate", "Heartbeats")
 # Leader: only enrolled nodes, each as itself (node2 is as much "a node" as node1); a node that
 # passes gets the method's answer (a renewal with a CSR that is none: INVALID_ARGUMENT).
 NODE_GETS = dict.fromkeys(LEADER_METHODS, OK) | {"RenewNodeCertificate": INVALID}
@@ -174,7 +175,8 @@ def invoker(
     stub: Callable[[grpc.Channel], Any], method: str, request: Any
 ) -> Callable[[grpc.Channel], Any]:
     def invoke(channel: grpc.Channel) -> Any:
-        answer = getattr(stub(channel), method)(request, timeout=10)
+        sent = iter([request]) if method in REQUEST_STREAMS else request
+        answer = getattr(stub(channel), method)(sent, timeout=10)
         if method in STREAMS:  # a stream's status comes with reading it
             return list(answer)
         return answer
@@ -229,6 +231,7 @@ def test_leader_service(world: tuple[Cluster, dict[str, Creds]], caller: str) ->
             csr_pem=pki.csr_to_pem(csr)
         ),
         "RenewNodeCertificate": leader_pb2.RenewNodeCertificateRequest(csr_pem=b"not a CSR"),
+        "Heartbeats": leader_pb2.HeartbeatRequest(agent_version="matrix"),
     }
     got = {m: call(channel, invoker(leader_pb2_grpc.LeaderStub, m, r)) for m, r in requests.items()}
     assert got == LEADER_EXPECTED[caller]

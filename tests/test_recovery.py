@@ -65,6 +65,7 @@ def announce_epoch(cluster: Cluster, epoch: int) -> None:
             (str(epoch),),
         )
         db.commit()
+    cluster.notice_store_written()
 
 
 @pytest.fixture

@@ -183,6 +183,10 @@ class Database:
         """Open (or create, 0600) the file and apply its missing migrations (see ``migrate``)."""
         self.path = Path(path)
         self._lock = threading.Lock()
+        # Bumped by every committed write except a routine one (``tx(routine=True)``): a
+        # reader that keeps what it read in memory (the leader's heartbeat path:
+        # ``leader.service.Snapshot``) reads again once this moved, and never misses a write.
+        self.generation = 0
         make_private(self.path)
         self._db = sqlite3.connect(
             self.path, isolation_level=None, check_same_thread=False, timeout=10
@@ -204,13 +208,17 @@ class Database:
             yield self._db
 
     @contextmanager
-    def tx(self) -> Iterator[sqlite3.Connection]:
-        """One IMMEDIATE transaction: all or nothing, serialised with every other writer."""
+    def tx(self, *, routine: bool = False) -> Iterator[sqlite3.Connection]:
+        """One IMMEDIATE transaction: all or nothing, serialised with every other writer.
+        ``routine``: a write that changes nothing an in-memory reader keeps (a heartbeat's
+        own record); any other moves ``generation`` on (see ``__init__``)."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield self._db
                 self._db.execute("COMMIT")
+                if not routine:
+                    self.generation += 1
             except BaseException:
                 # SQLite may have rolled back already (a full disk, an I/O error): a ROLLBACK
                 # then fails and would hide the error that matters. A failed COMMIT may leave
@@ -218,6 +226,11 @@ class Database:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
                 raise
+
+    def touch(self) -> None:
+        """Move ``generation`` on after a routine write that turned out to matter."""
+        with self._lock:
+            self.generation += 1
 
     def close(self) -> None:
         with self._lock:

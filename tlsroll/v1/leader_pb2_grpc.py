@@ -49,6 +49,11 @@ class LeaderStub:
                 request_serializer=tlsroll_dot_v1_dot_leader__pb2.RenewNodeCertificateRequest.SerializeToString,
                 response_deserializer=tlsroll_dot_v1_dot_leader__pb2.RenewNodeCertificateResponse.FromString,
                 _registered_method=True)
+        self.Heartbeats = channel.stream_stream(
+                '/tlsroll.v1.Leader/Heartbeats',
+                request_serializer=tlsroll_dot_v1_dot_leader__pb2.HeartbeatRequest.SerializeToString,
+                response_deserializer=tlsroll_dot_v1_dot_leader__pb2.HeartbeatResponse.FromString,
+                _registered_method=True)
 
 
 class LeaderServicer:
@@ -81,6 +86,19 @@ class LeaderServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def Heartbeats(self, request_iterator, context):
+        """Heartbeat on one long-lived stream: the agent sends a request every interval and the
+        leader answers each with one response, as Heartbeat would (a unary call costs the leader
+        several times more CPU than a message on an open stream). The caller's certificate is
+        checked for every message as for Heartbeat: once it is no longer the one on record for
+        the node (removed, revoked, replaced by a renewal the agent has used), the stream ends
+        with UNAUTHENTICATED. An agent whose leader answers UNIMPLEMENTED (older than this RPC)
+        falls back to Heartbeat.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_LeaderServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -98,6 +116,11 @@ def add_LeaderServicer_to_server(servicer, server):
                     servicer.RenewNodeCertificate,
                     request_deserializer=tlsroll_dot_v1_dot_leader__pb2.RenewNodeCertificateRequest.FromString,
                     response_serializer=tlsroll_dot_v1_dot_leader__pb2.RenewNodeCertificateResponse.SerializeToString,
+            ),
+            'Heartbeats': grpc.stream_stream_rpc_method_handler(
+                    servicer.Heartbeats,
+                    request_deserializer=tlsroll_dot_v1_dot_leader__pb2.HeartbeatRequest.FromString,
+                    response_serializer=tlsroll_dot_v1_dot_leader__pb2.HeartbeatResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -181,6 +204,33 @@ class Leader:
             '/tlsroll.v1.Leader/RenewNodeCertificate',
             tlsroll_dot_v1_dot_leader__pb2.RenewNodeCertificateRequest.SerializeToString,
             tlsroll_dot_v1_dot_leader__pb2.RenewNodeCertificateResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Heartbeats(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/tlsroll.v1.Leader/Heartbeats',
+            tlsroll_dot_v1_dot_leader__pb2.HeartbeatRequest.SerializeToString,
+            tlsroll_dot_v1_dot_leader__pb2.HeartbeatResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -50,6 +50,15 @@ class LeaderStub:
     answer was lost can be asked again). INVALID_ARGUMENT: the CSR's names or key are not
     what the node may hold.
     """
+    Heartbeats: _grpc.StreamStreamMultiCallable[_leader_pb2.HeartbeatRequest, _leader_pb2.HeartbeatResponse]
+    """Heartbeat on one long-lived stream: the agent sends a request every interval and the
+    leader answers each with one response, as Heartbeat would (a unary call costs the leader
+    several times more CPU than a message on an open stream). The caller's certificate is
+    checked for every message as for Heartbeat: once it is no longer the one on record for
+    the node (removed, revoked, replaced by a renewal the agent has used), the stream ends
+    with UNAUTHENTICATED. An agent whose leader answers UNIMPLEMENTED (older than this RPC)
+    falls back to Heartbeat.
+    """
 
 @_typing.type_check_only
 class LeaderAsyncStub(LeaderStub):
@@ -68,6 +77,15 @@ class LeaderAsyncStub(LeaderStub):
     certificate (or, until it has used the new one, by the one before it: a renewal whose
     answer was lost can be asked again). INVALID_ARGUMENT: the CSR's names or key are not
     what the node may hold.
+    """
+    Heartbeats: _aio.StreamStreamMultiCallable[_leader_pb2.HeartbeatRequest, _leader_pb2.HeartbeatResponse]  # type: ignore[assignment]
+    """Heartbeat on one long-lived stream: the agent sends a request every interval and the
+    leader answers each with one response, as Heartbeat would (a unary call costs the leader
+    several times more CPU than a message on an open stream). The caller's certificate is
+    checked for every message as for Heartbeat: once it is no longer the one on record for
+    the node (removed, revoked, replaced by a renewal the agent has used), the stream ends
+    with UNAUTHENTICATED. An agent whose leader answers UNIMPLEMENTED (older than this RPC)
+    falls back to Heartbeat.
     """
 
 class LeaderServicer(metaclass=_abc_1.ABCMeta):
@@ -102,6 +120,21 @@ class LeaderServicer(metaclass=_abc_1.ABCMeta):
         certificate (or, until it has used the new one, by the one before it: a renewal whose
         answer was lost can be asked again). INVALID_ARGUMENT: the CSR's names or key are not
         what the node may hold.
+        """
+
+    @_abc_1.abstractmethod
+    def Heartbeats(
+        self,
+        request_iterator: _MaybeAsyncIterator[_leader_pb2.HeartbeatRequest],
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_leader_pb2.HeartbeatResponse], _abc.AsyncIterator[_leader_pb2.HeartbeatResponse]]:
+        """Heartbeat on one long-lived stream: the agent sends a request every interval and the
+        leader answers each with one response, as Heartbeat would (a unary call costs the leader
+        several times more CPU than a message on an open stream). The caller's certificate is
+        checked for every message as for Heartbeat: once it is no longer the one on record for
+        the node (removed, revoked, replaced by a renewal the agent has used), the stream ends
+        with UNAUTHENTICATED. An agent whose leader answers UNIMPLEMENTED (older than this RPC)
+        falls back to Heartbeat.
         """
 
 def add_LeaderServicer_to_server(servicer: LeaderServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

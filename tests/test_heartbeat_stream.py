@@ -1,0 +1,509 @@
+"""Heartbeats on one stream (``Leader.Heartbeats``), and the leader's heartbeat path.
+
+A stream outlives what the leader knows about its caller, so every message is checked as a new
+call would be: a removed node's stream, a revoked certificate's stream and, once the agent has
+used its renewed certificate, the old certificate's stream are cut with UNAUTHENTICATED, exactly
+when a unary Heartbeat with that certificate is refused. A real agent beats on the stream (its
+server going down, the revocation list and the epoch reach it as before), falls back to unary
+calls with a leader that has no stream, and returns to the stream when the leader does.
+
+Real leader daemon, real agents, real mutual TLS. The one stand-in is the "older leader" of the
+fallback test: a small real gRPC server in this test, on the leader's address with the leader's
+certificate, that implements only the unary Heartbeat (as tlsroll before the stream did).
+
+The shape test at the top runs the Leader service in-process on a real gRPC server and a real
+store file, to count what a heartbeat that says nothing new costs: no SQL, no worker thread.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+import queue
+import threading
+from collections.abc import Callable, Iterator
+from concurrent import futures
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from google.protobuf.timestamp_pb2 import Timestamp
+
+from leader.layout import read_passphrase
+from leader.service import LeaderService, LeaderState
+from leader.store import NodeCert, Store
+from tests.cluster import Cluster, csr_pem, enrol, enrol_request, wait_until
+from tests.conftest import next_loopback
+from tests.nodeside import RPC_TIMEOUT, NodeFactory
+from tlsroll import pki, spiffe
+from tlsroll.defaults import AGENT_PORT, CONTROL_PORT
+from tlsroll.v1 import agent_pb2, leader_pb2, leader_pb2_grpc, types_pb2
+
+UNAUTH = grpc.StatusCode.UNAUTHENTICATED
+
+
+def ts(when: dt.datetime) -> Timestamp:
+    stamp = Timestamp()
+    stamp.FromDatetime(when)
+    return stamp
+
+
+# --- the shape of a quiet heartbeat ---------------------------------------------------------
+
+
+def client_report(now: dt.datetime, requests: int, *who: str) -> leader_pb2.LiveServer:
+    """A server's state with workstations ``who`` seen on http just now (``requests`` each)."""
+    seen = [
+        types_pb2.ClientSeen(
+            scheme="http",
+            address=f"192.168.1.{20 + i}",
+            workstation=w,
+            first_seen=ts(now - dt.timedelta(hours=1)),
+            last_seen=ts(now),
+            requests=requests,
+        )
+        for i, w in enumerate(who)
+    ]
+    return leader_pb2.LiveServer(
+        driver="reference",
+        healthy=True,
+        schemes=["http"],
+        clients=types_pb2.ClientsView(clients=seen, window_seconds=3600, source="refserver"),
+    )
+
+
+@pytest.mark.parametrize("how", ["unary", "stream"])
+async def test_a_heartbeat_that_says_nothing_new_runs_no_sql_and_no_worker_thread(
+    tmp_path: Path,
+    loopback: Callable[[], str],
+    monkeypatch: pytest.MonkeyPatch,
+    how: str,
+) -> None:
+    """After the first heartbeat, one that says what the last said (its client report's times
+    and counts move, as a busy workstation's do) runs no SQL statement and no worker-thread
+    hop: the caller is checked against the leader's in-memory snapshot of the store and the
+    heartbeat is kept in memory. A new workstation in the report is written at once."""
+    ca = pki.CertificateAuthority.create()
+    td = ca.trust_domain
+    address, node_address = loopback(), loopback()
+    leader_key = pki.generate_key()
+    leader_cert = ca.issue(
+        leader_key.public_key(),
+        pki.Names.of("tlsroll-leader", [address]),
+        server=True,
+        client=True,
+        identity=spiffe.leader(td),
+    )
+    node_key = pki.generate_key()
+    node_cert = ca.issue(
+        node_key.public_key(),
+        pki.Names.of("hb1", [node_address]),
+        server=True,
+        client=True,
+        identity=spiffe.node(td, "hb1"),
+    )
+    clock = [dt.datetime(2026, 11, 30, 10, 0, tzinfo=dt.UTC)]
+    store = Store(tmp_path / "leader.sqlite3")
+    store.add_token(
+        "t00001", "s" * 26, ttl=dt.timedelta(hours=1), uses=1, description="", now=clock[0],
+        actor="test", node_name="hb1", addresses=(node_address,),
+    )  # fmt: skip
+    store.enrol(
+        token_id="t00001", secret="s" * 26, name="hb1", addresses=(node_address,), dns_names=(),
+        agent_version="1", agent_port=AGENT_PORT, key_pin=pki.spki_pin(node_cert), now=clock[0],
+        issue=lambda: NodeCert(
+            pki.spki_pin(node_cert), pki.fingerprint(node_cert),
+            f"{node_cert.serial_number:x}", node_cert.not_valid_after_utc,
+        ),
+    )  # fmt: skip
+    state = LeaderState(store=store, ca=ca, clock=lambda: clock[0], heartbeat_interval=5)
+    server = grpc.aio.server()
+    leader_pb2_grpc.add_LeaderServicer_to_server(LeaderService(state), server)
+    server.add_secure_port(
+        f"{address}:{CONTROL_PORT}",
+        grpc.ssl_server_credentials(
+            [(pki.key_to_pem(leader_key), pki.cert_to_pem(leader_cert))],
+            root_certificates=ca.cert_pem,
+            require_client_auth=True,
+        ),
+    )
+    await server.start()
+    statements: list[str] = []
+    store.db._db.set_trace_callback(statements.append)  # the leader's one connection
+    hops: list[Any] = []
+    to_thread = asyncio.to_thread
+
+    async def counting(func: Any, /, *args: Any, **kwargs: Any) -> Any:
+        hops.append(func)
+        return await to_thread(func, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", counting)
+    creds = grpc.ssl_channel_credentials(
+        ca.cert_pem, pki.key_to_pem(node_key), pki.cert_to_pem(node_cert)
+    )
+
+    def beat(requests: int, *who: str) -> leader_pb2.HeartbeatRequest:
+        return leader_pb2.HeartbeatRequest(
+            agent_version="1",
+            agent_port=AGENT_PORT,
+            highest_epoch=0,
+            server=client_report(clock[0], requests, *who),
+        )
+
+    try:
+        async with grpc.aio.secure_channel(f"{address}:{CONTROL_PORT}", creds) as channel:
+            stub = leader_pb2_grpc.LeaderStub(channel)
+            stream = stub.Heartbeats() if how == "stream" else None  # type: ignore[call-arg]
+
+            async def send(request: leader_pb2.HeartbeatRequest) -> leader_pb2.HeartbeatResponse:
+                if stream is None:
+                    return await stub.Heartbeat(request, timeout=10)
+                await stream.write(request)
+                reply = await stream.read()
+                assert isinstance(reply, leader_pb2.HeartbeatResponse)
+                return reply
+
+            await send(beat(1, "ws-empfang"))
+            statements.clear()
+            hops.clear()
+            for n in range(2, 5):
+                clock[0] += dt.timedelta(seconds=1)
+                await send(beat(n, "ws-empfang"))
+            assert statements == []  # nothing new: no SQL at all
+            assert hops == []  # and no worker thread
+            assert store.get_node("hb1").last_heartbeat == clock[0]  # yet the newest is known
+            statements.clear()
+            clock[0] += dt.timedelta(seconds=1)
+            await send(beat(5, "ws-empfang", "ws-labor"))  # a new workstation: written
+            assert any("INSERT INTO node_clients" in s for s in statements)
+            if stream is not None:
+                await stream.done_writing()
+    finally:
+        await server.stop(None)
+        store.close()
+
+
+# --- one leader, nodes enrolled by hand: the stream's security --------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with Cluster(tmp_path_factory.mktemp("hbstream"), next_loopback()) as c:
+        c.init()
+        c.start_leader()
+        yield c
+
+
+class Credentials:
+    """A node's certificate and key, as its agent holds them."""
+
+    def __init__(
+        self, cluster: Cluster, name: str, address: str, key: pki.PrivateKey, cert_pem: bytes
+    ) -> None:
+        self.cluster = cluster
+        self.name = name
+        self.address = address
+        self.key = key
+        self.cert_pem = cert_pem
+
+    @classmethod
+    def enrolled(cls, cluster: Cluster, name: str) -> Credentials:
+        """A node enrolled through the join port with a key made here (no agent process)."""
+        address = next_loopback()
+        key = pki.generate_key()
+        token = cluster.create_token(name, address)
+        reply = enrol(cluster, enrol_request(token, name, address, key=key))
+        return cls(cluster, name, address, key, bytes(reply.certificate_pem))
+
+    @property
+    def serial(self) -> str:
+        return f"{pki.load_cert_pem(self.cert_pem).serial_number:x}"
+
+    def channel(self) -> grpc.Channel:
+        return self.cluster.control_channel(self.cert_pem, pki.key_to_pem(self.key))
+
+    def unary(self, **fields: Any) -> grpc.StatusCode:
+        """A unary Heartbeat with this certificate: its status."""
+        with self.channel() as ch:
+            try:
+                leader_pb2_grpc.LeaderStub(ch).Heartbeat(request(**fields), timeout=10)
+            except grpc.RpcError as exc:
+                return exc.code()
+        return grpc.StatusCode.OK
+
+    def renewed(self) -> Credentials:
+        """These credentials renewed (RenewNodeCertificate with a new key), as an agent does."""
+        key = pki.generate_key()
+        with self.channel() as ch:
+            reply = leader_pb2_grpc.LeaderStub(ch).RenewNodeCertificate(
+                leader_pb2.RenewNodeCertificateRequest(
+                    csr_pem=csr_pem(key, self.name, [self.address])
+                ),
+                timeout=10,
+            )
+        return Credentials(self.cluster, self.name, self.address, key, reply.certificate_pem)
+
+
+def request(**fields: Any) -> leader_pb2.HeartbeatRequest:
+    return leader_pb2.HeartbeatRequest(agent_version="test", agent_port=AGENT_PORT, **fields)
+
+
+class Stream:
+    """One open Heartbeats stream: ``beat`` sends a message and reads its answer."""
+
+    def __init__(self, creds: Credentials) -> None:
+        self.channel = creds.channel()
+        self.outbox: queue.Queue[leader_pb2.HeartbeatRequest | None] = queue.Queue()
+        self.replies = iter(
+            leader_pb2_grpc.LeaderStub(self.channel).Heartbeats(
+                iter(self.outbox.get, None), timeout=120
+            )
+        )
+
+    def beat(self, **fields: Any) -> leader_pb2.HeartbeatResponse:
+        self.outbox.put(request(**fields))
+        reply: leader_pb2.HeartbeatResponse = next(self.replies)
+        return reply
+
+    def refused(self, **fields: Any) -> grpc.StatusCode:
+        """The status that ends the stream at the next message (OK if it was answered)."""
+        try:
+            self.beat(**fields)
+        except grpc.RpcError as exc:
+            return exc.code()
+        return grpc.StatusCode.OK
+
+    def close(self) -> None:
+        self.outbox.put(None)
+        self.channel.close()
+
+
+@pytest.fixture
+def streams() -> Iterator[Callable[[Credentials], Stream]]:
+    opened: list[Stream] = []
+
+    def open_stream(creds: Credentials) -> Stream:
+        opened.append(Stream(creds))
+        return opened[-1]
+
+    yield open_stream
+    for s in opened:
+        s.close()
+
+
+def test_a_removed_nodes_open_stream_is_cut(
+    cluster: Cluster, streams: Callable[[Credentials], Stream]
+) -> None:
+    gone = Credentials.enrolled(cluster, "hb-gone")
+    stay = Credentials.enrolled(cluster, "hb-stay")
+    mine, other = streams(gone), streams(stay)
+    assert mine.beat().interval_seconds > 0
+    other.beat()
+    assert cluster.cli("nodes", "remove", "hb-gone", "--yes").returncode == 0
+    assert mine.refused() == UNAUTH
+    assert gone.unary() == UNAUTH  # as a new call is
+    assert other.refused() == grpc.StatusCode.OK  # another node's stream goes on
+    assert other.beat().epoch == other.beat().epoch
+
+
+def test_a_revoked_certificates_stream_is_cut_and_the_others_get_the_new_list(
+    cluster: Cluster, streams: Callable[[Credentials], Stream]
+) -> None:
+    bad = Credentials.enrolled(cluster, "hb-revoked")
+    good = Credentials.enrolled(cluster, "hb-good")
+    mine, other = streams(bad), streams(good)
+    mine.beat()
+    first = other.beat()
+    ca = pki.CertificateAuthority.load(
+        cluster.ca_cert_path, cluster.ca_key_path, read_passphrase(cluster.passphrase_path)
+    )
+    number = pki.load_crl(first.crl_pem, ca.cert)[0]
+    assert other.beat(crl_number=number).crl_pem == b""  # it has the newest: none sent
+    assert cluster.cli("ca", "revoke", bad.serial).returncode == 0
+    assert mine.refused(crl_number=number) == UNAUTH
+    assert bad.unary() == UNAUTH
+    fresh = other.beat(crl_number=number)
+    newer, serials = pki.load_crl(fresh.crl_pem, ca.cert)
+    assert newer > number and int(bad.serial, 16) in serials
+
+
+def test_a_renewed_certificate_s_old_stream_works_until_the_new_one_is_used(
+    cluster: Cluster, streams: Callable[[Credentials], Stream]
+) -> None:
+    """The unary rule (``RenewNodeCertificate``): the old certificate stays valid until the
+    agent has used the new one; then it is refused, on a stream already open as on a call."""
+    old = Credentials.enrolled(cluster, "hb-renew")
+    before = streams(old)
+    before.beat()
+    new = old.renewed()
+    assert before.refused() == grpc.StatusCode.OK  # not used yet: the old one still counts
+    assert old.unary() == grpc.StatusCode.OK
+    after = streams(new)
+    after.beat()  # the agent uses the new certificate
+    assert before.refused() == UNAUTH
+    assert old.unary() == UNAUTH
+    assert after.refused() == grpc.StatusCode.OK
+    assert new.unary() == grpc.StatusCode.OK
+
+
+def test_bootstrap_failures_and_the_epoch_arrive_on_the_stream(
+    cluster: Cluster, streams: Callable[[Credentials], Stream]
+) -> None:
+    creds = Credentials.enrolled(cluster, "hb-boot")
+    stream = streams(creds)
+    now = dt.datetime.now(dt.UTC)
+    stream.beat(
+        bootstrap_failures=[
+            leader_pb2.BootstrapFailure(
+                source="192.168.1.66", workstation="ws-flur", count=3, last_at=ts(now)
+            )
+        ]
+    )
+    rows = [r for r in cluster.store_table("bootstrap_failures") if r["node"] == "hb-boot"]
+    assert [(r["source"], r["workstation"], r["count"]) for r in rows] == [
+        ("192.168.1.66", "ws-flur", 3)
+    ]
+    epoch = stream.beat().epoch
+    cluster.announce_epoch(epoch + 5)  # as a rollout's start raises it
+    assert stream.beat().epoch == epoch + 5
+
+
+# --- real agents ------------------------------------------------------------------------------
+
+
+def agent_events(agent: Any, event: str) -> list[dict[str, Any]]:
+    return [e for e in agent.log_events() if e.get("event") == event]
+
+
+def test_a_real_agent_beats_on_the_stream(cluster: Cluster, tmp_path: Path) -> None:
+    """A real agent with a reference server: it beats on the stream (never unary), the
+    leader sees its server go down, it gets a new revocation list and obeys a new epoch."""
+    make = NodeFactory(cluster, tmp_path, "hbs")
+    try:
+        node = make()
+        assert node.agent is not None
+        agent = node.agent
+        cluster.wait_for_nodes_online([node.name])
+        wait_until(
+            lambda: cluster.list_nodes()[node.name].server == "http", 15, "the server reported"
+        )
+        # The revocation list: a serial revoked now reaches the agent.
+        ca = pki.CertificateAuthority.load(
+            cluster.ca_cert_path, cluster.ca_key_path, read_passphrase(cluster.passphrase_path)
+        )
+        crl = agent.data_dir / "crl.pem"
+        assert cluster.cli("ca", "revoke", "7e57ab1e").returncode == 0
+
+        def has_it() -> bool:
+            return crl.exists() and 0x7E57AB1E in pki.load_crl(crl.read_bytes(), ca.cert)[1]
+
+        wait_until(has_it, 15, "the agent holds the new revocation list")
+        # The epoch: a command with an epoch the leader announced only now is obeyed (the
+        # agent asks the leader at once, on the stream).
+        cluster.announce_epoch(41)
+        with node.stub() as stub:
+            frozen = stub.Freeze(
+                agent_pb2.FreezeRequest(command=agent_pb2.Command(rollout_id="hbs", epoch=41)),
+                timeout=RPC_TIMEOUT,
+            )
+            assert frozen.frozen
+            stub.Unfreeze(
+                agent_pb2.FreezeRequest(command=agent_pb2.Command(rollout_id="hbs", epoch=41)),
+                timeout=RPC_TIMEOUT,
+            )
+        # The server goes down: the leader notices within a heartbeat or two.
+        node.server.stop()
+        wait_until(
+            lambda: cluster.list_nodes()[node.name].server.startswith("down"),
+            20,
+            "the leader sees the server down",
+        )
+        assert any(
+            e.get("node") == node.name for e in cluster.leader.log_events()
+            if e.get("event") == "node.server_down"
+        )  # fmt: skip
+        oks = agent_events(agent, "heartbeat.ok")
+        assert oks and all(e.get("stream") is True for e in oks)
+        assert agent_events(agent, "heartbeat.unary") == []
+    finally:
+        make.close()
+
+
+class OlderLeader:
+    """tlsroll's leader before the stream, as far as heartbeats go: the Leader service with
+    the unary Heartbeat only (gRPC answers UNIMPLEMENTED to any other method, Heartbeats
+    included)."""
+
+    def __init__(self) -> None:
+        self.beats: list[str] = []
+        self.lock = threading.Lock()
+
+    def heartbeat(self, request: Any, context: Any) -> leader_pb2.HeartbeatResponse:
+        with self.lock:
+            self.beats.append(request.agent_version)
+        return leader_pb2.HeartbeatResponse(leader_time=ts(dt.datetime.now(dt.UTC)))
+
+    def handler(self) -> grpc.GenericRpcHandler[Any, Any]:
+        return grpc.method_handlers_generic_handler(
+            "tlsroll.v1.Leader",
+            {
+                "Heartbeat": grpc.unary_unary_rpc_method_handler(
+                    self.heartbeat,
+                    request_deserializer=leader_pb2.HeartbeatRequest.FromString,
+                    response_serializer=leader_pb2.HeartbeatResponse.SerializeToString,
+                )
+            },
+        )
+
+
+def test_an_agent_falls_back_to_unary_with_an_older_leader_and_returns_to_the_stream(
+    tmp_path: Path,
+) -> None:
+    with Cluster(tmp_path / "c", next_loopback()) as c:
+        c.init()
+        c.start_leader()
+        agent = c.add_agent("hb-old", next_loopback())
+        c.wait_for_nodes_online(["hb-old"])
+        c.stop_leader()
+        older = OlderLeader()
+        chain, key = c.leader_credentials()
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+        server.add_generic_rpc_handlers((older.handler(),))
+        server.add_secure_port(
+            c.control_target,
+            grpc.ssl_server_credentials(
+                [(key, chain)], root_certificates=c.ca_pem, require_client_auth=True
+            ),
+        )
+        server.start()
+        try:
+            wait_until(lambda: len(older.beats) >= 3, 20, "unary heartbeats at the older leader")
+        finally:
+            server.stop(None).wait(10)
+        assert agent_events(agent, "heartbeat.unary")
+        seen = len(agent.log_events())
+        c.start_leader()  # upgraded: the agent comes back on the stream
+        c.wait_for_nodes_online(["hb-old"])
+
+        def back_on_the_stream() -> bool:
+            later = agent.log_events()[seen:]
+            return any(e.get("event") == "heartbeat.ok" and e.get("stream") for e in later)
+
+        wait_until(back_on_the_stream, 20, "the agent back on the stream")
+
+
+def test_the_store_is_read_only_when_something_changed(tmp_path: Path) -> None:
+    """``Database.generation``: what the heartbeat snapshot watches. A heartbeat's routine
+    write leaves it; any other write (a revocation, a removal, an epoch) moves it."""
+    store = Store(tmp_path / "leader.sqlite3")
+    try:
+        now = dt.datetime(2026, 11, 30, tzinfo=dt.UTC)
+        g0 = store.db.generation
+        with store.db.tx(routine=True) as db:
+            db.execute("SELECT 1")
+        assert store.db.generation == g0
+        store.advance_epoch(3, now=now, actor="test")
+        assert store.db.generation > g0
+    finally:
+        store.close()
