@@ -29,7 +29,7 @@ import asyncio
 import datetime as dt
 import urllib.parse
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from leader import byo
@@ -73,12 +73,25 @@ class StepContext:
     clock: Callable[[], dt.datetime]
     sleep: Callable[[float], Any] = asyncio.sleep
     vault: byo.Vault | None = None  # ``--cert-dir`` keys (``leader.byo``)
+    # What the step learnt about the node: the engine writes it with the step's outcome.
+    learnt: dict[str, Any] = field(default_factory=dict)
 
     def command(self, rollout_id: str | None = None) -> agent_pb2.Command:
         return agent_pb2.Command(rollout_id=rollout_id or self.rollout.id, epoch=self.rollout.epoch)
 
     async def detail(self, **changes: Any) -> None:
-        await asyncio.to_thread(self.schema.update_detail, self.rollout.id, self.node, **changes)
+        """What the step learnt about the node (``SchemaStore.update_detail``'s fields),
+        written in the same transaction as the step's outcome (one write per step)."""
+        self.learnt.update(changes)
+
+    async def progress(self, **changes: Any) -> None:
+        """What the schema should show while the step still runs (a switch's freeze began):
+        written now, with anything learnt before it, if it changes what is stored."""
+        self.learnt.update(changes)
+        await asyncio.to_thread(
+            self.schema.update_detail, self.rollout.id, self.node, **self.learnt
+        )
+        self.learnt.clear()
 
 
 class ChangeSteps:
@@ -393,12 +406,13 @@ async def wait_transaction(
                 details["freeze_started_at"] = txn.freeze_started_at.ToDatetime(tzinfo=dt.UTC)
             if own_window and txn.HasField("freeze_ended_at"):
                 details["freeze_ended_at"] = txn.freeze_ended_at.ToDatetime(tzinfo=dt.UTC)
-            if details != recorded:  # nothing is written when nothing changed
-                await ctx.detail(**details)
-                recorded = details
             outcome = TXN_OUTCOME.read(txn.outcome, "transaction.outcome")
             if outcome is not TxnOutcome.PENDING:
+                await ctx.detail(**details)  # written with the step's outcome
                 return outcome, txn.reason
+            if details != recorded:  # nothing is written when nothing changed
+                await ctx.progress(**details)
+                recorded = details
     except StepFailed as exc:
         raise TransientError(f"reading the {kind.value} transaction: {exc}") from None
     raise TransientError(f"the {kind.value} transaction's states ended without an outcome")

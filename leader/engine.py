@@ -38,7 +38,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -54,6 +54,7 @@ from leader.rollout_core import (
     TERMINAL_ROLLOUT_STATES,
     FreezeMode,
     NodeEvent,
+    NodeRecord,
     NodeState,
     Password,
     Rollout,
@@ -61,7 +62,7 @@ from leader.rollout_core import (
     Step,
     way_out,
 )
-from leader.schema_store import RolloutRow, SchemaStore, StaleRecords
+from leader.schema_store import NodeDetail, RolloutRow, SchemaStore, StaleRecords, StepTime
 from leader.store import Store
 from tlsroll import logs, pki
 from tlsroll.errors import TransientError
@@ -162,9 +163,17 @@ class Engine:
                     if r.reason and r.state in FAILED_NODE_STATES
                 ]
                 reason = f"halted: {'; '.join(failed)}; next: {way_out(rollout)}"
+            now = self.clock()
             try:
                 row = await asyncio.to_thread(
-                    self.schema.save_states, row, rollout, nodes, self.clock(), "engine", reason
+                    self.schema.save_states,
+                    row,
+                    rollout,
+                    nodes,
+                    now,
+                    "engine",
+                    reason,
+                    steps=_begun(row.records, nodes, now),
                 )
             except StaleRecords:
                 self.wake.set()  # an admin command came first; plan again from what is stored
@@ -343,23 +352,21 @@ class Engine:
             if fresh is None or state is None or STEP_FOR_STATE.get(state) is not step.step:
                 return
             row = fresh
-        await asyncio.to_thread(
-            self.schema.step_times, rollout.id, step.node, step.step.value, started=self.clock()
-        )
         bounded = step.step in (Step.PREFLIGHT, Step.STAGE)
         started = (self.monotonic(), self.clock())
         deadline = self.step_deadline * (2 if step.step is Step.STAGE else 1)
         try:
             if step.step in (Step.FREEZE, Step.UNFREEZE):
                 frozen = await self._scope_freeze(rollout, step.node, step.step is Step.FREEZE)
-                await self._record_frozen(rollout.id, step, frozen)
+                await self._record_frozen(rollout.id, step, frozen, started[1])
             else:
+                learnt: dict[str, Any] = {}  # what the step learnt: written with its outcome
                 if bounded:  # one attempt never outlasts the step's deadline
-                    result = await asyncio.wait_for(self._step(row, step), deadline)
+                    result = await asyncio.wait_for(self._step(row, step, learnt), deadline)
                 else:
-                    result = await self._step(row, step)
+                    result = await self._step(row, step, learnt)
                 event, reason = result
-                await self._record(rollout.id, step, event, reason)
+                await self._record(rollout.id, step, event, reason, started[1], learnt)
         except (TransientError, StepFailed, TimeoutError) as exc:  # StepFailed: a freeze refused
             why = str(exc) or f"no answer within {deadline:.0f} s"
             log.warning(
@@ -443,13 +450,11 @@ class Engine:
 
     async def _note(self, rollout_id: str, step: planner.StepAction, reason: str) -> None:
         """Put ``reason`` on the node's record (its state unchanged), once."""
-        row = await asyncio.to_thread(self.schema.get, rollout_id)
-        current = next((r for r in row.records if r.name == step.node), None) if row else None
-        if current is None or current.reason == reason:
-            return
         await self._save_node(rollout_id, step.node, lambda r: replace(r, reason=reason))
 
-    async def _step(self, row: RolloutRow, step: planner.StepAction) -> Outcome:
+    async def _step(
+        self, row: RolloutRow, step: planner.StepAction, learnt: dict[str, Any]
+    ) -> Outcome:
         steps = strategy_for(row.rollout)
         runners: dict[Step, Callable[[StepContext], Awaitable[Outcome]]] = {
             Step.PREFLIGHT: steps.preflight,
@@ -468,6 +473,7 @@ class Engine:
             clock=self.clock,
             sleep=self.sleep,
             vault=self.vault,
+            learnt=learnt,
         )
         return await runners[step.step](ctx)
 
@@ -485,11 +491,18 @@ class Engine:
         self,
         rollout_id: str,
         name: str,
-        change: Callable[[Any], Any],
-        step_ended: str | None = None,
+        change: Callable[[NodeRecord], NodeRecord],
+        step: StepTime | None = None,
+        details: Callable[[NodeDetail], dict[str, Any]] = lambda _d: {},
+        *,
+        timed_if_unchanged: bool = False,
     ) -> RolloutRow:
-        """Apply ``change`` to one node record and save it; read again if a write crossed.
-        ``step_ended``: if the record changed, that step's end time goes in the same write."""
+        """Apply ``change`` to one node record and save it, in one transaction with the
+        step's times (``step``: only if the record changed, unless ``timed_if_unchanged``),
+        the start of the step the node's new state begins, what the step learnt
+        (``details`` of the node's stored detail: the fields to write), and the password now
+        live on the node if it is now done. Nothing is written if nothing changed. Reads
+        again if a write crossed (the rollout is kept in memory: reading it is cheap)."""
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type(StaleRecords),
             stop=stop_after_attempt(STALE_ATTEMPTS),
@@ -498,58 +511,87 @@ class Engine:
             with attempt:
                 row = await asyncio.to_thread(self.schema.get, rollout_id)
                 assert row is not None
-                records = [change(r) if r.name == name else r for r in row.records]
-                ended = None
-                if step_ended is not None and tuple(records) != tuple(row.records):
-                    ended = (name, step_ended)
-                await asyncio.to_thread(
+                old, detail = row.node(name)
+                new = change(old)
+                now = self.clock()
+                steps = _begun([old], [new], now)
+                if step is not None and (new != old or timed_if_unchanged):
+                    steps.insert(0, step)
+                learnt = {k: v for k, v in details(detail).items() if getattr(detail, k) != v}
+                if new == old and not steps and not learnt:
+                    return row
+                row = await asyncio.to_thread(
                     self.schema.save_states,
                     row,
                     row.rollout,
-                    records,
-                    self.clock(),
+                    [new],
+                    now,
                     "engine",
-                    step_ended=ended,
+                    steps=steps,
+                    details={name: learnt} if learnt else None,
+                    auth=self._auth_now(row, old, new),
                 )
         assert row is not None
         return row
 
-    async def _record_frozen(self, rollout_id: str, step: planner.StepAction, frozen: bool) -> None:
+    @staticmethod
+    def _auth_now(row: RolloutRow, old: NodeRecord, new: NodeRecord) -> dict[str, int | None]:
+        """The password live on a node this save leaves done (or dual): recorded with it
+        (``_record_node_auth`` is the same rule, level-triggered, for a record without it)."""
+        rule = CHANGES[row.rollout.change].password
+        done = (NodeState.DONE, NodeState.DUAL)
+        if rule is Password.KEPT or new.state not in done or old.state is new.state:
+            return {}
+        return {new.name: None if rule is Password.CLEARED else row.meta.auth_version}
+
+    async def _record_frozen(
+        self, rollout_id: str, step: planner.StepAction, frozen: bool, started: dt.datetime
+    ) -> None:
         """A scope freeze or unfreeze the agent confirmed: the node's flag, the step's end and
         the node's freeze window (from the first confirmed freeze, renewals leave it, to the
-        confirmed unfreeze). The agent's reply carries no time: the leader's clock it is."""
+        confirmed unfreeze), in one write. The agent's reply carries no time: the leader's
+        clock it is."""
         if frozen:  # the lease this process just set or renewed runs from now
             self.renewed[(rollout_id, step.node)] = self.monotonic()
             self.confirmed.add((rollout_id, step.node))
         else:
             self.renewed.pop((rollout_id, step.node), None)
             self.confirmed.discard((rollout_id, step.node))
-        row = await self._save_node(
-            rollout_id, step.node, lambda r: replace(r, scope_frozen=frozen)
-        )
         now = self.clock()
-        await asyncio.to_thread(
-            self.schema.step_times, rollout_id, step.node, step.step.value, ended=now
+
+        def window(detail: NodeDetail) -> dict[str, Any]:
+            if frozen and detail.freeze_started_at is None:
+                return {"freeze_started_at": now}
+            if not frozen and step.step is Step.UNFREEZE:
+                return {"freeze_ended_at": now}
+            return {}
+
+        await self._save_node(
+            rollout_id,
+            step.node,
+            lambda r: replace(r, scope_frozen=frozen),
+            StepTime(step.node, step.step.value, started, now),
+            window,
+            timed_if_unchanged=True,
         )
-        detail = next(d for r, d in row.nodes if r.name == step.node)
-        if frozen and detail.freeze_started_at is None:
-            await asyncio.to_thread(
-                self.schema.update_detail, rollout_id, step.node, freeze_started_at=now
-            )
-        elif not frozen and step.step is Step.UNFREEZE:
-            await asyncio.to_thread(
-                self.schema.update_detail, rollout_id, step.node, freeze_ended_at=now
-            )
         log.info("node.scope_frozen", rollout_id=rollout_id, node=step.node, frozen=frozen)
 
     async def _record(
-        self, rollout_id: str, step: planner.StepAction, event: NodeEvent, reason: str | None
+        self,
+        rollout_id: str,
+        step: planner.StepAction,
+        event: NodeEvent,
+        reason: str | None,
+        started: dt.datetime | None = None,
+        learnt: dict[str, Any] | None = None,
     ) -> None:
         """The step's result on the node, if the node still waits for it (an abort skips a
-        node whose preflight or stage is in flight: that result is dropped)."""
+        node whose preflight or stage is in flight: that result is dropped), with its times
+        and what it ``learnt`` about the node (kept even if the result is dropped): one
+        write."""
         dropped: list[bool] = []
 
-        def change(r: Any) -> Any:
+        def change(r: NodeRecord) -> NodeRecord:
             if STEP_FOR_STATE.get(r.state) is not step.step:
                 dropped.append(True)
                 return r
@@ -557,7 +599,14 @@ class Engine:
             cleared = "" if reason is None and r.reason.startswith(UNKNOWN) else reason
             return r.with_event(event, cleared)
 
-        await self._save_node(rollout_id, step.node, change, step.step.value)
+        now = self.clock()
+        await self._save_node(
+            rollout_id,
+            step.node,
+            change,
+            StepTime(step.node, step.step.value, started, now),
+            lambda _d: learnt or {},
+        )
         if dropped:
             log.info(
                 "step.result_dropped",
@@ -575,3 +624,18 @@ class Engine:
             node_event=event.value,
             reason=reason,
         )
+
+
+def _begun(
+    before: Sequence[NodeRecord], after: Sequence[NodeRecord], now: dt.datetime
+) -> list[StepTime]:
+    """The steps that nodes begin by the move from ``before`` to ``after`` (a node entering a
+    working state begins its step, ``STEP_FOR_STATE``): their start time goes in the same
+    write as the move, which is persisted before the step is sent anyway."""
+    was = {r.name: r.state for r in before} if len(before) > 1 else None
+    steps = []
+    for i, rec in enumerate(after):
+        old = was.get(rec.name) if was is not None else before[i].state
+        if rec.state is not old and rec.state in STEP_FOR_STATE:
+            steps.append(StepTime(rec.name, STEP_FOR_STATE[rec.state].value, started=now))
+    return steps

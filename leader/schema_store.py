@@ -9,11 +9,12 @@ never disagree. Clocks are passed in.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import json
 import sqlite3
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any, cast
 
 from leader.db import LeaderStore
 from leader.rollout_core import (
@@ -123,13 +124,38 @@ MAX_CLIENTS = 256  # per node, as the agent sends at most
 
 @dataclass(frozen=True)
 class RolloutRow:
+    """A rollout as stored. Rows are shared (``SchemaStore`` keeps the active one in memory
+    and hands out the same object): never change one, not even ``NodeDetail.steps``."""
+
     rollout: Rollout
     meta: RolloutMeta
     nodes: tuple[tuple[NodeRecord, NodeDetail], ...]
 
-    @property
+    @functools.cached_property
     def records(self) -> tuple[NodeRecord, ...]:
         return tuple(r for r, _ in self.nodes)
+
+    @functools.cached_property
+    def _index(self) -> dict[str, int]:
+        return {r.name: i for i, (r, _) in enumerate(self.nodes)}
+
+    def node(self, name: str) -> tuple[NodeRecord, NodeDetail]:
+        """The record and detail of node ``name`` (KeyError if not in the rollout)."""
+        return self.nodes[self._index[name]]
+
+
+@dataclass(frozen=True)
+class StepTime:
+    """When ``step`` started (kept if one is stored: the first start counts) or ended on
+    ``node``, written with the node's record (``SchemaStore.save_states``)."""
+
+    node: str
+    step: str
+    started: dt.datetime | None = None
+    ended: dt.datetime | None = None
+
+
+ROWS_KEPT = 8  # rollouts kept in memory (``SchemaStore.get``): the active one and a few more
 
 
 class SchemaStore(LeaderStore):
@@ -165,13 +191,37 @@ class SchemaStore(LeaderStore):
         return self.get(row["id"]) if row else None
 
     def get(self, rollout_id: str) -> RolloutRow | None:
+        """The rollout as stored. Kept in memory once read (``Database.cache``): every write of
+        this store updates the kept row in the same transaction, and a commit by another
+        connection drops it, so the leader reads a rollout's N node rows once, not per step
+        (issue 15), and still sees at once whatever an admin command wrote."""
         with self._db.read() as db:
-            r = db.execute("SELECT * FROM rollouts WHERE id = ?", (rollout_id,)).fetchone()
-            if r is None:
-                return None
-            rows = db.execute(
-                "SELECT * FROM rollout_nodes WHERE rollout_id = ?", (rollout_id,)
-            ).fetchall()
+            kept = self._db.cache.get(_key(rollout_id))
+            if kept is not None:
+                return cast(RolloutRow, kept)
+            row = self._read(db, rollout_id)
+            if row is not None:
+                self._keep(row)
+            return row
+
+    def _keep(self, row: RolloutRow) -> None:
+        """Under the lock: keep ``row`` as what the file holds (at most ``ROWS_KEPT`` rows)."""
+        cache = self._db.cache
+        key = _key(row.rollout.id)
+        cache.pop(key, None)
+        cache[key] = row
+        rows = [k for k in cache if isinstance(k, tuple) and k[0] == _ROWS]
+        for old in rows[: max(len(rows) - ROWS_KEPT, 0)]:
+            del cache[old]
+
+    @staticmethod
+    def _read(db: sqlite3.Connection, rollout_id: str) -> RolloutRow | None:
+        r = db.execute("SELECT * FROM rollouts WHERE id = ?", (rollout_id,)).fetchone()
+        if r is None:
+            return None
+        rows = db.execute(
+            "SELECT * FROM rollout_nodes WHERE rollout_id = ?", (rollout_id,)
+        ).fetchall()
         rollout = Rollout(
             id=r["id"],
             change=Change(r["change"]),
@@ -200,10 +250,17 @@ class SchemaStore(LeaderStore):
         nodes = tuple(_node(by_name[name]) for name in rollout.order)
         return RolloutRow(rollout, meta, nodes)
 
+    def _rows(self, ids: Sequence[str]) -> list[RolloutRow]:
+        """The rollouts ``ids`` (those still stored), kept ones from memory; a listing of the
+        history does not push the active rollout out of memory."""
+        with self._db.read() as db:
+            found = (self._db.cache.get(_key(i)) or self._read(db, i) for i in ids)
+            return [row for row in found if row is not None]
+
     def all(self) -> list[RolloutRow]:
         with self._db.read() as db:
             ids = [r["id"] for r in db.execute("SELECT id FROM rollouts ORDER BY epoch DESC")]
-        return [row for i in ids if (row := self.get(i)) is not None]
+        return self._rows(ids)
 
     def newest(self, limit: int) -> tuple[list[RolloutRow], int]:
         """The newest ``limit`` rollouts (newest first) and how many are stored: ``schema
@@ -216,7 +273,7 @@ class SchemaStore(LeaderStore):
                     "SELECT id FROM rollouts ORDER BY epoch DESC LIMIT ?", (max(limit, 0),)
                 )
             ]
-        return [row for i in ids if (row := self.get(i)) is not None], total
+        return self._rows(ids), total
 
     def served_certificates(self) -> dict[str, tuple[str, dt.datetime]]:
         """Per node, the certificate it serves on 8443 as the rollouts recorded it
@@ -277,7 +334,7 @@ class SchemaStore(LeaderStore):
                     (RolloutState.AWAITING_FINALIZE.value,),
                 )
             ]
-        return [row for i in ids if (row := self.get(i)) is not None]
+        return self._rows(ids)
 
     def follower(self, rollout_id: str) -> RolloutRow | None:
         """The newest rollout that finalizes ``rollout_id`` or takes it back."""
@@ -471,6 +528,8 @@ class SchemaStore(LeaderStore):
                 epoch=rollout.epoch,
                 state=rollout.state.value,
             )
+        with self._db.read():
+            self._db.cache.pop(_key(rollout.id), None)
         row = self.get(rollout.id)
         assert row is not None
         return row
@@ -484,37 +543,34 @@ class SchemaStore(LeaderStore):
         actor: str,
         reason: str | None = None,
         *,
-        step_ended: tuple[str, str] | None = None,
+        steps: Sequence[StepTime] = (),
+        details: Mapping[str, Mapping[str, Any]] | None = None,
+        auth: Mapping[str, int | None] | None = None,
     ) -> RolloutRow:
-        """Persist the records after a plan or an event, with one audit event per change.
-        ``step_ended`` (node, step): that step's end time is ``now``, in the same transaction
-        (a step's outcome is one durable write).
+        """Persist the records after a plan or an event, with one audit event per change, in
+        one transaction that updates only the rows that changed (nothing, if nothing did):
+        the rollout's state (and ``reason``), the node records in ``nodes`` that differ from
+        ``before``'s, step times (``steps``), what steps learnt about nodes (``details``: node
+        name → fields as ``update_detail`` takes them) and the password now live on nodes
+        (``auth``, as ``set_node_auth``). A step's outcome is thus one durable write.
 
         Optimistic: if the stored records are no longer ``before`` (an admin command and an
         engine verdict crossed), nothing is written and ``StaleRecords`` is raised; the caller
-        reads again and decides again.
+        reads again and decides again. The stored records are the ones kept in memory
+        (``get``), read from the file only if none are.
         """
-        old_nodes = {r.name: r for r in before.records}
+        for fields in (details or {}).values():
+            _check_details(fields)
         with self._db.tx() as db:
-            stored = db.execute(
-                "SELECT state FROM rollouts WHERE id = ?", (before.rollout.id,)
-            ).fetchone()
-            stored_nodes = {
-                r["name"]: (r["state"], r["reason"], bool(r["scope_frozen"]))
-                for r in db.execute(
-                    "SELECT name, state, reason, scope_frozen FROM rollout_nodes"
-                    " WHERE rollout_id = ?",
-                    (before.rollout.id,),
-                )
-            }
-            expected = {r.name: (r.state.value, r.reason, r.scope_frozen) for r in before.records}
+            base = self._db.cache.get(_key(before.rollout.id)) or self._read(db, before.rollout.id)
             if (
-                stored is None
-                or stored["state"] != before.rollout.state.value
-                or (stored_nodes != expected)
+                base is None
+                or base.rollout.state is not before.rollout.state
+                or not (base is before or base.records == before.records)
             ):
                 raise StaleRecords(f"rollout {before.rollout.id} changed meanwhile")
-            if rollout.state != before.rollout.state or reason is not None:
+            new_rollout, meta = base.rollout, base.meta
+            if rollout.state != base.rollout.state or reason is not None:
                 ended = now if rollout.state in TERMINAL_ROLLOUT_STATES else None
                 started = now if rollout.state is RolloutState.RUNNING else None
                 db.execute(
@@ -529,67 +585,97 @@ class SchemaStore(LeaderStore):
                     actor,
                     "rollout.state",
                     rollout.id,
-                    old=before.rollout.state.value,
+                    old=base.rollout.state.value,
                     new=rollout.state.value,
                     reason=reason or "",
                 )
-            for rec in nodes:
-                old = old_nodes[rec.name]
-                if rec == old:
-                    continue
-                db.execute(
-                    "UPDATE rollout_nodes SET state = ?, reason = ?, scope_frozen = ?"
-                    " WHERE rollout_id = ? AND name = ?",
-                    (rec.state.value, rec.reason, int(rec.scope_frozen), rollout.id, rec.name),
+                new_rollout = replace(base.rollout, state=rollout.state)
+                meta = replace(
+                    meta,
+                    started_at=meta.started_at or _stored_time(started),
+                    ended_at=meta.ended_at or _stored_time(ended),
+                    reason=meta.reason if reason is None else reason,
                 )
+            records = {}
+            for rec in nodes:
+                old = base.node(rec.name)[0]
+                if rec is not old and rec != old:
+                    records[rec.name] = rec
+            row = _derived(base, rollout=new_rollout, meta=meta)
+            row = self._patch(db, row, now, actor, records, steps, details or {})
+            for name, version in (auth or {}).items():
+                self._set_auth(db, name, version, now)
+            self._keep(row)
+        return row
+
+    def _patch(
+        self,
+        db: sqlite3.Connection,
+        base: RolloutRow,
+        now: dt.datetime | None,
+        actor: str,
+        records: Mapping[str, NodeRecord],
+        steps: Sequence[StepTime],
+        details: Mapping[str, Mapping[str, Any]],
+    ) -> RolloutRow:
+        """Inside a write transaction: one UPDATE per node whose record, step times or details
+        differ from ``base``'s (an audit event per changed record); ``base`` after them."""
+        nodes = None
+        for name in dict.fromkeys([*records, *(t.node for t in steps), *details]):
+            i = base._index[name]
+            old, detail = base.nodes[i]
+            rec = records.get(name, old)
+            columns: dict[str, Any] = {}
+            if rec != old:
+                assert now is not None, "a record changes only with its time"
+                columns.update(state=rec.state.value, reason=rec.reason)
+                columns["scope_frozen"] = int(rec.scope_frozen)
                 self._audit(
                     db,
                     now,
                     actor,
                     "node.state",
-                    f"{rollout.id}/{rec.name}",
+                    f"{base.rollout.id}/{name}",
                     old=old.state.value,
                     new=rec.state.value,
                     reason=rec.reason,
                 )
-            if step_ended is not None:
-                _set_step_time(db, rollout.id, *step_ended, None, now)
-        row = self.get(rollout.id)
-        assert row is not None
-        return row
+            learnt: dict[str, Any] = {
+                k: _stored_time(v) if isinstance(v, dt.datetime) else v
+                for k, v in details.get(name, {}).items()
+                if getattr(detail, k) != v
+            }
+            times = _with_times(detail.steps, [t for t in steps if t.node == name])
+            if times != detail.steps:
+                learnt["steps"] = times
+            if learnt:
+                detail = replace(detail, **learnt)
+                columns.update({k: _column(v) for k, v in learnt.items()})
+            if not columns:
+                continue
+            db.execute(
+                f"UPDATE rollout_nodes SET {', '.join(f'{k} = ?' for k in columns)}"  # noqa: S608
+                " WHERE rollout_id = ? AND name = ?",
+                [*columns.values(), base.rollout.id, name],
+            )
+            nodes = nodes or list(base.nodes)
+            nodes[i] = (rec, detail)
+        return base if nodes is None else _derived(base, nodes=tuple(nodes))
 
     def update_detail(self, rollout_id: str, name: str, **changes: Any) -> None:
-        """Record what a step learnt about a node (addresses, certificate, freeze window); a
-        no-op if the stored values are these already."""
-        unknown = set(changes) - set(_NODE_DETAIL_FIELDS)
-        if unknown:
-            raise ValueError(f"not node details: {sorted(unknown)}")
-        values = [to_text(v) if isinstance(v, dt.datetime) else v for v in changes.values()]
+        """Record what a step learnt about a node while it runs (a switch's freeze began): a
+        no-op if the stored values are these already (the kept row says so without a write
+        transaction). What a step learnt by its end goes with its outcome (``save_states``)."""
+        _check_details(changes)
+        with self._db.read():
+            kept = self._db.cache.get(_key(rollout_id))
+            if kept is not None and _unchanged(kept, name, changes):
+                return
         with self._db.tx() as db:
-            stored = db.execute(
-                f"SELECT {', '.join(changes)} FROM rollout_nodes"  # noqa: S608 - checked names
-                " WHERE rollout_id = ? AND name = ?",
-                (rollout_id, name),
-            ).fetchone()
-            if stored is not None and list(stored) == values:
-                return  # nothing changed: nothing is written
-            db.execute(
-                f"UPDATE rollout_nodes SET {', '.join(f'{k} = ?' for k in changes)}"  # noqa: S608
-                " WHERE rollout_id = ? AND name = ?",
-                [*values, rollout_id, name],
-            )
-
-    def step_times(
-        self,
-        rollout_id: str,
-        name: str,
-        step: str,
-        *,
-        started: dt.datetime | None = None,
-        ended: dt.datetime | None = None,
-    ) -> None:
-        with self._db.tx() as db:
-            _set_step_time(db, rollout_id, name, step, started, ended)
+            base = self._db.cache.get(_key(rollout_id)) or self._read(db, rollout_id)
+            if base is None or name not in base._index:
+                return
+            self._keep(self._patch(db, base, None, "engine", {}, (), {name: changes}))
 
     # --- the auth password (verifiers only) ---------------------------------------------------
 
@@ -672,10 +758,14 @@ class SchemaStore(LeaderStore):
         return str(row["verifier"])
 
     def node_auth(self) -> dict[str, int]:
-        """The auth password version live on each node that has one."""
+        """The auth password version live on each node that has one (kept in memory, like
+        rollouts: ``get``)."""
         with self._db.read() as db:
-            rows = db.execute("SELECT name, version FROM node_auth").fetchall()
-        return {r["name"]: r["version"] for r in rows}
+            kept = self._db.cache.get(_AUTH)
+            if kept is None:
+                rows = db.execute("SELECT name, version FROM node_auth").fetchall()
+                kept = self._db.cache[_AUTH] = {r["name"]: r["version"] for r in rows}
+            return dict(kept)
 
     def pending_password_nodes(self) -> set[str]:
         latest = self.latest_auth_version()
@@ -684,17 +774,39 @@ class SchemaStore(LeaderStore):
     def set_node_auth(self, name: str, version: int | None, now: dt.datetime) -> None:
         """Record the password live on a node (None: the node is back on http, none is)."""
         with self._db.tx() as db:
-            if version is None:
-                db.execute("DELETE FROM node_auth WHERE name = ?", (name,))
-                self._audit(db, now, "engine", "password.cleared", name)
+            self._set_auth(db, name, version, now, always=True)
+
+    def _set_auth(
+        self,
+        db: sqlite3.Connection,
+        name: str,
+        version: int | None,
+        now: dt.datetime,
+        *,
+        always: bool = False,
+    ) -> None:
+        """Inside a write transaction: ``set_node_auth`` (unless ``always``, only if it is not
+        what is stored), and the kept ``node_auth`` with it."""
+        if not always:
+            stored = db.execute("SELECT version FROM node_auth WHERE name = ?", (name,)).fetchone()
+            if (stored["version"] if stored else None) == version:
                 return
-            db.execute(
-                "INSERT INTO node_auth (name, version, updated_at) VALUES (?, ?, ?)"
-                " ON CONFLICT(name) DO UPDATE SET version = excluded.version,"
-                " updated_at = excluded.updated_at",
-                (name, version, to_text(now)),
-            )
-            self._audit(db, now, "engine", "password.applied", name, version=version)
+        kept = self._db.cache.get(_AUTH)
+        if version is None:
+            db.execute("DELETE FROM node_auth WHERE name = ?", (name,))
+            self._audit(db, now, "engine", "password.cleared", name)
+            if kept is not None:
+                kept.pop(name, None)
+            return
+        db.execute(
+            "INSERT INTO node_auth (name, version, updated_at) VALUES (?, ?, ?)"
+            " ON CONFLICT(name) DO UPDATE SET version = excluded.version,"
+            " updated_at = excluded.updated_at",
+            (name, version, to_text(now)),
+        )
+        self._audit(db, now, "engine", "password.applied", name, version=version)
+        if kept is not None:
+            kept[name] = version
 
     # --- failed bootstrap passwords -----------------------------------------------------------
 
@@ -785,29 +897,64 @@ class SchemaStore(LeaderStore):
             ).fetchall()
 
 
-def _set_step_time(
-    db: sqlite3.Connection,
-    rollout_id: str,
-    name: str,
-    step: str,
-    started: dt.datetime | None,
-    ended: dt.datetime | None,
-) -> None:
-    """Inside a write transaction: when ``step`` started (the first time) or ended on a node."""
-    row = db.execute(
-        "SELECT steps FROM rollout_nodes WHERE rollout_id = ? AND name = ?",
-        (rollout_id, name),
-    ).fetchone()
-    steps: dict[str, list[str | None]] = json.loads(row["steps"])
-    times = steps.setdefault(step, [None, None])
-    if started is not None and times[0] is None:
-        times[0] = to_text(started)
-    if ended is not None:
-        times[1] = to_text(ended)
-    db.execute(
-        "UPDATE rollout_nodes SET steps = ? WHERE rollout_id = ? AND name = ?",
-        (json.dumps(steps), rollout_id, name),
-    )
+_ROWS, _AUTH = "rollout", ("node_auth",)  # what SchemaStore keeps in ``Database.cache``
+
+
+def _key(rollout_id: str) -> tuple[str, str]:
+    return (_ROWS, rollout_id)
+
+
+def _derived(row: RolloutRow, **changes: Any) -> RolloutRow:
+    """``row`` with ``changes``; its nodes' positions (the same order) come along, rather than
+    being worked out again over every node."""
+    new = replace(row, **changes)
+    if "_index" in row.__dict__:
+        new.__dict__["_index"] = row.__dict__["_index"]
+    return new
+
+
+def _check_details(fields: Mapping[str, Any]) -> None:
+    unknown = set(fields) - set(_NODE_DETAIL_FIELDS)
+    if unknown:
+        raise ValueError(f"not node details: {sorted(unknown)}")
+
+
+def _stored_time(t: dt.datetime | None) -> dt.datetime | None:
+    """A time as reading it back from the file gives it (UTC)."""
+    return from_text(to_text(t))
+
+
+def _column(value: Any) -> Any:
+    """A node detail as its column holds it."""
+    if isinstance(value, dt.datetime):
+        return to_text(value)
+    if isinstance(value, dict):
+        return json.dumps(value)
+    return value
+
+
+def _with_times(
+    steps: Mapping[str, list[str | None]], times: Sequence[StepTime]
+) -> dict[str, list[str | None]]:
+    """``steps`` (never changed: it may be a kept row's) with ``times`` set: a start only if
+    none is stored (the first start counts), an end always."""
+    new = dict(steps)
+    for t in times:
+        pair = list(new.get(t.step, [None, None]))
+        if t.started is not None and pair[0] is None:
+            pair[0] = to_text(t.started)
+        if t.ended is not None:
+            pair[1] = to_text(t.ended)
+        new[t.step] = pair
+    return new
+
+
+def _unchanged(row: RolloutRow, name: str, details: Mapping[str, Any]) -> bool:
+    """True if writing ``details`` to node ``name`` of ``row`` changes nothing."""
+    if name not in row._index:
+        return True
+    detail = row.node(name)[1]
+    return all(getattr(detail, k) == v for k, v in details.items())
 
 
 def _refuse_if_busy(db: sqlite3.Connection, follows: str = "") -> None:

@@ -30,7 +30,7 @@ import json
 import random
 import tempfile
 from collections import Counter
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
@@ -164,16 +164,18 @@ class ScriptedSchema(SchemaStore):
     def update_detail(self, *args: Any, **kwargs: Any) -> None:
         self._write("update_detail", functools.partial(super().update_detail, *args, **kwargs))
 
-    def step_times(self, *args: Any, **kwargs: Any) -> None:
-        self._write("step_times", functools.partial(super().step_times, *args, **kwargs))
-
     def set_node_auth(self, *args: Any, **kwargs: Any) -> None:
         self._write("set_node_auth", functools.partial(super().set_node_auth, *args, **kwargs))
 
     async def interpose(self, method: str, args: tuple[Any, ...]) -> None:
         """Called by ``hop`` just before a call on this store runs."""
         cue = self.cue
-        if cue is None or method != "save_states" or args[4] != "engine" or not cue.when(args[2]):
+        if cue is None or method != "save_states" or args[4] != "engine":
+            return
+        # The records the save would leave: ``before``'s, with the ones it is given (a step's
+        # outcome gives only its node's).
+        given = {r.name: r for r in args[2]}
+        if not cue.when([given.get(r.name, r) for r in args[0].records]):
             return
         self.cue = None
         await cue.action()
@@ -325,10 +327,10 @@ class World:
         return Leader(self, freeze_lease, crash_at, crash_after, prepare_ahead)
 
 
-def make_world(directory: Path, mp: pytest.MonkeyPatch) -> World:
+def make_world(directory: Path, mp: pytest.MonkeyPatch, nodes: Mapping[str, str] = NODES) -> World:
     clock = FakeClock()
     ca = pki.CertificateAuthority.create("tlsroll engine test CA", now=START)
-    agents = FakeAgents(clock, ca.cert, NODES)
+    agents = FakeAgents(clock, ca.cert, nodes)
     mp.setattr(asyncio, "to_thread", hop)
     mp.setattr(changes, "outside_check", agents.outside_check)
     world = World(directory / "leader.sqlite3", clock, ca, agents)
@@ -623,6 +625,44 @@ async def test_a_pause_that_crosses_the_engine_holds_new_nodes_only(
     trail = [(a.actor, a.detail.get("old"), a.detail.get("new")) for a in leader.audit()]
     assert (ADMIN, "running", "paused") in trail
     assert (ADMIN, "paused", "running") in trail
+    await leader.stop()
+
+
+async def test_a_pause_from_another_connection_is_seen_though_the_rollout_is_kept(
+    world: World,
+) -> None:
+    """Issue 15: the engine keeps the active rollout in memory instead of reading every node
+    row per step. A pause written through another connection to the file (another process)
+    just as the engine is about to start charlie from what it keeps: the engine's save is
+    refused as stale, charlie does not start, and the passes after it plan from the pause."""
+    leader = world.boot()
+
+    async def pause_elsewhere() -> None:
+        kept = leader.schema.active()
+        assert kept is not None and leader.schema.active() is kept  # in memory, not re-read
+        other = SchemaStore(world.path)
+        try:
+            row = other.active()
+            assert row is not None
+            paused = row.rollout.with_action(RolloutAction.PAUSE)
+            other.save_states(row, paused, row.records, world.clock.wall(), ADMIN, "paused")
+        finally:
+            other.close()
+
+    leader.schema.cue = Cue(lambda r: node(r, "charlie").state is N.PREFLIGHT, pause_elsewhere)
+    await leader.start()
+    row = await leader.run(until=lambda row: node(row.records, "bravo").state is N.DONE)
+    for _ in range(5):
+        row = await leader.one_pass()
+
+    assert leader.schema.cue is None  # the pause did cross the engine
+    assert leader.schema.stale == 1
+    assert row.rollout.state is R.PAUSED
+    assert states(row) == {"bravo": N.DONE, "charlie": N.PENDING, "alpha": N.PENDING}
+    assert not world.agents.calls_to("charlie", "preflight")
+    await leader.control(RolloutAction.RESUME)
+    row = await leader.run()
+    assert states(row) == ALL_DONE
     await leader.stop()
 
 

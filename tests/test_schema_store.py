@@ -26,6 +26,7 @@ from leader.schema_store import (
     AlreadyTakenBack,
     RolloutBusy,
     RolloutMeta,
+    RolloutRow,
     SchemaStore,
     StaleRecords,
 )
@@ -275,6 +276,70 @@ def test_a_switch_is_taken_back_once_even_when_two_rollbacks_cross(tmp_path: Pat
     assert dump(tmp_path / "s.sqlite3") == before
     rollback("r3", once=False)  # `rollout retry` of r2 keeps what it takes back
     store.close()
+
+
+def test_the_kept_rollout_follows_every_writer_and_refuses_stale_records(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15: the store keeps a rollout in memory once read (the engine no longer reads
+    every node row per step). What another store on the same connection writes (the admin
+    commands, the Leader service) is in it at once; a write by another connection (another
+    process) drops it; a failed transaction drops it; and a write based on records it has
+    been told are stale is refused as before."""
+    path = tmp_path / "s.sqlite3"
+    engine = SchemaStore(path)
+    new_rollout(engine)
+    kept = engine.get("r1")
+    assert kept is not None and engine.get("r1") is kept  # kept, not read again
+
+    # Another store on the same connection pauses the rollout: seen at once.
+    admin = SchemaStore(engine.db)
+    paused = kept.rollout.with_event(RolloutEvent.PAUSE)
+    admin.save_states(kept, paused, kept.records, NOW, "admin", "pause by admin")
+    row = engine.get("r1")
+    assert row is not None and row.rollout.state is paused.state
+    assert row.meta.reason == "pause by admin"
+    records = list(kept.records)
+    records[0] = records[0].with_event(NodeEvent.START)
+    with pytest.raises(StaleRecords):
+        engine.save_states(kept, kept.rollout, records, NOW, "engine")
+
+    # Another connection resumes it and starts a node: seen at once too.
+    kept = engine.get("r1")
+    assert kept is not None and engine.get("r1") is kept
+    other = SchemaStore(path)
+    theirs = other.get("r1")
+    assert theirs is not None
+    resumed = theirs.rollout.with_event(RolloutEvent.RESUME)
+    other.save_states(theirs, resumed, records, NOW, "admin")
+    other.close()
+    row = engine.get("r1")
+    assert row is not None and row.rollout.state is resumed.state
+    assert row.records == tuple(records)
+    with pytest.raises(StaleRecords):
+        engine.save_states(theirs, theirs.rollout, theirs.records, NOW, "engine")
+
+    # A transaction that fails after the store kept its outcome (its COMMIT, say) leaves
+    # nothing of itself in memory.
+    keep = engine._keep
+
+    def keep_then_fail(row: RolloutRow) -> None:
+        keep(row)
+        raise sqlite3.OperationalError("disk I/O error")
+
+    row = engine.get("r1")
+    assert row is not None
+    monkeypatch.setattr(engine, "_keep", keep_then_fail)
+    with pytest.raises(sqlite3.OperationalError):
+        engine.save_states(row, row.rollout.with_event(RolloutEvent.PAUSE), row.records, NOW, "a")
+    monkeypatch.undo()
+    row = engine.get("r1")
+    assert row is not None and row.rollout.state is resumed.state
+    # What the store keeps is what a fresh read of the file gives.
+    fresh = SchemaStore(path)
+    assert fresh.get("r1") == row
+    fresh.close()
+    engine.close()
 
 
 def test_node_details_that_did_not_change_are_not_written(tmp_path: Path) -> None:

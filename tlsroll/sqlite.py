@@ -29,10 +29,10 @@ import os
 import sqlite3
 import stat
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TypeAlias
+from typing import Any, TypeAlias
 
 from tlsroll.errors import TerminalError, UnsafePermissions
 
@@ -173,6 +173,20 @@ def damage(path: Path, *, expected: bool) -> str | None:
 
 
 class Database:
+    """One connection to the file, shared by threads, with a cache of what its stores read.
+
+    ``cache``: what a store read (or wrote) and keeps to save reading it again, keyed by the
+    store (the leader keeps its active rollout here, so that a step does not re-read every
+    node). It is valid for this connection's own writes only if the store that writes also
+    updates it, inside the same transaction (``tx``), and it is dropped whole when another
+    connection (a test, another process) has committed to the file since this one last looked
+    (SQLite's ``data_version``), and when a transaction fails. Read and write it only inside
+    ``read`` or ``tx``, under the lock.
+
+    ``transactions``, ``commits``: how many write transactions ran, and how many of them
+    changed a row (each such commit is an fsync of the WAL with ``synchronous=FULL``).
+    """
+
     def __init__(
         self,
         path: Path,
@@ -187,6 +201,10 @@ class Database:
         # reader that keeps what it read in memory (the leader's heartbeat path:
         # ``leader.service.Snapshot``) reads again once this moved, and never misses a write.
         self.generation = 0
+        self.cache: dict[Hashable, Any] = {}
+        self._data_version: int | None = None
+        self.transactions = 0
+        self.commits = 0
         make_private(self.path)
         self._db = sqlite3.connect(
             self.path, isolation_level=None, check_same_thread=False, timeout=10
@@ -202,9 +220,18 @@ class Database:
             self._db.close()
             raise
 
+    def _others_wrote(self) -> None:
+        """Under the lock: drop ``cache`` if another connection committed since the last look
+        (``data_version`` changes only for other connections' commits, never for ours)."""
+        version = int(self._db.execute("PRAGMA data_version").fetchone()[0])
+        if version != self._data_version:
+            self._data_version = version
+            self.cache.clear()
+
     @contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
+            self._others_wrote()
             yield self._db
 
     @contextmanager
@@ -215,17 +242,24 @@ class Database:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
+                self._others_wrote()  # under the write lock: nobody else commits meanwhile
+                changes = self._db.total_changes
                 yield self._db
                 self._db.execute("COMMIT")
                 if not routine:
                     self.generation += 1
             except BaseException:
+                # What a store put in the cache for this transaction is not what the file
+                # holds now.
+                self.cache.clear()
                 # SQLite may have rolled back already (a full disk, an I/O error): a ROLLBACK
                 # then fails and would hide the error that matters. A failed COMMIT may leave
                 # the transaction open: without this, every later BEGIN would fail.
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
                 raise
+            self.transactions += 1
+            self.commits += self._db.total_changes != changes
 
     def touch(self) -> None:
         """Move ``generation`` on after a routine write that turned out to matter."""
