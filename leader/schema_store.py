@@ -561,7 +561,7 @@ class SchemaStore(LeaderStore):
         """
         for fields in (details or {}).values():
             _check_details(fields)
-        with self._db.tx() as db:
+        with self._db.tx(routine=True) as db:  # nothing a heartbeat keeps
             base = self._db.cache.get(_key(before.rollout.id)) or self._read(db, before.rollout.id)
             if (
                 base is None
@@ -671,7 +671,7 @@ class SchemaStore(LeaderStore):
             kept = self._db.cache.get(_key(rollout_id))
             if kept is not None and _unchanged(kept, name, changes):
                 return
-        with self._db.tx() as db:
+        with self._db.tx(routine=True) as db:  # nothing a heartbeat keeps
             base = self._db.cache.get(_key(rollout_id)) or self._read(db, rollout_id)
             if base is None or name not in base._index:
                 return

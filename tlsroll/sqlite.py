@@ -237,8 +237,9 @@ class Database:
     @contextmanager
     def tx(self, *, routine: bool = False) -> Iterator[sqlite3.Connection]:
         """One IMMEDIATE transaction: all or nothing, serialised with every other writer.
-        ``routine``: a write that changes nothing an in-memory reader keeps (a heartbeat's
-        own record); any other moves ``generation`` on (see ``__init__``)."""
+        ``routine``: a write that changes nothing the heartbeat path keeps in memory (a
+        heartbeat's own record, a rollout step's progress); any other moves ``generation`` on
+        (see ``__init__``)."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
