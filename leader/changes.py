@@ -231,17 +231,20 @@ class ChangeSteps:
     async def confirm(self, ctx: StepContext) -> Outcome:
         """Check the node from outside as a workstation would; if that fails, have the agent
         roll it back. A rollback already under way (the leader restarted mid-confirm) is
-        followed, not second-guessed by a new check."""
-        try:
-            existing: agent_pb2.Transaction | None = await ctx.agent.get_transaction(
-                agent_pb2.GetTransactionRequest(
-                    rollout_id=ctx.rollout.id,
-                    kind=TXN_KIND.wire(TxnKind.ROLLBACK),
-                )
-            )
-        except StepFailed:
-            existing = None
-        problem = None if existing is not None else await self.outside_problem(ctx)
+        followed, not second-guessed by a new check. The check and the question whether a
+        rollback is under way go out at once (both only look; the next node waits for them),
+        and the check's answer counts only if none is."""
+        found, checked = await asyncio.gather(
+            self._rollback_under_way(ctx), self.outside_problem(ctx), return_exceptions=True
+        )
+        if isinstance(found, BaseException):
+            raise found
+        existing = found
+        problem = None
+        if existing is None:
+            if isinstance(checked, BaseException):
+                raise checked
+            problem = checked
         if problem is None and existing is None:
             return confirm_success(ctx.rollout), None
         if existing is None:
@@ -260,6 +263,19 @@ class ChangeSteps:
         if outcome is TxnOutcome.COMPLETED:
             return NodeEvent.CONFIRM_ROLLED_BACK, why
         return NodeEvent.CONFIRM_FAILED, f"{why}; the rollback failed too: {reason}"
+
+    @staticmethod
+    async def _rollback_under_way(ctx: StepContext) -> agent_pb2.Transaction | None:
+        """The agent's rollback transaction of this rollout, if it has one."""
+        try:
+            found: agent_pb2.Transaction = await ctx.agent.get_transaction(
+                agent_pb2.GetTransactionRequest(
+                    rollout_id=ctx.rollout.id, kind=TXN_KIND.wire(TxnKind.ROLLBACK)
+                )
+            )
+        except StepFailed:
+            return None
+        return found
 
     async def outside_problem(self, ctx: StepContext) -> str | None:
         """The outside check for where this change leaves the node (``CHANGES``)."""
