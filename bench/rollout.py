@@ -153,6 +153,7 @@ class Run:
     freeze_own: list[float]  # each node's freeze window less its own restart: tlsroll's part
     bare: list[float]
     agent_rss: list[float]
+    agent_rss_after: list[float]
     cpu: float
     after: Reading
     writes: Writes
@@ -196,6 +197,8 @@ def one_run(root: Path, n: int, *, ansible: bool, restarts: int) -> Run:
                 poll=0.05,
             )
             after = Reading.of(pid)
+            # Switched, each with its bootstrap service on 9443: what an agent holds from then on.
+            agent_rss_after = [rss_mib(node.agent.pid) for node in nodes if node.agent]
             stop.set()
             thread.join(10)
             view = get_schema(channel, view.id)
@@ -216,6 +219,7 @@ def one_run(root: Path, n: int, *, ansible: bool, restarts: int) -> Run:
             ],
             bare=bare,
             agent_rss=agent_rss,
+            agent_rss_after=agent_rss_after,
             cpu=after.cpu - before.cpu,
             after=after,
             writes=writes,
@@ -259,6 +263,11 @@ def report(runs: Sequence[Run]) -> None:
     print(
         "  agent idle RSS:           "
         f"{summary([median(r.agent_rss) for r in runs], 'MiB')} (median agent, before the rollout)"
+    )
+    print(
+        "  agent RSS after:          "
+        f"{summary([median(r.agent_rss_after) for r in runs], 'MiB')} (median agent, switched; "
+        "its bootstrap service runs)"
     )
     print(f"  leader CPU per node:      {summary([r.cpu / r.nodes for r in runs], 'ms', ms, 1)}")
     print(f"  leader RSS after:         {summary([r.after.rss for r in runs], 'MiB')}")

@@ -30,8 +30,8 @@ Limits (``Limits``; pure classes, time passed in, so tests move a fake clock):
   and ``open_total`` in all (503 busy): a flood of starts is refused, it never evicts an
   exchange in progress. An exchange that expires was never confirmed and gave nothing away,
   so it is dropped without counting; ``finish`` on it answers 410 ``exchange_expired``.
-- ``FailureLog``: the failures not yet reported to the leader, per source, which the agent
-  sends with its heartbeat (the schema shows them to the practice IT).
+- ``FailureLog`` (``nodeagent.failure_log``): the failures not yet reported to the leader, per
+  source, which the agent sends with its heartbeat (the schema shows them to the practice IT).
 
 Log events name the reason, the remote address and the claimed name, never the password,
 verifier, keys, confirmations or the exchange id.
@@ -52,6 +52,7 @@ from typing import Any, Self
 
 from aiohttp import web
 
+from nodeagent.failure_log import FailureLog
 from tlsroll import bootstrap_protocol as proto
 from tlsroll import logs, pki
 from tlsroll.backoff import Backoff, Ceiling, Policy, retry_after, source_key
@@ -200,56 +201,6 @@ class ExchangeTable:
 
     def __len__(self) -> int:
         return len(self._open)
-
-
-@dataclass
-class FailureCount:
-    """Failed passwords from one source since the last report."""
-
-    source: str
-    workstation: str  # the last name it claimed
-    count: int
-    last_at: dt.datetime
-
-
-class FailureLog:
-    """Failures not yet reported to the leader, per source; at most ``max_sources`` are kept
-    apart, the rest are added up under ``OTHER``."""
-
-    OTHER = "(other addresses)"
-
-    def __init__(self, max_sources: int = 64) -> None:
-        self.max_sources = max_sources
-        self._pending: OrderedDict[str, FailureCount] = OrderedDict()
-
-    def record(self, source: str, workstation: str, when: dt.datetime) -> None:
-        entry = self._pending.get(source)
-        if entry is None and len(self._pending) >= self.max_sources:
-            source = self.OTHER
-            entry = self._pending.get(source)
-        if entry is None:
-            entry = self._pending[source] = FailureCount(source, workstation, 0, when)
-        entry.count += 1
-        entry.workstation = workstation
-        entry.last_at = max(entry.last_at, when)
-        self._pending.move_to_end(source)
-
-    def pending(self) -> list[FailureCount]:
-        """A copy of what is to report (the agent sends it with its next heartbeat)."""
-        return [
-            FailureCount(e.source, e.workstation, e.count, e.last_at)
-            for e in self._pending.values()
-        ]
-
-    def reported(self, sent: list[FailureCount]) -> None:
-        """The leader took ``sent``: keep only what came in since."""
-        for item in sent:
-            entry = self._pending.get(item.source)
-            if entry is None:
-                continue
-            entry.count -= item.count
-            if entry.count <= 0:
-                del self._pending[item.source]
 
 
 class Refused(TerminalError):

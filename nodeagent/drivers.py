@@ -18,19 +18,20 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import http.client
 import json
 import os
 import signal
+import socket
 import string
 import subprocess
 import sys
 import time
-from collections.abc import AsyncIterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import aiohttp
 from tenacity import AsyncRetrying, RetryError, retry_if_result, stop_after_delay, wait_fixed
 
 from nodeagent import clients as client_sources
@@ -173,8 +174,32 @@ class Driver(abc.ABC):
 # --- the reference server's admin protocol ----------------------------------------------------
 
 
+class _UnixHTTPConnection(http.client.HTTPConnection):
+    """HTTP/1.1 over a Unix socket: ``http.client`` speaks the protocol, only the connect
+    differs."""
+
+    def __init__(self, path: str, timeout: float) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self.path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.settimeout(self.timeout)
+            sock.connect(self.path)
+        except BaseException:
+            sock.close()
+            raise
+        self.sock = sock
+
+
 class AdminSocketClient:
     """HTTP over the managed server's local admin socket (the reference server's protocol).
+
+    The standard library's client, each call on a worker thread with a connection of its own
+    (a server restarted meanwhile is reached afresh): the agent asks for the server's status
+    with every heartbeat, for months, and aiohttp's client cost an idle agent 10 MiB of memory
+    (it is imported only for the bootstrap service, while that runs).
 
     With ``owner`` (the uid the server runs as) the socket is trusted only in a directory that
     user owns and nobody else can write (``tlsroll.fsutil.socket_dir_problem``): whoever can
@@ -185,23 +210,6 @@ class AdminSocketClient:
         self.socket_path = socket_path
         self.timeout = timeout
         self.owner = owner
-        self._shared: aiohttp.ClientSession | None = None
-
-    @contextlib.asynccontextmanager
-    async def reused(self) -> AsyncIterator[None]:
-        """Calls made inside share one client session (a readiness wait asks many times in a
-        few ms; a session per call costs more than the call). Each request still opens its own
-        connection, so a server restarted meanwhile is reached afresh."""
-        if self._shared is not None:
-            yield
-            return
-        connector = aiohttp.UnixConnector(path=str(self.socket_path), force_close=True)
-        async with aiohttp.ClientSession(connector=connector) as session:
-            self._shared = session
-            try:
-                yield
-            finally:
-                self._shared = None
 
     async def call(
         self,
@@ -217,38 +225,39 @@ class AdminSocketClient:
                 problem = f"{exc.strerror}: {exc.filename}"
             if problem is not None:
                 raise DriverError(f"not trusting the admin socket {self.socket_path}: {problem}")
-        client_timeout = aiohttp.ClientTimeout(total=timeout or self.timeout)
         try:
-            if self._shared is not None:
-                return await self._request(self._shared, method, path, body, client_timeout)
-            connector = aiohttp.UnixConnector(path=str(self.socket_path))
-            async with aiohttp.ClientSession(connector=connector) as session:
-                return await self._request(session, method, path, body, client_timeout)
-        except (aiohttp.ClientError, OSError, TimeoutError, json.JSONDecodeError) as exc:
+            status, raw = await asyncio.to_thread(
+                self._exchange, method, path, body, timeout or self.timeout
+            )
+            data = json.loads(raw)
+        except (http.client.HTTPException, OSError, ValueError) as exc:
             # The agent out of descriptors says nothing about the server: not "down", not a
-            # refused freeze (the transaction waits for descriptors, tlsroll.httpcheck).
+            # refused freeze (the transaction waits for descriptors, tlsroll.errors).
             raise_if_local(exc, f"calling the managed server's admin socket {self.socket_path}")
             raise DriverError(
                 f"managed server not answering on {self.socket_path}: {exc or type(exc).__name__}"
             ) from None
+        if status != 200:
+            raise DriverError(f"admin {path} answered {status}: {data}")
+        if not isinstance(data, dict):
+            raise DriverError(f"admin {path} answered {data!r}")
+        return data
 
-    @staticmethod
-    async def _request(
-        session: aiohttp.ClientSession,
-        method: str,
-        path: str,
-        body: Mapping[str, Any] | None,
-        timeout: aiohttp.ClientTimeout,
-    ) -> dict[str, Any]:
-        async with session.request(
-            method, f"http://localhost{path}", json=body, timeout=timeout
-        ) as resp:
-            data = await resp.json(content_type=None)
-            if resp.status != 200:
-                raise DriverError(f"admin {path} answered {resp.status}: {data}")
-            if not isinstance(data, dict):
-                raise DriverError(f"admin {path} answered {data!r}")
-            return data
+    def _exchange(
+        self, method: str, path: str, body: Mapping[str, Any] | None, timeout: float
+    ) -> tuple[int, bytes]:
+        """One request and its whole answer (blocking; on a worker thread)."""
+        conn = _UnixHTTPConnection(str(self.socket_path), timeout)
+        try:
+            if body is None:
+                conn.request(method, path)
+            else:
+                payload = json.dumps(body).encode()
+                conn.request(method, path, payload, {"Content-Type": "application/json"})
+            response = conn.getresponse()
+            return response.status, response.read()
+        finally:
+            conn.close()
 
 
 class _AdminSocketFreeze:
@@ -381,7 +390,7 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
         """Start the server and wait until it answers; DriverError at once if it exits.
 
         The child is watched between checks (its exit ends the wait at once), and readiness is
-        asked through one client session after 5 ms, then with a doubling wait up to 40 ms."""
+        asked after 5 ms, then with a doubling wait up to 40 ms."""
         try:
             child = await asyncio.to_thread(self._spawn)
         except OSError as exc:
@@ -390,19 +399,17 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
         self._children.append(child)
         deadline = time.monotonic() + timeout
         wait = READY_FIRST_WAIT
-        async with self.admin.reused():
-            while True:
-                await asyncio.sleep(wait)
-                if child.poll() is not None:
-                    raise DriverError(
-                        f"the server exited at start (code {child.returncode}): "
-                        f"{self._last_log_line()}"
-                    )
-                if self._pid() == child.pid and await self._ready():
-                    return
-                if time.monotonic() >= deadline:
-                    raise DriverError(f"the server did not answer within {timeout:g}s")
-                wait = min(wait * 2, READY_MAX_WAIT)
+        while True:
+            await asyncio.sleep(wait)
+            if child.poll() is not None:
+                raise DriverError(
+                    f"the server exited at start (code {child.returncode}): {self._last_log_line()}"
+                )
+            if self._pid() == child.pid and await self._ready():
+                return
+            if time.monotonic() >= deadline:
+                raise DriverError(f"the server did not answer within {timeout:g}s")
+            wait = min(wait * 2, READY_MAX_WAIT)
 
     async def _ready(self) -> bool:
         """The started server answers. The agent short of descriptors cannot tell yet: it

@@ -34,8 +34,8 @@ from typing import Protocol
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from nodeagent.bootstrap_server import FailureCount, FailureLog
 from nodeagent.config import AgentConfig
+from nodeagent.failure_log import FailureCount, FailureLog
 from nodeagent.identity import Identity
 from nodeagent.journal import Journal
 from nodeagent.trust import LeaderTrust

@@ -30,10 +30,10 @@ from nodeagent.bootstrap_server import (
     BootstrapService,
     Busy,
     ExchangeTable,
-    FailureLog,
     Guard,
     Limits,
 )
+from nodeagent.failure_log import FailureLog
 from tests.conftest import IssuedCert
 from tlsroll import bootstrap_protocol as proto
 from tlsroll import password, pki

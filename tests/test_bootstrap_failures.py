@@ -19,7 +19,7 @@ from leader.cli.draw import render_failures
 from leader.schema_store import SchemaStore
 from leader.schema_view import schema_message
 from leader.service import failure_rows
-from nodeagent.bootstrap_server import FailureLog
+from nodeagent.failure_log import FailureLog
 from nodeagent.leader_link import failure_messages
 from tlsroll import peertext
 from tlsroll.v1 import leader_pb2

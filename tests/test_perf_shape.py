@@ -35,7 +35,7 @@ from leader.schema_store import RolloutMeta, SchemaStore
 from leader.service import LeaderService, LeaderState
 from leader.store import NodeCert, Store
 from tests.cluster import Cluster, child_env
-from tests.refserver_helper import write_toml
+from tests.refserver_helper import RefServer, write_toml
 from tlsroll import pki, spiffe
 from tlsroll.defaults import AGENT_PORT, CONTROL_PORT
 from tlsroll.v1 import agent_pb2, leader_pb2, leader_pb2_grpc
@@ -100,6 +100,44 @@ def test_the_running_agent_holds_no_terminal_ui_nor_cli_libraries(
     assert "nodeagent" in tops and "grpc" in tops  # it did run
     assert tops & NOT_IN_AGENT == set()
     assert tops & OTHER_ROLES == set()
+
+
+def test_an_idle_agent_holds_no_http_library_until_its_bootstrap_service_runs(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Issue 15: an idle agent held aiohttp (10 MiB of its 74): the reference driver's client
+    for the status every heartbeat asks, and the bootstrap service, imported at start though it
+    runs only once the node serves https with an auth password. A real agent managing a real
+    reference server, heartbeating with its status, holds neither now."""
+    with Cluster(tmp_path / "cluster", loopback()) as cluster:
+        cluster.init()
+        cluster.start_leader()
+        address = loopback()
+        server = RefServer(tmp_path / "server", address)
+        server.start()
+        try:
+            config = cluster.agent_config(
+                "lean2", address, cluster.create_token("lean2", address), tmp_path / "agent"
+            )
+            config["server"] = {"driver": "reference", "config_file": server.config_path}
+            out = tmp_path / "modules.txt"
+            done = subprocess.run(
+                [
+                    sys.executable, "-c", HARNESS, address, str(AGENT_PORT), str(out),
+                    str(write_toml(tmp_path / "agent.toml", config)),
+                ],
+                capture_output=True, text=True, timeout=60, env=child_env(), check=False,
+            )  # fmt: skip
+            assert done.returncode == 0, done.stderr
+            listed = json.loads(cluster.cli("nodes", "--json").stdout)
+        finally:
+            server.close()
+    (node,) = listed
+    assert node["name"] == "lean2" and node["server"] == "http"  # its status, from a heartbeat
+    modules = out.read_text().split()
+    assert "nodeagent.drivers" in modules
+    assert {m for m in modules if m.split(".")[0] == "aiohttp"} == set()
+    assert "nodeagent.bootstrap_server" not in modules
 
 
 # --- the leader at 500 nodes -------------------------------------------------------------------
