@@ -529,7 +529,8 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         )
 
     def _snapshot_read(self, done: asyncio.Future[Snapshot]) -> None:
-        self._reading = None
+        if self._reading is done:
+            self._reading = None
         if not done.cancelled() and done.exception() is None:
             snap = done.result()
             if self._snapshot is None or snap.generation >= self._snapshot.generation:
@@ -549,12 +550,14 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             return snap
         while True:
             reading = self._reading
-            if reading is None:
+            # A read that has ended but whose callback has not run yet is no read to wait
+            # for: awaiting it would not yield, and this loop would spin on it for ever.
+            if reading is None or reading.done():
                 reading = asyncio.ensure_future(asyncio.to_thread(self._read_snapshot))
                 reading.add_done_callback(self._snapshot_read)
                 self._reading = reading
             snap = await asyncio.shield(reading)
-            if snap.generation >= wanted:
+            if snap.generation >= wanted:  # else it began before the write we must see
                 return snap
 
     async def _heartbeat(

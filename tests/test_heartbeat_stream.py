@@ -184,6 +184,41 @@ async def test_a_heartbeat_that_says_nothing_new_runs_no_sql_and_no_worker_threa
         store.close()
 
 
+async def test_a_read_of_the_store_that_ended_before_its_callback_ran_is_not_waited_on(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found by the 200-node benchmark, where the leader hung: a heartbeat that ran between
+    the end of a snapshot read and its done-callback found that read still "in flight",
+    awaited it (which does not yield: it has ended), found it older than a write it must see,
+    and went round again for ever. It must read anew instead."""
+    store = Store(tmp_path / "leader.sqlite3")
+    try:
+        state = LeaderState(
+            store=store,
+            ca=pki.CertificateAuthority.create(),
+            clock=lambda: dt.datetime.now(dt.UTC),
+            heartbeat_interval=5,
+        )
+        service = LeaderService(state)
+        ended: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        ended.set_result(service._read_snapshot())  # ended; its callback has not run
+        service._reading = ended
+        store.advance_epoch(7, now=dt.datetime.now(dt.UTC), actor="test")  # a write after it
+        awaited: list[object] = []
+        shield = asyncio.shield
+
+        def counting(arg: Any) -> Any:
+            awaited.append(arg)
+            assert len(awaited) < 5, "snapshot() goes round and round"
+            return shield(arg)
+
+        monkeypatch.setattr(asyncio, "shield", counting)
+        snap = await service.snapshot()
+        assert snap.epoch == 7 and snap.generation == store.db.generation
+    finally:
+        store.close()
+
+
 # --- one leader, nodes enrolled by hand: the stream's security --------------------------------
 
 
