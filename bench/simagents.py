@@ -28,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import math
@@ -51,10 +52,12 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from bench.common import (
     NO_DEBUG,
+    Fsyncs,
     Reading,
     address,
     cpu_seconds,
     enable_tls_request,
+    fsyncs_per_node,
     get_schema,
     log_says_ended,
     seconds,
@@ -467,6 +470,7 @@ class Result:
     after: Reading
     state: str
     nofile: str
+    fsyncs: int | None = None  # the leader's, during the rollout (--fsyncs)
 
 
 def leader_nofile(pid: int) -> str:
@@ -499,6 +503,7 @@ def one_run(
     idle: float,
     max_parallel: int,
     nofile: int,
+    fsyncs: bool = False,
 ) -> Result:
     cluster = Cluster(
         root / "cluster",
@@ -563,7 +568,11 @@ def one_run(
         t0 = time.monotonic()
         # A refusal may name hundreds of nodes: let its message through whole.
         options = [("grpc.max_metadata_size", 1 << 20)]
-        with grpc.insecure_channel(f"unix:{cluster.admin_socket}", options) as channel:
+        counting = Fsyncs(pid, root / "strace.txt")
+        with (
+            counting if fsyncs else contextlib.nullcontext(),
+            grpc.insecure_channel(f"unix:{cluster.admin_socket}", options) as channel,
+        ):
             try:
                 view = admin_pb2_grpc.AdminStub(channel).StartRollout(
                     enable_tls_request(max_parallel), timeout=120
@@ -597,6 +606,7 @@ def one_run(
             after=after,
             state=types_pb2.RolloutState.Name(view.state).removeprefix("ROLLOUT_STATE_").lower(),
             nofile=leader_nofile(pid),
+            fsyncs=counting.count,
         )
     finally:
         for p in procs:
@@ -622,6 +632,12 @@ def main(argv: list[str] | None = None) -> int:
         "--nofile", type=int, default=0, help="the leader's open-file limit (0: inherit)"
     )
     parser.add_argument("--keep", action="store_true", help="keep the run directories")
+    parser.add_argument(
+        "--fsyncs",
+        action="store_true",
+        help="count the leader's fsyncs during the rollout (strace: its CPU figures then "
+        "compare with no other run)",
+    )
     ns = parser.parse_args(argv)
     if ns.worker is not None:
         return worker_main(ns.worker)
@@ -634,6 +650,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{'nodes':>5} {'outcome':>9} {'wall s':>7} {'CPU/node ms':>11} {'net ms':>7} "
         f"{'HB leader ms':>12} {'HB agent ms':>11} {'RSS MiB':>7} {'files':>5} "
         f"{'idle RSS':>8} {'idle files':>10} {'nofile':>6}"
+        + (f" {'fsync/node':>10}" if ns.fsyncs else "")
     )
     for n in sizes:
         root = Path(tempfile.mkdtemp(prefix="tlsroll-sim-"))
@@ -646,6 +663,7 @@ def main(argv: list[str] | None = None) -> int:
                 idle=ns.idle,
                 max_parallel=ns.max_parallel,
                 nofile=ns.nofile,
+                fsyncs=ns.fsyncs,
             )
         finally:
             if not ns.keep:
@@ -654,7 +672,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r.nodes:>5} {r.state:>9} {r.wall:>7.1f} {r.cpu_per_node:>11.1f} "
             f"{r.cpu_per_node_net:>7.1f} {r.hb_leader_ms:>12.2f} {r.hb_agent_ms:>11.2f} "
             f"{r.after.rss:>7.1f} {r.after.files:>5} {r.idle_rss:>8.1f} {r.idle_files:>10} "
-            f"{r.nofile:>6}",
+            f"{r.nofile:>6}" + (f" {fsyncs_per_node(r.fsyncs, r.nodes):>10}" if ns.fsyncs else ""),
             flush=True,
         )
     print(
