@@ -11,7 +11,10 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
+import signal
 import statistics
+import subprocess
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -101,6 +104,48 @@ class Reading:
     @classmethod
     def of(cls, pid: int) -> Reading:
         return cls(cpu_seconds(pid), rss_mib(pid), open_files(pid))
+
+
+class Fsyncs:
+    """Counts a process's fsync and fdatasync calls (all its threads) while the ``with`` block
+    runs, with ``strace -c``: the durable writes (with ``synchronous=FULL`` each SQLite commit
+    is one, a WAL checkpoint a few). strace stops the process at each of its system calls, so
+    a run that counts has CPU and wall figures that compare with no other. ``count`` stays
+    None without strace or if it could not attach."""
+
+    def __init__(self, pid: int, out: Path) -> None:
+        self.pid = pid
+        self.out = out
+        self.count: int | None = None
+        self._proc: subprocess.Popen[bytes] | None = None
+
+    def __enter__(self) -> Fsyncs:
+        if shutil.which("strace") is None:
+            return self
+        command = ["strace", "-f", "-c", "-e", "trace=fsync,fdatasync", "-o", str(self.out)]
+        self._proc = subprocess.Popen(
+            [*command, "-p", str(self.pid)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        assert self._proc.stderr is not None
+        self._proc.stderr.readline()  # "Process N attached": it counts from here
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        if self._proc is None:
+            return
+        self._proc.send_signal(signal.SIGINT)  # detach and write the summary (then it dies of
+        self._proc.wait(30)  # the signal, so its exit status says nothing)
+        text = self.out.read_text() if self.out.exists() else ""
+        counts = [
+            int(line.split()[3])
+            for line in text.splitlines()
+            if line.split()[-1:] in (["fsync"], ["fdatasync"]) and len(line.split()) >= 5
+        ]
+        self.count = sum(counts) if "syscall" in text else None
+
+
+def fsyncs_per_node(count: int | None, nodes: int) -> str:
+    return "n/a" if count is None else f"{count / nodes:.1f}"
 
 
 # --- figures ----------------------------------------------------------------------------------

@@ -45,6 +45,7 @@ import grpc
 from bench import ansible_baseline
 from bench.common import (
     NO_DEBUG,
+    Fsyncs,
     Reading,
     address,
     enable_tls_request,
@@ -159,6 +160,7 @@ class Run:
     writes: Writes
     state: str
     ansible: ansible_baseline.Result | None
+    fsyncs: int | None = None  # the leader's, during the rollout (--fsyncs)
 
     @property
     def overhead(self) -> float:
@@ -170,7 +172,7 @@ class Run:
         return [f - bare for f in self.freezes]
 
 
-def one_run(root: Path, n: int, *, ansible: bool, restarts: int) -> Run:
+def one_run(root: Path, n: int, *, ansible: bool, restarts: int, fsyncs: bool = False) -> Run:
     cluster = Cluster(
         root / "cluster", address(0), heartbeat_interval=5, agent_heartbeat_interval=5
     )
@@ -188,7 +190,11 @@ def one_run(root: Path, n: int, *, ansible: bool, restarts: int) -> Run:
         thread.start()
         pid = cluster.leader.pid
         before = Reading.of(pid)
-        with grpc.insecure_channel(f"unix:{cluster.admin_socket}") as channel:
+        counting = Fsyncs(pid, root / "strace.txt")
+        with (
+            counting if fsyncs else contextlib.nullcontext(),
+            grpc.insecure_channel(f"unix:{cluster.admin_socket}") as channel,
+        ):
             view = admin_pb2_grpc.AdminStub(channel).StartRollout(enable_tls_request(), timeout=60)
             wait_for(
                 lambda: log_says_ended(cluster.leader.log_path, view.id),
@@ -225,6 +231,7 @@ def one_run(root: Path, n: int, *, ansible: bool, restarts: int) -> Run:
             writes=writes,
             state=types_pb2.RolloutState.Name(view.state),
             ansible=baseline,
+            fsyncs=counting.count,
         )
     finally:
         for node in nodes:
@@ -272,6 +279,12 @@ def report(runs: Sequence[Run]) -> None:
     print(f"  leader CPU per node:      {summary([r.cpu / r.nodes for r in runs], 'ms', ms, 1)}")
     print(f"  leader RSS after:         {summary([r.after.rss for r in runs], 'MiB')}")
     print(f"  leader open files after:  {summary([r.after.files for r in runs], 'fds', digits=0)}")
+    if any(r.fsyncs is not None for r in runs):
+        counted = [r.fsyncs / r.nodes for r in runs if r.fsyncs is not None]
+        print(
+            f"  leader fsyncs per node:   {summary(counted, '', digits=1)} "
+            "(strace: CPU not comparable)"
+        )
     writes = [r.writes for r in runs]
     print(
         "  writes during rollout:    "
@@ -297,12 +310,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--restarts", type=int, default=5, help="bare restarts per run")
     parser.add_argument("--ansible", type=int, default=1, help="0: leave out the baseline")
     parser.add_argument("--keep", action="store_true", help="keep the run directories")
+    parser.add_argument(
+        "--fsyncs",
+        action="store_true",
+        help="count the leader's fsyncs during the rollout (strace: its CPU figures then "
+        "compare with no other run)",
+    )
     ns = parser.parse_args(argv)
     runs = []
     for i in range(ns.runs):
         root = Path(tempfile.mkdtemp(prefix="tlsroll-bench-"))
         try:
-            run = one_run(root, ns.nodes, ansible=bool(ns.ansible), restarts=ns.restarts)
+            run = one_run(
+                root, ns.nodes, ansible=bool(ns.ansible), restarts=ns.restarts, fsyncs=ns.fsyncs
+            )
         finally:
             if not ns.keep:
                 shutil.rmtree(root, ignore_errors=True)

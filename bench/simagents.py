@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import math
@@ -57,10 +58,12 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from bench.common import (
     NO_DEBUG,
+    Fsyncs,
     Reading,
     address,
     cpu_seconds,
     enable_tls_request,
+    fsyncs_per_node,
     get_schema,
     inbound_connections,
     log_says_ended,
@@ -519,6 +522,7 @@ class Result:
     after: Reading
     state: str
     nofile: str
+    fsyncs: int | None = None  # the leader's, during the rollout (--fsyncs)
 
 
 def leader_nofile(pid: int) -> str:
@@ -554,6 +558,7 @@ def one_run(
     heartbeat: str,
     clients: int,
     baseline: float,
+    fsyncs: bool = False,
 ) -> Result:
     cluster = Cluster(
         root / "cluster",
@@ -626,7 +631,11 @@ def one_run(
         t0 = time.monotonic()
         # A refusal may name hundreds of nodes: let its message through whole.
         options = [("grpc.max_metadata_size", 1 << 20)]
-        with grpc.insecure_channel(f"unix:{cluster.admin_socket}", options) as channel:
+        counting = Fsyncs(pid, root / "strace.txt")
+        with (
+            counting if fsyncs else contextlib.nullcontext(),
+            grpc.insecure_channel(f"unix:{cluster.admin_socket}", options) as channel,
+        ):
             try:
                 view = admin_pb2_grpc.AdminStub(channel).StartRollout(
                     enable_tls_request(max_parallel), timeout=120
@@ -663,6 +672,7 @@ def one_run(
             after=after,
             state=types_pb2.RolloutState.Name(view.state).removeprefix("ROLLOUT_STATE_").lower(),
             nofile=leader_nofile(pid),
+            fsyncs=counting.count,
         )
     finally:
         for p in procs:
@@ -703,6 +713,12 @@ def main(argv: list[str] | None = None) -> int:
         help="seconds the leader's CPU is measured with no agent (its own idle work)",
     )
     parser.add_argument("--keep", action="store_true", help="keep the run directories")
+    parser.add_argument(
+        "--fsyncs",
+        action="store_true",
+        help="count the leader's fsyncs during the rollout (strace: its CPU figures then "
+        "compare with no other run)",
+    )
     ns = parser.parse_args(argv)
     if ns.worker is not None:
         return worker_main(ns.worker)
@@ -716,6 +732,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{'nodes':>5} {'outcome':>9} {'wall s':>7} {'CPU/node ms':>11} {'net ms':>7} "
         f"{'HB leader ms':>12} {'net':>5} {'HB agent ms':>11} {'RSS MiB':>7} {'files':>5} "
         f"{'idle RSS':>8} {'idle files':>10} {'inbound':>7} {'nofile':>6}"
+        + (f" {'fsync/node':>10}" if ns.fsyncs else "")
     )
     for n in sizes:
         root = Path(tempfile.mkdtemp(prefix="tlsroll-sim-"))
@@ -731,6 +748,7 @@ def main(argv: list[str] | None = None) -> int:
                 heartbeat=ns.heartbeat,
                 clients=ns.clients,
                 baseline=ns.baseline,
+                fsyncs=ns.fsyncs,
             )
         finally:
             if not ns.keep:
@@ -740,7 +758,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{r.cpu_per_node_net:>7.1f} {r.hb_leader_ms:>12.2f} {r.hb_leader_net_ms:>5.2f} "
             f"{r.hb_agent_ms:>11.2f} "
             f"{r.after.rss:>7.1f} {r.after.files:>5} {r.idle_rss:>8.1f} {r.idle_files:>10} "
-            f"{r.idle_inbound:>7} {r.nofile:>6}",
+            f"{r.idle_inbound:>7} {r.nofile:>6}"
+            + (f" {fsyncs_per_node(r.fsyncs, r.nodes):>10}" if ns.fsyncs else ""),
             flush=True,
         )
     print(

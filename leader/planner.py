@@ -33,7 +33,10 @@ Decisions, in the order ``next_actions`` makes them:
 * Switch: ``staged`` nodes begin their switch in ``running`` and ``paused`` (pause stops new
   nodes, not nodes in flight). Pipelining: at most ``max_parallel`` nodes switch or confirm at
   once, and a staged node begins only when no node before it in ``order`` is still to begin
-  (the switch order is the rollout's order; a node prepared early waits its turn). With
+  (the switch order is the rollout's order; a node prepared early waits its turn), and none
+  begins while the rollout is paused (staged, nothing live has changed on it: the pause holds
+  it, as it holds a pending node; without pipelining a staged node is the one whose turn
+  had begun, and it switches); nor is a scope freeze begun for it. With
   ``FreezeMode.SCOPE`` the first switch waits until every node in scope that has not failed or
   been skipped is frozen; until then the plan holds FREEZE steps.
 * Settle: no node pending or in flight → UNFREEZE steps for frozen nodes; once none is frozen,
@@ -381,6 +384,8 @@ def next_actions(
 
     to_freeze: list[str] = []
     staged = [name for name in rollout.order if after[name] is NodeState.STAGED]
+    if prepare_ahead > 0 and state is RolloutState.PAUSED:
+        staged = []  # prepared ahead, nothing live changed: a pause holds it (and freezes none)
     if staged and rollout.freeze is FreezeMode.SCOPE:
         to_freeze = [
             r.name

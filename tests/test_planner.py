@@ -238,6 +238,36 @@ def test_pipelining_keeps_the_seeds_safety_a_failed_switch_switches_nothing_else
     assert eng.status() is R.HALTED
 
 
+@pytest.mark.parametrize("freeze", [FreezeMode.NODE, FreezeMode.SCOPE])
+def test_pipelining_a_pause_holds_the_node_prepared_ahead(freeze: FreezeMode) -> None:
+    """Paused while a switches and b is being prepared: a finishes, b ends its stage and waits,
+    staged (nothing live has changed on it), until the rollout is resumed; no scope freeze
+    begins for it meanwhile. Before, b switched once a was done, paused or not: with
+    pipelining, a pause let one more node change live."""
+    eng = Engine.cluster(prepare_ahead=1, freeze=freeze)
+    eng.admin(RE.START)
+    eng.succeed("a")
+    plan = eng.succeed("a")  # a staged: it switches (with a scope freeze: once all are frozen)
+    if freeze is FreezeMode.SCOPE:
+        plan = eng.ack(plan)
+    assert plan.nodes_with_event(NE.SWITCH) == ("a",)
+    eng.admin(RE.PAUSE)
+    eng.finish("b")
+    plan = eng.finish("a")
+    assert eng.states() == {"a": N.DONE, "b": N.STAGED, "c": N.PENDING}
+    assert plan.nodes_with_event(NE.SWITCH) == () and plan.nodes_with_event(NE.START) == ()
+    if freeze is FreezeMode.SCOPE:  # the nodes stay frozen for the rollout; none newly
+        assert plan.nodes_with_step(Step.FREEZE) == ()
+    plan = eng.admin(RE.RESUME)
+    assert plan.nodes_with_event(NE.SWITCH) == ("b",)
+    assert plan.nodes_with_event(NE.START) == ("c",)
+    eng.finish("b")
+    plan = eng.finish("c")
+    if freeze is FreezeMode.SCOPE:
+        eng.ack(plan)  # the unfreeze at the end
+    assert eng.status() is R.COMPLETED
+
+
 def test_two_at_a_time() -> None:
     eng = Engine.cluster(max_parallel=2)
     plan = eng.admin(RE.START)

@@ -303,6 +303,7 @@ def test_the_kept_rollout_follows_every_writer_and_refuses_stale_records(
     records[0] = records[0].with_event(NodeEvent.START)
     with pytest.raises(StaleRecords):
         engine.save_states(kept, kept.rollout, records, NOW, "engine")
+    assert engine.get("r1") is row  # a refusal wrote nothing: what is kept still holds
 
     # Another connection resumes it and starts a node: seen at once too.
     kept = engine.get("r1")

@@ -180,8 +180,8 @@ class Database:
     node). It is valid for this connection's own writes only if the store that writes also
     updates it, inside the same transaction (``tx``), and it is dropped whole when another
     connection (a test, another process) has committed to the file since this one last looked
-    (SQLite's ``data_version``), and when a transaction fails. Read and write it only inside
-    ``read`` or ``tx``, under the lock.
+    (SQLite's ``data_version``), and when a transaction that wrote fails. Read and write it
+    only inside ``read`` or ``tx``, under the lock; a store changes it only after its writes.
 
     ``transactions``, ``commits``: how many write transactions ran, and how many of them
     changed a row (each such commit is an fsync of the WAL with ``synchronous=FULL``).
@@ -250,9 +250,11 @@ class Database:
                 if not routine:
                     self.generation += 1
             except BaseException:
-                # What a store put in the cache for this transaction is not what the file
-                # holds now.
-                self.cache.clear()
+                # What a store put in the cache after its writes is not what the file holds
+                # now. A transaction that wrote nothing (a store's refusal, such as a write on
+                # stale records) leaves the file, and so the cache, as they were.
+                if self._db.total_changes != changes:
+                    self.cache.clear()
                 # SQLite may have rolled back already (a full disk, an I/O error): a ROLLBACK
                 # then fails and would hide the error that matters. A failed COMMIT may leave
                 # the transaction open: without this, every later BEGIN would fail.
