@@ -518,6 +518,13 @@ def test_an_agent_falls_back_to_unary_with_an_older_leader_and_returns_to_the_st
             server.stop(None).wait(10)
         assert agent_events(agent, "heartbeat.unary")
         seen = len(agent.log_events())
+        # The leader away for a heartbeat (as during an upgrade): the agent tries the stream
+        # again with the next leader.
+        wait_until(
+            lambda: any(e.get("event") == "heartbeat.failed" for e in agent.log_events()[seen:]),
+            20,
+            "a heartbeat that found no leader",
+        )
         c.start_leader()  # upgraded: the agent comes back on the stream
         c.wait_for_nodes_online(["hb-old"])
 
