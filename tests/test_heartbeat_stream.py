@@ -31,7 +31,8 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from leader.layout import read_passphrase
-from leader.service import LeaderService, LeaderState
+from leader.planner import report_stale_after
+from leader.service import LeaderService, LeaderState, clients_persist
 from leader.store import NodeCert, Store
 from tests.cluster import Cluster, csr_pem, enrol, enrol_request, wait_until
 from tests.conftest import next_loopback
@@ -177,6 +178,16 @@ async def test_a_heartbeat_that_says_nothing_new_runs_no_sql_and_no_worker_threa
             clock[0] += dt.timedelta(seconds=1)
             await send(beat(5, "ws-empfang", "ws-labor"))  # a new workstation: written
             assert any("INSERT INTO node_clients" in s for s in statements)
+            statements.clear()
+            clock[0] += dt.timedelta(seconds=1)
+            await send(beat(6, "ws-empfang", "ws-labor"))
+            assert statements == []
+            # The same report, once the stored one is getting old (half the age at which the
+            # engine stops trusting it): written again, so it never looks stale.
+            clock[0] += clients_persist(state.heartbeat_interval)
+            await send(beat(7, "ws-empfang", "ws-labor"))
+            assert any("INSERT INTO node_clients" in s for s in statements)
+            assert clients_persist(5) < report_stale_after(5)
             if stream is not None:
                 await stream.done_writing()
     finally:
