@@ -151,7 +151,8 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     bind(join, hostport(cfg.address, cfg.join_port), join_creds)
 
     control = grpc.aio.server(options=SERVER_OPTIONS)
-    leader_pb2_grpc.add_LeaderServicer_to_server(LeaderService(state), control)
+    leader_service = LeaderService(state)
+    leader_pb2_grpc.add_LeaderServicer_to_server(leader_service, control)
     await add_standard_services(control, [_service(leader_pb2, "Leader")])
     bind(control, hostport(cfg.address, cfg.control_port), control_creds)
 
@@ -268,6 +269,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     log.info("leader.stopping", grace_seconds=GRACE_SECONDS)
     if viewer is not None:
         await viewer.stop()
+    leader_service.close_streams()  # else the graceful stop waits out its grace for them
     await asyncio.gather(*(s.stop(GRACE_SECONDS) for s in servers))
     await relay.stop()
     await engine_task

@@ -511,7 +511,12 @@ def test_an_agent_falls_back_to_unary_with_an_older_leader_and_returns_to_the_st
         c.start_leader()
         agent = c.add_agent("hb-old", next_loopback())
         c.wait_for_nodes_online(["hb-old"])
+        wait_until(lambda: bool(agent_events(agent, "heartbeat.ok")), 10, "the agent beating")
         c.stop_leader()
+        # The leader ended the agent's stream itself (its graceful stop would otherwise wait
+        # out the whole grace period for a stream that never ends).
+        closed = [e for e in c.leader.log_events() if e.get("event") == "heartbeat.streams_closed"]
+        assert closed and closed[0]["streams"] >= 1
         older = OlderLeader()
         chain, key = c.leader_credentials()
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
