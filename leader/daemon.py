@@ -46,7 +46,7 @@ from leader.schema_view import SchemaViewService
 from leader.service import EnrolmentService, LeaderService, LeaderState
 from leader.store import Store
 from leader.viewer.server import Viewer
-from tlsroll import __version__, keywrap, logs, malloc, pki
+from tlsroll import __version__, keywrap, logs, pki
 from tlsroll.daemon import sd_notify, stop_event, watchdog
 from tlsroll.defaults import LEADER_NAME
 from tlsroll.errors import ConfigError, TerminalError, TlsrollError
@@ -296,7 +296,6 @@ def main(argv: list[str] | None = None) -> int:
         "enrolled nodes are re-learned from their agents for 24 h",
     )
     ns = parser.parse_args(argv)
-    malloc.limit_arenas()  # before the worker threads: see tlsroll.malloc
     try:
         cfg = LeaderConfig.load(ns.config)
         logs.configure(level=logs.level_of(ns.log_level or cfg.log_level))
