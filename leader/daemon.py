@@ -46,7 +46,7 @@ from leader.schema_view import SchemaViewService
 from leader.service import EnrolmentService, LeaderService, LeaderState
 from leader.store import Store
 from leader.viewer.server import Viewer
-from tlsroll import __version__, keywrap, logs, malloc, pki
+from tlsroll import __version__, keywrap, logs, pki
 from tlsroll.daemon import sd_notify, stop_event, watchdog
 from tlsroll.defaults import LEADER_NAME
 from tlsroll.errors import ConfigError, TerminalError, TlsrollError
@@ -151,7 +151,8 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     bind(join, hostport(cfg.address, cfg.join_port), join_creds)
 
     control = grpc.aio.server(options=SERVER_OPTIONS)
-    leader_pb2_grpc.add_LeaderServicer_to_server(LeaderService(state), control)
+    leader_service = LeaderService(state)
+    leader_pb2_grpc.add_LeaderServicer_to_server(leader_service, control)
     await add_standard_services(control, [_service(leader_pb2, "Leader")])
     bind(control, hostport(cfg.address, cfg.control_port), control_creds)
 
@@ -268,6 +269,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     log.info("leader.stopping", grace_seconds=GRACE_SECONDS)
     if viewer is not None:
         await viewer.stop()
+    leader_service.close_streams()  # else the graceful stop waits out its grace for them
     await asyncio.gather(*(s.stop(GRACE_SECONDS) for s in servers))
     await relay.stop()
     await engine_task
@@ -294,7 +296,6 @@ def main(argv: list[str] | None = None) -> int:
         "enrolled nodes are re-learned from their agents for 24 h",
     )
     ns = parser.parse_args(argv)
-    malloc.limit_arenas()  # before the worker threads: see tlsroll.malloc
     try:
         cfg = LeaderConfig.load(ns.config)
         logs.configure(level=logs.level_of(ns.log_level or cfg.log_level))

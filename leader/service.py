@@ -425,6 +425,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         self._reading: asyncio.Future[Snapshot] | None = None
         # node -> what its last stored client report said (``clients_said``), and when.
         self._clients: dict[str, tuple[tuple[object, ...], dt.datetime]] = {}
+        self._streams: set[asyncio.Task[Any]] = set()  # serving a Heartbeats stream now
 
     async def _caller(self, context: Ctx) -> str:
         name, _ = await self._caller_cert(context)
@@ -647,8 +648,25 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         be, and a refusal ends the stream with its status (the agent opens a new one, with a
         new certificate if it has one, or falls silent)."""
         caller = self._identify(context)
-        async for request in requests:
-            yield await self._heartbeat(caller, request, context)
+        task = asyncio.current_task()
+        assert task is not None
+        self._streams.add(task)
+        try:
+            async for request in requests:
+                yield await self._heartbeat(caller, request, context)
+        finally:
+            self._streams.discard(task)
+
+    def close_streams(self) -> int:
+        """End every open Heartbeats stream (the leader is stopping): a stream never ends by
+        itself, and the server's graceful stop would wait its whole grace period for them.
+        Each agent sees its stream broken and opens a new one with its next heartbeat."""
+        streams = list(self._streams)
+        for task in streams:
+            task.cancel()
+        if streams:
+            log.info("heartbeat.streams_closed", streams=len(streams))
+        return len(streams)
 
     @map_errors(ERRORS)
     async def SignWorkstationCertificate(

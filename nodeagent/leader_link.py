@@ -16,7 +16,8 @@ unary call costs the leader several times the CPU of a message on an open stream
 that breaks (the leader restarted, refused the certificate, did not answer within the
 interval) is dropped and the next heartbeat opens a new one, on the usual schedule. A leader
 older than that RPC answers UNIMPLEMENTED: the agent then sends unary ``Heartbeat`` calls,
-and tries the stream again once that leader has been unreachable (it may come back upgraded).
+and tries the stream again once that leader has been unreachable or after
+``STREAM_RETRY_BEATS`` calls (it may have been upgraded).
 
 The link also carries the agent's certificate renewal (``renew``; ``nodeagent.renewal``) and
 the renewal's status in each heartbeat; ``use`` reconnects it with the renewed certificate
@@ -46,6 +47,9 @@ from tlsroll.v1 import agent_pb2, leader_pb2, leader_pb2_grpc
 
 log = logs.get_logger(__name__)
 SERVER_VIEW_SECONDS = 2.0  # a heartbeat does not wait longer for the server's status
+# With a leader that has no heartbeat stream, the stream is tried again after this many unary
+# heartbeats (and after the leader was unreachable): an upgrade may have brought it.
+STREAM_RETRY_BEATS = 60
 
 
 def failure_messages(sent: list[FailureCount]) -> list[leader_pb2.BootstrapFailure]:
@@ -123,6 +127,7 @@ class LeaderLink:
         self._stream: Beats | None = None
         # False once the leader answered UNIMPLEMENTED to the stream (older than it).
         self.streaming = True
+        self._unary_beats = 0
 
     def _connect(
         self, identity: Identity
@@ -181,7 +186,11 @@ class LeaderLink:
                 why = f"ended: {code.name}" if code is not None else "no reply within the interval"
                 raise TimeoutError(f"the heartbeat stream {why}") from None
             self.streaming = False
+            self._unary_beats = 0
             log.info("heartbeat.unary", leader=self.target, reason="the leader has no stream")
+        self._unary_beats += 1
+        if self._unary_beats >= STREAM_RETRY_BEATS:  # the leader may have been upgraded
+            self.streaming = True
         return await self.stub.Heartbeat(request, timeout=timeout)
 
     async def renew(self, csr_pem: bytes) -> bytes:

@@ -31,7 +31,8 @@ import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from leader.layout import read_passphrase
-from leader.service import LeaderService, LeaderState
+from leader.planner import report_stale_after
+from leader.service import LeaderService, LeaderState, clients_persist
 from leader.store import NodeCert, Store
 from tests.cluster import Cluster, csr_pem, enrol, enrol_request, wait_until
 from tests.conftest import next_loopback
@@ -177,6 +178,16 @@ async def test_a_heartbeat_that_says_nothing_new_runs_no_sql_and_no_worker_threa
             clock[0] += dt.timedelta(seconds=1)
             await send(beat(5, "ws-empfang", "ws-labor"))  # a new workstation: written
             assert any("INSERT INTO node_clients" in s for s in statements)
+            statements.clear()
+            clock[0] += dt.timedelta(seconds=1)
+            await send(beat(6, "ws-empfang", "ws-labor"))
+            assert statements == []
+            # The same report, once the stored one is getting old (half the age at which the
+            # engine stops trusting it): written again, so it never looks stale.
+            clock[0] += clients_persist(state.heartbeat_interval)
+            await send(beat(7, "ws-empfang", "ws-labor"))
+            assert any("INSERT INTO node_clients" in s for s in statements)
+            assert clients_persist(5) < report_stale_after(5)
             if stream is not None:
                 await stream.done_writing()
     finally:
@@ -500,7 +511,12 @@ def test_an_agent_falls_back_to_unary_with_an_older_leader_and_returns_to_the_st
         c.start_leader()
         agent = c.add_agent("hb-old", next_loopback())
         c.wait_for_nodes_online(["hb-old"])
+        wait_until(lambda: bool(agent_events(agent, "heartbeat.ok")), 10, "the agent beating")
         c.stop_leader()
+        # The leader ended the agent's stream itself (its graceful stop would otherwise wait
+        # out the whole grace period for a stream that never ends).
+        closed = [e for e in c.leader.log_events() if e.get("event") == "heartbeat.streams_closed"]
+        assert closed and closed[0]["streams"] >= 1
         older = OlderLeader()
         chain, key = c.leader_credentials()
         server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
@@ -518,6 +534,13 @@ def test_an_agent_falls_back_to_unary_with_an_older_leader_and_returns_to_the_st
             server.stop(None).wait(10)
         assert agent_events(agent, "heartbeat.unary")
         seen = len(agent.log_events())
+        # The leader away for a heartbeat (as during an upgrade): the agent tries the stream
+        # again with the next leader.
+        wait_until(
+            lambda: any(e.get("event") == "heartbeat.failed" for e in agent.log_events()[seen:]),
+            20,
+            "a heartbeat that found no leader",
+        )
         c.start_leader()  # upgraded: the agent comes back on the stream
         c.wait_for_nodes_online(["hb-old"])
 
