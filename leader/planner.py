@@ -214,6 +214,11 @@ class Plan:
     node_events: tuple[NodeEventAction, ...] = ()
     steps: tuple[StepAction, ...] = ()
 
+    @property
+    def nodes_with_events(self) -> tuple[str, ...]:
+        """Names of the nodes that get any event in this plan (a node may get two)."""
+        return tuple(a.node for a in self.node_events)
+
     def nodes_with_event(self, event: NodeEvent) -> tuple[str, ...]:
         """Names of the nodes that get ``event`` in this plan, in rollout order."""
         return tuple(a.node for a in self.node_events if a.event is event)
