@@ -61,7 +61,7 @@ from tests.cluster import Agent, Cluster
 from tests.nodeside import Node
 from tests.refserver_helper import RefServer, http_request
 from tlsroll.tls import client_context
-from tlsroll.v1 import admin_pb2_grpc, types_pb2
+from tlsroll.v1 import admin_pb2_grpc, schema_pb2, types_pb2
 
 START_TIMEOUT = 60.0
 
@@ -161,6 +161,7 @@ class Run:
     state: str
     ansible: ansible_baseline.Result | None
     fsyncs: int | None = None  # the leader's, during the rollout (--fsyncs)
+    gaps: list[float] = field(default_factory=list)  # a node's confirm end → the next's switch
 
     @property
     def overhead(self) -> float:
@@ -232,12 +233,28 @@ def one_run(root: Path, n: int, *, ansible: bool, restarts: int, fsyncs: bool = 
             state=types_pb2.RolloutState.Name(view.state),
             ansible=baseline,
             fsyncs=counting.count,
+            gaps=switch_gaps(view),
         )
     finally:
         for node in nodes:
             with contextlib.suppress(Exception):
                 node.close()
         cluster.close()
+
+
+def switch_gaps(view: schema_pb2.RolloutView) -> list[float]:
+    """Seconds from each node's confirm end to the next node's switch start (in the rollout's
+    order): what the leader spends between two switches (preflight and stage of the next node,
+    unless ``prepare_ahead`` did them meanwhile)."""
+    times = [
+        {st.step: (st.started_at.ToDatetime(), st.ended_at.ToDatetime()) for st in n.steps}
+        for n in view.nodes
+    ]
+    return [
+        (b["switch"][0] - a["confirm"][1]).total_seconds()
+        for a, b in itertools.pairwise(times)
+        if "confirm" in a and "switch" in b
+    ]
 
 
 def report(runs: Sequence[Run]) -> None:
@@ -251,6 +268,11 @@ def report(runs: Sequence[Run]) -> None:
         f"{summary([median(r.restarts) for r in runs], 'ms', ms, 0)} (agent-recorded, median)"
     )
     print(f"  overhead per node:        {summary([r.overhead for r in runs], 'ms', ms, 0)}")
+    print(
+        "  between two switches:     "
+        f"{summary([median(r.gaps) for r in runs], 'ms', ms, 0)} (median; confirm end → next "
+        "switch start)"
+    )
     print(f"  bare refserver restart:   {summary([median(r.bare) for r in runs], 'ms', ms, 0)}")
     print(
         "  freeze window:            "

@@ -52,9 +52,9 @@ class LeaderConfig:
     # unreachable" (a stage: twice that); see leader.engine.
     step_deadline: int = 30
     # Pipelining: how many nodes beyond --max-parallel are preflighted and staged while others
-    # switch (nothing live changes on them; they still switch one after another, in order).
-    # 0: a node starts only once one has ended, as the seed did.
-    prepare_ahead: int = 0
+    # switch (nothing live changes on them; they still switch one after another, in order, and
+    # a pause holds them staged). 0: a node starts only once one has ended, as the seed did.
+    prepare_ahead: int = 1
     # debug | info | warning | error (``tlsroll-leader --log-level`` wins over it).
     log_level: str = "info"
     # How long a node's https (8443) certificate lives, in seconds (default 397 days, under
@@ -93,7 +93,7 @@ class LeaderConfig:
             ),
             expiry_warning_days=_warning_days(s),
             step_deadline=s.integer("step_deadline", 30, lo=1, hi=3600),
-            prepare_ahead=s.integer("prepare_ahead", 0, lo=0, hi=64),
+            prepare_ahead=s.integer("prepare_ahead", 1, lo=0, hi=64),
             log_level=logs.config_level(s),
             server_cert_lifetime=s.integer(
                 "server_cert_lifetime", SERVER_CERT_LIFETIME, lo=60, hi=SERVER_CERT_LIFETIME

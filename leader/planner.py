@@ -56,6 +56,7 @@ decided by the engine from the clients each node has seen) are described in
 from __future__ import annotations
 
 import datetime as dt
+import itertools
 from collections.abc import Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -214,6 +215,11 @@ class Plan:
     rollout_events: tuple[RolloutEvent, ...] = ()
     node_events: tuple[NodeEventAction, ...] = ()
     steps: tuple[StepAction, ...] = ()
+
+    @property
+    def nodes_with_events(self) -> tuple[str, ...]:
+        """Names of the nodes that get any event in this plan (a node may get two)."""
+        return tuple(a.node for a in self.node_events)
 
     def nodes_with_event(self, event: NodeEvent) -> tuple[str, ...]:
         """Names of the nodes that get ``event`` in this plan, in rollout order."""
@@ -375,8 +381,10 @@ def next_actions(
 
     def start(limit: int) -> None:
         free = limit - sum(s in IN_FLIGHT_NODE_STATES for s in after.values())
-        ready = [n for n in rollout.order if after[n] is NodeState.PENDING and n not in held]
-        for name in ready[: max(free, 0)]:
+        if free <= 0:
+            return
+        ready = (n for n in rollout.order if after[n] is NodeState.PENDING and n not in held)
+        for name in list(itertools.islice(ready, free)):
             emit(name, NodeEvent.START)
 
     if state is RolloutState.RUNNING and prepare_ahead <= 0:
@@ -651,6 +659,8 @@ _LIVE_STATES = frozenset({RolloutState.RUNNING, RolloutState.PAUSED} | DRAINING_
 
 def _in_order(rollout: Rollout, nodes: Sequence[NodeRecord]) -> tuple[NodeRecord, ...]:
     """The node records in rollout order; raise if they are not exactly the rollout's nodes."""
+    if tuple(r.name for r in nodes) == rollout.order:  # as the stores keep them: no sorting
+        return tuple(nodes)
     by_name = {r.name: r for r in nodes}
     if len(by_name) != len(nodes) or set(by_name) != set(rollout.order):
         names = sorted(r.name for r in nodes)

@@ -143,6 +143,10 @@ class RolloutRow:
         """The record and detail of node ``name`` (KeyError if not in the rollout)."""
         return self.nodes[self._index[name]]
 
+    def position(self, name: str) -> int:
+        """Where node ``name`` is in ``nodes`` (the rollout's order; KeyError if not in it)."""
+        return self._index[name]
+
 
 @dataclass(frozen=True)
 class StepTime:

@@ -332,8 +332,10 @@ def test_start_while_another_rollout_runs_is_refused_naming_it(setups: Setups) -
     s = setups("b1", "b2", agent_env={"b1": HOLD_IN_SWITCH})
     rid = start(s)
     wait_agent_died(s["b1"])  # b1 stays switching: the rollout stays running
+    # b2 is prepared meanwhile (prepare_ahead 1) and waits, staged, for b1's switch slot.
+    wait_rollout(s.cluster, "b2 prepared", lambda r: r.node_states()["b2"] == "staged")
     assert newest(s.cluster) == Snapshot(
-        rid, "running", {"b1": ("switching", ""), "b2": ("pending", "")}
+        rid, "running", {"b1": ("switching", ""), "b2": ("staged", "")}
     )
 
     line = refused(s, [*start_cmd(s), "--nodes", "b2", "--yes"])
@@ -393,8 +395,10 @@ def test_controls_in_running_paused_aborting_and_aborted(setups: Setups) -> None
     untouched = {name: before(s[name]) for name in ("p2", "p3")}
     rid = start(s)
     wait_agent_died(s["p1"])  # p1 is in flight (switching) until its agent comes back
+    # p2 is prepared meanwhile (prepare_ahead 1, nothing live changes on it); p3 waits.
+    wait_rollout(s.cluster, "p2 prepared", lambda r: r.node_states()["p2"] == "staged")
     assert settled(newest(s.cluster)) == Snapshot(
-        rid, "running", {"p1": ("switching", ""), "p2": ("pending", ""), "p3": ("pending", "")}
+        rid, "running", {"p1": ("switching", ""), "p2": ("staged", ""), "p3": ("pending", "")}
     )
 
     control_refused(s, "resume", "running")
@@ -485,7 +489,8 @@ def test_preflight_failure_fails_the_node_halts_and_changes_nothing(setups: Setu
         assert f"pid {holder.pid}" in reason, reason
         assert nodes["f2"]["reason"] == "rollout halted"
         assert [st["step"] for st in nodes["f1"]["steps"]] == ["preflight"]
-        assert nodes["f2"]["steps"] == []
+        # f2 may have been prepared meanwhile (prepare_ahead 1): nothing live, never switched.
+        assert {st["step"] for st in nodes["f2"]["steps"]} <= {"preflight", "stage"}
     for name, node in s.nodes.items():
         assert_untouched(node, was[name])
 
@@ -513,8 +518,11 @@ def test_failed_switch_is_rolled_back_and_halts_the_rollout(setups: Setups) -> N
     assert nodes["s1"]["freeze_started_at"] and nodes["s1"]["freeze_ended_at"]
     for name in ("s2", "s3"):
         assert nodes[name]["reason"] == "rollout halted"
-        assert nodes[name]["steps"] == []
         assert_untouched(s[name], was[name])
+    # s2 was prepared meanwhile (prepare_ahead 1): nothing live, never switched; s3 not even
+    # that.
+    assert {st["step"] for st in nodes["s2"]["steps"]} <= {"preflight", "stage"}
+    assert nodes["s3"]["steps"] == []
 
     # s1 is back on http with its old config, not frozen, its data intact, and writable.
     s1 = s["s1"]
@@ -550,15 +558,16 @@ def test_leader_killed_mid_switch_resumes_and_completes(setups: Setups) -> None:
 
     wait_until(k1_switching, ROLLOUT_TIMEOUT, "k1's switch under way", interval=0.02)
     s.cluster.kill_leader()
-    assert newest(s.cluster) == Snapshot(
-        rid, "running", {"k1": ("switching", ""), "k2": ("pending", "")}
-    )
+    killed = newest(s.cluster)
+    assert killed is not None and (killed.id, killed.state) == (rid, "running")
+    assert killed.nodes["k1"] == ("switching", "")
+    # k2 is being prepared meanwhile (prepare_ahead 1): not yet begun its switch.
+    assert killed.nodes["k2"][0] in ("pending", "preflight", "staging", "staged"), killed
+    assert killed.nodes["k2"][1] == "", killed
 
-    # The agent carries its transaction to the end without the leader.
+    # The agent carries its transaction to the end without the leader; nothing else moves.
     assert k1.wait_txn(rid).outcome == "completed"
-    assert newest(s.cluster) == Snapshot(
-        rid, "running", {"k1": ("switching", ""), "k2": ("pending", "")}
-    )
+    assert newest(s.cluster) == killed
 
     s.cluster.start_leader()
     snap = wait_ended(s.cluster)
@@ -585,11 +594,12 @@ def test_schema_show_and_friends_change_nothing(setups: Setups) -> None:
     s = setups("v1", "v2", "v3")
     rid = start(s)
     control_ok(s, "pause", rid, "paused")
-    # Let the node in flight finish so that nothing moves by itself.
+    # Let the node in flight finish so that nothing moves by itself (a node prepared ahead
+    # waits staged while the rollout is paused).
     wait_rollout(
         s.cluster,
         "no node in flight",
-        lambda r: not any(st in WORKING or st == "staged" for st in r.node_states().values()),
+        lambda r: not any(st in WORKING for st in r.node_states().values()),
     )
     snap = newest(s.cluster)
     assert snap is not None and snap.state == "paused"
@@ -643,7 +653,7 @@ def test_schema_json_of_a_completed_rollout_is_complete(setups: Setups) -> None:
     assert [n["name"] for n in r["nodes"]] == ["x2", "x1"]  # by name, the leader node last
     assert [n["leader_node"] for n in r["nodes"]] == [False, True]
 
-    last_end = started
+    switched = started  # when the node before (in order) ended its confirm
     for n in r["nodes"]:
         node = s[n["name"]]
         ip = node.address
@@ -663,9 +673,13 @@ def test_schema_json_of_a_completed_rollout_is_complete(setups: Setups) -> None:
 
         steps = {st["step"]: (when(st["started_at"]), when(st["ended_at"])) for st in n["steps"]}
         assert list(steps) == ["preflight", "stage", "switch", "confirm"]
+        last_end = started
         for step, (a, b) in steps.items():
             assert last_end <= a <= b, (n["name"], step, steps)
             last_end = b
+        # x1 is prepared while x2 switches (prepare_ahead 1); its switch waits for x2's end.
+        assert switched <= steps["switch"][0], (n["name"], steps)
+        switched = steps["confirm"][1]
         assert steps["switch"][0] <= freeze[0] and freeze[1] <= steps["switch"][1]
 
     # The same rollout, as `rollout status --json` and in the table.

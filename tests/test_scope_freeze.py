@@ -31,9 +31,11 @@ class ScopeWorld:
         ]
 
     def start_paused_rollout(self, **leader_config: object) -> None:
+        """A scope-frozen rollout paused at once: its first node (in flight) finishes, the
+        others stay pending. Without pipelining (``prepare_ahead`` 0): with it, a pause holds
+        the first node too, staged, if its switch had not begun (``leader.planner``)."""
         self.cluster.init("--node-name", "node1")
-        if leader_config:
-            self.cluster.write_leader_config(leader_config)
+        self.cluster.write_leader_config({"prepare_ahead": 0, **leader_config})
         self.cluster.start_leader()
         for node in self.nodes:
             node.start()
