@@ -393,6 +393,27 @@ def test_a_renewed_certificate_s_old_stream_works_until_the_new_one_is_used(
     assert new.unary() == grpc.StatusCode.OK
 
 
+def test_a_node_holds_at_most_two_streams_a_third_ends_its_oldest(
+    cluster: Cluster, streams: Callable[[Credentials], Stream]
+) -> None:
+    """A stream holds the leader's memory while it is open, so one node's certificate may
+    not pin many: its agent's stream, and one opened before the leader noticed that one die."""
+    creds = Credentials.enrolled(cluster, "hb-many")
+    first = streams(creds)
+    first.beat()
+    second = streams(creds)
+    second.beat()
+    third = streams(creds)
+    third.beat()  # a third: the first is ended
+    assert first.refused() == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert second.refused() == grpc.StatusCode.OK
+    assert third.refused() == grpc.StatusCode.OK
+    assert any(
+        e.get("event") == "heartbeat.stream_replaced" and e.get("node") == "hb-many"
+        for e in cluster.leader.log_events()
+    )
+
+
 def test_bootstrap_failures_and_the_epoch_arrive_on_the_stream(
     cluster: Cluster, streams: Callable[[Credentials], Stream]
 ) -> None:
