@@ -85,14 +85,18 @@ def test_the_running_agent_holds_no_terminal_ui_nor_cli_libraries(
             cluster.agent_config("lean1", address, token, tmp_path / "agent"),
         )
         out = tmp_path / "modules.txt"
-        done = subprocess.run(
-            [sys.executable, "-c", HARNESS, address, str(AGENT_PORT), str(out), str(config)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env=child_env(),
-            check=False,
-        )
+        try:
+            done = subprocess.run(
+                [sys.executable, "-c", HARNESS, address, str(AGENT_PORT), str(out), str(config)],
+                capture_output=True,
+                text=True,
+                timeout=90,  # the harness gives the agent 40 s to listen, then stops it
+                env=child_env(),
+                check=False,
+            )
+        except subprocess.TimeoutExpired as exc:  # what the agent said, to see where it hung
+            said = exc.stderr.decode(errors="replace") if isinstance(exc.stderr, bytes) else ""
+            raise AssertionError(f"the agent did not stop in time:\n{said[-3000:]}") from None
         assert done.returncode == 0, done.stderr
         assert "agent.started" in done.stderr, done.stderr
         modules = out.read_text().split()
