@@ -13,8 +13,10 @@ switch) neither clears an address's backoff nor loses failures the leader has no
 from __future__ import annotations
 
 import asyncio
+import importlib
 import urllib.parse
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING
 
 import grpc
@@ -57,6 +59,7 @@ class BootstrapHost:
         self.guard: Guard | None = None  # made with the first service (see sync)
         self.failures = FailureLog()
         self._lock = asyncio.Lock()
+        self._warming: asyncio.Future[ModuleType] | None = None
 
     async def sign(self, csr_pem: bytes) -> bytes:
         """The leader signs the workstation's CSR (the service has checked its key confirmation)."""
@@ -81,6 +84,17 @@ class BootstrapHost:
                 ) from None
         return reply.certificate_pem
 
+    def warm(self) -> asyncio.Future[ModuleType]:
+        """Import the bootstrap service in a worker thread, once (the runner calls this when
+        a switch begins, so the import is done by the time the switch completes); await the
+        result to wait for it."""
+        warming = self._warming
+        if warming is None:
+            warming = self._warming = asyncio.ensure_future(
+                asyncio.to_thread(importlib.import_module, "nodeagent.bootstrap_server")
+            )
+        return warming
+
     async def sync(self) -> None:
         """Start, restart or stop the service to match the journal's live settings."""
         async with self._lock:
@@ -93,7 +107,10 @@ class BootstrapHost:
                 return
             # The service (and aiohttp with it) is imported when a node first serves https
             # with an auth password, not at the agent's start: an agent that never runs the
-            # service saves its 12 MiB of memory.
+            # service saves its 12 MiB of memory. Imported in a worker thread (``warm``), not
+            # on the event loop: this runs as a switch completes, and a quarter of a second of
+            # importing there held back the outcome the leader waits for.
+            await self.warm()
             from nodeagent.bootstrap_server import BootstrapService, Guard, Limits  # noqa: PLC0415
 
             if self.guard is None:

@@ -93,6 +93,7 @@ async def serve(cfg: AgentConfig, *, reinitialise: bool = False) -> None:
     bootstrap = BootstrapHost(cfg, identity, journal)
     if runner is not None:
         runner.on_complete = bootstrap.sync
+        runner.on_switch = bootstrap.warm
     await bootstrap.sync()
     # Hot-reloaded: a renewed certificate is served to new connections at once.
     creds = ServerCredentials(identity)

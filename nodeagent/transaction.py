@@ -82,7 +82,7 @@ from tenacity import (
 from nodeagent.drivers import Driver, DriverError, ServerFacts
 from tlsroll import httpcheck, logs
 from tlsroll.backoff import Policy
-from tlsroll.enums import TxnOutcome
+from tlsroll.enums import TxnKind, TxnOutcome
 from tlsroll.errors import LocalResourceError, TerminalError, is_local_shortage, os_error_text
 from tlsroll.fsutil import PRIVATE, write_atomic
 
@@ -296,6 +296,7 @@ class Runner:
         clock: Callable[[], dt.datetime],
         on_complete: Callable[[], Awaitable[None]] | None = None,
         *,
+        on_switch: Callable[[], object] | None = None,
         checks: Checks | None = None,
         sleep: Sleep = asyncio.sleep,
     ) -> None:
@@ -303,6 +304,7 @@ class Runner:
         self.driver = driver
         self.clock = clock
         self.on_complete = on_complete  # told when what is live has changed
+        self.on_switch = on_switch  # told when a switch begins (to get ready for its end)
         self.checks = checks or Checks()
         self.sleep = sleep  # between attempts (tenacity); tests move a fake clock instead
         self.tasks: dict[tuple[str, str], asyncio.Task[Txn]] = {}
@@ -325,6 +327,8 @@ class Runner:
         if self._owed is not None:  # the new transaction owns the freeze from now on
             self._owed.cancel()
             self._owed = None
+        if txn.kind is TxnKind.SWITCH and self.on_switch is not None:
+            self.on_switch()
         task = asyncio.create_task(self._supervised(txn), name=f"txn-{key}")
         task.add_done_callback(_log_crash)
         self.tasks[key] = task
