@@ -85,9 +85,10 @@ class BootstrapHost:
         return reply.certificate_pem
 
     def warm(self) -> asyncio.Future[ModuleType]:
-        """Import the bootstrap service in a worker thread, once (the runner calls this when
-        a switch begins, so the import is done by the time the switch completes); await the
-        result to wait for it."""
+        """Import the bootstrap service in a worker thread, once: when the node is staged for a
+        switch (and, for a switch without a stage, when it begins), so that the import is done,
+        and its CPU spent while the node's server is not restarting, by the time the switch
+        completes; await the result to wait for it."""
         warming = self._warming
         if warming is None:
             warming = self._warming = asyncio.ensure_future(

@@ -122,6 +122,9 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         self.runner = runner
         self.clock = clock
         self._lock = asyncio.Lock()  # one command at a time changes the journal
+        # Told when a node is staged for a switch (the agent imports what the switch's end
+        # needs then, while the node's server is not restarting: ``BootstrapHost.warm``).
+        self.on_prepare: Callable[[], object] | None = None
 
     # --- guards -------------------------------------------------------------------------------
 
@@ -371,6 +374,8 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
     @map_errors(ERRORS)
     async def Stage(self, request: agent_pb2.StageRequest, context: Ctx) -> agent_pb2.StageResponse:
         rollout_id = await self._command(context, request.command)
+        if self.on_prepare is not None:  # a switch follows: get ready while nothing restarts
+            self.on_prepare()
         if request.own_certificate:
             return await self._stage_own(rollout_id, request)
         async with self._lock:
