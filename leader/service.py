@@ -672,19 +672,28 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         be, and a refusal ends the stream with its status (the agent opens a new one, with a
         new certificate if it has one, or falls silent)."""
         caller = self._identify(context)
-        mine = self._streams.setdefault(caller.name, [])
-        if len(mine) >= MAX_STREAMS_PER_NODE:
-            _end(mine.pop(0), grpc.StatusCode.RESOURCE_EXHAUSTED, "a newer heartbeat stream")
-            log.warning("heartbeat.stream_replaced", node=caller.name, open=len(mine) + 1)
-        mine.append(context)
+        mine: list[Ctx] | None = None
         try:
             async for request in requests:
-                yield await self._heartbeat(caller, request, context)
+                reply = await self._heartbeat(caller, request, context)  # refusal: it ends
+                if mine is None:
+                    # Counted against the node only once a message was accepted: a certificate
+                    # the leader refuses (a renewed node's old one passes TLS) must not push the
+                    # agent's own streams out.
+                    mine = self._streams.setdefault(caller.name, [])
+                    if len(mine) >= MAX_STREAMS_PER_NODE:
+                        _end(mine.pop(0), grpc.StatusCode.RESOURCE_EXHAUSTED, "a newer stream")
+                        log.warning(
+                            "heartbeat.stream_replaced", node=caller.name, open=len(mine) + 1
+                        )
+                    mine.append(context)
+                yield reply
         finally:
-            if context in mine:
-                mine.remove(context)
-            if not mine and self._streams.get(caller.name) is mine:
-                del self._streams[caller.name]
+            if mine is not None:
+                if context in mine:
+                    mine.remove(context)
+                if not mine and self._streams.get(caller.name) is mine:
+                    del self._streams[caller.name]
 
     def close_streams(self) -> int:
         """End every open Heartbeats stream (the leader is stopping): a stream never ends by

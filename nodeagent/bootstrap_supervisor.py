@@ -90,7 +90,8 @@ class BootstrapHost:
         and its CPU spent while the node's server is not restarting, by the time the switch
         completes; await the result to wait for it."""
         warming = self._warming
-        if warming is None:
+        if warming is None or (warming.done() and (warming.cancelled() or warming.exception())):
+            # (a failed or cancelled import is tried again, not kept for the agent's life)
             warming = self._warming = asyncio.ensure_future(
                 asyncio.to_thread(importlib.import_module, "nodeagent.bootstrap_server")
             )
@@ -111,7 +112,7 @@ class BootstrapHost:
             # service saves its 12 MiB of memory. Imported in a worker thread (``warm``), not
             # on the event loop: this runs as a switch completes, and a quarter of a second of
             # importing there held back the outcome the leader waits for.
-            await self.warm()
+            await asyncio.shield(self.warm())
             from nodeagent.bootstrap_server import BootstrapService, Guard, Limits  # noqa: PLC0415
 
             if self.guard is None:

@@ -414,6 +414,25 @@ def test_a_node_holds_at_most_two_streams_a_third_ends_its_oldest(
     )
 
 
+def test_a_refused_certificate_cannot_push_the_agents_streams_out(
+    cluster: Cluster, streams: Callable[[Credentials], Stream]
+) -> None:
+    """A certificate the leader refuses (here a renewed node's old one, which TLS still
+    accepts: the CA signed it and it is not revoked) must not count against the node's streams.
+    Before, a stream was counted, and the node's oldest one ended, as it opened, before its
+    certificate was checked: whoever held the old certificate could keep pushing the real
+    agent's streams out (RESOURCE_EXHAUSTED) and the node would look offline. Now a stream
+    counts only once its first message was accepted."""
+    old = Credentials.enrolled(cluster, "hb-push")
+    new = old.renewed()
+    agent = [streams(new), streams(new)]
+    for s in agent:
+        s.beat()  # the new certificate is used: the old one is refused from now on
+    for _ in range(3):
+        assert streams(old).refused() == UNAUTH
+    assert [s.refused() for s in agent] == [grpc.StatusCode.OK, grpc.StatusCode.OK]
+
+
 def test_bootstrap_failures_and_the_epoch_arrive_on_the_stream(
     cluster: Cluster, streams: Callable[[Credentials], Stream]
 ) -> None:

@@ -242,9 +242,9 @@ class Database:
         (see ``__init__``)."""
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
+            changes = self._db.total_changes  # before anything that can fail (see except)
             try:
                 self._others_wrote()  # under the write lock: nobody else commits meanwhile
-                changes = self._db.total_changes
                 yield self._db
                 self._db.execute("COMMIT")
                 if not routine:
