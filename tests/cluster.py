@@ -747,6 +747,13 @@ class Cluster:
                 if exc.code() != grpc.StatusCode.FAILED_PRECONDITION:
                     raise
 
+    def newest_rollout(self) -> dict[str, Any]:
+        """The newest rollout as ``tlsroll schema show --json`` shows it."""
+        shown = self.cli("schema", "show", "--json")
+        assert shown.returncode == 0, shown.stderr
+        rollout: dict[str, Any] = json.loads(shown.stdout)["rollouts"][0]
+        return rollout
+
     def store_table(self, table: str) -> list[dict[str, Any]]:
         """The rows of ``table`` as dicts by column name (read-only, like ``store_rows``)."""
         db = sqlite3.connect(f"{self.store_path.as_uri()}?mode=ro", uri=True, timeout=10)

@@ -6,7 +6,6 @@ Real agents, reference servers and a real leader; mutual TLS throughout."""
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
@@ -112,13 +111,10 @@ def test_the_leader_gets_the_outcome_through_a_broken_stream(tmp_path: Path) -> 
         assert txn == {"phase": "restarted", "outcome": ""}
         node.restart_agent()
 
-        def newest() -> dict[str, Any]:
-            shown = cluster.cli("schema", "show", "--json")
-            rollout: dict[str, Any] = json.loads(shown.stdout)["rollouts"][0]
-            return rollout
-
-        wait_until(lambda: newest()["state"] in ("completed", "halted"), 90, "the rollout")
-        r = newest()
+        wait_until(
+            lambda: cluster.newest_rollout()["state"] in ("completed", "halted"), 90, "the rollout"
+        )
+        r = cluster.newest_rollout()
         assert r["state"] == "completed", r
         assert [n["state"] for n in r["nodes"]] == ["done"]
         assert node.server.status()["listen"] == ["https"]

@@ -32,9 +32,7 @@ def three(tmp_path: Path) -> Iterator[tuple[Cluster, list[Node]]]:
 
 
 def newest(cluster: Cluster) -> dict[str, Any]:
-    data = json.loads(cluster.cli("schema", "show", "--json").stdout)
-    rollout: dict[str, Any] = data["rollouts"][0]
-    return rollout
+    return cluster.newest_rollout()
 
 
 def wait_ended(cluster: Cluster, what: str) -> dict[str, Any]:

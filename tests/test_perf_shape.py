@@ -32,12 +32,12 @@ from leader.rollout_core import (
     Scope,
 )
 from leader.schema_store import RolloutMeta, SchemaStore
-from leader.service import LeaderService, LeaderState
-from leader.store import NodeCert, Store
+from leader.store import Store
 from tests.cluster import Cluster, child_env
+from tests.leader_rig import leader_with_a_node
 from tests.refserver_helper import RefServer, write_toml
-from tlsroll import pki, spiffe
-from tlsroll.defaults import AGENT_PORT, CONTROL_PORT
+from tlsroll import pki
+from tlsroll.defaults import AGENT_PORT
 from tlsroll.v1 import agent_pb2, leader_pb2, leader_pb2_grpc
 
 # Never in a running agent: a terminal UI (rich, and pygments through it), the admin CLI's
@@ -221,50 +221,8 @@ async def test_a_heartbeat_that_says_nothing_new_parses_nothing_and_writes_nothi
     caller's certificate is parsed once, not per heartbeat, and a heartbeat that says what the
     last one said is not written (the node's newest heartbeat is still what the store returns),
     while one that says something new is."""
-    ca = pki.CertificateAuthority.create()
-    td = ca.trust_domain
-    address, node_address = loopback(), loopback()
-    leader_key = pki.generate_key()
-    leader_cert = ca.issue(
-        leader_key.public_key(),
-        pki.Names.of("tlsroll-leader", [address]),
-        server=True,
-        client=True,
-        identity=spiffe.leader(td),
-    )
-    node_key = pki.generate_key()
-    node_cert = ca.issue(
-        node_key.public_key(),
-        pki.Names.of("hb1", [node_address]),
-        server=True,
-        client=True,
-        identity=spiffe.node(td, "hb1"),
-    )
-    clock = [dt.datetime(2026, 11, 30, 10, 0, tzinfo=dt.UTC)]
-    store = Store(tmp_path / "leader.sqlite3")
-    store.add_token(
-        "t00001", "s" * 26, ttl=dt.timedelta(hours=1), uses=1, description="", now=clock[0],
-        actor="test", node_name="hb1", addresses=(node_address,),
-    )  # fmt: skip
-    store.enrol(
-        token_id="t00001", secret="s" * 26, name="hb1", addresses=(node_address,), dns_names=(),
-        agent_version="1", agent_port=AGENT_PORT, key_pin=pki.spki_pin(node_cert), now=clock[0],
-        issue=lambda: NodeCert(
-            pki.spki_pin(node_cert), pki.fingerprint(node_cert),
-            f"{node_cert.serial_number:x}", node_cert.not_valid_after_utc,
-        ),
-    )  # fmt: skip
-    state = LeaderState(store=store, ca=ca, clock=lambda: clock[0], heartbeat_interval=5)
-    server = grpc.aio.server()
-    leader_pb2_grpc.add_LeaderServicer_to_server(LeaderService(state), server)
-    server.add_secure_port(
-        f"{address}:{CONTROL_PORT}",
-        grpc.ssl_server_credentials(
-            [(pki.key_to_pem(leader_key), pki.cert_to_pem(leader_cert))],
-            root_certificates=ca.cert_pem,
-            require_client_auth=True,
-        ),
-    )
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    server, store, clock = rig.server, rig.store, rig.clock
     parsed: list[bytes] = []
     load = pki.load_cert_pem
 
@@ -274,12 +232,9 @@ async def test_a_heartbeat_that_says_nothing_new_parses_nothing_and_writes_nothi
 
     monkeypatch.setattr(pki, "load_cert_pem", counting)
     await server.start()
-    creds = grpc.ssl_channel_credentials(
-        ca.cert_pem, pki.key_to_pem(node_key), pki.cert_to_pem(node_cert)
-    )
     watcher = sqlite3.connect(store.path)
     try:
-        async with grpc.aio.secure_channel(f"{address}:{CONTROL_PORT}", creds) as channel:
+        async with grpc.aio.secure_channel(rig.target, rig.node) as channel:
             stub = leader_pb2_grpc.LeaderStub(channel)
             beat = leader_pb2.HeartbeatRequest(agent_version="1", agent_port=AGENT_PORT)
             await stub.Heartbeat(beat, timeout=10)

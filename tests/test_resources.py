@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import json
 import os
 import resource
 import signal
@@ -78,13 +77,10 @@ def test_a_leader_out_of_descriptors_defers_and_never_rolls_back(tmp_path: Path)
             resource.prlimit(pid, resource.RLIMIT_NOFILE, (soft, hard))
         assert "confirm.failed" not in cluster.leader.event_names()
 
-        def newest() -> dict[str, Any]:
-            shown = cluster.cli("schema", "show", "--json")
-            rollout: dict[str, Any] = json.loads(shown.stdout)["rollouts"][0]
-            return rollout
-
-        wait_until(lambda: newest()["state"] in ("completed", "halted"), 60, "the rollout")
-        r = newest()
+        wait_until(
+            lambda: cluster.newest_rollout()["state"] in ("completed", "halted"), 60, "the rollout"
+        )
+        r = cluster.newest_rollout()
         assert r["state"] == "completed", r
         assert [n["state"] for n in r["nodes"]] == ["done"]
         assert "confirm.failed" not in cluster.leader.event_names()
