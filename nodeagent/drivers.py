@@ -32,7 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tenacity import AsyncRetrying, RetryError, retry_if_result, stop_after_delay, wait_fixed
+from tenacity import (
+    AsyncRetrying,
+    RetryError,
+    retry_if_exception_type,
+    retry_if_result,
+    stop_after_delay,
+    wait_fixed,
+)
 
 from nodeagent import clients as client_sources
 from tlsroll import clients
@@ -282,25 +289,39 @@ async def _wait_healthy(
     driver: Driver, timeout: float, why: str, interval: float = POLL_INTERVAL
 ) -> None:
     """Poll ``driver.health()`` until it is healthy; DriverError with the last problem after
-    ``timeout`` seconds."""
+    ``timeout`` seconds. The agent short of descriptors cannot tell whether the server
+    answers: it keeps asking, and if its own shortage lasts to the deadline, that is what it
+    reports (``LocalResourceError``: the transaction waits and tries again), never the server
+    (a DriverError here rolls a node back). Before, the first shortage ended the wait, and the
+    transaction's retry ran the restart again on a server that may have been fine."""
     polling = AsyncRetrying(
         stop=stop_after_delay(timeout),
         wait=wait_fixed(interval),
-        retry=retry_if_result(lambda problem: problem is not None),
+        retry=(
+            retry_if_result(lambda problem: problem is not None)
+            | retry_if_exception_type(LocalResourceError)
+        ),
     )
     try:
         await polling(driver.health)
     except RetryError as exc:
-        raise DriverError(f"{why}: {exc.last_attempt.result()}") from None
+        last = exc.last_attempt
+        short = last.exception() if last.failed else None
+        if isinstance(short, LocalResourceError):
+            raise short from None
+        raise DriverError(f"{why}: {last.result()}") from None
 
 
 # --- reference --------------------------------------------------------------------------------
 
 
 def _pid_alive(pid: int) -> bool:
+    """False once ``pid`` has exited (``LocalResourceError`` if the agent cannot tell: short of
+    descriptors, it must not take a running server for one that stopped)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+    except OSError as exc:
+        raise_if_local(exc, f"looking at process {pid}")
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
 
@@ -350,9 +371,16 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
         return dump_toml(tables, "managed by tlsroll-agent; the previous version is kept").encode()
 
     def _pid(self) -> int | None:
+        """The running server's pid, from its pid file; None if there is none. Short of
+        descriptors the agent cannot tell (``LocalResourceError``): a stop that took that for
+        "not running" left the old server up, and the start after it met its ports in use."""
+        path = self.data_dir / "refserver.pid"
         try:
-            return int((self.data_dir / "refserver.pid").read_text().strip())
-        except (OSError, ValueError):
+            return int(path.read_text().strip())
+        except OSError as exc:
+            raise_if_local(exc, f"reading {path}")
+            return None
+        except ValueError:
             return None
 
     async def stop(self) -> None:
@@ -399,25 +427,28 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
         self._children.append(child)
         deadline = time.monotonic() + timeout
         wait = READY_FIRST_WAIT
+        short: LocalResourceError | None = None
         while True:
             await asyncio.sleep(wait)
             if child.poll() is not None:
                 raise DriverError(
                     f"the server exited at start (code {child.returncode}): {self._last_log_line()}"
                 )
-            if self._pid() == child.pid and await self._ready():
-                return
+            try:
+                if self._pid() == child.pid and await self.health() is None:
+                    return
+                short = None
+            except LocalResourceError as exc:
+                # The agent short of descriptors cannot tell yet: it keeps asking (until the
+                # deadline) rather than restart the server again.
+                short = exc
             if time.monotonic() >= deadline:
+                if short is not None:
+                    # Its own shortage to the end says nothing about the server: not a
+                    # DriverError, which would roll back a node that may be fine.
+                    raise short
                 raise DriverError(f"the server did not answer within {timeout:g}s")
             wait = min(wait * 2, READY_MAX_WAIT)
-
-    async def _ready(self) -> bool:
-        """The started server answers. The agent short of descriptors cannot tell yet: it
-        keeps asking (until the start's deadline) rather than restart the server again."""
-        try:
-            return await self.health() is None
-        except LocalResourceError:
-            return False
 
     def _last_log_line(self) -> str:
         try:

@@ -10,13 +10,16 @@ driver (restart, status, freeze, unfreeze).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
+import resource
 import string
+import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -46,7 +49,7 @@ from tests.refserver_helper import RefServer
 from tlsroll.clients import ClientSeen, ClientsView
 from tlsroll.config import Section
 from tlsroll.enums import Change
-from tlsroll.errors import ConfigError
+from tlsroll.errors import ConfigError, LocalResourceError
 from tlsroll.v1 import agent_pb2
 from tlsroll.wire import CHANGE, clients_message
 
@@ -623,6 +626,90 @@ async def test_reference_driver_start_gives_up_after_its_timeout(tmp_path: Path)
         for child in driver._children:  # it may not have written its pid file yet
             child.kill()
             child.wait(10)
+
+
+def lowest_free_fd() -> int:
+    """The lowest descriptor number this process does not use (``dup`` takes that one)."""
+    fd = os.dup(0)
+    os.close(fd)
+    return fd
+
+
+@contextlib.contextmanager
+def out_of_descriptors() -> Iterator[Callable[[], None]]:
+    """This process short of descriptors (its soft limit lowered to the lowest free one: every
+    new descriptor fails with EMFILE, the open ones keep working), as an agent meets it. The
+    context gives a function that lifts the limit early; leaving it lifts it in any case."""
+    limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free_fd(), limits[1]))
+
+    def lift() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+
+    try:
+        yield lift
+    finally:
+        lift()
+
+
+async def test_a_reference_server_start_the_agent_cannot_check_is_not_blamed_on_the_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15 (the agent's own EMFILE): the server is started, then the agent runs out of
+    descriptors and cannot read its pid file or ask its admin socket until the start's deadline.
+    That is the agent's trouble (``LocalResourceError``: the transaction waits and tries
+    again), not "the server did not answer" (a DriverError, which rolls the node back)."""
+    driver = reference_driver(tmp_path)
+    spawn = driver._spawn
+    limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+
+    def spawn_then_run_short() -> subprocess.Popen[bytes]:
+        child = spawn()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free_fd(), limits[1]))
+        return child
+
+    monkeypatch.setattr(driver, "_spawn", spawn_then_run_short)
+    try:
+        with pytest.raises(LocalResourceError, match="Too many open files"):
+            await driver.start(timeout=1.5)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+        await driver.stop()
+
+
+async def test_a_stop_the_agent_cannot_check_does_not_pass_for_done(tmp_path: Path) -> None:
+    """Short of descriptors, the agent could not read the server's pid file and took that for
+    "not running": the stop returned at once with the old server up (and the start after it
+    met its ports in use). Now the stop says the agent is short, and stops once it is not."""
+    driver = reference_driver(tmp_path)
+    try:
+        await driver.start()
+        pid = driver._pid()
+        assert pid is not None
+        with out_of_descriptors(), pytest.raises(LocalResourceError, match="Too many open"):
+            await driver.stop()
+        assert alive(pid), "the server was left running, and the stop said so"
+        await driver.stop()
+        assert not alive(pid)
+    finally:
+        await driver.stop()
+
+
+async def test_waiting_for_a_server_waits_out_the_agents_own_shortage(tmp_path: Path) -> None:
+    """``_wait_healthy`` (systemd and exec after their restart command) ended at the first
+    EMFILE of the agent's, and the transaction then ran the restart again on a server that was
+    fine. Now it keeps asking: descriptors back within the deadline, the running server passes;
+    short to the deadline, the shortage (not the server) is what it reports."""
+    driver = reference_driver(tmp_path)
+    try:
+        await driver.start()
+        with out_of_descriptors() as lift:
+            asyncio.get_running_loop().call_later(0.3, lift)
+            await _wait_healthy(driver, 5.0, "did not come back", interval=0.05)
+        with out_of_descriptors(), pytest.raises(LocalResourceError, match="Too many open"):
+            await _wait_healthy(driver, 0.3, "did not come back", interval=0.05)
+    finally:
+        await driver.stop()
 
 
 async def test_reference_driver_refuses_a_socket_others_could_have_put_there(
