@@ -9,7 +9,10 @@ one-time token. Then, in this order:
 1. the Ansible baseline (``bench.ansible_baseline``) on the same nodes, if ansible-playbook is
    installed (``pip install -e '.[bench]'``) and ``--ansible`` is not 0;
 2. the bare restart of a reference server (SIGTERM, wait for the exit, start, poll its health
-   every 5 ms) on an address of its own, ``--restarts`` times: the server's own restart;
+   every 5 ms) on an address of its own, ``--restarts`` times: the server's own restart; once
+   on the idle machine, and once while the writer (below) posts to the nodes as it does during
+   the rollout, since its load (a TLS handshake per https post) slows any restart on two cores:
+   half of those before the rollout (every node on http), half after it (every node on https);
 3. an enable-tls rollout of the whole cluster (max-parallel 1, freeze per node) while a writer
    thread posts entries to every node in turn (http, then https once a node has switched).
 
@@ -19,7 +22,8 @@ costs the leader nothing. Figures per run, then over the runs: median and spread
 
 Overhead per node = (rollout wall time − Σ managed-server restart) / N, the restart being what
 each agent's transaction recorded (``restart_seconds``). Freeze − bare restart = each node's
-write freeze window (schema) minus the median bare restart; freeze − own restart = each node's
+write freeze window (schema) minus the median bare restart under the writer's load (the idle
+one is printed too); freeze − own restart = each node's
 freeze window minus the restart its agent recorded inside it (what tlsroll itself adds: the
 freeze call, the config write, the verify and the unfreeze), which keeps the restart's own
 spread under load (one node's restart taking twice the median) out of tlsroll's part.
@@ -127,6 +131,20 @@ def bare_restarts(root: Path, addr: str, count: int) -> list[float]:
     return times
 
 
+def restarts_while_writing(
+    root: Path, nodes: Sequence[Node], ca: ssl.SSLContext, count: int
+) -> list[float]:
+    """``bare_restarts`` while the writer posts to ``nodes`` (as during the rollout)."""
+    writes, stop = Writes(), threading.Event()
+    thread = threading.Thread(target=writer, args=(nodes, ca, stop, writes), daemon=True)
+    thread.start()
+    try:
+        return bare_restarts(root, address(1), count)
+    finally:
+        stop.set()
+        thread.join(10)
+
+
 def start_nodes(cluster: Cluster, nodes: Sequence[Node]) -> None:
     """Start the nodes (server + agent) side by side; each enrolled and online."""
     for n in nodes:
@@ -152,7 +170,8 @@ class Run:
     restarts: list[float]
     freezes: list[float]
     freeze_own: list[float]  # each node's freeze window less its own restart: tlsroll's part
-    bare: list[float]
+    bare: list[float]  # the reference server's restart on an idle machine
+    bare_loaded: list[float]  # the same while the writer posts to the nodes
     agent_rss: list[float]
     agent_rss_after: list[float]
     cpu: float
@@ -162,6 +181,7 @@ class Run:
     ansible: ansible_baseline.Result | None
     fsyncs: int | None = None  # the leader's, during the rollout (--fsyncs)
     gaps: list[float] = field(default_factory=list)  # a node's confirm end → the next's switch
+    parts: dict[str, float] = field(default_factory=dict)  # overhead per node, by where it went
 
     @property
     def overhead(self) -> float:
@@ -169,6 +189,13 @@ class Run:
 
     @property
     def freeze_excess(self) -> list[float]:
+        """Each node's freeze window less the median bare restart under the same writer load."""
+        bare = median(self.bare_loaded)
+        return [f - bare for f in self.freezes]
+
+    @property
+    def freeze_excess_idle(self) -> list[float]:
+        """The same against the bare restart on an idle machine (no writer)."""
         bare = median(self.bare)
         return [f - bare for f in self.freezes]
 
@@ -184,8 +211,13 @@ def one_run(root: Path, n: int, *, ansible: bool, restarts: int, fsyncs: bool = 
         start_nodes(cluster, nodes)
         baseline = ansible_baseline.run(nodes, root / "ansible") if ansible else None
         bare = bare_restarts(root / "bare", address(1), restarts)
-        agent_rss = [rss_mib(node.agent.pid) for node in nodes if node.agent is not None]
         ca = client_context(cluster.ca_pem)
+        # The same restart while the writer posts to the nodes, as it does during the rollout:
+        # its load (on https a TLS handshake per post, on the same two cores) slows any restart,
+        # so this, not the idle one, is what a node's freeze compares with. Half now, with
+        # every node on http, half after the rollout, with every node on https.
+        bare_loaded = restarts_while_writing(root / "bare-before", nodes, ca, (restarts + 1) // 2)
+        agent_rss = [rss_mib(node.agent.pid) for node in nodes if node.agent is not None]
         writes, stop = Writes(), threading.Event()
         thread = threading.Thread(target=writer, args=(nodes, ca, stop, writes), daemon=True)
         thread.start()
@@ -209,6 +241,7 @@ def one_run(root: Path, n: int, *, ansible: bool, restarts: int, fsyncs: bool = 
             stop.set()
             thread.join(10)
             view = get_schema(channel, view.id)
+        bare_loaded += restarts_while_writing(root / "bare-after", nodes, ca, restarts // 2)
         return Run(
             nodes=n,
             wall=seconds(view),
@@ -225,6 +258,7 @@ def one_run(root: Path, n: int, *, ansible: bool, restarts: int, fsyncs: bool = 
                 if v.HasField("freeze_started_at") and v.HasField("freeze_ended_at")
             ],
             bare=bare,
+            bare_loaded=bare_loaded,
             agent_rss=agent_rss,
             agent_rss_after=agent_rss_after,
             cpu=after.cpu - before.cpu,
@@ -234,6 +268,7 @@ def one_run(root: Path, n: int, *, ansible: bool, restarts: int, fsyncs: bool = 
             ansible=baseline,
             fsyncs=counting.count,
             gaps=switch_gaps(view),
+            parts=overhead_parts(view),
         )
     finally:
         for node in nodes:
@@ -257,6 +292,39 @@ def switch_gaps(view: schema_pb2.RolloutView) -> list[float]:
     ]
 
 
+def overhead_parts(view: schema_pb2.RolloutView) -> dict[str, float]:
+    """Where the overhead per node went (seconds per node; they add up to the overhead):
+    before the first switch (the first node's preflight and stage), each switch less the
+    restart its agent recorded (freeze, config write, verify, unfreeze, and the leader hearing
+    of it), the confirms, the gaps between a confirm and the next switch, and the end (the last
+    confirm to the rollout's end)."""
+    nodes = [
+        (n, {st.step: (st.started_at.ToDatetime(), st.ended_at.ToDatetime()) for st in n.steps})
+        for n in view.nodes
+    ]
+    nodes = [(n, t) for n, t in nodes if "switch" in t and "confirm" in t]
+    if not nodes:
+        return {}
+    nodes.sort(key=lambda nt: nt[1]["switch"][0])
+    count = len(view.nodes)
+    first, last = nodes[0][1], nodes[-1][1]
+    switch = sum(
+        (t["switch"][1] - t["switch"][0]).total_seconds() - n.restart_seconds for n, t in nodes
+    )
+    confirm = sum((t["confirm"][1] - t["confirm"][0]).total_seconds() for _, t in nodes)
+    between = sum(
+        (b["switch"][0] - a["confirm"][1]).total_seconds()
+        for (_, a), (_, b) in itertools.pairwise(nodes)
+    )
+    return {
+        "start": (first["switch"][0] - view.started_at.ToDatetime()).total_seconds() / count,
+        "switch less restart": switch / count,
+        "confirm": confirm / count,
+        "between": between / count,
+        "end": (view.ended_at.ToDatetime() - last["confirm"][1]).total_seconds() / count,
+    }
+
+
 def report(runs: Sequence[Run]) -> None:
     ms = 1000.0
     n = runs[0].nodes
@@ -268,12 +336,21 @@ def report(runs: Sequence[Run]) -> None:
         f"{summary([median(r.restarts) for r in runs], 'ms', ms, 0)} (agent-recorded, median)"
     )
     print(f"  overhead per node:        {summary([r.overhead for r in runs], 'ms', ms, 0)}")
+    parts = [r.parts for r in runs if r.parts]
+    if parts:
+        names = list(parts[0])
+        split = ", ".join(f"{k} {median([p[k] for p in parts]) * ms:.0f}" for k in names)
+        print(f"    of which (ms per node, median run): {split}")
     print(
         "  between two switches:     "
         f"{summary([median(r.gaps) for r in runs], 'ms', ms, 0)} (median; confirm end → next "
         "switch start)"
     )
-    print(f"  bare refserver restart:   {summary([median(r.bare) for r in runs], 'ms', ms, 0)}")
+    print(
+        f"  bare refserver restart:   {summary([median(r.bare_loaded) for r in runs], 'ms', ms, 0)}"
+        " (with the writer posting, as during the rollout); "
+        f"idle {summary([median(r.bare) for r in runs], 'ms', ms, 0)}"
+    )
     print(
         "  freeze window:            "
         f"{summary([median(r.freezes) for r in runs], 'ms', ms, 0)} (median node)"
@@ -281,7 +358,13 @@ def report(runs: Sequence[Run]) -> None:
     print(
         "  freeze − bare restart:    "
         f"{summary([median(r.freeze_excess) for r in runs], 'ms', ms, 0)} (median node); "
-        f"worst node {max(max(r.freeze_excess, default=0) for r in runs) * ms:.0f} ms"
+        f"worst node {max(max(r.freeze_excess, default=0) for r in runs) * ms:.0f} ms "
+        "(the bare restart with the writer)"
+    )
+    print(
+        "  freeze − idle restart:    "
+        f"{summary([median(r.freeze_excess_idle) for r in runs], 'ms', ms, 0)} (median node; "
+        "against the bare restart with no writer)"
     )
     print(
         "  freeze − own restart:     "

@@ -114,6 +114,7 @@ class BootstrapHost:
             # importing there held back the outcome the leader waits for.
             await asyncio.shield(self.warm())
             from nodeagent.bootstrap_server import BootstrapService, Guard, Limits  # noqa: PLC0415
+            from tlsroll.bootstrap_protocol import NodeSecret  # noqa: PLC0415
 
             if self.guard is None:
                 self.guard = Guard(Limits())
@@ -121,6 +122,10 @@ class BootstrapHost:
                 verifier_text = await asyncio.to_thread(Path(live["verifier_file"]).read_text)
                 ca_pem = await asyncio.to_thread(Path(live["ca_file"]).read_bytes)
                 verifier = password.verifier_from_json(verifier_text)
+                # The node's side of SPAKE2 costs two scalar multiplications in pure Python:
+                # made in a worker thread (the service below finds it made), not on the event
+                # loop, where it held back the leader's calls as the switch completed.
+                await asyncio.to_thread(NodeSecret, verifier)
                 service = BootstrapService(
                     address=urllib.parse.urlsplit(live["server_url"]).hostname or "",
                     cert_file=Path(live["cert_file"]),

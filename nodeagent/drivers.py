@@ -32,7 +32,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tenacity import AsyncRetrying, RetryError, retry_if_result, stop_after_delay, wait_fixed
+from tenacity import (
+    AsyncRetrying,
+    RetryError,
+    retry_if_exception_type,
+    retry_if_result,
+    stop_after_delay,
+    wait_fixed,
+)
 
 from nodeagent import clients as client_sources
 from tlsroll import clients
@@ -47,11 +54,13 @@ CLIENTS_WAIT = 1.0  # seconds a status waits for a fresh view before it takes th
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 15.0
 POLL_INTERVAL = 0.2  # how often a starting server is asked whether it answers
-# The reference server is watched more closely: its readiness (and its exit at a stop) is
-# checked after 5 ms, then twice as long each time up to 40 ms, so a restart costs the server's
-# own start plus a few ms, not a poll interval.
+# The reference server is not polled: it says when it is ready (sd_notify's READY=1, sent to a
+# socket of the driver's: ``Wakeup``) and a pidfd says when it exits, so a restart costs the
+# server's own start and nothing on top. Without those (an older server, a kernel without
+# pidfd) it is still asked after 5 ms, then twice as long each time up to ``READY_MAX_WAIT``.
 READY_FIRST_WAIT = 0.005
 READY_MAX_WAIT = 0.04
+READY_FALLBACK_WAIT = 0.5  # between checks while a readiness message or an exit would wake us
 
 
 class DriverError(TerminalError):
@@ -282,25 +291,105 @@ async def _wait_healthy(
     driver: Driver, timeout: float, why: str, interval: float = POLL_INTERVAL
 ) -> None:
     """Poll ``driver.health()`` until it is healthy; DriverError with the last problem after
-    ``timeout`` seconds."""
+    ``timeout`` seconds. The agent short of descriptors cannot tell whether the server
+    answers: it keeps asking, and if its own shortage lasts to the deadline, that is what it
+    reports (``LocalResourceError``: the transaction waits and tries again), never the server
+    (a DriverError here rolls a node back). Before, the first shortage ended the wait, and the
+    transaction's retry ran the restart again on a server that may have been fine."""
     polling = AsyncRetrying(
         stop=stop_after_delay(timeout),
         wait=wait_fixed(interval),
-        retry=retry_if_result(lambda problem: problem is not None),
+        retry=(
+            retry_if_result(lambda problem: problem is not None)
+            | retry_if_exception_type(LocalResourceError)
+        ),
     )
     try:
         await polling(driver.health)
     except RetryError as exc:
-        raise DriverError(f"{why}: {exc.last_attempt.result()}") from None
+        last = exc.last_attempt
+        short = last.exception() if last.failed else None
+        if isinstance(short, LocalResourceError):
+            raise short from None
+        raise DriverError(f"{why}: {last.result()}") from None
 
 
 # --- reference --------------------------------------------------------------------------------
 
 
+class Wakeup:
+    """What wakes a driver waiting for the reference server: its readiness message (the
+    sd_notify protocol: the server sends ``READY=1`` to ``$NOTIFY_SOCKET``, as it does under
+    systemd) on a datagram socket of the agent's own, and the exit of a process (a pidfd turns
+    readable). Every wake is only a cue to look: readiness is still checked (pid file and
+    admin socket), so a message from anyone else who found the socket only makes the agent
+    look early. Anything this machine lacks (pidfd before Linux 5.3; the socket when short of
+    descriptors) leaves the caller's fallback wait to find it."""
+
+    def __init__(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._event = asyncio.Event()
+        self._fds: list[int] = []
+        self._sock: socket.socket | None = None
+        self.address: str | None = None  # for the child's NOTIFY_SOCKET; None: none to give
+
+    def listen(self) -> None:
+        """Open the socket the server's readiness message is sent to (abstract namespace)."""
+        try:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            sock.setblocking(False)
+            name = f"tlsroll-agent-{os.getpid()}-{os.urandom(8).hex()}"
+            sock.bind("\0" + name)
+        except OSError:
+            return
+        self._sock = sock
+        self._loop.add_reader(sock.fileno(), self._drain)
+        self.address = "@" + name
+
+    def _drain(self) -> None:
+        assert self._sock is not None
+        with contextlib.suppress(OSError):
+            while self._sock.recv(4096):
+                self._event.set()
+
+    def watch_exit(self, pid: int) -> None:
+        """Wake when process ``pid`` exits."""
+        try:
+            fd = os.pidfd_open(pid)
+        except (AttributeError, OSError):
+            return
+        self._fds.append(fd)
+        self._loop.add_reader(fd, self._event.set)
+
+    @property
+    def watching(self) -> bool:
+        """True if an exit wakes us (a pidfd is watched)."""
+        return bool(self._fds)
+
+    async def wait(self, seconds: float) -> None:
+        """Until something woke us or ``seconds`` passed."""
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self._event.wait(), seconds)
+        self._event.clear()
+
+    def close(self) -> None:
+        for fd in self._fds:
+            self._loop.remove_reader(fd)
+            os.close(fd)
+        self._fds.clear()
+        if self._sock is not None:
+            self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+
+
 def _pid_alive(pid: int) -> bool:
+    """False once ``pid`` has exited (``LocalResourceError`` if the agent cannot tell: short of
+    descriptors, it must not take a running server for one that stopped)."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
+    except OSError as exc:
+        raise_if_local(exc, f"looking at process {pid}")
         return False
     return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
 
@@ -350,23 +439,37 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
         return dump_toml(tables, "managed by tlsroll-agent; the previous version is kept").encode()
 
     def _pid(self) -> int | None:
+        """The running server's pid, from its pid file; None if there is none. Short of
+        descriptors the agent cannot tell (``LocalResourceError``): a stop that took that for
+        "not running" left the old server up, and the start after it met its ports in use."""
+        path = self.data_dir / "refserver.pid"
         try:
-            return int((self.data_dir / "refserver.pid").read_text().strip())
-        except (OSError, ValueError):
+            return int(path.read_text().strip())
+        except OSError as exc:
+            raise_if_local(exc, f"reading {path}")
+            return None
+        except ValueError:
             return None
 
     async def stop(self) -> None:
         pid = self._pid()
         if pid is None or not _pid_alive(pid):
             return
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_TIMEOUT
-        wait = READY_FIRST_WAIT
-        while _pid_alive(pid) and time.monotonic() < deadline:
-            self._reap()
-            await asyncio.sleep(wait)
-            wait = min(wait * 2, READY_MAX_WAIT)
+        wakeup = Wakeup()
+        wakeup.watch_exit(pid)
+        try:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGTERM)
+            deadline = time.monotonic() + STOP_TIMEOUT
+            # Its exit wakes us (pidfd): the wait is a safety net. Otherwise poll.
+            ceiling = READY_FALLBACK_WAIT if wakeup.watching else READY_MAX_WAIT
+            wait = READY_FALLBACK_WAIT if wakeup.watching else READY_FIRST_WAIT
+            while _pid_alive(pid) and time.monotonic() < deadline:
+                self._reap()
+                await wakeup.wait(wait)
+                wait = min(wait * 2, ceiling)
+        finally:
+            wakeup.close()
         if _pid_alive(pid):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGKILL)
@@ -376,48 +479,71 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
     def _reap(self) -> None:
         self._children = [c for c in self._children if c.poll() is None]
 
-    def _spawn(self) -> subprocess.Popen[bytes]:
+    def _spawn(self, notify_socket: str | None = None) -> subprocess.Popen[bytes]:
+        # The agent's own NOTIFY_SOCKET (systemd's, for the agent's unit) is never passed on:
+        # the server's READY=1 and STOPPING=1 are for the driver, or for nobody.
+        env = {k: v for k, v in os.environ.items() if k != "NOTIFY_SOCKET"}
+        if notify_socket is not None:
+            env["NOTIFY_SOCKET"] = notify_socket
         with open(self.log_file, "ab") as log:
             return subprocess.Popen(
                 [sys.executable, "-m", "refserver", "--config", str(self.config_file)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,
+                env=env,
                 start_new_session=True,  # outlives an agent that is killed
             )
 
     async def start(self, timeout: float = START_TIMEOUT) -> None:
         """Start the server and wait until it answers; DriverError at once if it exits.
 
-        The child is watched between checks (its exit ends the wait at once), and readiness is
-        asked after 5 ms, then with a doubling wait up to 40 ms."""
+        Event-driven (``Wakeup``): the server's readiness message and the child's exit wake
+        the wait at once, and only then is readiness checked; a check every
+        ``READY_FALLBACK_WAIT`` catches what sends no message. Without a readiness socket,
+        readiness is asked after 5 ms, then with a doubling wait up to 40 ms."""
+        wakeup = Wakeup()
         try:
-            child = await asyncio.to_thread(self._spawn)
+            await self._start(wakeup, timeout)
+        finally:
+            wakeup.close()
+
+    async def _start(self, wakeup: Wakeup, timeout: float) -> None:
+        wakeup.listen()
+        try:
+            child = await asyncio.to_thread(self._spawn, wakeup.address)
         except OSError as exc:
             raise_if_local(exc, "starting the managed server")
             raise
         self._children.append(child)
+        wakeup.watch_exit(child.pid)
+        # Told of readiness and of an exit, the wait is only a safety net; otherwise poll.
+        told = wakeup.address is not None and wakeup.watching
+        ceiling = READY_FALLBACK_WAIT if told else READY_MAX_WAIT
         deadline = time.monotonic() + timeout
-        wait = READY_FIRST_WAIT
+        wait = READY_FALLBACK_WAIT if told else READY_FIRST_WAIT
+        short: LocalResourceError | None = None
         while True:
-            await asyncio.sleep(wait)
+            await wakeup.wait(min(wait, max(deadline - time.monotonic(), 0.0)))
             if child.poll() is not None:
                 raise DriverError(
                     f"the server exited at start (code {child.returncode}): {self._last_log_line()}"
                 )
-            if self._pid() == child.pid and await self._ready():
-                return
+            try:
+                if self._pid() == child.pid and await self.health() is None:
+                    return
+                short = None
+            except LocalResourceError as exc:
+                # The agent short of descriptors cannot tell yet: it keeps asking (until the
+                # deadline) rather than restart the server again.
+                short = exc
             if time.monotonic() >= deadline:
+                if short is not None:
+                    # Its own shortage to the end says nothing about the server: not a
+                    # DriverError, which would roll back a node that may be fine.
+                    raise short
                 raise DriverError(f"the server did not answer within {timeout:g}s")
-            wait = min(wait * 2, READY_MAX_WAIT)
-
-    async def _ready(self) -> bool:
-        """The started server answers. The agent short of descriptors cannot tell yet: it
-        keeps asking (until the start's deadline) rather than restart the server again."""
-        try:
-            return await self.health() is None
-        except LocalResourceError:
-            return False
+            wait = min(wait * 2, ceiling)
 
     def _last_log_line(self) -> str:
         try:

@@ -24,7 +24,12 @@ def _proc_addr(hexaddr: str) -> tuple[str, int]:
 
 
 def listeners(port: int) -> dict[str, set[int]]:
-    """Listening sockets on ``port``: local address → socket inodes (from /proc/net/tcp*)."""
+    """Listening sockets on ``port``: local address → socket inodes (from /proc/net/tcp*).
+
+    The tables list every TCP socket of the machine (a busy server has thousands): a line is
+    matched on its port and state as text first, and only a match has its address decoded
+    (decoding every line took 19 ms at 2,200 sockets, in every preflight)."""
+    suffix = f":{port:04X}"
     found: dict[str, set[int]] = {}
     for table in ("/proc/net/tcp", "/proc/net/tcp6"):
         try:
@@ -32,8 +37,10 @@ def listeners(port: int) -> dict[str, set[int]]:
         except OSError:
             continue
         for line in lines:
+            if suffix not in line:
+                continue
             cols = line.split()
-            if len(cols) < 10 or cols[3] != "0A":  # 0A = LISTEN
+            if len(cols) < 10 or cols[3] != "0A" or not cols[1].endswith(suffix):  # 0A = LISTEN
                 continue
             address, p = _proc_addr(cols[1])
             if p == port:

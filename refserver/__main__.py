@@ -1,5 +1,5 @@
 """``python -m refserver``: run the reference server (see ``refserver.server``)."""
 
-from refserver.server import main
+from refserver.server import run
 
-raise SystemExit(main())
+run()

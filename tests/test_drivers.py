@@ -10,13 +10,17 @@ driver (restart, status, freeze, unfreeze).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import os
+import resource
+import socket
 import string
+import subprocess
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -27,6 +31,7 @@ import pytest
 from aiohttp import web
 
 from nodeagent import clients as client_sources
+from nodeagent import drivers
 from nodeagent.drivers import (
     Driver,
     DriverError,
@@ -46,7 +51,7 @@ from tests.refserver_helper import RefServer
 from tlsroll.clients import ClientSeen, ClientsView
 from tlsroll.config import Section
 from tlsroll.enums import Change
-from tlsroll.errors import ConfigError
+from tlsroll.errors import ConfigError, LocalResourceError
 from tlsroll.v1 import agent_pb2
 from tlsroll.wire import CHANGE, clients_message
 
@@ -582,6 +587,68 @@ async def test_reference_driver_start_waits_for_the_server(tmp_path: Path) -> No
     assert await driver.health() is not None
 
 
+async def test_reference_driver_is_told_when_the_server_is_ready_and_gone(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15 ("the reference driver waits on the child process and checks readiness
+    promptly"): the driver polled the starting server (5 ms, doubling to 40 ms: a check every
+    40 ms for the whole start, and up to 40 ms late) and the stopping one. The server now tells
+    it (READY=1 on the driver's notify socket) and a pidfd tells of an exit, so a start checks
+    once when told, plus a safety-net check per ``READY_FALLBACK_WAIT``; a stop looks at the
+    process four times (two before it waits, two once its exit woke it; it polled from 5 ms
+    doubling to 40 ms, and the reference server took 350 ms to exit)."""
+    driver = reference_driver(tmp_path)
+    pid_reads, alive_checks = [0], [0]
+    read_pid = driver._pid
+    pid_alive = drivers._pid_alive
+
+    def counting_pid() -> int | None:
+        pid_reads[0] += 1
+        return read_pid()
+
+    def counting_alive(pid: int) -> bool:
+        alive_checks[0] += 1
+        return pid_alive(pid)
+
+    monkeypatch.setattr(driver, "_pid", counting_pid)
+    monkeypatch.setattr(drivers, "_pid_alive", counting_alive)
+    try:
+        t0 = time.monotonic()
+        await driver.start()
+        took = time.monotonic() - t0
+        assert await driver.health() is None
+        assert 1 <= pid_reads[0] <= took / drivers.READY_FALLBACK_WAIT + 2, (pid_reads, took)
+        pid_reads[0] = 0
+        await driver.stop()
+        assert pid_reads[0] == 1 and alive_checks[0] <= 4, (pid_reads, alive_checks)
+        assert await driver.health() is not None
+    finally:
+        await driver.stop()
+
+
+async def test_the_agents_own_notify_socket_is_not_passed_to_the_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under systemd the agent has a NOTIFY_SOCKET of its own (its unit is Type=notify). The
+    server the driver starts inherited it and sent READY=1 and STOPPING=1 for the agent's unit
+    (systemd drops them with NotifyAccess=main, and logs each). Not any more."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(str(tmp_path / "notify.sock"))
+    sock.settimeout(0.5)
+    monkeypatch.setenv("NOTIFY_SOCKET", str(tmp_path / "notify.sock"))
+    driver = reference_driver(tmp_path)
+    try:
+        await driver.start()
+        await driver.restart()
+        assert await driver.health() is None
+    finally:
+        await driver.stop()
+        with pytest.raises(TimeoutError):
+            got = sock.recv(4096)
+            pytest.fail(f"the agent's notify socket got {got!r} from the managed server")
+        sock.close()
+
+
 async def test_reference_driver_asks_readiness_without_an_aiohttp_client(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -623,6 +690,92 @@ async def test_reference_driver_start_gives_up_after_its_timeout(tmp_path: Path)
         for child in driver._children:  # it may not have written its pid file yet
             child.kill()
             child.wait(10)
+
+
+def lowest_free_fd() -> int:
+    """The lowest descriptor number this process does not use (``dup`` takes that one)."""
+    fd = os.dup(0)
+    os.close(fd)
+    return fd
+
+
+@contextlib.contextmanager
+def out_of_descriptors() -> Iterator[Callable[[], None]]:
+    """This process short of descriptors (its soft limit lowered to the lowest free one: every
+    new descriptor fails with EMFILE, the open ones keep working), as an agent meets it. The
+    context gives a function that lifts the limit early; leaving it lifts it in any case."""
+    limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free_fd(), limits[1]))
+
+    def lift() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+
+    try:
+        yield lift
+    finally:
+        lift()
+
+
+async def test_a_reference_server_start_the_agent_cannot_check_is_not_blamed_on_the_server(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15 (the agent's own EMFILE): the server is started, then the agent runs out of
+    descriptors and cannot read its pid file or ask its admin socket until the start's deadline.
+    That is the agent's trouble (``LocalResourceError``: the transaction waits and tries
+    again), not "the server did not answer" (a DriverError, which rolls the node back)."""
+    driver = reference_driver(tmp_path)
+    spawn = driver._spawn
+    limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+
+    def spawn_then_run_short(notify_socket: str | None = None) -> subprocess.Popen[bytes]:
+        child = spawn(notify_socket)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (lowest_free_fd(), limits[1]))
+        return child
+
+    monkeypatch.setattr(driver, "_spawn", spawn_then_run_short)
+    try:
+        with pytest.raises(LocalResourceError, match="Too many open files"):
+            await driver.start(timeout=1.5)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+        for child in driver._children:  # it may not have written its pid file yet
+            child.kill()
+            child.wait(10)
+
+
+async def test_a_stop_the_agent_cannot_check_does_not_pass_for_done(tmp_path: Path) -> None:
+    """Short of descriptors, the agent could not read the server's pid file and took that for
+    "not running": the stop returned at once with the old server up (and the start after it
+    met its ports in use). Now the stop says the agent is short, and stops once it is not."""
+    driver = reference_driver(tmp_path)
+    try:
+        await driver.start()
+        pid = driver._pid()
+        assert pid is not None
+        with out_of_descriptors(), pytest.raises(LocalResourceError, match="Too many open"):
+            await driver.stop()
+        assert alive(pid), "the server was left running, and the stop said so"
+        await driver.stop()
+        assert not alive(pid)
+    finally:
+        await driver.stop()
+
+
+async def test_waiting_for_a_server_waits_out_the_agents_own_shortage(tmp_path: Path) -> None:
+    """``_wait_healthy`` (systemd and exec after their restart command) ended at the first
+    EMFILE of the agent's, and the transaction then ran the restart again on a server that was
+    fine. Now it keeps asking: descriptors back within the deadline, the running server passes;
+    short to the deadline, the shortage (not the server) is what it reports."""
+    driver = reference_driver(tmp_path)
+    try:
+        await driver.start()
+        with out_of_descriptors() as lift:
+            asyncio.get_running_loop().call_later(0.3, lift)
+            await _wait_healthy(driver, 5.0, "did not come back", interval=0.05)
+        with out_of_descriptors(), pytest.raises(LocalResourceError, match="Too many open"):
+            await _wait_healthy(driver, 0.3, "did not come back", interval=0.05)
+    finally:
+        await driver.stop()
 
 
 async def test_reference_driver_refuses_a_socket_others_could_have_put_there(

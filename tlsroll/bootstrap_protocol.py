@@ -80,6 +80,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import hashlib
 import hmac
 import json
@@ -428,6 +429,16 @@ def _check_message(msg: bytes, side: bytes) -> None:
         raise BootstrapError(BootstrapReason.MALFORMED, "not a SPAKE2 message of the other side")
 
 
+@functools.lru_cache(maxsize=2)
+def _node_blinds(pw: bytes) -> tuple[Any, Any]:
+    """The node's SPAKE2 blinding points for ``pw``: two scalar multiplications in pure Python
+    (tens of ms). Kept for the last two passwords: the agent makes a ``NodeSecret`` again for
+    the same verifier at every switch that keeps it (a rotate-cert rollout), and makes it in
+    a worker thread first (``nodeagent.bootstrap_supervisor``), off its event loop."""
+    scalar = PARAMS.group.password_to_scalar(pw)
+    return PARAMS.N.scalarmult(scalar), PARAMS.M.scalarmult(-scalar)
+
+
 class NodeSecret:
     """The node's side of the password, made from its verifier; never printed."""
 
@@ -435,9 +446,7 @@ class NodeSecret:
         v = password.validate_verifier(verifier)
         self.kdf = KDF.of_verifier(v)
         self._pw = pake_password(base64.b64decode(v["hash"]))
-        scalar = PARAMS.group.password_to_scalar(self._pw)
-        self._blind = PARAMS.N.scalarmult(scalar)
-        self._unblind = PARAMS.M.scalarmult(-scalar)
+        self._blind, self._unblind = _node_blinds(self._pw)
 
     def __repr__(self) -> str:
         return "NodeSecret()"
