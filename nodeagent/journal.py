@@ -423,22 +423,34 @@ class Journal:
             self._event(db, txn, "create", "end", {})
         return txn
 
-    def update(self, txn: Txn, **changes: Any) -> Txn:
-        """Record what a step changed (``phase`` and what it found; never the plan)."""
+    def update(self, txn: Txn, *, begin: str | None = None, **changes: Any) -> Txn:
+        """Record what a step changed (``phase`` and what it found; never the plan). ``begin``:
+        the next step, whose ``begin`` event goes in the same write (one write per step)."""
         with self._tx() as db:
-            return self._update(db, txn, changes)
+            new = self._update(db, txn, changes)
+            self._begin(db, new, begin)
+            return new
 
     def fail(
-        self, txn: Txn, step: str, error: str, *, unfreeze_owed: bool = False, **changes: Any
+        self,
+        txn: Txn,
+        step: str,
+        error: str,
+        *,
+        unfreeze_owed: bool = False,
+        begin: str | None = None,
+        **changes: Any,
     ) -> Txn:
         """Record, in one write, that ``step`` failed (its ``error`` event) and where that leaves
         the transaction: a crash cannot separate the two. ``unfreeze_owed``: the transaction
-        ends with the server still frozen (see ``unfreeze_owed``)."""
+        ends with the server still frozen (see ``unfreeze_owed``). ``begin`` as for ``update``."""
         with self._tx() as db:
             self._event(db, txn, step, "error", {"reason": error})
             if unfreeze_owed:
                 self._set_meta(db, "unfreeze_owed", txn.rollout_id)
-            return self._update(db, txn, changes)
+            new = self._update(db, txn, changes)
+            self._begin(db, new, begin)
+            return new
 
     def complete(self, txn: Txn, live_tls: dict[str, str] | None, **changes: Any) -> Txn:
         """Record, in one write, the transaction's last step and what is now live on the server
@@ -446,6 +458,22 @@ class Journal:
         with self._tx() as db:
             self._set_live_tls(db, live_tls)
             return self._update(db, txn, changes)
+
+    def _begin(self, db: sqlite3.Connection, txn: Txn, step: str | None) -> None:
+        if step is not None:
+            self._event(db, txn, step, "begin", {})
+
+    def last_begun(self, txn: Txn) -> str | None:
+        """The step whose ``begin`` is this transaction's last event, if it is one: begun (or
+        about to be) and not finished when the agent stopped. A runner that resumes does not
+        journal that ``begin`` again."""
+        with self._read() as db:
+            row = db.execute(
+                "SELECT step, what FROM events WHERE rollout_id = ? AND kind = ?"
+                " ORDER BY seq DESC LIMIT 1",
+                (txn.rollout_id, txn.kind.value),
+            ).fetchone()
+        return str(row["step"]) if row is not None and row["what"] == "begin" else None
 
     def _update(self, db: sqlite3.Connection, txn: Txn, changes: dict[str, Any]) -> Txn:
         if "plan" in changes:

@@ -130,6 +130,12 @@ class Phase(StrEnum):
     FAILED = "failed"
 
 
+def next_action(phase: Phase) -> Action | None:
+    """The action a transaction in ``phase`` takes next (None once it has ended)."""
+    step = FORWARD.get(phase) or BACKWARD.get(phase)
+    return step[0] if step is not None else None
+
+
 class Action(StrEnum):
     """What the agent does to the server between two phases (the journal's event steps)."""
 
@@ -464,10 +470,15 @@ class Runner:
         plan = Plan.from_json(txn.plan)  # fixed: nothing below changes it
         if txn.phase is Phase.STARTED:
             self._journalled(txn.phase)  # the servicer journalled it; the crash hook is here
+        # Each step's record carries the next step's "begin" (one write per step, not two);
+        # resumed, the runner does not journal again a "begin" that was the last thing written.
+        begun = await asyncio.to_thread(self.journal.last_begun, txn)
         while txn.phase not in TERMINAL:
             forward = txn.phase in FORWARD
             action, after = FORWARD[txn.phase] if forward else BACKWARD[txn.phase]
-            await asyncio.to_thread(self.journal.event, txn, action, "begin")
+            if begun != action:
+                await asyncio.to_thread(self.journal.event, txn, action, "begin")
+            begun = None
             try:
                 changes = await self._attempt(
                     action, txn, plan, 1 if forward else BACKWARD_ATTEMPTS
@@ -483,6 +494,7 @@ class Runner:
                         failed_step=action,
                         reason=reason,
                     )
+                    begun = next_action(Phase.ROLLING_BACK)
                     txn = await self._record(
                         self.journal.fail,
                         txn,
@@ -491,6 +503,7 @@ class Runner:
                         phase=Phase.ROLLING_BACK,
                         reason=reason,
                         failed_phase=txn.phase,
+                        begin=begun,
                     )
                 else:
                     txn = await self._give_up(txn, action, reason, plan)
@@ -502,7 +515,10 @@ class Runner:
                     self.journal.complete, txn, plan.live_tls, phase=after, **changes
                 )
             else:
-                txn = await self._record(self.journal.update, txn, phase=after, **changes)
+                begun = next_action(after)
+                txn = await self._record(
+                    self.journal.update, txn, phase=after, begin=begun, **changes
+                )
             log.info("txn.step", rollout_id=txn.rollout_id, kind=txn.kind, step=action, phase=after)
             if after is Phase.COMPLETED and self.on_complete is not None:
                 try:
