@@ -6,6 +6,7 @@ The figures themselves come from ``bench/`` (``make bench-rollout``, ``make benc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import re
@@ -20,6 +21,7 @@ from pathlib import Path
 import grpc
 import pytest
 
+from leader.agent_client import AgentClient, AgentPool
 from leader.observe import OBSERVE_AT_ONCE, observe
 from leader.planner import NodesOffline, Unreachable
 from leader.rollout_core import (
@@ -32,12 +34,13 @@ from leader.rollout_core import (
     Scope,
 )
 from leader.schema_store import RolloutMeta, SchemaStore
-from leader.store import Store
+from leader.store import Node, Store
 from tests.cluster import Cluster, child_env
 from tests.leader_rig import leader_with_a_node
 from tests.refserver_helper import RefServer, write_toml
 from tlsroll import pki
 from tlsroll.defaults import AGENT_PORT
+from tlsroll.errors import TransientError
 from tlsroll.v1 import agent_pb2, leader_pb2, leader_pb2_grpc
 
 # Never in a running agent: a terminal UI (rich, and pygments through it), the admin CLI's
@@ -535,3 +538,92 @@ async def test_a_step_reads_no_node_rows_and_its_outcome_is_one_write_at_any_siz
     # SQLite's own work per node (its B-trees grow a level meanwhile; it was 3.6 times as much
     # at 20 nodes as at 2 when every step read every node)
     assert large.trace.work / large.nodes <= 1.5 * small.trace.work / small.nodes
+
+
+# --- the leader's CPU per node in a rollout (issue 15) -------------------------------------------
+
+
+class NodeRows:
+    """What ``AgentPool`` reads of the store, for ``n`` nodes on one address where nothing
+    listens (every call fails at once with UNAVAILABLE, after really opening its channel)."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.reads = 0
+
+    def get_node(self, name: str) -> Node:
+        self.reads += 1
+        at = dt.datetime(2026, 11, 30, tzinfo=dt.UTC)
+        return Node(name, (self.address,), (), "1", AGENT_PORT, f"pin-{name}", "", "", at, at, None)
+
+
+async def looks_per_call(address: str, n: int) -> float:
+    """Calls to ``n`` nodes' agents through a pool capped at 2 open channels, every node twice:
+    how often the pool looked at a client's channel (``AgentClient.open``) per call."""
+    creds = grpc.ssl_channel_credentials(pki.CertificateAuthority.create().cert_pem)
+    pool = AgentPool(NodeRows(address), creds, "tlsroll-test", max_open=2)  # type: ignore[arg-type]
+    looks = 0
+    try:
+        for name in [f"n{i:03d}" for i in range(n)] * 2:
+            before = CountingOpen.looks
+            client = await pool.get(name)
+            with contextlib.suppress(TransientError):  # nothing listens there
+                await client.get_status(agent_pb2.GetStatusRequest(), timeout=5)
+            looks += CountingOpen.looks - before
+            assert pool.open_channels() <= 2
+    finally:
+        await pool.close()
+    return looks / (2 * n)
+
+
+class CountingOpen:
+    looks = 0
+
+
+async def test_the_agent_pool_s_bookkeeping_per_call_does_not_grow_with_the_nodes(
+    loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15: at the end of every call to an agent (and as each channel opened) the pool
+    counted its open channels by looking at every node's client: the leader's CPU per step
+    grew with the number of nodes (1,991 such counts over 195,000 clients in a rollout of 200).
+    Real channels (to an address where nothing listens), real calls: the pool looks at as few
+    clients per call with 40 nodes as with 4, and keeps its cap."""
+
+    def counted(self: AgentClient) -> bool:
+        CountingOpen.looks += 1
+        return self._channel is not None  # what AgentClient.open says
+
+    monkeypatch.setattr(AgentClient, "open", property(counted))
+    address = loopback()
+    few = await looks_per_call(address, 4)
+    many = await looks_per_call(address, 40)
+    assert many <= few + 1, (few, many)
+
+
+async def test_a_step_s_call_to_an_agent_reads_its_node_only_after_a_store_write(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Issue 15: every call of every step read the node's row again (a worker thread and a
+    query, five times per node). The pool reads it once, and again only once the store had a
+    write that can change it (``Database.generation``: enrolment, renewal, removal)."""
+
+    class Rows(NodeRows):
+        def __init__(self, address: str) -> None:
+            super().__init__(address)
+            self.db = Store(tmp_path / "leader.sqlite3").db
+
+    store = Rows(loopback())
+    creds = grpc.ssl_channel_credentials(pki.CertificateAuthority.create().cert_pem)
+    pool = AgentPool(store, creds, "tlsroll-test")  # type: ignore[arg-type]
+    try:
+        names = [f"n{i}" for i in range(5)]
+        for _ in range(4):  # preflight, stage, switch, confirm
+            for name in names:
+                assert (await pool.get(name)).node.name == name
+        assert store.reads == len(names)
+        store.db.touch()  # a write that may have changed a node (a renewal, say)
+        await pool.get("n0")
+        assert store.reads == len(names) + 1
+    finally:
+        await pool.close()
+        store.db.close()
