@@ -11,12 +11,14 @@ import datetime as dt
 import json
 import re
 import sqlite3
+import ssl
 import subprocess
 import sys
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -36,9 +38,10 @@ from leader.rollout_core import (
 from leader.schema_store import RolloutMeta, SchemaStore
 from leader.store import Node, Store
 from tests.cluster import Cluster, child_env
+from tests.conftest import IssuedCert
 from tests.leader_rig import leader_with_a_node
 from tests.refserver_helper import RefServer, write_toml
-from tlsroll import pki
+from tlsroll import httpcheck, pki, tls
 from tlsroll.defaults import AGENT_PORT
 from tlsroll.errors import TransientError
 from tlsroll.v1 import agent_pb2, leader_pb2, leader_pb2_grpc
@@ -627,3 +630,42 @@ async def test_a_step_s_call_to_an_agent_reads_its_node_only_after_a_store_write
     finally:
         await pool.close()
         store.db.close()
+
+
+def test_the_outside_check_makes_its_tls_context_once_per_ca(
+    loopback: Callable[[], str],
+    issue_cert: Callable[..., IssuedCert],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 15: every https probe (the leader's confirm, once per node; the agent's verify)
+    made a new SSLContext, about a millisecond of CPU each. Real TLS servers on loopback with
+    certificates of one CA, checked again and again: one context, and each check still trusts
+    only the CA it is given (a server of another CA is refused)."""
+    from tests.test_httpcheck import APP, OK_CLOSE, tiny_server
+
+    made: list[bytes] = []
+    real = tls.client_context
+
+    def counting(ca_pem: bytes | None = None, **kwargs: Any) -> ssl.SSLContext:
+        made.append(ca_pem or b"")
+        return real(ca_pem, **kwargs)
+
+    monkeypatch.setattr(tls, "client_context", counting)
+    httpcheck.trusting.cache_clear()
+    first, second = loopback(), loopback()
+    one, two = issue_cert(first), issue_cert(second)
+    ca_pem = one.ca_file.read_bytes()
+    assert ca_pem == two.ca_file.read_bytes()  # one CA for the test's certificates
+    for address, cert in ((first, one), (second, two)):
+        fingerprint = pki.fingerprint(pki.read_cert(cert.cert_file))
+        server = tls.server_context(cert.cert_file, cert.key_file)
+        with tiny_server(address, OK_CLOSE, server) as port:
+            for _ in range(3):
+                assert httpcheck.check_https(address, port, APP, ca_pem, fingerprint) is None
+    assert made == [ca_pem]
+    other = pki.CertificateAuthority.create().cert_pem
+    server = tls.server_context(one.cert_file, one.key_file)
+    with tiny_server(first, OK_CLOSE, server) as port:
+        problem = httpcheck.check_https(first, port, APP, other, None)
+    assert problem is not None and "certificate verify failed" in problem
+    assert made == [ca_pem, other]
