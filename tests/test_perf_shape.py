@@ -669,3 +669,69 @@ def test_the_outside_check_makes_its_tls_context_once_per_ca(
         problem = httpcheck.check_https(first, port, APP, other, None)
     assert problem is not None and "certificate verify failed" in problem
     assert made == [ca_pem, other]
+
+
+@dataclass
+class StepHops:
+    per_node: float  # worker-thread hops (``asyncio.to_thread``) per node
+    by_call: Counter[str]
+    refused: int  # step outcomes refused as stale (written again)
+
+
+async def step_hops(directory: Path, mp: pytest.MonkeyPatch, n: int, parallel: int) -> StepHops:
+    """An enable-tls rollout of ``n`` nodes (``parallel`` at once, the next prepared ahead) in
+    ``tests/test_engine.py``'s harness: the real engine and stores on a real SQLite file, fake
+    agents; every hand-off to a worker thread counted, by what it calls."""
+    from leader.engine import TICK_SECONDS
+    from tests.test_engine import ended, make_world
+
+    directory.mkdir()
+    nodes = {f"n{i:02d}": f"10.0.{i // 200}.{i % 200 + 1}" for i in range(n)}
+    world = make_world(directory, mp, nodes)
+    hop = asyncio.to_thread
+    calls: Counter[str] = Counter()
+
+    async def counting(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        calls[getattr(func, "__qualname__", repr(func))] += 1
+        return await hop(func, *args, **kwargs)
+
+    mp.setattr(asyncio, "to_thread", counting)
+    leader = world.boot(prepare_ahead=1)
+    await leader.start(max_parallel=parallel)
+    calls.clear()
+    row = None
+    for _ in range(20 * n + 20):
+        await leader.engine.reconcile()
+        await leader.engine.settle()
+        row = leader.schema.latest()
+        assert row is not None
+        if ended(row):
+            break
+        world.clock.advance(TICK_SECONDS)
+    assert row is not None and row.rollout.state is RolloutState.COMPLETED
+    await leader.stop()
+    return StepHops(sum(calls.values()) / n, calls, leader.schema.stale)
+
+
+async def test_a_rollout_s_steps_hand_few_reads_to_worker_threads_at_any_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15: a step handed each read of its rollout to a worker thread (about 66 µs of CPU
+    per hand-off, before the read), though the rollout is kept in memory; a pass read the
+    active rollout, those awaiting finalize and every node's password (again and again); each
+    step read the rollout's practice CA, the trusted CAs and the password verifier anew; and
+    a step's outcome that crossed another node's was refused as stale and written again (one
+    in three with ten nodes in flight). 31 hand-offs per node then. Now what is kept is read
+    on the loop when no writer holds the store, what a rollout's steps look up once per
+    rollout, and an outcome is checked against its own node's record only: what is left are
+    the writes, the node's enrolled names (preflight, stage), the signing record, the outside
+    check and the revocation of the certificate the node served before."""
+    small = await step_hops(tmp_path / "small", monkeypatch, 2, 1)
+    large = await step_hops(tmp_path / "large", monkeypatch, 20, 1)
+    wide = await step_hops(tmp_path / "wide", monkeypatch, 20, 5)
+    for n, cost in ((2, small), (20, large), (20, wide)):
+        # 12 per node at most, and a few per rollout (what its steps look up, its end)
+        assert cost.per_node * n <= 12 * n + 6, cost.by_call.most_common()
+        for call in ("SchemaStore.get", "SchemaStore.active", "SchemaStore.node_auth"):
+            assert cost.by_call[call] <= 1, cost.by_call.most_common()
+    assert wide.refused == 0
