@@ -735,3 +735,25 @@ async def test_a_rollout_s_steps_hand_few_reads_to_worker_threads_at_any_size(
         for call in ("SchemaStore.get", "SchemaStore.active", "SchemaStore.node_auth"):
             assert cost.by_call[call] <= 1, cost.by_call.most_common()
     assert wide.refused == 0
+
+
+async def test_a_plan_leaves_open_the_channels_of_the_nodes_a_rollout_asks_first(
+    loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15: a rollout is planned from what every node's agent says (``observe``), and the
+    agent pool keeps only the channels used last open. Asked in the rollout's order, those
+    were the channels of the nodes the rollout reaches last: every node beyond the cap cost
+    the leader two TLS handshakes. Asked last to first, the channels left open are those of
+    the nodes the rollout asks first (real channels, to an address where nothing listens)."""
+    creds = grpc.ssl_channel_credentials(pki.CertificateAuthority.create().cert_pem)
+    pool = AgentPool(NodeRows(loopback()), creds, "tlsroll-test", max_open=4)  # type: ignore[arg-type]
+    names = [f"n{i:02d}" for i in range(12)]
+    # One at a time (it asks OBSERVE_AT_ONCE at once: which of those ends last is up to the
+    # network, and the test would say so only now and then).
+    monkeypatch.setattr("leader.observe.OBSERVE_AT_ONCE", 1)
+    try:
+        seen = await observe(pool, names, pki.CertificateAuthority.create().cert)
+        assert list(seen) == names and not any(s.reachable for s in seen.values())
+        assert {n for n, c in pool.clients.items() if c.open} == set(names[:4])
+    finally:
+        await pool.close()
