@@ -61,6 +61,7 @@ from bench.common import (
     summary,
     wait_for,
 )
+from bench.profile import Perf, Profile
 from tests.cluster import Agent, Cluster
 from tests.nodeside import Node
 from tests.refserver_helper import RefServer, http_request
@@ -200,7 +201,15 @@ class Run:
         return [f - bare for f in self.freezes]
 
 
-def one_run(root: Path, n: int, *, ansible: bool, restarts: int, fsyncs: bool = False) -> Run:
+def one_run(
+    root: Path,
+    n: int,
+    *,
+    ansible: bool,
+    restarts: int,
+    fsyncs: bool = False,
+    profile: Path | None = None,
+) -> Run:
     cluster = Cluster(
         root / "cluster", address(0), heartbeat_interval=5, agent_heartbeat_interval=5
     )
@@ -224,8 +233,12 @@ def one_run(root: Path, n: int, *, ansible: bool, restarts: int, fsyncs: bool = 
         pid = cluster.leader.pid
         before = Reading.of(pid)
         counting = Fsyncs(pid, root / "strace.txt")
+        spied = Profile(pid, profile / f"leader-{root.name}.spy", gil=True) if profile else None
+        perf = Perf(pid, profile / f"leader-{root.name}.perf") if profile else None
         with (
             counting if fsyncs else contextlib.nullcontext(),
+            perf if perf is not None else contextlib.nullcontext(),
+            spied if spied is not None else contextlib.nullcontext(),
             grpc.insecure_channel(f"unix:{cluster.admin_socket}") as channel,
         ):
             view = admin_pb2_grpc.AdminStub(channel).StartRollout(enable_tls_request(), timeout=60)
@@ -242,6 +255,8 @@ def one_run(root: Path, n: int, *, ansible: bool, restarts: int, fsyncs: bool = 
             thread.join(10)
             view = get_schema(channel, view.id)
         bare_loaded += restarts_while_writing(root / "bare-after", nodes, ca, restarts // 2)
+        if spied is not None and perf is not None:
+            print(spied.summary(n), perf.by_dso(), sep="\n", flush=True)
         return Run(
             nodes=n,
             wall=seconds(view),
@@ -421,13 +436,27 @@ def main(argv: list[str] | None = None) -> int:
         help="count the leader's fsyncs during the rollout (strace: its CPU figures then "
         "compare with no other run)",
     )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="profile the leader during each rollout (py-spy: Python frames holding the GIL; "
+        "perf: CPU by library), keep the stacks in this directory and print where the CPU "
+        "went (the CPU figures then compare with no other run)",
+    )
     ns = parser.parse_args(argv)
+    if ns.profile is not None:
+        ns.profile.mkdir(parents=True, exist_ok=True)
     runs = []
     for i in range(ns.runs):
         root = Path(tempfile.mkdtemp(prefix="tlsroll-bench-"))
         try:
             run = one_run(
-                root, ns.nodes, ansible=bool(ns.ansible), restarts=ns.restarts, fsyncs=ns.fsyncs
+                root,
+                ns.nodes,
+                ansible=bool(ns.ansible),
+                restarts=ns.restarts,
+                fsyncs=ns.fsyncs,
+                profile=ns.profile,
             )
         finally:
             if not ns.keep:

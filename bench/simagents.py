@@ -70,6 +70,7 @@ from bench.common import (
     seconds,
     wait_for,
 )
+from bench.profile import Perf, Profile, Yappi, yappi_env
 from tests.cluster import Cluster, hostport
 from tlsroll import __version__, pki, spiffe
 from tlsroll.defaults import AGENT_PORT, CONTROL_PORT, HTTP_PORT, HTTPS_PORT, JOIN_PORT
@@ -559,6 +560,8 @@ def one_run(
     clients: int,
     baseline: float,
     fsyncs: bool = False,
+    profile: Path | None = None,
+    yappi: Path | None = None,
 ) -> Result:
     cluster = Cluster(
         root / "cluster",
@@ -567,17 +570,18 @@ def one_run(
         agent_heartbeat_interval=interval,
     )
     procs: list[subprocess.Popen[str]] = []
+    leader_env = {**NO_DEBUG, **(yappi_env(yappi / f"leader-{n}.pstat") if yappi else {})}
     try:
         cluster.init()
         if nofile:  # as a unit's LimitNOFILE would set it
             soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
             resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, hard))
             try:
-                cluster.start_leader(NO_DEBUG)
+                cluster.start_leader(leader_env)
             finally:
                 resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
         else:
-            cluster.start_leader(NO_DEBUG)
+            cluster.start_leader(leader_env)
         pid = cluster.leader.pid
         names = [(f"s{i:03d}", address(i + 1)) for i in range(n)]
         tokens = make_tokens(cluster, names)
@@ -632,8 +636,13 @@ def one_run(
         # A refusal may name hundreds of nodes: let its message through whole.
         options = [("grpc.max_metadata_size", 1 << 20)]
         counting = Fsyncs(pid, root / "strace.txt")
+        spied = Profile(pid, profile / f"leader-{n}.spy", gil=True) if profile else None
+        perf = Perf(pid, profile / f"leader-{n}.perf") if profile else None
         with (
+            Yappi(pid) if yappi else contextlib.nullcontext(),
+            perf if perf is not None else contextlib.nullcontext(),
             counting if fsyncs else contextlib.nullcontext(),
+            spied if spied is not None else contextlib.nullcontext(),
             grpc.insecure_channel(f"unix:{cluster.admin_socket}", options) as channel,
         ):
             try:
@@ -653,6 +662,9 @@ def one_run(
             after = Reading.of(pid)
             during = time.monotonic() - t0
             view = get_schema(channel, view.id)
+        if spied is not None and perf is not None:
+            print(spied.summary(n), flush=True)
+            print(perf.by_dso(), flush=True)
         hb_leader = (l1 - l0) / beats
         hb_leader_net = (l1 - l0 - base_rate * idle) / beats
         cpu = after.cpu - before.cpu
@@ -719,9 +731,25 @@ def main(argv: list[str] | None = None) -> int:
         help="count the leader's fsyncs during the rollout (strace: its CPU figures then "
         "compare with no other run)",
     )
+    parser.add_argument(
+        "--profile",
+        type=Path,
+        help="profile the leader during the rollout with py-spy (C frames too), keep its "
+        "stacks in this directory and print where its CPU went (the CPU figures then compare "
+        "with no other run)",
+    )
+    parser.add_argument(
+        "--yappi",
+        type=Path,
+        help="profile the leader's Python during the rollout with yappi (CPU clock, every "
+        "thread; pip install yappi) and keep the stats (pstat) in this directory",
+    )
     ns = parser.parse_args(argv)
     if ns.worker is not None:
         return worker_main(ns.worker)
+    for where in (ns.profile, ns.yappi):
+        if where is not None:
+            where.mkdir(parents=True, exist_ok=True)
     sizes = [int(s) for s in ns.nodes.split(",") if s.strip()]
     print(
         f"simulated agents: heartbeat every {ns.interval} s, restart {ns.restart} s, "
@@ -749,6 +777,8 @@ def main(argv: list[str] | None = None) -> int:
                 clients=ns.clients,
                 baseline=ns.baseline,
                 fsyncs=ns.fsyncs,
+                profile=ns.profile,
+                yappi=ns.yappi,
             )
         finally:
             if not ns.keep:

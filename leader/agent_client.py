@@ -304,12 +304,27 @@ class AgentPool:
         self.trust_domain = trust_domain
         self.max_open = max_open
         self.clients: dict[str, AgentClient] = {}
-        self._used: OrderedDict[str, None] = OrderedDict()  # least recently used first
+        # The nodes whose client has its channel open, least recently used first.
+        self._open: OrderedDict[str, None] = OrderedDict()
+        self._read_at: dict[str, int] = {}  # node -> Database.generation its record was read at
         self._retiring: dict[AgentClient, asyncio.Task[None]] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
     async def get(self, name: str) -> AgentClient:
+        """The node's client. Its address and key are read from the store again only if the
+        store has had a write since they were read (``Database.generation``: enrolment,
+        renewal, removal move it, a heartbeat does not), so a step's calls cost no worker
+        thread and no query (the leader is its store's only writer)."""
+        # A store without a Database of its own (a reader of another process's file) is read
+        # every time.
+        generation = getattr(getattr(self.store, "db", None), "generation", None)
+        client = self.clients.get(name)
+        if client is not None and generation is not None and self._read_at.get(name) == generation:
+            self._use(name)
+            return client
         node = await asyncio.to_thread(self.store.get_node, name)
+        if generation is not None:
+            self._read_at[name] = generation
         client = self.clients.get(name)
         if client is None or (
             client.node.addresses,
@@ -318,30 +333,45 @@ class AgentPool:
         ) != (node.addresses, node.agent_port, node.key_pin):
             if client is not None:
                 self._retire(client)
+                self._open.pop(name, None)  # its channel closes with its grace, uncounted
             client = AgentClient(node, self.credentials, self.trust_domain, self._trim)
             self.clients[name] = client
-        self._used[name] = None
-        self._used.move_to_end(name)
+        self._use(name)
         return client
+
+    def _use(self, name: str) -> None:
+        if name in self._open:
+            self._open.move_to_end(name)
 
     def open_channels(self) -> int:
         return sum(1 for c in self.clients.values() if c.open)
 
     def _trim(self, client: AgentClient) -> None:
         """A client opened its channel or ended its last call: close idle channels beyond the
-        cap, least recently used first (never the one that just opened)."""
-        if client.open and client.in_flight:  # just opened for a call: it is the newest use
-            self._used[client.node.name] = None
-            self._used.move_to_end(client.node.name)
-        excess = self.open_channels() - self.max_open
-        for name in list(self._used):
+        cap, least recently used first (never the one that just opened). The pool counts its
+        open channels as they open and close: this runs at every call's end, and must not
+        look at every node's client each time (it did, and cost the leader CPU per step that
+        grew with the number of nodes)."""
+        name = client.node.name
+        if client.open and client.in_flight and self.clients.get(name) is client:
+            self._open[name] = None  # just opened for a call: it is the newest use
+            self._open.move_to_end(name)
+        excess = len(self._open) - self.max_open
+        if excess <= 0:
+            return
+        for other_name in list(self._open):  # least recently used first
             if excess <= 0:
                 break
-            other = self.clients.get(name)
-            if other is None or other is client:
+            other = self.clients.get(other_name)
+            if other is None or not other.open:
+                del self._open[other_name]
+                excess -= 1
+                continue
+            if other is client:
                 continue
             task = other.close_idle()
             if task is not None:
+                del self._open[other_name]
                 excess -= 1
                 self._closing.add(task)
                 task.add_done_callback(self._closing.discard)
@@ -353,7 +383,8 @@ class AgentPool:
         for client in self.clients.values():
             self._retire(client)
         self.clients.clear()
-        self._used.clear()
+        self._open.clear()
+        self._read_at.clear()
 
     def _retire(self, client: AgentClient) -> None:
         async def close_later() -> None:
@@ -368,7 +399,7 @@ class AgentPool:
         for client in [*self.clients.values(), *self._retiring]:
             await client.close()  # ends the grace of a retired one too
         self.clients.clear()
-        self._used.clear()
+        self._open.clear()
         for task in list(self._retiring.values()):
             task.cancel()
         self._retiring.clear()

@@ -45,7 +45,7 @@ from leader.rollout_core import (
     Strategy,
     wrong_source,
 )
-from leader.schema_store import RolloutMeta, SchemaStore
+from leader.schema_store import NodeDetail, RolloutMeta, SchemaStore
 from leader.store import IssuedCert, Store
 from leader.wire import CHANGE, TXN_KIND, TXN_OUTCOME
 from tlsroll import httpcheck, logs, pki
@@ -60,12 +60,42 @@ MAX_CLOCK_OFFSET = 120
 
 
 @dataclass(frozen=True)
+class RolloutFacts:
+    """What a rollout's steps look up that does not change while it runs, read once for
+    all its nodes (``rollout_facts``): each step asked the store again (five queries and
+    worker threads per node).
+
+    ``own_ca``: the practice CA of a ``--cert-dir`` rollout (None for the usual one; stored
+    before the rollout exists). ``trusted``: the CAs the outside check trusts. ``verifier``:
+    the verifier of the password version the rollout applies ("" for none; versions never
+    change once stored)."""
+
+    own_ca: bytes | None
+    trusted: bytes
+    verifier: str
+
+
+def rollout_facts(
+    schema: SchemaStore, rollout_id: str, auth_version: int, ca_pem: bytes
+) -> RolloutFacts:
+    """Read a rollout's ``RolloutFacts`` (blocking: call it in a worker thread). The outside
+    check of a ``--cert-dir`` rollout trusts its practice CA only; any other rollout's, the
+    cluster CA and the practice CAs earlier ones installed (what the workstations were
+    handed; a new one is stored only as a rollout starts, never while one runs)."""
+    own = schema.own_ca(rollout_id)
+    trusted = own if own is not None else ca_pem + schema.own_cas()
+    verifier = schema.verifier(auth_version) if auth_version else ""
+    return RolloutFacts(own, trusted, verifier)
+
+
+@dataclass(frozen=True)
 class StepContext:
     """Everything a step needs: the rollout, the node, its agent, and the leader's state."""
 
     rollout: Rollout
     meta: RolloutMeta
     node: str
+    facts: RolloutFacts
     agent: AgentApi
     schema: SchemaStore
     store: Store
@@ -131,9 +161,8 @@ class ChangeSteps:
     async def stage(self, ctx: StepContext) -> Outcome:
         """A new key made on the node, its CSR signed by the CA, the certificate stored there
         (``--cert-dir``: the practice's own certificate and key instead, ``stage_own``)."""
-        own_ca = await asyncio.to_thread(ctx.schema.own_ca, ctx.rollout.id)
-        if own_ca is not None:
-            return await self.stage_own(ctx, own_ca)
+        if ctx.facts.own_ca is not None:
+            return await self.stage_own(ctx, ctx.facts.own_ca)
         node = await asyncio.to_thread(ctx.store.get_node, ctx.node)
         try:
             csr_reply = await ctx.agent.create_csr(
@@ -210,9 +239,7 @@ class ChangeSteps:
         return NodeEvent.STAGE_DONE, None
 
     async def switch(self, ctx: StepContext) -> Outcome:
-        verifier = ""
-        if ctx.meta.auth_version:
-            verifier = await asyncio.to_thread(ctx.schema.verifier, ctx.meta.auth_version)
+        verifier = ctx.facts.verifier
         try:
             await ctx.agent.switch(
                 agent_pb2.SwitchRequest(
@@ -279,9 +306,7 @@ class ChangeSteps:
 
     async def outside_problem(self, ctx: StepContext) -> str | None:
         """The outside check for where this change leaves the node (``CHANGES``)."""
-        row = await asyncio.to_thread(ctx.schema.get, ctx.rollout.id)
-        assert row is not None
-        detail = next(d for r, d in row.nodes if r.name == ctx.node)
+        detail = await self.node_detail(ctx)
         if CHANGES[self.change].target_scheme == "https":
             live, closed = detail.new_url, detail.old_url
         else:
@@ -293,13 +318,17 @@ class ChangeSteps:
 
     @staticmethod
     async def trusted(ctx: StepContext) -> bytes:
-        """The CAs the outside check trusts. ``--cert-dir``: this rollout's practice CA only;
-        any other rollout: the cluster CA and the practice CAs earlier ones installed (what
-        the workstations were handed)."""
-        own = await asyncio.to_thread(ctx.schema.own_ca, ctx.rollout.id)
-        if own is not None:
-            return own
-        return ctx.ca.cert_pem + await asyncio.to_thread(ctx.schema.own_cas)
+        """The CAs the outside check trusts (``RolloutFacts.trusted``)."""
+        return ctx.facts.trusted
+
+    @staticmethod
+    async def node_detail(ctx: StepContext) -> NodeDetail:
+        """What the schema holds about the node (from memory when it can: no worker thread)."""
+        row = ctx.schema.kept(ctx.rollout.id) or await asyncio.to_thread(
+            ctx.schema.get, ctx.rollout.id
+        )
+        assert row is not None
+        return row.node(ctx.node)[1]
 
 
 class EnableTls(ChangeSteps):
@@ -314,9 +343,7 @@ class DualTls(ChangeSteps):
     keep_http = True
 
     async def outside_problem(self, ctx: StepContext) -> str | None:
-        row = await asyncio.to_thread(ctx.schema.get, ctx.rollout.id)
-        assert row is not None
-        detail = next(d for r, d in row.nodes if r.name == ctx.node)
+        detail = await self.node_detail(ctx)
         trusted = await self.trusted(ctx)  # --cert-dir: the practice CA, as for the direct switch
         return await asyncio.to_thread(
             dual_check, detail.new_url, detail.old_url, trusted, detail.cert_fingerprint

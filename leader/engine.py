@@ -46,7 +46,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
 from leader import byo, planner
 from leader.agent_client import Agents, StepFailed
-from leader.changes import Outcome, StepContext, strategy_for
+from leader.changes import Outcome, RolloutFacts, StepContext, rollout_facts, strategy_for
 from leader.rollout_core import (
     CHANGES,
     FAILED_NODE_STATES,
@@ -124,6 +124,11 @@ class Engine:
         self.trouble: dict[StepKey, tuple[float, dt.datetime, int]] = {}
         # ``--cert-dir``: the running rollout's keys, until each node has staged its own.
         self.vault = byo.Vault()
+        # (rollout, node): the password live on the node is recorded (``_record_node_auth``).
+        self.auth_known: set[tuple[str, str]] = set()
+        # What the steps of the running rollout look up and what does not change while it
+        # runs (``leader.changes.RolloutFacts``): read once per rollout, not per step.
+        self.facts: dict[str, asyncio.Future[RolloutFacts]] = {}
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -143,7 +148,9 @@ class Engine:
     async def reconcile(self) -> None:
         """Persist the plan's events, then make sure its steps run."""
         await self._settle_awaiting()
-        row = await asyncio.to_thread(self.schema.active)
+        known, row = self.schema.peek_active()  # from memory when it can (no worker thread)
+        if not known:
+            row = await asyncio.to_thread(self.schema.active)
         await self._forget_ended_keys(row)
         if row is None:
             return
@@ -198,7 +205,8 @@ class Engine:
         """A transitional rollout awaiting finalize moves on once its linked finalize (or way
         back) has completed (``planner.awaiting_verdict``). Level-triggered: a leader that
         died between the two writes makes the second on its next pass."""
-        for row in await asyncio.to_thread(self.schema.awaiting):
+        known, rows = self.schema.peek_awaiting()
+        for row in rows if known else await asyncio.to_thread(self.schema.awaiting):
             follower = await asyncio.to_thread(self.schema.follower, row.rollout.id)
             if follower is None:
                 continue
@@ -254,11 +262,22 @@ class Engine:
         if rule is Password.KEPT:
             return
         version = None if rule is Password.CLEARED else row.meta.auth_version
+        rid = row.rollout.id
+        # A dual node runs the password on its https side. Nodes this process has seen
+        # recorded are not looked at again: each pass would read every node's password.
+        done = [
+            rec.name
+            for rec in row.records
+            if rec.state in (NodeState.DONE, NodeState.DUAL)
+            and (rid, rec.name) not in self.auth_known
+        ]
+        if not done:
+            return
         live = await asyncio.to_thread(self.schema.node_auth)
-        for rec in row.records:  # a dual node runs the password on its https side
-            done = rec.state in (NodeState.DONE, NodeState.DUAL)
-            if done and live.get(rec.name) != version:
-                await asyncio.to_thread(self.schema.set_node_auth, rec.name, version, self.clock())
+        for name in done:
+            if live.get(name) != version:
+                await asyncio.to_thread(self.schema.set_node_auth, name, version, self.clock())
+            self.auth_known.add((rid, name))
 
     async def _revoke_superseded(self, row: RolloutRow) -> None:
         """Revoke the server certificate a node served before this rollout gave it a new one,
@@ -348,7 +367,9 @@ class Engine:
         if step.step in STEP_FOR_STATE.values():
             # ``row`` was read before this task started, maybe while the previous run of the
             # same step was saving its result: run only if the node still waits for it.
-            fresh = await asyncio.to_thread(self.schema.get, rollout.id)
+            fresh = self.schema.kept(rollout.id) or await asyncio.to_thread(
+                self.schema.get, rollout.id
+            )
             records = fresh.records if fresh is not None else ()
             state = next((r.state for r in records if r.name == step.node), None)
             if fresh is None or state is None or STEP_FOR_STATE.get(state) is not step.step:
@@ -464,10 +485,23 @@ class Engine:
             Step.SWITCH: steps.switch,
             Step.CONFIRM: steps.confirm,
         }
+        facts = self.facts.get(row.rollout.id)
+        if facts is None or (facts.done() and facts.exception() is not None):
+            facts = asyncio.ensure_future(
+                asyncio.to_thread(
+                    rollout_facts,
+                    self.schema,
+                    row.rollout.id,
+                    row.meta.auth_version,
+                    self.ca.cert_pem,
+                )
+            )
+            self.facts = {row.rollout.id: facts}  # the running rollout's only
         ctx = StepContext(
             rollout=row.rollout,
             meta=row.meta,
             node=step.node,
+            facts=await asyncio.shield(facts),  # steps that begin at once share one read
             agent=await self.agents.get(step.node),
             schema=self.schema,
             store=self.store,
@@ -511,7 +545,9 @@ class Engine:
             reraise=True,
         ):
             with attempt:
-                row = await asyncio.to_thread(self.schema.get, rollout_id)
+                row = self.schema.kept(rollout_id) or await asyncio.to_thread(
+                    self.schema.get, rollout_id
+                )
                 assert row is not None
                 old, detail = row.node(name)
                 new = change(old)
@@ -522,6 +558,7 @@ class Engine:
                 learnt = {k: v for k, v in details(detail).items() if getattr(detail, k) != v}
                 if new == old and not steps and not learnt:
                     return row
+                auth = self._auth_now(row, old, new)
                 row = await asyncio.to_thread(
                     self.schema.save_states,
                     row,
@@ -531,8 +568,11 @@ class Engine:
                     "engine",
                     steps=steps,
                     details={name: learnt} if learnt else None,
-                    auth=self._auth_now(row, old, new),
+                    auth=auth,
+                    only=(name,),  # decided from this node's record alone
                 )
+                if auth:
+                    self.auth_known.add((rollout_id, name))
         assert row is not None
         return row
 

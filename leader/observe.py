@@ -94,5 +94,10 @@ async def observe(
         async with gate:
             return await one(name)
 
-    results = await asyncio.gather(*(gated(n) for n in names))
-    return dict(zip(names, results, strict=True))
+    # Asked last to first: a rollout goes through its nodes in name order (``order_nodes``),
+    # and the agent pool keeps the channels used last open (``MAX_OPEN_CHANNELS``), so those
+    # left open are of the nodes the rollout asks first, not of those it reaches last (each
+    # channel opened again is a TLS handshake).
+    backwards = list(reversed(names))
+    results = await asyncio.gather(*(gated(n) for n in backwards))
+    return dict(zip(names, reversed(results), strict=True))

@@ -12,7 +12,7 @@ import datetime as dt
 import functools
 import json
 import sqlite3
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, cast
 
@@ -180,14 +180,47 @@ class SchemaStore(LeaderStore):
             ).fetchone()
         return int(row[0])
 
-    def active(self) -> RolloutRow | None:
-        """The rollout that is not yet in a terminal state, if any (there is at most one)."""
-        with self._db.read() as db:
-            row = db.execute(
-                f"SELECT id FROM rollouts WHERE {_ACTIVE} ORDER BY epoch DESC LIMIT 1",  # noqa: S608
+    def _live(self, db: sqlite3.Connection) -> tuple[tuple[str, str], ...]:
+        """Under the lock: the rollouts not yet ended, (id, state), newest first; kept in
+        memory (``Database.cache``) until a rollout is created or changes state."""
+        kept = self._db.cache.get(_LIVE)
+        if kept is None:
+            rows = db.execute(
+                f"SELECT id, state FROM rollouts WHERE {_ACTIVE} ORDER BY epoch DESC",  # noqa: S608
                 _TERMINAL,
-            ).fetchone()
-        return self.get(row["id"]) if row else None
+            ).fetchall()
+            kept = self._db.cache[_LIVE] = tuple((r["id"], r["state"]) for r in rows)
+        return cast(tuple[tuple[str, str], ...], kept)
+
+    def active(self) -> RolloutRow | None:
+        """The newest rollout that is not yet in a terminal state, if any (one, or a
+        transitional one awaiting finalize and its finalize)."""
+        with self._db.read() as db:
+            live = self._live(db)
+        return self.get(live[0][0]) if live else None
+
+    def peek_active(self) -> tuple[bool, RolloutRow | None]:
+        """``active()`` from memory, without waiting (``Database.peek``): (True, what it would
+        return), or (False, None) if that is not known now (then call ``active`` in a worker
+        thread). The engine asks this at every pass."""
+        live = self._db.peek(_LIVE)
+        if live is None:
+            return False, None
+        if not live:
+            return True, None
+        rollout_id, state = live[0]
+        row = self.kept(rollout_id)
+        if row is None or row.rollout.state.value != state:  # a write came between the looks
+            return False, None
+        return True, row
+
+    def peek_awaiting(self) -> tuple[bool, list[RolloutRow]]:
+        """``awaiting()`` without waiting, if it is known now to be none (the common case):
+        (True, []); else (False, []) and ``awaiting`` it is, in a worker thread."""
+        live = self._db.peek(_LIVE)
+        if live is None or any(state == _AWAITING for _, state in live):
+            return False, []
+        return True, []
 
     def latest(self) -> RolloutRow | None:
         with self._db.read() as db:
@@ -207,6 +240,13 @@ class SchemaStore(LeaderStore):
             if row is not None:
                 self._keep(row)
             return row
+
+    def kept(self, rollout_id: str) -> RolloutRow | None:
+        """The rollout as ``get`` would return it, if it is kept in memory and can be had
+        without waiting (``Database.peek``); None: ``get`` it in a worker thread. For the
+        event loop: most of a step's reads of its rollout need no thread."""
+        row = self._db.peek(_key(rollout_id))
+        return cast(RolloutRow, row) if row is not None else None
 
     def _keep(self, row: RolloutRow) -> None:
         """Under the lock: keep ``row`` as what the file holds (at most ``ROWS_KEPT`` rows)."""
@@ -331,13 +371,7 @@ class SchemaStore(LeaderStore):
     def awaiting(self) -> list[RolloutRow]:
         """Transitional rollouts awaiting finalize (at most one, but read as a list)."""
         with self._db.read() as db:
-            ids = [
-                r["id"]
-                for r in db.execute(
-                    "SELECT id FROM rollouts WHERE state = ? ORDER BY epoch DESC",
-                    (RolloutState.AWAITING_FINALIZE.value,),
-                )
-            ]
+            ids = [rollout_id for rollout_id, state in self._live(db) if state == _AWAITING]
         return self._rows(ids)
 
     def follower(self, rollout_id: str) -> RolloutRow | None:
@@ -514,6 +548,7 @@ class SchemaStore(LeaderStore):
                     meta.when_quiet,
                 ),
             )
+            self._db.cache.pop(_LIVE, None)
             for n in nodes:
                 db.execute(
                     "INSERT INTO rollout_nodes (rollout_id, name, state, reason)"
@@ -550,6 +585,7 @@ class SchemaStore(LeaderStore):
         steps: Sequence[StepTime] = (),
         details: Mapping[str, Mapping[str, Any]] | None = None,
         auth: Mapping[str, int | None] | None = None,
+        only: Collection[str] | None = None,
     ) -> RolloutRow:
         """Persist the records after a plan or an event, with one audit event per change, in
         one transaction that updates only the rows that changed (nothing, if nothing did):
@@ -560,8 +596,12 @@ class SchemaStore(LeaderStore):
 
         Optimistic: if the stored records are no longer ``before`` (an admin command and an
         engine verdict crossed), nothing is written and ``StaleRecords`` is raised; the caller
-        reads again and decides again. The stored records are the ones kept in memory
-        (``get``), read from the file only if none are.
+        reads again and decides again. ``only``: the caller decided from these nodes' records
+        alone (one step's outcome): only they, and the rollout's state, must be as in
+        ``before``; another node's step that ended meanwhile is no reason to decide again
+        (with ten nodes in flight, every other outcome was refused once and written twice).
+        The stored records are the ones kept in memory (``get``), read from the file only if
+        none are.
         """
         for fields in (details or {}).values():
             _check_details(fields)
@@ -570,13 +610,14 @@ class SchemaStore(LeaderStore):
             if (
                 base is None
                 or base.rollout.state is not before.rollout.state
-                or not (base is before or base.records == before.records)
+                or not (base is before or _same_records(base, before, only))
             ):
                 raise StaleRecords(f"rollout {before.rollout.id} changed meanwhile")
             new_rollout, meta = base.rollout, base.meta
             if rollout.state != base.rollout.state or reason is not None:
                 ended = now if rollout.state in TERMINAL_ROLLOUT_STATES else None
                 started = now if rollout.state is RolloutState.RUNNING else None
+                self._db.cache.pop(_LIVE, None)
                 db.execute(
                     "UPDATE rollouts SET state = ?, ended_at = COALESCE(ended_at, ?),"
                     " started_at = COALESCE(started_at, ?), reason = COALESCE(?, reason)"
@@ -902,6 +943,17 @@ class SchemaStore(LeaderStore):
 
 
 _ROWS, _AUTH = "rollout", ("node_auth",)  # what SchemaStore keeps in ``Database.cache``
+
+
+def _same_records(base: RolloutRow, before: RolloutRow, only: Collection[str] | None) -> bool:
+    """``base`` holds the records of ``before`` (of the nodes ``only``; None: all of them)."""
+    if only is None:
+        return base.records == before.records
+    return all(base.node(name)[0] == before.node(name)[0] for name in only)
+
+
+_LIVE = ("live rollouts",)  # Database.cache: SchemaStore._live
+_AWAITING = RolloutState.AWAITING_FINALIZE.value
 
 
 def _key(rollout_id: str) -> tuple[str, str]:

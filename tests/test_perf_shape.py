@@ -6,20 +6,24 @@ The figures themselves come from ``bench/`` (``make bench-rollout``, ``make benc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import re
 import sqlite3
+import ssl
 import subprocess
 import sys
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
+from leader.agent_client import AgentClient, AgentPool
 from leader.observe import OBSERVE_AT_ONCE, observe
 from leader.planner import NodesOffline, Unreachable
 from leader.rollout_core import (
@@ -32,12 +36,14 @@ from leader.rollout_core import (
     Scope,
 )
 from leader.schema_store import RolloutMeta, SchemaStore
-from leader.store import Store
+from leader.store import Node, Store
 from tests.cluster import Cluster, child_env
+from tests.conftest import IssuedCert
 from tests.leader_rig import leader_with_a_node
 from tests.refserver_helper import RefServer, write_toml
-from tlsroll import pki
+from tlsroll import httpcheck, pki, tls
 from tlsroll.defaults import AGENT_PORT
+from tlsroll.errors import TransientError
 from tlsroll.v1 import agent_pb2, leader_pb2, leader_pb2_grpc
 
 # Never in a running agent: a terminal UI (rich, and pygments through it), the admin CLI's
@@ -535,3 +541,219 @@ async def test_a_step_reads_no_node_rows_and_its_outcome_is_one_write_at_any_siz
     # SQLite's own work per node (its B-trees grow a level meanwhile; it was 3.6 times as much
     # at 20 nodes as at 2 when every step read every node)
     assert large.trace.work / large.nodes <= 1.5 * small.trace.work / small.nodes
+
+
+# --- the leader's CPU per node in a rollout (issue 15) -------------------------------------------
+
+
+class NodeRows:
+    """What ``AgentPool`` reads of the store, for ``n`` nodes on one address where nothing
+    listens (every call fails at once with UNAVAILABLE, after really opening its channel)."""
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.reads = 0
+
+    def get_node(self, name: str) -> Node:
+        self.reads += 1
+        at = dt.datetime(2026, 11, 30, tzinfo=dt.UTC)
+        return Node(name, (self.address,), (), "1", AGENT_PORT, f"pin-{name}", "", "", at, at, None)
+
+
+async def looks_per_call(address: str, n: int) -> float:
+    """Calls to ``n`` nodes' agents through a pool capped at 2 open channels, every node twice:
+    how often the pool looked at a client's channel (``AgentClient.open``) per call."""
+    creds = grpc.ssl_channel_credentials(pki.CertificateAuthority.create().cert_pem)
+    pool = AgentPool(NodeRows(address), creds, "tlsroll-test", max_open=2)  # type: ignore[arg-type]
+    looks = 0
+    try:
+        for name in [f"n{i:03d}" for i in range(n)] * 2:
+            before = CountingOpen.looks
+            client = await pool.get(name)
+            with contextlib.suppress(TransientError):  # nothing listens there
+                await client.get_status(agent_pb2.GetStatusRequest(), timeout=5)
+            looks += CountingOpen.looks - before
+            assert pool.open_channels() <= 2
+    finally:
+        await pool.close()
+    return looks / (2 * n)
+
+
+class CountingOpen:
+    looks = 0
+
+
+async def test_the_agent_pool_s_bookkeeping_per_call_does_not_grow_with_the_nodes(
+    loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15: at the end of every call to an agent (and as each channel opened) the pool
+    counted its open channels by looking at every node's client: the leader's CPU per step
+    grew with the number of nodes (1,991 such counts over 195,000 clients in a rollout of 200).
+    Real channels (to an address where nothing listens), real calls: the pool looks at as few
+    clients per call with 40 nodes as with 4, and keeps its cap."""
+
+    def counted(self: AgentClient) -> bool:
+        CountingOpen.looks += 1
+        return self._channel is not None  # what AgentClient.open says
+
+    monkeypatch.setattr(AgentClient, "open", property(counted))
+    address = loopback()
+    few = await looks_per_call(address, 4)
+    many = await looks_per_call(address, 40)
+    assert many <= few + 1, (few, many)
+
+
+async def test_a_step_s_call_to_an_agent_reads_its_node_only_after_a_store_write(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Issue 15: every call of every step read the node's row again (a worker thread and a
+    query, five times per node). The pool reads it once, and again only once the store had a
+    write that can change it (``Database.generation``: enrolment, renewal, removal)."""
+
+    class Rows(NodeRows):
+        def __init__(self, address: str) -> None:
+            super().__init__(address)
+            self.db = Store(tmp_path / "leader.sqlite3").db
+
+    store = Rows(loopback())
+    creds = grpc.ssl_channel_credentials(pki.CertificateAuthority.create().cert_pem)
+    pool = AgentPool(store, creds, "tlsroll-test")  # type: ignore[arg-type]
+    try:
+        names = [f"n{i}" for i in range(5)]
+        for _ in range(4):  # preflight, stage, switch, confirm
+            for name in names:
+                assert (await pool.get(name)).node.name == name
+        assert store.reads == len(names)
+        store.db.touch()  # a write that may have changed a node (a renewal, say)
+        await pool.get("n0")
+        assert store.reads == len(names) + 1
+    finally:
+        await pool.close()
+        store.db.close()
+
+
+def test_the_outside_check_makes_its_tls_context_once_per_ca(
+    loopback: Callable[[], str],
+    issue_cert: Callable[..., IssuedCert],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 15: every https probe (the leader's confirm, once per node; the agent's verify)
+    made a new SSLContext, about a millisecond of CPU each. Real TLS servers on loopback with
+    certificates of one CA, checked again and again: one context, and each check still trusts
+    only the CA it is given (a server of another CA is refused)."""
+    from tests.test_httpcheck import APP, OK_CLOSE, tiny_server
+
+    made: list[bytes] = []
+    real = tls.client_context
+
+    def counting(ca_pem: bytes | None = None, **kwargs: Any) -> ssl.SSLContext:
+        made.append(ca_pem or b"")
+        return real(ca_pem, **kwargs)
+
+    monkeypatch.setattr(tls, "client_context", counting)
+    httpcheck.trusting.cache_clear()
+    first, second = loopback(), loopback()
+    one, two = issue_cert(first), issue_cert(second)
+    ca_pem = one.ca_file.read_bytes()
+    assert ca_pem == two.ca_file.read_bytes()  # one CA for the test's certificates
+    for address, cert in ((first, one), (second, two)):
+        fingerprint = pki.fingerprint(pki.read_cert(cert.cert_file))
+        server = tls.server_context(cert.cert_file, cert.key_file)
+        with tiny_server(address, OK_CLOSE, server) as port:
+            for _ in range(3):
+                assert httpcheck.check_https(address, port, APP, ca_pem, fingerprint) is None
+    assert made == [ca_pem]
+    other = pki.CertificateAuthority.create().cert_pem
+    server = tls.server_context(one.cert_file, one.key_file)
+    with tiny_server(first, OK_CLOSE, server) as port:
+        problem = httpcheck.check_https(first, port, APP, other, None)
+    assert problem is not None and "certificate verify failed" in problem
+    assert made == [ca_pem, other]
+
+
+@dataclass
+class StepHops:
+    per_node: float  # worker-thread hops (``asyncio.to_thread``) per node
+    by_call: Counter[str]
+    refused: int  # step outcomes refused as stale (written again)
+
+
+async def step_hops(directory: Path, mp: pytest.MonkeyPatch, n: int, parallel: int) -> StepHops:
+    """An enable-tls rollout of ``n`` nodes (``parallel`` at once, the next prepared ahead) in
+    ``tests/test_engine.py``'s harness: the real engine and stores on a real SQLite file, fake
+    agents; every hand-off to a worker thread counted, by what it calls."""
+    from leader.engine import TICK_SECONDS
+    from tests.test_engine import ended, make_world
+
+    directory.mkdir()
+    nodes = {f"n{i:02d}": f"10.0.{i // 200}.{i % 200 + 1}" for i in range(n)}
+    world = make_world(directory, mp, nodes)
+    hop = asyncio.to_thread
+    calls: Counter[str] = Counter()
+
+    async def counting(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        calls[getattr(func, "__qualname__", repr(func))] += 1
+        return await hop(func, *args, **kwargs)
+
+    mp.setattr(asyncio, "to_thread", counting)
+    leader = world.boot(prepare_ahead=1)
+    await leader.start(max_parallel=parallel)
+    calls.clear()
+    row = None
+    for _ in range(20 * n + 20):
+        await leader.engine.reconcile()
+        await leader.engine.settle()
+        row = leader.schema.latest()
+        assert row is not None
+        if ended(row):
+            break
+        world.clock.advance(TICK_SECONDS)
+    assert row is not None and row.rollout.state is RolloutState.COMPLETED
+    await leader.stop()
+    return StepHops(sum(calls.values()) / n, calls, leader.schema.stale)
+
+
+async def test_a_rollout_s_steps_hand_few_reads_to_worker_threads_at_any_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15: a step handed each read of its rollout to a worker thread (about 66 µs of CPU
+    per hand-off, before the read), though the rollout is kept in memory; a pass read the
+    active rollout, those awaiting finalize and every node's password (again and again); each
+    step read the rollout's practice CA, the trusted CAs and the password verifier anew; and
+    a step's outcome that crossed another node's was refused as stale and written again (one
+    in three with ten nodes in flight). 31 hand-offs per node then. Now what is kept is read
+    on the loop when no writer holds the store, what a rollout's steps look up once per
+    rollout, and an outcome is checked against its own node's record only: what is left are
+    the writes, the node's enrolled names (preflight, stage), the signing record, the outside
+    check and the revocation of the certificate the node served before."""
+    small = await step_hops(tmp_path / "small", monkeypatch, 2, 1)
+    large = await step_hops(tmp_path / "large", monkeypatch, 20, 1)
+    wide = await step_hops(tmp_path / "wide", monkeypatch, 20, 5)
+    for n, cost in ((2, small), (20, large), (20, wide)):
+        # 12 per node at most, and a few per rollout (what its steps look up, its end)
+        assert cost.per_node * n <= 12 * n + 6, cost.by_call.most_common()
+        for call in ("SchemaStore.get", "SchemaStore.active", "SchemaStore.node_auth"):
+            assert cost.by_call[call] <= 1, cost.by_call.most_common()
+    assert wide.refused == 0
+
+
+async def test_a_plan_leaves_open_the_channels_of_the_nodes_a_rollout_asks_first(
+    loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15: a rollout is planned from what every node's agent says (``observe``), and the
+    agent pool keeps only the channels used last open. Asked in the rollout's order, those
+    were the channels of the nodes the rollout reaches last: every node beyond the cap cost
+    the leader two TLS handshakes. Asked last to first, the channels left open are those of
+    the nodes the rollout asks first (real channels, to an address where nothing listens)."""
+    creds = grpc.ssl_channel_credentials(pki.CertificateAuthority.create().cert_pem)
+    pool = AgentPool(NodeRows(loopback()), creds, "tlsroll-test", max_open=4)  # type: ignore[arg-type]
+    names = [f"n{i:02d}" for i in range(12)]
+    # One at a time (it asks OBSERVE_AT_ONCE at once: which of those ends last is up to the
+    # network, and the test would say so only now and then).
+    monkeypatch.setattr("leader.observe.OBSERVE_AT_ONCE", 1)
+    try:
+        seen = await observe(pool, names, pki.CertificateAuthority.create().cert)
+        assert list(seen) == names and not any(s.reachable for s in seen.values())
+        assert {n for n, c in pool.clients.items() if c.open} == set(names[:4])
+    finally:
+        await pool.close()
