@@ -10,10 +10,13 @@ simulated agent does is what the leader sees of a real one:
   over the admin socket), a key made here, a CSR, ``Enrolment.Enrol`` on the join port;
 * it serves NodeAgent over mutual TLS on its own loopback address (port 9442) with the
   certificate it enrolled with, requiring the leader's client certificate;
-* it sends heartbeats over mutual TLS every ``--interval`` seconds (the product default, 5 s),
-  with the fields a real agent sends, staggered over the interval, on one ``Heartbeats``
-  stream as a real agent does (``--heartbeat unary``: a unary call each, as agents before
-  the stream did; a leader without the stream gets unary calls too); each carries a client
+* it makes a heartbeat every ``--interval`` seconds (the product default, 5 s), with the
+  fields a real agent sends, staggered over the interval, on one ``Heartbeats`` stream in
+  renewal mode as a real agent does: a message only when its report changed or the leader's
+  renewal bound would pass, the connection's keepalive vouching for it in between
+  (``--heartbeat every``: a message every interval on the stream, as agents before renewal
+  mode; ``unary``: a unary call each, as agents before the stream; a leader without the
+  stream gets unary calls too); each carries a client
   report of ``--clients`` workstations whose times and counts move with every heartbeat, as
   a real server's busy workstations' do; it takes the revocation list once, as a real agent
   does;
@@ -23,11 +26,15 @@ simulated agent does is what the leader sees of a real one:
   leader's outside check from confirm really connects), GetTransaction, WatchTransaction,
   Rollback, Freeze/Unfreeze, GetStatus and Check.
 
-What is measured, on the leader (from /proc): CPU per heartbeat over an idle window, CPU per
+What is measured, on the leader (from /proc): its CPU over an idle window per agent and
+heartbeat interval (what the heartbeats load it with; before renewal mode every interval was a
+message, so this is the figure earlier runs called CPU per heartbeat), the messages that went
+to it per agent and interval, and its CPU per message (all of its CPU in the window divided by
+the messages: keepalive PINGs and the renewal watch included), CPU per
 node over the rollout (with and without the heartbeats that fell in it), RSS and open files
 after it, and how many of those files are the agents' inbound heartbeat connections (one per
 agent: the rest is the leader's own, which the AgentPool caps). On the workers: CPU per
-heartbeat sent (the agent side of the heartbeat).
+agent and interval (the agent side of the heartbeat).
 """
 
 from __future__ import annotations
@@ -186,6 +193,12 @@ class SimAgent(agent_pb2_grpc.NodeAgentServicer):
         self.server = server
 
     async def heartbeats(self, offset: float) -> None:
+        """Beat every interval as a real agent does (``nodeagent.leader_link``): on one stream
+        in renewal mode, a message only when the report changed (here: its scheme, frozen,
+        epoch or revocation list; not the clients' times and counts) or the leader's renewal
+        bound would pass, with a reader taking the leader's answers and news; ``--heartbeat
+        every``: a message every interval on the stream, as agents before renewal mode did;
+        ``unary``: a call each."""
         creds = grpc.ssl_channel_credentials(
             root_certificates=self.world.ca_pem,
             private_key=pki.key_to_pem(self.key),
@@ -193,31 +206,76 @@ class SimAgent(agent_pb2_grpc.NodeAgentServicer):
         )
         options = [("grpc.ssl_target_name_override", spiffe.leader_host(self.world.td))]
         await asyncio.sleep(offset)
-        stream_mode = self.world.heartbeat == "stream"
+        stream_mode = self.world.heartbeat != "unary"
+        renews = self.world.heartbeat == "stream"
         stream: Any = None
+        reader: asyncio.Task[None] | None = None
+        replies: asyncio.Queue[Any] = asyncio.Queue()
+        renew = 0.0
+        sent: tuple[tuple[object, ...], float] | None = None
+
+        async def read(call: Any) -> None:
+            nonlocal renew
+            try:
+                while True:
+                    reply = await call.read()
+                    if not isinstance(reply, leader_pb2.HeartbeatResponse):
+                        await replies.put(TimeoutError("the leader ended the stream"))
+                        return
+                    renew = float(reply.renew_seconds)
+                    self.take(reply)
+                    await replies.put(reply)
+            except grpc.aio.AioRpcError as exc:
+                await replies.put(exc)
+
         async with grpc.aio.secure_channel(self.world.control_target, creds, options) as channel:
             stub = leader_pb2_grpc.LeaderStub(channel)
             while True:
                 started = time.monotonic()
                 request = self.heartbeat_request()
+                key = (self.scheme, self.frozen, self.highest_epoch, self.crl_number)
+                self.beats += 1
+                self.world.beats += 1
+                quiet = (
+                    stream is not None
+                    and reader is not None
+                    and not reader.done()
+                    and renew > 0
+                    and sent is not None
+                    and sent[0] == key
+                    and started + self.world.interval / 2 <= sent[1] + renew
+                )
                 try:
-                    if stream_mode:
-                        if stream is None:
+                    if quiet:
+                        pass
+                    elif stream_mode:
+                        if stream is None or reader is None or reader.done():
+                            if stream is not None:
+                                stream.cancel()
                             stream = stub.Heartbeats()  # type: ignore[call-arg]
+                            renew = 0.0
+                            replies = asyncio.Queue()
+                            reader = asyncio.ensure_future(read(stream))
+                        request.renews = renews
+                        # The first message on a stream is answered (the renewal bound comes
+                        # with it); later ones only when the leader has news.
+                        request.wants_answer = not renew
+                        while not replies.empty():  # news taken meanwhile
+                            if isinstance(error := replies.get_nowait(), BaseException):
+                                raise error
                         await stream.write(request)
-                        reply = await asyncio.wait_for(stream.read(), self.world.interval)
-                        if not isinstance(reply, leader_pb2.HeartbeatResponse):
-                            raise TimeoutError("the leader ended the stream")
+                        self.world.messages += 1
+                        if request.wants_answer:
+                            reply = await asyncio.wait_for(replies.get(), self.world.interval)
+                            if isinstance(reply, BaseException):
+                                raise reply
+                        sent = (key, started)
                     else:
-                        reply = await stub.Heartbeat(request, timeout=self.world.interval)
-                    self.beats += 1
-                    self.world.beats += 1
-                    self.highest_epoch = max(self.highest_epoch, reply.epoch)
-                    if reply.crl_pem:
-                        crl = x509.load_pem_x509_crl(bytes(reply.crl_pem))
-                        ext = crl.extensions.get_extension_for_class(x509.CRLNumber)
-                        self.crl_number = ext.value.crl_number
+                        self.world.messages += 1
+                        self.take(await stub.Heartbeat(request, timeout=self.world.interval))
                 except (grpc.aio.AioRpcError, TimeoutError, asyncio.InvalidStateError) as exc:
+                    if reader is not None:
+                        reader.cancel()
                     if stream is not None:
                         stream.cancel()
                         stream = None
@@ -227,6 +285,14 @@ class SimAgent(agent_pb2_grpc.NodeAgentServicer):
                     else:
                         self.world.failed_beats += 1
                 await asyncio.sleep(max(0.0, self.world.interval - (time.monotonic() - started)))
+
+    def take(self, reply: leader_pb2.HeartbeatResponse) -> None:
+        """An answer or news from the leader: its epoch, and its revocation list once."""
+        self.highest_epoch = max(self.highest_epoch, reply.epoch)
+        if reply.crl_pem:
+            crl = x509.load_pem_x509_crl(bytes(reply.crl_pem))
+            ext = crl.extensions.get_extension_for_class(x509.CRLNumber)
+            self.crl_number = ext.value.crl_number
 
     def heartbeat_request(self) -> leader_pb2.HeartbeatRequest:
         """What a real agent sends: its version, epoch, revocation list number and port, and
@@ -453,7 +519,8 @@ class Worker:
         self.clients = int(spec["clients"])
         self.work = Path(spec["work"])
         self.agents = [SimAgent(node, self) for node in spec["nodes"]]
-        self.beats = 0
+        self.beats = 0  # heartbeat intervals, all agents
+        self.messages = 0  # of which a message went to the leader
         self.failed_beats = 0
         self.tasks: set[asyncio.Task[Any]] = set()
 
@@ -487,7 +554,9 @@ class Worker:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
-        loop.add_signal_handler(signal.SIGUSR1, lambda: print(f"beats {self.beats}", flush=True))
+        loop.add_signal_handler(
+            signal.SIGUSR1, lambda: print(f"counts {self.beats} {self.messages}", flush=True)
+        )
         await stop.wait()
         for task in list(self.tasks):
             task.cancel()
@@ -511,9 +580,11 @@ def worker_main(spec_path: Path) -> int:
 class Result:
     nodes: int
     workers: int
-    hb_leader_ms: float
-    hb_leader_net_ms: float
-    hb_agent_ms: float
+    hb_leader_ms: float  # leader CPU per agent per heartbeat interval
+    hb_leader_net_ms: float  # the same less the leader's CPU with no agent
+    hb_agent_ms: float  # agents' CPU per agent per interval
+    messages: float  # messages to the leader per agent per interval
+    per_message_ms: float  # leader CPU in the idle window / messages in it
     idle_rss: float
     idle_files: int
     idle_inbound: int
@@ -524,6 +595,18 @@ class Result:
     state: str
     nofile: str
     fsyncs: int | None = None  # the leader's, during the rollout (--fsyncs)
+
+
+def worker_counts(procs: Sequence[subprocess.Popen[str]]) -> tuple[int, int]:
+    """Heartbeat intervals and messages sent, summed over the workers (SIGUSR1)."""
+    for p in procs:
+        p.send_signal(signal.SIGUSR1)
+    beats = messages = 0
+    for p in procs:
+        assert p.stdout is not None
+        _, b, m = p.stdout.readline().split()
+        beats, messages = beats + int(b), messages + int(m)
+    return beats, messages
 
 
 def leader_nofile(pid: int) -> str:
@@ -625,10 +708,12 @@ def one_run(
                 raise RuntimeError(f"worker did not start: {(root / 'worker0.log').read_text()}")
         cluster.wait_for_nodes_online([name for name, _ in names], timeout=60)
         time.sleep(2 * interval)  # every agent beating, channels up
+        _, m0 = worker_counts(procs)
         l0, a0 = cpu_seconds(pid), sum(cpu_seconds(p.pid) for p in procs)
         time.sleep(idle)
         l1, a1 = cpu_seconds(pid), sum(cpu_seconds(p.pid) for p in procs)
-        beats = n * idle / interval
+        _, m1 = worker_counts(procs)
+        beats = n * idle / interval  # agent-intervals in the window
         idle_reading = Reading.of(pid)
         idle_inbound = inbound_connections(pid, CONTROL_PORT)
         before = Reading.of(pid)
@@ -675,6 +760,8 @@ def one_run(
             hb_leader_ms=hb_leader * 1000,
             hb_leader_net_ms=hb_leader_net * 1000,
             hb_agent_ms=(a1 - a0) / beats * 1000,
+            messages=(m1 - m0) / beats,
+            per_message_ms=(l1 - l0) / max(1, m1 - m0) * 1000,
             idle_rss=idle_reading.rss,
             idle_files=idle_reading.files,
             idle_inbound=idle_inbound,
@@ -711,9 +798,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--heartbeat",
-        choices=("stream", "unary"),
+        choices=("stream", "every", "unary"),
         default="stream",
-        help="how the agents send heartbeats: one stream each (as agents do) or unary calls",
+        help="how the agents send heartbeats: one stream each in renewal mode (as agents do), "
+        "a message every interval on it (agents before renewal mode), or unary calls",
     )
     parser.add_argument(
         "--clients", type=int, default=2, help="workstations in each heartbeat's client report"
@@ -758,7 +846,8 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"{'nodes':>5} {'outcome':>9} {'wall s':>7} {'CPU/node ms':>11} {'net ms':>7} "
-        f"{'HB leader ms':>12} {'net':>5} {'HB agent ms':>11} {'RSS MiB':>7} {'files':>5} "
+        f"{'HB leader ms':>12} {'net':>5} {'msgs':>5} {'ms/msg':>6} {'HB agent ms':>11} "
+        f"{'RSS MiB':>7} {'files':>5} "
         f"{'idle RSS':>8} {'idle files':>10} {'inbound':>7} {'nofile':>6}"
         + (f" {'fsync/node':>10}" if ns.fsyncs else "")
     )
@@ -786,7 +875,7 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"{r.nodes:>5} {r.state:>9} {r.wall:>7.1f} {r.cpu_per_node:>11.1f} "
             f"{r.cpu_per_node_net:>7.1f} {r.hb_leader_ms:>12.2f} {r.hb_leader_net_ms:>5.2f} "
-            f"{r.hb_agent_ms:>11.2f} "
+            f"{r.messages:>5.2f} {r.per_message_ms:>6.2f} {r.hb_agent_ms:>11.2f} "
             f"{r.after.rss:>7.1f} {r.after.files:>5} {r.idle_rss:>8.1f} {r.idle_files:>10} "
             f"{r.idle_inbound:>7} {r.nofile:>6}"
             + (f" {fsyncs_per_node(r.fsyncs, r.nodes):>10}" if ns.fsyncs else ""),
@@ -794,8 +883,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(
         "CPU/node: leader CPU over the rollout / nodes; net: less the heartbeats in that time; "
-        "HB: CPU per heartbeat, leader side and agent side, over the idle window (net: less "
-        "the leader's CPU with no agent, measured before they start); inbound: "
+        "HB leader ms: the leader's CPU over the idle window per agent per heartbeat interval "
+        "(the load heartbeats put on it; net: less its CPU with no agent, measured before they "
+        "start); msgs: messages the leader got per agent per interval (1.00 when every "
+        "heartbeat is one); ms/msg: the leader's CPU in the window / those messages "
+        "(keepalive and renewal watch included); HB agent ms: the agents' CPU per agent per "
+        "interval; inbound: "
         "of the idle files, the agents' heartbeat connections (idle files - inbound: the "
         "leader's own)"
     )

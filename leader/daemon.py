@@ -43,7 +43,12 @@ from leader.observe import observe
 from leader.own_tls import OwnTls
 from leader.schema_store import SchemaStore
 from leader.schema_view import SchemaViewService
-from leader.service import EnrolmentService, LeaderService, LeaderState
+from leader.service import (
+    EnrolmentService,
+    LeaderService,
+    LeaderState,
+    control_server_options,
+)
 from leader.store import Store
 from leader.viewer.server import Viewer
 from tlsroll import __version__, keywrap, logs, pki
@@ -150,7 +155,10 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     await add_standard_services(join, [_service(enrolment_pb2, "Enrolment")])
     bind(join, hostport(cfg.address, cfg.join_port), join_creds)
 
-    control = grpc.aio.server(options=SERVER_OPTIONS)
+    # Keepalive PINGs tell a live agent from a stopped one between its heartbeat messages.
+    control = grpc.aio.server(
+        options=SERVER_OPTIONS + control_server_options(cfg.heartbeat_interval)
+    )
     leader_service = LeaderService(state)
     leader_pb2_grpc.add_LeaderServicer_to_server(leader_service, control)
     await add_standard_services(control, [_service(leader_pb2, "Leader")])

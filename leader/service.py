@@ -59,7 +59,6 @@ from tlsroll.errors import PKIError
 from tlsroll.rpc import (
     invalid,
     map_errors,
-    map_stream_errors,
     peer_certificate,
     permission_denied,
     timestamp,
@@ -362,6 +361,57 @@ leader noticed the old one died (a reset connection). A stream holds memory for 
 is open (a unary call did only while it ran), so a node's certificate must not pin more: a
 stream beyond this ends the node's oldest one."""
 
+RENEW_HEARTBEATS = 4
+"""An agent on a ``Heartbeats`` stream in renewal mode (``HeartbeatRequest.renews``) sends a
+message when its report changed, and at least every this many heartbeat intervals
+(``renew_seconds``): the leader's CPU goes with messages, about 1 ms each in grpc-python
+however little the servicer does, and a report that says nothing new need not be sent every
+interval. Between messages the connection's keepalive says the agent is alive
+(``keepalive_seconds``). A hung agent, whose gRPC core may still answer PINGs, is caught by
+this bound: it is offline ``renew`` + 3 intervals after its last message (``Heartbeats``)."""
+
+RENEW_MARGIN = 5  # seconds: a renewal arrives this long before a client report would be stale
+
+
+def renew_seconds(heartbeat_interval: int) -> int:
+    """The renewal bound the leader gives an agent in renewal mode: ``RENEW_HEARTBEATS``
+    intervals, short enough that the client report a renewal brings (``clients_persist``)
+    comes before the stored one is stale (``planner.report_stale_after``) even when the
+    renewal is an interval late: at 5 s, 20 s."""
+    stale = int(report_stale_after(heartbeat_interval).total_seconds())
+    cap = stale - heartbeat_interval - RENEW_MARGIN
+    return max(heartbeat_interval, min(RENEW_HEARTBEATS * heartbeat_interval, cap))
+
+
+def keepalive_seconds(heartbeat_interval: int) -> tuple[float, float]:
+    """The control port's HTTP/2 keepalive: a PING on each agent connection every interval,
+    and the connection closed when its answer has not come within half an interval, at least
+    a second (gRPC's C core sends and answers them, about 0.01 ms of leader CPU each; no
+    Python runs). Their sum is how long a stopped or vanished agent's stream stays open (1.5
+    intervals; 2 s at 1 s), under the 3 silent intervals after which a node is offline: the
+    node goes offline as promptly as when every heartbeat was a message (``_uncount``)."""
+    return float(heartbeat_interval), max(1.0, heartbeat_interval / 2)
+
+
+def control_server_options(heartbeat_interval: int) -> list[tuple[str, int]]:
+    """The control port's gRPC server options: the keepalive above (PINGs are sent whether or
+    not a call carried data meanwhile: a renewal-mode stream is quiet for several PINGs)."""
+    every, wait = keepalive_seconds(heartbeat_interval)
+    return [
+        ("grpc.keepalive_time_ms", int(every * 1000)),
+        ("grpc.keepalive_timeout_ms", int(wait * 1000)),
+        ("grpc.keepalive_permit_without_calls", 1),
+        ("grpc.http2.max_pings_without_data", 0),
+        # Agents ping too (``tlsroll.rpc.keepalive_options``), at most every second.
+        ("grpc.http2.min_ping_interval_without_data_ms", 1000),
+    ]
+
+
+FIRST_MESSAGE_SECONDS = 10.0
+"""A ``Heartbeats`` stream whose first message has not come after this long (or twice the
+interval, if longer) ends with DEADLINE_EXCEEDED: an agent sends its first at once, and a
+stream that never says who it is for would hold memory and outlive the leader's stop."""
+
 SNAPSHOT_MAX_AGE = 30.0
 """Seconds after which a ``Snapshot`` is read again even if the store did not change: the
 revocation list it carries is signed anew in time (``LeaderState.crl``: daily), and a write
@@ -406,12 +456,18 @@ def clients_said(view: types_pb2.ClientsView) -> tuple[object, ...]:
     return (who, view.window_seconds, view.source, view.problem)
 
 
-def clients_persist(heartbeat_interval: int) -> dt.timedelta:
+def clients_persist(heartbeat_interval: int, renewing: bool = False) -> dt.timedelta:
     """How stale a stored client report may get while its reports say nothing new: half of
     the age at which the engine no longer trusts it (``planner.report_stale_after``), so a
     report is never taken for stale while its agent reports. A report written later makes
-    the leader's view *older* (``reported_at``, the ``--when-quiet`` as-of), never newer."""
-    return report_stale_after(heartbeat_interval) / 2
+    the leader's view *older* (``reported_at``, the ``--when-quiet`` as-of), never newer.
+    ``renewing``: the agent sends only at its renewal bound (``renew_seconds``), so the next
+    report may come that much plus an interval later; written early enough for that."""
+    stale = report_stale_after(heartbeat_interval)
+    if not renewing:
+        return stale / 2
+    late = dt.timedelta(seconds=renew_seconds(heartbeat_interval) + heartbeat_interval)
+    return max(dt.timedelta(0), min(stale / 2, stale - late))
 
 
 def _end(context: Ctx, code: grpc.StatusCode, why: str) -> None:
@@ -428,6 +484,32 @@ def _end(context: Ctx, code: grpc.StatusCode, why: str) -> None:
 
 
 _ENDING: set[asyncio.Future[None]] = set()  # aborts under way (a task needs a reference)
+
+
+@dataclass(eq=False)
+class _Beats:
+    """One open ``Heartbeats`` stream, as the leader keeps it: whose it is once a message was
+    accepted, whether its agent renews (sends only on change), when its last message came, and
+    what the agent holds of the leader's news (so that news goes out to it unasked)."""
+
+    context: Ctx
+    name: str = ""  # set (and the stream counted against the node) at the first accepted message
+    renews: bool = False
+    last: dt.datetime | None = None  # the leader's clock at the last accepted message
+    crl_number: int = -1  # the revocation list the agent holds, as it said or was sent
+    epoch: int = -1  # the epoch the agent was last told
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one write at a time
+
+    def news(self, snap: Snapshot) -> bool:
+        """True if ``snap`` has an epoch or revocation list the agent lacks."""
+        return (self.crl_number, self.epoch) != (snap.crl_number, snap.epoch)
+
+    async def send(self, reply: leader_pb2.HeartbeatResponse, snap: Snapshot) -> None:
+        """Write ``reply`` (made from ``snap``): the agent then holds its epoch and list."""
+        async with self.lock:
+            await self.context.write(reply)
+        self.epoch = snap.epoch
+        self.crl_number = snap.crl_number
 
 
 class LeaderService(leader_pb2_grpc.LeaderServicer):
@@ -448,8 +530,10 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         self._reading: asyncio.Future[Snapshot] | None = None
         # node -> what its last stored client report said (``clients_said``), and when.
         self._clients: dict[str, tuple[tuple[object, ...], dt.datetime]] = {}
-        # node -> the contexts of its open Heartbeats streams, oldest first.
-        self._streams: dict[str, list[Ctx]] = {}
+        # node -> its open Heartbeats streams that had a message accepted, oldest first.
+        self._streams: dict[str, list[_Beats]] = {}
+        self._open: set[_Beats] = set()  # every open Heartbeats stream, counted or not
+        self._watch: asyncio.Task[None] | None = None  # renewal streams' liveness and news
 
     async def _caller(self, context: Ctx) -> str:
         name, _ = await self._caller_cert(context)
@@ -586,11 +670,16 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                 return snap
 
     async def _heartbeat(
-        self, caller: Caller, request: leader_pb2.HeartbeatRequest, context: Ctx
-    ) -> leader_pb2.HeartbeatResponse:
+        self,
+        caller: Caller,
+        request: leader_pb2.HeartbeatRequest,
+        context: Ctx,
+        renewing: bool = False,
+    ) -> tuple[Snapshot, dt.datetime]:
         """One heartbeat, from a unary call or a message on a stream: the caller's certificate
         checked (``Snapshot.refusal``; re-learning the node after ``--reinitialise`` as
-        ``_relearn`` allows), then recorded, written only what needs writing."""
+        ``_relearn`` allows), then recorded, written only what needs writing. The snapshot it
+        was checked against and the time, for the answer (``_response``)."""
         now = self.state.clock()
         snap = await self.snapshot()
         if (why := snap.refusal(caller)) is not None:
@@ -622,29 +711,37 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                     count=f.count,
                 )
         if request.HasField("server") and request.server.HasField("clients"):
-            await self._record_clients(name, request.server.clients, now)
+            await self._record_clients(name, request.server.clients, now, renewing)
         summary = server_summary(request)
         if summary.startswith("down") and not self.state.live_servers.get(name, "").startswith(
             "down"
         ):
             log.warning("node.server_down", node=name, detail=summary)
         self.state.live_servers[name] = summary
+        return snap, now
+
+    def _response(
+        self, snap: Snapshot, crl_number: int, now: dt.datetime, renews: bool = False
+    ) -> leader_pb2.HeartbeatResponse:
+        """A heartbeat's answer: the leader's clock, interval and epoch, and the revocation
+        list unless the agent holds ``crl_number`` already."""
         return leader_pb2.HeartbeatResponse(
             leader_time=timestamp(now),
             interval_seconds=self.state.heartbeat_interval,
             epoch=snap.epoch,
-            crl_pem=snap.crl_pem if request.crl_number != snap.crl_number else b"",
+            crl_pem=snap.crl_pem if crl_number != snap.crl_number else b"",
+            renew_seconds=renew_seconds(self.state.heartbeat_interval) if renews else 0,
         )
 
     async def _record_clients(
-        self, name: str, seen: types_pb2.ClientsView, now: dt.datetime
+        self, name: str, seen: types_pb2.ClientsView, now: dt.datetime, renewing: bool = False
     ) -> None:
         """Store a node's client report when it says something new (``clients_said``) or the
         stored one is ``clients_persist`` old; else nothing (a write transaction each time
         before)."""
         said = clients_said(seen)
         last = self._clients.get(name)
-        persist = clients_persist(self.state.heartbeat_interval)
+        persist = clients_persist(self.state.heartbeat_interval, renewing)
         if last is not None and last[0] == said and dt.timedelta(0) <= now - last[1] < persist:
             return
         await asyncio.to_thread(
@@ -662,46 +759,145 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
     async def Heartbeat(
         self, request: leader_pb2.HeartbeatRequest, context: Ctx
     ) -> leader_pb2.HeartbeatResponse:
-        return await self._heartbeat(self._identify(context), request, context)
+        snap, now = await self._heartbeat(self._identify(context), request, context)
+        return self._response(snap, request.crl_number, now)
 
-    @map_stream_errors(ERRORS)
-    async def Heartbeats(
+    @map_errors(ERRORS)
+    async def Heartbeats(  # type: ignore[override]
         self, requests: AsyncIterator[leader_pb2.HeartbeatRequest], context: Ctx
-    ) -> AsyncIterator[leader_pb2.HeartbeatResponse]:
+    ) -> None:
         """``Heartbeat`` on one stream: each message is checked and answered as a call would
         be, and a refusal ends the stream with its status (the agent opens a new one, with a
-        new certificate if it has one, or falls silent)."""
+        new certificate if it has one, or falls silent). An agent that says it ``renews`` is
+        told the renewal bound and sends only on change: the stream then keeps its node online
+        (``_watch_renewals``) until it ends, or no message came within the bound; news (epoch,
+        revocation list) goes out to it unasked. The first message must come within
+        ``FIRST_MESSAGE_SECONDS``."""
         caller = self._identify(context)
-        mine: list[Ctx] | None = None
+        beat = _Beats(context)
+        self._open.add(beat)
+        interval = self.state.heartbeat_interval
+        lease = renew_seconds(interval) + interval
         try:
-            async for request in requests:
-                reply = await self._heartbeat(caller, request, context)  # refusal: it ends
-                if mine is None:
-                    # Counted against the node only once a message was accepted: a certificate
-                    # the leader refuses (a renewed node's old one passes TLS) must not push the
-                    # agent's own streams out.
-                    mine = self._streams.setdefault(caller.name, [])
-                    if len(mine) >= MAX_STREAMS_PER_NODE:
-                        _end(mine.pop(0), grpc.StatusCode.RESOURCE_EXHAUSTED, "a newer stream")
-                        log.warning(
-                            "heartbeat.stream_replaced", node=caller.name, open=len(mine) + 1
-                        )
-                    mine.append(context)
-                yield reply
+            while True:
+                wait = max(FIRST_MESSAGE_SECONDS, 2 * interval) if beat.last is None else lease
+                try:
+                    async with asyncio.timeout(wait):
+                        request = await context.read()
+                except TimeoutError:
+                    self._expired(beat)
+                    why = "no heartbeat within " + (
+                        "the renewal bound" if beat.last is not None else "the first deadline"
+                    )
+                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, why)
+                if not isinstance(request, leader_pb2.HeartbeatRequest):  # EOF: the agent closed
+                    return
+                renewing = request.renews
+                # A refusal ends the stream (UNAUTHENTICATED).
+                snap, now = await self._heartbeat(caller, request, context, renewing)
+                beat.last = now
+                if not renewing:
+                    beat.renews = False  # a message every interval, each answered
+                elif not beat.renews:
+                    beat.renews = True
+                    self._start_watch()
+                first = not beat.name
+                if first:
+                    self._count(beat, caller.name)
+                beat.crl_number = request.crl_number
+                if renewing and not first and not request.wants_answer and not beat.news(snap):
+                    continue  # nothing to say: an answer would cost as much as the message
+                await beat.send(self._response(snap, request.crl_number, now, renewing), snap)
         finally:
-            if mine is not None:
-                if context in mine:
-                    mine.remove(context)
-                if not mine and self._streams.get(caller.name) is mine:
-                    del self._streams[caller.name]
+            self._open.discard(beat)
+            self._uncount(beat)
+
+    def _count(self, beat: _Beats, name: str) -> None:
+        """Count ``beat`` against node ``name``, only once a message was accepted: a
+        certificate the leader refuses (a renewed node's old one passes TLS) must not push the
+        agent's own streams out. Beyond ``MAX_STREAMS_PER_NODE``, the node's oldest ends."""
+        beat.name = name
+        mine = self._streams.setdefault(name, [])
+        if len(mine) >= MAX_STREAMS_PER_NODE:
+            _end(mine.pop(0).context, grpc.StatusCode.RESOURCE_EXHAUSTED, "a newer stream")
+            log.warning("heartbeat.stream_replaced", node=name, open=len(mine) + 1)
+        mine.append(beat)
+
+    def _uncount(self, beat: _Beats) -> None:
+        """``beat`` ended. A renewal stream vouched for its node until now: the leader knows
+        the agent alive only as far as its keepalive proves (``keepalive_seconds``: a stopped
+        agent's connection closes that long after it stopped), unless another of the node's
+        streams still vouches for it."""
+        mine = self._streams.get(beat.name)
+        if mine is None:
+            return
+        if beat in mine:
+            mine.remove(beat)
+        if not mine:
+            del self._streams[beat.name]
+        if beat.renews and beat.last is not None and not any(b.renews for b in mine):
+            every, wait = keepalive_seconds(self.state.heartbeat_interval)
+            proven = self.state.clock() - dt.timedelta(seconds=every + wait)
+            self.state.store.heard_until(beat.name, max(beat.last, proven))
+
+    def _expired(self, beat: _Beats) -> None:
+        """``beat`` had no message within its bound: its node is known alive only until the
+        message was due (a hung agent goes offline 3 intervals later, as a silent one)."""
+        if beat.renews and beat.last is not None and beat.name:
+            beat.renews = False  # _uncount must not vouch for it up to now
+            due = beat.last + dt.timedelta(seconds=renew_seconds(self.state.heartbeat_interval))
+            self.state.store.heard_until(beat.name, due)
+            log.warning("heartbeat.renewal_missed", node=beat.name)
+
+    def _start_watch(self) -> None:
+        if self._watch is None or self._watch.done():
+            self._watch = asyncio.ensure_future(self._watch_renewals())
+
+    async def _watch_renewals(self) -> None:
+        """While renewal streams are open: every second (or half interval) their nodes are
+        alive now (``Store.note_alive``: memory only), and when the store changed, each agent
+        that lacks the new epoch or revocation list is sent them (a message at once, as a
+        heartbeat reply used to bring them within an interval)."""
+        tick = min(1.0, self.state.heartbeat_interval / 2)
+        while True:
+            await asyncio.sleep(tick)
+            renewing = [b for b in self._open if b.renews and b.name]
+            if not renewing:
+                if not self._open:
+                    self._watch = None
+                    return
+                continue
+            try:
+                now = self.state.clock()
+                self.state.store.note_alive({b.name for b in renewing}, now)
+                snap = await self.snapshot()
+                news = [b for b in renewing if b.news(snap)]
+                if news:
+                    await asyncio.gather(*(self._push(b, snap, now) for b in news))
+            except Exception as exc:  # the next tick tries again; nodes must not go offline
+                log.error("heartbeat.watch_failed", error=f"{type(exc).__name__}: {exc}"[:200])
+
+    async def _push(self, beat: _Beats, snap: Snapshot, now: dt.datetime) -> None:
+        """Send ``beat``'s agent the news in ``snap`` (unless its stream is ending, or its
+        agent does not take it within an interval: its stream is then left to the keepalive)."""
+        reply = self._response(snap, beat.crl_number, now, renews=True)
+        try:
+            async with asyncio.timeout(self.state.heartbeat_interval):
+                await beat.send(reply, snap)
+        except Exception as exc:  # a stream that ended meanwhile: nothing to send it
+            log.info("heartbeat.push_failed", node=beat.name, error=type(exc).__name__)
 
     def close_streams(self) -> int:
-        """End every open Heartbeats stream (the leader is stopping): a stream never ends by
-        itself, and the server's graceful stop would wait its whole grace period for them.
-        Each agent sees its stream end and opens a new one with its next heartbeat."""
-        streams = [c for contexts in self._streams.values() for c in contexts]
-        for context in streams:
-            _end(context, grpc.StatusCode.UNAVAILABLE, "the leader is stopping")
+        """End every open Heartbeats stream (the leader is stopping), counted or not: a
+        stream never ends by itself, and the server's graceful stop would wait its whole grace
+        period for them. Each agent sees its stream end and opens a new one with its next
+        heartbeat."""
+        if self._watch is not None:
+            self._watch.cancel()
+            self._watch = None
+        streams = list(self._open)
+        for beat in streams:
+            _end(beat.context, grpc.StatusCode.UNAVAILABLE, "the leader is stopping")
         if streams:
             log.info("heartbeat.streams_closed", streams=len(streams))
         return len(streams)

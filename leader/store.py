@@ -16,7 +16,7 @@ import json
 import re
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -421,6 +421,26 @@ class Store(LeaderStore):
                 seen.seen = max(seen.seen, now)
                 return True
         return False
+
+    def note_alive(self, names: Iterable[str], now: dt.datetime) -> None:
+        """The nodes ``names`` were alive at ``now`` without saying anything (their heartbeat
+        stream is open and within its renewal bound: ``service.LeaderService``). In memory
+        only, and only for a node that has had a heartbeat since this store opened."""
+        with self._seen_lock:
+            for name in names:
+                seen = self._seen.get(name)
+                if seen is not None:
+                    seen.seen = max(seen.seen, now)
+
+    def heard_until(self, name: str, at: dt.datetime) -> None:
+        """Node ``name`` is known alive only up to ``at`` (its stream ended, or its renewal
+        bound passed): the time ``note_alive`` moved on beyond it is taken back, so the node
+        goes offline as if its heartbeats had stopped at ``at``. A heartbeat stored after
+        ``at`` still counts (``_with_seen`` takes the later of the two)."""
+        with self._seen_lock:
+            seen = self._seen.get(name)
+            if seen is not None and seen.seen > at:
+                seen.seen = at
 
     def _write_heartbeat(
         self,

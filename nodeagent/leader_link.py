@@ -11,13 +11,19 @@ journal has seen and the number of its revocation list, and carries the failed b
 passwords since the last one; the reply announces the leader's epoch and, when newer, the
 revocation list (both go to ``nodeagent.trust``).
 
-Heartbeats go over one long-lived ``Leader.Heartbeats`` stream, a message per interval (a
-unary call costs the leader several times the CPU of a message on an open stream). A stream
-that breaks (the leader restarted, refused the certificate, did not answer within the
-interval) is dropped and the next heartbeat opens a new one, on the usual schedule. A leader
-older than that RPC answers UNIMPLEMENTED: the agent then sends unary ``Heartbeat`` calls,
-and tries the stream again once that leader has been unreachable or after
-``STREAM_RETRY_BEATS`` calls (it may have been upgraded).
+Heartbeats go over one long-lived ``Leader.Heartbeats`` stream (a unary call costs the
+leader several times the CPU of a message on an open stream). The agent builds its report
+every interval but sends it only when it says something new (``report_key``: not the times
+and counts that move with every request a workstation makes) or the leader's renewal bound
+(``renew_seconds`` in its reply) would pass before the next one: between messages the
+connection's keepalive tells the leader the agent is alive, and each message costs the leader
+about a millisecond. A reader task takes the leader's answers and its news (a new epoch or
+revocation list, sent unasked). A leader that gives no renewal bound (older) gets a message
+every interval. A stream that breaks (the leader restarted, refused the certificate, did not
+answer a message within the interval) is dropped and the next heartbeat opens a new one, on
+the usual schedule, and sends at once. A leader older than that RPC answers UNIMPLEMENTED:
+the agent then sends unary ``Heartbeat`` calls, and tries the stream again once that leader
+has been unreachable or after ``STREAM_RETRY_BEATS`` calls (it may have been upgraded).
 
 The link also carries the agent's certificate renewal (``renew``; ``nodeagent.renewal``) and
 the renewal's status in each heartbeat; ``use`` reconnects it with the renewed certificate
@@ -50,6 +56,10 @@ SERVER_VIEW_SECONDS = 2.0  # a heartbeat does not wait longer for the server's s
 # With a leader that has no heartbeat stream, the stream is tried again after this many unary
 # heartbeats (and after the leader was unreachable): an upgrade may have brought it.
 STREAM_RETRY_BEATS = 60
+# The agent's keepalive PINGs to the leader, every this many intervals (at least a second:
+# the leader's ``grpc.http2.min_ping_interval_without_data_ms``), as long to wait for the
+# answer.
+KEEPALIVE_HEARTBEATS = 2
 
 
 def failure_messages(sent: list[FailureCount]) -> list[leader_pb2.BootstrapFailure]:
@@ -103,6 +113,93 @@ def live_server(view: agent_pb2.ServerView) -> leader_pb2.LiveServer:
 Beats = grpc.aio.StreamStreamCall[leader_pb2.HeartbeatRequest, leader_pb2.HeartbeatResponse]
 
 
+def report_key(request: leader_pb2.HeartbeatRequest) -> bytes:
+    """What of a heartbeat makes it worth a message before the renewal bound: all of it but
+    when it was sent and the times and counts of the clients seen (they move with every
+    request a workstation makes; the leader stores them only now and then anyway)."""
+    key = leader_pb2.HeartbeatRequest()
+    key.CopyFrom(request)
+    key.ClearField("sent_at")
+    key.ClearField("renews")
+    for client in key.server.clients.clients:
+        client.ClearField("first_seen")
+        client.ClearField("last_seen")
+        client.ClearField("requests")
+    return key.SerializeToString(deterministic=True)
+
+
+async def _status(stream: _Stream) -> grpc.StatusCode | None:
+    """How ``stream`` ended (None: it has not, or not with a status)."""
+    if isinstance(stream.ended, grpc.aio.AioRpcError):
+        return stream.ended.code()
+    return await stream.call.code() if stream.call.done() else None
+
+
+class _Stream:
+    """One open ``Heartbeats`` stream: messages go out with ``send``; a reader task takes
+    every response (answer or news) with ``take`` and counts it, so that ``send`` can wait
+    for the answer to its message."""
+
+    def __init__(
+        self,
+        call: Beats,
+        take: Callable[[leader_pb2.HeartbeatResponse], Awaitable[None]],
+    ) -> None:
+        self.call = call
+        self.replies = 0
+        self.renew = 0  # the leader's renewal bound (s); 0: a message every interval
+        self.ended: BaseException | None = None
+        self._waiters: list[asyncio.Future[None]] = []
+        self.reader = asyncio.ensure_future(self._read(take))
+
+    async def _read(self, take: Callable[[leader_pb2.HeartbeatResponse], Awaitable[None]]) -> None:
+        try:
+            while True:
+                reply = await self.call.read()
+                if not isinstance(reply, leader_pb2.HeartbeatResponse):
+                    self.ended = TimeoutError("the leader ended the heartbeat stream")
+                    return
+                self.renew = reply.renew_seconds
+                await take(reply)
+                self.replies += 1
+                self._wake()
+        except grpc.aio.AioRpcError as exc:
+            self.ended = exc
+        except Exception as exc:  # a response it could not take: the stream is dropped
+            self.ended = exc
+        finally:
+            if self.ended is None:
+                self.ended = TimeoutError("the heartbeat stream was closed")
+            self._wake()
+
+    def _wake(self) -> None:
+        for waiter in self._waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+        self._waiters.clear()
+
+    async def send(
+        self, request: leader_pb2.HeartbeatRequest, timeout: float, answer: bool = True
+    ) -> None:
+        """Send ``request``; with ``answer``, wait for a response after it (the leader answers
+        a message that asks, and every message of an agent not in renewal mode)."""
+        if self.ended is not None:
+            raise self.ended
+        before = self.replies
+        async with asyncio.timeout(timeout):
+            await self.call.write(request)
+            while answer and self.replies == before:
+                if self.ended is not None:
+                    raise self.ended
+                waiter = asyncio.get_running_loop().create_future()
+                self._waiters.append(waiter)
+                await waiter
+
+    def close(self) -> None:
+        self.reader.cancel()
+        self.call.cancel()
+
+
 class LeaderLink:
     def __init__(
         self,
@@ -124,7 +221,8 @@ class LeaderLink:
         # heartbeat so the leader sees a server that went down after its rollout.
         self.server_view: Callable[[], Awaitable[agent_pb2.ServerView]] | None = None
         self._lock = asyncio.Lock()
-        self._stream: Beats | None = None
+        self._stream: _Stream | None = None
+        self._sent: tuple[bytes, float] | None = None  # report_key and time of the last message
         # False once the leader answered UNIMPLEMENTED to the stream (older than it).
         self.streaming = True
         self._unary_beats = 0
@@ -142,6 +240,17 @@ class LeaderLink:
             creds,
             options=[
                 ("grpc.ssl_target_name_override", spiffe.leader_host(self.trust.trust_domain)),
+                # Between heartbeat messages (renewal mode) gRPC's core PINGs the leader, so a
+                # leader gone is noticed and the next heartbeat opens a new stream.
+                (
+                    "grpc.keepalive_time_ms",
+                    KEEPALIVE_HEARTBEATS * 1000 * self.cfg.heartbeat_interval,
+                ),
+                (
+                    "grpc.keepalive_timeout_ms",
+                    KEEPALIVE_HEARTBEATS * 1000 * self.cfg.heartbeat_interval,
+                ),
+                ("grpc.http2.max_pings_without_data", 0),
                 # A restarted leader hears from this agent within a heartbeat interval.
                 *reconnect_options(self.cfg.heartbeat_interval),
             ],
@@ -158,40 +267,69 @@ class LeaderLink:
 
     def _drop_stream(self) -> None:
         if self._stream is not None:
-            self._stream.cancel()
+            self._stream.close()
             self._stream = None
 
-    async def _exchange(self, request: leader_pb2.HeartbeatRequest) -> leader_pb2.HeartbeatResponse:
-        """One heartbeat's request and reply: on the stream (opened if none is), or a unary
-        call to a leader without it. AioRpcError or TimeoutError when it failed."""
+    async def _take(self, reply: leader_pb2.HeartbeatResponse) -> None:
+        """A response from the leader, an answer or news: its epoch and revocation list."""
+        self.trust.announce(reply.epoch)
+        if reply.crl_pem:
+            await asyncio.to_thread(self.trust.take_crl, reply.crl_pem)
+
+    def _quiet(self, request: leader_pb2.HeartbeatRequest) -> bool:
+        """True if ``request`` need not be sent: the stream is open and in renewal mode, the
+        report says nothing new, and the renewal bound does not pass before the next beat."""
+        stream, sent = self._stream, self._sent
+        if stream is None or stream.ended is not None or not stream.renew or sent is None:
+            return False
+        # The next beat comes an interval (and a little) later: this one is the last before
+        # the bound if the next would pass it by more than half an interval.
+        later = asyncio.get_running_loop().time() + self.cfg.heartbeat_interval / 2
+        return sent[0] == report_key(request) and later <= sent[1] + stream.renew
+
+    async def _exchange(self, request: leader_pb2.HeartbeatRequest, answer: bool) -> None:
+        """Send one heartbeat and take the leader's answer: on the stream (opened if none
+        is), or a unary call to a leader without it. In renewal mode the answer is waited for
+        only if ``answer`` or the message is the stream's first (the reader takes news
+        whenever it comes; the connection's keepalive notices a leader gone). AioRpcError or
+        TimeoutError when it failed."""
         timeout = self.cfg.heartbeat_interval
         if self.streaming:
+            old = self._stream
+            if (
+                old is not None
+                and old.ended is not None
+                and await _status(old) != grpc.StatusCode.UNIMPLEMENTED
+            ):
+                self._drop_stream()  # it ended since the last message: a new one now
             if self._stream is None:
-                self._stream = self.stub.Heartbeats()  # type: ignore[call-arg]
+                call = self.stub.Heartbeats()  # type: ignore[call-arg]
+                self._stream = _Stream(call, self._take)
             stream = self._stream
+            request.renews = True
+            request.wants_answer = answer or not stream.renew
             try:
-                await asyncio.wait_for(stream.write(request), timeout)
-                reply = await asyncio.wait_for(stream.read(), timeout)
-                if isinstance(reply, leader_pb2.HeartbeatResponse):
-                    return reply
-                ended: BaseException = TimeoutError("the leader ended the heartbeat stream")
+                await stream.send(request, timeout, request.wants_answer)
+                self._sent = (report_key(request), asyncio.get_running_loop().time())
+                return
             except (grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError) as exc:
-                ended = exc
+                ended: BaseException = exc
             # The stream is broken: the next heartbeat opens a new one.
-            code = await stream.code() if stream.done() else None
+            status = await _status(stream)
             self._drop_stream()
-            if code != grpc.StatusCode.UNIMPLEMENTED:
+            if status != grpc.StatusCode.UNIMPLEMENTED:
                 if isinstance(ended, grpc.aio.AioRpcError):
                     raise ended
-                why = f"ended: {code.name}" if code is not None else "no reply within the interval"
+                why = f"ended: {status.name}" if status is not None else "no reply in time"
                 raise TimeoutError(f"the heartbeat stream {why}") from None
             self.streaming = False
             self._unary_beats = 0
+            request.renews = request.wants_answer = False
             log.info("heartbeat.unary", leader=self.target, reason="the leader has no stream")
         self._unary_beats += 1
         if self._unary_beats >= STREAM_RETRY_BEATS:  # the leader may have been upgraded
             self.streaming = True
-        return await self.stub.Heartbeat(request, timeout=timeout)
+        await self._take(await self.stub.Heartbeat(request, timeout=timeout))
 
     async def renew(self, csr_pem: bytes) -> bytes:
         """Ask the leader to renew this agent's certificate; the new certificate (PEM).
@@ -213,8 +351,9 @@ class LeaderLink:
                 ) from None
         return bytes(reply.certificate_pem)
 
-    async def beat(self) -> None:
-        """One heartbeat; TransientError if the leader did not answer."""
+    async def beat(self, *, quiet: bool = False) -> None:
+        """One heartbeat; TransientError if the leader did not answer. ``quiet``: not sent
+        if the leader need not hear it (``_quiet``: the run loop's beats)."""
         async with self._lock:
             sent = Timestamp()
             sent.FromDatetime(dt.datetime.now(dt.UTC))
@@ -239,8 +378,11 @@ class LeaderLink:
                 with contextlib.suppress(TimeoutError):
                     view = await asyncio.wait_for(self.server_view(), SERVER_VIEW_SECONDS)
                     request.server.CopyFrom(live_server(view))
+            if quiet and self._quiet(request):
+                return
             try:
-                reply = await self._exchange(request)
+                # The epoch asked for now (not quiet), or failures the leader must have taken.
+                await self._exchange(request, answer=not quiet or bool(report))
             except (grpc.aio.AioRpcError, TimeoutError) as exc:
                 if isinstance(exc, grpc.aio.AioRpcError):
                     code, detail = exc.code().name, str(exc.details())
@@ -254,11 +396,9 @@ class LeaderLink:
                 raise TransientError(f"heartbeat to {self.target}: {detail}") from None
             if self.failures is not None:
                 self.failures.reported(report)
-            self.trust.announce(reply.epoch)
-            if reply.crl_pem:
-                await asyncio.to_thread(self.trust.take_crl, reply.crl_pem)
             if self.healthy is not True:
-                log.info("heartbeat.ok", leader=self.target, stream=self.streaming)
+                renew = self._stream.renew if self._stream is not None else 0
+                log.info("heartbeat.ok", leader=self.target, stream=self.streaming, renew=renew)
             self.healthy = True
 
     async def run(self) -> None:
@@ -267,7 +407,7 @@ class LeaderLink:
         while still serving, and get no revocation lists."""
         while True:
             try:
-                await self.beat()
+                await self.beat(quiet=True)
             except TransientError:  # logged once per outage by beat
                 pass
             except Exception as exc:

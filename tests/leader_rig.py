@@ -25,6 +25,8 @@ class InProcessLeader:
     clock: list[dt.datetime]  # the leader's clock; a test moves clock[0]
     target: str  # host:port of the control port
     node: grpc.ChannelCredentials  # the enrolled node's client credentials
+    service: LeaderService
+    node_files: tuple[bytes, bytes, bytes]  # the node's key, certificate and the CA (PEM)
 
 
 def leader_with_a_node(
@@ -38,7 +40,7 @@ def leader_with_a_node(
     leader_key = pki.generate_key()
     leader_cert = ca.issue(
         leader_key.public_key(),
-        pki.Names.of("tlsroll-leader", [address]),
+        pki.Names.of("tlsroll-leader", [address], [spiffe.leader_host(td)]),
         server=True,
         client=True,
         identity=spiffe.leader(td),
@@ -67,7 +69,8 @@ def leader_with_a_node(
     )  # fmt: skip
     state = LeaderState(store=store, ca=ca, clock=lambda: clock[0], heartbeat_interval=5)
     server = grpc.aio.server()
-    leader_pb2_grpc.add_LeaderServicer_to_server(LeaderService(state), server)
+    service = LeaderService(state)
+    leader_pb2_grpc.add_LeaderServicer_to_server(service, server)
     target = f"{address}:{CONTROL_PORT}"
     server.add_secure_port(
         target,
@@ -80,4 +83,5 @@ def leader_with_a_node(
     node = grpc.ssl_channel_credentials(
         ca.cert_pem, pki.key_to_pem(node_key), pki.cert_to_pem(node_cert)
     )
-    return InProcessLeader(server, store, state, clock, target, node)
+    files = (pki.key_to_pem(node_key), pki.cert_to_pem(node_cert), ca.cert_pem)
+    return InProcessLeader(server, store, state, clock, target, node, service, files)

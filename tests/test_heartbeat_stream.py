@@ -18,9 +18,12 @@ store file, to count what a heartbeat that says nothing new costs: no SQL, no wo
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import queue
+import signal
 import threading
+import time
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
@@ -30,16 +33,22 @@ import grpc
 import pytest
 from google.protobuf.timestamp_pb2 import Timestamp
 
+from leader import service
 from leader.layout import read_passphrase
 from leader.planner import report_stale_after
 from leader.service import LeaderService, LeaderState, clients_persist
 from leader.store import Store
+from nodeagent.config import AgentConfig
+from nodeagent.identity import Identity
+from nodeagent.journal import Journal
+from nodeagent.leader_link import LeaderLink
+from nodeagent.trust import LeaderTrust
 from tests.cluster import Cluster, csr_pem, enrol, enrol_request, wait_until
 from tests.conftest import next_loopback
 from tests.leader_rig import leader_with_a_node
 from tests.nodeside import RPC_TIMEOUT, NodeFactory
 from tlsroll import pki
-from tlsroll.defaults import AGENT_PORT
+from tlsroll.defaults import AGENT_PORT, CONTROL_PORT, JOIN_PORT
 from tlsroll.v1 import agent_pb2, leader_pb2, leader_pb2_grpc, types_pb2
 
 UNAUTH = grpc.StatusCode.UNAUTHENTICATED
@@ -186,6 +195,118 @@ async def test_a_read_of_the_store_that_ended_before_its_callback_ran_is_not_wai
         store.close()
 
 
+# --- renewal mode, in process: the agent's link against the Leader service -------------------
+
+
+async def test_a_stream_that_never_sends_a_message_ends_at_its_deadline_and_at_the_stop(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Left from the last session: a stream that never sent a message was not counted against
+    its node, so nothing ended it, not even the leader's stop; it held memory until its client
+    went away. Its first message must now come within ``FIRST_MESSAGE_SECONDS`` (or two
+    intervals), and the stop ends every open stream."""
+    monkeypatch.setattr(service, "FIRST_MESSAGE_SECONDS", 0.5)
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    rig.state.heartbeat_interval = 1  # the deadline: two intervals
+    await rig.server.start()
+    try:
+        async with grpc.aio.secure_channel(rig.target, rig.node) as channel:
+            stub = leader_pb2_grpc.LeaderStub(channel)
+            silent = stub.Heartbeats()  # type: ignore[call-arg]
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                async with asyncio.timeout(30):
+                    await silent.read()
+            assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            rig.state.heartbeat_interval = 60  # the next one's deadline is far off
+            waiting = stub.Heartbeats()  # type: ignore[call-arg]
+            await waiting.wait_for_connection()
+            async with asyncio.timeout(30):
+                while rig.service.close_streams() == 0:  # once the leader has it open
+                    await asyncio.sleep(0.05)
+                with pytest.raises(grpc.aio.AioRpcError) as stopped:
+                    await waiting.read()
+            assert stopped.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        await rig.server.stop(None)
+        rig.store.close()
+
+
+async def test_an_agent_in_renewal_mode_sends_a_change_at_once_and_the_rest_at_the_bound(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent's real heartbeat code (``LeaderLink``, with a real journal, trust and
+    identity files; its config built here, no agent daemon) against the Leader service on a
+    real mTLS port. Renewal mode: of its beats, one in ``renew_seconds`` reaches the leader
+    (before: every one), a changed report goes at the next beat, and the leader's news (a new
+    epoch) reaches it without a message of its own."""
+    leader_address, node_address = loopback(), loopback()
+    rig = leader_with_a_node(tmp_path, leader_address, node_address)
+    rig.state.heartbeat_interval = 1
+    assert service.renew_seconds(1) == 4
+    messages: list[leader_pb2.HeartbeatRequest] = []
+    real = rig.service._heartbeat
+
+    async def counting(*args: Any) -> Any:
+        messages.append(args[1])
+        return await real(*args)
+
+    monkeypatch.setattr(rig.service, "_heartbeat", counting)
+    await rig.server.start()
+    key_pem, cert_pem, ca_pem = rig.node_files
+    files = tmp_path / "agent"
+    files.mkdir()
+    for name, pem in (("key.pem", key_pem), ("cert.pem", cert_pem), ("ca.pem", ca_pem)):
+        (files / name).write_bytes(pem)
+    ca = pki.load_cert_pem(ca_pem)
+    identity = Identity(
+        files / "key.pem", files / "cert.pem", files / "ca.pem", pki.load_cert_pem(cert_pem), ca
+    )
+    cfg = AgentConfig(
+        path=files / "agent.toml", node_name="hb1", addresses=(node_address,), dns_names=(),
+        leader_address=leader_address, control_port=CONTROL_PORT, join_port=JOIN_PORT,
+        ca_pin="", join_token=None, join_token_file=None, data_dir=files, port=AGENT_PORT,
+        heartbeat_interval=1, server=None, bootstrap_port=9443,
+    )  # fmt: skip
+    trust = LeaderTrust(ca, files / "crl.pem")
+    journal = Journal(files / "journal.sqlite3")
+    link = LeaderLink(cfg, identity, trust, journal)
+    view = agent_pb2.ServerView(driver="reference", healthy=True, schemes=["http"])
+    beats: list[int] = []
+
+    async def server_view() -> agent_pb2.ServerView:
+        beats.append(len(messages))
+        return view
+
+    link.server_view = server_view
+    task = asyncio.create_task(link.run())
+    try:
+        async with asyncio.timeout(60):
+            while len(beats) < 9:  # about 8 s: messages at 0, 4 and 8 s
+                await asyncio.sleep(0.05)
+        sent = len(messages)
+        assert 2 <= sent <= len(beats) // 2, (sent, len(beats))
+        assert all(m.renews for m in messages)
+        assert link.healthy
+        view.healthy, view.detail = False, "connection refused"
+        changed_at = len(beats)
+        async with asyncio.timeout(30):
+            while not any(m.server.detail for m in messages):
+                await asyncio.sleep(0.05)
+        assert len(beats) - changed_at <= 2  # the next beat (or the one under way) took it
+        rig.store.advance_epoch(9, now=rig.clock[0], actor="test")  # as a rollout's start
+        async with asyncio.timeout(30):
+            while trust.announced_epoch != 9:
+                await asyncio.sleep(0.05)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await link.close()
+        journal.close()
+        await rig.server.stop(None)
+        rig.store.close()
+
+
 # --- one leader, nodes enrolled by hand: the stream's security --------------------------------
 
 
@@ -252,21 +373,54 @@ def request(**fields: Any) -> leader_pb2.HeartbeatRequest:
 
 
 class Stream:
-    """One open Heartbeats stream: ``beat`` sends a message and reads its answer."""
+    """One open Heartbeats stream: ``beat`` sends a message and reads its answer; ``next``
+    reads what the leader sends (a thread reads the stream, so that a read is bounded)."""
 
     def __init__(self, creds: Credentials) -> None:
         self.channel = creds.channel()
         self.outbox: queue.Queue[leader_pb2.HeartbeatRequest | None] = queue.Queue()
-        self.replies = iter(
-            leader_pb2_grpc.LeaderStub(self.channel).Heartbeats(
-                iter(self.outbox.get, None), timeout=120
-            )
+        self.inbox: queue.Queue[leader_pb2.HeartbeatResponse | grpc.RpcError | None] = queue.Queue()
+        self.ended: grpc.RpcError | None = None
+        replies = leader_pb2_grpc.LeaderStub(self.channel).Heartbeats(
+            iter(self.outbox.get, None), timeout=120
         )
+
+        def read() -> None:
+            try:
+                for reply in replies:
+                    self.inbox.put(reply)
+                self.inbox.put(None)
+            except grpc.RpcError as exc:
+                self.inbox.put(exc)
+
+        threading.Thread(target=read, daemon=True).start()
+
+    def next(self, timeout: float = 30) -> leader_pb2.HeartbeatResponse:
+        """The next response; the stream's error if it ended (queue.Empty: none came)."""
+        if self.ended is not None:
+            raise self.ended
+        item = self.inbox.get(timeout=timeout)
+        if isinstance(item, grpc.RpcError):
+            self.ended = item
+            raise item
+        assert item is not None, "the stream ended without a status"
+        return item
+
+    def status(self, timeout: float = 30) -> grpc.StatusCode:
+        """The status the stream ends with, sending nothing (queue.Empty: it did not end)."""
+        while True:
+            try:
+                self.next(timeout)
+            except grpc.RpcError as exc:
+                return exc.code()
 
     def beat(self, **fields: Any) -> leader_pb2.HeartbeatResponse:
         self.outbox.put(request(**fields))
-        reply: leader_pb2.HeartbeatResponse = next(self.replies)
-        return reply
+        return self.next()
+
+    def send(self, **fields: Any) -> None:
+        """A message that asks no answer (renewal mode)."""
+        self.outbox.put(request(**fields))
 
     def refused(self, **fields: Any) -> grpc.StatusCode:
         """The status that ends the stream at the next message (OK if it was answered)."""
@@ -471,6 +625,83 @@ def test_a_real_agent_beats_on_the_stream(cluster: Cluster, tmp_path: Path) -> N
         assert agent_events(agent, "heartbeat.unary") == []
     finally:
         make.close()
+
+
+# --- renewal mode against the real leader: liveness between messages -------------------------
+
+
+def test_a_renewal_stream_keeps_its_node_online_until_the_bound_then_it_goes_offline(
+    cluster: Cluster, streams: Callable[[Credentials], Stream]
+) -> None:
+    """A stream in renewal mode whose agent says nothing (what a hung agent looks like: its
+    gRPC core still answers the leader's PINGs) keeps its node online past the 3 silent
+    intervals that made a node offline before (the connection's keepalive vouches for it),
+    until the renewal bound passes without a message: then its stream ends with
+    DEADLINE_EXCEEDED and the node goes offline."""
+    creds = Credentials.enrolled(cluster, "hb-lease")
+    stream = streams(creds)
+    interval = cluster.heartbeat_interval
+    reply = stream.beat(renews=True, wants_answer=True)
+    assert reply.renew_seconds == service.renew_seconds(interval) > 3 * interval
+    time.sleep(3 * interval + 1)  # silent longer than a node may be without renewal mode
+    assert cluster.list_nodes()["hb-lease"].online
+    assert stream.status(timeout=60) == grpc.StatusCode.DEADLINE_EXCEEDED
+    cluster.wait_for_nodes(["hb-lease"], online=False, timeout=30)
+    assert any(
+        e.get("event") == "heartbeat.renewal_missed" and e.get("node") == "hb-lease"
+        for e in cluster.leader.log_events()
+    )
+
+
+def test_news_reaches_a_renewal_stream_without_a_message(
+    cluster: Cluster, streams: Callable[[Credentials], Stream]
+) -> None:
+    """In renewal mode a message asks no answer, so the leader sends what the agent lacks on
+    its own: a new epoch (a rollout started) and a new revocation list, at once."""
+    creds = Credentials.enrolled(cluster, "hb-news")
+    stream = streams(creds)
+    first = stream.beat(renews=True, wants_answer=True)
+    ca = pki.CertificateAuthority.load(
+        cluster.ca_cert_path, cluster.ca_key_path, read_passphrase(cluster.passphrase_path)
+    )
+    number = pki.load_crl(first.crl_pem, ca.cert)[0] if first.crl_pem else 0
+    stream.send(renews=True, crl_number=number)  # nothing new: no answer
+    cluster.announce_epoch(first.epoch + 3)
+    assert stream.next().epoch == first.epoch + 3
+    assert cluster.cli("ca", "revoke", "5eed5eed").returncode == 0
+    pushed = stream.next()
+    newer, serials = pki.load_crl(pushed.crl_pem, ca.cert)
+    assert newer > number and 0x5EED5EED in serials
+
+
+def test_a_stopped_or_killed_agent_goes_offline_and_a_resumed_one_comes_back(
+    cluster: Cluster,
+) -> None:
+    """Real agents in renewal mode. One SIGSTOPped (it answers nothing, PINGs included: the
+    leader's keepalive closes its connection) and one killed (its connection closes) go
+    offline as when every heartbeat was a message: 3 silent intervals after they stopped, as
+    ``tlsroll nodes`` shows. The stopped one, resumed, comes back on a new stream."""
+    stopped = cluster.add_agent("hb-sigstop", next_loopback())
+    killed = cluster.add_agent("hb-sigkill", next_loopback())
+    try:
+        cluster.wait_for_nodes_online(["hb-sigstop", "hb-sigkill"])
+        wait_until(
+            lambda: all(agent_events(a, "heartbeat.ok") for a in (stopped, killed)),
+            20,
+            "both agents beating",
+        )
+        renew = service.renew_seconds(cluster.heartbeat_interval)
+        assert all(e.get("renew") == renew for e in agent_events(stopped, "heartbeat.ok"))
+        stopped.send_signal(signal.SIGSTOP)
+        killed.kill()
+        # Within the documented bound (3 intervals after the agent stopped; 6 s here), with
+        # room for a busy test machine.
+        cluster.wait_for_nodes(["hb-sigstop", "hb-sigkill"], online=False, timeout=30)
+        stopped.send_signal(signal.SIGCONT)
+        cluster.wait_for_nodes_online(["hb-sigstop"], timeout=30)
+    finally:
+        stopped.send_signal(signal.SIGCONT)
+        stopped.stop()
 
 
 class OlderLeader:

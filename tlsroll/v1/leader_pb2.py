@@ -26,7 +26,7 @@ from google.protobuf import timestamp_pb2 as google_dot_protobuf_dot_timestamp__
 from tlsroll.v1 import types_pb2 as tlsroll_dot_v1_dot_types__pb2
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tlsroll/v1/leader.proto\x12\ntlsroll.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16tlsroll/v1/types.proto\".\n\x1bRenewNodeCertificateRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\x0c\"f\n\x1cRenewNodeCertificateResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12-\n\tnot_after\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\")\n\x16SignWorkstationRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\x0c\"2\n\x17SignWorkstationResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\"\xfd\x02\n\x10HeartbeatRequest\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12+\n\x07sent_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\x12\x62ootstrap_failures\x18\x03 \x03(\x0b\x32\x1c.tlsroll.v1.BootstrapFailure\x12\x15\n\rhighest_epoch\x18\x04 \x01(\x04\x12\x12\n\ncrl_number\x18\x05 \x01(\x04\x12\x32\n\x0erenewal_due_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x39\n\x15renewal_failing_since\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rrenewal_error\x18\x08 \x01(\t\x12&\n\x06server\x18\t \x01(\x0b\x32\x16.tlsroll.v1.LiveServer\x12\x12\n\nagent_port\x18\n \x01(\r\"\x88\x01\n\nLiveServer\x12\x0e\n\x06\x64river\x18\x01 \x01(\t\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\x0e\n\x06\x66rozen\x18\x03 \x01(\x08\x12\x0f\n\x07schemes\x18\x04 \x03(\t\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\x12(\n\x07\x63lients\x18\x06 \x01(\x0b\x32\x17.tlsroll.v1.ClientsView\"s\n\x10\x42ootstrapFailure\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x13\n\x0bworkstation\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\r\x12+\n\x07last_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"~\n\x11HeartbeatResponse\x12/\n\x0bleader_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10interval_seconds\x18\x02 \x01(\r\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x0f\n\x07\x63rl_pem\x18\x04 \x01(\x0c\x32\xf3\x02\n\x06Leader\x12H\n\tHeartbeat\x12\x1c.tlsroll.v1.HeartbeatRequest\x1a\x1d.tlsroll.v1.HeartbeatResponse\x12\x65\n\x1aSignWorkstationCertificate\x12\".tlsroll.v1.SignWorkstationRequest\x1a#.tlsroll.v1.SignWorkstationResponse\x12i\n\x14RenewNodeCertificate\x12\'.tlsroll.v1.RenewNodeCertificateRequest\x1a(.tlsroll.v1.RenewNodeCertificateResponse\x12M\n\nHeartbeats\x12\x1c.tlsroll.v1.HeartbeatRequest\x1a\x1d.tlsroll.v1.HeartbeatResponse(\x01\x30\x01\x62\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x17tlsroll/v1/leader.proto\x12\ntlsroll.v1\x1a\x1fgoogle/protobuf/timestamp.proto\x1a\x16tlsroll/v1/types.proto\".\n\x1bRenewNodeCertificateRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\x0c\"f\n\x1cRenewNodeCertificateResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\x12-\n\tnot_after\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\")\n\x16SignWorkstationRequest\x12\x0f\n\x07\x63sr_pem\x18\x01 \x01(\x0c\"2\n\x17SignWorkstationResponse\x12\x17\n\x0f\x63\x65rtificate_pem\x18\x01 \x01(\x0c\"\xa3\x03\n\x10HeartbeatRequest\x12\x15\n\ragent_version\x18\x01 \x01(\t\x12+\n\x07sent_at\x18\x02 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x38\n\x12\x62ootstrap_failures\x18\x03 \x03(\x0b\x32\x1c.tlsroll.v1.BootstrapFailure\x12\x15\n\rhighest_epoch\x18\x04 \x01(\x04\x12\x12\n\ncrl_number\x18\x05 \x01(\x04\x12\x32\n\x0erenewal_due_at\x18\x06 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x39\n\x15renewal_failing_since\x18\x07 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x15\n\rrenewal_error\x18\x08 \x01(\t\x12&\n\x06server\x18\t \x01(\x0b\x32\x16.tlsroll.v1.LiveServer\x12\x12\n\nagent_port\x18\n \x01(\r\x12\x0e\n\x06renews\x18\x0b \x01(\x08\x12\x14\n\x0cwants_answer\x18\x0c \x01(\x08\"\x88\x01\n\nLiveServer\x12\x0e\n\x06\x64river\x18\x01 \x01(\t\x12\x0f\n\x07healthy\x18\x02 \x01(\x08\x12\x0e\n\x06\x66rozen\x18\x03 \x01(\x08\x12\x0f\n\x07schemes\x18\x04 \x03(\t\x12\x0e\n\x06\x64\x65tail\x18\x05 \x01(\t\x12(\n\x07\x63lients\x18\x06 \x01(\x0b\x32\x17.tlsroll.v1.ClientsView\"s\n\x10\x42ootstrapFailure\x12\x0e\n\x06source\x18\x01 \x01(\t\x12\x13\n\x0bworkstation\x18\x02 \x01(\t\x12\r\n\x05\x63ount\x18\x03 \x01(\r\x12+\n\x07last_at\x18\x04 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\"\x95\x01\n\x11HeartbeatResponse\x12/\n\x0bleader_time\x18\x01 \x01(\x0b\x32\x1a.google.protobuf.Timestamp\x12\x18\n\x10interval_seconds\x18\x02 \x01(\r\x12\r\n\x05\x65poch\x18\x03 \x01(\x04\x12\x0f\n\x07\x63rl_pem\x18\x04 \x01(\x0c\x12\x15\n\rrenew_seconds\x18\x05 \x01(\r2\xf3\x02\n\x06Leader\x12H\n\tHeartbeat\x12\x1c.tlsroll.v1.HeartbeatRequest\x1a\x1d.tlsroll.v1.HeartbeatResponse\x12\x65\n\x1aSignWorkstationCertificate\x12\".tlsroll.v1.SignWorkstationRequest\x1a#.tlsroll.v1.SignWorkstationResponse\x12i\n\x14RenewNodeCertificate\x12\'.tlsroll.v1.RenewNodeCertificateRequest\x1a(.tlsroll.v1.RenewNodeCertificateResponse\x12M\n\nHeartbeats\x12\x1c.tlsroll.v1.HeartbeatRequest\x1a\x1d.tlsroll.v1.HeartbeatResponse(\x01\x30\x01\x62\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -42,13 +42,13 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_SIGNWORKSTATIONRESPONSE']._serialized_start=291
   _globals['_SIGNWORKSTATIONRESPONSE']._serialized_end=341
   _globals['_HEARTBEATREQUEST']._serialized_start=344
-  _globals['_HEARTBEATREQUEST']._serialized_end=725
-  _globals['_LIVESERVER']._serialized_start=728
-  _globals['_LIVESERVER']._serialized_end=864
-  _globals['_BOOTSTRAPFAILURE']._serialized_start=866
-  _globals['_BOOTSTRAPFAILURE']._serialized_end=981
-  _globals['_HEARTBEATRESPONSE']._serialized_start=983
-  _globals['_HEARTBEATRESPONSE']._serialized_end=1109
-  _globals['_LEADER']._serialized_start=1112
-  _globals['_LEADER']._serialized_end=1483
+  _globals['_HEARTBEATREQUEST']._serialized_end=763
+  _globals['_LIVESERVER']._serialized_start=766
+  _globals['_LIVESERVER']._serialized_end=902
+  _globals['_BOOTSTRAPFAILURE']._serialized_start=904
+  _globals['_BOOTSTRAPFAILURE']._serialized_end=1019
+  _globals['_HEARTBEATRESPONSE']._serialized_start=1022
+  _globals['_HEARTBEATRESPONSE']._serialized_end=1171
+  _globals['_LEADER']._serialized_start=1174
+  _globals['_LEADER']._serialized_end=1545
 # @@protoc_insertion_point(module_scope)

@@ -118,6 +118,8 @@ class HeartbeatRequest(_message.Message):
     RENEWAL_ERROR_FIELD_NUMBER: _builtins.int
     SERVER_FIELD_NUMBER: _builtins.int
     AGENT_PORT_FIELD_NUMBER: _builtins.int
+    RENEWS_FIELD_NUMBER: _builtins.int
+    WANTS_ANSWER_FIELD_NUMBER: _builtins.int
     agent_version: _builtins.str
     highest_epoch: _builtins.int
     """The highest rollout epoch this agent has seen (commands with a lower one are refused)."""
@@ -127,6 +129,15 @@ class HeartbeatRequest(_message.Message):
     agent_port: _builtins.int
     """The port of the agent's NodeAgent service (for a leader that re-learns the node after
     losing its store: `tlsroll-leader --reinitialise`).
+    """
+    renews: _builtins.bool
+    """(Heartbeats stream only.) The agent can send only on change and at the renewal bound the
+    leader's reply gives (`HeartbeatResponse.renew_seconds`).
+    """
+    wants_answer: _builtins.bool
+    """(Renewal mode.) The agent waits for an answer to this message: its first on a stream, one
+    that carries bootstrap failures, or one asking for the epoch now. Other messages in
+    renewal mode are answered only when the leader has news for the agent.
     """
     @_builtins.property
     def sent_at(self) -> _timestamp_pb2.Timestamp: ...
@@ -163,10 +174,12 @@ class HeartbeatRequest(_message.Message):
         renewal_error: _builtins.str = ...,
         server: Global___LiveServer | None = ...,
         agent_port: _builtins.int = ...,
+        renews: _builtins.bool = ...,
+        wants_answer: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["renewal_due_at", b"renewal_due_at", "renewal_failing_since", b"renewal_failing_since", "sent_at", b"sent_at", "server", b"server"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_port", b"agent_port", "agent_version", b"agent_version", "bootstrap_failures", b"bootstrap_failures", "crl_number", b"crl_number", "highest_epoch", b"highest_epoch", "renewal_due_at", b"renewal_due_at", "renewal_error", b"renewal_error", "renewal_failing_since", b"renewal_failing_since", "sent_at", b"sent_at", "server", b"server"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_port", b"agent_port", "agent_version", b"agent_version", "bootstrap_failures", b"bootstrap_failures", "crl_number", b"crl_number", "highest_epoch", b"highest_epoch", "renewal_due_at", b"renewal_due_at", "renewal_error", b"renewal_error", "renewal_failing_since", b"renewal_failing_since", "renews", b"renews", "sent_at", b"sent_at", "server", b"server", "wants_answer", b"wants_answer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -254,6 +267,7 @@ class HeartbeatResponse(_message.Message):
     INTERVAL_SECONDS_FIELD_NUMBER: _builtins.int
     EPOCH_FIELD_NUMBER: _builtins.int
     CRL_PEM_FIELD_NUMBER: _builtins.int
+    RENEW_SECONDS_FIELD_NUMBER: _builtins.int
     interval_seconds: _builtins.int
     """How often the leader expects a heartbeat; a node silent for three intervals is offline."""
     epoch: _builtins.int
@@ -262,6 +276,11 @@ class HeartbeatResponse(_message.Message):
     """
     crl_pem: _builtins.bytes
     """The CA's revocation list (PEM), sent when it is newer than the agent's `crl_number`."""
+    renew_seconds: _builtins.int
+    """(Heartbeats stream, to a message with `renews`.) Non-zero: the agent may send only when
+    its report changed and at least every this many seconds; 0 (an older leader): a message
+    every interval.
+    """
     @_builtins.property
     def leader_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -271,10 +290,11 @@ class HeartbeatResponse(_message.Message):
         interval_seconds: _builtins.int = ...,
         epoch: _builtins.int = ...,
         crl_pem: _builtins.bytes = ...,
+        renew_seconds: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["leader_time", b"leader_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["crl_pem", b"crl_pem", "epoch", b"epoch", "interval_seconds", b"interval_seconds", "leader_time", b"leader_time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["crl_pem", b"crl_pem", "epoch", b"epoch", "interval_seconds", b"interval_seconds", "leader_time", b"leader_time", "renew_seconds", b"renew_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

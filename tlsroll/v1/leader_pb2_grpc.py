@@ -94,6 +94,15 @@ class LeaderServicer:
         the node (removed, revoked, replaced by a renewal the agent has used), the stream ends
         with UNAUTHENTICATED. An agent whose leader answers UNIMPLEMENTED (older than this RPC)
         falls back to Heartbeat.
+        Renewal mode: an agent that sets `renews` in its messages and gets a non-zero
+        `renew_seconds` back sends a message only when its report changed, and at least every
+        `renew_seconds`. The leader answers such a message only if it asks (`wants_answer`) or
+        the leader has news for the agent, and sends news (a new epoch or revocation list) on its
+        own as soon as it has it. Between messages the node's liveness is the connection's:
+        HTTP/2 keepalive PINGs both ways, which gRPC's core sends and answers, and which end the
+        stream of an agent (or leader) that no longer answers them. A stream whose agent sends
+        nothing within the renewal bound (a hung agent) ends with DEADLINE_EXCEEDED, as does one
+        whose first message does not come.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

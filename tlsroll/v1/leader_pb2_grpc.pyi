@@ -58,6 +58,15 @@ class LeaderStub:
     the node (removed, revoked, replaced by a renewal the agent has used), the stream ends
     with UNAUTHENTICATED. An agent whose leader answers UNIMPLEMENTED (older than this RPC)
     falls back to Heartbeat.
+    Renewal mode: an agent that sets `renews` in its messages and gets a non-zero
+    `renew_seconds` back sends a message only when its report changed, and at least every
+    `renew_seconds`. The leader answers such a message only if it asks (`wants_answer`) or
+    the leader has news for the agent, and sends news (a new epoch or revocation list) on its
+    own as soon as it has it. Between messages the node's liveness is the connection's:
+    HTTP/2 keepalive PINGs both ways, which gRPC's core sends and answers, and which end the
+    stream of an agent (or leader) that no longer answers them. A stream whose agent sends
+    nothing within the renewal bound (a hung agent) ends with DEADLINE_EXCEEDED, as does one
+    whose first message does not come.
     """
 
 @_typing.type_check_only
@@ -86,6 +95,15 @@ class LeaderAsyncStub(LeaderStub):
     the node (removed, revoked, replaced by a renewal the agent has used), the stream ends
     with UNAUTHENTICATED. An agent whose leader answers UNIMPLEMENTED (older than this RPC)
     falls back to Heartbeat.
+    Renewal mode: an agent that sets `renews` in its messages and gets a non-zero
+    `renew_seconds` back sends a message only when its report changed, and at least every
+    `renew_seconds`. The leader answers such a message only if it asks (`wants_answer`) or
+    the leader has news for the agent, and sends news (a new epoch or revocation list) on its
+    own as soon as it has it. Between messages the node's liveness is the connection's:
+    HTTP/2 keepalive PINGs both ways, which gRPC's core sends and answers, and which end the
+    stream of an agent (or leader) that no longer answers them. A stream whose agent sends
+    nothing within the renewal bound (a hung agent) ends with DEADLINE_EXCEEDED, as does one
+    whose first message does not come.
     """
 
 class LeaderServicer(metaclass=_abc_1.ABCMeta):
@@ -135,6 +153,15 @@ class LeaderServicer(metaclass=_abc_1.ABCMeta):
         the node (removed, revoked, replaced by a renewal the agent has used), the stream ends
         with UNAUTHENTICATED. An agent whose leader answers UNIMPLEMENTED (older than this RPC)
         falls back to Heartbeat.
+        Renewal mode: an agent that sets `renews` in its messages and gets a non-zero
+        `renew_seconds` back sends a message only when its report changed, and at least every
+        `renew_seconds`. The leader answers such a message only if it asks (`wants_answer`) or
+        the leader has news for the agent, and sends news (a new epoch or revocation list) on its
+        own as soon as it has it. Between messages the node's liveness is the connection's:
+        HTTP/2 keepalive PINGs both ways, which gRPC's core sends and answers, and which end the
+        stream of an agent (or leader) that no longer answers them. A stream whose agent sends
+        nothing within the renewal bound (a hung agent) ends with DEADLINE_EXCEEDED, as does one
+        whose first message does not come.
         """
 
 def add_LeaderServicer_to_server(servicer: LeaderServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
