@@ -70,7 +70,7 @@ class BootstrapHost:
         )
         target = hostport(self.cfg.leader_address, self.cfg.control_port)
         # The leader by its identity, not by its address (tlsroll.spiffe).
-        host = spiffe.leader_host(spiffe.trust_domain(self.identity.ca))
+        host = spiffe.leader_host(self.identity.trust_domain)
         options = [("grpc.ssl_target_name_override", host)]
         async with grpc.aio.secure_channel(target, creds, options=options) as channel:
             stub = leader_pb2_grpc.LeaderStub(channel)
