@@ -6,9 +6,12 @@ The figures themselves come from ``bench/`` (``make bench-rollout``, ``make benc
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import json
+import os
 import re
+import signal
 import sqlite3
 import subprocess
 import sys
@@ -34,11 +37,12 @@ from leader.rollout_core import (
 )
 from leader.schema_store import RolloutMeta, SchemaStore
 from leader.store import Store
-from tests.cluster import Cluster, child_env, secure_channel
+from tests.cluster import Cluster, child_env, secure_channel, wait_until
 from tests.leader_rig import leader_with_a_node
 from tests.refserver_helper import RefServer, write_toml
 from tlsroll import pki
-from tlsroll.defaults import AGENT_PORT
+from tlsroll.defaults import AGENT_PORT, BOOTSTRAP_PORT
+from tlsroll.httpcheck import port_open
 from tlsroll.v1 import agent_pb2, agent_pb2_grpc, leader_pb2, leader_pb2_grpc
 
 # Never in a running agent: a terminal UI (rich, and pygments through it), the admin CLI's
@@ -64,7 +68,7 @@ def watch():
         except OSError:
             time.sleep(0.1)
     time.sleep(1.0)  # a heartbeat and the bootstrap service's first sync
-    while go and not os.path.exists(go) and time.monotonic() < deadline + 40:
+    while go and not os.path.exists(go) and time.monotonic() < deadline + 150:
         time.sleep(0.1)
     loaded = sorted(name for name, module in list(sys.modules.items()) if module is not None)
     with open(out, "w") as f:
@@ -166,6 +170,66 @@ def test_an_idle_agent_holds_no_http_library_until_its_bootstrap_service_runs(
     # the leader's heartbeat replies and answered its calls, each without cryptography.
     assert {m for m in modules if m.split(".")[0] == "cryptography"} == set()
     assert "tlsroll.pki" not in modules
+
+
+def test_a_switched_agent_serves_its_bootstrap_service_without_aiohttp(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Issue 15: once its node was switched with an auth password, an agent ran its bootstrap
+    service on aiohttp.web and kept it (about 10 MiB) for months. A real agent, switched by a
+    real enable-tls rollout, serves the service on 9443 (h11 on asyncio streams) and holds no
+    aiohttp."""
+    with Cluster(tmp_path / "cluster", loopback()) as cluster:
+        cluster.init()
+        cluster.start_leader()
+        address = loopback()
+        server = RefServer(tmp_path / "server", address)
+        server.start()
+        try:
+            config = cluster.agent_config(
+                "lean3", address, cluster.create_token("lean3", address), tmp_path / "agent"
+            )
+            config["server"] = {"driver": "reference", "config_file": server.config_path}
+            out, go = tmp_path / "modules.txt", tmp_path / "go"
+            agent = subprocess.Popen(
+                [
+                    sys.executable, "-c", HARNESS, address, str(AGENT_PORT), str(out),
+                    str(write_toml(tmp_path / "agent.toml", config)), str(go),
+                ],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
+            )  # fmt: skip
+            try:
+                cluster.wait_for_nodes_online(["lean3"], timeout=60)
+                secret = tmp_path / "password"
+                secret.write_text("lean-agent-switch-password-7Qx\n")
+                secret.chmod(0o600)
+                start = cluster.cli(
+                    *("rollout", "start", "--scope", "cluster", "--password-file", str(secret)),
+                    *("--yes", "--wait"),
+                )
+                rollout = cluster.newest_rollout()
+                shown = json.dumps(rollout)
+                assert start.returncode == 0 and rollout["state"] == "completed", shown
+                wait_until(lambda: port_open(address, BOOTSTRAP_PORT), 30, "the bootstrap service")
+                go.touch()
+                _, said = agent.communicate(timeout=120)
+            finally:
+                if agent.poll() is None:
+                    agent.kill()
+                    agent.communicate()
+            assert agent.returncode == 0, said
+        finally:
+            # The switch restarted the server from the agent: that one is no child of ours.
+            pid_file = Path(str(server.settings["data_dir"])) / "refserver.pid"
+            restarted = int(pid_file.read_text()) if pid_file.exists() else None
+            server.close()
+            if restarted is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(restarted, signal.SIGKILL)
+    modules = out.read_text().split()
+    assert "nodeagent.bootstrap_server" in modules  # it did serve
+    assert {m for m in modules if m.split(".")[0] == "aiohttp"} == set()
+    assert "h11" in modules
 
 
 def wait_for_status(
