@@ -1,8 +1,9 @@
 """The bootstrap service on port 9443: workstations run the password exchange and enrol here.
 
 The protocol (SPAKE2, key confirmation, sealed delivery) is in ``tlsroll.bootstrap_protocol``;
-this module is the https listener (aiohttp) the agent runs once its node is switched, and the
-limits that make each password guess cost one counted exchange:
+this module is the https service the agent runs once its node is switched (on
+``nodeagent.json_https``: asyncio streams, ``ssl`` and h11, with its limits on sizes, time and
+connections), and the limits that make each password guess cost one counted exchange:
 
     service = BootstrapService(
         address="192.168.1.5", cert_file=..., key_file=..., ca_bundle_pem=...,
@@ -50,9 +51,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Self
 
-from aiohttp import web
-
 from nodeagent.failure_log import FailureLog
+from nodeagent.json_https import HttpLimits, JsonHttpsListener, Reply, Request
 from tlsroll import bootstrap_protocol as proto
 from tlsroll import logs, pki
 from tlsroll.backoff import Backoff, Ceiling, Policy, retry_after, source_key
@@ -216,14 +216,14 @@ class Refused(TerminalError):
         self.retry = retry
 
 
-def _answer(data: Mapping[str, Any], status: int = 200, retry: float | None = None) -> web.Response:
+def _answer(data: Mapping[str, Any], status: int = 200, retry: float | None = None) -> Reply:
     headers = {"Cache-Control": "no-store"}
     if retry is not None:
         headers["Retry-After"] = str(retry_after(retry))
-    return web.json_response(dict(data), status=status, headers=headers)
+    return Reply(dict(data), status, headers)
 
 
-def _refusal(exc: Refused) -> web.Response:
+def _refusal(exc: Refused) -> Reply:
     return _answer({"error": exc.code.value, "message": exc.message}, exc.status, exc.retry)
 
 
@@ -269,7 +269,7 @@ class BootstrapService:
         self.ca_bundle_pem = b""
         self.set_ca_bundle(ca_bundle_pem)
         self.set_verifier(verifier)
-        self._runner: web.AppRunner | None = None
+        self._listener: JsonHttpsListener | None = None
         self._ssl: ssl.SSLContext | None = None
 
     # --- state the agent may swap while running ---------------------------------------------
@@ -309,46 +309,36 @@ class BootstrapService:
         check_private_file(self.key_file)
         return server_context(self.cert_file, self.key_file)
 
-    def app(self) -> web.Application:
-        app = web.Application(client_max_size=proto.MAX_REQUEST_BYTES)
-        app.router.add_get(proto.HELLO_PATH, self.get_hello)
-        app.router.add_post(proto.START_PATH, self.post_start)
-        app.router.add_post(proto.FINISH_PATH, self.post_finish)
-        app.router.add_get(proto.V1_BOOTSTRAP_PATH, self.old_client)
-        app.router.add_post(proto.V1_ENROL_PATH, self.old_client)
-        return app
+    def listener(self) -> JsonHttpsListener:
+        routes = {
+            ("GET", proto.HELLO_PATH): self.get_hello,
+            ("POST", proto.START_PATH): self.post_start,
+            ("POST", proto.FINISH_PATH): self.post_finish,
+            ("GET", proto.V1_BOOTSTRAP_PATH): self.old_client,
+            ("POST", proto.V1_ENROL_PATH): self.old_client,
+        }
+        limits = HttpLimits(max_body=proto.MAX_REQUEST_BYTES)
+        return JsonHttpsListener(routes, limits, shutdown_timeout=SHUTDOWN_TIMEOUT)
 
     async def start(self) -> None:
         """Listen on https://address:port; UnsafePermissions if the key file is not 0600."""
-        if self._runner is not None:
+        if self._listener is not None:
             raise RuntimeError("bootstrap service already started")
         self._ssl = await asyncio.to_thread(self._tls_context)  # reads the key and certificate
-        runner = web.AppRunner(
-            self.app(), access_log=None, handle_signals=False, shutdown_timeout=SHUTDOWN_TIMEOUT
-        )
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, self.address, self.port, ssl_context=self._ssl).start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        self.port = self.bound_port
+        listener = self.listener()
+        self.port = await listener.start(self.address, self.port, self._ssl)
+        self._listener = listener
         log.info("bootstrap.started", address=self.address, port=self.port, node=self.node_name)
 
     async def stop(self) -> None:
-        if self._runner is not None:
-            runner, self._runner = self._runner, None
-            await runner.cleanup()
+        if self._listener is not None:
+            listener, self._listener = self._listener, None
+            await listener.stop()
             log.info("bootstrap.stopped", address=self.address, port=self.port)
 
     @property
     def bound_port(self) -> int:
-        """The port actually listened on (differs from ``port`` only if that was 0)."""
-        if self._runner is None:
-            return self.port
-        for addr in self._runner.addresses:
-            return int(addr[1])
+        """The port listened on (after ``start``, the one bound when ``port`` was 0)."""
         return self.port
 
     async def __aenter__(self) -> Self:
@@ -360,28 +350,21 @@ class BootstrapService:
 
     # --- handlers -----------------------------------------------------------------------------
 
-    async def get_hello(self, request: web.Request) -> web.Response:
+    async def get_hello(self, request: Request) -> Reply:
         return _answer(self.hello.to_json())
 
-    async def old_client(self, request: web.Request) -> web.Response:
+    async def old_client(self, request: Request) -> Reply:
         log.info("bootstrap.old_client", remote=request.remote, path=request.path)
         answer = proto.upgrade_answer()
-        if request.method == "GET":  # what a v1 client reads: its version check speaks
+        if request.method in ("GET", "HEAD"):  # what a v1 client reads: its version check
             return _answer(answer)
         return _answer({k: answer[k] for k in ("error", "message")}, 410)
 
-    @staticmethod
-    async def _body(request: web.Request) -> bytes:
-        try:
-            return await request.read()
-        except web.HTTPRequestEntityTooLarge:
-            raise Refused(413, proto.ErrorCode.TOO_LARGE, "request body too large") from None
-
-    async def post_start(self, request: web.Request) -> web.Response:
+    async def post_start(self, request: Request) -> Reply:
         source = source_key(request.remote)
         try:
             try:
-                start = proto.parse_start_request(await self._body(request))
+                start = proto.parse_start_request(request.body)
             except proto.BootstrapError as exc:
                 raise Refused(400, proto.ErrorCode.BAD_REQUEST, str(exc)) from None
             answer = await self._start(source, start)
@@ -429,11 +412,11 @@ class BootstrapService:
         expires_in = max(1, int(ex.expires - self.clock()))
         return proto.StartAnswer(exchange=ex.id, msg_b=msg_b, expires_in=expires_in)
 
-    async def post_finish(self, request: web.Request) -> web.Response:
+    async def post_finish(self, request: Request) -> Reply:
         source = source_key(request.remote)
         try:
             try:
-                finish = proto.parse_finish_request(await self._body(request))
+                finish = proto.parse_finish_request(request.body)
             except proto.BootstrapError as exc:
                 raise Refused(400, proto.ErrorCode.BAD_REQUEST, str(exc)) from None
             now = self.clock()
@@ -475,7 +458,7 @@ class BootstrapService:
         )
         return _answer(answer.to_json())
 
-    def _failed(self, request: web.Request, ex: Exchange) -> None:
+    def _failed(self, request: Request, ex: Exchange) -> None:
         count = self.guard.failed(ex.source, ex.workstation, self.clock())
         self.failures.record(ex.source, ex.workstation, self.wall())
         log.warning(
@@ -485,9 +468,7 @@ class BootstrapService:
             failures=count,
         )
 
-    async def _enrol(
-        self, request: web.Request, ex: Exchange, finish: proto.FinishRequest
-    ) -> bytes:
+    async def _enrol(self, request: Request, ex: Exchange, finish: proto.FinishRequest) -> bytes:
         assert ex.keys is not None
         try:
             csr_pem = ex.keys.open(proto.Side.NODE, finish.csr)

@@ -70,7 +70,7 @@ class BootstrapHost:
         )
         target = hostport(self.cfg.leader_address, self.cfg.control_port)
         # The leader by its identity, not by its address (tlsroll.spiffe).
-        host = spiffe.leader_host(spiffe.trust_domain(self.identity.ca))
+        host = spiffe.leader_host(self.identity.trust_domain)
         options = [("grpc.ssl_target_name_override", host)]
         async with grpc.aio.secure_channel(target, creds, options=options) as channel:
             stub = leader_pb2_grpc.LeaderStub(channel)
@@ -107,9 +107,10 @@ class BootstrapHost:
             self.current = live
             if live is None or not live.get("verifier_file"):
                 return
-            # The service (and aiohttp with it) is imported when a node first serves https
-            # with an auth password, not at the agent's start: an agent that never runs the
-            # service saves its 12 MiB of memory. Imported in a worker thread (``warm``), not
+            # The service (its protocol, SPAKE2, h11) is imported when a node first serves
+            # https with an auth password, not at the agent's start: an agent that never runs
+            # the service does not hold it. (It served on aiohttp.web until issue 15, whose
+            # 10 MiB every switched agent then kept.) Imported in a worker thread (``warm``), not
             # on the event loop: this runs as a switch completes, and a quarter of a second of
             # importing there held back the outcome the leader waits for.
             await asyncio.shield(self.warm())

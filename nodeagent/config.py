@@ -24,7 +24,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from tlsroll import logs, pki
+from tlsroll import logs
 from tlsroll.config import ConfigFile, Section
 from tlsroll.defaults import (
     AGENT_PORT,
@@ -33,6 +33,7 @@ from tlsroll.defaults import (
     HEARTBEAT_INTERVAL,
     JOIN_PORT,
 )
+from tlsroll.names import Names, node_name_problem, parse_pin  # no X.509 (issue 15)
 
 
 @dataclass(frozen=True)
@@ -55,8 +56,8 @@ class AgentConfig:
     log_level: str = "info"  # [agent] log_level; ``tlsroll-agent --log-level`` wins over it
 
     @property
-    def names(self) -> pki.Names:
-        return pki.Names.of(self.node_name, self.addresses, self.dns_names)
+    def names(self) -> Names:
+        return Names.of(self.node_name, self.addresses, self.dns_names)
 
     @classmethod
     def load(cls, path: Path) -> AgentConfig:
@@ -65,11 +66,11 @@ class AgentConfig:
         leader = cfg.section("leader")
         agent = cfg.section("agent")
         name = node.text("name")
-        if problem := pki.node_name_problem(name):
+        if problem := node_name_problem(name):
             raise node.error("name", problem)
         pin = leader.text("ca_pin")
         try:
-            pin = pki.parse_pin(pin)
+            pin = parse_pin(pin)
         except ValueError as exc:
             raise leader.error("ca_pin", str(exc)) from None
         if leader.has("join_token") and leader.has("join_token_file"):

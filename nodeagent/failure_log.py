@@ -3,8 +3,8 @@ service (``nodeagent.bootstrap_server``) records them, the heartbeat (``nodeagen
 carries them.
 
 A module of its own, without the service: the heartbeat needs the log from the agent's start,
-while the service and its HTTP server (aiohttp, 10 MiB of memory) are imported only when the
-node serves https with an auth password.
+while the service (its protocol, SPAKE2 and its HTTP listener) is imported only when the node
+serves https with an auth password.
 """
 
 from __future__ import annotations

@@ -19,23 +19,25 @@ import _ssl
 import datetime as dt
 import os
 import socket
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-
-import grpc
-from cryptography import x509
+from typing import TYPE_CHECKING
 
 from nodeagent.config import AgentConfig
-from tlsroll import __version__, logs, pki, spiffe, tls
+from tlsroll import __version__, logs, spiffe, tls
 from tlsroll.errors import PKIError, PKIReason, TerminalError, TransientError
 from tlsroll.fsutil import check_private_file, fsync_dir, make_private_dir
-from tlsroll.rpc import hostport
-from tlsroll.v1 import enrolment_pb2, enrolment_pb2_grpc
+from tlsroll.names import utcnow
+
+if TYPE_CHECKING:
+    from cryptography import x509
+
+    from tlsroll import pki
 
 log = logs.get_logger(__name__)
 
 # Statuses that mean "try again later"; everything else is the leader saying no.
-TRANSIENT = {grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED}
+TRANSIENT = {"UNAVAILABLE", "DEADLINE_EXCEEDED"}  # grpc.StatusCode names
 
 
 class EnrolmentRefused(TerminalError):
@@ -48,11 +50,56 @@ class CertificateExpired(TerminalError):
 
 @dataclass(frozen=True)
 class Identity:
+    """The node's files and what the agent needs to know of them while it serves: the
+    certificate's validity (renewal, status) and the cluster's trust domain. Held as plain
+    values, so that a serving agent never parses X.509 (``cryptography`` costs it about 10 MiB
+    for months, issue 15); ``cert`` (the certificate this identity was checked with, kept as
+    PEM) and ``ca`` are parsed when certificate work needs them (a renewal)."""
+
     key_file: Path
     cert_file: Path
     ca_file: Path
-    cert: x509.Certificate
-    ca: x509.Certificate
+    not_before: dt.datetime
+    not_after: dt.datetime
+    trust_domain: str
+    checked_pem: bytes = field(repr=False, compare=False, default=b"")
+
+    @classmethod
+    def of(
+        cls,
+        key_file: Path,
+        cert_file: Path,
+        ca_file: Path,
+        cert: x509.Certificate,
+        ca: x509.Certificate,
+    ) -> Identity:
+        from tlsroll import pki  # noqa: PLC0415 - certificate work only (see the docstring)
+
+        return cls(
+            key_file,
+            cert_file,
+            ca_file,
+            cert.not_valid_before_utc,
+            cert.not_valid_after_utc,
+            spiffe.trust_domain(ca),
+            pki.cert_to_pem(cert),
+        )
+
+    @property
+    def cert(self) -> x509.Certificate:
+        from tlsroll import pki  # noqa: PLC0415 - certificate work only (see the docstring)
+
+        return (
+            pki.load_cert_pem(self.checked_pem)
+            if self.checked_pem
+            else pki.read_cert(self.cert_file)
+        )
+
+    @property
+    def ca(self) -> x509.Certificate:
+        from tlsroll import pki  # noqa: PLC0415 - certificate work only (see the docstring)
+
+        return pki.read_cert(self.ca_file)
 
     @property
     def key_pem(self) -> bytes:
@@ -74,6 +121,8 @@ def paths(data_dir: Path) -> tuple[Path, Path, Path]:
 def load_identity(cfg: AgentConfig, now: dt.datetime | None = None) -> Identity | None:
     """The identity on disk, checked; None if the node has not enrolled yet;
     CertificateExpired if its certificate has ended (at ``now``)."""
+    from tlsroll import pki  # noqa: PLC0415 - certificate work only (see ``Identity``)
+
     key_file, cert_file, ca_file = paths(cfg.data_dir)
     if cfg.data_dir.exists():
         finish_pending(cfg.data_dir)
@@ -94,14 +143,16 @@ def load_identity(cfg: AgentConfig, now: dt.datetime | None = None) -> Identity 
             f"{cfg.node_name}` and `tlsroll token create --node {cfg.node_name} --address …`, "
             f"then move {cert_file} aside and give this agent the new token"
         )
-    if (now or pki.utcnow()) >= cert.not_valid_after_utc:
+    if (now or utcnow()) >= cert.not_valid_after_utc:
         raise CertificateExpired(expired_message(cfg, cert.not_valid_after_utc))
-    return Identity(key_file, cert_file, ca_file, cert, ca)
+    return Identity.of(key_file, cert_file, ca_file, cert, ca)
 
 
 def check_issued(
     cert: x509.Certificate, key: pki.PrivateKey, ca: x509.Certificate, names: pki.Names
 ) -> None:
+    from tlsroll import pki  # noqa: PLC0415 - certificate work only (see ``Identity``)
+
     if not pki.issued_by(cert, ca):
         raise PKIError(PKIReason.UNTRUSTED, "node certificate")
     if not pki.key_matches(cert, key):
@@ -114,6 +165,8 @@ def check_issued(
 
 def fetch_chain(address: str, port: int, timeout: float = 5.0) -> list[x509.Certificate]:
     """The certificate chain a TLS server sends, unverified: to be checked by pin, not trusted."""
+    from cryptography import x509  # noqa: PLC0415 - certificate work only (see ``Identity``)
+
     ctx = tls.unverified_client_context()
     ctx.set_alpn_protocols(["h2"])
     try:
@@ -125,9 +178,15 @@ def fetch_chain(address: str, port: int, timeout: float = 5.0) -> list[x509.Cert
             chain = conn._sslobj.get_unverified_chain()  # type: ignore[attr-defined]
     except OSError as exc:
         raise TransientError(
-            f"cannot reach the leader at {hostport(address, port)}: {exc}"
+            f"cannot reach the leader at {_hostport(address, port)}: {exc}"
         ) from None
     return [x509.load_der_x509_certificate(c.public_bytes(_ssl.ENCODING_DER)) for c in chain]
+
+
+def _hostport(address: str, port: int) -> str:
+    from tlsroll.rpc import hostport  # noqa: PLC0415 - see ``enrol``
+
+    return hostport(address, port)
 
 
 def read_token(cfg: AgentConfig) -> str:
@@ -150,6 +209,13 @@ def read_token(cfg: AgentConfig) -> str:
 
 def enrol(cfg: AgentConfig, timeout: float = 10.0) -> Identity:
     """Enrol with the leader once; TransientError when it is worth trying again."""
+    # Imported here: the identity check at every start (in ``certwork``'s child) needs none.
+    import grpc  # noqa: PLC0415
+
+    from tlsroll import pki  # noqa: PLC0415 - certificate work only (see ``Identity``)
+    from tlsroll.rpc import hostport  # noqa: PLC0415
+    from tlsroll.v1 import enrolment_pb2, enrolment_pb2_grpc  # noqa: PLC0415
+
     token = read_token(cfg)
     make_private_dir(cfg.data_dir)
     key_file, cert_file, ca_file = paths(cfg.data_dir)
@@ -185,7 +251,7 @@ def enrol(cfg: AgentConfig, timeout: float = 10.0) -> Identity:
             )
         except grpc.RpcError as exc:
             code, detail = exc.code(), exc.details()
-            if code in TRANSIENT:
+            if code.name in TRANSIENT:
                 raise TransientError(f"enrolment at {target}: {detail}") from None
             raise EnrolmentRefused(
                 f"the leader refused enrolment: {detail} ({code.name})"
@@ -203,7 +269,7 @@ def enrol(cfg: AgentConfig, timeout: float = 10.0) -> Identity:
         cert_fingerprint=pki.fingerprint(cert),
         not_after=cert.not_valid_after_utc.isoformat(),
     )
-    return Identity(key_file, cert_file, ca_file, cert, got_ca)
+    return Identity.of(key_file, cert_file, ca_file, cert, got_ca)
 
 
 def expired_message(cfg: AgentConfig, not_after: dt.datetime) -> str:
@@ -228,6 +294,8 @@ def pending_paths(data_dir: Path) -> tuple[Path, Path]:
 def finish_pending(data_dir: Path) -> bool:
     """Complete a renewal a crash cut short (see the module docstring); True if a new key is
     still waiting for its certificate (renew at once)."""
+    from tlsroll import pki  # noqa: PLC0415 - certificate work only (see ``Identity``)
+
     key_file, cert_file, _ = paths(data_dir)
     new_key, new_cert = pending_paths(data_dir)
     if new_cert.exists():
@@ -251,6 +319,8 @@ def finish_pending(data_dir: Path) -> bool:
 def install_renewed(data_dir: Path, cert: x509.Certificate) -> None:
     """Move a renewal's new key and certificate into place: the certificate written beside
     the new key, then the key moved, then the certificate (see ``finish_pending``)."""
+    from tlsroll import pki  # noqa: PLC0415 - certificate work only (see ``Identity``)
+
     key_file, cert_file, _ = paths(data_dir)
     new_key, new_cert = pending_paths(data_dir)
     pki.write_cert(new_cert, cert)

@@ -25,7 +25,7 @@ from typing import Any, NamedTuple, ParamSpec
 from nodeagent.drivers import Driver, Target
 from nodeagent.journal import Journal
 from nodeagent.transaction import Plan
-from tlsroll import password, pki
+from tlsroll import password
 from tlsroll.enums import Change, TxnKind, TxnOutcome
 from tlsroll.errors import PKIError, TerminalError, os_error_text
 from tlsroll.fsutil import PRIVATE, write_atomic
@@ -170,6 +170,8 @@ def finalize_plan(
         raise PlanRefused(problem)
     assert live is not None
     cert_file = Path(live["cert_file"])
+    from tlsroll import pki  # noqa: PLC0415 - certificate work, only while a switch is planned
+
     try:
         fingerprint = pki.fingerprint(pki.read_cert(cert_file))
     except PKIError as exc:

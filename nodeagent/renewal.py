@@ -40,7 +40,7 @@ import random
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
 
 import grpc
 
@@ -53,9 +53,13 @@ from nodeagent.identity import (
     paths,
     pending_paths,
 )
-from tlsroll import logs, pki, spiffe
+from tlsroll import logs, spiffe
 from tlsroll.backoff import Policy
 from tlsroll.errors import PKIError, TerminalError, TlsrollError
+from tlsroll.names import BACKDATE, utcnow
+
+if TYPE_CHECKING:
+    from tlsroll import pki
 
 log = logs.get_logger(__name__)
 
@@ -70,7 +74,7 @@ MAX_ERROR = 200
 
 def issued_at(not_before: dt.datetime, not_after: dt.datetime) -> dt.datetime:
     """When the CA issued a certificate: NotBefore is backdated by ``pki.BACKDATE``."""
-    return min(not_before + pki.BACKDATE, not_after)
+    return min(not_before + BACKDATE, not_after)
 
 
 def renewal_time(not_before: dt.datetime, not_after: dt.datetime, draw: float) -> dt.datetime:
@@ -186,7 +190,7 @@ class Renewer:
         identity: Identity,
         link: Link,
         *,
-        clock: Callable[[], dt.datetime] = pki.utcnow,
+        clock: Callable[[], dt.datetime] = utcnow,
         draw: Callable[[], float] = random.random,
         on_renewed: Sequence[Renewed] = (),
     ) -> None:
@@ -203,8 +207,7 @@ class Renewer:
         self._schedule()
 
     def _schedule(self) -> None:
-        cert = self.identity.cert
-        due = renewal_time(cert.not_valid_before_utc, cert.not_valid_after_utc, self.draw())
+        due = renewal_time(self.identity.not_before, self.identity.not_after, self.draw())
         if pending_paths(self.cfg.data_dir)[0].exists():
             due = min(due, self.clock())  # a renewal cut short: the leader may dial the new key
         self.status.due_at = due
@@ -218,7 +221,7 @@ class Renewer:
             step = next_step(
                 now,
                 self.status.due_at,
-                self.identity.cert.not_valid_after_utc,
+                self.identity.not_after,
                 self.failures,
                 self.last_failure,
             )
@@ -228,7 +231,7 @@ class Renewer:
                 self.status.error = "certificate expired; the node must enrol again"
                 log.error(
                     "agent.certificate_expired",
-                    message=expired_message(self.cfg, self.identity.cert.not_valid_after_utc),
+                    message=expired_message(self.cfg, self.identity.not_after),
                 )
                 return
             if not step.renew:
@@ -250,14 +253,19 @@ class Renewer:
             "renewal.failed",
             attempt=self.failures,
             error=self.status.error,
-            retry_at=_iso(min(retry, self.identity.cert.not_valid_after_utc)),
-            not_after=_iso(self.identity.cert.not_valid_after_utc),
+            retry_at=_iso(min(retry, self.identity.not_after)),
+            not_after=_iso(self.identity.not_after),
         )
 
     async def renew(self) -> Identity:
         """One renewal: a new key (or the one a renewal cut short left), a CSR with exactly the
         node's names, the leader's answer checked, the files moved into place, then everyone
-        told (``on_renewed``). Raises on failure; nothing changes then."""
+        told (``on_renewed``). Raises on failure; nothing changes then.
+
+        The X.509 work imports ``cryptography`` into the agent, where it stays until the agent
+        restarts (about 10 MiB, once a year or so; see ``Identity``)."""
+        from tlsroll import pki  # noqa: PLC0415 - certificate work only
+
         cfg = self.cfg
         new_key = pending_paths(cfg.data_dir)[0]
         key = await asyncio.to_thread(_pending_key, new_key)
@@ -271,7 +279,7 @@ class Renewer:
             raise RenewalRefused("the renewed certificate carries another identity")
         await asyncio.to_thread(install_renewed, cfg.data_dir, cert)
         key_file, cert_file, ca_file = paths(cfg.data_dir)
-        self.identity = Identity(key_file, cert_file, ca_file, cert, ca)
+        self.identity = Identity.of(key_file, cert_file, ca_file, cert, ca)
         self.failures = 0
         self.last_failure = None
         self.status = Status()
@@ -293,6 +301,8 @@ class Renewer:
 def _pending_key(path: Path) -> pki.PrivateKey:
     """The key a renewal cut short left (used again: the leader may have signed it), else a
     new one, written 0600 before the CSR leaves the node."""
+    from tlsroll import pki  # noqa: PLC0415 - certificate work only
+
     if path.exists():
         with contextlib.suppress(PKIError):
             return pki.read_key(path)

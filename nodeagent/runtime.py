@@ -29,10 +29,11 @@ from tenacity import (
     wait_exponential,
 )
 
+from nodeagent import certwork
 from nodeagent.bootstrap_supervisor import BootstrapHost
 from nodeagent.config import AgentConfig
 from nodeagent.drivers import make_driver
-from nodeagent.identity import Identity, enrol, load_identity, paths
+from nodeagent.identity import Identity, paths
 from nodeagent.journal import open_journal
 from nodeagent.leader_link import LeaderLink
 from nodeagent.renewal import Renewer, ServerCredentials
@@ -57,7 +58,9 @@ def now() -> dt.datetime:
 
 
 async def obtain_identity(cfg: AgentConfig) -> Identity:
-    identity = await asyncio.to_thread(load_identity, cfg)
+    """The node's identity, checked (or enrolled) in a child process (``certwork``), so that the
+    agent itself never holds X.509 code while it serves."""
+    identity = await asyncio.to_thread(certwork.load_identity, cfg)
     if identity is not None:
         return identity
     async for attempt in AsyncRetrying(
@@ -67,7 +70,7 @@ async def obtain_identity(cfg: AgentConfig) -> Identity:
         reraise=True,
     ):
         with attempt:
-            return await asyncio.to_thread(enrol, cfg)
+            return await asyncio.to_thread(certwork.enrol, cfg)
     raise AssertionError("unreachable")  # pragma: no cover
 
 
@@ -99,7 +102,9 @@ async def serve(cfg: AgentConfig, *, reinitialise: bool = False) -> None:
     creds = ServerCredentials(identity)
     # gRPC sets SO_REUSEPORT by default: a second agent would then share the port silently.
     server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
-    trust = LeaderTrust.load(identity.ca, cfg.data_dir)
+    trust = await asyncio.to_thread(
+        LeaderTrust.load, identity.ca_file, identity.trust_domain, cfg.data_dir
+    )
     link = LeaderLink(cfg, identity, trust, journal, bootstrap.failures)
     trust.refresh = link.beat  # an epoch the agent has not heard of: ask the leader now
     service = NodeAgentService(cfg, identity, journal, driver, runner, now, trust)

@@ -14,14 +14,14 @@ import contextlib
 import datetime as dt
 import os
 import re
+import ssl
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
-from cryptography import x509
 
 from nodeagent import plans, ports
 from nodeagent.config import AgentConfig
@@ -39,7 +39,7 @@ from nodeagent.transaction import (
 )
 from nodeagent.trust import EpochNotAnnounced, LeaderTrust, NotTheLeader, Revoked
 from nodeagent.wire import CHANGE, TXN_KIND, TXN_OUTCOME, TXN_PHASE
-from tlsroll import __version__, logs, password, pki
+from tlsroll import __version__, logs, password
 from tlsroll.clients import ClientsView
 from tlsroll.enums import Change, TxnKind
 from tlsroll.errors import PKIError
@@ -50,7 +50,7 @@ from tlsroll.rpc import (
     map_errors,
     map_stream_errors,
     not_found,
-    peer_certificate,
+    peer,
     timestamp,
     unauthenticated,
 )
@@ -71,16 +71,31 @@ DEFAULT_MAX_CLOCK_OFFSET = 120
 DEFAULT_FREEZE_LEASE = 300
 LEASE_CHECK_SECONDS = 1.0
 WATCH_RECHECK_SECONDS = 5.0  # WatchTransaction reads the journal again at least this often
+if TYPE_CHECKING:
+    from cryptography import x509
+
+    from tlsroll import pki
+
 log = logs.get_logger(__name__)
+
+
+def first_certificate(pem: bytes) -> bytes:
+    """The first certificate of a PEM file (a served chain), in the canonical PEM layout;
+    ValueError if there is none. Plain text work (the ``ssl`` module's PEM helpers): every
+    heartbeat reports it, and the agent does not parse X.509 for that (see ``Identity``)."""
+    text = pem.decode("ascii")
+    start = text.index(ssl.PEM_HEADER)
+    end = text.index(ssl.PEM_FOOTER, start) + len(ssl.PEM_FOOTER)
+    return ssl.DER_cert_to_PEM_cert(ssl.PEM_cert_to_DER_cert(text[start:end])).encode("ascii")
 
 
 def require_leader(context: Ctx, trust: LeaderTrust) -> None:
     """Only the leader may command an agent (by the identity in its certificate, see
     ``nodeagent.trust``); other nodes and workstations hold certificates of the same CA."""
-    cert = peer_certificate(context)
-    if cert is None:
+    caller = peer(context)
+    if caller is None:
         raise unauthenticated("no client certificate")
-    trust.check_leader(cert)
+    trust.check_leader(caller)
 
 
 def txn_message(txn: Txn) -> agent_pb2.Transaction:
@@ -116,7 +131,9 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
     ) -> None:
         self.cfg = cfg
         self.identity = identity
-        self.trust = trust or LeaderTrust.load(identity.ca, cfg.data_dir)
+        self.trust = trust or LeaderTrust.load(
+            identity.ca_file, identity.trust_domain, cfg.data_dir
+        )
         self.journal = journal
         self.driver = driver
         self.runner = runner
@@ -197,11 +214,9 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         ``live_tls``); empty where there is none or a file cannot be read."""
         live = self.journal.live_tls() or {}
         cert_pem, digest = b"", ""
-        with contextlib.suppress(OSError, PKIError):
+        with contextlib.suppress(OSError, ValueError):
             if live.get("cert_file"):
-                cert_pem = pki.cert_to_pem(
-                    pki.load_certs_pem(Path(live["cert_file"]).read_bytes())[0]
-                )
+                cert_pem = first_certificate(Path(live["cert_file"]).read_bytes())
         with contextlib.suppress(OSError, ValueError):
             if live.get("verifier_file"):
                 digest = password.verifier_digest(Path(live["verifier_file"]).read_bytes())
@@ -255,7 +270,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         return agent_pb2.NodeStatus(
             node_name=self.cfg.node_name,
             agent_version=__version__,
-            cert_not_after=timestamp(self.identity.cert.not_valid_after_utc),
+            cert_not_after=timestamp(self.identity.not_after),
             agent_time=timestamp(self.clock()),
             server=await self._view(),
             highest_epoch=await asyncio.to_thread(self.journal.highest_epoch),
@@ -362,6 +377,8 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
 
     def _new_key(self, driver: Driver, rollout_id: str) -> bytes:
         """The node's new key (it never leaves the node) and its CSR, journalled (blocking)."""
+        from tlsroll import pki  # noqa: PLC0415 - certificate work (see ``Identity``)
+
         stage_dir = plans.stage_dir(driver, rollout_id)
         stage_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         key = pki.generate_key()
@@ -373,6 +390,8 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
 
     @map_errors(ERRORS)
     async def Stage(self, request: agent_pb2.StageRequest, context: Ctx) -> agent_pb2.StageResponse:
+        from tlsroll import pki  # noqa: PLC0415 - certificate work (see ``Identity``)
+
         rollout_id = await self._command(context, request.command)
         if self.on_prepare is not None:  # a switch follows: get ready while nothing restarts
             self.on_prepare()
@@ -411,6 +430,10 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
     ) -> str:
         """Write the certificate (and intermediates, served with it) and the CA(s) beside the
         staged key, journalled (blocking)."""
+        from cryptography import x509  # noqa: PLC0415 - certificate work (see ``Identity``)
+
+        from tlsroll import pki  # noqa: PLC0415
+
         cert_file = staged.key_file.with_name("server.pem")
         ca_file = staged.key_file.with_name("ca.pem")
         cas = [ca] if isinstance(ca, x509.Certificate) else list(ca)
@@ -430,6 +453,8 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         again (key matches, chain to the CA sent, SAN covers this node's names, valid now)
         before anything is written; the key is written 0600 and never logged. A replay (the
         answer was lost) writes the same files again."""
+        from tlsroll import pki  # noqa: PLC0415 - certificate work (see ``Identity``)
+
         driver = self._driver()
         certs = pki.load_certs_pem(request.certificate_pem)
         cas = pki.load_certs_pem(request.ca_certificate_pem)
@@ -468,6 +493,8 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
     def _own_key(self, driver: Driver, rollout_id: str, key: pki.PrivateKey) -> Staged:
         """Write the practice's key where CreateCSR would have made one (0600), journalled
         with no CSR (blocking)."""
+        from tlsroll import pki  # noqa: PLC0415 - certificate work (see ``Identity``)
+
         stage_dir = plans.stage_dir(driver, rollout_id)
         stage_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         key_file = stage_dir / "server.key"

@@ -1,16 +1,19 @@
 """Whom the agent obeys: the leader's identity, the CA's revocation list, and the epoch ceiling.
 
-    trust = LeaderTrust.load(identity, data_dir)
-    trust.check_leader(cert)          # PermissionDenied / Unauthenticated, else None
+    trust = LeaderTrust.load(identity.ca_file, identity.trust_domain, data_dir)
+    trust.check_leader(peer)          # NotTheLeader / Revoked, else None (``rpc.peer``)
     await trust.admit_epoch(epoch)    # EpochNotAnnounced if no leader asked for it
 
 * **Identity.** Only a certificate carrying ``spiffe://<trust domain>/leader`` may command the
   agent (``tlsroll.spiffe``); the trust domain comes from the CA this node pinned. Other nodes
-  and workstations hold certificates of the same CA and are refused.
+  and workstations hold certificates of the same CA and are refused. The check reads what gRPC
+  verified (``tlsroll.rpc.peer``: the URI names from its auth context, the serial from the
+  certificate), never parses X.509 in the agent, and is as strict as ``spiffe.of``: exactly one
+  URI name, and it is the leader's.
 * **Revocation.** The leader sends the CA's revocation list with a heartbeat reply when it is
-  newer than the agent's; the agent checks its signature, keeps it in ``DATA/crl.pem`` (the
-  managed server can use it for workstation certificates) and refuses a revoked leader
-  certificate at once.
+  newer than the agent's; the agent checks its signature (in a child process,
+  ``nodeagent.certwork``), keeps it in ``DATA/crl.pem`` (the managed server can use it for
+  workstation certificates) and refuses a revoked leader certificate at once.
 * **Epochs.** Every command carries its rollout's epoch, and the journal refuses one older than
   any it has seen. An epoch *higher* than the leader has announced (in a heartbeat reply, on the
   agent's own connection to the leader's address) is refused too: otherwise one stray command
@@ -26,11 +29,11 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from cryptography import x509
-
-from tlsroll import logs, pki, spiffe
+from nodeagent import certwork
+from tlsroll import logs, spiffe
 from tlsroll.errors import PKIError, TerminalError, TransientError
 from tlsroll.fsutil import PUBLIC, write_atomic
+from tlsroll.rpc import Peer
 
 log = logs.get_logger(__name__)
 
@@ -49,7 +52,8 @@ class EpochNotAnnounced(TerminalError):
 
 @dataclass
 class LeaderTrust:
-    ca: x509.Certificate
+    ca_file: Path  # the CA this node pinned (``Identity.ca_file``)
+    trust_domain: str
     crl_file: Path
     crl_number: int = 0
     revoked: frozenset[int] = frozenset()
@@ -57,34 +61,32 @@ class LeaderTrust:
     refresh: Callable[[], Awaitable[None]] | None = None
     _refreshing: asyncio.Lock = field(default_factory=asyncio.Lock)
 
-    @property
-    def trust_domain(self) -> str:
-        return spiffe.trust_domain(self.ca)
-
     @classmethod
-    def load(cls, ca: x509.Certificate, data_dir: Path) -> LeaderTrust:
+    def load(cls, ca_file: Path, trust_domain: str, data_dir: Path) -> LeaderTrust:
         """The trust kept in ``data_dir`` (the revocation list, if one was received)."""
-        trust = cls(ca, data_dir / "crl.pem")
+        trust = cls(ca_file, trust_domain, data_dir / "crl.pem")
         if trust.crl_file.exists():
             try:
-                trust.crl_number, trust.revoked = pki.load_crl(trust.crl_file.read_bytes(), ca)
-            except PKIError as exc:
+                trust.crl_number, trust.revoked = certwork.load_crl(
+                    trust.crl_file.read_bytes(), ca_file
+                )
+            except (PKIError, TerminalError, TransientError) as exc:
                 log.warning("crl.unreadable", path=str(trust.crl_file), error=str(exc))
         return trust
 
-    def check_leader(self, cert: x509.Certificate) -> None:
-        identity = spiffe.of(cert)
+    def check_leader(self, peer: Peer) -> None:
+        identity = spiffe.of_uris(peer.uris)
         if identity != spiffe.leader(self.trust_domain):
             who = str(identity) if identity else "a certificate without a cluster identity"
             raise NotTheLeader(f"{who} is not the leader; only the leader may call NodeAgent")
-        if cert.serial_number in self.revoked:
+        if peer.serial in self.revoked:
             raise Revoked("the caller's certificate is revoked")
 
     def take_crl(self, pem: bytes) -> None:
         """A revocation list from the leader: kept if the CA signed it and it is newer."""
         try:
-            number, revoked = pki.load_crl(pem, self.ca)
-        except PKIError as exc:
+            number, revoked = certwork.load_crl(pem, self.ca_file)
+        except (PKIError, TerminalError, TransientError) as exc:
             log.warning("crl.refused", error=str(exc))
             return
         if number < self.crl_number:

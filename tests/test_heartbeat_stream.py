@@ -258,7 +258,7 @@ async def test_an_agent_in_renewal_mode_sends_a_change_at_once_and_the_rest_at_t
     for name, pem in (("key.pem", key_pem), ("cert.pem", cert_pem), ("ca.pem", ca_pem)):
         (files / name).write_bytes(pem)
     ca = pki.load_cert_pem(ca_pem)
-    identity = Identity(
+    identity = Identity.of(
         files / "key.pem", files / "cert.pem", files / "ca.pem", pki.load_cert_pem(cert_pem), ca
     )
     cfg = AgentConfig(
@@ -267,7 +267,7 @@ async def test_an_agent_in_renewal_mode_sends_a_change_at_once_and_the_rest_at_t
         ca_pin="", join_token=None, join_token_file=None, data_dir=files, port=AGENT_PORT,
         heartbeat_interval=1, server=None, bootstrap_port=9443,
     )  # fmt: skip
-    trust = LeaderTrust(ca, files / "crl.pem")
+    trust = LeaderTrust.load(files / "ca.pem", identity.trust_domain, files)
     journal = Journal(files / "journal.sqlite3")
     link = LeaderLink(cfg, identity, trust, journal)
     view = agent_pb2.ServerView(driver="reference", healthy=True, schemes=["http"])

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import ipaddress
 import json
 import sqlite3
 from collections.abc import Iterator
@@ -22,6 +23,8 @@ from typing import Any
 import grpc
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from leader.agent_client import AgentClient
 from leader.layout import read_passphrase
@@ -465,6 +468,51 @@ def test_revoked_leader_certificate_is_refused_by_agents(cluster: Cluster) -> No
     assert result.returncode == 0, result.stderr
     wait_until(lambda: get_status()[0] == UNAUTHENTICATED, 15, "agent refuses the revoked cert")
     assert "revoked" in get_status()[1]
+
+
+def test_a_leader_identity_beside_another_uri_is_refused_by_agents(cluster: Cluster) -> None:
+    """The agent's check reads the caller's URI names from gRPC's auth context (issue 15: no
+    X.509 parsing per call) and must stay as strict as ``spiffe.of``: a certificate of the CA
+    carrying the leader's URI *and* another is no leader's, nor is one whose only URI is the
+    leader's of another trust domain. The real leader's own certificate still passes."""
+    ca = the_ca(cluster)
+    td = spiffe.trust_domain(ca.cert)
+    key = pki.generate_key()
+    other = spiffe.leader("tlsroll-0123456789abcdef")
+
+    def issued(*uris: str) -> bytes:
+        names: list[x509.GeneralName] = [x509.IPAddress(ipaddress.ip_address(cluster.address))]
+        names += [x509.UniformResourceIdentifier(u) for u in uris]
+        cert = (
+            x509.CertificateBuilder()
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "tlsroll-leader")]))
+            .issuer_name(ca.cert.subject)
+            .public_key(key.public_key())
+            .serial_number(x509.random_serial_number())
+            .not_valid_before(pki.utcnow() - dt.timedelta(hours=1))
+            .not_valid_after(pki.utcnow() + dt.timedelta(days=1))
+            .add_extension(x509.SubjectAlternativeName(names), critical=False)
+            .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.CLIENT_AUTH]), False)
+            .sign(ca.key, hashes.SHA256())
+        )
+        return pki.cert_to_pem(cert)
+
+    agent = cluster.agents["node1"]
+
+    def get_status(chain: bytes, key_pem: bytes) -> grpc.StatusCode:
+        with secure_channel(agent.target, cluster.ca_pem, chain, key_pem) as channel:
+            stub = agent_pb2_grpc.NodeAgentStub(channel)
+            return status_of(lambda: stub.GetStatus(agent_pb2.GetStatusRequest(), timeout=10))[0]
+
+    key_pem = pki.key_to_pem(key)
+    leader_uri = spiffe.leader(td).uri
+    assert get_status(issued(leader_uri), key_pem) == OK  # the shape the leader's has
+    node_uri = spiffe.node(td, "node1").uri
+    assert get_status(issued(leader_uri, node_uri), key_pem) == PERMISSION_DENIED
+    assert get_status(issued(node_uri, leader_uri), key_pem) == PERMISSION_DENIED
+    assert get_status(issued(other.uri), key_pem) == PERMISSION_DENIED
+    assert get_status(issued(), key_pem) == PERMISSION_DENIED
+    assert get_status(*cluster.leader_credentials()) == OK
 
 
 # --- epochs -----------------------------------------------------------------------------------

@@ -9,11 +9,14 @@ import asyncio
 import contextlib
 import datetime as dt
 import json
+import os
 import re
+import signal
 import sqlite3
 import ssl
 import subprocess
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -37,14 +40,15 @@ from leader.rollout_core import (
 )
 from leader.schema_store import RolloutMeta, SchemaStore
 from leader.store import Node, Store
-from tests.cluster import Cluster, child_env
+from tests.cluster import Cluster, child_env, secure_channel, wait_until
 from tests.conftest import IssuedCert
 from tests.leader_rig import leader_with_a_node
 from tests.refserver_helper import RefServer, write_toml
 from tlsroll import httpcheck, pki, tls
-from tlsroll.defaults import AGENT_PORT
+from tlsroll.defaults import AGENT_PORT, BOOTSTRAP_PORT
 from tlsroll.errors import TransientError
-from tlsroll.v1 import agent_pb2, leader_pb2, leader_pb2_grpc
+from tlsroll.httpcheck import port_open
+from tlsroll.v1 import agent_pb2, agent_pb2_grpc, leader_pb2, leader_pb2_grpc
 
 # Never in a running agent: a terminal UI (rich, and pygments through it), the admin CLI's
 # libraries, the other roles.
@@ -52,11 +56,13 @@ NOT_IN_AGENT = {"rich", "pygments", "click", "jinja2", "zxcvbn", "prometheus_cli
 OTHER_ROLES = {"leader", "workstation", "refserver"}
 
 # Runs the real agent daemon (``nodeagent.daemon.main``, as the tlsroll-agent script does) and,
-# once its NodeAgent port answers, writes the modules the process holds and stops it (SIGTERM,
-# the graceful stop). Only the standard library is imported besides the daemon itself.
+# once its NodeAgent port answers (and, given a fifth argument, once that file exists: the test
+# has done what it wanted with the agent), writes the modules the process holds and stops it
+# (SIGTERM, the graceful stop). Only the standard library is imported besides the daemon.
 HARNESS = """
 import os, signal, socket, sys, threading, time
 address, port, out, config = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+go = sys.argv[5] if len(sys.argv) > 5 else None
 
 def watch():
     deadline = time.monotonic() + 40
@@ -67,6 +73,8 @@ def watch():
         except OSError:
             time.sleep(0.1)
     time.sleep(1.0)  # a heartbeat and the bootstrap service's first sync
+    while go and not os.path.exists(go) and time.monotonic() < deadline + 150:
+        time.sleep(0.1)
     loaded = sorted(name for name, module in list(sys.modules.items()) if module is not None)
     with open(out, "w") as f:
         f.write("\\n".join(loaded))
@@ -117,8 +125,10 @@ def test_an_idle_agent_holds_no_http_library_until_its_bootstrap_service_runs(
 ) -> None:
     """Issue 15: an idle agent held aiohttp (10 MiB of its 74): the reference driver's client
     for the status every heartbeat asks, and the bootstrap service, imported at start though it
-    runs only once the node serves https with an auth password. A real agent managing a real
-    reference server, heartbeating with its status, holds neither now."""
+    runs only once the node serves https with an auth password. It held cryptography too (10
+    MiB more) for its identity check, its enrolment and the check of every leader call. A
+    real agent managing a real reference server, enrolled, heartbeating with its status and
+    answering the leader's call, holds none of them now."""
     with Cluster(tmp_path / "cluster", loopback()) as cluster:
         cluster.init()
         cluster.start_leader()
@@ -130,15 +140,28 @@ def test_an_idle_agent_holds_no_http_library_until_its_bootstrap_service_runs(
                 "lean2", address, cluster.create_token("lean2", address), tmp_path / "agent"
             )
             config["server"] = {"driver": "reference", "config_file": server.config_path}
-            out = tmp_path / "modules.txt"
-            done = subprocess.run(
+            out, go = tmp_path / "modules.txt", tmp_path / "go"
+            agent = subprocess.Popen(
                 [
                     sys.executable, "-c", HARNESS, address, str(AGENT_PORT), str(out),
-                    str(write_toml(tmp_path / "agent.toml", config)),
+                    str(write_toml(tmp_path / "agent.toml", config)), str(go),
                 ],
-                capture_output=True, text=True, timeout=60, env=child_env(), check=False,
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
             )  # fmt: skip
-            assert done.returncode == 0, done.stderr
+            try:
+                # The leader's kind of call, as the leader makes it: checked against the
+                # caller's certificate (its identity and revocation) on every call.
+                chain, key = cluster.leader_credentials()
+                target = f"{address}:{AGENT_PORT}"
+                status = wait_for_status(target, cluster.ca_pem, chain, key)
+                assert status.node_name == "lean2"
+                go.touch()
+                _, said = agent.communicate(timeout=90)
+            finally:
+                if agent.poll() is None:
+                    agent.kill()
+                    agent.communicate()
+            assert agent.returncode == 0, said
             listed = json.loads(cluster.cli("nodes", "--json").stdout)
         finally:
             server.close()
@@ -148,6 +171,86 @@ def test_an_idle_agent_holds_no_http_library_until_its_bootstrap_service_runs(
     assert "nodeagent.drivers" in modules
     assert {m for m in modules if m.split(".")[0] == "aiohttp"} == set()
     assert "nodeagent.bootstrap_server" not in modules
+    # Nor X.509 code (issue 15, 10 MiB more): this agent enrolled, checked its identity, got
+    # the leader's heartbeat replies and answered its calls, each without cryptography.
+    assert {m for m in modules if m.split(".")[0] == "cryptography"} == set()
+    assert "tlsroll.pki" not in modules
+
+
+def test_a_switched_agent_serves_its_bootstrap_service_without_aiohttp(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Issue 15: once its node was switched with an auth password, an agent ran its bootstrap
+    service on aiohttp.web and kept it (about 10 MiB) for months. A real agent, switched by a
+    real enable-tls rollout, serves the service on 9443 (h11 on asyncio streams) and holds no
+    aiohttp."""
+    with Cluster(tmp_path / "cluster", loopback()) as cluster:
+        cluster.init()
+        cluster.start_leader()
+        address = loopback()
+        server = RefServer(tmp_path / "server", address)
+        server.start()
+        try:
+            config = cluster.agent_config(
+                "lean3", address, cluster.create_token("lean3", address), tmp_path / "agent"
+            )
+            config["server"] = {"driver": "reference", "config_file": server.config_path}
+            out, go = tmp_path / "modules.txt", tmp_path / "go"
+            agent = subprocess.Popen(
+                [
+                    sys.executable, "-c", HARNESS, address, str(AGENT_PORT), str(out),
+                    str(write_toml(tmp_path / "agent.toml", config)), str(go),
+                ],
+                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
+            )  # fmt: skip
+            try:
+                cluster.wait_for_nodes_online(["lean3"], timeout=60)
+                secret = tmp_path / "password"
+                secret.write_text("lean-agent-switch-password-7Qx\n")
+                secret.chmod(0o600)
+                start = cluster.cli(
+                    *("rollout", "start", "--scope", "cluster", "--password-file", str(secret)),
+                    *("--yes", "--wait"),
+                )
+                rollout = cluster.newest_rollout()
+                shown = json.dumps(rollout)
+                assert start.returncode == 0 and rollout["state"] == "completed", shown
+                wait_until(lambda: port_open(address, BOOTSTRAP_PORT), 30, "the bootstrap service")
+                go.touch()
+                _, said = agent.communicate(timeout=120)
+            finally:
+                if agent.poll() is None:
+                    agent.kill()
+                    agent.communicate()
+            assert agent.returncode == 0, said
+        finally:
+            # The switch restarted the server from the agent: that one is no child of ours.
+            pid_file = Path(str(server.settings["data_dir"])) / "refserver.pid"
+            restarted = int(pid_file.read_text()) if pid_file.exists() else None
+            server.close()
+            if restarted is not None:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(restarted, signal.SIGKILL)
+    modules = out.read_text().split()
+    assert "nodeagent.bootstrap_server" in modules  # it did serve
+    assert {m for m in modules if m.split(".")[0] == "aiohttp"} == set()
+    assert "h11" in modules
+
+
+def wait_for_status(
+    target: str, ca_pem: bytes, chain: bytes, key: bytes, timeout: float = 60.0
+) -> agent_pb2.NodeStatus:
+    """The agent's GetStatus, called with the leader's credentials once it answers."""
+    deadline = time.monotonic() + timeout
+    while True:
+        with secure_channel(target, ca_pem, chain, key) as channel:
+            stub = agent_pb2_grpc.NodeAgentStub(channel)
+            try:
+                return stub.GetStatus(agent_pb2.GetStatusRequest(), timeout=10)
+            except grpc.RpcError:
+                if time.monotonic() > deadline:
+                    raise
+        time.sleep(0.2)
 
 
 # --- the leader at 500 nodes -------------------------------------------------------------------

@@ -69,7 +69,7 @@ def test_ed25519_key_is_refused() -> None:
     csr = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "node1")]))
-        .add_extension(NAMES.san(), critical=False)
+        .add_extension(pki.san_of(NAMES), critical=False)
         .sign(key, None)
     )
     with pytest.raises(PKIError) as info:

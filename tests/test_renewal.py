@@ -209,7 +209,7 @@ def test_a_failed_renewal_is_reported_and_the_next_one_uses_the_same_key(
 ) -> None:
     cfg = _agent_config(tmp_path, test_ca)
     key_file, cert_file = _enrolled(cfg, test_ca)
-    identity = Identity(
+    identity = Identity.of(
         key_file, cert_file, paths(cfg.data_dir)[2], pki.read_cert(cert_file), test_ca.cert
     )
     link = FlakyLink(test_ca, cfg, fail=1)

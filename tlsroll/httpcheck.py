@@ -6,23 +6,26 @@ by the leader's confirm step. Blocking; call through ``asyncio.to_thread`` from 
 from __future__ import annotations
 
 import functools
+import hashlib
 import http.client
 import socket
 import ssl
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
-from cryptography import x509
-
-from tlsroll import __version__, pki, tls
+from tlsroll import __version__, tls
 from tlsroll.clients import PROBE_AGENT
 from tlsroll.errors import raise_if_local
 
 # tlsroll's own probes say so: a managed server must not count them as clients still on http.
+if TYPE_CHECKING:
+    from cryptography import x509
+
 PROBE_HEADERS = {"User-Agent": f"{PROBE_AGENT}/{__version__}"}
 
 # Everything a probe can meet on the way: the network and TLS (OSError, which ssl.SSLError and
 # timeouts are), a broken or missing HTTP reply, an address or port that cannot be used
-# (ValueError, OverflowError), a certificate that does not parse (ValueError).
+# (ValueError, OverflowError).
 PROBE_ERRORS = (OSError, http.client.HTTPException, ValueError, OverflowError)
 
 
@@ -52,9 +55,24 @@ def trusting(ca_pem: bytes) -> ssl.SSLContext:
 
 @dataclass(frozen=True)
 class HttpsView:
-    certificate: x509.Certificate
+    """What https served: the certificate (DER), the status and the TLS version. The agent's
+    verify compares fingerprints only, without parsing X.509 (the agent does not load
+    ``cryptography`` for it, issue 15); ``certificate`` parses it for who needs more."""
+
+    der: bytes
     status: int
     tls_version: str
+
+    @property
+    def fingerprint(self) -> str:
+        """``sha256:<hex>`` of the DER certificate, as ``pki.fingerprint``."""
+        return "sha256:" + hashlib.sha256(self.der).hexdigest()
+
+    @property
+    def certificate(self) -> x509.Certificate:
+        from cryptography import x509  # noqa: PLC0415 - see the docstring
+
+        return x509.load_der_x509_certificate(self.der)
 
 
 def fetch_https(
@@ -75,12 +93,11 @@ def fetch_https(
         der = sock.getpeercert(binary_form=True)
         if der is None:
             raise ssl.SSLError("the server presented no certificate")
-        certificate = x509.load_der_x509_certificate(der)
         version = sock.version() or ""
         conn.request("GET", path, headers=PROBE_HEADERS)
         resp = conn.getresponse()
         resp.read()
-        return HttpsView(certificate, resp.status, version)
+        return HttpsView(der, resp.status, version)
     finally:
         conn.close()
 
@@ -107,9 +124,9 @@ def check_https(
     except PROBE_ERRORS as exc:
         _local_trouble(exc, f"https://{address}:{port}{path}")
         return f"https://{address}:{port}{path}: {_describe(exc)}"
-    if fingerprint and pki.fingerprint(view.certificate) != fingerprint:
+    if fingerprint and view.fingerprint != fingerprint:
         return (
-            f"https://{address}:{port} presents {pki.fingerprint(view.certificate)}, "
+            f"https://{address}:{port} presents {view.fingerprint}, "
             f"not the staged certificate {fingerprint}"
         )
     if view.status != 200:

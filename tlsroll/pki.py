@@ -11,9 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import ipaddress
-import re
 from collections.abc import Iterable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 from cryptography import x509
@@ -23,83 +21,33 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from tlsroll import keywrap, spiffe
+from tlsroll import names as _names
 from tlsroll.errors import PKIError, PKIReason
 from tlsroll.fsutil import PRIVATE, PUBLIC, check_private_file, write_atomic
 
 PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 PublicKey = ec.EllipticCurvePublicKey | rsa.RSAPublicKey
 
+# What ``tlsroll.names`` holds (no X.509 there), under the names callers use: ``pki.Names``, …
+BACKDATE = _names.BACKDATE
+DNS_NAME = _names.DNS_NAME
+EVERY_HOST_IPS = _names.EVERY_HOST_IPS
+MAX_DNS = _names.MAX_DNS
+MAX_IPS = _names.MAX_IPS
+NODE_NAME = _names.NODE_NAME
+RESERVED_PREFIXES = _names.RESERVED_PREFIXES
+Names = _names.Names
+describe = _names.describe
+dns_problem = _names.dns_problem
+ip_problem = _names.ip_problem
+node_name_problem = _names.node_name_problem
+parse_pin = _names.parse_pin
+requested_names_problem = _names.requested_names_problem
+utcnow = _names.utcnow
+
 LEAF_VALIDITY_DAYS = 397  # under Apple's 398 (public CAs) and 825 (private CAs)
 CA_VALIDITY_DAYS = 3650
-BACKDATE = dt.timedelta(hours=1)  # tolerate clocks that lag the CA's
 MIN_LIFETIME = dt.timedelta(minutes=1)  # the shortest leaf (tests of renewal use it)
-NODE_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
-# The leader's certificate is "tlsroll-leader" and workstations' are "ws-…": no node may
-# take a name that could be mistaken for either.
-RESERVED_PREFIXES = ("tlsroll-", "ws-")
-# What one node may hold: enough for a server with a few interfaces and names, far below what
-# would make a certificate a tool (the audit got one with 60000 DNS names).
-MAX_IPS = 8
-MAX_DNS = 8
-DNS_NAME = re.compile(
-    r"(?=.{1,253}\Z)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*"
-)
-# Addresses that name every host, or none: a certificate for them vouches for any machine.
-EVERY_HOST_IPS = frozenset({"127.0.0.1", "::1"})
-
-
-def node_name_problem(name: str) -> str | None:
-    """Why ``name`` cannot be a node name, or None."""
-    if not NODE_NAME.fullmatch(name):
-        return f"{name!r} is not a valid node name: lowercase letters, digits and '-', at most 63"
-    if name.startswith(RESERVED_PREFIXES):
-        return f"node name {name!r} is reserved (names starting {' or '.join(RESERVED_PREFIXES)})"
-    return None
-
-
-def ip_problem(text: str) -> str | None:
-    """Why the CA will not put address ``text`` in a certificate, or None."""
-    try:
-        ip = ipaddress.ip_address(text)
-    except ValueError:
-        return f"{text!r} is not an IP address"
-    if ip.is_unspecified or ip.is_multicast or ip.is_link_local:
-        return f"{ip} is not the address of one host"
-    if str(ip) in EVERY_HOST_IPS or ip == ipaddress.IPv4Address("255.255.255.255"):
-        return f"{ip} names every host, not this one"
-    return None
-
-
-def dns_problem(name: str) -> str | None:
-    """Why the CA will not put DNS name ``name`` in a certificate, or None."""
-    if "*" in name:
-        return f"{name!r}: wildcard names are never signed"
-    if not DNS_NAME.fullmatch(name):
-        return f"{name!r} is not a DNS host name (lowercase letters, digits, '-' and '.')"
-    if name == "localhost" or name.endswith(".localhost"):
-        return f"{name!r} names every host, not this one"
-    if name.endswith("." + spiffe.INTERNAL_TLD):
-        return f"{name!r}: names under .{spiffe.INTERNAL_TLD} are the cluster's own"
-    return None
-
-
-def requested_names_problem(names: Names) -> str | None:
-    """Why the CA will not sign ``names`` for a node, or None: bounded, one host each."""
-    if not names.ips:
-        return "a node needs at least one IP address"
-    if len(names.ips) > MAX_IPS or len(names.dns) > MAX_DNS:
-        return f"a node holds at most {MAX_IPS} addresses and {MAX_DNS} DNS names"
-    for ip in names.ips:
-        if problem := ip_problem(ip):
-            return problem
-    for dns in names.dns:
-        if problem := dns_problem(dns):
-            return problem
-    return None
-
-
-def utcnow() -> dt.datetime:
-    return dt.datetime.now(dt.UTC)
 
 
 # --- keys -------------------------------------------------------------------------------------
@@ -185,14 +133,6 @@ def spki_pin(key: x509.Certificate | PublicKey) -> str:
         serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
     )
     return "sha256:" + hashlib.sha256(der).hexdigest()
-
-
-def parse_pin(pin: str) -> str:
-    """Normalise a pin to ``sha256:<64 lowercase hex>`` or raise ValueError."""
-    value = pin.strip().lower()
-    if not re.fullmatch(r"sha256:[0-9a-f]{64}", value):
-        raise ValueError("a CA pin looks like sha256:<64 hex digits>")
-    return value
 
 
 def key_matches(cert: x509.Certificate, key: PrivateKey) -> bool:
@@ -282,29 +222,10 @@ def find_pinned_ca(chain: Sequence[x509.Certificate], pin: str) -> x509.Certific
 # --- names ------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class Names:
-    """The identity a certificate carries: CN plus the SAN's IP addresses and DNS names."""
-
-    common_name: str
-    ips: tuple[str, ...] = ()
-    dns: tuple[str, ...] = ()
-
-    def __str__(self) -> str:
-        return _describe(self)
-
-    @classmethod
-    def of(cls, common_name: str, ips: Iterable[str] = (), dns: Iterable[str] = ()) -> Names:
-        norm_ips = tuple(sorted({str(ipaddress.ip_address(i)) for i in ips}))
-        norm_dns = tuple(sorted({d.lower().rstrip(".") for d in dns}))
-        return cls(common_name, norm_ips, norm_dns)
-
-    def san(self) -> x509.SubjectAlternativeName:
-        general: list[x509.GeneralName] = [
-            x509.IPAddress(ipaddress.ip_address(i)) for i in self.ips
-        ]
-        general += [x509.DNSName(d) for d in self.dns]
-        return x509.SubjectAlternativeName(general)
+def san_of(names: Names) -> x509.SubjectAlternativeName:
+    general: list[x509.GeneralName] = [x509.IPAddress(ipaddress.ip_address(i)) for i in names.ips]
+    general += [x509.DNSName(d) for d in names.dns]
+    return x509.SubjectAlternativeName(general)
 
 
 def names_of(obj: x509.Certificate | x509.CertificateSigningRequest) -> Names:
@@ -326,7 +247,7 @@ def names_of(obj: x509.Certificate | x509.CertificateSigningRequest) -> Names:
 def _san(
     names: Names, identity: spiffe.Identity | None, internal_dns: Sequence[str]
 ) -> x509.SubjectAlternativeName:
-    general = list(names.san())
+    general = list(san_of(names))
     general += [x509.DNSName(d) for d in internal_dns]
     if identity is not None:
         general.append(x509.UniformResourceIdentifier(identity.uri))
@@ -340,7 +261,7 @@ def make_csr(key: PrivateKey, names: Names) -> x509.CertificateSigningRequest:
     builder = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names.common_name)]))
-        .add_extension(names.san(), critical=False)
+        .add_extension(san_of(names), critical=False)
     )
     return builder.sign(key, hashes.SHA256())
 
@@ -385,15 +306,9 @@ def check_csr(csr: x509.CertificateSigningRequest, expected: Names) -> PublicKey
     if got != expected:
         raise PKIError(
             PKIReason.NAME_MISMATCH,
-            f"CSR has {_describe(got)}, claimed {_describe(expected)}",
+            f"CSR has {describe(got)}, claimed {describe(expected)}",
         )
     return key
-
-
-def _describe(names: Names) -> str:
-    parts = [f"CN={names.common_name!r}"]
-    parts += [f"IP={ip}" for ip in names.ips] + [f"DNS={d}" for d in names.dns]
-    return " ".join(parts)
 
 
 # --- the CA -----------------------------------------------------------------------------------

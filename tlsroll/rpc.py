@@ -12,22 +12,26 @@ import errno
 import functools
 import ipaddress
 import socket
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
-from typing import Any, TypeVar
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
-from cryptography import x509
 from google.protobuf.timestamp_pb2 import Timestamp
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from tlsroll import logs, pki
+from tlsroll import logs
 from tlsroll.errors import TerminalError, TransientError
 from tlsroll.wire import WireError
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 G = TypeVar("G", bound=Callable[..., AsyncIterator[Any]])
 ErrorMap = Mapping[type[BaseException], grpc.StatusCode]
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 log = logs.get_logger(__name__)
 
@@ -138,13 +142,76 @@ async def _abort_for(
 
 def peer_certificate(context: grpc.aio.ServicerContext[Any, Any]) -> x509.Certificate | None:
     """The verified client certificate of the caller (mutual TLS ports only)."""
+    from tlsroll import pki  # noqa: PLC0415 - the agent's per-call check is ``peer`` (no X.509)
+
     pems = list(context.auth_context().get("x509_pem_cert", ()))
     if not pems:
         return None
     return pki.load_cert_pem(pems[0])
 
 
+@dataclass(frozen=True)
+class Peer:
+    """What a call's peer certificate says that an agent checks on every leader call: its URI
+    names (the cluster identity, ``spiffe.of_uris``) and its serial number (revocation)."""
+
+    uris: tuple[str, ...]
+    serial: int
+
+
+def peer(context: grpc.aio.ServicerContext[Any, Any]) -> Peer | None:
+    """The caller's certificate as gRPC verified it (mutual TLS ports only), read without
+    ``cryptography``: the URIs from gRPC's auth context (``peer_uri``: every URI name of the
+    certificate's subjectAltName), the serial from the certificate itself (``serial_of``)."""
+    auth = context.auth_context()
+    pems = list(auth.get("x509_pem_cert", ()))
+    if not pems:
+        return None
+    uris = tuple(u.decode("ascii", "replace") for u in auth.get("peer_uri", ()))
+    return Peer(uris, serial_of(pems[0]))
+
+
+@functools.lru_cache(maxsize=16)
+def serial_of(pem: bytes) -> int:
+    """The serial number of a PEM certificate that TLS has verified (so well-formed DER):
+    Certificate ::= SEQUENCE { tbsCertificate SEQUENCE { [0] version OPTIONAL, serialNumber
+    INTEGER, … } … } (RFC 5280 4.1). Kept for the last few certificates: the leader's one
+    comes on every call. ValueError if the DER is not laid out so."""
+    der = ssl.PEM_cert_to_DER_cert(pem.decode("ascii"))
+    _, pos, _ = _der_header(der, 0, 0x30)  # Certificate
+    _, pos, _ = _der_header(der, pos, 0x30)  # TBSCertificate
+    tag, start, length = _der_header(der, pos, None)
+    if tag == 0xA0:  # [0] EXPLICIT version: skip it
+        tag, start, length = _der_header(der, start + length, None)
+    if tag != 0x02 or length == 0:
+        raise ValueError("certificate: no serial number where RFC 5280 puts it")
+    return int.from_bytes(der[start : start + length], "big", signed=True)
+
+
+def _der_header(der: bytes, pos: int, expect: int | None) -> tuple[int, int, int]:
+    """(tag, where the content starts, its length) of the DER element at ``pos``."""
+    if pos + 2 > len(der):
+        raise ValueError("certificate: truncated")
+    tag, first = der[pos], der[pos + 1]
+    pos += 2
+    if expect is not None and tag != expect:
+        raise ValueError(f"certificate: tag {tag:#x} where {expect:#x} belongs")
+    if first & 0x80:
+        count = first & 0x7F
+        if not 1 <= count <= 4 or pos + count > len(der):
+            raise ValueError("certificate: bad length")
+        length = int.from_bytes(der[pos : pos + count], "big")
+        pos += count
+    else:
+        length = first
+    if pos + length > len(der):
+        raise ValueError("certificate: truncated")
+    return tag, pos, length
+
+
 def peer_name(context: grpc.aio.ServicerContext[Any, Any]) -> tuple[str, x509.Certificate]:
+    from tlsroll import pki  # noqa: PLC0415 - see peer_certificate
+
     cert = peer_certificate(context)
     if cert is None:
         raise unauthenticated("no client certificate")

@@ -22,11 +22,13 @@ certificate carries ``leader.<trust domain>.invalid`` the same way. The CA never
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import TYPE_CHECKING
 
-from cryptography import x509
-from cryptography.hazmat.primitives.serialization import Encoding, PublicFormat
+if TYPE_CHECKING:
+    from cryptography import x509
 
 SCHEME = "spiffe://"
 INTERNAL_TLD = "invalid"  # RFC 6761: never resolves
@@ -57,8 +59,20 @@ class Identity:
 
 def trust_domain(ca: x509.Certificate) -> str:
     """``tlsroll-<16 hex>``: the first 64 bits of the SHA-256 of the CA's key."""
+    # cryptography only here and in ``of``: an agent knows its trust domain from its pin.
+    from cryptography.hazmat.primitives.serialization import (  # noqa: PLC0415
+        Encoding,
+        PublicFormat,
+    )
+
     der = ca.public_key().public_bytes(Encoding.DER, PublicFormat.SubjectPublicKeyInfo)
     return "tlsroll-" + hashlib.sha256(der).hexdigest()[:16]
+
+
+def trust_domain_of_pin(ca_pin: str) -> str:
+    """The trust domain of the CA whose pin (``sha256:<hex>`` of its key, ``pki.spki_pin``) is
+    ``ca_pin``: the same as ``trust_domain`` of that CA, without reading the certificate."""
+    return "tlsroll-" + ca_pin.removeprefix("sha256:")[:16]
 
 
 def leader(td: str) -> Identity:
@@ -90,6 +104,8 @@ def parse(uri: str) -> Identity | None:
 
 def of(cert: x509.Certificate) -> Identity | None:
     """The one cluster identity ``cert`` carries; None if it has none, or more than one."""
+    from cryptography import x509  # noqa: PLC0415 - see trust_domain
+
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
     except x509.ExtensionNotFound:
@@ -98,6 +114,12 @@ def of(cert: x509.Certificate) -> Identity | None:
     if len(uris) != 1:
         return None
     return parse(uris[0])
+
+
+def of_uris(uris: Sequence[str]) -> Identity | None:
+    """The one cluster identity among a certificate's URI names (as gRPC's auth context lists
+    them, ``peer_uri``): the same answer as ``of`` on that certificate."""
+    return parse(uris[0]) if len(uris) == 1 else None
 
 
 def key_host(td: str, key_pin: str) -> str:

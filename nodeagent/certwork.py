@@ -1,0 +1,206 @@
+"""Certificate checks the serving agent needs without holding X.509 code: run in a child.
+
+The agent runs on every node for months. ``cryptography`` costs a process about 10 MiB (its
+Rust library with OpenSSL inside, and the Python modules around it), and the agent needs it
+only for moments: to check its own key, certificate and CA at start (``identity.load_identity``),
+to enrol once (``identity.enrol``), and to check a revocation list the leader sends
+(``pki.load_crl``). Those run here, in a short-lived child process (``CHILD``, about 0.3 s of
+CPU each), which does exactly the same work with the same
+code and answers with the plain values the agent keeps (``Identity``: the certificate's
+validity and the trust domain; a list's number and revoked serials). The checks are as strict
+as they were in-process: the child runs the same functions, and their errors come back as the
+same classes with the same messages.
+
+The work of a switch imports ``cryptography`` in the agent when it runs, where it then stays
+until the agent restarts: staging (a new key, its CSR, the leader's certificate checked), a
+practice's own certificate (``--cert-dir``), a renewal (about once a year), and the bootstrap
+service (SPAKE2 and the exchange's HKDF and AES-GCM; the ``spake2`` package imports
+``cryptography`` itself). So a switched node whose bootstrap service runs holds it; one that
+was never switched, or restarted since, does not.
+
+Protocol (``CHILD``): one JSON request on stdin ({"op": …}), one JSON answer on stdout ({"ok": …} or
+{"error": {"type": …, "message": …}}); anything else (a crash) is a TerminalError naming the
+child's last line of stderr.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from nodeagent.config import AgentConfig
+from nodeagent.identity import CertificateExpired, EnrolmentRefused, Identity, paths
+from tlsroll.errors import (
+    ConfigError,
+    PKIError,
+    PKIReason,
+    TerminalError,
+    TlsrollError,
+    TransientError,
+    UnsafePermissions,
+)
+
+# Enrolment talks to the leader (a 5 s chain fetch, a 10 s call); a local check takes well
+# under a second even on a loaded machine.
+TIMEOUT = 60.0
+
+# The child: what a daemon never needs kept out first (``tlsroll.lean``: structlog would import
+# rich), then this module's ``main``.
+CHILD = "from tlsroll import lean; lean.keep_out(); from nodeagent import certwork; certwork.main()"
+
+# The errors a child may answer with, rebuilt in the agent as the same class.
+ERRORS: dict[str, type[TlsrollError]] = {
+    cls.__name__: cls
+    for cls in (
+        TransientError,
+        TerminalError,
+        ConfigError,
+        UnsafePermissions,
+        EnrolmentRefused,
+        CertificateExpired,
+    )
+}
+
+
+# --- the agent's side -------------------------------------------------------------------------
+
+
+def load_identity(cfg: AgentConfig) -> Identity | None:
+    """``identity.load_identity(cfg)``, checked in a child: None if not enrolled yet."""
+    facts = _ask({"op": "identity", "config": str(cfg.path), **_logging(cfg)})
+    return None if facts is None else _identity(cfg, facts)
+
+
+def enrol(cfg: AgentConfig) -> Identity:
+    """``identity.enrol(cfg)`` in a child (TransientError when it is worth trying again)."""
+    return _identity(cfg, _ask({"op": "enrol", "config": str(cfg.path), **_logging(cfg)}))
+
+
+def load_crl(pem: bytes, ca_file: Path) -> tuple[int, frozenset[int]]:
+    """``pki.load_crl`` (signed by the CA in ``ca_file``): its number and revoked serials."""
+    answer = _ask({"op": "crl", "pem": pem.decode("ascii", "replace"), "ca_file": str(ca_file)})
+    return int(answer["number"]), frozenset(int(s) for s in answer["revoked"])
+
+
+def _logging(cfg: AgentConfig) -> dict[str, Any]:
+    """How the child logs: as the agent does (its stderr goes to the agent's)."""
+    return {"log_level": cfg.log_level, "json": not sys.stderr.isatty()}
+
+
+def _identity(cfg: AgentConfig, facts: dict[str, Any]) -> Identity:
+    key_file, cert_file, ca_file = paths(cfg.data_dir)
+    return Identity(
+        key_file,
+        cert_file,
+        ca_file,
+        dt.datetime.fromisoformat(facts["not_before"]),
+        dt.datetime.fromisoformat(facts["not_after"]),
+        facts["trust_domain"],
+        facts["certificate"].encode("ascii"),
+    )
+
+
+def _ask(request: dict[str, Any]) -> Any:
+    try:
+        done = subprocess.run(
+            [sys.executable, "-c", CHILD],
+            input=json.dumps(request),
+            capture_output=True,
+            text=True,
+            timeout=TIMEOUT,
+            check=False,
+        )
+    except subprocess.TimeoutExpired:
+        raise TransientError(
+            f"certificate check ({request['op']}) took over {TIMEOUT:.0f} s"
+        ) from None
+    if done.stderr:  # the child's log lines (JSON on stderr, as the agent's): the agent's log
+        sys.stderr.write(done.stderr)
+        sys.stderr.flush()
+    try:
+        answer = json.loads(done.stdout)
+    except ValueError:
+        said = (done.stderr.strip().splitlines() or ["no output"])[-1][:300]
+        raise TerminalError(
+            f"certificate check ({request['op']}) failed (exit {done.returncode}): {said}"
+        ) from None
+    if "ok" in answer:
+        return answer["ok"]
+    raise _error(answer["error"])
+
+
+def _error(err: dict[str, Any]) -> Exception:
+    kind, message = err.get("type", ""), str(err.get("message", ""))
+    if kind == "PKIError":
+        return PKIError(PKIReason(err["reason"]), err.get("detail", ""))
+    if kind == "OSError":
+        return OSError(err.get("errno") or 0, err.get("strerror") or message, err.get("filename"))
+    return ERRORS.get(kind, TerminalError)(message)
+
+
+# --- the child's side -------------------------------------------------------------------------
+
+
+def _facts(identity: Identity) -> dict[str, str]:
+    return {
+        "not_before": identity.not_before.isoformat(),
+        "not_after": identity.not_after.isoformat(),
+        "trust_domain": identity.trust_domain,
+        "certificate": identity.checked_pem.decode("ascii"),
+    }
+
+
+def _work(request: dict[str, Any]) -> Any:
+    from nodeagent import identity  # noqa: PLC0415 - the child's work
+    from tlsroll import pki  # noqa: PLC0415
+
+    op = request["op"]
+    if op == "crl":
+        ca = pki.read_cert(Path(request["ca_file"]))
+        number, revoked = pki.load_crl(request["pem"].encode("ascii"), ca)
+        return {"number": number, "revoked": sorted(revoked)}
+    cfg = AgentConfig.load(Path(request["config"]))
+    if op == "identity":
+        found = identity.load_identity(cfg)
+        return None if found is None else _facts(found)
+    if op == "enrol":
+        return _facts(identity.enrol(cfg))
+    raise TerminalError(f"unknown certificate work {op!r}")
+
+
+def _answer_for(exc: Exception) -> dict[str, Any]:
+    if isinstance(exc, PKIError):
+        return {"type": "PKIError", "reason": exc.reason.value, "detail": exc.detail}
+    if isinstance(exc, OSError):
+        return {
+            "type": "OSError",
+            "errno": exc.errno,
+            "strerror": exc.strerror,
+            "filename": None if exc.filename is None else str(exc.filename),
+            "message": str(exc),
+        }
+    return {"type": type(exc).__name__, "message": str(exc)}
+
+
+def main() -> int:
+    from tlsroll import logs  # noqa: PLC0415
+
+    try:
+        request = json.loads(sys.stdin.read())
+        logs.configure(
+            json=bool(request.get("json", True)),
+            level=logs.level_of(request.get("log_level") or "info"),
+        )
+        answer: dict[str, Any] = {"ok": _work(request)}
+    except (TlsrollError, OSError, ValueError) as exc:
+        answer = {"error": _answer_for(exc)}
+    print(json.dumps(answer))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,295 @@
+"""A small JSON-over-https listener on asyncio streams, ``ssl`` and h11 (the bootstrap service's).
+
+The bootstrap service answers five fixed paths with small JSON bodies. It used aiohttp.web,
+which kept 10 MiB in every switched agent for months; h11 (a pure HTTP/1.1 state machine, no
+I/O of its own) parses and frames the messages, this module only moves bytes and enforces the
+limits a listener open to a practice's network needs:
+
+- ``max_body`` bytes per request body (413, then the connection closes: the rest is unread);
+- ``max_head`` bytes for the request line and headers (h11's ``max_incomplete_event_size``;
+  431 when it is exceeded);
+- ``request_timeout`` seconds for one whole request (line, headers and body) and for the idle
+  wait before the next one on a kept-alive connection: a client that sends a byte at a time
+  (slowloris) is cut off, and so is one that holds a connection open doing nothing;
+- ``handshake_timeout`` for the TLS handshake, ``write_timeout`` for sending an answer;
+- ``max_connections`` open at once; more are closed at once (the workstation client opens one
+  per request and closes it).
+
+A handler gets a ``Request`` (method, path without the query, the client's address and the
+body) and returns a ``Reply``; GET routes answer HEAD too. Unknown paths get 404, a known path
+with another method 405 with ``Allow``. Nothing here logs bodies or headers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import email.utils
+import http
+import json
+import ssl
+from collections.abc import Awaitable, Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import h11
+
+from tlsroll import logs
+
+log = logs.get_logger(__name__)
+
+READ_CHUNK = 16 << 10
+
+
+@dataclass(frozen=True)
+class Request:
+    method: str
+    path: str
+    remote: str
+    body: bytes = b""
+
+
+@dataclass(frozen=True)
+class Reply:
+    """A JSON answer; ``headers`` are added to Content-Type/Length, Date and Cache-Control."""
+
+    data: Mapping[str, Any]
+    status: int = 200
+    headers: Mapping[str, str] = field(default_factory=dict)
+
+
+Handler = Callable[[Request], Awaitable[Reply]]
+
+
+@dataclass(frozen=True)
+class HttpLimits:
+    max_body: int = 64 << 10
+    max_head: int = 8 << 10
+    request_timeout: float = 10.0
+    handshake_timeout: float = 10.0
+    write_timeout: float = 10.0
+    max_connections: int = 128
+
+
+class _TooLarge(Exception):
+    pass
+
+
+class JsonHttpsListener:
+    """Serves ``routes`` ({(method, path): handler}) over TLS on ``address:port``."""
+
+    def __init__(
+        self,
+        routes: Mapping[tuple[str, str], Handler],
+        limits: HttpLimits | None = None,
+        *,
+        shutdown_timeout: float = 5.0,
+    ) -> None:
+        self.routes = dict(routes)
+        for (method, path), handler in routes.items():
+            if method == "GET":
+                self.routes.setdefault(("HEAD", path), handler)
+        self.limits = limits or HttpLimits()
+        self.shutdown_timeout = shutdown_timeout
+        self.port = 0  # the port bound, once started
+        self._server: asyncio.Server | None = None
+        self._connections: set[asyncio.Task[None]] = set()
+        self._busy: set[asyncio.Task[None]] = set()  # connections inside a handler
+        self._closing = False
+
+    async def start(self, address: str, port: int, context: ssl.SSLContext) -> int:
+        """Listen; returns the port bound (``port`` unless it was 0)."""
+        self._server = await asyncio.start_server(
+            self._connection,
+            address,
+            port,
+            ssl=context,
+            ssl_handshake_timeout=self.limits.handshake_timeout,
+            reuse_address=True,
+        )
+        self.port = int(self._server.sockets[0].getsockname()[1])
+        return self.port
+
+    async def stop(self) -> None:
+        """Stop listening; requests being answered get ``shutdown_timeout`` to finish, idle
+        connections are closed at once."""
+        server, self._server = self._server, None
+        if server is None:
+            return
+        self._closing = True  # a connection answering now closes after its answer
+        server.close()
+        for task in self._connections - self._busy:
+            task.cancel()
+        if self._busy:
+            await asyncio.wait(set(self._busy), timeout=self.shutdown_timeout)
+        for task in set(self._connections):
+            task.cancel()
+        if self._connections:
+            await asyncio.wait(set(self._connections), timeout=1.0)
+        await server.wait_closed()
+
+    # --- one connection ---------------------------------------------------------------------
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        if len(self._connections) >= self.limits.max_connections:
+            log.warning("https.too_many_connections", limit=self.limits.max_connections)
+            writer.transport.abort()
+            return
+        self._connections.add(task)
+        peer = writer.get_extra_info("peername")
+        remote = str(peer[0]) if peer else ""
+        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_head)
+        try:
+            await self._serve(conn, reader, writer, remote)
+        except (OSError, ssl.SSLError, h11.LocalProtocolError, TimeoutError):
+            pass  # the client went away or misbehaved: nothing to answer
+        except asyncio.CancelledError:
+            pass  # ``stop``: this task is the connection's own and ends here (asyncio's stream
+            # callback would log a cancelled handler task as an error)
+        finally:
+            self._connections.discard(task)
+            writer.close()
+
+    async def _serve(
+        self,
+        conn: h11.Connection,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        remote: str,
+    ) -> None:
+        while True:
+            try:
+                async with asyncio.timeout(self.limits.request_timeout):
+                    request = await self._read(conn, reader, writer, remote)
+            except TimeoutError:
+                return  # too slow, or idle between requests: close
+            except h11.RemoteProtocolError as exc:  # 431 past max_head, else 400
+                log.info("https.malformed_request", remote=remote, status=exc.error_status_hint)
+                await self._reply(
+                    conn, writer, "GET", _error(exc.error_status_hint, "malformed request")
+                )
+                return
+            except _TooLarge:
+                log.info("https.body_too_large", remote=remote, limit=self.limits.max_body)
+                await self._reply(
+                    conn, writer, "POST", _error(413, "request body too large", "too_large")
+                )
+                return
+            if request is None:
+                return
+            task = asyncio.current_task()
+            assert task is not None
+            self._busy.add(task)  # a stop lets it finish its answer (up to shutdown_timeout)
+            try:
+                reply = await self._dispatch(request)
+                await self._reply(conn, writer, request.method, reply)
+            finally:
+                self._busy.discard(task)
+            if self._closing:
+                return
+            if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
+                return
+            conn.start_next_cycle()
+
+    async def _read(
+        self,
+        conn: h11.Connection,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        remote: str,
+    ) -> Request | None:
+        """The next whole request; None when the client closed the connection."""
+        head = await self._event(conn, reader)
+        if not isinstance(head, h11.Request):
+            return None
+        # h11 bounds a head that is still incomplete; one that arrived whole is measured here.
+        size = len(head.target) + sum(len(k) + len(v) + 4 for k, v in head.headers)
+        if size > self.limits.max_head:
+            raise h11.RemoteProtocolError("request head too large", error_status_hint=431)
+        length = _content_length(head.headers)
+        if length is not None and length > self.limits.max_body:
+            raise _TooLarge
+        if conn.they_are_waiting_for_100_continue:
+            writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b"")
+        body = bytearray()
+        while True:
+            event = await self._event(conn, reader)
+            if isinstance(event, h11.Data):
+                body += event.data
+                if len(body) > self.limits.max_body:
+                    raise _TooLarge
+            elif isinstance(event, h11.EndOfMessage):
+                break
+            else:
+                return None  # closed mid-body
+        target = head.target.decode("ascii", "replace")
+        return Request(
+            method=head.method.decode("ascii", "replace"),
+            path=target.split("?", 1)[0],
+            remote=remote,
+            body=bytes(body),
+        )
+
+    @staticmethod
+    async def _event(conn: h11.Connection, reader: asyncio.StreamReader) -> Any:
+        while True:
+            event = conn.next_event()
+            if event is not h11.NEED_DATA:
+                return event
+            conn.receive_data(await reader.read(READ_CHUNK))
+
+    async def _dispatch(self, request: Request) -> Reply:
+        handler = self.routes.get((request.method, request.path))
+        if handler is not None:
+            return await handler(request)
+        allowed = sorted(m for m, p in self.routes if p == request.path)
+        if allowed:
+            reply = _error(405, f"{request.method} is not allowed here")
+            return Reply(reply.data, 405, {"Allow": ", ".join(allowed)})
+        return _error(404, "nothing at this path")
+
+    async def _reply(
+        self, conn: h11.Connection, writer: asyncio.StreamWriter, method: str, reply: Reply
+    ) -> None:
+        if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
+            return
+        body = json.dumps(dict(reply.data), separators=(",", ":")).encode()
+        headers = [
+            ("Content-Type", "application/json; charset=utf-8"),
+            ("Content-Length", str(len(body))),
+            ("Date", email.utils.formatdate(usegmt=True)),
+            ("Cache-Control", "no-store"),
+            *((k, v) for k, v in reply.headers.items() if k.lower() != "cache-control"),
+        ]
+        if conn.their_state is not h11.DONE:
+            headers.append(("Connection", "close"))  # the rest of the request stays unread
+        out = conn.send(
+            h11.Response(
+                status_code=reply.status,
+                headers=headers,
+                reason=http.HTTPStatus(reply.status).phrase.encode(),
+            )
+        )
+        if method != "HEAD":
+            out = (out or b"") + (conn.send(h11.Data(data=body)) or b"")
+        out = (out or b"") + (conn.send(h11.EndOfMessage()) or b"")
+        writer.write(out)
+        async with asyncio.timeout(self.limits.write_timeout):
+            await writer.drain()
+
+
+def _content_length(headers: Iterable[tuple[bytes, bytes]]) -> int | None:
+    for name, value in headers:
+        if name == b"content-length":
+            with contextlib.suppress(ValueError):
+                return int(value)
+    return None
+
+
+def _error(status: int, message: str, code: str | None = None) -> Reply:
+    """A refusal in the service's shape: ``error`` (a code; by default the status's phrase,
+    such as ``not_found``) and a one-line ``message``."""
+    error = code or http.HTTPStatus(status).phrase.lower().replace(" ", "_")
+    return Reply({"error": error, "message": message}, status)

@@ -1,0 +1,212 @@
+"""The bootstrap service's https listener (``nodeagent.json_https``) against raw TLS clients:
+framing and routing, and the limits a listener open to a practice network needs (body and head
+sizes, a request that arrives a byte at a time, idle kept-alive connections, how many at once,
+a stop while an answer is being made). The limits are made small so each case ends in well
+under a second; every wait is bounded.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import ssl
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+
+import pytest
+
+from nodeagent.json_https import HttpLimits, JsonHttpsListener, Reply, Request
+from tests.conftest import IssuedCert
+from tlsroll import pki
+from tlsroll.tls import client_context, server_context
+
+SMALL = HttpLimits(
+    max_body=1000, max_head=600, request_timeout=0.5, handshake_timeout=2, max_connections=3
+)
+BOUND = 10.0  # no step of a test waits longer than this
+
+
+async def echo(request: Request) -> Reply:
+    return Reply({"path": request.path, "method": request.method, "size": len(request.body)})
+
+
+@asynccontextmanager
+async def listening(
+    cert: IssuedCert, address: str, limits: HttpLimits = SMALL
+) -> AsyncIterator[JsonHttpsListener]:
+    listener = JsonHttpsListener({("GET", "/hello"): echo, ("POST", "/post"): echo}, limits)
+    await listener.start(address, 0, server_context(cert.cert_file, cert.key_file))
+    try:
+        yield listener
+    finally:
+        await listener.stop()
+
+
+async def connect(
+    listener: JsonHttpsListener, address: str, ca: pki.CertificateAuthority
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    return await asyncio.wait_for(
+        asyncio.open_connection(address, listener.port, ssl=client_context(ca.cert_pem)), BOUND
+    )
+
+
+async def answer(
+    reader: asyncio.StreamReader, *, head_only: bool = False
+) -> tuple[int, dict[str, str], bytes]:
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), BOUND)
+    lines = head.decode().split("\r\n")
+    status = int(lines[0].split()[1])
+    headers = {k.lower(): v.strip() for k, _, v in (x.partition(":") for x in lines[1:] if x)}
+    length = int(headers.get("content-length", "0"))
+    if head_only:
+        return status, headers, b""
+    body = await asyncio.wait_for(reader.readexactly(length), BOUND) if length else b""
+    return status, headers, body
+
+
+async def closed(reader: asyncio.StreamReader) -> bool:
+    """True once the server has closed the connection (EOF, or a reset)."""
+    try:
+        return await asyncio.wait_for(reader.read(), BOUND) == b""
+    except (ConnectionError, ssl.SSLError):
+        return True
+
+
+def request(method: str, path: str, body: bytes = b"", *extra: str) -> bytes:
+    head = [f"{method} {path} HTTP/1.1", "Host: node", f"Content-Length: {len(body)}", *extra]
+    return ("\r\n".join(head) + "\r\n\r\n").encode() + body
+
+
+@pytest.fixture
+def served(
+    issue_cert: Callable[..., IssuedCert], loopback: Callable[[], str]
+) -> tuple[IssuedCert, str]:
+    address = loopback()
+    return issue_cert(address), address
+
+
+async def test_answers_json_keeps_alive_and_routes(
+    served: tuple[IssuedCert, str], test_ca: pki.CertificateAuthority
+) -> None:
+    cert, address = served
+    async with listening(cert, address) as listener:
+        reader, writer = await connect(listener, address, test_ca)
+        writer.write(request("GET", "/hello?x=1"))
+        status, headers, body = await answer(reader)
+        assert status == 200 and json.loads(body) == {"path": "/hello", "method": "GET", "size": 0}
+        assert headers["content-type"].startswith("application/json")
+        assert headers["cache-control"] == "no-store" and "server" not in headers
+        writer.write(request("POST", "/post", b"x" * 1000))  # the same connection, at the limit
+        status, _, body = await answer(reader)
+        assert status == 200 and json.loads(body)["size"] == 1000
+        writer.write(request("HEAD", "/hello"))
+        status, headers, _ = await answer(reader, head_only=True)
+        assert status == 200 and int(headers["content-length"]) > 0  # and no body follows:
+        writer.write(request("POST", "/hello"))
+        status, headers, body = await answer(reader)
+        assert status == 405 and headers["allow"] == "GET, HEAD"
+        writer.write(request("GET", "/nothing"))
+        status, _, body = await answer(reader)
+        assert status == 404 and json.loads(body)["error"] == "not_found"
+        writer.close()
+
+
+async def test_a_body_over_the_limit_is_413_and_never_read(
+    served: tuple[IssuedCert, str], test_ca: pki.CertificateAuthority
+) -> None:
+    cert, address = served
+    async with listening(cert, address) as listener:
+        # Announced too large: refused before a byte of the body is sent.
+        reader, writer = await connect(listener, address, test_ca)
+        writer.write(b"POST /post HTTP/1.1\r\nHost: node\r\nContent-Length: 1001\r\n\r\n")
+        status, headers, body = await answer(reader)
+        assert (status, json.loads(body)["error"]) == (413, "too_large")
+        assert headers["connection"] == "close" and await closed(reader)
+        # Chunked, so no length is announced: refused once it passes the limit.
+        reader, writer = await connect(listener, address, test_ca)
+        writer.write(b"POST /post HTTP/1.1\r\nHost: node\r\nTransfer-Encoding: chunked\r\n\r\n")
+        writer.write(b"%x\r\n%s\r\n" % (1200, b"y" * 1200))
+        status, _, _ = await answer(reader)
+        assert status == 413 and await closed(reader)
+
+
+async def test_headers_over_the_limit_and_garbage_are_refused(
+    served: tuple[IssuedCert, str], test_ca: pki.CertificateAuthority
+) -> None:
+    cert, address = served
+    async with listening(cert, address) as listener:
+        reader, writer = await connect(listener, address, test_ca)
+        writer.write(request("GET", "/hello", b"", "X-Pad: " + "a" * 1000))
+        status, _, _ = await answer(reader)
+        assert status == 431 and await closed(reader)
+        reader, writer = await connect(listener, address, test_ca)
+        writer.write(b"NOT HTTP AT ALL\r\n\r\n")
+        status, _, _ = await answer(reader)
+        assert status == 400 and await closed(reader)
+
+
+async def test_a_request_sent_a_byte_at_a_time_and_an_idle_connection_are_cut_off(
+    served: tuple[IssuedCert, str], test_ca: pki.CertificateAuthority
+) -> None:
+    """Slowloris: a client keeps a connection by sending its request slower than
+    ``request_timeout`` (0.5 s here) allows for the whole of it."""
+    cert, address = served
+    async with listening(cert, address) as listener:
+        reader, writer = await connect(listener, address, test_ca)
+        gone = False
+        for byte in request("GET", "/hello"):
+            writer.write(bytes([byte]))
+            try:
+                await writer.drain()
+            except (ConnectionError, ssl.SSLError):
+                gone = True
+                break
+            if reader.at_eof():
+                gone = True
+                break
+            await asyncio.sleep(0.1)
+        assert gone or await closed(reader)  # never answered: cut off
+        idle_reader, _ = await connect(listener, address, test_ca)
+        assert await closed(idle_reader)  # connected, said nothing: closed too
+
+
+async def test_connections_over_the_limit_are_closed_and_the_others_still_served(
+    served: tuple[IssuedCert, str], test_ca: pki.CertificateAuthority
+) -> None:
+    cert, address = served
+    limits = HttpLimits(request_timeout=5, max_connections=3)
+    async with listening(cert, address, limits) as listener:
+        held = [await connect(listener, address, test_ca) for _ in range(3)]
+        await asyncio.sleep(0.2)  # the server has taken the three
+        extra_reader, _ = await connect(listener, address, test_ca)
+        assert await closed(extra_reader)
+        reader, writer = held[0]
+        writer.write(request("GET", "/hello"))
+        assert (await answer(reader))[0] == 200
+
+
+async def test_a_stop_lets_the_answer_being_made_finish_and_closes_idle_connections(
+    served: tuple[IssuedCert, str], test_ca: pki.CertificateAuthority
+) -> None:
+    cert, address = served
+    entered, release = asyncio.Event(), asyncio.Event()
+
+    async def slow(request: Request) -> Reply:
+        entered.set()
+        await asyncio.wait_for(release.wait(), BOUND)
+        return Reply({"done": True})
+
+    limits = HttpLimits(request_timeout=5)
+    async with listening(cert, address, limits) as listener:
+        listener.routes[("GET", "/slow")] = slow
+        idle_reader, _ = await connect(listener, address, test_ca)
+        reader, writer = await connect(listener, address, test_ca)
+        writer.write(request("GET", "/slow"))
+        await asyncio.wait_for(entered.wait(), BOUND)
+        stopping = asyncio.create_task(listener.stop())
+        assert await closed(idle_reader)
+        release.set()
+        status, _, body = await answer(reader)
+        assert status == 200 and json.loads(body) == {"done": True}
+        assert await closed(reader)
+        await asyncio.wait_for(stopping, BOUND)

@@ -1,0 +1,118 @@
+"""Names and pins: what a node may be called and hold in its certificate, without X.509.
+
+The rules the CA signs by (``tlsroll.pki``) and the agent's config checks (``nodeagent.config``)
+share these; they need no ``cryptography``, so an agent that only reads its config and serves
+does not load it (issue 15: it costs an agent about 10 MiB for months). ``tlsroll.pki``
+re-exports every name here.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import ipaddress
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from tlsroll import spiffe
+
+BACKDATE = dt.timedelta(hours=1)  # a leaf's NotBefore: tolerate clocks that lag the CA's
+NODE_NAME = re.compile(r"[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?")
+# The leader's certificate is "tlsroll-leader" and workstations' are "ws-…": no node may
+# take a name that could be mistaken for either.
+RESERVED_PREFIXES = ("tlsroll-", "ws-")
+# What one node may hold: enough for a server with a few interfaces and names, far below what
+# would make a certificate a tool (the audit got one with 60000 DNS names).
+MAX_IPS = 8
+MAX_DNS = 8
+DNS_NAME = re.compile(
+    r"(?=.{1,253}\Z)([a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)(\.[a-z0-9]([a-z0-9-]{0,61}[a-z0-9])?)*"
+)
+# Addresses that name every host, or none: a certificate for them vouches for any machine.
+EVERY_HOST_IPS = frozenset({"127.0.0.1", "::1"})
+
+
+def node_name_problem(name: str) -> str | None:
+    """Why ``name`` cannot be a node name, or None."""
+    if not NODE_NAME.fullmatch(name):
+        return f"{name!r} is not a valid node name: lowercase letters, digits and '-', at most 63"
+    if name.startswith(RESERVED_PREFIXES):
+        return f"node name {name!r} is reserved (names starting {' or '.join(RESERVED_PREFIXES)})"
+    return None
+
+
+def ip_problem(text: str) -> str | None:
+    """Why the CA will not put address ``text`` in a certificate, or None."""
+    try:
+        ip = ipaddress.ip_address(text)
+    except ValueError:
+        return f"{text!r} is not an IP address"
+    if ip.is_unspecified or ip.is_multicast or ip.is_link_local:
+        return f"{ip} is not the address of one host"
+    if str(ip) in EVERY_HOST_IPS or ip == ipaddress.IPv4Address("255.255.255.255"):
+        return f"{ip} names every host, not this one"
+    return None
+
+
+def dns_problem(name: str) -> str | None:
+    """Why the CA will not put DNS name ``name`` in a certificate, or None."""
+    if "*" in name:
+        return f"{name!r}: wildcard names are never signed"
+    if not DNS_NAME.fullmatch(name):
+        return f"{name!r} is not a DNS host name (lowercase letters, digits, '-' and '.')"
+    if name == "localhost" or name.endswith(".localhost"):
+        return f"{name!r} names every host, not this one"
+    if name.endswith("." + spiffe.INTERNAL_TLD):
+        return f"{name!r}: names under .{spiffe.INTERNAL_TLD} are the cluster's own"
+    return None
+
+
+def requested_names_problem(names: Names) -> str | None:
+    """Why the CA will not sign ``names`` for a node, or None: bounded, one host each."""
+    if not names.ips:
+        return "a node needs at least one IP address"
+    if len(names.ips) > MAX_IPS or len(names.dns) > MAX_DNS:
+        return f"a node holds at most {MAX_IPS} addresses and {MAX_DNS} DNS names"
+    for ip in names.ips:
+        if problem := ip_problem(ip):
+            return problem
+    for dns in names.dns:
+        if problem := dns_problem(dns):
+            return problem
+    return None
+
+
+def utcnow() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def parse_pin(pin: str) -> str:
+    """Normalise a pin to ``sha256:<64 lowercase hex>`` or raise ValueError."""
+    value = pin.strip().lower()
+    if not re.fullmatch(r"sha256:[0-9a-f]{64}", value):
+        raise ValueError("a CA pin looks like sha256:<64 hex digits>")
+    return value
+
+
+@dataclass(frozen=True)
+class Names:
+    """The identity a certificate carries: CN plus the SAN's IP addresses and DNS names."""
+
+    common_name: str
+    ips: tuple[str, ...] = ()
+    dns: tuple[str, ...] = ()
+
+    def __str__(self) -> str:
+        return describe(self)
+
+    @classmethod
+    def of(cls, common_name: str, ips: Iterable[str] = (), dns: Iterable[str] = ()) -> Names:
+        norm_ips = tuple(sorted({str(ipaddress.ip_address(i)) for i in ips}))
+        norm_dns = tuple(sorted({d.lower().rstrip(".") for d in dns}))
+        return cls(common_name, norm_ips, norm_dns)
+
+
+def describe(names: Names) -> str:
+    parts = [f"CN={names.common_name!r}"]
+    parts += [f"IP={ip}" for ip in names.ips] + [f"DNS={d}" for d in names.dns]
+    return " ".join(parts)
