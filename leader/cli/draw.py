@@ -16,7 +16,7 @@ from rich.table import Table
 from rich.text import Text
 
 from leader.cli.base import fmt_time
-from leader.wire import CHANGE, FREEZE, NODE_STATE, ROLLOUT_STATE, SCOPE_KIND, STRATEGY
+from leader.schema_wire import CHANGE, FREEZE, NODE_STATE, ROLLOUT_STATE, SCOPE_KIND, STRATEGY
 from tlsroll.v1 import schema_pb2
 
 PENDING = "password change pending — takes effect at next restart"

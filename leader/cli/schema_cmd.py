@@ -24,11 +24,13 @@ from leader.cli.base import (
     pass_leader,
     to_dict,
 )
-from leader.rollout_core import TERMINAL_ROLLOUT_STATES, RolloutState
-from leader.wire import NODE_STATE, ROLLOUT_STATE
+from leader.rollout_enums import RolloutState
+from leader.schema_wire import NODE_STATE, ROLLOUT_STATE
 from tlsroll.v1 import schema_pb2
 
-TERMINAL = {s.value for s in TERMINAL_ROLLOUT_STATES}
+TERMINAL = {s.value for s in (RolloutState.COMPLETED, RolloutState.HALTED, RolloutState.ABORTED)}
+"""The core's ``TERMINAL_ROLLOUT_STATES``, named here so as not to import the core (a test
+keeps the two equal)."""
 AWAITING = RolloutState.AWAITING_FINALIZE.value
 ENDS = TERMINAL | {AWAITING}  # where --wait and --watch stop: nothing more happens by itself
 
