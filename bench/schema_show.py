@@ -45,7 +45,7 @@ from tlsroll.v1 import schema_pb2
 SCHEMA_SHOW_IMPORTS = (
     "import click; from tlsroll.cli import cli; "
     "cli.get_command(click.Context(cli), 'schema').get_command(None, 'show'); "
-    "import leader.cli.draw, leader.cli.certs"
+    "import leader.cli.draw, leader.cli.plain"
 )
 
 
