@@ -185,7 +185,7 @@ class Block:
         from rich.text import Text  # noqa: PLC0415 - only a command that prints with rich
 
         for line in self.lines(options.max_width, color=True):
-            yield Text.from_ansi(line, no_wrap=True)
+            yield Text.from_ansi(line)  # a line longer than the screen folds, as rich folds
 
 
 def terminal() -> tuple[int, bool]:
