@@ -36,7 +36,7 @@ if TYPE_CHECKING:
     import grpc
     from rich.console import Console
 
-    from tlsroll.v1 import admin_pb2_grpc, schema_pb2_grpc
+    from tlsroll.v1 import admin_pb2_grpc
 
 T = TypeVar("T")
 M = TypeVar("M", bound=Message)
@@ -147,14 +147,6 @@ class Leader:
 
         with self.channel() as channel:
             yield admin_pb2_grpc.AdminStub(channel)
-
-    @contextmanager
-    def schema(self) -> Iterator[schema_pb2_grpc.SchemaViewStub]:
-        """The SchemaView service through grpcio (``fetch_schema`` does without)."""
-        from tlsroll.v1 import schema_pb2_grpc  # noqa: PLC0415
-
-        with self.channel() as channel:
-            yield schema_pb2_grpc.SchemaViewStub(channel)
 
     def refused(self, code: str, details: str) -> NoReturn:
         """A gRPC status (by name) as the CLI's error: INVALID_ARGUMENT is a usage error (exit
