@@ -74,6 +74,8 @@ def test_peer_text_cannot_steer_the_terminal() -> None:
     assert "\x1b[31mtitle" not in text and "?[31mtitle" in text
     assert sum("rm -rf next" in line for line in lines) == 1
     assert clean("a\tb\r\nc\x00") == "a b  c?"
+    assert clean("ok \u202egnp.exe") == "ok ?gnp.exe"  # a bidi override
+    assert clean("Müller  漢字") == "Müller  漢字"
 
 
 def test_colours_only_when_asked() -> None:

@@ -8,7 +8,8 @@ columns' cells onto more lines, as rich does. Into a pipe or a log lines stay wh
 unless ``COLUMNS`` says otherwise).
 
 Text from peers (a node's reason, a workstation's name) is printed as it came except for control
-characters, which are replaced: a reason must not move the cursor or recolour the terminal.
+and format characters, which are replaced: a reason must not move the cursor, recolour the
+terminal or reorder what follows it (rich strips only a few of them: BEL, BS, VT, FF, CR).
 
 Each drawing is also a rich renderable (``__rich_console__``), for the commands that print
 through rich (``rollout status``, ``--watch`` on a terminal) and for tests.
@@ -36,13 +37,17 @@ SGR = {
 }
 """The styles the schema uses, as ANSI SGR parameters."""
 
-# C0 and C1 controls and DEL; a tab or newline inside a cell becomes a space.
-_CONTROLS = {c: "?" for c in [*range(32), *range(0x7F, 0xA0)]} | {9: " ", 10: " ", 13: " "}
-
 
 def clean(text: str) -> str:
-    """``text`` without control characters (see the module docstring)."""
-    return text.translate(_CONTROLS)
+    """``text`` with each control or format character (C0, C1, DEL, bidi overrides, …:
+    Unicode category C) shown as ``?``, and a tab or line break as a space (see the module
+    docstring). The leader cleans what peers send as it comes in (``tlsroll.peertext``); this
+    holds whatever the store has, and keeps the layout's own spacing."""
+    if text.isascii() and text.isprintable():
+        return text
+    return "".join(
+        " " if ch in "\t\n\r" else "?" if unicodedata.category(ch)[0] == "C" else ch for ch in text
+    )
 
 
 def cell_len(text: str) -> int:
