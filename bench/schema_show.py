@@ -10,8 +10,9 @@ leader's part alone: the ``GetSchema`` call ``schema show`` makes, from an open 
 time, and the leader's CPU per call read from /proc), so that what the leader does is told
 apart from what the CLI does.
 
-Every figure is also shown less and relative to ``python -c pass`` in the same run, since the
-machine's own speed varies through the day. The commands run with a bytecode cache (in a
+Every figure is also shown less and relative to ``python -c pass`` in the same run (wall and
+CPU medians), since the machine's own speed varies through the day; on a busy machine the CPU
+multiple is the steadier one. The commands run with a bytecode cache (in a
 temporary ``PYTHONPYCACHEPREFIX``, filled by one untimed run of each) as from an installed
 package, whose modules pip compiles at install: with ``PYTHONDONTWRITEBYTECODE`` set, as in the
 development shell, a source tree's modules were compiled again on every run (about 30 ms of
@@ -152,11 +153,13 @@ def main(argv: list[str] | None = None) -> int:
             ]
             figures = {label: timed(argv, env, ns.runs) for label, argv in commands}
             bare = statistics.median(figures["python -c pass"][0])
+            bare_cpu = statistics.median(figures["python -c pass"][1])
             for label, (walls, cpus) in figures.items():
                 wall = statistics.median(walls)
                 relative = (
                     f"; less python -c pass {(wall - bare) * 1000:.0f} ms, "
-                    f"{wall / bare:.1f}x python -c pass"
+                    f"{wall / bare:.1f}x python -c pass (CPU "
+                    f"{statistics.median(cpus) / bare_cpu:.1f}x)"
                     if label != "python -c pass"
                     else ""
                 )
