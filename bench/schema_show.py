@@ -9,33 +9,44 @@ import alone (``python -c 'import leader.cli'``) and what ``schema show`` import
 leader's part alone: the ``GetSchema`` call ``schema show`` makes, from an open channel (wall
 time, and the leader's CPU per call read from /proc), so that what the leader does is told
 apart from what the CLI does.
+
+Every figure is also shown less and relative to ``python -c pass`` in the same run (wall and
+CPU medians), since the machine's own speed varies through the day; on a busy machine the CPU
+multiple is the steadier one. The commands run with a bytecode cache (in a
+temporary ``PYTHONPYCACHEPREFIX``, filled by one untimed run of each) as from an installed
+package, whose modules pip compiles at install: with ``PYTHONDONTWRITEBYTECODE`` set, as in the
+development shell, a source tree's modules were compiled again on every run (about 30 ms of
+``schema show``). ``--no-bytecode-cache`` measures that way instead.
 """
 
 from __future__ import annotations
 
 import argparse
 import datetime as dt
+import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-import grpc
-
 from bench.common import NO_DEBUG, address, cpu_seconds, summary
+from leader.cli.base import GET_SCHEMA
+from leader.cli.unary import UnaryChannel
 from leader.rollout_core import Change, NodeRecord, NodeState, Rollout, RolloutEvent, Scope
 from leader.schema_store import RolloutMeta, SchemaStore
 from tests.cluster import Cluster, child_env, command
-from tlsroll.v1 import schema_pb2, schema_pb2_grpc
+from tlsroll.v1 import schema_pb2
 
-# What `tlsroll schema show` imports before it calls the leader: the entry point, and the
-# command looked up as click does.
+# What `tlsroll schema show` imports: the entry point, the command looked up as click does, and
+# what it draws with (imported once the reply is in).
 SCHEMA_SHOW_IMPORTS = (
     "import click; from tlsroll.cli import cli; "
-    "cli.get_command(click.Context(cli), 'schema').get_command(None, 'show')"
+    "cli.get_command(click.Context(cli), 'schema').get_command(None, 'show'); "
+    "import leader.cli.draw, leader.cli.plain"
 )
 
 
@@ -69,7 +80,9 @@ def children_cpu() -> float:
 
 def timed(argv: list[str], env: dict[str, str], runs: int) -> tuple[list[float], list[float]]:
     """Wall time and the command's own CPU time (user + system) of each run: on a shared
-    machine the CPU time is the steadier figure."""
+    machine the CPU time is the steadier figure. One untimed run first (it fills the bytecode
+    cache)."""
+    subprocess.run(argv, capture_output=True, env=env, timeout=60, check=False)
     walls, cpus = [], []
     for _ in range(runs):
         t0, c0 = time.perf_counter(), children_cpu()
@@ -83,18 +96,18 @@ def timed(argv: list[str], env: dict[str, str], runs: int) -> tuple[list[float],
 
 def rpc_alone(cluster: Cluster, calls: int) -> tuple[list[float], float]:
     """The ``GetSchema`` call of a plain ``schema show`` (the newest rollout), ``calls`` times
-    on one channel: each call's wall time, and the leader's CPU per call."""
+    on one connection, made as the CLI makes it (``leader.cli.unary``): each call's wall time
+    with the reply parsed, and the leader's CPU per call."""
     assert cluster.leader is not None
     pid = cluster.leader.pid
     walls = []
-    with grpc.insecure_channel(f"unix:{cluster.admin_socket}") as channel:
-        stub = schema_pb2_grpc.SchemaViewStub(channel)
-        request = schema_pb2.GetSchemaRequest(limit=1)
-        stub.GetSchema(request, timeout=30)  # the connection, outside the figures
+    with UnaryChannel(str(cluster.admin_socket)) as channel:
+        request = schema_pb2.GetSchemaRequest(limit=1).SerializeToString()
+        channel.call(GET_SCHEMA, request)  # the connection, outside the figures
         cpu0 = cpu_seconds(pid)
         for _ in range(calls):
             t0 = time.perf_counter()
-            stub.GetSchema(request, timeout=30)
+            schema_pb2.Schema.FromString(channel.call(GET_SCHEMA, request))
             walls.append(time.perf_counter() - t0)
         cpu = (cpu_seconds(pid) - cpu0) / calls
     return walls, cpu
@@ -105,6 +118,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rollouts", type=int, default=100)
     parser.add_argument("--nodes", type=int, default=10)
     parser.add_argument("--runs", type=int, default=7)
+    parser.add_argument(
+        "--no-bytecode-cache",
+        action="store_true",
+        help="compile every module on every run (PYTHONDONTWRITEBYTECODE, no cache)",
+    )
     ns = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="tlsroll-schema-"))
     try:
@@ -113,8 +131,18 @@ def main(argv: list[str] | None = None) -> int:
             store_history(cluster, ns.rollouts, ns.nodes)
             cluster.start_leader(NO_DEBUG)
             env = child_env({"TLSROLL_DATA_DIR": str(cluster.data_dir), **NO_DEBUG})
+            if ns.no_bytecode_cache:
+                env["PYTHONDONTWRITEBYTECODE"] = "1"
+                env["PYTHONPYCACHEPREFIX"] = str(root / "no-pycache")  # an empty place
+            else:
+                env.pop("PYTHONDONTWRITEBYTECODE", None)
+                env["PYTHONPYCACHEPREFIX"] = str(root / "pycache")
             cli = command("tlsroll", "tlsroll")
-            print(f"schema show: {ns.rollouts} stored rollouts of {ns.nodes} nodes each")
+            print(
+                f"schema show: {ns.rollouts} stored rollouts of {ns.nodes} nodes each; "
+                f"bytecode {'never cached' if ns.no_bytecode_cache else 'cached'}; "
+                f"load average {os.getloadavg()[0]:.2f} at the start"
+            )
             commands = [
                 ("schema show", [*cli, "schema", "show"]),
                 ("schema show --all", [*cli, "schema", "show", "--all"]),
@@ -123,17 +151,28 @@ def main(argv: list[str] | None = None) -> int:
                 ("import schema show", [sys.executable, "-c", SCHEMA_SHOW_IMPORTS]),
                 ("python -c pass", [sys.executable, "-c", "pass"]),
             ]
-            for label, command_line in commands:
-                walls, cpus = timed(command_line, env, ns.runs)
+            figures = {label: timed(argv, env, ns.runs) for label, argv in commands}
+            bare = statistics.median(figures["python -c pass"][0])
+            bare_cpu = statistics.median(figures["python -c pass"][1])
+            for label, (walls, cpus) in figures.items():
+                wall = statistics.median(walls)
+                relative = (
+                    f"; less python -c pass {(wall - bare) * 1000:.0f} ms, "
+                    f"{wall / bare:.1f}x python -c pass (CPU "
+                    f"{statistics.median(cpus) / bare_cpu:.1f}x)"
+                    if label != "python -c pass"
+                    else ""
+                )
                 print(
                     f"  {label:20s} wall {summary(walls, 'ms', 1000, 0)}; "
-                    f"CPU {summary(cpus, 'ms', 1000, 0)}"
+                    f"CPU {summary(cpus, 'ms', 1000, 0)}{relative}"
                 )
             walls, cpu = rpc_alone(cluster, 20 * ns.runs)
             print(
                 f"  {'GetSchema RPC alone':20s} wall {summary(walls, 'ms', 1000, 1)}; "
                 f"leader CPU {cpu * 1000:.1f} ms per call"
             )
+            print(f"  load average {os.getloadavg()[0]:.2f} at the end")
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import secrets
 import stat
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -250,6 +249,8 @@ def init(
 
     if passphrase_file is None:
         passphrase_file = layout.default_passphrase_file
+        import secrets  # noqa: PLC0415 - only here: every admin command imports this module
+
         write_atomic(passphrase_file, secrets.token_urlsafe(32).encode() + b"\n", PRIVATE)
     passphrase = read_passphrase(passphrase_file)
 

@@ -104,47 +104,14 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, replace
 from enum import StrEnum
 
+from leader.rollout_enums import FreezeMode, NodeState, RolloutState, ScopeKind, Strategy
 from tlsroll.enums import Change
 from tlsroll.errors import TerminalError
 
-__all__ = ["Change"]  # re-exported: the core's vocabulary, defined where the agents share it
-
-
-class ScopeKind(StrEnum):
-    """Which nodes a rollout covers: the leader node, every enrolled node, or a named list."""
-
-    LOCAL = "local"
-    CLUSTER = "cluster"
-    NODES = "nodes"
-
-
-class Strategy(StrEnum):
-    """How the switch is done; ``direct`` closes http in the same step that opens https."""
-
-    DIRECT = "direct"
-    TRANSITIONAL = "transitional"  # https beside http first; `rollout finalize` closes http
-
-
-class FreezeMode(StrEnum):
-    """``node``: each node is frozen only inside its own switch; ``scope``: all nodes in scope
-    are frozen before the first switch and unfrozen after the last node ends."""
-
-    NODE = "node"
-    SCOPE = "scope"
-
-
-class RolloutState(StrEnum):
-    """Where a rollout is; see the module docstring."""
-
-    PLANNED = "planned"
-    RUNNING = "running"
-    PAUSED = "paused"
-    ABORTING = "aborting"
-    HALTING = "halting"
-    COMPLETED = "completed"
-    HALTED = "halted"
-    ABORTED = "aborted"
-    AWAITING_FINALIZE = "awaiting_finalize"  # transitional: every node dual, nothing frozen
+# Re-exported: the core's vocabulary. ``Change`` is defined where the agents share it; the
+# states and a rollout's settings in ``leader.rollout_enums``, which ``tlsroll schema show``
+# names without building this module's tables and records.
+__all__ = ["Change", "FreezeMode", "NodeState", "RolloutState", "ScopeKind", "Strategy"]
 
 
 class RolloutEvent(StrEnum):
@@ -171,23 +138,6 @@ class RolloutAction(StrEnum):
     @property
     def event(self) -> RolloutEvent:
         return RolloutEvent(self.value)
-
-
-class NodeState(StrEnum):
-    """Where one node of a rollout is; see the module docstring."""
-
-    PENDING = "pending"
-    PREFLIGHT = "preflight"
-    STAGING = "staging"
-    STAGED = "staged"
-    SWITCHING = "switching"
-    CONFIRMING = "confirming"
-    DONE = "done"
-    FAILED = "failed"
-    ROLLED_BACK = "rolled_back"
-    SKIPPED = "skipped"
-    NEEDS_ATTENTION = "needs_attention"
-    DUAL = "dual"  # transitional phase 1 done: http and https
 
 
 class NodeEvent(StrEnum):

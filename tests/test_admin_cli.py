@@ -257,6 +257,7 @@ def test_cli_without_a_leader_is_one_line_exit_1(tmp_path: Path) -> None:
             ["nodes"],
             ["token", "create", "--node=n", "--address=127.0.0.2"],
             ["ca", "show"],
+            ["schema", "show"],  # without grpcio (leader.cli.unary)
         ):
             line = cli_error(idle.cli(*args), 1)
             assert "is tlsroll-leader running?" in line
@@ -271,6 +272,8 @@ def test_cli_with_a_crashed_leader_then_a_restart(tmp_path: Path) -> None:
         c.kill_leader()  # SIGKILL: the socket file stays behind
         assert c.admin_socket.exists()
         line = cli_error(c.cli("token", "list"), 1)
+        assert "cannot reach the leader" in line
+        line = cli_error(c.cli("schema", "show", "--json"), 1)
         assert "cannot reach the leader" in line
         c.start_leader()  # a stale socket from a crash does not stop the next start
         result = c.cli("token", "list", "--json")

@@ -418,6 +418,19 @@ def test_schema_show_draws_the_newest_rollout_and_all_of_them_with_all(
         one = cluster.cli("schema", "show", "--rollout", "r-old-1")
         assert "r-old-1" in one.stdout and "r-newest" not in one.stdout
 
+        # --watch of an ended rollout: its states as lines, the table, and it stops by itself
+        watched = cluster.cli("schema", "show", "--watch")
+        assert watched.returncode == 0, watched.stderr
+        assert "rollout r-newest: completed" in watched.stdout and "node n1: done" in watched.stdout
+        watched = cluster.cli("schema", "show", "--watch", "--json", "--rollout", "r-old-1")
+        assert json.loads(watched.stdout)["id"] == "r-old-1"
+
+        missing = cluster.cli("schema", "show", "--rollout", "r-nope")
+        assert missing.returncode == 1 and missing.stdout == ""
+        assert missing.stderr.strip() == (
+            "tlsroll: error: no rollout 'r-nope' (see: tlsroll schema show)"
+        )
+
 
 # Runs ``tlsroll ARGS`` as its console script does (``tlsroll.cli.main``) and, as the process
 # exits, writes the modules it imported.
@@ -435,15 +448,23 @@ sys.exit(main(args))
 """
 
 # Never in `tlsroll schema show`: the certificate code (cryptography: 40 ms), the daemons'
-# libraries, the notice templates and password policy, the other roles.
+# libraries, the notice templates and password policy, the other roles; nor grpcio (50 ms: its
+# core imports asyncio and grpc.aio; the schema is read with leader.cli.unary) and what only it
+# brought (logging).
 NOT_IN_SCHEMA_SHOW = {
     "cryptography", "aiohttp", "structlog", "spake2", "jinja2", "zxcvbn", "tenacity",
-    "nodeagent", "workstation", "refserver",
+    "nodeagent", "workstation", "refserver", "grpc", "asyncio", "logging",
 }  # fmt: skip
-# ... nor the leader's daemon parts: the store, the engine, the --cert-dir checks.
+# ... nor the leader's daemon parts: the store, the engine, the --cert-dir checks; nor the pure
+# core's tables and records (leader.rollout_enums has what a view names), the Admin service's
+# messages and codecs (leader.schema_wire has the schema's), the clients' reports
+# (tlsroll.clients), the passphrase generator of `init` (secrets); nor rich (about 40 ms to
+# import it and draw one rollout: leader.cli.plain draws the same tables).
 NOT_IN_SCHEMA_SHOW_LEADER = {
     "leader.store", "leader.schema_store", "leader.engine", "leader.byo", "leader.node_check",
     "leader.viewer", "leader.cli.rollout", "leader.cli.password", "leader.cli.cluster_cmd",
+    "leader.rollout_core", "leader.wire", "leader.states", "tlsroll.v1.admin_pb2",
+    "tlsroll.clients", "secrets", "rich",
 }  # fmt: skip
 
 
@@ -466,8 +487,9 @@ def test_schema_show_imports_what_it_draws_with_and_nothing_else(
 ) -> None:
     """An admin runs `schema show` often (and --watch while a rollout runs): it once imported
     every command's libraries and, through the leader's codecs, cryptography, for 270 ms
-    before it asked the leader anything. Its text is drawn with rich; with --json not even
-    that is imported."""
+    before it asked the leader anything; then grpcio (with asyncio), the Admin service's
+    messages and the pure core, for about 80 ms more, and rich for 40 ms. Its text is drawn
+    with leader.cli.plain; with --json not even that is imported."""
     with Cluster(tmp_path / "cluster", loopback()) as cluster:
         cluster.init()
         store_finished_rollout(cluster, "r-lean", 1)
@@ -478,11 +500,60 @@ def test_schema_show_imports_what_it_draws_with_and_nothing_else(
         assert json.loads(data)["rollouts"][0]["id"] == "r-lean"
     for seen in (modules, json_modules):
         tops = {m.split(".")[0] for m in seen}
-        assert "grpc" in tops and "leader" in tops  # it did talk to the leader
+        assert "leader.cli.unary" in seen  # it did talk to the leader, without grpcio
         assert tops & NOT_IN_SCHEMA_SHOW == set()
         assert {m for m in seen if m.startswith(tuple(NOT_IN_SCHEMA_SHOW_LEADER))} == set()
-    assert "rich" in {m.split(".")[0] for m in modules}
-    assert "rich" not in {m.split(".")[0] for m in json_modules}
+    assert "leader.cli.plain" in modules and "leader.cli.plain" not in json_modules
+
+
+# Run with nothing else imported: which enums of the schema's messages have no codec once
+# leader.schema_wire alone is loaded (their --json would show numbers, their text nothing).
+CODECS_PROBE = """
+import leader.schema_wire
+from tlsroll import wire
+from tlsroll.v1 import schema_pb2
+seen, missing = set(), set()
+def walk(message):
+    if message.full_name in seen:
+        return
+    seen.add(message.full_name)
+    for field in message.fields:
+        if field.enum_type is not None and field.enum_type.full_name not in wire._CODECS:
+            missing.add(field.enum_type.full_name)
+        if field.message_type is not None:
+            walk(field.message_type)
+for message in schema_pb2.DESCRIPTOR.message_types_by_name.values():
+    walk(message)
+print(" ".join(sorted(missing)) or "none")
+"""
+
+
+def test_the_schema_codecs_cover_every_enum_of_the_schema_views() -> None:
+    """`schema show` registers only the schema's codecs (``leader.schema_wire``), not the
+    Admin service's (``leader.wire``): each enum a schema view can carry must have its codec
+    there, or ``--json`` prints a number and the table an empty state."""
+    done = subprocess.run(
+        [sys.executable, "-c", CODECS_PROBE],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "none"
+
+
+def test_where_watch_and_wait_stop_is_where_the_core_says_nothing_more_happens() -> None:
+    """``schema_cmd`` names the end states itself (so as not to import the core): the same
+    as the core's terminal and waiting states."""
+    from leader.cli.schema_cmd import ENDS, TERMINAL
+    from leader.rollout_core import (
+        TERMINAL_ROLLOUT_STATES,
+        WAITING_ROLLOUT_STATES,
+    )
+
+    assert {s.value for s in TERMINAL_ROLLOUT_STATES} == TERMINAL
+    assert {s.value for s in TERMINAL_ROLLOUT_STATES | WAITING_ROLLOUT_STATES} == ENDS
 
 
 def test_the_expiry_check_behind_every_schema_show_reads_no_rollout_history(

@@ -20,23 +20,21 @@ from __future__ import annotations
 import datetime as dt
 import re
 from enum import StrEnum
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 from google.protobuf.descriptor import FieldDescriptor
-from google.protobuf.json_format import MessageToDict
-from google.protobuf.message import Message
 
-from tlsroll.clients import (
-    MAX_ADDRESS,
-    MAX_PROBLEM,
-    MAX_REPORTED,
-    MAX_WORKSTATION,
-    ClientSeen,
-    ClientsView,
-)
 from tlsroll.enums import Change, TxnKind, TxnOutcome
 from tlsroll.errors import TerminalError
 from tlsroll.v1 import agent_pb2, types_pb2
+
+if TYPE_CHECKING:
+    from google.protobuf.message import Message
+
+    from tlsroll.clients import ClientsView
+
+# ``tlsroll schema show`` imports this module for its codecs: what only ``to_dict`` and the
+# clients' reports need (json_format, ``tlsroll.clients``) is imported where they run.
 
 E = TypeVar("E", bound=StrEnum)
 
@@ -104,6 +102,8 @@ TXN_OUTCOME = EnumCodec(TxnOutcome, agent_pb2.TransactionOutcome)
 def to_dict(msg: Message) -> dict[str, Any]:
     """JSON-ready data of ``msg``: field names as in the .proto, every field present, and
     enums as their Python values (a registered codec), never as protobuf names."""
+    from google.protobuf.json_format import MessageToDict  # noqa: PLC0415
+
     data = MessageToDict(
         msg,
         preserving_proto_field_name=True,
@@ -134,6 +134,13 @@ def _texts(descriptor: Any, data: dict[str, Any]) -> None:
 
 def clients_message(view: ClientsView) -> types_pb2.ClientsView:
     """A driver's ``ClientsView`` as the agent reports it (GetStatus, heartbeats)."""
+    from tlsroll.clients import (  # noqa: PLC0415
+        MAX_ADDRESS,
+        MAX_PROBLEM,
+        MAX_REPORTED,
+        MAX_WORKSTATION,
+    )
+
     msg = types_pb2.ClientsView(
         window_seconds=view.window_seconds,
         source=view.source,
@@ -153,6 +160,8 @@ def clients_message(view: ClientsView) -> types_pb2.ClientsView:
 
 def clients_view(msg: types_pb2.ClientsView) -> ClientsView:
     """The reverse (the leader's side): timestamps as aware UTC datetimes."""
+    from tlsroll.clients import ClientSeen, ClientsView  # noqa: PLC0415
+
     return ClientsView(
         tuple(
             ClientSeen(

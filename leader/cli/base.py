@@ -1,4 +1,9 @@
-"""What every ``tlsroll`` admin command shares: the leader connection, output helpers, errors."""
+"""What every ``tlsroll`` admin command shares: the leader connection, output helpers, errors.
+
+Imported by every admin command, ``schema show`` among them (goal: 150 ms in all), so it imports
+only what they all need: grpcio (about 50 ms: its core imports asyncio) and the Admin service's
+messages are imported by the commands that call the Admin service (``Leader.admin``); the schema
+is read without grpcio (``fetch_schema``, ``leader.cli.unary``)."""
 
 from __future__ import annotations
 
@@ -16,23 +21,25 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
 import click
-import grpc
 from google.protobuf.message import Message
 
-from leader import wire as _leader_wire  # noqa: F401 - registers the leader's codecs
+from leader import schema_wire as _schema_wire  # noqa: F401 - registers the schema's codecs
+from leader.cli.unary import RpcFailed, UnaryChannel
 from leader.layout import Layout
 from tlsroll import wire
 from tlsroll.cli import Target
 from tlsroll.defaults import DEFAULT_DATA_DIR
 from tlsroll.errors import TerminalError
-from tlsroll.v1 import schema_pb2, schema_pb2_grpc
+from tlsroll.v1 import schema_pb2
 
 if TYPE_CHECKING:
+    import grpc
     from rich.console import Console
 
     from tlsroll.v1 import admin_pb2_grpc
 
 T = TypeVar("T")
+M = TypeVar("M", bound=Message)
 
 
 def _pipe_width() -> int | None:
@@ -109,9 +116,10 @@ class Leader:
 
     def __init__(self, socket: Path) -> None:
         self.socket = socket
+        self._unary: UnaryChannel | None = None
 
-    @contextmanager
-    def channel(self) -> Iterator[grpc.Channel]:
+    def check_socket(self) -> None:
+        """A missing or forbidden socket, as one line that says what to do."""
         sock = self.socket
         try:
             os.stat(sock)
@@ -121,36 +129,57 @@ class Leader:
             fail(permission_hint(sock))
         if not os.access(sock, os.R_OK | os.W_OK):
             fail(permission_hint(sock))
-        with grpc.insecure_channel(f"unix:{sock}") as channel:
+
+    @contextmanager
+    def channel(self) -> Iterator[grpc.Channel]:
+        import grpc  # noqa: PLC0415 - see the module docstring
+
+        self.check_socket()
+        with grpc.insecure_channel(f"unix:{self.socket}") as channel:
             yield channel
 
     @contextmanager
     def admin(self) -> Iterator[admin_pb2_grpc.AdminStub]:
-        # The Admin service's messages are many; `schema show` talks to SchemaView only.
+        # The Admin service's messages are many; `schema show` talks to SchemaView only. Its
+        # enums' codecs (``leader.wire``) come with it, for ``to_dict``.
+        from leader import wire as _leader_wire  # noqa: F401, PLC0415
         from tlsroll.v1 import admin_pb2_grpc  # noqa: PLC0415
 
         with self.channel() as channel:
             yield admin_pb2_grpc.AdminStub(channel)
 
-    @contextmanager
-    def schema(self) -> Iterator[schema_pb2_grpc.SchemaViewStub]:
-        with self.channel() as channel:
-            yield schema_pb2_grpc.SchemaViewStub(channel)
+    def refused(self, code: str, details: str) -> NoReturn:
+        """A gRPC status (by name) as the CLI's error: INVALID_ARGUMENT is a usage error (exit
+        2), any other refusal a failure (exit 1), each one line."""
+        if code == "UNAVAILABLE":
+            fail(f"cannot reach the leader on {self.socket}: is tlsroll-leader running?")
+        if code == "INVALID_ARGUMENT":
+            raise click.UsageError(details, click.get_current_context(silent=True))
+        fail(details or f"the leader answered {code}")
 
     def call(self, method: Callable[..., T], request: Message, timeout: float = 30) -> T:
-        """Call the leader; its INVALID_ARGUMENT is a usage error (exit 2), any other refusal a
-        failure (exit 1), each one line."""
+        """Call the leader through a grpcio stub (``refused`` says how a refusal ends)."""
+        import grpc  # noqa: PLC0415 - imported already by the stub's channel
+
         try:
             return method(request, timeout=timeout)  # the leader asks the kernel who we are
         except grpc.RpcError as exc:
-            code = exc.code()
-            if code == grpc.StatusCode.UNAVAILABLE:
-                fail(f"cannot reach the leader on {self.socket}: is tlsroll-leader running?")
-            if code == grpc.StatusCode.INVALID_ARGUMENT:
-                raise click.UsageError(
-                    f"{exc.details()}", click.get_current_context(silent=True)
-                ) from None
-            fail(f"{exc.details()}")
+            self.refused(exc.code().name, f"{exc.details()}")
+
+    def unary(self, method: str, request: Message, reply: type[M], timeout: float = 30) -> M:
+        """Call a read-only method (``/tlsroll.v1.Service/Method``) without grpcio
+        (``leader.cli.unary``), on one connection kept for this command's later calls."""
+        self.check_socket()
+        if self._unary is None:
+            self._unary = UnaryChannel(str(self.socket))
+        try:
+            data = self._unary.call(method, request.SerializeToString(), timeout)
+        except RpcFailed as exc:
+            self.refused(exc.code, exc.details)
+        try:
+            return reply.FromString(data)
+        except Exception:  # protobuf's DecodeError, whichever backend's
+            fail(f"the leader's reply to {method} could not be read: is tlsroll up to date?")
 
 
 def pass_leader(f: Callable[..., T]) -> Callable[..., T]:
@@ -170,7 +199,8 @@ def emit_json(data: Any) -> None:
 
 
 def to_dict(msg: Message) -> dict[str, Any]:
-    """``--json`` data: enums as the words the CLI takes (``leader.wire`` registers them)."""
+    """``--json`` data: enums as the words the CLI takes (``leader.schema_wire`` registers the
+    schema's; ``leader.wire``, imported with the Admin service, the rest)."""
     return wire.to_dict(msg)
 
 
@@ -200,5 +230,7 @@ def fetch_schema(
     request = schema_pb2.GetSchemaRequest(
         rollout_id=rollout_id, limit=limit, rollouts_only=rollouts_only
     )
-    with leader.schema() as stub:
-        return leader.call(stub.GetSchema, request)
+    return leader.unary(GET_SCHEMA, request, schema_pb2.Schema)
+
+
+GET_SCHEMA = "/{}/GetSchema".format(schema_pb2.DESCRIPTOR.services_by_name["SchemaView"].full_name)

@@ -83,7 +83,7 @@ def ca_show(leader: Leader, as_json: bool) -> None:
     """Print the CA (subject, fingerprint, SPKI pin, expiry and residual time) and the trust
     bundle agents and workstations are given (all public; safe to share). How the 10-year CA
     is rolled: docs/ca-renewal.md."""
-    from leader.cli.certs import residual  # noqa: PLC0415 - lazy, as the command groups are
+    from leader.cli.draw import residual  # noqa: PLC0415 - lazy, as the command groups are
 
     with leader.admin() as admin:
         reply = leader.call(admin.GetCA, admin_pb2.GetCARequest())

@@ -10,6 +10,7 @@ it so.
 from __future__ import annotations
 
 import datetime as dt
+import sys
 import time
 
 import click
@@ -20,15 +21,16 @@ from leader.cli.base import (
     console,
     emit_json,
     fetch_schema,
-    out,
     pass_leader,
     to_dict,
 )
-from leader.rollout_core import TERMINAL_ROLLOUT_STATES, RolloutState
-from leader.wire import NODE_STATE, ROLLOUT_STATE
+from leader.rollout_enums import RolloutState
+from leader.schema_wire import NODE_STATE, ROLLOUT_STATE
 from tlsroll.v1 import schema_pb2
 
-TERMINAL = {s.value for s in TERMINAL_ROLLOUT_STATES}
+TERMINAL = {s.value for s in (RolloutState.COMPLETED, RolloutState.HALTED, RolloutState.ABORTED)}
+"""The core's ``TERMINAL_ROLLOUT_STATES``, named here so as not to import the core (a test
+keeps the two equal)."""
 AWAITING = RolloutState.AWAITING_FINALIZE.value
 ENDS = TERMINAL | {AWAITING}  # where --wait and --watch stop: nothing more happens by itself
 
@@ -56,35 +58,37 @@ def schema_show(
         try:
             watch_schema(leader, rollout_id, as_json)
         except KeyboardInterrupt:  # Ctrl-C is how one stops watching; the rollout goes on
-            out.print("stopped watching; the rollout goes on (tlsroll schema show --watch)")
+            click.echo("stopped watching; the rollout goes on (tlsroll schema show --watch)")
         return
     data = fetch_schema(leader, rollout_id, limit=0 if show_all or rollout_id else 1)
     if as_json:
         emit_json(to_dict(data))
         return
-    from leader.cli.certs import render_certificate_health  # noqa: PLC0415 - rich: text only
-    from leader.cli.draw import (  # noqa: PLC0415 - rich: text only
+    from leader.cli.draw import (  # noqa: PLC0415 - text only
+        render_certificate_health,
         render_clients,
         render_failures,
         render_revocations,
         render_rollout,
     )
+    from leader.cli.plain import Block, emit  # noqa: PLC0415
 
+    parts: list[Block | str] = []
     if not data.rollouts:
-        out.print("no rollouts yet")
-    for r in data.rollouts:
-        out.print(render_rollout(r))
+        parts.append("no rollouts yet")
+    parts += [render_rollout(r) for r in data.rollouts]
     if data.node_clients:
-        out.print(render_clients(data.node_clients))
+        parts.append(render_clients(data.node_clients))
     older = data.total_rollouts - len(data.rollouts)
     if older > 0 and not rollout_id:
-        out.print(f"{older} older rollout(s) not shown: tlsroll schema show --all")
+        parts.append(f"{older} older rollout(s) not shown: tlsroll schema show --all")
     if data.bootstrap_failures:
-        out.print(render_failures(data.bootstrap_failures))
+        parts.append(render_failures(data.bootstrap_failures))
     if data.removed_nodes or data.revoked_certificates:
-        out.print(render_revocations(data))
+        parts.append(render_revocations(data))
     if (health := render_certificate_health(data)) is not None:
-        out.print(health)
+        parts.append(health)
+    emit(*parts)
 
 
 def watch_schema(leader: Leader, rollout_id: str, as_json: bool, interval: float = 0.5) -> None:
@@ -111,23 +115,24 @@ def watch_schema(leader: Leader, rollout_id: str, as_json: bool, interval: float
                 return
             time.sleep(interval)
             r = newest() or r
-    from leader.cli.draw import render_rollout  # noqa: PLC0415 - rich: text only
+    from leader.cli.draw import render_rollout  # noqa: PLC0415 - text only
+    from leader.cli.plain import emit  # noqa: PLC0415
 
-    if not out.is_terminal:  # a log, not a screen: one line per change, the table at the end
+    if not sys.stdout.isatty():  # a log, not a screen: one line per change, the table at the end
         seen: dict[str, str] = {}
 
         def note(what: str, key: str, state: str, reason: str) -> None:
             if seen.get(key) != state:
                 seen[key] = state
                 why = f" ({reason})" if reason else ""
-                out.print(f"{dt.datetime.now(dt.UTC):%H:%M:%S} {what} {key}: {state}{why}")
+                emit(f"{dt.datetime.now(dt.UTC):%H:%M:%S} {what} {key}: {state}{why}")
 
         while True:
             for n in r.nodes:
                 note("node", n.name, NODE_STATE.text(n.state), n.reason)
             note("rollout", r.id, ROLLOUT_STATE.text(r.state), r.reason)
             if ROLLOUT_STATE.text(r.state) in ENDS:
-                out.print(render_rollout(r))
+                emit(render_rollout(r))
                 return
             time.sleep(interval)
             r = newest() or r

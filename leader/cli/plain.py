@@ -1,0 +1,221 @@
+"""Tables and styled lines drawn with the standard library: what ``tlsroll schema show`` prints.
+
+Why not rich here: importing rich and drawing one rollout's table with it took about 40 ms of a
+command whose goal is 150 ms (issue 15), for tables that need little of it. The look is rich's
+default table (heavy head, a space either side of each cell), colours on a terminal only (not
+with ``NO_COLOR`` or ``TERM=dumb``), and a table wider than the terminal folds its widest
+columns' cells onto more lines, as rich does. Into a pipe or a log lines stay whole (200 columns
+unless ``COLUMNS`` says otherwise).
+
+Text from peers (a node's reason, a workstation's name) is printed as it came except for control
+and format characters, which are replaced: a reason must not move the cursor, recolour the
+terminal or reorder what follows it (rich strips only a few of them: BEL, BS, VT, FF, CR).
+
+Each drawing is also a rich renderable (``__rich_console__``), for the commands that print
+through rich (``rollout status``, ``--watch`` on a terminal) and for tests.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import unicodedata
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from rich.console import Console, ConsoleOptions
+
+SGR = {
+    "bold": "1",
+    "reverse": "7",
+    "red": "31",
+    "green": "32",
+    "yellow": "33",
+    "cyan": "36",
+}
+"""The styles the schema uses, as ANSI SGR parameters."""
+
+
+def clean(text: str) -> str:
+    """``text`` with each control or format character (C0, C1, DEL, bidi overrides, …:
+    Unicode category C) shown as ``?``, and a tab or line break as a space (see the module
+    docstring). The leader cleans what peers send as it comes in (``tlsroll.peertext``); this
+    holds whatever the store has, and keeps the layout's own spacing."""
+    if text.isascii() and text.isprintable():
+        return text
+    return "".join(
+        " " if ch in "\t\n\r" else "?" if unicodedata.category(ch)[0] == "C" else ch for ch in text
+    )
+
+
+def cell_len(text: str) -> int:
+    """Terminal columns of ``text``: wide East Asian characters take two."""
+    if text.isascii():
+        return len(text)
+    return sum(2 if unicodedata.east_asian_width(c) in "WF" else 1 for c in text)
+
+
+@dataclass(frozen=True)
+class Styled:
+    """One line of text in a style (``"bold red"``; ``""`` for none)."""
+
+    text: str
+    style: str = ""
+
+    def paint(self, color: bool, text: str | None = None) -> str:
+        body = clean(self.text if text is None else text)
+        codes = [SGR[s] for s in self.style.split() if s in SGR]
+        if not color or not codes or not body:
+            return body
+        return f"\x1b[{';'.join(codes)}m{body}\x1b[0m"
+
+
+Cell = str | Styled
+
+
+class Table:
+    """Headers and rows of cells, drawn as rich's default table."""
+
+    def __init__(self, *headers: str) -> None:
+        self.headers = list(headers)
+        self.rows: list[list[Styled]] = []
+
+    def add_row(self, *cells: Cell) -> None:
+        self.rows.append([c if isinstance(c, Styled) else Styled(c) for c in cells])
+
+    def lines(self, width: int, color: bool) -> list[str]:
+        head = [Styled(h, "bold") for h in self.headers]
+        widths = fit(
+            [max(cell_len(clean(r[i].text)) for r in [head, *self.rows]) for i in range(len(head))],
+            [max(min_width(r[i].text) for r in [head, *self.rows]) for i in range(len(head))],
+            width - 1 - 3 * len(head),  # the borders and a space either side of each cell
+        )
+
+        def rule(left: str, fill: str, cross: str, right: str) -> str:
+            return left + cross.join(fill * (w + 2) for w in widths) + right
+
+        def row(cells: Sequence[Styled], bar: str, bottom: bool = False) -> list[str]:
+            folded = [wrap(clean(c.text), w) for c, w in zip(cells, widths, strict=True)]
+            height = max(len(f) for f in folded)
+            if bottom:  # headers sit on the rule below them, as rich draws them
+                folded = [[""] * (height - len(f)) + f for f in folded]
+            out = []
+            for n in range(height):
+                parts = []
+                for c, f, w in zip(cells, folded, widths, strict=True):
+                    text = f[n] if n < len(f) else ""
+                    parts.append(f" {c.paint(color, text)}{' ' * (w - cell_len(text))} ")
+                out.append(bar + bar.join(parts) + bar)
+            return out
+
+        lines = [rule("┏", "━", "┳", "┓"), *row(head, "┃", bottom=True), rule("┡", "━", "╇", "┩")]
+        for r in self.rows:
+            lines += row(r, "│")
+        lines.append(rule("└", "─", "┴", "┘"))
+        return lines
+
+
+def min_width(text: str) -> int:
+    """How narrow a column may fold: its longest word, at most 10 columns."""
+    return min(10, max((cell_len(w) for w in clean(text).split()), default=1))
+
+
+def fit(widths: list[int], minimums: list[int], room: int) -> list[int]:
+    """Column widths that fit ``room`` by narrowing the widest columns first: down to their
+    minimum (words stay whole), then, if that is not enough, down to 3 columns (words are cut);
+    a table that still does not fit is left to the terminal to wrap."""
+    widths = [max(w, 1) for w in widths]
+    for floor in (minimums, [3] * len(widths)):
+        while sum(widths) > room:
+            candidates = [i for i, w in enumerate(widths) if w > max(floor[i], 1)]
+            if not candidates:
+                break
+            widest = max(candidates, key=lambda i: widths[i])
+            widths[widest] -= 1
+    return widths
+
+
+def wrap(text: str, width: int) -> list[str]:
+    """``text`` folded at spaces into lines of at most ``width`` columns (a longer word is
+    cut)."""
+    if cell_len(text) <= width:
+        return [text]
+    lines: list[str] = []
+    line = ""
+    for whole in text.split(" "):
+        word = whole
+        while cell_len(word) > width:  # cut what cannot fit on any line
+            if line:
+                lines.append(line)
+                line = ""
+            cut = width
+            while cut > 1 and cell_len(word[:cut]) > width:
+                cut -= 1
+            lines.append(word[:cut])
+            word = word[cut:]
+        candidate = f"{line} {word}" if line else word
+        if cell_len(candidate) <= width:
+            line = candidate
+        else:
+            lines.append(line)
+            line = word
+    lines.append(line)
+    return lines
+
+
+Part = Styled | Table | str | list[Styled]
+"""What a block holds: a line (a list of styled pieces is one line), or a table."""
+
+
+class Block:
+    """Styled lines and tables, one under the other (rich's ``Group``)."""
+
+    def __init__(self, *parts: Part) -> None:
+        self.parts = list(parts)
+
+    def lines(self, width: int, color: bool) -> list[str]:
+        out: list[str] = []
+        for part in self.parts:
+            if isinstance(part, Table):
+                out += part.lines(width, color)
+            elif isinstance(part, list):
+                out.append("".join(piece.paint(color) for piece in part))
+            else:
+                out.append((part if isinstance(part, Styled) else Styled(part)).paint(color))
+        return out
+
+    def __rich_console__(self, console: Console, options: ConsoleOptions) -> Iterator[Any]:
+        from rich.text import Text  # noqa: PLC0415 - only a command that prints with rich
+
+        for line in self.lines(options.max_width, color=True):
+            yield Text.from_ansi(line)  # a line longer than the screen folds, as rich folds
+
+
+def terminal() -> tuple[int, bool]:
+    """The width to draw at (``COLUMNS`` if set, else the terminal's, else 200 columns) and
+    whether to colour (on a terminal only)."""
+    columns = os.environ.get("COLUMNS", "")
+    given = int(columns) if columns.isdigit() and int(columns) >= 40 else None
+    if not sys.stdout.isatty():
+        return given or 200, False
+    color = "NO_COLOR" not in os.environ and os.environ.get("TERM") != "dumb"
+    if given is None:
+        try:
+            given = os.get_terminal_size(sys.stdout.fileno()).columns or 80  # 0: unknown
+        except OSError:
+            given = 80
+    return given, color
+
+
+def emit(*parts: Block | Part) -> None:
+    """Print drawings to stdout, for the terminal or the pipe it goes to."""
+    width, color = terminal()
+    text = "\n".join(
+        line
+        for part in parts
+        for line in (part if isinstance(part, Block) else Block(part)).lines(width, color)
+    )
+    sys.stdout.write(text + "\n")
+    sys.stdout.flush()

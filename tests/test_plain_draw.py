@@ -1,0 +1,106 @@
+"""``leader.cli.plain``: the tables ``tlsroll schema show`` prints without rich. They must look
+as rich drew them (compared with rich itself), fold to a narrow terminal, colour only where
+asked, and never pass a peer's control characters to the terminal."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from rich.console import Console
+from rich.table import Table as RichTable
+
+from leader.cli.draw import render_rollout
+from leader.cli.plain import Block, Styled, Table, cell_len, clean, fit, wrap
+from tlsroll.v1 import schema_pb2, types_pb2
+
+ROWS = [
+    ["1", "praxis-a (leader)", "done", "http://10.0.0.1:8080", "https://10.0.0.1:8443", "-"],
+    ["2", "praxis-b", "needs_attention", "http://10.0.0.2:8080", "-", "confirm failed: timeout"],
+    ["3", "Empfang-Müller", "pending", "-", "-", ""],
+]
+HEADERS = ["#", "node", "state", "old address", "new address", "reason"]
+
+
+def rich_text(renderable: object, width: int) -> str:
+    out = io.StringIO()
+    console = Console(
+        file=out, width=width, highlight=False, soft_wrap=True, markup=False, emoji=False
+    )
+    console.print(renderable)
+    return out.getvalue()
+
+
+def ours(width: int = 200) -> Table:
+    table = Table(*HEADERS)
+    for row in ROWS:
+        table.add_row(*row)
+    return table
+
+
+def test_a_table_looks_as_rich_draws_it_into_a_pipe() -> None:
+    theirs = RichTable(*HEADERS)
+    for row in ROWS:
+        theirs.add_row(*row)
+    assert "\n".join(ours().lines(200, color=False)) + "\n" == rich_text(theirs, 200)
+
+
+def test_a_narrow_terminal_folds_the_widest_columns() -> None:
+    lines = ours().lines(60, color=False)
+    assert all(cell_len(line) <= 60 for line in lines), lines
+    text = " ".join(lines)
+    for row in ROWS:  # folded, not lost
+        for word in " ".join(row).split():
+            assert word[:3] in text
+
+
+def test_fit_and_wrap() -> None:
+    assert fit([10, 30, 5], [2, 8, 5], 30) == [10, 15, 5]  # the widest gives way first
+    assert fit([10, 30], [10, 30], 34) == [10, 24]  # below a minimum only when it must
+    assert fit([10, 30], [10, 30], 2) == [3, 3]  # the terminal wraps the rest
+    assert wrap("confirm failed: timeout", 10) == ["confirm", "failed:", "timeout"]
+    assert wrap("https://10.0.0.1:8443", 8) == ["https://", "10.0.0.1", ":8443"]
+    assert wrap("ab", 1) == ["a", "b"]
+
+
+def test_peer_text_cannot_steer_the_terminal() -> None:
+    """A reason or a workstation name comes from a peer: an escape sequence in it must not
+    reach the terminal, and a newline must not break the table."""
+    table = Table("node", "reason")
+    table.add_row("n1", "\x1b[2J\x1b]0;owned\x07 rm -rf\nnext\x9b31m")
+    lines = Block(Styled("\x1b[31mtitle"), table).lines(80, color=True)
+    text = "\n".join(lines)
+    assert "\x1b[2J" not in text and "\x07" not in text and "\x9b" not in text
+    assert "\x1b[31mtitle" not in text and "?[31mtitle" in text
+    assert sum("rm -rf next" in line for line in lines) == 1
+    assert clean("a\tb\r\nc\x00") == "a b  c?"
+    assert clean("ok \u202egnp.exe") == "ok ?gnp.exe"  # a bidi override
+    assert clean("Müller  漢字") == "Müller  漢字"
+
+
+def test_colours_only_when_asked() -> None:
+    view = schema_pb2.RolloutView(
+        id="r1",
+        state=types_pb2.ROLLOUT_STATE_COMPLETED,
+        nodes=[schema_pb2.NodeView(name="n1", state=types_pb2.NODE_STATE_DONE)],
+    )
+    plain = "\n".join(render_rollout(view).lines(200, color=False))
+    coloured = "\n".join(render_rollout(view).lines(200, color=True))
+    assert "\x1b[" not in plain and "completed" in plain
+    assert "\x1b[1mrollout r1\x1b[0m" in coloured and "\x1b[32mcompleted\x1b[0m" in coloured
+    assert "\x1b[32mdone\x1b[0m" in coloured
+
+
+def test_wide_characters_take_two_columns() -> None:
+    assert cell_len("漢字") == 4 and cell_len("Müller") == 6
+    table = Table("node")
+    table.add_row("漢字")
+    lines = table.lines(80, color=False)
+    assert len({cell_len(line) for line in lines}) == 1  # every line as wide as the others
+
+
+@pytest.mark.parametrize("width", [200, 70])
+def test_a_drawing_prints_through_rich_too(width: int) -> None:
+    """``rollout status`` and ``--watch`` on a terminal print through rich's console."""
+    block = Block(Styled("head", "bold"), ours())
+    assert rich_text(block, width) == "\n".join(block.lines(width, color=False)) + "\n"
