@@ -4,10 +4,10 @@ schema show`` (and ``rollout status``, ``--wait``, ``notify``) read the schema w
 Why not grpcio: ``import grpc`` costs about 50 ms before any call, because its core imports
 asyncio and ``grpc.aio`` whatever the caller uses; that was a third of ``schema show``'s time,
 whose goal is 150 ms (issue 15). The admin socket is local and speaks plain gRPC: HTTP/2 without
-TLS, by prior knowledge (RFC 9113 3.3). A unary call needs little of it: the preface and SETTINGS,
-one HEADERS and one DATA frame out; HEADERS, DATA and the trailers back, answering the server's
-SETTINGS and PINGs on the way. The header blocks that come back are HPACK (RFC 7541) and are
-decoded here in full (static and dynamic table, Huffman), since the server may use any of it.
+TLS, by prior knowledge (RFC 9113 3.3). HTTP/2 itself (frames, HPACK, SETTINGS and PING answers,
+flow control, GOAWAY and RST_STREAM) is the ``h2`` library's, the state machine httpx uses; this
+module adds only gRPC's own part on a blocking Unix socket: the 5-byte message prefix, the
+``grpc-timeout`` header, and the ``grpc-status``/``grpc-message`` trailers.
 
 Not here: compression (none is offered, so the server sends none), TLS, streaming calls.
 Every other admin command uses grpcio (``leader.cli.base.Leader.admin``). Failures are
@@ -20,7 +20,22 @@ from __future__ import annotations
 import socket
 import struct
 import time
+from collections.abc import Iterable
 from urllib.parse import unquote
+
+from h2.config import H2Configuration
+from h2.connection import H2Connection
+from h2.errors import ErrorCodes
+from h2.events import (
+    ConnectionTerminated,
+    DataReceived,
+    ResponseReceived,
+    StreamEnded,
+    StreamReset,
+    TrailersReceived,
+)
+from h2.exceptions import H2Error
+from h2.settings import SettingCodes, Settings
 
 from tlsroll.errors import TerminalError
 
@@ -34,15 +49,16 @@ STATUS = (
 )
 # fmt: on
 
-PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n"
-DATA, HEADERS, PRIORITY, RST_STREAM, SETTINGS, PUSH_PROMISE, PING, GOAWAY = range(8)
-WINDOW_UPDATE, CONTINUATION = 8, 9
-END_STREAM = ACK = 0x1
-END_HEADERS, PADDED, PRIORITY_FLAG = 0x4, 0x8, 0x20
-MAX_WINDOW = 2**31 - 1
-DEFAULT_WINDOW = 65535
-MAX_FRAME = 16384  # the server's SETTINGS_MAX_FRAME_SIZE can only be larger
+DEFAULT_WINDOW = 65535  # HTTP/2's initial flow-control windows (RFC 9113 6.9.2)
+WINDOW = 2**20
+"""Our receive windows, stream and connection: a schema of 100 rollouts comes in one go, without
+waiting for a WINDOW_UPDATE; a bigger one is acknowledged as it is read (h2 sends the update)."""
 MAX_REPLY = 64 * 2**20  # a schema far beyond 100 rollouts of 500 nodes; more is a broken peer
+
+# header_encoding=None: header names and values stay bytes, decoded here as latin-1 (what comes
+# back is ASCII, grpc-message percent-encoded), so that no server's bytes can raise outside
+# h2's own errors.
+CONFIG = H2Configuration(client_side=True, header_encoding=None)
 
 
 class RpcFailed(TerminalError):
@@ -60,205 +76,6 @@ class ProtocolError(RpcFailed):
 
     def __init__(self, details: str) -> None:
         super().__init__("INTERNAL", f"unreadable reply from the leader: {details}")
-
-
-# --- HPACK (RFC 7541) decoding ----------------------------------------------------------------
-
-# fmt: off
-STATIC_TABLE: tuple[tuple[str, str], ...] = (
-    (":authority", ""), (":method", "GET"), (":method", "POST"), (":path", "/"),
-    (":path", "/index.html"), (":scheme", "http"), (":scheme", "https"), (":status", "200"),
-    (":status", "204"), (":status", "206"), (":status", "304"), (":status", "400"),
-    (":status", "404"), (":status", "500"), ("accept-charset", ""),
-    ("accept-encoding", "gzip, deflate"), ("accept-language", ""), ("accept-ranges", ""),
-    ("accept", ""), ("access-control-allow-origin", ""), ("age", ""), ("allow", ""),
-    ("authorization", ""), ("cache-control", ""), ("content-disposition", ""),
-    ("content-encoding", ""), ("content-language", ""), ("content-length", ""),
-    ("content-location", ""), ("content-range", ""), ("content-type", ""), ("cookie", ""),
-    ("date", ""), ("etag", ""), ("expect", ""), ("expires", ""), ("from", ""), ("host", ""),
-    ("if-match", ""), ("if-modified-since", ""), ("if-none-match", ""), ("if-range", ""),
-    ("if-unmodified-since", ""), ("last-modified", ""), ("link", ""), ("location", ""),
-    ("max-forwards", ""), ("proxy-authenticate", ""), ("proxy-authorization", ""),
-    ("range", ""), ("referer", ""), ("refresh", ""), ("retry-after", ""), ("server", ""),
-    ("set-cookie", ""), ("strict-transport-security", ""), ("transfer-encoding", ""),
-    ("user-agent", ""), ("vary", ""), ("via", ""), ("www-authenticate", ""),
-)
-# fmt: on
-"""RFC 7541 Appendix A; index 1 is the first entry."""
-
-# The Huffman code's length in bits for each symbol 0..256 (256: EOS), RFC 7541 Appendix B, as
-# chr(ord("<") + length). The code is canonical (codes in order of length, then symbol), so the
-# lengths alone define it; tests decode the RFC's examples.
-_LENGTHS = (
-    "ISXXXXXXXTZXXZXXXXXXXXZXXXXXXXXXBFFHIBDGFFDGDBBBAAABBBBBBBCDKBHFIBCCCCCCCCCCCCCCCCCCCCCC"
-    "DCDIOIJBKABABABBBACCBBBABCBAABCCCCCKGJIXPRPPRRRSRSSSSSTSTTRSTSSSSQRSRSSTRQPRRSSQSRRTQRSS"
-    "QQRQSRSSPRRRSRRSVVPORSRUVVVWWVTUOQVWWVWTQQVVXWWWPTPQRQQSRRUUTTVSVWVVWWWWWXWWWWWVZ"
-)
-_HUFFMAN: dict[tuple[int, int], int] | None = None  # (length, code) -> symbol, built on first use
-
-
-def _huffman_codes() -> dict[tuple[int, int], int]:
-    global _HUFFMAN  # noqa: PLW0603 - built once, only if the server Huffman-codes a string
-    if _HUFFMAN is None:
-        lengths = [ord(c) - ord("<") for c in _LENGTHS]
-        codes: dict[tuple[int, int], int] = {}
-        order = sorted(range(257), key=lambda s: (lengths[s], s))
-        code, previous = -1, lengths[order[0]]
-        for symbol in order:
-            code = (code + 1) << (lengths[symbol] - previous)
-            previous = lengths[symbol]
-            codes[(previous, code)] = symbol
-        _HUFFMAN = codes
-    return _HUFFMAN
-
-
-def huffman_decode(data: bytes) -> bytes:
-    """RFC 7541 5.2: the padding is at most 7 bits, all ones (the start of EOS)."""
-    codes = _huffman_codes()
-    out = bytearray()
-    code = length = 0
-    for byte in data:
-        for shift in range(7, -1, -1):
-            code = (code << 1) | ((byte >> shift) & 1)
-            length += 1
-            symbol = codes.get((length, code)) if length >= 5 else None
-            if symbol is not None:
-                if symbol == 256:
-                    raise ProtocolError("EOS inside a Huffman-coded string")
-                out.append(symbol)
-                code = length = 0
-            elif length > 30:
-                raise ProtocolError("invalid Huffman code")
-    if length > 7 or code != (1 << length) - 1:
-        raise ProtocolError("invalid Huffman padding")
-    return bytes(out)
-
-
-class HpackDecoder:
-    """The decoding context of one connection: its dynamic table lives as long as the
-    connection (RFC 7541 2.3.2)."""
-
-    def __init__(self, max_size: int = 4096) -> None:
-        self.max_size = max_size  # what we allow (SETTINGS_HEADER_TABLE_SIZE, default 4096)
-        self.size_limit = max_size  # what the encoder chose, at most max_size
-        self.dynamic: list[tuple[str, str]] = []  # newest first
-        self.size = 0
-
-    def _entry(self, index: int) -> tuple[str, str]:
-        if 1 <= index <= len(STATIC_TABLE):
-            return STATIC_TABLE[index - 1]
-        if 0 <= index - len(STATIC_TABLE) - 1 < len(self.dynamic):
-            return self.dynamic[index - len(STATIC_TABLE) - 1]
-        raise ProtocolError(f"header table index {index} out of range")
-
-    def _add(self, name: str, value: str) -> None:
-        self.dynamic.insert(0, (name, value))
-        self.size += len(name) + len(value) + 32  # octets: latin-1 is one per character
-        self._evict()
-
-    def _evict(self) -> None:
-        while self.size > self.size_limit and self.dynamic:
-            name, value = self.dynamic.pop()
-            self.size -= len(name) + len(value) + 32  # octets: latin-1 is one per character
-
-    def decode(self, block: bytes) -> list[tuple[str, str]]:
-        """The header fields of one complete header block, in order."""
-        fields: list[tuple[str, str]] = []
-        at = 0
-        while at < len(block):
-            first = block[at]
-            if first & 0x80:  # indexed field
-                index, at = _integer(block, at, 7)
-                fields.append(self._entry(index))
-                continue
-            if first & 0xE0 == 0x20:  # dynamic table size update
-                size, at = _integer(block, at, 5)
-                if size > self.max_size:
-                    raise ProtocolError(f"header table size {size} over {self.max_size}")
-                self.size_limit = size
-                self._evict()
-                continue
-            indexing = first & 0xC0 == 0x40  # else without (0000) or never indexed (0001)
-            index, at = _integer(block, at, 6 if indexing else 4)
-            if index:
-                name = self._entry(index)[0]
-            else:
-                raw, at = _string(block, at)
-                name = raw.decode("latin-1")
-            raw, at = _string(block, at)
-            value = raw.decode("latin-1")
-            fields.append((name, value))
-            if indexing:
-                self._add(name, value)
-        return fields
-
-
-def _integer(data: bytes, at: int, prefix: int) -> tuple[int, int]:
-    """RFC 7541 5.1: an integer with a ``prefix``-bit prefix at ``data[at]``; the value and
-    where the next field starts."""
-    limit = (1 << prefix) - 1
-    value = data[at] & limit
-    at += 1
-    if value < limit:
-        return value, at
-    shift = 0
-    while True:
-        if at >= len(data) or shift > 28:
-            raise ProtocolError("truncated or oversized integer in a header block")
-        byte = data[at]
-        at += 1
-        value += (byte & 0x7F) << shift
-        shift += 7
-        if not byte & 0x80:
-            return value, at
-
-
-def _string(data: bytes, at: int) -> tuple[bytes, int]:
-    if at >= len(data):
-        raise ProtocolError("truncated header block")
-    huffman = data[at] & 0x80
-    length, at = _integer(data, at, 7)
-    if at + length > len(data):
-        raise ProtocolError("truncated string in a header block")
-    raw = data[at : at + length]
-    return (huffman_decode(raw) if huffman else raw), at + length
-
-
-def encode_integer(value: int, prefix: int, flags: int = 0) -> bytes:
-    limit = (1 << prefix) - 1
-    if value < limit:
-        return bytes([flags | value])
-    out = bytearray([flags | limit])
-    value -= limit
-    while value >= 0x80:
-        out.append((value & 0x7F) | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
-
-
-def encode_headers(fields: list[tuple[str, str]]) -> bytes:
-    """Literal fields without indexing and without Huffman (RFC 7541 6.2.2): the simplest
-    block a server must accept, and it leaves the server's decoding table untouched."""
-    out = bytearray()
-    for name, value in fields:
-        out.append(0)
-        for text in (name, value):
-            raw = text.encode("latin-1")
-            out += encode_integer(len(raw), 7) + raw
-    return bytes(out)
-
-
-# --- HTTP/2 framing ---------------------------------------------------------------------------
-
-
-def frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
-    return (
-        struct.pack(">I", len(payload))[1:]
-        + bytes([kind, flags])
-        + struct.pack(">I", stream)
-        + payload
-    )
 
 
 def grpc_timeout(seconds: float) -> str:
@@ -282,6 +99,34 @@ def http_status_code(status: str) -> str:
     }.get(status, "UNKNOWN")
 
 
+def reset_code(error_code: int | None) -> str:
+    """The gRPC code for a call the server reset (gRPC's HTTP/2 error-code mapping): a stream
+    it refused never ran and may be tried again."""
+    return "UNAVAILABLE" if error_code == ErrorCodes.REFUSED_STREAM else "INTERNAL"
+
+
+def fields(headers: Iterable[tuple[bytes | str, bytes | str]] | None) -> dict[str, str]:
+    """h2's header tuples (bytes, as CONFIG asks) as a dict of latin-1 text."""
+    return {_text(name): _text(value) for name, value in headers or ()}
+
+
+def _text(raw: bytes | str) -> str:
+    return raw.decode("latin-1") if isinstance(raw, bytes) else raw
+
+
+class _Reply:
+    """What has come back on one call's stream so far."""
+
+    __slots__ = ("data", "ended", "headers", "stream", "trailers")
+
+    def __init__(self, stream: int) -> None:
+        self.stream = stream
+        self.headers: dict[str, str] | None = None
+        self.trailers: dict[str, str] | None = None
+        self.data = bytearray()
+        self.ended = False
+
+
 class UnaryChannel:
     """A connection to a gRPC server on a Unix socket that makes unary calls one after the
     other (``--watch`` asks every half second on the same connection). After any failure the
@@ -291,15 +136,15 @@ class UnaryChannel:
         self.path = path
         self.authority = authority
         self._sock: socket.socket | None = None
-        self._buffer = bytearray()
-        self._next_stream = 1
-        self._decoder = HpackDecoder()
+        self._conn: H2Connection | None = None
+        self._gone = False  # the server sent GOAWAY: the next call needs a new connection
         self._deadline = 0.0
 
     def close(self) -> None:
         if self._sock is not None:
             self._sock.close()
-            self._sock = None
+        self._sock = None
+        self._conn = None
 
     def __enter__(self) -> UnaryChannel:
         return self
@@ -311,6 +156,8 @@ class UnaryChannel:
         """Call ``method`` (``/package.Service/Method``) with a serialized request; the
         serialized reply, or ``RpcFailed``."""
         self._deadline = time.monotonic() + timeout
+        if self._gone:
+            self.close()
         reused = self._sock is not None
         try:
             try:
@@ -331,29 +178,34 @@ class UnaryChannel:
         except OSError as exc:
             self.close()
             raise RpcFailed("UNAVAILABLE", f"{exc.strerror or exc}") from None
+        except H2Error as exc:  # h2 refused what we would send, after what the peer sent
+            self.close()
+            raise ProtocolError(str(exc) or type(exc).__name__) from None
 
-    def _connect(self) -> socket.socket:
-        if self._sock is None:
+    def _connect(self) -> H2Connection:
+        if self._sock is None or self._conn is None:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
             try:
                 sock.settimeout(self._remaining())
                 sock.connect(self.path)
-                # Our SETTINGS: no server push, and windows so large that the server never
-                # waits for a WINDOW_UPDATE within a call (the connection's is topped up after
-                # each call).
-                sock.sendall(
-                    PREFACE
-                    + frame(SETTINGS, 0, 0, struct.pack(">HIHI", 2, 0, 4, MAX_WINDOW))
-                    + frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", MAX_WINDOW - DEFAULT_WINDOW))
+                conn = H2Connection(config=CONFIG)
+                # Sent with the preface: no server push, and our stream window; the
+                # connection's is raised to the same right after.
+                conn.local_settings = Settings(
+                    client=True,
+                    initial_values={
+                        SettingCodes.ENABLE_PUSH: 0,
+                        SettingCodes.INITIAL_WINDOW_SIZE: WINDOW,
+                    },
                 )
+                conn.initiate_connection()
+                conn.increment_flow_control_window(WINDOW - DEFAULT_WINDOW)
+                sock.sendall(conn.data_to_send())
             except BaseException:
                 sock.close()
                 raise
-            self._sock = sock
-            self._buffer.clear()
-            self._next_stream = 1
-            self._decoder = HpackDecoder()
-        return self._sock
+            self._sock, self._conn, self._gone = sock, conn, False
+        return self._conn
 
     def _remaining(self) -> float:
         left = self._deadline - time.monotonic()
@@ -362,10 +214,10 @@ class UnaryChannel:
         return left
 
     def _call(self, method: str, request: bytes, timeout: float) -> bytes:
-        sock = self._connect()
-        stream = self._next_stream
-        self._next_stream += 2
-        block = encode_headers(
+        conn = self._connect()
+        reply = _Reply(conn.get_next_available_stream_id())
+        conn.send_headers(
+            reply.stream,
             [
                 (":method", "POST"),
                 (":scheme", "http"),
@@ -375,79 +227,82 @@ class UnaryChannel:
                 ("te", "trailers"),
                 ("grpc-timeout", grpc_timeout(timeout)),
                 ("user-agent", "tlsroll-cli"),
-            ]
+            ],
         )
-        body = b"\x00" + struct.pack(">I", len(request)) + request
-        out = bytearray(frame(HEADERS, END_HEADERS, stream, block))
-        for start in range(0, len(body), MAX_FRAME):
-            last = start + MAX_FRAME >= len(body)
-            out += frame(DATA, END_STREAM if last else 0, stream, body[start : start + MAX_FRAME])
-        sock.settimeout(self._remaining())
-        sock.sendall(out)
-        headers, trailers, data, received = self._receive(stream)
-        if received:  # give the connection's window back for the next call
-            sock.sendall(frame(WINDOW_UPDATE, 0, 0, struct.pack(">I", received)))
-        return self._reply(headers, trailers, data)
+        body = memoryview(b"\x00" + struct.pack(">I", len(request)) + request)
+        while body and not reply.ended:  # (a server may answer before it has read it all)
+            # as much as the server's windows and frame size allow; else wait for its
+            # WINDOW_UPDATE (the CLI's requests are small: this loop runs once)
+            size = min(
+                len(body),
+                conn.local_flow_control_window(reply.stream),
+                conn.max_outbound_frame_size,
+            )
+            if size <= 0:
+                self._flush()
+                self._receive(reply)
+                continue
+            conn.send_data(reply.stream, body[:size], end_stream=size == len(body))
+            body = body[size:]
+        self._flush()
+        while not reply.ended:
+            self._receive(reply)
+        return self._reply(reply)
 
-    def _receive(self, stream: int) -> tuple[dict[str, str], dict[str, str], bytearray, int]:
-        headers: dict[str, str] | None = None
-        trailers: dict[str, str] = {}
-        data = bytearray()
-        received = 0
-        block = bytearray()
-        block_ends_stream = False
-        while True:
-            kind, flags, sid, payload = self._frame()
-            if kind == SETTINGS:
-                if not flags & ACK:
-                    self._send(frame(SETTINGS, ACK, 0))
-                continue
-            if kind == PING:
-                if not flags & ACK:
-                    self._send(frame(PING, ACK, 0, payload))
-                continue
-            if kind == GOAWAY:
-                last = struct.unpack(">I", payload[:4])[0] & MAX_WINDOW if len(payload) >= 8 else 0
-                if last < stream:
+    def _flush(self) -> None:
+        assert self._sock is not None and self._conn is not None
+        out = self._conn.data_to_send()
+        if out:
+            self._sock.settimeout(self._remaining())
+            self._sock.sendall(out)
+
+    def _receive(self, reply: _Reply) -> None:
+        """Read what the server sent next, hand it to h2, and answer (SETTINGS and PING
+        acknowledgements, WINDOW_UPDATEs for the data read)."""
+        assert self._sock is not None and self._conn is not None
+        conn = self._conn
+        self._sock.settimeout(self._remaining())
+        chunk = self._sock.recv(65536)
+        if not chunk:
+            raise RpcFailed("UNAVAILABLE", "the leader closed the connection")
+        try:
+            events = conn.receive_data(chunk)
+        except H2Error as exc:
+            raise ProtocolError(str(exc) or type(exc).__name__) from None
+        for event in events:
+            if isinstance(event, DataReceived):
+                # counts against the connection's window, whichever stream it is on
+                if event.flow_controlled_length:
+                    conn.acknowledge_received_data(event.flow_controlled_length, event.stream_id)
+                if event.stream_id == reply.stream and event.data:
+                    reply.data += event.data
+                    if len(reply.data) > MAX_REPLY:
+                        raise ProtocolError(f"reply over {MAX_REPLY} bytes")
+            elif isinstance(event, ConnectionTerminated):
+                self._gone = True
+                if not reply.ended:  # h2 takes no frame after GOAWAY, so the call is lost
                     raise RpcFailed("UNAVAILABLE", "the leader closed the connection")
+            elif getattr(event, "stream_id", None) != reply.stream:
                 continue
-            if kind == DATA:  # counts against the connection's window, whichever stream
-                received += len(payload)
-            if sid != stream or kind in (WINDOW_UPDATE, PRIORITY):
-                continue
-            if kind == RST_STREAM:
-                code = struct.unpack(">I", payload[:4])[0] if len(payload) >= 4 else -1
-                status = "UNAVAILABLE" if code == 7 else "INTERNAL"  # 7: REFUSED_STREAM
-                raise RpcFailed(status, f"the leader reset the call (HTTP/2 error {code})")
-            if kind == DATA:
-                data += _unpadded(flags, payload)
-                if len(data) > MAX_REPLY:
-                    raise ProtocolError(f"reply over {MAX_REPLY} bytes")
-                if flags & END_STREAM:
-                    raise ProtocolError("the reply ended without trailers")
-                continue
-            if kind == HEADERS:
-                fragment = _unpadded(flags, payload)
-                if flags & PRIORITY_FLAG:
-                    fragment = fragment[5:]
-                block = bytearray(fragment)
-                block_ends_stream = bool(flags & END_STREAM)
-            elif kind == CONTINUATION:
-                block += payload
-            else:
-                raise ProtocolError(f"unexpected frame type {kind}")
-            if not flags & END_HEADERS:
-                continue
-            fields = dict(self._decoder.decode(bytes(block)))
-            if headers is None:
-                headers = fields
-            else:
-                trailers = fields
-            if block_ends_stream:
-                # a trailers-only reply carries the status in its only header block
-                return headers, trailers or headers, data, received
+            elif isinstance(event, ResponseReceived):
+                reply.headers = fields(event.headers)
+            elif isinstance(event, TrailersReceived):
+                reply.trailers = fields(event.headers)
+            elif isinstance(event, StreamEnded):
+                reply.ended = True
+            elif isinstance(event, StreamReset):
+                raise RpcFailed(
+                    reset_code(event.error_code),
+                    f"the leader reset the call (HTTP/2 error {int(event.error_code or 0)})",
+                )
+        self._flush()
 
-    def _reply(self, headers: dict[str, str], trailers: dict[str, str], data: bytearray) -> bytes:
+    def _reply(self, reply: _Reply) -> bytes:
+        headers = reply.headers or {}
+        if reply.trailers is None and reply.data:
+            raise ProtocolError("the reply ended without trailers")
+        # a trailers-only reply carries the status in its only header block
+        trailers = reply.trailers if reply.trailers is not None else headers
         status = trailers.get("grpc-status")
         if status is None:
             code = http_status_code(headers.get(":status", ""))
@@ -458,6 +313,7 @@ class UnaryChannel:
         if number != 0:
             code = STATUS[number] if number < len(STATUS) else "UNKNOWN"
             raise RpcFailed(code, unquote(trailers.get("grpc-message", "")))
+        data = reply.data
         if len(data) < 5:
             raise ProtocolError("no reply message")
         if data[0] != 0:
@@ -466,36 +322,3 @@ class UnaryChannel:
         if len(data) != 5 + length:
             raise ProtocolError("more or less than one reply message")
         return bytes(data[5:])
-
-    def _send(self, data: bytes) -> None:
-        assert self._sock is not None
-        self._sock.settimeout(self._remaining())
-        self._sock.sendall(data)
-
-    def _read(self, n: int) -> bytes:
-        assert self._sock is not None
-        while len(self._buffer) < n:
-            self._sock.settimeout(self._remaining())
-            chunk = self._sock.recv(max(65536, n - len(self._buffer)))
-            if not chunk:
-                raise RpcFailed("UNAVAILABLE", "the leader closed the connection")
-            self._buffer += chunk
-        out = bytes(self._buffer[:n])
-        del self._buffer[:n]
-        return out
-
-    def _frame(self) -> tuple[int, int, int, bytes]:
-        head = self._read(9)
-        length = int.from_bytes(head[:3], "big")
-        if length > MAX_FRAME:  # we never raised SETTINGS_MAX_FRAME_SIZE
-            raise ProtocolError(f"frame of {length} bytes")
-        stream = struct.unpack(">I", head[5:9])[0] & MAX_WINDOW
-        return head[3], head[4], stream, self._read(length)
-
-
-def _unpadded(flags: int, payload: bytes) -> bytes:
-    if not flags & PADDED:
-        return payload
-    if not payload or payload[0] >= len(payload):
-        raise ProtocolError("bad padding")
-    return payload[1 : len(payload) - payload[0]]
