@@ -353,7 +353,8 @@ class AgentPool:
         look at every node's client each time (it did, and cost the leader CPU per step that
         grew with the number of nodes)."""
         name = client.node.name
-        if client.open and client.in_flight and self.clients.get(name) is client:
+        current = client.open and self.clients.get(name) is client
+        if current and (client.in_flight or name not in self._open):
             self._open[name] = None  # just opened for a call: it is the newest use
             self._open.move_to_end(name)
         excess = len(self._open) - self.max_open
