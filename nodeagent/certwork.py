@@ -9,7 +9,8 @@ CPU each), which does exactly the same work with the same
 code and answers with the plain values the agent keeps (``Identity``: the certificate's
 validity and the trust domain; a list's number and revoked serials). The checks are as strict
 as they were in-process: the child runs the same functions, and their errors come back as the
-same classes with the same messages.
+same classes with the same messages. A restart whose files and config are byte for byte those
+a child last checked needs no child (``MEMO`` in the data dir; see ``load_identity``).
 
 The work of a switch imports ``cryptography`` in the agent when it runs, where it then stays
 until the agent restarts: staging (a new key, its CSR, the leader's certificate checked), a
@@ -26,6 +27,7 @@ child's last line of stderr.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import subprocess
 import sys
@@ -33,7 +35,15 @@ from pathlib import Path
 from typing import Any
 
 from nodeagent.config import AgentConfig
-from nodeagent.identity import CertificateExpired, EnrolmentRefused, Identity, paths
+from nodeagent.identity import (
+    CertificateExpired,
+    EnrolmentRefused,
+    Identity,
+    expired_message,
+    paths,
+    pending_paths,
+)
+from tlsroll import logs
 from tlsroll.errors import (
     ConfigError,
     PKIError,
@@ -43,6 +53,10 @@ from tlsroll.errors import (
     TransientError,
     UnsafePermissions,
 )
+from tlsroll.fsutil import PRIVATE, check_private_file, write_atomic
+from tlsroll.names import utcnow
+
+log = logs.get_logger(__name__)
 
 # Enrolment talks to the leader (a 5 s chain fetch, a 10 s call); a local check takes well
 # under a second even on a loaded machine.
@@ -69,15 +83,68 @@ ERRORS: dict[str, type[TlsrollError]] = {
 # --- the agent's side -------------------------------------------------------------------------
 
 
-def load_identity(cfg: AgentConfig) -> Identity | None:
-    """``identity.load_identity(cfg)``, checked in a child: None if not enrolled yet."""
+def load_identity(cfg: AgentConfig, now: dt.datetime | None = None) -> Identity | None:
+    """``identity.load_identity(cfg)``, checked in a child: None if not enrolled yet.
+
+    No child when none of the node's files, nor a renewal's, exists (None: what it would
+    answer), nor when the files and the config are byte for byte those a child last checked
+    (``MEMO``): the checks depend on nothing else, except the certificate's end (compared here
+    with ``now``) and the key file's permissions (checked here again)."""
+    if not any(p.exists() for p in (*paths(cfg.data_dir), *pending_paths(cfg.data_dir))):
+        return None
+    if not any(p.exists() for p in pending_paths(cfg.data_dir)):
+        remembered = _remembered(cfg)
+        if remembered is not None:
+            check_private_file(remembered.key_file)
+            if (now or utcnow()) >= remembered.not_after:
+                raise CertificateExpired(expired_message(cfg, remembered.not_after))
+            return remembered
     facts = _ask({"op": "identity", "config": str(cfg.path), **_logging(cfg)})
-    return None if facts is None else _identity(cfg, facts)
+    return None if facts is None else _remember(cfg, _identity(cfg, facts))
 
 
 def enrol(cfg: AgentConfig) -> Identity:
     """``identity.enrol(cfg)`` in a child (TransientError when it is worth trying again)."""
-    return _identity(cfg, _ask({"op": "enrol", "config": str(cfg.path), **_logging(cfg)}))
+    request = {"op": "enrol", "config": str(cfg.path), **_logging(cfg)}
+    return _remember(cfg, _identity(cfg, _ask(request)))
+
+
+# What a child last checked: the digest of everything the identity checks read, and the facts.
+MEMO = "identity.checked.json"
+
+
+def _digest(cfg: AgentConfig) -> str:
+    h = hashlib.sha256()
+    for part in (cfg.ca_pin, cfg.node_name, repr(cfg.names)):
+        h.update(part.encode() + b"\0")
+    for path in paths(cfg.data_dir):
+        h.update(path.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def _remembered(cfg: AgentConfig) -> Identity | None:
+    try:
+        memo = json.loads((cfg.data_dir / MEMO).read_text())
+        if memo.get("digest") != _digest(cfg):
+            return None
+        return _identity(cfg, memo["facts"])
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # none, unreadable or stale: the child checks
+
+
+def _remember(cfg: AgentConfig, identity: Identity) -> Identity:
+    facts = {
+        "not_before": identity.not_before.isoformat(),
+        "not_after": identity.not_after.isoformat(),
+        "trust_domain": identity.trust_domain,
+        "certificate": identity.checked_pem.decode("ascii"),
+    }
+    try:
+        memo = {"digest": _digest(cfg), "facts": facts}
+        write_atomic(cfg.data_dir / MEMO, json.dumps(memo).encode(), PRIVATE)
+    except OSError as exc:  # the next start checks in a child again: nothing lost
+        log.warning("identity.memo_not_written", path=str(cfg.data_dir / MEMO), error=str(exc))
+    return identity
 
 
 def load_crl(pem: bytes, ca_file: Path) -> tuple[int, frozenset[int]]:

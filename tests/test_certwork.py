@@ -7,13 +7,14 @@ from __future__ import annotations
 
 import datetime as dt
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from nodeagent import certwork
-from nodeagent.identity import load_identity, paths
-from tests.test_renewal import _agent_config, _enrolled
+from nodeagent.identity import CertificateExpired, load_identity, paths
+from tests.test_renewal import _agent_config, _enrolled, _issue
 from tlsroll import pki, spiffe
 from tlsroll.errors import PKIError, PKIReason, UnsafePermissions
 
@@ -68,3 +69,36 @@ def test_a_revocation_list_is_read_and_checked_in_a_child(
     with pytest.raises(PKIError) as refused:
         certwork.load_crl(crl, ca_file)
     assert refused.value.reason is PKIReason.UNTRUSTED
+
+
+def test_a_restart_with_the_files_a_child_checked_needs_no_child(
+    tmp_path: Path, test_ca: pki.CertificateAuthority, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The memo (``certwork.MEMO``) spares the child only while every byte the checks read is
+    the same; the end date and the key file's permissions are checked without it."""
+    cfg = _agent_config(tmp_path, test_ca)
+    key_file, cert_file = _enrolled(cfg, test_ca)
+    checked = certwork.load_identity(cfg)  # a child, which leaves the memo
+    assert checked is not None and (cfg.data_dir / certwork.MEMO).exists()
+    real_run = subprocess.run
+
+    def no_child(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a child was started")
+
+    monkeypatch.setattr(subprocess, "run", no_child)
+    again = certwork.load_identity(cfg)
+    assert again == checked and again is not None and again.cert == checked.cert
+    with pytest.raises(CertificateExpired):
+        certwork.load_identity(cfg, now=checked.not_after + dt.timedelta(seconds=1))
+    os.chmod(key_file, 0o644)
+    with pytest.raises(UnsafePermissions):
+        certwork.load_identity(cfg)
+    os.chmod(key_file, 0o600)
+    # Another certificate (for another key): the memo no longer matches, a child checks.
+    pki.write_cert(cert_file, _issue(test_ca, pki.generate_key(), cfg))
+    with pytest.raises(AssertionError, match="a child was started"):
+        certwork.load_identity(cfg)
+    monkeypatch.setattr(subprocess, "run", real_run)
+    with pytest.raises(PKIError) as mismatch:
+        certwork.load_identity(cfg)
+    assert mismatch.value.reason is PKIReason.KEY_MISMATCH
