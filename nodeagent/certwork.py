@@ -46,12 +46,14 @@ from nodeagent.identity import (
 from tlsroll import logs
 from tlsroll.errors import (
     ConfigError,
+    LocalResourceError,
     PKIError,
     PKIReason,
     TerminalError,
     TlsrollError,
     TransientError,
     UnsafePermissions,
+    raise_if_local,
 )
 from tlsroll.fsutil import PRIVATE, check_private_file, write_atomic
 from tlsroll.names import utcnow
@@ -66,13 +68,15 @@ TIMEOUT = 60.0
 # rich), then this module's ``main``.
 CHILD = "from tlsroll import lean; lean.keep_out(); from nodeagent import certwork; certwork.main()"
 
-# The errors a child may answer with, rebuilt in the agent as the same class.
+# The errors a child may answer with, rebuilt in the agent as the same class. Any other error
+# of the child's is answered as the nearest of these it derives from (``_answer_for``): a
+# transient one stays transient, and the agent tries again.
 ERRORS: dict[str, type[TlsrollError]] = {
     cls.__name__: cls
     for cls in (
         TransientError,
+        LocalResourceError,
         TerminalError,
-        ConfigError,
         UnsafePermissions,
         EnrolmentRefused,
         CertificateExpired,
@@ -172,9 +176,11 @@ def _identity(cfg: AgentConfig, facts: dict[str, Any]) -> Identity:
 
 
 def _ask(request: dict[str, Any]) -> Any:
+    # -P: the child (root, checking identities and signatures) never imports from its working
+    # directory, whatever that is.
     try:
         done = subprocess.run(
-            [sys.executable, "-c", CHILD],
+            [sys.executable, "-P", "-c", CHILD],
             input=json.dumps(request),
             capture_output=True,
             text=True,
@@ -185,6 +191,10 @@ def _ask(request: dict[str, Any]) -> Any:
         raise TransientError(
             f"certificate check ({request['op']}) took over {TIMEOUT:.0f} s"
         ) from None
+    except OSError as exc:  # no child at all: short of descriptors, processes or memory, …
+        what = f"starting the certificate check ({request['op']})"
+        raise_if_local(exc, what)
+        raise TransientError(f"{what}: {' '.join(str(exc).split())}") from None
     if done.stderr:  # the child's log lines (JSON on stderr, as the agent's): the agent's log
         sys.stderr.write(done.stderr)
         sys.stderr.flush()
@@ -206,6 +216,8 @@ def _error(err: dict[str, Any]) -> Exception:
         return PKIError(PKIReason(err["reason"]), err.get("detail", ""))
     if kind == "OSError":
         return OSError(err.get("errno") or 0, err.get("strerror") or message, err.get("filename"))
+    if kind == "ConfigError":
+        return ConfigError(err.get("path", ""), err.get("key"), str(err.get("problem", message)))
     return ERRORS.get(kind, TerminalError)(message)
 
 
@@ -250,7 +262,18 @@ def _answer_for(exc: Exception) -> dict[str, Any]:
             "filename": None if exc.filename is None else str(exc.filename),
             "message": str(exc),
         }
-    return {"type": type(exc).__name__, "message": str(exc)}
+    if isinstance(exc, ConfigError):
+        return {
+            "type": "ConfigError",
+            "path": str(exc.path),
+            "key": exc.key,
+            "problem": exc.problem,
+            "message": str(exc),
+        }
+    # The nearest class the agent rebuilds (a LocalResourceError stays one, a TransientError of
+    # another kind stays transient); anything else is terminal.
+    kind = next((c.__name__ for c in type(exc).__mro__ if c.__name__ in ERRORS), "TerminalError")
+    return {"type": kind, "message": str(exc)}
 
 
 def main() -> int:

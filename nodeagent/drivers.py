@@ -487,7 +487,8 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
             env["NOTIFY_SOCKET"] = notify_socket
         with open(self.log_file, "ab") as log:
             return subprocess.Popen(
-                [sys.executable, "-m", "refserver", "--config", str(self.config_file)],
+                # -P: not imported from the agent's working directory, whatever that is.
+                [sys.executable, "-P", "-m", "refserver", "--config", str(self.config_file)],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=log,

@@ -6,17 +6,28 @@ and the same errors as the in-process functions they run (``identity.load_identi
 from __future__ import annotations
 
 import datetime as dt
+import json
 import os
+import resource
 import subprocess
 from pathlib import Path
 
 import pytest
 
 from nodeagent import certwork
+from nodeagent.config import AgentConfig
 from nodeagent.identity import CertificateExpired, load_identity, paths
 from tests.test_renewal import _agent_config, _enrolled, _issue
 from tlsroll import pki, spiffe
-from tlsroll.errors import PKIError, PKIReason, UnsafePermissions
+from tlsroll.errors import (
+    ConfigError,
+    LocalResourceError,
+    PKIError,
+    PKIReason,
+    TerminalError,
+    TransientError,
+    UnsafePermissions,
+)
 
 
 def test_an_identity_checked_in_a_child_is_the_one_checked_here(
@@ -102,3 +113,59 @@ def test_a_restart_with_the_files_a_child_checked_needs_no_child(
     with pytest.raises(PKIError) as mismatch:
         certwork.load_identity(cfg)
     assert mismatch.value.reason is PKIReason.KEY_MISMATCH
+
+
+def test_a_child_that_cannot_start_is_a_shortage_not_a_verdict(
+    tmp_path: Path, test_ca: pki.CertificateAuthority
+) -> None:
+    """From the review: ``subprocess.run`` raising OSError before any child ran (here a real
+    EMFILE: this process's soft limit lowered to its lowest free descriptor) left the agent as
+    a bare OSError: a heartbeat's revocation list killed the stream's reader, an epoch refresh
+    answered the leader INTERNAL. It is the agent's own shortage (``LocalResourceError``, a
+    transient error: tried again), and says nothing about the list or the identity."""
+    cfg = _agent_config(tmp_path, test_ca)
+    _enrolled(cfg, test_ca)
+    crl = pki.crl_to_pem(pki.build_crl(test_ca, 1, [], now=dt.datetime.now(dt.UTC)))
+    limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fd = os.dup(0)
+    os.close(fd)  # dup took the lowest free descriptor: a limit of it leaves none
+    resource.setrlimit(resource.RLIMIT_NOFILE, (fd, limits[1]))
+    try:
+        with pytest.raises(LocalResourceError, match="Too many open files"):
+            certwork.load_crl(crl, paths(cfg.data_dir)[2])
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+    assert certwork.load_crl(crl, paths(cfg.data_dir)[2])[0] == 1
+
+
+def test_a_childs_config_error_is_the_same_config_error(
+    tmp_path: Path, test_ca: pki.CertificateAuthority
+) -> None:
+    """From the review: a ConfigError in the child was rebuilt as ``ConfigError(message)``,
+    which takes three arguments: a TypeError (a traceback at the agent's start) instead of the
+    one-line config error. Now the same class, path, key and message."""
+    cfg = _agent_config(tmp_path, test_ca)
+    cfg.path.write_text(cfg.path.read_text() + "\n[agent]\nport = 'not a port'\n")
+    with pytest.raises(ConfigError) as here:
+        AgentConfig.load(cfg.path)
+    with pytest.raises(ConfigError) as child:
+        certwork.enrol(cfg)
+    assert str(child.value) == str(here.value)
+    assert (child.value.key, child.value.problem) == (here.value.key, here.value.problem)
+
+
+def test_a_childs_transient_error_stays_transient() -> None:
+    """Every error class the child may raise comes back as the nearest class the agent knows:
+    a LocalResourceError as one, another transient error as transient (before: terminal, which
+    ended the enrolment's retries), anything else terminal."""
+
+    class Flaky(TransientError):
+        pass
+
+    def round_trip(exc: Exception) -> Exception:
+        return certwork._error(json.loads(json.dumps(certwork._answer_for(exc))))
+
+    assert type(round_trip(LocalResourceError("short"))) is LocalResourceError
+    assert type(round_trip(Flaky("later"))) is TransientError
+    assert type(round_trip(ValueError("bad"))) is TerminalError
+    assert str(round_trip(Flaky("later"))) == "later"
