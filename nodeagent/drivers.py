@@ -24,6 +24,7 @@ import os
 import signal
 import socket
 import string
+import struct
 import subprocess
 import sys
 import time
@@ -317,14 +318,19 @@ async def _wait_healthy(
 # --- reference --------------------------------------------------------------------------------
 
 
+CREDENTIALS = struct.Struct("iII")  # struct ucred: pid, uid, gid (SCM_CREDENTIALS)
+
+
 class Wakeup:
     """What wakes a driver waiting for the reference server: its readiness message (the
     sd_notify protocol: the server sends ``READY=1`` to ``$NOTIFY_SOCKET``, as it does under
     systemd) on a datagram socket of the agent's own, and the exit of a process (a pidfd turns
-    readable). Every wake is only a cue to look: readiness is still checked (pid file and
-    admin socket), so a message from anyone else who found the socket only makes the agent
-    look early. Anything this machine lacks (pidfd before Linux 5.3; the socket when short of
-    descriptors) leaves the caller's fallback wait to find it."""
+    readable). A message wakes us only if it comes from ``sender`` (the kernel says who sent
+    it: ``SO_PASSCRED``): the socket's name is visible to every local user, and one who kept
+    sending to it must not have the agent check readiness back to back during a freeze. Even
+    then a wake is only a cue to look: readiness is still checked (pid file and admin socket).
+    Anything this machine lacks (pidfd before Linux 5.3; the socket when short of descriptors)
+    leaves the caller's fallback wait to find it."""
 
     def __init__(self) -> None:
         self._loop = asyncio.get_running_loop()
@@ -332,12 +338,14 @@ class Wakeup:
         self._fds: list[int] = []
         self._sock: socket.socket | None = None
         self.address: str | None = None  # for the child's NOTIFY_SOCKET; None: none to give
+        self.sender: int | None = None  # the pid whose messages count (the started server)
 
     def listen(self) -> None:
         """Open the socket the server's readiness message is sent to (abstract namespace)."""
         try:
             sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
             sock.setblocking(False)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_PASSCRED, 1)
             name = f"tlsroll-agent-{os.getpid()}-{os.urandom(8).hex()}"
             sock.bind("\0" + name)
         except OSError:
@@ -348,9 +356,15 @@ class Wakeup:
 
     def _drain(self) -> None:
         assert self._sock is not None
-        with contextlib.suppress(OSError):
-            while self._sock.recv(4096):
-                self._event.set()
+        with contextlib.suppress(OSError):  # BlockingIOError: nothing more to read
+            for _ in range(64):  # then the loop's other work; the reader is called again
+                _, ancillary, _, _ = self._sock.recvmsg(4096, socket.CMSG_SPACE(CREDENTIALS.size))
+                for level, kind, data in ancillary:
+                    if (level, kind) != (socket.SOL_SOCKET, socket.SCM_CREDENTIALS):
+                        continue
+                    pid = CREDENTIALS.unpack_from(data)[0]
+                    if self.sender is not None and pid == self.sender:
+                        self._event.set()
 
     def watch_exit(self, pid: int) -> None:
         """Wake when process ``pid`` exits."""
@@ -517,6 +531,7 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
             raise_if_local(exc, "starting the managed server")
             raise
         self._children.append(child)
+        wakeup.sender = child.pid
         wakeup.watch_exit(child.pid)
         # Told of readiness and of an exit, the wait is only a safety net; otherwise poll.
         told = wakeup.address is not None and wakeup.watching

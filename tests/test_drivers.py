@@ -48,6 +48,7 @@ from tests.cluster import Cluster, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import RPC_TIMEOUT, Node, NodeFactory, alive
 from tests.refserver_helper import RefServer
+from tlsroll import daemon
 from tlsroll.clients import ClientSeen, ClientsView
 from tlsroll.config import Section
 from tlsroll.enums import Change
@@ -624,6 +625,39 @@ async def test_reference_driver_is_told_when_the_server_is_ready_and_gone(
         assert await driver.health() is not None
     finally:
         await driver.stop()
+
+
+async def test_the_readiness_socket_hears_only_the_started_server(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """From the review: the driver's readiness socket has a name every local user can see (in
+    /proc/net/unix). A READY=1 from anyone but the started server must not wake the driver
+    (one who kept sending could make it check readiness back to back during a freeze); the
+    kernel tells who sent each message (SO_PASSCRED)."""
+    wakeup = drivers.Wakeup()
+    wakeup.listen()
+    assert wakeup.address is not None
+    server = subprocess.Popen(
+        [sys.executable, "-c", "import sys; sys.stdin.readline(); "
+         "from tlsroll import daemon; daemon.sd_notify('READY=1')"],
+        stdin=subprocess.PIPE,
+        env={**os.environ, "NOTIFY_SOCKET": wakeup.address},
+    )  # fmt: skip
+    wakeup.sender = server.pid
+    try:
+        monkeypatch.setenv("NOTIFY_SOCKET", wakeup.address)
+        assert daemon.sd_notify("READY=1")  # from this process: not the server
+        await asyncio.sleep(0.3)
+        assert not wakeup._event.is_set(), "a stranger's READY=1 woke the driver"
+        assert server.stdin is not None
+        server.stdin.write(b"go\n")
+        server.stdin.flush()
+        await asyncio.wait_for(wakeup._event.wait(), 60)
+    finally:
+        if server.stdin is not None:
+            server.stdin.close()
+        server.wait(30)
+        wakeup.close()
 
 
 async def test_the_agents_own_notify_socket_is_not_passed_to_the_server(
