@@ -21,6 +21,9 @@ limits a listener open to a practice's network needs:
   handshake as well (its routes belong to the old service, such as the old password's
   verifier, and must never answer once a new one has taken over).
 
+A handler that fails unexpectedly gets the client a 500 (``internal``) and one log line with the
+exception's type (no traceback, no body), and its connection is closed.
+
 A handler gets a ``Request`` (method, path without the query, the client's address and the
 body) and returns a ``Reply``; GET routes answer HEAD too. Unknown paths get 404, a known path
 with another method 405 with ``Allow``. Nothing here logs bodies or headers.
@@ -251,12 +254,28 @@ class JsonHttpsListener:
             task = asyncio.current_task()
             assert task is not None
             self._busy.add(task)  # a stop lets it finish its answer (up to shutdown_timeout)
+            failed = False
             try:
-                reply = await self._dispatch(request)
-                await self._reply(conn, writer, request.method, reply)
+                try:
+                    reply = await self._dispatch(request)
+                    body = _encode(reply)
+                except Exception as exc:  # a handler's bug: answer 500, not silence
+                    log.error(
+                        "https.handler_failed",
+                        remote=remote,
+                        method=request.method,
+                        path=request.path,
+                        error=type(exc).__name__,
+                    )
+                    reply, failed = (
+                        _error(500, "internal error; see the agent's log", "internal"),
+                        True,
+                    )
+                    body = _encode(reply)
+                await self._reply(conn, writer, request.method, reply, body)
             finally:
                 self._busy.discard(task)
-            if self._closing:
+            if self._closing or failed:
                 return
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                 return
@@ -325,10 +344,12 @@ class JsonHttpsListener:
         writer: asyncio.StreamWriter,
         method: str,
         reply: Reply,
+        body: bytes | None = None,
     ) -> None:
         if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
-        body = _encode(reply)
+        if body is None:
+            body = _encode(reply)
         headers = [
             ("Content-Type", "application/json; charset=utf-8"),
             ("Content-Length", str(len(body))),
