@@ -236,7 +236,7 @@ async def test_a_connection_still_in_its_handshake_at_a_stop_is_never_served(
     listener = JsonHttpsListener({("GET", "/hello"): echo}, HttpLimits(handshake_timeout=30))
     await listener.start(address, 0, server_context(cert.cert_file, cert.key_file))
     reader, writer = await raw(listener, address, loopback())
-    await asyncio.sleep(0.1)  # accepted by the server
+    await asyncio.sleep(0.2)  # accepted by the server (if not yet, the stop resets it: no answer)
     await asyncio.wait_for(listener.stop(), BOUND)
     try:
         await asyncio.wait_for(
