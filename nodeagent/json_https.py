@@ -193,7 +193,7 @@ class JsonHttpsListener:
         loop = asyncio.get_running_loop()
         reader = asyncio.StreamReader(loop=loop)
         protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
-        tls: asyncio.BaseTransport | None = None
+        writer: asyncio.StreamWriter | None = None
         try:
             tls = await loop.start_tls(
                 transport,
@@ -201,11 +201,14 @@ class JsonHttpsListener:
                 self._context,
                 server_side=True,
                 ssl_handshake_timeout=self.limits.handshake_timeout,
+                ssl_shutdown_timeout=self.limits.write_timeout,
             )
-            if tls is None or self._closing:
-                return  # stopped during the handshake: the old routes answer nothing more
+            if tls is None:
+                return
             assert isinstance(tls, asyncio.Transport)
             writer = asyncio.StreamWriter(tls, protocol, reader, loop)
+            if self._closing:
+                return  # stopped during the handshake: the old routes answer nothing more
             conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_head)
             await self._serve(conn, reader, writer, remote)
         except (OSError, ssl.SSLError, h11.LocalProtocolError, TimeoutError):
@@ -215,14 +218,27 @@ class JsonHttpsListener:
         except Exception as exc:  # a bug here must not end in asyncio's log with a traceback
             log.error("https.connection_failed", remote=remote, error=type(exc).__name__)
         finally:
-            self._connections.pop(task, None)
-            self._sources[remote] -= 1
-            if self._sources[remote] <= 0:
-                del self._sources[remote]
-            if tls is not None:
-                tls.close()  # flushes an answer still being sent, then close_notify
-            else:
-                transport.abort()  # never got through its handshake
+            try:
+                await self._close(transport, writer)
+            finally:
+                self._connections.pop(task, None)
+                self._sources[remote] -= 1
+                if self._sources[remote] <= 0:
+                    del self._sources[remote]
+
+    async def _close(
+        self, transport: asyncio.Transport, writer: asyncio.StreamWriter | None
+    ) -> None:
+        """Close a connection; it keeps its place in the count until its descriptor is gone
+        (a client that never answers TLS's close_notify holds it until ``write_timeout``)."""
+        try:
+            if writer is not None:
+                writer.close()  # flushes an answer still being sent, then close_notify
+                with contextlib.suppress(Exception):  # a reset or a timeout: aborted below
+                    async with asyncio.timeout(self.limits.write_timeout):
+                        await writer.wait_closed()
+        finally:
+            transport.abort()  # never got through its handshake, or will not close cleanly
 
     async def _serve(
         self,

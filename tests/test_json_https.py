@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import gc
 import json
+import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
@@ -306,3 +307,38 @@ async def test_a_handler_that_fails_gets_a_500_and_one_log_line_without_a_traceb
         writer.close()
     gc.collect()  # a task whose exception was never retrieved is reported when collected
     assert not [r for r in caplog.records if r.exc_info or "never retrieved" in r.getMessage()]
+
+
+def answered_and_held(
+    address: str, port: int, source: str, ca: pki.CertificateAuthority
+) -> socket.socket:
+    """A blocking client that reads its answer, then neither closes nor answers the server's
+    TLS close_notify: its connection stays open on the server until a timeout ends it."""
+    sock = socket.create_connection((address, port), timeout=BOUND, source_address=(source, 0))
+    tls = client_context(ca.cert_pem).wrap_socket(sock, server_hostname=address)
+    tls.sendall(request("GET", "/hello", b"", "Connection: close"))  # the server closes
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += tls.recv(4096)
+    return tls
+
+
+async def test_a_connection_still_closing_keeps_its_place(
+    served: tuple[IssuedCert, str], test_ca: pki.CertificateAuthority, loopback: Callable[[], str]
+) -> None:
+    """An answered connection whose client never completes the TLS close still holds a
+    descriptor on the server, so it still counts (until ``write_timeout``)."""
+    cert, address = served
+    limits = HttpLimits(handshake_timeout=60, write_timeout=30, max_connections=4)
+    async with listening(cert, address, limits) as listener:
+        source = loopback()
+        held = [
+            await asyncio.to_thread(answered_and_held, address, listener.port, source, test_ca)
+            for _ in range(2)
+        ]
+        await asyncio.sleep(0.2)  # the server has answered both and sent its close_notify
+        extra = await raw(listener, address, source)
+        assert await closed(extra[0])  # the source's share (2 of 4) is still taken
+        extra[1].close()
+        for tls in held:
+            tls.close()
