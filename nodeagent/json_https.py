@@ -12,8 +12,17 @@ limits a listener open to a practice's network needs:
   wait before the next one on a kept-alive connection: a client that sends a byte at a time
   (slowloris) is cut off, and so is one that holds a connection open doing nothing;
 - ``handshake_timeout`` for the TLS handshake, ``write_timeout`` for sending an answer;
-- ``max_connections`` open at once; more are closed at once (the workstation client opens one
-  per request and closes it).
+- ``max_connections`` open at once, counted from the TCP accept (a connection still in its TLS
+  handshake, or one that never sends a ClientHello, holds a place and a descriptor too); more
+  are closed at once (the workstation client opens one per request and closes it). One source
+  address gets a share of them (``max_per_source``: a quarter, at least 2) so that a single
+  host cannot lock every workstation out;
+- a stopped listener serves nothing more: ``stop`` ends the connections still in their
+  handshake as well (its routes belong to the old service, such as the old password's
+  verifier, and must never answer once a new one has taken over).
+
+A handler that fails unexpectedly gets the client a 500 (``internal``) and one log line with the
+exception's type (no traceback, no body), and its connection is closed.
 
 A handler gets a ``Request`` (method, path without the query, the client's address and the
 body) and returns a ``Reply``; GET routes answer HEAD too. Unknown paths get 404, a known path
@@ -23,11 +32,13 @@ with another method 405 with ``Allow``. Nothing here logs bodies or headers.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import email.utils
 import http
 import json
 import ssl
+import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -39,6 +50,7 @@ from tlsroll import logs
 log = logs.get_logger(__name__)
 
 READ_CHUNK = 16 << 10
+REFUSAL_LOG_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -70,6 +82,11 @@ class HttpLimits:
     write_timeout: float = 10.0
     max_connections: int = 128
 
+    @property
+    def max_per_source(self) -> int:
+        """How many of ``max_connections`` one client address may hold at once."""
+        return max(2, self.max_connections // 4)
+
 
 class _TooLarge(Exception):
     pass
@@ -93,19 +110,26 @@ class JsonHttpsListener:
         self.shutdown_timeout = shutdown_timeout
         self.port = 0  # the port bound, once started
         self._server: asyncio.Server | None = None
-        self._connections: set[asyncio.Task[None]] = set()
+        self._context: ssl.SSLContext | None = None
+        # Every connection from its accept on, TLS or not, with its TCP transport.
+        self._connections: dict[asyncio.Task[None], asyncio.Transport] = {}
+        self._refused = 0  # connections refused since the last log line about it
+        self._refused_logged = -REFUSAL_LOG_SECONDS
+        self._sources: collections.Counter[str] = collections.Counter()  # open, per address
         self._busy: set[asyncio.Task[None]] = set()  # connections inside a handler
         self._closing = False
 
     async def start(self, address: str, port: int, context: ssl.SSLContext) -> int:
-        """Listen; returns the port bound (``port`` unless it was 0)."""
-        self._server = await asyncio.start_server(
-            self._connection,
-            address,
-            port,
-            ssl=context,
-            ssl_handshake_timeout=self.limits.handshake_timeout,
-            reuse_address=True,
+        """Listen; returns the port bound (``port`` unless it was 0).
+
+        The server is plain TCP and each connection starts TLS itself (``loop.start_tls``), so
+        the limits count it from the accept and ``stop`` can end it while it is still in its
+        handshake (``start_server(ssl=...)`` shows a connection only once its handshake is
+        done, and closing that server leaves the handshakes running)."""
+        self._context = context
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            lambda: _Accepted(self), address, port, reuse_address=True
         )
         self.port = int(self._server.sockets[0].getsockname()[1])
         return self.port
@@ -118,39 +142,103 @@ class JsonHttpsListener:
             return
         self._closing = True  # a connection answering now closes after its answer
         server.close()
-        for task in self._connections - self._busy:
-            task.cancel()
+        for task in set(self._connections) - self._busy:
+            task.cancel()  # idle, or still in its handshake
         if self._busy:
             await asyncio.wait(set(self._busy), timeout=self.shutdown_timeout)
         for task in set(self._connections):
             task.cancel()
         if self._connections:
             await asyncio.wait(set(self._connections), timeout=1.0)
+        for transport in self._connections.values():
+            transport.abort()  # a task cancelled before its first step never ran its cleanup
+        self._connections.clear()
+        self._sources.clear()
         await server.wait_closed()
 
     # --- one connection ---------------------------------------------------------------------
 
-    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        assert task is not None
-        if len(self._connections) >= self.limits.max_connections:
-            log.warning("https.too_many_connections", limit=self.limits.max_connections)
-            writer.transport.abort()
-            return
-        self._connections.add(task)
-        peer = writer.get_extra_info("peername")
+    def _accepted(self, transport: asyncio.Transport) -> None:
+        """A TCP connection was accepted: take it (and start its TLS) or close it at once."""
+        peer = transport.get_extra_info("peername")
         remote = str(peer[0]) if peer else ""
-        conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_head)
+        refusal = _refusal(
+            closing=self._closing or self._server is None,
+            open_total=len(self._connections),
+            open_from_source=self._sources[remote],
+            limits=self.limits,
+        )
+        if refusal is not None:
+            transport.abort()
+            if refusal != "stopped":
+                self._note_refusal(remote, refusal)
+            return
+        self._sources[remote] += 1
+        task = asyncio.get_running_loop().create_task(self._connection(transport, remote))
+        self._connections[task] = transport
+
+    def _note_refusal(self, remote: str, limit: str) -> None:
+        """One log line per ``REFUSAL_LOG_SECONDS`` at most: a flood must not fill the log."""
+        self._refused += 1
+        now = time.monotonic()
+        if now - self._refused_logged >= REFUSAL_LOG_SECONDS:
+            log.warning(
+                "https.too_many_connections", remote=remote, limit=limit, refused=self._refused
+            )
+            self._refused, self._refused_logged = 0, now
+
+    async def _connection(self, transport: asyncio.Transport, remote: str) -> None:
+        task = asyncio.current_task()
+        assert task is not None and self._context is not None
+        loop = asyncio.get_running_loop()
+        reader = asyncio.StreamReader(loop=loop)
+        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        writer: asyncio.StreamWriter | None = None
         try:
+            tls = await loop.start_tls(
+                transport,
+                protocol,
+                self._context,
+                server_side=True,
+                ssl_handshake_timeout=self.limits.handshake_timeout,
+                ssl_shutdown_timeout=self.limits.write_timeout,
+            )
+            if tls is None:
+                return
+            assert isinstance(tls, asyncio.Transport)
+            writer = asyncio.StreamWriter(tls, protocol, reader, loop)
+            if self._closing:
+                return  # stopped during the handshake: the old routes answer nothing more
+            conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_head)
             await self._serve(conn, reader, writer, remote)
         except (OSError, ssl.SSLError, h11.LocalProtocolError, TimeoutError):
             pass  # the client went away or misbehaved: nothing to answer
         except asyncio.CancelledError:
-            pass  # ``stop``: this task is the connection's own and ends here (asyncio's stream
-            # callback would log a cancelled handler task as an error)
+            pass  # ``stop``: this task is the connection's own and ends here
+        except Exception as exc:  # a bug here must not end in asyncio's log with a traceback
+            log.error("https.connection_failed", remote=remote, error=type(exc).__name__)
         finally:
-            self._connections.discard(task)
-            writer.close()
+            try:
+                await self._close(transport, writer)
+            finally:
+                self._connections.pop(task, None)
+                self._sources[remote] -= 1
+                if self._sources[remote] <= 0:
+                    del self._sources[remote]
+
+    async def _close(
+        self, transport: asyncio.Transport, writer: asyncio.StreamWriter | None
+    ) -> None:
+        """Close a connection; it keeps its place in the count until its descriptor is gone
+        (a client that never answers TLS's close_notify holds it until ``write_timeout``)."""
+        try:
+            if writer is not None:
+                writer.close()  # flushes an answer still being sent, then close_notify
+                with contextlib.suppress(Exception):  # a reset or a timeout: aborted below
+                    async with asyncio.timeout(self.limits.write_timeout):
+                        await writer.wait_closed()
+        finally:
+            transport.abort()  # never got through its handshake, or will not close cleanly
 
     async def _serve(
         self,
@@ -182,12 +270,28 @@ class JsonHttpsListener:
             task = asyncio.current_task()
             assert task is not None
             self._busy.add(task)  # a stop lets it finish its answer (up to shutdown_timeout)
+            failed = False
             try:
-                reply = await self._dispatch(request)
-                await self._reply(conn, writer, request.method, reply)
+                try:
+                    reply = await self._dispatch(request)
+                    body = _encode(reply)
+                except Exception as exc:  # a handler's bug: answer 500, not silence
+                    log.error(
+                        "https.handler_failed",
+                        remote=remote,
+                        method=request.method,
+                        path=request.path,
+                        error=type(exc).__name__,
+                    )
+                    reply, failed = (
+                        _error(500, "internal error; see the agent's log", "internal"),
+                        True,
+                    )
+                    body = _encode(reply)
+                await self._reply(conn, writer, request.method, reply, body)
             finally:
                 self._busy.discard(task)
-            if self._closing:
+            if self._closing or failed:
                 return
             if conn.our_state is not h11.DONE or conn.their_state is not h11.DONE:
                 return
@@ -251,11 +355,17 @@ class JsonHttpsListener:
         return _error(404, "nothing at this path")
 
     async def _reply(
-        self, conn: h11.Connection, writer: asyncio.StreamWriter, method: str, reply: Reply
+        self,
+        conn: h11.Connection,
+        writer: asyncio.StreamWriter,
+        method: str,
+        reply: Reply,
+        body: bytes | None = None,
     ) -> None:
         if conn.our_state not in (h11.IDLE, h11.SEND_RESPONSE):
             return
-        body = json.dumps(dict(reply.data), separators=(",", ":")).encode()
+        if body is None:
+            body = _encode(reply)
         headers = [
             ("Content-Type", "application/json; charset=utf-8"),
             ("Content-Length", str(len(body))),
@@ -278,6 +388,36 @@ class JsonHttpsListener:
         writer.write(out)
         async with asyncio.timeout(self.limits.write_timeout):
             await writer.drain()
+
+
+class _Accepted(asyncio.Protocol):
+    """A TCP connection between its accept and ``start_tls``, which takes it over: it is
+    counted (or refused) here, and reads nothing (the ClientHello is TLS's to read)."""
+
+    def __init__(self, listener: JsonHttpsListener) -> None:
+        self.listener = listener
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        transport.pause_reading()
+        self.listener._accepted(transport)
+
+
+def _refusal(
+    *, closing: bool, open_total: int, open_from_source: int, limits: HttpLimits
+) -> str | None:
+    """Why a connection just accepted is closed at once (None: it is served)."""
+    if closing:
+        return "stopped"
+    if open_total >= limits.max_connections:
+        return "max_connections"
+    if open_from_source >= limits.max_per_source:
+        return "max_per_source"
+    return None
+
+
+def _encode(reply: Reply) -> bytes:
+    return json.dumps(dict(reply.data), separators=(",", ":")).encode()
 
 
 def _content_length(headers: Iterable[tuple[bytes, bytes]]) -> int | None:

@@ -8,12 +8,15 @@ under a second; every wait is bounded.
 from __future__ import annotations
 
 import asyncio
+import gc
 import json
+import socket
 import ssl
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 import pytest
+import structlog
 
 from nodeagent.json_https import HttpLimits, JsonHttpsListener, Reply, Request
 from tests.conftest import IssuedCert
@@ -43,10 +46,12 @@ async def listening(
 
 
 async def connect(
-    listener: JsonHttpsListener, address: str, ca: pki.CertificateAuthority
+    listener: JsonHttpsListener, address: str, ca: pki.CertificateAuthority, source: str = ""
 ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    local = (source, 0) if source else None
+    context = client_context(ca.cert_pem)
     return await asyncio.wait_for(
-        asyncio.open_connection(address, listener.port, ssl=client_context(ca.cert_pem)), BOUND
+        asyncio.open_connection(address, listener.port, ssl=context, local_addr=local), BOUND
     )
 
 
@@ -171,15 +176,17 @@ async def test_a_request_sent_a_byte_at_a_time_and_an_idle_connection_are_cut_of
 
 
 async def test_connections_over_the_limit_are_closed_and_the_others_still_served(
-    served: tuple[IssuedCert, str], test_ca: pki.CertificateAuthority
+    served: tuple[IssuedCert, str], test_ca: pki.CertificateAuthority, loopback: Callable[[], str]
 ) -> None:
     cert, address = served
     limits = HttpLimits(request_timeout=5, max_connections=3)
     async with listening(cert, address, limits) as listener:
-        held = [await connect(listener, address, test_ca) for _ in range(3)]
+        # From three sources: one source alone gets only a share of the places (2 of 3).
+        held = [await connect(listener, address, test_ca, loopback()) for _ in range(3)]
         await asyncio.sleep(0.2)  # the server has taken the three
-        extra_reader, _ = await connect(listener, address, test_ca)
+        extra_reader, extra_writer = await raw(listener, address, loopback())
         assert await closed(extra_reader)
+        extra_writer.close()
         reader, writer = held[0]
         writer.write(request("GET", "/hello"))
         assert (await answer(reader))[0] == 200
@@ -210,3 +217,128 @@ async def test_a_stop_lets_the_answer_being_made_finish_and_closes_idle_connecti
         assert status == 200 and json.loads(body) == {"done": True}
         assert await closed(reader)
         await asyncio.wait_for(stopping, BOUND)
+
+
+async def raw(
+    listener: JsonHttpsListener, address: str, source: str
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    """A plain TCP connection from ``source`` that has sent nothing (no ClientHello yet)."""
+    return await asyncio.wait_for(
+        asyncio.open_connection(address, listener.port, local_addr=(source, 0)), BOUND
+    )
+
+
+async def test_a_connection_still_in_its_handshake_at_a_stop_is_never_served(
+    served: tuple[IssuedCert, str], test_ca: pki.CertificateAuthority, loopback: Callable[[], str]
+) -> None:
+    """A stopped listener's routes belong to the old service (the old password's verifier):
+    a connection accepted before the stop that completes TLS after it gets no answer."""
+    cert, address = served
+    listener = JsonHttpsListener({("GET", "/hello"): echo}, HttpLimits(handshake_timeout=30))
+    await listener.start(address, 0, server_context(cert.cert_file, cert.key_file))
+    reader, writer = await raw(listener, address, loopback())
+    await asyncio.sleep(0.2)  # accepted by the server (if not yet, the stop resets it: no answer)
+    await asyncio.wait_for(listener.stop(), BOUND)
+    try:
+        await asyncio.wait_for(
+            writer.start_tls(client_context(test_ca.cert_pem), server_hostname=address), BOUND
+        )
+        writer.write(request("GET", "/hello"))
+        assert await closed(reader)
+    except (ConnectionError, ssl.SSLError):
+        pass  # cut off during the handshake: also no answer
+    writer.close()
+
+
+async def test_connections_are_capped_before_tls_and_per_source(
+    served: tuple[IssuedCert, str], test_ca: pki.CertificateAuthority, loopback: Callable[[], str]
+) -> None:
+    """Connections that never send a ClientHello count against ``max_connections`` (4 here)
+    from the accept on, one source gets a share of them (2 of 4), and a workstation at
+    another address is still served while one host floods."""
+    cert, address = served
+    limits = HttpLimits(handshake_timeout=60, request_timeout=30, max_connections=4)
+    async with listening(cert, address, limits) as listener:
+        flooder = loopback()
+        flood = [await raw(listener, address, flooder) for _ in range(50)]
+        waits = {asyncio.ensure_future(closed(r)) for r, _ in flood}
+        done: set[asyncio.Future[bool]] = set()
+        async with asyncio.timeout(BOUND):  # well before handshake_timeout: closed at accept
+            while len(done) < 48:
+                finished, waits = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+                done |= finished
+        assert len(waits) == 2 and all(f.result() for f in done)  # its share stays open
+        reader, writer = await connect(listener, address, test_ca)  # another source (.0.1)
+        writer.write(request("GET", "/hello"))
+        assert (await answer(reader))[0] == 200
+        writer.close()
+        # The whole cap: two more sources take the two places left; a fourth is refused.
+        others = [await raw(listener, address, loopback()) for _ in range(2)]
+        await asyncio.sleep(0.2)
+        extra = await raw(listener, address, loopback())
+        assert await closed(extra[0])
+        for task in waits:
+            task.cancel()
+        for _, w in [*flood, *others, extra]:
+            w.close()
+
+
+async def test_a_handler_that_fails_gets_a_500_and_one_log_line_without_a_traceback(
+    served: tuple[IssuedCert, str],
+    test_ca: pki.CertificateAuthority,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    cert, address = served
+
+    async def broken(request: Request) -> Reply:
+        raise RuntimeError("a bug in the handler")
+
+    async with listening(cert, address) as listener:
+        listener.routes[("POST", "/broken")] = broken
+        with structlog.testing.capture_logs() as events:
+            reader, writer = await connect(listener, address, test_ca)
+            writer.write(request("POST", "/broken", b'{"password": "hunter2"}'))
+            status, _, body = await answer(reader)
+            assert await closed(reader)
+        assert status == 500 and json.loads(body)["error"] == "internal"
+        failed = [e for e in events if e["event"] == "https.handler_failed"]
+        assert len(failed) == 1 and "exc_info" not in failed[0] and "exception" not in failed[0]
+        assert "hunter2" not in repr(events)
+        writer.close()
+    gc.collect()  # a task whose exception was never retrieved is reported when collected
+    assert not [r for r in caplog.records if r.exc_info or "never retrieved" in r.getMessage()]
+
+
+def answered_and_held(
+    address: str, port: int, source: str, ca: pki.CertificateAuthority
+) -> socket.socket:
+    """A blocking client that reads its answer, then neither closes nor answers the server's
+    TLS close_notify: its connection stays open on the server until a timeout ends it."""
+    sock = socket.create_connection((address, port), timeout=BOUND, source_address=(source, 0))
+    tls = client_context(ca.cert_pem).wrap_socket(sock, server_hostname=address)
+    tls.sendall(request("GET", "/hello", b"", "Connection: close"))  # the server closes
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += tls.recv(4096)
+    return tls
+
+
+async def test_a_connection_still_closing_keeps_its_place(
+    served: tuple[IssuedCert, str], test_ca: pki.CertificateAuthority, loopback: Callable[[], str]
+) -> None:
+    """An answered connection whose client never completes the TLS close still holds a
+    descriptor on the server, so it still counts (until ``write_timeout``)."""
+    cert, address = served
+    limits = HttpLimits(handshake_timeout=60, write_timeout=30, max_connections=4)
+    async with listening(cert, address, limits) as listener:
+        source = loopback()
+        held = [
+            await asyncio.to_thread(answered_and_held, address, listener.port, source, test_ca)
+            for _ in range(2)
+        ]
+        await asyncio.sleep(0.2)  # the server has answered both and sent its close_notify
+        extra = await raw(listener, address, source)
+        assert await closed(extra[0])  # the source's share (2 of 4) is still taken
+        extra[1].close()
+        for tls in held:
+            tls.close()
