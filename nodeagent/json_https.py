@@ -46,6 +46,7 @@ from typing import Any
 import h11
 
 from tlsroll import logs
+from tlsroll.errors import TerminalError
 
 log = logs.get_logger(__name__)
 
@@ -88,8 +89,8 @@ class HttpLimits:
         return max(2, self.max_connections // 4)
 
 
-class _TooLarge(Exception):
-    pass
+class _TooLarge(TerminalError):
+    """A request's body is over ``max_body``: answered 413, then the connection closes."""
 
 
 class JsonHttpsListener:
