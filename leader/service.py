@@ -368,9 +368,18 @@ message when its report changed, and at least every this many heartbeat interval
 however little the servicer does, and a report that says nothing new need not be sent every
 interval. Between messages the connection's keepalive says the agent is alive
 (``keepalive_seconds``). A hung agent, whose gRPC core may still answer PINGs, is caught by
-this bound: it is offline ``renew`` + 3 intervals after its last message (``Heartbeats``)."""
+this bound: it is offline ``renew`` + 3 intervals after its last message, or when its stream
+ends if that is later (``renewal_deadline``; 8 s at 1 s)."""
 
 RENEW_MARGIN = 5  # seconds: a renewal arrives this long before a client report would be stale
+
+RENEW_GRACE = 3.0
+"""Seconds a renewal may come after the renewal bound and an interval before the leader ends
+the stream (``Heartbeats``): the agent decides at each beat whether the next would be too late
+(half an interval of its own margin), but that next beat first waits up to 2 s for its
+server's status (``nodeagent.leader_link.SERVER_VIEW_SECONDS``), and a busy host stalls a
+little more. Without it a renewal at a 1 s interval missed whenever the status took over half
+a second (review of session 21, finding 3)."""
 
 
 def renew_seconds(heartbeat_interval: int) -> int:
@@ -381,6 +390,14 @@ def renew_seconds(heartbeat_interval: int) -> int:
     stale = int(report_stale_after(heartbeat_interval).total_seconds())
     cap = stale - heartbeat_interval - RENEW_MARGIN
     return max(heartbeat_interval, min(RENEW_HEARTBEATS * heartbeat_interval, cap))
+
+
+def renewal_deadline(heartbeat_interval: int) -> float:
+    """Seconds after a renewal-mode message that the leader waits for the next one: the bound,
+    an interval (the agent's next beat) and ``RENEW_GRACE`` (8 s at 1 s, 28 s at 5 s). A hung
+    agent is offline at the later of this and the bound + 3 intervals after its last message
+    (``_expired``)."""
+    return renew_seconds(heartbeat_interval) + heartbeat_interval + RENEW_GRACE
 
 
 def keepalive_seconds(heartbeat_interval: int) -> tuple[float, float]:
@@ -777,7 +794,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         beat = _Beats(context)
         self._open.add(beat)
         interval = self.state.heartbeat_interval
-        lease = renew_seconds(interval) + interval
+        lease = renewal_deadline(interval)
         try:
             while True:
                 wait = max(FIRST_MESSAGE_SECONDS, 2 * interval) if beat.last is None else lease

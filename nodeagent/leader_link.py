@@ -283,7 +283,10 @@ class LeaderLink:
         if stream is None or stream.ended is not None or not stream.renew or sent is None:
             return False
         # The next beat comes an interval (and a little) later: this one is the last before
-        # the bound if the next would pass it by more than half an interval.
+        # the bound if the next would pass it by more than half an interval. The next one may
+        # also wait up to SERVER_VIEW_SECONDS for the server's status before it leaves: the
+        # leader allows for both (``leader.service.RENEW_GRACE``), so an agent at 1 s still
+        # sends one message in 4 intervals, not one every beat.
         later = asyncio.get_running_loop().time() + self.cfg.heartbeat_interval / 2
         return sent[0] == report_key(request) and later <= sent[1] + stream.renew
 
@@ -308,9 +311,11 @@ class LeaderLink:
             stream = self._stream
             request.renews = True
             request.wants_answer = answer or not stream.renew
+            # Stamped before the write: the leader's bound runs from when it read the message,
+            # not from when the answer came back (after a revocation list was checked).
+            self._sent = (report_key(request), asyncio.get_running_loop().time())
             try:
                 await stream.send(request, timeout, request.wants_answer)
-                self._sent = (report_key(request), asyncio.get_running_loop().time())
                 return
             except (grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError) as exc:
                 ended: BaseException = exc
