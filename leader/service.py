@@ -738,11 +738,18 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         return snap, now
 
     def _response(
-        self, snap: Snapshot, crl_number: int, now: dt.datetime, renews: bool = False
+        self,
+        snap: Snapshot,
+        crl_number: int,
+        now: dt.datetime,
+        renews: bool = False,
+        answers: int = 0,
     ) -> leader_pb2.HeartbeatResponse:
         """A heartbeat's answer: the leader's clock, interval and epoch, and the revocation
-        list unless the agent holds ``crl_number`` already."""
+        list unless the agent holds ``crl_number`` already; ``answers``: the ``seq`` of the
+        message it answers on a stream (0: news sent unasked)."""
         return leader_pb2.HeartbeatResponse(
+            answers=answers,
             leader_time=timestamp(now),
             interval_seconds=self.state.heartbeat_interval,
             epoch=snap.epoch,
@@ -824,7 +831,8 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                 beat.crl_number = request.crl_number
                 if renewing and not first and not request.wants_answer and not beat.news(snap):
                     continue  # nothing to say: an answer would cost as much as the message
-                await beat.send(self._response(snap, request.crl_number, now, renewing), snap)
+                answer = self._response(snap, request.crl_number, now, renewing, request.seq)
+                await beat.send(answer, snap)
         finally:
             self._open.discard(beat)
             self._uncount(beat)

@@ -378,6 +378,87 @@ async def test_a_renewal_with_a_slow_server_view_reaches_the_leader_before_its_d
         rig.store.close()
 
 
+async def test_an_epoch_refresh_waits_for_its_answer_not_for_news_sent_before_it(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review finding 6 (session 21): on the stream the agent took any reply after its write
+    for the answer, news included. News the leader sent before it read the agent's message
+    (an epoch pushed just before a rollout's new epoch was committed) ended an epoch refresh
+    early, and a command with the new epoch was refused (EpochNotAnnounced) although the
+    answer carrying it was on its way. Here the leader writes the older epoch on the stream
+    after it has read the refresh message and before it answers it: the command's epoch must
+    be admitted."""
+    leader_address, node_address = loopback(), loopback()
+    rig = leader_with_a_node(tmp_path, leader_address, node_address)
+    rig.state.heartbeat_interval = 1
+    real = rig.service._heartbeat
+    race = [False]
+
+    async def news_first(*args: Any) -> Any:
+        if race[0]:  # the refresh message, read by the leader
+            race[0] = False
+            context = args[2]
+            await context.write(leader_pb2.HeartbeatResponse(epoch=6, renew_seconds=4))
+            rig.store.advance_epoch(7, now=rig.clock[0], actor="test")
+        return await real(*args)
+
+    monkeypatch.setattr(rig.service, "_heartbeat", news_first)
+    await rig.server.start()
+    link, trust, journal = agent_link(tmp_path, rig.node_files, leader_address, node_address)
+    trust.refresh = link.beat
+    try:
+        await link.beat()  # the stream opens, in renewal mode
+        assert link._stream is not None and link._stream.renew
+        assert rig.service._watch is not None
+        rig.service._watch.cancel()  # no news but the one written here
+        assert trust.announced_epoch < 6
+        race[0] = True
+        async with asyncio.timeout(30):
+            await trust.admit_epoch(7)  # asks the leader: EpochNotAnnounced on the old code
+        assert not race[0] and trust.announced_epoch == 7
+    finally:
+        await link.close()
+        journal.close()
+        await rig.server.stop(None)
+        rig.store.close()
+
+
+async def test_a_leader_that_echoes_no_message_number_is_answered_as_before(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A leader older than ``HeartbeatResponse.answers`` (the Leader service here with its
+    answers' number cleared): the agent takes any reply after its message as the answer, and
+    an epoch refresh still returns with the leader's epoch."""
+    leader_address, node_address = loopback(), loopback()
+    rig = leader_with_a_node(tmp_path, leader_address, node_address)
+    rig.state.heartbeat_interval = 1
+    real = rig.service._response
+
+    def older(*args: Any, **kwargs: Any) -> leader_pb2.HeartbeatResponse:
+        reply = real(*args, **kwargs)
+        reply.ClearField("answers")
+        return reply
+
+    monkeypatch.setattr(rig.service, "_response", older)
+    await rig.server.start()
+    link, trust, journal = agent_link(tmp_path, rig.node_files, leader_address, node_address)
+    trust.refresh = link.beat
+    try:
+        await link.beat()
+        assert link._stream is not None and link._stream.renew and not link._stream.echoes
+        assert rig.service._watch is not None
+        rig.service._watch.cancel()  # the new epoch comes only as the refresh's answer
+        rig.store.advance_epoch(8, now=rig.clock[0], actor="test")
+        async with asyncio.timeout(30):
+            await trust.admit_epoch(8)
+        assert link.healthy and link._stream is not None and link._stream.seq == 2
+    finally:
+        await link.close()
+        journal.close()
+        await rig.server.stop(None)
+        rig.store.close()
+
+
 # --- one leader, nodes enrolled by hand: the stream's security --------------------------------
 
 
