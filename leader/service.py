@@ -501,6 +501,14 @@ def _end(context: Ctx, code: grpc.StatusCode, why: str) -> None:
 
 
 _ENDING: set[asyncio.Future[None]] = set()  # aborts under way (a task needs a reference)
+_PUSHES: set[asyncio.Future[None]] = set()  # news being written (``LeaderService._push``)
+
+
+def _pushed(push: asyncio.Future[None]) -> None:
+    """A push's write ended: its outcome is taken (``_push`` reports it if it waited)."""
+    _PUSHES.discard(push)
+    if not push.cancelled():
+        push.exception()
 
 
 @dataclass(eq=False)
@@ -516,6 +524,7 @@ class _Beats:
     crl_number: int = -1  # the revocation list the agent holds, as it said or was sent
     epoch: int = -1  # the epoch the agent was last told
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one write at a time
+    pushing: asyncio.Future[None] | None = None  # the news being written (``_push``)
 
     def news(self, snap: Snapshot) -> bool:
         """True if ``snap`` has an epoch or revocation list the agent lacks."""
@@ -903,13 +912,24 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                 log.error("heartbeat.watch_failed", error=f"{type(exc).__name__}: {exc}"[:200])
 
     async def _push(self, beat: _Beats, snap: Snapshot, now: dt.datetime) -> None:
-        """Send ``beat``'s agent the news in ``snap`` (unless its stream is ending, or its
-        agent does not take it within an interval: its stream is then left to the keepalive)."""
+        """Send ``beat``'s agent the news in ``snap`` (unless its stream is ending). The write
+        is never cancelled (grpc.aio leaves a call whose write was cancelled in no defined
+        state): if the agent has not taken the news within an interval, its stream is ended
+        with UNAVAILABLE (an agent that is alive opens a new one, whose first answer brings the
+        news), and the write finishes or fails with the stream. One push per stream at a
+        time."""
+        if beat.pushing is not None and not beat.pushing.done():
+            return
         reply = self._response(snap, beat.crl_number, now, renews=True)
-        try:
-            async with asyncio.timeout(self.state.heartbeat_interval):
-                await beat.send(reply, snap)
-        except Exception as exc:  # a stream that ended meanwhile: nothing to send it
+        beat.pushing = push = asyncio.ensure_future(beat.send(reply, snap))
+        _PUSHES.add(push)
+        push.add_done_callback(_pushed)
+        done, _ = await asyncio.wait({push}, timeout=self.state.heartbeat_interval)
+        if not done:
+            log.warning("heartbeat.push_stalled", node=beat.name)
+            _end(beat.context, grpc.StatusCode.UNAVAILABLE, "the agent took no news in time")
+        elif not push.cancelled() and (exc := push.exception()) is not None:
+            # a stream that ended meanwhile: nothing to send it
             log.info("heartbeat.push_failed", node=beat.name, error=type(exc).__name__)
 
     def close_streams(self) -> int:

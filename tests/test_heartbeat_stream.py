@@ -459,6 +459,54 @@ async def test_a_leader_that_echoes_no_message_number_is_answered_as_before(
         rig.store.close()
 
 
+async def test_news_the_agent_does_not_take_ends_its_stream_and_the_write_is_not_cancelled(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review finding 6 (session 21): when an agent had not taken pushed news within an
+    interval the leader cancelled the write in progress, which leaves a grpc.aio call in no
+    defined state. It must leave the write alone and end the stream with a status instead.
+    Stand-in: the leader's write of the push never completes (what a write to an agent that
+    stopped reading does once HTTP/2 flow control is full; filling it in a test would take
+    megabytes and depends on gRPC's window sizing). The rest is real: the Leader service, the
+    agent's LeaderLink, mutual TLS."""
+    leader_address, node_address = loopback(), loopback()
+    rig = leader_with_a_node(tmp_path, leader_address, node_address)
+    rig.state.heartbeat_interval = 1
+    await rig.server.start()
+    link, _, journal = agent_link(tmp_path, rig.node_files, leader_address, node_address)
+    release = asyncio.Event()
+    cancelled: list[bool] = []
+    real_send = service._Beats.send
+
+    async def stuck(self: Any, reply: leader_pb2.HeartbeatResponse, snap: Any) -> None:
+        if reply.answers:  # an answer to a message: written as usual
+            return await real_send(self, reply, snap)
+        try:
+            await release.wait()  # the push: the agent does not take it
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+
+    monkeypatch.setattr(service._Beats, "send", stuck)
+    try:
+        await link.beat()  # the stream opens, in renewal mode
+        stream = link._stream
+        assert stream is not None and stream.renew
+        rig.store.advance_epoch(9, now=rig.clock[0], actor="test")  # news for the agent
+        async with asyncio.timeout(30):
+            while stream.ended is None and not cancelled:
+                await asyncio.sleep(0.05)
+        assert cancelled == []
+        assert isinstance(stream.ended, grpc.aio.AioRpcError)
+        assert stream.ended.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        release.set()
+        await link.close()
+        journal.close()
+        await rig.server.stop(None)
+        rig.store.close()
+
+
 # --- one leader, nodes enrolled by hand: the stream's security --------------------------------
 
 
