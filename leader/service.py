@@ -479,11 +479,12 @@ def clients_persist(heartbeat_interval: int, renewing: bool = False) -> dt.timed
     report is never taken for stale while its agent reports. A report written later makes
     the leader's view *older* (``reported_at``, the ``--when-quiet`` as-of), never newer.
     ``renewing``: the agent sends only at its renewal bound (``renew_seconds``), so the next
-    report may come that much plus an interval later; written early enough for that."""
+    report may come as late as the leader waits for it (``renewal_deadline``); written early
+    enough for that."""
     stale = report_stale_after(heartbeat_interval)
     if not renewing:
         return stale / 2
-    late = dt.timedelta(seconds=renew_seconds(heartbeat_interval) + heartbeat_interval)
+    late = dt.timedelta(seconds=renewal_deadline(heartbeat_interval))
     return max(dt.timedelta(0), min(stale / 2, stale - late))
 
 
