@@ -368,9 +368,18 @@ message when its report changed, and at least every this many heartbeat interval
 however little the servicer does, and a report that says nothing new need not be sent every
 interval. Between messages the connection's keepalive says the agent is alive
 (``keepalive_seconds``). A hung agent, whose gRPC core may still answer PINGs, is caught by
-this bound: it is offline ``renew`` + 3 intervals after its last message (``Heartbeats``)."""
+this bound: it is offline ``renew`` + 3 intervals after its last message, or when its stream
+ends if that is later (``renewal_deadline``; 8 s at 1 s)."""
 
 RENEW_MARGIN = 5  # seconds: a renewal arrives this long before a client report would be stale
+
+RENEW_GRACE = 3.0
+"""Seconds a renewal may come after the renewal bound and an interval before the leader ends
+the stream (``Heartbeats``): the agent decides at each beat whether the next would be too late
+(half an interval of its own margin), but that next beat first waits up to 2 s for its
+server's status (``nodeagent.leader_link.SERVER_VIEW_SECONDS``), and a busy host stalls a
+little more. Without it a renewal at a 1 s interval missed whenever the status took over half
+a second (review of session 21, finding 3)."""
 
 
 def renew_seconds(heartbeat_interval: int) -> int:
@@ -381,6 +390,14 @@ def renew_seconds(heartbeat_interval: int) -> int:
     stale = int(report_stale_after(heartbeat_interval).total_seconds())
     cap = stale - heartbeat_interval - RENEW_MARGIN
     return max(heartbeat_interval, min(RENEW_HEARTBEATS * heartbeat_interval, cap))
+
+
+def renewal_deadline(heartbeat_interval: int) -> float:
+    """Seconds after a renewal-mode message that the leader waits for the next one: the bound,
+    an interval (the agent's next beat) and ``RENEW_GRACE`` (8 s at 1 s, 28 s at 5 s). A hung
+    agent is offline at the later of this and the bound + 3 intervals after its last message
+    (``_expired``)."""
+    return renew_seconds(heartbeat_interval) + heartbeat_interval + RENEW_GRACE
 
 
 def keepalive_seconds(heartbeat_interval: int) -> tuple[float, float]:
@@ -462,11 +479,12 @@ def clients_persist(heartbeat_interval: int, renewing: bool = False) -> dt.timed
     report is never taken for stale while its agent reports. A report written later makes
     the leader's view *older* (``reported_at``, the ``--when-quiet`` as-of), never newer.
     ``renewing``: the agent sends only at its renewal bound (``renew_seconds``), so the next
-    report may come that much plus an interval later; written early enough for that."""
+    report may come as late as the leader waits for it (``renewal_deadline``); written early
+    enough for that."""
     stale = report_stale_after(heartbeat_interval)
     if not renewing:
         return stale / 2
-    late = dt.timedelta(seconds=renew_seconds(heartbeat_interval) + heartbeat_interval)
+    late = dt.timedelta(seconds=renewal_deadline(heartbeat_interval))
     return max(dt.timedelta(0), min(stale / 2, stale - late))
 
 
@@ -484,6 +502,14 @@ def _end(context: Ctx, code: grpc.StatusCode, why: str) -> None:
 
 
 _ENDING: set[asyncio.Future[None]] = set()  # aborts under way (a task needs a reference)
+_PUSHES: set[asyncio.Future[None]] = set()  # news being written (``LeaderService._push``)
+
+
+def _pushed(push: asyncio.Future[None]) -> None:
+    """A push's write ended: its outcome is taken (``_push`` reports it if it waited)."""
+    _PUSHES.discard(push)
+    if not push.cancelled():
+        push.exception()
 
 
 @dataclass(eq=False)
@@ -499,6 +525,7 @@ class _Beats:
     crl_number: int = -1  # the revocation list the agent holds, as it said or was sent
     epoch: int = -1  # the epoch the agent was last told
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one write at a time
+    pushing: asyncio.Future[None] | None = None  # the news being written (``_push``)
 
     def news(self, snap: Snapshot) -> bool:
         """True if ``snap`` has an epoch or revocation list the agent lacks."""
@@ -721,11 +748,18 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         return snap, now
 
     def _response(
-        self, snap: Snapshot, crl_number: int, now: dt.datetime, renews: bool = False
+        self,
+        snap: Snapshot,
+        crl_number: int,
+        now: dt.datetime,
+        renews: bool = False,
+        answers: int = 0,
     ) -> leader_pb2.HeartbeatResponse:
         """A heartbeat's answer: the leader's clock, interval and epoch, and the revocation
-        list unless the agent holds ``crl_number`` already."""
+        list unless the agent holds ``crl_number`` already; ``answers``: the ``seq`` of the
+        message it answers on a stream (0: news sent unasked)."""
         return leader_pb2.HeartbeatResponse(
+            answers=answers,
             leader_time=timestamp(now),
             interval_seconds=self.state.heartbeat_interval,
             epoch=snap.epoch,
@@ -777,7 +811,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         beat = _Beats(context)
         self._open.add(beat)
         interval = self.state.heartbeat_interval
-        lease = renew_seconds(interval) + interval
+        lease = renewal_deadline(interval)
         try:
             while True:
                 wait = max(FIRST_MESSAGE_SECONDS, 2 * interval) if beat.last is None else lease
@@ -807,7 +841,8 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                 beat.crl_number = request.crl_number
                 if renewing and not first and not request.wants_answer and not beat.news(snap):
                     continue  # nothing to say: an answer would cost as much as the message
-                await beat.send(self._response(snap, request.crl_number, now, renewing), snap)
+                answer = self._response(snap, request.crl_number, now, renewing, request.seq)
+                await beat.send(answer, snap)
         finally:
             self._open.discard(beat)
             self._uncount(beat)
@@ -878,13 +913,24 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                 log.error("heartbeat.watch_failed", error=f"{type(exc).__name__}: {exc}"[:200])
 
     async def _push(self, beat: _Beats, snap: Snapshot, now: dt.datetime) -> None:
-        """Send ``beat``'s agent the news in ``snap`` (unless its stream is ending, or its
-        agent does not take it within an interval: its stream is then left to the keepalive)."""
+        """Send ``beat``'s agent the news in ``snap`` (unless its stream is ending). The write
+        is never cancelled (grpc.aio leaves a call whose write was cancelled in no defined
+        state): if the agent has not taken the news within an interval, its stream is ended
+        with UNAVAILABLE (an agent that is alive opens a new one, whose first answer brings the
+        news), and the write finishes or fails with the stream. One push per stream at a
+        time."""
+        if beat.pushing is not None and not beat.pushing.done():
+            return
         reply = self._response(snap, beat.crl_number, now, renews=True)
-        try:
-            async with asyncio.timeout(self.state.heartbeat_interval):
-                await beat.send(reply, snap)
-        except Exception as exc:  # a stream that ended meanwhile: nothing to send it
+        beat.pushing = push = asyncio.ensure_future(beat.send(reply, snap))
+        _PUSHES.add(push)
+        push.add_done_callback(_pushed)
+        done, _ = await asyncio.wait({push}, timeout=self.state.heartbeat_interval)
+        if not done:
+            log.warning("heartbeat.push_stalled", node=beat.name)
+            _end(beat.context, grpc.StatusCode.UNAVAILABLE, "the agent took no news in time")
+        elif not push.cancelled() and (exc := push.exception()) is not None:
+            # a stream that ended meanwhile: nothing to send it
             log.info("heartbeat.push_failed", node=beat.name, error=type(exc).__name__)
 
     def close_streams(self) -> int:

@@ -120,6 +120,7 @@ def report_key(request: leader_pb2.HeartbeatRequest) -> bytes:
     key = leader_pb2.HeartbeatRequest()
     key.CopyFrom(request)
     key.ClearField("sent_at")
+    key.ClearField("seq")
     key.ClearField("renews")
     for client in key.server.clients.clients:
         client.ClearField("first_seen")
@@ -136,9 +137,14 @@ async def _status(stream: _Stream) -> grpc.StatusCode | None:
 
 
 class _Stream:
-    """One open ``Heartbeats`` stream: messages go out with ``send``; a reader task takes
-    every response (answer or news) with ``take`` and counts it, so that ``send`` can wait
-    for the answer to its message."""
+    """One open ``Heartbeats`` stream: messages go out with ``send``, numbered (``seq``); a
+    reader task takes every response (answer or news) with ``take`` and notes which message it
+    answers, so that ``send`` can wait for the answer to its own message, not take news the
+    leader sent before it read the message for it (an epoch refresh would return on an older
+    epoch). A leader that echoes no number (older) has any reply after the write taken as the
+    answer, as before. The first reply on a stream is always the answer to the first message
+    (the leader pushes news only to a stream it has counted), so it tells which leader it is.
+    """
 
     def __init__(
         self,
@@ -147,6 +153,9 @@ class _Stream:
     ) -> None:
         self.call = call
         self.replies = 0
+        self.seq = 0  # the number of the last message sent
+        self.answered = 0  # the highest message number an answer carried
+        self.echoes = False  # True once the leader answered with a message number
         self.renew = 0  # the leader's renewal bound (s); 0: a message every interval
         self.ended: BaseException | None = None
         self._waiters: list[asyncio.Future[None]] = []
@@ -161,6 +170,9 @@ class _Stream:
                     return
                 self.renew = reply.renew_seconds
                 await take(reply)
+                if reply.answers:
+                    self.echoes = True
+                    self.answered = max(self.answered, reply.answers)
                 self.replies += 1
                 self._wake()
         except grpc.aio.AioRpcError as exc:
@@ -186,9 +198,15 @@ class _Stream:
         if self.ended is not None:
             raise self.ended
         before = self.replies
+        self.seq += 1
+        seq = request.seq = self.seq
+
+        def waiting() -> bool:
+            return self.answered < seq if self.echoes else self.replies == before
+
         async with asyncio.timeout(timeout):
             await self.call.write(request)
-            while answer and self.replies == before:
+            while answer and waiting():
                 if self.ended is not None:
                     raise self.ended
                 waiter = asyncio.get_running_loop().create_future()
@@ -283,7 +301,10 @@ class LeaderLink:
         if stream is None or stream.ended is not None or not stream.renew or sent is None:
             return False
         # The next beat comes an interval (and a little) later: this one is the last before
-        # the bound if the next would pass it by more than half an interval.
+        # the bound if the next would pass it by more than half an interval. The next one may
+        # also wait up to SERVER_VIEW_SECONDS for the server's status before it leaves: the
+        # leader allows for both (``leader.service.RENEW_GRACE``), so an agent at 1 s still
+        # sends one message in 4 intervals, not one every beat.
         later = asyncio.get_running_loop().time() + self.cfg.heartbeat_interval / 2
         return sent[0] == report_key(request) and later <= sent[1] + stream.renew
 
@@ -308,9 +329,11 @@ class LeaderLink:
             stream = self._stream
             request.renews = True
             request.wants_answer = answer or not stream.renew
+            # Stamped before the write: the leader's bound runs from when it read the message,
+            # not from when the answer came back (after a revocation list was checked).
+            self._sent = (report_key(request), asyncio.get_running_loop().time())
             try:
                 await stream.send(request, timeout, request.wants_answer)
-                self._sent = (report_key(request), asyncio.get_running_loop().time())
                 return
             except (grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError) as exc:
                 ended: BaseException = exc

@@ -231,6 +231,31 @@ async def test_a_stream_that_never_sends_a_message_ends_at_its_deadline_and_at_t
         rig.store.close()
 
 
+def agent_link(
+    tmp_path: Path, node_files: tuple[bytes, bytes, bytes], leader_address: str, node_address: str
+) -> tuple[LeaderLink, LeaderTrust, Journal]:
+    """The agent's real heartbeat code (``LeaderLink``, with a real journal, trust and identity
+    files; its config built here, no agent daemon) for node hb1 at 1 s intervals."""
+    key_pem, cert_pem, ca_pem = node_files
+    files = tmp_path / "agent"
+    files.mkdir()
+    for name, pem in (("key.pem", key_pem), ("cert.pem", cert_pem), ("ca.pem", ca_pem)):
+        (files / name).write_bytes(pem)
+    ca = pki.load_cert_pem(ca_pem)
+    identity = Identity.of(
+        files / "key.pem", files / "cert.pem", files / "ca.pem", pki.load_cert_pem(cert_pem), ca
+    )
+    cfg = AgentConfig(
+        path=files / "agent.toml", node_name="hb1", addresses=(node_address,), dns_names=(),
+        leader_address=leader_address, control_port=CONTROL_PORT, join_port=JOIN_PORT,
+        ca_pin="", join_token=None, join_token_file=None, data_dir=files, port=AGENT_PORT,
+        heartbeat_interval=1, server=None, bootstrap_port=9443,
+    )  # fmt: skip
+    trust = LeaderTrust.load(files / "ca.pem", identity.trust_domain, files)
+    journal = Journal(files / "journal.sqlite3")
+    return LeaderLink(cfg, identity, trust, journal), trust, journal
+
+
 async def test_an_agent_in_renewal_mode_sends_a_change_at_once_and_the_rest_at_the_bound(
     tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -252,24 +277,7 @@ async def test_an_agent_in_renewal_mode_sends_a_change_at_once_and_the_rest_at_t
 
     monkeypatch.setattr(rig.service, "_heartbeat", counting)
     await rig.server.start()
-    key_pem, cert_pem, ca_pem = rig.node_files
-    files = tmp_path / "agent"
-    files.mkdir()
-    for name, pem in (("key.pem", key_pem), ("cert.pem", cert_pem), ("ca.pem", ca_pem)):
-        (files / name).write_bytes(pem)
-    ca = pki.load_cert_pem(ca_pem)
-    identity = Identity.of(
-        files / "key.pem", files / "cert.pem", files / "ca.pem", pki.load_cert_pem(cert_pem), ca
-    )
-    cfg = AgentConfig(
-        path=files / "agent.toml", node_name="hb1", addresses=(node_address,), dns_names=(),
-        leader_address=leader_address, control_port=CONTROL_PORT, join_port=JOIN_PORT,
-        ca_pin="", join_token=None, join_token_file=None, data_dir=files, port=AGENT_PORT,
-        heartbeat_interval=1, server=None, bootstrap_port=9443,
-    )  # fmt: skip
-    trust = LeaderTrust.load(files / "ca.pem", identity.trust_domain, files)
-    journal = Journal(files / "journal.sqlite3")
-    link = LeaderLink(cfg, identity, trust, journal)
+    link, trust, journal = agent_link(tmp_path, rig.node_files, leader_address, node_address)
     view = agent_pb2.ServerView(driver="reference", healthy=True, schemes=["http"])
     beats: list[int] = []
 
@@ -301,6 +309,198 @@ async def test_an_agent_in_renewal_mode_sends_a_change_at_once_and_the_rest_at_t
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+        await link.close()
+        journal.close()
+        await rig.server.stop(None)
+        rig.store.close()
+
+
+async def test_a_renewal_with_a_slow_server_view_reaches_the_leader_before_its_deadline(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review finding 3 (session 21): the agent's beat waits for its server's status (up to
+    ``SERVER_VIEW_SECONDS``) before it decides whether to send, so its last message before the
+    renewal bound left up to half an interval plus that wait after the bound, and the leader
+    aborted the stream an interval after it: at a 1 s interval a status that takes 0.7 s
+    missed every renewal (``heartbeat.renewal_missed``, a new stream each time, the node
+    offline in between). The real LeaderLink against the real Leader service, both at 1 s, the
+    leader on the wall clock: one stream all along, no renewal missed, the node online and the
+    agent healthy at every sample."""
+    leader_address, node_address = loopback(), loopback()
+    rig = leader_with_a_node(tmp_path, leader_address, node_address)
+    rig.state.heartbeat_interval = 1
+    rig.state.clock = lambda: dt.datetime.now(dt.UTC)
+    opened: list[str] = []
+    missed: list[str] = []
+    count, expired = rig.service._count, rig.service._expired
+
+    def counting(beat: Any, name: str) -> None:
+        opened.append(name)
+        count(beat, name)
+
+    def expiring(beat: Any) -> None:
+        missed.append(beat.name)
+        expired(beat)
+
+    monkeypatch.setattr(rig.service, "_count", counting)
+    monkeypatch.setattr(rig.service, "_expired", expiring)
+    await rig.server.start()
+    link, _, journal = agent_link(tmp_path, rig.node_files, leader_address, node_address)
+    view = agent_pb2.ServerView(driver="reference", healthy=True, schemes=["http"])
+
+    async def slow_view() -> agent_pb2.ServerView:
+        await asyncio.sleep(0.7)  # a busy node's status: under SERVER_VIEW_SECONDS
+        return view
+
+    link.server_view = slow_view
+    task = asyncio.create_task(link.run())
+    samples: list[tuple[bool, bool | None]] = []
+    try:
+        async with asyncio.timeout(30):
+            while not link.healthy:
+                await asyncio.sleep(0.05)
+        loop = asyncio.get_running_loop()
+        end = loop.time() + 16  # three renewal bounds and more at 1 s (4 s each)
+        while loop.time() < end:
+            await asyncio.sleep(0.25)
+            node = await asyncio.to_thread(rig.store.get_node, "hb1")
+            samples.append((rig.state.online(node.last_heartbeat), link.healthy))
+        assert missed == []
+        assert opened == ["hb1"]  # one stream: never aborted and opened again
+        assert samples and all(online and healthy for online, healthy in samples), samples
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+        await link.close()
+        journal.close()
+        await rig.server.stop(None)
+        rig.store.close()
+
+
+async def test_an_epoch_refresh_waits_for_its_answer_not_for_news_sent_before_it(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review finding 6 (session 21): on the stream the agent took any reply after its write
+    for the answer, news included. News the leader sent before it read the agent's message
+    (an epoch pushed just before a rollout's new epoch was committed) ended an epoch refresh
+    early, and a command with the new epoch was refused (EpochNotAnnounced) although the
+    answer carrying it was on its way. Here the leader writes the older epoch on the stream
+    after it has read the refresh message and before it answers it: the command's epoch must
+    be admitted."""
+    leader_address, node_address = loopback(), loopback()
+    rig = leader_with_a_node(tmp_path, leader_address, node_address)
+    rig.state.heartbeat_interval = 1
+    real = rig.service._heartbeat
+    race = [False]
+
+    async def news_first(*args: Any) -> Any:
+        if race[0]:  # the refresh message, read by the leader
+            race[0] = False
+            context = args[2]
+            await context.write(leader_pb2.HeartbeatResponse(epoch=6, renew_seconds=4))
+            rig.store.advance_epoch(7, now=rig.clock[0], actor="test")
+        return await real(*args)
+
+    monkeypatch.setattr(rig.service, "_heartbeat", news_first)
+    await rig.server.start()
+    link, trust, journal = agent_link(tmp_path, rig.node_files, leader_address, node_address)
+    trust.refresh = link.beat
+    try:
+        await link.beat()  # the stream opens, in renewal mode
+        assert link._stream is not None and link._stream.renew
+        assert rig.service._watch is not None
+        rig.service._watch.cancel()  # no news but the one written here
+        assert trust.announced_epoch < 6
+        race[0] = True
+        async with asyncio.timeout(30):
+            await trust.admit_epoch(7)  # asks the leader: EpochNotAnnounced on the old code
+        assert not race[0] and trust.announced_epoch == 7
+    finally:
+        await link.close()
+        journal.close()
+        await rig.server.stop(None)
+        rig.store.close()
+
+
+async def test_a_leader_that_echoes_no_message_number_is_answered_as_before(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A leader older than ``HeartbeatResponse.answers`` (the Leader service here with its
+    answers' number cleared): the agent takes any reply after its message as the answer, and
+    an epoch refresh still returns with the leader's epoch."""
+    leader_address, node_address = loopback(), loopback()
+    rig = leader_with_a_node(tmp_path, leader_address, node_address)
+    rig.state.heartbeat_interval = 1
+    real = rig.service._response
+
+    def older(*args: Any, **kwargs: Any) -> leader_pb2.HeartbeatResponse:
+        reply = real(*args, **kwargs)
+        reply.ClearField("answers")
+        return reply
+
+    monkeypatch.setattr(rig.service, "_response", older)
+    await rig.server.start()
+    link, trust, journal = agent_link(tmp_path, rig.node_files, leader_address, node_address)
+    trust.refresh = link.beat
+    try:
+        await link.beat()
+        assert link._stream is not None and link._stream.renew and not link._stream.echoes
+        assert rig.service._watch is not None
+        rig.service._watch.cancel()  # the new epoch comes only as the refresh's answer
+        rig.store.advance_epoch(8, now=rig.clock[0], actor="test")
+        async with asyncio.timeout(30):
+            await trust.admit_epoch(8)
+        assert link.healthy and link._stream is not None and link._stream.seq == 2
+    finally:
+        await link.close()
+        journal.close()
+        await rig.server.stop(None)
+        rig.store.close()
+
+
+async def test_news_the_agent_does_not_take_ends_its_stream_and_the_write_is_not_cancelled(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review finding 6 (session 21): when an agent had not taken pushed news within an
+    interval the leader cancelled the write in progress, which leaves a grpc.aio call in no
+    defined state. It must leave the write alone and end the stream with a status instead.
+    Stand-in: the leader's write of the push never completes (what a write to an agent that
+    stopped reading does once HTTP/2 flow control is full; filling it in a test would take
+    megabytes and depends on gRPC's window sizing). The rest is real: the Leader service, the
+    agent's LeaderLink, mutual TLS."""
+    leader_address, node_address = loopback(), loopback()
+    rig = leader_with_a_node(tmp_path, leader_address, node_address)
+    rig.state.heartbeat_interval = 1
+    await rig.server.start()
+    link, _, journal = agent_link(tmp_path, rig.node_files, leader_address, node_address)
+    release = asyncio.Event()
+    cancelled: list[bool] = []
+    real_send = service._Beats.send
+
+    async def stuck(self: Any, reply: leader_pb2.HeartbeatResponse, snap: Any) -> None:
+        if reply.answers:  # an answer to a message: written as usual
+            return await real_send(self, reply, snap)
+        try:
+            await release.wait()  # the push: the agent does not take it
+        except asyncio.CancelledError:
+            cancelled.append(True)
+            raise
+
+    monkeypatch.setattr(service._Beats, "send", stuck)
+    try:
+        await link.beat()  # the stream opens, in renewal mode
+        stream = link._stream
+        assert stream is not None and stream.renew
+        rig.store.advance_epoch(9, now=rig.clock[0], actor="test")  # news for the agent
+        async with asyncio.timeout(30):
+            while stream.ended is None and not cancelled:
+                await asyncio.sleep(0.05)
+        assert cancelled == []
+        assert isinstance(stream.ended, grpc.aio.AioRpcError)
+        assert stream.ended.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        release.set()
         await link.close()
         journal.close()
         await rig.server.stop(None)

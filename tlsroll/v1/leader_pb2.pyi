@@ -120,6 +120,7 @@ class HeartbeatRequest(_message.Message):
     AGENT_PORT_FIELD_NUMBER: _builtins.int
     RENEWS_FIELD_NUMBER: _builtins.int
     WANTS_ANSWER_FIELD_NUMBER: _builtins.int
+    SEQ_FIELD_NUMBER: _builtins.int
     agent_version: _builtins.str
     highest_epoch: _builtins.int
     """The highest rollout epoch this agent has seen (commands with a lower one are refused)."""
@@ -138,6 +139,11 @@ class HeartbeatRequest(_message.Message):
     """(Renewal mode.) The agent waits for an answer to this message: its first on a stream, one
     that carries bootstrap failures, or one asking for the epoch now. Other messages in
     renewal mode are answered only when the leader has news for the agent.
+    """
+    seq: _builtins.int
+    """(Heartbeats stream.) Numbers the agent's messages on the stream (from 1); the leader's
+    answer to this message carries it back in `answers`, so that the agent does not take a
+    push (news the leader sent before it read this message) for the answer.
     """
     @_builtins.property
     def sent_at(self) -> _timestamp_pb2.Timestamp: ...
@@ -176,10 +182,11 @@ class HeartbeatRequest(_message.Message):
         agent_port: _builtins.int = ...,
         renews: _builtins.bool = ...,
         wants_answer: _builtins.bool = ...,
+        seq: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["renewal_due_at", b"renewal_due_at", "renewal_failing_since", b"renewal_failing_since", "sent_at", b"sent_at", "server", b"server"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_port", b"agent_port", "agent_version", b"agent_version", "bootstrap_failures", b"bootstrap_failures", "crl_number", b"crl_number", "highest_epoch", b"highest_epoch", "renewal_due_at", b"renewal_due_at", "renewal_error", b"renewal_error", "renewal_failing_since", b"renewal_failing_since", "renews", b"renews", "sent_at", b"sent_at", "server", b"server", "wants_answer", b"wants_answer"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_port", b"agent_port", "agent_version", b"agent_version", "bootstrap_failures", b"bootstrap_failures", "crl_number", b"crl_number", "highest_epoch", b"highest_epoch", "renewal_due_at", b"renewal_due_at", "renewal_error", b"renewal_error", "renewal_failing_since", b"renewal_failing_since", "renews", b"renews", "sent_at", b"sent_at", "seq", b"seq", "server", b"server", "wants_answer", b"wants_answer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -268,6 +275,7 @@ class HeartbeatResponse(_message.Message):
     EPOCH_FIELD_NUMBER: _builtins.int
     CRL_PEM_FIELD_NUMBER: _builtins.int
     RENEW_SECONDS_FIELD_NUMBER: _builtins.int
+    ANSWERS_FIELD_NUMBER: _builtins.int
     interval_seconds: _builtins.int
     """How often the leader expects a heartbeat; a node silent for three intervals is offline."""
     epoch: _builtins.int
@@ -281,6 +289,10 @@ class HeartbeatResponse(_message.Message):
     its report changed and at least every this many seconds; 0 (an older leader): a message
     every interval.
     """
+    answers: _builtins.int
+    """(Heartbeats stream.) The `seq` of the message this answers; 0: news sent unasked (or an
+    older leader, which echoes nothing: the agent then takes any reply as the answer).
+    """
     @_builtins.property
     def leader_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -291,10 +303,11 @@ class HeartbeatResponse(_message.Message):
         epoch: _builtins.int = ...,
         crl_pem: _builtins.bytes = ...,
         renew_seconds: _builtins.int = ...,
+        answers: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["leader_time", b"leader_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["crl_pem", b"crl_pem", "epoch", b"epoch", "interval_seconds", b"interval_seconds", "leader_time", b"leader_time", "renew_seconds", b"renew_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answers", b"answers", "crl_pem", b"crl_pem", "epoch", b"epoch", "interval_seconds", b"interval_seconds", "leader_time", b"leader_time", "renew_seconds", b"renew_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
