@@ -37,7 +37,11 @@ if TYPE_CHECKING:
 log = logs.get_logger(__name__)
 
 # Statuses that mean "try again later"; everything else is the leader saying no.
-TRANSIENT = {"UNAVAILABLE", "DEADLINE_EXCEEDED"}  # grpc.StatusCode names
+# grpc.StatusCode names worth trying again. RESOURCE_EXHAUSTED is the join port's "wait and
+# retry" (``leader.join_guard``: its source in backoff, or more attempts of its source at once
+# than it takes, as when many nodes behind one address or IPv6 /64 enrol together); an agent
+# that took it for a refusal exited.
+TRANSIENT = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"}
 
 
 class EnrolmentRefused(TerminalError):

@@ -12,6 +12,8 @@ import datetime as dt
 import socket
 import time
 from collections.abc import Iterator, Sequence
+from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -396,3 +398,36 @@ def test_agent_with_a_wrong_pin_trusts_nothing(cluster: Cluster) -> None:
     assert cluster.store_rows() == before
     assert token_info(cluster, token).uses_left == 1  # the token never left the agent
     assert not agent.cert_file.exists()
+
+
+def test_an_agent_the_join_port_tells_to_wait_waits_and_enrols(tmp_path: Path) -> None:
+    """Found by bench-rollout (10 agents enrolling at once, all from 127.0.0.1; with nodes on
+    one IPv6 /64 the same): the join port's RESOURCE_EXHAUSTED ("retry in N s": the source in
+    backoff, or more of its attempts at once than it takes) made the agent exit as refused.
+    Here the agents' source is put in backoff first (wrong tokens, each wait waited out), so
+    the agent's first attempts are told to wait; it waits and enrols."""
+    with Cluster(tmp_path / "c", next_loopback()) as c:
+        c.init()
+        c.write_leader_config({"join_free_failures": None})  # the default, not the tests' own
+        c.start_leader()
+        wrong = f"{'a' * 6}.{'b' * 26}"
+        told_to_wait = 0
+        with c.enrolment() as stub:
+            for i in range(20):
+                try:
+                    stub.Enrol(enrol_request(wrong, f"guess{i}", next_loopback()), timeout=10)
+                except grpc.RpcError as exc:
+                    if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                        told_to_wait += 1
+                        trailers: Any = exc.trailing_metadata()
+                        wait = max(int(v) for k, v in trailers if k == "retry-after")
+                        if wait >= 8:
+                            break
+                        time.sleep(wait)
+        assert told_to_wait >= 3
+        address = next_loopback()
+        agent = c.add_agent("patient", address, start=False)
+        agent.spawn()
+        agent.wait_ready(90)
+        c.wait_for_nodes_online(["patient"], timeout=60)
+        assert "refused" not in agent.log_text()
