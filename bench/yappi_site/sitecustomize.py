@@ -4,14 +4,18 @@ directory first on the leader's PYTHONPATH and sets TLSROLL_YAPPI to where the s
 SIGUSR1 clears and starts, SIGUSR2 stops and saves (pstat format). Does nothing in any other
 process or without yappi installed."""
 
+import importlib
 import os
 import signal
 import sys
+from typing import Any
 
 _out = os.environ.get("TLSROLL_YAPPI", "")
 if _out and os.path.basename(sys.argv[0] if sys.argv else "") == "tlsroll-leader":
+    # Imported by name: yappi is a profiler the benchmark may use, not a dependency, so the type
+    # check must not need it (or its absence) either way.
     try:
-        import yappi  # type: ignore[import-untyped]
+        yappi: Any = importlib.import_module("yappi")
     except ImportError:
         yappi = None
     if yappi is not None:
