@@ -46,6 +46,7 @@ from typing import Any
 import h11
 
 from tlsroll import logs
+from tlsroll.backoff import source_key
 from tlsroll.errors import TerminalError
 
 log = logs.get_logger(__name__)
@@ -163,10 +164,13 @@ class JsonHttpsListener:
         """A TCP connection was accepted: take it (and start its TLS) or close it at once."""
         peer = transport.get_extra_info("peername")
         remote = str(peer[0]) if peer else ""
+        # Counted by source as the project's guards count (an IPv6 /64 is one source: one host
+        # can use a whole /64, and four of its addresses would otherwise take every place).
+        source = source_key(remote)
         refusal = _refusal(
             closing=self._closing or self._server is None,
             open_total=len(self._connections),
-            open_from_source=self._sources[remote],
+            open_from_source=self._sources[source],
             limits=self.limits,
         )
         if refusal is not None:
@@ -174,8 +178,8 @@ class JsonHttpsListener:
             if refusal != "stopped":
                 self._note_refusal(remote, refusal)
             return
-        self._sources[remote] += 1
-        task = asyncio.get_running_loop().create_task(self._connection(transport, remote))
+        self._sources[source] += 1
+        task = asyncio.get_running_loop().create_task(self._connection(transport, remote, source))
         self._connections[task] = transport
 
     def _note_refusal(self, remote: str, limit: str) -> None:
@@ -188,7 +192,7 @@ class JsonHttpsListener:
             )
             self._refused, self._refused_logged = 0, now
 
-    async def _connection(self, transport: asyncio.Transport, remote: str) -> None:
+    async def _connection(self, transport: asyncio.Transport, remote: str, source: str) -> None:
         task = asyncio.current_task()
         assert task is not None and self._context is not None
         loop = asyncio.get_running_loop()
@@ -223,9 +227,9 @@ class JsonHttpsListener:
                 await self._close(transport, writer)
             finally:
                 self._connections.pop(task, None)
-                self._sources[remote] -= 1
-                if self._sources[remote] <= 0:
-                    del self._sources[remote]
+                self._sources[source] -= 1
+                if self._sources[source] <= 0:
+                    del self._sources[source]
 
     async def _close(
         self, transport: asyncio.Transport, writer: asyncio.StreamWriter | None

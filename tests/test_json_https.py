@@ -21,6 +21,7 @@ import structlog
 from nodeagent.json_https import HttpLimits, JsonHttpsListener, Reply, Request
 from tests.conftest import IssuedCert
 from tlsroll import pki
+from tlsroll.backoff import source_key
 from tlsroll.tls import client_context, server_context
 
 SMALL = HttpLimits(
@@ -342,3 +343,34 @@ async def test_a_connection_still_closing_keeps_its_place(
         extra[1].close()
         for tls in held:
             tls.close()
+
+
+async def test_one_ipv6_slash_64_is_one_source(served: tuple[IssuedCert, str]) -> None:
+    """From the second review: the share per source counted exact addresses, while the
+    project's guards count an IPv6 /64 as one source (``tlsroll.backoff.source_key``): one host
+    with four addresses of its /64 could take every place. A connection from another address
+    of a /64 whose share is taken is refused at accept. (Loopback has one IPv6 address, so the
+    accept is fed a transport that only names its peer; a refused one is aborted, nothing
+    else is asked of it.)"""
+
+    class Accepted:
+        def __init__(self, ip: str) -> None:
+            self.ip, self.aborted = ip, False
+
+        def get_extra_info(self, name: str, default: object = None) -> object:
+            return (self.ip, 40000, 0, 0) if name == "peername" else default
+
+        def abort(self) -> None:
+            self.aborted = True
+
+    cert, address = served
+    limits = HttpLimits(max_connections=8)  # a share of 2 per source
+    async with listening(cert, address, limits) as listener:
+        listener._sources[source_key("fd00:1:2:3::1")] = 2  # its /64 holds its share
+        other = Accepted("fd00:1:2:3::99")
+        listener._accepted(other)  # type: ignore[arg-type]
+        taken = [t for t in listener._connections if not t.done()]
+        for task in taken:  # the old code took it: let its task end before the listener stops
+            task.cancel()
+        assert other.aborted and not taken
+        listener._sources.clear()
