@@ -83,10 +83,14 @@ class LeaderTrust:
             raise Revoked("the caller's certificate is revoked")
 
     def take_crl(self, pem: bytes) -> None:
-        """A revocation list from the leader: kept if the CA signed it and it is newer."""
+        """A revocation list from the leader: kept if the CA signed it and it is newer. One the
+        agent could not check now (``TransientError``: short of descriptors for its child, …)
+        is not refused but raised: the heartbeat stream ends and the leader sends the list
+        again on the next one. Swallowed, it was lost until the renewal bound (the leader had
+        counted it as delivered), and a revoked leader certificate kept being accepted."""
         try:
             number, revoked = certwork.load_crl(pem, self.ca_file)
-        except (PKIError, TerminalError, TransientError) as exc:
+        except (PKIError, TerminalError) as exc:
             log.warning("crl.refused", error=str(exc))
             return
         if number < self.crl_number:

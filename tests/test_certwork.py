@@ -17,6 +17,7 @@ import pytest
 from nodeagent import certwork
 from nodeagent.config import AgentConfig
 from nodeagent.identity import CertificateExpired, load_identity, paths
+from nodeagent.trust import LeaderTrust
 from tests.test_renewal import _agent_config, _enrolled, _issue
 from tlsroll import pki, spiffe
 from tlsroll.errors import (
@@ -169,3 +170,30 @@ def test_a_childs_transient_error_stays_transient() -> None:
     assert type(round_trip(Flaky("later"))) is TransientError
     assert type(round_trip(ValueError("bad"))) is TerminalError
     assert str(round_trip(Flaky("later"))) == "later"
+
+
+def test_a_revocation_list_the_agent_cannot_check_now_is_raised_not_refused(
+    tmp_path: Path, test_ca: pki.CertificateAuthority
+) -> None:
+    """From the second review: a list the agent could not check for want of descriptors was
+    logged as refused and dropped, and the leader, which had counted it as delivered, did not
+    send it again before the renewal bound (a revoked leader certificate was accepted that
+    long). It is raised (the heartbeat stream ends; the next one brings the list again), and
+    taken once the agent can check it."""
+    cfg = _agent_config(tmp_path, test_ca)
+    _enrolled(cfg, test_ca)
+    trust = LeaderTrust.load(paths(cfg.data_dir)[2], spiffe.trust_domain(test_ca.cert), tmp_path)
+    now = dt.datetime.now(dt.UTC)
+    crl = pki.crl_to_pem(pki.build_crl(test_ca, 9, [(f"{4242:x}", now)], now=now))
+    limits = resource.getrlimit(resource.RLIMIT_NOFILE)
+    fd = os.dup(0)
+    os.close(fd)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (fd, limits[1]))
+    try:
+        with pytest.raises(LocalResourceError):
+            trust.take_crl(crl)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+    assert trust.crl_number != 9
+    trust.take_crl(crl)
+    assert trust.crl_number == 9 and 4242 in trust.revoked
