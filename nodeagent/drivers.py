@@ -338,7 +338,21 @@ class Wakeup:
         self._fds: list[int] = []
         self._sock: socket.socket | None = None
         self.address: str | None = None  # for the child's NOTIFY_SOCKET; None: none to give
-        self.sender: int | None = None  # the pid whose messages count (the started server)
+        self._sender: int | None = None  # the pid whose messages count (the started server)
+        self._early: set[int] = set()  # who sent before the sender was known (at most 64)
+
+    @property
+    def sender(self) -> int | None:
+        return self._sender
+
+    @sender.setter
+    def sender(self, pid: int) -> None:
+        """The started server's pid, once known: a message it sent before (a fast start while
+        the spawn's thread was still returning) wakes us now."""
+        self._sender = pid
+        if pid in self._early:
+            self._event.set()
+        self._early.clear()
 
     def listen(self) -> None:
         """Open the socket the server's readiness message is sent to (abstract namespace)."""
@@ -363,7 +377,9 @@ class Wakeup:
                     if (level, kind) != (socket.SOL_SOCKET, socket.SCM_CREDENTIALS):
                         continue
                     pid = CREDENTIALS.unpack_from(data)[0]
-                    if self.sender is not None and pid == self.sender:
+                    if self._sender is None and len(self._early) < 64:
+                        self._early.add(pid)
+                    elif pid == self._sender:
                         self._event.set()
 
     def watch_exit(self, pid: int) -> None:

@@ -660,6 +660,27 @@ async def test_the_readiness_socket_hears_only_the_started_server(
         wakeup.close()
 
 
+async def test_a_ready_sent_before_the_driver_knows_the_pid_still_wakes_it() -> None:
+    """From the second review: messages read while the started server's pid was not yet known
+    (the spawn's thread still returning) were dropped, and a fast server's READY=1 cost the
+    freeze a fallback wait (0.5 s). It counts once the pid is known."""
+    wakeup = drivers.Wakeup()
+    wakeup.listen()
+    assert wakeup.address is not None
+    server = subprocess.Popen(
+        [sys.executable, "-c", "from tlsroll import daemon; daemon.sd_notify('READY=1')"],
+        env={**os.environ, "NOTIFY_SOCKET": wakeup.address},
+    )
+    try:
+        server.wait(60)  # it has sent its READY=1
+        await asyncio.sleep(0.3)  # read while the sender is unknown
+        assert not wakeup._event.is_set()
+        wakeup.sender = server.pid
+        assert wakeup._event.is_set(), "the server's early READY=1 was dropped"
+    finally:
+        wakeup.close()
+
+
 async def test_the_agents_own_notify_socket_is_not_passed_to_the_server(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
