@@ -160,7 +160,11 @@ class Driver(abc.ABC):
             task = asyncio.create_task(self._refresh_clients(), name=f"{self.name}-clients")
             self._clients_task = task
         try:
-            return await asyncio.wait_for(asyncio.shield(task), CLIENTS_WAIT)
+            # asyncio.timeout, not wait_for: 3.11's wait_for can swallow a cancellation that
+            # meets the inner result, and the cancelled caller (the agent's heartbeat task at
+            # its stop) then goes on (``runtime.serve``).
+            async with asyncio.timeout(CLIENTS_WAIT):
+                return await asyncio.shield(task)
         except TimeoutError:
             if cached is not None:
                 return cached[1]
@@ -399,7 +403,8 @@ class Wakeup:
     async def wait(self, seconds: float) -> None:
         """Until something woke us or ``seconds`` passed."""
         with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._event.wait(), seconds)
+            async with asyncio.timeout(seconds):  # not wait_for: see ``clients``
+                await self._event.wait()
         self._event.clear()
 
     def close(self) -> None:

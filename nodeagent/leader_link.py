@@ -399,7 +399,10 @@ class LeaderLink:
                     request.renewal_error = state.error[:200]
             if self.server_view is not None:
                 with contextlib.suppress(TimeoutError):
-                    view = await asyncio.wait_for(self.server_view(), SERVER_VIEW_SECONDS)
+                    # Not wait_for: 3.11's can swallow the cancellation of the agent's stop
+                    # when it meets the view's result, and this loop then never ends.
+                    async with asyncio.timeout(SERVER_VIEW_SECONDS):
+                        view = await self.server_view()
                     request.server.CopyFrom(live_server(view))
             if quiet and self._quiet(request):
                 return

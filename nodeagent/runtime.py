@@ -14,12 +14,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import datetime as dt
 import sqlite3
 import sys
 from collections.abc import Awaitable
 from pathlib import Path
+from typing import Any
 
 import grpc
 from tenacity import (
@@ -147,9 +147,7 @@ async def serve(cfg: AgentConfig, *, reinitialise: bool = False) -> None:
     pinger.cancel()
     log.info("agent.stopping", grace_seconds=GRACE_SECONDS)
     for task in (beats, lease_watch, renewals):
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+        await stop_task(task)
     await server.stop(GRACE_SECONDS)
     if runner is not None:
         # Let a running transaction reach its end; the journal resumes it if we are cut short.
@@ -160,6 +158,21 @@ async def serve(cfg: AgentConfig, *, reinitialise: bool = False) -> None:
     log.info("agent.stopped")
     if runner is not None and runner.dead.is_set():
         raise TransactionDied(runner.fatal)
+
+
+async def stop_task(task: asyncio.Task[Any], patience: float = 10.0) -> None:
+    """Cancel ``task`` and wait for its end, cancelling again while it goes on: a cancellation
+    can be swallowed on the way (3.11's ``asyncio.wait_for`` when it meets the inner result),
+    and one wait on the task then kept the agent's stop hanging (a CI run saw it). After
+    ``patience`` seconds the task is left behind and the stop goes on."""
+    deadline = asyncio.get_running_loop().time() + patience
+    while not task.done() and asyncio.get_running_loop().time() < deadline:
+        task.cancel()
+        await asyncio.wait({task}, timeout=0.5)
+    if not task.done():
+        log.error("agent.task_would_not_stop", task=task.get_name())
+    elif not task.cancelled() and task.exception() is not None:
+        log.error("agent.task_failed", task=task.get_name(), error=str(task.exception()))
 
 
 def journal_path(cfg: AgentConfig) -> Path:

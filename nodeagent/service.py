@@ -681,7 +681,8 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             # replay after a restart is another process, so another stream); it sends nothing
             # unless the record changed.
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), WATCH_RECHECK_SECONDS)
+                async with asyncio.timeout(WATCH_RECHECK_SECONDS):  # not wait_for (3.11)
+                    await changed.wait()
 
     @map_errors(ERRORS)
     async def GetTransaction(

@@ -4,6 +4,7 @@ reflection; graceful stop, sd_notify, JSON logs; refusing bad configs and unsafe
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
 import json
@@ -31,6 +32,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from grpc_health.v1 import health_pb2
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 
+from nodeagent import runtime
 from tests.cluster import (
     Agent,
     Cluster,
@@ -694,3 +696,44 @@ def test_leader_refuses_secret_files_readable_by_others(tmp_path: Path, which: s
         path.chmod(0o600)  # and with the mode fixed, it starts
         c.start_leader()
         wait_until(lambda: port_open(c.address, 9441), 10, "join port open")
+
+
+async def test_the_agents_stop_ends_a_task_that_swallowed_its_cancellation() -> None:
+    """A CI run saw an agent that logged agent.stopping and never stopped: one cancel of its
+    heartbeat task and one wait on it, and Python 3.11's ``asyncio.wait_for`` can swallow a
+    cancellation that meets the inner result (the task then goes on; its wait_for calls are
+    now ``asyncio.timeout``). ``stop_task`` cancels again while the task goes on, and gives up
+    on it after its patience rather than hang the stop."""
+    swallowed = 0
+
+    async def stubborn() -> None:
+        nonlocal swallowed
+        while swallowed < 2:
+            try:
+                await asyncio.sleep(60)
+            except asyncio.CancelledError:
+                swallowed += 1  # as wait_for did
+        await asyncio.sleep(60)
+
+    task = asyncio.create_task(stubborn())
+    await asyncio.sleep(0)
+    async with asyncio.timeout(30):
+        await runtime.stop_task(task)
+    assert task.done() and swallowed == 2
+
+    release = asyncio.Event()
+
+    async def deaf() -> None:
+        while not release.is_set():
+            with contextlib.suppress(asyncio.CancelledError):
+                await asyncio.sleep(60)
+
+    task = asyncio.create_task(deaf())
+    await asyncio.sleep(0)
+    async with asyncio.timeout(30):
+        await runtime.stop_task(task, patience=1.0)  # gives up: the stop goes on
+    assert not task.done()
+    release.set()
+    task.cancel()
+    await asyncio.wait({task}, timeout=5)
+    assert task.done()
