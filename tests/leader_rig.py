@@ -28,6 +28,11 @@ class InProcessLeader:
     service: LeaderService
     node_files: tuple[bytes, bytes, bytes]  # the node's key, certificate and the CA (PEM)
 
+    async def close(self) -> None:
+        """Stop the service (at once) and close the store."""
+        await self.server.stop(None)
+        self.store.close()
+
 
 def leader_with_a_node(
     tmp_path: Path, address: str, node_address: str, name: str = "hb1"

@@ -227,8 +227,7 @@ async def test_a_stream_that_never_sends_a_message_ends_at_its_deadline_and_at_t
                     await waiting.read()
             assert stopped.value.code() == grpc.StatusCode.UNAVAILABLE
     finally:
-        await rig.server.stop(None)
-        rig.store.close()
+        await rig.close()
 
 
 def agent_link(
@@ -311,8 +310,7 @@ async def test_an_agent_in_renewal_mode_sends_a_change_at_once_and_the_rest_at_t
             await task
         await link.close()
         journal.close()
-        await rig.server.stop(None)
-        rig.store.close()
+        await rig.close()
 
 
 async def test_a_renewal_with_a_slow_server_view_reaches_the_leader_before_its_deadline(
@@ -374,8 +372,7 @@ async def test_a_renewal_with_a_slow_server_view_reaches_the_leader_before_its_d
             await task
         await link.close()
         journal.close()
-        await rig.server.stop(None)
-        rig.store.close()
+        await rig.close()
 
 
 async def test_an_epoch_refresh_waits_for_its_answer_not_for_news_sent_before_it(
@@ -419,8 +416,7 @@ async def test_an_epoch_refresh_waits_for_its_answer_not_for_news_sent_before_it
     finally:
         await link.close()
         journal.close()
-        await rig.server.stop(None)
-        rig.store.close()
+        await rig.close()
 
 
 async def test_a_leader_that_echoes_no_message_number_is_answered_as_before(
@@ -455,8 +451,7 @@ async def test_a_leader_that_echoes_no_message_number_is_answered_as_before(
     finally:
         await link.close()
         journal.close()
-        await rig.server.stop(None)
-        rig.store.close()
+        await rig.close()
 
 
 async def test_news_the_agent_does_not_take_ends_its_stream_and_the_write_is_not_cancelled(
@@ -503,8 +498,7 @@ async def test_news_the_agent_does_not_take_ends_its_stream_and_the_write_is_not
         release.set()
         await link.close()
         journal.close()
-        await rig.server.stop(None)
-        rig.store.close()
+        await rig.close()
 
 
 # --- one leader, nodes enrolled by hand: the stream's security --------------------------------

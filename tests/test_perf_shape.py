@@ -18,7 +18,7 @@ import subprocess
 import sys
 import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -120,6 +120,33 @@ def test_the_running_agent_holds_no_terminal_ui_nor_cli_libraries(
     assert tops & OTHER_ROLES == set()
 
 
+@contextlib.contextmanager
+def harness_agent(
+    cluster: Cluster, tmp_path: Path, name: str, address: str, server: RefServer
+) -> Iterator[tuple[subprocess.Popen[str], Path, Path]]:
+    """A real agent (through ``HARNESS``) for node ``name`` managing ``server``: the process,
+    the file it lists its modules in, and the file whose creation makes it stop. Killed on
+    the way out if it is still running."""
+    config = cluster.agent_config(
+        name, address, cluster.create_token(name, address), tmp_path / "agent"
+    )
+    config["server"] = {"driver": "reference", "config_file": server.config_path}
+    out, go = tmp_path / "modules.txt", tmp_path / "go"
+    agent = subprocess.Popen(
+        [
+            sys.executable, "-c", HARNESS, address, str(AGENT_PORT), str(out),
+            str(write_toml(tmp_path / "agent.toml", config)), str(go),
+        ],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
+    )  # fmt: skip
+    try:
+        yield agent, out, go
+    finally:
+        if agent.poll() is None:
+            agent.kill()
+            agent.communicate()
+
+
 def test_an_idle_agent_holds_no_http_library_until_its_bootstrap_service_runs(
     tmp_path: Path, loopback: Callable[[], str]
 ) -> None:
@@ -136,19 +163,7 @@ def test_an_idle_agent_holds_no_http_library_until_its_bootstrap_service_runs(
         server = RefServer(tmp_path / "server", address)
         server.start()
         try:
-            config = cluster.agent_config(
-                "lean2", address, cluster.create_token("lean2", address), tmp_path / "agent"
-            )
-            config["server"] = {"driver": "reference", "config_file": server.config_path}
-            out, go = tmp_path / "modules.txt", tmp_path / "go"
-            agent = subprocess.Popen(
-                [
-                    sys.executable, "-c", HARNESS, address, str(AGENT_PORT), str(out),
-                    str(write_toml(tmp_path / "agent.toml", config)), str(go),
-                ],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
-            )  # fmt: skip
-            try:
+            with harness_agent(cluster, tmp_path, "lean2", address, server) as (agent, out, go):
                 # The leader's kind of call, as the leader makes it: checked against the
                 # caller's certificate (its identity and revocation) on every call.
                 chain, key = cluster.leader_credentials()
@@ -157,10 +172,6 @@ def test_an_idle_agent_holds_no_http_library_until_its_bootstrap_service_runs(
                 assert status.node_name == "lean2"
                 go.touch()
                 _, said = agent.communicate(timeout=90)
-            finally:
-                if agent.poll() is None:
-                    agent.kill()
-                    agent.communicate()
             assert agent.returncode == 0, said
             listed = json.loads(cluster.cli("nodes", "--json").stdout)
         finally:
@@ -191,19 +202,7 @@ def test_a_switched_agent_serves_its_bootstrap_service_without_aiohttp(
         server = RefServer(tmp_path / "server", address)
         server.start()
         try:
-            config = cluster.agent_config(
-                "lean3", address, cluster.create_token("lean3", address), tmp_path / "agent"
-            )
-            config["server"] = {"driver": "reference", "config_file": server.config_path}
-            out, go = tmp_path / "modules.txt", tmp_path / "go"
-            agent = subprocess.Popen(
-                [
-                    sys.executable, "-c", HARNESS, address, str(AGENT_PORT), str(out),
-                    str(write_toml(tmp_path / "agent.toml", config)), str(go),
-                ],
-                stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=child_env(),
-            )  # fmt: skip
-            try:
+            with harness_agent(cluster, tmp_path, "lean3", address, server) as (agent, out, go):
                 cluster.wait_for_nodes_online(["lean3"], timeout=60)
                 secret = tmp_path / "password"
                 secret.write_text("lean-agent-switch-password-7Qx\n")
@@ -218,10 +217,6 @@ def test_a_switched_agent_serves_its_bootstrap_service_without_aiohttp(
                 wait_until(lambda: port_open(address, BOOTSTRAP_PORT), 30, "the bootstrap service")
                 go.touch()
                 _, said = agent.communicate(timeout=120)
-            finally:
-                if agent.poll() is None:
-                    agent.kill()
-                    agent.communicate()
             assert agent.returncode == 0, said
         finally:
             # The switch restarted the server from the agent: that one is no child of ours.
