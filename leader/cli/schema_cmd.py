@@ -26,6 +26,7 @@ from leader.cli.base import (
 )
 from leader.rollout_enums import RolloutState
 from leader.schema_wire import NODE_STATE, ROLLOUT_STATE
+from tlsroll.cli import quick_exit
 from tlsroll.v1 import schema_pb2
 
 TERMINAL = {s.value for s in (RolloutState.COMPLETED, RolloutState.HALTED, RolloutState.ABORTED)}
@@ -54,6 +55,7 @@ def schema_show(
 ) -> None:
     """Show the active rollout (else the latest; --all: every one) with its nodes, states,
     times, freeze windows, addresses and cert expiry, and failed bootstrap passwords."""
+    quick_exit()  # it only reads and prints: nothing for the interpreter's teardown to do
     if watch:
         try:
             watch_schema(leader, rollout_id, as_json)
