@@ -95,3 +95,72 @@ def test_schema_show_ends_without_the_teardown_and_with_all_its_output(
     version = as_the_program("--version")
     assert version.returncode == 0 and "tlsroll" in version.stdout
     assert "teardown gc=True" in version.stderr
+
+
+def test_the_schema_methods_are_the_protos_and_the_leaders() -> None:
+    """The CLI names the schema's methods itself (so as not to import the messages): the
+    proto's ``SchemaView.GetSchema``, and the same served by the leader with the JSON codec."""
+    from leader.cli.base import GET_SCHEMA, GET_SCHEMA_JSON
+    from leader.schema_view import JSON_SERVICE
+    from tlsroll.v1 import schema_pb2
+
+    service = schema_pb2.DESCRIPTOR.services_by_name["SchemaView"]
+    assert f"/{service.full_name}/GetSchema" == GET_SCHEMA
+    assert "GetSchema" in service.methods_by_name
+    assert f"/{JSON_SERVICE}/GetSchema" == GET_SCHEMA_JSON
+
+
+def test_the_json_codec_answers_what_get_schema_answers(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """``SchemaViewJson.GetSchema`` (what `schema show` reads) is ``GetSchema``'s reply as
+    `--json` data, for every kind of request, with its refusals; a request that is not a
+    ``GetSchemaRequest`` in JSON is refused, and the leader goes on answering."""
+    from leader.cli.base import GET_SCHEMA, GET_SCHEMA_JSON, to_dict
+    from leader.cli.unary import RpcFailed, UnaryChannel
+    from tlsroll.v1 import schema_pb2
+
+    with Cluster(tmp_path / "cluster", loopback()) as cluster:
+        cluster.init()
+        for epoch in range(1, 4):
+            store_finished_rollout(cluster, f"r-{epoch}", epoch)
+        cluster.start_leader()
+        with UnaryChannel(str(cluster.admin_socket)) as channel:
+            for request in (
+                {},
+                {"limit": 1},
+                {"limit": 1, "rollouts_only": True},
+                {"rollout_id": "r-2", "rollouts_only": True},
+            ):
+                proto = schema_pb2.GetSchemaRequest(**request).SerializeToString()
+                want = to_dict(schema_pb2.Schema.FromString(channel.call(GET_SCHEMA, proto)))
+                got = json.loads(
+                    channel.call(GET_SCHEMA_JSON, json.dumps(request).encode(), codec="json")
+                )
+                assert got.pop("generated_at") and want.pop("generated_at")
+                assert got == want, request
+            assert [r["id"] for r in got["rollouts"]] == ["r-2"]
+
+            missing = json.dumps({"rollout_id": "r-nope"}).encode()
+            try:
+                channel.call(GET_SCHEMA_JSON, missing, codec="json")
+            except RpcFailed as exc:
+                assert (exc.code, exc.details) == (
+                    "NOT_FOUND",
+                    "no rollout 'r-nope' (see: tlsroll schema show)",
+                )
+            else:
+                raise AssertionError("a missing rollout was answered")
+
+            for bad in (b"{not json", b'{"limit": "many"}', b'{"colour": "red"}', b"\xff"):
+                try:
+                    channel.call(GET_SCHEMA_JSON, bad, codec="json")
+                except RpcFailed as exc:
+                    assert exc.code == "INVALID_ARGUMENT", (bad, exc)
+                    assert exc.details == (
+                        "tlsroll.v1.SchemaViewJson: the request is not a GetSchemaRequest in JSON"
+                    )
+                else:
+                    raise AssertionError(f"{bad!r} was answered")
+            again = json.loads(channel.call(GET_SCHEMA_JSON, b'{"limit": 1}', codec="json"))
+            assert [r["id"] for r in again["rollouts"]] == ["r-3"]
