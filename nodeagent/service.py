@@ -12,13 +12,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import importlib
 import os
 import re
 import ssl
+import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import grpc
@@ -142,6 +145,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         # Told when a node is staged for a switch (the agent imports what the switch's end
         # needs then, while the node's server is not restarting: ``BootstrapHost.warm``).
         self.on_prepare: Callable[[], object] | None = None
+        self._warming: asyncio.Future[ModuleType] | None = None  # ``_warm_certificates``
 
     # --- guards -------------------------------------------------------------------------------
 
@@ -283,7 +287,22 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         self, request: agent_pb2.PreflightRequest, context: Ctx
     ) -> agent_pb2.PreflightResponse:
         await self._command(context, request.command)
+        self._warm_certificates()
         return await self._checks(request)
+
+    def _warm_certificates(self) -> None:
+        """A rollout's preflight: its certificate work (the CSR's new key, then the stage's
+        checks) follows within milliseconds, and needs ``cryptography``, which an idle agent
+        does not hold. Loading it starts now, in a worker thread, while the checks run and the
+        leader records them, instead of inside the first node's CSR (about 40 ms there, before
+        the rollout's first switch; later nodes' CSRs fall in a restart). Once per agent;
+        ``Check`` (``tlsroll plan``) loads nothing."""
+        if self.driver is None or self._warming is not None or "tlsroll.pki" in sys.modules:
+            return
+        warming = asyncio.ensure_future(asyncio.to_thread(importlib.import_module, "tlsroll.pki"))
+        # A failed import is the CSR's to report (it imports again); here it is only retrieved.
+        warming.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self._warming = warming
 
     @map_errors(ERRORS)
     async def Check(

@@ -43,6 +43,7 @@ from leader.store import Node, Store
 from tests.cluster import Cluster, child_env, secure_channel, wait_until
 from tests.conftest import IssuedCert
 from tests.leader_rig import leader_with_a_node
+from tests.nodeside import Node as NodeSide
 from tests.refserver_helper import RefServer, write_toml
 from tlsroll import httpcheck, pki, tls
 from tlsroll.defaults import AGENT_PORT, BOOTSTRAP_PORT
@@ -230,6 +231,61 @@ def test_a_switched_agent_serves_its_bootstrap_service_without_aiohttp(
     assert "nodeagent.bootstrap_server" in modules  # it did serve
     assert {m for m in modules if m.split(".")[0] == "aiohttp"} == set()
     assert "h11" in modules
+
+
+def test_a_preflight_starts_loading_the_certificate_code_the_csr_after_it_needs(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Issue 15, the overhead before a rollout's first switch: the first node's CSR imported
+    ``cryptography`` (about 40 ms) while the whole rollout waited for it. A rollout's preflight
+    now starts that import in a worker thread. Here the leader's Preflight call (with the
+    leader's credentials and the epoch of a real rollout of another node, so an announced one)
+    is the only command the real agent gets: no CSR, and it holds the certificate code all the
+    same. ``tlsroll plan``'s Check loads nothing (the idle-agent test above)."""
+    with Cluster(tmp_path / "cluster", loopback()) as cluster:
+        cluster.init()
+        cluster.start_leader()
+        address = loopback()
+        server = RefServer(tmp_path / "server", address)
+        server.start()
+        other = NodeSide(cluster, "other", loopback(), tmp_path / "other")
+        try:
+            with harness_agent(cluster, tmp_path, "lean4", address, server) as (agent, out, go):
+                other.start()
+                cluster.wait_for_nodes_online(["lean4", "other"], timeout=60)
+                started = cluster.cli(
+                    *("rollout", "start", "--scope", "nodes", "--nodes", "other"),
+                    *("--password-file", str(_password_file(tmp_path)), "--yes", "--wait"),
+                )
+                assert started.returncode == 0, started.stderr
+                epoch = int(cluster.newest_rollout()["epoch"])
+                chain, key = cluster.leader_credentials()
+                target = f"{address}:{AGENT_PORT}"
+                wait_for_status(target, cluster.ca_pem, chain, key)
+                with secure_channel(target, cluster.ca_pem, chain, key) as channel:
+                    checked = agent_pb2_grpc.NodeAgentStub(channel).Preflight(
+                        agent_pb2.PreflightRequest(
+                            command=agent_pb2.Command(rollout_id="r-warm", epoch=epoch)
+                        ),
+                        timeout=30,
+                    )
+                assert checked.ok, checked.problems
+                go.touch()
+                _, said = agent.communicate(timeout=120)
+            assert agent.returncode == 0, said
+        finally:
+            other.close()
+            server.close()
+    modules = out.read_text().split()
+    assert "tlsroll.pki" in modules
+    assert "stage.csr_created" not in said  # no CSR ran: the preflight alone loaded it
+
+
+def _password_file(tmp_path: Path) -> Path:
+    secret = tmp_path / "password"
+    secret.write_text("lean-agent-switch-password-7Qx\n")
+    secret.chmod(0o600)
+    return secret
 
 
 def wait_for_status(
