@@ -212,6 +212,7 @@ def one_run(
     restarts: int,
     fsyncs: bool = False,
     profile: Path | None = None,
+    prepare_ahead: int | None = None,
 ) -> Run:
     cluster = Cluster(
         root / "cluster", address(0), heartbeat_interval=5, agent_heartbeat_interval=5
@@ -219,6 +220,8 @@ def one_run(
     nodes = [Node(cluster, f"n{i:03d}", address(i + 2), root / f"n{i:03d}") for i in range(n)]
     try:
         cluster.init()
+        if prepare_ahead is not None:
+            cluster.write_leader_config({"prepare_ahead": prepare_ahead})
         cluster.start_leader(NO_DEBUG)
         start_nodes(cluster, nodes)
         baseline = ansible_baseline.run(nodes, root / "ansible") if ansible else None
@@ -497,6 +500,13 @@ def main(argv: list[str] | None = None) -> int:
         "perf: CPU by library), keep the stacks in this directory and print where the CPU "
         "went (the CPU figures then compare with no other run)",
     )
+    parser.add_argument(
+        "--prepare-ahead",
+        type=int,
+        help="the leader's prepare_ahead (default: the product's). 0: no node is preflighted "
+        "and staged while another switches; on one machine, that staging shares the two cores "
+        "with the restart of the node switching, which separate machines would not",
+    )
     ns = parser.parse_args(argv)
     if ns.profile is not None:
         ns.profile.mkdir(parents=True, exist_ok=True)
@@ -511,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
                 restarts=ns.restarts,
                 fsyncs=ns.fsyncs,
                 profile=ns.profile,
+                prepare_ahead=ns.prepare_ahead,
             )
         finally:
             if not ns.keep:
