@@ -171,6 +171,8 @@ def load_crl(pem: bytes, ca_file: Path, *, here: bool | None = None) -> tuple[in
         except OSError as exc:  # as from a child: out of descriptors is the agent's shortage
             raise_if_local(exc, "checking the revocation list")
             raise
+        except ValueError as exc:  # as from a child (``_answer_for``): not PEM text at all
+            raise TerminalError(str(exc)) from None
     return int(answer["number"]), frozenset(int(s) for s in answer["revoked"])
 
 

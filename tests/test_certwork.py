@@ -108,8 +108,15 @@ def test_a_process_holding_cryptography_checks_a_revocation_list_without_a_child
     with pytest.raises(PKIError) as refused:
         certwork.load_crl(crl, ca_file)
     assert refused.value.reason is PKIReason.UNTRUSTED
+    not_ascii = "ü".encode()
+    with pytest.raises(TerminalError) as here:
+        certwork.load_crl(not_ascii, ca_file)
     with pytest.raises(AssertionError, match="a child was started"):
         certwork.load_crl(crl, ca_file, here=False)  # the child's way is still there
+    monkeypatch.undo()
+    with pytest.raises(TerminalError) as child:
+        certwork.load_crl(not_ascii, ca_file, here=False)
+    assert type(here.value) is type(child.value) and str(here.value) == str(child.value)
 
 
 def test_a_restart_with_the_files_a_child_checked_needs_no_child(
