@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import importlib
 import os
 import re
 import ssl
@@ -26,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from nodeagent import plans, ports
+from nodeagent import plans, ports, warmup
 from nodeagent.config import AgentConfig
 from nodeagent.drivers import Driver, DriverError, ServerFacts
 from nodeagent.identity import Identity
@@ -299,7 +298,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         ``Check`` (``tlsroll plan``) loads nothing."""
         if self.driver is None or self._warming is not None or "tlsroll.pki" in sys.modules:
             return
-        warming = asyncio.ensure_future(asyncio.to_thread(importlib.import_module, "tlsroll.pki"))
+        warming = warmup.warm("tlsroll.pki")  # one after another with other imports ahead
         # A failed import is the CSR's to report (it imports again); here it is only retrieved.
         warming.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._warming = warming
