@@ -307,17 +307,18 @@ TOLD_PATIENCE = 900.0
 
 
 def next_enrol_wait(
-    exc: TransientError, failures: int, elapsed: float, jitter: float
+    exc: TransientError, failures: int, elapsed: float, told_elapsed: float, jitter: float
 ) -> float | None:
-    """Seconds to wait before the next enrolment attempt after ``exc`` (the ``failures``-th in
-    a row, ``elapsed`` seconds since the first began), or None to give up. A wait the join port
-    asked for is taken as told, stretched by up to a quarter (``jitter`` in [0, 1]) so that
-    nodes told the same wait at once do not all come back at once; other transient errors
-    wait 0.2 s, doubling, at most 5 s."""
+    """Seconds to wait before the next enrolment attempt after ``exc``, or None to give up.
+    ``failures``: untold transient errors in a row; ``elapsed``: seconds since they began (since
+    the join port's last wait, which proved the leader reachable); ``told_elapsed``: seconds
+    since the first attempt. A wait the join port asked for is taken as told, stretched by up
+    to a quarter (``jitter`` in [0, 1]) so that nodes told the same wait at once do not all come
+    back at once; other transient errors wait 0.2 s, doubling, at most 5 s."""
     if isinstance(exc, EnrolmentDeferred):
         wait = exc.retry_after * (1 + 0.25 * jitter)
-        return wait if elapsed + wait <= TOLD_PATIENCE else None
-    if elapsed >= ENROL_PATIENCE:
+        return wait if told_elapsed + wait <= TOLD_PATIENCE else None
+    if elapsed >= ENROL_PATIENCE or told_elapsed >= TOLD_PATIENCE:
         return None
     return min(5.0, 0.2 * 2.0 ** min(failures - 1, 10))
 

@@ -58,14 +58,17 @@ async def obtain_identity(cfg: AgentConfig) -> Identity:
     if identity is not None:
         return identity
     loop = asyncio.get_running_loop()
-    began, failures = loop.time(), 0
+    began = since = loop.time()
+    failures = 0
     while True:
         try:
             return await asyncio.to_thread(certwork.enrol, cfg)
         except TransientError as exc:
-            failures += 1
+            now = loop.time()
+            told = isinstance(exc, EnrolmentDeferred)
+            failures = 0 if told else failures + 1
             jitter = random.random()  # noqa: S311 - spreads retries, guards nothing
-            wait = next_enrol_wait(exc, failures, loop.time() - began, jitter)
+            wait = next_enrol_wait(exc, failures, now - since, now - began, jitter)
             if wait is None:
                 raise
             if isinstance(exc, EnrolmentDeferred):
@@ -73,6 +76,8 @@ async def obtain_identity(cfg: AgentConfig) -> Identity:
                     "agent.enrol_told_to_wait", retry_after=exc.retry_after, wait=round(wait, 1)
                 )
             await asyncio.sleep(wait)
+            if told:  # the leader answered: a minute's patience again from here
+                since = loop.time()
 
 
 async def serve(cfg: AgentConfig, *, reinitialise: bool = False) -> None:

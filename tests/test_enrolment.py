@@ -520,15 +520,18 @@ def test_the_wait_an_agent_takes_from_the_join_port() -> None:
     for nothing in (None, (), (("retry-after", "soon"),), (("retry-after", "-1"),), 5):
         assert told_wait(nothing) is None
     told = EnrolmentDeferred("wait", 8)
-    assert next_enrol_wait(told, 1, 0.0, 0.0) == 8.0
-    assert next_enrol_wait(told, 9, 100.0, 1.0) == 10.0  # past the minute: still told
-    assert next_enrol_wait(told, 9, identity.TOLD_PATIENCE - 5, 0.0) is None
+    assert next_enrol_wait(told, 0, 0.0, 0.0, 0.0) == 8.0
+    assert next_enrol_wait(told, 0, 100.0, 100.0, 1.0) == 10.0  # past the minute: still told
+    assert next_enrol_wait(told, 0, 0.0, identity.TOLD_PATIENCE - 5, 0.0) is None
     other = TransientError("unreachable")
-    assert [next_enrol_wait(other, n, 1.0, 0.5) for n in (1, 2, 3, 6, 20)] == [
+    assert [next_enrol_wait(other, n, 1.0, 1.0, 0.5) for n in (1, 2, 3, 6, 20)] == [
         0.2,
         0.4,
         0.8,
         5.0,
         5.0,
     ]
-    assert next_enrol_wait(other, 2, identity.ENROL_PATIENCE, 0.0) is None
+    assert next_enrol_wait(other, 2, identity.ENROL_PATIENCE, 0.0, 0.0) is None
+    # After a told wait the minute starts again (the leader answered), within the long bound.
+    assert next_enrol_wait(other, 1, 1.0, 120.0, 0.0) == 0.2
+    assert next_enrol_wait(other, 1, 1.0, identity.TOLD_PATIENCE, 0.0) is None
