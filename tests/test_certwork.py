@@ -10,6 +10,7 @@ import json
 import os
 import resource
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -74,13 +75,41 @@ def test_a_revocation_list_is_read_and_checked_in_a_child(
     crl = pki.crl_to_pem(pki.build_crl(test_ca, 7, revoked, now=now))
     ca_file = tmp_path / "ca.pem"
     pki.write_cert(ca_file, test_ca.cert)
-    assert certwork.load_crl(crl, ca_file) == pki.load_crl(crl, test_ca.cert)
-    assert certwork.load_crl(crl, ca_file) == (7, frozenset({12345, 1 << 150}))
+    assert certwork.load_crl(crl, ca_file, here=False) == pki.load_crl(crl, test_ca.cert)
+    assert certwork.load_crl(crl, ca_file, here=False) == (7, frozenset({12345, 1 << 150}))
     other = pki.CertificateAuthority.create("another CA")
     pki.write_cert(ca_file, other.cert)
     with pytest.raises(PKIError) as refused:
+        certwork.load_crl(crl, ca_file, here=False)
+    assert refused.value.reason is PKIReason.UNTRUSTED
+
+
+def test_a_process_holding_cryptography_checks_a_revocation_list_without_a_child(
+    tmp_path: Path, test_ca: pki.CertificateAuthority, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A strace of a rotate-cert rollout: every switched agent (its bootstrap service holds
+    ``cryptography``) started a child for each revocation list, 0.2-0.7 s of CPU each, some
+    while its own server restarted. With ``cryptography`` loaded (as in this test process),
+    the list is checked in-process, as strictly: same answer, same refusal."""
+
+    def no_child(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a child was started")
+
+    monkeypatch.setattr(subprocess, "run", no_child)
+    assert "cryptography" in sys.modules
+    now = dt.datetime.now(dt.UTC)
+    crl = pki.crl_to_pem(pki.build_crl(test_ca, 9, [(f"{777:x}", now)], now=now))
+    ca_file = tmp_path / "ca.pem"
+    pki.write_cert(ca_file, test_ca.cert)
+    assert (
+        certwork.load_crl(crl, ca_file) == (9, frozenset({777})) == pki.load_crl(crl, test_ca.cert)
+    )
+    pki.write_cert(ca_file, pki.CertificateAuthority.create("another CA").cert)
+    with pytest.raises(PKIError) as refused:
         certwork.load_crl(crl, ca_file)
     assert refused.value.reason is PKIReason.UNTRUSTED
+    with pytest.raises(AssertionError, match="a child was started"):
+        certwork.load_crl(crl, ca_file, here=False)  # the child's way is still there
 
 
 def test_a_restart_with_the_files_a_child_checked_needs_no_child(
@@ -133,10 +162,10 @@ def test_a_child_that_cannot_start_is_a_shortage_not_a_verdict(
     resource.setrlimit(resource.RLIMIT_NOFILE, (fd, limits[1]))
     try:
         with pytest.raises(LocalResourceError, match="Too many open files"):
-            certwork.load_crl(crl, paths(cfg.data_dir)[2])
+            certwork.load_crl(crl, paths(cfg.data_dir)[2], here=False)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, limits)
-    assert certwork.load_crl(crl, paths(cfg.data_dir)[2])[0] == 1
+    assert certwork.load_crl(crl, paths(cfg.data_dir)[2], here=False)[0] == 1
 
 
 def test_a_childs_config_error_is_the_same_config_error(
