@@ -38,11 +38,13 @@ from typing import Any
 from nodeagent.config import AgentConfig
 from nodeagent.identity import (
     CertificateExpired,
+    EnrolmentDeferred,
     EnrolmentRefused,
     Identity,
     expired_message,
     paths,
     pending_paths,
+    told_wait,
 )
 from tlsroll import logs
 from tlsroll.errors import (
@@ -109,7 +111,8 @@ def load_identity(cfg: AgentConfig, now: dt.datetime | None = None) -> Identity 
 
 
 def enrol(cfg: AgentConfig) -> Identity:
-    """``identity.enrol(cfg)`` in a child (TransientError when it is worth trying again)."""
+    """``identity.enrol(cfg)`` in a child (TransientError when it is worth trying again;
+    ``EnrolmentDeferred`` with the wait when the join port asked for one)."""
     request = {"op": "enrol", "config": str(cfg.path), **_logging(cfg)}
     return _remember(cfg, _identity(cfg, _ask(request)))
 
@@ -237,6 +240,11 @@ def _error(err: dict[str, Any]) -> Exception:
         return OSError(err.get("errno") or 0, err.get("strerror") or message, err.get("filename"))
     if kind == "ConfigError":
         return ConfigError(err.get("path", ""), err.get("key"), str(err.get("problem", message)))
+    if kind == "EnrolmentDeferred":  # the join port's wait, bounded again on this side
+        wait = told_wait([("retry-after", str(err.get("retry_after", "")))])
+        if wait is not None:
+            return EnrolmentDeferred(message, wait)
+        return TerminalError(f"certificate check (enrol): a wait without its length: {message}")
     return ERRORS.get(kind, TerminalError)(message)
 
 
@@ -289,6 +297,8 @@ def _answer_for(exc: Exception) -> dict[str, Any]:
             "problem": exc.problem,
             "message": str(exc),
         }
+    if isinstance(exc, EnrolmentDeferred):
+        return {"type": "EnrolmentDeferred", "message": str(exc), "retry_after": exc.retry_after}
     # The nearest class the agent rebuilds (a LocalResourceError stays one, a TransientError of
     # another kind stays transient); anything else is terminal.
     kind = next((c.__name__ for c in type(exc).__mro__ if c.__name__ in ERRORS), "TerminalError")

@@ -17,7 +17,7 @@ import pytest
 
 from nodeagent import certwork
 from nodeagent.config import AgentConfig
-from nodeagent.identity import CertificateExpired, load_identity, paths
+from nodeagent.identity import CertificateExpired, EnrolmentDeferred, load_identity, paths
 from nodeagent.trust import LeaderTrust
 from tests.test_renewal import _agent_config, _enrolled, _issue
 from tlsroll import pki, spiffe
@@ -206,6 +206,24 @@ def test_a_childs_transient_error_stays_transient() -> None:
     assert type(round_trip(Flaky("later"))) is TransientError
     assert type(round_trip(ValueError("bad"))) is TerminalError
     assert str(round_trip(Flaky("later"))) == "later"
+
+
+def test_the_join_ports_wait_crosses_the_childs_boundary() -> None:
+    """The enrolment child's ``EnrolmentDeferred`` (the join port's ``retry-after``) comes back
+    as one with the same wait: the agent waits as told (the whole path, with a real leader, is
+    in test_enrolment). A wait out of bounds is bounded again; one lost on the way is not taken
+    as "retry now"."""
+
+    def round_trip(exc: Exception) -> Exception:
+        return certwork._error(json.loads(json.dumps(certwork._answer_for(exc))))
+
+    back = round_trip(EnrolmentDeferred("enrolment at x: retry in 8 s", 8))
+    assert isinstance(back, EnrolmentDeferred)
+    assert (back.retry_after, str(back)) == (8, "enrolment at x: retry in 8 s")
+    far = round_trip(EnrolmentDeferred("far", 10**6))
+    assert isinstance(far, EnrolmentDeferred) and far.retry_after == 300
+    lost = certwork._error({"type": "EnrolmentDeferred", "message": "m"})
+    assert type(lost) is TerminalError
 
 
 def test_a_revocation_list_the_agent_cannot_check_now_is_raised_not_refused(
