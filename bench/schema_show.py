@@ -6,9 +6,16 @@ enable-tls rollouts of ``--nodes`` nodes each (written to the store before it st
 months of history would be); then the CLI as an admin runs it, ``--runs`` times each:
 ``schema show`` (the active or latest rollout), ``schema show --all``, ``--json``, the CLI's
 import alone (``python -c 'import leader.cli'``) and what ``schema show`` imports; and the
-leader's part alone: the ``GetSchema`` call ``schema show`` makes, from an open channel (wall
-time, and the leader's CPU per call read from /proc), so that what the leader does is told
-apart from what the CLI does.
+leader's part alone: the ``GetSchema`` call ``schema show`` makes (with the JSON codec,
+``SchemaViewJson``), from an open channel (wall time, and the leader's CPU per call read from
+/proc), so that what the leader does is told apart from what the CLI does.
+
+The CLI is the development environment's ``tlsroll`` console script (pip's wrapper, ``from
+tlsroll.cli import main``), with this source tree first on ``PYTHONPATH``: as installed from a
+wheel but for the editable install's ``.pth`` line (one path more for ``site``). With
+``--instructions``, and valgrind installed, it also counts the instructions of one run of
+``schema show``, ``--json`` and ``python -c pass`` (callgrind): a figure the machine's load
+does not move, for comparing two trees on a busy machine.
 
 Every figure is also shown less and relative to ``python -c pass`` in the same run (wall and
 CPU medians), since the machine's own speed varies through the day; on a busy machine the CPU
@@ -23,6 +30,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
+import json
 import os
 import resource
 import shutil
@@ -34,12 +42,11 @@ import time
 from pathlib import Path
 
 from bench.common import NO_DEBUG, address, cpu_seconds, summary
-from leader.cli.base import GET_SCHEMA
+from leader.cli.base import GET_SCHEMA_JSON
 from leader.cli.unary import UnaryChannel
 from leader.rollout_core import Change, NodeRecord, NodeState, Rollout, RolloutEvent, Scope
 from leader.schema_store import RolloutMeta, SchemaStore
 from tests.cluster import Cluster, child_env, command
-from tlsroll.v1 import schema_pb2
 
 # What `tlsroll schema show` imports: the entry point, the command looked up as click does, and
 # what it draws with (imported once the reply is in).
@@ -95,22 +102,40 @@ def timed(argv: list[str], env: dict[str, str], runs: int) -> tuple[list[float],
 
 
 def rpc_alone(cluster: Cluster, calls: int) -> tuple[list[float], float]:
-    """The ``GetSchema`` call of a plain ``schema show`` (the newest rollout), ``calls`` times
-    on one connection, made as the CLI makes it (``leader.cli.unary``): each call's wall time
-    with the reply parsed, and the leader's CPU per call."""
+    """The ``GetSchema`` call of a plain ``schema show`` (the newest rollout, JSON codec),
+    ``calls`` times on one connection, made as the CLI makes it (``leader.cli.unary``): each
+    call's wall time with the reply parsed, and the leader's CPU per call."""
     assert cluster.leader is not None
     pid = cluster.leader.pid
     walls = []
     with UnaryChannel(str(cluster.admin_socket)) as channel:
-        request = schema_pb2.GetSchemaRequest(limit=1).SerializeToString()
-        channel.call(GET_SCHEMA, request)  # the connection, outside the figures
+        request = json.dumps({"limit": 1}).encode()
+        channel.call(GET_SCHEMA_JSON, request, codec="json")  # the connection, not counted
         cpu0 = cpu_seconds(pid)
         for _ in range(calls):
             t0 = time.perf_counter()
-            schema_pb2.Schema.FromString(channel.call(GET_SCHEMA, request))
+            json.loads(channel.call(GET_SCHEMA_JSON, request, codec="json"))
             walls.append(time.perf_counter() - t0)
         cpu = (cpu_seconds(pid) - cpu0) / calls
     return walls, cpu
+
+
+def instructions(argv: list[str], env: dict[str, str]) -> float:
+    """Instructions one run of ``argv`` executes, counted by callgrind (after a run that fills
+    the bytecode cache): the same on a busy machine as on an idle one."""
+    if shutil.which("valgrind") is None:
+        raise SystemExit("--instructions needs valgrind (apt-get install valgrind)")
+    subprocess.run(argv, capture_output=True, env=env, timeout=60, check=False)
+    done = subprocess.run(
+        ["valgrind", "--tool=callgrind", "--callgrind-out-file=/dev/null", *argv],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+        check=True,
+    )
+    counted = [line for line in done.stderr.splitlines() if "Collected :" in line]
+    return float(counted[-1].rsplit(":", 1)[1])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,6 +147,11 @@ def main(argv: list[str] | None = None) -> int:
         "--no-bytecode-cache",
         action="store_true",
         help="compile every module on every run (PYTHONDONTWRITEBYTECODE, no cache)",
+    )
+    parser.add_argument(
+        "--instructions",
+        action="store_true",
+        help="also count instructions of one run each (valgrind's callgrind; slow)",
     )
     ns = parser.parse_args(argv)
     root = Path(tempfile.mkdtemp(prefix="tlsroll-schema-"))
@@ -167,6 +197,19 @@ def main(argv: list[str] | None = None) -> int:
                     f"  {label:20s} wall {summary(walls, 'ms', 1000, 0)}; "
                     f"CPU {summary(cpus, 'ms', 1000, 0)}{relative}"
                 )
+            if ns.instructions:
+                counted = {
+                    label: instructions(argv, env)
+                    for label, argv in commands
+                    if label in {"schema show", "schema show --json", "python -c pass"}
+                }
+                for label, count in counted.items():
+                    ratio = (
+                        f"; {count / counted['python -c pass']:.1f}x python -c pass"
+                        if label != "python -c pass"
+                        else ""
+                    )
+                    print(f"  {label:20s} {count / 1e6:.1f} M instructions (callgrind){ratio}")
             walls, cpu = rpc_alone(cluster, 20 * ns.runs)
             print(
                 f"  {'GetSchema RPC alone':20s} wall {summary(walls, 'ms', 1000, 1)}; "

@@ -42,7 +42,7 @@ from leader.layout import (
 from leader.observe import observe
 from leader.own_tls import OwnTls
 from leader.schema_store import SchemaStore
-from leader.schema_view import SchemaViewService
+from leader.schema_view import SchemaViewService, add_json_to_server
 from leader.service import (
     EnrolmentService,
     LeaderService,
@@ -231,9 +231,9 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
 
     own.on_renewed.append(redial)
     expiry.before_check.insert(0, own.renew_if_due)  # the leader's certificate, while it runs
-    schema_pb2_grpc.add_SchemaViewServicer_to_server(
-        SchemaViewService(schema, state.clock, expiry, rotator.status.view), admin
-    )
+    schema_view = SchemaViewService(schema, state.clock, expiry, rotator.status.view)
+    schema_pb2_grpc.add_SchemaViewServicer_to_server(schema_view, admin)
+    add_json_to_server(schema_view, admin)  # the same, for `tlsroll schema show`
     await add_standard_services(
         admin, [_service(admin_pb2, "Admin"), _service(schema_pb2, "SchemaView")]
     )

@@ -106,7 +106,7 @@ def test_failures_are_kept_added_up_and_shown(tmp_path: Path) -> None:
         }
 
         console = Console(file=io.StringIO(), width=120, markup=False)
-        console.print(render_failures(schema_message([], set(), later, rows).bootstrap_failures))
+        console.print(render_failures(data["bootstrap_failures"]))
         text = console.file.getvalue()  # type: ignore[attr-defined]
         assert "failed bootstrap passwords" in text and "[red]x[/red]" in text
 

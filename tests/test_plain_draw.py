@@ -10,6 +10,7 @@ import pytest
 from rich.console import Console
 from rich.table import Table as RichTable
 
+from leader.cli.base import to_dict
 from leader.cli.draw import render_rollout
 from leader.cli.plain import Block, Styled, Table, cell_len, clean, fit, wrap
 from tlsroll.v1 import schema_pb2, types_pb2
@@ -84,8 +85,8 @@ def test_colours_only_when_asked() -> None:
         state=types_pb2.ROLLOUT_STATE_COMPLETED,
         nodes=[schema_pb2.NodeView(name="n1", state=types_pb2.NODE_STATE_DONE)],
     )
-    plain = "\n".join(render_rollout(view).lines(200, color=False))
-    coloured = "\n".join(render_rollout(view).lines(200, color=True))
+    plain = "\n".join(render_rollout(to_dict(view)).lines(200, color=False))
+    coloured = "\n".join(render_rollout(to_dict(view)).lines(200, color=True))
     assert "\x1b[" not in plain and "completed" in plain
     assert "\x1b[1mrollout r1\x1b[0m" in coloured and "\x1b[32mcompleted\x1b[0m" in coloured
     assert "\x1b[32mdone\x1b[0m" in coloured

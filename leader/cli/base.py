@@ -3,7 +3,9 @@
 Imported by every admin command, ``schema show`` among them (goal: 150 ms in all), so it imports
 only what they all need: grpcio (about 50 ms: its core imports asyncio) and the Admin service's
 messages are imported by the commands that call the Admin service (``Leader.admin``); the schema
-is read without grpcio (``fetch_schema``, ``leader.cli.unary``)."""
+is read without grpcio (``fetch_schema``, ``leader.cli.unary``), and by ``schema show`` without
+protobuf either (``fetch_schema_json``): protobuf and the schema's messages are imported by the
+functions that use them."""
 
 from __future__ import annotations
 
@@ -21,25 +23,22 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NoReturn, TypeVar, cast
 
 import click
-from google.protobuf.message import Message
 
-from leader import schema_wire as _schema_wire  # noqa: F401 - registers the schema's codecs
 from leader.cli.unary import RpcFailed, UnaryChannel
 from leader.layout import Layout
-from tlsroll import wire
 from tlsroll.cli import Target
 from tlsroll.defaults import DEFAULT_DATA_DIR
 from tlsroll.errors import TerminalError
-from tlsroll.v1 import schema_pb2
 
 if TYPE_CHECKING:
     import grpc
+    from google.protobuf.message import Message
     from rich.console import Console
 
-    from tlsroll.v1 import admin_pb2_grpc
+    from tlsroll.v1 import admin_pb2_grpc, schema_pb2
 
 T = TypeVar("T")
-M = TypeVar("M", bound=Message)
+M = TypeVar("M", bound="Message")
 
 
 def _pipe_width() -> int | None:
@@ -169,17 +168,29 @@ class Leader:
     def unary(self, method: str, request: Message, reply: type[M], timeout: float = 30) -> M:
         """Call a read-only method (``/tlsroll.v1.Service/Method``) without grpcio
         (``leader.cli.unary``), on one connection kept for this command's later calls."""
-        self.check_socket()
-        if self._unary is None:
-            self._unary = UnaryChannel(str(self.socket))
-        try:
-            data = self._unary.call(method, request.SerializeToString(), timeout)
-        except RpcFailed as exc:
-            self.refused(exc.code, exc.details)
+        data = self.raw(method, request.SerializeToString(), timeout)
         try:
             return reply.FromString(data)
         except Exception:  # protobuf's DecodeError, whichever backend's
             fail(f"the leader's reply to {method} could not be read: is tlsroll up to date?")
+
+    def unary_json(self, method: str, request: dict[str, Any], timeout: float = 30) -> Any:
+        """``unary`` for a method served with gRPC's JSON codec: request and reply as JSON
+        data."""
+        data = self.raw(method, json.dumps(request).encode(), timeout, codec="json")
+        try:
+            return json.loads(data)
+        except ValueError:
+            fail(f"the leader's reply to {method} could not be read: is tlsroll up to date?")
+
+    def raw(self, method: str, request: bytes, timeout: float, codec: str = "proto") -> bytes:
+        self.check_socket()
+        if self._unary is None:
+            self._unary = UnaryChannel(str(self.socket))
+        try:
+            return self._unary.call(method, request, timeout, codec)
+        except RpcFailed as exc:
+            self.refused(exc.code, exc.details)
 
 
 def pass_leader(f: Callable[..., T]) -> Callable[..., T]:
@@ -201,6 +212,9 @@ def emit_json(data: Any) -> None:
 def to_dict(msg: Message) -> dict[str, Any]:
     """``--json`` data: enums as the words the CLI takes (``leader.schema_wire`` registers the
     schema's; ``leader.wire``, imported with the Admin service, the rest)."""
+    from leader import schema_wire as _schema_wire  # noqa: F401, PLC0415 - the schema's codecs
+    from tlsroll import wire  # noqa: PLC0415 - see the module docstring
+
     return wire.to_dict(msg)
 
 
@@ -227,10 +241,27 @@ def fetch_schema(
 ) -> schema_pb2.Schema:
     """The schema: one rollout (``rollout_id``), the newest ``limit`` (0: every one); with
     ``rollouts_only`` without the failures, revocations and expiring certificates."""
+    from tlsroll.v1 import schema_pb2  # noqa: PLC0415 - see the module docstring
+
     request = schema_pb2.GetSchemaRequest(
         rollout_id=rollout_id, limit=limit, rollouts_only=rollouts_only
     )
     return leader.unary(GET_SCHEMA, request, schema_pb2.Schema)
 
 
-GET_SCHEMA = "/{}/GetSchema".format(schema_pb2.DESCRIPTOR.services_by_name["SchemaView"].full_name)
+def fetch_schema_json(
+    leader: Leader, rollout_id: str = "", *, limit: int = 0, rollouts_only: bool = False
+) -> dict[str, Any]:
+    """``fetch_schema`` as the JSON data ``schema show --json`` prints (``to_dict``), from the
+    leader's ``SchemaViewJson`` (``leader.schema_view.JSON_SERVICE``): no protobuf here."""
+    request = {"rollout_id": rollout_id, "limit": limit, "rollouts_only": rollouts_only}
+    data = leader.unary_json(GET_SCHEMA_JSON, request)
+    if not isinstance(data, dict):
+        fail(f"the leader's reply to {GET_SCHEMA_JSON} could not be read: is tlsroll up to date?")
+    return data
+
+
+GET_SCHEMA = "/tlsroll.v1.SchemaView/GetSchema"
+GET_SCHEMA_JSON = "/tlsroll.v1.SchemaViewJson/GetSchema"
+"""The schema's method, and the same served with gRPC's JSON codec (a test keeps both in step
+with the proto and the leader)."""

@@ -3,19 +3,21 @@
 
 Drawn with ``leader.cli.plain`` (the standard library), not rich: see there why. Apart from
 ``leader.cli.schema_cmd`` so that ``schema show --json`` (monitoring scripts run it) imports none
-of it.
+of it. It draws the schema's JSON data (what ``schema show --json`` prints: enums as words,
+times as RFC 3339 text, 64-bit numbers as text), which ``schema show`` reads without protobuf
+(``leader.cli.base.fetch_schema_json``); a caller holding messages passes ``to_dict(message)``.
 """
 
 from __future__ import annotations
 
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
-from leader.cli.base import fmt_time
 from leader.cli.plain import Block, Styled, Table
-from leader.schema_wire import CHANGE, FREEZE, NODE_STATE, ROLLOUT_STATE, SCOPE_KIND, STRATEGY
-from tlsroll.v1 import schema_pb2
+
+View = Mapping[str, Any]
+"""A message of the schema as JSON data (``leader.cli.base.to_dict``)."""
 
 PENDING = "password change pending — takes effect at next restart"
 STATE_STYLE = {
@@ -36,8 +38,15 @@ STATE_STYLE = {
 }
 
 
-def _dt(msg: Any, field: str) -> dt.datetime | None:
-    return getattr(msg, field).ToDatetime(tzinfo=dt.UTC) if msg.HasField(field) else None
+def _dt(view: View, field: str) -> dt.datetime | None:
+    text = view.get(field)
+    return dt.datetime.fromisoformat(text).astimezone(dt.UTC) if text else None
+
+
+def fmt_time(view: View, field: str) -> str:
+    """``leader.cli.base.fmt_time`` of JSON data: ``-`` for a time not set."""
+    when = _dt(view, field)
+    return "-" if when is None else when.strftime("%Y-%m-%d %H:%M:%S UTC")
 
 
 def _styled(state: str) -> Styled:
@@ -60,7 +69,7 @@ def residual(seconds: int) -> str:
     return f"{secs}s"
 
 
-def freeze_window(node: schema_pb2.NodeView) -> str:
+def freeze_window(node: View) -> str:
     start, end = _dt(node, "freeze_started_at"), _dt(node, "freeze_ended_at")
     if start is None:
         return "-"
@@ -69,26 +78,27 @@ def freeze_window(node: schema_pb2.NodeView) -> str:
     return f"{start:%H:%M:%S}–{end:%H:%M:%S} ({(end - start).total_seconds():.1f}s)"
 
 
-def render_rollout(r: schema_pb2.RolloutView) -> Block:
+def render_rollout(r: View) -> Block:
+    scope_nodes = r.get("scope_nodes", [])
     rest = Styled(
-        f"  change {CHANGE.text(r.change)}  scope {SCOPE_KIND.text(r.scope)}"
-        + (f" ({', '.join(r.scope_nodes)})" if r.scope_nodes else "")
-        + f"  strategy {STRATEGY.text(r.strategy)}  max-parallel {r.max_parallel}"
-        f"  freeze {FREEZE.text(r.freeze)}"
-        f"  epoch {r.epoch}"
-        + (f"  finalizes {r.finalizes}" if r.finalizes else "")
-        + (f"  when quiet for {r.when_quiet_seconds}s" if r.when_quiet_seconds else "")
+        f"  change {r['change']}  scope {r['scope']}"
+        + (f" ({', '.join(scope_nodes)})" if scope_nodes else "")
+        + f"  strategy {r['strategy']}  max-parallel {r['max_parallel']}"
+        f"  freeze {r['freeze']}"
+        f"  epoch {r['epoch']}"
+        + (f"  finalizes {r['finalizes']}" if r.get("finalizes") else "")
+        + (f"  when quiet for {r['when_quiet_seconds']}s" if r.get("when_quiet_seconds") else "")
     )
     head = [
-        Styled(f"rollout {r.id}", "bold"),
+        Styled(f"rollout {r['id']}", "bold"),
         Styled("  "),
-        _styled(ROLLOUT_STATE.text(r.state)),
+        _styled(r["state"]),
         rest,
     ]
     times = Styled(
-        f"created {fmt_time(r, 'created_at')} by {r.started_by or '-'}"
+        f"created {fmt_time(r, 'created_at')} by {r.get('started_by') or '-'}"
         f"   started {fmt_time(r, 'started_at')}   ended {fmt_time(r, 'ended_at')}"
-        + (f"   note: {r.reason}" if r.reason else "")
+        + (f"   note: {r['reason']}" if r.get("reason") else "")
     )
     table = Table(
         "#",
@@ -102,49 +112,52 @@ def render_rollout(r: schema_pb2.RolloutView) -> Block:
         "still on http",
         "reason",
     )
-    for i, n in enumerate(r.nodes, 1):
+    for i, n in enumerate(r.get("nodes", []), 1):
         table.add_row(
             str(i),
-            n.name + (" (leader)" if n.leader_node else ""),
-            _styled(NODE_STATE.text(n.state)),
-            n.old_url or "-",
-            n.new_url or "-",
+            n["name"] + (" (leader)" if n.get("leader_node") else ""),
+            _styled(n["state"]),
+            n.get("old_url") or "-",
+            n.get("new_url") or "-",
             freeze_window(n),
-            f"{n.restart_seconds:.1f}s" if n.restart_seconds else "-",
+            f"{n['restart_seconds']:.1f}s" if n.get("restart_seconds") else "-",
             fmt_time(n, "cert_not_after"),
-            str(n.still_on_http) if n.still_on_http else "-",
-            "; ".join(filter(None, [n.reason, PENDING if n.password_pending else ""])),
+            str(n["still_on_http"]) if n.get("still_on_http") else "-",
+            "; ".join(
+                filter(None, [n.get("reason"), PENDING if n.get("password_pending") else ""])
+            ),
         )
     return Block(head, times, table)
 
 
-def render_clients(views: Sequence[schema_pb2.NodeClientsView]) -> Block:
+def render_clients(views: Sequence[View]) -> Block:
     """Per node, who its managed server saw on which scheme lately (from the agents'
     heartbeats); peer-supplied strings are printed as plain text (``plain.clean``)."""
     table = Table("node", "scheme", "address", "workstation", "requests", "first", "last", "")
     notes: list[Styled] = []
     for v in views:
-        left = {(c.address, c.workstation) for c in v.still_on_http}
-        for c in v.clients.clients:
-            mark = (
-                "still on http" if c.scheme == "http" and (c.address, c.workstation) in left else ""
-            )
+        still = v.get("still_on_http", [])
+        left = {(c.get("address", ""), c.get("workstation", "")) for c in still}
+        clients = v.get("clients", {})
+        for c in clients.get("clients", []):
+            seen_at = (c.get("address", ""), c.get("workstation", ""))
+            mark = "still on http" if c.get("scheme") == "http" and seen_at in left else ""
             table.add_row(
-                v.node,
-                c.scheme,
-                c.address,
-                c.workstation or "-",
-                str(c.requests),
+                v["node"],
+                c.get("scheme", ""),
+                c.get("address", ""),
+                c.get("workstation") or "-",
+                str(c.get("requests", 0)),
                 fmt_time(c, "first_seen"),
                 fmt_time(c, "last_seen"),
                 Styled(mark, "bold yellow"),
             )
-        source = v.clients.source or "unknown"
-        problem = f"; problem: {v.clients.problem}" if v.clients.problem else ""
+        source = clients.get("source") or "unknown"
+        problem = f"; problem: {clients['problem']}" if clients.get("problem") else ""
         notes.append(
             Styled(
-                f"{v.node}: {len(v.still_on_http)} still on http; window "
-                f"{v.clients.window_seconds}s, source {source}, reported "
+                f"{v['node']}: {len(still)} still on http; window "
+                f"{clients.get('window_seconds', 0)}s, source {source}, reported "
                 f"{fmt_time(v, 'reported_at')}{problem}"
             )
         )
@@ -152,39 +165,39 @@ def render_clients(views: Sequence[schema_pb2.NodeClientsView]) -> Block:
     return Block(head, table, *notes)
 
 
-def render_revocations(data: schema_pb2.Schema) -> Block:
+def render_revocations(data: View) -> Block:
     """Removed nodes and revoked certificates (``tlsroll nodes remove``, ``… revoke``)."""
     parts: list[Any] = []
-    if data.removed_nodes:
+    if data.get("removed_nodes"):
         removed = Table("removed node", "addresses", "removed")
-        for n in data.removed_nodes:
-            removed.add_row(n.name, ", ".join(n.addresses), fmt_time(n, "removed_at"))
+        for n in data["removed_nodes"]:
+            removed.add_row(n["name"], ", ".join(n.get("addresses", [])), fmt_time(n, "removed_at"))
         parts.append(removed)
-    if data.revoked_certificates:
+    if data.get("revoked_certificates"):
         revoked = Table("revoked certificate", "kind", "of", "node", "revoked", "reason")
-        for c in data.revoked_certificates:
+        for c in data["revoked_certificates"]:
             revoked.add_row(
-                c.serial,
-                c.kind,
-                c.subject or "-",
-                c.node or "-",
+                c.get("serial", ""),
+                c.get("kind", ""),
+                c.get("subject") or "-",
+                c.get("node") or "-",
                 fmt_time(c, "revoked_at"),
-                c.reason,
+                c.get("reason", ""),
             )
         parts.append(revoked)
     return Block(Styled("removed and revoked", "bold"), *parts)
 
 
-def render_failures(failures: Sequence[schema_pb2.BootstrapFailureView]) -> Block:
+def render_failures(failures: Sequence[View]) -> Block:
     """Failed passwords at the nodes' bootstrap services: a guessing attack shows up here.
     Peer-supplied strings are printed as plain text (``plain.clean``)."""
     table = Table("node", "source address", "workstation", "failures", "first", "last")
     for f in failures:
         table.add_row(
-            f.node,
-            f.source,
-            f.workstation or "-",
-            str(f.count),
+            f.get("node", ""),
+            f.get("source", ""),
+            f.get("workstation") or "-",
+            str(f.get("count", 0)),
             fmt_time(f, "first_at"),
             fmt_time(f, "last_at"),
         )
@@ -192,43 +205,44 @@ def render_failures(failures: Sequence[schema_pb2.BootstrapFailureView]) -> Bloc
     return Block(head, table)
 
 
-def render_certificate_health(data: schema_pb2.Schema) -> Block | None:
+def render_certificate_health(data: View) -> Block | None:
     """The certificate part of ``tlsroll schema show``: what is within its warning horizon,
     which agents fail to renew their certificate, and what ``auto_rotate`` last decided; None
     if there is nothing to say. Text from agents (a renewal's reason) is printed as plain text
     (``plain.clean``)."""
     parts: list[Any] = []
-    if data.expiring_certificates:
+    if data.get("expiring_certificates"):
         table = Table("kind", "subject", "expires", "residual", "serial")
-        for c in data.expiring_certificates:
+        for c in data["expiring_certificates"]:
             table.add_row(
-                c.kind,
-                c.subject or "-",
+                c.get("kind", ""),
+                c.get("subject") or "-",
                 fmt_time(c, "not_after"),
-                residual(c.residual_seconds),
-                c.serial or "-",
+                residual(int(c.get("residual_seconds", 0))),  # int64: text in JSON
+                c.get("serial") or "-",
             )
         parts += [Styled("certificates within their warning horizon", "bold"), table]
-    if data.renewal_failures:
+    if data.get("renewal_failures"):
         table = Table("node", "failing since", "reason", "its certificate ends")
-        for f in data.renewal_failures:
+        for f in data["renewal_failures"]:
             table.add_row(
-                f.node,
+                f.get("node", ""),
                 fmt_time(f, "failing_since"),
-                f.reason,
+                f.get("reason", ""),
                 fmt_time(f, "cert_not_after"),
             )
         parts += [Styled("agent certificate renewals failing", "bold"), table]
-    auto = data.auto_rotate
-    if data.HasField("auto_rotate") and auto.enabled:
-        line = f"auto_rotate: {auto.verdict or 'not checked yet'}"
-        if auto.reason:
-            line += f" ({auto.reason})"
-        state = "open now" if auto.in_window else f"next opens {auto.next_window or '-'}"
-        line += f"; window {auto.window}, {state}"
-        if auto.due_nodes:
-            line += f"; due: {', '.join(auto.due_nodes)}"
-        if auto.rollout_id:
-            line += f"; last started: {auto.rollout_id}"
+    auto = data.get("auto_rotate")
+    if auto and auto.get("enabled"):
+        line = f"auto_rotate: {auto.get('verdict') or 'not checked yet'}"
+        if auto.get("reason"):
+            line += f" ({auto['reason']})"
+        opens = auto.get("next_window") or "-"
+        state = "open now" if auto.get("in_window") else f"next opens {opens}"
+        line += f"; window {auto.get('window', '')}, {state}"
+        if auto.get("due_nodes"):
+            line += f"; due: {', '.join(auto['due_nodes'])}"
+        if auto.get("rollout_id"):
+            line += f"; last started: {auto['rollout_id']}"
         parts.append(line)
     return Block(*parts) if parts else None

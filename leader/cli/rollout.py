@@ -505,7 +505,7 @@ def rollout_status(leader: Leader, rollout_id: str, as_json: bool) -> None:
     if as_json:
         emit_json(to_dict(r))
     else:
-        out.print(render_rollout(r))
+        out.print(render_rollout(to_dict(r)))
     attention = [n.name for n in r.nodes if NODE_STATE.text(n.state) == NEEDS_ATTENTION]
     if attention:
         click.echo(

@@ -3,8 +3,9 @@
 Its own module, apart from the commands that start and steer rollouts: an admin runs it often
 (``--watch`` while a rollout runs), so it imports what it draws with and nothing else — not the
 ``--cert-dir`` checks or the password policy of ``rollout start``, nor cryptography; with
-``--json`` not rich either (``leader.cli.draw``). A test in ``tests/test_perf_shape.py`` keeps
-it so.
+``--json`` not rich either (``leader.cli.draw``). Nor protobuf: it asks for the schema as the
+JSON that ``--json`` prints (``fetch_schema_json``) and draws that. A test in
+``tests/test_perf_shape.py`` keeps it so.
 """
 
 from __future__ import annotations
@@ -12,26 +13,17 @@ from __future__ import annotations
 import datetime as dt
 import sys
 import time
+from typing import Any
 
 import click
 
-from leader.cli.base import (
-    CLIError,
-    Leader,
-    console,
-    emit_json,
-    fetch_schema,
-    pass_leader,
-    to_dict,
-)
-from leader.rollout_enums import RolloutState
-from leader.schema_wire import NODE_STATE, ROLLOUT_STATE
-from tlsroll.v1 import schema_pb2
+from leader.cli.base import CLIError, Leader, console, emit_json, fetch_schema_json, pass_leader
+from tlsroll.cli import quick_exit
 
-TERMINAL = {s.value for s in (RolloutState.COMPLETED, RolloutState.HALTED, RolloutState.ABORTED)}
-"""The core's ``TERMINAL_ROLLOUT_STATES``, named here so as not to import the core (a test
-keeps the two equal)."""
-AWAITING = RolloutState.AWAITING_FINALIZE.value
+TERMINAL = {"completed", "halted", "aborted"}
+"""The core's ``TERMINAL_ROLLOUT_STATES`` as the schema's JSON names them, written here so as
+not to import the core nor its enums (a test keeps the two equal)."""
+AWAITING = "awaiting_finalize"
 ENDS = TERMINAL | {AWAITING}  # where --wait and --watch stop: nothing more happens by itself
 
 
@@ -54,15 +46,16 @@ def schema_show(
 ) -> None:
     """Show the active rollout (else the latest; --all: every one) with its nodes, states,
     times, freeze windows, addresses and cert expiry, and failed bootstrap passwords."""
+    quick_exit()  # it only reads and prints: nothing for the interpreter's teardown to do
     if watch:
         try:
             watch_schema(leader, rollout_id, as_json)
         except KeyboardInterrupt:  # Ctrl-C is how one stops watching; the rollout goes on
             click.echo("stopped watching; the rollout goes on (tlsroll schema show --watch)")
         return
-    data = fetch_schema(leader, rollout_id, limit=0 if show_all or rollout_id else 1)
+    data = fetch_schema_json(leader, rollout_id, limit=0 if show_all or rollout_id else 1)
     if as_json:
-        emit_json(to_dict(data))
+        emit_json(data)
         return
     from leader.cli.draw import (  # noqa: PLC0415 - text only
         render_certificate_health,
@@ -73,18 +66,19 @@ def schema_show(
     )
     from leader.cli.plain import Block, emit  # noqa: PLC0415
 
+    rollouts = data.get("rollouts", [])
     parts: list[Block | str] = []
-    if not data.rollouts:
+    if not rollouts:
         parts.append("no rollouts yet")
-    parts += [render_rollout(r) for r in data.rollouts]
-    if data.node_clients:
-        parts.append(render_clients(data.node_clients))
-    older = data.total_rollouts - len(data.rollouts)
+    parts += [render_rollout(r) for r in rollouts]
+    if data.get("node_clients"):
+        parts.append(render_clients(data["node_clients"]))
+    older = data.get("total_rollouts", 0) - len(rollouts)
     if older > 0 and not rollout_id:
         parts.append(f"{older} older rollout(s) not shown: tlsroll schema show --all")
-    if data.bootstrap_failures:
-        parts.append(render_failures(data.bootstrap_failures))
-    if data.removed_nodes or data.revoked_certificates:
+    if data.get("bootstrap_failures"):
+        parts.append(render_failures(data["bootstrap_failures"]))
+    if data.get("removed_nodes") or data.get("revoked_certificates"):
         parts.append(render_revocations(data))
     if (health := render_certificate_health(data)) is not None:
         parts.append(health)
@@ -94,24 +88,23 @@ def schema_show(
 def watch_schema(leader: Leader, rollout_id: str, as_json: bool, interval: float = 0.5) -> None:
     """Follow one rollout (the named one, else the newest) by asking for it alone, each time
     without the rest of the schema."""
-    first = fetch_schema(leader, rollout_id, limit=1, rollouts_only=True)
-    if not first.rollouts:
+    first = fetch_schema_json(leader, rollout_id, limit=1, rollouts_only=True)
+    if not first.get("rollouts"):
         raise CLIError("no rollout to watch")
-    r = first.rollouts[0]
-    watched = r.id
+    r: dict[str, Any] = first["rollouts"][0]
+    watched = r["id"]
 
-    def newest() -> schema_pb2.RolloutView | None:
-        data = fetch_schema(leader, watched, rollouts_only=True)
-        return data.rollouts[0] if data.rollouts else None
+    def newest() -> dict[str, Any] | None:
+        data = fetch_schema_json(leader, watched, rollouts_only=True)
+        return data["rollouts"][0] if data.get("rollouts") else None
 
     if as_json:
         last = None
         while True:
-            snapshot = to_dict(r)
-            if snapshot != last:
-                emit_json(snapshot)
-                last = snapshot
-            if ROLLOUT_STATE.text(r.state) in ENDS:
+            if r != last:
+                emit_json(r)
+                last = r
+            if r["state"] in ENDS:
                 return
             time.sleep(interval)
             r = newest() or r
@@ -128,10 +121,10 @@ def watch_schema(leader: Leader, rollout_id: str, as_json: bool, interval: float
                 emit(f"{dt.datetime.now(dt.UTC):%H:%M:%S} {what} {key}: {state}{why}")
 
         while True:
-            for n in r.nodes:
-                note("node", n.name, NODE_STATE.text(n.state), n.reason)
-            note("rollout", r.id, ROLLOUT_STATE.text(r.state), r.reason)
-            if ROLLOUT_STATE.text(r.state) in ENDS:
+            for n in r.get("nodes", []):
+                note("node", n["name"], n["state"], n.get("reason", ""))
+            note("rollout", r["id"], r["state"], r.get("reason", ""))
+            if r["state"] in ENDS:
                 emit(render_rollout(r))
                 return
             time.sleep(interval)
@@ -139,7 +132,7 @@ def watch_schema(leader: Leader, rollout_id: str, as_json: bool, interval: float
     from rich.live import Live  # noqa: PLC0415 - only a terminal watching live needs it
 
     with Live(render_rollout(r), console=console(), refresh_per_second=4) as live:
-        while ROLLOUT_STATE.text(r.state) not in ENDS:
+        while r["state"] not in ENDS:
             time.sleep(interval)
             r = newest() or r
             live.update(render_rollout(r))

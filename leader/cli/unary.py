@@ -152,23 +152,24 @@ class UnaryChannel:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def call(self, method: str, request: bytes, timeout: float = 30) -> bytes:
+    def call(self, method: str, request: bytes, timeout: float = 30, codec: str = "proto") -> bytes:
         """Call ``method`` (``/package.Service/Method``) with a serialized request; the
-        serialized reply, or ``RpcFailed``."""
+        serialized reply, or ``RpcFailed``. ``codec``: how the messages are serialized (gRPC's
+        content-subtype: ``proto``, or ``json`` for a method served with the JSON codec)."""
         self._deadline = time.monotonic() + timeout
         if self._gone:
             self.close()
         reused = self._sock is not None
         try:
             try:
-                return self._call(method, request, timeout)
+                return self._call(method, request, timeout, codec)
             except (RpcFailed, OSError) as exc:
                 # A kept connection the leader has since closed (it restarted, or ended idle
                 # connections): once more on a new one. Only read-only calls come this way.
                 if not reused or (isinstance(exc, RpcFailed) and exc.code != "UNAVAILABLE"):
                     raise
                 self.close()
-                return self._call(method, request, timeout)
+                return self._call(method, request, timeout, codec)
         except RpcFailed:
             self.close()
             raise
@@ -213,7 +214,7 @@ class UnaryChannel:
             raise TimeoutError
         return left
 
-    def _call(self, method: str, request: bytes, timeout: float) -> bytes:
+    def _call(self, method: str, request: bytes, timeout: float, codec: str) -> bytes:
         conn = self._connect()
         reply = _Reply(conn.get_next_available_stream_id())
         conn.send_headers(
@@ -223,7 +224,7 @@ class UnaryChannel:
                 (":scheme", "http"),
                 (":path", method),
                 (":authority", self.authority),
-                ("content-type", "application/grpc"),
+                ("content-type", f"application/grpc+{codec}"),
                 ("te", "trailers"),
                 ("grpc-timeout", grpc_timeout(timeout)),
                 ("user-agent", "tlsroll-cli"),
