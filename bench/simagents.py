@@ -77,6 +77,7 @@ from bench.common import (
     seconds,
     wait_for,
 )
+from bench.memory import Snapshots, memory_env, threads
 from bench.profile import Perf, Profile, Yappi, yappi_env
 from tests.cluster import Cluster, hostport
 from tlsroll import __version__, pki, spiffe
@@ -645,6 +646,7 @@ def one_run(
     fsyncs: bool = False,
     profile: Path | None = None,
     yappi: Path | None = None,
+    memory: Path | None = None,
 ) -> Result:
     cluster = Cluster(
         root / "cluster",
@@ -653,7 +655,11 @@ def one_run(
         agent_heartbeat_interval=interval,
     )
     procs: list[subprocess.Popen[str]] = []
-    leader_env = {**NO_DEBUG, **(yappi_env(yappi / f"leader-{n}.pstat") if yappi else {})}
+    leader_env = {
+        **NO_DEBUG,
+        **(yappi_env(yappi / f"leader-{n}.pstat") if yappi else {}),
+        **(memory_env(memory / f"leader-{n}.tracemalloc") if memory else {}),
+    }
     try:
         cluster.init()
         if nofile:  # as a unit's LimitNOFILE would set it
@@ -716,6 +722,9 @@ def one_run(
         beats = n * idle / interval  # agent-intervals in the window
         idle_reading = Reading.of(pid)
         idle_inbound = inbound_connections(pid, CONTROL_PORT)
+        snapshots = Snapshots(pid, memory / f"leader-{n}.tracemalloc") if memory else None
+        if snapshots is not None:
+            snapshots.take()
         before = Reading.of(pid)
         t0 = time.monotonic()
         # A refusal may name hundreds of nodes: let its message through whole.
@@ -747,6 +756,10 @@ def one_run(
             after = Reading.of(pid)
             during = time.monotonic() - t0
             view = get_schema(channel, view.id)
+        if snapshots is not None:
+            snapshots.take()
+            print(f"leader {n}: threads {dict(threads(pid))}", flush=True)
+            print(snapshots.report(), flush=True)
         if spied is not None and perf is not None:
             print(spied.summary(n), flush=True)
             print(perf.by_dso(), flush=True)
@@ -812,6 +825,14 @@ def main(argv: list[str] | None = None) -> int:
         default=10.0,
         help="seconds the leader's CPU is measured with no agent (its own idle work)",
     )
+    parser.add_argument(
+        "--memory",
+        type=Path,
+        help="trace the leader's Python allocations (tracemalloc, from its start) and print, "
+        "idle and after the rollout, its resident memory by mapping, its Python memory by "
+        "file, and the source lines that grew (snapshots kept in this directory; the RSS "
+        "figures then compare with no other run)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the run directories")
     parser.add_argument(
         "--fsyncs",
@@ -835,7 +856,9 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     if ns.worker is not None:
         return worker_main(ns.worker)
-    for where in (ns.profile, ns.yappi):
+    if ns.memory is not None and ns.yappi is not None:
+        parser.error("--memory and --yappi each need the leader's site hook: one at a time")
+    for where in (ns.profile, ns.yappi, ns.memory):
         if where is not None:
             where.mkdir(parents=True, exist_ok=True)
     sizes = [int(s) for s in ns.nodes.split(",") if s.strip()]
@@ -868,6 +891,7 @@ def main(argv: list[str] | None = None) -> int:
                 fsyncs=ns.fsyncs,
                 profile=ns.profile,
                 yappi=ns.yappi,
+                memory=ns.memory,
             )
         finally:
             if not ns.keep:
