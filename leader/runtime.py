@@ -1,11 +1,12 @@
-"""``tlsroll-leader``: the leader daemon.
+"""The leader daemon (``tlsroll-leader``, entry point ``leader.daemon``).
 
 Four listeners, each with the service for its level of trust:
     join port     TLS (leader cert), no client cert   Enrolment + health + reflection
     control port  mutual TLS (cluster CA)             Leader + health + reflection
     admin socket  Unix socket in a 0750 directory     Admin + health
     viewer port   https (viewer cert), read-only      the web viewer (``leader.viewer``), off
-                                                      with ``viewer_port = 0``
+                                                      with ``viewer_port = 0`` (then
+                                                      neither it nor aiohttp is imported)
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import socket
 import sqlite3
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import grpc
 
@@ -50,7 +52,6 @@ from leader.service import (
     control_server_options,
 )
 from leader.store import Store
-from leader.viewer.server import Viewer
 from tlsroll import __version__, keywrap, logs, pki
 from tlsroll.daemon import sd_notify, stop_event, watchdog
 from tlsroll.defaults import LEADER_NAME
@@ -67,6 +68,9 @@ from tlsroll.v1 import (
     schema_pb2,
     schema_pb2_grpc,
 )
+
+if TYPE_CHECKING:
+    from leader.viewer.server import Viewer
 
 GRACE_SECONDS = 10.0
 # gRPC sets SO_REUSEPORT by default: a second leader would then share the ports with the first.
@@ -191,7 +195,11 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         vault=engine.vault,
         cert_horizon=dt.timedelta(days=cfg.expiry_warning_days),
     )
-    viewer = Viewer.build(cfg, state, schema) if cfg.viewer_port else None
+    viewer: Viewer | None = None
+    if cfg.viewer_port:  # aiohttp and the viewer's parts only when it is on: ~15 MiB
+        from leader.viewer.server import Viewer  # noqa: PLC0415
+
+        viewer = Viewer.build(cfg, state, schema)
     expiry = ExpiryWatch(
         state.store,
         schema,

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import subprocess
+import sys
 import weakref
 from collections.abc import Callable
 from pathlib import Path
 
 import grpc
+import pytest
 
+from tests.cluster import Cluster, child_env
 from tests.leader_rig import leader_with_a_node
 from tlsroll.defaults import AGENT_PORT
 from tlsroll.v1 import leader_pb2, leader_pb2_grpc
@@ -49,3 +53,70 @@ async def test_an_open_heartbeat_stream_keeps_no_snapshot_of_the_store_between_m
             await stream.done_writing()
     finally:
         await rig.close()
+
+
+# Runs the real leader daemon (``leader.daemon.main``, as the tlsroll-leader script does) and,
+# once its admin socket answers, writes the modules the process holds and stops it (SIGTERM,
+# the graceful stop). Only the standard library is imported besides the daemon.
+LEADER_HARNESS = """
+import os, signal, socket, sys, threading, time
+sock, out, config = sys.argv[1], sys.argv[2], sys.argv[3]
+
+def watch():
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with socket.socket(socket.AF_UNIX) as probe:
+                probe.connect(sock)
+            break
+        except OSError:
+            time.sleep(0.1)
+    time.sleep(1.0)  # the engine's and the expiry watch's first passes
+    loaded = sorted(name for name, module in list(sys.modules.items()) if module is not None)
+    with open(out, "w") as f:
+        f.write("\\n".join(loaded))
+    os.kill(os.getpid(), signal.SIGTERM)
+
+threading.Thread(target=watch, daemon=True).start()
+from leader.daemon import main
+sys.exit(main(["--config", config]))
+"""
+
+# Never in a running leader: a terminal UI (structlog imports rich, and rich pygments, merely
+# because they are installed; ~5 MiB), the admin CLI's libraries, the other roles.
+NOT_IN_LEADER = {"rich", "pygments", "click", "nodeagent", "workstation", "refserver"}
+# ... and with the viewer off (``viewer_port = 0``), nothing of the viewer's (~15 MiB).
+VIEWER_ONLY = {"aiohttp", "jinja2", "prometheus_client"}
+
+
+@pytest.mark.parametrize("viewer", ["on", "off"])
+def test_an_idle_leader_holds_no_terminal_ui_and_no_viewer_it_does_not_run(
+    tmp_path: Path, loopback: Callable[[], str], viewer: str
+) -> None:
+    """Issue 15: an idle leader held rich and pygments (through structlog) and, with its viewer
+    turned off, aiohttp, Jinja2 and prometheus_client: 20 MiB of the 80 MiB it held before any
+    agent connected. A real leader daemon, started as the tlsroll-leader script starts it,
+    serving its listeners and running its engine, holds none of them now."""
+    with Cluster(tmp_path / "cluster", loopback()) as cluster:
+        cluster.init()
+        if viewer == "off":
+            cluster.write_leader_config({"viewer_port": 0})
+        out = tmp_path / "modules.txt"
+        done = subprocess.run(
+            [
+                sys.executable, "-c", LEADER_HARNESS,
+                str(cluster.admin_socket), str(out), str(cluster.config_path),
+            ],
+            capture_output=True, text=True, timeout=120, env=child_env(), check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "leader.started" in done.stderr, done.stderr[-3000:]
+        modules = out.read_text().split()
+    tops = {m.split(".")[0] for m in modules}
+    assert "leader" in tops and "grpc" in tops  # it did run
+    assert tops & NOT_IN_LEADER == set()
+    if viewer == "off":
+        assert tops & VIEWER_ONLY == set()
+        assert "leader.viewer.server" not in modules
+    else:
+        assert "aiohttp" in tops  # serving its pages
