@@ -17,8 +17,10 @@ from pathlib import Path
 import grpc
 import pytest
 
+from leader.rollout_core import RolloutState
 from tests.cluster import Cluster, child_env
 from tests.leader_rig import leader_with_a_node
+from tests.test_engine import make_world
 from tlsroll.defaults import AGENT_PORT
 from tlsroll.v1 import leader_pb2, leader_pb2_grpc
 
@@ -120,3 +122,19 @@ def test_an_idle_leader_holds_no_terminal_ui_and_no_viewer_it_does_not_run(
         assert "leader.viewer.server" not in modules
     else:
         assert "aiohttp" in tops  # serving its pages
+
+
+async def test_the_engine_keeps_no_step_task_once_it_has_ended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found with ``bench-agents --memory``: the engine kept every step task it ever ran (one
+    per node and step of every rollout, about 1 MiB per 500-node rollout) for the leader's
+    life. Once a rollout has ended, none is left."""
+    world = make_world(tmp_path, monkeypatch)
+    leader = world.boot()
+    await leader.start(max_parallel=2)
+    row = await leader.run()
+    assert row.rollout.state is RolloutState.COMPLETED
+    assert world.agents.calls  # steps did run
+    assert leader.engine.tasks == {}
+    await leader.stop()
