@@ -74,6 +74,7 @@ from bench.common import (
     get_schema,
     inbound_connections,
     log_says_ended,
+    rss_mib,
     seconds,
     wait_for,
 )
@@ -587,6 +588,7 @@ class Result:
     messages: float  # messages to the leader per agent per interval
     per_message_ms: float  # leader CPU in the idle window / messages in it
     idle_rss: float
+    base_rss: float  # the leader's RSS before any agent connected (its own share of idle_rss)
     idle_files: int
     idle_inbound: int
     wall: float
@@ -679,6 +681,7 @@ def one_run(
         b0 = cpu_seconds(pid)
         time.sleep(baseline)
         base_rate = (cpu_seconds(pid) - b0) / baseline
+        base_rss = rss_mib(pid)
         workers = max(1, math.ceil(n / PER_WORKER))
         entries = [
             {"name": name, "address": addr, "token": token}
@@ -776,6 +779,7 @@ def one_run(
             messages=(m1 - m0) / beats,
             per_message_ms=(l1 - l0) / max(1, m1 - m0) * 1000,
             idle_rss=idle_reading.rss,
+            base_rss=base_rss,
             idle_files=idle_reading.files,
             idle_inbound=idle_inbound,
             wall=seconds(view),
@@ -871,7 +875,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{'nodes':>5} {'outcome':>9} {'wall s':>7} {'CPU/node ms':>11} {'net ms':>7} "
         f"{'HB leader ms':>12} {'net':>5} {'msgs':>5} {'ms/msg':>6} {'HB agent ms':>11} "
         f"{'RSS MiB':>7} {'files':>5} "
-        f"{'idle RSS':>8} {'idle files':>10} {'inbound':>7} {'nofile':>6}"
+        f"{'idle RSS':>8} {'no agent':>8} {'idle files':>10} {'inbound':>7} {'nofile':>6}"
         + (f" {'fsync/node':>10}" if ns.fsyncs else "")
     )
     for n in sizes:
@@ -900,7 +904,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{r.nodes:>5} {r.state:>9} {r.wall:>7.1f} {r.cpu_per_node:>11.1f} "
             f"{r.cpu_per_node_net:>7.1f} {r.hb_leader_ms:>12.2f} {r.hb_leader_net_ms:>5.2f} "
             f"{r.messages:>5.2f} {r.per_message_ms:>6.2f} {r.hb_agent_ms:>11.2f} "
-            f"{r.after.rss:>7.1f} {r.after.files:>5} {r.idle_rss:>8.1f} {r.idle_files:>10} "
+            f"{r.after.rss:>7.1f} {r.after.files:>5} {r.idle_rss:>8.1f} {r.base_rss:>8.1f} "
+            f"{r.idle_files:>10} "
             f"{r.idle_inbound:>7} {r.nofile:>6}"
             + (f" {fsyncs_per_node(r.fsyncs, r.nodes):>10}" if ns.fsyncs else ""),
             flush=True,
@@ -912,9 +917,10 @@ def main(argv: list[str] | None = None) -> int:
         "start); msgs: messages the leader got per agent per interval (1.00 when every "
         "heartbeat is one); ms/msg: the leader's CPU in the window / those messages "
         "(keepalive and renewal watch included); HB agent ms: the agents' CPU per agent per "
-        "interval; inbound: "
-        "of the idle files, the agents' heartbeat connections (idle files - inbound: the "
-        "leader's own)"
+        "interval; idle RSS: the leader's with every agent connected, before the rollout; no "
+        "agent: before any connected (the rest of idle RSS is the agents' connections and "
+        "heartbeat streams); inbound: of the idle files, the agents' heartbeat connections "
+        "(idle files - inbound: the leader's own)"
     )
     return 0
 
