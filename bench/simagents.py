@@ -649,6 +649,7 @@ def one_run(
     profile: Path | None = None,
     yappi: Path | None = None,
     memory: Path | None = None,
+    viewer: bool = True,
 ) -> Result:
     cluster = Cluster(
         root / "cluster",
@@ -664,6 +665,8 @@ def one_run(
     }
     try:
         cluster.init()
+        if not viewer:  # viewer_port = 0: the leader loads no web server (leader.runtime)
+            cluster.write_leader_config({"viewer_port": 0})
         if nofile:  # as a unit's LimitNOFILE would set it
             soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
             resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, hard))
@@ -837,6 +840,11 @@ def main(argv: list[str] | None = None) -> int:
         "file, and the source lines that grew (snapshots kept in this directory; the RSS "
         "figures then compare with no other run)",
     )
+    parser.add_argument(
+        "--no-viewer",
+        action="store_true",
+        help="run the leader with its web viewer off (viewer_port = 0; it is on by default)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the run directories")
     parser.add_argument(
         "--fsyncs",
@@ -869,7 +877,8 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"simulated agents: heartbeat every {ns.interval} s, restart {ns.restart} s, "
         f"enable-tls max-parallel {ns.max_parallel}, idle window {ns.idle:g} s, "
-        f"{ns.heartbeat} heartbeats with {ns.clients} clients each"
+        f"{ns.heartbeat} heartbeats with {ns.clients} clients each, "
+        f"leader's viewer {'off' if ns.no_viewer else 'on'}"
     )
     print(
         f"{'nodes':>5} {'outcome':>9} {'wall s':>7} {'CPU/node ms':>11} {'net ms':>7} "
@@ -896,6 +905,7 @@ def main(argv: list[str] | None = None) -> int:
                 profile=ns.profile,
                 yappi=ns.yappi,
                 memory=ns.memory,
+                viewer=not ns.no_viewer,
             )
         finally:
             if not ns.keep:
