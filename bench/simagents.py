@@ -74,9 +74,11 @@ from bench.common import (
     get_schema,
     inbound_connections,
     log_says_ended,
+    rss_mib,
     seconds,
     wait_for,
 )
+from bench.memory import Snapshots, memory_env, threads
 from bench.profile import Perf, Profile, Yappi, yappi_env
 from tests.cluster import Cluster, hostport
 from tlsroll import __version__, pki, spiffe
@@ -586,6 +588,7 @@ class Result:
     messages: float  # messages to the leader per agent per interval
     per_message_ms: float  # leader CPU in the idle window / messages in it
     idle_rss: float
+    base_rss: float  # the leader's RSS before any agent connected (its own share of idle_rss)
     idle_files: int
     idle_inbound: int
     wall: float
@@ -645,6 +648,8 @@ def one_run(
     fsyncs: bool = False,
     profile: Path | None = None,
     yappi: Path | None = None,
+    memory: Path | None = None,
+    viewer: bool = True,
 ) -> Result:
     cluster = Cluster(
         root / "cluster",
@@ -653,9 +658,15 @@ def one_run(
         agent_heartbeat_interval=interval,
     )
     procs: list[subprocess.Popen[str]] = []
-    leader_env = {**NO_DEBUG, **(yappi_env(yappi / f"leader-{n}.pstat") if yappi else {})}
+    leader_env = {
+        **NO_DEBUG,
+        **(yappi_env(yappi / f"leader-{n}.pstat") if yappi else {}),
+        **(memory_env(memory / f"leader-{n}.tracemalloc") if memory else {}),
+    }
     try:
         cluster.init()
+        if not viewer:  # viewer_port = 0: the leader loads no web server (leader.runtime)
+            cluster.write_leader_config({"viewer_port": 0})
         if nofile:  # as a unit's LimitNOFILE would set it
             soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
             resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, hard))
@@ -673,6 +684,7 @@ def one_run(
         b0 = cpu_seconds(pid)
         time.sleep(baseline)
         base_rate = (cpu_seconds(pid) - b0) / baseline
+        base_rss = rss_mib(pid)
         workers = max(1, math.ceil(n / PER_WORKER))
         entries = [
             {"name": name, "address": addr, "token": token}
@@ -716,6 +728,9 @@ def one_run(
         beats = n * idle / interval  # agent-intervals in the window
         idle_reading = Reading.of(pid)
         idle_inbound = inbound_connections(pid, CONTROL_PORT)
+        snapshots = Snapshots(pid, memory / f"leader-{n}.tracemalloc") if memory else None
+        if snapshots is not None:
+            snapshots.take()
         before = Reading.of(pid)
         t0 = time.monotonic()
         # A refusal may name hundreds of nodes: let its message through whole.
@@ -747,6 +762,10 @@ def one_run(
             after = Reading.of(pid)
             during = time.monotonic() - t0
             view = get_schema(channel, view.id)
+        if snapshots is not None:
+            snapshots.take()
+            print(f"leader {n}: threads {dict(threads(pid))}", flush=True)
+            print(snapshots.report(), flush=True)
         if spied is not None and perf is not None:
             print(spied.summary(n), flush=True)
             print(perf.by_dso(), flush=True)
@@ -763,6 +782,7 @@ def one_run(
             messages=(m1 - m0) / beats,
             per_message_ms=(l1 - l0) / max(1, m1 - m0) * 1000,
             idle_rss=idle_reading.rss,
+            base_rss=base_rss,
             idle_files=idle_reading.files,
             idle_inbound=idle_inbound,
             wall=seconds(view),
@@ -812,6 +832,19 @@ def main(argv: list[str] | None = None) -> int:
         default=10.0,
         help="seconds the leader's CPU is measured with no agent (its own idle work)",
     )
+    parser.add_argument(
+        "--memory",
+        type=Path,
+        help="trace the leader's Python allocations (tracemalloc, from its start) and print, "
+        "idle and after the rollout, its resident memory by mapping, its Python memory by "
+        "file, and the source lines that grew (snapshots kept in this directory; the RSS "
+        "figures then compare with no other run)",
+    )
+    parser.add_argument(
+        "--no-viewer",
+        action="store_true",
+        help="run the leader with its web viewer off (viewer_port = 0; it is on by default)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the run directories")
     parser.add_argument(
         "--fsyncs",
@@ -835,20 +868,23 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     if ns.worker is not None:
         return worker_main(ns.worker)
-    for where in (ns.profile, ns.yappi):
+    if ns.memory is not None and ns.yappi is not None:
+        parser.error("--memory and --yappi each need the leader's site hook: one at a time")
+    for where in (ns.profile, ns.yappi, ns.memory):
         if where is not None:
             where.mkdir(parents=True, exist_ok=True)
     sizes = [int(s) for s in ns.nodes.split(",") if s.strip()]
     print(
         f"simulated agents: heartbeat every {ns.interval} s, restart {ns.restart} s, "
         f"enable-tls max-parallel {ns.max_parallel}, idle window {ns.idle:g} s, "
-        f"{ns.heartbeat} heartbeats with {ns.clients} clients each"
+        f"{ns.heartbeat} heartbeats with {ns.clients} clients each, "
+        f"leader's viewer {'off' if ns.no_viewer else 'on'}"
     )
     print(
         f"{'nodes':>5} {'outcome':>9} {'wall s':>7} {'CPU/node ms':>11} {'net ms':>7} "
         f"{'HB leader ms':>12} {'net':>5} {'msgs':>5} {'ms/msg':>6} {'HB agent ms':>11} "
         f"{'RSS MiB':>7} {'files':>5} "
-        f"{'idle RSS':>8} {'idle files':>10} {'inbound':>7} {'nofile':>6}"
+        f"{'idle RSS':>8} {'no agent':>8} {'idle files':>10} {'inbound':>7} {'nofile':>6}"
         + (f" {'fsync/node':>10}" if ns.fsyncs else "")
     )
     for n in sizes:
@@ -868,6 +904,8 @@ def main(argv: list[str] | None = None) -> int:
                 fsyncs=ns.fsyncs,
                 profile=ns.profile,
                 yappi=ns.yappi,
+                memory=ns.memory,
+                viewer=not ns.no_viewer,
             )
         finally:
             if not ns.keep:
@@ -876,7 +914,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{r.nodes:>5} {r.state:>9} {r.wall:>7.1f} {r.cpu_per_node:>11.1f} "
             f"{r.cpu_per_node_net:>7.1f} {r.hb_leader_ms:>12.2f} {r.hb_leader_net_ms:>5.2f} "
             f"{r.messages:>5.2f} {r.per_message_ms:>6.2f} {r.hb_agent_ms:>11.2f} "
-            f"{r.after.rss:>7.1f} {r.after.files:>5} {r.idle_rss:>8.1f} {r.idle_files:>10} "
+            f"{r.after.rss:>7.1f} {r.after.files:>5} {r.idle_rss:>8.1f} {r.base_rss:>8.1f} "
+            f"{r.idle_files:>10} "
             f"{r.idle_inbound:>7} {r.nofile:>6}"
             + (f" {fsyncs_per_node(r.fsyncs, r.nodes):>10}" if ns.fsyncs else ""),
             flush=True,
@@ -888,9 +927,10 @@ def main(argv: list[str] | None = None) -> int:
         "start); msgs: messages the leader got per agent per interval (1.00 when every "
         "heartbeat is one); ms/msg: the leader's CPU in the window / those messages "
         "(keepalive and renewal watch included); HB agent ms: the agents' CPU per agent per "
-        "interval; inbound: "
-        "of the idle files, the agents' heartbeat connections (idle files - inbound: the "
-        "leader's own)"
+        "interval; idle RSS: the leader's with every agent connected, before the rollout; no "
+        "agent: before any connected (the rest of idle RSS is the agents' connections and "
+        "heartbeat streams); inbound: of the idle files, the agents' heartbeat connections "
+        "(idle files - inbound: the leader's own)"
     )
     return 0
 

@@ -31,8 +31,13 @@ T = TypeVar("T")
 TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 CALL_TIMEOUT = 30.0
 # Open agent channels the pool keeps at most (least recently used idle ones are closed): each
-# costs the leader about two descriptors, so 500 nodes would otherwise need ~1000 of them.
-MAX_OPEN_CHANNELS = 64
+# costs the leader about two descriptors, so 500 nodes would otherwise need ~1000 of them, and
+# about 100 KiB of memory (its TLS connection) that the leader keeps once it has used it, so
+# the most ever open is what counts. A rollout uses a node's channel while the node is in
+# flight (--max-parallel, default 1, plus prepare_ahead) and the planning's checks 16 at a
+# time (observe.OBSERVE_AT_ONCE); 32 leaves room for both, and no more than the nodes in
+# flight could use is kept.
+MAX_OPEN_CHANNELS = 32
 # WatchTransaction: one stream lasts at most this long (a stopped agent sends nothing, and TCP
 # does not tell); it is opened again at once and the agent sends the current state first.
 STREAM_SECONDS = 15.0
