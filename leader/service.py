@@ -592,6 +592,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         self._open: set[_Beats] = set()  # every open Heartbeats stream, counted or not
         self._watch: asyncio.Task[None] | None = None  # renewal streams' liveness and news
         self._writer: asyncio.Task[None] | None = None  # the group commit (``_write_batches``)
+        self._committing: asyncio.Future[int] | None = None  # its worker thread's last commit
         self.batch_seconds = BATCH_SECONDS
 
     async def _caller(self, context: Ctx) -> str:
@@ -845,17 +846,24 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             if not store.queued():
                 self._writer = None
                 return
+            self._committing = asyncio.ensure_future(asyncio.to_thread(store.write_queued))
             try:
-                await asyncio.to_thread(store.write_queued)
+                await asyncio.shield(self._committing)
             except Exception as exc:  # queued again: the next period retries
                 log.error("heartbeat.batch_failed", error=f"{type(exc).__name__}: {exc}"[:200])
 
     async def write_queued(self) -> int:
         """Write what waits for the group commit now (the leader is stopping; tests), and stop
-        the periodic writer. Returns how many writes were made."""
+        the periodic writer, after its commit under way if there is one (a worker thread
+        cannot be cancelled: the store must not close under it). Returns how many writes
+        this call made."""
         if self._writer is not None:
             self._writer.cancel()
             self._writer = None
+        if self._committing is not None:
+            with contextlib.suppress(Exception):
+                await self._committing  # its failure was logged; what it held is queued again
+            self._committing = None
         return await asyncio.to_thread(self.state.store.write_queued)
 
     @map_errors(ERRORS)

@@ -164,6 +164,8 @@ class _Record:
     renewal: RenewalReport | None
 
 
+MAX_QUEUED_WRITES = 4096  # client reports waiting for the group commit (``queue_write``)
+
 QueuedWrite = Callable[[sqlite3.Connection], None]
 """A write of a node's soft state (its client report) queued for the next group commit: run
 inside that transaction (``Store.queue_write``)."""
@@ -477,9 +479,13 @@ class Store(LeaderStore):
 
     def queue_write(self, name: str, write: QueuedWrite) -> None:
         """Queue ``write`` (node ``name``'s client report) for the next group commit; writes
-        are made in the order they were queued."""
+        are made in the order they were queued. While commits fail (a full disk), at most
+        ``MAX_QUEUED_WRITES`` wait: the oldest go first (each is a report the next one of
+        its node mostly repeats)."""
         with self._seen_lock:
             self._queued_writes.append((name, write))
+            if len(self._queued_writes) > MAX_QUEUED_WRITES:
+                del self._queued_writes[: len(self._queued_writes) - MAX_QUEUED_WRITES]
 
     def queued(self) -> int:
         """How many writes wait for the group commit."""
