@@ -598,6 +598,8 @@ class Result:
     state: str
     nofile: str
     fsyncs: int | None = None  # the leader's, during the rollout (--fsyncs)
+    idle_fsyncs: int | None = None  # the leader's, in the idle window (--fsyncs)
+    idle_messages: int = 0  # heartbeat messages the leader got in the idle window
 
 
 def worker_counts(procs: Sequence[subprocess.Popen[str]]) -> tuple[int, int]:
@@ -610,6 +612,11 @@ def worker_counts(procs: Sequence[subprocess.Popen[str]]) -> tuple[int, int]:
         _, b, m = p.stdout.readline().split()
         beats, messages = beats + int(b), messages + int(m)
     return beats, messages
+
+
+def per_message(count: int | None, messages: int) -> str:
+    """fsyncs per heartbeat message in the idle window (--fsyncs)."""
+    return "n/a" if count is None else f"{count / max(1, messages):.2f}"
 
 
 def leader_nofile(pid: int) -> str:
@@ -720,11 +727,25 @@ def one_run(
                 raise RuntimeError(f"worker did not start: {(root / 'worker0.log').read_text()}")
         cluster.wait_for_nodes_online([name for name, _ in names], timeout=60)
         time.sleep(2 * interval)  # every agent beating, channels up
-        _, m0 = worker_counts(procs)
-        l0, a0 = cpu_seconds(pid), sum(cpu_seconds(p.pid) for p in procs)
-        time.sleep(idle)
-        l1, a1 = cpu_seconds(pid), sum(cpu_seconds(p.pid) for p in procs)
-        _, m1 = worker_counts(procs)
+        # The idle window: what the heartbeats cost. --fsyncs and --profile look at it too
+        # (then its CPU figures compare with no other run).
+        idle_counting = Fsyncs(pid, root / "strace-idle.txt")
+        idle_spied = Profile(pid, profile / f"leader-{n}-idle.spy", gil=True) if profile else None
+        idle_perf = Perf(pid, profile / f"leader-{n}-idle.perf") if profile else None
+        with (
+            idle_perf if idle_perf is not None else contextlib.nullcontext(),
+            idle_counting if fsyncs else contextlib.nullcontext(),
+            idle_spied if idle_spied is not None else contextlib.nullcontext(),
+        ):
+            _, m0 = worker_counts(procs)
+            l0, a0 = cpu_seconds(pid), sum(cpu_seconds(p.pid) for p in procs)
+            time.sleep(idle)
+            l1, a1 = cpu_seconds(pid), sum(cpu_seconds(p.pid) for p in procs)
+            _, m1 = worker_counts(procs)
+        if idle_spied is not None and idle_perf is not None:
+            print(f"idle window ({n} agents, {m1 - m0} messages):", flush=True)
+            print(idle_spied.summary(n), flush=True)
+            print(idle_perf.by_dso(), flush=True)
         beats = n * idle / interval  # agent-intervals in the window
         idle_reading = Reading.of(pid)
         idle_inbound = inbound_connections(pid, CONTROL_PORT)
@@ -792,6 +813,8 @@ def one_run(
             state=types_pb2.RolloutState.Name(view.state).removeprefix("ROLLOUT_STATE_").lower(),
             nofile=leader_nofile(pid),
             fsyncs=counting.count,
+            idle_fsyncs=idle_counting.count,
+            idle_messages=m1 - m0,
         )
     finally:
         for p in procs:
@@ -849,15 +872,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--fsyncs",
         action="store_true",
-        help="count the leader's fsyncs during the rollout (strace: its CPU figures then "
-        "compare with no other run)",
+        help="count the leader's fsyncs during the rollout and in the idle window (strace: "
+        "its CPU figures then compare with no other run)",
     )
     parser.add_argument(
         "--profile",
         type=Path,
-        help="profile the leader during the rollout with py-spy (C frames too), keep its "
-        "stacks in this directory and print where its CPU went (the CPU figures then compare "
-        "with no other run)",
+        help="profile the leader in the idle window (the heartbeats) and during the rollout "
+        "with py-spy and perf, keep the stacks in this directory and print where its CPU went "
+        "(the CPU figures then compare with no other run)",
     )
     parser.add_argument(
         "--yappi",
@@ -885,7 +908,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{'HB leader ms':>12} {'net':>5} {'msgs':>5} {'ms/msg':>6} {'HB agent ms':>11} "
         f"{'RSS MiB':>7} {'files':>5} "
         f"{'idle RSS':>8} {'no agent':>8} {'idle files':>10} {'inbound':>7} {'nofile':>6}"
-        + (f" {'fsync/node':>10}" if ns.fsyncs else "")
+        + (f" {'fsync/node':>10} {'idle fsync/msg':>14}" if ns.fsyncs else "")
     )
     for n in sizes:
         root = Path(tempfile.mkdtemp(prefix="tlsroll-sim-"))
@@ -917,7 +940,12 @@ def main(argv: list[str] | None = None) -> int:
             f"{r.after.rss:>7.1f} {r.after.files:>5} {r.idle_rss:>8.1f} {r.base_rss:>8.1f} "
             f"{r.idle_files:>10} "
             f"{r.idle_inbound:>7} {r.nofile:>6}"
-            + (f" {fsyncs_per_node(r.fsyncs, r.nodes):>10}" if ns.fsyncs else ""),
+            + (
+                f" {fsyncs_per_node(r.fsyncs, r.nodes):>10}"
+                f" {per_message(r.idle_fsyncs, r.idle_messages):>14}"
+                if ns.fsyncs
+                else ""
+            ),
             flush=True,
         )
     print(

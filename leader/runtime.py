@@ -295,6 +295,11 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     await relay.stop()
     await engine_task
     await expiry_task
+    # What waits for the heartbeats' group commit (a second at most) is kept at a stop.
+    try:
+        await leader_service.write_queued()
+    except Exception as exc:  # soft state: the agents report it again after the restart
+        log.error("heartbeat.batch_failed", error=f"{type(exc).__name__}: {exc}"[:200])
     schema.close()
     state.store.close()
     log.info("leader.stopped")

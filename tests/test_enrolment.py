@@ -31,6 +31,7 @@ from tests.cluster import (
     enrol_request,
     one_line_error,
     secure_channel,
+    wait_until,
 )
 from tests.conftest import next_loopback
 from tlsroll import pki, spiffe
@@ -286,7 +287,8 @@ def test_enrolled_certificate_heartbeats_on_the_control_port(cluster: Cluster) -
     with cluster.control_channel(cert_pem, key_pem) as channel:
         reply = heartbeat(channel)
     assert reply.interval_seconds == cluster.heartbeat_interval
-    assert _heartbeat_of(cluster, "beater") is not None
+    # Stored with the heartbeats' next group commit (a second: ``service.BATCH_SECONDS``).
+    wait_until(lambda: _heartbeat_of(cluster, "beater") is not None, 15, "the heartbeat stored")
 
 
 def test_certificate_of_another_ca_fails_the_handshake(

@@ -380,9 +380,11 @@ async def test_a_heartbeat_that_says_nothing_new_parses_nothing_and_writes_nothi
     """The Leader service on a real gRPC server with mutual TLS and a real store file: the
     caller's certificate is parsed once, not per heartbeat, and a heartbeat that says what the
     last one said is not written (the node's newest heartbeat is still what the store returns),
-    while one that says something new is."""
+    while one that says something new is (with the next group commit; here when the test
+    says: ``write_queued``)."""
     rig = leader_with_a_node(tmp_path, loopback(), loopback())
     server, store, clock = rig.server, rig.store, rig.clock
+    rig.service.batch_seconds = 3600
     parsed: list[bytes] = []
     load = pki.load_cert_pem
 
@@ -398,6 +400,7 @@ async def test_a_heartbeat_that_says_nothing_new_parses_nothing_and_writes_nothi
             stub = leader_pb2_grpc.LeaderStub(channel)
             beat = leader_pb2.HeartbeatRequest(agent_version="1", agent_port=AGENT_PORT)
             await stub.Heartbeat(beat, timeout=10)
+            await rig.service.write_queued()
             written = data_version(watcher)
             for _ in range(3):
                 clock[0] += dt.timedelta(seconds=5)
@@ -407,6 +410,8 @@ async def test_a_heartbeat_that_says_nothing_new_parses_nothing_and_writes_nothi
             assert len(parsed) == 1  # parsed once, not per heartbeat
             clock[0] += dt.timedelta(seconds=5)
             await stub.Heartbeat(leader_pb2.HeartbeatRequest(agent_version="2"), timeout=10)
+            assert store.get_node("hb1").agent_version == "2"  # known at once
+            assert await rig.service.write_queued() == 1
             assert data_version(watcher) != written  # something new: written
             assert store.get_node("hb1").agent_version == "2"
     finally:
