@@ -129,6 +129,9 @@ class Engine:
         # What the steps of the running rollout look up and what does not change while it
         # runs (``leader.changes.RolloutFacts``): read once per rollout, not per step.
         self.facts: dict[str, asyncio.Future[RolloutFacts]] = {}
+        # The running rollout's nodes whose switch this process saw complete
+        # (``StepContext.switched_here``): confirm then skips a question to the agent.
+        self.switched_here: dict[tuple[str, str], bool] = {}
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -497,6 +500,8 @@ class Engine:
                 )
             )
             self.facts = {row.rollout.id: facts}  # the running rollout's only
+            for key in [k for k in self.switched_here if k[0] != row.rollout.id]:
+                del self.switched_here[key]  # in place: running steps hold this dict
         ctx = StepContext(
             rollout=row.rollout,
             meta=row.meta,
@@ -510,6 +515,7 @@ class Engine:
             sleep=self.sleep,
             vault=self.vault,
             learnt=learnt,
+            switched_here=self.switched_here,
         )
         return await runners[step.step](ctx)
 
