@@ -132,6 +132,8 @@ class Engine:
         # The running rollout's nodes whose switch this process saw complete
         # (``StepContext.switched_here``): confirm then skips a question to the agent.
         self.switched_here: dict[tuple[str, str], bool] = {}
+        # The CSRs preflights brought back, until each node's stage (``StepContext.csrs``).
+        self.csrs: dict[tuple[str, str], bytes] = {}
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -500,8 +502,9 @@ class Engine:
                 )
             )
             self.facts = {row.rollout.id: facts}  # the running rollout's only
-            for key in [k for k in self.switched_here if k[0] != row.rollout.id]:
-                del self.switched_here[key]  # in place: running steps hold this dict
+            for held in (self.switched_here, self.csrs):  # in place: running steps hold them
+                for key in [k for k in held if k[0] != row.rollout.id]:
+                    del held[key]
         ctx = StepContext(
             rollout=row.rollout,
             meta=row.meta,
@@ -516,6 +519,7 @@ class Engine:
             vault=self.vault,
             learnt=learnt,
             switched_here=self.switched_here,
+            csrs=self.csrs,
         )
         return await runners[step.step](ctx)
 

@@ -282,8 +282,11 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
     async def Preflight(
         self, request: agent_pb2.PreflightRequest, context: Ctx
     ) -> agent_pb2.PreflightResponse:
-        await self._command(context, request.command)
-        return await self._checks(request)
+        rollout_id = await self._command(context, request.command)
+        reply = await self._checks(request)
+        if request.make_csr and reply.ok:  # the stage then needs no CreateCSR call
+            reply.csr_pem = await self._csr(self._driver(), rollout_id)
+        return reply
 
     @map_errors(ERRORS)
     async def Check(
@@ -366,14 +369,18 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         self, request: agent_pb2.CreateCSRRequest, context: Ctx
     ) -> agent_pb2.CreateCSRResponse:
         rollout_id = await self._command(context, request.command)
-        driver = self._driver()
+        return agent_pb2.CreateCSRResponse(csr_pem=await self._csr(self._driver(), rollout_id))
+
+    async def _csr(self, driver: Driver, rollout_id: str) -> bytes:
+        """The CSR of the rollout's key, made (with the key) on first asking and journalled:
+        every later asking, by CreateCSR or by Preflight's ``make_csr``, gets the same one."""
         async with self._lock:
             staged = await asyncio.to_thread(self.journal.staged, rollout_id)
             if staged is None:
                 csr_pem = await asyncio.to_thread(self._new_key, driver, rollout_id)
                 log.info("stage.csr_created", rollout_id=rollout_id)
-                return agent_pb2.CreateCSRResponse(csr_pem=csr_pem)
-        return agent_pb2.CreateCSRResponse(csr_pem=staged.csr_pem)
+                return csr_pem
+        return staged.csr_pem
 
     def _new_key(self, driver: Driver, rollout_id: str) -> bytes:
         """The node's new key (it never leaves the node) and its CSR, journalled (blocking)."""

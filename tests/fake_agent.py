@@ -128,6 +128,8 @@ class FakeAgent:
     unreachable: int = 0
     outside_problem: str | None = None
     txn_seconds: float = 0.5
+    # An agent of the release before Preflight's ``make_csr``: it ignores the field.
+    without_preflight_csr: bool = False
 
     @property
     def names(self) -> pki.Names:
@@ -195,7 +197,15 @@ class FakeAgent:
     async def preflight(self, request: agent_pb2.PreflightRequest) -> agent_pb2.PreflightResponse:
         await self._arrive("preflight", request.command)
         names = self.names
+        csr_pem = b""
+        if request.make_csr and not self.without_preflight_csr:  # as CreateCSR would
+            rollout_id = request.command.rollout_id
+            if rollout_id not in self.keys:
+                self.keys[rollout_id] = pki.generate_key()
+                self.applied["create_csr"] += 1
+            csr_pem = pki.csr_to_pem(pki.make_csr(self.keys[rollout_id], names))
         return agent_pb2.PreflightResponse(
+            csr_pem=csr_pem,
             ok=True,
             common_name=names.common_name,
             ip_addresses=names.ips,

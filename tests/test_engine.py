@@ -1253,3 +1253,73 @@ async def test_a_confirm_run_again_after_its_rollback_follows_that_rollback(
     assert [c.answer for c in world.agents.calls_to("charlie", "rollback")] == ["ok"]
     assert (charlie.applied["switch"], charlie.applied["rollback"]) == (1, 1)
     await leader.stop()
+
+
+async def test_the_stage_signs_the_csr_its_preflight_brought_back(world: World) -> None:
+    """Preflight brings the key's CSR back (``make_csr``): the stage makes no CreateCSR call,
+    and what the agent stages is signed for the key it made (the fake checks it)."""
+    leader = world.boot()
+    await leader.start()
+    row = await leader.run()
+    assert row.rollout.state is R.COMPLETED and states(row) == ALL_DONE
+    assert [c for c in world.agents.calls if c.method == "create_csr"] == []
+    for agent in world.agents:
+        assert (agent.applied["create_csr"], agent.applied["stage"]) == (1, 1), agent.name
+        assert agent.fingerprint == pki.fingerprint(agent.staged[row.rollout.id]), agent.name
+    await leader.stop()
+
+
+async def test_an_agent_of_the_previous_release_is_staged_through_create_csr(
+    world: World,
+) -> None:
+    """An agent that ignores ``make_csr`` (no CSR in its preflight answer) is asked with
+    CreateCSR, as before; the others are not."""
+    world.agents["bravo"].without_preflight_csr = True
+    leader = world.boot()
+    await leader.start()
+    row = await leader.run()
+    assert row.rollout.state is R.COMPLETED and states(row) == ALL_DONE
+    assert [c.node for c in world.agents.calls if c.method == "create_csr"] == ["bravo"]
+    await leader.stop()
+
+
+async def test_a_leader_restarted_between_preflight_and_stage_asks_for_the_same_csr(
+    world: World,
+) -> None:
+    """The preflight's CSR lives in the leader's memory only: a restarted leader asks with
+    CreateCSR, and the agent answers with the CSR of the key it already made."""
+    first = world.boot()
+    await first.start(max_parallel=1)
+    await first.run(until=lambda r: node(r.records, ORDER[0]).state is N.STAGING)
+    await first.crash()
+    second = world.boot()
+    row = await second.run()
+    assert row.rollout.state is R.COMPLETED and states(row) == ALL_DONE
+    asked = world.agents.calls_to(ORDER[0], "create_csr")
+    assert [c.answer for c in asked] == ["replay"]
+    assert world.agents[ORDER[0]].applied["create_csr"] == 1
+    await second.stop()
+
+
+async def test_an_agent_that_lost_the_preflight_s_key_is_staged_with_a_new_one(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the agent no longer holds the key the preflight's CSR is of (its journal lost), the
+    stage does not fail the node: it asks CreateCSR once, as before the merge."""
+    bravo = world.agents["bravo"]
+    real = bravo.stage
+    forget = [True]
+
+    async def forgetting(request: agent_pb2.StageRequest) -> agent_pb2.StageResponse:
+        if forget and forget.pop():
+            bravo.keys.clear()  # before its first stage
+        return await real(request)
+
+    monkeypatch.setattr(bravo, "stage", forgetting)
+    leader = world.boot()
+    await leader.start()
+    row = await leader.run()
+    assert row.rollout.state is R.COMPLETED and states(row) == ALL_DONE
+    assert [c.answer for c in world.agents.calls_to("bravo", "stage")] == ["refused", "ok"]
+    assert [c.answer for c in world.agents.calls_to("bravo", "create_csr")] == ["ok"]
+    await leader.stop()

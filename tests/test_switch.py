@@ -177,6 +177,32 @@ def test_switch_then_rollback_checked_from_outside(make_node: NodeFactory) -> No
     assert node.post("http", {"note": "after the rollback"}).status == 201
 
 
+def test_preflight_brings_back_the_csr_the_stage_is_signed_for(make_node: NodeFactory) -> None:
+    """Issue 15 (a call fewer per node): Preflight with ``make_csr`` makes the rollout's key
+    and CSR as CreateCSR would, the same one on every asking, and a certificate signed for it
+    stages with no CreateCSR call. Without ``make_csr`` (``tlsroll plan``'s and an earlier
+    leader's preflight) nothing is made."""
+    node = make_node()
+    plain = node.preflight("plain")
+    assert plain.ok and plain.csr_pem == b""
+    assert not node.stage_dir("plain").exists()
+    assert node.journal_query("SELECT * FROM staged") == []
+
+    pre = node.preflight("merged", make_csr=True)
+    assert pre.ok, list(pre.problems)
+    csr = pki.load_csr_pem(pre.csr_pem)
+    assert pki.names_of(csr) == pki.Names.of(node.name, [node.address])
+    key_file = node.stage_dir("merged") / "server.key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert node.preflight("merged", make_csr=True).csr_pem == pre.csr_pem  # a replay
+    assert node.create_csr("merged") == pre.csr_pem  # what an earlier leader would ask
+
+    staged = node.send_stage("merged", node.sign(pre.csr_pem))
+    cert = pki.read_cert(node.stage_dir("merged") / "server.pem")
+    assert pki.fingerprint(cert) == staged.fingerprint
+    assert pki.key_matches(cert, pki.read_key(key_file))
+
+
 # --- 2., 3. preflight problems --------------------------------------------------------------
 
 
@@ -184,8 +210,8 @@ def test_preflight_names_the_process_holding_8443(make_node: NodeFactory) -> Non
     node = make_node()
     config, pid = node.server.config_path.read_bytes(), node.server_pid()
     with port_holder(node.address, 8443) as holder:
-        pre = node.preflight("taken")
-        assert not pre.ok
+        pre = node.preflight("taken", make_csr=True)
+        assert not pre.ok and pre.csr_pem == b""  # no key for a node that cannot switch
         about_8443 = [p for p in pre.problems if "8443" in p]
         assert len(about_8443) == 1, list(pre.problems)
         assert f"pid {holder.pid}" in about_8443[0]
