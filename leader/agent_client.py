@@ -336,6 +336,8 @@ class AgentPool:
                 self._open.pop(name, None)  # its channel closes with its grace, uncounted
             client = AgentClient(node, self.credentials, self.trust_domain, self._trim)
             self.clients[name] = client
+        else:
+            client.node = node  # same channel; its names as now enrolled (``StepContext``)
         self._use(name)
         return client
 

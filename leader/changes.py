@@ -46,7 +46,7 @@ from leader.rollout_core import (
     wrong_source,
 )
 from leader.schema_store import NodeDetail, RolloutMeta, SchemaStore
-from leader.store import IssuedCert, Store
+from leader.store import IssuedCert, Node, Store
 from leader.wire import CHANGE, TXN_KIND, TXN_OUTCOME
 from tlsroll import httpcheck, logs, pki
 from tlsroll.enums import TxnKind, TxnOutcome
@@ -115,9 +115,19 @@ class StepContext:
     # until its stage is signed; the engine's, kept across steps. Missing (an agent of an
     # earlier release, a leader restarted since): the stage asks with CreateCSR.
     csrs: dict[tuple[str, str], bytes] = field(default_factory=dict)
+    # The node's enrolment as the agent pool last read it (``AgentPool.get`` reads it again
+    # after any store write that can change it); None: read it from the store.
+    enrolled: Node | None = None
 
     def command(self, rollout_id: str | None = None) -> agent_pb2.Command:
         return agent_pb2.Command(rollout_id=rollout_id or self.rollout.id, epoch=self.rollout.epoch)
+
+    async def enrolled_node(self) -> Node:
+        """The node's enrolled names: from the agent pool's read when there is one (no worker
+        thread, no query), else from the store."""
+        if self.enrolled is not None and self.enrolled.name == self.node:
+            return self.enrolled
+        return await asyncio.to_thread(self.store.get_node, self.node)
 
     async def detail(self, **changes: Any) -> None:
         """What the step learnt about the node (``SchemaStore.update_detail``'s fields),
@@ -161,7 +171,7 @@ class ChangeSteps:
         serving = NodeObservation(True, schemes=tuple(sorted(reply.server.schemes)))
         if why := wrong_source(self.change, serving, ctx.rollout.strategy):
             return NodeEvent.PREFLIGHT_FAILED, why  # what the plan saw may have changed
-        node = await asyncio.to_thread(ctx.store.get_node, ctx.node)
+        node = await ctx.enrolled_node()
         claimed = pki.Names.of(reply.common_name, reply.ip_addresses, reply.dns_names)
         enrolled = pki.Names.of(node.name, node.addresses, node.dns_names)
         if claimed != enrolled:
@@ -177,7 +187,7 @@ class ChangeSteps:
         (``--cert-dir``: the practice's own certificate and key instead, ``stage_own``)."""
         if ctx.facts.own_ca is not None:
             return await self.stage_own(ctx, ctx.facts.own_ca)
-        node = await asyncio.to_thread(ctx.store.get_node, ctx.node)
+        node = await ctx.enrolled_node()
         key = (ctx.rollout.id, ctx.node)
         try:
             csr_pem = ctx.csrs.get(key)

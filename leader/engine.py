@@ -63,7 +63,7 @@ from leader.rollout_core import (
     way_out,
 )
 from leader.schema_store import NodeDetail, RolloutRow, SchemaStore, StaleRecords, StepTime
-from leader.store import Store
+from leader.store import Node, Store
 from tlsroll import logs, pki
 from tlsroll.errors import TransientError
 from tlsroll.v1 import agent_pb2
@@ -505,12 +505,14 @@ class Engine:
             for held in (self.switched_here, self.csrs):  # in place: running steps hold them
                 for key in [k for k in held if k[0] != row.rollout.id]:
                     del held[key]
+        agent = await self.agents.get(step.node)
         ctx = StepContext(
             rollout=row.rollout,
             meta=row.meta,
             node=step.node,
             facts=await asyncio.shield(facts),  # steps that begin at once share one read
-            agent=await self.agents.get(step.node),
+            agent=agent,
+            enrolled=node if isinstance(node := getattr(agent, "node", None), Node) else None,
             schema=self.schema,
             store=self.store,
             ca=self.ca,

@@ -182,7 +182,8 @@ class FakeAgent:
         self, request: agent_pb2.CheckRequest, timeout: float = 30.0
     ) -> agent_pb2.PreflightResponse:
         await self._arrive("check")
-        return agent_pb2.PreflightResponse(ok=True)
+        view = agent_pb2.ServerView(driver="fake", healthy=True, schemes=[self.scheme])
+        return agent_pb2.PreflightResponse(ok=True, server=view)  # as a real agent's
 
     async def get_status(
         self, request: agent_pb2.GetStatusRequest, timeout: float = 30.0
