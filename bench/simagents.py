@@ -24,7 +24,8 @@ simulated agent does is what the leader sees of a real one:
   ``make_csr``, a new key's CSR as a real agent does), CreateCSR (the same), Stage,
   Switch (a transaction that "restarts" for ``--restart`` seconds, then serves https on 8443
   with the staged certificate and closes http on 8080, so that the leader's outside check
-  from confirm really connects), GetTransaction, WatchTransaction, Rollback,
+  from confirm really connects), GetTransaction, WatchTransaction (with ``switch``, the
+  switch begun first, as a real agent does), Rollback,
   Freeze/Unfreeze, GetStatus and Check.
 
 What is measured, on the leader (from /proc): its CPU over an idle window per agent and
@@ -484,6 +485,8 @@ class SimAgent(agent_pb2_grpc.NodeAgentServicer):
         return txn
 
     async def WatchTransaction(self, request: agent_pb2.GetTransactionRequest, context: Any) -> Any:
+        if request.HasField("switch"):  # as a real agent: the switch begun by the same call
+            await self.begin(request.switch.command, agent_pb2.TRANSACTION_KIND_SWITCH, "https")
         key = (request.rollout_id, request.kind)
         if key not in self.txns:
             await context.abort(grpc.StatusCode.NOT_FOUND, "no such transaction")

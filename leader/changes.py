@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from leader import byo
-from leader.agent_client import AgentApi, StepFailed
+from leader.agent_client import AgentApi, StepFailed, SwitchRefused
 from leader.planner import confirm_success
 from leader.rollout_core import (
     CHANGES,
@@ -273,20 +273,21 @@ class ChangeSteps:
         return NodeEvent.STAGE_DONE, None
 
     async def switch(self, ctx: StepContext) -> Outcome:
-        verifier = ctx.facts.verifier
+        """Begin the switch and follow it to its outcome, in one call to the agent
+        (``AgentApi.switch_and_watch``)."""
+        request = agent_pb2.SwitchRequest(
+            command=ctx.command(),
+            change=CHANGE.wire(self.change),
+            auth_verifier_json=ctx.facts.verifier,
+            keep_frozen=ctx.rollout.freeze is FreezeMode.SCOPE,
+            keep_http=self.keep_http,
+        )
         try:
-            await ctx.agent.switch(
-                agent_pb2.SwitchRequest(
-                    command=ctx.command(),
-                    change=CHANGE.wire(self.change),
-                    auth_verifier_json=verifier,
-                    keep_frozen=ctx.rollout.freeze is FreezeMode.SCOPE,
-                    keep_http=self.keep_http,
-                )
+            outcome, reason = await wait_transaction(
+                ctx, ctx.rollout.id, TxnKind.SWITCH, begin=request
             )
-        except StepFailed as exc:  # refused before it began: the node is as it was
+        except SwitchRefused as exc:  # refused before it began: the node is as it was
             return NodeEvent.SWITCH_ROLLED_BACK, f"switch refused: {exc}"
-        outcome, reason = await wait_transaction(ctx, ctx.rollout.id, TxnKind.SWITCH)
         if outcome is TxnOutcome.COMPLETED:
             ctx.switched_here.setdefault((ctx.rollout.id, ctx.node), True)
         return switch_event(outcome), (None if outcome is TxnOutcome.COMPLETED else reason)
@@ -477,7 +478,11 @@ def switch_event(outcome: TxnOutcome) -> NodeEvent:
 
 
 async def wait_transaction(
-    ctx: StepContext, txn_rollout_id: str, kind: TxnKind
+    ctx: StepContext,
+    txn_rollout_id: str,
+    kind: TxnKind,
+    *,
+    begin: agent_pb2.SwitchRequest | None = None,
 ) -> tuple[TxnOutcome, str]:
     """Follow the agent's transaction (keyed by ``txn_rollout_id``) until it ends, recording its
     timings on this rollout's node when they change; return its outcome and reason.
@@ -485,11 +490,16 @@ async def wait_transaction(
     The agent streams each state as it journals it (``AgentApi.watch_transaction``), so the
     outcome is known when it happens, not at the next poll. The transaction is under way: an
     error while reading it says nothing about how it ends, so it is a ``TransientError`` (the
-    step runs again; the agent replays the transaction), never an outcome."""
+    step runs again; the agent replays the transaction), never an outcome. ``begin``: the
+    switch is begun by the same call (``AgentApi.switch_and_watch``); its refusal is
+    ``SwitchRefused``."""
     request = agent_pb2.GetTransactionRequest(rollout_id=txn_rollout_id, kind=TXN_KIND.wire(kind))
     recorded: dict[str, Any] | None = None
+    states = (
+        ctx.agent.watch_transaction(request) if begin is None else ctx.agent.switch_and_watch(begin)
+    )
     try:
-        async for txn in ctx.agent.watch_transaction(request):
+        async for txn in states:
             details: dict[str, Any] = {"restart_seconds": txn.restart_seconds}
             # With --freeze scope the node's window is the scope freeze's (the engine records
             # it), not the shorter one of the transaction inside it.
@@ -505,6 +515,8 @@ async def wait_transaction(
             if details != recorded:  # nothing is written when nothing changed
                 await ctx.progress(**details)
                 recorded = details
+    except SwitchRefused:
+        raise
     except StepFailed as exc:
         raise TransientError(f"reading the {kind.value} transaction: {exc}") from None
     raise TransientError(f"the {kind.value} transaction's states ended without an outcome")

@@ -568,6 +568,11 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
 
     @map_errors(ERRORS)
     async def Switch(self, request: agent_pb2.SwitchRequest, context: Ctx) -> agent_pb2.Transaction:
+        return txn_message(await self._switch(request, context))
+
+    async def _switch(self, request: agent_pb2.SwitchRequest, context: Ctx) -> Txn:
+        """Begin the switch (or find it, on a replay): Switch, and WatchTransaction with
+        ``switch`` set."""
         rollout_id = await self._command(context, request.command)
         change = CHANGE.read(request.change, "change")
         builders = {
@@ -599,10 +604,9 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 **extra,
             )
 
-        txn = await self._begin(
+        return await self._begin(
             rollout_id, TxnKind.SWITCH, request.command.epoch, make, change=wanted
         )
-        return txn_message(txn)
 
     @staticmethod
     def _verifier(text: str, *, required: bool) -> dict[str, Any] | None:
@@ -670,9 +674,15 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
     ) -> AsyncIterator[agent_pb2.Transaction]:
         """The transaction now, then again each time the runner journals a change to it (its
         ``changes`` event: no polling); the stream ends once it has an outcome. A leader whose
-        stream broke opens a new one and gets the current state first, so it misses nothing."""
+        stream broke opens a new one and gets the current state first, so it misses nothing.
+        With ``switch`` set the switch is begun first, as Switch would (its refusals end the
+        stream before any state; a replay begins nothing)."""
         require_leader(context, self.trust)
         kind = TXN_KIND.read(request.kind, "kind")
+        if request.HasField("switch"):  # begin it first: one call, not Switch + this
+            if (request.rollout_id, kind) != (request.switch.command.rollout_id, TxnKind.SWITCH):
+                raise invalid("switch: rollout_id must be the command's and kind switch")
+            await self._switch(request.switch, context)
         sent: Txn | None = None
         while True:
             changed = self.runner.changes.next() if self.runner is not None else None

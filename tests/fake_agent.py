@@ -40,7 +40,7 @@ from dataclasses import dataclass, field, replace
 
 from cryptography import x509
 
-from leader.agent_client import AgentApi, StepFailed
+from leader.agent_client import AgentApi, StepFailed, SwitchRefused
 from leader.wire import CHANGE, TXN_KIND, TXN_OUTCOME
 from tlsroll import pki
 from tlsroll.enums import Change, TxnKind, TxnOutcome
@@ -333,6 +333,23 @@ class FakeAgent:
             if txn.outcome != agent_pb2.TRANSACTION_OUTCOME_PENDING:
                 return
             await self.world.clock.sleep(WATCH_SECONDS)
+
+    async def switch_and_watch(
+        self, request: agent_pb2.SwitchRequest
+    ) -> AsyncIterator[agent_pb2.Transaction]:
+        """As the real client's one call: the switch begun (a ``switch`` in ``calls``; its
+        refusal is ``SwitchRefused``), then its states as ``watch_transaction`` gives them."""
+        try:
+            await self.switch(request)
+        except SwitchRefused:
+            raise
+        except StepFailed as exc:
+            raise SwitchRefused(str(exc)) from None
+        watch = agent_pb2.GetTransactionRequest(
+            rollout_id=request.command.rollout_id, kind=agent_pb2.TRANSACTION_KIND_SWITCH
+        )
+        async for txn in self.watch_transaction(watch):
+            yield txn
 
     async def freeze(self, request: agent_pb2.FreezeRequest) -> agent_pb2.FreezeResponse:
         await self._arrive("freeze", request.command)

@@ -28,7 +28,7 @@ from nodeagent.transaction import CRASH_ENV
 from refserver.server import SWITCHING_MESSAGE, WRITE_DELAY_ENV
 from tests.cluster import Cluster, wait_until
 from tests.conftest import next_loopback
-from tests.nodeside import Node, NodeFactory, port_holder, read_only
+from tests.nodeside import Node, NodeFactory, TxnView, port_holder, read_only
 from tests.refserver_helper import Response
 from tlsroll import pki
 from tlsroll.enums import Change
@@ -201,6 +201,42 @@ def test_preflight_brings_back_the_csr_the_stage_is_signed_for(make_node: NodeFa
     cert = pki.read_cert(node.stage_dir("merged") / "server.pem")
     assert pki.fingerprint(cert) == staged.fingerprint
     assert pki.key_matches(cert, pki.read_key(key_file))
+
+
+def switch_stream(node: Node, rollout_id: str, request_id: str | None = None) -> list[TxnView]:
+    """WatchTransaction with ``switch`` set (the leader's one call to begin and follow a
+    switch): every state it streams, to the end."""
+    switch = agent_pb2.SwitchRequest(
+        command=node.command(rollout_id), change=CHANGE.wire(Change.ENABLE_TLS)
+    )
+    request = agent_pb2.GetTransactionRequest(
+        rollout_id=request_id or rollout_id, kind=agent_pb2.TRANSACTION_KIND_SWITCH, switch=switch
+    )
+    with node.stub() as stub:
+        return [TxnView(t) for t in stub.WatchTransaction(request, timeout=60)]
+
+
+def test_one_call_begins_a_switch_and_streams_it_to_its_end(make_node: NodeFactory) -> None:
+    """Issue 15 (a call fewer per node): WatchTransaction with ``switch`` begins the switch as
+    Switch would, then streams its states to the outcome; called again (the leader's stream
+    broke) it begins nothing and streams the outcome. Refusals end the stream before any
+    state, with Switch's status."""
+    node = make_node()
+    refused = rpc_error(lambda: switch_stream(node, "unstaged"))  # nothing staged
+    assert code_of(refused) == grpc.StatusCode.FAILED_PRECONDITION, details_of(refused)
+    mixed = rpc_error(lambda: switch_stream(node, "one", request_id="other"))
+    assert code_of(mixed) == grpc.StatusCode.INVALID_ARGUMENT, details_of(mixed)
+    assert node.journal_query("SELECT * FROM txns") == []
+
+    staged = node.stage("one")
+    states = switch_stream(node, "one")
+    assert states[-1].outcome == "completed", states[-1].reason
+    assert all(s.outcome == "" for s in states[:-1])  # pending until the end
+    assert states[-1].cert_fingerprint == staged.fingerprint
+    assert_switched(node, staged.fingerprint)
+    again = switch_stream(node, "one")
+    assert [s.outcome for s in again] == ["completed"]
+    assert len(node.journal_query("SELECT * FROM txns")) == 1
 
 
 # --- 2., 3. preflight problems --------------------------------------------------------------

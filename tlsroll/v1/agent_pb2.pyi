@@ -604,18 +604,30 @@ class GetTransactionRequest(_message.Message):
 
     ROLLOUT_ID_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
+    SWITCH_FIELD_NUMBER: _builtins.int
     rollout_id: _builtins.str
     kind: Global___TransactionKind.ValueType
     """Required."""
+    @_builtins.property
+    def switch(self) -> Global___SwitchRequest:
+        """WatchTransaction only: begin this switch first, exactly as Switch would (same checks,
+        same refusals, a replay begins nothing), then stream its states: one call instead of
+        Switch + WatchTransaction. A refusal ends the stream with its status before any state.
+        `rollout_id` must be the command's and `kind` TRANSACTION_KIND_SWITCH. An agent of an
+        earlier release ignores it (NOT_FOUND before the switch began): the leader then calls
+        Switch and watches.
+        """
+
     def __init__(
         self,
         *,
         rollout_id: _builtins.str = ...,
         kind: Global___TransactionKind.ValueType = ...,
+        switch: Global___SwitchRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["switch", b"switch"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "rollout_id", b"rollout_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "rollout_id", b"rollout_id", "switch", b"switch"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
