@@ -20,11 +20,13 @@ simulated agent does is what the leader sees of a real one:
   report of ``--clients`` workstations whose times and counts move with every heartbeat, as
   a real server's busy workstations' do; it takes the revocation list once, as a real agent
   does;
-* it answers the calls an enable-tls rollout makes: Preflight (its enrolled names), CreateCSR
-  (a new key), Stage, Switch (a transaction that "restarts" for ``--restart`` seconds, then
-  serves https on 8443 with the staged certificate and closes http on 8080, so that the
-  leader's outside check from confirm really connects), GetTransaction, WatchTransaction,
-  Rollback, Freeze/Unfreeze, GetStatus and Check.
+* it answers the calls an enable-tls rollout makes: Preflight (its enrolled names; with
+  ``make_csr``, a new key's CSR as a real agent does), CreateCSR (the same), Stage,
+  Switch (a transaction that "restarts" for ``--restart`` seconds, then serves https on 8443
+  with the staged certificate and closes http on 8080, so that the leader's outside check
+  from confirm really connects), GetTransaction, WatchTransaction (with ``switch``, the
+  switch begun first, as a real agent does), Rollback,
+  Freeze/Unfreeze, GetStatus and Check.
 
 What is measured, on the leader (from /proc): its CPU over an idle window per agent and
 heartbeat interval (what the heartbeats load it with; before renewal mode every interval was a
@@ -437,15 +439,20 @@ class SimAgent(agent_pb2_grpc.NodeAgentServicer):
         self, request: agent_pb2.PreflightRequest, context: Any
     ) -> agent_pb2.PreflightResponse:
         self.seen(request.command)
-        return self.checks()
+        reply = self.checks()
+        if request.make_csr:  # as a real agent: the rollout's key and CSR come with it
+            reply.csr_pem = self.csr(request.command.rollout_id)
+        return reply
+
+    def csr(self, rollout_id: str) -> bytes:
+        key = self.csr_keys.setdefault(rollout_id, pki.generate_key())
+        return pki.csr_to_pem(pki.make_csr(key, pki.Names.of(self.name, [self.address])))
 
     async def CreateCSR(
         self, request: agent_pb2.CreateCSRRequest, context: Any
     ) -> agent_pb2.CreateCSRResponse:
         self.seen(request.command)
-        key = self.csr_keys.setdefault(request.command.rollout_id, pki.generate_key())
-        csr = pki.make_csr(key, pki.Names.of(self.name, [self.address]))
-        return agent_pb2.CreateCSRResponse(csr_pem=pki.csr_to_pem(csr))
+        return agent_pb2.CreateCSRResponse(csr_pem=self.csr(request.command.rollout_id))
 
     async def Stage(self, request: agent_pb2.StageRequest, context: Any) -> agent_pb2.StageResponse:
         self.seen(request.command)
@@ -480,6 +487,8 @@ class SimAgent(agent_pb2_grpc.NodeAgentServicer):
         return txn
 
     async def WatchTransaction(self, request: agent_pb2.GetTransactionRequest, context: Any) -> Any:
+        if request.HasField("switch"):  # as a real agent: the switch begun by the same call
+            await self.begin(request.switch.command, agent_pb2.TRANSACTION_KIND_SWITCH, "https")
         key = (request.rollout_id, request.kind)
         if key not in self.txns:
             await context.abort(grpc.StatusCode.NOT_FOUND, "no such transaction")

@@ -50,6 +50,14 @@ RECONNECT_SECONDS = 2.0
 class StepFailed(TerminalError):
     """The agent refused or failed a command; the message (with the status) goes to the schema."""
 
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class SwitchRefused(StepFailed):
+    """The agent refused to begin a switch (``AgentApi.switch_and_watch``): nothing began."""
+
 
 class AgentApi(Protocol):
     """The NodeAgent calls the engine makes (the real client, or a fake in tests)."""
@@ -82,6 +90,10 @@ class AgentApi(Protocol):
 
     def watch_transaction(
         self, request: agent_pb2.GetTransactionRequest
+    ) -> AsyncIterator[agent_pb2.Transaction]: ...
+
+    def switch_and_watch(
+        self, request: agent_pb2.SwitchRequest
     ) -> AsyncIterator[agent_pb2.Transaction]: ...
 
     async def freeze(self, request: agent_pb2.FreezeRequest) -> agent_pb2.FreezeResponse: ...
@@ -179,7 +191,7 @@ class AgentClient:
         except grpc.aio.AioRpcError as exc:
             if exc.code() in TRANSIENT_CODES:
                 raise TransientError(f"agent {self.node.name}: {exc.details()}") from None
-            raise StepFailed(f"{exc.details()} ({exc.code().name})") from None
+            raise StepFailed(f"{exc.details()} ({exc.code().name})", exc.code()) from None
         finally:
             self._done()
 
@@ -258,7 +270,9 @@ class AgentClient:
                     if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
                         break
                     if exc.code() not in TRANSIENT_CODES:
-                        raise StepFailed(f"{exc.details()} ({exc.code().name})") from None
+                        raise StepFailed(
+                            f"{exc.details()} ({exc.code().name})", exc.code()
+                        ) from None
                     error = TransientError(f"agent {self.node.name}: {exc.details()}")
                 finally:
                     call.cancel()
@@ -274,6 +288,38 @@ class AgentClient:
                 await asyncio.sleep(POLL_SECONDS)
         finally:
             self._done()
+
+    async def switch_and_watch(
+        self, request: agent_pb2.SwitchRequest
+    ) -> AsyncIterator[agent_pb2.Transaction]:
+        """Begin the switch and follow its states in one call: WatchTransaction with
+        ``switch`` set (the Switch call and its answer saved). A refusal before any state is
+        ``SwitchRefused`` (nothing began). An agent of an earlier release ignores ``switch``
+        (NOT_FOUND: the switch has not begun; UNIMPLEMENTED: no stream either): it gets
+        Switch, then the watch, as before."""
+        watch = agent_pb2.GetTransactionRequest(
+            rollout_id=request.command.rollout_id, kind=agent_pb2.TRANSACTION_KIND_SWITCH
+        )
+        begin = agent_pb2.GetTransactionRequest()
+        begin.CopyFrom(watch)
+        begin.switch.CopyFrom(request)
+        seen = False
+        try:
+            async for txn in self.watch_transaction(begin):
+                seen = True
+                yield txn
+            return
+        except StepFailed as exc:
+            if seen:
+                raise
+            if exc.code not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED):
+                raise SwitchRefused(str(exc), exc.code) from None
+        try:
+            await self.switch(request)
+        except StepFailed as exc:
+            raise SwitchRefused(str(exc), exc.code) from None
+        async for txn in self.watch_transaction(watch):
+            yield txn
 
     async def freeze(self, request: agent_pb2.FreezeRequest) -> agent_pb2.FreezeResponse:
         return await self._call(lambda s: s.Freeze, request)
@@ -341,6 +387,8 @@ class AgentPool:
                 self._open.pop(name, None)  # its channel closes with its grace, uncounted
             client = AgentClient(node, self.credentials, self.trust_domain, self._trim)
             self.clients[name] = client
+        else:
+            client.node = node  # same channel; its names as now enrolled (``StepContext``)
         self._use(name)
         return client
 

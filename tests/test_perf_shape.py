@@ -336,11 +336,14 @@ def test_a_finalize_refusal_naming_a_whole_practice_stays_short() -> None:
 
 
 class CountingAgents:
-    """Agents that answer GetStatus after a moment, counting how many calls are open at once."""
+    """Agents that answer GetStatus and Check after a moment, counting the calls and how
+    many are open at once."""
 
     def __init__(self) -> None:
         self.open = 0
         self.most = 0
+        self.calls: Counter[str] = Counter()
+        self.view = agent_pb2.ServerView(driver="bench", healthy=True, schemes=["http"])
 
     async def get(self, name: str) -> CountingAgents:
         return self
@@ -348,13 +351,20 @@ class CountingAgents:
     async def close(self) -> None:
         return None
 
-    async def get_status(self, request: object, timeout: float = 0) -> agent_pb2.NodeStatus:
+    async def _arrive(self, method: str) -> None:
+        self.calls[method] += 1
         self.open += 1
         self.most = max(self.most, self.open)
         await asyncio.sleep(0.01)
         self.open -= 1
-        view = agent_pb2.ServerView(driver="none", healthy=False, detail="bench")
-        return agent_pb2.NodeStatus(server=view)
+
+    async def get_status(self, request: object, timeout: float = 0) -> agent_pb2.NodeStatus:
+        await self._arrive("get_status")
+        return agent_pb2.NodeStatus(server=self.view)
+
+    async def check(self, request: object, timeout: float = 0) -> agent_pb2.PreflightResponse:
+        await self._arrive("check")
+        return agent_pb2.PreflightResponse(ok=True, server=self.view)
 
 
 async def test_observe_asks_a_bounded_number_of_agents_at_once() -> None:
@@ -364,6 +374,16 @@ async def test_observe_asks_a_bounded_number_of_agents_at_once() -> None:
     seen = await observe(agents, [f"s{i:03d}" for i in range(200)], ca.cert)  # type: ignore[arg-type]
     assert len(seen) == 200
     assert agents.most <= OBSERVE_AT_ONCE
+
+
+async def test_observe_asks_each_agent_one_call() -> None:
+    """Issue 15: planning asked every agent twice, GetStatus then Check; Check's answer
+    carries the same ServerView, so it is asked alone, and what the plan sees is the same."""
+    agents = CountingAgents()
+    ca = pki.CertificateAuthority.create()
+    seen = await observe(agents, [f"s{i:03d}" for i in range(20)], ca.cert)  # type: ignore[arg-type]
+    assert agents.calls == Counter({"check": 20})
+    assert all(s.reachable and s.schemes == ("http",) and not s.problems for s in seen.values())
 
 
 # --- heartbeats ---------------------------------------------------------------------------------
@@ -929,6 +949,8 @@ async def step_hops(directory: Path, mp: pytest.MonkeyPatch, n: int, parallel: i
 
     mp.setattr(asyncio, "to_thread", counting)
     leader = world.boot(prepare_ahead=1)
+    for agent in world.agents:  # as ``AgentClient.node``: the pool's read of its enrolment
+        agent.node = leader.store.get_node(agent.name)  # type: ignore[attr-defined]
     await leader.start(max_parallel=parallel)
     calls.clear()
     row = None
@@ -956,14 +978,16 @@ async def test_a_rollout_s_steps_hand_few_reads_to_worker_threads_at_any_size(
     in three with ten nodes in flight). 31 hand-offs per node then. Now what is kept is read
     on the loop when no writer holds the store, what a rollout's steps look up once per
     rollout, and an outcome is checked against its own node's record only: what is left are
-    the writes, the node's enrolled names (preflight, stage), the signing record, the outside
-    check and the revocation of the certificate the node served before."""
+    the writes, the signing record, the outside check and the revocation of the certificate
+    the node served before (the node's enrolled names come with its agent's client)."""
     small = await step_hops(tmp_path / "small", monkeypatch, 2, 1)
     large = await step_hops(tmp_path / "large", monkeypatch, 20, 1)
     wide = await step_hops(tmp_path / "wide", monkeypatch, 20, 5)
     for n, cost in ((2, small), (20, large), (20, wide)):
-        # 12 per node at most, and a few per rollout (what its steps look up, its end)
-        assert cost.per_node * n <= 12 * n + 6, cost.by_call.most_common()
+        # 10 per node at most, and a few per rollout (what its steps look up, its end)
+        assert cost.per_node * n <= 10 * n + 6, cost.by_call.most_common()
+        # The enrolled names come with the agent's client (the pool read them).
+        assert cost.by_call["Store.get_node"] == 0, cost.by_call.most_common()
         for call in ("SchemaStore.get", "SchemaStore.active", "SchemaStore.node_auth"):
             assert cost.by_call[call] <= 1, cost.by_call.most_common()
     assert wide.refused == 0
