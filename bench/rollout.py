@@ -33,9 +33,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime as dt
 import itertools
 import shutil
 import signal
+import sqlite3
 import ssl
 import tempfile
 import threading
@@ -183,6 +185,7 @@ class Run:
     fsyncs: int | None = None  # the leader's, during the rollout (--fsyncs)
     gaps: list[float] = field(default_factory=list)  # a node's confirm end → the next's switch
     parts: dict[str, float] = field(default_factory=dict)  # overhead per node, by where it went
+    steps: dict[str, list[float]] = field(default_factory=dict)  # a switch, step by step
 
     @property
     def overhead(self) -> float:
@@ -209,6 +212,7 @@ def one_run(
     restarts: int,
     fsyncs: bool = False,
     profile: Path | None = None,
+    prepare_ahead: int | None = None,
 ) -> Run:
     cluster = Cluster(
         root / "cluster", address(0), heartbeat_interval=5, agent_heartbeat_interval=5
@@ -216,6 +220,8 @@ def one_run(
     nodes = [Node(cluster, f"n{i:03d}", address(i + 2), root / f"n{i:03d}") for i in range(n)]
     try:
         cluster.init()
+        if prepare_ahead is not None:
+            cluster.write_leader_config({"prepare_ahead": prepare_ahead})
         cluster.start_leader(NO_DEBUG)
         start_nodes(cluster, nodes)
         baseline = ansible_baseline.run(nodes, root / "ansible") if ansible else None
@@ -284,6 +290,7 @@ def one_run(
             fsyncs=counting.count,
             gaps=switch_gaps(view),
             parts=overhead_parts(view),
+            steps=switch_steps(view, nodes),
         )
     finally:
         for node in nodes:
@@ -340,6 +347,50 @@ def overhead_parts(view: schema_pb2.RolloutView) -> dict[str, float]:
     }
 
 
+# A switch as its agent journalled it: (name, from event, to event). The journal stamps each
+# step's end with the phase reached; "create" is the transaction's first record.
+SWITCH_STEPS = (
+    ("freeze", "create", "frozen"),
+    ("config write", "frozen", "config_written"),
+    ("restart", "config_written", "restarted"),
+    ("verify", "restarted", "verified"),
+    ("unfreeze", "verified", "completed"),
+)
+
+
+def switch_steps(view: schema_pb2.RolloutView, nodes: Sequence[Node]) -> dict[str, list[float]]:
+    """Each node's switch, step by step (seconds): the leader's call reaching the agent's
+    journal ("leader → agent"), the agent's steps from its journal, and its end reaching the
+    leader's record ("agent → leader"). Read after the rollout from the agents' journals (same
+    machine, same clock), so the split costs the rollout nothing."""
+    split: dict[str, list[float]] = {}
+    by_name = {n.name: n for n in nodes}
+    for v in view.nodes:
+        node = by_name.get(v.name)
+        switch = next((st for st in v.steps if st.step == "switch"), None)
+        if node is None or node.agent is None or switch is None:
+            continue
+        with contextlib.closing(
+            sqlite3.connect(f"file:{node.journal_path}?mode=ro", uri=True)
+        ) as db:
+            rows = db.execute(
+                "SELECT step, at FROM events WHERE rollout_id = ? AND kind = 'switch' "
+                "AND what = 'end' ORDER BY seq",
+                (view.id,),
+            ).fetchall()
+        at = {phase: dt.datetime.fromisoformat(t) for phase, t in rows}
+        if not all(p in at for p in ("create", "completed")):
+            continue
+        started = switch.started_at.ToDatetime(tzinfo=dt.UTC)
+        ended = switch.ended_at.ToDatetime(tzinfo=dt.UTC)
+        split.setdefault("leader → agent", []).append((at["create"] - started).total_seconds())
+        for name, a, b in SWITCH_STEPS:
+            if a in at and b in at:
+                split.setdefault(name, []).append((at[b] - at[a]).total_seconds())
+        split.setdefault("agent → leader", []).append((ended - at["completed"]).total_seconds())
+    return split
+
+
 def report(runs: Sequence[Run]) -> None:
     ms = 1000.0
     n = runs[0].nodes
@@ -356,6 +407,12 @@ def report(runs: Sequence[Run]) -> None:
         names = list(parts[0])
         split = ", ".join(f"{k} {median([p[k] for p in parts]) * ms:.0f}" for k in names)
         print(f"    of which (ms per node, median run): {split}")
+    steps = [r.steps for r in runs if r.steps]
+    if steps:
+        split = ", ".join(
+            f"{k} {median([median(s[k]) for s in steps if k in s]) * ms:.0f}" for k in steps[0]
+        )
+        print(f"    a switch, step by step (ms, median node): {split}")
     print(
         "  between two switches:     "
         f"{summary([median(r.gaps) for r in runs], 'ms', ms, 0)} (median; confirm end → next "
@@ -443,6 +500,13 @@ def main(argv: list[str] | None = None) -> int:
         "perf: CPU by library), keep the stacks in this directory and print where the CPU "
         "went (the CPU figures then compare with no other run)",
     )
+    parser.add_argument(
+        "--prepare-ahead",
+        type=int,
+        help="the leader's prepare_ahead (default: the product's). 0: no node is preflighted "
+        "and staged while another switches; on one machine, that staging shares the two cores "
+        "with the restart of the node switching, which separate machines would not",
+    )
     ns = parser.parse_args(argv)
     if ns.profile is not None:
         ns.profile.mkdir(parents=True, exist_ok=True)
@@ -457,6 +521,7 @@ def main(argv: list[str] | None = None) -> int:
                 restarts=ns.restarts,
                 fsyncs=ns.fsyncs,
                 profile=ns.profile,
+                prepare_ahead=ns.prepare_ahead,
             )
         finally:
             if not ns.keep:

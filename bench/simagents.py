@@ -20,11 +20,13 @@ simulated agent does is what the leader sees of a real one:
   report of ``--clients`` workstations whose times and counts move with every heartbeat, as
   a real server's busy workstations' do; it takes the revocation list once, as a real agent
   does;
-* it answers the calls an enable-tls rollout makes: Preflight (its enrolled names), CreateCSR
-  (a new key), Stage, Switch (a transaction that "restarts" for ``--restart`` seconds, then
-  serves https on 8443 with the staged certificate and closes http on 8080, so that the
-  leader's outside check from confirm really connects), GetTransaction, WatchTransaction,
-  Rollback, Freeze/Unfreeze, GetStatus and Check.
+* it answers the calls an enable-tls rollout makes: Preflight (its enrolled names; with
+  ``make_csr``, a new key's CSR as a real agent does), CreateCSR (the same), Stage,
+  Switch (a transaction that "restarts" for ``--restart`` seconds, then serves https on 8443
+  with the staged certificate and closes http on 8080, so that the leader's outside check
+  from confirm really connects), GetTransaction, WatchTransaction (with ``switch``, the
+  switch begun first, as a real agent does), Rollback,
+  Freeze/Unfreeze, GetStatus and Check.
 
 What is measured, on the leader (from /proc): its CPU over an idle window per agent and
 heartbeat interval (what the heartbeats load it with; before renewal mode every interval was a
@@ -74,9 +76,11 @@ from bench.common import (
     get_schema,
     inbound_connections,
     log_says_ended,
+    rss_mib,
     seconds,
     wait_for,
 )
+from bench.memory import Snapshots, memory_env, threads
 from bench.profile import Perf, Profile, Yappi, yappi_env
 from tests.cluster import Cluster, hostport
 from tlsroll import __version__, pki, spiffe
@@ -435,15 +439,20 @@ class SimAgent(agent_pb2_grpc.NodeAgentServicer):
         self, request: agent_pb2.PreflightRequest, context: Any
     ) -> agent_pb2.PreflightResponse:
         self.seen(request.command)
-        return self.checks()
+        reply = self.checks()
+        if request.make_csr:  # as a real agent: the rollout's key and CSR come with it
+            reply.csr_pem = self.csr(request.command.rollout_id)
+        return reply
+
+    def csr(self, rollout_id: str) -> bytes:
+        key = self.csr_keys.setdefault(rollout_id, pki.generate_key())
+        return pki.csr_to_pem(pki.make_csr(key, pki.Names.of(self.name, [self.address])))
 
     async def CreateCSR(
         self, request: agent_pb2.CreateCSRRequest, context: Any
     ) -> agent_pb2.CreateCSRResponse:
         self.seen(request.command)
-        key = self.csr_keys.setdefault(request.command.rollout_id, pki.generate_key())
-        csr = pki.make_csr(key, pki.Names.of(self.name, [self.address]))
-        return agent_pb2.CreateCSRResponse(csr_pem=pki.csr_to_pem(csr))
+        return agent_pb2.CreateCSRResponse(csr_pem=self.csr(request.command.rollout_id))
 
     async def Stage(self, request: agent_pb2.StageRequest, context: Any) -> agent_pb2.StageResponse:
         self.seen(request.command)
@@ -478,6 +487,8 @@ class SimAgent(agent_pb2_grpc.NodeAgentServicer):
         return txn
 
     async def WatchTransaction(self, request: agent_pb2.GetTransactionRequest, context: Any) -> Any:
+        if request.HasField("switch"):  # as a real agent: the switch begun by the same call
+            await self.begin(request.switch.command, agent_pb2.TRANSACTION_KIND_SWITCH, "https")
         key = (request.rollout_id, request.kind)
         if key not in self.txns:
             await context.abort(grpc.StatusCode.NOT_FOUND, "no such transaction")
@@ -586,6 +597,7 @@ class Result:
     messages: float  # messages to the leader per agent per interval
     per_message_ms: float  # leader CPU in the idle window / messages in it
     idle_rss: float
+    base_rss: float  # the leader's RSS before any agent connected (its own share of idle_rss)
     idle_files: int
     idle_inbound: int
     wall: float
@@ -595,6 +607,8 @@ class Result:
     state: str
     nofile: str
     fsyncs: int | None = None  # the leader's, during the rollout (--fsyncs)
+    idle_fsyncs: int | None = None  # the leader's, in the idle window (--fsyncs)
+    idle_messages: int = 0  # heartbeat messages the leader got in the idle window
 
 
 def worker_counts(procs: Sequence[subprocess.Popen[str]]) -> tuple[int, int]:
@@ -607,6 +621,11 @@ def worker_counts(procs: Sequence[subprocess.Popen[str]]) -> tuple[int, int]:
         _, b, m = p.stdout.readline().split()
         beats, messages = beats + int(b), messages + int(m)
     return beats, messages
+
+
+def per_message(count: int | None, messages: int) -> str:
+    """fsyncs per heartbeat message in the idle window (--fsyncs)."""
+    return "n/a" if count is None else f"{count / max(1, messages):.2f}"
 
 
 def leader_nofile(pid: int) -> str:
@@ -645,6 +664,8 @@ def one_run(
     fsyncs: bool = False,
     profile: Path | None = None,
     yappi: Path | None = None,
+    memory: Path | None = None,
+    viewer: bool = True,
 ) -> Result:
     cluster = Cluster(
         root / "cluster",
@@ -653,9 +674,15 @@ def one_run(
         agent_heartbeat_interval=interval,
     )
     procs: list[subprocess.Popen[str]] = []
-    leader_env = {**NO_DEBUG, **(yappi_env(yappi / f"leader-{n}.pstat") if yappi else {})}
+    leader_env = {
+        **NO_DEBUG,
+        **(yappi_env(yappi / f"leader-{n}.pstat") if yappi else {}),
+        **(memory_env(memory / f"leader-{n}.tracemalloc") if memory else {}),
+    }
     try:
         cluster.init()
+        if not viewer:  # viewer_port = 0: the leader loads no web server (leader.runtime)
+            cluster.write_leader_config({"viewer_port": 0})
         if nofile:  # as a unit's LimitNOFILE would set it
             soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
             resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, hard))
@@ -673,6 +700,7 @@ def one_run(
         b0 = cpu_seconds(pid)
         time.sleep(baseline)
         base_rate = (cpu_seconds(pid) - b0) / baseline
+        base_rss = rss_mib(pid)
         workers = max(1, math.ceil(n / PER_WORKER))
         entries = [
             {"name": name, "address": addr, "token": token}
@@ -708,14 +736,31 @@ def one_run(
                 raise RuntimeError(f"worker did not start: {(root / 'worker0.log').read_text()}")
         cluster.wait_for_nodes_online([name for name, _ in names], timeout=60)
         time.sleep(2 * interval)  # every agent beating, channels up
-        _, m0 = worker_counts(procs)
-        l0, a0 = cpu_seconds(pid), sum(cpu_seconds(p.pid) for p in procs)
-        time.sleep(idle)
-        l1, a1 = cpu_seconds(pid), sum(cpu_seconds(p.pid) for p in procs)
-        _, m1 = worker_counts(procs)
+        # The idle window: what the heartbeats cost. --fsyncs and --profile look at it too
+        # (then its CPU figures compare with no other run).
+        idle_counting = Fsyncs(pid, root / "strace-idle.txt")
+        idle_spied = Profile(pid, profile / f"leader-{n}-idle.spy", gil=True) if profile else None
+        idle_perf = Perf(pid, profile / f"leader-{n}-idle.perf") if profile else None
+        with (
+            idle_perf if idle_perf is not None else contextlib.nullcontext(),
+            idle_counting if fsyncs else contextlib.nullcontext(),
+            idle_spied if idle_spied is not None else contextlib.nullcontext(),
+        ):
+            _, m0 = worker_counts(procs)
+            l0, a0 = cpu_seconds(pid), sum(cpu_seconds(p.pid) for p in procs)
+            time.sleep(idle)
+            l1, a1 = cpu_seconds(pid), sum(cpu_seconds(p.pid) for p in procs)
+            _, m1 = worker_counts(procs)
+        if idle_spied is not None and idle_perf is not None:
+            print(f"idle window ({n} agents, {m1 - m0} messages):", flush=True)
+            print(idle_spied.summary(n), flush=True)
+            print(idle_perf.by_dso(), flush=True)
         beats = n * idle / interval  # agent-intervals in the window
         idle_reading = Reading.of(pid)
         idle_inbound = inbound_connections(pid, CONTROL_PORT)
+        snapshots = Snapshots(pid, memory / f"leader-{n}.tracemalloc") if memory else None
+        if snapshots is not None:
+            snapshots.take()
         before = Reading.of(pid)
         t0 = time.monotonic()
         # A refusal may name hundreds of nodes: let its message through whole.
@@ -747,6 +792,10 @@ def one_run(
             after = Reading.of(pid)
             during = time.monotonic() - t0
             view = get_schema(channel, view.id)
+        if snapshots is not None:
+            snapshots.take()
+            print(f"leader {n}: threads {dict(threads(pid))}", flush=True)
+            print(snapshots.report(), flush=True)
         if spied is not None and perf is not None:
             print(spied.summary(n), flush=True)
             print(perf.by_dso(), flush=True)
@@ -763,6 +812,7 @@ def one_run(
             messages=(m1 - m0) / beats,
             per_message_ms=(l1 - l0) / max(1, m1 - m0) * 1000,
             idle_rss=idle_reading.rss,
+            base_rss=base_rss,
             idle_files=idle_reading.files,
             idle_inbound=idle_inbound,
             wall=seconds(view),
@@ -772,6 +822,8 @@ def one_run(
             state=types_pb2.RolloutState.Name(view.state).removeprefix("ROLLOUT_STATE_").lower(),
             nofile=leader_nofile(pid),
             fsyncs=counting.count,
+            idle_fsyncs=idle_counting.count,
+            idle_messages=m1 - m0,
         )
     finally:
         for p in procs:
@@ -812,19 +864,32 @@ def main(argv: list[str] | None = None) -> int:
         default=10.0,
         help="seconds the leader's CPU is measured with no agent (its own idle work)",
     )
+    parser.add_argument(
+        "--memory",
+        type=Path,
+        help="trace the leader's Python allocations (tracemalloc, from its start) and print, "
+        "idle and after the rollout, its resident memory by mapping, its Python memory by "
+        "file, and the source lines that grew (snapshots kept in this directory; the RSS "
+        "figures then compare with no other run)",
+    )
+    parser.add_argument(
+        "--no-viewer",
+        action="store_true",
+        help="run the leader with its web viewer off (viewer_port = 0; it is on by default)",
+    )
     parser.add_argument("--keep", action="store_true", help="keep the run directories")
     parser.add_argument(
         "--fsyncs",
         action="store_true",
-        help="count the leader's fsyncs during the rollout (strace: its CPU figures then "
-        "compare with no other run)",
+        help="count the leader's fsyncs during the rollout and in the idle window (strace: "
+        "its CPU figures then compare with no other run)",
     )
     parser.add_argument(
         "--profile",
         type=Path,
-        help="profile the leader during the rollout with py-spy (C frames too), keep its "
-        "stacks in this directory and print where its CPU went (the CPU figures then compare "
-        "with no other run)",
+        help="profile the leader in the idle window (the heartbeats) and during the rollout "
+        "with py-spy and perf, keep the stacks in this directory and print where its CPU went "
+        "(the CPU figures then compare with no other run)",
     )
     parser.add_argument(
         "--yappi",
@@ -835,21 +900,24 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     if ns.worker is not None:
         return worker_main(ns.worker)
-    for where in (ns.profile, ns.yappi):
+    if ns.memory is not None and ns.yappi is not None:
+        parser.error("--memory and --yappi each need the leader's site hook: one at a time")
+    for where in (ns.profile, ns.yappi, ns.memory):
         if where is not None:
             where.mkdir(parents=True, exist_ok=True)
     sizes = [int(s) for s in ns.nodes.split(",") if s.strip()]
     print(
         f"simulated agents: heartbeat every {ns.interval} s, restart {ns.restart} s, "
         f"enable-tls max-parallel {ns.max_parallel}, idle window {ns.idle:g} s, "
-        f"{ns.heartbeat} heartbeats with {ns.clients} clients each"
+        f"{ns.heartbeat} heartbeats with {ns.clients} clients each, "
+        f"leader's viewer {'off' if ns.no_viewer else 'on'}"
     )
     print(
         f"{'nodes':>5} {'outcome':>9} {'wall s':>7} {'CPU/node ms':>11} {'net ms':>7} "
         f"{'HB leader ms':>12} {'net':>5} {'msgs':>5} {'ms/msg':>6} {'HB agent ms':>11} "
         f"{'RSS MiB':>7} {'files':>5} "
-        f"{'idle RSS':>8} {'idle files':>10} {'inbound':>7} {'nofile':>6}"
-        + (f" {'fsync/node':>10}" if ns.fsyncs else "")
+        f"{'idle RSS':>8} {'no agent':>8} {'idle files':>10} {'inbound':>7} {'nofile':>6}"
+        + (f" {'fsync/node':>10} {'idle fsync/msg':>14}" if ns.fsyncs else "")
     )
     for n in sizes:
         root = Path(tempfile.mkdtemp(prefix="tlsroll-sim-"))
@@ -868,6 +936,8 @@ def main(argv: list[str] | None = None) -> int:
                 fsyncs=ns.fsyncs,
                 profile=ns.profile,
                 yappi=ns.yappi,
+                memory=ns.memory,
+                viewer=not ns.no_viewer,
             )
         finally:
             if not ns.keep:
@@ -876,9 +946,15 @@ def main(argv: list[str] | None = None) -> int:
             f"{r.nodes:>5} {r.state:>9} {r.wall:>7.1f} {r.cpu_per_node:>11.1f} "
             f"{r.cpu_per_node_net:>7.1f} {r.hb_leader_ms:>12.2f} {r.hb_leader_net_ms:>5.2f} "
             f"{r.messages:>5.2f} {r.per_message_ms:>6.2f} {r.hb_agent_ms:>11.2f} "
-            f"{r.after.rss:>7.1f} {r.after.files:>5} {r.idle_rss:>8.1f} {r.idle_files:>10} "
+            f"{r.after.rss:>7.1f} {r.after.files:>5} {r.idle_rss:>8.1f} {r.base_rss:>8.1f} "
+            f"{r.idle_files:>10} "
             f"{r.idle_inbound:>7} {r.nofile:>6}"
-            + (f" {fsyncs_per_node(r.fsyncs, r.nodes):>10}" if ns.fsyncs else ""),
+            + (
+                f" {fsyncs_per_node(r.fsyncs, r.nodes):>10}"
+                f" {per_message(r.idle_fsyncs, r.idle_messages):>14}"
+                if ns.fsyncs
+                else ""
+            ),
             flush=True,
         )
     print(
@@ -888,9 +964,10 @@ def main(argv: list[str] | None = None) -> int:
         "start); msgs: messages the leader got per agent per interval (1.00 when every "
         "heartbeat is one); ms/msg: the leader's CPU in the window / those messages "
         "(keepalive and renewal watch included); HB agent ms: the agents' CPU per agent per "
-        "interval; inbound: "
-        "of the idle files, the agents' heartbeat connections (idle files - inbound: the "
-        "leader's own)"
+        "interval; idle RSS: the leader's with every agent connected, before the rollout; no "
+        "agent: before any connected (the rest of idle RSS is the agents' connections and "
+        "heartbeat streams); inbound: of the idle files, the agents' heartbeat connections "
+        "(idle files - inbound: the leader's own)"
     )
     return 0
 

@@ -449,7 +449,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             last_heartbeat=timestamp(n.last_heartbeat),
             cert_not_after=timestamp(n.cert_not_after),
             cert_fingerprint=n.cert_fingerprint,
-            online=n.removed_at is None and self.state.online(n.last_heartbeat),
+            online=self.state.node_online(n),
             identity=spiffe.node(self.state.trust_domain, n.name).uri,
             token_id=n.token_id,
             highest_epoch=n.highest_epoch,

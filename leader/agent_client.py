@@ -31,8 +31,13 @@ T = TypeVar("T")
 TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
 CALL_TIMEOUT = 30.0
 # Open agent channels the pool keeps at most (least recently used idle ones are closed): each
-# costs the leader about two descriptors, so 500 nodes would otherwise need ~1000 of them.
-MAX_OPEN_CHANNELS = 64
+# costs the leader about two descriptors, so 500 nodes would otherwise need ~1000 of them, and
+# about 100 KiB of memory (its TLS connection) that the leader keeps once it has used it, so
+# the most ever open is what counts. A rollout uses a node's channel while the node is in
+# flight (--max-parallel, default 1, plus prepare_ahead) and the planning's checks 16 at a
+# time (observe.OBSERVE_AT_ONCE); 32 leaves room for both, and no more than the nodes in
+# flight could use is kept.
+MAX_OPEN_CHANNELS = 32
 # WatchTransaction: one stream lasts at most this long (a stopped agent sends nothing, and TCP
 # does not tell); it is opened again at once and the agent sends the current state first.
 STREAM_SECONDS = 15.0
@@ -44,6 +49,14 @@ RECONNECT_SECONDS = 2.0
 
 class StepFailed(TerminalError):
     """The agent refused or failed a command; the message (with the status) goes to the schema."""
+
+    def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class SwitchRefused(StepFailed):
+    """The agent refused to begin a switch (``AgentApi.switch_and_watch``): nothing began."""
 
 
 class AgentApi(Protocol):
@@ -77,6 +90,10 @@ class AgentApi(Protocol):
 
     def watch_transaction(
         self, request: agent_pb2.GetTransactionRequest
+    ) -> AsyncIterator[agent_pb2.Transaction]: ...
+
+    def switch_and_watch(
+        self, request: agent_pb2.SwitchRequest
     ) -> AsyncIterator[agent_pb2.Transaction]: ...
 
     async def freeze(self, request: agent_pb2.FreezeRequest) -> agent_pb2.FreezeResponse: ...
@@ -174,7 +191,7 @@ class AgentClient:
         except grpc.aio.AioRpcError as exc:
             if exc.code() in TRANSIENT_CODES:
                 raise TransientError(f"agent {self.node.name}: {exc.details()}") from None
-            raise StepFailed(f"{exc.details()} ({exc.code().name})") from None
+            raise StepFailed(f"{exc.details()} ({exc.code().name})", exc.code()) from None
         finally:
             self._done()
 
@@ -253,7 +270,9 @@ class AgentClient:
                     if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
                         break
                     if exc.code() not in TRANSIENT_CODES:
-                        raise StepFailed(f"{exc.details()} ({exc.code().name})") from None
+                        raise StepFailed(
+                            f"{exc.details()} ({exc.code().name})", exc.code()
+                        ) from None
                     error = TransientError(f"agent {self.node.name}: {exc.details()}")
                 finally:
                     call.cancel()
@@ -269,6 +288,38 @@ class AgentClient:
                 await asyncio.sleep(POLL_SECONDS)
         finally:
             self._done()
+
+    async def switch_and_watch(
+        self, request: agent_pb2.SwitchRequest
+    ) -> AsyncIterator[agent_pb2.Transaction]:
+        """Begin the switch and follow its states in one call: WatchTransaction with
+        ``switch`` set (the Switch call and its answer saved). A refusal before any state is
+        ``SwitchRefused`` (nothing began). An agent of an earlier release ignores ``switch``
+        (NOT_FOUND: the switch has not begun; UNIMPLEMENTED: no stream either): it gets
+        Switch, then the watch, as before."""
+        watch = agent_pb2.GetTransactionRequest(
+            rollout_id=request.command.rollout_id, kind=agent_pb2.TRANSACTION_KIND_SWITCH
+        )
+        begin = agent_pb2.GetTransactionRequest()
+        begin.CopyFrom(watch)
+        begin.switch.CopyFrom(request)
+        seen = False
+        try:
+            async for txn in self.watch_transaction(begin):
+                seen = True
+                yield txn
+            return
+        except StepFailed as exc:
+            if seen:
+                raise
+            if exc.code not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED):
+                raise SwitchRefused(str(exc), exc.code) from None
+        try:
+            await self.switch(request)
+        except StepFailed as exc:
+            raise SwitchRefused(str(exc), exc.code) from None
+        async for txn in self.watch_transaction(watch):
+            yield txn
 
     async def freeze(self, request: agent_pb2.FreezeRequest) -> agent_pb2.FreezeResponse:
         return await self._call(lambda s: s.Freeze, request)
@@ -336,6 +387,8 @@ class AgentPool:
                 self._open.pop(name, None)  # its channel closes with its grace, uncounted
             client = AgentClient(node, self.credentials, self.trust_domain, self._trim)
             self.clients[name] = client
+        else:
+            client.node = node  # same channel; its names as now enrolled (``StepContext``)
         self._use(name)
         return client
 

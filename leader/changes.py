@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from leader import byo
-from leader.agent_client import AgentApi, StepFailed
+from leader.agent_client import AgentApi, StepFailed, SwitchRefused
 from leader.planner import confirm_success
 from leader.rollout_core import (
     CHANGES,
@@ -46,7 +46,7 @@ from leader.rollout_core import (
     wrong_source,
 )
 from leader.schema_store import NodeDetail, RolloutMeta, SchemaStore
-from leader.store import IssuedCert, Store
+from leader.store import IssuedCert, Node, Store
 from leader.wire import CHANGE, TXN_KIND, TXN_OUTCOME
 from tlsroll import httpcheck, logs, pki
 from tlsroll.enums import TxnKind, TxnOutcome
@@ -105,9 +105,29 @@ class StepContext:
     vault: byo.Vault | None = None  # ``--cert-dir`` keys (``leader.byo``)
     # What the step learnt about the node: the engine writes it with the step's outcome.
     learnt: dict[str, Any] = field(default_factory=dict)
+    # (rollout, node) -> True: this leader process saw the node's switch transaction of the
+    # rollout complete and has sent it no Rollback since (False once it has: for good). Only
+    # the leader's Rollback starts a rollback transaction on an agent, so confirm need not
+    # ask whether one is under way (``ChangeSteps.confirm``). The engine's, kept across
+    # steps; a new process starts with none, and asks.
+    switched_here: dict[tuple[str, str], bool] = field(default_factory=dict)
+    # (rollout, node) -> the CSR its preflight brought back (``PreflightRequest.make_csr``),
+    # until its stage is signed; the engine's, kept across steps. Missing (an agent of an
+    # earlier release, a leader restarted since): the stage asks with CreateCSR.
+    csrs: dict[tuple[str, str], bytes] = field(default_factory=dict)
+    # The node's enrolment as the agent pool last read it (``AgentPool.get`` reads it again
+    # after any store write that can change it); None: read it from the store.
+    enrolled: Node | None = None
 
     def command(self, rollout_id: str | None = None) -> agent_pb2.Command:
         return agent_pb2.Command(rollout_id=rollout_id or self.rollout.id, epoch=self.rollout.epoch)
+
+    async def enrolled_node(self) -> Node:
+        """The node's enrolled names: from the agent pool's read when there is one (no worker
+        thread, no query), else from the store."""
+        if self.enrolled is not None and self.enrolled.name == self.node:
+            return self.enrolled
+        return await asyncio.to_thread(self.store.get_node, self.node)
 
     async def detail(self, **changes: Any) -> None:
         """What the step learnt about the node (``SchemaStore.update_detail``'s fields),
@@ -131,8 +151,10 @@ class ChangeSteps:
     keep_http = False  # the switch's target keeps http on 8080 beside https (dual)
 
     async def preflight(self, ctx: StepContext) -> Outcome:
+        # The key and CSR for the stage come with the preflight: one call fewer per node.
+        make_csr = CHANGES[self.change].stages_certificate and ctx.facts.own_ca is None
         request = agent_pb2.PreflightRequest(
-            command=ctx.command(), max_clock_offset_seconds=MAX_CLOCK_OFFSET
+            command=ctx.command(), max_clock_offset_seconds=MAX_CLOCK_OFFSET, make_csr=make_csr
         )
         request.leader_time.FromDatetime(ctx.clock())
         try:
@@ -149,13 +171,15 @@ class ChangeSteps:
         serving = NodeObservation(True, schemes=tuple(sorted(reply.server.schemes)))
         if why := wrong_source(self.change, serving, ctx.rollout.strategy):
             return NodeEvent.PREFLIGHT_FAILED, why  # what the plan saw may have changed
-        node = await asyncio.to_thread(ctx.store.get_node, ctx.node)
+        node = await ctx.enrolled_node()
         claimed = pki.Names.of(reply.common_name, reply.ip_addresses, reply.dns_names)
         enrolled = pki.Names.of(node.name, node.addresses, node.dns_names)
         if claimed != enrolled:
             return NodeEvent.PREFLIGHT_FAILED, (
                 f"the node's names {claimed} differ from its enrolment {enrolled}; re-enrol it"
             )
+        if make_csr and reply.csr_pem:
+            ctx.csrs[(ctx.rollout.id, ctx.node)] = reply.csr_pem
         return NodeEvent.PREFLIGHT_PASSED, None
 
     async def stage(self, ctx: StepContext) -> Outcome:
@@ -163,12 +187,17 @@ class ChangeSteps:
         (``--cert-dir``: the practice's own certificate and key instead, ``stage_own``)."""
         if ctx.facts.own_ca is not None:
             return await self.stage_own(ctx, ctx.facts.own_ca)
-        node = await asyncio.to_thread(ctx.store.get_node, ctx.node)
+        node = await ctx.enrolled_node()
+        key = (ctx.rollout.id, ctx.node)
         try:
-            csr_reply = await ctx.agent.create_csr(
-                agent_pb2.CreateCSRRequest(command=ctx.command())
-            )
-            csr = pki.load_csr_pem(csr_reply.csr_pem)
+            csr_pem = ctx.csrs.get(key)
+            if csr_pem is None:  # the preflight brought none (see ``StepContext.csrs``)
+                csr_reply = await ctx.agent.create_csr(
+                    agent_pb2.CreateCSRRequest(command=ctx.command())
+                )
+                csr_pem = csr_reply.csr_pem
+            # Checked and signed as any CSR: the names are the enrolled ones, whoever asked.
+            csr = pki.load_csr_pem(csr_pem)
             expected = pki.Names.of(node.name, node.addresses, node.dns_names)
             cert = ctx.ca.sign_csr(csr, expected, server=True, client=False, now=ctx.clock())
             # Recorded, so that `certs check-expiration` has its serial and `nodes remove`
@@ -195,7 +224,12 @@ class ChangeSteps:
                 )
             )
         except (StepFailed, PKIError) as exc:
+            if ctx.csrs.pop(key, None) is not None:
+                # The key the preflight's CSR is of may be gone (the agent lost its journal
+                # since): once more as before the merge, CreateCSR first.
+                return await self.stage(ctx)
             return NodeEvent.STAGE_FAILED, str(exc)
+        ctx.csrs.pop(key, None)
         await ctx.detail(
             cert_fingerprint=staged.fingerprint,
             cert_not_after=staged.not_after.ToDatetime(tzinfo=dt.UTC),
@@ -239,20 +273,23 @@ class ChangeSteps:
         return NodeEvent.STAGE_DONE, None
 
     async def switch(self, ctx: StepContext) -> Outcome:
-        verifier = ctx.facts.verifier
+        """Begin the switch and follow it to its outcome, in one call to the agent
+        (``AgentApi.switch_and_watch``)."""
+        request = agent_pb2.SwitchRequest(
+            command=ctx.command(),
+            change=CHANGE.wire(self.change),
+            auth_verifier_json=ctx.facts.verifier,
+            keep_frozen=ctx.rollout.freeze is FreezeMode.SCOPE,
+            keep_http=self.keep_http,
+        )
         try:
-            await ctx.agent.switch(
-                agent_pb2.SwitchRequest(
-                    command=ctx.command(),
-                    change=CHANGE.wire(self.change),
-                    auth_verifier_json=verifier,
-                    keep_frozen=ctx.rollout.freeze is FreezeMode.SCOPE,
-                    keep_http=self.keep_http,
-                )
+            outcome, reason = await wait_transaction(
+                ctx, ctx.rollout.id, TxnKind.SWITCH, begin=request
             )
-        except StepFailed as exc:  # refused before it began: the node is as it was
+        except SwitchRefused as exc:  # refused before it began: the node is as it was
             return NodeEvent.SWITCH_ROLLED_BACK, f"switch refused: {exc}"
-        outcome, reason = await wait_transaction(ctx, ctx.rollout.id, TxnKind.SWITCH)
+        if outcome is TxnOutcome.COMPLETED:
+            ctx.switched_here.setdefault((ctx.rollout.id, ctx.node), True)
         return switch_event(outcome), (None if outcome is TxnOutcome.COMPLETED else reason)
 
     async def confirm(self, ctx: StepContext) -> Outcome:
@@ -260,9 +297,14 @@ class ChangeSteps:
         roll it back. A rollback already under way (the leader restarted mid-confirm) is
         followed, not second-guessed by a new check. The check and the question whether a
         rollback is under way go out at once (both only look; the next node waits for them),
-        and the check's answer counts only if none is."""
+        and the check's answer counts only if none is. The question is not asked when this
+        process saw the node's switch complete and has sent it no Rollback since
+        (``StepContext.switched_here``): nothing else starts one, so none can be under way
+        (one call fewer per node)."""
+        key = (ctx.rollout.id, ctx.node)
+        asked = _none_under_way() if ctx.switched_here.get(key) else self._rollback_under_way(ctx)
         found, checked = await asyncio.gather(
-            self._rollback_under_way(ctx), self.outside_problem(ctx), return_exceptions=True
+            asked, self.outside_problem(ctx), return_exceptions=True
         )
         if isinstance(found, BaseException):
             raise found
@@ -276,6 +318,9 @@ class ChangeSteps:
             return confirm_success(ctx.rollout), None
         if existing is None:
             log.warning("confirm.failed", rollout_id=ctx.rollout.id, node=ctx.node, problem=problem)
+            # Before it is sent: a confirm run again (its answer lost) must follow this
+            # rollback, not check again.
+            ctx.switched_here[key] = False
             try:
                 await ctx.agent.rollback(
                     agent_pb2.RollbackRequest(
@@ -329,6 +374,11 @@ class ChangeSteps:
         )
         assert row is not None
         return row.node(ctx.node)[1]
+
+
+async def _none_under_way() -> None:
+    """No rollback can be under way (``ChangeSteps.confirm``): nothing to ask the agent."""
+    return None
 
 
 class EnableTls(ChangeSteps):
@@ -428,7 +478,11 @@ def switch_event(outcome: TxnOutcome) -> NodeEvent:
 
 
 async def wait_transaction(
-    ctx: StepContext, txn_rollout_id: str, kind: TxnKind
+    ctx: StepContext,
+    txn_rollout_id: str,
+    kind: TxnKind,
+    *,
+    begin: agent_pb2.SwitchRequest | None = None,
 ) -> tuple[TxnOutcome, str]:
     """Follow the agent's transaction (keyed by ``txn_rollout_id``) until it ends, recording its
     timings on this rollout's node when they change; return its outcome and reason.
@@ -436,11 +490,16 @@ async def wait_transaction(
     The agent streams each state as it journals it (``AgentApi.watch_transaction``), so the
     outcome is known when it happens, not at the next poll. The transaction is under way: an
     error while reading it says nothing about how it ends, so it is a ``TransientError`` (the
-    step runs again; the agent replays the transaction), never an outcome."""
+    step runs again; the agent replays the transaction), never an outcome. ``begin``: the
+    switch is begun by the same call (``AgentApi.switch_and_watch``); its refusal is
+    ``SwitchRefused``."""
     request = agent_pb2.GetTransactionRequest(rollout_id=txn_rollout_id, kind=TXN_KIND.wire(kind))
     recorded: dict[str, Any] | None = None
+    states = (
+        ctx.agent.watch_transaction(request) if begin is None else ctx.agent.switch_and_watch(begin)
+    )
     try:
-        async for txn in ctx.agent.watch_transaction(request):
+        async for txn in states:
             details: dict[str, Any] = {"restart_seconds": txn.restart_seconds}
             # With --freeze scope the node's window is the scope freeze's (the engine records
             # it), not the shorter one of the transaction inside it.
@@ -456,6 +515,8 @@ async def wait_transaction(
             if details != recorded:  # nothing is written when nothing changed
                 await ctx.progress(**details)
                 recorded = details
+    except SwitchRefused:
+        raise
     except StepFailed as exc:
         raise TransientError(f"reading the {kind.value} transaction: {exc}") from None
     raise TransientError(f"the {kind.value} transaction's states ended without an outcome")

@@ -197,7 +197,8 @@ class Commands:
 
     async def _observe_all(self) -> tuple[dict[str, bool], dict[str, NodeObservation] | None]:
         nodes = await asyncio.to_thread(self.store.list_nodes)
-        online = {n.name: self.online(n.last_heartbeat) for n in nodes}
+        # A node whose certificate on record is revoked is refused by the leader: offline.
+        online = {n.name: not n.cert_revoked and self.online(n.last_heartbeat) for n in nodes}
         if self.observe is None:
             return online, None
         seen = await self.observe([name for name, up in online.items() if up])

@@ -37,6 +37,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import replace
@@ -63,7 +64,7 @@ from leader.rollout_core import (
     way_out,
 )
 from leader.schema_store import NodeDetail, RolloutRow, SchemaStore, StaleRecords, StepTime
-from leader.store import Store
+from leader.store import Node, Store
 from tlsroll import logs, pki
 from tlsroll.errors import TransientError
 from tlsroll.v1 import agent_pb2
@@ -129,6 +130,11 @@ class Engine:
         # What the steps of the running rollout look up and what does not change while it
         # runs (``leader.changes.RolloutFacts``): read once per rollout, not per step.
         self.facts: dict[str, asyncio.Future[RolloutFacts]] = {}
+        # The running rollout's nodes whose switch this process saw complete
+        # (``StepContext.switched_here``): confirm then skips a question to the agent.
+        self.switched_here: dict[tuple[str, str], bool] = {}
+        # The CSRs preflights brought back, until each node's stage (``StepContext.csrs``).
+        self.csrs: dict[tuple[str, str], bytes] = {}
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -346,7 +352,14 @@ class Engine:
             running = self.tasks.get((row.rollout.id, step.node, other))
             if running is not None and not running.done():
                 return
-        self.tasks[key] = asyncio.create_task(self._run_step(row, step), name=str(key))
+        task = self.tasks[key] = asyncio.create_task(self._run_step(row, step), name=str(key))
+        task.add_done_callback(functools.partial(self._forget, key))
+
+    def _forget(self, key: StepKey, task: asyncio.Task[None]) -> None:
+        """A step task ended: drop it (every step of every rollout was kept for the leader's
+        life, about 1 MiB per 500-node rollout)."""
+        if self.tasks.get(key) is task:
+            del self.tasks[key]
 
     async def settle(self) -> None:
         """Wait until no step task is running (for tests that drive the loop by hand)."""
@@ -497,12 +510,17 @@ class Engine:
                 )
             )
             self.facts = {row.rollout.id: facts}  # the running rollout's only
+            for held in (self.switched_here, self.csrs):  # in place: running steps hold them
+                for key in [k for k in held if k[0] != row.rollout.id]:
+                    del held[key]
+        agent = await self.agents.get(step.node)
         ctx = StepContext(
             rollout=row.rollout,
             meta=row.meta,
             node=step.node,
             facts=await asyncio.shield(facts),  # steps that begin at once share one read
-            agent=await self.agents.get(step.node),
+            agent=agent,
+            enrolled=node if isinstance(node := getattr(agent, "node", None), Node) else None,
             schema=self.schema,
             store=self.store,
             ca=self.ca,
@@ -510,6 +528,8 @@ class Engine:
             sleep=self.sleep,
             vault=self.vault,
             learnt=learnt,
+            switched_here=self.switched_here,
+            csrs=self.csrs,
         )
         return await runners[step.step](ctx)
 

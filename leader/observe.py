@@ -4,9 +4,10 @@
     seen["node1"].schemes          # ("https",)
     seen["node2"].problems         # ("port 8443 (https) on … is taken by …",)
 
-``GetStatus`` says what the managed server runs (schemes, the served certificate, the live
-verifier's digest); ``Check`` then runs preflight's checks read-only (no epoch, nothing
-recorded on the node), so ``tlsroll plan`` can say "blocked" and why.
+``Check`` runs preflight's checks read-only (no epoch, nothing recorded on the node), so
+``tlsroll plan`` can say "blocked" and why, and its answer's ``ServerView`` says what the
+managed server runs (schemes, the served certificate, the live verifier's digest), as
+``GetStatus`` would: one call per node.
 
 Agents are asked ``OBSERVE_AT_ONCE`` at a time, each with a short deadline and no retries: a
 plan is shown to an admin who waits for it, and an agent that does not answer within
@@ -22,7 +23,7 @@ from dataclasses import replace
 
 from cryptography import x509
 
-from leader.agent_client import Agents
+from leader.agent_client import AgentApi, Agents, StepFailed
 from leader.rollout_core import NodeObservation
 from tlsroll import pki
 from tlsroll.errors import PKIError, TlsrollError
@@ -61,8 +62,30 @@ async def observe(
     """Ask every named node's agent what it runs; unreachable ones say why."""
 
     async def one(name: str) -> NodeObservation:
+        request = agent_pb2.CheckRequest(max_clock_offset_seconds=MAX_CLOCK_OFFSET)
+        request.leader_time.FromDatetime(dt.datetime.now(dt.UTC))
         try:
             agent = await agents.get(name)
+            checked = await asyncio.wait_for(
+                agent.check(request, timeout=OBSERVE_TIMEOUT), OBSERVE_TIMEOUT + 1
+            )
+        except TimeoutError:
+            return NodeObservation(False, f"no answer within {OBSERVE_TIMEOUT:.0f} s")
+        except StepFailed as exc:  # it answered, but not its checks: what does it run?
+            return await refused_checks(agent, exc)
+        except TlsrollError as exc:
+            return NodeObservation(False, str(exc))
+        # Check's answer carries the same ServerView as GetStatus (taken as it checks, in
+        # every release that has Check): one call per node, not two.
+        seen = observation(checked.server, ca)
+        if not seen.reachable:
+            return seen
+        return replace(seen, problems=tuple(checked.problems))
+
+    async def refused_checks(agent: AgentApi, refusal: StepFailed) -> NodeObservation:
+        """An agent that refused its checks: what it runs (GetStatus), and the refusal as its
+        problem (an agent without a managed server is not reachable for a rollout)."""
+        try:
             status = await asyncio.wait_for(
                 agent.get_status(agent_pb2.GetStatusRequest(), timeout=OBSERVE_TIMEOUT),
                 OBSERVE_TIMEOUT + 1,
@@ -72,21 +95,7 @@ async def observe(
         except TlsrollError as exc:
             return NodeObservation(False, str(exc))
         seen = observation(status.server, ca)
-        if not seen.reachable:
-            return seen
-        request = agent_pb2.CheckRequest(max_clock_offset_seconds=MAX_CLOCK_OFFSET)
-        request.leader_time.FromDatetime(dt.datetime.now(dt.UTC))
-        try:
-            checked = await asyncio.wait_for(
-                agent.check(request, timeout=OBSERVE_TIMEOUT), OBSERVE_TIMEOUT + 1
-            )
-        except TimeoutError:
-            return replace(
-                seen, problems=(f"no answer to its checks within {OBSERVE_TIMEOUT:.0f} s",)
-            )
-        except TlsrollError as exc:
-            return replace(seen, problems=(f"its checks: {exc}",))
-        return replace(seen, problems=tuple(checked.problems))
+        return replace(seen, problems=(f"its checks: {refusal}",)) if seen.reachable else seen
 
     gate = asyncio.Semaphore(OBSERVE_AT_ONCE)
 

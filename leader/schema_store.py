@@ -396,62 +396,18 @@ class SchemaStore(LeaderStore):
         problem: str,
         now: dt.datetime,
     ) -> None:
-        """Merge what ``node``'s agent reports into what it reported before and move its
-        ``last_http_at`` on. Merged, not replaced: the server's own log may forget (the
-        reference server keeps it in memory and phase 1 restarts it), and a workstation seen
-        on http before that must still be named and still refuse a plain finalize. A row
-        goes once its ``last_seen`` is older than the agent's window; at most
-        ``MAX_CLIENTS`` rows a node, the most recently seen (times compare as UTC ISO text)."""
-        kept = sorted(clients, key=lambda c: c.last_seen, reverse=True)[:MAX_CLIENTS]
-        last_http = max((c.last_seen for c in kept if c.scheme == "http"), default=None)
+        """Merge what ``node``'s agent reports into what it reported before (``write_clients``),
+        in a transaction of its own (the leader's heartbeat path queues it for its group
+        commit instead: ``leader.store.Store.queue_write``)."""
         with self._db.tx(routine=True) as db:
-            db.executemany(
-                "INSERT INTO node_clients (node, scheme, address, workstation,"
-                " first_seen, last_seen, requests) VALUES (?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT(node, scheme, address, workstation) DO UPDATE SET"
-                " first_seen = min(first_seen, excluded.first_seen),"
-                " last_seen = max(last_seen, excluded.last_seen),"
-                " requests = max(requests, excluded.requests)",
-                [
-                    (
-                        node,
-                        c.scheme,
-                        c.address,
-                        c.workstation,
-                        to_text(c.first_seen),
-                        to_text(c.last_seen),
-                        c.requests,
-                    )
-                    for c in kept
-                ],
-            )
-            db.execute(
-                "DELETE FROM node_clients WHERE node = ? AND last_seen < ?",
-                (node, to_text(now - dt.timedelta(seconds=window_seconds))),
-            )
-            db.execute(
-                "DELETE FROM node_clients WHERE node = ? AND rowid NOT IN (SELECT rowid FROM"
-                " node_clients WHERE node = ? ORDER BY last_seen DESC LIMIT ?)",
-                (node, node, MAX_CLIENTS),
-            )
-            db.execute(
-                "INSERT INTO node_clients_info (node, window_seconds, source, problem,"
-                " first_report, reported_at, last_http_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
-                " ON CONFLICT(node) DO UPDATE SET window_seconds = excluded.window_seconds,"
-                " source = excluded.source, problem = excluded.problem,"
-                " reported_at = excluded.reported_at,"
-                " last_http_at = CASE WHEN excluded.last_http_at IS NULL THEN last_http_at"
-                "  WHEN last_http_at IS NULL OR last_http_at < excluded.last_http_at"
-                "  THEN excluded.last_http_at ELSE last_http_at END",
-                (
-                    node,
-                    window_seconds,
-                    source,
-                    problem,
-                    to_text(now),
-                    to_text(now),
-                    to_text(last_http),
-                ),
+            write_clients(
+                db,
+                node,
+                clients,
+                window_seconds=window_seconds,
+                source=source,
+                problem=problem,
+                now=now,
             )
 
     def clients(self, nodes: Sequence[str] | None = None) -> list[Client]:
@@ -1074,3 +1030,71 @@ def _node(row: sqlite3.Row) -> tuple[NodeRecord, NodeDetail]:
         steps=json.loads(row["steps"]),
     )
     return rec, detail
+
+
+def write_clients(
+    db: sqlite3.Connection,
+    node: str,
+    clients: Sequence[Client],
+    *,
+    window_seconds: int,
+    source: str,
+    problem: str,
+    now: dt.datetime,
+) -> None:
+    """Merge what ``node``'s agent reports into what it reported before and move its
+    ``last_http_at`` on. Merged, not replaced: the server's own log may forget (the
+    reference server keeps it in memory and phase 1 restarts it), and a workstation seen
+    on http before that must still be named and still refuse a plain finalize. A row
+    goes once its ``last_seen`` is older than the agent's window; at most
+    ``MAX_CLIENTS`` rows a node, the most recently seen (times compare as UTC ISO text)."""
+    kept = sorted(clients, key=lambda c: c.last_seen, reverse=True)[:MAX_CLIENTS]
+    last_http = max((c.last_seen for c in kept if c.scheme == "http"), default=None)
+    db.executemany(
+        "INSERT INTO node_clients (node, scheme, address, workstation,"
+        " first_seen, last_seen, requests) VALUES (?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT(node, scheme, address, workstation) DO UPDATE SET"
+        " first_seen = min(first_seen, excluded.first_seen),"
+        " last_seen = max(last_seen, excluded.last_seen),"
+        " requests = max(requests, excluded.requests)",
+        [
+            (
+                node,
+                c.scheme,
+                c.address,
+                c.workstation,
+                to_text(c.first_seen),
+                to_text(c.last_seen),
+                c.requests,
+            )
+            for c in kept
+        ],
+    )
+    db.execute(
+        "DELETE FROM node_clients WHERE node = ? AND last_seen < ?",
+        (node, to_text(now - dt.timedelta(seconds=window_seconds))),
+    )
+    db.execute(
+        "DELETE FROM node_clients WHERE node = ? AND rowid NOT IN (SELECT rowid FROM"
+        " node_clients WHERE node = ? ORDER BY last_seen DESC LIMIT ?)",
+        (node, node, MAX_CLIENTS),
+    )
+    db.execute(
+        "INSERT INTO node_clients_info (node, window_seconds, source, problem,"
+        " first_report, reported_at, last_http_at) VALUES (?, ?, ?, ?, ?, ?, ?)"
+        " ON CONFLICT(node) DO UPDATE SET window_seconds = excluded.window_seconds,"
+        " source = excluded.source, problem = excluded.problem,"
+        " reported_at = excluded.reported_at,"
+        " last_http_at = CASE WHEN excluded.last_http_at IS NULL THEN last_http_at"
+        "  WHEN last_http_at IS NULL OR last_http_at < excluded.last_http_at"
+        "  THEN excluded.last_http_at ELSE last_http_at END",
+        (
+            node,
+            window_seconds,
+            source,
+            problem,
+            to_text(now),
+            to_text(now),
+            to_text(last_http),
+        ),
+    )

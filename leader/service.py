@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
+import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
@@ -41,10 +43,12 @@ from leader.schema_store import (
     RolloutBusy,
     SchemaStore,
     StaleRecords,
+    write_clients,
 )
 from leader.store import (
     IssuedCert,
     NameTaken,
+    Node,
     NodeCert,
     NotFound,
     RenewalReport,
@@ -103,6 +107,7 @@ ERRORS = {
 FAILED_PRECONDITION, not INVALID_ARGUMENT."""
 
 OFFLINE_AFTER_HEARTBEATS = 3
+UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 MAX_AGENT_VERSION = 64  # characters of the version string an agent reports
 
 
@@ -160,6 +165,14 @@ class LeaderState:
             return False
         silence = self.clock() - last_heartbeat
         return silence <= dt.timedelta(seconds=self.heartbeat_interval * OFFLINE_AFTER_HEARTBEATS)
+
+    def node_online(self, node: Node) -> bool:
+        """Whether ``node`` is online: enrolled, not cut off by a revocation of its certificate
+        (the leader refuses its agent from that moment: ``Node.cert_revoked``), and heard from
+        within ``OFFLINE_AFTER_HEARTBEATS`` intervals."""
+        return (
+            node.removed_at is None and not node.cert_revoked and self.online(node.last_heartbeat)
+        )
 
 
 def claimed_names(name: str, addresses: Sequence[str], dns_names: Sequence[str]) -> pki.Names:
@@ -267,6 +280,14 @@ def server_summary(request: leader_pb2.HeartbeatRequest) -> str:
 
 
 MAX_FAILURE_REPORTS = 64  # per heartbeat; the agent sends at most that many
+
+
+@functools.lru_cache(maxsize=256)
+def agent_version_text(raw: str) -> str:
+    """An agent's version string as the leader keeps and prints it (cleaned: a peer wrote
+    it), remembered: every heartbeat carries it, and cleaning walks it character by
+    character (a few per cent of a message's Python time at 200 agents)."""
+    return peertext.clean(raw, MAX_AGENT_VERSION)
 
 
 def client_rows(node: str, view: types_pb2.ClientsView, now: dt.datetime) -> list[Client]:
@@ -429,6 +450,13 @@ FIRST_MESSAGE_SECONDS = 10.0
 interval, if longer) ends with DEADLINE_EXCEEDED: an agent sends its first at once, and a
 stream that never says who it is for would hold memory and outlive the leader's stop."""
 
+BATCH_SECONDS = 1.0
+"""The group commit's period: heartbeat records and client reports of all agents that need
+writing are queued (``Store.queue_heartbeat``, ``Store.queue_write``) and written together
+this often, in one transaction (``Store.write_queued``; what a crash can lose is said there).
+Before, each was an fsync'd transaction of its own behind a worker-thread hop, nearly one per
+renewal-mode message: about a third of the leader's heartbeat time (issue 15)."""
+
 SNAPSHOT_MAX_AGE = 30.0
 """Seconds after which a ``Snapshot`` is read again even if the store did not change: the
 revocation list it carries is signed anew in time (``LeaderState.crl``: daily), and a write
@@ -520,11 +548,13 @@ class _Beats:
 
     context: Ctx
     name: str = ""  # set (and the stream counted against the node) at the first accepted message
+    caller: Caller | None = None  # its certificate, checked again when the store changes
     renews: bool = False
     last: dt.datetime | None = None  # the leader's clock at the last accepted message
     crl_number: int = -1  # the revocation list the agent holds, as it said or was sent
     epoch: int = -1  # the epoch the agent was last told
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one write at a time
+    cut: bool = False  # ended by the leader: its certificate is refused now (``_cut_refused``)
     pushing: asyncio.Future[None] | None = None  # the news being written (``_push``)
 
     def news(self, snap: Snapshot) -> bool:
@@ -561,6 +591,9 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         self._streams: dict[str, list[_Beats]] = {}
         self._open: set[_Beats] = set()  # every open Heartbeats stream, counted or not
         self._watch: asyncio.Task[None] | None = None  # renewal streams' liveness and news
+        self._writer: asyncio.Task[None] | None = None  # the group commit (``_write_batches``)
+        self._committing: asyncio.Future[int] | None = None  # its worker thread's last commit
+        self.batch_seconds = BATCH_SECONDS
 
     async def _caller(self, context: Ctx) -> str:
         name, _ = await self._caller_cert(context)
@@ -723,9 +756,14 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             "cert_fingerprint": caller.fingerprint,
             "renewal": renewal_report(request, now),
         }
-        version = peertext.clean(request.agent_version, MAX_AGENT_VERSION)
-        if not store.note_heartbeat(name, version, **said):
-            await asyncio.to_thread(store.heartbeat, name, version, **said)
+        version = agent_version_text(request.agent_version)
+        if len(snap.accepted.get(name, ())) > 1:
+            # Renewed, and the certificate before still accepted: a heartbeat with the new
+            # one ends that at once (``Store.queue_heartbeat``), so it is not queued.
+            if not store.note_heartbeat(name, version, **said):
+                await asyncio.to_thread(store.heartbeat, name, version, **said)
+        elif store.queue_heartbeat(name, version, **said):
+            self._start_writer()
         failures = failure_rows(name, request.bootstrap_failures, now)
         if failures:
             await asyncio.to_thread(self.schema.record_bootstrap_failures, name, failures, now)
@@ -738,7 +776,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                     count=f.count,
                 )
         if request.HasField("server") and request.server.HasField("clients"):
-            await self._record_clients(name, request.server.clients, now, renewing)
+            self._record_clients(name, request.server.clients, now, renewing)
         summary = server_summary(request)
         if summary.startswith("down") and not self.state.live_servers.get(name, "").startswith(
             "down"
@@ -767,27 +805,66 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             renew_seconds=renew_seconds(self.state.heartbeat_interval) if renews else 0,
         )
 
-    async def _record_clients(
+    def _record_clients(
         self, name: str, seen: types_pb2.ClientsView, now: dt.datetime, renewing: bool = False
     ) -> None:
-        """Store a node's client report when it says something new (``clients_said``) or the
-        stored one is ``clients_persist`` old; else nothing (a write transaction each time
-        before)."""
+        """Queue a node's client report for the group commit (``BATCH_SECONDS``) when it says
+        something new (``clients_said``) or the stored one is ``clients_persist`` old; else
+        nothing (a write transaction each time before). Queued, it is stored at most a batch
+        period after it came: as if the message had come that much later, which makes the
+        leader's view older, never newer (``clients_persist``)."""
         said = clients_said(seen)
         last = self._clients.get(name)
         persist = clients_persist(self.state.heartbeat_interval, renewing)
         if last is not None and last[0] == said and dt.timedelta(0) <= now - last[1] < persist:
             return
-        await asyncio.to_thread(
-            self.schema.record_clients,
-            name,
-            client_rows(name, seen, now),
-            window_seconds=min(seen.window_seconds, 366 * 86400),
-            source=peertext.clean(seen.source, 20),
-            problem=peertext.clean(seen.problem, 200),
-            now=now,
-        )
+        rows = client_rows(name, seen, now)
+        window = min(seen.window_seconds, 366 * 86400)
+        source = peertext.clean(seen.source, 20)
+        problem = peertext.clean(seen.problem, 200)
+
+        def write(db: sqlite3.Connection) -> None:
+            write_clients(
+                db, name, rows, window_seconds=window, source=source, problem=problem, now=now
+            )
+
+        self.state.store.queue_write(name, write)
         self._clients[name] = (said, now)
+        self._start_writer()
+
+    def _start_writer(self) -> None:
+        if self._writer is None or self._writer.done():
+            self._writer = asyncio.ensure_future(self._write_batches())
+
+    async def _write_batches(self) -> None:
+        """The group commit: every ``batch_seconds`` while writes are queued, all of them in
+        one transaction in one worker-thread hop (``Store.write_queued``); ends when nothing
+        is queued (the next queued write starts it again)."""
+        store = self.state.store
+        while True:
+            await asyncio.sleep(self.batch_seconds)
+            if not store.queued():
+                self._writer = None
+                return
+            self._committing = asyncio.ensure_future(asyncio.to_thread(store.write_queued))
+            try:
+                await asyncio.shield(self._committing)
+            except Exception as exc:  # queued again: the next period retries
+                log.error("heartbeat.batch_failed", error=f"{type(exc).__name__}: {exc}"[:200])
+
+    async def write_queued(self) -> int:
+        """Write what waits for the group commit now (the leader is stopping; tests), and stop
+        the periodic writer, after its commit under way if there is one (a worker thread
+        cannot be cancelled: the store must not close under it). Returns how many writes
+        this call made."""
+        if self._writer is not None:
+            self._writer.cancel()
+            self._writer = None
+        if self._committing is not None:
+            with contextlib.suppress(Exception):
+                await self._committing  # its failure was logged; what it held is queued again
+            self._committing = None
+        return await asyncio.to_thread(self.state.store.write_queued)
 
     @map_errors(ERRORS)
     async def Heartbeat(
@@ -837,12 +914,19 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                     self._start_watch()
                 first = not beat.name
                 if first:
+                    beat.caller = caller
                     self._count(beat, caller.name)
                 beat.crl_number = request.crl_number
-                if renewing and not first and not request.wants_answer and not beat.news(snap):
-                    continue  # nothing to say: an answer would cost as much as the message
-                answer = self._response(snap, request.crl_number, now, renewing, request.seq)
-                await beat.send(answer, snap)
+                # Nothing to say to a renewal that asks nothing: an answer would cost as much
+                # as the message.
+                if not renewing or first or request.wants_answer or beat.news(snap):
+                    answer = self._response(snap, request.crl_number, now, renewing, request.seq)
+                    await beat.send(answer, snap)
+                    del answer
+                # The stream now waits for its next message, minutes in renewal mode: it must
+                # not keep this snapshot of the whole store alive meanwhile (each write makes a
+                # new one; 500 streams kept up to 500 of them, 12 MiB after a 500-node rollout).
+                del snap
         finally:
             self._open.discard(beat)
             self._uncount(beat)
@@ -894,9 +978,10 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         that lacks the new epoch or revocation list is sent them (a message at once, as a
         heartbeat reply used to bring them within an interval)."""
         tick = min(1.0, self.state.heartbeat_interval / 2)
+        checked: Snapshot | None = None  # the snapshot the open streams were checked against
         while True:
             await asyncio.sleep(tick)
-            renewing = [b for b in self._open if b.renews and b.name]
+            renewing = [b for b in self._open if b.renews and b.name and not b.cut]
             if not renewing:
                 if not self._open:
                     self._watch = None
@@ -906,11 +991,38 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                 now = self.state.clock()
                 self.state.store.note_alive({b.name for b in renewing}, now)
                 snap = await self.snapshot()
+                if snap is not checked:
+                    checked = snap
+                    self._cut_refused(snap)
+                    renewing = [b for b in renewing if b in self._open and not b.cut]
                 news = [b for b in renewing if b.news(snap)]
                 if news:
                     await asyncio.gather(*(self._push(b, snap, now) for b in news))
             except Exception as exc:  # the next tick tries again; nodes must not go offline
                 log.error("heartbeat.watch_failed", error=f"{type(exc).__name__}: {exc}"[:200])
+
+    def _cut_refused(self, snap: Snapshot) -> None:
+        """The store changed: end every counted stream whose certificate ``snap`` refuses
+        (revoked, its node removed, or superseded by a renewed one the agent has used) with
+        UNAUTHENTICATED at once, as its next message would be refused, and take back the
+        liveness it vouched for up to its last message (``Store.heard_until``). Before, a
+        renewal stream kept a revoked node online until its next message, up to the renewal
+        bound (review of session 21, finding 6). A node whose certificate on record is
+        revoked is offline from the revocation on anyway (``LeaderState.node_online``)."""
+        for beat in list(self._open):
+            if beat.cut or beat.caller is None or not beat.name:
+                continue
+            why = snap.refusal(beat.caller)
+            if why is None:
+                continue
+            beat.cut = True
+            if beat.renews and beat.last is not None:
+                beat.renews = False  # _uncount must not vouch for it up to now
+                others = self._streams.get(beat.name, [])
+                if not any(b.renews and not b.cut for b in others if b is not beat):
+                    self.state.store.heard_until(beat.name, beat.last)
+            _end(beat.context, UNAUTHENTICATED, why)
+            log.warning("heartbeat.stream_cut", node=beat.name, reason=why)
 
     async def _push(self, beat: _Beats, snap: Snapshot, now: dt.datetime) -> None:
         """Send ``beat``'s agent the news in ``snap`` (unless its stream is ending). The write

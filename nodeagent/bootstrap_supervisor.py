@@ -13,7 +13,6 @@ switch) neither clears an address's backoff nor loses failures the leader has no
 from __future__ import annotations
 
 import asyncio
-import importlib
 import urllib.parse
 from pathlib import Path
 from types import ModuleType
@@ -21,6 +20,7 @@ from typing import TYPE_CHECKING
 
 import grpc
 
+from nodeagent import warmup
 from nodeagent.config import AgentConfig
 from nodeagent.failure_log import FailureLog
 from nodeagent.identity import Identity
@@ -92,9 +92,7 @@ class BootstrapHost:
         warming = self._warming
         if warming is None or (warming.done() and (warming.cancelled() or warming.exception())):
             # (a failed or cancelled import is tried again, not kept for the agent's life)
-            warming = self._warming = asyncio.ensure_future(
-                asyncio.to_thread(importlib.import_module, "nodeagent.bootstrap_server")
-            )
+            warming = self._warming = warmup.warm("nodeagent.bootstrap_server")
         return warming
 
     async def sync(self) -> None:

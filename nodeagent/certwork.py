@@ -17,7 +17,8 @@ until the agent restarts: staging (a new key, its CSR, the leader's certificate 
 practice's own certificate (``--cert-dir``), a renewal (about once a year), and the bootstrap
 service (SPAKE2 and the exchange's HKDF and AES-GCM; the ``spake2`` package imports
 ``cryptography`` itself). So a switched node whose bootstrap service runs holds it; one that
-was never switched, or restarted since, does not.
+was never switched, or restarted since, does not. A revocation list that arrives while the
+agent holds it is checked in-process (``load_crl``): a child would load it a second time.
 
 Protocol (``CHILD``): one JSON request on stdin ({"op": …}), one JSON answer on stdout ({"ok": …} or
 {"error": {"type": …, "message": …}}); anything else (a crash) is a TerminalError naming the
@@ -37,11 +38,13 @@ from typing import Any
 from nodeagent.config import AgentConfig
 from nodeagent.identity import (
     CertificateExpired,
+    EnrolmentDeferred,
     EnrolmentRefused,
     Identity,
     expired_message,
     paths,
     pending_paths,
+    told_wait,
 )
 from tlsroll import logs
 from tlsroll.errors import (
@@ -108,7 +111,8 @@ def load_identity(cfg: AgentConfig, now: dt.datetime | None = None) -> Identity 
 
 
 def enrol(cfg: AgentConfig) -> Identity:
-    """``identity.enrol(cfg)`` in a child (TransientError when it is worth trying again)."""
+    """``identity.enrol(cfg)`` in a child (TransientError when it is worth trying again;
+    ``EnrolmentDeferred`` with the wait when the join port asked for one)."""
     request = {"op": "enrol", "config": str(cfg.path), **_logging(cfg)}
     return _remember(cfg, _identity(cfg, _ask(request)))
 
@@ -151,9 +155,27 @@ def _remember(cfg: AgentConfig, identity: Identity) -> Identity:
     return identity
 
 
-def load_crl(pem: bytes, ca_file: Path) -> tuple[int, frozenset[int]]:
-    """``pki.load_crl`` (signed by the CA in ``ca_file``): its number and revoked serials."""
-    answer = _ask({"op": "crl", "pem": pem.decode("ascii", "replace"), "ca_file": str(ca_file)})
+def load_crl(pem: bytes, ca_file: Path, *, here: bool | None = None) -> tuple[int, frozenset[int]]:
+    """``pki.load_crl`` (signed by the CA in ``ca_file``): its number and revoked serials.
+
+    In a child only while this process holds no ``cryptography``: once a switch has loaded it
+    (staging, the bootstrap service), the same check costs about a millisecond here and a
+    child about 0.3 s of CPU, which every agent of the cluster paid for each list (a rotation
+    revokes each node's old certificate, one list per node, sent to every node, some of them
+    restarting their server then). ``here`` decides instead (tests of either way)."""
+    request = {"op": "crl", "pem": pem.decode("ascii", "replace"), "ca_file": str(ca_file)}
+    if here is None:
+        here = "cryptography" in sys.modules
+    if not here:
+        answer = _ask(request)
+    else:
+        try:
+            answer = _work(request)
+        except OSError as exc:  # as from a child: out of descriptors is the agent's shortage
+            raise_if_local(exc, "checking the revocation list")
+            raise
+        except ValueError as exc:  # as from a child (``_answer_for``): not PEM text at all
+            raise TerminalError(str(exc)) from None
     return int(answer["number"]), frozenset(int(s) for s in answer["revoked"])
 
 
@@ -218,6 +240,11 @@ def _error(err: dict[str, Any]) -> Exception:
         return OSError(err.get("errno") or 0, err.get("strerror") or message, err.get("filename"))
     if kind == "ConfigError":
         return ConfigError(err.get("path", ""), err.get("key"), str(err.get("problem", message)))
+    if kind == "EnrolmentDeferred":  # the join port's wait, bounded again on this side
+        wait = told_wait([("retry-after", str(err.get("retry_after", "")))])
+        if wait is not None:
+            return EnrolmentDeferred(message, wait)
+        return TerminalError(f"certificate check (enrol): a wait without its length: {message}")
     return ERRORS.get(kind, TerminalError)(message)
 
 
@@ -270,6 +297,8 @@ def _answer_for(exc: Exception) -> dict[str, Any]:
             "problem": exc.problem,
             "message": str(exc),
         }
+    if isinstance(exc, EnrolmentDeferred):
+        return {"type": "EnrolmentDeferred", "message": str(exc), "retry_after": exc.retry_after}
     # The nearest class the agent rebuilds (a LocalResourceError stays one, a TransientError of
     # another kind stays transient); anything else is terminal.
     kind = next((c.__name__ for c in type(exc).__mro__ if c.__name__ in ERRORS), "TerminalError")

@@ -21,11 +21,11 @@ import os
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from nodeagent.config import AgentConfig
 from tlsroll import __version__, logs, spiffe, tls
-from tlsroll.errors import PKIError, PKIReason, TerminalError, TransientError
+from tlsroll.errors import PKIError, PKIReason, TerminalError, TlsrollError, TransientError
 from tlsroll.fsutil import check_private_file, fsync_dir, make_private_dir
 from tlsroll.names import utcnow
 
@@ -36,16 +36,44 @@ if TYPE_CHECKING:
 
 log = logs.get_logger(__name__)
 
-# Statuses that mean "try again later"; everything else is the leader saying no.
-# grpc.StatusCode names worth trying again. RESOURCE_EXHAUSTED is the join port's "wait and
-# retry" (``leader.join_guard``: its source in backoff, or more attempts of its source at once
-# than it takes, as when many nodes behind one address or IPv6 /64 enrol together); an agent
-# that took it for a refusal exited.
-TRANSIENT = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"}
+# grpc.StatusCode names worth trying again; everything else is the leader saying no, except a
+# RESOURCE_EXHAUSTED that carries the join port's ``retry-after`` (``told_wait``).
+TRANSIENT = {"UNAVAILABLE", "DEADLINE_EXCEEDED"}
+
+# The longest wait the agent takes from the join port at once: the join guard's own cap
+# (``leader.join_guard.GuardPolicy.cap``); a larger value is read as this.
+LONGEST_TOLD_WAIT = 300
 
 
 class EnrolmentRefused(TerminalError):
     pass
+
+
+class EnrolmentDeferred(TransientError):
+    """The join port said "wait and retry" (``leader.join_guard``: its source in backoff, or
+    more attempts of its source at once than it takes, as when many nodes behind one address
+    or IPv6 /64 enrol together) and how long: ``retry_after`` seconds. The agent waits that
+    long before its next attempt (``nodeagent.runtime``), not its own few seconds: each
+    attempt is a child process (``certwork``) costing the node a fraction of a second of CPU."""
+
+    def __init__(self, message: str, retry_after: int) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+def told_wait(trailers: Any) -> int | None:
+    """The whole seconds of the join port's ``retry-after`` in gRPC trailing metadata (1 to
+    ``LONGEST_TOLD_WAIT``), or None when it sent none or nothing readable: then a
+    RESOURCE_EXHAUSTED is gRPC's own (a message over its size limit), which waiting does not
+    cure."""
+    try:
+        values = [str(v) for k, v in trailers or () if k == "retry-after"]
+    except (TypeError, ValueError):  # not key/value pairs: none sent that can be read
+        return None
+    seconds = [int(v) for v in values if v.isascii() and v.isdigit() and len(v) <= 9]
+    if not seconds:
+        return None
+    return min(max(1, *seconds), LONGEST_TOLD_WAIT)
 
 
 class CertificateExpired(TerminalError):
@@ -254,12 +282,7 @@ def enrol(cfg: AgentConfig, timeout: float = 10.0) -> Identity:
                 timeout=timeout,
             )
         except grpc.RpcError as exc:
-            code, detail = exc.code(), exc.details()
-            if code.name in TRANSIENT:
-                raise TransientError(f"enrolment at {target}: {detail}") from None
-            raise EnrolmentRefused(
-                f"the leader refused enrolment: {detail} ({code.name})"
-            ) from None
+            raise _enrol_error(cfg, target, exc) from None
     cert = pki.load_cert_pem(reply.certificate_pem)
     got_ca = pki.load_cert_pem(reply.ca_certificate_pem)
     if pki.spki_pin(got_ca) != cfg.ca_pin:
@@ -274,6 +297,48 @@ def enrol(cfg: AgentConfig, timeout: float = 10.0) -> Identity:
         not_after=cert.not_valid_after_utc.isoformat(),
     )
     return Identity.of(key_file, cert_file, ca_file, cert, got_ca)
+
+
+# How long an agent goes on trying to enrol: ``ENROL_PATIENCE`` seconds while the leader cannot
+# be reached (then it exits, and its service manager starts it again); while the join port
+# tells it to wait, as long as ``TOLD_PATIENCE`` seconds.
+ENROL_PATIENCE = 60.0
+TOLD_PATIENCE = 900.0
+
+
+def next_enrol_wait(
+    exc: TransientError, failures: int, elapsed: float, told_elapsed: float, jitter: float
+) -> float | None:
+    """Seconds to wait before the next enrolment attempt after ``exc``, or None to give up.
+    ``failures``: untold transient errors in a row; ``elapsed``: seconds since they began (since
+    the join port's last wait, which proved the leader reachable); ``told_elapsed``: seconds
+    since the first attempt. A wait the join port asked for is taken as told, stretched by up
+    to a quarter (``jitter`` in [0, 1]) so that nodes told the same wait at once do not all come
+    back at once; other transient errors wait 0.2 s, doubling, at most 5 s."""
+    if isinstance(exc, EnrolmentDeferred):
+        wait = exc.retry_after * (1 + 0.25 * jitter)
+        return wait if told_elapsed + wait <= TOLD_PATIENCE else None
+    if elapsed >= ENROL_PATIENCE or told_elapsed >= TOLD_PATIENCE:
+        return None
+    return min(5.0, 0.2 * 2.0 ** min(failures - 1, 10))
+
+
+def _enrol_error(cfg: AgentConfig, target: str, exc: Any) -> TlsrollError:
+    """What a failed ``Enrol`` call means for the agent: try again soon (TRANSIENT), wait
+    as the join port said (``EnrolmentDeferred``), or stop with one line (``EnrolmentRefused``)."""
+    code, detail = exc.code(), " ".join(str(exc.details() or "").split())[:300]
+    if code.name in TRANSIENT:
+        return TransientError(f"enrolment at {target}: {detail or code.name}")
+    if code.name == "RESOURCE_EXHAUSTED":
+        wait = told_wait(exc.trailing_metadata())
+        if wait is not None:
+            return EnrolmentDeferred(f"enrolment at {target}: {detail}", wait)
+        return EnrolmentRefused(
+            f"the leader refused enrolment: {detail or 'no detail'} (RESOURCE_EXHAUSTED without "
+            "a retry-after, so not the join port's wait: the request is too large for it; check "
+            f"[leader].join_token and the names under [node] in {cfg.path})"
+        )
+    return EnrolmentRefused(f"the leader refused enrolment: {detail} ({code.name})")
 
 
 def expired_message(cfg: AgentConfig, not_after: dt.datetime) -> str:

@@ -277,6 +277,8 @@ class Journal:
             highest = int(row["value"]) if row else 0
             if epoch < highest:
                 return highest
+            if epoch == highest:  # every command of a rollout carries it: no write, no fsync
+                return None
             db.execute(
                 "INSERT INTO meta (key, value) VALUES ('epoch', ?)"
                 " ON CONFLICT(key) DO UPDATE SET value = excluded.value",

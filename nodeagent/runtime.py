@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import datetime as dt
+import random
 import sqlite3
 import sys
 from collections.abc import Awaitable
@@ -22,18 +23,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from tenacity import (
-    AsyncRetrying,
-    retry_if_exception_type,
-    stop_after_delay,
-    wait_exponential,
-)
 
 from nodeagent import certwork
 from nodeagent.bootstrap_supervisor import BootstrapHost
 from nodeagent.config import AgentConfig
 from nodeagent.drivers import make_driver
-from nodeagent.identity import Identity, paths
+from nodeagent.identity import EnrolmentDeferred, Identity, next_enrol_wait, paths
 from nodeagent.journal import open_journal
 from nodeagent.leader_link import LeaderLink
 from nodeagent.renewal import Renewer, ServerCredentials
@@ -49,7 +44,6 @@ from tlsroll.v1 import agent_pb2, agent_pb2_grpc
 
 GRACE_SECONDS = 10.0
 TXN_GRACE_SECONDS = 60.0
-ENROL_PATIENCE_SECONDS = 60.0
 log = logs.get_logger(__name__)
 
 
@@ -63,15 +57,27 @@ async def obtain_identity(cfg: AgentConfig) -> Identity:
     identity = await asyncio.to_thread(certwork.load_identity, cfg)
     if identity is not None:
         return identity
-    async for attempt in AsyncRetrying(
-        retry=retry_if_exception_type(TransientError),
-        wait=wait_exponential(multiplier=0.2, max=5),
-        stop=stop_after_delay(ENROL_PATIENCE_SECONDS),
-        reraise=True,
-    ):
-        with attempt:
+    loop = asyncio.get_running_loop()
+    began = since = loop.time()
+    failures = 0
+    while True:
+        try:
             return await asyncio.to_thread(certwork.enrol, cfg)
-    raise AssertionError("unreachable")  # pragma: no cover
+        except TransientError as exc:
+            now = loop.time()
+            told = isinstance(exc, EnrolmentDeferred)
+            failures = 0 if told else failures + 1
+            jitter = random.random()  # noqa: S311 - spreads retries, guards nothing
+            wait = next_enrol_wait(exc, failures, now - since, now - began, jitter)
+            if wait is None:
+                raise
+            if isinstance(exc, EnrolmentDeferred):
+                log.info(
+                    "agent.enrol_told_to_wait", retry_after=exc.retry_after, wait=round(wait, 1)
+                )
+            await asyncio.sleep(wait)
+            if told:  # the leader answered: a minute's patience again from here
+                since = loop.time()
 
 
 async def serve(cfg: AgentConfig, *, reinitialise: bool = False) -> None:

@@ -40,7 +40,7 @@ from dataclasses import dataclass, field, replace
 
 from cryptography import x509
 
-from leader.agent_client import AgentApi, StepFailed
+from leader.agent_client import AgentApi, StepFailed, SwitchRefused
 from leader.wire import CHANGE, TXN_KIND, TXN_OUTCOME
 from tlsroll import pki
 from tlsroll.enums import Change, TxnKind, TxnOutcome
@@ -128,6 +128,8 @@ class FakeAgent:
     unreachable: int = 0
     outside_problem: str | None = None
     txn_seconds: float = 0.5
+    # An agent of the release before Preflight's ``make_csr``: it ignores the field.
+    without_preflight_csr: bool = False
 
     @property
     def names(self) -> pki.Names:
@@ -180,7 +182,8 @@ class FakeAgent:
         self, request: agent_pb2.CheckRequest, timeout: float = 30.0
     ) -> agent_pb2.PreflightResponse:
         await self._arrive("check")
-        return agent_pb2.PreflightResponse(ok=True)
+        view = agent_pb2.ServerView(driver="fake", healthy=True, schemes=[self.scheme])
+        return agent_pb2.PreflightResponse(ok=True, server=view)  # as a real agent's
 
     async def get_status(
         self, request: agent_pb2.GetStatusRequest, timeout: float = 30.0
@@ -195,7 +198,15 @@ class FakeAgent:
     async def preflight(self, request: agent_pb2.PreflightRequest) -> agent_pb2.PreflightResponse:
         await self._arrive("preflight", request.command)
         names = self.names
+        csr_pem = b""
+        if request.make_csr and not self.without_preflight_csr:  # as CreateCSR would
+            rollout_id = request.command.rollout_id
+            if rollout_id not in self.keys:
+                self.keys[rollout_id] = pki.generate_key()
+                self.applied["create_csr"] += 1
+            csr_pem = pki.csr_to_pem(pki.make_csr(self.keys[rollout_id], names))
         return agent_pb2.PreflightResponse(
+            csr_pem=csr_pem,
             ok=True,
             common_name=names.common_name,
             ip_addresses=names.ips,
@@ -322,6 +333,23 @@ class FakeAgent:
             if txn.outcome != agent_pb2.TRANSACTION_OUTCOME_PENDING:
                 return
             await self.world.clock.sleep(WATCH_SECONDS)
+
+    async def switch_and_watch(
+        self, request: agent_pb2.SwitchRequest
+    ) -> AsyncIterator[agent_pb2.Transaction]:
+        """As the real client's one call: the switch begun (a ``switch`` in ``calls``; its
+        refusal is ``SwitchRefused``), then its states as ``watch_transaction`` gives them."""
+        try:
+            await self.switch(request)
+        except SwitchRefused:
+            raise
+        except StepFailed as exc:
+            raise SwitchRefused(str(exc)) from None
+        watch = agent_pb2.GetTransactionRequest(
+            rollout_id=request.command.rollout_id, kind=agent_pb2.TRANSACTION_KIND_SWITCH
+        )
+        async for txn in self.watch_transaction(watch):
+            yield txn
 
     async def freeze(self, request: agent_pb2.FreezeRequest) -> agent_pb2.FreezeResponse:
         await self._arrive("freeze", request.command)

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import grpc
+from cryptography import x509
 
 from leader.service import LeaderService, LeaderState
 from leader.store import NodeCert, Store
@@ -28,10 +29,46 @@ class InProcessLeader:
     service: LeaderService
     node_files: tuple[bytes, bytes, bytes]  # the node's key, certificate and the CA (PEM)
 
+    def add_node(self, name: str, address: str) -> grpc.ChannelCredentials:
+        """Enrol another node ``name`` on ``address``: its client credentials."""
+        key, cert = _enrol(self.store, self.state.ca, name, address, self.clock[0])
+        return grpc.ssl_channel_credentials(
+            self.state.ca.cert_pem, pki.key_to_pem(key), pki.cert_to_pem(cert)
+        )
+
     async def close(self) -> None:
         """Stop the service (at once) and close the store."""
         await self.server.stop(None)
         self.store.close()
+
+
+def _enrol(
+    store: Store, ca: pki.CertificateAuthority, name: str, address: str, now: dt.datetime
+) -> tuple[pki.PrivateKey, x509.Certificate]:
+    """Node ``name`` enrolled in ``store`` (through a token, as the join port does) with a
+    certificate of ``ca``: its key and certificate."""
+    key = pki.generate_key()
+    cert = ca.issue(
+        key.public_key(),
+        pki.Names.of(name, [address]),
+        server=True,
+        client=True,
+        identity=spiffe.node(ca.trust_domain, name),
+    )
+    token = f"t{len(store.list_tokens()) + 1:05d}"
+    store.add_token(
+        token, "s" * 26, ttl=dt.timedelta(hours=1), uses=1, description="", now=now,
+        actor="test", node_name=name, addresses=(address,),
+    )  # fmt: skip
+    store.enrol(
+        token_id=token, secret="s" * 26, name=name, addresses=(address,), dns_names=(),
+        agent_version="1", agent_port=AGENT_PORT, key_pin=pki.spki_pin(cert), now=now,
+        issue=lambda: NodeCert(
+            pki.spki_pin(cert), pki.fingerprint(cert),
+            f"{cert.serial_number:x}", cert.not_valid_after_utc,
+        ),
+    )  # fmt: skip
+    return key, cert
 
 
 def leader_with_a_node(
@@ -50,28 +87,9 @@ def leader_with_a_node(
         client=True,
         identity=spiffe.leader(td),
     )
-    node_key = pki.generate_key()
-    node_cert = ca.issue(
-        node_key.public_key(),
-        pki.Names.of(name, [node_address]),
-        server=True,
-        client=True,
-        identity=spiffe.node(td, name),
-    )
     clock = [dt.datetime(2026, 11, 30, 10, 0, tzinfo=dt.UTC)]
     store = Store(tmp_path / "leader.sqlite3")
-    store.add_token(
-        "t00001", "s" * 26, ttl=dt.timedelta(hours=1), uses=1, description="", now=clock[0],
-        actor="test", node_name=name, addresses=(node_address,),
-    )  # fmt: skip
-    store.enrol(
-        token_id="t00001", secret="s" * 26, name=name, addresses=(node_address,), dns_names=(),
-        agent_version="1", agent_port=AGENT_PORT, key_pin=pki.spki_pin(node_cert), now=clock[0],
-        issue=lambda: NodeCert(
-            pki.spki_pin(node_cert), pki.fingerprint(node_cert),
-            f"{node_cert.serial_number:x}", node_cert.not_valid_after_utc,
-        ),
-    )  # fmt: skip
+    node_key, node_cert = _enrol(store, ca, name, node_address, clock[0])
     state = LeaderState(store=store, ca=ca, clock=lambda: clock[0], heartbeat_interval=5)
     server = grpc.aio.server()
     service = LeaderService(state)

@@ -185,7 +185,9 @@ class Node:
             self.cluster.ca_cert_path, self.cluster.ca_key_path, passphrase
         )
 
-    def preflight(self, rollout_id: str, epoch: int | None = None) -> agent_pb2.PreflightResponse:
+    def preflight(
+        self, rollout_id: str, epoch: int | None = None, *, make_csr: bool = False
+    ) -> agent_pb2.PreflightResponse:
         leader_time = Timestamp()
         leader_time.FromDatetime(dt.datetime.now(dt.UTC))
         with self.stub() as stub:
@@ -194,6 +196,7 @@ class Node:
                     command=self.command(rollout_id, epoch),
                     leader_time=leader_time,
                     max_clock_offset_seconds=60,
+                    make_csr=make_csr,
                 ),
                 timeout=RPC_TIMEOUT,
             )

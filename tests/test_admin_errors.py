@@ -66,7 +66,8 @@ class StubAgent(agent_pb2_grpc.NodeAgentServicer):
         return agent_pb2.NodeStatus(server=view)
 
     def Check(self, request: Any, context: Any) -> agent_pb2.PreflightResponse:
-        return agent_pb2.PreflightResponse(ok=True)
+        view = agent_pb2.ServerView(driver="stub", healthy=True, schemes=["http"])
+        return agent_pb2.PreflightResponse(ok=True, server=view)  # as every real agent's
 
     def Preflight(self, request: Any, context: Any) -> agent_pb2.PreflightResponse:
         self.stop.wait(60)

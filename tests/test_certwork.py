@@ -10,13 +10,14 @@ import json
 import os
 import resource
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 
 from nodeagent import certwork
 from nodeagent.config import AgentConfig
-from nodeagent.identity import CertificateExpired, load_identity, paths
+from nodeagent.identity import CertificateExpired, EnrolmentDeferred, load_identity, paths
 from nodeagent.trust import LeaderTrust
 from tests.test_renewal import _agent_config, _enrolled, _issue
 from tlsroll import pki, spiffe
@@ -74,13 +75,48 @@ def test_a_revocation_list_is_read_and_checked_in_a_child(
     crl = pki.crl_to_pem(pki.build_crl(test_ca, 7, revoked, now=now))
     ca_file = tmp_path / "ca.pem"
     pki.write_cert(ca_file, test_ca.cert)
-    assert certwork.load_crl(crl, ca_file) == pki.load_crl(crl, test_ca.cert)
-    assert certwork.load_crl(crl, ca_file) == (7, frozenset({12345, 1 << 150}))
+    assert certwork.load_crl(crl, ca_file, here=False) == pki.load_crl(crl, test_ca.cert)
+    assert certwork.load_crl(crl, ca_file, here=False) == (7, frozenset({12345, 1 << 150}))
     other = pki.CertificateAuthority.create("another CA")
     pki.write_cert(ca_file, other.cert)
     with pytest.raises(PKIError) as refused:
+        certwork.load_crl(crl, ca_file, here=False)
+    assert refused.value.reason is PKIReason.UNTRUSTED
+
+
+def test_a_process_holding_cryptography_checks_a_revocation_list_without_a_child(
+    tmp_path: Path, test_ca: pki.CertificateAuthority, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A strace of a rotate-cert rollout: every switched agent (its bootstrap service holds
+    ``cryptography``) started a child for each revocation list, 0.2-0.7 s of CPU each, some
+    while its own server restarted. With ``cryptography`` loaded (as in this test process),
+    the list is checked in-process, as strictly: same answer, same refusal."""
+
+    def no_child(*args: object, **kwargs: object) -> None:
+        raise AssertionError("a child was started")
+
+    monkeypatch.setattr(subprocess, "run", no_child)
+    assert "cryptography" in sys.modules
+    now = dt.datetime.now(dt.UTC)
+    crl = pki.crl_to_pem(pki.build_crl(test_ca, 9, [(f"{777:x}", now)], now=now))
+    ca_file = tmp_path / "ca.pem"
+    pki.write_cert(ca_file, test_ca.cert)
+    assert (
+        certwork.load_crl(crl, ca_file) == (9, frozenset({777})) == pki.load_crl(crl, test_ca.cert)
+    )
+    pki.write_cert(ca_file, pki.CertificateAuthority.create("another CA").cert)
+    with pytest.raises(PKIError) as refused:
         certwork.load_crl(crl, ca_file)
     assert refused.value.reason is PKIReason.UNTRUSTED
+    not_ascii = "ü".encode()
+    with pytest.raises(TerminalError) as here:
+        certwork.load_crl(not_ascii, ca_file)
+    with pytest.raises(AssertionError, match="a child was started"):
+        certwork.load_crl(crl, ca_file, here=False)  # the child's way is still there
+    monkeypatch.undo()
+    with pytest.raises(TerminalError) as child:
+        certwork.load_crl(not_ascii, ca_file, here=False)
+    assert type(here.value) is type(child.value) and str(here.value) == str(child.value)
 
 
 def test_a_restart_with_the_files_a_child_checked_needs_no_child(
@@ -133,10 +169,10 @@ def test_a_child_that_cannot_start_is_a_shortage_not_a_verdict(
     resource.setrlimit(resource.RLIMIT_NOFILE, (fd, limits[1]))
     try:
         with pytest.raises(LocalResourceError, match="Too many open files"):
-            certwork.load_crl(crl, paths(cfg.data_dir)[2])
+            certwork.load_crl(crl, paths(cfg.data_dir)[2], here=False)
     finally:
         resource.setrlimit(resource.RLIMIT_NOFILE, limits)
-    assert certwork.load_crl(crl, paths(cfg.data_dir)[2])[0] == 1
+    assert certwork.load_crl(crl, paths(cfg.data_dir)[2], here=False)[0] == 1
 
 
 def test_a_childs_config_error_is_the_same_config_error(
@@ -170,6 +206,24 @@ def test_a_childs_transient_error_stays_transient() -> None:
     assert type(round_trip(Flaky("later"))) is TransientError
     assert type(round_trip(ValueError("bad"))) is TerminalError
     assert str(round_trip(Flaky("later"))) == "later"
+
+
+def test_the_join_ports_wait_crosses_the_childs_boundary() -> None:
+    """The enrolment child's ``EnrolmentDeferred`` (the join port's ``retry-after``) comes back
+    as one with the same wait: the agent waits as told (the whole path, with a real leader, is
+    in test_enrolment). A wait out of bounds is bounded again; one lost on the way is not taken
+    as "retry now"."""
+
+    def round_trip(exc: Exception) -> Exception:
+        return certwork._error(json.loads(json.dumps(certwork._answer_for(exc))))
+
+    back = round_trip(EnrolmentDeferred("enrolment at x: retry in 8 s", 8))
+    assert isinstance(back, EnrolmentDeferred)
+    assert (back.retry_after, str(back)) == (8, "enrolment at x: retry in 8 s")
+    far = round_trip(EnrolmentDeferred("far", 10**6))
+    assert isinstance(far, EnrolmentDeferred) and far.retry_after == 300
+    lost = certwork._error({"type": "EnrolmentDeferred", "message": "m"})
+    assert type(lost) is TerminalError
 
 
 def test_a_revocation_list_the_agent_cannot_check_now_is_raised_not_refused(

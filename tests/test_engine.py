@@ -454,7 +454,8 @@ async def test_a_longer_transaction_costs_no_more_writes(
         row = await leader.run(passes=400)
         assert row.rollout.state is R.COMPLETED
         await leader.stop()
-        assert sum(c.method == "get_transaction" for c in world.agents.calls) > 3 * len(NODES)
+        # each switch is read pending at least twice, then done (confirm asks nothing more)
+        assert sum(c.method == "get_transaction" for c in world.agents.calls) >= 3 * len(NODES)
         return Counter(leader.schema.writes)
 
     short, long = await writes("short", 0.5), await writes("long", 3.0)
@@ -1184,4 +1185,141 @@ async def test_an_error_reading_a_running_switch_is_not_its_outcome(world: World
     assert row.rollout.state is R.COMPLETED and states(row) == ALL_DONE
     assert not failures  # the hiccup happened
     assert [c.answer for c in world.agents.calls_to("bravo", "switch")] == ["ok", "replay"]
+    await leader.stop()
+
+
+# --- calls that carry nothing new (issue 15: the leader's CPU per node) ------------------------
+
+
+async def test_confirm_asks_no_agent_for_a_rollback_after_a_switch_this_leader_saw(
+    world: World,
+) -> None:
+    """Confirm asked every agent whether a rollback was under way (a GetTransaction answered
+    NOT_FOUND on every healthy node). Only this leader's Rollback starts one, so after a
+    switch this process saw complete, the question is not asked."""
+    leader = world.boot()
+    await leader.start()
+    row = await leader.run()
+    assert row.rollout.state is R.COMPLETED and states(row) == ALL_DONE
+    questions = [
+        c for c in world.agents.calls if c.method == "get_transaction" and c.answer == "not_found"
+    ]
+    assert questions == []
+    await leader.stop()
+
+
+async def test_a_restarted_leader_s_confirm_asks_whether_a_rollback_is_under_way(
+    world: World,
+) -> None:
+    """A leader that did not see the node's switch (it restarted since) still asks, and
+    follows a rollback its predecessor began instead of checking again."""
+    first = world.boot()
+    await first.start(max_parallel=1)
+    # The first node's switch is recorded done; the leader goes before its confirm runs.
+    await first.run(until=lambda r: node(r.records, ORDER[0]).state is N.CONFIRMING)
+    await first.crash()
+    second = world.boot()
+    row = await second.run()
+    assert row.rollout.state is R.COMPLETED and states(row) == ALL_DONE
+    asked = [
+        c for c in world.agents.calls_to(ORDER[0], "get_transaction") if c.answer == "not_found"
+    ]
+    assert len(asked) == 1  # the restarted leader's confirm of the first node
+    await second.stop()
+
+
+async def test_a_confirm_run_again_after_its_rollback_follows_that_rollback(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The confirm that sent a Rollback must, when it runs again (the rollback's answer was
+    lost), follow that rollback: it asks the agent again, and sends no second Rollback."""
+    charlie = world.agents["charlie"]
+    charlie.outside_problem = "handshake: unknown CA"
+    real = charlie.watch_transaction
+    lost = [StepFailed("stream reset (INTERNAL)")]
+
+    async def once_lost(request: agent_pb2.GetTransactionRequest) -> Any:
+        if request.kind == TXN_KIND.wire(TxnKind.ROLLBACK) and lost:
+            raise lost.pop()
+        async for txn in real(request):
+            yield txn
+
+    monkeypatch.setattr(charlie, "watch_transaction", once_lost)
+    leader = world.boot()
+    await leader.start(failure_budget=1)
+    row = await leader.run()
+    assert not lost  # the rollback's answer was lost once
+    assert states(row) == {"bravo": N.DONE, "charlie": N.ROLLED_BACK, "alpha": N.DONE}
+    assert [c.answer for c in world.agents.calls_to("charlie", "rollback")] == ["ok"]
+    assert (charlie.applied["switch"], charlie.applied["rollback"]) == (1, 1)
+    await leader.stop()
+
+
+async def test_the_stage_signs_the_csr_its_preflight_brought_back(world: World) -> None:
+    """Preflight brings the key's CSR back (``make_csr``): the stage makes no CreateCSR call,
+    and what the agent stages is signed for the key it made (the fake checks it)."""
+    leader = world.boot()
+    await leader.start()
+    row = await leader.run()
+    assert row.rollout.state is R.COMPLETED and states(row) == ALL_DONE
+    assert [c for c in world.agents.calls if c.method == "create_csr"] == []
+    for agent in world.agents:
+        assert (agent.applied["create_csr"], agent.applied["stage"]) == (1, 1), agent.name
+        assert agent.fingerprint == pki.fingerprint(agent.staged[row.rollout.id]), agent.name
+    await leader.stop()
+
+
+async def test_an_agent_of_the_previous_release_is_staged_through_create_csr(
+    world: World,
+) -> None:
+    """An agent that ignores ``make_csr`` (no CSR in its preflight answer) is asked with
+    CreateCSR, as before; the others are not."""
+    world.agents["bravo"].without_preflight_csr = True
+    leader = world.boot()
+    await leader.start()
+    row = await leader.run()
+    assert row.rollout.state is R.COMPLETED and states(row) == ALL_DONE
+    assert [c.node for c in world.agents.calls if c.method == "create_csr"] == ["bravo"]
+    await leader.stop()
+
+
+async def test_a_leader_restarted_between_preflight_and_stage_asks_for_the_same_csr(
+    world: World,
+) -> None:
+    """The preflight's CSR lives in the leader's memory only: a restarted leader asks with
+    CreateCSR, and the agent answers with the CSR of the key it already made."""
+    first = world.boot()
+    await first.start(max_parallel=1)
+    await first.run(until=lambda r: node(r.records, ORDER[0]).state is N.STAGING)
+    await first.crash()
+    second = world.boot()
+    row = await second.run()
+    assert row.rollout.state is R.COMPLETED and states(row) == ALL_DONE
+    asked = world.agents.calls_to(ORDER[0], "create_csr")
+    assert [c.answer for c in asked] == ["replay"]
+    assert world.agents[ORDER[0]].applied["create_csr"] == 1
+    await second.stop()
+
+
+async def test_an_agent_that_lost_the_preflight_s_key_is_staged_with_a_new_one(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the agent no longer holds the key the preflight's CSR is of (its journal lost), the
+    stage does not fail the node: it asks CreateCSR once, as before the merge."""
+    bravo = world.agents["bravo"]
+    real = bravo.stage
+    forget = [True]
+
+    async def forgetting(request: agent_pb2.StageRequest) -> agent_pb2.StageResponse:
+        if forget and forget.pop():
+            bravo.keys.clear()  # before its first stage
+        return await real(request)
+
+    monkeypatch.setattr(bravo, "stage", forgetting)
+    leader = world.boot()
+    await leader.start()
+    row = await leader.run()
+    assert row.rollout.state is R.COMPLETED and states(row) == ALL_DONE
+    assert [c.answer for c in world.agents.calls_to("bravo", "stage")] == ["refused", "ok"]
+    assert [c.answer for c in world.agents.calls_to("bravo", "create_csr")] == ["ok"]
     await leader.stop()

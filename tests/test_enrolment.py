@@ -9,9 +9,10 @@ agent process to show what the administrator sees.
 from __future__ import annotations
 
 import datetime as dt
+import json
 import socket
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,9 +21,21 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from leader.layout import read_passphrase
-from tests.cluster import Cluster, csr_pem, enrol, enrol_request, one_line_error, secure_channel
+from nodeagent import identity
+from nodeagent.identity import EnrolmentDeferred, next_enrol_wait, told_wait
+from tests.cluster import (
+    Agent,
+    Cluster,
+    csr_pem,
+    enrol,
+    enrol_request,
+    one_line_error,
+    secure_channel,
+    wait_until,
+)
 from tests.conftest import next_loopback
 from tlsroll import pki, spiffe
+from tlsroll.errors import TransientError
 from tlsroll.v1 import admin_pb2, enrolment_pb2, leader_pb2, leader_pb2_grpc
 
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
@@ -274,7 +287,8 @@ def test_enrolled_certificate_heartbeats_on_the_control_port(cluster: Cluster) -
     with cluster.control_channel(cert_pem, key_pem) as channel:
         reply = heartbeat(channel)
     assert reply.interval_seconds == cluster.heartbeat_interval
-    assert _heartbeat_of(cluster, "beater") is not None
+    # Stored with the heartbeats' next group commit (a second: ``service.BATCH_SECONDS``).
+    wait_until(lambda: _heartbeat_of(cluster, "beater") is not None, 15, "the heartbeat stored")
 
 
 def test_certificate_of_another_ca_fails_the_handshake(
@@ -400,34 +414,126 @@ def test_agent_with_a_wrong_pin_trusts_nothing(cluster: Cluster) -> None:
     assert not agent.cert_file.exists()
 
 
-def test_an_agent_the_join_port_tells_to_wait_waits_and_enrols(tmp_path: Path) -> None:
+def certwork_children(agent: Agent, until: Callable[[], bool], timeout: float) -> set[int]:
+    """The certificate-work children (``nodeagent.certwork``: one per enrolment attempt) the
+    agent process starts until ``until()`` holds or it exits, seen by polling its threads'
+    children in /proc (a child lives a few tenths of a second at least: Python and
+    ``cryptography`` start in it)."""
+    seen: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while agent.running and not until():
+        assert time.monotonic() < deadline, f"{agent.name}: not done in {timeout} s"
+        for task in Path(f"/proc/{agent.pid}/task").glob("*"):
+            try:
+                kids = (task / "children").read_text().split()
+            except OSError:
+                continue  # the thread ended
+            for kid in kids:
+                try:
+                    cmdline = Path(f"/proc/{kid}/cmdline").read_bytes()
+                except OSError:
+                    continue
+                if b"certwork" in cmdline:
+                    seen.add(int(kid))
+        time.sleep(0.02)
+    return seen
+
+
+def backoff_source(c: Cluster, at_least: int) -> int:
+    """Put the tests' source (every loopback address is 127.0.0.0/8's own: one source per
+    address, the agents' and ours share none) in the join port's backoff: wrong tokens, each
+    wait waited out, until the port asks for ``at_least`` seconds. Returns that wait."""
+    wrong = f"{'a' * 6}.{'b' * 26}"
+    with c.enrolment() as stub:
+        for i in range(20):
+            try:
+                stub.Enrol(enrol_request(wrong, f"guess{i}", next_loopback()), timeout=10)
+            except grpc.RpcError as exc:
+                if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
+                    trailers: Any = exc.trailing_metadata()
+                    wait = max(int(v) for k, v in trailers if k == "retry-after")
+                    if wait >= at_least:
+                        return wait
+                    time.sleep(wait)
+    raise AssertionError("the join port never asked for a wait")
+
+
+def test_an_agent_the_join_port_tells_to_wait_waits_as_told_and_enrols(tmp_path: Path) -> None:
     """Found by bench-rollout (10 agents enrolling at once, all from 127.0.0.1; with nodes on
     one IPv6 /64 the same): the join port's RESOURCE_EXHAUSTED ("retry in N s": the source in
     backoff, or more of its attempts at once than it takes) made the agent exit as refused.
-    Here the agents' source is put in backoff first (wrong tokens, each wait waited out), so
-    the agent's first attempts are told to wait; it waits and enrols."""
+    Then (the second review of session 21) the agent took it as transient but ignored the
+    port's ``retry-after``: it came back after 0.2, 0.4, 0.8 … s, each attempt a child process
+    costing the node a fraction of a second of CPU, and each refused again. Here the agents'
+    source is put in backoff first (wrong tokens, each wait waited out), so the agent's first
+    attempt is told to wait 8 s or so; it waits that long and enrols with its second attempt:
+    two certificate-work children in all."""
     with Cluster(tmp_path / "c", next_loopback()) as c:
         c.init()
         c.write_leader_config({"join_free_failures": None})  # the default, not the tests' own
         c.start_leader()
-        wrong = f"{'a' * 6}.{'b' * 26}"
-        told_to_wait = 0
-        with c.enrolment() as stub:
-            for i in range(20):
-                try:
-                    stub.Enrol(enrol_request(wrong, f"guess{i}", next_loopback()), timeout=10)
-                except grpc.RpcError as exc:
-                    if exc.code() == grpc.StatusCode.RESOURCE_EXHAUSTED:
-                        told_to_wait += 1
-                        trailers: Any = exc.trailing_metadata()
-                        wait = max(int(v) for k, v in trailers if k == "retry-after")
-                        if wait >= 8:
-                            break
-                        time.sleep(wait)
-        assert told_to_wait >= 3
-        address = next_loopback()
-        agent = c.add_agent("patient", address, start=False)
+        backoff_source(c, 8)
+        agent = c.add_agent("patient", next_loopback(), start=False)
         agent.spawn()
-        agent.wait_ready(90)
+        children = certwork_children(agent, agent.ready, timeout=90)
+        agent.wait_ready(30)
         c.wait_for_nodes_online(["patient"], timeout=60)
-        assert "refused" not in agent.log_text()
+        log = agent.log_text()
+        assert "refused" not in log
+        told = [json.loads(line) for line in log.splitlines() if "agent.enrol_told_to_wait" in line]
+        # Told once (unless the agent started slower than the wait: then never, and one child).
+        assert len(told) <= 1 and all(1 <= t["retry_after"] <= 8 for t in told), log
+        assert len(children) == 1 + len(told), (children, log)
+
+
+def test_a_resource_exhausted_without_retry_after_stops_the_agent_with_one_line(
+    cluster: Cluster,
+) -> None:
+    """gRPC's own RESOURCE_EXHAUSTED (here a request over the leader's 4 MiB message limit: a
+    join token of 5 MB in the config) carries no ``retry-after``: no wait cures it. The agent
+    stops at its first attempt with one line naming it, instead of retrying every few seconds
+    for a minute and exiting with the transient error."""
+    agent = cluster.add_agent(
+        "oversized",
+        next_loopback(),
+        token="x" * 5_000_000,
+        start=False,
+    )
+    agent.spawn()
+    children = certwork_children(agent, lambda: False, timeout=45)
+    assert agent.proc is not None
+    assert agent.proc.wait(10) == 1
+    line = one_line_error(agent.log_text(), "tlsroll-agent")
+    assert "refused enrolment" in line and "RESOURCE_EXHAUSTED without a retry-after" in line
+    assert str(agent.config_path) in line and "x" * 100 not in line
+    assert len(children) == 1
+    assert not agent.cert_file.exists()
+
+
+def test_the_wait_an_agent_takes_from_the_join_port() -> None:
+    """``told_wait`` reads ``retry-after`` from gRPC trailers (whole seconds, bounded to the
+    join guard's cap); ``next_enrol_wait`` takes it as told, stretched by at most a quarter,
+    and gives up only past the long patience; other transient errors wait 0.2 s doubling to
+    5 s, for a minute."""
+    assert told_wait((("retry-after", "8"),)) == 8
+    assert told_wait((("other", "1"), ("retry-after", "3"))) == 3
+    assert told_wait((("retry-after", "0"),)) == 1
+    assert told_wait((("retry-after", "99999"),)) == identity.LONGEST_TOLD_WAIT
+    for nothing in (None, (), (("retry-after", "soon"),), (("retry-after", "-1"),), 5):
+        assert told_wait(nothing) is None
+    told = EnrolmentDeferred("wait", 8)
+    assert next_enrol_wait(told, 0, 0.0, 0.0, 0.0) == 8.0
+    assert next_enrol_wait(told, 0, 100.0, 100.0, 1.0) == 10.0  # past the minute: still told
+    assert next_enrol_wait(told, 0, 0.0, identity.TOLD_PATIENCE - 5, 0.0) is None
+    other = TransientError("unreachable")
+    assert [next_enrol_wait(other, n, 1.0, 1.0, 0.5) for n in (1, 2, 3, 6, 20)] == [
+        0.2,
+        0.4,
+        0.8,
+        5.0,
+        5.0,
+    ]
+    assert next_enrol_wait(other, 2, identity.ENROL_PATIENCE, 0.0, 0.0) is None
+    # After a told wait the minute starts again (the leader answered), within the long bound.
+    assert next_enrol_wait(other, 1, 1.0, 120.0, 0.0) == 0.2
+    assert next_enrol_wait(other, 1, 1.0, identity.TOLD_PATIENCE, 0.0) is None

@@ -22,6 +22,7 @@ import contextlib
 import datetime as dt
 import queue
 import signal
+import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -94,9 +95,11 @@ async def test_a_heartbeat_that_says_nothing_new_runs_no_sql_and_no_worker_threa
     """After the first heartbeat, one that says what the last said (its client report's times
     and counts move, as a busy workstation's do) runs no SQL statement and no worker-thread
     hop: the caller is checked against the leader's in-memory snapshot of the store and the
-    heartbeat is kept in memory. A new workstation in the report is written at once."""
+    heartbeat is kept in memory. A new workstation in the report is written with the next
+    group commit (here when the test says: ``write_queued``)."""
     rig = leader_with_a_node(tmp_path, loopback(), loopback())
     server, store, state, clock = rig.server, rig.store, rig.state, rig.clock
+    rig.service.batch_seconds = 3600  # the test commits (``write_queued``)
     await server.start()
     statements: list[str] = []
     store.db._db.set_trace_callback(statements.append)  # the leader's one connection
@@ -131,6 +134,7 @@ async def test_a_heartbeat_that_says_nothing_new_runs_no_sql_and_no_worker_threa
                 return reply
 
             await send(beat(1, "ws-empfang"))
+            assert await rig.service.write_queued() == 2  # its record and its client report
             statements.clear()
             hops.clear()
             for n in range(2, 5):
@@ -141,7 +145,9 @@ async def test_a_heartbeat_that_says_nothing_new_runs_no_sql_and_no_worker_threa
             assert store.get_node("hb1").last_heartbeat == clock[0]  # yet the newest is known
             statements.clear()
             clock[0] += dt.timedelta(seconds=1)
-            await send(beat(5, "ws-empfang", "ws-labor"))  # a new workstation: written
+            await send(beat(5, "ws-empfang", "ws-labor"))  # a new workstation: queued
+            assert statements == []
+            assert await rig.service.write_queued() == 1
             assert any("INSERT INTO node_clients" in s for s in statements)
             statements.clear()
             clock[0] += dt.timedelta(seconds=1)
@@ -151,6 +157,7 @@ async def test_a_heartbeat_that_says_nothing_new_runs_no_sql_and_no_worker_threa
             # engine stops trusting it): written again, so it never looks stale.
             clock[0] += clients_persist(state.heartbeat_interval)
             await send(beat(7, "ws-empfang", "ws-labor"))
+            await rig.service.write_queued()
             assert any("INSERT INTO node_clients" in s for s in statements)
             assert clients_persist(5) < report_stale_after(5)
             if stream is not None:
@@ -158,6 +165,101 @@ async def test_a_heartbeat_that_says_nothing_new_runs_no_sql_and_no_worker_threa
     finally:
         await server.stop(None)
         store.close()
+
+
+async def test_what_heartbeats_of_all_agents_write_goes_into_one_transaction(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """The group commit (issue 15: an fsync'd transaction nearly every renewal-mode message
+    was a third of the leader's heartbeat time). Three nodes' streams, four messages each that
+    say something new (a new workstation in the client report, a new agent version): no
+    transaction while they come, the nodes list shows what they said at once, and then one
+    transaction writes all of it; with nothing queued, none. Before, every message was a
+    transaction of its own (24 here: the record and the client report)."""
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    rig.service.batch_seconds = 3600  # the test commits (``write_queued``)
+    creds = {"hb1": rig.node, "hb2": rig.add_node("hb2", loopback())}
+    creds["hb3"] = rig.add_node("hb3", loopback())
+    store, clock = rig.store, rig.clock
+    await rig.server.start()
+    try:
+        channels = {n: grpc.aio.secure_channel(rig.target, c) for n, c in creds.items()}
+        streams = {
+            n: leader_pb2_grpc.LeaderStub(ch).Heartbeats()  # type: ignore[call-arg]
+            for n, ch in channels.items()
+        }
+        commits, transactions = store.db.commits, store.db.transactions
+        for i in range(1, 5):
+            clock[0] += dt.timedelta(seconds=1)
+            for name, stream in streams.items():
+                who = [f"ws-{name}-{k}" for k in range(i)]  # one more each time
+                await stream.write(
+                    leader_pb2.HeartbeatRequest(
+                        agent_version=f"v{i}",
+                        agent_port=AGENT_PORT,
+                        server=client_report(clock[0], i, *who),
+                    )
+                )
+                assert isinstance(await stream.read(), leader_pb2.HeartbeatResponse)
+        assert (store.db.commits, store.db.transactions) == (commits, transactions)
+        listed = {n.name: n for n in store.list_nodes()}
+        assert {n: listed[n].agent_version for n in creds} == dict.fromkeys(creds, "v4")
+        assert all(listed[n].last_heartbeat == clock[0] for n in creds)
+        written = await rig.service.write_queued()
+        assert (store.db.commits, store.db.transactions) == (commits + 1, transactions + 1)
+        assert written == 3 + 12  # the newest record of each node, and every client report
+        seen = {(c.node, c.workstation) for c in rig.service.schema.clients()}
+        assert seen == {(n, f"ws-{n}-{k}") for n in creds for k in range(4)}
+        rows = {n.name: n for n in store.list_nodes()}
+        assert {n: rows[n].agent_version for n in creds} == dict.fromkeys(creds, "v4")
+        assert await rig.service.write_queued() == 0  # nothing queued: no transaction
+        assert store.db.transactions == transactions + 1
+        for stream in streams.values():
+            await stream.done_writing()
+        for ch in channels.values():
+            await ch.close(None)
+    finally:
+        await rig.close()
+
+
+async def test_the_group_commit_runs_by_itself_and_a_failed_one_is_retried(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Without the test's help: a queued client report is stored within a batch period or so;
+    a group commit that fails (here a full disk, as SQLite reports it) loses nothing: what it
+    held is queued again and the next period writes it."""
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    rig.service.batch_seconds = 0.2
+    store, clock = rig.store, rig.clock
+    await rig.server.start()
+    tx = store.db.tx
+    failures = [sqlite3.OperationalError("database or disk is full")]
+
+    def failing(**kw: Any) -> Any:
+        if failures:
+            raise failures.pop()
+        return tx(**kw)
+
+    monkeypatch.setattr(store.db, "tx", failing)
+    try:
+        async with grpc.aio.secure_channel(rig.target, rig.node) as channel:
+            await leader_pb2_grpc.LeaderStub(channel).Heartbeat(
+                leader_pb2.HeartbeatRequest(
+                    agent_version="2", server=client_report(clock[0], 1, "ws-flur")
+                ),
+                timeout=10,
+            )
+        for _ in range(200):
+            if rig.service.schema.clients() and store.queued() == 0:
+                break
+            await asyncio.sleep(0.05)
+        assert failures == []  # the first commit failed
+        assert [c.workstation for c in rig.service.schema.clients()] == ["ws-flur"]
+        with store.db.read() as db:
+            (version,) = db.execute("SELECT agent_version FROM nodes WHERE name = 'hb1'").fetchone()
+        assert version == "2"
+    finally:
+        await rig.close()
 
 
 async def test_a_read_of_the_store_that_ended_before_its_callback_ran_is_not_waited_on(
@@ -896,6 +998,51 @@ def test_a_stopped_or_killed_agent_goes_offline_and_a_resumed_one_comes_back(
     finally:
         stopped.send_signal(signal.SIGCONT)
         stopped.stop()
+
+
+def test_a_revoked_node_is_offline_at_once_and_its_renewal_stream_is_cut(
+    cluster: Cluster,
+) -> None:
+    """Review of session 21, finding 6 (left open then): a node whose certificate is revoked
+    (``tlsroll ca revoke SERIAL``) but not removed stayed online until its agent's next
+    message, up to the renewal bound, because its renewal stream vouched for it. Now the node
+    is offline from the revocation on (the very next ``nodes`` call says so), and the leader
+    ends the agent's stream at once (UNAUTHENTICATED), without waiting for a message. Another
+    node's agent stays online. A real agent, in renewal mode, against the real leader."""
+    bad = cluster.add_agent("hb-cutoff", next_loopback())
+    good = cluster.add_agent("hb-stays", next_loopback())
+    try:
+        cluster.wait_for_nodes_online(["hb-cutoff", "hb-stays"])
+        renew = service.renew_seconds(cluster.heartbeat_interval)
+        wait_until(
+            lambda: all(
+                any(e.get("renew") == renew for e in agent_events(a, "heartbeat.ok"))
+                for a in (bad, good)
+            ),
+            20,
+            "both agents beating in renewal mode",
+        )
+        serial = cluster.list_nodes()["hb-cutoff"].cert_serial
+        assert cluster.cli("ca", "revoke", serial).returncode == 0
+        listed = cluster.list_nodes()
+        assert not listed["hb-cutoff"].online  # at once: no wait for a message
+        assert listed["hb-stays"].online
+        shown = cluster.cli("nodes").stdout
+        (row,) = [line for line in shown.splitlines() if " hb-cutoff " in line]
+        assert "offline" in row
+
+        def cut() -> bool:
+            return any(
+                e.get("event") == "heartbeat.stream_cut" and e.get("node") == "hb-cutoff"
+                for e in cluster.leader.log_events()
+            )
+
+        wait_until(cut, 20, "the leader ends the revoked node's stream")
+        assert not cluster.list_nodes()["hb-cutoff"].online  # and it stays offline
+        assert cluster.list_nodes()["hb-stays"].online
+    finally:
+        bad.stop()
+        good.stop()
 
 
 class OlderLeader:

@@ -69,6 +69,13 @@ def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
         c.add_agent("node1", next_loopback())
         c.add_agent("node2", next_loopback())
         c.wait_for_nodes_online(["node1", "node2"])
+        # Their first heartbeats are stored with the leader's next group commit (a second):
+        # the tests compare the store before and after a refusal.
+        wait_until(
+            lambda: all(r["last_heartbeat"] for r in c.store_table("nodes")),
+            15,
+            "the first heartbeats stored",
+        )
         yield c
 
 
@@ -594,5 +601,11 @@ def test_escape_sequences_from_an_agent_never_reach_the_terminal(cluster: Cluste
     listed = cluster.cli("nodes")
     assert listed.returncode == 0
     assert "\x1b" not in listed.stdout and "\x07" not in listed.stdout
-    (row,) = [r for r in cluster.store_table("nodes") if r["name"] == "node1"]
-    assert "\x1b" not in row["agent_version"] and len(row["agent_version"]) <= 64
+
+    def stored() -> str:
+        (row,) = [r for r in cluster.store_table("nodes") if r["name"] == "node1"]
+        return str(row["agent_version"])
+
+    # Stored with the heartbeats' next group commit (a second: ``service.BATCH_SECONDS``).
+    wait_until(lambda: "RED" in stored(), 15, "the hostile version stored")
+    assert "\x1b" not in stored() and "\x07" not in stored() and len(stored()) <= 64

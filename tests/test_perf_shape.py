@@ -43,6 +43,7 @@ from leader.store import Node, Store
 from tests.cluster import Cluster, child_env, secure_channel, wait_until
 from tests.conftest import IssuedCert
 from tests.leader_rig import leader_with_a_node
+from tests.nodeside import Node as NodeSide
 from tests.refserver_helper import RefServer, write_toml
 from tlsroll import httpcheck, pki, tls
 from tlsroll.defaults import AGENT_PORT, BOOTSTRAP_PORT
@@ -232,6 +233,61 @@ def test_a_switched_agent_serves_its_bootstrap_service_without_aiohttp(
     assert "h11" in modules
 
 
+def test_a_preflight_starts_loading_the_certificate_code_the_csr_after_it_needs(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Issue 15, the overhead before a rollout's first switch: the first node's CSR imported
+    ``cryptography`` (about 40 ms) while the whole rollout waited for it. A rollout's preflight
+    now starts that import in a worker thread. Here the leader's Preflight call (with the
+    leader's credentials and the epoch of a real rollout of another node, so an announced one)
+    is the only command the real agent gets: no CSR, and it holds the certificate code all the
+    same. ``tlsroll plan``'s Check loads nothing (the idle-agent test above)."""
+    with Cluster(tmp_path / "cluster", loopback()) as cluster:
+        cluster.init()
+        cluster.start_leader()
+        address = loopback()
+        server = RefServer(tmp_path / "server", address)
+        server.start()
+        other = NodeSide(cluster, "other", loopback(), tmp_path / "other")
+        try:
+            with harness_agent(cluster, tmp_path, "lean4", address, server) as (agent, out, go):
+                other.start()
+                cluster.wait_for_nodes_online(["lean4", "other"], timeout=60)
+                started = cluster.cli(
+                    *("rollout", "start", "--scope", "nodes", "--nodes", "other"),
+                    *("--password-file", str(_password_file(tmp_path)), "--yes", "--wait"),
+                )
+                assert started.returncode == 0, started.stderr
+                epoch = int(cluster.newest_rollout()["epoch"])
+                chain, key = cluster.leader_credentials()
+                target = f"{address}:{AGENT_PORT}"
+                wait_for_status(target, cluster.ca_pem, chain, key)
+                with secure_channel(target, cluster.ca_pem, chain, key) as channel:
+                    checked = agent_pb2_grpc.NodeAgentStub(channel).Preflight(
+                        agent_pb2.PreflightRequest(
+                            command=agent_pb2.Command(rollout_id="r-warm", epoch=epoch)
+                        ),
+                        timeout=30,
+                    )
+                assert checked.ok, checked.problems
+                go.touch()
+                _, said = agent.communicate(timeout=120)
+            assert agent.returncode == 0, said
+        finally:
+            other.close()
+            server.close()
+    modules = out.read_text().split()
+    assert "tlsroll.pki" in modules
+    assert "stage.csr_created" not in said  # no CSR ran: the preflight alone loaded it
+
+
+def _password_file(tmp_path: Path) -> Path:
+    secret = tmp_path / "password"
+    secret.write_text("lean-agent-switch-password-7Qx\n")
+    secret.chmod(0o600)
+    return secret
+
+
 def wait_for_status(
     target: str, ca_pem: bytes, chain: bytes, key: bytes, timeout: float = 60.0
 ) -> agent_pb2.NodeStatus:
@@ -280,11 +336,14 @@ def test_a_finalize_refusal_naming_a_whole_practice_stays_short() -> None:
 
 
 class CountingAgents:
-    """Agents that answer GetStatus after a moment, counting how many calls are open at once."""
+    """Agents that answer GetStatus and Check after a moment, counting the calls and how
+    many are open at once."""
 
     def __init__(self) -> None:
         self.open = 0
         self.most = 0
+        self.calls: Counter[str] = Counter()
+        self.view = agent_pb2.ServerView(driver="bench", healthy=True, schemes=["http"])
 
     async def get(self, name: str) -> CountingAgents:
         return self
@@ -292,13 +351,20 @@ class CountingAgents:
     async def close(self) -> None:
         return None
 
-    async def get_status(self, request: object, timeout: float = 0) -> agent_pb2.NodeStatus:
+    async def _arrive(self, method: str) -> None:
+        self.calls[method] += 1
         self.open += 1
         self.most = max(self.most, self.open)
         await asyncio.sleep(0.01)
         self.open -= 1
-        view = agent_pb2.ServerView(driver="none", healthy=False, detail="bench")
-        return agent_pb2.NodeStatus(server=view)
+
+    async def get_status(self, request: object, timeout: float = 0) -> agent_pb2.NodeStatus:
+        await self._arrive("get_status")
+        return agent_pb2.NodeStatus(server=self.view)
+
+    async def check(self, request: object, timeout: float = 0) -> agent_pb2.PreflightResponse:
+        await self._arrive("check")
+        return agent_pb2.PreflightResponse(ok=True, server=self.view)
 
 
 async def test_observe_asks_a_bounded_number_of_agents_at_once() -> None:
@@ -308,6 +374,16 @@ async def test_observe_asks_a_bounded_number_of_agents_at_once() -> None:
     seen = await observe(agents, [f"s{i:03d}" for i in range(200)], ca.cert)  # type: ignore[arg-type]
     assert len(seen) == 200
     assert agents.most <= OBSERVE_AT_ONCE
+
+
+async def test_observe_asks_each_agent_one_call() -> None:
+    """Issue 15: planning asked every agent twice, GetStatus then Check; Check's answer
+    carries the same ServerView, so it is asked alone, and what the plan sees is the same."""
+    agents = CountingAgents()
+    ca = pki.CertificateAuthority.create()
+    seen = await observe(agents, [f"s{i:03d}" for i in range(20)], ca.cert)  # type: ignore[arg-type]
+    assert agents.calls == Counter({"check": 20})
+    assert all(s.reachable and s.schemes == ("http",) and not s.problems for s in seen.values())
 
 
 # --- heartbeats ---------------------------------------------------------------------------------
@@ -324,9 +400,11 @@ async def test_a_heartbeat_that_says_nothing_new_parses_nothing_and_writes_nothi
     """The Leader service on a real gRPC server with mutual TLS and a real store file: the
     caller's certificate is parsed once, not per heartbeat, and a heartbeat that says what the
     last one said is not written (the node's newest heartbeat is still what the store returns),
-    while one that says something new is."""
+    while one that says something new is (with the next group commit; here when the test
+    says: ``write_queued``)."""
     rig = leader_with_a_node(tmp_path, loopback(), loopback())
     server, store, clock = rig.server, rig.store, rig.clock
+    rig.service.batch_seconds = 3600
     parsed: list[bytes] = []
     load = pki.load_cert_pem
 
@@ -342,6 +420,7 @@ async def test_a_heartbeat_that_says_nothing_new_parses_nothing_and_writes_nothi
             stub = leader_pb2_grpc.LeaderStub(channel)
             beat = leader_pb2.HeartbeatRequest(agent_version="1", agent_port=AGENT_PORT)
             await stub.Heartbeat(beat, timeout=10)
+            await rig.service.write_queued()
             written = data_version(watcher)
             for _ in range(3):
                 clock[0] += dt.timedelta(seconds=5)
@@ -351,6 +430,8 @@ async def test_a_heartbeat_that_says_nothing_new_parses_nothing_and_writes_nothi
             assert len(parsed) == 1  # parsed once, not per heartbeat
             clock[0] += dt.timedelta(seconds=5)
             await stub.Heartbeat(leader_pb2.HeartbeatRequest(agent_version="2"), timeout=10)
+            assert store.get_node("hb1").agent_version == "2"  # known at once
+            assert await rig.service.write_queued() == 1
             assert data_version(watcher) != written  # something new: written
             assert store.get_node("hb1").agent_version == "2"
     finally:
@@ -868,6 +949,8 @@ async def step_hops(directory: Path, mp: pytest.MonkeyPatch, n: int, parallel: i
 
     mp.setattr(asyncio, "to_thread", counting)
     leader = world.boot(prepare_ahead=1)
+    for agent in world.agents:  # as ``AgentClient.node``: the pool's read of its enrolment
+        agent.node = leader.store.get_node(agent.name)  # type: ignore[attr-defined]
     await leader.start(max_parallel=parallel)
     calls.clear()
     row = None
@@ -895,14 +978,16 @@ async def test_a_rollout_s_steps_hand_few_reads_to_worker_threads_at_any_size(
     in three with ten nodes in flight). 31 hand-offs per node then. Now what is kept is read
     on the loop when no writer holds the store, what a rollout's steps look up once per
     rollout, and an outcome is checked against its own node's record only: what is left are
-    the writes, the node's enrolled names (preflight, stage), the signing record, the outside
-    check and the revocation of the certificate the node served before."""
+    the writes, the signing record, the outside check and the revocation of the certificate
+    the node served before (the node's enrolled names come with its agent's client)."""
     small = await step_hops(tmp_path / "small", monkeypatch, 2, 1)
     large = await step_hops(tmp_path / "large", monkeypatch, 20, 1)
     wide = await step_hops(tmp_path / "wide", monkeypatch, 20, 5)
     for n, cost in ((2, small), (20, large), (20, wide)):
-        # 12 per node at most, and a few per rollout (what its steps look up, its end)
-        assert cost.per_node * n <= 12 * n + 6, cost.by_call.most_common()
+        # 10 per node at most, and a few per rollout (what its steps look up, its end)
+        assert cost.per_node * n <= 10 * n + 6, cost.by_call.most_common()
+        # The enrolled names come with the agent's client (the pool read them).
+        assert cost.by_call["Store.get_node"] == 0, cost.by_call.most_common()
         for call in ("SchemaStore.get", "SchemaStore.active", "SchemaStore.node_auth"):
             assert cost.by_call[call] <= 1, cost.by_call.most_common()
     assert wide.refused == 0

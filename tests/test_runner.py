@@ -897,3 +897,21 @@ async def test_a_failed_way_back_keeps_a_scope_freeze_only_while_its_lease_holds
     assert w.server.frozen is lease
     assert (w.server.ops[-1] == "unfreeze") is not lease
     journal.close()
+
+
+def test_a_command_with_the_epoch_already_recorded_writes_nothing(tmp_path: Path) -> None:
+    """Every command of a rollout carries its epoch; the journal wrote it again each time (a
+    commit, an fsync) although it was already the highest, one of them on the way into each
+    switch. A higher epoch is written, an equal one is not, a lower one is refused."""
+    journal = Journal(tmp_path / "journal.sqlite3")
+    try:
+        assert journal.admit_epoch(5) is None
+        written = journal._db.commits
+        assert journal.admit_epoch(5) is None
+        assert journal._db.commits == written
+        assert journal.highest_epoch() == 5
+        assert journal.admit_epoch(4) == 5
+        assert journal.admit_epoch(6) is None
+        assert journal._db.commits == written + 1 and journal.highest_epoch() == 6
+    finally:
+        journal.close()

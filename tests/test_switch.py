@@ -28,7 +28,7 @@ from nodeagent.transaction import CRASH_ENV
 from refserver.server import SWITCHING_MESSAGE, WRITE_DELAY_ENV
 from tests.cluster import Cluster, wait_until
 from tests.conftest import next_loopback
-from tests.nodeside import Node, NodeFactory, port_holder, read_only
+from tests.nodeside import Node, NodeFactory, TxnView, port_holder, read_only
 from tests.refserver_helper import Response
 from tlsroll import pki
 from tlsroll.enums import Change
@@ -177,6 +177,68 @@ def test_switch_then_rollback_checked_from_outside(make_node: NodeFactory) -> No
     assert node.post("http", {"note": "after the rollback"}).status == 201
 
 
+def test_preflight_brings_back_the_csr_the_stage_is_signed_for(make_node: NodeFactory) -> None:
+    """Issue 15 (a call fewer per node): Preflight with ``make_csr`` makes the rollout's key
+    and CSR as CreateCSR would, the same one on every asking, and a certificate signed for it
+    stages with no CreateCSR call. Without ``make_csr`` (``tlsroll plan``'s and an earlier
+    leader's preflight) nothing is made."""
+    node = make_node()
+    plain = node.preflight("plain")
+    assert plain.ok and plain.csr_pem == b""
+    assert not node.stage_dir("plain").exists()
+    assert node.journal_query("SELECT * FROM staged") == []
+
+    pre = node.preflight("merged", make_csr=True)
+    assert pre.ok, list(pre.problems)
+    csr = pki.load_csr_pem(pre.csr_pem)
+    assert pki.names_of(csr) == pki.Names.of(node.name, [node.address])
+    key_file = node.stage_dir("merged") / "server.key"
+    assert stat.S_IMODE(key_file.stat().st_mode) == 0o600
+    assert node.preflight("merged", make_csr=True).csr_pem == pre.csr_pem  # a replay
+    assert node.create_csr("merged") == pre.csr_pem  # what an earlier leader would ask
+
+    staged = node.send_stage("merged", node.sign(pre.csr_pem))
+    cert = pki.read_cert(node.stage_dir("merged") / "server.pem")
+    assert pki.fingerprint(cert) == staged.fingerprint
+    assert pki.key_matches(cert, pki.read_key(key_file))
+
+
+def switch_stream(node: Node, rollout_id: str, request_id: str | None = None) -> list[TxnView]:
+    """WatchTransaction with ``switch`` set (the leader's one call to begin and follow a
+    switch): every state it streams, to the end."""
+    switch = agent_pb2.SwitchRequest(
+        command=node.command(rollout_id), change=CHANGE.wire(Change.ENABLE_TLS)
+    )
+    request = agent_pb2.GetTransactionRequest(
+        rollout_id=request_id or rollout_id, kind=agent_pb2.TRANSACTION_KIND_SWITCH, switch=switch
+    )
+    with node.stub() as stub:
+        return [TxnView(t) for t in stub.WatchTransaction(request, timeout=60)]
+
+
+def test_one_call_begins_a_switch_and_streams_it_to_its_end(make_node: NodeFactory) -> None:
+    """Issue 15 (a call fewer per node): WatchTransaction with ``switch`` begins the switch as
+    Switch would, then streams its states to the outcome; called again (the leader's stream
+    broke) it begins nothing and streams the outcome. Refusals end the stream before any
+    state, with Switch's status."""
+    node = make_node()
+    refused = rpc_error(lambda: switch_stream(node, "unstaged"))  # nothing staged
+    assert code_of(refused) == grpc.StatusCode.FAILED_PRECONDITION, details_of(refused)
+    mixed = rpc_error(lambda: switch_stream(node, "one", request_id="other"))
+    assert code_of(mixed) == grpc.StatusCode.INVALID_ARGUMENT, details_of(mixed)
+    assert node.journal_query("SELECT * FROM txns") == []
+
+    staged = node.stage("one")
+    states = switch_stream(node, "one")
+    assert states[-1].outcome == "completed", states[-1].reason
+    assert all(s.outcome == "" for s in states[:-1])  # pending until the end
+    assert states[-1].cert_fingerprint == staged.fingerprint
+    assert_switched(node, staged.fingerprint)
+    again = switch_stream(node, "one")
+    assert [s.outcome for s in again] == ["completed"]
+    assert len(node.journal_query("SELECT * FROM txns")) == 1
+
+
 # --- 2., 3. preflight problems --------------------------------------------------------------
 
 
@@ -184,8 +246,8 @@ def test_preflight_names_the_process_holding_8443(make_node: NodeFactory) -> Non
     node = make_node()
     config, pid = node.server.config_path.read_bytes(), node.server_pid()
     with port_holder(node.address, 8443) as holder:
-        pre = node.preflight("taken")
-        assert not pre.ok
+        pre = node.preflight("taken", make_csr=True)
+        assert not pre.ok and pre.csr_pem == b""  # no key for a node that cannot switch
         about_8443 = [p for p in pre.problems if "8443" in p]
         assert len(about_8443) == 1, list(pre.problems)
         assert f"pid {holder.pid}" in about_8443[0]

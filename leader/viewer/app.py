@@ -52,16 +52,21 @@ import re
 import time
 from collections.abc import Awaitable, Callable
 from importlib import resources
+from typing import TYPE_CHECKING
 from urllib.parse import urlencode
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST
 
-from leader.viewer import metrics, pages
 from leader.viewer.grants import Grant, Grants, LoginRefused
 from leader.viewer.i18n import LANGS, Words, pick_lang
 from leader.viewer.snapshot import Reader, Snapshot
 from tlsroll import logs
+
+if TYPE_CHECKING:
+    from leader.viewer import pages
+
+# The pages (Jinja2) and /metrics (prometheus_client) are imported when first asked for, not
+# when the leader starts: ~4 MiB that a leader whose viewer nobody opens never needs.
 
 log = logs.get_logger(__name__)
 
@@ -198,6 +203,8 @@ class ViewerApp:
     def _denied(self, request: web.Request, reason: str) -> web.Response:
         """401 with the page that says how to get access."""
         headers = {"WWW-Authenticate": 'Bearer realm="tlsroll"'}
+        from leader.viewer import pages  # noqa: PLC0415 - when first asked for (see the top)
+
         return web.Response(
             status=401,
             text=pages.denied_page(self._words(request), reason),
@@ -223,6 +230,8 @@ class ViewerApp:
             return snap
 
     def _page(self, request: web.Request, rollout_id: str | None) -> pages.PageContext:
+        from leader.viewer import pages  # noqa: PLC0415 - when first asked for (see the top)
+
         grant = request[GRANT]
         query = {"lang": self._words(request).lang}
         if rollout_id is not None:
@@ -244,12 +253,16 @@ class ViewerApp:
         snap = await self._snapshot(rollout_id)
         if rollout_id is not None and snap.selected is None:
             raise web.HTTPNotFound(text=f"no rollout {rollout_id!r}\n")
+        from leader.viewer import pages  # noqa: PLC0415 - when first asked for (see the top)
+
         html = pages.schema_page(snap, self._words(request), self._page(request, rollout_id))
         return web.Response(text=html, content_type="text/html")
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         """The live part of the page as server-sent events: sent at once, then again whenever
         it changes; ``unauthorized`` (and the end) when the session expires or is revoked."""
+        from leader.viewer import pages  # noqa: PLC0415 - when first asked for (see the top)
+
         rollout_id = request.query.get("rollout") or None
         words = self._words(request)
         page = self._page(request, rollout_id)
@@ -291,6 +304,10 @@ class ViewerApp:
         )
 
     async def metrics(self, request: web.Request) -> web.Response:
+        from prometheus_client import CONTENT_TYPE_LATEST  # noqa: PLC0415 - when first asked for (see the top)
+
+        from leader.viewer import metrics  # noqa: PLC0415 - when first asked for (see the top)
+
         snap = await self._snapshot(None)
         body = await asyncio.to_thread(metrics.render, snap)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
@@ -309,6 +326,8 @@ class ViewerApp:
         except LoginRefused as exc:
             log.info("viewer.login_refused", reason=exc.reason)
             return self._denied(request, exc.reason)
+        from leader.viewer import pages  # noqa: PLC0415 - when first asked for (see the top)
+
         html = pages.login_page(self._words(request), f"/login/{secret}/open")
         return web.Response(text=html, content_type="text/html")
 

@@ -153,7 +153,7 @@ class Reader:
             NodeStatus(
                 name=n.name,
                 addresses=n.addresses,
-                online=self.online(n.last_heartbeat),
+                online=not n.cert_revoked and self.online(n.last_heartbeat),
                 last_heartbeat=n.last_heartbeat,
                 heartbeat_age=(now - n.last_heartbeat).total_seconds()
                 if n.last_heartbeat

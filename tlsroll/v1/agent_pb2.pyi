@@ -325,7 +325,14 @@ class PreflightRequest(_message.Message):
     COMMAND_FIELD_NUMBER: _builtins.int
     LEADER_TIME_FIELD_NUMBER: _builtins.int
     MAX_CLOCK_OFFSET_SECONDS_FIELD_NUMBER: _builtins.int
+    MAKE_CSR_FIELD_NUMBER: _builtins.int
     max_clock_offset_seconds: _builtins.int
+    make_csr: _builtins.bool
+    """If the checks pass, also make the server key and CSR that CreateCSR would (the same
+    key and CSR: one per rollout, journalled) and return the CSR in `csr_pem`, so the stage
+    needs no CreateCSR call. Making a key in the rollout's stage directory changes nothing
+    live. An agent of an earlier release ignores it (no `csr_pem`): the leader calls CreateCSR.
+    """
     @_builtins.property
     def command(self) -> Global___Command: ...
     @_builtins.property
@@ -338,10 +345,11 @@ class PreflightRequest(_message.Message):
         command: Global___Command | None = ...,
         leader_time: _timestamp_pb2.Timestamp | None = ...,
         max_clock_offset_seconds: _builtins.int = ...,
+        make_csr: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "leader_time", b"leader_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "leader_time", b"leader_time", "max_clock_offset_seconds", b"max_clock_offset_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "leader_time", b"leader_time", "make_csr", b"make_csr", "max_clock_offset_seconds", b"max_clock_offset_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -360,6 +368,7 @@ class PreflightResponse(_message.Message):
     NEW_URL_FIELD_NUMBER: _builtins.int
     OLD_URL_FIELD_NUMBER: _builtins.int
     BOOTSTRAP_PORT_FIELD_NUMBER: _builtins.int
+    CSR_PEM_FIELD_NUMBER: _builtins.int
     ok: _builtins.bool
     common_name: _builtins.str
     """The names the node's https certificate must carry."""
@@ -367,6 +376,10 @@ class PreflightResponse(_message.Message):
     """Where clients will find the server and the bootstrap service after the switch."""
     old_url: _builtins.str
     bootstrap_port: _builtins.int
+    csr_pem: _builtins.bytes
+    """PreflightRequest.make_csr: the CSR for the rollout's key (empty if not asked, if the
+    checks failed, or from an agent of an earlier release).
+    """
     @_builtins.property
     def problems(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -387,10 +400,11 @@ class PreflightResponse(_message.Message):
         new_url: _builtins.str = ...,
         old_url: _builtins.str = ...,
         bootstrap_port: _builtins.int = ...,
+        csr_pem: _builtins.bytes = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["server", b"server"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bootstrap_port", b"bootstrap_port", "common_name", b"common_name", "dns_names", b"dns_names", "ip_addresses", b"ip_addresses", "new_url", b"new_url", "ok", b"ok", "old_url", b"old_url", "problems", b"problems", "server", b"server"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["bootstrap_port", b"bootstrap_port", "common_name", b"common_name", "csr_pem", b"csr_pem", "dns_names", b"dns_names", "ip_addresses", b"ip_addresses", "new_url", b"new_url", "ok", b"ok", "old_url", b"old_url", "problems", b"problems", "server", b"server"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -590,18 +604,30 @@ class GetTransactionRequest(_message.Message):
 
     ROLLOUT_ID_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
+    SWITCH_FIELD_NUMBER: _builtins.int
     rollout_id: _builtins.str
     kind: Global___TransactionKind.ValueType
     """Required."""
+    @_builtins.property
+    def switch(self) -> Global___SwitchRequest:
+        """WatchTransaction only: begin this switch first, exactly as Switch would (same checks,
+        same refusals, a replay begins nothing), then stream its states: one call instead of
+        Switch + WatchTransaction. A refusal ends the stream with its status before any state.
+        `rollout_id` must be the command's and `kind` TRANSACTION_KIND_SWITCH. An agent of an
+        earlier release ignores it (NOT_FOUND before the switch began): the leader then calls
+        Switch and watches.
+        """
+
     def __init__(
         self,
         *,
         rollout_id: _builtins.str = ...,
         kind: Global___TransactionKind.ValueType = ...,
+        switch: Global___SwitchRequest | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["switch", b"switch"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "rollout_id", b"rollout_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "rollout_id", b"rollout_id", "switch", b"switch"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -157,6 +157,7 @@ class NodeAgentServicer:
     def WatchTransaction(self, request, context):
         """The state of a transaction now, then again each time it changes; the stream ends after
         the transaction's outcome is no longer PENDING (event-driven steps: no poll interval).
+        With `switch` set it begins that switch first (see GetTransactionRequest).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -63,6 +63,7 @@ class NodeAgentStub:
     WatchTransaction: _grpc.UnaryStreamMultiCallable[_agent_pb2.GetTransactionRequest, _agent_pb2.Transaction]
     """The state of a transaction now, then again each time it changes; the stream ends after
     the transaction's outcome is no longer PENDING (event-driven steps: no poll interval).
+    With `switch` set it begins that switch first (see GetTransactionRequest).
     """
     Freeze: _grpc.UnaryUnaryMultiCallable[_agent_pb2.FreezeRequest, _agent_pb2.FreezeResponse]
     """Freeze writes for a whole rollout (`--freeze scope`): new writes get 503, in-flight ones
@@ -101,6 +102,7 @@ class NodeAgentAsyncStub(NodeAgentStub):
     WatchTransaction: _aio.UnaryStreamMultiCallable[_agent_pb2.GetTransactionRequest, _agent_pb2.Transaction]  # type: ignore[assignment]
     """The state of a transaction now, then again each time it changes; the stream ends after
     the transaction's outcome is no longer PENDING (event-driven steps: no poll interval).
+    With `switch` set it begins that switch first (see GetTransactionRequest).
     """
     Freeze: _aio.UnaryUnaryMultiCallable[_agent_pb2.FreezeRequest, _agent_pb2.FreezeResponse]  # type: ignore[assignment]
     """Freeze writes for a whole rollout (`--freeze scope`): new writes get 503, in-flight ones
@@ -190,6 +192,7 @@ class NodeAgentServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_abc.Iterator[_agent_pb2.Transaction], _abc.AsyncIterator[_agent_pb2.Transaction]]:
         """The state of a transaction now, then again each time it changes; the stream ends after
         the transaction's outcome is no longer PENDING (event-driven steps: no poll interval).
+        With `switch` set it begins that switch first (see GetTransactionRequest).
         """
 
     @_abc_1.abstractmethod

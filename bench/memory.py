@@ -1,0 +1,103 @@
+"""Where a process's memory is (``python -m bench.simagents --memory DIR``): its resident
+memory by mapping (``/proc/PID/smaps``: the heap, anonymous mappings such as Python's arenas
+and thread stacks, each shared library), and the leader's Python allocations by source line
+(tracemalloc, started before the leader imports anything by ``bench/memory_site``), compared
+between two moments. What tracemalloc does not see (gRPC's core, OpenSSL, SQLite's cache,
+malloc's free but unreturned memory) is RSS less the traced Python memory.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import tracemalloc
+from collections import Counter
+from pathlib import Path
+
+SITE = Path(__file__).parent / "memory_site"
+KIB = 1024
+
+
+def memory_env(prefix: Path, frames: int = 1) -> dict[str, str]:
+    """What a leader's environment needs for ``Snapshots``: the site hook first on its path."""
+    path = os.environ.get("PYTHONPATH", "")
+    return {
+        "TLSROLL_TRACEMALLOC": str(prefix),
+        "TLSROLL_TRACEMALLOC_FRAMES": str(frames),
+        "PYTHONPATH": f"{SITE}:{path}" if path else str(SITE),
+    }
+
+
+def smaps(pid: int) -> Counter[str]:
+    """Resident KiB by mapping: the file's name, ``[heap]``, ``[stack]``, or ``[anon]``."""
+    out: Counter[str] = Counter()
+    name = "[anon]"
+    for line in Path(f"/proc/{pid}/smaps").read_text().splitlines():
+        parts = line.split()
+        if parts and "-" in parts[0] and not parts[0].endswith(":"):
+            name = os.path.basename(parts[5]) if len(parts) > 5 else "[anon]"
+        elif parts and parts[0] == "Rss:":
+            out[name] += int(parts[1])
+    return out
+
+
+def threads(pid: int) -> Counter[str]:
+    """The process's threads by name (``/proc/PID/task/*/comm``)."""
+    names: Counter[str] = Counter()
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            names[(task / "comm").read_text().strip()] += 1
+        except OSError:
+            continue
+    return names
+
+
+class Snapshots:
+    """tracemalloc snapshots of a leader started with ``memory_env(prefix)``: ``take`` signals
+    it and waits for the file."""
+
+    def __init__(self, pid: int, prefix: Path) -> None:
+        self.pid = pid
+        self.prefix = prefix
+        self.taken: list[tuple[tracemalloc.Snapshot, Counter[str], int]] = []
+
+    def take(self, timeout: float = 120.0) -> None:
+        n = len(self.taken) + 1
+        done = Path(f"{self.prefix}.{n}.done")
+        os.kill(self.pid, signal.SIGUSR1)
+        deadline = time.monotonic() + timeout
+        while not done.exists():
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the leader wrote no snapshot {done}")
+            time.sleep(0.2)
+        snapshot = tracemalloc.Snapshot.load(f"{self.prefix}.{n}")
+        self.taken.append((snapshot, smaps(self.pid), int(done.read_text())))
+
+    def report(self, top: int = 30) -> str:
+        """Each snapshot's RSS by mapping and traced Python memory; between the first and the
+        last, the source lines whose memory grew most."""
+        lines = []
+        for i, (snap, maps, traced) in enumerate(self.taken, 1):
+            rss = sum(maps.values())
+            lines.append(
+                f"snapshot {i}: RSS {rss / KIB:.1f} MiB, Python (traced) {traced / KIB / KIB:.1f}"
+                f" MiB; by mapping (MiB): "
+                + ", ".join(f"{k} {v / KIB:.1f}" for k, v in maps.most_common(8))
+            )
+            by_file = snap.statistics("filename")[:top]
+            lines.append("  Python memory by file (MiB):")
+            lines += [
+                f"    {s.size / KIB / KIB:7.2f} {s.count:>8} {s.traceback[0].filename}"
+                for s in by_file
+            ]
+        if len(self.taken) >= 2:
+            first, last = self.taken[0][0], self.taken[-1][0]
+            lines.append(f"grew from snapshot 1 to {len(self.taken)}, by line (KiB, blocks):")
+            for stat in last.compare_to(first, "lineno")[:top]:
+                frame = stat.traceback[0]
+                lines.append(
+                    f"  {stat.size_diff / KIB:+9.1f} {stat.count_diff:+8} "
+                    f"{frame.filename}:{frame.lineno}"
+                )
+        return "\n".join(lines)

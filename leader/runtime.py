@@ -1,0 +1,346 @@
+"""The leader daemon (``tlsroll-leader``, entry point ``leader.daemon``).
+
+Four listeners, each with the service for its level of trust:
+    join port     TLS (leader cert), no client cert   Enrolment + health + reflection
+    control port  mutual TLS (cluster CA)             Leader + health + reflection
+    admin socket  Unix socket in a 0750 directory     Admin + health
+    viewer port   https (viewer cert), read-only      the web viewer (``leader.viewer``), off
+                                                      with ``viewer_port = 0`` (then
+                                                      neither it nor aiohttp is imported)
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import datetime as dt
+import functools
+import os
+import socket
+import sqlite3
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import grpc
+
+from leader.admin_service import AdminService, Endpoints
+from leader.admin_socket import AdminRelay
+from leader.agent_client import AgentPool
+from leader.auto_rotate import AutoRotator
+from leader.commands import Commands
+from leader.config import LeaderConfig
+from leader.db import RELEARN_WINDOW, check_store, mark_store
+from leader.engine import Engine
+from leader.expiry import ExpiryWatch, own_certificates
+from leader.join_guard import GuardPolicy, JoinGuard
+from leader.layout import (
+    check_secret_dirs,
+    ensure_leader_identity,
+    passphrase_source,
+    read_passphrase,
+    upgrade_ca_key,
+)
+from leader.observe import observe
+from leader.own_tls import OwnTls
+from leader.schema_store import SchemaStore
+from leader.schema_view import SchemaViewService, add_json_to_server
+from leader.service import (
+    EnrolmentService,
+    LeaderService,
+    LeaderState,
+    control_server_options,
+)
+from leader.store import Store
+from tlsroll import __version__, keywrap, logs, pki
+from tlsroll.daemon import sd_notify, stop_event, watchdog
+from tlsroll.defaults import LEADER_NAME
+from tlsroll.errors import ConfigError, TerminalError, TlsrollError
+from tlsroll.fsutil import check_private_file
+from tlsroll.rpc import add_standard_services, bind, hostport
+from tlsroll.v1 import (
+    admin_pb2,
+    admin_pb2_grpc,
+    enrolment_pb2,
+    enrolment_pb2_grpc,
+    leader_pb2,
+    leader_pb2_grpc,
+    schema_pb2,
+    schema_pb2_grpc,
+)
+
+if TYPE_CHECKING:
+    from leader.viewer.server import Viewer
+
+GRACE_SECONDS = 10.0
+# gRPC sets SO_REUSEPORT by default: a second leader would then share the ports with the first.
+SERVER_OPTIONS: list[tuple[str, int]] = [("grpc.so_reuseport", 0)]
+# The join and control ports hold one TLS connection per agent for as long as it runs (its
+# heartbeat stream): 500 agents, 500 connections. gRPC's TLS layer keeps a buffer of the largest
+# TLS frame it writes per connection (16 KiB by default); 4 KiB frames cost nothing a heartbeat
+# would notice and take ~6 KiB off each connection (3 MiB of the leader's memory at 500 agents).
+TLS_FRAME_OPTIONS = [("grpc.tsi.max_frame_size", 4096)]
+log = logs.get_logger(__name__)
+
+
+def _service(module: object, name: str) -> str:
+    return str(module.DESCRIPTOR.services_by_name[name].full_name)  # type: ignore[attr-defined]
+
+
+def _answers(sock: Path) -> bool:
+    """True if a process accepts connections on the Unix socket ``sock``."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as probe:
+        probe.settimeout(2)
+        try:
+            probe.connect(str(sock))
+        except OSError:
+            return False
+    return True
+
+
+def load_state(cfg: LeaderConfig, *, reinitialise: bool = False) -> LeaderState:
+    layout = cfg.layout
+    check_secret_dirs(layout)
+    source = passphrase_source(cfg.ca_passphrase_file)
+    credential = source != cfg.ca_passphrase_file
+    for secret in (layout.ca_key, layout.tls_key):
+        check_private_file(secret)
+    passphrase = read_passphrase(source, credential=credential)
+    ca = pki.CertificateAuthority.load(layout.ca_cert, layout.ca_key, passphrase)
+    ca.csr_lifetime = dt.timedelta(seconds=cfg.server_cert_lifetime)  # the nodes' https
+    if credential and cfg.ca_passphrase_file.exists():
+        log.warning(
+            "ca.passphrase_file_left",
+            path=str(cfg.ca_passphrase_file),
+            hint="the passphrase comes from the systemd credential; remove this copy (shred -u)",
+        )
+    if (weak := upgrade_ca_key(layout, ca, passphrase)) is not None:
+        log.info(
+            "ca.key_reencrypted",
+            kdf_before=weak,
+            kdf_now=str(keywrap.kdf_of(layout.ca_key.read_bytes())),
+        )
+    names = pki.Names.of(LEADER_NAME, [cfg.address], cfg.dns_names)
+    if ensure_leader_identity(layout, ca, names):
+        log.info("leader.certificate_reissued", reason="identity or names changed, or due")
+    # Lost state stops the leader; it never starts empty instead, unless the admin says so.
+    kept = check_store(layout.store, reinitialise=reinitialise)
+    store = Store(layout.store)
+    mark_store(layout.store)
+    if reinitialise:
+        now = dt.datetime.now(dt.UTC)
+        store.open_relearning(now + RELEARN_WINDOW, now=now, actor="admin:--reinitialise")
+        log.warning(
+            "store.reinitialised",
+            path=str(layout.store),
+            kept_as=[str(k) for k in kept],
+            relearn_until=(now + RELEARN_WINDOW).isoformat(timespec="seconds"),
+            detail="an empty store on the admin's --reinitialise; nodes are re-learned from "
+            "their agents' heartbeats; check `tlsroll nodes` and remove any that do not belong",
+        )
+    return LeaderState(
+        store=store,
+        ca=ca,
+        clock=lambda: dt.datetime.now(dt.UTC),
+        heartbeat_interval=cfg.heartbeat_interval,
+        leader_names=names,
+        leader_node=cfg.node_name,
+        agent_cert_lifetime=dt.timedelta(seconds=cfg.agent_cert_lifetime),
+    )
+
+
+async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
+    stop = stop_event()
+    layout = cfg.layout
+    names = state.leader_names or pki.Names.of(LEADER_NAME, [cfg.address], cfg.dns_names)
+    own = OwnTls(layout, state.ca, names)  # renewed and served while running
+    join_creds = own.join_credentials()
+    control_creds = own.control_credentials()
+
+    join = grpc.aio.server(options=SERVER_OPTIONS + TLS_FRAME_OPTIONS)
+    enrolment = EnrolmentService(state)
+    enrolment.guard = JoinGuard(GuardPolicy(free=cfg.join_free_failures))
+    enrolment_pb2_grpc.add_EnrolmentServicer_to_server(enrolment, join)
+    await add_standard_services(join, [_service(enrolment_pb2, "Enrolment")])
+    bind(join, hostport(cfg.address, cfg.join_port), join_creds)
+
+    # Keepalive PINGs tell a live agent from a stopped one between its heartbeat messages.
+    control = grpc.aio.server(
+        options=SERVER_OPTIONS + TLS_FRAME_OPTIONS + control_server_options(cfg.heartbeat_interval)
+    )
+    leader_service = LeaderService(state)
+    leader_pb2_grpc.add_LeaderServicer_to_server(leader_service, control)
+    await add_standard_services(control, [_service(leader_pb2, "Leader")])
+    bind(control, hostport(cfg.address, cfg.control_port), control_creds)
+
+    relay = AdminRelay(cfg.admin_socket)  # the caller from SO_PEERCRED (leader.admin_socket)
+    admin = grpc.aio.server(interceptors=[relay.interceptor()])
+    schema = SchemaStore(state.store.db)  # one Database for the file (leader.db)
+    agent_credentials = own.channel_credentials()
+    agents = AgentPool(state.store, agent_credentials, state.trust_domain)
+    engine = Engine(
+        state.store,
+        schema,
+        state.ca,
+        agents,
+        state.clock,
+        cfg.scope_freeze_lease,
+        step_deadline=cfg.step_deadline,
+        prepare_ahead=cfg.prepare_ahead,
+        heartbeat_interval=cfg.heartbeat_interval,
+    )
+    commands = Commands(
+        state.store,
+        schema,
+        state.clock,
+        state.online,
+        cfg.node_name,
+        engine.wake.set,
+        observe=functools.partial(observe, agents, ca=state.ca.cert),
+        vault=engine.vault,
+        cert_horizon=dt.timedelta(days=cfg.expiry_warning_days),
+    )
+    viewer: Viewer | None = None
+    if cfg.viewer_port:  # aiohttp and the viewer's parts only when it is on: ~15 MiB
+        from leader.viewer.server import Viewer  # noqa: PLC0415
+
+        viewer = Viewer.build(cfg, state, schema)
+    expiry = ExpiryWatch(
+        state.store,
+        schema,
+        state.ca.cert,
+        lambda: own_certificates(
+            [("leader", layout.tls_cert)] + ([("viewer", layout.viewer_cert)] if viewer else [])
+        ),
+        state.clock,
+        warning_days=cfg.expiry_warning_days,
+        agent_lifetime=state.agent_cert_lifetime,
+        check_every=cfg.expiry_check_interval,
+    )
+    if viewer is not None:
+        expiry.before_check.append(viewer.renew_if_due)  # renewed while the leader runs
+    rotator = AutoRotator(
+        expiry, schema, commands, enabled=cfg.auto_rotate, window=cfg.maintenance_window
+    )
+    expiry.before_check.append(rotator.check)  # auto_rotate: in the maintenance window
+    if viewer is not None:
+        viewer.app.reader.auto_rotate = rotator.status.view
+    admin_service = AdminService(
+        state,
+        commands,
+        schema,
+        cfg.node_name,
+        viewer_url=viewer.url if viewer else "",
+        expiry=expiry,
+        endpoints=Endpoints(cfg.address, cfg.join_port, cfg.control_port),
+        agent_credentials=agent_credentials,
+    )
+    admin_pb2_grpc.add_AdminServicer_to_server(admin_service, admin)
+
+    def redial(_chain: bytes) -> None:
+        credentials = own.channel_credentials()
+        agents.set_credentials(credentials)
+        admin_service.agent_credentials = credentials
+
+    own.on_renewed.append(redial)
+    expiry.before_check.insert(0, own.renew_if_due)  # the leader's certificate, while it runs
+    schema_view = SchemaViewService(schema, state.clock, expiry, rotator.status.view)
+    schema_pb2_grpc.add_SchemaViewServicer_to_server(schema_view, admin)
+    add_json_to_server(schema_view, admin)  # the same, for `tlsroll schema show`
+    await add_standard_services(
+        admin, [_service(admin_pb2, "Admin"), _service(schema_pb2, "SchemaView")]
+    )
+    sock = cfg.admin_socket
+    sock.parent.mkdir(parents=True, exist_ok=True, mode=0o750)
+    os.chmod(sock.parent, 0o750)  # noqa: S103 - group = admins
+    if sock.exists():
+        if _answers(sock):
+            raise TerminalError(f"another tlsroll-leader is running on {sock}")
+        sock.unlink()  # a stale socket from a crash; the directory is ours
+    bind(admin, relay.backend, None)
+
+    servers = (join, control, admin)
+    for server in servers:
+        await server.start()
+    await relay.start(0o660)
+    if viewer is not None:
+        try:
+            await viewer.start()
+        except BaseException:
+            await asyncio.gather(*(s.stop(None) for s in servers))
+            await relay.stop()
+            raise
+    log.info(
+        "leader.started",
+        version=__version__,
+        join=hostport(cfg.address, cfg.join_port),
+        control=hostport(cfg.address, cfg.control_port),
+        admin_socket=str(sock),
+        viewer=viewer.url if viewer else "off",
+        ca_pin=pki.spki_pin(state.ca.cert),
+    )
+    sd_notify("READY=1")
+    pinger = asyncio.create_task(watchdog(), name="watchdog")
+    # The engine resumes an unfinished rollout from the store on its first pass.
+    engine_task = asyncio.create_task(engine.run(stop), name="engine")
+    expiry_task = asyncio.create_task(expiry.run(stop), name="expiry-watch")
+    await stop.wait()
+    sd_notify("STOPPING=1")
+    pinger.cancel()
+    log.info("leader.stopping", grace_seconds=GRACE_SECONDS)
+    if viewer is not None:
+        await viewer.stop()
+    leader_service.close_streams()  # else the graceful stop waits out its grace for them
+    await asyncio.gather(*(s.stop(GRACE_SECONDS) for s in servers))
+    await relay.stop()
+    await engine_task
+    await expiry_task
+    # What waits for the heartbeats' group commit (a second at most) is kept at a stop.
+    try:
+        await leader_service.write_queued()
+    except Exception as exc:  # soft state: the agents report it again after the restart
+        log.error("heartbeat.batch_failed", error=f"{type(exc).__name__}: {exc}"[:200])
+    schema.close()
+    state.store.close()
+    log.info("leader.stopped")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="tlsroll-leader", description="tlsroll leader daemon")
+    parser.add_argument("--config", type=Path, required=True, help="leader.toml (see tlsroll init)")
+    parser.add_argument("--version", action="version", version=f"tlsroll-leader {__version__}")
+    parser.add_argument(
+        "--log-level",
+        type=str.lower,
+        choices=list(logs.LEVELS),
+        help="debug, info, warning or error (default: log_level in the config, else info)",
+    )
+    parser.add_argument(
+        "--reinitialise",
+        action="store_true",
+        help="start with an empty store in place of a lost (missing, empty or damaged) one; "
+        "enrolled nodes are re-learned from their agents for 24 h",
+    )
+    ns = parser.parse_args(argv)
+    try:
+        cfg = LeaderConfig.load(ns.config)
+        logs.configure(level=logs.level_of(ns.log_level or cfg.log_level))
+        log.debug(
+            "leader.config_loaded", config=str(ns.config), log_level=ns.log_level or cfg.log_level
+        )
+        state = load_state(cfg, reinitialise=ns.reinitialise)
+        asyncio.run(serve(cfg, state))
+    except TlsrollError as exc:
+        print(f"tlsroll-leader: {exc}", file=sys.stderr)
+        return 2 if isinstance(exc, ConfigError) else 1
+    except OSError as exc:
+        print(f"tlsroll-leader: {exc.strerror}: {exc.filename}", file=sys.stderr)
+        return 1
+    except sqlite3.Error as exc:
+        print(f"tlsroll-leader: store {cfg.layout.store}: {exc}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

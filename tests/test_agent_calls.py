@@ -1,0 +1,110 @@
+"""The leader's client of the agents (``leader.agent_client``) against agents of this release
+and of the one before: which calls a step makes, over real gRPC and TLS on a loopback port
+(the agents here answer only the calls under test; real agents in ``test_switch``)."""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import AsyncIterator, Callable
+from typing import Any
+
+import grpc
+import pytest
+
+from leader.agent_client import AgentClient, SwitchRefused
+from leader.store import Node
+from tlsroll import pki, spiffe
+from tlsroll.v1 import agent_pb2, agent_pb2_grpc
+
+COMPLETED = agent_pb2.TRANSACTION_OUTCOME_COMPLETED
+
+
+class Agent(agent_pb2_grpc.NodeAgentServicer):
+    """Switch and WatchTransaction as an agent answers them: ``merged`` (this release: a
+    watch with ``switch`` set begins it) or not (the release before: the field is unknown
+    to it, so the watch of a switch not yet begun is NOT_FOUND). ``refuse``: Switch's
+    refusal. Every call is logged by name."""
+
+    def __init__(self, *, merged: bool, refuse: str = "") -> None:
+        self.merged = merged
+        self.refuse = refuse
+        self.calls: list[str] = []
+        self.txns: dict[str, agent_pb2.Transaction] = {}
+
+    async def _begin(self, request: agent_pb2.SwitchRequest, context: Any) -> None:
+        if self.refuse:
+            await context.abort(grpc.StatusCode.FAILED_PRECONDITION, self.refuse)
+        rid = request.command.rollout_id
+        self.txns.setdefault(rid, agent_pb2.Transaction(rollout_id=rid, outcome=COMPLETED))
+
+    async def Switch(self, request: agent_pb2.SwitchRequest, context: Any) -> Any:
+        self.calls.append("Switch")
+        await self._begin(request, context)
+        return self.txns[request.command.rollout_id]
+
+    async def WatchTransaction(
+        self, request: agent_pb2.GetTransactionRequest, context: Any
+    ) -> AsyncIterator[agent_pb2.Transaction]:
+        self.calls.append("WatchTransaction")
+        if self.merged and request.HasField("switch"):
+            await self._begin(request.switch, context)
+        txn = self.txns.get(request.rollout_id)
+        if txn is None:
+            await context.abort(grpc.StatusCode.NOT_FOUND, "no switch transaction")
+        assert txn is not None
+        yield txn
+
+
+async def switch_calls(address: str, agent: Agent) -> list[agent_pb2.Transaction]:
+    """The leader's client begins and follows rollout r1's switch on ``agent`` (served over
+    TLS with a certificate for the node's key name, as ``AgentClient`` dials it)."""
+    ca = pki.CertificateAuthority.create("agent calls test CA")
+    key = pki.generate_key()
+    td, pin = ca.trust_domain, "sha256:" + "ab" * 32
+    cert = ca.issue(key.public_key(), pki.Names.of("n1", [address], [spiffe.key_host(td, pin)]))
+    server = grpc.aio.server()
+    agent_pb2_grpc.add_NodeAgentServicer_to_server(agent, server)
+    port = server.add_secure_port(
+        f"{address}:0",
+        grpc.ssl_server_credentials([(pki.key_to_pem(key), pki.cert_to_pem(cert))]),
+    )
+    await server.start()
+    at = dt.datetime(2026, 11, 30, tzinfo=dt.UTC)
+    node = Node("n1", (address,), (), "1", port, pin, "", "", at, at, None)
+    client = AgentClient(node, grpc.ssl_channel_credentials(ca.cert_pem), td)
+    request = agent_pb2.SwitchRequest(command=agent_pb2.Command(rollout_id="r1", epoch=1))
+    try:
+        return [t async for t in client.switch_and_watch(request)]
+    finally:
+        await client.close()
+        await server.stop(None)
+
+
+async def test_a_switch_is_begun_and_followed_in_one_call(loopback: Callable[[], str]) -> None:
+    """Issue 15: Switch, then WatchTransaction: two calls per node. Now one."""
+    agent = Agent(merged=True)  # type: ignore[abstract]  # only the calls under test
+    states = await switch_calls(loopback(), agent)
+    assert [t.outcome for t in states] == [COMPLETED]
+    assert agent.calls == ["WatchTransaction"]
+
+
+async def test_an_agent_of_the_release_before_gets_switch_then_the_watch(
+    loopback: Callable[[], str],
+) -> None:
+    """Mixed versions: an agent that does not know ``switch`` answers the watch NOT_FOUND (no
+    switch began); the client then calls Switch and watches, as the release before did."""
+    agent = Agent(merged=False)  # type: ignore[abstract]  # only the calls under test
+    states = await switch_calls(loopback(), agent)
+    assert [t.outcome for t in states] == [COMPLETED]
+    assert agent.calls == ["WatchTransaction", "Switch", "WatchTransaction"]
+
+
+@pytest.mark.parametrize("merged", [True, False])
+async def test_a_refused_switch_is_a_refusal_in_either_release(
+    loopback: Callable[[], str], merged: bool
+) -> None:
+    agent = Agent(merged=merged, refuse="nothing staged for rollout r1; run Stage")  # type: ignore[abstract]
+    with pytest.raises(SwitchRefused, match="nothing staged") as refused:
+        await switch_calls(loopback(), agent)
+    assert refused.value.code is grpc.StatusCode.FAILED_PRECONDITION
+    assert agent.txns == {}

@@ -1,0 +1,142 @@
+"""What the leader keeps in memory (issue 15: leader RSS ≤ 120 MiB after 500 nodes), without
+measuring any figure: what it must not keep once it no longer needs it, and what an idle leader
+must not have imported. The figures come from ``python -m bench.simagents`` (``--memory`` shows
+where the leader's memory is).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import subprocess
+import sys
+import weakref
+from collections.abc import Callable
+from pathlib import Path
+
+import grpc
+import pytest
+
+from leader.rollout_core import RolloutState
+from tests.cluster import Cluster, child_env
+from tests.leader_rig import leader_with_a_node
+from tests.test_engine import make_world
+from tlsroll.defaults import AGENT_PORT
+from tlsroll.v1 import leader_pb2, leader_pb2_grpc
+
+
+async def test_an_open_heartbeat_stream_keeps_no_snapshot_of_the_store_between_messages(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Found by the 500-node benchmark: each ``Heartbeats`` stream, waiting for its next
+    message, held the store snapshot its last message was checked against. Every write makes a
+    new snapshot (all nodes' certificates, the revoked serials, the revocation list), so with
+    500 streams up to 500 of them stayed alive: 12 MiB of the leader's memory after a 500-node
+    rollout. A snapshot the service has replaced must be freed while the stream stays open."""
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    await rig.server.start()
+    try:
+        async with grpc.aio.secure_channel(rig.target, rig.node) as channel:
+            stream = leader_pb2_grpc.LeaderStub(channel).Heartbeats()  # type: ignore[call-arg]
+            await stream.write(
+                leader_pb2.HeartbeatRequest(agent_version="1", agent_port=AGENT_PORT)
+            )
+            assert isinstance(await stream.read(), leader_pb2.HeartbeatResponse)
+            used = rig.service._snapshot
+            assert used is not None  # the one the message was checked against
+            gone = weakref.ref(used)
+            del used
+            rig.store.advance_epoch(3, now=rig.clock[0], actor="test")  # a write: a new one
+            newer = await rig.service.snapshot()
+            assert newer.epoch == 3 and rig.service._snapshot is newer
+            await asyncio.sleep(0.1)  # the stream waits for its next message
+            gc.collect()
+            assert gone() is None, "the open stream still holds the replaced snapshot"
+            await stream.done_writing()
+    finally:
+        await rig.close()
+
+
+# Runs the real leader daemon (``leader.daemon.main``, as the tlsroll-leader script does) and,
+# once its admin socket answers, writes the modules the process holds and stops it (SIGTERM,
+# the graceful stop). Only the standard library is imported besides the daemon.
+LEADER_HARNESS = """
+import os, signal, socket, sys, threading, time
+sock, out, config = sys.argv[1], sys.argv[2], sys.argv[3]
+
+def watch():
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            with socket.socket(socket.AF_UNIX) as probe:
+                probe.connect(sock)
+            break
+        except OSError:
+            time.sleep(0.1)
+    time.sleep(1.0)  # the engine's and the expiry watch's first passes
+    loaded = sorted(name for name, module in list(sys.modules.items()) if module is not None)
+    with open(out, "w") as f:
+        f.write("\\n".join(loaded))
+    os.kill(os.getpid(), signal.SIGTERM)
+
+threading.Thread(target=watch, daemon=True).start()
+from leader.daemon import main
+sys.exit(main(["--config", config]))
+"""
+
+# Never in a running leader: a terminal UI (structlog imports rich, and rich pygments, merely
+# because they are installed; ~5 MiB), the admin CLI's libraries, the other roles.
+NOT_IN_LEADER = {"rich", "pygments", "click", "nodeagent", "workstation", "refserver"}
+# ... and with the viewer off (``viewer_port = 0``), nothing of the viewer's (~15 MiB).
+VIEWER_ONLY = {"aiohttp", "jinja2", "prometheus_client"}
+
+
+@pytest.mark.parametrize("viewer", ["on", "off"])
+def test_an_idle_leader_holds_no_terminal_ui_and_no_viewer_it_does_not_run(
+    tmp_path: Path, loopback: Callable[[], str], viewer: str
+) -> None:
+    """Issue 15: an idle leader held rich and pygments (through structlog), Jinja2 and
+    prometheus_client (the viewer's pages and /metrics, before anyone opened them) and, with
+    its viewer turned off, aiohttp too: 20 MiB of the 80 MiB it held before any agent
+    connected. A real leader daemon, started as the tlsroll-leader script starts it,
+    serving its listeners and running its engine, holds none of them now."""
+    with Cluster(tmp_path / "cluster", loopback()) as cluster:
+        cluster.init()
+        if viewer == "off":
+            cluster.write_leader_config({"viewer_port": 0})
+        out = tmp_path / "modules.txt"
+        done = subprocess.run(
+            [
+                sys.executable, "-c", LEADER_HARNESS,
+                str(cluster.admin_socket), str(out), str(cluster.config_path),
+            ],
+            capture_output=True, text=True, timeout=120, env=child_env(), check=False,
+        )  # fmt: skip
+        assert done.returncode == 0, done.stderr[-3000:]
+        assert "leader.started" in done.stderr, done.stderr[-3000:]
+        modules = out.read_text().split()
+    tops = {m.split(".")[0] for m in modules}
+    assert "leader" in tops and "grpc" in tops  # it did run
+    assert tops & NOT_IN_LEADER == set()
+    if viewer == "off":
+        assert tops & VIEWER_ONLY == set()
+        assert "leader.viewer.server" not in modules
+    else:  # it serves https, but renders no page and no /metrics until someone asks
+        assert "aiohttp" in tops
+        assert tops & {"jinja2", "prometheus_client"} == set()
+
+
+async def test_the_engine_keeps_no_step_task_once_it_has_ended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found with ``bench-agents --memory``: the engine kept every step task it ever ran (one
+    per node and step of every rollout, about 1 MiB per 500-node rollout) for the leader's
+    life. Once a rollout has ended, none is left."""
+    world = make_world(tmp_path, monkeypatch)
+    leader = world.boot()
+    await leader.start(max_parallel=2)
+    row = await leader.run()
+    assert row.rollout.state is RolloutState.COMPLETED
+    assert world.agents.calls  # steps did run
+    assert leader.engine.tasks == {}
+    await leader.stop()
