@@ -227,11 +227,36 @@ class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
     async def GetSchema(
         self, request: schema_pb2.GetSchemaRequest, context: Ctx
     ) -> schema_pb2.Schema:
-        # every read in one worker-thread hand-off (each one costs a wake-up of the loop)
-        rows, total, parts = await asyncio.to_thread(self._read, request)
-        if not request.rollouts_only and self.auto_rotate is not None:
-            parts["auto_rotate"] = self.auto_rotate()
-        message = schema_message(rows, **parts)
+        # the reads and the message in one worker-thread hand-off (each costs a wake-up of the
+        # loop; the message of every stored rollout takes milliseconds)
+        return await asyncio.to_thread(self._answer, request, self._auto_rotate(request))
+
+    @map_errors({})
+    async def get_schema_json(
+        self, request: schema_pb2.GetSchemaRequest | None, context: Ctx
+    ) -> bytes:
+        """``GetSchema`` with the reply as JSON (``JSON_SERVICE``), all made in the worker
+        thread: the JSON of every stored rollout (``--all``) takes tens of milliseconds."""
+        if request is None:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{JSON_SERVICE}: the request is not a GetSchemaRequest in JSON",
+            )
+        auto = self._auto_rotate(request)
+        return await asyncio.to_thread(lambda: schema_json(self._answer(request, auto)))
+
+    def _auto_rotate(self, request: schema_pb2.GetSchemaRequest) -> Any:
+        """What the automatic rotation last decided (read on the loop, where it is kept)."""
+        if request.rollouts_only or self.auto_rotate is None:
+            return None
+        return self.auto_rotate()
+
+    def _answer(
+        self, request: schema_pb2.GetSchemaRequest, auto_rotate: schema_pb2.AutoRotateView | None
+    ) -> schema_pb2.Schema:
+        """``GetSchema``'s reply. In a worker thread."""
+        rows, total, parts = self._read(request)
+        message = schema_message(rows, **parts, auto_rotate=auto_rotate)
         if total > len(rows):  # only when some were left out (else as the viewer's API)
             message.total_rollouts = total
         return message
@@ -267,19 +292,6 @@ class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
             parts["expiring"] = self.expiry.warnings()
             parts["renewal_failures"] = self.expiry.renewal_failures()
         return rows, total, parts
-
-    async def get_schema_json(
-        self, request: schema_pb2.GetSchemaRequest | None, context: Ctx
-    ) -> bytes:
-        """``GetSchema`` with the reply as JSON (``JSON_SERVICE``), made in a worker thread: the
-        JSON of every stored rollout (``--all``) takes tens of milliseconds."""
-        if request is None:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"{JSON_SERVICE}: the request is not a GetSchemaRequest in JSON",
-            )
-        message = await self.GetSchema(request, context)
-        return await asyncio.to_thread(schema_json, message)
 
 
 JSON_SERVICE = "tlsroll.v1.SchemaViewJson"

@@ -162,3 +162,24 @@ def test_a_peer_that_is_not_grpc_is_one_line(tmp_path: Path) -> None:
     finally:
         thread.join(5)
         listener.close()
+
+
+def test_schema_show_reads_a_leader_without_the_json_codec_by_protobuf(tmp_path: Path) -> None:
+    """A leader started before ``SchemaViewJson`` existed (tlsroll upgraded, the leader not
+    yet restarted) answers it UNIMPLEMENTED: ``schema show`` then reads the same data by
+    protobuf instead of failing with "Method not found!"."""
+    from leader.cli.base import Leader, fetch_schema_json
+
+    sock = tmp_path / "s.sock"
+    servicer = Schema()
+    with serving(sock, servicer):
+        leader = Leader(sock)
+        try:
+            data = fetch_schema_json(leader, limit=2)
+        finally:
+            if leader._unary is not None:
+                leader._unary.close()
+        assert [r["id"] for r in data["rollouts"]] == ["r0", "r1"]
+        assert data["rollouts"][0]["nodes"][49]["name"] == "node-049"
+        assert data["rollouts"][0]["nodes"][0]["state"] == ""  # unspecified, as --json words it
+        assert servicer.calls == 1

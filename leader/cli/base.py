@@ -176,7 +176,7 @@ class Leader:
 
     def unary_json(self, method: str, request: dict[str, Any], timeout: float = 30) -> Any:
         """``unary`` for a method served with gRPC's JSON codec: request and reply as JSON
-        data."""
+        data. ``Unimplemented`` if the leader does not serve it."""
         data = self.raw(method, json.dumps(request).encode(), timeout, codec="json")
         try:
             return json.loads(data)
@@ -190,7 +190,13 @@ class Leader:
         try:
             return self._unary.call(method, request, timeout, codec)
         except RpcFailed as exc:
+            if exc.code == "UNIMPLEMENTED" and codec == "json":
+                raise Unimplemented(method) from None
             self.refused(exc.code, exc.details)
+
+
+class Unimplemented(Exception):
+    """The leader does not serve this method (JSON codec): one started before an upgrade."""
 
 
 def pass_leader(f: Callable[..., T]) -> Callable[..., T]:
@@ -255,7 +261,13 @@ def fetch_schema_json(
     """``fetch_schema`` as the JSON data ``schema show --json`` prints (``to_dict``), from the
     leader's ``SchemaViewJson`` (``leader.schema_view.JSON_SERVICE``): no protobuf here."""
     request = {"rollout_id": rollout_id, "limit": limit, "rollouts_only": rollouts_only}
-    data = leader.unary_json(GET_SCHEMA_JSON, request)
+    try:
+        data = leader.unary_json(GET_SCHEMA_JSON, request)
+    except Unimplemented:
+        # a leader from before SchemaViewJson (tlsroll upgraded, the leader not yet restarted):
+        # the same data, by protobuf
+        schema = fetch_schema(leader, rollout_id, limit=limit, rollouts_only=rollouts_only)
+        return to_dict(schema)
     if not isinstance(data, dict):
         fail(f"the leader's reply to {GET_SCHEMA_JSON} could not be read: is tlsroll up to date?")
     return data

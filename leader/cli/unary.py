@@ -7,7 +7,9 @@ whose goal is 150 ms (issue 15). The admin socket is local and speaks plain gRPC
 TLS, by prior knowledge (RFC 9113 3.3). HTTP/2 itself (frames, HPACK, SETTINGS and PING answers,
 flow control, GOAWAY and RST_STREAM) is the ``h2`` library's, the state machine httpx uses; this
 module adds only gRPC's own part on a blocking Unix socket: the 5-byte message prefix, the
-``grpc-timeout`` header, and the ``grpc-status``/``grpc-message`` trailers.
+``grpc-timeout`` header, and the ``grpc-status``/``grpc-message`` trailers. The messages are
+bytes to it: protobuf's, or JSON for a method served with gRPC's JSON codec (``codec``: the
+content-type's ``+json``), as ``schema show`` reads the schema.
 
 Not here: compression (none is offered, so the server sends none), TLS, streaming calls.
 Every other admin command uses grpcio (``leader.cli.base.Leader.admin``). Failures are
