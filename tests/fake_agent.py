@@ -458,6 +458,7 @@ class FakeAgents:
         agent = self._at(live_url)
         if agent is None:
             return f"no address recorded for the node ({live_url!r})"
+        self.log(agent, "outside_check", "", 0, "ok")  # not a call to the agent: confirm's mark
         if agent.outside_problem is not None:
             return agent.outside_problem
         scheme = live_url.split(":", 1)[0]

@@ -950,7 +950,7 @@ async def test_scope_freeze_holds_every_node_from_the_first_switch_to_the_last(
     switches = [c for c in calls if c.method == "switch"]
     assert [c.node for c in switches] == list(ORDER)
     assert all(c.frozen == set(ORDER) for c in switches)
-    last_confirm = max(i for i, c in enumerate(calls) if c.method == "get_transaction")
+    last_confirm = max(i for i, c in enumerate(calls) if c.method == "outside_check")
     for name in ORDER:
         agent = world.agents[name]
         mine = [c for c in calls if c.node == name]
@@ -969,7 +969,7 @@ def assert_frozen_until_the_scope_unfreeze(world: World, since: int = 0) -> None
     no call in the log (from ``since`` on) shows it unfrozen in between, and its last call is
     that unfreeze, after the last confirm."""
     calls = world.agents.calls[since:]
-    last_confirm = max(i for i, c in enumerate(calls) if c.method == "get_transaction")
+    last_confirm = max(i for i, c in enumerate(calls) if c.method == "outside_check")
     for name in ORDER:
         mine = [i for i, c in enumerate(calls) if c.node == name]
         first_freeze = next(i for i in mine if calls[i].method == "freeze")
