@@ -1045,6 +1045,27 @@ def test_a_revoked_node_is_offline_at_once_and_its_renewal_stream_is_cut(
         good.stop()
 
 
+def test_the_leader_s_stop_writes_what_waits_for_the_group_commit(tmp_path: Path) -> None:
+    """A client report queued for the group commit when the leader is told to stop is in the
+    store file after the stop (the stop writes the queue after the last stream ended):
+    without it the report would be lost at every stop. Real leader daemon; the report comes on
+    a stream right before the stop, within the batch period (without the stop's write the test
+    failed 2 runs of 2)."""
+    with Cluster(tmp_path / "c", next_loopback()) as c:
+        c.init()
+        c.start_leader()
+        creds = Credentials.enrolled(c, "hb-stop")
+        stream = Stream(creds)
+        try:
+            stream.beat(server=client_report(dt.datetime.now(dt.UTC), 1, "ws-abend"))
+            assert c.stop_leader() == 0
+        finally:
+            stream.close()
+        rows = [r for r in c.store_table("node_clients") if r["node"] == "hb-stop"]
+        assert [r["workstation"] for r in rows] == ["ws-abend"]
+        assert c.store_table("node_clients_info")[0]["node"] == "hb-stop"
+
+
 class OlderLeader:
     """tlsroll's leader before the stream, as far as heartbeats go: the Leader service with
     the unary Heartbeat only (gRPC answers UNIMPLEMENTED to any other method, Heartbeats
