@@ -29,6 +29,17 @@ from tlsroll.v1 import agent_pb2, agent_pb2_grpc
 
 T = TypeVar("T")
 TRANSIENT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED})
+# What an agent answers when it will not begin a switch (its checks, its epoch, its leader):
+# then nothing began. Any other status before the first state says nothing of whether the
+# switch began (``switch_and_watch``).
+REFUSAL_CODES = frozenset(
+    {
+        grpc.StatusCode.FAILED_PRECONDITION,
+        grpc.StatusCode.INVALID_ARGUMENT,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.UNAUTHENTICATED,
+    }
+)
 CALL_TIMEOUT = 30.0
 # Open agent channels the pool keeps at most (least recently used idle ones are closed): each
 # costs the leader about two descriptors, so 500 nodes would otherwise need ~1000 of them, and
@@ -293,10 +304,14 @@ class AgentClient:
         self, request: agent_pb2.SwitchRequest
     ) -> AsyncIterator[agent_pb2.Transaction]:
         """Begin the switch and follow its states in one call: WatchTransaction with
-        ``switch`` set (the Switch call and its answer saved). A refusal before any state is
-        ``SwitchRefused`` (nothing began). An agent of an earlier release ignores ``switch``
-        (NOT_FOUND: the switch has not begun; UNIMPLEMENTED: no stream either): it gets
-        Switch, then the watch, as before."""
+        ``switch`` set (the Switch call and its answer saved). A refusal before any state
+        (``REFUSAL_CODES``) is ``SwitchRefused``: nothing began. Any other failure before the
+        first state is a ``TransientError``: the switch may have begun (the agent journals it,
+        then reads its state to send), and recording "refused" would leave the node switching
+        behind the leader's back; the step runs again, and a second call begins nothing but
+        reports what began. An agent of an earlier release ignores ``switch`` (NOT_FOUND: the
+        switch has not begun; UNIMPLEMENTED: no stream either): it gets Switch, then the
+        watch, as before."""
         watch = agent_pb2.GetTransactionRequest(
             rollout_id=request.command.rollout_id, kind=agent_pb2.TRANSACTION_KIND_SWITCH
         )
@@ -312,8 +327,13 @@ class AgentClient:
         except StepFailed as exc:
             if seen:
                 raise
-            if exc.code not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED):
+            if exc.code in REFUSAL_CODES:
                 raise SwitchRefused(str(exc), exc.code) from None
+            if exc.code not in (grpc.StatusCode.NOT_FOUND, grpc.StatusCode.UNIMPLEMENTED):
+                raise TransientError(
+                    f"agent {self.node.name}: the switch may have begun, its state is unknown "
+                    f"({exc})"
+                ) from None
         try:
             await self.switch(request)
         except StepFailed as exc:

@@ -47,6 +47,7 @@ from tlsroll.enums import Change, TxnKind
 from tlsroll.errors import PKIError
 from tlsroll.fsutil import PUBLIC, write_atomic
 from tlsroll.rpc import (
+    RpcStatusError,
     failed_precondition,
     invalid,
     map_errors,
@@ -698,16 +699,42 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         stream before any state; a replay begins nothing)."""
         require_leader(context, self.trust)
         kind = TXN_KIND.read(request.kind, "kind")
+        begun: Txn | None = None
         if request.HasField("switch"):  # begin it first: one call, not Switch + this
             if (request.rollout_id, kind) != (request.switch.command.rollout_id, TxnKind.SWITCH):
                 raise invalid("switch: rollout_id must be the command's and kind switch")
-            await self._switch(request.switch, context)
+            begun = await self._switch(request.switch, context)
+        try:
+            async for message in self._follow(request.rollout_id, kind, begun):
+                yield message
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:
+            if begun is None:
+                raise
+            # Begun: nothing from here on is a refusal (the leader records a refusal as "the
+            # node as it was"). UNAVAILABLE: it asks again, and a replay reports the state.
+            raise RpcStatusError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the switch began; its state could not be sent: {describe(exc)}",
+            ) from exc
+
+    async def _follow(
+        self, rollout_id: str, kind: TxnKind, begun: Txn | None
+    ) -> AsyncIterator[agent_pb2.Transaction]:
+        """WatchTransaction's messages: ``begun`` (the switch just begun) at once, with no
+        read in between, then the journal's record each time the runner changes it."""
         sent: Txn | None = None
+        if begun is not None:
+            yield txn_message(begun)
+            sent = begun
+            if begun.finished:
+                return
         while True:
             changed = self.runner.changes.next() if self.runner is not None else None
-            txn = await asyncio.to_thread(self.journal.get, request.rollout_id, kind)
+            txn = await asyncio.to_thread(self.journal.get, rollout_id, kind)
             if txn is None:
-                raise not_found(f"no {kind.value} transaction for rollout {request.rollout_id!r}")
+                raise not_found(f"no {kind.value} transaction for rollout {rollout_id!r}")
             if txn != sent:
                 yield txn_message(txn)
                 sent = txn

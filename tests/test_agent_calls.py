@@ -14,6 +14,7 @@ import pytest
 from leader.agent_client import AgentClient, SwitchRefused
 from leader.store import Node
 from tlsroll import pki, spiffe
+from tlsroll.errors import TransientError
 from tlsroll.v1 import agent_pb2, agent_pb2_grpc
 
 COMPLETED = agent_pb2.TRANSACTION_OUTCOME_COMPLETED
@@ -25,9 +26,12 @@ class Agent(agent_pb2_grpc.NodeAgentServicer):
     to it, so the watch of a switch not yet begun is NOT_FOUND). ``refuse``: Switch's
     refusal. Every call is logged by name."""
 
-    def __init__(self, *, merged: bool, refuse: str = "") -> None:
+    def __init__(
+        self, *, merged: bool, refuse: str = "", fail_after_begin: grpc.StatusCode | None = None
+    ) -> None:
         self.merged = merged
         self.refuse = refuse
+        self.fail_after_begin = fail_after_begin  # the switch begun, then the stream fails
         self.calls: list[str] = []
         self.txns: dict[str, agent_pb2.Transaction] = {}
 
@@ -48,6 +52,8 @@ class Agent(agent_pb2_grpc.NodeAgentServicer):
         self.calls.append("WatchTransaction")
         if self.merged and request.HasField("switch"):
             await self._begin(request.switch, context)
+            if self.fail_after_begin is not None:
+                await context.abort(self.fail_after_begin, "reading the journal failed")
         txn = self.txns.get(request.rollout_id)
         if txn is None:
             await context.abort(grpc.StatusCode.NOT_FOUND, "no switch transaction")
@@ -108,3 +114,21 @@ async def test_a_refused_switch_is_a_refusal_in_either_release(
         await switch_calls(loopback(), agent)
     assert refused.value.code is grpc.StatusCode.FAILED_PRECONDITION
     assert agent.txns == {}
+
+
+@pytest.mark.parametrize(
+    "code", [grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN, grpc.StatusCode.DATA_LOSS]
+)
+async def test_a_failure_after_the_switch_began_is_no_refusal(
+    loopback: Callable[[], str], code: grpc.StatusCode
+) -> None:
+    """From the review: any status but NOT_FOUND or UNIMPLEMENTED before the first state was
+    taken for a refusal ("the node as it was"), though the agent had journalled and started
+    the switch before the failure (an INTERNAL from a journal read, say): the node then
+    switched behind the leader's back. Only a refusal's statuses are a refusal; anything else
+    is transient (the step runs again; a replay reports what began)."""
+    agent = Agent(merged=True, fail_after_begin=code)  # type: ignore[abstract]
+    with pytest.raises(TransientError, match="may have begun") as unknown:
+        await switch_calls(loopback(), agent)
+    assert not isinstance(unknown.value, SwitchRefused)
+    assert set(agent.txns) == {"r1"}  # it did begin
