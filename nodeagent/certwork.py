@@ -155,17 +155,28 @@ def _remember(cfg: AgentConfig, identity: Identity) -> Identity:
     return identity
 
 
+def holds_pki() -> bool:
+    """True once this process has imported ``tlsroll.pki`` (and with it ``cryptography``)
+    fully. Not merely begun: a module another thread is still importing is in ``sys.modules``
+    already, and importing it here then, beside an import of ``cryptography``'s modules in
+    another thread (``nodeagent.warmup``), could meet that one in Python's import locks."""
+    module = sys.modules.get("tlsroll.pki")
+    spec = getattr(module, "__spec__", None)
+    return module is not None and not getattr(spec, "_initializing", False)
+
+
 def load_crl(pem: bytes, ca_file: Path, *, here: bool | None = None) -> tuple[int, frozenset[int]]:
     """``pki.load_crl`` (signed by the CA in ``ca_file``): its number and revoked serials.
 
-    In a child only while this process holds no ``cryptography``: once a switch has loaded it
-    (staging, the bootstrap service), the same check costs about a millisecond here and a
-    child about 0.3 s of CPU, which every agent of the cluster paid for each list (a rotation
-    revokes each node's old certificate, one list per node, sent to every node, some of them
-    restarting their server then). ``here`` decides instead (tests of either way)."""
+    In a child only while this process holds no ``cryptography`` (``holds_pki``): once a
+    switch has loaded it (staging, the bootstrap service), the same check costs about a
+    millisecond here and a child about 0.3 s of CPU, which every agent of the cluster paid for
+    each list (a rotation revokes each node's old certificate, one list per node, sent to
+    every node, some of them restarting their server then). ``here`` decides instead (tests
+    of either way)."""
     request = {"op": "crl", "pem": pem.decode("ascii", "replace"), "ca_file": str(ca_file)}
     if here is None:
-        here = "cryptography" in sys.modules
+        here = holds_pki()
     if not here:
         answer = _ask(request)
     else:
