@@ -287,20 +287,21 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         self, request: agent_pb2.PreflightRequest, context: Ctx
     ) -> agent_pb2.PreflightResponse:
         rollout_id = await self._command(context, request.command)
-        self._warm_certificates()
+        if request.make_csr:
+            self._warm_certificates()
         reply = await self._checks(request)
         if request.make_csr and reply.ok:  # the stage then needs no CreateCSR call
             reply.csr_pem = await self._csr(self._driver(), rollout_id)
         return reply
 
     def _warm_certificates(self) -> None:
-        """A rollout's preflight: its certificate work (the new key and its CSR, made once the
-        checks pass, with this answer when the leader asks, ``make_csr``, else by CreateCSR;
-        then the stage's checks) needs ``cryptography``, which an idle agent does not hold.
-        Loading it starts now, in a worker thread, while the checks run, instead of after them
-        (about 40 ms of the first node's preparation, which the rollout's first switch waits
-        for; later nodes' fall in a restart). Once per agent; ``Check`` (``tlsroll plan``)
-        loads nothing."""
+        """A preflight that asks for the CSR (``make_csr``: a rollout that stages a
+        certificate): the new key and its CSR, made once the checks pass, need
+        ``cryptography``, which an idle agent does not hold. Loading it starts now, in a
+        worker thread, while the checks run, instead of after them (about 40 ms of the first
+        node's preparation, which the rollout's first switch waits for). Once per agent. A
+        preflight that stages nothing (change-password, disable-tls) and ``Check`` (``tlsroll
+        plan``) load nothing: the agent would keep it, about 10 MiB, until it restarts."""
         if self.driver is None or self._warming is not None or "tlsroll.pki" in sys.modules:
             return
         warming = warmup.warm("tlsroll.pki")  # one after another with other imports ahead

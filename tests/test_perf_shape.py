@@ -233,15 +233,18 @@ def test_a_switched_agent_serves_its_bootstrap_service_without_aiohttp(
     assert "h11" in modules
 
 
+@pytest.mark.parametrize("make_csr", [True, False])
 def test_a_preflight_starts_loading_the_certificate_code_the_csr_after_it_needs(
-    tmp_path: Path, loopback: Callable[[], str]
+    tmp_path: Path, loopback: Callable[[], str], make_csr: bool
 ) -> None:
     """Issue 15, the overhead before a rollout's first switch: the first node's CSR imported
-    ``cryptography`` (about 40 ms) while the whole rollout waited for it. A rollout's preflight
-    now starts that import in a worker thread. Here the leader's Preflight call (with the
-    leader's credentials and the epoch of a real rollout of another node, so an announced one)
-    is the only command the real agent gets: no CSR, and it holds the certificate code all the
-    same. ``tlsroll plan``'s Check loads nothing (the idle-agent test above)."""
+    ``cryptography`` (about 40 ms) after its preflight's checks, while the whole rollout waited.
+    A preflight that asks for the CSR (``make_csr``) now starts that import in a worker thread
+    before its checks. Here a real agent gets only the leader's Preflight call (the leader's
+    credentials, the epoch of a real rollout of another node), whose clock check fails: no
+    CSR is made, and the agent holds the certificate code all the same. A preflight that
+    stages nothing loads nothing (from the review: a disable-tls rollout left every agent
+    holding about 10 MiB until its restart)."""
     with Cluster(tmp_path / "cluster", loopback()) as cluster:
         cluster.init()
         cluster.start_leader()
@@ -262,14 +265,15 @@ def test_a_preflight_starts_loading_the_certificate_code_the_csr_after_it_needs(
                 chain, key = cluster.leader_credentials()
                 target = f"{address}:{AGENT_PORT}"
                 wait_for_status(target, cluster.ca_pem, chain, key)
+                request = agent_pb2.PreflightRequest(
+                    command=agent_pb2.Command(rollout_id="r-warm", epoch=epoch),
+                    make_csr=make_csr,
+                )
+                request.leader_time.FromDatetime(dt.datetime.now(dt.UTC) - dt.timedelta(hours=1))
                 with secure_channel(target, cluster.ca_pem, chain, key) as channel:
-                    checked = agent_pb2_grpc.NodeAgentStub(channel).Preflight(
-                        agent_pb2.PreflightRequest(
-                            command=agent_pb2.Command(rollout_id="r-warm", epoch=epoch)
-                        ),
-                        timeout=30,
-                    )
-                assert checked.ok, checked.problems
+                    checked = agent_pb2_grpc.NodeAgentStub(channel).Preflight(request, timeout=30)
+                assert not checked.ok and "clock" in " ".join(checked.problems)
+                assert not checked.csr_pem
                 go.touch()
                 _, said = agent.communicate(timeout=120)
             assert agent.returncode == 0, said
@@ -277,7 +281,7 @@ def test_a_preflight_starts_loading_the_certificate_code_the_csr_after_it_needs(
             other.close()
             server.close()
     modules = out.read_text().split()
-    assert "tlsroll.pki" in modules
+    assert ("tlsroll.pki" in modules) is make_csr
     assert "stage.csr_created" not in said  # no CSR ran: the preflight alone loaded it
 
 
