@@ -1323,3 +1323,51 @@ async def test_an_agent_that_lost_the_preflight_s_key_is_staged_with_a_new_one(
     assert [c.answer for c in world.agents.calls_to("bravo", "stage")] == ["refused", "ok"]
     assert [c.answer for c in world.agents.calls_to("bravo", "create_csr")] == ["ok"]
     await leader.stop()
+
+
+@pytest.mark.parametrize(
+    ("refusal", "code"),
+    [
+        ("stale epoch 1: this node has seen epoch 2", grpc.StatusCode.FAILED_PRECONDITION),
+        ("rollout {rid} is already switching this node", grpc.StatusCode.FAILED_PRECONDITION),
+        ("the CA is not this cluster's CA (pin mismatch)", grpc.StatusCode.INVALID_ARGUMENT),
+        ("the certificate was not issued by the cluster CA", grpc.StatusCode.INVALID_ARGUMENT),
+    ],
+)
+async def test_a_stage_refused_for_another_reason_than_its_key_issues_one_certificate(
+    world: World, monkeypatch: pytest.MonkeyPatch, refusal: str, code: grpc.StatusCode
+) -> None:
+    """Review L1: a Stage refused for a reason that has nothing to do with the preflight's key
+    (the refusals of ``nodeagent/service.py`` ``Stage``, as ``AgentClient`` words them) fails the
+    node with that refusal. The old code went round once more with CreateCSR: a second
+    certificate signed and recorded that nobody uses, and the second error reported."""
+    bravo = world.agents["bravo"]
+
+    async def refusing(request: agent_pb2.StageRequest) -> agent_pb2.StageResponse:
+        rid = request.command.rollout_id
+        raise StepFailed(f"{refusal.format(rid=rid)} ({code.name})", code)
+
+    monkeypatch.setattr(bravo, "stage", refusing)
+    leader = world.boot()
+    row = await leader.start(max_parallel=1)
+    row = await leader.run(until=lambda r: node(r.records, "bravo").state is N.FAILED)
+    reason = node(row.records, "bravo").reason
+    assert reason == f"{refusal.format(rid=row.rollout.id)} ({code.name})"
+    assert world.agents.calls_to("bravo", "create_csr") == []
+    issued = [c for c in leader.store.list_certificates("server") if c.node == "bravo"]
+    assert len(issued) == 1, issued
+    await leader.stop()
+
+
+async def test_only_a_lost_key_sends_the_stage_back_to_create_csr() -> None:
+    """The refusals that retry (``KEY_GONE``) are the ones the real agent's Stage words for a
+    key it does not hold (checked against its source, the roles share no module)."""
+    import inspect
+
+    from nodeagent.service import NodeAgentService
+
+    source = inspect.getsource(NodeAgentService.Stage)
+    assert all(text in source for text in changes.KEY_GONE)
+    for text in changes.KEY_GONE:
+        assert changes.preflight_csr_unusable(StepFailed(f"{text} (FAILED_PRECONDITION)"))
+    assert not changes.preflight_csr_unusable(StepFailed("stale epoch 3 (FAILED_PRECONDITION)"))
