@@ -1325,6 +1325,31 @@ async def test_an_agent_that_lost_the_preflight_s_key_is_staged_with_a_new_one(
     await leader.stop()
 
 
+async def test_an_agent_holding_another_key_than_the_preflight_s_is_staged_with_it(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the agent's key is no longer the one the preflight's CSR is of (its journal lost and
+    a key made again since), its Stage says "does not match the staged key": the stage asks
+    CreateCSR once for that key's CSR, and the node is staged."""
+    bravo = world.agents["bravo"]
+    real = bravo.stage
+    swap = [True]
+
+    async def swapped(request: agent_pb2.StageRequest) -> agent_pb2.StageResponse:
+        if swap and swap.pop():
+            bravo.keys[request.command.rollout_id] = pki.generate_key()
+        return await real(request)
+
+    monkeypatch.setattr(bravo, "stage", swapped)
+    leader = world.boot()
+    await leader.start()
+    row = await leader.run()
+    assert row.rollout.state is R.COMPLETED and states(row) == ALL_DONE
+    assert [c.answer for c in world.agents.calls_to("bravo", "stage")] == ["refused", "ok"]
+    assert [c.answer for c in world.agents.calls_to("bravo", "create_csr")] == ["replay"]
+    await leader.stop()
+
+
 @pytest.mark.parametrize(
     ("refusal", "code"),
     [
