@@ -1382,17 +1382,3 @@ async def test_a_stage_refused_for_another_reason_than_its_key_issues_one_certif
     issued = [c for c in leader.store.list_certificates("server") if c.node == "bravo"]
     assert len(issued) == 1, issued
     await leader.stop()
-
-
-async def test_only_a_lost_key_sends_the_stage_back_to_create_csr() -> None:
-    """The refusals that retry (``KEY_GONE``) are the ones the real agent's Stage words for a
-    key it does not hold (checked against its source, the roles share no module)."""
-    import inspect
-
-    from nodeagent.service import NodeAgentService
-
-    source = inspect.getsource(NodeAgentService.Stage)
-    assert all(text in source for text in changes.KEY_GONE)
-    for text in changes.KEY_GONE:
-        assert changes.preflight_csr_unusable(StepFailed(f"{text} (FAILED_PRECONDITION)"))
-    assert not changes.preflight_csr_unusable(StepFailed("stale epoch 3 (FAILED_PRECONDITION)"))
