@@ -59,6 +59,24 @@ Outcome = tuple[NodeEvent, str | None]
 MAX_CLOCK_OFFSET = 120
 
 
+KEY_GONE = ("no CSR for rollout", "does not match the staged key")
+"""What an agent's Stage says (``nodeagent/service.py``, ``Stage``) when it holds no key, or
+another one, than the one the preflight's CSR is of: only then does CreateCSR (a new key, a
+new CSR) help. Text, as the refusal carries no finer code; the roles share no module."""
+
+
+def preflight_csr_unusable(exc: StepFailed | PKIError) -> bool:
+    """Whether a stage that used the preflight's CSR may be tried once more with CreateCSR.
+
+    Yes when the CSR could not be signed here (a PKIError: nothing was issued yet) or the
+    agent no longer holds its key (``KEY_GONE``). Any other refusal (a stale epoch, "already
+    switching", a pin mismatch, ...) is the node's answer: another round would sign and record
+    a second certificate nobody uses, and report the second error instead of the first."""
+    if isinstance(exc, PKIError):
+        return True
+    return any(text in str(exc) for text in KEY_GONE)
+
+
 @dataclass(frozen=True)
 class RolloutFacts:
     """What a rollout's steps look up that does not change while it runs, read once for
@@ -224,8 +242,8 @@ class ChangeSteps:
                 )
             )
         except (StepFailed, PKIError) as exc:
-            if ctx.csrs.pop(key, None) is not None:
-                # The key the preflight's CSR is of may be gone (the agent lost its journal
+            if ctx.csrs.pop(key, None) is not None and preflight_csr_unusable(exc):
+                # The key the preflight's CSR is of is gone (the agent lost its journal
                 # since): once more as before the merge, CreateCSR first.
                 return await self.stage(ctx)
             return NodeEvent.STAGE_FAILED, str(exc)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import json
+import re
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from typing import TYPE_CHECKING, Any
@@ -19,7 +20,7 @@ from leader.rollout_core import Client, still_on_http
 from leader.schema_store import BootstrapFailureRow, ClientsInfo, RolloutRow, SchemaStore
 from leader.wire import CHANGE, FREEZE, NODE_STATE, ROLLOUT_STATE, SCOPE_KIND, STRATEGY
 from tlsroll import wire
-from tlsroll.rpc import map_errors, not_found, timestamp
+from tlsroll.rpc import invalid, map_errors, not_found, timestamp
 from tlsroll.sqlite import from_text
 from tlsroll.v1 import schema_pb2, schema_pb2_grpc, types_pb2
 
@@ -267,6 +268,13 @@ class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
         """What ``GetSchema`` answers, read from the stores: the rollouts asked for, how many
         are stored, and the rest of ``schema_message``'s arguments. In a worker thread."""
         if request.rollout_id:
+            if not ROLLOUT_ID.fullmatch(request.rollout_id):
+                # Not echoed: the NOT_FOUND message would carry it, and a long one makes a
+                # header block the client cannot read (INTERNAL instead of one line).
+                raise invalid(
+                    "rollout_id is not a rollout id (1-64 letters, digits, '.', '_' or '-'); "
+                    "see: tlsroll schema show"
+                )
             row = self.schema.get(request.rollout_id)
             if row is None:
                 raise not_found(f"no rollout {request.rollout_id!r} (see: tlsroll schema show)")
@@ -302,18 +310,32 @@ request is the JSON form of ``GetSchemaRequest`` (proto field names), the reply 
 its instructions, issue 15); the reply is that of ``GetSchema``, errors and all."""
 
 
+MAX_REQUEST_JSON = 4096
+"""Bytes of a ``SchemaViewJson`` request at most: a ``GetSchemaRequest`` in JSON (a rollout id
+of 64 characters, a limit, a flag) is under 200; anything longer is not one."""
+ROLLOUT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+"""A rollout id as the agents accept it (``nodeagent.service.ROLLOUT_ID``; the roles share no
+module): no stored rollout has another."""
+
+
 def schema_json(message: schema_pb2.Schema) -> bytes:
     return json.dumps(wire.to_dict(message), separators=(",", ":")).encode()
 
 
 def request_from_json(data: bytes) -> schema_pb2.GetSchemaRequest | None:
-    """A ``GetSchemaRequest`` from its JSON; None for anything else (refused with
-    INVALID_ARGUMENT by the method, rather than gRPC's UNKNOWN with the parser's words)."""
+    """A ``GetSchemaRequest`` from its JSON object; None for anything else (refused with
+    INVALID_ARGUMENT by the method, rather than gRPC's UNKNOWN with the parser's words and a
+    traceback in the log). Bounded before any parsing (``MAX_REQUEST_JSON``): the deserializer
+    runs on the event loop. protobuf's ``Parse`` wraps what ``json.loads`` raises (deep
+    nesting: RecursionError) in ParseError since 6.31 at least; RecursionError is caught here
+    too, so that the answer does not hang on that."""
     from google.protobuf import json_format  # noqa: PLC0415 - only this codec's calls need it
 
+    if len(data) > MAX_REQUEST_JSON or not data.lstrip().startswith(b"{"):
+        return None  # (``Parse`` takes ``[]`` for an empty message)
     try:
         return json_format.Parse(data, schema_pb2.GetSchemaRequest())
-    except (json_format.ParseError, ValueError):  # (ValueError: not UTF-8)
+    except (json_format.ParseError, ValueError, RecursionError):  # (ValueError: not UTF-8)
         return None
 
 

@@ -245,8 +245,14 @@ class FakeAgent:
             raise self._refused(
                 "the certificate was not issued by the cluster CA (INVALID_ARGUMENT)"
             )
-        if not pki.key_matches(cert, key) or pki.names_of(cert) != self.names:
-            raise self._refused("the certificate does not fit this node (INVALID_ARGUMENT)")
+        # Worded as the real agent's Stage: the leader decides on "does not match the staged
+        # key" whether CreateCSR helps (``leader.changes.KEY_GONE``).
+        if not pki.key_matches(cert, key):
+            raise self._refused("the certificate does not match the staged key (INVALID_ARGUMENT)")
+        if pki.names_of(cert) != self.names:
+            raise self._refused(
+                "the certificate's names differ from this node's names (INVALID_ARGUMENT)"
+            )
         self.staged[rollout_id] = cert
         self.applied["stage"] += 1
         return agent_pb2.StageResponse(

@@ -152,15 +152,51 @@ def test_the_json_codec_answers_what_get_schema_answers(
             else:
                 raise AssertionError("a missing rollout was answered")
 
-            for bad in (b"{not json", b'{"limit": "many"}', b'{"colour": "red"}', b"\xff"):
+            # Review L5: deep nesting makes json.loads raise RecursionError (protobuf's Parse
+            # wraps it since 6.31 at least, so these two were refused already); `[]` (Parse
+            # took it for an empty request) and a request longer than any GetSchemaRequest
+            # (parsed on the event loop) were answered.
+            deep = b"[" * 100_000
+            deep_within_the_bound = b'{"limit": ' + b"[" * 1_500 + b"]" * 1_500 + b"}"
+            bads = (b"{not json", b'{"limit": "many"}', b'{"colour": "red"}', b"\xff")
+            long = b" " * 70_000 + b"{}"
+            not_json = "tlsroll.v1.SchemaViewJson: the request is not a GetSchemaRequest in JSON"
+            for bad in (*bads, deep, deep_within_the_bound, b"[]", b" []", long):
                 try:
                     channel.call(GET_SCHEMA_JSON, bad, codec="json")
                 except RpcFailed as exc:
                     assert exc.code == "INVALID_ARGUMENT", (bad, exc)
-                    assert exc.details == (
-                        "tlsroll.v1.SchemaViewJson: the request is not a GetSchemaRequest in JSON"
-                    )
+                    assert exc.details == not_json
                 else:
-                    raise AssertionError(f"{bad!r} was answered")
+                    raise AssertionError(f"{bad!r:.40} was answered")
+            # A rollout id no rollout has (it was echoed in NOT_FOUND: a header block too big
+            # for the client to read, INTERNAL): refused, not echoed (by the JSON codec, as
+            # any request longer than a GetSchemaRequest).
+            long_id = {"rollout_id": "r" * 100_000}
+            not_an_id = (
+                "rollout_id is not a rollout id (1-64 letters, digits, '.', '_' or '-'); "
+                "see: tlsroll schema show"
+            )
+            for method, body, codec, details in (
+                (GET_SCHEMA_JSON, json.dumps(long_id).encode(), "json", not_json),
+                (GET_SCHEMA_JSON, b'{"rollout_id": "r 1"}', "json", not_an_id),
+                (
+                    GET_SCHEMA,
+                    schema_pb2.GetSchemaRequest(
+                        rollout_id=long_id["rollout_id"]
+                    ).SerializeToString(),
+                    "proto",
+                    not_an_id,
+                ),
+            ):
+                try:
+                    channel.call(method, body, codec=codec)
+                except RpcFailed as exc:
+                    assert (exc.code, exc.details) == ("INVALID_ARGUMENT", details), codec
+                else:
+                    raise AssertionError(
+                        f"a rollout id of 100 000 characters was answered ({codec})"
+                    )
+            assert "Traceback" not in cluster.leader.log_text()
             again = json.loads(channel.call(GET_SCHEMA_JSON, b'{"limit": 1}', codec="json"))
             assert [r["id"] for r in again["rollouts"]] == ["r-3"]

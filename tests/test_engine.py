@@ -1323,3 +1323,62 @@ async def test_an_agent_that_lost_the_preflight_s_key_is_staged_with_a_new_one(
     assert [c.answer for c in world.agents.calls_to("bravo", "stage")] == ["refused", "ok"]
     assert [c.answer for c in world.agents.calls_to("bravo", "create_csr")] == ["ok"]
     await leader.stop()
+
+
+async def test_an_agent_holding_another_key_than_the_preflight_s_is_staged_with_it(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """If the agent's key is no longer the one the preflight's CSR is of (its journal lost and
+    a key made again since), its Stage says "does not match the staged key": the stage asks
+    CreateCSR once for that key's CSR, and the node is staged."""
+    bravo = world.agents["bravo"]
+    real = bravo.stage
+    swap = [True]
+
+    async def swapped(request: agent_pb2.StageRequest) -> agent_pb2.StageResponse:
+        if swap and swap.pop():
+            bravo.keys[request.command.rollout_id] = pki.generate_key()
+        return await real(request)
+
+    monkeypatch.setattr(bravo, "stage", swapped)
+    leader = world.boot()
+    await leader.start()
+    row = await leader.run()
+    assert row.rollout.state is R.COMPLETED and states(row) == ALL_DONE
+    assert [c.answer for c in world.agents.calls_to("bravo", "stage")] == ["refused", "ok"]
+    assert [c.answer for c in world.agents.calls_to("bravo", "create_csr")] == ["replay"]
+    await leader.stop()
+
+
+@pytest.mark.parametrize(
+    ("refusal", "code"),
+    [
+        ("stale epoch 1: this node has seen epoch 2", grpc.StatusCode.FAILED_PRECONDITION),
+        ("rollout {rid} is already switching this node", grpc.StatusCode.FAILED_PRECONDITION),
+        ("the CA is not this cluster's CA (pin mismatch)", grpc.StatusCode.INVALID_ARGUMENT),
+        ("the certificate was not issued by the cluster CA", grpc.StatusCode.INVALID_ARGUMENT),
+    ],
+)
+async def test_a_stage_refused_for_another_reason_than_its_key_issues_one_certificate(
+    world: World, monkeypatch: pytest.MonkeyPatch, refusal: str, code: grpc.StatusCode
+) -> None:
+    """Review L1: a Stage refused for a reason that has nothing to do with the preflight's key
+    (the refusals of ``nodeagent/service.py`` ``Stage``, as ``AgentClient`` words them) fails the
+    node with that refusal. The old code went round once more with CreateCSR: a second
+    certificate signed and recorded that nobody uses, and the second error reported."""
+    bravo = world.agents["bravo"]
+
+    async def refusing(request: agent_pb2.StageRequest) -> agent_pb2.StageResponse:
+        rid = request.command.rollout_id
+        raise StepFailed(f"{refusal.format(rid=rid)} ({code.name})", code)
+
+    monkeypatch.setattr(bravo, "stage", refusing)
+    leader = world.boot()
+    row = await leader.start(max_parallel=1)
+    row = await leader.run(until=lambda r: node(r.records, "bravo").state is N.FAILED)
+    reason = node(row.records, "bravo").reason
+    assert reason == f"{refusal.format(rid=row.rollout.id)} ({code.name})"
+    assert world.agents.calls_to("bravo", "create_csr") == []
+    issued = [c for c in leader.store.list_certificates("server") if c.node == "bravo"]
+    assert len(issued) == 1, issued
+    await leader.stop()

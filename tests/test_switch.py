@@ -305,6 +305,54 @@ def test_cert_for_another_key_is_refused_and_nothing_switches(make_node: NodeFac
     assert node.post("http", {"still": "writable"}).status == 201
 
 
+def test_the_leader_retries_a_stage_by_create_csr_only_for_a_refusal_about_its_key(
+    make_node: NodeFactory,
+) -> None:
+    """Review L1: the real agent's Stage refusals, as the leader's ``AgentClient`` words them
+    (``StepFailed``), sorted by ``leader.changes.preflight_csr_unusable``. Only no key, or
+    another key, than the CSR's is worth a CreateCSR (a new certificate signed and recorded);
+    another CA or a stale epoch is the node's answer, reported as it is."""
+    from leader.agent_client import StepFailed
+    from leader.changes import preflight_csr_unusable
+
+    node = make_node()
+
+    def refusal(call: Callable[[], object]) -> StepFailed:
+        err = rpc_error(call)
+        return StepFailed(f"{details_of(err)} ({code_of(err).name})", code_of(err))
+
+    csr_pem = node.create_csr("r-key")
+    names = pki.names_of(pki.load_csr_pem(csr_pem))
+    right = node.sign(csr_pem)
+    no_key = refusal(lambda: node.send_stage("r-never-asked", right))
+    other_key = node.sign(pki.csr_to_pem(pki.make_csr(pki.generate_key(), names)))
+    mismatch = refusal(lambda: node.send_stage("r-key", other_key))
+    other_ca = pki.CertificateAuthority.create("not the cluster CA")
+    foreign = pki.load_csr_pem(csr_pem)
+    foreign_cert = pki.cert_to_pem(other_ca.sign_csr(foreign, names, server=True, client=False))
+    untrusted = refusal(lambda: node.send_stage("r-key", foreign_cert))
+    assert node.preflight("r-newer", epoch=node.epoch + 5).ok
+
+    def stale_stage() -> None:
+        with node.stub() as stub:
+            stub.Stage(
+                agent_pb2.StageRequest(
+                    command=node.command("r-key", node.epoch),
+                    certificate_pem=right,
+                    ca_certificate_pem=node.cluster.ca_pem,
+                ),
+                timeout=30,
+            )
+
+    stale = refusal(stale_stage)
+    assert "no CSR for rollout r-never-asked" in str(no_key)
+    assert "does not match the staged key" in str(mismatch)
+    assert "not issued by the cluster CA" in str(untrusted)
+    assert "stale epoch" in str(stale)
+    assert preflight_csr_unusable(no_key) and preflight_csr_unusable(mismatch)
+    assert not preflight_csr_unusable(untrusted) and not preflight_csr_unusable(stale)
+
+
 # --- 5. the server cannot start with the new config ------------------------------------------
 
 
