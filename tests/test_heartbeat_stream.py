@@ -32,6 +32,7 @@ from typing import Any
 
 import grpc
 import pytest
+import structlog.testing
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from leader import service
@@ -165,6 +166,53 @@ async def test_a_heartbeat_that_says_nothing_new_runs_no_sql_and_no_worker_threa
     finally:
         await server.stop(None)
         store.close()
+
+
+async def test_a_cut_while_the_handler_refuses_a_message_ends_the_stream_once(
+    tmp_path: Path, loopback: Callable[[], str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review of session 22, L4: the leader cuts a stream (its node removed: ``_cut_refused``
+    from the renewal watch) just after the handler read a message, which it then refuses too.
+    The handler's abort was the second on the stream: gRPC raised UsageError, and the leader
+    logged a spurious internal error with gRPC's "Unexpected [UsageError]" traceback. Made
+    deterministic here: the handler's snapshot read (in-process leader, real gRPC and mutual
+    TLS) is where the node is removed and the stream cut, before the refusal."""
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    await rig.server.start()
+    snapshot = rig.service.snapshot
+    cut_now = asyncio.Event()
+
+    async def cut_first() -> Any:
+        if cut_now.is_set():
+            cut_now.clear()
+            rig.store.remove_node("hb1", now=rig.clock[0], actor="test")
+            snap = await snapshot()
+            rig.service._cut_refused(snap)
+            assert service._ENDING  # the cut's abort, under way
+            await asyncio.gather(*service._ENDING)  # has run: the stream is ended
+        return await snapshot()
+
+    rig.service.snapshot = cut_first  # type: ignore[method-assign]
+    request = leader_pb2.HeartbeatRequest(agent_version="1", agent_port=AGENT_PORT)
+    try:
+        with structlog.testing.capture_logs() as events:
+            async with grpc.aio.secure_channel(rig.target, rig.node) as channel:
+                stream = leader_pb2_grpc.LeaderStub(channel).Heartbeats()  # type: ignore[call-arg]
+                await stream.write(request)
+                assert isinstance(await stream.read(), leader_pb2.HeartbeatResponse)
+                cut_now.set()
+                await stream.write(request)
+                with pytest.raises(grpc.aio.AioRpcError) as ended:
+                    await stream.read()
+                assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                assert "removed" in (ended.value.details() or "")
+            await asyncio.sleep(0.2)  # the handler's end, logged after the client saw it
+    finally:
+        await rig.server.stop(None)
+        rig.store.close()
+    assert not cut_now.is_set()  # the cut came where the test put it
+    assert [e for e in events if e["event"] == "rpc.internal_error"] == []
+    assert "UsageError" not in caplog.text and "already called" not in caplog.text
 
 
 async def test_what_heartbeats_of_all_agents_write_goes_into_one_transaction(
@@ -1049,11 +1097,13 @@ def test_the_leader_s_stop_writes_what_waits_for_the_group_commit(tmp_path: Path
     """A client report queued for the group commit when the leader is told to stop is in the
     store file after the stop (the stop writes the queue after the last stream ended):
     without it the report would be lost at every stop. Real leader daemon; the report comes on
-    a stream right before the stop, within the batch period (without the stop's write the test
-    failed 2 runs of 2)."""
+    a stream right before the stop. The leader's group commit is set to an hour (the tests'
+    ``TEST_BATCH_ENV``), so only the stop can write the report: with the default second the
+    periodic commit could write it first and the test pass without the stop's write (review of
+    session 22, L9)."""
     with Cluster(tmp_path / "c", next_loopback()) as c:
         c.init()
-        c.start_leader()
+        c.start_leader({service.TEST_BATCH_ENV: "3600"})
         creds = Credentials.enrolled(c, "hb-stop")
         stream = Stream(creds)
         try:
@@ -1064,6 +1114,16 @@ def test_the_leader_s_stop_writes_what_waits_for_the_group_commit(tmp_path: Path
         rows = [r for r in c.store_table("node_clients") if r["node"] == "hb-stop"]
         assert [r["workstation"] for r in rows] == ["ws-abend"]
         assert c.store_table("node_clients_info")[0]["node"] == "hb-stop"
+
+
+def test_the_test_only_batch_period_takes_only_a_usable_number() -> None:
+    """``TEST_BATCH_ENV`` steers a test leader's group commit; anything else there leaves the
+    period at ``BATCH_SECONDS``."""
+    assert service.batch_period({}) == service.BATCH_SECONDS
+    assert service.batch_period({service.TEST_BATCH_ENV: "3600"}) == 3600.0
+    assert service.batch_period({service.TEST_BATCH_ENV: "0.5"}) == 0.5
+    for bad in ("", "soon", "0", "-1", "nan", "inf", "1e9"):
+        assert service.batch_period({service.TEST_BATCH_ENV: bad}) == service.BATCH_SECONDS
 
 
 class OlderLeader:
