@@ -310,6 +310,70 @@ async def test_the_group_commit_runs_by_itself_and_a_failed_one_is_retried(
         await rig.close()
 
 
+async def test_a_batch_taken_before_a_direct_heartbeat_write_does_not_commit_after_it(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of session 22, L2: the group commit took a node's queued record (agent 1.0),
+    then a direct write (``Store.heartbeat``: the first message with a renewed certificate)
+    stored a newer one (2.0), then the batch committed the older one over it. As the newer
+    one was in ``_seen``, later identical messages did not write it again: the store kept
+    1.0 until something changed. Deterministic: the batch's thread is held between taking the
+    batch and its transaction (a wrapped ``tx``), and the direct write is given its chance
+    there (up to 3 s: on the old code it is written by then; on the fixed code it waits for
+    the batch, and the wait just runs out)."""
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    store, t0 = rig.store, rig.clock[0]
+    db = store.db
+    real_tx = db.tx
+    taken, go_on = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def held_tx(*args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread().name == "batch" and not taken.is_set():
+            taken.set()  # the batch is taken: its records are out of the queue
+            assert go_on.wait(30)
+        return real_tx(*args, **kwargs)
+
+    def run(work: Callable[[], object]) -> Callable[[], None]:
+        def target() -> None:
+            try:
+                work()
+            except BaseException as exc:  # re-raised in the test's thread below
+                errors.append(exc)
+
+        return target
+
+    monkeypatch.setattr(db, "tx", held_tx)
+    try:
+        assert store.queue_heartbeat("hb1", "1.0", now=t0)
+        batch = threading.Thread(target=run(store.write_queued), name="batch")
+        batch.start()
+        assert taken.wait(30)
+        newer = t0 + dt.timedelta(seconds=5)
+        direct = threading.Thread(
+            target=run(lambda: store.heartbeat("hb1", "2.0", now=newer)), name="direct"
+        )
+        direct.start()
+        direct.join(3)
+        go_on.set()
+        batch.join(30)
+        direct.join(30)
+        assert not batch.is_alive() and not direct.is_alive()
+        if errors:
+            raise errors[0]
+        assert store.get_node("hb1").agent_version == "2.0"
+        # And the same message again is not written (``_seen``): the store must already hold it.
+        store.heartbeat("hb1", "2.0", now=newer + dt.timedelta(seconds=1))
+        with sqlite3.connect(tmp_path / "leader.sqlite3") as check:
+            (version,) = check.execute(
+                "SELECT agent_version FROM nodes WHERE name = 'hb1'"
+            ).fetchone()
+        assert version == "2.0"
+    finally:
+        go_on.set()
+        store.close()
+
+
 async def test_a_read_of_the_store_that_ended_before_its_callback_ran_is_not_waited_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
