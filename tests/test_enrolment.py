@@ -22,7 +22,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from leader.layout import read_passphrase
-from nodeagent import identity
+from nodeagent import certwork, identity, runtime
 from nodeagent.identity import EnrolmentDeferred, next_enrol_wait, told_wait
 from tests.cluster import (
     Agent,
@@ -559,3 +559,19 @@ def test_the_wait_an_agent_takes_from_the_join_port() -> None:
     # After a told wait the minute starts again (the leader answered), within the long bound.
     assert next_enrol_wait(other, 1, 1.0, 120.0, 0.0) == 0.2
     assert next_enrol_wait(other, 1, 1.0, identity.TOLD_PATIENCE, 0.0) is None
+
+
+def test_the_start_timeout_extension_covers_the_longest_told_wait_and_the_next_attempt() -> None:
+    """``start_extension`` (sent to systemd before each enrolment wait): the told wait at its
+    longest, stretched by a quarter, plus the next attempt's own bound; it says why."""
+    longest = identity.LONGEST_TOLD_WAIT * 1.25
+    message = runtime.start_extension(longest, told=True)
+    fields = dict(line.split("=", 1) for line in message.splitlines())
+    assert set(fields) == {"EXTEND_TIMEOUT_USEC", "STATUS"}
+    assert int(fields["EXTEND_TIMEOUT_USEC"]) >= (longest + certwork.TIMEOUT) * 1_000_000
+    assert "told by the leader's join port" in fields["STATUS"]
+    untold = dict(
+        line.split("=", 1) for line in runtime.start_extension(5.0, told=False).split("\n")
+    )
+    assert int(untold["EXTEND_TIMEOUT_USEC"]) >= (5.0 + certwork.TIMEOUT) * 1_000_000
+    assert "not reachable" in untold["STATUS"]
