@@ -49,6 +49,7 @@ from leader.service import (
     EnrolmentService,
     LeaderService,
     LeaderState,
+    batch_period,
     control_server_options,
 )
 from leader.store import Store
@@ -169,6 +170,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         options=SERVER_OPTIONS + TLS_FRAME_OPTIONS + control_server_options(cfg.heartbeat_interval)
     )
     leader_service = LeaderService(state)
+    leader_service.batch_seconds = batch_period(os.environ)
     leader_pb2_grpc.add_LeaderServicer_to_server(leader_service, control)
     await add_standard_services(control, [_service(leader_pb2, "Leader")])
     bind(control, hostport(cfg.address, cfg.control_port), control_creds)

@@ -182,6 +182,12 @@ class Store(LeaderStore):
         # waiting for it, under ``_seen_lock``.
         self._queued: dict[str, _Record] = {}
         self._queued_writes: list[tuple[str, QueuedWrite]] = []
+        # Held across a batch's take and commit (``write_queued``) and across a direct
+        # heartbeat write (``heartbeat``): a batch taken before a direct write must not commit
+        # after it, which stored the older record over the newer one, and ``_seen`` then kept
+        # the newer one from being written again (review of session 22, L2). Taken before
+        # ``_seen_lock``, never inside it.
+        self._commit_lock = threading.Lock()
 
     def _forget_seen(self, name: str) -> None:
         with self._seen_lock:
@@ -437,11 +443,14 @@ class Store(LeaderStore):
         ):
             return
         said = (agent_version, highest_epoch, cert_fingerprint, renewal)
-        with self._seen_lock:
-            self._queued.pop(name, None)  # this write is newer and whole
-        self._write_heartbeat(name, agent_version, now, highest_epoch, cert_fingerprint, renewal)
-        with self._seen_lock:
-            self._seen[name] = _Seen(stored_at=now, said=said, seen=now)
+        with self._commit_lock:  # after any batch already taken, before the next
+            with self._seen_lock:
+                self._queued.pop(name, None)  # this write is newer and whole
+            self._write_heartbeat(
+                name, agent_version, now, highest_epoch, cert_fingerprint, renewal
+            )
+            with self._seen_lock:
+                self._seen[name] = _Seen(stored_at=now, said=said, seen=now)
 
     def queue_heartbeat(
         self,
@@ -508,6 +517,11 @@ class Store(LeaderStore):
         "persist before send") and nothing of security (a certificate switch, revocation,
         bootstrap failures) is ever queued here. If the transaction fails, what it held is
         queued again (a newer record of the same node wins) and the next call retries."""
+        with self._commit_lock:  # a direct heartbeat write waits for this batch, whole
+            return self._write_batch()
+
+    def _write_batch(self) -> int:
+        """``write_queued``'s take and commit, under ``_commit_lock``."""
         with self._seen_lock:
             records, self._queued = self._queued, {}
             writes, self._queued_writes = self._queued_writes, []

@@ -51,6 +51,26 @@ def now() -> dt.datetime:
     return dt.datetime.now(dt.UTC)
 
 
+# What an enrolment attempt after a wait may take on top of the wait: the certificate-work
+# child's own bound, and half a minute for the process to start and the answer to arrive.
+ATTEMPT_MARGIN = certwork.TIMEOUT + 30.0
+
+
+def start_extension(wait: float, told: bool) -> str:
+    """The service-manager message sent before an enrolment wait: the agent is ``READY=1`` only
+    once enrolled, and its unit is ``Type=notify`` with systemd's default 90 s start timeout,
+    while a wait the join port tells it to take can be 300 s (900 s in all). Without this
+    ``EXTEND_TIMEOUT_USEC`` systemd kills the waiting agent, and ``Restart=always`` starts one
+    that enrols at once, ignoring the wait. The extension covers the wait and the next attempt
+    (it is measured from when systemd receives it, and never shortens the unit's own timeout);
+    ``STATUS=`` says why in ``systemctl status``."""
+    why = "told by the leader's join port to wait" if told else "leader not reachable yet"
+    return (
+        f"EXTEND_TIMEOUT_USEC={int((wait + ATTEMPT_MARGIN) * 1_000_000)}\n"
+        f"STATUS=Enrolment: {why}; retrying in {wait:.0f} s"
+    )
+
+
 async def obtain_identity(cfg: AgentConfig) -> Identity:
     """The node's identity, checked (or enrolled) in a child process (``certwork``), so that the
     agent itself never holds X.509 code while it serves."""
@@ -60,9 +80,13 @@ async def obtain_identity(cfg: AgentConfig) -> Identity:
     loop = asyncio.get_running_loop()
     began = since = loop.time()
     failures = 0
+    waited = False
     while True:
         try:
-            return await asyncio.to_thread(certwork.enrol, cfg)
+            identity = await asyncio.to_thread(certwork.enrol, cfg)
+            if waited:  # the wait's STATUS= line would otherwise stay in `systemctl status`
+                sd_notify("STATUS=Enrolled; starting")
+            return identity
         except TransientError as exc:
             now = loop.time()
             told = isinstance(exc, EnrolmentDeferred)
@@ -75,6 +99,8 @@ async def obtain_identity(cfg: AgentConfig) -> Identity:
                 log.info(
                     "agent.enrol_told_to_wait", retry_after=exc.retry_after, wait=round(wait, 1)
                 )
+            sd_notify(start_extension(wait, told))
+            waited = True
             await asyncio.sleep(wait)
             if told:  # the leader answered: a minute's patience again from here
                 since = loop.time()

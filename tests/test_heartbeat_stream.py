@@ -32,6 +32,7 @@ from typing import Any
 
 import grpc
 import pytest
+import structlog.testing
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from leader import service
@@ -167,6 +168,53 @@ async def test_a_heartbeat_that_says_nothing_new_runs_no_sql_and_no_worker_threa
         store.close()
 
 
+async def test_a_cut_while_the_handler_refuses_a_message_ends_the_stream_once(
+    tmp_path: Path, loopback: Callable[[], str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Review of session 22, L4: the leader cuts a stream (its node removed: ``_cut_refused``
+    from the renewal watch) just after the handler read a message, which it then refuses too.
+    The handler's abort was the second on the stream: gRPC raised UsageError, and the leader
+    logged a spurious internal error with gRPC's "Unexpected [UsageError]" traceback. Made
+    deterministic here: the handler's snapshot read (in-process leader, real gRPC and mutual
+    TLS) is where the node is removed and the stream cut, before the refusal."""
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    await rig.server.start()
+    snapshot = rig.service.snapshot
+    cut_now = asyncio.Event()
+
+    async def cut_first() -> Any:
+        if cut_now.is_set():
+            cut_now.clear()
+            rig.store.remove_node("hb1", now=rig.clock[0], actor="test")
+            snap = await snapshot()
+            rig.service._cut_refused(snap)
+            assert service._ENDING  # the cut's abort, under way
+            await asyncio.gather(*service._ENDING)  # has run: the stream is ended
+        return await snapshot()
+
+    rig.service.snapshot = cut_first  # type: ignore[method-assign]
+    request = leader_pb2.HeartbeatRequest(agent_version="1", agent_port=AGENT_PORT)
+    try:
+        with structlog.testing.capture_logs() as events:
+            async with grpc.aio.secure_channel(rig.target, rig.node) as channel:
+                stream = leader_pb2_grpc.LeaderStub(channel).Heartbeats()  # type: ignore[call-arg]
+                await stream.write(request)
+                assert isinstance(await stream.read(), leader_pb2.HeartbeatResponse)
+                cut_now.set()
+                await stream.write(request)
+                with pytest.raises(grpc.aio.AioRpcError) as ended:
+                    await stream.read()
+                assert ended.value.code() == grpc.StatusCode.UNAUTHENTICATED
+                assert "removed" in (ended.value.details() or "")
+            await asyncio.sleep(0.2)  # the handler's end, logged after the client saw it
+    finally:
+        await rig.server.stop(None)
+        rig.store.close()
+    assert not cut_now.is_set()  # the cut came where the test put it
+    assert [e for e in events if e["event"] == "rpc.internal_error"] == []
+    assert "UsageError" not in caplog.text and "already called" not in caplog.text
+
+
 async def test_what_heartbeats_of_all_agents_write_goes_into_one_transaction(
     tmp_path: Path, loopback: Callable[[], str]
 ) -> None:
@@ -260,6 +308,70 @@ async def test_the_group_commit_runs_by_itself_and_a_failed_one_is_retried(
         assert version == "2"
     finally:
         await rig.close()
+
+
+async def test_a_batch_taken_before_a_direct_heartbeat_write_does_not_commit_after_it(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of session 22, L2: the group commit took a node's queued record (agent 1.0),
+    then a direct write (``Store.heartbeat``: the first message with a renewed certificate)
+    stored a newer one (2.0), then the batch committed the older one over it. As the newer
+    one was in ``_seen``, later identical messages did not write it again: the store kept
+    1.0 until something changed. Deterministic: the batch's thread is held between taking the
+    batch and its transaction (a wrapped ``tx``), and the direct write is given its chance
+    there (up to 3 s: on the old code it is written by then; on the fixed code it waits for
+    the batch, and the wait just runs out)."""
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    store, t0 = rig.store, rig.clock[0]
+    db = store.db
+    real_tx = db.tx
+    taken, go_on = threading.Event(), threading.Event()
+    errors: list[BaseException] = []
+
+    def held_tx(*args: Any, **kwargs: Any) -> Any:
+        if threading.current_thread().name == "batch" and not taken.is_set():
+            taken.set()  # the batch is taken: its records are out of the queue
+            assert go_on.wait(30)
+        return real_tx(*args, **kwargs)
+
+    def run(work: Callable[[], object]) -> Callable[[], None]:
+        def target() -> None:
+            try:
+                work()
+            except BaseException as exc:  # re-raised in the test's thread below
+                errors.append(exc)
+
+        return target
+
+    monkeypatch.setattr(db, "tx", held_tx)
+    try:
+        assert store.queue_heartbeat("hb1", "1.0", now=t0)
+        batch = threading.Thread(target=run(store.write_queued), name="batch")
+        batch.start()
+        assert taken.wait(30)
+        newer = t0 + dt.timedelta(seconds=5)
+        direct = threading.Thread(
+            target=run(lambda: store.heartbeat("hb1", "2.0", now=newer)), name="direct"
+        )
+        direct.start()
+        direct.join(3)
+        go_on.set()
+        batch.join(30)
+        direct.join(30)
+        assert not batch.is_alive() and not direct.is_alive()
+        if errors:
+            raise errors[0]
+        assert store.get_node("hb1").agent_version == "2.0"
+        # And the same message again is not written (``_seen``): the store must already hold it.
+        store.heartbeat("hb1", "2.0", now=newer + dt.timedelta(seconds=1))
+        with sqlite3.connect(tmp_path / "leader.sqlite3") as check:
+            (version,) = check.execute(
+                "SELECT agent_version FROM nodes WHERE name = 'hb1'"
+            ).fetchone()
+        assert version == "2.0"
+    finally:
+        go_on.set()
+        store.close()
 
 
 async def test_a_read_of_the_store_that_ended_before_its_callback_ran_is_not_waited_on(
@@ -1049,11 +1161,13 @@ def test_the_leader_s_stop_writes_what_waits_for_the_group_commit(tmp_path: Path
     """A client report queued for the group commit when the leader is told to stop is in the
     store file after the stop (the stop writes the queue after the last stream ended):
     without it the report would be lost at every stop. Real leader daemon; the report comes on
-    a stream right before the stop, within the batch period (without the stop's write the test
-    failed 2 runs of 2)."""
+    a stream right before the stop. The leader's group commit is set to an hour (the tests'
+    ``TEST_BATCH_ENV``), so only the stop can write the report: with the default second the
+    periodic commit could write it first and the test pass without the stop's write (review of
+    session 22, L9)."""
     with Cluster(tmp_path / "c", next_loopback()) as c:
         c.init()
-        c.start_leader()
+        c.start_leader({service.TEST_BATCH_ENV: "3600"})
         creds = Credentials.enrolled(c, "hb-stop")
         stream = Stream(creds)
         try:
@@ -1064,6 +1178,16 @@ def test_the_leader_s_stop_writes_what_waits_for_the_group_commit(tmp_path: Path
         rows = [r for r in c.store_table("node_clients") if r["node"] == "hb-stop"]
         assert [r["workstation"] for r in rows] == ["ws-abend"]
         assert c.store_table("node_clients_info")[0]["node"] == "hb-stop"
+
+
+def test_the_test_only_batch_period_takes_only_a_usable_number() -> None:
+    """``TEST_BATCH_ENV`` steers a test leader's group commit; anything else there leaves the
+    period at ``BATCH_SECONDS``."""
+    assert service.batch_period({}) == service.BATCH_SECONDS
+    assert service.batch_period({service.TEST_BATCH_ENV: "3600"}) == 3600.0
+    assert service.batch_period({service.TEST_BATCH_ENV: "0.5"}) == 0.5
+    for bad in ("", "soon", "0", "-1", "nan", "inf", "1e9"):
+        assert service.batch_period({service.TEST_BATCH_ENV: bad}) == service.BATCH_SECONDS
 
 
 class OlderLeader:
