@@ -195,7 +195,7 @@ class Leader:
             self.refused(exc.code, exc.details)
 
 
-class Unimplemented(Exception):
+class Unimplemented(TerminalError):
     """The leader does not serve this method (JSON codec): one started before an upgrade."""
 
 
