@@ -215,9 +215,15 @@ class Store(LeaderStore):
                 else node.renewal_failing_since,
                 renewal_error=renewal.error if renewal else node.renewal_error,
             )
-        if node.last_heartbeat is not None and node.last_heartbeat >= seen.seen:
+        # The latest of: what is stored, what is known in memory, and a message still queued.
+        # ``heard_until`` may take the memory's back below a queued message (a stream that
+        # ends after another one's newer message); that message still counts, as it did when
+        # it was written at once: before the group commit wrote it, such a node showed
+        # offline for up to a second (a rollout started then was refused "offline").
+        last = seen.seen if record is None else max(seen.seen, record.now)
+        if node.last_heartbeat is not None and node.last_heartbeat >= last:
             return node
-        return replace(node, last_heartbeat=seen.seen)
+        return replace(node, last_heartbeat=last)
 
     # --- tokens -------------------------------------------------------------------------------
 

@@ -374,6 +374,30 @@ async def test_a_batch_taken_before_a_direct_heartbeat_write_does_not_commit_aft
         store.close()
 
 
+async def test_a_queued_message_keeps_its_node_online_when_an_older_stream_ends(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Found by a clean CI run (``test_transitional``: right after a leader's restart its nodes
+    were online, and a finalize a moment later was refused "offline: node3"). A stream that
+    ends takes back the liveness it vouched for (``Store.heard_until``), down to its own last
+    message; a newer message on another stream was still queued for the group commit, and
+    the node's last heartbeat fell back below it, offline until the commit. A message the
+    leader received counts as it did when it was written at once."""
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    store, t0 = rig.store, rig.clock[0]
+    try:
+        store.heartbeat("hb1", "1", now=t0)  # stored: the old stream's message
+        later = t0 + dt.timedelta(seconds=30)
+        store.queue_heartbeat("hb1", "2", now=later)  # the new stream's, queued
+        store.heard_until("hb1", t0)  # the old stream ends: alive only up to its message
+        assert store.get_node("hb1").last_heartbeat == later
+        assert {n.name: n.last_heartbeat for n in store.list_nodes()}["hb1"] == later
+        store.write_queued()
+        assert store.get_node("hb1").last_heartbeat == later
+    finally:
+        await rig.close()
+
+
 async def test_a_read_of_the_store_that_ended_before_its_callback_ran_is_not_waited_on(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
