@@ -1,4 +1,4 @@
-"""Imports made ahead of need, one after another in one worker thread.
+"""Imports made ahead of need, one after another in one worker thread, at a low CPU priority.
 
 The agent loads what a rollout's work needs before that work asks for it, off its event loop:
 the certificate code at a rollout's preflight (``NodeAgentService``), the bootstrap service when
@@ -7,16 +7,44 @@ such imports could meet in Python 3.11's per-module import locks, each holding a
 ``cryptography`` the other one needs next, which Python ends with a ``_DeadlockError`` in one
 of them. Here they queue instead. (An import the work itself makes meanwhile waits for the
 module being loaded here, which is no cycle: it holds no other module's lock.)
+
+That work is made ahead of need precisely so that it can wait: a node is prepared while
+another node's server restarts, and the server that shares this machine (the practice
+software, or in a test another node's) matters more than getting the import done soon. So on
+Linux the warming thread lowers its own scheduling priority (``WARM_NICE``; a thread's nice
+value is its own there). The agent's other threads keep theirs.
 """
 
 from __future__ import annotations
 
 import asyncio
 import importlib
+import os
+import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from types import ModuleType
 
-_WARMER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="warm")
+WARM_NICE = 10
+"""How much the warming thread lowers its priority: at +10 it gets about a tenth of the CPU a
+busy thread at the default priority gets when both want it, and all of it when nothing else
+does."""
+
+
+def _lower_priority() -> None:
+    """Lower the calling thread's priority (Linux only: elsewhere ``setpriority`` with a thread
+    id is not per thread, and nothing is changed). Failing to is no error: the imports only
+    compete more."""
+    if sys.platform != "linux":
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, os.getpriority(os.PRIO_PROCESS, tid) + WARM_NICE)
+    except OSError:
+        pass
+
+
+_WARMER = ThreadPoolExecutor(max_workers=1, thread_name_prefix="warm", initializer=_lower_priority)
 
 
 def warm(name: str) -> asyncio.Future[ModuleType]:

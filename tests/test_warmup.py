@@ -4,7 +4,9 @@ two threads, could deadlock in Python 3.11's module locks (both load parts of cr
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
+import threading
 from pathlib import Path
 from types import ModuleType
 
@@ -47,3 +49,30 @@ def test_warm_imports_run_one_after_another(
         ["end", "slow_warm_b"],
     ]
     assert all(line.split()[2].startswith("warm") for line in lines if line.startswith("start"))
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="a thread's own nice value is Linux's")
+def test_warm_imports_run_at_a_lower_priority_than_the_agents_other_threads(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A node is prepared while another node's server restarts: the warming thread yields the
+    CPU to it. A real module records, while it is imported, the nice value of the thread that
+    imports it; the calling thread's own is unchanged."""
+    log = tmp_path / "nice"
+    (tmp_path / "nice_warm.py").write_text(
+        "import os, threading\n"
+        f"with open({str(log)!r}, 'w') as f:\n"
+        "    f.write(str(os.getpriority(os.PRIO_PROCESS, threading.get_native_id())))\n"
+    )
+    monkeypatch.syspath_prepend(str(tmp_path))
+    mine = os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    async def one() -> ModuleType:
+        return await warmup.warm("nice_warm")
+
+    try:
+        asyncio.run(one())
+    finally:
+        sys.modules.pop("nice_warm", None)
+    assert int(log.read_text()) == min(mine + warmup.WARM_NICE, 19)
+    assert os.getpriority(os.PRIO_PROCESS, threading.get_native_id()) == mine
