@@ -14,9 +14,10 @@ import json
 import sqlite3
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, cast
+from typing import Any, cast, overload
 
 from leader.db import LeaderStore
+from leader.planner import Census
 from leader.rollout_core import (
     TERMINAL_ROLLOUT_STATES,
     Change,
@@ -139,6 +140,18 @@ class RolloutRow:
     def _index(self) -> dict[str, int]:
         return {r.name: i for i, (r, _) in enumerate(self.nodes)}
 
+    @functools.cached_property
+    def census(self) -> Census:
+        """Where its nodes stand (``planner.Census``): counted once per rollout read, then
+        moved along with each record this store saves (``_patch``)."""
+        return Census.of(self.records)
+
+    @property
+    def record_view(self) -> Sequence[NodeRecord]:
+        """``records`` without building them: for ``planner.next_actions`` with the
+        ``census``, which reads only the records it names."""
+        return _Records(self.nodes)
+
     def node(self, name: str) -> tuple[NodeRecord, NodeDetail]:
         """The record and detail of node ``name`` (KeyError if not in the rollout)."""
         return self.nodes[self._index[name]]
@@ -146,6 +159,27 @@ class RolloutRow:
     def position(self, name: str) -> int:
         """Where node ``name`` is in ``nodes`` (the rollout's order; KeyError if not in it)."""
         return self._index[name]
+
+
+class _Records(Sequence[NodeRecord]):
+    """The records of a row's ``nodes``, read one by one (``RolloutRow.record_view``)."""
+
+    def __init__(self, nodes: tuple[tuple[NodeRecord, NodeDetail], ...]) -> None:
+        self._nodes = nodes
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    @overload
+    def __getitem__(self, i: int) -> NodeRecord: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[NodeRecord]: ...
+
+    def __getitem__(self, i: int | slice) -> NodeRecord | Sequence[NodeRecord]:
+        if isinstance(i, slice):
+            return tuple(r for r, _ in self._nodes[i])
+        return self._nodes[i][0]
 
 
 @dataclass(frozen=True)
@@ -622,6 +656,7 @@ class SchemaStore(LeaderStore):
         """Inside a write transaction: one UPDATE per node whose record, step times or details
         differ from ``base``'s (an audit event per changed record); ``base`` after them."""
         nodes = None
+        census = base.__dict__.get("census")  # moved along, if the row has counted it
         for name in dict.fromkeys([*records, *(t.node for t in steps), *details]):
             i = base._index[name]
             old, detail = base.nodes[i]
@@ -661,7 +696,14 @@ class SchemaStore(LeaderStore):
             )
             nodes = nodes or list(base.nodes)
             nodes[i] = (rec, detail)
-        return base if nodes is None else _derived(base, nodes=tuple(nodes))
+            if census is not None:
+                census = census.moved(i, old, rec)
+        if nodes is None:
+            return base
+        row = _derived(base, nodes=tuple(nodes))
+        if census is not None:
+            row.__dict__["census"] = census
+        return row
 
     def update_detail(self, rollout_id: str, name: str, **changes: Any) -> None:
         """Record what a step learnt about a node while it runs (a switch's freeze began): a
@@ -922,6 +964,8 @@ def _derived(row: RolloutRow, **changes: Any) -> RolloutRow:
     new = replace(row, **changes)
     if "_index" in row.__dict__:
         new.__dict__["_index"] = row.__dict__["_index"]
+    if "nodes" not in changes and "census" in row.__dict__:
+        new.__dict__["census"] = row.__dict__["census"]
     return new
 
 
