@@ -799,6 +799,58 @@ async def test_a_step_reads_no_node_rows_and_its_outcome_is_one_write_at_any_siz
     assert large.trace.work / large.nodes <= 1.5 * small.trace.work / small.nodes
 
 
+async def record_reads_per_node(directory: Path, mp: pytest.MonkeyPatch, n: int) -> float:
+    """An enable-tls rollout of ``n`` nodes, 5 at once and the next prepared ahead, driven
+    pass by pass (``tests/test_engine.py``'s harness: the real engine, planner and stores on a
+    real SQLite file, fake agents): how many times the leader read a field of a node record,
+    per node."""
+    from leader.engine import TICK_SECONDS
+    from tests.test_engine import ended, make_world
+
+    directory.mkdir()
+    nodes = {f"n{i:02d}": f"10.0.{i // 200}.{i % 200 + 1}" for i in range(n)}
+    world = make_world(directory, mp, nodes)
+    leader = world.boot(prepare_ahead=1)
+    await leader.start(max_parallel=5)
+    reads = [0, False]  # count, counting
+    plain = NodeRecord.__getattribute__
+
+    def counting(self: NodeRecord, name: str) -> Any:
+        if reads[1] and not name.startswith("__"):
+            reads[0] += 1
+        return plain(self, name)
+
+    mp.setattr(NodeRecord, "__getattribute__", counting)
+    row = None
+    for _ in range(20 * n + 20):
+        reads[1] = True
+        await leader.engine.reconcile()
+        await leader.engine.settle()
+        reads[1] = False
+        row = leader.schema.latest()
+        assert row is not None
+        if ended(row):
+            break
+        world.clock.advance(TICK_SECONDS)
+    assert row is not None and row.rollout.state is RolloutState.COMPLETED
+    await leader.stop()
+    return reads[0] / n
+
+
+async def test_the_engine_s_passes_read_as_many_node_records_per_node_at_any_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15: each pass of the engine (one per step outcome) read every node's record about
+    a dozen times: the planner's passes over them, the done nodes looked over for their
+    password and their superseded certificate, a step looking its node up in the list. The
+    leader's CPU per node grew with the rollout's size. Now the planner decides from the
+    census the store keeps with the rollout and the engine looks up what it names: a rollout
+    of 40 nodes reads about as many records per node as one of 4."""
+    few = await record_reads_per_node(tmp_path / "few", monkeypatch, 4)
+    many = await record_reads_per_node(tmp_path / "many", monkeypatch, 40)
+    assert many <= 1.5 * few, (few, many)  # the old code: 378 and 653
+
+
 # --- the leader's CPU per node in a rollout (issue 15) -------------------------------------------
 
 
