@@ -389,18 +389,18 @@ class AgentPool:
         # them), least recently used first: only they may be closed.
         self._open: set[str] = set()
         self._idle: OrderedDict[str, None] = OrderedDict()
-        self._read_at: dict[str, int] = {}  # node -> Database.generation its record was read at
+        self._read_at: dict[str, int] = {}  # node -> Store.nodes_generation it was read at
         self._retiring: dict[AgentClient, asyncio.Task[None]] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
     async def get(self, name: str) -> AgentClient:
         """The node's client. Its address and key are read from the store again only if the
-        store has had a write since they were read (``Database.generation``: enrolment,
-        renewal, removal move it, a heartbeat does not), so a step's calls cost no worker
-        thread and no query (the leader is its store's only writer)."""
-        # A store without a Database of its own (a reader of another process's file) is read
-        # every time.
-        generation = getattr(getattr(self.store, "db", None), "generation", None)
+        store has had a write to its nodes since they were read (``Store.nodes_generation``:
+        enrolment, renewal, removal move it; a heartbeat, a certificate issued or revoked do
+        not), so a step's calls cost no worker thread and no query (the leader is its store's
+        only writer)."""
+        # A store without the count (a fake in tests) is read every time.
+        generation = getattr(self.store, "nodes_generation", None)
         client = self.clients.get(name)
         if client is not None and generation is not None and self._read_at.get(name) == generation:
             self._use(name)

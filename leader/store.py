@@ -9,6 +9,7 @@ transaction. Clocks are passed in (``now``), never read here.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import hmac
@@ -16,7 +17,7 @@ import json
 import re
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -188,6 +189,21 @@ class Store(LeaderStore):
         # the newer one from being written again (review of session 22, L2). Taken before
         # ``_seen_lock``, never inside it.
         self._commit_lock = threading.Lock()
+        # Moved on after every write that can change what a node is dialled by or named
+        # (enrolment, renewal, removal, re-learning): the agent pool reads a node again only
+        # then (``leader.agent_client.AgentPool.get``). ``Database.generation`` moves with
+        # every store write (a certificate issued in a stage, one revoked at a node's end),
+        # and the pool read the node in a worker thread at almost every step.
+        self.nodes_generation = 0
+
+    @contextlib.contextmanager
+    def _nodes_write(self) -> Iterator[None]:
+        """Around a write to the nodes' addresses, names or keys: ``nodes_generation`` moves
+        on after it commits (or fails: then a read too many, never one too few)."""
+        try:
+            yield
+        finally:
+            self.nodes_generation += 1
 
     def _forget_seen(self, name: str) -> None:
         with self._seen_lock:
@@ -327,7 +343,7 @@ class Store(LeaderStore):
         """
         self._check_secret(token_id, secret)  # a wrong secret never takes the write lock
         self._forget_seen(name)  # enrolled anew: no heartbeat yet
-        with self._db.tx() as db:
+        with self._nodes_write(), self._db.tx() as db:
             row = db.execute("SELECT * FROM tokens WHERE id = ?", (token_id,)).fetchone()
             # Compare even when the id is unknown, so both cases take the same time.
             expected = row["secret_hash"] if row else hash_secret("x" * 26)
@@ -691,7 +707,7 @@ class Store(LeaderStore):
         else is Superseded. ``issue`` signs, inside the transaction. The old certificate is
         not revoked: the leader accepts it no more once the agent has used the new one, and
         it dials the agent by the new key (see ``leader.agent_client``)."""
-        with self._db.tx() as db:
+        with self._nodes_write(), self._db.tx() as db:
             row = db.execute(
                 "SELECT * FROM nodes WHERE name = ? AND removed_at IS NULL", (name,)
             ).fetchone()
@@ -746,7 +762,7 @@ class Store(LeaderStore):
         (a token can name them again) and spend its unused tokens. Returns the node as it was
         and the serials revoked now."""
         self._forget_seen(name)
-        with self._db.tx() as db:
+        with self._nodes_write(), self._db.tx() as db:
             row = db.execute(
                 "SELECT * FROM nodes WHERE name = ? AND removed_at IS NULL", (name,)
             ).fetchone()
@@ -1007,7 +1023,7 @@ class Store(LeaderStore):
         floor. False if the window is closed (the caller refuses the agent)."""
         addresses, dns_names = names
         self._forget_seen(name)
-        with self._db.tx() as db:
+        with self._nodes_write(), self._db.tx() as db:
             row = db.execute("SELECT value FROM meta WHERE key = 'relearn_until'").fetchone()
             if row is None or now > dt.datetime.fromisoformat(row["value"]):
                 return False

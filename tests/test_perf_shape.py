@@ -39,7 +39,7 @@ from leader.rollout_core import (
     Scope,
 )
 from leader.schema_store import RolloutMeta, SchemaStore
-from leader.store import Node, Store
+from leader.store import Node, NotFound, Store
 from tests.cluster import Cluster, child_env, secure_channel, wait_until
 from tests.conftest import IssuedCert
 from tests.leader_rig import leader_with_a_node
@@ -960,16 +960,14 @@ async def test_the_agent_pool_s_bookkeeping_per_call_does_not_grow_with_its_busy
 
 
 async def test_a_step_s_call_to_an_agent_reads_its_node_only_after_a_store_write(
-    tmp_path: Path, loopback: Callable[[], str]
+    loopback: Callable[[], str],
 ) -> None:
     """Issue 15: every call of every step read the node's row again (a worker thread and a
     query, five times per node). The pool reads it once, and again only once the store had a
-    write that can change it (``Database.generation``: enrolment, renewal, removal)."""
+    write that can change it (``Store.nodes_generation``: enrolment, renewal, removal)."""
 
     class Rows(NodeRows):
-        def __init__(self, address: str) -> None:
-            super().__init__(address)
-            self.db = Store(tmp_path / "leader.sqlite3").db
+        nodes_generation = 0
 
     store = Rows(loopback())
     creds = grpc.ssl_channel_credentials(pki.CertificateAuthority.create().cert_pem)
@@ -980,12 +978,85 @@ async def test_a_step_s_call_to_an_agent_reads_its_node_only_after_a_store_write
             for name in names:
                 assert (await pool.get(name)).node.name == name
         assert store.reads == len(names)
-        store.db.touch()  # a write that may have changed a node (a renewal, say)
+        store.nodes_generation += 1  # a write that may have changed a node (a renewal, say)
         await pool.get("n0")
         assert store.reads == len(names) + 1
     finally:
         await pool.close()
-        store.db.close()
+
+
+async def test_the_pool_reads_a_node_again_after_its_enrolment_changed_not_after_other_writes(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Issue 15: the pool read a node again after any write to the leader's store, and a
+    rollout writes one with every stage (the certificate issued) and every node's end (the
+    one it served before revoked): at 500 nodes 2,426 reads of a node, each in a worker
+    thread, about one per step. Now only a write to the nodes (here a renewal, a removal: a
+    real store on a real file) makes it read again."""
+    from leader.store import NodeCert
+
+    now = dt.datetime(2026, 11, 30, tzinfo=dt.UTC)
+
+    class Counting(Store):
+        reads = 0
+
+        def get_node(self, name: str) -> Node:
+            Counting.reads += 1
+            return super().get_node(name)
+
+    store = Counting(tmp_path / "leader.sqlite3")
+    address = loopback()
+    serials = iter(range(1, 100))
+
+    def cert() -> NodeCert:
+        n = next(serials)
+        return NodeCert(f"sha256:pin{n}", f"sha256:fp{n}", f"{n:x}", now + dt.timedelta(days=30))
+
+    for token, secret in (("t1", "s" * 26), ("t2", "u" * 26)):
+        store.add_token(
+            token,
+            secret,
+            ttl=dt.timedelta(hours=1),
+            uses=1,
+            description="",
+            now=now,
+            actor="test",
+            node_name="n1",
+            addresses=(address,),
+        )
+        if token == "t1":
+            store.enrol(
+                token_id="t1",
+                secret=secret,
+                name="n1",
+                addresses=(address,),
+                dns_names=(),
+                agent_version="t",
+                agent_port=AGENT_PORT,
+                key_pin="sha256:pin1",
+                issue=cert,
+                now=now,
+            )
+    creds = grpc.ssl_channel_credentials(pki.CertificateAuthority.create().cert_pem)
+    pool = AgentPool(store, creds, "tlsroll-test")
+    try:
+        first = await pool.get("n1")
+        assert Counting.reads == 1
+        store.db.touch()  # as any write does (the second token above, too)
+        assert await pool.get("n1") is first
+        assert Counting.reads == 1
+        store.renew_node_certificate(
+            "n1", presented="sha256:fp1", key_pin="sha256:pin2", issue=cert, now=now
+        )
+        renewed = await pool.get("n1")
+        assert Counting.reads == 2
+        assert renewed is not first and renewed.node.key_pin == "sha256:pin2"
+        store.remove_node("n1", now=now, actor="test")
+        with pytest.raises(NotFound):
+            await pool.get("n1")
+    finally:
+        await pool.close()
+        store.close()
 
 
 def test_the_outside_check_makes_its_tls_context_once_per_ca(
