@@ -64,7 +64,14 @@ from leader.rollout_core import (
     Step,
     way_out,
 )
-from leader.schema_store import NodeDetail, RolloutRow, SchemaStore, StaleRecords, StepTime
+from leader.schema_store import (
+    NodeDetail,
+    Revocation,
+    RolloutRow,
+    SchemaStore,
+    StaleRecords,
+    StepTime,
+)
 from leader.store import Node, Store
 from tlsroll import logs, pki
 from tlsroll.errors import TransientError
@@ -590,6 +597,7 @@ class Engine:
                 if new == old and not steps and not learnt:
                     return row
                 auth = self._auth_now(row, old, new)
+                revoke = self._revoke_now(row, old, new, learnt.get("cert_fingerprint"), detail)
                 row = await asyncio.to_thread(
                     self.schema.save_states,
                     row,
@@ -601,11 +609,38 @@ class Engine:
                     details={name: learnt} if learnt else None,
                     auth=auth,
                     only=(name,),  # decided from this node's record alone
+                    revoke=revoke,
                 )
                 if auth:
                     self.auth_known.setdefault(rollout_id, set()).add(name)
+                for r in revoke:
+                    self.revoked.setdefault(rollout_id, set()).add(name)
+                    if r.serials:
+                        log.info("certificate.superseded", node=name, serials=r.serials)
         assert row is not None
         return row
+
+    @staticmethod
+    def _revoke_now(
+        row: RolloutRow,
+        old: NodeRecord,
+        new: NodeRecord,
+        learnt_fingerprint: str | None,
+        detail: NodeDetail,
+    ) -> list[Revocation]:
+        """The certificate a node this save leaves done served before this rollout gave it a
+        new one: revoked in the same write (``_revoke_superseded`` is the same rule,
+        level-triggered, for a node done without it: a leader that died in between)."""
+        fingerprint = learnt_fingerprint or detail.cert_fingerprint
+        if (
+            not CHANGES[row.rollout.change].stages_certificate
+            or new.state is not NodeState.DONE
+            or old.state is NodeState.DONE
+            or not fingerprint
+        ):
+            return []
+        before = row.meta.started_at or row.meta.created_at
+        return [Revocation(new.name, fingerprint, before)]
 
     @staticmethod
     def _auth_now(row: RolloutRow, old: NodeRecord, new: NodeRecord) -> dict[str, int | None]:

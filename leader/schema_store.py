@@ -31,6 +31,7 @@ from leader.rollout_core import (
     ScopeKind,
     Strategy,
 )
+from leader.store import revoke_superseded_in
 from tlsroll.errors import TerminalError, TransientError
 from tlsroll.sqlite import from_text, to_text
 
@@ -180,6 +181,18 @@ class _Records(Sequence[NodeRecord]):
         if isinstance(i, slice):
             return tuple(r for r, _ in self._nodes[i])
         return self._nodes[i][0]
+
+
+@dataclass
+class Revocation:
+    """Revoke the server certificates ``node`` served before ``live_fingerprint`` (see
+    ``leader.store.revoke_superseded_in``), with the write of its end; ``serials``: those
+    revoked."""
+
+    node: str
+    live_fingerprint: str
+    before: dt.datetime
+    serials: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -576,13 +589,16 @@ class SchemaStore(LeaderStore):
         details: Mapping[str, Mapping[str, Any]] | None = None,
         auth: Mapping[str, int | None] | None = None,
         only: Collection[str] | None = None,
+        revoke: Sequence[Revocation] = (),
     ) -> RolloutRow:
         """Persist the records after a plan or an event, with one audit event per change, in
         one transaction that updates only the rows that changed (nothing, if nothing did):
         the rollout's state (and ``reason``), the node records in ``nodes`` that differ from
         ``before``'s, step times (``steps``), what steps learnt about nodes (``details``: node
         name → fields as ``update_detail`` takes them) and the password now live on nodes
-        (``auth``, as ``set_node_auth``). A step's outcome is thus one durable write.
+        (``auth``, as ``set_node_auth``) and the certificates a node now done no longer
+        serves (``revoke``, as ``Store.revoke_superseded``; each one's ``serials`` filled in).
+        A step's outcome is thus one durable write.
 
         Optimistic: if the stored records are no longer ``before`` (an admin command and an
         engine verdict crossed), nothing is written and ``StaleRecords`` is raised; the caller
@@ -595,7 +611,9 @@ class SchemaStore(LeaderStore):
         """
         for fields in (details or {}).values():
             _check_details(fields)
-        with self._db.tx(routine=True) as db:  # nothing a heartbeat keeps
+        for r in revoke:
+            r.serials = []
+        with self._db.tx(routine=True) as db:  # nothing a heartbeat keeps (but see revoke)
             base = self._db.cache.get(_key(before.rollout.id)) or self._read(db, before.rollout.id)
             if (
                 base is None
@@ -640,7 +658,13 @@ class SchemaStore(LeaderStore):
             row = self._patch(db, row, now, actor, records, steps, details or {})
             for name, version in (auth or {}).items():
                 self._set_auth(db, name, version, now)
+            for r in revoke:
+                r.serials = revoke_superseded_in(
+                    db, r.node, r.live_fingerprint, before=r.before, now=now
+                )
             self._keep(row)
+        if any(r.serials for r in revoke):
+            self._db.touch()  # the heartbeat path keeps the revocation list
         return row
 
     def _patch(

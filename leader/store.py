@@ -895,37 +895,7 @@ class Store(LeaderStore):
         one is not on record, e.g. brought by the admin). A certificate issued later (a newer
         rollout's) is left alone. Idempotent; returns the serials revoked now."""
         with self._db.tx() as db:
-            live = db.execute(
-                "SELECT issued_at FROM certificates WHERE kind = 'server' AND node = ?"
-                " AND fingerprint = ?",
-                (node, live_fingerprint),
-            ).fetchone()
-            cutoff = live["issued_at"] if live is not None else to_text(before)
-            serials = [
-                r["serial"]
-                for r in db.execute(
-                    "SELECT serial FROM certificates WHERE kind = 'server' AND node = ?"
-                    " AND revoked_at IS NULL AND fingerprint != ? AND issued_at < ?",
-                    (node, live_fingerprint, cutoff),
-                )
-            ]
-            if not serials:
-                return []
-            db.executemany(
-                "UPDATE certificates SET revoked_at = ?, revoke_reason = ? WHERE serial = ?",
-                [(to_text(now), "superseded", s) for s in serials],
-            )
-            _bump_crl(db)
-            self._audit(
-                db,
-                now,
-                "leader",
-                "certificate.superseded",
-                node,
-                serials=serials,
-                live_fingerprint=live_fingerprint,
-            )
-        return serials
+            return revoke_superseded_in(db, node, live_fingerprint, before=before, now=now)
 
     def list_certificates(self, kind: str | None = None) -> list[IssuedCert]:
         with self._db.read() as db:
@@ -1095,6 +1065,50 @@ class Store(LeaderStore):
 def _meta(db: sqlite3.Connection, key: str, default: int) -> int:
     row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
     return int(row["value"]) if row else default
+
+
+def revoke_superseded_in(
+    db: sqlite3.Connection,
+    node: str,
+    live_fingerprint: str,
+    *,
+    before: dt.datetime,
+    now: dt.datetime,
+) -> list[str]:
+    """``Store.revoke_superseded`` inside the caller's write transaction (the engine's write
+    of the node's end: one transaction, not two). A caller whose transaction is routine
+    moves ``Database.generation`` on after it if this revoked anything (``Database.touch``):
+    the heartbeat path keeps the revocation list."""
+    live = db.execute(
+        "SELECT issued_at FROM certificates WHERE kind = 'server' AND node = ? AND fingerprint = ?",
+        (node, live_fingerprint),
+    ).fetchone()
+    cutoff = live["issued_at"] if live is not None else to_text(before)
+    serials = [
+        r["serial"]
+        for r in db.execute(
+            "SELECT serial FROM certificates WHERE kind = 'server' AND node = ?"
+            " AND revoked_at IS NULL AND fingerprint != ? AND issued_at < ?",
+            (node, live_fingerprint, cutoff),
+        )
+    ]
+    if not serials:
+        return []
+    db.executemany(
+        "UPDATE certificates SET revoked_at = ?, revoke_reason = ? WHERE serial = ?",
+        [(to_text(now), "superseded", s) for s in serials],
+    )
+    _bump_crl(db)
+    LeaderStore._audit(
+        db,
+        now,
+        "leader",
+        "certificate.superseded",
+        node,
+        serials=serials,
+        live_fingerprint=live_fingerprint,
+    )
+    return serials
 
 
 def _bump_crl(db: sqlite3.Connection) -> None:
