@@ -9,7 +9,6 @@ transaction. Clocks are passed in (``now``), never read here.
 
 from __future__ import annotations
 
-import contextlib
 import datetime as dt
 import hashlib
 import hmac
@@ -17,7 +16,7 @@ import json
 import re
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -172,6 +171,19 @@ QueuedWrite = Callable[[sqlite3.Connection], None]
 inside that transaction (``Store.queue_write``)."""
 
 
+class _NodesWrite:
+    """``Store._nodes_write``: moves ``Store.nodes_generation`` on as the block ends."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *_exc: object) -> None:
+        self.store.nodes_generation += 1
+
+
 class Store(LeaderStore):
     """Enrolled nodes and join tokens (``leader.db.LeaderStore`` has the shared part)."""
 
@@ -196,14 +208,10 @@ class Store(LeaderStore):
         # and the pool read the node in a worker thread at almost every step.
         self.nodes_generation = 0
 
-    @contextlib.contextmanager
-    def _nodes_write(self) -> Iterator[None]:
+    def _nodes_write(self) -> _NodesWrite:
         """Around a write to the nodes' addresses, names or keys: ``nodes_generation`` moves
         on after it commits (or fails: then a read too many, never one too few)."""
-        try:
-            yield
-        finally:
-            self.nodes_generation += 1
+        return _NodesWrite(self)
 
     def _forget_seen(self, name: str) -> None:
         with self._seen_lock:
