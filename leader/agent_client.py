@@ -141,9 +141,21 @@ class AgentClient:
         self.trust_domain = trust_domain
         # The pool hears when a channel opens and when the last call on it ends (its cap).
         self.on_change = on_change
-        self.in_flight = 0  # calls and streams on the channel now: it is not closed under them
+        self._in_flight = 0
         self._channel: grpc.aio.Channel | None = None
         self._stub: agent_pb2_grpc.NodeAgentAsyncStub | None = None
+
+    @property
+    def in_flight(self) -> int:
+        """Calls and streams on the channel now: it is not closed under them."""
+        return self._in_flight
+
+    @in_flight.setter
+    def in_flight(self, n: int) -> None:
+        """The pool hears when the channel gets busy and when it is idle again (its cap)."""
+        was, self._in_flight = self._in_flight, n
+        if bool(was) != bool(n):
+            self._changed()
 
     @property
     def open(self) -> bool:
@@ -182,8 +194,6 @@ class AgentClient:
     def _done(self) -> None:
         """One call or stream fewer on the channel; the pool may close it once idle."""
         self.in_flight -= 1
-        if not self.in_flight:
-            self._changed()
 
     def close_idle(self) -> asyncio.Task[None] | None:
         """Close the channel if no call is on it (the next call opens a new one); the closing
@@ -375,20 +385,22 @@ class AgentPool:
         self.trust_domain = trust_domain
         self.max_open = max_open
         self.clients: dict[str, AgentClient] = {}
-        # The nodes whose client has its channel open, least recently used first.
-        self._open: OrderedDict[str, None] = OrderedDict()
-        self._read_at: dict[str, int] = {}  # node -> Database.generation its record was read at
+        # The nodes whose client has its channel open, and of those the idle ones (no call on
+        # them), least recently used first: only they may be closed.
+        self._open: set[str] = set()
+        self._idle: OrderedDict[str, None] = OrderedDict()
+        self._read_at: dict[str, int] = {}  # node -> Store.nodes_generation it was read at
         self._retiring: dict[AgentClient, asyncio.Task[None]] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
     async def get(self, name: str) -> AgentClient:
         """The node's client. Its address and key are read from the store again only if the
-        store has had a write since they were read (``Database.generation``: enrolment,
-        renewal, removal move it, a heartbeat does not), so a step's calls cost no worker
-        thread and no query (the leader is its store's only writer)."""
-        # A store without a Database of its own (a reader of another process's file) is read
-        # every time.
-        generation = getattr(getattr(self.store, "db", None), "generation", None)
+        store has had a write to its nodes since they were read (``Store.nodes_generation``:
+        enrolment, renewal, removal move it; a heartbeat, a certificate issued or revoked do
+        not), so a step's calls cost no worker thread and no query (the leader is its store's
+        only writer)."""
+        # A store without the count (a fake in tests) is read every time.
+        generation = getattr(self.store, "nodes_generation", None)
         client = self.clients.get(name)
         if client is not None and generation is not None and self._read_at.get(name) == generation:
             self._use(name)
@@ -404,7 +416,8 @@ class AgentPool:
         ) != (node.addresses, node.agent_port, node.key_pin):
             if client is not None:
                 self._retire(client)
-                self._open.pop(name, None)  # its channel closes with its grace, uncounted
+                self._open.discard(name)  # its channel closes with its grace, uncounted
+                self._idle.pop(name, None)
             client = AgentClient(node, self.credentials, self.trust_domain, self._trim)
             self.clients[name] = client
         else:
@@ -413,40 +426,38 @@ class AgentPool:
         return client
 
     def _use(self, name: str) -> None:
-        if name in self._open:
-            self._open.move_to_end(name)
+        if name in self._idle:
+            self._idle.move_to_end(name)
 
     def open_channels(self) -> int:
         return sum(1 for c in self.clients.values() if c.open)
 
     def _trim(self, client: AgentClient) -> None:
-        """A client opened its channel or ended its last call: close idle channels beyond the
-        cap, least recently used first (never the one that just opened). The pool counts its
-        open channels as they open and close: this runs at every call's end, and must not
-        look at every node's client each time (it did, and cost the leader CPU per step that
-        grew with the number of nodes)."""
+        """A client opened its channel, or its channel got busy or idle: keep the books, and
+        close idle channels beyond the cap, least recently used first (never this client's).
+        Each call costs the same whatever the number of nodes: it once looked at every
+        node's client, then at every busy channel ahead of the idle ones (a busy channel
+        stays first in line while its calls last), and cost the leader CPU per step that grew
+        with the number of nodes."""
         name = client.node.name
-        current = client.open and self.clients.get(name) is client
-        if current and (client.in_flight or name not in self._open):
-            self._open[name] = None  # just opened for a call: it is the newest use
-            self._open.move_to_end(name)
+        if client.open and self.clients.get(name) is client:
+            self._open.add(name)
+            if client.in_flight:
+                self._idle.pop(name, None)
+            else:
+                self._idle[name] = None
+                self._idle.move_to_end(name)
         excess = len(self._open) - self.max_open
-        if excess <= 0:
-            return
-        for other_name in list(self._open):  # least recently used first
-            if excess <= 0:
-                break
+        while excess > 0 and self._idle:
+            other_name = next(iter(self._idle))
             other = self.clients.get(other_name)
-            if other is None or not other.open:
-                del self._open[other_name]
-                excess -= 1
-                continue
             if other is client:
-                continue
-            task = other.close_idle()
+                break  # the newest use; the others are busy
+            del self._idle[other_name]
+            self._open.discard(other_name)
+            excess -= 1
+            task = other.close_idle() if other is not None else None
             if task is not None:
-                del self._open[other_name]
-                excess -= 1
                 self._closing.add(task)
                 task.add_done_callback(self._closing.discard)
 
@@ -458,6 +469,7 @@ class AgentPool:
             self._retire(client)
         self.clients.clear()
         self._open.clear()
+        self._idle.clear()
         self._read_at.clear()
 
     def _retire(self, client: AgentClient) -> None:
@@ -474,6 +486,7 @@ class AgentPool:
             await client.close()  # ends the grace of a retired one too
         self.clients.clear()
         self._open.clear()
+        self._idle.clear()
         for task in list(self._retiring.values()):
             task.cancel()
         self._retiring.clear()

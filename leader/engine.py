@@ -38,8 +38,9 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 import functools
+import itertools
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import Any
 
@@ -63,7 +64,14 @@ from leader.rollout_core import (
     Step,
     way_out,
 )
-from leader.schema_store import NodeDetail, RolloutRow, SchemaStore, StaleRecords, StepTime
+from leader.schema_store import (
+    NodeDetail,
+    Revocation,
+    RolloutRow,
+    SchemaStore,
+    StaleRecords,
+    StepTime,
+)
 from leader.store import Node, Store
 from tlsroll import logs, pki
 from tlsroll.errors import TransientError
@@ -114,7 +122,8 @@ class Engine:
         self.tasks: dict[StepKey, asyncio.Task[None]] = {}
         self.not_before: dict[StepKey, float] = {}
         self.renewed: dict[tuple[str, str], float] = {}  # scope freezes: last renewal
-        self.revoked: set[tuple[str, str]] = set()  # (rollout, node): superseded cert revoked
+        # rollout -> its done nodes whose superseded certificate is revoked (or that have none).
+        self.revoked: dict[str, set[str]] = {}
         self.step_deadline = step_deadline
         self.prepare_ahead = prepare_ahead  # pipelining (``planner.next_actions``)
         # Scope freezes this process has seen an agent confirm: a switch under --freeze scope
@@ -125,8 +134,9 @@ class Engine:
         self.trouble: dict[StepKey, tuple[float, dt.datetime, int]] = {}
         # ``--cert-dir``: the running rollout's keys, until each node has staged its own.
         self.vault = byo.Vault()
-        # (rollout, node): the password live on the node is recorded (``_record_node_auth``).
-        self.auth_known: set[tuple[str, str]] = set()
+        # rollout -> its nodes whose live password is recorded (``_record_node_auth``): only
+        # done (or dual) nodes, which stay so.
+        self.auth_known: dict[str, set[str]] = {}
         # What the steps of the running rollout look up and what does not change while it
         # runs (``leader.changes.RolloutFacts``): read once per rollout, not per step.
         self.facts: dict[str, asyncio.Future[RolloutFacts]] = {}
@@ -164,21 +174,25 @@ class Engine:
         await self._revoke_superseded(row)
         held = await self._held_for_quiet(row)
         plan = planner.next_actions(
-            row.rollout, row.records, held, prepare_ahead=self.prepare_ahead
+            row.rollout,
+            row.record_view,
+            held,
+            prepare_ahead=self.prepare_ahead,
+            census=row.census,  # kept with the row: the pass reads only the nodes it names
         )
         if plan.rollout_events or plan.node_events:
-            rollout, nodes = planner.apply_plan(row.rollout, row.records, plan)
+            before = row
+            rollout, moved = planner.plan_moves(row.rollout, lambda n: before.node(n)[0], plan)
             reason = None
             if RolloutEvent.FAILURE_BUDGET_EXCEEDED in plan.rollout_events:
                 failed = [
                     f"{r.name} {r.state.value}: {r.reason}"
-                    for r in nodes
-                    if r.reason and r.state in FAILED_NODE_STATES
+                    for r in (row.nodes[at][0] for at in _positions(row, FAILED_NODE_STATES))
+                    if r.reason
                 ]
                 reason = f"halted: {'; '.join(failed)}; next: {way_out(rollout)}"
             now = self.clock()
             # Only the nodes the plan moves: the save is as cheap at 500 nodes as at 3.
-            moved = [nodes[row.position(name)] for name in dict.fromkeys(plan.nodes_with_events)]
             try:
                 row = await asyncio.to_thread(
                     self.schema.save_states,
@@ -270,20 +284,19 @@ class Engine:
         version = None if rule is Password.CLEARED else row.meta.auth_version
         rid = row.rollout.id
         # A dual node runs the password on its https side. Nodes this process has seen
-        # recorded are not looked at again: each pass would read every node's password.
-        done = [
-            rec.name
-            for rec in row.records
-            if rec.state in (NodeState.DONE, NodeState.DUAL)
-            and (rid, rec.name) not in self.auth_known
-        ]
+        # recorded are not looked at again, nor every node at each pass once all are known.
+        done_at = _positions(row, (NodeState.DONE, NodeState.DUAL))
+        known = self.auth_known.setdefault(rid, set())
+        if len(known) >= len(done_at):  # every done node is known: both only ever grow
+            return
+        done = [n for n in (row.nodes[at][0].name for at in done_at) if n not in known]
         if not done:
             return
         live = await asyncio.to_thread(self.schema.node_auth)
         for name in done:
             if live.get(name) != version:
                 await asyncio.to_thread(self.schema.set_node_auth, name, version, self.clock())
-            self.auth_known.add((rid, name))
+            known.add(name)
 
     async def _revoke_superseded(self, row: RolloutRow) -> None:
         """Revoke the server certificate a node served before this rollout gave it a new one,
@@ -291,13 +304,16 @@ class Engine:
         the rollout cannot end before it). Not earlier: a node that fails goes back to it."""
         if not CHANGES[row.rollout.change].stages_certificate:
             return
-        for rec, detail in row.nodes:
-            key = (row.rollout.id, rec.name)
-            if (
-                rec.state is not NodeState.DONE
-                or not detail.cert_fingerprint
-                or key in self.revoked
-            ):
+        done_at = row.census.at(NodeState.DONE)
+        revoked = self.revoked.setdefault(row.rollout.id, set())
+        if len(revoked) >= len(done_at):  # each done node's is revoked: both only ever grow
+            return
+        for at in done_at:
+            rec, detail = row.nodes[at]
+            if rec.name in revoked:
+                continue
+            if not detail.cert_fingerprint:  # no new certificate recorded: nothing superseded
+                revoked.add(rec.name)
                 continue
             serials = await asyncio.to_thread(
                 self.store.revoke_superseded,
@@ -306,7 +322,7 @@ class Engine:
                 before=row.meta.started_at or row.meta.created_at,
                 now=self.clock(),
             )
-            self.revoked.add(key)
+            revoked.add(rec.name)
             if serials:
                 log.info("certificate.superseded", node=rec.name, serials=serials)
 
@@ -383,8 +399,10 @@ class Engine:
             fresh = self.schema.kept(rollout.id) or await asyncio.to_thread(
                 self.schema.get, rollout.id
             )
-            records = fresh.records if fresh is not None else ()
-            state = next((r.state for r in records if r.name == step.node), None)
+            try:
+                state = fresh.node(step.node)[0].state if fresh is not None else None
+            except KeyError:  # not a node of this rollout
+                state = None
             if fresh is None or state is None or STEP_FOR_STATE.get(state) is not step.step:
                 return
             row = fresh
@@ -579,6 +597,7 @@ class Engine:
                 if new == old and not steps and not learnt:
                     return row
                 auth = self._auth_now(row, old, new)
+                revoke = self._revoke_now(row, old, new, learnt.get("cert_fingerprint"), detail)
                 row = await asyncio.to_thread(
                     self.schema.save_states,
                     row,
@@ -590,11 +609,38 @@ class Engine:
                     details={name: learnt} if learnt else None,
                     auth=auth,
                     only=(name,),  # decided from this node's record alone
+                    revoke=revoke,
                 )
                 if auth:
-                    self.auth_known.add((rollout_id, name))
+                    self.auth_known.setdefault(rollout_id, set()).add(name)
+                for r in revoke:
+                    self.revoked.setdefault(rollout_id, set()).add(name)
+                    if r.serials:
+                        log.info("certificate.superseded", node=name, serials=r.serials)
         assert row is not None
         return row
+
+    @staticmethod
+    def _revoke_now(
+        row: RolloutRow,
+        old: NodeRecord,
+        new: NodeRecord,
+        learnt_fingerprint: str | None,
+        detail: NodeDetail,
+    ) -> list[Revocation]:
+        """The certificate a node this save leaves done served before this rollout gave it a
+        new one: revoked in the same write (``_revoke_superseded`` is the same rule,
+        level-triggered, for a node done without it: a leader that died in between)."""
+        fingerprint = learnt_fingerprint or detail.cert_fingerprint
+        if (
+            not CHANGES[row.rollout.change].stages_certificate
+            or new.state is not NodeState.DONE
+            or old.state is NodeState.DONE
+            or not fingerprint
+        ):
+            return []
+        before = row.meta.started_at or row.meta.created_at
+        return [Revocation(new.name, fingerprint, before)]
 
     @staticmethod
     def _auth_now(row: RolloutRow, old: NodeRecord, new: NodeRecord) -> dict[str, int | None]:
@@ -686,6 +732,11 @@ class Engine:
             node_event=event.value,
             reason=reason,
         )
+
+
+def _positions(row: RolloutRow, states: Iterable[NodeState]) -> list[int]:
+    """The positions of ``row``'s nodes in any of ``states``, in order (from its census)."""
+    return sorted(itertools.chain.from_iterable(row.census.at(s) for s in states))
 
 
 def _begun(

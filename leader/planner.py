@@ -55,9 +55,10 @@ decided by the engine from the clients each node has seen) are described in
 
 from __future__ import annotations
 
+import bisect
 import datetime as dt
 import itertools
-from collections.abc import Collection, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 from leader.rollout_core import (
@@ -336,91 +337,200 @@ PREPARING = frozenset({NodeState.PREFLIGHT, NodeState.STAGING, NodeState.STAGED}
 SWITCH_SLOT = IN_FLIGHT_NODE_STATES - PREPARING
 
 
+@dataclass(frozen=True)
+class Census:
+    """Where a rollout's nodes stand: for each state, the positions (in the rollout's order)
+    of its nodes, sorted; and the positions of the scope-frozen ones.
+
+    Why: ``next_actions`` runs after every step outcome. Deciding from the records alone took
+    about ten passes over every node each time, so the leader's CPU per node grew with the
+    rollout's size (issue 15). With a census it looks only at the nodes it names (the first
+    pending ones, the staged and in-flight ones), and the store moves the census along with
+    every record it saves (``moved``) instead of counting again."""
+
+    size: int
+    by_state: Mapping[NodeState, tuple[int, ...]]
+    frozen: tuple[int, ...] = ()
+
+    @classmethod
+    def of(cls, records: Sequence[NodeRecord]) -> Census:
+        """Count ``records`` (in the rollout's order): one pass."""
+        by: dict[NodeState, list[int]] = {}
+        frozen = []
+        for i, r in enumerate(records):
+            by.setdefault(r.state, []).append(i)
+            if r.scope_frozen:
+                frozen.append(i)
+        return cls(len(records), {s: tuple(p) for s, p in by.items()}, tuple(frozen))
+
+    def at(self, state: NodeState) -> tuple[int, ...]:
+        """The positions of the nodes in ``state``, in order."""
+        return self.by_state.get(state, ())
+
+    def count(self, states: Iterable[NodeState]) -> int:
+        return sum(len(self.at(s)) for s in states)
+
+    def moved(self, position: int, old: NodeRecord, new: NodeRecord) -> Census:
+        """This census after the node at ``position`` went from record ``old`` to ``new``."""
+        if old.state is new.state and old.scope_frozen == new.scope_frozen:
+            return self
+        by = dict(self.by_state)
+        if old.state is not new.state:
+            if left := _without(by.get(old.state, ()), position):
+                by[old.state] = left
+            else:
+                by.pop(old.state, None)  # no empty states: a census equals a fresh count
+            by[new.state] = _with(by.get(new.state, ()), position)
+        frozen = self.frozen
+        if old.scope_frozen != new.scope_frozen:
+            frozen = (_with if new.scope_frozen else _without)(frozen, position)
+        return Census(self.size, by, frozen)
+
+
+def _with(positions: tuple[int, ...], position: int) -> tuple[int, ...]:
+    i = bisect.bisect_left(positions, position)
+    if i < len(positions) and positions[i] == position:
+        return positions
+    return (*positions[:i], position, *positions[i:])
+
+
+def _without(positions: tuple[int, ...], position: int) -> tuple[int, ...]:
+    i = bisect.bisect_left(positions, position)
+    if i < len(positions) and positions[i] == position:
+        return positions[:i] + positions[i + 1 :]
+    return positions
+
+
+class _Tally:
+    """``next_actions``' working view: the census with the plan's moves so far."""
+
+    def __init__(self, census: Census, records: Sequence[NodeRecord]) -> None:
+        self.census = census
+        self.records = records
+        self.moved: dict[int, NodeState] = {}
+        self.lists: dict[NodeState, list[int]] = {}
+
+    def state(self, position: int) -> NodeState:
+        moved = self.moved.get(position)
+        return self.records[position].state if moved is None else moved
+
+    def at(self, state: NodeState) -> Sequence[int]:
+        return self.lists[state] if state in self.lists else self.census.at(state)
+
+    def among(self, states: Iterable[NodeState]) -> list[int]:
+        """The positions of the nodes in any of ``states``, in order."""
+        return sorted(itertools.chain.from_iterable(self.at(s) for s in states))
+
+    def count(self, states: Iterable[NodeState]) -> int:
+        return sum(len(self.at(s)) for s in states)
+
+    def move(self, position: int, new: NodeState) -> None:
+        old = self.state(position)
+        if old is new:
+            return
+        for state in (old, new):
+            if state not in self.lists:
+                self.lists[state] = list(self.census.at(state))
+        self.lists[old].remove(position)
+        bisect.insort(self.lists[new], position)
+        self.moved[position] = new
+
+
 def next_actions(
     rollout: Rollout,
     nodes: Sequence[NodeRecord],
     held: frozenset[str] = frozenset(),
     *,
     prepare_ahead: int = 0,
+    census: Census | None = None,
 ) -> Plan:
     """Decide what happens now; safe to call any number of times (it only reads).
 
     ``held``: pending nodes that may not start yet (``--when-quiet``: http clients were seen
     on them lately); the others start in order past them. ``prepare_ahead``: how many nodes
     beyond ``max_parallel`` may be preflighted and staged while others switch (0: a node starts
-    only when one has ended, as the seed does)."""
-    records = _in_order(rollout, nodes)
+    only when one has ended, as the seed does). ``census``: ``Census.of(nodes)``, kept by the
+    caller (then ``nodes`` must be in the rollout's order, as the stores keep them, and only
+    the records of the nodes the plan looks at are read); counted here if not given."""
+    if census is None:
+        records: Sequence[NodeRecord] = _in_order(rollout, nodes)
+        census = Census.of(records)
+    elif len(nodes) != len(rollout.order) or census.size != len(nodes):
+        raise InconsistentRecords(
+            f"rollout {rollout.id}: {len(nodes)} node records and a census of {census.size} "
+            f"for its {len(rollout.order)} nodes"
+        )
+    else:
+        records = nodes
     state = rollout.state
     if state not in _LIVE_STATES:  # planned or terminal: nothing to do
         return Plan(epoch=rollout.epoch)
 
     rollout_events: list[RolloutEvent] = []
-    failures = sum(r.state in FAILED_NODE_STATES for r in records)
+    failures = census.count(FAILED_NODE_STATES)
     if state in (RolloutState.RUNNING, RolloutState.PAUSED) and failures > rollout.failure_budget:
         rollout_events.append(RolloutEvent.FAILURE_BUDGET_EXCEEDED)
         state = rollout_transition(state, RolloutEvent.FAILURE_BUDGET_EXCEEDED)
 
-    after = {r.name: r.state for r in records}
+    tally = _Tally(census, records)
+    name = rollout.order.__getitem__
     node_events: list[NodeEventAction] = []
 
-    def emit(name: str, event: NodeEvent, reason: str | None = None) -> None:
-        node_events.append(NodeEventAction(name, event, reason))
-        after[name] = node_transition(after[name], event, f"node {name}")
+    def emit(at: int, event: NodeEvent, reason: str | None = None) -> None:
+        node_events.append(NodeEventAction(name(at), event, reason))
+        tally.move(at, node_transition(tally.state(at), event, f"node {name(at)}"))
 
     if state in DRAINING_ROLLOUT_STATES:
         why = "rollout aborted" if state is RolloutState.ABORTING else "rollout halted"
         gates = _ABORT_SKIPS if state is RolloutState.ABORTING else _HALT_SKIPS
-        for name in rollout.order:
-            if after[name] in gates:
-                emit(name, NodeEvent.SKIP, why)
+        for at in tally.among(gates):
+            emit(at, NodeEvent.SKIP, why)
 
     if not CHANGES[rollout.change].stages_certificate:
-        for name in rollout.order:
-            if after[name] is NodeState.STAGING:
-                emit(name, NodeEvent.STAGE_SKIPPED)
+        for at in list(tally.at(NodeState.STAGING)):
+            emit(at, NodeEvent.STAGE_SKIPPED)
 
     def start(limit: int) -> None:
-        free = limit - sum(s in IN_FLIGHT_NODE_STATES for s in after.values())
+        free = limit - tally.count(IN_FLIGHT_NODE_STATES)
         if free <= 0:
             return
-        ready = (n for n in rollout.order if after[n] is NodeState.PENDING and n not in held)
-        for name in list(itertools.islice(ready, free)):
-            emit(name, NodeEvent.START)
+        ready = (at for at in tally.at(NodeState.PENDING) if name(at) not in held)
+        for at in list(itertools.islice(ready, free)):
+            emit(at, NodeEvent.START)
 
     if state is RolloutState.RUNNING and prepare_ahead <= 0:
         start(rollout.max_parallel)
 
     to_freeze: list[str] = []
-    staged = [name for name in rollout.order if after[name] is NodeState.STAGED]
+    staged = list(tally.at(NodeState.STAGED))
     if prepare_ahead > 0 and state is RolloutState.PAUSED:
         staged = []  # prepared ahead, nothing live changed: a pause holds it (and freezes none)
     if staged and rollout.freeze is FreezeMode.SCOPE:
         to_freeze = [
             r.name
-            for r in records
-            if not r.scope_frozen and after[r.name] not in (NodeState.FAILED, NodeState.SKIPPED)
+            for at, r in enumerate(records)
+            if not r.scope_frozen and tally.state(at) not in (NodeState.FAILED, NodeState.SKIPPED)
         ]
     if not to_freeze:
         if prepare_ahead > 0:
-            staged = _switch_turns(rollout, after, staged, held)
-        for name in staged:
-            emit(name, NodeEvent.SWITCH)
+            staged = _switch_turns(rollout, tally, staged, held)
+        for at in staged:
+            emit(at, NodeEvent.SWITCH)
 
     if state is RolloutState.RUNNING and prepare_ahead > 0:
         start(rollout.max_parallel + prepare_ahead)  # after the switches: slots they freed
 
     steps = [
-        StepAction(name, STEP_FOR_STATE[after[name]], rollout.epoch)
-        for name in rollout.order
-        if after[name] in STEP_FOR_STATE
+        StepAction(name(at), STEP_FOR_STATE[tally.state(at)], rollout.epoch)
+        for at in tally.among(STEP_FOR_STATE)
     ]
-    steps += [StepAction(name, Step.FREEZE, rollout.epoch) for name in to_freeze]
+    steps += [StepAction(n, Step.FREEZE, rollout.epoch) for n in to_freeze]
 
-    if all(s in TERMINAL_NODE_STATES for s in after.values()):  # settled
-        frozen = [r.name for r in records if r.scope_frozen]
-        steps += [StepAction(name, Step.UNFREEZE, rollout.epoch) for name in frozen]
+    if tally.count(TERMINAL_NODE_STATES) == census.size:  # settled
+        frozen = [name(at) for at in census.frozen]
+        steps += [StepAction(n, Step.UNFREEZE, rollout.epoch) for n in frozen]
         if not frozen:
-            dual = any(s is NodeState.DUAL for s in after.values())
+            dual = bool(tally.at(NodeState.DUAL))
             waits = (
                 dual
                 and rollout.strategy is Strategy.TRANSITIONAL
@@ -432,27 +542,19 @@ def next_actions(
 
 
 def _switch_turns(
-    rollout: Rollout,
-    after: Mapping[str, NodeState],
-    staged: Sequence[str],
-    held: frozenset[str] = frozenset(),
-) -> list[str]:
+    rollout: Rollout, tally: _Tally, staged: Sequence[int], held: frozenset[str] = frozenset()
+) -> list[int]:
     """The staged nodes whose turn it is to switch when nodes are prepared ahead: in rollout
     order, none after a node still waiting to begin (pending or being prepared; a node
     ``held`` by ``--when-quiet`` is passed over, as it is when nodes start), and no more than
     the switch slots ``max_parallel`` leaves free."""
-    free = rollout.max_parallel - sum(s in SWITCH_SLOT for s in after.values())
-    turns: list[str] = []
-    for name in rollout.order:
-        if len(turns) >= free:
-            break
-        if after[name] is NodeState.PENDING and name in held:
-            continue
-        if after[name] is NodeState.PENDING or after[name] in PREPARING - {NodeState.STAGED}:
-            break
-        if name in staged:
-            turns.append(name)
-    return turns
+    free = rollout.max_parallel - tally.count(SWITCH_SLOT)
+    waiting = (at for at in tally.at(NodeState.PENDING) if rollout.order[at] not in held)
+    first = min(
+        next(waiting, len(rollout.order)),
+        *(next(iter(tally.at(s)), len(rollout.order)) for s in PREPARING - {NodeState.STAGED}),
+    )
+    return [at for at in staged if at < first][: max(free, 0)]
 
 
 @dataclass(frozen=True)
@@ -643,11 +745,24 @@ def apply_plan(
 ) -> tuple[Rollout, tuple[NodeRecord, ...]]:
     """The records after the plan's events (what the engine persists before running steps)."""
     by_name = {r.name: r for r in _in_order(rollout, nodes)}
+    rollout, moved = plan_moves(rollout, by_name.__getitem__, plan)
+    by_name.update((r.name, r) for r in moved)
+    return rollout, tuple(by_name[name] for name in rollout.order)
+
+
+def plan_moves(
+    rollout: Rollout, record: Callable[[str], NodeRecord], plan: Plan
+) -> tuple[Rollout, tuple[NodeRecord, ...]]:
+    """The rollout after the plan's events and the records of the nodes they move (each once,
+    after all its events, in the plan's order); ``record`` gives a node's record before the
+    plan. ``apply_plan`` for the nodes that change only: what the engine saves."""
+    moved: dict[str, NodeRecord] = {}
     for action in plan.node_events:
-        by_name[action.node] = by_name[action.node].with_event(action.event, action.reason)
+        before = moved.get(action.node) or record(action.node)
+        moved[action.node] = before.with_event(action.event, action.reason)
     for event in plan.rollout_events:
         rollout = rollout.with_event(event)
-    return rollout, tuple(by_name[name] for name in rollout.order)
+    return rollout, tuple(moved.values())
 
 
 # Draining: an abort skips every node whose live config is untouched at once (a preflight or

@@ -14,9 +14,10 @@ import json
 import sqlite3
 from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, cast
+from typing import Any, cast, overload
 
 from leader.db import LeaderStore
+from leader.planner import Census
 from leader.rollout_core import (
     TERMINAL_ROLLOUT_STATES,
     Change,
@@ -30,6 +31,7 @@ from leader.rollout_core import (
     ScopeKind,
     Strategy,
 )
+from leader.store import revoke_superseded_in
 from tlsroll.errors import TerminalError, TransientError
 from tlsroll.sqlite import from_text, to_text
 
@@ -139,6 +141,18 @@ class RolloutRow:
     def _index(self) -> dict[str, int]:
         return {r.name: i for i, (r, _) in enumerate(self.nodes)}
 
+    @functools.cached_property
+    def census(self) -> Census:
+        """Where its nodes stand (``planner.Census``): counted once per rollout read, then
+        moved along with each record this store saves (``_patch``)."""
+        return Census.of(self.records)
+
+    @property
+    def record_view(self) -> Sequence[NodeRecord]:
+        """``records`` without building them: for ``planner.next_actions`` with the
+        ``census``, which reads only the records it names."""
+        return _Records(self.nodes)
+
     def node(self, name: str) -> tuple[NodeRecord, NodeDetail]:
         """The record and detail of node ``name`` (KeyError if not in the rollout)."""
         return self.nodes[self._index[name]]
@@ -146,6 +160,39 @@ class RolloutRow:
     def position(self, name: str) -> int:
         """Where node ``name`` is in ``nodes`` (the rollout's order; KeyError if not in it)."""
         return self._index[name]
+
+
+class _Records(Sequence[NodeRecord]):
+    """The records of a row's ``nodes``, read one by one (``RolloutRow.record_view``)."""
+
+    def __init__(self, nodes: tuple[tuple[NodeRecord, NodeDetail], ...]) -> None:
+        self._nodes = nodes
+
+    def __len__(self) -> int:
+        return len(self._nodes)
+
+    @overload
+    def __getitem__(self, i: int) -> NodeRecord: ...
+
+    @overload
+    def __getitem__(self, i: slice) -> Sequence[NodeRecord]: ...
+
+    def __getitem__(self, i: int | slice) -> NodeRecord | Sequence[NodeRecord]:
+        if isinstance(i, slice):
+            return tuple(r for r, _ in self._nodes[i])
+        return self._nodes[i][0]
+
+
+@dataclass
+class Revocation:
+    """Revoke the server certificates ``node`` served before ``live_fingerprint`` (see
+    ``leader.store.revoke_superseded_in``), with the write of its end; ``serials``: those
+    revoked."""
+
+    node: str
+    live_fingerprint: str
+    before: dt.datetime
+    serials: list[str] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -542,13 +589,16 @@ class SchemaStore(LeaderStore):
         details: Mapping[str, Mapping[str, Any]] | None = None,
         auth: Mapping[str, int | None] | None = None,
         only: Collection[str] | None = None,
+        revoke: Sequence[Revocation] = (),
     ) -> RolloutRow:
         """Persist the records after a plan or an event, with one audit event per change, in
         one transaction that updates only the rows that changed (nothing, if nothing did):
         the rollout's state (and ``reason``), the node records in ``nodes`` that differ from
         ``before``'s, step times (``steps``), what steps learnt about nodes (``details``: node
         name → fields as ``update_detail`` takes them) and the password now live on nodes
-        (``auth``, as ``set_node_auth``). A step's outcome is thus one durable write.
+        (``auth``, as ``set_node_auth``) and the certificates a node now done no longer
+        serves (``revoke``, as ``Store.revoke_superseded``; each one's ``serials`` filled in).
+        A step's outcome is thus one durable write.
 
         Optimistic: if the stored records are no longer ``before`` (an admin command and an
         engine verdict crossed), nothing is written and ``StaleRecords`` is raised; the caller
@@ -561,7 +611,9 @@ class SchemaStore(LeaderStore):
         """
         for fields in (details or {}).values():
             _check_details(fields)
-        with self._db.tx(routine=True) as db:  # nothing a heartbeat keeps
+        for r in revoke:
+            r.serials = []
+        with self._db.tx(routine=True) as db:  # nothing a heartbeat keeps (but see revoke)
             base = self._db.cache.get(_key(before.rollout.id)) or self._read(db, before.rollout.id)
             if (
                 base is None
@@ -606,7 +658,13 @@ class SchemaStore(LeaderStore):
             row = self._patch(db, row, now, actor, records, steps, details or {})
             for name, version in (auth or {}).items():
                 self._set_auth(db, name, version, now)
+            for r in revoke:
+                r.serials = revoke_superseded_in(
+                    db, r.node, r.live_fingerprint, before=r.before, now=now
+                )
             self._keep(row)
+        if any(r.serials for r in revoke):
+            self._db.touch()  # the heartbeat path keeps the revocation list
         return row
 
     def _patch(
@@ -622,6 +680,7 @@ class SchemaStore(LeaderStore):
         """Inside a write transaction: one UPDATE per node whose record, step times or details
         differ from ``base``'s (an audit event per changed record); ``base`` after them."""
         nodes = None
+        census = base.__dict__.get("census")  # moved along, if the row has counted it
         for name in dict.fromkeys([*records, *(t.node for t in steps), *details]):
             i = base._index[name]
             old, detail = base.nodes[i]
@@ -661,7 +720,14 @@ class SchemaStore(LeaderStore):
             )
             nodes = nodes or list(base.nodes)
             nodes[i] = (rec, detail)
-        return base if nodes is None else _derived(base, nodes=tuple(nodes))
+            if census is not None:
+                census = census.moved(i, old, rec)
+        if nodes is None:
+            return base
+        row = _derived(base, nodes=tuple(nodes))
+        if census is not None:
+            row.__dict__["census"] = census
+        return row
 
     def update_detail(self, rollout_id: str, name: str, **changes: Any) -> None:
         """Record what a step learnt about a node while it runs (a switch's freeze began): a
@@ -922,6 +988,8 @@ def _derived(row: RolloutRow, **changes: Any) -> RolloutRow:
     new = replace(row, **changes)
     if "_index" in row.__dict__:
         new.__dict__["_index"] = row.__dict__["_index"]
+    if "nodes" not in changes and "census" in row.__dict__:
+        new.__dict__["census"] = row.__dict__["census"]
     return new
 
 

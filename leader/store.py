@@ -171,6 +171,19 @@ QueuedWrite = Callable[[sqlite3.Connection], None]
 inside that transaction (``Store.queue_write``)."""
 
 
+class _NodesWrite:
+    """``Store._nodes_write``: moves ``Store.nodes_generation`` on as the block ends."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *_exc: object) -> None:
+        self.store.nodes_generation += 1
+
+
 class Store(LeaderStore):
     """Enrolled nodes and join tokens (``leader.db.LeaderStore`` has the shared part)."""
 
@@ -188,6 +201,17 @@ class Store(LeaderStore):
         # the newer one from being written again (review of session 22, L2). Taken before
         # ``_seen_lock``, never inside it.
         self._commit_lock = threading.Lock()
+        # Moved on after every write that can change what a node is dialled by or named
+        # (enrolment, renewal, removal, re-learning): the agent pool reads a node again only
+        # then (``leader.agent_client.AgentPool.get``). ``Database.generation`` moves with
+        # every store write (a certificate issued in a stage, one revoked at a node's end),
+        # and the pool read the node in a worker thread at almost every step.
+        self.nodes_generation = 0
+
+    def _nodes_write(self) -> _NodesWrite:
+        """Around a write to the nodes' addresses, names or keys: ``nodes_generation`` moves
+        on after it commits (or fails: then a read too many, never one too few)."""
+        return _NodesWrite(self)
 
     def _forget_seen(self, name: str) -> None:
         with self._seen_lock:
@@ -327,7 +351,7 @@ class Store(LeaderStore):
         """
         self._check_secret(token_id, secret)  # a wrong secret never takes the write lock
         self._forget_seen(name)  # enrolled anew: no heartbeat yet
-        with self._db.tx() as db:
+        with self._nodes_write(), self._db.tx() as db:
             row = db.execute("SELECT * FROM tokens WHERE id = ?", (token_id,)).fetchone()
             # Compare even when the id is unknown, so both cases take the same time.
             expected = row["secret_hash"] if row else hash_secret("x" * 26)
@@ -691,7 +715,7 @@ class Store(LeaderStore):
         else is Superseded. ``issue`` signs, inside the transaction. The old certificate is
         not revoked: the leader accepts it no more once the agent has used the new one, and
         it dials the agent by the new key (see ``leader.agent_client``)."""
-        with self._db.tx() as db:
+        with self._nodes_write(), self._db.tx() as db:
             row = db.execute(
                 "SELECT * FROM nodes WHERE name = ? AND removed_at IS NULL", (name,)
             ).fetchone()
@@ -746,7 +770,7 @@ class Store(LeaderStore):
         (a token can name them again) and spend its unused tokens. Returns the node as it was
         and the serials revoked now."""
         self._forget_seen(name)
-        with self._db.tx() as db:
+        with self._nodes_write(), self._db.tx() as db:
             row = db.execute(
                 "SELECT * FROM nodes WHERE name = ? AND removed_at IS NULL", (name,)
             ).fetchone()
@@ -879,37 +903,7 @@ class Store(LeaderStore):
         one is not on record, e.g. brought by the admin). A certificate issued later (a newer
         rollout's) is left alone. Idempotent; returns the serials revoked now."""
         with self._db.tx() as db:
-            live = db.execute(
-                "SELECT issued_at FROM certificates WHERE kind = 'server' AND node = ?"
-                " AND fingerprint = ?",
-                (node, live_fingerprint),
-            ).fetchone()
-            cutoff = live["issued_at"] if live is not None else to_text(before)
-            serials = [
-                r["serial"]
-                for r in db.execute(
-                    "SELECT serial FROM certificates WHERE kind = 'server' AND node = ?"
-                    " AND revoked_at IS NULL AND fingerprint != ? AND issued_at < ?",
-                    (node, live_fingerprint, cutoff),
-                )
-            ]
-            if not serials:
-                return []
-            db.executemany(
-                "UPDATE certificates SET revoked_at = ?, revoke_reason = ? WHERE serial = ?",
-                [(to_text(now), "superseded", s) for s in serials],
-            )
-            _bump_crl(db)
-            self._audit(
-                db,
-                now,
-                "leader",
-                "certificate.superseded",
-                node,
-                serials=serials,
-                live_fingerprint=live_fingerprint,
-            )
-        return serials
+            return revoke_superseded_in(db, node, live_fingerprint, before=before, now=now)
 
     def list_certificates(self, kind: str | None = None) -> list[IssuedCert]:
         with self._db.read() as db:
@@ -1007,7 +1001,7 @@ class Store(LeaderStore):
         floor. False if the window is closed (the caller refuses the agent)."""
         addresses, dns_names = names
         self._forget_seen(name)
-        with self._db.tx() as db:
+        with self._nodes_write(), self._db.tx() as db:
             row = db.execute("SELECT value FROM meta WHERE key = 'relearn_until'").fetchone()
             if row is None or now > dt.datetime.fromisoformat(row["value"]):
                 return False
@@ -1079,6 +1073,50 @@ class Store(LeaderStore):
 def _meta(db: sqlite3.Connection, key: str, default: int) -> int:
     row = db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
     return int(row["value"]) if row else default
+
+
+def revoke_superseded_in(
+    db: sqlite3.Connection,
+    node: str,
+    live_fingerprint: str,
+    *,
+    before: dt.datetime,
+    now: dt.datetime,
+) -> list[str]:
+    """``Store.revoke_superseded`` inside the caller's write transaction (the engine's write
+    of the node's end: one transaction, not two). A caller whose transaction is routine
+    moves ``Database.generation`` on after it if this revoked anything (``Database.touch``):
+    the heartbeat path keeps the revocation list."""
+    live = db.execute(
+        "SELECT issued_at FROM certificates WHERE kind = 'server' AND node = ? AND fingerprint = ?",
+        (node, live_fingerprint),
+    ).fetchone()
+    cutoff = live["issued_at"] if live is not None else to_text(before)
+    serials = [
+        r["serial"]
+        for r in db.execute(
+            "SELECT serial FROM certificates WHERE kind = 'server' AND node = ?"
+            " AND revoked_at IS NULL AND fingerprint != ? AND issued_at < ?",
+            (node, live_fingerprint, cutoff),
+        )
+    ]
+    if not serials:
+        return []
+    db.executemany(
+        "UPDATE certificates SET revoked_at = ?, revoke_reason = ? WHERE serial = ?",
+        [(to_text(now), "superseded", s) for s in serials],
+    )
+    _bump_crl(db)
+    LeaderStore._audit(
+        db,
+        now,
+        "leader",
+        "certificate.superseded",
+        node,
+        serials=serials,
+        live_fingerprint=live_fingerprint,
+    )
+    return serials
 
 
 def _bump_crl(db: sqlite3.Connection) -> None:

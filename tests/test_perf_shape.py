@@ -39,7 +39,7 @@ from leader.rollout_core import (
     Scope,
 )
 from leader.schema_store import RolloutMeta, SchemaStore
-from leader.store import Node, Store
+from leader.store import Node, NotFound, Store
 from tests.cluster import Cluster, child_env, secure_channel, wait_until
 from tests.conftest import IssuedCert
 from tests.leader_rig import leader_with_a_node
@@ -799,6 +799,58 @@ async def test_a_step_reads_no_node_rows_and_its_outcome_is_one_write_at_any_siz
     assert large.trace.work / large.nodes <= 1.5 * small.trace.work / small.nodes
 
 
+async def record_reads_per_node(directory: Path, mp: pytest.MonkeyPatch, n: int) -> float:
+    """An enable-tls rollout of ``n`` nodes, 5 at once and the next prepared ahead, driven
+    pass by pass (``tests/test_engine.py``'s harness: the real engine, planner and stores on a
+    real SQLite file, fake agents): how many times the leader read a field of a node record,
+    per node."""
+    from leader.engine import TICK_SECONDS
+    from tests.test_engine import ended, make_world
+
+    directory.mkdir()
+    nodes = {f"n{i:02d}": f"10.0.{i // 200}.{i % 200 + 1}" for i in range(n)}
+    world = make_world(directory, mp, nodes)
+    leader = world.boot(prepare_ahead=1)
+    await leader.start(max_parallel=5)
+    reads = [0, False]  # count, counting
+    plain = NodeRecord.__getattribute__
+
+    def counting(self: NodeRecord, name: str) -> Any:
+        if reads[1] and not name.startswith("__"):
+            reads[0] += 1
+        return plain(self, name)
+
+    mp.setattr(NodeRecord, "__getattribute__", counting)
+    row = None
+    for _ in range(20 * n + 20):
+        reads[1] = True
+        await leader.engine.reconcile()
+        await leader.engine.settle()
+        reads[1] = False
+        row = leader.schema.latest()
+        assert row is not None
+        if ended(row):
+            break
+        world.clock.advance(TICK_SECONDS)
+    assert row is not None and row.rollout.state is RolloutState.COMPLETED
+    await leader.stop()
+    return reads[0] / n
+
+
+async def test_the_engine_s_passes_read_as_many_node_records_per_node_at_any_size(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15: each pass of the engine (one per step outcome) read every node's record about
+    a dozen times: the planner's passes over them, the done nodes looked over for their
+    password and their superseded certificate, a step looking its node up in the list. The
+    leader's CPU per node grew with the rollout's size. Now the planner decides from the
+    census the store keeps with the rollout and the engine looks up what it names: a rollout
+    of 40 nodes reads about as many records per node as one of 4."""
+    few = await record_reads_per_node(tmp_path / "few", monkeypatch, 4)
+    many = await record_reads_per_node(tmp_path / "many", monkeypatch, 40)
+    assert many <= 1.5 * few, (few, many)  # the old code: 378 and 653
+
+
 # --- the leader's CPU per node in a rollout (issue 15) -------------------------------------------
 
 
@@ -859,17 +911,63 @@ async def test_the_agent_pool_s_bookkeeping_per_call_does_not_grow_with_the_node
     assert many <= few + 1, (few, many)
 
 
+async def looks_with_busy_channels(address: str, busy: int) -> float:
+    """``busy`` nodes' channels open with a call on each (a stream that lasts: a switch being
+    watched), then calls to 20 other nodes through a pool capped at 2: how often the pool
+    looked at a client's channel (``AgentClient.open``) per call."""
+    creds = grpc.ssl_channel_credentials(pki.CertificateAuthority.create().cert_pem)
+    pool = AgentPool(NodeRows(address), creds, "tlsroll-test", max_open=2)  # type: ignore[arg-type]
+    try:
+        for name in [f"b{i:03d}" for i in range(busy)]:
+            client = await pool.get(name)
+            client.in_flight += 1  # as a stream on it does
+            assert client.channel is not None
+        looks = 0
+        for name in [f"n{i:03d}" for i in range(20)]:
+            before = CountingOpen.looks
+            client = await pool.get(name)
+            with contextlib.suppress(TransientError):  # nothing listens there
+                await client.get_status(agent_pb2.GetStatusRequest(), timeout=5)
+            looks += CountingOpen.looks - before
+        # Idle ones beyond the cap are closed (the one used last on its next call's end).
+        assert pool.open_channels() <= busy + 1
+        assert all(pool.clients[f"b{i:03d}"].open for i in range(busy))  # never under a call
+    finally:
+        for client in pool.clients.values():
+            client._in_flight = 0
+        await pool.close()
+    return looks / 20
+
+
+async def test_the_agent_pool_s_bookkeeping_per_call_does_not_grow_with_its_busy_channels(
+    loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15 (a profile of the leader at 500 nodes: 10 % of its CPU in ``AgentPool._trim``,
+    615,000 looks at clients' channels): past the cap, the pool walked every busy channel
+    ahead of the first idle one at the end of every call (busy channels stay first in line
+    while their calls last: a switch's stream, or one the step left open). Now it keeps its
+    idle channels apart: as few looks per call with 40 busy channels as with 2."""
+
+    def counted(self: AgentClient) -> bool:
+        CountingOpen.looks += 1
+        return self._channel is not None  # what AgentClient.open says
+
+    monkeypatch.setattr(AgentClient, "open", property(counted))
+    address = loopback()
+    few = await looks_with_busy_channels(address, 2)
+    many = await looks_with_busy_channels(address, 40)
+    assert many <= few + 1, (few, many)
+
+
 async def test_a_step_s_call_to_an_agent_reads_its_node_only_after_a_store_write(
-    tmp_path: Path, loopback: Callable[[], str]
+    loopback: Callable[[], str],
 ) -> None:
     """Issue 15: every call of every step read the node's row again (a worker thread and a
     query, five times per node). The pool reads it once, and again only once the store had a
-    write that can change it (``Database.generation``: enrolment, renewal, removal)."""
+    write that can change it (``Store.nodes_generation``: enrolment, renewal, removal)."""
 
     class Rows(NodeRows):
-        def __init__(self, address: str) -> None:
-            super().__init__(address)
-            self.db = Store(tmp_path / "leader.sqlite3").db
+        nodes_generation = 0
 
     store = Rows(loopback())
     creds = grpc.ssl_channel_credentials(pki.CertificateAuthority.create().cert_pem)
@@ -880,12 +978,85 @@ async def test_a_step_s_call_to_an_agent_reads_its_node_only_after_a_store_write
             for name in names:
                 assert (await pool.get(name)).node.name == name
         assert store.reads == len(names)
-        store.db.touch()  # a write that may have changed a node (a renewal, say)
+        store.nodes_generation += 1  # a write that may have changed a node (a renewal, say)
         await pool.get("n0")
         assert store.reads == len(names) + 1
     finally:
         await pool.close()
-        store.db.close()
+
+
+async def test_the_pool_reads_a_node_again_after_its_enrolment_changed_not_after_other_writes(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Issue 15: the pool read a node again after any write to the leader's store, and a
+    rollout writes one with every stage (the certificate issued) and every node's end (the
+    one it served before revoked): at 500 nodes 2,426 reads of a node, each in a worker
+    thread, about one per step. Now only a write to the nodes (here a renewal, a removal: a
+    real store on a real file) makes it read again."""
+    from leader.store import NodeCert
+
+    now = dt.datetime(2026, 11, 30, tzinfo=dt.UTC)
+
+    class Counting(Store):
+        reads = 0
+
+        def get_node(self, name: str) -> Node:
+            Counting.reads += 1
+            return super().get_node(name)
+
+    store = Counting(tmp_path / "leader.sqlite3")
+    address = loopback()
+    serials = iter(range(1, 100))
+
+    def cert() -> NodeCert:
+        n = next(serials)
+        return NodeCert(f"sha256:pin{n}", f"sha256:fp{n}", f"{n:x}", now + dt.timedelta(days=30))
+
+    for token, secret in (("t1", "s" * 26), ("t2", "u" * 26)):
+        store.add_token(
+            token,
+            secret,
+            ttl=dt.timedelta(hours=1),
+            uses=1,
+            description="",
+            now=now,
+            actor="test",
+            node_name="n1",
+            addresses=(address,),
+        )
+        if token == "t1":
+            store.enrol(
+                token_id="t1",
+                secret=secret,
+                name="n1",
+                addresses=(address,),
+                dns_names=(),
+                agent_version="t",
+                agent_port=AGENT_PORT,
+                key_pin="sha256:pin1",
+                issue=cert,
+                now=now,
+            )
+    creds = grpc.ssl_channel_credentials(pki.CertificateAuthority.create().cert_pem)
+    pool = AgentPool(store, creds, "tlsroll-test")
+    try:
+        first = await pool.get("n1")
+        assert Counting.reads == 1
+        store.db.touch()  # as any write does (the second token above, too)
+        assert await pool.get("n1") is first
+        assert Counting.reads == 1
+        store.renew_node_certificate(
+            "n1", presented="sha256:fp1", key_pin="sha256:pin2", issue=cert, now=now
+        )
+        renewed = await pool.get("n1")
+        assert Counting.reads == 2
+        assert renewed is not first and renewed.node.key_pin == "sha256:pin2"
+        store.remove_node("n1", now=now, actor="test")
+        with pytest.raises(NotFound):
+            await pool.get("n1")
+    finally:
+        await pool.close()
+        store.close()
 
 
 def test_the_outside_check_makes_its_tls_context_once_per_ca(
@@ -982,8 +1153,9 @@ async def test_a_rollout_s_steps_hand_few_reads_to_worker_threads_at_any_size(
     in three with ten nodes in flight). 31 hand-offs per node then. Now what is kept is read
     on the loop when no writer holds the store, what a rollout's steps look up once per
     rollout, and an outcome is checked against its own node's record only: what is left are
-    the writes, the signing record, the outside check and the revocation of the certificate
-    the node served before (the node's enrolled names come with its agent's client)."""
+    the writes, the signing record and the outside check (the node's enrolled names come
+    with its agent's client, the revocation of the certificate it served before with the
+    write of its end)."""
     small = await step_hops(tmp_path / "small", monkeypatch, 2, 1)
     large = await step_hops(tmp_path / "large", monkeypatch, 20, 1)
     wide = await step_hops(tmp_path / "wide", monkeypatch, 20, 5)
@@ -992,6 +1164,9 @@ async def test_a_rollout_s_steps_hand_few_reads_to_worker_threads_at_any_size(
         assert cost.per_node * n <= 10 * n + 6, cost.by_call.most_common()
         # The enrolled names come with the agent's client (the pool read them).
         assert cost.by_call["Store.get_node"] == 0, cost.by_call.most_common()
+        # The certificate a done node served before is revoked in the write of its end (it
+        # was a transaction of its own, in a worker thread, per node).
+        assert cost.by_call["Store.revoke_superseded"] == 0, cost.by_call.most_common()
         for call in ("SchemaStore.get", "SchemaStore.active", "SchemaStore.node_auth"):
             assert cost.by_call[call] <= 1, cost.by_call.most_common()
     assert wide.refused == 0
