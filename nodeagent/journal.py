@@ -91,10 +91,21 @@ WHERE json_type(plan, '$.failed_phase') IS NOT NULL
    OR json_type(plan, '$.restart_needed') IS NOT NULL;
 """
 
+# Migration 3: a transaction's two configs in its own row (issue 15). The target config and
+# the source it replaces used to be files of their own beside the journal (``*.new``,
+# ``*.old``), each an fsync'd atomic write (two fsyncs and a new inode), the backup one inside
+# the freeze window; now they are written with the transaction's first record, in the same
+# commit. Rows of earlier releases leave them NULL and keep using their files.
+_V3 = """
+ALTER TABLE txns ADD COLUMN target_config BLOB;
+ALTER TABLE txns ADD COLUMN source_config BLOB;
+"""
+
 # The journal's schema: append a migration to change it (see tlsroll.sqlite).
 MIGRATIONS: tuple[Migration, ...] = (
     _V1,  # 0.1.0
     _V2,  # failed_phase and restart_needed out of the plan
+    _V3,  # the target and source configs in the transaction's row
 )
 
 
@@ -118,6 +129,11 @@ class Txn:
     cert_fingerprint: str = ""
     failed_phase: Phase | None = None  # the forward phase a failure left (for the way back)
     restart_needed: bool | None = None  # the way back must restart (set by restore_config)
+    # The config the transaction writes, and the one it replaces (read when it was created,
+    # before anything was frozen or written): the way back and a later rollback restore it.
+    # None in rows of earlier releases, whose plan names files for both.
+    target_config: bytes | None = None
+    source_config: bytes | None = None
 
     @property
     def finished(self) -> bool:
@@ -407,8 +423,9 @@ class Journal:
             ).fetchall()
         return [_txn(r) for r in rows]
 
-    def create(self, txn: Txn) -> Txn:
-        """Insert a new transaction, or return the existing one with the same key (a replay)."""
+    def create(self, txn: Txn, *, begin: str | None = None) -> Txn:
+        """Insert a new transaction, or return the existing one with the same key (a replay).
+        ``begin``: the first step, whose ``begin`` event goes in the same write."""
         with self._tx() as db:
             row = db.execute(
                 "SELECT * FROM txns WHERE rollout_id = ? AND kind = ?",
@@ -423,6 +440,7 @@ class Journal:
                 [_enc(n, getattr(txn, n)) for n in names],
             )
             self._event(db, txn, "create", "end", {})
+            self._begin(db, txn, begin)
         return txn
 
     def update(self, txn: Txn, *, begin: str | None = None, **changes: Any) -> Txn:

@@ -3,13 +3,13 @@ needs, from the journal, the driver and what the leader asked for. No gRPC here:
 checks the caller, converts the request and calls one of these.
 
     built = switch_plan(journal, driver, txn_dir, "r1", verifier=None)
-    built.config       # the target config, also written to built.plan.new_config_file
+    built.config       # the target config (the journal keeps it with the transaction)
     built.plan         # fixed from now on: the journal keeps it as the transaction's plan
     built.fingerprint  # the certificate https must present afterwards ("" = no new one)
 
 Blocking (reads the server's config, writes files): call through ``asyncio.to_thread``. A node
 that is not ready for the change gets ``PlanRefused`` and nothing on the server has changed
-(a prepared config file or a staged verifier is inactive until a transaction names it). A file
+(a staged verifier is inactive until a transaction names it). A file
 that cannot be read or written gives ``PrepareFailed`` naming the file and the errno, which the
 servicer sends on to the leader (so the schema says ``No space left on device``, not "internal
 error").
@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, ParamSpec
 
 from nodeagent.drivers import Driver, Target
-from nodeagent.journal import Journal
+from nodeagent.journal import Journal, Txn
 from nodeagent.transaction import Plan
 from tlsroll import password
 from tlsroll.enums import Change, TxnKind, TxnOutcome
@@ -72,12 +72,27 @@ def stage_dir(driver: Driver, rollout_id: str) -> Path:
     return driver.config_file.parent / "tlsroll-tls" / rollout_id
 
 
-def prepare(txn_dir: Path, rollout_id: str, kind: TxnKind, new_config: bytes) -> tuple[Path, Path]:
-    """Write the target config where the transaction will find it; return (new, backup)."""
-    txn_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    new_file = txn_dir / f"{rollout_id}-{kind.value}.new"
-    write_atomic(new_file, new_config, PRIVATE)
-    return new_file, txn_dir / f"{rollout_id}-{kind.value}.old"
+def prepare(txn_dir: Path, rollout_id: str, kind: TxnKind) -> tuple[Path, Path]:
+    """The plan's (new, backup) file names, where releases before the journal held both
+    configs (``Txn.target_config``, ``source_config``) wrote them. Nothing is written: they
+    stay in the plan so that its JSON keeps the shape an earlier release reads."""
+    return txn_dir / f"{rollout_id}-{kind.value}.new", txn_dir / f"{rollout_id}-{kind.value}.old"
+
+
+def read_source(driver: Driver) -> bytes:
+    """The live config a transaction about to start replaces (its ``source_config``)."""
+    try:
+        return driver.read_config()
+    except OSError as exc:
+        raise PrepareFailed(f"cannot prepare the transaction: {os_error_text(exc)}") from None
+
+
+def source_of(switch: Txn) -> bytes:
+    """What a completed switch replaced: from its journal row, or (a switch of an earlier
+    release) from its backup file."""
+    if switch.source_config is not None:
+        return switch.source_config
+    return Plan.from_json(switch.plan).backup_file.read_bytes()
 
 
 def write_verifier(driver: Driver, rollout_id: str, verifier: dict[str, Any] | None) -> Path | None:
@@ -114,7 +129,7 @@ def switch_plan(
     new_config = driver.render(
         Target(target, staged.cert_file, staged.key_file, staged.ca_file, verifier_file)
     )
-    new_file, backup = prepare(txn_dir, rollout_id, TxnKind.SWITCH, new_config)
+    new_file, backup = prepare(txn_dir, rollout_id, TxnKind.SWITCH)
     live = {
         "cert_file": str(staged.cert_file),
         "key_file": str(staged.key_file),
@@ -180,7 +195,7 @@ def finalize_plan(
     new_config = driver.render(
         Target(("https",), cert_file, Path(live["key_file"]), Path(live["ca_file"]), verifier_file)
     )
-    new_file, backup = prepare(txn_dir, rollout_id, TxnKind.SWITCH, new_config)
+    new_file, backup = prepare(txn_dir, rollout_id, TxnKind.SWITCH)
     plan = Plan(
         facts,
         facts.schemes,
@@ -221,7 +236,7 @@ def rotate_plan(
     new_config = driver.render(
         Target(facts.schemes, staged.cert_file, staged.key_file, staged.ca_file, verifier_file)
     )
-    new_file, backup = prepare(txn_dir, rollout_id, TxnKind.SWITCH, new_config)
+    new_file, backup = prepare(txn_dir, rollout_id, TxnKind.SWITCH)
     rotated = {
         **live,
         "cert_file": str(staged.cert_file),
@@ -271,7 +286,7 @@ def password_plan(
             auth_verifier_file=verifier_file,
         )
     )
-    new_file, backup = prepare(txn_dir, rollout_id, TxnKind.SWITCH, new_config)
+    new_file, backup = prepare(txn_dir, rollout_id, TxnKind.SWITCH)
     plan = Plan(
         facts,
         facts.schemes,
@@ -288,18 +303,17 @@ def password_plan(
     return Built(new_config, plan, "")
 
 
-def switch_to_undo(journal: Journal, undoes: str | None) -> Plan:
-    """The plan of the completed switch to undo: that of rollout ``undoes``, or (None) the
-    newest switch that took this node from http to https, whatever it runs now."""
+def switch_to_undo(journal: Journal, undoes: str | None) -> Txn:
+    """The completed switch to undo: that of rollout ``undoes``, or (None) the newest switch
+    that took this node from http to https, whatever it runs now."""
     if undoes:
         switch = journal.get(undoes, TxnKind.SWITCH)
         if switch is None or switch.outcome is not TxnOutcome.COMPLETED:
             raise PlanRefused(f"rollout {undoes} did not switch this node; nothing to roll back")
-        return Plan.from_json(switch.plan)
+        return switch
     for switch in journal.completed(TxnKind.SWITCH):
-        done = Plan.from_json(switch.plan)
-        if "https" not in done.source_schemes:
-            return done
+        if "https" not in Plan.from_json(switch.plan).source_schemes:
+            return switch
     raise PlanRefused("this node was never switched from http to https; nothing to go back to")
 
 
@@ -317,9 +331,10 @@ def rollback_plan(
     http): back to what was live before it, through the same safe transaction, keyed by
     ``rollout_id``. ``keep_frozen``: under a scope freeze the node stays frozen after it, as
     after a switch."""
-    done = switch_to_undo(journal, undoes if undoes is not None else rollout_id)
-    old_config = done.backup_file.read_bytes()
-    new_file, backup = prepare(txn_dir, rollout_id, TxnKind.ROLLBACK, old_config)
+    switch = switch_to_undo(journal, undoes if undoes is not None else rollout_id)
+    done = Plan.from_json(switch.plan)
+    old_config = source_of(switch)
+    new_file, backup = prepare(txn_dir, rollout_id, TxnKind.ROLLBACK)
     facts = driver.facts()
     plan = Plan(
         facts,

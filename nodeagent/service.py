@@ -37,6 +37,7 @@ from nodeagent.transaction import (
     Phase,
     Runner,
     describe,
+    next_action,
     worth_logging,
 )
 from nodeagent.trust import EpochNotAnnounced, LeaderTrust, NotTheLeader, Revoked
@@ -142,6 +143,12 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         self.runner = runner
         self.clock = clock
         self._lock = asyncio.Lock()  # one command at a time changes the journal
+        # The journal's highest epoch as this process last read or wrote it (None: not yet).
+        # Only ``_command`` writes it, so a command at exactly this epoch needs neither a read
+        # nor a write of the journal (two worker-thread hops per command, issue 15), unless
+        # another command's epoch is being checked meanwhile (``_admitting``).
+        self._epoch: int | None = None
+        self._admitting = 0
         # Told when a node is staged for a switch (the agent imports what the switch's end
         # needs then, while the node's server is not restarting: ``BootstrapHost.warm``).
         self.on_prepare: Callable[[], object] | None = None
@@ -155,12 +162,24 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             raise invalid("rollout_id: 1-64 letters, digits, '.', '_' or '-'")
         if command.epoch == 0:
             raise invalid("epoch must be set")
-        # Not older than any seen (the journal), and not above what the leader announced
-        # (``nodeagent.trust``), before the journal records it as the highest.
-        seen = await asyncio.to_thread(self.journal.highest_epoch)
-        if command.epoch >= seen:
-            await self.trust.admit_epoch(command.epoch)
-        higher = await asyncio.to_thread(self.journal.admit_epoch, command.epoch)
+        if (
+            not self._admitting
+            and command.epoch == self._epoch
+            and command.epoch <= self.trust.announced_epoch
+        ):
+            return command.rollout_id  # the highest seen, journalled and announced: admitted
+        self._admitting += 1
+        try:
+            # Not older than any seen (the journal), and not above what the leader announced
+            # (``nodeagent.trust``), before the journal records it as the highest.
+            seen = await asyncio.to_thread(self.journal.highest_epoch)
+            if command.epoch >= seen:
+                await self.trust.admit_epoch(command.epoch)
+            higher = await asyncio.to_thread(self.journal.admit_epoch, command.epoch)
+            highest = higher if higher is not None else command.epoch
+            self._epoch = max(self._epoch or 0, highest)
+        finally:
+            self._admitting -= 1
         if higher is not None:
             raise failed_precondition(
                 f"stale epoch {command.epoch}: this node has seen epoch {higher}; "
@@ -548,8 +567,14 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         journalled under this id for another ``change`` is no replay: refused, never answered
         with that other switch's outcome (a finalize needs a rollout id of its own)."""
         assert self.runner is not None
-        async with self._lock:
-            existing = await asyncio.to_thread(self.journal.get, rollout_id, kind)
+        runner = self.runner
+        first = next_action(Phase.STARTED)
+
+        def create() -> tuple[Txn, bool]:
+            """The existing transaction (a replay) or a new one, journalled with its plan, both
+            configs and its first step's "begin" in one write: one worker-thread hop for the
+            whole begin (issue 15), in the order the checks always had."""
+            existing = self.journal.get(rollout_id, kind)
             done = str(existing.plan.get("change", "")) if existing is not None else ""
             if existing is not None and change and done and done != change:
                 raise failed_precondition(
@@ -557,15 +582,13 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                     f"({done}); {change} needs a rollout id of its own"
                 )
             if existing is not None:  # a replay: report, never run twice
-                if not existing.finished:
-                    self.runner.start(existing)
-                return existing
-            busy = await asyncio.to_thread(self.runner.busy_with)
+                return existing, False
+            busy = runner.busy_with()
             if busy is not None:
                 raise failed_precondition(
                     f"this node is busy with {busy.kind} of rollout {busy.rollout_id}"
                 )
-            _config, plan, fingerprint = await asyncio.to_thread(make)
+            config, plan, fingerprint = make()
             source, target = plan.source_schemes, plan.target_schemes
             facts = plan.facts
             txn = Txn(
@@ -578,9 +601,19 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 old_url=" ".join(facts.url(s) for s in source),
                 new_url=" ".join(facts.url(s) for s in target),
                 cert_fingerprint=fingerprint,
+                target_config=config,
+                # Nothing is frozen or written yet: the live config is the source.
+                source_config=plans.read_source(self._driver()),
             )
-            txn = await asyncio.to_thread(self.journal.create, txn)
-            self.runner.start(txn)
+            return self.journal.create(txn, begin=first), True
+
+        async with self._lock:
+            txn, new = await asyncio.to_thread(create)
+            if not new:
+                if not txn.finished:
+                    runner.start(txn)
+                return txn
+            runner.start(txn, begun=first)
         log.info("txn.started", rollout_id=rollout_id, kind=kind)
         return txn
 
@@ -733,7 +766,11 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 return
         while True:
             changed = self.runner.changes.next() if self.runner is not None else None
-            txn = await asyncio.to_thread(self.journal.get, rollout_id, kind)
+            # The runner's last record of it, as journalled (``TxnChanges.latest``); else
+            # (not written by this process, or long ago) the journal's.
+            txn = self.runner.changes.latest(rollout_id, kind) if self.runner else None
+            if txn is None:
+                txn = await asyncio.to_thread(self.journal.get, rollout_id, kind)
             if txn is None:
                 raise not_found(f"no {kind.value} transaction for rollout {rollout_id!r}")
             if txn != sent:

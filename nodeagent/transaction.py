@@ -111,6 +111,7 @@ SHORTAGE_BACKOFF = Policy(free=0, base=0.5, cap=5.0, forget=3600.0)
 TASK_RESTARTS = 3
 TASK_BACKOFF = Policy(free=1, base=1.0, cap=8.0, forget=3600.0)
 EXIT_UNFREEZE_ATTEMPTS = 3  # before the agent exits: a few quick tries, the next start resumes
+LATEST_KEPT = 8  # transactions whose last record ``TxnChanges`` keeps for the watch
 
 
 class Phase(StrEnum):
@@ -213,8 +214,11 @@ class Plan:
     facts: ServerFacts
     source_schemes: tuple[str, ...]
     target_schemes: tuple[str, ...]
-    new_config_file: Path  # the target config, prepared before the transaction starts
-    backup_file: Path  # the source config, saved before the first write
+    # Where an earlier release kept the target config and the source's backup as files; a
+    # transaction that carries its configs in the journal (``Txn.target_config``,
+    # ``source_config``) writes neither file.
+    new_config_file: Path
+    backup_file: Path
     ca_file: Path
     target_fingerprint: str  # the certificate https must present after the switch ("" = any)
     # What is live once the transaction completes: https files and address for the bootstrap
@@ -279,15 +283,35 @@ class TxnChanges:
     streams each state to the leader as it is journalled, instead of the leader polling).
 
     Take ``next()`` *before* reading the journal, then wait on it: a change journalled between
-    the read and the wait has set that very event, so none is missed."""
+    the read and the wait has set that very event, so none is missed.
+
+    ``latest(rollout_id, kind)``: the record this process last journalled for a transaction
+    (the create, then each write of the runner, which is the only writer of a running
+    transaction's row): the watch sends it without reading it back from the journal (a
+    worker-thread hop per phase, issue 15). None for a transaction this process has not
+    written (one resumed from the journal is read there first)."""
 
     def __init__(self) -> None:
         self._event = asyncio.Event()
+        self._latest: dict[tuple[str, str], Txn] = {}
 
     def next(self) -> asyncio.Event:
         return self._event
 
-    def changed(self) -> None:
+    def latest(self, rollout_id: str, kind: str) -> Txn | None:
+        return self._latest.get((rollout_id, str(kind)))
+
+    def note(self, txn: Txn) -> None:
+        """``txn`` is what the journal now holds for it (kept for the last few transactions)."""
+        key = (txn.rollout_id, txn.kind.value)
+        self._latest.pop(key, None)
+        self._latest[key] = txn
+        while len(self._latest) > LATEST_KEPT:
+            del self._latest[next(iter(self._latest))]
+
+    def changed(self, txn: Txn) -> None:
+        """``txn`` was journalled: note it and wake whoever waits."""
+        self.note(txn)
         event, self._event = self._event, asyncio.Event()
         event.set()
 
@@ -326,7 +350,8 @@ class Runner:
         running = self.journal.unfinished()
         return running[0] if running else None
 
-    def start(self, txn: Txn) -> None:
+    def start(self, txn: Txn, begun: str | None = None) -> None:
+        """Run ``txn`` in a task of its own (``begun`` as for ``run``); nothing if it runs."""
         key = (txn.rollout_id, txn.kind.value)
         if key in self.tasks and not self.tasks[key].done():
             return
@@ -335,7 +360,8 @@ class Runner:
             self._owed = None
         if txn.kind is TxnKind.SWITCH and self.on_switch is not None:
             self.on_switch()
-        task = asyncio.create_task(self._supervised(txn), name=f"txn-{key}")
+        self.changes.note(txn)
+        task = asyncio.create_task(self._supervised(txn, begun), name=f"txn-{key}")
         task.add_done_callback(_log_crash)
         self.tasks[key] = task
 
@@ -364,13 +390,13 @@ class Runner:
 
     # --- supervision --------------------------------------------------------------------------
 
-    async def _supervised(self, txn: Txn) -> Txn:
+    async def _supervised(self, txn: Txn, begun: str | None = None) -> Txn:
         """Run ``txn``; if its task dies, start it again from what the journal holds, at most
         ``TASK_RESTARTS`` times; then lift the freeze and tell the daemon (``dead``)."""
         deaths = 0
         while True:
             try:
-                return await self.run(txn)
+                return await self.run(txn, begun)
             except Exception as exc:
                 deaths += 1
                 error = describe(exc)
@@ -387,11 +413,14 @@ class Runner:
                     restarts_left=TASK_RESTARTS - deaths + 1,
                 )
             await self.sleep(wait)
+            begun = None  # restarted: what was last journalled is read again
             try:
                 latest = await asyncio.to_thread(self.journal.get, txn.rollout_id, txn.kind)
             except Exception as exc:  # counted at the next death: run() needs the journal too
                 log.error("txn.journal_unreadable", rollout_id=txn.rollout_id, error=describe(exc))
                 latest = None
+            if latest is not None:
+                self.changes.note(latest)  # what the journal holds, whatever the last write did
             if latest is not None and latest.finished:
                 return latest
             txn = latest or txn
@@ -466,13 +495,16 @@ class Runner:
 
     # --- the loop -----------------------------------------------------------------------------
 
-    async def run(self, txn: Txn) -> Txn:
+    async def run(self, txn: Txn, begun: str | None = None) -> Txn:
+        """Carry ``txn`` to its outcome. ``begun``: the step whose ``begin`` the caller has
+        just journalled (the servicer's create carries the first one); None: read it."""
         plan = Plan.from_json(txn.plan)  # fixed: nothing below changes it
         if txn.phase is Phase.STARTED:
             self._journalled(txn.phase)  # the servicer journalled it; the crash hook is here
         # Each step's record carries the next step's "begin" (one write per step, not two);
         # resumed, the runner does not journal again a "begin" that was the last thing written.
-        begun = await asyncio.to_thread(self.journal.last_begun, txn)
+        if begun is None:
+            begun = await asyncio.to_thread(self.journal.last_begun, txn)
         while txn.phase not in TERMINAL:
             forward = txn.phase in FORWARD
             action, after = FORWARD[txn.phase] if forward else BACKWARD[txn.phase]
@@ -532,7 +564,7 @@ class Runner:
         journal's writes (``update``, ``fail``, ``complete``), in a thread."""
         txn = await asyncio.to_thread(write, txn, *args, **changes)
         self._journalled(txn.phase)
-        self.changes.changed()
+        self.changes.changed(txn)
         return txn
 
     def _journalled(self, phase: Phase) -> None:
@@ -662,11 +694,15 @@ class Runner:
         return {"watermark": watermark, "freeze_started_at": started}
 
     async def _write_config(self, txn: Txn, plan: Plan) -> dict[str, Any]:
-        await asyncio.to_thread(self._put_target, plan)
+        await asyncio.to_thread(self._put_target, txn, plan)
         return {}
 
-    def _put_target(self, plan: Plan) -> None:
-        # Save the source once: on a repeat after a crash the live file may already be new.
+    def _put_target(self, txn: Txn, plan: Plan) -> None:
+        if txn.target_config is not None:  # the journal holds both configs since the create
+            self.driver.write_config(txn.target_config)
+            return
+        # A transaction of an earlier release: its configs are files. Save the source once:
+        # on a repeat after a crash the live file may already be new.
         if not plan.backup_file.exists():
             write_atomic(plan.backup_file, self.driver.read_config(), PRIVATE)
         self.driver.write_config(plan.new_config_file.read_bytes())
@@ -780,16 +816,19 @@ class Runner:
 
     async def _restore_config(self, txn: Txn, plan: Plan) -> dict[str, Any]:
         """Put the source config back if the live one is not it; say if a restart is needed."""
-        rewritten = await asyncio.to_thread(self._put_source, plan)
+        rewritten = await asyncio.to_thread(self._put_source, txn, plan)
         target_loaded = (txn.failed_phase or Phase.STARTED) in TARGET_MAY_BE_RUNNING
         down = not rewritten and not target_loaded and await self.driver.health() is not None
         return {"restart_needed": rewritten or target_loaded or down}
 
-    def _put_source(self, plan: Plan) -> bool:
+    def _put_source(self, txn: Txn, plan: Plan) -> bool:
         """True if the live config was not the source and has been replaced by it."""
-        if not plan.backup_file.exists():
-            return False  # the target was never written
-        source = plan.backup_file.read_bytes()
+        if txn.source_config is not None:
+            source = txn.source_config
+        elif not plan.backup_file.exists():
+            return False  # an earlier release's transaction: the target was never written
+        else:
+            source = plan.backup_file.read_bytes()
         if self.driver.read_config() == source:
             return False
         self.driver.write_config(source)

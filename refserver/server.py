@@ -177,6 +177,14 @@ class RefServer:
     async def watermark(self) -> int:
         return await asyncio.to_thread(self.store.watermark)
 
+    def _save_state(
+        self, frozen: bool, since: str | None, read_watermark: bool
+    ) -> tuple[FreezeState, int | None]:
+        """Persist the freeze flag; then, if asked, the watermark (blocking: one worker-thread
+        call for both)."""
+        saved = self.state_file.save(frozen, since)
+        return saved, self.store.watermark() if read_watermark else None
+
     @staticmethod
     def _scheme(request: web.Request) -> str:
         return "https" if request.secure else "http"
@@ -342,20 +350,24 @@ class RefServer:
                 400, "bad_request", f"drain_timeout must be seconds from 0 to {MAX_DRAIN_TIMEOUT:g}"
             )
         async with self._freeze_lock:
-            # Refuse new writes at once; then make the freeze durable.
+            # Refuse new writes at once; then make the freeze durable. With no write in
+            # flight none can start any more, so the watermark is final: it is read in the
+            # same worker-thread call as the flag is saved (one hand-off, not two: issue 15).
             self.frozen = True
             since = self.frozen_since
+            drained = self.in_flight == 0
             try:
-                saved = await asyncio.to_thread(self.state_file.save, True, since)
+                saved, mark = await asyncio.to_thread(self._save_state, True, since, drained)
             except OSError as exc:
                 log.error("freeze.not_persisted", error=_one_line(exc))
                 return _error(
                     500, "state_not_saved", f"frozen, but cannot persist it: {_one_line(exc)}"
                 )
             self.frozen_since = saved.since
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(self._idle.wait(), timeout)
-        watermark = await self.watermark()
+        if mark is None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._idle.wait(), timeout)
+        watermark = await self.watermark() if mark is None else mark
         in_flight = self.in_flight
         log.info("writes.frozen", watermark=watermark, drained=in_flight == 0, in_flight=in_flight)
         return web.json_response(
@@ -370,7 +382,9 @@ class RefServer:
     async def unfreeze(self, request: web.Request) -> web.Response:
         async with self._freeze_lock:
             try:
-                await asyncio.to_thread(self.state_file.save, False)
+                # Still frozen while it is saved: the watermark read with it is the last one
+                # of the freeze (one worker-thread hand-off, not two).
+                _saved, watermark = await asyncio.to_thread(self._save_state, False, None, True)
             except OSError as exc:
                 log.error("unfreeze.not_persisted", error=_one_line(exc))
                 return _error(
@@ -378,7 +392,6 @@ class RefServer:
                 )
             self.frozen = False
             self.frozen_since = None
-        watermark = await self.watermark()
         log.info("writes.unfrozen", watermark=watermark)
         return web.json_response({"frozen": False, "watermark": watermark})
 

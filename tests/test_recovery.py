@@ -42,7 +42,10 @@ from tests.cluster import Cluster, one_line_error, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import RPC_TIMEOUT, Node, NodeFactory, alive, read_only
 from tests.refserver_helper import Response
+from tlsroll import password
+from tlsroll.enums import Change
 from tlsroll.v1 import agent_pb2
+from tlsroll.wire import CHANGE
 
 
 @pytest.fixture(scope="module")
@@ -457,18 +460,37 @@ def test_a_transaction_task_that_keeps_dying_unfreezes_and_stops_the_agent(
 def test_a_file_error_while_preparing_a_switch_names_the_file_and_the_errno(
     make_node: NodeFactory,
 ) -> None:
-    """The agent's transaction dir is read-only: Switch used to answer INTERNAL "internal
-    error"; now the leader gets the path and the errno (its schema shows them)."""
+    """The staged files' directory is read-only when the switch writes the password's
+    verifier there: Switch used to answer INTERNAL "internal error"; now the leader gets the
+    path and the errno (its schema shows them), and nothing is journalled or frozen."""
     node = make_node()
-    node.stage("ro")
-    assert node.agent is not None
-    txn_dir = node.agent.data_dir / "txn"
-    txn_dir.mkdir(mode=0o700, exist_ok=True)
-    with read_only(txn_dir), pytest.raises(grpc.RpcError) as info:
-        node.switch("ro")
+    staged = node.stage("ro")
+    verifier = password.make_verifier("pw", **password.TEST_PARAMS)
+    request = agent_pb2.SwitchRequest(
+        command=node.command("ro"),
+        change=CHANGE.wire(Change.ENABLE_TLS),
+        auth_verifier_json=password.verifier_to_json(verifier),
+    )
+    stage_dir = node.stage_dir("ro")
+    with read_only(stage_dir), node.stub() as stub, pytest.raises(grpc.RpcError) as info:
+        stub.Switch(request, timeout=RPC_TIMEOUT)
     err = info.value
     assert err.code() == grpc.StatusCode.FAILED_PRECONDITION, err.details()
     details = str(err.details())
-    assert str(txn_dir) in details and "(errno 30, EROFS)" in details, details
+    assert str(stage_dir) in details and "(errno 30, EROFS)" in details, details
     assert node.admin_status()["frozen"] is False
+    assert node.journal_query("SELECT rollout_id FROM txns") == []
     assert_on_http(node)
+
+    # Issue 15: the transaction's configs are in its journal row, not in files of the
+    # agent's txn dir (the target and the source's backup were written there): with that
+    # directory read-only the switch completes.
+    assert node.agent is not None
+    txn_dir = node.agent.data_dir / "txn"
+    txn_dir.mkdir(mode=0o700, exist_ok=True)
+    with read_only(txn_dir):
+        node.switch("ro")
+        done = node.wait_txn("ro")
+    assert done.outcome == "completed", done.reason
+    assert_on_https(node, staged.fingerprint)
+    assert list(txn_dir.iterdir()) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import http.client
 import json
@@ -631,3 +632,51 @@ def test_sigint_also_stops_gracefully(make_server: MakeServer) -> None:
     server.start()
     server.signal(signal.SIGINT)
     assert server.proc is not None and server.proc.wait(10) == 0
+
+
+# --- the freeze's worker-thread hand-offs (in-process: the server's own objects) --------------
+
+
+async def test_freeze_and_unfreeze_with_nothing_in_flight_hand_off_to_one_thread_each(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15: the flag's durable write and the watermark were two worker-thread hand-offs
+    in each of freeze and unfreeze, both inside every switch's freeze window; with no write in
+    flight (none can start once frozen) they are one. The answers are as before."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from refserver import config as refserver_config
+    from refserver import server as refserver_server
+    from refserver.store import StateFile, Store
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    path = tmp_path / "refserver.toml"
+    path.write_text(
+        f'[server]\naddress = "127.0.0.1"\napp_path = "/praxis_live/"\nlisten = ["http"]\n'
+        f'data_dir = "{data_dir}"\n'
+    )
+    loaded = refserver_config.load(path)
+    store, state_file = Store(data_dir), StateFile(data_dir)
+    server = refserver_server.RefServer(loaded, store, state_file, state_file.load())
+    _entry, seq = store.insert({"n": 1})
+    hops: list[str] = []
+    to_thread = asyncio.to_thread
+
+    async def counting(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        hops.append(getattr(fn, "__name__", repr(fn)))
+        return await to_thread(fn, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", counting)  # the server calls it as asyncio.to_thread
+    async with TestClient(TestServer(server.admin_app())) as client:
+        frozen = await (await client.post("/admin/freeze", json={"drain_timeout": 1})).json()
+        assert frozen == {"frozen": True, "watermark": seq, "drained": True, "in_flight": 0}
+        assert len(hops) == 1, hops
+        assert json.loads((data_dir / "state.json").read_text())["frozen"] is True
+        hops.clear()
+        unfrozen = await (await client.post("/admin/unfreeze")).json()
+        assert unfrozen == {"frozen": False, "watermark": seq}
+        assert len(hops) == 1, hops
+        assert json.loads((data_dir / "state.json").read_text())["frozen"] is False
+    server.close()
+    store.close()

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import itertools
 import json
 import re
@@ -32,14 +33,16 @@ import tomllib
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import pytest
 
-from nodeagent import plans, transaction
+from nodeagent import plans, service, transaction
 from nodeagent.drivers import Driver, DriverError, ServerFacts, Target
 from nodeagent.journal import Journal, Txn
-from nodeagent.transaction import Checks, Phase, Plan, Runner
+from nodeagent.transaction import Checks, Phase, Plan, Runner, next_action
+from nodeagent.trust import LeaderTrust
+from nodeagent.wire import TXN_PHASE
 from tlsroll import fsutil, password
 from tlsroll.enums import TxnKind, TxnOutcome
 
@@ -220,8 +223,8 @@ class CrashingJournal(Journal):
             raise Crash(label)
         return result
 
-    def create(self, txn: Txn) -> Txn:
-        created: Txn = self._write("create", super().create, txn)
+    def create(self, txn: Txn, *, begin: str | None = None) -> Txn:
+        created: Txn = self._write(begun("create", begin), super().create, txn, begin=begin)
         return created
 
     def event(self, txn: Txn, step: str, what: str, detail: dict[str, Any] | None = None) -> None:
@@ -373,12 +376,31 @@ SCENARIOS = {
 SCENARIOS = {name: replace(sc, writes=fused(sc.writes)) for name, sc in SCENARIOS.items()}
 
 
+# Where a transaction keeps its two configs: in its journal row, written with its create,
+# which also carries the first step's "begin" (this release; issue 15), or in files of their
+# own, the target written before the create and the backup by the config write (a transaction
+# journalled by an earlier release, resumed by this one).
+LAYOUTS = ("journal", "files")
+
+
+def writes_of(sc: Scenario, layout: str) -> tuple[str, ...]:
+    """The scenario's journal writes in ``layout``: this release's create carries the first
+    step's "begin" (one write, not two)."""
+    if layout == "files":
+        return sc.writes
+    first, second, *rest = sc.writes
+    assert (first, second) == ("create", "freeze begin")
+    return (f"{first} + {second}", *rest)
+
+
 class World:
     """One node: the fake server, the journal file, the plan of one transaction."""
 
-    def __init__(self, root: Path, scenario: Scenario) -> None:
+    def __init__(self, root: Path, scenario: Scenario, layout: str = "journal") -> None:
         self.root = root
         self.sc = scenario
+        self.layout = layout
+        self.writes = writes_of(scenario, layout)
         self.time = FakeTime()
         self.server = FakeServer(
             config=scenario.start, running=scenario.start, failing=scenario.failing
@@ -389,7 +411,10 @@ class World:
         self.journal_path = root / "journal.sqlite3"
         ca_file = root / "ca.pem"
         ca_file.write_bytes(b"the cluster CA")
-        new_file, backup = plans.prepare(root / "txn", "r1", scenario.kind, scenario.target)
+        new_file, backup = plans.prepare(root / "txn", "r1", scenario.kind)
+        if layout == "files":  # as an earlier release prepared it
+            new_file.parent.mkdir(parents=True, exist_ok=True)
+            new_file.write_bytes(scenario.target)
         https = scenario.target != SOURCE
         live = {"cert_file": "/x/server.pem", "server_url": f"https://{ADDRESS}:8443{APP}"}
         self.plan = Plan(
@@ -410,6 +435,8 @@ class World:
             phase=Phase.STARTED,
             plan=self.plan.to_json(),
             started_at=self.time.clock(),
+            target_config=scenario.target if layout == "journal" else None,
+            source_config=scenario.start if layout == "journal" else None,
         )
 
     def runner(self, journal: Journal) -> Runner:
@@ -423,8 +450,12 @@ class World:
 
     async def run(self, journal: CrashingJournal) -> Txn:
         """Start the transaction as the servicer does and run it to its end (or a crash)."""
-        txn = await asyncio.to_thread(journal.create, self.txn)
-        return await self.runner(journal).run(txn)
+        if self.layout == "files":
+            txn = await asyncio.to_thread(journal.create, self.txn)
+            return await self.runner(journal).run(txn)
+        first = next_action(Phase.STARTED)
+        txn = await asyncio.to_thread(functools.partial(journal.create, self.txn, begin=first))
+        return await self.runner(journal).run(txn, begun=first)
 
     async def resume(self) -> tuple[list[Txn], CrashingJournal]:
         """The agent starts again: a new journal on the same file, a new runner."""
@@ -451,7 +482,10 @@ class World:
         s = self.server
         assert (s.running, s.config, s.frozen) == (self.sc.ends_on, self.sc.ends_on, False)
         assert json.loads(self.row()["plan"]) == self.plan.to_json()
-        if self.plan.backup_file.exists():
+        if self.layout == "journal":  # no file of its own: the row holds both configs
+            assert not self.plan.backup_file.exists() and not self.plan.new_config_file.exists()
+            assert (txn.source_config, txn.target_config) == (self.sc.start, self.sc.target)
+        elif self.plan.backup_file.exists():
             assert self.plan.backup_file.read_bytes() == self.sc.start
         assert (txn.failed_phase, txn.restart_needed) == (
             self.sc.failed_phase,
@@ -463,24 +497,25 @@ class World:
 
 
 @pytest.fixture
-def world(tmp_path: Path) -> Callable[[Scenario], World]:
+def world(tmp_path: Path) -> Callable[..., World]:
     """Makes worlds, each in a directory of its own."""
     made = itertools.count(1)
-    return lambda scenario: World(tmp_path / f"w{next(made)}", scenario)
+    return lambda scenario, layout="journal": World(tmp_path / f"w{next(made)}", scenario, layout)
 
 
 # --- without a crash: each scenario's transcript ----------------------------------------------
 
 
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
-async def test_scenario_transcript(name: str, world: Callable[[Scenario], World]) -> None:
+async def test_scenario_transcript(name: str, layout: str, world: Callable[..., World]) -> None:
     sc = SCENARIOS[name]
-    w = world(sc)
+    w = world(sc, layout)
     journal = CrashingJournal(w.journal_path)
     t0 = time.monotonic()
     done = await w.run(journal)
 
-    assert tuple(journal.writes) == sc.writes
+    assert tuple(journal.writes) == w.writes
     assert tuple(w.server.ops) == sc.ops
     assert tuple(w.time.slept) == sc.slept
     assert time.monotonic() - t0 < 5  # every wait went to the fake clock
@@ -511,32 +546,42 @@ def _slug(label: str) -> str:
 
 
 CRASH_POINTS = [
-    pytest.param(name, n, lost, id=f"{name}-{'instead-of' if lost else 'after'}-{n}-{_slug(label)}")
+    pytest.param(
+        name,
+        layout,
+        n,
+        lost,
+        id=f"{layout}-{name}-{'instead-of' if lost else 'after'}-{n}-{_slug(label)}",
+    )
+    for layout in LAYOUTS
     for name, sc in sorted(SCENARIOS.items())
-    for n, label in enumerate(sc.writes, start=1)
+    for n, label in enumerate(writes_of(sc, layout), start=1)
     for lost in (False, True)
 ]
 
 
-@pytest.mark.parametrize(("name", "at", "lost"), CRASH_POINTS)
+@pytest.mark.parametrize(("name", "layout", "at", "lost"), CRASH_POINTS)
 async def test_a_crash_at_any_write_resumes_and_acts_once(
-    name: str, at: int, lost: bool, world: Callable[[Scenario], World]
+    name: str, layout: str, at: int, lost: bool, world: Callable[..., World]
 ) -> None:
+    """Killed at any journal write (after it or instead of it), the agent resumes from the
+    journal and every action runs once; in both layouts of a transaction's configs."""
     sc = SCENARIOS[name]
-    ops_at = await ops_at_each_write(name, world)
-    w = world(sc)
+    ops_at = await ops_at_each_write(name, layout, world)
+    w = world(sc, layout)
+    writes = w.writes
     first = CrashingJournal(w.journal_path, at, lost=lost)
-    with pytest.raises(Crash, match=f"^{re.escape(sc.writes[at - 1])}$"):
+    with pytest.raises(Crash, match=f"^{re.escape(writes[at - 1])}$"):
         await w.run(first)
     first.close()
     pending, journal = await w.resume()
 
-    label = sc.writes[at - 1]
+    label = writes[at - 1]
     if lost and at == 1:  # the transaction was never created: nothing happened, nothing resumes
         assert pending == [] and journal.get("r1", sc.kind) is None
         assert w.server.ops == [] and w.server.running == sc.start
         return
-    finished = at == len(sc.writes) and not lost
+    finished = at == len(writes) and not lost
     assert [t.rollout_id for t in pending] == ([] if finished else ["r1"])
     w.assert_ended_well(journal)
     ops = tuple(w.server.ops)
@@ -544,7 +589,7 @@ async def test_a_crash_at_any_write_resumes_and_acts_once(
         # Every operation ran exactly once, and every write was made once: a "begin" the crash
         # followed is not journalled again (``Journal.last_begun``).
         assert ops == sc.ops
-        assert (*first.writes, *journal.writes) == sc.writes, label
+        assert (*first.writes, *journal.writes) == writes, label
     else:
         # The action whose record was lost ran again, nothing else did (it may also find its
         # work done: the source already back in place).
@@ -553,22 +598,22 @@ async def test_a_crash_at_any_write_resumes_and_acts_once(
     journal.close()
 
 
-_OPS_AT: dict[str, list[int]] = {}
+_OPS_AT: dict[tuple[str, str], list[int]] = {}
 
 
-async def ops_at_each_write(name: str, world: Callable[[Scenario], World]) -> list[int]:
+async def ops_at_each_write(name: str, layout: str, world: Callable[..., World]) -> list[int]:
     """How many server operations the scenario had made at each of its journal writes, without
-    a crash (run once per scenario)."""
-    if name not in _OPS_AT:
-        w = world(SCENARIOS[name])
+    a crash (run once per scenario and layout)."""
+    if (name, layout) not in _OPS_AT:
+        w = world(SCENARIOS[name], layout)
         journal = CrashingJournal(w.journal_path)
         ops_at: list[int] = []
         journal.after_write = lambda: ops_at.append(len(w.server.ops))
         await w.run(journal)
         journal.close()
-        assert tuple(journal.writes) == SCENARIOS[name].writes
-        _OPS_AT[name] = ops_at
-    return _OPS_AT[name]
+        assert tuple(journal.writes) == w.writes
+        _OPS_AT[name, layout] = ops_at
+    return _OPS_AT[name, layout]
 
 
 # --- a journal written by tlsroll 0.1.0 --------------------------------------------------------
@@ -789,8 +834,9 @@ def test_a_switch_plan_names_the_staged_certificate(
     )
     assert fingerprint == STAGED_FP == plan.target_fingerprint
     assert (plan.source_schemes, plan.target_schemes) == (("http",), ("https",))
-    assert plan.new_config_file.read_bytes() == config
-    assert stat.S_IMODE(plan.new_config_file.stat().st_mode) == 0o600
+    # The journal keeps the target config with the transaction: no file of its own (issue 15:
+    # two fsyncs and a new inode per switch); the plan still names the file for older readers.
+    assert plan.new_config_file == txn_dir / "r1-switch.new" and not txn_dir.exists()
     assert stat.S_IMODE(verifier_file.stat().st_mode) == 0o600
     assert password.verifier_from_json(verifier_file.read_text()) == verifier
     assert plan.backup_file == txn_dir / "r1-switch.old" and not plan.backup_file.exists()
@@ -801,9 +847,41 @@ def test_a_switch_plan_names_the_staged_certificate(
     assert Plan.from_json(plan.to_json()) == plan
 
 
+def completed_switch(
+    journal: Journal, driver: FakeDriver, txn_dir: Path, layout: str, *, keep_frozen: bool = False
+) -> Plan:
+    """What a completed switch of rollout r1 (from SOURCE to TARGET) leaves in the journal, with
+    its configs in ``layout`` (``LAYOUTS``)."""
+    config, plan, _fp = plans.switch_plan(
+        journal, driver, txn_dir, "r1", None, keep_frozen=keep_frozen
+    )
+    configs: dict[str, Any] = {"target_config": config, "source_config": SOURCE}
+    if layout == "files":  # an earlier release: the backup file, nothing in the row
+        txn_dir.mkdir(parents=True, exist_ok=True)
+        plan.backup_file.write_bytes(SOURCE)
+        configs = {}
+    txn = journal.create(
+        Txn(
+            "r1",
+            TxnKind.SWITCH,
+            1,
+            Phase.VERIFIED,
+            plan.to_json(),
+            dt.datetime.now(dt.UTC),
+            **configs,
+        )
+    )
+    journal.complete(txn, plan.live_tls, phase=Phase.COMPLETED, outcome=TxnOutcome.COMPLETED)
+    driver.server.running = driver.server.config = TARGET
+    return plan
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 def test_password_and_rollback_plans_need_what_they_change(
-    node: tuple[Journal, FakeDriver, Path],
+    node: tuple[Journal, FakeDriver, Path], layout: str
 ) -> None:
+    """A rollback goes back to the switch's source, whether the journal holds it (this
+    release) or the switch's backup file does (a switch of an earlier release)."""
     journal, driver, txn_dir = node
     verifier = dict(password.make_verifier("pw", **password.TEST_PARAMS))
     with pytest.raises(plans.PlanRefused, match="not on https here; run enable-tls first"):
@@ -813,13 +891,7 @@ def test_password_and_rollback_plans_need_what_they_change(
 
     # r1 switched this node: what a completed switch leaves in the journal.
     stage(journal, driver, "r1")
-    _config, plan, _fp = plans.switch_plan(journal, driver, txn_dir, "r1", None)
-    plan.backup_file.write_bytes(SOURCE)
-    txn = journal.create(
-        Txn("r1", TxnKind.SWITCH, 1, Phase.VERIFIED, plan.to_json(), dt.datetime.now(dt.UTC))
-    )
-    journal.complete(txn, plan.live_tls, phase=Phase.COMPLETED, outcome=TxnOutcome.COMPLETED)
-    driver.server.running = driver.server.config = TARGET
+    plan = completed_switch(journal, driver, txn_dir, layout)
 
     config, changed, fingerprint = plans.password_plan(journal, driver, txn_dir, "p1", verifier)
     assert fingerprint == "" and changed.source_schemes == changed.target_schemes == ("https",)
@@ -835,8 +907,9 @@ def test_password_and_rollback_plans_need_what_they_change(
     assert f'cert_file = "{plan.live_tls["cert_file"]}"'.encode() in config
 
     config, back, fingerprint = plans.rollback_plan(journal, driver, txn_dir, "r1")
-    assert config == SOURCE == back.new_config_file.read_bytes()
+    assert config == SOURCE
     assert back.new_config_file == txn_dir / "r1-rollback.new"
+    assert not back.new_config_file.exists()
     assert (back.source_schemes, back.target_schemes) == (("https",), ("http",))
     assert (back.live_tls, back.live_before, fingerprint) == (None, plan.live_tls, "")
 
@@ -851,22 +924,25 @@ async def test_a_rollback_plan_with_keep_frozen_leaves_the_server_frozen(
     end (its plan had no keep_frozen); the leader lifts it when the rollout ends."""
     journal, driver, txn_dir = node
     stage(journal, driver, "r1")
-    _config, plan, _fp = plans.switch_plan(journal, driver, txn_dir, "r1", None, keep_frozen=True)
-    plan.backup_file.write_bytes(SOURCE)
-    txn = journal.create(
-        Txn("r1", TxnKind.SWITCH, 1, Phase.VERIFIED, plan.to_json(), dt.datetime.now(dt.UTC))
-    )
-    journal.complete(txn, plan.live_tls, phase=Phase.COMPLETED, outcome=TxnOutcome.COMPLETED)
+    completed_switch(journal, driver, txn_dir, "journal", keep_frozen=True)
     server = driver.server
-    server.running = server.config = TARGET
     server.frozen = True  # the leader's scope freeze
 
-    _config, back, _fp = plans.rollback_plan(journal, driver, txn_dir, "r1", keep_frozen=True)
+    config, back, _fp = plans.rollback_plan(journal, driver, txn_dir, "r1", keep_frozen=True)
     assert back.keep_frozen and Plan.from_json(back.to_json()) == back
     time = FakeTime()
     runner = Runner(journal, driver, time.clock, checks=fake_checks(server), sleep=time.sleep)
     rollback = journal.create(
-        Txn("r1", TxnKind.ROLLBACK, 1, Phase.STARTED, back.to_json(), time.clock())
+        Txn(
+            "r1",
+            TxnKind.ROLLBACK,
+            1,
+            Phase.STARTED,
+            back.to_json(),
+            time.clock(),
+            target_config=config,
+            source_config=TARGET,
+        )
     )
     done = await runner.run(rollback)
 
@@ -915,3 +991,55 @@ def test_a_command_with_the_epoch_already_recorded_writes_nothing(tmp_path: Path
         assert journal._db.commits == written + 1 and journal.highest_epoch() == 6
     finally:
         journal.close()
+
+
+# --- the watch: each phase sent as the runner journalled it -------------------------------------
+
+
+class ReadCountingJournal(CrashingJournal):
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.gets = 0
+
+    def get(self, rollout_id: str, kind: str) -> Txn | None:
+        self.gets += 1
+        return super().get(rollout_id, kind)
+
+
+@pytest.mark.parametrize("name", ["completes", "restart_fails"])
+async def test_the_watch_sends_every_phase_without_reading_it_back(
+    name: str, world: Callable[..., World], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15: WatchTransaction read each new phase back from the journal (a worker-thread
+    hop per phase, on the way from the agent's step to the leader); the runner now hands the
+    record it journalled. What is sent is still exactly what the journal holds."""
+    sc = SCENARIOS[name]
+    w = world(sc)
+    journal = ReadCountingJournal(w.journal_path)
+    runner = w.runner(journal)
+    trust = LeaderTrust(w.root / "ca.pem", "example.test", w.root / "crl.pem")
+    agent = service.NodeAgentService(
+        cast(Any, None), cast(Any, None), journal, w.driver, runner, w.time.clock, trust=trust
+    )
+    first = next_action(Phase.STARTED)
+    txn = journal.create(w.txn, begin=first)
+    sent: list[Any] = []
+
+    async def follow() -> None:
+        async for message in agent._follow("r1", sc.kind, txn):
+            sent.append(message)
+
+    watching = asyncio.create_task(follow())
+    runner.start(txn, begun=first)
+    await asyncio.gather(*runner.tasks.values())
+    await asyncio.wait_for(watching, 10)
+
+    assert journal.gets == 0
+    final = journal.get("r1", sc.kind)
+    assert final is not None and final.finished
+    assert sent[0] == service.txn_message(txn) and sent[-1] == service.txn_message(final)
+    # Each message a phase the journal recorded, in its order (two quick ones may be one).
+    ended = [e["step"] for e in journal.events("r1") if e["what"] == "end"]
+    phases = [TXN_PHASE.read(m.phase, "phase").value for m in sent]
+    assert phases[0] == "started" and phases[1:] == [p for p in ended if p in phases[1:]]
+    journal.close()

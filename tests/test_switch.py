@@ -509,6 +509,13 @@ def test_agent_killed_after_any_phase_resumes_from_its_journal(
     assert "failed_phase" not in json.loads(plan) and "restart_needed" not in json.loads(plan)
     expected = ("config_written", 1) if backward else (None, None)
     assert (end["failed_phase"], end["restart_needed"]) == expected
+    # Both configs are the transaction's row, journalled with its create (issue 15): the
+    # target and the source's backup have no file of their own, and the way back restored
+    # the source from the row.
+    [row] = node.journal_query("SELECT source_config, target_config FROM txns")
+    assert row["source_config"] == config
+    assert b"https" in row["target_config"] and row["target_config"] != config
+    assert not list((node.journal_path.parent / "txn").glob("*"))
 
 
 # --- 7. writes during the switch ---------------------------------------------------------------

@@ -1,0 +1,133 @@
+"""What one switch costs its node, in counts that do not depend on the machine's load.
+
+One real node (agent + reference server, a real leader for enrolment), switched enable-tls
+``--switches`` times (each switch is rolled back between two, untraced). During each switch,
+begun and followed with one WatchTransaction as the leader does, ``strace -f -c`` counts the
+system calls of the agent (and the server it restarts: a child of the agent) and of the server
+it freezes: fsync + fdatasync (durable writes), renames (atomic file replacements: a new inode
+each), and every system call. The agent's journal gives the step-by-step times.
+
+    python -m bench.switch_calls --switches 5
+
+The new server's start-up is part of the agent's count (it is the agent's child), the same
+for every release: compare counts between releases, not with zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import itertools
+import shutil
+import signal
+import statistics
+import subprocess
+import tempfile
+from pathlib import Path
+
+from tests.nodeside import RPC_TIMEOUT, cluster_of
+from tlsroll.enums import Change, TxnKind
+from tlsroll.v1 import agent_pb2
+from tlsroll.wire import CHANGE, TXN_KIND
+
+DURABLE = ("fsync", "fdatasync")
+RENAMES = ("rename", "renameat", "renameat2")
+
+
+class Strace:
+    """``strace -f -c`` of some processes while the ``with`` block runs: calls by name."""
+
+    def __init__(self, pids: list[int], out: Path) -> None:
+        self.pids, self.out = pids, out
+        self.calls: dict[str, int] = {}
+        self._procs: list[subprocess.Popen[bytes]] = []
+
+    def __enter__(self) -> Strace:
+        for i, pid in enumerate(self.pids):
+            proc = subprocess.Popen(
+                ["strace", "-f", "-c", "-o", f"{self.out}.{i}", "-p", str(pid)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.PIPE,
+            )
+            assert proc.stderr is not None
+            proc.stderr.readline()  # attached
+            self._procs.append(proc)
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        for proc in self._procs:
+            proc.send_signal(signal.SIGINT)
+        for i, proc in enumerate(self._procs):
+            proc.wait(30)
+            text = Path(f"{self.out}.{i}").read_text()
+            for line in text.splitlines():
+                parts = line.split()
+                if len(parts) >= 5 and parts[0][0].isdigit() and parts[-1] != "total":
+                    self.calls[parts[-1]] = self.calls.get(parts[-1], 0) + int(parts[3])
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--switches", type=int, default=5)
+    ns = parser.parse_args(argv)
+    if shutil.which("strace") is None:
+        print("strace not found")
+        return 1
+    root = Path(tempfile.mkdtemp(prefix="tlsroll-switch-calls-"))
+    rows: list[dict[str, float]] = []
+    steps: dict[str, list[float]] = {}
+    try:
+        with cluster_of(root, 1) as (_cluster, (node,)):
+            for i in range(ns.switches):
+                rid = f"sc{i}"
+                node.stage(rid)
+                agent = node.agent
+                server = node.server_pid()
+                assert agent is not None and server is not None
+                request = agent_pb2.GetTransactionRequest(
+                    rollout_id=rid,
+                    kind=TXN_KIND.wire(TxnKind.SWITCH),
+                    switch=agent_pb2.SwitchRequest(
+                        command=node.command(rid), change=CHANGE.wire(Change.ENABLE_TLS)
+                    ),
+                )
+                with node.stub() as stub:
+                    stub.GetStatus(agent_pb2.GetStatusRequest(), timeout=RPC_TIMEOUT)  # warm
+                    with Strace([agent.pid, server], root / f"strace-{i}") as traced:
+                        states = list(stub.WatchTransaction(request, timeout=RPC_TIMEOUT))
+                last = states[-1] if states else None
+                assert last is not None and last.outcome, last
+                calls = traced.calls
+                rows.append(
+                    {
+                        "durable": sum(calls.get(c, 0) for c in DURABLE),
+                        "renames": sum(calls.get(c, 0) for c in RENAMES),
+                        "all": sum(calls.values()),
+                    }
+                )
+                ends = node.journal_query(
+                    "SELECT step, at FROM events WHERE rollout_id = ? AND kind = 'switch'"
+                    " AND what = 'end' ORDER BY seq",
+                    rid,
+                )
+                at = {r["step"]: dt.datetime.fromisoformat(r["at"]) for r in ends}
+                order = ["create", "frozen", "config_written", "restarted", "verified", "completed"]
+                for a, b in itertools.pairwise(order):
+                    if a in at and b in at:
+                        steps.setdefault(b, []).append((at[b] - at[a]).total_seconds() * 1000)
+                node.rollback(rid)
+                node.wait_txn(rid, "rollback")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    med = {k: statistics.median(r[k] for r in rows) for k in ("durable", "renames", "all")}
+    print(f"one switch, agent + its server ({len(rows)} switches, median):")
+    print(f"  fsync+fdatasync: {med['durable']:.0f}   renames: {med['renames']:.0f}")
+    print(f"  system calls in all: {med['all']:.0f} (the new server's start-up included)")
+    split = ", ".join(f"→{k} {statistics.median(v):.0f}" for k, v in steps.items())
+    print(f"  steps (ms, median; strace slows every call): {split}")
+    print(f"  per switch: {[int(r['durable']) for r in rows]} fsync+fdatasync")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

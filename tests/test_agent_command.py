@@ -1,0 +1,145 @@
+"""The agent's guard on every command (``NodeAgentService._command``): the rollout epoch.
+
+Issue 15: each command read the journal's highest epoch and then wrote (or checked) it, two
+hand-offs to worker threads before the command's own work, on every Preflight, Stage and
+Switch of a rollout whose epoch the journal already holds. The agent is the journal's only
+writer of the epoch, so it keeps the value it last read or wrote, and a command at exactly
+that epoch is admitted without either. These run the real servicer on a real journal file;
+only the caller's certificate check is left out (no gRPC call here: the guard is what is
+tested, and tests/test_identity.py covers the certificate and the refusals end to end).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from pathlib import Path
+from typing import Any, cast
+
+import grpc
+import pytest
+
+from nodeagent import service
+from nodeagent.journal import Journal
+from nodeagent.service import NodeAgentService
+from nodeagent.trust import EpochNotAnnounced, LeaderTrust
+from tlsroll.rpc import RpcStatusError
+from tlsroll.v1 import agent_pb2
+
+
+class CountingJournal(Journal):
+    """The journal, counting its epoch reads and writes."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.epoch_calls: list[str] = []
+
+    def highest_epoch(self) -> int:
+        self.epoch_calls.append("highest_epoch")
+        return super().highest_epoch()
+
+    def admit_epoch(self, epoch: int) -> int | None:
+        self.epoch_calls.append(f"admit_epoch {epoch}")
+        return super().admit_epoch(epoch)
+
+
+def make_service(tmp_path: Path, journal: Journal, announced: int) -> NodeAgentService:
+    trust = LeaderTrust(tmp_path / "ca.pem", "example.test", tmp_path / "crl.pem")
+    trust.announce(announced)
+    return NodeAgentService(
+        cast(Any, None),  # cfg: not read by the guard
+        cast(Any, None),  # identity: not read by the guard
+        journal,
+        None,
+        None,
+        lambda: dt.datetime.now(dt.UTC),
+        trust=trust,
+    )
+
+
+async def command(agent: NodeAgentService, epoch: int) -> str:
+    return await agent._command(cast(Any, None), agent_pb2.Command(rollout_id="r1", epoch=epoch))
+
+
+async def refused(agent: NodeAgentService, epoch: int) -> str:
+    with pytest.raises(RpcStatusError) as caught:
+        await command(agent, epoch)
+    assert caught.value.code == grpc.StatusCode.FAILED_PRECONDITION
+    return str(caught.value)
+
+
+@pytest.fixture(autouse=True)
+def any_caller(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(service, "require_leader", lambda _context, _trust: None)
+
+
+async def test_a_command_at_the_epoch_the_journal_holds_reads_and_writes_nothing(
+    tmp_path: Path,
+) -> None:
+    journal = CountingJournal(tmp_path / "journal.sqlite3")
+    agent = make_service(tmp_path, journal, announced=5)
+    assert await command(agent, 3) == "r1"
+    assert journal.epoch_calls == ["highest_epoch", "admit_epoch 3"]
+    journal.epoch_calls.clear()
+
+    for _ in range(3):  # the rest of the rollout: Preflight, Stage, Switch ...
+        assert await command(agent, 3) == "r1"
+    assert journal.epoch_calls == []
+    assert journal.highest_epoch() == 3
+    journal.close()
+
+
+async def test_the_epoch_kept_in_memory_still_refuses_stale_and_unannounced_commands(
+    tmp_path: Path,
+) -> None:
+    journal = CountingJournal(tmp_path / "journal.sqlite3")
+    agent = make_service(tmp_path, journal, announced=5)
+    await command(agent, 3)
+    assert "stale epoch 2: this node has seen epoch 3" in await refused(agent, 2)
+    await command(agent, 4)  # a newer leader state
+    assert "stale epoch 3: this node has seen epoch 4" in await refused(agent, 3)
+    with pytest.raises(EpochNotAnnounced):
+        await command(agent, 6)
+    journal.epoch_calls.clear()
+    await command(agent, 4)
+    assert journal.epoch_calls == []
+    journal.close()
+
+    # A new agent process on the same journal (whatever wrote it last) reads it again.
+    again = CountingJournal(tmp_path / "journal.sqlite3")
+    fresh = make_service(tmp_path, again, announced=5)
+    assert "stale epoch 3: this node has seen epoch 4" in await refused(fresh, 3)
+    assert again.epoch_calls == ["highest_epoch", "admit_epoch 3"]
+    again.close()
+
+
+async def test_a_command_while_another_s_epoch_is_being_checked_asks_the_journal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A newer epoch on its way into the journal: a command at the kept epoch that comes
+    meanwhile does not take the shortcut (it would be admitted against a journal that may
+    already hold the newer one), it asks the journal after it."""
+    journal = CountingJournal(tmp_path / "journal.sqlite3")
+    agent = make_service(tmp_path, journal, announced=5)
+    await command(agent, 3)
+    entered, release = asyncio.Event(), asyncio.Event()
+    loop = asyncio.get_running_loop()
+    admit = journal.admit_epoch
+
+    def slow_admit(epoch: int) -> int | None:
+        written = admit(epoch)
+        if epoch == 4:
+            loop.call_soon_threadsafe(entered.set)
+            asyncio.run_coroutine_threadsafe(release.wait(), loop).result(10)
+        return written
+
+    monkeypatch.setattr(journal, "admit_epoch", slow_admit)
+    newer = asyncio.create_task(command(agent, 4))
+    await entered.wait()
+    stale = asyncio.create_task(command(agent, 3))
+    await asyncio.sleep(0.05)
+    release.set()
+    assert await newer == "r1"
+    with pytest.raises(RpcStatusError, match="stale epoch 3: this node has seen epoch 4"):
+        await stale
+    journal.close()
