@@ -13,7 +13,8 @@ simulated agent does is what the leader sees of a real one:
 * it makes a heartbeat every ``--interval`` seconds (the product default, 5 s), with the
   fields a real agent sends, staggered over the interval, on one ``Heartbeats`` stream in
   renewal mode as a real agent does: a message only when its report changed or the leader's
-  renewal bound would pass, the connection's keepalive vouching for it in between
+  renewal bound would pass, the connection's keepalive vouching for it in between (its
+  channel PINGs the leader as a real agent's does)
   (``--heartbeat every``: a message every interval on the stream, as agents before renewal
   mode; ``unary``: a unary call each, as agents before the stream; a leader without the
   stream gets unary calls too); each carries a client
@@ -99,6 +100,7 @@ from tlsroll.v1 import (
 
 APP = "/praxis_live/"
 PER_WORKER = 125
+AGENT_KEEPALIVE_HEARTBEATS = 2  # as ``nodeagent.leader_link.KEEPALIVE_HEARTBEATS``
 BOOTSTRAP_PORT = 9443
 
 
@@ -208,7 +210,15 @@ class SimAgent(agent_pb2_grpc.NodeAgentServicer):
             private_key=pki.key_to_pem(self.key),
             certificate_chain=self.cert_pem,
         )
-        options = [("grpc.ssl_target_name_override", spiffe.leader_host(self.world.td))]
+        # The real agent's channel: it PINGs the leader too (``nodeagent.leader_link``), and
+        # the leader answers those PINGs as it does its own (about as much CPU each).
+        keepalive = int(AGENT_KEEPALIVE_HEARTBEATS * 1000 * self.world.interval)
+        options = [
+            ("grpc.ssl_target_name_override", spiffe.leader_host(self.world.td)),
+            ("grpc.keepalive_time_ms", keepalive),
+            ("grpc.keepalive_timeout_ms", keepalive),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
         await asyncio.sleep(offset)
         stream_mode = self.world.heartbeat != "unary"
         renews = self.world.heartbeat == "stream"
