@@ -446,7 +446,10 @@ def keepalive_seconds(heartbeat_interval: int) -> tuple[float, float]:
 
 def control_server_options(heartbeat_interval: int) -> list[tuple[str, int]]:
     """The control port's gRPC server options: the keepalive above (PINGs are sent whether or
-    not a call carried data meanwhile: a renewal-mode stream is quiet for several PINGs)."""
+    not a call carried data meanwhile: a renewal-mode stream is quiet for several PINGs), and
+    no bandwidth-delay probe: gRPC's core otherwise answers data that arrives on a quiet
+    connection with a PING of its own to size the flow-control window, one more PING round
+    trip for every heartbeat message (issue 15), for a window that heartbeats never fill."""
     every, wait = keepalive_seconds(heartbeat_interval)
     return [
         ("grpc.keepalive_time_ms", int(every * 1000)),
@@ -455,6 +458,7 @@ def control_server_options(heartbeat_interval: int) -> list[tuple[str, int]]:
         ("grpc.http2.max_pings_without_data", 0),
         # Agents ping too (``tlsroll.rpc.keepalive_options``), at most every second.
         ("grpc.http2.min_ping_interval_without_data_ms", 1000),
+        ("grpc.http2.bdp_probe", 0),
     ]
 
 

@@ -20,9 +20,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import os
 import queue
 import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -579,6 +582,65 @@ async def test_every_ended_renewal_stream_releases_its_vouch_a_replaced_one_too(
         assert not rig.state.node_online(rig.store.get_node("hb1"))
     finally:
         await rig.close()
+
+
+PINGS_PER_MESSAGE = """
+import asyncio, sys
+import grpc
+from leader.service import control_server_options
+
+async def main(address: str, options: str) -> None:
+    async def handler(requests, context):
+        async for _ in requests:
+            pass
+        yield b"done"
+
+    opts = control_server_options(5) if options == "control" else []
+    server = grpc.aio.server(options=opts)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "t.T", {"S": grpc.stream_stream_rpc_method_handler(handler)}),))
+    port = server.add_insecure_port(f"{address}:0")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"{address}:{port}") as channel:
+        call = channel.stream_stream("/t.T/S")()
+        for _ in range(4):  # heartbeats: a small message now and then on a quiet stream
+            await call.write(b"x" * 300)
+            await asyncio.sleep(0.3)
+        print("MESSAGES SENT", file=sys.stderr, flush=True)  # (the stop's GOAWAY PINGs)
+        await call.done_writing()
+        assert await call.read() == b"done"
+    await server.stop(None)
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+@pytest.mark.parametrize("options", ["control", "plain"])
+def test_the_control_port_answers_a_message_without_a_ping_of_its_own(
+    options: str, loopback: Callable[[], str]
+) -> None:
+    """Issue 15: gRPC's core probes the bandwidth-delay product when data arrives on a quiet
+    connection: a PING from the leader, and its answer, for every heartbeat message (a message
+    costs the leader about as much again). The control port's options turn the probe off
+    (``control_server_options``). Real gRPC in a child process with gRPC's keepalive trace on
+    (it logs every PING a server sends): no PING with the control port's options, one or more
+    with gRPC's defaults (which shows the count can see them)."""
+    env = {**os.environ, "GRPC_VERBOSITY": "debug", "GRPC_TRACE": "http_keepalive"}
+    done = subprocess.run(
+        [sys.executable, "-c", PINGS_PER_MESSAGE, loopback(), options],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    sent = done.stderr.split("MESSAGES SENT")[0].splitlines()
+    pings = [line for line in sent if "SERVER" in line and "Ping" in line]
+    if options == "control":
+        assert pings == []
+    else:
+        assert len(pings) >= 2, done.stderr[-2000:]
 
 
 def test_the_leader_pings_a_quiet_agent_as_rarely_as_the_offline_bound_allows() -> None:
