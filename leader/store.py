@@ -178,6 +178,11 @@ class Store(LeaderStore):
         super().__init__(db)
         self._seen: dict[str, _Seen] = {}
         self._seen_lock = threading.Lock()
+        # node -> how many of its open heartbeat streams vouch that it is alive now
+        # (``vouch``); its last heartbeat is then "now", by ``clock`` (the leader's, set by the
+        # service), without a timer moving it on every second.
+        self._vouched: dict[str, int] = {}
+        self.clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
         # The group commit (``write_queued``): heartbeat records and other soft-state writes
         # waiting for it, under ``_seen_lock``.
         self._queued: dict[str, _Record] = {}
@@ -188,11 +193,6 @@ class Store(LeaderStore):
         # the newer one from being written again (review of session 22, L2). Taken before
         # ``_seen_lock``, never inside it.
         self._commit_lock = threading.Lock()
-        # node -> how many of its open heartbeat streams vouch that it is alive now
-        # (``vouch``); its last heartbeat is then "now", by ``clock`` (the leader's, set by the
-        # service), without a timer moving it on every second.
-        self._vouched: dict[str, int] = {}
-        self.clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
 
     def _forget_seen(self, name: str) -> None:
         with self._seen_lock:
