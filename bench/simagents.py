@@ -13,7 +13,8 @@ simulated agent does is what the leader sees of a real one:
 * it makes a heartbeat every ``--interval`` seconds (the product default, 5 s), with the
   fields a real agent sends, staggered over the interval, on one ``Heartbeats`` stream in
   renewal mode as a real agent does: a message only when its report changed or the leader's
-  renewal bound would pass, the connection's keepalive vouching for it in between
+  renewal bound would pass, the connection's keepalive vouching for it in between (its
+  channel PINGs the leader as a real agent's does)
   (``--heartbeat every``: a message every interval on the stream, as agents before renewal
   mode; ``unary``: a unary call each, as agents before the stream; a leader without the
   stream gets unary calls too); each carries a client
@@ -99,6 +100,7 @@ from tlsroll.v1 import (
 
 APP = "/praxis_live/"
 PER_WORKER = 125
+AGENT_KEEPALIVE_HEARTBEATS = 2  # as ``nodeagent.leader_link.KEEPALIVE_HEARTBEATS``
 BOOTSTRAP_PORT = 9443
 
 
@@ -208,7 +210,15 @@ class SimAgent(agent_pb2_grpc.NodeAgentServicer):
             private_key=pki.key_to_pem(self.key),
             certificate_chain=self.cert_pem,
         )
-        options = [("grpc.ssl_target_name_override", spiffe.leader_host(self.world.td))]
+        # The real agent's channel: it PINGs the leader too (``nodeagent.leader_link``), and
+        # the leader answers those PINGs as it does its own (about as much CPU each).
+        keepalive = int(AGENT_KEEPALIVE_HEARTBEATS * 1000 * self.world.interval)
+        options = [
+            ("grpc.ssl_target_name_override", spiffe.leader_host(self.world.td)),
+            ("grpc.keepalive_time_ms", keepalive),
+            ("grpc.keepalive_timeout_ms", keepalive),
+            ("grpc.http2.max_pings_without_data", 0),
+        ]
         await asyncio.sleep(offset)
         stream_mode = self.world.heartbeat != "unary"
         renews = self.world.heartbeat == "stream"
@@ -609,6 +619,7 @@ class Result:
     fsyncs: int | None = None  # the leader's, during the rollout (--fsyncs)
     idle_fsyncs: int | None = None  # the leader's, in the idle window (--fsyncs)
     idle_messages: int = 0  # heartbeat messages the leader got in the idle window
+    base_ms_per_s: float = 0.0  # the leader's CPU with no agent connected (its timers), ms/s
 
 
 def worker_counts(procs: Sequence[subprocess.Popen[str]]) -> tuple[int, int]:
@@ -824,6 +835,7 @@ def one_run(
             fsyncs=counting.count,
             idle_fsyncs=idle_counting.count,
             idle_messages=m1 - m0,
+            base_ms_per_s=base_rate * 1000,
         )
     finally:
         for p in procs:
@@ -916,7 +928,8 @@ def main(argv: list[str] | None = None) -> int:
         f"{'nodes':>5} {'outcome':>9} {'wall s':>7} {'CPU/node ms':>11} {'net ms':>7} "
         f"{'HB leader ms':>12} {'net':>5} {'msgs':>5} {'ms/msg':>6} {'HB agent ms':>11} "
         f"{'RSS MiB':>7} {'files':>5} "
-        f"{'idle RSS':>8} {'no agent':>8} {'idle files':>10} {'inbound':>7} {'nofile':>6}"
+        f"{'idle RSS':>8} {'no agent':>8} {'idle files':>10} {'inbound':>7} {'nofile':>6} "
+        f"{'0 agents ms/s':>13}"
         + (f" {'fsync/node':>10} {'idle fsync/msg':>14}" if ns.fsyncs else "")
     )
     for n in sizes:
@@ -948,7 +961,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{r.messages:>5.2f} {r.per_message_ms:>6.2f} {r.hb_agent_ms:>11.2f} "
             f"{r.after.rss:>7.1f} {r.after.files:>5} {r.idle_rss:>8.1f} {r.base_rss:>8.1f} "
             f"{r.idle_files:>10} "
-            f"{r.idle_inbound:>7} {r.nofile:>6}"
+            f"{r.idle_inbound:>7} {r.nofile:>6} {r.base_ms_per_s:>13.2f}"
             + (
                 f" {fsyncs_per_node(r.fsyncs, r.nodes):>10}"
                 f" {per_message(r.idle_fsyncs, r.idle_messages):>14}"
@@ -967,7 +980,8 @@ def main(argv: list[str] | None = None) -> int:
         "interval; idle RSS: the leader's with every agent connected, before the rollout; no "
         "agent: before any connected (the rest of idle RSS is the agents' connections and "
         "heartbeat streams); inbound: of the idle files, the agents' heartbeat connections "
-        "(idle files - inbound: the leader's own)"
+        "(idle files - inbound: the leader's own); 0 agents ms/s: the leader's CPU per second "
+        "before any agent connected (its own timers; what 'net' takes off)"
     )
     return 0
 

@@ -421,19 +421,35 @@ def renewal_deadline(heartbeat_interval: int) -> float:
     return renew_seconds(heartbeat_interval) + heartbeat_interval + RENEW_GRACE
 
 
+KEEPALIVE_NOTICE = 2.5
+"""Intervals within which the leader notices an agent connection that went silent (the sum of
+``keepalive_seconds``): under the 3 silent intervals after which a node is offline, with half
+an interval to spare, so that a node whose agent stopped goes offline as promptly as when
+every heartbeat was a message (``_uncount``)."""
+
+
 def keepalive_seconds(heartbeat_interval: int) -> tuple[float, float]:
-    """The control port's HTTP/2 keepalive: a PING on each agent connection every interval,
-    and the connection closed when its answer has not come within half an interval, at least
-    a second (gRPC's C core sends and answers them, about 0.01 ms of leader CPU each; no
-    Python runs). Their sum is how long a stopped or vanished agent's stream stays open (1.5
-    intervals; 2 s at 1 s), under the 3 silent intervals after which a node is offline: the
-    node goes offline as promptly as when every heartbeat was a message (``_uncount``)."""
-    return float(heartbeat_interval), max(1.0, heartbeat_interval / 2)
+    """The control port's HTTP/2 keepalive: a PING on an agent connection that was silent
+    this long (2 intervals at 2 s and more, 1.5 at 1 s), and the connection closed when its
+    answer has not come within half an interval, at least a second; together
+    ``KEEPALIVE_NOTICE`` intervals. gRPC's C core sends and answers them without Python, but
+    each still wakes the leader's gRPC threads: with an agent's message every 4 intervals, a
+    PING every interval was about a third of what heartbeats cost the leader (issue 15), so
+    they come as rarely as the offline bound allows. An agent that closes its stream
+    (stopping, restarting, a new certificate) says so, and counts alive up to then; only a
+    connection that broke without a word counts alive up to the last PING it could have
+    answered (``_uncount``)."""
+    wait = max(1.0, heartbeat_interval / 2)
+    every = max(float(heartbeat_interval), KEEPALIVE_NOTICE * heartbeat_interval - wait)
+    return every, wait
 
 
 def control_server_options(heartbeat_interval: int) -> list[tuple[str, int]]:
     """The control port's gRPC server options: the keepalive above (PINGs are sent whether or
-    not a call carried data meanwhile: a renewal-mode stream is quiet for several PINGs)."""
+    not a call carried data meanwhile: a renewal-mode stream is quiet for several PINGs), and
+    no bandwidth-delay probe: gRPC's core otherwise answers data that arrives on a quiet
+    connection with a PING of its own to size the flow-control window, one more PING round
+    trip for every heartbeat message (issue 15), for a window that heartbeats never fill."""
     every, wait = keepalive_seconds(heartbeat_interval)
     return [
         ("grpc.keepalive_time_ms", int(every * 1000)),
@@ -442,6 +458,7 @@ def control_server_options(heartbeat_interval: int) -> list[tuple[str, int]]:
         ("grpc.http2.max_pings_without_data", 0),
         # Agents ping too (``tlsroll.rpc.keepalive_options``), at most every second.
         ("grpc.http2.min_ping_interval_without_data_ms", 1000),
+        ("grpc.http2.bdp_probe", 0),
     ]
 
 
@@ -579,6 +596,8 @@ class _Beats:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one write at a time
     cut: bool = False  # ended by the leader: its certificate is refused now (``_cut_refused``)
     pushing: asyncio.Future[None] | None = None  # the news being written (``_push``)
+    vouching: bool = False  # its node is alive now for it (``Store.vouch``)
+    closed: bool = False  # its agent said it closes it (``closing``): alive up to the end
     ending: asyncio.Future[None] | None = None  # the leader's end of the stream (``_end``)
 
     def news(self, snap: Snapshot) -> bool:
@@ -605,6 +624,11 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
 
     def __init__(self, state: LeaderState) -> None:
         self.state = state
+
+        def now() -> dt.datetime:  # late-bound: a test may give the state another clock
+            return state.clock()
+
+        state.store.clock = now  # a vouched node (``Store.vouch``) is alive "now" by it
         self.schema = SchemaStore(state.store.db)
         self._callers: dict[bytes, Caller] = {}
         self._snapshot: Snapshot | None = None
@@ -614,7 +638,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         # node -> its open Heartbeats streams that had a message accepted, oldest first.
         self._streams: dict[str, list[_Beats]] = {}
         self._open: set[_Beats] = set()  # every open Heartbeats stream, counted or not
-        self._watch: asyncio.Task[None] | None = None  # renewal streams' liveness and news
+        self._watch: asyncio.Task[None] | None = None  # streams' cuts and news
         self._writer: asyncio.Task[None] | None = None  # the group commit (``_write_batches``)
         self._committing: asyncio.Future[int] | None = None  # its worker thread's last commit
         self.batch_seconds = BATCH_SECONDS
@@ -925,8 +949,8 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                         "the renewal bound" if beat.last is not None else "the first deadline"
                     )
                     await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, why)
-                if not isinstance(request, leader_pb2.HeartbeatRequest):  # EOF: the agent closed
-                    return
+                if not isinstance(request, leader_pb2.HeartbeatRequest):  # EOF: ended
+                    return  # (gRPC reads a cancelled call's end as EOF too: no proof of life)
                 if beat.ending is not None:  # the leader ended it while the message came
                     await beat.ending
                     return
@@ -934,15 +958,20 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                 # A refusal ends the stream (UNAUTHENTICATED).
                 snap, now = await self._heartbeat(caller, request, context, renewing)
                 beat.last = now
-                if not renewing:
-                    beat.renews = False  # a message every interval, each answered
-                elif not beat.renews:
-                    beat.renews = True
-                    self._start_watch()
+                # The agent closes the stream while alive (``_uncount``), once this message was
+                # accepted as any other (a refused one ended the stream above).
+                beat.closed = request.closing
                 first = not beat.name
                 if first:
                     beat.caller = caller
                     self._count(beat, caller.name)
+                if not renewing:
+                    beat.renews = False  # a message every interval, each answered
+                    self._unvouch(beat, now)
+                elif not beat.renews:
+                    beat.renews = True
+                    self._vouch(beat)
+                    self._start_watch()
                 beat.crl_number = request.crl_number
                 # Nothing to say to a renewal that asks nothing: an answer would cost as much
                 # as the message.
@@ -979,28 +1008,48 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
 
     def _uncount(self, beat: _Beats) -> None:
         """``beat`` ended. A renewal stream vouched for its node until now: the leader knows
-        the agent alive only as far as its keepalive proves (``keepalive_seconds``: a stopped
-        agent's connection closes that long after it stopped), unless another of the node's
-        streams still vouches for it."""
+        the agent alive up to now if it said it closes the stream (``closing``), else only as
+        far as its keepalive proves (``keepalive_seconds``: a vanished agent's connection
+        closes that long after its last PING), unless another of the node's streams still
+        vouches for it."""
         mine = self._streams.get(beat.name)
-        if mine is None:
-            return
-        if beat in mine:
-            mine.remove(beat)
-        if not mine:
-            del self._streams[beat.name]
-        if beat.renews and beat.last is not None and not any(b.renews for b in mine):
-            every, wait = keepalive_seconds(self.state.heartbeat_interval)
-            proven = self.state.clock() - dt.timedelta(seconds=every + wait)
-            self.state.store.heard_until(beat.name, max(beat.last, proven))
+        if mine is not None:
+            if beat in mine:
+                mine.remove(beat)
+            if not mine:
+                del self._streams[beat.name]
+        # (A stream a newer one replaced is no longer in its node's list, which may be gone:
+        # its vouch is still released, or the node would stay online for ever.)
+        if beat.vouching and beat.last is not None:
+            now = self.state.clock()
+            if beat.closed:  # the agent said it closed: alive until now
+                proven = now
+            else:  # it may have vanished: alive as far as its last PING could have answered
+                every, wait = keepalive_seconds(self.state.heartbeat_interval)
+                proven = now - dt.timedelta(seconds=every + wait)
+            self._unvouch(beat, max(beat.last, proven))
+
+    def _vouch(self, beat: _Beats) -> None:
+        """``beat`` (a renewal stream) keeps its node alive now while it is open
+        (``Store.vouch``)."""
+        if not beat.vouching and beat.name:
+            beat.vouching = True
+            self.state.store.vouch(beat.name)
+
+    def _unvouch(self, beat: _Beats, until: dt.datetime) -> None:
+        """``beat`` vouches no more: its node was alive up to ``until`` as far as it knows
+        (``Store.heard_until``; another stream of the node may still vouch)."""
+        if beat.vouching:
+            beat.vouching = False
+            self.state.store.heard_until(beat.name, until)
 
     def _expired(self, beat: _Beats) -> None:
         """``beat`` had no message within its bound: its node is known alive only until the
         message was due (a hung agent goes offline 3 intervals later, as a silent one)."""
-        if beat.renews and beat.last is not None and beat.name:
-            beat.renews = False  # _uncount must not vouch for it up to now
+        if beat.vouching and beat.last is not None and beat.name:
+            beat.renews = False
             due = beat.last + dt.timedelta(seconds=renew_seconds(self.state.heartbeat_interval))
-            self.state.store.heard_until(beat.name, due)
+            self._unvouch(beat, due)  # _uncount then vouches for nothing more
             log.warning("heartbeat.renewal_missed", node=beat.name)
 
     def _start_watch(self) -> None:
@@ -1008,32 +1057,35 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             self._watch = asyncio.ensure_future(self._watch_renewals())
 
     async def _watch_renewals(self) -> None:
-        """While renewal streams are open: every second (or half interval) their nodes are
-        alive now (``Store.note_alive``: memory only), and when the store changed, each agent
-        that lacks the new epoch or revocation list is sent them (a message at once, as a
-        heartbeat reply used to bring them within an interval)."""
+        """While heartbeat streams are open: every second (or half interval), if the store
+        changed, each stream whose certificate it refuses now is cut (``_cut_refused``) and
+        each renewal-mode agent that lacks the new epoch or revocation list is sent them (a
+        message at once, as a heartbeat reply used to bring them within an interval). A tick
+        when nothing changed looks at no stream: what keeps a quiet node online is its
+        stream's vouch (``Store.vouch``), not this loop (it moved every node's time on each
+        second before, issue 15)."""
         tick = min(1.0, self.state.heartbeat_interval / 2)
         checked: Snapshot | None = None  # the snapshot the open streams were checked against
         while True:
             await asyncio.sleep(tick)
-            renewing = [b for b in self._open if b.renews and b.name and not b.cut]
-            if not renewing:
-                if not self._open:
-                    self._watch = None
-                    return
-                continue
+            if not self._open:
+                self._watch = None
+                return
             try:
-                now = self.state.clock()
-                self.state.store.note_alive({b.name for b in renewing}, now)
                 snap = await self.snapshot()
-                if snap is not checked:
-                    checked = snap
-                    self._cut_refused(snap)
-                    renewing = [b for b in renewing if b in self._open and not b.cut]
+                if snap is checked:
+                    continue
+                now = self.state.clock()
+                self._cut_refused(snap)
+                renewing = [b for b in self._open if b.renews and b.name and not b.cut]
                 news = [b for b in renewing if b.news(snap)]
                 if news:
                     await asyncio.gather(*(self._push(b, snap, now) for b in news))
-            except Exception as exc:  # the next tick tries again; nodes must not go offline
+                # Done with this snapshot once every stream holds its news (a push still under
+                # way for an older one skipped a stream: the next tick tries it again).
+                if not any(b.news(snap) for b in news if b in self._open and not b.cut):
+                    checked = snap
+            except Exception as exc:  # the next tick tries again
                 log.error("heartbeat.watch_failed", error=f"{type(exc).__name__}: {exc}"[:200])
 
     def _cut_refused(self, snap: Snapshot) -> None:
@@ -1051,11 +1103,9 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             if why is None:
                 continue
             beat.cut = True
-            if beat.renews and beat.last is not None:
-                beat.renews = False  # _uncount must not vouch for it up to now
-                others = self._streams.get(beat.name, [])
-                if not any(b.renews and not b.cut for b in others if b is not beat):
-                    self.state.store.heard_until(beat.name, beat.last)
+            if beat.last is not None:
+                beat.renews = False
+                self._unvouch(beat, beat.last)  # _uncount then vouches for nothing more
             _end(beat, UNAUTHENTICATED, why)
             log.warning("heartbeat.stream_cut", node=beat.name, reason=why)
 

@@ -16,7 +16,7 @@ import json
 import re
 import sqlite3
 import threading
-from collections.abc import Callable, Iterable
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, TypeVar
@@ -191,6 +191,11 @@ class Store(LeaderStore):
         super().__init__(db)
         self._seen: dict[str, _Seen] = {}
         self._seen_lock = threading.Lock()
+        # node -> how many of its open heartbeat streams vouch that it is alive now
+        # (``vouch``); its last heartbeat is then "now", by ``clock`` (the leader's, set by the
+        # service), without a timer moving it on every second.
+        self._vouched: dict[str, int] = {}
+        self.clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
         # The group commit (``write_queued``): heartbeat records and other soft-state writes
         # waiting for it, under ``_seen_lock``.
         self._queued: dict[str, _Record] = {}
@@ -225,6 +230,7 @@ class Store(LeaderStore):
         with self._seen_lock:
             seen = self._seen.get(node.name)
             record = self._queued.get(node.name)
+            vouched = self._vouched.get(node.name, 0) > 0
         if seen is None or node.removed_at is not None:
             return node
         if record is not None:
@@ -245,6 +251,8 @@ class Store(LeaderStore):
         # it was written at once: before the group commit wrote it, such a node showed
         # offline for up to a second (a rollout started then was refused "offline").
         last = seen.seen if record is None else max(seen.seen, record.now)
+        if vouched:
+            last = max(last, self.clock())
         if node.last_heartbeat is not None and node.last_heartbeat >= last:
             return node
         return replace(node, last_heartbeat=last)
@@ -603,24 +611,30 @@ class Store(LeaderStore):
                 return True
         return False
 
-    def note_alive(self, names: Iterable[str], now: dt.datetime) -> None:
-        """The nodes ``names`` were alive at ``now`` without saying anything (their heartbeat
-        stream is open and within its renewal bound: ``service.LeaderService``). In memory
-        only, and only for a node that has had a heartbeat since this store opened."""
+    def vouch(self, name: str) -> None:
+        """An open heartbeat stream vouches that node ``name`` is alive now (its agent sends
+        only on change, and the connection's keepalive would end the stream if the agent
+        vanished: ``service.LeaderService``): while any does, the node's last heartbeat is
+        ``clock()``. In memory only, and only for a node that has had a heartbeat since this
+        store opened. Before, a timer moved every such node's time on each second (a visit
+        to every stream a second, issue 15)."""
         with self._seen_lock:
-            for name in names:
-                seen = self._seen.get(name)
-                if seen is not None:
-                    seen.seen = max(seen.seen, now)
+            self._vouched[name] = self._vouched.get(name, 0) + 1
 
     def heard_until(self, name: str, at: dt.datetime) -> None:
-        """Node ``name`` is known alive only up to ``at`` (its stream ended, or its renewal
-        bound passed): the time ``note_alive`` moved on beyond it is taken back, so the node
-        goes offline as if its heartbeats had stopped at ``at``. A heartbeat stored after
-        ``at`` still counts (``_with_seen`` takes the later of the two)."""
+        """One stream of node ``name`` vouches no more (``vouch``; it ended, or its renewal
+        bound passed): it proved the agent alive up to ``at``, and the node goes offline as
+        if its heartbeats had stopped then, unless another stream still vouches or a later
+        heartbeat came. A heartbeat stored or queued after ``at`` still counts (``_with_seen``
+        takes the latest)."""
         with self._seen_lock:
+            count = self._vouched.get(name, 0) - 1
+            if count > 0:
+                self._vouched[name] = count
+            else:
+                self._vouched.pop(name, None)
             seen = self._seen.get(name)
-            if seen is not None and seen.seen > at:
+            if seen is not None and seen.seen < at:
                 seen.seen = at
 
     def _write_heartbeat(

@@ -60,6 +60,7 @@ STREAM_RETRY_BEATS = 60
 # the leader's ``grpc.http2.min_ping_interval_without_data_ms``), as long to wait for the
 # answer.
 KEEPALIVE_HEARTBEATS = 2
+CLOSE_SECONDS = 2.0  # an agent closing its stream waits this long at most for the leader's end
 
 
 def failure_messages(sent: list[FailureCount]) -> list[leader_pb2.BootstrapFailure]:
@@ -158,6 +159,7 @@ class _Stream:
         self.echoes = False  # True once the leader answered with a message number
         self.renew = 0  # the leader's renewal bound (s); 0: a message every interval
         self.ended: BaseException | None = None
+        self.last: leader_pb2.HeartbeatRequest | None = None  # the last message sent
         self._waiters: list[asyncio.Future[None]] = []
         self.reader = asyncio.ensure_future(self._read(take))
 
@@ -206,6 +208,7 @@ class _Stream:
 
         async with asyncio.timeout(timeout):
             await self.call.write(request)
+            self.last = request
             while answer and waiting():
                 if self.ended is not None:
                     raise self.ended
@@ -216,6 +219,29 @@ class _Stream:
     def close(self) -> None:
         self.reader.cancel()
         self.call.cancel()
+
+    async def finish(self, patience: float = CLOSE_SECONDS) -> None:
+        """Close the stream as an agent that is alive does (stopping, or moving to a renewed
+        certificate): a last message saying so (``closing``, a copy of the last report), the
+        end of its messages, then the leader's end of the call, at most ``patience`` seconds,
+        and ``close``. The leader then knows the agent was alive up to
+        now; a stream just dropped (cancelled) looks like an agent that vanished, alive only
+        up to the last keepalive PING it could have answered, and its node may show offline
+        before its next stream's first message (``leader.service.keepalive_seconds``)."""
+        try:
+            if self.ended is None and not self.call.done() and self.last is not None:
+                goodbye = leader_pb2.HeartbeatRequest()
+                goodbye.CopyFrom(self.last)  # an older leader records it as nothing new
+                self.seq += 1
+                goodbye.seq, goodbye.wants_answer, goodbye.closing = self.seq, False, True
+                async with asyncio.timeout(patience):
+                    await self.call.write(goodbye)
+                    await self.call.done_writing()
+                    await self.reader
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError):
+            pass  # it broke meanwhile: nothing to tell
+        finally:
+            self.close()
 
 
 class LeaderLink:
@@ -279,7 +305,7 @@ class LeaderLink:
         """Call the leader with ``identity`` (a renewed certificate) from now on."""
         async with self._lock:
             old = self.channel
-            self._drop_stream()  # the next heartbeat opens one with the new certificate
+            await self._finish_stream()  # the next heartbeat opens one with the new certificate
             self.channel, self.stub = self._connect(identity)
         await old.close(None)
 
@@ -287,6 +313,12 @@ class LeaderLink:
         if self._stream is not None:
             self._stream.close()
             self._stream = None
+
+    async def _finish_stream(self) -> None:
+        """Close the stream as a live agent does (``_Stream.finish``)."""
+        stream, self._stream = self._stream, None
+        if stream is not None:
+            await stream.finish()
 
     async def _take(self, reply: leader_pb2.HeartbeatResponse) -> None:
         """A response from the leader, an answer or news: its epoch and revocation list."""
@@ -441,5 +473,7 @@ class LeaderLink:
             await asyncio.sleep(self.cfg.heartbeat_interval)
 
     async def close(self) -> None:
-        self._drop_stream()
+        """Stop: the leader is told the stream ends (the node stays online for the offline
+        bound from now, long enough for a restart), then the channel closes."""
+        await self._finish_stream()
         await self.channel.close(None)

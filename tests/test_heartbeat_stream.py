@@ -20,9 +20,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import os
 import queue
 import signal
 import sqlite3
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -491,6 +494,219 @@ def agent_link(
     trust = LeaderTrust.load(files / "ca.pem", identity.trust_domain, files)
     journal = Journal(files / "journal.sqlite3")
     return LeaderLink(cfg, identity, trust, journal), trust, journal
+
+
+async def test_an_agent_that_closes_its_stream_counts_alive_until_then_a_dropped_one_less(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Issue 15: the leader's keepalive PINGs were a third of what heartbeats cost it, and
+    PINGing less often left a stream that ended only half an interval before its node showed
+    offline (an agent's restart made its node flicker). An agent that closes its stream (it
+    stops, or moves to a renewed certificate: the real ``LeaderLink.close``) now says so, and
+    the leader counts it alive up to that moment: its node stays online for the whole offline
+    bound from then. A stream dropped without a word (a killed agent, a vanished host) counts
+    alive only up to the last PING it could have answered (``keepalive_seconds``). The old
+    agent cancelled its stream, and every end was taken for a vanished agent."""
+    leader_address, node_address = loopback(), loopback()
+    rig = leader_with_a_node(tmp_path, leader_address, node_address)
+    await rig.server.start()
+    link, _, journal = agent_link(tmp_path, rig.node_files, leader_address, node_address)
+    try:
+        await link.beat()  # renewal mode: the stream now vouches for the node
+        assert [b.renews for b in rig.service._open] == [True]
+        rig.clock[0] += dt.timedelta(seconds=60)  # a minute without a message
+        await link.close()
+        async with asyncio.timeout(30):
+            while rig.service._open:
+                await asyncio.sleep(0.02)
+        closed_at = rig.clock[0]
+        assert rig.store.get_node("hb1").last_heartbeat == closed_at
+        assert rig.state.node_online(rig.store.get_node("hb1"))
+
+        # The same agent's next stream, dropped without a word (as a killed agent's).
+        (tmp_path / "again").mkdir()
+        link2, _, journal2 = agent_link(
+            tmp_path / "again", rig.node_files, leader_address, node_address
+        )
+        try:
+            rig.clock[0] += dt.timedelta(seconds=60)
+            await link2.beat()
+            rig.clock[0] += dt.timedelta(seconds=60)
+            link2._drop_stream()
+            async with asyncio.timeout(30):
+                while rig.service._open:
+                    await asyncio.sleep(0.02)
+            every, wait = service.keepalive_seconds(rig.state.heartbeat_interval)
+            proven = rig.clock[0] - dt.timedelta(seconds=every + wait)
+            assert rig.store.get_node("hb1").last_heartbeat == proven
+        finally:
+            await link2.close()
+            journal2.close()
+    finally:
+        await link.close()
+        journal.close()
+        await rig.close()
+
+
+async def test_every_ended_renewal_stream_releases_its_vouch_a_replaced_one_too(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """A guard for the vouch (``Store.vouch``, this session): a renewal stream keeps its node
+    online while it is open, so every way a stream ends must release it (the oldest one a
+    third stream replaced included), or the node would stay online for ever. Three streams,
+    the first replaced, the others cancelled: the node goes offline once its last message is
+    3 intervals old. (It passes on the code before the vouch too, which had none to leak.)"""
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    await rig.server.start()
+    try:
+        async with grpc.aio.secure_channel(rig.target, rig.node) as channel:
+            stub = leader_pb2_grpc.LeaderStub(channel)
+            calls: list[Any] = []
+            for seq in range(3):
+                call = stub.Heartbeats()  # type: ignore[call-arg]
+                await call.write(
+                    leader_pb2.HeartbeatRequest(
+                        agent_version="1", renews=True, wants_answer=True, seq=1
+                    )
+                )
+                reply = await call.read()
+                assert isinstance(reply, leader_pb2.HeartbeatResponse) and reply.answers == 1, seq
+                calls.append(call)
+            assert (await calls[0].code()) == grpc.StatusCode.RESOURCE_EXHAUSTED
+            for call in calls[1:]:
+                call.cancel()
+            async with asyncio.timeout(30):
+                while rig.service._open:
+                    await asyncio.sleep(0.02)
+        rig.clock[0] += dt.timedelta(hours=1)
+        assert not rig.state.node_online(rig.store.get_node("hb1"))
+    finally:
+        await rig.close()
+
+
+PINGS_PER_MESSAGE = """
+import asyncio, sys
+import grpc
+from leader.service import control_server_options
+
+async def main(address: str, options: str) -> None:
+    async def handler(requests, context):
+        async for _ in requests:
+            pass
+        yield b"done"
+
+    opts = control_server_options(5) if options == "control" else []
+    server = grpc.aio.server(options=opts)
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(
+        "t.T", {"S": grpc.stream_stream_rpc_method_handler(handler)}),))
+    port = server.add_insecure_port(f"{address}:0")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"{address}:{port}") as channel:
+        call = channel.stream_stream("/t.T/S")()
+        for _ in range(4):  # heartbeats: a small message now and then on a quiet stream
+            await call.write(b"x" * 300)
+            await asyncio.sleep(0.3)
+        print("MESSAGES SENT", file=sys.stderr, flush=True)  # (the stop's GOAWAY PINGs)
+        await call.done_writing()
+        assert await call.read() == b"done"
+    await server.stop(None)
+
+asyncio.run(main(sys.argv[1], sys.argv[2]))
+"""
+
+
+@pytest.mark.parametrize("options", ["control", "plain"])
+def test_the_control_port_answers_a_message_without_a_ping_of_its_own(
+    options: str, loopback: Callable[[], str]
+) -> None:
+    """Issue 15: gRPC's core probes the bandwidth-delay product when data arrives on a quiet
+    connection: a PING from the leader, and its answer, for every heartbeat message (a message
+    costs the leader about as much again). The control port's options turn the probe off
+    (``control_server_options``). Real gRPC in a child process with gRPC's keepalive trace on
+    (it logs every PING a server sends): no PING with the control port's options, one or more
+    with gRPC's defaults (which shows the count can see them)."""
+    env = {**os.environ, "GRPC_VERBOSITY": "debug", "GRPC_TRACE": "http_keepalive"}
+    done = subprocess.run(
+        [sys.executable, "-c", PINGS_PER_MESSAGE, loopback(), options],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    sent = done.stderr.split("MESSAGES SENT")[0].splitlines()
+    pings = [line for line in sent if "SERVER" in line and "Ping" in line]
+    if options == "control":
+        assert pings == []
+    else:
+        assert len(pings) >= 2, done.stderr[-2000:]
+
+
+def test_the_leader_pings_a_quiet_agent_as_rarely_as_the_offline_bound_allows() -> None:
+    """Issue 15: a PING on every agent connection every interval was about a third of what
+    heartbeats cost the leader. It notices a silent connection within 2.5 intervals now (a
+    PING every 2 intervals from 2 s on), still under the 3 silent intervals after which a node
+    is offline, so a stopped agent's node goes offline as promptly as before."""
+    assert service.keepalive_seconds(5) == (10.0, 2.5)  # the product's 5 s: README
+    assert service.keepalive_seconds(1) == (1.5, 1.0)
+    for interval in (1, 2, 5, 10, 60):
+        every, wait = service.keepalive_seconds(interval)
+        assert every + wait == service.KEEPALIVE_NOTICE * interval < 3 * interval
+        assert every >= interval and wait >= 1
+        options = dict(service.control_server_options(interval))
+        assert options["grpc.keepalive_time_ms"] == int(every * 1000)
+
+
+async def test_a_quiet_renewal_stream_keeps_its_node_online_without_a_visit_each_second(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Issue 15: the renewal watch visited every open stream each second to move its node's
+    time on (``note_alive``), O(agents) a second for agents that said nothing. A renewal
+    stream now vouches for its node while it is open (``Store.vouch``), and the watch's tick
+    looks at the streams only when the store changed (a cut, news to push)."""
+    leader_address, node_address = loopback(), loopback()
+    rig = leader_with_a_node(tmp_path, leader_address, node_address)
+
+    class Counted(set[Any]):
+        visits = 0
+
+        def __iter__(self) -> Iterator[Any]:
+            Counted.visits += 1
+            return super().__iter__()
+
+    rig.service._open = Counted()
+    ticks: list[int] = []
+    real = rig.service.snapshot
+
+    async def counting() -> Any:
+        ticks.append(Counted.visits)
+        return await real()
+
+    rig.service.snapshot = counting  # type: ignore[method-assign]
+    await rig.server.start()
+    link, _, journal = agent_link(tmp_path, rig.node_files, leader_address, node_address)
+    try:
+        await link.beat()
+        async with asyncio.timeout(30):
+            while len(ticks) < 3:  # the message's own read, then the watch's ticks
+                await asyncio.sleep(0.05)
+        settled = Counted.visits
+        async with asyncio.timeout(30):
+            while len(ticks) < 6:
+                await asyncio.sleep(0.05)
+        assert Counted.visits == settled  # three more ticks, no stream visited
+        rig.clock[0] += dt.timedelta(minutes=5)
+        assert rig.store.get_node("hb1").last_heartbeat == rig.clock[0]
+        assert rig.state.node_online(rig.store.get_node("hb1"))
+        rig.store.advance_epoch(7, now=rig.clock[0], actor="test")  # news: the streams, once
+        async with asyncio.timeout(30):
+            while Counted.visits == settled:
+                await asyncio.sleep(0.05)
+    finally:
+        await link.close()
+        journal.close()
+        await rig.close()
 
 
 async def test_an_agent_in_renewal_mode_sends_a_change_at_once_and_the_rest_at_the_bound(

@@ -121,6 +121,7 @@ class HeartbeatRequest(_message.Message):
     RENEWS_FIELD_NUMBER: _builtins.int
     WANTS_ANSWER_FIELD_NUMBER: _builtins.int
     SEQ_FIELD_NUMBER: _builtins.int
+    CLOSING_FIELD_NUMBER: _builtins.int
     agent_version: _builtins.str
     highest_epoch: _builtins.int
     """The highest rollout epoch this agent has seen (commands with a lower one are refused)."""
@@ -144,6 +145,13 @@ class HeartbeatRequest(_message.Message):
     """(Heartbeats stream.) Numbers the agent's messages on the stream (from 1); the leader's
     answer to this message carries it back in `answers`, so that the agent does not take a
     push (news the leader sent before it read this message) for the answer.
+    """
+    closing: _builtins.bool
+    """(Heartbeats stream.) The agent's last message on this stream, a copy of its last report:
+    it closes the stream while alive (it is stopping, or moves to a renewed certificate), so
+    the leader counts it alive up to now, where a stream that just ends counts alive only up
+    to the last keepalive PING it could have answered. A leader that does not know the field
+    takes it as one more heartbeat saying nothing new.
     """
     @_builtins.property
     def sent_at(self) -> _timestamp_pb2.Timestamp: ...
@@ -183,10 +191,11 @@ class HeartbeatRequest(_message.Message):
         renews: _builtins.bool = ...,
         wants_answer: _builtins.bool = ...,
         seq: _builtins.int = ...,
+        closing: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["renewal_due_at", b"renewal_due_at", "renewal_failing_since", b"renewal_failing_since", "sent_at", b"sent_at", "server", b"server"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_port", b"agent_port", "agent_version", b"agent_version", "bootstrap_failures", b"bootstrap_failures", "crl_number", b"crl_number", "highest_epoch", b"highest_epoch", "renewal_due_at", b"renewal_due_at", "renewal_error", b"renewal_error", "renewal_failing_since", b"renewal_failing_since", "renews", b"renews", "sent_at", b"sent_at", "seq", b"seq", "server", b"server", "wants_answer", b"wants_answer"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_port", b"agent_port", "agent_version", b"agent_version", "bootstrap_failures", b"bootstrap_failures", "closing", b"closing", "crl_number", b"crl_number", "highest_epoch", b"highest_epoch", "renewal_due_at", b"renewal_due_at", "renewal_error", b"renewal_error", "renewal_failing_since", b"renewal_failing_since", "renews", b"renews", "sent_at", b"sent_at", "seq", b"seq", "server", b"server", "wants_answer", b"wants_answer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
