@@ -100,6 +100,9 @@ from tlsroll.v1 import (
 APP = "/praxis_live/"
 PER_WORKER = 125
 BOOTSTRAP_PORT = 9443
+# The leader's RSS is read again this long after the rollout ended (and the bench fetched its
+# schema): what it keeps, not only its peak.
+SETTLE_SECONDS = 3.0
 
 
 def now_ts() -> Timestamp:
@@ -609,6 +612,7 @@ class Result:
     fsyncs: int | None = None  # the leader's, during the rollout (--fsyncs)
     idle_fsyncs: int | None = None  # the leader's, in the idle window (--fsyncs)
     idle_messages: int = 0  # heartbeat messages the leader got in the idle window
+    settled_rss: float = 0.0  # the leader's RSS SETTLE_SECONDS after the rollout ended
 
 
 def worker_counts(procs: Sequence[subprocess.Popen[str]]) -> tuple[int, int]:
@@ -792,6 +796,8 @@ def one_run(
             after = Reading.of(pid)
             during = time.monotonic() - t0
             view = get_schema(channel, view.id)
+        time.sleep(SETTLE_SECONDS)  # what the leader keeps, not only its peak
+        settled_rss = rss_mib(pid)
         if snapshots is not None:
             snapshots.take()
             print(f"leader {n}: threads {dict(threads(pid))}", flush=True)
@@ -824,6 +830,7 @@ def one_run(
             fsyncs=counting.count,
             idle_fsyncs=idle_counting.count,
             idle_messages=m1 - m0,
+            settled_rss=settled_rss,
         )
     finally:
         for p in procs:
@@ -915,7 +922,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{'nodes':>5} {'outcome':>9} {'wall s':>7} {'CPU/node ms':>11} {'net ms':>7} "
         f"{'HB leader ms':>12} {'net':>5} {'msgs':>5} {'ms/msg':>6} {'HB agent ms':>11} "
-        f"{'RSS MiB':>7} {'files':>5} "
+        f"{'RSS MiB':>7} {'settled':>7} {'files':>5} "
         f"{'idle RSS':>8} {'no agent':>8} {'idle files':>10} {'inbound':>7} {'nofile':>6}"
         + (f" {'fsync/node':>10} {'idle fsync/msg':>14}" if ns.fsyncs else "")
     )
@@ -946,7 +953,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{r.nodes:>5} {r.state:>9} {r.wall:>7.1f} {r.cpu_per_node:>11.1f} "
             f"{r.cpu_per_node_net:>7.1f} {r.hb_leader_ms:>12.2f} {r.hb_leader_net_ms:>5.2f} "
             f"{r.messages:>5.2f} {r.per_message_ms:>6.2f} {r.hb_agent_ms:>11.2f} "
-            f"{r.after.rss:>7.1f} {r.after.files:>5} {r.idle_rss:>8.1f} {r.base_rss:>8.1f} "
+            f"{r.after.rss:>7.1f} {r.settled_rss:>7.1f} {r.after.files:>5} {r.idle_rss:>8.1f} "
+            f"{r.base_rss:>8.1f} "
             f"{r.idle_files:>10} "
             f"{r.idle_inbound:>7} {r.nofile:>6}"
             + (
@@ -964,7 +972,9 @@ def main(argv: list[str] | None = None) -> int:
         "start); msgs: messages the leader got per agent per interval (1.00 when every "
         "heartbeat is one); ms/msg: the leader's CPU in the window / those messages "
         "(keepalive and renewal watch included); HB agent ms: the agents' CPU per agent per "
-        "interval; idle RSS: the leader's with every agent connected, before the rollout; no "
+        "interval; RSS MiB: the leader's when the rollout ended; settled: "
+        f"{SETTLE_SECONDS:g} s later, after the bench fetched the rollout's schema; idle RSS: "
+        "the leader's with every agent connected, before the rollout; no "
         "agent: before any connected (the rest of idle RSS is the agents' connections and "
         "heartbeat streams); inbound: of the idle files, the agents' heartbeat connections "
         "(idle files - inbound: the leader's own)"
