@@ -177,10 +177,12 @@ class Viewer:
         """Listen on the viewer's port (a taken port stops the leader here, with one line);
         the app is loaded when the first connection arrives."""
         context = tls.server_context(*self.tls_files)
-        family = socket.AF_INET6 if ipaddress.ip_address(self.address).version == 6 else 0
+        v6 = ipaddress.ip_address(self.address).version == 6
         try:
             sock = socket.create_server(
-                (self.address, self.port), family=family or socket.AF_INET, backlog=BACKLOG
+                (self.address, self.port),
+                family=socket.AF_INET6 if v6 else socket.AF_INET,
+                backlog=BACKLOG,
             )
         except OSError as exc:
             raise TerminalError(
