@@ -102,6 +102,9 @@ APP = "/praxis_live/"
 PER_WORKER = 125
 AGENT_KEEPALIVE_HEARTBEATS = 2  # as ``nodeagent.leader_link.KEEPALIVE_HEARTBEATS``
 BOOTSTRAP_PORT = 9443
+# The leader's RSS is read again this long after the rollout ended (and the bench fetched its
+# schema): what it keeps, not only its peak.
+SETTLE_SECONDS = 3.0
 
 
 def now_ts() -> Timestamp:
@@ -620,6 +623,7 @@ class Result:
     idle_fsyncs: int | None = None  # the leader's, in the idle window (--fsyncs)
     idle_messages: int = 0  # heartbeat messages the leader got in the idle window
     base_ms_per_s: float = 0.0  # the leader's CPU with no agent connected (its timers), ms/s
+    settled_rss: float = 0.0  # the leader's RSS SETTLE_SECONDS after the rollout ended
 
 
 def worker_counts(procs: Sequence[subprocess.Popen[str]]) -> tuple[int, int]:
@@ -803,6 +807,8 @@ def one_run(
             after = Reading.of(pid)
             during = time.monotonic() - t0
             view = get_schema(channel, view.id)
+        time.sleep(SETTLE_SECONDS)  # what the leader keeps, not only its peak
+        settled_rss = rss_mib(pid)
         if snapshots is not None:
             snapshots.take()
             print(f"leader {n}: threads {dict(threads(pid))}", flush=True)
@@ -836,6 +842,7 @@ def one_run(
             idle_fsyncs=idle_counting.count,
             idle_messages=m1 - m0,
             base_ms_per_s=base_rate * 1000,
+            settled_rss=settled_rss,
         )
     finally:
         for p in procs:
@@ -927,7 +934,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"{'nodes':>5} {'outcome':>9} {'wall s':>7} {'CPU/node ms':>11} {'net ms':>7} "
         f"{'HB leader ms':>12} {'net':>5} {'msgs':>5} {'ms/msg':>6} {'HB agent ms':>11} "
-        f"{'RSS MiB':>7} {'files':>5} "
+        f"{'RSS MiB':>7} {'settled':>7} {'files':>5} "
         f"{'idle RSS':>8} {'no agent':>8} {'idle files':>10} {'inbound':>7} {'nofile':>6} "
         f"{'0 agents ms/s':>13}"
         + (f" {'fsync/node':>10} {'idle fsync/msg':>14}" if ns.fsyncs else "")
@@ -959,7 +966,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{r.nodes:>5} {r.state:>9} {r.wall:>7.1f} {r.cpu_per_node:>11.1f} "
             f"{r.cpu_per_node_net:>7.1f} {r.hb_leader_ms:>12.2f} {r.hb_leader_net_ms:>5.2f} "
             f"{r.messages:>5.2f} {r.per_message_ms:>6.2f} {r.hb_agent_ms:>11.2f} "
-            f"{r.after.rss:>7.1f} {r.after.files:>5} {r.idle_rss:>8.1f} {r.base_rss:>8.1f} "
+            f"{r.after.rss:>7.1f} {r.settled_rss:>7.1f} {r.after.files:>5} {r.idle_rss:>8.1f} "
+            f"{r.base_rss:>8.1f} "
             f"{r.idle_files:>10} "
             f"{r.idle_inbound:>7} {r.nofile:>6} {r.base_ms_per_s:>13.2f}"
             + (
@@ -977,7 +985,9 @@ def main(argv: list[str] | None = None) -> int:
         "start); msgs: messages the leader got per agent per interval (1.00 when every "
         "heartbeat is one); ms/msg: the leader's CPU in the window / those messages "
         "(keepalive and renewal watch included); HB agent ms: the agents' CPU per agent per "
-        "interval; idle RSS: the leader's with every agent connected, before the rollout; no "
+        "interval; RSS MiB: the leader's when the rollout ended; settled: "
+        f"{SETTLE_SECONDS:g} s later, after the bench fetched the rollout's schema; idle RSS: "
+        "the leader's with every agent connected, before the rollout; no "
         "agent: before any connected (the rest of idle RSS is the agents' connections and "
         "heartbeat streams); inbound: of the idle files, the agents' heartbeat connections "
         "(idle files - inbound: the leader's own); 0 agents ms/s: the leader's CPU per second "

@@ -5,8 +5,8 @@ Four listeners, each with the service for its level of trust:
     control port  mutual TLS (cluster CA)             Leader + health + reflection
     admin socket  Unix socket in a 0750 directory     Admin + health
     viewer port   https (viewer cert), read-only      the web viewer (``leader.viewer``), off
-                                                      with ``viewer_port = 0`` (then
-                                                      neither it nor aiohttp is imported)
+                                                      with ``viewer_port = 0``; aiohttp and
+                                                      its app load on the first connection
 """
 
 from __future__ import annotations
@@ -203,7 +203,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         cert_horizon=dt.timedelta(days=cfg.expiry_warning_days),
     )
     viewer: Viewer | None = None
-    if cfg.viewer_port:  # aiohttp and the viewer's parts only when it is on: ~15 MiB
+    if cfg.viewer_port:  # the viewer's parts only when it is on; aiohttp once it is opened
         from leader.viewer.server import Viewer  # noqa: PLC0415
 
         viewer = Viewer.build(cfg, state, schema)
@@ -226,7 +226,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     )
     expiry.before_check.append(rotator.check)  # auto_rotate: in the maintenance window
     if viewer is not None:
-        viewer.app.reader.auto_rotate = rotator.status.view
+        viewer.reader.auto_rotate = rotator.status.view
     admin_service = AdminService(
         state,
         commands,

@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import asyncio
 import gc
+import http.client
 import subprocess
 import sys
+import time
 import weakref
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import grpc
@@ -21,7 +24,8 @@ from leader.rollout_core import RolloutState
 from tests.cluster import Cluster, child_env
 from tests.leader_rig import leader_with_a_node
 from tests.test_engine import make_world
-from tlsroll.defaults import AGENT_PORT
+from tlsroll.defaults import AGENT_PORT, VIEWER_PORT
+from tlsroll.tls import client_context
 from tlsroll.v1 import leader_pb2, leader_pb2_grpc
 
 
@@ -96,10 +100,12 @@ def test_an_idle_leader_holds_no_terminal_ui_and_no_viewer_it_does_not_run(
     tmp_path: Path, loopback: Callable[[], str], viewer: str
 ) -> None:
     """Issue 15: an idle leader held rich and pygments (through structlog), Jinja2 and
-    prometheus_client (the viewer's pages and /metrics, before anyone opened them) and, with
-    its viewer turned off, aiohttp too: 20 MiB of the 80 MiB it held before any agent
-    connected. A real leader daemon, started as the tlsroll-leader script starts it,
-    serving its listeners and running its engine, holds none of them now."""
+    prometheus_client (the viewer's pages and /metrics, before anyone opened them) and
+    aiohttp (the viewer's server, ~10 MiB, whether anyone opened it or not): 20 MiB of the
+    80 MiB it held before any agent connected. A real leader daemon, started as the
+    tlsroll-leader script starts it, serving its listeners and running its engine, holds
+    none of them now; with its viewer on, it listens on the viewer's port
+    (``test_the_viewer_loads_on_its_first_connection_and_serves_it`` opens it)."""
     with Cluster(tmp_path / "cluster", loopback()) as cluster:
         cluster.init()
         if viewer == "off":
@@ -121,9 +127,55 @@ def test_an_idle_leader_holds_no_terminal_ui_and_no_viewer_it_does_not_run(
     if viewer == "off":
         assert tops & VIEWER_ONLY == set()
         assert "leader.viewer.server" not in modules
-    else:  # it serves https, but renders no page and no /metrics until someone asks
-        assert "aiohttp" in tops
-        assert tops & {"jinja2", "prometheus_client"} == set()
+    else:  # it listens on the viewer's port, but loads nothing of it until someone connects
+        assert "leader.viewer.server" in modules
+        assert tops & VIEWER_ONLY == set()
+
+
+def _maps_aiohttp(pid: int) -> bool:
+    """Whether the process has mapped aiohttp's compiled HTTP parser (imported it)."""
+    return "/aiohttp/" in Path(f"/proc/{pid}/maps").read_text()
+
+
+def _viewer_get(cluster: Cluster, path: str) -> tuple[int, bytes]:
+    """GET ``path`` from the viewer (9444), trusting the cluster CA only."""
+    conn = http.client.HTTPSConnection(
+        cluster.address, VIEWER_PORT, timeout=30, context=client_context(cluster.ca_pem)
+    )
+    try:
+        conn.request("GET", path)
+        response = conn.getresponse()
+        return response.status, response.read()
+    finally:
+        conn.close()
+
+
+def test_the_viewer_loads_on_its_first_connection_and_serves_it(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Issue 15: the leader loaded aiohttp and the viewer's app at start, ~10 MiB whether
+    anyone ever opened the viewer. It now listens on the port and loads them when the first
+    connection arrives; that connection, queued meanwhile, is served, and so are the next.
+    A real leader daemon; whether aiohttp is loaded is read from its memory map."""
+    with Cluster(tmp_path / "cluster", loopback()) as cluster:
+        cluster.init()
+        cluster.start_leader()
+        pid = cluster.leader.pid
+        time.sleep(1.0)  # the engine's and the expiry watch's first passes
+        assert not _maps_aiohttp(pid), "aiohttp loaded before anyone opened the viewer"
+        assert "viewer.started" in cluster.leader.event_names()
+        # Two connections at once, before the app is loaded: both wait, both are served.
+        with ThreadPoolExecutor(2) as pool:
+            first, second = pool.map(
+                lambda path: _viewer_get(cluster, path), ["/static/viewer.css", "/"]
+            )
+        assert first[0] == 200 and b"{" in first[1]
+        assert second[0] == 401 and b"tlsroll viewer grant" in second[1]  # the way in
+        assert _maps_aiohttp(pid)
+        assert cluster.leader.event_names().count("viewer.loaded") == 1
+        assert _viewer_get(cluster, "/static/viewer.js")[0] == 200
+        assert cluster.stop_leader() == 0
+        assert "viewer.stopped" in cluster.leader.event_names()
 
 
 async def test_the_engine_keeps_no_step_task_once_it_has_ended(

@@ -1,9 +1,16 @@
 """Run the web viewer inside the leader daemon: https on ``[leader].viewer_port`` (9444).
 
     viewer = Viewer.build(cfg, state, schema)   # the certificate is issued here if needed
-    await viewer.start()                        # OSError if the port is taken
+    await viewer.start()                        # TerminalError if the port is taken
     ...
     await viewer.stop()                         # open /events streams end, then the listener
+
+``start`` binds the port and listens, but aiohttp and the app (``leader.viewer.app``, ~10 MiB
+of the leader's memory) are loaded only when the first connection arrives: until then the
+kernel queues it, as it would any connection the app had not yet accepted, and the leader
+only watches the listening socket. A leader whose viewer nobody opens never holds them
+(issue 15: the leader's memory with 500 agents). The load runs on the event loop, once
+(a few hundred ms): imports in a worker thread can deadlock on 3.11's import locks.
 
 The listener serves on the leader's address only, with the viewer's own certificate from the
 cluster CA (``leader.viewer.certificate``) and the TLS settings every tlsroll listener uses.
@@ -15,12 +22,15 @@ get it, open ones keep theirs, no restart.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import ipaddress
+import socket
 import ssl
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from aiohttp import web
 from cryptography import x509
 
 from leader.config import LeaderConfig
@@ -28,7 +38,6 @@ from leader.expiry import AGENT_HORIZON_FRACTION
 from leader.schema_store import SchemaStore
 from leader.service import LeaderState
 from leader.viewer import certificate
-from leader.viewer.app import ViewerApp
 from leader.viewer.grants import Grants
 from leader.viewer.snapshot import Reader
 from tlsroll import logs, pki, tls
@@ -36,7 +45,13 @@ from tlsroll.errors import ConfigError, TerminalError
 from tlsroll.fsutil import check_private_file
 from tlsroll.rpc import hostport
 
+if TYPE_CHECKING:
+    from aiohttp import web
+
+    from leader.viewer.app import ViewerApp
+
 SHUTDOWN_SECONDS = 5.0
+BACKLOG = 128  # aiohttp's own default for its sites
 log = logs.get_logger(__name__)
 
 
@@ -60,19 +75,28 @@ def read_scrape_token(cfg: LeaderConfig) -> str | None:
 class Viewer:
     def __init__(
         self,
-        app: ViewerApp,
+        make_app: Callable[[asyncio.Event], ViewerApp],
+        reader: Reader,
         address: str,
         port: int,
         tls_files: tuple[Path, Path],
         ensure: Callable[[], x509.Certificate] | None = None,
     ) -> None:
-        """``ensure`` gives the certificate to serve, issuing a new one when it is due
+        """``make_app`` builds the aiohttp app when the first connection arrives (see the
+        module's docstring), given the event that ends its /events streams; ``reader`` is
+        what the app's pages read (kept here so that the daemon can wire it up before then).
+        ``ensure`` gives the certificate to serve, issuing a new one when it is due
         (``leader.viewer.certificate.ensure`` with the leader's CA and names)."""
-        self.app = app
+        self.make_app = make_app
+        self.reader = reader
         self.address = address
         self.port = port
         self.tls_files = tls_files
         self.ensure = ensure
+        self.closing = asyncio.Event()
+        self.app: ViewerApp | None = None  # once loaded
+        self._sock: socket.socket | None = None  # listening, until the app is loaded
+        self._loading: asyncio.Task[None] | None = None
         self._runner: web.AppRunner | None = None
         self._context: ssl.SSLContext | None = None
         self.serving: x509.Certificate | None = None
@@ -80,6 +104,11 @@ class Viewer:
     @property
     def url(self) -> str:
         return base_url(self.address, self.port)
+
+    @property
+    def loaded(self) -> bool:
+        """Whether aiohttp and the app serve (a connection has arrived since ``start``)."""
+        return self._runner is not None
 
     @classmethod
     def build(cls, cfg: LeaderConfig, state: LeaderState, schema: SchemaStore) -> Viewer:
@@ -101,16 +130,22 @@ class Viewer:
             ],
             agent_near=state.agent_cert_lifetime * AGENT_HORIZON_FRACTION,
         )
-        app = ViewerApp(
-            reader=reader,
-            grants=Grants(state.store.db),
-            clock=state.clock,
-            address=cfg.address,
-            scrape_token=read_scrape_token(cfg),
-            closing=asyncio.Event(),
-        )
+        scrape_token = read_scrape_token(cfg)  # a bad token file stops the leader at start
+
+        def make_app(closing: asyncio.Event) -> ViewerApp:
+            from leader.viewer.app import ViewerApp  # noqa: PLC0415 - aiohttp: see the top
+
+            return ViewerApp(
+                reader=reader,
+                grants=Grants(state.store.db),
+                clock=state.clock,
+                address=cfg.address,
+                scrape_token=scrape_token,
+                closing=closing,
+            )
+
         files = (layout.viewer_cert, layout.viewer_key)
-        viewer = cls(app, cfg.address, cfg.viewer_port, files, ensure)
+        viewer = cls(make_app, reader, cfg.address, cfg.viewer_port, files, ensure)
         viewer.serving = cert
         return viewer
 
@@ -124,7 +159,7 @@ class Viewer:
             return False
         self._context.load_cert_chain(*self.tls_files)
         self.serving = cert
-        reader = self.app.reader
+        reader = self.reader
         reader.own_certs = tuple(
             c
             if c.kind != "viewer"
@@ -139,27 +174,72 @@ class Viewer:
         return True
 
     async def start(self) -> None:
+        """Listen on the viewer's port (a taken port stops the leader here, with one line);
+        the app is loaded when the first connection arrives."""
         context = tls.server_context(*self.tls_files)
-        self._context = context
-        runner = web.AppRunner(self.app.make(), access_log=None, shutdown_timeout=SHUTDOWN_SECONDS)
-        await runner.setup()
+        v6 = ipaddress.ip_address(self.address).version == 6
         try:
-            site = web.TCPSite(runner, self.address, self.port, ssl_context=context)
-            await site.start()
+            sock = socket.create_server(
+                (self.address, self.port),
+                family=socket.AF_INET6 if v6 else socket.AF_INET,
+                backlog=BACKLOG,
+            )
         except OSError as exc:
-            await runner.cleanup()
             raise TerminalError(
                 f"cannot listen on {hostport(self.address, self.port)} (the viewer): "
                 f"{exc.strerror or exc}; choose another viewer_port in leader.toml (0: off)"
             ) from None
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
+        sock.setblocking(False)
+        self._context = context
+        self._sock = sock
+        asyncio.get_running_loop().add_reader(sock.fileno(), self._arrived)
         log.info("viewer.started", url=self.url)
 
+    def _arrived(self) -> None:
+        """A connection waits on the listening socket: load the app once, which accepts it."""
+        if self._sock is None or self._loading is not None:
+            return
+        asyncio.get_running_loop().remove_reader(self._sock.fileno())
+        self._loading = asyncio.create_task(self._load(), name="viewer-load")
+
+    async def _load(self) -> None:
+        sock, context = self._sock, self._context
+        assert sock is not None and context is not None
+        try:
+            from aiohttp import web  # noqa: PLC0415 - when first asked for (see the top)
+
+            app = self.make_app(self.closing)
+            runner = web.AppRunner(app.make(), access_log=None, shutdown_timeout=SHUTDOWN_SECONDS)
+            await runner.setup()
+            try:
+                # The site owns the listening socket from here on and closes it when it stops.
+                await web.SockSite(runner, sock, ssl_context=context, backlog=BACKLOG).start()
+            except BaseException:
+                await runner.cleanup()
+                raise
+        except Exception as exc:  # the leader runs on; the viewer's port refuses from now on
+            log.error(
+                "viewer.load_failed",
+                error=f"{type(exc).__name__}: {exc}"[:200],
+                hint="restart the leader; if it happens again, set viewer_port = 0",
+            )
+            sock.close()
+            self._sock = None
+            return
+        self.app, self._runner, self._sock = app, runner, None
+        log.info("viewer.loaded", url=self.url)
+
     async def stop(self) -> None:
-        self.app.closing.set()  # /events streams end within one interval
+        self.closing.set()  # /events streams end within one interval
+        if self._loading is not None:
+            self._loading.cancel()  # nothing if it has ended
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._loading
+        if self._sock is not None:  # never loaded (or stopped while loading)
+            if self._loading is None:
+                asyncio.get_running_loop().remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
         if self._runner is not None:
             await self._runner.cleanup()
             self._runner = None
