@@ -155,7 +155,9 @@ class Reader:
                 addresses=n.addresses,
                 online=not n.cert_revoked and self.online(n.last_heartbeat),
                 last_heartbeat=n.last_heartbeat,
-                heartbeat_age=(now - n.last_heartbeat).total_seconds()
+                # (a node an open renewal stream vouches for was heard "now" by the store's
+                # clock, read after ``now`` here: never a negative age)
+                heartbeat_age=max(0.0, (now - n.last_heartbeat).total_seconds())
                 if n.last_heartbeat
                 else None,
             )
