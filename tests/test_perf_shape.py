@@ -891,6 +891,16 @@ class CountingOpen:
     looks = 0
 
 
+def count_open_looks(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Count each look at an agent client's ``open`` (in ``CountingOpen.looks``)."""
+
+    def counted(self: AgentClient) -> bool:
+        CountingOpen.looks += 1
+        return self._channel is not None  # what AgentClient.open says
+
+    monkeypatch.setattr(AgentClient, "open", property(counted))
+
+
 async def test_the_agent_pool_s_bookkeeping_per_call_does_not_grow_with_the_nodes(
     loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -900,11 +910,7 @@ async def test_the_agent_pool_s_bookkeeping_per_call_does_not_grow_with_the_node
     Real channels (to an address where nothing listens), real calls: the pool looks at as few
     clients per call with 40 nodes as with 4, and keeps its cap."""
 
-    def counted(self: AgentClient) -> bool:
-        CountingOpen.looks += 1
-        return self._channel is not None  # what AgentClient.open says
-
-    monkeypatch.setattr(AgentClient, "open", property(counted))
+    count_open_looks(monkeypatch)
     address = loopback()
     few = await looks_per_call(address, 4)
     many = await looks_per_call(address, 40)
@@ -948,11 +954,7 @@ async def test_the_agent_pool_s_bookkeeping_per_call_does_not_grow_with_its_busy
     while their calls last: a switch's stream, or one the step left open). Now it keeps its
     idle channels apart: as few looks per call with 40 busy channels as with 2."""
 
-    def counted(self: AgentClient) -> bool:
-        CountingOpen.looks += 1
-        return self._channel is not None  # what AgentClient.open says
-
-    monkeypatch.setattr(AgentClient, "open", property(counted))
+    count_open_looks(monkeypatch)
     address = loopback()
     few = await looks_with_busy_channels(address, 2)
     many = await looks_with_busy_channels(address, 40)
