@@ -80,6 +80,7 @@ class Workstation:
             conn = http.client.HTTPConnection(
                 self.node.address, 8080, timeout=10, source_address=(self.source, 0)
             )
+        resp: http.client.HTTPResponse | None = None
         try:
             conn.request(
                 "POST",
@@ -90,6 +91,8 @@ class Workstation:
             resp = conn.getresponse()
             body = resp.read()
         finally:
+            if resp is not None:  # a read cut short leaves the response holding the socket
+                resp.close()
             conn.close()
         entry = json.loads(body).get("id", "") if resp.status == 201 else ""
         return resp.status, str(entry)
