@@ -232,6 +232,9 @@ class _Stream:
             if self.ended is None and not self.call.done() and self.last is not None:
                 goodbye = leader_pb2.HeartbeatRequest()
                 goodbye.CopyFrom(self.last)  # an older leader records it as nothing new
+                # The failures a message carries are added to the leader's counts (those since
+                # the last report): the copy must not count the last message's again.
+                goodbye.ClearField("bootstrap_failures")
                 self.seq += 1
                 goodbye.seq, goodbye.wants_answer, goodbye.closing = self.seq, False, True
                 async with asyncio.timeout(patience):

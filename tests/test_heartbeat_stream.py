@@ -44,6 +44,7 @@ from leader.planner import report_stale_after
 from leader.service import LeaderService, LeaderState, clients_persist
 from leader.store import Store
 from nodeagent.config import AgentConfig
+from nodeagent.failure_log import FailureLog
 from nodeagent.identity import Identity
 from nodeagent.journal import Journal
 from nodeagent.leader_link import LeaderLink
@@ -542,6 +543,35 @@ async def test_an_agent_that_closes_its_stream_counts_alive_until_then_a_dropped
         finally:
             await link2.close()
             journal2.close()
+    finally:
+        await link.close()
+        journal.close()
+        await rig.close()
+
+
+async def test_an_agent_s_closing_message_does_not_report_its_last_failures_again(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Review of session 23: the message that closes a stream (``closing``) is a copy of the
+    last one sent, bootstrap failures included, and the leader adds the failures a message
+    carries to its counts (they are what came in since the last report). A failure reported
+    with the last heartbeat before the agent stopped was counted twice, with a second audit
+    entry. Failed with 2 where 1 before the goodbye dropped them."""
+    leader_address, node_address = loopback(), loopback()
+    rig = leader_with_a_node(tmp_path, leader_address, node_address)
+    await rig.server.start()
+    link, _, journal = agent_link(tmp_path, rig.node_files, leader_address, node_address)
+    link.failures = failures = FailureLog()
+    try:
+        failures.record("192.168.1.66", "ws-flur", rig.clock[0])
+        await link.beat()  # reports it (and answered: the leader took it)
+        assert failures.pending() == []
+        await link.close()
+        async with asyncio.timeout(30):
+            while rig.service._open:
+                await asyncio.sleep(0.02)
+        rows = rig.service.schema.bootstrap_failures()
+        assert [(r.source, r.count) for r in rows] == [("192.168.1.66", 1)]
     finally:
         await link.close()
         journal.close()
