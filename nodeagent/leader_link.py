@@ -222,10 +222,10 @@ class _Stream:
 
     async def finish(self, patience: float = CLOSE_SECONDS) -> None:
         """Close the stream as an agent that is alive does (stopping, or moving to a renewed
-        certificate): a last message saying so (``closing``, a copy of the last report), the
-        end of its messages, then the leader's end of the call, at most ``patience`` seconds,
-        and ``close``. The leader then knows the agent was alive up to
-        now; a stream just dropped (cancelled) looks like an agent that vanished, alive only
+        certificate): a last message saying so (``closing``, a copy of the last report less
+        its bootstrap failures), the end of its messages, then the leader's end of the call,
+        at most ``patience`` seconds, and ``close``. The leader then knows the agent was alive
+        up to now; a stream just dropped (cancelled) looks like an agent that vanished, alive only
         up to the last keepalive PING it could have answered, and its node may show offline
         before its next stream's first message (``leader.service.keepalive_seconds``)."""
         try:
