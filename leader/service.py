@@ -559,7 +559,10 @@ def _end(beat: _Beats, code: grpc.StatusCode, why: str) -> None:
     context = beat.context
 
     async def abort() -> None:
-        with contextlib.suppress(grpc.aio.AbortError, grpc.aio.UsageError):
+        # InternalError: the call ended meanwhile (its client cancelled it as the leader ended
+        # it): gRPC's core refuses the status (GRPC_CALL_ERROR_TOO_MANY_OPERATIONS), and there
+        # is nothing left to end. Raised on, the handler logged it as an internal error.
+        with contextlib.suppress(grpc.aio.AbortError, grpc.aio.UsageError, grpc.aio.InternalError):
             await context.abort(code, why)
 
     if beat.ending is not None:

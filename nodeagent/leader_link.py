@@ -222,16 +222,19 @@ class _Stream:
 
     async def finish(self, patience: float = CLOSE_SECONDS) -> None:
         """Close the stream as an agent that is alive does (stopping, or moving to a renewed
-        certificate): a last message saying so (``closing``, a copy of the last report), the
-        end of its messages, then the leader's end of the call, at most ``patience`` seconds,
-        and ``close``. The leader then knows the agent was alive up to
-        now; a stream just dropped (cancelled) looks like an agent that vanished, alive only
+        certificate): a last message saying so (``closing``, a copy of the last report less
+        its bootstrap failures), the end of its messages, then the leader's end of the call,
+        at most ``patience`` seconds, and ``close``. The leader then knows the agent was alive
+        up to now; a stream just dropped (cancelled) looks like an agent that vanished, alive only
         up to the last keepalive PING it could have answered, and its node may show offline
         before its next stream's first message (``leader.service.keepalive_seconds``)."""
         try:
             if self.ended is None and not self.call.done() and self.last is not None:
                 goodbye = leader_pb2.HeartbeatRequest()
                 goodbye.CopyFrom(self.last)  # an older leader records it as nothing new
+                # The failures a message carries are added to the leader's counts (those since
+                # the last report): the copy must not count the last message's again.
+                goodbye.ClearField("bootstrap_failures")
                 self.seq += 1
                 goodbye.seq, goodbye.wants_answer, goodbye.closing = self.seq, False, True
                 async with asyncio.timeout(patience):

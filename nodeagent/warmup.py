@@ -13,6 +13,12 @@ another node's server restarts, and the server that shares this machine (the pra
 software, or in a test another node's) matters more than getting the import done soon. So on
 Linux the warming thread lowers its own scheduling priority (``WARM_NICE``; a thread's nice
 value is its own there). The agent's other threads keep theirs.
+
+The price: the warming thread holds the GIL while it imports, so while a busy process shares
+its CPU the agent's event loop waits for that low-priority thread each time it wakes (review
+of session 23, one CPU and one busy process: ~35 ms late per 5 ms tick against 4-6 ms at nice
+0). A server start beside it still ended sooner at +10 (272-663 ms against 432-1052 ms over 9
+runs each, no warming 313-382 ms), which is what the priority is for.
 """
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ where the leader's memory is).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import gc
 import http.client
 import subprocess
@@ -16,12 +17,16 @@ import weakref
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from typing import Any, cast
 
 import grpc
 import pytest
+import structlog.testing
 
 from leader.rollout_core import RolloutState
+from leader.viewer.server import Viewer
 from tests.cluster import Cluster, child_env
+from tests.conftest import IssuedCert
 from tests.leader_rig import leader_with_a_node
 from tests.test_engine import make_world
 from tlsroll.defaults import AGENT_PORT, VIEWER_PORT
@@ -192,3 +197,41 @@ async def test_the_engine_keeps_no_step_task_once_it_has_ended(
     assert world.agents.calls  # steps did run
     assert leader.engine.tasks == {}
     await leader.stop()
+
+
+async def test_a_viewer_that_cannot_load_logs_it_refuses_its_port_and_the_leader_runs_on(
+    loopback: Callable[[], str], issue_cert: Callable[..., IssuedCert]
+) -> None:
+    """Review of session 23: the lazy viewer's failure path (``viewer.load_failed``) had no
+    test. The first connection loads the app; if that fails, the failure is logged on one
+    line with the way out, the listening socket is closed (the port refuses from then on, until
+    the leader restarts, rather than queue connections nobody accepts), the event loop is not
+    left watching a closed socket, and the viewer stops cleanly."""
+    address = loopback()
+    cert = issue_cert(address, "tlsroll-viewer")
+    calls: list[asyncio.Event] = []
+
+    def make_app(closing: asyncio.Event) -> Any:
+        calls.append(closing)
+        raise OSError(28, "No space left on device")
+
+    viewer = Viewer(
+        make_app, cast(Any, None), address, VIEWER_PORT, (cert.cert_file, cert.key_file)
+    )
+    with structlog.testing.capture_logs() as events:
+        await viewer.start()
+        _, writer = await asyncio.open_connection(address, VIEWER_PORT)
+        async with asyncio.timeout(30):
+            while viewer._loading is None or not viewer._loading.done():
+                await asyncio.sleep(0.02)
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        with pytest.raises(ConnectionRefusedError):
+            await asyncio.open_connection(address, VIEWER_PORT)
+        await viewer.stop()
+    failed = [e for e in events if e["event"] == "viewer.load_failed"]
+    assert len(calls) == 1 and not viewer.loaded and viewer._sock is None
+    assert [e["error"] for e in failed] == ["OSError: [Errno 28] No space left on device"]
+    assert "restart the leader" in failed[0]["hint"]
+    assert "viewer.loaded" not in [e["event"] for e in events]
