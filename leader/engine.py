@@ -88,6 +88,8 @@ STALE_ATTEMPTS = 5
 REPORT_LAG = planner.REPORT_LAG  # --when-quiet: how old an agent's client view may be
 StepKey = tuple[str, str, Step]
 _OPPOSITE = {Step.FREEZE: Step.UNFREEZE, Step.UNFREEZE: Step.FREEZE}
+# The planner's routine node events: the engine logs them at debug (``reconcile``).
+_GATES = frozenset({NodeEvent.START, NodeEvent.SWITCH})
 
 
 class Engine:
@@ -206,7 +208,11 @@ class Engine:
                 self.wake.set()  # an admin command came first; plan again from what is stored
                 return
             for action in plan.node_events:
-                log.info(
+                # A node's gate into its preflight or its switch is chatter at info: each
+                # step's outcome is logged as it ends (``step.finished``), and an admin reads
+                # where a node is in the schema. A skip (an abort, a failure) is not.
+                emit = log.debug if action.event in _GATES else log.info
+                emit(
                     "node.event",
                     rollout_id=rollout.id,
                     node=action.node,
