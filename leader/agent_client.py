@@ -7,8 +7,8 @@
 ``AgentApi`` is what the engine needs of an agent; ``AgentClient`` is the real one, and tests
 drive the engine with a fake that has the same methods. Retries live here and only here: a call
 that fails with UNAVAILABLE or DEADLINE_EXCEEDED is tried again a few times with backoff
-(``CALL_ATTEMPTS``), then raises ``TransientError`` (the engine runs the step again later); any
-other status is the agent saying no, ``StepFailed`` (terminal for the step).
+(tenacity), then raises ``TransientError`` (the engine runs the step again later); any other
+status is the agent saying no, ``StepFailed`` (terminal for the step).
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, Protocol, TypeVar
 
 import grpc
+from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from leader.store import Node, Store
 from tlsroll import spiffe
@@ -40,11 +41,6 @@ REFUSAL_CODES = frozenset(
     }
 )
 CALL_TIMEOUT = 30.0
-# A call that is transient (``TRANSIENT_CODES``) is tried this often in all, the tries
-# ``RETRY_WAIT`` seconds apart, doubling up to ``RETRY_WAIT_MAX`` (``AgentClient._call``).
-CALL_ATTEMPTS = 4
-RETRY_WAIT = 0.2
-RETRY_WAIT_MAX = 2.0
 # Open agent channels the pool keeps at most (least recently used idle ones are closed): each
 # costs the leader about two descriptors, so 500 nodes would otherwise need ~1000 of them, and
 # about 100 KiB of memory (its TLS connection) that the leader keeps once it has used it, so
@@ -222,24 +218,20 @@ class AgentClient:
 
     async def _call(self, method: Method[T], request: Any) -> T:
         """``_once``, tried again a few times with backoff while it is transient (the channel
-        counts as busy between the tries too): ``CALL_ATTEMPTS`` tries, ``RETRY_WAIT`` seconds
-        after the first, doubling up to ``RETRY_WAIT_MAX``, then the last ``TransientError``.
-        A plain loop: tenacity's machinery (it inspects its callbacks on every call) cost the
-        leader ~20 µs of CPU per call that needs no retry, three calls per node (issue 15)."""
+        counts as busy between the tries too)."""
         self.in_flight += 1
         try:
-            wait = RETRY_WAIT
-            for attempt in range(1, CALL_ATTEMPTS + 1):
-                try:
+            async for attempt in AsyncRetrying(
+                retry=retry_if_exception_type(TransientError),
+                wait=wait_exponential(multiplier=0.2, max=2),
+                stop=stop_after_attempt(4),
+                reraise=True,
+            ):
+                with attempt:
                     return await self._once(method, request)
-                except TransientError:
-                    if attempt == CALL_ATTEMPTS:
-                        raise
-                await asyncio.sleep(wait)
-                wait = min(wait * 2, RETRY_WAIT_MAX)
         finally:
             self._done()
-        raise AssertionError("unreachable")  # pragma: no cover - the last attempt raises
+        raise AssertionError("unreachable")  # pragma: no cover - reraise=True
 
     async def get_status(
         self, request: agent_pb2.GetStatusRequest, timeout: float = CALL_TIMEOUT
