@@ -58,7 +58,7 @@ from leader.store import (
     TooMany,
 )
 from leader.tokens import JoinToken, MalformedToken
-from tlsroll import bootstrap_protocol, logs, peertext, pki, spiffe
+from tlsroll import bootstrap_csr, logs, peertext, pki, spiffe
 from tlsroll.errors import PKIError
 from tlsroll.rpc import (
     invalid,
@@ -77,7 +77,7 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 ERRORS = {
     NoSuchRollout: grpc.StatusCode.NOT_FOUND,
     NoRolloutYet: grpc.StatusCode.FAILED_PRECONDITION,
-    bootstrap_protocol.BootstrapError: grpc.StatusCode.INVALID_ARGUMENT,
+    bootstrap_csr.BootstrapError: grpc.StatusCode.INVALID_ARGUMENT,
     PlanError: grpc.StatusCode.INVALID_ARGUMENT,
     NodesOffline: grpc.StatusCode.FAILED_PRECONDITION,
     Unreachable: grpc.StatusCode.FAILED_PRECONDITION,
@@ -1169,13 +1169,13 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         but ``ws-<name>`` and its workstation identity. At most ``WORKSTATION_CERTS_PER_HOUR``
         per node; a name another node's workstation holds is refused (ALREADY_EXISTS)."""
         node = await self._caller(context)
-        key, cn = bootstrap_protocol.check_workstation_csr(request.csr_pem)
+        key, cn = bootstrap_csr.check_workstation_csr(request.csr_pem)
         now = self.state.clock()
 
         def issue() -> IssuedCert:
             cert = self.state.ca.issue(
                 key,
-                bootstrap_protocol.workstation_names(cn),
+                bootstrap_csr.workstation_names(cn),
                 server=False,
                 client=True,
                 now=now,

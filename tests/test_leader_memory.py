@@ -159,8 +159,10 @@ sys.exit(main(["--config", config]))
 """
 
 # Never in a running leader: a terminal UI (structlog imports rich, and rich pygments, merely
-# because they are installed; ~5 MiB), the admin CLI's libraries, the other roles.
-NOT_IN_LEADER = {"rich", "pygments", "click", "nodeagent", "workstation", "refserver"}
+# because they are installed; ~5 MiB), the admin CLI's libraries, the other roles, and the
+# workstation bootstrap's password exchange (spake2: the leader only signs the certificate a
+# node's bootstrap service asks for, ``tlsroll.bootstrap_csr``).
+NOT_IN_LEADER = {"rich", "pygments", "click", "nodeagent", "workstation", "refserver", "spake2"}
 # ... and with the viewer off (``viewer_port = 0``), nothing of the viewer's (~15 MiB).
 VIEWER_ONLY = {"aiohttp", "jinja2", "prometheus_client"}
 
@@ -172,7 +174,8 @@ def test_an_idle_leader_holds_no_terminal_ui_and_no_viewer_it_does_not_run(
     """Issue 15: an idle leader held rich and pygments (through structlog), Jinja2 and
     prometheus_client (the viewer's pages and /metrics, before anyone opened them) and
     aiohttp (the viewer's server, ~10 MiB, whether anyone opened it or not): 20 MiB of the
-    80 MiB it held before any agent connected. A real leader daemon, started as the
+    80 MiB it held before any agent connected; and spake2 (the bootstrap protocol's password
+    exchange, which only nodes run). A real leader daemon, started as the
     tlsroll-leader script starts it, serving its listeners and running its engine, holds
     none of them now; with its viewer on, it listens on the viewer's port
     (``test_the_viewer_loads_on_its_first_connection_and_serves_it`` opens it)."""
@@ -194,6 +197,7 @@ def test_an_idle_leader_holds_no_terminal_ui_and_no_viewer_it_does_not_run(
     tops = {m.split(".")[0] for m in modules}
     assert "leader" in tops and "grpc" in tops  # it did run
     assert tops & NOT_IN_LEADER == set()
+    assert "tlsroll.bootstrap_protocol" not in modules
     if viewer == "off":
         assert tops & VIEWER_ONLY == set()
         assert "leader.viewer.server" not in modules
