@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import functools
+import hashlib
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -19,7 +20,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
-from cryptography import x509
 
 from leader import byo, join_guard
 from leader.commands import NoRolloutYet, NoSuchRollout, NotRetriable, StillOnHttp
@@ -58,7 +58,7 @@ from leader.store import (
     TooMany,
 )
 from leader.tokens import JoinToken, MalformedToken
-from tlsroll import bootstrap_protocol, logs, peertext, pki, spiffe
+from tlsroll import bootstrap_csr, logs, peertext, pki, spiffe
 from tlsroll.errors import PKIError
 from tlsroll.rpc import (
     invalid,
@@ -77,7 +77,7 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 ERRORS = {
     NoSuchRollout: grpc.StatusCode.NOT_FOUND,
     NoRolloutYet: grpc.StatusCode.FAILED_PRECONDITION,
-    bootstrap_protocol.BootstrapError: grpc.StatusCode.INVALID_ARGUMENT,
+    bootstrap_csr.BootstrapError: grpc.StatusCode.INVALID_ARGUMENT,
     PlanError: grpc.StatusCode.INVALID_ARGUMENT,
     NodesOffline: grpc.StatusCode.FAILED_PRECONDITION,
     Unreachable: grpc.StatusCode.FAILED_PRECONDITION,
@@ -363,17 +363,28 @@ def failure_rows(
     return rows
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Caller:
-    """What the leader needs of a node's client certificate, parsed once per certificate."""
+    """What the leader needs of a node's client certificate, parsed once per certificate.
+
+    Only these strings are kept, not the parsed certificate: cryptography caches every
+    extension it was asked for on the certificate object as Python objects (the SAN's
+    identity, ~2 KiB each), which 500 agents' cached callers kept for the leader's lifetime
+    (1.1 MiB at 500; issue 15)."""
 
     name: str
     fingerprint: str
     serial: str
-    cert: x509.Certificate
+    key_pin: str  # ``pki.spki_pin``: a renewal must bring another key
 
 
 MAX_CALLERS = 4096  # parsed certificates kept (one per node, and a renewed one beside it)
+
+
+def caller_key(pem: bytes) -> bytes:
+    """The ``LeaderService`` callers cache's key for a client certificate's PEM: its SHA-256
+    (32 bytes kept per caller instead of the ~900 of the PEM)."""
+    return hashlib.sha256(pem).digest()
 
 
 MAX_STREAMS_PER_NODE = 2
@@ -647,8 +658,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         self.batch_seconds = BATCH_SECONDS
 
     async def _caller(self, context: Ctx) -> str:
-        name, _ = await self._caller_cert(context)
-        return name
+        return (await self._caller_cert(context)).name
 
     def _identify(self, context: Ctx) -> Caller:
         """The caller's certificate, parsed (or taken from the cache), naming a node of this
@@ -657,8 +667,8 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         pems = list(context.auth_context().get("x509_pem_cert", ()))
         if not pems:
             raise unauthenticated("no client certificate")
-        pem = bytes(pems[0])
-        caller = self._callers.get(pem)
+        key = caller_key(bytes(pems[0]))
+        caller = self._callers.get(key)
         if caller is None:
             cert = peer_certificate(context)
             assert cert is not None
@@ -667,10 +677,15 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                 raise unauthenticated("the certificate carries no identity of this cluster")
             if identity.role is not spiffe.Role.NODE:
                 raise permission_denied(f"{identity} may not call Leader: only nodes may")
-            caller = Caller(identity.name, pki.fingerprint(cert), f"{cert.serial_number:x}", cert)
+            caller = Caller(
+                identity.name,
+                pki.fingerprint(cert),
+                f"{cert.serial_number:x}",
+                pki.spki_pin(cert),
+            )
             if len(self._callers) >= MAX_CALLERS:
                 self._callers.clear()
-            self._callers[pem] = caller
+            self._callers[key] = caller
         return caller
 
     def _check_on_record(self, caller: Caller) -> None:
@@ -690,11 +705,11 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         if self.state.store.is_revoked(caller.serial):
             raise unauthenticated(f"the certificate of node {name!r} is revoked; enrol it again")
 
-    async def _caller_cert(self, context: Ctx) -> tuple[str, x509.Certificate]:
+    async def _caller_cert(self, context: Ctx) -> Caller:
         """The enrolled node calling, and its certificate (``_identify``, ``_check_on_record``)."""
         caller = self._identify(context)
         await asyncio.to_thread(self._check_on_record, caller)
-        return caller.name, caller.cert
+        return caller
 
     async def _relearn(self, context: Ctx, request: leader_pb2.HeartbeatRequest) -> bool:
         """After ``--reinitialise``: record an unknown node from the certificate its agent
@@ -1157,13 +1172,13 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         but ``ws-<name>`` and its workstation identity. At most ``WORKSTATION_CERTS_PER_HOUR``
         per node; a name another node's workstation holds is refused (ALREADY_EXISTS)."""
         node = await self._caller(context)
-        key, cn = bootstrap_protocol.check_workstation_csr(request.csr_pem)
+        key, cn = bootstrap_csr.check_workstation_csr(request.csr_pem)
         now = self.state.clock()
 
         def issue() -> IssuedCert:
             cert = self.state.ca.issue(
                 key,
-                bootstrap_protocol.workstation_names(cn),
+                bootstrap_csr.workstation_names(cn),
                 server=False,
                 client=True,
                 now=now,
@@ -1198,13 +1213,14 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         certificate carries the node's identity and the new key's internal name. The leader
         then dials the agent by the new key (``leader.agent_client.AgentPool``), and accepts
         the old certificate only until the agent has used the new one."""
-        name, cert = await self._caller_cert(context)
+        caller = await self._caller_cert(context)
+        name = caller.name
         node = await asyncio.to_thread(self.state.store.get_node, name)
         csr = pki.load_csr_pem(request.csr_pem)
         names = pki.Names.of(node.name, node.addresses, node.dns_names)
         public_key = pki.check_csr(csr, names)
         key_pin = pki.spki_pin(public_key)
-        if key_pin == pki.spki_pin(cert):
+        if key_pin == caller.key_pin:
             raise invalid("a renewal needs a new key; this CSR has the key of the current one")
         td = self.state.trust_domain
         now = self.state.clock()
@@ -1232,7 +1248,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         recorded = await asyncio.to_thread(
             self.state.store.renew_node_certificate,
             name,
-            presented=pki.fingerprint(cert),
+            presented=caller.fingerprint,
             key_pin=key_pin,
             issue=issue,
             now=now,

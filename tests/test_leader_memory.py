@@ -22,13 +22,16 @@ from typing import Any, cast
 import grpc
 import pytest
 import structlog.testing
+from cryptography import x509
 
+from leader import runtime
 from leader.rollout_core import RolloutState
 from leader.viewer.server import Viewer
-from tests.cluster import Cluster, child_env
+from tests.cluster import Cluster, child_env, csr_pem
 from tests.conftest import IssuedCert
 from tests.leader_rig import leader_with_a_node
 from tests.test_engine import make_world
+from tlsroll import pki
 from tlsroll.defaults import AGENT_PORT, VIEWER_PORT
 from tlsroll.tls import client_context
 from tlsroll.v1 import leader_pb2, leader_pb2_grpc
@@ -66,6 +69,74 @@ async def test_an_open_heartbeat_stream_keeps_no_snapshot_of_the_store_between_m
         await rig.close()
 
 
+def _held(root: object, kind: type, depth: int = 4) -> list[object]:
+    """The objects of type ``kind`` that ``root`` holds, up to ``depth`` references away."""
+    found: list[object] = []
+    seen: set[int] = set()
+    layer = [root]
+    for _ in range(depth):
+        nxt = []
+        for obj in layer:
+            for ref in gc.get_referents(obj):
+                if id(ref) in seen or isinstance(ref, type):
+                    continue
+                seen.add(id(ref))
+                if isinstance(ref, kind):
+                    found.append(ref)
+                nxt.append(ref)
+        layer = nxt
+    return found
+
+
+async def test_the_callers_cache_keeps_no_parsed_certificate_and_renewal_still_wants_a_new_key(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Found with ``bench-agents --memory``: the leader's cache of callers (one per agent's
+    certificate, kept for its life) held each parsed certificate, and with it the extensions
+    cryptography had parsed on it for the identity (``spiffe.of``) as Python objects: 1.5 MiB
+    at 500 agents, and the PEM as the key, 0.4 MiB more. It keeps the strings it needs now:
+    no certificate is reachable from the cache, and its keys are 32-byte digests. A renewal,
+    which took the current key from the kept certificate, still refuses a CSR of that key
+    and accepts one of a new key."""
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    node_key_pem, node_cert_pem, _ = rig.node_files
+    node_cert = pki.load_cert_pem(node_cert_pem)
+    address = str(pki.names_of(node_cert).ips[0])
+    await rig.server.start()
+    try:
+        async with grpc.aio.secure_channel(rig.target, rig.node) as channel:
+            stub = leader_pb2_grpc.LeaderStub(channel)
+            await stub.Heartbeat(
+                leader_pb2.HeartbeatRequest(agent_version="1", agent_port=AGENT_PORT), timeout=10
+            )
+            cache = rig.service._callers
+            assert len(cache) == 1  # it did cache the caller
+            assert all(len(key) == 32 for key in cache)
+            assert _held(cache, x509.Certificate) == []
+            same_key = pki.load_key_pem(node_key_pem)
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await stub.RenewNodeCertificate(
+                    leader_pb2.RenewNodeCertificateRequest(
+                        csr_pem=csr_pem(same_key, "hb1", [address])
+                    ),
+                    timeout=10,
+                )
+            assert refused.value.code() is grpc.StatusCode.INVALID_ARGUMENT
+            assert "new key" in str(refused.value.details())
+            new_key = pki.generate_key()
+            reply = await stub.RenewNodeCertificate(
+                leader_pb2.RenewNodeCertificateRequest(csr_pem=csr_pem(new_key, "hb1", [address])),
+                timeout=10,
+            )
+            renewed = pki.load_cert_pem(reply.certificate_pem)
+            assert pki.spki_pin(renewed) == pki.spki_pin(new_key.public_key())
+        node = rig.store.get_node("hb1")
+        assert node.prev_cert_fingerprint == pki.fingerprint(node_cert)  # the one presented
+        assert _held(rig.service._callers, x509.Certificate) == []
+    finally:
+        await rig.close()
+
+
 # Runs the real leader daemon (``leader.daemon.main``, as the tlsroll-leader script does) and,
 # once its admin socket answers, writes the modules the process holds and stops it (SIGTERM,
 # the graceful stop). Only the standard library is imported besides the daemon.
@@ -94,8 +165,10 @@ sys.exit(main(["--config", config]))
 """
 
 # Never in a running leader: a terminal UI (structlog imports rich, and rich pygments, merely
-# because they are installed; ~5 MiB), the admin CLI's libraries, the other roles.
-NOT_IN_LEADER = {"rich", "pygments", "click", "nodeagent", "workstation", "refserver"}
+# because they are installed; ~5 MiB), the admin CLI's libraries, the other roles, and the
+# workstation bootstrap's password exchange (spake2: the leader only signs the certificate a
+# node's bootstrap service asks for, ``tlsroll.bootstrap_csr``).
+NOT_IN_LEADER = {"rich", "pygments", "click", "nodeagent", "workstation", "refserver", "spake2"}
 # ... and with the viewer off (``viewer_port = 0``), nothing of the viewer's (~15 MiB).
 VIEWER_ONLY = {"aiohttp", "jinja2", "prometheus_client"}
 
@@ -107,7 +180,8 @@ def test_an_idle_leader_holds_no_terminal_ui_and_no_viewer_it_does_not_run(
     """Issue 15: an idle leader held rich and pygments (through structlog), Jinja2 and
     prometheus_client (the viewer's pages and /metrics, before anyone opened them) and
     aiohttp (the viewer's server, ~10 MiB, whether anyone opened it or not): 20 MiB of the
-    80 MiB it held before any agent connected. A real leader daemon, started as the
+    80 MiB it held before any agent connected; and spake2 (the bootstrap protocol's password
+    exchange, which only nodes run). A real leader daemon, started as the
     tlsroll-leader script starts it, serving its listeners and running its engine, holds
     none of them now; with its viewer on, it listens on the viewer's port
     (``test_the_viewer_loads_on_its_first_connection_and_serves_it`` opens it)."""
@@ -129,6 +203,7 @@ def test_an_idle_leader_holds_no_terminal_ui_and_no_viewer_it_does_not_run(
     tops = {m.split(".")[0] for m in modules}
     assert "leader" in tops and "grpc" in tops  # it did run
     assert tops & NOT_IN_LEADER == set()
+    assert "tlsroll.bootstrap_protocol" not in modules
     if viewer == "off":
         assert tops & VIEWER_ONLY == set()
         assert "leader.viewer.server" not in modules
@@ -235,3 +310,11 @@ async def test_a_viewer_that_cannot_load_logs_it_refuses_its_port_and_the_leader
     assert [e["error"] for e in failed] == ["OSError: [Errno 28] No space left on device"]
     assert "restart the leader" in failed[0]["hint"]
     assert "viewer.loaded" not in [e["event"] for e in events]
+
+
+def test_the_leader_s_listeners_keep_no_channelz_node_per_connection() -> None:
+    """Only a guard (what it saves is a figure, not a behaviour a test can see: no listener
+    serves channelz): gRPC's channelz keeps a node with a trace for every connection, ~1.7 KiB
+    each of the 500 agents' connections (``leader.runtime.SERVER_OPTIONS``); the join and
+    control ports are made with it off."""
+    assert ("grpc.enable_channelz", 0) in runtime.SERVER_OPTIONS

@@ -95,7 +95,6 @@ from typing import Any
 from cryptography import x509
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.ciphers.aead import AESGCM
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 from spake2 import SPAKE2_A, SPAKE2_B
@@ -103,8 +102,19 @@ from spake2.ed25519_basic import NotOnCurve
 from spake2.parameters.ed25519 import ParamsEd25519
 from spake2.spake2 import SPAKEError
 
-from tlsroll import password, peertext, pki
-from tlsroll.errors import PKIError, TerminalError
+from tlsroll import bootstrap_csr, password, pki
+from tlsroll.errors import PKIError
+
+# What the leader needs of the protocol (a workstation's names and the check of its CSR, the
+# protocol's error) lives in ``tlsroll.bootstrap_csr``, without spake2; it is part of the
+# protocol here as before.
+DETAIL_CHARS = bootstrap_csr.DETAIL_CHARS
+WORKSTATION_CN = bootstrap_csr.WORKSTATION_CN
+BootstrapReason = bootstrap_csr.BootstrapReason
+BootstrapError = bootstrap_csr.BootstrapError
+workstation_names = bootstrap_csr.workstation_names
+workstation_cn = bootstrap_csr.workstation_cn
+check_workstation_csr = bootstrap_csr.check_workstation_csr
 
 VERSION = 2
 HELLO_PATH = "/v2/hello"
@@ -123,9 +133,6 @@ MAX_R = password.DEFAULT_R
 MAX_P = password.DEFAULT_P
 MIN_DKLEN = 16
 MAX_DKLEN = password.HASH_BYTES
-DETAIL_CHARS = 200  # node-supplied text in an error is cleaned and cut to this
-# "ws-" + a DNS label: at most 63 characters, lowercase letters, digits, inner hyphens.
-WORKSTATION_CN = re.compile(r"ws-[a-z0-9]([a-z0-9-]{0,58}[a-z0-9])?")
 EXCHANGE_ID = re.compile(r"[A-Za-z0-9_-]{43}")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 PAKE_MESSAGE_BYTES = 33  # one side byte and one Ed25519 point
@@ -154,26 +161,6 @@ class ErrorCode(StrEnum):
     RATE_LIMITED = "rate_limited"  # 429 + Retry-After: too many failed passwords
     BUSY = "busy"  # 429/503 + Retry-After: too many open exchanges
     SIGN_FAILED = "sign_failed"  # 502: the password was right, the CA did not sign
-
-
-class BootstrapReason(StrEnum):
-    MALFORMED = "not a valid tlsroll bootstrap message"
-    VERSION = "unsupported bootstrap protocol version"
-    BAD_KDF = "unacceptable key derivation parameters"
-    CONFIRMATION = "key confirmation failed (wrong password, not the real node, or altered)"
-    SEAL = "sealed data does not verify under the exchanged key"
-    BAD_CSR = "unacceptable workstation CSR"
-
-
-class BootstrapError(TerminalError):
-    """A bootstrap message that is malformed or does not verify; ``str()`` is one line."""
-
-    def __init__(self, reason: BootstrapReason, detail: str = "") -> None:
-        # ``detail`` may quote what a node or a client sent: one line, bounded.
-        detail = peertext.clean(detail, DETAIL_CHARS) if detail else ""
-        super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
-        self.reason = reason
-        self.detail = detail
 
 
 # --- canonical encoding -----------------------------------------------------------------------
@@ -670,47 +657,3 @@ def upgrade_answer() -> dict[str, Any]:
         "error": ErrorCode.UPGRADE_REQUIRED.value,
         "message": "this node speaks bootstrap protocol 2: update tlsroll on the workstation",
     }
-
-
-# --- workstation certificates ---------------------------------------------------------------------
-
-
-def workstation_names(common_name: str) -> pki.Names:
-    """What a workstation certificate carries: CN ``ws-...`` and the same name as its only SAN."""
-    return pki.Names.of(common_name, dns=[common_name])
-
-
-def workstation_cn(label: str) -> str:
-    """``ws-<label>`` from a host name or any text: lowercase, [a-z0-9-], at most 63 chars."""
-    text = label.lower().split(".", 1)[0]
-    for umlaut, ascii_ in (("ä", "ae"), ("ö", "oe"), ("ü", "ue"), ("ß", "ss")):
-        text = text.replace(umlaut, ascii_)
-    text = unicodedata.normalize("NFKD", text).encode("ascii", "ignore").decode("ascii")
-    text = re.sub(r"[^a-z0-9-]+", "-", text).strip("-")
-    text = re.sub(r"-{2,}", "-", text)[:60].strip("-") or "workstation"
-    cn = text if text.startswith("ws-") else f"ws-{text}"
-    return cn[:63].rstrip("-")
-
-
-def check_workstation_csr(csr_pem: bytes) -> tuple[ec.EllipticCurvePublicKey, str]:
-    """Check a workstation's CSR; return its public key and its CN.
-
-    ECDSA P-256 only, signature valid, no CA, CN ``ws-<label>``, and the SAN exactly that name:
-    no IP address or other name, so that a workstation can never get a certificate naming a
-    server.
-    """
-    try:
-        csr = pki.load_csr_pem(csr_pem)
-    except PKIError as exc:
-        raise BootstrapError(BootstrapReason.BAD_CSR, str(exc)) from None
-    key = csr.public_key()
-    if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
-        raise BootstrapError(BootstrapReason.BAD_CSR, "the key must be ECDSA P-256")
-    cn = pki.names_of(csr).common_name
-    if not WORKSTATION_CN.fullmatch(cn):
-        raise BootstrapError(BootstrapReason.BAD_CSR, f"CN {cn!r} is not ws-<name>")
-    try:
-        pki.check_csr(csr, workstation_names(cn))
-    except PKIError as exc:
-        raise BootstrapError(BootstrapReason.BAD_CSR, str(exc)) from None
-    return key, cn
