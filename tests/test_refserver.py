@@ -366,7 +366,7 @@ def test_freeze_refuses_writes_serves_reads_and_survives_restart(make_server: Ma
     assert refused.json() == {"error": "switching", "message": SWITCHING_MESSAGE}
     assert server.request("GET", f"entries/{first['id']}").status == 200
     assert server.request("GET", "health").json()["frozen"] is True
-    assert stored_freeze(server.data_dir)[0] is True
+    assert stored_freeze(server.data_dir) == (True, server.status()["frozen_since"])
 
     # A restart while frozen comes back frozen, with the same watermark.
     server.restart()
