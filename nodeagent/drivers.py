@@ -194,6 +194,22 @@ class _BadAnswer(ValueError):
     """What came back on the admin socket is not an HTTP/1.x answer this client reads."""
 
 
+async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+    """The body of a ``Transfer-Encoding: chunked`` answer (trailers read and dropped)."""
+    parts: list[bytes] = []
+    total = 0
+    while size := int((await reader.readuntil(b"\r\n")).split(b";", 1)[0].strip(), 16):
+        total += size
+        if total > ADMIN_ANSWER_MAX:
+            raise _BadAnswer(f"an answer of more than {ADMIN_ANSWER_MAX} bytes")
+        parts.append(await reader.readexactly(size))
+        if await reader.readexactly(2) != b"\r\n":
+            raise _BadAnswer("a chunk without its line end")
+    while await reader.readuntil(b"\r\n") != b"\r\n":
+        pass
+    return b"".join(parts)
+
+
 class AdminSocketClient:
     """HTTP over the managed server's local admin socket (the reference server's protocol).
 
@@ -202,8 +218,8 @@ class AdminSocketClient:
     heartbeat, for months, and aiohttp's client cost an idle agent 10 MiB of memory (it is
     imported only for the bootstrap service, while that runs). It used the standard library's
     client on a worker thread, a hand-off per call, three of them (freeze, the verify's
-    watermark, unfreeze) inside every switch's freeze window (issue 15). The answer must carry
-    a ``Content-Length`` or end with the connection; a chunked one is refused.
+    watermark, unfreeze) inside every switch's freeze window (issue 15). The answer carries a
+    ``Content-Length``, is chunked, or ends with the connection.
 
     With ``owner`` (the uid the server runs as) the socket is trusted only in a directory that
     user owns and nobody else can write (``tlsroll.fsutil.socket_dir_problem``): whoever can
@@ -269,14 +285,20 @@ class AdminSocketClient:
             if not version.startswith(b"HTTP/1.") or not code.isdigit():
                 raise _BadAnswer(f"not an HTTP answer: {version[:20]!r}")
             length: int | None = None
+            chunked = False
             while (line := await reader.readuntil(b"\r\n")) != b"\r\n":
                 name, _, value = line.partition(b":")
                 name = name.strip().lower()
                 if name == b"content-length":
                     length = int(value)
-                elif name == b"transfer-encoding" and value.strip().lower() != b"identity":
-                    raise _BadAnswer(f"a {value.strip().decode(errors='replace')} answer")
-            if length is None:
+                elif name == b"transfer-encoding":
+                    coding = value.strip().lower()
+                    if coding not in (b"chunked", b"identity"):
+                        raise _BadAnswer(f"a {coding.decode(errors='replace')} answer")
+                    chunked = coding == b"chunked"
+            if chunked:
+                raw = await _read_chunked(reader)
+            elif length is None:
                 raw = await reader.read(ADMIN_ANSWER_MAX + 1)
             elif length > ADMIN_ANSWER_MAX:
                 raise _BadAnswer(f"an answer of {length} bytes")

@@ -761,9 +761,42 @@ async def test_admin_calls_hand_nothing_to_a_worker_thread(
 
 
 @pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 13\r\n\r\n" + b'{"frozen": 1}',
+        b"HTTP/1.0 200 OK\r\n\r\n" + b'{"frozen": 1}',  # to the connection's end
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b'5;x=y\r\n{"fro\r\n8\r\nzen": 1}\r\n0\r\nTrailer: t\r\n\r\n',
+    ],
+)
+async def test_an_admin_answer_of_any_framing_is_read(tmp_path: Path, answer: bytes) -> None:
+    """A systemd server's admin socket is someone else's HTTP server: a length, the
+    connection's end or chunks, the answer is the same."""
+    asked: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        asked.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    path = tmp_path / "admin.sock"
+    server = await asyncio.start_unix_server(serve, str(path))
+    try:
+        got = await drivers.AdminSocketClient(path, timeout=5).call("GET", "/admin/status")
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert got == {"frozen": 1}
+    assert asked == [b"GET /admin/status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"]
+
+
+@pytest.mark.parametrize(
     ("answer", "why"),
     [
-        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}\r\n0\r\n\r\n", "chunked"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", "a gzip answer"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "base 16"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}xx", "line end"),
         (b"SSH-2.0-OpenSSH_9.2\r\n", "not an HTTP answer"),
         (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}", "2 bytes read on a total of 10"),
         (b"HTTP/1.1 200 OK\r\n\r\n[1, 2]", "answered [1, 2]"),
