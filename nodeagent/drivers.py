@@ -18,7 +18,6 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
-import http.client
 import json
 import os
 import signal
@@ -188,32 +187,39 @@ class Driver(abc.ABC):
 # --- the reference server's admin protocol ----------------------------------------------------
 
 
-class _UnixHTTPConnection(http.client.HTTPConnection):
-    """HTTP/1.1 over a Unix socket: ``http.client`` speaks the protocol, only the connect
-    differs."""
+ADMIN_ANSWER_MAX = 1 << 20  # bytes: an admin answer larger than this is refused
 
-    def __init__(self, path: str, timeout: float) -> None:
-        super().__init__("localhost", timeout=timeout)
-        self.path = path
 
-    def connect(self) -> None:
-        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        try:
-            sock.settimeout(self.timeout)
-            sock.connect(self.path)
-        except BaseException:
-            sock.close()
-            raise
-        self.sock = sock
+class _BadAnswer(ValueError):
+    """What came back on the admin socket is not an HTTP/1.x answer this client reads."""
+
+
+async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
+    """The body of a ``Transfer-Encoding: chunked`` answer (trailers read and dropped)."""
+    parts: list[bytes] = []
+    total = 0
+    while size := int((await reader.readuntil(b"\r\n")).split(b";", 1)[0].strip(), 16):
+        total += size
+        if total > ADMIN_ANSWER_MAX:
+            raise _BadAnswer(f"an answer of more than {ADMIN_ANSWER_MAX} bytes")
+        parts.append(await reader.readexactly(size))
+        if await reader.readexactly(2) != b"\r\n":
+            raise _BadAnswer("a chunk without its line end")
+    while await reader.readuntil(b"\r\n") != b"\r\n":
+        pass
+    return b"".join(parts)
 
 
 class AdminSocketClient:
     """HTTP over the managed server's local admin socket (the reference server's protocol).
 
-    The standard library's client, each call on a worker thread with a connection of its own
-    (a server restarted meanwhile is reached afresh): the agent asks for the server's status
-    with every heartbeat, for months, and aiohttp's client cost an idle agent 10 MiB of memory
-    (it is imported only for the bootstrap service, while that runs).
+    HTTP/1.1 spoken on the event loop, one connection per call (``Connection: close``; a server
+    restarted meanwhile is reached afresh): the agent asks for the server's status with every
+    heartbeat, for months, and aiohttp's client cost an idle agent 10 MiB of memory (it is
+    imported only for the bootstrap service, while that runs). It used the standard library's
+    client on a worker thread, a hand-off per call, three of them (freeze, the verify's
+    watermark, unfreeze) inside every switch's freeze window (issue 15). The answer carries a
+    ``Content-Length``, is chunked, or ends with the connection.
 
     With ``owner`` (the uid the server runs as) the socket is trusted only in a directory that
     user owns and nobody else can write (``tlsroll.fsutil.socket_dir_problem``): whoever can
@@ -240,16 +246,17 @@ class AdminSocketClient:
             if problem is not None:
                 raise DriverError(f"not trusting the admin socket {self.socket_path}: {problem}")
         try:
-            status, raw = await asyncio.to_thread(
-                self._exchange, method, path, body, timeout or self.timeout
-            )
+            # asyncio.timeout, not wait_for: see ``clients``
+            async with asyncio.timeout(timeout or self.timeout):
+                status, raw = await self._exchange(method, path, body)
             data = json.loads(raw)
-        except (http.client.HTTPException, OSError, ValueError) as exc:
+        except (OSError, EOFError, ValueError, asyncio.LimitOverrunError) as exc:
             # The agent out of descriptors says nothing about the server: not "down", not a
             # refused freeze (the transaction waits for descriptors, tlsroll.errors).
             raise_if_local(exc, f"calling the managed server's admin socket {self.socket_path}")
+            why = " ".join(str(exc).split()) or type(exc).__name__
             raise DriverError(
-                f"managed server not answering on {self.socket_path}: {exc or type(exc).__name__}"
+                f"managed server not answering on {self.socket_path}: {why}"
             ) from None
         if status != 200:
             raise DriverError(f"admin {path} answered {status}: {data}")
@@ -257,21 +264,53 @@ class AdminSocketClient:
             raise DriverError(f"admin {path} answered {data!r}")
         return data
 
-    def _exchange(
-        self, method: str, path: str, body: Mapping[str, Any] | None, timeout: float
+    async def _exchange(
+        self, method: str, path: str, body: Mapping[str, Any] | None
     ) -> tuple[int, bytes]:
-        """One request and its whole answer (blocking; on a worker thread)."""
-        conn = _UnixHTTPConnection(str(self.socket_path), timeout)
+        """One request and its whole answer, on the event loop."""
+        head = [f"{method} {path} HTTP/1.1", "Host: localhost", "Connection: close"]
+        payload = b""
+        if body is not None:
+            payload = json.dumps(body).encode()
+            head.append("Content-Type: application/json")
+        if body is not None or method != "GET":
+            head.append(f"Content-Length: {len(payload)}")
+        reader, writer = await asyncio.open_unix_connection(
+            str(self.socket_path), limit=ADMIN_ANSWER_MAX
+        )
         try:
-            if body is None:
-                conn.request(method, path)
+            writer.write(("\r\n".join(head) + "\r\n\r\n").encode("ascii") + payload)
+            version, _, rest = (await reader.readuntil(b"\r\n")).partition(b" ")
+            code = rest[:3]
+            if not version.startswith(b"HTTP/1.") or not code.isdigit():
+                raise _BadAnswer(f"not an HTTP answer: {version[:20]!r}")
+            length: int | None = None
+            chunked = False
+            while (line := await reader.readuntil(b"\r\n")) != b"\r\n":
+                name, _, value = line.partition(b":")
+                name = name.strip().lower()
+                if name == b"content-length":
+                    length = int(value)
+                elif name == b"transfer-encoding":
+                    coding = value.strip().lower()
+                    if coding not in (b"chunked", b"identity"):
+                        raise _BadAnswer(f"a {coding.decode(errors='replace')} answer")
+                    chunked = coding == b"chunked"
+            if chunked:
+                raw = await _read_chunked(reader)
+            elif length is None:
+                raw = await reader.read(ADMIN_ANSWER_MAX + 1)
+            elif length > ADMIN_ANSWER_MAX:
+                raise _BadAnswer(f"an answer of {length} bytes")
             else:
-                payload = json.dumps(body).encode()
-                conn.request(method, path, payload, {"Content-Type": "application/json"})
-            response = conn.getresponse()
-            return response.status, response.read()
+                raw = await reader.readexactly(length)
+            if len(raw) > ADMIN_ANSWER_MAX:
+                raise _BadAnswer(f"an answer of more than {ADMIN_ANSWER_MAX} bytes")
+            return int(code), raw
         finally:
-            conn.close()
+            writer.close()  # and the descriptor closed before the call returns
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
 
 
 class _AdminSocketFreeze:

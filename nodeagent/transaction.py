@@ -717,8 +717,6 @@ class Runner:
     async def _verify(
         self, plan: Plan, schemes: tuple[str, ...], fingerprint: str, watermark: int | None
     ) -> None:
-        # The CA only for https: the way back to http must not depend on the staged files.
-        ca_pem = await asyncio.to_thread(plan.ca_file.read_bytes) if "https" in schemes else b""
         async for attempt in AsyncRetrying(
             stop=stop_after_attempt(VERIFY_ATTEMPTS),
             wait=wait_incrementing(start=VERIFY_WAIT, increment=VERIFY_WAIT),
@@ -727,7 +725,7 @@ class Runner:
             reraise=True,
         ):
             with attempt:
-                problems = await self._problems(plan, schemes, fingerprint, watermark, ca_pem)
+                problems = await self._problems(plan, schemes, fingerprint, watermark)
                 if problems:
                     raise StepFailed("; ".join(problems))
 
@@ -737,18 +735,22 @@ class Runner:
         schemes: tuple[str, ...],
         fingerprint: str,
         watermark_was: int | None,
-        ca_pem: bytes,
     ) -> list[str]:
         """What is wrong with the server as ``schemes`` want it: each scheme's port and the
         watermark, asked at once (they are independent; the freeze window waits for them),
         reported in this order."""
         f, checks = plan.facts, self.checks
 
+        def check_https() -> str | None:
+            # The CA is read in the probe's own worker thread, not in a hop of its own before
+            # it (issue 15). Only for https: the way back to http must not depend on the
+            # staged files.
+            ca_pem = plan.ca_file.read_bytes()
+            return checks.check_https(f.address, f.https_port, f.app_path, ca_pem, fingerprint)
+
         async def https() -> str | None:
             if "https" in schemes:
-                return await asyncio.to_thread(
-                    checks.check_https, f.address, f.https_port, f.app_path, ca_pem, fingerprint
-                )
+                return await asyncio.to_thread(check_https)
             if await asyncio.to_thread(checks.port_open, f.address, f.https_port):
                 return f"port {f.https_port} still open"
             return None

@@ -10,7 +10,7 @@
     key_file = "key.pem"            # ditto; refused if group/other may read it
     client_ca_file = "ca.pem"       # optional: verify client certificates against this CA
     require_client_cert = false     # true needs client_ca_file
-    data_dir = "data"               # entries.sqlite3, state.json, refserver.pid (required)
+    data_dir = "data"               # entries.sqlite3 (also the freeze), refserver.pid (required)
     admin_socket = "admin.sock"     # admin endpoint's Unix socket (default data_dir/admin.sock);
                                     # its directory must be ours alone (not /tmp itself)
     auth_verifier_file = "auth.json"  # optional scrypt verifier; refused if others may read it

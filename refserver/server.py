@@ -34,7 +34,8 @@ Admin API, HTTP on the Unix socket ``admin_socket`` only (mode 0600, i.e. root/t
                                  "cert_sha256" (the served cert, or null), "client_ca",
                                  "require_client_cert", "server", "version", "started_at"}
 
-The freeze is persisted in ``data_dir/state.json`` and survives restarts until unfreeze.
+The freeze is persisted in the entry store (one commit; ``refserver.store``) before it is
+answered, and survives restarts and crashes until unfreeze.
 
 Exit codes: 0 after SIGTERM/SIGINT (in-flight requests finish first), 2 for a config error
 (one line on stderr), 1 when start-up fails otherwise (port taken, data_dir locked, ...).
@@ -56,6 +57,7 @@ import json
 import logging
 import os
 import re
+import sqlite3
 import stat
 import sys
 import time
@@ -67,7 +69,7 @@ from typing import Any, NoReturn, TypeVar
 from aiohttp import web
 
 from refserver import config as refserver_config
-from refserver.store import FreezeState, StateFile, Store, now_iso
+from refserver.store import FreezeState, Store, now_iso
 from tlsroll import __version__, clients, daemon, logs, password, pki
 from tlsroll.backoff import Backoff, Policy, retry_after, source_key
 from tlsroll.errors import ConfigError, TerminalError
@@ -136,7 +138,6 @@ class RefServer:
         self,
         loaded: refserver_config.Loaded,
         store: Store,
-        state_file: StateFile,
         state: FreezeState,
         *,
         write_delay: float = 0.0,
@@ -149,7 +150,6 @@ class RefServer:
             else None
         )
         self.store = store
-        self.state_file = state_file
         self.frozen = state.frozen
         self.frozen_since = state.since
         self.write_delay = write_delay
@@ -174,16 +174,15 @@ class RefServer:
     async def _write(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
 
-    async def watermark(self) -> int:
-        return await asyncio.to_thread(self.store.watermark)
+    def watermark(self) -> int:
+        return self.store.watermark()  # in memory: no worker thread
 
     def _save_state(
         self, frozen: bool, since: str | None, read_watermark: bool
     ) -> tuple[FreezeState, int | None]:
-        """Persist the freeze flag; then, if asked, the watermark (blocking: one worker-thread
-        call for both)."""
-        saved = self.state_file.save(frozen, since)
-        return saved, self.store.watermark() if read_watermark else None
+        """Persist the freeze flag and, if asked, read the watermark in the same transaction
+        (blocking: one worker-thread call, one commit)."""
+        return self.store.save_freeze(frozen, since, read_watermark=read_watermark)
 
     @staticmethod
     def _scheme(request: web.Request) -> str:
@@ -358,7 +357,7 @@ class RefServer:
             drained = self.in_flight == 0
             try:
                 saved, mark = await asyncio.to_thread(self._save_state, True, since, drained)
-            except OSError as exc:
+            except (OSError, sqlite3.Error) as exc:
                 log.error("freeze.not_persisted", error=_one_line(exc))
                 return _error(
                     500, "state_not_saved", f"frozen, but cannot persist it: {_one_line(exc)}"
@@ -367,7 +366,7 @@ class RefServer:
         if mark is None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), timeout)
-        watermark = await self.watermark() if mark is None else mark
+        watermark = self.watermark() if mark is None else mark
         in_flight = self.in_flight
         log.info("writes.frozen", watermark=watermark, drained=in_flight == 0, in_flight=in_flight)
         return web.json_response(
@@ -385,7 +384,7 @@ class RefServer:
                 # Still frozen while it is saved: the watermark read with it is the last one
                 # of the freeze (one worker-thread hand-off, not two).
                 _saved, watermark = await asyncio.to_thread(self._save_state, False, None, True)
-            except OSError as exc:
+            except (OSError, sqlite3.Error) as exc:
                 log.error("unfreeze.not_persisted", error=_one_line(exc))
                 return _error(
                     500, "state_not_saved", f"still frozen: cannot persist: {_one_line(exc)}"
@@ -410,7 +409,7 @@ class RefServer:
                 "ports": {scheme: c.port(scheme) for scheme in c.listen},
                 "frozen": self.frozen,
                 "frozen_since": self.frozen_since,
-                "watermark": await self.watermark(),
+                "watermark": self.watermark(),
                 "in_flight": self.in_flight,
                 "requests": dict(self.requests),
                 "clients": {scheme: len(seen) for scheme, seen in self.clients.items()},
@@ -541,13 +540,14 @@ async def serve(loaded: refserver_config.Loaded) -> int:
             raise StartupError(f"cannot write {pid_file}: {exc.strerror or exc}") from None
         try:
             store = await asyncio.to_thread(Store, c.data_dir)
+            state = await asyncio.to_thread(store.load_freeze)
         except Exception as exc:
             raise StartupError(f"cannot open the entry store: {_one_line(exc)}") from None
-        state_file = StateFile(c.data_dir)
-        state = state_file.load()
         if state.problem:
             log.error("state.unreadable", problem=state.problem)
-        server = RefServer(loaded, store, state_file, state, write_delay=write_delay)
+        if store.read_only:
+            log.error("store.read_only", path=str(store.path))
+        server = RefServer(loaded, store, state, write_delay=write_delay)
         public = web.AppRunner(
             server.public_app(),
             access_log=None,
@@ -586,7 +586,7 @@ async def serve(loaded: refserver_config.Loaded) -> int:
             listen=list(c.listen),
             ports={s: c.port(s) for s in c.listen},
             frozen=server.frozen,
-            watermark=await server.watermark(),
+            watermark=server.watermark(),
             auth_configured=server.verifier is not None,
             client_ca=c.client_ca_file is not None,
             config=str(c.path),

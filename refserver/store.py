@@ -1,21 +1,30 @@
-"""The reference server's durable state: the entries (SQLite) and the freeze flag (state.json).
+"""The reference server's durable state: the entries and the freeze flag, in one SQLite file.
 
-Entries live in ``entries.sqlite3`` in WAL mode with ``synchronous=FULL``: a commit returns only
-after the WAL is fsync'ed, so an acknowledged entry survives a crash or power loss. ``seq`` is an
-AUTOINCREMENT key, so it only grows and is never reused: the *watermark* (the last committed
-seq, 0 for none) tells whether anything was written between two points in time.
+``entries.sqlite3`` is in WAL mode with ``synchronous=FULL``: a commit returns only after the
+WAL is fsync'ed, so an acknowledged entry, and a freeze or unfreeze answered, survive a crash or
+power loss. ``seq`` is an AUTOINCREMENT key, so it only grows and is never reused: the
+*watermark* (the last committed seq, 0 for none) tells whether anything was written between two
+points in time; it is kept in memory, this process being the file's only writer (the data
+dir's lock). The freeze flag is one row of table ``freeze``: saving it is one commit (one WAL
+fsync). It used to be ``state.json`` (written atomically: two fsyncs and a rename, twice per
+switch); a ``state.json`` left by an older release is taken over at start-up, then removed.
 
 All methods are blocking and thread-safe: the server calls them from worker threads. Writes are
 serialised by one lock on one connection; reads use a small pool of read-only connections, so
-they are served while a write commits.
+they are served while a write commits. A write that fails reopens the writing connection before
+the next one: a file SQLite had to open read-only (say, its file system was read-only at
+start-up) is written again once it can be.
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import json
+import os
 import sqlite3
+import stat
 import threading
 import uuid
 from collections.abc import Iterator
@@ -23,7 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tlsroll.fsutil import PRIVATE, write_atomic
+from tlsroll.fsutil import PRIVATE
 from tlsroll.sqlite import Migration, make_private, migrate
 
 DB_NAME = "entries.sqlite3"
@@ -39,9 +48,19 @@ CREATE TABLE IF NOT EXISTS entries (
 )
 """
 
+# Migration 2: the freeze flag (it was state.json before).
+_V2 = """
+CREATE TABLE freeze (
+    id     INTEGER PRIMARY KEY CHECK (id = 1),
+    frozen INTEGER NOT NULL CHECK (frozen IN (0, 1)),
+    since  TEXT
+)
+"""
+
 # The schema of entries.sqlite3: append a migration to change it (see tlsroll.sqlite).
 MIGRATIONS: tuple[Migration, ...] = (
     _V1,  # 0.1.0
+    _V2,  # issue 15
 )
 
 
@@ -52,17 +71,29 @@ def now_iso() -> str:
 class Store:
     def __init__(self, data_dir: Path) -> None:
         self.path = Path(data_dir) / DB_NAME
-        self._write_lock = threading.Lock()
+        self._write_lock = threading.RLock()
         self._pool_lock = threading.Lock()
         self._readers: list[sqlite3.Connection] = []
-        make_private(self.path)  # 0600, and so its -wal and -shm
-        self._writer = self._connect()
+        self._reopen = False  # the last write failed: reopen the writer before the next one
+        # Set when the file system is read-only at start: SQLite then opens the file read-only,
+        # reads are served and every write fails (until the file can be written: see above).
+        self.read_only = False
         try:
-            self._writer.execute("PRAGMA synchronous=FULL")
+            make_private(self.path)  # 0600, and so its -wal and -shm
+        except OSError as exc:
+            if exc.errno != errno.EROFS or stat.S_IMODE(self.path.stat().st_mode) != PRIVATE:
+                raise
+            self.read_only = True
+        self._writer = self._connect_writer()
+        try:
             migrate(self._writer, self.path, MIGRATIONS)  # before WAL: a refused file stays
             mode = self._writer.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise sqlite3.OperationalError(f"cannot switch {self.path} to WAL (got {mode})")
+            # Kept from here on: this process is the file's only writer (the data dir's lock).
+            self._watermark = int(
+                self._writer.execute("SELECT COALESCE(MAX(seq), 0) FROM entries").fetchone()[0]
+            )
         except BaseException:
             self._writer.close()
             raise
@@ -72,28 +103,83 @@ class Store:
         conn.execute("PRAGMA busy_timeout=10000")
         return conn
 
-    def insert(self, body: dict[str, Any]) -> tuple[str, int]:
-        """Commit one entry durably; return its ``(id, seq)``."""
-        entry_id = uuid.uuid4().hex
-        text = json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+    def _connect_writer(self) -> sqlite3.Connection:
+        conn = self._connect()
+        conn.execute("PRAGMA synchronous=FULL")
+        return conn
+
+    @contextlib.contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Cursor]:
+        """One ``BEGIN IMMEDIATE`` … ``COMMIT`` on the writer, under the write lock."""
         with self._write_lock:
+            if self._reopen:
+                self._writer.close()
+                self._writer = self._connect_writer()
+                self._reopen = False
             cur = self._writer.cursor()
-            cur.execute("BEGIN IMMEDIATE")
             try:
-                cur.execute(
-                    "INSERT INTO entries (id, body, created_at) VALUES (?, ?, ?)",
-                    (entry_id, text, now_iso()),
-                )
-                seq = cur.lastrowid
+                cur.execute("BEGIN IMMEDIATE")
+                yield cur
                 cur.execute("COMMIT")
             except BaseException:
                 # A full disk may have rolled it back already: a ROLLBACK then fails with "no
                 # transaction is active" and hides the error that matters.
                 if self._writer.in_transaction:
                     cur.execute("ROLLBACK")
+                self._reopen = True
                 raise
-        assert seq is not None
+
+    def insert(self, body: dict[str, Any]) -> tuple[str, int]:
+        """Commit one entry durably; return its ``(id, seq)``."""
+        entry_id = uuid.uuid4().hex
+        text = json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+        with self._write_lock:  # held on to until the watermark is set (re-entrant)
+            with self._transaction() as cur:
+                cur.execute(
+                    "INSERT INTO entries (id, body, created_at) VALUES (?, ?, ?)",
+                    (entry_id, text, now_iso()),
+                )
+                seq = cur.lastrowid
+            assert seq is not None
+            self._watermark = max(self._watermark, seq)
         return entry_id, seq
+
+    def save_freeze(
+        self, frozen: bool, since: str | None = None, *, read_watermark: bool = False
+    ) -> tuple[FreezeState, int | None]:
+        """Persist the freeze flag in one commit; ``since`` keeps the start of an ongoing freeze
+        (default: now). With ``read_watermark``, the watermark is read in the same transaction
+        (no write can commit between the two)."""
+        state = FreezeState(frozen=frozen, since=(since or now_iso()) if frozen else None)
+        mark = None
+        with self._transaction() as cur:
+            cur.execute(
+                "INSERT OR REPLACE INTO freeze (id, frozen, since) VALUES (1, ?, ?)",
+                (int(state.frozen), state.since),
+            )
+            if read_watermark:
+                mark = self._watermark  # under the write lock: no write commits meanwhile
+        return state, mark
+
+    def load_freeze(self) -> FreezeState:
+        """The persisted flag (not frozen if none was ever saved). A ``state.json`` of an older
+        release is taken over first: saved here, then removed; if that fails, its flag is the
+        one used (and ``problem`` says why)."""
+        legacy = self.path.parent / STATE_NAME
+        old = _read_state_json(legacy)
+        if old is not None:
+            try:
+                self.save_freeze(old.frozen, old.since)
+                legacy.unlink()
+                _fsync_dir(legacy.parent)
+            except (sqlite3.Error, OSError) as exc:
+                why = f"cannot take over {legacy}: {' '.join(str(exc).split())}"
+                problem = "; ".join(p for p in (old.problem, why) if p)
+                return FreezeState(old.frozen, old.since, problem)
+        with self._reader() as conn:
+            row = conn.execute("SELECT frozen, since FROM freeze WHERE id = 1").fetchone()
+        frozen, since = (False, None) if row is None else (bool(row[0]), row[1])
+        return FreezeState(frozen, since, old.problem if old is not None else None)
 
     def get(self, entry_id: str) -> dict[str, Any] | None:
         with self._reader() as conn:
@@ -105,10 +191,9 @@ class Store:
         return {"id": row[0], "seq": row[1], "body": json.loads(row[2]), "created_at": row[3]}
 
     def watermark(self) -> int:
-        """The last committed seq, 0 if there is none."""
-        with self._reader() as conn:
-            row = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM entries").fetchone()
-        return int(row[0])
+        """The last committed seq, 0 if there is none: kept in memory (read at start, set by
+        each insert once committed), so asking costs no query and no worker thread."""
+        return self._watermark
 
     @contextlib.contextmanager
     def _reader(self) -> Iterator[sqlite3.Connection]:
@@ -136,36 +221,32 @@ class Store:
 class FreezeState:
     frozen: bool
     since: str | None = None
-    problem: str | None = None  # set when state.json was unreadable (then frozen, to be safe)
+    problem: str | None = None  # set when a legacy state.json was unreadable (then frozen)
 
 
-class StateFile:
-    """``state.json``: the freeze flag, written atomically so that it survives a restart."""
+def _read_state_json(path: Path) -> FreezeState | None:
+    """The flag in an older release's ``state.json``; None if there is none."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None
+    except OSError as exc:
+        return FreezeState(frozen=True, problem=f"cannot read {path}: {exc.strerror}")
+    try:
+        data = json.loads(raw)
+        frozen = data["frozen"]
+        since = data.get("since")
+        if not isinstance(frozen, bool) or not (since is None or isinstance(since, str)):
+            raise TypeError("bad field types")
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        # Unreadable: err on the side of the data and stay frozen until told otherwise.
+        return FreezeState(frozen=True, problem=f"{path} is malformed ({exc})")
+    return FreezeState(frozen=frozen, since=since)
 
-    def __init__(self, data_dir: Path) -> None:
-        self.path = Path(data_dir) / STATE_NAME
 
-    def load(self) -> FreezeState:
-        try:
-            raw = self.path.read_bytes()
-        except FileNotFoundError:
-            return FreezeState(frozen=False)
-        except OSError as exc:
-            return FreezeState(frozen=True, problem=f"cannot read {self.path}: {exc.strerror}")
-        try:
-            data = json.loads(raw)
-            frozen = data["frozen"]
-            since = data.get("since")
-            if not isinstance(frozen, bool) or not (since is None or isinstance(since, str)):
-                raise TypeError("bad field types")
-        except (ValueError, KeyError, TypeError, AttributeError) as exc:
-            # Unreadable: err on the side of the data and stay frozen until told otherwise.
-            return FreezeState(frozen=True, problem=f"{self.path} is malformed ({exc})")
-        return FreezeState(frozen=frozen, since=since)
-
-    def save(self, frozen: bool, since: str | None = None) -> FreezeState:
-        """Persist the flag; ``since`` keeps the start of an ongoing freeze (default: now)."""
-        state = FreezeState(frozen=frozen, since=(since or now_iso()) if frozen else None)
-        data = {"frozen": state.frozen, "since": state.since}
-        write_atomic(self.path, (json.dumps(data) + "\n").encode(), PRIVATE)
-        return state
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -728,6 +728,105 @@ async def test_reference_driver_asks_readiness_without_an_aiohttp_client(
     assert "not answering" in (await driver.health() or "")
 
 
+async def test_admin_calls_hand_nothing_to_a_worker_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15: each admin call (freeze, the verify's watermark, unfreeze: three inside every
+    switch's freeze window) was the standard library's client on a worker thread. They are
+    spoken on the event loop now, against a real reference server, with the same answers."""
+    driver = reference_driver(tmp_path)
+    hops: list[str] = []
+    to_thread = asyncio.to_thread
+
+    async def counting(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        hops.append(getattr(fn, "__name__", repr(fn)))
+        return await to_thread(fn, *args, **kwargs)
+
+    try:
+        await driver.start()
+        monkeypatch.setattr(asyncio, "to_thread", counting)
+        assert await driver.freeze(5) == 0
+        assert (await driver.status())["frozen"] is True
+        assert await driver.watermark() == 0
+        await driver.unfreeze()
+        assert await driver.health() is None
+        assert (await driver.status())["frozen"] is False
+        assert hops == [], hops
+        with pytest.raises(DriverError, match=r"^admin /admin/freeze answered 400: "):
+            await driver.admin.call("POST", "/admin/freeze", {"drain_timeout": -1})
+    finally:
+        monkeypatch.undo()
+        await driver.stop()
+    assert "not answering" in (await driver.health() or "")
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [
+        b"HTTP/1.1 200 OK\r\nContent-Length: 13\r\n\r\n" + b'{"frozen": 1}',
+        b"HTTP/1.0 200 OK\r\n\r\n" + b'{"frozen": 1}',  # to the connection's end
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b'5;x=y\r\n{"fro\r\n8\r\nzen": 1}\r\n0\r\nTrailer: t\r\n\r\n',
+    ],
+)
+async def test_an_admin_answer_of_any_framing_is_read(tmp_path: Path, answer: bytes) -> None:
+    """A systemd server's admin socket is someone else's HTTP server: a length, the
+    connection's end or chunks, the answer is the same."""
+    asked: list[bytes] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        asked.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    path = tmp_path / "admin.sock"
+    server = await asyncio.start_unix_server(serve, str(path))
+    try:
+        got = await drivers.AdminSocketClient(path, timeout=5).call("GET", "/admin/status")
+    finally:
+        server.close()
+        await server.wait_closed()
+    assert got == {"frozen": 1}
+    assert asked == [b"GET /admin/status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"]
+
+
+@pytest.mark.parametrize(
+    ("answer", "why"),
+    [
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", "a gzip answer"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "base 16"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}xx", "line end"),
+        (b"SSH-2.0-OpenSSH_9.2\r\n", "not an HTTP answer"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}", "2 bytes read on a total of 10"),
+        (b"HTTP/1.1 200 OK\r\n\r\n[1, 2]", "answered [1, 2]"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{x", "Expecting property name"),
+        (b"", "0 bytes read"),
+    ],
+)
+async def test_an_admin_answer_the_client_cannot_read_is_one_line(
+    tmp_path: Path, answer: bytes, why: str
+) -> None:
+    """Whatever answers on the admin socket, the agent gets a DriverError of one line."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.readuntil(b"\r\n\r\n")
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    path = tmp_path / "admin.sock"
+    server = await asyncio.start_unix_server(serve, str(path))
+    try:
+        with pytest.raises(DriverError) as info:
+            await drivers.AdminSocketClient(path, timeout=5).call("GET", "/admin/status")
+    finally:
+        server.close()
+        await server.wait_closed()
+    message = str(info.value)
+    assert why in message and "\n" not in message, message
+
+
 async def test_reference_driver_start_fails_at_once_if_the_server_exits(tmp_path: Path) -> None:
     driver = reference_driver(tmp_path, no_such_key=1)  # the server refuses its config
     t0 = time.monotonic()

@@ -5,8 +5,10 @@ driven step by step by a stand-in for the leader (``tests.nodeside``).
 How the faults are made, none through a hook in the agent:
 
 - a vanishing fd: this process (or a child) closes fds while ``ports.holder`` reads them;
-- a server state file that cannot be replaced: a read-only bind mount of ``state.json`` on
-  itself (a rename onto a mount point fails with EBUSY), as a full or read-only disk would;
+- a server store that cannot be written: a read-only bind mount of ``entries.sqlite3`` on
+  itself, then a server started (or restarted) under it: SQLite opens the file read-only and
+  every commit fails with SQLITE_READONLY, as on a read-only disk; a server already running
+  keeps the descriptor it opened before, so the fault needs its start;
 - a dead server: SIGKILL of the managed server's process;
 - a full disk under the agent's journal: the agent's data dir is a small tmpfs, filled up
   with a file (SQLite then fails with SQLITE_FULL), and freed again by deleting that file;
@@ -134,16 +136,22 @@ class SlowWrite:
 
 
 def wait_frozen_on_disk(node: Node) -> Path:
-    """Wait until the server has persisted the agent's freeze (its state.json says so)."""
-    state = node.server_data_dir / "state.json"
+    """Wait until the server has committed the agent's freeze (the row in its store says so);
+    return the store's file."""
+    store = node.server_data_dir / "entries.sqlite3"
 
     def persisted() -> bool:
-        with contextlib.suppress(OSError, ValueError):
-            return bool(json.loads(state.read_text())["frozen"])
+        with contextlib.suppress(sqlite3.Error):
+            conn = sqlite3.connect(f"file:{store}?mode=ro", uri=True)
+            try:
+                row = conn.execute("SELECT frozen FROM freeze WHERE id = 1").fetchone()
+            finally:
+                conn.close()
+            return row is not None and bool(row[0])
         return False
 
     wait_until(persisted, 15, "the freeze persisted", interval=0.01)
-    return state
+    return store
 
 
 # --- 1. who holds a port: fds that vanish during the scan ---------------------------------------
@@ -247,15 +255,16 @@ def test_holder_names_another_process_whose_fds_come_and_go(loopback: Callable[[
 def test_an_unfreeze_that_fails_for_a_while_is_retried_until_the_node_is_unfrozen(
     make_node: NodeFactory,
 ) -> None:
-    """The server cannot persist the unfreeze for several seconds (its state file cannot be
-    replaced, as on a full disk); the agent used to try three times in 1.5 s, roll back and
-    leave the node frozen. Now the switch completes once the file can be written again."""
+    """The server cannot persist the unfreeze for several seconds (the server restarted by the
+    switch finds its store read-only, as on a read-only disk); the agent used to try three
+    times in 1.5 s, roll back and leave the node frozen. Now the switch completes once the
+    file can be written again."""
     node = make_node(server_env={WRITE_DELAY_ENV: "2"})
     staged = node.stage("uf")
     slow = SlowWrite(node).start()
     node.switch("uf")
-    state = wait_frozen_on_disk(node)  # the freeze is still draining the slow write
-    with read_only(state):
+    store = wait_frozen_on_disk(node)  # the freeze is still draining the slow write
+    with read_only(store):
         wait_until(
             lambda: len(server_events(node, "unfreeze.not_persisted")) >= 3,
             30,
@@ -274,6 +283,9 @@ def test_an_unfreeze_that_fails_for_a_while_is_retried_until_the_node_is_unfroze
     assert "unfreeze_done" in " ".join(node.agent.event_names())
 
 
+LEASE = 4  # seconds: long enough for the test to restart the server within it
+
+
 def test_a_lapsed_scope_freeze_is_lifted_once_the_server_takes_the_unfreeze(
     make_node: NodeFactory,
 ) -> None:
@@ -283,15 +295,19 @@ def test_a_lapsed_scope_freeze_is_lifted_once_the_server_takes_the_unfreeze(
     node = make_node()
     with node.stub() as stub:
         stub.Freeze(
-            agent_pb2.FreezeRequest(command=node.command("sf"), lease_seconds=1),
+            agent_pb2.FreezeRequest(command=node.command("sf"), lease_seconds=LEASE),
             timeout=RPC_TIMEOUT,
         )
-    state = wait_frozen_on_disk(node)
+    store = wait_frozen_on_disk(node)
 
     def refusals() -> int:
         return sum(e.get("event") == "unfreeze.not_persisted" for e in node.server.log_events())
 
-    with read_only(state):
+    with read_only(store):
+        # Restarted within the lease: it comes back frozen, and cannot write its store.
+        node.server.restart()
+        assert node.admin_status()["frozen"] is True
+        assert refusals() == 0, "the lease lapsed during the restart: make LEASE longer"
         wait_until(lambda: refusals() >= 5, 40, "five refused unfreezes")
     wait_until(lambda: node.admin_status()["frozen"] is False, 40, "the freeze lifted")
     assert node.agent is not None

@@ -9,6 +9,7 @@ import json
 import os
 import signal
 import socket
+import sqlite3
 import ssl
 import stat
 import subprocess
@@ -365,8 +366,7 @@ def test_freeze_refuses_writes_serves_reads_and_survives_restart(make_server: Ma
     assert refused.json() == {"error": "switching", "message": SWITCHING_MESSAGE}
     assert server.request("GET", f"entries/{first['id']}").status == 200
     assert server.request("GET", "health").json()["frozen"] is True
-    state = json.loads((server.data_dir / "state.json").read_text())
-    assert state["frozen"] is True
+    assert stored_freeze(server.data_dir) == (True, server.status()["frozen_since"])
 
     # A restart while frozen comes back frozen, with the same watermark.
     server.restart()
@@ -380,6 +380,72 @@ def test_freeze_refuses_writes_serves_reads_and_survives_restart(make_server: Ma
     server.restart()
     assert server.status()["frozen"] is False
     assert post(server, {"n": 4}).status == 201
+
+
+def stored_freeze(data_dir: Path) -> tuple[bool, str | None] | None:
+    """The freeze row of the server's store (read-only beside it), None if there is none."""
+    conn = sqlite3.connect(f"file:{data_dir / 'entries.sqlite3'}?mode=ro", uri=True)
+    try:
+        row = conn.execute("SELECT frozen, since FROM freeze WHERE id = 1").fetchone()
+    finally:
+        conn.close()
+    return None if row is None else (bool(row[0]), row[1])
+
+
+def test_the_freeze_is_one_row_of_the_store_and_no_state_file(make_server: MakeServer) -> None:
+    """Issue 15: the flag was state.json, written atomically (two fsyncs and a rename) at
+    every freeze and unfreeze, both inside a switch's freeze window. It is one commit of the
+    store now: a freeze or unfreeze answered is that row committed, and no file appears."""
+    server = make_server()
+    server.start()
+    assert stored_freeze(server.data_dir) is None  # never frozen
+    frozen_at = server.freeze(drain_timeout=1)
+    assert frozen_at["frozen"] is True
+    row = stored_freeze(server.data_dir)
+    assert row is not None and row[0] is True and row[1] == server.status()["frozen_since"]
+    assert not (server.data_dir / "state.json").exists()
+    server.freeze(drain_timeout=1)  # again: the start of the freeze is kept
+    assert stored_freeze(server.data_dir) == row
+    server.unfreeze()
+    assert stored_freeze(server.data_dir) == (False, None)
+    assert not (server.data_dir / "state.json").exists()
+
+
+@pytest.mark.parametrize("frozen", [True, False])
+def test_a_state_file_of_an_older_release_is_taken_over_at_start(
+    make_server: MakeServer, frozen: bool
+) -> None:
+    """A server upgraded while frozen stays frozen: its state.json is saved in the store at
+    start-up, then removed (the store's flag is the only one from then on)."""
+    server = make_server()
+    server.start()
+    server.stop()
+    since = "2026-11-30T12:00:00.000+00:00" if frozen else None
+    legacy = server.data_dir / "state.json"
+    write_atomic(legacy, (json.dumps({"frozen": frozen, "since": since}) + "\n").encode(), PRIVATE)
+    server.start()
+    status = server.status()
+    assert (status["frozen"], status["frozen_since"]) == (frozen, since)
+    assert not legacy.exists()
+    assert stored_freeze(server.data_dir) == (frozen, since)
+    server.unfreeze()
+    server.restart()
+    assert server.status()["frozen"] is False
+
+
+def test_a_malformed_state_file_of_an_older_release_leaves_the_server_frozen(
+    make_server: MakeServer,
+) -> None:
+    server = make_server()
+    server.start()
+    server.stop()
+    (server.data_dir / "state.json").write_text("{not json")
+    server.start()
+    assert server.status()["frozen"] is True
+    assert [e["event"] for e in server.log_events() if e.get("event") == "state.unreadable"]
+    assert not (server.data_dir / "state.json").exists()
+    server.restart()  # the store kept it
+    assert server.status()["frozen"] is True
 
 
 def test_write_in_flight_at_freeze_completes_and_counts(make_server: MakeServer) -> None:
@@ -637,7 +703,7 @@ def test_sigint_also_stops_gracefully(make_server: MakeServer) -> None:
 # --- the freeze's worker-thread hand-offs (in-process: the server's own objects) --------------
 
 
-async def test_freeze_and_unfreeze_with_nothing_in_flight_hand_off_to_one_thread_each(
+async def test_freeze_and_unfreeze_hand_off_to_one_thread_each_and_status_to_none(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Issue 15: the flag's durable write and the watermark were two worker-thread hand-offs
@@ -647,7 +713,7 @@ async def test_freeze_and_unfreeze_with_nothing_in_flight_hand_off_to_one_thread
 
     from refserver import config as refserver_config
     from refserver import server as refserver_server
-    from refserver.store import StateFile, Store
+    from refserver.store import Store
 
     data_dir = tmp_path / "data"
     data_dir.mkdir()
@@ -657,8 +723,8 @@ async def test_freeze_and_unfreeze_with_nothing_in_flight_hand_off_to_one_thread
         f'data_dir = "{data_dir}"\n'
     )
     loaded = refserver_config.load(path)
-    store, state_file = Store(data_dir), StateFile(data_dir)
-    server = refserver_server.RefServer(loaded, store, state_file, state_file.load())
+    store = Store(data_dir)
+    server = refserver_server.RefServer(loaded, store, store.load_freeze())
     _entry, seq = store.insert({"n": 1})
     hops: list[str] = []
     to_thread = asyncio.to_thread
@@ -672,11 +738,19 @@ async def test_freeze_and_unfreeze_with_nothing_in_flight_hand_off_to_one_thread
         frozen = await (await client.post("/admin/freeze", json={"drain_timeout": 1})).json()
         assert frozen == {"frozen": True, "watermark": seq, "drained": True, "in_flight": 0}
         assert len(hops) == 1, hops
-        assert json.loads((data_dir / "state.json").read_text())["frozen"] is True
+        assert stored_freeze(data_dir) == (True, server.frozen_since)
         hops.clear()
         unfrozen = await (await client.post("/admin/unfreeze")).json()
         assert unfrozen == {"frozen": False, "watermark": seq}
         assert len(hops) == 1, hops
-        assert json.loads((data_dir / "state.json").read_text())["frozen"] is False
+        assert stored_freeze(data_dir) == (False, None)
+        # The watermark is kept in memory: the status (which the agent's verify asks inside
+        # every freeze window, and each heartbeat) costs no worker thread (it cost one).
+        hops.clear()
+        status = await (await client.get("/admin/status")).json()
+        assert status["watermark"] == seq and hops == [], hops
+        _entry, later = store.insert({"n": 2})
+        assert (await (await client.get("/admin/status")).json())["watermark"] == later == seq + 1
+        assert hops == [], hops
     server.close()
     store.close()

@@ -786,6 +786,29 @@ async def test_the_runner_never_blocks_the_event_loop(
     journal.close()
 
 
+async def test_verify_reads_the_ca_in_the_https_probes_thread(
+    world: Callable[[Scenario], World], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15: verify read the CA file in a worker-thread hop of its own, before the
+    probes, inside every switch's freeze window. It is read in the https probe's thread now:
+    no hop is a file read alone, and the probe still gets the staged CA."""
+    sc = SCENARIOS["completes"]
+    w = world(sc)
+    hops: list[str] = []
+    to_thread = asyncio.to_thread
+
+    async def counting(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        hops.append(getattr(fn, "__name__", repr(fn)))
+        return await to_thread(fn, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", counting)
+    journal = CrashingJournal(w.journal_path)
+    done = await w.run(journal)
+    assert w.assert_ended_well(journal) == done
+    assert "check_https" in hops, hops
+    assert "read_bytes" not in hops, hops
+
+
 # --- plans: made without gRPC --------------------------------------------------------------
 
 
