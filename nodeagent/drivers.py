@@ -32,6 +32,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import h11
 from tenacity import (
     AsyncRetrying,
     RetryError,
@@ -194,22 +195,6 @@ class _BadAnswer(ValueError):
     """What came back on the admin socket is not an HTTP/1.x answer this client reads."""
 
 
-async def _read_chunked(reader: asyncio.StreamReader) -> bytes:
-    """The body of a ``Transfer-Encoding: chunked`` answer (trailers read and dropped)."""
-    parts: list[bytes] = []
-    total = 0
-    while size := int((await reader.readuntil(b"\r\n")).split(b";", 1)[0].strip(), 16):
-        total += size
-        if total > ADMIN_ANSWER_MAX:
-            raise _BadAnswer(f"an answer of more than {ADMIN_ANSWER_MAX} bytes")
-        parts.append(await reader.readexactly(size))
-        if await reader.readexactly(2) != b"\r\n":
-            raise _BadAnswer("a chunk without its line end")
-    while await reader.readuntil(b"\r\n") != b"\r\n":
-        pass
-    return b"".join(parts)
-
-
 class AdminSocketClient:
     """HTTP over the managed server's local admin socket (the reference server's protocol).
 
@@ -218,8 +203,9 @@ class AdminSocketClient:
     heartbeat, for months, and aiohttp's client cost an idle agent 10 MiB of memory (it is
     imported only for the bootstrap service, while that runs). It used the standard library's
     client on a worker thread, a hand-off per call, three of them (freeze, the verify's
-    watermark, unfreeze) inside every switch's freeze window (issue 15). The answer carries a
-    ``Content-Length``, is chunked, or ends with the connection.
+    watermark, unfreeze) inside every switch's freeze window (issue 15). h11 reads the answer
+    (a ``Content-Length``, chunks, or the connection's end); anything else is a one-line
+    ``DriverError``.
 
     With ``owner`` (the uid the server runs as) the socket is trusted only in a directory that
     user owns and nobody else can write (``tlsroll.fsutil.socket_dir_problem``): whoever can
@@ -250,7 +236,7 @@ class AdminSocketClient:
             async with asyncio.timeout(timeout or self.timeout):
                 status, raw = await self._exchange(method, path, body)
             data = json.loads(raw)
-        except (OSError, EOFError, ValueError, asyncio.LimitOverrunError) as exc:
+        except (OSError, ValueError) as exc:  # _BadAnswer, JSON
             # The agent out of descriptors says nothing about the server: not "down", not a
             # refused freeze (the transaction waits for descriptors, tlsroll.errors).
             raise_if_local(exc, f"calling the managed server's admin socket {self.socket_path}")
@@ -267,46 +253,47 @@ class AdminSocketClient:
     async def _exchange(
         self, method: str, path: str, body: Mapping[str, Any] | None
     ) -> tuple[int, bytes]:
-        """One request and its whole answer, on the event loop."""
-        head = [f"{method} {path} HTTP/1.1", "Host: localhost", "Connection: close"]
+        """One request and its whole answer, on the event loop; h11 does the framing (a
+        length, chunks or the connection's end), as it does for the agent's own https
+        service (``nodeagent.json_https``)."""
+        headers = [("Host", "localhost"), ("Connection", "close")]
         payload = b""
         if body is not None:
             payload = json.dumps(body).encode()
-            head.append("Content-Type: application/json")
+            headers.append(("Content-Type", "application/json"))
         if body is not None or method != "GET":
-            head.append(f"Content-Length: {len(payload)}")
-        reader, writer = await asyncio.open_unix_connection(
-            str(self.socket_path), limit=ADMIN_ANSWER_MAX
-        )
+            headers.append(("Content-Length", str(len(payload))))
+        conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=ADMIN_ANSWER_MAX)
+        request = conn.send(h11.Request(method=method, target=path, headers=headers)) or b""
+        if payload:
+            request += conn.send(h11.Data(data=payload)) or b""
+        request += conn.send(h11.EndOfMessage()) or b""
+        reader, writer = await asyncio.open_unix_connection(str(self.socket_path))
         try:
-            writer.write(("\r\n".join(head) + "\r\n\r\n").encode("ascii") + payload)
-            version, _, rest = (await reader.readuntil(b"\r\n")).partition(b" ")
-            code = rest[:3]
-            if not version.startswith(b"HTTP/1.") or not code.isdigit():
-                raise _BadAnswer(f"not an HTTP answer: {version[:20]!r}")
-            length: int | None = None
-            chunked = False
-            while (line := await reader.readuntil(b"\r\n")) != b"\r\n":
-                name, _, value = line.partition(b":")
-                name = name.strip().lower()
-                if name == b"content-length":
-                    length = int(value)
-                elif name == b"transfer-encoding":
-                    coding = value.strip().lower()
-                    if coding not in (b"chunked", b"identity"):
-                        raise _BadAnswer(f"a {coding.decode(errors='replace')} answer")
-                    chunked = coding == b"chunked"
-            if chunked:
-                raw = await _read_chunked(reader)
-            elif length is None:
-                raw = await reader.read(ADMIN_ANSWER_MAX + 1)
-            elif length > ADMIN_ANSWER_MAX:
-                raise _BadAnswer(f"an answer of {length} bytes")
-            else:
-                raw = await reader.readexactly(length)
-            if len(raw) > ADMIN_ANSWER_MAX:
-                raise _BadAnswer(f"an answer of more than {ADMIN_ANSWER_MAX} bytes")
-            return int(code), raw
+            writer.write(request)
+            status, size = 0, 0
+            parts: list[bytes] = []
+            while True:
+                try:
+                    event = conn.next_event()
+                except h11.RemoteProtocolError as exc:
+                    raise _BadAnswer(f"not an HTTP answer this client reads: {exc}") from None
+                if event is h11.NEED_DATA:
+                    data = await reader.read(1 << 16)  # b"": the connection's end
+                    if not data and status == 0 and not conn.trailing_data[0]:
+                        raise _BadAnswer("the connection closed without an answer")
+                    conn.receive_data(data)
+                elif isinstance(event, h11.Response):
+                    status = event.status_code
+                elif isinstance(event, h11.Data):
+                    size += len(event.data)
+                    if size > ADMIN_ANSWER_MAX:
+                        raise _BadAnswer(f"an answer of more than {ADMIN_ANSWER_MAX} bytes")
+                    parts.append(event.data)
+                elif isinstance(event, h11.EndOfMessage):
+                    return status, b"".join(parts)
+                elif isinstance(event, h11.ConnectionClosed):  # pragma: no cover - h11 raises
+                    raise _BadAnswer("the connection closed before the answer's end")
         finally:
             writer.close()  # and the descriptor closed before the call returns
             with contextlib.suppress(OSError):

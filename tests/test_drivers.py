@@ -794,14 +794,14 @@ async def test_an_admin_answer_of_any_framing_is_read(tmp_path: Path, answer: by
 @pytest.mark.parametrize(
     ("answer", "why"),
     [
-        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", "a gzip answer"),
-        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "base 16"),
-        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}xx", "line end"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: gzip\r\n\r\n", "Only Transfer-Encoding: chunked"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n", "illegal chunk header"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\n{}xx", "chunk footer"),
         (b"SSH-2.0-OpenSSH_9.2\r\n", "not an HTTP answer"),
-        (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}", "2 bytes read on a total of 10"),
+        (b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n{}", "received 2 bytes, expected 10"),
         (b"HTTP/1.1 200 OK\r\n\r\n[1, 2]", "answered [1, 2]"),
         (b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{x", "Expecting property name"),
-        (b"", "0 bytes read"),
+        (b"", "closed without an answer"),
     ],
 )
 async def test_an_admin_answer_the_client_cannot_read_is_one_line(
