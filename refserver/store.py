@@ -22,7 +22,6 @@ import contextlib
 import datetime as dt
 import errno
 import json
-import os
 import sqlite3
 import stat
 import threading
@@ -32,7 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from tlsroll.fsutil import PRIVATE
+from tlsroll.fsutil import PRIVATE, fsync_dir
 from tlsroll.sqlite import Migration, make_private, migrate
 
 DB_NAME = "entries.sqlite3"
@@ -171,7 +170,7 @@ class Store:
             try:
                 self.save_freeze(old.frozen, old.since)
                 legacy.unlink()
-                _fsync_dir(legacy.parent)
+                fsync_dir(legacy.parent)
             except (sqlite3.Error, OSError) as exc:
                 why = f"cannot take over {legacy}: {' '.join(str(exc).split())}"
                 problem = "; ".join(p for p in (old.problem, why) if p)
@@ -242,11 +241,3 @@ def _read_state_json(path: Path) -> FreezeState | None:
         # Unreadable: err on the side of the data and stay frozen until told otherwise.
         return FreezeState(frozen=True, problem=f"{path} is malformed ({exc})")
     return FreezeState(frozen=frozen, since=since)
-
-
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
