@@ -174,8 +174,8 @@ class RefServer:
     async def _write(self, fn: Callable[..., T], *args: Any) -> T:
         return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
 
-    def watermark(self) -> int:
-        return self.store.watermark()  # in memory: no worker thread
+    async def watermark(self) -> int:
+        return await asyncio.to_thread(self.store.watermark)
 
     def _save_state(
         self, frozen: bool, since: str | None, read_watermark: bool
@@ -366,7 +366,7 @@ class RefServer:
         if mark is None:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._idle.wait(), timeout)
-        watermark = self.watermark() if mark is None else mark
+        watermark = await self.watermark() if mark is None else mark
         in_flight = self.in_flight
         log.info("writes.frozen", watermark=watermark, drained=in_flight == 0, in_flight=in_flight)
         return web.json_response(
@@ -409,7 +409,7 @@ class RefServer:
                 "ports": {scheme: c.port(scheme) for scheme in c.listen},
                 "frozen": self.frozen,
                 "frozen_since": self.frozen_since,
-                "watermark": self.watermark(),
+                "watermark": await self.watermark(),
                 "in_flight": self.in_flight,
                 "requests": dict(self.requests),
                 "clients": {scheme: len(seen) for scheme, seen in self.clients.items()},
@@ -586,7 +586,7 @@ async def serve(loaded: refserver_config.Loaded) -> int:
             listen=list(c.listen),
             ports={s: c.port(s) for s in c.listen},
             frozen=server.frozen,
-            watermark=server.watermark(),
+            watermark=await server.watermark(),
             auth_configured=server.verifier is not None,
             client_ca=c.client_ca_file is not None,
             config=str(c.path),

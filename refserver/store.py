@@ -4,9 +4,8 @@
 WAL is fsync'ed, so an acknowledged entry, and a freeze or unfreeze answered, survive a crash or
 power loss. ``seq`` is an AUTOINCREMENT key, so it only grows and is never reused: the
 *watermark* (the last committed seq, 0 for none) tells whether anything was written between two
-points in time; it is kept in memory, this process being the file's only writer (the data
-dir's lock). The freeze flag is one row of table ``freeze``: saving it is one commit (one WAL
-fsync). It used to be ``state.json`` (written atomically: two fsyncs and a rename, twice per
+points in time. The freeze flag is one row of table ``freeze``: saving it is one commit (one
+WAL fsync). It used to be ``state.json`` (written atomically: two fsyncs and a rename, twice per
 switch); a ``state.json`` left by an older release is taken over at start-up, then removed.
 
 All methods are blocking and thread-safe: the server calls them from worker threads. Writes are
@@ -70,7 +69,7 @@ def now_iso() -> str:
 class Store:
     def __init__(self, data_dir: Path) -> None:
         self.path = Path(data_dir) / DB_NAME
-        self._write_lock = threading.RLock()
+        self._write_lock = threading.Lock()
         self._pool_lock = threading.Lock()
         self._readers: list[sqlite3.Connection] = []
         self._reopen = False  # the last write failed: reopen the writer before the next one
@@ -89,10 +88,6 @@ class Store:
             mode = self._writer.execute("PRAGMA journal_mode=WAL").fetchone()[0]
             if str(mode).lower() != "wal":
                 raise sqlite3.OperationalError(f"cannot switch {self.path} to WAL (got {mode})")
-            # Kept from here on: this process is the file's only writer (the data dir's lock).
-            self._watermark = int(
-                self._writer.execute("SELECT COALESCE(MAX(seq), 0) FROM entries").fetchone()[0]
-            )
         except BaseException:
             self._writer.close()
             raise
@@ -132,15 +127,13 @@ class Store:
         """Commit one entry durably; return its ``(id, seq)``."""
         entry_id = uuid.uuid4().hex
         text = json.dumps(body, separators=(",", ":"), ensure_ascii=False)
-        with self._write_lock:  # held on to until the watermark is set (re-entrant)
-            with self._transaction() as cur:
-                cur.execute(
-                    "INSERT INTO entries (id, body, created_at) VALUES (?, ?, ?)",
-                    (entry_id, text, now_iso()),
-                )
-                seq = cur.lastrowid
-            assert seq is not None
-            self._watermark = max(self._watermark, seq)
+        with self._transaction() as cur:
+            cur.execute(
+                "INSERT INTO entries (id, body, created_at) VALUES (?, ?, ?)",
+                (entry_id, text, now_iso()),
+            )
+            seq = cur.lastrowid
+        assert seq is not None
         return entry_id, seq
 
     def save_freeze(
@@ -157,7 +150,7 @@ class Store:
                 (int(state.frozen), state.since),
             )
             if read_watermark:
-                mark = self._watermark  # under the write lock: no write commits meanwhile
+                mark = int(cur.execute("SELECT COALESCE(MAX(seq), 0) FROM entries").fetchone()[0])
         return state, mark
 
     def load_freeze(self) -> FreezeState:
@@ -190,9 +183,10 @@ class Store:
         return {"id": row[0], "seq": row[1], "body": json.loads(row[2]), "created_at": row[3]}
 
     def watermark(self) -> int:
-        """The last committed seq, 0 if there is none: kept in memory (read at start, set by
-        each insert once committed), so asking costs no query and no worker thread."""
-        return self._watermark
+        """The last committed seq, 0 if there is none."""
+        with self._reader() as conn:
+            row = conn.execute("SELECT COALESCE(MAX(seq), 0) FROM entries").fetchone()
+        return int(row[0])
 
     @contextlib.contextmanager
     def _reader(self) -> Iterator[sqlite3.Connection]:

@@ -703,7 +703,7 @@ def test_sigint_also_stops_gracefully(make_server: MakeServer) -> None:
 # --- the freeze's worker-thread hand-offs (in-process: the server's own objects) --------------
 
 
-async def test_freeze_and_unfreeze_hand_off_to_one_thread_each_and_status_to_none(
+async def test_freeze_and_unfreeze_with_nothing_in_flight_hand_off_to_one_thread_each(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Issue 15: the flag's durable write and the watermark were two worker-thread hand-offs
@@ -744,13 +744,5 @@ async def test_freeze_and_unfreeze_hand_off_to_one_thread_each_and_status_to_non
         assert unfrozen == {"frozen": False, "watermark": seq}
         assert len(hops) == 1, hops
         assert stored_freeze(data_dir) == (False, None)
-        # The watermark is kept in memory: the status (which the agent's verify asks inside
-        # every freeze window, and each heartbeat) costs no worker thread (it cost one).
-        hops.clear()
-        status = await (await client.get("/admin/status")).json()
-        assert status["watermark"] == seq and hops == [], hops
-        _entry, later = store.insert({"n": 2})
-        assert (await (await client.get("/admin/status")).json())["watermark"] == later == seq + 1
-        assert hops == [], hops
     server.close()
     store.close()
