@@ -191,10 +191,6 @@ class Driver(abc.ABC):
 ADMIN_ANSWER_MAX = 1 << 20  # bytes: an admin answer larger than this is refused
 
 
-class _BadAnswer(ValueError):
-    """What came back on the admin socket is not an HTTP/1.x answer this client reads."""
-
-
 class AdminSocketClient:
     """HTTP over the managed server's local admin socket (the reference server's protocol).
 
@@ -236,7 +232,7 @@ class AdminSocketClient:
             async with asyncio.timeout(timeout or self.timeout):
                 status, raw = await self._exchange(method, path, body)
             data = json.loads(raw)
-        except (OSError, ValueError) as exc:  # _BadAnswer, JSON
+        except (OSError, ValueError) as exc:  # an answer h11 or JSON cannot read
             # The agent out of descriptors says nothing about the server: not "down", not a
             # refused freeze (the transaction waits for descriptors, tlsroll.errors).
             raise_if_local(exc, f"calling the managed server's admin socket {self.socket_path}")
@@ -277,23 +273,23 @@ class AdminSocketClient:
                 try:
                     event = conn.next_event()
                 except h11.RemoteProtocolError as exc:
-                    raise _BadAnswer(f"not an HTTP answer this client reads: {exc}") from None
+                    raise ValueError(f"not an HTTP answer this client reads: {exc}") from None
                 if event is h11.NEED_DATA:
                     data = await reader.read(1 << 16)  # b"": the connection's end
                     if not data and status == 0 and not conn.trailing_data[0]:
-                        raise _BadAnswer("the connection closed without an answer")
+                        raise ValueError("the connection closed without an answer")
                     conn.receive_data(data)
                 elif isinstance(event, h11.Response):
                     status = event.status_code
                 elif isinstance(event, h11.Data):
                     size += len(event.data)
                     if size > ADMIN_ANSWER_MAX:
-                        raise _BadAnswer(f"an answer of more than {ADMIN_ANSWER_MAX} bytes")
+                        raise ValueError(f"an answer of more than {ADMIN_ANSWER_MAX} bytes")
                     parts.append(event.data)
                 elif isinstance(event, h11.EndOfMessage):
                     return status, b"".join(parts)
                 elif isinstance(event, h11.ConnectionClosed):  # pragma: no cover - h11 raises
-                    raise _BadAnswer("the connection closed before the answer's end")
+                    raise ValueError("the connection closed before the answer's end")
         finally:
             writer.close()  # and the descriptor closed before the call returns
             with contextlib.suppress(OSError):
