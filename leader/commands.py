@@ -149,12 +149,15 @@ class Commands:
         *,
         vault: byo.Vault | None = None,
         cert_horizon: dt.timedelta = dt.timedelta(days=30),
+        offline_grace: float = 0.0,
     ) -> None:
         """``observe``: asks the named nodes' agents what they run (``leader.observe``); rollouts
         are planned from it. None (tests of the bookkeeping only): plans from records alone.
         ``vault``: where a ``--cert-dir`` rollout's keys wait for its stage steps (the
         engine's); ``cert_horizon``: how long such certificates must still be valid
-        (``expiry_warning_days``)."""
+        (``expiry_warning_days``); ``offline_grace``: how long a node that went offline only
+        that long ago is waited for before a plan counts it offline (``_observe_all``)."""
+        self.offline_grace = offline_grace
         self.vault = vault if vault is not None else byo.Vault()
         self.cert_horizon = cert_horizon
         self.store = store
@@ -195,10 +198,37 @@ class Commands:
         request, _undoes, undone = await self._resolve(request)
         return await self._plan(request, undone)
 
-    async def _observe_all(self) -> tuple[dict[str, bool], dict[str, NodeObservation] | None]:
+    async def _online_now(self) -> tuple[dict[str, bool], set[str]]:
+        """Each enrolled node: online? And the offline ones that went offline less than
+        ``offline_grace`` ago (they would still be online, heard that much later)."""
         nodes = await asyncio.to_thread(self.store.list_nodes)
         # A node whose certificate on record is revoked is refused by the leader: offline.
         online = {n.name: not n.cert_revoked and self.online(n.last_heartbeat) for n in nodes}
+        grace = dt.timedelta(seconds=self.offline_grace)
+        just = {
+            n.name
+            for n in nodes
+            if not online[n.name]
+            and not n.cert_revoked
+            and n.last_heartbeat is not None
+            and self.online(n.last_heartbeat + grace)
+        }
+        return online, just
+
+    async def _observe_all(self) -> tuple[dict[str, bool], dict[str, NodeObservation] | None]:
+        online, just = await self._online_now()
+        if just:
+            # A node whose heartbeat stream just broke (the leader restarted, or ended a
+            # stream that fell behind) shows offline until its agent's next heartbeat opens a
+            # new one, within an interval: a command waits that long for it rather than refuse
+            # a live node (seen once in CI: "offline: node3" right after every node was seen
+            # online). A node offline for longer is refused at once.
+            loop = asyncio.get_running_loop()
+            deadline = loop.time() + self.offline_grace
+            while just and loop.time() < deadline:
+                await asyncio.sleep(0.2)
+                online, _ = await self._online_now()
+                just = {name for name in just if not online.get(name, True)}
         if self.observe is None:
             return online, None
         seen = await self.observe([name for name, up in online.items() if up])

@@ -74,6 +74,7 @@ if TYPE_CHECKING:
     from leader.viewer.server import Viewer
 
 GRACE_SECONDS = 10.0
+OFFLINE_GRACE_MAX = 15.0  # seconds a command waits for a node that just went offline
 # gRPC sets SO_REUSEPORT by default: a second leader would then share the ports with the first.
 # Channelz (gRPC's introspection, which no listener serves) keeps a node with a trace per
 # connection: off, each agent's connection costs ~1.7 KiB less (a gRPC server holding 300
@@ -205,6 +206,9 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         observe=functools.partial(observe, agents, ca=state.ca.cert),
         vault=engine.vault,
         cert_horizon=dt.timedelta(days=cfg.expiry_warning_days),
+        # An agent whose stream broke opens a new one at its next heartbeat (a command waits
+        # no longer than OFFLINE_GRACE_MAX for it, whatever the interval).
+        offline_grace=min(cfg.heartbeat_interval + 1.0, OFFLINE_GRACE_MAX),
     )
     viewer: Viewer | None = None
     if cfg.viewer_port:  # the viewer's parts only when it is on; aiohttp once it is opened
