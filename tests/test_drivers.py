@@ -760,6 +760,25 @@ async def test_admin_calls_hand_nothing_to_a_worker_thread(
     assert "not answering" in (await driver.health() or "")
 
 
+async def status_from(tmp_path: Path, answer: bytes, asked: list[bytes]) -> dict[str, Any]:
+    """The admin client's status call against a socket that answers ``answer`` to whatever it
+    is asked (each request's head goes to ``asked``), then closes."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        asked.append(await reader.readuntil(b"\r\n\r\n"))
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    path = tmp_path / "admin.sock"
+    server = await asyncio.start_unix_server(serve, str(path))
+    try:
+        return await drivers.AdminSocketClient(path, timeout=5).call("GET", "/admin/status")
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
 @pytest.mark.parametrize(
     "answer",
     [
@@ -773,21 +792,7 @@ async def test_an_admin_answer_of_any_framing_is_read(tmp_path: Path, answer: by
     """A systemd server's admin socket is someone else's HTTP server: a length, the
     connection's end or chunks, the answer is the same."""
     asked: list[bytes] = []
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        asked.append(await reader.readuntil(b"\r\n\r\n"))
-        writer.write(answer)
-        await writer.drain()
-        writer.close()
-
-    path = tmp_path / "admin.sock"
-    server = await asyncio.start_unix_server(serve, str(path))
-    try:
-        got = await drivers.AdminSocketClient(path, timeout=5).call("GET", "/admin/status")
-    finally:
-        server.close()
-        await server.wait_closed()
-    assert got == {"frozen": 1}
+    assert await status_from(tmp_path, answer, asked) == {"frozen": 1}
     assert asked == [b"GET /admin/status HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"]
 
 
@@ -808,21 +813,8 @@ async def test_an_admin_answer_the_client_cannot_read_is_one_line(
     tmp_path: Path, answer: bytes, why: str
 ) -> None:
     """Whatever answers on the admin socket, the agent gets a DriverError of one line."""
-
-    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await reader.readuntil(b"\r\n\r\n")
-        writer.write(answer)
-        await writer.drain()
-        writer.close()
-
-    path = tmp_path / "admin.sock"
-    server = await asyncio.start_unix_server(serve, str(path))
-    try:
-        with pytest.raises(DriverError) as info:
-            await drivers.AdminSocketClient(path, timeout=5).call("GET", "/admin/status")
-    finally:
-        server.close()
-        await server.wait_closed()
+    with pytest.raises(DriverError) as info:
+        await status_from(tmp_path, answer, [])
     message = str(info.value)
     assert why in message and "\n" not in message, message
 

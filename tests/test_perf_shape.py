@@ -21,7 +21,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
@@ -50,6 +50,10 @@ from tlsroll.defaults import AGENT_PORT, BOOTSTRAP_PORT
 from tlsroll.errors import TransientError
 from tlsroll.httpcheck import port_open
 from tlsroll.v1 import agent_pb2, agent_pb2_grpc, leader_pb2, leader_pb2_grpc
+
+if TYPE_CHECKING:
+    from leader.schema_store import RolloutRow
+    from tests.test_engine import Leader, World
 
 # Never in a running agent: a terminal UI (rich, and pygments through it), the admin CLI's
 # libraries, the other roles.
@@ -730,34 +734,62 @@ class RolloutCost:
         ]
 
 
-async def rollout_cost(directory: Path, mp: pytest.MonkeyPatch, n: int) -> RolloutCost:
-    """An enable-tls rollout of ``n`` nodes driven pass by pass (``tests/test_engine.py``'s
-    harness: the real engine and stores on a real SQLite file, fake agents, a fake clock),
-    the leader's store traced from its first pass to its end."""
-    from leader.engine import TICK_SECONDS
-    from tests.test_engine import ended, make_world
+def engine_world(directory: Path, mp: pytest.MonkeyPatch, n: int) -> World:
+    """``tests/test_engine.py``'s harness for ``n`` nodes: the real engine and stores on a real
+    SQLite file in ``directory``, fake agents, a fake clock."""
+    from tests.test_engine import make_world
 
     directory.mkdir()
     nodes = {f"n{i:02d}": f"10.0.{i // 200}.{i % 200 + 1}" for i in range(n)}
-    world = make_world(directory, mp, nodes)
-    leader = world.boot()
-    await leader.start(max_parallel=1)
-    trace = StoreTrace()
-    with leader.store.db.read() as conn:
-        conn.set_trace_callback(trace.statement)
-        conn.set_progress_handler(trace.step, 10)
+    return make_world(directory, mp, nodes)
+
+
+def pool_reads_enrolment(world: World, leader: Leader) -> None:
+    """Each fake agent holds its node's enrolment, as ``AgentClient.node`` (the pool's read)."""
+    for agent in world.agents:
+        agent.node = leader.store.get_node(agent.name)  # type: ignore[attr-defined]
+
+
+async def drive_to_the_end(
+    world: World, leader: Leader, n: int, counting: Callable[[bool], None] = lambda on: None
+) -> RolloutRow:
+    """The engine's passes until the rollout of ``n`` nodes has ended, the clock ticking
+    between them; ``counting`` is told when a pass begins (True) and ends (False). The rollout
+    must have completed."""
+    from leader.engine import TICK_SECONDS
+    from tests.test_engine import ended
+
     row = None
     for _ in range(20 * n + 20):
-        trace.on = True
+        counting(True)
         await leader.engine.reconcile()
         await leader.engine.settle()
-        trace.on = False
+        counting(False)
         row = leader.schema.latest()
         assert row is not None
         if ended(row):
             break
         world.clock.advance(TICK_SECONDS)
     assert row is not None and row.rollout.state is RolloutState.COMPLETED
+    return row
+
+
+async def rollout_cost(directory: Path, mp: pytest.MonkeyPatch, n: int) -> RolloutCost:
+    """An enable-tls rollout of ``n`` nodes driven pass by pass (``tests/test_engine.py``'s
+    harness: the real engine and stores on a real SQLite file, fake agents, a fake clock),
+    the leader's store traced from its first pass to its end."""
+    world = engine_world(directory, mp, n)
+    leader = world.boot()
+    await leader.start(max_parallel=1)
+    trace = StoreTrace()
+    with leader.store.db.read() as conn:
+        conn.set_trace_callback(trace.statement)
+        conn.set_progress_handler(trace.step, 10)
+
+    def tracing(on: bool) -> None:
+        trace.on = on
+
+    row = await drive_to_the_end(world, leader, n, tracing)
     assert {r.state for r in row.records} == {NodeState.DONE}
     await leader.stop()
     writes: Counter[str] = Counter()
@@ -804,12 +836,7 @@ async def record_reads_per_node(directory: Path, mp: pytest.MonkeyPatch, n: int)
     pass by pass (``tests/test_engine.py``'s harness: the real engine, planner and stores on a
     real SQLite file, fake agents): how many times the leader read a field of a node record,
     per node."""
-    from leader.engine import TICK_SECONDS
-    from tests.test_engine import ended, make_world
-
-    directory.mkdir()
-    nodes = {f"n{i:02d}": f"10.0.{i // 200}.{i % 200 + 1}" for i in range(n)}
-    world = make_world(directory, mp, nodes)
+    world = engine_world(directory, mp, n)
     leader = world.boot(prepare_ahead=1)
     await leader.start(max_parallel=5)
     reads = [0, False]  # count, counting
@@ -821,18 +848,11 @@ async def record_reads_per_node(directory: Path, mp: pytest.MonkeyPatch, n: int)
         return plain(self, name)
 
     mp.setattr(NodeRecord, "__getattribute__", counting)
-    row = None
-    for _ in range(20 * n + 20):
-        reads[1] = True
-        await leader.engine.reconcile()
-        await leader.engine.settle()
-        reads[1] = False
-        row = leader.schema.latest()
-        assert row is not None
-        if ended(row):
-            break
-        world.clock.advance(TICK_SECONDS)
-    assert row is not None and row.rollout.state is RolloutState.COMPLETED
+
+    def passes(on: bool) -> None:
+        reads[1] = on
+
+    await drive_to_the_end(world, leader, n, passes)
     await leader.stop()
     return reads[0] / n
 
@@ -1111,12 +1131,7 @@ async def step_hops(directory: Path, mp: pytest.MonkeyPatch, n: int, parallel: i
     """An enable-tls rollout of ``n`` nodes (``parallel`` at once, the next prepared ahead) in
     ``tests/test_engine.py``'s harness: the real engine and stores on a real SQLite file, fake
     agents; every hand-off to a worker thread counted, by what it calls."""
-    from leader.engine import TICK_SECONDS
-    from tests.test_engine import ended, make_world
-
-    directory.mkdir()
-    nodes = {f"n{i:02d}": f"10.0.{i // 200}.{i % 200 + 1}" for i in range(n)}
-    world = make_world(directory, mp, nodes)
+    world = engine_world(directory, mp, n)
     hop = asyncio.to_thread
     calls: Counter[str] = Counter()
 
@@ -1126,20 +1141,10 @@ async def step_hops(directory: Path, mp: pytest.MonkeyPatch, n: int, parallel: i
 
     mp.setattr(asyncio, "to_thread", counting)
     leader = world.boot(prepare_ahead=1)
-    for agent in world.agents:  # as ``AgentClient.node``: the pool's read of its enrolment
-        agent.node = leader.store.get_node(agent.name)  # type: ignore[attr-defined]
+    pool_reads_enrolment(world, leader)
     await leader.start(max_parallel=parallel)
     calls.clear()
-    row = None
-    for _ in range(20 * n + 20):
-        await leader.engine.reconcile()
-        await leader.engine.settle()
-        row = leader.schema.latest()
-        assert row is not None
-        if ended(row):
-            break
-        world.clock.advance(TICK_SECONDS)
-    assert row is not None and row.rollout.state is RolloutState.COMPLETED
+    await drive_to_the_end(world, leader, n)
     await leader.stop()
     return StepHops(sum(calls.values()) / n, calls, leader.schema.stale)
 
@@ -1202,27 +1207,12 @@ async def logged_per_node(directory: Path, mp: pytest.MonkeyPatch, n: int) -> Co
     the leader logs at the default level (info and above), by name."""
     from structlog.testing import capture_logs
 
-    from leader.engine import TICK_SECONDS
-    from tests.test_engine import ended, make_world
-
-    directory.mkdir()
-    nodes = {f"n{i:02d}": f"10.0.{i // 200}.{i % 200 + 1}" for i in range(n)}
-    world = make_world(directory, mp, nodes)
+    world = engine_world(directory, mp, n)
     leader = world.boot(prepare_ahead=1)
-    for agent in world.agents:  # as ``AgentClient.node``: the pool's read of its enrolment
-        agent.node = leader.store.get_node(agent.name)  # type: ignore[attr-defined]
+    pool_reads_enrolment(world, leader)
     await leader.start(max_parallel=4)
-    row = None
     with capture_logs() as events:
-        for _ in range(20 * n + 20):
-            await leader.engine.reconcile()
-            await leader.engine.settle()
-            row = leader.schema.latest()
-            assert row is not None
-            if ended(row):
-                break
-            world.clock.advance(TICK_SECONDS)
-    assert row is not None and row.rollout.state is RolloutState.COMPLETED
+        await drive_to_the_end(world, leader, n)
     await leader.stop()
     return Counter(e["event"] for e in events if e["log_level"] != "debug")
 
