@@ -38,6 +38,8 @@ _made = threading.Lock()
 def executor() -> ThreadPoolExecutor:
     """The process's store thread (made on first use; one per process, for every loop)."""
     global _executor  # noqa: PLW0603 - one per process, made on first use
+    if _executor is not None:  # every call but the first: no lock
+        return _executor
     with _made:
         if _executor is None:
             _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=THREAD_NAME)
