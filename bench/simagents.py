@@ -86,7 +86,7 @@ from bench.common import (
 from bench.memory import Snapshots, memory_env, threads
 from bench.profile import Perf, Profile, Yappi, yappi_env
 from tests.cluster import Cluster, hostport
-from tlsroll import __version__, pki, spiffe
+from tlsroll import __version__, pki, rpc, spiffe
 from tlsroll.defaults import AGENT_PORT, CONTROL_PORT, HTTP_PORT, HTTPS_PORT, JOIN_PORT
 from tlsroll.v1 import (
     admin_pb2,
@@ -192,7 +192,9 @@ class SimAgent(agent_pb2_grpc.NodeAgentServicer):
 
     async def serve(self) -> None:
         self.http = await asyncio.start_server(http_handler, self.address, HTTP_PORT)
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        # A real agent's server options (those of the code under test; an older tree has none).
+        options = getattr(rpc, "AGENT_SERVER_OPTIONS", [("grpc.so_reuseport", 0)])
+        server = grpc.aio.server(options=options)
         agent_pb2_grpc.add_NodeAgentServicer_to_server(self, server)
         creds = grpc.ssl_server_credentials(
             [(pki.key_to_pem(self.key), self.cert_pem)],

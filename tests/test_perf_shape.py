@@ -1430,3 +1430,30 @@ async def test_a_rollout_s_stages_leave_the_heartbeats_snapshot_as_it_is(
     few = await generation_moves(tmp_path / "few", monkeypatch, 2)
     many = await generation_moves(tmp_path / "many", monkeypatch, 8)
     assert many == few, (few, many)  # the old code: 2 and 8
+
+
+def test_the_leader_s_channels_to_agents_and_the_agent_s_server_send_no_bdp_probe(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 15: gRPC's core answers data that arrives on a quiet connection with a PING of its
+    own (a bandwidth-delay probe, to size the flow-control window): on the leader's channels
+    to agents, one more round trip for every reply and every message of a switch's watch,
+    each waking the leader's gRPC threads (``bench.rollout``: its event-engine threads
+    switched about a third less per node without it), and on the agent's server the same for
+    every call the leader makes. The control port has had none since heartbeats were cut down.
+    Options as passed to gRPC (what gRPC then sends is not observable from Python)."""
+    from tlsroll import rpc
+
+    seen: list[Any] = []
+
+    def capturing(target: str, credentials: Any, options: Any = None, **kw: Any) -> Any:
+        seen.append(dict(options or []))
+        raise RuntimeError("captured")
+
+    monkeypatch.setattr(grpc.aio, "secure_channel", capturing)
+    creds = grpc.ssl_channel_credentials(pki.CertificateAuthority.create().cert_pem)
+    client = AgentClient(NodeRows("127.0.0.1").get_node("n1"), creds, "tlsroll-test")
+    with pytest.raises(RuntimeError, match="captured"):
+        client.channel  # noqa: B018 - opens the channel
+    assert seen and seen[0].get("grpc.http2.bdp_probe") == 0, seen
+    assert dict(rpc.AGENT_SERVER_OPTIONS).get("grpc.http2.bdp_probe") == 0
