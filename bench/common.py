@@ -1,6 +1,7 @@
 """What the process benchmarks share: loopback addresses of their own, readings of a process
 from /proc (CPU, RSS, open files), the figures' summary (median and spread) and the leader's
-admin calls a benchmark makes (start a rollout, read its schema).
+admin calls a benchmark makes (start a rollout, read its schema), and the context switches of
+a process's threads over a window (``Switches``).
 
 Addresses: the tests take 127.100–249.x.x (``tests/conftest.py``); a benchmark takes
 127.250.(slot*10 + i // 250).(i % 250 + 1), the slot being ``TLSROLL_TEST_SLOT`` (0–24), so a
@@ -15,6 +16,7 @@ import shutil
 import signal
 import statistics
 import subprocess
+import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
@@ -104,6 +106,110 @@ class Reading:
     @classmethod
     def of(cls, pid: int) -> Reading:
         return cls(cpu_seconds(pid), rss_mib(pid), open_files(pid))
+
+
+def task_switches(pid: int) -> dict[int, tuple[int, int]]:
+    """Each thread's context switches so far: tid → (voluntary, involuntary), from
+    /proc/PID/task/TID/status (/proc/PID/status counts the main thread's only)."""
+    found: dict[int, tuple[int, int]] = {}
+    try:
+        tasks = os.listdir(f"/proc/{pid}/task")
+    except OSError:
+        return found
+    for tid in tasks:
+        vol = invol = 0
+        try:
+            text = Path(f"/proc/{pid}/task/{tid}/status").read_text()
+        except OSError:  # the thread ended meanwhile
+            continue
+        for line in text.splitlines():
+            if line.startswith("voluntary_ctxt_switches:"):
+                vol = int(line.split()[1])
+            elif line.startswith("nonvoluntary_ctxt_switches:"):
+                invol = int(line.split()[1])
+        found[int(tid)] = (vol, invol)
+    return found
+
+
+class Switches:
+    """The context switches of a process's threads (voluntary + involuntary, summed over its
+    threads) while the ``with`` block runs: a machine-independent figure of how often the
+    process woke up (its event loop, its worker threads, gRPC's threads). Linux keeps them per
+    thread only (a thread that ends takes its counts with it), so a bench thread samples them
+    every ``every`` seconds: a thread that ended counts up to its last sample, and one that
+    began and ended between two samples is not counted at all (``ended`` says how many were
+    seen to end). Reading /proc costs the process nothing."""
+
+    def __init__(self, pid: int, every: float = 0.2) -> None:
+        self.pid = pid
+        self.every = every
+        self.first: dict[int, tuple[int, int]] = {}
+        self.last: dict[int, tuple[int, int]] = {}
+        self.ended = 0
+        self.names: dict[int, str] = {}  # tid → its name (/proc/PID/task/TID/comm)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def _sample(self) -> None:
+        now = task_switches(self.pid)
+        for tid, counts in now.items():
+            self.first.setdefault(tid, (0, 0))  # a thread begun inside the window: from 0
+            self.last[tid] = counts
+            if tid not in self.names:
+                try:
+                    self.names[tid] = Path(f"/proc/{self.pid}/task/{tid}/comm").read_text().strip()
+                except OSError:
+                    self.names[tid] = "?"
+        self.ended = len(self.last.keys() - now.keys())
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.every):
+            self._sample()
+
+    def __enter__(self) -> Switches:
+        self.first = task_switches(self.pid)
+        self.last = dict(self.first)
+        self._thread = threading.Thread(target=self._run, daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+        self._sample()
+
+    def _delta(self, tids: Iterable[int]) -> tuple[int, int]:
+        vol = invol = 0
+        for tid in tids:
+            v0, i0 = self.first.get(tid, (0, 0))
+            v1, i1 = self.last[tid]
+            vol, invol = vol + v1 - v0, invol + i1 - i0
+        return vol, invol
+
+    @property
+    def total(self) -> int:
+        """Voluntary + involuntary switches of every thread over the window."""
+        return sum(self._delta(self.last))
+
+    @property
+    def voluntary(self) -> int:
+        return self._delta(self.last)[0]
+
+    def by_name(self) -> dict[str, tuple[int, int]]:
+        """Switches by thread name (the main thread as "main"): name → (threads, switches),
+        most switches first."""
+        found: dict[str, tuple[int, int]] = {}
+        for tid in self.last:
+            name = "main" if tid == self.pid else self.names.get(tid, "?")
+            threads, count = found.get(name, (0, 0))
+            found[name] = (threads + 1, count + sum(self._delta([tid])))
+        return dict(sorted(found.items(), key=lambda kv: -kv[1][1]))
+
+    @property
+    def main(self) -> int:
+        """The main thread's (the event loop's, in tlsroll's daemons)."""
+        return sum(self._delta([self.pid])) if self.pid in self.last else 0
 
 
 class Fsyncs:

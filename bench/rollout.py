@@ -16,9 +16,12 @@ one-time token. Then, in this order:
 3. an enable-tls rollout of the whole cluster (max-parallel 1, freeze per node) while a writer
    thread posts entries to every node in turn (http, then https once a node has switched).
 
-The leader is read from /proc before and after the rollout (CPU: utime + stime), and after it
-(RSS, open files); the end of the rollout is read from the leader's log, so that finding it out
-costs the leader nothing. Figures per run, then over the runs: median and spread (min–max).
+The leader is read from /proc before and after the rollout (CPU: utime + stime; context
+switches, voluntary + involuntary, summed over its threads and sampled while it runs, since a
+thread that ends takes its counts with it: ``bench.common.Switches``; a figure of how often the
+leader woke that the machine's load moves little), and after it (RSS, open files); the end of
+the rollout is read from the leader's log, so that finding it out costs the leader nothing.
+Figures per run, then over the runs: median and spread (min–max).
 
 Overhead per node = (rollout wall time − Σ managed-server restart) / N, the restart being what
 each agent's transaction recorded (``restart_seconds``). Freeze − bare restart = each node's
@@ -53,6 +56,7 @@ from bench.common import (
     NO_DEBUG,
     Fsyncs,
     Reading,
+    Switches,
     address,
     enable_tls_request,
     get_schema,
@@ -183,6 +187,9 @@ class Run:
     state: str
     ansible: ansible_baseline.Result | None
     fsyncs: int | None = None  # the leader's, during the rollout (--fsyncs)
+    switches: int = 0  # the leader's context switches during the rollout, all its threads
+    loop_switches: int = 0  # of them, its main thread's (the event loop)
+    switches_by_name: dict[str, tuple[int, int]] = field(default_factory=dict)
     gaps: list[float] = field(default_factory=list)  # a node's confirm end → the next's switch
     parts: dict[str, float] = field(default_factory=dict)  # overhead per node, by where it went
     steps: dict[str, list[float]] = field(default_factory=dict)  # a switch, step by step
@@ -241,7 +248,9 @@ def one_run(
         counting = Fsyncs(pid, root / "strace.txt")
         spied = Profile(pid, profile / f"leader-{root.name}.spy", gil=True) if profile else None
         perf = Perf(pid, profile / f"leader-{root.name}.perf") if profile else None
+        switches = Switches(pid)
         with (
+            switches,
             counting if fsyncs else contextlib.nullcontext(),
             perf if perf is not None else contextlib.nullcontext(),
             spied if spied is not None else contextlib.nullcontext(),
@@ -288,6 +297,9 @@ def one_run(
             state=types_pb2.RolloutState.Name(view.state),
             ansible=baseline,
             fsyncs=counting.count,
+            switches=switches.total,
+            loop_switches=switches.main,
+            switches_by_name=switches.by_name(),
             gaps=switch_gaps(view),
             parts=overhead_parts(view),
             steps=switch_steps(view, nodes),
@@ -454,6 +466,13 @@ def report(runs: Sequence[Run]) -> None:
         "its bootstrap service runs)"
     )
     print(f"  leader CPU per node:      {summary([r.cpu / r.nodes for r in runs], 'ms', ms, 1)}")
+    print(
+        "  leader ctx switches/node: "
+        f"{summary([r.switches / r.nodes for r in runs], '', digits=0)} (all its threads, "
+        "voluntary + involuntary, from /proc: how often it woke; the event loop's "
+        f"{summary([r.loop_switches / r.nodes for r in runs], '', digits=0)}; the rest its "
+        "worker threads and gRPC's)"
+    )
     print(f"  leader RSS after:         {summary([r.after.rss for r in runs], 'MiB')}")
     print(f"  leader open files after:  {summary([r.after.files for r in runs], 'fds', digits=0)}")
     if any(r.fsyncs is not None for r in runs):
@@ -530,7 +549,12 @@ def main(argv: list[str] | None = None) -> int:
         ans = f", ansible {run.ansible.seconds:.2f} s" if run.ansible and run.ansible.ok else ""
         print(
             f"run {i + 1}/{ns.runs}: {run.state}, wall {run.wall:.2f} s, overhead/node "
-            f"{run.overhead * 1000:.0f} ms, leader CPU/node {run.cpu / run.nodes * 1000:.1f} ms"
+            f"{run.overhead * 1000:.0f} ms, leader CPU/node {run.cpu / run.nodes * 1000:.1f} ms, "
+            f"ctx switches/node {run.switches / run.nodes:.0f} (by thread name, threads: "
+            + ", ".join(
+                f"{k} {v / run.nodes:.0f} ({t})" for k, (t, v) in run.switches_by_name.items()
+            )
+            + ")"
             f"{ans}",
             flush=True,
         )

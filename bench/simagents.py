@@ -34,10 +34,11 @@ heartbeat interval (what the heartbeats load it with; before renewal mode every 
 message, so this is the figure earlier runs called CPU per heartbeat), the messages that went
 to it per agent and interval, and its CPU per message (all of its CPU in the window divided by
 the messages: keepalive PINGs and the renewal watch included), CPU per
-node over the rollout (with and without the heartbeats that fell in it), RSS and open files
-after it, and how many of those files are the agents' inbound heartbeat connections (one per
-agent: the rest is the leader's own, which the AgentPool caps). On the workers: CPU per
-agent and interval (the agent side of the heartbeat).
+node over the rollout (with and without the heartbeats that fell in it), its context switches
+per node over the rollout (all its threads; with and without the idle window's rate), RSS and
+open files after it, and how many of those files are the agents' inbound heartbeat
+connections (one per agent: the rest is the leader's own, which the AgentPool caps). On the
+workers: CPU per agent and interval (the agent side of the heartbeat).
 """
 
 from __future__ import annotations
@@ -70,6 +71,7 @@ from bench.common import (
     NO_DEBUG,
     Fsyncs,
     Reading,
+    Switches,
     address,
     cpu_seconds,
     enable_tls_request,
@@ -84,7 +86,7 @@ from bench.common import (
 from bench.memory import Snapshots, memory_env, threads
 from bench.profile import Perf, Profile, Yappi, yappi_env
 from tests.cluster import Cluster, hostport
-from tlsroll import __version__, pki, spiffe
+from tlsroll import __version__, pki, rpc, spiffe
 from tlsroll.defaults import AGENT_PORT, CONTROL_PORT, HTTP_PORT, HTTPS_PORT, JOIN_PORT
 from tlsroll.v1 import (
     admin_pb2,
@@ -190,7 +192,9 @@ class SimAgent(agent_pb2_grpc.NodeAgentServicer):
 
     async def serve(self) -> None:
         self.http = await asyncio.start_server(http_handler, self.address, HTTP_PORT)
-        server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+        # A real agent's server options (those of the code under test; an older tree has none).
+        options = getattr(rpc, "AGENT_SERVER_OPTIONS", [("grpc.so_reuseport", 0)])
+        server = grpc.aio.server(options=options)
         agent_pb2_grpc.add_NodeAgentServicer_to_server(self, server)
         creds = grpc.ssl_server_credentials(
             [(pki.key_to_pem(self.key), self.cert_pem)],
@@ -616,6 +620,9 @@ class Result:
     wall: float
     cpu_per_node: float
     cpu_per_node_net: float
+    switches_per_node: float  # the leader's context switches over the rollout / nodes
+    switches_per_node_net: float  # the same less the idle window's rate over the rollout
+    loop_switches_per_node: float  # of them, its main thread's (the event loop)
     after: Reading
     state: str
     nofile: str
@@ -760,6 +767,7 @@ def one_run(
             idle_perf if idle_perf is not None else contextlib.nullcontext(),
             idle_counting if fsyncs else contextlib.nullcontext(),
             idle_spied if idle_spied is not None else contextlib.nullcontext(),
+            Switches(pid) as idle_switches,
         ):
             _, m0 = worker_counts(procs)
             l0, a0 = cpu_seconds(pid), sum(cpu_seconds(p.pid) for p in procs)
@@ -783,7 +791,9 @@ def one_run(
         counting = Fsyncs(pid, root / "strace.txt")
         spied = Profile(pid, profile / f"leader-{n}.spy", gil=True) if profile else None
         perf = Perf(pid, profile / f"leader-{n}.perf") if profile else None
+        switches = Switches(pid)
         with (
+            switches,
             Yappi(pid) if yappi else contextlib.nullcontext(),
             perf if perf is not None else contextlib.nullcontext(),
             counting if fsyncs else contextlib.nullcontext(),
@@ -820,6 +830,7 @@ def one_run(
         hb_leader_net = (l1 - l0 - base_rate * idle) / beats
         cpu = after.cpu - before.cpu
         hb_in_rollout = hb_leader * n * during / interval
+        idle_switch_rate = idle_switches.total / idle  # heartbeats, keepalives, timers
         return Result(
             nodes=n,
             workers=workers,
@@ -835,6 +846,9 @@ def one_run(
             wall=seconds(view),
             cpu_per_node=cpu / n * 1000,
             cpu_per_node_net=(cpu - hb_in_rollout) / n * 1000,
+            switches_per_node=switches.total / n,
+            switches_per_node_net=(switches.total - idle_switch_rate * during) / n,
+            loop_switches_per_node=switches.main / n,
             after=after,
             state=types_pb2.RolloutState.Name(view.state).removeprefix("ROLLOUT_STATE_").lower(),
             nofile=leader_nofile(pid),
@@ -933,6 +947,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print(
         f"{'nodes':>5} {'outcome':>9} {'wall s':>7} {'CPU/node ms':>11} {'net ms':>7} "
+        f"{'ctx/node':>8} {'net':>5} {'loop':>5} "
         f"{'HB leader ms':>12} {'net':>5} {'msgs':>5} {'ms/msg':>6} {'HB agent ms':>11} "
         f"{'RSS MiB':>7} {'settled':>7} {'files':>5} "
         f"{'idle RSS':>8} {'no agent':>8} {'idle files':>10} {'inbound':>7} {'nofile':>6} "
@@ -964,7 +979,9 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(root, ignore_errors=True)
         print(
             f"{r.nodes:>5} {r.state:>9} {r.wall:>7.1f} {r.cpu_per_node:>11.1f} "
-            f"{r.cpu_per_node_net:>7.1f} {r.hb_leader_ms:>12.2f} {r.hb_leader_net_ms:>5.2f} "
+            f"{r.cpu_per_node_net:>7.1f} {r.switches_per_node:>8.0f} "
+            f"{r.switches_per_node_net:>5.0f} {r.loop_switches_per_node:>5.0f} "
+            f"{r.hb_leader_ms:>12.2f} {r.hb_leader_net_ms:>5.2f} "
             f"{r.messages:>5.2f} {r.per_message_ms:>6.2f} {r.hb_agent_ms:>11.2f} "
             f"{r.after.rss:>7.1f} {r.settled_rss:>7.1f} {r.after.files:>5} {r.idle_rss:>8.1f} "
             f"{r.base_rss:>8.1f} "
@@ -980,6 +997,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     print(
         "CPU/node: leader CPU over the rollout / nodes; net: less the heartbeats in that time; "
+        "ctx/node: the leader's context switches over the rollout / nodes (voluntary + "
+        "involuntary, summed over its threads, sampled from /proc every 0.2 s: a thread that "
+        "ends between two samples is missed; how often it woke, a count the machine's load "
+        "moves little: each hand-off to a worker thread and each gRPC completion wakes a "
+        "thread); net: less the idle window's rate (heartbeats, keepalives, timers) over the "
+        "rollout's time; loop: of ctx/node, the main thread's (the event loop); "
         "HB leader ms: the leader's CPU over the idle window per agent per heartbeat interval "
         "(the load heartbeats put on it; net: less its CPU with no agent, measured before they "
         "start); msgs: messages the leader got per agent per interval (1.00 when every "

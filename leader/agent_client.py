@@ -22,9 +22,9 @@ import grpc
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt, wait_exponential
 
 from leader.store import Node, Store
-from tlsroll import spiffe
+from tlsroll import dbthread, spiffe
 from tlsroll.errors import TerminalError, TransientError
-from tlsroll.rpc import hostport, reconnect_options
+from tlsroll.rpc import NO_BDP_PROBE, hostport, reconnect_options
 from tlsroll.v1 import agent_pb2, agent_pb2_grpc
 
 T = TypeVar("T")
@@ -174,6 +174,7 @@ class AgentClient:
                         spiffe.key_host(self.trust_domain, self.node.key_pin),
                     ),
                     *reconnect_options(RECONNECT_SECONDS),  # a returning agent is reached soon
+                    NO_BDP_PROBE,  # one PING round trip fewer per reply
                 ],
             )
             self._stub = None
@@ -218,9 +219,17 @@ class AgentClient:
 
     async def _call(self, method: Method[T], request: Any) -> T:
         """``_once``, tried again a few times with backoff while it is transient (the channel
-        counts as busy between the tries too)."""
+        counts as busy between the tries too). The first try is made without tenacity: its
+        machinery (an ``AsyncRetrying``, its strategies and attempt state) cost the leader's
+        CPU on every call to an agent, about six per node, for retries that are rare; a
+        transient first failure is handed to it as its first attempt, so that the tries and
+        the waits between them are tenacity's as before (4 tries, 0.2, 0.4, 0.8 s apart)."""
         self.in_flight += 1
         try:
+            try:
+                return await self._once(method, request)
+            except TransientError as exc:
+                first: TransientError | None = exc
             async for attempt in AsyncRetrying(
                 retry=retry_if_exception_type(TransientError),
                 wait=wait_exponential(multiplier=0.2, max=2),
@@ -228,6 +237,9 @@ class AgentClient:
                 reraise=True,
             ):
                 with attempt:
+                    if first is not None:  # the try above: tenacity's first attempt
+                        failed, first = first, None
+                        raise failed
                     return await self._once(method, request)
         finally:
             self._done()
@@ -405,7 +417,7 @@ class AgentPool:
         if client is not None and generation is not None and self._read_at.get(name) == generation:
             self._use(name)
             return client
-        node = await asyncio.to_thread(self.store.get_node, name)
+        node = await dbthread.run(self.store.get_node, name)
         if generation is not None:
             self._read_at[name] = generation
         client = self.clients.get(name)

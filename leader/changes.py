@@ -48,7 +48,7 @@ from leader.rollout_core import (
 from leader.schema_store import NodeDetail, RolloutMeta, SchemaStore
 from leader.store import IssuedCert, Node, Store
 from leader.wire import CHANGE, TXN_KIND, TXN_OUTCOME
-from tlsroll import httpcheck, logs, pki
+from tlsroll import dbthread, httpcheck, logs, pki
 from tlsroll.enums import TxnKind, TxnOutcome
 from tlsroll.errors import PKIError, TransientError
 from tlsroll.v1 import agent_pb2
@@ -145,7 +145,7 @@ class StepContext:
         thread, no query), else from the store."""
         if self.enrolled is not None and self.enrolled.name == self.node:
             return self.enrolled
-        return await asyncio.to_thread(self.store.get_node, self.node)
+        return await dbthread.run(self.store.get_node, self.node)
 
     async def detail(self, **changes: Any) -> None:
         """What the step learnt about the node (``SchemaStore.update_detail``'s fields),
@@ -156,9 +156,7 @@ class StepContext:
         """What the schema should show while the step still runs (a switch's freeze began):
         written now, with anything learnt before it, if it changes what is stored."""
         self.learnt.update(changes)
-        await asyncio.to_thread(
-            self.schema.update_detail, self.rollout.id, self.node, **self.learnt
-        )
+        await dbthread.run(self.schema.update_detail, self.rollout.id, self.node, **self.learnt)
         self.learnt.clear()
 
 
@@ -220,7 +218,7 @@ class ChangeSteps:
             cert = ctx.ca.sign_csr(csr, expected, server=True, client=False, now=ctx.clock())
             # Recorded, so that `certs check-expiration` has its serial and `nodes remove`
             # revokes it.
-            await asyncio.to_thread(
+            await dbthread.run(
                 ctx.store.record_certificate,
                 IssuedCert(
                     serial=f"{cert.serial_number:x}",
@@ -387,9 +385,7 @@ class ChangeSteps:
     @staticmethod
     async def node_detail(ctx: StepContext) -> NodeDetail:
         """What the schema holds about the node (from memory when it can: no worker thread)."""
-        row = ctx.schema.kept(ctx.rollout.id) or await asyncio.to_thread(
-            ctx.schema.get, ctx.rollout.id
-        )
+        row = ctx.schema.kept(ctx.rollout.id) or await dbthread.run(ctx.schema.get, ctx.rollout.id)
         assert row is not None
         return row.node(ctx.node)[1]
 

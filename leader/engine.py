@@ -71,7 +71,7 @@ from leader.schema_store import (
     StepTime,
 )
 from leader.store import Node, Store
-from tlsroll import logs, pki
+from tlsroll import dbthread, logs, pki
 from tlsroll.errors import TransientError
 from tlsroll.v1 import agent_pb2
 
@@ -166,7 +166,7 @@ class Engine:
         await self._settle_awaiting()
         known, row = self.schema.peek_active()  # from memory when it can (no worker thread)
         if not known:
-            row = await asyncio.to_thread(self.schema.active)
+            row = await dbthread.run(self.schema.active)
         await self._forget_ended_keys(row)
         if row is None:
             return
@@ -194,7 +194,7 @@ class Engine:
             now = self.clock()
             # Only the nodes the plan moves: the save is as cheap at 500 nodes as at 3.
             try:
-                row = await asyncio.to_thread(
+                row = await dbthread.run(
                     self.schema.save_states,
                     row,
                     rollout,
@@ -230,8 +230,8 @@ class Engine:
         back) has completed (``planner.awaiting_verdict``). Level-triggered: a leader that
         died between the two writes makes the second on its next pass."""
         known, rows = self.schema.peek_awaiting()
-        for row in rows if known else await asyncio.to_thread(self.schema.awaiting):
-            follower = await asyncio.to_thread(self.schema.follower, row.rollout.id)
+        for row in rows if known else await dbthread.run(self.schema.awaiting):
+            follower = await dbthread.run(self.schema.follower, row.rollout.id)
             if follower is None:
                 continue
             event = planner.awaiting_verdict(follower.rollout, follower.records)
@@ -239,7 +239,7 @@ class Engine:
                 continue
             reason = f"{event.value} by rollout {follower.rollout.id}"
             try:
-                await asyncio.to_thread(
+                await dbthread.run(
                     self.schema.save_states,
                     row,
                     row.rollout.with_event(event),
@@ -259,8 +259,8 @@ class Engine:
         pending = [r.name for r in row.records if r.state is NodeState.PENDING]
         if not pending:
             return frozenset()
-        infos = await asyncio.to_thread(self.schema.clients_info)
-        clients = await asyncio.to_thread(self.schema.clients, pending)
+        infos = await dbthread.run(self.schema.clients_info)
+        clients = await dbthread.run(self.schema.clients, pending)
         known = {
             n: i.first_report - dt.timedelta(seconds=i.window_seconds)
             for n, i in infos.items()
@@ -296,10 +296,10 @@ class Engine:
         done = [n for n in (row.nodes[at][0].name for at in done_at) if n not in known]
         if not done:
             return
-        live = await asyncio.to_thread(self.schema.node_auth)
+        live = await dbthread.run(self.schema.node_auth)
         for name in done:
             if live.get(name) != version:
-                await asyncio.to_thread(self.schema.set_node_auth, name, version, self.clock())
+                await dbthread.run(self.schema.set_node_auth, name, version, self.clock())
             known.add(name)
 
     async def _revoke_superseded(self, row: RolloutRow) -> None:
@@ -319,7 +319,7 @@ class Engine:
             if not detail.cert_fingerprint:  # no new certificate recorded: nothing superseded
                 revoked.add(rec.name)
                 continue
-            serials = await asyncio.to_thread(
+            serials = await dbthread.run(
                 self.store.revoke_superseded,
                 rec.name,
                 detail.cert_fingerprint,
@@ -400,9 +400,7 @@ class Engine:
         if step.step in STEP_FOR_STATE.values():
             # ``row`` was read before this task started, maybe while the previous run of the
             # same step was saving its result: run only if the node still waits for it.
-            fresh = self.schema.kept(rollout.id) or await asyncio.to_thread(
-                self.schema.get, rollout.id
-            )
+            fresh = self.schema.kept(rollout.id) or await dbthread.run(self.schema.get, rollout.id)
             try:
                 state = fresh.node(step.node)[0].state if fresh is not None else None
             except KeyError:  # not a node of this rollout
@@ -502,7 +500,7 @@ class Engine:
         held = self.vault.rollout_id
         if not held or (active is not None and active.rollout.id == held):
             return
-        row = await asyncio.to_thread(self.schema.get, held)
+        row = await dbthread.run(self.schema.get, held)
         if row is None or row.rollout.state in TERMINAL_ROLLOUT_STATES:
             self.vault.forget(held)
 
@@ -523,7 +521,7 @@ class Engine:
         facts = self.facts.get(row.rollout.id)
         if facts is None or (facts.done() and facts.exception() is not None):
             facts = asyncio.ensure_future(
-                asyncio.to_thread(
+                dbthread.run(
                     rollout_facts,
                     self.schema,
                     row.rollout.id,
@@ -585,7 +583,7 @@ class Engine:
         # per node (issue 15), for a retry that is rare.
         for attempt in range(1, STALE_ATTEMPTS + 1):
             try:
-                row = self.schema.kept(rollout_id) or await asyncio.to_thread(
+                row = self.schema.kept(rollout_id) or await dbthread.run(
                     self.schema.get, rollout_id
                 )
                 assert row is not None
@@ -600,7 +598,7 @@ class Engine:
                     return row
                 auth = self._auth_now(row, old, new)
                 revoke = self._revoke_now(row, old, new, learnt.get("cert_fingerprint"), detail)
-                row = await asyncio.to_thread(
+                row = await dbthread.run(
                     self.schema.save_states,
                     row,
                     row.rollout,

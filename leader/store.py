@@ -829,7 +829,12 @@ class Store(LeaderStore):
     # --- certificates -------------------------------------------------------------------------
 
     def record_certificate(self, cert: IssuedCert, *, actor: str, now: dt.datetime) -> None:
-        with self._db.tx() as db:
+        """Record a certificate just issued (a stage's, for each node of a rollout). Routine
+        for the heartbeat path (``tx(routine=True)``): a new, unrevoked certificate changes
+        nothing its snapshot keeps (which certificates nodes call with, the revoked serials,
+        the epoch, the revocation list), so the heartbeats after a stage do not read the store
+        again (issue 15: a worker-thread hop and four queries per node of a rollout)."""
+        with self._db.tx(routine=True) as db:
             _record_cert(
                 db,
                 cert.serial,

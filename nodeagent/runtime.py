@@ -39,7 +39,7 @@ from tlsroll import __version__, logs
 from tlsroll.daemon import sd_notify, stop_event, watchdog
 from tlsroll.errors import ConfigError, TlsrollError, TransientError
 from tlsroll.fsutil import make_private_dir
-from tlsroll.rpc import add_standard_services, bind, hostport
+from tlsroll.rpc import AGENT_SERVER_OPTIONS, add_standard_services, bind, hostport
 from tlsroll.v1 import agent_pb2, agent_pb2_grpc
 
 GRACE_SECONDS = 10.0
@@ -133,7 +133,7 @@ async def serve(cfg: AgentConfig, *, reinitialise: bool = False) -> None:
     # Hot-reloaded: a renewed certificate is served to new connections at once.
     creds = ServerCredentials(identity)
     # gRPC sets SO_REUSEPORT by default: a second agent would then share the port silently.
-    server = grpc.aio.server(options=[("grpc.so_reuseport", 0)])
+    server = grpc.aio.server(options=AGENT_SERVER_OPTIONS)
     trust = await asyncio.to_thread(
         LeaderTrust.load, identity.ca_file, identity.trust_domain, cfg.data_dir
     )

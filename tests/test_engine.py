@@ -68,7 +68,7 @@ from leader.schema_store import RolloutRow, SchemaStore, StaleRecords
 from leader.service import ERRORS
 from leader.store import NodeCert, Store
 from tests.fake_agent import START, FakeAgent, FakeAgents, FakeClock
-from tlsroll import pki
+from tlsroll import dbthread, pki
 from tlsroll.enums import TxnKind, TxnOutcome
 from tlsroll.rpc import status_for
 from tlsroll.v1 import agent_pb2
@@ -332,6 +332,7 @@ def make_world(directory: Path, mp: pytest.MonkeyPatch, nodes: Mapping[str, str]
     ca = pki.CertificateAuthority.create("tlsroll engine test CA", now=START)
     agents = FakeAgents(clock, ca.cert, nodes)
     mp.setattr(asyncio, "to_thread", hop)
+    mp.setattr(dbthread, "run", hop)  # the store's thread (``tlsroll.dbthread``) too
     mp.setattr(changes, "outside_check", agents.outside_check)
     world = World(directory / "leader.sqlite3", clock, ca, agents)
     enrol(world)
@@ -1081,7 +1082,9 @@ async def test_the_real_loop_never_runs_a_step_twice(
     turns, 16 of 30 seeds once re-ran preflight, stage, switch or confirm, and a confirm run
     again could roll back a node already recorded done."""
     world = make_world(tmp_path, monkeypatch)
-    monkeypatch.setattr(asyncio, "to_thread", _hops(random.Random(seed)))
+    hops = _hops(random.Random(seed))
+    monkeypatch.setattr(asyncio, "to_thread", hops)
+    monkeypatch.setattr(dbthread, "run", hops)
     monkeypatch.setattr("leader.engine.TICK_SECONDS", 0.001)
     seen: dict[str, int] = {}
     real = world.agents.outside_check

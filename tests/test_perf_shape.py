@@ -16,6 +16,7 @@ import sqlite3
 import ssl
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
@@ -25,8 +26,10 @@ from typing import TYPE_CHECKING, Any
 
 import grpc
 import pytest
+from tenacity import AsyncRetrying
 
-from leader.agent_client import AgentClient, AgentPool
+from leader import agent_client
+from leader.agent_client import AgentClient, AgentPool, StepFailed
 from leader.observe import OBSERVE_AT_ONCE, observe
 from leader.planner import NodesOffline, Unreachable
 from leader.rollout_core import (
@@ -45,7 +48,7 @@ from tests.conftest import IssuedCert
 from tests.leader_rig import leader_with_a_node
 from tests.nodeside import Node as NodeSide
 from tests.refserver_helper import RefServer, write_toml
-from tlsroll import httpcheck, pki, tls
+from tlsroll import dbthread, httpcheck, pki, tls
 from tlsroll.defaults import AGENT_PORT, BOOTSTRAP_PORT
 from tlsroll.errors import TransientError
 from tlsroll.httpcheck import port_open
@@ -1132,14 +1135,18 @@ async def step_hops(directory: Path, mp: pytest.MonkeyPatch, n: int, parallel: i
     ``tests/test_engine.py``'s harness: the real engine and stores on a real SQLite file, fake
     agents; every hand-off to a worker thread counted, by what it calls."""
     world = engine_world(directory, mp, n)
-    hop = asyncio.to_thread
     calls: Counter[str] = Counter()
 
-    async def counting(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        calls[getattr(func, "__qualname__", repr(func))] += 1
-        return await hop(func, *args, **kwargs)
+    def counted(hop: Callable[..., Any]) -> Callable[..., Any]:
+        async def counting(func: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+            calls[getattr(func, "__qualname__", repr(func))] += 1
+            return await hop(func, *args, **kwargs)
 
-    mp.setattr(asyncio, "to_thread", counting)
+        return counting
+
+    # Both kinds of hand-off: the default executor's and the store's own thread's.
+    mp.setattr(asyncio, "to_thread", counted(asyncio.to_thread))
+    mp.setattr(dbthread, "run", counted(dbthread.run))
     leader = world.boot(prepare_ahead=1)
     pool_reads_enrolment(world, leader)
     await leader.start(max_parallel=parallel)
@@ -1273,3 +1280,180 @@ async def test_a_rollout_opens_a_node_s_agent_channel_once_or_at_most_twice(
         assert pool.open_channels() <= 4
     finally:
         await pool.close()
+
+
+REAL_TO_THREAD = asyncio.to_thread
+REAL_STORE_THREAD = dbthread.run
+
+
+async def store_threads(directory: Path, mp: pytest.MonkeyPatch, n: int) -> Counter[int]:
+    """An enable-tls rollout of ``n`` nodes, 5 at once and the next prepared ahead, in
+    ``tests/test_engine.py``'s harness (the real engine and stores on a real SQLite file, fake
+    agents that answer at once) but with real worker threads: which threads ran the store's
+    writes of the rollout, by thread id (what the store keeps in memory is read on the loop
+    when no write holds it, by design)."""
+    world = engine_world(directory, mp, n)
+    mp.setattr(asyncio, "to_thread", REAL_TO_THREAD)
+    mp.setattr(dbthread, "run", REAL_STORE_THREAD)
+    leader = world.boot(prepare_ahead=1)
+    pool_reads_enrolment(world, leader)
+    await leader.start(max_parallel=5)
+    ran: Counter[int] = Counter()
+
+    def on_thread(real: Callable[..., Any]) -> Callable[..., Any]:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            ran[threading.get_ident()] += 1
+            return real(*args, **kwargs)
+
+        return call
+
+    for name in ("save_states", "update_detail"):
+        mp.setattr(leader.schema, name, on_thread(getattr(leader.schema, name)))
+    mp.setattr(leader.store, "record_certificate", on_thread(leader.store.record_certificate))
+    await drive_to_the_end(world, leader, n)
+    await leader.stop()
+    return ran
+
+
+async def test_a_rollout_s_store_calls_run_on_one_thread_off_the_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15 (a profile of the leader at 200 nodes: a fifth of its CPU context switching;
+    its default executor's threads switched about 120 times per node): each store call of a
+    step went to ``asyncio.to_thread``, whose executor grew to six threads as steps overlapped,
+    though the store runs one call at a time (one connection, one lock): the threads waited
+    for that lock and the GIL, each wait a switch. Now the store's calls go to its own single
+    thread (``tlsroll.dbthread``), and its writes never to the event loop's: 20 nodes, 5 at
+    once, with real threads."""
+    ran = await store_threads(tmp_path / "rollout", monkeypatch, 20)
+    assert ran.total() >= 20 * 6, ran  # four outcomes, the signing record, the freeze began
+    assert threading.get_ident() not in ran  # off the loop (durable writes wait on the disk)
+    assert len(ran) == 1, ran
+
+
+class Tries:
+    """What ``AgentClient._once`` answers, one by one (an exception is raised), and how often
+    it was asked."""
+
+    def __init__(self, *answers: Any) -> None:
+        self.answers = list(answers)
+        self.asked = 0
+
+    async def __call__(self, method: Any, request: Any, timeout: float = 0) -> Any:
+        self.asked += 1
+        answer = self.answers.pop(0) if len(self.answers) > 1 else self.answers[0]
+        if isinstance(answer, BaseException):
+            raise answer
+        return answer
+
+
+async def test_a_call_to_an_agent_that_answers_builds_no_retry_machinery(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 15: every call to an agent (about six per node) built tenacity's ``AsyncRetrying``
+    (its strategies, its attempt state) before its first try. Now the first try goes without
+    it, and tenacity comes in only when that try was transient, with the tries and waits it
+    had before: 4 tries at most, 0.2, 0.4 and 0.8 s apart; a refusal is never tried again."""
+    made: list[int] = []
+
+    class Counting(AsyncRetrying):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            made.append(1)
+            super().__init__(*args, **kwargs)
+
+    waits: list[float] = []
+
+    async def no_wait(seconds: float) -> None:  # tenacity's waits, recorded
+        waits.append(seconds)
+
+    monkeypatch.setattr(agent_client, "AsyncRetrying", Counting)
+    monkeypatch.setattr(asyncio, "sleep", no_wait)
+    creds = grpc.ssl_channel_credentials(pki.CertificateAuthority.create().cert_pem)
+    client = AgentClient(NodeRows("127.0.0.1").get_node("n1"), creds, "tlsroll-test")
+    request = agent_pb2.PreflightRequest()
+    answer = agent_pb2.PreflightResponse(ok=True)
+    unavailable = TransientError("agent n1: unavailable")
+
+    tries = Tries(answer)
+    monkeypatch.setattr(client, "_once", tries)
+    for _ in range(6):
+        assert await client.preflight(request) == answer
+    assert (tries.asked, made, waits) == (6, [], [])
+
+    tries = Tries(unavailable, unavailable, answer)
+    monkeypatch.setattr(client, "_once", tries)
+    assert await client.preflight(request) == answer
+    assert (tries.asked, made, waits) == (3, [1], [0.2, 0.4])
+
+    made.clear()
+    waits.clear()
+    tries = Tries(unavailable)
+    monkeypatch.setattr(client, "_once", tries)
+    with pytest.raises(TransientError):
+        await client.preflight(request)
+    assert (tries.asked, made, waits) == (4, [1], [0.2, 0.4, 0.8])
+
+    made.clear()
+    waits.clear()
+    tries = Tries(StepFailed("no (FAILED_PRECONDITION)"))
+    monkeypatch.setattr(client, "_once", tries)
+    with pytest.raises(StepFailed):
+        await client.preflight(request)
+    assert (tries.asked, made, waits) == (1, [], [])
+    assert client.in_flight == 0
+
+
+async def generation_moves(directory: Path, mp: pytest.MonkeyPatch, n: int) -> int:
+    """An enable-tls rollout of ``n`` nodes (no certificate of theirs superseded: none is
+    revoked) in ``tests/test_engine.py``'s harness: how often the store's ``generation``
+    moved, each move making the heartbeat path read its snapshot again."""
+    world = engine_world(directory, mp, n)
+    leader = world.boot(prepare_ahead=1)
+    pool_reads_enrolment(world, leader)
+    await leader.start(max_parallel=2)
+    before = leader.store.db.generation
+    await drive_to_the_end(world, leader, n)
+    moved = leader.store.db.generation - before
+    await leader.stop()
+    return moved
+
+
+async def test_a_rollout_s_stages_leave_the_heartbeats_snapshot_as_it_is(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15: each stage's signing record (``Store.record_certificate``) moved the store's
+    ``generation`` on, so the next heartbeat read the heartbeat path's snapshot again (a
+    worker-thread hop and four queries, per node of a rollout), though a new certificate
+    changes nothing it keeps (the revoked serials, the certificates nodes call with, the
+    epoch, the revocation list). A rollout that revokes nothing moves it as often at 8 nodes
+    as at 2."""
+    few = await generation_moves(tmp_path / "few", monkeypatch, 2)
+    many = await generation_moves(tmp_path / "many", monkeypatch, 8)
+    assert many == few, (few, many)  # the old code: 2 and 8
+
+
+def test_the_leader_s_channels_to_agents_and_the_agent_s_server_send_no_bdp_probe(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 15: gRPC's core answers data that arrives on a quiet connection with a PING of its
+    own (a bandwidth-delay probe, to size the flow-control window): on the leader's channels
+    to agents, one more round trip for every reply and every message of a switch's watch,
+    each waking the leader's gRPC threads (``bench.rollout``: its event-engine threads
+    switched about a third less per node without it), and on the agent's server the same for
+    every call the leader makes. The control port has had none since heartbeats were cut down.
+    Options as passed to gRPC (what gRPC then sends is not observable from Python)."""
+    from tlsroll import rpc
+
+    seen: list[Any] = []
+
+    def capturing(target: str, credentials: Any, options: Any = None, **kw: Any) -> Any:
+        seen.append(dict(options or []))
+        raise RuntimeError("captured")
+
+    monkeypatch.setattr(grpc.aio, "secure_channel", capturing)
+    creds = grpc.ssl_channel_credentials(pki.CertificateAuthority.create().cert_pem)
+    client = AgentClient(NodeRows("127.0.0.1").get_node("n1"), creds, "tlsroll-test")
+    with pytest.raises(RuntimeError, match="captured"):
+        client.channel  # noqa: B018 - opens the channel
+    assert seen and seen[0].get("grpc.http2.bdp_probe") == 0, seen
+    assert dict(rpc.AGENT_SERVER_OPTIONS).get("grpc.http2.bdp_probe") == 0

@@ -289,6 +289,17 @@ def check_port_free(target: str) -> None:
             raise TerminalError(f"cannot listen on {target}: {exc.strerror}") from None
 
 
+# No bandwidth-delay probe: gRPC's core otherwise answers data that arrives on a quiet
+# connection (a request, a reply, each message of a switch's watch) with a PING of its own to
+# size the flow-control window: one more round trip per message that wakes the gRPC threads
+# of both sides, for a window these small messages never fill (issue 15: the leader's gRPC
+# threads switched about a third less per node of a rollout without it). The control port has
+# none either (``leader.service.control_server_options``).
+NO_BDP_PROBE = ("grpc.http2.bdp_probe", 0)
+# The agent's NodeAgent server (the leader's calls): no port sharing, no probe.
+AGENT_SERVER_OPTIONS = [("grpc.so_reuseport", 0), NO_BDP_PROBE]
+
+
 def reconnect_options(max_seconds: float) -> list[tuple[str, int]]:
     """Channel options so that a peer that comes back is reached within ``max_seconds``
     (gRPC's own reconnect backoff grows to 120 s: a restarted leader or agent would go

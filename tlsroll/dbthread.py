@@ -1,0 +1,54 @@
+"""The store's own worker thread: a rollout's reads and writes of the leader's SQLite store,
+handed off the event loop one after another to a single thread.
+
+``asyncio.to_thread`` hands each call to the loop's default executor, which grows to several
+threads (six on two cores) when calls overlap, as the steps of a rollout with nodes in flight
+do. Their store calls still run one at a time (one connection under one lock,
+``tlsroll.sqlite.Database``): the extra threads only wait for that lock and for the GIL, and
+each such wait is a context switch (a profile of the leader at 200 nodes: about a fifth of its
+CPU went to switching, and its default executor's threads switched about 120 times per node).
+One thread for the store runs the calls queued behind each other back to back, and never
+waits for a lock another of its own holds. Calls that are not the store's (the confirm's
+outside check, which waits on the network) stay on ``asyncio.to_thread``, so they never hold
+up a write.
+
+Blocking calls only (they run off the loop); the thread never calls back into the loop
+except through the future it completes, so a call can never wait for one queued behind it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextvars
+import functools
+import threading
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from typing import ParamSpec, TypeVar
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+THREAD_NAME = "tlsroll-store"
+
+_executor: ThreadPoolExecutor | None = None
+_made = threading.Lock()
+
+
+def executor() -> ThreadPoolExecutor:
+    """The process's store thread (made on first use; one per process, for every loop)."""
+    global _executor  # noqa: PLW0603 - one per process, made on first use
+    if _executor is not None:  # every call but the first: no lock
+        return _executor
+    with _made:
+        if _executor is None:
+            _executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix=THREAD_NAME)
+        return _executor
+
+
+async def run(func: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
+    """``asyncio.to_thread`` on the store's thread: ``func(*args, **kwargs)`` there, with the
+    caller's context variables (the log's bound fields)."""
+    loop = asyncio.get_running_loop()
+    call = functools.partial(contextvars.copy_context().run, func, *args, **kwargs)
+    return await loop.run_in_executor(executor(), call)
