@@ -21,18 +21,19 @@ about a millisecond. A reader task takes the leader's answers and its news (a ne
 revocation list, sent unasked). A leader that gives no renewal bound (older) gets a message
 every interval. A stream that the leader ends or that breaks (the leader stopped or
 restarted, ended a stream that fell behind, the connection broke) is noticed by its reader
-task, and a new one is opened at once, after a short random pause (``reconnect_pause``: up to
-a second, a quarter interval at most, so that the agents of a restarted leader do not all come
-back in the same millisecond): the leader counts a stream that ended without ``closing`` alive
-only half an interval more, and the node showed offline until the agent's next heartbeat (and
-commands waited for it). A stream that ends again soon after it opened (``LASTED_SECONDS``) doubles
-the pause, up to the interval: a leader that keeps ending streams, or is not back yet, hears from
-the agent no more often than before; one that refuses the certificate (or has too many of the
-node's streams) hears from it at the next heartbeat, as before. A stream that gives no answer
-within the interval is dropped, and the next heartbeat opens a new one on the usual schedule.
-A leader older than that RPC answers UNIMPLEMENTED:
-the agent then sends unary ``Heartbeat`` calls, and tries the stream again once that leader
-has been unreachable or after ``STREAM_RETRY_BEATS`` calls (it may have been upgraded).
+task, and a new one is opened at once, after a short random pause (``reconnect_pause``: up
+to a second, a quarter interval at most, so that the agents of a restarted leader do not all
+come back in the same millisecond): the leader counts a stream that ended without
+``closing`` alive only half an interval more, and the node showed offline until the agent's
+next heartbeat (and commands waited for it). A stream that ends again soon after it opened
+(``LASTED_SECONDS``) doubles the pause, up to the interval: a leader that keeps ending
+streams, or is not back yet, hears from the agent no more often than before; one that
+refuses the certificate (or has too many of the node's streams) hears from it at the next
+heartbeat, as before. A stream that gives no answer within the interval is dropped, and the
+next heartbeat opens a new one on the usual schedule. A leader older than that RPC answers
+UNIMPLEMENTED: the agent then sends unary ``Heartbeat`` calls, and tries the stream again once
+that leader has been unreachable or after ``STREAM_RETRY_BEATS`` calls (it may have been
+upgraded).
 
 The link also carries the agent's certificate renewal (``renew``; ``nodeagent.renewal``) and
 the renewal's status in each heartbeat; ``use`` reconnects it with the renewed certificate
