@@ -11,29 +11,28 @@ journal has seen and the number of its revocation list, and carries the failed b
 passwords since the last one; the reply announces the leader's epoch and, when newer, the
 revocation list (both go to ``nodeagent.trust``).
 
-Heartbeats go over one long-lived ``Leader.Heartbeats`` stream (a unary call costs the
-leader several times the CPU of a message on an open stream). The agent builds its report
-every interval but sends it only when it says something new (``report_key``: not the times
-and counts that move with every request a workstation makes) or the leader's renewal bound
+Heartbeats go over one long-lived ``Leader.Heartbeats`` stream (a unary call costs the leader
+several times the CPU of a message on an open stream). The agent builds its report every
+interval but sends it only when it says something new (``report_key``: not the times and counts
+that move with every request a workstation makes) or the leader's renewal bound
 (``renew_seconds`` in its reply) would pass before the next one: between messages the
 connection's keepalive tells the leader the agent is alive, and each message costs the leader
 about a millisecond. A reader task takes the leader's answers and its news (a new epoch or
 revocation list, sent unasked). A leader that gives no renewal bound (older) gets a message
-every interval. A stream that the leader ends or that breaks (the leader stopped or
-restarted, ended a stream that fell behind, the connection broke) is noticed by its reader
-task, and a new one is opened at once, after a short random pause (``reconnect_pause``: up
-to a second, a quarter interval at most, so that the agents of a restarted leader do not all
-come back in the same millisecond): the leader counts a stream that ended without
-``closing`` alive only half an interval more, and the node showed offline until the agent's
-next heartbeat (and commands waited for it). A stream that ends again soon after it opened
-(``LASTED_SECONDS``) doubles the pause, up to the interval: a leader that keeps ending
-streams, or is not back yet, hears from the agent no more often than before; one that
-refuses the certificate (or has too many of the node's streams) hears from it at the next
-heartbeat, as before. A stream that gives no answer within the interval is dropped, and the
-next heartbeat opens a new one on the usual schedule. A leader older than that RPC answers
-UNIMPLEMENTED: the agent then sends unary ``Heartbeat`` calls, and tries the stream again once
-that leader has been unreachable or after ``STREAM_RETRY_BEATS`` calls (it may have been
-upgraded).
+every interval. A stream that the leader ends or that breaks (the leader stopped or restarted,
+ended a stream that fell behind, the connection broke) is noticed by its reader task, and a new
+one is opened at once, as soon as the channel is connected again and after a short random pause
+(``reconnect_pause``: up to a second, a quarter interval at most, so that the agents of a
+restarted leader do not all come back in the same millisecond): the leader counts a stream that
+ended without ``closing`` alive only half an interval more, and the node showed offline until
+the agent's next heartbeat (and commands waited for it). A stream that ends again soon after it
+opened (``LASTED_SECONDS``) doubles the pause, up to the interval: a leader that keeps ending
+streams, or is not back yet, hears from the agent no more often than before; one that refuses
+the certificate (or has too many of the node's streams) hears from it at the next heartbeat, as
+before. A stream that gives no answer within the interval is dropped, and the next heartbeat
+opens a new one on the usual schedule. A leader older than that RPC answers UNIMPLEMENTED: the
+agent then sends unary ``Heartbeat`` calls, and tries the stream again once that leader has
+been unreachable or after ``STREAM_RETRY_BEATS`` calls (it may have been upgraded).
 
 The link also carries the agent's certificate renewal (``renew``; ``nodeagent.renewal``) and
 the renewal's status in each heartbeat; ``use`` reconnects it with the renewed certificate
@@ -91,13 +90,14 @@ NOT_AT_ONCE = frozenset(
 def reconnect_pause(
     attempt: int, interval: float, draw: Callable[[], float] = random.random
 ) -> float | None:
-    """How long an agent whose stream ended by itself waits before it opens a new one: a
-    random part (``draw``) of ``RECONNECT_SECONDS`` or a quarter interval if less, doubled for
-    each stream in a row that ended soon after opening (``attempt``; 0 after one that lasted
-    ``LASTED_SECONDS`` or an interval). None once that reaches the interval: the usual
-    heartbeat then, so that a leader that keeps ending streams, or is not back yet, is called
-    no more often than before."""
-    bound = min(RECONNECT_SECONDS, interval / 4) * 2 ** min(attempt, 32)
+    """How long an agent whose stream ended by itself waits before it opens a new one (once
+    the channel is connected: ``LeaderLink._leader_reachable``): a random part (``draw``) of
+    ``RECONNECT_SECONDS`` or a quarter interval if less, doubled for each stream in a row that
+    ended soon after opening (``attempt``; 0 after one that lasted ``LASTED_SECONDS`` or an
+    interval) but the first (the one opened while a restarting leader was still away, as a
+    rule). None once that reaches the interval: the usual heartbeat then, so that a leader
+    that keeps ending streams is called no more often than before."""
+    bound = min(RECONNECT_SECONDS, interval / 4) * 2 ** max(0, min(attempt, 32) - 1)
     return None if bound >= interval else bound * draw()
 
 
@@ -563,7 +563,21 @@ class LeaderLink:
                 async with asyncio.timeout(self.cfg.heartbeat_interval):
                     await self._ended.wait()  # the stream ended (now, or during that beat)
                     self._ended.clear()
+                    await self._leader_reachable()
                     await asyncio.sleep(self._reconnect)
+
+    async def _leader_reachable(self) -> None:
+        """Wait until the channel is connected to the leader (at once if it is: the leader
+        ended the stream but is there). A leader that stopped or restarted is reached at
+        gRPC's next reconnect attempt after it is back (``reconnect_options``: from 0.5 s,
+        growing to an interval), not by calls that fail at once while the channel waits out
+        its backoff (a call does not wait for a connection). The caller bounds the wait by the
+        interval: a leader that refuses the connection (its TLS) gets the usual heartbeat."""
+        channel = self.channel
+        try:
+            await channel.channel_ready()
+        except Exception as exc:  # a channel ``use`` closed meanwhile: the beat uses the new one
+            log.debug("heartbeat.channel_wait", error=type(exc).__name__)
 
     async def close(self) -> None:
         """Stop: the leader is told the stream ends (the node stays online for the offline
