@@ -200,10 +200,11 @@ def test_a_real_agent_is_heard_again_soon_after_the_leader_restarts(tmp_path: Pa
     from it within half an interval of the restart, not at its next heartbeat 90 s after the
     first (the old code's; its node would have shown offline from half an interval after the
     stop until then). Meanwhile it does not call the leader that is away: it waits for its
-    channel to connect (gRPC's reconnect backoff), so the streams it opened in the 8 s (each
-    logs ``heartbeat.stream_ended``) are the one the leader ended and at most one more (opened
-    before the channel saw the leader gone); calling at each pause, it opened at least 4
-    (pauses of up to 1, 1, 2, 4 s)."""
+    channel to connect (gRPC's reconnect backoff), so the streams that ended in the 8 s (each
+    logs ``heartbeat.stream_ended``) are the one the leader ended and one more (opened before
+    the channel saw the leader gone), two more in the rare case that the first reached the
+    stopping leader before its port closed; calling at each pause, at least 4 streams ended by
+    4 s (pauses of up to 1, 1 and 2 s), 5 in the test's run."""
     with Cluster(
         tmp_path / "c", next_loopback(), heartbeat_interval=90, agent_heartbeat_interval=90
     ) as c:
@@ -215,7 +216,7 @@ def test_a_real_agent_is_heard_again_soon_after_the_leader_restarts(tmp_path: Pa
         assert c.stop_leader() == 0
         time.sleep(8)  # the leader away (the claim is a count, not a time)
         ended = agent_events(agent, "heartbeat.stream_ended")
-        assert 1 <= len(ended) <= 2, ended
+        assert 1 <= len(ended) <= 3, ended
         assert ended[0]["code"] == "UNAVAILABLE"
         c.start_leader()
 
