@@ -21,13 +21,14 @@ about a millisecond. A reader task takes the leader's answers and its news (a ne
 revocation list, sent unasked). A leader that gives no renewal bound (older) gets a message
 every interval. A stream that the leader ends or that breaks (the leader stopped or restarted,
 ended a stream that fell behind, the connection broke) is noticed by its reader task, and a new
-one is opened at once, as soon as the channel is connected again and after a short random pause
-(``reconnect_pause``: up to a second, a quarter interval at most, so that the agents of a
-restarted leader do not all come back in the same millisecond): the leader counts a stream that
+one is opened at once, after a short random pause (``reconnect_pause``: up to a second, a
+quarter interval at most, so that the agents of a restarted leader do not all come back in the
+same millisecond) as soon as the channel is connected again: the leader counts a stream that
 ended without ``closing`` alive only half an interval more, and the node showed offline until
 the agent's next heartbeat (and commands waited for it). A stream that ends again soon after it
 opened (``LASTED_SECONDS``) doubles the pause, up to the interval: a leader that keeps ending
-streams, or is not back yet, hears from the agent no more often than before; one that refuses
+streams hears from the agent no more often than before, and one that is away is not called
+until the channel connects (gRPC's reconnect backoff); one that refuses
 the certificate (or has too many of the node's streams) hears from it at the next heartbeat, as
 before. A stream that gives no answer within the interval is dropped, and the next heartbeat
 opens a new one on the usual schedule. A leader older than that RPC answers UNIMPLEMENTED: the
@@ -90,13 +91,14 @@ NOT_AT_ONCE = frozenset(
 def reconnect_pause(
     attempt: int, interval: float, draw: Callable[[], float] = random.random
 ) -> float | None:
-    """How long an agent whose stream ended by itself waits before it opens a new one (once
-    the channel is connected: ``LeaderLink._leader_reachable``): a random part (``draw``) of
-    ``RECONNECT_SECONDS`` or a quarter interval if less, doubled for each stream in a row that
-    ended soon after opening (``attempt``; 0 after one that lasted ``LASTED_SECONDS`` or an
-    interval) but the first (the one opened while a restarting leader was still away, as a
-    rule). None once that reaches the interval: the usual heartbeat then, so that a leader
-    that keeps ending streams is called no more often than before."""
+    """How long an agent whose stream ended by itself waits before it opens a new one (then as
+    soon as the channel is connected: ``LeaderLink._leader_reachable``): a random part
+    (``draw``) of ``RECONNECT_SECONDS`` or a quarter interval if less, doubled for each stream
+    in a row that ended soon after opening (``attempt``; 0 after one that lasted
+    ``LASTED_SECONDS`` or an interval) but the first (as a rule one opened just before the
+    channel saw a stopping leader gone). None once that reaches the interval: the usual
+    heartbeat then, so that a leader that keeps ending streams is called no more often than
+    before."""
     bound = min(RECONNECT_SECONDS, interval / 4) * 2 ** max(0, min(attempt, 32) - 1)
     return None if bound >= interval else bound * draw()
 
@@ -563,8 +565,10 @@ class LeaderLink:
                 async with asyncio.timeout(self.cfg.heartbeat_interval):
                     await self._ended.wait()  # the stream ended (now, or during that beat)
                     self._ended.clear()
-                    await self._leader_reachable()
+                    # First the pause (the agents of a restarted leader then also try to
+                    # connect at spread times, each from its own point on), then the channel.
                     await asyncio.sleep(self._reconnect)
+                    await self._leader_reachable()
 
     async def _leader_reachable(self) -> None:
         """Wait until the channel is connected to the leader (at once if it is: the leader
