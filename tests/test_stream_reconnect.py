@@ -225,3 +225,27 @@ def test_a_real_agent_is_heard_again_soon_after_the_leader_restarts(tmp_path: Pa
             return node.online and node.last_heartbeat.ToDatetime(dt.UTC) > restart
 
         wait_until(heard_after_the_restart, 45, "the agent heard by the restarted leader")
+
+
+async def test_the_wait_for_the_channel_ends_when_the_channel_is_closed(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """``use`` (a renewed certificate) closes the channel the run loop may be waiting on
+    (``_leader_reachable``): the wait ends there (gRPC raises UsageError on a closed channel)
+    and the beat goes out on the new channel, rather than the loop failing or waiting out
+    the interval."""
+    leader_address, node_address = loopback(), loopback()
+    rig = leader_with_a_node(tmp_path, leader_address, node_address)  # not started: away
+    link, _, journal = agent_link(tmp_path, rig.node_files, leader_address, node_address, INTERVAL)
+    try:
+        waiting = asyncio.ensure_future(link._leader_reachable())
+        await asyncio.sleep(0.2)
+        assert not waiting.done()  # no leader: the channel does not connect
+        await link.channel.close(None)
+        async with asyncio.timeout(10):
+            await waiting
+        await link._leader_reachable()  # and at once on a channel already closed
+    finally:
+        await link.close()
+        journal.close()
+        await rig.close()
