@@ -218,11 +218,13 @@ class Commands:
     async def _observe_all(self) -> tuple[dict[str, bool], dict[str, NodeObservation] | None]:
         online, just = await self._online_now()
         if just:
-            # A node whose heartbeat stream just broke (the leader restarted, or ended a
-            # stream that fell behind) shows offline until its agent's next heartbeat opens a
-            # new one, within an interval: a command waits that long for it rather than refuse
-            # a live node (seen once in CI: "offline: node3" right after every node was seen
-            # online). A node offline for longer is refused at once.
+            # A node whose heartbeat stream just ended (the leader restarted, or ended a
+            # stream that fell behind) shows offline until its agent opens a new one: within
+            # a second or so of the leader being back (``nodeagent.leader_link``), at its next
+            # heartbeat for an agent of an earlier release, within an interval. A command waits
+            # that long for it rather than refuse a live node (seen once in CI: "offline:
+            # node3" right after every node was seen online). A node offline for longer is
+            # refused at once.
             loop = asyncio.get_running_loop()
             deadline = loop.time() + self.offline_grace
             while just and loop.time() < deadline:

@@ -206,8 +206,9 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         observe=functools.partial(observe, agents, ca=state.ca.cert),
         vault=engine.vault,
         cert_horizon=dt.timedelta(days=cfg.expiry_warning_days),
-        # An agent whose stream broke opens a new one at its next heartbeat (a command waits
-        # no longer than OFFLINE_GRACE_MAX for it, whatever the interval).
+        # An agent whose stream ended opens a new one within a second or so, once the leader
+        # is back; one of an earlier release at its next heartbeat (a command waits no longer
+        # than OFFLINE_GRACE_MAX for it, whatever the interval).
         offline_grace=min(cfg.heartbeat_interval + 1.0, OFFLINE_GRACE_MAX),
     )
     viewer: Viewer | None = None

@@ -1151,8 +1151,9 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
     def close_streams(self) -> int:
         """End every open Heartbeats stream (the leader is stopping), counted or not: a
         stream never ends by itself, and the server's graceful stop would wait its whole grace
-        period for them. Each agent sees its stream end and opens a new one with its next
-        heartbeat."""
+        period for them. Each agent sees its stream end and opens a new one within a second or
+        so once the leader is back (``nodeagent.leader_link.reconnect_pause``; an agent of an
+        earlier release at its next heartbeat)."""
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None

@@ -11,19 +11,29 @@ journal has seen and the number of its revocation list, and carries the failed b
 passwords since the last one; the reply announces the leader's epoch and, when newer, the
 revocation list (both go to ``nodeagent.trust``).
 
-Heartbeats go over one long-lived ``Leader.Heartbeats`` stream (a unary call costs the
-leader several times the CPU of a message on an open stream). The agent builds its report
-every interval but sends it only when it says something new (``report_key``: not the times
-and counts that move with every request a workstation makes) or the leader's renewal bound
+Heartbeats go over one long-lived ``Leader.Heartbeats`` stream (a unary call costs the leader
+several times the CPU of a message on an open stream). The agent builds its report every
+interval but sends it only when it says something new (``report_key``: not the times and counts
+that move with every request a workstation makes) or the leader's renewal bound
 (``renew_seconds`` in its reply) would pass before the next one: between messages the
 connection's keepalive tells the leader the agent is alive, and each message costs the leader
 about a millisecond. A reader task takes the leader's answers and its news (a new epoch or
 revocation list, sent unasked). A leader that gives no renewal bound (older) gets a message
-every interval. A stream that breaks (the leader restarted, refused the certificate, did not
-answer a message within the interval) is dropped and the next heartbeat opens a new one, on
-the usual schedule, and sends at once. A leader older than that RPC answers UNIMPLEMENTED:
-the agent then sends unary ``Heartbeat`` calls, and tries the stream again once that leader
-has been unreachable or after ``STREAM_RETRY_BEATS`` calls (it may have been upgraded).
+every interval. A stream that the leader ends or that breaks (the leader stopped or restarted,
+ended a stream that fell behind, the connection broke) is noticed by its reader task, and a new
+one is opened at once, after a short random pause (``reconnect_pause``: up to a second, a
+quarter interval at most, so that the agents of a restarted leader do not all come back in the
+same millisecond) as soon as the channel is connected again: the leader counts a stream that
+ended without ``closing`` alive only half an interval more, and the node showed offline until
+the agent's next heartbeat (and commands waited for it). A stream that ends again soon after it
+opened (``LASTED_SECONDS``) doubles the pause, up to the interval: a leader that keeps ending
+streams hears from the agent no more often than before, and one that is away is not called
+until the channel connects (gRPC's reconnect backoff); one that refuses
+the certificate (or has too many of the node's streams) hears from it at the next heartbeat, as
+before. A stream that gives no answer within the interval is dropped, and the next heartbeat
+opens a new one on the usual schedule. A leader older than that RPC answers UNIMPLEMENTED: the
+agent then sends unary ``Heartbeat`` calls, and tries the stream again once that leader has
+been unreachable or after ``STREAM_RETRY_BEATS`` calls (it may have been upgraded).
 
 The link also carries the agent's certificate renewal (``renew``; ``nodeagent.renewal``) and
 the renewal's status in each heartbeat; ``use`` reconnects it with the renewed certificate
@@ -35,6 +45,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import random
 from collections.abc import Awaitable, Callable
 from typing import Protocol
 
@@ -61,6 +72,35 @@ STREAM_RETRY_BEATS = 60
 # answer.
 KEEPALIVE_HEARTBEATS = 2
 CLOSE_SECONDS = 2.0  # an agent closing its stream waits this long at most for the leader's end
+RECONNECT_SECONDS = 1.0  # a stream that ended by itself is opened again within this (jittered)
+# A stream that ended sooner than this (or an interval, if shorter) after it opened is taken
+# for one of a leader that keeps ending them: the pause before the next grows.
+LASTED_SECONDS = 10.0
+# Ends after which the agent waits for its next heartbeat, as before: the leader refused the
+# certificate, had too many of the node's streams, or has no stream (unary from then on).
+NOT_AT_ONCE = frozenset(
+    {
+        grpc.StatusCode.UNAUTHENTICATED,
+        grpc.StatusCode.PERMISSION_DENIED,
+        grpc.StatusCode.RESOURCE_EXHAUSTED,
+        grpc.StatusCode.UNIMPLEMENTED,
+    }
+)
+
+
+def reconnect_pause(
+    attempt: int, interval: float, draw: Callable[[], float] = random.random
+) -> float | None:
+    """How long an agent whose stream ended by itself waits before it opens a new one (then as
+    soon as the channel is connected: ``LeaderLink._leader_reachable``): a random part
+    (``draw``) of ``RECONNECT_SECONDS`` or a quarter interval if less, doubled for each stream
+    in a row that ended soon after opening (``attempt``; 0 after one that lasted
+    ``LASTED_SECONDS`` or an interval) but the first (as a rule one opened just before the
+    channel saw a stopping leader gone). None once that reaches the interval: the usual
+    heartbeat then, so that a leader that keeps ending streams is called no more often than
+    before."""
+    bound = min(RECONNECT_SECONDS, interval / 4) * 2 ** max(0, min(attempt, 32) - 1)
+    return None if bound >= interval else bound * draw()
 
 
 def failure_messages(sent: list[FailureCount]) -> list[leader_pb2.BootstrapFailure]:
@@ -151,8 +191,10 @@ class _Stream:
         self,
         call: Beats,
         take: Callable[[leader_pb2.HeartbeatResponse], Awaitable[None]],
+        ended: Callable[[_Stream], None] | None = None,
     ) -> None:
         self.call = call
+        self.opened = asyncio.get_running_loop().time()
         self.replies = 0
         self.seq = 0  # the number of the last message sent
         self.answered = 0  # the highest message number an answer carried
@@ -160,6 +202,13 @@ class _Stream:
         self.renew = 0  # the leader's renewal bound (s); 0: a message every interval
         self.ended: BaseException | None = None
         self.last: leader_pb2.HeartbeatRequest | None = None  # the last message sent
+        # How the leader's end of the call came (``broke``: it ended, or the connection broke,
+        # with ``code``), unless the agent closed it first (``dropped``): ``ended`` is told.
+        self.broke = False
+        self.code: grpc.StatusCode | None = None
+        self.dropped = False
+        self.noted = False  # the link has taken note of the end (``LeaderLink._stream_ended``)
+        self._on_end = ended
         self._waiters: list[asyncio.Future[None]] = []
         self.reader = asyncio.ensure_future(self._read(take))
 
@@ -169,6 +218,7 @@ class _Stream:
                 reply = await self.call.read()
                 if not isinstance(reply, leader_pb2.HeartbeatResponse):
                     self.ended = TimeoutError("the leader ended the heartbeat stream")
+                    self.code, self.broke = await self.call.code(), True
                     return
                 self.renew = reply.renew_seconds
                 await take(reply)
@@ -179,12 +229,15 @@ class _Stream:
                 self._wake()
         except grpc.aio.AioRpcError as exc:
             self.ended = exc
+            self.code, self.broke = exc.code(), True
         except Exception as exc:  # a response it could not take: the stream is dropped
             self.ended = exc
         finally:
             if self.ended is None:
                 self.ended = TimeoutError("the heartbeat stream was closed")
             self._wake()
+            if self.broke and not self.dropped and self._on_end is not None:
+                self._on_end(self)
 
     def _wake(self) -> None:
         for waiter in self._waiters:
@@ -217,6 +270,7 @@ class _Stream:
                 await waiter
 
     def close(self) -> None:
+        self.dropped = True
         self.reader.cancel()
         self.call.cancel()
 
@@ -228,6 +282,7 @@ class _Stream:
         up to now; a stream just dropped (cancelled) looks like an agent that vanished, alive only
         up to the last keepalive PING it could have answered, and its node may show offline
         before its next stream's first message (``leader.service.keepalive_seconds``)."""
+        self.dropped = True  # the leader's end that follows is the answer to this one
         try:
             if self.ended is None and not self.call.done() and self.last is not None:
                 goodbye = leader_pb2.HeartbeatRequest()
@@ -273,6 +328,11 @@ class LeaderLink:
         # False once the leader answered UNIMPLEMENTED to the stream (older than it).
         self.streaming = True
         self._unary_beats = 0
+        # Set when the stream ended by itself and the next beat should come after a short
+        # pause (``_reconnect``), not an interval after the last (``_stream_ended``).
+        self._ended = asyncio.Event()
+        self._reconnect = 0.0
+        self._attempt = 0  # streams in a row that ended soon after opening
 
     def _connect(
         self, identity: Identity
@@ -323,6 +383,28 @@ class LeaderLink:
         if stream is not None:
             await stream.finish()
 
+    def _stream_ended(self, stream: _Stream) -> None:
+        """``stream`` ended without the agent closing it (its reader saw the leader's end, or
+        a message failed on it): the next beat comes after ``reconnect_pause``, so that the
+        node is not shown offline until the usual one. Not after a refusal (``NOT_AT_ONCE``),
+        nor once streams kept ending soon after they opened."""
+        if not stream.broke or stream.noted:
+            return
+        stream.noted = True
+        interval = self.cfg.heartbeat_interval
+        age = asyncio.get_running_loop().time() - stream.opened
+        lasted = age >= min(interval, LASTED_SECONDS)
+        self._attempt = 0 if lasted else self._attempt + 1
+        if stream.code in NOT_AT_ONCE:
+            return
+        pause = reconnect_pause(self._attempt, interval)
+        if pause is None:
+            return
+        self._reconnect = pause
+        self._ended.set()
+        code = stream.code.name if stream.code is not None else "OK"
+        log.info("heartbeat.stream_ended", leader=self.target, code=code, again_in=round(pause, 3))
+
     async def _take(self, reply: leader_pb2.HeartbeatResponse) -> None:
         """A response from the leader, an answer or news: its epoch and revocation list."""
         self.trust.announce(reply.epoch)
@@ -360,7 +442,8 @@ class LeaderLink:
                 self._drop_stream()  # it ended since the last message: a new one now
             if self._stream is None:
                 call = self.stub.Heartbeats()  # type: ignore[call-arg]
-                self._stream = _Stream(call, self._take)
+                self._stream = _Stream(call, self._take, self._stream_ended)
+                self._ended.clear()  # an earlier stream's end: this beat is the new one
             stream = self._stream
             request.renews = True
             request.wants_answer = answer or not stream.renew
@@ -372,8 +455,12 @@ class LeaderLink:
                 return
             except (grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError) as exc:
                 ended: BaseException = exc
-            # The stream is broken: the next heartbeat opens a new one.
+            # The stream is broken: the next heartbeat opens a new one (soon, if it ended by
+            # itself: whichever of this and its reader sees the end first tells the link).
             status = await _status(stream)
+            if isinstance(ended, grpc.aio.AioRpcError) and not stream.broke:
+                stream.code, stream.broke = ended.code(), True
+            self._stream_ended(stream)
             self._drop_stream()
             if status != grpc.StatusCode.UNIMPLEMENTED:
                 if isinstance(ended, grpc.aio.AioRpcError):
@@ -463,7 +550,8 @@ class LeaderLink:
             self.healthy = True
 
     async def run(self) -> None:
-        """Beat until cancelled. A beat that fails in an unforeseen way is logged and the next
+        """Beat until cancelled: every interval, or sooner when the stream ended by itself
+        (``_stream_ended``). A beat that fails in an unforeseen way is logged and the next
         one comes as usual: an agent that stopped heartbeating would look offline for good
         while still serving, and get no revocation lists."""
         while True:
@@ -473,7 +561,27 @@ class LeaderLink:
                 pass
             except Exception as exc:
                 log.error("heartbeat.failed", error=f"{type(exc).__name__}: {exc}"[:200])
-            await asyncio.sleep(self.cfg.heartbeat_interval)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.cfg.heartbeat_interval):
+                    await self._ended.wait()  # the stream ended (now, or during that beat)
+                    self._ended.clear()
+                    # First the pause (the agents of a restarted leader then also try to
+                    # connect at spread times, each from its own point on), then the channel.
+                    await asyncio.sleep(self._reconnect)
+                    await self._leader_reachable()
+
+    async def _leader_reachable(self) -> None:
+        """Wait until the channel is connected to the leader (at once if it is: the leader
+        ended the stream but is there). A leader that stopped or restarted is reached at
+        gRPC's next reconnect attempt after it is back (``reconnect_options``: from 0.5 s,
+        growing to an interval), not by calls that fail at once while the channel waits out
+        its backoff (a call does not wait for a connection). The caller bounds the wait by the
+        interval: a leader that refuses the connection (its TLS) gets the usual heartbeat."""
+        channel = self.channel
+        try:
+            await channel.channel_ready()
+        except Exception as exc:  # a channel ``use`` closed meanwhile: the beat uses the new one
+            log.debug("heartbeat.channel_wait", error=type(exc).__name__)
 
     async def close(self) -> None:
         """Stop: the leader is told the stream ends (the node stays online for the offline

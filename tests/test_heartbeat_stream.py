@@ -473,10 +473,14 @@ async def test_a_stream_that_never_sends_a_message_ends_at_its_deadline_and_at_t
 
 
 def agent_link(
-    tmp_path: Path, node_files: tuple[bytes, bytes, bytes], leader_address: str, node_address: str
+    tmp_path: Path,
+    node_files: tuple[bytes, bytes, bytes],
+    leader_address: str,
+    node_address: str,
+    interval: int = 1,
 ) -> tuple[LeaderLink, LeaderTrust, Journal]:
     """The agent's real heartbeat code (``LeaderLink``, with a real journal, trust and identity
-    files; its config built here, no agent daemon) for node hb1 at 1 s intervals."""
+    files; its config built here, no agent daemon) for node hb1 at ``interval`` (1 s)."""
     key_pem, cert_pem, ca_pem = node_files
     files = tmp_path / "agent"
     files.mkdir()
@@ -490,7 +494,7 @@ def agent_link(
         path=files / "agent.toml", node_name="hb1", addresses=(node_address,), dns_names=(),
         leader_address=leader_address, control_port=CONTROL_PORT, join_port=JOIN_PORT,
         ca_pin="", join_token=None, join_token_file=None, data_dir=files, port=AGENT_PORT,
-        heartbeat_interval=1, server=None, bootstrap_port=9443,
+        heartbeat_interval=interval, server=None, bootstrap_port=9443,
     )  # fmt: skip
     trust = LeaderTrust.load(files / "ca.pem", identity.trust_domain, files)
     journal = Journal(files / "journal.sqlite3")

@@ -1,8 +1,9 @@
-"""A node that went offline a moment ago (its heartbeat stream broke: the leader restarted or
-ended a stream that fell behind, and the agent opens a new one at its next heartbeat) is
-waited for before a command refuses it as offline; a node offline for longer is refused as
-before. Seen in CI: ``rollout finalize`` refused "offline: node3" right after every node had
-been seen online (test_transitional, the leader killed between the phases)."""
+"""A node that went offline a moment ago (its heartbeat stream ended: the leader restarted or
+ended a stream that fell behind; its agent opens a new one within a second or so of the leader
+being back, ``tests/test_stream_reconnect.py``, or at its next heartbeat if of an earlier
+release) is waited for before a command refuses it as offline; a node offline for longer is
+refused as before. Seen in CI: ``rollout finalize`` refused "offline: node3" right after every
+node had been seen online (test_transitional, the leader killed between the phases)."""
 
 from __future__ import annotations
 

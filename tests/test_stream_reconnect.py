@@ -1,0 +1,251 @@
+"""An agent whose heartbeat stream ends without its closing it opens a new one at once.
+
+The leader counts a stream that ended without the agent's ``closing`` alive only half an
+interval more (it cannot tell a live agent from one that vanished): before, a live agent whose
+stream the leader ended (the leader stopped or restarted, a stream that fell behind with the
+leader's news) opened a new one only at its next heartbeat, up to an interval later, and its
+node showed offline in between (``tlsroll nodes``, the viewer; commands waited for it:
+``tests/test_offline_grace.py``). Now the agent's reader task sees the end and the next beat
+comes after a short random pause (``leader_link.reconnect_pause``), longer for streams that
+keep ending right after they open, and not at all for a refusal.
+
+The tests use a long interval (10 minutes in process, 90 s with real processes), so that the
+agent's next scheduled heartbeat cannot be what opens the new stream: on the old code none is
+opened while they wait.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import time
+from collections.abc import Callable
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import grpc
+import pytest
+import structlog.testing
+
+from leader import service
+from nodeagent import leader_link
+from nodeagent.leader_link import reconnect_pause
+from tests.cluster import Cluster, wait_until
+from tests.conftest import next_loopback
+from tests.leader_rig import leader_with_a_node
+from tests.test_heartbeat_stream import agent_events, agent_link
+
+INTERVAL = 600  # in process: the agent's next scheduled heartbeat is 10 minutes away
+
+
+def test_the_pause_before_a_new_stream_is_short_random_and_backs_off_to_the_interval() -> None:
+    """A random part of a second (a quarter interval at most), doubled for each stream in a
+    row that ended soon after it opened but the first (as a rule the one opened while a
+    restarting leader was still away); once that reaches the interval, no pause: the usual
+    heartbeat, as before (a leader that keeps ending streams is called no more often)."""
+    top = lambda: 1.0  # noqa: E731 - the largest draw
+    assert reconnect_pause(0, 5, top) == 1.0
+    assert reconnect_pause(0, 1, top) == 0.25
+    assert reconnect_pause(0, 600, lambda: 0.5) == 0.5
+    assert [reconnect_pause(n, 5, top) for n in range(5)] == [1.0, 1.0, 2.0, 4.0, None]
+    assert [reconnect_pause(n, 1, top) for n in range(4)] == [0.25, 0.25, 0.5, None]
+    assert reconnect_pause(10_000, 3600, top) is None  # no overflow after a long outage
+    for _ in range(100):
+        pause = reconnect_pause(0, 5)
+        assert pause is not None and 0 <= pause <= 1.0
+
+
+async def test_streams_that_keep_ending_soon_fall_back_to_the_usual_heartbeat(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """The link's decision on each end (``_stream_ended``), at a 4 s interval: a stream that
+    lasted (4 s: the interval is shorter than ``LASTED_SECONDS``) is opened again at once, and
+    so are the first two that ended soon after opening (after up to 1 and 2 s); the next ones
+    wait for the usual heartbeat, until a stream lasts again. A refusal
+    (UNAUTHENTICATED: a revoked certificate) and a leader with too many of the node's streams
+    (RESOURCE_EXHAUSTED) wait for it too; so does a stream the agent closed itself."""
+    leader_address, node_address = loopback(), loopback()
+    rig = leader_with_a_node(tmp_path, leader_address, node_address)
+    link, _, journal = agent_link(tmp_path, rig.node_files, leader_address, node_address, 4)
+    loop = asyncio.get_running_loop()
+
+    def at_once(age: float, code: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE) -> bool:
+        link._ended.clear()
+        ended: Any = SimpleNamespace(broke=True, noted=False, opened=loop.time() - age, code=code)
+        link._stream_ended(ended)
+        assert ended.noted
+        return link._ended.is_set()
+
+    try:
+        assert at_once(3600)  # it lasted: at once
+        assert at_once(0.1)  # the new one ended at once: again, after up to 1 s
+        assert at_once(0.1)  # and again: after up to 2 s
+        assert not at_once(0.1)  # and again: the next heartbeat
+        assert not at_once(0.1)
+        assert at_once(3600)  # a stream that lasted again
+        assert at_once(3600, grpc.StatusCode.DEADLINE_EXCEEDED)
+        assert at_once(3600, grpc.StatusCode.OK)  # the leader ended the call without a status
+        for code in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.RESOURCE_EXHAUSTED):
+            assert not at_once(3600, code)
+        closed: Any = SimpleNamespace(broke=False, noted=False, opened=0.0, code=None)
+        link._ended.clear()
+        link._stream_ended(closed)  # the agent's own close (``_Stream.dropped``): nothing
+        assert not link._ended.is_set()
+    finally:
+        await link.close()
+        journal.close()
+        await rig.close()
+
+
+async def running_link(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> tuple[Any, leader_link.LeaderLink, Any, list[str], asyncio.Task[None]]:
+    """The Leader service (in process, real mTLS) and the agent's real ``LeaderLink.run``,
+    both at ``INTERVAL``, once the agent's first stream is counted. ``opened``: the node of
+    each stream the leader counted."""
+    leader_address, node_address = loopback(), loopback()
+    rig = leader_with_a_node(tmp_path, leader_address, node_address)
+    rig.state.heartbeat_interval = INTERVAL
+    opened: list[str] = []
+    count = rig.service._count
+
+    def counting(beat: Any, name: str) -> None:
+        opened.append(name)
+        count(beat, name)
+
+    monkeypatch.setattr(rig.service, "_count", counting)
+    await rig.server.start()
+    link, _, journal = agent_link(tmp_path, rig.node_files, leader_address, node_address, INTERVAL)
+    task = asyncio.create_task(link.run())
+    async with asyncio.timeout(30):
+        while not (opened and link.healthy):
+            await asyncio.sleep(0.02)
+    return rig, link, journal, opened, task
+
+
+async def stop(rig: Any, link: leader_link.LeaderLink, journal: Any, task: Any) -> None:
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    await link.close()
+    journal.close()
+    await rig.close()
+
+
+@pytest.mark.parametrize("how", ["the leader stops", "a stream fell behind"])
+async def test_a_stream_the_leader_ends_is_opened_again_at_once_and_the_node_stays_online(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """The leader ends the agent's stream with UNAVAILABLE (``close_streams`` at its stop, or
+    ``_push`` when the agent took no news within an interval) after a quiet hour (the stream
+    vouched for the node). The agent opens a new stream at once, not at its next heartbeat
+    10 minutes later, and its node is still online half an interval and a second after the
+    end, when the old stream's end alone (alive only as far as the keepalive proves) would
+    have left it offline. Failed on the old code: one stream only."""
+    # The first stream counts as one that lasted (it is a few seconds old when it ends).
+    monkeypatch.setattr(leader_link, "LASTED_SECONDS", 0.0)
+    rig, link, journal, opened, task = await running_link(tmp_path, loopback, monkeypatch)
+    try:
+        with structlog.testing.capture_logs() as events:
+            rig.clock[0] += dt.timedelta(hours=1)
+            assert rig.state.node_online(rig.store.get_node("hb1"))
+            (beat,) = rig.service._open
+            if how == "the leader stops":
+                assert rig.service.close_streams() == 1
+            else:
+                service._end(beat, grpc.StatusCode.UNAVAILABLE, "the agent took no news in time")
+            with contextlib.suppress(TimeoutError):  # (the test's bound, not the claim)
+                async with asyncio.timeout(30):
+                    while len(opened) < 2:
+                        await asyncio.sleep(0.02)
+            assert opened == ["hb1", "hb1"]
+        assert rig.store.get_node("hb1").last_heartbeat == rig.clock[0]  # its new message
+        rig.clock[0] += dt.timedelta(seconds=INTERVAL / 2 + 1)
+        assert rig.state.node_online(rig.store.get_node("hb1"))
+        ended = [e for e in events if e["event"] == "heartbeat.stream_ended"]
+        assert [e["code"] for e in ended] == ["UNAVAILABLE"]
+        assert 0 <= ended[0]["again_in"] <= 1.0
+        assert link.healthy
+    finally:
+        await stop(rig, link, journal, task)
+
+
+async def test_a_stream_the_leader_refuses_is_opened_again_only_at_the_next_heartbeat(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A leader that refuses the agent's certificate (it ends the stream UNAUTHENTICATED, as
+    for a revoked one) is not called again at once: the next heartbeat, as before."""
+    rig, link, journal, opened, task = await running_link(tmp_path, loopback, monkeypatch)
+    try:
+        stream = link._stream
+        assert stream is not None
+        (beat,) = rig.service._open
+        service._end(beat, grpc.StatusCode.UNAUTHENTICATED, "the certificate is revoked")
+        async with asyncio.timeout(30):
+            while not stream.noted:  # the reader saw the end, and the link decided
+                await asyncio.sleep(0.02)
+        assert stream.code == grpc.StatusCode.UNAUTHENTICATED
+        assert not link._ended.is_set()
+        assert opened == ["hb1"] and link._stream is stream
+    finally:
+        await stop(rig, link, journal, task)
+
+
+def test_a_real_agent_is_heard_again_soon_after_the_leader_restarts(tmp_path: Path) -> None:
+    """Real leader and agent daemons at a 90 s interval. The leader stops right after the
+    agent's first heartbeat and is away for 8 s; the agent sees its stream end (the stopping
+    leader ends it) and opens a new one as soon as the leader is back: the new leader hears
+    from it within half an interval of the restart, not at its next heartbeat 90 s after the
+    first (the old code's; its node would have shown offline from half an interval after the
+    stop until then). Meanwhile it does not call the leader that is away: it waits for its
+    channel to connect (gRPC's reconnect backoff), so the streams that ended in the 8 s (each
+    logs ``heartbeat.stream_ended``) are the one the leader ended and one more (opened before
+    the channel saw the leader gone), two more in the rare case that the first reached the
+    stopping leader before its port closed; calling at each pause, at least 4 streams ended by
+    4 s (pauses of up to 1, 1 and 2 s), 5 in the test's run."""
+    with Cluster(
+        tmp_path / "c", next_loopback(), heartbeat_interval=90, agent_heartbeat_interval=90
+    ) as c:
+        c.init()
+        c.start_leader()
+        agent = c.add_agent("rc-node", next_loopback())
+        wait_until(lambda: bool(agent_events(agent, "heartbeat.ok")), 20, "the agent beating")
+        restart = dt.datetime.now(dt.UTC)
+        assert c.stop_leader() == 0
+        time.sleep(8)  # the leader away (the claim is a count, not a time)
+        ended = agent_events(agent, "heartbeat.stream_ended")
+        assert 1 <= len(ended) <= 3, ended
+        assert ended[0]["code"] == "UNAVAILABLE"
+        c.start_leader()
+
+        def heard_after_the_restart() -> bool:
+            node = c.list_nodes()["rc-node"]
+            return node.online and node.last_heartbeat.ToDatetime(dt.UTC) > restart
+
+        wait_until(heard_after_the_restart, 45, "the agent heard by the restarted leader")
+
+
+async def test_the_wait_for_the_channel_ends_when_the_channel_is_closed(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """``use`` (a renewed certificate) closes the channel the run loop may be waiting on
+    (``_leader_reachable``): the wait ends there (gRPC raises UsageError on a closed channel)
+    and the beat goes out on the new channel, rather than the loop failing or waiting out
+    the interval."""
+    leader_address, node_address = loopback(), loopback()
+    rig = leader_with_a_node(tmp_path, leader_address, node_address)  # not started: away
+    link, _, journal = agent_link(tmp_path, rig.node_files, leader_address, node_address, INTERVAL)
+    try:
+        waiting = asyncio.ensure_future(link._leader_reachable())
+        await asyncio.sleep(0.2)
+        assert not waiting.done()  # no leader: the channel does not connect
+        await link.channel.close(None)
+        async with asyncio.timeout(10):
+            await waiting
+        await link._leader_reachable()  # and at once on a channel already closed
+    finally:
+        await link.close()
+        journal.close()
+        await rig.close()
