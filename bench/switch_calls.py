@@ -37,16 +37,18 @@ DURABLE = ("fsync", "fdatasync")
 RENAMES = ("rename", "renameat", "renameat2")
 
 
-def context_switches(pid: int) -> int:
-    """Voluntary and involuntary context switches of the process's threads so far (a thread
-    that has ended is no longer counted: read it around work that keeps its threads)."""
-    total = 0
+def context_switches(pid: int) -> tuple[int, int]:
+    """Voluntary and involuntary context switches of the process's threads so far, and the
+    nanoseconds they ran on a CPU (schedstat; a thread that has ended is no longer counted:
+    read it around work that keeps its threads)."""
+    switches = ran = 0
     for task in Path(f"/proc/{pid}/task").iterdir():
         with contextlib.suppress(OSError):
             for line in (task / "status").read_text().splitlines():
                 if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
-                    total += int(line.split()[1])
-    return total
+                    switches += int(line.split()[1])
+            ran += int((task / "schedstat").read_text().split()[0])
+    return switches, ran
 
 
 class Strace:
@@ -85,6 +87,7 @@ class Strace:
 class Switched:
     calls: dict[str, int]  # system calls by name (under strace), else empty
     switches: int  # the agent's context switches (meaningless under strace)
+    cpu_ms: float  # the agent's CPU time (its threads; the new server is another process)
     steps: dict[str, float]  # ms from the journal: the phase -> since the phase before
 
 
@@ -104,10 +107,10 @@ def switch(node: Node, rid: str, trace: Path | None) -> Switched:
     calls: dict[str, int] = {}
     with node.stub() as stub:
         stub.GetStatus(agent_pb2.GetStatusRequest(), timeout=RPC_TIMEOUT)  # warm
-        before = context_switches(agent.pid)
+        before, ran = context_switches(agent.pid)
         with Strace([agent.pid, server], trace) if trace else contextlib.nullcontext() as traced:
             states = list(stub.WatchTransaction(request, timeout=RPC_TIMEOUT))
-        switches = context_switches(agent.pid) - before
+        after, ran_after = context_switches(agent.pid)
     if isinstance(traced, Strace):
         calls = traced.calls
     last = states[-1] if states else None
@@ -126,7 +129,7 @@ def switch(node: Node, rid: str, trace: Path | None) -> Switched:
     }
     node.rollback(rid)
     node.wait_txn(rid, "rollback")
-    return Switched(calls, switches, steps)
+    return Switched(calls, after - before, (ran_after - ran) / 1e6, steps)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -153,6 +156,7 @@ def main(argv: list[str] | None = None) -> int:
                         "renames": sum(calls.get(c, 0) for c in RENAMES),
                         "all": sum(calls.values()),
                         "switches": plain.switches,
+                        "cpu": plain.cpu_ms,
                     }
                 )
                 for step, ms in plain.steps.items():
@@ -160,12 +164,14 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         shutil.rmtree(root, ignore_errors=True)
     med = {
-        k: statistics.median(r[k] for r in rows) for k in ("durable", "renames", "all", "switches")
+        k: statistics.median(r[k] for r in rows)
+        for k in ("durable", "renames", "all", "switches", "cpu")
     }
     print(f"one switch, agent + its server ({len(rows)} switches each way, median):")
     print(f"  fsync+fdatasync: {med['durable']:.0f}   renames: {med['renames']:.0f}")
     print(f"  system calls in all: {med['all']:.0f} (the new server's start-up included)")
     print(f"  the agent's context switches: {med['switches']:.0f} (its threads, not under strace)")
+    print(f"  the agent's CPU: {med['cpu']:.1f} ms (its threads, not under strace)")
     split = ", ".join(f"→{k} {statistics.median(v):.1f}" for k, v in steps.items())
     print(f"  steps (ms, median, not under strace): {split}")
     print(f"  per switch: {[int(r['durable']) for r in rows]} fsync+fdatasync")
