@@ -177,9 +177,10 @@ class RefServer:
     async def watermark(self) -> int:
         """The last committed seq, read from the store (any writer's commits count), on the
         event loop: one indexed read on a pooled read-only connection of a WAL database, which
-        no writer blocks, costs less than the hand-off to a worker thread and back, and the
-        status asks for it twice inside every switch's freeze window (the restart's readiness
-        check, the verify's watermark check: issue 15)."""
+        no writer blocks, costs less than the hand-off to a worker thread and back; the status
+        asks for it inside every switch's freeze window (the verify's watermark check, and the
+        restart's readiness check of a server that sent no READY=1: issue 15) and at every
+        heartbeat of the agent's."""
         return self.store.watermark()
 
     def _save_state(
