@@ -783,8 +783,10 @@ async def test_the_status_reads_the_store_s_watermark_without_a_worker_thread(
     async with TestClient(TestServer(server.admin_app())) as client:
         status = await (await client.get("/admin/status")).json()
         assert status["watermark"] == seq
-        with sqlite3.connect(data_dir / "entries.sqlite3") as behind:
+        behind = sqlite3.connect(data_dir / "entries.sqlite3")  # another writer's commit
+        with behind:
             behind.execute("INSERT INTO entries (id, body, created_at) VALUES ('x', '{}', 'now')")
+        behind.close()
         status = await (await client.get("/admin/status")).json()
         assert status["watermark"] == seq + 1
     assert hops == []
