@@ -237,6 +237,34 @@ def test_a_switched_agent_serves_its_bootstrap_service_without_aiohttp(
     assert "h11" in modules
 
 
+def test_the_reference_server_as_its_driver_starts_it_loads_no_terminal_ui() -> None:
+    """Issue 15, the freeze window: the reference driver starts ``python -P -m refserver`` at
+    every restart, inside the switch's freeze, and structlog imported rich and pygments there
+    merely because they are installed (about 40 ms of CPU per start, 4 MiB). ``python -m
+    refserver`` keeps them out, as the agent does (``tlsroll.lean``); it still runs (here as
+    far as ``--version``)."""
+    code = (
+        "import atexit, runpy, sys\n"
+        "def held():\n"
+        "    print(' '.join(n for n in ('rich', 'pygments') if sys.modules.get(n)))\n"
+        "atexit.register(held)\n"
+        "sys.argv = ['refserver', '--version']\n"
+        "runpy.run_module('refserver', run_name='__main__', alter_sys=True)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-P", "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=child_env(),
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("tlsroll-refserver "), done.stdout
+    assert lines[-1] == "", f"the reference server loaded {lines[-1]}"
+
+
 @pytest.mark.parametrize("make_csr", [True, False])
 def test_a_preflight_starts_loading_the_certificate_code_the_csr_after_it_needs(
     tmp_path: Path, loopback: Callable[[], str], make_csr: bool
