@@ -237,16 +237,18 @@ def test_a_switched_agent_serves_its_bootstrap_service_without_aiohttp(
     assert "h11" in modules
 
 
-def test_the_reference_server_as_its_driver_starts_it_loads_no_terminal_ui() -> None:
+def test_the_reference_server_as_its_driver_starts_it_loads_neither_rich_nor_cryptography() -> None:
     """Issue 15, the freeze window: the reference driver starts ``python -P -m refserver`` at
     every restart, inside the switch's freeze, and structlog imported rich and pygments there
     merely because they are installed (about 40 ms of CPU per start, 4 MiB). ``python -m
-    refserver`` keeps them out, as the agent does (``tlsroll.lean``); it still runs (here as
-    far as ``--version``)."""
+    refserver`` keeps them out, as the agent does (``tlsroll.lean``); nor does it import
+    ``cryptography`` (about 35 ms) for the served certificate's fingerprint. It still runs (here
+    as far as ``--version``: everything the server imports)."""
     code = (
         "import atexit, runpy, sys\n"
+        "NEVER = ('rich', 'pygments', 'cryptography')\n"
         "def held():\n"
-        "    print(' '.join(n for n in ('rich', 'pygments') if sys.modules.get(n)))\n"
+        "    print(' '.join(n for n in NEVER if sys.modules.get(n)))\n"
         "atexit.register(held)\n"
         "sys.argv = ['refserver', '--version']\n"
         "runpy.run_module('refserver', run_name='__main__', alter_sys=True)\n"

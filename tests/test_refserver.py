@@ -792,3 +792,19 @@ async def test_the_status_reads_the_store_s_watermark_without_a_worker_thread(
     assert hops == []
     server.close()
     store.close()
+
+
+def test_the_served_fingerprint_is_the_first_certificate_s_without_cryptography(
+    tmp_path: Path, test_ca: pki.CertificateAuthority
+) -> None:
+    """Issue 15: the status's ``cert_sha256`` is made with the standard library (importing
+    ``cryptography`` for it cost every start of the server about 35 ms, inside the freeze
+    window). It is still ``pki.fingerprint`` of the certificate served: the first one of a file
+    that carries the chain after it."""
+    from refserver.server import served_fingerprint
+
+    key = pki.generate_key()
+    cert = test_ca.issue(key.public_key(), pki.Names.of("node", ["127.0.0.1"]), server=True)
+    chain = tmp_path / "chain.pem"
+    chain.write_bytes(pki.cert_to_pem(cert) + test_ca.cert_pem)
+    assert served_fingerprint(chain) == pki.fingerprint(cert)
