@@ -16,6 +16,7 @@ for every release: compare counts between releases, not with zero.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import datetime as dt
 import itertools
 import shutil
@@ -23,15 +24,31 @@ import signal
 import statistics
 import subprocess
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
-from tests.nodeside import RPC_TIMEOUT, cluster_of
+from bench.common import NO_DEBUG
+from tests.nodeside import RPC_TIMEOUT, Node, cluster_of
 from tlsroll.enums import Change, TxnKind
 from tlsroll.v1 import agent_pb2
 from tlsroll.wire import CHANGE, TXN_KIND
 
 DURABLE = ("fsync", "fdatasync")
 RENAMES = ("rename", "renameat", "renameat2")
+
+
+def context_switches(pid: int) -> tuple[int, int]:
+    """Voluntary and involuntary context switches of the process's threads so far, and the
+    nanoseconds they ran on a CPU (schedstat; a thread that has ended is no longer counted:
+    read it around work that keeps its threads)."""
+    switches = ran = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        with contextlib.suppress(OSError):
+            for line in (task / "status").read_text().splitlines():
+                if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                    switches += int(line.split()[1])
+            ran += int((task / "schedstat").read_text().split()[0])
+    return switches, ran
 
 
 class Strace:
@@ -66,6 +83,55 @@ class Strace:
                     self.calls[parts[-1]] = self.calls.get(parts[-1], 0) + int(parts[3])
 
 
+@dataclass
+class Switched:
+    calls: dict[str, int]  # system calls by name (under strace), else empty
+    switches: int  # the agent's context switches (meaningless under strace)
+    cpu_ms: float  # the agent's CPU time (its threads; the new server is another process)
+    steps: dict[str, float]  # ms from the journal: the phase -> since the phase before
+
+
+def switch(node: Node, rid: str, trace: Path | None) -> Switched:
+    """Stage and switch ``node`` (enable-tls, begun and followed with one WatchTransaction as
+    the leader does; under strace if ``trace`` names its output), then roll it back."""
+    node.stage(rid)
+    agent, server = node.agent, node.server_pid()
+    assert agent is not None and server is not None
+    request = agent_pb2.GetTransactionRequest(
+        rollout_id=rid,
+        kind=TXN_KIND.wire(TxnKind.SWITCH),
+        switch=agent_pb2.SwitchRequest(
+            command=node.command(rid), change=CHANGE.wire(Change.ENABLE_TLS)
+        ),
+    )
+    calls: dict[str, int] = {}
+    with node.stub() as stub:
+        stub.GetStatus(agent_pb2.GetStatusRequest(), timeout=RPC_TIMEOUT)  # warm
+        before, ran = context_switches(agent.pid)
+        with Strace([agent.pid, server], trace) if trace else contextlib.nullcontext() as traced:
+            states = list(stub.WatchTransaction(request, timeout=RPC_TIMEOUT))
+        after, ran_after = context_switches(agent.pid)
+    if isinstance(traced, Strace):
+        calls = traced.calls
+    last = states[-1] if states else None
+    assert last is not None and last.outcome, last
+    ends = node.journal_query(
+        "SELECT step, at FROM events WHERE rollout_id = ? AND kind = 'switch'"
+        " AND what = 'end' ORDER BY seq",
+        rid,
+    )
+    at = {r["step"]: dt.datetime.fromisoformat(r["at"]) for r in ends}
+    order = ["create", "frozen", "config_written", "restarted", "verified", "completed"]
+    steps = {
+        b: (at[b] - at[a]).total_seconds() * 1000
+        for a, b in itertools.pairwise(order)
+        if a in at and b in at
+    }
+    node.rollback(rid)
+    node.wait_txn(rid, "rollback")
+    return Switched(calls, after - before, (ran_after - ran) / 1e6, steps)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--switches", type=int, default=5)
@@ -77,54 +143,37 @@ def main(argv: list[str] | None = None) -> int:
     rows: list[dict[str, float]] = []
     steps: dict[str, list[float]] = {}
     try:
-        with cluster_of(root, 1) as (_cluster, (node,)):
+        with cluster_of(root, 1, env=NO_DEBUG) as (_cluster, (node,)):
             for i in range(ns.switches):
-                rid = f"sc{i}"
-                node.stage(rid)
-                agent = node.agent
-                server = node.server_pid()
-                assert agent is not None and server is not None
-                request = agent_pb2.GetTransactionRequest(
-                    rollout_id=rid,
-                    kind=TXN_KIND.wire(TxnKind.SWITCH),
-                    switch=agent_pb2.SwitchRequest(
-                        command=node.command(rid), change=CHANGE.wire(Change.ENABLE_TLS)
-                    ),
-                )
-                with node.stub() as stub:
-                    stub.GetStatus(agent_pb2.GetStatusRequest(), timeout=RPC_TIMEOUT)  # warm
-                    with Strace([agent.pid, server], root / f"strace-{i}") as traced:
-                        states = list(stub.WatchTransaction(request, timeout=RPC_TIMEOUT))
-                last = states[-1] if states else None
-                assert last is not None and last.outcome, last
+                # One switch under strace (its system calls), one without (the agent's context
+                # switches, which ptrace's stops would count too, and the step times).
+                traced = switch(node, f"sc{i}", root / f"strace-{i}")
+                plain = switch(node, f"sp{i}", None)
                 calls = traced.calls
                 rows.append(
                     {
                         "durable": sum(calls.get(c, 0) for c in DURABLE),
                         "renames": sum(calls.get(c, 0) for c in RENAMES),
                         "all": sum(calls.values()),
+                        "switches": plain.switches,
+                        "cpu": plain.cpu_ms,
                     }
                 )
-                ends = node.journal_query(
-                    "SELECT step, at FROM events WHERE rollout_id = ? AND kind = 'switch'"
-                    " AND what = 'end' ORDER BY seq",
-                    rid,
-                )
-                at = {r["step"]: dt.datetime.fromisoformat(r["at"]) for r in ends}
-                order = ["create", "frozen", "config_written", "restarted", "verified", "completed"]
-                for a, b in itertools.pairwise(order):
-                    if a in at and b in at:
-                        steps.setdefault(b, []).append((at[b] - at[a]).total_seconds() * 1000)
-                node.rollback(rid)
-                node.wait_txn(rid, "rollback")
+                for step, ms in plain.steps.items():
+                    steps.setdefault(step, []).append(ms)
     finally:
         shutil.rmtree(root, ignore_errors=True)
-    med = {k: statistics.median(r[k] for r in rows) for k in ("durable", "renames", "all")}
-    print(f"one switch, agent + its server ({len(rows)} switches, median):")
+    med = {
+        k: statistics.median(r[k] for r in rows)
+        for k in ("durable", "renames", "all", "switches", "cpu")
+    }
+    print(f"one switch, agent + its server ({len(rows)} switches each way, median):")
     print(f"  fsync+fdatasync: {med['durable']:.0f}   renames: {med['renames']:.0f}")
     print(f"  system calls in all: {med['all']:.0f} (the new server's start-up included)")
-    split = ", ".join(f"→{k} {statistics.median(v):.0f}" for k, v in steps.items())
-    print(f"  steps (ms, median; strace slows every call): {split}")
+    print(f"  the agent's context switches: {med['switches']:.0f} (its threads, not under strace)")
+    print(f"  the agent's CPU: {med['cpu']:.1f} ms (its threads, not under strace)")
+    split = ", ".join(f"→{k} {statistics.median(v):.1f}" for k, v in steps.items())
+    print(f"  steps (ms, median, not under strace): {split}")
     print(f"  per switch: {[int(r['durable']) for r in rows]} fsync+fdatasync")
     return 0
 

@@ -354,7 +354,11 @@ class Wakeup:
     readable). A message wakes us only if it comes from ``sender`` (the kernel says who sent
     it: ``SO_PASSCRED``): the socket's name is visible to every local user, and one who kept
     sending to it must not have the agent check readiness back to back during a freeze. Even
-    then a wake is only a cue to look: readiness is still checked (pid file and admin socket).
+    then a wake is only a cue to look: the pid file is still read. ``ready`` says whether the
+    started server itself sent ``READY=1``: it does so once its listeners and admin socket
+    are up, so the admin socket is not asked again (a round trip inside the freeze window,
+    issue 15; the verify that follows asks it anyway). Without that message (a wake by an exit
+    or the fallback wait) readiness is checked as before: pid file and admin socket.
     Anything this machine lacks (pidfd before Linux 5.3; the socket when short of descriptors)
     leaves the caller's fallback wait to find it."""
 
@@ -366,6 +370,8 @@ class Wakeup:
         self.address: str | None = None  # for the child's NOTIFY_SOCKET; None: none to give
         self._sender: int | None = None  # the pid whose messages count (the started server)
         self._early: set[int] = set()  # who sent before the sender was known (at most 64)
+        self._early_ready: set[int] = set()  # and which of them said READY=1
+        self.ready = False  # the sender said READY=1
 
     @property
     def sender(self) -> int | None:
@@ -377,8 +383,10 @@ class Wakeup:
         the spawn's thread was still returning) wakes us now."""
         self._sender = pid
         if pid in self._early:
+            self.ready = self.ready or pid in self._early_ready
             self._event.set()
         self._early.clear()
+        self._early_ready.clear()
 
     def listen(self) -> None:
         """Open the socket the server's readiness message is sent to (abstract namespace)."""
@@ -398,14 +406,20 @@ class Wakeup:
         assert self._sock is not None
         with contextlib.suppress(OSError):  # BlockingIOError: nothing more to read
             for _ in range(64):  # then the loop's other work; the reader is called again
-                _, ancillary, _, _ = self._sock.recvmsg(4096, socket.CMSG_SPACE(CREDENTIALS.size))
+                message, ancillary, _, _ = self._sock.recvmsg(
+                    4096, socket.CMSG_SPACE(CREDENTIALS.size)
+                )
+                ready = b"READY=1" in message.split(b"\n")
                 for level, kind, data in ancillary:
                     if (level, kind) != (socket.SOL_SOCKET, socket.SCM_CREDENTIALS):
                         continue
                     pid = CREDENTIALS.unpack_from(data)[0]
                     if self._sender is None and len(self._early) < 64:
                         self._early.add(pid)
+                        if ready:
+                            self._early_ready.add(pid)
                     elif pid == self._sender:
+                        self.ready = self.ready or ready
                         self._event.set()
 
     def watch_exit(self, pid: int) -> None:
@@ -557,7 +571,8 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
         """Start the server and wait until it answers; DriverError at once if it exits.
 
         Event-driven (``Wakeup``): the server's readiness message and the child's exit wake
-        the wait at once, and only then is readiness checked; a check every
+        the wait at once, and only then is readiness checked (the pid file names the child,
+        and its READY=1 came, or else its admin socket answers); a check every
         ``READY_FALLBACK_WAIT`` catches what sends no message. Without a readiness socket,
         readiness is asked after 5 ms, then with a doubling wait up to 40 ms."""
         wakeup = Wakeup()
@@ -589,7 +604,9 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
                     f"the server exited at start (code {child.returncode}): {self._last_log_line()}"
                 )
             try:
-                if self._pid() == child.pid and await self.health() is None:
+                # READY=1 from the started server (``Wakeup.ready``) says its admin socket
+                # answers; otherwise ask it.
+                if self._pid() == child.pid and (wakeup.ready or await self.health() is None):
                     return
                 short = None
             except LocalResourceError as exc:

@@ -42,7 +42,7 @@ from nodeagent.transaction import (
 )
 from nodeagent.trust import EpochNotAnnounced, LeaderTrust, NotTheLeader, Revoked
 from nodeagent.wire import CHANGE, TXN_KIND, TXN_OUTCOME, TXN_PHASE
-from tlsroll import __version__, logs, password
+from tlsroll import __version__, httpcheck, logs, password
 from tlsroll.clients import ClientsView
 from tlsroll.enums import Change, TxnKind
 from tlsroll.errors import PKIError
@@ -476,7 +476,9 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         intermediates: Sequence[x509.Certificate] = (),
     ) -> str:
         """Write the certificate (and intermediates, served with it) and the CA(s) beside the
-        staged key, journalled (blocking)."""
+        staged key, journalled (blocking). The TLS client context that trusts the staged CA is
+        made here too, for the switch's verify (``httpcheck.trusting`` keeps it): made there,
+        its CPU (about a millisecond, more on a busy machine) was inside the freeze window."""
         from cryptography import x509  # noqa: PLC0415 - certificate work (see ``Identity``)
 
         from tlsroll import pki  # noqa: PLC0415
@@ -484,13 +486,15 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         cert_file = staged.key_file.with_name("server.pem")
         ca_file = staged.key_file.with_name("ca.pem")
         cas = [ca] if isinstance(ca, x509.Certificate) else list(ca)
-        write_atomic(ca_file, b"".join(pki.cert_to_pem(c) for c in cas), PUBLIC)
+        ca_pem = b"".join(pki.cert_to_pem(c) for c in cas)
+        write_atomic(ca_file, ca_pem, PUBLIC)
         chain = b"".join(pki.cert_to_pem(c) for c in (cert, *intermediates))
         write_atomic(cert_file, chain, PUBLIC)
         fingerprint = pki.fingerprint(cert)
         self.journal.record_stage(
             staged.rollout_id, cert_file, ca_file, fingerprint, cert.not_valid_after_utc
         )
+        httpcheck.trusting(ca_pem)  # the bytes verify reads back from ca_file
         return fingerprint
 
     async def _stage_own(

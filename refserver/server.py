@@ -53,11 +53,13 @@ import asyncio
 import contextlib
 import datetime as dt
 import fcntl
+import hashlib
 import json
 import logging
 import os
 import re
 import sqlite3
+import ssl
 import stat
 import sys
 import time
@@ -70,7 +72,7 @@ from aiohttp import web
 
 from refserver import config as refserver_config
 from refserver.store import FreezeState, Store, now_iso
-from tlsroll import __version__, clients, daemon, logs, password, pki
+from tlsroll import __version__, clients, daemon, logs, password
 from tlsroll.backoff import Backoff, Policy, retry_after, source_key
 from tlsroll.errors import ConfigError, TerminalError
 from tlsroll.fsutil import socket_dir_problem, write_atomic
@@ -127,6 +129,25 @@ def _workstation(request: web.Request) -> str:
     return clients.workstation_name(request.headers.get(clients.WORKSTATION_HEADER))
 
 
+def served_fingerprint(cert_file: Path) -> str:
+    """``sha256:<hex>`` of the DER of the first certificate in ``cert_file`` (the one TLS
+    serves; ``pki.fingerprint``'s form), from the standard library: importing ``cryptography``
+    for it cost every start of the server about 35 ms, inside every switch's freeze window
+    (issue 15). The TLS context has loaded the file already, so it is PEM; a first block that
+    is not a plain ``CERTIFICATE`` is left to ``cryptography``."""
+    text = cert_file.read_text("ascii", errors="replace")
+    start, end = text.find(ssl.PEM_HEADER), text.find(ssl.PEM_FOOTER)
+    if 0 <= start < end:
+        try:
+            der = ssl.PEM_cert_to_DER_cert(text[start : end + len(ssl.PEM_FOOTER)])
+            return "sha256:" + hashlib.sha256(der).hexdigest()
+        except ValueError:
+            pass
+    from tlsroll import pki  # noqa: PLC0415 - only for what the standard library cannot read
+
+    return pki.fingerprint(pki.read_cert(cert_file))
+
+
 def _error(status: int, error: str, message: str, **extra: Any) -> web.Response:
     return web.json_response({"error": error, "message": message, **extra}, status=status)
 
@@ -145,7 +166,7 @@ class RefServer:
         self.config = loaded.config
         self.verifier = loaded.verifier
         self.cert_sha256 = (
-            pki.fingerprint(pki.read_cert(self.config.cert_file))
+            served_fingerprint(self.config.cert_file)
             if loaded.ssl_context is not None and self.config.cert_file is not None
             else None
         )
@@ -175,7 +196,13 @@ class RefServer:
         return await asyncio.get_running_loop().run_in_executor(self._writer, fn, *args)
 
     async def watermark(self) -> int:
-        return await asyncio.to_thread(self.store.watermark)
+        """The last committed seq, read from the store (any writer's commits count), on the
+        event loop: one indexed read on a pooled read-only connection of a WAL database, which
+        no writer blocks, costs less than the hand-off to a worker thread and back; the status
+        asks for it inside every switch's freeze window (the verify's watermark check, and the
+        restart's readiness check of a server that sent no READY=1: issue 15) and at every
+        heartbeat of the agent's."""
+        return self.store.watermark()
 
     def _save_state(
         self, frozen: bool, since: str | None, read_watermark: bool

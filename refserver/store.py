@@ -8,7 +8,8 @@ points in time. The freeze flag is one row of table ``freeze``: saving it is one
 WAL fsync). It used to be ``state.json`` (written atomically: two fsyncs and a rename, twice per
 switch); a ``state.json`` left by an older release is taken over at start-up, then removed.
 
-All methods are blocking and thread-safe: the server calls them from worker threads. Writes are
+All methods are blocking and thread-safe: the server calls them from worker threads, except
+``watermark`` (one indexed read, which WAL lets no writer block: on its event loop). Writes are
 serialised by one lock on one connection; reads use a small pool of read-only connections, so
 they are served while a write commits. A write that fails reopens the writing connection before
 the next one: a file SQLite had to open read-only (say, its file system was read-only at

@@ -358,10 +358,13 @@ class Node:
 
 
 @contextlib.contextmanager
-def cluster_of(root: Path, count: int, **leader: object) -> Iterator[tuple[Cluster, list[Node]]]:
+def cluster_of(
+    root: Path, count: int, *, env: Mapping[str, str] | None = None, **leader: object
+) -> Iterator[tuple[Cluster, list[Node]]]:
     """A leader (``leader``: keys for leader.toml) and ``count`` nodes, node1 on the leader's
-    own address, each with its agent and reference server, all online. A node's agent left
-    stopped (SIGSTOP) by a test is continued before it is closed."""
+    own address, each with its agent and reference server, all online; ``env`` is added to the
+    daemons' environment (a benchmark turns asyncio's debug mode off with it). A node's agent
+    left stopped (SIGSTOP) by a test is continued before it is closed."""
     addresses = [next_loopback() for _ in range(count)]
     cluster = Cluster(root / "cluster", addresses[0], heartbeat_interval=1)
     nodes = [Node(cluster, f"node{i + 1}", a, root / f"n{i}") for i, a in enumerate(addresses)]
@@ -369,9 +372,9 @@ def cluster_of(root: Path, count: int, **leader: object) -> Iterator[tuple[Clust
         cluster.init("--node-name", "node1")
         if leader:
             cluster.write_leader_config(leader)
-        cluster.start_leader()
+        cluster.start_leader(env)
         for node in nodes:
-            node.start()
+            node.start(env)
         cluster.wait_for_nodes_online([n.name for n in nodes])
         yield cluster, nodes
     finally:

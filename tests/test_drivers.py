@@ -627,6 +627,64 @@ async def test_reference_driver_is_told_when_the_server_is_ready_and_gone(
         await driver.stop()
 
 
+async def test_a_start_the_server_said_ready_for_does_not_ask_its_admin_socket(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15, the freeze window: once the started server had said READY=1 (which it sends
+    once its listeners and admin socket are up), the driver still asked its admin socket for
+    the status, a round trip inside every switch's freeze (the verify after it asks again).
+    The pid file is still read; the server answers all the same."""
+    driver = reference_driver(tmp_path)
+    asked: list[str] = []
+    status = driver.status
+
+    async def counting() -> dict[str, Any]:
+        asked.append("status")
+        return await status()
+
+    monkeypatch.setattr(driver, "status", counting)
+    try:
+        await driver.start()
+        assert asked == []
+        assert driver._pid() is not None
+        assert await driver.health() is None
+    finally:
+        await driver.stop()
+
+
+async def test_only_the_started_server_s_ready_message_counts_as_ready() -> None:
+    """What wakes the driver is a cue to look; only READY=1 from the started server spares it
+    the admin socket's question (another message of the server's, or anyone's READY=1, does
+    not)."""
+    wakeup = drivers.Wakeup()
+    wakeup.listen()
+    assert wakeup.address is not None
+    code = (
+        "import sys; from tlsroll import daemon\n"
+        "daemon.sd_notify('STATUS=starting'); sys.stdin.readline(); daemon.sd_notify('READY=1')"
+    )
+    server = subprocess.Popen(
+        [sys.executable, "-c", code],
+        stdin=subprocess.PIPE,
+        env={**os.environ, "NOTIFY_SOCKET": wakeup.address},
+    )
+    wakeup.sender = server.pid
+    try:
+        await asyncio.wait_for(wakeup._event.wait(), 60)
+        assert not wakeup.ready
+        wakeup._event.clear()
+        assert server.stdin is not None
+        server.stdin.write(b"go\n")
+        server.stdin.flush()
+        await asyncio.wait_for(wakeup._event.wait(), 60)
+        assert wakeup.ready
+    finally:
+        if server.stdin is not None:
+            server.stdin.close()
+        server.wait(30)
+        wakeup.close()
+
+
 async def test_the_readiness_socket_hears_only_the_started_server(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
@@ -677,6 +735,7 @@ async def test_a_ready_sent_before_the_driver_knows_the_pid_still_wakes_it() -> 
         assert not wakeup._event.is_set()
         wakeup.sender = server.pid
         assert wakeup._event.is_set(), "the server's early READY=1 was dropped"
+        assert wakeup.ready
     finally:
         wakeup.close()
 

@@ -240,6 +240,36 @@ def test_a_switched_agent_serves_its_bootstrap_service_without_aiohttp(
     assert "h11" in modules
 
 
+def test_the_reference_server_as_its_driver_starts_it_loads_neither_rich_nor_cryptography() -> None:
+    """Issue 15, the freeze window: the reference driver starts ``python -P -m refserver`` at
+    every restart, inside the switch's freeze, and structlog imported rich and pygments there
+    merely because they are installed (about 40 ms of CPU per start, 4 MiB). ``python -m
+    refserver`` keeps them out, as the agent does (``tlsroll.lean``); nor does it import
+    ``cryptography`` (about 35 ms) for the served certificate's fingerprint. It still runs (here
+    as far as ``--version``: everything the server imports)."""
+    code = (
+        "import atexit, runpy, sys\n"
+        "NEVER = ('rich', 'pygments', 'cryptography')\n"
+        "def held():\n"
+        "    print(' '.join(n for n in NEVER if sys.modules.get(n)))\n"
+        "atexit.register(held)\n"
+        "sys.argv = ['refserver', '--version']\n"
+        "runpy.run_module('refserver', run_name='__main__', alter_sys=True)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-P", "-c", code],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=child_env(),
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    lines = done.stdout.splitlines()
+    assert lines[0].startswith("tlsroll-refserver "), done.stdout
+    assert lines[-1] == "", f"the reference server loaded {lines[-1]}"
+
+
 @pytest.mark.parametrize("make_csr", [True, False])
 def test_a_preflight_starts_loading_the_certificate_code_the_csr_after_it_needs(
     tmp_path: Path, loopback: Callable[[], str], make_csr: bool
@@ -1121,6 +1151,55 @@ def test_the_outside_check_makes_its_tls_context_once_per_ca(
         problem = httpcheck.check_https(first, port, APP, other, None)
     assert problem is not None and "certificate verify failed" in problem
     assert made == [ca_pem, other]
+
+
+def test_a_stage_makes_the_tls_context_its_switch_s_verify_trusts(
+    tmp_path: Path,
+    loopback: Callable[[], str],
+    issue_cert: Callable[..., IssuedCert],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Issue 15, the freeze window: the agent's verify made the client context that trusts the
+    staged CA (its first probe with that CA), about a millisecond of CPU inside the freeze.
+    Staging the certificate makes it now: verify's probes, which read the CA back from the
+    staged file, make none."""
+    from nodeagent.journal import Journal
+    from nodeagent.service import NodeAgentService
+
+    made: list[bytes] = []
+    real = tls.client_context
+
+    def counting(ca_pem: bytes | None = None, **kwargs: Any) -> ssl.SSLContext:
+        made.append(ca_pem or b"")
+        return real(ca_pem, **kwargs)
+
+    monkeypatch.setattr(tls, "client_context", counting)
+    httpcheck.trusting.cache_clear()
+    address = loopback()
+    issued = issue_cert(address)
+    journal = Journal(tmp_path / "journal.sqlite3")
+    stage_dir = tmp_path / "tlsroll-tls" / "r1"
+    stage_dir.mkdir(parents=True)
+    key_file = stage_dir / "server.key"
+    key_file.write_bytes(issued.key_file.read_bytes())
+    journal.record_csr("r1", key_file, b"")
+    staged = journal.staged("r1")
+    assert staged is not None
+    service = NodeAgentService.__new__(NodeAgentService)  # _store_cert needs its journal only
+    service.journal = journal
+    cert = pki.read_cert(issued.cert_file)
+    fingerprint = service._store_cert(staged, cert, pki.read_cert(issued.ca_file))
+    assert made == [issued.ca_file.read_bytes()]
+    staged = journal.staged("r1")
+    assert staged is not None and staged.ca_file is not None
+    server = tls.server_context(issued.cert_file, issued.key_file)
+    from tests.test_httpcheck import APP, OK_CLOSE, tiny_server
+
+    with tiny_server(address, OK_CLOSE, server) as port:
+        ca_pem = staged.ca_file.read_bytes()  # as verify reads it
+        assert httpcheck.check_https(address, port, APP, ca_pem, fingerprint) is None
+    assert len(made) == 1
+    journal.close()
 
 
 @dataclass

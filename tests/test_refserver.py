@@ -746,3 +746,65 @@ async def test_freeze_and_unfreeze_with_nothing_in_flight_hand_off_to_one_thread
         assert stored_freeze(data_dir) == (False, None)
     server.close()
     store.close()
+
+
+async def test_the_status_reads_the_store_s_watermark_without_a_worker_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15: the admin status (the agent's readiness check after a restart, and its
+    verify's watermark check, both inside the freeze window) handed the watermark's read to a
+    worker thread and back. It reads it on the event loop now, still from the store: a row
+    committed behind the server's back (another connection) moves it, as verify needs."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    from refserver import config as refserver_config
+    from refserver import server as refserver_server
+    from refserver.store import Store
+
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    path = tmp_path / "refserver.toml"
+    path.write_text(
+        f'[server]\naddress = "127.0.0.1"\napp_path = "/praxis_live/"\nlisten = ["http"]\n'
+        f'data_dir = "{data_dir}"\n'
+    )
+    loaded = refserver_config.load(path)
+    store = Store(data_dir)
+    server = refserver_server.RefServer(loaded, store, store.load_freeze())
+    _entry, seq = store.insert({"n": 1})
+    hops: list[str] = []
+    to_thread = asyncio.to_thread
+
+    async def counting(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        hops.append(getattr(fn, "__name__", repr(fn)))
+        return await to_thread(fn, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", counting)
+    async with TestClient(TestServer(server.admin_app())) as client:
+        status = await (await client.get("/admin/status")).json()
+        assert status["watermark"] == seq
+        behind = sqlite3.connect(data_dir / "entries.sqlite3")  # another writer's commit
+        with behind:
+            behind.execute("INSERT INTO entries (id, body, created_at) VALUES ('x', '{}', 'now')")
+        behind.close()
+        status = await (await client.get("/admin/status")).json()
+        assert status["watermark"] == seq + 1
+    assert hops == []
+    server.close()
+    store.close()
+
+
+def test_the_served_fingerprint_is_the_first_certificate_s_without_cryptography(
+    tmp_path: Path, test_ca: pki.CertificateAuthority
+) -> None:
+    """Issue 15: the status's ``cert_sha256`` is made with the standard library (importing
+    ``cryptography`` for it cost every start of the server about 35 ms, inside the freeze
+    window). It is still ``pki.fingerprint`` of the certificate served: the first one of a file
+    that carries the chain after it."""
+    from refserver.server import served_fingerprint
+
+    key = pki.generate_key()
+    cert = test_ca.issue(key.public_key(), pki.Names.of("node", ["127.0.0.1"]), server=True)
+    chain = tmp_path / "chain.pem"
+    chain.write_bytes(pki.cert_to_pem(cert) + test_ca.cert_pem)
+    assert served_fingerprint(chain) == pki.fingerprint(cert)
