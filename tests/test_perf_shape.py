@@ -18,6 +18,7 @@ import subprocess
 import sys
 import threading
 import time
+import tomllib
 from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
@@ -240,13 +241,29 @@ def test_a_switched_agent_serves_its_bootstrap_service_without_aiohttp(
     assert "h11" in modules
 
 
-def test_the_reference_server_as_its_driver_starts_it_loads_neither_rich_nor_cryptography() -> None:
+def _refserver_script() -> str:
+    """The installed ``tlsroll-refserver`` command, as pyproject.toml declares it."""
+    project = tomllib.loads((Path(__file__).parent.parent / "pyproject.toml").read_text())
+    module, _, function = project["project"]["scripts"]["tlsroll-refserver"].partition(":")
+    return f"import {module}\n{module}.{function}()\n"
+
+
+@pytest.mark.parametrize("how", ["python -m refserver", "tlsroll-refserver"])
+def test_the_reference_server_as_its_driver_starts_it_loads_neither_rich_nor_cryptography(
+    how: str,
+) -> None:
     """Issue 15, the freeze window: the reference driver starts ``python -P -m refserver`` at
     every restart, inside the switch's freeze, and structlog imported rich and pygments there
     merely because they are installed (about 40 ms of CPU per start, 4 MiB). ``python -m
     refserver`` keeps them out, as the agent does (``tlsroll.lean``); nor does it import
-    ``cryptography`` (about 35 ms) for the served certificate's fingerprint. It still runs (here
+    ``cryptography`` (about 35 ms) for the served certificate's fingerprint. The installed
+    command (a practice's own start of the server) is the same entry point. It still runs (here
     as far as ``--version``: everything the server imports)."""
+    start = (
+        "runpy.run_module('refserver', run_name='__main__', alter_sys=True)\n"
+        if how == "python -m refserver"
+        else _refserver_script()
+    )
     code = (
         "import atexit, runpy, sys\n"
         "NEVER = ('rich', 'pygments', 'cryptography')\n"
@@ -254,8 +271,7 @@ def test_the_reference_server_as_its_driver_starts_it_loads_neither_rich_nor_cry
         "    print(' '.join(n for n in NEVER if sys.modules.get(n)))\n"
         "atexit.register(held)\n"
         "sys.argv = ['refserver', '--version']\n"
-        "runpy.run_module('refserver', run_name='__main__', alter_sys=True)\n"
-    )
+    ) + start
     done = subprocess.run(
         [sys.executable, "-P", "-c", code],
         capture_output=True,
