@@ -653,6 +653,8 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         self._streams: dict[str, list[_Beats]] = {}
         self._open: set[_Beats] = set()  # every open Heartbeats stream, counted or not
         self._watch: asyncio.Task[None] | None = None  # streams' cuts and news
+        # Set by ``close_streams`` (the leader is stopping): new streams are refused.
+        self._stopping = False
         self._writer: asyncio.Task[None] | None = None  # the group commit (``_write_batches``)
         self._committing: asyncio.Future[int] | None = None  # its worker thread's last commit
         self.batch_seconds = BATCH_SECONDS
@@ -951,6 +953,11 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         revocation list) goes out to it unasked. The first message must come within
         ``FIRST_MESSAGE_SECONDS``."""
         caller = self._identify(context)
+        if self._stopping:
+            # An agent whose stream ``close_streams`` ended opens a new one within a second:
+            # taken, it would be open until the server's graceful stop gave up on it (review
+            # of session 25). Refused, the agent tries again later (``reconnect_pause``).
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "the leader is stopping")
         beat = _Beats(context)
         self._open.add(beat)
         interval = self.state.heartbeat_interval
@@ -1071,6 +1078,8 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             log.warning("heartbeat.renewal_missed", node=beat.name)
 
     def _start_watch(self) -> None:
+        if self._stopping:
+            return
         if self._watch is None or self._watch.done():
             self._watch = asyncio.ensure_future(self._watch_renewals())
 
@@ -1153,7 +1162,9 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         stream never ends by itself, and the server's graceful stop would wait its whole grace
         period for them. Each agent sees its stream end and opens a new one within a second or
         so once the leader is back (``nodeagent.leader_link.reconnect_pause``; an agent of an
-        earlier release at its next heartbeat)."""
+        earlier release at its next heartbeat); from now on new streams are refused
+        (UNAVAILABLE), so that none opened in the meantime holds up the stop."""
+        self._stopping = True
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None

@@ -154,6 +154,9 @@ async def test_a_stream_the_leader_ends_is_opened_again_at_once_and_the_node_sta
             (beat,) = rig.service._open
             if how == "the leader stops":
                 assert rig.service.close_streams() == 1
+                # The leader that comes back takes the new stream (a stopping one refuses it:
+                # the test below); in process, the same service stands in for it.
+                rig.service._stopping = False
             else:
                 service._end(beat, grpc.StatusCode.UNAVAILABLE, "the agent took no news in time")
             with contextlib.suppress(TimeoutError):  # (the test's bound, not the claim)
@@ -168,6 +171,33 @@ async def test_a_stream_the_leader_ends_is_opened_again_at_once_and_the_node_sta
         assert [e["code"] for e in ended] == ["UNAVAILABLE"]
         assert 0 <= ended[0]["again_in"] <= 1.0
         assert link.healthy
+    finally:
+        await stop(rig, link, journal, task)
+
+
+async def test_a_stopping_leader_refuses_the_new_stream_of_an_agent_it_ended(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of session 25: ``close_streams`` ends the streams open as the leader stops, and
+    their agents open new ones within a second. Taken, such a stream was never ended, and the
+    server's graceful stop waited its grace period (10 s) for it. A stopping leader refuses
+    them (UNAVAILABLE). Failed on the old code: the new stream was taken and counted."""
+    monkeypatch.setattr(leader_link, "LASTED_SECONDS", 0.0)
+    rig, link, journal, opened, task = await running_link(tmp_path, loopback, monkeypatch)
+    try:
+        with structlog.testing.capture_logs() as events:
+
+            def ends() -> list[str]:
+                return [e["code"] for e in events if e["event"] == "heartbeat.stream_ended"]
+
+            assert rig.service.close_streams() == 1
+            async with asyncio.timeout(30):  # the test's bound: the agent's pause is under 1 s
+                while len(opened) < 2 and len(ends()) < 2:  # the first end, then the next
+                    await asyncio.sleep(0.02)
+        assert opened == ["hb1"], "a stopping leader took a new stream"
+        assert ends()[:2] == ["UNAVAILABLE", "UNAVAILABLE"]
+        assert not rig.service._open
+        assert rig.service._watch is None
     finally:
         await stop(rig, link, journal, task)
 
