@@ -1460,7 +1460,23 @@ def test_a_revoked_node_is_offline_at_once_and_its_renewal_stream_is_cut(
                 for e in cluster.leader.log_events()
             )
 
-        wait_until(cut, 20, "the leader ends the revoked node's stream")
+        try:
+            wait_until(cut, 20, "the leader ends the revoked node's stream")
+        except TimeoutError:
+            # Seen once in CI (session 25, a loaded machine), not reproduced: say what the
+            # leader and the agent logged about the stream, for the next time.
+            said = [
+                {k: e.get(k) for k in ("timestamp", "event", "node", "code", "reason")}
+                for e in cluster.leader.log_events()
+                if str(e.get("event", "")).startswith("heartbeat.")
+            ] + [
+                {k: e.get(k) for k in ("timestamp", "event", "code", "detail", "again_in")}
+                for e in bad.log_events()
+                if str(e.get("event", "")).startswith("heartbeat.")
+            ]
+            raise AssertionError(
+                f"no stream_cut for hb-cutoff within 20 s; logged: {said}"
+            ) from None
         assert not cluster.list_nodes()["hb-cutoff"].online  # and it stays offline
         assert cluster.list_nodes()["hb-stays"].online
     finally:
