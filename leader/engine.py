@@ -390,6 +390,9 @@ class Engine:
         for task in list(self.tasks.values()):
             task.cancel()
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        # What the cancelled steps had handed to the store's thread is written before the
+        # store closes (``dbthread.run``).
+        await dbthread.barrier()
         await self.agents.close()
 
     # --- one step -----------------------------------------------------------------------------

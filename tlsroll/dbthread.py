@@ -48,7 +48,21 @@ def executor() -> ThreadPoolExecutor:
 
 async def run(func: Callable[P, T], /, *args: P.args, **kwargs: P.kwargs) -> T:
     """``asyncio.to_thread`` on the store's thread: ``func(*args, **kwargs)`` there, with the
-    caller's context variables (the log's bound fields)."""
+    caller's context variables (the log's bound fields). A call whose caller is cancelled
+    still runs when its turn comes (its result is dropped), as a call ``to_thread`` had
+    handed to a thread of its own would have: a step's outcome queued behind another write
+    when the leader stops is written, not dropped (review of session 25). ``barrier`` waits
+    for every call queued before it."""
     loop = asyncio.get_running_loop()
     call = functools.partial(contextvars.copy_context().run, func, *args, **kwargs)
-    return await loop.run_in_executor(executor(), call)
+    return await asyncio.shield(loop.run_in_executor(executor(), call))
+
+
+def _nothing() -> None:
+    return None
+
+
+async def barrier() -> None:
+    """Wait until every call queued on the store's thread before this one has run (one
+    thread, in order): before the store closes."""
+    await run(_nothing)
