@@ -45,7 +45,7 @@ from nodeagent.wire import CHANGE, TXN_KIND, TXN_OUTCOME, TXN_PHASE
 from tlsroll import __version__, httpcheck, logs, password
 from tlsroll.clients import ClientsView
 from tlsroll.enums import Change, TxnKind
-from tlsroll.errors import PKIError
+from tlsroll.errors import PKIError, PKIReason
 from tlsroll.fsutil import PUBLIC, write_atomic
 from tlsroll.rpc import (
     RpcStatusError,
@@ -487,6 +487,14 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         ca_file = staged.key_file.with_name("ca.pem")
         cas = [ca] if isinstance(ca, x509.Certificate) else list(ca)
         ca_pem = b"".join(pki.cert_to_pem(c) for c in cas)
+        try:
+            # Before anything is written or journalled: a CA the TLS library refuses fails the
+            # stage with its reason (the verify would have refused it inside the freeze).
+            httpcheck.trusting(ca_pem)  # the bytes verify reads back from ca_file
+        except (ssl.SSLError, ValueError) as exc:
+            raise PKIError(
+                PKIReason.BAD_PEM, f"the TLS library refuses the CA certificate: {exc}"
+            ) from None
         write_atomic(ca_file, ca_pem, PUBLIC)
         chain = b"".join(pki.cert_to_pem(c) for c in (cert, *intermediates))
         write_atomic(cert_file, chain, PUBLIC)
@@ -494,7 +502,6 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         self.journal.record_stage(
             staged.rollout_id, cert_file, ca_file, fingerprint, cert.not_valid_after_utc
         )
-        httpcheck.trusting(ca_pem)  # the bytes verify reads back from ca_file
         return fingerprint
 
     async def _stage_own(

@@ -1218,6 +1218,44 @@ def test_a_stage_makes_the_tls_context_its_switch_s_verify_trusts(
     journal.close()
 
 
+def test_a_stage_whose_ca_the_tls_library_refuses_fails_before_it_writes_anything(
+    tmp_path: Path,
+    loopback: Callable[[], str],
+    issue_cert: Callable[..., IssuedCert],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review of session 25, L3: the stage made the verify's TLS context after journalling
+    the stage, so a CA the TLS library refused failed the call as an INTERNAL error with the
+    stage recorded. Now it is made first: the stage fails with its reason (a PKIError, which
+    the service answers INVALID_ARGUMENT), nothing written, nothing journalled."""
+    from nodeagent.journal import Journal
+    from nodeagent.service import NodeAgentService
+    from tlsroll.errors import PKIError
+
+    def refusing(ca_pem: bytes) -> ssl.SSLContext:
+        raise ssl.SSLError(136, "[X509: NO_CERTIFICATE_OR_CRL_FOUND] no certificate or crl found")
+
+    monkeypatch.setattr(httpcheck, "trusting", refusing)
+    issued = issue_cert(loopback())
+    journal = Journal(tmp_path / "journal.sqlite3")
+    stage_dir = tmp_path / "tlsroll-tls" / "r1"
+    stage_dir.mkdir(parents=True)
+    key_file = stage_dir / "server.key"
+    key_file.write_bytes(issued.key_file.read_bytes())
+    journal.record_csr("r1", key_file, b"")
+    staged = journal.staged("r1")
+    assert staged is not None
+    service = NodeAgentService.__new__(NodeAgentService)  # _store_cert needs its journal only
+    service.journal = journal
+    cert = pki.read_cert(issued.cert_file)
+    with pytest.raises(PKIError, match="TLS library refuses the CA certificate"):
+        service._store_cert(staged, cert, pki.read_cert(issued.ca_file))
+    after = journal.staged("r1")
+    assert after is not None and after.ca_file is None  # not journalled
+    assert sorted(p.name for p in stage_dir.iterdir()) == ["server.key"]  # nothing written
+    journal.close()
+
+
 @dataclass
 class StepHops:
     per_node: float  # worker-thread hops (``asyncio.to_thread``) per node
