@@ -357,7 +357,8 @@ class Wakeup:
     then a wake is only a cue to look: the pid file is still read. ``ready`` says whether the
     started server itself sent ``READY=1``: it does so once its listeners and admin socket
     are up, so the admin socket is not asked again (a round trip inside the freeze window,
-    issue 15; the verify that follows asks it anyway). Without that message (a wake by an exit
+    issue 15; the verify's watermark check that follows asks it, or for a server that was
+    down at the freeze the unfreeze). Without that message (a wake by an exit
     or the fallback wait) readiness is checked as before: pid file and admin socket.
     Anything this machine lacks (pidfd before Linux 5.3; the socket when short of descriptors)
     leaves the caller's fallback wait to find it."""

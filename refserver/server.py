@@ -133,8 +133,10 @@ def served_fingerprint(cert_file: Path) -> str:
     """``sha256:<hex>`` of the DER of the first certificate in ``cert_file`` (the one TLS
     serves; ``pki.fingerprint``'s form), from the standard library: importing ``cryptography``
     for it cost every start of the server about 35 ms, inside every switch's freeze window
-    (issue 15). The TLS context has loaded the file already, so it is PEM; a first block that
-    is not a plain ``CERTIFICATE`` is left to ``cryptography``."""
+    (issue 15). The TLS context has loaded the file already, so it is PEM: the first plain
+    ``CERTIFICATE`` block in it is taken (a leaf labelled otherwise, ``TRUSTED CERTIFICATE``
+    say, would give the block after it: only the status's informational ``cert_sha256`` uses
+    this), and a file without one is left to ``cryptography``."""
     text = cert_file.read_text("ascii", errors="replace")
     start, end = text.find(ssl.PEM_HEADER), text.find(ssl.PEM_FOOTER)
     if 0 <= start < end:
