@@ -61,6 +61,7 @@ from leader.tokens import JoinToken, MalformedToken
 from tlsroll import bootstrap_csr, logs, peertext, pki, spiffe
 from tlsroll.errors import PKIError
 from tlsroll.rpc import (
+    NO_BDP_PROBE,
     invalid,
     map_errors,
     peer_certificate,
@@ -469,7 +470,7 @@ def control_server_options(heartbeat_interval: int) -> list[tuple[str, int]]:
         ("grpc.http2.max_pings_without_data", 0),
         # Agents ping too (``tlsroll.rpc.keepalive_options``), at most every second.
         ("grpc.http2.min_ping_interval_without_data_ms", 1000),
-        ("grpc.http2.bdp_probe", 0),
+        NO_BDP_PROBE,
     ]
 
 

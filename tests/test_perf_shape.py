@@ -1169,6 +1169,26 @@ def test_the_outside_check_makes_its_tls_context_once_per_ca(
     assert made == [ca_pem, other]
 
 
+def staging_agent(tmp_path: Path, issued: IssuedCert) -> tuple[Any, Any, Any]:
+    """The agent's service as far as ``_store_cert`` needs it (its journal only), with a
+    rollout r1 whose key (``issued``'s) and CSR are journalled: the service, the staged key's
+    record, the journal (close it)."""
+    from nodeagent.journal import Journal
+    from nodeagent.service import NodeAgentService
+
+    journal = Journal(tmp_path / "journal.sqlite3")
+    stage_dir = tmp_path / "tlsroll-tls" / "r1"
+    stage_dir.mkdir(parents=True)
+    key_file = stage_dir / "server.key"
+    key_file.write_bytes(issued.key_file.read_bytes())
+    journal.record_csr("r1", key_file, b"")
+    staged = journal.staged("r1")
+    assert staged is not None
+    service = NodeAgentService.__new__(NodeAgentService)
+    service.journal = journal
+    return service, staged, journal
+
+
 def test_a_stage_makes_the_tls_context_its_switch_s_verify_trusts(
     tmp_path: Path,
     loopback: Callable[[], str],
@@ -1179,9 +1199,6 @@ def test_a_stage_makes_the_tls_context_its_switch_s_verify_trusts(
     staged CA (its first probe with that CA), about a millisecond of CPU inside the freeze.
     Staging the certificate makes it now: verify's probes, which read the CA back from the
     staged file, make none."""
-    from nodeagent.journal import Journal
-    from nodeagent.service import NodeAgentService
-
     made: list[bytes] = []
     real = tls.client_context
 
@@ -1193,16 +1210,7 @@ def test_a_stage_makes_the_tls_context_its_switch_s_verify_trusts(
     httpcheck.trusting.cache_clear()
     address = loopback()
     issued = issue_cert(address)
-    journal = Journal(tmp_path / "journal.sqlite3")
-    stage_dir = tmp_path / "tlsroll-tls" / "r1"
-    stage_dir.mkdir(parents=True)
-    key_file = stage_dir / "server.key"
-    key_file.write_bytes(issued.key_file.read_bytes())
-    journal.record_csr("r1", key_file, b"")
-    staged = journal.staged("r1")
-    assert staged is not None
-    service = NodeAgentService.__new__(NodeAgentService)  # _store_cert needs its journal only
-    service.journal = journal
+    service, staged, journal = staging_agent(tmp_path, issued)
     cert = pki.read_cert(issued.cert_file)
     fingerprint = service._store_cert(staged, cert, pki.read_cert(issued.ca_file))
     assert made == [issued.ca_file.read_bytes()]
@@ -1228,8 +1236,6 @@ def test_a_stage_whose_ca_the_tls_library_refuses_fails_before_it_writes_anythin
     the stage, so a CA the TLS library refused failed the call as an INTERNAL error with the
     stage recorded. Now it is made first: the stage fails with its reason (a PKIError, which
     the service answers INVALID_ARGUMENT), nothing written, nothing journalled."""
-    from nodeagent.journal import Journal
-    from nodeagent.service import NodeAgentService
     from tlsroll.errors import PKIError
 
     def refusing(ca_pem: bytes) -> ssl.SSLContext:
@@ -1237,22 +1243,13 @@ def test_a_stage_whose_ca_the_tls_library_refuses_fails_before_it_writes_anythin
 
     monkeypatch.setattr(httpcheck, "trusting", refusing)
     issued = issue_cert(loopback())
-    journal = Journal(tmp_path / "journal.sqlite3")
-    stage_dir = tmp_path / "tlsroll-tls" / "r1"
-    stage_dir.mkdir(parents=True)
-    key_file = stage_dir / "server.key"
-    key_file.write_bytes(issued.key_file.read_bytes())
-    journal.record_csr("r1", key_file, b"")
-    staged = journal.staged("r1")
-    assert staged is not None
-    service = NodeAgentService.__new__(NodeAgentService)  # _store_cert needs its journal only
-    service.journal = journal
+    service, staged, journal = staging_agent(tmp_path, issued)
     cert = pki.read_cert(issued.cert_file)
     with pytest.raises(PKIError, match="TLS library refuses the CA certificate"):
         service._store_cert(staged, cert, pki.read_cert(issued.ca_file))
     after = journal.staged("r1")
     assert after is not None and after.ca_file is None  # not journalled
-    assert sorted(p.name for p in stage_dir.iterdir()) == ["server.key"]  # nothing written
+    assert sorted(p.name for p in staged.key_file.parent.iterdir()) == ["server.key"]  # unwritten
     journal.close()
 
 

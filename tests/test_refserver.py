@@ -703,14 +703,12 @@ def test_sigint_also_stops_gracefully(make_server: MakeServer) -> None:
 # --- the freeze's worker-thread hand-offs (in-process: the server's own objects) --------------
 
 
-async def test_freeze_and_unfreeze_with_nothing_in_flight_hand_off_to_one_thread_each(
+def in_process_server(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """Issue 15: the flag's durable write and the watermark were two worker-thread hand-offs
-    in each of freeze and unfreeze, both inside every switch's freeze window; with no write in
-    flight (none can start once frozen) they are one. The answers are as before."""
-    from aiohttp.test_utils import TestClient, TestServer
-
+) -> tuple[Any, Any, Path, int, list[str]]:
+    """The reference server's own objects (no process): the server, its store with one entry,
+    the data directory, that entry's seq, and the worker-thread hand-offs made from now on
+    (the functions ``asyncio.to_thread`` is given; the server calls it as asyncio.to_thread)."""
     from refserver import config as refserver_config
     from refserver import server as refserver_server
     from refserver.store import Store
@@ -722,9 +720,8 @@ async def test_freeze_and_unfreeze_with_nothing_in_flight_hand_off_to_one_thread
         f'[server]\naddress = "127.0.0.1"\napp_path = "/praxis_live/"\nlisten = ["http"]\n'
         f'data_dir = "{data_dir}"\n'
     )
-    loaded = refserver_config.load(path)
     store = Store(data_dir)
-    server = refserver_server.RefServer(loaded, store, store.load_freeze())
+    server = refserver_server.RefServer(refserver_config.load(path), store, store.load_freeze())
     _entry, seq = store.insert({"n": 1})
     hops: list[str] = []
     to_thread = asyncio.to_thread
@@ -733,7 +730,19 @@ async def test_freeze_and_unfreeze_with_nothing_in_flight_hand_off_to_one_thread
         hops.append(getattr(fn, "__name__", repr(fn)))
         return await to_thread(fn, *args, **kwargs)
 
-    monkeypatch.setattr(asyncio, "to_thread", counting)  # the server calls it as asyncio.to_thread
+    monkeypatch.setattr(asyncio, "to_thread", counting)
+    return server, store, data_dir, seq, hops
+
+
+async def test_freeze_and_unfreeze_with_nothing_in_flight_hand_off_to_one_thread_each(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15: the flag's durable write and the watermark were two worker-thread hand-offs
+    in each of freeze and unfreeze, both inside every switch's freeze window; with no write in
+    flight (none can start once frozen) they are one. The answers are as before."""
+    from aiohttp.test_utils import TestClient, TestServer
+
+    server, store, data_dir, seq, hops = in_process_server(tmp_path, monkeypatch)
     async with TestClient(TestServer(server.admin_app())) as client:
         frozen = await (await client.post("/admin/freeze", json={"drain_timeout": 1})).json()
         assert frozen == {"frozen": True, "watermark": seq, "drained": True, "in_flight": 0}
@@ -757,29 +766,7 @@ async def test_the_status_reads_the_store_s_watermark_without_a_worker_thread(
     committed behind the server's back (another connection) moves it, as verify needs."""
     from aiohttp.test_utils import TestClient, TestServer
 
-    from refserver import config as refserver_config
-    from refserver import server as refserver_server
-    from refserver.store import Store
-
-    data_dir = tmp_path / "data"
-    data_dir.mkdir()
-    path = tmp_path / "refserver.toml"
-    path.write_text(
-        f'[server]\naddress = "127.0.0.1"\napp_path = "/praxis_live/"\nlisten = ["http"]\n'
-        f'data_dir = "{data_dir}"\n'
-    )
-    loaded = refserver_config.load(path)
-    store = Store(data_dir)
-    server = refserver_server.RefServer(loaded, store, store.load_freeze())
-    _entry, seq = store.insert({"n": 1})
-    hops: list[str] = []
-    to_thread = asyncio.to_thread
-
-    async def counting(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        hops.append(getattr(fn, "__name__", repr(fn)))
-        return await to_thread(fn, *args, **kwargs)
-
-    monkeypatch.setattr(asyncio, "to_thread", counting)
+    server, store, data_dir, seq, hops = in_process_server(tmp_path, monkeypatch)
     async with TestClient(TestServer(server.admin_app())) as client:
         status = await (await client.get("/admin/status")).json()
         assert status["watermark"] == seq
