@@ -429,10 +429,11 @@ async def test_pipelining_prepares_the_next_node_while_one_switches(world: World
     calls = [(c.node, c.method) for c in world.agents.calls]
     assert [n for n, m in calls if m == "switch"] == list(ORDER)
     first, second = ORDER[0], ORDER[1]
-    # The second node was prepared before the first one's switch began ...
-    assert calls.index((second, "stage")) < calls.index((first, "switch"))
-    # ... and its switch began only after the first node's switch and confirm ended.
     last_of_first = max(i for i, (n, _m) in enumerate(calls) if n == first)
+    # The second node was prepared while the first one switched: it started once the first
+    # was staged (not beside the first one's preparation, which the first switch waits for) ...
+    assert calls.index((first, "stage")) < calls.index((second, "preflight")) < last_of_first
+    # ... and its switch began only after the first node's switch and confirm ended.
     assert calls.index((second, "switch")) > last_of_first
     assert most_in_flight(leader.audit()) == 2
     await leader.stop()
