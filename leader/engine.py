@@ -46,7 +46,14 @@ from typing import Any
 
 from leader import byo, planner
 from leader.agent_client import Agents, StepFailed
-from leader.changes import Outcome, RolloutFacts, StepContext, rollout_facts, strategy_for
+from leader.changes import (
+    Outcome,
+    RolloutFacts,
+    StepContext,
+    drop_check,
+    rollout_facts,
+    strategy_for,
+)
 from leader.rollout_core import (
     CHANGES,
     FAILED_NODE_STATES,
@@ -145,6 +152,9 @@ class Engine:
         self.switched_here: dict[tuple[str, str], bool] = {}
         # The CSRs preflights brought back, until each node's stage (``StepContext.csrs``).
         self.csrs: dict[tuple[str, str], bytes] = {}
+        # Outside checks begun as switches ended, until each node's confirm
+        # (``StepContext.checks``).
+        self.checks: dict[tuple[str, str], asyncio.Future[str | None]] = {}
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -390,6 +400,9 @@ class Engine:
         for task in list(self.tasks.values()):
             task.cancel()
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        for check in self.checks.values():
+            drop_check(check)
+        self.checks.clear()
         # What the cancelled steps had handed to the store's thread is written before the
         # store closes (``dbthread.run``).
         await dbthread.barrier()
@@ -533,9 +546,10 @@ class Engine:
                 )
             )
             self.facts = {row.rollout.id: facts}  # the running rollout's only
-            for held in (self.switched_here, self.csrs):  # in place: running steps hold them
-                for key in [k for k in held if k[0] != row.rollout.id]:
-                    del held[key]
+            for held in (self.switched_here, self.csrs, self.checks):  # in place: running
+                for key in [k for k in held if k[0] != row.rollout.id]:  # steps hold them
+                    if isinstance(check := held.pop(key), asyncio.Future):
+                        drop_check(check)
         agent = await self.agents.get(step.node)
         ctx = StepContext(
             rollout=row.rollout,
@@ -553,6 +567,7 @@ class Engine:
             learnt=learnt,
             switched_here=self.switched_here,
             csrs=self.csrs,
+            checks=self.checks,
         )
         return await runners[step.step](ctx)
 

@@ -439,6 +439,38 @@ async def test_pipelining_prepares_the_next_node_while_one_switches(world: World
     await leader.stop()
 
 
+async def test_the_outside_check_begins_as_the_switch_ends(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each confirm's outside check is begun by the switch step as the agent reports the switch
+    complete, so it runs while the switch's outcome is written (it only looks at the node; it
+    sends the agent nothing), and the confirm takes its answer: one check per node, each begun
+    before the write that records its node's switch done (performance only: the outcome and the
+    order of the switches are as before)."""
+    leader = world.boot()
+    began: list[str] = []
+    real = SchemaStore.save_states
+
+    def save_states(self: SchemaStore, before: RolloutRow, *args: Any, **kw: Any) -> RolloutRow:
+        for rec in args[1]:
+            newly = before.node(rec.name)[0].state is not NodeState.CONFIRMING
+            held = (before.rollout.id, rec.name) in leader.engine.checks
+            if rec.state is NodeState.CONFIRMING and newly and held:
+                began.append(rec.name)
+        return real(self, before, *args, **kw)
+
+    monkeypatch.setattr(SchemaStore, "save_states", save_states)
+    await leader.start(max_parallel=1)
+    row = await leader.run()
+    assert row.rollout.state is R.COMPLETED
+    assert states(row) == ALL_DONE
+    assert began == list(ORDER)
+    checks = [c.node for c in world.agents.calls if c.method == "outside_check"]
+    assert sorted(checks) == sorted(ORDER)  # the confirm checked no second time
+    assert leader.engine.checks == {}  # each taken by its confirm
+    await leader.stop()
+
+
 async def test_a_longer_transaction_costs_no_more_writes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
