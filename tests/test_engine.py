@@ -579,11 +579,12 @@ def node(records: Sequence[NodeRecord], name: str) -> NodeRecord:
 
 
 async def test_an_abort_that_crosses_the_verdict_to_switch_wins(world: World) -> None:
-    """The engine is about to save "bravo switches"; the abort lands first. The engine's write
-    is stale, it plans again from the aborting rollout, and bravo is skipped, never switched."""
+    """The engine is about to save "bravo switches" (with bravo's stage outcome, in one write:
+    ``Engine._plan_next``); the abort lands first. The engine's write is stale, it plans again
+    from the aborting rollout, and bravo is skipped, never switched."""
     leader = world.boot()
     leader.schema.cue = Cue(
-        when=lambda records: node(records, "bravo").state is N.SWITCHING,
+        when=lambda records: node(records, "bravo").state is N.STAGED,
         action=lambda: leader.control(RolloutAction.ABORT),
     )
     await leader.start()
@@ -631,7 +632,8 @@ async def test_an_abort_that_crosses_a_step_result_loses_neither(world: World) -
     "crossing",
     [
         lambda records: node(records, "bravo").state is N.CONFIRMING,
-        lambda records: node(records, "charlie").state is N.PREFLIGHT,
+        # the verdict to start charlie is written with bravo's confirm outcome
+        lambda records: node(records, "bravo").state is N.DONE,
     ],
     ids=["bravo's switch result", "the verdict to start charlie"],
 )
@@ -668,8 +670,9 @@ async def test_a_pause_from_another_connection_is_seen_though_the_rollout_is_kep
 ) -> None:
     """Issue 15: the engine keeps the active rollout in memory instead of reading every node
     row per step. A pause written through another connection to the file (another process)
-    just as the engine is about to start charlie from what it keeps: the engine's save is
-    refused as stale, charlie does not start, and the passes after it plan from the pause."""
+    just as the engine is about to start charlie from what it keeps (with bravo's confirm
+    outcome): the engine's save is refused as stale, charlie does not start, and the passes
+    after it plan from the pause."""
     leader = world.boot()
 
     async def pause_elsewhere() -> None:
@@ -684,7 +687,7 @@ async def test_a_pause_from_another_connection_is_seen_though_the_rollout_is_kep
         finally:
             other.close()
 
-    leader.schema.cue = Cue(lambda r: node(r, "charlie").state is N.PREFLIGHT, pause_elsewhere)
+    leader.schema.cue = Cue(lambda r: node(r, "bravo").state is N.DONE, pause_elsewhere)
     await leader.start()
     row = await leader.run(until=lambda row: node(row.records, "bravo").state is N.DONE)
     for _ in range(5):
@@ -1167,8 +1170,9 @@ async def test_a_leader_back_after_the_lease_freezes_again_before_the_next_switc
     lease = 6
     first = world.boot(freeze_lease=lease)
     await first.start(freeze=FreezeMode.SCOPE)
-    # Down when charlie is staged: its switch is the next step of the plan.
-    await first.run(until=lambda r: node(r.records, "charlie").state is N.STAGED)
+    # Down when charlie is staging: its switch is the next step after its stage (the stage's
+    # outcome and the switch are one write).
+    await first.run(until=lambda r: node(r.records, "charlie").state is N.STAGING)
     await first.crash()
     world.clock.advance(lease * 2)
     world.agents.expire_leases()
