@@ -133,6 +133,11 @@ class StepContext:
     # until its stage is signed; the engine's, kept across steps. Missing (an agent of an
     # earlier release, a leader restarted since): the stage asks with CreateCSR.
     csrs: dict[tuple[str, str], bytes] = field(default_factory=dict)
+    # (rollout, node) -> the outside check begun as this process saw the node's switch
+    # complete (``ChangeSteps.switch``), while the engine writes the switch's outcome: the
+    # confirm takes its answer instead of checking again. The engine's, kept across steps;
+    # taken (popped) by the confirm, so a confirm run again checks again.
+    checks: dict[tuple[str, str], asyncio.Future[str | None]] = field(default_factory=dict)
     # The node's enrolment as the agent pool last read it (``AgentPool.get`` reads it again
     # after any store write that can change it); None: read it from the store.
     enrolled: Node | None = None
@@ -305,7 +310,14 @@ class ChangeSteps:
         except SwitchRefused as exc:  # refused before it began: the node is as it was
             return NodeEvent.SWITCH_ROLLED_BACK, f"switch refused: {exc}"
         if outcome is TxnOutcome.COMPLETED:
-            ctx.switched_here.setdefault((ctx.rollout.id, ctx.node), True)
+            key = (ctx.rollout.id, ctx.node)
+            ctx.switched_here.setdefault(key, True)
+            if ctx.switched_here[key]:
+                # The confirm's outside check begins now: it only looks at the node (it sends
+                # the agent nothing), and the switch's outcome is written meanwhile.
+                drop_check(ctx.checks.pop(key, None))
+                check = ctx.checks[key] = asyncio.ensure_future(self.outside_problem(ctx))
+                check.add_done_callback(_retrieved)  # its confirm reads it, or nobody
         return switch_event(outcome), (None if outcome is TxnOutcome.COMPLETED else reason)
 
     async def confirm(self, ctx: StepContext) -> Outcome:
@@ -318,10 +330,13 @@ class ChangeSteps:
         (``StepContext.switched_here``): nothing else starts one, so none can be under way
         (one call fewer per node)."""
         key = (ctx.rollout.id, ctx.node)
+        begun = ctx.checks.pop(key, None)  # the check begun as the switch ended, if any
+        if begun is not None and not ctx.switched_here.get(key):
+            drop_check(begun)  # a Rollback was sent since: ask the agent, and check again
+            begun = None
         asked = _none_under_way() if ctx.switched_here.get(key) else self._rollback_under_way(ctx)
-        found, checked = await asyncio.gather(
-            asked, self.outside_problem(ctx), return_exceptions=True
-        )
+        check = begun if begun is not None else self.outside_problem(ctx)
+        found, checked = await asyncio.gather(asked, check, return_exceptions=True)
         if isinstance(found, BaseException):
             raise found
         existing = found
@@ -388,6 +403,18 @@ class ChangeSteps:
         row = ctx.schema.kept(ctx.rollout.id) or await dbthread.run(ctx.schema.get, ctx.rollout.id)
         assert row is not None
         return row.node(ctx.node)[1]
+
+
+def drop_check(check: asyncio.Future[str | None] | None) -> None:
+    """A check begun as a switch ended that no confirm takes: cancelled."""
+    if check is not None:
+        check.cancel()
+
+
+def _retrieved(check: asyncio.Future[str | None]) -> None:
+    """Mark the check's exception as seen (asyncio logs one nobody read)."""
+    if not check.cancelled():
+        check.exception()
 
 
 async def _none_under_way() -> None:

@@ -46,7 +46,14 @@ from typing import Any
 
 from leader import byo, planner
 from leader.agent_client import Agents, StepFailed
-from leader.changes import Outcome, RolloutFacts, StepContext, rollout_facts, strategy_for
+from leader.changes import (
+    Outcome,
+    RolloutFacts,
+    StepContext,
+    drop_check,
+    rollout_facts,
+    strategy_for,
+)
 from leader.rollout_core import (
     CHANGES,
     FAILED_NODE_STATES,
@@ -145,6 +152,9 @@ class Engine:
         self.switched_here: dict[tuple[str, str], bool] = {}
         # The CSRs preflights brought back, until each node's stage (``StepContext.csrs``).
         self.csrs: dict[tuple[str, str], bytes] = {}
+        # Outside checks begun as switches ended, until each node's confirm
+        # (``StepContext.checks``).
+        self.checks: dict[tuple[str, str], asyncio.Future[str | None]] = {}
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -390,6 +400,9 @@ class Engine:
         for task in list(self.tasks.values()):
             task.cancel()
         await asyncio.gather(*self.tasks.values(), return_exceptions=True)
+        for check in self.checks.values():
+            drop_check(check)
+        self.checks.clear()
         # What the cancelled steps had handed to the store's thread is written before the
         # store closes (``dbthread.run``).
         await dbthread.barrier()
@@ -533,9 +546,10 @@ class Engine:
                 )
             )
             self.facts = {row.rollout.id: facts}  # the running rollout's only
-            for held in (self.switched_here, self.csrs):  # in place: running steps hold them
-                for key in [k for k in held if k[0] != row.rollout.id]:
-                    del held[key]
+            for held in (self.switched_here, self.csrs, self.checks):  # in place: running
+                for key in [k for k in held if k[0] != row.rollout.id]:  # steps hold them
+                    if isinstance(check := held.pop(key), asyncio.Future):
+                        drop_check(check)
         agent = await self.agents.get(step.node)
         ctx = StepContext(
             rollout=row.rollout,
@@ -553,6 +567,7 @@ class Engine:
             learnt=learnt,
             switched_here=self.switched_here,
             csrs=self.csrs,
+            checks=self.checks,
         )
         return await runners[step.step](ctx)
 
@@ -575,13 +590,19 @@ class Engine:
         details: Callable[[NodeDetail], dict[str, Any]] = lambda _d: {},
         *,
         timed_if_unchanged: bool = False,
+        plan_next: bool = False,
     ) -> RolloutRow:
         """Apply ``change`` to one node record and save it, in one transaction with the
         step's times (``step``: only if the record changed, unless ``timed_if_unchanged``),
         the start of the step the node's new state begins, what the step learnt
         (``details`` of the node's stored detail: the fields to write), and the password now
         live on the node if it is now done. Nothing is written if nothing changed. Reads
-        again if a write crossed (the rollout is kept in memory: reading it is cheap)."""
+        again if a write crossed (the rollout is kept in memory: reading it is cheap).
+
+        ``plan_next`` (a step's outcome): the plan that follows from the records as this write
+        leaves them is made in it too (``_plan_next``): a confirm's outcome and the next
+        node's switch (persisted before that switch is sent, as ever) are one durable write,
+        not two, and the next steps begin without waiting for the loop's pass."""
         # A plain loop, not tenacity: its machinery cost ~20 µs of CPU per save, four saves
         # per node (issue 15), for a retry that is rare.
         for attempt in range(1, STALE_ATTEMPTS + 1):
@@ -601,6 +622,8 @@ class Engine:
                     return row
                 auth = self._auth_now(row, old, new)
                 revoke = self._revoke_now(row, old, new, learnt.get("cert_fingerprint"), detail)
+                plans: list[planner.Plan] = []
+                then = functools.partial(self._plan_next, plans, now) if plan_next else None
                 row = await dbthread.run(
                     self.schema.save_states,
                     row,
@@ -613,7 +636,10 @@ class Engine:
                     auth=auth,
                     only=(name,),  # decided from this node's record alone
                     revoke=revoke,
+                    then=then,
                 )
+                for plan in plans:
+                    self._planned(row, plan)
                 if auth:
                     self.auth_known.setdefault(rollout_id, set()).add(name)
                 for r in revoke:
@@ -625,6 +651,48 @@ class Engine:
                 if attempt == STALE_ATTEMPTS:
                     raise
         raise AssertionError("unreachable")  # pragma: no cover - the last attempt raises
+
+    def _plan_next(
+        self, plans: list[planner.Plan], now: dt.datetime, after: RolloutRow
+    ) -> tuple[Sequence[NodeRecord], list[StepTime]]:
+        """Inside the write of a step's outcome (``_save_node``), on the store's thread: the
+        node moves the loop's next pass would persist (``reconcile``), from the records as
+        that write leaves them, and the steps they begin; ``plans`` gets the plan. Only node
+        moves: a plan that changes the rollout's state (its end, a halt), a rollout held by
+        ``--when-quiet`` (whose gate reads the store) and any trouble are left to the loop,
+        which plans again after every outcome anyway."""
+        if after.meta.when_quiet:
+            return (), []
+        try:
+            plan = planner.next_actions(
+                after.rollout,
+                after.record_view,
+                prepare_ahead=self.prepare_ahead,
+                census=after.census,
+            )
+        except Exception:  # the loop's pass meets it again, and logs it
+            return (), []
+        if plan.rollout_events or not plan.node_events:
+            return (), []
+        _rollout, moved = planner.plan_moves(after.rollout, lambda n: after.node(n)[0], plan)
+        plans.append(plan)
+        return moved, _begun([after.node(r.name)[0] for r in moved], moved, now)
+
+    def _planned(self, row: RolloutRow, plan: planner.Plan) -> None:
+        """A plan persisted with a step's outcome (``_plan_next``): logged as the loop logs
+        its own, and its steps begun now (the loop's pass, woken by the outcome, finds them
+        running)."""
+        for action in plan.node_events:
+            emit = log.debug if action.event in _GATES else log.info
+            emit(
+                "node.event",
+                rollout_id=row.rollout.id,
+                node=action.node,
+                node_event=action.event.value,
+                reason=action.reason,
+            )
+        for step in plan.steps:
+            self._ensure_step(row, step)
 
     @staticmethod
     def _revoke_now(
@@ -720,6 +788,7 @@ class Engine:
             change,
             StepTime(step.node, step.step.value, started, now),
             lambda _d: learnt or {},
+            plan_next=True,
         )
         if dropped:
             log.info(

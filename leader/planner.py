@@ -30,6 +30,8 @@ Decisions, in the order ``next_actions`` makes them:
   ``max_parallel`` nodes are in flight (from leaving ``pending`` until a terminal state).
   Pipelining (``prepare_ahead`` > 0): up to ``prepare_ahead`` more nodes may be in
   ``preflight``, ``staging`` or ``staged`` meanwhile; those steps change nothing live on a node.
+  They start only while no node is in ``preflight`` or ``staging`` (at the rollout's start,
+  once the first ``max_parallel`` nodes are staged: their switches wait for nothing else).
 * Switch: ``staged`` nodes begin their switch in ``running`` and ``paused`` (pause stops new
   nodes, not nodes in flight). Pipelining: at most ``max_parallel`` nodes switch or confirm at
   once, and a staged node begins only when no node before it in ``order`` is still to begin
@@ -335,6 +337,7 @@ def plan_rollout(
 # begun to change live (its switch slot).
 PREPARING = frozenset({NodeState.PREFLIGHT, NodeState.STAGING, NodeState.STAGED})
 SWITCH_SLOT = IN_FLIGHT_NODE_STATES - PREPARING
+_BEING_PREPARED = PREPARING - {NodeState.STAGED}
 
 
 @dataclass(frozen=True)
@@ -518,7 +521,12 @@ def next_actions(
             emit(at, NodeEvent.SWITCH)
 
     if state is RolloutState.RUNNING and prepare_ahead > 0:
-        start(rollout.max_parallel + prepare_ahead)  # after the switches: slots they freed
+        start(rollout.max_parallel)  # after the switches: slots they freed
+        # The nodes prepared ahead start once every node started is past its preflight and
+        # stage: at the rollout's start the first switch waits for the first node's
+        # preparation only, not for the leader's and the machine's share of the next one's.
+        if not tally.count(_BEING_PREPARED):
+            start(rollout.max_parallel + prepare_ahead)
 
     steps = [
         StepAction(name(at), STEP_FOR_STATE[tally.state(at)], rollout.epoch)

@@ -12,7 +12,7 @@ import datetime as dt
 import functools
 import json
 import sqlite3
-from collections.abc import Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, cast, overload
 
@@ -160,6 +160,10 @@ class RolloutRow:
     def position(self, name: str) -> int:
         """Where node ``name`` is in ``nodes`` (the rollout's order; KeyError if not in it)."""
         return self._index[name]
+
+
+Then = Callable[["RolloutRow"], tuple[Sequence[NodeRecord], Sequence["StepTime"]]]
+"""``SchemaStore.save_states``' ``then``: the records a write moves next, and their steps."""
 
 
 class _Records(Sequence[NodeRecord]):
@@ -590,6 +594,7 @@ class SchemaStore(LeaderStore):
         auth: Mapping[str, int | None] | None = None,
         only: Collection[str] | None = None,
         revoke: Sequence[Revocation] = (),
+        then: Then | None = None,
     ) -> RolloutRow:
         """Persist the records after a plan or an event, with one audit event per change, in
         one transaction that updates only the rows that changed (nothing, if nothing did):
@@ -607,7 +612,9 @@ class SchemaStore(LeaderStore):
         ``before``; another node's step that ended meanwhile is no reason to decide again
         (with ten nodes in flight, every other outcome was refused once and written twice).
         The stored records are the ones kept in memory (``get``), read from the file only if
-        none are.
+        none are. ``then``: given the row as this write leaves it, the node records it moves
+        next and the steps they begin (the engine's plan after a step's outcome), written in
+        the same transaction.
         """
         for fields in (details or {}).values():
             _check_details(fields)
@@ -662,6 +669,10 @@ class SchemaStore(LeaderStore):
                 r.serials = revoke_superseded_in(
                     db, r.node, r.live_fingerprint, before=r.before, now=now
                 )
+            if then is not None:
+                moved, begun = then(row)
+                if moved or begun:
+                    row = self._patch(db, row, now, actor, {r.name: r for r in moved}, begun, {})
             self._keep(row)
         if any(r.serials for r in revoke):
             self._db.touch()  # the heartbeat path keeps the revocation list

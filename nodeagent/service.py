@@ -340,18 +340,19 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         self, request: agent_pb2.PreflightRequest | agent_pb2.CheckRequest
     ) -> agent_pb2.PreflightResponse:
         driver = self._driver()
-        problems: list[str] = []
-        facts: ServerFacts | None = None
+        # The checks on this machine (one worker thread) while the server is asked for its
+        # health and its view (one after the other, as ever: a driver's status may be a
+        # command): a preflight waited for each check in turn, in three worker threads.
+        local_checks = asyncio.ensure_future(asyncio.to_thread(self._local_checks, driver))
         try:
-            facts = await asyncio.to_thread(driver.facts)
-        except (DriverError, OSError) as exc:
-            problems.append(f"cannot read the server's config: {exc}")
-        health = await driver.health()
+            health = await driver.health()
+            view = await self._view()
+        finally:
+            facts, unread, local = await local_checks
+        problems = [unread] if unread else []  # in the order they were always found
         if health is not None:
             problems.append(f"managed server not healthy: {health}")
-        if facts is not None:
-            problems += await asyncio.to_thread(self._port_problems, facts)
-        problems += await asyncio.to_thread(self._writable_problems, driver.config_file.parent)
+        problems += local
         if request.HasField("leader_time"):
             offset = (self.clock() - request.leader_time.ToDatetime(tzinfo=dt.UTC)).total_seconds()
             limit = request.max_clock_offset_seconds or DEFAULT_MAX_CLOCK_OFFSET
@@ -366,11 +367,25 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             common_name=names.common_name,
             ip_addresses=names.ips,
             dns_names=names.dns,
-            server=await self._view(),
+            server=view,
             old_url=facts.url("http") if facts else "",
             new_url=facts.url("https") if facts else "",
             bootstrap_port=self.cfg.bootstrap_port,
         )
+
+    def _local_checks(self, driver: Driver) -> tuple[ServerFacts | None, str, list[str]]:
+        """The checks on this machine (blocking): the server's facts from its config, or why
+        the config could not be read, and the ports taken and the config directory not
+        writable."""
+        facts: ServerFacts | None = None
+        unread = ""
+        try:
+            facts = driver.facts()
+        except (DriverError, OSError) as exc:
+            unread = f"cannot read the server's config: {exc}"
+        problems = self._port_problems(facts) if facts is not None else []
+        problems += self._writable_problems(driver.config_file.parent)
+        return facts, unread, problems
 
     def _port_problems(self, facts: ServerFacts) -> list[str]:
         problems = []

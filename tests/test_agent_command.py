@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import socket
 from pathlib import Path
 from typing import Any, cast
 
@@ -20,9 +21,11 @@ import grpc
 import pytest
 
 from nodeagent import service
+from nodeagent.drivers import ServerFacts
 from nodeagent.journal import Journal
 from nodeagent.service import NodeAgentService
 from nodeagent.trust import EpochNotAnnounced, LeaderTrust
+from tlsroll.clients import ClientsView
 from tlsroll.rpc import RpcStatusError
 from tlsroll.v1 import agent_pb2
 
@@ -142,4 +145,65 @@ async def test_a_command_while_another_s_epoch_is_being_checked_asks_the_journal
     assert await newer == "r1"
     with pytest.raises(RpcStatusError, match="stale epoch 3: this node has seen epoch 4"):
         await stale
+    journal.close()
+
+
+class StillDriver:
+    """A managed server that is healthy and never changes (only what a Check reads)."""
+
+    name = "still"
+
+    def __init__(self, directory: Path) -> None:
+        self.config_file = directory / "server.toml"
+        self.config_file.write_text("")
+
+    def facts(self) -> ServerFacts:
+        return ServerFacts("127.0.0.1", "/app/", 8080, 8443, ("http", "https"))
+
+    async def health(self) -> str | None:
+        return None
+
+    async def status(self) -> dict[str, Any]:
+        return {"frozen": False, "watermark": 0}
+
+    async def clients(self) -> ClientsView:
+        return ClientsView()
+
+
+async def test_the_checks_on_the_machine_take_one_worker_thread(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Preflight's (and Check's) checks read the server's config, tried its ports and its
+    config directory in three worker-thread hops, one after the other, before asking the
+    server; now in one, while the server is asked (performance only: the same problems, in
+    the same order). The server's view takes its own two, as before."""
+    journal = Journal(tmp_path / "journal.sqlite3")
+    driver = StillDriver(tmp_path)
+    names = type("N", (), {"common_name": "n1", "ips": ["127.0.0.1"], "dns": []})()
+    with socket.socket() as s:  # a bootstrap port nobody holds
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = type("C", (), {"names": names, "bootstrap_port": port})()
+    trust = LeaderTrust(tmp_path / "ca.pem", "example.test", tmp_path / "crl.pem")
+    agent = NodeAgentService(
+        cast(Any, cfg),
+        cast(Any, None),
+        journal,
+        cast(Any, driver),
+        None,
+        lambda: dt.datetime.now(dt.UTC),
+        trust=trust,
+    )
+    hops: list[str] = []
+    real = asyncio.to_thread
+
+    async def counted(func: Any, /, *args: Any, **kwargs: Any) -> Any:
+        hops.append(getattr(func, "__name__", repr(func)))
+        return await real(func, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", counted)
+    reply = await agent.Check(agent_pb2.CheckRequest(), cast(Any, None))
+    assert reply.ok, reply.problems
+    assert reply.new_url == "https://127.0.0.1:8443/app/"
+    assert sorted(hops) == ["_live_files", "_local_checks", "facts"], hops
     journal.close()

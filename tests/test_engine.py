@@ -429,12 +429,45 @@ async def test_pipelining_prepares_the_next_node_while_one_switches(world: World
     calls = [(c.node, c.method) for c in world.agents.calls]
     assert [n for n, m in calls if m == "switch"] == list(ORDER)
     first, second = ORDER[0], ORDER[1]
-    # The second node was prepared before the first one's switch began ...
-    assert calls.index((second, "stage")) < calls.index((first, "switch"))
-    # ... and its switch began only after the first node's switch and confirm ended.
     last_of_first = max(i for i, (n, _m) in enumerate(calls) if n == first)
+    # The second node was prepared while the first one switched: it started once the first
+    # was staged (not beside the first one's preparation, which the first switch waits for) ...
+    assert calls.index((first, "stage")) < calls.index((second, "preflight")) < last_of_first
+    # ... and its switch began only after the first node's switch and confirm ended.
     assert calls.index((second, "switch")) > last_of_first
     assert most_in_flight(leader.audit()) == 2
+    await leader.stop()
+
+
+async def test_the_outside_check_begins_as_the_switch_ends(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Each confirm's outside check is begun by the switch step as the agent reports the switch
+    complete, so it runs while the switch's outcome is written (it only looks at the node; it
+    sends the agent nothing), and the confirm takes its answer: one check per node, each begun
+    before the write that records its node's switch done (performance only: the outcome and the
+    order of the switches are as before)."""
+    leader = world.boot()
+    began: list[str] = []
+    real = SchemaStore.save_states
+
+    def save_states(self: SchemaStore, before: RolloutRow, *args: Any, **kw: Any) -> RolloutRow:
+        for rec in args[1]:
+            newly = before.node(rec.name)[0].state is not NodeState.CONFIRMING
+            held = (before.rollout.id, rec.name) in leader.engine.checks
+            if rec.state is NodeState.CONFIRMING and newly and held:
+                began.append(rec.name)
+        return real(self, before, *args, **kw)
+
+    monkeypatch.setattr(SchemaStore, "save_states", save_states)
+    await leader.start(max_parallel=1)
+    row = await leader.run()
+    assert row.rollout.state is R.COMPLETED
+    assert states(row) == ALL_DONE
+    assert began == list(ORDER)
+    checks = [c.node for c in world.agents.calls if c.method == "outside_check"]
+    assert sorted(checks) == sorted(ORDER)  # the confirm checked no second time
+    assert leader.engine.checks == {}  # each taken by its confirm
     await leader.stop()
 
 
@@ -546,11 +579,12 @@ def node(records: Sequence[NodeRecord], name: str) -> NodeRecord:
 
 
 async def test_an_abort_that_crosses_the_verdict_to_switch_wins(world: World) -> None:
-    """The engine is about to save "bravo switches"; the abort lands first. The engine's write
-    is stale, it plans again from the aborting rollout, and bravo is skipped, never switched."""
+    """The engine is about to save "bravo switches" (with bravo's stage outcome, in one write:
+    ``Engine._plan_next``); the abort lands first. The engine's write is stale, it plans again
+    from the aborting rollout, and bravo is skipped, never switched."""
     leader = world.boot()
     leader.schema.cue = Cue(
-        when=lambda records: node(records, "bravo").state is N.SWITCHING,
+        when=lambda records: node(records, "bravo").state is N.STAGED,
         action=lambda: leader.control(RolloutAction.ABORT),
     )
     await leader.start()
@@ -598,7 +632,8 @@ async def test_an_abort_that_crosses_a_step_result_loses_neither(world: World) -
     "crossing",
     [
         lambda records: node(records, "bravo").state is N.CONFIRMING,
-        lambda records: node(records, "charlie").state is N.PREFLIGHT,
+        # the verdict to start charlie is written with bravo's confirm outcome
+        lambda records: node(records, "bravo").state is N.DONE,
     ],
     ids=["bravo's switch result", "the verdict to start charlie"],
 )
@@ -635,8 +670,9 @@ async def test_a_pause_from_another_connection_is_seen_though_the_rollout_is_kep
 ) -> None:
     """Issue 15: the engine keeps the active rollout in memory instead of reading every node
     row per step. A pause written through another connection to the file (another process)
-    just as the engine is about to start charlie from what it keeps: the engine's save is
-    refused as stale, charlie does not start, and the passes after it plan from the pause."""
+    just as the engine is about to start charlie from what it keeps (with bravo's confirm
+    outcome): the engine's save is refused as stale, charlie does not start, and the passes
+    after it plan from the pause."""
     leader = world.boot()
 
     async def pause_elsewhere() -> None:
@@ -651,7 +687,7 @@ async def test_a_pause_from_another_connection_is_seen_though_the_rollout_is_kep
         finally:
             other.close()
 
-    leader.schema.cue = Cue(lambda r: node(r, "charlie").state is N.PREFLIGHT, pause_elsewhere)
+    leader.schema.cue = Cue(lambda r: node(r, "bravo").state is N.DONE, pause_elsewhere)
     await leader.start()
     row = await leader.run(until=lambda row: node(row.records, "bravo").state is N.DONE)
     for _ in range(5):
@@ -1134,8 +1170,9 @@ async def test_a_leader_back_after_the_lease_freezes_again_before_the_next_switc
     lease = 6
     first = world.boot(freeze_lease=lease)
     await first.start(freeze=FreezeMode.SCOPE)
-    # Down when charlie is staged: its switch is the next step of the plan.
-    await first.run(until=lambda r: node(r.records, "charlie").state is N.STAGED)
+    # Down when charlie is staging: its switch is the next step after its stage (the stage's
+    # outcome and the switch are one write).
+    await first.run(until=lambda r: node(r.records, "charlie").state is N.STAGING)
     await first.crash()
     world.clock.advance(lease * 2)
     world.agents.expire_leases()

@@ -871,13 +871,33 @@ async def test_a_step_reads_no_node_rows_and_its_outcome_is_one_write_at_any_siz
     for cost in (small, large):
         assert cost.whole_rollout == [], cost.whole_rollout[:3]
         assert cost.auth_reads <= 1
-        # pending → preflight (the plan), preflight's outcome, stage's outcome, staged →
-        # switching (the plan), the switch's freeze began, its outcome, confirm's outcome
-        assert set(cost.node_writes.values()) == {7}, cost.node_writes
-        assert cost.node_updates == cost.node_writes  # one UPDATE of the row per write
+        # pending → preflight (the plan), preflight's outcome, stage's outcome with staged →
+        # switching (the plan it allows: ``test_a_steps_outcome_and_the_plan_it_allows_are_
+        # one_write``), the switch's freeze began, its outcome, confirm's outcome
+        assert set(cost.node_writes.values()) == {6}, cost.node_writes
+        # one UPDATE of the row per write, but two in the stage's (its outcome, then its
+        # switch: the audit keeps both moves)
+        assert cost.node_updates == cost.node_writes + Counter(cost.node_writes.keys())
     # SQLite's own work per node (its B-trees grow a level meanwhile; it was 3.6 times as much
     # at 20 nodes as at 2 when every step read every node)
     assert large.trace.work / large.nodes <= 1.5 * small.trace.work / small.nodes
+
+
+async def test_a_steps_outcome_and_the_plan_it_allows_are_one_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The plan that follows from a step's outcome is written with it: a confirm's outcome
+    with the next node's start (and, pipelined, its switch), a stage's outcome with the
+    node's own switch. The rollout's writes of node rows fall from 7 per node to 5 per node
+    and the first node's start (each switch and each preflight waited for one more durable
+    write, on the rollout's critical path); each node's row is written 6 times, not 7."""
+    for n in (2, 6):
+        cost = await rollout_cost(tmp_path / f"n{n}", monkeypatch, n)
+        assert set(cost.node_writes.values()) == {6}, cost.node_writes
+        writes = [tx for tx in cost.trace.transactions() if any(ROW_UPDATE.search(s) for s in tx)]
+        # the first start; per node: the preflight's outcome, the stage's with the switch,
+        # the freeze begun, the switch's outcome, the confirm's with the next node's start
+        assert len(writes) == 5 * n + 1, len(writes)
 
 
 async def record_reads_per_node(directory: Path, mp: pytest.MonkeyPatch, n: int) -> float:

@@ -199,17 +199,22 @@ def test_three_nodes_one_at_a_time() -> None:
 
 def test_pipelining_prepares_the_next_node_while_one_switches() -> None:
     """prepare_ahead=1: b is preflighted and staged while a switches (nothing live changes on
-    b), but b switches only after a, and never two at once with max_parallel 1."""
+    b), but b switches only after a, and never two at once with max_parallel 1. b starts once
+    a is staged, in the plan that begins a's switch: at the rollout's start, b's preparation
+    no longer shares the machine with a's, which the first switch waited for."""
     eng = Engine.cluster(prepare_ahead=1)
     plan = eng.admin(RE.START)
-    assert plan.nodes_with_event(NE.START) == ("a", "b")
-    eng.succeed("b")
-    plan = eng.succeed("b")  # b is staged first: it waits for a, which is still preparing
-    assert eng.states() == {"a": N.PREFLIGHT, "b": N.STAGED, "c": N.PENDING}
-    assert plan.nodes_with_event(NE.SWITCH) == ()
-    eng.succeed("a")
-    plan = eng.succeed("a")  # a staged: a switches; b keeps waiting, c waits for a slot
+    assert plan.nodes_with_event(NE.START) == ("a",)
+    plan = eng.succeed("a")  # a staging: b still waits
+    assert plan.nodes_with_event(NE.START) == ()
+    assert eng.states() == {"a": N.STAGING, "b": N.PENDING, "c": N.PENDING}
+    plan = eng.succeed("a")  # a staged: a switches and b starts preparing, in one plan
     assert plan.nodes_with_event(NE.SWITCH) == ("a",)
+    assert plan.nodes_with_event(NE.START) == ("b",)
+    assert eng.states() == {"a": N.SWITCHING, "b": N.PREFLIGHT, "c": N.PENDING}
+    eng.succeed("b")
+    plan = eng.succeed("b")  # b staged while a switches: it waits; c waits for a slot
+    assert plan.nodes_with_event(NE.SWITCH) == () and plan.nodes_with_event(NE.START) == ()
     assert eng.states() == {"a": N.SWITCHING, "b": N.STAGED, "c": N.PENDING}
     plan = eng.succeed("a")  # confirming: still a's switch slot
     assert plan.nodes_with_event(NE.SWITCH) == () and plan.nodes_with_event(NE.START) == ()
@@ -224,14 +229,29 @@ def test_pipelining_prepares_the_next_node_while_one_switches() -> None:
     assert eng.status() is R.COMPLETED
 
 
+def test_pipelining_prepares_ahead_only_once_the_started_nodes_are_staged() -> None:
+    """max_parallel 2, prepare_ahead 1: a and b start; c starts only when neither is still in
+    its preflight or stage (b staged first waits for a, and so does c)."""
+    eng = Engine.cluster("a b c d", leader="d", prepare_ahead=1, max_parallel=2)
+    plan = eng.admin(RE.START)
+    assert plan.nodes_with_event(NE.START) == ("a", "b")
+    eng.succeed("b")
+    plan = eng.succeed("b")  # b staged, a still in preflight: nothing more starts
+    assert plan.nodes_with_event(NE.START) == ()
+    eng.succeed("a")
+    plan = eng.succeed("a")  # a staged: both switch, c starts
+    assert plan.nodes_with_event(NE.SWITCH) == ("a", "b")
+    assert plan.nodes_with_event(NE.START) == ("c",)
+
+
 def test_pipelining_keeps_the_seeds_safety_a_failed_switch_switches_nothing_else() -> None:
     """A switch that rolls back halts the rollout (budget 0): the node prepared meanwhile is
     skipped without switching, and no other node starts."""
     eng = Engine.cluster(prepare_ahead=1)
     eng.admin(RE.START)
-    eng.finish("b")
     eng.succeed("a")
-    eng.succeed("a")  # a switching, b staged
+    eng.succeed("a")  # a switching, b started
+    eng.finish("b")  # b staged
     plan = eng.outcome("a", NE.SWITCH_ROLLED_BACK, "server did not come back")
     assert plan.nodes_with_event(NE.SWITCH) == () and plan.nodes_with_event(NE.START) == ()
     assert eng.states() == {"a": N.ROLLED_BACK, "b": N.SKIPPED, "c": N.SKIPPED}

@@ -121,7 +121,9 @@ def old_next_actions(
         for name in staged:
             emit(name, NodeEvent.SWITCH)
     if state is RolloutState.RUNNING and prepare_ahead > 0:
-        start(rollout.max_parallel + prepare_ahead)
+        start(rollout.max_parallel)
+        if not any(s in (NodeState.PREFLIGHT, NodeState.STAGING) for s in after.values()):
+            start(rollout.max_parallel + prepare_ahead)
     steps = [
         StepAction(name, STEP_FOR_STATE[after[name]], rollout.epoch)
         for name in rollout.order
@@ -268,8 +270,8 @@ def test_a_pass_with_the_census_reads_only_the_records_of_the_nodes_it_names() -
     records and the pending ones it starts, never a done node's (the old pass read every
     record about ten times)."""
     rollout = rollout_of(500, max_parallel=10, state=RolloutState.RUNNING)
-    states = [N.DONE] * 480 + [N.SWITCHING] * 3 + [N.CONFIRMING] * 2 + [N.STAGED] * 4
-    states += [N.PREFLIGHT] + [N.PENDING] * 10
+    states = [N.DONE] * 480 + [N.SWITCHING] * 3 + [N.CONFIRMING] * 2 + [N.STAGED] * 5
+    states += [N.PENDING] * 10
     records = [NodeRecord(name, s) for name, s in zip(rollout.order, states, strict=True)]
     watched = Watched(records)
     plan = next_actions(rollout, watched, prepare_ahead=2, census=Census.of(records))
