@@ -42,7 +42,7 @@ from nodeagent.transaction import (
 )
 from nodeagent.trust import EpochNotAnnounced, LeaderTrust, NotTheLeader, Revoked
 from nodeagent.wire import CHANGE, TXN_KIND, TXN_OUTCOME, TXN_PHASE
-from tlsroll import __version__, httpcheck, logs, password
+from tlsroll import __version__, dbthread, httpcheck, logs, password
 from tlsroll.clients import ClientsView
 from tlsroll.enums import Change, TxnKind
 from tlsroll.errors import PKIError, PKIReason
@@ -619,7 +619,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             return self.journal.create(txn, begin=first), True
 
         async with self._lock:
-            txn, new = await asyncio.to_thread(create)
+            txn, new = await dbthread.run(create)
             if not new:
                 if not txn.finished:
                     runner.start(txn)

@@ -79,8 +79,8 @@ from tenacity import (
     wait_incrementing,
 )
 
-from nodeagent.drivers import Driver, DriverError, ServerFacts
-from tlsroll import httpcheck, logs
+from nodeagent.drivers import Driver, DriverError, ServerFacts, StagedConfig
+from tlsroll import dbthread, httpcheck, logs
 from tlsroll.backoff import Policy
 from tlsroll.enums import TxnKind, TxnOutcome
 from tlsroll.errors import LocalResourceError, TerminalError, is_local_shortage, os_error_text
@@ -205,6 +205,19 @@ def _log_crash(task: asyncio.Task[Txn]) -> None:
     exc = None if task.cancelled() else task.exception()
     if isinstance(exc, Exception):
         log.error("txn.crashed", task=task.get_name(), error=describe(exc))
+
+
+def _write_then(
+    write: Callable[..., Txn], then: Callable[[Txn], object], txn: Txn, *args: Any, **changes: Any
+) -> tuple[Txn, Exception | None]:
+    """``write`` (a journal write: its failure is raised), then ``then`` with the new record
+    (an action: its failure is returned, for the runner to treat as the action's)."""
+    new = write(txn, *args, **changes)
+    try:
+        then(new)
+    except Exception as exc:
+        return new, exc
+    return new, None
 
 
 @dataclass(frozen=True)
@@ -344,6 +357,11 @@ class Runner:
         self.fatal = ""
         self._owed: asyncio.Task[None] | None = None  # lifts a freeze a failed transaction owes
         self.changes = TxnChanges()  # set after every journalled phase (WatchTransaction)
+        # A switch's target config, staged while the server is frozen (``_stage_target``), and
+        # the outcome of an action run in the same hand-off as the record before it
+        # (``_ahead``: None if it succeeded), per running transaction.
+        self._staged: dict[tuple[str, str], asyncio.Future[StagedConfig | None]] = {}
+        self._ahead: dict[tuple[str, str], Exception | None] = {}
 
     def busy_with(self) -> Txn | None:
         """Blocking (reads the journal)."""
@@ -366,11 +384,11 @@ class Runner:
         self.tasks[key] = task
 
     async def resume_all(self) -> list[Txn]:
-        pending = await asyncio.to_thread(self.journal.unfinished)
+        pending = await dbthread.run(self.journal.unfinished)
         for txn in pending:
             log.warning("txn.resuming", rollout_id=txn.rollout_id, kind=txn.kind, phase=txn.phase)
             self.start(txn)
-        if not pending and await asyncio.to_thread(self.journal.unfreeze_owed) is not None:
+        if not pending and await dbthread.run(self.journal.unfreeze_owed) is not None:
             self._lift_owed_freeze()
         return pending
 
@@ -415,7 +433,7 @@ class Runner:
             await self.sleep(wait)
             begun = None  # restarted: what was last journalled is read again
             try:
-                latest = await asyncio.to_thread(self.journal.get, txn.rollout_id, txn.kind)
+                latest = await dbthread.run(self.journal.get, txn.rollout_id, txn.kind)
             except Exception as exc:  # counted at the next death: run() needs the journal too
                 log.error("txn.journal_unreadable", rollout_id=txn.rollout_id, error=describe(exc))
                 latest = None
@@ -452,7 +470,7 @@ class Runner:
         """True if the freeze belongs to a rollout's scope freeze whose lease still holds."""
         try:
             keep = bool(txn.plan.get("keep_frozen", False))
-            return keep and await asyncio.to_thread(self.journal.freeze_lease) is not None
+            return keep and await dbthread.run(self.journal.freeze_lease) is not None
         except Exception:  # an unreadable journal holds no lease we could honour
             return False
 
@@ -465,13 +483,13 @@ class Runner:
         transaction or a scope freeze takes the freeze over (then what is owed is dropped)."""
         attempt, logged = 0, time.monotonic()
         while True:
-            owed = await asyncio.to_thread(self.journal.unfreeze_owed)
+            owed = await dbthread.run(self.journal.unfreeze_owed)
             if owed is None:
                 return
-            running = await asyncio.to_thread(self.journal.unfinished)
-            lease = await asyncio.to_thread(self.journal.freeze_lease)
+            running = await dbthread.run(self.journal.unfinished)
+            lease = await dbthread.run(self.journal.freeze_lease)
             if running or lease is not None:
-                await asyncio.to_thread(self.journal.set_unfreeze_owed, None)
+                await dbthread.run(self.journal.set_unfreeze_owed, None)
                 return
             try:
                 await self.driver.unfreeze()
@@ -489,7 +507,7 @@ class Runner:
                     )
                 await self.sleep(wait)
                 continue
-            await asyncio.to_thread(self.journal.set_unfreeze_owed, None)
+            await dbthread.run(self.journal.set_unfreeze_owed, None)
             log.warning("txn.owed_unfreeze_done", rollout_id=owed, attempts=attempt + 1)
             return
 
@@ -504,12 +522,22 @@ class Runner:
         # Each step's record carries the next step's "begin" (one write per step, not two);
         # resumed, the runner does not journal again a "begin" that was the last thing written.
         if begun is None:
-            begun = await asyncio.to_thread(self.journal.last_begun, txn)
+            begun = await dbthread.run(self.journal.last_begun, txn)
+        key = (txn.rollout_id, txn.kind.value)
+        if txn.phase is Phase.STARTED and txn.target_config is not None:
+            self._stage_target(key, txn.target_config)
+        try:
+            return await self._steps(txn, plan, begun)
+        finally:
+            self._ahead.pop(key, None)
+            self._discard_staged(key)
+
+    async def _steps(self, txn: Txn, plan: Plan, begun: str | None) -> Txn:
         while txn.phase not in TERMINAL:
             forward = txn.phase in FORWARD
             action, after = FORWARD[txn.phase] if forward else BACKWARD[txn.phase]
             if begun != action:
-                await asyncio.to_thread(self.journal.event, txn, action, "begin")
+                await dbthread.run(self.journal.event, txn, action, "begin")
             begun = None
             try:
                 changes = await self._attempt(
@@ -549,7 +577,12 @@ class Runner:
             else:
                 begun = next_action(after)
                 txn = await self._record(
-                    self.journal.update, txn, phase=after, begin=begun, **changes
+                    self.journal.update,
+                    txn,
+                    phase=after,
+                    begin=begun,
+                    then=await self._ahead_of(txn, plan, after),
+                    **changes,
                 )
             log.info("txn.step", rollout_id=txn.rollout_id, kind=txn.kind, step=action, phase=after)
             if after is Phase.COMPLETED and self.on_complete is not None:
@@ -559,10 +592,24 @@ class Runner:
                     log.error("txn.on_complete_failed", error=describe(exc))
         return txn
 
-    async def _record(self, write: Callable[..., Txn], txn: Txn, *args: Any, **changes: Any) -> Txn:
+    async def _record(
+        self,
+        write: Callable[..., Txn],
+        txn: Txn,
+        *args: Any,
+        then: Callable[[Txn], object] | None = None,
+        **changes: Any,
+    ) -> Txn:
         """Journal the transaction's new phase (and what the action found) with one of the
-        journal's writes (``update``, ``fail``, ``complete``), in a thread."""
-        txn = await asyncio.to_thread(write, txn, *args, **changes)
+        journal's writes (``update``, ``fail``, ``complete``), on the store's thread
+        (``tlsroll.dbthread``: one thread, woken alone, not the default executor's). ``then``:
+        the next action, when it is blocking work (``_ahead_of``), run right after the write
+        has committed, in the same hand-off; its outcome waits in ``_ahead`` for ``_act``."""
+        if then is None:
+            txn = await dbthread.run(write, txn, *args, **changes)
+        else:
+            txn, error = await dbthread.run(_write_then, write, then, txn, *args, **changes)
+            self._ahead[(txn.rollout_id, txn.kind.value)] = error
         self._journalled(txn.phase)
         self.changes.changed(txn)
         return txn
@@ -585,7 +632,7 @@ class Runner:
                 shortages += 1
                 wait = SHORTAGE_BACKOFF.delay(shortages - 1)
                 detail = {"error": describe(exc), "retry_in": wait}
-                await asyncio.to_thread(self.journal.event, txn, action, "short", detail)
+                await dbthread.run(self.journal.event, txn, action, "short", detail)
                 if shortages == 1 or shortages % 6 == 0:
                     log.error(
                         "txn.agent_short",
@@ -634,7 +681,7 @@ class Runner:
         why = reason
         owed = False
         scope_frozen = plan.keep_frozen and (
-            await asyncio.to_thread(self.journal.freeze_lease) is not None
+            await dbthread.run(self.journal.freeze_lease) is not None
         )
         if not scope_frozen:
             try:
@@ -694,12 +741,68 @@ class Runner:
         return {"watermark": watermark, "freeze_started_at": started}
 
     async def _write_config(self, txn: Txn, plan: Plan) -> dict[str, Any]:
-        await asyncio.to_thread(self._put_target, txn, plan)
+        key = (txn.rollout_id, txn.kind.value)
+        if key in self._ahead:  # run with the record of the phase before (``_ahead_of``)
+            error = self._ahead.pop(key)
+            if error is not None:
+                raise error
+            return {}
+        staged = await self._staged_target(key)
+        await dbthread.run(self._put_target, txn, plan, staged)
         return {}
 
-    def _put_target(self, txn: Txn, plan: Plan) -> None:
+    def _stage_target(self, key: tuple[str, str], config: bytes) -> None:
+        """Write the target config beside the live one (and fsync it) while the freeze is
+        asked for: the freeze window then holds only its rename and the directory's fsync.
+        The live config is untouched until ``write_config`` (the journal's order holds)."""
+
+        def stage() -> StagedConfig | None:
+            try:
+                return self.driver.stage_config(config)
+            except Exception as exc:  # the write itself will say what is wrong
+                log.warning("txn.stage_config_failed", error=describe(exc))
+                return None
+
+        # Handed to the store's thread now (not when a task would first run), so that it runs
+        # while the loop asks for the freeze.
+        loop = asyncio.get_running_loop()
+        self._staged[key] = loop.run_in_executor(dbthread.executor(), stage)
+
+    async def _staged_target(self, key: tuple[str, str]) -> StagedConfig | None:
+        """The staged target config, taken (a retry writes it afresh); None if none."""
+        staging = self._staged.pop(key, None)
+        return await staging if staging is not None else None
+
+    def _discard_staged(self, key: tuple[str, str]) -> None:
+        """A staged config left over (the freeze failed, the task stopped): removed, on the
+        store's thread once its staging has ended."""
+        staging = self._staged.pop(key, None)
+
+        def discard(done: asyncio.Future[StagedConfig | None]) -> None:
+            staged = None if done.cancelled() or done.exception() else done.result()
+            if staged is not None:
+                dbthread.executor().submit(self.driver.discard_staged, staged)
+
+        if staging is not None:
+            staging.add_done_callback(discard)
+
+    async def _ahead_of(self, txn: Txn, plan: Plan, phase: Phase) -> Callable[[Txn], object] | None:
+        """The action after ``phase`` if it may run in the same hand-off as ``phase``'s record:
+        the target config's write (blocking work only; after the record has committed, so the
+        journal still comes before the act). Not when the test hook stops the agent at
+        ``phase``, which must come between the two."""
+        if phase is not Phase.FROZEN or self.crash_after == phase:
+            return None
+        key = (txn.rollout_id, txn.kind.value)
+        staged = await self._staged_target(key)
+        return lambda new: self._put_target(new, plan, staged)
+
+    def _put_target(self, txn: Txn, plan: Plan, staged: StagedConfig | None = None) -> None:
         if txn.target_config is not None:  # the journal holds both configs since the create
-            self.driver.write_config(txn.target_config)
+            if staged is not None and staged.data == txn.target_config:
+                self.driver.commit_config(staged)
+            else:
+                self.driver.write_config(txn.target_config)
             return
         # A transaction of an earlier release: its configs are files. Save the source once:
         # on a repeat after a crash the live file may already be new.
@@ -818,7 +921,7 @@ class Runner:
 
     async def _restore_config(self, txn: Txn, plan: Plan) -> dict[str, Any]:
         """Put the source config back if the live one is not it; say if a restart is needed."""
-        rewritten = await asyncio.to_thread(self._put_source, txn, plan)
+        rewritten = await dbthread.run(self._put_source, txn, plan)
         target_loaded = (txn.failed_phase or Phase.STARTED) in TARGET_MAY_BE_RUNNING
         down = not rewritten and not target_loaded and await self.driver.health() is not None
         return {"restart_needed": rewritten or target_loaded or down}

@@ -38,12 +38,12 @@ from typing import Any, cast
 import pytest
 
 from nodeagent import plans, service, transaction
-from nodeagent.drivers import Driver, DriverError, ServerFacts, Target
+from nodeagent.drivers import Driver, DriverError, ServerFacts, StagedConfig, Target
 from nodeagent.journal import Journal, Txn
 from nodeagent.transaction import Checks, Phase, Plan, Runner, next_action
 from nodeagent.trust import LeaderTrust
 from nodeagent.wire import TXN_PHASE
-from tlsroll import fsutil, password
+from tlsroll import dbthread, fsutil, password
 from tlsroll.enums import TxnKind, TxnOutcome
 
 ADDRESS = "192.0.2.10"
@@ -807,6 +807,103 @@ async def test_verify_reads_the_ca_in_the_https_probes_thread(
     assert w.assert_ended_well(journal) == done
     assert "check_https" in hops, hops
     assert "read_bytes" not in hops, hops
+
+
+class FileDriver(FakeDriver):
+    """The fake server with its config in its file, written the real drivers' way (the base
+    class's ``write_config``: staged beside the live file, then committed); every write of the
+    live config is an op, as the fake's."""
+
+    write_config = Driver.write_config
+
+    def __init__(self, server: FakeServer, config_file: Path) -> None:
+        super().__init__(server, config_file)
+        config_file.write_bytes(server.config)
+        self.stagings: list[StagedConfig] = []
+        self.commits: list[StagedConfig] = []
+
+    def stage_config(self, data: bytes) -> StagedConfig:
+        staged = super().stage_config(data)
+        self.stagings.append(staged)
+        return staged
+
+    def commit_config(self, staged: StagedConfig) -> None:
+        self.commits.append(staged)
+        super().commit_config(staged)
+        self.server.config = self.config_file.read_bytes()
+        self.server.ops.append(f"write_config {NAMES.get(self.server.config, '?')}")
+
+
+def counted_hand_offs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """Every hand-off to a worker thread from now on: (the thread, the function's name)."""
+    hops: list[tuple[str, str]] = []
+    to_thread, store = asyncio.to_thread, dbthread.run
+
+    async def counting(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        hops.append(("default", getattr(fn, "__name__", repr(fn))))
+        return await to_thread(fn, *args, **kwargs)
+
+    async def on_store(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        hops.append(("store", getattr(fn, "__name__", repr(fn))))
+        return await store(fn, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", counting)
+    monkeypatch.setattr(dbthread, "run", on_store)
+    return hops
+
+
+async def test_a_switch_hands_its_journal_and_config_to_one_thread_a_hop_per_step(
+    world: Callable[[Scenario], World], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15: every journal write and the config write of a switch was a hop of its own to
+    the default executor, whose idle threads woke each other for each (about 80 context
+    switches per switch). They run on the store's one thread now (``tlsroll.dbthread``), and
+    the config write in the same hop as the record of the freeze before it (after its commit):
+    a record per step and the verify's probes (which run at once, in threads of their own);
+    nothing else (the config's staging goes to the store's thread as the freeze is asked for,
+    not as a hop the runner waits for)."""
+    sc = SCENARIOS["completes"]
+    w = world(sc)
+    hops = counted_hand_offs(monkeypatch)
+    journal = CrashingJournal(w.journal_path)
+    done = await w.run(journal)
+    assert w.assert_ended_well(journal) == done
+    hops = [(thread, name) for thread, name in hops if ".create " not in name]  # the servicer's
+    default = [name for thread, name in hops if thread == "default"]
+    store = [name for thread, name in hops if thread == "store"]
+    assert sorted(default) == ["check_https", "port_open"], hops  # verify: https, http closed
+    # the records of frozen (then the config's write), config_written, restarted, verified,
+    # completed: 5, where there were 6 hops to the default executor
+    assert len(store) == 5, hops
+    assert done.outcome is TxnOutcome.COMPLETED
+
+
+@pytest.mark.parametrize("name", ["completes", "restart_fails", "freeze_fails", "undo"])
+async def test_a_switch_stages_its_target_config_so_that_the_window_holds_only_its_rename(
+    name: str, world: Callable[[Scenario], World]
+) -> None:
+    """Issue 15: the target config's write and fsync were inside the freeze window. It is
+    staged (written and fsynced beside the live file) as the freeze is asked for; after the
+    freeze only the rename and the directory's fsync are left. A config written on the way
+    back is written whole; a staged config no write took is removed."""
+    sc = SCENARIOS[name]
+    w = world(sc)
+    config_file = w.driver.config_file
+    w.driver = driver = FileDriver(w.server, config_file)
+    journal = CrashingJournal(w.journal_path)
+    done = await w.run(journal)
+    assert w.assert_ended_well(journal) == done
+    await dbthread.barrier()  # a discarded staging is removed on the store's thread
+    writes = [op for op in w.server.ops if op.startswith("write_config")]
+    assert len(driver.commits) == len(writes), (driver.commits, writes)
+    assert all(staged.file is not None for staged in driver.stagings)
+    if name == "freeze_fails":  # staged, never committed
+        assert len(driver.stagings) == 1
+        assert writes == []
+    else:  # the forward write commits the config staged first; a write back is one of its own
+        assert driver.commits[0] is driver.stagings[0]
+        assert driver.commits[1:] == driver.stagings[1:]
+    assert sorted(p.name for p in config_file.parent.iterdir()) == [config_file.name]
 
 
 # --- plans: made without gRPC --------------------------------------------------------------
