@@ -208,16 +208,31 @@ def _log_crash(task: asyncio.Task[Txn]) -> None:
 
 
 def _write_then(
-    write: Callable[..., Txn], then: Callable[[Txn], object], txn: Txn, *args: Any, **changes: Any
-) -> tuple[Txn, Exception | None]:
-    """``write`` (a journal write: its failure is raised), then ``then`` with the new record
-    (an action: its failure is returned, for the runner to treat as the action's)."""
+    write: Callable[..., Txn],
+    then: Ahead,
+    txn: Txn,
+    *args: Any,
+    **changes: Any,
+) -> tuple[Txn, Txn | None, Exception | None]:
+    """``write`` (a journal write: its failure is raised); then the action ``then.act`` with
+    the new record (its failure is returned, for the runner to treat as the action's); then,
+    if it succeeded, ``then.record`` (the journal write of the phase it leads to: its failure
+    is raised, as any journal write's). The journal still comes before each act."""
     new = write(txn, *args, **changes)
     try:
-        then(new)
+        then.act(new)
     except Exception as exc:
-        return new, exc
-    return new, None
+        return new, None, exc
+    return new, then.record(new), None
+
+
+@dataclass(frozen=True)
+class Ahead:
+    """A blocking action run in the same hand-off to the store's thread as the record of the
+    phase before it, and the record of the phase it leads to (``Runner._ahead_of``)."""
+
+    act: Callable[[Txn], object]
+    record: Callable[[Txn], Txn]
 
 
 @dataclass(frozen=True)
@@ -358,10 +373,11 @@ class Runner:
         self._owed: asyncio.Task[None] | None = None  # lifts a freeze a failed transaction owes
         self.changes = TxnChanges()  # set after every journalled phase (WatchTransaction)
         # A switch's target config, staged while the server is frozen (``_stage_target``), and
-        # the outcome of an action run in the same hand-off as the record before it
-        # (``_ahead``: None if it succeeded), per running transaction.
+        # what an action run in the same hand-off as the record before it did (``_ahead_of``):
+        # its error, for ``_act`` to raise, or the record of the phase it led to.
         self._staged: dict[tuple[str, str], asyncio.Future[StagedConfig | None]] = {}
-        self._ahead: dict[tuple[str, str], Exception | None] = {}
+        self._ahead: dict[tuple[str, str], Exception] = {}
+        self._followed: dict[tuple[str, str], Txn] = {}
 
     def busy_with(self) -> Txn | None:
         """Blocking (reads the journal)."""
@@ -530,6 +546,7 @@ class Runner:
             return await self._steps(txn, plan, begun)
         finally:
             self._ahead.pop(key, None)
+            self._followed.pop(key, None)
             self._discard_staged(key)
 
     async def _steps(self, txn: Txn, plan: Plan, begun: str | None) -> Txn:
@@ -585,6 +602,16 @@ class Runner:
                     **changes,
                 )
             log.info("txn.step", rollout_id=txn.rollout_id, kind=txn.kind, step=action, phase=after)
+            followed = self._followed.pop((txn.rollout_id, txn.kind.value), None)
+            if followed is not None:  # the next action and its record came with this one
+                txn, begun = followed, next_action(followed.phase)
+                log.info(
+                    "txn.step",
+                    rollout_id=txn.rollout_id,
+                    kind=txn.kind,
+                    step=FORWARD[after][0],
+                    phase=txn.phase,
+                )
             if after is Phase.COMPLETED and self.on_complete is not None:
                 try:
                     await self.on_complete()
@@ -597,21 +624,30 @@ class Runner:
         write: Callable[..., Txn],
         txn: Txn,
         *args: Any,
-        then: Callable[[Txn], object] | None = None,
+        then: Ahead | None = None,
         **changes: Any,
     ) -> Txn:
         """Journal the transaction's new phase (and what the action found) with one of the
         journal's writes (``update``, ``fail``, ``complete``), on the store's thread
         (``tlsroll.dbthread``: one thread, woken alone, not the default executor's). ``then``:
-        the next action, when it is blocking work (``_ahead_of``), run right after the write
-        has committed, in the same hand-off; its outcome waits in ``_ahead`` for ``_act``."""
+        the next action, when it is blocking work (``_ahead_of``), and its own record, run right
+        after the write has committed, in the same hand-off; its error waits in ``_ahead`` for
+        ``_act``, the record it led to in ``_followed`` for the loop."""
         if then is None:
             txn = await dbthread.run(write, txn, *args, **changes)
-        else:
-            txn, error = await dbthread.run(_write_then, write, then, txn, *args, **changes)
-            self._ahead[(txn.rollout_id, txn.kind.value)] = error
+            self._journalled(txn.phase)
+            self.changes.changed(txn)
+            return txn
+        txn, followed, error = await dbthread.run(_write_then, write, then, txn, *args, **changes)
+        key = (txn.rollout_id, txn.kind.value)
         self._journalled(txn.phase)
         self.changes.changed(txn)
+        if error is not None:
+            self._ahead[key] = error
+        if followed is not None:
+            self._journalled(followed.phase)
+            self.changes.changed(followed)
+            self._followed[key] = followed
         return txn
 
     def _journalled(self, phase: Phase) -> None:
@@ -743,10 +779,7 @@ class Runner:
     async def _write_config(self, txn: Txn, plan: Plan) -> dict[str, Any]:
         key = (txn.rollout_id, txn.kind.value)
         if key in self._ahead:  # run with the record of the phase before (``_ahead_of``)
-            error = self._ahead.pop(key)
-            if error is not None:
-                raise error
-            return {}
+            raise self._ahead.pop(key)
         staged = await self._staged_target(key)
         await dbthread.run(self._put_target, txn, plan, staged)
         return {}
@@ -786,16 +819,22 @@ class Runner:
         if staging is not None:
             staging.add_done_callback(discard)
 
-    async def _ahead_of(self, txn: Txn, plan: Plan, phase: Phase) -> Callable[[Txn], object] | None:
-        """The action after ``phase`` if it may run in the same hand-off as ``phase``'s record:
-        the target config's write (blocking work only; after the record has committed, so the
-        journal still comes before the act). Not when the test hook stops the agent at
-        ``phase``, which must come between the two."""
+    async def _ahead_of(self, txn: Txn, plan: Plan, phase: Phase) -> Ahead | None:
+        """The action after ``phase`` and its record, if they may run in the same hand-off as
+        ``phase``'s record: the target config's write (blocking work only), after the record of
+        the freeze has committed, and the record of ``config_written`` after it (the journal
+        still comes before each act; nothing else comes between them). Not when the test hook
+        stops the agent at ``phase``, which must come between the record and the write."""
         if phase is not Phase.FROZEN or self.crash_after == phase:
             return None
         key = (txn.rollout_id, txn.kind.value)
         staged = await self._staged_target(key)
-        return lambda new: self._put_target(new, plan, staged)
+        after = FORWARD[phase][1]
+
+        def record(new: Txn) -> Txn:
+            return self.journal.update(new, phase=after, begin=next_action(after))
+
+        return Ahead(lambda new: self._put_target(new, plan, staged), record)
 
     def _put_target(self, txn: Txn, plan: Plan, staged: StagedConfig | None = None) -> None:
         if txn.target_config is not None:  # the journal holds both configs since the create

@@ -22,6 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import errno
 import functools
 import itertools
 import json
@@ -858,8 +859,9 @@ async def test_a_switch_hands_its_journal_and_config_to_one_thread_a_hop_per_ste
     """Issue 15: every journal write and the config write of a switch was a hop of its own to
     the default executor, whose idle threads woke each other for each (about 80 context
     switches per switch). They run on the store's one thread now (``tlsroll.dbthread``), and
-    the config write in the same hop as the record of the freeze before it (after its commit):
-    a record per step and the verify's probes (which run at once, in threads of their own);
+    the config write and its record in the same hop as the record of the freeze before it
+    (after its commit): a record per step but one, and the verify's probes (which run at once,
+    in threads of their own);
     nothing else (the config's staging goes to the store's thread as the freeze is asked for,
     not as a hop the runner waits for)."""
     sc = SCENARIOS["completes"]
@@ -872,9 +874,9 @@ async def test_a_switch_hands_its_journal_and_config_to_one_thread_a_hop_per_ste
     default = [name for thread, name in hops if thread == "default"]
     store = [name for thread, name in hops if thread == "store"]
     assert sorted(default) == ["check_https", "port_open"], hops  # verify: https, http closed
-    # the records of frozen (then the config's write), config_written, restarted, verified,
-    # completed: 5, where there were 6 hops to the default executor
-    assert len(store) == 5, hops
+    # the records of frozen, then the config's write and the record of config_written in the
+    # same hop; restarted; verified; completed: 4, where there were 6 to the default executor
+    assert store == ["_write_then", "update", "update", "complete"], hops
     assert done.outcome is TxnOutcome.COMPLETED
 
 
@@ -904,6 +906,44 @@ async def test_a_switch_stages_its_target_config_so_that_the_window_holds_only_i
         assert driver.commits[0] is driver.stagings[0]
         assert driver.commits[1:] == driver.stagings[1:]
     assert sorted(p.name for p in config_file.parent.iterdir()) == [config_file.name]
+
+
+class FailingWrites(FakeDriver):
+    """The fake whose writes of the target config fail with ``errors``, one each, first."""
+
+    def __init__(self, server: FakeServer, config_file: Path, errors: list[OSError]) -> None:
+        super().__init__(server, config_file)
+        self.errors = errors
+
+    def write_config(self, data: bytes) -> None:
+        if self.errors and data == TARGET:
+            raise self.errors.pop(0)
+        super().write_config(data)
+
+
+@pytest.mark.parametrize("short", [False, True])
+async def test_a_config_write_made_in_the_freeze_s_hop_fails_as_the_write_step(
+    short: bool, world: Callable[[Scenario], World]
+) -> None:
+    """The config's write runs in the hand-off of the freeze's record: its failure is still the
+    write step's (the way back, with ``failed_phase`` frozen), and the agent's own shortage of
+    descriptors is still waited out and the write tried again, not rolled back."""
+    sc = SCENARIOS["completes"]
+    w = world(sc)
+    error = OSError(errno.EMFILE if short else errno.ENOSPC, "no")
+    w.driver = FailingWrites(w.server, w.driver.config_file, [error])
+    journal = CrashingJournal(w.journal_path)
+    done = await w.run(journal)
+    if short:
+        assert done.outcome is TxnOutcome.COMPLETED, done.reason
+        assert w.server.ops == ["freeze", "write_config target", "restart", "unfreeze"]
+        steps = [(e["step"], e["what"]) for e in journal.events("r1")]
+        assert ("write_config", "short") in steps, steps
+    else:
+        assert done.outcome is TxnOutcome.ROLLED_BACK
+        assert done.failed_phase is Phase.FROZEN
+        assert done.reason.startswith("write_config: "), done.reason
+        assert w.server.ops == ["freeze", "unfreeze"]
 
 
 # --- plans: made without gRPC --------------------------------------------------------------
