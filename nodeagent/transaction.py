@@ -372,10 +372,10 @@ class Runner:
         self.fatal = ""
         self._owed: asyncio.Task[None] | None = None  # lifts a freeze a failed transaction owes
         self.changes = TxnChanges()  # set after every journalled phase (WatchTransaction)
-        # A switch's target config, staged while the server is frozen (``_stage_target``), and
+        # A switch's target config, staged before its freeze (``stage``), and
         # what an action run in the same hand-off as the record before it did (``_ahead_of``):
         # its error, for ``_act`` to raise, or the record of the phase it led to.
-        self._staged: dict[tuple[str, str], asyncio.Future[StagedConfig | None]] = {}
+        self._staged: dict[tuple[str, str], StagedConfig] = {}
         self._ahead: dict[tuple[str, str], Exception] = {}
         self._followed: dict[tuple[str, str], Txn] = {}
 
@@ -384,10 +384,13 @@ class Runner:
         running = self.journal.unfinished()
         return running[0] if running else None
 
-    def start(self, txn: Txn, begun: str | None = None) -> None:
-        """Run ``txn`` in a task of its own (``begun`` as for ``run``); nothing if it runs."""
+    def start(self, txn: Txn, begun: str | None = None, staged: StagedConfig | None = None) -> None:
+        """Run ``txn`` in a task of its own (``begun`` and ``staged`` as for ``run``); nothing
+        if it runs."""
         key = (txn.rollout_id, txn.kind.value)
         if key in self.tasks and not self.tasks[key].done():
+            if staged is not None:
+                self._discard(staged)
             return
         if self._owed is not None:  # the new transaction owns the freeze from now on
             self._owed.cancel()
@@ -395,7 +398,7 @@ class Runner:
         if txn.kind is TxnKind.SWITCH and self.on_switch is not None:
             self.on_switch()
         self.changes.note(txn)
-        task = asyncio.create_task(self._supervised(txn, begun), name=f"txn-{key}")
+        task = asyncio.create_task(self._supervised(txn, begun, staged), name=f"txn-{key}")
         task.add_done_callback(_log_crash)
         self.tasks[key] = task
 
@@ -424,13 +427,15 @@ class Runner:
 
     # --- supervision --------------------------------------------------------------------------
 
-    async def _supervised(self, txn: Txn, begun: str | None = None) -> Txn:
+    async def _supervised(
+        self, txn: Txn, begun: str | None = None, staged: StagedConfig | None = None
+    ) -> Txn:
         """Run ``txn``; if its task dies, start it again from what the journal holds, at most
         ``TASK_RESTARTS`` times; then lift the freeze and tell the daemon (``dead``)."""
         deaths = 0
         while True:
             try:
-                return await self.run(txn, begun)
+                return await self.run(txn, begun, staged)
             except Exception as exc:
                 deaths += 1
                 error = describe(exc)
@@ -447,7 +452,7 @@ class Runner:
                     restarts_left=TASK_RESTARTS - deaths + 1,
                 )
             await self.sleep(wait)
-            begun = None  # restarted: what was last journalled is read again
+            begun, staged = None, None  # restarted: what was last journalled is read again
             try:
                 latest = await dbthread.run(self.journal.get, txn.rollout_id, txn.kind)
             except Exception as exc:  # counted at the next death: run() needs the journal too
@@ -529,9 +534,12 @@ class Runner:
 
     # --- the loop -----------------------------------------------------------------------------
 
-    async def run(self, txn: Txn, begun: str | None = None) -> Txn:
+    async def run(
+        self, txn: Txn, begun: str | None = None, staged: StagedConfig | None = None
+    ) -> Txn:
         """Carry ``txn`` to its outcome. ``begun``: the step whose ``begin`` the caller has
-        just journalled (the servicer's create carries the first one); None: read it."""
+        just journalled (the servicer's create carries the first one); None: read it.
+        ``staged``: its target config as ``stage`` staged it (the runner owns it now)."""
         plan = Plan.from_json(txn.plan)  # fixed: nothing below changes it
         if txn.phase is Phase.STARTED:
             self._journalled(txn.phase)  # the servicer journalled it; the crash hook is here
@@ -540,8 +548,8 @@ class Runner:
         if begun is None:
             begun = await dbthread.run(self.journal.last_begun, txn)
         key = (txn.rollout_id, txn.kind.value)
-        if txn.phase is Phase.STARTED and txn.target_config is not None:
-            self._stage_target(key, txn.target_config)
+        if staged is not None:
+            self._staged[key] = staged
         try:
             return await self._steps(txn, plan, begun)
         finally:
@@ -598,7 +606,7 @@ class Runner:
                     txn,
                     phase=after,
                     begin=begun,
-                    then=await self._ahead_of(txn, plan, after),
+                    then=self._ahead_of(txn, plan, after),
                     **changes,
                 )
             log.info("txn.step", rollout_id=txn.rollout_id, kind=txn.kind, step=action, phase=after)
@@ -780,46 +788,34 @@ class Runner:
         key = (txn.rollout_id, txn.kind.value)
         if key in self._ahead:  # run with the record of the phase before (``_ahead_of``)
             raise self._ahead.pop(key)
-        staged = await self._staged_target(key)
-        await dbthread.run(self._put_target, txn, plan, staged)
+        await dbthread.run(self._put_target, txn, plan, self._staged.pop(key, None))
         return {}
 
-    def _stage_target(self, key: tuple[str, str], config: bytes) -> None:
-        """Write the target config beside the live one (and fsync it) while the freeze is
-        asked for: the freeze window then holds only its rename and the directory's fsync.
-        The live config is untouched until ``write_config`` (the journal's order holds)."""
+    def stage(self, txn: Txn) -> StagedConfig | None:
+        """Blocking: ``txn``'s target config written and fsynced beside the live one
+        (``Driver.stage_config``), which it does not replace yet. The servicer stages it in the
+        hand-off that creates the transaction, before the freeze: the freeze window then holds
+        only its rename and the directory's fsync (issue 15; the live config changes only at
+        ``write_config``, after the journal says ``frozen``). None when there is nothing to
+        stage or it cannot be (the write step then writes it whole, and says what is wrong)."""
+        if txn.phase is not Phase.STARTED or txn.target_config is None:
+            return None
+        try:
+            return self.driver.stage_config(txn.target_config)
+        except Exception as exc:
+            log.warning("txn.stage_config_failed", rollout_id=txn.rollout_id, error=describe(exc))
+            return None
 
-        def stage() -> StagedConfig | None:
-            try:
-                return self.driver.stage_config(config)
-            except Exception as exc:  # the write itself will say what is wrong
-                log.warning("txn.stage_config_failed", error=describe(exc))
-                return None
-
-        # Handed to the store's thread now (not when a task would first run), so that it runs
-        # while the loop asks for the freeze.
-        loop = asyncio.get_running_loop()
-        self._staged[key] = loop.run_in_executor(dbthread.executor(), stage)
-
-    async def _staged_target(self, key: tuple[str, str]) -> StagedConfig | None:
-        """The staged target config, taken (a retry writes it afresh); None if none."""
-        staging = self._staged.pop(key, None)
-        return await staging if staging is not None else None
+    def _discard(self, staged: StagedConfig) -> None:
+        """A staged config no write took: removed, on the store's thread."""
+        dbthread.executor().submit(self.driver.discard_staged, staged)
 
     def _discard_staged(self, key: tuple[str, str]) -> None:
-        """A staged config left over (the freeze failed, the task stopped): removed, on the
-        store's thread once its staging has ended."""
-        staging = self._staged.pop(key, None)
+        staged = self._staged.pop(key, None)
+        if staged is not None:
+            self._discard(staged)
 
-        def discard(done: asyncio.Future[StagedConfig | None]) -> None:
-            staged = None if done.cancelled() or done.exception() else done.result()
-            if staged is not None:
-                dbthread.executor().submit(self.driver.discard_staged, staged)
-
-        if staging is not None:
-            staging.add_done_callback(discard)
-
-    async def _ahead_of(self, txn: Txn, plan: Plan, phase: Phase) -> Ahead | None:
+    def _ahead_of(self, txn: Txn, plan: Plan, phase: Phase) -> Ahead | None:
         """The action after ``phase`` and its record, if they may run in the same hand-off as
         ``phase``'s record: the target config's write (blocking work only), after the record of
         the freeze has committed, and the record of ``config_written`` after it (the journal
@@ -827,8 +823,7 @@ class Runner:
         stops the agent at ``phase``, which must come between the record and the write."""
         if phase is not Phase.FROZEN or self.crash_after == phase:
             return None
-        key = (txn.rollout_id, txn.kind.value)
-        staged = await self._staged_target(key)
+        staged = self._staged.pop((txn.rollout_id, txn.kind.value), None)
         after = FORWARD[phase][1]
 
         def record(new: Txn) -> Txn:
@@ -840,8 +835,10 @@ class Runner:
         if txn.target_config is not None:  # the journal holds both configs since the create
             if staged is not None and staged.data == txn.target_config:
                 self.driver.commit_config(staged)
-            else:
-                self.driver.write_config(txn.target_config)
+                return
+            if staged is not None:
+                self.driver.discard_staged(staged)
+            self.driver.write_config(txn.target_config)
             return
         # A transaction of an earlier release: its configs are files. Save the source once:
         # on a repeat after a crash the live file may already be new.

@@ -23,7 +23,6 @@ import asyncio
 import contextlib
 import datetime as dt
 import errno
-import functools
 import itertools
 import json
 import re
@@ -455,8 +454,14 @@ class World:
             txn = await asyncio.to_thread(journal.create, self.txn)
             return await self.runner(journal).run(txn)
         first = next_action(Phase.STARTED)
-        txn = await asyncio.to_thread(functools.partial(journal.create, self.txn, begin=first))
-        return await self.runner(journal).run(txn, begun=first)
+        runner = self.runner(journal)
+
+        def create() -> tuple[Txn, StagedConfig | None]:  # the servicer's one hand-off
+            txn = journal.create(self.txn, begin=first)
+            return txn, runner.stage(txn)
+
+        txn, staged = await asyncio.to_thread(create)
+        return await runner.run(txn, begun=first, staged=staged)
 
     async def resume(self) -> tuple[list[Txn], CrashingJournal]:
         """The agent starts again: a new journal on the same file, a new runner."""
@@ -862,15 +867,15 @@ async def test_a_switch_hands_its_journal_and_config_to_one_thread_a_hop_per_ste
     the config write and its record in the same hop as the record of the freeze before it
     (after its commit): a record per step but one, and the verify's probes (which run at once,
     in threads of their own);
-    nothing else (the config's staging goes to the store's thread as the freeze is asked for,
-    not as a hop the runner waits for)."""
+    nothing else (the config is staged in the servicer's hand-off that creates the
+    transaction)."""
     sc = SCENARIOS["completes"]
     w = world(sc)
     hops = counted_hand_offs(monkeypatch)
     journal = CrashingJournal(w.journal_path)
     done = await w.run(journal)
     assert w.assert_ended_well(journal) == done
-    hops = [(thread, name) for thread, name in hops if ".create " not in name]  # the servicer's
+    hops = [(thread, name) for thread, name in hops if name != "create"]  # the servicer's
     default = [name for thread, name in hops if thread == "default"]
     store = [name for thread, name in hops if thread == "store"]
     assert sorted(default) == ["check_https", "port_open"], hops  # verify: https, http closed
@@ -885,9 +890,9 @@ async def test_a_switch_stages_its_target_config_so_that_the_window_holds_only_i
     name: str, world: Callable[[Scenario], World]
 ) -> None:
     """Issue 15: the target config's write and fsync were inside the freeze window. It is
-    staged (written and fsynced beside the live file) as the freeze is asked for; after the
-    freeze only the rename and the directory's fsync are left. A config written on the way
-    back is written whole; a staged config no write took is removed."""
+    staged (written and fsynced beside the live file) with the transaction's create, before
+    the freeze; after the freeze only the rename and the directory's fsync are left. A config
+    written on the way back is written whole; a staged config no write took is removed."""
     sc = SCENARIOS[name]
     w = world(sc)
     config_file = w.driver.config_file
