@@ -18,6 +18,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import glob
 import json
 import os
 import signal
@@ -143,6 +144,16 @@ class Driver(abc.ABC):
         if staged.file is not None:
             with contextlib.suppress(FileNotFoundError):
                 staged.file.unlink()
+
+    def discard_stale_staged(self) -> None:
+        """Staged configs an agent process before this one left (it was stopped between a
+        staging and its commit): removed (blocking; at the agent's start)."""
+        directory, name = self.config_file.parent, self.config_file.name
+        mine = f".{name}.staged-{os.getpid()}"
+        with contextlib.suppress(OSError):
+            for path in directory.glob(f".{glob.escape(name)}.staged-*"):
+                if path.name != mine:
+                    path.unlink(missing_ok=True)
 
     def read_config(self) -> bytes:
         return self.config_file.read_bytes()

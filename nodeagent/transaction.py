@@ -403,6 +403,7 @@ class Runner:
         self.tasks[key] = task
 
     async def resume_all(self) -> list[Txn]:
+        await dbthread.run(self.driver.discard_stale_staged)
         pending = await dbthread.run(self.journal.unfinished)
         for txn in pending:
             log.warning("txn.resuming", rollout_id=txn.rollout_id, kind=txn.kind, phase=txn.phase)

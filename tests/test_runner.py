@@ -913,6 +913,23 @@ async def test_a_switch_stages_its_target_config_so_that_the_window_holds_only_i
     assert sorted(p.name for p in config_file.parent.iterdir()) == [config_file.name]
 
 
+async def test_an_agent_started_again_removes_the_staged_configs_an_earlier_one_left(
+    world: Callable[[Scenario], World],
+) -> None:
+    """An agent stopped between staging a switch's config and committing it leaves the staged
+    file beside the live config; the next start removes it (and nothing else there)."""
+    w = world(SCENARIOS["completes"])
+    config_file = w.driver.config_file
+    w.driver = FileDriver(w.server, config_file)
+    left = config_file.with_name(f".{config_file.name}.staged-1")
+    left.write_bytes(TARGET)
+    other = config_file.with_name("other.toml")
+    other.write_bytes(b"x")
+    pending, _journal = await w.resume()
+    assert pending == []
+    assert sorted(p.name for p in config_file.parent.iterdir()) == ["other.toml", "server.toml"]
+
+
 class FailingWrites(FakeDriver):
     """The fake whose writes of the target config fail with ``errors``, one each, first."""
 
