@@ -89,6 +89,7 @@ class Switched:
     switches: int  # the agent's context switches (meaningless under strace)
     cpu_ms: float  # the agent's CPU time (its threads; the new server is another process)
     steps: dict[str, float]  # ms from the journal: the phase -> since the phase before
+    added: float  # ms: the freeze window less the server's restart (what the agent adds to it)
 
 
 def switch(node: Node, rid: str, trace: Path | None) -> Switched:
@@ -127,9 +128,18 @@ def switch(node: Node, rid: str, trace: Path | None) -> Switched:
         for a, b in itertools.pairwise(order)
         if a in at and b in at
     }
+    (row,) = node.journal_query(
+        "SELECT freeze_started_at, freeze_ended_at, restart_seconds FROM txns"
+        " WHERE rollout_id = ? AND kind = 'switch'",
+        rid,
+    )
+    window = dt.datetime.fromisoformat(row["freeze_ended_at"]) - dt.datetime.fromisoformat(
+        row["freeze_started_at"]
+    )
+    added = (window.total_seconds() - row["restart_seconds"]) * 1000
     node.rollback(rid)
     node.wait_txn(rid, "rollback")
-    return Switched(calls, after - before, (ran_after - ran) / 1e6, steps)
+    return Switched(calls, after - before, (ran_after - ran) / 1e6, steps, added)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -157,6 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                         "all": sum(calls.values()),
                         "switches": plain.switches,
                         "cpu": plain.cpu_ms,
+                        "added": plain.added,
                     }
                 )
                 for step, ms in plain.steps.items():
@@ -165,13 +176,17 @@ def main(argv: list[str] | None = None) -> int:
         shutil.rmtree(root, ignore_errors=True)
     med = {
         k: statistics.median(r[k] for r in rows)
-        for k in ("durable", "renames", "all", "switches", "cpu")
+        for k in ("durable", "renames", "all", "switches", "cpu", "added")
     }
     print(f"one switch, agent + its server ({len(rows)} switches each way, median):")
     print(f"  fsync+fdatasync: {med['durable']:.0f}   renames: {med['renames']:.0f}")
     print(f"  system calls in all: {med['all']:.0f} (the new server's start-up included)")
     print(f"  the agent's context switches: {med['switches']:.0f} (its threads, not under strace)")
     print(f"  the agent's CPU: {med['cpu']:.1f} ms (its threads, not under strace)")
+    print(
+        f"  the freeze window less the server's restart: {med['added']:.1f} ms"
+        " (from the journal, not under strace)"
+    )
     split = ", ".join(f"→{k} {statistics.median(v):.1f}" for k, v in steps.items())
     print(f"  steps (ms, median, not under strace): {split}")
     print(f"  per switch: {[int(r['durable']) for r in rows]} fsync+fdatasync")

@@ -18,6 +18,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import glob
 import json
 import os
 import signal
@@ -47,7 +48,7 @@ from tlsroll import clients
 from tlsroll.clients import ClientsView
 from tlsroll.config import ConfigFile, Section, dump_toml
 from tlsroll.errors import LocalResourceError, TerminalError, raise_if_local
-from tlsroll.fsutil import socket_dir_problem, write_atomic
+from tlsroll.fsutil import replace_staged, socket_dir_problem, stage_atomic
 from tlsroll.httpcheck import port_open
 
 CLIENTS_TTL = 10.0  # seconds a driver's view of the clients is reused
@@ -94,6 +95,15 @@ class Target:
     auth_verifier_file: Path | None = None
 
 
+@dataclass(frozen=True)
+class StagedConfig:
+    """A config ``Driver.stage_config`` has written beside the live one (``file``, written and
+    fsynced), or only holds (``file`` None) for a driver that writes its own way."""
+
+    data: bytes
+    file: Path | None = None
+
+
 class Driver(abc.ABC):
     name: str
     config_file: Path
@@ -108,8 +118,42 @@ class Driver(abc.ABC):
 
     def write_config(self, data: bytes) -> None:
         """Replace the live config atomically, keeping its file mode."""
+        self.commit_config(self.stage_config(data))
+
+    def stage_config(self, data: bytes) -> StagedConfig:
+        """The first half of ``write_config``: ``data`` written and fsynced beside the live
+        config (with its file mode), which it does not replace yet; ``commit_config`` does.
+        A switch stages its target config while the server is being frozen, so that only the
+        rename and the directory's fsync are left inside the freeze window (issue 15). A
+        driver that writes its config its own way (overrides ``write_config``) stages
+        nothing: ``commit_config`` calls its ``write_config``."""
+        if type(self).write_config is not Driver.write_config:
+            return StagedConfig(data)
         mode = self.config_file.stat().st_mode & 0o777 if self.config_file.exists() else 0o600
-        write_atomic(self.config_file, data, mode)
+        return StagedConfig(data, stage_atomic(self.config_file, data, mode))
+
+    def commit_config(self, staged: StagedConfig) -> None:
+        """The second half of ``write_config``: the staged file replaces the live config."""
+        if staged.file is None:
+            self.write_config(staged.data)
+        else:
+            replace_staged(staged.file, self.config_file)
+
+    def discard_staged(self, staged: StagedConfig) -> None:
+        """A staged config that will not be committed: its file removed."""
+        if staged.file is not None:
+            with contextlib.suppress(FileNotFoundError):
+                staged.file.unlink()
+
+    def discard_stale_staged(self) -> None:
+        """Staged configs an agent process before this one left (it was stopped between a
+        staging and its commit): removed (blocking; at the agent's start)."""
+        directory, name = self.config_file.parent, self.config_file.name
+        mine = f".{name}.staged-{os.getpid()}"
+        with contextlib.suppress(OSError):
+            for path in directory.glob(f".{glob.escape(name)}.staged-*"):
+                if path.name != mine:
+                    path.unlink(missing_ok=True)
 
     def read_config(self) -> bytes:
         return self.config_file.read_bytes()

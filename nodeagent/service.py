@@ -27,7 +27,7 @@ import grpc
 
 from nodeagent import plans, ports, warmup
 from nodeagent.config import AgentConfig
-from nodeagent.drivers import Driver, DriverError, ServerFacts
+from nodeagent.drivers import Driver, DriverError, ServerFacts, StagedConfig
 from nodeagent.identity import Identity
 from nodeagent.journal import Journal, Staged, Txn
 from nodeagent.plans import Built, PlanRefused
@@ -42,7 +42,7 @@ from nodeagent.transaction import (
 )
 from nodeagent.trust import EpochNotAnnounced, LeaderTrust, NotTheLeader, Revoked
 from nodeagent.wire import CHANGE, TXN_KIND, TXN_OUTCOME, TXN_PHASE
-from tlsroll import __version__, httpcheck, logs, password
+from tlsroll import __version__, dbthread, httpcheck, logs, password
 from tlsroll.clients import ClientsView
 from tlsroll.enums import Change, TxnKind
 from tlsroll.errors import PKIError, PKIReason
@@ -596,9 +596,10 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         runner = self.runner
         first = next_action(Phase.STARTED)
 
-        def create() -> tuple[Txn, bool]:
+        def create() -> tuple[Txn, bool, StagedConfig | None]:
             """The existing transaction (a replay) or a new one, journalled with its plan, both
-            configs and its first step's "begin" in one write: one worker-thread hop for the
+            configs and its first step's "begin" in one write, and then its target config
+            staged for the runner (``Runner.stage``): one hand-off to the store's thread for the
             whole begin (issue 15), in the order the checks always had."""
             existing = self.journal.get(rollout_id, kind)
             done = str(existing.plan.get("change", "")) if existing is not None else ""
@@ -608,7 +609,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                     f"({done}); {change} needs a rollout id of its own"
                 )
             if existing is not None:  # a replay: report, never run twice
-                return existing, False
+                return existing, False, None
             busy = runner.busy_with()
             if busy is not None:
                 raise failed_precondition(
@@ -631,15 +632,16 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 # Nothing is frozen or written yet: the live config is the source.
                 source_config=plans.read_source(self._driver()),
             )
-            return self.journal.create(txn, begin=first), True
+            created = self.journal.create(txn, begin=first)
+            return created, True, runner.stage(created)
 
         async with self._lock:
-            txn, new = await asyncio.to_thread(create)
+            txn, new, staged = await dbthread.run(create)
             if not new:
                 if not txn.finished:
                     runner.start(txn)
                 return txn
-            runner.start(txn, begun=first)
+            runner.start(txn, begun=first, staged=staged)
         log.info("txn.started", rollout_id=rollout_id, kind=kind)
         return txn
 

@@ -79,8 +79,8 @@ from tenacity import (
     wait_incrementing,
 )
 
-from nodeagent.drivers import Driver, DriverError, ServerFacts
-from tlsroll import httpcheck, logs
+from nodeagent.drivers import Driver, DriverError, ServerFacts, StagedConfig
+from tlsroll import dbthread, httpcheck, logs
 from tlsroll.backoff import Policy
 from tlsroll.enums import TxnKind, TxnOutcome
 from tlsroll.errors import LocalResourceError, TerminalError, is_local_shortage, os_error_text
@@ -205,6 +205,34 @@ def _log_crash(task: asyncio.Task[Txn]) -> None:
     exc = None if task.cancelled() else task.exception()
     if isinstance(exc, Exception):
         log.error("txn.crashed", task=task.get_name(), error=describe(exc))
+
+
+def _write_then(
+    write: Callable[..., Txn],
+    then: Ahead,
+    txn: Txn,
+    *args: Any,
+    **changes: Any,
+) -> tuple[Txn, Txn | None, Exception | None]:
+    """``write`` (a journal write: its failure is raised); then the action ``then.act`` with
+    the new record (its failure is returned, for the runner to treat as the action's); then,
+    if it succeeded, ``then.record`` (the journal write of the phase it leads to: its failure
+    is raised, as any journal write's). The journal still comes before each act."""
+    new = write(txn, *args, **changes)
+    try:
+        then.act(new)
+    except Exception as exc:
+        return new, None, exc
+    return new, then.record(new), None
+
+
+@dataclass(frozen=True)
+class Ahead:
+    """A blocking action run in the same hand-off to the store's thread as the record of the
+    phase before it, and the record of the phase it leads to (``Runner._ahead_of``)."""
+
+    act: Callable[[Txn], object]
+    record: Callable[[Txn], Txn]
 
 
 @dataclass(frozen=True)
@@ -344,16 +372,25 @@ class Runner:
         self.fatal = ""
         self._owed: asyncio.Task[None] | None = None  # lifts a freeze a failed transaction owes
         self.changes = TxnChanges()  # set after every journalled phase (WatchTransaction)
+        # A switch's target config, staged before its freeze (``stage``), and
+        # what an action run in the same hand-off as the record before it did (``_ahead_of``):
+        # its error, for ``_act`` to raise, or the record of the phase it led to.
+        self._staged: dict[tuple[str, str], StagedConfig] = {}
+        self._ahead: dict[tuple[str, str], Exception] = {}
+        self._followed: dict[tuple[str, str], Txn] = {}
 
     def busy_with(self) -> Txn | None:
         """Blocking (reads the journal)."""
         running = self.journal.unfinished()
         return running[0] if running else None
 
-    def start(self, txn: Txn, begun: str | None = None) -> None:
-        """Run ``txn`` in a task of its own (``begun`` as for ``run``); nothing if it runs."""
+    def start(self, txn: Txn, begun: str | None = None, staged: StagedConfig | None = None) -> None:
+        """Run ``txn`` in a task of its own (``begun`` and ``staged`` as for ``run``); nothing
+        if it runs."""
         key = (txn.rollout_id, txn.kind.value)
         if key in self.tasks and not self.tasks[key].done():
+            if staged is not None:
+                self._discard(staged)
             return
         if self._owed is not None:  # the new transaction owns the freeze from now on
             self._owed.cancel()
@@ -361,16 +398,17 @@ class Runner:
         if txn.kind is TxnKind.SWITCH and self.on_switch is not None:
             self.on_switch()
         self.changes.note(txn)
-        task = asyncio.create_task(self._supervised(txn, begun), name=f"txn-{key}")
+        task = asyncio.create_task(self._supervised(txn, begun, staged), name=f"txn-{key}")
         task.add_done_callback(_log_crash)
         self.tasks[key] = task
 
     async def resume_all(self) -> list[Txn]:
-        pending = await asyncio.to_thread(self.journal.unfinished)
+        await dbthread.run(self.driver.discard_stale_staged)
+        pending = await dbthread.run(self.journal.unfinished)
         for txn in pending:
             log.warning("txn.resuming", rollout_id=txn.rollout_id, kind=txn.kind, phase=txn.phase)
             self.start(txn)
-        if not pending and await asyncio.to_thread(self.journal.unfreeze_owed) is not None:
+        if not pending and await dbthread.run(self.journal.unfreeze_owed) is not None:
             self._lift_owed_freeze()
         return pending
 
@@ -390,13 +428,15 @@ class Runner:
 
     # --- supervision --------------------------------------------------------------------------
 
-    async def _supervised(self, txn: Txn, begun: str | None = None) -> Txn:
+    async def _supervised(
+        self, txn: Txn, begun: str | None = None, staged: StagedConfig | None = None
+    ) -> Txn:
         """Run ``txn``; if its task dies, start it again from what the journal holds, at most
         ``TASK_RESTARTS`` times; then lift the freeze and tell the daemon (``dead``)."""
         deaths = 0
         while True:
             try:
-                return await self.run(txn, begun)
+                return await self.run(txn, begun, staged)
             except Exception as exc:
                 deaths += 1
                 error = describe(exc)
@@ -413,9 +453,9 @@ class Runner:
                     restarts_left=TASK_RESTARTS - deaths + 1,
                 )
             await self.sleep(wait)
-            begun = None  # restarted: what was last journalled is read again
+            begun, staged = None, None  # restarted: what was last journalled is read again
             try:
-                latest = await asyncio.to_thread(self.journal.get, txn.rollout_id, txn.kind)
+                latest = await dbthread.run(self.journal.get, txn.rollout_id, txn.kind)
             except Exception as exc:  # counted at the next death: run() needs the journal too
                 log.error("txn.journal_unreadable", rollout_id=txn.rollout_id, error=describe(exc))
                 latest = None
@@ -452,7 +492,7 @@ class Runner:
         """True if the freeze belongs to a rollout's scope freeze whose lease still holds."""
         try:
             keep = bool(txn.plan.get("keep_frozen", False))
-            return keep and await asyncio.to_thread(self.journal.freeze_lease) is not None
+            return keep and await dbthread.run(self.journal.freeze_lease) is not None
         except Exception:  # an unreadable journal holds no lease we could honour
             return False
 
@@ -465,13 +505,13 @@ class Runner:
         transaction or a scope freeze takes the freeze over (then what is owed is dropped)."""
         attempt, logged = 0, time.monotonic()
         while True:
-            owed = await asyncio.to_thread(self.journal.unfreeze_owed)
+            owed = await dbthread.run(self.journal.unfreeze_owed)
             if owed is None:
                 return
-            running = await asyncio.to_thread(self.journal.unfinished)
-            lease = await asyncio.to_thread(self.journal.freeze_lease)
+            running = await dbthread.run(self.journal.unfinished)
+            lease = await dbthread.run(self.journal.freeze_lease)
             if running or lease is not None:
-                await asyncio.to_thread(self.journal.set_unfreeze_owed, None)
+                await dbthread.run(self.journal.set_unfreeze_owed, None)
                 return
             try:
                 await self.driver.unfreeze()
@@ -489,27 +529,41 @@ class Runner:
                     )
                 await self.sleep(wait)
                 continue
-            await asyncio.to_thread(self.journal.set_unfreeze_owed, None)
+            await dbthread.run(self.journal.set_unfreeze_owed, None)
             log.warning("txn.owed_unfreeze_done", rollout_id=owed, attempts=attempt + 1)
             return
 
     # --- the loop -----------------------------------------------------------------------------
 
-    async def run(self, txn: Txn, begun: str | None = None) -> Txn:
+    async def run(
+        self, txn: Txn, begun: str | None = None, staged: StagedConfig | None = None
+    ) -> Txn:
         """Carry ``txn`` to its outcome. ``begun``: the step whose ``begin`` the caller has
-        just journalled (the servicer's create carries the first one); None: read it."""
+        just journalled (the servicer's create carries the first one); None: read it.
+        ``staged``: its target config as ``stage`` staged it (the runner owns it now)."""
         plan = Plan.from_json(txn.plan)  # fixed: nothing below changes it
         if txn.phase is Phase.STARTED:
             self._journalled(txn.phase)  # the servicer journalled it; the crash hook is here
         # Each step's record carries the next step's "begin" (one write per step, not two);
         # resumed, the runner does not journal again a "begin" that was the last thing written.
         if begun is None:
-            begun = await asyncio.to_thread(self.journal.last_begun, txn)
+            begun = await dbthread.run(self.journal.last_begun, txn)
+        key = (txn.rollout_id, txn.kind.value)
+        if staged is not None:
+            self._staged[key] = staged
+        try:
+            return await self._steps(txn, plan, begun)
+        finally:
+            self._ahead.pop(key, None)
+            self._followed.pop(key, None)
+            self._discard_staged(key)
+
+    async def _steps(self, txn: Txn, plan: Plan, begun: str | None) -> Txn:
         while txn.phase not in TERMINAL:
             forward = txn.phase in FORWARD
             action, after = FORWARD[txn.phase] if forward else BACKWARD[txn.phase]
             if begun != action:
-                await asyncio.to_thread(self.journal.event, txn, action, "begin")
+                await dbthread.run(self.journal.event, txn, action, "begin")
             begun = None
             try:
                 changes = await self._attempt(
@@ -549,9 +603,24 @@ class Runner:
             else:
                 begun = next_action(after)
                 txn = await self._record(
-                    self.journal.update, txn, phase=after, begin=begun, **changes
+                    self.journal.update,
+                    txn,
+                    phase=after,
+                    begin=begun,
+                    then=self._ahead_of(txn, plan, after),
+                    **changes,
                 )
             log.info("txn.step", rollout_id=txn.rollout_id, kind=txn.kind, step=action, phase=after)
+            followed = self._followed.pop((txn.rollout_id, txn.kind.value), None)
+            if followed is not None:  # the next action and its record came with this one
+                txn, begun = followed, next_action(followed.phase)
+                log.info(
+                    "txn.step",
+                    rollout_id=txn.rollout_id,
+                    kind=txn.kind,
+                    step=FORWARD[after][0],
+                    phase=txn.phase,
+                )
             if after is Phase.COMPLETED and self.on_complete is not None:
                 try:
                     await self.on_complete()
@@ -559,12 +628,35 @@ class Runner:
                     log.error("txn.on_complete_failed", error=describe(exc))
         return txn
 
-    async def _record(self, write: Callable[..., Txn], txn: Txn, *args: Any, **changes: Any) -> Txn:
+    async def _record(
+        self,
+        write: Callable[..., Txn],
+        txn: Txn,
+        *args: Any,
+        then: Ahead | None = None,
+        **changes: Any,
+    ) -> Txn:
         """Journal the transaction's new phase (and what the action found) with one of the
-        journal's writes (``update``, ``fail``, ``complete``), in a thread."""
-        txn = await asyncio.to_thread(write, txn, *args, **changes)
+        journal's writes (``update``, ``fail``, ``complete``), on the store's thread
+        (``tlsroll.dbthread``: one thread, woken alone, not the default executor's). ``then``:
+        the next action, when it is blocking work (``_ahead_of``), and its own record, run right
+        after the write has committed, in the same hand-off; its error waits in ``_ahead`` for
+        ``_act``, the record it led to in ``_followed`` for the loop."""
+        if then is None:
+            txn = await dbthread.run(write, txn, *args, **changes)
+            self._journalled(txn.phase)
+            self.changes.changed(txn)
+            return txn
+        txn, followed, error = await dbthread.run(_write_then, write, then, txn, *args, **changes)
+        key = (txn.rollout_id, txn.kind.value)
         self._journalled(txn.phase)
         self.changes.changed(txn)
+        if error is not None:
+            self._ahead[key] = error
+        if followed is not None:
+            self._journalled(followed.phase)
+            self.changes.changed(followed)
+            self._followed[key] = followed
         return txn
 
     def _journalled(self, phase: Phase) -> None:
@@ -585,7 +677,7 @@ class Runner:
                 shortages += 1
                 wait = SHORTAGE_BACKOFF.delay(shortages - 1)
                 detail = {"error": describe(exc), "retry_in": wait}
-                await asyncio.to_thread(self.journal.event, txn, action, "short", detail)
+                await dbthread.run(self.journal.event, txn, action, "short", detail)
                 if shortages == 1 or shortages % 6 == 0:
                     log.error(
                         "txn.agent_short",
@@ -634,7 +726,7 @@ class Runner:
         why = reason
         owed = False
         scope_frozen = plan.keep_frozen and (
-            await asyncio.to_thread(self.journal.freeze_lease) is not None
+            await dbthread.run(self.journal.freeze_lease) is not None
         )
         if not scope_frozen:
             try:
@@ -694,11 +786,59 @@ class Runner:
         return {"watermark": watermark, "freeze_started_at": started}
 
     async def _write_config(self, txn: Txn, plan: Plan) -> dict[str, Any]:
-        await asyncio.to_thread(self._put_target, txn, plan)
+        key = (txn.rollout_id, txn.kind.value)
+        if key in self._ahead:  # run with the record of the phase before (``_ahead_of``)
+            raise self._ahead.pop(key)
+        await dbthread.run(self._put_target, txn, plan, self._staged.pop(key, None))
         return {}
 
-    def _put_target(self, txn: Txn, plan: Plan) -> None:
+    def stage(self, txn: Txn) -> StagedConfig | None:
+        """Blocking: ``txn``'s target config written and fsynced beside the live one
+        (``Driver.stage_config``), which it does not replace yet. The servicer stages it in the
+        hand-off that creates the transaction, before the freeze: the freeze window then holds
+        only its rename and the directory's fsync (issue 15; the live config changes only at
+        ``write_config``, after the journal says ``frozen``). None when there is nothing to
+        stage or it cannot be (the write step then writes it whole, and says what is wrong)."""
+        if txn.phase is not Phase.STARTED or txn.target_config is None:
+            return None
+        try:
+            return self.driver.stage_config(txn.target_config)
+        except Exception as exc:
+            log.warning("txn.stage_config_failed", rollout_id=txn.rollout_id, error=describe(exc))
+            return None
+
+    def _discard(self, staged: StagedConfig) -> None:
+        """A staged config no write took: removed, on the store's thread."""
+        dbthread.executor().submit(self.driver.discard_staged, staged)
+
+    def _discard_staged(self, key: tuple[str, str]) -> None:
+        staged = self._staged.pop(key, None)
+        if staged is not None:
+            self._discard(staged)
+
+    def _ahead_of(self, txn: Txn, plan: Plan, phase: Phase) -> Ahead | None:
+        """The action after ``phase`` and its record, if they may run in the same hand-off as
+        ``phase``'s record: the target config's write (blocking work only), after the record of
+        the freeze has committed, and the record of ``config_written`` after it (the journal
+        still comes before each act; nothing else comes between them). Not when the test hook
+        stops the agent at ``phase``, which must come between the record and the write."""
+        if phase is not Phase.FROZEN or self.crash_after == phase:
+            return None
+        staged = self._staged.pop((txn.rollout_id, txn.kind.value), None)
+        after = FORWARD[phase][1]
+
+        def record(new: Txn) -> Txn:
+            return self.journal.update(new, phase=after, begin=next_action(after))
+
+        return Ahead(lambda new: self._put_target(new, plan, staged), record)
+
+    def _put_target(self, txn: Txn, plan: Plan, staged: StagedConfig | None = None) -> None:
         if txn.target_config is not None:  # the journal holds both configs since the create
+            if staged is not None and staged.data == txn.target_config:
+                self.driver.commit_config(staged)
+                return
+            if staged is not None:
+                self.driver.discard_staged(staged)
             self.driver.write_config(txn.target_config)
             return
         # A transaction of an earlier release: its configs are files. Save the source once:
@@ -818,7 +958,7 @@ class Runner:
 
     async def _restore_config(self, txn: Txn, plan: Plan) -> dict[str, Any]:
         """Put the source config back if the live one is not it; say if a restart is needed."""
-        rewritten = await asyncio.to_thread(self._put_source, txn, plan)
+        rewritten = await dbthread.run(self._put_source, txn, plan)
         target_loaded = (txn.failed_phase or Phase.STARTED) in TARGET_MAY_BE_RUNNING
         down = not rewritten and not target_loaded and await self.driver.health() is not None
         return {"restart_needed": rewritten or target_loaded or down}

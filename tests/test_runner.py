@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import functools
+import errno
 import itertools
 import json
 import re
@@ -38,12 +38,12 @@ from typing import Any, cast
 import pytest
 
 from nodeagent import plans, service, transaction
-from nodeagent.drivers import Driver, DriverError, ServerFacts, Target
+from nodeagent.drivers import Driver, DriverError, ServerFacts, StagedConfig, Target
 from nodeagent.journal import Journal, Txn
 from nodeagent.transaction import Checks, Phase, Plan, Runner, next_action
 from nodeagent.trust import LeaderTrust
 from nodeagent.wire import TXN_PHASE
-from tlsroll import fsutil, password
+from tlsroll import dbthread, fsutil, password
 from tlsroll.enums import TxnKind, TxnOutcome
 
 ADDRESS = "192.0.2.10"
@@ -454,8 +454,14 @@ class World:
             txn = await asyncio.to_thread(journal.create, self.txn)
             return await self.runner(journal).run(txn)
         first = next_action(Phase.STARTED)
-        txn = await asyncio.to_thread(functools.partial(journal.create, self.txn, begin=first))
-        return await self.runner(journal).run(txn, begun=first)
+        runner = self.runner(journal)
+
+        def create() -> tuple[Txn, StagedConfig | None]:  # the servicer's one hand-off
+            txn = journal.create(self.txn, begin=first)
+            return txn, runner.stage(txn)
+
+        txn, staged = await asyncio.to_thread(create)
+        return await runner.run(txn, begun=first, staged=staged)
 
     async def resume(self) -> tuple[list[Txn], CrashingJournal]:
         """The agent starts again: a new journal on the same file, a new runner."""
@@ -807,6 +813,159 @@ async def test_verify_reads_the_ca_in_the_https_probes_thread(
     assert w.assert_ended_well(journal) == done
     assert "check_https" in hops, hops
     assert "read_bytes" not in hops, hops
+
+
+class FileDriver(FakeDriver):
+    """The fake server with its config in its file, written the real drivers' way (the base
+    class's ``write_config``: staged beside the live file, then committed); every write of the
+    live config is an op, as the fake's."""
+
+    write_config = Driver.write_config
+
+    def __init__(self, server: FakeServer, config_file: Path) -> None:
+        super().__init__(server, config_file)
+        config_file.write_bytes(server.config)
+        self.stagings: list[StagedConfig] = []
+        self.commits: list[StagedConfig] = []
+
+    def stage_config(self, data: bytes) -> StagedConfig:
+        staged = super().stage_config(data)
+        self.stagings.append(staged)
+        return staged
+
+    def commit_config(self, staged: StagedConfig) -> None:
+        self.commits.append(staged)
+        super().commit_config(staged)
+        self.server.config = self.config_file.read_bytes()
+        self.server.ops.append(f"write_config {NAMES.get(self.server.config, '?')}")
+
+
+def counted_hand_offs(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, str]]:
+    """Every hand-off to a worker thread from now on: (the thread, the function's name)."""
+    hops: list[tuple[str, str]] = []
+    to_thread, store = asyncio.to_thread, dbthread.run
+
+    async def counting(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        hops.append(("default", getattr(fn, "__name__", repr(fn))))
+        return await to_thread(fn, *args, **kwargs)
+
+    async def on_store(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        hops.append(("store", getattr(fn, "__name__", repr(fn))))
+        return await store(fn, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", counting)
+    monkeypatch.setattr(dbthread, "run", on_store)
+    return hops
+
+
+async def test_a_switch_hands_its_journal_and_config_to_one_thread_a_hop_per_step(
+    world: Callable[[Scenario], World], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15: every journal write and the config write of a switch was a hop of its own to
+    the default executor, whose idle threads woke each other for each (about 80 context
+    switches per switch). They run on the store's one thread now (``tlsroll.dbthread``), and
+    the config write and its record in the same hop as the record of the freeze before it
+    (after its commit): a record per step but one, and the verify's probes (which run at once,
+    in threads of their own);
+    nothing else (the config is staged in the servicer's hand-off that creates the
+    transaction)."""
+    sc = SCENARIOS["completes"]
+    w = world(sc)
+    hops = counted_hand_offs(monkeypatch)
+    journal = CrashingJournal(w.journal_path)
+    done = await w.run(journal)
+    assert w.assert_ended_well(journal) == done
+    hops = [(thread, name) for thread, name in hops if name != "create"]  # the servicer's
+    default = [name for thread, name in hops if thread == "default"]
+    store = [name for thread, name in hops if thread == "store"]
+    assert sorted(default) == ["check_https", "port_open"], hops  # verify: https, http closed
+    # the records of frozen, then the config's write and the record of config_written in the
+    # same hop; restarted; verified; completed: 4, where there were 6 to the default executor
+    assert store == ["_write_then", "update", "update", "complete"], hops
+    assert done.outcome is TxnOutcome.COMPLETED
+
+
+@pytest.mark.parametrize("name", ["completes", "restart_fails", "freeze_fails", "undo"])
+async def test_a_switch_stages_its_target_config_so_that_the_window_holds_only_its_rename(
+    name: str, world: Callable[[Scenario], World]
+) -> None:
+    """Issue 15: the target config's write and fsync were inside the freeze window. It is
+    staged (written and fsynced beside the live file) with the transaction's create, before
+    the freeze; after the freeze only the rename and the directory's fsync are left. A config
+    written on the way back is written whole; a staged config no write took is removed."""
+    sc = SCENARIOS[name]
+    w = world(sc)
+    config_file = w.driver.config_file
+    w.driver = driver = FileDriver(w.server, config_file)
+    journal = CrashingJournal(w.journal_path)
+    done = await w.run(journal)
+    assert w.assert_ended_well(journal) == done
+    await dbthread.barrier()  # a discarded staging is removed on the store's thread
+    writes = [op for op in w.server.ops if op.startswith("write_config")]
+    assert len(driver.commits) == len(writes), (driver.commits, writes)
+    assert all(staged.file is not None for staged in driver.stagings)
+    if name == "freeze_fails":  # staged, never committed
+        assert len(driver.stagings) == 1
+        assert writes == []
+    else:  # the forward write commits the config staged first; a write back is one of its own
+        assert driver.commits[0] is driver.stagings[0]
+        assert driver.commits[1:] == driver.stagings[1:]
+    assert sorted(p.name for p in config_file.parent.iterdir()) == [config_file.name]
+
+
+async def test_an_agent_started_again_removes_the_staged_configs_an_earlier_one_left(
+    world: Callable[[Scenario], World],
+) -> None:
+    """An agent stopped between staging a switch's config and committing it leaves the staged
+    file beside the live config; the next start removes it (and nothing else there)."""
+    w = world(SCENARIOS["completes"])
+    config_file = w.driver.config_file
+    w.driver = FileDriver(w.server, config_file)
+    left = config_file.with_name(f".{config_file.name}.staged-1")
+    left.write_bytes(TARGET)
+    other = config_file.with_name("other.toml")
+    other.write_bytes(b"x")
+    pending, _journal = await w.resume()
+    assert pending == []
+    assert sorted(p.name for p in config_file.parent.iterdir()) == ["other.toml", "server.toml"]
+
+
+class FailingWrites(FakeDriver):
+    """The fake whose writes of the target config fail with ``errors``, one each, first."""
+
+    def __init__(self, server: FakeServer, config_file: Path, errors: list[OSError]) -> None:
+        super().__init__(server, config_file)
+        self.errors = errors
+
+    def write_config(self, data: bytes) -> None:
+        if self.errors and data == TARGET:
+            raise self.errors.pop(0)
+        super().write_config(data)
+
+
+@pytest.mark.parametrize("short", [False, True])
+async def test_a_config_write_made_in_the_freeze_s_hop_fails_as_the_write_step(
+    short: bool, world: Callable[[Scenario], World]
+) -> None:
+    """The config's write runs in the hand-off of the freeze's record: its failure is still the
+    write step's (the way back, with ``failed_phase`` frozen), and the agent's own shortage of
+    descriptors is still waited out and the write tried again, not rolled back."""
+    sc = SCENARIOS["completes"]
+    w = world(sc)
+    error = OSError(errno.EMFILE if short else errno.ENOSPC, "no")
+    w.driver = FailingWrites(w.server, w.driver.config_file, [error])
+    journal = CrashingJournal(w.journal_path)
+    done = await w.run(journal)
+    if short:
+        assert done.outcome is TxnOutcome.COMPLETED, done.reason
+        assert w.server.ops == ["freeze", "write_config target", "restart", "unfreeze"]
+        steps = [(e["step"], e["what"]) for e in journal.events("r1")]
+        assert ("write_config", "short") in steps, steps
+    else:
+        assert done.outcome is TxnOutcome.ROLLED_BACK
+        assert done.failed_phase is Phase.FROZEN
+        assert done.reason.startswith("write_config: "), done.reason
+        assert w.server.ops == ["freeze", "unfreeze"]
 
 
 # --- plans: made without gRPC --------------------------------------------------------------

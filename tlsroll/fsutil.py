@@ -23,7 +23,17 @@ def write_atomic(path: Path, data: bytes, mode: int = PUBLIC) -> None:
     readable by others, not even for an instant.
     """
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    replace_staged(stage_atomic(path, data, mode, f".{path.name}.tmp-{os.getpid()}"), path)
+
+
+def stage_atomic(path: Path, data: bytes, mode: int = PUBLIC, name: str = "") -> Path:
+    """The first half of ``write_atomic``: ``data`` in a temporary file beside ``path`` (created
+    with ``mode``), written and fsynced, ``path`` untouched; ``replace_staged`` is the second
+    half. Apart, the write and its fsync can come before the moment the file must change (the
+    agent stages a switch's config before the server is frozen, issue 15). ``name``: the
+    temporary file's (default ``.NAME.staged-PID``)."""
+    path = Path(path)
+    tmp = path.with_name(name or f".{path.name}.staged-{os.getpid()}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
         os.fchmod(fd, mode)
@@ -31,8 +41,18 @@ def write_atomic(path: Path, data: bytes, mode: int = PUBLIC) -> None:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-    finally:
+    except BaseException:
         os.close(fd)
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+        raise
+    os.close(fd)
+    return tmp
+
+
+def replace_staged(tmp: Path, path: Path) -> None:
+    """The second half of ``write_atomic``: ``tmp`` (from ``stage_atomic``) becomes ``path``
+    (rename, then the directory fsynced)."""
     try:
         os.replace(tmp, path)
     except BaseException:
