@@ -212,6 +212,7 @@ def test_an_idle_leader_holds_no_terminal_ui_and_no_viewer_it_does_not_run(
     else:  # it listens on the viewer's port, but loads nothing of it until someone connects
         assert "leader.viewer.server" in modules
         assert tops & VIEWER_ONLY == set()
+    assert "ctypes" not in tops  # only once a rollout has ended (``tlsroll.heap.releaser``)
 
 
 def _maps_aiohttp(pid: int) -> bool:
