@@ -473,6 +473,22 @@ class AgentPool:
                 self._closing.add(task)
                 task.add_done_callback(self._closing.discard)
 
+    async def close_idle(self) -> int:
+        """Close every idle channel now (the engine's last rollout has ended: up to
+        ``max_open`` channels, about 150 KiB each inside gRPC, would otherwise stay open until
+        the leader stops); a busy one stays. A client opens its channel again on its next
+        call. Returns how many were closed."""
+        tasks = []
+        for name in list(self._idle):
+            client = self.clients.get(name)
+            task = client.close_idle() if client is not None else None
+            if task is not None:
+                tasks.append(task)
+            self._open.discard(name)
+        self._idle.clear()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        return len(tasks)
+
     def set_credentials(self, credentials: grpc.ChannelCredentials) -> None:
         """Dial with ``credentials`` from now on (the leader's certificate was renewed): every
         client is made again on its next use; the old ones close after ``CALL_TIMEOUT``."""

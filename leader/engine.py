@@ -114,6 +114,7 @@ class Engine:
         step_deadline: float = STEP_DEADLINE,
         prepare_ahead: int = 1,
         heartbeat_interval: float = 5,
+        after_rollouts: Callable[[], Awaitable[None]] | None = None,
     ) -> None:
         self.store = store
         # --when-quiet holds a node whose latest client report is older than this.
@@ -155,6 +156,11 @@ class Engine:
         # Outside checks begun as switches ended, until each node's confirm
         # (``StepContext.checks``).
         self.checks: dict[tuple[str, str], asyncio.Future[str | None]] = {}
+        # Run once no rollout is live any more (the leader gives back what the rollout's
+        # work left behind: ``leader.runtime``), in a task of its own.
+        self.after_rollouts = after_rollouts
+        self._live_seen = False  # a pass saw a live rollout since the last release
+        self._releasing: asyncio.Task[None] | None = None
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -179,7 +185,11 @@ class Engine:
             row = await dbthread.run(self.schema.active)
         await self._forget_ended_keys(row)
         if row is None:
+            if self._live_seen:
+                self._live_seen = False
+                self._after_rollouts()
             return
+        self._live_seen = True
         await self._record_node_auth(row)
         await self._revoke_superseded(row)
         held = await self._held_for_quiet(row)
@@ -396,6 +406,23 @@ class Engine:
         while running := [t for t in self.tasks.values() if not t.done()]:
             await asyncio.wait(running)
 
+    def _after_rollouts(self) -> None:
+        """The last live rollout has ended: ``after_rollouts`` runs in its own task (never
+        twice at a time); a failure is logged, the engine goes on."""
+        if self.after_rollouts is None or (
+            self._releasing is not None and not self._releasing.done()
+        ):
+            return
+        release = self.after_rollouts
+
+        async def run() -> None:
+            try:
+                await release()
+            except Exception as exc:  # giving memory back is never worth a failed engine
+                log.warning("engine.release_failed", error=f"{type(exc).__name__}: {exc}")
+
+        self._releasing = asyncio.ensure_future(run())
+
     async def close(self) -> None:
         for task in list(self.tasks.values()):
             task.cancel()
@@ -403,6 +430,8 @@ class Engine:
         for check in self.checks.values():
             drop_check(check)
         self.checks.clear()
+        if self._releasing is not None:
+            await asyncio.gather(self._releasing, return_exceptions=True)
         # What the cancelled steps had handed to the store's thread is written before the
         # store closes (``dbthread.run``).
         await dbthread.barrier()

@@ -53,7 +53,7 @@ from leader.service import (
     control_server_options,
 )
 from leader.store import Store
-from tlsroll import __version__, keywrap, logs, pki
+from tlsroll import __version__, heap, keywrap, logs, pki
 from tlsroll.daemon import sd_notify, stop_event, watchdog
 from tlsroll.defaults import LEADER_NAME
 from tlsroll.errors import ConfigError, TerminalError, TlsrollError
@@ -155,6 +155,18 @@ def load_state(cfg: LeaderConfig, *, reinitialise: bool = False) -> LeaderState:
     )
 
 
+async def give_back(agents: AgentPool) -> None:
+    """What a leader does once its last live rollout has ended: it closes the agent pool's
+    idle channels and gives the free heap memory back to the system (``tlsroll.heap``). A
+    500-node rollout leaves about 20 MiB resident that the leader no longer uses (its channels
+    to agents, and memory that gRPC's threads and Python freed but malloc kept); the trim
+    returns the part of it that lies in whole free pages (``bench.simagents``: issue 15)."""
+    closed = await agents.close_idle()
+    release = heap.releaser()
+    gave = await asyncio.to_thread(release) if release is not None else 0
+    log.debug("leader.memory_released", channels_closed=closed, trimmed=bool(gave))
+
+
 async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     stop = stop_event()
     layout = cfg.layout
@@ -195,6 +207,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         step_deadline=cfg.step_deadline,
         prepare_ahead=cfg.prepare_ahead,
         heartbeat_interval=cfg.heartbeat_interval,
+        after_rollouts=functools.partial(give_back, agents),
     )
     commands = Commands(
         state.store,
