@@ -1476,7 +1476,9 @@ async def test_a_rollout_s_store_calls_run_on_one_thread_off_the_loop(
     thread (``tlsroll.dbthread``), and its writes never to the event loop's: 20 nodes, 5 at
     once, with real threads."""
     ran = await store_threads(tmp_path / "rollout", monkeypatch, 20)
-    assert ran.total() >= 20 * 6, ran  # four outcomes, the signing record, the freeze began
+    # Four outcomes and the signing record a node; the plans' own writes mostly ride with an
+    # outcome now (how many depends on how the steps interleave), so not counted on.
+    assert ran.total() >= 20 * 5, ran
     assert threading.get_ident() not in ran  # off the loop (durable writes wait on the disk)
     assert len(ran) == 1, ran
 
