@@ -75,6 +75,7 @@ from bench.common import (
     address,
     cpu_seconds,
     enable_tls_request,
+    fine_cpu_seconds,
     fsyncs_per_node,
     get_schema,
     inbound_connections,
@@ -719,9 +720,9 @@ def one_run(
         tokens = make_tokens(cluster, names)
         # What the leader spends with no agent at all (its timers, the engine idling): the
         # heartbeats' share is what comes on top of it.
-        b0 = cpu_seconds(pid)
+        b0 = fine_cpu_seconds(pid)
         time.sleep(baseline)
-        base_rate = (cpu_seconds(pid) - b0) / baseline
+        base_rate = (fine_cpu_seconds(pid) - b0) / baseline
         base_rss = rss_mib(pid)
         workers = max(1, math.ceil(n / PER_WORKER))
         entries = [
@@ -770,9 +771,9 @@ def one_run(
             Switches(pid) as idle_switches,
         ):
             _, m0 = worker_counts(procs)
-            l0, a0 = cpu_seconds(pid), sum(cpu_seconds(p.pid) for p in procs)
+            l0, a0 = fine_cpu_seconds(pid), sum(cpu_seconds(p.pid) for p in procs)
             time.sleep(idle)
-            l1, a1 = cpu_seconds(pid), sum(cpu_seconds(p.pid) for p in procs)
+            l1, a1 = fine_cpu_seconds(pid), sum(cpu_seconds(p.pid) for p in procs)
             _, m1 = worker_counts(procs)
         if idle_spied is not None and idle_perf is not None:
             print(f"idle window ({n} agents, {m1 - m0} messages):", flush=True)

@@ -13,6 +13,7 @@ import contextlib
 import datetime as dt
 import functools
 import hashlib
+import math
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Mapping, Sequence
@@ -614,6 +615,8 @@ class _Beats:
     vouching: bool = False  # its node is alive now for it (``Store.vouch``)
     closed: bool = False  # its agent said it closes it (``closing``): alive up to the end
     ending: asyncio.Future[None] | None = None  # the leader's end of the stream (``_end``)
+    # The event loop's time by which its next message must come (``LeaderService._sweep``).
+    due: float = math.inf
 
     def news(self, snap: Snapshot) -> bool:
         """True if ``snap`` has an epoch or revocation list the agent lacks."""
@@ -653,7 +656,15 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         # node -> its open Heartbeats streams that had a message accepted, oldest first.
         self._streams: dict[str, list[_Beats]] = {}
         self._open: set[_Beats] = set()  # every open Heartbeats stream, counted or not
-        self._watch: asyncio.Task[None] | None = None  # streams' cuts and news
+        self._watch: asyncio.Task[None] | None = None  # streams' cuts, news and deadlines
+        # No open stream's ``due`` comes before this (a message only moves its stream's on):
+        # the watch looks at the streams' deadlines only once it has passed (``_sweep``).
+        self._next_due = math.inf
+        # Set when the store changed (``_store_changed``, from the writer's thread) or a new
+        # deadline came before the others: the watch waits for it instead of ticking.
+        self._changed = asyncio.Event()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the watch's (``_start_watch``)
+        state.store.db.on_change.append(self._store_changed)
         # Set by ``close_streams`` (the leader is stopping): new streams are refused.
         self._stopping = False
         self._writer: asyncio.Task[None] | None = None  # the group commit (``_write_batches``)
@@ -963,23 +974,22 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         self._open.add(beat)
         interval = self.state.heartbeat_interval
         lease = renewal_deadline(interval)
+        loop = asyncio.get_running_loop()
+        # The deadline of its next message is one time kept with the stream, which the watch
+        # sweeps (``_sweep``): no timer of its own per message (a timer per read before).
+        self._due(beat, loop.time() + max(FIRST_MESSAGE_SECONDS, 2 * interval))
+        self._start_watch()
         try:
             while True:
-                wait = max(FIRST_MESSAGE_SECONDS, 2 * interval) if beat.last is None else lease
-                try:
-                    async with asyncio.timeout(wait):
-                        request = await context.read()
-                except TimeoutError:
-                    self._expired(beat)
-                    why = "no heartbeat within " + (
-                        "the renewal bound" if beat.last is not None else "the first deadline"
-                    )
-                    await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, why)
+                request = await context.read()
                 if not isinstance(request, leader_pb2.HeartbeatRequest):  # EOF: ended
+                    if beat.ending is not None:  # by the leader (its deadline, a cut): its status
+                        await beat.ending
                     return  # (gRPC reads a cancelled call's end as EOF too: no proof of life)
                 if beat.ending is not None:  # the leader ended it while the message came
                     await beat.ending
                     return
+                beat.due = loop.time() + lease  # later than before: ``_next_due`` still holds
                 renewing = request.renews
                 # A refusal ends the stream (UNAUTHENTICATED).
                 snap, now = await self._heartbeat(caller, request, context, renewing)
@@ -1082,26 +1092,87 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         if self._stopping:
             return
         if self._watch is None or self._watch.done():
+            self._loop = asyncio.get_running_loop()
             self._watch = asyncio.ensure_future(self._watch_renewals())
 
+    def _store_changed(self) -> None:
+        """(Any thread.) A write moved the store's generation on: the watch looks."""
+        loop = self._loop
+        if loop is None:
+            return
+        with contextlib.suppress(RuntimeError):  # the loop closed (the leader stopped)
+            loop.call_soon_threadsafe(self._changed.set)
+
+    def _due(self, beat: _Beats, when: float) -> None:
+        """``beat``'s next message must come by ``when`` (the event loop's time), else the
+        watch ends it (``_sweep``)."""
+        beat.due = when
+        if when < self._next_due:
+            self._next_due = when
+            self._changed.set()  # the watch may be waiting for a later one
+
+    def _sweep(self, now: float) -> None:
+        """End every open stream whose next message is overdue (its first within
+        ``FIRST_MESSAGE_SECONDS``, a renewal within ``renewal_deadline``) with
+        DEADLINE_EXCEEDED, its node alive only up to when the message was due
+        (``_expired``). Looks at the streams only once the earliest deadline known may have
+        passed (``_next_due``), then learns the next one: a stream that sends in time is not
+        looked at between its messages (its deadline moves on without a timer)."""
+        if now < self._next_due:
+            return
+        earliest = math.inf
+        for beat in list(self._open):
+            if beat.ending is not None:
+                continue
+            if beat.due > now:
+                earliest = min(earliest, beat.due)
+                continue
+            self._expired(beat)
+            why = "no heartbeat within " + (
+                "the renewal bound" if beat.last is not None else "the first deadline"
+            )
+            _end(beat, grpc.StatusCode.DEADLINE_EXCEEDED, why)
+        self._next_due = earliest
+
     async def _watch_renewals(self) -> None:
-        """While heartbeat streams are open: every second (or half interval), if the store
-        changed, each stream whose certificate it refuses now is cut (``_cut_refused``) and
+        """While heartbeat streams are open: once the store changed (at most every second, or
+        half interval), each stream whose certificate it refuses now is cut (``_cut_refused``) and
         each renewal-mode agent that lacks the new epoch or revocation list is sent them (a
         message at once, as a heartbeat reply used to bring them within an interval). A tick
         when nothing changed looks at no stream: what keeps a quiet node online is its
         stream's vouch (``Store.vouch``), not this loop (it moved every node's time on each
-        second before, issue 15)."""
+        second before, issue 15). It also ends the streams whose next message is overdue
+        (``_sweep``), so that no stream keeps a timer of its own; it runs while any stream is
+        open. Once the streams were checked it waits for the store to change, a deadline or
+        the snapshot's age, not a tick each second (the event loop woke for it every second
+        before, a fixed cost that small clusters paid per agent: issue 15)."""
         tick = min(1.0, self.state.heartbeat_interval / 2)
         checked: Snapshot | None = None  # the snapshot the open streams were checked against
+        loop = asyncio.get_running_loop()
+        settled = False  # every open stream was checked against the store as it is
         while True:
-            await asyncio.sleep(tick)
+            if settled and not self._changed.is_set():
+                # Nothing to do until the store changes (``_store_changed``), a stream's
+                # deadline comes (``_due``), or the snapshot is to be read again
+                # (``SNAPSHOT_MAX_AGE``: a revocation list signed anew): no tick meanwhile.
+                wait = max(0.0, min(self._next_due - loop.time(), SNAPSHOT_MAX_AGE))
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(wait):
+                        await self._changed.wait()
+            # A look a tick at most (a rollout writes many times a second); a deadline that
+            # comes sooner is kept to the moment.
+            await asyncio.sleep(max(0.0, min(tick, self._next_due - loop.time())))
             if not self._open:
                 self._watch = None
+                self._next_due = math.inf
                 return
+            self._sweep(loop.time())
+            self._changed.clear()  # a write from now on sets it again
+            settled = False
             try:
                 snap = await self.snapshot()
                 if snap is checked:
+                    settled = True
                     continue
                 now = self.state.clock()
                 self._cut_refused(snap)
@@ -1113,6 +1184,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                 # way for an older one skipped a stream: the next tick tries it again).
                 if not any(b.news(snap) for b in news if b in self._open and not b.cut):
                     checked = snap
+                    settled = True
             except Exception as exc:  # the next tick tries again
                 log.error("heartbeat.watch_failed", error=f"{type(exc).__name__}: {exc}"[:200])
 

@@ -172,6 +172,60 @@ async def test_a_heartbeat_that_says_nothing_new_runs_no_sql_and_no_worker_threa
         store.close()
 
 
+async def test_a_stream_s_messages_schedule_no_timer_of_their_own(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15, a heartbeat's fixed cost: each read of a stream's next message ran under a
+    timer of its own (``asyncio.timeout``: one scheduled and cancelled per message, for every
+    agent). The deadline of a stream's next message is now a time kept with the stream, which
+    the renewal watch sweeps (``LeaderService._sweep``): the messages of a stream schedule no
+    timer on the leader's event loop, however many they are (the watch's own sleep is one per
+    tick, not per stream). Counts, not times."""
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    rig.service.batch_seconds = 3600  # the group commit's sleep is not what is counted
+    await rig.server.start()
+    loop = asyncio.get_running_loop()
+    timers: list[str] = []
+    call_at = loop.call_at
+
+    def counting(when: float, callback: Any, *args: Any, **kwargs: Any) -> Any:
+        task = asyncio.current_task()
+        if task is None or task is not rig.service._watch:  # the watch: one per tick
+            timers.append(repr(callback)[:80])
+        return call_at(when, callback, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "call_at", counting)
+    messages = 20
+    try:
+        async with grpc.aio.secure_channel(rig.target, rig.node) as channel:
+            stream = leader_pb2_grpc.LeaderStub(channel).Heartbeats()  # type: ignore[call-arg]
+
+            async def send(n: int) -> None:
+                await stream.write(
+                    leader_pb2.HeartbeatRequest(
+                        agent_version="1",
+                        agent_port=AGENT_PORT,
+                        seq=n,
+                        renews=True,
+                        wants_answer=True,  # the test knows the leader has read it
+                        server=client_report(rig.clock[0], n, "ws-empfang"),
+                    )
+                )
+                reply = await stream.read()
+                assert isinstance(reply, leader_pb2.HeartbeatResponse)
+                assert reply.answers == n
+
+            await send(1)  # the stream is counted, its watch started
+            timers.clear()
+            for n in range(2, 2 + messages):
+                await send(n)
+            assert timers == []  # was one per message
+            assert len(rig.service._open) == 1
+            await stream.done_writing()
+    finally:
+        await rig.close()
+
+
 async def test_a_cut_while_the_handler_refuses_a_message_ends_the_stream_once(
     tmp_path: Path, loopback: Callable[[], str], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -730,6 +784,21 @@ def test_the_leader_pings_a_quiet_agent_as_rarely_as_the_offline_bound_allows() 
         assert options["grpc.keepalive_time_ms"] == int(every * 1000)
 
 
+def watch_waits_for_a_change(svc: LeaderService) -> bool:
+    """True if the renewal watch is waiting for the store to change (or a deadline), not for
+    its next tick."""
+    watch = svc._watch
+    if watch is None or watch.done():
+        return False
+    names = []
+    awaited: Any = watch.get_coro()
+    while awaited is not None:  # the chain of coroutines the watch awaits, outermost first
+        code = getattr(awaited, "cr_code", None) or getattr(awaited, "gi_code", None)
+        names.append(code.co_name if code is not None else type(awaited).__name__)
+        awaited = getattr(awaited, "cr_await", None) or getattr(awaited, "gi_yieldfrom", None)
+    return names[:1] == ["_watch_renewals"] and "wait" in names and "sleep" not in names
+
+
 async def test_a_quiet_renewal_stream_keeps_its_node_online_without_a_visit_each_second(
     tmp_path: Path, loopback: Callable[[], str]
 ) -> None:
@@ -761,13 +830,19 @@ async def test_a_quiet_renewal_stream_keeps_its_node_online_without_a_visit_each
     try:
         await link.beat()
         async with asyncio.timeout(30):
-            while len(ticks) < 3:  # the message's own read, then the watch's ticks
+            while len(ticks) < 2:  # the message's own read, then the watch's first look
+                await asyncio.sleep(0.05)
+        async with asyncio.timeout(30):  # then it waits for a change, not a tick
+            while not watch_waits_for_a_change(rig.service):
                 await asyncio.sleep(0.05)
         settled = Counted.visits
-        async with asyncio.timeout(30):
-            while len(ticks) < 6:
-                await asyncio.sleep(0.05)
-        assert Counted.visits == settled  # three more ticks, no stream visited
+        for _ in range(3):  # woken with nothing changed (as a tick did each second before)
+            looked = len(ticks)
+            rig.service._changed.set()
+            async with asyncio.timeout(30):
+                while len(ticks) == looked:
+                    await asyncio.sleep(0.05)
+        assert Counted.visits == settled  # three more looks, no stream visited
         rig.clock[0] += dt.timedelta(minutes=5)
         assert rig.store.get_node("hb1").last_heartbeat == rig.clock[0]
         assert rig.state.node_online(rig.store.get_node("hb1"))

@@ -201,6 +201,9 @@ class Database:
         # reader that keeps what it read in memory (the leader's heartbeat path:
         # ``leader.service.Snapshot``) reads again once this moved, and never misses a write.
         self.generation = 0
+        # Called (in the writer's thread) after each write that moved ``generation`` on: a
+        # reader that waits for a change (the leader's renewal watch) need not look each second.
+        self.on_change: list[Callable[[], None]] = []
         self.cache: dict[Hashable, Any] = {}
         self._data_version: int | None = None
         self.transactions = 0
@@ -277,11 +280,18 @@ class Database:
                 raise
             self.transactions += 1
             self.commits += self._db.total_changes != changes
+        if not routine:
+            self._tell()
 
     def touch(self) -> None:
         """Move ``generation`` on after a routine write that turned out to matter."""
         with self._lock:
             self.generation += 1
+        self._tell()
+
+    def _tell(self) -> None:
+        for listener in list(self.on_change):
+            listener()
 
     def close(self) -> None:
         with self._lock:
