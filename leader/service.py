@@ -989,7 +989,10 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                 if beat.ending is not None:  # the leader ended it while the message came
                     await beat.ending
                     return
-                beat.due = loop.time() + lease  # later than before: ``_next_due`` still holds
+                # Usually later than before (``_next_due`` still holds); not after the first
+                # message at a short interval (the renewal bound, 8 s at 1 s, comes before
+                # the first message's 10 s): ``_due`` then brings the watch's look forward.
+                self._due(beat, loop.time() + lease)
                 renewing = request.renews
                 # A refusal ends the stream (UNAUTHENTICATED).
                 snap, now = await self._heartbeat(caller, request, context, renewing)
@@ -1166,7 +1169,10 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                 self._watch = None
                 self._next_due = math.inf
                 return
-            self._sweep(loop.time())
+            try:
+                self._sweep(loop.time())
+            except Exception as exc:  # the watch must go on: it keeps every stream's deadline
+                log.error("heartbeat.sweep_failed", error=f"{type(exc).__name__}: {exc}"[:200])
             self._changed.clear()  # a write from now on sets it again
             settled = False
             try:
@@ -1238,6 +1244,8 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         earlier release at its next heartbeat); from now on new streams are refused
         (UNAVAILABLE), so that none opened in the meantime holds up the stop."""
         self._stopping = True
+        with contextlib.suppress(ValueError):  # the store outlives this service in tests
+            self.state.store.db.on_change.remove(self._store_changed)
         if self._watch is not None:
             self._watch.cancel()
             self._watch = None

@@ -527,6 +527,44 @@ async def test_a_stream_that_never_sends_a_message_ends_at_its_deadline_and_at_t
         await rig.close()
 
 
+async def test_a_stream_silent_after_its_first_message_ends_at_the_renewal_bound(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of session 26: the streams' deadlines are swept by the renewal watch, which
+    looked again only at the earliest deadline it knew; a message moved its stream's deadline
+    without telling it, on the thought that a deadline only moves later. After the first
+    message it can move earlier (at a 1 s interval the renewal bound is 8 s, the first
+    message's deadline 10 s): a stream silent after its first message ended at the first
+    deadline, not at the renewal bound. Here the bound is 1 s and the first deadline 60 s."""
+    monkeypatch.setattr(service, "FIRST_MESSAGE_SECONDS", 60.0)
+    monkeypatch.setattr(service, "renewal_deadline", lambda _interval: 1.0)
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    rig.state.heartbeat_interval = 1
+    await rig.server.start()
+    try:
+        async with grpc.aio.secure_channel(rig.target, rig.node) as channel:
+            stream = leader_pb2_grpc.LeaderStub(channel).Heartbeats()  # type: ignore[call-arg]
+            await stream.write(
+                leader_pb2.HeartbeatRequest(
+                    agent_version="1",
+                    agent_port=AGENT_PORT,
+                    seq=1,
+                    renews=True,
+                    wants_answer=True,
+                    server=client_report(rig.clock[0], 1, "ws-x"),
+                )
+            )
+            await stream.read()  # its answer: the message was taken
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                async with asyncio.timeout(30):  # well before the first deadline's 60 s
+                    while isinstance(await stream.read(), leader_pb2.HeartbeatResponse):
+                        pass
+            assert ended.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "renewal bound" in (ended.value.details() or "")
+    finally:
+        await rig.close()
+
+
 def agent_link(
     tmp_path: Path,
     node_files: tuple[bytes, bytes, bytes],
