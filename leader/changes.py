@@ -342,6 +342,11 @@ class ChangeSteps:
         existing = found
         problem = None
         if existing is None:
+            if isinstance(checked, asyncio.CancelledError) and begun is not None:
+                # The check begun ahead was cancelled on its own (this task was not: its
+                # cancellation would have ended the gather): check now, as without it (review
+                # of session 26: the confirm ended "cancelled", silently, and ran again).
+                checked = await self.outside_problem(ctx)
             if isinstance(checked, BaseException):
                 raise checked
             problem = checked

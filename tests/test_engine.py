@@ -471,6 +471,41 @@ async def test_the_outside_check_begins_as_the_switch_ends(
     await leader.stop()
 
 
+async def test_a_check_begun_ahead_that_was_cancelled_is_made_again_by_its_confirm(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of session 26: the check begun as a switch ended, cancelled on its own while its
+    confirm waited for it, ended the confirm as "cancelled", silently, and the loop ran the
+    confirm again. The confirm now checks itself, once, and goes on."""
+    leader = world.boot()
+    real_check = changes.ChangeSteps.outside_problem
+    real_confirm = changes.ChangeSteps.confirm
+    cancelled: list[str] = []
+    confirms: Counter[str] = Counter()
+
+    async def outside_problem(self: changes.ChangeSteps, ctx: changes.StepContext) -> str | None:
+        if ctx.node == "charlie" and not cancelled:
+            cancelled.append(ctx.node)
+            raise asyncio.CancelledError  # as a cancelled check ends
+        return await real_check(self, ctx)
+
+    async def confirm(self: changes.ChangeSteps, ctx: changes.StepContext) -> changes.Outcome:
+        confirms[ctx.node] += 1
+        return await real_confirm(self, ctx)
+
+    monkeypatch.setattr(changes.ChangeSteps, "outside_problem", outside_problem)
+    monkeypatch.setattr(changes.ChangeSteps, "confirm", confirm)
+    await leader.start(max_parallel=1)
+    row = await leader.run()
+    assert row.rollout.state is R.COMPLETED
+    assert states(row) == ALL_DONE
+    assert cancelled == ["charlie"]
+    assert confirms == Counter(dict.fromkeys(ORDER, 1))  # charlie's confirm ran once
+    checks = [c.node for c in world.agents.calls if c.method == "outside_check"]
+    assert sorted(checks) == sorted(ORDER)
+    await leader.stop()
+
+
 async def test_a_longer_transaction_costs_no_more_writes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
