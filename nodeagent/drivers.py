@@ -147,13 +147,13 @@ class Driver(abc.ABC):
 
     def discard_stale_staged(self) -> None:
         """Staged configs an agent process before this one left (it was stopped between a
-        staging and its commit): removed (blocking; at the agent's start)."""
+        staging and its commit): removed (blocking; at the agent's start, before it serves a
+        call, so none is this process's own: an agent that always runs as the same PID, PID 1
+        in a container, removes them too)."""
         directory, name = self.config_file.parent, self.config_file.name
-        mine = f".{name}.staged-{os.getpid()}"
         with contextlib.suppress(OSError):
             for path in directory.glob(f".{glob.escape(name)}.staged-*"):
-                if path.name != mine:
-                    path.unlink(missing_ok=True)
+                path.unlink(missing_ok=True)
 
     def read_config(self) -> bytes:
         return self.config_file.read_bytes()

@@ -35,7 +35,7 @@ from nodeagent.renewal import Renewer, ServerCredentials
 from nodeagent.service import NodeAgentService
 from nodeagent.transaction import Runner, TransactionDied
 from nodeagent.trust import LeaderTrust
-from tlsroll import __version__, logs
+from tlsroll import __version__, dbthread, logs
 from tlsroll.daemon import sd_notify, stop_event, watchdog
 from tlsroll.errors import ConfigError, TlsrollError, TransientError
 from tlsroll.fsutil import make_private_dir
@@ -186,6 +186,9 @@ async def serve(cfg: AgentConfig, *, reinitialise: bool = False) -> None:
         await runner.close(TXN_GRACE_SECONDS)
     await bootstrap.close()
     await link.close()
+    # What a cancelled transaction had handed to the store's thread (its journal writes, a
+    # staged config's rename or removal) runs before the journal closes (``dbthread.run``).
+    await dbthread.barrier()
     journal.close()
     log.info("agent.stopped")
     if runner is not None and runner.dead.is_set():

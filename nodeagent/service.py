@@ -347,8 +347,11 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         try:
             health = await driver.health()
             view = await self._view()
-        finally:
-            facts, unread, local = await local_checks
+        except BaseException:
+            # The checks' own trouble must not hide the server's (review of session 26).
+            await asyncio.gather(local_checks, return_exceptions=True)
+            raise
+        facts, unread, local = await local_checks
         problems = [unread] if unread else []  # in the order they were always found
         if health is not None:
             problems.append(f"managed server not healthy: {health}")

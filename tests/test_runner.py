@@ -25,6 +25,7 @@ import datetime as dt
 import errno
 import itertools
 import json
+import os
 import re
 import sqlite3
 import stat
@@ -923,11 +924,29 @@ async def test_an_agent_started_again_removes_the_staged_configs_an_earlier_one_
     w.driver = FileDriver(w.server, config_file)
     left = config_file.with_name(f".{config_file.name}.staged-1")
     left.write_bytes(TARGET)
+    # One of an agent that ran as this process's PID before (PID 1 in a container, say).
+    config_file.with_name(f".{config_file.name}.staged-{os.getpid()}").write_bytes(TARGET)
     other = config_file.with_name("other.toml")
     other.write_bytes(b"x")
     pending, _journal = await w.resume()
     assert pending == []
     assert sorted(p.name for p in config_file.parent.iterdir()) == ["other.toml", "server.toml"]
+
+
+def test_two_stagings_never_share_a_file(tmp_path: Path) -> None:
+    """Review of session 26: every staging of a process used one name (``.NAME.staged-PID``),
+    and a staged config no write took is removed later, on the store's thread: that removal
+    could take the next transaction's staged config, and its switch rolled back. Each staging
+    has a file of its own now."""
+    live = tmp_path / "server.toml"
+    live.write_bytes(b"old")
+    first = fsutil.stage_atomic(live, b"first", 0o600)
+    second = fsutil.stage_atomic(live, b"second", 0o600)
+    assert first != second
+    first.unlink()  # the first transaction's, never committed
+    fsutil.replace_staged(second, live)
+    assert live.read_bytes() == b"second"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["server.toml"]
 
 
 class FailingWrites(FakeDriver):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import itertools
 import os
 import pwd
 import socket
@@ -14,6 +15,7 @@ from tlsroll.errors import UnsafePermissions
 
 PRIVATE = 0o600
 PUBLIC = 0o644
+_STAGINGS = itertools.count(1)  # ``stage_atomic``'s default names
 
 
 def write_atomic(path: Path, data: bytes, mode: int = PUBLIC) -> None:
@@ -31,9 +33,11 @@ def stage_atomic(path: Path, data: bytes, mode: int = PUBLIC, name: str = "") ->
     with ``mode``), written and fsynced, ``path`` untouched; ``replace_staged`` is the second
     half. Apart, the write and its fsync can come before the moment the file must change (the
     agent stages a switch's config before the server is frozen, issue 15). ``name``: the
-    temporary file's (default ``.NAME.staged-PID``)."""
+    temporary file's (default ``.NAME.staged-PID-N``, N counting this process's stagings: two
+    stagings never share a file, so removing one that was not committed never removes the
+    next)."""
     path = Path(path)
-    tmp = path.with_name(name or f".{path.name}.staged-{os.getpid()}")
+    tmp = path.with_name(name or f".{path.name}.staged-{os.getpid()}-{next(_STAGINGS)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
         os.fchmod(fd, mode)
