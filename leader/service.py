@@ -1099,9 +1099,12 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             self._watch = asyncio.ensure_future(self._watch_renewals())
 
     def _store_changed(self) -> None:
-        """(Any thread.) A write moved the store's generation on: the watch looks."""
+        """(Any thread.) A write moved the store's generation on: the watch looks. Not told
+        again while it is still to look (a rollout writes many times a second: each telling
+        wakes the event loop): the watch clears the flag before it reads the store, and a
+        write that found the flag set committed before that read."""
         loop = self._loop
-        if loop is None:
+        if loop is None or self._changed.is_set():
             return
         with contextlib.suppress(RuntimeError):  # the loop closed (the leader stopped)
             loop.call_soon_threadsafe(self._changed.set)

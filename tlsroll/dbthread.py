@@ -1,5 +1,6 @@
-"""The store's own worker thread: a rollout's reads and writes of the leader's SQLite store,
-handed off the event loop one after another to a single thread.
+"""The store's own worker thread: a rollout's reads and writes of the leader's SQLite store
+(and, in the agent, a switch's journal writes and config write), handed off the event loop one
+after another to a single thread.
 
 ``asyncio.to_thread`` hands each call to the loop's default executor, which grows to several
 threads (six on two cores) when calls overlap, as the steps of a rollout with nodes in flight
