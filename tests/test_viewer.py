@@ -462,7 +462,8 @@ def test_browser_watches_a_real_rollout_live_without_reload(
         states = node_states[name]
         assert states[-1] == "done", (name, states)
         assert [NODE_ORDER.index(s) for s in states] == sorted(NODE_ORDER.index(s) for s in states)
-    # seen before its switch began (prepared at once, beside a1, with prepare_ahead 1)
+    # seen before its switch began (prepared at once, beside a1, with prepare_ahead 1, and
+    # staged throughout a1's switch: the page is woken by each write, at most 0.1 s apart)
     assert node_states["a2"][0] in ("pending", "preflight", "staging", "staged"), node_states
     assert WORKING & {s for states in node_states.values() for s in states}, node_states
 

@@ -4,6 +4,7 @@ languages, the server-sent event framing and /metrics (parsed by prometheus-clie
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import json
@@ -11,6 +12,8 @@ import sqlite3
 from pathlib import Path
 
 import pytest
+from aiohttp import StreamReader
+from aiohttp.test_utils import TestClient, TestServer
 from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -20,8 +23,9 @@ from leader.rollout_core import Change, NodeEvent, NodeState, RolloutEvent, Roll
 from leader.schema_store import BootstrapFailureRow, RolloutMeta, SchemaStore
 from leader.states import GrantState
 from leader.store import NotFound, Store
+from leader.viewer import app as viewer_app
 from leader.viewer import certificate, metrics, pages
-from leader.viewer.app import sse
+from leader.viewer.app import SESSION_COOKIE, ViewerApp, sse
 from leader.viewer.grants import Grants, LoginRefused
 from leader.viewer.i18n import CHANGES, LANGS, STATES, TEXTS, Words, pick_lang
 from leader.viewer.snapshot import Reader, server_certs
@@ -226,6 +230,69 @@ def test_failed_bootstrap_attempts_are_on_the_page_and_in_the_metrics(store: Sto
     for lang, title in (("de", "Fehlgeschlagene Anmeldungen"), ("en", "Failed workstation")):
         html = pages.schema_content(snap, Words.of(lang), page)
         assert title in html and "ws-empfang" in html and "<td>7</td>" in html
+
+
+# --- the live stream ------------------------------------------------------------------------------
+
+
+async def next_update(stream: StreamReader, kept: bytearray) -> str:
+    """The data of the next ``update`` event on an open /events response."""
+    while True:
+        end = kept.find(b"\n\n")
+        if end >= 0:
+            frame, kept[:] = bytes(kept[:end]), kept[end + 2 :]
+            lines = frame.decode().split("\n")
+            if lines[0] == "event: update":
+                return "\n".join(line.removeprefix("data: ") for line in lines[1:])
+            continue
+        chunk = await stream.readany()
+        assert chunk, "the stream ended"
+        kept += chunk
+
+
+def test_a_write_to_the_store_reaches_an_open_page_without_waiting_for_a_look(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A page's live stream is woken by the store's writes (made in another thread, as the
+    leader's store thread makes them) and shows the state after the last of them; it does not
+    wait for its next timed look, put at a minute here."""
+    monkeypatch.setattr(viewer_app, "EVENT_INTERVAL", 60.0)
+    monkeypatch.setattr(viewer_app, "SHARED_SECONDS", 60.0)
+    schema = SchemaStore(store.db)
+    grants = Grants(store.db)
+    made = grants.create("test", ttl=HOUR, now=NOW, actor="admin:test")
+    _, session = grants.login(made.secret, NOW)
+
+    async def watch() -> None:
+        reader = Reader(store, schema, lambda: NOW, lambda _: True, [])
+        closing = asyncio.Event()
+        app = ViewerApp(
+            reader=reader,
+            grants=grants,
+            clock=lambda: NOW,
+            address="127.0.0.1",
+            scrape_token=None,
+            closing=closing,
+        )
+        async with TestClient(TestServer(app.make(), host="127.0.0.1", port=0)) as client:
+            response = await client.get(
+                "/events", headers={"Cookie": f"{SESSION_COOKIE}={session}"}
+            )
+            assert response.status == 200
+            kept = bytearray()
+            assert 'data-rollout=""' in await next_update(response.content, kept)  # none yet
+            await asyncio.to_thread(run_rollout, schema, "r1", Change.ENABLE_TLS)
+            async with asyncio.timeout(20):  # the stream's own next look: a minute away
+                while 'data-rollout="r1" data-state="completed"' not in (
+                    await next_update(response.content, kept)
+                ):
+                    pass
+            closing.set()
+            app.close()
+            response.close()
+        assert app.pulse.tell not in store.db.on_change
+
+    asyncio.run(watch())
 
 
 # --- words and frames ----------------------------------------------------------------------------

@@ -5,6 +5,7 @@
                            near expiry; every rollout (newest first)
     GET /rollouts/{id}     the same with that rollout selected
     GET /events            server-sent events: the page's live part, sent again on a change
+                           (a write to the store wakes the streams; see ``Pulse``)
     GET /api/v1/schema     the schema as JSON (what `tlsroll schema show --json` prints)
     GET /metrics           Prometheus text format (a session, or the scrape token)
     GET /login/{secret}    the one-time link (`tlsroll viewer grant`): a page with one link,
@@ -73,9 +74,15 @@ log = logs.get_logger(__name__)
 SESSION_COOKIE = "__Host-tlsroll-viewer"
 LANG_COOKIE = "tlsroll-lang"
 ALLOWED_METHODS = ("GET", "HEAD")
-EVENT_INTERVAL = 0.5  # seconds between two looks at the stores while a page is open
-# Open pages share what they read: however many are open, the stores are read at most once
-# per selection and interval.
+# A page's live stream looks at the stores when a write to them committed (``Pulse``), and at
+# least this often for what changes with time alone (a node's heartbeat growing old, a session
+# ending): heartbeats are routine writes, which wake nobody.
+EVENT_INTERVAL = 0.5
+# ... and at most this often: a rollout writes many times a second; a page shows the state
+# after the writes of this long, not each of them.
+EVENT_GAP = 0.1
+# Open pages share what they read: however many are open, the stores are read at most once per
+# selection and write (the store's generation) and, without a write, per this long.
 SHARED_SECONDS = EVENT_INTERVAL / 2
 KEEPALIVE = 15.0  # seconds of silence after which /events sends a comment
 _SECRET = re.compile(r"[A-Za-z0-9_-]{20,100}")
@@ -101,6 +108,35 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 GRANT: web.RequestKey[Grant] = web.RequestKey("grant", Grant)
 
 
+class Pulse:
+    """Wakes the live streams when a write to the store committed.
+
+    ``tell`` is a ``Database.on_change`` listener: it runs in the writer's thread, after each
+    write that moved the store's generation on. It wakes the event loop once for any number of
+    writes until the loop has run ``_beat`` (a rollout writes many times a second). A stream
+    takes ``event`` before it reads the store and waits on it after: a write that committed
+    after that read sets it (its telling found the flag clear, or ``_beat`` was still to come
+    and swaps the event after the write), so no write goes unshown."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._loop = loop
+        self.event = asyncio.Event()
+        self._told = False
+
+    def tell(self) -> None:
+        """(Any thread.)"""
+        if self._told:
+            return
+        self._told = True
+        with contextlib.suppress(RuntimeError):  # the loop closed (the leader stopped)
+            self._loop.call_soon_threadsafe(self._beat)
+
+    def _beat(self) -> None:
+        self._told = False
+        event, self.event = self.event, asyncio.Event()
+        event.set()
+
+
 class ViewerApp:
     """The handlers and what they read: the grants, the snapshot reader, the clock."""
 
@@ -120,12 +156,21 @@ class ViewerApp:
         self.address = address
         self.scrape_token = scrape_token
         self.closing = closing
-        self._shared: dict[str | None, tuple[float, Snapshot]] = {}
+        self._shared: dict[str | None, tuple[float, int, Snapshot]] = {}
         self._reading = asyncio.Lock()
+        # Built on the event loop (the app is made when the first connection arrives).
+        self.pulse = Pulse(asyncio.get_running_loop())
+        reader.store.db.on_change.append(self.pulse.tell)
         self.static = {
             name: (kind, (resources.files("leader.viewer") / "static" / name).read_bytes())
             for name, kind in STATIC.items()
         }
+
+    def close(self) -> None:
+        """The leader stops: no more telling; the live streams wake and see ``closing``."""
+        with contextlib.suppress(ValueError):
+            self.reader.store.db.on_change.remove(self.pulse.tell)
+        self.pulse.tell()
 
     def make(self) -> web.Application:
         app = web.Application(middlewares=[self._only_get, self._language, self._session])
@@ -218,15 +263,22 @@ class ViewerApp:
         return await asyncio.to_thread(self.reader.read, rollout_id)
 
     async def _shared_snapshot(self, rollout_id: str | None) -> Snapshot:
-        """A snapshot at most ``SHARED_SECONDS`` old, for the live streams."""
+        """A snapshot for the live streams: read after the store's last write, and at most
+        ``SHARED_SECONDS`` old."""
         async with self._reading:
             now = time.monotonic()
+            generation = self.reader.store.db.generation
             hit = self._shared.get(rollout_id)
-            if hit is not None and now - hit[0] < SHARED_SECONDS:
-                return hit[1]
+            if hit is not None and now - hit[0] < SHARED_SECONDS and hit[1] == generation:
+                return hit[2]
             snap = await self._snapshot(rollout_id)
-            self._shared = {k: v for k, v in self._shared.items() if now - v[0] < SHARED_SECONDS}
-            self._shared[rollout_id] = (time.monotonic(), snap)
+            self._shared = {
+                k: v
+                for k, v in self._shared.items()
+                if now - v[0] < SHARED_SECONDS and v[1] == generation
+            }
+            # The generation read before the snapshot: a write during the read makes it stale.
+            self._shared[rollout_id] = (time.monotonic(), generation, snap)
             return snap
 
     def _page(self, request: web.Request, rollout_id: str | None) -> pages.PageContext:
@@ -274,7 +326,7 @@ class ViewerApp:
         if request.method == "HEAD":
             return response
         last = ""
-        quiet = 0.0
+        quiet = time.monotonic()
         with contextlib.suppress(ConnectionResetError):
             await response.write(b"retry: 2000\n\n")
             while not self.closing.is_set():
@@ -283,17 +335,19 @@ class ViewerApp:
                 if await self._grant(session_id) is None:
                     await response.write(sse("unauthorized", ""))
                     break
+                changed = self.pulse.event  # before the read: see ``Pulse``
                 snap = await self._shared_snapshot(rollout_id)
                 html = pages.schema_content(snap, words, page)
                 if html != last:
                     await response.write(sse("update", html))
-                    last, quiet = html, 0.0
-                elif quiet >= KEEPALIVE:
+                    last, quiet = html, time.monotonic()
+                elif time.monotonic() - quiet >= KEEPALIVE:
                     await response.write(b": keepalive\n\n")
-                    quiet = 0.0
+                    quiet = time.monotonic()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self.closing.wait(), EVENT_INTERVAL)
-                quiet += EVENT_INTERVAL
+                    await asyncio.wait_for(changed.wait(), EVENT_INTERVAL)
+                if not self.closing.is_set():
+                    await asyncio.sleep(EVENT_GAP)
         return response
 
     async def api_schema(self, request: web.Request) -> web.Response:

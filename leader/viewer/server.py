@@ -230,7 +230,9 @@ class Viewer:
         log.info("viewer.loaded", url=self.url)
 
     async def stop(self) -> None:
-        self.closing.set()  # /events streams end within one interval
+        self.closing.set()
+        if self.app is not None:
+            self.app.close()  # the /events streams wake and end
         if self._loading is not None:
             self._loading.cancel()  # nothing if it has ended
             with contextlib.suppress(asyncio.CancelledError):
