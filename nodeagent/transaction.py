@@ -61,6 +61,7 @@ use it to kill the agent at an exact point; it is never set in production).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import os
 import signal
@@ -80,7 +81,7 @@ from tenacity import (
 )
 
 from nodeagent.drivers import Driver, DriverError, ServerFacts, StagedConfig
-from tlsroll import dbthread, httpcheck, logs
+from tlsroll import dbthread, logs, probe
 from tlsroll.backoff import Policy
 from tlsroll.enums import TxnKind, TxnOutcome
 from tlsroll.errors import LocalResourceError, TerminalError, is_local_shortage, os_error_text
@@ -295,12 +296,15 @@ class Plan:
 
 @dataclass(frozen=True)
 class Checks:
-    """How verify looks at the server from outside: blocking functions (the runner calls them
-    in a thread) with ``tlsroll.httpcheck``'s signatures; tests answer them from a fake server."""
+    """How verify looks at the server from outside: coroutines with ``tlsroll.probe``'s
+    signatures, run on the event loop (issue 15: no worker thread inside the freeze window);
+    tests answer them from a fake server."""
 
-    port_open: Callable[[str, int], bool] = httpcheck.port_open
-    check_http: Callable[[str, int, str], str | None] = httpcheck.check_http
-    check_https: Callable[[str, int, str, bytes, str | None], str | None] = httpcheck.check_https
+    port_open: Callable[[str, int], Awaitable[bool]] = probe.port_open
+    check_http: Callable[[str, int, str], Awaitable[str | None]] = probe.check_http
+    check_https: Callable[[str, int, str, bytes, str | None], Awaitable[str | None]] = (
+        probe.check_https
+    )
 
 
 Sleep = Callable[[float], Awaitable[None]]
@@ -378,6 +382,9 @@ class Runner:
         self._staged: dict[tuple[str, str], StagedConfig] = {}
         self._ahead: dict[tuple[str, str], Exception] = {}
         self._followed: dict[tuple[str, str], Txn] = {}
+        # The staged CA a switch's https verify trusts, read with its staging (``stage``), so
+        # that the verify, on the event loop, reads no file inside the freeze window.
+        self._cas: dict[Path, bytes] = {}
 
     def busy_with(self) -> Txn | None:
         """Blocking (reads the journal)."""
@@ -556,6 +563,7 @@ class Runner:
         finally:
             self._ahead.pop(key, None)
             self._followed.pop(key, None)
+            self._cas.pop(plan.ca_file, None)
             self._discard_staged(key)
 
     async def _steps(self, txn: Txn, plan: Plan, begun: str | None) -> Txn:
@@ -801,6 +809,12 @@ class Runner:
         stage or it cannot be (the write step then writes it whole, and says what is wrong)."""
         if txn.phase is not Phase.STARTED or txn.target_config is None:
             return None
+        plan = Plan.from_json(txn.plan)
+        if "https" in plan.target_schemes:
+            # Read now, before the freeze; missing or unreadable, the verify reads it (and
+            # says what is wrong) itself.
+            with contextlib.suppress(OSError):
+                self._cas[plan.ca_file] = plan.ca_file.read_bytes()
         try:
             return self.driver.stage_config(txn.target_config)
         except Exception as exc:
@@ -877,30 +891,29 @@ class Runner:
         watermark_was: int | None,
     ) -> list[str]:
         """What is wrong with the server as ``schemes`` want it: each scheme's port and the
-        watermark, asked at once (they are independent; the freeze window waits for them),
-        reported in this order."""
+        watermark, asked at once on the event loop (they are independent; the freeze window
+        waits for them), reported in this order."""
         f, checks = plan.facts, self.checks
-
-        def check_https() -> str | None:
-            # The CA is read in the probe's own worker thread, not in a hop of its own before
-            # it (issue 15). Only for https: the way back to http must not depend on the
-            # staged files.
-            ca_pem = plan.ca_file.read_bytes()
-            return checks.check_https(f.address, f.https_port, f.app_path, ca_pem, fingerprint)
 
         async def https() -> str | None:
             if "https" in schemes:
-                return await asyncio.to_thread(check_https)
-            if await asyncio.to_thread(checks.port_open, f.address, f.https_port):
+                # The CA as the switch's staging read it (``stage``); else (a transaction
+                # resumed after a restart) read here. Only for https: the way back to http
+                # must not depend on the staged files.
+                ca_pem = self._cas.get(plan.ca_file)
+                if ca_pem is None:
+                    ca_pem = await asyncio.to_thread(plan.ca_file.read_bytes)
+                return await checks.check_https(
+                    f.address, f.https_port, f.app_path, ca_pem, fingerprint
+                )
+            if await checks.port_open(f.address, f.https_port):
                 return f"port {f.https_port} still open"
             return None
 
         async def http() -> str | None:
             if "http" in schemes:
-                return await asyncio.to_thread(
-                    checks.check_http, f.address, f.http_port, f.app_path
-                )
-            if await asyncio.to_thread(checks.port_open, f.address, f.http_port):
+                return await checks.check_http(f.address, f.http_port, f.app_path)
+            if await checks.port_open(f.address, f.http_port):
                 return f"port {f.http_port} still open (plain http must be closed)"
             return None
 

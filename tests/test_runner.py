@@ -141,17 +141,17 @@ def fake_checks(server: FakeServer, where: str = ADDRESS) -> Checks:
     """Verify's outside view of the server on address ``where``, answered by the fake server."""
     ports = {8080: "http", 8443: "https"}
 
-    def port_open(address: str, port: int) -> bool:
+    async def port_open(address: str, port: int) -> bool:
         assert address == where
         return ports[port] in server.listens()
 
-    def check_http(address: str, port: int, path: str) -> str | None:
+    async def check_http(address: str, port: int, path: str) -> str | None:
         assert address == where
         if "check_http" in server.failing or "http" not in server.listens():
             return f"http://{address}:{port}{path}: connection refused"
         return None
 
-    def check_https(
+    async def check_https(
         address: str, port: int, path: str, ca_pem: bytes, fingerprint: str | None
     ) -> str | None:
         assert address == where and ca_pem == b"the cluster CA"
@@ -726,21 +726,6 @@ class WatchedDriver(FakeDriver):
         super().write_config(data)
 
 
-def watched_checks(checks: Checks, blocking: list[str]) -> Checks:
-    def watched(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        def call(*args: Any) -> Any:
-            on_the_loop(blocking, f"checks.{name}")
-            return fn(*args)
-
-        return call
-
-    return Checks(
-        port_open=watched("port_open", checks.port_open),
-        check_http=watched("check_http", checks.check_http),
-        check_https=watched("check_https", checks.check_https),
-    )
-
-
 @pytest.fixture
 def watched_files(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Reading and writing files (the plan's config files, the CA, the backup) noted too."""
@@ -764,8 +749,9 @@ def watched_files(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 async def test_the_runner_never_blocks_the_event_loop(
     name: str, world: Callable[[Scenario], World], watched_files: list[str]
 ) -> None:
-    """Journal, files, driver config and outside checks all run in worker threads, under
-    asyncio's debug mode (which also refuses a worker thread touching the loop)."""
+    """Journal, files and driver config all run in worker threads (the outside checks are
+    coroutines, ``tlsroll.probe``), under asyncio's debug mode (which also refuses a worker
+    thread touching the loop)."""
     sc = SCENARIOS[name]
     w = world(sc)
     blocking = watched_files
@@ -778,7 +764,7 @@ async def test_the_runner_never_blocks_the_event_loop(
             journal,
             driver,
             w.time.clock,
-            checks=watched_checks(fake_checks(w.server), blocking),
+            checks=fake_checks(w.server),
             sleep=w.time.sleep,
         )
         txn = await asyncio.to_thread(journal.create, w.txn)
@@ -793,12 +779,13 @@ async def test_the_runner_never_blocks_the_event_loop(
     journal.close()
 
 
-async def test_verify_reads_the_ca_in_the_https_probes_thread(
+async def test_verify_reads_the_staged_ca_before_the_freeze(
     world: Callable[[Scenario], World], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Issue 15: verify read the CA file in a worker-thread hop of its own, before the
-    probes, inside every switch's freeze window. It is read in the https probe's thread now:
-    no hop is a file read alone, and the probe still gets the staged CA."""
+    """Issue 15: verify read the CA file in a worker-thread hop of its own, then in the https
+    probe's thread, inside every switch's freeze window. The probes run on the event loop now
+    and the CA is read with the switch's staging, before the freeze: the verify hands nothing
+    to a thread, and the probe still gets the staged CA."""
     sc = SCENARIOS["completes"]
     w = world(sc)
     hops: list[str] = []
@@ -810,10 +797,36 @@ async def test_verify_reads_the_ca_in_the_https_probes_thread(
 
     monkeypatch.setattr(asyncio, "to_thread", counting)
     journal = CrashingJournal(w.journal_path)
-    done = await w.run(journal)
+    done = await w.run(journal)  # the fake https probe asserts the CA it gets
     assert w.assert_ended_well(journal) == done
-    assert "check_https" in hops, hops
     assert "read_bytes" not in hops, hops
+
+
+async def test_a_resumed_verify_reads_the_ca_in_a_thread(
+    world: Callable[[Scenario], World], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A switch resumed after the agent stopped before its verify was not staged by this
+    process: its verify reads the CA itself, in a worker thread, and still trusts it."""
+    sc = SCENARIOS["completes"]
+    w = world(sc)
+    at = next(n for n, label in enumerate(w.writes, 1) if label.startswith("restarted"))
+    first = CrashingJournal(w.journal_path, at)
+    with pytest.raises(Crash):
+        await w.run(first)
+    first.close()
+    hops: list[str] = []
+    to_thread = asyncio.to_thread
+
+    async def counting(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        hops.append(getattr(fn, "__name__", repr(fn)))
+        return await to_thread(fn, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", counting)
+    pending, journal = await w.resume()
+    assert len(pending) == 1
+    w.assert_ended_well(journal)
+    assert "read_bytes" in hops, hops
+    journal.close()
 
 
 class FileDriver(FakeDriver):
@@ -866,10 +879,9 @@ async def test_a_switch_hands_its_journal_and_config_to_one_thread_a_hop_per_ste
     the default executor, whose idle threads woke each other for each (about 80 context
     switches per switch). They run on the store's one thread now (``tlsroll.dbthread``), and
     the config write and its record in the same hop as the record of the freeze before it
-    (after its commit): a record per step but one, and the verify's probes (which run at once,
-    in threads of their own);
-    nothing else (the config is staged in the servicer's hand-off that creates the
-    transaction)."""
+    (after its commit): a record per step but one; nothing else (the config is staged, and the
+    staged CA read, in the servicer's hand-off that creates the transaction; the verify's
+    probes run on the event loop, ``tlsroll.probe``)."""
     sc = SCENARIOS["completes"]
     w = world(sc)
     hops = counted_hand_offs(monkeypatch)
@@ -879,7 +891,7 @@ async def test_a_switch_hands_its_journal_and_config_to_one_thread_a_hop_per_ste
     hops = [(thread, name) for thread, name in hops if name != "create"]  # the servicer's
     default = [name for thread, name in hops if thread == "default"]
     store = [name for thread, name in hops if thread == "store"]
-    assert sorted(default) == ["check_https", "port_open"], hops  # verify: https, http closed
+    assert default == [], hops  # the verify's probes (https, http closed) made none either
     # the records of frozen, then the config's write and the record of config_written in the
     # same hop; restarted; verified; completed: 4, where there were 6 to the default executor
     assert store == ["_write_then", "update", "update", "complete"], hops
