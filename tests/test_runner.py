@@ -29,6 +29,7 @@ import os
 import re
 import sqlite3
 import stat
+import threading
 import time
 import tomllib
 from collections.abc import Callable
@@ -827,6 +828,53 @@ async def test_a_resumed_verify_reads_the_ca_in_a_thread(
     w.assert_ended_well(journal)
     assert "read_bytes" in hops, hops
     journal.close()
+
+
+@pytest.mark.parametrize("name", ["completes", "verify_fails"])
+async def test_the_verify_begins_while_the_record_of_the_restart_is_written(
+    name: str, world: Callable[[Scenario], World]
+) -> None:
+    """Issue 15: the record of ``restarted`` (which carries the verify's "begin") was written
+    before the verify began, a journal write inside every freeze window. A verify only looks,
+    so it begins with that write now; its outcome is journalled only after it, as before (the
+    journal's writes, and the server's operations, are the scenario's)."""
+    sc = SCENARIOS[name]
+    w = world(sc)
+    looked = threading.Event()
+    waited: list[bool] = []
+    checks = fake_checks(w.server)
+
+    async def check_https(*args: Any) -> str | None:
+        looked.set()
+        return await checks.check_https(*args)
+
+    async def check_http(*args: Any) -> str | None:
+        looked.set()
+        return await checks.check_http(*args)
+
+    class Watching(CrashingJournal):
+        def update(self, txn: Txn, **changes: Any) -> Txn:
+            if changes["phase"] in (Phase.RESTARTED, Phase.RB_RESTARTED):
+                waited.append(looked.wait(10))  # the verify's probe, called meanwhile
+                looked.clear()
+            return super().update(txn, **changes)
+
+    def runner(journal: Journal) -> Runner:
+        return Runner(
+            journal,
+            w.driver,
+            w.time.clock,
+            checks=replace(checks, check_https=check_https, check_http=check_http),
+            sleep=w.time.sleep,
+        )
+
+    w.runner = runner  # type: ignore[method-assign]
+    journal = Watching(w.journal_path)
+    done = await w.run(journal)
+    assert w.assert_ended_well(journal) == done
+    assert waited and all(waited), waited
+    assert tuple(journal.writes) == w.writes
+    assert tuple(w.server.ops) == sc.ops
 
 
 class FileDriver(FakeDriver):
