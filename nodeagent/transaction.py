@@ -67,6 +67,7 @@ import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -308,6 +309,18 @@ class Checks:
 
 
 Sleep = Callable[[float], Awaitable[None]]
+# A switch's staged target config (``Runner.stage``), or the store thread's future of it
+# (``Runner.stage_next``: staged in the hand-off after the create's, done before any later
+# one); resolved only on the store's thread (``_staged_now``).
+Staging = StagedConfig | Future[StagedConfig | None]
+
+
+def _staged_now(staging: Staging | None) -> StagedConfig | None:
+    """``staging`` resolved; on the store's thread only, where a future ``stage_next`` made
+    has always completed (one thread, in order)."""
+    if isinstance(staging, Future):
+        return staging.result()
+    return staging
 
 
 class TxnChanges:
@@ -379,7 +392,7 @@ class Runner:
         # A switch's target config, staged before its freeze (``stage``), and
         # what an action run in the same hand-off as the record before it did (``_ahead_of``):
         # its error, for ``_act`` to raise, or the record of the phase it led to.
-        self._staged: dict[tuple[str, str], StagedConfig] = {}
+        self._staged: dict[tuple[str, str], Staging] = {}
         self._ahead: dict[tuple[str, str], Exception] = {}
         self._followed: dict[tuple[str, str], Txn] = {}
         # The staged CA a switch's https verify trusts, read with its staging (``stage``), so
@@ -391,7 +404,7 @@ class Runner:
         running = self.journal.unfinished()
         return running[0] if running else None
 
-    def start(self, txn: Txn, begun: str | None = None, staged: StagedConfig | None = None) -> None:
+    def start(self, txn: Txn, begun: str | None = None, staged: Staging | None = None) -> None:
         """Run ``txn`` in a task of its own (``begun`` and ``staged`` as for ``run``); nothing
         if it runs."""
         key = (txn.rollout_id, txn.kind.value)
@@ -436,7 +449,7 @@ class Runner:
     # --- supervision --------------------------------------------------------------------------
 
     async def _supervised(
-        self, txn: Txn, begun: str | None = None, staged: StagedConfig | None = None
+        self, txn: Txn, begun: str | None = None, staged: Staging | None = None
     ) -> Txn:
         """Run ``txn``; if its task dies, start it again from what the journal holds, at most
         ``TASK_RESTARTS`` times; then lift the freeze and tell the daemon (``dead``)."""
@@ -542,9 +555,7 @@ class Runner:
 
     # --- the loop -----------------------------------------------------------------------------
 
-    async def run(
-        self, txn: Txn, begun: str | None = None, staged: StagedConfig | None = None
-    ) -> Txn:
+    async def run(self, txn: Txn, begun: str | None = None, staged: Staging | None = None) -> Txn:
         """Carry ``txn`` to its outcome. ``begun``: the step whose ``begin`` the caller has
         just journalled (the servicer's create carries the first one); None: read it.
         ``staged``: its target config as ``stage`` staged it (the runner owns it now)."""
@@ -810,16 +821,19 @@ class Runner:
         key = (txn.rollout_id, txn.kind.value)
         if key in self._ahead:  # run with the record of the phase before (``_ahead_of``)
             raise self._ahead.pop(key)
-        await dbthread.run(self._put_target, txn, plan, self._staged.pop(key, None))
+        staged = self._staged.pop(key, None)
+        await dbthread.run(lambda: self._put_target(txn, plan, _staged_now(staged)))
         return {}
 
     def stage(self, txn: Txn) -> StagedConfig | None:
         """Blocking: ``txn``'s target config written and fsynced beside the live one
         (``Driver.stage_config``), which it does not replace yet. The servicer stages it in the
-        hand-off that creates the transaction, before the freeze: the freeze window then holds
-        only its rename and the directory's fsync (issue 15; the live config changes only at
-        ``write_config``, after the journal says ``frozen``). None when there is nothing to
-        stage or it cannot be (the write step then writes it whole, and says what is wrong)."""
+        store thread's hand-off right after the create's (``stage_next``), while the freeze
+        call goes out: the freeze window then holds only its rename and the directory's fsync
+        (issue 15; the live config changes only at ``write_config``, after the journal says
+        ``frozen``). None when there is nothing to stage or it cannot be (the write step then
+        writes it whole, and says what is wrong). The staged CA the verify trusts is read here
+        too."""
         if txn.phase is not Phase.STARTED or txn.target_config is None:
             return None
         plan = Plan.from_json(txn.plan)
@@ -834,9 +848,23 @@ class Runner:
             log.warning("txn.stage_config_failed", rollout_id=txn.rollout_id, error=describe(exc))
             return None
 
-    def _discard(self, staged: StagedConfig) -> None:
+    def stage_next(self, txn: Txn) -> Future[StagedConfig | None]:
+        """``stage`` in the store thread's next hand-off, not in the caller's: the servicer's
+        create, on the store's thread, returns as soon as the create is journalled, and the
+        freeze call goes out while the config is written and fsynced (issue 15: the staging
+        delayed every freeze by its write and fsync). Any later hand-off, the record of the
+        freeze among them, finds it done."""
+        return dbthread.executor().submit(self.stage, txn)
+
+    def _discard(self, staged: Staging) -> None:
         """A staged config no write took: removed, on the store's thread."""
-        dbthread.executor().submit(self.driver.discard_staged, staged)
+
+        def discard() -> None:
+            done = _staged_now(staged)
+            if done is not None:
+                self.driver.discard_staged(done)
+
+        dbthread.executor().submit(discard)
 
     def _discard_staged(self, key: tuple[str, str]) -> None:
         staged = self._staged.pop(key, None)
@@ -857,7 +885,7 @@ class Runner:
         def record(new: Txn) -> Txn:
             return self.journal.update(new, phase=after, begin=next_action(after))
 
-        return Ahead(lambda new: self._put_target(new, plan, staged), record)
+        return Ahead(lambda new: self._put_target(new, plan, _staged_now(staged)), record)
 
     def _look_ahead(
         self, txn: Txn, plan: Plan, phase: Phase

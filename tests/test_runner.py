@@ -33,6 +33,7 @@ import threading
 import time
 import tomllib
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
@@ -972,6 +973,47 @@ async def test_a_switch_stages_its_target_config_so_that_the_window_holds_only_i
         assert driver.commits[0] is driver.stagings[0]
         assert driver.commits[1:] == driver.stagings[1:]
     assert sorted(p.name for p in config_file.parent.iterdir()) == [config_file.name]
+
+
+async def test_a_switch_staged_in_the_next_hand_off_freezes_while_its_config_is_staged(
+    world: Callable[[Scenario], World],
+) -> None:
+    """Issue 15: the servicer's create staged the target config (a write and an fsync) in its
+    own hand-off to the store's thread, so the freeze call went out only after it. It is
+    staged in the store thread's next hand-off now (``Runner.stage_next``), while the freeze
+    call goes out; the write of the config still commits that staging, and the journal's
+    writes and the server's operations are the scenario's."""
+    sc = SCENARIOS["completes"]
+    w = world(sc)
+    frozen = threading.Event()
+    waited: list[bool] = []
+
+    class SlowStaging(FileDriver):
+        async def freeze(self, drain_timeout: float) -> int:
+            watermark = await super().freeze(drain_timeout)
+            frozen.set()
+            return watermark
+
+        def stage_config(self, data: bytes) -> StagedConfig:
+            waited.append(frozen.wait(10))  # the freeze call, made meanwhile
+            return super().stage_config(data)
+
+    w.driver = driver = SlowStaging(w.server, w.driver.config_file)
+    journal = CrashingJournal(w.journal_path)
+    first = next_action(Phase.STARTED)
+    runner = w.runner(journal)
+
+    def create() -> tuple[Txn, Future[StagedConfig | None]]:  # as the servicer's
+        txn = journal.create(w.txn, begin=first)
+        return txn, runner.stage_next(txn)
+
+    txn, staged = await dbthread.run(create)
+    done = await runner.run(txn, begun=first, staged=staged)
+    assert w.assert_ended_well(journal) == done
+    assert waited == [True]
+    assert driver.commits == driver.stagings[:1]
+    assert tuple(journal.writes) == w.writes
+    assert tuple(w.server.ops) == sc.ops
 
 
 async def test_an_agent_started_again_removes_the_staged_configs_an_earlier_one_left(
