@@ -19,20 +19,21 @@ import hashlib
 
 import h11
 
-from tlsroll.errors import raise_if_local
+from tlsroll.errors import TerminalError, raise_if_local
 from tlsroll.httpcheck import PROBE_HEADERS, trusting
 
 ANSWER_MAX = 1 << 20  # bytes: a probe reads at most this much of an answer
 CLOSE_WAIT = 1.0  # seconds a probe waits for its connection's close (a TLS close_notify)
 
+
+class _Answer(TerminalError):
+    """An answer a probe cannot read as HTTP (or a TLS connection without a certificate)."""
+
+
 # Everything a probe can meet on the way: the network and TLS (OSError, which ssl.SSLError and
-# timeouts are), a broken HTTP answer (ValueError, as h11's errors are turned into), an
+# timeouts are), an answer it cannot read (``_Answer``, as h11's errors are turned into), an
 # address or port that cannot be used (ValueError, OverflowError, UnicodeError).
-PROBE_ERRORS = (OSError, ValueError, OverflowError, EOFError)
-
-
-class _Answer(ValueError):
-    """An answer a probe cannot read as HTTP."""
+PROBE_ERRORS = (OSError, _Answer, ValueError, OverflowError, EOFError)
 
 
 def _describe(exc: BaseException) -> str:
