@@ -27,7 +27,7 @@ import grpc
 
 from nodeagent import plans, ports, warmup
 from nodeagent.config import AgentConfig
-from nodeagent.drivers import Driver, DriverError, ServerFacts, StagedConfig
+from nodeagent.drivers import Driver, DriverError, ServerFacts
 from nodeagent.identity import Identity
 from nodeagent.journal import Journal, Staged, Txn
 from nodeagent.plans import Built, PlanRefused
@@ -36,6 +36,7 @@ from nodeagent.transaction import (
     UNFREEZE_BACKOFF,
     Phase,
     Runner,
+    Staging,
     describe,
     next_action,
     worth_logging,
@@ -599,11 +600,12 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         runner = self.runner
         first = next_action(Phase.STARTED)
 
-        def create() -> tuple[Txn, bool, StagedConfig | None]:
+        def create() -> tuple[Txn, bool, Staging | None]:
             """The existing transaction (a replay) or a new one, journalled with its plan, both
-            configs and its first step's "begin" in one write, and then its target config
-            staged for the runner (``Runner.stage``): one hand-off to the store's thread for the
-            whole begin (issue 15), in the order the checks always had."""
+            configs and its first step's "begin" in one write: one hand-off to the store's
+            thread for the whole begin (issue 15), in the order the checks always had. Its
+            target config is staged for the runner in the store thread's next hand-off
+            (``Runner.stage_next``), while the freeze call goes out."""
             existing = self.journal.get(rollout_id, kind)
             done = str(existing.plan.get("change", "")) if existing is not None else ""
             if existing is not None and change and done and done != change:
@@ -636,7 +638,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 source_config=plans.read_source(self._driver()),
             )
             created = self.journal.create(txn, begin=first)
-            return created, True, runner.stage(created)
+            return created, True, runner.stage_next(created)
 
         async with self._lock:
             txn, new, staged = await dbthread.run(create)

@@ -61,11 +61,13 @@ use it to kill the agent at an exact point; it is never set in production).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import os
 import signal
 import time
 from collections.abc import Awaitable, Callable
+from concurrent.futures import Future
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
@@ -80,7 +82,7 @@ from tenacity import (
 )
 
 from nodeagent.drivers import Driver, DriverError, ServerFacts, StagedConfig
-from tlsroll import dbthread, httpcheck, logs
+from tlsroll import dbthread, logs, probe
 from tlsroll.backoff import Policy
 from tlsroll.enums import TxnKind, TxnOutcome
 from tlsroll.errors import LocalResourceError, TerminalError, is_local_shortage, os_error_text
@@ -295,15 +297,30 @@ class Plan:
 
 @dataclass(frozen=True)
 class Checks:
-    """How verify looks at the server from outside: blocking functions (the runner calls them
-    in a thread) with ``tlsroll.httpcheck``'s signatures; tests answer them from a fake server."""
+    """How verify looks at the server from outside: coroutines with ``tlsroll.probe``'s
+    signatures, run on the event loop (issue 15: no worker thread inside the freeze window);
+    tests answer them from a fake server."""
 
-    port_open: Callable[[str, int], bool] = httpcheck.port_open
-    check_http: Callable[[str, int, str], str | None] = httpcheck.check_http
-    check_https: Callable[[str, int, str, bytes, str | None], str | None] = httpcheck.check_https
+    port_open: Callable[[str, int], Awaitable[bool]] = probe.port_open
+    check_http: Callable[[str, int, str], Awaitable[str | None]] = probe.check_http
+    check_https: Callable[[str, int, str, bytes, str | None], Awaitable[str | None]] = (
+        probe.check_https
+    )
 
 
 Sleep = Callable[[float], Awaitable[None]]
+# A switch's staged target config (``Runner.stage``), or the store thread's future of it
+# (``Runner.stage_next``: staged in the hand-off after the create's, done before any later
+# one); resolved only on the store's thread (``_staged_now``).
+Staging = StagedConfig | Future[StagedConfig | None]
+
+
+def _staged_now(staging: Staging | None) -> StagedConfig | None:
+    """``staging`` resolved; on the store's thread only, where a future ``stage_next`` made
+    has always completed (one thread, in order)."""
+    if isinstance(staging, Future):
+        return staging.result()
+    return staging
 
 
 class TxnChanges:
@@ -375,16 +392,19 @@ class Runner:
         # A switch's target config, staged before its freeze (``stage``), and
         # what an action run in the same hand-off as the record before it did (``_ahead_of``):
         # its error, for ``_act`` to raise, or the record of the phase it led to.
-        self._staged: dict[tuple[str, str], StagedConfig] = {}
+        self._staged: dict[tuple[str, str], Staging] = {}
         self._ahead: dict[tuple[str, str], Exception] = {}
         self._followed: dict[tuple[str, str], Txn] = {}
+        # The staged CA a switch's https verify trusts, read with its staging (``stage``), so
+        # that the verify, on the event loop, reads no file inside the freeze window.
+        self._cas: dict[Path, bytes] = {}
 
     def busy_with(self) -> Txn | None:
         """Blocking (reads the journal)."""
         running = self.journal.unfinished()
         return running[0] if running else None
 
-    def start(self, txn: Txn, begun: str | None = None, staged: StagedConfig | None = None) -> None:
+    def start(self, txn: Txn, begun: str | None = None, staged: Staging | None = None) -> None:
         """Run ``txn`` in a task of its own (``begun`` and ``staged`` as for ``run``); nothing
         if it runs."""
         key = (txn.rollout_id, txn.kind.value)
@@ -429,7 +449,7 @@ class Runner:
     # --- supervision --------------------------------------------------------------------------
 
     async def _supervised(
-        self, txn: Txn, begun: str | None = None, staged: StagedConfig | None = None
+        self, txn: Txn, begun: str | None = None, staged: Staging | None = None
     ) -> Txn:
         """Run ``txn``; if its task dies, start it again from what the journal holds, at most
         ``TASK_RESTARTS`` times; then lift the freeze and tell the daemon (``dead``)."""
@@ -535,9 +555,7 @@ class Runner:
 
     # --- the loop -----------------------------------------------------------------------------
 
-    async def run(
-        self, txn: Txn, begun: str | None = None, staged: StagedConfig | None = None
-    ) -> Txn:
+    async def run(self, txn: Txn, begun: str | None = None, staged: Staging | None = None) -> Txn:
         """Carry ``txn`` to its outcome. ``begun``: the step whose ``begin`` the caller has
         just journalled (the servicer's create carries the first one); None: read it.
         ``staged``: its target config as ``stage`` staged it (the runner owns it now)."""
@@ -556,9 +574,11 @@ class Runner:
         finally:
             self._ahead.pop(key, None)
             self._followed.pop(key, None)
+            self._cas.pop(plan.ca_file, None)
             self._discard_staged(key)
 
     async def _steps(self, txn: Txn, plan: Plan, begun: str | None) -> Txn:
+        looking: asyncio.Task[dict[str, Any]] | None = None  # a verify begun with its record
         while txn.phase not in TERMINAL:
             forward = txn.phase in FORWARD
             action, after = FORWARD[txn.phase] if forward else BACKWARD[txn.phase]
@@ -566,9 +586,13 @@ class Runner:
                 await dbthread.run(self.journal.event, txn, action, "begin")
             begun = None
             try:
-                changes = await self._attempt(
-                    action, txn, plan, 1 if forward else BACKWARD_ATTEMPTS
-                )
+                if looking is not None:
+                    task, looking = looking, None
+                    changes = await task
+                else:
+                    changes = await self._attempt(
+                        action, txn, plan, 1 if forward else BACKWARD_ATTEMPTS
+                    )
             except Exception as exc:  # any failure rolls back: a node must never stay frozen
                 detail = describe(exc)
                 reason = detail if detail.startswith(f"{action}:") else f"{action}: {detail}"
@@ -602,14 +626,22 @@ class Runner:
                 )
             else:
                 begun = next_action(after)
-                txn = await self._record(
-                    self.journal.update,
-                    txn,
-                    phase=after,
-                    begin=begun,
-                    then=self._ahead_of(txn, plan, after),
-                    **changes,
-                )
+                looking = self._look_ahead(txn, plan, after)
+                try:
+                    txn = await self._record(
+                        self.journal.update,
+                        txn,
+                        phase=after,
+                        begin=begun,
+                        then=self._ahead_of(txn, plan, after),
+                        **changes,
+                    )
+                except BaseException:
+                    if looking is not None:
+                        looking.cancel()
+                        with contextlib.suppress(BaseException):
+                            await looking
+                    raise
             log.info("txn.step", rollout_id=txn.rollout_id, kind=txn.kind, step=action, phase=after)
             followed = self._followed.pop((txn.rollout_id, txn.kind.value), None)
             if followed is not None:  # the next action and its record came with this one
@@ -789,27 +821,50 @@ class Runner:
         key = (txn.rollout_id, txn.kind.value)
         if key in self._ahead:  # run with the record of the phase before (``_ahead_of``)
             raise self._ahead.pop(key)
-        await dbthread.run(self._put_target, txn, plan, self._staged.pop(key, None))
+        staged = self._staged.pop(key, None)
+        await dbthread.run(lambda: self._put_target(txn, plan, _staged_now(staged)))
         return {}
 
     def stage(self, txn: Txn) -> StagedConfig | None:
         """Blocking: ``txn``'s target config written and fsynced beside the live one
         (``Driver.stage_config``), which it does not replace yet. The servicer stages it in the
-        hand-off that creates the transaction, before the freeze: the freeze window then holds
-        only its rename and the directory's fsync (issue 15; the live config changes only at
-        ``write_config``, after the journal says ``frozen``). None when there is nothing to
-        stage or it cannot be (the write step then writes it whole, and says what is wrong)."""
+        store thread's hand-off right after the create's (``stage_next``), while the freeze
+        call goes out: the freeze window then holds only its rename and the directory's fsync
+        (issue 15; the live config changes only at ``write_config``, after the journal says
+        ``frozen``). None when there is nothing to stage or it cannot be (the write step then
+        writes it whole, and says what is wrong). The staged CA the verify trusts is read here
+        too."""
         if txn.phase is not Phase.STARTED or txn.target_config is None:
             return None
+        plan = Plan.from_json(txn.plan)
+        if "https" in plan.target_schemes:
+            # Read now, before the freeze; missing or unreadable, the verify reads it (and
+            # says what is wrong) itself.
+            with contextlib.suppress(OSError):
+                self._cas[plan.ca_file] = plan.ca_file.read_bytes()
         try:
             return self.driver.stage_config(txn.target_config)
         except Exception as exc:
             log.warning("txn.stage_config_failed", rollout_id=txn.rollout_id, error=describe(exc))
             return None
 
-    def _discard(self, staged: StagedConfig) -> None:
+    def stage_next(self, txn: Txn) -> Future[StagedConfig | None]:
+        """``stage`` in the store thread's next hand-off, not in the caller's: the servicer's
+        create, on the store's thread, returns as soon as the create is journalled, and the
+        freeze call goes out while the config is written and fsynced (issue 15: the staging
+        delayed every freeze by its write and fsync). Any later hand-off, the record of the
+        freeze among them, finds it done."""
+        return dbthread.executor().submit(self.stage, txn)
+
+    def _discard(self, staged: Staging) -> None:
         """A staged config no write took: removed, on the store's thread."""
-        dbthread.executor().submit(self.driver.discard_staged, staged)
+
+        def discard() -> None:
+            done = _staged_now(staged)
+            if done is not None:
+                self.driver.discard_staged(done)
+
+        dbthread.executor().submit(discard)
 
     def _discard_staged(self, key: tuple[str, str]) -> None:
         staged = self._staged.pop(key, None)
@@ -830,7 +885,25 @@ class Runner:
         def record(new: Txn) -> Txn:
             return self.journal.update(new, phase=after, begin=next_action(after))
 
-        return Ahead(lambda new: self._put_target(new, plan, staged), record)
+        return Ahead(lambda new: self._put_target(new, plan, _staged_now(staged)), record)
+
+    def _look_ahead(
+        self, txn: Txn, plan: Plan, phase: Phase
+    ) -> asyncio.Task[dict[str, Any]] | None:
+        """The verify after ``phase`` (``restarted``, ``rb_restarted``), begun while the
+        record of ``phase`` (which carries the verify's "begin") is written, not after it: a
+        verify only looks at the server (its ports, its certificate, the watermark) and changes
+        nothing, so nothing it does needs the record first; its outcome is taken, and
+        journalled, only after that record has committed (the record of the restart, a journal
+        write inside every freeze window, is off the window's path: issue 15). Not when the
+        test hook stops the agent at ``phase``."""
+        action = next_action(phase)
+        if action not in (Action.VERIFY, Action.VERIFY_SOURCE) or self.crash_after == phase:
+            return None
+        attempts = 1 if phase in FORWARD else BACKWARD_ATTEMPTS
+        return asyncio.create_task(
+            self._attempt(action, txn, plan, attempts), name=f"txn-{txn.rollout_id}-{action}"
+        )
 
     def _put_target(self, txn: Txn, plan: Plan, staged: StagedConfig | None = None) -> None:
         if txn.target_config is not None:  # the journal holds both configs since the create
@@ -877,30 +950,29 @@ class Runner:
         watermark_was: int | None,
     ) -> list[str]:
         """What is wrong with the server as ``schemes`` want it: each scheme's port and the
-        watermark, asked at once (they are independent; the freeze window waits for them),
-        reported in this order."""
+        watermark, asked at once on the event loop (they are independent; the freeze window
+        waits for them), reported in this order."""
         f, checks = plan.facts, self.checks
-
-        def check_https() -> str | None:
-            # The CA is read in the probe's own worker thread, not in a hop of its own before
-            # it (issue 15). Only for https: the way back to http must not depend on the
-            # staged files.
-            ca_pem = plan.ca_file.read_bytes()
-            return checks.check_https(f.address, f.https_port, f.app_path, ca_pem, fingerprint)
 
         async def https() -> str | None:
             if "https" in schemes:
-                return await asyncio.to_thread(check_https)
-            if await asyncio.to_thread(checks.port_open, f.address, f.https_port):
+                # The CA as the switch's staging read it (``stage``); else (a transaction
+                # resumed after a restart) read here. Only for https: the way back to http
+                # must not depend on the staged files.
+                ca_pem = self._cas.get(plan.ca_file)
+                if ca_pem is None:
+                    ca_pem = await asyncio.to_thread(plan.ca_file.read_bytes)
+                return await checks.check_https(
+                    f.address, f.https_port, f.app_path, ca_pem, fingerprint
+                )
+            if await checks.port_open(f.address, f.https_port):
                 return f"port {f.https_port} still open"
             return None
 
         async def http() -> str | None:
             if "http" in schemes:
-                return await asyncio.to_thread(
-                    checks.check_http, f.address, f.http_port, f.app_path
-                )
-            if await asyncio.to_thread(checks.port_open, f.address, f.http_port):
+                return await checks.check_http(f.address, f.http_port, f.app_path)
+            if await checks.port_open(f.address, f.http_port):
                 return f"port {f.http_port} still open (plain http must be closed)"
             return None
 

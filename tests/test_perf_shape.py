@@ -49,7 +49,7 @@ from tests.conftest import IssuedCert
 from tests.leader_rig import leader_with_a_node
 from tests.nodeside import Node as NodeSide
 from tests.refserver_helper import RefServer, write_toml
-from tlsroll import dbthread, httpcheck, pki, tls
+from tlsroll import dbthread, httpcheck, pki, probe, tls
 from tlsroll.defaults import AGENT_PORT, BOOTSTRAP_PORT
 from tlsroll.errors import TransientError
 from tlsroll.httpcheck import port_open
@@ -1240,7 +1240,8 @@ def test_a_stage_makes_the_tls_context_its_switch_s_verify_trusts(
     from tests.test_httpcheck import APP, OK_CLOSE, tiny_server
 
     with tiny_server(address, OK_CLOSE, server) as port:
-        ca_pem = staged.ca_file.read_bytes()  # as verify reads it
+        ca_pem = staged.ca_file.read_bytes()  # as the switch's staging reads it for verify
+        assert asyncio.run(probe.check_https(address, port, APP, ca_pem, fingerprint)) is None
         assert httpcheck.check_https(address, port, APP, ca_pem, fingerprint) is None
     assert len(made) == 1
     journal.close()

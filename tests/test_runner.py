@@ -29,9 +29,11 @@ import os
 import re
 import sqlite3
 import stat
+import threading
 import time
 import tomllib
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, cast
@@ -141,17 +143,17 @@ def fake_checks(server: FakeServer, where: str = ADDRESS) -> Checks:
     """Verify's outside view of the server on address ``where``, answered by the fake server."""
     ports = {8080: "http", 8443: "https"}
 
-    def port_open(address: str, port: int) -> bool:
+    async def port_open(address: str, port: int) -> bool:
         assert address == where
         return ports[port] in server.listens()
 
-    def check_http(address: str, port: int, path: str) -> str | None:
+    async def check_http(address: str, port: int, path: str) -> str | None:
         assert address == where
         if "check_http" in server.failing or "http" not in server.listens():
             return f"http://{address}:{port}{path}: connection refused"
         return None
 
-    def check_https(
+    async def check_https(
         address: str, port: int, path: str, ca_pem: bytes, fingerprint: str | None
     ) -> str | None:
         assert address == where and ca_pem == b"the cluster CA"
@@ -726,21 +728,6 @@ class WatchedDriver(FakeDriver):
         super().write_config(data)
 
 
-def watched_checks(checks: Checks, blocking: list[str]) -> Checks:
-    def watched(name: str, fn: Callable[..., Any]) -> Callable[..., Any]:
-        def call(*args: Any) -> Any:
-            on_the_loop(blocking, f"checks.{name}")
-            return fn(*args)
-
-        return call
-
-    return Checks(
-        port_open=watched("port_open", checks.port_open),
-        check_http=watched("check_http", checks.check_http),
-        check_https=watched("check_https", checks.check_https),
-    )
-
-
 @pytest.fixture
 def watched_files(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     """Reading and writing files (the plan's config files, the CA, the backup) noted too."""
@@ -764,8 +751,9 @@ def watched_files(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 async def test_the_runner_never_blocks_the_event_loop(
     name: str, world: Callable[[Scenario], World], watched_files: list[str]
 ) -> None:
-    """Journal, files, driver config and outside checks all run in worker threads, under
-    asyncio's debug mode (which also refuses a worker thread touching the loop)."""
+    """Journal, files and driver config all run in worker threads (the outside checks are
+    coroutines, ``tlsroll.probe``), under asyncio's debug mode (which also refuses a worker
+    thread touching the loop)."""
     sc = SCENARIOS[name]
     w = world(sc)
     blocking = watched_files
@@ -778,7 +766,7 @@ async def test_the_runner_never_blocks_the_event_loop(
             journal,
             driver,
             w.time.clock,
-            checks=watched_checks(fake_checks(w.server), blocking),
+            checks=fake_checks(w.server),
             sleep=w.time.sleep,
         )
         txn = await asyncio.to_thread(journal.create, w.txn)
@@ -793,12 +781,13 @@ async def test_the_runner_never_blocks_the_event_loop(
     journal.close()
 
 
-async def test_verify_reads_the_ca_in_the_https_probes_thread(
+async def test_verify_reads_the_staged_ca_before_the_freeze(
     world: Callable[[Scenario], World], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Issue 15: verify read the CA file in a worker-thread hop of its own, before the
-    probes, inside every switch's freeze window. It is read in the https probe's thread now:
-    no hop is a file read alone, and the probe still gets the staged CA."""
+    """Issue 15: verify read the CA file in a worker-thread hop of its own, then in the https
+    probe's thread, inside every switch's freeze window. The probes run on the event loop now
+    and the CA is read with the switch's staging, before the freeze: the verify hands nothing
+    to a thread, and the probe still gets the staged CA."""
     sc = SCENARIOS["completes"]
     w = world(sc)
     hops: list[str] = []
@@ -810,10 +799,83 @@ async def test_verify_reads_the_ca_in_the_https_probes_thread(
 
     monkeypatch.setattr(asyncio, "to_thread", counting)
     journal = CrashingJournal(w.journal_path)
+    done = await w.run(journal)  # the fake https probe asserts the CA it gets
+    assert w.assert_ended_well(journal) == done
+    assert "read_bytes" not in hops, hops
+
+
+async def test_a_resumed_verify_reads_the_ca_in_a_thread(
+    world: Callable[[Scenario], World], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A switch resumed after the agent stopped before its verify was not staged by this
+    process: its verify reads the CA itself, in a worker thread, and still trusts it."""
+    sc = SCENARIOS["completes"]
+    w = world(sc)
+    at = next(n for n, label in enumerate(w.writes, 1) if label.startswith("restarted"))
+    first = CrashingJournal(w.journal_path, at)
+    with pytest.raises(Crash):
+        await w.run(first)
+    first.close()
+    hops: list[str] = []
+    to_thread = asyncio.to_thread
+
+    async def counting(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        hops.append(getattr(fn, "__name__", repr(fn)))
+        return await to_thread(fn, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", counting)
+    pending, journal = await w.resume()
+    assert len(pending) == 1
+    w.assert_ended_well(journal)
+    assert "read_bytes" in hops, hops
+    journal.close()
+
+
+@pytest.mark.parametrize("name", ["completes", "verify_fails"])
+async def test_the_verify_begins_while_the_record_of_the_restart_is_written(
+    name: str, world: Callable[[Scenario], World]
+) -> None:
+    """Issue 15: the record of ``restarted`` (which carries the verify's "begin") was written
+    before the verify began, a journal write inside every freeze window. A verify only looks,
+    so it begins with that write now; its outcome is journalled only after it, as before (the
+    journal's writes, and the server's operations, are the scenario's)."""
+    sc = SCENARIOS[name]
+    w = world(sc)
+    looked = threading.Event()
+    waited: list[bool] = []
+    checks = fake_checks(w.server)
+
+    async def check_https(*args: Any) -> str | None:
+        looked.set()
+        return await checks.check_https(*args)
+
+    async def check_http(*args: Any) -> str | None:
+        looked.set()
+        return await checks.check_http(*args)
+
+    class Watching(CrashingJournal):
+        def update(self, txn: Txn, **changes: Any) -> Txn:
+            if changes["phase"] in (Phase.RESTARTED, Phase.RB_RESTARTED):
+                waited.append(looked.wait(10))  # the verify's probe, called meanwhile
+                looked.clear()
+            return super().update(txn, **changes)
+
+    def runner(journal: Journal) -> Runner:
+        return Runner(
+            journal,
+            w.driver,
+            w.time.clock,
+            checks=replace(checks, check_https=check_https, check_http=check_http),
+            sleep=w.time.sleep,
+        )
+
+    w.runner = runner  # type: ignore[method-assign]
+    journal = Watching(w.journal_path)
     done = await w.run(journal)
     assert w.assert_ended_well(journal) == done
-    assert "check_https" in hops, hops
-    assert "read_bytes" not in hops, hops
+    assert waited and all(waited), waited
+    assert tuple(journal.writes) == w.writes
+    assert tuple(w.server.ops) == sc.ops
 
 
 class FileDriver(FakeDriver):
@@ -866,10 +928,9 @@ async def test_a_switch_hands_its_journal_and_config_to_one_thread_a_hop_per_ste
     the default executor, whose idle threads woke each other for each (about 80 context
     switches per switch). They run on the store's one thread now (``tlsroll.dbthread``), and
     the config write and its record in the same hop as the record of the freeze before it
-    (after its commit): a record per step but one, and the verify's probes (which run at once,
-    in threads of their own);
-    nothing else (the config is staged in the servicer's hand-off that creates the
-    transaction)."""
+    (after its commit): a record per step but one; nothing else (the config is staged, and the
+    staged CA read, in the servicer's hand-off that creates the transaction; the verify's
+    probes run on the event loop, ``tlsroll.probe``)."""
     sc = SCENARIOS["completes"]
     w = world(sc)
     hops = counted_hand_offs(monkeypatch)
@@ -879,7 +940,7 @@ async def test_a_switch_hands_its_journal_and_config_to_one_thread_a_hop_per_ste
     hops = [(thread, name) for thread, name in hops if name != "create"]  # the servicer's
     default = [name for thread, name in hops if thread == "default"]
     store = [name for thread, name in hops if thread == "store"]
-    assert sorted(default) == ["check_https", "port_open"], hops  # verify: https, http closed
+    assert default == [], hops  # the verify's probes (https, http closed) made none either
     # the records of frozen, then the config's write and the record of config_written in the
     # same hop; restarted; verified; completed: 4, where there were 6 to the default executor
     assert store == ["_write_then", "update", "update", "complete"], hops
@@ -912,6 +973,47 @@ async def test_a_switch_stages_its_target_config_so_that_the_window_holds_only_i
         assert driver.commits[0] is driver.stagings[0]
         assert driver.commits[1:] == driver.stagings[1:]
     assert sorted(p.name for p in config_file.parent.iterdir()) == [config_file.name]
+
+
+async def test_a_switch_staged_in_the_next_hand_off_freezes_while_its_config_is_staged(
+    world: Callable[[Scenario], World],
+) -> None:
+    """Issue 15: the servicer's create staged the target config (a write and an fsync) in its
+    own hand-off to the store's thread, so the freeze call went out only after it. It is
+    staged in the store thread's next hand-off now (``Runner.stage_next``), while the freeze
+    call goes out; the write of the config still commits that staging, and the journal's
+    writes and the server's operations are the scenario's."""
+    sc = SCENARIOS["completes"]
+    w = world(sc)
+    frozen = threading.Event()
+    waited: list[bool] = []
+
+    class SlowStaging(FileDriver):
+        async def freeze(self, drain_timeout: float) -> int:
+            watermark = await super().freeze(drain_timeout)
+            frozen.set()
+            return watermark
+
+        def stage_config(self, data: bytes) -> StagedConfig:
+            waited.append(frozen.wait(10))  # the freeze call, made meanwhile
+            return super().stage_config(data)
+
+    w.driver = driver = SlowStaging(w.server, w.driver.config_file)
+    journal = CrashingJournal(w.journal_path)
+    first = next_action(Phase.STARTED)
+    runner = w.runner(journal)
+
+    def create() -> tuple[Txn, Future[StagedConfig | None]]:  # as the servicer's
+        txn = journal.create(w.txn, begin=first)
+        return txn, runner.stage_next(txn)
+
+    txn, staged = await dbthread.run(create)
+    done = await runner.run(txn, begun=first, staged=staged)
+    assert w.assert_ended_well(journal) == done
+    assert waited == [True]
+    assert driver.commits == driver.stagings[:1]
+    assert tuple(journal.writes) == w.writes
+    assert tuple(w.server.ops) == sc.ops
 
 
 async def test_an_agent_started_again_removes_the_staged_configs_an_earlier_one_left(
