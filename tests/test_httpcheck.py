@@ -134,17 +134,21 @@ def test_the_leaders_outside_check_passes_servers_that_close_after_replying(
     cert = issue_cert(address)
     ca_pem = cert.ca_file.read_bytes()
     fingerprint = pki.fingerprint(pki.read_cert(cert.cert_file))
-    with tiny_server(address, OK_10) as closed_port:
-        pass  # a port nobody listens on any more
-    for answer in (OK_10, OK_CLOSE, OK_CLOSE_NO_LENGTH):
-        with tiny_server(address, answer, _tls(cert)) as port:
-            live = f"https://{address}:{port}{APP}"
-            gone = f"http://{address}:{closed_port}{APP}"
-            assert outside_check(live, gone, ca_pem, fingerprint) is None
-        with tiny_server(address, answer) as port:
-            live = f"http://{address}:{port}{APP}"
-            gone = f"https://{address}:{closed_port}{APP}"
-            assert outside_check(live, gone, ca_pem) is None
+    # A port nobody listens on, kept bound so that no server below is given it (a freed port
+    # went to the next server once): a bound socket that does not listen refuses connections.
+    closed = socket.socket()
+    closed.bind((address, 0))
+    closed_port = closed.getsockname()[1]
+    with closed:
+        for answer in (OK_10, OK_CLOSE, OK_CLOSE_NO_LENGTH):
+            with tiny_server(address, answer, _tls(cert)) as port:
+                live = f"https://{address}:{port}{APP}"
+                gone = f"http://{address}:{closed_port}{APP}"
+                assert outside_check(live, gone, ca_pem, fingerprint) is None
+            with tiny_server(address, answer) as port:
+                live = f"http://{address}:{port}{APP}"
+                gone = f"https://{address}:{closed_port}{APP}"
+                assert outside_check(live, gone, ca_pem) is None
 
 
 # --- tlsroll.probe: the same checks on the event loop (the agent's verify) ---------------------
