@@ -445,7 +445,10 @@ class Engine:
         if step.step in STEP_FOR_STATE.values():
             # ``row`` was read before this task started, maybe while the previous run of the
             # same step was saving its result: run only if the node still waits for it.
-            fresh = self.schema.kept(rollout.id) or await dbthread.run(self.schema.get, rollout.id)
+            # (Settled: this step's earlier run ended after its save had committed.)
+            fresh = self.schema.kept(rollout.id, settled=True) or await dbthread.run(
+                self.schema.get, rollout.id
+            )
             try:
                 state = fresh.node(step.node)[0].state if fresh is not None else None
             except KeyError:  # not a node of this rollout
@@ -636,7 +639,9 @@ class Engine:
         # per node (issue 15), for a retry that is rare.
         for attempt in range(1, STALE_ATTEMPTS + 1):
             try:
-                row = self.schema.kept(rollout_id) or await dbthread.run(
+                # Settled: ``save_states`` checks this node's record (``only``) and raises
+                # StaleRecords if a write overtook it.
+                row = self.schema.kept(rollout_id, settled=True) or await dbthread.run(
                     self.schema.get, rollout_id
                 )
                 assert row is not None
