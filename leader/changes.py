@@ -161,7 +161,10 @@ class StepContext:
         """What the schema should show while the step still runs (a switch's freeze began):
         written now, with anything learnt before it, if it changes what is stored."""
         self.learnt.update(changes)
-        await dbthread.run(self.schema.update_detail, self.rollout.id, self.node, **self.learnt)
+        # A switch's first state (begun, not yet frozen) usually changes nothing stored: no
+        # hand-off to the store's thread for it (one per node).
+        if not self.schema.detail_kept(self.rollout.id, self.node, self.learnt):
+            await dbthread.run(self.schema.update_detail, self.rollout.id, self.node, **self.learnt)
         self.learnt.clear()
 
 
@@ -405,7 +408,10 @@ class ChangeSteps:
     @staticmethod
     async def node_detail(ctx: StepContext) -> NodeDetail:
         """What the schema holds about the node (from memory when it can: no worker thread)."""
-        row = ctx.schema.kept(ctx.rollout.id) or await dbthread.run(ctx.schema.get, ctx.rollout.id)
+        # Settled: the node's urls and certificate were written by its earlier steps.
+        row = ctx.schema.kept(ctx.rollout.id, settled=True) or await dbthread.run(
+            ctx.schema.get, ctx.rollout.id
+        )
         assert row is not None
         return row.node(ctx.node)[1]
 

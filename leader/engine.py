@@ -165,16 +165,27 @@ class Engine:
     # --- the loop -----------------------------------------------------------------------------
 
     async def run(self, stop: asyncio.Event) -> None:
-        while not stop.is_set():
-            try:
-                await self.reconcile()
-            except Exception as exc:  # the loop must survive anything; the schema shows why
-                log.error("engine.failed", error=str(exc), error_type=type(exc).__name__)
-            self.wake.clear()
-            waiters = [asyncio.ensure_future(self.wake.wait()), asyncio.ensure_future(stop.wait())]
-            await asyncio.wait(waiters, timeout=TICK_SECONDS, return_when=asyncio.FIRST_COMPLETED)
-            for w in waiters:
-                w.cancel()
+        # Between passes the loop waits on ``wake`` alone: ``stop`` and the tick set it. Each
+        # pass made two tasks (one waiting on ``wake``, one on ``stop``) and cancelled both,
+        # and ``asyncio.wait`` a timer and callbacks of its own: several turns of the event
+        # loop per pass, about five passes per node of a rollout.
+        loop = asyncio.get_running_loop()
+        stopping = asyncio.ensure_future(stop.wait())
+        stopping.add_done_callback(lambda _t: self.wake.set())
+        try:
+            while not stop.is_set():
+                try:
+                    await self.reconcile()
+                except Exception as exc:  # the loop must survive anything; the schema shows why
+                    log.error("engine.failed", error=str(exc), error_type=type(exc).__name__)
+                self.wake.clear()
+                tick = loop.call_later(TICK_SECONDS, self.wake.set)
+                try:
+                    await self.wake.wait()
+                finally:
+                    tick.cancel()
+        finally:
+            stopping.cancel()
         await self.close()
 
     async def reconcile(self) -> None:
@@ -445,7 +456,10 @@ class Engine:
         if step.step in STEP_FOR_STATE.values():
             # ``row`` was read before this task started, maybe while the previous run of the
             # same step was saving its result: run only if the node still waits for it.
-            fresh = self.schema.kept(rollout.id) or await dbthread.run(self.schema.get, rollout.id)
+            # (Settled: this step's earlier run ended after its save had committed.)
+            fresh = self.schema.kept(rollout.id, settled=True) or await dbthread.run(
+                self.schema.get, rollout.id
+            )
             try:
                 state = fresh.node(step.node)[0].state if fresh is not None else None
             except KeyError:  # not a node of this rollout
@@ -636,7 +650,9 @@ class Engine:
         # per node (issue 15), for a retry that is rare.
         for attempt in range(1, STALE_ATTEMPTS + 1):
             try:
-                row = self.schema.kept(rollout_id) or await dbthread.run(
+                # Settled: ``save_states`` checks this node's record (``only``) and raises
+                # StaleRecords if a write overtook it.
+                row = self.schema.kept(rollout_id, settled=True) or await dbthread.run(
                     self.schema.get, rollout_id
                 )
                 assert row is not None

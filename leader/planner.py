@@ -30,8 +30,9 @@ Decisions, in the order ``next_actions`` makes them:
   ``max_parallel`` nodes are in flight (from leaving ``pending`` until a terminal state).
   Pipelining (``prepare_ahead`` > 0): up to ``prepare_ahead`` more nodes may be in
   ``preflight``, ``staging`` or ``staged`` meanwhile; those steps change nothing live on a node.
-  They start only while no node is in ``preflight`` or ``staging`` (at the rollout's start,
-  once the first ``max_parallel`` nodes are staged: their switches wait for nothing else).
+  At the rollout's start (no node has begun its switch yet) they start only while no node is
+  in ``preflight`` or ``staging`` (once the first ``max_parallel`` nodes are staged: their
+  switches wait for nothing else); later whenever the count allows.
 * Switch: ``staged`` nodes begin their switch in ``running`` and ``paused`` (pause stops new
   nodes, not nodes in flight). Pipelining: at most ``max_parallel`` nodes switch or confirm at
   once, and a staged node begins only when no node before it in ``order`` is still to begin
@@ -522,10 +523,13 @@ def next_actions(
 
     if state is RolloutState.RUNNING and prepare_ahead > 0:
         start(rollout.max_parallel)  # after the switches: slots they freed
-        # The nodes prepared ahead start once every node started is past its preflight and
-        # stage: at the rollout's start the first switch waits for the first node's
-        # preparation only, not for the leader's and the machine's share of the next one's.
-        if not tally.count(_BEING_PREPARED):
+        # At the rollout's start (no node has reached its switch yet) the nodes prepared
+        # ahead start once every node started is past its preflight and stage: the first
+        # switch waits for the first node's preparation only, not for the leader's and the
+        # machine's share of the next one's. Later a node being prepared holds back none:
+        # held then, a preparation slower than a switch and its confirm left the switch slot
+        # idle and prepared one node at a time (review L4).
+        if not tally.count(_BEING_PREPARED) or _past_the_start(tally):
             start(rollout.max_parallel + prepare_ahead)
 
     steps = [
@@ -547,6 +551,21 @@ def next_actions(
             rollout_events.append(RolloutEvent.NODES_DUAL if waits else RolloutEvent.NODES_SETTLED)
 
     return Plan(rollout.epoch, tuple(rollout_events), tuple(node_events), tuple(steps))
+
+
+# A node in one of these states has begun its switch (a failed node may have failed its
+# preflight or stage, a skipped one never started: neither counts).
+_SWITCH_BEGUN = SWITCH_SLOT | {
+    NodeState.DONE,
+    NodeState.DUAL,
+    NodeState.ROLLED_BACK,
+    NodeState.NEEDS_ATTENTION,
+}
+
+
+def _past_the_start(tally: _Tally) -> bool:
+    """Whether some node of the rollout has begun its switch: the rollout is past its start."""
+    return bool(tally.count(_SWITCH_BEGUN))
 
 
 def _switch_turns(

@@ -268,7 +268,9 @@ class SchemaStore(LeaderStore):
     def peek_awaiting(self) -> tuple[bool, list[RolloutRow]]:
         """``awaiting()`` without waiting, if it is known now to be none (the common case):
         (True, []); else (False, []) and ``awaiting`` it is, in a worker thread."""
-        live = self._db.peek(_LIVE)
+        # Settled: a rollout a write under way makes awaiting is seen at the engine's next
+        # pass, which that write's outcome brings.
+        live = self._db.peek(_LIVE, settled=True)
         if live is None or any(state == _AWAITING for _, state in live):
             return False, []
         return True, []
@@ -292,11 +294,14 @@ class SchemaStore(LeaderStore):
                 self._keep(row)
             return row
 
-    def kept(self, rollout_id: str) -> RolloutRow | None:
+    def kept(self, rollout_id: str, *, settled: bool = False) -> RolloutRow | None:
         """The rollout as ``get`` would return it, if it is kept in memory and can be had
         without waiting (``Database.peek``); None: ``get`` it in a worker thread. For the
-        event loop: most of a step's reads of its rollout need no thread."""
-        row = self._db.peek(_key(rollout_id))
+        event loop: most of a step's reads of its rollout need no thread. ``settled``: while
+        a write holds the store, the rollout as the last write left it (``Database.peek``):
+        for a caller whose write checks the records it read (``save_states``), or that reads
+        what a write under way does not change."""
+        row = self._db.peek(_key(rollout_id), settled=settled)
         return cast(RolloutRow, row) if row is not None else None
 
     def _keep(self, row: RolloutRow) -> None:
@@ -739,6 +744,13 @@ class SchemaStore(LeaderStore):
         if census is not None:
             row.__dict__["census"] = census
         return row
+
+    def detail_kept(self, rollout_id: str, name: str, changes: Mapping[str, Any]) -> bool:
+        """True if the rollout kept in memory shows node ``name`` with ``changes`` already (as
+        the last write left it): ``update_detail`` would write nothing, and the event loop
+        need not hand it to the store's thread. False if not, or not known without waiting."""
+        row = self.kept(rollout_id, settled=True)
+        return row is not None and _unchanged(row, name, changes)
 
     def update_detail(self, rollout_id: str, name: str, **changes: Any) -> None:
         """Record what a step learnt about a node while it runs (a switch's freeze began): a

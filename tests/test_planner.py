@@ -244,6 +244,36 @@ def test_pipelining_prepares_ahead_only_once_the_started_nodes_are_staged() -> N
     assert plan.nodes_with_event(NE.START) == ("c",)
 
 
+def test_pipelining_a_slow_preparation_holds_back_no_other_once_a_switch_began() -> None:
+    """Review L4: past the rollout's start, a node still being prepared holds back no node
+    prepared ahead. a is done while b is still in its preflight (a preparation slower than a
+    switch and its confirm): c starts its preparation at once (max_parallel 1 + prepare_ahead
+    1 = 2 in flight), so it is ready when b is done. Before, c waited for b's stage, the switch
+    slot stood idle meanwhile, and the nodes were prepared one at a time. b still switches
+    first (the order), and never two at once."""
+    eng = Engine.cluster("a b c d", leader="d", prepare_ahead=1)
+    eng.admin(RE.START)
+    eng.succeed("a")
+    plan = eng.succeed("a")  # a staged: a switches, b starts
+    assert plan.nodes_with_event(NE.START) == ("b",)
+    eng.succeed("a")  # a confirming, b still in preflight
+    plan = eng.succeed("a")  # a done, b still in preflight: c starts
+    assert plan.nodes_with_event(NE.START) == ("c",)
+    assert eng.states() == {"a": N.DONE, "b": N.PREFLIGHT, "c": N.PREFLIGHT, "d": N.PENDING}
+    eng.finish("c")  # c ready first: it waits for b, which is before it in the order
+    assert eng.states()["c"] is N.STAGED
+    eng.succeed("b")
+    plan = eng.succeed("b")  # b staged: it switches; c waits its turn, d for a slot
+    assert plan.nodes_with_event(NE.SWITCH) == ("b",)
+    assert plan.nodes_with_event(NE.START) == ()
+    plan = eng.finish("b")  # b done: c switches, d starts
+    assert plan.nodes_with_event(NE.SWITCH) == ("c",)
+    assert plan.nodes_with_event(NE.START) == ("d",)
+    eng.finish("c")
+    eng.finish("d")
+    assert eng.status() is R.COMPLETED
+
+
 def test_pipelining_keeps_the_seeds_safety_a_failed_switch_switches_nothing_else() -> None:
     """A switch that rolls back halts the rollout (budget 0): the node prepared meanwhile is
     skipped without switching, and no other node starts."""

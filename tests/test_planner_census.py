@@ -122,7 +122,15 @@ def old_next_actions(
             emit(name, NodeEvent.SWITCH)
     if state is RolloutState.RUNNING and prepare_ahead > 0:
         start(rollout.max_parallel)
-        if not any(s in (NodeState.PREFLIGHT, NodeState.STAGING) for s in after.values()):
+        begun = SWITCH_SLOT | {
+            NodeState.DONE,
+            NodeState.DUAL,
+            NodeState.ROLLED_BACK,
+            NodeState.NEEDS_ATTENTION,
+        }
+        if any(s in begun for s in after.values()) or not any(
+            s in (NodeState.PREFLIGHT, NodeState.STAGING) for s in after.values()
+        ):
             start(rollout.max_parallel + prepare_ahead)
     steps = [
         StepAction(name, STEP_FOR_STATE[after[name]], rollout.epoch)

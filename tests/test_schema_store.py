@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import datetime as dt
 import sqlite3
+import threading
 from dataclasses import replace
 from pathlib import Path
 
@@ -409,3 +410,60 @@ def test_clients_reports_are_merged_so_a_server_restart_forgets_no_workstation(
     kept = store.clients(["b"])
     assert len(kept) == MAX_CLIENTS  # bounded per node across reports: the oldest go
     assert sum(c.last_seen == newer for c in kept) == 200
+
+
+def test_a_settled_look_while_a_write_holds_the_store_gives_what_the_last_write_left(
+    tmp_path: Path,
+) -> None:
+    """Issue 15: while the store's thread holds the store (a write under way, as it is much of
+    a rollout's time), the engine's reads of the kept rollout that a write under way may
+    overtake (``kept(settled=True)``: a step's guard, a step's save, which ``save_states``
+    checks) take what the last write left instead of handing a read to that thread (about
+    five hand-offs per node at 50 simulated nodes). A plain look still gives nothing then; a
+    transaction that fails after it wrote leaves nothing of itself to a settled look; the
+    engine's ``detail_kept`` says whether a progress write would change anything."""
+    store = SchemaStore(tmp_path / "s.sqlite3")
+    new_rollout(store)
+    row = store.get("r1")
+    assert row is not None and store.kept("r1") is row
+    store.active()  # the live rollouts: kept too
+    name = row.records[0].name
+    holding, release = threading.Event(), threading.Event()
+
+    def hold() -> None:
+        with store.db.tx():  # a write under way: it changes what it writes only as it ends
+            holding.set()
+            release.wait(10)
+
+    writer = threading.Thread(target=hold)
+    writer.start()
+    try:
+        assert holding.wait(10)
+        assert store.kept("r1") is None  # busy: not known without waiting
+        assert store.kept("r1", settled=True) is row  # what the last write left
+        assert store.detail_kept("r1", name, {"restart_seconds": 0.0})
+        assert not store.detail_kept("r1", name, {"restart_seconds": 1.5})
+        assert store.peek_awaiting() == (True, [])
+    finally:
+        release.set()
+        writer.join(10)
+
+    # A failed transaction that wrote: nothing of it, nor of what was kept, is left to look at.
+    def fail(db: sqlite3.Connection) -> None:
+        db.execute("UPDATE rollouts SET epoch = epoch WHERE id = 'r1'")
+        raise sqlite3.OperationalError("disk I/O error")
+
+    with pytest.raises(sqlite3.OperationalError), store.db.tx() as db:
+        fail(db)
+    holding.clear()
+    release.clear()
+    writer = threading.Thread(target=hold)
+    writer.start()
+    try:
+        assert holding.wait(10)
+        assert store.kept("r1", settled=True) is None
+        assert not store.detail_kept("r1", name, {"restart_seconds": 0.0})
+    finally:
+        release.set()
+        writer.join(10)
+    store.close()

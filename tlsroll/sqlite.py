@@ -205,6 +205,9 @@ class Database:
         # reader that waits for a change (the leader's renewal watch) need not look each second.
         self.on_change: list[Callable[[], None]] = []
         self.cache: dict[Hashable, Any] = {}
+        # ``cache`` as it was when the lock was last released (replaced whole, never changed
+        # in place): what ``peek(settled=True)`` gives while a writer holds the lock.
+        self._settled: dict[Hashable, Any] = {}
         self._data_version: int | None = None
         self.transactions = 0
         self.commits = 0
@@ -230,26 +233,44 @@ class Database:
         if version != self._data_version:
             self._data_version = version
             self.cache.clear()
+            self._settled = {}
 
-    def peek(self, key: Hashable) -> Any:
+    def peek(self, key: Hashable, *, settled: bool = False) -> Any:
         """What ``cache`` keeps under ``key``, if the lock is free right now (None if it is
         not, if nothing is kept, or if another connection wrote since: then read the usual
         way, in a worker thread). Never waits for a writer, so the event loop may call it
         instead of handing a read of what is kept to a thread (issue 15: a rollout step did
-        that about ten times per node)."""
+        that about ten times per node).
+
+        ``settled``: while a writer holds the lock, what was kept when it last released the
+        lock (this connection's last commit, and another connection's commit once a look
+        under the lock saw it), not None. For a caller that a write under way may overtake:
+        one whose write checks what it read (``SchemaStore.save_states`` raises
+        ``StaleRecords``), or that only looks at what the write under way does not change.
+        During a rollout the store's thread holds the lock much of the time: without it,
+        about five reads per node at 50 simulated nodes went to that thread, each a hand-off
+        and two context switches, for what was kept in memory."""
         if not self._lock.acquire(blocking=False):
-            return None
+            return self._settled.get(key) if settled else None
         try:
             self._others_wrote()
             return self.cache.get(key)
         finally:
             self._lock.release()
 
+    def _settle(self) -> None:
+        """Under the lock, as it is released: what ``peek(settled=True)`` gives until the next
+        release (a copy: the stores change ``cache`` in place under the lock)."""
+        self._settled = dict(self.cache)
+
     @contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:
         with self._lock:
-            self._others_wrote()
-            yield self._db
+            try:
+                self._others_wrote()
+                yield self._db
+            finally:
+                self._settle()
 
     @contextmanager
     def tx(self, *, routine: bool = False) -> Iterator[sqlite3.Connection]:
@@ -278,6 +299,8 @@ class Database:
                 if self._db.in_transaction:
                     self._db.execute("ROLLBACK")
                 raise
+            finally:
+                self._settle()
             self.transactions += 1
             self.commits += self._db.total_changes != changes
         if not routine:
