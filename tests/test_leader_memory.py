@@ -24,7 +24,7 @@ import pytest
 import structlog.testing
 from cryptography import x509
 
-from leader import runtime
+from leader import daemon, runtime
 from leader.agent_client import AgentPool
 from leader.rollout_core import RolloutState
 from leader.viewer.server import Viewer
@@ -33,7 +33,7 @@ from tests.conftest import IssuedCert
 from tests.leader_rig import leader_with_a_node
 from tests.test_engine import make_world
 from tests.test_perf_shape import NodeRows
-from tlsroll import heap, pki
+from tlsroll import heap, lean, pki
 from tlsroll.defaults import AGENT_PORT, VIEWER_PORT
 from tlsroll.tls import client_context
 from tlsroll.v1 import leader_pb2, leader_pb2_grpc
@@ -142,7 +142,26 @@ async def test_the_callers_cache_keeps_no_parsed_certificate_and_renewal_still_w
 # Runs the real leader daemon (``leader.daemon.main``, as the tlsroll-leader script does) and,
 # once its admin socket answers, writes the modules the process holds and stops it (SIGTERM,
 # the graceful stop). Only the standard library is imported besides the daemon.
-LEADER_HARNESS = """
+# Whether malloc gives blocks of a TLS connection's bio-pair buffer size (17 KiB) mappings of
+# their own in this process: of 64 such blocks (1 MiB, more than an arena keeps free at its
+# top), most; glibc marks such a chunk in its size word (IS_MMAPPED, 0x2).
+MAPPED_PROBE_SOURCE = """
+def MAPPED_PROBE():
+    import ctypes
+    libc = ctypes.CDLL(None)
+    libc.malloc.restype = ctypes.c_void_p
+    libc.malloc.argtypes = [ctypes.c_size_t]
+    libc.free.argtypes = [ctypes.c_void_p]
+    blocks = [libc.malloc(17 * 1024 + 8) for _ in range(64)]
+    mapped = sum(ctypes.c_size_t.from_address(b - 8).value & 2 == 2 for b in blocks)
+    for b in blocks:
+        libc.free(b)
+    return int(mapped > 32)
+"""
+
+LEADER_HARNESS = (
+    MAPPED_PROBE_SOURCE
+    + """
 import os, signal, socket, sys, threading, time
 sock, out, config = sys.argv[1], sys.argv[2], sys.argv[3]
 
@@ -159,12 +178,15 @@ def watch():
     loaded = sorted(name for name, module in list(sys.modules.items()) if module is not None)
     with open(out, "w") as f:
         f.write("\\n".join(loaded))
+    with open(out + ".malloc", "w") as f:  # after the list: the probe loads ctypes itself
+        f.write(str(MAPPED_PROBE()))
     os.kill(os.getpid(), signal.SIGTERM)
 
 threading.Thread(target=watch, daemon=True).start()
 from leader.daemon import main
 sys.exit(main(["--config", config]))
 """
+)
 
 # Never in a running leader: a terminal UI (structlog imports rich, and rich pygments, merely
 # because they are installed; ~5 MiB), the admin CLI's libraries, the other roles, and the
@@ -212,7 +234,9 @@ def test_an_idle_leader_holds_no_terminal_ui_and_no_viewer_it_does_not_run(
     else:  # it listens on the viewer's port, but loads nothing of it until someone connects
         assert "leader.viewer.server" in modules
         assert tops & VIEWER_ONLY == set()
-    assert "ctypes" not in tops  # only once a rollout has ended (``tlsroll.heap.releaser``)
+    # glibc malloc as ``tlsroll.heap.tune`` set it at start (which loaded ctypes for it): a
+    # TLS connection's 17 KiB buffers get mappings of their own.
+    assert Path(f"{out}.malloc").read_text() == "1"
 
 
 def _maps_aiohttp(pid: int) -> bool:
@@ -380,3 +404,55 @@ def test_the_heap_releaser_is_glibc_s_malloc_trim() -> None:
     release = heap.releaser()
     assert release is not None
     assert release() in (0, 1)
+
+
+def test_tune_gives_blocks_of_a_tls_buffer_s_size_mappings_of_their_own() -> None:
+    """Issue 15: every TLS connection inside gRPC holds two 17 KiB buffers (BoringSSL's bio
+    pair) of which heartbeats write only the first pages; glibc's default put them inside its
+    arenas, on memory that other blocks had made resident (``tlsroll.heap.MMAP_THRESHOLD``).
+    After ``heap.tune`` such a block has a mapping of its own; before it, it had not. In a
+    child process: the setting is the process's for good."""
+    script = (
+        MAPPED_PROBE_SOURCE
+        + """
+from tlsroll import heap
+before = MAPPED_PROBE()
+tuned = heap.tune({})
+print(before, int(tuned), MAPPED_PROBE())
+"""
+    )
+    env = {k: v for k, v in child_env().items() if k != heap.MMAP_ENV}
+    done = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env,
+        check=False,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.split() == ["0", "1", "1"]
+
+
+def test_tune_leaves_an_operator_s_own_threshold_alone() -> None:
+    """``MALLOC_MMAP_THRESHOLD_`` in the daemon's environment is glibc's own setting of the
+    same threshold (an operator's choice, e.g. in a drop-in of the unit): kept as it is."""
+    assert heap.tune({heap.MMAP_ENV: "131072"}) is False
+
+
+def test_the_leader_tunes_malloc_first_before_it_imports_the_daemon(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``tlsroll-leader`` sets malloc's threshold before anything starts a gRPC thread or makes
+    a TLS connection (``leader.daemon.main``), after ``keep_out``."""
+    calls: list[str] = []
+
+    def tune() -> bool:
+        calls.append("tune")
+        return True
+
+    def run(argv: list[str] | None) -> int:
+        calls.append("runtime")
+        return 0
+
+    monkeypatch.setattr(lean, "keep_out", lambda: calls.append("keep_out"))
+    monkeypatch.setattr(heap, "tune", tune)
+    monkeypatch.setattr(runtime, "main", run)
+    assert daemon.main([]) == 0
+    assert calls == ["keep_out", "tune", "runtime"]
