@@ -369,6 +369,28 @@ def test_node_details_that_did_not_change_are_not_written(tmp_path: Path) -> Non
     store.close()
 
 
+def test_every_write_that_changed_a_row_is_told_routine_or_not(tmp_path: Path) -> None:
+    """``Database.on_commit`` (the viewer's live pages) hears each committed write that changed
+    a row, a rollout's routine steps too; ``on_change`` (the renewal watch) only those that
+    move the generation; a write that changed nothing tells neither."""
+    store = SchemaStore(tmp_path / "s.sqlite3")
+    commits: list[int] = []
+    changes: list[int] = []
+    store.db.on_commit.append(lambda: commits.append(store.db.commits))
+    store.db.on_change.append(lambda: changes.append(store.db.generation))
+    new_rollout(store)  # not routine
+    assert (len(commits), len(changes)) == (1, 1)
+    at = dt.datetime(2026, 11, 28, 12, 0, 1, tzinfo=dt.UTC)
+    store.update_detail("r1", "a", restart_seconds=0.4, freeze_started_at=at)  # routine
+    assert (len(commits), len(changes)) == (2, 1)
+    store.update_detail("r1", "a", restart_seconds=0.4)  # nothing new: not even written
+    with store.db.tx(routine=True) as db:  # a transaction that changes no row
+        db.execute("UPDATE rollouts SET state = state WHERE id = 'nosuch'")
+    assert (len(commits), len(changes)) == (2, 1)
+    assert commits == [1, 2]  # told after the count moved
+    store.close()
+
+
 def test_clients_reports_are_merged_so_a_server_restart_forgets_no_workstation(
     tmp_path: Path,
 ) -> None:

@@ -6,9 +6,12 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import functools
 import hashlib
 import json
 import sqlite3
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,7 +23,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from leader import planner
 from leader.layout import Layout
 from leader.rollout_core import Change, NodeEvent, NodeState, RolloutEvent, RolloutState, Scope
-from leader.schema_store import BootstrapFailureRow, RolloutMeta, SchemaStore
+from leader.schema_store import BootstrapFailureRow, RolloutMeta, RolloutRow, SchemaStore
 from leader.states import GrantState
 from leader.store import NotFound, Store
 from leader.viewer import app as viewer_app
@@ -141,9 +144,8 @@ def test_the_viewer_certificate_is_issued_once_and_again_when_names_change(
 # --- the snapshot --------------------------------------------------------------------------------
 
 
-def run_rollout(schema: SchemaStore, rollout_id: str, change: Change, fail: str = "") -> None:
-    """Plan and drive a rollout through the store as the engine would: every node done,
-    except ``fail`` (rolled back)."""
+def start_rollout(schema: SchemaStore, rollout_id: str, change: Change) -> RolloutRow:
+    """A rollout of nodes a and b as the engine creates it: running, nothing done yet."""
     rollout, nodes = planner.plan_rollout(
         rollout_id=rollout_id,
         change=change,
@@ -153,7 +155,15 @@ def run_rollout(schema: SchemaStore, rollout_id: str, change: Change, fail: str 
         epoch=schema.next_epoch(),
     )
     meta = RolloutMeta(created_at=NOW, started_by="admin:test", leader_node="a")
-    row = schema.create(rollout.with_event(RolloutEvent.START), nodes, meta, NOW)
+    return schema.create(rollout.with_event(RolloutEvent.START), nodes, meta, NOW)
+
+
+def drive_rollout(
+    schema: SchemaStore, row: RolloutRow, fail: str = "", pause: Callable[[], None] = lambda: None
+) -> None:
+    """Drive a started rollout through the store as the engine would: every node done, except
+    ``fail`` (rolled back); ``pause`` between two writes."""
+    rollout_id = row.rollout.id
     for name in ("b", "a"):
         events = [NodeEvent.START, NodeEvent.PREFLIGHT_PASSED, NodeEvent.STAGE_DONE]
         events.append(NodeEvent.SWITCH)
@@ -162,8 +172,10 @@ def run_rollout(schema: SchemaStore, rollout_id: str, change: Change, fail: str 
         else:
             events += [NodeEvent.SWITCH_DONE, NodeEvent.CONFIRM_DONE]
         for event in events:
+            pause()
             records = [r.with_event(event) if r.name == name else r for r in row.records]
             row = schema.save_states(row, row.rollout, records, NOW, "engine")
+        pause()
         schema.update_detail(
             rollout_id,
             name,
@@ -176,8 +188,13 @@ def run_rollout(schema: SchemaStore, rollout_id: str, change: Change, fail: str 
     if fail:
         halting = row.rollout.with_event(RolloutEvent.FAILURE_BUDGET_EXCEEDED)
         row = schema.save_states(row, halting, row.records, NOW, "engine", f"{fail} failed")
+    pause()
     settled = row.rollout.with_event(RolloutEvent.NODES_SETTLED)
     schema.save_states(row, settled, row.records, NOW, "engine")
+
+
+def run_rollout(schema: SchemaStore, rollout_id: str, change: Change, fail: str = "") -> None:
+    drive_rollout(schema, start_rollout(schema, rollout_id, change), fail)
 
 
 def test_the_snapshot_has_the_timeline_and_the_certificates_nodes_serve(store: Store) -> None:
@@ -250,18 +267,20 @@ async def next_update(stream: StreamReader, kept: bytearray) -> str:
         kept += chunk
 
 
-def test_a_write_to_the_store_reaches_an_open_page_without_waiting_for_a_look(
+def test_every_write_to_the_store_reaches_an_open_page_without_waiting_for_a_look(
     store: Store, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A page's live stream is woken by the store's writes (made in another thread, as the
-    leader's store thread makes them) and shows the state after the last of them; it does not
-    wait for its next timed look, put at a minute here."""
+    """A page's live stream is woken by each of the store's committed writes, routine ones too
+    (a rollout's steps, made in another thread as the leader's store thread makes them, apart
+    from each other), and shows the state after the last of them; it does not wait for its next
+    timed look, put at a minute here."""
     monkeypatch.setattr(viewer_app, "EVENT_INTERVAL", 60.0)
     monkeypatch.setattr(viewer_app, "SHARED_SECONDS", 60.0)
     schema = SchemaStore(store.db)
     grants = Grants(store.db)
     made = grants.create("test", ttl=HOUR, now=NOW, actor="admin:test")
     _, session = grants.login(made.secret, NOW)
+    row = start_rollout(schema, "r1", Change.ENABLE_TLS)
 
     async def watch() -> None:
         reader = Reader(store, schema, lambda: NOW, lambda _: True, [])
@@ -275,22 +294,27 @@ def test_a_write_to_the_store_reaches_an_open_page_without_waiting_for_a_look(
             closing=closing,
         )
         async with TestClient(TestServer(app.make(), host="127.0.0.1", port=0)) as client:
-            response = await client.get(
-                "/events", headers={"Cookie": f"{SESSION_COOKIE}={session}"}
-            )
+            cookie = {"Cookie": f"{SESSION_COOKIE}={session}"}
+            response = await client.get("/events", headers=cookie)
             assert response.status == 200
             kept = bytearray()
-            assert 'data-rollout=""' in await next_update(response.content, kept)  # none yet
-            await asyncio.to_thread(run_rollout, schema, "r1", Change.ENABLE_TLS)
-            async with asyncio.timeout(20):  # the stream's own next look: a minute away
+            assert 'data-rollout="r1" data-state="running"' in await next_update(
+                response.content, kept
+            )
+            # Each write well after the stream's last look (EVENT_GAP): no write rides on
+            # another's wake-up; the last, the rollout's end, needs its own.
+            pause = functools.partial(time.sleep, 2 * viewer_app.EVENT_GAP)
+            driving = asyncio.create_task(asyncio.to_thread(drive_rollout, schema, row, "", pause))
+            async with asyncio.timeout(30):  # the stream's own next look: a minute away
                 while 'data-rollout="r1" data-state="completed"' not in (
                     await next_update(response.content, kept)
                 ):
                     pass
+            await driving
             closing.set()
             app.close()
             response.close()
-        assert app.pulse.tell not in store.db.on_change
+        assert app.pulse.tell not in store.db.on_commit
 
     asyncio.run(watch())
 

@@ -204,6 +204,10 @@ class Database:
         # Called (in the writer's thread) after each write that moved ``generation`` on: a
         # reader that waits for a change (the leader's renewal watch) need not look each second.
         self.on_change: list[Callable[[], None]] = []
+        # Called (in the writer's thread) after each committed write that changed a row,
+        # routine or not (``commits`` moved on): what shows the store as it is (the viewer's
+        # live pages) shows each write.
+        self.on_commit: list[Callable[[], None]] = []
         self.cache: dict[Hashable, Any] = {}
         # ``cache`` as it was when the lock was last released (replaced whole, never changed
         # in place): what ``peek(settled=True)`` gives while a writer holds the lock.
@@ -302,9 +306,13 @@ class Database:
             finally:
                 self._settle()
             self.transactions += 1
-            self.commits += self._db.total_changes != changes
+            wrote = self._db.total_changes != changes
+            self.commits += wrote
         if not routine:
             self._tell()
+        if wrote:
+            for listener in list(self.on_commit):
+                listener()
 
     def touch(self) -> None:
         """Move ``generation`` on after a routine write that turned out to matter."""

@@ -5,7 +5,7 @@
                            near expiry; every rollout (newest first)
     GET /rollouts/{id}     the same with that rollout selected
     GET /events            server-sent events: the page's live part, sent again on a change
-                           (a write to the store wakes the streams; see ``Pulse``)
+                           (each committed write to the store wakes the streams: ``Pulse``)
     GET /api/v1/schema     the schema as JSON (what `tlsroll schema show --json` prints)
     GET /metrics           Prometheus text format (a session, or the scrape token)
     GET /login/{secret}    the one-time link (`tlsroll viewer grant`): a page with one link,
@@ -76,13 +76,13 @@ LANG_COOKIE = "tlsroll-lang"
 ALLOWED_METHODS = ("GET", "HEAD")
 # A page's live stream looks at the stores when a write to them committed (``Pulse``), and at
 # least this often for what changes with time alone (a node's heartbeat growing old, a session
-# ending): heartbeats are routine writes, which wake nobody.
+# ending, a write by another process) ...
 EVENT_INTERVAL = 0.5
 # ... and at most this often: a rollout writes many times a second; a page shows the state
 # after the writes of this long, not each of them.
 EVENT_GAP = 0.1
 # Open pages share what they read: however many are open, the stores are read at most once per
-# selection and write (the store's generation) and, without a write, per this long.
+# selection and write (``Database.commits``) and, without a write, per this long.
 SHARED_SECONDS = EVENT_INTERVAL / 2
 KEEPALIVE = 15.0  # seconds of silence after which /events sends a comment
 _SECRET = re.compile(r"[A-Za-z0-9_-]{20,100}")
@@ -111,8 +111,8 @@ GRANT: web.RequestKey[Grant] = web.RequestKey("grant", Grant)
 class Pulse:
     """Wakes the live streams when a write to the store committed.
 
-    ``tell`` is a ``Database.on_change`` listener: it runs in the writer's thread, after each
-    write that moved the store's generation on. It wakes the event loop once for any number of
+    ``tell`` is a ``Database.on_commit`` listener: it runs in the writer's thread, after each
+    committed write that changed a row. It wakes the event loop once for any number of
     writes until the loop has run ``_beat`` (a rollout writes many times a second). A stream
     takes ``event`` before it reads the store and waits on it after: a write that committed
     after that read sets it (its telling found the flag clear, or ``_beat`` was still to come
@@ -160,7 +160,7 @@ class ViewerApp:
         self._reading = asyncio.Lock()
         # Built on the event loop (the app is made when the first connection arrives).
         self.pulse = Pulse(asyncio.get_running_loop())
-        reader.store.db.on_change.append(self.pulse.tell)
+        reader.store.db.on_commit.append(self.pulse.tell)
         self.static = {
             name: (kind, (resources.files("leader.viewer") / "static" / name).read_bytes())
             for name, kind in STATIC.items()
@@ -169,7 +169,7 @@ class ViewerApp:
     def close(self) -> None:
         """The leader stops: no more telling; the live streams wake and see ``closing``."""
         with contextlib.suppress(ValueError):
-            self.reader.store.db.on_change.remove(self.pulse.tell)
+            self.reader.store.db.on_commit.remove(self.pulse.tell)
         self.pulse.tell()
 
     def make(self) -> web.Application:
@@ -267,18 +267,18 @@ class ViewerApp:
         ``SHARED_SECONDS`` old."""
         async with self._reading:
             now = time.monotonic()
-            generation = self.reader.store.db.generation
+            commits = self.reader.store.db.commits
             hit = self._shared.get(rollout_id)
-            if hit is not None and now - hit[0] < SHARED_SECONDS and hit[1] == generation:
+            if hit is not None and now - hit[0] < SHARED_SECONDS and hit[1] == commits:
                 return hit[2]
             snap = await self._snapshot(rollout_id)
             self._shared = {
                 k: v
                 for k, v in self._shared.items()
-                if now - v[0] < SHARED_SECONDS and v[1] == generation
+                if now - v[0] < SHARED_SECONDS and v[1] == commits
             }
-            # The generation read before the snapshot: a write during the read makes it stale.
-            self._shared[rollout_id] = (time.monotonic(), generation, snap)
+            # The count read before the snapshot: a write during the read makes it stale.
+            self._shared[rollout_id] = (time.monotonic(), commits, snap)
             return snap
 
     def _page(self, request: web.Request, rollout_id: str | None) -> pages.PageContext:
@@ -345,7 +345,7 @@ class ViewerApp:
                     await response.write(b": keepalive\n\n")
                     quiet = time.monotonic()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), EVENT_INTERVAL)
+                    await asyncio.wait_for(changed.wait(), EVENT_INTERVAL - EVENT_GAP)
                 if not self.closing.is_set():
                     await asyncio.sleep(EVENT_GAP)
         return response
