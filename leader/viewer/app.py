@@ -78,8 +78,9 @@ ALLOWED_METHODS = ("GET", "HEAD")
 # least this often for what changes with time alone (a node's heartbeat growing old, a session
 # ending, a write by another process) ...
 EVENT_INTERVAL = 0.5
-# ... and at most this often: a rollout writes many times a second; a page shows the state
-# after the writes of this long, not each of them.
+# ... and at most this often (or, for a page that takes longer to read and draw, twice that
+# time apart): a rollout writes many times a second; a page shows the state after the writes
+# of this long, not each of them.
 EVENT_GAP = 0.1
 # Open pages share what they read: however many are open, the stores are read at most once per
 # selection and write (``Database.commits``) and, without a write, per this long.
@@ -336,8 +337,12 @@ class ViewerApp:
                     await response.write(sse("unauthorized", ""))
                     break
                 changed = self.pulse.event  # before the read: see ``Pulse``
+                began = time.monotonic()
                 snap = await self._shared_snapshot(rollout_id)
                 html = pages.schema_content(snap, words, page)
+                # A large cluster's page takes longer to read and draw: the gap grows with it,
+                # so that a page open during a rollout takes at most a third of the leader.
+                gap = max(EVENT_GAP, 2 * (time.monotonic() - began))
                 if html != last:
                     await response.write(sse("update", html))
                     last, quiet = html, time.monotonic()
@@ -345,9 +350,9 @@ class ViewerApp:
                     await response.write(b": keepalive\n\n")
                     quiet = time.monotonic()
                 with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(changed.wait(), EVENT_INTERVAL - EVENT_GAP)
+                    await asyncio.wait_for(changed.wait(), max(EVENT_INTERVAL - gap, 0.0))
                 if not self.closing.is_set():
-                    await asyncio.sleep(EVENT_GAP)
+                    await asyncio.sleep(gap)
         return response
 
     async def api_schema(self, request: web.Request) -> web.Response:
