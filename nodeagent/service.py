@@ -605,7 +605,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             configs and its first step's "begin" in one write: one hand-off to the store's
             thread for the whole begin (issue 15), in the order the checks always had. Its
             target config is staged for the runner in the store thread's next hand-off
-            (``Runner.stage_next``), while the freeze call goes out."""
+            (``Runner.stage_next``), while the runner begins; its freeze call waits for it."""
             existing = self.journal.get(rollout_id, kind)
             done = str(existing.plan.get("change", "")) if existing is not None else ""
             if existing is not None and change and done and done != change:

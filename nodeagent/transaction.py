@@ -62,6 +62,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import datetime as dt
 import os
 import signal
@@ -309,18 +310,32 @@ class Checks:
 
 
 Sleep = Callable[[float], Awaitable[None]]
-# A switch's staged target config (``Runner.stage``), or the store thread's future of it
+
+
+@dataclass(frozen=True)
+class Staged:
+    """What a switch's staging (``Runner.stage``) made ready before its freeze: the target
+    config written beside the live one (None: nothing staged; the write step writes it
+    whole), and the staged CA its https verify trusts (None: the verify reads it itself)."""
+
+    config: StagedConfig | None = None
+    ca_pem: bytes | None = None
+
+
+# A switch's staging (``Runner.stage``), or the store thread's future of it
 # (``Runner.stage_next``: staged in the hand-off after the create's, done before any later
-# one); resolved only on the store's thread (``_staged_now``).
-Staging = StagedConfig | Future[StagedConfig | None]
+# one; the freeze waits for it, ``Runner._freeze``).
+Staging = Staged | Future[Staged | None]
 
 
 def _staged_now(staging: Staging | None) -> StagedConfig | None:
-    """``staging`` resolved; on the store's thread only, where a future ``stage_next`` made
-    has always completed (one thread, in order)."""
+    """The config ``staging`` staged; on the store's thread only, where a future
+    ``stage_next`` made has always completed (one thread, in order). Never waits for it: the
+    store's only thread waiting for a call queued behind its own would hang the journal, so
+    a staging not done yet is a mistake, and fails loudly (``TimeoutError``) instead."""
     if isinstance(staging, Future):
-        return staging.result()
-    return staging
+        staging = staging.result(timeout=0)
+    return staging.config if staging is not None else None
 
 
 class TxnChanges:
@@ -395,9 +410,11 @@ class Runner:
         self._staged: dict[tuple[str, str], Staging] = {}
         self._ahead: dict[tuple[str, str], Exception] = {}
         self._followed: dict[tuple[str, str], Txn] = {}
-        # The staged CA a switch's https verify trusts, read with its staging (``stage``), so
-        # that the verify, on the event loop, reads no file inside the freeze window.
-        self._cas: dict[Path, bytes] = {}
+        # The staged CA a switch's https verify trusts, read with its staging (``stage``) and
+        # taken from it by the freeze (``_freeze``), so that the verify, on the event loop,
+        # reads no file inside the freeze window. Set and removed by the transaction's own
+        # task only (``run``).
+        self._cas: dict[tuple[str, str], bytes] = {}
 
     def busy_with(self) -> Txn | None:
         """Blocking (reads the journal)."""
@@ -574,7 +591,7 @@ class Runner:
         finally:
             self._ahead.pop(key, None)
             self._followed.pop(key, None)
-            self._cas.pop(plan.ca_file, None)
+            self._cas.pop(key, None)
             self._discard_staged(key)
 
     async def _steps(self, txn: Txn, plan: Plan, begun: str | None) -> Txn:
@@ -798,6 +815,7 @@ class Runner:
         return await acts[action](txn, plan)
 
     async def _freeze(self, txn: Txn, plan: Plan) -> dict[str, Any]:
+        await self._staging_done(txn)
         started = txn.freeze_started_at or self.clock()
         try:
             watermark = await self.driver.freeze(DRAIN_TIMEOUT)
@@ -825,46 +843,67 @@ class Runner:
         await dbthread.run(lambda: self._put_target(txn, plan, _staged_now(staged)))
         return {}
 
-    def stage(self, txn: Txn) -> StagedConfig | None:
+    def stage(self, txn: Txn) -> Staged | None:
         """Blocking: ``txn``'s target config written and fsynced beside the live one
-        (``Driver.stage_config``), which it does not replace yet. The servicer stages it in the
-        store thread's hand-off right after the create's (``stage_next``), while the freeze
-        call goes out: the freeze window then holds only its rename and the directory's fsync
-        (issue 15; the live config changes only at ``write_config``, after the journal says
-        ``frozen``). None when there is nothing to stage or it cannot be (the write step then
-        writes it whole, and says what is wrong). The staged CA the verify trusts is read here
-        too."""
+        (``Driver.stage_config``), which it does not replace yet, and the staged CA the verify
+        trusts, read. The servicer stages it in the store thread's hand-off right after the
+        create's (``stage_next``); the runner's freeze waits for it before its call goes out
+        (``_freeze``), so that the freeze window holds none of it, only the config's rename
+        and the directory's fsync (issue 15; the live config changes only at
+        ``write_config``, after the journal says ``frozen``). None when there is nothing to
+        stage; a config that cannot be staged is not (the write step then writes it whole,
+        and says what is wrong)."""
         if txn.phase is not Phase.STARTED or txn.target_config is None:
             return None
         plan = Plan.from_json(txn.plan)
+        ca_pem = None
         if "https" in plan.target_schemes:
             # Read now, before the freeze; missing or unreadable, the verify reads it (and
             # says what is wrong) itself.
             with contextlib.suppress(OSError):
-                self._cas[plan.ca_file] = plan.ca_file.read_bytes()
+                ca_pem = plan.ca_file.read_bytes()
         try:
-            return self.driver.stage_config(txn.target_config)
+            config = self.driver.stage_config(txn.target_config)
         except Exception as exc:
             log.warning("txn.stage_config_failed", rollout_id=txn.rollout_id, error=describe(exc))
-            return None
+            config = None
+        return Staged(config, ca_pem)
 
-    def stage_next(self, txn: Txn) -> Future[StagedConfig | None]:
-        """``stage`` in the store thread's next hand-off, not in the caller's: the servicer's
-        create, on the store's thread, returns as soon as the create is journalled, and the
-        freeze call goes out while the config is written and fsynced (issue 15: the staging
-        delayed every freeze by its write and fsync). Any later hand-off, the record of the
-        freeze among them, finds it done."""
-        return dbthread.executor().submit(self.stage, txn)
+    def stage_next(self, txn: Txn) -> Future[Staged | None]:
+        """``stage`` in the store thread's next hand-off, not in the caller's (with the
+        caller's context variables, as ``dbthread.run``): the servicer's create, on the
+        store's thread, returns as soon as the create is journalled, and the runner's work
+        before its freeze call (the transaction's task, its log, the first WatchTransaction
+        message, the socket directory's look) overlaps the config's write and fsync. The
+        freeze call waits for it (``_freeze``): the staging is never inside the freeze window.
+        Any later hand-off, the record of the freeze among them, finds it done."""
+        return dbthread.executor().submit(contextvars.copy_context().run, self.stage, txn)
+
+    async def _staging_done(self, txn: Txn) -> None:
+        """Wait for the switch's staging (``stage_next``) before its freeze call goes out, and
+        keep the CA it read for the verify. Shielded: a cancelled switch leaves the staging to
+        finish on the store's thread (its config is then discarded, ``run``)."""
+        key = (txn.rollout_id, txn.kind.value)
+        staging = self._staged.get(key)
+        if isinstance(staging, Future):
+            staging = await asyncio.shield(asyncio.wrap_future(staging))
+            if staging is None:
+                self._staged.pop(key, None)
+            else:
+                self._staged[key] = staging
+        if staging is not None and staging.ca_pem is not None:
+            self._cas[key] = staging.ca_pem
 
     def _discard(self, staged: Staging) -> None:
-        """A staged config no write took: removed, on the store's thread."""
+        """A staged config no write took: removed, on the store's thread (with the caller's
+        context variables, as ``dbthread.run``)."""
 
         def discard() -> None:
             done = _staged_now(staged)
             if done is not None:
                 self.driver.discard_staged(done)
 
-        dbthread.executor().submit(discard)
+        dbthread.executor().submit(contextvars.copy_context().run, discard)
 
     def _discard_staged(self, key: tuple[str, str]) -> None:
         staged = self._staged.pop(key, None)
@@ -928,7 +967,12 @@ class Runner:
         return {"restart_seconds": round(txn.restart_seconds + time.monotonic() - t0, 3)}
 
     async def _verify(
-        self, plan: Plan, schemes: tuple[str, ...], fingerprint: str, watermark: int | None
+        self,
+        txn: Txn,
+        plan: Plan,
+        schemes: tuple[str, ...],
+        fingerprint: str,
+        watermark: int | None,
     ) -> None:
         async for attempt in AsyncRetrying(
             stop=stop_after_attempt(VERIFY_ATTEMPTS),
@@ -938,7 +982,8 @@ class Runner:
             reraise=True,
         ):
             with attempt:
-                problems = await self._problems(plan, schemes, fingerprint, watermark)
+                ca_pem = self._cas.get((txn.rollout_id, txn.kind.value))
+                problems = await self._problems(plan, schemes, fingerprint, watermark, ca_pem)
                 if problems:
                     raise StepFailed("; ".join(problems))
 
@@ -948,10 +993,12 @@ class Runner:
         schemes: tuple[str, ...],
         fingerprint: str,
         watermark_was: int | None,
+        staged_ca: bytes | None = None,
     ) -> list[str]:
         """What is wrong with the server as ``schemes`` want it: each scheme's port and the
         watermark, asked at once on the event loop (they are independent; the freeze window
-        waits for them), reported in this order."""
+        waits for them), reported in this order. ``staged_ca``: the CA as the switch's staging
+        read it."""
         f, checks = plan.facts, self.checks
 
         async def https() -> str | None:
@@ -959,7 +1006,7 @@ class Runner:
                 # The CA as the switch's staging read it (``stage``); else (a transaction
                 # resumed after a restart) read here. Only for https: the way back to http
                 # must not depend on the staged files.
-                ca_pem = self._cas.get(plan.ca_file)
+                ca_pem = staged_ca
                 if ca_pem is None:
                     ca_pem = await asyncio.to_thread(plan.ca_file.read_bytes)
                 return await checks.check_https(
@@ -988,11 +1035,11 @@ class Runner:
         return [p for p in problems if p]
 
     async def _verify_target(self, txn: Txn, plan: Plan) -> dict[str, Any]:
-        await self._verify(plan, plan.target_schemes, plan.target_fingerprint, txn.watermark)
+        await self._verify(txn, plan, plan.target_schemes, plan.target_fingerprint, txn.watermark)
         return {}
 
     async def _verify_source(self, txn: Txn, plan: Plan) -> dict[str, Any]:
-        await self._verify(plan, plan.source_schemes, "", None)
+        await self._verify(txn, plan, plan.source_schemes, "", None)
         return {}
 
     async def _unfreeze(self, txn: Txn, plan: Plan) -> dict[str, Any]:

@@ -8,6 +8,9 @@ import ssl
 import threading
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import cast
+
+import pytest
 
 from tests.conftest import IssuedCert
 from tlsroll import httpcheck, pki, probe, tls
@@ -56,6 +59,16 @@ def tiny_server(address: str, answer: bytes, ctx: ssl.SSLContext | None = None) 
         stop.set()
         thread.join(timeout=5)
         listener.close()
+
+
+@contextmanager
+def closed_port(address: str) -> Iterator[int]:
+    """A port nobody listens on, kept bound while in use so that no server is given it (a
+    freed port went to the next server once): a bound socket that does not listen refuses
+    connections."""
+    with socket.socket(socket.AF_INET6 if ":" in address else socket.AF_INET) as closed:
+        closed.bind((address, 0))
+        yield closed.getsockname()[1]
 
 
 def _tls(cert: IssuedCert) -> ssl.SSLContext:
@@ -193,9 +206,8 @@ async def test_the_async_https_probe_says_what_is_wrong_never_raises(
     other_address = loopback()  # a certificate for another address
     with tiny_server(other_address, OK_CLOSE, _tls(cert)) as port:
         assert await probe.check_https(other_address, port, APP, ca_pem, None) is not None
-    with tiny_server(address, OK_CLOSE) as port:
-        pass
-    assert await probe.check_https(address, port, APP, ca_pem, None) is not None  # closed
+    with closed_port(address) as port:
+        assert await probe.check_https(address, port, APP, ca_pem, None) is not None
     assert await probe.check_https("not an address", 1, APP, ca_pem, None) is not None
     assert await probe.check_https(address, 70000, APP, ca_pem, None) is not None
 
@@ -213,8 +225,9 @@ async def test_the_async_http_probes_answer_a_string_or_false(
         with tiny_server(address, answer) as port:
             problem = await probe.check_http(address, port, APP)
             assert problem is not None and problem.startswith(f"http://{address}:{port}")
-    assert not await probe.port_open(address, port)
-    assert await probe.check_http(address, port, APP) is not None
+    with closed_port(address) as port:
+        assert not await probe.port_open(address, port)
+        assert await probe.check_http(address, port, APP) is not None
     assert not await probe.port_open(address, 70000)
     assert await probe.check_http(address, 70000, APP) is not None
     assert not await probe.port_open("not an address", 1)
@@ -239,3 +252,130 @@ async def test_the_async_probes_say_who_they_are() -> None:
     assert request.startswith(f"GET {APP} HTTP/1.1\r\n".encode())
     agent = httpcheck.PROBE_HEADERS["User-Agent"]
     assert f"\r\nuser-agent: {agent}\r\n".lower() in request.decode().lower()
+
+
+# Answers http.client (the leader's confirm, ``httpcheck``) takes or refuses; the agent's verify
+# (``probe``) must judge each the same (review of session 27: h11 refused the first three).
+QUIRKS = {
+    "a space before the colon": b"HTTP/1.1 200 OK\r\nContent-Length : 2\r\n\r\nok",
+    "a space in a header's name": b"HTTP/1.1 200 OK\r\nX A: a\r\nContent-Length: 2\r\n\r\nok",
+    "two differing lengths": (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nContent-Length: 3\r\n\r\nok"
+    ),
+    "bare LF": b"HTTP/1.1 200 OK\nContent-Length: 2\n\nok",
+    "no reason phrase": b"HTTP/1.1 200\r\nContent-Length: 2\r\n\r\nok",
+    "a folded header": b"HTTP/1.1 200 OK\r\nX-A: a\r\n b\r\nContent-Length: 2\r\n\r\nok",
+    "chunks": (
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2;x=y\r\nok\r\n0\r\nX-T: t\r\n\r\n"
+    ),
+    "a 100 Continue first": (
+        b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    ),
+    "HTTP/1.0 to the end": b"HTTP/1.0 200 OK\r\n\r\nok",
+    "a 204": b"HTTP/1.1 204 No Content\r\n\r\n",
+    "a short body": b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nok",
+    "broken chunks": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\nok\r\n",
+    "short chunks": b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nok",
+    "HTTP/2.0": b"HTTP/2.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+    "no version": b"200 OK\r\nContent-Length: 2\r\n\r\nok",
+    "a status of 99": b"HTTP/1.1 99 Odd\r\nContent-Length: 2\r\n\r\nok",
+    "101 headers": b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 101 + b"Content-Length: 2\r\n\r\nok",
+    "a long header line": b"HTTP/1.1 200 OK\r\nX: " + b"y" * 70000 + b"\r\n\r\n",
+    "a 404": b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\n\r\n",
+    "nothing": NOTHING,
+    "garbage": GARBAGE,
+}
+
+
+async def test_the_agents_probe_judges_an_answer_as_the_leaders_check_does(
+    loopback: Callable[[], str], issue_cert: Callable[..., IssuedCert]
+) -> None:
+    """Each answer, quirky or broken, passes both checks or fails both, over http and over
+    https: a server the leader's confirm passes is never rolled back by the agent's verify."""
+    address = loopback()
+    cert = issue_cert(address)
+    ca_pem = cert.ca_file.read_bytes()
+    judged: dict[str, tuple[bool, bool]] = {}
+    for name, answer in QUIRKS.items():
+        with tiny_server(address, answer) as port:
+            leader = await asyncio.to_thread(httpcheck.check_http, address, port, APP)
+            agent = await probe.check_http(address, port, APP)
+        with tiny_server(address, answer, _tls(cert)) as port:
+            leader_tls = await asyncio.to_thread(
+                httpcheck.check_https, address, port, APP, ca_pem, None
+            )
+            agent_tls = await probe.check_https(address, port, APP, ca_pem, None)
+        assert (agent is None, agent_tls is None) == (leader is None, leader_tls is None), name
+        judged[name] = (agent is None, agent_tls is None)
+    passed = {name for name, (plain, tls_) in judged.items() if plain and tls_}
+    assert passed == {
+        "a space before the colon",
+        "a space in a header's name",
+        "two differing lengths",
+        "bare LF",
+        "no reason phrase",
+        "a folded header",
+        "chunks",
+        "a 100 Continue first",
+        "HTTP/1.0 to the end",
+    }
+
+
+async def test_the_agents_probe_takes_any_path_as_the_leaders_check_does(
+    loopback: Callable[[], str],
+) -> None:
+    """A path with a space or an empty one: a string or a pass, as http.client answers it, never
+    an exception (h11's refusal of a target escaped the verify)."""
+    address = loopback()
+    with tiny_server(address, OK_CLOSE) as port:
+        for path in ("/a b", "", "/\x7f", "/\u00e9"):
+            leader = await asyncio.to_thread(httpcheck.check_http, address, port, path)
+            agent = await probe.check_http(address, port, path)
+            assert (agent is None) == (leader is None), path
+            assert agent is None or agent.startswith(f"http://{address}:{port}"), path
+
+
+async def test_a_probes_reason_carries_no_more_than_a_short_excerpt_of_the_answer(
+    loopback: Callable[[], str],
+) -> None:
+    """What the server sent never fills a reason (the journal, the logs, the leader's store and
+    the viewer carry it): a long garbage status line or a status line with a token in it is
+    named, not quoted; every reason is at most ``REASON_MAX`` characters."""
+    address = loopback()
+    answers = [
+        b"X" * 200_000 + b"\r\n\r\n",
+        b"Set-Cookie: session=SECRET\r\n\r\n",
+        b"HTTP/9.9 SECRET\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nX: " + b"SECRET" * 20000 + b"\r\n\r\n",
+    ]
+    for answer in answers:
+        with tiny_server(address, answer) as port:
+            problem = await probe.check_http(address, port, APP)
+        assert problem is not None
+        assert "SECRET" not in problem and "XXX" not in problem, problem
+        assert len(problem) <= probe.REASON_MAX, problem
+
+
+async def test_a_probes_connection_whose_close_hangs_is_aborted(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A close (a TLS close_notify) the peer never completes: after ``CLOSE_WAIT`` the
+    transport is aborted, not left in asyncio's TLS shutdown with its socket for 30 s."""
+    monkeypatch.setattr(probe, "CLOSE_WAIT", 0.01)
+    aborted: list[bool] = []
+
+    class Transport:
+        def abort(self) -> None:
+            aborted.append(True)
+
+    class Writer:
+        transport = Transport()
+
+        def close(self) -> None:
+            pass
+
+        async def wait_closed(self) -> None:
+            await asyncio.Event().wait()
+
+    await probe._close(cast(asyncio.StreamWriter, Writer()))
+    assert aborted == [True]

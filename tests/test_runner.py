@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import datetime as dt
 import errno
 import itertools
@@ -43,7 +44,7 @@ import pytest
 from nodeagent import plans, service, transaction
 from nodeagent.drivers import Driver, DriverError, ServerFacts, StagedConfig, Target
 from nodeagent.journal import Journal, Txn
-from nodeagent.transaction import Checks, Phase, Plan, Runner, next_action
+from nodeagent.transaction import Checks, Phase, Plan, Runner, Staged, next_action
 from nodeagent.trust import LeaderTrust
 from nodeagent.wire import TXN_PHASE
 from tlsroll import dbthread, fsutil, password
@@ -459,7 +460,7 @@ class World:
         first = next_action(Phase.STARTED)
         runner = self.runner(journal)
 
-        def create() -> tuple[Txn, StagedConfig | None]:  # the servicer's one hand-off
+        def create() -> tuple[Txn, Staged | None]:  # the servicer's one hand-off
             txn = journal.create(self.txn, begin=first)
             return txn, runner.stage(txn)
 
@@ -751,9 +752,11 @@ def watched_files(monkeypatch: pytest.MonkeyPatch) -> list[str]:
 async def test_the_runner_never_blocks_the_event_loop(
     name: str, world: Callable[[Scenario], World], watched_files: list[str]
 ) -> None:
-    """Journal, files and driver config all run in worker threads (the outside checks are
-    coroutines, ``tlsroll.probe``), under asyncio's debug mode (which also refuses a worker
-    thread touching the loop)."""
+    """Journal, files and driver config all run in worker threads, under asyncio's debug mode
+    (which also refuses a worker thread touching the loop). The outside checks here are the
+    fakes (``fake_checks``), so this says nothing of the real ones: ``tlsroll.probe`` runs on
+    the loop by design, and on a miss of its context cache (a CA it has not seen, as for a
+    switch resumed after a restart) builds an ``SSLContext`` there, about a millisecond."""
     sc = SCENARIOS[name]
     w = world(sc)
     blocking = watched_files
@@ -975,45 +978,133 @@ async def test_a_switch_stages_its_target_config_so_that_the_window_holds_only_i
     assert sorted(p.name for p in config_file.parent.iterdir()) == [config_file.name]
 
 
-async def test_a_switch_staged_in_the_next_hand_off_freezes_while_its_config_is_staged(
+async def test_a_switch_staged_in_the_next_hand_off_freezes_only_once_its_config_is_staged(
     world: Callable[[Scenario], World],
 ) -> None:
     """Issue 15: the servicer's create staged the target config (a write and an fsync) in its
-    own hand-off to the store's thread, so the freeze call went out only after it. It is
-    staged in the store thread's next hand-off now (``Runner.stage_next``), while the freeze
-    call goes out; the write of the config still commits that staging, and the journal's
-    writes and the server's operations are the scenario's."""
+    own hand-off to the store's thread. It is staged in the store thread's next hand-off now
+    (``Runner.stage_next``), overlapping the runner's work before its freeze call; the freeze
+    call waits for it, so that a slow staging (a busy disk's fsync) never lengthens the
+    window in which the server takes no writes (review of session 27, M3). A staging that
+    waits for a freeze begun meanwhile gives up waiting and says so; the write of the config
+    still commits that staging, and the journal's writes and the server's operations are the
+    scenario's."""
     sc = SCENARIOS["completes"]
     w = world(sc)
-    frozen = threading.Event()
-    waited: list[bool] = []
+    froze = threading.Event()
+    events: list[str] = []
 
     class SlowStaging(FileDriver):
         async def freeze(self, drain_timeout: float) -> int:
-            watermark = await super().freeze(drain_timeout)
-            frozen.set()
-            return watermark
+            events.append("freeze")
+            froze.set()
+            return await super().freeze(drain_timeout)
 
         def stage_config(self, data: bytes) -> StagedConfig:
-            waited.append(frozen.wait(10))  # the freeze call, made meanwhile
-            return super().stage_config(data)
+            # A slow staging: long enough for a freeze call that did not wait to be made.
+            if froze.wait(0.3):
+                events.append("a freeze began while staging")
+            staged = super().stage_config(data)
+            events.append("staged")
+            return staged
 
     w.driver = driver = SlowStaging(w.server, w.driver.config_file)
     journal = CrashingJournal(w.journal_path)
     first = next_action(Phase.STARTED)
     runner = w.runner(journal)
 
-    def create() -> tuple[Txn, Future[StagedConfig | None]]:  # as the servicer's
+    def create() -> tuple[Txn, Future[Staged | None]]:  # as the servicer's
         txn = journal.create(w.txn, begin=first)
         return txn, runner.stage_next(txn)
 
     txn, staged = await dbthread.run(create)
     done = await runner.run(txn, begun=first, staged=staged)
     assert w.assert_ended_well(journal) == done
-    assert waited == [True]
+    assert events == ["staged", "freeze"]
     assert driver.commits == driver.stagings[:1]
     assert tuple(journal.writes) == w.writes
     assert tuple(w.server.ops) == sc.ops
+
+
+async def test_a_switch_cancelled_before_its_staging_is_done_leaves_nothing_behind(
+    world: Callable[[Scenario], World],
+) -> None:
+    """A switch whose task ends (cancelled, its caller gone) while its staging still waits on
+    the store's thread: the staging's config is discarded once it is done, and its CA stays in
+    no table of the runner's (it used to be put there, keyed by its path, after the task had
+    cleaned up: review of session 27, L3). The freeze never went out."""
+    w = world(SCENARIOS["completes"])
+    config_file = w.driver.config_file
+    release = threading.Event()
+
+    class Blocked(FileDriver):
+        def stage_config(self, data: bytes) -> StagedConfig:
+            release.wait(10)
+            return super().stage_config(data)
+
+    w.driver = driver = Blocked(w.server, config_file)
+    journal = CrashingJournal(w.journal_path)
+    first = next_action(Phase.STARTED)
+    runner = w.runner(journal)
+
+    def create() -> tuple[Txn, Future[Staged | None]]:  # as the servicer's
+        txn = journal.create(w.txn, begin=first)
+        return txn, runner.stage_next(txn)
+
+    txn, staged = await dbthread.run(create)
+    task = asyncio.create_task(runner.run(txn, begun=first, staged=staged))
+    for _ in range(50):  # to the freeze, which waits for the staging
+        await asyncio.sleep(0)
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
+    release.set()
+    await dbthread.barrier()  # the staging, then its discard
+    assert len(driver.stagings) == 1
+    assert runner._cas == {}
+    assert "freeze" not in w.server.ops
+    assert sorted(p.name for p in config_file.parent.iterdir()) == [config_file.name]
+
+
+async def test_a_staging_runs_with_the_context_of_its_caller(
+    world: Callable[[Scenario], World],
+) -> None:
+    """``stage_next`` hands the staging to the store's thread with the caller's context
+    variables (the log's bound fields), as ``dbthread.run`` does (review of session 27, L5)."""
+    w = world(SCENARIOS["completes"])
+    bound: contextvars.ContextVar[str] = contextvars.ContextVar("bound", default="")
+    seen: list[str] = []
+
+    class Seeing(FileDriver):
+        def stage_config(self, data: bytes) -> StagedConfig:
+            seen.append(bound.get())
+            return super().stage_config(data)
+
+    w.driver = Seeing(w.server, w.driver.config_file)
+    journal = CrashingJournal(w.journal_path)
+    first = next_action(Phase.STARTED)
+    runner = w.runner(journal)
+
+    def create() -> tuple[Txn, Future[Staged | None]]:  # as the servicer's
+        bound.set("the caller's")
+        txn = journal.create(w.txn, begin=first)
+        return txn, runner.stage_next(txn)
+
+    txn, staged = await dbthread.run(create)
+    done = await runner.run(txn, begun=first, staged=staged)
+    assert w.assert_ended_well(journal) == done
+    assert seen == ["the caller's"]
+
+
+def test_a_staging_not_done_yet_fails_loudly_instead_of_hanging_the_store() -> None:
+    """Resolved on the store's only thread, a staging must be done already (it was queued
+    before); one that is not would hang that thread, and the journal with it, for good: it
+    fails at once instead (review of session 27, L4)."""
+    with pytest.raises(TimeoutError):
+        transaction._staged_now(Future())
+    done: Future[Staged | None] = Future()
+    done.set_result(None)
+    assert transaction._staged_now(done) is None
 
 
 async def test_an_agent_started_again_removes_the_staged_configs_an_earlier_one_left(

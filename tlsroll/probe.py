@@ -7,23 +7,43 @@ threads: the verify runs inside every switch's freeze window, and its three chec
 hand-off to a worker thread and back, the threads and the event loop passing the GIL between
 them all through the TLS handshake (issue 15). The leader's confirm keeps ``httpcheck``.
 
-A check gives up after ``timeout`` seconds for each of its steps (connect with the TLS
-handshake, the answer), as ``http.client``'s socket timeout does for each operation.
+An answer is judged as ``http.client`` (``httpcheck``) judges it, so that the agent's verify
+and the leader's confirm never disagree about one server (review of session 27: h11 refused
+header lines ``http.client`` and browsers take, such as ``Content-Length : 2``): the answer's
+head is read from the stream up to its blank line (bounded) and handed to ``http.client``'s
+own parser; its body is read as that parser says (a length, chunks, or to the connection's
+end), at most ``ANSWER_MAX`` bytes.
+
+A check gives up after ``timeout`` seconds for the connect (with the TLS handshake), and again
+after ``timeout`` seconds for the whole answer (the request, the head and the body together):
+unlike ``http.client``'s socket timeout, which bounds each read, a slow but progressing answer
+that takes longer fails.
+
+A failure's reason never carries more than a short excerpt of what the server sent
+(``REASON_MAX``): it goes into the journal, the logs, the leader's store and the viewer.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import hashlib
-
-import h11
+import http.client
+import io
+import re
+import socket
+from typing import cast
 
 from tlsroll.errors import TerminalError, raise_if_local
 from tlsroll.httpcheck import PROBE_HEADERS, trusting
 
-ANSWER_MAX = 1 << 20  # bytes: a probe reads at most this much of an answer
+ANSWER_MAX = 1 << 20  # bytes: a probe reads at most this much of an answer's body
+HEAD_MAX = 1 << 20  # bytes: and of its head (its status lines and headers, 100 Continue's too)
+LINE_MAX = 65536  # bytes in one line of the head, as http.client's _MAXLINE
+HEADERS_MAX = 100  # header lines in one head, as http.client's _MAXHEADERS
 CLOSE_WAIT = 1.0  # seconds a probe waits for its connection's close (a TLS close_notify)
+REASON_MAX = 200  # characters in a failure's reason, the URL included
+# What http.client refuses in a request's target (its _contains_disallowed_url_pchar_re).
+_NOT_IN_PATH = re.compile("[\x00-\x20\x7f]")
 
 
 class _Answer(TerminalError):
@@ -31,14 +51,30 @@ class _Answer(TerminalError):
 
 
 # Everything a probe can meet on the way: the network and TLS (OSError, which ssl.SSLError and
-# timeouts are), an answer it cannot read (``_Answer``, as h11's errors are turned into), an
-# address or port that cannot be used (ValueError, OverflowError, UnicodeError).
-PROBE_ERRORS = (OSError, _Answer, ValueError, OverflowError, EOFError)
+# timeouts are), an answer it cannot read (``_Answer``, http.client's HTTPException, EOFError:
+# an answer shorter than it said), an address, port or path that cannot be used (ValueError,
+# which UnicodeError is, OverflowError).
+PROBE_ERRORS = (OSError, _Answer, http.client.HTTPException, ValueError, OverflowError, EOFError)
 
 
 def _describe(exc: BaseException) -> str:
+    """One line for a probe's failure, with none of the server's bytes: http.client's errors
+    for a status line it cannot read carry the whole line (up to 64 KiB, a header's content
+    with it); they are named, not quoted."""
+    if isinstance(exc, (http.client.BadStatusLine, http.client.UnknownProtocol)):
+        return f"not an HTTP answer ({type(exc).__name__})"
     text = " ".join(str(exc).split())
     return text or type(exc).__name__
+
+
+def _reason(url: str, exc: BaseException) -> str:
+    """``url: what is wrong``, what is wrong cut so that the whole is at most ``REASON_MAX``
+    characters (the URL, the agent's own, is never cut: it says what was checked)."""
+    detail = _describe(exc)
+    room = max(REASON_MAX - len(url) - 2, 40)
+    if len(detail) > room:
+        detail = detail[: room - 3] + "..."
+    return f"{url}: {detail}"
 
 
 def _host(address: str, port: int) -> str:
@@ -46,10 +82,17 @@ def _host(address: str, port: int) -> str:
 
 
 async def _close(writer: asyncio.StreamWriter) -> None:
+    """Close the connection; if its close (a TLS close_notify) takes longer than
+    ``CLOSE_WAIT``, abort it: the transport is not left in asyncio's TLS shutdown, holding its
+    socket, for ``ssl_shutdown_timeout`` (30 s)."""
     writer.close()
-    with contextlib.suppress(OSError, TimeoutError, ValueError):
+    try:
         async with asyncio.timeout(CLOSE_WAIT):
             await writer.wait_closed()
+    except TimeoutError:
+        writer.transport.abort()
+    except (OSError, ValueError):
+        pass
 
 
 async def port_open(address: str, port: int, timeout: float = 2.0) -> bool:
@@ -65,39 +108,117 @@ async def port_open(address: str, port: int, timeout: float = 2.0) -> bool:
     return True
 
 
+class _Head:
+    """An answer's head, read already, as the socket ``http.client.HTTPResponse`` reads from."""
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+
+    def makefile(self, mode: str) -> io.BufferedReader:
+        return io.BufferedReader(io.BytesIO(self.data))
+
+
+async def _line(reader: asyncio.StreamReader) -> bytes:
+    """One line of the answer (b"" at its end); a line longer than the stream's limit (64 KiB,
+    more than ``LINE_MAX``) is an answer http.client would refuse too."""
+    try:
+        return await reader.readline()
+    except ValueError:
+        raise _Answer(f"got more than {LINE_MAX} bytes in a line of the answer") from None
+
+
+async def _block(reader: asyncio.StreamReader, head: bytearray) -> bool:
+    """Read one head (a status line and its header lines, up to the blank line) onto
+    ``head``; False if the answer ended (or grew past what http.client reads) first."""
+    for _ in range(HEADERS_MAX + 2):  # the status line, the headers, the one too many
+        line = await _line(reader)
+        head += line
+        if len(head) > HEAD_MAX:
+            raise _Answer(f"an answer's head of more than {HEAD_MAX} bytes")
+        if not line:
+            return False
+        if line in (b"\r\n", b"\n") and len(head) > len(line):
+            return True
+    return False
+
+
+async def _response(reader: asyncio.StreamReader) -> http.client.HTTPResponse:
+    """The answer's status line and headers, parsed by ``http.client`` itself (its rules for
+    the status line, the headers, ``100 Continue``, the body's length and its chunks)."""
+    head = bytearray()
+    while True:
+        ended = await _block(reader, head)
+        response = http.client.HTTPResponse(cast(socket.socket, _Head(bytes(head))), method="GET")
+        try:
+            response.begin()
+        except http.client.RemoteDisconnected:
+            if ended:  # a 100 Continue's head, parsed and skipped: its answer is to come
+                continue
+            raise
+        return response
+
+
+async def _body(reader: asyncio.StreamReader, response: http.client.HTTPResponse) -> None:
+    """Read the answer's body as ``http.client``'s ``read`` does (a short body fails with
+    ``EOFError``), at most ``ANSWER_MAX`` bytes of it."""
+    size = 0
+
+    def count(n: int) -> None:
+        nonlocal size
+        size += n
+        if size > ANSWER_MAX:
+            raise _Answer(f"an answer of more than {ANSWER_MAX} bytes")
+
+    if response.chunked:
+        while True:
+            line = await _line(reader)
+            if len(line) > LINE_MAX:
+                raise http.client.LineTooLong("chunk size")
+            try:
+                left = int(line.split(b";", 1)[0], 16)
+            except ValueError:
+                raise http.client.IncompleteRead(b"") from None
+            if left == 0:
+                break
+            count(left)
+            await reader.readexactly(left)
+            await reader.readexactly(2)  # the chunk's CRLF (http.client does not check it)
+        while True:  # the trailer, up to its blank line
+            line = await _line(reader)
+            if len(line) > LINE_MAX:
+                raise http.client.LineTooLong("trailer line")
+            if line in (b"\r\n", b"\n", b""):
+                return
+    elif response.length is not None:
+        count(response.length)
+        await reader.readexactly(response.length)
+    else:
+        while data := await reader.read(1 << 16):
+            count(len(data))
+
+
+def _request(host: str, path: str) -> bytes:
+    """The request ``http.client`` would send (its checks of the path, its ``Host``), and
+    ``Connection: close``."""
+    path = path or "/"
+    if _NOT_IN_PATH.search(path):
+        raise _Answer("the path holds a character a request cannot carry")
+    headers = [("Host", host), ("Accept-Encoding", "identity"), *PROBE_HEADERS.items()]
+    lines = [f"GET {path} HTTP/1.1", *(f"{k}: {v}" for k, v in headers), "Connection: close"]
+    return ("\r\n".join(lines) + "\r\n\r\n").encode("ascii")
+
+
 async def _get(
     reader: asyncio.StreamReader, writer: asyncio.StreamWriter, host: str, path: str, timeout: float
 ) -> int:
-    """GET ``path`` on an open connection; the answer's status once the whole answer is in (a
-    length, chunks, or the connection's end, as h11 reads it)."""
-    conn = h11.Connection(h11.CLIENT, max_incomplete_event_size=ANSWER_MAX)
-    headers = [("Host", host), *PROBE_HEADERS.items(), ("Connection", "close")]
-    writer.write(
-        (conn.send(h11.Request(method="GET", target=path, headers=headers)) or b"")
-        + (conn.send(h11.EndOfMessage()) or b"")
-    )
-    status, size = 0, 0
+    """GET ``path`` on an open connection; the answer's status once the whole answer is in,
+    within ``timeout`` seconds for all of it."""
+    request = _request(host, path)
     async with asyncio.timeout(timeout):
-        while True:
-            try:
-                event = conn.next_event()
-            except h11.RemoteProtocolError as exc:
-                raise _Answer(f"not an HTTP answer: {exc}") from None
-            if event is h11.NEED_DATA:
-                data = await reader.read(1 << 16)
-                if not data and status == 0:
-                    raise _Answer("the connection closed without an answer")
-                conn.receive_data(data)
-            elif isinstance(event, h11.Response):
-                status = event.status_code
-            elif isinstance(event, h11.Data):
-                size += len(event.data)
-                if size > ANSWER_MAX:
-                    raise _Answer(f"an answer of more than {ANSWER_MAX} bytes")
-            elif isinstance(event, h11.EndOfMessage):
-                return status
-            elif isinstance(event, h11.ConnectionClosed):  # pragma: no cover - h11 raises
-                raise _Answer("the connection closed before the answer's end")
+        writer.write(request)
+        response = await _response(reader)
+        await _body(reader, response)
+    return response.status
 
 
 async def check_http(address: str, port: int, path: str, timeout: float = 5.0) -> str | None:
@@ -113,7 +234,7 @@ async def check_http(address: str, port: int, path: str, timeout: float = 5.0) -
             await _close(writer)
     except PROBE_ERRORS as exc:
         raise_if_local(exc, f"checking {url}")
-        return f"{url}: {_describe(exc)}"
+        return _reason(url, exc)
     return None if status == 200 else f"{url} answered {status}"
 
 
@@ -151,5 +272,5 @@ async def check_https(
             await _close(writer)
     except PROBE_ERRORS as exc:
         raise_if_local(exc, f"checking {url}")
-        return f"{url}: {_describe(exc)}"
+        return _reason(url, exc)
     return None if status == 200 else f"{url} answered {status}"
