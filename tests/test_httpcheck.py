@@ -340,7 +340,8 @@ async def test_a_probes_reason_carries_no_more_than_a_short_excerpt_of_the_answe
 ) -> None:
     """What the server sent never fills a reason (the journal, the logs, the leader's store and
     the viewer carry it): a long garbage status line or a status line with a token in it is
-    named, not quoted; every reason is at most ``REASON_MAX`` characters."""
+    named, not quoted; every reason is at most ``REASON_MAX`` characters. The agent's probe and
+    the leader's check (``httpcheck``, the confirm's) alike."""
     address = loopback()
     answers = [
         b"X" * 200_000 + b"\r\n\r\n",
@@ -349,11 +350,16 @@ async def test_a_probes_reason_carries_no_more_than_a_short_excerpt_of_the_answe
         b"HTTP/1.1 200 OK\r\nX: " + b"SECRET" * 20000 + b"\r\n\r\n",
     ]
     for answer in answers:
-        with tiny_server(address, answer) as port:
-            problem = await probe.check_http(address, port, APP)
-        assert problem is not None
-        assert "SECRET" not in problem and "XXX" not in problem, problem
-        assert len(problem) <= probe.REASON_MAX, problem
+        for check in (probe.check_http, asyncio_check_http):
+            with tiny_server(address, answer) as port:
+                problem = await check(address, port, APP)
+            assert problem is not None
+            assert "SECRET" not in problem and "XXX" not in problem, problem
+            assert len(problem) <= httpcheck.REASON_MAX, problem
+
+
+async def asyncio_check_http(address: str, port: int, path: str) -> str | None:
+    return await asyncio.to_thread(httpcheck.check_http, address, port, path)
 
 
 async def test_a_probes_connection_whose_close_hangs_is_aborted(

@@ -123,7 +123,7 @@ def check_https(
         view = fetch_https(address, port, path, ca_pem)
     except PROBE_ERRORS as exc:
         _local_trouble(exc, f"https://{address}:{port}{path}")
-        return f"https://{address}:{port}{path}: {_describe(exc)}"
+        return reason(f"https://{address}:{port}{path}", exc)
     if fingerprint and view.fingerprint != fingerprint:
         return (
             f"https://{address}:{port} presents {view.fingerprint}, "
@@ -141,11 +141,29 @@ def check_http(address: str, port: int, path: str) -> str | None:
         status = fetch_http(address, port, path)
     except PROBE_ERRORS as exc:
         _local_trouble(exc, f"http://{address}:{port}{path}")
-        return f"http://{address}:{port}{path}: {_describe(exc)}"
+        return reason(f"http://{address}:{port}{path}", exc)
     return None if status == 200 else f"http://{address}:{port}{path} answered {status}"
 
 
-def _describe(exc: BaseException) -> str:
-    """One line for a probe's failure; the exception's name when it carries no text."""
+REASON_MAX = 200  # characters in a failure's reason, the URL included
+
+
+def describe(exc: BaseException) -> str:
+    """One line for a probe's failure, with none of the server's bytes: http.client's errors
+    for a status line it cannot read carry the whole line (up to 64 KiB, a header's content
+    with it); they are named, not quoted. The exception's name when it carries no text."""
+    if isinstance(exc, (http.client.BadStatusLine, http.client.UnknownProtocol)):
+        return f"not an HTTP answer ({type(exc).__name__})"
     text = " ".join(str(exc).split())
     return text or type(exc).__name__
+
+
+def reason(url: str, exc: BaseException) -> str:
+    """``url: what is wrong``, what is wrong cut so that the whole is at most ``REASON_MAX``
+    characters (the URL, the checker's own, is never cut: it says what was checked). It goes
+    into the journal, the logs, the leader's store and the viewer."""
+    detail = describe(exc)
+    room = max(REASON_MAX - len(url) - 2, 40)
+    if len(detail) > room:
+        detail = detail[: room - 3] + "..."
+    return f"{url}: {detail}"

@@ -20,7 +20,8 @@ unlike ``http.client``'s socket timeout, which bounds each read, a slow but prog
 that takes longer fails.
 
 A failure's reason never carries more than a short excerpt of what the server sent
-(``REASON_MAX``): it goes into the journal, the logs, the leader's store and the viewer.
+(``tlsroll.httpcheck.reason``, which the leader's confirm uses too): it goes into the
+journal, the logs, the leader's store and the viewer.
 """
 
 from __future__ import annotations
@@ -34,14 +35,13 @@ import socket
 from typing import cast
 
 from tlsroll.errors import TerminalError, raise_if_local
-from tlsroll.httpcheck import PROBE_HEADERS, trusting
+from tlsroll.httpcheck import PROBE_HEADERS, reason, trusting
 
 ANSWER_MAX = 1 << 20  # bytes: a probe reads at most this much of an answer's body
 HEAD_MAX = 1 << 20  # bytes: and of its head (its status lines and headers, 100 Continue's too)
 LINE_MAX = 65536  # bytes in one line of the head, as http.client's _MAXLINE
 HEADERS_MAX = 100  # header lines in one head, as http.client's _MAXHEADERS
 CLOSE_WAIT = 1.0  # seconds a probe waits for its connection's close (a TLS close_notify)
-REASON_MAX = 200  # characters in a failure's reason, the URL included
 # What http.client refuses in a request's target (its _contains_disallowed_url_pchar_re).
 _NOT_IN_PATH = re.compile("[\x00-\x20\x7f]")
 
@@ -55,26 +55,6 @@ class _Answer(TerminalError):
 # an answer shorter than it said), an address, port or path that cannot be used (ValueError,
 # which UnicodeError is, OverflowError).
 PROBE_ERRORS = (OSError, _Answer, http.client.HTTPException, ValueError, OverflowError, EOFError)
-
-
-def _describe(exc: BaseException) -> str:
-    """One line for a probe's failure, with none of the server's bytes: http.client's errors
-    for a status line it cannot read carry the whole line (up to 64 KiB, a header's content
-    with it); they are named, not quoted."""
-    if isinstance(exc, (http.client.BadStatusLine, http.client.UnknownProtocol)):
-        return f"not an HTTP answer ({type(exc).__name__})"
-    text = " ".join(str(exc).split())
-    return text or type(exc).__name__
-
-
-def _reason(url: str, exc: BaseException) -> str:
-    """``url: what is wrong``, what is wrong cut so that the whole is at most ``REASON_MAX``
-    characters (the URL, the agent's own, is never cut: it says what was checked)."""
-    detail = _describe(exc)
-    room = max(REASON_MAX - len(url) - 2, 40)
-    if len(detail) > room:
-        detail = detail[: room - 3] + "..."
-    return f"{url}: {detail}"
 
 
 def _host(address: str, port: int) -> str:
@@ -234,7 +214,7 @@ async def check_http(address: str, port: int, path: str, timeout: float = 5.0) -
             await _close(writer)
     except PROBE_ERRORS as exc:
         raise_if_local(exc, f"checking {url}")
-        return _reason(url, exc)
+        return reason(url, exc)
     return None if status == 200 else f"{url} answered {status}"
 
 
@@ -272,5 +252,5 @@ async def check_https(
             await _close(writer)
     except PROBE_ERRORS as exc:
         raise_if_local(exc, f"checking {url}")
-        return _reason(url, exc)
+        return reason(url, exc)
     return None if status == 200 else f"{url} answered {status}"
