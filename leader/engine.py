@@ -179,6 +179,8 @@ class Engine:
                 except Exception as exc:  # the loop must survive anything; the schema shows why
                     log.error("engine.failed", error=str(exc), error_type=type(exc).__name__)
                 self.wake.clear()
+                if stop.is_set():  # set during the pass: its wake was just cleared
+                    break
                 tick = loop.call_later(TICK_SECONDS, self.wake.set)
                 try:
                     await self.wake.wait()
