@@ -179,6 +179,8 @@ class Engine:
                 except Exception as exc:  # the loop must survive anything; the schema shows why
                     log.error("engine.failed", error=str(exc), error_type=type(exc).__name__)
                 self.wake.clear()
+                if stop.is_set():  # set during the pass: its wake was just cleared
+                    break
                 tick = loop.call_later(TICK_SECONDS, self.wake.set)
                 try:
                     await self.wake.wait()
@@ -455,11 +457,11 @@ class Engine:
         key = (rollout.id, step.node, step.step)
         if step.step in STEP_FOR_STATE.values():
             # ``row`` was read before this task started, maybe while the previous run of the
-            # same step was saving its result: run only if the node still waits for it.
-            # (Settled: this step's earlier run ended after its save had committed.)
-            fresh = self.schema.kept(rollout.id, settled=True) or await dbthread.run(
-                self.schema.get, rollout.id
-            )
+            # same step was saving its result: run only if the node still waits for it. Not
+            # settled (unlike ``_record`` and ``node_detail``, whose ``save_states`` checks
+            # the records): while a write holds the store (another step's outcome, an admin
+            # pause or abort, a pass's events), the read waits for it and sees what it wrote.
+            fresh = self.schema.kept(rollout.id) or await dbthread.run(self.schema.get, rollout.id)
             try:
                 state = fresh.node(step.node)[0].state if fresh is not None else None
             except KeyError:  # not a node of this rollout

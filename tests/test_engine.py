@@ -24,11 +24,13 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import dataclasses
 import datetime as dt
 import functools
 import json
 import random
 import tempfile
+import threading
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -40,7 +42,7 @@ import grpc
 import pytest
 from structlog.testing import capture_logs
 
-from leader import changes
+from leader import changes, planner
 from leader.agent_client import StepFailed
 from leader.commands import Commands, RolloutRequest
 from leader.engine import (
@@ -63,6 +65,7 @@ from leader.rollout_core import (
     RolloutAction,
     RolloutState,
     Scope,
+    Step,
 )
 from leader.schema_store import RolloutRow, SchemaStore, StaleRecords
 from leader.service import ERRORS
@@ -1457,3 +1460,98 @@ async def test_a_stage_refused_for_another_reason_than_its_key_issues_one_certif
     issued = [c for c in leader.store.list_certificates("server") if c.node == "bravo"]
     assert len(issued) == 1, issued
     await leader.stop()
+
+
+async def test_a_stop_set_during_a_pass_ends_the_loop_without_waiting_for_a_tick(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``stop`` wakes the loop through ``wake``; a stop set while a pass ran had its wake
+    cleared after the pass, and the loop then waited for the next tick (1 s) before it
+    ended (found by review). Here the tick is an hour away: the loop ends at once."""
+    monkeypatch.setattr("leader.engine.TICK_SECONDS", 3600)
+    world = make_world(tmp_path, monkeypatch)
+    engine = world.boot().engine
+    stop = asyncio.Event()
+    passes: list[int] = []
+    closed: list[bool] = []
+
+    async def reconcile() -> None:
+        passes.append(len(passes))
+        if len(passes) == 2:
+            stop.set()  # told to stop while a pass runs, which goes on a little (a store
+            for _ in range(5):  # hand-off): long enough for stop's wake to come in the pass
+                await asyncio.sleep(0)
+
+    async def close() -> None:
+        closed.append(True)
+
+    monkeypatch.setattr(engine, "reconcile", reconcile)
+    monkeypatch.setattr(engine, "close", close)
+    task = asyncio.create_task(engine.run(stop))
+    for _ in range(20):  # the first pass, then the loop waits for a wake
+        await asyncio.sleep(0)
+    assert passes == [0] and not task.done()
+    engine.wake.set()  # a second pass, during which stop is set
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert passes == [0, 1]
+    assert closed == [True] and task.done()
+    await task
+
+
+async def test_a_step_does_not_start_on_what_a_write_under_way_is_changing(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step task checks, before it runs, that its node still waits for it. While a write
+    holds the store (here one that skips the node, as a pass does after an abort), that check
+    waits for the write and sees it; a read of what the last write left (settled) ran the
+    step on a node the write was just taking out of it (found by review)."""
+    world = make_world(tmp_path, monkeypatch)
+    leader = world.boot()
+    await leader.start()
+    engine = leader.engine
+    await engine.reconcile()  # bravo: in preflight, its step task started
+    tasks = list(engine.tasks.values())
+    for task in tasks:
+        task.cancel()
+    await asyncio.gather(*tasks, return_exceptions=True)
+    engine.tasks.clear()
+    row = leader.schema.latest()
+    assert row is not None
+    [record] = [r for r in row.records if r.state is NodeState.PREFLIGHT]
+    step = planner.StepAction(record.name, Step.PREFLIGHT, row.rollout.epoch)
+    calls = len(world.agents.calls)
+
+    # The write: parked under the store's lock at its first statement until the step's check
+    # has looked.
+    parked, proceed = threading.Event(), threading.Event()
+    writer: list[threading.Thread] = []
+
+    def park(_statement: str) -> None:
+        if writer and threading.current_thread() is writer[0] and not parked.is_set():
+            parked.set()
+            proceed.wait(30)
+
+    def skip() -> None:
+        skipped = dataclasses.replace(record, state=NodeState.SKIPPED, reason="aborted")
+        leader.schema.save_states(row, row.rollout, [skipped], world.clock.wall(), "engine")
+
+    leader.store.db._db.set_trace_callback(park)
+    writer.append(threading.Thread(target=skip))
+    writer[0].start()
+    assert parked.wait(30)
+
+    async def run(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        proceed.set()  # the check hands its read to the store's thread: the write goes on
+        return await hop(func, *args, **kwargs)
+
+    monkeypatch.setattr(dbthread, "run", run)
+    try:
+        await engine._run_step(row, step)
+    finally:
+        proceed.set()
+        writer[0].join(30)
+        leader.store.db._db.set_trace_callback(None)
+    assert world.agents.calls[calls:] == []  # the step did not run
+    latest = leader.schema.latest()
+    assert latest is not None and latest.node(record.name)[0].state is NodeState.SKIPPED

@@ -219,7 +219,7 @@ def test_an_idle_leader_holds_no_terminal_ui_and_no_viewer_it_does_not_run(
                 sys.executable, "-c", LEADER_HARNESS,
                 str(cluster.admin_socket), str(out), str(cluster.config_path),
             ],
-            capture_output=True, text=True, timeout=120, env=child_env(), check=False,
+            capture_output=True, text=True, timeout=120, env=untuned_env(), check=False,
         )  # fmt: skip
         assert done.returncode == 0, done.stderr[-3000:]
         assert "leader.started" in done.stderr, done.stderr[-3000:]
@@ -421,7 +421,7 @@ tuned = heap.tune({})
 print(before, int(tuned), MAPPED_PROBE())
 """
     )
-    env = {k: v for k, v in child_env().items() if k != heap.MMAP_ENV}
+    env = untuned_env()
     done = subprocess.run(
         [sys.executable, "-c", script], capture_output=True, text=True, timeout=60, env=env,
         check=False,
@@ -432,8 +432,29 @@ print(before, int(tuned), MAPPED_PROBE())
 
 def test_tune_leaves_an_operator_s_own_threshold_alone() -> None:
     """``MALLOC_MMAP_THRESHOLD_`` in the daemon's environment is glibc's own setting of the
-    same threshold (an operator's choice, e.g. in a drop-in of the unit): kept as it is."""
+    same threshold (an operator's choice, e.g. in a drop-in of the unit): kept as it is. So is
+    glibc's tunable of it in ``GLIBC_TUNABLES`` (it was overridden: found by review)."""
     assert heap.tune({heap.MMAP_ENV: "131072"}) is False
+    tunables = "glibc.malloc.arena_max=2:glibc.malloc.mmap_threshold=131072"
+    assert heap.tune({heap.TUNABLES_ENV: tunables}) is False
+    # Other tunables only: the threshold is still the daemon's to set.
+    assert not heap.operator_set({heap.TUNABLES_ENV: "glibc.malloc.arena_max=2"})
+    assert not heap.operator_set({heap.TUNABLES_ENV: "glibc.malloc.mmap_threshold_x=1"})
+    assert not heap.operator_set({})
+
+
+def untuned_env() -> dict[str, str]:
+    """``child_env`` without an operator's own mmap threshold, whatever the environment the
+    tests run in sets: a child's ``heap.tune`` then sets it."""
+    env = {k: v for k, v in child_env().items() if k != heap.MMAP_ENV}
+    tunables = [
+        t
+        for t in env.pop(heap.TUNABLES_ENV, "").split(":")
+        if t and t.split("=", 1)[0].strip() != heap.MMAP_TUNABLE
+    ]
+    if tunables:
+        env[heap.TUNABLES_ENV] = ":".join(tunables)
+    return env
 
 
 def test_the_leader_tunes_malloc_first_before_it_imports_the_daemon(

@@ -11,7 +11,8 @@ elsewhere (musl, macOS) ``releaser`` and ``tune`` find nothing and nothing is do
 from __future__ import annotations
 
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 M_MMAP_THRESHOLD = -3
 """``mallopt``'s parameter number for the mmap threshold (glibc's ``malloc.h``)."""
@@ -31,38 +32,57 @@ mutual-TLS connections with a stream and 200 messages each, 84 KiB per connectio
 against 116.9-117.6, 3 s after the rollout 131.0-134.5 against 139.6-140.5, its CPU per node
 as before. Only the blocks that an arena's free memory cannot hold take a mapping (glibc
 decides so when it would grow the arena): a few more mmap calls per connection, none per
-message."""
+message. What that costs where large transient blocks are common: ``bench.simagents`` at 200
+agents with a viewer session fetching ``/api/v1/schema`` in a loop (about 120 fetches), the
+leader made 7567 and 8172 mmap plus munmap calls over the rollout against 2972 and 3431 with
+``MALLOC_MMAP_THRESHOLD_=131072`` (2 pairs, ``strace -c -f``), and 800 against 0 and 2 in the
+20 s idle window (page faults and the calls' own time not measured apart)."""
 
 MMAP_ENV = "MALLOC_MMAP_THRESHOLD_"
 """glibc's own setting of the threshold: when the daemon's environment has it (an operator's
 choice), ``tune`` leaves it as it is."""
 
+TUNABLES_ENV = "GLIBC_TUNABLES"
+MMAP_TUNABLE = "glibc.malloc.mmap_threshold"
+"""glibc's newer way to set the same threshold (``GLIBC_TUNABLES=glibc.malloc.mmap_threshold=N``,
+tunables separated by colons): kept as the operator set it too."""
 
-def _libc_function(name: str) -> Callable[..., int] | None:
-    """The C library's function ``name`` through ctypes, None where it has none. ctypes is
+
+def operator_set(environ: Mapping[str, str]) -> bool:
+    """Whether the environment sets glibc malloc's mmap threshold itself (``MMAP_ENV`` or the
+    ``MMAP_TUNABLE`` in ``TUNABLES_ENV``)."""
+    if MMAP_ENV in environ:
+        return True
+    tunables = environ.get(TUNABLES_ENV, "")
+    return any(t.split("=", 1)[0].strip() == MMAP_TUNABLE for t in tunables.split(":"))
+
+
+def _libc_function(name: str) -> Any:
+    """The C library's function ``name`` through ctypes, None where it has none (Any: ctypes'
+    function objects are untyped; the caller sets ``argtypes`` and ``restype``). ctypes is
     imported here, on the caller's thread, only when asked (3.11's import locks and worker
     threads do not mix)."""
     import ctypes  # noqa: PLC0415 - only in a process that tunes or releases memory
 
     try:
-        return getattr(ctypes.CDLL(None), name)  # type: ignore[no-any-return]
+        return getattr(ctypes.CDLL(None), name)
     except (OSError, AttributeError):
         return None
 
 
-def tune(environ: dict[str, str] | os._Environ[str] = os.environ) -> bool:
+def tune(environ: Mapping[str, str] = os.environ) -> bool:
     """Set glibc malloc's mmap threshold to ``MMAP_THRESHOLD`` (a daemon calls this first in
     its ``main``, before gRPC starts a thread, so that every block of its life follows it).
-    False if it was not set: not glibc, or the environment sets it (``MMAP_ENV``)."""
-    if MMAP_ENV in environ:
+    False if it was not set: not glibc, or the environment sets it (``operator_set``)."""
+    if operator_set(environ):
         return False
     mallopt = _libc_function("mallopt")
     if mallopt is None:
         return False
     import ctypes  # noqa: PLC0415 - loaded by _libc_function already
 
-    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]  # type: ignore[attr-defined]
-    mallopt.restype = ctypes.c_int  # type: ignore[attr-defined]
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    mallopt.restype = ctypes.c_int
     return bool(mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD))
 
 
@@ -74,8 +94,8 @@ def releaser() -> Callable[[], int] | None:
         return None
     import ctypes  # noqa: PLC0415 - loaded by _libc_function already
 
-    trim.argtypes = [ctypes.c_size_t]  # type: ignore[attr-defined]
-    trim.restype = ctypes.c_int  # type: ignore[attr-defined]
+    trim.argtypes = [ctypes.c_size_t]
+    trim.restype = ctypes.c_int
 
     def release() -> int:
         """1 if memory was given back, 0 if there was none to give."""
