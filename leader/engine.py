@@ -174,13 +174,15 @@ class Engine:
         stopping.add_done_callback(lambda _t: self.wake.set())
         try:
             while not stop.is_set():
+                # Cleared before the pass reads anything: a wake during the pass (a step that
+                # ended, an admin command, the stop) brings another pass at once, not the tick.
+                self.wake.clear()
                 try:
                     await self.reconcile()
                 except Exception as exc:  # the loop must survive anything; the schema shows why
                     log.error("engine.failed", error=str(exc), error_type=type(exc).__name__)
-                self.wake.clear()
-                if stop.is_set():  # set during the pass: its wake was just cleared
-                    break
+                if self.wake.is_set():
+                    continue  # (the stop too: the loop's test sees it)
                 tick = loop.call_later(TICK_SECONDS, self.wake.set)
                 try:
                     await self.wake.wait()

@@ -1555,3 +1555,39 @@ async def test_a_step_does_not_start_on_what_a_write_under_way_is_changing(
     assert world.agents.calls[calls:] == []  # the step did not run
     latest = leader.schema.latest()
     assert latest is not None and latest.node(record.name)[0].state is NodeState.SKIPPED
+
+
+async def test_a_wake_during_a_pass_brings_another_pass_without_waiting_for_a_tick(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step that ends (or an admin command that arrives) while a pass runs wakes the engine;
+    that wake was cleared after the pass, and what it brought waited for the next tick. Here
+    the tick is an hour away: the wake during the second pass brings a third."""
+    monkeypatch.setattr("leader.engine.TICK_SECONDS", 3600)
+    world = make_world(tmp_path, monkeypatch)
+    engine = world.boot().engine
+    stop = asyncio.Event()
+    passes: list[int] = []
+
+    async def reconcile() -> None:
+        passes.append(len(passes))
+        if len(passes) == 2:
+            await asyncio.sleep(0)  # the pass goes on (a store hand-off) ...
+            engine.wake.set()  # ... while a step ends
+            await asyncio.sleep(0)
+
+    async def close() -> None:
+        pass
+
+    monkeypatch.setattr(engine, "reconcile", reconcile)
+    monkeypatch.setattr(engine, "close", close)
+    task = asyncio.create_task(engine.run(stop))
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert passes == [0] and not task.done()
+    engine.wake.set()
+    for _ in range(20):
+        await asyncio.sleep(0)
+    assert passes == [0, 1, 2]  # and then it waits again
+    stop.set()
+    await asyncio.wait_for(task, 10)
