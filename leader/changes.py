@@ -48,7 +48,7 @@ from leader.rollout_core import (
 from leader.schema_store import NodeDetail, RolloutMeta, SchemaStore
 from leader.store import IssuedCert, Node, Store
 from leader.wire import CHANGE, TXN_KIND, TXN_OUTCOME
-from tlsroll import dbthread, httpcheck, logs, pki
+from tlsroll import dbthread, logs, pki, probe
 from tlsroll.enums import TxnKind, TxnOutcome
 from tlsroll.errors import PKIError, TransientError
 from tlsroll.v1 import agent_pb2
@@ -396,9 +396,7 @@ class ChangeSteps:
         else:
             live, closed = detail.old_url, detail.new_url
         trusted = await self.trusted(ctx)
-        return await asyncio.to_thread(
-            outside_check, live, closed, trusted, detail.cert_fingerprint
-        )
+        return await outside_check(live, closed, trusted, detail.cert_fingerprint)
 
     @staticmethod
     async def trusted(ctx: StepContext) -> bytes:
@@ -447,9 +445,7 @@ class DualTls(ChangeSteps):
     async def outside_problem(self, ctx: StepContext) -> str | None:
         detail = await self.node_detail(ctx)
         trusted = await self.trusted(ctx)  # --cert-dir: the practice CA, as for the direct switch
-        return await asyncio.to_thread(
-            dual_check, detail.new_url, detail.old_url, trusted, detail.cert_fingerprint
-        )
+        return await dual_check(detail.new_url, detail.old_url, trusted, detail.cert_fingerprint)
 
 
 class Finalize(ChangeSteps):
@@ -574,17 +570,21 @@ async def wait_transaction(
     raise TransientError(f"the {kind.value} transaction's states ended without an outcome")
 
 
-def dual_check(https_url: str, http_url: str, ca_pem: bytes, fingerprint: str = "") -> str | None:
+async def dual_check(
+    https_url: str, http_url: str, ca_pem: bytes, fingerprint: str = ""
+) -> str | None:
     """What a workstation would see of a dual node: ``https_url`` answers with the staged
-    certificate (trusted through the cluster CA only) and ``http_url`` still answers."""
+    certificate (trusted through the cluster CA only) and ``http_url`` still answers. On the
+    event loop, with the agent's verify's probes (``tlsroll.probe``): the two judge a server
+    alike."""
     https = _host_port(https_url, "https")
     http = _host_port(http_url, "http")
     if https is None or http is None:
         return f"no address recorded for the node ({https_url!r}, {http_url!r})"
-    problem = httpcheck.check_https(*https, ca_pem, fingerprint or None)
+    problem = await probe.check_https(*https, ca_pem, fingerprint or None)
     if problem is not None:
         return problem
-    problem = httpcheck.check_http(*http)
+    problem = await probe.check_http(*http)
     if problem is not None:
         return f"http must stay open until finalize: {problem}"
     return None
@@ -597,25 +597,26 @@ def _host_port(url: str, scheme: str) -> tuple[str, int, str] | None:
     return parts.hostname, parts.port, parts.path or "/"
 
 
-def outside_check(
+async def outside_check(
     live_url: str, closed_url: str, ca_pem: bytes, fingerprint: str = ""
 ) -> str | None:
     """What a workstation would see: ``live_url`` answers (on https with the staged certificate,
     trusted through the cluster CA only) and the port of ``closed_url`` is closed. None if all
-    is well, else what is wrong."""
+    is well, else what is wrong. On the event loop, with the agent's verify's probes
+    (``tlsroll.probe``: no worker thread per confirm, and the two judge a server alike)."""
     scheme = urllib.parse.urlsplit(live_url).scheme
     live = _host_port(live_url, scheme)
     if live is None or scheme not in ("http", "https"):
         return f"no address recorded for the node ({live_url!r})"
-    problem = (
-        httpcheck.check_https(*live, ca_pem, fingerprint or None)
+    problem = await (
+        probe.check_https(*live, ca_pem, fingerprint or None)
         if scheme == "https"
-        else httpcheck.check_http(*live)
+        else probe.check_http(*live)
     )
     if problem is not None:
         return problem
     closed = _host_port(closed_url, "http" if scheme == "https" else "https")
-    if closed is not None and httpcheck.port_open(closed[0], closed[1], timeout=3):
+    if closed is not None and await probe.port_open(closed[0], closed[1], timeout=3):
         why = "; plain http must be closed" if scheme == "https" else ""
         return f"{closed_url} still answers{why}"
     return None

@@ -456,7 +456,7 @@ class FakeAgents:
     def _at(self, url: str) -> FakeAgent | None:
         return next((a for a in self if f"//{a.address}:" in url), None)
 
-    def outside_check(
+    async def outside_check(
         self, live_url: str, closed_url: str, ca_pem: bytes, fingerprint: str = ""
     ) -> str | None:
         """As ``leader.changes.outside_check``: ``live_url`` answers (https: with the staged

@@ -1163,9 +1163,9 @@ async def test_the_real_loop_never_runs_a_step_twice(
     seen: dict[str, int] = {}
     real = world.agents.outside_check
 
-    def one_blip(live: str, closed: str, ca: bytes, fp: str = "") -> str | None:
+    async def one_blip(live: str, closed: str, ca: bytes, fp: str = "") -> str | None:
         seen[live] = seen.get(live, 0) + 1  # a second check of a node would see a blip
-        return "timeout (a blip)" if seen[live] == 2 else real(live, closed, ca, fp)
+        return "timeout (a blip)" if seen[live] == 2 else await real(live, closed, ca, fp)
 
     monkeypatch.setattr(changes, "outside_check", one_blip)
     leader = world.boot()

@@ -135,13 +135,14 @@ def test_http_probes_answer_a_string_or_false(loopback: Callable[[], str]) -> No
     assert not httpcheck.port_open("not an address", 1)
 
 
-def test_the_leaders_outside_check_passes_servers_that_close_after_replying(
+async def test_the_leaders_outside_check_passes_servers_that_close_after_replying(
     loopback: Callable[[], str], issue_cert: Callable[..., IssuedCert]
 ) -> None:
     """``leader.changes.outside_check`` (the confirm step) against a server that closes after
     its reply: https live with the staged certificate and http closed is confirmed; the other
-    way round too. It used to raise (and the leader retried confirm for ten minutes)."""
-    from leader.changes import outside_check
+    way round too. It used to raise (and the leader retried confirm for ten minutes). The
+    transitional phase's ``dual_check`` wants both to answer."""
+    from leader.changes import dual_check, outside_check
 
     address = loopback()
     cert = issue_cert(address)
@@ -157,11 +158,18 @@ def test_the_leaders_outside_check_passes_servers_that_close_after_replying(
             with tiny_server(address, answer, _tls(cert)) as port:
                 live = f"https://{address}:{port}{APP}"
                 gone = f"http://{address}:{closed_port}{APP}"
-                assert outside_check(live, gone, ca_pem, fingerprint) is None
+                assert await outside_check(live, gone, ca_pem, fingerprint) is None
+                problem = await dual_check(live, gone, ca_pem, fingerprint)
+                assert problem is not None and problem.startswith("http must stay open"), problem
+                with tiny_server(address, answer) as http_port:
+                    still = f"http://{address}:{http_port}{APP}"
+                    assert await dual_check(live, still, ca_pem, fingerprint) is None
+                    problem = await outside_check(live, still, ca_pem, fingerprint)
+                    assert problem == f"{still} still answers; plain http must be closed"
             with tiny_server(address, answer) as port:
                 live = f"http://{address}:{port}{APP}"
                 gone = f"https://{address}:{closed_port}{APP}"
-                assert outside_check(live, gone, ca_pem) is None
+                assert await outside_check(live, gone, ca_pem) is None
 
 
 # --- tlsroll.probe: the same checks on the event loop (the agent's verify) ---------------------

@@ -1,11 +1,13 @@
-"""The agent's verify looks at its server from outside on its own event loop: is a port open,
-does plain http serve the app, does https serve it with exactly the staged certificate.
+"""The agent's verify and the leader's confirm look at a node's server from outside on their
+event loop: is a port open, does plain http serve the app, does https serve it with exactly
+the staged certificate.
 
 ``tlsroll.httpcheck``'s checks, with its answers (None, or one line of what is wrong) and its
 probe's ``User-Agent``, made with asyncio's streams instead of blocking sockets in worker
 threads: the verify runs inside every switch's freeze window, and its three checks each took a
 hand-off to a worker thread and back, the threads and the event loop passing the GIL between
-them all through the TLS handshake (issue 15). The leader's confirm keeps ``httpcheck``.
+them all through the TLS handshake (issue 15). The leader's confirm uses these too (one
+hand-off to a worker thread fewer per node), so the two judge a server with one code.
 
 An answer is judged as ``http.client`` (``httpcheck``) judges it, so that the agent's verify
 and the leader's confirm never disagree about one server (review of session 27: h11 refused
@@ -20,7 +22,7 @@ unlike ``http.client``'s socket timeout, which bounds each read, a slow but prog
 that takes longer fails.
 
 A failure's reason never carries more than a short excerpt of what the server sent
-(``tlsroll.httpcheck.reason``, which the leader's confirm uses too): it goes into the
+(``tlsroll.httpcheck.reason``): it goes into the
 journal, the logs, the leader's store and the viewer.
 """
 
