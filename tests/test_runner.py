@@ -872,6 +872,7 @@ async def test_the_verify_begins_while_the_record_of_the_restart_is_written(
             sleep=w.time.sleep,
         )
 
+    # A method of the World replaced for this test (its runner, with the checks above).
     w.runner = runner  # type: ignore[method-assign]
     journal = Watching(w.journal_path)
     done = await w.run(journal)
