@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
 import itertools
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -66,3 +68,17 @@ def issue_cert(test_ca: pki.CertificateAuthority, tmp_path: Path) -> Callable[..
         return IssuedCert(d / "cert.pem", d / "key.pem", d / "ca.pem", cert)
 
     return issue
+
+
+def count_thread_hops(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """From now on, the name of every function handed to ``asyncio.to_thread`` (a hop to a
+    worker thread), in order; the calls still run."""
+    hops: list[str] = []
+    to_thread = asyncio.to_thread
+
+    async def counting(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+        hops.append(getattr(fn, "__name__", repr(fn)))
+        return await to_thread(fn, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", counting)
+    return hops

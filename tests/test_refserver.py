@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import datetime as dt
 import http.client
 import json
@@ -24,7 +23,7 @@ import pytest
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from refserver.server import SHUTDOWN_TIMEOUT, SWITCHING_MESSAGE, WRITE_DELAY_ENV
-from tests.conftest import IssuedCert
+from tests.conftest import IssuedCert, count_thread_hops
 from tests.refserver_helper import RefServer, Response, peer_certificate
 from tlsroll import bootstrap_protocol, clients, httpcheck, password, pki
 from tlsroll.clients import WORKSTATION_HEADER
@@ -723,14 +722,7 @@ def in_process_server(
     store = Store(data_dir)
     server = refserver_server.RefServer(refserver_config.load(path), store, store.load_freeze())
     _entry, seq = store.insert({"n": 1})
-    hops: list[str] = []
-    to_thread = asyncio.to_thread
-
-    async def counting(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        hops.append(getattr(fn, "__name__", repr(fn)))
-        return await to_thread(fn, *args, **kwargs)
-
-    monkeypatch.setattr(asyncio, "to_thread", counting)
+    hops = count_thread_hops(monkeypatch)
     return server, store, data_dir, seq, hops
 
 

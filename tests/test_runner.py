@@ -47,6 +47,7 @@ from nodeagent.journal import Journal, Txn
 from nodeagent.transaction import Checks, Phase, Plan, Runner, Staged, next_action
 from nodeagent.trust import LeaderTrust
 from nodeagent.wire import TXN_PHASE
+from tests.conftest import count_thread_hops
 from tlsroll import dbthread, fsutil, password
 from tlsroll.enums import TxnKind, TxnOutcome
 
@@ -793,14 +794,7 @@ async def test_verify_reads_the_staged_ca_before_the_freeze(
     to a thread, and the probe still gets the staged CA."""
     sc = SCENARIOS["completes"]
     w = world(sc)
-    hops: list[str] = []
-    to_thread = asyncio.to_thread
-
-    async def counting(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        hops.append(getattr(fn, "__name__", repr(fn)))
-        return await to_thread(fn, *args, **kwargs)
-
-    monkeypatch.setattr(asyncio, "to_thread", counting)
+    hops = count_thread_hops(monkeypatch)
     journal = CrashingJournal(w.journal_path)
     done = await w.run(journal)  # the fake https probe asserts the CA it gets
     assert w.assert_ended_well(journal) == done
@@ -819,14 +813,7 @@ async def test_a_resumed_verify_reads_the_ca_in_a_thread(
     with pytest.raises(Crash):
         await w.run(first)
     first.close()
-    hops: list[str] = []
-    to_thread = asyncio.to_thread
-
-    async def counting(fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
-        hops.append(getattr(fn, "__name__", repr(fn)))
-        return await to_thread(fn, *args, **kwargs)
-
-    monkeypatch.setattr(asyncio, "to_thread", counting)
+    hops = count_thread_hops(monkeypatch)
     pending, journal = await w.resume()
     assert len(pending) == 1
     w.assert_ended_well(journal)
@@ -979,6 +966,21 @@ async def test_a_switch_stages_its_target_config_so_that_the_window_holds_only_i
     assert sorted(p.name for p in config_file.parent.iterdir()) == [config_file.name]
 
 
+async def begin_as_the_servicer(
+    w: World, runner: Runner, journal: Journal, before: Callable[[], object] = lambda: None
+) -> tuple[Txn, Future[Staged | None]]:
+    """What the servicer's create does in one hand-off to the store's thread (after
+    ``before``, there): the transaction journalled with its first step's "begin", and its
+    staging queued right behind it (``Runner.stage_next``)."""
+
+    def create() -> tuple[Txn, Future[Staged | None]]:
+        before()
+        txn = journal.create(w.txn, begin=next_action(Phase.STARTED))
+        return txn, runner.stage_next(txn)
+
+    return await dbthread.run(create)
+
+
 async def test_a_switch_staged_in_the_next_hand_off_freezes_only_once_its_config_is_staged(
     world: Callable[[Scenario], World],
 ) -> None:
@@ -1014,11 +1016,7 @@ async def test_a_switch_staged_in_the_next_hand_off_freezes_only_once_its_config
     first = next_action(Phase.STARTED)
     runner = w.runner(journal)
 
-    def create() -> tuple[Txn, Future[Staged | None]]:  # as the servicer's
-        txn = journal.create(w.txn, begin=first)
-        return txn, runner.stage_next(txn)
-
-    txn, staged = await dbthread.run(create)
+    txn, staged = await begin_as_the_servicer(w, runner, journal)
     done = await runner.run(txn, begun=first, staged=staged)
     assert w.assert_ended_well(journal) == done
     assert events == ["staged", "freeze"]
@@ -1048,11 +1046,7 @@ async def test_a_switch_cancelled_before_its_staging_is_done_leaves_nothing_behi
     first = next_action(Phase.STARTED)
     runner = w.runner(journal)
 
-    def create() -> tuple[Txn, Future[Staged | None]]:  # as the servicer's
-        txn = journal.create(w.txn, begin=first)
-        return txn, runner.stage_next(txn)
-
-    txn, staged = await dbthread.run(create)
+    txn, staged = await begin_as_the_servicer(w, runner, journal)
     task = asyncio.create_task(runner.run(txn, begun=first, staged=staged))
     for _ in range(50):  # to the freeze, which waits for the staging
         await asyncio.sleep(0)
@@ -1086,12 +1080,7 @@ async def test_a_staging_runs_with_the_context_of_its_caller(
     first = next_action(Phase.STARTED)
     runner = w.runner(journal)
 
-    def create() -> tuple[Txn, Future[Staged | None]]:  # as the servicer's
-        bound.set("the caller's")
-        txn = journal.create(w.txn, begin=first)
-        return txn, runner.stage_next(txn)
-
-    txn, staged = await dbthread.run(create)
+    txn, staged = await begin_as_the_servicer(w, runner, journal, lambda: bound.set("the caller's"))
     done = await runner.run(txn, begun=first, staged=staged)
     assert w.assert_ended_well(journal) == done
     assert seen == ["the caller's"]

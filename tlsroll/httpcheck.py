@@ -1,6 +1,12 @@
 """Looking at a server from outside, as a workstation would: is a port open, what does https
-serve (trusting only a given CA), does the app answer. Used by the agent's on-node verify and
-by the leader's confirm step. Blocking; call through ``asyncio.to_thread`` from async code.
+serve (trusting only a given CA), does the app answer. Blocking; call through
+``asyncio.to_thread`` from async code.
+
+The agent's verify and the leader's confirm use ``tlsroll.probe``, the same checks on the
+event loop, which takes from here the TLS context (``trusting``), the probe's headers and the
+wording of a failure (``reason``); the agent's drivers use ``port_open``. The blocking
+``check_https``/``check_http`` serve the tests as http.client's own judgement of an answer,
+which the probe is held to (tests/test_httpcheck.py).
 """
 
 from __future__ import annotations

@@ -34,6 +34,8 @@ import http.client
 import io
 import re
 import socket
+import ssl
+from collections.abc import Callable
 from typing import cast
 
 from tlsroll.errors import TerminalError, raise_if_local
@@ -203,14 +205,28 @@ async def _get(
     return response.status
 
 
-async def check_http(address: str, port: int, path: str, timeout: float = 5.0) -> str | None:
-    """None if plain http on ``address:port`` serves ``path`` with 200, else what is wrong
-    (``LocalResourceError`` if the checking side ran short)."""
-    url = f"http://{address}:{port}{path}"
+async def _check(
+    url: str,
+    address: str,
+    port: int,
+    path: str,
+    timeout: float,
+    context: ssl.SSLContext | None = None,
+    look: Callable[[asyncio.StreamWriter], str | None] | None = None,
+) -> str | None:
+    """Connect (with TLS under ``context``, the address checked against the certificate),
+    ``look`` at the connection before the request (what is wrong, or None), then GET ``path``:
+    None if it answers 200, else what is wrong (``LocalResourceError`` if the checking side
+    ran short)."""
     try:
         async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(address, port)
+            reader, writer = await asyncio.open_connection(
+                address, port, ssl=context, server_hostname=address if context else None
+            )
         try:
+            problem = look(writer) if look is not None else None
+            if problem is not None:
+                return problem
             status = await _get(reader, writer, _host(address, port), path, timeout)
         finally:
             await _close(writer)
@@ -218,6 +234,12 @@ async def check_http(address: str, port: int, path: str, timeout: float = 5.0) -
         raise_if_local(exc, f"checking {url}")
         return reason(url, exc)
     return None if status == 200 else f"{url} answered {status}"
+
+
+async def check_http(address: str, port: int, path: str, timeout: float = 5.0) -> str | None:
+    """None if plain http on ``address:port`` serves ``path`` with 200, else what is wrong
+    (``LocalResourceError`` if the checking side ran short)."""
+    return await _check(f"http://{address}:{port}{path}", address, port, path, timeout)
 
 
 async def check_https(
@@ -232,27 +254,17 @@ async def check_https(
     (trusting only ``ca_pem``, the address checked against the certificate), else what is wrong
     (``LocalResourceError`` if the checking side ran short). The certificate is taken right
     after the handshake, before the request (a server may close after its answer)."""
+
+    def certificate(writer: asyncio.StreamWriter) -> str | None:
+        tls = writer.get_extra_info("ssl_object")
+        der = tls.getpeercert(binary_form=True) if tls is not None else None
+        if der is None:
+            raise _Answer("the server presented no certificate")
+        served = "sha256:" + hashlib.sha256(der).hexdigest()
+        if fingerprint and served != fingerprint:
+            staged = f"not the staged certificate {fingerprint}"
+            return f"https://{address}:{port} presents {served}, {staged}"
+        return None
+
     url = f"https://{address}:{port}{path}"
-    try:
-        async with asyncio.timeout(timeout):
-            reader, writer = await asyncio.open_connection(
-                address, port, ssl=trusting(ca_pem), server_hostname=address
-            )
-        try:
-            tls = writer.get_extra_info("ssl_object")
-            der = tls.getpeercert(binary_form=True) if tls is not None else None
-            if der is None:
-                raise _Answer("the server presented no certificate")
-            served = "sha256:" + hashlib.sha256(der).hexdigest()
-            if fingerprint and served != fingerprint:
-                return (
-                    f"https://{address}:{port} presents {served}, "
-                    f"not the staged certificate {fingerprint}"
-                )
-            status = await _get(reader, writer, _host(address, port), path, timeout)
-        finally:
-            await _close(writer)
-    except PROBE_ERRORS as exc:
-        raise_if_local(exc, f"checking {url}")
-        return reason(url, exc)
-    return None if status == 200 else f"{url} answered {status}"
+    return await _check(url, address, port, path, timeout, trusting(ca_pem), certificate)
