@@ -12,6 +12,7 @@ from typing import cast
 
 import pytest
 
+from tests import http_judge
 from tests.conftest import IssuedCert
 from tlsroll import httpcheck, pki, probe, tls
 
@@ -88,7 +89,7 @@ def test_https_reply_then_close_is_a_view_with_the_certificate(
             assert view.status == 200
             assert pki.fingerprint(view.certificate) == fingerprint == view.fingerprint
             assert view.tls_version in ("TLSv1.2", "TLSv1.3")
-            assert httpcheck.check_https(address, port, APP, ca_pem, fingerprint) is None
+            assert http_judge.check_https(address, port, APP, ca_pem, fingerprint) is None
 
 
 def test_https_failures_are_what_is_wrong_never_an_exception(
@@ -100,38 +101,38 @@ def test_https_failures_are_what_is_wrong_never_an_exception(
     fingerprint = pki.fingerprint(pki.read_cert(cert.cert_file))
     for answer in (NOTHING, GARBAGE):
         with tiny_server(address, answer, _tls(cert)) as port:
-            problem = httpcheck.check_https(address, port, APP, ca_pem, fingerprint)
+            problem = http_judge.check_https(address, port, APP, ca_pem, fingerprint)
             assert problem is not None and problem.startswith(f"https://{address}:{port}")
     with tiny_server(address, OK_CLOSE) as port:  # plain http where https should be
-        problem = httpcheck.check_https(address, port, APP, ca_pem, fingerprint)
+        problem = http_judge.check_https(address, port, APP, ca_pem, fingerprint)
         assert problem is not None and problem.startswith(f"https://{address}:{port}")
     other = pki.CertificateAuthority.create("another CA")
     with tiny_server(address, OK_CLOSE, _tls(cert)) as port:  # a CA we do not trust
-        assert httpcheck.check_https(address, port, APP, other.cert_pem, None) is not None
-        problem = httpcheck.check_https(address, port, APP, ca_pem, "sha256:" + "0" * 64)
+        assert http_judge.check_https(address, port, APP, other.cert_pem, None) is not None
+        problem = http_judge.check_https(address, port, APP, ca_pem, "sha256:" + "0" * 64)
         assert problem is not None and "not the staged certificate" in problem
-    with tiny_server(address, OK_CLOSE) as port:
-        pass
-    assert httpcheck.check_https(address, port, APP, ca_pem, None) is not None  # closed port
-    assert httpcheck.check_https("not an address", 1, APP, ca_pem, None) is not None
-    assert httpcheck.check_https(address, 70000, APP, ca_pem, None) is not None
+    with closed_port(address) as port:
+        assert http_judge.check_https(address, port, APP, ca_pem, None) is not None
+    assert http_judge.check_https("not an address", 1, APP, ca_pem, None) is not None
+    assert http_judge.check_https(address, 70000, APP, ca_pem, None) is not None
 
 
-def test_http_probes_answer_a_string_or_false(loopback: Callable[[], str]) -> None:
+def test_http_checks_answer_a_string_or_false(loopback: Callable[[], str]) -> None:
     address = loopback()
     with tiny_server(address, OK_10) as port:
-        assert httpcheck.check_http(address, port, APP) is None
+        assert http_judge.check_http(address, port, APP) is None
         assert httpcheck.port_open(address, port)
     with tiny_server(address, OK_CLOSE) as port:
-        assert httpcheck.check_http(address, port, APP) is None
+        assert http_judge.check_http(address, port, APP) is None
     for answer in (NOTHING, GARBAGE):
         with tiny_server(address, answer) as port:
-            problem = httpcheck.check_http(address, port, APP)
+            problem = http_judge.check_http(address, port, APP)
             assert problem is not None and problem.startswith(f"http://{address}:{port}")
-    assert not httpcheck.port_open(address, port)
-    assert httpcheck.check_http(address, port, APP) is not None
+    with closed_port(address) as port:
+        assert not httpcheck.port_open(address, port)
+        assert http_judge.check_http(address, port, APP) is not None
     assert not httpcheck.port_open(address, 70000)
-    assert httpcheck.check_http(address, 70000, APP) is not None
+    assert http_judge.check_http(address, 70000, APP) is not None
     assert not httpcheck.port_open("not an address", 1)
 
 
@@ -306,11 +307,11 @@ async def test_the_agents_probe_judges_an_answer_as_the_leaders_check_does(
     judged: dict[str, tuple[bool, bool]] = {}
     for name, answer in QUIRKS.items():
         with tiny_server(address, answer) as port:
-            leader = await asyncio.to_thread(httpcheck.check_http, address, port, APP)
+            leader = await asyncio.to_thread(http_judge.check_http, address, port, APP)
             agent = await probe.check_http(address, port, APP)
         with tiny_server(address, answer, _tls(cert)) as port:
             leader_tls = await asyncio.to_thread(
-                httpcheck.check_https, address, port, APP, ca_pem, None
+                http_judge.check_https, address, port, APP, ca_pem, None
             )
             agent_tls = await probe.check_https(address, port, APP, ca_pem, None)
         assert (agent is None, agent_tls is None) == (leader is None, leader_tls is None), name
@@ -337,7 +338,7 @@ async def test_the_agents_probe_takes_any_path_as_the_leaders_check_does(
     address = loopback()
     with tiny_server(address, OK_CLOSE) as port:
         for path in ("/a b", "", "/\x7f", "/\u00e9"):
-            leader = await asyncio.to_thread(httpcheck.check_http, address, port, path)
+            leader = await asyncio.to_thread(http_judge.check_http, address, port, path)
             agent = await probe.check_http(address, port, path)
             assert (agent is None) == (leader is None), path
             assert agent is None or agent.startswith(f"http://{address}:{port}"), path
@@ -367,7 +368,7 @@ async def test_a_probes_reason_carries_no_more_than_a_short_excerpt_of_the_answe
 
 
 async def asyncio_check_http(address: str, port: int, path: str) -> str | None:
-    return await asyncio.to_thread(httpcheck.check_http, address, port, path)
+    return await asyncio.to_thread(http_judge.check_http, address, port, path)
 
 
 async def test_a_probes_connection_whose_close_hangs_is_aborted(

@@ -1179,12 +1179,13 @@ def test_the_outside_check_makes_its_tls_context_once_per_ca(
         server = tls.server_context(cert.cert_file, cert.key_file)
         with tiny_server(address, OK_CLOSE, server) as port:
             for _ in range(3):
-                assert httpcheck.check_https(address, port, APP, ca_pem, fingerprint) is None
+                check = probe.check_https(address, port, APP, ca_pem, fingerprint)
+                assert asyncio.run(check) is None
     assert made == [ca_pem]
     other = pki.CertificateAuthority.create().cert_pem
     server = tls.server_context(one.cert_file, one.key_file)
     with tiny_server(first, OK_CLOSE, server) as port:
-        problem = httpcheck.check_https(first, port, APP, other, None)
+        problem = asyncio.run(probe.check_https(first, port, APP, other, None))
     assert problem is not None and "certificate verify failed" in problem
     assert made == [ca_pem, other]
 
@@ -1242,7 +1243,6 @@ def test_a_stage_makes_the_tls_context_its_switch_s_verify_trusts(
     with tiny_server(address, OK_CLOSE, server) as port:
         ca_pem = staged.ca_file.read_bytes()  # as the switch's staging reads it for verify
         assert asyncio.run(probe.check_https(address, port, APP, ca_pem, fingerprint)) is None
-        assert httpcheck.check_https(address, port, APP, ca_pem, fingerprint) is None
     assert len(made) == 1
     journal.close()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import http.client
 import json
@@ -25,7 +26,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from refserver.server import SHUTDOWN_TIMEOUT, SWITCHING_MESSAGE, WRITE_DELAY_ENV
 from tests.conftest import IssuedCert, count_thread_hops
 from tests.refserver_helper import RefServer, Response, peer_certificate
-from tlsroll import bootstrap_protocol, clients, httpcheck, password, pki
+from tlsroll import bootstrap_protocol, clients, password, pki, probe
 from tlsroll.clients import WORKSTATION_HEADER
 from tlsroll.fsutil import PRIVATE, write_atomic
 from tlsroll.httpcheck import port_open
@@ -305,11 +306,9 @@ def test_dual_server_records_who_is_on_which_scheme(
     # The same workstation moved to https, without a client certificate: named by its header.
     assert request_from(empfang, server, "https", context=https_context(cert), headers=named) == 200
     # tlsroll's own checks (the agent's verify, the leader's confirm) are not counted.
-    assert httpcheck.check_http(address, 8080, server.app_path) is None
-    assert (
-        httpcheck.check_https(address, 8443, server.app_path, cert.ca_file.read_bytes(), None)
-        is None
-    )
+    assert asyncio.run(probe.check_http(address, 8080, server.app_path)) is None
+    ca_pem = cert.ca_file.read_bytes()
+    assert asyncio.run(probe.check_https(address, 8443, server.app_path, ca_pem, None)) is None
 
     seen = clients_seen(server)
     assert seen["window_seconds"] == 86400

@@ -2,11 +2,11 @@
 serve (trusting only a given CA), does the app answer. Blocking; call through
 ``asyncio.to_thread`` from async code.
 
-The agent's verify and the leader's confirm use ``tlsroll.probe``, the same checks on the
+The agent's verify and the leader's confirm judge a server with ``tlsroll.probe`` on the
 event loop, which takes from here the TLS context (``trusting``), the probe's headers and the
-wording of a failure (``reason``); the agent's drivers use ``port_open``. The blocking
-``check_https``/``check_http`` serve the tests as http.client's own judgement of an answer,
-which the probe is held to (tests/test_httpcheck.py).
+wording of a failure (``reason``); the agent's drivers use ``port_open``, the demo
+``fetch_https``. The tests hold the probe to http.client's own judgement of an answer, built
+on ``fetch_https``/``fetch_http`` (tests/http_judge.py).
 """
 
 from __future__ import annotations
@@ -35,10 +35,6 @@ PROBE_HEADERS = {"User-Agent": f"{PROBE_AGENT}/{__version__}"}
 PROBE_ERRORS = (OSError, http.client.HTTPException, ValueError, OverflowError)
 
 
-def _local_trouble(exc: BaseException, what: str) -> None:
-    raise_if_local(exc, f"checking {what}")
-
-
 def port_open(address: str, port: int, timeout: float = 2.0) -> bool:
     """True if something accepts TCP connections on ``address:port``; False on any failure of
     the port's (``LocalResourceError`` if this machine ran out of descriptors)."""
@@ -46,7 +42,7 @@ def port_open(address: str, port: int, timeout: float = 2.0) -> bool:
         with socket.create_connection((address, port), timeout=timeout):
             return True
     except PROBE_ERRORS as exc:
-        _local_trouble(exc, f"{address}:{port}")
+        raise_if_local(exc, f"checking {address}:{port}")
         return False
 
 
@@ -118,37 +114,6 @@ def fetch_http(address: str, port: int, path: str, timeout: float = 5.0) -> int:
         return resp.status
     finally:
         conn.close()
-
-
-def check_https(
-    address: str, port: int, path: str, ca_pem: bytes, fingerprint: str | None
-) -> str | None:
-    """None if https on ``address:port`` serves ``path`` with exactly the expected
-    certificate, else what is wrong (``LocalResourceError`` if the checking side ran short)."""
-    try:
-        view = fetch_https(address, port, path, ca_pem)
-    except PROBE_ERRORS as exc:
-        _local_trouble(exc, f"https://{address}:{port}{path}")
-        return reason(f"https://{address}:{port}{path}", exc)
-    if fingerprint and view.fingerprint != fingerprint:
-        return (
-            f"https://{address}:{port} presents {view.fingerprint}, "
-            f"not the staged certificate {fingerprint}"
-        )
-    if view.status != 200:
-        return f"https://{address}:{port}{path} answered {view.status}"
-    return None
-
-
-def check_http(address: str, port: int, path: str) -> str | None:
-    """None if plain http on ``address:port`` serves ``path`` with 200, else what is wrong
-    (``LocalResourceError`` if the checking side ran short)."""
-    try:
-        status = fetch_http(address, port, path)
-    except PROBE_ERRORS as exc:
-        _local_trouble(exc, f"http://{address}:{port}{path}")
-        return reason(f"http://{address}:{port}{path}", exc)
-    return None if status == 200 else f"http://{address}:{port}{path} answered {status}"
 
 
 REASON_MAX = 200  # characters in a failure's reason, the URL included
