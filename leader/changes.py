@@ -30,7 +30,7 @@ import datetime as dt
 import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from leader import byo
 from leader.agent_client import AgentApi, StepFailed, SwitchRefused
@@ -53,6 +53,9 @@ from tlsroll.enums import TxnKind, TxnOutcome
 from tlsroll.errors import PKIError, TransientError
 from tlsroll.v1 import agent_pb2
 
+if TYPE_CHECKING:  # the certificate object only; the steps load it through tlsroll.pki
+    from cryptography import x509
+
 log = logs.get_logger(__name__)
 
 Outcome = tuple[NodeEvent, str | None]
@@ -66,10 +69,11 @@ new CSR) help. Text, as the refusal carries no finer code; the roles share no mo
 
 
 def preflight_csr_unusable(exc: StepFailed | PKIError) -> bool:
-    """Whether a stage that used the preflight's CSR may be tried once more with CreateCSR.
+    """Whether a stage that sent the certificate signed from the preflight's CSR may be tried
+    once more with CreateCSR.
 
-    Yes when the CSR could not be signed here (a PKIError: nothing was issued yet) or the
-    agent no longer holds its key (``KEY_GONE``). Any other refusal (a stale epoch, "already
+    Yes when the agent no longer holds the key that CSR is of (``KEY_GONE``), or on a
+    PKIError (nothing was issued). Any other refusal (a stale epoch, "already
     switching", a pin mismatch, ...) is the node's answer: another round would sign and record
     a second certificate nobody uses, and report the second error instead of the first."""
     if isinstance(exc, PKIError):
@@ -107,6 +111,30 @@ def rollout_facts(
 
 
 @dataclass(frozen=True)
+class Signed:
+    """A node's server certificate that its preflight signed from the CSR it brought back:
+    ``record`` is written with the preflight's outcome (the node's move to ``staging``, one
+    durable write), and the stage sends ``cert`` (``StepContext.signed``)."""
+
+    cert: x509.Certificate
+    record: IssuedCert
+
+
+def issued_server_cert(cert: x509.Certificate, node: str, now: dt.datetime) -> IssuedCert:
+    """How the store records a node's server certificate (`certs check-expiration` lists its
+    serial, `nodes remove` revokes it)."""
+    return IssuedCert(
+        serial=f"{cert.serial_number:x}",
+        kind="server",
+        subject=node,
+        node=node,
+        fingerprint=pki.fingerprint(cert),
+        issued_at=now,
+        not_after=cert.not_valid_after_utc,
+    )
+
+
+@dataclass(frozen=True)
 class StepContext:
     """Everything a step needs: the rollout, the node, its agent, and the leader's state."""
 
@@ -129,10 +157,14 @@ class StepContext:
     # ask whether one is under way (``ChangeSteps.confirm``). The engine's, kept across
     # steps; a new process starts with none, and asks.
     switched_here: dict[tuple[str, str], bool] = field(default_factory=dict)
-    # (rollout, node) -> the CSR its preflight brought back (``PreflightRequest.make_csr``),
-    # until its stage is signed; the engine's, kept across steps. Missing (an agent of an
-    # earlier release, a leader restarted since): the stage asks with CreateCSR.
-    csrs: dict[tuple[str, str], bytes] = field(default_factory=dict)
+    # (rollout, node) -> the certificate signed from the CSR its preflight brought back
+    # (``PreflightRequest.make_csr``) and recorded with the preflight's outcome, until its
+    # stage sends it; the engine's, kept across steps. Missing (an agent of an earlier
+    # release, a leader restarted since): the stage asks with CreateCSR.
+    signed: dict[tuple[str, str], x509.Certificate] = field(default_factory=dict)
+    # What this step signed (a preflight: ``Signed``): the engine records it with the step's
+    # outcome, and hands it to the stage (``signed``) once that write is done.
+    issued: list[Signed] = field(default_factory=list)
     # (rollout, node) -> the outside check begun as this process saw the node's switch
     # complete (``ChangeSteps.switch``), while the engine writes the switch's outcome: the
     # confirm takes its answer instead of checking again. The engine's, kept across steps;
@@ -203,7 +235,18 @@ class ChangeSteps:
                 f"the node's names {claimed} differ from its enrolment {enrolled}; re-enrol it"
             )
         if make_csr and reply.csr_pem:
-            ctx.csrs[(ctx.rollout.id, ctx.node)] = reply.csr_pem
+            # Signed now, checked as any CSR (the names are the enrolled ones), and recorded
+            # in the same write as the preflight's outcome: the stage sends it at once, with
+            # no write of its own before it (one durable write and one store hand-off fewer
+            # per node, on the first node's way to its switch). A CSR that cannot be signed
+            # here is left to the stage, which asks CreateCSR for a new one.
+            try:
+                csr = pki.load_csr_pem(reply.csr_pem)
+                cert = ctx.ca.sign_csr(csr, enrolled, server=True, client=False, now=ctx.clock())
+            except PKIError:
+                pass
+            else:
+                ctx.issued.append(Signed(cert, issued_server_cert(cert, node.name, ctx.clock())))
         return NodeEvent.PREFLIGHT_PASSED, None
 
     async def stage(self, ctx: StepContext) -> Outcome:
@@ -211,35 +254,29 @@ class ChangeSteps:
         (``--cert-dir``: the practice's own certificate and key instead, ``stage_own``)."""
         if ctx.facts.own_ca is not None:
             return await self.stage_own(ctx, ctx.facts.own_ca)
-        node = await ctx.enrolled_node()
         key = (ctx.rollout.id, ctx.node)
+        # Signed by the preflight and recorded with its outcome (``StepContext.signed``).
+        cert = ctx.signed.pop(key, None)
+        from_preflight = cert is not None
         try:
-            csr_pem = ctx.csrs.get(key)
-            if csr_pem is None:  # the preflight brought none (see ``StepContext.csrs``)
+            if cert is None:  # the preflight brought no CSR, or one it could not sign
+                node = await ctx.enrolled_node()
                 csr_reply = await ctx.agent.create_csr(
                     agent_pb2.CreateCSRRequest(command=ctx.command())
                 )
-                csr_pem = csr_reply.csr_pem
-            # Checked and signed as any CSR: the names are the enrolled ones, whoever asked.
-            csr = pki.load_csr_pem(csr_pem)
-            expected = pki.Names.of(node.name, node.addresses, node.dns_names)
-            cert = ctx.ca.sign_csr(csr, expected, server=True, client=False, now=ctx.clock())
-            # Recorded, so that `certs check-expiration` has its serial and `nodes remove`
-            # revokes it.
-            await dbthread.run(
-                ctx.store.record_certificate,
-                IssuedCert(
-                    serial=f"{cert.serial_number:x}",
-                    kind="server",
-                    subject=node.name,
-                    node=node.name,
-                    fingerprint=pki.fingerprint(cert),
-                    issued_at=ctx.clock(),
-                    not_after=cert.not_valid_after_utc,
-                ),
-                actor="leader",
-                now=ctx.clock(),
-            )
+                # Checked and signed as any CSR: the names are the enrolled ones, whoever
+                # asked.
+                csr = pki.load_csr_pem(csr_reply.csr_pem)
+                expected = pki.Names.of(node.name, node.addresses, node.dns_names)
+                cert = ctx.ca.sign_csr(csr, expected, server=True, client=False, now=ctx.clock())
+                # Recorded, so that `certs check-expiration` has its serial and `nodes
+                # remove` revokes it.
+                await dbthread.run(
+                    ctx.store.record_certificate,
+                    issued_server_cert(cert, node.name, ctx.clock()),
+                    actor="leader",
+                    now=ctx.clock(),
+                )
             staged = await ctx.agent.stage(
                 agent_pb2.StageRequest(
                     command=ctx.command(),
@@ -248,12 +285,11 @@ class ChangeSteps:
                 )
             )
         except (StepFailed, PKIError) as exc:
-            if ctx.csrs.pop(key, None) is not None and preflight_csr_unusable(exc):
+            if from_preflight and preflight_csr_unusable(exc):
                 # The key the preflight's CSR is of is gone (the agent lost its journal
                 # since): once more as before the merge, CreateCSR first.
                 return await self.stage(ctx)
             return NodeEvent.STAGE_FAILED, str(exc)
-        ctx.csrs.pop(key, None)
         await ctx.detail(
             cert_fingerprint=staged.fingerprint,
             cert_not_after=staged.not_after.ToDatetime(tzinfo=dt.UTC),

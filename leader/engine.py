@@ -42,13 +42,14 @@ import itertools
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from leader import byo, planner
 from leader.agent_client import Agents, StepFailed
 from leader.changes import (
     Outcome,
     RolloutFacts,
+    Signed,
     StepContext,
     drop_check,
     rollout_facts,
@@ -66,6 +67,7 @@ from leader.rollout_core import (
     Password,
     Rollout,
     RolloutEvent,
+    RolloutState,
     Step,
     way_out,
 )
@@ -77,10 +79,13 @@ from leader.schema_store import (
     StaleRecords,
     StepTime,
 )
-from leader.store import Node, Store
+from leader.store import IssuedCert, Node, Store
 from tlsroll import dbthread, logs, pki
 from tlsroll.errors import TransientError
 from tlsroll.v1 import agent_pb2
+
+if TYPE_CHECKING:
+    from cryptography import x509
 
 log = logs.get_logger(__name__)
 
@@ -151,8 +156,9 @@ class Engine:
         # The running rollout's nodes whose switch this process saw complete
         # (``StepContext.switched_here``): confirm then skips a question to the agent.
         self.switched_here: dict[tuple[str, str], bool] = {}
-        # The CSRs preflights brought back, until each node's stage (``StepContext.csrs``).
-        self.csrs: dict[tuple[str, str], bytes] = {}
+        # The certificates preflights signed from the CSRs they brought back, recorded with
+        # their outcomes, until each node's stage (``StepContext.signed``).
+        self.signed: dict[tuple[str, str], x509.Certificate] = {}
         # Outside checks begun as switches ended, until each node's confirm
         # (``StepContext.checks``).
         self.checks: dict[tuple[str, str], asyncio.Future[str | None]] = {}
@@ -480,12 +486,13 @@ class Engine:
                 await self._record_frozen(rollout.id, step, frozen, started[1])
             else:
                 learnt: dict[str, Any] = {}  # what the step learnt: written with its outcome
+                issued: list[Signed] = []  # what it signed: recorded with its outcome
                 if bounded:  # one attempt never outlasts the step's deadline
-                    result = await asyncio.wait_for(self._step(row, step, learnt), deadline)
+                    result = await asyncio.wait_for(self._step(row, step, learnt, issued), deadline)
                 else:
-                    result = await self._step(row, step, learnt)
+                    result = await self._step(row, step, learnt, issued)
                 event, reason = result
-                await self._record(rollout.id, step, event, reason, started[1], learnt)
+                await self._record(rollout.id, step, event, reason, started[1], learnt, issued)
         except (TransientError, StepFailed, TimeoutError) as exc:  # StepFailed: a freeze refused
             why = str(exc) or f"no answer within {deadline:.0f} s"
             log.warning(
@@ -572,7 +579,11 @@ class Engine:
         await self._save_node(rollout_id, step.node, lambda r: replace(r, reason=reason))
 
     async def _step(
-        self, row: RolloutRow, step: planner.StepAction, learnt: dict[str, Any]
+        self,
+        row: RolloutRow,
+        step: planner.StepAction,
+        learnt: dict[str, Any],
+        issued: list[Signed],
     ) -> Outcome:
         steps = strategy_for(row.rollout)
         runners: dict[Step, Callable[[StepContext], Awaitable[Outcome]]] = {
@@ -593,7 +604,7 @@ class Engine:
                 )
             )
             self.facts = {row.rollout.id: facts}  # the running rollout's only
-            for held in (self.switched_here, self.csrs, self.checks):  # in place: running
+            for held in (self.switched_here, self.signed, self.checks):  # in place: running
                 for key in [k for k in held if k[0] != row.rollout.id]:  # steps hold them
                     if isinstance(check := held.pop(key), asyncio.Future):
                         drop_check(check)
@@ -613,7 +624,8 @@ class Engine:
             vault=self.vault,
             learnt=learnt,
             switched_here=self.switched_here,
-            csrs=self.csrs,
+            signed=self.signed,
+            issued=issued,
             checks=self.checks,
         )
         return await runners[step.step](ctx)
@@ -638,12 +650,15 @@ class Engine:
         *,
         timed_if_unchanged: bool = False,
         plan_next: bool = False,
+        certs: Sequence[IssuedCert] = (),
     ) -> RolloutRow:
         """Apply ``change`` to one node record and save it, in one transaction with the
         step's times (``step``: only if the record changed, unless ``timed_if_unchanged``),
         the start of the step the node's new state begins, what the step learnt
         (``details`` of the node's stored detail: the fields to write), and the password now
-        live on the node if it is now done. Nothing is written if nothing changed. Reads
+        live on the node if it is now done, and the certificates ``certs`` if the record
+        changed and the rollout runs (``_records_certs``). Nothing is written if nothing
+        changed. Reads
         again if a write crossed (the rollout is kept in memory: reading it is cheap).
 
         ``plan_next`` (a step's outcome): the plan that follows from the records as this write
@@ -686,6 +701,7 @@ class Engine:
                     only=(name,),  # decided from this node's record alone
                     revoke=revoke,
                     then=then,
+                    certs=certs if _records_certs(row, old, new) else (),
                 )
                 for plan in plans:
                     self._planned(row, plan)
@@ -815,11 +831,16 @@ class Engine:
         reason: str | None,
         started: dt.datetime | None = None,
         learnt: dict[str, Any] | None = None,
+        issued: Sequence[Signed] = (),
     ) -> None:
         """The step's result on the node, if the node still waits for it (an abort skips a
         node whose preflight or stage is in flight: that result is dropped), with its times
-        and what it ``learnt`` about the node (kept even if the result is dropped): one
-        write."""
+        and what it ``learnt`` about the node (kept even if the result is dropped), and the
+        certificates it ``issued`` (``_records_certs``: not if the result is dropped, nor while
+        the rollout pauses or aborts): one write. Those are then the node's stage's to send
+        (``signed``): only certificates recorded before they are sent. One not recorded is
+        forgotten: a stage that runs later (a resumed rollout) asks CreateCSR, signs and
+        records one then, as before."""
         dropped: list[bool] = []
 
         def change(r: NodeRecord) -> NodeRecord:
@@ -831,14 +852,19 @@ class Engine:
             return r.with_event(event, cleared)
 
         now = self.clock()
-        await self._save_node(
+        row = await self._save_node(
             rollout_id,
             step.node,
             change,
             StepTime(step.node, step.step.value, started, now),
             lambda _d: learnt or {},
             plan_next=True,
+            certs=[s.record for s in issued],
         )
+        if issued and not dropped and row.rollout.state is RolloutState.RUNNING:
+            # Recorded (``_records_certs``; this write changed no rollout state). Before any
+            # await: the stage this write begins (``_planned``) has not run yet.
+            self.signed[(rollout_id, step.node)] = issued[-1].cert
         if dropped:
             log.info(
                 "step.result_dropped",
@@ -856,6 +882,14 @@ class Engine:
             node_event=event.value,
             reason=reason,
         )
+
+
+def _records_certs(row: RolloutRow, old: NodeRecord, new: NodeRecord) -> bool:
+    """Whether a step's outcome records the certificates the step issued (a preflight's): only
+    if it changes the node's record (a result an abort dropped does not) while the rollout
+    runs. A paused or aborting rollout sends no Stage now (an abort skips the node), and a
+    certificate recorded but never sent would stay in `certs check-expiration`."""
+    return new != old and row.rollout.state is RolloutState.RUNNING
 
 
 def _positions(row: RolloutRow, states: Iterable[NodeState]) -> list[int]:

@@ -31,7 +31,7 @@ from leader.rollout_core import (
     ScopeKind,
     Strategy,
 )
-from leader.store import revoke_superseded_in
+from leader.store import IssuedCert, record_certificate_in, revoke_superseded_in
 from tlsroll.errors import TerminalError, TransientError
 from tlsroll.sqlite import from_text, to_text
 
@@ -600,6 +600,7 @@ class SchemaStore(LeaderStore):
         only: Collection[str] | None = None,
         revoke: Sequence[Revocation] = (),
         then: Then | None = None,
+        certs: Sequence[IssuedCert] = (),
     ) -> RolloutRow:
         """Persist the records after a plan or an event, with one audit event per change, in
         one transaction that updates only the rows that changed (nothing, if nothing did):
@@ -607,8 +608,10 @@ class SchemaStore(LeaderStore):
         ``before``'s, step times (``steps``), what steps learnt about nodes (``details``: node
         name → fields as ``update_detail`` takes them) and the password now live on nodes
         (``auth``, as ``set_node_auth``) and the certificates a node now done no longer
-        serves (``revoke``, as ``Store.revoke_superseded``; each one's ``serials`` filled in).
-        A step's outcome is thus one durable write.
+        serves (``revoke``, as ``Store.revoke_superseded``; each one's ``serials`` filled in)
+        and the certificates issued (``certs``, as ``Store.record_certificate``: a
+        preflight's, signed from the CSR it brought back). A step's outcome is thus one
+        durable write.
 
         Optimistic: if the stored records are no longer ``before`` (an admin command and an
         engine verdict crossed), nothing is written and ``StaleRecords`` is raised; the caller
@@ -674,6 +677,8 @@ class SchemaStore(LeaderStore):
                 r.serials = revoke_superseded_in(
                     db, r.node, r.live_fingerprint, before=r.before, now=now
                 )
+            for cert in certs:  # routine as well (``Store.record_certificate``)
+                record_certificate_in(db, cert, actor="leader", now=now)
             if then is not None:
                 moved, begun = then(row)
                 if moved or begun:

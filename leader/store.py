@@ -835,19 +835,7 @@ class Store(LeaderStore):
         the epoch, the revocation list), so the heartbeats after a stage do not read the store
         again (issue 15: a worker-thread hop and four queries per node of a rollout)."""
         with self._db.tx(routine=True) as db:
-            _record_cert(
-                db,
-                cert.serial,
-                cert.kind,
-                cert.subject,
-                cert.node,
-                cert.fingerprint,
-                cert.issued_at,
-                cert.not_after,
-            )
-            self._audit(
-                db, now, actor, f"certificate.issued.{cert.kind}", cert.subject, serial=cert.serial
-            )
+            record_certificate_in(db, cert, actor=actor, now=now)
 
     def issue_workstation(
         self,
@@ -1143,6 +1131,30 @@ def _bump_crl(db: sqlite3.Connection) -> None:
     db.execute(
         "INSERT INTO meta (key, value) VALUES ('crl_number', '1')"
         " ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
+    )
+
+
+def record_certificate_in(
+    db: sqlite3.Connection,
+    cert: IssuedCert,
+    *,
+    actor: str,
+    now: dt.datetime,
+) -> None:
+    """``Store.record_certificate`` inside a write transaction (the engine records a
+    preflight's certificate with its outcome: ``SchemaStore.save_states``)."""
+    _record_cert(
+        db,
+        cert.serial,
+        cert.kind,
+        cert.subject,
+        cert.node,
+        cert.fingerprint,
+        cert.issued_at,
+        cert.not_after,
+    )
+    LeaderStore._audit(
+        db, now, actor, f"certificate.issued.{cert.kind}", cert.subject, serial=cert.serial
     )
 
 

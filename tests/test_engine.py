@@ -1347,6 +1347,108 @@ async def test_the_stage_signs_the_csr_its_preflight_brought_back(world: World) 
     await leader.stop()
 
 
+async def test_the_preflight_s_certificate_is_recorded_with_its_outcome(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The preflight signs the CSR it brought back, and the certificate is recorded in the
+    same write as the preflight's outcome (the node's move to staging): the stage sends it
+    with no write of its own first (``Store.record_certificate`` is not called; it was once
+    per node, a durable write and a store hand-off on the first node's way to its switch).
+    Still recorded before it is sent: each agent's Stage finds it in the store."""
+    recorded: list[str] = []
+    monkeypatch.setattr(
+        Store, "record_certificate", lambda _s, cert, **_k: recorded.append(cert.node)
+    )
+    leader = world.boot()
+    seen_at_stage: dict[str, set[str]] = {}
+    for agent in world.agents:
+        real = agent.stage
+
+        async def staging(
+            request: agent_pb2.StageRequest,
+            name: str = agent.name,
+            real: Callable[[agent_pb2.StageRequest], Awaitable[agent_pb2.StageResponse]] = real,
+        ) -> agent_pb2.StageResponse:
+            pem = request.certificate_pem
+            fingerprint = pki.fingerprint(pki.load_cert_pem(pem))
+            seen_at_stage[name] = {
+                c.fingerprint
+                for c in leader.store.list_certificates("server")
+                if c.node == name and c.fingerprint == fingerprint
+            }
+            return await real(request)
+
+        monkeypatch.setattr(agent, "stage", staging)
+    await leader.start()
+    row = await leader.run()
+    assert row.rollout.state is R.COMPLETED and states(row) == ALL_DONE
+    assert recorded == []
+    for agent in world.agents:
+        issued = [c for c in leader.store.list_certificates("server") if c.node == agent.name]
+        assert [c.fingerprint for c in issued] == [agent.fingerprint], agent.name
+        assert seen_at_stage[agent.name] == {agent.fingerprint}, agent.name
+    trail = [(a.kind, a.subject) for a in leader.audit()]
+    assert sorted(s for k, s in trail if k == "certificate.issued.server") == sorted(ORDER)
+    await leader.stop()
+
+
+async def test_a_preflight_that_ends_while_the_rollout_aborts_records_no_certificate(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An abort lands while a node's preflight is in flight: its outcome is written while the
+    rollout aborts, and the node is skipped. The certificate the preflight signed is neither
+    recorded nor sent (``certs check-expiration`` would list it for good)."""
+    leader = world.boot()
+    bravo = world.agents["bravo"]
+    real = bravo.preflight
+
+    async def aborted_meanwhile(request: agent_pb2.PreflightRequest) -> Any:
+        await leader.control(RolloutAction.ABORT)
+        return await real(request)
+
+    monkeypatch.setattr(bravo, "preflight", aborted_meanwhile)
+    await leader.start()
+    row = await leader.run()
+    assert row.rollout.state is R.ABORTED
+    assert node(row.records, "bravo").state is N.SKIPPED
+    assert bravo.applied["create_csr"] == 1  # its preflight made the key and CSR
+    assert not world.agents.calls_to("bravo", "stage")
+    assert [c for c in leader.store.list_certificates("server") if c.node == "bravo"] == []
+    assert not leader.engine.signed
+    await leader.stop()
+
+
+async def test_a_preflight_that_ends_while_the_rollout_pauses_leaves_the_stage_its_csr(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pause lands while a node's preflight is in flight: its certificate is not recorded
+    with the outcome (the rollout may be aborted before it resumes). On resume the stage asks
+    CreateCSR (the agent answers with the CSR of the key it made), signs and records it, as
+    a leader restarted since would: one certificate, the one staged."""
+    leader = world.boot()
+    bravo = world.agents["bravo"]
+    real = bravo.preflight
+
+    async def paused_meanwhile(request: agent_pb2.PreflightRequest) -> Any:
+        await leader.control(RolloutAction.PAUSE)
+        return await real(request)
+
+    monkeypatch.setattr(bravo, "preflight", paused_meanwhile)
+    await leader.start()
+    row = await leader.run(until=lambda r: node(r.records, "bravo").state is N.STAGING)
+    await leader.engine.settle()
+    assert [c for c in leader.store.list_certificates("server") if c.node == "bravo"] == []
+    assert not world.agents.calls_to("bravo", "stage")
+    monkeypatch.setattr(bravo, "preflight", real)
+    await leader.control(RolloutAction.RESUME)
+    row = await leader.run()
+    assert row.rollout.state is R.COMPLETED and states(row) == ALL_DONE
+    assert [c.answer for c in world.agents.calls_to("bravo", "create_csr")] == ["replay"]
+    issued = [c for c in leader.store.list_certificates("server") if c.node == "bravo"]
+    assert [c.fingerprint for c in issued] == [bravo.fingerprint]
+    await leader.stop()
+
+
 async def test_an_agent_of_the_previous_release_is_staged_through_create_csr(
     world: World,
 ) -> None:
