@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from dataclasses import replace
 
 from cryptography import x509
@@ -57,12 +57,20 @@ def observation(view: agent_pb2.ServerView, ca: x509.Certificate) -> NodeObserva
 
 
 async def observe(
-    agents: Agents, names: Sequence[str], ca: x509.Certificate
+    agents: Agents,
+    names: Sequence[str],
+    ca: x509.Certificate,
+    *,
+    warm: Collection[str] = frozenset(),
 ) -> dict[str, NodeObservation]:
-    """Ask every named node's agent what it runs; unreachable ones say why."""
+    """Ask every named node's agent what it runs; unreachable ones say why. The agents of the
+    nodes in ``warm`` are told to load their certificate code ahead of their preflight
+    (``CheckRequest.warm_certificates``)."""
 
     async def one(name: str) -> NodeObservation:
-        request = agent_pb2.CheckRequest(max_clock_offset_seconds=MAX_CLOCK_OFFSET)
+        request = agent_pb2.CheckRequest(
+            max_clock_offset_seconds=MAX_CLOCK_OFFSET, warm_certificates=name in warm
+        )
         request.leader_time.FromDatetime(dt.datetime.now(dt.UTC))
         try:
             agent = await agents.get(name)

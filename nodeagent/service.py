@@ -321,7 +321,9 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         worker thread, while the checks run, instead of after them (about 40 ms of the first
         node's preparation, which the rollout's first switch waits for). Once per agent. A
         preflight that stages nothing (change-password, disable-tls) and ``Check`` (``tlsroll
-        plan``) load nothing: the agent would keep it, about 10 MiB, until it restarts."""
+        plan``) load nothing: the agent would keep it, about 10 MiB, until it restarts. A
+        rollout's start asks its first nodes' agents to load it with their planning ``Check``
+        (``warm_certificates``), so that it is loaded when their preflight comes."""
         if self.driver is None or self._warming is not None or "tlsroll.pki" in sys.modules:
             return
         warming = warmup.warm("tlsroll.pki")  # one after another with other imports ahead
@@ -333,8 +335,11 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
     async def Check(
         self, request: agent_pb2.CheckRequest, context: Ctx
     ) -> agent_pb2.PreflightResponse:
-        """Preflight's checks for `tlsroll plan`: read-only, no epoch, nothing recorded."""
+        """Preflight's checks for `tlsroll plan` and a rollout's start: read-only, no epoch,
+        nothing recorded (``warm_certificates``: the certificate code is loaded ahead)."""
         require_leader(context, self.trust)
+        if request.warm_certificates:
+            self._warm_certificates()
         return await self._checks(request)
 
     async def _checks(

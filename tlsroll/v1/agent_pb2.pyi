@@ -301,7 +301,14 @@ class CheckRequest(_message.Message):
 
     LEADER_TIME_FIELD_NUMBER: _builtins.int
     MAX_CLOCK_OFFSET_SECONDS_FIELD_NUMBER: _builtins.int
+    WARM_CERTIFICATES_FIELD_NUMBER: _builtins.int
     max_clock_offset_seconds: _builtins.int
+    warm_certificates: _builtins.bool
+    """The leader is starting a rollout that will make a key and CSR on this node among its
+    first nodes (`PreflightRequest.make_csr` follows): load the certificate code now, while
+    the leader checks the other nodes, so that the preflight does not wait for it. A hint:
+    nothing is recorded and the answer is the same. `tlsroll plan` never sets it.
+    """
     @_builtins.property
     def leader_time(self) -> _timestamp_pb2.Timestamp: ...
     def __init__(
@@ -309,10 +316,11 @@ class CheckRequest(_message.Message):
         *,
         leader_time: _timestamp_pb2.Timestamp | None = ...,
         max_clock_offset_seconds: _builtins.int = ...,
+        warm_certificates: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["leader_time", b"leader_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["leader_time", b"leader_time", "max_clock_offset_seconds", b"max_clock_offset_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["leader_time", b"leader_time", "max_clock_offset_seconds", b"max_clock_offset_seconds", "warm_certificates", b"warm_certificates"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,157 @@
+"""Issue 15, the rollout's start: the first node's agent loads its certificate code while the
+leader checks the other nodes, not in its preflight, which the rollout's first switch waits for.
+
+An idle agent does not hold ``cryptography`` (about 10 MiB); it loaded it at its first
+preflight that makes a key and CSR, and on a small machine the import (40-100 ms) was the
+largest part of the time from a rollout's start to its first switch (s28lead's traces). The
+planning's ``Check`` of a starting rollout now tells the agents of its first nodes to load it
+(``CheckRequest.warm_certificates``); a plan shown to the admin tells none.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Collection, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from leader.commands import Commands, RolloutRequest
+from leader.observe import observe
+from leader.rollout_core import Change, NodeObservation, Scope
+from leader.schema_store import SchemaStore
+from tests.cluster import Cluster, secure_channel
+from tests.refserver_helper import RefServer
+from tests.test_engine import ADMIN, LEADER, VERIFIER_1, make_world, open_store
+from tests.test_offline_grace import now, online
+from tests.test_perf_shape import harness_agent, wait_for_status
+from tlsroll import pki
+from tlsroll.defaults import AGENT_PORT
+from tlsroll.v1 import agent_pb2, agent_pb2_grpc
+
+
+class Recorder:
+    """``Commands.observe``: what each call asked to warm; every node runs http."""
+
+    def __init__(self) -> None:
+        self.warmed: list[frozenset[str]] = []
+
+    async def __call__(
+        self, names: Sequence[str], *, warm: Collection[str]
+    ) -> dict[str, NodeObservation]:
+        self.warmed.append(frozenset(warm))
+        return {name: NodeObservation(True, schemes=("http",)) for name in names}
+
+
+def enable_tls(**changes: object) -> RolloutRequest:
+    request = RolloutRequest(Change.ENABLE_TLS, Scope.cluster(), auth_verifier_json=VERIFIER_1)
+    return replace(request, **changes)  # type: ignore[arg-type]  # the test's own fields
+
+
+async def test_a_start_warms_its_first_nodes_and_a_plan_none(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Nodes alpha (the leader node: last), bravo, charlie. A plan warms none; a start warms
+    the first ``max_parallel`` in the rollout's order."""
+    world = make_world(tmp_path, monkeypatch)
+    store = open_store(world.path)
+    try:
+        for agent in world.agents:
+            store.heartbeat(agent.name, "test", now=now())
+        recorder = Recorder()
+        commands = Commands(
+            store, SchemaStore(store.db), now, online, LEADER, lambda: None, observe=recorder
+        )
+        await commands.plan(enable_tls())
+        await commands.start(enable_tls(), ADMIN)
+        assert recorder.warmed == [frozenset(), frozenset({"bravo"})]
+    finally:
+        store.close()
+
+
+def test_which_nodes_a_start_warms(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Only changes that make a key on the node (not disable-tls or change-password, not
+    ``--cert-dir``), only nodes of the scope that are online, in the rollout's order."""
+    world = make_world(tmp_path, monkeypatch)
+    store = open_store(world.path)
+    try:
+        commands = Commands(store, SchemaStore(store.db), now, online, LEADER, lambda: None)
+        up = ["charlie", "alpha", "bravo"]
+        first = commands.first_to_make_keys
+        assert first(enable_tls(), up) == {"bravo"}
+        assert first(enable_tls(max_parallel=2), up) == {"bravo", "charlie"}
+        assert first(enable_tls(max_parallel=5), up) == {"alpha", "bravo", "charlie"}
+        assert first(enable_tls(), ["charlie", "alpha"]) == {"charlie"}  # bravo offline
+        assert first(enable_tls(scope=Scope.of_nodes(["charlie", "alpha"])), up) == {"charlie"}
+        assert first(enable_tls(scope=Scope.local()), up) == {"alpha"}
+        assert first(enable_tls(change=Change.ROTATE_CERT), up) == {"bravo"}
+        assert first(enable_tls(change=Change.DISABLE_TLS), up) == frozenset()
+        assert first(enable_tls(change=Change.CHANGE_PASSWORD), up) == frozenset()
+        own = enable_tls(own_certs=object())
+        assert first(own, up) == frozenset()
+    finally:
+        store.close()
+
+
+class Asked:
+    """An agent pool whose agents record the Check each was sent."""
+
+    def __init__(self) -> None:
+        self.requests: dict[str, agent_pb2.CheckRequest] = {}
+
+    async def get(self, name: str) -> _One:
+        return _One(self, name)
+
+
+class _One:
+    def __init__(self, pool: Asked, name: str) -> None:
+        self.pool, self.name = pool, name
+
+    async def check(
+        self, request: agent_pb2.CheckRequest, timeout: float = 0
+    ) -> agent_pb2.PreflightResponse:
+        self.pool.requests[self.name] = request
+        view = agent_pb2.ServerView(driver="fake", healthy=True, schemes=["http"])
+        return agent_pb2.PreflightResponse(ok=True, server=view)
+
+
+async def test_observe_tells_only_the_named_agents_to_warm() -> None:
+    pool = Asked()
+    ca = pki.CertificateAuthority.create()
+    names = ["s1", "s2", "s3"]
+    await observe(pool, names, ca.cert, warm={"s2"})  # type: ignore[arg-type]  # a fake pool
+    assert {n: r.warm_certificates for n, r in pool.requests.items()} == {
+        "s1": False,
+        "s2": True,
+        "s3": False,
+    }
+
+
+@pytest.mark.parametrize("warm", [True, False])
+def test_a_check_that_asks_loads_the_certificate_code_and_one_that_does_not_nothing(
+    tmp_path: Path, loopback: Callable[[], str], warm: bool
+) -> None:
+    """A real agent gets only the leader's Check (its credentials): with ``warm_certificates``
+    it holds the certificate code afterwards; without (``tlsroll plan``) it loads nothing."""
+    with Cluster(tmp_path / "cluster", loopback()) as cluster:
+        cluster.init()
+        cluster.start_leader()
+        address = loopback()
+        server = RefServer(tmp_path / "server", address)
+        server.start()
+        try:
+            with harness_agent(cluster, tmp_path, "warm1", address, server) as (agent, out, go):
+                chain, key = cluster.leader_credentials()
+                target = f"{address}:{AGENT_PORT}"
+                wait_for_status(target, cluster.ca_pem, chain, key)
+                request = agent_pb2.CheckRequest(warm_certificates=warm)
+                with secure_channel(target, cluster.ca_pem, chain, key) as channel:
+                    checked = agent_pb2_grpc.NodeAgentStub(channel).Check(request, timeout=30)
+                assert checked.ok, checked.problems  # the same answer either way
+                go.touch()
+                _, said = agent.communicate(timeout=120)
+            assert agent.returncode == 0, said
+        finally:
+            server.close()
+    modules = out.read_text().split()
+    assert ("tlsroll.pki" in modules) is warm
