@@ -27,8 +27,9 @@ import string
 import struct
 import subprocess
 import sys
+import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -107,6 +108,10 @@ class StagedConfig:
 class Driver(abc.ABC):
     name: str
     config_file: Path
+    # True if ``facts`` and ``render`` read nothing but the live config file (the same bytes
+    # there give the same facts and the same render): a switch made when its node was staged
+    # is still right at the switch if the file still holds those bytes.
+    config_decides = False
 
     @abc.abstractmethod
     def facts(self) -> ServerFacts:
@@ -157,6 +162,14 @@ class Driver(abc.ABC):
 
     def read_config(self) -> bytes:
         return self.config_file.read_bytes()
+
+    @contextlib.contextmanager
+    def reading_once(self) -> Iterator[None]:
+        """Within it, in this thread, the live config is read at most once: ``read_config``,
+        ``facts`` and ``render`` see the same bytes (the reference driver's: a switch's plan
+        and its source read the file three times and parsed it twice, issue 15). By
+        default nothing changes."""
+        yield
 
     @abc.abstractmethod
     async def restart(self) -> None:
@@ -308,9 +321,8 @@ class AdminSocketClient:
         if payload:
             request += conn.send(h11.Data(data=payload)) or b""
         request += conn.send(h11.EndOfMessage()) or b""
-        reader, writer = await asyncio.open_unix_connection(str(self.socket_path))
+        reader, writer = await self._connect_and_send(request)
         try:
-            writer.write(request)
             status, size = 0, 0
             parts: list[bytes] = []
             while True:
@@ -338,6 +350,34 @@ class AdminSocketClient:
             writer.close()  # and the descriptor closed before the call returns
             with contextlib.suppress(OSError):
                 await writer.wait_closed()
+
+    async def _connect_and_send(
+        self, request: bytes
+    ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """Connected, and the request sent before the first wait: a local socket connects at
+        once (unless its backlog is full) and takes a small request whole, so the call is out
+        when its caller first yields the loop (a switch's freeze call goes out before the
+        servicer's other work, ``Runner.under_way``). What the socket did not take at once is
+        written as by any stream."""
+        loop = asyncio.get_running_loop()
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            sock.setblocking(False)
+            sent = 0
+            try:
+                sock.connect(str(self.socket_path))
+            except BlockingIOError:  # the backlog is full: wait for it
+                await loop.sock_connect(sock, str(self.socket_path))
+            else:
+                with contextlib.suppress(BlockingIOError):
+                    sent = sock.send(request)
+            reader, writer = await asyncio.open_unix_connection(sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+        if sent < len(request):
+            writer.write(request[sent:])
+        return reader, writer
 
 
 class _AdminSocketFreeze:
@@ -514,11 +554,13 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
     """The reference server (``tlsroll-refserver``) as a process of its own."""
 
     name = "reference"
+    config_decides = True
 
     def __init__(self, config_file: Path, log_file: Path) -> None:
         self.config_file = config_file
         self.log_file = log_file
         self._children: list[subprocess.Popen[bytes]] = []
+        self._once = threading.local()  # ``reading_once``
         section = self._section()
         self.data_dir: Path = section.path("data_dir")
         # The server runs as the agent does (the driver starts it): its socket must be ours.
@@ -526,8 +568,39 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
             section.path("admin_socket", self.data_dir / "admin.sock"), owner=os.geteuid()
         )
 
+    @contextlib.contextmanager
+    def reading_once(self) -> Iterator[None]:
+        once = vars(self._once)
+        once.clear()
+        once["active"] = True
+        try:
+            yield
+        finally:
+            once.clear()
+
+    def read_config(self) -> bytes:
+        once = vars(self._once)
+        if not once.get("active"):
+            return self.config_file.read_bytes()
+        if "raw" not in once:
+            once["raw"] = self.config_file.read_bytes()
+        raw: bytes = once["raw"]
+        return raw
+
+    def _load(self) -> ConfigFile:
+        """The live config, parsed (once within ``reading_once``)."""
+        once = vars(self._once)
+        if not once.get("active"):
+            return ConfigFile.load(self.config_file)
+        if "config" not in once:
+            if "raw" not in once:
+                once["raw"] = ConfigFile.read(self.config_file)
+            once["config"] = ConfigFile.parse(self.config_file, once["raw"])
+        config: ConfigFile = once["config"]
+        return config
+
     def _section(self) -> Section:
-        return ConfigFile.load(self.config_file).section("server")
+        return self._load().section("server")
 
     def facts(self) -> ServerFacts:
         s = self._section()
@@ -540,7 +613,7 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
         )
 
     def render(self, target: Target) -> bytes:
-        cfg = ConfigFile.load(self.config_file)
+        cfg = self._load()
         tables = {name: dict(value) for name, value in cfg.data.items() if isinstance(value, dict)}
         server = tables["server"]
         server["listen"] = list(target.schemes)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import datetime as dt
 import os
 import re
@@ -19,13 +20,14 @@ import sys
 import tempfile
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 import grpc
 
-from nodeagent import plans, ports, warmup
+from nodeagent import plans, ports, transaction, warmup
 from nodeagent.config import AgentConfig
 from nodeagent.drivers import Driver, DriverError, ServerFacts
 from nodeagent.identity import Identity
@@ -123,6 +125,26 @@ def txn_message(txn: Txn) -> agent_pb2.Transaction:
     )
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A switch made ready when its node was staged (``NodeAgentService._prepare``): its
+    plan and target config, and that config staged beside the live one with the CA its
+    verify trusts (``Runner.stage_target``), with what they were made from. A switch of that
+    rollout and change, without a password verifier, takes it if those are unchanged."""
+
+    rollout_id: str
+    built: Built
+    source: bytes  # the live config it was made from
+    live_tls: dict[str, str] | None  # the journal's, when it was made
+    staged: Staged  # the journal's record of the staged certificate
+    staging: transaction.Staged  # the target config staged (``Runner.stage_target``)
+
+
+def _holds(path: Path, data: bytes) -> bool:
+    """True if ``path`` holds ``data`` (blocking)."""
+    return path.read_bytes() == data
+
+
 class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
     def __init__(
         self,
@@ -154,6 +176,9 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         # needs then, while the node's server is not restarting: ``BootstrapHost.warm``).
         self.on_prepare: Callable[[], object] | None = None
         self._warming: asyncio.Future[ModuleType] | None = None  # ``_warm_certificates``
+        # The switch made ready at the last Stage (``_prepare``); read and written on the
+        # store's thread only, under ``_lock``.
+        self._prepared: Prepared | None = None
 
     # --- guards -------------------------------------------------------------------------------
 
@@ -487,6 +512,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 raise invalid("the certificate's names differ from this node's names")
             pki.check_valid_now(cert, self.clock())
             fingerprint = await asyncio.to_thread(self._store_cert, staged, cert, ca)
+            await dbthread.run(self._prepare, rollout_id)
         log.info("stage.done", rollout_id=rollout_id, cert_fingerprint=fingerprint)
         return agent_pb2.StageResponse(
             fingerprint=fingerprint, not_after=timestamp(cert.not_valid_after_utc)
@@ -567,6 +593,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             fingerprint = await asyncio.to_thread(
                 self._store_cert, staged, cert, bundle, intermediates
             )
+            await dbthread.run(self._prepare, rollout_id)
         log.info("stage.done", rollout_id=rollout_id, cert_fingerprint=fingerprint, own=True)
         return agent_pb2.StageResponse(
             fingerprint=fingerprint, not_after=timestamp(cert.not_valid_after_utc)
@@ -587,6 +614,76 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         assert staged is not None
         return staged
 
+    def _prepare(self, rollout_id: str) -> None:
+        """Blocking, on the store's thread: the switch that follows this stage made ready now
+        (``Prepared``), while another node switches, instead of in the switch: its plan and
+        target config (the live config read and parsed, the new one rendered) and that
+        config written and fsynced beside the live one (issue 15: a switch began with that
+        work, and its freeze call waited for it). Made for the change the node's state
+        implies (rotate-cert on https, else enable-tls without http) and no password
+        verifier, for drivers whose facts and render come from the config file alone; a
+        switch it does not fit is made as before. Kept in memory only: an agent that
+        restarts removes the staged file at its start (``Driver.discard_stale_staged``)."""
+        self._drop_prepared()
+        driver, runner = self.driver, self.runner
+        if driver is None or runner is None or not driver.config_decides:
+            return
+        try:
+            with driver.reading_once():
+                source = driver.read_config()
+                live = self.journal.live_tls()
+                https = live is not None and "https" in driver.facts().schemes
+                build = plans.rotate_plan if https else plans.switch_plan
+                built = build(self.journal, driver, self._txn_dir(), rollout_id, None)
+            staged = self.journal.staged(rollout_id)
+            if staged is None or driver.read_config() != source:
+                return  # changed meanwhile: the switch makes its own
+            staging = runner.stage_target(rollout_id, built.config, built.plan)
+        except Exception as exc:  # the switch makes its own, and says what is wrong
+            log.warning("stage.prepare_failed", rollout_id=rollout_id, error=describe(exc))
+            return
+        self._prepared = Prepared(rollout_id, built, source, live, staged, staging)
+
+    def _drop_prepared(self) -> None:
+        """Blocking, on the store's thread: the prepared switch dropped, its staged file too."""
+        prepared, self._prepared = self._prepared, None
+        if prepared is not None and prepared.staging.config is not None and self.driver:
+            self.driver.discard_staged(prepared.staging.config)
+
+    def _take_prepared(
+        self, rollout_id: str, wanted: str, verifier: bool, keep_frozen: bool
+    ) -> tuple[Built, bytes, transaction.Staged] | None:
+        """Blocking, on the store's thread: the switch ``_prepare`` made for this one (its
+        plan with ``keep_frozen``, the live config it replaces, its staging), if it is for this
+        rollout and change, no password verifier came, and what it was made from is unchanged:
+        the live config (read, not parsed), what the journal says is live, the staged
+        certificate and the staged file's content. Else None (the switch makes its own) and
+        the prepared one is dropped."""
+        prepared = self._prepared
+        driver = self.driver
+        if prepared is None or driver is None:
+            return None
+        built = prepared.built
+        config = prepared.staging.config
+        try:
+            fits = (
+                prepared.rollout_id == rollout_id
+                and built.plan.change == wanted
+                and (not verifier or wanted == Change.ROTATE_CERT.value)
+                and driver.read_config() == prepared.source
+                and self.journal.live_tls() == prepared.live_tls
+                and self.journal.staged(rollout_id) == prepared.staged
+                and (config is None or config.file is None or _holds(config.file, config.data))
+            )
+        except OSError:
+            fits = False
+        if not fits:
+            self._drop_prepared()
+            return None
+        self._prepared = None  # the switch owns its staging now
+        plan = dataclasses.replace(built.plan, keep_frozen=keep_frozen)
+        return Built(built.config, plan, built.fingerprint), prepared.source, prepared.staging
+
     # --- transactions -------------------------------------------------------------------------
 
     async def _begin(
@@ -597,6 +694,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         make: Callable[[], Built],
         *,
         change: str = "",
+        ready: Callable[[], tuple[Built, bytes, transaction.Staged] | None] | None = None,
     ) -> Txn:
         """Create (or find, on a replay) the transaction and hand it to the runner. A switch
         journalled under this id for another ``change`` is no replay: refused, never answered
@@ -625,7 +723,15 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 raise failed_precondition(
                     f"this node is busy with {busy.kind} of rollout {busy.rollout_id}"
                 )
-            config, plan, fingerprint = make()
+            made = ready() if ready is not None else None
+            if made is not None:  # made when the node was staged (``_prepare``)
+                (config, plan, fingerprint), live_config, staging = made
+            else:
+                driver = self._driver()
+                with driver.reading_once():  # the plan and the source: one read of the file
+                    config, plan, fingerprint = make()
+                    # Nothing is frozen or written yet: the live config is the source.
+                    live_config, staging = plans.read_source(driver), None
             source, target = plan.source_schemes, plan.target_schemes
             facts = plan.facts
             txn = Txn(
@@ -639,11 +745,15 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 new_url=" ".join(facts.url(s) for s in target),
                 cert_fingerprint=fingerprint,
                 target_config=config,
-                # Nothing is frozen or written yet: the live config is the source.
-                source_config=plans.read_source(self._driver()),
+                source_config=live_config,
             )
-            created = self.journal.create(txn, begin=first)
-            return created, True, runner.stage_next(created)
+            try:
+                created = self.journal.create(txn, begin=first)
+            except BaseException:
+                if staging is not None and staging.config is not None:
+                    self._driver().discard_staged(staging.config)
+                raise
+            return created, True, staging if staging is not None else runner.stage_next(created)
 
         async with self._lock:
             txn, new, staged = await dbthread.run(create)
@@ -652,6 +762,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                     runner.start(txn)
                 return txn
             runner.start(txn, begun=first, staged=staged)
+        await runner.under_way(txn)  # its freeze call first, then the log and the first message
         log.info("txn.started", rollout_id=rollout_id, kind=kind)
         return txn
 
@@ -696,8 +807,13 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 **extra,
             )
 
+        def ready() -> tuple[Built, bytes, transaction.Staged] | None:
+            return self._take_prepared(
+                rollout_id, wanted, verifier is not None, request.keep_frozen
+            )
+
         return await self._begin(
-            rollout_id, TxnKind.SWITCH, request.command.epoch, make, change=wanted
+            rollout_id, TxnKind.SWITCH, request.command.epoch, make, change=wanted, ready=ready
         )
 
     @staticmethod

@@ -415,6 +415,8 @@ class Runner:
         # reads no file inside the freeze window. Set and removed by the transaction's own
         # task only (``run``).
         self._cas: dict[tuple[str, str], bytes] = {}
+        # A switch just begun: set once its freeze call is out (``under_way``).
+        self._under_way: dict[tuple[str, str], asyncio.Future[None]] = {}
 
     def busy_with(self) -> Txn | None:
         """Blocking (reads the journal)."""
@@ -438,6 +440,30 @@ class Runner:
         task = asyncio.create_task(self._supervised(txn, begun, staged), name=f"txn-{key}")
         task.add_done_callback(_log_crash)
         self.tasks[key] = task
+        if begun == Action.FREEZE:
+            out = self._under_way[key] = asyncio.get_running_loop().create_future()
+
+            def ended(_task: asyncio.Task[Txn]) -> None:
+                if self._under_way.get(key) is out:
+                    del self._under_way[key]
+                if not out.done():
+                    out.set_result(None)
+
+            task.add_done_callback(ended)
+
+    async def under_way(self, txn: Txn) -> None:
+        """Return once the freeze call of ``txn``, just begun (``start`` with ``begun``
+        freeze), is out, or its task has ended; at once for any other. The servicer's work
+        after a begin (its log line, the first WatchTransaction message) waits for it: that
+        work used to come first on the loop, and the freeze call after it (issue 15)."""
+        out = self._under_way.get((txn.rollout_id, txn.kind.value))
+        if out is not None:  # removed by the task's end (``start``)
+            await asyncio.shield(out)
+
+    def _freeze_out(self, txn: Txn) -> None:
+        out = self._under_way.get((txn.rollout_id, txn.kind.value))
+        if out is not None and not out.done():
+            out.set_result(None)
 
     async def resume_all(self) -> list[Txn]:
         await dbthread.run(self.driver.discard_stale_staged)
@@ -815,9 +841,15 @@ class Runner:
         return await acts[action](txn, plan)
 
     async def _freeze(self, txn: Txn, plan: Plan) -> dict[str, Any]:
+        if isinstance(self._staged.get((txn.rollout_id, txn.kind.value)), Future):
+            self._freeze_out(txn)  # the servicer goes on while the staging is done
         await self._staging_done(txn)
         started = txn.freeze_started_at or self.clock()
         try:
+            # Told before the call: the servicer, woken by it, runs once this task waits
+            # inside the call, which sends its request before its first wait (the reference
+            # driver's: ``AdminSocketClient``).
+            self._freeze_out(txn)
             watermark = await self.driver.freeze(DRAIN_TIMEOUT)
         except DriverError as exc:
             down = await self.driver.health()
@@ -855,19 +887,25 @@ class Runner:
         and says what is wrong)."""
         if txn.phase is not Phase.STARTED or txn.target_config is None:
             return None
-        plan = Plan.from_json(txn.plan)
+        return self.stage_target(txn.rollout_id, txn.target_config, Plan.from_json(txn.plan))
+
+    def stage_target(self, rollout_id: str, config: bytes, plan: Plan) -> Staged:
+        """Blocking: ``config`` staged beside the live one and the CA ``plan``'s https verify
+        trusts, read (``stage``; the servicer also stages a switch this way when its node is
+        staged, before the switch is asked for: ``NodeAgentService._prepare``)."""
         ca_pem = None
         if "https" in plan.target_schemes:
             # Read now, before the freeze; missing or unreadable, the verify reads it (and
             # says what is wrong) itself.
             with contextlib.suppress(OSError):
                 ca_pem = plan.ca_file.read_bytes()
+        staged: StagedConfig | None
         try:
-            config = self.driver.stage_config(txn.target_config)
+            staged = self.driver.stage_config(config)
         except Exception as exc:
-            log.warning("txn.stage_config_failed", rollout_id=txn.rollout_id, error=describe(exc))
-            config = None
-        return Staged(config, ca_pem)
+            log.warning("txn.stage_config_failed", rollout_id=rollout_id, error=describe(exc))
+            staged = None
+        return Staged(staged, ca_pem)
 
     def stage_next(self, txn: Txn) -> Future[Staged | None]:
         """``stage`` in the store thread's next hand-off, not in the caller's (with the

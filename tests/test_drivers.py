@@ -15,10 +15,12 @@ import datetime as dt
 import json
 import os
 import resource
+import shutil
 import socket
 import string
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -67,6 +69,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -1376,3 +1379,72 @@ async def test_a_slow_clients_command_runs_once_whoever_gives_up_waiting(tmp_pat
     assert view.source == "exec" and len(view.clients) == 2
     assert (await driver.clients()) == view  # cached now
     assert runs.read_text() == "run\n"
+
+
+async def test_the_admin_client_sends_its_request_before_its_first_wait() -> None:
+    """Issue 15: a switch's freeze call is the first thing on the loop once the switch has
+    begun (``Runner.under_way``) only if the call is out before its task first yields: the
+    client connected with a stream, which waits a loop round for the connection before it
+    writes. It connects and sends at once now (a local socket takes a small request whole);
+    the answer is read as before."""
+    directory = Path(tempfile.mkdtemp(prefix="trs-"))
+    path = directory / "admin.sock"
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(1)
+    try:
+        call = asyncio.ensure_future(
+            drivers.AdminSocketClient(path, timeout=5).call("POST", "/admin/freeze", {"x": 1})
+        )
+        await asyncio.sleep(0)  # the call's first step, up to its first wait
+        conn, _ = listener.accept()
+        conn.setblocking(False)
+        try:
+            sent = conn.recv(65536)
+        except BlockingIOError:
+            sent = b""
+        assert sent.startswith(b"POST /admin/freeze HTTP/1.1\r\n") and sent.endswith(b'{"x": 1}')
+        conn.setblocking(True)
+        body = b'{"frozen": true}'
+        conn.sendall(
+            b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s"
+            % (len(body), body)
+        )
+        assert await asyncio.wait_for(call, 5) == {"frozen": True}
+        conn.close()
+    finally:
+        listener.close()
+        shutil.rmtree(directory, ignore_errors=True)
+
+
+def test_the_reference_driver_reads_its_config_once_within_reading_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15: a switch's plan and its source (the driver's facts, its render, the live
+    config) read refserver.toml three times and parsed it twice. Within ``reading_once``
+    the file is read once and parsed once; outside it, each reads the file (and sees a
+    change)."""
+    driver = reference_driver(tmp_path)
+    reads: list[Path] = []
+    read_bytes = Path.read_bytes
+
+    def counting(path: Path) -> bytes:
+        if path == driver.config_file:
+            reads.append(path)
+        return read_bytes(path)
+
+    monkeypatch.setattr(Path, "read_bytes", counting)
+    target = Target(("https",), tmp_path / "c.pem", tmp_path / "k.pem", tmp_path / "ca.pem")
+    with driver.reading_once():
+        facts, rendered, source = driver.facts(), driver.render(target), driver.read_config()
+        assert driver.facts() == facts
+    assert len(reads) == 1
+    assert source == read_bytes(driver.config_file) and b'"https"' in rendered
+    assert (driver.facts(), driver.render(target), driver.read_config()) == (
+        facts,
+        rendered,
+        source,
+    )
+    assert len(reads) == 4  # outside it, each reads the file
+    driver.config_file.write_bytes(source.replace(b'"http"', b'"https"'))
+    assert driver.facts().schemes == ("https",)

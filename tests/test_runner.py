@@ -33,7 +33,7 @@ import stat
 import threading
 import time
 import tomllib
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -1426,4 +1426,183 @@ async def test_the_watch_sends_every_phase_without_reading_it_back(
     ended = [e["step"] for e in journal.events("r1") if e["what"] == "end"]
     phases = [TXN_PHASE.read(m.phase, "phase").value for m in sent]
     assert phases[0] == "started" and phases[1:] == [p for p in ended if p in phases[1:]]
+    journal.close()
+
+
+# --- the switch made ready when its node was staged ---------------------------------------------
+
+
+class PreparingDriver(FileDriver):
+    """A driver whose facts and render come from its config file alone (as the reference
+    driver's), counting its renders; it renders the scenario's target for https."""
+
+    config_decides = True
+
+    def __init__(self, server: FakeServer, config_file: Path) -> None:
+        super().__init__(server, config_file)
+        self.renders = 0
+        self.rendered_once: list[bool] = []  # for each render: within ``reading_once``?
+        self._once = False
+
+    @contextlib.contextmanager
+    def reading_once(self) -> Iterator[None]:
+        self._once = True
+        try:
+            yield
+        finally:
+            self._once = False
+
+    def render(self, target: Target) -> bytes:
+        self.renders += 1
+        self.rendered_once.append(self._once)
+        return TARGET if "https" in target.schemes and "http" not in target.schemes else BROKEN
+
+
+def staged_agent(
+    w: World, monkeypatch: pytest.MonkeyPatch
+) -> tuple[service.NodeAgentService, PreparingDriver, Journal, Runner]:
+    """The servicer of ``w``'s node, its certificate staged for rollout r1 (the journal's
+    record; the files are the world's), commands admitted without a leader's certificate."""
+    driver = PreparingDriver(w.server, w.driver.config_file)
+    w.driver = driver
+    journal = Journal(w.journal_path)
+    stage = w.root / "server" / "tlsroll-tls" / "r1"
+    stage.mkdir(parents=True)
+    journal.record_csr("r1", stage / "server.key", b"csr")
+    (stage / "ca.pem").write_bytes(b"the cluster CA")
+    journal.record_stage(
+        "r1", stage / "server.pem", stage / "ca.pem", STAGED_FP, w.time.clock() + dt.timedelta(1)
+    )
+    runner = w.runner(journal)
+    trust = LeaderTrust(w.root / "ca.pem", "example.test", w.root / "crl.pem")
+    cfg = cast(Any, type("Cfg", (), {"data_dir": w.root / "agent"}))
+    agent = service.NodeAgentService(
+        cfg, cast(Any, None), journal, driver, runner, w.time.clock, trust=trust
+    )
+
+    async def admitted(context: Any, command: Any) -> str:
+        return str(command.rollout_id)
+
+    monkeypatch.setattr(agent, "_command", admitted)
+    return agent, driver, journal, runner
+
+
+def switch_request(**fields: Any) -> Any:
+    from tlsroll.enums import Change
+    from tlsroll.v1 import agent_pb2
+    from tlsroll.wire import CHANGE
+
+    return agent_pb2.SwitchRequest(
+        command=agent_pb2.Command(rollout_id="r1", epoch=1),
+        change=CHANGE.wire(Change.ENABLE_TLS),
+        **fields,
+    )
+
+
+async def test_a_switch_is_made_ready_and_staged_when_its_node_is_staged(
+    world: Callable[[Scenario], World], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15: the switch began by reading and parsing the live config (three times),
+    rendering the target and staging it (a write and an fsync), and its freeze call waited
+    for that. The stage makes it ready (``NodeAgentService._prepare``) while another node
+    switches: the switch renders nothing, stages nothing, reads the live config once (to
+    see that it is unchanged) and commits the file staged at the stage."""
+    w = world(SCENARIOS["completes"])
+    agent, driver, journal, runner = staged_agent(w, monkeypatch)
+    await dbthread.run(agent._prepare, "r1")
+    assert driver.renders == 1 and len(driver.stagings) == 1
+    staged_file = driver.stagings[0].file
+    assert staged_file is not None and staged_file.read_bytes() == TARGET
+    reads: list[str] = []
+
+    def read_config() -> bytes:
+        reads.append("read")
+        return SOURCE
+
+    monkeypatch.setattr(driver, "read_config", read_config)
+
+    txn = await agent._switch(switch_request(keep_frozen=True), cast(Any, None))
+    await asyncio.gather(*runner.tasks.values())
+
+    assert driver.renders == 1 and len(driver.stagings) == 1  # nothing made in the switch
+    assert driver.commits == driver.stagings and not staged_file.exists()
+    assert reads == ["read"]
+    assert txn.target_config == TARGET and txn.source_config == SOURCE
+    assert Plan.from_json(txn.plan).keep_frozen  # the request's, not the stage's
+    final = journal.get("r1", TxnKind.SWITCH)
+    assert final is not None and final.outcome is TxnOutcome.COMPLETED
+    assert w.server.config == TARGET
+    journal.close()
+
+
+@pytest.mark.parametrize("change", ["config", "keep_http", "verifier", "restaged", "tampered"])
+async def test_a_switch_the_prepared_one_does_not_fit_is_made_as_before(
+    change: str, world: Callable[[Scenario], World], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What the stage made ready is used only if the switch is the one it was made for and
+    nothing it was made from changed: else the switch makes its own (as before) and the
+    file staged at the stage is removed."""
+    w = world(SCENARIOS["completes"])
+    agent, driver, journal, runner = staged_agent(w, monkeypatch)
+    await dbthread.run(agent._prepare, "r1")
+    first = driver.stagings[0].file
+    assert first is not None
+    fields: dict[str, Any] = {}
+    if change == "config":  # the admin edited the live config since
+        w.server.config = SOURCE + b"# edited\n"
+    elif change == "keep_http":
+        fields["keep_http"] = True
+    elif change == "verifier":
+        fields["auth_verifier_json"] = password.verifier_to_json(
+            password.make_verifier("s3cret", **password.TEST_PARAMS)
+        )
+    elif change == "restaged":  # another certificate staged since, behind the servicer's back
+        journal.record_stage(
+            "r1", first.parent / "x.pem", first.parent / "ca.pem", "sha256:x", w.time.clock()
+        )
+    else:  # the staged file is not what was staged
+        first.write_bytes(b"something else")
+
+    txn = await agent._switch(switch_request(**fields), cast(Any, None))
+    await asyncio.gather(*runner.tasks.values())
+
+    assert driver.renders == 2  # made in the switch, its config read once
+    assert driver.rendered_once == [True, True]
+    assert driver.stagings[1].data == txn.target_config  # and staged there
+    assert not first.exists()
+    if change == "config":
+        assert txn.source_config == SOURCE + b"# edited\n"
+    journal.close()
+
+
+@pytest.mark.parametrize("prepared", [True, False])
+async def test_the_freeze_call_goes_out_before_the_servicer_logs_and_answers(
+    prepared: bool, world: Callable[[Scenario], World], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15: when a switch began, the servicer's log line and its first WatchTransaction
+    message ran on the loop before the runner's freeze call went out. The servicer now waits
+    for the call to be out (``Runner.under_way``): by the time it logs and returns, the
+    server has been asked to freeze. Without a prepared switch the call also waits for the
+    staging, and the servicer does not wait for that."""
+    w = world(SCENARIOS["completes"])
+    agent, _driver, journal, runner = staged_agent(w, monkeypatch)
+    if prepared:
+        await dbthread.run(agent._prepare, "r1")
+    order: list[str] = []
+    logged = service.log.info
+
+    def log_info(event: str, **kw: Any) -> None:
+        order.append(f"log {event} (ops: {' '.join(w.server.ops) or '-'})")
+        logged(event, **kw)
+
+    monkeypatch.setattr(service.log, "info", log_info)
+    await agent._switch(switch_request(), cast(Any, None))
+    order.append(f"returned (ops: {' '.join(w.server.ops) or '-'})")
+    await asyncio.gather(*runner.tasks.values())
+    assert order[0].startswith("log txn.started") and order[1].startswith("returned")
+    if prepared:  # the server was asked to freeze, and nothing else happened yet
+        assert order[0] == "log txn.started (ops: freeze)"
+    final = journal.get("r1", TxnKind.SWITCH)
+    assert final is not None and final.outcome is TxnOutcome.COMPLETED
+    assert not runner._under_way
     journal.close()

@@ -186,13 +186,22 @@ class ConfigFile:
     @classmethod
     def load(cls, path: Path) -> ConfigFile:
         path = Path(path)
+        return cls.parse(path, cls.read(path))
+
+    @staticmethod
+    def read(path: Path) -> bytes:
+        """The file's bytes (``load``'s first half; its errors)."""
         try:
-            raw = path.read_bytes()
+            return path.read_bytes()
         except FileNotFoundError:
             raise ConfigError(path, None, "no such file") from None
         except OSError as exc:
             raise_if_local(exc, f"reading {path}")
             raise ConfigError(path, None, f"cannot read: {exc.strerror}") from None
+
+    @classmethod
+    def parse(cls, path: Path, raw: bytes) -> ConfigFile:
+        """The config ``raw`` (read from ``path``) says (``load``'s second half)."""
         try:
             data = tomllib.loads(raw.decode("utf-8"))
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
