@@ -19,7 +19,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from leader.db import LeaderStore
 from tlsroll.errors import TerminalError
@@ -125,6 +125,14 @@ class IssuedCert:
     not_after: dt.datetime
     revoked_at: dt.datetime | None = None
     revoke_reason: str = ""
+
+
+class Revocations(NamedTuple):
+    """The revocation list as the store keeps it (``Store.revocations``)."""
+
+    number: int  # moved on by every revocation
+    urgent: int  # the number as of the last revocation the agents must have at once
+    entries: list[tuple[str, dt.datetime]]  # (serial, revoked at)
 
 
 @dataclass(frozen=True)
@@ -878,7 +886,7 @@ class Store(LeaderStore):
                 [(to_text(now), "superseded", r["serial"]) for r in held],
             )
             if held:
-                _bump_crl(db)
+                _bump_crl(db, urgent=False)
             _record_cert(
                 db,
                 cert.serial,
@@ -968,16 +976,29 @@ class Store(LeaderStore):
             ).fetchone()
         return row is not None
 
-    def revoked(self) -> tuple[int, list[tuple[str, dt.datetime]]]:
-        """The revocation list's number and its entries: (serial, revoked at), unexpired only
-        (an expired certificate is refused anyway)."""
+    def revoked(self, now: dt.datetime | None = None) -> tuple[int, list[tuple[str, dt.datetime]]]:
+        """The revocation list's number and its entries: (serial, revoked at); with ``now``,
+        unexpired ones only (an expired certificate is refused anyway, and the list would
+        otherwise grow with every rollout that supersedes certificates, for good)."""
+        revocations = self.revocations(now)
+        return revocations.number, revocations.entries
+
+    def revocations(self, now: dt.datetime | None = None) -> Revocations:
+        """``revoked``, and the number of the list as of its last urgent revocation
+        (``_bump_crl``)."""
         with self._db.read() as db:
             number = _meta(db, "crl_number", 0)
+            urgent = _meta(db, "crl_urgent", 0)
             rows = db.execute(
                 "SELECT serial, revoked_at, not_after FROM certificates"
                 " WHERE revoked_at IS NOT NULL ORDER BY serial"
             ).fetchall()
-        return number, [(r["serial"], dt.datetime.fromisoformat(r["revoked_at"])) for r in rows]
+        entries = [
+            (r["serial"], dt.datetime.fromisoformat(r["revoked_at"]))
+            for r in rows
+            if now is None or dt.datetime.fromisoformat(r["not_after"]) > now
+        ]
+        return Revocations(number, urgent, entries)
 
     # --- re-learning nodes after a lost store --------------------------------------------------
 
@@ -1113,7 +1134,7 @@ def revoke_superseded_in(
         "UPDATE certificates SET revoked_at = ?, revoke_reason = ? WHERE serial = ?",
         [(to_text(now), "superseded", s) for s in serials],
     )
-    _bump_crl(db)
+    _bump_crl(db, urgent=False)
     LeaderStore._audit(
         db,
         now,
@@ -1126,12 +1147,22 @@ def revoke_superseded_in(
     return serials
 
 
-def _bump_crl(db: sqlite3.Connection) -> None:
-    """A certificate was revoked: the next revocation list gets a higher number."""
+def _bump_crl(db: sqlite3.Connection, *, urgent: bool = True) -> None:
+    """A certificate was revoked: the next revocation list gets a higher number. ``urgent``:
+    a revocation the agents act on (a certificate revoked by the admin, a removed node's):
+    the list's number is also recorded as ``crl_urgent``, and the leader sends that list to
+    the agents at once. A certificate superseded by its holder's new one (a rollout's, a
+    workstation's re-enrolment) is not urgent: nothing presents it any more, and the list
+    goes out with the next news within ``leader.service.CRL_NEWS_SECONDS``."""
     db.execute(
         "INSERT INTO meta (key, value) VALUES ('crl_number', '1')"
         " ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
     )
+    if urgent:
+        db.execute(
+            "INSERT INTO meta (key, value) SELECT 'crl_urgent', value FROM meta"
+            " WHERE key = 'crl_number' ON CONFLICT(key) DO UPDATE SET value = excluded.value"
+        )
 
 
 def record_certificate_in(

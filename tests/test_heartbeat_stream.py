@@ -42,7 +42,7 @@ from leader import service
 from leader.layout import read_passphrase
 from leader.planner import report_stale_after
 from leader.service import LeaderService, LeaderState, clients_persist
-from leader.store import Store
+from leader.store import IssuedCert, Store
 from nodeagent.config import AgentConfig
 from nodeagent.failure_log import FailureLog
 from nodeagent.identity import Identity
@@ -1135,6 +1135,78 @@ async def test_news_the_agent_does_not_take_ends_its_stream_and_the_write_is_not
         assert stream.ended.code() == grpc.StatusCode.UNAVAILABLE
     finally:
         release.set()
+        await link.close()
+        journal.close()
+        await rig.close()
+
+
+async def test_superseded_certificates_reach_renewal_streams_in_rounds_a_revocation_at_once(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15 (s28leak): each node a rollout leaves done revokes its superseded server
+    certificate, and the renewal watch sent the whole, growing revocation list to every agent
+    at each change, about once a second through a rollout (500 agents, a second enable-tls:
+    ~190 MiB). A list newer only by superseded certificates now waits for the next round
+    (``CRL_NEWS_SECONDS``, an hour here: none comes); a certificate the admin revokes goes out
+    at once and carries them all; the agent's own message is answered with the newest list.
+    The real Leader service and the agent's real LeaderLink over mutual TLS."""
+    monkeypatch.setattr(service, "CRL_NEWS_SECONDS", 3600.0)
+    leader_address, node_address = loopback(), loopback()
+    rig = leader_with_a_node(tmp_path, leader_address, node_address)
+    rig.state.heartbeat_interval = 1
+    ca_cert = pki.load_cert_pem(rig.node_files[2])
+    pushed: list[int] = []  # the list's number in each news sent unasked
+    real_send = service._Beats.send
+
+    async def counting(self: Any, reply: leader_pb2.HeartbeatResponse, snap: Any) -> None:
+        if not reply.answers and reply.crl_pem:
+            pushed.append(pki.load_crl(reply.crl_pem, ca_cert)[0])
+        await real_send(self, reply, snap)
+
+    monkeypatch.setattr(service._Beats, "send", counting)
+    await rig.server.start()
+    link, trust, journal = agent_link(tmp_path, rig.node_files, leader_address, node_address)
+    issued = rig.clock[0] - dt.timedelta(days=1)
+
+    def server_cert(serial: str) -> str:
+        nonlocal issued
+        issued += dt.timedelta(minutes=1)
+        fingerprint = "sha256:" + serial * 8
+        cert = IssuedCert(
+            serial, "server", "hb1", "hb1", fingerprint, issued, issued + dt.timedelta(days=90)
+        )
+        rig.store.record_certificate(cert, actor="test", now=rig.clock[0])
+        return fingerprint
+
+    async def until(what: Callable[[], bool], why: str) -> None:
+        try:
+            async with asyncio.timeout(30):
+                while not what():
+                    await asyncio.sleep(0.05)
+        except TimeoutError:
+            raise AssertionError(f"not within 30 s: {why}") from None
+
+    try:
+        server_cert("a1")
+        await link.beat()  # the stream opens, in renewal mode
+        stream = link._stream
+        assert stream is not None and stream.renew
+        await until(lambda: trust.crl_number == rig.store.revoked()[0], "the first list")
+        rig.store.revoke_superseded("hb1", server_cert("a2"), before=issued, now=rig.clock[0])
+        await until(lambda: len(pushed) == 1, "the first superseded one, at once")
+        for serial in ("a3", "a4"):  # a rollout's next nodes: within the round, not sent
+            rig.store.revoke_superseded("hb1", server_cert(serial), before=issued, now=rig.clock[0])
+        await asyncio.sleep(2.5)  # five of the watch's ticks at this interval
+        assert len(pushed) == 1
+        assert rig.store.revoke("5eed", reason="", now=rig.clock[0], actor="test") == ["5eed"]
+        await until(lambda: len(pushed) == 2, "the admin's revocation, at once")
+        assert pushed[1] == rig.store.revoked()[0]
+        await until(lambda: {0x5EED, 0xA1, 0xA2, 0xA3} <= trust.revoked, "all of them")
+        rig.store.revoke_superseded("hb1", server_cert("a5"), before=issued, now=rig.clock[0])
+        await link.beat()  # the agent's own message: answered with the newest list
+        assert 0xA4 in trust.revoked
+        assert len(pushed) == 2
+    finally:
         await link.close()
         journal.close()
         await rig.close()

@@ -272,4 +272,13 @@ def test_the_store_revokes_only_what_the_live_certificate_superseded(tmp_path: P
         "n1", "byo", before=t0 + dt.timedelta(minutes=25), now=later
     ) == ["a3"]
     assert store.revoke_superseded("n2", "fpb1", before=t0, now=later) == []
+    # The list the agents get holds unexpired certificates only: it no longer grows with
+    # every rollout for good. Superseded ones are not urgent; one the admin revokes is.
+    number, urgent, _ = store.revocations()
+    assert urgent == 0 and number > 0
+    expired = t0 + dt.timedelta(days=397, minutes=5)  # a1 (issued at 0) has expired
+    assert {s for s, _ in store.revoked(expired)[1]} == {"a2", "a3"}
+    assert {s for s, _ in store.revoked()[1]} == {"a1", "a2", "a3"}
+    store.revoke("b1", reason="", now=later, actor="test")
+    assert store.revocations().urgent == store.revocations().number == number + 1
     store.close()
