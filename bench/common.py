@@ -92,6 +92,20 @@ def open_files(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def fd_kinds(pid: int) -> dict[str, int]:
+    """The process's open file descriptors by kind: ``socket``, ``pipe``, ``anon_inode:…``
+    (eventfd, epoll, …) or ``file``, most first."""
+    found: dict[str, int] = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        kind = link.split(":[", 1)[0] if ":[" in link else ("file" if link[:1] == "/" else link)
+        found[kind] = found.get(kind, 0) + 1
+    return dict(sorted(found.items(), key=lambda kv: -kv[1]))
+
+
 def inbound_connections(pid: int, port: int) -> int:
     """The process's open TCP connections accepted on ``port`` (established, from
     /proc/PID/net/tcp*, matched to its socket descriptors by inode)."""
@@ -314,6 +328,16 @@ def enable_tls_request(max_parallel: int = 1) -> admin_pb2.RolloutRequest:
         max_parallel=max_parallel,
         freeze=types_pb2.FREEZE_MODE_NODE,
         auth_verifier_json=password.verifier_to_json(password.make_verifier(secret)).strip(),
+    )
+
+
+def disable_tls_request(max_parallel: int = 1) -> admin_pb2.RolloutRequest:
+    """``rollout start --change disable-tls`` as the CLI sends it: the way back from the newest
+    enable-tls rollout (its nodes are what the leader takes back; no scope, no password)."""
+    return admin_pb2.RolloutRequest(
+        change=types_pb2.CHANGE_DISABLE_TLS,
+        max_parallel=max_parallel,
+        freeze=types_pb2.FREEZE_MODE_NODE,
     )
 
 
