@@ -26,12 +26,13 @@ from cryptography import x509
 
 from leader import daemon, runtime
 from leader.agent_client import AgentPool
-from leader.rollout_core import RolloutState
+from leader.engine import Engine
+from leader.rollout_core import Change, FreezeMode, RolloutState
 from leader.viewer.server import Viewer
 from tests.cluster import Cluster, child_env, csr_pem
 from tests.conftest import IssuedCert
 from tests.leader_rig import leader_with_a_node
-from tests.test_engine import make_world
+from tests.test_engine import ended, make_world
 from tests.test_perf_shape import NodeRows
 from tlsroll import heap, lean, pki
 from tlsroll.defaults import AGENT_PORT, VIEWER_PORT
@@ -297,6 +298,58 @@ async def test_the_engine_keeps_no_step_task_once_it_has_ended(
     row = await leader.run()
     assert row.rollout.state is RolloutState.COMPLETED
     assert world.agents.calls  # steps did run
+    assert leader.engine.tasks == {}
+    await leader.stop()
+
+
+PER_ROLLOUT = (
+    "not_before",
+    "trouble",
+    "renewed",
+    "confirmed",
+    "revoked",
+    "auth_known",
+    "facts",
+    "switched_here",
+    "csrs",
+    "checks",
+)
+
+
+def _per_rollout(engine: Engine) -> dict[str, int]:
+    """The engine's per-rollout maps that hold anything, and how much."""
+    return {name: len(getattr(engine, name)) for name in PER_ROLLOUT if getattr(engine, name)}
+
+
+async def test_the_engine_keeps_nothing_of_a_rollout_once_it_has_ended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found with ``bench.simagents --rollouts``: the engine kept the names of every done node
+    of every rollout (``revoked``, ``auth_known``) for the leader's life, a step's retry pause
+    (``not_before``) too, and the last rollout's facts, switched nodes and CSRs until the next
+    rollout began. A leader runs for months, rollout after rollout: once one has ended, and
+    after the next, the maps hold nothing of it."""
+    world = make_world(tmp_path, monkeypatch)
+    world.agents["bravo"].unreachable = 1  # a step deferred once: its retry pause is kept
+    leader = world.boot(freeze_lease=6)
+    runs = [
+        (Change.ENABLE_TLS, FreezeMode.NODE, {"not_before", "revoked", "auth_known", "facts"}),
+        (Change.DISABLE_TLS, FreezeMode.SCOPE, {"renewed", "confirmed", "auth_known", "facts"}),
+        (Change.ENABLE_TLS, FreezeMode.NODE, {"revoked", "auth_known", "switched_here"}),
+    ]
+    for change, freeze, used_here in runs:
+        await leader.start(change, max_parallel=2, freeze=freeze)
+        used: set[str] = set()
+
+        def over(row: Any, used: set[str] = used) -> bool:
+            used.update(_per_rollout(leader.engine))
+            return ended(row)
+
+        row = await leader.run(over)
+        assert row.rollout.state is RolloutState.COMPLETED
+        assert used_here <= used, f"{change.value}: the maps were not used"
+        await leader.one_pass()  # the engine's next pass: no rollout is live
+        assert _per_rollout(leader.engine) == {}, change.value
     assert leader.engine.tasks == {}
     await leader.stop()
 
