@@ -85,6 +85,8 @@ from bench.common import (
     open_files,
     rss_mib,
     seconds,
+    sent_bytes,
+    socket_ends,
     wait_for,
 )
 from bench.memory import LeaderState, Snapshots, memory_env, state_env, threads
@@ -657,6 +659,7 @@ class Step:
     inside: dict[str, Any]  # LeaderState's reading, settled (empty without the hook)
     kinds: dict[str, int] = field(default_factory=dict)  # settled files by kind
     inbound: int = 0  # of them, the agents' connections to the control port
+    sent: int | None = None  # bytes the leader sent on the control port during the rollout
 
 
 def task_count(pid: int) -> int:
@@ -681,6 +684,7 @@ def next_rollout(
     options = [("grpc.max_metadata_size", 1 << 20)]
     with grpc.insecure_channel(f"unix:{cluster.admin_socket}", options) as channel:
         before = Reading.of(pid)
+        sent0 = sent_bytes(cluster.address, CONTROL_PORT)
         try:
             view = admin_pb2_grpc.AdminStub(channel).StartRollout(request, timeout=120)
         except grpc.RpcError as exc:
@@ -689,6 +693,7 @@ def next_rollout(
             lambda: log_says_ended(log_path, view.id), 120 + 2 * n, f"rollout {view.id}", poll=0.2
         )
         after = Reading.of(pid)
+        sent1 = sent_bytes(cluster.address, CONTROL_PORT)
         view = get_schema(channel, view.id)
     time.sleep(SETTLE_SECONDS)
     settled_rss = rss_mib(pid)
@@ -704,8 +709,9 @@ def next_rollout(
         open_files(pid),
         task_count(pid),
         inside.read() if inside is not None else {},
-        fd_kinds(pid),
+        fd_kinds(pid) | socket_ends(pid),
         inbound_connections(pid, CONTROL_PORT),
+        None if sent0 is None or sent1 is None else sent1 - sent0,
     )
 
 
@@ -864,8 +870,9 @@ def one_run(
         if snapshots is not None:
             snapshots.take()
         idle_inside = inside.read() if inside is not None else {}
-        idle_kinds = fd_kinds(pid)
+        idle_kinds = fd_kinds(pid) | socket_ends(pid)
         before = Reading.of(pid)
+        sent0 = sent_bytes(cluster.address, CONTROL_PORT) if rollouts > 1 else None
         t0 = time.monotonic()
         # A refusal may name hundreds of nodes: let its message through whole.
         options = [("grpc.max_metadata_size", 1 << 20)]
@@ -897,6 +904,7 @@ def one_run(
             )
             after = Reading.of(pid)
             during = time.monotonic() - t0
+            sent1 = sent_bytes(cluster.address, CONTROL_PORT) if rollouts > 1 else None
             view = get_schema(channel, view.id)
         time.sleep(SETTLE_SECONDS)  # what the leader keeps, not only its peak
         settled_rss = rss_mib(pid)
@@ -913,8 +921,9 @@ def one_run(
                 open_files(pid),
                 task_count(pid),
                 inside.read() if inside is not None else {},
-                fd_kinds(pid),
+                fd_kinds(pid) | socket_ends(pid),
                 inbound_connections(pid, CONTROL_PORT),
+                None if sent0 is None or sent1 is None else sent1 - sent0,
             )
         ]
         # --rollouts K: more rollouts against the same leader and agents, the way back and
@@ -1002,17 +1011,21 @@ def print_series(r: Result) -> None:
     """A ``--rollouts`` series: the leader after each rollout."""
     print(
         f"  {r.nodes} nodes, idle before the first: RSS {r.idle_rss:.1f} MiB, "
-        f"files {r.idle_files} {r.idle_kinds} (inbound {r.idle_inbound}); {_inside(r.idle_inside)}"
+        f"files {r.idle_files} {r.idle_kinds} (inbound {r.idle_inbound}); "
+        f"{_inside(r.idle_inside)}"
     )
     print(
         f"  {'k':>3} {'change':>11} {'outcome':>9} {'wall s':>6} {'CPU/node':>8} "
-        f"{'RSS end':>7} {'settled':>7} {'files':>5} {'settled':>7} {'threads':>7}  inside"
+        f"{'RSS end':>7} {'settled':>7} {'files':>5} {'settled':>7} {'threads':>7} "
+        f"{'sent MiB':>8}  inside"
     )
     for st in r.series:
+        sent = "n/a" if st.sent is None else f"{st.sent / 2**20:.1f}"
         print(
             f"  {st.k:>3} {st.change:>11} {st.state:>9} {st.wall:>6.1f} {st.cpu_per_node:>8.1f} "
             f"{st.rss:>7.1f} {st.settled_rss:>7.1f} {st.files:>5} {st.settled_files:>7} "
-            f"{st.threads:>7}  files {st.kinds} (inbound {st.inbound}); {_inside(st.inside)}",
+            f"{st.threads:>7} {sent:>8}  files {st.kinds} (inbound {st.inbound}); "
+            f"{_inside(st.inside)}",
             flush=True,
         )
 
