@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import statistics
@@ -90,6 +91,80 @@ def rss_mib(pid: int) -> float:
 def open_files(pid: int) -> int:
     """Open file descriptors now (sockets included)."""
     return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def fd_kinds(pid: int) -> dict[str, int]:
+    """The process's open file descriptors by kind: ``socket``, ``pipe``, ``anon_inode:…``
+    (eventfd, epoll, …) or ``file``, most first."""
+    found: dict[str, int] = {}
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        kind = link.split(":[", 1)[0] if ":[" in link else ("file" if link[:1] == "/" else link)
+        found[kind] = found.get(kind, 0) + 1
+    return dict(sorted(found.items(), key=lambda kv: -kv[1]))
+
+
+def socket_ends(pid: int) -> dict[str, int]:
+    """The process's TCP sockets by what they are: ``in:PORT`` (accepted on its port PORT),
+    ``out:PORT`` (connected to a peer's port PORT), ``listen``, or ``tcp:STATE`` (another
+    state, in /proc's hex), and ``other`` (Unix sockets and the like), most first."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            link = os.readlink(f"/proc/{pid}/fd/{fd}")
+        except OSError:
+            continue
+        if link.startswith("socket:["):
+            inodes.add(link[8:-1])
+    found: dict[str, int] = {}
+    listening: set[int] = set()
+    rows = []
+    for table in ("tcp", "tcp6"):
+        try:
+            lines = Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if fields[9] not in inodes:
+                continue
+            local = int(fields[1].rsplit(":", 1)[1], 16)
+            remote = int(fields[2].rsplit(":", 1)[1], 16)
+            if fields[3] == "0A":
+                listening.add(local)
+            rows.append((fields[9], local, remote, fields[3]))
+    for inode, local, remote, state in rows:
+        inodes.discard(inode)
+        if state == "0A":
+            kind = "listen"
+        elif state != "01":
+            kind = f"tcp:{state}"
+        elif local in listening:
+            kind = f"in:{local}"
+        else:
+            kind = f"out:{remote}"
+        found[kind] = found.get(kind, 0) + 1
+    if inodes:
+        found["other"] = len(inodes)
+    return dict(sorted(found.items(), key=lambda kv: -kv[1]))
+
+
+def sent_bytes(address: str, port: int) -> int | None:
+    """Bytes sent so far on the established TCP connections whose local end is
+    ``address:port`` (``ss``'s ``bytes_sent``, summed; None without ``ss``): what a server
+    wrote to its clients over connections that stay open (a closed one takes its count)."""
+    if shutil.which("ss") is None:
+        return None
+    out = subprocess.run(
+        ["ss", "-tinH", "state", "established", f"( src {address}:{port} )"],
+        capture_output=True,
+        text=True,
+        check=False,
+    ).stdout
+    return sum(int(m) for m in re.findall(r"bytes_sent:(\d+)", out))
 
 
 def inbound_connections(pid: int, port: int) -> int:
@@ -314,6 +389,16 @@ def enable_tls_request(max_parallel: int = 1) -> admin_pb2.RolloutRequest:
         max_parallel=max_parallel,
         freeze=types_pb2.FREEZE_MODE_NODE,
         auth_verifier_json=password.verifier_to_json(password.make_verifier(secret)).strip(),
+    )
+
+
+def disable_tls_request(max_parallel: int = 1) -> admin_pb2.RolloutRequest:
+    """``rollout start --change disable-tls`` as the CLI sends it: the way back from the newest
+    enable-tls rollout (its nodes are what the leader takes back; no scope, no password)."""
+    return admin_pb2.RolloutRequest(
+        change=types_pb2.CHANGE_DISABLE_TLS,
+        max_parallel=max_parallel,
+        freeze=types_pb2.FREEZE_MODE_NODE,
     )
 
 

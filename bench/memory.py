@@ -8,12 +8,14 @@ malloc's free but unreturned memory) is RSS less the traced Python memory.
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import time
 import tracemalloc
 from collections import Counter
 from pathlib import Path
+from typing import Any
 
 SITE = Path(__file__).parent / "memory_site"
 KIB = 1024
@@ -27,6 +29,39 @@ def memory_env(prefix: Path, frames: int = 1) -> dict[str, str]:
         "TLSROLL_TRACEMALLOC_FRAMES": str(frames),
         "PYTHONPATH": f"{SITE}:{path}" if path else str(SITE),
     }
+
+
+def state_env(prefix: Path) -> dict[str, str]:
+    """What a leader's environment needs for ``LeaderState``: the site hook first on its path
+    (the same one as ``memory_env``'s: both may be given)."""
+    path = os.environ.get("PYTHONPATH", "")
+    return {
+        "TLSROLL_STATE": str(prefix),
+        "PYTHONPATH": f"{SITE}:{path}" if path else str(SITE),
+    }
+
+
+class LeaderState:
+    """Readings of what a leader started with ``state_env(prefix)`` keeps (asyncio tasks,
+    threads, allocated blocks, the size of its per-rollout, per-node and per-connection maps):
+    ``read`` signals it (SIGUSR2) and returns the JSON it wrote."""
+
+    def __init__(self, pid: int, prefix: Path) -> None:
+        self.pid = pid
+        self.prefix = prefix
+        self.taken = 0
+
+    def read(self, timeout: float = 30.0) -> dict[str, Any]:
+        self.taken += 1
+        done = Path(f"{self.prefix}.{self.taken}.done")
+        os.kill(self.pid, signal.SIGUSR2)
+        deadline = time.monotonic() + timeout
+        while not done.exists():
+            if time.monotonic() > deadline:
+                return {"error": "no reading"}
+            time.sleep(0.05)
+        found: dict[str, Any] = json.loads(Path(f"{self.prefix}.{self.taken}").read_text())
+        return found
 
 
 def smaps(pid: int) -> Counter[str]:

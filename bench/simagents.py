@@ -59,7 +59,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -74,17 +74,22 @@ from bench.common import (
     Switches,
     address,
     cpu_seconds,
+    disable_tls_request,
     enable_tls_request,
+    fd_kinds,
     fine_cpu_seconds,
     fsyncs_per_node,
     get_schema,
     inbound_connections,
     log_says_ended,
+    open_files,
     rss_mib,
     seconds,
+    sent_bytes,
+    socket_ends,
     wait_for,
 )
-from bench.memory import Snapshots, memory_env, threads
+from bench.memory import LeaderState, Snapshots, memory_env, state_env, threads
 from bench.profile import Perf, Profile, Yappi, yappi_env
 from tests.cluster import Cluster, hostport
 from tlsroll import __version__, pki, rpc, spiffe
@@ -632,6 +637,82 @@ class Result:
     idle_messages: int = 0  # heartbeat messages the leader got in the idle window
     base_ms_per_s: float = 0.0  # the leader's CPU with no agent connected (its timers), ms/s
     settled_rss: float = 0.0  # the leader's RSS SETTLE_SECONDS after the rollout ended
+    series: list[Step] = field(default_factory=list)  # each rollout's readings (--rollouts)
+    idle_inside: dict[str, Any] = field(default_factory=dict)  # LeaderState before the first
+    idle_kinds: dict[str, int] = field(default_factory=dict)  # idle files by kind
+
+
+@dataclass
+class Step:
+    """One rollout of a ``--rollouts`` series, and the leader after it."""
+
+    k: int
+    change: str
+    state: str
+    wall: float
+    cpu_per_node: float
+    rss: float  # as it ended
+    settled_rss: float  # SETTLE_SECONDS later
+    files: int  # open files as it ended
+    settled_files: int  # and SETTLE_SECONDS later (the pool's idle channels closed)
+    threads: int
+    inside: dict[str, Any]  # LeaderState's reading, settled (empty without the hook)
+    kinds: dict[str, int] = field(default_factory=dict)  # settled files by kind
+    inbound: int = 0  # of them, the agents' connections to the control port
+    sent: int | None = None  # bytes the leader sent on the control port during the rollout
+
+
+def task_count(pid: int) -> int:
+    """The process's threads now."""
+    return len(os.listdir(f"/proc/{pid}/task"))
+
+
+def next_rollout(
+    cluster: Cluster,
+    pid: int,
+    n: int,
+    k: int,
+    max_parallel: int,
+    inside: LeaderState | None,
+    *,
+    log_path: Path,
+) -> Step:
+    """The ``k``-th rollout of a series (k ≥ 2): disable-tls when ``k`` is even (the way back
+    from the enable-tls before it), enable-tls when odd; read as the first one is."""
+    disable = k % 2 == 0
+    request = disable_tls_request(max_parallel) if disable else enable_tls_request(max_parallel)
+    options = [("grpc.max_metadata_size", 1 << 20)]
+    with grpc.insecure_channel(f"unix:{cluster.admin_socket}", options) as channel:
+        before = Reading.of(pid)
+        sent0 = sent_bytes(cluster.address, CONTROL_PORT)
+        try:
+            view = admin_pb2_grpc.AdminStub(channel).StartRollout(request, timeout=120)
+        except grpc.RpcError as exc:
+            raise RuntimeError(f"rollout {k} refused: {str(exc.details())[:1500]}") from None
+        wait_for(
+            lambda: log_says_ended(log_path, view.id), 120 + 2 * n, f"rollout {view.id}", poll=0.2
+        )
+        after = Reading.of(pid)
+        sent1 = sent_bytes(cluster.address, CONTROL_PORT)
+        view = get_schema(channel, view.id)
+    time.sleep(SETTLE_SECONDS)
+    settled_rss = rss_mib(pid)
+    return Step(
+        k,
+        "disable-tls" if disable else "enable-tls",
+        types_pb2.RolloutState.Name(view.state).removeprefix("ROLLOUT_STATE_").lower(),
+        seconds(view),
+        (after.cpu - before.cpu) / n * 1000,
+        after.rss,
+        settled_rss,
+        after.files,
+        open_files(pid),
+        task_count(pid),
+        inside.read() if inside is not None else {},
+        fd_kinds(pid) | socket_ends(pid),
+        inbound_connections(pid, CONTROL_PORT),
+        None if sent0 is None or sent1 is None else sent1 - sent0,
+    )
 
 
 def worker_counts(procs: Sequence[subprocess.Popen[str]]) -> tuple[int, int]:
@@ -689,6 +770,7 @@ def one_run(
     yappi: Path | None = None,
     memory: Path | None = None,
     viewer: bool = True,
+    rollouts: int = 1,
 ) -> Result:
     cluster = Cluster(
         root / "cluster",
@@ -701,6 +783,7 @@ def one_run(
         **NO_DEBUG,
         **(yappi_env(yappi / f"leader-{n}.pstat") if yappi else {}),
         **(memory_env(memory / f"leader-{n}.tracemalloc") if memory else {}),
+        **(state_env(root / "state") if rollouts > 1 and not yappi else {}),
     }
     try:
         cluster.init()
@@ -716,6 +799,7 @@ def one_run(
         else:
             cluster.start_leader(leader_env)
         pid = cluster.leader.pid
+        inside = LeaderState(pid, root / "state") if "TLSROLL_STATE" in leader_env else None
         names = [(f"s{i:03d}", address(i + 1)) for i in range(n)]
         tokens = make_tokens(cluster, names)
         # What the leader spends with no agent at all (its timers, the engine idling): the
@@ -785,7 +869,10 @@ def one_run(
         snapshots = Snapshots(pid, memory / f"leader-{n}.tracemalloc") if memory else None
         if snapshots is not None:
             snapshots.take()
+        idle_inside = inside.read() if inside is not None else {}
+        idle_kinds = fd_kinds(pid) | socket_ends(pid)
         before = Reading.of(pid)
+        sent0 = sent_bytes(cluster.address, CONTROL_PORT) if rollouts > 1 else None
         t0 = time.monotonic()
         # A refusal may name hundreds of nodes: let its message through whole.
         options = [("grpc.max_metadata_size", 1 << 20)]
@@ -817,9 +904,38 @@ def one_run(
             )
             after = Reading.of(pid)
             during = time.monotonic() - t0
+            sent1 = sent_bytes(cluster.address, CONTROL_PORT) if rollouts > 1 else None
             view = get_schema(channel, view.id)
         time.sleep(SETTLE_SECONDS)  # what the leader keeps, not only its peak
         settled_rss = rss_mib(pid)
+        series = [
+            Step(
+                1,
+                "enable-tls",
+                types_pb2.RolloutState.Name(view.state).removeprefix("ROLLOUT_STATE_").lower(),
+                seconds(view),
+                (after.cpu - before.cpu) / n * 1000,
+                after.rss,
+                settled_rss,
+                after.files,
+                open_files(pid),
+                task_count(pid),
+                inside.read() if inside is not None else {},
+                fd_kinds(pid) | socket_ends(pid),
+                inbound_connections(pid, CONTROL_PORT),
+                None if sent0 is None or sent1 is None else sent1 - sent0,
+            )
+        ]
+        # --rollouts K: more rollouts against the same leader and agents, the way back and
+        # enable-tls again in turn (what the simulated agents can do), each read as the first.
+        for k in range(2, rollouts + 1):
+            if snapshots is not None:
+                snapshots.take()
+            series.append(
+                next_rollout(
+                    cluster, pid, n, k, max_parallel, inside, log_path=cluster.leader.log_path
+                )
+            )
         if snapshots is not None:
             snapshots.take()
             print(f"leader {n}: threads {dict(threads(pid))}", flush=True)
@@ -858,6 +974,9 @@ def one_run(
             idle_messages=m1 - m0,
             base_ms_per_s=base_rate * 1000,
             settled_rss=settled_rss,
+            series=series,
+            idle_inside=idle_inside,
+            idle_kinds=idle_kinds,
         )
     finally:
         for p in procs:
@@ -869,6 +988,46 @@ def one_run(
                 p.kill()
                 p.wait(10)
         cluster.close()
+
+
+def _inside(state: dict[str, Any]) -> str:
+    """A ``LeaderState`` reading in a few words: tasks, allocated blocks, then every map that
+    is not empty (``engine.revoked`` and ``engine.auth_known``: rollouts, then nodes in all)."""
+    if not state:
+        return ""
+    if "error" in state:
+        return str(state["error"])
+    words = [f"tasks {state.get('tasks')}", f"blocks {state.get('blocks')}"]
+    for part in ("engine", "pool", "service", "store", "cache"):
+        sizes = state.get(part) or {}
+        kept = ",".join(f"{k.lstrip('_')}={v}" for k, v in sizes.items() if v)
+        words.append(f"{part}[{kept}]")
+    if state.get("engine_nodes"):
+        words.append(f"engine nodes {state['engine_nodes']}")
+    return " ".join(words)
+
+
+def print_series(r: Result) -> None:
+    """A ``--rollouts`` series: the leader after each rollout."""
+    print(
+        f"  {r.nodes} nodes, idle before the first: RSS {r.idle_rss:.1f} MiB, "
+        f"files {r.idle_files} {r.idle_kinds} (inbound {r.idle_inbound}); "
+        f"{_inside(r.idle_inside)}"
+    )
+    print(
+        f"  {'k':>3} {'change':>11} {'outcome':>9} {'wall s':>6} {'CPU/node':>8} "
+        f"{'RSS end':>7} {'settled':>7} {'files':>5} {'settled':>7} {'threads':>7} "
+        f"{'sent MiB':>8}  inside"
+    )
+    for st in r.series:
+        sent = "n/a" if st.sent is None else f"{st.sent / 2**20:.1f}"
+        print(
+            f"  {st.k:>3} {st.change:>11} {st.state:>9} {st.wall:>6.1f} {st.cpu_per_node:>8.1f} "
+            f"{st.rss:>7.1f} {st.settled_rss:>7.1f} {st.files:>5} {st.settled_files:>7} "
+            f"{st.threads:>7} {sent:>8}  files {st.kinds} (inbound {st.inbound}); "
+            f"{_inside(st.inside)}",
+            flush=True,
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -931,6 +1090,16 @@ def main(argv: list[str] | None = None) -> int:
         help="profile the leader's Python during the rollout with yappi (CPU clock, every "
         "thread; pip install yappi) and keep the stats (pstat) in this directory",
     )
+    parser.add_argument(
+        "--rollouts",
+        type=int,
+        default=1,
+        help="rollouts run back to back against the same leader and agents (enable-tls, then "
+        "disable-tls and enable-tls in turn); with more than one, the leader's RSS, open files, "
+        "threads, asyncio tasks and the size of the maps it keeps per rollout, node and "
+        "connection are printed after each (a hook on the leader's PYTHONPATH reads them: "
+        "bench/memory_site)",
+    )
     ns = parser.parse_args(argv)
     if ns.worker is not None:
         return worker_main(ns.worker)
@@ -974,6 +1143,7 @@ def main(argv: list[str] | None = None) -> int:
                 yappi=ns.yappi,
                 memory=ns.memory,
                 viewer=not ns.no_viewer,
+                rollouts=max(1, ns.rollouts),
             )
         finally:
             if not ns.keep:
@@ -996,6 +1166,8 @@ def main(argv: list[str] | None = None) -> int:
             ),
             flush=True,
         )
+        if len(r.series) > 1:
+            print_series(r)
     print(
         "CPU/node: leader CPU over the rollout / nodes; net: less the heartbeats in that time; "
         "ctx/node: the leader's context switches over the rollout / nodes (voluntary + "

@@ -166,6 +166,7 @@ class Engine:
         # work left behind: ``leader.runtime``), in a task of its own.
         self.after_rollouts = after_rollouts
         self._live_seen = False  # a pass saw a live rollout since the last release
+        self._kept_for: str | None = None  # the live rollout the per-rollout maps are of
         self._releasing: asyncio.Task[None] | None = None
 
     # --- the loop -----------------------------------------------------------------------------
@@ -205,6 +206,7 @@ class Engine:
         if not known:
             row = await dbthread.run(self.schema.active)
         await self._forget_ended_keys(row)
+        self._forget_ended(row.rollout.id if row is not None else None)
         if row is None:
             if self._live_seen:
                 self._live_seen = False
@@ -573,6 +575,54 @@ class Engine:
         row = await dbthread.run(self.schema.get, held)
         if row is None or row.rollout.state in TERMINAL_ROLLOUT_STATES:
             self.vault.forget(held)
+
+    def _forget_ended(self, live: str | None) -> None:
+        """What the engine keeps per rollout is of the live one only (``live``; None: none
+        is): ``not_before``, ``trouble``, ``renewed``, ``confirmed``, ``revoked``,
+        ``auth_known``, ``facts``, ``switched_here``, ``csrs`` and ``checks`` (a check still
+        pending is cancelled). Found with ``bench.simagents --rollouts``: ``revoked`` and
+        ``auth_known`` kept the names of a rollout's done nodes for the leader's life (two
+        sets of N names for every enable-tls rollout, one for every other), and the others
+        kept a rollout's entries until the next one began. Forgetting is what a leader
+        restart does: each of them is level-triggered or re-read for the live rollout. Looked
+        at when the live rollout changes, and at each pass while none is (a step of an ended
+        rollout may still be running: an abort leaves its preflights and stages to end on
+        their own). The maps are emptied in place (steps hold them) and made anew, so that
+        their tables shrink too."""
+        if live is not None and live == self._kept_for:
+            return
+        self._kept_for = live
+
+        def of_live(key: str | tuple[str, ...]) -> bool:
+            return (key if isinstance(key, str) else key[0]) == live
+
+        maps: tuple[dict[Any, Any], ...] = (
+            self.not_before,
+            self.trouble,
+            self.renewed,
+            self.revoked,
+            self.auth_known,
+            self.facts,
+            self.switched_here,
+            self.csrs,
+            self.checks,
+        )
+        for held in maps:
+            if not held:
+                continue
+            kept = {k: v for k, v in held.items() if of_live(k)}
+            if len(kept) == len(held):
+                continue
+            if held is self.checks:
+                for key, check in held.items():
+                    if key not in kept:
+                        drop_check(check)
+            held.clear()
+            held.update(kept)
+        if self.confirmed and any(not of_live(k) for k in self.confirmed):
+            confirmed = {k for k in self.confirmed if of_live(k)}
+            self.confirmed.clear()
+            self.confirmed.update(confirmed)
 
     async def _note(self, rollout_id: str, step: planner.StepAction, reason: str) -> None:
         """Put ``reason`` on the node's record (its state unchanged), once."""

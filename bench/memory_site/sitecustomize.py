@@ -1,17 +1,26 @@
-"""Traces the leader's Python allocations (tracemalloc) for ``python -m bench.simagents
---memory DIR``: the benchmark puts this directory first on the leader's PYTHONPATH and sets
-TLSROLL_TRACEMALLOC to a path prefix. Tracing starts here, before the leader imports anything;
-each SIGUSR1 writes a snapshot to PREFIX.N (N = 1, 2, …), then PREFIX.N.done. Does nothing in
-any other process. Tracing costs memory and CPU: the figures of such a run compare with no
-other."""
+"""The leader's insides for ``python -m bench.simagents`` (``--memory DIR``, ``--rollouts K``):
+the benchmark puts this directory first on the leader's PYTHONPATH. Does nothing in any other
+process, and nothing in the leader unless asked by its environment:
+
+* TLSROLL_TRACEMALLOC (a path prefix): traces the leader's Python allocations from here, before
+  it imports anything; each SIGUSR1 writes a snapshot to PREFIX.N (N = 1, 2, …), then
+  PREFIX.N.done. Tracing costs memory and CPU: the figures of such a run compare with no other.
+* TLSROLL_STATE (a path prefix): each SIGUSR2 writes PREFIX.N (JSON), then PREFIX.N.done: the
+  asyncio tasks alive, the Python threads, the interpreter's allocated blocks, and the size of
+  each map the leader keeps per rollout, node or connection (the engine's, the agent pool's,
+  the heartbeat service's, the store's caches), read from the locals of the daemon's ``serve``
+  coroutine. Costs nothing until signalled; a reading takes well under a millisecond.
+"""
 
 import os
 import signal
 import sys
-import tracemalloc
 
+_LEADER = os.path.basename(sys.argv[0] if sys.argv else "") == "tlsroll-leader"
 _out = os.environ.get("TLSROLL_TRACEMALLOC", "")
-if _out and os.path.basename(sys.argv[0] if sys.argv else "") == "tlsroll-leader":
+if _out and _LEADER:
+    import tracemalloc
+
     tracemalloc.start(int(os.environ.get("TLSROLL_TRACEMALLOC_FRAMES", "1")))
     _taken = [0]
 
@@ -23,3 +32,92 @@ if _out and os.path.basename(sys.argv[0] if sys.argv else "") == "tlsroll-leader
             f.write(str(tracemalloc.get_traced_memory()[0]))
 
     signal.signal(signal.SIGUSR1, _snapshot)
+
+_state_out = os.environ.get("TLSROLL_STATE", "")
+if _state_out and _LEADER:
+    _read = [0]
+
+    def _sizes(obj: object, names: list[str]) -> dict[str, int]:
+        found = {}
+        for name in names:
+            value = getattr(obj, name, None)
+            if value is not None:
+                found[name] = len(value)
+        return found
+
+    def _state() -> dict[str, object]:
+        import asyncio  # noqa: PLC0415 - the leader has it by now
+        import threading  # noqa: PLC0415
+
+        loop = asyncio.events._get_running_loop()
+        tasks = asyncio.all_tasks(loop) if loop is not None else set()
+        state: dict[str, object] = {
+            "tasks": len(tasks),
+            "threads": threading.active_count(),
+            "blocks": sys.getallocatedblocks(),
+        }
+        serve = None
+        for task in tasks:
+            coro = task.get_coro()
+            code = getattr(coro, "cr_code", None)
+            if code is not None and code.co_name == "serve":
+                serve = coro.cr_frame.f_locals  # type: ignore[union-attr]
+        if serve is None:
+            return state
+        engine = serve.get("engine")
+        if engine is not None:
+            state["engine"] = _sizes(
+                engine,
+                [
+                    "tasks",
+                    "not_before",
+                    "renewed",
+                    "revoked",
+                    "confirmed",
+                    "trouble",
+                    "auth_known",
+                    "facts",
+                    "switched_here",
+                    "csrs",
+                    "checks",
+                ],
+            )
+            state["engine_nodes"] = sum(
+                len(v) for m in (engine.revoked, engine.auth_known) for v in m.values()
+            )
+        agents = serve.get("agents")
+        if agents is not None:
+            state["pool"] = _sizes(
+                agents, ["clients", "_open", "_idle", "_read_at", "_retiring", "_closing"]
+            )
+            state["pool"]["channels"] = agents.open_channels()  # type: ignore[index]
+        service = serve.get("leader_service")
+        if service is not None:
+            state["service"] = _sizes(service, ["_callers", "_clients", "_streams", "_open"])
+        schema = serve.get("schema")
+        if schema is not None:
+            cache = schema._db.cache
+            state["cache"] = {
+                "keys": len(cache),
+                "rollouts": sum(1 for k in cache if isinstance(k, tuple) and k[0] == "rollout"),
+            }
+        st = getattr(serve.get("state"), "store", None)
+        if st is not None:
+            state["store"] = _sizes(st, ["_seen", "_vouched", "_queued", "_queued_writes"])
+        return state
+
+    def _write_state(*_args: object) -> None:
+        import json  # noqa: PLC0415
+
+        _read[0] += 1
+        path = f"{_state_out}.{_read[0]}"
+        try:
+            text = json.dumps(_state())
+        except Exception as exc:  # a bench reading must never take the leader down
+            text = json.dumps({"error": f"{type(exc).__name__}: {exc}"})
+        with open(path, "w") as f:
+            f.write(text)
+        with open(path + ".done", "w") as f:
+            f.write("1")
+
+    signal.signal(signal.SIGUSR2, _write_state)
