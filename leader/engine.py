@@ -579,7 +579,7 @@ class Engine:
     def _forget_ended(self, live: str | None) -> None:
         """What the engine keeps per rollout is of the live one only (``live``; None: none
         is): ``not_before``, ``trouble``, ``renewed``, ``confirmed``, ``revoked``,
-        ``auth_known``, ``facts``, ``switched_here``, ``csrs`` and ``checks`` (a check still
+        ``auth_known``, ``facts``, ``switched_here``, ``signed`` and ``checks`` (a check still
         pending is cancelled). Found with ``bench.simagents --rollouts``: ``revoked`` and
         ``auth_known`` kept the names of a rollout's done nodes for the leader's life (two
         sets of N names for every enable-tls rollout, one for every other), and the others
@@ -604,7 +604,7 @@ class Engine:
             self.auth_known,
             self.facts,
             self.switched_here,
-            self.csrs,
+            self.signed,
             self.checks,
         )
         for held in maps:

@@ -311,7 +311,7 @@ PER_ROLLOUT = (
     "auth_known",
     "facts",
     "switched_here",
-    "csrs",
+    "signed",
     "checks",
 )
 

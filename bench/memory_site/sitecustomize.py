@@ -78,7 +78,7 @@ if _state_out and _LEADER:
                     "auth_known",
                     "facts",
                     "switched_here",
-                    "csrs",
+                    "signed",
                     "checks",
                 ],
             )
