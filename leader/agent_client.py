@@ -293,7 +293,11 @@ class AgentClient:
             while True:
                 call = self.stub.WatchTransaction(request, timeout=STREAM_SECONDS)
                 try:
-                    async for txn in call:
+                    # Read, not ``async for``: a grpc.aio call keeps the iterator that
+                    # ``async for`` asks it for, and that iterator the call: a cycle that kept
+                    # each switch's call, its channel and connection alive until the GC's next
+                    # full pass, after the pool had closed the channel (s28leak).
+                    while isinstance(txn := await call.read(), agent_pb2.Transaction):  # or EOF
                         failures = 0
                         yield txn
                         if txn.outcome != agent_pb2.TRANSACTION_OUTCOME_PENDING:

@@ -576,3 +576,58 @@ def test_the_leader_tunes_malloc_first_before_it_imports_the_daemon(
     monkeypatch.setattr(runtime, "main", run)
     assert daemon.main([]) == 0
     assert calls == ["keep_out", "tune", "runtime"]
+
+
+async def test_a_watched_transaction_s_call_goes_when_its_last_reference_does() -> None:
+    """s28leak: the leader read a switch's WatchTransaction stream with ``async for``; a
+    grpc.aio call keeps the iterator that asks it for, and that iterator the call, so each
+    switch's call (and through it its channel and connection) lived until the GC's next full
+    pass, after the pool had closed the channel. Read with ``read()``, the call goes with its
+    last reference: here with the cyclic GC off. A real grpc.aio server and call (plaintext on
+    loopback: the cycle is the call's, not TLS's)."""
+    from leader.agent_client import AgentClient
+    from tlsroll.v1 import agent_pb2, agent_pb2_grpc
+
+    class Watched(agent_pb2_grpc.NodeAgentServicer):
+        async def WatchTransaction(  # a stream of two states
+            self, request: agent_pb2.GetTransactionRequest, context: Any
+        ) -> Any:
+            yield agent_pb2.Transaction(outcome=agent_pb2.TRANSACTION_OUTCOME_PENDING)
+            yield agent_pb2.Transaction(outcome=agent_pb2.TRANSACTION_OUTCOME_COMPLETED)
+
+    server = grpc.aio.server()
+    watched = Watched()  # type: ignore[abstract]  # WatchTransaction alone
+    agent_pb2_grpc.add_NodeAgentServicer_to_server(watched, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    channel = grpc.aio.insecure_channel(f"127.0.0.1:{port}")
+    client = AgentClient(
+        NodeRows("127.0.0.1").get_node("n1"), grpc.local_channel_credentials(), "x"
+    )
+    stub = agent_pb2_grpc.NodeAgentStub(channel)
+    calls: list[weakref.ref[Any]] = []
+
+    def watch(request: Any, timeout: float) -> Any:
+        call = stub.WatchTransaction(request, timeout=timeout)
+        calls.append(weakref.ref(call))
+        return call
+
+    client._channel = channel
+    client._stub = cast(Any, type("Stub", (), {"WatchTransaction": staticmethod(watch)}))
+    gc.collect()
+    gc.disable()
+    try:
+        seen = [
+            t.outcome async for t in client.watch_transaction(agent_pb2.GetTransactionRequest())
+        ]
+        assert seen == [
+            agent_pb2.TRANSACTION_OUTCOME_PENDING,
+            agent_pb2.TRANSACTION_OUTCOME_COMPLETED,
+        ]
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert len(calls) == 1 and calls[0]() is None  # gone without a collection
+    finally:
+        gc.enable()
+        await channel.close(None)
+        await server.stop(None)
