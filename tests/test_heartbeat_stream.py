@@ -1156,11 +1156,13 @@ async def test_superseded_certificates_reach_renewal_streams_in_rounds_a_revocat
     rig.state.heartbeat_interval = 1
     ca_cert = pki.load_cert_pem(rig.node_files[2])
     pushed: list[int] = []  # the list's number in each news sent unasked
+    answered: list[int] = []  # and in each answer to a message
     real_send = service._Beats.send
 
     async def counting(self: Any, reply: leader_pb2.HeartbeatResponse, snap: Any) -> None:
-        if not reply.answers and reply.crl_pem:
-            pushed.append(pki.load_crl(reply.crl_pem, ca_cert)[0])
+        if reply.crl_pem:
+            number = pki.load_crl(reply.crl_pem, ca_cert)[0]
+            (answered if reply.answers else pushed).append(number)
         await real_send(self, reply, snap)
 
     monkeypatch.setattr(service._Beats, "send", counting)
@@ -1196,8 +1198,16 @@ async def test_superseded_certificates_reach_renewal_streams_in_rounds_a_revocat
         await until(lambda: len(pushed) == 1, "the first superseded one, at once")
         for serial in ("a3", "a4"):  # a rollout's next nodes: within the round, not sent
             rig.store.revoke_superseded("hb1", server_cert(serial), before=issued, now=rig.clock[0])
+        # A renewal that asks nothing is not answered with the list either.
+        quiet = leader_pb2.HeartbeatRequest()
+        assert stream.last is not None
+        quiet.CopyFrom(stream.last)
+        quiet.renews, quiet.wants_answer, quiet.crl_number = True, False, trust.crl_number
+        answered.clear()
+        await stream.send(quiet, 5, answer=False)
         await asyncio.sleep(2.5)  # five of the watch's ticks at this interval
         assert len(pushed) == 1
+        assert answered == []
         assert rig.store.revoke("5eed", reason="", now=rig.clock[0], actor="test") == ["5eed"]
         await until(lambda: len(pushed) == 2, "the admin's revocation, at once")
         assert pushed[1] == rig.store.revoked()[0]
