@@ -605,6 +605,7 @@ class SchemaStore(LeaderStore):
         revoke: Sequence[Revocation] = (),
         then: Then | None = None,
         certs: Sequence[IssuedCert] = (),
+        recorded: Callable[[], None] | None = None,
     ) -> RolloutRow:
         """Persist the records after a plan or an event, with one audit event per change, in
         one transaction that updates only the rows that changed (nothing, if nothing did):
@@ -614,8 +615,9 @@ class SchemaStore(LeaderStore):
         (``auth``, as ``set_node_auth``) and the certificates a node now done no longer
         serves (``revoke``, as ``Store.revoke_superseded``; each one's ``serials`` filled in)
         and the certificates issued (``certs``, as ``Store.record_certificate``: a
-        preflight's, signed from the CSR it brought back). A step's outcome is thus one
-        durable write.
+        preflight's, signed from the CSR it brought back; if any are, ``recorded`` runs on
+        this thread once they are durable, before the lock is released:
+        ``Database.after_commit``). A step's outcome is thus one durable write.
 
         Optimistic: if the stored records are no longer ``before`` (an admin command and an
         engine verdict crossed), nothing is written and ``StaleRecords`` is raised; the caller
@@ -683,6 +685,8 @@ class SchemaStore(LeaderStore):
                 )
             for cert in certs:  # routine as well (``Store.record_certificate``)
                 record_certificate_in(db, cert, actor="leader", now=now)
+            if certs and recorded is not None:
+                self._db.after_commit(recorded)
             if then is not None:
                 moved, begun = then(row)
                 if moved or begun:
