@@ -1583,6 +1583,69 @@ async def test_a_leader_restarted_between_preflight_and_stage_asks_for_the_same_
     await second.stop()
 
 
+def server_certs(leader: Leader, name: str) -> list[tuple[str, str]]:
+    """The server certificates on record for node ``name``: (fingerprint, revoke reason)."""
+    return [
+        (c.fingerprint, c.revoke_reason)
+        for c in leader.store.list_certificates("server")
+        if c.node == name
+    ]
+
+
+async def test_a_preflight_s_certificate_a_restarted_leader_never_sent_is_revoked_at_the_abort(
+    world: World,
+) -> None:
+    """Review s28 L1: the leader stops between bravo's preflight (its certificate recorded
+    with the outcome) and its stage; the restarted leader is told to abort, and bravo is
+    skipped. The certificate no node holds is revoked ("never delivered"), not left valid in
+    `certs check-expiration` until it expires; the revocation list moves on, not urgently."""
+    first = world.boot()
+    await first.start(max_parallel=1)
+    await first.run(until=lambda r: node(r.records, "bravo").state is N.STAGING)
+    await first.crash()
+    assert world.agents.calls_to("bravo", "stage") == []
+    second = world.boot()
+    recorded = server_certs(second, "bravo")
+    assert [reason for _fp, reason in recorded] == [""]
+    crl = second.store.revocations()
+    await second.control(RolloutAction.ABORT)
+    row = await second.run()
+    assert row.rollout.state is R.ABORTED
+    assert node(row.records, "bravo").state is N.SKIPPED
+    assert world.agents.calls_to("bravo", "stage") == []
+    assert server_certs(second, "bravo") == [(recorded[0][0], "never delivered")]
+    after = second.store.revocations()
+    assert after.number > crl.number and after.urgent == crl.urgent
+    trail = [(a.kind, a.subject) for a in second.audit()]
+    assert ("certificate.undelivered", "bravo") in trail
+    await second.stop()
+
+
+async def test_a_node_rolled_back_keeps_the_certificate_it_staged_and_loses_the_one_it_did_not(
+    world: World,
+) -> None:
+    """Review s28 L1: a restarted leader's stage of bravo signs a second certificate
+    (CreateCSR); bravo's switch rolls back. The preflight's certificate, never sent, is
+    revoked as bravo ends; the one it staged (and holds, inactive) is not: only what no node
+    was given. Nodes never reached (skipped) have nothing recorded."""
+    switch_rolls_back(world.agents["bravo"])
+    first = world.boot()
+    await first.start(max_parallel=1)
+    await first.run(until=lambda r: node(r.records, "bravo").state is N.STAGING)
+    await first.crash()
+    second = world.boot()
+    row = await second.run()
+    assert row.rollout.state is R.HALTED
+    assert states(row) == {"bravo": N.ROLLED_BACK, "charlie": N.SKIPPED, "alpha": N.SKIPPED}
+    assert [c.answer for c in world.agents.calls_to("bravo", "create_csr")] == ["replay"]
+    staged = pki.fingerprint(world.agents["bravo"].staged[row.rollout.id])
+    certs = server_certs(second, "bravo")
+    assert len(certs) == 2 and (staged, "") in certs, certs
+    assert [r for fp, r in certs if fp != staged] == ["never delivered"]
+    assert server_certs(second, "charlie") == server_certs(second, "alpha") == []
+    await second.stop()
+
+
 async def test_an_agent_that_lost_the_preflight_s_key_is_staged_with_a_new_one(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
