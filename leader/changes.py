@@ -68,16 +68,13 @@ another one, than the one the preflight's CSR is of: only then does CreateCSR (a
 new CSR) help. Text, as the refusal carries no finer code; the roles share no module."""
 
 
-def preflight_csr_unusable(exc: StepFailed | PKIError) -> bool:
+def preflight_csr_unusable(exc: StepFailed) -> bool:
     """Whether a stage that sent the certificate signed from the preflight's CSR may be tried
-    once more with CreateCSR.
-
-    Yes when the agent no longer holds the key that CSR is of (``KEY_GONE``), or on a
-    PKIError (nothing was issued). Any other refusal (a stale epoch, "already
+    once more with CreateCSR: only when the agent's Stage refused it because it no longer
+    holds the key that CSR is of (``KEY_GONE``). Any other refusal (a stale epoch, "already
     switching", a pin mismatch, ...) is the node's answer: another round would sign and record
-    a second certificate nobody uses, and report the second error instead of the first."""
-    if isinstance(exc, PKIError):
-        return True
+    a second certificate nobody uses, and report the second error instead of the first. (On
+    that path nothing is signed before the Stage, so no PKIError can arise there.)"""
     return any(text in str(exc) for text in KEY_GONE)
 
 
@@ -159,8 +156,11 @@ class StepContext:
     switched_here: dict[tuple[str, str], bool] = field(default_factory=dict)
     # (rollout, node) -> the certificate signed from the CSR its preflight brought back
     # (``PreflightRequest.make_csr``) and recorded with the preflight's outcome, until its
-    # stage sends it; the engine's, kept across steps. Missing (an agent of an earlier
-    # release, a leader restarted since): the stage asks with CreateCSR.
+    # stage sends it; the engine's, kept across steps, filled as that write commits
+    # (``Engine._record``). Missing (an agent of an earlier release, a leader restarted
+    # since, a preflight that ended while the rollout was paused or aborting, whose
+    # certificate is not recorded): the stage asks with CreateCSR. Dropped by the stage
+    # if the node's enrolled names changed since (CreateCSR then too).
     signed: dict[tuple[str, str], x509.Certificate] = field(default_factory=dict)
     # What this step signed (a preflight: ``Signed``): the engine records it with the step's
     # outcome, and hands it to the stage (``signed``) once that write is done.
@@ -239,14 +239,15 @@ class ChangeSteps:
             # in the same write as the preflight's outcome: the stage sends it at once, with
             # no write of its own before it (one durable write and one store hand-off fewer
             # per node, on the first node's way to its switch). A CSR that cannot be signed
-            # here is left to the stage, which asks CreateCSR for a new one.
+            # fails the preflight with the reason: the agent keeps one key per rollout and
+            # answers a later CreateCSR with the same CSR, which the stage could not sign
+            # either (it failed there, after an extra round trip, before review s28 L8).
             try:
                 csr = pki.load_csr_pem(reply.csr_pem)
                 cert = ctx.ca.sign_csr(csr, enrolled, server=True, client=False, now=ctx.clock())
-            except PKIError:
-                pass
-            else:
-                ctx.issued.append(Signed(cert, issued_server_cert(cert, node.name, ctx.clock())))
+            except PKIError as exc:
+                return NodeEvent.PREFLIGHT_FAILED, f"its CSR cannot be signed: {exc}"
+            ctx.issued.append(Signed(cert, issued_server_cert(cert, node.name, ctx.clock())))
         return NodeEvent.PREFLIGHT_PASSED, None
 
     async def stage(self, ctx: StepContext) -> Outcome:
@@ -257,17 +258,24 @@ class ChangeSteps:
         key = (ctx.rollout.id, ctx.node)
         # Signed by the preflight and recorded with its outcome (``StepContext.signed``).
         cert = ctx.signed.pop(key, None)
+        node = await ctx.enrolled_node()
+        expected = pki.Names.of(node.name, node.addresses, node.dns_names)
+        if cert is not None and pki.names_of(cert) != expected:
+            # The node was enrolled again with other names since its preflight: that
+            # certificate would fail the stage ("names differ"); CreateCSR, signed with the
+            # names enrolled now, as before the merge (review s28 L3). The one not sent is
+            # revoked when the node is done (superseded) or ends otherwise (never staged).
+            log.info("stage.names_changed", rollout_id=ctx.rollout.id, node=ctx.node)
+            cert = None
         from_preflight = cert is not None
         try:
-            if cert is None:  # the preflight brought no CSR, or one it could not sign
-                node = await ctx.enrolled_node()
+            if cert is None:  # no CSR at the preflight, none signed, or one for other names
                 csr_reply = await ctx.agent.create_csr(
                     agent_pb2.CreateCSRRequest(command=ctx.command())
                 )
                 # Checked and signed as any CSR: the names are the enrolled ones, whoever
                 # asked.
                 csr = pki.load_csr_pem(csr_reply.csr_pem)
-                expected = pki.Names.of(node.name, node.addresses, node.dns_names)
                 cert = ctx.ca.sign_csr(csr, expected, server=True, client=False, now=ctx.clock())
                 # Recorded, so that `certs check-expiration` has its serial and `nodes
                 # remove` revokes it.
@@ -285,7 +293,7 @@ class ChangeSteps:
                 )
             )
         except (StepFailed, PKIError) as exc:
-            if from_preflight and preflight_csr_unusable(exc):
+            if from_preflight and isinstance(exc, StepFailed) and preflight_csr_unusable(exc):
                 # The key the preflight's CSR is of is gone (the agent lost its journal
                 # since): once more as before the merge, CreateCSR first.
                 return await self.stage(ctx)

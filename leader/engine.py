@@ -701,14 +701,16 @@ class Engine:
         timed_if_unchanged: bool = False,
         plan_next: bool = False,
         certs: Sequence[IssuedCert] = (),
+        recorded: Callable[[], None] | None = None,
     ) -> RolloutRow:
         """Apply ``change`` to one node record and save it, in one transaction with the
         step's times (``step``: only if the record changed, unless ``timed_if_unchanged``),
         the start of the step the node's new state begins, what the step learnt
         (``details`` of the node's stored detail: the fields to write), and the password now
         live on the node if it is now done, and the certificates ``certs`` if the record
-        changed and the rollout runs (``_records_certs``). Nothing is written if nothing
-        changed. Reads
+        changed and the rollout runs (``_records_certs``; then ``recorded`` runs on the
+        store's thread once the write has committed, before it is visible: see
+        ``SchemaStore.save_states``). Nothing is written if nothing changed. Reads
         again if a write crossed (the rollout is kept in memory: reading it is cheap).
 
         ``plan_next`` (a step's outcome): the plan that follows from the records as this write
@@ -752,6 +754,7 @@ class Engine:
                     revoke=revoke,
                     then=then,
                     certs=certs if _records_certs(row, old, new) else (),
+                    recorded=recorded,
                 )
                 for plan in plans:
                     self._planned(row, plan)
@@ -890,8 +893,18 @@ class Engine:
         the rollout pauses or aborts): one write. Those are then the node's stage's to send
         (``signed``): only certificates recorded before they are sent. One not recorded is
         forgotten: a stage that runs later (a resumed rollout) asks CreateCSR, signs and
-        records one then, as before."""
+        records one then, as before.
+
+        ``signed`` is filled on the store's thread as the write commits, before the lock is
+        released (``Database.after_commit``): a pass on another wake (another node's outcome)
+        that sees the node in ``staging`` and begins its stage finds it there. Filled here
+        after the write, such a stage took the CreateCSR path and signed a second
+        certificate (review s28 L2)."""
         dropped: list[bool] = []
+        key = (rollout_id, step.node)
+
+        def recorded() -> None:  # the store's thread: a dict's item set, atomic
+            self.signed[key] = issued[-1].cert
 
         def change(r: NodeRecord) -> NodeRecord:
             if STEP_FOR_STATE.get(r.state) is not step.step:
@@ -902,7 +915,7 @@ class Engine:
             return r.with_event(event, cleared)
 
         now = self.clock()
-        row = await self._save_node(
+        await self._save_node(
             rollout_id,
             step.node,
             change,
@@ -910,11 +923,8 @@ class Engine:
             lambda _d: learnt or {},
             plan_next=True,
             certs=[s.record for s in issued],
+            recorded=recorded if issued else None,
         )
-        if issued and not dropped and row.rollout.state is RolloutState.RUNNING:
-            # Recorded (``_records_certs``; this write changed no rollout state). Before any
-            # await: the stage this write begins (``_planned``) has not run yet.
-            self.signed[(rollout_id, step.node)] = issued[-1].cert
         if dropped:
             log.info(
                 "step.result_dropped",

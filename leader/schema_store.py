@@ -12,13 +12,14 @@ import datetime as dt
 import functools
 import json
 import sqlite3
-from collections.abc import Callable, Collection, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any, cast, overload
 
 from leader.db import LeaderStore
 from leader.planner import Census
 from leader.rollout_core import (
+    CHANGES,
     TERMINAL_ROLLOUT_STATES,
     Change,
     Client,
@@ -31,7 +32,12 @@ from leader.rollout_core import (
     ScopeKind,
     Strategy,
 )
-from leader.store import IssuedCert, record_certificate_in, revoke_superseded_in
+from leader.store import (
+    IssuedCert,
+    record_certificate_in,
+    revoke_superseded_in,
+    revoke_undelivered_in,
+)
 from tlsroll.errors import TerminalError, TransientError
 from tlsroll.sqlite import from_text, to_text
 
@@ -605,6 +611,7 @@ class SchemaStore(LeaderStore):
         revoke: Sequence[Revocation] = (),
         then: Then | None = None,
         certs: Sequence[IssuedCert] = (),
+        recorded: Callable[[], None] | None = None,
     ) -> RolloutRow:
         """Persist the records after a plan or an event, with one audit event per change, in
         one transaction that updates only the rows that changed (nothing, if nothing did):
@@ -614,8 +621,9 @@ class SchemaStore(LeaderStore):
         (``auth``, as ``set_node_auth``) and the certificates a node now done no longer
         serves (``revoke``, as ``Store.revoke_superseded``; each one's ``serials`` filled in)
         and the certificates issued (``certs``, as ``Store.record_certificate``: a
-        preflight's, signed from the CSR it brought back). A step's outcome is thus one
-        durable write.
+        preflight's, signed from the CSR it brought back; if any are, ``recorded`` runs on
+        this thread once they are durable, before the lock is released:
+        ``Database.after_commit``). A step's outcome is thus one durable write.
 
         Optimistic: if the stored records are no longer ``before`` (an admin command and an
         engine verdict crossed), nothing is written and ``StaleRecords`` is raised; the caller
@@ -683,12 +691,17 @@ class SchemaStore(LeaderStore):
                 )
             for cert in certs:  # routine as well (``Store.record_certificate``)
                 record_certificate_in(db, cert, actor="leader", now=now)
+            if certs and recorded is not None:
+                self._db.after_commit(recorded)
+            touched = list(records)
             if then is not None:
                 moved, begun = then(row)
                 if moved or begun:
                     row = self._patch(db, row, now, actor, {r.name: r for r in moved}, begun, {})
+                    touched += (r.name for r in moved)
+            undelivered = _revoke_undelivered(db, base, row, touched, now)
             self._keep(row)
-        if any(r.serials for r in revoke):
+        if undelivered or any(r.serials for r in revoke):
             self._db.touch()  # the heartbeat path keeps the revocation list
         return row
 
@@ -1023,6 +1036,39 @@ def _derived(row: RolloutRow, **changes: Any) -> RolloutRow:
     if "nodes" not in changes and "census" in row.__dict__:
         new.__dict__["census"] = row.__dict__["census"]
     return new
+
+
+UNDELIVERED_AT = frozenset({NodeState.FAILED, NodeState.SKIPPED, NodeState.ROLLED_BACK})
+"""A node that ends in one of these will not be staged again in its rollout: the server
+certificates recorded for it in the rollout that it did not stage are revoked then
+(``_revoke_undelivered``). A node done revokes them as superseded (``revoke_superseded_in``:
+all issued before the one it serves)."""
+
+
+def _revoke_undelivered(
+    db: sqlite3.Connection,
+    before: RolloutRow,
+    after: RolloutRow,
+    names: Iterable[str],
+    now: dt.datetime,
+) -> list[str]:
+    """Inside ``save_states``' write: for each node of ``names`` that this write moves into
+    ``UNDELIVERED_AT``, revoke the server certificates recorded for it during the rollout
+    other than the one it staged (``revoke_undelivered_in``). Review s28 L1: a preflight's
+    certificate is recorded with its outcome, before its stage sends it; a leader stopped or
+    restarted in between (its stage then signs another), or an abort, left it valid and on
+    record (``certs check-expiration``) if the node did not end done."""
+    if not CHANGES[after.rollout.change].stages_certificate:
+        return []
+    since = after.meta.started_at or after.meta.created_at
+    until = after.meta.ended_at or now  # a rollback of an ended rollout: not a later one's
+    serials: list[str] = []
+    for name in dict.fromkeys(names):
+        rec, detail = after.node(name)
+        if rec.state in UNDELIVERED_AT and before.node(name)[0].state is not rec.state:
+            staged = detail.cert_fingerprint or ""
+            serials += revoke_undelivered_in(db, name, staged, since=since, until=until, now=now)
+    return serials
 
 
 def _check_details(fields: Mapping[str, Any]) -> None:

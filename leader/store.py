@@ -1147,6 +1147,41 @@ def revoke_superseded_in(
     return serials
 
 
+def revoke_undelivered_in(
+    db: sqlite3.Connection,
+    node: str,
+    staged_fingerprint: str,
+    *,
+    since: dt.datetime,
+    until: dt.datetime,
+    now: dt.datetime,
+) -> list[str]:
+    """Inside the caller's write transaction (``SchemaStore.save_states``): revoke (reason
+    "never delivered") the server certificates of ``node`` issued from ``since`` to
+    ``until`` (a rollout's span) other than the one the node staged in it
+    (``staged_fingerprint``; "" if none). Certificates the leader recorded and no node holds:
+    a preflight's, whose stage never sent it (a leader stopped in between, an abort) or sent
+    another. Not urgent (``_bump_crl``): nothing presents them. A routine caller moves
+    ``Database.generation`` on if this revoked anything. Returns the serials revoked now."""
+    serials = [
+        r["serial"]
+        for r in db.execute(
+            "SELECT serial FROM certificates WHERE kind = 'server' AND node = ?"
+            " AND revoked_at IS NULL AND fingerprint != ? AND issued_at >= ? AND issued_at <= ?",
+            (node, staged_fingerprint, to_text(since), to_text(until)),
+        )
+    ]
+    if not serials:
+        return []
+    db.executemany(
+        "UPDATE certificates SET revoked_at = ?, revoke_reason = ? WHERE serial = ?",
+        [(to_text(now), "never delivered", s) for s in serials],
+    )
+    _bump_crl(db, urgent=False)
+    LeaderStore._audit(db, now, "leader", "certificate.undelivered", node, serials=serials)
+    return serials
+
+
 def _bump_crl(db: sqlite3.Connection, *, urgent: bool = True) -> None:
     """A certificate was revoked: the next revocation list gets a higher number. ``urgent``:
     a revocation the agents act on (a certificate revoked by the admin, a removed node's):

@@ -73,6 +73,7 @@ from leader.store import NodeCert, Store
 from tests.fake_agent import START, FakeAgent, FakeAgents, FakeClock
 from tlsroll import dbthread, pki
 from tlsroll.enums import TxnKind, TxnOutcome
+from tlsroll.errors import PKIError, PKIReason
 from tlsroll.rpc import status_for
 from tlsroll.v1 import agent_pb2
 from tlsroll.wire import TXN_KIND
@@ -1449,6 +1450,107 @@ async def test_a_preflight_that_ends_while_the_rollout_pauses_leaves_the_stage_i
     await leader.stop()
 
 
+async def test_the_preflight_s_certificate_is_the_stage_s_once_its_write_is_visible(
+    world: World,
+) -> None:
+    """Review s28 L2: ``signed`` is filled as the preflight's outcome commits, before any
+    reader can see the node in ``staging``: a pass on another wake that begins the stage
+    then finds the certificate (filled after the write returned, such a stage asked
+    CreateCSR and signed a second one). Looked at from the store's own commit listener,
+    which runs as soon as the write is visible, before the engine's step resumes."""
+    leader = world.boot()
+    row = await leader.start()
+    rid = row.rollout.id
+    had: dict[str, bool] = {}
+
+    def on_commit() -> None:
+        kept = leader.schema.kept(rid)
+        if kept is None:
+            return
+        for rec in kept.records:
+            if rec.state is N.STAGING and rec.name not in had:
+                had[rec.name] = (rid, rec.name) in leader.engine.signed
+
+    leader.store.db.on_commit.append(on_commit)
+    row = await leader.run()
+    assert row.rollout.state is R.COMPLETED and states(row) == ALL_DONE
+    assert had == dict.fromkeys(ORDER, True)
+    assert world.agents.calls_to("bravo", "create_csr") == []
+    await leader.stop()
+
+
+async def test_a_node_enrolled_again_with_other_names_before_its_stage_is_staged_with_them(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s28 L3: the preflight signed bravo's certificate for the names enrolled then;
+    bravo is enrolled again with one more DNS name before its stage (and its agent has it
+    too). The stage does not send that certificate (the agent refuses it: "names differ",
+    the node failed): it asks CreateCSR and signs with the names enrolled now. The one not
+    sent is revoked once bravo is done (superseded)."""
+    bravo = world.agents["bravo"]
+    real = world.ca.sign_csr
+    leader = world.boot()
+    extra: dict[str, list[str]] = {}
+    monkeypatch.setattr(
+        FakeAgent,
+        "names",
+        property(
+            lambda a: pki.Names.of(
+                a.name, [a.address], [f"{a.name}.praxis.lan", *extra.get(a.name, [])]
+            )
+        ),
+    )
+
+    def enrolled_again_after(csr: Any, names: pki.Names, **kw: Any) -> Any:
+        cert = real(csr, names, **kw)
+        if names.common_name == "bravo" and not extra:  # the preflight's; then re-enrolled
+            extra["bravo"] = ["bravo.example.org"]
+            with leader.store.db.tx() as db:
+                dns = json.dumps(list(bravo.names.dns))
+                db.execute("UPDATE nodes SET dns_names = ? WHERE name = 'bravo'", (dns,))
+        return cert
+
+    monkeypatch.setattr(world.ca, "sign_csr", enrolled_again_after)
+    await leader.start()
+    row = await leader.run()
+    assert row.rollout.state is R.COMPLETED and states(row) == ALL_DONE
+    assert [c.answer for c in world.agents.calls_to("bravo", "stage")] == ["ok"]
+    assert [c.answer for c in world.agents.calls_to("bravo", "create_csr")] == ["replay"]
+    assert pki.names_of(bravo.staged[row.rollout.id]) == bravo.names
+    issued = [c for c in leader.store.list_certificates("server") if c.node == "bravo"]
+    assert [(c.fingerprint == bravo.fingerprint, c.revoke_reason) for c in issued] == [
+        (False, "superseded"),
+        (True, ""),
+    ]
+    await leader.stop()
+
+
+async def test_a_csr_the_preflight_cannot_sign_fails_the_preflight(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s28 L8: a CSR the CA refuses fails the preflight with the reason. The agent
+    answers a later CreateCSR with the same CSR: leaving it to the stage only added a round
+    trip before the same failure there."""
+    real = world.ca.sign_csr
+
+    def refusing(csr: Any, names: pki.Names, **kw: Any) -> Any:
+        if names.common_name == "bravo":
+            raise PKIError(PKIReason.BAD_SIGNATURE)
+        return real(csr, names, **kw)
+
+    monkeypatch.setattr(world.ca, "sign_csr", refusing)
+    leader = world.boot()
+    await leader.start(max_parallel=1)
+    row = await leader.run(until=lambda r: node(r.records, "bravo").state is N.FAILED)
+    assert node(row.records, "bravo").reason == (
+        f"its CSR cannot be signed: {PKIReason.BAD_SIGNATURE.value}"
+    )
+    assert world.agents.calls_to("bravo", "create_csr") == []
+    assert world.agents.calls_to("bravo", "stage") == []
+    assert [c for c in leader.store.list_certificates("server") if c.node == "bravo"] == []
+    await leader.stop()
+
+
 async def test_an_agent_of_the_previous_release_is_staged_through_create_csr(
     world: World,
 ) -> None:
@@ -1478,6 +1580,69 @@ async def test_a_leader_restarted_between_preflight_and_stage_asks_for_the_same_
     asked = world.agents.calls_to(ORDER[0], "create_csr")
     assert [c.answer for c in asked] == ["replay"]
     assert world.agents[ORDER[0]].applied["create_csr"] == 1
+    await second.stop()
+
+
+def server_certs(leader: Leader, name: str) -> list[tuple[str, str]]:
+    """The server certificates on record for node ``name``: (fingerprint, revoke reason)."""
+    return [
+        (c.fingerprint, c.revoke_reason)
+        for c in leader.store.list_certificates("server")
+        if c.node == name
+    ]
+
+
+async def test_a_preflight_s_certificate_a_restarted_leader_never_sent_is_revoked_at_the_abort(
+    world: World,
+) -> None:
+    """Review s28 L1: the leader stops between bravo's preflight (its certificate recorded
+    with the outcome) and its stage; the restarted leader is told to abort, and bravo is
+    skipped. The certificate no node holds is revoked ("never delivered"), not left valid in
+    `certs check-expiration` until it expires; the revocation list moves on, not urgently."""
+    first = world.boot()
+    await first.start(max_parallel=1)
+    await first.run(until=lambda r: node(r.records, "bravo").state is N.STAGING)
+    await first.crash()
+    assert world.agents.calls_to("bravo", "stage") == []
+    second = world.boot()
+    recorded = server_certs(second, "bravo")
+    assert [reason for _fp, reason in recorded] == [""]
+    crl = second.store.revocations()
+    await second.control(RolloutAction.ABORT)
+    row = await second.run()
+    assert row.rollout.state is R.ABORTED
+    assert node(row.records, "bravo").state is N.SKIPPED
+    assert world.agents.calls_to("bravo", "stage") == []
+    assert server_certs(second, "bravo") == [(recorded[0][0], "never delivered")]
+    after = second.store.revocations()
+    assert after.number > crl.number and after.urgent == crl.urgent
+    trail = [(a.kind, a.subject) for a in second.audit()]
+    assert ("certificate.undelivered", "bravo") in trail
+    await second.stop()
+
+
+async def test_a_node_rolled_back_keeps_the_certificate_it_staged_and_loses_the_one_it_did_not(
+    world: World,
+) -> None:
+    """Review s28 L1: a restarted leader's stage of bravo signs a second certificate
+    (CreateCSR); bravo's switch rolls back. The preflight's certificate, never sent, is
+    revoked as bravo ends; the one it staged (and holds, inactive) is not: only what no node
+    was given. Nodes never reached (skipped) have nothing recorded."""
+    switch_rolls_back(world.agents["bravo"])
+    first = world.boot()
+    await first.start(max_parallel=1)
+    await first.run(until=lambda r: node(r.records, "bravo").state is N.STAGING)
+    await first.crash()
+    second = world.boot()
+    row = await second.run()
+    assert row.rollout.state is R.HALTED
+    assert states(row) == {"bravo": N.ROLLED_BACK, "charlie": N.SKIPPED, "alpha": N.SKIPPED}
+    assert [c.answer for c in world.agents.calls_to("bravo", "create_csr")] == ["replay"]
+    staged = pki.fingerprint(world.agents["bravo"].staged[row.rollout.id])
+    certs = server_certs(second, "bravo")
+    assert len(certs) == 2 and (staged, "") in certs, certs
+    assert [r for fp, r in certs if fp != staged] == ["never delivered"]
+    assert server_certs(second, "charlie") == server_certs(second, "alpha") == []
     await second.stop()
 
 

@@ -235,6 +235,45 @@ def test_rotating_three_nodes_under_writes_one_fails_verification_and_keeps_its_
         cluster.close()
 
 
+def test_the_store_revokes_only_the_certificates_a_node_was_not_given_in_a_rollout(
+    tmp_path: Path,
+) -> None:
+    """``revoke_undelivered_in`` (review s28 L1): the node's server certificates issued within
+    the rollout's span other than the one it staged, reason "never delivered", once, not
+    urgently; the staged one, one issued before the rollout (live), one issued after its
+    span (a later rollout's) and another node's are not."""
+    import datetime as dt
+
+    from leader.store import IssuedCert, Store, revoke_undelivered_in
+
+    t0 = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
+    store = Store(tmp_path / "leader.sqlite3")
+
+    def issue(serial_: str, node: str, minutes: int) -> None:
+        at = t0 + dt.timedelta(minutes=minutes)
+        cert = IssuedCert(
+            serial_, "server", node, node, f"fp{serial_}", at, at + dt.timedelta(days=397)
+        )
+        store.record_certificate(cert, actor="test", now=at)
+
+    issue("a0", "n1", -10)  # live before the rollout
+    issue("a1", "n1", 1)  # its preflight's, never sent
+    issue("a2", "n1", 2)  # its stage's (CreateCSR), staged
+    issue("a3", "n1", 30)  # a later rollout's
+    issue("b1", "n2", 1)
+    since, until, now = t0, t0 + dt.timedelta(minutes=20), t0 + dt.timedelta(minutes=40)
+    with store.db.tx() as db:
+        assert revoke_undelivered_in(db, "n1", "fpa2", since=since, until=until, now=now) == ["a1"]
+    with store.db.tx() as db:
+        assert revoke_undelivered_in(db, "n1", "fpa2", since=since, until=until, now=now) == []
+    rows = {c.serial: c for c in store.list_certificates("server")}
+    assert {s for s, c in rows.items() if c.revoked_at} == {"a1"}
+    assert rows["a1"].revoke_reason == "never delivered"
+    number, urgent, _ = store.revocations()
+    assert urgent == 0 and number == 1
+    store.close()
+
+
 def test_the_store_revokes_only_what_the_live_certificate_superseded(tmp_path: Path) -> None:
     """``Store.revoke_superseded``: the node's server certificates issued before the live one
     (a rotate's, or a later enable-tls's after a way back to http) are revoked once, with

@@ -489,3 +489,36 @@ def test_a_settled_look_while_a_write_holds_the_store_gives_what_the_last_write_
         release.set()
         writer.join(10)
     store.close()
+
+
+def test_what_runs_after_a_commit_runs_before_any_reader_sees_the_write(tmp_path: Path) -> None:
+    """``Database.after_commit`` (review s28 L2: the preflight's certificate for the stage):
+    run once the transaction has committed, still under the lock, so before ``peek``, even
+    ``settled``, shows what it wrote; never for a transaction that fails."""
+    from tlsroll.sqlite import Database
+
+    db = Database(tmp_path / "t.sqlite3", ["CREATE TABLE t (x)"])
+    seen: list[tuple[bool, object, int]] = []
+
+    def look() -> None:  # inside: the lock is held, the readers see the old value
+        count = len(db._db.execute("SELECT x FROM t").fetchall())
+        seen.append((db._lock.locked(), db.peek("k", settled=True), count))
+
+    with db.tx() as conn:
+        conn.execute("INSERT INTO t VALUES (1)")
+        db.cache["k"] = "old"
+    with db.tx() as conn:
+        conn.execute("INSERT INTO t VALUES (2)")
+        db.cache["k"] = "new"
+        db.after_commit(look)
+        assert seen == []  # not before the commit
+    assert seen == [(True, "old", 2)]
+    assert db.peek("k", settled=True) == "new"
+    with pytest.raises(RuntimeError), db.tx() as conn:
+        conn.execute("INSERT INTO t VALUES (3)")
+        db.after_commit(look)
+        raise RuntimeError("refused")
+    with db.tx() as conn:  # nothing left over from the failed one
+        conn.execute("INSERT INTO t VALUES (4)")
+    assert seen == [(True, "old", 2)]
+    db.close()

@@ -209,6 +209,8 @@ class Database:
         # live pages) shows each write.
         self.on_commit: list[Callable[[], None]] = []
         self.cache: dict[Hashable, Any] = {}
+        # What the transaction under way runs once it has committed (``after_commit``).
+        self._committed: list[Callable[[], None]] = []
         # ``cache`` as it was when the lock was last released (replaced whole, never changed
         # in place): what ``peek(settled=True)`` gives while a writer holds the lock.
         self._settled: dict[Hashable, Any] = {}
@@ -276,6 +278,14 @@ class Database:
             finally:
                 self._settle()
 
+    def after_commit(self, then: Callable[[], None]) -> None:
+        """Inside ``tx``: run ``then`` in the writer's thread once this transaction has
+        committed, still under the lock: before any reader, ``peek(settled=True)`` included,
+        can see what it wrote (never if it fails). For what must be in place no later than
+        the write is visible, and not before it is durable (the leader's certificate for a
+        node's stage). ``then`` must not raise."""
+        self._committed.append(then)
+
     @contextmanager
     def tx(self, *, routine: bool = False) -> Iterator[sqlite3.Connection]:
         """One IMMEDIATE transaction: all or nothing, serialised with every other writer.
@@ -285,13 +295,18 @@ class Database:
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             changes = self._db.total_changes  # before anything that can fail (see except)
+            self._committed = []
             try:
                 self._others_wrote()  # under the write lock: nobody else commits meanwhile
                 yield self._db
                 self._db.execute("COMMIT")
                 if not routine:
                     self.generation += 1
+                committed, self._committed = self._committed, []
+                for then in committed:
+                    then()
             except BaseException:
+                self._committed = []
                 # What a store put in the cache after its writes is not what the file holds
                 # now. A transaction that wrote nothing (a store's refusal, such as a write on
                 # stale records) leaves the file, and so the cache, as they were.
