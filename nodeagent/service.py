@@ -361,11 +361,15 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         self, request: agent_pb2.CheckRequest, context: Ctx
     ) -> agent_pb2.PreflightResponse:
         """Preflight's checks for `tlsroll plan` and a rollout's start: read-only, no epoch,
-        nothing recorded (``warm_certificates``: the certificate code is loaded ahead)."""
+        nothing recorded (``warm_certificates``: the certificate code is loaded ahead, once
+        the answer is made, so that the import overlaps the leader's wait for the other nodes
+        and its record of the rollout, not this node's checks, which the rollout's start
+        waits for: review of session 28, M1)."""
         require_leader(context, self.trust)
+        reply = await self._checks(request)
         if request.warm_certificates:
             self._warm_certificates()
-        return await self._checks(request)
+        return reply
 
     async def _checks(
         self, request: agent_pb2.PreflightRequest | agent_pb2.CheckRequest
