@@ -11,11 +11,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import contextvars
 import dataclasses
 import datetime as dt
 import os
 import re
 import ssl
+import stat
 import sys
 import tempfile
 import time
@@ -138,6 +140,15 @@ class Prepared:
     live_tls: dict[str, str] | None  # the journal's, when it was made
     staged: Staged  # the journal's record of the staged certificate
     staging: transaction.Staged  # the target config staged (``Runner.stage_target``)
+    # The live config's permission bits and owner when it was made (``_owner_and_mode``): the
+    # staged file has that mode, which the switch's rename gives the live config.
+    owner_and_mode: tuple[int, int, int]
+
+
+def _owner_and_mode(path: Path) -> tuple[int, int, int]:
+    """``path``'s permission bits, owner and group (blocking)."""
+    st = os.stat(path)
+    return stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
 
 
 def _holds(path: Path, data: bytes) -> bool:
@@ -361,11 +372,15 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         self, request: agent_pb2.CheckRequest, context: Ctx
     ) -> agent_pb2.PreflightResponse:
         """Preflight's checks for `tlsroll plan` and a rollout's start: read-only, no epoch,
-        nothing recorded (``warm_certificates``: the certificate code is loaded ahead)."""
+        nothing recorded (``warm_certificates``: the certificate code is loaded ahead, once
+        the answer is made, so that the import overlaps the leader's wait for the other nodes
+        and its record of the rollout, not this node's checks, which the rollout's start
+        waits for: review of session 28, M1)."""
         require_leader(context, self.trust)
+        reply = await self._checks(request)
         if request.warm_certificates:
             self._warm_certificates()
-        return await self._checks(request)
+        return reply
 
     async def _checks(
         self, request: agent_pb2.PreflightRequest | agent_pb2.CheckRequest
@@ -629,6 +644,8 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         if driver is None or runner is None or not driver.config_decides:
             return
         try:
+            # Before the staging, which copies the mode: a chmod after this is seen at the take.
+            owner_and_mode = _owner_and_mode(driver.config_file)
             with driver.reading_once():
                 source = driver.read_config()
                 live = self.journal.live_tls()
@@ -642,13 +659,23 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         except Exception as exc:  # the switch makes its own, and says what is wrong
             log.warning("stage.prepare_failed", rollout_id=rollout_id, error=describe(exc))
             return
-        self._prepared = Prepared(rollout_id, built, source, live, staged, staging)
+        self._prepared = Prepared(rollout_id, built, source, live, staged, staging, owner_and_mode)
 
-    def _drop_prepared(self) -> None:
-        """Blocking, on the store's thread: the prepared switch dropped, its staged file too."""
+    def _drop_prepared(self, *, later: bool = False) -> None:
+        """Blocking, on the store's thread: the prepared switch dropped, its staged file too
+        (``later``: in the store thread's next hand-off, not in this one, which a freeze call
+        waits for: review of session 28, L6)."""
         prepared, self._prepared = self._prepared, None
-        if prepared is not None and prepared.staging.config is not None and self.driver:
-            self.driver.discard_staged(prepared.staging.config)
+        driver = self.driver
+        if prepared is None or prepared.staging.config is None or driver is None:
+            return
+        if later:
+            staged = prepared.staging.config
+            dbthread.executor().submit(
+                contextvars.copy_context().run, driver.discard_staged, staged
+            )
+        else:
+            driver.discard_staged(prepared.staging.config)
 
     def _take_prepared(
         self, rollout_id: str, wanted: str, verifier: bool, keep_frozen: bool
@@ -657,8 +684,9 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         plan with ``keep_frozen``, the live config it replaces, its staging), if it is for this
         rollout and change, no password verifier came, and what it was made from is unchanged:
         the live config (read, not parsed), what the journal says is live, the staged
-        certificate and the staged file's content. Else None (the switch makes its own) and
-        the prepared one is dropped."""
+        certificate, the live config's mode and owner (an admin's chmod since: review of
+        session 28, L4) and the staged file's content. Else None (the switch makes its own;
+        the create drops the prepared one, after its own hand-off)."""
         prepared = self._prepared
         driver = self.driver
         if prepared is None or driver is None:
@@ -671,6 +699,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 and built.plan.change == wanted
                 and (not verifier or wanted == Change.ROTATE_CERT.value)
                 and driver.read_config() == prepared.source
+                and _owner_and_mode(driver.config_file) == prepared.owner_and_mode
                 and self.journal.live_tls() == prepared.live_tls
                 and self.journal.staged(rollout_id) == prepared.staged
                 and (config is None or config.file is None or _holds(config.file, config.data))
@@ -678,7 +707,6 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         except OSError:
             fits = False
         if not fits:
-            self._drop_prepared()
             return None
         self._prepared = None  # the switch owns its staging now
         plan = dataclasses.replace(built.plan, keep_frozen=keep_frozen)
@@ -704,6 +732,16 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         first = next_action(Phase.STARTED)
 
         def create() -> tuple[Txn, bool, Staging | None]:
+            """``created``; a switch prepared at a Stage that this one did not take (another
+            transaction, a Rollback among them, or a switch it does not fit) is dropped, its
+            file removed after the staging ``created`` queued (review of session 28, L5, L6:
+            a prepared file lingered after an abort; its removal came before the freeze)."""
+            try:
+                return created()
+            finally:
+                self._drop_prepared(later=True)
+
+        def created() -> tuple[Txn, bool, Staging | None]:
             """The existing transaction (a replay) or a new one, journalled with its plan, both
             configs and its first step's "begin" in one write: one hand-off to the store's
             thread for the whole begin (issue 15), in the order the checks always had. Its

@@ -84,6 +84,9 @@ def watch():
     time.sleep(1.0)  # a heartbeat and the bootstrap service's first sync
     while go and not os.path.exists(go) and time.monotonic() < deadline + 150:
         time.sleep(0.1)
+    warmup = sys.modules.get("nodeagent.warmup")
+    if warmup is not None:  # the imports queued ahead (a warming Check's) first: bounded
+        warmup._WARMER.submit(int).result(timeout=60)
     loaded = sorted(name for name, module in list(sys.modules.items()) if module is not None)
     with open(out, "w") as f:
         f.write("\\n".join(loaded))

@@ -1487,16 +1487,30 @@ def staged_agent(
     return agent, driver, journal, runner
 
 
-def switch_request(**fields: Any) -> Any:
+def switch_request(rollout_id: str = "r1", change: str = "enable-tls", **fields: Any) -> Any:
     from tlsroll.enums import Change
     from tlsroll.v1 import agent_pb2
     from tlsroll.wire import CHANGE
 
     return agent_pb2.SwitchRequest(
-        command=agent_pb2.Command(rollout_id="r1", epoch=1),
-        change=CHANGE.wire(Change.ENABLE_TLS),
+        command=agent_pb2.Command(rollout_id=rollout_id, epoch=1),
+        change=CHANGE.wire(Change(change)),
         **fields,
     )
+
+
+def stage_behind(w: World, journal: Journal, rollout_id: str, fingerprint: str) -> Path:
+    """Another certificate recorded as staged for ``rollout_id`` (not through the servicer):
+    its stage directory."""
+    stage = w.root / "server" / "tlsroll-tls" / rollout_id
+    stage.mkdir(parents=True, exist_ok=True)
+    (stage / "ca.pem").write_bytes(b"the cluster CA")
+    if journal.staged(rollout_id) is None:
+        journal.record_csr(rollout_id, stage / "server.key", b"csr")
+    journal.record_stage(
+        rollout_id, stage / "server.pem", stage / "ca.pem", fingerprint, w.time.clock()
+    )
+    return stage
 
 
 async def test_a_switch_is_made_ready_and_staged_when_its_node_is_staged(
@@ -1535,7 +1549,10 @@ async def test_a_switch_is_made_ready_and_staged_when_its_node_is_staged(
     journal.close()
 
 
-@pytest.mark.parametrize("change", ["config", "keep_http", "verifier", "restaged", "tampered"])
+@pytest.mark.parametrize(
+    "change",
+    ["config", "keep_http", "verifier", "restaged", "tampered", "live_tls", "rollout", "mode"],
+)
 async def test_a_switch_the_prepared_one_does_not_fit_is_made_as_before(
     change: str, world: Callable[[Scenario], World], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1548,6 +1565,7 @@ async def test_a_switch_the_prepared_one_does_not_fit_is_made_as_before(
     first = driver.stagings[0].file
     assert first is not None
     fields: dict[str, Any] = {}
+    rollout_id = "r1"
     if change == "config":  # the admin edited the live config since
         w.server.config = SOURCE + b"# edited\n"
     elif change == "keep_http":
@@ -1560,11 +1578,21 @@ async def test_a_switch_the_prepared_one_does_not_fit_is_made_as_before(
         journal.record_stage(
             "r1", first.parent / "x.pem", first.parent / "ca.pem", "sha256:x", w.time.clock()
         )
+    elif change == "live_tls":  # what the journal says is live changed since
+        with journal._tx() as db:
+            Journal._set_live_tls(db, {"cert_file": "/elsewhere.pem"})
+    elif change == "rollout":  # a switch of another rollout, staged behind the servicer's back
+        rollout_id = "r2"
+        stage_behind(w, journal, rollout_id, STAGED_FP)
+    elif change == "mode":  # the admin's chmod of the live config (review of session 28, L4)
+        assert stat.S_IMODE(driver.config_file.stat().st_mode) != 0o640
+        driver.config_file.chmod(0o640)
     else:  # the staged file is not what was staged
         first.write_bytes(b"something else")
 
-    txn = await agent._switch(switch_request(**fields), cast(Any, None))
+    txn = await agent._switch(switch_request(rollout_id, **fields), cast(Any, None))
     await asyncio.gather(*runner.tasks.values())
+    await dbthread.barrier()  # the prepared file is removed after the create's hand-off
 
     assert driver.renders == 2  # made in the switch, its config read once
     assert driver.rendered_once == [True, True]
@@ -1572,6 +1600,11 @@ async def test_a_switch_the_prepared_one_does_not_fit_is_made_as_before(
     assert not first.exists()
     if change == "config":
         assert txn.source_config == SOURCE + b"# edited\n"
+    if change == "mode":  # the live config as the admin left it
+        assert stat.S_IMODE(driver.config_file.stat().st_mode) == 0o640
+    if change in ("live_tls", "rollout", "mode"):  # nothing else is wrong with these
+        final = journal.get(rollout_id, TxnKind.SWITCH)
+        assert final is not None and final.outcome is TxnOutcome.COMPLETED
     journal.close()
 
 
@@ -1583,11 +1616,24 @@ async def test_the_freeze_call_goes_out_before_the_servicer_logs_and_answers(
     message ran on the loop before the runner's freeze call went out. The servicer now waits
     for the call to be out (``Runner.under_way``): by the time it logs and returns, the
     server has been asked to freeze. Without a prepared switch the call also waits for the
-    staging, and the servicer does not wait for that."""
+    staging, and the servicer does not wait for that: here it logs and returns while the
+    staging is held (review of session 28, L7: that case could not fail)."""
     w = world(SCENARIOS["completes"])
-    agent, _driver, journal, runner = staged_agent(w, monkeypatch)
+    agent, driver, journal, runner = staged_agent(w, monkeypatch)
+    release, staged = threading.Event(), threading.Event()
     if prepared:
         await dbthread.run(agent._prepare, "r1")
+        release.set()
+    stage_config = driver.stage_config
+
+    def held(data: bytes) -> StagedConfig:
+        release.wait(60)
+        try:
+            return stage_config(data)
+        finally:
+            staged.set()
+
+    monkeypatch.setattr(driver, "stage_config", held)
     order: list[str] = []
     logged = service.log.info
 
@@ -1596,13 +1642,113 @@ async def test_the_freeze_call_goes_out_before_the_servicer_logs_and_answers(
         logged(event, **kw)
 
     monkeypatch.setattr(service.log, "info", log_info)
-    await agent._switch(switch_request(), cast(Any, None))
-    order.append(f"returned (ops: {' '.join(w.server.ops) or '-'})")
+    switching = asyncio.ensure_future(agent._switch(switch_request(), cast(Any, None)))
+    try:  # bounded: a servicer that waited for the held staging would never return
+        await asyncio.wait_for(asyncio.shield(switching), 30)
+        order.append(f"returned (ops: {' '.join(w.server.ops) or '-'}, staged: {staged.is_set()})")
+    finally:
+        release.set()
+    await switching
     await asyncio.gather(*runner.tasks.values())
     assert order[0].startswith("log txn.started") and order[1].startswith("returned")
     if prepared:  # the server was asked to freeze, and nothing else happened yet
         assert order[0] == "log txn.started (ops: freeze)"
+    else:  # the staging still held: no freeze call yet
+        assert order == ["log txn.started (ops: -)", "returned (ops: -, staged: False)"], order
     final = journal.get("r1", TxnKind.SWITCH)
     assert final is not None and final.outcome is TxnOutcome.COMPLETED
     assert not runner._under_way
+    journal.close()
+
+
+async def test_a_prepared_switch_not_taken_is_removed_after_the_create_and_its_staging(
+    world: Callable[[Scenario], World], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of session 28, L6: a prepared switch the switch could not use (a password
+    verifier came, say) had its file removed inside the create's hand-off to the store's
+    thread, which the freeze call waits for. It is removed after it, and after the staging of
+    the switch's own config, which the freeze call waits for too."""
+    w = world(SCENARIOS["completes"])
+    agent, driver, journal, runner = staged_agent(w, monkeypatch)
+    await dbthread.run(agent._prepare, "r1")
+    first = driver.stagings[0].file
+    assert first is not None
+    order: list[str] = []
+    create, stage_config, discard = journal.create, driver.stage_config, driver.discard_staged
+
+    def creating(txn: Txn, **kw: Any) -> Txn:
+        order.append("create")
+        return create(txn, **kw)
+
+    def staging(data: bytes) -> StagedConfig:
+        order.append("stage")
+        return stage_config(data)
+
+    def discarding(staged: StagedConfig) -> None:
+        order.append("discard" if staged.file == first else "discard another")
+        discard(staged)
+
+    monkeypatch.setattr(journal, "create", creating)
+    monkeypatch.setattr(driver, "stage_config", staging)
+    monkeypatch.setattr(driver, "discard_staged", discarding)
+    verifier = password.verifier_to_json(password.make_verifier("s3cret", **password.TEST_PARAMS))
+    await agent._switch(switch_request(auth_verifier_json=verifier), cast(Any, None))
+    await asyncio.gather(*runner.tasks.values())
+    await dbthread.barrier()
+    assert order[:3] == ["create", "stage", "discard"], order
+    assert not first.exists() and agent._prepared is None
+    journal.close()
+
+
+async def test_a_create_that_fails_after_taking_the_prepared_switch_removes_its_file(
+    world: Callable[[Scenario], World], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The switch took the prepared staging, and its journal write failed: no transaction
+    owns that file, which is removed; the error is the switch's."""
+    w = world(SCENARIOS["completes"])
+    agent, driver, journal, runner = staged_agent(w, monkeypatch)
+    await dbthread.run(agent._prepare, "r1")
+    first = driver.stagings[0].file
+    assert first is not None and first.exists()
+
+    def failing(txn: Txn, **kw: Any) -> Txn:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(journal, "create", failing)
+    with pytest.raises(sqlite3.OperationalError):
+        await agent._switch(switch_request(), cast(Any, None))
+    await dbthread.barrier()
+    assert not first.exists() and agent._prepared is None
+    assert runner.tasks == {} and w.server.ops == []
+    assert list(driver.config_file.parent.glob(".*staged*")) == []
+    journal.close()
+
+
+async def test_a_rotation_is_made_ready_at_its_stage_and_taken_with_a_password(
+    world: Callable[[Scenario], World], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a node that serves https (the journal says what is live), the stage makes the
+    rotate-cert switch ready; a rotation keeps the live password, so one that comes with a
+    verifier takes it too."""
+    w = world(SCENARIOS["completes"])
+    w.server.config = w.server.running = TARGET
+    agent, driver, journal, runner = staged_agent(w, monkeypatch)
+    live = {"cert_file": "/x/old.pem", "server_url": f"https://{ADDRESS}:8443{APP}"}
+    with journal._tx() as db:
+        Journal._set_live_tls(db, live)
+    await dbthread.run(agent._prepare, "r1")
+    prepared = agent._prepared
+    assert prepared is not None and prepared.built.plan.change == "rotate-cert"
+    assert driver.renders == 1 and len(driver.stagings) == 1
+    verifier = password.verifier_to_json(password.make_verifier("s3cret", **password.TEST_PARAMS))
+    request = switch_request(change="rotate-cert", auth_verifier_json=verifier)
+    txn = await agent._switch(request, cast(Any, None))
+    await asyncio.gather(*runner.tasks.values())
+    assert driver.renders == 1 and driver.commits == driver.stagings  # nothing made anew
+    assert Plan.from_json(txn.plan).change == "rotate-cert"
+    final = journal.get("r1", TxnKind.SWITCH)
+    assert final is not None and final.outcome is TxnOutcome.COMPLETED, final
+    rotated = journal.live_tls()
+    assert rotated is not None and rotated == prepared.built.plan.live_tls
+    assert rotated["cert_file"] == str(w.root / "server" / "tlsroll-tls" / "r1" / "server.pem")
     journal.close()

@@ -680,3 +680,67 @@ def test_a_node_certificate_may_not_command_an_agent(make_node: NodeFactory) -> 
     err = rpc_error(lambda: node.txn("intruder"))
     assert code_of(err) == grpc.StatusCode.NOT_FOUND
     assert_untouched(node, config, pid)
+
+
+# --- 10. the switch made ready at the stage (issue 15), with a real agent and server -----------
+
+
+def staged_configs(node: Node) -> list[Path]:
+    """The configs the agent staged beside the live one and has not committed (yet)."""
+    return sorted(node.config_dir.glob(f".{node.server.config_path.name}.staged-*"))
+
+
+def test_a_chmod_of_the_config_between_stage_and_switch_is_kept(make_node: NodeFactory) -> None:
+    """Review of session 28, L4: the stage stages the switch's config with the live file's
+    mode then; an admin who changed the config's mode before the switch got the old mode
+    back from the switch. The switch now sees the change and makes its config as before,
+    with the mode the live file has at the switch."""
+    node = make_node()
+    config = node.server.config_path
+    staged = node.stage("mode")
+    assert len(staged_configs(node)) == 1  # made ready at the stage
+    assert stat.S_IMODE(config.stat().st_mode) != 0o640
+    config.chmod(0o640)
+    node.switch("mode")
+    done = node.wait_txn("mode")
+    assert done.outcome == "completed", done.reason
+    assert_switched(node, staged.fingerprint)
+    assert stat.S_IMODE(config.stat().st_mode) == 0o640
+    assert staged_configs(node) == []
+
+
+def test_an_agent_restarted_between_stage_and_switch_switches_as_before(
+    make_node: NodeFactory,
+) -> None:
+    """The switch made ready at the stage is in the agent's memory only: an agent started
+    again removes its staged file and makes the switch as before."""
+    node = make_node()
+    assert node.agent is not None
+    staged = node.stage("restart")
+    assert len(staged_configs(node)) == 1
+    node.agent.stop()
+    node.restart_agent()
+    assert staged_configs(node) == []
+    node.switch("restart")
+    done = node.wait_txn("restart")
+    assert done.outcome == "completed", done.reason
+    assert_switched(node, staged.fingerprint)
+    assert staged_configs(node) == []
+
+
+def test_a_rollback_drops_the_switch_made_ready_for_another_rollout(
+    make_node: NodeFactory,
+) -> None:
+    """Review of session 28, L5: a node staged for a rollout that then never switched it (an
+    abort) kept the switch made ready for it, its file beside the live config, until the next
+    Stage or Switch; a Rollback left it. Any transaction begun now drops it."""
+    node = make_node()
+    node.stage("first")
+    node.switch("first")
+    assert node.wait_txn("first").outcome == "completed"
+    node.stage("second")  # a rotation made ready; the rollout is aborted, never switched
+    assert len(staged_configs(node)) == 1
+    node.rollback("first")
+    back = node.wait_txn("first", "rollback")
+    assert back.outcome == "completed", back.reason
+    assert staged_configs(node) == []

@@ -13,6 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any, cast
 
 import pytest
 
@@ -20,6 +21,7 @@ from leader.commands import Commands, RolloutRequest
 from leader.observe import observe
 from leader.rollout_core import Change, NodeObservation, Scope
 from leader.schema_store import SchemaStore
+from nodeagent import service
 from tests.cluster import Cluster, secure_channel
 from tests.refserver_helper import RefServer
 from tests.test_engine import ADMIN, LEADER, VERIFIER_1, make_world, open_store
@@ -155,3 +157,29 @@ def test_a_check_that_asks_loads_the_certificate_code_and_one_that_does_not_noth
             server.close()
     modules = out.read_text().split()
     assert ("tlsroll.pki" in modules) is warm
+
+
+@pytest.mark.parametrize("warm", [True, False])
+async def test_a_warming_check_answers_first_and_loads_afterwards(
+    warm: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of session 28, M1: the import began before the Check's own work (the server's
+    view, the port checks), which then shared the GIL with it, and the rollout's start waits
+    for every Check. The agent now makes its answer first, and then starts the import, which
+    overlaps the leader's wait for the other nodes."""
+    order: list[str] = []
+    agent = service.NodeAgentService(
+        cast(Any, None), cast(Any, None), cast(Any, None), None, None, now, trust=cast(Any, 1)
+    )
+    monkeypatch.setattr(service, "require_leader", lambda context, trust: order.append("auth"))
+
+    async def checks(request: object) -> agent_pb2.PreflightResponse:
+        order.append("checks")
+        return agent_pb2.PreflightResponse(ok=True)
+
+    monkeypatch.setattr(agent, "_checks", checks)
+    monkeypatch.setattr(agent, "_warm_certificates", lambda: order.append("warm"))
+    request = agent_pb2.CheckRequest(warm_certificates=warm)
+    reply = await agent.Check(request, cast(Any, None))
+    assert reply.ok
+    assert order == (["auth", "checks", "warm"] if warm else ["auth", "checks"])
