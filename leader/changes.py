@@ -256,11 +256,14 @@ class ChangeSteps:
         if ctx.facts.own_ca is not None:
             return await self.stage_own(ctx, ctx.facts.own_ca)
         key = (ctx.rollout.id, ctx.node)
-        # Signed by the preflight and recorded with its outcome (``StepContext.signed``).
-        cert = ctx.signed.pop(key, None)
+        # Signed by the preflight and recorded with its outcome (``StepContext.signed``);
+        # kept until the stage has an answer, so that a stage tried again after an agent that
+        # did not answer (a TransientError) sends it again rather than a second certificate.
+        cert = ctx.signed.get(key)
         node = await ctx.enrolled_node()
         expected = pki.Names.of(node.name, node.addresses, node.dns_names)
         if cert is not None and pki.names_of(cert) != expected:
+            ctx.signed.pop(key, None)
             # The node was enrolled again with other names since its preflight: that
             # certificate would fail the stage ("names differ"); CreateCSR, signed with the
             # names enrolled now, as before the merge (review s28 L3). The one not sent is
@@ -293,11 +296,13 @@ class ChangeSteps:
                 )
             )
         except (StepFailed, PKIError) as exc:
+            ctx.signed.pop(key, None)
             if from_preflight and isinstance(exc, StepFailed) and preflight_csr_unusable(exc):
                 # The key the preflight's CSR is of is gone (the agent lost its journal
                 # since): once more as before the merge, CreateCSR first.
                 return await self.stage(ctx)
             return NodeEvent.STAGE_FAILED, str(exc)
+        ctx.signed.pop(key, None)
         await ctx.detail(
             cert_fingerprint=staged.fingerprint,
             cert_not_after=staged.not_after.ToDatetime(tzinfo=dt.UTC),

@@ -1525,6 +1525,26 @@ async def test_a_node_enrolled_again_with_other_names_before_its_stage_is_staged
     await leader.stop()
 
 
+async def test_a_stage_tried_again_after_no_answer_sends_the_preflight_s_certificate(
+    world: World,
+) -> None:
+    """bravo's agent does not answer the first Stage (a TransientError): the stage is tried
+    again with the certificate its preflight signed and recorded, not through CreateCSR
+    with a second one (the stage took it out of ``signed`` before its call)."""
+    leader = world.boot()
+    await leader.start(max_parallel=1)
+    await leader.run(until=lambda r: node(r.records, "bravo").state is N.STAGING)
+    world.agents["bravo"].unreachable = 1
+    row = await leader.run()
+    assert row.rollout.state is R.COMPLETED and states(row) == ALL_DONE
+    answers = [c.answer for c in world.agents.calls_to("bravo", "stage")]
+    assert answers[0] == "unreachable" and answers[-1] == "ok", answers
+    assert world.agents.calls_to("bravo", "create_csr") == []
+    issued = [c for c in leader.store.list_certificates("server") if c.node == "bravo"]
+    assert [c.fingerprint for c in issued] == [world.agents["bravo"].fingerprint]
+    await leader.stop()
+
+
 async def test_a_csr_the_preflight_cannot_sign_fails_the_preflight(
     world: World, monkeypatch: pytest.MonkeyPatch
 ) -> None:
