@@ -1061,7 +1061,7 @@ def _revoke_undelivered(
     if not CHANGES[after.rollout.change].stages_certificate:
         return []
     since = after.meta.started_at or after.meta.created_at
-    until = after.meta.ended_at or now  # a rollback of an ended rollout: not a later one's
+    until = after.meta.ended_at or now  # this rollout's span only
     serials: list[str] = []
     for name in dict.fromkeys(names):
         rec, detail = after.node(name)

@@ -127,6 +127,11 @@ class IssuedCert:
     revoke_reason: str = ""
 
 
+EXPIRED_KEPT = dt.timedelta(days=1)
+"""How long a revoked certificate stays on the revocation list after it expired: a server
+whose clock is behind the leader's still takes it as unexpired that long (review s28 L2)."""
+
+
 class Revocations(NamedTuple):
     """The revocation list as the store keeps it (``Store.revocations``)."""
 
@@ -886,7 +891,9 @@ class Store(LeaderStore):
                 [(to_text(now), "superseded", r["serial"]) for r in held],
             )
             if held:
-                _bump_crl(db, urgent=False)
+                # Urgent all the same: a workstation enrolled again may be a new PC for a lost
+                # one, whose certificate the practice's servers should refuse at once.
+                _bump_crl(db)
             _record_cert(
                 db,
                 cert.serial,
@@ -978,8 +985,9 @@ class Store(LeaderStore):
 
     def revoked(self, now: dt.datetime | None = None) -> tuple[int, list[tuple[str, dt.datetime]]]:
         """The revocation list's number and its entries: (serial, revoked at); with ``now``,
-        unexpired ones only (an expired certificate is refused anyway, and the list would
-        otherwise grow with every rollout that supersedes certificates, for good)."""
+        those not expired for longer than ``EXPIRED_KEPT`` (an expired certificate is refused
+        anyway, and the list would otherwise grow with every rollout that supersedes
+        certificates, for good)."""
         revocations = self.revocations(now)
         return revocations.number, revocations.entries
 
@@ -996,7 +1004,7 @@ class Store(LeaderStore):
         entries = [
             (r["serial"], dt.datetime.fromisoformat(r["revoked_at"]))
             for r in rows
-            if now is None or dt.datetime.fromisoformat(r["not_after"]) > now
+            if now is None or dt.datetime.fromisoformat(r["not_after"]) + EXPIRED_KEPT > now
         ]
         return Revocations(number, urgent, entries)
 
@@ -1161,8 +1169,10 @@ def revoke_undelivered_in(
     ``until`` (a rollout's span) other than the one the node staged in it
     (``staged_fingerprint``; "" if none). Certificates the leader recorded and no node holds:
     a preflight's, whose stage never sent it (a leader stopped in between, an abort) or sent
-    another. Not urgent (``_bump_crl``): nothing presents them. A routine caller moves
-    ``Database.generation`` on if this revoked anything. Returns the serials revoked now."""
+    another. (Not one a stage in flight at an abort records after the write that skipped its
+    node: that one stays, as before session 28.) Not urgent (``_bump_crl``): nothing presents
+    them. A routine caller moves ``Database.generation`` on if this revoked anything. Returns
+    the serials revoked now."""
     serials = [
         r["serial"]
         for r in db.execute(
@@ -1186,9 +1196,9 @@ def _bump_crl(db: sqlite3.Connection, *, urgent: bool = True) -> None:
     """A certificate was revoked: the next revocation list gets a higher number. ``urgent``:
     a revocation the agents act on (a certificate revoked by the admin, a removed node's):
     the list's number is also recorded as ``crl_urgent``, and the leader sends that list to
-    the agents at once. A certificate superseded by its holder's new one (a rollout's, a
-    workstation's re-enrolment) is not urgent: nothing presents it any more, and the list
-    goes out with the next news within ``leader.service.CRL_NEWS_SECONDS``."""
+    the agents at once. A server certificate superseded by the node's new one (a rollout's)
+    or never delivered is not urgent: nothing presents it, and the list
+    goes out with the watch's next round (``leader.service.CRL_NEWS_SECONDS``)."""
     db.execute(
         "INSERT INTO meta (key, value) VALUES ('crl_number', '1')"
         " ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"

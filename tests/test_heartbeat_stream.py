@@ -1216,6 +1216,12 @@ async def test_superseded_certificates_reach_renewal_streams_in_rounds_a_revocat
         await link.beat()  # the agent's own message: answered with the newest list
         assert 0xA4 in trust.revoked
         assert len(pushed) == 2
+        # The round comes by itself: a list newer only by a superseded one goes out once the
+        # round is due (here at once), with no message and no other change to the store.
+        rig.store.revoke_superseded("hb1", server_cert("a6"), before=issued, now=rig.clock[0])
+        monkeypatch.setattr(service, "CRL_NEWS_SECONDS", 0.0)
+        await until(lambda: len(pushed) == 3, "the round, unasked")
+        assert 0xA5 in trust.revoked
     finally:
         await link.close()
         journal.close()
