@@ -10,6 +10,7 @@ journal, files, keys) runs in threads, never on the event loop.
 from __future__ import annotations
 
 import asyncio
+import concurrent.futures
 import contextlib
 import contextvars
 import dataclasses
@@ -149,6 +150,13 @@ def _owner_and_mode(path: Path) -> tuple[int, int, int]:
     """``path``'s permission bits, owner and group (blocking)."""
     st = os.stat(path)
     return stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid
+
+
+def _discarded(done: concurrent.futures.Future[None]) -> None:
+    """A prepared switch's staged file removed later (``_drop_prepared``): a failure is said
+    (the agent's next start removes what is left, ``Driver.discard_stale_staged``)."""
+    if not done.cancelled() and (exc := done.exception()) is not None:
+        log.warning("stage.discard_failed", error=describe(exc))
 
 
 def _holds(path: Path, data: bytes) -> bool:
@@ -669,13 +677,18 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         driver = self.driver
         if prepared is None or prepared.staging.config is None or driver is None:
             return
+        staged = prepared.staging.config
         if later:
-            staged = prepared.staging.config
-            dbthread.executor().submit(
-                contextvars.copy_context().run, driver.discard_staged, staged
-            )
-        else:
-            driver.discard_staged(prepared.staging.config)
+            try:
+                done = dbthread.executor().submit(
+                    contextvars.copy_context().run, driver.discard_staged, staged
+                )
+            except RuntimeError:  # the agent is stopping: its thread takes no more work
+                pass
+            else:
+                done.add_done_callback(_discarded)
+                return
+        driver.discard_staged(staged)
 
     def _take_prepared(
         self, rollout_id: str, wanted: str, verifier: bool, keep_frozen: bool

@@ -744,3 +744,24 @@ def test_a_rollback_drops_the_switch_made_ready_for_another_rollout(
     back = node.wait_txn("first", "rollback")
     assert back.outcome == "completed", back.reason
     assert staged_configs(node) == []
+
+
+def test_a_prepared_switch_s_file_that_cannot_be_removed_later_is_said() -> None:
+    """Review s28rev2 L6: the removal of an unused prepared switch's staged file runs in the
+    store thread's next hand-off, whose failure nobody waited for: it is logged now (the
+    agent's next start removes what is left)."""
+    import concurrent.futures
+
+    import structlog.testing
+
+    from nodeagent import service
+
+    failed: concurrent.futures.Future[None] = concurrent.futures.Future()
+    failed.set_exception(PermissionError(13, "Permission denied"))
+    fine: concurrent.futures.Future[None] = concurrent.futures.Future()
+    fine.set_result(None)
+    with structlog.testing.capture_logs() as logs:
+        service._discarded(failed)
+        service._discarded(fine)
+    assert [e["event"] for e in logs] == ["stage.discard_failed"]
+    assert "Permission denied" in logs[0]["error"]
