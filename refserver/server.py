@@ -576,10 +576,6 @@ async def serve(loaded: refserver_config.Loaded) -> int:
             log.error("state.unreadable", problem=state.problem)
         if store.read_only:
             log.error("store.read_only", path=str(store.path))
-        # The WAL's first commit (three fdatasyncs) while the listeners are set up, not in
-        # the first freeze or unfreeze: waited for before the admin socket answers.
-        wal = asyncio.ensure_future(asyncio.to_thread(store.open_wal))
-        wal.add_done_callback(lambda f: f.cancelled() or f.exception())  # retrieved below
         server = RefServer(loaded, store, state, write_delay=write_delay)
         public = web.AppRunner(
             server.public_app(),
@@ -607,10 +603,6 @@ async def serve(loaded: refserver_config.Loaded) -> int:
         if problem := socket_dir_problem(c.admin_socket.parent):
             raise StartupError(f"admin_socket directory: {problem}")
         _remove_stale_socket(c.admin_socket)
-        try:
-            await wal
-        except (OSError, sqlite3.Error) as exc:  # its first freeze or unfreeze says what is wrong
-            log.warning("store.wal_not_begun", error=_one_line(exc))
         await _start_admin(c.admin_socket, admin)
         socket_bound = True
         if write_delay:

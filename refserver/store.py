@@ -93,19 +93,6 @@ class Store:
             self._writer.close()
             raise
 
-    def open_wal(self) -> None:
-        """Begin the WAL now (blocking): one commit that changes nothing (the schema's version
-        written again). A server's first commit after its start creates the WAL: its header,
-        the directory and the commit itself, three fdatasyncs where later commits need one.
-        That commit used to be the unfreeze at the end of every switch (the node still
-        frozen); the server makes it at its start-up instead, before it says it is ready
-        (issue 15). Nothing on a store opened read-only."""
-        if self.read_only:
-            return
-        with self._transaction() as cur:
-            version = int(cur.execute("PRAGMA user_version").fetchone()[0])
-            cur.execute(f"PRAGMA user_version = {version}")
-
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False)
         conn.execute("PRAGMA busy_timeout=10000")

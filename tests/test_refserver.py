@@ -409,24 +409,6 @@ def test_the_freeze_is_one_row_of_the_store_and_no_state_file(make_server: MakeS
     assert not (server.data_dir / "state.json").exists()
 
 
-def test_a_started_server_has_begun_its_wal_before_its_first_freeze(
-    make_server: MakeServer,
-) -> None:
-    """Issue 15: a server's first commit creates the WAL (its header, the directory, the
-    commit: three fdatasyncs instead of one). That was the unfreeze that ends every switch,
-    on the server the switch had just started. The server makes that commit at its start,
-    before its admin socket answers: the WAL has its header and a frame before anything was
-    asked of it, and after a restart (a clean stop removes the WAL) again."""
-    server = make_server()
-    wal = server.data_dir / "entries.sqlite3-wal"
-    for _ in range(2):
-        server.start()
-        assert wal.stat().st_size > 32, "the WAL has no header yet"  # 32: its header alone
-        assert stored_freeze(server.data_dir) is None  # nothing stored changed
-        server.stop()
-        assert not wal.exists()
-
-
 @pytest.mark.parametrize("frozen", [True, False])
 def test_a_state_file_of_an_older_release_is_taken_over_at_start(
     make_server: MakeServer, frozen: bool
