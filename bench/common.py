@@ -93,15 +93,28 @@ def open_files(pid: int) -> int:
     return len(os.listdir(f"/proc/{pid}/fd"))
 
 
+def fd_links(pid: int) -> list[str]:
+    """What each of the process's open file descriptors points at (those that close while
+    read are left out)."""
+    links = []
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        try:
+            links.append(os.readlink(f"/proc/{pid}/fd/{fd}"))
+        except OSError:
+            continue
+    return links
+
+
+def socket_inodes(pid: int) -> set[str]:
+    """The inodes of the process's open sockets (as /proc/PID/net/* names them)."""
+    return {link[8:-1] for link in fd_links(pid) if link.startswith("socket:[")}
+
+
 def fd_kinds(pid: int) -> dict[str, int]:
     """The process's open file descriptors by kind: ``socket``, ``pipe``, ``anon_inode:…``
     (eventfd, epoll, …) or ``file``, most first."""
     found: dict[str, int] = {}
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            link = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
+    for link in fd_links(pid):
         kind = link.split(":[", 1)[0] if ":[" in link else ("file" if link[:1] == "/" else link)
         found[kind] = found.get(kind, 0) + 1
     return dict(sorted(found.items(), key=lambda kv: -kv[1]))
@@ -111,14 +124,7 @@ def socket_ends(pid: int) -> dict[str, int]:
     """The process's TCP sockets by what they are: ``in:PORT`` (accepted on its port PORT),
     ``out:PORT`` (connected to a peer's port PORT), ``listen``, or ``tcp:STATE`` (another
     state, in /proc's hex), and ``other`` (Unix sockets and the like), most first."""
-    inodes = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            link = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if link.startswith("socket:["):
-            inodes.add(link[8:-1])
+    inodes = socket_inodes(pid)
     found: dict[str, int] = {}
     listening: set[int] = set()
     rows = []
@@ -170,14 +176,7 @@ def sent_bytes(address: str, port: int) -> int | None:
 def inbound_connections(pid: int, port: int) -> int:
     """The process's open TCP connections accepted on ``port`` (established, from
     /proc/PID/net/tcp*, matched to its socket descriptors by inode)."""
-    mine = set()
-    for fd in os.listdir(f"/proc/{pid}/fd"):
-        try:
-            link = os.readlink(f"/proc/{pid}/fd/{fd}")
-        except OSError:
-            continue
-        if link.startswith("socket:["):
-            mine.add(link[8:-1])
+    mine = socket_inodes(pid)
     count = 0
     for table in ("tcp", "tcp6"):
         try:

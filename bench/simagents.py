@@ -103,6 +103,7 @@ from tlsroll.v1 import (
     enrolment_pb2_grpc,
     leader_pb2,
     leader_pb2_grpc,
+    schema_pb2,
     types_pb2,
 )
 
@@ -695,11 +696,29 @@ def next_rollout(
         after = Reading.of(pid)
         sent1 = sent_bytes(cluster.address, CONTROL_PORT)
         view = get_schema(channel, view.id)
-    time.sleep(SETTLE_SECONDS)
+    change = "disable-tls" if disable else "enable-tls"
+    return settled_step(k, change, view, before, after, n, pid, inside, sent0, sent1)
+
+
+def settled_step(
+    k: int,
+    change: str,
+    view: schema_pb2.RolloutView,
+    before: Reading,
+    after: Reading,
+    n: int,
+    pid: int,
+    inside: LeaderState | None,
+    sent0: int | None,
+    sent1: int | None,
+) -> Step:
+    """The ``k``-th rollout's ``Step``: read as it ended (``before``, ``after``, the bytes
+    sent), then ``SETTLE_SECONDS`` later (RSS, files, threads, the leader's own reading)."""
+    time.sleep(SETTLE_SECONDS)  # what the leader keeps, not only its peak
     settled_rss = rss_mib(pid)
     return Step(
         k,
-        "disable-tls" if disable else "enable-tls",
+        change,
         types_pb2.RolloutState.Name(view.state).removeprefix("ROLLOUT_STATE_").lower(),
         seconds(view),
         (after.cpu - before.cpu) / n * 1000,
@@ -906,26 +925,8 @@ def one_run(
             during = time.monotonic() - t0
             sent1 = sent_bytes(cluster.address, CONTROL_PORT) if rollouts > 1 else None
             view = get_schema(channel, view.id)
-        time.sleep(SETTLE_SECONDS)  # what the leader keeps, not only its peak
-        settled_rss = rss_mib(pid)
-        series = [
-            Step(
-                1,
-                "enable-tls",
-                types_pb2.RolloutState.Name(view.state).removeprefix("ROLLOUT_STATE_").lower(),
-                seconds(view),
-                (after.cpu - before.cpu) / n * 1000,
-                after.rss,
-                settled_rss,
-                after.files,
-                open_files(pid),
-                task_count(pid),
-                inside.read() if inside is not None else {},
-                fd_kinds(pid) | socket_ends(pid),
-                inbound_connections(pid, CONTROL_PORT),
-                None if sent0 is None or sent1 is None else sent1 - sent0,
-            )
-        ]
+        first = settled_step(1, "enable-tls", view, before, after, n, pid, inside, sent0, sent1)
+        series = [first]
         # --rollouts K: more rollouts against the same leader and agents, the way back and
         # enable-tls again in turn (what the simulated agents can do), each read as the first.
         for k in range(2, rollouts + 1):
@@ -973,7 +974,7 @@ def one_run(
             idle_fsyncs=idle_counting.count,
             idle_messages=m1 - m0,
             base_ms_per_s=base_rate * 1000,
-            settled_rss=settled_rss,
+            settled_rss=first.settled_rss,
             series=series,
             idle_inside=idle_inside,
             idle_kinds=idle_kinds,

@@ -117,20 +117,6 @@ class Signed:
     record: IssuedCert
 
 
-def issued_server_cert(cert: x509.Certificate, node: str, now: dt.datetime) -> IssuedCert:
-    """How the store records a node's server certificate (`certs check-expiration` lists its
-    serial, `nodes remove` revokes it)."""
-    return IssuedCert(
-        serial=f"{cert.serial_number:x}",
-        kind="server",
-        subject=node,
-        node=node,
-        fingerprint=pki.fingerprint(cert),
-        issued_at=now,
-        not_after=cert.not_valid_after_utc,
-    )
-
-
 @dataclass(frozen=True)
 class StepContext:
     """Everything a step needs: the rollout, the node, its agent, and the leader's state."""
@@ -247,7 +233,8 @@ class ChangeSteps:
                 cert = ctx.ca.sign_csr(csr, enrolled, server=True, client=False, now=ctx.clock())
             except PKIError as exc:
                 return NodeEvent.PREFLIGHT_FAILED, f"its CSR cannot be signed: {exc}"
-            ctx.issued.append(Signed(cert, issued_server_cert(cert, node.name, ctx.clock())))
+            record = IssuedCert.of(cert, "server", node.name, node.name, ctx.clock())
+            ctx.issued.append(Signed(cert, record))
         return NodeEvent.PREFLIGHT_PASSED, None
 
     async def stage(self, ctx: StepContext) -> Outcome:
@@ -284,7 +271,7 @@ class ChangeSteps:
                 # remove` revokes it.
                 await dbthread.run(
                     ctx.store.record_certificate,
-                    issued_server_cert(cert, node.name, ctx.clock()),
+                    IssuedCert.of(cert, "server", node.name, node.name, ctx.clock()),
                     actor="leader",
                     now=ctx.clock(),
                 )

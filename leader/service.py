@@ -1310,15 +1310,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                 identity=spiffe.workstation(self.state.trust_domain, cn),
             )
             issued.append(cert)
-            return IssuedCert(
-                serial=f"{cert.serial_number:x}",
-                kind="workstation",
-                subject=cn,
-                node=node,
-                fingerprint=pki.fingerprint(cert),
-                issued_at=now,
-                not_after=cert.not_valid_after_utc,
-            )
+            return IssuedCert.of(cert, "workstation", cn, node, now)
 
         issued: list[Any] = []
         try:

@@ -19,11 +19,14 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, NamedTuple, TypeVar
+from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from leader.db import LeaderStore
 from tlsroll.errors import TerminalError
 from tlsroll.sqlite import Database, from_text, to_text
+
+if TYPE_CHECKING:  # the certificate type only (``IssuedCert.of``)
+    from cryptography import x509
 
 T = TypeVar("T")
 
@@ -125,6 +128,24 @@ class IssuedCert:
     not_after: dt.datetime
     revoked_at: dt.datetime | None = None
     revoke_reason: str = ""
+
+    @classmethod
+    def of(
+        cls, cert: x509.Certificate, kind: str, subject: str, node: str, now: dt.datetime
+    ) -> IssuedCert:
+        """The record of ``cert``, issued ``now`` (`certs check-expiration` lists its serial,
+        `nodes remove` revokes a node's)."""
+        from tlsroll import pki  # noqa: PLC0415 - the store itself does not load cryptography
+
+        return cls(
+            serial=f"{cert.serial_number:x}",
+            kind=kind,
+            subject=subject,
+            node=node,
+            fingerprint=pki.fingerprint(cert),
+            issued_at=now,
+            not_after=cert.not_valid_after_utc,
+        )
 
 
 EXPIRED_KEPT = dt.timedelta(days=1)
@@ -966,11 +987,7 @@ class Store(LeaderStore):
                 raise NotFound(f"{name_or_serial!r} is neither a workstation name nor a serial")
             if not serials:
                 raise NotFound(f"no unrevoked certificate matches {name_or_serial!r}")
-            db.executemany(
-                "UPDATE certificates SET revoked_at = ?, revoke_reason = ? WHERE serial = ?",
-                [(to_text(now), reason or "revoked by the admin", s) for s in serials],
-            )
-            _bump_crl(db)
+            _revoke_in(db, serials, reason or "revoked by the admin", now)
             self._audit(db, now, actor, "certificate.revoked", key, serials=serials)
         return serials
 
@@ -1138,11 +1155,7 @@ def revoke_superseded_in(
     ]
     if not serials:
         return []
-    db.executemany(
-        "UPDATE certificates SET revoked_at = ?, revoke_reason = ? WHERE serial = ?",
-        [(to_text(now), "superseded", s) for s in serials],
-    )
-    _bump_crl(db, urgent=False)
+    _revoke_in(db, serials, "superseded", now, urgent=False)
     LeaderStore._audit(
         db,
         now,
@@ -1183,13 +1196,26 @@ def revoke_undelivered_in(
     ]
     if not serials:
         return []
-    db.executemany(
-        "UPDATE certificates SET revoked_at = ?, revoke_reason = ? WHERE serial = ?",
-        [(to_text(now), "never delivered", s) for s in serials],
-    )
-    _bump_crl(db, urgent=False)
+    _revoke_in(db, serials, "never delivered", now, urgent=False)
     LeaderStore._audit(db, now, "leader", "certificate.undelivered", node, serials=serials)
     return serials
+
+
+def _revoke_in(
+    db: sqlite3.Connection,
+    serials: list[str],
+    reason: str,
+    now: dt.datetime,
+    *,
+    urgent: bool = True,
+) -> None:
+    """Inside the caller's write: ``serials`` revoked ``now`` for ``reason``, and the
+    revocation list's number moved on (``_bump_crl``)."""
+    db.executemany(
+        "UPDATE certificates SET revoked_at = ?, revoke_reason = ? WHERE serial = ?",
+        [(to_text(now), reason, s) for s in serials],
+    )
+    _bump_crl(db, urgent=urgent)
 
 
 def _bump_crl(db: sqlite3.Connection, *, urgent: bool = True) -> None:

@@ -36,7 +36,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
-from typing import Any, NoReturn, TypeVar
+from typing import Any, NoReturn, TypeVar, cast
 
 import grpc
 import pytest
@@ -69,7 +69,7 @@ from leader.rollout_core import (
 )
 from leader.schema_store import RolloutRow, SchemaStore, StaleRecords
 from leader.service import ERRORS
-from leader.store import NodeCert, Store
+from leader.store import IssuedCert, NodeCert, Store
 from tests.fake_agent import START, FakeAgent, FakeAgents, FakeClock
 from tlsroll import dbthread, pki
 from tlsroll.enums import TxnKind, TxnOutcome
@@ -611,6 +611,26 @@ async def test_a_leader_crash_at_any_write_loses_nothing_and_repeats_nothing(
 
 
 # --- admin commands that cross the engine -----------------------------------------------------
+
+
+def server_certs(leader: Leader, name: str) -> list[IssuedCert]:
+    """The server certificates the leader's store records for node ``name``, oldest first."""
+    return [c for c in leader.store.list_certificates("server") if c.node == name]
+
+
+def control_during_preflight(
+    leader: Any, agent: Any, action: RolloutAction, monkeypatch: pytest.MonkeyPatch
+) -> Callable[..., Any]:
+    """The admin's ``action`` lands while ``agent``'s preflight is in flight (before the agent
+    answers); its real preflight, to put back."""
+    real = agent.preflight
+
+    async def meanwhile(request: agent_pb2.PreflightRequest) -> Any:
+        await leader.control(action)
+        return await real(request)
+
+    monkeypatch.setattr(agent, "preflight", meanwhile)
+    return cast(Callable[..., Any], real)
 
 
 def node(records: Sequence[NodeRecord], name: str) -> NodeRecord:
@@ -1385,7 +1405,7 @@ async def test_the_preflight_s_certificate_is_recorded_with_its_outcome(
     assert row.rollout.state is R.COMPLETED and states(row) == ALL_DONE
     assert recorded == []
     for agent in world.agents:
-        issued = [c for c in leader.store.list_certificates("server") if c.node == agent.name]
+        issued = server_certs(leader, agent.name)
         assert [c.fingerprint for c in issued] == [agent.fingerprint], agent.name
         assert seen_at_stage[agent.name] == {agent.fingerprint}, agent.name
     trail = [(a.kind, a.subject) for a in leader.audit()]
@@ -1401,20 +1421,14 @@ async def test_a_preflight_that_ends_while_the_rollout_aborts_records_no_certifi
     recorded nor sent (``certs check-expiration`` would list it for good)."""
     leader = world.boot()
     bravo = world.agents["bravo"]
-    real = bravo.preflight
-
-    async def aborted_meanwhile(request: agent_pb2.PreflightRequest) -> Any:
-        await leader.control(RolloutAction.ABORT)
-        return await real(request)
-
-    monkeypatch.setattr(bravo, "preflight", aborted_meanwhile)
+    control_during_preflight(leader, bravo, RolloutAction.ABORT, monkeypatch)
     await leader.start()
     row = await leader.run()
     assert row.rollout.state is R.ABORTED
     assert node(row.records, "bravo").state is N.SKIPPED
     assert bravo.applied["create_csr"] == 1  # its preflight made the key and CSR
     assert not world.agents.calls_to("bravo", "stage")
-    assert [c for c in leader.store.list_certificates("server") if c.node == "bravo"] == []
+    assert server_certs(leader, "bravo") == []
     assert not leader.engine.signed
     await leader.stop()
 
@@ -1428,24 +1442,18 @@ async def test_a_preflight_that_ends_while_the_rollout_pauses_leaves_the_stage_i
     a leader restarted since would: one certificate, the one staged."""
     leader = world.boot()
     bravo = world.agents["bravo"]
-    real = bravo.preflight
-
-    async def paused_meanwhile(request: agent_pb2.PreflightRequest) -> Any:
-        await leader.control(RolloutAction.PAUSE)
-        return await real(request)
-
-    monkeypatch.setattr(bravo, "preflight", paused_meanwhile)
+    real = control_during_preflight(leader, bravo, RolloutAction.PAUSE, monkeypatch)
     await leader.start()
     row = await leader.run(until=lambda r: node(r.records, "bravo").state is N.STAGING)
     await leader.engine.settle()
-    assert [c for c in leader.store.list_certificates("server") if c.node == "bravo"] == []
+    assert server_certs(leader, "bravo") == []
     assert not world.agents.calls_to("bravo", "stage")
     monkeypatch.setattr(bravo, "preflight", real)
     await leader.control(RolloutAction.RESUME)
     row = await leader.run()
     assert row.rollout.state is R.COMPLETED and states(row) == ALL_DONE
     assert [c.answer for c in world.agents.calls_to("bravo", "create_csr")] == ["replay"]
-    issued = [c for c in leader.store.list_certificates("server") if c.node == "bravo"]
+    issued = server_certs(leader, "bravo")
     assert [c.fingerprint for c in issued] == [bravo.fingerprint]
     await leader.stop()
 
@@ -1517,7 +1525,7 @@ async def test_a_node_enrolled_again_with_other_names_before_its_stage_is_staged
     assert [c.answer for c in world.agents.calls_to("bravo", "stage")] == ["ok"]
     assert [c.answer for c in world.agents.calls_to("bravo", "create_csr")] == ["replay"]
     assert pki.names_of(bravo.staged[row.rollout.id]) == bravo.names
-    issued = [c for c in leader.store.list_certificates("server") if c.node == "bravo"]
+    issued = server_certs(leader, "bravo")
     assert [(c.fingerprint == bravo.fingerprint, c.revoke_reason) for c in issued] == [
         (False, "superseded"),
         (True, ""),
@@ -1540,7 +1548,7 @@ async def test_a_stage_tried_again_after_no_answer_sends_the_preflight_s_certifi
     answers = [c.answer for c in world.agents.calls_to("bravo", "stage")]
     assert answers[0] == "unreachable" and answers[-1] == "ok", answers
     assert world.agents.calls_to("bravo", "create_csr") == []
-    issued = [c for c in leader.store.list_certificates("server") if c.node == "bravo"]
+    issued = server_certs(leader, "bravo")
     assert [c.fingerprint for c in issued] == [world.agents["bravo"].fingerprint]
     await leader.stop()
 
@@ -1567,7 +1575,7 @@ async def test_a_csr_the_preflight_cannot_sign_fails_the_preflight(
     )
     assert world.agents.calls_to("bravo", "create_csr") == []
     assert world.agents.calls_to("bravo", "stage") == []
-    assert [c for c in leader.store.list_certificates("server") if c.node == "bravo"] == []
+    assert server_certs(leader, "bravo") == []
     await leader.stop()
 
 
@@ -1603,13 +1611,9 @@ async def test_a_leader_restarted_between_preflight_and_stage_asks_for_the_same_
     await second.stop()
 
 
-def server_certs(leader: Leader, name: str) -> list[tuple[str, str]]:
+def cert_reasons(leader: Leader, name: str) -> list[tuple[str, str]]:
     """The server certificates on record for node ``name``: (fingerprint, revoke reason)."""
-    return [
-        (c.fingerprint, c.revoke_reason)
-        for c in leader.store.list_certificates("server")
-        if c.node == name
-    ]
+    return [(c.fingerprint, c.revoke_reason) for c in server_certs(leader, name)]
 
 
 async def test_a_preflight_s_certificate_a_restarted_leader_never_sent_is_revoked_at_the_abort(
@@ -1625,7 +1629,7 @@ async def test_a_preflight_s_certificate_a_restarted_leader_never_sent_is_revoke
     await first.crash()
     assert world.agents.calls_to("bravo", "stage") == []
     second = world.boot()
-    recorded = server_certs(second, "bravo")
+    recorded = cert_reasons(second, "bravo")
     assert [reason for _fp, reason in recorded] == [""]
     crl = second.store.revocations()
     await second.control(RolloutAction.ABORT)
@@ -1633,7 +1637,7 @@ async def test_a_preflight_s_certificate_a_restarted_leader_never_sent_is_revoke
     assert row.rollout.state is R.ABORTED
     assert node(row.records, "bravo").state is N.SKIPPED
     assert world.agents.calls_to("bravo", "stage") == []
-    assert server_certs(second, "bravo") == [(recorded[0][0], "never delivered")]
+    assert cert_reasons(second, "bravo") == [(recorded[0][0], "never delivered")]
     after = second.store.revocations()
     assert after.number > crl.number and after.urgent == crl.urgent
     trail = [(a.kind, a.subject) for a in second.audit()]
@@ -1659,10 +1663,10 @@ async def test_a_node_rolled_back_keeps_the_certificate_it_staged_and_loses_the_
     assert states(row) == {"bravo": N.ROLLED_BACK, "charlie": N.SKIPPED, "alpha": N.SKIPPED}
     assert [c.answer for c in world.agents.calls_to("bravo", "create_csr")] == ["replay"]
     staged = pki.fingerprint(world.agents["bravo"].staged[row.rollout.id])
-    certs = server_certs(second, "bravo")
+    certs = cert_reasons(second, "bravo")
     assert len(certs) == 2 and (staged, "") in certs, certs
     assert [r for fp, r in certs if fp != staged] == ["never delivered"]
-    assert server_certs(second, "charlie") == server_certs(second, "alpha") == []
+    assert cert_reasons(second, "charlie") == cert_reasons(second, "alpha") == []
     await second.stop()
 
 
@@ -1744,7 +1748,7 @@ async def test_a_stage_refused_for_another_reason_than_its_key_issues_one_certif
     reason = node(row.records, "bravo").reason
     assert reason == f"{refusal.format(rid=row.rollout.id)} ({code.name})"
     assert world.agents.calls_to("bravo", "create_csr") == []
-    issued = [c for c in leader.store.list_certificates("server") if c.node == "bravo"]
+    issued = server_certs(leader, "bravo")
     assert len(issued) == 1, issued
     await leader.stop()
 

@@ -23,7 +23,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import grpc
 import pytest
@@ -159,6 +159,33 @@ def harness_agent(
             agent.communicate()
 
 
+class Harnessed(NamedTuple):
+    """What ``harnessed_agent`` yields."""
+
+    cluster: Cluster
+    address: str  # the node's: its reference server's and its agent's
+    agent: subprocess.Popen[str]
+    out: Path  # where the agent lists its modules
+    go: Path  # created: the agent lists them and stops
+
+
+@contextlib.contextmanager
+def harnessed_agent(tmp_path: Path, loopback: Callable[[], str], name: str) -> Iterator[Harnessed]:
+    """A real leader, and for node ``name`` a real reference server managed by a real agent
+    (``harness_agent``) on an address of its own; all stopped on the way out."""
+    with Cluster(tmp_path / "cluster", loopback()) as cluster:
+        cluster.init()
+        cluster.start_leader()
+        address = loopback()
+        server = RefServer(tmp_path / "server", address)
+        server.start()
+        try:
+            with harness_agent(cluster, tmp_path, name, address, server) as (agent, out, go):
+                yield Harnessed(cluster, address, agent, out, go)
+        finally:
+            server.close()
+
+
 def test_an_idle_agent_holds_no_http_library_until_its_bootstrap_service_runs(
     tmp_path: Path, loopback: Callable[[], str]
 ) -> None:
@@ -168,26 +195,17 @@ def test_an_idle_agent_holds_no_http_library_until_its_bootstrap_service_runs(
     MiB more) for its identity check, its enrolment and the check of every leader call. A
     real agent managing a real reference server, enrolled, heartbeating with its status and
     answering the leader's call, holds none of them now."""
-    with Cluster(tmp_path / "cluster", loopback()) as cluster:
-        cluster.init()
-        cluster.start_leader()
-        address = loopback()
-        server = RefServer(tmp_path / "server", address)
-        server.start()
-        try:
-            with harness_agent(cluster, tmp_path, "lean2", address, server) as (agent, out, go):
-                # The leader's kind of call, as the leader makes it: checked against the
-                # caller's certificate (its identity and revocation) on every call.
-                chain, key = cluster.leader_credentials()
-                target = f"{address}:{AGENT_PORT}"
-                status = wait_for_status(target, cluster.ca_pem, chain, key)
-                assert status.node_name == "lean2"
-                go.touch()
-                _, said = agent.communicate(timeout=90)
-            assert agent.returncode == 0, said
-            listed = json.loads(cluster.cli("nodes", "--json").stdout)
-        finally:
-            server.close()
+    with harnessed_agent(tmp_path, loopback, "lean2") as (cluster, address, agent, out, go):
+        # The leader's kind of call, as the leader makes it: checked against the caller's
+        # certificate (its identity and revocation) on every call.
+        chain, key = cluster.leader_credentials()
+        target = f"{address}:{AGENT_PORT}"
+        status = wait_for_status(target, cluster.ca_pem, chain, key)
+        assert status.node_name == "lean2"
+        go.touch()
+        _, said = agent.communicate(timeout=90)
+        assert agent.returncode == 0, said
+        listed = json.loads(cluster.cli("nodes", "--json").stdout)
     (node,) = listed
     assert node["name"] == "lean2" and node["server"] == "http"  # its status, from a heartbeat
     modules = out.read_text().split()
@@ -301,41 +319,34 @@ def test_a_preflight_starts_loading_the_certificate_code_the_csr_after_it_needs(
     CSR is made, and the agent holds the certificate code all the same. A preflight that
     stages nothing loads nothing (from the review: a disable-tls rollout left every agent
     holding about 10 MiB until its restart)."""
-    with Cluster(tmp_path / "cluster", loopback()) as cluster:
-        cluster.init()
-        cluster.start_leader()
-        address = loopback()
-        server = RefServer(tmp_path / "server", address)
-        server.start()
+    with harnessed_agent(tmp_path, loopback, "lean4") as (cluster, address, agent, out, go):
         other = NodeSide(cluster, "other", loopback(), tmp_path / "other")
         try:
-            with harness_agent(cluster, tmp_path, "lean4", address, server) as (agent, out, go):
-                other.start()
-                cluster.wait_for_nodes_online(["lean4", "other"], timeout=60)
-                started = cluster.cli(
-                    *("rollout", "start", "--scope", "nodes", "--nodes", "other"),
-                    *("--password-file", str(_password_file(tmp_path)), "--yes", "--wait"),
-                )
-                assert started.returncode == 0, started.stderr
-                epoch = int(cluster.newest_rollout()["epoch"])
-                chain, key = cluster.leader_credentials()
-                target = f"{address}:{AGENT_PORT}"
-                wait_for_status(target, cluster.ca_pem, chain, key)
-                request = agent_pb2.PreflightRequest(
-                    command=agent_pb2.Command(rollout_id="r-warm", epoch=epoch),
-                    make_csr=make_csr,
-                )
-                request.leader_time.FromDatetime(dt.datetime.now(dt.UTC) - dt.timedelta(hours=1))
-                with secure_channel(target, cluster.ca_pem, chain, key) as channel:
-                    checked = agent_pb2_grpc.NodeAgentStub(channel).Preflight(request, timeout=30)
-                assert not checked.ok and "clock" in " ".join(checked.problems)
-                assert not checked.csr_pem
-                go.touch()
-                _, said = agent.communicate(timeout=120)
+            other.start()
+            cluster.wait_for_nodes_online(["lean4", "other"], timeout=60)
+            started = cluster.cli(
+                *("rollout", "start", "--scope", "nodes", "--nodes", "other"),
+                *("--password-file", str(_password_file(tmp_path)), "--yes", "--wait"),
+            )
+            assert started.returncode == 0, started.stderr
+            epoch = int(cluster.newest_rollout()["epoch"])
+            chain, key = cluster.leader_credentials()
+            target = f"{address}:{AGENT_PORT}"
+            wait_for_status(target, cluster.ca_pem, chain, key)
+            request = agent_pb2.PreflightRequest(
+                command=agent_pb2.Command(rollout_id="r-warm", epoch=epoch),
+                make_csr=make_csr,
+            )
+            request.leader_time.FromDatetime(dt.datetime.now(dt.UTC) - dt.timedelta(hours=1))
+            with secure_channel(target, cluster.ca_pem, chain, key) as channel:
+                checked = agent_pb2_grpc.NodeAgentStub(channel).Preflight(request, timeout=30)
+            assert not checked.ok and "clock" in " ".join(checked.problems)
+            assert not checked.csr_pem
+            go.touch()
+            _, said = agent.communicate(timeout=120)
             assert agent.returncode == 0, said
         finally:
             other.close()
-            server.close()
     modules = out.read_text().split()
     assert ("tlsroll.pki" in modules) is make_csr
     assert "stage.csr_created" not in said  # no CSR ran: the preflight alone loaded it

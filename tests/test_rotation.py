@@ -18,6 +18,8 @@ revocation list the agents get), while the failed node's old one, still live, is
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
+import functools
 import http.client
 import json
 import threading
@@ -30,6 +32,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
+from leader.store import IssuedCert, Store, revoke_undelivered_in
 from refserver.server import WRITE_DELAY_ENV
 from tests.cluster import Cluster, wait_until
 from tests.conftest import next_loopback
@@ -235,6 +238,17 @@ def test_rotating_three_nodes_under_writes_one_fails_verification_and_keeps_its_
         cluster.close()
 
 
+T0 = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)  # the store tests' clock
+
+
+def issue_server_cert(store: Store, serial: str, node: str, minutes: int) -> None:
+    """Record server certificate ``serial`` of ``node`` (fingerprint ``fp<serial>``, valid 397
+    days), issued ``minutes`` after ``T0``."""
+    at = T0 + dt.timedelta(minutes=minutes)
+    cert = IssuedCert(serial, "server", node, node, f"fp{serial}", at, at + dt.timedelta(days=397))
+    store.record_certificate(cert, actor="test", now=at)
+
+
 def test_the_store_revokes_only_the_certificates_a_node_was_not_given_in_a_rollout(
     tmp_path: Path,
 ) -> None:
@@ -242,26 +256,15 @@ def test_the_store_revokes_only_the_certificates_a_node_was_not_given_in_a_rollo
     the rollout's span other than the one it staged, reason "never delivered", once, not
     urgently; the staged one, one issued before the rollout (live), one issued after its
     span (a later rollout's) and another node's are not."""
-    import datetime as dt
-
-    from leader.store import IssuedCert, Store, revoke_undelivered_in
-
-    t0 = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
     store = Store(tmp_path / "leader.sqlite3")
-
-    def issue(serial_: str, node: str, minutes: int) -> None:
-        at = t0 + dt.timedelta(minutes=minutes)
-        cert = IssuedCert(
-            serial_, "server", node, node, f"fp{serial_}", at, at + dt.timedelta(days=397)
-        )
-        store.record_certificate(cert, actor="test", now=at)
+    issue = functools.partial(issue_server_cert, store)
 
     issue("a0", "n1", -10)  # live before the rollout
     issue("a1", "n1", 1)  # its preflight's, never sent
     issue("a2", "n1", 2)  # its stage's (CreateCSR), staged
     issue("a3", "n1", 30)  # a later rollout's
     issue("b1", "n2", 1)
-    since, until, now = t0, t0 + dt.timedelta(minutes=20), t0 + dt.timedelta(minutes=40)
+    since, until, now = T0, T0 + dt.timedelta(minutes=20), T0 + dt.timedelta(minutes=40)
     with store.db.tx() as db:
         assert revoke_undelivered_in(db, "n1", "fpa2", since=since, until=until, now=now) == ["a1"]
     with store.db.tx() as db:
@@ -280,43 +283,32 @@ def test_the_store_revokes_only_what_the_live_certificate_superseded(tmp_path: P
     reason "superseded"; a newer one (another rollout's), another node's, and the live one are
     not; a live certificate not on record (brought by the admin) supersedes what was issued
     before its rollout began."""
-    import datetime as dt
-
-    from leader.store import IssuedCert, Store
-
-    t0 = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)
     store = Store(tmp_path / "leader.sqlite3")
-
-    def issue(serial_: str, node: str, minutes: int) -> None:
-        at = t0 + dt.timedelta(minutes=minutes)
-        cert = IssuedCert(
-            serial_, "server", node, node, f"fp{serial_}", at, at + dt.timedelta(days=397)
-        )
-        store.record_certificate(cert, actor="test", now=at)
+    issue = functools.partial(issue_server_cert, store)
 
     issue("a1", "n1", 0)  # the first enable-tls
     issue("a2", "n1", 10)  # a rotate that was rolled back (never live)
     issue("a3", "n1", 20)  # a later enable-tls: live now
     issue("a4", "n1", 30)  # staged by a newer rollout, not live yet
     issue("b1", "n2", 0)
-    later = t0 + dt.timedelta(hours=1)
-    assert store.revoke_superseded("n1", "fpa3", before=t0, now=later) == ["a1", "a2"]
-    assert store.revoke_superseded("n1", "fpa3", before=t0, now=later) == []  # once
+    later = T0 + dt.timedelta(hours=1)
+    assert store.revoke_superseded("n1", "fpa3", before=T0, now=later) == ["a1", "a2"]
+    assert store.revoke_superseded("n1", "fpa3", before=T0, now=later) == []  # once
     rows = {c.serial: c for c in store.list_certificates("server")}
     assert {s for s, c in rows.items() if c.revoked_at} == {"a1", "a2"}
     assert rows["a1"].revoke_reason == rows["a2"].revoke_reason == "superseded"
     assert store.revoked()[1] and {s for s, _ in store.revoked()[1]} == {"a1", "a2"}
     # A certificate the admin brought (not on record): what was issued before its rollout.
     assert store.revoke_superseded(
-        "n1", "byo", before=t0 + dt.timedelta(minutes=25), now=later
+        "n1", "byo", before=T0 + dt.timedelta(minutes=25), now=later
     ) == ["a3"]
-    assert store.revoke_superseded("n2", "fpb1", before=t0, now=later) == []
+    assert store.revoke_superseded("n2", "fpb1", before=T0, now=later) == []
     # The list the agents get holds unexpired certificates only: it no longer grows with
     # every rollout for good. Superseded ones are not urgent; one the admin revokes is.
     number, urgent, _ = store.revocations()
     assert urgent == 0 and number > 0
     # a1 (issued at 0) expired a day and five minutes ago (a day's margin for clocks behind).
-    expired = t0 + dt.timedelta(days=398, minutes=5)
+    expired = T0 + dt.timedelta(days=398, minutes=5)
     assert {s for s, _ in store.revoked(expired)[1]} == {"a2", "a3"}
     assert {s for s, _ in store.revoked()[1]} == {"a1", "a2", "a3"}
     store.revoke("b1", reason="", now=later, actor="test")

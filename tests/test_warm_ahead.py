@@ -22,11 +22,10 @@ from leader.observe import observe
 from leader.rollout_core import Change, NodeObservation, Scope
 from leader.schema_store import SchemaStore
 from nodeagent import service
-from tests.cluster import Cluster, secure_channel
-from tests.refserver_helper import RefServer
+from tests.cluster import secure_channel
 from tests.test_engine import ADMIN, LEADER, VERIFIER_1, make_world, open_store
 from tests.test_offline_grace import now, online
-from tests.test_perf_shape import harness_agent, wait_for_status
+from tests.test_perf_shape import harnessed_agent, wait_for_status
 from tlsroll import pki
 from tlsroll.defaults import AGENT_PORT
 from tlsroll.v1 import agent_pb2, agent_pb2_grpc
@@ -135,26 +134,17 @@ def test_a_check_that_asks_loads_the_certificate_code_and_one_that_does_not_noth
 ) -> None:
     """A real agent gets only the leader's Check (its credentials): with ``warm_certificates``
     it holds the certificate code afterwards; without (``tlsroll plan``) it loads nothing."""
-    with Cluster(tmp_path / "cluster", loopback()) as cluster:
-        cluster.init()
-        cluster.start_leader()
-        address = loopback()
-        server = RefServer(tmp_path / "server", address)
-        server.start()
-        try:
-            with harness_agent(cluster, tmp_path, "warm1", address, server) as (agent, out, go):
-                chain, key = cluster.leader_credentials()
-                target = f"{address}:{AGENT_PORT}"
-                wait_for_status(target, cluster.ca_pem, chain, key)
-                request = agent_pb2.CheckRequest(warm_certificates=warm)
-                with secure_channel(target, cluster.ca_pem, chain, key) as channel:
-                    checked = agent_pb2_grpc.NodeAgentStub(channel).Check(request, timeout=30)
-                assert checked.ok, checked.problems  # the same answer either way
-                go.touch()
-                _, said = agent.communicate(timeout=120)
-            assert agent.returncode == 0, said
-        finally:
-            server.close()
+    with harnessed_agent(tmp_path, loopback, "warm1") as (cluster, address, agent, out, go):
+        chain, key = cluster.leader_credentials()
+        target = f"{address}:{AGENT_PORT}"
+        wait_for_status(target, cluster.ca_pem, chain, key)
+        request = agent_pb2.CheckRequest(warm_certificates=warm)
+        with secure_channel(target, cluster.ca_pem, chain, key) as channel:
+            checked = agent_pb2_grpc.NodeAgentStub(channel).Check(request, timeout=30)
+        assert checked.ok, checked.problems  # the same answer either way
+        go.touch()
+        _, said = agent.communicate(timeout=120)
+        assert agent.returncode == 0, said
     modules = out.read_text().split()
     assert ("tlsroll.pki" in modules) is warm
 
