@@ -127,7 +127,10 @@ def restart():
     hang = Path(S["hang_once"])
     if hang.exists():  # a restart that hangs (once): the agent must not hang with it
         hang.unlink()
-        Path(S["hang_pid"]).write_text(str(os.getpid()))
+        # Whole or not at all (a file being written was read empty once): renamed into place.
+        tmp = Path(S["hang_pid"] + ".tmp")
+        tmp.write_text(str(os.getpid()))
+        os.replace(tmp, S["hang_pid"])
         time.sleep(600)
     pid = server_pid()
     if pid and alive(pid):
