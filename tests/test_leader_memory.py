@@ -181,6 +181,9 @@ def watch():
         f.write("\\n".join(loaded))
     with open(out + ".malloc", "w") as f:  # after the list: the probe loads ctypes itself
         f.write(str(MAPPED_PROBE()))
+    import gc
+    with open(out + ".gc", "w") as f:  # frozen at start, tracked since
+        f.write(f"{gc.get_freeze_count()} {len(gc.get_objects())}")
     os.kill(os.getpid(), signal.SIGTERM)
 
 threading.Thread(target=watch, daemon=True).start()
@@ -238,6 +241,10 @@ def test_an_idle_leader_holds_no_terminal_ui_and_no_viewer_it_does_not_run(
     # glibc malloc as ``tlsroll.heap.tune`` set it at start (which loaded ctypes for it): a
     # TLS connection's 17 KiB buffers get mappings of their own.
     assert Path(f"{out}.malloc").read_text() == "1"
+    # What the start made is out of the garbage collector's way (``runtime.settle_heap``): the
+    # collector's full passes (one at each rollout's end) walk only what came after it.
+    frozen, tracked = map(int, Path(f"{out}.gc").read_text().split())
+    assert frozen > 10_000 and frozen > tracked, (frozen, tracked)
 
 
 def _maps_aiohttp(pid: int) -> bool:
