@@ -34,7 +34,7 @@ from nodeagent import plans, ports, transaction, warmup
 from nodeagent.config import AgentConfig
 from nodeagent.drivers import Driver, DriverError, ServerFacts
 from nodeagent.identity import Identity
-from nodeagent.journal import Journal, Staged, Txn
+from nodeagent.journal import Journal, Outlook, Staged, Txn
 from nodeagent.plans import Built, PlanRefused
 from nodeagent.transaction import (
     DRAIN_TIMEOUT,
@@ -691,7 +691,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         driver.discard_staged(staged)
 
     def _take_prepared(
-        self, rollout_id: str, wanted: str, verifier: bool, keep_frozen: bool
+        self, rollout_id: str, wanted: str, verifier: bool, keep_frozen: bool, seen: Outlook
     ) -> tuple[Built, bytes, transaction.Staged] | None:
         """Blocking, on the store's thread: the switch ``_prepare`` made for this one (its
         plan with ``keep_frozen``, the live config it replaces, its staging), if it is for this
@@ -699,7 +699,8 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         the live config (read, not parsed), what the journal says is live, the staged
         certificate, the live config's mode and owner (an admin's chmod since: review of
         session 28, L4) and the staged file's content. Else None (the switch makes its own;
-        the create drops the prepared one, after its own hand-off)."""
+        the create drops the prepared one, after its own hand-off). ``seen``: the journal as
+        the create read it, in the same hand-off (``Journal.outlook``)."""
         prepared = self._prepared
         driver = self.driver
         if prepared is None or driver is None:
@@ -713,8 +714,8 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 and (not verifier or wanted == Change.ROTATE_CERT.value)
                 and driver.read_config() == prepared.source
                 and _owner_and_mode(driver.config_file) == prepared.owner_and_mode
-                and self.journal.live_tls() == prepared.live_tls
-                and self.journal.staged(rollout_id) == prepared.staged
+                and seen.live_tls == prepared.live_tls
+                and seen.staged == prepared.staged
                 and (config is None or config.file is None or _holds(config.file, config.data))
             )
         except OSError:
@@ -735,7 +736,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         make: Callable[[], Built],
         *,
         change: str = "",
-        ready: Callable[[], tuple[Built, bytes, transaction.Staged] | None] | None = None,
+        ready: Callable[[Outlook], tuple[Built, bytes, transaction.Staged] | None] | None = None,
     ) -> Txn:
         """Create (or find, on a replay) the transaction and hand it to the runner. A switch
         journalled under this id for another ``change`` is no replay: refused, never answered
@@ -759,8 +760,11 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             configs and its first step's "begin" in one write: one hand-off to the store's
             thread for the whole begin (issue 15), in the order the checks always had. Its
             target config is staged for the runner in the store thread's next hand-off
-            (``Runner.stage_next``), while the runner begins; its freeze call waits for it."""
-            existing = self.journal.get(rollout_id, kind)
+            (``Runner.stage_next``), while the runner begins; its freeze call waits for it.
+            What it looks at in the journal before its write is read at once (one read,
+            ``Journal.outlook``; the store's thread is its only writer)."""
+            seen = self.journal.outlook(rollout_id, kind)
+            existing = seen.existing
             done = str(existing.plan.get("change", "")) if existing is not None else ""
             if existing is not None and change and done and done != change:
                 raise failed_precondition(
@@ -769,12 +773,12 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 )
             if existing is not None:  # a replay: report, never run twice
                 return existing, False, None
-            busy = runner.busy_with()
+            busy = seen.running
             if busy is not None:
                 raise failed_precondition(
                     f"this node is busy with {busy.kind} of rollout {busy.rollout_id}"
                 )
-            made = ready() if ready is not None else None
+            made = ready(seen) if ready is not None else None
             if made is not None:  # made when the node was staged (``_prepare``)
                 (config, plan, fingerprint), live_config, staging = made
             else:
@@ -858,9 +862,9 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 **extra,
             )
 
-        def ready() -> tuple[Built, bytes, transaction.Staged] | None:
+        def ready(seen: Outlook) -> tuple[Built, bytes, transaction.Staged] | None:
             return self._take_prepared(
-                rollout_id, wanted, verifier is not None, request.keep_frozen
+                rollout_id, wanted, verifier is not None, request.keep_frozen, seen
             )
 
         return await self._begin(

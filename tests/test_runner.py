@@ -1549,6 +1549,79 @@ async def test_a_switch_is_made_ready_and_staged_when_its_node_is_staged(
     journal.close()
 
 
+@pytest.mark.parametrize("prepared", [True, False])
+async def test_a_switchs_create_reads_the_journal_once_before_its_write(
+    prepared: bool, world: Callable[[Scenario], World], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15: the create's hand-off, which the freeze call waits for, read the journal four
+    times before its write (the transaction under its key, the unfinished ones, what is live,
+    the staged certificate): one read now (``Journal.outlook``). The build of a switch not
+    made ready at its stage reads what it needs itself, as before."""
+    w = world(SCENARIOS["completes"])
+    agent, _driver, journal, runner = staged_agent(w, monkeypatch)
+    if prepared:
+        await dbthread.run(agent._prepare, "r1")
+    reads: list[str] = []
+    at_create: list[int] = []
+    real_read, real_create = journal._read, journal.create
+
+    @contextlib.contextmanager
+    def read() -> Iterator[Any]:
+        reads.append("read")
+        with real_read() as db:
+            yield db
+
+    def create(txn: Txn, *, begin: str | None = None) -> Txn:
+        at_create.append(len(reads))
+        return real_create(txn, begin=begin)
+
+    monkeypatch.setattr(journal, "_read", read)
+    monkeypatch.setattr(journal, "create", create)
+    txn = await agent._switch(switch_request(), cast(Any, None))
+    await asyncio.gather(*runner.tasks.values())
+    assert txn.outcome is TxnOutcome.PENDING
+    if prepared:
+        assert at_create == [1]
+    else:  # the outlook, then the plan's own reads (unchanged)
+        assert at_create and at_create[0] >= 1
+    final = journal.get("r1", TxnKind.SWITCH)
+    assert final is not None and final.outcome is TxnOutcome.COMPLETED
+    journal.close()
+
+
+async def test_a_busy_node_refuses_a_switch_of_another_rollout_after_one_read(
+    world: Callable[[Scenario], World], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The outlook says the node is busy (an unfinished transaction of another rollout), and
+    a replay finds its own transaction, as the separate reads did."""
+    w = world(SCENARIOS["completes"])
+    agent, _driver, journal, runner = staged_agent(w, monkeypatch)
+    seen = journal.outlook("r1", TxnKind.SWITCH)
+    assert seen.existing is None and seen.running is None and seen.staged is not None
+    with journal._tx() as db:
+        Journal._set_live_tls(db, {"cert_file": "/x.pem"})
+    other = Txn(
+        rollout_id="r0",
+        kind=TxnKind.SWITCH,
+        epoch=1,
+        phase=Phase.STARTED,
+        plan={},
+        started_at=w.time.clock(),
+    )
+    journal.create(other)
+    seen = journal.outlook("r1", TxnKind.SWITCH)
+    assert seen.existing is None and seen.running == journal.get("r0", TxnKind.SWITCH)
+    assert seen.live_tls == {"cert_file": "/x.pem"}
+    assert seen.staged == journal.staged("r1")
+    with pytest.raises(Exception, match="busy with switch of rollout r0"):
+        await agent._switch(switch_request(), cast(Any, None))
+    seen = journal.outlook("r0", TxnKind.SWITCH)
+    assert seen.existing == seen.running == journal.get("r0", TxnKind.SWITCH)
+    assert seen.staged is None
+    assert not runner.tasks
+    journal.close()
+
+
 @pytest.mark.parametrize(
     "change",
     ["config", "keep_http", "verifier", "restaged", "tampered", "live_tls", "rollout", "mode"],
