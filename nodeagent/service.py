@@ -716,8 +716,10 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         except Exception as exc:  # the switch makes its own, and says what is wrong
             log.warning("stage.prepare_failed", rollout_id=rollout_id, error=describe(exc))
             return
+        # A rotation keeps the live verifier (its file is the live one): made with none.
+        verifier = None if https else coming.verifier
         self._prepared = Prepared(
-            rollout_id, built, source, live, staged, staging, owner_and_mode, coming.verifier
+            rollout_id, built, source, live, staged, staging, owner_and_mode, verifier
         )
 
     def _drop_prepared(self, *, later: bool = False) -> None:

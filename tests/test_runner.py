@@ -1898,19 +1898,28 @@ async def test_a_create_that_fails_after_taking_the_prepared_switch_removes_its_
     journal.close()
 
 
+@pytest.mark.parametrize("told", [False, True])
 async def test_a_rotation_is_made_ready_at_its_stage_and_taken_with_a_password(
-    world: Callable[[Scenario], World], monkeypatch: pytest.MonkeyPatch
+    told: bool, world: Callable[[Scenario], World], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """On a node that serves https (the journal says what is live), the stage makes the
     rotate-cert switch ready; a rotation keeps the live password, so one that comes with a
-    verifier takes it too."""
+    verifier takes it too, whatever verifier the stage was told of (``told``: another
+    than the live file holds)."""
     w = world(SCENARIOS["completes"])
     w.server.config = w.server.running = TARGET
     agent, driver, journal, runner = staged_agent(w, monkeypatch)
-    live = {"cert_file": "/x/old.pem", "server_url": f"https://{ADDRESS}:8443{APP}"}
+    live_verifier = w.root / "live-verifier.json"
+    live_verifier.write_text(password.verifier_to_json(a_verifier("live")))
+    live = {
+        "cert_file": "/x/old.pem",
+        "server_url": f"https://{ADDRESS}:8443{APP}",
+        "verifier_file": str(live_verifier),
+    }
     with journal._tx() as db:
         Journal._set_live_tls(db, live)
-    await dbthread.run(agent._prepare, "r1")
+    coming = service.Coming(a_verifier("other"), False) if told else service.Coming()
+    await dbthread.run(agent._prepare, "r1", coming)
     prepared = agent._prepared
     assert prepared is not None and prepared.built.plan.change == "rotate-cert"
     assert driver.renders == 1 and len(driver.stagings) == 1
