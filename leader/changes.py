@@ -280,6 +280,7 @@ class ChangeSteps:
                     command=ctx.command(),
                     certificate_pem=pki.cert_to_pem(cert),
                     ca_certificate_pem=ctx.ca.cert_pem,
+                    switch_to_come=self.switch_to_come(ctx),
                 )
             )
         except (StepFailed, PKIError) as exc:
@@ -318,6 +319,7 @@ class ChangeSteps:
                     ca_certificate_pem=own_ca + ctx.ca.cert_pem,
                     private_key_pem=item.key_pem,
                     own_certificate=True,
+                    switch_to_come=self.switch_to_come(ctx),
                 )
             )
         except (StepFailed, PKIError) as exc:
@@ -331,6 +333,13 @@ class ChangeSteps:
             cert_not_after=staged.not_after.ToDatetime(tzinfo=dt.UTC),
         )
         return NodeEvent.STAGE_DONE, None
+
+    def switch_to_come(self, ctx: StepContext) -> agent_pb2.SwitchToCome:
+        """What the Stage tells the agent of the switch that follows (the SwitchRequest's
+        verifier and keep_http), so that it makes that switch ready at the stage."""
+        return agent_pb2.SwitchToCome(
+            auth_verifier_json=ctx.facts.verifier, keep_http=self.keep_http
+        )
 
     async def switch(self, ctx: StepContext) -> Outcome:
         """Begin the switch and follow it to its outcome, in one call to the agent

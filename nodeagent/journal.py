@@ -151,6 +151,18 @@ class Staged:
     not_after: dt.datetime | None
 
 
+@dataclass(frozen=True)
+class Outlook:
+    """What a transaction's create looks at before its write, read at once
+    (``Journal.outlook``): the transaction under its key (a replay), the first unfinished one
+    (the node is busy), what is live and the rollout's staged certificate."""
+
+    existing: Txn | None
+    running: Txn | None
+    live_tls: dict[str, str] | None
+    staged: Staged | None
+
+
 _DATETIME_FIELDS = {"started_at", "ended_at", "freeze_started_at", "freeze_ended_at"}
 _ENUM_FIELDS: dict[str, type[Phase | TxnKind]] = {
     "kind": TxnKind,
@@ -309,8 +321,7 @@ class Journal:
         transaction), or None while it serves http."""
         with self._read() as db:
             row = db.execute("SELECT value FROM meta WHERE key = 'live_tls'").fetchone()
-        value = json.loads(row["value"]) if row else None
-        return value if isinstance(value, dict) else None
+        return _live_tls(row)
 
     @staticmethod
     def _set_live_tls(db: sqlite3.Connection, live: dict[str, str] | None) -> None:
@@ -362,17 +373,7 @@ class Journal:
     def staged(self, rollout_id: str) -> Staged | None:
         with self._read() as db:
             row = db.execute("SELECT * FROM staged WHERE rollout_id = ?", (rollout_id,)).fetchone()
-        if row is None:
-            return None
-        return Staged(
-            rollout_id=row["rollout_id"],
-            key_file=Path(row["key_file"]),
-            csr_pem=row["csr_pem"].encode(),
-            cert_file=Path(row["cert_file"]) if row["cert_file"] else None,
-            ca_file=Path(row["ca_file"]) if row["ca_file"] else None,
-            fingerprint=row["fingerprint"],
-            not_after=_dec("started_at", row["not_after"]),
-        )
+        return _staged(row)
 
     def record_csr(self, rollout_id: str, key_file: Path, csr_pem: bytes) -> None:
         with self._tx() as db:
@@ -422,6 +423,37 @@ class Journal:
                 "SELECT * FROM txns WHERE outcome = ? ORDER BY started_at", (_PENDING,)
             ).fetchall()
         return [_txn(r) for r in rows]
+
+    def outlook(self, rollout_id: str, kind: str) -> Outlook:
+        """``get``, the first of ``unfinished``, ``live_tls`` and ``staged`` in one read
+        transaction (three statements): a switch's create read them one by one, four reads
+        on the store's thread before its freeze call could go out (issue 15)."""
+        key = (rollout_id, TxnKind(kind).value)
+        with self._read() as db:
+            db.execute("BEGIN")
+            try:
+                rows = db.execute(
+                    "SELECT * FROM txns WHERE outcome = ? OR (rollout_id = ? AND kind = ?)"
+                    " ORDER BY started_at",
+                    (_PENDING, *key),
+                ).fetchall()
+                live = db.execute("SELECT value FROM meta WHERE key = 'live_tls'").fetchone()
+                staged = db.execute(
+                    "SELECT * FROM staged WHERE rollout_id = ?", (rollout_id,)
+                ).fetchone()
+            except BaseException:
+                if db.in_transaction:
+                    db.execute("ROLLBACK")
+                raise
+            db.execute("COMMIT")
+        existing = next((r for r in rows if (r["rollout_id"], r["kind"]) == key), None)
+        running = next((r for r in rows if r["outcome"] == _PENDING), None)
+        return Outlook(
+            existing=_txn(existing) if existing is not None else None,
+            running=_txn(running) if running is not None else None,
+            live_tls=_live_tls(live),
+            staged=_staged(staged),
+        )
 
     def create(self, txn: Txn, *, begin: str | None = None) -> Txn:
         """Insert a new transaction, or return the existing one with the same key (a replay).
@@ -539,3 +571,22 @@ class Journal:
 
 def _txn(row: sqlite3.Row) -> Txn:
     return Txn(**{f.name: _dec(f.name, row[f.name]) for f in fields(Txn)})
+
+
+def _live_tls(row: sqlite3.Row | None) -> dict[str, str] | None:
+    value = json.loads(row["value"]) if row else None
+    return value if isinstance(value, dict) else None
+
+
+def _staged(row: sqlite3.Row | None) -> Staged | None:
+    if row is None:
+        return None
+    return Staged(
+        rollout_id=row["rollout_id"],
+        key_file=Path(row["key_file"]),
+        csr_pem=row["csr_pem"].encode(),
+        cert_file=Path(row["cert_file"]) if row["cert_file"] else None,
+        ca_file=Path(row["ca_file"]) if row["ca_file"] else None,
+        fingerprint=row["fingerprint"],
+        not_after=_dec("started_at", row["not_after"]),
+    )

@@ -34,7 +34,7 @@ from nodeagent import plans, ports, transaction, warmup
 from nodeagent.config import AgentConfig
 from nodeagent.drivers import Driver, DriverError, ServerFacts
 from nodeagent.identity import Identity
-from nodeagent.journal import Journal, Staged, Txn
+from nodeagent.journal import Journal, Outlook, Staged, Txn
 from nodeagent.plans import Built, PlanRefused
 from nodeagent.transaction import (
     DRAIN_TIMEOUT,
@@ -133,7 +133,8 @@ class Prepared:
     """A switch made ready when its node was staged (``NodeAgentService._prepare``): its
     plan and target config, and that config staged beside the live one with the CA its
     verify trusts (``Runner.stage_target``), with what they were made from. A switch of that
-    rollout and change, without a password verifier, takes it if those are unchanged."""
+    rollout and change, with the same password verifier (or a rotation, which keeps the live
+    one), takes it if those are unchanged."""
 
     rollout_id: str
     built: Built
@@ -144,6 +145,42 @@ class Prepared:
     # The live config's permission bits and owner when it was made (``_owner_and_mode``): the
     # staged file has that mode, which the switch's rename gives the live config.
     owner_and_mode: tuple[int, int, int]
+    verifier: dict[str, Any] | None = None  # the verifier it was made with (``SwitchToCome``)
+
+
+@dataclass(frozen=True)
+class Coming:
+    """The switch a Stage says follows it (``StageRequest.switch_to_come``): its password
+    verifier (None: none) and ``keep_http``. The default is what a leader of an earlier
+    release, which does not say, gets made ready."""
+
+    verifier: dict[str, Any] | None = None
+    keep_http: bool = False
+
+
+def _coming(request: agent_pb2.StageRequest) -> Coming | None:
+    """The switch ``request`` says follows it; the default if it says nothing, None if its
+    verifier cannot be read (the switch that carries it is refused; nothing is made)."""
+    if not request.HasField("switch_to_come"):
+        return Coming()
+    coming = request.switch_to_come
+    verifier = None
+    if coming.auth_verifier_json:
+        try:
+            verifier = dict(password.verifier_from_json(coming.auth_verifier_json))
+        except ValueError:
+            return None
+    return Coming(verifier, coming.keep_http)
+
+
+def _verifier_kept(built: Built, verifier: dict[str, Any] | None) -> bool:
+    """The verifier file a prepared switch wrote at its stage still holds its verifier
+    (blocking; True when it wrote none)."""
+    live = built.plan.live_tls or {}
+    name = live.get("verifier_file", "")
+    if verifier is None or not name:
+        return True
+    return _holds(Path(name), password.verifier_to_json(verifier).encode())
 
 
 def _owner_and_mode(path: Path) -> tuple[int, int, int]:
@@ -535,7 +572,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 raise invalid("the certificate's names differ from this node's names")
             pki.check_valid_now(cert, self.clock())
             fingerprint = await asyncio.to_thread(self._store_cert, staged, cert, ca)
-            await dbthread.run(self._prepare, rollout_id)
+            await dbthread.run(self._prepare, rollout_id, _coming(request))
         log.info("stage.done", rollout_id=rollout_id, cert_fingerprint=fingerprint)
         return agent_pb2.StageResponse(
             fingerprint=fingerprint, not_after=timestamp(cert.not_valid_after_utc)
@@ -616,7 +653,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             fingerprint = await asyncio.to_thread(
                 self._store_cert, staged, cert, bundle, intermediates
             )
-            await dbthread.run(self._prepare, rollout_id)
+            await dbthread.run(self._prepare, rollout_id, _coming(request))
         log.info("stage.done", rollout_id=rollout_id, cert_fingerprint=fingerprint, own=True)
         return agent_pb2.StageResponse(
             fingerprint=fingerprint, not_after=timestamp(cert.not_valid_after_utc)
@@ -637,19 +674,21 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         assert staged is not None
         return staged
 
-    def _prepare(self, rollout_id: str) -> None:
+    def _prepare(self, rollout_id: str, coming: Coming | None = Coming()) -> None:
         """Blocking, on the store's thread: the switch that follows this stage made ready now
         (``Prepared``), while another node switches, instead of in the switch: its plan and
         target config (the live config read and parsed, the new one rendered) and that
         config written and fsynced beside the live one (issue 15: a switch began with that
         work, and its freeze call waited for it). Made for the change the node's state
-        implies (rotate-cert on https, else enable-tls without http) and no password
-        verifier, for drivers whose facts and render come from the config file alone; a
-        switch it does not fit is made as before. Kept in memory only: an agent that
+        implies (rotate-cert on https, else enable-tls), with the password verifier and
+        keep_http the Stage says the switch will carry (``coming``; a leader of an earlier
+        release says nothing: none, and http closes; None: the Stage's were unreadable, and
+        nothing is made), for drivers whose facts and render come from the config file alone;
+        a switch it does not fit is made as before. Kept in memory only: an agent that
         restarts removes the staged file at its start (``Driver.discard_stale_staged``)."""
         self._drop_prepared()
         driver, runner = self.driver, self.runner
-        if driver is None or runner is None or not driver.config_decides:
+        if driver is None or runner is None or not driver.config_decides or coming is None:
             return
         try:
             # Before the staging, which copies the mode: a chmod after this is seen at the take.
@@ -658,8 +697,18 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 source = driver.read_config()
                 live = self.journal.live_tls()
                 https = live is not None and "https" in driver.facts().schemes
-                build = plans.rotate_plan if https else plans.switch_plan
-                built = build(self.journal, driver, self._txn_dir(), rollout_id, None)
+                txn_dir = self._txn_dir()
+                if https:  # a rotation keeps the live verifier and http as they are
+                    built = plans.rotate_plan(self.journal, driver, txn_dir, rollout_id, None)
+                else:
+                    built = plans.switch_plan(
+                        self.journal,
+                        driver,
+                        txn_dir,
+                        rollout_id,
+                        coming.verifier,
+                        keep_http=coming.keep_http,
+                    )
             staged = self.journal.staged(rollout_id)
             if staged is None or driver.read_config() != source:
                 return  # changed meanwhile: the switch makes its own
@@ -667,7 +716,11 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         except Exception as exc:  # the switch makes its own, and says what is wrong
             log.warning("stage.prepare_failed", rollout_id=rollout_id, error=describe(exc))
             return
-        self._prepared = Prepared(rollout_id, built, source, live, staged, staging, owner_and_mode)
+        # A rotation keeps the live verifier (its file is the live one): made with none.
+        verifier = None if https else coming.verifier
+        self._prepared = Prepared(
+            rollout_id, built, source, live, staged, staging, owner_and_mode, verifier
+        )
 
     def _drop_prepared(self, *, later: bool = False) -> None:
         """Blocking, on the store's thread: the prepared switch dropped, its staged file too
@@ -691,15 +744,23 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         driver.discard_staged(staged)
 
     def _take_prepared(
-        self, rollout_id: str, wanted: str, verifier: bool, keep_frozen: bool
+        self,
+        rollout_id: str,
+        wanted: str,
+        verifier: dict[str, Any] | None,
+        keep_frozen: bool,
+        seen: Outlook,
     ) -> tuple[Built, bytes, transaction.Staged] | None:
         """Blocking, on the store's thread: the switch ``_prepare`` made for this one (its
         plan with ``keep_frozen``, the live config it replaces, its staging), if it is for this
-        rollout and change, no password verifier came, and what it was made from is unchanged:
+        rollout and change (keep_http included), with the password verifier it was made with
+        (a rotation ignores it), and what it was made from is unchanged (the verifier file
+        written at the stage included):
         the live config (read, not parsed), what the journal says is live, the staged
         certificate, the live config's mode and owner (an admin's chmod since: review of
         session 28, L4) and the staged file's content. Else None (the switch makes its own;
-        the create drops the prepared one, after its own hand-off)."""
+        the create drops the prepared one, after its own hand-off). ``seen``: the journal as
+        the create read it, in the same hand-off (``Journal.outlook``)."""
         prepared = self._prepared
         driver = self.driver
         if prepared is None or driver is None:
@@ -710,11 +771,12 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             fits = (
                 prepared.rollout_id == rollout_id
                 and built.plan.change == wanted
-                and (not verifier or wanted == Change.ROTATE_CERT.value)
+                and (wanted == Change.ROTATE_CERT.value or verifier == prepared.verifier)
+                and _verifier_kept(built, prepared.verifier)
                 and driver.read_config() == prepared.source
                 and _owner_and_mode(driver.config_file) == prepared.owner_and_mode
-                and self.journal.live_tls() == prepared.live_tls
-                and self.journal.staged(rollout_id) == prepared.staged
+                and seen.live_tls == prepared.live_tls
+                and seen.staged == prepared.staged
                 and (config is None or config.file is None or _holds(config.file, config.data))
             )
         except OSError:
@@ -735,7 +797,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         make: Callable[[], Built],
         *,
         change: str = "",
-        ready: Callable[[], tuple[Built, bytes, transaction.Staged] | None] | None = None,
+        ready: Callable[[Outlook], tuple[Built, bytes, transaction.Staged] | None] | None = None,
     ) -> Txn:
         """Create (or find, on a replay) the transaction and hand it to the runner. A switch
         journalled under this id for another ``change`` is no replay: refused, never answered
@@ -759,8 +821,11 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             configs and its first step's "begin" in one write: one hand-off to the store's
             thread for the whole begin (issue 15), in the order the checks always had. Its
             target config is staged for the runner in the store thread's next hand-off
-            (``Runner.stage_next``), while the runner begins; its freeze call waits for it."""
-            existing = self.journal.get(rollout_id, kind)
+            (``Runner.stage_next``), while the runner begins; its freeze call waits for it.
+            What it looks at in the journal before its write is read at once (one read,
+            ``Journal.outlook``; the store's thread is its only writer)."""
+            seen = self.journal.outlook(rollout_id, kind)
+            existing = seen.existing
             done = str(existing.plan.get("change", "")) if existing is not None else ""
             if existing is not None and change and done and done != change:
                 raise failed_precondition(
@@ -769,12 +834,12 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 )
             if existing is not None:  # a replay: report, never run twice
                 return existing, False, None
-            busy = runner.busy_with()
+            busy = seen.running
             if busy is not None:
                 raise failed_precondition(
                     f"this node is busy with {busy.kind} of rollout {busy.rollout_id}"
                 )
-            made = ready() if ready is not None else None
+            made = ready(seen) if ready is not None else None
             if made is not None:  # made when the node was staged (``_prepare``)
                 (config, plan, fingerprint), live_config, staging = made
             else:
@@ -858,10 +923,8 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 **extra,
             )
 
-        def ready() -> tuple[Built, bytes, transaction.Staged] | None:
-            return self._take_prepared(
-                rollout_id, wanted, verifier is not None, request.keep_frozen
-            )
+        def ready(seen: Outlook) -> tuple[Built, bytes, transaction.Staged] | None:
+            return self._take_prepared(rollout_id, wanted, verifier, request.keep_frozen, seen)
 
         return await self._begin(
             rollout_id, TxnKind.SWITCH, request.command.epoch, make, change=wanted, ready=ready

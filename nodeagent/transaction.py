@@ -418,11 +418,6 @@ class Runner:
         # A switch just begun: set once its freeze call is out (``under_way``).
         self._under_way: dict[tuple[str, str], asyncio.Future[None]] = {}
 
-    def busy_with(self) -> Txn | None:
-        """Blocking (reads the journal)."""
-        running = self.journal.unfinished()
-        return running[0] if running else None
-
     def start(self, txn: Txn, begun: str | None = None, staged: Staging | None = None) -> None:
         """Run ``txn`` in a task of its own (``begun`` and ``staged`` as for ``run``); nothing
         if it runs."""

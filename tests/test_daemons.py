@@ -16,6 +16,7 @@ import socket
 import ssl
 import stat
 import subprocess
+import sys
 import tempfile
 import time
 import warnings
@@ -580,6 +581,46 @@ def test_logs_are_for_humans_on_a_tty(tmp_path: Path) -> None:
         with pytest.raises(ValueError):
             json.loads(line)
         assert "\x1b[" in line  # colours for a human
+
+
+_ONE_WRITE_PER_EVENT = """
+import io, json, sys
+
+class Counting(io.StringIO):
+    writes = 0
+
+    def write(self, s):
+        Counting.writes += 1
+        return super().write(s)
+
+real, err = sys.stderr, Counting()
+sys.stderr = err
+from tlsroll import logs
+logs.configure(json=True)
+log = logs.get_logger("tlsroll.check")
+log.info("check.one", n=1)
+log.warning("check.two")
+sys.stderr = real
+print(json.dumps([Counting.writes, err.getvalue()]))
+"""
+
+
+def test_each_log_event_is_one_write_of_its_line() -> None:
+    """Issue 15: every daemon's log events went out with print, two writes (two system calls
+    on the unbuffered stderr) per line; the line and its newline are one write now (a
+    switch logs in the agent and in the server it freezes, inside the freeze window)."""
+    result = subprocess.run(
+        [sys.executable, "-c", _ONE_WRITE_PER_EVENT],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=True,
+    )
+    writes, text = json.loads(result.stdout)
+    lines = text.splitlines(keepends=True)
+    assert [json.loads(line)["event"] for line in lines] == ["check.one", "check.two"]
+    assert all(line.endswith("\n") for line in lines)
+    assert writes == len(lines)
 
 
 @pytest.mark.parametrize(

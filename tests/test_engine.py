@@ -422,6 +422,44 @@ async def test_enable_tls_switches_every_node_once_in_order(
     await leader.stop()
 
 
+async def test_a_stage_tells_the_agent_the_switch_to_come(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of session 28, L6: the agent makes a node's switch ready at its Stage, but the
+    Stage did not say which (a password verifier, keep_http), so a password switch's was
+    made for nothing. The StageRequest carries the settings its node's SwitchRequest then
+    carries."""
+    leader = world.boot()
+    told: dict[str, list[tuple[bool, str, bool]]] = {}
+    for agent in world.agents:
+        stage, switch_and_watch = agent.stage, agent.switch_and_watch
+
+        async def staging(
+            request: agent_pb2.StageRequest,
+            name: str = agent.name,
+            real: Callable[[agent_pb2.StageRequest], Awaitable[agent_pb2.StageResponse]] = stage,
+        ) -> agent_pb2.StageResponse:
+            coming = request.switch_to_come
+            told.setdefault(name, []).append(
+                (request.HasField("switch_to_come"), coming.auth_verifier_json, coming.keep_http)
+            )
+            return await real(request)
+
+        def switching(
+            request: agent_pb2.SwitchRequest, name: str = agent.name, real: Any = switch_and_watch
+        ) -> Any:
+            told.setdefault(name, []).append((True, request.auth_verifier_json, request.keep_http))
+            return real(request)
+
+        monkeypatch.setattr(agent, "stage", staging)
+        monkeypatch.setattr(agent, "switch_and_watch", switching)
+    await leader.start()
+    row = await leader.run()
+    assert row.rollout.state is R.COMPLETED and states(row) == ALL_DONE
+    assert told == dict.fromkeys(ORDER, [(True, VERIFIER_1, False)] * 2)
+    await leader.stop()
+
+
 async def test_pipelining_prepares_the_next_node_while_one_switches(world: World) -> None:
     """prepare_ahead=1: the next node's preflight and stage run while a node switches; the
     switches still run one at a time, in order, each after the previous node's confirm."""

@@ -1549,6 +1549,79 @@ async def test_a_switch_is_made_ready_and_staged_when_its_node_is_staged(
     journal.close()
 
 
+@pytest.mark.parametrize("prepared", [True, False])
+async def test_a_switchs_create_reads_the_journal_once_before_its_write(
+    prepared: bool, world: Callable[[Scenario], World], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15: the create's hand-off, which the freeze call waits for, read the journal four
+    times before its write (the transaction under its key, the unfinished ones, what is live,
+    the staged certificate): one read now (``Journal.outlook``). The build of a switch not
+    made ready at its stage reads what it needs itself, as before."""
+    w = world(SCENARIOS["completes"])
+    agent, _driver, journal, runner = staged_agent(w, monkeypatch)
+    if prepared:
+        await dbthread.run(agent._prepare, "r1")
+    reads: list[str] = []
+    at_create: list[int] = []
+    real_read, real_create = journal._read, journal.create
+
+    @contextlib.contextmanager
+    def read() -> Iterator[Any]:
+        reads.append("read")
+        with real_read() as db:
+            yield db
+
+    def create(txn: Txn, *, begin: str | None = None) -> Txn:
+        at_create.append(len(reads))
+        return real_create(txn, begin=begin)
+
+    monkeypatch.setattr(journal, "_read", read)
+    monkeypatch.setattr(journal, "create", create)
+    txn = await agent._switch(switch_request(), cast(Any, None))
+    await asyncio.gather(*runner.tasks.values())
+    assert txn.outcome is TxnOutcome.PENDING
+    if prepared:
+        assert at_create == [1]
+    else:  # the outlook, then the plan's own reads (unchanged)
+        assert at_create and at_create[0] >= 1
+    final = journal.get("r1", TxnKind.SWITCH)
+    assert final is not None and final.outcome is TxnOutcome.COMPLETED
+    journal.close()
+
+
+async def test_a_busy_node_refuses_a_switch_of_another_rollout_after_one_read(
+    world: Callable[[Scenario], World], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The outlook says the node is busy (an unfinished transaction of another rollout), and
+    a replay finds its own transaction, as the separate reads did."""
+    w = world(SCENARIOS["completes"])
+    agent, _driver, journal, runner = staged_agent(w, monkeypatch)
+    seen = journal.outlook("r1", TxnKind.SWITCH)
+    assert seen.existing is None and seen.running is None and seen.staged is not None
+    with journal._tx() as db:
+        Journal._set_live_tls(db, {"cert_file": "/x.pem"})
+    other = Txn(
+        rollout_id="r0",
+        kind=TxnKind.SWITCH,
+        epoch=1,
+        phase=Phase.STARTED,
+        plan={},
+        started_at=w.time.clock(),
+    )
+    journal.create(other)
+    seen = journal.outlook("r1", TxnKind.SWITCH)
+    assert seen.existing is None and seen.running == journal.get("r0", TxnKind.SWITCH)
+    assert seen.live_tls == {"cert_file": "/x.pem"}
+    assert seen.staged == journal.staged("r1")
+    with pytest.raises(Exception, match="busy with switch of rollout r0"):
+        await agent._switch(switch_request(), cast(Any, None))
+    seen = journal.outlook("r0", TxnKind.SWITCH)
+    assert seen.existing == seen.running == journal.get("r0", TxnKind.SWITCH)
+    assert seen.staged is None
+    assert not runner.tasks
+    journal.close()
+
+
 @pytest.mark.parametrize(
     "change",
     ["config", "keep_http", "verifier", "restaged", "tampered", "live_tls", "rollout", "mode"],
@@ -1606,6 +1679,107 @@ async def test_a_switch_the_prepared_one_does_not_fit_is_made_as_before(
         final = journal.get(rollout_id, TxnKind.SWITCH)
         assert final is not None and final.outcome is TxnOutcome.COMPLETED
     journal.close()
+
+
+def a_verifier(secret: str) -> dict[str, Any]:
+    return dict(password.make_verifier(secret, **password.TEST_PARAMS))
+
+
+@pytest.mark.parametrize("settings", ["verifier", "keep_http", "both"])
+async def test_a_switch_the_stage_said_would_come_is_made_ready_with_its_settings(
+    settings: str, world: Callable[[Scenario], World], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review of session 28, L6: a Stage did not know the switch to come, so a password
+    switch or a transitional one (keep_http) had its prepared switch dropped and was made in
+    the switch's hand-off, which the freeze call waits for. The Stage now says
+    (``StageRequest.switch_to_come``): that switch is made ready at the stage, the
+    verifier file written there, and the switch takes it."""
+    w = world(SCENARIOS["completes"])
+    agent, driver, journal, runner = staged_agent(w, monkeypatch)
+    verifier = a_verifier("s3cret") if settings != "keep_http" else None
+    keep_http = settings != "verifier"
+    await dbthread.run(agent._prepare, "r1", service.Coming(verifier, keep_http))
+    assert driver.renders == 1 and len(driver.stagings) == 1
+    written: list[object] = []
+    real_write = plans.write_verifier
+
+    def write_verifier(*args: Any) -> Path | None:
+        written.append(args)
+        return real_write(*args)
+
+    monkeypatch.setattr(plans, "write_verifier", write_verifier)
+    fields: dict[str, Any] = {"keep_http": keep_http}
+    if verifier is not None:
+        fields["auth_verifier_json"] = password.verifier_to_json(verifier)
+    txn = await agent._switch(switch_request(**fields), cast(Any, None))
+    await asyncio.gather(*runner.tasks.values())
+
+    # Nothing made in the switch: it commits the config staged at the stage (this fake
+    # server refuses a dual config, so a keep_http switch then goes back: that is not made
+    # ready, it is the way back).
+    assert driver.renders == 1 and not written
+    assert driver.stagings[0].data == txn.target_config
+    assert driver.commits[:1] == driver.stagings[:1]
+    plan = Plan.from_json(txn.plan)
+    assert plan.change == (plans.ENABLE_DUAL if keep_http else "enable-tls")
+    name = (plan.live_tls or {}).get("verifier_file", "")
+    if verifier is None:
+        assert not name
+    else:
+        assert json.loads(Path(name).read_text()) == json.loads(password.verifier_to_json(verifier))
+    journal.close()
+
+
+@pytest.mark.parametrize("change", ["other_verifier", "no_verifier", "file", "keep_http"])
+async def test_a_switch_other_than_the_stage_said_is_made_as_before(
+    change: str, world: Callable[[Scenario], World], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A switch whose settings differ from those the stage was told (another verifier, none,
+    http kept or not), or whose verifier file changed since, is made in the switch as before,
+    and the prepared file is removed."""
+    w = world(SCENARIOS["completes"])
+    agent, driver, journal, runner = staged_agent(w, monkeypatch)
+    verifier = a_verifier("s3cret")
+    await dbthread.run(agent._prepare, "r1", service.Coming(verifier, False))
+    first = driver.stagings[0].file
+    assert first is not None
+    fields: dict[str, Any] = {"auth_verifier_json": password.verifier_to_json(verifier)}
+    if change == "other_verifier":
+        fields["auth_verifier_json"] = password.verifier_to_json(a_verifier("other"))
+    elif change == "no_verifier":
+        del fields["auth_verifier_json"]
+    elif change == "keep_http":
+        fields["keep_http"] = True
+    else:
+        prepared = agent._prepared
+        assert prepared is not None and prepared.built.plan.live_tls is not None
+        Path(prepared.built.plan.live_tls["verifier_file"]).write_text("{}")
+    txn = await agent._switch(switch_request(**fields), cast(Any, None))
+    await asyncio.gather(*runner.tasks.values())
+    await dbthread.barrier()
+
+    assert driver.renders == 2 and driver.stagings[1].data == txn.target_config
+    assert not first.exists()
+    journal.close()
+
+
+def test_what_a_stage_says_of_the_switch_to_come() -> None:
+    """Unset (a leader of an earlier release): no verifier, http closes, as before; a
+    verifier that cannot be read: nothing is made ready (the switch carrying it is refused)."""
+    from tlsroll.v1 import agent_pb2
+
+    assert service._coming(agent_pb2.StageRequest()) == service.Coming(None, False)
+    verifier = a_verifier("s3cret")
+    told = agent_pb2.StageRequest(
+        switch_to_come=agent_pb2.SwitchToCome(
+            auth_verifier_json=password.verifier_to_json(verifier), keep_http=True
+        )
+    )
+    assert service._coming(told) == service.Coming(verifier, True)
+    empty = agent_pb2.StageRequest(switch_to_come=agent_pb2.SwitchToCome())
+    assert service._coming(empty) == service.Coming(None, False)
+    bad = agent_pb2.StageRequest(switch_to_come=agent_pb2.SwitchToCome(auth_verifier_json="{"))
+    assert service._coming(bad) is None
 
 
 @pytest.mark.parametrize("prepared", [True, False])
@@ -1724,19 +1898,28 @@ async def test_a_create_that_fails_after_taking_the_prepared_switch_removes_its_
     journal.close()
 
 
+@pytest.mark.parametrize("told", [False, True])
 async def test_a_rotation_is_made_ready_at_its_stage_and_taken_with_a_password(
-    world: Callable[[Scenario], World], monkeypatch: pytest.MonkeyPatch
+    told: bool, world: Callable[[Scenario], World], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """On a node that serves https (the journal says what is live), the stage makes the
     rotate-cert switch ready; a rotation keeps the live password, so one that comes with a
-    verifier takes it too."""
+    verifier takes it too, whatever verifier the stage was told of (``told``: another
+    than the live file holds)."""
     w = world(SCENARIOS["completes"])
     w.server.config = w.server.running = TARGET
     agent, driver, journal, runner = staged_agent(w, monkeypatch)
-    live = {"cert_file": "/x/old.pem", "server_url": f"https://{ADDRESS}:8443{APP}"}
+    live_verifier = w.root / "live-verifier.json"
+    live_verifier.write_text(password.verifier_to_json(a_verifier("live")))
+    live = {
+        "cert_file": "/x/old.pem",
+        "server_url": f"https://{ADDRESS}:8443{APP}",
+        "verifier_file": str(live_verifier),
+    }
     with journal._tx() as db:
         Journal._set_live_tls(db, live)
-    await dbthread.run(agent._prepare, "r1")
+    coming = service.Coming(a_verifier("other"), False) if told else service.Coming()
+    await dbthread.run(agent._prepare, "r1", coming)
     prepared = agent._prepared
     assert prepared is not None and prepared.built.plan.change == "rotate-cert"
     assert driver.renders == 1 and len(driver.stagings) == 1

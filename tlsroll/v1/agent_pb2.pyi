@@ -466,6 +466,7 @@ class StageRequest(_message.Message):
     CA_CERTIFICATE_PEM_FIELD_NUMBER: _builtins.int
     PRIVATE_KEY_PEM_FIELD_NUMBER: _builtins.int
     OWN_CERTIFICATE_FIELD_NUMBER: _builtins.int
+    SWITCH_TO_COME_FIELD_NUMBER: _builtins.int
     certificate_pem: _builtins.bytes
     """The node's certificate; with own_certificate, then any intermediate CAs (served too)."""
     ca_certificate_pem: _builtins.bytes
@@ -484,6 +485,14 @@ class StageRequest(_message.Message):
     """
     @_builtins.property
     def command(self) -> Global___Command: ...
+    @_builtins.property
+    def switch_to_come(self) -> Global___SwitchToCome:
+        """The switch that follows this stage, as its SwitchRequest will say: the agent makes it
+        ready now (its target config rendered and staged), while another node switches. Unset
+        (a leader of an earlier release): the agent makes ready the switch the node's state
+        implies, with no password verifier and without keep_http.
+        """
+
     def __init__(
         self,
         *,
@@ -492,14 +501,39 @@ class StageRequest(_message.Message):
         ca_certificate_pem: _builtins.bytes = ...,
         private_key_pem: _builtins.bytes = ...,
         own_certificate: _builtins.bool = ...,
+        switch_to_come: Global___SwitchToCome | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["command", b"command"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["command", b"command", "switch_to_come", b"switch_to_come"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_certificate_pem", b"ca_certificate_pem", "certificate_pem", b"certificate_pem", "command", b"command", "own_certificate", b"own_certificate", "private_key_pem", b"private_key_pem"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["ca_certificate_pem", b"ca_certificate_pem", "certificate_pem", b"certificate_pem", "command", b"command", "own_certificate", b"own_certificate", "private_key_pem", b"private_key_pem", "switch_to_come", b"switch_to_come"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___StageRequest: _TypeAlias = StageRequest  # noqa: Y015
+
+@_typing.final
+class SwitchToCome(_message.Message):
+    """The settings of the switch a Stage is followed by (SwitchRequest's fields of the same names)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AUTH_VERIFIER_JSON_FIELD_NUMBER: _builtins.int
+    KEEP_HTTP_FIELD_NUMBER: _builtins.int
+    auth_verifier_json: _builtins.str
+    keep_http: _builtins.bool
+    def __init__(
+        self,
+        *,
+        auth_verifier_json: _builtins.str = ...,
+        keep_http: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth_verifier_json", b"auth_verifier_json", "keep_http", b"keep_http"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___SwitchToCome: _TypeAlias = SwitchToCome  # noqa: Y015
 
 @_typing.final
 class StageResponse(_message.Message):
