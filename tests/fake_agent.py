@@ -232,16 +232,23 @@ class FakeAgent:
         await self._arrive("stage", request.command)
         rollout_id = request.command.rollout_id
         key = self.keys.get(rollout_id)
+        if request.own_certificate:  # --cert-dir: the key comes with the certificate
+            try:
+                key = pki.load_key_pem(request.private_key_pem)
+            except PKIError as exc:
+                raise self._refused(f"{exc} (INVALID_ARGUMENT)") from None
         if key is None:
             raise self._refused(f"no CSR for rollout {rollout_id}; call CreateCSR first")
         if (rollout_id, TxnKind.SWITCH) in self.txns:
             raise self._refused(f"rollout {rollout_id} is already switching this node")
         try:
             cert = pki.load_cert_pem(request.certificate_pem)
+            # --cert-dir: the practice CA first, then the cluster CA.
             ca = pki.load_cert_pem(request.ca_certificate_pem)
         except PKIError as exc:
             raise self._refused(f"{exc} (INVALID_ARGUMENT)") from None
-        if pki.spki_pin(ca) != pki.spki_pin(self.world.ca) or not pki.issued_by(cert, ca):
+        cluster_ca = request.own_certificate or pki.spki_pin(ca) == pki.spki_pin(self.world.ca)
+        if not cluster_ca or not pki.issued_by(cert, ca):
             raise self._refused(
                 "the certificate was not issued by the cluster CA (INVALID_ARGUMENT)"
             )
@@ -275,6 +282,12 @@ class FakeAgent:
         elif change is Change.CHANGE_PASSWORD:
             if self.scheme != "https" or not request.auth_verifier_json:
                 raise self._refused("the server is not on https here; run enable-tls first")
+        elif change is Change.ROTATE_CERT:  # the staged certificate; the password stays
+            if self.scheme != "https":
+                raise self._refused("the server is not on https here; run enable-tls first")
+            if rollout_id not in self.staged:
+                raise self._refused(f"nothing staged for rollout {rollout_id}; run Stage")
+            target = ("https", pki.fingerprint(self.staged[rollout_id]), self.verifier)
         else:
             raise self._refused(f"change {change.value} is not a switch this agent makes")
         txn = self._begin(rollout_id, TxnKind.SWITCH, request.command.epoch, self.switch_outcome)

@@ -422,15 +422,72 @@ async def test_enable_tls_switches_every_node_once_in_order(
     await leader.stop()
 
 
+@pytest.mark.parametrize(
+    ("change", "transitional", "cert_dir", "coming"),
+    [
+        (Change.ENABLE_TLS, False, False, (VERIFIER_1, False)),
+        (Change.ENABLE_TLS, True, False, (VERIFIER_1, True)),  # phase 1: keep_http
+        (Change.ENABLE_TLS, False, True, (VERIFIER_1, False)),  # stage_own
+        (Change.ENABLE_TLS, True, True, (VERIFIER_1, True)),
+        (Change.ROTATE_CERT, False, False, ("", False)),  # the password stays: no verifier
+        (Change.ROTATE_CERT, False, True, ("", False)),
+    ],
+    ids=[
+        "direct",
+        "transitional",
+        "cert-dir",
+        "cert-dir-transitional",
+        "rotate",
+        "rotate-cert-dir",
+    ],
+)
 async def test_a_stage_tells_the_agent_the_switch_to_come(
-    world: World, monkeypatch: pytest.MonkeyPatch
+    world: World,
+    monkeypatch: pytest.MonkeyPatch,
+    change: Change,
+    transitional: bool,
+    cert_dir: bool,
+    coming: tuple[str, bool],
 ) -> None:
     """Review of session 28, L6: the agent makes a node's switch ready at its Stage, but the
     Stage did not say which (a password verifier, keep_http), so a password switch's was
     made for nothing. The StageRequest carries the settings its node's SwitchRequest then
-    carries."""
+    carries: for each node, what its Stage said (``switch_to_come``) is what its Switch then
+    carries, whichever strategy, stage (the CA's or ``--cert-dir``'s) and change (review of
+    session 29, L4: a divergence would silently drop every prepared switch)."""
+    from leader import byo
+    from leader.rollout_enums import Strategy
+    from leader.wire import CHANGE
+    from tests.byo_certs import key_pem, leaf, make_ca, pem
+
     leader = world.boot()
-    told: dict[str, list[tuple[bool, str, bool]]] = {}
+    leader.commands.vault = leader.engine.vault  # as the daemon wires them (--cert-dir)
+    if change is Change.ROTATE_CERT:  # the nodes on https first, as a rotation needs
+        await leader.start()
+        assert states(await leader.run()) == ALL_DONE
+
+    own: byo.Material | None = None
+    if cert_dir:
+        practice = make_ca("Praxis CA", now=START)
+        files = {}
+        for agent in world.agents:
+            ips, dns = list(agent.names.ips), list(agent.names.dns)
+            cert, key = leaf(practice, ips, dns, now=START, cn=agent.names.common_name)
+            files[agent.name] = byo.NodeMaterial(agent.name, pem(cert), key_pem(key), 0o600)
+        own = byo.Material(practice.pem, files)
+        # The fake nodes judge a certificate by the cluster CA only; the outside check of a
+        # --cert-dir rollout trusts the practice CA.
+        check = world.agents.outside_check
+
+        async def outside(live: str, closed: str, _ca: bytes, fingerprint: str = "") -> Any:
+            return await check(live, closed, world.ca.cert_pem, fingerprint)
+
+        monkeypatch.setattr(changes, "outside_check", outside)
+    # Phase 1's confirm wants both schemes answering; the fake node knows only its scheme.
+    monkeypatch.setattr(changes, "dual_check", changes.outside_check)
+
+    told: dict[str, list[tuple[str, bool]]] = {}
+    carried: dict[str, list[tuple[str, bool]]] = {}
     for agent in world.agents:
         stage, switch_and_watch = agent.stage, agent.switch_and_watch
 
@@ -439,24 +496,40 @@ async def test_a_stage_tells_the_agent_the_switch_to_come(
             name: str = agent.name,
             real: Callable[[agent_pb2.StageRequest], Awaitable[agent_pb2.StageResponse]] = stage,
         ) -> agent_pb2.StageResponse:
-            coming = request.switch_to_come
-            told.setdefault(name, []).append(
-                (request.HasField("switch_to_come"), coming.auth_verifier_json, coming.keep_http)
-            )
+            assert request.own_certificate is cert_dir
+            assert request.HasField("switch_to_come"), name
+            coming_ = request.switch_to_come
+            told.setdefault(name, []).append((coming_.auth_verifier_json, coming_.keep_http))
             return await real(request)
 
         def switching(
             request: agent_pb2.SwitchRequest, name: str = agent.name, real: Any = switch_and_watch
         ) -> Any:
-            told.setdefault(name, []).append((True, request.auth_verifier_json, request.keep_http))
+            assert CHANGE.read(request.change, "change") is change
+            carried.setdefault(name, []).append((request.auth_verifier_json, request.keep_http))
             return real(request)
 
         monkeypatch.setattr(agent, "stage", staging)
         monkeypatch.setattr(agent, "switch_and_watch", switching)
-    await leader.start()
-    row = await leader.run()
-    assert row.rollout.state is R.COMPLETED and states(row) == ALL_DONE
-    assert told == dict.fromkeys(ORDER, [(True, VERIFIER_1, False)] * 2)
+    request = RolloutRequest(
+        change,
+        Scope.cluster(),
+        strategy=Strategy.TRANSITIONAL if transitional else Strategy.DIRECT,
+        auth_verifier_json=VERIFIER_1 if change is Change.ENABLE_TLS else None,
+        own_certs=own,
+    )
+    await leader.commands.start(request, ADMIN)
+    if transitional:  # phase 1 ends with every node dual, awaiting `rollout finalize`
+        row = await leader.run(lambda r: r.rollout.state is R.AWAITING_FINALIZE)
+        assert states(row) == dict.fromkeys(ORDER, N.DUAL)
+    else:
+        row = await leader.run()
+        assert row.rollout.state is R.COMPLETED and states(row) == ALL_DONE
+    assert told == carried == {name: [coming] for name in ORDER}
+    for record, detail in row.nodes:
+        agent = world.agents[record.name]
+        assert agent.fingerprint == detail.cert_fingerprint, record.name
+        assert agent.verifier == VERIFIER_1, record.name  # a rotation keeps the password
     await leader.stop()
 
 

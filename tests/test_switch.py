@@ -746,6 +746,135 @@ def test_a_rollback_drops_the_switch_made_ready_for_another_rollout(
     assert staged_configs(node) == []
 
 
+def a_verifier_json(secret: str) -> str:
+    from tlsroll import password
+
+    return password.verifier_to_json(password.make_verifier(secret, **password.TEST_PARAMS))
+
+
+@pytest.mark.parametrize(
+    ("told_http", "sent_verifier", "sent_http", "taken"),
+    [
+        (False, "told", False, True),
+        (True, "told", True, True),
+        (False, "other", False, False),
+        (False, "told", True, False),
+        (None, "told", False, False),  # a leader of an earlier release: nothing told
+    ],
+    ids=["password", "transitional", "other_verifier", "http_kept_untold", "untold"],
+)
+def test_a_password_switch_takes_the_switch_its_stage_was_told_of(
+    make_node: NodeFactory,
+    told_http: bool | None,
+    sent_verifier: str,
+    sent_http: bool,
+    taken: bool,
+) -> None:
+    """Review of session 29, L4, with a real agent and server: a Stage told of the switch to
+    come (``switch_to_come``: a password verifier, keep_http) makes that switch ready, its
+    config rendered and staged and its verifier file written at the stage; the switch that
+    fits commits that very file (the staged file becomes the live config: same inode, same
+    mtime) and writes no verifier file. A switch whose settings differ from what the Stage
+    said (or a Stage that said nothing) builds its own: another staged file, the prepared
+    one removed."""
+    node = make_node()
+    rollout_id = "told"
+    verifier = a_verifier_json("told-s3cret")
+    sent = verifier if sent_verifier == "told" else a_verifier_json("other-s3cret")
+    cert_pem = node.sign(node.create_csr(rollout_id))
+    stage = agent_pb2.StageRequest(
+        command=node.command(rollout_id),
+        certificate_pem=cert_pem,
+        ca_certificate_pem=node.cluster.ca_pem,
+    )
+    if told_http is not None:
+        stage.switch_to_come.CopyFrom(
+            agent_pb2.SwitchToCome(auth_verifier_json=verifier, keep_http=told_http)
+        )
+    with node.stub() as stub:
+        staged = stub.Stage(stage, timeout=60)
+    [prepared] = staged_configs(node)  # made ready at the stage (for no verifier if untold)
+    made = prepared.stat()
+    verifier_file = node.stage_dir(rollout_id) / "auth-verifier.json"
+    assert verifier_file.exists() is (told_http is not None)
+    written = verifier_file.stat() if told_http is not None else None
+
+    with node.stub() as stub:
+        stub.Switch(
+            agent_pb2.SwitchRequest(
+                command=node.command(rollout_id),
+                change=CHANGE.wire(Change.ENABLE_TLS),
+                auth_verifier_json=sent,
+                keep_http=sent_http,
+            ),
+            timeout=60,
+        )
+    done = node.wait_txn(rollout_id)
+    assert done.outcome == "completed", done.reason
+    assert done.cert_fingerprint == staged.fingerprint
+    status = node.admin_status()
+    assert sorted(status["listen"]) == (["http", "https"] if sent_http else ["https"])
+    assert node.served_fingerprint() == staged.fingerprint
+    assert json.loads(verifier_file.read_text()) == json.loads(sent)
+
+    live = node.server.config_path.stat()
+    if taken:  # the config staged at the stage is the live one; nothing made in the switch
+        assert (live.st_ino, live.st_mtime_ns) == (made.st_ino, made.st_mtime_ns)
+        assert written is not None
+        again = verifier_file.stat()
+        assert (again.st_ino, again.st_mtime_ns) == (written.st_ino, written.st_mtime_ns)
+    else:  # made in the switch as before: its own staged file, the prepared one removed
+        assert live.st_ino != made.st_ino
+        assert not prepared.exists()
+    assert staged_configs(node) == []
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("strategy", ["direct", "transitional"])
+def test_a_real_leaders_password_switch_is_the_one_made_ready_at_its_stage(
+    tmp_path: Path, strategy: str
+) -> None:
+    """Review of session 29, L4, end to end: a real leader's password enable-tls rollout
+    (direct, or transitional phase 1: keep_http) on a real agent commits the config made
+    ready at the node's stage. The live config was written before the switch began (its
+    mtime, which the rename keeps, is older than the transaction's start); a config made in
+    the switch is written after its start (the switch stages it once it is journalled)."""
+    with Cluster(tmp_path / "cluster", next_loopback()) as cluster:
+        cluster.init()
+        cluster.start_leader()
+        factory = NodeFactory(cluster, tmp_path, "told")
+        try:
+            node = factory()
+            cluster.wait_for_nodes_online([node.name], timeout=60)
+            secret = tmp_path / "password"
+            secret.touch(0o600)
+            secret.write_text("told-switch-password-8Kd2-pq\n")
+            started = cluster.cli(
+                *("rollout", "start", "--scope", "cluster", "--strategy", strategy),
+                *("--password-file", str(secret), "--yes"),
+                timeout=240,
+            )
+            assert started.returncode == 0, started.stderr
+            ends = ("completed", "halted", "aborted", "awaiting_finalize")
+            wait_until(lambda: cluster.newest_rollout()["state"] in ends, 120, "the rollout")
+            rollout = cluster.newest_rollout()
+            wanted = "completed" if strategy == "direct" else "awaiting_finalize"
+            assert rollout["state"] == wanted, json.dumps(rollout)
+            done = node.txn(rollout["id"])
+            assert done.outcome == "completed", done.reason
+            status = node.admin_status()
+            assert sorted(status["listen"]) == (
+                ["https"] if strategy == "direct" else ["http", "https"]
+            )
+            config = node.server.config_path
+            assert "auth_verifier_file" in config.read_text()  # a password switch
+            written = dt.datetime.fromtimestamp(config.stat().st_mtime_ns / 1e9, dt.UTC)
+            assert written < when(done.started_at), (written, when(done.started_at))
+            assert staged_configs(node) == []
+        finally:
+            factory.close()
+
+
 def test_a_prepared_switch_s_file_that_cannot_be_removed_later_is_said() -> None:
     """Review s28rev2 L6: the removal of an unused prepared switch's staged file runs in the
     store thread's next hand-off, whose failure nobody waited for: it is logged now (the
