@@ -372,6 +372,30 @@ class SchemaStore(LeaderStore):
             ids = [r["id"] for r in db.execute("SELECT id FROM rollouts ORDER BY epoch DESC")]
         return self._rows(ids)
 
+    def undo_rows(self, rollout_id: str | None) -> list[RolloutRow]:
+        """What ``planner.undo_target`` reads for a disable-tls start, newest first: the
+        rollout it takes back (``rollout_id``, else the newest enable-tls rollout) and the
+        rollouts recorded as taking that one back (``RolloutMeta.undoes``). Not every rollout
+        ever stored: each is about 0.9 MiB of objects at 500 nodes, and the history only grows
+        (issue 15). None stored: []."""
+        with self._db.read() as db:
+            if not rollout_id:
+                row = db.execute(
+                    "SELECT id FROM rollouts WHERE change = ? ORDER BY epoch DESC LIMIT 1",
+                    (Change.ENABLE_TLS.value,),
+                ).fetchone()
+                if row is None:
+                    return []
+                rollout_id = str(row["id"])
+            ids = [
+                r["id"]
+                for r in db.execute(
+                    "SELECT id FROM rollouts WHERE id = ? OR undoes = ? ORDER BY epoch DESC",
+                    (rollout_id, rollout_id),
+                )
+            ]
+        return self._rows(ids)
+
     def newest(self, limit: int) -> tuple[list[RolloutRow], int]:
         """The newest ``limit`` rollouts (newest first) and how many are stored: ``schema
         show`` draws the active or latest one, not every rollout ever stored."""

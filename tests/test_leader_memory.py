@@ -26,13 +26,16 @@ from cryptography import x509
 
 from leader import daemon, runtime
 from leader.agent_client import AgentPool
+from leader.commands import RolloutRequest
 from leader.engine import Engine
-from leader.rollout_core import Change, FreezeMode, RolloutState
+from leader.planner import PlanError
+from leader.rollout_core import Change, FreezeMode, RolloutState, Scope
+from leader.schema_store import SchemaStore
 from leader.viewer.server import Viewer
 from tests.cluster import Cluster, child_env, csr_pem
 from tests.conftest import IssuedCert
 from tests.leader_rig import leader_with_a_node
-from tests.test_engine import ended, make_world
+from tests.test_engine import ADMIN, ended, make_world
 from tests.test_perf_shape import NodeRows
 from tlsroll import heap, lean, pki
 from tlsroll.defaults import AGENT_PORT, VIEWER_PORT
@@ -371,6 +374,40 @@ async def test_the_store_keeps_in_memory_the_live_rollout_and_the_newest_not_eve
     assert ids[-1] in kept and len(kept) <= 3, kept
     first = leader.schema.get(ids[0])
     assert first is not None and first.rollout.id == ids[0]  # read again when asked
+    await leader.stop()
+
+
+async def test_a_disable_tls_start_reads_the_rollout_it_takes_back_not_every_one_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found reading the code for issue 15: a disable-tls start (and plan) read every rollout
+    ever stored, each with all its nodes (about 0.9 MiB of objects at 500 nodes), to find the
+    one it takes back. It reads that one and the rollouts recorded as taking it back, however
+    long the history, and still refuses a second way back, named or not."""
+    world = make_world(tmp_path, monkeypatch)
+    leader = world.boot()
+    ids = []
+    for change in [Change.ENABLE_TLS, Change.DISABLE_TLS, Change.ENABLE_TLS, Change.ENABLE_TLS]:
+        ids.append((await leader.start(change)).rollout.id)
+        assert (await leader.run()).rollout.state is RolloutState.COMPLETED
+    built: list[str] = []
+    read = SchemaStore._read
+
+    def counted(db: Any, rollout_id: str) -> Any:
+        built.append(rollout_id)
+        return read(db, rollout_id)
+
+    monkeypatch.setattr(SchemaStore, "_read", staticmethod(counted))
+    leader.schema._db.cache.clear()  # nothing kept: every row it looks at is built
+    for undo in (None, ids[2]):
+        request = RolloutRequest(Change.DISABLE_TLS, Scope.cluster(), undo_rollout_id=undo)
+        assert (await leader.commands.plan(request)).records
+        assert built == [undo or ids[3]], (undo, built)  # unnamed: the newest enable-tls
+        built.clear()
+    request = RolloutRequest(Change.DISABLE_TLS, Scope.cluster(), undo_rollout_id=ids[0])
+    with pytest.raises(PlanError, match=f"already taken back by rollout {ids[1]}"):
+        await leader.commands.start(request, ADMIN)
+    assert sorted(built) == sorted(ids[:2]), built
     await leader.stop()
 
 
