@@ -213,13 +213,16 @@ def test_the_snapshot_has_the_timeline_and_the_certificates_nodes_serve(store: S
     assert reader.read("r1").selected["id"] == "r1"  # type: ignore[index]
     assert reader.read("nosuch").selected is None
 
-    served = {c.subject: c.fingerprint for c in server_certs(snap.schema)}
+    served = {c.subject: c.fingerprint for c in snap.certificates if c.kind == "server"}
     assert served == {"a": "sha256:r1-a", "b": "sha256:r2-b"}  # a's r2 switch rolled back
+    assert server_certs(reader.read(every=True).schema) == tuple(
+        c for c in snap.certificates if c.kind == "server"
+    )
     near = {(c.kind, c.subject) for c in snap.near_expiry}
     assert near == {("server", "a"), ("server", "b")}  # 20 days; the CA has ten years
     assert snap.attention == ()
 
-    text = metrics.render(snap).decode()
+    text = metrics.render(reader.read(times=True)).decode()  # as /metrics reads it
     families = {f.name: f for f in text_string_to_metric_families(text)}
     counts = {s.labels["state"]: s.value for s in families["tlsroll_rollouts"].samples}
     assert counts["completed"] == 1 and counts["halted"] == 1 and counts["running"] == 0

@@ -78,13 +78,11 @@ def render(snap: Snapshot) -> bytes:
         buckets=SECONDS_BUCKETS,
         registry=registry,
     )
-    for r in snap.schema.rollouts:
-        for n in r.nodes:
-            if n.HasField("freeze_started_at") and n.HasField("freeze_ended_at"):
-                window = n.freeze_ended_at.ToDatetime() - n.freeze_started_at.ToDatetime()
-                freeze.observe(window.total_seconds())
-            if n.restart_seconds > 0:
-                restart.observe(n.restart_seconds)
+    windows, restarts = snap.switch_times if snap.switch_times is not None else ([], [])
+    for seconds in windows:
+        freeze.observe(seconds)
+    for seconds in restarts:
+        restart.observe(seconds)
 
     expiry = Gauge(
         "tlsroll_certificate_expiry_timestamp_seconds",

@@ -73,6 +73,9 @@ class Snapshot:
     selected: dict[str, Any] | None  # the selected rollout of ``data``, if any
     timeline: dict[str, tuple[Transition, ...]] = field(default_factory=dict)
     """The selected rollout's transitions: "" its own, else by node name."""
+    switch_times: tuple[list[float], list[float]] | None = None
+    """For the metrics (``Reader.read``'s ``times``): of every node of every stored rollout,
+    its freeze windows and its server's restarts, in seconds (``SchemaStore.switch_times``)."""
     agent_near: dt.timedelta = NEAR_EXPIRY
     """Agents renew their own certificates: one is near its end only once its renewal is
     overdue (``leader.expiry``: a tenth of its life), not merely within ``NEAR_EXPIRY``."""
@@ -125,11 +128,17 @@ class Reader:
         # daemon once the rotator exists, so the API carries what `schema show --json` prints.
         self.auto_rotate: Callable[[], schema_pb2.AutoRotateView] | None = None
 
-    def read(self, rollout_id: str | None = None) -> Snapshot:
+    def read(
+        self, rollout_id: str | None = None, *, every: bool = False, times: bool = False
+    ) -> Snapshot:
         """Everything at once; ``rollout_id`` selects a rollout (None: the newest). A rollout
-        id that does not exist selects none."""
+        id that does not exist selects none. Every rollout is in the schema, with its nodes
+        only the newest and the selected one, what the page and the metrics draw; ``every``:
+        every rollout with its nodes (``/api/v1/schema``, what ``schema show --all --json``
+        prints). Each stored 500-node rollout read whole is about 0.9 MiB of objects, and an
+        open page reads again after each write (issue 15). ``times``: with ``switch_times``."""
         now = self.clock()
-        rows = self.schema.all()
+        rows = self.schema.all() if every else self.schema.listed(rollout_id)
         pending = self.schema.pending_password_nodes()
         enrolled = self.store.list_nodes()
         message = schema_message(
@@ -172,10 +181,20 @@ class Reader:
             data=data,
             nodes=nodes,
             pending_passwords=tuple(sorted(pending)),
-            certificates=self.own_certs + agents + server_certs(message),
+            certificates=self.own_certs + agents + self._served(),
             selected=selected,
             timeline=timeline,
             agent_near=self.agent_near,
+            switch_times=self.schema.switch_times() if times else None,
+        )
+
+    def _served(self) -> tuple[CertStatus, ...]:
+        """``server_certs`` of every stored rollout, by one query rather than from every
+        rollout's nodes (``SchemaStore.served_certificates``: the same rule)."""
+        served = self.schema.served_certificates()
+        return tuple(
+            CertStatus("server", name, fingerprint, not_after)
+            for name, (fingerprint, not_after) in sorted(served.items())
         )
 
 
