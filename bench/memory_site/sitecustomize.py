@@ -108,6 +108,32 @@ if _state_out and _LEADER:
                     found["live"] = int(value.replace(",", "")) // 1024
         return found
 
+    def _resident() -> dict[str, int]:
+        """The leader's resident anonymous memory by kind (KiB, from /proc/self/smaps):
+        ``heap`` (glibc's main arena), ``arenas`` (the heaps of the other threads' arenas,
+        each aligned to its 64 MiB maximum), ``anon`` (the other anonymous mappings, which
+        the kernel merges when adjacent: Python's small-object arenas, blocks glibc mapped on
+        their own, thread stacks)."""
+        found = {"heap": 0, "arenas": 0, "anon": 0}
+        kind = ""
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                head = line.split()
+                if "-" in head[0] and len(head) >= 5:
+                    start = int(head[0].split("-")[0], 16)
+                    named = head[5] if len(head) > 5 else ""
+                    if named == "[heap]":
+                        kind = "heap"
+                    elif named:
+                        kind = ""
+                    elif start % (64 << 20) == 0:
+                        kind = "arenas"
+                    else:
+                        kind = "anon"
+                elif kind and head[0] == "Rss:":
+                    found[kind] += int(head[1])
+        return found
+
     def _state() -> dict[str, object]:
         import asyncio  # noqa: PLC0415 - the leader has it by now
         import threading  # noqa: PLC0415
@@ -120,6 +146,7 @@ if _state_out and _LEADER:
             "blocks": sys.getallocatedblocks(),
             "malloc": _malloc(),
             "pymalloc": _pymalloc(),
+            "resident": _resident(),
         }
         serve = None
         for task in tasks:
