@@ -43,12 +43,16 @@ REFUSAL_CODES = frozenset(
 CALL_TIMEOUT = 30.0
 # Open agent channels the pool keeps at most (least recently used idle ones are closed): each
 # costs the leader about two descriptors, so 500 nodes would otherwise need ~1000 of them, and
-# about 100 KiB of memory (its TLS connection) that the leader keeps once it has used it, so
-# the most ever open is what counts. A rollout uses a node's channel while the node is in
-# flight (--max-parallel, default 1, plus prepare_ahead) and the planning's checks 16 at a
-# time (observe.OBSERVE_AT_ONCE); 32 leaves room for both, and no more than the nodes in
-# flight could use is kept.
-MAX_OPEN_CHANNELS = 32
+# memory inside gRPC (its TLS connection) that the leader keeps while it is open. A rollout uses
+# a node's channel while the node is in flight (--max-parallel, default 1, plus prepare_ahead),
+# and the planning's checks 16 at a time (observe.OBSERVE_AT_ONCE, last node first, so that the
+# channels left open are those of the nodes the rollout begins with). 16 covers both up to
+# --max-parallel 15; beyond, an in-flight node's channel may be closed between its steps and
+# opened again (one TLS handshake more). Issue 15, ``bench.simagents`` at 500 agents
+# (--max-parallel 10), against 32: the leader's RSS at the rollout's end 121.2 and 121.7 MiB
+# against 124.1 and 123.9, 3 s later (the rest closed by ``give_back``) 120.5 and 120.5 against
+# 122.1 and 123.6, with 18 connections opened more over the rollout (1989 against 1971, strace).
+MAX_OPEN_CHANNELS = 16
 # WatchTransaction: one stream lasts at most this long (a stopped agent sends nothing, and TCP
 # does not tell); it is opened again at once and the agent sends the current state first.
 STREAM_SECONDS = 15.0

@@ -28,6 +28,7 @@ from leader import daemon, runtime
 from leader.agent_client import AgentPool
 from leader.commands import RolloutRequest
 from leader.engine import Engine
+from leader.observe import OBSERVE_AT_ONCE
 from leader.planner import PlanError
 from leader.rollout_core import Change, FreezeMode, RolloutState, Scope
 from leader.schema_store import SchemaStore
@@ -543,7 +544,7 @@ async def test_the_agent_pool_closes_its_idle_channels_when_asked_and_keeps_busy
     loopback: Callable[[], str],
 ) -> None:
     """What the leader gives back after a rollout (``leader.runtime.give_back``): the pool's
-    idle channels (up to 32, about 150 KiB each inside gRPC, open until the leader stopped).
+    idle channels (up to 16 now, 32 before; open until the leader stopped).
     A channel with a call on it stays; a closed one opens again on its node's next call."""
     creds = grpc.ssl_channel_credentials(pki.CertificateAuthority.create().cert_pem)
     pool = AgentPool(NodeRows(loopback()), creds, "tlsroll-test", max_open=8)  # type: ignore[arg-type]
@@ -559,6 +560,25 @@ async def test_the_agent_pool_closes_its_idle_channels_when_asked_and_keeps_busy
         again = await pool.get("n0")
         assert again.channel is not None and pool.open_channels() == 2
         busy.in_flight -= 1
+    finally:
+        await pool.close()
+
+
+async def test_the_agent_pool_keeps_no_more_channels_open_than_the_planning_asks_at_once(
+    loopback: Callable[[], str],
+) -> None:
+    """Issue 15: a rollout at 500 nodes ended with 32 channels to agents open, each with its
+    TLS connection's memory inside gRPC, more than its nodes in flight (--max-parallel plus the
+    one prepared ahead) and the planning's checks (``OBSERVE_AT_ONCE``) use at a time. The pool
+    keeps as many idle channels open as the planning asks agents at once, no more."""
+    creds = grpc.ssl_channel_credentials(pki.CertificateAuthority.create().cert_pem)
+    pool = AgentPool(NodeRows(loopback()), creds, "tlsroll-test")  # type: ignore[arg-type]
+    try:
+        for i in range(OBSERVE_AT_ONCE + 8):
+            assert (await pool.get(f"n{i:02d}")).channel is not None
+        assert pool.open_channels() == OBSERVE_AT_ONCE
+        assert pool.clients[f"n{OBSERVE_AT_ONCE + 7:02d}"].open  # the newest stay open
+        assert not pool.clients["n00"].open
     finally:
         await pool.close()
 
