@@ -49,11 +49,11 @@ CALL_TIMEOUT = 30.0
 # channels left open are those of the nodes the rollout begins with). 16 covers both up to
 # --max-parallel 15; beyond, an in-flight node's channel may be closed between its steps and
 # opened again (one TLS handshake more). Issue 15, ``bench.simagents`` at 500 agents
-# (--max-parallel 10), 3 pairs against 32: the leader's RSS at the rollout's end 121.1-121.7 MiB
-# against 123.7-124.1; 3 s later, once ``give_back`` has closed the rest, 120.5, 120.5 and 122.4
-# against 122.1, 123.6 and 122.1 (no clear difference); 18 connections opened more over the
-# rollout (1989 against 1971, strace), its CPU per node no different (17.9 and 16.7 ms against
-# 17.2 and 18.1).
+# (--max-parallel 10), 4 pairs against 32: the leader's RSS at the rollout's end 121.1-121.7 MiB
+# against 122.6-124.1 (1.3-2.9 lower); 3 s later, once ``give_back`` has closed the rest, 120.5,
+# 120.5, 122.4, 120.7 against 122.1, 123.6, 122.1, 121.8; 18 connections opened more over the
+# rollout (1989 against 1971, strace), its CPU per node no different (17.9, 16.7, 15.0 ms
+# against 17.2, 18.1, 15.1).
 MAX_OPEN_CHANNELS = 16
 # WatchTransaction: one stream lasts at most this long (a stopped agent sends nothing, and TCP
 # does not tell); it is opened again at once and the agent sends the current state first.
