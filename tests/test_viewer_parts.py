@@ -237,11 +237,24 @@ def test_the_snapshot_has_the_timeline_and_the_certificates_nodes_serve(store: S
     assert sorted(one_hot) == [("a", "rolled_back"), ("b", "done")]
 
 
+def test_metrics_refuse_a_snapshot_read_without_its_switch_times(store: Store) -> None:
+    """Review 1 of session 29 (L6): the freeze and restart histograms come from the
+    snapshot's ``switch_times``, read only with ``times=True``; a snapshot read without them
+    (the page's) once rendered histograms that said no node ever switched, with no error."""
+    schema = SchemaStore(store.db)
+    run_rollout(schema, "r1", Change.ENABLE_TLS)
+    reader = Reader(store, schema, lambda: NOW, lambda _: True, [])
+    with pytest.raises(ValueError, match="times=True"):
+        metrics.render(reader.read())
+    text = metrics.render(reader.read(times=True)).decode()
+    assert "tlsroll_freeze_window_seconds_count 2.0" in text
+
+
 def test_failed_bootstrap_attempts_are_on_the_page_and_in_the_metrics(store: Store) -> None:
     schema = SchemaStore(store.db)
     failure = BootstrapFailureRow("a", "127.0.0.9", "ws-empfang", 7, NOW, NOW)
     schema.record_bootstrap_failures("a", [failure], NOW)
-    snap = Reader(store, schema, lambda: NOW, lambda _: True, []).read()
+    snap = Reader(store, schema, lambda: NOW, lambda _: True, []).read(times=True)
     text = metrics.render(snap).decode()
     families = {f.name: f for f in text_string_to_metric_families(text)}
     (sample,) = families["tlsroll_bootstrap_failures"].samples

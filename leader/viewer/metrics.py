@@ -28,7 +28,11 @@ SECONDS_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600
 
 
 def render(snap: Snapshot) -> bytes:
-    """The text exposition of ``snap``."""
+    """The text exposition of ``snap``, which must have been read with its switch times
+    (``Reader.read(times=True)``): a ``ValueError`` otherwise, rather than histograms that say
+    no node ever switched."""
+    if snap.switch_times is None:
+        raise ValueError("metrics.render needs a snapshot read with times=True (switch_times)")
     registry = CollectorRegistry(auto_describe=True)
     rollouts = Gauge(
         "tlsroll_rollouts", "Rollouts in the schema by state.", ["state"], registry=registry
@@ -78,7 +82,7 @@ def render(snap: Snapshot) -> bytes:
         buckets=SECONDS_BUCKETS,
         registry=registry,
     )
-    windows, restarts = snap.switch_times if snap.switch_times is not None else ([], [])
+    windows, restarts = snap.switch_times
     for seconds in windows:
         freeze.observe(seconds)
     for seconds in restarts:
