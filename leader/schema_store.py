@@ -131,6 +131,16 @@ MAX_CLIENTS = 256  # per node, as the agent sends at most
 
 
 @dataclass(frozen=True)
+class RolloutHead:
+    """A rollout as a line of a list (``SchemaStore.listed``): its record and meta, not its
+    nodes (their rows are not read). Not a ``RolloutRow``: it has no ``nodes``, ``node()`` or
+    ``census``, so it cannot be taken for a rollout read whole."""
+
+    rollout: Rollout
+    meta: RolloutMeta
+
+
+@dataclass(frozen=True)
 class RolloutRow:
     """A rollout as stored. Rows are shared (``SchemaStore`` keeps the active one in memory
     and hands out the same object): never change one, not even ``NodeDetail.steps``."""
@@ -349,14 +359,15 @@ class SchemaStore(LeaderStore):
             ids = [r["id"] for r in db.execute("SELECT id FROM rollouts ORDER BY epoch DESC")]
         return self._rows(ids)
 
-    def listed(self, whole: str | None = None) -> list[RolloutRow]:
+    def listed(self, whole: str | None = None) -> list[RolloutRow | RolloutHead]:
         """Every stored rollout, newest first, for a list of them (the viewer's page): the
-        newest and ``whole`` with their nodes, the others without (``nodes`` empty: their
-        node rows are not read). ``all`` builds every rollout whole, about 0.9 MiB of objects
-        per stored 500-node rollout, and an open page looked again at each write (issue 15)."""
+        newest and ``whole`` read whole (``RolloutRow``), the others as a ``RolloutHead``
+        (their node rows are not read). ``all`` builds every rollout whole, about 0.9 MiB of
+        objects per stored 500-node rollout, and an open page looked again at each write
+        (issue 15)."""
         with self._db.read() as db:
             heads = db.execute("SELECT * FROM rollouts ORDER BY epoch DESC").fetchall()
-            listed = []
+            listed: list[RolloutRow | RolloutHead] = []
             for i, r in enumerate(heads):
                 rollout_id = r["id"]
                 if i == 0 or rollout_id == whole:
@@ -364,7 +375,7 @@ class SchemaStore(LeaderStore):
                     if row is not None:
                         listed.append(cast(RolloutRow, row))
                 else:
-                    listed.append(RolloutRow(*_head(r), ()))
+                    listed.append(RolloutHead(*_head(r)))
         return listed
 
     def switch_times(self) -> tuple[list[float], list[float]]:

@@ -31,7 +31,7 @@ from leader.engine import Engine
 from leader.observe import OBSERVE_AT_ONCE
 from leader.planner import PlanError
 from leader.rollout_core import Change, FreezeMode, RolloutState, Scope
-from leader.schema_store import SchemaStore
+from leader.schema_store import RolloutHead, RolloutRow, SchemaStore
 from leader.store import Store
 from leader.viewer import metrics
 from leader.viewer.server import Viewer
@@ -465,6 +465,34 @@ def test_the_viewer_s_page_and_metrics_read_the_newest_and_selected_rollout_not_
     served = {c.subject: c.fingerprint for c in every.certificates if c.kind == "server"}
     assert served == {"a": "sha256:r4-a", "b": "sha256:r4-b"}
     assert every.switch_times is not None and len(every.switch_times[0]) == 8
+
+
+def test_the_list_of_rollouts_gives_the_others_as_heads_that_cannot_pass_for_whole_rows(
+    tmp_path: Path,
+) -> None:
+    """Review 1 of session 29 (L7): ``SchemaStore.listed`` gave the rollouts it does not read
+    whole as ``RolloutRow``s with no nodes, which a caller could take for ``all()``'s rows
+    (``node(name)`` a KeyError, a census of 0). They are ``RolloutHead``s now: a rollout and
+    its meta, no ``nodes``, ``node()`` or ``census``; the newest and the selected one are
+    whole rows, as ``all()`` gives them."""
+    store = Store(tmp_path / "leader.sqlite3")
+    schema = SchemaStore(store.db)
+    for i in range(3):
+        run_rollout(schema, f"r{i + 1}", Change.ENABLE_TLS)
+    whole = {row.rollout.id: row for row in schema.all()}
+    for selected, read_whole in ((None, {"r3"}), ("r1", {"r1", "r3"})):
+        listed = schema.listed(selected)
+        assert [row.rollout.id for row in listed] == ["r3", "r2", "r1"]
+        for row in listed:
+            if row.rollout.id in read_whole:
+                assert isinstance(row, RolloutRow) and row == whole[row.rollout.id]
+            else:
+                assert isinstance(row, RolloutHead) and not isinstance(row, RolloutRow)
+                assert (row.rollout, row.meta) == (
+                    whole[row.rollout.id].rollout,
+                    whole[row.rollout.id].meta,
+                )
+                assert not hasattr(row, "nodes") and not hasattr(row, "census")
 
 
 async def test_a_viewer_that_cannot_load_logs_it_refuses_its_port_and_the_leader_runs_on(

@@ -66,7 +66,11 @@ class Transition:
 class Snapshot:
     now: dt.datetime
     schema: schema_pb2.Schema
+    """Every stored rollout, newest first; only the newest and the selected one carry their
+    nodes (the others' ``nodes`` are empty: not read, ``SchemaStore.listed``), unless read
+    with ``every`` (``/api/v1/schema``: every rollout whole)."""
     data: dict[str, Any]  # wire.to_dict(schema): enums as words, as `schema show --json`
+    """``schema`` as `schema show --json` prints it (so with the same rollouts' nodes)."""
     nodes: tuple[NodeStatus, ...]
     pending_passwords: tuple[str, ...]
     certificates: tuple[CertStatus, ...]
