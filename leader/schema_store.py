@@ -110,6 +110,9 @@ class BootstrapFailureRow:
     last_at: dt.datetime
 
 
+# The changes after which a node that ended `done` serves the rollout's certificate on 8443
+# (``served_certificates``; the tests' oracle reads the same, so a new one is in both).
+SERVES_NEW_CERT = (Change.ENABLE_TLS, Change.ROTATE_CERT)
 FAILURES_KEPT = dt.timedelta(days=30)  # older rows are dropped when new ones come in
 FAILURES_SHOWN = 100
 
@@ -436,26 +439,23 @@ class SchemaStore(LeaderStore):
 
     def served_certificates(self) -> dict[str, tuple[str, dt.datetime]]:
         """Per node, the certificate it serves on 8443 as the rollouts recorded it
-        (fingerprint, end): that of the newest enable-tls or rotate-cert that ended ``done`` on
-        the node, unless a disable-tls that ended ``done`` came after it (the same rule as
-        ``leader.viewer.snapshot.server_certs``). One query that SQLite answers with a row per
-        node: the expiry check behind every ``schema show`` once drew every rollout ever
-        stored for it."""
+        (fingerprint, end): that of the newest rollout of a change in ``SERVES_NEW_CERT``
+        (enable-tls, rotate-cert) that ended ``done`` on the node with a certificate, unless a
+        disable-tls that ended ``done`` came after it. One query that SQLite answers with a row
+        per node: the expiry check behind every ``schema show`` and the viewer once drew every
+        rollout ever stored for it (the tests keep that drawing as the oracle)."""
+        serving = tuple(c.value for c in SERVES_NEW_CERT)
         with self._db.read() as db:
             rows = db.execute(
-                "SELECT name, change, cert_fingerprint, cert_not_after FROM ("
+                "SELECT name, change, cert_fingerprint, cert_not_after FROM ("  # noqa: S608 - placeholders
                 " SELECT n.name, r.change, n.cert_fingerprint, n.cert_not_after, row_number()"
                 "  OVER (PARTITION BY n.name ORDER BY r.epoch DESC) AS newest"
                 " FROM rollout_nodes n JOIN rollouts r ON r.id = n.rollout_id"
                 " WHERE n.state = ? AND (r.change = ?"
-                "  OR (r.change IN (?, ?) AND n.cert_not_after IS NOT NULL))"
+                f"  OR (r.change IN ({', '.join('?' * len(serving))})"
+                "   AND n.cert_not_after IS NOT NULL))"
                 ") WHERE newest = 1",
-                (
-                    NodeState.DONE.value,
-                    Change.DISABLE_TLS.value,
-                    Change.ENABLE_TLS.value,
-                    Change.ROTATE_CERT.value,
-                ),
+                (NodeState.DONE.value, Change.DISABLE_TLS.value, *serving),
             ).fetchall()
         return {
             r["name"]: (r["cert_fingerprint"], dt.datetime.fromisoformat(r["cert_not_after"]))

@@ -20,14 +20,10 @@ from leader.rollout_core import NodeState
 from leader.schema_store import SchemaStore
 from leader.schema_view import schema_message
 from leader.store import Store
-from leader.wire import CHANGE, NODE_STATE
 from tlsroll import pki, wire
-from tlsroll.enums import Change
 from tlsroll.v1 import schema_pb2
 
 NEAR_EXPIRY = dt.timedelta(days=30)
-# The changes after which a node that ended `done` serves the rollout's certificate on 8443.
-_SERVES_NEW_CERT = {Change.ENABLE_TLS.value, Change.ROTATE_CERT.value}
 
 
 @dataclass(frozen=True)
@@ -193,35 +189,13 @@ class Reader:
         )
 
     def _served(self) -> tuple[CertStatus, ...]:
-        """``server_certs`` of every stored rollout, by one query rather than from every
-        rollout's nodes (``SchemaStore.served_certificates``: the same rule)."""
+        """The certificate each node serves on 8443, by one query rather than from every
+        stored rollout's nodes (``SchemaStore.served_certificates``)."""
         served = self.schema.served_certificates()
         return tuple(
             CertStatus("server", name, fingerprint, not_after)
             for name, (fingerprint, not_after) in sorted(served.items())
         )
-
-
-def server_certs(schema: schema_pb2.Schema) -> tuple[CertStatus, ...]:
-    """The certificate each node serves on 8443, as the schema recorded it: the newest
-    enable-tls or rotate-cert that ended ``done`` on the node, unless a disable-tls took the
-    node back to http after it."""
-    live: dict[str, CertStatus] = {}
-    for r in reversed(schema.rollouts):  # oldest first
-        change = CHANGE.text(r.change)
-        for n in r.nodes:
-            if NODE_STATE.text(n.state) != NodeState.DONE.value:
-                continue
-            if change in _SERVES_NEW_CERT and n.HasField("cert_not_after"):
-                live[n.name] = CertStatus(
-                    "server",
-                    n.name,
-                    n.cert_fingerprint,
-                    n.cert_not_after.ToDatetime(tzinfo=dt.UTC),
-                )
-            elif change == Change.DISABLE_TLS.value:
-                live.pop(n.name, None)
-    return tuple(live[name] for name in sorted(live))
 
 
 def _timeline(schema: SchemaStore, rollout_id: str) -> dict[str, tuple[Transition, ...]]:
