@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import weakref
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,7 +26,7 @@ import structlog.testing
 from cryptography import x509
 
 from leader import daemon, runtime
-from leader.agent_client import AgentPool
+from leader.agent_client import MAX_OPEN_CHANNELS, AgentClient, AgentPool
 from leader.commands import RolloutRequest
 from leader.engine import Engine
 from leader.observe import OBSERVE_AT_ONCE
@@ -609,6 +610,60 @@ async def test_the_agent_pool_keeps_no_more_channels_open_than_the_planning_asks
         assert not pool.clients["n00"].open
     finally:
         await pool.close()
+
+
+async def test_a_rollout_s_nodes_in_flight_keep_their_agent_channels_between_their_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loopback: Callable[[], str]
+) -> None:
+    """Review 1 of session 29: with the pool's cap at 16 and --max-parallel 20 (21 nodes in
+    flight with the one prepared ahead), the pool closed in-flight nodes' channels between
+    their steps, least recently used first (a node prepared ahead waits its turn idle), and
+    each was opened again: a TLS handshake on the node's switch or confirm. While a rollout is
+    live the engine tells the pool how many nodes may be in flight
+    (``AgentPool.expect_in_flight``), and each node's channel is opened once over the whole
+    rollout. The real engine, stores and pool (real channels, to an address where nothing
+    listens); the steps' calls go to the harness's fake agents."""
+    from tests.test_perf_shape import drive_to_the_end, engine_world, pool_reads_enrolment
+
+    opened: Counter[str] = Counter()
+    channel = AgentClient.channel
+
+    def counting(self: AgentClient) -> grpc.aio.Channel:
+        if self._channel is None:
+            opened[self.node.name] += 1
+        return channel.fget(self)  # type: ignore[attr-defined,no-any-return]
+
+    monkeypatch.setattr(AgentClient, "channel", property(counting))
+    n = 64
+    world = engine_world(tmp_path / "w", monkeypatch, n)
+    creds = grpc.ssl_channel_credentials(pki.CertificateAuthority.create().cert_pem)
+    pool = AgentPool(NodeRows(loopback()), creds, "tlsroll-test")  # type: ignore[arg-type]
+
+    class Pooled:
+        """Each step's agent through the pool (its channel opened, or reused), then the fake."""
+
+        async def get(self, name: str) -> Any:
+            assert (await pool.get(name)).channel is not None
+            return world.agents[name]
+
+        async def close(self) -> None:
+            await pool.close()
+
+        def expect_in_flight(self, nodes: int) -> None:
+            pool.expect_in_flight(nodes)
+
+    leader = world.boot(prepare_ahead=1)
+    pool_reads_enrolment(world, leader)
+    leader.engine.agents = Pooled()
+    await leader.start(max_parallel=20)
+    await drive_to_the_end(world, leader, n)
+    assert opened == Counter(a.name for a in world.agents), sorted(
+        name for name, times in opened.items() if times > 1
+    )
+    assert pool.max_open == 2 * 21 - 1 and pool.open_channels() <= pool.max_open
+    await leader.engine.reconcile()  # the rollout has ended: the cap is as made again
+    assert pool.max_open == MAX_OPEN_CHANNELS
+    await leader.stop()
 
 
 async def test_giving_back_frees_the_agent_channels_it_closed_though_a_cycle_holds_them(
