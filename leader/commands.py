@@ -193,7 +193,7 @@ class Commands:
         reason given if nothing is left to do. A retry keeps the scope it is given."""
         if request.change is not Change.DISABLE_TLS or request.retry_of:
             return request, request.undoes, None
-        rows = await asyncio.to_thread(self.schema.all)
+        rows = await asyncio.to_thread(self.schema.undo_rows, request.undo_rollout_id)
         candidates = [(r.rollout, r.records) for r in rows]
         undoes = {r.rollout.id: r.meta.undoes for r in rows}
         if request.undo_rollout_id:

@@ -207,6 +207,7 @@ class Engine:
             row = await dbthread.run(self.schema.active)
         await self._forget_ended_keys(row)
         self._forget_ended(row.rollout.id if row is not None else None)
+        self.agents.expect_in_flight(row.rollout.max_parallel + self.prepare_ahead if row else 0)
         if row is None:
             if self._live_seen:
                 self._live_seen = False

@@ -110,6 +110,9 @@ class BootstrapFailureRow:
     last_at: dt.datetime
 
 
+# The changes after which a node that ended `done` serves the rollout's certificate on 8443
+# (``served_certificates``; the tests' oracle reads the same, so a new one is in both).
+SERVES_NEW_CERT = (Change.ENABLE_TLS, Change.ROTATE_CERT)
 FAILURES_KEPT = dt.timedelta(days=30)  # older rows are dropped when new ones come in
 FAILURES_SHOWN = 100
 
@@ -128,6 +131,16 @@ class ClientsInfo:
 
 
 MAX_CLIENTS = 256  # per node, as the agent sends at most
+
+
+@dataclass(frozen=True)
+class RolloutHead:
+    """A rollout as a line of a list (``SchemaStore.listed``): its record and meta, not its
+    nodes (their rows are not read). Not a ``RolloutRow``: it has no ``nodes``, ``node()`` or
+    ``census``, so it cannot be taken for a rollout read whole."""
+
+    rollout: Rollout
+    meta: RolloutMeta
 
 
 @dataclass(frozen=True)
@@ -332,30 +345,7 @@ class SchemaStore(LeaderStore):
         rows = db.execute(
             "SELECT * FROM rollout_nodes WHERE rollout_id = ?", (rollout_id,)
         ).fetchall()
-        rollout = Rollout(
-            id=r["id"],
-            change=Change(r["change"]),
-            scope=Scope(ScopeKind(r["scope_kind"]), tuple(json.loads(r["scope_names"]))),
-            order=tuple(json.loads(r["node_order"])),
-            epoch=r["epoch"],
-            strategy=Strategy(r["strategy"]),
-            max_parallel=r["max_parallel"],
-            failure_budget=r["failure_budget"],
-            freeze=FreezeMode(r["freeze"]),
-            state=RolloutState(r["state"]),
-        )
-        meta = RolloutMeta(
-            created_at=dt.datetime.fromisoformat(r["created_at"]),
-            started_by=r["started_by"],
-            leader_node=r["leader_node"],
-            started_at=from_text(r["started_at"]),
-            ended_at=from_text(r["ended_at"]),
-            reason=r["reason"],
-            auth_version=r["auth_version"],
-            undoes=r["undoes"],
-            finalizes=r["finalizes"],
-            when_quiet=r["when_quiet"],
-        )
+        rollout, meta = _head(r)
         by_name = {row["name"]: row for row in rows}
         nodes = tuple(_node(by_name[name]) for name in rollout.order)
         return RolloutRow(rollout, meta, nodes)
@@ -370,6 +360,68 @@ class SchemaStore(LeaderStore):
     def all(self) -> list[RolloutRow]:
         with self._db.read() as db:
             ids = [r["id"] for r in db.execute("SELECT id FROM rollouts ORDER BY epoch DESC")]
+        return self._rows(ids)
+
+    def listed(self, whole: str | None = None) -> list[RolloutRow | RolloutHead]:
+        """Every stored rollout, newest first, for a list of them (the viewer's page): the
+        newest and ``whole`` read whole (``RolloutRow``), the others as a ``RolloutHead``
+        (their node rows are not read). ``all`` builds every rollout whole, about 0.9 MiB of
+        objects per stored 500-node rollout, and an open page looked again at each write
+        (issue 15)."""
+        with self._db.read() as db:
+            heads = db.execute("SELECT * FROM rollouts ORDER BY epoch DESC").fetchall()
+            listed: list[RolloutRow | RolloutHead] = []
+            for i, r in enumerate(heads):
+                rollout_id = r["id"]
+                if i == 0 or rollout_id == whole:
+                    row = self._db.cache.get(_key(rollout_id)) or self._read(db, rollout_id)
+                    if row is not None:
+                        listed.append(cast(RolloutRow, row))
+                else:
+                    listed.append(RolloutHead(*_head(r)))
+        return listed
+
+    def switch_times(self) -> tuple[list[float], list[float]]:
+        """Of every node of every stored rollout: its freeze windows (seconds, where both ends
+        are recorded) and its server's restarts (seconds, where one was timed); for the
+        viewer's metrics, without reading the rollouts whole (``listed``)."""
+        with self._db.read() as db:
+            rows = db.execute(
+                "SELECT freeze_started_at, freeze_ended_at, restart_seconds FROM rollout_nodes"
+                " WHERE (freeze_started_at IS NOT NULL AND freeze_ended_at IS NOT NULL)"
+                " OR restart_seconds > 0"
+            ).fetchall()
+        windows, restarts = [], []
+        for began, ended, restart in rows:
+            start, end = from_text(began), from_text(ended)
+            if start is not None and end is not None:
+                windows.append((end - start).total_seconds())
+            if restart > 0:
+                restarts.append(float(restart))
+        return windows, restarts
+
+    def undo_rows(self, rollout_id: str | None) -> list[RolloutRow]:
+        """What ``planner.undo_target`` reads for a disable-tls start, newest first: the
+        rollout it takes back (``rollout_id``, else the newest enable-tls rollout) and the
+        rollouts recorded as taking that one back (``RolloutMeta.undoes``). Not every rollout
+        ever stored: each is about 0.9 MiB of objects at 500 nodes, and the history only grows
+        (issue 15). None stored: []."""
+        with self._db.read() as db:
+            if not rollout_id:
+                row = db.execute(
+                    "SELECT id FROM rollouts WHERE change = ? ORDER BY epoch DESC LIMIT 1",
+                    (Change.ENABLE_TLS.value,),
+                ).fetchone()
+                if row is None:
+                    return []
+                rollout_id = str(row["id"])
+            ids = [
+                r["id"]
+                for r in db.execute(
+                    "SELECT id FROM rollouts WHERE id = ? OR undoes = ? ORDER BY epoch DESC",
+                    (rollout_id, rollout_id),
+                )
+            ]
         return self._rows(ids)
 
     def newest(self, limit: int) -> tuple[list[RolloutRow], int]:
@@ -387,26 +439,23 @@ class SchemaStore(LeaderStore):
 
     def served_certificates(self) -> dict[str, tuple[str, dt.datetime]]:
         """Per node, the certificate it serves on 8443 as the rollouts recorded it
-        (fingerprint, end): that of the newest enable-tls or rotate-cert that ended ``done`` on
-        the node, unless a disable-tls that ended ``done`` came after it (the same rule as
-        ``leader.viewer.snapshot.server_certs``). One query that SQLite answers with a row per
-        node: the expiry check behind every ``schema show`` once drew every rollout ever
-        stored for it."""
+        (fingerprint, end): that of the newest rollout of a change in ``SERVES_NEW_CERT``
+        (enable-tls, rotate-cert) that ended ``done`` on the node with a certificate, unless a
+        disable-tls that ended ``done`` came after it. One query that SQLite answers with a row
+        per node: the expiry check behind every ``schema show`` and the viewer once drew every
+        rollout ever stored for it (the tests keep that drawing as the oracle)."""
+        serving = tuple(c.value for c in SERVES_NEW_CERT)
         with self._db.read() as db:
             rows = db.execute(
-                "SELECT name, change, cert_fingerprint, cert_not_after FROM ("
+                "SELECT name, change, cert_fingerprint, cert_not_after FROM ("  # noqa: S608 - placeholders
                 " SELECT n.name, r.change, n.cert_fingerprint, n.cert_not_after, row_number()"
                 "  OVER (PARTITION BY n.name ORDER BY r.epoch DESC) AS newest"
                 " FROM rollout_nodes n JOIN rollouts r ON r.id = n.rollout_id"
                 " WHERE n.state = ? AND (r.change = ?"
-                "  OR (r.change IN (?, ?) AND n.cert_not_after IS NOT NULL))"
+                f"  OR (r.change IN ({', '.join('?' * len(serving))})"
+                "   AND n.cert_not_after IS NOT NULL))"
                 ") WHERE newest = 1",
-                (
-                    NodeState.DONE.value,
-                    Change.DISABLE_TLS.value,
-                    Change.ENABLE_TLS.value,
-                    Change.ROTATE_CERT.value,
-                ),
+                (NodeState.DONE.value, Change.DISABLE_TLS.value, *serving),
             ).fetchall()
         return {
             r["name"]: (r["cert_fingerprint"], dt.datetime.fromisoformat(r["cert_not_after"]))
@@ -1155,6 +1204,35 @@ class RolloutBusy(TerminalError):
             f"rollout {rollout_id} is {state}; one rollout at a time per cluster "
             "(wait for it, or: tlsroll rollout abort)"
         )
+
+
+def _head(r: sqlite3.Row) -> tuple[Rollout, RolloutMeta]:
+    """A rollout and its meta from its row of ``rollouts`` (its nodes are rows of their own)."""
+    rollout = Rollout(
+        id=r["id"],
+        change=Change(r["change"]),
+        scope=Scope(ScopeKind(r["scope_kind"]), tuple(json.loads(r["scope_names"]))),
+        order=tuple(json.loads(r["node_order"])),
+        epoch=r["epoch"],
+        strategy=Strategy(r["strategy"]),
+        max_parallel=r["max_parallel"],
+        failure_budget=r["failure_budget"],
+        freeze=FreezeMode(r["freeze"]),
+        state=RolloutState(r["state"]),
+    )
+    meta = RolloutMeta(
+        created_at=dt.datetime.fromisoformat(r["created_at"]),
+        started_by=r["started_by"],
+        leader_node=r["leader_node"],
+        started_at=from_text(r["started_at"]),
+        ended_at=from_text(r["ended_at"]),
+        reason=r["reason"],
+        auth_version=r["auth_version"],
+        undoes=r["undoes"],
+        finalizes=r["finalizes"],
+        when_quiet=r["when_quiet"],
+    )
+    return rollout, meta
 
 
 def _node(row: sqlite3.Row) -> tuple[NodeRecord, NodeDetail]:

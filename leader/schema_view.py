@@ -17,7 +17,13 @@ from typing import TYPE_CHECKING, Any
 import grpc
 
 from leader.rollout_core import Client, still_on_http
-from leader.schema_store import BootstrapFailureRow, ClientsInfo, RolloutRow, SchemaStore
+from leader.schema_store import (
+    BootstrapFailureRow,
+    ClientsInfo,
+    RolloutHead,
+    RolloutRow,
+    SchemaStore,
+)
 from leader.wire import CHANGE, FREEZE, NODE_STATE, ROLLOUT_STATE, SCOPE_KIND, STRATEGY
 from tlsroll import wire
 from tlsroll.rpc import invalid, map_errors, not_found, timestamp
@@ -31,13 +37,16 @@ Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
 def rollout_view(
-    row: RolloutRow, pending: set[str] | None = None, on_http: Mapping[str, int] | None = None
+    row: RolloutRow | RolloutHead,
+    pending: set[str] | None = None,
+    on_http: Mapping[str, int] | None = None,
 ) -> schema_pb2.RolloutView:
     """The view of one rollout; ``pending`` names nodes with a staged, not yet live password,
-    ``on_http`` counts the workstations still on http per node."""
+    ``on_http`` counts the workstations still on http per node. A ``RolloutHead`` (a line of
+    ``SchemaStore.listed``) has no nodes read: its view's ``nodes`` is empty."""
     r, meta = row.rollout, row.meta
     nodes = []
-    for rec, d in row.nodes:
+    for rec, d in row.nodes if isinstance(row, RolloutRow) else ():
         steps = [
             schema_pb2.StepTimes(
                 step=step,
@@ -148,7 +157,7 @@ def failure_view(row: BootstrapFailureRow) -> schema_pb2.BootstrapFailureView:
 
 
 def schema_message(
-    rows: list[RolloutRow],
+    rows: Sequence[RolloutRow | RolloutHead],
     pending: set[str],
     now: dt.datetime,
     failures: Sequence[BootstrapFailureRow] = (),
@@ -161,6 +170,7 @@ def schema_message(
     auto_rotate: schema_pb2.AutoRotateView | None = None,
 ) -> schema_pb2.Schema:
     """The whole schema as ``GetSchema`` answers it (and ``schema show --json`` prints it).
+    A rollout given as a ``RolloutHead`` (the viewer's page) is there without its nodes.
     ``expiring``: ``leader.expiry.Expiry`` within their horizon; ``renewal_failures``: (node,
     failing since, reason, its certificate's end)."""
     infos = infos or {}

@@ -449,6 +449,9 @@ class FakeAgents:
     async def close(self) -> None:
         """A leader closes its clients; the agents live on."""
 
+    def expect_in_flight(self, nodes: int) -> None:
+        """No channels to keep open."""
+
     def expire_leases(self) -> None:
         """Every agent lifts a scope freeze whose lease ran out without renewal."""
         for agent in self.agents.values():

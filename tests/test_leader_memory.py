@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import weakref
+from collections import Counter
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -25,15 +26,24 @@ import structlog.testing
 from cryptography import x509
 
 from leader import daemon, runtime
-from leader.agent_client import AgentPool
+from leader.agent_client import MAX_OPEN_CHANNELS, AgentClient, AgentPool
+from leader.commands import RolloutRequest
 from leader.engine import Engine
-from leader.rollout_core import Change, FreezeMode, RolloutState
+from leader.observe import OBSERVE_AT_ONCE
+from leader.planner import PlanError
+from leader.rollout_core import Change, FreezeMode, RolloutState, Scope
+from leader.schema_store import RolloutHead, RolloutRow, SchemaStore
+from leader.store import Store
+from leader.viewer import metrics
 from leader.viewer.server import Viewer
+from leader.viewer.snapshot import Reader
 from tests.cluster import Cluster, child_env, csr_pem
 from tests.conftest import IssuedCert
 from tests.leader_rig import leader_with_a_node
-from tests.test_engine import ended, make_world
+from tests.test_engine import ADMIN, ended, make_world
 from tests.test_perf_shape import NodeRows
+from tests.test_viewer_parts import NOW as VIEWER_NOW
+from tests.test_viewer_parts import run_rollout
 from tlsroll import heap, lean, pki
 from tlsroll.defaults import AGENT_PORT, VIEWER_PORT
 from tlsroll.tls import client_context
@@ -381,6 +391,118 @@ async def test_the_store_keeps_in_memory_the_live_rollout_and_the_newest_not_eve
     await leader.stop()
 
 
+async def test_a_disable_tls_start_reads_the_rollout_it_takes_back_not_every_one_stored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found reading the code for issue 15: a disable-tls start (and plan) read every rollout
+    ever stored, each with all its nodes (about 0.9 MiB of objects at 500 nodes), to find the
+    one it takes back. It reads that one and the rollouts recorded as taking it back, however
+    long the history, and still refuses a second way back, named or not."""
+    world = make_world(tmp_path, monkeypatch)
+    leader = world.boot()
+    ids = []
+    for change in [Change.ENABLE_TLS, Change.DISABLE_TLS, Change.ENABLE_TLS, Change.ENABLE_TLS]:
+        ids.append((await leader.start(change)).rollout.id)
+        assert (await leader.run()).rollout.state is RolloutState.COMPLETED
+    built: list[str] = []
+    read = SchemaStore._read
+
+    def counted(db: Any, rollout_id: str) -> Any:
+        built.append(rollout_id)
+        return read(db, rollout_id)
+
+    monkeypatch.setattr(SchemaStore, "_read", staticmethod(counted))
+    leader.schema._db.cache.clear()  # nothing kept: every row it looks at is built
+    for undo in (None, ids[2]):
+        request = RolloutRequest(Change.DISABLE_TLS, Scope.cluster(), undo_rollout_id=undo)
+        assert (await leader.commands.plan(request)).records
+        assert built == [undo or ids[3]], (undo, built)  # unnamed: the newest enable-tls
+        built.clear()
+    request = RolloutRequest(Change.DISABLE_TLS, Scope.cluster(), undo_rollout_id=ids[0])
+    with pytest.raises(PlanError, match=f"already taken back by rollout {ids[1]}"):
+        await leader.commands.start(request, ADMIN)
+    assert sorted(built) == sorted(ids[:2]), built
+    await leader.stop()
+
+
+def _exposed(snap: Any) -> list[str]:
+    """``/metrics``' text of ``snap`` less the time each metric was made."""
+    return [line for line in metrics.render(snap).decode().splitlines() if "_created" not in line]
+
+
+def test_the_viewer_s_page_and_metrics_read_the_newest_and_selected_rollout_not_every_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Found reading the code for issue 15: every look of the viewer (a page, each update of an
+    open page's live stream, a scrape of ``/metrics``) read every rollout ever stored with all
+    its nodes (about 0.9 MiB of objects per 500-node rollout). The page and the metrics read
+    the newest rollout and the selected one whole, the rest as a line of the list, and draw
+    the same: the list of rollouts, the certificates each node serves, the freeze and restart
+    histograms over every node of every rollout. ``/api/v1/schema`` keeps every rollout whole."""
+    store = Store(tmp_path / "leader.sqlite3")
+    schema = SchemaStore(store.db)
+    for i, change in enumerate([Change.ENABLE_TLS, Change.ENABLE_TLS, Change.DISABLE_TLS]):
+        run_rollout(schema, f"r{i + 1}", change, fail="a" if i == 1 else "")
+    run_rollout(schema, "r4", Change.ENABLE_TLS)
+    built: list[str] = []
+    read = SchemaStore._read
+
+    def counted(db: Any, rollout_id: str) -> Any:
+        built.append(rollout_id)
+        return read(db, rollout_id)
+
+    monkeypatch.setattr(SchemaStore, "_read", staticmethod(counted))
+    reader = Reader(store, schema, lambda: VIEWER_NOW, lambda _: True, [])
+    schema._db.cache.clear()  # nothing kept: every rollout read whole is built
+    every = reader.read(every=True, times=True)
+    assert sorted(built) == ["r1", "r2", "r3", "r4"]  # the API's: all of them
+    for selected, whole in ((None, ["r4"]), ("r2", ["r2", "r4"]), ("r4", ["r4"])):
+        schema._db.cache.clear()
+        built.clear()
+        snap = reader.read(selected, times=True)
+        assert sorted(built) == whole, (selected, built)
+        assert snap.selected is not None and snap.selected["id"] == (selected or "r4")
+        assert (
+            snap.selected["nodes"]
+            == next(r for r in every.data["rollouts"] if r["id"] == snap.selected["id"])["nodes"]
+        )
+        listed = [(r["id"], r["state"], r.get("ended_at")) for r in snap.data["rollouts"]]
+        assert listed == [(r["id"], r["state"], r.get("ended_at")) for r in every.data["rollouts"]]
+        assert snap.certificates == every.certificates
+        assert _exposed(snap) == _exposed(every)
+    served = {c.subject: c.fingerprint for c in every.certificates if c.kind == "server"}
+    assert served == {"a": "sha256:r4-a", "b": "sha256:r4-b"}
+    assert every.switch_times is not None and len(every.switch_times[0]) == 8
+
+
+def test_the_list_of_rollouts_gives_the_others_as_heads_that_cannot_pass_for_whole_rows(
+    tmp_path: Path,
+) -> None:
+    """Review 1 of session 29 (L7): ``SchemaStore.listed`` gave the rollouts it does not read
+    whole as ``RolloutRow``s with no nodes, which a caller could take for ``all()``'s rows
+    (``node(name)`` a KeyError, a census of 0). They are ``RolloutHead``s now: a rollout and
+    its meta, no ``nodes``, ``node()`` or ``census``; the newest and the selected one are
+    whole rows, as ``all()`` gives them."""
+    store = Store(tmp_path / "leader.sqlite3")
+    schema = SchemaStore(store.db)
+    for i in range(3):
+        run_rollout(schema, f"r{i + 1}", Change.ENABLE_TLS)
+    whole = {row.rollout.id: row for row in schema.all()}
+    for selected, read_whole in ((None, {"r3"}), ("r1", {"r1", "r3"})):
+        listed = schema.listed(selected)
+        assert [row.rollout.id for row in listed] == ["r3", "r2", "r1"]
+        for row in listed:
+            if row.rollout.id in read_whole:
+                assert isinstance(row, RolloutRow) and row == whole[row.rollout.id]
+            else:
+                assert isinstance(row, RolloutHead) and not isinstance(row, RolloutRow)
+                assert (row.rollout, row.meta) == (
+                    whole[row.rollout.id].rollout,
+                    whole[row.rollout.id].meta,
+                )
+                assert not hasattr(row, "nodes") and not hasattr(row, "census")
+
+
 async def test_a_viewer_that_cannot_load_logs_it_refuses_its_port_and_the_leader_runs_on(
     loopback: Callable[[], str], issue_cert: Callable[..., IssuedCert]
 ) -> None:
@@ -458,7 +580,7 @@ async def test_the_agent_pool_closes_its_idle_channels_when_asked_and_keeps_busy
     loopback: Callable[[], str],
 ) -> None:
     """What the leader gives back after a rollout (``leader.runtime.give_back``): the pool's
-    idle channels (up to 32, about 150 KiB each inside gRPC, open until the leader stopped).
+    idle channels (up to 16 now, 32 before; open until the leader stopped).
     A channel with a call on it stays; a closed one opens again on its node's next call."""
     creds = grpc.ssl_channel_credentials(pki.CertificateAuthority.create().cert_pem)
     pool = AgentPool(NodeRows(loopback()), creds, "tlsroll-test", max_open=8)  # type: ignore[arg-type]
@@ -476,6 +598,79 @@ async def test_the_agent_pool_closes_its_idle_channels_when_asked_and_keeps_busy
         busy.in_flight -= 1
     finally:
         await pool.close()
+
+
+async def test_the_agent_pool_keeps_no_more_channels_open_than_the_planning_asks_at_once(
+    loopback: Callable[[], str],
+) -> None:
+    """Issue 15: a rollout at 500 nodes ended with 32 channels to agents open, each with its
+    TLS connection's memory inside gRPC, more than its nodes in flight (--max-parallel plus the
+    one prepared ahead) and the planning's checks (``OBSERVE_AT_ONCE``) use at a time. The pool
+    keeps as many idle channels open as the planning asks agents at once, no more."""
+    creds = grpc.ssl_channel_credentials(pki.CertificateAuthority.create().cert_pem)
+    pool = AgentPool(NodeRows(loopback()), creds, "tlsroll-test")  # type: ignore[arg-type]
+    try:
+        for i in range(OBSERVE_AT_ONCE + 8):
+            assert (await pool.get(f"n{i:02d}")).channel is not None
+        assert pool.open_channels() == OBSERVE_AT_ONCE
+        assert pool.clients[f"n{OBSERVE_AT_ONCE + 7:02d}"].open  # the newest stay open
+        assert not pool.clients["n00"].open
+    finally:
+        await pool.close()
+
+
+async def test_a_rollout_s_nodes_in_flight_keep_their_agent_channels_between_their_steps(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loopback: Callable[[], str]
+) -> None:
+    """Review 1 of session 29: with the pool's cap at 16 and --max-parallel 20 (21 nodes in
+    flight with the one prepared ahead), the pool closed in-flight nodes' channels between
+    their steps, least recently used first (a node prepared ahead waits its turn idle), and
+    each was opened again: a TLS handshake on the node's switch or confirm. While a rollout is
+    live the engine tells the pool how many nodes may be in flight
+    (``AgentPool.expect_in_flight``), and each node's channel is opened once over the whole
+    rollout. The real engine, stores and pool (real channels, to an address where nothing
+    listens); the steps' calls go to the harness's fake agents."""
+    from tests.test_perf_shape import drive_to_the_end, engine_world, pool_reads_enrolment
+
+    opened: Counter[str] = Counter()
+    channel = AgentClient.channel
+
+    def counting(self: AgentClient) -> grpc.aio.Channel:
+        if self._channel is None:
+            opened[self.node.name] += 1
+        return channel.fget(self)  # type: ignore[attr-defined,no-any-return]
+
+    monkeypatch.setattr(AgentClient, "channel", property(counting))
+    n = 64
+    world = engine_world(tmp_path / "w", monkeypatch, n)
+    creds = grpc.ssl_channel_credentials(pki.CertificateAuthority.create().cert_pem)
+    pool = AgentPool(NodeRows(loopback()), creds, "tlsroll-test")  # type: ignore[arg-type]
+
+    class Pooled:
+        """Each step's agent through the pool (its channel opened, or reused), then the fake."""
+
+        async def get(self, name: str) -> Any:
+            assert (await pool.get(name)).channel is not None
+            return world.agents[name]
+
+        async def close(self) -> None:
+            await pool.close()
+
+        def expect_in_flight(self, nodes: int) -> None:
+            pool.expect_in_flight(nodes)
+
+    leader = world.boot(prepare_ahead=1)
+    pool_reads_enrolment(world, leader)
+    leader.engine.agents = Pooled()
+    await leader.start(max_parallel=20)
+    await drive_to_the_end(world, leader, n)
+    assert opened == Counter(a.name for a in world.agents), sorted(
+        name for name, times in opened.items() if times > 1
+    )
+    assert pool.max_open == 2 * 21 - 1 and pool.open_channels() <= pool.max_open
+    await leader.engine.reconcile()  # the rollout has ended: the cap is as made again
+    assert pool.max_open == MAX_OPEN_CHANNELS
+    await leader.stop()
 
 
 async def test_giving_back_frees_the_agent_channels_it_closed_though_a_cycle_holds_them(

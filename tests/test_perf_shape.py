@@ -715,8 +715,7 @@ def test_the_expiry_check_behind_every_schema_show_reads_no_rollout_history(
     disable-tls takes it away."""
     from leader.expiry import ExpiryWatch
     from leader.schema_view import schema_message
-    from leader.viewer.snapshot import server_certs
-    from tests.test_viewer_parts import NOW, run_rollout
+    from tests.test_viewer_parts import NOW, run_rollout, server_certs
 
     store = Store(tmp_path / "leader.sqlite3")
     schema = SchemaStore(store.db)

@@ -20,10 +20,11 @@ from aiohttp.test_utils import TestClient, TestServer
 from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
-from leader import planner
+from leader import planner, schema_store
 from leader.layout import Layout
 from leader.rollout_core import Change, NodeEvent, NodeState, RolloutEvent, RolloutState, Scope
 from leader.schema_store import BootstrapFailureRow, RolloutMeta, RolloutRow, SchemaStore
+from leader.schema_view import schema_message
 from leader.states import GrantState
 from leader.store import NotFound, Store
 from leader.viewer import app as viewer_app
@@ -31,8 +32,10 @@ from leader.viewer import certificate, metrics, pages
 from leader.viewer.app import SESSION_COOKIE, ViewerApp, sse
 from leader.viewer.grants import Grants, LoginRefused
 from leader.viewer.i18n import CHANGES, LANGS, STATES, TEXTS, Words, pick_lang
-from leader.viewer.snapshot import Reader, server_certs
+from leader.viewer.snapshot import CertStatus, Reader
+from leader.wire import CHANGE, NODE_STATE
 from tlsroll import pki
+from tlsroll.v1 import schema_pb2
 
 NOW = dt.datetime(2026, 11, 30, 9, 0, tzinfo=dt.UTC)
 HOUR = dt.timedelta(hours=1)
@@ -197,6 +200,31 @@ def run_rollout(schema: SchemaStore, rollout_id: str, change: Change, fail: str 
     drive_rollout(schema, start_rollout(schema, rollout_id, change), fail)
 
 
+def server_certs(schema: schema_pb2.Schema) -> tuple[CertStatus, ...]:
+    """The oracle of ``SchemaStore.served_certificates`` (the viewer's and the expiry check's
+    one query), drawn from every rollout whole as the viewer once did: the certificate each
+    node serves on 8443 is that of the newest rollout of a change in
+    ``schema_store.SERVES_NEW_CERT`` (read at each call, as the query reads it) that ended
+    ``done`` on the node, unless a disable-tls took the node back to http after it."""
+    serving = {c.value for c in schema_store.SERVES_NEW_CERT}
+    live: dict[str, CertStatus] = {}
+    for r in reversed(schema.rollouts):  # oldest first
+        change = CHANGE.text(r.change)
+        for n in r.nodes:
+            if NODE_STATE.text(n.state) != NodeState.DONE.value:
+                continue
+            if change in serving and n.HasField("cert_not_after"):
+                live[n.name] = CertStatus(
+                    "server",
+                    n.name,
+                    n.cert_fingerprint,
+                    n.cert_not_after.ToDatetime(tzinfo=dt.UTC),
+                )
+            elif change == Change.DISABLE_TLS.value:
+                live.pop(n.name, None)
+    return tuple(live[name] for name in sorted(live))
+
+
 def test_the_snapshot_has_the_timeline_and_the_certificates_nodes_serve(store: Store) -> None:
     schema = SchemaStore(store.db)
     run_rollout(schema, "r1", Change.ENABLE_TLS)
@@ -213,13 +241,16 @@ def test_the_snapshot_has_the_timeline_and_the_certificates_nodes_serve(store: S
     assert reader.read("r1").selected["id"] == "r1"  # type: ignore[index]
     assert reader.read("nosuch").selected is None
 
-    served = {c.subject: c.fingerprint for c in server_certs(snap.schema)}
+    served = {c.subject: c.fingerprint for c in snap.certificates if c.kind == "server"}
     assert served == {"a": "sha256:r1-a", "b": "sha256:r2-b"}  # a's r2 switch rolled back
+    assert server_certs(reader.read(every=True).schema) == tuple(
+        c for c in snap.certificates if c.kind == "server"
+    )
     near = {(c.kind, c.subject) for c in snap.near_expiry}
     assert near == {("server", "a"), ("server", "b")}  # 20 days; the CA has ten years
     assert snap.attention == ()
 
-    text = metrics.render(snap).decode()
+    text = metrics.render(reader.read(times=True)).decode()  # as /metrics reads it
     families = {f.name: f for f in text_string_to_metric_families(text)}
     counts = {s.labels["state"]: s.value for s in families["tlsroll_rollouts"].samples}
     assert counts["completed"] == 1 and counts["halted"] == 1 and counts["running"] == 0
@@ -234,11 +265,46 @@ def test_the_snapshot_has_the_timeline_and_the_certificates_nodes_serve(store: S
     assert sorted(one_hot) == [("a", "rolled_back"), ("b", "done")]
 
 
+def test_the_served_certificates_query_and_its_oracle_follow_one_list_of_changes(
+    store: Store, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review 1 of session 29 (L8): the query the viewer and the expiry check use
+    (``SchemaStore.served_certificates``) named its changes in its SQL, and the rule drawn
+    from every rollout whole stayed in the product only as the tests' oracle: a change that
+    serves a new certificate could be added to one only. Both read
+    ``schema_store.SERVES_NEW_CERT`` now (the oracle lives in the tests)."""
+    schema = SchemaStore(store.db)
+    run_rollout(schema, "r1", Change.ENABLE_TLS)
+    run_rollout(schema, "r2", Change.ROTATE_CERT, fail="a")
+
+    def both() -> tuple[dict[str, str], dict[str, str]]:
+        drawn = server_certs(schema_message(schema.all(), set(), NOW))
+        served = schema.served_certificates()
+        return {c.subject: c.fingerprint for c in drawn}, {n: f for n, (f, _) in served.items()}
+
+    assert both() == ({"a": "sha256:r1-a", "b": "sha256:r2-b"},) * 2
+    monkeypatch.setattr(schema_store, "SERVES_NEW_CERT", (Change.ENABLE_TLS,))
+    assert both() == ({"a": "sha256:r1-a", "b": "sha256:r1-b"},) * 2
+
+
+def test_metrics_refuse_a_snapshot_read_without_its_switch_times(store: Store) -> None:
+    """Review 1 of session 29 (L6): the freeze and restart histograms come from the
+    snapshot's ``switch_times``, read only with ``times=True``; a snapshot read without them
+    (the page's) once rendered histograms that said no node ever switched, with no error."""
+    schema = SchemaStore(store.db)
+    run_rollout(schema, "r1", Change.ENABLE_TLS)
+    reader = Reader(store, schema, lambda: NOW, lambda _: True, [])
+    with pytest.raises(ValueError, match="times=True"):
+        metrics.render(reader.read())
+    text = metrics.render(reader.read(times=True)).decode()
+    assert "tlsroll_freeze_window_seconds_count 2.0" in text
+
+
 def test_failed_bootstrap_attempts_are_on_the_page_and_in_the_metrics(store: Store) -> None:
     schema = SchemaStore(store.db)
     failure = BootstrapFailureRow("a", "127.0.0.9", "ws-empfang", 7, NOW, NOW)
     schema.record_bootstrap_failures("a", [failure], NOW)
-    snap = Reader(store, schema, lambda: NOW, lambda _: True, []).read()
+    snap = Reader(store, schema, lambda: NOW, lambda _: True, []).read(times=True)
     text = metrics.render(snap).decode()
     families = {f.name: f for f in text_string_to_metric_families(text)}
     (sample,) = families["tlsroll_bootstrap_failures"].samples

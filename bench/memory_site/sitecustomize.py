@@ -45,6 +45,95 @@ if _state_out and _LEADER:
                 found[name] = len(value)
         return found
 
+    def _malloc() -> dict[str, int]:
+        """glibc's ``mallinfo2`` over all arenas, in KiB: ``arena`` (obtained from the system
+        by brk or arena heaps), ``used``, ``free`` (in them: kept, not given back unless a trim
+        finds whole pages), ``mmapped`` (blocks with a mapping of their own); empty elsewhere."""
+        import ctypes  # noqa: PLC0415 - the leader has it (tlsroll.heap)
+
+        class Info(ctypes.Structure):
+            _fields_ = [
+                (name, ctypes.c_size_t)
+                for name in (
+                    "arena",
+                    "ordblks",
+                    "smblks",
+                    "hblks",
+                    "hblkhd",
+                    "usmblks",
+                    "fsmblks",
+                    "uordblks",
+                    "fordblks",
+                    "keepcost",
+                )
+            ]
+
+        try:
+            call = ctypes.CDLL(None).mallinfo2
+        except (OSError, AttributeError):
+            return {}
+        call.restype = Info
+        info = call()
+        return {
+            "arena": info.arena // 1024,
+            "used": info.uordblks // 1024,
+            "free": info.fordblks // 1024,
+            "mmapped": info.hblkhd // 1024,
+            "mmaps": info.hblks,
+        }
+
+    def _pymalloc() -> dict[str, int]:
+        """Python's small-object allocator (``sys._debugmallocstats``, written to fd 2, read
+        back from a temporary file), in KiB: its arenas (given back only when wholly empty)
+        and the bytes of them in live blocks."""
+        import tempfile  # noqa: PLC0415
+
+        found: dict[str, int] = {}
+        with tempfile.TemporaryFile() as f:
+            saved = os.dup(2)
+            try:
+                sys.stderr.flush()
+                os.dup2(f.fileno(), 2)
+                sys._debugmallocstats()
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+            f.seek(0)
+            for line in f.read().decode(errors="replace").splitlines():
+                key, _, value = line.rpartition("=")
+                key = key.strip()
+                if key.endswith("bytes/arena"):  # "N arenas * SIZE bytes/arena = TOTAL"
+                    found["arenas"] = int(value.replace(",", "")) // 1024
+                elif key.startswith("# bytes in allocated blocks"):
+                    found["live"] = int(value.replace(",", "")) // 1024
+        return found
+
+    def _resident() -> dict[str, int]:
+        """The leader's resident anonymous memory by kind (KiB, from /proc/self/smaps):
+        ``heap`` (glibc's main arena), ``arenas`` (the heaps of the other threads' arenas,
+        each aligned to its 64 MiB maximum), ``anon`` (the other anonymous mappings, which
+        the kernel merges when adjacent: Python's small-object arenas, blocks glibc mapped on
+        their own, thread stacks)."""
+        found = {"heap": 0, "arenas": 0, "anon": 0}
+        kind = ""
+        with open("/proc/self/smaps") as f:
+            for line in f:
+                head = line.split()
+                if "-" in head[0] and len(head) >= 5:
+                    start = int(head[0].split("-")[0], 16)
+                    named = head[5] if len(head) > 5 else ""
+                    if named == "[heap]":
+                        kind = "heap"
+                    elif named:
+                        kind = ""
+                    elif start % (64 << 20) == 0:
+                        kind = "arenas"
+                    else:
+                        kind = "anon"
+                elif kind and head[0] == "Rss:":
+                    found[kind] += int(head[1])
+        return found
+
     def _state() -> dict[str, object]:
         import asyncio  # noqa: PLC0415 - the leader has it by now
         import threading  # noqa: PLC0415
@@ -55,6 +144,9 @@ if _state_out and _LEADER:
             "tasks": len(tasks),
             "threads": threading.active_count(),
             "blocks": sys.getallocatedblocks(),
+            "malloc": _malloc(),
+            "pymalloc": _pymalloc(),
+            "resident": _resident(),
         }
         serve = None
         for task in tasks:

@@ -260,8 +260,10 @@ class ViewerApp:
 
     # --- pages --------------------------------------------------------------------------------
 
-    async def _snapshot(self, rollout_id: str | None) -> Snapshot:
-        return await asyncio.to_thread(self.reader.read, rollout_id)
+    async def _snapshot(
+        self, rollout_id: str | None, *, every: bool = False, times: bool = False
+    ) -> Snapshot:
+        return await asyncio.to_thread(self.reader.read, rollout_id, every=every, times=times)
 
     async def _shared_snapshot(self, rollout_id: str | None) -> Snapshot:
         """A snapshot for the live streams: read after the store's last write, and at most
@@ -356,7 +358,7 @@ class ViewerApp:
         return response
 
     async def api_schema(self, request: web.Request) -> web.Response:
-        snap = await self._snapshot(None)
+        snap = await self._snapshot(None, every=True)
         return web.Response(
             text=json.dumps(snap.data, indent=2, sort_keys=True) + "\n",
             content_type="application/json",
@@ -367,7 +369,7 @@ class ViewerApp:
 
         from leader.viewer import metrics  # noqa: PLC0415 - when first asked for (see the top)
 
-        snap = await self._snapshot(None)
+        snap = await self._snapshot(None, times=True)
         body = await asyncio.to_thread(metrics.render, snap)
         return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE_LATEST})
 

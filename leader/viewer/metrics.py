@@ -28,7 +28,11 @@ SECONDS_BUCKETS = (0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600
 
 
 def render(snap: Snapshot) -> bytes:
-    """The text exposition of ``snap``."""
+    """The text exposition of ``snap``, which must have been read with its switch times
+    (``Reader.read(times=True)``): a ``ValueError`` otherwise, rather than histograms that say
+    no node ever switched."""
+    if snap.switch_times is None:
+        raise ValueError("metrics.render needs a snapshot read with times=True (switch_times)")
     registry = CollectorRegistry(auto_describe=True)
     rollouts = Gauge(
         "tlsroll_rollouts", "Rollouts in the schema by state.", ["state"], registry=registry
@@ -78,13 +82,11 @@ def render(snap: Snapshot) -> bytes:
         buckets=SECONDS_BUCKETS,
         registry=registry,
     )
-    for r in snap.schema.rollouts:
-        for n in r.nodes:
-            if n.HasField("freeze_started_at") and n.HasField("freeze_ended_at"):
-                window = n.freeze_ended_at.ToDatetime() - n.freeze_started_at.ToDatetime()
-                freeze.observe(window.total_seconds())
-            if n.restart_seconds > 0:
-                restart.observe(n.restart_seconds)
+    windows, restarts = snap.switch_times
+    for seconds in windows:
+        freeze.observe(seconds)
+    for seconds in restarts:
+        restart.observe(seconds)
 
     expiry = Gauge(
         "tlsroll_certificate_expiry_timestamp_seconds",

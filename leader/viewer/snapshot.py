@@ -20,14 +20,10 @@ from leader.rollout_core import NodeState
 from leader.schema_store import SchemaStore
 from leader.schema_view import schema_message
 from leader.store import Store
-from leader.wire import CHANGE, NODE_STATE
 from tlsroll import pki, wire
-from tlsroll.enums import Change
 from tlsroll.v1 import schema_pb2
 
 NEAR_EXPIRY = dt.timedelta(days=30)
-# The changes after which a node that ended `done` serves the rollout's certificate on 8443.
-_SERVES_NEW_CERT = {Change.ENABLE_TLS.value, Change.ROTATE_CERT.value}
 
 
 @dataclass(frozen=True)
@@ -66,13 +62,20 @@ class Transition:
 class Snapshot:
     now: dt.datetime
     schema: schema_pb2.Schema
+    """Every stored rollout, newest first; only the newest and the selected one carry their
+    nodes (the others' ``nodes`` are empty: not read, ``SchemaStore.listed``), unless read
+    with ``every`` (``/api/v1/schema``: every rollout whole)."""
     data: dict[str, Any]  # wire.to_dict(schema): enums as words, as `schema show --json`
+    """``schema`` as `schema show --json` prints it (so with the same rollouts' nodes)."""
     nodes: tuple[NodeStatus, ...]
     pending_passwords: tuple[str, ...]
     certificates: tuple[CertStatus, ...]
     selected: dict[str, Any] | None  # the selected rollout of ``data``, if any
     timeline: dict[str, tuple[Transition, ...]] = field(default_factory=dict)
     """The selected rollout's transitions: "" its own, else by node name."""
+    switch_times: tuple[list[float], list[float]] | None = None
+    """For the metrics (``Reader.read``'s ``times``): of every node of every stored rollout,
+    its freeze windows and its server's restarts, in seconds (``SchemaStore.switch_times``)."""
     agent_near: dt.timedelta = NEAR_EXPIRY
     """Agents renew their own certificates: one is near its end only once its renewal is
     overdue (``leader.expiry``: a tenth of its life), not merely within ``NEAR_EXPIRY``."""
@@ -125,11 +128,17 @@ class Reader:
         # daemon once the rotator exists, so the API carries what `schema show --json` prints.
         self.auto_rotate: Callable[[], schema_pb2.AutoRotateView] | None = None
 
-    def read(self, rollout_id: str | None = None) -> Snapshot:
+    def read(
+        self, rollout_id: str | None = None, *, every: bool = False, times: bool = False
+    ) -> Snapshot:
         """Everything at once; ``rollout_id`` selects a rollout (None: the newest). A rollout
-        id that does not exist selects none."""
+        id that does not exist selects none. Every rollout is in the schema, with its nodes
+        only the newest and the selected one, what the page and the metrics draw; ``every``:
+        every rollout with its nodes (``/api/v1/schema``, what ``schema show --all --json``
+        prints). Each stored 500-node rollout read whole is about 0.9 MiB of objects, and an
+        open page reads again after each write (issue 15). ``times``: with ``switch_times``."""
         now = self.clock()
-        rows = self.schema.all()
+        rows = self.schema.all() if every else self.schema.listed(rollout_id)
         pending = self.schema.pending_password_nodes()
         enrolled = self.store.list_nodes()
         message = schema_message(
@@ -172,33 +181,21 @@ class Reader:
             data=data,
             nodes=nodes,
             pending_passwords=tuple(sorted(pending)),
-            certificates=self.own_certs + agents + server_certs(message),
+            certificates=self.own_certs + agents + self._served(),
             selected=selected,
             timeline=timeline,
             agent_near=self.agent_near,
+            switch_times=self.schema.switch_times() if times else None,
         )
 
-
-def server_certs(schema: schema_pb2.Schema) -> tuple[CertStatus, ...]:
-    """The certificate each node serves on 8443, as the schema recorded it: the newest
-    enable-tls or rotate-cert that ended ``done`` on the node, unless a disable-tls took the
-    node back to http after it."""
-    live: dict[str, CertStatus] = {}
-    for r in reversed(schema.rollouts):  # oldest first
-        change = CHANGE.text(r.change)
-        for n in r.nodes:
-            if NODE_STATE.text(n.state) != NodeState.DONE.value:
-                continue
-            if change in _SERVES_NEW_CERT and n.HasField("cert_not_after"):
-                live[n.name] = CertStatus(
-                    "server",
-                    n.name,
-                    n.cert_fingerprint,
-                    n.cert_not_after.ToDatetime(tzinfo=dt.UTC),
-                )
-            elif change == Change.DISABLE_TLS.value:
-                live.pop(n.name, None)
-    return tuple(live[name] for name in sorted(live))
+    def _served(self) -> tuple[CertStatus, ...]:
+        """The certificate each node serves on 8443, by one query rather than from every
+        stored rollout's nodes (``SchemaStore.served_certificates``)."""
+        served = self.schema.served_certificates()
+        return tuple(
+            CertStatus("server", name, fingerprint, not_after)
+            for name, (fingerprint, not_after) in sorted(served.items())
+        )
 
 
 def _timeline(schema: SchemaStore, rollout_id: str) -> dict[str, tuple[Transition, ...]]:
