@@ -494,7 +494,12 @@ class Engine:
                 else:
                     result = await self._step(row, step, learnt, issued)
                 event, reason = result
-                await self._record(rollout.id, step, event, reason, started[1], learnt, issued)
+                planned = await self._record(
+                    rollout.id, step, event, reason, started[1], learnt, issued
+                )
+                if planned:  # the plan that follows is persisted, its steps begun: no pass
+                    self.trouble.pop(key, None)
+                    return
         except (TransientError, StepFailed, TimeoutError) as exc:  # StepFailed: a freeze refused
             why = str(exc) or f"no answer within {deadline:.0f} s"
             log.warning(
@@ -699,7 +704,7 @@ class Engine:
         details: Callable[[NodeDetail], dict[str, Any]] = lambda _d: {},
         *,
         timed_if_unchanged: bool = False,
-        plan_next: bool = False,
+        plan_next: list[planner.Plan] | None = None,
         certs: Sequence[IssuedCert] = (),
         recorded: Callable[[], None] | None = None,
     ) -> RolloutRow:
@@ -716,7 +721,8 @@ class Engine:
         ``plan_next`` (a step's outcome): the plan that follows from the records as this write
         leaves them is made in it too (``_plan_next``): a confirm's outcome and the next
         node's switch (persisted before that switch is sent, as ever) are one durable write,
-        not two, and the next steps begin without waiting for the loop's pass."""
+        not two, and the next steps begin without waiting for the loop's pass. The plan, if
+        the write made one, is appended to the list given."""
         # A plain loop, not tenacity: its machinery cost ~20 µs of CPU per save, four saves
         # per node (issue 15), for a retry that is rare.
         for attempt in range(1, STALE_ATTEMPTS + 1):
@@ -739,7 +745,7 @@ class Engine:
                 auth = self._auth_now(row, old, new)
                 revoke = self._revoke_now(row, old, new, learnt.get("cert_fingerprint"), detail)
                 plans: list[planner.Plan] = []
-                then = functools.partial(self._plan_next, plans, now) if plan_next else None
+                then = None if plan_next is None else functools.partial(self._plan_next, plans, now)
                 row = await dbthread.run(
                     self.schema.save_states,
                     row,
@@ -758,6 +764,8 @@ class Engine:
                 )
                 for plan in plans:
                     self._planned(row, plan)
+                if plan_next is not None:
+                    plan_next += plans
                 if auth:
                     self.auth_known.setdefault(rollout_id, set()).add(name)
                 for r in revoke:
@@ -778,7 +786,7 @@ class Engine:
         that write leaves them, and the steps they begin; ``plans`` gets the plan. Only node
         moves: a plan that changes the rollout's state (its end, a halt), a rollout held by
         ``--when-quiet`` (whose gate reads the store) and any trouble are left to the loop,
-        which plans again after every outcome anyway."""
+        which is woken for them (``_record``)."""
         if after.meta.when_quiet:
             return (), []
         try:
@@ -885,7 +893,7 @@ class Engine:
         started: dt.datetime | None = None,
         learnt: dict[str, Any] | None = None,
         issued: Sequence[Signed] = (),
-    ) -> None:
+    ) -> bool:
         """The step's result on the node, if the node still waits for it (an abort skips a
         node whose preflight or stage is in flight: that result is dropped), with its times
         and what it ``learnt`` about the node (kept even if the result is dropped), and the
@@ -899,8 +907,15 @@ class Engine:
         released (``Database.after_commit``): a pass on another wake (another node's outcome)
         that sees the node in ``staging`` and begins its stage finds it there. Filled here
         after the write, such a stage took the CreateCSR path and signed a second
-        certificate (review s28 L2)."""
+        certificate (review s28 L2).
+
+        True if the write persisted the plan that follows too (``_plan_next``: nodes moved
+        and the steps they begin, no change of the rollout's state) and those steps are begun:
+        then the loop need not be woken for this outcome (its pass would make the same plan
+        again and find nothing to persist or begin); its tick and any other wake still
+        come."""
         dropped: list[bool] = []
+        plans: list[planner.Plan] = []
         key = (rollout_id, step.node)
 
         def recorded() -> None:  # the store's thread: a dict's item set, atomic
@@ -915,13 +930,13 @@ class Engine:
             return r.with_event(event, cleared)
 
         now = self.clock()
-        await self._save_node(
+        row = await self._save_node(
             rollout_id,
             step.node,
             change,
             StepTime(step.node, step.step.value, started, now),
             lambda _d: learnt or {},
-            plan_next=True,
+            plan_next=plans,
             certs=[s.record for s in issued],
             recorded=recorded if issued else None,
         )
@@ -933,7 +948,7 @@ class Engine:
                 step=step.step.value,
                 node_event=event.value,
             )
-            return
+            return False
         log.info(
             "step.finished",
             rollout_id=rollout_id,
@@ -941,6 +956,15 @@ class Engine:
             step=step.step.value,
             node_event=event.value,
             reason=reason,
+        )
+        # Only while the rollout runs, without scope freezes: a plan of a draining rollout
+        # can leave the next pass more to do (a change without a stage: a node it moves to
+        # staged is skipped by a halt only at the next pass), and each pass renews the
+        # scope freezes' leases (``_renew_freezes``).
+        return (
+            bool(plans)
+            and row.rollout.state is RolloutState.RUNNING
+            and row.rollout.freeze is not FreezeMode.SCOPE
         )
 
 

@@ -1882,3 +1882,30 @@ async def test_a_wake_during_a_pass_brings_another_pass_without_waiting_for_a_ti
     assert passes == [0, 1, 2]  # and then it waits again
     stop.set()
     await asyncio.wait_for(task, 10)
+
+
+async def test_a_step_outcome_whose_write_planned_what_follows_brings_no_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step's outcome is written with the plan that follows (``Engine._plan_next``: the
+    next node's switch, the next node's start) and those steps begin at once; the loop is
+    then not woken for it: its pass planned the same again and found nothing to persist
+    (two plans per step outcome). Outcomes that move no node, or end the rollout, still
+    wake it. The tick is an hour here: the rollout ends on wakes alone."""
+    monkeypatch.setattr("leader.engine.TICK_SECONDS", 3600)
+    world = make_world(tmp_path, monkeypatch)
+    leader = world.boot()
+    passes: list[int] = []
+    real = leader.engine.reconcile
+
+    async def reconcile() -> None:
+        passes.append(len(passes))
+        await real()
+
+    monkeypatch.setattr(leader.engine, "reconcile", reconcile)
+    await leader.start(max_parallel=1)
+    row = await _run_loop(world, leader)
+    assert row.rollout.state is RolloutState.COMPLETED, states(row)
+    steps = [c for c in world.agents.calls if c.method in ("preflight", "stage", "switch")]
+    assert len(steps) == 3 * len(NODES)
+    assert len(passes) <= 3 * len(NODES)  # 13 when every outcome woke the loop (3 nodes)
