@@ -29,6 +29,7 @@ import datetime as dt
 import functools
 import json
 import random
+import sys
 import tempfile
 import threading
 from collections import Counter
@@ -1909,3 +1910,36 @@ async def test_a_step_outcome_whose_write_planned_what_follows_brings_no_pass(
     steps = [c for c in world.agents.calls if c.method in ("preflight", "stage", "switch")]
     assert len(steps) == 3 * len(NODES)
     assert len(passes) <= 3 * len(NODES)  # 13 when every outcome woke the loop (3 nodes)
+
+
+async def test_a_step_begun_by_the_write_that_moved_its_node_reads_no_rollout_first(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step looks at the stored rollout before it runs (was its result saved meanwhile by an
+    earlier run?), often on the store's thread while the write before holds the store. A
+    step that the write of another step's outcome begins (its node moved into the step's
+    state by that very write: a switch, the next node's preflight) has no earlier run: it
+    runs on that write's row. The others still look."""
+    leader = world.boot()
+    looks: list[str] = []
+    real_kept, real_get = leader.schema.kept, leader.schema.get
+
+    def kept(rollout_id: str, *, settled: bool = False) -> RolloutRow | None:
+        if sys._getframe(1).f_code.co_name == "_run_step":
+            looks.append(rollout_id)
+        return real_kept(rollout_id, settled=settled)
+
+    def get(rollout_id: str) -> RolloutRow | None:
+        if sys._getframe(1).f_code.co_name == "_run_step":
+            looks.append(rollout_id)
+        return real_get(rollout_id)
+
+    monkeypatch.setattr(leader.schema, "kept", kept)
+    monkeypatch.setattr(leader.schema, "get", get)
+    await leader.start(max_parallel=1)
+    row = await leader.run()
+    assert row.rollout.state is RolloutState.COMPLETED, states(row)
+    assert [c.node for c in world.agents.calls if c.method == "switch"] == list(ORDER)
+    steps = 4 * len(ORDER)  # preflight, stage, switch, confirm: each looked before (12)
+    assert len(looks) <= steps - len(ORDER)  # 7 here; 12 when every step looked first
+    await leader.stop()
