@@ -29,6 +29,7 @@ import datetime as dt
 import functools
 import json
 import random
+import sys
 import tempfile
 import threading
 from collections import Counter
@@ -1993,3 +1994,63 @@ async def test_a_wake_during_a_pass_brings_another_pass_without_waiting_for_a_ti
     assert passes == [0, 1, 2]  # and then it waits again
     stop.set()
     await asyncio.wait_for(task, 10)
+
+
+async def test_a_step_outcome_whose_write_planned_what_follows_brings_no_pass(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step's outcome is written with the plan that follows (``Engine._plan_next``: the
+    next node's switch, the next node's start) and those steps begin at once; the loop is
+    then not woken for it: its pass planned the same again and found nothing to persist
+    (two plans per step outcome). Outcomes that move no node, or end the rollout, still
+    wake it. The tick is an hour here: the rollout ends on wakes alone."""
+    monkeypatch.setattr("leader.engine.TICK_SECONDS", 3600)
+    world = make_world(tmp_path, monkeypatch)
+    leader = world.boot()
+    passes: list[int] = []
+    real = leader.engine.reconcile
+
+    async def reconcile() -> None:
+        passes.append(len(passes))
+        await real()
+
+    monkeypatch.setattr(leader.engine, "reconcile", reconcile)
+    await leader.start(max_parallel=1)
+    row = await _run_loop(world, leader)
+    assert row.rollout.state is RolloutState.COMPLETED, states(row)
+    steps = [c for c in world.agents.calls if c.method in ("preflight", "stage", "switch")]
+    assert len(steps) == 3 * len(NODES)
+    assert len(passes) <= 3 * len(NODES)  # 13 when every outcome woke the loop (3 nodes)
+
+
+async def test_a_step_begun_by_the_write_that_moved_its_node_reads_no_rollout_first(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A step looks at the stored rollout before it runs (was its result saved meanwhile by an
+    earlier run?), often on the store's thread while the write before holds the store. A
+    step that the write of another step's outcome begins (its node moved into the step's
+    state by that very write: a switch, the next node's preflight) has no earlier run: it
+    runs on that write's row. The others still look."""
+    leader = world.boot()
+    looks: list[str] = []
+    real_kept, real_get = leader.schema.kept, leader.schema.get
+
+    def kept(rollout_id: str, *, settled: bool = False) -> RolloutRow | None:
+        if sys._getframe(1).f_code.co_name == "_run_step":
+            looks.append(rollout_id)
+        return real_kept(rollout_id, settled=settled)
+
+    def get(rollout_id: str) -> RolloutRow | None:
+        if sys._getframe(1).f_code.co_name == "_run_step":
+            looks.append(rollout_id)
+        return real_get(rollout_id)
+
+    monkeypatch.setattr(leader.schema, "kept", kept)
+    monkeypatch.setattr(leader.schema, "get", get)
+    await leader.start(max_parallel=1)
+    row = await leader.run()
+    assert row.rollout.state is RolloutState.COMPLETED, states(row)
+    assert [c.node for c in world.agents.calls if c.method == "switch"] == list(ORDER)
+    steps = 4 * len(ORDER)  # preflight, stage, switch, confirm: each looked before (12)
+    assert len(looks) <= steps - len(ORDER)  # 7 here; 12 when every step looked first
+    await leader.stop()

@@ -353,3 +353,50 @@ def test_the_store_moves_the_kept_rollout_s_census_with_each_saved_record(
     assert counted == 0
     assert row.census == Census.of(row.records)
     assert row.census.at(N.STAGING) == (0, 1, 2)
+
+
+@settings(max_examples=1000, deadline=None)
+@given(
+    states=st.lists(st.tuples(node_states, st.booleans()), min_size=1, max_size=30),
+    change=st.sampled_from(Change),
+    strategy=st.sampled_from(Strategy),
+    freeze=st.sampled_from(FreezeMode),
+    max_parallel=st.integers(1, 4),
+    failure_budget=st.integers(0, 3),
+    prepare_ahead=st.integers(0, 3),
+)
+def test_a_plan_that_moves_nodes_only_leaves_nothing_for_the_next_pass(
+    states: list[tuple[NodeState, bool]],
+    change: Change,
+    strategy: Strategy,
+    freeze: FreezeMode,
+    max_parallel: int,
+    failure_budget: int,
+    prepare_ahead: int,
+) -> None:
+    """The engine does not wake its loop for a step's outcome whose write persisted the plan
+    that follows (node moves only: ``Engine._plan_next``): the loop's pass would plan again
+    from the records as that write left them. That pass must find nothing to persist and no
+    step the plan did not begin. While the rollout runs (the engine wakes its loop for a
+    draining one: a halt skips a node a change without a stage moved to staged only at the
+    next pass)."""
+    rollout = rollout_of(
+        len(states),
+        change=change,
+        strategy=strategy,
+        freeze=freeze,
+        max_parallel=max_parallel,
+        failure_budget=failure_budget,
+        state=RolloutState.RUNNING,
+    )
+    records = tuple(
+        NodeRecord(name, state, scope_frozen=frozen)
+        for name, (state, frozen) in zip(rollout.order, states, strict=True)
+    )
+    plan = next_actions(rollout, records, prepare_ahead=prepare_ahead)
+    if plan.rollout_events or not plan.node_events:
+        return  # the engine wakes its loop for these
+    after_rollout, after = apply_plan(rollout, records, plan)
+    again = next_actions(after_rollout, after, prepare_ahead=prepare_ahead)
+    assert again.rollout_events == () and again.node_events == ()
+    assert set(again.steps) <= set(plan.steps)
