@@ -1,29 +1,33 @@
 """The rollout engine: the imperative shell around the pure planner.
 
-One loop, woken by admin commands and step outcomes (and a slow tick)::
+One loop, woken by admin commands, by step outcomes that leave it work, and by a tick
+(``TICK_SECONDS``)::
 
     row   = schema.active()                       # read the durable records
     record the password live on nodes now done    # level-triggered, like everything here
     plan  = next_actions(row.rollout, records)    # pure: what happens now
     persist plan's events (one transaction)       # BEFORE anything is sent
     start every step of the plan not yet running  # level-triggered; idempotent on the agent
-    ... a step's outcome is recorded as a node event, then the loop runs again
+    ... a step's outcome is recorded as a node event, then the loop runs again, unless
+    that write persisted the plan that follows too and began its steps (``_record``)
 
 How a step runs on a node is the change's strategy (``leader.changes``); the engine decides
 only when, and what happens with the result:
 
 * ``TransientError`` (the agent unreachable after the client's own retries, a write that
-  crossed an admin command): nothing is recorded; the step runs again after a pause. Nothing
+  crossed an admin command): nothing is recorded and the loop is not woken; the step runs
+  again at the first pass after a pause (``not_before``): the tick's, or another wake's. Nothing
   waits forever: a preflight or stage (which changes nothing live) that gets no answer for
-  ``step_deadline`` seconds (twice that for a stage) fails with "agent unreachable since …";
+  ``step_deadline`` seconds (twice that for a stage) fails with "agent unreachable since …"
+  (recorded at the first failed attempt past the deadline, which wakes the loop);
   a switch or confirm cannot fail that way (the node may be mid-transaction), so after
   ``UNKNOWN_AFTER`` seconds its node's reason says "unknown — agent unreachable since …" while
   the leader keeps asking, and the next answer replaces it. A scope freeze or unfreeze the
   agent keeps refusing is retried with a growing pause, and its reason shown on the node.
 * The strategy's result event (terminal outcomes included: a refused switch, a failed check):
   recorded on the node, with its reason, which the schema shows.
-* Anything else is a bug: logged with its type, and the step runs again after a pause, so that
-  a rollout is never wedged silently.
+* Anything else is a bug: logged with its type, and the step runs again at the first pass
+  after a pause (no wake: the tick), so that a rollout is never wedged silently.
 
 After a leader restart the loop simply runs: records say which steps were in flight; running
 them again asks the agents for the state of their transactions (a replayed Switch returns the
@@ -181,8 +185,9 @@ class Engine:
         stopping.add_done_callback(lambda _t: self.wake.set())
         try:
             while not stop.is_set():
-                # Cleared before the pass reads anything: a wake during the pass (a step that
-                # ended, an admin command, the stop) brings another pass at once, not the tick.
+                # Cleared before the pass reads anything: a wake during the pass (a step's
+                # outcome that leaves the loop work, an admin command, the stop) brings another
+                # pass at once, not the tick.
                 self.wake.clear()
                 try:
                     await self.reconcile()
@@ -486,7 +491,7 @@ class Engine:
             # as ever (it skips no switching node). At 50 simulated nodes 91 of the 200 steps'
             # reads went to the store's thread, the write of the outcome before still holding
             # the store.
-            now = self.schema.kept(rollout.id) or await dbthread.run(self.schema.get, rollout.id)
+            now = await self._look_again(rollout.id)
             try:
                 state = now.node(step.node)[0].state if now is not None else None
             except KeyError:  # not a node of this rollout
@@ -512,7 +517,7 @@ class Engine:
                 planned = await self._record(
                     rollout.id, step, event, reason, started[1], learnt, issued
                 )
-                if planned:  # the plan that follows is persisted, its steps begun: no pass
+                if planned:  # the plan that follows is persisted, its steps begun: no wake
                     self.trouble.pop(key, None)
                     return
         except (TransientError, StepFailed, TimeoutError) as exc:  # StepFailed: a freeze refused
@@ -541,6 +546,11 @@ class Engine:
             return
         self.trouble.pop(key, None)
         self.wake.set()
+
+    async def _look_again(self, rollout_id: str) -> RolloutRow | None:
+        """The stored rollout as a step about to run sees it (``_run_step``): from memory
+        when it can, not settled. A method of its own so that tests count these reads."""
+        return self.schema.kept(rollout_id) or await dbthread.run(self.schema.get, rollout_id)
 
     async def _trouble(
         self,
@@ -800,8 +810,9 @@ class Engine:
         node moves the loop's next pass would persist (``reconcile``), from the records as
         that write leaves them, and the steps they begin; ``plans`` gets the plan. Only node
         moves: a plan that changes the rollout's state (its end, a halt), a rollout held by
-        ``--when-quiet`` (whose gate reads the store) and any trouble are left to the loop,
-        which is woken for them (``_record``)."""
+        ``--when-quiet`` (whose gate reads the store) and a planner error are left to the
+        loop, which the step's task wakes when this persists no plan (``_record`` returns
+        False, ``_run_step``)."""
         if after.meta.when_quiet:
             return (), []
         try:
@@ -821,8 +832,9 @@ class Engine:
 
     def _planned(self, row: RolloutRow, plan: planner.Plan) -> None:
         """A plan persisted with a step's outcome (``_plan_next``): logged as the loop logs
-        its own, and its steps begun now (the loop's pass, woken by the outcome, finds them
-        running)."""
+        its own, and its steps begun now. The outcome does not wake the loop then
+        (``_record``, ``_run_step``); a pass that comes anyway (the tick, another wake)
+        finds them running."""
         for action in plan.node_events:
             emit = log.debug if action.event in _GATES else log.info
             emit(
