@@ -594,6 +594,38 @@ async def test_a_node_left_dual_serves_its_certificate_to_the_expiry_watch_and_a
     await leader.stop()
 
 
+async def test_a_node_left_dual_revokes_the_certificate_its_new_one_supersedes(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review 2 of session 29, finding 1, the same gap in the revocation: a node an enable-tls
+    leaves ``done`` revokes the server certificates issued to it before (superseded); one a
+    transitional phase 1 leaves ``dual`` did not, nor its finalize (which stages none), so
+    a certificate of an earlier https period stayed valid on record for good."""
+    from leader.rollout_enums import Strategy
+
+    monkeypatch.setattr(changes, "dual_check", changes.outside_check)  # fakes know one scheme
+    leader = world.boot()
+    await leader.start()
+    assert states(await leader.run()) == ALL_DONE
+    first = {name: world.agents[name].fingerprint for name in ORDER}
+    await leader.start(Change.DISABLE_TLS)
+    assert states(await leader.run()) == ALL_DONE
+    request = RolloutRequest(
+        Change.ENABLE_TLS,
+        Scope.cluster(),
+        strategy=Strategy.TRANSITIONAL,
+        auth_verifier_json=VERIFIER_1,
+    )
+    await leader.commands.start(request, ADMIN)
+    row = await leader.run(lambda r: r.rollout.state is R.AWAITING_FINALIZE)
+    assert states(row) == dict.fromkeys(ORDER, N.DUAL)
+    for name in ORDER:
+        live = world.agents[name].fingerprint
+        assert live != first[name]
+        assert cert_reasons(leader, name) == [(first[name], "superseded"), (live, "")], name
+    await leader.stop()
+
+
 async def test_pipelining_prepares_the_next_node_while_one_switches(world: World) -> None:
     """prepare_ahead=1: the next node's preflight and stage run while a node switches; the
     switches still run one at a time, in order, each after the previous node's confirm."""
