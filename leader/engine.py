@@ -76,6 +76,7 @@ from leader.rollout_core import (
     way_out,
 )
 from leader.schema_store import (
+    SERVING_STATES,
     NodeDetail,
     Revocation,
     RolloutRow,
@@ -353,11 +354,13 @@ class Engine:
 
     async def _revoke_superseded(self, row: RolloutRow) -> None:
         """Revoke the server certificate a node served before this rollout gave it a new one,
-        once the node is ``done`` (level-triggered, before the plan, like the password above:
-        the rollout cannot end before it). Not earlier: a node that fails goes back to it."""
+        once the node is ``done`` or ``dual`` (a transitional phase 1 that serves the new one
+        beside http: ``SERVING_STATES``; level-triggered, before the plan, like the password
+        above: the rollout cannot end before it). Not earlier: a node that fails goes back
+        to it."""
         if not CHANGES[row.rollout.change].stages_certificate:
             return
-        done_at = row.census.at(NodeState.DONE)
+        done_at = _positions(row, SERVING_STATES)
         revoked = self.revoked.setdefault(row.rollout.id, set())
         if len(revoked) >= len(done_at):  # each done node's is revoked: both only ever grow
             return
@@ -856,14 +859,14 @@ class Engine:
         learnt_fingerprint: str | None,
         detail: NodeDetail,
     ) -> list[Revocation]:
-        """The certificate a node this save leaves done served before this rollout gave it a
-        new one: revoked in the same write (``_revoke_superseded`` is the same rule,
+        """The certificate a node this save leaves done (or dual) served before this rollout
+        gave it a new one: revoked in the same write (``_revoke_superseded`` is the same rule,
         level-triggered, for a node done without it: a leader that died in between)."""
         fingerprint = learnt_fingerprint or detail.cert_fingerprint
         if (
             not CHANGES[row.rollout.change].stages_certificate
-            or new.state is not NodeState.DONE
-            or old.state is NodeState.DONE
+            or new.state not in SERVING_STATES
+            or old.state in SERVING_STATES
             or not fingerprint
         ):
             return []

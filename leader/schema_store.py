@@ -110,9 +110,13 @@ class BootstrapFailureRow:
     last_at: dt.datetime
 
 
-# The changes after which a node that ended `done` serves the rollout's certificate on 8443
-# (``served_certificates``; the tests' oracle reads the same, so a new one is in both).
+# The changes after which a node that ended in one of ``SERVING_STATES`` serves the rollout's
+# certificate on 8443 (``served_certificates``; the tests' oracle reads the same, so a new one
+# is in both). ``dual``: a transitional phase 1 (enable-tls) serves it beside http. Finalize
+# (phase 2) is not here: it keeps the certificate phase 1 recorded, so that row stays the
+# node's newest. A disable-tls takes a node (done or dual) back to http: it ends ``done``.
 SERVES_NEW_CERT = (Change.ENABLE_TLS, Change.ROTATE_CERT)
+SERVING_STATES = (NodeState.DONE, NodeState.DUAL)
 FAILURES_KEPT = dt.timedelta(days=30)  # older rows are dropped when new ones come in
 FAILURES_SHOWN = 100
 
@@ -440,22 +444,25 @@ class SchemaStore(LeaderStore):
     def served_certificates(self) -> dict[str, tuple[str, dt.datetime]]:
         """Per node, the certificate it serves on 8443 as the rollouts recorded it
         (fingerprint, end): that of the newest rollout of a change in ``SERVES_NEW_CERT``
-        (enable-tls, rotate-cert) that ended ``done`` on the node with a certificate, unless a
-        disable-tls that ended ``done`` came after it. One query that SQLite answers with a row
+        (enable-tls, rotate-cert) that ended in ``SERVING_STATES`` (``done``, or ``dual`` after
+        a transitional phase 1) on the node with a certificate, unless a disable-tls that ended
+        ``done`` came after it. One query that SQLite answers with a row
         per node: the expiry check behind every ``schema show`` and the viewer once drew every
         rollout ever stored for it (the tests keep that drawing as the oracle)."""
         serving = tuple(c.value for c in SERVES_NEW_CERT)
+        states = tuple(s.value for s in SERVING_STATES)
         with self._db.read() as db:
             rows = db.execute(
                 "SELECT name, change, cert_fingerprint, cert_not_after FROM ("  # noqa: S608 - placeholders
                 " SELECT n.name, r.change, n.cert_fingerprint, n.cert_not_after, row_number()"
                 "  OVER (PARTITION BY n.name ORDER BY r.epoch DESC) AS newest"
                 " FROM rollout_nodes n JOIN rollouts r ON r.id = n.rollout_id"
-                " WHERE n.state = ? AND (r.change = ?"
-                f"  OR (r.change IN ({', '.join('?' * len(serving))})"
-                "   AND n.cert_not_after IS NOT NULL))"
+                " WHERE (n.state = ? AND r.change = ?)"
+                f"  OR (n.state IN ({', '.join('?' * len(states))})"
+                f"   AND r.change IN ({', '.join('?' * len(serving))})"
+                "   AND n.cert_not_after IS NOT NULL)"
                 ") WHERE newest = 1",
-                (NodeState.DONE.value, Change.DISABLE_TLS.value, *serving),
+                (NodeState.DONE.value, Change.DISABLE_TLS.value, *states, *serving),
             ).fetchall()
         return {
             r["name"]: (r["cert_fingerprint"], dt.datetime.fromisoformat(r["cert_not_after"]))

@@ -805,6 +805,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         assert self.runner is not None
         runner = self.runner
         first = next_action(Phase.STARTED)
+        prepared = False  # the switch made ready at its Stage was taken (logged with txn.started)
 
         def create() -> tuple[Txn, bool, Staging | None]:
             """``created``; a switch prepared at a Stage that this one did not take (another
@@ -824,6 +825,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             (``Runner.stage_next``), while the runner begins; its freeze call waits for it.
             What it looks at in the journal before its write is read at once (one read,
             ``Journal.outlook``; the store's thread is its only writer)."""
+            nonlocal prepared
             seen = self.journal.outlook(rollout_id, kind)
             existing = seen.existing
             done = str(existing.plan.get("change", "")) if existing is not None else ""
@@ -842,6 +844,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             made = ready(seen) if ready is not None else None
             if made is not None:  # made when the node was staged (``_prepare``)
                 (config, plan, fingerprint), live_config, staging = made
+                prepared = True
             else:
                 driver = self._driver()
                 with driver.reading_once():  # the plan and the source: one read of the file
@@ -879,7 +882,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 return txn
             runner.start(txn, begun=first, staged=staged)
         await runner.under_way(txn)  # its freeze call first, then the log and the first message
-        log.info("txn.started", rollout_id=rollout_id, kind=kind)
+        log.info("txn.started", rollout_id=rollout_id, kind=kind, prepared=prepared)
         return txn
 
     def _txn_dir(self) -> Path:

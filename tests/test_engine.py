@@ -533,6 +533,99 @@ async def test_a_stage_tells_the_agent_the_switch_to_come(
     await leader.stop()
 
 
+async def test_a_node_left_dual_serves_its_certificate_to_the_expiry_watch_and_auto_rotate(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review 2 of session 29, finding 1: ``SchemaStore.served_certificates`` counted only
+    nodes that ended ``done``, so the certificate a transitional phase 1 leaves each node
+    serving (``dual``) was in no expiry warning, on no page and never auto-rotated. A
+    disable-tls taking the nodes back to http removes them, as before. (The finalize, which
+    the fake agents cannot run, is in tests/test_viewer_parts.py.)"""
+    from leader.auto_rotate import AutoRotator
+    from leader.expiry import ExpiryWatch
+    from leader.maintenance import parse_window
+    from leader.rollout_enums import Strategy
+
+    monkeypatch.setattr(changes, "dual_check", changes.outside_check)  # fakes know one scheme
+    leader = world.boot()
+    watch = ExpiryWatch(
+        leader.store,
+        leader.schema,
+        world.ca.cert,
+        list,
+        world.clock.wall,
+        warning_days=100_000,  # every certificate within its horizon: all due
+    )
+    rotator = AutoRotator(
+        watch,
+        leader.schema,
+        leader.commands,
+        enabled=True,
+        window=parse_window("Sat 02:00-05:00"),  # outside it: the rotator says who is due
+        local_clock=lambda: dt.datetime(2026, 12, 2, 12, 0),  # a Wednesday
+    )
+
+    def served() -> dict[str, str]:
+        return {name: f for name, (f, _) in leader.schema.served_certificates().items()}
+
+    async def seen() -> tuple[dict[str, str], dict[str, str], tuple[str, ...]]:
+        warned = {e.subject: e.fingerprint for e in watch.warnings() if e.kind == "server"}
+        return served(), warned, (await rotator.check()).nodes
+
+    request = RolloutRequest(
+        Change.ENABLE_TLS,
+        Scope.cluster(),
+        strategy=Strategy.TRANSITIONAL,
+        auth_verifier_json=VERIFIER_1,
+    )
+    phase_1 = await leader.commands.start(request, ADMIN)
+    row = await leader.run(lambda r: r.rollout.state is R.AWAITING_FINALIZE)
+    assert states(row) == dict.fromkeys(ORDER, N.DUAL)
+    live = {name: world.agents[name].fingerprint for name in ORDER}
+    assert all(live.values())
+    assert await seen() == (live, live, tuple(sorted(ORDER)))
+
+    disabling = await leader.start(Change.DISABLE_TLS)
+    row = await leader.run()
+    assert disabling.meta.undoes == phase_1.rollout.id
+    assert row.rollout.state is R.COMPLETED and states(row) == ALL_DONE
+    assert {world.agents[n].scheme for n in ORDER} == {"http"}
+    assert await seen() == ({}, {}, ())
+    await leader.stop()
+
+
+async def test_a_node_left_dual_revokes_the_certificate_its_new_one_supersedes(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review 2 of session 29, finding 1, the same gap in the revocation: a node an enable-tls
+    leaves ``done`` revokes the server certificates issued to it before (superseded); one a
+    transitional phase 1 leaves ``dual`` did not, nor its finalize (which stages none), so
+    a certificate of an earlier https period stayed valid on record for good."""
+    from leader.rollout_enums import Strategy
+
+    monkeypatch.setattr(changes, "dual_check", changes.outside_check)  # fakes know one scheme
+    leader = world.boot()
+    await leader.start()
+    assert states(await leader.run()) == ALL_DONE
+    first = {name: world.agents[name].fingerprint for name in ORDER}
+    await leader.start(Change.DISABLE_TLS)
+    assert states(await leader.run()) == ALL_DONE
+    request = RolloutRequest(
+        Change.ENABLE_TLS,
+        Scope.cluster(),
+        strategy=Strategy.TRANSITIONAL,
+        auth_verifier_json=VERIFIER_1,
+    )
+    await leader.commands.start(request, ADMIN)
+    row = await leader.run(lambda r: r.rollout.state is R.AWAITING_FINALIZE)
+    assert states(row) == dict.fromkeys(ORDER, N.DUAL)
+    for name in ORDER:
+        live = world.agents[name].fingerprint
+        assert live != first[name]
+        assert cert_reasons(leader, name) == [(first[name], "superseded"), (live, "")], name
+    await leader.stop()
+
+
 async def test_pipelining_prepares_the_next_node_while_one_switches(world: World) -> None:
     """prepare_ahead=1: the next node's preflight and stage run while a node switches; the
     switches still run one at a time, in order, each after the previous node's confirm."""

@@ -11,7 +11,7 @@ import hashlib
 import json
 import sqlite3
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -26,7 +26,7 @@ from leader.rollout_core import Change, NodeEvent, NodeState, RolloutEvent, Roll
 from leader.schema_store import BootstrapFailureRow, RolloutMeta, RolloutRow, SchemaStore
 from leader.schema_view import schema_message
 from leader.states import GrantState
-from leader.store import NotFound, Store
+from leader.store import NodeCert, NotFound, Store
 from leader.viewer import app as viewer_app
 from leader.viewer import certificate, metrics, pages
 from leader.viewer.app import SESSION_COOKIE, ViewerApp, sse
@@ -162,10 +162,18 @@ def start_rollout(schema: SchemaStore, rollout_id: str, change: Change) -> Rollo
 
 
 def drive_rollout(
-    schema: SchemaStore, row: RolloutRow, fail: str = "", pause: Callable[[], None] = lambda: None
+    schema: SchemaStore,
+    row: RolloutRow,
+    fail: str = "",
+    pause: Callable[[], None] = lambda: None,
+    *,
+    confirm: Sequence[NodeEvent] = (NodeEvent.SWITCH_DONE, NodeEvent.CONFIRM_DONE),
+    settled: RolloutEvent = RolloutEvent.NODES_SETTLED,
+    cert: bool = True,
 ) -> None:
-    """Drive a started rollout through the store as the engine would: every node done, except
-    ``fail`` (rolled back); ``pause`` between two writes."""
+    """Drive a started rollout through the store as the engine would: every node done (or
+    what ``confirm`` ends it), except ``fail`` (rolled back); ``pause`` between two writes;
+    ``cert``: record a certificate with each node."""
     rollout_id = row.rollout.id
     for name in ("b", "a"):
         events = [NodeEvent.START, NodeEvent.PREFLIGHT_PASSED, NodeEvent.STAGE_DONE]
@@ -173,27 +181,27 @@ def drive_rollout(
         if name == fail:
             events.append(NodeEvent.SWITCH_ROLLED_BACK)
         else:
-            events += [NodeEvent.SWITCH_DONE, NodeEvent.CONFIRM_DONE]
+            events += confirm
         for event in events:
             pause()
             records = [r.with_event(event) if r.name == name else r for r in row.records]
             row = schema.save_states(row, row.rollout, records, NOW, "engine")
         pause()
-        schema.update_detail(
-            rollout_id,
-            name,
-            cert_fingerprint=f"sha256:{rollout_id}-{name}",
-            cert_not_after=NOW + dt.timedelta(days=20),
-            freeze_started_at=NOW,
-            freeze_ended_at=NOW + dt.timedelta(seconds=3),
-            restart_seconds=1.5,
-        )
+        learnt: dict[str, object] = {
+            "freeze_started_at": NOW,
+            "freeze_ended_at": NOW + dt.timedelta(seconds=3),
+            "restart_seconds": 1.5,
+        }
+        if cert:
+            learnt["cert_fingerprint"] = f"sha256:{rollout_id}-{name}"
+            learnt["cert_not_after"] = NOW + dt.timedelta(days=20)
+        schema.update_detail(rollout_id, name, **learnt)
     if fail:
         halting = row.rollout.with_event(RolloutEvent.FAILURE_BUDGET_EXCEEDED)
         row = schema.save_states(row, halting, row.records, NOW, "engine", f"{fail} failed")
     pause()
-    settled = row.rollout.with_event(RolloutEvent.NODES_SETTLED)
-    schema.save_states(row, settled, row.records, NOW, "engine")
+    settled_ = row.rollout.with_event(settled)
+    schema.save_states(row, settled_, row.records, NOW, "engine")
 
 
 def run_rollout(schema: SchemaStore, rollout_id: str, change: Change, fail: str = "") -> None:
@@ -204,14 +212,17 @@ def server_certs(schema: schema_pb2.Schema) -> tuple[CertStatus, ...]:
     """The oracle of ``SchemaStore.served_certificates`` (the viewer's and the expiry check's
     one query), drawn from every rollout whole as the viewer once did: the certificate each
     node serves on 8443 is that of the newest rollout of a change in
-    ``schema_store.SERVES_NEW_CERT`` (read at each call, as the query reads it) that ended
-    ``done`` on the node, unless a disable-tls took the node back to http after it."""
+    ``schema_store.SERVES_NEW_CERT`` that ended in ``schema_store.SERVING_STATES`` (done, or
+    dual after a transitional phase 1) on the node (both read at each call, as the query
+    reads them), unless a disable-tls took the node back to http after it."""
     serving = {c.value for c in schema_store.SERVES_NEW_CERT}
+    states = {s.value for s in schema_store.SERVING_STATES}
     live: dict[str, CertStatus] = {}
     for r in reversed(schema.rollouts):  # oldest first
         change = CHANGE.text(r.change)
         for n in r.nodes:
-            if NODE_STATE.text(n.state) != NodeState.DONE.value:
+            state = NODE_STATE.text(n.state)
+            if state not in states:
                 continue
             if change in serving and n.HasField("cert_not_after"):
                 live[n.name] = CertStatus(
@@ -220,7 +231,7 @@ def server_certs(schema: schema_pb2.Schema) -> tuple[CertStatus, ...]:
                     n.cert_fingerprint,
                     n.cert_not_after.ToDatetime(tzinfo=dt.UTC),
                 )
-            elif change == Change.DISABLE_TLS.value:
+            elif change == Change.DISABLE_TLS.value and state == NodeState.DONE.value:
                 live.pop(n.name, None)
     return tuple(live[name] for name in sorted(live))
 
@@ -285,6 +296,86 @@ def test_the_served_certificates_query_and_its_oracle_follow_one_list_of_changes
     assert both() == ({"a": "sha256:r1-a", "b": "sha256:r2-b"},) * 2
     monkeypatch.setattr(schema_store, "SERVES_NEW_CERT", (Change.ENABLE_TLS,))
     assert both() == ({"a": "sha256:r1-a", "b": "sha256:r1-b"},) * 2
+
+
+def test_a_transitional_phase_1_and_its_finalize_leave_each_node_serving_its_certificate(
+    store: Store,
+) -> None:
+    """Review 2 of session 29, finding 1: the certificate a transitional phase 1 leaves each
+    node serving (``dual``) was missing from ``served_certificates`` (hence from the expiry
+    watch, auto-rotate and the page), and after its finalize (done, but a change that keeps
+    the certificate) too. The oracle follows the same rule."""
+    from leader.expiry import ExpiryWatch
+    from leader.rollout_enums import Strategy
+
+    schema = SchemaStore(store.db)
+    cert = NodeCert("sha256:" + "0" * 64, "sha256:" + "1" * 64, "1", NOW + dt.timedelta(days=397))
+    for i, name in enumerate(("a", "b")):
+        address = f"10.0.0.{i + 1}"
+        store.add_token(
+            f"tok{i}",
+            "s" * 26,
+            ttl=dt.timedelta(hours=1),
+            uses=1,
+            description="t",
+            now=NOW,
+            actor="admin:test",
+            node_name=name,
+            addresses=(address,),
+            dns_names=(),
+        )
+        store.enrol(
+            token_id=f"tok{i}",
+            secret="s" * 26,
+            name=name,
+            addresses=(address,),
+            dns_names=(),
+            agent_version="t",
+            agent_port=9442,
+            key_pin=f"pin-{name}",
+            issue=lambda: cert,
+            now=NOW,
+        )
+    rollout, nodes = planner.plan_rollout(
+        rollout_id="p1",
+        change=Change.ENABLE_TLS,
+        scope=Scope.cluster(),
+        enrolled={"a": True, "b": True},
+        leader="a",
+        epoch=schema.next_epoch(),
+        strategy=Strategy.TRANSITIONAL,
+    )
+    meta = RolloutMeta(created_at=NOW, started_by="admin:test", leader_node="a")
+    row = schema.create(rollout.with_event(RolloutEvent.START), nodes, meta, NOW)
+    confirm = [NodeEvent.SWITCH_DONE, NodeEvent.CONFIRM_DUAL]
+    drive_rollout(schema, row, confirm=confirm, settled=RolloutEvent.NODES_DUAL)
+    assert {r.state for r in schema.latest().records} == {NodeState.DUAL}  # type: ignore[union-attr]
+    watch = ExpiryWatch(
+        store, schema, pki.CertificateAuthority.create(now=NOW).cert, list, lambda: NOW
+    )
+    expected = {"a": "sha256:p1-a", "b": "sha256:p1-b"}
+
+    def seen() -> tuple[dict[str, str], ...]:
+        served = {n: f for n, (f, _) in schema.served_certificates().items()}
+        drawn = server_certs(schema_message(schema.all(), set(), NOW))
+        warned = {e.subject: e.fingerprint for e in watch.warnings() if e.kind == "server"}
+        return served, {c.subject: c.fingerprint for c in drawn}, warned
+
+    assert seen() == (expected,) * 3  # 20 days left: within the watch's 30
+
+    rollout, nodes = planner.plan_rollout(
+        rollout_id="p2",
+        change=Change.FINALIZE,
+        scope=Scope.of_nodes(("a", "b")),
+        enrolled={"a": True, "b": True},
+        leader="a",
+        epoch=schema.next_epoch(),
+    )
+    meta = RolloutMeta(created_at=NOW, started_by="admin:test", leader_node="a", finalizes="p1")
+    row = schema.create(rollout.with_event(RolloutEvent.START), nodes, meta, NOW)
+    drive_rollout(schema, row, cert=False)
+    assert {r.state for r in schema.latest().records} == {NodeState.DONE}  # type: ignore[union-attr]
+    assert seen() == (expected,) * 3
 
 
 def test_metrics_refuse_a_snapshot_read_without_its_switch_times(store: Store) -> None:
