@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import asyncio
 from collections import OrderedDict
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from typing import Any, Protocol, TypeVar
 
 import grpc
@@ -41,22 +41,22 @@ REFUSAL_CODES = frozenset(
     }
 )
 CALL_TIMEOUT = 30.0
-# Open agent channels the pool keeps at most (least recently used idle ones are closed): each
-# costs the leader about two descriptors, so 500 nodes would otherwise need ~1000 of them, and
-# memory inside gRPC (its TLS connection) that the leader keeps while it is open. A rollout uses
-# a node's channel while the node is in flight (--max-parallel, default 1, plus prepare_ahead),
-# and the planning's checks 16 at a time (observe.OBSERVE_AT_ONCE, last node first, so that the
-# channels left open are those of the nodes the rollout begins with). While a rollout is live
-# the engine raises the cap to what its nodes in flight need (``AgentPool.expect_in_flight``:
-# 2 * (--max-parallel + prepare_ahead) - 1, if above 16), so that no in-flight node's channel
-# is closed between its steps; 16 holds otherwise. Issue 15, ``bench.simagents`` at 500 agents
+# Open agent channels the pool keeps at most besides those of the live rollout's nodes in flight
+# (least recently used idle ones are closed): each costs the leader about two descriptors, so
+# 500 nodes would otherwise need ~1000 of them, and memory inside gRPC (its TLS connection) that
+# the leader keeps while it is open. The engine names the nodes in flight at each pass
+# (``AgentPool.hold``: --max-parallel, default 1, plus prepare_ahead); their channels are never
+# closed by the cap, so a node's steps reuse one channel however long it waits between them (a
+# retry, its turn to switch) and whatever else uses the pool meanwhile (scope freezes, plan and
+# observe). The cap bounds the rest: the planning's checks 16 at a time (observe.OBSERVE_AT_ONCE,
+# last node first, so that the channels left open are those of the nodes the rollout begins
+# with), freezes, the nodes just out of flight. Issue 15, ``bench.simagents`` at 500 agents
 # (--max-parallel 10), 4 pairs of 16 throughout against 32: the leader's RSS at the rollout's
 # end 121.1-121.7 MiB against 122.6-124.1 (1.3-2.9 lower); 3 s later, once ``give_back`` has
 # closed the rest, 120.5, 120.5, 122.4, 120.7 against 122.1, 123.6, 122.1, 121.8; 18
 # connections opened more over the rollout (1989 against 1971, strace), its CPU per node no
-# different (17.9, 16.7, 15.0 ms against 17.2, 18.1, 15.1). With the cap raised while the
-# rollout runs (21 at --max-parallel 10), one pair against 16 throughout: 121.8 against 121.5 at
-# the end (544 files open against 539: 5 channels more), 121.3 against 122.2 settled.
+# different (17.9, 16.7, 15.0 ms against 17.2, 18.1, 15.1). Those figures are of 16 throughout,
+# before in-flight nodes were held (not measured since).
 MAX_OPEN_CHANNELS = 16
 # WatchTransaction: one stream lasts at most this long (a stopped agent sends nothing, and TCP
 # does not tell); it is opened again at once and the agent sends the current state first.
@@ -126,9 +126,9 @@ class Agents(Protocol):
 
     async def get(self, name: str) -> AgentApi: ...
 
-    def expect_in_flight(self, nodes: int) -> None:
-        """The live rollout may have up to ``nodes`` nodes in flight at once (--max-parallel
-        plus prepare_ahead; 0: no rollout is live)."""
+    def hold(self, names: Collection[str]) -> None:
+        """``names`` are the live rollout's nodes in flight (none: no rollout is live, or it
+        waits); keep their channels open between their steps."""
 
     async def close(self) -> None: ...
 
@@ -412,13 +412,14 @@ class AgentPool:
         self.store = store
         self.credentials = credentials
         self.trust_domain = trust_domain
-        self.max_open = self.idle_open = max_open
+        self.max_open = max_open
         self.clients: dict[str, AgentClient] = {}
         # The nodes whose client has its channel open, and of those the idle ones (no call on
         # them), least recently used first: only they may be closed.
         self._open: set[str] = set()
         self._idle: OrderedDict[str, None] = OrderedDict()
         self._read_at: dict[str, int] = {}  # node -> Store.nodes_generation it was read at
+        self._held: frozenset[str] = frozenset()  # nodes in flight: never closed by the cap
         self._retiring: dict[AgentClient, asyncio.Task[None]] = {}
         self._closing: set[asyncio.Task[None]] = set()
 
@@ -454,21 +455,21 @@ class AgentPool:
         self._use(name)
         return client
 
-    def expect_in_flight(self, nodes: int) -> None:
-        """The live rollout may have up to ``nodes`` nodes in flight (--max-parallel plus
-        prepare_ahead; the engine says so at each pass, 0 once none is live): keep at least
-        ``2 * nodes - 1`` channels open meanwhile, so that no in-flight node's channel is
-        closed between its steps (opening it again is a TLS handshake on its switch's path).
-        The bound: the line is by last use, and a node idle between its steps (a node
-        prepared ahead waits for its turn to switch) is closed only when more than the cap are
-        open and every other idle channel is newer. Newer than its last use can be only the
-        other nodes then in flight that have ended since (each ended node's channel is newest
-        while it is idle) or are still in flight, and the nodes started since, each in a slot
-        that one of those freed: at most ``2 * (nodes - 1)``, so with itself ``2 * nodes -
-        1``. With no rollout live (or fewer nodes in flight) the cap is ``max_open`` as made
-        (``MAX_OPEN_CHANNELS``); lowered, it closes the excess at the next channel opened or
-        left idle."""
-        self.max_open = max(self.idle_open, 2 * nodes - 1)
+    def hold(self, names: Collection[str]) -> None:
+        """``names`` are the live rollout's nodes in flight (the engine says so at each pass;
+        none once no rollout is live, or while it waits): their channels are never closed by the
+        cap, busy or idle, so that a node's steps reuse its channel however long it waits
+        between them (a retry, its turn to switch) and whatever else uses the pool meanwhile
+        (scope freezes, plan, observe); opening it again would be a TLS handshake on its
+        switch's path. The cap (``max_open``) bounds the other open channels; those of nodes
+        no longer held are closed now if they are idle and beyond it (least recently used
+        first), the others as they go idle."""
+        if names == self._held:
+            return
+        released = bool(self._held.difference(names))
+        self._held = frozenset(names)
+        if released:
+            self._close_excess(None)
 
     def _use(self, name: str) -> None:
         if name in self._idle:
@@ -492,12 +493,24 @@ class AgentPool:
             else:
                 self._idle[name] = None
                 self._idle.move_to_end(name)
+        self._close_excess(client)
+
+    def _close_excess(self, client: AgentClient | None) -> None:
+        """Close idle channels while more than ``max_open`` are open besides the held ones,
+        least recently used first, never a held one nor ``client``'s (the newest use)."""
         excess = len(self._open) - self.max_open
-        while excess > 0 and self._idle:
-            other_name = next(iter(self._idle))
+        if excess > 0 and self._held:
+            excess -= len(self._held & self._open)
+        if excess <= 0:
+            return
+        for other_name in list(self._idle):
+            if excess <= 0:
+                break
             other = self.clients.get(other_name)
             if other is client:
                 break  # the newest use; the others are busy
+            if other_name in self._held:
+                continue
             del self._idle[other_name]
             self._open.discard(other_name)
             excess -= 1

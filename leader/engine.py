@@ -62,8 +62,10 @@ from leader.changes import (
 from leader.rollout_core import (
     CHANGES,
     FAILED_NODE_STATES,
+    IN_FLIGHT_NODE_STATES,
     STEP_FOR_STATE,
     TERMINAL_ROLLOUT_STATES,
+    WAITING_ROLLOUT_STATES,
     FreezeMode,
     NodeEvent,
     NodeRecord,
@@ -213,13 +215,18 @@ class Engine:
             row = await dbthread.run(self.schema.active)
         await self._forget_ended_keys(row)
         self._forget_ended(row.rollout.id if row is not None else None)
-        self.agents.expect_in_flight(row.rollout.max_parallel + self.prepare_ahead if row else 0)
-        if row is None:
+        # A rollout waiting (a transitional phase 1 in awaiting_finalize, for days) runs
+        # nothing: the pool holds none of its nodes, and what the rollouts left is given back.
+        waiting = row is not None and row.rollout.state in WAITING_ROLLOUT_STATES
+        if row is None or waiting:
+            self.agents.hold(frozenset())
             if self._live_seen:
                 self._live_seen = False
                 self._after_rollouts()
-            return
-        self._live_seen = True
+            if row is None:
+                return
+        else:
+            self._live_seen = True
         await self._record_node_auth(row)
         await self._revoke_superseded(row)
         held = await self._held_for_quiet(row)
@@ -271,6 +278,8 @@ class Engine:
                 )
             if plan.rollout_events:
                 log.info("rollout.state_changed", rollout_id=rollout.id, state=rollout.state.value)
+        if not waiting:  # its nodes in flight, with those this pass moved in: before their steps
+            self.agents.hold(_in_flight(row))
         for step in plan.steps:
             self._ensure_step(row, step)
         self._renew_freezes(row, plan)
@@ -848,6 +857,7 @@ class Engine:
                 reason=action.reason,
             )
         moved = set(plan.nodes_with_events)
+        self.agents.hold(_in_flight(row))  # with the nodes it moved in, before their steps
         for step in plan.steps:
             self._ensure_step(row, step, fresh=step.node in moved)
 
@@ -1005,6 +1015,12 @@ def _records_certs(row: RolloutRow, old: NodeRecord, new: NodeRecord) -> bool:
     runs. A paused or aborting rollout sends no Stage now (an abort skips the node), and a
     certificate recorded but never sent would stay in `certs check-expiration`."""
     return new != old and row.rollout.state is RolloutState.RUNNING
+
+
+def _in_flight(row: RolloutRow) -> frozenset[str]:
+    """The names of ``row``'s nodes in flight (from its census)."""
+    census = row.census
+    return frozenset(row.nodes[at][0].name for s in IN_FLIGHT_NODE_STATES for at in census.at(s))
 
 
 def _positions(row: RolloutRow, states: Iterable[NodeState]) -> list[int]:

@@ -35,7 +35,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 from collections import Counter
-from collections.abc import AsyncIterator, Iterator, Mapping
+from collections.abc import AsyncIterator, Collection, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 
 from cryptography import x509
@@ -449,7 +449,7 @@ class FakeAgents:
     async def close(self) -> None:
         """A leader closes its clients; the agents live on."""
 
-    def expect_in_flight(self, nodes: int) -> None:
+    def hold(self, names: Collection[str]) -> None:
         """No channels to keep open."""
 
     def expire_leases(self) -> None:

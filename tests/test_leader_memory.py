@@ -15,7 +15,7 @@ import sys
 import time
 import weakref
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, cast
@@ -31,7 +31,7 @@ from leader.commands import RolloutRequest
 from leader.engine import Engine
 from leader.observe import OBSERVE_AT_ONCE
 from leader.planner import PlanError
-from leader.rollout_core import Change, FreezeMode, RolloutState, Scope
+from leader.rollout_core import IN_FLIGHT_NODE_STATES, Change, FreezeMode, RolloutState, Scope
 from leader.schema_store import RolloutHead, RolloutRow, SchemaStore
 from leader.store import Store
 from leader.viewer import metrics
@@ -576,6 +576,49 @@ async def test_the_engine_gives_memory_back_once_when_its_last_rollout_has_ended
     await leader.stop()
 
 
+async def test_a_transitional_rollout_awaiting_finalize_holds_no_agent_channel_and_gives_back(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review 2 of session 29, finding 3: while a transitional phase 1 waited in
+    ``awaiting_finalize`` (until the admin finalizes: days), the engine treated it as live: the
+    pool's cap stayed raised for its --max-parallel, and ``after_rollouts`` (the leader's
+    ``give_back``: the idle channels closed, memory given back) never ran. Nothing runs in that
+    state: the pool holds none of its nodes, and the leader gives back once, as phase 1 starts
+    waiting (not again at each pass of the wait)."""
+    from leader import changes
+    from leader.rollout_enums import Strategy
+    from tests.test_engine import VERIFIER_1
+
+    world = make_world(tmp_path, monkeypatch)
+    monkeypatch.setattr(changes, "dual_check", changes.outside_check)
+    leader = world.boot()
+    held: list[frozenset[str]] = []
+    monkeypatch.setattr(leader.engine.agents, "hold", lambda names: held.append(frozenset(names)))
+    released: list[int] = []
+
+    async def after_rollouts() -> None:
+        released.append(len(leader.engine.tasks))
+
+    leader.engine.after_rollouts = after_rollouts
+    request = RolloutRequest(
+        Change.ENABLE_TLS,
+        Scope.cluster(),
+        strategy=Strategy.TRANSITIONAL,
+        auth_verifier_json=VERIFIER_1,
+        max_parallel=2,
+    )
+    await leader.commands.start(request, ADMIN)
+    row = await leader.run(lambda r: r.rollout.state is RolloutState.AWAITING_FINALIZE)
+    assert any(held)  # its nodes were held while in flight
+    for _ in range(3):
+        await leader.one_pass()
+        await asyncio.sleep(0)
+    assert row.rollout.state is RolloutState.AWAITING_FINALIZE
+    assert held[-3:] == [frozenset()] * 3
+    assert released == [0]
+    await leader.stop()
+
+
 async def test_the_agent_pool_closes_its_idle_channels_when_asked_and_keeps_busy_ones(
     loopback: Callable[[], str],
 ) -> None:
@@ -605,8 +648,10 @@ async def test_the_agent_pool_keeps_no_more_channels_open_than_the_planning_asks
 ) -> None:
     """Issue 15: a rollout at 500 nodes ended with 32 channels to agents open, each with its
     TLS connection's memory inside gRPC, more than its nodes in flight (--max-parallel plus the
-    one prepared ahead) and the planning's checks (``OBSERVE_AT_ONCE``) use at a time. The pool
-    keeps as many idle channels open as the planning asks agents at once, no more."""
+    one prepared ahead) and the planning's checks (``OBSERVE_AT_ONCE``) use at a time. With no
+    node held (no rollout live, or it waits), the pool keeps as many channels open as the
+    planning asks agents at once, no more; while a rollout is live it keeps its nodes in
+    flight's besides (``AgentPool.hold``)."""
     creds = grpc.ssl_channel_credentials(pki.CertificateAuthority.create().cert_pem)
     pool = AgentPool(NodeRows(loopback()), creds, "tlsroll-test")  # type: ignore[arg-type]
     try:
@@ -619,17 +664,35 @@ async def test_the_agent_pool_keeps_no_more_channels_open_than_the_planning_asks
         await pool.close()
 
 
+@pytest.mark.parametrize(
+    ("max_parallel", "retries", "scope"),
+    [(20, 0, False), (4, 6, False), (20, 0, True)],
+    ids=["plain", "a-node-retries", "scope-freeze"],
+)
 async def test_a_rollout_s_nodes_in_flight_keep_their_agent_channels_between_their_steps(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loopback: Callable[[], str]
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    loopback: Callable[[], str],
+    max_parallel: int,
+    retries: int,
+    scope: bool,
 ) -> None:
     """Review 1 of session 29: with the pool's cap at 16 and --max-parallel 20 (21 nodes in
     flight with the one prepared ahead), the pool closed in-flight nodes' channels between
     their steps, least recently used first (a node prepared ahead waits its turn idle), and
-    each was opened again: a TLS handshake on the node's switch or confirm. While a rollout is
-    live the engine tells the pool how many nodes may be in flight
-    (``AgentPool.expect_in_flight``), and each node's channel is opened once over the whole
-    rollout. The real engine, stores and pool (real channels, to an address where nothing
-    listens); the steps' calls go to the harness's fake agents."""
+    each was opened again: a TLS handshake on the node's switch or confirm. Raising the cap to
+    2 * 21 - 1 while the rollout ran was not enough (review 2 of session 29, finding 2): a node
+    that waits to retry while the other slots run node after node (``retries``: its watch
+    fails 6 times after its switch began), or the FREEZE and renewals of ``--freeze scope`` on
+    every node in scope, still pushed in-flight nodes' channels out. The engine names the nodes
+    in flight (``AgentPool.hold``) and the pool never closes theirs: no node's channel is opened
+    again between two steps of its flight, and without a scope freeze (nothing else uses the
+    pool) each node's channel is opened once over the whole rollout. A scope freeze's channels
+    are bounded by the cap (16), so a node's may be closed before its flight begins. Once the
+    rollout has ended the pool holds none, and what the leader gives back
+    (``leader.runtime.give_back``) leaves no channel open. The real
+    engine, stores and pool (real channels, to an address where nothing listens); the steps'
+    calls go to the harness's fake agents."""
     from tests.test_perf_shape import drive_to_the_end, engine_world, pool_reads_enrolment
 
     opened: Counter[str] = Counter()
@@ -645,31 +708,62 @@ async def test_a_rollout_s_nodes_in_flight_keep_their_agent_channels_between_the
     world = engine_world(tmp_path / "w", monkeypatch, n)
     creds = grpc.ssl_channel_credentials(pki.CertificateAuthority.create().cert_pem)
     pool = AgentPool(NodeRows(loopback()), creds, "tlsroll-test")  # type: ignore[arg-type]
+    held: list[int] = []
+    flying: set[str] = set()  # nodes that had a step while in flight
+    reopened: Counter[str] = Counter()
 
     class Pooled:
         """Each step's agent through the pool (its channel opened, or reused), then the fake."""
 
         async def get(self, name: str) -> Any:
-            assert (await pool.get(name)).channel is not None
+            client = await pool.get(name)
+            row = leader.schema.latest()
+            if row is not None and row.node(name)[0].state in IN_FLIGHT_NODE_STATES:
+                if name in flying and not client.open:
+                    reopened[name] += 1  # closed since an earlier step of its flight
+                flying.add(name)
+            assert client.channel is not None
             return world.agents[name]
 
         async def close(self) -> None:
             await pool.close()
 
-        def expect_in_flight(self, nodes: int) -> None:
-            pool.expect_in_flight(nodes)
+        def hold(self, names: Collection[str]) -> None:
+            held.append(len(names))
+            pool.hold(names)
 
     leader = world.boot(prepare_ahead=1)
     pool_reads_enrolment(world, leader)
     leader.engine.agents = Pooled()
-    await leader.start(max_parallel=20)
-    await drive_to_the_end(world, leader, n)
-    assert opened == Counter(a.name for a in world.agents), sorted(
-        name for name, times in opened.items() if times > 1
+    if retries:
+        agent = world.agents["n05"]
+        switch = agent.switch
+
+        failed: list[bool] = []
+
+        async def failing_after(request: Any) -> Any:
+            answer = await switch(request)
+            if not failed:  # its switch began; its watch then fails: a transient, retried
+                failed.append(True)
+                agent.unreachable = retries
+            return answer
+
+        monkeypatch.setattr(agent, "switch", failing_after)
+    await leader.start(
+        max_parallel=max_parallel, freeze=FreezeMode.SCOPE if scope else FreezeMode.NODE
     )
-    assert pool.max_open == 2 * 21 - 1 and pool.open_channels() <= pool.max_open
-    await leader.engine.reconcile()  # the rollout has ended: the cap is as made again
-    assert pool.max_open == MAX_OPEN_CHANNELS
+    await drive_to_the_end(world, leader, n)
+    assert not reopened, sorted(reopened)
+    assert flying == {a.name for a in world.agents}
+    if not scope:  # nothing else used the pool: one channel per node over the whole rollout
+        assert opened == Counter(a.name for a in world.agents), sorted(
+            name for name, times in opened.items() if times > 1
+        )
+    assert max(held) == max_parallel + 1
+    await leader.engine.reconcile()  # the rollout has ended: the pool holds none
+    assert held[-1] == 0 and pool.open_channels() <= MAX_OPEN_CHANNELS
+    await runtime.give_back(pool)
+    assert pool.open_channels() == 0
     await leader.stop()
 
 
