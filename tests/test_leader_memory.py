@@ -26,7 +26,7 @@ import structlog.testing
 from cryptography import x509
 
 from leader import daemon, runtime
-from leader.agent_client import MAX_OPEN_CHANNELS, AgentClient, AgentPool
+from leader.agent_client import MAX_OPEN_CHANNELS, AgentPool
 from leader.commands import RolloutRequest
 from leader.engine import Engine
 from leader.observe import OBSERVE_AT_ONCE
@@ -391,6 +391,20 @@ async def test_the_store_keeps_in_memory_the_live_rollout_and_the_newest_not_eve
     await leader.stop()
 
 
+def rows_built(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """The ids of the rollout rows the schema store builds from now on (``SchemaStore._read``),
+    in order."""
+    built: list[str] = []
+    read = SchemaStore._read
+
+    def counted(db: Any, rollout_id: str) -> Any:
+        built.append(rollout_id)
+        return read(db, rollout_id)
+
+    monkeypatch.setattr(SchemaStore, "_read", staticmethod(counted))
+    return built
+
+
 async def test_a_disable_tls_start_reads_the_rollout_it_takes_back_not_every_one_stored(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -404,14 +418,7 @@ async def test_a_disable_tls_start_reads_the_rollout_it_takes_back_not_every_one
     for change in [Change.ENABLE_TLS, Change.DISABLE_TLS, Change.ENABLE_TLS, Change.ENABLE_TLS]:
         ids.append((await leader.start(change)).rollout.id)
         assert (await leader.run()).rollout.state is RolloutState.COMPLETED
-    built: list[str] = []
-    read = SchemaStore._read
-
-    def counted(db: Any, rollout_id: str) -> Any:
-        built.append(rollout_id)
-        return read(db, rollout_id)
-
-    monkeypatch.setattr(SchemaStore, "_read", staticmethod(counted))
+    built = rows_built(monkeypatch)
     leader.schema._db.cache.clear()  # nothing kept: every row it looks at is built
     for undo in (None, ids[2]):
         request = RolloutRequest(Change.DISABLE_TLS, Scope.cluster(), undo_rollout_id=undo)
@@ -444,14 +451,7 @@ def test_the_viewer_s_page_and_metrics_read_the_newest_and_selected_rollout_not_
     for i, change in enumerate([Change.ENABLE_TLS, Change.ENABLE_TLS, Change.DISABLE_TLS]):
         run_rollout(schema, f"r{i + 1}", change, fail="a" if i == 1 else "")
     run_rollout(schema, "r4", Change.ENABLE_TLS)
-    built: list[str] = []
-    read = SchemaStore._read
-
-    def counted(db: Any, rollout_id: str) -> Any:
-        built.append(rollout_id)
-        return read(db, rollout_id)
-
-    monkeypatch.setattr(SchemaStore, "_read", staticmethod(counted))
+    built = rows_built(monkeypatch)
     reader = Reader(store, schema, lambda: VIEWER_NOW, lambda _: True, [])
     schema._db.cache.clear()  # nothing kept: every rollout read whole is built
     every = reader.read(every=True, times=True)
@@ -693,17 +693,14 @@ async def test_a_rollout_s_nodes_in_flight_keep_their_agent_channels_between_the
     (``leader.runtime.give_back``) leaves no channel open. The real
     engine, stores and pool (real channels, to an address where nothing listens); the steps'
     calls go to the harness's fake agents."""
-    from tests.test_perf_shape import drive_to_the_end, engine_world, pool_reads_enrolment
+    from tests.test_perf_shape import (
+        channels_opened,
+        drive_to_the_end,
+        engine_world,
+        pool_reads_enrolment,
+    )
 
-    opened: Counter[str] = Counter()
-    channel = AgentClient.channel
-
-    def counting(self: AgentClient) -> grpc.aio.Channel:
-        if self._channel is None:
-            opened[self.node.name] += 1
-        return channel.fget(self)  # type: ignore[attr-defined,no-any-return]
-
-    monkeypatch.setattr(AgentClient, "channel", property(counting))
+    opened = channels_opened(monkeypatch)
     n = 64
     world = engine_world(tmp_path / "w", monkeypatch, n)
     creds = grpc.ssl_channel_credentials(pki.CertificateAuthority.create().cert_pem)

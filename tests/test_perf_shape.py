@@ -1403,6 +1403,21 @@ async def test_a_rollout_logs_each_node_s_step_outcomes_and_no_chatter(
         assert logged.total() <= 4 * n + 2, logged
 
 
+def channels_opened(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
+    """How many times each node's agent channel is opened from now on (``AgentClient.channel``
+    making a new one)."""
+    opened: Counter[str] = Counter()
+    channel = AgentClient.channel
+
+    def counting(self: AgentClient) -> grpc.aio.Channel:
+        if self._channel is None:
+            opened[self.node.name] += 1
+        return channel.fget(self)  # type: ignore[attr-defined,no-any-return]
+
+    monkeypatch.setattr(AgentClient, "channel", property(counting))
+    return opened
+
+
 async def test_a_rollout_opens_a_node_s_agent_channel_once_or_at_most_twice(
     loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1413,15 +1428,7 @@ async def test_a_rollout_opens_a_node_s_agent_channel_once_or_at_most_twice(
     in flight at once. The nodes the pool kept open cost one handshake, the others two (one
     for planning, one for the steps), never more: a node's channel is not closed between its
     steps (real channels, to an address where nothing listens)."""
-    opened: Counter[str] = Counter()
-    channel = AgentClient.channel
-
-    def counting(self: AgentClient) -> grpc.aio.Channel:
-        if self._channel is None:
-            opened[self.node.name] += 1
-        return channel.fget(self)  # type: ignore[attr-defined,no-any-return]
-
-    monkeypatch.setattr(AgentClient, "channel", property(counting))
+    opened = channels_opened(monkeypatch)
     monkeypatch.setattr("leader.observe.OBSERVE_AT_ONCE", 1)  # as the test above: one order
     creds = grpc.ssl_channel_credentials(pki.CertificateAuthority.create().cert_pem)
     pool = AgentPool(NodeRows(loopback()), creds, "tlsroll-test", max_open=4)  # type: ignore[arg-type]

@@ -193,6 +193,32 @@ node_states = st.sampled_from(
 )
 
 
+def drawn(
+    states: list[tuple[NodeState, bool]],
+    change: Change,
+    strategy: Strategy,
+    freeze: FreezeMode,
+    max_parallel: int,
+    failure_budget: int,
+    rollout_state: RolloutState,
+) -> tuple[Rollout, tuple[NodeRecord, ...]]:
+    """The rollout and its nodes' records that a property's drawn values describe."""
+    rollout = rollout_of(
+        len(states),
+        change=change,
+        strategy=strategy,
+        freeze=freeze,
+        max_parallel=max_parallel,
+        failure_budget=failure_budget,
+        state=rollout_state,
+    )
+    records = tuple(
+        NodeRecord(name, state, scope_frozen=frozen)
+        for name, (state, frozen) in zip(rollout.order, states, strict=True)
+    )
+    return rollout, records
+
+
 @settings(max_examples=400, deadline=None)
 @given(
     states=st.lists(st.tuples(node_states, st.booleans()), min_size=1, max_size=30),
@@ -216,18 +242,8 @@ def test_the_census_pass_decides_as_the_pass_over_every_record_did(
     prepare_ahead: int,
     held_every: int,
 ) -> None:
-    rollout = rollout_of(
-        len(states),
-        change=change,
-        strategy=strategy,
-        freeze=freeze,
-        max_parallel=max_parallel,
-        failure_budget=failure_budget,
-        state=rollout_state,
-    )
-    records = tuple(
-        NodeRecord(name, state, scope_frozen=frozen)
-        for name, (state, frozen) in zip(rollout.order, states, strict=True)
+    rollout, records = drawn(
+        states, change, strategy, freeze, max_parallel, failure_budget, rollout_state
     )
     held = frozenset(rollout.order[::held_every]) if held_every else frozenset()
     expected = old_next_actions(rollout, records, held, prepare_ahead=prepare_ahead)
@@ -380,18 +396,8 @@ def test_a_plan_that_moves_nodes_only_leaves_nothing_for_the_next_pass(
     step the plan did not begin. While the rollout runs (the engine wakes its loop for a
     draining one: a halt skips a node a change without a stage moved to staged only at the
     next pass)."""
-    rollout = rollout_of(
-        len(states),
-        change=change,
-        strategy=strategy,
-        freeze=freeze,
-        max_parallel=max_parallel,
-        failure_budget=failure_budget,
-        state=RolloutState.RUNNING,
-    )
-    records = tuple(
-        NodeRecord(name, state, scope_frozen=frozen)
-        for name, (state, frozen) in zip(rollout.order, states, strict=True)
+    rollout, records = drawn(
+        states, change, strategy, freeze, max_parallel, failure_budget, RolloutState.RUNNING
     )
     plan = next_actions(rollout, records, prepare_ahead=prepare_ahead)
     if plan.rollout_events or not plan.node_events:
