@@ -16,7 +16,7 @@ NSPAWN := /usr/bin/systemd-nspawn
 PYTEST_ARGS ?= -n auto
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
-.PHONY: fault-matrix test demo lint typecheck proto proto-check pytest bench bench-rollout bench-agents bench-schema clean dist man completions
+.PHONY: fault-matrix test demo lint typecheck proto proto-check pytest bench bench-rollout bench-agents bench-floor bench-schema clean dist man completions
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -113,6 +113,10 @@ bench-rollout: $(BENCH_STAMP)
 NODES ?= 50,200,500
 bench-agents: $(STAMP)
 	$(PY) -m bench.simagents --nodes $(NODES)
+
+# What gRPC for Python costs by itself here (a message, a PING, a call, a channel): the floor.
+bench-floor: $(STAMP)
+	$(PY) -m bench.grpc_floor
 
 # `tlsroll schema show` with 100 stored rollouts.
 bench-schema: $(STAMP)

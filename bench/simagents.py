@@ -91,6 +91,7 @@ from bench.common import (
 )
 from bench.memory import LeaderState, Snapshots, memory_env, state_env, threads
 from bench.profile import Perf, Profile, Yappi, yappi_env
+from nodeagent.leader_link import leader_channel_options
 from tests.cluster import Cluster, hostport
 from tlsroll import __version__, pki, rpc, spiffe
 from tlsroll.defaults import AGENT_PORT, CONTROL_PORT, HTTP_PORT, HTTPS_PORT, JOIN_PORT
@@ -109,7 +110,6 @@ from tlsroll.v1 import (
 
 APP = "/praxis_live/"
 PER_WORKER = 125
-AGENT_KEEPALIVE_HEARTBEATS = 2  # as ``nodeagent.leader_link.KEEPALIVE_HEARTBEATS``
 BOOTSTRAP_PORT = 9443
 # The leader's RSS is read again this long after the rollout ended (and the bench fetched its
 # schema): what it keeps, not only its peak.
@@ -224,14 +224,11 @@ class SimAgent(agent_pb2_grpc.NodeAgentServicer):
             private_key=pki.key_to_pem(self.key),
             certificate_chain=self.cert_pem,
         )
-        # The real agent's channel: it PINGs the leader too (``nodeagent.leader_link``), and
-        # the leader answers those PINGs as it does its own (about as much CPU each).
-        keepalive = int(AGENT_KEEPALIVE_HEARTBEATS * 1000 * self.world.interval)
+        # The real agent's channel and its keepalive (``nodeagent.leader_link``): the leader
+        # answers an agent's PINGs as it does its own (about as much CPU each).
         options = [
             ("grpc.ssl_target_name_override", spiffe.leader_host(self.world.td)),
-            ("grpc.keepalive_time_ms", keepalive),
-            ("grpc.keepalive_timeout_ms", keepalive),
-            ("grpc.http2.max_pings_without_data", 0),
+            *leader_channel_options(int(self.world.interval)),
         ]
         await asyncio.sleep(offset)
         stream_mode = self.world.heartbeat != "unary"

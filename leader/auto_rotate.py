@@ -35,7 +35,7 @@ from leader.maintenance import (
     in_window,
     next_opening,
 )
-from leader.rollout_core import Change, Scope
+from leader.rollout_core import Change, RolloutState, Scope
 from leader.schema_store import SchemaStore
 from tlsroll import logs
 from tlsroll.errors import TlsrollError
@@ -134,6 +134,8 @@ class AutoRotator:
             active=active.rollout.id if active is not None else None,
             latest=last,
             foreign=foreign,
+            finalize_waits=active is not None
+            and active.rollout.state is RolloutState.AWAITING_FINALIZE,
         )
         if decision.verdict is Verdict.START:
             decision = await self._start(decision)

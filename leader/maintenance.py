@@ -187,6 +187,7 @@ def decide(
     active: str | None,
     latest: LastRollout | None,
     foreign: Sequence[str] = (),
+    finalize_waits: bool = False,
 ) -> Decision:
     """Whether to start a ``rotate-cert`` rollout of the nodes ``due`` (server certificates
     within their horizon) now.
@@ -200,11 +201,16 @@ def decide(
     ``foreign``: due nodes whose live certificate the cluster CA did not issue (the practice's
     own, from ``--cert-dir``). They are never rotated automatically, which would replace the
     practice's certificate with a cluster one behind the admin's back; the reason names them
-    and what to do."""
+    and what to do.
+
+    ``finalize_waits``: the active rollout is a transitional one that waits for the admin's
+    finalize. Its nodes serve both schemes (``dual``) and a rotation refuses them until then,
+    so nothing starts however long it waits; the reason says whose move it is, or a due
+    certificate could expire behind a "busy" that looks like the leader's own business."""
     nodes = tuple(sorted(set(due) - set(foreign)))
     if not enabled or window is None:
         return Decision(Verdict.OFF, nodes)
-    decision = _decide(window, local, nodes, active, latest)
+    decision = _decide(window, local, nodes, active, latest, finalize_waits)
     own = sorted(set(foreign))
     if not own:
         return decision
@@ -222,11 +228,19 @@ def _decide(
     nodes: tuple[str, ...],
     active: str | None,
     latest: LastRollout | None,
+    finalize_waits: bool,
 ) -> Decision:
     if not nodes:
         return Decision(Verdict.NOTHING_DUE)
     if not in_window(window, local):
         return Decision(Verdict.OUTSIDE_WINDOW, nodes, f"outside the window {window.text}")
+    if active is not None and finalize_waits:
+        return Decision(
+            Verdict.BUSY,
+            nodes,
+            f"rollout {active} waits for its finalize (its nodes serve http and https); "
+            f"nothing is rotated until then: tlsroll rollout finalize {active}",
+        )
     if active is not None:
         return Decision(Verdict.BUSY, nodes, f"rollout {active} is active")
     if latest is not None and latest.automatic and latest.state in ENDED_BADLY:

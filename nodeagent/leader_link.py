@@ -59,7 +59,7 @@ from nodeagent.journal import Journal
 from nodeagent.trust import LeaderTrust
 from tlsroll import __version__, logs, spiffe
 from tlsroll.errors import TerminalError, TransientError
-from tlsroll.rpc import hostport, reconnect_options
+from tlsroll.rpc import NO_BDP_PROBE, hostport, reconnect_options
 from tlsroll.v1 import agent_pb2, leader_pb2, leader_pb2_grpc
 
 log = logs.get_logger(__name__)
@@ -67,10 +67,11 @@ SERVER_VIEW_SECONDS = 2.0  # a heartbeat does not wait longer for the server's s
 # With a leader that has no heartbeat stream, the stream is tried again after this many unary
 # heartbeats (and after the leader was unreachable): an upgrade may have brought it.
 STREAM_RETRY_BEATS = 60
-# The agent's keepalive PINGs to the leader, every this many intervals (at least a second:
-# the leader's ``grpc.http2.min_ping_interval_without_data_ms``), as long to wait for the
-# answer.
-KEEPALIVE_HEARTBEATS = 2
+# Intervals the agent's kernel waits for the leader to acknowledge what the agent sent (a
+# heartbeat message, a PING) before it drops the connection (``leader_channel_options``).
+UNACKED_HEARTBEATS = 2
+# The agent's own keepalive PING to the leader: a backstop only (``leader_channel_options``).
+KEEPALIVE_PING_SECONDS = 300
 CLOSE_SECONDS = 2.0  # an agent closing its stream waits this long at most for the leader's end
 RECONNECT_SECONDS = 1.0  # a stream that ended by itself is opened again within this (jittered)
 # A stream that ended sooner than this (or an interval, if shorter) after it opened is taken
@@ -175,6 +176,30 @@ async def _status(stream: _Stream) -> grpc.StatusCode | None:
     if isinstance(stream.ended, grpc.aio.AioRpcError):
         return stream.ended.code()
     return await stream.call.code() if stream.call.done() else None
+
+
+def leader_channel_options(heartbeat_interval: int) -> list[tuple[str, int]]:
+    """The agent's channel options for the leader: how it notices a leader that vanished
+    without closing its connection (its host lost power, a cable pulled). The kernel drops a
+    connection whose sent data the leader has not acknowledged within ``UNACKED_HEARTBEATS``
+    intervals (TCP_USER_TIMEOUT, which gRPC's core sets to ``grpc.keepalive_timeout_ms`` on
+    a channel that has a keepalive time), and the agent sends a message at least every
+    renewal bound (``leader.service.renew_seconds``: 20 s at the product's 5 s), so a
+    vanished leader is noticed within that bound and 2 intervals (30 s at 5 s; 20 s before)
+    and the next heartbeat opens a new stream. The agent's own HTTP/2 PINGs, every 2
+    intervals before (issue 15), woke the leader's gRPC threads for nothing its messages do
+    not prove: they come every ``KEEPALIVE_PING_SECONDS`` now, a backstop (a keepalive time
+    must be set, or gRPC leaves the socket without its user timeout). The leader PINGs its
+    agents for its own notice of a vanished one (``leader.service.keepalive_seconds``). No
+    bandwidth-delay probe either: gRPC's core otherwise answers a leader's message on a quiet
+    connection with a PING (as the leader's channels to agents, ``tlsroll.rpc.NO_BDP_PROBE``).
+    """
+    return [
+        ("grpc.keepalive_time_ms", KEEPALIVE_PING_SECONDS * 1000),
+        ("grpc.keepalive_timeout_ms", UNACKED_HEARTBEATS * 1000 * heartbeat_interval),
+        ("grpc.http2.max_pings_without_data", 0),
+        NO_BDP_PROBE,
+    ]
 
 
 class _Stream:
@@ -347,17 +372,7 @@ class LeaderLink:
             creds,
             options=[
                 ("grpc.ssl_target_name_override", spiffe.leader_host(self.trust.trust_domain)),
-                # Between heartbeat messages (renewal mode) gRPC's core PINGs the leader, so a
-                # leader gone is noticed and the next heartbeat opens a new stream.
-                (
-                    "grpc.keepalive_time_ms",
-                    KEEPALIVE_HEARTBEATS * 1000 * self.cfg.heartbeat_interval,
-                ),
-                (
-                    "grpc.keepalive_timeout_ms",
-                    KEEPALIVE_HEARTBEATS * 1000 * self.cfg.heartbeat_interval,
-                ),
-                ("grpc.http2.max_pings_without_data", 0),
+                *leader_channel_options(self.cfg.heartbeat_interval),
                 # A restarted leader hears from this agent within a heartbeat interval.
                 *reconnect_options(self.cfg.heartbeat_interval),
             ],
@@ -429,8 +444,8 @@ class LeaderLink:
         """Send one heartbeat and take the leader's answer: on the stream (opened if none
         is), or a unary call to a leader without it. In renewal mode the answer is waited for
         only if ``answer`` or the message is the stream's first (the reader takes news
-        whenever it comes; the connection's keepalive notices a leader gone). AioRpcError or
-        TimeoutError when it failed."""
+        whenever it comes; a leader gone is noticed as ``leader_channel_options`` says).
+        AioRpcError or TimeoutError when it failed."""
         timeout = self.cfg.heartbeat_interval
         if self.streaming:
             old = self._stream

@@ -228,6 +228,12 @@ def test_decide() -> None:
     outside = d(local=MON)
     assert outside.verdict is Verdict.OUTSIDE_WINDOW and "Sat 02:00-05:00" in outside.reason
     assert d(active="r1").verdict is Verdict.BUSY
+    # A transitional rollout waiting for its finalize: its dual nodes cannot be rotated, and
+    # the admin is told it is their move (s29 review: the certificates on dual nodes).
+    waits = d(active="r1", finalize_waits=True)
+    assert waits.verdict is Verdict.BUSY and waits.nodes == ("n1", "n2")
+    assert "tlsroll rollout finalize r1" in waits.reason
+    assert "finalize" not in d(active="r1").reason
     assert d(local=MON, active="r1").verdict is Verdict.OUTSIDE_WINDOW
     # An automatic rotation that halted waits for an admin; one an admin's came after does not.
     held = d(latest=LastRollout("r2", "halted", automatic=True))
@@ -392,8 +398,10 @@ class FakeSchema:
 def _row(rollout_id: str, state: str, by: str) -> Any:
     from types import SimpleNamespace
 
+    from leader.rollout_core import RolloutState
+
     return SimpleNamespace(
-        rollout=SimpleNamespace(id=rollout_id, state=SimpleNamespace(value=state)),
+        rollout=SimpleNamespace(id=rollout_id, state=RolloutState(state)),
         meta=SimpleNamespace(started_by=by),
     )
 
@@ -487,3 +495,26 @@ def test_the_rotator_says_why_nothing_starts() -> None:
     held = _rotator(held_schema, FakeCommands(held_schema), ["n2"], "2026-12-05 03:00")
     decision = asyncio.run(held.check())
     assert decision.verdict.value == "held" and "r7" in decision.reason
+
+
+def test_the_rotator_tells_the_admin_to_finalize_a_waiting_transitional_rollout() -> None:
+    """A transitional rollout that waits for its finalize is active: its nodes serve both
+    schemes and a rotation refuses them ("finalize first"), so the automatic rotation waits
+    too, however close the certificates come to expiry. The schema says whose move it is and
+    the command; it said "rollout r4 is active" before, which reads as the leader's own
+    business while the certificates ran out."""
+    import asyncio
+
+    schema = FakeSchema()
+    schema.active_row = schema.latest_row = _row("r4", "awaiting_finalize", "admin")
+    commands = FakeCommands(schema)
+    rotator = _rotator(schema, commands, ["n1", "n2"], "2026-12-05 03:00")
+    decision = asyncio.run(rotator.check())
+    assert decision.verdict.value == "busy" and not commands.started
+    view = rotator.status.view()
+    assert view.verdict == "busy" and list(view.due_nodes) == ["n1", "n2"]
+    assert "tlsroll rollout finalize r4" in view.reason
+
+    schema.active_row = schema.latest_row = _row("r5", "running", "admin")
+    decision = asyncio.run(rotator.check())
+    assert decision.reason == "rollout r5 is active"

@@ -152,7 +152,8 @@ async def test_the_callers_cache_keeps_no_parsed_certificate_and_renewal_still_w
 
 # Runs the real leader daemon (``leader.daemon.main``, as the tlsroll-leader script does) and,
 # once its admin socket answers, writes the modules the process holds and stops it (SIGTERM,
-# the graceful stop). Only the standard library is imported besides the daemon.
+# the graceful stop). Only the standard library is imported besides the daemon (and gRPC, the
+# daemon's own import, to count what is frozen when its servers start).
 # Whether malloc gives blocks of a TLS connection's bio-pair buffer size (17 KiB) mappings of
 # their own in this process: of 64 such blocks (1 MiB, more than an arena keeps free at its
 # top), most; glibc marks such a chunk in its size word (IS_MMAPPED, 0x2).
@@ -193,8 +194,18 @@ def watch():
         f.write(str(MAPPED_PROBE()))
     import gc
     with open(out + ".gc", "w") as f:  # frozen at start, tracked since
-        f.write(f"{gc.get_freeze_count()} {len(gc.get_objects())}")
+        f.write(f"{gc.get_freeze_count()} {len(gc.get_objects())} {min(FROZEN_AT_START)}")
     os.kill(os.getpid(), signal.SIGTERM)
+
+# The collector's frozen objects when each of the leader's gRPC servers starts (gRPC is the
+# daemon's own import): its start's objects must be frozen before any caller can come.
+import gc, grpc.aio._server
+FROZEN_AT_START = []
+_start = grpc.aio._server.Server.start
+async def _counted_start(self):
+    FROZEN_AT_START.append(gc.get_freeze_count())
+    return await _start(self)
+grpc.aio._server.Server.start = _counted_start
 
 threading.Thread(target=watch, daemon=True).start()
 from leader.daemon import main
@@ -253,8 +264,12 @@ def test_an_idle_leader_holds_no_terminal_ui_and_no_viewer_it_does_not_run(
     assert Path(f"{out}.malloc").read_text() == "1"
     # What the start made is out of the garbage collector's way (``runtime.settle_heap``): the
     # collector's full passes (one at each rollout's end) walk only what came after it.
-    frozen, tracked = map(int, Path(f"{out}.gc").read_text().split())
+    frozen, tracked, at_start = map(int, Path(f"{out}.gc").read_text().split())
     assert frozen > 10_000 and frozen > tracked, (frozen, tracked)
+    # ... frozen before its first server started (review of session 29, L7: frozen after the
+    # servers started, it would also freeze what the first callers made, for the leader's life).
+    # Frozen objects only leave (when freed), so none was frozen after the start either.
+    assert at_start > 10_000 and at_start >= frozen, (at_start, frozen)
 
 
 def _maps_aiohttp(pid: int) -> bool:
