@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import os
 import stat
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -283,3 +286,27 @@ def test_key_errors_never_show_key_material(tmp_path: Path) -> None:
     assert "secret-passphrase" not in text
     body = [line for line in pem.decode().splitlines() if not line.startswith("-----")]
     assert not any(line in text for line in body)
+
+
+def test_the_certificate_code_an_agent_loads_leaves_key_encryption_out() -> None:
+    """Issue 15, session 30: an agent imports this module on a rollout's way to its first
+    switch (its first node's key and CSR), and only the leader encrypts keys (its CA's): the
+    scrypt key wrapping (``tlsroll.keywrap``: 4 modules, about 3 ms of the import's ~30) is
+    loaded when a key is first encrypted, not with the module."""
+    probe = (
+        "import sys\n"
+        "from tlsroll import pki\n"
+        "print('tlsroll.keywrap' in sys.modules)\n"
+        "pki.load_key_pem(pki.key_to_pem(pki.generate_key(), b'pass'), b'pass')\n"
+        "print('tlsroll.keywrap' in sys.modules)\n"
+    )
+    tree = str(Path(pki.__file__).resolve().parents[1])
+    out = subprocess.run(
+        [sys.executable, "-c", probe],
+        cwd=tree,
+        env={**os.environ, "PYTHONPATH": tree},
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.split() == ["False", "True"]
