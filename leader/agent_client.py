@@ -75,6 +75,17 @@ class StepFailed(TerminalError):
         self.code = code
 
 
+STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def call_failed(node: str, code: grpc.StatusCode, details: str) -> TransientError | StepFailed:
+    """What a call to ``node``'s agent that ended with ``code`` raises: UNAVAILABLE or
+    DEADLINE_EXCEEDED a TransientError, any other status the agent saying no (StepFailed)."""
+    if code in TRANSIENT_CODES:
+        return TransientError(f"agent {node}: {details}")
+    return StepFailed(f"{details} ({code.name})", code)
+
+
 class SwitchRefused(StepFailed):
     """The agent refused to begin a switch (``AgentApi.switch_and_watch``): nothing began."""
 
@@ -224,9 +235,7 @@ class AgentClient:
         try:
             return await method(self.stub)(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
-            if exc.code() in TRANSIENT_CODES:
-                raise TransientError(f"agent {self.node.name}: {exc.details()}") from None
-            raise StepFailed(f"{exc.details()} ({exc.code().name})", exc.code()) from None
+            raise call_failed(self.node.name, exc.code(), str(exc.details())) from None
         finally:
             self._done()
 
