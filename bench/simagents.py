@@ -47,6 +47,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import inspect
 import json
 import math
 import os
@@ -202,7 +203,8 @@ class SimAgent(agent_pb2_grpc.NodeAgentServicer):
         # A real agent's server options (those of the code under test; an older tree has none).
         options = getattr(rpc, "AGENT_SERVER_OPTIONS", [("grpc.so_reuseport", 0)])
         server = grpc.aio.server(options=options)
-        agent_pb2_grpc.add_NodeAgentServicer_to_server(self, server)
+        # Counted: the servicer's methods, each call counted (a stand-in, not a subclass)
+        agent_pb2_grpc.add_NodeAgentServicer_to_server(Counted(self), server)  # type: ignore[arg-type]
         creds = grpc.ssl_server_credentials(
             [(pki.key_to_pem(self.key), self.cert_pem)],
             root_certificates=self.world.ca_pem,
@@ -540,6 +542,34 @@ class SimAgent(agent_pb2_grpc.NodeAgentServicer):
         return agent_pb2.FreezeResponse(frozen=False)
 
 
+class Counted:
+    """An agent's NodeAgent methods, each call noting the connection it came on (the leader's
+    address and port as gRPC names the peer): how many channels the leader opened to the
+    agents (``Worker.connections``)."""
+
+    def __init__(self, agent: SimAgent) -> None:
+        self.agent = agent
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.agent, name)
+        seen = self.agent.world.connections
+        agent = self.agent.name
+        if inspect.isasyncgenfunction(method):
+
+            async def stream(request: Any, context: Any) -> Any:
+                seen.add((agent, context.peer()))
+                async for item in method(request, context):
+                    yield item
+
+            return stream
+
+        async def call(request: Any, context: Any) -> Any:
+            seen.add((agent, context.peer()))
+            return await method(request, context)
+
+        return call
+
+
 class Worker:
     """The agents of one worker process, and what they share."""
 
@@ -557,6 +587,8 @@ class Worker:
         self.beats = 0  # heartbeat intervals, all agents
         self.messages = 0  # of which a message went to the leader
         self.failed_beats = 0
+        # (agent, the leader's end of the connection) of every NodeAgent call (``Counted``).
+        self.connections: set[tuple[str, str]] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
 
     def spawn(self, coro: Any) -> None:
@@ -590,7 +622,10 @@ class Worker:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(
-            signal.SIGUSR1, lambda: print(f"counts {self.beats} {self.messages}", flush=True)
+            signal.SIGUSR1,
+            lambda: print(
+                f"counts {self.beats} {self.messages} {len(self.connections)}", flush=True
+            ),
         )
         await stop.wait()
         for task in list(self.tasks):
@@ -641,6 +676,8 @@ class Result:
     series: list[Step] = field(default_factory=list)  # each rollout's readings (--rollouts)
     idle_inside: dict[str, Any] = field(default_factory=dict)  # LeaderState before the first
     idle_kinds: dict[str, int] = field(default_factory=dict)  # idle files by kind
+    # The leader's connections to agents' NodeAgent (channels it opened) up to the rollout's end.
+    connections: int = 0
 
 
 @dataclass
@@ -736,14 +773,21 @@ def settled_step(
 
 def worker_counts(procs: Sequence[subprocess.Popen[str]]) -> tuple[int, int]:
     """Heartbeat intervals and messages sent, summed over the workers (SIGUSR1)."""
+    beats, messages, _ = worker_readings(procs)
+    return beats, messages
+
+
+def worker_readings(procs: Sequence[subprocess.Popen[str]]) -> tuple[int, int, int]:
+    """Heartbeat intervals, messages sent and the leader's connections to the agents' NodeAgent
+    seen so far (``Counted``), summed over the workers (SIGUSR1)."""
     for p in procs:
         p.send_signal(signal.SIGUSR1)
-    beats = messages = 0
+    beats = messages = connections = 0
     for p in procs:
         assert p.stdout is not None
-        _, b, m = p.stdout.readline().split()
-        beats, messages = beats + int(b), messages + int(m)
-    return beats, messages
+        _, b, m, c = p.stdout.readline().split()
+        beats, messages, connections = beats + int(b), messages + int(m), connections + int(c)
+    return beats, messages, connections
 
 
 def per_message(count: int | None, messages: int) -> str:
@@ -923,6 +967,7 @@ def one_run(
             )
             after = Reading.of(pid)
             during = time.monotonic() - t0
+            _, _, connections = worker_readings(procs)
             sent1 = sent_bytes(cluster.address, CONTROL_PORT) if rollouts > 1 else None
             view = get_schema(channel, view.id)
         first = settled_step(1, "enable-tls", view, before, after, n, pid, inside, sent0, sent1)
@@ -978,6 +1023,7 @@ def one_run(
             series=series,
             idle_inside=idle_inside,
             idle_kinds=idle_kinds,
+            connections=connections,
         )
     finally:
         for p in procs:
@@ -1122,7 +1168,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{'HB leader ms':>12} {'net':>5} {'msgs':>5} {'ms/msg':>6} {'HB agent ms':>11} "
         f"{'RSS MiB':>7} {'settled':>7} {'files':>5} "
         f"{'idle RSS':>8} {'no agent':>8} {'idle files':>10} {'inbound':>7} {'nofile':>6} "
-        f"{'0 agents ms/s':>13}"
+        f"{'0 agents ms/s':>13} {'chan/node':>9}"
         + (f" {'fsync/node':>10} {'idle fsync/msg':>14}" if ns.fsyncs else "")
     )
     for n in sizes:
@@ -1158,7 +1204,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{r.after.rss:>7.1f} {r.settled_rss:>7.1f} {r.after.files:>5} {r.idle_rss:>8.1f} "
             f"{r.base_rss:>8.1f} "
             f"{r.idle_files:>10} "
-            f"{r.idle_inbound:>7} {r.nofile:>6} {r.base_ms_per_s:>13.2f}"
+            f"{r.idle_inbound:>7} {r.nofile:>6} {r.base_ms_per_s:>13.2f} "
+            f"{r.connections / r.nodes:>9.2f}"
             + (
                 f" {fsyncs_per_node(r.fsyncs, r.nodes):>10}"
                 f" {per_message(r.idle_fsyncs, r.idle_messages):>14}"
@@ -1188,7 +1235,9 @@ def main(argv: list[str] | None = None) -> int:
         "agent: before any connected (the rest of idle RSS is the agents' connections and "
         "heartbeat streams); inbound: of the idle files, the agents' heartbeat connections "
         "(idle files - inbound: the leader's own); 0 agents ms/s: the leader's CPU per second "
-        "before any agent connected (its own timers; what 'net' takes off)"
+        "before any agent connected (its own timers; what 'net' takes off); chan/node: the "
+        "connections the leader opened to the agents' NodeAgent up to the rollout's end "
+        "(planning and steps; each an mTLS handshake), per node"
     )
     return 0
 
