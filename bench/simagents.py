@@ -27,7 +27,9 @@ simulated agent does is what the leader sees of a real one:
   with the staged certificate and closes http on 8080, so that the leader's outside check
   from confirm really connects), GetTransaction, WatchTransaction (with ``switch``, the
   switch begun first, as a real agent does), Rollback,
-  Freeze/Unfreeze, GetStatus and Check.
+  Freeze/Unfreeze, GetStatus and Check; on its renewal stream it says it answers the
+  leader's planning question there, and does (Check's answer, in a copy of its last report),
+  as a real agent does, so the leader asks it there, not over a channel.
 
 What is measured, on the leader (from /proc): its CPU over an idle window per agent and
 heartbeat interval (what the heartbeats load it with; before renewal mode every interval was a
@@ -243,6 +245,23 @@ class SimAgent(agent_pb2_grpc.NodeAgentServicer):
         replies: asyncio.Queue[Any] = asyncio.Queue()
         renew = 0.0
         sent: tuple[tuple[object, ...], float] | None = None
+        last: leader_pb2.HeartbeatRequest | None = None  # the last report sent on the stream
+        writing = asyncio.Lock()  # one write at a time on the stream: reports and answers
+
+        async def answer(call: Any, question: leader_pb2.CheckQuestion) -> None:
+            """The leader's planning question on the stream, answered as a real agent does
+            (``nodeagent.leader_link``): Check's answer, in a copy of the last report."""
+            message = leader_pb2.HeartbeatRequest()
+            if last is not None:
+                message.CopyFrom(last)
+            message.wants_answer = False
+            message.check_answer.CopyFrom(
+                leader_pb2.CheckAnswer(id=question.id, checked=self.checks())
+            )
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                async with writing:
+                    await call.write(message)
+                self.world.messages += 1
 
         async def read(call: Any) -> None:
             nonlocal renew
@@ -252,6 +271,9 @@ class SimAgent(agent_pb2_grpc.NodeAgentServicer):
                     if not isinstance(reply, leader_pb2.HeartbeatResponse):
                         await replies.put(TimeoutError("the leader ended the stream"))
                         return
+                    if reply.HasField("check"):  # a question: neither an answer nor news
+                        self.world.spawn(answer(call, reply.check))
+                        continue
                     renew = float(reply.renew_seconds)
                     self.take(reply)
                     await replies.put(reply)
@@ -287,13 +309,16 @@ class SimAgent(agent_pb2_grpc.NodeAgentServicer):
                             replies = asyncio.Queue()
                             reader = asyncio.ensure_future(read(stream))
                         request.renews = renews
+                        request.answers_checks = renews  # as a real agent on a renewal stream
                         # The first message on a stream is answered (the renewal bound comes
                         # with it); later ones only when the leader has news.
                         request.wants_answer = not renew
                         while not replies.empty():  # news taken meanwhile
                             if isinstance(error := replies.get_nowait(), BaseException):
                                 raise error
-                        await stream.write(request)
+                        last = request
+                        async with writing:
+                            await stream.write(request)
                         self.world.messages += 1
                         if request.wants_answer:
                             reply = await asyncio.wait_for(replies.get(), self.world.interval)

@@ -37,7 +37,7 @@ from cryptography import x509
 from leader.agent_client import STATUS_CODES, Agents, StepFailed, call_failed
 from leader.rollout_core import NodeObservation
 from tlsroll import pki
-from tlsroll.errors import PKIError, TlsrollError
+from tlsroll.errors import PKIError, TlsrollError, TransientError
 from tlsroll.v1 import agent_pb2, leader_pb2
 
 OBSERVE_TIMEOUT = 5.0
@@ -52,8 +52,9 @@ answer; None if there is no stream to ask it on; ``StreamEnded`` if the stream e
 the answer came; TimeoutError if none came in time (``LeaderService.ask_check``)."""
 
 
-class StreamEnded(Exception):
-    """The heartbeat stream a question was asked on ended before its answer came."""
+class StreamEnded(TransientError):
+    """The heartbeat stream a question was asked on ended before its answer came (the agent
+    may well answer over the channel)."""
 
 
 def observation(view: agent_pb2.ServerView, ca: x509.Certificate) -> NodeObservation:
