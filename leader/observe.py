@@ -91,25 +91,37 @@ async def observe(
     stream where it can (the module's docstring), else over the agent pool's channel."""
     late = NodeObservation(False, f"no answer within {OBSERVE_TIMEOUT:.0f} s")
 
-    async def one(name: str) -> NodeObservation:
+    gate = asyncio.Semaphore(OBSERVE_AT_ONCE)
+
+    def question(name: str) -> agent_pb2.CheckRequest:
         request = agent_pb2.CheckRequest(
             max_clock_offset_seconds=MAX_CLOCK_OFFSET, warm_certificates=name in warm
         )
         request.leader_time.FromDatetime(dt.datetime.now(dt.UTC))
+        return request
+
+    async def one(name: str) -> NodeObservation:
+        """On the stream (all nodes at once: no channel, no handshake), else over the
+        channel, ``OBSERVE_AT_ONCE`` nodes at a time."""
         loop = asyncio.get_running_loop()
-        deadline = loop.time() + OBSERVE_TIMEOUT
+        spent = 0.0  # of the deadline, by a stream that ended before its answer
         if ask is not None:
+            began = loop.time()
             try:
-                answer = await ask(name, request, OBSERVE_TIMEOUT)
+                answer = await ask(name, question(name), OBSERVE_TIMEOUT)
             except TimeoutError:
                 return late
             except StreamEnded:  # (the agent restarted, renewed, the leader cut the stream)
-                answer = None  # asked over the channel in the time left
+                answer, spent = None, loop.time() - began  # the channel gets the time left
             if answer is not None:
                 return answered(name, answer)
-        left = deadline - loop.time()
+        async with gate:
+            return await over_channel(name, OBSERVE_TIMEOUT - spent)
+
+    async def over_channel(name: str, left: float) -> NodeObservation:
         if left <= 0:
             return late
+        request = question(name)
         try:
             agent = await agents.get(name)
             checked = await asyncio.wait_for(agent.check(request, timeout=left), left + 1)
@@ -154,16 +166,10 @@ async def observe(
             return refused(answer.server, failed)
         return NodeObservation(False, str(failed))
 
-    gate = asyncio.Semaphore(OBSERVE_AT_ONCE)
-
-    async def gated(name: str) -> NodeObservation:
-        async with gate:
-            return await one(name)
-
     # Asked last to first: a rollout goes through its nodes in name order (``order_nodes``),
     # and the agent pool keeps the channels used last open (``MAX_OPEN_CHANNELS``), so those
     # left open are of the nodes the rollout asks first, not of those it reaches last (each
     # channel opened again is a TLS handshake).
     backwards = list(reversed(names))
-    results = await asyncio.gather(*(gated(n) for n in backwards))
+    results = await asyncio.gather(*(one(n) for n in backwards))
     return dict(zip(names, reversed(results), strict=True))
