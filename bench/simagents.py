@@ -859,6 +859,7 @@ def one_run(
     memory: Path | None = None,
     viewer: bool = True,
     rollouts: int = 1,
+    plans: int = 0,
 ) -> Result:
     cluster = Cluster(
         root / "cluster",
@@ -959,6 +960,8 @@ def one_run(
             snapshots.take()
         idle_inside = inside.read() if inside is not None else {}
         idle_kinds = fd_kinds(pid) | socket_ends(pid)
+        if plans:
+            plan_cpu(cluster, pid, n, plans, max_parallel, (l1 - l0) / idle)
         before = Reading.of(pid)
         sent0 = sent_bytes(cluster.address, CONTROL_PORT) if rollouts > 1 else None
         t0 = time.monotonic()
@@ -1060,6 +1063,26 @@ def one_run(
                 p.kill()
                 p.wait(10)
         cluster.close()
+
+
+def plan_cpu(cluster: Cluster, pid: int, n: int, plans: int, parallel: int, rate: float) -> None:
+    """``--plans K``: K ``tlsroll plan`` (Admin.PlanRollout, enable-tls) before the rollout,
+    one after another; prints the leader's CPU per plan and node, as it is and less its idle
+    window's rate (``rate``: CPU seconds per second, heartbeats and timers) over the plans'
+    time. The planning question alone: every node asked what it runs."""
+    options = [("grpc.max_metadata_size", 1 << 20)]
+    with grpc.insecure_channel(f"unix:{cluster.admin_socket}", options) as channel:
+        stub = admin_pb2_grpc.AdminStub(channel)
+        c0, t0 = fine_cpu_seconds(pid), time.monotonic()
+        for _ in range(plans):
+            stub.PlanRollout(enable_tls_request(parallel), timeout=120)
+        cpu, wall = fine_cpu_seconds(pid) - c0, time.monotonic() - t0
+    print(
+        f"plans: {plans} x {n} nodes, {wall / plans * 1000:.0f} ms each; leader CPU per plan "
+        f"and node {cpu / plans / n * 1000:.2f} ms, less the idle rate "
+        f"{(cpu - rate * wall) / plans / n * 1000:.2f} ms",
+        flush=True,
+    )
 
 
 def _inside(state: dict[str, Any]) -> str:
@@ -1172,6 +1195,13 @@ def main(argv: list[str] | None = None) -> int:
         "connection are printed after each (a hook on the leader's PYTHONPATH reads them: "
         "bench/memory_site)",
     )
+    parser.add_argument(
+        "--plans",
+        type=int,
+        default=0,
+        help="before the rollout, this many `tlsroll plan` (enable-tls) one after another: "
+        "the leader's CPU per plan and node (the planning question alone)",
+    )
     ns = parser.parse_args(argv)
     if ns.worker is not None:
         return worker_main(ns.worker)
@@ -1216,6 +1246,7 @@ def main(argv: list[str] | None = None) -> int:
                 memory=ns.memory,
                 viewer=not ns.no_viewer,
                 rollouts=max(1, ns.rollouts),
+                plans=ns.plans,
             )
         finally:
             if not ns.keep:
