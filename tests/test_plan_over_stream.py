@@ -66,6 +66,20 @@ class StubDriver:
         return ClientsView()
 
 
+class Held:
+    """An agent's answer that waits until ``go`` is set (``LeaderLink.answer_check``)."""
+
+    def __init__(self, answer: Callable[[leader_pb2.CheckQuestion], Awaitable[Any]]) -> None:
+        self.answer = answer
+        self.asked: asyncio.Queue[leader_pb2.CheckQuestion] = asyncio.Queue()
+        self.go = asyncio.Event()
+
+    async def __call__(self, question: leader_pb2.CheckQuestion) -> leader_pb2.CheckAnswer:
+        await self.asked.put(question)
+        await self.go.wait()
+        return await self.answer(question)  # type: ignore[no-any-return]
+
+
 @dataclass
 class Node:
     """The node's agent in this process: its heartbeat link and its NodeAgent service."""
@@ -74,6 +88,7 @@ class Node:
     link: LeaderLink
     service: NodeAgentService
     journal: Journal
+    held: Held | None  # its answers, held until told (``agent``'s ``hold``)
 
 
 @contextlib.asynccontextmanager
@@ -86,10 +101,12 @@ async def agent(
     down: str | None = None,
     skew: dt.timedelta = dt.timedelta(0),
     answers: bool = True,
+    hold: bool = False,
 ) -> AsyncIterator[Node]:
     """Node hb1's agent: ``LeaderLink`` (one beat done: its stream in renewal mode; ``answers``:
     it says it answers planning questions) and ``NodeAgentService`` on ``node_address``'s
-    agent port (``driver``: a ``StubDriver``, else none configured; its clock ``skew`` ahead)."""
+    agent port (``driver``: a ``StubDriver``, else none configured; its clock ``skew`` ahead);
+    ``hold``: its answers wait for ``Node.held.go``."""
     leader_address = rig.target.rsplit(":", 1)[0]
     link, trust, journal = agent_link(tmp_path, rig.node_files, leader_address, node_address)
     files = tmp_path / "agent"
@@ -119,11 +136,12 @@ async def agent(
         grpc.ssl_server_credentials([(key_pem, cert_pem)], ca_pem, require_client_auth=True),
     )
     await server.start()
+    held = Held(svc.answer_check) if hold else None
     if answers:
-        link.answer_check = svc.answer_check
+        link.answer_check = held or svc.answer_check
     try:
         await link.beat()
-        yield Node("hb1", link, svc, journal)
+        yield Node("hb1", link, svc, journal, held)
     finally:
         await link.close()
         await server.stop(None)
@@ -135,6 +153,24 @@ def pool_of(rig: InProcessLeader) -> AgentPool:
     key, cert = rig.leader_files
     creds = grpc.ssl_channel_credentials(rig.state.ca.cert_pem, key, cert)
     return AgentPool(rig.store, creds, rig.state.trust_domain)
+
+
+@contextlib.asynccontextmanager
+async def world(
+    tmp_path: Path, loopback: Callable[[], str], **options: Any
+) -> AsyncIterator[tuple[InProcessLeader, AgentPool, Node]]:
+    """The Leader service in this process on a loopback address (node hb1 enrolled), its
+    agent pool, and hb1's agent on another (``agent``, with ``options``)."""
+    leader_address, node_address = loopback(), loopback()
+    rig = leader_with_a_node(tmp_path, leader_address, node_address)
+    await rig.server.start()
+    pool = pool_of(rig)
+    try:
+        async with agent(tmp_path, rig, node_address, **options) as node:
+            yield rig, pool, node
+    finally:
+        await pool.close()
+        await rig.close()
 
 
 CASES: dict[str, dict[str, Any]] = {
@@ -154,32 +190,24 @@ async def test_planning_asks_on_the_stream_opens_no_channel_and_sees_what_check_
     node, a blocked one (its server's health and its clock's skew), one that refuses (no
     managed server: the refusal as its problem, its server view)."""
     opened = channels_opened(monkeypatch)
-    leader_address, node_address = loopback(), loopback()
-    rig = leader_with_a_node(tmp_path, leader_address, node_address)
-    await rig.server.start()
-    pool = pool_of(rig)
-    try:
-        async with agent(tmp_path, rig, node_address, **CASES[case]):
-            on_stream = await observe(pool, ["hb1"], rig.state.ca.cert, ask=rig.service.ask_check)
-            assert sum(opened.values()) == 0
-            on_channel = await observe(pool, ["hb1"], rig.state.ca.cert)
-            assert opened["hb1"] == 1  # the channel's Check, for the comparison
-        assert on_stream == on_channel
-        seen = on_stream["hb1"]
-        if case == "ready":
-            assert seen.reachable and seen.problems == () and seen.schemes == ("http",)
-        elif case == "blocked":
-            assert seen.reachable
-            assert [p.split(":")[0] for p in seen.problems] == [
-                "managed server not healthy",
-                "clock differs from the leader's by +600s (limit 120s); fix NTP",
-            ]
-        else:
-            assert not seen.reachable and "no managed server" in seen.error
-        assert all(not b.questions for b in rig.service._open)  # nothing left waiting
-    finally:
-        await pool.close()
-        await rig.close()
+    async with world(tmp_path, loopback, **CASES[case]) as (rig, pool, _):
+        on_stream = await observe(pool, ["hb1"], rig.state.ca.cert, ask=rig.service.ask_check)
+        assert sum(opened.values()) == 0
+        on_channel = await observe(pool, ["hb1"], rig.state.ca.cert)
+        assert opened["hb1"] == 1  # the channel's Check, for the comparison
+    assert on_stream == on_channel
+    seen = on_stream["hb1"]
+    if case == "ready":
+        assert seen.reachable and seen.problems == () and seen.schemes == ("http",)
+    elif case == "blocked":
+        assert seen.reachable
+        assert [p.split(":")[0] for p in seen.problems] == [
+            "managed server not healthy",
+            "clock differs from the leader's by +600s (limit 120s); fix NTP",
+        ]
+    else:
+        assert not seen.reachable and "no managed server" in seen.error
+    assert all(not b.questions for b in rig.service._open)  # nothing left waiting
 
 
 @pytest.mark.parametrize("how", ["cannot answer", "no stream", "unary heartbeats"])
@@ -190,42 +218,32 @@ async def test_an_agent_that_cannot_answer_on_a_stream_is_asked_over_the_channel
     on unary heartbeats (an older leader's fallback) are asked with Check over the channel,
     as before: the same observation, one channel opened."""
     opened = channels_opened(monkeypatch)
-    leader_address, node_address = loopback(), loopback()
-    rig = leader_with_a_node(tmp_path, leader_address, node_address)
-    await rig.server.start()
-    pool = pool_of(rig)
-    try:
-        async with agent(tmp_path, rig, node_address, answers=how != "cannot answer") as node:
-            if how == "no stream":
-                await node.link._finish_stream()
-                async with asyncio.timeout(30):
-                    while rig.service._open:
-                        await asyncio.sleep(0.02)
-            elif how == "unary heartbeats":
-                await node.link._finish_stream()
-                node.link.streaming = False
-                await node.link.beat()
-            assert await rig.service.ask_check("hb1", agent_pb2.CheckRequest(), 5) is None
-            seen = await observe(pool, ["hb1"], rig.state.ca.cert, ask=rig.service.ask_check)
-            assert opened["hb1"] == 1
-            assert seen["hb1"].reachable and seen["hb1"].problems == ()
-    finally:
-        await pool.close()
-        await rig.close()
+    async with world(tmp_path, loopback, answers=how != "cannot answer") as (rig, pool, node):
+        if how == "no stream":
+            await node.link._finish_stream()
+            async with asyncio.timeout(30):
+                while rig.service._open:
+                    await asyncio.sleep(0.02)
+        elif how == "unary heartbeats":
+            await node.link._finish_stream()
+            node.link.streaming = False
+            await node.link.beat()
+        assert await rig.service.ask_check("hb1", agent_pb2.CheckRequest(), 5) is None
+        seen = await observe(pool, ["hb1"], rig.state.ca.cert, ask=rig.service.ask_check)
+        assert opened["hb1"] == 1
+        assert seen["hb1"].reachable and seen["hb1"].problems == ()
 
 
-class Held:
-    """An agent's answer that waits until ``go`` is set (``LeaderLink.answer_check``)."""
-
-    def __init__(self, answer: Callable[[leader_pb2.CheckQuestion], Awaitable[Any]]) -> None:
-        self.answer = answer
-        self.asked: asyncio.Queue[leader_pb2.CheckQuestion] = asyncio.Queue()
-        self.go = asyncio.Event()
-
-    async def __call__(self, question: leader_pb2.CheckQuestion) -> leader_pb2.CheckAnswer:
-        await self.asked.put(question)
-        await self.go.wait()
-        return await self.answer(question)  # type: ignore[no-any-return]
+async def planning(
+    rig: InProcessLeader, pool: AgentPool, held: Held
+) -> tuple[asyncio.Future[dict[str, NodeObservation]], leader_pb2.CheckQuestion]:
+    """hb1 planned (observe, asking on the stream) in a task of its own, once its agent has
+    the question (and holds its answer): the task and the question."""
+    asked = asyncio.ensure_future(
+        observe(pool, ["hb1"], rig.state.ca.cert, ask=rig.service.ask_check)
+    )
+    async with asyncio.timeout(30):
+        return asked, await held.asked.get()
 
 
 async def test_a_stream_that_ends_before_its_answer_falls_back_to_the_channel(
@@ -238,42 +256,26 @@ async def test_a_stream_that_ends_before_its_answer_falls_back_to_the_channel(
     the agent can answer (an agent that vanished fails the channel's Check too, and is
     reported unreachable with that reason)."""
     opened = channels_opened(monkeypatch)
-    leader_address, node_address = loopback(), loopback()
-    rig = leader_with_a_node(tmp_path, leader_address, node_address)
-    await rig.server.start()
-    pool = pool_of(rig)
-    try:
-        async with agent(tmp_path, rig, node_address) as node:
-            held = Held(node.service.answer_check)
-            node.link.answer_check = held
-            await node.link._finish_stream()
-            await node.link.beat()  # a new stream, whose agent answers with ``held``
-            asked = asyncio.ensure_future(
-                observe(pool, ["hb1"], rig.state.ca.cert, ask=rig.service.ask_check)
-            )
-            async with asyncio.timeout(30):
-                await held.asked.get()
-            node.link._drop_stream()  # ends as a killed agent's would, mid-question
-            async with asyncio.timeout(30):
-                seen = await asked
-            assert seen["hb1"].reachable and seen["hb1"].problems == ()
-            assert opened["hb1"] == 1  # the channel's Check
+    async with world(tmp_path, loopback, hold=True) as (rig, pool, node):
+        assert node.held is not None
+        held = node.held
+        asked, _ = await planning(rig, pool, held)
+        node.link._drop_stream()  # ends as a killed agent's would, mid-question
+        async with asyncio.timeout(30):
+            seen = await asked
+        assert seen["hb1"].reachable and seen["hb1"].problems == ()
+        assert opened["hb1"] == 1  # the channel's Check
 
-            # The service's part: the question fails with the stream, and nothing is kept.
-            await node.link.beat()
-            question = asyncio.ensure_future(
-                rig.service.ask_check("hb1", agent_pb2.CheckRequest(), 30)
-            )
+        # The service's part: the question fails with the stream, and nothing is kept.
+        await node.link.beat()
+        question = asyncio.ensure_future(rig.service.ask_check("hb1", agent_pb2.CheckRequest(), 30))
+        async with asyncio.timeout(30):
+            await held.asked.get()
+        node.link._drop_stream()
+        with pytest.raises(StreamEnded):
             async with asyncio.timeout(30):
-                await held.asked.get()
-            node.link._drop_stream()
-            with pytest.raises(StreamEnded):
-                async with asyncio.timeout(30):
-                    await question
-            assert all(not b.questions for b in rig.service._open)
-    finally:
-        await pool.close()
-        await rig.close()
+                await question
+        assert all(not b.questions for b in rig.service._open)
 
 
 async def test_an_answer_on_one_node_s_stream_cannot_answer_another_node_s_question(
@@ -284,41 +286,25 @@ async def test_an_answer_on_one_node_s_stream_cannot_answer_another_node_s_quest
     of hb1's question, which stays unanswered (hb1's agent holds its answer) until its
     deadline: hb1 is reported unreachable, "no answer within", not with hb2's answer."""
     monkeypatch.setattr(observe_module, "OBSERVE_TIMEOUT", 2.0)
-    leader_address, node_address, other_address = loopback(), loopback(), loopback()
-    rig = leader_with_a_node(tmp_path, leader_address, node_address)
-    other = rig.add_node("hb2", other_address)
-    await rig.server.start()
-    pool = pool_of(rig)
-    try:
-        async with agent(tmp_path, rig, node_address) as node:
-            held = Held(node.service.answer_check)
-            node.link.answer_check = held
-            await node.link._finish_stream()
-            await node.link.beat()  # a new stream, whose agent answers with ``held``
-            asked = asyncio.ensure_future(
-                observe(pool, ["hb1"], rig.state.ca.cert, ask=rig.service.ask_check)
+    async with world(tmp_path, loopback, hold=True) as (rig, pool, node):
+        assert node.held is not None
+        held = node.held
+        asked, question = await planning(rig, pool, held)
+        forged = await node.service.answer_check(question)  # what hb1 would say
+        other = rig.add_node("hb2", loopback())
+        async with other_stream(rig, other) as stream:
+            await stream.write(leader_pb2.HeartbeatRequest(agent_version="x", renews=True, seq=1))
+            await stream.read()  # its first message is answered: counted for hb2
+            await stream.write(
+                leader_pb2.HeartbeatRequest(
+                    agent_version="x", renews=True, seq=2, check_answer=forged
+                )
             )
             async with asyncio.timeout(30):
-                question = await held.asked.get()
-            forged = await node.service.answer_check(question)  # what hb1 would say
-            async with other_stream(rig, other) as stream:
-                await stream.write(
-                    leader_pb2.HeartbeatRequest(agent_version="x", renews=True, seq=1)
-                )
-                await stream.read()  # its first message is answered: counted for hb2
-                await stream.write(
-                    leader_pb2.HeartbeatRequest(
-                        agent_version="x", renews=True, seq=2, check_answer=forged
-                    )
-                )
-                async with asyncio.timeout(30):
-                    seen = await asked
-            assert seen["hb1"] == NodeObservation(False, "no answer within 2 s")
-            held.go.set()
-            assert all(not b.questions for b in rig.service._open)
-    finally:
-        await pool.close()
-        await rig.close()
+                seen = await asked
+        assert seen["hb1"] == NodeObservation(False, "no answer within 2 s")
+        held.go.set()
+        assert all(not b.questions for b in rig.service._open)
 
 
 @contextlib.asynccontextmanager
