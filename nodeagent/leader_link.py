@@ -74,6 +74,10 @@ KEEPALIVE_HEARTBEATS = 2
 # Planning questions (``HeartbeatResponse.check``) the agent answers at once on one stream; a
 # leader that asks more waits for them in vain and asks over its channel (``leader.observe``).
 QUESTIONS_AT_ONCE = 8
+# An answer not made within this is given up (its checks cancelled, as a Check call's are at
+# its deadline): the leader waits ``leader.observe.OBSERVE_TIMEOUT`` (5 s) for it, and a check
+# that hangs (a driver's status command) must not hold one of the places above for ever.
+ANSWER_SECONDS = 15.0
 CLOSE_SECONDS = 2.0  # an agent closing its stream waits this long at most for the leader's end
 RECONNECT_SECONDS = 1.0  # a stream that ended by itself is opened again within this (jittered)
 # A stream that ended sooner than this (or an interval, if shorter) after it opened is taken
@@ -270,7 +274,8 @@ class _Stream:
         less its bootstrap failures (the leader adds those up). A stream that ended meanwhile
         takes nothing: the leader then asks over its channel."""
         try:
-            checked = await answer(question)
+            async with asyncio.timeout(ANSWER_SECONDS):
+                checked = await answer(question)
             message = leader_pb2.HeartbeatRequest()
             if self.last is not None:
                 message.CopyFrom(self.last)

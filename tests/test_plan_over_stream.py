@@ -27,6 +27,7 @@ from leader import observe as observe_module
 from leader.agent_client import AgentPool
 from leader.observe import StreamEnded, observe
 from leader.rollout_core import NodeObservation
+from nodeagent import leader_link
 from nodeagent.drivers import ServerFacts
 from nodeagent.identity import Identity
 from nodeagent.journal import Journal
@@ -276,6 +277,25 @@ async def test_a_stream_that_ends_before_its_answer_falls_back_to_the_channel(
             async with asyncio.timeout(30):
                 await question
         assert all(not b.questions for b in rig.service._open)
+
+
+async def test_an_answer_the_agent_cannot_make_in_time_is_given_up_and_frees_its_place(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A check that hangs (a driver's status command) is cancelled after ``ANSWER_SECONDS``,
+    as a Check call is at its deadline, and its place among ``QUESTIONS_AT_ONCE`` is free
+    again; the leader reported the node unreachable at its own deadline meanwhile."""
+    monkeypatch.setattr(observe_module, "OBSERVE_TIMEOUT", 1.0)
+    monkeypatch.setattr(leader_link, "ANSWER_SECONDS", 2.0)
+    async with world(tmp_path, loopback, hold=True) as (rig, pool, node):
+        assert node.held is not None
+        asked, _ = await planning(rig, pool, node.held)
+        assert (await asked)["hb1"] == NodeObservation(False, "no answer within 1 s")
+        stream = node.link._stream
+        assert stream is not None and len(stream._answering) == 1
+        async with asyncio.timeout(30):
+            while stream._answering:
+                await asyncio.sleep(0.05)
 
 
 async def test_an_answer_on_one_node_s_stream_cannot_answer_another_node_s_question(
