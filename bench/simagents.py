@@ -27,7 +27,9 @@ simulated agent does is what the leader sees of a real one:
   with the staged certificate and closes http on 8080, so that the leader's outside check
   from confirm really connects), GetTransaction, WatchTransaction (with ``switch``, the
   switch begun first, as a real agent does), Rollback,
-  Freeze/Unfreeze, GetStatus and Check.
+  Freeze/Unfreeze, GetStatus and Check; on its renewal stream it says it answers the
+  leader's planning question there, and does (Check's answer, in a copy of its last report),
+  as a real agent does, so the leader asks it there, not over a channel.
 
 What is measured, on the leader (from /proc): its CPU over an idle window per agent and
 heartbeat interval (what the heartbeats load it with; before renewal mode every interval was a
@@ -47,6 +49,7 @@ import argparse
 import asyncio
 import contextlib
 import datetime as dt
+import inspect
 import json
 import math
 import os
@@ -202,7 +205,8 @@ class SimAgent(agent_pb2_grpc.NodeAgentServicer):
         # A real agent's server options (those of the code under test; an older tree has none).
         options = getattr(rpc, "AGENT_SERVER_OPTIONS", [("grpc.so_reuseport", 0)])
         server = grpc.aio.server(options=options)
-        agent_pb2_grpc.add_NodeAgentServicer_to_server(self, server)
+        # Counted: the servicer's methods, each call counted (a stand-in, not a subclass)
+        agent_pb2_grpc.add_NodeAgentServicer_to_server(Counted(self), server)  # type: ignore[arg-type]
         creds = grpc.ssl_server_credentials(
             [(pki.key_to_pem(self.key), self.cert_pem)],
             root_certificates=self.world.ca_pem,
@@ -238,6 +242,23 @@ class SimAgent(agent_pb2_grpc.NodeAgentServicer):
         replies: asyncio.Queue[Any] = asyncio.Queue()
         renew = 0.0
         sent: tuple[tuple[object, ...], float] | None = None
+        last: leader_pb2.HeartbeatRequest | None = None  # the last report sent on the stream
+        writing = asyncio.Lock()  # one write at a time on the stream: reports and answers
+
+        async def answer(call: Any, question: leader_pb2.CheckQuestion) -> None:
+            """The leader's planning question on the stream, answered as a real agent does
+            (``nodeagent.leader_link``): Check's answer, in a copy of the last report."""
+            message = leader_pb2.HeartbeatRequest()
+            if last is not None:
+                message.CopyFrom(last)
+            message.wants_answer = False
+            message.check_answer.CopyFrom(
+                leader_pb2.CheckAnswer(id=question.id, checked=self.checks())
+            )
+            with contextlib.suppress(grpc.aio.AioRpcError, asyncio.InvalidStateError):
+                async with writing:
+                    await call.write(message)
+                self.world.messages += 1
 
         async def read(call: Any) -> None:
             nonlocal renew
@@ -247,6 +268,9 @@ class SimAgent(agent_pb2_grpc.NodeAgentServicer):
                     if not isinstance(reply, leader_pb2.HeartbeatResponse):
                         await replies.put(TimeoutError("the leader ended the stream"))
                         return
+                    if reply.HasField("check"):  # a question: neither an answer nor news
+                        self.world.spawn(answer(call, reply.check))
+                        continue
                     renew = float(reply.renew_seconds)
                     self.take(reply)
                     await replies.put(reply)
@@ -282,13 +306,16 @@ class SimAgent(agent_pb2_grpc.NodeAgentServicer):
                             replies = asyncio.Queue()
                             reader = asyncio.ensure_future(read(stream))
                         request.renews = renews
+                        request.answers_checks = renews  # as a real agent on a renewal stream
                         # The first message on a stream is answered (the renewal bound comes
                         # with it); later ones only when the leader has news.
                         request.wants_answer = not renew
                         while not replies.empty():  # news taken meanwhile
                             if isinstance(error := replies.get_nowait(), BaseException):
                                 raise error
-                        await stream.write(request)
+                        last = request
+                        async with writing:
+                            await stream.write(request)
                         self.world.messages += 1
                         if request.wants_answer:
                             reply = await asyncio.wait_for(replies.get(), self.world.interval)
@@ -537,6 +564,34 @@ class SimAgent(agent_pb2_grpc.NodeAgentServicer):
         return agent_pb2.FreezeResponse(frozen=False)
 
 
+class Counted:
+    """An agent's NodeAgent methods, each call noting the connection it came on (the leader's
+    address and port as gRPC names the peer): how many channels the leader opened to the
+    agents (``Worker.connections``)."""
+
+    def __init__(self, agent: SimAgent) -> None:
+        self.agent = agent
+
+    def __getattr__(self, name: str) -> Any:
+        method = getattr(self.agent, name)
+        seen = self.agent.world.connections
+        agent = self.agent.name
+        if inspect.isasyncgenfunction(method):
+
+            async def stream(request: Any, context: Any) -> Any:
+                seen.add((agent, context.peer()))
+                async for item in method(request, context):
+                    yield item
+
+            return stream
+
+        async def call(request: Any, context: Any) -> Any:
+            seen.add((agent, context.peer()))
+            return await method(request, context)
+
+        return call
+
+
 class Worker:
     """The agents of one worker process, and what they share."""
 
@@ -554,6 +609,8 @@ class Worker:
         self.beats = 0  # heartbeat intervals, all agents
         self.messages = 0  # of which a message went to the leader
         self.failed_beats = 0
+        # (agent, the leader's end of the connection) of every NodeAgent call (``Counted``).
+        self.connections: set[tuple[str, str]] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
 
     def spawn(self, coro: Any) -> None:
@@ -587,7 +644,10 @@ class Worker:
         loop = asyncio.get_running_loop()
         loop.add_signal_handler(signal.SIGTERM, stop.set)
         loop.add_signal_handler(
-            signal.SIGUSR1, lambda: print(f"counts {self.beats} {self.messages}", flush=True)
+            signal.SIGUSR1,
+            lambda: print(
+                f"counts {self.beats} {self.messages} {len(self.connections)}", flush=True
+            ),
         )
         await stop.wait()
         for task in list(self.tasks):
@@ -638,6 +698,8 @@ class Result:
     series: list[Step] = field(default_factory=list)  # each rollout's readings (--rollouts)
     idle_inside: dict[str, Any] = field(default_factory=dict)  # LeaderState before the first
     idle_kinds: dict[str, int] = field(default_factory=dict)  # idle files by kind
+    # The leader's connections to agents' NodeAgent (channels it opened) up to the rollout's end.
+    connections: int = 0
 
 
 @dataclass
@@ -733,14 +795,21 @@ def settled_step(
 
 def worker_counts(procs: Sequence[subprocess.Popen[str]]) -> tuple[int, int]:
     """Heartbeat intervals and messages sent, summed over the workers (SIGUSR1)."""
+    beats, messages, _ = worker_readings(procs)
+    return beats, messages
+
+
+def worker_readings(procs: Sequence[subprocess.Popen[str]]) -> tuple[int, int, int]:
+    """Heartbeat intervals, messages sent and the leader's connections to the agents' NodeAgent
+    seen so far (``Counted``), summed over the workers (SIGUSR1)."""
     for p in procs:
         p.send_signal(signal.SIGUSR1)
-    beats = messages = 0
+    beats = messages = connections = 0
     for p in procs:
         assert p.stdout is not None
-        _, b, m = p.stdout.readline().split()
-        beats, messages = beats + int(b), messages + int(m)
-    return beats, messages
+        _, b, m, c = p.stdout.readline().split()
+        beats, messages, connections = beats + int(b), messages + int(m), connections + int(c)
+    return beats, messages, connections
 
 
 def per_message(count: int | None, messages: int) -> str:
@@ -787,6 +856,7 @@ def one_run(
     memory: Path | None = None,
     viewer: bool = True,
     rollouts: int = 1,
+    plans: int = 0,
 ) -> Result:
     cluster = Cluster(
         root / "cluster",
@@ -887,6 +957,8 @@ def one_run(
             snapshots.take()
         idle_inside = inside.read() if inside is not None else {}
         idle_kinds = fd_kinds(pid) | socket_ends(pid)
+        if plans:
+            plan_cpu(cluster, pid, n, plans, max_parallel, (l1 - l0) / idle)
         before = Reading.of(pid)
         sent0 = sent_bytes(cluster.address, CONTROL_PORT) if rollouts > 1 else None
         t0 = time.monotonic()
@@ -920,6 +992,7 @@ def one_run(
             )
             after = Reading.of(pid)
             during = time.monotonic() - t0
+            _, _, connections = worker_readings(procs)
             sent1 = sent_bytes(cluster.address, CONTROL_PORT) if rollouts > 1 else None
             view = get_schema(channel, view.id)
         first = settled_step(1, "enable-tls", view, before, after, n, pid, inside, sent0, sent1)
@@ -975,6 +1048,7 @@ def one_run(
             series=series,
             idle_inside=idle_inside,
             idle_kinds=idle_kinds,
+            connections=connections,
         )
     finally:
         for p in procs:
@@ -986,6 +1060,26 @@ def one_run(
                 p.kill()
                 p.wait(10)
         cluster.close()
+
+
+def plan_cpu(cluster: Cluster, pid: int, n: int, plans: int, parallel: int, rate: float) -> None:
+    """``--plans K``: K ``tlsroll plan`` (Admin.PlanRollout, enable-tls) before the rollout,
+    one after another; prints the leader's CPU per plan and node, as it is and less its idle
+    window's rate (``rate``: CPU seconds per second, heartbeats and timers) over the plans'
+    time. The planning question alone: every node asked what it runs."""
+    options = [("grpc.max_metadata_size", 1 << 20)]
+    with grpc.insecure_channel(f"unix:{cluster.admin_socket}", options) as channel:
+        stub = admin_pb2_grpc.AdminStub(channel)
+        c0, t0 = fine_cpu_seconds(pid), time.monotonic()
+        for _ in range(plans):
+            stub.PlanRollout(enable_tls_request(parallel), timeout=120)
+        cpu, wall = fine_cpu_seconds(pid) - c0, time.monotonic() - t0
+    print(
+        f"plans: {plans} x {n} nodes, {wall / plans * 1000:.0f} ms each; leader CPU per plan "
+        f"and node {cpu / plans / n * 1000:.2f} ms, less the idle rate "
+        f"{(cpu - rate * wall) / plans / n * 1000:.2f} ms",
+        flush=True,
+    )
 
 
 def _inside(state: dict[str, Any]) -> str:
@@ -1098,6 +1192,13 @@ def main(argv: list[str] | None = None) -> int:
         "connection are printed after each (a hook on the leader's PYTHONPATH reads them: "
         "bench/memory_site)",
     )
+    parser.add_argument(
+        "--plans",
+        type=int,
+        default=0,
+        help="before the rollout, this many `tlsroll plan` (enable-tls) one after another: "
+        "the leader's CPU per plan and node (the planning question alone)",
+    )
     ns = parser.parse_args(argv)
     if ns.worker is not None:
         return worker_main(ns.worker)
@@ -1119,7 +1220,7 @@ def main(argv: list[str] | None = None) -> int:
         f"{'HB leader ms':>12} {'net':>5} {'msgs':>5} {'ms/msg':>6} {'HB agent ms':>11} "
         f"{'RSS MiB':>7} {'settled':>7} {'files':>5} "
         f"{'idle RSS':>8} {'no agent':>8} {'idle files':>10} {'inbound':>7} {'nofile':>6} "
-        f"{'0 agents ms/s':>13}"
+        f"{'0 agents ms/s':>13} {'chan/node':>9}"
         + (f" {'fsync/node':>10} {'idle fsync/msg':>14}" if ns.fsyncs else "")
     )
     for n in sizes:
@@ -1142,6 +1243,7 @@ def main(argv: list[str] | None = None) -> int:
                 memory=ns.memory,
                 viewer=not ns.no_viewer,
                 rollouts=max(1, ns.rollouts),
+                plans=ns.plans,
             )
         finally:
             if not ns.keep:
@@ -1155,7 +1257,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{r.after.rss:>7.1f} {r.settled_rss:>7.1f} {r.after.files:>5} {r.idle_rss:>8.1f} "
             f"{r.base_rss:>8.1f} "
             f"{r.idle_files:>10} "
-            f"{r.idle_inbound:>7} {r.nofile:>6} {r.base_ms_per_s:>13.2f}"
+            f"{r.idle_inbound:>7} {r.nofile:>6} {r.base_ms_per_s:>13.2f} "
+            f"{r.connections / r.nodes:>9.2f}"
             + (
                 f" {fsyncs_per_node(r.fsyncs, r.nodes):>10}"
                 f" {per_message(r.idle_fsyncs, r.idle_messages):>14}"
@@ -1185,7 +1288,9 @@ def main(argv: list[str] | None = None) -> int:
         "agent: before any connected (the rest of idle RSS is the agents' connections and "
         "heartbeat streams); inbound: of the idle files, the agents' heartbeat connections "
         "(idle files - inbound: the leader's own); 0 agents ms/s: the leader's CPU per second "
-        "before any agent connected (its own timers; what 'net' takes off)"
+        "before any agent connected (its own timers; what 'net' takes off); chan/node: the "
+        "connections the leader opened to the agents' NodeAgent up to the rollout's end "
+        "(planning and steps; each an mTLS handshake), per node"
     )
     return 0
 

@@ -42,21 +42,22 @@ REFUSAL_CODES = frozenset(
 )
 CALL_TIMEOUT = 30.0
 # Open agent channels the pool keeps at most besides those of the live rollout's nodes in flight
-# (least recently used idle ones are closed): each costs the leader about two descriptors, so
-# 500 nodes would otherwise need ~1000 of them, and memory inside gRPC (its TLS connection) that
-# the leader keeps while it is open. The engine names the nodes in flight at each pass
+# (least recently used idle ones are closed): each costs the leader about two descriptors, so 500
+# nodes would otherwise need ~1000 of them, and memory inside gRPC (its TLS connection) that the
+# leader keeps while it is open. The engine names the nodes in flight at each pass
 # (``AgentPool.hold``: --max-parallel, default 1, plus prepare_ahead); their channels are never
 # closed by the cap, so a node's steps reuse one channel however long it waits between them (a
 # retry, its turn to switch) and whatever else uses the pool meanwhile (scope freezes, plan and
-# observe). The cap bounds the rest: the planning's checks 16 at a time (observe.OBSERVE_AT_ONCE,
-# last node first, so that the channels left open are those of the nodes the rollout begins
-# with), freezes, the nodes just out of flight. Issue 15, ``bench.simagents`` at 500 agents
-# (--max-parallel 10), 4 pairs of 16 throughout against 32: the leader's RSS at the rollout's
-# end 121.1-121.7 MiB against 122.6-124.1 (1.3-2.9 lower); 3 s later, once ``give_back`` has
-# closed the rest, 120.5, 120.5, 122.4, 120.7 against 122.1, 123.6, 122.1, 121.8; 18
-# connections opened more over the rollout (1989 against 1971, strace), its CPU per node no
-# different (17.9, 16.7, 15.0 ms against 17.2, 18.1, 15.1). Those figures are of 16 throughout,
-# before in-flight nodes were held (not measured since).
+# observe). The cap bounds the rest: the planning's checks of agents that cannot take them on their
+# heartbeat stream (the others open no channel for planning: ``leader.observe``), 16 at a time
+# (observe.OBSERVE_AT_ONCE, last node first, so that the channels left open are those of the nodes
+# the rollout begins with), freezes, the nodes just out of flight. Issue 15, ``bench.simagents`` at
+# 500 agents (--max-parallel 10), 4 pairs of 16 throughout against 32: the leader's RSS at the
+# rollout's end 121.1-121.7 MiB against 122.6-124.1 (1.3-2.9 lower); 3 s later, once ``give_back``
+# has closed the rest, 120.5, 120.5, 122.4, 120.7 against 122.1, 123.6, 122.1, 121.8; 18 connections
+# opened more over the rollout (1989 against 1971, strace), its CPU per node no different (17.9,
+# 16.7, 15.0 ms against 17.2, 18.1, 15.1). Those figures are of 16 throughout, before in-flight
+# nodes were held (not measured since).
 MAX_OPEN_CHANNELS = 16
 # WatchTransaction: one stream lasts at most this long (a stopped agent sends nothing, and TCP
 # does not tell); it is opened again at once and the agent sends the current state first.
@@ -73,6 +74,17 @@ class StepFailed(TerminalError):
     def __init__(self, message: str, code: grpc.StatusCode | None = None) -> None:
         super().__init__(message)
         self.code = code
+
+
+STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
+
+
+def call_failed(node: str, code: grpc.StatusCode, details: str) -> TransientError | StepFailed:
+    """What a call to ``node``'s agent that ended with ``code`` raises: UNAVAILABLE or
+    DEADLINE_EXCEEDED a TransientError, any other status the agent saying no (StepFailed)."""
+    if code in TRANSIENT_CODES:
+        return TransientError(f"agent {node}: {details}")
+    return StepFailed(f"{details} ({code.name})", code)
 
 
 class SwitchRefused(StepFailed):
@@ -224,9 +236,7 @@ class AgentClient:
         try:
             return await method(self.stub)(request, timeout=timeout)
         except grpc.aio.AioRpcError as exc:
-            if exc.code() in TRANSIENT_CODES:
-                raise TransientError(f"agent {self.node.name}: {exc.details()}") from None
-            raise StepFailed(f"{exc.details()} ({exc.code().name})", exc.code()) from None
+            raise call_failed(self.node.name, exc.code(), str(exc.details())) from None
         finally:
             self._done()
 

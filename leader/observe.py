@@ -9,6 +9,16 @@
 managed server runs (schemes, the served certificate, the live verifier's digest), as
 ``GetStatus`` would: one call per node.
 
+The question goes over the agent's own ``Leader.Heartbeats`` stream when it can take it (``ask``:
+``leader.service.LeaderService.ask_check``; an agent that says it answers, on a live stream in
+renewal mode): the leader then opens no channel to the node for planning (each is a TLS
+handshake, ~2.2-2.6 ms of the leader's CPU, and the agent pool keeps only 16 open, so a node
+planned but not kept had a second one opened for its steps: issue 15). The answer is what
+``Check`` gives, or the status it would have ended with and the ``ServerView`` ``GetStatus``
+would give. Every other agent (older, on unary heartbeats, without a stream now, or whose stream
+ended before it answered) is asked over the channel, as before, in the time the deadline has
+left.
+
 Agents are asked ``OBSERVE_AT_ONCE`` at a time, each with a short deadline and no retries: a
 plan is shown to an admin who waits for it, and an agent that does not answer within
 ``OBSERVE_TIMEOUT`` is reported as unreachable (with the reason), never waited for.
@@ -18,22 +28,33 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
-from collections.abc import Collection, Sequence
+from collections.abc import Awaitable, Callable, Collection, Sequence
 from dataclasses import replace
 
+import grpc
 from cryptography import x509
 
-from leader.agent_client import AgentApi, Agents, StepFailed
+from leader.agent_client import STATUS_CODES, Agents, StepFailed, call_failed
 from leader.rollout_core import NodeObservation
 from tlsroll import pki
-from tlsroll.errors import PKIError, TlsrollError
-from tlsroll.v1 import agent_pb2
+from tlsroll.errors import PKIError, TlsrollError, TransientError
+from tlsroll.v1 import agent_pb2, leader_pb2
 
 OBSERVE_TIMEOUT = 5.0
 # Agents asked at once: each first call opens a TLS connection, and 500 handshakes at once on
 # a small leader machine timed out by the hundred ("no SETTINGS frame").
 OBSERVE_AT_ONCE = 16
 MAX_CLOCK_OFFSET = 120  # as the preflight step (leader.changes)
+
+Ask = Callable[[str, agent_pb2.CheckRequest, float], Awaitable[leader_pb2.CheckAnswer | None]]
+"""Ask a node's agent the question on its heartbeat stream, waiting at most that long: its
+answer; None if there is no stream to ask it on; ``StreamEnded`` if the stream ended before
+the answer came; TimeoutError if none came in time (``LeaderService.ask_check``)."""
+
+
+class StreamEnded(TransientError):
+    """The heartbeat stream a question was asked on ended before its answer came (the agent
+    may well answer over the channel)."""
 
 
 def observation(view: agent_pb2.ServerView, ca: x509.Certificate) -> NodeObservation:
@@ -62,27 +83,66 @@ async def observe(
     ca: x509.Certificate,
     *,
     warm: Collection[str] = frozenset(),
+    ask: Ask | None = None,
 ) -> dict[str, NodeObservation]:
     """Ask every named node's agent what it runs; unreachable ones say why. The agents of the
     nodes in ``warm`` are told to load their certificate code ahead of their preflight
-    (``CheckRequest.warm_certificates``)."""
+    (``CheckRequest.warm_certificates``). ``ask``: the question goes on the node's heartbeat
+    stream where it can (the module's docstring), else over the agent pool's channel."""
+    late = NodeObservation(False, f"no answer within {OBSERVE_TIMEOUT:.0f} s")
 
-    async def one(name: str) -> NodeObservation:
+    gate = asyncio.Semaphore(OBSERVE_AT_ONCE)
+
+    def question(name: str) -> agent_pb2.CheckRequest:
         request = agent_pb2.CheckRequest(
             max_clock_offset_seconds=MAX_CLOCK_OFFSET, warm_certificates=name in warm
         )
         request.leader_time.FromDatetime(dt.datetime.now(dt.UTC))
+        return request
+
+    async def one(name: str) -> NodeObservation:
+        """On the stream (all nodes at once: no channel, no handshake), else over the
+        channel, ``OBSERVE_AT_ONCE`` nodes at a time."""
+        loop = asyncio.get_running_loop()
+        spent = 0.0  # of the deadline, by a stream that ended before its answer
+        if ask is not None:
+            began = loop.time()
+            try:
+                answer = await ask(name, question(name), OBSERVE_TIMEOUT)
+            except TimeoutError:
+                return late
+            except StreamEnded:  # (the agent restarted, renewed, the leader cut the stream)
+                answer, spent = None, loop.time() - began  # the channel gets the time left
+            if answer is not None:
+                return answered(name, answer)
+        async with gate:
+            return await over_channel(name, OBSERVE_TIMEOUT - spent)
+
+    async def over_channel(name: str, left: float) -> NodeObservation:
+        if left <= 0:
+            return late
+        request = question(name)
         try:
             agent = await agents.get(name)
-            checked = await asyncio.wait_for(
-                agent.check(request, timeout=OBSERVE_TIMEOUT), OBSERVE_TIMEOUT + 1
-            )
+            checked = await asyncio.wait_for(agent.check(request, timeout=left), left + 1)
         except TimeoutError:
-            return NodeObservation(False, f"no answer within {OBSERVE_TIMEOUT:.0f} s")
+            return late
         except StepFailed as exc:  # it answered, but not its checks: what does it run?
-            return await refused_checks(agent, exc)
+            try:
+                status = await asyncio.wait_for(
+                    agent.get_status(agent_pb2.GetStatusRequest(), timeout=OBSERVE_TIMEOUT),
+                    OBSERVE_TIMEOUT + 1,
+                )
+            except TimeoutError:
+                return late
+            except TlsrollError as failed:
+                return NodeObservation(False, str(failed))
+            return refused(status.server, exc)
         except TlsrollError as exc:
             return NodeObservation(False, str(exc))
+        return seen_checked(checked)
+
+    def seen_checked(checked: agent_pb2.PreflightResponse) -> NodeObservation:
         # Check's answer carries the same ServerView as GetStatus (taken as it checks, in
         # every release that has Check): one call per node, not two.
         seen = observation(checked.server, ca)
@@ -90,31 +150,26 @@ async def observe(
             return seen
         return replace(seen, problems=tuple(checked.problems))
 
-    async def refused_checks(agent: AgentApi, refusal: StepFailed) -> NodeObservation:
+    def refused(view: agent_pb2.ServerView, refusal: StepFailed) -> NodeObservation:
         """An agent that refused its checks: what it runs (GetStatus), and the refusal as its
         problem (an agent without a managed server is not reachable for a rollout)."""
-        try:
-            status = await asyncio.wait_for(
-                agent.get_status(agent_pb2.GetStatusRequest(), timeout=OBSERVE_TIMEOUT),
-                OBSERVE_TIMEOUT + 1,
-            )
-        except TimeoutError:
-            return NodeObservation(False, f"no answer within {OBSERVE_TIMEOUT:.0f} s")
-        except TlsrollError as exc:
-            return NodeObservation(False, str(exc))
-        seen = observation(status.server, ca)
+        seen = observation(view, ca)
         return replace(seen, problems=(f"its checks: {refusal}",)) if seen.reachable else seen
 
-    gate = asyncio.Semaphore(OBSERVE_AT_ONCE)
-
-    async def gated(name: str) -> NodeObservation:
-        async with gate:
-            return await one(name)
+    def answered(name: str, answer: leader_pb2.CheckAnswer) -> NodeObservation:
+        """The answer on the stream, read as the channel's Check (and GetStatus) would be."""
+        if not answer.refused_code:
+            return seen_checked(answer.checked)
+        code = STATUS_CODES.get(answer.refused_code, grpc.StatusCode.UNKNOWN)
+        failed = call_failed(name, code, answer.refused)
+        if isinstance(failed, StepFailed):
+            return refused(answer.server, failed)
+        return NodeObservation(False, str(failed))
 
     # Asked last to first: a rollout goes through its nodes in name order (``order_nodes``),
     # and the agent pool keeps the channels used last open (``MAX_OPEN_CHANNELS``), so those
     # left open are of the nodes the rollout asks first, not of those it reaches last (each
     # channel opened again is a TLS handshake).
     backwards = list(reversed(names))
-    results = await asyncio.gather(*(gated(n) for n in backwards))
+    results = await asyncio.gather(*(one(n) for n in backwards))
     return dict(zip(names, reversed(results), strict=True))

@@ -239,7 +239,8 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         state.online,
         cfg.node_name,
         engine.wake.set,
-        observe=functools.partial(observe, agents, ca=state.ca.cert),
+        # Planning asks on the agents' heartbeat streams where it can (no channel opened).
+        observe=functools.partial(observe, agents, ca=state.ca.cert, ask=leader_service.ask_check),
         vault=engine.vault,
         cert_horizon=dt.timedelta(days=cfg.expiry_warning_days),
         # An agent whose stream ended opens a new one within a second or so, once the leader

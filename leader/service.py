@@ -13,6 +13,7 @@ import contextlib
 import datetime as dt
 import functools
 import hashlib
+import itertools
 import math
 import sqlite3
 import time
@@ -24,6 +25,7 @@ import grpc
 
 from leader import byo, join_guard
 from leader.commands import NoRolloutYet, NoSuchRollout, NotRetriable, StillOnHttp
+from leader.observe import StreamEnded
 from leader.planner import (
     AlreadyUndone,
     EmptyScope,
@@ -70,7 +72,14 @@ from tlsroll.rpc import (
     timestamp,
     unauthenticated,
 )
-from tlsroll.v1 import enrolment_pb2, enrolment_pb2_grpc, leader_pb2, leader_pb2_grpc, types_pb2
+from tlsroll.v1 import (
+    agent_pb2,
+    enrolment_pb2,
+    enrolment_pb2_grpc,
+    leader_pb2,
+    leader_pb2_grpc,
+    types_pb2,
+)
 
 log = logs.get_logger(__name__)
 
@@ -395,6 +404,10 @@ leader noticed the old one died (a reset connection). A stream holds memory for 
 is open (a unary call did only while it ran), so a node's certificate must not pin more: a
 stream beyond this ends the node's oldest one."""
 
+QUESTIONS_PER_STREAM = 8
+"""Planning questions (``LeaderService.ask_check``) one heartbeat stream may have waiting for
+their answer; more for the same node (plans asked at once) go over the agent's channel."""
+
 RENEW_HEARTBEATS = 4
 """An agent on a ``Heartbeats`` stream in renewal mode (``HeartbeatRequest.renews``) sends a
 message when its report changed, and at least every this many heartbeat intervals
@@ -629,6 +642,25 @@ class _Beats:
     ending: asyncio.Future[None] | None = None  # the leader's end of the stream (``_end``)
     # The event loop's time by which its next message must come (``LeaderService._sweep``).
     due: float = math.inf
+    answers_checks: bool = False  # its agent said it answers planning questions on it
+    # The planning questions asked on it (``LeaderService.ask_check``) by id, until answered,
+    # given up (their deadline) or the stream ends: at most ``QUESTIONS_PER_STREAM``.
+    questions: dict[int, asyncio.Future[leader_pb2.CheckAnswer]] = field(default_factory=dict)
+
+    def answered(self, answer: leader_pb2.CheckAnswer) -> None:
+        """An answer on this stream, which only a question asked on this stream takes: a
+        stream's messages are its node's (``Snapshot.refusal`` checks each one's certificate),
+        so one node's agent cannot answer another's question."""
+        waiting = self.questions.get(answer.id)
+        if waiting is not None and not waiting.done():
+            waiting.set_result(answer)
+
+    def unanswered(self) -> None:
+        """The stream ended: its questions are answered no more (``StreamEnded``)."""
+        for waiting in self.questions.values():
+            if not waiting.done():
+                waiting.set_exception(StreamEnded("the heartbeat stream ended"))
+        self.questions.clear()
 
     def news(self, snap: Snapshot, crl_due: bool = True) -> bool:
         """True if ``snap`` has an epoch or revocation list the agent lacks; with ``crl_due``
@@ -690,6 +722,65 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         self._writer: asyncio.Task[None] | None = None  # the group commit (``_write_batches``)
         self._committing: asyncio.Future[int] | None = None  # its worker thread's last commit
         self.batch_seconds = BATCH_SECONDS
+        self._question_ids = itertools.count(1)  # ``ask_check``
+
+    def _asked_on(self, name: str) -> _Beats | None:
+        """The stream to ask node ``name``'s planning question on: its newest counted stream in
+        renewal mode, whose agent said it answers, not ending, with room for a question."""
+        for beat in reversed(self._streams.get(name, ())):
+            if (
+                beat.renews
+                and beat.answers_checks
+                and beat.ending is None
+                and not beat.cut
+                and len(beat.questions) < QUESTIONS_PER_STREAM
+            ):
+                return beat
+        return None
+
+    async def ask_check(
+        self, name: str, request: agent_pb2.CheckRequest, timeout: float
+    ) -> leader_pb2.CheckAnswer | None:
+        """Ask node ``name``'s agent the planning question (``NodeAgent.Check``'s) on its own
+        heartbeat stream (``leader.observe``): no channel of the leader's to the node, no TLS
+        handshake. None: it has no stream to ask on (the caller asks over the channel);
+        ``StreamEnded``: the stream ended before the answer; TimeoutError: no answer within
+        ``timeout``. The question's write is never cancelled (``_push``): a deadline stops the
+        wait, not the write."""
+        beat = self._asked_on(name)
+        if beat is None:
+            return None
+        qid = next(self._question_ids)
+        answer: asyncio.Future[leader_pb2.CheckAnswer] = asyncio.get_running_loop().create_future()
+        beat.questions[qid] = answer
+        question = leader_pb2.HeartbeatResponse(
+            check=leader_pb2.CheckQuestion(id=qid, request=request)
+        )
+
+        async def write() -> None:
+            async with beat.lock:
+                if beat.ending is not None:
+                    raise StreamEnded("the heartbeat stream is ending")
+                await beat.context.write(question)
+
+        written = asyncio.ensure_future(write())
+        _PUSHES.add(written)
+        written.add_done_callback(_pushed)
+        try:
+            async with asyncio.timeout(timeout):
+                try:
+                    await asyncio.shield(written)
+                except StreamEnded:
+                    raise
+                except Exception as exc:  # the call ended meanwhile
+                    raise StreamEnded(f"the heartbeat stream ended: {type(exc).__name__}") from None
+                return await answer
+        finally:
+            beat.questions.pop(qid, None)
+            if not answer.done():
+                answer.cancel()
+            elif not answer.cancelled():
+                answer.exception()  # taken (the stream ended as the deadline came)
 
     async def _caller(self, context: Ctx) -> str:
         return (await self._caller_cert(context)).name
@@ -1018,6 +1109,9 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                 # A refusal ends the stream (UNAUTHENTICATED).
                 snap, now = await self._heartbeat(caller, request, context, renewing)
                 beat.last = now
+                beat.answers_checks = request.answers_checks
+                if request.HasField("check_answer"):
+                    beat.answered(request.check_answer)
                 # The agent closes the stream while alive (``_uncount``), once this message was
                 # accepted as any other (a refused one ended the stream above).
                 beat.closed = request.closing
@@ -1056,6 +1150,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         finally:
             self._open.discard(beat)
             self._uncount(beat)
+            beat.unanswered()
 
     def _count(self, beat: _Beats, name: str) -> None:
         """Count ``beat`` against node ``name``, only once a message was accepted: a

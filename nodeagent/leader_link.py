@@ -72,6 +72,13 @@ STREAM_RETRY_BEATS = 60
 UNACKED_HEARTBEATS = 2
 # The agent's own keepalive PING to the leader: a backstop only (``leader_channel_options``).
 KEEPALIVE_PING_SECONDS = 300
+# Planning questions (``HeartbeatResponse.check``) the agent answers at once on one stream; a
+# leader that asks more waits for them in vain and asks over its channel (``leader.observe``).
+QUESTIONS_AT_ONCE = 8
+# An answer not made within this is given up (its checks cancelled, as a Check call's are at
+# its deadline): the leader waits ``leader.observe.OBSERVE_TIMEOUT`` (5 s) for it, and a check
+# that hangs (a driver's status command) must not hold one of the places above for ever.
+ANSWER_SECONDS = 15.0
 CLOSE_SECONDS = 2.0  # an agent closing its stream waits this long at most for the leader's end
 RECONNECT_SECONDS = 1.0  # a stream that ended by itself is opened again within this (jittered)
 # A stream that ended sooner than this (or an interval, if shorter) after it opened is taken
@@ -153,6 +160,8 @@ def live_server(view: agent_pb2.ServerView) -> leader_pb2.LiveServer:
 
 
 Beats = grpc.aio.StreamStreamCall[leader_pb2.HeartbeatRequest, leader_pb2.HeartbeatResponse]
+# The agent's answer to the leader's planning question (``NodeAgentService.answer_check``).
+Answer = Callable[[leader_pb2.CheckQuestion], Awaitable[leader_pb2.CheckAnswer]]
 
 
 def report_key(request: leader_pb2.HeartbeatRequest) -> bytes:
@@ -217,6 +226,7 @@ class _Stream:
         call: Beats,
         take: Callable[[leader_pb2.HeartbeatResponse], Awaitable[None]],
         ended: Callable[[_Stream], None] | None = None,
+        answer: Answer | None = None,
     ) -> None:
         self.call = call
         self.opened = asyncio.get_running_loop().time()
@@ -235,6 +245,11 @@ class _Stream:
         self.noted = False  # the link has taken note of the end (``LeaderLink._stream_ended``)
         self._on_end = ended
         self._waiters: list[asyncio.Future[None]] = []
+        # The leader's planning questions (``_ask``): answered by ``answer`` in tasks of their
+        # own, so that neither this reader nor the heartbeats wait for the checks.
+        self._answer = answer
+        self._answering: set[asyncio.Future[None]] = set()
+        self._writing = asyncio.Lock()  # one write at a time: heartbeats and answers
         self.reader = asyncio.ensure_future(self._read(take))
 
     async def _read(self, take: Callable[[leader_pb2.HeartbeatResponse], Awaitable[None]]) -> None:
@@ -245,6 +260,9 @@ class _Stream:
                     self.ended = TimeoutError("the leader ended the heartbeat stream")
                     self.code, self.broke = await self.call.code(), True
                     return
+                if reply.HasField("check"):  # a question: neither an answer nor news
+                    self._ask(reply.check)
+                    continue
                 self.renew = reply.renew_seconds
                 await take(reply)
                 if reply.answers:
@@ -264,6 +282,47 @@ class _Stream:
             if self.broke and not self.dropped and self._on_end is not None:
                 self._on_end(self)
 
+    def _ask(self, question: leader_pb2.CheckQuestion) -> None:
+        """The leader asks its planning question on the stream: answered in a task of its own
+        (``_reply``). Not answered by an agent that cannot (it did not say it could) nor beyond
+        ``QUESTIONS_AT_ONCE`` under way: the leader's deadline then runs out, as for a Check."""
+        if self._answer is None or len(self._answering) >= QUESTIONS_AT_ONCE:
+            log.warning("heartbeat.question_dropped", id=question.id)
+            return
+        task = asyncio.ensure_future(self._reply(self._answer, question))
+        self._answering.add(task)
+        task.add_done_callback(self._answering.discard)
+
+    async def _reply(self, answer: Answer, question: leader_pb2.CheckQuestion) -> None:
+        """Answer ``question`` with a message that is otherwise a copy of the last report (a
+        heartbeat like any other: the leader records it as one, and it counts for liveness),
+        less its bootstrap failures (the leader adds those up). A stream that ended meanwhile
+        takes nothing: the leader then asks over its channel."""
+        try:
+            async with asyncio.timeout(ANSWER_SECONDS):
+                checked = await answer(question)
+            message = leader_pb2.HeartbeatRequest()
+            if self.last is not None:
+                message.CopyFrom(self.last)
+            message.ClearField("bootstrap_failures")
+            message.wants_answer = message.closing = False
+            message.check_answer.CopyFrom(checked)
+            await self._write(message)
+        except (grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError) as exc:
+            log.info("heartbeat.answer_failed", id=question.id, error=type(exc).__name__)
+        except Exception as exc:  # never the reader's or the heartbeats' trouble
+            log.error("heartbeat.answer_failed", error=f"{type(exc).__name__}: {exc}"[:200])
+
+    async def _write(self, request: leader_pb2.HeartbeatRequest) -> int:
+        """Write ``request`` numbered (``seq``), one write at a time; its number."""
+        if self.ended is not None:
+            raise self.ended
+        async with self._writing:
+            self.seq += 1
+            seq = request.seq = self.seq
+            await self.call.write(request)
+        return seq
+
     def _wake(self) -> None:
         for waiter in self._waiters:
             if not waiter.done():
@@ -275,18 +334,15 @@ class _Stream:
     ) -> None:
         """Send ``request``; with ``answer``, wait for a response after it (the leader answers
         a message that asks, and every message of an agent not in renewal mode)."""
-        if self.ended is not None:
-            raise self.ended
         before = self.replies
-        self.seq += 1
-        seq = request.seq = self.seq
+        seq = 0
 
         def waiting() -> bool:
             return self.answered < seq if self.echoes else self.replies == before
 
         async with asyncio.timeout(timeout):
-            await self.call.write(request)
-            self.last = request
+            self.last = request  # (an answer to a question sent meanwhile copies it)
+            seq = await self._write(request)
             while answer and waiting():
                 if self.ended is not None:
                     raise self.ended
@@ -297,6 +353,8 @@ class _Stream:
     def close(self) -> None:
         self.dropped = True
         self.reader.cancel()
+        for task in self._answering:
+            task.cancel()
         self.call.cancel()
 
     async def finish(self, patience: float = CLOSE_SECONDS) -> None:
@@ -315,10 +373,9 @@ class _Stream:
                 # The failures a message carries are added to the leader's counts (those since
                 # the last report): the copy must not count the last message's again.
                 goodbye.ClearField("bootstrap_failures")
-                self.seq += 1
-                goodbye.seq, goodbye.wants_answer, goodbye.closing = self.seq, False, True
+                goodbye.wants_answer, goodbye.closing = False, True
                 async with asyncio.timeout(patience):
-                    await self.call.write(goodbye)
+                    await self._write(goodbye)
                     await self.call.done_writing()
                     await self.reader
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError):
@@ -347,6 +404,10 @@ class LeaderLink:
         # What the managed server runs now (NodeAgentService.server_view), sent with every
         # heartbeat so the leader sees a server that went down after its rollout.
         self.server_view: Callable[[], Awaitable[agent_pb2.ServerView]] | None = None
+        # Answers the leader's planning question asked on the heartbeat stream (``Check``'s
+        # work: ``NodeAgentService.answer_check``); None: the agent does not say it can, and
+        # the leader asks over its channel.
+        self.answer_check: Answer | None = None
         self._lock = asyncio.Lock()
         self._stream: _Stream | None = None
         self._sent: tuple[bytes, float] | None = None  # report_key and time of the last message
@@ -457,7 +518,7 @@ class LeaderLink:
                 self._drop_stream()  # it ended since the last message: a new one now
             if self._stream is None:
                 call = self.stub.Heartbeats()  # type: ignore[call-arg]
-                self._stream = _Stream(call, self._take, self._stream_ended)
+                self._stream = _Stream(call, self._take, self._stream_ended, self.answer_check)
                 self._ended.clear()  # an earlier stream's end: this beat is the new one
             stream = self._stream
             request.renews = True
@@ -526,6 +587,7 @@ class LeaderLink:
                 highest_epoch=highest,
                 crl_number=self.trust.crl_number,
                 agent_port=self.cfg.port,
+                answers_checks=self.answer_check is not None,
             )
             if self.renewal is not None:
                 state = self.renewal()

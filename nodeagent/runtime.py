@@ -141,6 +141,7 @@ async def serve(cfg: AgentConfig, *, reinitialise: bool = False) -> None:
     trust.refresh = link.beat  # an epoch the agent has not heard of: ask the leader now
     service = NodeAgentService(cfg, identity, journal, driver, runner, now, trust)
     link.server_view = service.server_view
+    link.answer_check = service.answer_check
     service.on_prepare = bootstrap.warm
 
     def renewed(new: Identity) -> Awaitable[None]:

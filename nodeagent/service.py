@@ -55,6 +55,7 @@ from tlsroll.errors import PKIError, PKIReason
 from tlsroll.fsutil import PUBLIC, write_atomic
 from tlsroll.rpc import (
     RpcStatusError,
+    error_status,
     failed_precondition,
     invalid,
     map_errors,
@@ -64,7 +65,7 @@ from tlsroll.rpc import (
     timestamp,
     unauthenticated,
 )
-from tlsroll.v1 import agent_pb2, agent_pb2_grpc, types_pb2
+from tlsroll.v1 import agent_pb2, agent_pb2_grpc, leader_pb2, types_pb2
 from tlsroll.wire import clients_message
 
 Ctx = grpc.aio.ServicerContext[Any, Any]
@@ -422,10 +423,30 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         and its record of the rollout, not this node's checks, which the rollout's start
         waits for: review of session 28, M1)."""
         require_leader(context, self.trust)
+        return await self.check(request)
+
+    async def check(self, request: agent_pb2.CheckRequest) -> agent_pb2.PreflightResponse:
+        """``Check``'s work once its caller is known to be the leader: the RPC's, and the
+        answer to the same question asked on the agent's heartbeat stream (``answer_check``)."""
         reply = await self._checks(request)
         if request.warm_certificates:
             self._warm_certificates()
         return reply
+
+    async def answer_check(self, question: leader_pb2.CheckQuestion) -> leader_pb2.CheckAnswer:
+        """The leader's planning question asked on the agent's heartbeat stream
+        (``nodeagent.leader_link``), whose TLS proved the leader as the channel's does for
+        ``Check``: ``check``'s answer, or the status ``Check`` would have ended with (as
+        ``map_errors`` gives it) and the managed server's view, as ``GetStatus`` gives it, so
+        that the leader needs no second call for a node that refuses its checks."""
+        try:
+            checked = await self.check(question.request)
+            return leader_pb2.CheckAnswer(id=question.id, checked=checked)
+        except Exception as exc:
+            code, details = error_status(exc, ERRORS, "Check")
+        return leader_pb2.CheckAnswer(
+            id=question.id, refused_code=code.value[0], refused=details, server=await self._view()
+        )
 
     async def _checks(
         self, request: agent_pb2.PreflightRequest | agent_pb2.CheckRequest

@@ -28,6 +28,7 @@ class InProcessLeader:
     node: grpc.ChannelCredentials  # the enrolled node's client credentials
     service: LeaderService
     node_files: tuple[bytes, bytes, bytes]  # the node's key, certificate and the CA (PEM)
+    leader_files: tuple[bytes, bytes] = (b"", b"")  # the leader's key and certificate (PEM)
 
     def add_node(self, name: str, address: str) -> grpc.ChannelCredentials:
         """Enrol another node ``name`` on ``address``: its client credentials."""
@@ -46,7 +47,8 @@ def _enrol(
     store: Store, ca: pki.CertificateAuthority, name: str, address: str, now: dt.datetime
 ) -> tuple[pki.PrivateKey, x509.Certificate]:
     """Node ``name`` enrolled in ``store`` (through a token, as the join port does) with a
-    certificate of ``ca``: its key and certificate."""
+    certificate of ``ca`` as the join port issues it (the leader dials its key name): its key
+    and certificate."""
     key = pki.generate_key()
     cert = ca.issue(
         key.public_key(),
@@ -54,6 +56,7 @@ def _enrol(
         server=True,
         client=True,
         identity=spiffe.node(ca.trust_domain, name),
+        internal_dns=[spiffe.key_host(ca.trust_domain, pki.spki_pin(key.public_key()))],
     )
     token = f"t{len(store.list_tokens()) + 1:05d}"
     store.add_token(
@@ -107,4 +110,5 @@ def leader_with_a_node(
         ca.cert_pem, pki.key_to_pem(node_key), pki.cert_to_pem(node_cert)
     )
     files = (pki.key_to_pem(node_key), pki.cert_to_pem(node_cert), ca.cert_pem)
-    return InProcessLeader(server, store, state, clock, target, node, service, files)
+    leader = (pki.key_to_pem(leader_key), pki.cert_to_pem(leader_cert))
+    return InProcessLeader(server, store, state, clock, target, node, service, files, leader)

@@ -128,16 +128,23 @@ def map_stream_errors(mapping: ErrorMap) -> Callable[[G], G]:
     return decorate
 
 
+def error_status(exc: Exception, mapping: ErrorMap, name: str) -> tuple[grpc.StatusCode, str]:
+    """The status and details a method ``name`` decorated with ``map_errors(mapping)`` ends
+    with when it raises ``exc``; an error not the project's own is INTERNAL, logged, no
+    detail sent."""
+    if isinstance(exc, RpcStatusError):
+        return exc.code, str(exc)
+    code = status_for(exc, {**BASE_ERRORS, **mapping})
+    if code is not None:
+        return code, str(exc)
+    log.error("rpc.internal_error", method=name, error_type=type(exc).__name__)
+    return grpc.StatusCode.INTERNAL, "internal error; see the daemon's log"
+
+
 async def _abort_for(
     exc: Exception, full: ErrorMap, name: str, context: grpc.aio.ServicerContext[Any, Any]
 ) -> None:
-    if isinstance(exc, RpcStatusError):
-        await context.abort(exc.code, str(exc))
-    code = status_for(exc, full)
-    if code is not None:
-        await context.abort(code, str(exc))
-    log.error("rpc.internal_error", method=name, error_type=type(exc).__name__)
-    await context.abort(grpc.StatusCode.INTERNAL, "internal error; see the daemon's log")
+    await context.abort(*error_status(exc, full, name))
 
 
 def peer_certificate(context: grpc.aio.ServicerContext[Any, Any]) -> x509.Certificate | None:

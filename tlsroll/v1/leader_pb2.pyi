@@ -12,6 +12,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from tlsroll.v1 import agent_pb2 as _agent_pb2
 from tlsroll.v1 import types_pb2 as _types_pb2
 import builtins as _builtins
 import sys
@@ -122,6 +123,8 @@ class HeartbeatRequest(_message.Message):
     WANTS_ANSWER_FIELD_NUMBER: _builtins.int
     SEQ_FIELD_NUMBER: _builtins.int
     CLOSING_FIELD_NUMBER: _builtins.int
+    ANSWERS_CHECKS_FIELD_NUMBER: _builtins.int
+    CHECK_ANSWER_FIELD_NUMBER: _builtins.int
     agent_version: _builtins.str
     highest_epoch: _builtins.int
     """The highest rollout epoch this agent has seen (commands with a lower one are refused)."""
@@ -153,6 +156,12 @@ class HeartbeatRequest(_message.Message):
     to the last keepalive PING it could have answered. A leader that does not know the field
     takes it as one more heartbeat saying nothing new.
     """
+    answers_checks: _builtins.bool
+    """(Heartbeats stream.) The agent answers the leader's planning questions on the stream
+    (`HeartbeatResponse.check`). A leader asks over the stream only an agent that says so, on
+    a stream in renewal mode; any other agent is asked with `NodeAgent.Check` over the
+    leader's channel to it, as before.
+    """
     @_builtins.property
     def sent_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -175,6 +184,13 @@ class HeartbeatRequest(_message.Message):
         that the leader notices a server that went down after its rollout, within an interval.
         """
 
+    @_builtins.property
+    def check_answer(self) -> Global___CheckAnswer:
+        """(Heartbeats stream.) The answer to the leader's question `CheckQuestion.id`: the message
+        is otherwise a copy of the agent's last report (less its bootstrap failures), a heartbeat
+        like any other. A leader that does not know the field takes it as one more heartbeat.
+        """
+
     def __init__(
         self,
         *,
@@ -192,14 +208,87 @@ class HeartbeatRequest(_message.Message):
         wants_answer: _builtins.bool = ...,
         seq: _builtins.int = ...,
         closing: _builtins.bool = ...,
+        answers_checks: _builtins.bool = ...,
+        check_answer: Global___CheckAnswer | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["renewal_due_at", b"renewal_due_at", "renewal_failing_since", b"renewal_failing_since", "sent_at", b"sent_at", "server", b"server"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["check_answer", b"check_answer", "renewal_due_at", b"renewal_due_at", "renewal_failing_since", b"renewal_failing_since", "sent_at", b"sent_at", "server", b"server"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_port", b"agent_port", "agent_version", b"agent_version", "bootstrap_failures", b"bootstrap_failures", "closing", b"closing", "crl_number", b"crl_number", "highest_epoch", b"highest_epoch", "renewal_due_at", b"renewal_due_at", "renewal_error", b"renewal_error", "renewal_failing_since", b"renewal_failing_since", "renews", b"renews", "sent_at", b"sent_at", "seq", b"seq", "server", b"server", "wants_answer", b"wants_answer"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_port", b"agent_port", "agent_version", b"agent_version", "answers_checks", b"answers_checks", "bootstrap_failures", b"bootstrap_failures", "check_answer", b"check_answer", "closing", b"closing", "crl_number", b"crl_number", "highest_epoch", b"highest_epoch", "renewal_due_at", b"renewal_due_at", "renewal_error", b"renewal_error", "renewal_failing_since", b"renewal_failing_since", "renews", b"renews", "sent_at", b"sent_at", "seq", b"seq", "server", b"server", "wants_answer", b"wants_answer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___HeartbeatRequest: _TypeAlias = HeartbeatRequest  # noqa: Y015
+
+@_typing.final
+class CheckQuestion(_message.Message):
+    """The planning question (`tlsroll plan`, a rollout's start) asked on the agent's own
+    Heartbeats stream: what `NodeAgent.Check` would be asked over the leader's channel to it.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    REQUEST_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    """Numbers the question (unique for the leader's life); the answer carries it back."""
+    @_builtins.property
+    def request(self) -> _agent_pb2.CheckRequest: ...
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        request: _agent_pb2.CheckRequest | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["request", b"request"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["id", b"id", "request", b"request"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckQuestion: _TypeAlias = CheckQuestion  # noqa: Y015
+
+@_typing.final
+class CheckAnswer(_message.Message):
+    """What `NodeAgent.Check` would have returned: its answer, or the status it would have failed
+    with, with the `ServerView` that `NodeAgent.GetStatus` would give (so the leader needs no
+    second call for a node that refuses its checks).
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    ID_FIELD_NUMBER: _builtins.int
+    CHECKED_FIELD_NUMBER: _builtins.int
+    REFUSED_CODE_FIELD_NUMBER: _builtins.int
+    REFUSED_FIELD_NUMBER: _builtins.int
+    SERVER_FIELD_NUMBER: _builtins.int
+    id: _builtins.int
+    refused_code: _builtins.int
+    """Non-zero: the gRPC status code Check would have ended with, and its details."""
+    refused: _builtins.str
+    @_builtins.property
+    def checked(self) -> _agent_pb2.PreflightResponse:
+        """The checks' answer (when `refused_code` is 0)."""
+
+    @_builtins.property
+    def server(self) -> _agent_pb2.ServerView:
+        """With a refusal: what the managed server runs (GetStatus's `server`)."""
+
+    def __init__(
+        self,
+        *,
+        id: _builtins.int = ...,
+        checked: _agent_pb2.PreflightResponse | None = ...,
+        refused_code: _builtins.int = ...,
+        refused: _builtins.str = ...,
+        server: _agent_pb2.ServerView | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["checked", b"checked", "server", b"server"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checked", b"checked", "id", b"id", "refused", b"refused", "refused_code", b"refused_code", "server", b"server"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___CheckAnswer: _TypeAlias = CheckAnswer  # noqa: Y015
 
 @_typing.final
 class LiveServer(_message.Message):
@@ -285,6 +374,7 @@ class HeartbeatResponse(_message.Message):
     CRL_PEM_FIELD_NUMBER: _builtins.int
     RENEW_SECONDS_FIELD_NUMBER: _builtins.int
     ANSWERS_FIELD_NUMBER: _builtins.int
+    CHECK_FIELD_NUMBER: _builtins.int
     interval_seconds: _builtins.int
     """How often the leader expects a heartbeat; a node silent for three intervals is offline."""
     epoch: _builtins.int
@@ -304,6 +394,13 @@ class HeartbeatResponse(_message.Message):
     """
     @_builtins.property
     def leader_time(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def check(self) -> Global___CheckQuestion:
+        """(Heartbeats stream, renewal mode, to an agent that said `answers_checks`.) A question the
+        agent answers with a message carrying `check_answer`. A message with a question carries
+        nothing else (no epoch, no clock): it is neither an answer nor news.
+        """
+
     def __init__(
         self,
         *,
@@ -313,10 +410,11 @@ class HeartbeatResponse(_message.Message):
         crl_pem: _builtins.bytes = ...,
         renew_seconds: _builtins.int = ...,
         answers: _builtins.int = ...,
+        check: Global___CheckQuestion | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["leader_time", b"leader_time"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["check", b"check", "leader_time", b"leader_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answers", b"answers", "crl_pem", b"crl_pem", "epoch", b"epoch", "interval_seconds", b"interval_seconds", "leader_time", b"leader_time", "renew_seconds", b"renew_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answers", b"answers", "check", b"check", "crl_pem", b"crl_pem", "epoch", b"epoch", "interval_seconds", b"interval_seconds", "leader_time", b"leader_time", "renew_seconds", b"renew_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,383 @@
+"""Issue 15: the planning question (``leader.observe``: ``tlsroll plan`` and a rollout's start)
+goes over the agent's own ``Leader.Heartbeats`` stream, already open, not over a channel the
+leader opens to every node (an mTLS handshake each, ~2.2-2.6 ms of the leader's CPU, and the
+agent pool keeps only 16: a node planned but not kept had a second one opened for its steps).
+
+The in-process tests run the real Leader service and the real agent code (``LeaderLink``, and
+``NodeAgentService`` served over mutual TLS on the node's address) in this process, on real gRPC
+ports, with a real agent pool whose channel opens are counted; the last test runs the real
+daemons and ``tlsroll plan``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+
+from leader import observe as observe_module
+from leader.agent_client import AgentPool
+from leader.observe import StreamEnded, observe
+from leader.rollout_core import NodeObservation
+from nodeagent import leader_link
+from nodeagent.drivers import ServerFacts
+from nodeagent.identity import Identity
+from nodeagent.journal import Journal
+from nodeagent.leader_link import LeaderLink
+from nodeagent.service import NodeAgentService
+from tests.cluster import secure_channel
+from tests.leader_rig import InProcessLeader, leader_with_a_node
+from tests.nodeside import cluster_of, port_holder
+from tests.test_heartbeat_stream import agent_link
+from tests.test_perf_shape import channels_opened
+from tlsroll import pki, spiffe
+from tlsroll.clients import ClientsView
+from tlsroll.defaults import AGENT_PORT, HTTPS_PORT
+from tlsroll.v1 import agent_pb2, agent_pb2_grpc, leader_pb2, leader_pb2_grpc
+
+
+@dataclass
+class StubDriver:
+    """A managed server that is only facts: http on the node's address; ``down``: what its
+    health check says (None: healthy)."""
+
+    address: str
+    config_file: Path
+    down: str | None = None
+    name: str = "stub"
+
+    def facts(self) -> ServerFacts:
+        return ServerFacts(self.address, "/app/", 18080, HTTPS_PORT, ("http",))
+
+    async def status(self) -> dict[str, Any]:
+        return {"frozen": False}
+
+    async def health(self) -> str | None:
+        return self.down
+
+    async def clients(self) -> ClientsView:
+        return ClientsView()
+
+
+class Held:
+    """An agent's answer that waits until ``go`` is set (``LeaderLink.answer_check``)."""
+
+    def __init__(self, answer: Callable[[leader_pb2.CheckQuestion], Awaitable[Any]]) -> None:
+        self.answer = answer
+        self.asked: asyncio.Queue[leader_pb2.CheckQuestion] = asyncio.Queue()
+        self.go = asyncio.Event()
+
+    async def __call__(self, question: leader_pb2.CheckQuestion) -> leader_pb2.CheckAnswer:
+        await self.asked.put(question)
+        await self.go.wait()
+        return await self.answer(question)  # type: ignore[no-any-return]
+
+
+@dataclass
+class Node:
+    """The node's agent in this process: its heartbeat link and its NodeAgent service."""
+
+    name: str
+    link: LeaderLink
+    service: NodeAgentService
+    journal: Journal
+    held: Held | None  # its answers, held until told (``agent``'s ``hold``)
+
+
+@contextlib.asynccontextmanager
+async def agent(
+    tmp_path: Path,
+    rig: InProcessLeader,
+    node_address: str,
+    *,
+    driver: bool = True,
+    down: str | None = None,
+    skew: dt.timedelta = dt.timedelta(0),
+    answers: bool = True,
+    hold: bool = False,
+) -> AsyncIterator[Node]:
+    """Node hb1's agent: ``LeaderLink`` (one beat done: its stream in renewal mode; ``answers``:
+    it says it answers planning questions) and ``NodeAgentService`` on ``node_address``'s
+    agent port (``driver``: a ``StubDriver``, else none configured; its clock ``skew`` ahead);
+    ``hold``: its answers wait for ``Node.held.go``."""
+    leader_address = rig.target.rsplit(":", 1)[0]
+    link, trust, journal = agent_link(tmp_path, rig.node_files, leader_address, node_address)
+    files = tmp_path / "agent"
+    key_pem, cert_pem, ca_pem = rig.node_files
+    identity = Identity.of(
+        files / "key.pem",
+        files / "cert.pem",
+        files / "ca.pem",
+        pki.load_cert_pem(cert_pem),
+        pki.load_cert_pem(ca_pem),
+    )
+    (tmp_path / "server").mkdir()
+    stub = StubDriver(node_address, tmp_path / "server" / "server.toml", down)
+    svc = NodeAgentService(
+        link.cfg,
+        identity,
+        journal,
+        stub if driver else None,  # type: ignore[arg-type]  # the driver's part Check uses
+        None,
+        lambda: dt.datetime.now(dt.UTC) + skew,
+        trust,
+    )
+    server = grpc.aio.server()
+    agent_pb2_grpc.add_NodeAgentServicer_to_server(svc, server)
+    server.add_secure_port(
+        f"{node_address}:{AGENT_PORT}",
+        grpc.ssl_server_credentials([(key_pem, cert_pem)], ca_pem, require_client_auth=True),
+    )
+    await server.start()
+    held = Held(svc.answer_check) if hold else None
+    if answers:
+        link.answer_check = held or svc.answer_check
+    try:
+        await link.beat()
+        yield Node("hb1", link, svc, journal, held)
+    finally:
+        await link.close()
+        await server.stop(None)
+        journal.close()
+
+
+def pool_of(rig: InProcessLeader) -> AgentPool:
+    """The leader's agent pool, dialling with the leader's certificate."""
+    key, cert = rig.leader_files
+    creds = grpc.ssl_channel_credentials(rig.state.ca.cert_pem, key, cert)
+    return AgentPool(rig.store, creds, rig.state.trust_domain)
+
+
+@contextlib.asynccontextmanager
+async def world(
+    tmp_path: Path, loopback: Callable[[], str], **options: Any
+) -> AsyncIterator[tuple[InProcessLeader, AgentPool, Node]]:
+    """The Leader service in this process on a loopback address (node hb1 enrolled), its
+    agent pool, and hb1's agent on another (``agent``, with ``options``)."""
+    leader_address, node_address = loopback(), loopback()
+    rig = leader_with_a_node(tmp_path, leader_address, node_address)
+    await rig.server.start()
+    pool = pool_of(rig)
+    try:
+        async with agent(tmp_path, rig, node_address, **options) as node:
+            yield rig, pool, node
+    finally:
+        await pool.close()
+        await rig.close()
+
+
+CASES: dict[str, dict[str, Any]] = {
+    "ready": {},
+    "blocked": {"down": "it answers 503", "skew": dt.timedelta(minutes=10)},
+    "refused": {"driver": False},
+}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+async def test_planning_asks_on_the_stream_opens_no_channel_and_sees_what_check_sees(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch, case: str
+) -> None:
+    """The leader asks the node's agent on its heartbeat stream: the pool opens no channel to
+    it (on d39e527 planning opened one to every node), and what the plan sees is what the
+    channel's Check (and, for an agent that refuses its checks, GetStatus) gives: a ready
+    node, a blocked one (its server's health and its clock's skew), one that refuses (no
+    managed server: the refusal as its problem, its server view)."""
+    opened = channels_opened(monkeypatch)
+    async with world(tmp_path, loopback, **CASES[case]) as (rig, pool, _):
+        on_stream = await observe(pool, ["hb1"], rig.state.ca.cert, ask=rig.service.ask_check)
+        assert sum(opened.values()) == 0
+        on_channel = await observe(pool, ["hb1"], rig.state.ca.cert)
+        assert opened["hb1"] == 1  # the channel's Check, for the comparison
+    assert on_stream == on_channel
+    seen = on_stream["hb1"]
+    if case == "ready":
+        assert seen.reachable and seen.problems == () and seen.schemes == ("http",)
+    elif case == "blocked":
+        assert seen.reachable
+        assert [p.split(":")[0] for p in seen.problems] == [
+            "managed server not healthy",
+            "clock differs from the leader's by +600s (limit 120s); fix NTP",
+        ]
+    else:
+        assert not seen.reachable and "no managed server" in seen.error
+    assert all(not b.questions for b in rig.service._open)  # nothing left waiting
+
+
+@pytest.mark.parametrize("how", ["cannot answer", "no stream", "unary heartbeats"])
+async def test_an_agent_that_cannot_answer_on_a_stream_is_asked_over_the_channel(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch, how: str
+) -> None:
+    """An agent that does not say it answers (an older one), one with no stream open, and one
+    on unary heartbeats (an older leader's fallback) are asked with Check over the channel,
+    as before: the same observation, one channel opened."""
+    opened = channels_opened(monkeypatch)
+    async with world(tmp_path, loopback, answers=how != "cannot answer") as (rig, pool, node):
+        if how == "no stream":
+            await node.link._finish_stream()
+            async with asyncio.timeout(30):
+                while rig.service._open:
+                    await asyncio.sleep(0.02)
+        elif how == "unary heartbeats":
+            await node.link._finish_stream()
+            node.link.streaming = False
+            await node.link.beat()
+        assert await rig.service.ask_check("hb1", agent_pb2.CheckRequest(), 5) is None
+        seen = await observe(pool, ["hb1"], rig.state.ca.cert, ask=rig.service.ask_check)
+        assert opened["hb1"] == 1
+        assert seen["hb1"].reachable and seen["hb1"].problems == ()
+
+
+async def planning(
+    rig: InProcessLeader, pool: AgentPool, held: Held
+) -> tuple[asyncio.Future[dict[str, NodeObservation]], leader_pb2.CheckQuestion]:
+    """hb1 planned (observe, asking on the stream) in a task of its own, once its agent has
+    the question (and holds its answer): the task and the question."""
+    asked = asyncio.ensure_future(
+        observe(pool, ["hb1"], rig.state.ca.cert, ask=rig.service.ask_check)
+    )
+    async with asyncio.timeout(30):
+        return asked, await held.asked.get()
+
+
+async def test_a_stream_that_ends_before_its_answer_falls_back_to_the_channel(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The stream a question was asked on ends before the answer (the agent restarts, moves to
+    a renewed certificate, the leader cuts the stream): the question fails at once
+    (``StreamEnded``, not the deadline), and observe asks over the channel in the time the
+    deadline has left, as it asks an agent without a stream: the end says nothing of whether
+    the agent can answer (an agent that vanished fails the channel's Check too, and is
+    reported unreachable with that reason)."""
+    opened = channels_opened(monkeypatch)
+    async with world(tmp_path, loopback, hold=True) as (rig, pool, node):
+        assert node.held is not None
+        held = node.held
+        asked, _ = await planning(rig, pool, held)
+        node.link._drop_stream()  # ends as a killed agent's would, mid-question
+        async with asyncio.timeout(30):
+            seen = await asked
+        assert seen["hb1"].reachable and seen["hb1"].problems == ()
+        assert opened["hb1"] == 1  # the channel's Check
+
+        # The service's part: the question fails with the stream, and nothing is kept.
+        await node.link.beat()
+        question = asyncio.ensure_future(rig.service.ask_check("hb1", agent_pb2.CheckRequest(), 30))
+        async with asyncio.timeout(30):
+            await held.asked.get()
+        node.link._drop_stream()
+        with pytest.raises(StreamEnded):
+            async with asyncio.timeout(30):
+                await question
+        assert all(not b.questions for b in rig.service._open)
+
+
+async def test_an_answer_the_agent_cannot_make_in_time_is_given_up_and_frees_its_place(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A check that hangs (a driver's status command) is cancelled after ``ANSWER_SECONDS``,
+    as a Check call is at its deadline, and its place among ``QUESTIONS_AT_ONCE`` is free
+    again; the leader reported the node unreachable at its own deadline meanwhile."""
+    monkeypatch.setattr(observe_module, "OBSERVE_TIMEOUT", 1.0)
+    monkeypatch.setattr(leader_link, "ANSWER_SECONDS", 2.0)
+    async with world(tmp_path, loopback, hold=True) as (rig, pool, node):
+        assert node.held is not None
+        asked, _ = await planning(rig, pool, node.held)
+        assert (await asked)["hb1"] == NodeObservation(False, "no answer within 1 s")
+        stream = node.link._stream
+        assert stream is not None and len(stream._answering) == 1
+        async with asyncio.timeout(30):
+            while stream._answering:
+                await asyncio.sleep(0.05)
+
+
+async def test_an_answer_on_one_node_s_stream_cannot_answer_another_node_s_question(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A question is answered only by a message on the stream it was asked on, whose every
+    message carries its node's certificate: node hb2's stream sends an answer with the number
+    of hb1's question, which stays unanswered (hb1's agent holds its answer) until its
+    deadline: hb1 is reported unreachable, "no answer within", not with hb2's answer."""
+    monkeypatch.setattr(observe_module, "OBSERVE_TIMEOUT", 2.0)
+    async with world(tmp_path, loopback, hold=True) as (rig, pool, node):
+        assert node.held is not None
+        held = node.held
+        asked, question = await planning(rig, pool, held)
+        forged = await node.service.answer_check(question)  # what hb1 would say
+        other = rig.add_node("hb2", loopback())
+        async with other_stream(rig, other) as stream:
+            await stream.write(leader_pb2.HeartbeatRequest(agent_version="x", renews=True, seq=1))
+            await stream.read()  # its first message is answered: counted for hb2
+            await stream.write(
+                leader_pb2.HeartbeatRequest(
+                    agent_version="x", renews=True, seq=2, check_answer=forged
+                )
+            )
+            async with asyncio.timeout(30):
+                seen = await asked
+        assert seen["hb1"] == NodeObservation(False, "no answer within 2 s")
+        held.go.set()
+        assert all(not b.questions for b in rig.service._open)
+
+
+@contextlib.asynccontextmanager
+async def other_stream(rig: InProcessLeader, creds: grpc.ChannelCredentials) -> AsyncIterator[Any]:
+    """A Heartbeats stream with another node's credentials."""
+    options = [("grpc.ssl_target_name_override", spiffe.leader_host(rig.state.trust_domain))]
+    async with grpc.aio.secure_channel(rig.target, creds, options) as channel:
+        call = leader_pb2_grpc.LeaderStub(channel).Heartbeats()  # type: ignore[call-arg]
+        try:
+            yield call
+        finally:
+            call.cancel()
+
+
+def outbound_to(pid: int, port: int) -> int:
+    """The process's established TCP connections to remote ``port`` (/proc/PID/net/tcp*,
+    matched to its socket descriptors by inode)."""
+    inodes = set()
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        with contextlib.suppress(OSError):
+            target = os.readlink(f"/proc/{pid}/fd/{fd}")
+            if target.startswith("socket:["):
+                inodes.add(target[8:-1])
+    count = 0
+    for table in ("tcp", "tcp6"):
+        with contextlib.suppress(OSError):
+            for line in Path(f"/proc/{pid}/net/{table}").read_text().splitlines()[1:]:
+                fields = line.split()
+                remote_port = int(fields[2].rsplit(":", 1)[1], 16)
+                if remote_port == port and fields[3] == "01" and fields[9] in inodes:
+                    count += 1
+    return count
+
+
+def test_tlsroll_plan_asks_the_real_agents_on_their_streams_and_opens_no_channel(
+    tmp_path: Path,
+) -> None:
+    """Real daemons: ``tlsroll plan`` sees node2 blocked (its https port taken) with the very
+    problem its agent's Check gives over a channel, and the leader holds no connection to any
+    agent's port afterwards (on d39e527 the plan opened one to each node and the pool kept
+    them)."""
+    with cluster_of(tmp_path, 2) as (cluster, nodes):
+        node2 = nodes[1]
+        with port_holder(node2.address, HTTPS_PORT):
+            plan = cluster.cli("plan", "--scope", "cluster")
+            assert plan.returncode == 0, plan.stderr
+            assert outbound_to(cluster.leader.pid, AGENT_PORT) == 0
+            chain, key = cluster.leader_credentials()
+            target = f"{node2.address}:{AGENT_PORT}"
+            with secure_channel(target, cluster.ca_pem, chain, key) as channel:
+                checked = agent_pb2_grpc.NodeAgentStub(channel).Check(
+                    agent_pb2.CheckRequest(), timeout=30
+                )
+        (problem,) = checked.problems
+        assert f"port {HTTPS_PORT} (https)" in problem
+        assert problem in plan.stdout, (problem, plan.stdout)
