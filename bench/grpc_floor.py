@@ -13,7 +13,8 @@ loopback address. Each window measures both processes' CPU from ``/proc/PID/task
 - ``message``: each stream sends a small message every interval, spread evenly (as agents in
   renewal mode, only more often): server CPU per message, less the idle rate;
 - ``ping``: no message; the server PINGs each connection every interval (the leader's
-  keepalive): server CPU per PING, less the idle rate;
+  keepalive): server CPU per PING, less the idle rate, the PINGs counted in a window of their
+  own with gRPC's keepalive trace on (the trace's logging costs CPU, so not in the same window);
 - ``call``: unary calls one after the other on one open channel: CPU per call on each side;
 - ``channel``: a new channel, its TLS handshake and one unary call, one after the other: CPU
   per channel on each side (the leader is the client when it calls an agent).
@@ -223,14 +224,30 @@ def _wait_for(path: Path, what: str, seconds: float = 60.0) -> str:
     raise SystemExit(f"grpc_floor: no {what} within {seconds:.0f} s")
 
 
-def measure(directory: Path, mode: str, args: argparse.Namespace) -> Window:
-    """Start the server and the clients for ``mode``, let them settle, measure one window."""
+def pings_sent(trace: Path) -> int:
+    """The PINGs a server traced with ``GRPC_TRACE=http_keepalive`` logged having sent."""
+    text = trace.read_text(errors="replace")
+    return sum(1 for line in text.splitlines() if "SERVER" in line and "Ping" in line)
+
+
+def measure(
+    directory: Path, mode: str, args: argparse.Namespace, *, traced: bool = False
+) -> Window:
+    """Start the server and the clients for ``mode``, let them settle, measure one window.
+    ``traced``: the server logs its keepalive PINGs, and the window's events are those it
+    logged in the window (its CPU then includes the logging: count with it, never time)."""
     for name in ("port", "count", "done"):
         (directory / name).unlink(missing_ok=True)
     me = [sys.executable, "-m", "bench.grpc_floor"]
     ping_ms = int(args.interval * 1000) if mode == "ping" else 0
+    env = dict(os.environ)
+    trace = directory / "server.trace"
+    if traced:
+        env |= {"GRPC_VERBOSITY": "debug", "GRPC_TRACE": "http_keepalive"}
     server = subprocess.Popen(
-        [*me, "--role", "server", "--dir", str(directory), "--ping-ms", str(ping_ms)]
+        [*me, "--role", "server", "--dir", str(directory), "--ping-ms", str(ping_ms)],
+        env=env,
+        stderr=trace.open("w") if traced else None,
     )
     client: subprocess.Popen[bytes] | None = None
     try:
@@ -256,6 +273,8 @@ def measure(directory: Path, mode: str, args: argparse.Namespace) -> Window:
         time.sleep(min(args.interval, 5.0) + 1.0)  # handshakes and first messages settle
 
         def counted() -> int:
+            if traced:
+                return pings_sent(trace)
             name = "count" if mode == "message" else "done"
             return int(_wait_for(directory / name, name))
 
@@ -314,11 +333,19 @@ def main(argv: list[str] | None = None) -> int:
             f"{idle_rate * 1000:.2f} with {args.clients} quiet streams "
             f"({per:.3f} ms per connection and interval)"
         )
-        pings_expected = args.clients * args.seconds / args.interval
+        # PINGs: counted in a window of their own with the server's keepalive trace on (the
+        # trace's logging costs CPU), as a rate for the untraced window that measures the CPU.
+        calibration = measure(directory, "ping", args, traced=True)
+        ping_rate = calibration.events / calibration.seconds
+        expected = args.clients / args.interval
+        print(
+            f"PINGs     {ping_rate:.1f}/s counted in a traced window "
+            f"({expected:.1f}/s expected: one per connection and interval)"
+        )
         for mode in ("message", "ping", "call", "channel"):
             w = measure(directory, mode, args)
-            # PINGs: the server's keepalive timer, one per connection and interval.
-            events = pings_expected if mode == "ping" else max(w.events, 1)
+            # PINGs: at the rate the traced window counted.
+            events = ping_rate * w.seconds if mode == "ping" else max(w.events, 1)
             net = w.server_s - (idle_rate * w.seconds if mode in ("message", "ping") else 0)
             line = f"{mode:9} server {net / events * 1000:.3f} ms each"
             if mode in ("call", "channel"):

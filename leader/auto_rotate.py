@@ -178,5 +178,7 @@ class AutoRotator:
             log.warning("auto_rotate.blocked", **fields, next="tlsroll plan --change rotate-cert")
         elif decision.verdict is Verdict.HELD:
             log.warning("auto_rotate.held", **fields)
+        elif decision.verdict is Verdict.WAITS_FINALIZE:  # the admin's move, as HELD
+            log.warning("auto_rotate.waits_finalize", **fields)
         elif decision.nodes:
             log.info("auto_rotate.waiting", **fields, next_window=s.next_window)

@@ -154,6 +154,8 @@ class Verdict(StrEnum):
     OUTSIDE_WINDOW = "outside-window"
     BUSY = "busy"  # a rollout is active; never two at once
     HELD = "held"  # the last automatic rotation did not complete; an admin looks first
+    # A transitional rollout waits for the admin's finalize; its dual nodes cannot be rotated.
+    WAITS_FINALIZE = "waits-finalize"
     START = "start"
     STARTED = "started"  # (set by the caller once the rollout is created)
     BLOCKED = "blocked"  # (set by the caller: the plan was refused, with its reason)
@@ -236,7 +238,7 @@ def _decide(
         return Decision(Verdict.OUTSIDE_WINDOW, nodes, f"outside the window {window.text}")
     if active is not None and finalize_waits:
         return Decision(
-            Verdict.BUSY,
+            Verdict.WAITS_FINALIZE,
             nodes,
             f"rollout {active} waits for its finalize (its nodes serve http and https); "
             f"nothing is rotated until then: tlsroll rollout finalize {active}",

@@ -33,7 +33,7 @@ ROOT = Path(__file__).resolve().parent.parent
 # options named by argv[2] ("agent": the agent's at a 1 s interval; "before": the PINGs every 2
 # intervals that agents sent until issue 15; "none": no keepalive at all), holding a stream.
 CHILD = r"""
-import asyncio, subprocess, sys, time
+import asyncio, contextlib, os, socket, subprocess, sys, time
 import grpc
 from nodeagent.leader_link import leader_channel_options
 
@@ -44,6 +44,26 @@ OPTIONS = {
                ("grpc.http2.max_pings_without_data", 0)],
     "none": [],
 }
+
+def user_timeout(port):  # the TCP_USER_TIMEOUT (ms) of this process's socket to the server
+    found = []
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            if not os.readlink(f"/proc/self/fd/{fd}").startswith("socket:"):
+                continue
+        except OSError:  # the listing's own descriptor, closed by now
+            continue
+        sock = socket.socket(fileno=os.dup(int(fd)))
+        try:
+            # gRPC's sockets are dual-stack (AF_INET6, the address IPv4-mapped).
+            if sock.family in (socket.AF_INET, socket.AF_INET6) and sock.type == socket.SOCK_STREAM:
+                with contextlib.suppress(OSError):
+                    if sock.getpeername()[1] == port:
+                        found.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT))
+        finally:
+            sock.close()
+    assert len(found) == 1, found
+    return found[0]
 
 async def main():
     if test == "vanish":
@@ -62,6 +82,7 @@ async def main():
         call = channel.stream_stream("/t.T/S")()
         await call.write(b"x")
         assert await call.read() == b"ok"
+        print("USER_TIMEOUT", user_timeout(port), flush=True)
         if test == "pings":  # a quiet stream, as between an agent's messages
             await asyncio.sleep(5)
             print("QUIET ENDED", file=sys.stderr, flush=True)
@@ -105,10 +126,15 @@ def run_child(
 def test_an_agent_does_not_ping_its_leader_between_messages(
     mode: str, loopback: Callable[[], str]
 ) -> None:
-    """Issue 15: the agent PINGed the leader every 2 intervals, and each PING woke the
-    leader's gRPC threads. Five quiet intervals on a stream: no PING from a channel with the
-    agent's options, two or more with the options before (which shows the count sees them)."""
+    """Issue 15: the agent PINGed the leader every 2 intervals, and after each message of the
+    leader's on a quiet connection (the bandwidth-delay probe), and each PING woke the leader's
+    gRPC threads. A reply, then five quiet intervals on a stream: no PING from a channel with
+    the agent's options (the trace logs keepalive and probe PINGs alike), two or more with the
+    options before (which shows the count sees them)."""
     done = run_child([], loopback(), mode, "pings")
+    # The kernel's bound on unacknowledged data (TCP_USER_TIMEOUT), from the keepalive timeout:
+    # 2 intervals of 1 s with the agent's options (and with the options before).
+    assert f"USER_TIMEOUT {leader_link.UNACKED_HEARTBEATS * 1000}" in done.stdout, done.stdout
     quiet = done.stderr.split("QUIET ENDED")[0].splitlines()
     pings = [line for line in quiet if "CLIENT" in line and "Ping" in line]
     if mode == "agent":
@@ -122,15 +148,18 @@ def test_an_agent_does_not_ping_its_leader_between_messages(
 def test_an_agent_notices_a_vanished_leader_at_its_next_message(mode: str) -> None:
     """The agent sends a message at least every renewal bound; when the leader has vanished
     without a word, the kernel drops the connection after ``UNACKED_HEARTBEATS`` intervals
-    without an acknowledgement (2 s here), the stream ends and the agent's next beat opens a
-    new one. A channel with no keepalive time (gRPC then sets no TCP_USER_TIMEOUT) would keep
-    that stream for the kernel's ~15 minutes of retransmissions: still open after 10 s. In a
-    network namespace of the test's own (``unshare --net``), its loopback taken down."""
+    without an acknowledgement (the socket's TCP_USER_TIMEOUT, read from it: 2 s here), the
+    stream ends and the agent's next beat opens a new one. A channel with no keepalive time
+    (gRPC then sets no TCP_USER_TIMEOUT) would keep that stream for the kernel's ~15 minutes
+    of retransmissions: still open after 10 s. In a network namespace of the test's own
+    (``unshare --net``), its loopback taken down."""
     unshare = shutil.which("unshare")
     assert unshare is not None, "unshare (util-linux) is needed"
     done = run_child([unshare, "--net"], "127.0.0.1", mode, "vanish")
+    said = done.stdout.splitlines()
     if mode == "agent":
-        assert done.stdout.startswith("ENDED UNAVAILABLE"), done.stdout + done.stderr[-2000:]
-        assert leader_link.UNACKED_HEARTBEATS == 2  # the docstring's 2 s at a 1 s interval
-    else:
-        assert done.stdout.startswith("STILL OPEN"), done.stdout + done.stderr[-2000:]
+        assert said[0] == f"USER_TIMEOUT {leader_link.UNACKED_HEARTBEATS * 1000}", said
+        assert said[1].startswith("ENDED UNAVAILABLE"), done.stdout + done.stderr[-2000:]
+    else:  # gRPC sets no user timeout on a channel without a keepalive time
+        assert said[0] == "USER_TIMEOUT 0", said
+        assert said[1].startswith("STILL OPEN"), done.stdout + done.stderr[-2000:]

@@ -231,7 +231,7 @@ def test_decide() -> None:
     # A transitional rollout waiting for its finalize: its dual nodes cannot be rotated, and
     # the admin is told it is their move (s29 review: the certificates on dual nodes).
     waits = d(active="r1", finalize_waits=True)
-    assert waits.verdict is Verdict.BUSY and waits.nodes == ("n1", "n2")
+    assert waits.verdict is Verdict.WAITS_FINALIZE and waits.nodes == ("n1", "n2")
     assert "tlsroll rollout finalize r1" in waits.reason
     assert "finalize" not in d(active="r1").reason
     assert d(local=MON, active="r1").verdict is Verdict.OUTSIDE_WINDOW
@@ -500,21 +500,31 @@ def test_the_rotator_says_why_nothing_starts() -> None:
 def test_the_rotator_tells_the_admin_to_finalize_a_waiting_transitional_rollout() -> None:
     """A transitional rollout that waits for its finalize is active: its nodes serve both
     schemes and a rotation refuses them ("finalize first"), so the automatic rotation waits
-    too, however close the certificates come to expiry. The schema says whose move it is and
-    the command; it said "rollout r4 is active" before, which reads as the leader's own
-    business while the certificates ran out."""
+    too, however close the certificates come to expiry. Its own verdict (``waits-finalize``),
+    logged once at warning as ``held`` is, says whose move it is and the command; it said
+    "busy: rollout r4 is active" at info before, as for a rollout that runs by itself, while
+    the certificates ran out."""
     import asyncio
+
+    import structlog.testing
 
     schema = FakeSchema()
     schema.active_row = schema.latest_row = _row("r4", "awaiting_finalize", "admin")
     commands = FakeCommands(schema)
     rotator = _rotator(schema, commands, ["n1", "n2"], "2026-12-05 03:00")
-    decision = asyncio.run(rotator.check())
-    assert decision.verdict.value == "busy" and not commands.started
+    with structlog.testing.capture_logs() as logs:
+        decision = asyncio.run(rotator.check())
+        asyncio.run(rotator.check())  # the same again: logged once
+    assert decision.verdict.value == "waits-finalize" and not commands.started
     view = rotator.status.view()
-    assert view.verdict == "busy" and list(view.due_nodes) == ["n1", "n2"]
+    assert view.verdict == "waits-finalize" and list(view.due_nodes) == ["n1", "n2"]
     assert "tlsroll rollout finalize r4" in view.reason
+    assert [(e["event"], e["log_level"]) for e in logs] == [
+        ("auto_rotate.waits_finalize", "warning")
+    ]
 
     schema.active_row = schema.latest_row = _row("r5", "running", "admin")
-    decision = asyncio.run(rotator.check())
-    assert decision.reason == "rollout r5 is active"
+    with structlog.testing.capture_logs() as logs:
+        decision = asyncio.run(rotator.check())
+    assert decision.verdict.value == "busy" and decision.reason == "rollout r5 is active"
+    assert [(e["event"], e["log_level"]) for e in logs] == [("auto_rotate.waiting", "info")]

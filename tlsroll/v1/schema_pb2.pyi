@@ -417,7 +417,7 @@ class AutoRotateView(_message.Message):
     """The maintenance window as configured, e.g. "Sat 02:00-05:00" (leader's local time)."""
     in_window: _builtins.bool
     verdict: _builtins.str
-    """off | nothing-due | outside-window | busy | held | started | blocked"""
+    """off | nothing-due | outside-window | busy | waits-finalize | held | started | blocked"""
     reason: _builtins.str
     """Why nothing was started (blocked: the plan's refusal), in words."""
     rollout_id: _builtins.str
