@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -24,9 +25,12 @@ import grpc
 import pytest
 
 from leader import observe as observe_module
+from leader import planner
 from leader.agent_client import AgentPool
+from leader.commands import Commands, RolloutRequest
 from leader.observe import StreamEnded, observe
-from leader.rollout_core import NodeObservation
+from leader.rollout_core import Change, NodeObservation, Scope
+from leader.schema_store import SchemaStore
 from nodeagent import leader_link
 from nodeagent.drivers import ServerFacts
 from nodeagent.identity import Identity
@@ -36,6 +40,7 @@ from nodeagent.service import NodeAgentService
 from tests.cluster import secure_channel
 from tests.leader_rig import InProcessLeader, leader_with_a_node
 from tests.nodeside import cluster_of, port_holder
+from tests.test_engine import VERIFIER_1
 from tests.test_heartbeat_stream import agent_link
 from tests.test_perf_shape import channels_opened
 from tlsroll import pki, spiffe
@@ -103,11 +108,13 @@ async def agent(
     skew: dt.timedelta = dt.timedelta(0),
     answers: bool = True,
     hold: bool = False,
+    listen: str | None = None,
 ) -> AsyncIterator[Node]:
     """Node hb1's agent: ``LeaderLink`` (one beat done: its stream in renewal mode; ``answers``:
     it says it answers planning questions) and ``NodeAgentService`` on ``node_address``'s
     agent port (``driver``: a ``StubDriver``, else none configured; its clock ``skew`` ahead);
-    ``hold``: its answers wait for ``Node.held.go``."""
+    ``hold``: its answers wait for ``Node.held.go``; ``listen``: the NodeAgent service listens
+    on this address instead (the leader dials the node's, where nothing listens)."""
     leader_address = rig.target.rsplit(":", 1)[0]
     link, trust, journal = agent_link(tmp_path, rig.node_files, leader_address, node_address)
     files = tmp_path / "agent"
@@ -133,7 +140,7 @@ async def agent(
     server = grpc.aio.server()
     agent_pb2_grpc.add_NodeAgentServicer_to_server(svc, server)
     server.add_secure_port(
-        f"{node_address}:{AGENT_PORT}",
+        f"{listen or node_address}:{AGENT_PORT}",
         grpc.ssl_server_credentials([(key_pem, cert_pem)], ca_pem, require_client_auth=True),
     )
     await server.start()
@@ -327,6 +334,70 @@ async def test_an_answer_on_one_node_s_stream_cannot_answer_another_node_s_quest
         assert all(not b.questions for b in rig.service._open)
 
 
+def commands_of(rig: InProcessLeader, pool: AgentPool) -> Commands:
+    """The leader's commands (plan, start) over ``rig``'s store, planning as the leader daemon
+    does (``leader.runtime``): on the streams, the way in proved by ``pool.reach``."""
+    ask = functools.partial(
+        observe, pool, ca=rig.state.ca.cert, ask=rig.service.ask_check, reach=pool.reach
+    )
+    return Commands(
+        rig.store, SchemaStore(rig.store.db), lambda: rig.clock[0], lambda _: True, None,
+        lambda: None, observe=ask,
+    )  # fmt: skip
+
+
+ENABLE_TLS = RolloutRequest(Change.ENABLE_TLS, Scope.cluster(), auth_verifier_json=VERIFIER_1)
+
+
+@pytest.mark.parametrize("command", ["plan", "start"])
+async def test_a_node_whose_agent_port_the_leader_cannot_reach_is_unreachable(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    """Finding 1 of review 1: hb1's agent answers on its heartbeat stream, but its NodeAgent
+    service listens on another address than the one the leader dials (a firewall, a stale
+    address, the port not listening). The plan says it is unreachable and why (a plain TCP
+    connection refused; no channel opened), and a start is refused before anything switches,
+    with the very reason the channel's Check gives (it opens the channel of its first node).
+    On d1993b7 both saw hb1 ready."""
+    opened = channels_opened(monkeypatch)
+    async with world(tmp_path, loopback, listen=loopback()) as (rig, pool, _):
+        commands = commands_of(rig, pool)
+        with pytest.raises(planner.Unreachable) as refused:
+            if command == "plan":
+                await commands.plan(ENABLE_TLS)
+            else:
+                await commands.start(ENABLE_TLS, "admin")
+        error = refused.value.errors["hb1"]
+        if command == "plan":
+            assert sum(opened.values()) == 0
+            assert error.startswith(
+                f"agent hb1: cannot connect to {pool.clients['hb1'].node.addresses[0]}:"
+            )
+            assert error.endswith("Connection refused"), error
+        else:
+            assert opened["hb1"] == 1
+            on_channel = await observe(pool, ["hb1"], rig.state.ca.cert)
+            assert error == on_channel["hb1"].error
+
+
+async def test_a_start_opens_the_channels_of_its_first_nodes_and_a_plan_none(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Planning for a start opens the channels of the nodes it steps first and leaves them
+    open for their steps (the handshake they need anyway, off the first switch's path); a plan
+    opens none; neither opens a second one."""
+    opened = channels_opened(monkeypatch)
+    async with world(tmp_path, loopback) as (rig, pool, _):
+        commands = commands_of(rig, pool)
+        await commands.plan(ENABLE_TLS)
+        assert sum(opened.values()) == 0
+        await commands.start(ENABLE_TLS, "admin")
+        assert opened == {"hb1": 1}
+        assert pool.clients["hb1"].open
+        await (await pool.get("hb1")).check(agent_pb2.CheckRequest())  # its first step's
+        assert opened == {"hb1": 1}
+
+
 @contextlib.asynccontextmanager
 async def other_stream(rig: InProcessLeader, creds: grpc.ChannelCredentials) -> AsyncIterator[Any]:
     """A Heartbeats stream with another node's credentials."""
@@ -365,7 +436,8 @@ def test_tlsroll_plan_asks_the_real_agents_on_their_streams_and_opens_no_channel
     """Real daemons: ``tlsroll plan`` sees node2 blocked (its https port taken) with the very
     problem its agent's Check gives over a channel, and the leader holds no connection to any
     agent's port afterwards (on d39e527 the plan opened one to each node and the pool kept
-    them)."""
+    them; since review 1's finding 1 a plan proves the way in with a plain TCP connection per
+    node, closed at once, and opens no channel: only a start opens those of its first nodes)."""
     with cluster_of(tmp_path, 2) as (cluster, nodes):
         node2 = nodes[1]
         with port_holder(node2.address, HTTPS_PORT):
