@@ -305,6 +305,32 @@ async def test_an_answer_the_agent_cannot_make_in_time_is_given_up_and_frees_its
                 await asyncio.sleep(0.05)
 
 
+async def test_a_question_the_agent_has_no_room_for_is_asked_over_the_channel(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finding 2 of review 1: the agent answers ``QUESTIONS_AT_ONCE`` questions at once; the
+    leader's count of waiting questions frees at its own deadline, so it may ask one more
+    while the agent is still busy with the others (their checks hang). The agent says so
+    (``BUSY``) and the leader asks over the channel in the time left: the node is seen, not
+    reported "no answer within" (as on d1993b7, where the agent dropped it). The agent's
+    bound on an answer is the leader's deadline."""
+    assert leader_link.ANSWER_SECONDS == observe_module.OBSERVE_TIMEOUT
+    monkeypatch.setattr(leader_link, "ANSWER_SECONDS", 60.0)  # checks that hang
+    opened = channels_opened(monkeypatch)
+    async with world(tmp_path, loopback, hold=True) as (rig, pool, node):
+        assert node.held is not None
+        for _ in range(leader_link.QUESTIONS_AT_ONCE):
+            with pytest.raises(TimeoutError):
+                await rig.service.ask_check("hb1", agent_pb2.CheckRequest(), 0.3)
+        stream = node.link._stream
+        assert stream is not None and len(stream._answering) == leader_link.QUESTIONS_AT_ONCE
+        assert all(not b.questions for b in rig.service._open)  # the leader's count is free
+        async with asyncio.timeout(30):
+            seen = await observe(pool, ["hb1"], rig.state.ca.cert, ask=rig.service.ask_check)
+        assert seen["hb1"].reachable and seen["hb1"].problems == ()
+        assert opened["hb1"] == 1
+
+
 async def test_an_answer_on_one_node_s_stream_cannot_answer_another_node_s_question(
     tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
