@@ -55,8 +55,9 @@ from tlsroll.errors import PKIError, TlsrollError, TransientError
 from tlsroll.v1 import agent_pb2, leader_pb2
 
 OBSERVE_TIMEOUT = 5.0
-# Agents asked at once: each first call opens a TLS connection, and 500 handshakes at once on
-# a small leader machine timed out by the hundred ("no SETTINGS frame").
+# Agents asked over the channel at once (those that cannot answer on their heartbeat stream):
+# each first call opens a TLS connection, and 500 handshakes at once on a small leader machine
+# timed out by the hundred ("no SETTINGS frame").
 OBSERVE_AT_ONCE = 16
 MAX_CLOCK_OFFSET = 120  # as the preflight step (leader.changes)
 

@@ -241,8 +241,10 @@ class _Stream:
         take: Callable[[leader_pb2.HeartbeatResponse], Awaitable[None]],
         ended: Callable[[_Stream], None] | None = None,
         answer: Answer | None = None,
+        now: Callable[[], Awaitable[tuple[int, int]]] | None = None,
     ) -> None:
         self.call = call
+        self._now = now  # the revocation list's number and the highest epoch, as now
         self.opened = asyncio.get_running_loop().time()
         self.replies = 0
         self.seq = 0  # the number of the last message sent
@@ -323,8 +325,11 @@ class _Stream:
     async def _reply(self, answer: Answer, question: leader_pb2.CheckQuestion) -> None:
         """Answer ``question`` with a message that is otherwise a copy of the last report (a
         heartbeat like any other: the leader records it as one, and it counts for liveness),
-        less its bootstrap failures (the leader adds those up). A stream that ended meanwhile
-        takes nothing: the leader then asks over its channel."""
+        less its bootstrap failures (the leader adds those up), with the revocation list's
+        number and the highest epoch as they are now, as a report would carry them (the last
+        report's may be older: the leader would take the older list's number for the agent's,
+        and send the list again). A stream that ended meanwhile takes nothing: the leader then
+        asks over its channel."""
         try:
             async with asyncio.timeout(ANSWER_SECONDS):
                 checked = await answer(question)
@@ -333,6 +338,8 @@ class _Stream:
                 message.CopyFrom(self.last)
             message.ClearField("bootstrap_failures")
             message.wants_answer = message.closing = False
+            if self._now is not None:
+                message.crl_number, message.highest_epoch = await self._now()
             message.check_answer.CopyFrom(checked)
             await self._write(message)
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError) as exc:
@@ -545,7 +552,9 @@ class LeaderLink:
                 self._drop_stream()  # it ended since the last message: a new one now
             if self._stream is None:
                 call = self.stub.Heartbeats()  # type: ignore[call-arg]
-                self._stream = _Stream(call, self._take, self._stream_ended, self.answer_check)
+                self._stream = _Stream(
+                    call, self._take, self._stream_ended, self.answer_check, self._now
+                )
                 self._ended.clear()  # an earlier stream's end: this beat is the new one
             stream = self._stream
             request.renews = True
@@ -598,6 +607,10 @@ class LeaderLink:
                     f"the leader refused the renewal: {exc.details()} ({exc.code().name})"
                 ) from None
         return bytes(reply.certificate_pem)
+
+    async def _now(self) -> tuple[int, int]:
+        """The revocation list's number the agent holds and its journal's highest epoch."""
+        return self.trust.crl_number, await asyncio.to_thread(self.journal.highest_epoch)
 
     async def beat(self, *, quiet: bool = False) -> None:
         """One heartbeat; TransientError if the leader did not answer. ``quiet``: not sent

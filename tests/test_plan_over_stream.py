@@ -331,6 +331,39 @@ async def test_a_question_the_agent_has_no_room_for_is_asked_over_the_channel(
         assert opened["hb1"] == 1
 
 
+async def test_an_answer_carries_the_agent_s_revocation_list_and_epoch_as_now(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Finding 5 of review 1: an answer is a copy of the last report, but its revocation
+    list's number and highest epoch are the agent's now (as a report would carry them): one
+    that took a newer list since its last report does not tell the leader it holds the older
+    one (the leader would send the list again). On d1993b7 the answer carried the last
+    report's."""
+    async with world(tmp_path, loopback) as (rig, _, node):
+        stream = node.link._stream
+        assert stream is not None
+        last = stream.last
+        assert last is not None
+        written: list[leader_pb2.HeartbeatRequest] = []
+        write = stream._write
+
+        async def noting(request: leader_pb2.HeartbeatRequest) -> int:
+            written.append(request)
+            return await write(request)
+
+        stream._write = noting  # type: ignore[method-assign]
+        node.link.trust.crl_number = last.crl_number + 3  # a newer list taken since
+        node.journal.admit_epoch(last.highest_epoch + 2)  # a newer epoch seen since
+        answer = await rig.service.ask_check("hb1", agent_pb2.CheckRequest(), 30)
+        assert answer is not None and not answer.refused_code
+        (message,) = written
+        assert message.HasField("check_answer")
+        assert message.crl_number == last.crl_number + 3
+        assert message.highest_epoch == last.highest_epoch + 2
+        (beat,) = rig.service._streams["hb1"]
+        assert beat.crl_number == last.crl_number + 3
+
+
 async def test_an_answer_on_one_node_s_stream_cannot_answer_another_node_s_question(
     tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
