@@ -14,8 +14,8 @@ status is the agent saying no, ``StepFailed`` (terminal for the step).
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import os
+import socket
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from typing import Any, Protocol, TypeVar
@@ -441,6 +441,8 @@ class AgentPool:
         self._retiring: dict[AgentClient, asyncio.Task[None]] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self._dialling = asyncio.Semaphore(DIAL_AT_ONCE)  # ``reach``'s TCP connections
+        # ``_where``'s read of every node's address: the nodes generation it is of, and the read.
+        self._listed: tuple[int | None, asyncio.Future[dict[str, tuple[str, int]]]] | None = None
 
     async def get(self, name: str) -> AgentClient:
         """The node's client. Its address and key are read from the store again only if the
@@ -489,38 +491,62 @@ class AgentPool:
         (no TLS, no handshake): something listens there. It does not prove that it is this
         node's agent (another node's agent on a stale address): the preflight's TLS check
         still refuses that, as it refuses any node that fails mid-rollout."""
+        if not channel:
+            return await self._dial(name, timeout)
         client = await self.get(name)
-        if channel:
-            client.in_flight += 1
-            try:
-                ch = client.channel
-                async with asyncio.timeout(timeout):
+        client.in_flight += 1
+        try:
+            ch = client.channel
+            async with asyncio.timeout(timeout):
+                state = ch.get_state(try_to_connect=True)
+                while state is not grpc.ChannelConnectivity.READY:
+                    if state in FAILED_STATES:
+                        return "channel"
+                    await ch.wait_for_state_change(state)
                     state = ch.get_state(try_to_connect=True)
-                    while state is not grpc.ChannelConnectivity.READY:
-                        if state in FAILED_STATES:
-                            return "channel"
-                        await ch.wait_for_state_change(state)
-                        state = ch.get_state(try_to_connect=True)
-                return None
-            except TimeoutError:
-                return "channel"
-            finally:
-                client._done()
-        host, port = client.node.addresses[0], client.node.agent_port
+            return None
+        except TimeoutError:
+            return "channel"
+        finally:
+            client._done()
+
+    async def _where(self, name: str) -> tuple[str, int]:
+        """The address and port ``name``'s channel dials: its client's, if read at the store's
+        current nodes generation, else from one read of every node (shared by the calls made
+        meanwhile, and kept for that generation): not a store read per node, nor a client."""
+        generation = getattr(self.store, "nodes_generation", None)
+        client = self.clients.get(name)
+        if client is not None and generation is not None and self._read_at.get(name) == generation:
+            return client.node.addresses[0], client.node.agent_port
+        if generation is None or self._listed is None or self._listed[0] != generation:
+
+            def listing() -> dict[str, tuple[str, int]]:
+                return {n.name: (n.addresses[0], n.agent_port) for n in self.store.list_nodes()}
+
+            self._listed = (generation, asyncio.ensure_future(dbthread.run(listing)))
+        found = (await asyncio.shield(self._listed[1])).get(name)
+        if found is None:  # enrolled since, or removed: as a call would find it
+            client = await self.get(name)
+            return client.node.addresses[0], client.node.agent_port
+        return found
+
+    async def _dial(self, name: str, timeout: float) -> str | None:
+        """``reach`` without its channel: a TCP connection, closed at once; None, or why not."""
+        host, port = await self._where(name)
+        where = hostport(host, port)
+        # A bare non-blocking socket, not asyncio's streams (no transport, no reader).
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
         async with self._dialling:
-            try:
-                async with asyncio.timeout(timeout):
-                    _, writer = await asyncio.open_connection(host, port)
-            except TimeoutError:
-                return (
-                    f"agent {name}: no connection to {hostport(host, port)} within {timeout:.0f} s"
-                )
-            except OSError as exc:  # (asyncio's own strerror names the address again)
-                why = os.strerror(exc.errno) if exc.errno else str(exc)
-                return f"agent {name}: cannot connect to {hostport(host, port)}: {why}"
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                sock.setblocking(False)
+                try:
+                    async with asyncio.timeout(timeout):
+                        await asyncio.get_running_loop().sock_connect(sock, (host, port))
+                except TimeoutError:
+                    return f"agent {name}: no connection to {where} within {timeout:.0f} s"
+                except OSError as exc:  # (asyncio's own strerror names the address again)
+                    why = os.strerror(exc.errno) if exc.errno else str(exc)
+                    return f"agent {name}: cannot connect to {where}: {why}"
         return None
 
     def hold(self, names: Collection[str]) -> None:
