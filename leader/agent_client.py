@@ -14,6 +14,8 @@ status is the agent saying no, ``StepFailed`` (terminal for the step).
 from __future__ import annotations
 
 import asyncio
+import os
+import socket
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from typing import Any, Protocol, TypeVar
@@ -49,7 +51,8 @@ CALL_TIMEOUT = 30.0
 # closed by the cap, so a node's steps reuse one channel however long it waits between them (a
 # retry, its turn to switch) and whatever else uses the pool meanwhile (scope freezes, plan and
 # observe). The cap bounds the rest: the planning's checks of agents that cannot take them on their
-# heartbeat stream (the others open no channel for planning: ``leader.observe``), 16 at a time
+# heartbeat stream (the others open no channel for planning, but a start's first nodes, whose
+# steps need theirs: ``leader.observe``), 16 at a time
 # (observe.OBSERVE_AT_ONCE, last node first, so that the channels left open are those of the nodes
 # the rollout begins with), freezes, the nodes just out of flight. Issue 15, ``bench.simagents`` at
 # 500 agents (--max-parallel 10), 4 pairs of 16 throughout against 32: the leader's RSS at the
@@ -59,6 +62,11 @@ CALL_TIMEOUT = 30.0
 # 16.7, 15.0 ms against 17.2, 18.1, 15.1). Those figures are of 16 throughout, before in-flight
 # nodes were held (not measured since).
 MAX_OPEN_CHANNELS = 16
+# TCP connections ``AgentPool.reach`` makes at once (each a descriptor while it connects).
+DIAL_AT_ONCE = 64
+FAILED_STATES = frozenset(
+    {grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN}
+)
 # WatchTransaction: one stream lasts at most this long (a stopped agent sends nothing, and TCP
 # does not tell); it is opened again at once and the agent sends the current state first.
 STREAM_SECONDS = 15.0
@@ -432,6 +440,9 @@ class AgentPool:
         self._held: frozenset[str] = frozenset()  # nodes in flight: never closed by the cap
         self._retiring: dict[AgentClient, asyncio.Task[None]] = {}
         self._closing: set[asyncio.Task[None]] = set()
+        self._dialling = asyncio.Semaphore(DIAL_AT_ONCE)  # ``reach``'s TCP connections
+        # ``_where``'s read of every node's address: the nodes generation it is of, and the read.
+        self._listed: tuple[int | None, asyncio.Future[dict[str, tuple[str, int]]]] | None = None
 
     async def get(self, name: str) -> AgentClient:
         """The node's client. Its address and key are read from the store again only if the
@@ -464,6 +475,79 @@ class AgentPool:
             client.node = node  # same channel; its names as now enrolled (``StepContext``)
         self._use(name)
         return client
+
+    async def reach(self, name: str, timeout: float, *, channel: bool) -> str | None:
+        """Can the leader reach ``name``'s agent where it dials it (``leader.observe``, when
+        the planning question went over the agent's own heartbeat stream, which says nothing of
+        the leader's way in)? None if so, else why not.
+
+        ``channel``: open the node's channel (its TLS handshake, with its key pin) and wait until
+        it is ready, counted as a call meanwhile (the cap does not close it): a node the start
+        steps first needs it moments later, so this is no extra handshake, and it is off the first
+        switch's path. Not ready (a refused connection, a failed handshake, the deadline):
+        ``"channel"`` (the caller asks over it, for gRPC's reason).
+
+        Else a plain TCP connection to the address and port the channel dials, closed at once
+        (no TLS, no handshake): something listens there. It does not prove that it is this
+        node's agent (another node's agent on a stale address): the preflight's TLS check
+        still refuses that, as it refuses any node that fails mid-rollout."""
+        if not channel:
+            return await self._dial(name, timeout)
+        client = await self.get(name)
+        client.in_flight += 1
+        try:
+            ch = client.channel
+            async with asyncio.timeout(timeout):
+                state = ch.get_state(try_to_connect=True)
+                while state is not grpc.ChannelConnectivity.READY:
+                    if state in FAILED_STATES:
+                        return "channel"
+                    await ch.wait_for_state_change(state)
+                    state = ch.get_state(try_to_connect=True)
+            return None
+        except TimeoutError:
+            return "channel"
+        finally:
+            client._done()
+
+    async def _where(self, name: str) -> tuple[str, int]:
+        """The address and port ``name``'s channel dials: its client's, if read at the store's
+        current nodes generation, else from one read of every node (shared by the calls made
+        meanwhile, and kept for that generation): not a store read per node, nor a client."""
+        generation = getattr(self.store, "nodes_generation", None)
+        client = self.clients.get(name)
+        if client is not None and generation is not None and self._read_at.get(name) == generation:
+            return client.node.addresses[0], client.node.agent_port
+        if generation is None or self._listed is None or self._listed[0] != generation:
+
+            def listing() -> dict[str, tuple[str, int]]:
+                return {n.name: (n.addresses[0], n.agent_port) for n in self.store.list_nodes()}
+
+            self._listed = (generation, asyncio.ensure_future(dbthread.run(listing)))
+        found = (await asyncio.shield(self._listed[1])).get(name)
+        if found is None:  # enrolled since, or removed: as a call would find it
+            client = await self.get(name)
+            return client.node.addresses[0], client.node.agent_port
+        return found
+
+    async def _dial(self, name: str, timeout: float) -> str | None:
+        """``reach`` without its channel: a TCP connection, closed at once; None, or why not."""
+        host, port = await self._where(name)
+        where = hostport(host, port)
+        # A bare non-blocking socket, not asyncio's streams (no transport, no reader).
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        async with self._dialling:
+            with socket.socket(family, socket.SOCK_STREAM) as sock:
+                sock.setblocking(False)
+                try:
+                    async with asyncio.timeout(timeout):
+                        await asyncio.get_running_loop().sock_connect(sock, (host, port))
+                except TimeoutError:
+                    return f"agent {name}: no connection to {where} within {timeout:.0f} s"
+                except OSError as exc:  # (asyncio's own strerror names the address again)
+                    why = os.strerror(exc.errno) if exc.errno else str(exc)
+                    return f"agent {name}: cannot connect to {where}: {why}"
+        return None
 
     def hold(self, names: Collection[str]) -> None:
         """``names`` are the live rollout's nodes in flight (the engine says so at each pass;

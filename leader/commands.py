@@ -51,10 +51,11 @@ log = logs.get_logger(__name__)
 
 class Observe(Protocol):
     """Asks the named nodes' agents what they run (``leader.observe.observe``), telling those
-    in ``warm`` to load their certificate code ahead."""
+    in ``warm`` to load their certificate code ahead, and opening the channels of those in
+    ``first`` (a start's first nodes; the others' way in is proved by a TCP connection)."""
 
     async def __call__(
-        self, names: Sequence[str], *, warm: Collection[str]
+        self, names: Sequence[str], *, warm: Collection[str], first: Collection[str]
     ) -> dict[str, NodeObservation]: ...
 
 
@@ -162,6 +163,7 @@ class Commands:
         vault: byo.Vault | None = None,
         cert_horizon: dt.timedelta = dt.timedelta(days=30),
         offline_grace: float = 0.0,
+        prepare_ahead: int = 1,
     ) -> None:
         """``observe``: asks the named nodes' agents what they run (``leader.observe``; those
         named in ``warm`` are told to load their certificate code ahead); rollouts are planned
@@ -169,8 +171,10 @@ class Commands:
         ``vault``: where a ``--cert-dir`` rollout's keys wait for its stage steps (the
         engine's); ``cert_horizon``: how long such certificates must still be valid
         (``expiry_warning_days``); ``offline_grace``: how long a node that went offline only
-        that long ago is waited for before a plan counts it offline (``_observe_all``)."""
+        that long ago is waited for before a plan counts it offline (``_observe_all``);
+        ``prepare_ahead``: the engine's (a start's first nodes, ``first_steps``)."""
         self.offline_grace = offline_grace
+        self.prepare_ahead = prepare_ahead
         self.vault = vault if vault is not None else byo.Vault()
         self.cert_horizon = cert_horizon
         self.store = store
@@ -253,8 +257,29 @@ class Commands:
             return online, None
         up = [name for name, is_up in online.items() if is_up]
         warm = self.first_to_make_keys(request, up) if request is not None else frozenset()
-        seen = await self.observe(up, warm=warm)
+        first = self.first_steps(request, up) if request is not None else frozenset()
+        seen = await self.observe(up, warm=warm, first=first)
         return online, seen
+
+    def _in_order(self, request: RolloutRequest, up: Sequence[str]) -> Sequence[str]:
+        """The online nodes of ``request``'s scope, in the order a rollout steps them."""
+        scope = request.scope
+        if scope.kind is ScopeKind.LOCAL:
+            names: Sequence[str] = (self.leader_node,) if self.leader_node else ()
+        elif scope.kind is ScopeKind.CLUSTER:
+            names = up
+        else:
+            names = scope.names
+        names = [name for name in names if name in up]
+        return planner.order_nodes(names, self.leader_node or "")
+
+    def first_steps(self, request: RolloutRequest, up: Sequence[str]) -> frozenset[str]:
+        """The nodes a starting rollout steps first (its first ``max_parallel`` plus
+        ``prepare_ahead`` in its order, those the engine holds in flight): planning opens their
+        channels (``leader.observe``: the leader's way in proved with the handshake their steps
+        need anyway, off the first switch's path)."""
+        count = max(request.max_parallel, 1) + self.prepare_ahead
+        return frozenset(self._in_order(request, up)[:count])
 
     def first_to_make_keys(self, request: RolloutRequest, up: Sequence[str]) -> frozenset[str]:
         """The nodes whose agents a starting rollout asks first to make a key and CSR (its
@@ -267,16 +292,7 @@ class Commands:
         would after any rollout that prepared it."""
         if not CHANGES[request.change].stages_certificate or request.own_certs is not None:
             return frozenset()
-        scope = request.scope
-        if scope.kind is ScopeKind.LOCAL:
-            names: Sequence[str] = (self.leader_node,) if self.leader_node else ()
-        elif scope.kind is ScopeKind.CLUSTER:
-            names = up
-        else:
-            names = scope.names
-        names = [name for name in names if name in up]
-        order = planner.order_nodes(names, self.leader_node or "")
-        return frozenset(order[: max(request.max_parallel, 1)])
+        return frozenset(self._in_order(request, up)[: max(request.max_parallel, 1)])
 
     async def _digests(self) -> dict[str, int]:
         """Verifier digest → auth password version, for every version staged."""

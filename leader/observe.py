@@ -19,9 +19,23 @@ would give. Every other agent (older, on unary heartbeats, without a stream now,
 ended before it answered) is asked over the channel, as before, in the time the deadline has
 left.
 
-Agents are asked ``OBSERVE_AT_ONCE`` at a time, each with a short deadline and no retries: a
-plan is shown to an admin who waits for it, and an agent that does not answer within
-``OBSERVE_TIMEOUT`` is reported as unreachable (with the reason), never waited for.
+An answer on the stream says nothing of the leader's way in to the agent (a firewall on the
+agent port, an address on record that is no longer the node's, a NodeAgent port not
+listening), which the channel's Check proved: so, while the question is out (``reach``,
+``leader.agent_client.AgentPool.reach``), the leader proves it too, without a handshake it
+would not make anyway. ``tlsroll plan``: a plain TCP connection to the address and port the
+pool dials, closed at once (something listens there). A rollout's start: the same for every
+node but its ``first`` (those it steps first), whose channels it opens (each a TLS handshake,
+with the key pin) and keeps, as their steps need them moments later. A node that fails either
+is unreachable with the reason, as over the channel: a start with it is refused before
+anything switches. (A TCP connection does not prove the listener is this node's agent: another
+node's agent on a stale address passes it, and that node's preflight refuses it at its TLS
+check, a halt, as for any node that fails mid-rollout.)
+
+Questions on the streams all go out at once; the channel fallbacks go ``OBSERVE_AT_ONCE`` at a
+time (each opens a TLS connection). Each has a short deadline and no retries: a plan is shown
+to an admin who waits for it, and an agent that does not answer within ``OBSERVE_TIMEOUT`` is
+reported as unreachable (with the reason), never waited for.
 """
 
 from __future__ import annotations
@@ -41,8 +55,9 @@ from tlsroll.errors import PKIError, TlsrollError, TransientError
 from tlsroll.v1 import agent_pb2, leader_pb2
 
 OBSERVE_TIMEOUT = 5.0
-# Agents asked at once: each first call opens a TLS connection, and 500 handshakes at once on
-# a small leader machine timed out by the hundred ("no SETTINGS frame").
+# Agents asked over the channel at once (those that cannot answer on their heartbeat stream):
+# each first call opens a TLS connection, and 500 handshakes at once on a small leader machine
+# timed out by the hundred ("no SETTINGS frame").
 OBSERVE_AT_ONCE = 16
 MAX_CLOCK_OFFSET = 120  # as the preflight step (leader.changes)
 
@@ -50,6 +65,12 @@ Ask = Callable[[str, agent_pb2.CheckRequest, float], Awaitable[leader_pb2.CheckA
 """Ask a node's agent the question on its heartbeat stream, waiting at most that long: its
 answer; None if there is no stream to ask it on; ``StreamEnded`` if the stream ended before
 the answer came; TimeoutError if none came in time (``LeaderService.ask_check``)."""
+
+
+Reach = Callable[..., Awaitable[str | None]]
+"""Can the leader reach the node's agent where it dials it, within that long (``channel``:
+by opening its channel)? None, or why not (``"channel"``: ask over it for the reason)
+(``AgentPool.reach``)."""
 
 
 class StreamEnded(TransientError):
@@ -84,11 +105,16 @@ async def observe(
     *,
     warm: Collection[str] = frozenset(),
     ask: Ask | None = None,
+    reach: Reach | None = None,
+    first: Collection[str] = frozenset(),
 ) -> dict[str, NodeObservation]:
     """Ask every named node's agent what it runs; unreachable ones say why. The agents of the
     nodes in ``warm`` are told to load their certificate code ahead of their preflight
     (``CheckRequest.warm_certificates``). ``ask``: the question goes on the node's heartbeat
-    stream where it can (the module's docstring), else over the agent pool's channel."""
+    stream where it can (the module's docstring), else over the agent pool's channel; then
+    ``reach`` proves the leader's way in, concurrently: the channel of the nodes in ``first``
+    (a rollout's start: those it steps first), a TCP connection for the others (the module's
+    docstring)."""
     late = NodeObservation(False, f"no answer within {OBSERVE_TIMEOUT:.0f} s")
 
     gate = asyncio.Semaphore(OBSERVE_AT_ONCE)
@@ -101,20 +127,44 @@ async def observe(
         return request
 
     async def one(name: str) -> NodeObservation:
-        """On the stream (all nodes at once: no channel, no handshake), else over the
-        channel, ``OBSERVE_AT_ONCE`` nodes at a time."""
+        """On the stream (all nodes at once: no channel, no handshake) with the way in proved
+        meanwhile (``reach``), else over the channel, ``OBSERVE_AT_ONCE`` nodes at a time."""
         loop = asyncio.get_running_loop()
+        began = loop.time()
         spent = 0.0  # of the deadline, by a stream that ended before its answer
         if ask is not None:
-            began = loop.time()
+            way_in = (
+                asyncio.ensure_future(reach(name, OBSERVE_TIMEOUT, channel=name in first))
+                if reach is not None
+                else None
+            )
+            timed_out = False
             try:
                 answer = await ask(name, question(name), OBSERVE_TIMEOUT)
             except TimeoutError:
-                return late
+                answer, timed_out = None, True
             except StreamEnded:  # (the agent restarted, renewed, the leader cut the stream)
                 answer, spent = None, loop.time() - began  # the channel gets the time left
-            if answer is not None:
-                return answered(name, answer)
+            except BaseException:
+                if way_in is not None:
+                    way_in.cancel()
+                raise
+            seen = answered(name, answer) if answer is not None else None
+            if seen is None or not seen.reachable or way_in is None:
+                if way_in is not None:  # the channel (if any) proves it, or it is unreachable
+                    way_in.cancel()
+                    await asyncio.gather(way_in, return_exceptions=True)
+                if seen is not None:
+                    return seen
+                if timed_out:
+                    return late
+            else:
+                failed = await way_in
+                if failed is None:
+                    return seen
+                if failed != "channel":
+                    return NodeObservation(False, failed)
+                spent = loop.time() - began  # gRPC's reason: the channel's Check says it
         async with gate:
             return await over_channel(name, OBSERVE_TIMEOUT - spent)
 
@@ -166,10 +216,11 @@ async def observe(
             return refused(answer.server, failed)
         return NodeObservation(False, str(failed))
 
-    # Asked last to first: a rollout goes through its nodes in name order (``order_nodes``),
-    # and the agent pool keeps the channels used last open (``MAX_OPEN_CHANNELS``), so those
-    # left open are of the nodes the rollout asks first, not of those it reaches last (each
-    # channel opened again is a TLS handshake).
+    # Asked last to first, for the channel fallbacks (an agent that cannot answer on a stream):
+    # a rollout goes through its nodes in name order (``order_nodes``), and the agent pool keeps
+    # the channels used last open (``MAX_OPEN_CHANNELS``), so those left open are of the nodes
+    # the rollout asks first, not of those it reaches last (each channel opened again is a TLS
+    # handshake). Questions on the streams all go out at once, whatever the order.
     backwards = list(reversed(names))
     results = await asyncio.gather(*(one(n) for n in backwards))
     return dict(zip(names, reversed(results), strict=True))

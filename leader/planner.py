@@ -147,6 +147,7 @@ class Unreachable(PlanError):
     """Nodes whose agents could not be asked what they run (the plan needs to know)."""
 
     def __init__(self, errors: Mapping[str, str]) -> None:
+        self.errors = dict(errors)
         names = sorted(errors)
         what = _some([f"{n}: {errors[n]}" for n in names], " (tlsroll nodes --check)")
         super().__init__(

@@ -239,14 +239,18 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         state.online,
         cfg.node_name,
         engine.wake.set,
-        # Planning asks on the agents' heartbeat streams where it can (no channel opened).
-        observe=functools.partial(observe, agents, ca=state.ca.cert, ask=leader_service.ask_check),
+        # Planning asks on the agents' heartbeat streams where it can (no channel opened for
+        # the question) and proves the leader's way in meanwhile (``AgentPool.reach``).
+        observe=functools.partial(
+            observe, agents, ca=state.ca.cert, ask=leader_service.ask_check, reach=agents.reach
+        ),
         vault=engine.vault,
         cert_horizon=dt.timedelta(days=cfg.expiry_warning_days),
         # An agent whose stream ended opens a new one within a second or so, once the leader
         # is back; one of an earlier release at its next heartbeat (a command waits no longer
         # than OFFLINE_GRACE_MAX for it, whatever the interval).
         offline_grace=min(cfg.heartbeat_interval + 1.0, OFFLINE_GRACE_MAX),
+        prepare_ahead=cfg.prepare_ahead,
     )
     viewer: Viewer | None = None
     if cfg.viewer_port:  # the viewer's parts only when it is on; aiohttp once it is opened

@@ -407,6 +407,9 @@ stream beyond this ends the node's oldest one."""
 QUESTIONS_PER_STREAM = 8
 """Planning questions (``LeaderService.ask_check``) one heartbeat stream may have waiting for
 their answer; more for the same node (plans asked at once) go over the agent's channel."""
+NO_ROOM = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
+"""``CheckAnswer.refused_code`` of an agent that has no room for the question now (its own
+count: ``nodeagent.leader_link.BUSY``), without a server view: asked over the channel."""
 
 RENEW_HEARTBEATS = 4
 """An agent on a ``Heartbeats`` stream in renewal mode (``HeartbeatRequest.renews``) sends a
@@ -745,7 +748,9 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         heartbeat stream (``leader.observe``): no channel of the leader's to the node, no TLS
         handshake. None: it has no stream to ask on (the caller asks over the channel);
         ``StreamEnded``: the stream ended before the answer; TimeoutError: no answer within
-        ``timeout``. The question's write is never cancelled (``_push``): a deadline stops the
+        ``timeout``; an agent with no room for it now (``NO_ROOM``: its
+        ``nodeagent.leader_link.QUESTIONS_AT_ONCE``) is a ``StreamEnded`` too, asked over the
+        channel. The question's write is never cancelled (``_push``): a deadline stops the
         wait, not the write."""
         beat = self._asked_on(name)
         if beat is None:
@@ -774,13 +779,16 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                     raise
                 except Exception as exc:  # the call ended meanwhile
                     raise StreamEnded(f"the heartbeat stream ended: {type(exc).__name__}") from None
-                return await answer
+                got = await answer
         finally:
             beat.questions.pop(qid, None)
             if not answer.done():
                 answer.cancel()
             elif not answer.cancelled():
                 answer.exception()  # taken (the stream ended as the deadline came)
+        if got.refused_code == NO_ROOM and not got.HasField("server"):
+            raise StreamEnded(f"the agent has no room for the question: {got.refused}")
+        return got
 
     async def _caller(self, context: Ctx) -> str:
         return (await self._caller_cert(context)).name

@@ -72,13 +72,18 @@ STREAM_RETRY_BEATS = 60
 UNACKED_HEARTBEATS = 2
 # The agent's own keepalive PING to the leader: a backstop only (``leader_channel_options``).
 KEEPALIVE_PING_SECONDS = 300
-# Planning questions (``HeartbeatResponse.check``) the agent answers at once on one stream; a
-# leader that asks more waits for them in vain and asks over its channel (``leader.observe``).
+# Planning questions (``HeartbeatResponse.check``) the agent answers at once on one stream; one
+# more is answered at once with ``BUSY`` (the leader then asks over its channel in the time its
+# deadline has left: ``leader.service.LeaderService.ask_check``), up to as many again; past
+# that it is dropped (the leader's deadline runs out: unreachable, "no answer within").
 QUESTIONS_AT_ONCE = 8
+BUSY = grpc.StatusCode.RESOURCE_EXHAUSTED  # ``CheckAnswer.refused_code``: no room for it now
 # An answer not made within this is given up (its checks cancelled, as a Check call's are at
-# its deadline): the leader waits ``leader.observe.OBSERVE_TIMEOUT`` (5 s) for it, and a check
-# that hangs (a driver's status command) must not hold one of the places above for ever.
-ANSWER_SECONDS = 15.0
+# its deadline): the leader's deadline for it (``leader.observe.OBSERVE_TIMEOUT``, 5 s, as for
+# a Check over the channel), so that a check that hangs (a driver's status command) holds one
+# of the places above no longer than the leader counts the question as waiting
+# (``leader.service.QUESTIONS_PER_STREAM``, freed at that deadline).
+ANSWER_SECONDS = 5.0
 CLOSE_SECONDS = 2.0  # an agent closing its stream waits this long at most for the leader's end
 RECONNECT_SECONDS = 1.0  # a stream that ended by itself is opened again within this (jittered)
 # A stream that ended sooner than this (or an interval, if shorter) after it opened is taken
@@ -211,6 +216,15 @@ def leader_channel_options(heartbeat_interval: int) -> list[tuple[str, int]]:
     ]
 
 
+async def _busy(question: leader_pb2.CheckQuestion) -> leader_pb2.CheckAnswer:
+    """The answer to a question the agent has no room for (``QUESTIONS_AT_ONCE``)."""
+    return leader_pb2.CheckAnswer(
+        id=question.id,
+        refused_code=BUSY.value[0],
+        refused=f"{QUESTIONS_AT_ONCE} planning questions under way on this stream",
+    )
+
+
 class _Stream:
     """One open ``Heartbeats`` stream: messages go out with ``send``, numbered (``seq``); a
     reader task takes every response (answer or news) with ``take`` and notes which message it
@@ -227,8 +241,10 @@ class _Stream:
         take: Callable[[leader_pb2.HeartbeatResponse], Awaitable[None]],
         ended: Callable[[_Stream], None] | None = None,
         answer: Answer | None = None,
+        now: Callable[[], Awaitable[tuple[int, int]]] | None = None,
     ) -> None:
         self.call = call
+        self._now = now  # the revocation list's number and the highest epoch, as now
         self.opened = asyncio.get_running_loop().time()
         self.replies = 0
         self.seq = 0  # the number of the last message sent
@@ -249,6 +265,7 @@ class _Stream:
         # own, so that neither this reader nor the heartbeats wait for the checks.
         self._answer = answer
         self._answering: set[asyncio.Future[None]] = set()
+        self._refusing: set[asyncio.Future[None]] = set()  # ``BUSY`` answers being written
         self._writing = asyncio.Lock()  # one write at a time: heartbeats and answers
         self.reader = asyncio.ensure_future(self._read(take))
 
@@ -284,20 +301,35 @@ class _Stream:
 
     def _ask(self, question: leader_pb2.CheckQuestion) -> None:
         """The leader asks its planning question on the stream: answered in a task of its own
-        (``_reply``). Not answered by an agent that cannot (it did not say it could) nor beyond
-        ``QUESTIONS_AT_ONCE`` under way: the leader's deadline then runs out, as for a Check."""
-        if self._answer is None or len(self._answering) >= QUESTIONS_AT_ONCE:
+        (``_reply``). Beyond ``QUESTIONS_AT_ONCE`` under way, answered at once with ``BUSY``
+        (the leader asks over its channel). Not answered by an agent that cannot (it did not
+        say it could), nor past as many ``BUSY`` answers being written: the leader's deadline
+        then runs out, as for a Check."""
+        if self._answer is None:
             log.warning("heartbeat.question_dropped", id=question.id)
             return
-        task = asyncio.ensure_future(self._reply(self._answer, question))
-        self._answering.add(task)
-        task.add_done_callback(self._answering.discard)
+        if len(self._answering) < QUESTIONS_AT_ONCE:
+            tasks, task = (
+                self._answering,
+                asyncio.ensure_future(self._reply(self._answer, question)),
+            )
+        elif len(self._refusing) < QUESTIONS_AT_ONCE:
+            log.info("heartbeat.question_busy", id=question.id)
+            tasks, task = self._refusing, asyncio.ensure_future(self._reply(_busy, question))
+        else:
+            log.warning("heartbeat.question_dropped", id=question.id)
+            return
+        tasks.add(task)
+        task.add_done_callback(tasks.discard)
 
     async def _reply(self, answer: Answer, question: leader_pb2.CheckQuestion) -> None:
         """Answer ``question`` with a message that is otherwise a copy of the last report (a
         heartbeat like any other: the leader records it as one, and it counts for liveness),
-        less its bootstrap failures (the leader adds those up). A stream that ended meanwhile
-        takes nothing: the leader then asks over its channel."""
+        less its bootstrap failures (the leader adds those up), with the revocation list's
+        number and the highest epoch as they are now, as a report would carry them (the last
+        report's may be older: the leader would take the older list's number for the agent's,
+        and send the list again). A stream that ended meanwhile takes nothing: the leader then
+        asks over its channel."""
         try:
             async with asyncio.timeout(ANSWER_SECONDS):
                 checked = await answer(question)
@@ -306,6 +338,8 @@ class _Stream:
                 message.CopyFrom(self.last)
             message.ClearField("bootstrap_failures")
             message.wants_answer = message.closing = False
+            if self._now is not None:
+                message.crl_number, message.highest_epoch = await self._now()
             message.check_answer.CopyFrom(checked)
             await self._write(message)
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError) as exc:
@@ -353,7 +387,7 @@ class _Stream:
     def close(self) -> None:
         self.dropped = True
         self.reader.cancel()
-        for task in self._answering:
+        for task in (*self._answering, *self._refusing):
             task.cancel()
         self.call.cancel()
 
@@ -518,7 +552,9 @@ class LeaderLink:
                 self._drop_stream()  # it ended since the last message: a new one now
             if self._stream is None:
                 call = self.stub.Heartbeats()  # type: ignore[call-arg]
-                self._stream = _Stream(call, self._take, self._stream_ended, self.answer_check)
+                self._stream = _Stream(
+                    call, self._take, self._stream_ended, self.answer_check, self._now
+                )
                 self._ended.clear()  # an earlier stream's end: this beat is the new one
             stream = self._stream
             request.renews = True
@@ -571,6 +607,10 @@ class LeaderLink:
                     f"the leader refused the renewal: {exc.details()} ({exc.code().name})"
                 ) from None
         return bytes(reply.certificate_pem)
+
+    async def _now(self) -> tuple[int, int]:
+        """The revocation list's number the agent holds and its journal's highest epoch."""
+        return self.trust.crl_number, await asyncio.to_thread(self.journal.highest_epoch)
 
     async def beat(self, *, quiet: bool = False) -> None:
         """One heartbeat; TransientError if the leader did not answer. ``quiet``: not sent

@@ -435,10 +435,18 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
 
     async def answer_check(self, question: leader_pb2.CheckQuestion) -> leader_pb2.CheckAnswer:
         """The leader's planning question asked on the agent's heartbeat stream
-        (``nodeagent.leader_link``), whose TLS proved the leader as the channel's does for
-        ``Check``: ``check``'s answer, or the status ``Check`` would have ended with (as
-        ``map_errors`` gives it) and the managed server's view, as ``GetStatus`` gives it, so
-        that the leader needs no second call for a node that refuses its checks."""
+        (``nodeagent.leader_link``): ``check``'s answer, or the status ``Check`` would have
+        ended with (as ``map_errors`` gives it) and the managed server's view, as ``GetStatus``
+        gives it, so that the leader needs no second call for a node that refuses its checks.
+
+        Who asks is checked less than for ``Check``: the stream's TLS handshake, when it opened,
+        checked the server's certificate against the CA and the leader's internal name
+        (``spiffe.leader_host``), but not against the revocation list (``Check``'s
+        ``require_leader`` does, on every call), and not again while the stream lasts, even
+        once a list arrives on it that revokes it. The holder of a revoked leader key who can
+        redirect the agent's connection may ask this read-only question (the server's view,
+        the node's problems, the certificate code loaded ahead); gRPC's Python client shows
+        the agent neither the server's certificate nor a revocation check to close it with."""
         try:
             checked = await self.check(question.request)
             return leader_pb2.CheckAnswer(id=question.id, checked=checked)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import functools
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
@@ -24,9 +25,12 @@ import grpc
 import pytest
 
 from leader import observe as observe_module
+from leader import planner
 from leader.agent_client import AgentPool
+from leader.commands import Commands, RolloutRequest
 from leader.observe import StreamEnded, observe
-from leader.rollout_core import NodeObservation
+from leader.rollout_core import Change, NodeObservation, Scope
+from leader.schema_store import SchemaStore
 from nodeagent import leader_link
 from nodeagent.drivers import ServerFacts
 from nodeagent.identity import Identity
@@ -36,6 +40,7 @@ from nodeagent.service import NodeAgentService
 from tests.cluster import secure_channel
 from tests.leader_rig import InProcessLeader, leader_with_a_node
 from tests.nodeside import cluster_of, port_holder
+from tests.test_engine import VERIFIER_1
 from tests.test_heartbeat_stream import agent_link
 from tests.test_perf_shape import channels_opened
 from tlsroll import pki, spiffe
@@ -103,11 +108,13 @@ async def agent(
     skew: dt.timedelta = dt.timedelta(0),
     answers: bool = True,
     hold: bool = False,
+    listen: str | None = None,
 ) -> AsyncIterator[Node]:
     """Node hb1's agent: ``LeaderLink`` (one beat done: its stream in renewal mode; ``answers``:
     it says it answers planning questions) and ``NodeAgentService`` on ``node_address``'s
     agent port (``driver``: a ``StubDriver``, else none configured; its clock ``skew`` ahead);
-    ``hold``: its answers wait for ``Node.held.go``."""
+    ``hold``: its answers wait for ``Node.held.go``; ``listen``: the NodeAgent service listens
+    on this address instead (the leader dials the node's, where nothing listens)."""
     leader_address = rig.target.rsplit(":", 1)[0]
     link, trust, journal = agent_link(tmp_path, rig.node_files, leader_address, node_address)
     files = tmp_path / "agent"
@@ -133,7 +140,7 @@ async def agent(
     server = grpc.aio.server()
     agent_pb2_grpc.add_NodeAgentServicer_to_server(svc, server)
     server.add_secure_port(
-        f"{node_address}:{AGENT_PORT}",
+        f"{listen or node_address}:{AGENT_PORT}",
         grpc.ssl_server_credentials([(key_pem, cert_pem)], ca_pem, require_client_auth=True),
     )
     await server.start()
@@ -298,6 +305,65 @@ async def test_an_answer_the_agent_cannot_make_in_time_is_given_up_and_frees_its
                 await asyncio.sleep(0.05)
 
 
+async def test_a_question_the_agent_has_no_room_for_is_asked_over_the_channel(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Finding 2 of review 1: the agent answers ``QUESTIONS_AT_ONCE`` questions at once; the
+    leader's count of waiting questions frees at its own deadline, so it may ask one more
+    while the agent is still busy with the others (their checks hang). The agent says so
+    (``BUSY``) and the leader asks over the channel in the time left: the node is seen, not
+    reported "no answer within" (as on d1993b7, where the agent dropped it). The agent's
+    bound on an answer is the leader's deadline."""
+    assert leader_link.ANSWER_SECONDS == observe_module.OBSERVE_TIMEOUT
+    monkeypatch.setattr(leader_link, "ANSWER_SECONDS", 60.0)  # checks that hang
+    opened = channels_opened(monkeypatch)
+    async with world(tmp_path, loopback, hold=True) as (rig, pool, node):
+        assert node.held is not None
+        for _ in range(leader_link.QUESTIONS_AT_ONCE):
+            with pytest.raises(TimeoutError):
+                await rig.service.ask_check("hb1", agent_pb2.CheckRequest(), 0.3)
+        stream = node.link._stream
+        assert stream is not None and len(stream._answering) == leader_link.QUESTIONS_AT_ONCE
+        assert all(not b.questions for b in rig.service._open)  # the leader's count is free
+        async with asyncio.timeout(30):
+            seen = await observe(pool, ["hb1"], rig.state.ca.cert, ask=rig.service.ask_check)
+        assert seen["hb1"].reachable and seen["hb1"].problems == ()
+        assert opened["hb1"] == 1
+
+
+async def test_an_answer_carries_the_agent_s_revocation_list_and_epoch_as_now(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Finding 5 of review 1: an answer is a copy of the last report, but its revocation
+    list's number and highest epoch are the agent's now (as a report would carry them): one
+    that took a newer list since its last report does not tell the leader it holds the older
+    one (the leader would send the list again). On d1993b7 the answer carried the last
+    report's."""
+    async with world(tmp_path, loopback) as (rig, _, node):
+        stream = node.link._stream
+        assert stream is not None
+        last = stream.last
+        assert last is not None
+        written: list[leader_pb2.HeartbeatRequest] = []
+        write = stream._write
+
+        async def noting(request: leader_pb2.HeartbeatRequest) -> int:
+            written.append(request)
+            return await write(request)
+
+        stream._write = noting  # type: ignore[method-assign]
+        node.link.trust.crl_number = last.crl_number + 3  # a newer list taken since
+        node.journal.admit_epoch(last.highest_epoch + 2)  # a newer epoch seen since
+        answer = await rig.service.ask_check("hb1", agent_pb2.CheckRequest(), 30)
+        assert answer is not None and not answer.refused_code
+        (message,) = written
+        assert message.HasField("check_answer")
+        assert message.crl_number == last.crl_number + 3
+        assert message.highest_epoch == last.highest_epoch + 2
+        (beat,) = rig.service._streams["hb1"]
+        assert beat.crl_number == last.crl_number + 3
+
+
 async def test_an_answer_on_one_node_s_stream_cannot_answer_another_node_s_question(
     tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -325,6 +391,71 @@ async def test_an_answer_on_one_node_s_stream_cannot_answer_another_node_s_quest
         assert seen["hb1"] == NodeObservation(False, "no answer within 2 s")
         held.go.set()
         assert all(not b.questions for b in rig.service._open)
+
+
+def commands_of(rig: InProcessLeader, pool: AgentPool) -> Commands:
+    """The leader's commands (plan, start) over ``rig``'s store, planning as the leader daemon
+    does (``leader.runtime``): on the streams, the way in proved by ``pool.reach``."""
+    ask = functools.partial(
+        observe, pool, ca=rig.state.ca.cert, ask=rig.service.ask_check, reach=pool.reach
+    )
+    return Commands(
+        rig.store, SchemaStore(rig.store.db), lambda: rig.clock[0], lambda _: True, None,
+        lambda: None, observe=ask,
+    )  # fmt: skip
+
+
+ENABLE_TLS = RolloutRequest(Change.ENABLE_TLS, Scope.cluster(), auth_verifier_json=VERIFIER_1)
+
+
+@pytest.mark.parametrize("command", ["plan", "start"])
+async def test_a_node_whose_agent_port_the_leader_cannot_reach_is_unreachable(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch, command: str
+) -> None:
+    """Finding 1 of review 1: hb1's agent answers on its heartbeat stream, but its NodeAgent
+    service listens on another address than the one the leader dials (a firewall, a stale
+    address, the port not listening). The plan says it is unreachable and why (a plain TCP
+    connection refused; no channel opened), and a start is refused before anything switches,
+    with the very reason the channel's Check gives (it opens the channel of its first node).
+    On d1993b7 both saw hb1 ready."""
+    opened = channels_opened(monkeypatch)
+    async with world(tmp_path, loopback, listen=loopback()) as (rig, pool, _):
+        commands = commands_of(rig, pool)
+        with pytest.raises(planner.Unreachable) as refused:
+            if command == "plan":
+                await commands.plan(ENABLE_TLS)
+            else:
+                await commands.start(ENABLE_TLS, "admin")
+        error = refused.value.errors["hb1"]
+        if command == "plan":
+            assert sum(opened.values()) == 0
+            address = rig.store.get_node("hb1").addresses[0]
+            assert (
+                error == f"agent hb1: cannot connect to {address}:{AGENT_PORT}: Connection refused"
+            )
+            assert "hb1" not in pool.clients  # (nor a client made for the question)
+        else:
+            assert opened["hb1"] == 1
+            on_channel = await observe(pool, ["hb1"], rig.state.ca.cert)
+            assert error == on_channel["hb1"].error
+
+
+async def test_a_start_opens_the_channels_of_its_first_nodes_and_a_plan_none(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Planning for a start opens the channels of the nodes it steps first and leaves them
+    open for their steps (the handshake they need anyway, off the first switch's path); a plan
+    opens none; neither opens a second one."""
+    opened = channels_opened(monkeypatch)
+    async with world(tmp_path, loopback) as (rig, pool, _):
+        commands = commands_of(rig, pool)
+        await commands.plan(ENABLE_TLS)
+        assert sum(opened.values()) == 0
+        await commands.start(ENABLE_TLS, "admin")
+        assert opened == {"hb1": 1}
+        assert pool.clients["hb1"].open
+        await (await pool.get("hb1")).check(agent_pb2.CheckRequest())  # its first step's
+        assert opened == {"hb1": 1}
 
 
 @contextlib.asynccontextmanager
@@ -365,7 +496,8 @@ def test_tlsroll_plan_asks_the_real_agents_on_their_streams_and_opens_no_channel
     """Real daemons: ``tlsroll plan`` sees node2 blocked (its https port taken) with the very
     problem its agent's Check gives over a channel, and the leader holds no connection to any
     agent's port afterwards (on d39e527 the plan opened one to each node and the pool kept
-    them)."""
+    them; since review 1's finding 1 a plan proves the way in with a plain TCP connection per
+    node, closed at once, and opens no channel: only a start opens those of its first nodes)."""
     with cluster_of(tmp_path, 2) as (cluster, nodes):
         node2 = nodes[1]
         with port_holder(node2.address, HTTPS_PORT):

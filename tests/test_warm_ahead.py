@@ -38,7 +38,7 @@ class Recorder:
         self.warmed: list[frozenset[str]] = []
 
     async def __call__(
-        self, names: Sequence[str], *, warm: Collection[str]
+        self, names: Sequence[str], *, warm: Collection[str], first: Collection[str] = ()
     ) -> dict[str, NodeObservation]:
         self.warmed.append(frozenset(warm))
         return {name: NodeObservation(True, schemes=("http",)) for name in names}

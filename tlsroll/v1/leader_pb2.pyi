@@ -263,7 +263,10 @@ class CheckAnswer(_message.Message):
     SERVER_FIELD_NUMBER: _builtins.int
     id: _builtins.int
     refused_code: _builtins.int
-    """Non-zero: the gRPC status code Check would have ended with, and its details."""
+    """Non-zero: the gRPC status code Check would have ended with, and its details.
+    RESOURCE_EXHAUSTED without `server`: the agent has no room for the question now (the
+    leader asks over its channel).
+    """
     refused: _builtins.str
     @_builtins.property
     def checked(self) -> _agent_pb2.PreflightResponse:
