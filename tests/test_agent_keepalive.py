@@ -18,16 +18,12 @@ from __future__ import annotations
 
 import os
 import shutil
-import subprocess
-import sys
 from collections.abc import Callable
-from pathlib import Path
 
 import pytest
 
 from nodeagent import leader_link
-
-ROOT = Path(__file__).resolve().parent.parent
+from tests.children import python_child
 
 # A child process: a gRPC server standing in for the leader and a channel with the
 # options named by argv[2] ("agent": the agent's at a 1 s interval; "before": the PINGs every 2
@@ -104,24 +100,6 @@ asyncio.run(main())
 """
 
 
-def run_child(
-    args: list[str], address: str, mode: str, test: str
-) -> subprocess.CompletedProcess[str]:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    if test == "pings":
-        env |= {"GRPC_VERBOSITY": "debug", "GRPC_TRACE": "http_keepalive"}
-    done = subprocess.run(
-        [*args, sys.executable, "-c", CHILD, address, mode, test],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=90,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
-    return done
-
-
 @pytest.mark.parametrize("mode", ["agent", "before"])
 def test_an_agent_does_not_ping_its_leader_between_messages(
     mode: str, loopback: Callable[[], str]
@@ -131,7 +109,7 @@ def test_an_agent_does_not_ping_its_leader_between_messages(
     gRPC threads. A reply, then five quiet intervals on a stream: no PING from a channel with
     the agent's options (the trace logs keepalive and probe PINGs alike), two or more with the
     options before (which shows the count sees them)."""
-    done = run_child([], loopback(), mode, "pings")
+    done = python_child(CHILD, loopback(), mode, "pings", trace=True)
     # The kernel's bound on unacknowledged data (TCP_USER_TIMEOUT), from the keepalive timeout:
     # 2 intervals of 1 s with the agent's options (and with the options before).
     assert f"USER_TIMEOUT {leader_link.UNACKED_HEARTBEATS * 1000}" in done.stdout, done.stdout
@@ -155,7 +133,7 @@ def test_an_agent_notices_a_vanished_leader_at_its_next_message(mode: str) -> No
     (``unshare --net``), its loopback taken down."""
     unshare = shutil.which("unshare")
     assert unshare is not None, "unshare (util-linux) is needed"
-    done = run_child([unshare, "--net"], "127.0.0.1", mode, "vanish")
+    done = python_child(CHILD, "127.0.0.1", mode, "vanish", prefix=[unshare, "--net"])
     said = done.stdout.splitlines()
     if mode == "agent":
         assert said[0] == f"USER_TIMEOUT {leader_link.UNACKED_HEARTBEATS * 1000}", said

@@ -20,12 +20,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
-import os
 import queue
 import signal
 import sqlite3
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -49,6 +46,7 @@ from nodeagent.identity import Identity
 from nodeagent.journal import Journal
 from nodeagent.leader_link import LeaderLink
 from nodeagent.trust import LeaderTrust
+from tests.children import python_child
 from tests.cluster import Cluster, csr_pem, enrol, enrol_request, wait_until
 from tests.conftest import next_loopback
 from tests.leader_rig import leader_with_a_node
@@ -789,16 +787,7 @@ def test_the_control_port_answers_a_message_without_a_ping_of_its_own(
     (``control_server_options``). Real gRPC in a child process with gRPC's keepalive trace on
     (it logs every PING a server sends): no PING with the control port's options, one or more
     with gRPC's defaults (which shows the count can see them)."""
-    env = {**os.environ, "GRPC_VERBOSITY": "debug", "GRPC_TRACE": "http_keepalive"}
-    done = subprocess.run(
-        [sys.executable, "-c", PINGS_PER_MESSAGE, loopback(), options],
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert done.returncode == 0, done.stderr[-2000:]
+    done = python_child(PINGS_PER_MESSAGE, loopback(), options, trace=True, timeout=60)
     sent = done.stderr.split("MESSAGES SENT")[0].splitlines()
     pings = [line for line in sent if "SERVER" in line and "Ping" in line]
     if options == "control":
