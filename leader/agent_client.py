@@ -25,7 +25,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 
 from leader.store import Node, Store
 from tlsroll import dbthread, spiffe
-from tlsroll.errors import TerminalError, TransientError
+from tlsroll.errors import LOCAL_ERRNOS, LocalResourceError, TerminalError, TransientError
 from tlsroll.rpc import NO_BDP_PROBE, hostport, reconnect_options
 from tlsroll.v1 import agent_pb2, agent_pb2_grpc
 
@@ -51,10 +51,13 @@ CALL_TIMEOUT = 30.0
 # closed by the cap, so a node's steps reuse one channel however long it waits between them (a
 # retry, its turn to switch) and whatever else uses the pool meanwhile (scope freezes, plan and
 # observe). The cap bounds the rest: the planning's checks of agents that cannot take them on their
-# heartbeat stream (the others open no channel for planning, but a start's first nodes, whose
-# steps need theirs: ``leader.observe``), 16 at a time
+# heartbeat stream (the others open no channel for planning), 16 at a time
 # (observe.OBSERVE_AT_ONCE, last node first, so that the channels left open are those of the nodes
-# the rollout begins with), freezes, the nodes just out of flight. Issue 15, ``bench.simagents`` at
+# the rollout begins with), freezes, the nodes just out of flight. A start's first nodes, whose
+# steps need their channels, have them opened by its planning (``reach``): at most
+# min(--max-parallel + prepare_ahead, this cap, OBSERVE_AT_ONCE), OBSERVE_AT_ONCE at a time, and
+# reserved (never closed by the cap) until the engine's first hold replaces the reservation or
+# the start is refused (``release_first``). Issue 15, ``bench.simagents`` at
 # 500 agents (--max-parallel 10), 4 pairs of 16 throughout against 32: the leader's RSS at the
 # rollout's end 121.1-121.7 MiB against 122.6-124.1 (1.3-2.9 lower); 3 s later, once ``give_back``
 # has closed the rest, 120.5, 120.5, 122.4, 120.7 against 122.1, 123.6, 122.1, 121.8; 18 connections
@@ -62,8 +65,11 @@ CALL_TIMEOUT = 30.0
 # 16.7, 15.0 ms against 17.2, 18.1, 15.1). Those figures are of 16 throughout, before in-flight
 # nodes were held (not measured since).
 MAX_OPEN_CHANNELS = 16
-# TCP connections ``AgentPool.reach`` makes at once (each a descriptor while it connects).
-DIAL_AT_ONCE = 64
+# TCP connections ``AgentPool.reach`` makes at once (each a descriptor while it connects; the
+# leader's unit has LimitNOFILE=16384): a port that drops SYNs holds its slot until the planning's
+# deadline, so with 64 slots 500 such nodes took 8 rounds of 5 s (review 2, finding 1); with 256,
+# a node not dialled by the deadline is reported so ("not dialled within 5 s"), not waited for.
+DIAL_AT_ONCE = 256
 FAILED_STATES = frozenset(
     {grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN}
 )
@@ -438,9 +444,15 @@ class AgentPool:
         self._idle: OrderedDict[str, None] = OrderedDict()
         self._read_at: dict[str, int] = {}  # node -> Store.nodes_generation it was read at
         self._held: frozenset[str] = frozenset()  # nodes in flight: never closed by the cap
+        # A start's first nodes whose channels its planning opened (``reach``): never closed by
+        # the cap either, until the engine's first hold after the start (``_handed``) or the
+        # start refused (``release_first``).
+        self._reserved: set[str] = set()
+        self._handed = False
         self._retiring: dict[AgentClient, asyncio.Task[None]] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self._dialling = asyncio.Semaphore(DIAL_AT_ONCE)  # ``reach``'s TCP connections
+        self._connecting = 0  # of them, those connecting now
         # ``_where``'s read of every node's address: the nodes generation it is of, and the read.
         self._listed: tuple[int | None, asyncio.Future[dict[str, tuple[str, int]]]] | None = None
 
@@ -476,28 +488,38 @@ class AgentPool:
         self._use(name)
         return client
 
-    async def reach(self, name: str, timeout: float, *, channel: bool) -> str | None:
+    async def reach(self, name: str, deadline: float, *, channel: bool) -> str | None:
         """Can the leader reach ``name``'s agent where it dials it (``leader.observe``, when
         the planning question went over the agent's own heartbeat stream, which says nothing of
-        the leader's way in)? None if so, else why not.
+        the leader's way in)? None if so, else why not. ``deadline`` (the event loop's clock)
+        bounds all of it: the read of the node's address, the wait for a dial slot, the connect.
 
         ``channel``: open the node's channel (its TLS handshake, with its key pin) and wait until
-        it is ready, counted as a call meanwhile (the cap does not close it): a node the start
-        steps first needs it moments later, so this is no extra handshake, and it is off the first
+        it is ready, counted as a call meanwhile and reserved afterwards (the cap does not close
+        it until the engine holds its start's nodes: ``release_first``): a node the start steps
+        first needs it moments later, so this is no extra handshake, and it is off the first
         switch's path. Not ready (a refused connection, a failed handshake, the deadline):
         ``"channel"`` (the caller asks over it, for gRPC's reason).
 
         Else a plain TCP connection to the address and port the channel dials, closed at once
         (no TLS, no handshake): something listens there. It does not prove that it is this
         node's agent (another node's agent on a stale address): the preflight's TLS check
-        still refuses that, as it refuses any node that fails mid-rollout."""
+        still refuses that, as it refuses any node that fails mid-rollout.
+
+        A ``TlsrollError`` (the node removed meanwhile, the leader out of descriptors) is the
+        caller's to report for this node."""
         if not channel:
-            return await self._dial(name, timeout)
-        client = await self.get(name)
+            return await self._dial(name, deadline)
+        try:
+            async with asyncio.timeout_at(deadline):
+                client = await self.get(name)
+        except TimeoutError:
+            return "channel"
         client.in_flight += 1
         try:
+            self._reserved.add(name)
             ch = client.channel
-            async with asyncio.timeout(timeout):
+            async with asyncio.timeout_at(deadline):
                 state = ch.get_state(try_to_connect=True)
                 while state is not grpc.ChannelConnectivity.READY:
                     if state in FAILED_STATES:
@@ -510,10 +532,22 @@ class AgentPool:
         finally:
             client._done()
 
+    def release_first(self, *, started: bool) -> None:
+        """A start's planning is over (``leader.commands.Commands.start``): the channels its
+        ``reach`` opened stay reserved until the engine's next hold, which names the nodes it
+        steps (``started``), or are given back to the cap now (the start was refused)."""
+        if started:
+            self._handed = bool(self._reserved)
+            return
+        self._reserved.clear()
+        self._handed = False
+        self._close_excess(None)
+
     async def _where(self, name: str) -> tuple[str, int]:
         """The address and port ``name``'s channel dials: its client's, if read at the store's
         current nodes generation, else from one read of every node (shared by the calls made
-        meanwhile, and kept for that generation): not a store read per node, nor a client."""
+        meanwhile, and kept for that generation; a read that failed is not kept): not a store
+        read per node, nor a client."""
         generation = getattr(self.store, "nodes_generation", None)
         client = self.clients.get(name)
         if client is not None and generation is not None and self._read_at.get(name) == generation:
@@ -524,29 +558,58 @@ class AgentPool:
                 return {n.name: (n.addresses[0], n.agent_port) for n in self.store.list_nodes()}
 
             self._listed = (generation, asyncio.ensure_future(dbthread.run(listing)))
-        found = (await asyncio.shield(self._listed[1])).get(name)
+        listed = self._listed
+        try:
+            found = (await asyncio.shield(listed[1])).get(name)
+        except Exception:
+            if self._listed is listed:  # the next call reads again
+                self._listed = None
+            raise
         if found is None:  # enrolled since, or removed: as a call would find it
             client = await self.get(name)
             return client.node.addresses[0], client.node.agent_port
         return found
 
-    async def _dial(self, name: str, timeout: float) -> str | None:
+    async def _dial(self, name: str, deadline: float) -> str | None:
         """``reach`` without its channel: a TCP connection, closed at once; None, or why not."""
-        host, port = await self._where(name)
-        where = hostport(host, port)
-        # A bare non-blocking socket, not asyncio's streams (no transport, no reader).
-        family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        async with self._dialling:
-            with socket.socket(family, socket.SOCK_STREAM) as sock:
-                sock.setblocking(False)
-                try:
-                    async with asyncio.timeout(timeout):
-                        await asyncio.get_running_loop().sock_connect(sock, (host, port))
-                except TimeoutError:
-                    return f"agent {name}: no connection to {where} within {timeout:.0f} s"
-                except OSError as exc:  # (asyncio's own strerror names the address again)
-                    why = os.strerror(exc.errno) if exc.errno else str(exc)
-                    return f"agent {name}: cannot connect to {where}: {why}"
+        loop = asyncio.get_running_loop()
+        within = f"{round(max(deadline - loop.time(), 0), 1):g} s"
+        where = ""
+        connecting = False
+        try:
+            async with asyncio.timeout_at(deadline):
+                host, port = await self._where(name)
+                where = hostport(host, port)
+                # A bare non-blocking socket, not asyncio's streams (no transport, no reader).
+                family = socket.AF_INET6 if ":" in host else socket.AF_INET
+                async with self._dialling:
+                    try:
+                        sock = socket.socket(family, socket.SOCK_STREAM)
+                    except OSError as exc:
+                        why = os.strerror(exc.errno) if exc.errno else str(exc)
+                        kind = LocalResourceError if exc.errno in LOCAL_ERRNOS else TransientError
+                        raise kind(f"leader: cannot open a socket: {why}") from None
+                    with sock:
+                        sock.setblocking(False)
+                        connecting = True
+                        self._connecting += 1
+                        try:
+                            await loop.sock_connect(sock, (host, port))
+                        finally:
+                            self._connecting -= 1
+        except TimeoutError:
+            if connecting:
+                return f"agent {name}: no connection to {where} within {within}"
+            if where:
+                pending = self._connecting
+                return (
+                    f"agent {name}: not dialled within {within}: {pending} connections to "
+                    "other agents pending"
+                )
+            return f"agent {name}: not dialled within {within}: its address not read yet"
+        except OSError as exc:  # (asyncio's own strerror names the address again)
+            why = os.strerror(exc.errno) if exc.errno else str(exc)
+            return f"agent {name}: cannot connect to {where}: {why}"
         return None
 
     def hold(self, names: Collection[str]) -> None:
@@ -558,9 +621,12 @@ class AgentPool:
         switch's path. The cap (``max_open``) bounds the other open channels; those of nodes
         no longer held are closed now if they are idle and beyond it (least recently used
         first), the others as they go idle."""
-        if names == self._held:
+        handed, self._handed = self._handed, False
+        if handed:  # the engine holds the nodes of the start that reserved them (``reach``)
+            self._reserved.clear()
+        elif names == self._held:
             return
-        released = bool(self._held.difference(names))
+        released = handed or bool(self._held.difference(names))
         self._held = frozenset(names)
         if released:
             self._close_excess(None)
@@ -590,11 +656,14 @@ class AgentPool:
         self._close_excess(client)
 
     def _close_excess(self, client: AgentClient | None) -> None:
-        """Close idle channels while more than ``max_open`` are open besides the held ones,
-        least recently used first, never a held one nor ``client``'s (the newest use)."""
+        """Close idle channels while more than ``max_open`` are open besides the held and
+        reserved ones, least recently used first, never one of those nor ``client``'s (the
+        newest use)."""
         excess = len(self._open) - self.max_open
         if excess > 0 and self._held:
             excess -= len(self._held & self._open)
+        if excess > 0 and self._reserved:
+            excess -= len((self._reserved - self._held) & self._open)
         if excess <= 0:
             return
         for other_name in list(self._idle):
@@ -603,7 +672,7 @@ class AgentPool:
             other = self.clients.get(other_name)
             if other is client:
                 break  # the newest use; the others are busy
-            if other_name in self._held:
+            if other_name in self._held or other_name in self._reserved:
                 continue
             del self._idle[other_name]
             self._open.discard(other_name)
@@ -653,6 +722,7 @@ class AgentPool:
         for client in [*self.clients.values(), *self._retiring]:
             await client.close()  # ends the grace of a retired one too
         self.clients.clear()
+        self._reserved.clear()
         self._open.clear()
         self._idle.clear()
         for task in list(self._retiring.values()):

@@ -23,6 +23,8 @@ from typing import Protocol
 from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
 from leader import byo, planner
+from leader.agent_client import MAX_OPEN_CHANNELS
+from leader.observe import OBSERVE_AT_ONCE
 from leader.rollout_core import (
     CHANGES,
     Change,
@@ -57,6 +59,16 @@ class Observe(Protocol):
     async def __call__(
         self, names: Sequence[str], *, warm: Collection[str], first: Collection[str]
     ) -> dict[str, NodeObservation]: ...
+
+
+class FirstChannels(Protocol):
+    """The agent pool's part in a start's first channels (``leader.agent_client.AgentPool``):
+    its cap, and their reservation, handed to the engine or given back once the start is
+    made or refused."""
+
+    max_open: int
+
+    def release_first(self, *, started: bool) -> None: ...
 
 
 STALE_ATTEMPTS = 5
@@ -164,6 +176,7 @@ class Commands:
         cert_horizon: dt.timedelta = dt.timedelta(days=30),
         offline_grace: float = 0.0,
         prepare_ahead: int = 1,
+        channels: FirstChannels | None = None,
     ) -> None:
         """``observe``: asks the named nodes' agents what they run (``leader.observe``; those
         named in ``warm`` are told to load their certificate code ahead); rollouts are planned
@@ -172,8 +185,11 @@ class Commands:
         engine's); ``cert_horizon``: how long such certificates must still be valid
         (``expiry_warning_days``); ``offline_grace``: how long a node that went offline only
         that long ago is waited for before a plan counts it offline (``_observe_all``);
-        ``prepare_ahead``: the engine's (a start's first nodes, ``first_steps``)."""
+        ``prepare_ahead``: the engine's (a start's first nodes, ``first_steps``); ``channels``:
+        the agent pool that opens their channels (its cap; their reservation ends with the
+        start, ``start``)."""
         self.offline_grace = offline_grace
+        self.channels = channels
         self.prepare_ahead = prepare_ahead
         self.vault = vault if vault is not None else byo.Vault()
         self.cert_horizon = cert_horizon
@@ -277,9 +293,13 @@ class Commands:
         """The nodes a starting rollout steps first (its first ``max_parallel`` plus
         ``prepare_ahead`` in its order, those the engine holds in flight): planning opens their
         channels (``leader.observe``: the leader's way in proved with the handshake their steps
-        need anyway, off the first switch's path)."""
+        need anyway, off the first switch's path): no more than the pool keeps open besides
+        the held ones, nor than ``OBSERVE_AT_ONCE`` (they are that many handshakes at once; a
+        larger --max-parallel opened up to 201 at once, and the cap closed all but 16 of them
+        before the engine held them: review 2, finding 2)."""
         count = max(request.max_parallel, 1) + self.prepare_ahead
-        return frozenset(self._in_order(request, up)[:count])
+        cap = self.channels.max_open if self.channels is not None else MAX_OPEN_CHANNELS
+        return frozenset(self._in_order(request, up)[: min(count, cap, OBSERVE_AT_ONCE)])
 
     def first_to_make_keys(self, request: RolloutRequest, up: Sequence[str]) -> frozenset[str]:
         """The nodes whose agents a starting rollout asks first to make a key and CSR (its
@@ -404,6 +424,19 @@ class Commands:
         return tuple(byo.accepted(material, touched))
 
     async def start(self, request: RolloutRequest, actor: str) -> RolloutRow:
+        """``_start``; the channels its planning opened for its first nodes stay reserved in
+        the pool until the engine holds the nodes it steps, or are given back if it is refused
+        (``AgentPool.release_first``)."""
+        started = False
+        try:
+            row = await self._start(request, actor)
+            started = True
+            return row
+        finally:
+            if self.channels is not None:
+                self.channels.release_first(started=started)
+
+    async def _start(self, request: RolloutRequest, actor: str) -> RolloutRow:
         request, undoes, undone = await self._resolve(request)
         planned = await self._plan(request, undone, starting=True)
         rollout, nodes = planned.rollout, planned.records

@@ -32,10 +32,13 @@ anything switches. (A TCP connection does not prove the listener is this node's 
 node's agent on a stale address passes it, and that node's preflight refuses it at its TLS
 check, a halt, as for any node that fails mid-rollout.)
 
-Questions on the streams all go out at once; the channel fallbacks go ``OBSERVE_AT_ONCE`` at a
-time (each opens a TLS connection). Each has a short deadline and no retries: a plan is shown
-to an admin who waits for it, and an agent that does not answer within ``OBSERVE_TIMEOUT`` is
-reported as unreachable (with the reason), never waited for.
+Questions on the streams all go out at once; the channel fallbacks and a start's first channels
+go ``OBSERVE_AT_ONCE`` at a time (each opens a TLS connection). Each has a short deadline and no
+retries: a plan is shown to an admin who waits for it, and an agent that does not answer within
+``OBSERVE_TIMEOUT`` is reported as unreachable (with the reason), never waited for. The way in's
+deadline covers all of its wait (the address read, a slot among ``AgentPool.reach``'s dials, the
+connect): a node not dialled by then is reported so, not waited for in turn. An error of one
+node's way in (the node removed meanwhile, the leader out of descriptors) is that node's reason.
 """
 
 from __future__ import annotations
@@ -68,9 +71,9 @@ the answer came; TimeoutError if none came in time (``LeaderService.ask_check``)
 
 
 Reach = Callable[..., Awaitable[str | None]]
-"""Can the leader reach the node's agent where it dials it, within that long (``channel``:
-by opening its channel)? None, or why not (``"channel"``: ask over it for the reason)
-(``AgentPool.reach``)."""
+"""Can the leader reach the node's agent where it dials it, by that deadline (the event loop's
+clock; ``channel``: by opening its channel)? None, or why not (``"channel"``: ask over it for
+the reason); a ``TlsrollError`` is this node's (``AgentPool.reach``)."""
 
 
 class StreamEnded(TransientError):
@@ -131,13 +134,10 @@ async def observe(
         meanwhile (``reach``), else over the channel, ``OBSERVE_AT_ONCE`` nodes at a time."""
         loop = asyncio.get_running_loop()
         began = loop.time()
+        deadline = began + OBSERVE_TIMEOUT  # the way in's, all of it (``AgentPool.reach``)
         spent = 0.0  # of the deadline, by a stream that ended before its answer
         if ask is not None:
-            way_in = (
-                asyncio.ensure_future(reach(name, OBSERVE_TIMEOUT, channel=name in first))
-                if reach is not None
-                else None
-            )
+            way_in = asyncio.ensure_future(proved(name, deadline)) if reach is not None else None
             timed_out = False
             try:
                 answer = await ask(name, question(name), OBSERVE_TIMEOUT)
@@ -159,7 +159,15 @@ async def observe(
                 if timed_out:
                     return late
             else:
-                failed = await way_in
+                try:
+                    # ``reach`` keeps to the deadline and says why not; a second more, so that
+                    # its reason, not this bound, is what the admin reads.
+                    async with asyncio.timeout_at(deadline + 1):
+                        failed = await way_in
+                except TimeoutError:
+                    return late
+                except TlsrollError as exc:  # (the node removed meanwhile, no socket left)
+                    return NodeObservation(False, str(exc))
                 if failed is None:
                     return seen
                 if failed != "channel":
@@ -167,6 +175,19 @@ async def observe(
                 spent = loop.time() - began  # gRPC's reason: the channel's Check says it
         async with gate:
             return await over_channel(name, OBSERVE_TIMEOUT - spent)
+
+    async def proved(name: str, deadline: float) -> str | None:
+        """``reach``: a start's first nodes open their channels (TLS handshakes) through the
+        same gate as the channel fallbacks, and wait for it no later than the deadline."""
+        assert reach is not None
+        if name not in first:
+            return await reach(name, deadline, channel=False)
+        async with asyncio.timeout_at(deadline):
+            await gate.acquire()
+        try:
+            return await reach(name, deadline, channel=True)
+        finally:
+            gate.release()
 
     async def over_channel(name: str, left: float) -> NodeObservation:
         if left <= 0:

@@ -251,6 +251,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         # than OFFLINE_GRACE_MAX for it, whatever the interval).
         offline_grace=min(cfg.heartbeat_interval + 1.0, OFFLINE_GRACE_MAX),
         prepare_ahead=cfg.prepare_ahead,
+        channels=agents,  # a start's first nodes' channels (``AgentPool.release_first``)
     )
     viewer: Viewer | None = None
     if cfg.viewer_port:  # the viewer's parts only when it is on; aiohttp once it is opened

@@ -16,21 +16,25 @@ import contextlib
 import datetime as dt
 import functools
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+import socket
+import sqlite3
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
 
+from leader import agent_client, planner
 from leader import observe as observe_module
-from leader import planner
 from leader.agent_client import AgentPool
 from leader.commands import Commands, RolloutRequest
 from leader.observe import StreamEnded, observe
 from leader.rollout_core import Change, NodeObservation, Scope
 from leader.schema_store import SchemaStore
+from leader.store import Node as StoredNode
+from leader.store import NotFound, Store
 from nodeagent import leader_link
 from nodeagent.drivers import ServerFacts
 from nodeagent.identity import Identity
@@ -43,6 +47,7 @@ from tests.nodeside import cluster_of, port_holder
 from tests.test_engine import VERIFIER_1
 from tests.test_heartbeat_stream import agent_link
 from tests.test_perf_shape import channels_opened
+from tests.test_warm_ahead import ready
 from tlsroll import pki, spiffe
 from tlsroll.clients import ClientsView
 from tlsroll.defaults import AGENT_PORT, HTTPS_PORT
@@ -401,7 +406,7 @@ def commands_of(rig: InProcessLeader, pool: AgentPool) -> Commands:
     )
     return Commands(
         rig.store, SchemaStore(rig.store.db), lambda: rig.clock[0], lambda _: True, None,
-        lambda: None, observe=ask,
+        lambda: None, observe=ask, channels=pool,
     )  # fmt: skip
 
 
@@ -513,3 +518,97 @@ def test_tlsroll_plan_asks_the_real_agents_on_their_streams_and_opens_no_channel
         (problem,) = checked.problems
         assert f"port {HTTPS_PORT} (https)" in problem
         assert problem in plan.stdout, (problem, plan.stdout)
+
+
+class Listed:
+    """The store as ``AgentPool`` reads it: nodes on 127.0.0.1 at their ports; ``fail``: how
+    many listings in a row fail first ("database is locked"). A node not listed is not found
+    (removed since the online listing)."""
+
+    nodes_generation = 1
+
+    def __init__(self, ports: dict[str, int], fail: int = 0) -> None:
+        when = dt.datetime.now(dt.UTC)
+        self.nodes = {
+            name: StoredNode(name, ("127.0.0.1",), (), "x", port, "pin", "", "", when, when, None)
+            for name, port in ports.items()
+        }
+        self.fail = fail
+
+    def list_nodes(self) -> list[StoredNode]:
+        if self.fail:
+            self.fail -= 1
+            raise sqlite3.OperationalError("database is locked")
+        return list(self.nodes.values())
+
+    def get_node(self, name: str) -> StoredNode:
+        if name not in self.nodes:
+            raise NotFound(f"no enrolled node named {name!r}")
+        return self.nodes[name]
+
+
+@contextlib.contextmanager
+def listening(backlog: int = 16) -> Iterator[int]:
+    """A TCP listener on 127.0.0.1 that never accepts: its port. ``backlog`` 0: its queue is
+    filled first, so that a connection to it is dropped (no answer to its SYN), as a firewall
+    that DROPs would."""
+    with contextlib.ExitStack() as stack:
+        server = stack.enter_context(socket.socket())
+        server.bind(("127.0.0.1", 0))
+        server.listen(backlog)
+        port = int(server.getsockname()[1])
+        for _ in range(4 if backlog == 0 else 0):
+            filler = stack.enter_context(socket.socket())
+            filler.setblocking(False)
+            with contextlib.suppress(BlockingIOError):
+                filler.connect(("127.0.0.1", port))
+        yield port
+
+
+def pool_over(store: Listed) -> AgentPool:
+    return AgentPool(cast(Store, store), grpc.ssl_channel_credentials(), "example.org")
+
+
+async def test_a_node_not_dialled_by_its_deadline_says_so_and_is_not_waited_for_in_turn(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Review 2, finding 1: one dial at a time (``DIAL_AT_ONCE``), the first node's port drops
+    the connection (a firewall), the second's listens. The second's deadline covers its wait
+    for the dial slot too: it comes back by it, saying that it was not dialled and why (on
+    44aa7dd it waited for the first's dial to time out, then got its own full timeout)."""
+    monkeypatch.setattr(agent_client, "DIAL_AT_ONCE", 1)
+    with listening(0) as dropped, listening() as good:
+        pool = pool_over(Listed({"dropped": dropped, "good": good}))
+        loop = asyncio.get_running_loop()
+        first = asyncio.ensure_future(pool.reach("dropped", loop.time() + 30, channel=False))
+        try:
+            async with asyncio.timeout(20):
+                while not pool._connecting:  # its connect holds the one slot
+                    await asyncio.sleep(0.01)
+                second = await pool.reach("good", loop.time() + 0.5, channel=False)
+            assert not first.done()  # (still connecting: the second did not wait for it)
+        finally:
+            first.cancel()
+            await asyncio.gather(first, return_exceptions=True)
+    assert second is not None and second.startswith("agent good: not dialled within ")
+    assert second.endswith(" s: 1 connections to other agents pending")
+
+
+async def test_a_failed_address_read_is_read_again_and_a_removed_node_is_its_own_reason() -> None:
+    """Review 2, finding 4: a listing of the nodes' addresses that failed ("database is
+    locked") is not kept: the next plan reads them again (on 44aa7dd every plan failed with it
+    until the nodes changed); a node removed between the online listing and its way in is
+    unreachable with the reason, and the other nodes are planned (on 44aa7dd the whole plan
+    failed with NotFound)."""
+    ca = pki.CertificateAuthority.create().cert
+    with listening() as port:
+        pool = pool_over(Listed({"n1": port}, fail=1))
+        try:
+            async with asyncio.timeout(20):
+                with pytest.raises(sqlite3.OperationalError):
+                    await observe(pool, ["n1"], ca, ask=ready, reach=pool.reach)
+                seen = await observe(pool, ["n1", "gone"], ca, ask=ready, reach=pool.reach)
+        finally:
+            await pool.close()
+    assert seen["n1"].reachable
+    assert seen["gone"] == NodeObservation(False, "no enrolled node named 'gone'")

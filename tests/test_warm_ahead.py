@@ -10,17 +10,21 @@ planning's ``Check`` of a starting rollout now tells the agents of its first nod
 
 from __future__ import annotations
 
+import asyncio
+import functools
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
+import grpc
 import pytest
 
+from leader.agent_client import MAX_OPEN_CHANNELS, AgentPool
 from leader.commands import Commands, RolloutRequest
 from leader.observe import observe
 from leader.rollout_core import Change, NodeObservation, Scope
-from leader.schema_store import SchemaStore
+from leader.schema_store import RolloutBusy, SchemaStore
 from nodeagent import service
 from tests.cluster import secure_channel
 from tests.test_engine import ADMIN, LEADER, VERIFIER_1, make_world, open_store
@@ -28,7 +32,7 @@ from tests.test_offline_grace import now, online
 from tests.test_perf_shape import harnessed_agent, wait_for_status
 from tlsroll import pki
 from tlsroll.defaults import AGENT_PORT
-from tlsroll.v1 import agent_pb2, agent_pb2_grpc
+from tlsroll.v1 import agent_pb2, agent_pb2_grpc, leader_pb2
 
 
 class Recorder:
@@ -173,3 +177,124 @@ async def test_a_warming_check_answers_first_and_loads_afterwards(
     reply = await agent.Check(request, cast(Any, None))
     assert reply.ok
     assert order == (["auth", "checks", "warm"] if warm else ["auth", "checks"])
+
+
+async def ready(
+    name: str, request: agent_pb2.CheckRequest, timeout: float
+) -> leader_pb2.CheckAnswer:
+    """``LeaderService.ask_check``: every agent answers on its stream that it runs http."""
+    view = agent_pb2.ServerView(driver="fake", healthy=True, schemes=["http"])
+    return leader_pb2.CheckAnswer(checked=agent_pb2.PreflightResponse(ok=True, server=view))
+
+
+class Reaching:
+    """``AgentPool.reach`` recorded (each node's ``channel``); ``pool``: passed on to it for
+    the channels, else every node is reached."""
+
+    def __init__(self, pool: AgentPool | None = None) -> None:
+        self.pool = pool
+        self.channel: dict[str, bool] = {}
+
+    async def __call__(self, name: str, deadline: float, *, channel: bool) -> str | None:
+        self.channel[name] = channel
+        if channel and self.pool is not None:
+            return await self.pool.reach(name, deadline, channel=True)
+        return None
+
+
+class Released:
+    """``Commands``' ``channels`` (``AgentPool``'s part) recorded."""
+
+    max_open = MAX_OPEN_CHANNELS
+
+    def __init__(self) -> None:
+        self.started: list[bool] = []
+
+    def release_first(self, *, started: bool) -> None:
+        self.started.append(started)
+
+
+def planning_commands(
+    world: Any, store: Any, reach: Reaching, channels: Any, agents: Any
+) -> Commands:
+    """The leader's commands over the world's store, planning as the leader daemon does
+    (every agent answering on its stream), with ``reach`` and the pool's part ``channels``."""
+    for agent in world.agents:
+        store.heartbeat(agent.name, "test", now=now())
+    asking = functools.partial(observe, agents, ca=world.ca.cert, ask=ready, reach=reach)
+    return Commands(
+        store, SchemaStore(store.db), now, online, LEADER, lambda: None, observe=asking,
+        prepare_ahead=1, channels=channels,
+    )  # fmt: skip
+
+
+async def test_a_start_opens_channels_for_its_first_nodes_in_order_and_dials_the_others(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review 2, finding 5: --max-parallel 1 and prepare_ahead 1, nodes bravo, charlie, alpha
+    (the leader's node, last) in the rollout's order: a start opens the channels of the first
+    two (``channel=True``) and dials the third; a plan opens none; the start, made, hands
+    their reservation to the engine."""
+    world = make_world(tmp_path, monkeypatch)
+    store = open_store(world.path)
+    try:
+        reach, channels = Reaching(), Released()
+        commands = planning_commands(world, store, reach, channels, Asked())
+        await commands.plan(enable_tls())
+        assert reach.channel == dict.fromkeys(("bravo", "charlie", "alpha"), False)
+        assert channels.started == []
+        await commands.start(enable_tls(), ADMIN)
+        assert reach.channel == {"bravo": True, "charlie": True, "alpha": False}
+        assert channels.started == [True]
+        with pytest.raises(RolloutBusy):  # one live rollout at a time: refused
+            await commands.start(enable_tls(), ADMIN)
+        assert channels.started == [True, False]
+    finally:
+        store.close()
+
+
+class FakeChannel:
+    """A channel that is ready at once; its opening and closing recorded."""
+
+    def __init__(self, log: list[str], target: str) -> None:
+        self.log, self.target = log, target
+        log.append(f"open {target}")
+
+    def get_state(self, try_to_connect: bool = False) -> grpc.ChannelConnectivity:
+        return grpc.ChannelConnectivity.READY
+
+    async def close(self, grace: float | None = None) -> None:
+        self.log.append(f"close {self.target}")
+
+
+async def test_a_start_opens_no_more_first_channels_than_the_pool_keeps_and_holds_them(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review 2, finding 2: a start's first nodes (--max-parallel 2, prepare_ahead 1: three)
+    beyond the pool's cap (2 here): it opens only as many channels as the pool keeps (on
+    44aa7dd all three, and the cap closed one at once), and the pool keeps them, idle, while
+    another node's channel opens, until the engine holds the nodes it steps."""
+    log: list[str] = []
+    monkeypatch.setattr(
+        grpc.aio,
+        "secure_channel",
+        lambda target, credentials, options=None: FakeChannel(log, target),
+    )
+    world = make_world(tmp_path, monkeypatch)
+    store = open_store(world.path)
+    try:
+        pool = AgentPool(store, grpc.ssl_channel_credentials(), "example.org", max_open=2)
+        reach = Reaching(pool)
+        commands = planning_commands(world, store, reach, pool, pool)
+        await commands.start(enable_tls(max_parallel=2), ADMIN)
+        assert reach.channel == {"bravo": True, "charlie": True, "alpha": False}
+        assert sorted(log) == ["open 10.0.0.2:9442", "open 10.0.0.3:9442"]  # bravo, charlie
+        _ = (await pool.get("alpha")).channel  # another use of the pool, the cap reached
+        await asyncio.sleep(0)
+        assert not any(line.startswith("close") for line in log)
+        pool.hold({"bravo", "charlie"})  # the engine's first pass: their steps reuse them
+        _ = [(await pool.get(n)).channel for n in ("bravo", "charlie")]
+        assert len(log) == 3 and not any(line.startswith("close") for line in log)
+    finally:
+        await pool.close()
+        store.close()
