@@ -18,17 +18,23 @@ error").
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import os
+import shutil
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, NamedTuple, ParamSpec
 
 from nodeagent.drivers import Driver, Target
-from nodeagent.journal import Journal, Txn
+from nodeagent.journal import Journal, Staged, Txn
 from nodeagent.transaction import Plan
-from tlsroll import password
+from tlsroll import logs, password
 from tlsroll.enums import Change, TxnKind, TxnOutcome
 from tlsroll.errors import PKIError, TerminalError, os_error_text
 from tlsroll.fsutil import PRIVATE, write_atomic
+
+log = logs.get_logger(__name__)
+
+STAGES = "tlsroll-tls"  # beside the live config: one directory per rollout staged here
 
 # A dual node (transitional phase 1) serves both, the same certificate on https.
 DUAL = ("http", "https")
@@ -69,7 +75,56 @@ class Built(NamedTuple):
 
 def stage_dir(driver: Driver, rollout_id: str) -> Path:
     """Staged files live beside the live config, inactive until a switch names them."""
-    return driver.config_file.parent / "tlsroll-tls" / rollout_id
+    return driver.config_file.parent / STAGES / rollout_id
+
+
+def remove_stages(over: Iterable[Staged]) -> None:
+    """The directories of stages the journal has forgotten (``Journal.record_csr``) removed,
+    with the key, certificate and verifier file in them (blocking). Only a directory named
+    for its rollout under ``tlsroll-tls`` is touched; one that cannot be removed is logged
+    (the agent's next start tries again: ``sweep_stage_dirs``)."""
+    for staged in over:
+        directory = staged.key_file.parent
+        if directory.name == staged.rollout_id and directory.parent.name == STAGES:
+            _remove(directory, staged.rollout_id, "a later rollout staged")
+
+
+def sweep_stage_dirs(journal: Journal, driver: Driver) -> None:
+    """At the agent's start (blocking): the stage directories no stage or transaction in the
+    journal is for removed. Nothing can use them (a stage the journal does not know is
+    refused: CreateCSR makes a new key), and they hold keys: left by an agent stopped between
+    writing a new key and journalling it, or by a removal cut short. A directory the live
+    config names is kept whatever the journal says (a journal begun again with
+    ``--reinitialise`` knows nothing of the files the server serves); so is everything if
+    the live config cannot be read."""
+    root = driver.config_file.parent / STAGES
+    try:
+        dirs = [d for d in root.iterdir() if d.is_dir() and not d.is_symlink()]
+        if not dirs:
+            return
+        live = driver.read_config()
+    except OSError:
+        return
+    known = journal.known_rollouts()
+    for directory in dirs:
+        if directory.name not in known and os.fsencode(directory.name) not in live:
+            _remove(directory, directory.name, "unknown to the journal")
+
+
+def _remove(directory: Path, rollout_id: str, why: str) -> None:
+    try:
+        shutil.rmtree(directory)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        log.warning(
+            "stage.remove_failed",
+            rollout_id=rollout_id,
+            path=str(directory),
+            error=os_error_text(exc),
+        )
+        return
+    log.info("stage.removed", rollout_id=rollout_id, path=str(directory), why=why)
 
 
 def prepare(txn_dir: Path, rollout_id: str, kind: TxnKind) -> tuple[Path, Path]:

@@ -570,7 +570,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         key_file = stage_dir / "server.key"
         pki.write_key(key_file, key)
         csr_pem = pki.csr_to_pem(pki.make_csr(key, self.cfg.names))
-        self.journal.record_csr(rollout_id, key_file, csr_pem)
+        plans.remove_stages(self.journal.record_csr(rollout_id, key_file, csr_pem))
         return csr_pem
 
     @map_errors(ERRORS)
@@ -698,7 +698,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         key_file = stage_dir / "server.key"
         pki.write_key(key_file, key)
         if self.journal.staged(rollout_id) is None:
-            self.journal.record_csr(rollout_id, key_file, b"")
+            plans.remove_stages(self.journal.record_csr(rollout_id, key_file, b""))
         staged = self.journal.staged(rollout_id)
         assert staged is not None
         return staged

@@ -12,6 +12,7 @@ import http.client
 import json
 import os
 import signal
+import sqlite3
 import stat
 import threading
 import time
@@ -899,3 +900,96 @@ def test_a_prepared_switch_s_file_that_cannot_be_removed_later_is_said() -> None
         service._discarded(fine)
     assert [e["event"] for e in logs] == ["stage.discard_failed"]
     assert "Permission denied" in logs[0]["error"]
+
+
+# --- stage directories: no key left behind (session 31) --------------------------------------
+
+
+def stage_dirs(node: Node) -> set[str]:
+    root = node.config_dir / "tlsroll-tls"
+    return {d.name for d in root.iterdir()} if root.exists() else set()
+
+
+def stage_told(node: Node, rollout_id: str, *, verifier: str | None = None) -> str:
+    """CreateCSR, sign, Stage told of a password switch to come (its verifier file written
+    in the stage directory): the staged fingerprint."""
+    stage = agent_pb2.StageRequest(
+        command=node.command(rollout_id),
+        certificate_pem=node.sign(node.create_csr(rollout_id)),
+        ca_certificate_pem=node.cluster.ca_pem,
+    )
+    if verifier is not None:
+        stage.switch_to_come.CopyFrom(agent_pb2.SwitchToCome(auth_verifier_json=verifier))
+    with node.stub() as stub:
+        fingerprint: str = stub.Stage(stage, timeout=60).fingerprint
+    return fingerprint
+
+
+def test_a_stage_never_switched_leaves_no_key_once_a_later_rollout_stages(
+    make_node: NodeFactory,
+) -> None:
+    """Session 31 (risk left by sessions 28-30): a rollout stopped between Stage and Switch
+    (aborted, failed, superseded, its leader gone) left its stage directory on the node for
+    good: the staged certificate, its private key and the prepared verifier file. One rollout
+    runs at a time per cluster, so a later rollout's first key on this node says every
+    earlier rollout that never began a transaction here is over: their stages are forgotten
+    in the journal's write of the new key and their directories removed. What a transaction
+    may still need is kept: the live files, and those a rollback restores."""
+    node = make_node()
+    verifier = a_verifier_json("stray-s3cret")
+    stage_told(node, "aborted", verifier=verifier)
+    aborted = node.stage_dir("aborted")
+    assert {p.name for p in aborted.iterdir()} == {
+        "server.key",
+        "server.pem",
+        "ca.pem",
+        "auth-verifier.json",
+    }
+    live = stage_told(node, "first")  # the next rollout: the aborted one's key is gone
+    assert stage_dirs(node) == {"first"}
+    assert [r["rollout_id"] for r in node.journal_query("SELECT * FROM staged")] == ["first"]
+    node.switch("first")
+    assert node.wait_txn("first").outcome == "completed"
+    assert_switched(node, live)
+
+    stage_told(node, "rotation")  # a rotation staged, then never switched
+    node.create_csr("third")  # a later rollout: the rotation's stage goes, the live one stays
+    assert stage_dirs(node) == {"first", "third"}
+    assert node.served_fingerprint() == live
+    # The live rollout's files are a switch's: kept through any later staging, and a
+    # rollback of that switch still finds what it restores.
+    node.rollback("first")
+    back = node.wait_txn("first", "rollback")
+    assert back.outcome == "completed", back.reason
+    assert "first" in stage_dirs(node)
+
+
+def test_an_agent_start_removes_only_stage_directories_nothing_needs(
+    make_node: NodeFactory,
+) -> None:
+    """A directory the journal does not know (an agent stopped between writing a new key
+    and journalling it, a journal begun again) holds a key nothing can use: the agent's
+    start removes it. A stage the journal knows is kept (its switch may still come, and
+    does), as is any directory the live config names."""
+    node = make_node()
+    assert node.agent is not None
+    staged = stage_told(node, "pending")
+    orphan = node.config_dir / "tlsroll-tls" / "orphan"
+    orphan.mkdir(mode=0o700)
+    (orphan / "server.key").write_bytes(b"not really a key")
+    node.agent.stop()
+    node.restart_agent()
+    assert stage_dirs(node) == {"pending"}
+    node.switch("pending")
+    assert node.wait_txn("pending").outcome == "completed"
+    assert_switched(node, staged)
+    # A journal begun again (``--reinitialise``) knows nothing of the live files: the live
+    # config names their directory, which the start keeps.
+    node.agent.stop()
+    with sqlite3.connect(node.journal_path) as db:
+        db.execute("DELETE FROM txns")
+        db.execute("DELETE FROM staged")
+        db.execute("DELETE FROM meta WHERE key = 'live_tls'")
+    node.restart_agent()
+    assert stage_dirs(node) == {"pending"}
+    assert node.served_fingerprint() == staged
