@@ -1194,6 +1194,14 @@ def revoke_undelivered_in(
             (node, staged_fingerprint, to_text(since), to_text(until)),
         )
     ]
+    return revoke_never_delivered_in(db, node, serials, now=now)
+
+
+def revoke_never_delivered_in(
+    db: sqlite3.Connection, node: str, serials: list[str], *, now: dt.datetime
+) -> list[str]:
+    """Inside the caller's write: ``serials`` (server certificates of ``node`` no node was
+    given) revoked as "never delivered", not urgently, with their audit event."""
     if not serials:
         return []
     _revoke_in(db, serials, "never delivered", now, urgent=False)
