@@ -30,7 +30,7 @@ from nodeagent.transaction import Plan
 from tlsroll import logs, password
 from tlsroll.enums import Change, TxnKind, TxnOutcome
 from tlsroll.errors import PKIError, TerminalError, os_error_text
-from tlsroll.fsutil import PRIVATE, write_atomic
+from tlsroll.fsutil import PRIVATE, make_private_dir, write_atomic
 
 log = logs.get_logger(__name__)
 
@@ -155,7 +155,7 @@ def write_verifier(driver: Driver, rollout_id: str, verifier: dict[str, Any] | N
     if verifier is None:
         return None
     directory = stage_dir(driver, rollout_id)
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_private_dir(directory)
     path = directory / "auth-verifier.json"
     write_atomic(path, password.verifier_to_json(verifier).encode(), PRIVATE)
     return path

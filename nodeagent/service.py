@@ -52,7 +52,7 @@ from tlsroll import __version__, dbthread, httpcheck, logs, password
 from tlsroll.clients import ClientsView
 from tlsroll.enums import Change, TxnKind
 from tlsroll.errors import PKIError, PKIReason
-from tlsroll.fsutil import PUBLIC, write_atomic
+from tlsroll.fsutil import PUBLIC, make_private_dir, write_atomic
 from tlsroll.rpc import (
     RpcStatusError,
     error_status,
@@ -565,7 +565,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         from tlsroll import pki  # noqa: PLC0415 - certificate work (see ``Identity``)
 
         stage_dir = plans.stage_dir(driver, rollout_id)
-        stage_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_private_dir(stage_dir)
         key = pki.generate_key()
         key_file = stage_dir / "server.key"
         pki.write_key(key_file, key)
@@ -694,7 +694,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         from tlsroll import pki  # noqa: PLC0415 - certificate work (see ``Identity``)
 
         stage_dir = plans.stage_dir(driver, rollout_id)
-        stage_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_private_dir(stage_dir)
         key_file = stage_dir / "server.key"
         pki.write_key(key_file, key)
         if self.journal.staged(rollout_id) is None:

@@ -993,3 +993,21 @@ def test_an_agent_start_removes_only_stage_directories_nothing_needs(
     node.restart_agent()
     assert stage_dirs(node) == {"pending"}
     assert node.served_fingerprint() == staged
+
+
+def test_a_stage_s_key_and_verifier_file_are_private_at_rest(make_node: NodeFactory) -> None:
+    """The staged key and the prepared verifier file (it can fake bootstrap answers) are
+    0600 and the agent's, in a stage directory that is 0700 and the agent's, also when the
+    directory was there before with a looser mode (an admin's mkdir, a copy): the stage
+    takes it over (``make_private_dir``) rather than writing secrets into it as it is."""
+    node = make_node()
+    loose = node.stage_dir("loose")
+    loose.mkdir(parents=True)
+    loose.chmod(0o755)
+    stage_told(node, "loose", verifier=a_verifier_json("rest-s3cret"))
+    me = os.geteuid()
+    st = loose.stat()
+    assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o700, me)
+    for name in ("server.key", "auth-verifier.json"):
+        st = (loose / name).stat()
+        assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o600, me), name
