@@ -555,13 +555,18 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         async with self._lock:
             staged = await asyncio.to_thread(self.journal.staged, rollout_id)
             if staged is None:
-                csr_pem = await asyncio.to_thread(self._new_key, driver, rollout_id)
+                csr_pem, over = await asyncio.to_thread(self._new_key, driver, rollout_id)
                 log.info("stage.csr_created", rollout_id=rollout_id)
+                prepared = self._prepared
+                if prepared is not None and prepared.rollout_id in over:
+                    # The switch made ready for a stage this one ended: its file too.
+                    await dbthread.run(self._drop_prepared)
                 return csr_pem
         return staged.csr_pem
 
-    def _new_key(self, driver: Driver, rollout_id: str) -> bytes:
-        """The node's new key (it never leaves the node) and its CSR, journalled (blocking)."""
+    def _new_key(self, driver: Driver, rollout_id: str) -> tuple[bytes, set[str]]:
+        """The node's new key (it never leaves the node) and its CSR, journalled, and the
+        rollouts whose stages that ended, their directories removed (blocking)."""
         from tlsroll import pki  # noqa: PLC0415 - certificate work (see ``Identity``)
 
         stage_dir = plans.stage_dir(driver, rollout_id)
@@ -570,8 +575,9 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         key_file = stage_dir / "server.key"
         pki.write_key(key_file, key)
         csr_pem = pki.csr_to_pem(pki.make_csr(key, self.cfg.names))
-        plans.remove_stages(self.journal.record_csr(rollout_id, key_file, csr_pem))
-        return csr_pem
+        over = self.journal.record_csr(rollout_id, key_file, csr_pem)
+        plans.remove_stages(over)
+        return csr_pem, {s.rollout_id for s in over}
 
     @map_errors(ERRORS)
     async def Stage(self, request: agent_pb2.StageRequest, context: Ctx) -> agent_pb2.StageResponse:

@@ -945,8 +945,11 @@ def test_a_stage_never_switched_leaves_no_key_once_a_later_rollout_stages(
         "ca.pem",
         "auth-verifier.json",
     }
-    live = stage_told(node, "first")  # the next rollout: the aborted one's key is gone
+    assert len(staged_configs(node)) == 1  # its switch made ready, beside the live config
+    csr = node.create_csr("first")  # the next rollout: the aborted one's key is gone
     assert stage_dirs(node) == {"first"}
+    assert staged_configs(node) == []  # and the switch made ready for it
+    live = node.send_stage("first", node.sign(csr)).fingerprint
     assert [r["rollout_id"] for r in node.journal_query("SELECT * FROM staged")] == ["first"]
     node.switch("first")
     assert node.wait_txn("first").outcome == "completed"
