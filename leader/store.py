@@ -1182,10 +1182,11 @@ def revoke_undelivered_in(
     ``until`` (a rollout's span) other than the one the node staged in it
     (``staged_fingerprint``; "" if none). Certificates the leader recorded and no node holds:
     a preflight's, whose stage never sent it (a leader stopped in between, an abort) or sent
-    another. (Not one a stage in flight at an abort records after the write that skipped its
-    node: that one stays, as before session 28.) Not urgent (``_bump_crl``): nothing presents
-    them. A routine caller moves ``Database.generation`` on if this revoked anything. Returns
-    the serials revoked now."""
+    another. (One a stage in flight at an abort records after the write that skipped its
+    node is not revoked here: ``SchemaStore.record_stage_certificate`` revokes it in the
+    write that records it, and the stage never sends it.) Not urgent (``_bump_crl``):
+    nothing presents them. A routine caller moves ``Database.generation`` on if this revoked
+    anything. Returns the serials revoked now."""
     serials = [
         r["serial"]
         for r in db.execute(

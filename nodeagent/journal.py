@@ -381,7 +381,7 @@ class Journal:
 
     def record_csr(self, rollout_id: str, key_file: Path, csr_pem: bytes) -> list[Staged]:
         """The rollout's new key, journalled. In the same write, the stages this one ends are
-        forgotten and returned (the caller removes their files: ``plans.remove_stage``). One
+        forgotten and returned (the caller removes their files: ``plans.remove_stages``). One
         rollout runs at a time per cluster (the leader's store refuses a second), so a
         rollout whose key is made here has ended every earlier one: a stage of an earlier
         rollout that never began a transaction on this node (stopped between Stage and
