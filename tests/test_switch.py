@@ -956,15 +956,32 @@ def test_a_stage_never_switched_leaves_no_key_once_a_later_rollout_stages(
     assert_switched(node, live)
 
     stage_told(node, "rotation")  # a rotation staged, then never switched
-    node.create_csr("third")  # a later rollout: the rotation's stage goes, the live one stays
-    assert stage_dirs(node) == {"first", "third"}
+    node.create_csr("second")  # a later rollout: the rotation's stage goes, the live one stays
+    assert stage_dirs(node) == {"first", "second"}
     assert node.served_fingerprint() == live
-    # The live rollout's files are a switch's: kept through any later staging, and a
-    # rollback of that switch still finds what it restores.
-    node.rollback("first")
-    back = node.wait_txn("first", "rollback")
+    # A rotation that ran: the stage it replaced ("first") is what rolling it back restores.
+    second = node.send_stage("second", node.sign(node.create_csr("second"))).fingerprint
+    with node.stub() as stub:
+        stub.Switch(
+            agent_pb2.SwitchRequest(
+                command=node.command("second"), change=CHANGE.wire(Change.ROTATE_CERT)
+            ),
+            timeout=60,
+        )
+    assert node.wait_txn("second").outcome == "completed"
+    assert node.served_fingerprint() == second
+    # A third rollout's key: the stages of both switches that ran stay (files and journal).
+    node.create_csr("third")
+    assert stage_dirs(node) == {"first", "second", "third"}
+    assert {r["rollout_id"] for r in node.journal_query("SELECT * FROM staged")} == {
+        "first",
+        "second",
+        "third",
+    }
+    node.rollback("second")  # back to first's certificate, from first's kept files
+    back = node.wait_txn("second", "rollback")
     assert back.outcome == "completed", back.reason
-    assert "first" in stage_dirs(node)
+    assert node.served_fingerprint() == live
 
 
 def test_an_agent_start_removes_only_stage_directories_nothing_needs(
