@@ -16,7 +16,6 @@ import contextvars
 import dataclasses
 import datetime as dt
 import os
-import re
 import ssl
 import stat
 import sys
@@ -77,7 +76,7 @@ ERRORS: dict[type[BaseException], grpc.StatusCode] = {
     Revoked: grpc.StatusCode.UNAUTHENTICATED,
     EpochNotAnnounced: grpc.StatusCode.PERMISSION_DENIED,
 }
-ROLLOUT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+ROLLOUT_ID = plans.ROLLOUT_ID
 DEFAULT_MAX_CLOCK_OFFSET = 120
 DEFAULT_FREEZE_LEASE = 300
 LEASE_CHECK_SECONDS = 1.0

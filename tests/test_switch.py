@@ -17,10 +17,10 @@ import stat
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -1031,3 +1031,179 @@ def test_a_stage_s_key_and_verifier_file_are_private_at_rest(make_node: NodeFact
     for name in ("server.key", "auth-verifier.json"):
         st = (loose / name).stat()
         assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o600, me), name
+
+
+# --- stage directories: only tlsroll's own are ever removed (review 1a, finding 1) -----------
+
+
+@dataclass
+class ConfigOnly:
+    """What ``plans.sweep_stage_dirs`` needs of a driver: the config file, and its bytes
+    (or the error reading them raises)."""
+
+    config_file: Path
+    unreadable: bool = False
+
+    def read_config(self) -> bytes:
+        if self.unreadable:
+            raise PermissionError(13, "Permission denied", str(self.config_file))
+        return self.config_file.read_bytes()
+
+
+def a_stage(root: Path, name: str, *files: str) -> Path:
+    """A directory as a stage leaves it (0700, the given files written 0600)."""
+    directory = root / name
+    directory.mkdir(mode=0o700, parents=True)
+    for file in files or ("server.key", "server.pem", "ca.pem"):
+        (directory / file).parent.mkdir(mode=0o700, exist_ok=True)
+        (directory / file).write_bytes(b"x")
+        (directory / file).chmod(0o600)
+    return directory
+
+
+def sweep(tmp_path: Path, *, unreadable: bool = False) -> list[MutableMapping[str, Any]]:
+    """``plans.sweep_stage_dirs`` over ``tmp_path/conf`` with an empty journal: its log."""
+    import structlog.testing
+
+    from nodeagent import plans
+    from nodeagent.drivers import Driver
+    from nodeagent.journal import Journal
+
+    config = tmp_path / "conf" / "server.toml"
+    config.parent.mkdir(exist_ok=True)
+    config.write_text("[server]\n")
+    journal = Journal(tmp_path / "journal.sqlite3")
+    try:
+        driver: Any = ConfigOnly(config, unreadable)
+        with structlog.testing.capture_logs() as logs:
+            plans.sweep_stage_dirs(journal, cast(Driver, driver))
+    finally:
+        journal.close()
+    return logs
+
+
+def test_the_start_sweep_removes_a_stage_directory_with_its_temporary_files(
+    tmp_path: Path,
+) -> None:
+    """The case the sweep is for: a directory of a rollout the journal does not know, holding
+    only what a stage writes (a write cut short left its temporary file): removed, logged."""
+    root = tmp_path / "conf" / "tlsroll-tls"
+    orphan = a_stage(root, "r-1.a_b", "server.key", ".server.pem.tmp-4242", "auth-verifier.json")
+    logs = sweep(tmp_path)
+    assert not orphan.exists()
+    assert [(e["event"], e["path"]) for e in logs] == [("stage.removed", str(orphan))]
+
+
+def test_the_start_sweep_leaves_a_symlinked_or_foreign_tlsroll_tls(tmp_path: Path) -> None:
+    """Review 1a, finding 1: ``tlsroll-tls`` a symbolic link (an admin moved the keys to
+    another volume, where another service keeps its files), or a directory someone else
+    owns: nothing under it is tlsroll's to remove. Logged (its path), left."""
+    elsewhere = tmp_path / "srv-tls"
+    othersvc = a_stage(elsewhere, "othersvc", "server.key")
+    (tmp_path / "conf").mkdir()
+    root = tmp_path / "conf" / "tlsroll-tls"
+    root.symlink_to(elsewhere)
+    logs = sweep(tmp_path)
+    assert othersvc.exists() and (othersvc / "server.key").exists()
+    assert [(e["event"], e["path"]) for e in logs] == [("stage.unknown_dir", str(root))]
+
+    root.unlink()
+    theirs = a_stage(root, "r2", "server.key")
+    os.chown(root, os.geteuid() + 4242, -1)
+    logs = sweep(tmp_path)
+    assert theirs.exists()
+    assert [(e["event"], e["path"]) for e in logs] == [("stage.unknown_dir", str(root))]
+
+
+def test_the_start_sweep_leaves_every_directory_tlsroll_did_not_make(tmp_path: Path) -> None:
+    """Review 1a, finding 1: in ``tlsroll-tls`` only a directory named as a rollout id, a real
+    directory of the agent's user, holding only regular files of the names a stage writes,
+    is removed. A mount point's lost+found, an admin's backup, a directory someone else
+    owns, a symbolic link, one with an unexpected file, a subdirectory or a link inside:
+    each logged once (``stage.unknown_dir``, its path) and left as it is."""
+    root = tmp_path / "conf" / "tlsroll-tls"
+    removed = a_stage(root, "orphan")
+    kept = [
+        a_stage(root, "lost+found", "server.key"),  # not a rollout id
+        a_stage(root, "admin-backup-2025", "server.key", "notes.txt"),  # an unexpected file
+        a_stage(root, "theirs", "server.key"),  # another user's
+        a_stage(root, "nested", "server.key", "sub/server.key"),  # a directory inside
+        a_stage(root, "linked", "ca.pem"),  # a symbolic link inside
+        root / "a-link",  # a symbolic link to a stage-like directory
+        a_stage(tmp_path, "target", "server.key"),
+    ]
+    os.chown(root / "theirs", os.geteuid() + 4242, -1)
+    (root / "linked" / "server.key").symlink_to(tmp_path / "target" / "server.key")
+    (root / "a-link").symlink_to(tmp_path / "target")
+    logs = sweep(tmp_path)
+    assert not removed.exists()
+    for directory in kept:
+        assert directory.exists() and any(directory.iterdir()), directory
+    assert (root / "admin-backup-2025" / "notes.txt").exists()
+    assert sorted((e["event"], e["path"]) for e in logs) == sorted(
+        [("stage.removed", str(removed))]
+        + [("stage.unknown_dir", str(d)) for d in kept if d.parent == root]
+    )
+    for event in logs:  # the path only: never what is in the files
+        assert set(event) <= {"event", "path", "rollout_id", "why", "log_level", "logger_name"}
+
+
+def test_the_start_sweep_removes_nothing_if_the_live_config_cannot_be_read(
+    tmp_path: Path,
+) -> None:
+    """Whether the live config names a directory decides what is kept: unread, nothing is
+    removed (a journal begun again knows nothing of the files the server serves)."""
+    orphan = a_stage(tmp_path / "conf" / "tlsroll-tls", "orphan")
+    assert sweep(tmp_path, unreadable=True) == []
+    assert (orphan / "server.key").exists()
+
+
+def test_a_stage_directory_that_cannot_be_removed_is_logged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A removal that fails (a read-only mount, an immutable file) is logged with its path
+    and errno; the next start tries again."""
+    import shutil
+
+    def refuse(path: object, *args: object, **kwargs: object) -> None:
+        raise PermissionError(1, "Operation not permitted", str(path))
+
+    monkeypatch.setattr(shutil, "rmtree", refuse)
+    orphan = a_stage(tmp_path / "conf" / "tlsroll-tls", "orphan")
+    logs = sweep(tmp_path)
+    assert orphan.exists()
+    assert [(e["event"], e["path"]) for e in logs] == [("stage.remove_failed", str(orphan))]
+    assert "Operation not permitted" in logs[0]["error"]
+
+
+def test_a_later_rollouts_key_removes_only_a_stage_directory(tmp_path: Path) -> None:
+    """Review 1a, finding 1, on the record_csr path (``plans.remove_stages``): the same
+    checks as the start's sweep. A forgotten stage whose directory holds something tlsroll
+    does not write there, or whose ``tlsroll-tls`` is a symbolic link, is left (and said)."""
+    import structlog.testing
+
+    from nodeagent import plans
+    from nodeagent.journal import Staged
+
+    def forgotten(directory: Path) -> Staged:
+        return Staged(directory.name, directory / "server.key", b"", None, None, None, None)
+
+    root = tmp_path / "conf" / "tlsroll-tls"
+    clean = a_stage(root, "r1")
+    odd = a_stage(root, "r2", "server.key", "keep-me.txt")
+    elsewhere = a_stage(tmp_path / "elsewhere", "r3", "server.key")
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "tlsroll-tls").symlink_to(tmp_path / "elsewhere")
+    through_link = tmp_path / "linked" / "tlsroll-tls" / "r3"
+    with structlog.testing.capture_logs() as logs:
+        plans.remove_stages([forgotten(clean), forgotten(odd), forgotten(through_link)])
+    assert not clean.exists()
+    assert (odd / "keep-me.txt").exists() and (odd / "server.key").exists()
+    assert (elsewhere / "server.key").exists()
+    assert sorted((e["event"], e["path"]) for e in logs) == sorted(
+        [
+            ("stage.removed", str(clean)),
+            ("stage.unknown_dir", str(odd)),
+            ("stage.unknown_dir", str(tmp_path / "linked" / "tlsroll-tls")),
+        ]
+    )
