@@ -226,7 +226,7 @@ def write_verifier(driver: Driver, rollout_id: str, verifier: dict[str, Any] | N
     if verifier is None:
         return None
     directory = stage_dir(driver, rollout_id)
-    make_private_dir(directory)
+    make_private_dir(directory, strict=True)
     path = directory / "auth-verifier.json"
     write_atomic(path, password.verifier_to_json(verifier).encode(), PRIVATE)
     return path

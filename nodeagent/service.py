@@ -569,7 +569,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         from tlsroll import pki  # noqa: PLC0415 - certificate work (see ``Identity``)
 
         stage_dir = plans.stage_dir(driver, rollout_id)
-        make_private_dir(stage_dir)
+        make_private_dir(stage_dir, strict=True)
         key = pki.generate_key()
         key_file = stage_dir / "server.key"
         pki.write_key(key_file, key)
@@ -699,7 +699,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         from tlsroll import pki  # noqa: PLC0415 - certificate work (see ``Identity``)
 
         stage_dir = plans.stage_dir(driver, rollout_id)
-        make_private_dir(stage_dir)
+        make_private_dir(stage_dir, strict=True)
         key_file = stage_dir / "server.key"
         pki.write_key(key_file, key)
         if self.journal.staged(rollout_id) is None:

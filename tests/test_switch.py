@@ -1033,6 +1033,70 @@ def test_a_stage_s_key_and_verifier_file_are_private_at_rest(make_node: NodeFact
         assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o600, me), name
 
 
+def test_a_stage_refuses_a_symlinked_stage_directory_and_a_shared_tlsroll_tls(
+    make_node: NodeFactory,
+) -> None:
+    """Review 1a, finding 2: a stage directory that is a symbolic link was followed (the
+    chmod 0700 landed on its target: ``ln -s /etc tlsroll-tls/r9`` and a root agent's next
+    stage chmods /etc), and a ``tlsroll-tls`` others can write let them swap the directory
+    after the check. Both are refused now (FAILED_PRECONDITION, with what to run), nothing
+    written, the link's target untouched."""
+    node = make_node()
+    victim = node.config_dir.parent / "victim"
+    victim.mkdir()
+    victim.chmod(0o755)
+    root = node.config_dir / "tlsroll-tls"
+    root.mkdir(mode=0o700)
+    (root / "r9").symlink_to(victim)
+    err = rpc_error(lambda: node.create_csr("r9"))
+    assert code_of(err) == grpc.StatusCode.FAILED_PRECONDITION
+    assert "symbolic link" in details_of(err) and f"rm {root / 'r9'}" in details_of(err)
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o755 and not any(victim.iterdir())
+
+    root.chmod(0o777)  # anyone may rename r10 away and put theirs in its place
+    err = rpc_error(lambda: node.create_csr("r10"))
+    assert code_of(err) == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"run: chmod 700 {root}" in details_of(err)
+    assert not (root / "r10").exists()
+    assert node.journal_query("SELECT * FROM staged") == []
+    root.chmod(0o700)
+    stage_told(node, "r10")  # once fixed, the stage goes ahead
+    assert (root / "r10" / "server.key").is_file()
+
+
+def test_make_private_dir_strict_never_follows_a_link_and_checks_the_parent(
+    tmp_path: Path,
+) -> None:
+    """``make_private_dir(strict=True)``, as the stage directories use it: a symbolic link
+    (to a directory, to a file, dangling) is refused and its target left as it is; a parent
+    another user owns, or group or others can write, is refused; a missing parent is made
+    0700, the directory 0700 and ours."""
+    from tlsroll.errors import UnsafePermissions
+    from tlsroll.fsutil import make_private_dir
+
+    parent = tmp_path / "tlsroll-tls"
+    made = make_private_dir(parent / "r1", strict=True)
+    assert stat.S_IMODE(parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(made.stat().st_mode) == 0o700 and made.stat().st_uid == os.geteuid()
+    victim = tmp_path / "victim"
+    victim.mkdir(mode=0o755)
+    victim.chmod(0o755)
+    (tmp_path / "file").write_bytes(b"")
+    for name, target in (("r2", victim), ("r3", tmp_path / "file"), ("r4", tmp_path / "none")):
+        (parent / name).symlink_to(target)
+        with pytest.raises(UnsafePermissions, match="symbolic link"):
+            make_private_dir(parent / name, strict=True)
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o755
+    parent.chmod(0o770)
+    with pytest.raises(UnsafePermissions, match="writable by group or others"):
+        make_private_dir(parent / "r5", strict=True)
+    parent.chmod(0o700)
+    os.chown(parent, os.geteuid() + 4242, -1)
+    with pytest.raises(UnsafePermissions, match="run: chown"):
+        make_private_dir(parent / "r5", strict=True)
+    assert not (parent / "r5").exists()
+
+
 # --- stage directories: only tlsroll's own are ever removed (review 1a, finding 1) -----------
 
 
