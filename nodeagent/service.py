@@ -680,7 +680,12 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         async with self._lock:
             if await asyncio.to_thread(self.journal.get, rollout_id, TxnKind.SWITCH) is not None:
                 raise failed_precondition(f"rollout {rollout_id} is already switching this node")
-            staged = await asyncio.to_thread(self._own_key, driver, rollout_id, key)
+            staged, over = await asyncio.to_thread(self._own_key, driver, rollout_id, key)
+            prepared = self._prepared
+            if prepared is not None and prepared.rollout_id in over:
+                # The switch made ready for a stage this one ended: dropped now, as ``_csr``
+                # does, not only by the ``_prepare`` below (a refused CA never reaches it).
+                await dbthread.run(self._drop_prepared)
             # The intermediates in the CA file too: workstations build the server's chain
             # with the bundle the bootstrap service hands them.
             bundle = [*cas, *(c for c in intermediates if c not in cas)]
@@ -693,20 +698,25 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             fingerprint=fingerprint, not_after=timestamp(cert.not_valid_after_utc)
         )
 
-    def _own_key(self, driver: Driver, rollout_id: str, key: pki.PrivateKey) -> Staged:
+    def _own_key(
+        self, driver: Driver, rollout_id: str, key: pki.PrivateKey
+    ) -> tuple[Staged, set[str]]:
         """Write the practice's key where CreateCSR would have made one (0600), journalled
-        with no CSR (blocking)."""
+        with no CSR, and the rollouts whose stages that ended, their directories removed
+        (blocking)."""
         from tlsroll import pki  # noqa: PLC0415 - certificate work (see ``Identity``)
 
         stage_dir = plans.stage_dir(driver, rollout_id)
         make_private_dir(stage_dir, strict=True)
         key_file = stage_dir / "server.key"
         pki.write_key(key_file, key)
+        over: list[Staged] = []
         if self.journal.staged(rollout_id) is None:
-            plans.remove_stages(self.journal.record_csr(rollout_id, key_file, b""))
+            over = self.journal.record_csr(rollout_id, key_file, b"")
+            plans.remove_stages(over)
         staged = self.journal.staged(rollout_id)
         assert staged is not None
-        return staged
+        return staged, {s.rollout_id for s in over}
 
     def _prepare(self, rollout_id: str, coming: Coming | None = Coming()) -> None:
         """Blocking, on the store's thread: the switch that follows this stage made ready now

@@ -1033,6 +1033,42 @@ def test_a_stage_s_key_and_verifier_file_are_private_at_rest(make_node: NodeFact
         assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o600, me), name
 
 
+def test_a_cert_dir_stage_that_fails_leaves_no_switch_made_ready_for_the_stage_it_ended(
+    make_node: NodeFactory,
+) -> None:
+    """Review 1a, finding 3: a --cert-dir stage's key ends earlier stages (their directories
+    removed), but the switch made ready for one of them was dropped only by the ``_prepare``
+    after the certificate was stored: a stage failing in between (a CA bundle refused, a
+    write failing) left that switch's staged config, naming removed files, beside the live
+    one. It is dropped right after the key now, as CreateCSR does."""
+    node = make_node()
+    stage_told(node, "aborted")
+    assert staged_configs(node)  # the switch made ready for "aborted"
+    names = pki.names_of(pki.load_cert_pem((node.stage_dir("aborted") / "server.pem").read_bytes()))
+    key = pki.generate_key()
+    cert_pem = node.sign(pki.csr_to_pem(pki.make_csr(key, names)))
+    # The certificate's write fails: its CA file's name is taken by a directory.
+    (node.stage_dir("own") / "ca.pem").mkdir(parents=True)
+    node.stage_dir("own").chmod(0o700)
+
+    def stage_own() -> None:
+        with node.stub() as stub:
+            stub.Stage(
+                agent_pb2.StageRequest(
+                    command=node.command("own"),
+                    certificate_pem=cert_pem,
+                    ca_certificate_pem=node.cluster.ca_pem,
+                    private_key_pem=pki.key_to_pem(key),
+                    own_certificate=True,
+                ),
+                timeout=60,
+            )
+
+    rpc_error(stage_own)
+    assert not node.stage_dir("aborted").exists()  # the key ended the aborted stage
+    assert staged_configs(node) == []  # and the switch made ready for it
+
+
 def test_a_stage_refuses_a_symlinked_stage_directory_and_a_shared_tlsroll_tls(
     make_node: NodeFactory,
 ) -> None:
