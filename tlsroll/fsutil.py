@@ -117,6 +117,10 @@ def make_private_dir(path: Path, mode: int = 0o700, *, strict: bool = False) -> 
     try:
         _check_owner(path, os.fstat(fd), "directory")
         os.fchmod(fd, mode)
+    except OSError as exc:
+        if exc.filename is None:  # a descriptor's error names no file: say which (os.chmod did)
+            exc.filename = str(path)
+        raise
     finally:
         os.close(fd)
     return path
