@@ -268,13 +268,18 @@ class ChangeSteps:
                 csr = pki.load_csr_pem(csr_reply.csr_pem)
                 cert = ctx.ca.sign_csr(csr, expected, server=True, client=False, now=ctx.clock())
                 # Recorded, so that `certs check-expiration` has its serial and `nodes
-                # remove` revokes it.
-                await dbthread.run(
-                    ctx.store.record_certificate,
+                # remove` revokes it; revoked instead of sent if the node has ended
+                # meanwhile (an abort skipped it while this stage was in CreateCSR).
+                if not await dbthread.run(
+                    ctx.schema.record_stage_certificate,
+                    ctx.rollout.id,
                     IssuedCert.of(cert, "server", node.name, node.name, ctx.clock()),
-                    actor="leader",
                     now=ctx.clock(),
-                )
+                ):
+                    return NodeEvent.STAGE_FAILED, (
+                        "the node's stage ended meanwhile; its certificate is revoked,"
+                        " never delivered"
+                    )
             staged = await ctx.agent.stage(
                 agent_pb2.StageRequest(
                     command=ctx.command(),

@@ -35,6 +35,7 @@ from leader.rollout_core import (
 from leader.store import (
     IssuedCert,
     record_certificate_in,
+    revoke_never_delivered_in,
     revoke_superseded_in,
     revoke_undelivered_in,
 )
@@ -760,6 +761,29 @@ class SchemaStore(LeaderStore):
         if undelivered or any(r.serials for r in revoke):
             self._db.touch()  # the heartbeat path keeps the revocation list
         return row
+
+    def record_stage_certificate(
+        self, rollout_id: str, cert: IssuedCert, *, now: dt.datetime
+    ) -> bool:
+        """Record the certificate a stage signed from CreateCSR's CSR (as
+        ``Store.record_certificate``, routine) and say whether the stage may send it: False
+        if the node's record in the rollout has already ended in ``UNDELIVERED_AT`` (an abort
+        that skipped it while the stage was in CreateCSR or signing: the write that ended it
+        revoked what was recorded for it then, ``_revoke_undelivered``, and this came after).
+        Then it is revoked in the same write, "never delivered", not urgent: before, it
+        stayed valid on record (``certs check-expiration``) until it expired (review s28,
+        second review, L1). Only this one: a later rollout may have recorded others since."""
+        with self._db.tx(routine=True) as db:
+            record_certificate_in(db, cert, actor="leader", now=now)
+            row = db.execute(
+                "SELECT state FROM rollout_nodes WHERE rollout_id = ? AND name = ?",
+                (rollout_id, cert.node),
+            ).fetchone()
+            if row is None or NodeState(row["state"]) not in UNDELIVERED_AT:
+                return True
+            revoke_never_delivered_in(db, cert.node, [cert.serial], now=now)
+        self._db.touch()  # the heartbeat path keeps the revocation list
+        return False
 
     def _patch(
         self,

@@ -1182,10 +1182,11 @@ def revoke_undelivered_in(
     ``until`` (a rollout's span) other than the one the node staged in it
     (``staged_fingerprint``; "" if none). Certificates the leader recorded and no node holds:
     a preflight's, whose stage never sent it (a leader stopped in between, an abort) or sent
-    another. (Not one a stage in flight at an abort records after the write that skipped its
-    node: that one stays, as before session 28.) Not urgent (``_bump_crl``): nothing presents
-    them. A routine caller moves ``Database.generation`` on if this revoked anything. Returns
-    the serials revoked now."""
+    another. (One a stage in flight at an abort records after the write that skipped its
+    node is not revoked here: ``SchemaStore.record_stage_certificate`` revokes it in the
+    write that records it, and the stage never sends it.) Not urgent (``_bump_crl``):
+    nothing presents them. A routine caller moves ``Database.generation`` on if this revoked
+    anything. Returns the serials revoked now."""
     serials = [
         r["serial"]
         for r in db.execute(
@@ -1194,6 +1195,14 @@ def revoke_undelivered_in(
             (node, staged_fingerprint, to_text(since), to_text(until)),
         )
     ]
+    return revoke_never_delivered_in(db, node, serials, now=now)
+
+
+def revoke_never_delivered_in(
+    db: sqlite3.Connection, node: str, serials: list[str], *, now: dt.datetime
+) -> list[str]:
+    """Inside the caller's write: ``serials`` (server certificates of ``node`` no node was
+    given) revoked as "never delivered", not urgently, with their audit event."""
     if not serials:
         return []
     _revoke_in(db, serials, "never delivered", now, urgent=False)

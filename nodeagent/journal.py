@@ -170,6 +170,10 @@ _ENUM_FIELDS: dict[str, type[Phase | TxnKind]] = {
     "failed_phase": Phase,
 }
 _PENDING = ""  # how the outcome column says "pending" (as 0.1.0 did)
+# The stages a new one ends (``Journal.record_csr``): another rollout's, never in a transaction.
+_STAGES_OVER = (
+    "SELECT * FROM staged WHERE rollout_id != ? AND rollout_id NOT IN (SELECT rollout_id FROM txns)"
+)
 
 
 def _enc(name: str, value: Any) -> Any:
@@ -375,12 +379,38 @@ class Journal:
             row = db.execute("SELECT * FROM staged WHERE rollout_id = ?", (rollout_id,)).fetchone()
         return _staged(row)
 
-    def record_csr(self, rollout_id: str, key_file: Path, csr_pem: bytes) -> None:
+    def record_csr(self, rollout_id: str, key_file: Path, csr_pem: bytes) -> list[Staged]:
+        """The rollout's new key, journalled. In the same write, the stages this one ends are
+        forgotten and returned (the caller removes their files: ``plans.remove_stages``). One
+        rollout runs at a time per cluster (the leader's store refuses a second), so a
+        rollout whose key is made here has ended every earlier one: a stage of an earlier
+        rollout that never began a transaction on this node (stopped between Stage and
+        Switch: aborted, failed, superseded, its leader gone) will never be switched, and its
+        key, certificate and verifier file would otherwise stay for good. A rollout with any
+        transaction here keeps its stage: its files may be live, or what a rollback
+        restores."""
         with self._tx() as db:
+            over = db.execute(_STAGES_OVER, (rollout_id,)).fetchall()
+            if over:
+                db.execute(
+                    "DELETE FROM staged WHERE rollout_id != ?"
+                    " AND rollout_id NOT IN (SELECT rollout_id FROM txns)",
+                    (rollout_id,),
+                )
             db.execute(
                 "INSERT INTO staged (rollout_id, key_file, csr_pem) VALUES (?, ?, ?)",
                 (rollout_id, str(key_file), csr_pem.decode()),
             )
+        return [s for s in map(_staged, over) if s is not None]
+
+    def known_rollouts(self) -> set[str]:
+        """Every rollout the journal has a stage or a transaction of: what its stage
+        directory may still be needed for (``plans.sweep_stage_dirs``)."""
+        with self._read() as db:
+            rows = db.execute(
+                "SELECT rollout_id FROM staged UNION SELECT rollout_id FROM txns"
+            ).fetchall()
+        return {str(r["rollout_id"]) for r in rows}
 
     def record_stage(
         self,

@@ -18,17 +18,27 @@ error").
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable
+import os
+import re
+import shutil
+import stat
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any, NamedTuple, ParamSpec
 
 from nodeagent.drivers import Driver, Target
-from nodeagent.journal import Journal, Txn
+from nodeagent.journal import Journal, Staged, Txn
 from nodeagent.transaction import Plan
-from tlsroll import password
+from tlsroll import logs, password
 from tlsroll.enums import Change, TxnKind, TxnOutcome
 from tlsroll.errors import PKIError, TerminalError, os_error_text
-from tlsroll.fsutil import PRIVATE, write_atomic
+from tlsroll.fsutil import PRIVATE, make_private_dir, write_atomic
+
+log = logs.get_logger(__name__)
+
+STAGES = "tlsroll-tls"  # beside the live config: one directory per rollout staged here
+# A rollout id as the agent accepts it (its stage directory's name).
+ROLLOUT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 # A dual node (transitional phase 1) serves both, the same certificate on https.
 DUAL = ("http", "https")
@@ -69,7 +79,123 @@ class Built(NamedTuple):
 
 def stage_dir(driver: Driver, rollout_id: str) -> Path:
     """Staged files live beside the live config, inactive until a switch names them."""
-    return driver.config_file.parent / "tlsroll-tls" / rollout_id
+    return driver.config_file.parent / STAGES / rollout_id
+
+
+def remove_stages(over: Iterable[Staged]) -> None:
+    """The directories of stages the journal has forgotten (``Journal.record_csr``) removed,
+    with the key, certificate and verifier file in them (blocking). Only a stage directory
+    (``_stage_dir_of``: named for its rollout under a ``tlsroll-tls`` of the agent's, holding
+    only files tlsroll writes there) is touched; one that cannot be removed is logged (the
+    agent's next start tries again: ``sweep_stage_dirs``)."""
+    roots: dict[Path, os.stat_result | None] = {}
+    for staged in over:
+        directory = staged.key_file.parent
+        root = directory.parent
+        if directory.name != staged.rollout_id or root.name != STAGES:
+            continue
+        if root not in roots:
+            roots[root] = _stage_root(root)
+        root_st = roots[root]
+        if root_st is not None:
+            _remove_stage(directory, root_st, staged.rollout_id, "a later rollout staged")
+
+
+def sweep_stage_dirs(journal: Journal, driver: Driver) -> None:
+    """At the agent's start (blocking): the stage directories no stage or transaction in the
+    journal is for removed. Nothing can use them (a stage the journal does not know is
+    refused: CreateCSR makes a new key), and they hold keys: left by an agent stopped between
+    writing a new key and journalling it, or by a removal cut short. A directory the live
+    config names is kept whatever the journal says (a journal begun again with
+    ``--reinitialise`` knows nothing of the files the server serves); so is everything if
+    the live config cannot be read.
+
+    Only tlsroll's own stage directories are ever removed: ``tlsroll-tls`` must be a real
+    directory of the agent's user (not a symbolic link to somewhere else), and a directory in
+    it only goes if it is a stage directory (``_stage_dir_of``). Anything else there is
+    logged (``stage.unknown_dir``, its path) and left as it is."""
+    root = driver.config_file.parent / STAGES
+    root_st = _stage_root(root)
+    if root_st is None:
+        return
+    try:
+        names = sorted(os.listdir(root))
+        if not names:
+            return
+        live = driver.read_config()
+    except OSError:
+        return
+    known = journal.known_rollouts()
+    for name in names:
+        if name in known or os.fsencode(name) in live:
+            continue
+        _remove_stage(root / name, root_st, name, "unknown to the journal")
+
+
+# What tlsroll writes in a stage directory: the key (CreateCSR, or --cert-dir's), the
+# certificate and CA (Stage), the password's verifier file; and ``write_atomic``'s temporary
+# files of these (``.NAME.tmp-PID``), left by an agent stopped in the middle of a write.
+STAGE_FILES = frozenset({"server.key", "server.pem", "ca.pem", "auth-verifier.json"})
+_STAGE_TEMP = re.compile(r"\.(server\.key|server\.pem|ca\.pem|auth-verifier\.json)\.tmp-[0-9]+")
+
+
+def _stage_root(root: Path) -> os.stat_result | None:
+    """``tlsroll-tls``'s lstat if it is a real directory (not a symbolic link) of the agent's
+    user, else None (nothing under it is tlsroll's to remove)."""
+    try:
+        st = os.lstat(root)
+    except OSError:
+        return None
+    if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+        if stat.S_ISLNK(st.st_mode) or stat.S_ISDIR(st.st_mode):
+            log.warning("stage.unknown_dir", path=str(root))
+        return None
+    return st
+
+
+def _stage_dir_of(directory: Path, root_st: os.stat_result) -> bool:
+    """Whether ``directory`` (in ``tlsroll-tls``, whose lstat is ``root_st``) is one tlsroll
+    made: named as a rollout id, by lstat a real directory of the agent's user on the same
+    file system (not a mount point), holding only regular files of the names tlsroll writes
+    there (``STAGE_FILES`` and their temporary files)."""
+    if not ROLLOUT_ID.fullmatch(directory.name):
+        return False
+    try:
+        st = os.lstat(directory)
+        if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid() or st.st_dev != root_st.st_dev:
+            return False
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if not (
+                    entry.is_file(follow_symlinks=False)
+                    and (entry.name in STAGE_FILES or _STAGE_TEMP.fullmatch(entry.name))
+                ):
+                    return False
+    except OSError:
+        return False
+    return True
+
+
+def _remove_stage(directory: Path, root_st: os.stat_result, rollout_id: str, why: str) -> None:
+    """``directory`` removed if it is a stage directory (``_stage_dir_of``), else said
+    (``stage.unknown_dir``, its path only) and left as it is."""
+    if not _stage_dir_of(directory, root_st):
+        if os.path.lexists(directory):
+            log.warning("stage.unknown_dir", path=str(directory))
+        return
+    try:
+        shutil.rmtree(directory)
+    except FileNotFoundError:
+        return
+    except OSError as exc:
+        log.warning(
+            "stage.remove_failed",
+            rollout_id=rollout_id,
+            path=str(directory),
+            error=os_error_text(exc),
+        )
+        return
+    log.info("stage.removed", rollout_id=rollout_id, path=str(directory), why=why)
 
 
 def prepare(txn_dir: Path, rollout_id: str, kind: TxnKind) -> tuple[Path, Path]:
@@ -100,7 +226,7 @@ def write_verifier(driver: Driver, rollout_id: str, verifier: dict[str, Any] | N
     if verifier is None:
         return None
     directory = stage_dir(driver, rollout_id)
-    directory.mkdir(parents=True, exist_ok=True, mode=0o700)
+    make_private_dir(directory, strict=True)
     path = directory / "auth-verifier.json"
     write_atomic(path, password.verifier_to_json(verifier).encode(), PRIVATE)
     return path

@@ -24,7 +24,7 @@ from typing import Any
 
 import grpc
 
-from nodeagent import certwork
+from nodeagent import certwork, plans
 from nodeagent.bootstrap_supervisor import BootstrapHost
 from nodeagent.config import AgentConfig
 from nodeagent.drivers import make_driver
@@ -124,6 +124,9 @@ async def serve(cfg: AgentConfig, *, reinitialise: bool = False) -> None:
         # First thing: a transaction cut short by a crash is carried on, so that no node
         # stays frozen or half-switched for longer than it takes the agent to restart.
         await runner.resume_all()
+    if driver is not None:
+        # Then stage directories nothing can use any more: they hold private keys.
+        await dbthread.run(plans.sweep_stage_dirs, journal, driver)
     identity = await obtain_identity(cfg)
     bootstrap = BootstrapHost(cfg, identity, journal)
     if runner is not None:

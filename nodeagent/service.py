@@ -16,7 +16,6 @@ import contextvars
 import dataclasses
 import datetime as dt
 import os
-import re
 import ssl
 import stat
 import sys
@@ -52,7 +51,7 @@ from tlsroll import __version__, dbthread, httpcheck, logs, password
 from tlsroll.clients import ClientsView
 from tlsroll.enums import Change, TxnKind
 from tlsroll.errors import PKIError, PKIReason
-from tlsroll.fsutil import PUBLIC, write_atomic
+from tlsroll.fsutil import PUBLIC, make_private_dir, write_atomic
 from tlsroll.rpc import (
     RpcStatusError,
     error_status,
@@ -77,7 +76,7 @@ ERRORS: dict[type[BaseException], grpc.StatusCode] = {
     Revoked: grpc.StatusCode.UNAUTHENTICATED,
     EpochNotAnnounced: grpc.StatusCode.PERMISSION_DENIED,
 }
-ROLLOUT_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+ROLLOUT_ID = plans.ROLLOUT_ID
 DEFAULT_MAX_CLOCK_OFFSET = 120
 DEFAULT_FREEZE_LEASE = 300
 LEASE_CHECK_SECONDS = 1.0
@@ -555,23 +554,29 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         async with self._lock:
             staged = await asyncio.to_thread(self.journal.staged, rollout_id)
             if staged is None:
-                csr_pem = await asyncio.to_thread(self._new_key, driver, rollout_id)
+                csr_pem, over = await asyncio.to_thread(self._new_key, driver, rollout_id)
                 log.info("stage.csr_created", rollout_id=rollout_id)
+                prepared = self._prepared
+                if prepared is not None and prepared.rollout_id in over:
+                    # The switch made ready for a stage this one ended: its file too.
+                    await dbthread.run(self._drop_prepared)
                 return csr_pem
         return staged.csr_pem
 
-    def _new_key(self, driver: Driver, rollout_id: str) -> bytes:
-        """The node's new key (it never leaves the node) and its CSR, journalled (blocking)."""
+    def _new_key(self, driver: Driver, rollout_id: str) -> tuple[bytes, set[str]]:
+        """The node's new key (it never leaves the node) and its CSR, journalled, and the
+        rollouts whose stages that ended, their directories removed (blocking)."""
         from tlsroll import pki  # noqa: PLC0415 - certificate work (see ``Identity``)
 
         stage_dir = plans.stage_dir(driver, rollout_id)
-        stage_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_private_dir(stage_dir, strict=True)
         key = pki.generate_key()
         key_file = stage_dir / "server.key"
         pki.write_key(key_file, key)
         csr_pem = pki.csr_to_pem(pki.make_csr(key, self.cfg.names))
-        self.journal.record_csr(rollout_id, key_file, csr_pem)
-        return csr_pem
+        over = self.journal.record_csr(rollout_id, key_file, csr_pem)
+        plans.remove_stages(over)
+        return csr_pem, {s.rollout_id for s in over}
 
     @map_errors(ERRORS)
     async def Stage(self, request: agent_pb2.StageRequest, context: Ctx) -> agent_pb2.StageResponse:
@@ -675,7 +680,12 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         async with self._lock:
             if await asyncio.to_thread(self.journal.get, rollout_id, TxnKind.SWITCH) is not None:
                 raise failed_precondition(f"rollout {rollout_id} is already switching this node")
-            staged = await asyncio.to_thread(self._own_key, driver, rollout_id, key)
+            staged, over = await asyncio.to_thread(self._own_key, driver, rollout_id, key)
+            prepared = self._prepared
+            if prepared is not None and prepared.rollout_id in over:
+                # The switch made ready for a stage this one ended: dropped now, as ``_csr``
+                # does, not only by the ``_prepare`` below (a refused CA never reaches it).
+                await dbthread.run(self._drop_prepared)
             # The intermediates in the CA file too: workstations build the server's chain
             # with the bundle the bootstrap service hands them.
             bundle = [*cas, *(c for c in intermediates if c not in cas)]
@@ -688,20 +698,25 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             fingerprint=fingerprint, not_after=timestamp(cert.not_valid_after_utc)
         )
 
-    def _own_key(self, driver: Driver, rollout_id: str, key: pki.PrivateKey) -> Staged:
+    def _own_key(
+        self, driver: Driver, rollout_id: str, key: pki.PrivateKey
+    ) -> tuple[Staged, set[str]]:
         """Write the practice's key where CreateCSR would have made one (0600), journalled
-        with no CSR (blocking)."""
+        with no CSR, and the rollouts whose stages that ended, their directories removed
+        (blocking)."""
         from tlsroll import pki  # noqa: PLC0415 - certificate work (see ``Identity``)
 
         stage_dir = plans.stage_dir(driver, rollout_id)
-        stage_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        make_private_dir(stage_dir, strict=True)
         key_file = stage_dir / "server.key"
         pki.write_key(key_file, key)
+        over: list[Staged] = []
         if self.journal.staged(rollout_id) is None:
-            self.journal.record_csr(rollout_id, key_file, b"")
+            over = self.journal.record_csr(rollout_id, key_file, b"")
+            plans.remove_stages(over)
         staged = self.journal.staged(rollout_id)
         assert staged is not None
-        return staged
+        return staged, {s.rollout_id for s in over}
 
     def _prepare(self, rollout_id: str, coming: Coming | None = Coming()) -> None:
         """Blocking, on the store's thread: the switch that follows this stage made ready now

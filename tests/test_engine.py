@@ -1577,13 +1577,20 @@ async def test_the_preflight_s_certificate_is_recorded_with_its_outcome(
 ) -> None:
     """The preflight signs the CSR it brought back, and the certificate is recorded in the
     same write as the preflight's outcome (the node's move to staging): the stage sends it
-    with no write of its own first (``Store.record_certificate`` is not called; it was once
-    per node, a durable write and a store hand-off on the first node's way to its switch).
-    Still recorded before it is sent: each agent's Stage finds it in the store."""
+    with no write of its own first (``Store.record_certificate``, and since session 31
+    ``SchemaStore.record_stage_certificate``, is not called; it was once per node, a durable
+    write and a store hand-off on the first node's way to its switch). Still recorded before
+    it is sent: each agent's Stage finds it in the store."""
     recorded: list[str] = []
     monkeypatch.setattr(
         Store, "record_certificate", lambda _s, cert, **_k: recorded.append(cert.node)
     )
+
+    def recording(_s: SchemaStore, _rid: str, cert: IssuedCert, **_k: Any) -> bool:
+        recorded.append(cert.node)
+        return True
+
+    monkeypatch.setattr(SchemaStore, "record_stage_certificate", recording)
     leader = world.boot()
     seen_at_stage: dict[str, set[str]] = {}
     for agent in world.agents:
@@ -1847,6 +1854,47 @@ async def test_a_preflight_s_certificate_a_restarted_leader_never_sent_is_revoke
     trail = [(a.kind, a.subject) for a in second.audit()]
     assert ("certificate.undelivered", "bravo") in trail
     await second.stop()
+
+
+async def test_a_certificate_a_stage_in_flight_at_an_abort_signs_after_the_skip_is_revoked(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s28 (second) L1, left since: the stage takes the CreateCSR path (an agent that
+    brings no CSR with its preflight; also a leader restarted, a pause, re-enrolled names);
+    the admin aborts while its CreateCSR is in flight, and the write that skips bravo runs
+    before the stage records the certificate it then signs. That certificate stayed valid
+    on record (``certs check-expiration``) until it expired. Now the stage's record sees the
+    node already ended: the certificate is revoked in the same write ("never delivered",
+    not urgent) and never sent."""
+    bravo = world.agents["bravo"]
+    bravo.without_preflight_csr = True
+    leader = world.boot()
+    real = bravo.create_csr
+    skipped: list[NodeState] = []
+
+    async def meanwhile(request: agent_pb2.CreateCSRRequest) -> Any:
+        await leader.control(RolloutAction.ABORT)
+        await leader.engine.reconcile()  # the pass whose write skips bravo, stage in flight
+        kept = leader.schema.kept(request.command.rollout_id)
+        assert kept is not None
+        skipped.append(node(kept.records, "bravo").state)
+        return await real(request)
+
+    monkeypatch.setattr(bravo, "create_csr", meanwhile)
+    await leader.start()
+    crl = leader.store.revocations()
+    row = await leader.run()
+    assert skipped == [N.SKIPPED]
+    assert row.rollout.state is R.ABORTED
+    assert node(row.records, "bravo").state is N.SKIPPED
+    assert world.agents.calls_to("bravo", "stage") == []
+    certs = cert_reasons(leader, "bravo")
+    assert [reason for _fp, reason in certs] == ["never delivered"], certs
+    after = leader.store.revocations()
+    assert after.number > crl.number and after.urgent == crl.urgent
+    trail = [(a.kind, a.subject) for a in leader.audit()]
+    assert ("certificate.undelivered", "bravo") in trail
+    await leader.stop()
 
 
 async def test_a_node_rolled_back_keeps_the_certificate_it_staged_and_loses_the_one_it_did_not(

@@ -1478,7 +1478,7 @@ async def store_threads(directory: Path, mp: pytest.MonkeyPatch, n: int) -> Coun
 
         return call
 
-    for name in ("save_states", "update_detail"):
+    for name in ("save_states", "update_detail", "record_stage_certificate"):
         mp.setattr(leader.schema, name, on_thread(getattr(leader.schema, name)))
     mp.setattr(leader.store, "record_certificate", on_thread(leader.store.record_certificate))
     await drive_to_the_end(world, leader, n)

@@ -10,6 +10,7 @@ from dataclasses import replace
 from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from leader import planner
 from leader.rollout_core import (
@@ -521,4 +522,45 @@ def test_what_runs_after_a_commit_runs_before_any_reader_sees_the_write(tmp_path
     with db.tx() as conn:  # nothing left over from the failed one
         conn.execute("INSERT INTO t VALUES (4)")
     assert seen == [(True, "old", 2)]
+    db.close()
+
+
+def test_a_callback_that_raises_after_a_commit_leaves_the_write_committed(
+    tmp_path: Path,
+) -> None:
+    """Review s28 L4, left since: a callback run after the commit (``after_commit``) that
+    raised made the committed write look failed to its caller (the engine would have seen
+    its preflight's outcome fail, and signed a second certificate at the stage), skipped
+    the callbacks after it, the readers' notifications (``on_change``, ``on_commit``) and
+    the count of transactions. The contract now holds by construction: the exception is
+    logged with the callback's name and never reaches the writer; everything else runs. A
+    callback registered outside a transaction (it would never run) is refused."""
+    from tlsroll.sqlite import Database
+
+    db = Database(tmp_path / "t.sqlite3", ["CREATE TABLE t (x)"])
+    ran: list[str] = []
+    changes: list[int] = []
+    commits: list[int] = []
+    db.on_change.append(lambda: changes.append(db.generation))
+    db.on_commit.append(lambda: commits.append(db.commits))
+
+    def broken() -> None:
+        raise ValueError("the callback's own bug")
+
+    with capture_logs() as events, db.tx() as conn:
+        conn.execute("INSERT INTO t VALUES (1)")
+        db.cache["k"] = "kept"
+        db.after_commit(broken)
+        db.after_commit(lambda: ran.append("next"))
+    assert ran == ["next"]
+    assert changes == [1] and commits == [1] and db.transactions == 1
+    assert db.peek("k") == "kept"  # the cache is what the file holds: not dropped
+    with db.read() as conn:
+        assert [r[0] for r in conn.execute("SELECT x FROM t")] == [1]
+    [failed] = [e for e in events if e["event"] == "db.after_commit_failed"]
+    assert failed["log_level"] == "error"
+    assert "broken" in failed["callback"]
+    assert "the callback's own bug" in failed["error"]
+    with pytest.raises(RuntimeError, match="inside a transaction"):
+        db.after_commit(lambda: ran.append("never"))
     db.close()

@@ -12,14 +12,15 @@ import http.client
 import json
 import os
 import signal
+import sqlite3
 import stat
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, MutableMapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -899,3 +900,410 @@ def test_a_prepared_switch_s_file_that_cannot_be_removed_later_is_said() -> None
         service._discarded(fine)
     assert [e["event"] for e in logs] == ["stage.discard_failed"]
     assert "Permission denied" in logs[0]["error"]
+
+
+# --- stage directories: no key left behind (session 31) --------------------------------------
+
+
+def stage_dirs(node: Node) -> set[str]:
+    root = node.config_dir / "tlsroll-tls"
+    return {d.name for d in root.iterdir()} if root.exists() else set()
+
+
+def stage_told(node: Node, rollout_id: str, *, verifier: str | None = None) -> str:
+    """CreateCSR, sign, Stage told of a password switch to come (its verifier file written
+    in the stage directory): the staged fingerprint."""
+    stage = agent_pb2.StageRequest(
+        command=node.command(rollout_id),
+        certificate_pem=node.sign(node.create_csr(rollout_id)),
+        ca_certificate_pem=node.cluster.ca_pem,
+    )
+    if verifier is not None:
+        stage.switch_to_come.CopyFrom(agent_pb2.SwitchToCome(auth_verifier_json=verifier))
+    with node.stub() as stub:
+        fingerprint: str = stub.Stage(stage, timeout=60).fingerprint
+    return fingerprint
+
+
+def test_a_stage_never_switched_leaves_no_key_once_a_later_rollout_stages(
+    make_node: NodeFactory,
+) -> None:
+    """Session 31 (risk left by sessions 28-30): a rollout stopped between Stage and Switch
+    (aborted, failed, superseded, its leader gone) left its stage directory on the node for
+    good: the staged certificate, its private key and the prepared verifier file. One rollout
+    runs at a time per cluster, so a later rollout's first key on this node says every
+    earlier rollout that never began a transaction here is over: their stages are forgotten
+    in the journal's write of the new key and their directories removed. What a transaction
+    may still need is kept: the live files, and those a rollback restores."""
+    node = make_node()
+    verifier = a_verifier_json("stray-s3cret")
+    stage_told(node, "aborted", verifier=verifier)
+    aborted = node.stage_dir("aborted")
+    assert {p.name for p in aborted.iterdir()} == {
+        "server.key",
+        "server.pem",
+        "ca.pem",
+        "auth-verifier.json",
+    }
+    assert len(staged_configs(node)) == 1  # its switch made ready, beside the live config
+    csr = node.create_csr("first")  # the next rollout: the aborted one's key is gone
+    assert stage_dirs(node) == {"first"}
+    assert staged_configs(node) == []  # and the switch made ready for it
+    live = node.send_stage("first", node.sign(csr)).fingerprint
+    assert [r["rollout_id"] for r in node.journal_query("SELECT * FROM staged")] == ["first"]
+    node.switch("first")
+    assert node.wait_txn("first").outcome == "completed"
+    assert_switched(node, live)
+
+    stage_told(node, "rotation")  # a rotation staged, then never switched
+    node.create_csr("second")  # a later rollout: the rotation's stage goes, the live one stays
+    assert stage_dirs(node) == {"first", "second"}
+    assert node.served_fingerprint() == live
+    # A rotation that ran: the stage it replaced ("first") is what rolling it back restores.
+    second = node.send_stage("second", node.sign(node.create_csr("second"))).fingerprint
+    with node.stub() as stub:
+        stub.Switch(
+            agent_pb2.SwitchRequest(
+                command=node.command("second"), change=CHANGE.wire(Change.ROTATE_CERT)
+            ),
+            timeout=60,
+        )
+    assert node.wait_txn("second").outcome == "completed"
+    assert node.served_fingerprint() == second
+    # A third rollout's key: the stages of both switches that ran stay (files and journal).
+    node.create_csr("third")
+    assert stage_dirs(node) == {"first", "second", "third"}
+    assert {r["rollout_id"] for r in node.journal_query("SELECT * FROM staged")} == {
+        "first",
+        "second",
+        "third",
+    }
+    node.rollback("second")  # back to first's certificate, from first's kept files
+    back = node.wait_txn("second", "rollback")
+    assert back.outcome == "completed", back.reason
+    assert node.served_fingerprint() == live
+
+
+def test_an_agent_start_removes_only_stage_directories_nothing_needs(
+    make_node: NodeFactory,
+) -> None:
+    """A directory the journal does not know (an agent stopped between writing a new key
+    and journalling it, a journal begun again) holds a key nothing can use: the agent's
+    start removes it. A stage the journal knows is kept (its switch may still come, and
+    does), as is any directory the live config names."""
+    node = make_node()
+    assert node.agent is not None
+    staged = stage_told(node, "pending")
+    orphan = node.config_dir / "tlsroll-tls" / "orphan"
+    orphan.mkdir(mode=0o700)
+    (orphan / "server.key").write_bytes(b"not really a key")
+    node.agent.stop()
+    node.restart_agent()
+    assert stage_dirs(node) == {"pending"}
+    node.switch("pending")
+    assert node.wait_txn("pending").outcome == "completed"
+    assert_switched(node, staged)
+    # A journal begun again (``--reinitialise``) knows nothing of the live files: the live
+    # config names their directory, which the start keeps.
+    node.agent.stop()
+    with sqlite3.connect(node.journal_path) as db:
+        db.execute("DELETE FROM txns")
+        db.execute("DELETE FROM staged")
+        db.execute("DELETE FROM meta WHERE key = 'live_tls'")
+    node.restart_agent()
+    assert stage_dirs(node) == {"pending"}
+    assert node.served_fingerprint() == staged
+
+
+def test_a_stage_s_key_and_verifier_file_are_private_at_rest(make_node: NodeFactory) -> None:
+    """The staged key and the prepared verifier file (it can fake bootstrap answers) are
+    0600 and the agent's, in a stage directory that is 0700 and the agent's, also when the
+    directory was there before with a looser mode (an admin's mkdir, a copy): the stage
+    takes it over (``make_private_dir``) rather than writing secrets into it as it is."""
+    node = make_node()
+    loose = node.stage_dir("loose")
+    loose.mkdir(parents=True)
+    loose.chmod(0o755)
+    stage_told(node, "loose", verifier=a_verifier_json("rest-s3cret"))
+    me = os.geteuid()
+    st = loose.stat()
+    assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o700, me)
+    for name in ("server.key", "auth-verifier.json"):
+        st = (loose / name).stat()
+        assert (stat.S_IMODE(st.st_mode), st.st_uid) == (0o600, me), name
+
+
+def test_a_cert_dir_stage_that_fails_leaves_no_switch_made_ready_for_the_stage_it_ended(
+    make_node: NodeFactory,
+) -> None:
+    """Review 1a, finding 3: a --cert-dir stage's key ends earlier stages (their directories
+    removed), but the switch made ready for one of them was dropped only by the ``_prepare``
+    after the certificate was stored: a stage failing in between (a CA bundle refused, a
+    write failing) left that switch's staged config, naming removed files, beside the live
+    one. It is dropped right after the key now, as CreateCSR does."""
+    node = make_node()
+    stage_told(node, "aborted")
+    assert staged_configs(node)  # the switch made ready for "aborted"
+    names = pki.names_of(pki.load_cert_pem((node.stage_dir("aborted") / "server.pem").read_bytes()))
+    key = pki.generate_key()
+    cert_pem = node.sign(pki.csr_to_pem(pki.make_csr(key, names)))
+    # The certificate's write fails: its CA file's name is taken by a directory.
+    (node.stage_dir("own") / "ca.pem").mkdir(parents=True)
+    node.stage_dir("own").chmod(0o700)
+
+    def stage_own() -> None:
+        with node.stub() as stub:
+            stub.Stage(
+                agent_pb2.StageRequest(
+                    command=node.command("own"),
+                    certificate_pem=cert_pem,
+                    ca_certificate_pem=node.cluster.ca_pem,
+                    private_key_pem=pki.key_to_pem(key),
+                    own_certificate=True,
+                ),
+                timeout=60,
+            )
+
+    rpc_error(stage_own)
+    assert not node.stage_dir("aborted").exists()  # the key ended the aborted stage
+    assert staged_configs(node) == []  # and the switch made ready for it
+
+
+def test_a_stage_refuses_a_symlinked_stage_directory_and_a_shared_tlsroll_tls(
+    make_node: NodeFactory,
+) -> None:
+    """Review 1a, finding 2: a stage directory that is a symbolic link was followed (the
+    chmod 0700 landed on its target: ``ln -s /etc tlsroll-tls/r9`` and a root agent's next
+    stage chmods /etc), and a ``tlsroll-tls`` others can write let them swap the directory
+    after the check. Both are refused now (FAILED_PRECONDITION, with what to run), nothing
+    written, the link's target untouched."""
+    node = make_node()
+    victim = node.config_dir.parent / "victim"
+    victim.mkdir()
+    victim.chmod(0o755)
+    root = node.config_dir / "tlsroll-tls"
+    root.mkdir(mode=0o700)
+    (root / "r9").symlink_to(victim)
+    err = rpc_error(lambda: node.create_csr("r9"))
+    assert code_of(err) == grpc.StatusCode.FAILED_PRECONDITION
+    assert "symbolic link" in details_of(err) and f"rm {root / 'r9'}" in details_of(err)
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o755 and not any(victim.iterdir())
+
+    root.chmod(0o777)  # anyone may rename r10 away and put theirs in its place
+    err = rpc_error(lambda: node.create_csr("r10"))
+    assert code_of(err) == grpc.StatusCode.FAILED_PRECONDITION
+    assert f"run: chmod 700 {root}" in details_of(err)
+    assert not (root / "r10").exists()
+    assert node.journal_query("SELECT * FROM staged") == []
+    root.chmod(0o700)
+    stage_told(node, "r10")  # once fixed, the stage goes ahead
+    assert (root / "r10" / "server.key").is_file()
+
+
+def test_make_private_dir_strict_never_follows_a_link_and_checks_the_parent(
+    tmp_path: Path,
+) -> None:
+    """``make_private_dir(strict=True)``, as the stage directories use it: a symbolic link
+    (to a directory, to a file, dangling) is refused and its target left as it is; a parent
+    another user owns, or group or others can write, is refused; a missing parent is made
+    0700, the directory 0700 and ours."""
+    from tlsroll.errors import UnsafePermissions
+    from tlsroll.fsutil import make_private_dir
+
+    parent = tmp_path / "tlsroll-tls"
+    made = make_private_dir(parent / "r1", strict=True)
+    assert stat.S_IMODE(parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(made.stat().st_mode) == 0o700 and made.stat().st_uid == os.geteuid()
+    victim = tmp_path / "victim"
+    victim.mkdir(mode=0o755)
+    victim.chmod(0o755)
+    (tmp_path / "file").write_bytes(b"")
+    for name, target in (("r2", victim), ("r3", tmp_path / "file"), ("r4", tmp_path / "none")):
+        (parent / name).symlink_to(target)
+        with pytest.raises(UnsafePermissions, match="symbolic link"):
+            make_private_dir(parent / name, strict=True)
+    assert stat.S_IMODE(victim.stat().st_mode) == 0o755
+    parent.chmod(0o770)
+    with pytest.raises(UnsafePermissions, match="writable by group or others"):
+        make_private_dir(parent / "r5", strict=True)
+    parent.chmod(0o700)
+    os.chown(parent, os.geteuid() + 4242, -1)
+    with pytest.raises(UnsafePermissions, match="run: chown"):
+        make_private_dir(parent / "r5", strict=True)
+    assert not (parent / "r5").exists()
+
+
+# --- stage directories: only tlsroll's own are ever removed (review 1a, finding 1) -----------
+
+
+@dataclass
+class ConfigOnly:
+    """What ``plans.sweep_stage_dirs`` needs of a driver: the config file, and its bytes
+    (or the error reading them raises)."""
+
+    config_file: Path
+    unreadable: bool = False
+
+    def read_config(self) -> bytes:
+        if self.unreadable:
+            raise PermissionError(13, "Permission denied", str(self.config_file))
+        return self.config_file.read_bytes()
+
+
+def a_stage(root: Path, name: str, *files: str) -> Path:
+    """A directory as a stage leaves it (0700, the given files written 0600)."""
+    directory = root / name
+    directory.mkdir(mode=0o700, parents=True)
+    for file in files or ("server.key", "server.pem", "ca.pem"):
+        (directory / file).parent.mkdir(mode=0o700, exist_ok=True)
+        (directory / file).write_bytes(b"x")
+        (directory / file).chmod(0o600)
+    return directory
+
+
+def sweep(tmp_path: Path, *, unreadable: bool = False) -> list[MutableMapping[str, Any]]:
+    """``plans.sweep_stage_dirs`` over ``tmp_path/conf`` with an empty journal: its log."""
+    import structlog.testing
+
+    from nodeagent import plans
+    from nodeagent.drivers import Driver
+    from nodeagent.journal import Journal
+
+    config = tmp_path / "conf" / "server.toml"
+    config.parent.mkdir(exist_ok=True)
+    config.write_text("[server]\n")
+    journal = Journal(tmp_path / "journal.sqlite3")
+    try:
+        driver: Any = ConfigOnly(config, unreadable)
+        with structlog.testing.capture_logs() as logs:
+            plans.sweep_stage_dirs(journal, cast(Driver, driver))
+    finally:
+        journal.close()
+    return logs
+
+
+def test_the_start_sweep_removes_a_stage_directory_with_its_temporary_files(
+    tmp_path: Path,
+) -> None:
+    """The case the sweep is for: a directory of a rollout the journal does not know, holding
+    only what a stage writes (a write cut short left its temporary file): removed, logged."""
+    root = tmp_path / "conf" / "tlsroll-tls"
+    orphan = a_stage(root, "r-1.a_b", "server.key", ".server.pem.tmp-4242", "auth-verifier.json")
+    logs = sweep(tmp_path)
+    assert not orphan.exists()
+    assert [(e["event"], e["path"]) for e in logs] == [("stage.removed", str(orphan))]
+
+
+def test_the_start_sweep_leaves_a_symlinked_or_foreign_tlsroll_tls(tmp_path: Path) -> None:
+    """Review 1a, finding 1: ``tlsroll-tls`` a symbolic link (an admin moved the keys to
+    another volume, where another service keeps its files), or a directory someone else
+    owns: nothing under it is tlsroll's to remove. Logged (its path), left."""
+    elsewhere = tmp_path / "srv-tls"
+    othersvc = a_stage(elsewhere, "othersvc", "server.key")
+    (tmp_path / "conf").mkdir()
+    root = tmp_path / "conf" / "tlsroll-tls"
+    root.symlink_to(elsewhere)
+    logs = sweep(tmp_path)
+    assert othersvc.exists() and (othersvc / "server.key").exists()
+    assert [(e["event"], e["path"]) for e in logs] == [("stage.unknown_dir", str(root))]
+
+    root.unlink()
+    theirs = a_stage(root, "r2", "server.key")
+    os.chown(root, os.geteuid() + 4242, -1)
+    logs = sweep(tmp_path)
+    assert theirs.exists()
+    assert [(e["event"], e["path"]) for e in logs] == [("stage.unknown_dir", str(root))]
+
+
+def test_the_start_sweep_leaves_every_directory_tlsroll_did_not_make(tmp_path: Path) -> None:
+    """Review 1a, finding 1: in ``tlsroll-tls`` only a directory named as a rollout id, a real
+    directory of the agent's user, holding only regular files of the names a stage writes,
+    is removed. A mount point's lost+found, an admin's backup, a directory someone else
+    owns, a symbolic link, one with an unexpected file, a subdirectory or a link inside:
+    each logged once (``stage.unknown_dir``, its path) and left as it is."""
+    root = tmp_path / "conf" / "tlsroll-tls"
+    removed = a_stage(root, "orphan")
+    kept = [
+        a_stage(root, "lost+found", "server.key"),  # not a rollout id
+        a_stage(root, "admin-backup-2025", "server.key", "notes.txt"),  # an unexpected file
+        a_stage(root, "theirs", "server.key"),  # another user's
+        a_stage(root, "nested", "server.key", "sub/server.key"),  # a directory inside
+        a_stage(root, "linked", "ca.pem"),  # a symbolic link inside
+        root / "a-link",  # a symbolic link to a stage-like directory
+        a_stage(tmp_path, "target", "server.key"),
+    ]
+    os.chown(root / "theirs", os.geteuid() + 4242, -1)
+    (root / "linked" / "server.key").symlink_to(tmp_path / "target" / "server.key")
+    (root / "a-link").symlink_to(tmp_path / "target")
+    logs = sweep(tmp_path)
+    assert not removed.exists()
+    for directory in kept:
+        assert directory.exists() and any(directory.iterdir()), directory
+    assert (root / "admin-backup-2025" / "notes.txt").exists()
+    assert sorted((e["event"], e["path"]) for e in logs) == sorted(
+        [("stage.removed", str(removed))]
+        + [("stage.unknown_dir", str(d)) for d in kept if d.parent == root]
+    )
+    for event in logs:  # the path only: never what is in the files
+        assert set(event) <= {"event", "path", "rollout_id", "why", "log_level", "logger_name"}
+
+
+def test_the_start_sweep_removes_nothing_if_the_live_config_cannot_be_read(
+    tmp_path: Path,
+) -> None:
+    """Whether the live config names a directory decides what is kept: unread, nothing is
+    removed (a journal begun again knows nothing of the files the server serves)."""
+    orphan = a_stage(tmp_path / "conf" / "tlsroll-tls", "orphan")
+    assert sweep(tmp_path, unreadable=True) == []
+    assert (orphan / "server.key").exists()
+
+
+def test_a_stage_directory_that_cannot_be_removed_is_logged(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A removal that fails (a read-only mount, an immutable file) is logged with its path
+    and errno; the next start tries again."""
+    import shutil
+
+    def refuse(path: object, *args: object, **kwargs: object) -> None:
+        raise PermissionError(1, "Operation not permitted", str(path))
+
+    monkeypatch.setattr(shutil, "rmtree", refuse)
+    orphan = a_stage(tmp_path / "conf" / "tlsroll-tls", "orphan")
+    logs = sweep(tmp_path)
+    assert orphan.exists()
+    assert [(e["event"], e["path"]) for e in logs] == [("stage.remove_failed", str(orphan))]
+    assert "Operation not permitted" in logs[0]["error"]
+
+
+def test_a_later_rollouts_key_removes_only_a_stage_directory(tmp_path: Path) -> None:
+    """Review 1a, finding 1, on the record_csr path (``plans.remove_stages``): the same
+    checks as the start's sweep. A forgotten stage whose directory holds something tlsroll
+    does not write there, or whose ``tlsroll-tls`` is a symbolic link, is left (and said)."""
+    import structlog.testing
+
+    from nodeagent import plans
+    from nodeagent.journal import Staged
+
+    def forgotten(directory: Path) -> Staged:
+        return Staged(directory.name, directory / "server.key", b"", None, None, None, None)
+
+    root = tmp_path / "conf" / "tlsroll-tls"
+    clean = a_stage(root, "r1")
+    odd = a_stage(root, "r2", "server.key", "keep-me.txt")
+    elsewhere = a_stage(tmp_path / "elsewhere", "r3", "server.key")
+    (tmp_path / "linked").mkdir()
+    (tmp_path / "linked" / "tlsroll-tls").symlink_to(tmp_path / "elsewhere")
+    through_link = tmp_path / "linked" / "tlsroll-tls" / "r3"
+    with structlog.testing.capture_logs() as logs:
+        plans.remove_stages([forgotten(clean), forgotten(odd), forgotten(through_link)])
+    assert not clean.exists()
+    assert (odd / "keep-me.txt").exists() and (odd / "server.key").exists()
+    assert (elsewhere / "server.key").exists()
+    assert sorted((e["event"], e["path"]) for e in logs) == sorted(
+        [
+            ("stage.removed", str(clean)),
+            ("stage.unknown_dir", str(odd)),
+            ("stage.unknown_dir", str(tmp_path / "linked" / "tlsroll-tls")),
+        ]
+    )

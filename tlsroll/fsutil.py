@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import errno
 import itertools
 import os
 import pwd
@@ -74,13 +75,54 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def make_private_dir(path: Path, mode: int = 0o700) -> Path:
+def make_private_dir(path: Path, mode: int = 0o700, *, strict: bool = False) -> Path:
     """Create ``path`` (and its parents) or take it over: ours, with ``mode``. A directory
-    another user owns is refused: whoever owns it can swap what we put there."""
+    another user owns is refused: whoever owns it can swap what we put there.
+
+    ``strict`` (a directory secrets go in, inside one we share with nobody: the agent's
+    stage directories in ``tlsroll-tls``): a symbolic link is refused, never followed (the
+    mode is set on the directory opened with ``O_NOFOLLOW``, so a link swapped in cannot
+    make us chmod its target), and so is a parent that anyone but us or root can write
+    (they could swap the directory after the check); its parent is made 0700 if missing."""
     path = Path(path)
-    path.mkdir(parents=True, exist_ok=True, mode=mode)
-    _check_owner(path, os.stat(path), "directory")
-    os.chmod(path, mode)
+    if not strict:
+        path.mkdir(parents=True, exist_ok=True, mode=mode)
+        _check_owner(path, os.stat(path), "directory")
+        os.chmod(path, mode)
+        return path
+    parent = path.parent
+    parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    pst = os.stat(parent)
+    if pst.st_uid not in (os.geteuid(), 0):
+        raise UnsafePermissions(
+            f"{parent} (holding the secret directory {path.name}) is owned by "
+            f"{user_label(pst.st_uid)}; run: chown {_user_name(os.geteuid())} {parent}"
+        )
+    if pst.st_mode & 0o022:
+        raise UnsafePermissions(
+            f"{parent} (holding the secret directory {path.name}) is writable by group or "
+            f"others (mode {stat.S_IMODE(pst.st_mode):04o}); run: chmod 700 {parent}"
+        )
+    with contextlib.suppress(FileExistsError):
+        path.mkdir(mode=mode)
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno not in (errno.ELOOP, errno.ENOTDIR):
+            raise
+        raise UnsafePermissions(
+            f"{path} is a symbolic link or not a directory; a directory of secrets must be a "
+            f"directory of its own: run: rm {path}"
+        ) from None
+    try:
+        _check_owner(path, os.fstat(fd), "directory")
+        os.fchmod(fd, mode)
+    except OSError as exc:
+        if exc.filename is None:  # a descriptor's error names no file: say which (os.chmod did)
+            exc.filename = str(path)
+        raise
+    finally:
+        os.close(fd)
     return path
 
 

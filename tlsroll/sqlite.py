@@ -34,10 +34,13 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeAlias
 
+from tlsroll import logs
 from tlsroll.errors import TerminalError, UnsafePermissions
 
 Migration: TypeAlias = str | Callable[[sqlite3.Connection], None]
 """One step of a store's schema: an SQL script, or a function that changes the schema."""
+
+log = logs.get_logger(__name__)
 
 PRIVATE = 0o600
 
@@ -211,6 +214,8 @@ class Database:
         self.cache: dict[Hashable, Any] = {}
         # What the transaction under way runs once it has committed (``after_commit``).
         self._committed: list[Callable[[], None]] = []
+        # The thread inside ``tx`` (None outside): ``after_commit`` is refused elsewhere.
+        self._writer: int | None = None
         # ``cache`` as it was when the lock was last released (replaced whole, never changed
         # in place): what ``peek(settled=True)`` gives while a writer holds the lock.
         self._settled: dict[Hashable, Any] = {}
@@ -283,8 +288,28 @@ class Database:
         committed, still under the lock: before any reader, ``peek(settled=True)`` included,
         can see what it wrote (never if it fails). For what must be in place no later than
         the write is visible, and not before it is durable (the leader's certificate for a
-        node's stage). ``then`` must not raise."""
+        node's stage). An exception ``then`` raises is logged with its name and goes no
+        further: the write has committed, and its caller, the callbacks after ``then`` and
+        the readers' notifications see it so (``_run_committed``). Outside a transaction
+        (``then`` would never run): RuntimeError."""
+        if self._writer != threading.get_ident():
+            raise RuntimeError("Database.after_commit is only for inside a transaction (tx)")
         self._committed.append(then)
+
+    def _run_committed(self) -> None:
+        """Under the lock, after COMMIT: each callback of ``after_commit``, in order, each on
+        its own (one that raises is logged, never raised: review s28 L4)."""
+        committed, self._committed = self._committed, []
+        for then in committed:
+            try:
+                then()
+            except Exception as exc:
+                log.error(
+                    "db.after_commit_failed",
+                    path=str(self.path),
+                    callback=getattr(then, "__qualname__", repr(then)),
+                    error=f"{type(exc).__name__}: {exc}",
+                )
 
     @contextmanager
     def tx(self, *, routine: bool = False) -> Iterator[sqlite3.Connection]:
@@ -296,16 +321,17 @@ class Database:
             self._db.execute("BEGIN IMMEDIATE")
             changes = self._db.total_changes  # before anything that can fail (see except)
             self._committed = []
+            self._writer = threading.get_ident()
             try:
                 self._others_wrote()  # under the write lock: nobody else commits meanwhile
                 yield self._db
                 self._db.execute("COMMIT")
+                self._writer = None
                 if not routine:
                     self.generation += 1
-                committed, self._committed = self._committed, []
-                for then in committed:
-                    then()
+                self._run_committed()
             except BaseException:
+                self._writer = None
                 self._committed = []
                 # What a store put in the cache after its writes is not what the file holds
                 # now. A transaction that wrote nothing (a store's refusal, such as a write on
