@@ -31,6 +31,15 @@ simulated agent does is what the leader sees of a real one:
   leader's planning question there, and does (Check's answer, in a copy of its last report),
   as a real agent does, so the leader asks it there, not over a channel.
 
+A stream the leader ended (stopping, restarting) is opened again as a real agent in renewal
+mode does: after a short random pause (``nodeagent.leader_link.reconnect_pause``), as soon as
+the channel is connected (the agent's reconnect backoff), all within the interval from the
+beat; a late answer or a refusal waits for the next beat. ``--restart-leader`` uses it: after
+the rollout the leader is stopped (SIGTERM) and started again with every agent connected, and
+the bench prints how soon it has answered a new stream of every agent, its CPU for that herd of
+TLS handshakes and first reports, the agents' failed heartbeats, its warnings and the nodes it
+shows offline. (The bench imports the reconnect rule from the product: a tree from 92782e0 on.)
+
 What is measured, on the leader (from /proc): its CPU over an idle window per agent and
 heartbeat interval (what the heartbeats load it with; before renewal mode every interval was a
 message, so this is the figure earlier runs called CPU per heartbeat), the messages that went
@@ -162,6 +171,7 @@ class SimAgent(agent_pb2_grpc.NodeAgentServicer):
         self.scheme = "http"
         self.frozen = False
         self.highest_epoch = 0
+        self.back = False  # the leader answered this agent since the last SIGUSR2
         self.crl_number = 0
         self.staged: dict[str, tuple[pki.PrivateKey, bytes]] = {}  # rollout id -> key, cert
         self.csr_keys: dict[str, pki.PrivateKey] = {}
@@ -282,8 +292,7 @@ class SimAgent(agent_pb2_grpc.NodeAgentServicer):
                     if reply.HasField("check"):  # a question: neither an answer nor news
                         self.world.spawn(answer(call, reply.check))
                         continue
-                    if not renew:  # the first answer on this stream: the agent is back
-                        self.world.answered += 1
+                    self.back = True  # the leader answered this agent (since SIGUSR2)
                     renew = float(reply.renew_seconds)
                     self.take(reply)
                     await replies.put(reply)
@@ -351,35 +360,38 @@ class SimAgent(agent_pb2_grpc.NodeAgentServicer):
                         stream_mode = False  # an older leader: unary, as a real agent falls back
                     else:
                         self.world.failed_beats += 1
-                        if stream_mode and not broke:
-                            broke = True
-                            if isinstance(exc, grpc.aio.AioRpcError):
-                                ended = exc.code()
-                rest = max(0.0, self.world.interval - (time.monotonic() - started))
-                if reader is not None and not reader.done() and not broke:
-                    await asyncio.wait({reader}, timeout=rest)  # or the stream ends meanwhile
-                    rest = max(0.0, self.world.interval - (time.monotonic() - started))
-                if stream_mode and reader is not None and reader.done() and not broke:
-                    broke = True  # the leader ended the stream (stopping, restarting, ...)
-                if not broke or not stream_mode:
-                    await asyncio.sleep(rest)
+                        # As a real agent's ``_Stream``: the stream broke when the leader ended
+                        # it (the reader saw; its code kept) or a message failed on it; not
+                        # when an answer was late (the next stream comes at the next beat).
+                        if ended is None and isinstance(exc, grpc.aio.AioRpcError):
+                            ended = exc.code()
+                        broke = renews and ended is not None
+                deadline = started + self.world.interval
+                if not renews:
+                    await asyncio.sleep(max(0.0, deadline - time.monotonic()))
                     continue
-                # As a real agent (``nodeagent.leader_link``: ``_stream_ended``, ``run``): a
-                # stream that ended by itself is opened again after a short random pause, as
-                # soon as the channel is connected (gRPC's reconnect backoff), within the
-                # interval; after a refusal, or once streams kept ending soon, the usual beat.
-                broke = False
-                lasted = time.monotonic() - opened >= min(self.world.interval, LASTED_SECONDS)
-                attempt = 0 if lasted else attempt + 1
-                pause = (
-                    None if ended in NOT_AT_ONCE else reconnect_pause(attempt, self.world.interval)
-                )
-                if pause is None:
-                    await asyncio.sleep(rest)
-                    continue
+                # As a real agent in renewal mode (``nodeagent.leader_link``: ``run``,
+                # ``_stream_ended``): one interval from the beat covers the wait for the
+                # stream's end, a short random pause and the channel connected (gRPC's reconnect
+                # backoff); the next beat goes out when it passes, connected or not (a beat
+                # that fails then breaks the stream again, the pause doubling). No quick
+                # reconnect after a refusal, nor once streams kept ending soon after opening.
                 with contextlib.suppress(TimeoutError):
-                    async with asyncio.timeout(self.world.interval):
-                        await asyncio.sleep(pause)
+                    async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                        if not broke and reader is not None and not reader.done():
+                            await asyncio.wait({reader})  # until the leader ends the stream
+                            broke = ended is not None
+                        if not broke:
+                            await asyncio.sleep(self.world.interval)  # the deadline's
+                        broke = False
+                        lasted = time.monotonic() - opened >= min(
+                            self.world.interval, LASTED_SECONDS
+                        )
+                        attempt = 0 if lasted else attempt + 1
+                        pause = reconnect_pause(attempt, self.world.interval)
+                        if ended in NOT_AT_ONCE or pause is None:
+                            await asyncio.sleep(self.world.interval)  # the deadline's
+                        await asyncio.sleep(pause or 0.0)
                         await channel.channel_ready()
 
     def take(self, reply: leader_pb2.HeartbeatResponse) -> None:
@@ -653,10 +665,14 @@ class Worker:
         self.beats = 0  # heartbeat intervals, all agents
         self.messages = 0  # of which a message went to the leader
         self.failed_beats = 0
-        self.answered = 0  # streams whose first message the leader answered
         # (agent, the leader's end of the connection) of every NodeAgent call (``Counted``).
         self.connections: set[tuple[str, str]] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
+
+    def forget_back(self) -> None:
+        """SIGUSR2: no agent counts as answered from now on (``--restart-leader``)."""
+        for a in self.agents:
+            a.back = False
 
     def spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
@@ -692,10 +708,11 @@ class Worker:
             signal.SIGUSR1,
             lambda: print(
                 f"counts {self.beats} {self.messages} {len(self.connections)} "
-                f"{self.answered} {self.failed_beats}",
+                f"{sum(a.back for a in self.agents)} {self.failed_beats}",
                 flush=True,
             ),
         )
+        loop.add_signal_handler(signal.SIGUSR2, self.forget_back)
         await stop.wait()
         for task in list(self.tasks):
             task.cancel()
@@ -760,6 +777,7 @@ class Herd:
     start: float  # s from the new process's start until it answered its health check
     back: float  # s from then until the leader had answered a new stream of every agent
     start_cpu: float  # s of the new process's CPU until it answered its health check
+    early: int  # agents the new leader had answered by then (their reconnection in start_cpu)
     back_cpu: float  # s of its CPU from then until every agent was back
     after_rate: float  # its CPU per second over the HERD_AFTER intervals after that (s/s)
     failed: int  # the agents' heartbeats that failed from the stop until every one was back
@@ -824,9 +842,14 @@ def leader_restart(
 ) -> Herd:
     """Stop the leader as systemd does (SIGTERM), start it again at once, and wait until it
     answered a new heartbeat stream of every agent (each agent reconnects as a real one:
-    ``SimAgent.heartbeats``). The herd of reconnections, their TLS handshakes and first
-    reports on a leader that has just started."""
-    _, _, _, answered0, failed0 = worker_readings(procs)
+    ``SimAgent.heartbeats``; counted by agent, not by answer). The herd of reconnections,
+    their TLS handshakes and first reports on a leader that has just started. The control
+    port opens before the admin socket answers health: the agents back by then (``early``)
+    have their reconnection counted in ``start_cpu``, the others in ``back_cpu``."""
+    for p in procs:
+        p.send_signal(signal.SIGUSR2)  # no agent counts as answered from now on
+    wait_for(lambda: worker_readings(procs)[3] == 0, 10, "the workers' reset")
+    _, _, _, _, failed0 = worker_readings(procs)
     t0 = time.monotonic()
     cluster.stop_leader()
     stop = time.monotonic() - t0
@@ -836,13 +859,14 @@ def leader_restart(
     ready = time.monotonic()
     pid = cluster.leader.pid
     start_cpu = fine_cpu_seconds(pid)
+    early = worker_readings(procs)[3]
     deadline = ready + HERD_TIMEOUT
     while True:
         _, _, _, answered, failed = worker_readings(procs)
-        if answered - answered0 >= n:
+        if answered >= n:
             break
         if time.monotonic() > deadline:
-            raise RuntimeError(f"{answered - answered0} of {n} agents back after the restart")
+            raise RuntimeError(f"{answered} of {n} agents back after the restart")
         time.sleep(0.05)
     back = time.monotonic() - ready
     back_cpu = fine_cpu_seconds(pid) - start_cpu
@@ -857,6 +881,7 @@ def leader_restart(
         start=ready - t1,
         back=back,
         start_cpu=start_cpu,
+        early=early,
         back_cpu=back_cpu,
         after_rate=after_rate,
         failed=failed - failed0,
@@ -1229,8 +1254,10 @@ def print_herd(n: int, h: Herd) -> None:
     print(
         f"  leader restarted with {n} agents connected: stopped in {h.stop:.2f} s, answering "
         f"{h.start:.2f} s after its start ({h.start_cpu * 1000:.0f} ms CPU), every agent's "
-        f"stream back {h.back:.2f} s later ({h.back_cpu * 1000:.0f} ms CPU, "
-        f"{h.back_cpu / n * 1000:.2f} ms per agent); then {h.after_rate * 1000:.1f} ms/s over "
+        f"stream back {h.back:.2f} s later ({h.early} of them by then; "
+        f"{h.back_cpu * 1000:.0f} ms CPU for the others, "
+        f"{h.back_cpu / max(1, n - h.early) * 1000:.2f} ms each); "
+        f"then {h.after_rate * 1000:.1f} ms/s over "
         f"{HERD_AFTER} intervals; agents' failed heartbeats {h.failed}, leader warnings "
         f"{h.warnings}, nodes offline {h.offline}",
         flush=True,
@@ -1364,6 +1391,8 @@ def main(argv: list[str] | None = None) -> int:
     ns = parser.parse_args(argv)
     if ns.worker is not None:
         return worker_main(ns.worker)
+    if ns.restart_leader and ns.heartbeat != "stream":
+        parser.error("--restart-leader needs --heartbeat stream (agents as they are now)")
     if ns.memory is not None and ns.yappi is not None:
         parser.error("--memory and --yappi each need the leader's site hook: one at a time")
     for where in (ns.profile, ns.yappi, ns.memory):
