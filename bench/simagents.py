@@ -783,6 +783,7 @@ class Herd:
     failed: int  # the agents' heartbeats that failed from the stop until every one was back
     warnings: int  # lines at warning or error in the new process's log until then
     offline: int  # nodes ListNodes shows offline once every agent was back
+    rss: float  # the new leader's RSS after the HERD_AFTER intervals (MiB)
 
 
 @dataclass
@@ -875,6 +876,7 @@ def leader_restart(
     c0, w0 = fine_cpu_seconds(pid), time.monotonic()
     time.sleep(HERD_AFTER * interval)
     after_rate = (fine_cpu_seconds(pid) - c0) / (time.monotonic() - w0)
+    rss = rss_mib(pid)
     nodes = cluster.list_nodes().values()
     return Herd(
         stop=stop,
@@ -887,6 +889,7 @@ def leader_restart(
         failed=failed - failed0,
         warnings=warnings,
         offline=sum(not node.online for node in nodes),
+        rss=rss,
     )
 
 
@@ -1259,7 +1262,7 @@ def print_herd(n: int, h: Herd) -> None:
         f"{h.back_cpu / max(1, n - h.early) * 1000:.2f} ms each); "
         f"then {h.after_rate * 1000:.1f} ms/s over "
         f"{HERD_AFTER} intervals; agents' failed heartbeats {h.failed}, leader warnings "
-        f"{h.warnings}, nodes offline {h.offline}",
+        f"{h.warnings}, nodes offline {h.offline}; its RSS then {h.rss:.1f} MiB",
         flush=True,
     )
 
