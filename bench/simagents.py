@@ -31,6 +31,15 @@ simulated agent does is what the leader sees of a real one:
   leader's planning question there, and does (Check's answer, in a copy of its last report),
   as a real agent does, so the leader asks it there, not over a channel.
 
+A stream the leader ended (stopping, restarting) is opened again as a real agent in renewal
+mode does: after a short random pause (``nodeagent.leader_link.reconnect_pause``), as soon as
+the channel is connected (the agent's reconnect backoff), all within the interval from the
+beat; a late answer or a refusal waits for the next beat. ``--restart-leader`` uses it: after
+the rollout the leader is stopped (SIGTERM) and started again with every agent connected, and
+the bench prints how soon it has answered a new stream of every agent, its CPU for that herd of
+TLS handshakes and first reports, the agents' failed heartbeats, its warnings and the nodes it
+shows offline. (The bench imports the reconnect rule from the product: a tree from 92782e0 on.)
+
 What is measured, on the leader (from /proc): its CPU over an idle window per agent and
 heartbeat interval (what the heartbeats load it with; before renewal mode every interval was a
 message, so this is the figure earlier runs called CPU per heartbeat), the messages that went
@@ -94,7 +103,12 @@ from bench.common import (
 )
 from bench.memory import LeaderState, Snapshots, memory_env, state_env, threads
 from bench.profile import Perf, Profile, Yappi, yappi_env
-from nodeagent.leader_link import leader_channel_options
+from nodeagent.leader_link import (
+    LASTED_SECONDS,
+    NOT_AT_ONCE,
+    leader_channel_options,
+    reconnect_pause,
+)
 from tests.cluster import Cluster, hostport
 from tlsroll import __version__, pki, rpc, spiffe
 from tlsroll.defaults import AGENT_PORT, CONTROL_PORT, HTTP_PORT, HTTPS_PORT, JOIN_PORT
@@ -157,6 +171,7 @@ class SimAgent(agent_pb2_grpc.NodeAgentServicer):
         self.scheme = "http"
         self.frozen = False
         self.highest_epoch = 0
+        self.back = False  # the leader answered this agent since the last SIGUSR2
         self.crl_number = 0
         self.staged: dict[str, tuple[pki.PrivateKey, bytes]] = {}  # rollout id -> key, cert
         self.csr_keys: dict[str, pki.PrivateKey] = {}
@@ -233,6 +248,7 @@ class SimAgent(agent_pb2_grpc.NodeAgentServicer):
         options = [
             ("grpc.ssl_target_name_override", spiffe.leader_host(self.world.td)),
             *leader_channel_options(int(self.world.interval)),
+            *rpc.reconnect_options(self.world.interval),
         ]
         await asyncio.sleep(offset)
         stream_mode = self.world.heartbeat != "unary"
@@ -244,6 +260,10 @@ class SimAgent(agent_pb2_grpc.NodeAgentServicer):
         sent: tuple[tuple[object, ...], float] | None = None
         last: leader_pb2.HeartbeatRequest | None = None  # the last report sent on the stream
         writing = asyncio.Lock()  # one write at a time on the stream: reports and answers
+        opened = 0.0  # when the stream was opened
+        ended: grpc.StatusCode | None = None  # how the leader ended it (its reader saw)
+        broke = False  # the stream ended by itself (not closed here), not yet reconnected
+        attempt = 0  # streams in a row that ended soon after opening (as a real agent counts)
 
         async def answer(call: Any, question: leader_pb2.CheckQuestion) -> None:
             """The leader's planning question on the stream, answered as a real agent does
@@ -261,20 +281,23 @@ class SimAgent(agent_pb2_grpc.NodeAgentServicer):
                 self.world.messages += 1
 
         async def read(call: Any) -> None:
-            nonlocal renew
+            nonlocal renew, ended
             try:
                 while True:
                     reply = await call.read()
                     if not isinstance(reply, leader_pb2.HeartbeatResponse):
+                        ended = grpc.StatusCode.OK
                         await replies.put(TimeoutError("the leader ended the stream"))
                         return
                     if reply.HasField("check"):  # a question: neither an answer nor news
                         self.world.spawn(answer(call, reply.check))
                         continue
+                    self.back = True  # the leader answered this agent (since SIGUSR2)
                     renew = float(reply.renew_seconds)
                     self.take(reply)
                     await replies.put(reply)
             except grpc.aio.AioRpcError as exc:
+                ended = exc.code()
                 await replies.put(exc)
 
         async with grpc.aio.secure_channel(self.world.control_target, creds, options) as channel:
@@ -302,6 +325,7 @@ class SimAgent(agent_pb2_grpc.NodeAgentServicer):
                             if stream is not None:
                                 stream.cancel()
                             stream = stub.Heartbeats()  # type: ignore[call-arg]
+                            opened, ended, broke = time.monotonic(), None, False
                             renew = 0.0
                             replies = asyncio.Queue()
                             reader = asyncio.ensure_future(read(stream))
@@ -336,7 +360,39 @@ class SimAgent(agent_pb2_grpc.NodeAgentServicer):
                         stream_mode = False  # an older leader: unary, as a real agent falls back
                     else:
                         self.world.failed_beats += 1
-                await asyncio.sleep(max(0.0, self.world.interval - (time.monotonic() - started)))
+                        # As a real agent's ``_Stream``: the stream broke when the leader ended
+                        # it (the reader saw; its code kept) or a message failed on it; not
+                        # when an answer was late (the next stream comes at the next beat).
+                        if ended is None and isinstance(exc, grpc.aio.AioRpcError):
+                            ended = exc.code()
+                        broke = renews and ended is not None
+                deadline = started + self.world.interval
+                if not renews:
+                    await asyncio.sleep(max(0.0, deadline - time.monotonic()))
+                    continue
+                # As a real agent in renewal mode (``nodeagent.leader_link``: ``run``,
+                # ``_stream_ended``): one interval from the beat covers the wait for the
+                # stream's end, a short random pause and the channel connected (gRPC's reconnect
+                # backoff); the next beat goes out when it passes, connected or not (a beat
+                # that fails then breaks the stream again, the pause doubling). No quick
+                # reconnect after a refusal, nor once streams kept ending soon after opening.
+                with contextlib.suppress(TimeoutError):
+                    async with asyncio.timeout(max(0.0, deadline - time.monotonic())):
+                        if not broke and reader is not None and not reader.done():
+                            await asyncio.wait({reader})  # until the leader ends the stream
+                            broke = ended is not None
+                        if not broke:
+                            await asyncio.sleep(self.world.interval)  # the deadline's
+                        broke = False
+                        lasted = time.monotonic() - opened >= min(
+                            self.world.interval, LASTED_SECONDS
+                        )
+                        attempt = 0 if lasted else attempt + 1
+                        pause = reconnect_pause(attempt, self.world.interval)
+                        if ended in NOT_AT_ONCE or pause is None:
+                            await asyncio.sleep(self.world.interval)  # the deadline's
+                        await asyncio.sleep(pause or 0.0)
+                        await channel.channel_ready()
 
     def take(self, reply: leader_pb2.HeartbeatResponse) -> None:
         """An answer or news from the leader: its epoch, and its revocation list once."""
@@ -613,6 +669,11 @@ class Worker:
         self.connections: set[tuple[str, str]] = set()
         self.tasks: set[asyncio.Task[Any]] = set()
 
+    def forget_back(self) -> None:
+        """SIGUSR2: no agent counts as answered from now on (``--restart-leader``)."""
+        for a in self.agents:
+            a.back = False
+
     def spawn(self, coro: Any) -> None:
         task = asyncio.get_running_loop().create_task(coro)
         self.tasks.add(task)
@@ -646,9 +707,12 @@ class Worker:
         loop.add_signal_handler(
             signal.SIGUSR1,
             lambda: print(
-                f"counts {self.beats} {self.messages} {len(self.connections)}", flush=True
+                f"counts {self.beats} {self.messages} {len(self.connections)} "
+                f"{sum(a.back for a in self.agents)} {self.failed_beats}",
+                flush=True,
             ),
         )
+        loop.add_signal_handler(signal.SIGUSR2, self.forget_back)
         await stop.wait()
         for task in list(self.tasks):
             task.cancel()
@@ -700,6 +764,26 @@ class Result:
     idle_kinds: dict[str, int] = field(default_factory=dict)  # idle files by kind
     # The leader's connections to agents' NodeAgent (channels it opened) up to the rollout's end.
     connections: int = 0
+    herd: Herd | None = None  # the leader stopped and started again (--restart-leader)
+
+
+@dataclass
+class Herd:
+    """The leader stopped (SIGTERM) and started again with every agent connected, after the
+    rollout: how soon the agents' heartbeat streams are back, and what their reconnection
+    costs it (``--restart-leader``)."""
+
+    stop: float  # s from SIGTERM until the old process exited
+    start: float  # s from the new process's start until it answered its health check
+    back: float  # s from then until the leader had answered a new stream of every agent
+    start_cpu: float  # s of the new process's CPU until it answered its health check
+    early: int  # agents the new leader had answered by then (their reconnection in start_cpu)
+    back_cpu: float  # s of its CPU from then until every agent was back
+    after_rate: float  # its CPU per second over the HERD_AFTER intervals after that (s/s)
+    failed: int  # the agents' heartbeats that failed from the stop until every one was back
+    warnings: int  # lines at warning or error in the new process's log until then
+    offline: int  # nodes ListNodes shows offline once every agent was back
+    rss: float  # the new leader's RSS after the HERD_AFTER intervals (MiB)
 
 
 @dataclass
@@ -720,6 +804,93 @@ class Step:
     kinds: dict[str, int] = field(default_factory=dict)  # settled files by kind
     inbound: int = 0  # of them, the agents' connections to the control port
     sent: int | None = None  # bytes the leader sent on the control port during the rollout
+
+
+def start_leader(cluster: Cluster, env: dict[str, str], nofile: int) -> None:
+    """The leader daemon, with ``nofile`` open files at most (0: the bench's own limit) as a
+    unit's LimitNOFILE would set it."""
+    if not nofile:
+        cluster.start_leader(env)
+        return
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, hard))
+    try:
+        cluster.start_leader(env)
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def json_level(line: str) -> str:
+    """A JSON log line's level ("" for anything else)."""
+    try:
+        entry = json.loads(line)
+    except ValueError:
+        return ""
+    return str(entry.get("level", "")) if isinstance(entry, dict) else ""
+
+
+HERD_AFTER = 2  # intervals the leader's CPU is read after every agent came back
+HERD_TIMEOUT = 120.0  # s: every agent back within this, or the bench stops with an error
+
+
+def leader_restart(
+    cluster: Cluster,
+    procs: Sequence[subprocess.Popen[str]],
+    n: int,
+    env: dict[str, str],
+    nofile: int,
+    interval: int,
+) -> Herd:
+    """Stop the leader as systemd does (SIGTERM), start it again at once, and wait until it
+    answered a new heartbeat stream of every agent (each agent reconnects as a real one:
+    ``SimAgent.heartbeats``; counted by agent, not by answer). The herd of reconnections,
+    their TLS handshakes and first reports on a leader that has just started. The control
+    port opens before the admin socket answers health: the agents back by then (``early``)
+    have their reconnection counted in ``start_cpu``, the others in ``back_cpu``."""
+    for p in procs:
+        p.send_signal(signal.SIGUSR2)  # no agent counts as answered from now on
+    wait_for(lambda: worker_readings(procs)[3] == 0, 10, "the workers' reset")
+    _, _, _, _, failed0 = worker_readings(procs)
+    t0 = time.monotonic()
+    cluster.stop_leader()
+    stop = time.monotonic() - t0
+    log_from = cluster.leader.log_path.stat().st_size
+    t1 = time.monotonic()
+    start_leader(cluster, env, nofile)
+    ready = time.monotonic()
+    pid = cluster.leader.pid
+    start_cpu = fine_cpu_seconds(pid)
+    early = worker_readings(procs)[3]
+    deadline = ready + HERD_TIMEOUT
+    while True:
+        _, _, _, answered, failed = worker_readings(procs)
+        if answered >= n:
+            break
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"{answered} of {n} agents back after the restart")
+        time.sleep(0.05)
+    back = time.monotonic() - ready
+    back_cpu = fine_cpu_seconds(pid) - start_cpu
+    log = cluster.leader.log_path.read_bytes()[log_from:].decode(errors="replace")
+    warnings = sum(json_level(line) in ("warning", "error") for line in log.splitlines())
+    c0, w0 = fine_cpu_seconds(pid), time.monotonic()
+    time.sleep(HERD_AFTER * interval)
+    after_rate = (fine_cpu_seconds(pid) - c0) / (time.monotonic() - w0)
+    rss = rss_mib(pid)
+    nodes = cluster.list_nodes().values()
+    return Herd(
+        stop=stop,
+        start=ready - t1,
+        back=back,
+        start_cpu=start_cpu,
+        early=early,
+        back_cpu=back_cpu,
+        after_rate=after_rate,
+        failed=failed - failed0,
+        warnings=warnings,
+        offline=sum(not node.online for node in nodes),
+        rss=rss,
+    )
 
 
 def task_count(pid: int) -> int:
@@ -795,21 +966,23 @@ def settled_step(
 
 def worker_counts(procs: Sequence[subprocess.Popen[str]]) -> tuple[int, int]:
     """Heartbeat intervals and messages sent, summed over the workers (SIGUSR1)."""
-    beats, messages, _ = worker_readings(procs)
+    beats, messages, _, _, _ = worker_readings(procs)
     return beats, messages
 
 
-def worker_readings(procs: Sequence[subprocess.Popen[str]]) -> tuple[int, int, int]:
-    """Heartbeat intervals, messages sent and the leader's connections to the agents' NodeAgent
-    seen so far (``Counted``), summed over the workers (SIGUSR1)."""
+def worker_readings(procs: Sequence[subprocess.Popen[str]]) -> tuple[int, int, int, int, int]:
+    """Heartbeat intervals, messages sent, the leader's connections to the agents' NodeAgent
+    seen so far (``Counted``), heartbeat streams the leader answered (one per agent and
+    stream opened) and heartbeats that failed, summed over the workers (SIGUSR1)."""
     for p in procs:
         p.send_signal(signal.SIGUSR1)
-    beats = messages = connections = 0
+    sums = [0, 0, 0, 0, 0]
     for p in procs:
         assert p.stdout is not None
-        _, b, m, c = p.stdout.readline().split()
-        beats, messages, connections = beats + int(b), messages + int(m), connections + int(c)
-    return beats, messages, connections
+        counts = p.stdout.readline().split()[1:]
+        sums = [total + int(c) for total, c in zip(sums, counts, strict=True)]
+    beats, messages, connections, answered, failed = sums
+    return beats, messages, connections, answered, failed
 
 
 def per_message(count: int | None, messages: int) -> str:
@@ -857,6 +1030,7 @@ def one_run(
     viewer: bool = True,
     rollouts: int = 1,
     plans: int = 0,
+    restart_leader: bool = False,
 ) -> Result:
     cluster = Cluster(
         root / "cluster",
@@ -875,15 +1049,7 @@ def one_run(
         cluster.init()
         if not viewer:  # viewer_port = 0: the leader loads no web server (leader.runtime)
             cluster.write_leader_config({"viewer_port": 0})
-        if nofile:  # as a unit's LimitNOFILE would set it
-            soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-            resource.setrlimit(resource.RLIMIT_NOFILE, (nofile, hard))
-            try:
-                cluster.start_leader(leader_env)
-            finally:
-                resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-        else:
-            cluster.start_leader(leader_env)
+        start_leader(cluster, leader_env, nofile)
         pid = cluster.leader.pid
         inside = LeaderState(pid, root / "state") if "TLSROLL_STATE" in leader_env else None
         names = [(f"s{i:03d}", address(i + 1)) for i in range(n)]
@@ -956,6 +1122,7 @@ def one_run(
         if snapshots is not None:
             snapshots.take()
         idle_inside = inside.read() if inside is not None else {}
+        herd: Herd | None = None
         idle_kinds = fd_kinds(pid) | socket_ends(pid)
         if plans:
             plan_cpu(cluster, pid, n, plans, max_parallel, (l1 - l0) / idle)
@@ -992,7 +1159,7 @@ def one_run(
             )
             after = Reading.of(pid)
             during = time.monotonic() - t0
-            _, _, connections = worker_readings(procs)
+            _, _, connections, _, _ = worker_readings(procs)
             sent1 = sent_bytes(cluster.address, CONTROL_PORT) if rollouts > 1 else None
             view = get_schema(channel, view.id)
         first = settled_step(1, "enable-tls", view, before, after, n, pid, inside, sent0, sent1)
@@ -1014,6 +1181,9 @@ def one_run(
         if spied is not None and perf is not None:
             print(spied.summary(n), flush=True)
             print(perf.by_dso(), flush=True)
+        limit = leader_nofile(pid)
+        if restart_leader:  # last: the leader's pid and its readings change
+            herd = leader_restart(cluster, procs, n, leader_env, nofile, interval)
         hb_leader = (l1 - l0) / beats
         hb_leader_net = (l1 - l0 - base_rate * idle) / beats
         cpu = after.cpu - before.cpu
@@ -1039,7 +1209,7 @@ def one_run(
             loop_switches_per_node=switches.main / n,
             after=after,
             state=types_pb2.RolloutState.Name(view.state).removeprefix("ROLLOUT_STATE_").lower(),
-            nofile=leader_nofile(pid),
+            nofile=limit,
             fsyncs=counting.count,
             idle_fsyncs=idle_counting.count,
             idle_messages=m1 - m0,
@@ -1049,6 +1219,7 @@ def one_run(
             idle_inside=idle_inside,
             idle_kinds=idle_kinds,
             connections=connections,
+            herd=herd,
         )
     finally:
         for p in procs:
@@ -1078,6 +1249,20 @@ def plan_cpu(cluster: Cluster, pid: int, n: int, plans: int, parallel: int, rate
         f"plans: {plans} x {n} nodes, {wall / plans * 1000:.0f} ms each; leader CPU per plan "
         f"and node {cpu / plans / n * 1000:.2f} ms, less the idle rate "
         f"{(cpu - rate * wall) / plans / n * 1000:.2f} ms",
+        flush=True,
+    )
+
+
+def print_herd(n: int, h: Herd) -> None:
+    print(
+        f"  leader restarted with {n} agents connected: stopped in {h.stop:.2f} s, answering "
+        f"{h.start:.2f} s after its start ({h.start_cpu * 1000:.0f} ms CPU), every agent's "
+        f"stream back {h.back:.2f} s later ({h.early} of them by then; "
+        f"{h.back_cpu * 1000:.0f} ms CPU for the others, "
+        f"{h.back_cpu / max(1, n - h.early) * 1000:.2f} ms each); "
+        f"then {h.after_rate * 1000:.1f} ms/s over "
+        f"{HERD_AFTER} intervals; agents' failed heartbeats {h.failed}, leader warnings "
+        f"{h.warnings}, nodes offline {h.offline}; its RSS then {h.rss:.1f} MiB",
         flush=True,
     )
 
@@ -1199,9 +1384,18 @@ def main(argv: list[str] | None = None) -> int:
         help="before the rollout, this many `tlsroll plan` (enable-tls) one after another: "
         "the leader's CPU per plan and node (the planning question alone)",
     )
+    parser.add_argument(
+        "--restart-leader",
+        action="store_true",
+        help="after the rollout, stop the leader (SIGTERM) and start it again with every agent "
+        "connected: how soon every agent's heartbeat stream is back (the agents reconnect as "
+        "real ones do), the leader's CPU for the herd, the agents' failed heartbeats",
+    )
     ns = parser.parse_args(argv)
     if ns.worker is not None:
         return worker_main(ns.worker)
+    if ns.restart_leader and ns.heartbeat != "stream":
+        parser.error("--restart-leader needs --heartbeat stream (agents as they are now)")
     if ns.memory is not None and ns.yappi is not None:
         parser.error("--memory and --yappi each need the leader's site hook: one at a time")
     for where in (ns.profile, ns.yappi, ns.memory):
@@ -1244,6 +1438,7 @@ def main(argv: list[str] | None = None) -> int:
                 viewer=not ns.no_viewer,
                 rollouts=max(1, ns.rollouts),
                 plans=ns.plans,
+                restart_leader=ns.restart_leader,
             )
         finally:
             if not ns.keep:
@@ -1269,6 +1464,8 @@ def main(argv: list[str] | None = None) -> int:
         )
         if len(r.series) > 1:
             print_series(r)
+        if r.herd is not None:
+            print_herd(r.nodes, r.herd)
     print(
         "CPU/node: leader CPU over the rollout / nodes; net: less the heartbeats in that time; "
         "ctx/node: the leader's context switches over the rollout / nodes (voluntary + "
