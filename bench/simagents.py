@@ -890,9 +890,14 @@ def one_run(
         tokens = make_tokens(cluster, names)
         # What the leader spends with no agent at all (its timers, the engine idling): the
         # heartbeats' share is what comes on top of it.
-        b0 = fine_cpu_seconds(pid)
-        time.sleep(baseline)
-        base_rate = (fine_cpu_seconds(pid) - b0) / baseline
+        with Switches(pid) as alone:
+            b0 = fine_cpu_seconds(pid)
+            time.sleep(baseline)
+            base_rate = (fine_cpu_seconds(pid) - b0) / baseline
+        woke = ", ".join(
+            f"{name} {count / baseline:.1f}" for name, (_, count) in alone.by_name().items()
+        )
+        print(f"no agent yet: context switches per second by thread: {woke}")
         base_rss = rss_mib(pid)
         workers = max(1, math.ceil(n / PER_WORKER))
         entries = [
@@ -938,6 +943,7 @@ def one_run(
             idle_perf if idle_perf is not None else contextlib.nullcontext(),
             idle_counting if fsyncs else contextlib.nullcontext(),
             idle_spied if idle_spied is not None else contextlib.nullcontext(),
+            Yappi(pid) if yappi else contextlib.nullcontext(),
             Switches(pid) as idle_switches,
         ):
             _, m0 = worker_counts(procs)
@@ -945,6 +951,9 @@ def one_run(
             time.sleep(idle)
             l1, a1 = fine_cpu_seconds(pid), sum(cpu_seconds(p.pid) for p in procs)
             _, m1 = worker_counts(procs)
+        if yappi is not None:  # the idle window's stats, apart from the rollout's
+            for kept in (".pstat", ".pstat.threads"):
+                (yappi / f"leader-{n}{kept}").replace(yappi / f"leader-{n}-idle{kept}")
         if idle_spied is not None and idle_perf is not None:
             print(f"idle window ({n} agents, {m1 - m0} messages):", flush=True)
             print(idle_spied.summary(n), flush=True)
@@ -1019,6 +1028,11 @@ def one_run(
         cpu = after.cpu - before.cpu
         hb_in_rollout = hb_leader * n * during / interval
         idle_switch_rate = idle_switches.total / idle  # heartbeats, keepalives, timers
+        messages = max(1, m1 - m0)
+        by_thread = ", ".join(
+            f"{name} {count / messages:.2f}" for name, (_, count) in idle_switches.by_name().items()
+        )
+        print(f"idle window, {n} agents: context switches per message by thread: {by_thread}")
         return Result(
             nodes=n,
             workers=workers,
@@ -1179,8 +1193,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--yappi",
         type=Path,
-        help="profile the leader's Python during the rollout with yappi (CPU clock, every "
-        "thread; pip install yappi) and keep the stats (pstat) in this directory",
+        help="profile the leader's Python in the idle window (the heartbeats: "
+        "leader-N-idle.pstat) and during the rollout (leader-N.pstat) with yappi (CPU clock, "
+        "every thread; pip install yappi) and keep the stats (pstat) in this directory",
     )
     parser.add_argument(
         "--rollouts",
