@@ -282,7 +282,8 @@ class SimAgent(agent_pb2_grpc.NodeAgentServicer):
             while True:
                 started = time.monotonic()
                 request = self.heartbeat_request()
-                key = (self.scheme, self.frozen, self.highest_epoch, self.crl_number)
+                # As a real agent's ``report_key``: not the revocation list's number.
+                key = (self.scheme, self.frozen, self.highest_epoch)
                 self.beats += 1
                 self.world.beats += 1
                 quiet = (
@@ -968,6 +969,7 @@ def one_run(
         idle_kinds = fd_kinds(pid) | socket_ends(pid)
         if plans:
             plan_cpu(cluster, pid, n, plans, max_parallel, (l1 - l0) / idle)
+        _, rollout_m0 = worker_counts(procs)
         before = Reading.of(pid)
         sent0 = sent_bytes(cluster.address, CONTROL_PORT) if rollouts > 1 else None
         t0 = time.monotonic()
@@ -1001,9 +1003,13 @@ def one_run(
             )
             after = Reading.of(pid)
             during = time.monotonic() - t0
-            _, _, connections = worker_readings(procs)
+            _, rollout_m1, connections = worker_readings(procs)
             sent1 = sent_bytes(cluster.address, CONTROL_PORT) if rollouts > 1 else None
             view = get_schema(channel, view.id)
+        print(
+            f"rollout, {n} nodes: agents' heartbeat messages per node "
+            f"{(rollout_m1 - rollout_m0) / n:.2f} ({(rollout_m1 - rollout_m0) / during:.1f}/s)"
+        )
         first = settled_step(1, "enable-tls", view, before, after, n, pid, inside, sent0, sent1)
         series = [first]
         # --rollouts K: more rollouts against the same leader and agents, the way back and
