@@ -1017,10 +1017,16 @@ def one_run(
         for k in range(2, rollouts + 1):
             if snapshots is not None:
                 snapshots.take()
+            _, sent_before = worker_counts(procs)
             series.append(
                 next_rollout(
                     cluster, pid, n, k, max_parallel, inside, log_path=cluster.leader.log_path
                 )
+            )
+            _, sent_after = worker_counts(procs)
+            print(
+                f"rollout {k}, {n} nodes: agents' heartbeat messages per node "
+                f"{(sent_after - sent_before) / n:.2f}"
             )
         if snapshots is not None:
             snapshots.take()
