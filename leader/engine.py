@@ -1,7 +1,7 @@
 """The rollout engine: the imperative shell around the pure planner.
 
 One loop, woken by admin commands, by step outcomes that leave it work, and by a tick
-(``TICK_SECONDS``)::
+(``TICK_SECONDS``; while no rollout is live, by writes to the store and ``IDLE_TICK_SECONDS``)::
 
     row   = schema.active()                       # read the durable records
     record the password live on nodes now done    # level-triggered, like everything here
