@@ -305,7 +305,8 @@ class SimAgent(agent_pb2_grpc.NodeAgentServicer):
             while True:
                 started = time.monotonic()
                 request = self.heartbeat_request()
-                key = (self.scheme, self.frozen, self.highest_epoch, self.crl_number)
+                # As a real agent's ``report_key``: not the revocation list's number.
+                key = (self.scheme, self.frozen, self.highest_epoch)
                 self.beats += 1
                 self.world.beats += 1
                 quiet = (
@@ -972,8 +973,8 @@ def worker_counts(procs: Sequence[subprocess.Popen[str]]) -> tuple[int, int]:
 
 def worker_readings(procs: Sequence[subprocess.Popen[str]]) -> tuple[int, int, int, int, int]:
     """Heartbeat intervals, messages sent, the leader's connections to the agents' NodeAgent
-    seen so far (``Counted``), heartbeat streams the leader answered (one per agent and
-    stream opened) and heartbeats that failed, summed over the workers (SIGUSR1)."""
+    seen so far (``Counted``), agents the leader answered since the last SIGUSR2 and heartbeats
+    that failed, summed over the workers (SIGUSR1)."""
     for p in procs:
         p.send_signal(signal.SIGUSR1)
     sums = [0, 0, 0, 0, 0]
@@ -981,8 +982,8 @@ def worker_readings(procs: Sequence[subprocess.Popen[str]]) -> tuple[int, int, i
         assert p.stdout is not None
         counts = p.stdout.readline().split()[1:]
         sums = [total + int(c) for total, c in zip(sums, counts, strict=True)]
-    beats, messages, connections, answered, failed = sums
-    return beats, messages, connections, answered, failed
+    beats, messages, connections, back, failed = sums
+    return beats, messages, connections, back, failed
 
 
 def per_message(count: int | None, messages: int) -> str:
@@ -1056,9 +1057,14 @@ def one_run(
         tokens = make_tokens(cluster, names)
         # What the leader spends with no agent at all (its timers, the engine idling): the
         # heartbeats' share is what comes on top of it.
-        b0 = fine_cpu_seconds(pid)
-        time.sleep(baseline)
-        base_rate = (fine_cpu_seconds(pid) - b0) / baseline
+        with Switches(pid) as alone:
+            b0 = fine_cpu_seconds(pid)
+            time.sleep(baseline)
+            base_rate = (fine_cpu_seconds(pid) - b0) / baseline
+        woke = ", ".join(
+            f"{name} {count / baseline:.1f}" for name, (_, count) in alone.by_name().items()
+        )
+        print(f"no agent yet: context switches per second by thread: {woke}")
         base_rss = rss_mib(pid)
         workers = max(1, math.ceil(n / PER_WORKER))
         entries = [
@@ -1104,6 +1110,7 @@ def one_run(
             idle_perf if idle_perf is not None else contextlib.nullcontext(),
             idle_counting if fsyncs else contextlib.nullcontext(),
             idle_spied if idle_spied is not None else contextlib.nullcontext(),
+            Yappi(pid) if yappi else contextlib.nullcontext(),
             Switches(pid) as idle_switches,
         ):
             _, m0 = worker_counts(procs)
@@ -1111,6 +1118,9 @@ def one_run(
             time.sleep(idle)
             l1, a1 = fine_cpu_seconds(pid), sum(cpu_seconds(p.pid) for p in procs)
             _, m1 = worker_counts(procs)
+        if yappi is not None:  # the idle window's stats, apart from the rollout's
+            for kept in (".pstat", ".pstat.threads"):
+                (yappi / f"leader-{n}{kept}").replace(yappi / f"leader-{n}-idle{kept}")
         if idle_spied is not None and idle_perf is not None:
             print(f"idle window ({n} agents, {m1 - m0} messages):", flush=True)
             print(idle_spied.summary(n), flush=True)
@@ -1126,6 +1136,7 @@ def one_run(
         idle_kinds = fd_kinds(pid) | socket_ends(pid)
         if plans:
             plan_cpu(cluster, pid, n, plans, max_parallel, (l1 - l0) / idle)
+        _, rollout_m0 = worker_counts(procs)
         before = Reading.of(pid)
         sent0 = sent_bytes(cluster.address, CONTROL_PORT) if rollouts > 1 else None
         t0 = time.monotonic()
@@ -1159,9 +1170,13 @@ def one_run(
             )
             after = Reading.of(pid)
             during = time.monotonic() - t0
-            _, _, connections, _, _ = worker_readings(procs)
+            _, rollout_m1, connections, _, _ = worker_readings(procs)
             sent1 = sent_bytes(cluster.address, CONTROL_PORT) if rollouts > 1 else None
             view = get_schema(channel, view.id)
+        print(
+            f"rollout, {n} nodes: agents' heartbeat messages per node "
+            f"{(rollout_m1 - rollout_m0) / n:.2f} ({(rollout_m1 - rollout_m0) / during:.1f}/s)"
+        )
         first = settled_step(1, "enable-tls", view, before, after, n, pid, inside, sent0, sent1)
         series = [first]
         # --rollouts K: more rollouts against the same leader and agents, the way back and
@@ -1169,10 +1184,16 @@ def one_run(
         for k in range(2, rollouts + 1):
             if snapshots is not None:
                 snapshots.take()
+            _, sent_before = worker_counts(procs)
             series.append(
                 next_rollout(
                     cluster, pid, n, k, max_parallel, inside, log_path=cluster.leader.log_path
                 )
+            )
+            _, sent_after = worker_counts(procs)
+            print(
+                f"rollout {k}, {n} nodes: agents' heartbeat messages per node "
+                f"{(sent_after - sent_before) / n:.2f}"
             )
         if snapshots is not None:
             snapshots.take()
@@ -1189,6 +1210,11 @@ def one_run(
         cpu = after.cpu - before.cpu
         hb_in_rollout = hb_leader * n * during / interval
         idle_switch_rate = idle_switches.total / idle  # heartbeats, keepalives, timers
+        messages = max(1, m1 - m0)
+        by_thread = ", ".join(
+            f"{name} {count / messages:.2f}" for name, (_, count) in idle_switches.by_name().items()
+        )
+        print(f"idle window, {n} agents: context switches per message by thread: {by_thread}")
         return Result(
             nodes=n,
             workers=workers,
@@ -1364,8 +1390,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--yappi",
         type=Path,
-        help="profile the leader's Python during the rollout with yappi (CPU clock, every "
-        "thread; pip install yappi) and keep the stats (pstat) in this directory",
+        help="profile the leader's Python in the idle window (the heartbeats: "
+        "leader-N-idle.pstat) and during the rollout (leader-N.pstat) with yappi (CPU clock, "
+        "every thread; pip install yappi) and keep the stats (pstat) in this directory",
     )
     parser.add_argument(
         "--rollouts",

@@ -1,7 +1,7 @@
 """The rollout engine: the imperative shell around the pure planner.
 
 One loop, woken by admin commands, by step outcomes that leave it work, and by a tick
-(``TICK_SECONDS``)::
+(``TICK_SECONDS``; while no rollout is live, by writes to the store and ``IDLE_TICK_SECONDS``)::
 
     row   = schema.active()                       # read the durable records
     record the password live on nodes now done    # level-triggered, like everything here
@@ -40,6 +40,7 @@ Time comes in through ``clock`` (wall time for the records), ``monotonic`` and `
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import datetime as dt
 import functools
 import itertools
@@ -97,6 +98,13 @@ if TYPE_CHECKING:
 log = logs.get_logger(__name__)
 
 TICK_SECONDS = 1.0
+IDLE_TICK_SECONDS = 60.0
+"""The loop's tick while no rollout is live (none, or only one that waits for its finalize):
+a pass then has nothing to do, and a leader idles for months. What brings a pass sooner: an
+admin command (``wake``) and any write to the store that moves its generation on
+(``Database.on_change``: a rollout created or controlled, an enrolment, a revocation; not a
+heartbeat's routine record). The 1 s tick woke the idle leader each second for nothing (its
+largest fixed cost with no agent; issue 15). This tick is only a backstop."""
 STEP_RETRY_SECONDS = 2.0
 STEP_DEADLINE = 30.0  # seconds without an answer before a preflight fails (a stage: twice)
 UNKNOWN_AFTER = 10.0  # seconds without an answer before a switching node shows "unknown"
@@ -175,6 +183,11 @@ class Engine:
         self._live_seen = False  # a pass saw a live rollout since the last release
         self._kept_for: str | None = None  # the live rollout the per-rollout maps are of
         self._releasing: asyncio.Task[None] | None = None
+        # The last pass found no live rollout: the loop waits for ``IDLE_TICK_SECONDS`` or a
+        # wake (``_store_changed`` sets it on a write, once per wait: ``_told``).
+        self.idle = False
+        self._told = False
+        self._loop: asyncio.AbstractEventLoop | None = None
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -183,29 +196,49 @@ class Engine:
         # pass made two tasks (one waiting on ``wake``, one on ``stop``) and cancelled both,
         # and ``asyncio.wait`` a timer and callbacks of its own: several turns of the event
         # loop per pass, about five passes per node of a rollout.
-        loop = asyncio.get_running_loop()
+        loop = self._loop = asyncio.get_running_loop()
         stopping = asyncio.ensure_future(stop.wait())
         stopping.add_done_callback(lambda _t: self.wake.set())
+        self.schema.db.on_change.append(self._store_changed)
         try:
             while not stop.is_set():
                 # Cleared before the pass reads anything: a wake during the pass (a step's
                 # outcome that leaves the loop work, an admin command, the stop) brings another
                 # pass at once, not the tick.
                 self.wake.clear()
+                self._told = False
+                generation = self.schema.db.generation
                 try:
                     await self.reconcile()
                 except Exception as exc:  # the loop must survive anything; the schema shows why
                     log.error("engine.failed", error=str(exc), error_type=type(exc).__name__)
+                    self.idle = False
                 if self.wake.is_set():
                     continue  # (the stop too: the loop's test sees it)
-                tick = loop.call_later(TICK_SECONDS, self.wake.set)
+                if self.idle and self.schema.db.generation != generation:
+                    continue  # written while the pass ran, before it knew it was idle: look
+                every = IDLE_TICK_SECONDS if self.idle else TICK_SECONDS
+                tick = loop.call_later(every, self.wake.set)
                 try:
                     await self.wake.wait()
                 finally:
                     tick.cancel()
         finally:
             stopping.cancel()
+            with contextlib.suppress(ValueError):
+                self.schema.db.on_change.remove(self._store_changed)
         await self.close()
+
+    def _store_changed(self) -> None:
+        """(The writer's thread.) A write moved the store's generation on: an idle loop
+        (``IDLE_TICK_SECONDS``) makes a pass now, as it did at its next tick before. Told once
+        per wait; a busy loop ticks each second anyway and is not told."""
+        loop = self._loop
+        if not self.idle or self._told or loop is None:
+            return
+        self._told = True
+        with contextlib.suppress(RuntimeError):  # the loop closed (the leader stopped)
+            loop.call_soon_threadsafe(self.wake.set)
 
     async def reconcile(self) -> None:
         """Persist the plan's events, then make sure its steps run."""
@@ -218,6 +251,7 @@ class Engine:
         # A rollout waiting (a transitional phase 1 in awaiting_finalize, for days) runs
         # nothing: the pool holds none of its nodes, and what the rollouts left is given back.
         waiting = row is not None and row.rollout.state in WAITING_ROLLOUT_STATES
+        self.idle = row is None or waiting
         if row is None or waiting:
             self.agents.hold(frozenset())
             if self._live_seen:

@@ -2203,3 +2203,56 @@ async def test_a_step_begun_by_the_write_that_moved_its_node_reads_no_rollout_fi
     assert len(looks) == len(not_fresh)  # each step not begun fresh looks once, no other
     assert len(looks) == 7, runs  # 12 (every step looked first) at aeb78c3
     await leader.stop()
+
+
+async def test_an_idle_loop_makes_no_pass_each_tick_only_when_the_store_changes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With no live rollout the loop does not pass at each tick (a leader idles for months,
+    and a pass a second was its largest fixed cost with no agent): it waits for a wake, a
+    write that moves the store's generation on, or ``IDLE_TICK_SECONDS``. A heartbeat's
+    routine record brings no pass. Here the tick is a millisecond: on 77bb3da the loop made
+    a pass each millisecond."""
+    monkeypatch.setattr("leader.engine.TICK_SECONDS", 0.001)
+    world = make_world(tmp_path, monkeypatch)
+    leader = world.boot()
+    engine = leader.engine
+    passes: list[bool | None] = []
+    reconcile = engine.reconcile
+
+    async def counted() -> None:
+        await reconcile()
+        passes.append(getattr(engine, "idle", None))  # (77bb3da had no such flag)
+
+    async def until(count: int) -> None:
+        for _ in range(500):
+            if len(passes) >= count:
+                return
+            await asyncio.sleep(0.002)
+
+    monkeypatch.setattr(engine, "reconcile", counted)
+    stop = asyncio.Event()
+    task = asyncio.create_task(engine.run(stop))
+    try:
+        await until(1)
+        for _ in range(50):  # 50 ticks
+            await asyncio.sleep(0.002)
+        assert passes == [True]
+        with leader.schema.db.tx(routine=True) as db:  # a heartbeat's record
+            db.execute("UPDATE nodes SET agent_port = agent_port")
+        for _ in range(50):
+            await asyncio.sleep(0.002)
+        assert passes == [True]
+        with leader.schema.db.tx() as db:  # anything else: an enrolment, a revocation, …
+            db.execute("UPDATE nodes SET agent_port = agent_port")
+        await until(2)
+        for _ in range(50):
+            await asyncio.sleep(0.002)
+        assert passes == [True, True]
+        await leader.start()  # wakes the loop, which passes at each tick while it is live
+        await until(3)
+        assert passes[2] is False
+    finally:
+        stop.set()
+        await task
+        leader.store.close()

@@ -44,7 +44,7 @@ from nodeagent.config import AgentConfig
 from nodeagent.failure_log import FailureLog
 from nodeagent.identity import Identity
 from nodeagent.journal import Journal
-from nodeagent.leader_link import LeaderLink
+from nodeagent.leader_link import LeaderLink, report_key
 from nodeagent.trust import LeaderTrust
 from tests.children import python_child
 from tests.cluster import Cluster, csr_pem, enrol, enrol_request, wait_until
@@ -939,6 +939,72 @@ async def test_an_agent_in_renewal_mode_sends_a_change_at_once_and_the_rest_at_t
         await link.close()
         journal.close()
         await rig.close()
+
+
+async def test_an_agent_that_took_the_leader_s_revocation_list_sends_no_message_for_it(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Issue 15: the leader counts an agent as holding a revocation list once it wrote it to
+    the agent's stream, so a message from the agent that says only "I took it" tells it
+    nothing; each round of news (a rollout's superseded certificates, every
+    ``CRL_NEWS_SECONDS``) brought one back from every agent (about a millisecond of the
+    leader's CPU each). The agent's real LeaderLink against the real Leader service: a beat
+    after a list came (its first answer's, an urgent revocation's) is not sent, while a
+    change in its report is; the next message carries the number (at the bound at the
+    latest)."""
+    leader_address, node_address = loopback(), loopback()
+    rig = leader_with_a_node(tmp_path, leader_address, node_address)
+    rig.state.heartbeat_interval = 1
+    messages: list[leader_pb2.HeartbeatRequest] = []
+    real = rig.service._heartbeat
+
+    async def counting(*args: Any) -> Any:
+        messages.append(args[1])
+        return await real(*args)
+
+    monkeypatch.setattr(rig.service, "_heartbeat", counting)
+    await rig.server.start()
+    link, trust, journal = agent_link(tmp_path, rig.node_files, leader_address, node_address)
+    view = agent_pb2.ServerView(driver="reference", healthy=True, schemes=["http"])
+
+    async def server_view() -> agent_pb2.ServerView:
+        return view
+
+    async def until(what: Callable[[], bool], why: str) -> None:
+        try:
+            async with asyncio.timeout(30):
+                while not what():
+                    await asyncio.sleep(0.02)
+        except TimeoutError:
+            raise AssertionError(f"not within 30 s: {why}") from None
+
+    link.server_view = server_view
+    assert rig.store.revoke("5eec", reason="", now=rig.clock[0], actor="test") == ["5eec"]
+    try:
+        await link.beat()  # the stream opens, in renewal mode; its answer brings the list
+        assert link._stream is not None and link._stream.renew == 4
+        await until(lambda: trust.crl_number == rig.store.revoked()[0], "the first list")
+        assert len(messages) == 1 and messages[0].crl_number != trust.crl_number
+        await link.beat(quiet=True)  # the list is all that changed: nothing to say
+        assert rig.store.revoke("5eed", reason="", now=rig.clock[0], actor="test") == ["5eed"]
+        await until(lambda: 0x5EED in trust.revoked, "the admin's revocation, pushed")
+        await link.beat(quiet=True)
+        view.healthy, view.detail = False, "connection refused"  # a change: sent at once
+        await link.beat(quiet=True)
+        # The stream keeps its order: a message either quiet beat sent came before this one.
+        await until(lambda: any(m.server.detail for m in messages), "the change")
+        assert len(messages) == 2
+        assert messages[1].crl_number == trust.crl_number == rig.store.revoked()[0]
+    finally:
+        await link.close()
+        journal.close()
+        await rig.close()
+    # What a message is sent for: its report, not how it was sent nor the list's number.
+    said = leader_pb2.HeartbeatRequest(agent_version="1", highest_epoch=2)
+    asked = leader_pb2.HeartbeatRequest(agent_version="1", highest_epoch=2, crl_number=3)
+    asked.wants_answer, asked.renews, asked.seq = True, True, 7
+    assert report_key(asked) == report_key(said)
+    assert report_key(said) != report_key(leader_pb2.HeartbeatRequest(agent_version="1"))
 
 
 async def test_a_renewal_with_a_slow_server_view_reaches_the_leader_before_its_deadline(
