@@ -216,8 +216,18 @@ sys.exit(main(["--config", config]))
 # Never in a running leader: a terminal UI (structlog imports rich, and rich pygments, merely
 # because they are installed; ~5 MiB), the admin CLI's libraries, the other roles, and the
 # workstation bootstrap's password exchange (spake2: the leader only signs the certificate a
-# node's bootstrap service asks for, ``tlsroll.bootstrap_csr``).
-NOT_IN_LEADER = {"rich", "pygments", "click", "nodeagent", "workstation", "refserver", "spake2"}
+# node's bootstrap service asks for, ``tlsroll.bootstrap_csr``), nor difflib (a config
+# error's hint: ``tlsroll.config``; ~0.13 MiB).
+NOT_IN_LEADER = {
+    "rich",
+    "pygments",
+    "click",
+    "nodeagent",
+    "workstation",
+    "refserver",
+    "spake2",
+    "difflib",
+}
 # ... and with the viewer off (``viewer_port = 0``), nothing of the viewer's (~15 MiB).
 VIEWER_ONLY = {"aiohttp", "jinja2", "prometheus_client"}
 
