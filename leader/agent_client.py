@@ -631,7 +631,11 @@ class AgentPool:
         # A node no longer in flight has had its last step of the rollout: its channel, idle,
         # is closed now rather than kept under the cap. At 500 simulated nodes (max-parallel
         # 10) the pool kept the 16 most recently done nodes' channels open besides the ~11 in
-        # flight, to the rollout's end, each with its TLS connection's memory (issue 15).
+        # flight, to the rollout's end, each with its TLS connection's memory (issue 15):
+        # ``bench.simagents --nodes 500``, 3 back-to-back pairs against 77bb3da, RSS at the
+        # rollout's end 120.2 / 121.1 / 121.4 MiB against 123.9 / 123.7 / 124.4, settled
+        # 120.1 / 120.3 / 120.0 against 121.4 / 122.1 / 122.0; channels opened per node 1.00
+        # on both (no node's channel opened again).
         for name in landed - self._reserved:
             client = self.clients.get(name)
             if client is None or client.in_flight or name not in self._idle:
