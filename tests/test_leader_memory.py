@@ -216,8 +216,18 @@ sys.exit(main(["--config", config]))
 # Never in a running leader: a terminal UI (structlog imports rich, and rich pygments, merely
 # because they are installed; ~5 MiB), the admin CLI's libraries, the other roles, and the
 # workstation bootstrap's password exchange (spake2: the leader only signs the certificate a
-# node's bootstrap service asks for, ``tlsroll.bootstrap_csr``).
-NOT_IN_LEADER = {"rich", "pygments", "click", "nodeagent", "workstation", "refserver", "spake2"}
+# node's bootstrap service asks for, ``tlsroll.bootstrap_csr``), nor difflib (a config
+# error's hint: ``tlsroll.config``; ~0.13 MiB).
+NOT_IN_LEADER = {
+    "rich",
+    "pygments",
+    "click",
+    "nodeagent",
+    "workstation",
+    "refserver",
+    "spake2",
+    "difflib",
+}
 # ... and with the viewer off (``viewer_port = 0``), nothing of the viewer's (~15 MiB).
 VIEWER_ONLY = {"aiohttp", "jinja2", "prometheus_client"}
 
@@ -675,6 +685,35 @@ async def test_the_agent_pool_keeps_no_more_channels_open_than_the_planning_asks
         assert pool.open_channels() == OBSERVE_AT_ONCE
         assert pool.clients[f"n{OBSERVE_AT_ONCE + 7:02d}"].open  # the newest stay open
         assert not pool.clients["n00"].open
+    finally:
+        await pool.close()
+
+
+async def test_the_agent_pool_closes_a_node_s_channel_once_its_flight_is_over(
+    loopback: Callable[[], str],
+) -> None:
+    """Issue 15: at 500 simulated nodes the pool kept the channels of the 16 most recently
+    done nodes open (the cap) besides those of the ~11 in flight, until the rollout's end;
+    each holds its TLS connection's memory inside gRPC. A node the engine no longer holds has
+    had its rollout's last step: its idle channel is closed at once, below the cap too; a busy
+    one stays until the cap closes it; a node that comes back opens a new one."""
+    creds = grpc.ssl_channel_credentials(pki.CertificateAuthority.create().cert_pem)
+    pool = AgentPool(NodeRows(loopback()), creds, "tlsroll-test")  # type: ignore[arg-type]
+    try:
+        names = [f"n{i}" for i in range(6)]
+        for name in names:
+            assert (await pool.get(name)).channel is not None
+        pool.hold(names)
+        busy = pool.clients["n0"]
+        busy.in_flight += 1  # a call still on it
+        pool.hold(names[3:])  # n0-n2 landed
+        assert pool.open_channels() == 4 and busy.open
+        assert [n for n in names if pool.clients[n].open] == ["n0", "n3", "n4", "n5"]
+        pool.hold(names[3:])  # the same again: nothing moves
+        assert pool.open_channels() == 4
+        assert (await pool.get("n1")).channel is not None  # opened again when asked
+        assert pool.open_channels() == 5
+        busy.in_flight -= 1
     finally:
         await pool.close()
 
