@@ -11,13 +11,21 @@ from typing import Any
 
 import grpc
 import pytest
+from cryptography.hazmat.primitives import serialization
 
 from leader.agent_client import AgentPool
 from leader.engine import _in_flight
+from leader.rollout_core import NodeState
 from tests.test_engine import make_world, open_store
 from tests.test_warm_ahead import (
     FakeChannel,
+    Reaching,
+    Released,
+    enable_tls,
+    planning_commands,
 )
+from tlsroll import pki
+from tlsroll.v1 import agent_pb2, leader_pb2
 
 
 def fake_channels(monkeypatch: pytest.MonkeyPatch) -> list[str]:
@@ -29,6 +37,45 @@ def fake_channels(monkeypatch: pytest.MonkeyPatch) -> list[str]:
         lambda target, credentials, options=None: FakeChannel(log, target),
     )
     return log
+
+
+async def test_a_start_opens_the_channels_of_the_first_nodes_it_steps_not_of_those_it_skips(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review 2 of session 30, L3: nodes bravo, charlie, alpha (the leader's node, last) in
+    the rollout's order; bravo already runs https with a certificate of this CA (a start
+    after partial work: the plan skips it). --max-parallel 1, prepare_ahead 1: the start
+    opens the channels of charlie and alpha, the first two it steps, and dials bravo; on
+    77bb3da it opened bravo's and charlie's (the first two in order), and alpha's first step
+    opened its own."""
+    world = make_world(tmp_path, monkeypatch)
+    served = world.ca.issue(pki.generate_key().public_key(), pki.Names.of("bravo", ["10.0.0.2"]))
+    https = agent_pb2.ServerView(
+        driver="fake",
+        healthy=True,
+        schemes=["https"],
+        cert_pem=served.public_bytes(serialization.Encoding.PEM),
+    )
+    http = agent_pb2.ServerView(driver="fake", healthy=True, schemes=["http"])
+
+    async def answering(
+        name: str, request: agent_pb2.CheckRequest, timeout: float
+    ) -> leader_pb2.CheckAnswer:
+        if name != "bravo":
+            await asyncio.sleep(0.01)  # (bravo's answer comes last: charlie waits for it)
+        view = https if name == "bravo" else http
+        return leader_pb2.CheckAnswer(checked=agent_pb2.PreflightResponse(ok=True, server=view))
+
+    monkeypatch.setattr("tests.test_warm_ahead.ready", answering)
+    store = open_store(world.path)
+    try:
+        reach, channels = Reaching(), Released()
+        commands = planning_commands(world, store, reach, channels, None)
+        row = await commands.start(enable_tls(), "admin")
+        assert row.node("bravo")[0].state is NodeState.SKIPPED
+        assert reach.channel == {"bravo": False, "charlie": True, "alpha": True}
+    finally:
+        store.close()
 
 
 async def test_a_start_s_first_channels_outlast_an_engine_pass_begun_before_its_commit(
