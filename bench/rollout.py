@@ -69,12 +69,14 @@ from bench.common import (
     Switches,
     address,
     enable_tls_request,
+    fine_cpu_seconds,
     get_schema,
     log_says_ended,
     median,
     rss_mib,
     seconds,
     summary,
+    task_switches,
     wait_for,
 )
 from bench.profile import Perf, Profile
@@ -83,6 +85,8 @@ from tests.nodeside import Node
 from tests.refserver_helper import RefServer, http_request
 from tlsroll.tls import client_context
 from tlsroll.v1 import admin_pb2_grpc, schema_pb2, types_pb2
+
+IDLE_SECONDS = 2.0  # the leader's idle context switches per second, read over this
 
 START_TIMEOUT = 60.0
 
@@ -200,6 +204,21 @@ class Run:
     switches: int = 0  # the leader's context switches during the rollout, all its threads
     loop_switches: int = 0  # of them, its main thread's (the event loop)
     switches_by_name: dict[str, tuple[int, int]] = field(default_factory=dict)
+    # The leader's context switches and CPU (fine: schedstat) over the StartRollout call alone
+    # (its planning: the agents asked, their way in proved, the first channels opened), and
+    # its context switches per second while idle just before it (heartbeats, the engine's
+    # tick, keepalive PINGs), over ``idle_seconds``: what a slower rollout adds by lasting
+    # longer, which ``net_switches`` takes out.
+    start_switches: int = 0
+    start_cpu: float = 0.0
+    idle_rate: float = 0.0
+    window: float = 0.0  # seconds the rollout's switches were counted over
+
+    @property
+    def net_switches(self) -> float:
+        """The rollout's context switches less the idle rate over its window."""
+        return self.switches - self.idle_rate * self.window
+
     gaps: list[float] = field(default_factory=list)  # a node's confirm end → the next's switch
     parts: dict[str, float] = field(default_factory=dict)  # overhead per node, by where it went
     steps: dict[str, list[float]] = field(default_factory=dict)  # a switch, step by step
@@ -254,6 +273,10 @@ def one_run(
         thread = threading.Thread(target=writer, args=(nodes, ca, stop, writes), daemon=True)
         thread.start()
         pid = cluster.leader.pid
+        idle0, idle_t0 = sum(map(sum, task_switches(pid).values())), time.monotonic()
+        time.sleep(IDLE_SECONDS)
+        idle1, idle_t1 = sum(map(sum, task_switches(pid).values())), time.monotonic()
+        idle_rate = (idle1 - idle0) / (idle_t1 - idle_t0)
         before = Reading.of(pid)
         counting = Fsyncs(pid, root / "strace.txt")
         spied = Profile(pid, profile / f"leader-{root.name}.spy", gil=True) if profile else None
@@ -266,7 +289,10 @@ def one_run(
             spied if spied is not None else contextlib.nullcontext(),
             grpc.insecure_channel(f"unix:{cluster.admin_socket}") as channel,
         ):
+            began = time.monotonic()
+            start0 = sum(map(sum, task_switches(pid).values())), fine_cpu_seconds(pid)
             view = admin_pb2_grpc.AdminStub(channel).StartRollout(enable_tls_request(), timeout=60)
+            start1 = sum(map(sum, task_switches(pid).values())), fine_cpu_seconds(pid)
             wait_for(
                 lambda: log_says_ended(cluster.leader.log_path, view.id),
                 60 + 15 * n,
@@ -274,6 +300,7 @@ def one_run(
                 poll=0.05,
             )
             after = Reading.of(pid)
+            window = time.monotonic() - began
             # Switched, each with its bootstrap service on 9443: what an agent holds from then on.
             agent_rss_after = [rss_mib(node.agent.pid) for node in nodes if node.agent]
             stop.set()
@@ -310,6 +337,10 @@ def one_run(
             switches=switches.total,
             loop_switches=switches.main,
             switches_by_name=switches.by_name(),
+            start_switches=start1[0] - start0[0],
+            start_cpu=start1[1] - start0[1],
+            idle_rate=idle_rate,
+            window=window,
             gaps=switch_gaps(view),
             parts=overhead_parts(view),
             steps=switch_steps(view, nodes),
@@ -583,6 +614,8 @@ def main(argv: list[str] | None = None) -> int:
         print(
             f"run {i + 1}/{ns.runs}: {run.state}, wall {run.wall:.2f} s, overhead/node "
             f"{run.overhead * 1000:.0f} ms, leader CPU/node {run.cpu / run.nodes * 1000:.1f} ms, "
+            f"start: ctx {run.start_switches} cpu {run.start_cpu * 1000:.1f} ms; idle "
+            f"{run.idle_rate:.0f} ctx/s; net ctx/node {run.net_switches / run.nodes:.0f}; "
             f"ctx switches/node {run.switches / run.nodes:.0f} (by thread name, threads: "
             + ", ".join(
                 f"{k} {v / run.nodes:.0f} ({t})" for k, (t, v) in run.switches_by_name.items()

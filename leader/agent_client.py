@@ -54,10 +54,10 @@ CALL_TIMEOUT = 30.0
 # heartbeat stream (the others open no channel for planning), 16 at a time
 # (observe.OBSERVE_AT_ONCE, last node first, so that the channels left open are those of the nodes
 # the rollout begins with), freezes, the nodes just out of flight. A start's first nodes, whose
-# steps need their channels, have them opened by its planning (``reach``): at most
-# min(--max-parallel + prepare_ahead, this cap, OBSERVE_AT_ONCE), OBSERVE_AT_ONCE at a time, and
-# reserved (never closed by the cap) until the engine's first hold replaces the reservation or
-# the start is refused (``release_first``). Issue 15, ``bench.simagents`` at
+# steps need their channels, have them opened by its planning (``reach``): the first
+# min(this cap, OBSERVE_AT_ONCE) it steps, OBSERVE_AT_ONCE at a time, and reserved (never closed
+# by the cap) until a hold of a live rollout follows the start, or the start is refused
+# (``release_first``). Issue 15, ``bench.simagents`` at
 # 500 agents (--max-parallel 10), 4 pairs of 16 throughout against 32: the leader's RSS at the
 # rollout's end 121.1-121.7 MiB against 122.6-124.1 (1.3-2.9 lower); 3 s later, once ``give_back``
 # has closed the rest, 120.5, 120.5, 122.4, 120.7 against 122.1, 123.6, 122.1, 121.8; 18 connections
@@ -70,6 +70,11 @@ MAX_OPEN_CHANNELS = 16
 # deadline, so with 64 slots 500 such nodes took 8 rounds of 5 s (review 2, finding 1); with 256,
 # a node not dialled by the deadline is reported so ("not dialled within 5 s"), not waited for.
 DIAL_AT_ONCE = 256
+# A start's first channels, handed to the engine (``AgentPool.release_first``), stay reserved
+# until a hold names a live rollout (its own: the engine holds the nodes it steps), or this long
+# (an engine pass that began before the start's commit holds none, and must not drop them; a
+# rollout aborted before any pass saw it never is held). The engine passes every second.
+HANDED_SECONDS = 10.0
 FAILED_STATES = frozenset(
     {grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN}
 )
@@ -152,9 +157,9 @@ class Agents(Protocol):
 
     async def get(self, name: str) -> AgentApi: ...
 
-    def hold(self, names: Collection[str]) -> None:
-        """``names`` are the live rollout's nodes in flight (none: no rollout is live, or it
-        waits); keep their channels open between their steps."""
+    def hold(self, names: Collection[str], rollout: str | None = None) -> None:
+        """``names`` are the live ``rollout``'s nodes in flight (none, and no id: no rollout
+        is live, or it waits); keep their channels open between their steps."""
 
     async def close(self) -> None: ...
 
@@ -444,11 +449,12 @@ class AgentPool:
         self._idle: OrderedDict[str, None] = OrderedDict()
         self._read_at: dict[str, int] = {}  # node -> Store.nodes_generation it was read at
         self._held: frozenset[str] = frozenset()  # nodes in flight: never closed by the cap
-        # A start's first nodes whose channels its planning opened (``reach``): never closed by
-        # the cap either, until the engine's first hold after the start (``_handed``) or the
-        # start refused (``release_first``).
-        self._reserved: set[str] = set()
-        self._handed = False
+        # A start's first nodes whose channels its planning opened (``reach``), by the start
+        # (its rollout's id): never closed by the cap either, until a hold of a live rollout
+        # after the start was made (then the loop's time it was handed on), or the start
+        # refused (``release_first``). One per start: two starts at once keep their own.
+        self._reservations: dict[str, tuple[set[str], float | None]] = {}
+        self._reserved: frozenset[str] = frozenset()  # all of them
         self._retiring: dict[AgentClient, asyncio.Task[None]] = {}
         self._closing: set[asyncio.Task[None]] = set()
         self._dialling = asyncio.Semaphore(DIAL_AT_ONCE)  # ``reach``'s TCP connections
@@ -488,15 +494,18 @@ class AgentPool:
         self._use(name)
         return client
 
-    async def reach(self, name: str, deadline: float, *, channel: bool) -> str | None:
+    async def reach(
+        self, name: str, deadline: float, *, channel: bool, reserve: str = ""
+    ) -> str | None:
         """Can the leader reach ``name``'s agent where it dials it (``leader.observe``, when
         the planning question went over the agent's own heartbeat stream, which says nothing of
         the leader's way in)? None if so, else why not. ``deadline`` (the event loop's clock)
         bounds all of it: the read of the node's address, the wait for a dial slot, the connect.
 
         ``channel``: open the node's channel (its TLS handshake, with its key pin) and wait until
-        it is ready, counted as a call meanwhile and reserved afterwards (the cap does not close
-        it until the engine holds its start's nodes: ``release_first``): a node the start steps
+        it is ready, counted as a call meanwhile and reserved afterwards for the start
+        ``reserve`` (its rollout's id; the cap does not close it until the engine holds that
+        start's nodes: ``release_first``): a node the start steps
         first needs it moments later, so this is no extra handshake, and it is off the first
         switch's path. Not ready (a refused connection, a failed handshake, the deadline):
         ``"channel"`` (the caller asks over it, for gRPC's reason).
@@ -517,7 +526,8 @@ class AgentPool:
             return "channel"
         client.in_flight += 1
         try:
-            self._reserved.add(name)
+            self._reservations.setdefault(reserve, (set(), None))[0].add(name)
+            self._reserved = self._reserved | {name}
             ch = client.channel
             async with asyncio.timeout_at(deadline):
                 state = ch.get_state(try_to_connect=True)
@@ -532,16 +542,40 @@ class AgentPool:
         finally:
             client._done()
 
-    def release_first(self, *, started: bool) -> None:
-        """A start's planning is over (``leader.commands.Commands.start``): the channels its
-        ``reach`` opened stay reserved until the engine's next hold, which names the nodes it
-        steps (``started``), or are given back to the cap now (the start was refused)."""
-        if started:
-            self._handed = bool(self._reserved)
+    def release_first(self, *, started: bool, rollout: str = "") -> None:
+        """The start of ``rollout`` is over (``leader.commands.Commands.start``): the channels
+        its ``reach`` opened stay reserved until a hold names a live rollout, whose nodes in
+        flight the engine then holds (``started``; ``HANDED_SECONDS`` at most), or are given
+        back to the cap now (the start was refused). Another start's are not touched."""
+        if rollout not in self._reservations:
             return
-        self._reserved.clear()
-        self._handed = False
+        if started:
+            names, _ = self._reservations[rollout]
+            self._reservations[rollout] = (names, asyncio.get_running_loop().time())
+            return
+        del self._reservations[rollout]
+        self._reserve_again()
         self._close_excess(None)
+
+    def _reserve_again(self) -> None:
+        self._reserved = frozenset().union(*(n for n, _ in self._reservations.values()))
+
+    def _hand_over(self, rollout: str | None) -> bool:
+        """``hold``'s part: drop the reservations handed on (the start made) once a hold names
+        a live rollout (at most one is live: if not that start's, it has ended) or after
+        ``HANDED_SECONDS``. A hold from an engine pass that began before the start's commit
+        (no live rollout in its view) leaves them. Whether any was dropped."""
+        now = asyncio.get_running_loop().time()
+        done = [
+            key
+            for key, (_, handed) in self._reservations.items()
+            if handed is not None and (rollout is not None or now - handed > HANDED_SECONDS)
+        ]
+        for key in done:
+            del self._reservations[key]
+        if done:
+            self._reserve_again()
+        return bool(done)
 
     async def _where(self, name: str) -> tuple[str, int]:
         """The address and port ``name``'s channel dials: its client's, if read at the store's
@@ -612,19 +646,19 @@ class AgentPool:
             return f"agent {name}: cannot connect to {where}: {why}"
         return None
 
-    def hold(self, names: Collection[str]) -> None:
-        """``names`` are the live rollout's nodes in flight (the engine says so at each pass;
-        none once no rollout is live, or while it waits): their channels are never closed by the
+    def hold(self, names: Collection[str], rollout: str | None = None) -> None:
+        """``names`` are the live rollout's nodes in flight (the engine says so at each pass,
+        with the ``rollout``'s id; none, and no id, once no rollout is live, or while it
+        waits; a start's first channels are held from then on: ``_hand_over``): their
+        channels are never closed by the
         cap, busy or idle, so that a node's steps reuse its channel however long it waits
         between them (a retry, its turn to switch) and whatever else uses the pool meanwhile
         (scope freezes, plan, observe); opening it again would be a TLS handshake on its
         switch's path. The channels of nodes no longer held (their flight is over) are closed
         now if they are idle; the cap (``max_open``) bounds the other open channels, least
         recently used first, closed now if idle and beyond it, the others as they go idle."""
-        handed, self._handed = self._handed, False
-        if handed:  # the engine holds the nodes of the start that reserved them (``reach``)
-            self._reserved.clear()
-        elif names == self._held:
+        handed = bool(self._reservations) and self._hand_over(rollout)
+        if not handed and names == self._held:
             return
         landed = self._held.difference(names)
         self._held = frozenset(names)
@@ -740,7 +774,8 @@ class AgentPool:
         for client in [*self.clients.values(), *self._retiring]:
             await client.close()  # ends the grace of a retired one too
         self.clients.clear()
-        self._reserved.clear()
+        self._reservations.clear()
+        self._reserved = frozenset()
         self._open.clear()
         self._idle.clear()
         for task in list(self._retiring.values()):

@@ -24,7 +24,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt
 
 from leader import byo, planner
 from leader.agent_client import MAX_OPEN_CHANNELS
-from leader.observe import OBSERVE_AT_ONCE
+from leader.observe import OBSERVE_AT_ONCE, FirstSteps
 from leader.rollout_core import (
     CHANGES,
     Change,
@@ -40,6 +40,8 @@ from leader.rollout_core import (
     Scope,
     ScopeKind,
     Strategy,
+    already_done,
+    still_dual,
 )
 from leader.schema_store import RolloutMeta, RolloutRow, SchemaStore, StaleRecords
 from leader.schema_view import still_on_http_now
@@ -53,11 +55,11 @@ log = logs.get_logger(__name__)
 
 class Observe(Protocol):
     """Asks the named nodes' agents what they run (``leader.observe.observe``), telling those
-    in ``warm`` to load their certificate code ahead, and opening the channels of those in
-    ``first`` (a start's first nodes; the others' way in is proved by a TCP connection)."""
+    in ``warm`` to load their certificate code ahead, and opening the channels of the first
+    nodes a start steps (``first``; every node's way in is proved by a TCP connection)."""
 
     async def __call__(
-        self, names: Sequence[str], *, warm: Collection[str], first: Collection[str]
+        self, names: Sequence[str], *, warm: Collection[str], first: FirstSteps | None
     ) -> dict[str, NodeObservation]: ...
 
 
@@ -68,7 +70,7 @@ class FirstChannels(Protocol):
 
     max_open: int
 
-    def release_first(self, *, started: bool) -> None: ...
+    def release_first(self, *, started: bool, rollout: str = "") -> None: ...
 
 
 STALE_ATTEMPTS = 5
@@ -152,6 +154,16 @@ class NoRolloutYet(TerminalError):
 
 def new_rollout_id(now: dt.datetime) -> str:
     return f"r{now:%Y%m%d-%H%M%S}-{secrets.token_hex(2)}"
+
+
+def _own_count(seen: NodeObservation, installed: Collection[str]) -> NodeObservation:
+    """A node on https with the certificate a ``--cert-dir`` rollout gave it (``installed``:
+    their fingerprints, for enable-tls) is as done for enable-tls as one with the cluster CA's:
+    a later enable-tls must not put it back on the cluster CA's (that takes rotate-cert, said
+    plainly)."""
+    if seen.cert_fingerprint and seen.cert_fingerprint in installed:
+        return replace(seen, cert_from_ca=True)
+    return seen
 
 
 def _check_verifier(verifier_json: str) -> None:
@@ -249,11 +261,16 @@ class Commands:
         return online, just
 
     async def _observe_all(
-        self, request: RolloutRequest | None = None
+        self,
+        request: RolloutRequest | None = None,
+        steps: Callable[[NodeObservation], bool] | None = None,
+        rollout_id: str = "",
     ) -> tuple[dict[str, bool], dict[str, NodeObservation] | None]:
         """Which enrolled nodes are online, and what the online ones run. ``request``: a
         rollout's start (not a plan shown to the admin), whose first nodes' agents load their
-        certificate code while the others are asked (``first_to_make_keys``)."""
+        certificate code while the others are asked (``first_to_make_keys``), and whose first
+        nodes it steps (``steps``: not skipped) have their channels opened (``first_steps``),
+        reserved for ``rollout_id``."""
         online, just = await self._online_now()
         if just:
             # A node whose heartbeat stream just ended (the leader restarted, or ended a
@@ -273,7 +290,11 @@ class Commands:
             return online, None
         up = [name for name, is_up in online.items() if is_up]
         warm = self.first_to_make_keys(request, up) if request is not None else frozenset()
-        first = self.first_steps(request, up) if request is not None else frozenset()
+        first = (
+            self.first_steps(request, up, steps, rollout_id)
+            if request is not None and steps is not None
+            else None
+        )
         seen = await self.observe(up, warm=warm, first=first)
         return online, seen
 
@@ -289,27 +310,41 @@ class Commands:
         names = [name for name in names if name in up]
         return planner.order_nodes(names, self.leader_node or "")
 
-    def first_steps(self, request: RolloutRequest, up: Sequence[str]) -> frozenset[str]:
-        """The nodes a starting rollout steps first (its first ``max_parallel`` plus
-        ``prepare_ahead`` in its order, those the engine holds in flight): planning opens their
-        channels (``leader.observe``: the leader's way in proved with the handshake their steps
-        need anyway, off the first switch's path): no more than the pool keeps open besides
-        the held ones, nor than ``OBSERVE_AT_ONCE`` (they are that many handshakes at once; a
-        larger --max-parallel opened up to 201 at once, and the cap closed all but 16 of them
-        before the engine held them: review 2, finding 2)."""
-        count = max(request.max_parallel, 1) + self.prepare_ahead
+    def first_steps(
+        self,
+        request: RolloutRequest,
+        up: Sequence[str],
+        steps: Callable[[NodeObservation], bool],
+        rollout_id: str = "",
+    ) -> FirstSteps:
+        """The nodes a starting rollout steps first (in its order, those it does not skip,
+        from their answers: ``steps``): planning opens their channels (``leader.observe``: the
+        leader's way in proved with the handshake their steps need anyway, off the first
+        switch's path), for as many as the pool keeps open besides the held ones and
+        ``OBSERVE_AT_ONCE`` (they are that many handshakes at once; a larger --max-parallel
+        opened up to 201 at once, and the cap closed all but 16 of them before the engine held
+        them: review 2, finding 2), not only its first ``max_parallel`` plus ``prepare_ahead``
+        (those the engine holds in flight): at 10 real nodes, a handshake at each later node's
+        preflight woke the leader's gRPC threads more than the same handshakes opened together
+        here (s31ctx: 3 pairs, net context switches per node 200/195, 200/188, 195/186 with 16
+        against 2, those of gRPC's event engine 83/81, 84/71, 86/72; the start's CPU 22-27 ms
+        against 30-41, the leader's per node 24/22, 28/23, 21/22 ms)."""
+        count = max(max(request.max_parallel, 1) + self.prepare_ahead, OBSERVE_AT_ONCE)
         cap = self.channels.max_open if self.channels is not None else MAX_OPEN_CHANNELS
-        return frozenset(self._in_order(request, up)[: min(count, cap, OBSERVE_AT_ONCE)])
+        order = self._in_order(request, up)
+        return FirstSteps(order, min(count, cap, OBSERVE_AT_ONCE), steps, rollout_id)
 
     def first_to_make_keys(self, request: RolloutRequest, up: Sequence[str]) -> frozenset[str]:
         """The nodes whose agents a starting rollout asks first to make a key and CSR (its
         first ``max_parallel`` in its order), if its change makes them on the nodes (not with
-        ``--cert-dir``). An idle agent does not hold the certificate code (about 10 MiB) and
-        loads it at its first such preflight; asked along with the planning's checks, the
-        first node's agent has it loaded by then, and the rollout's first switch, which waits
-        for that node's preparation, no longer waits for the import (40-100 ms on a small
-        machine). A node the plan then skips (already done) keeps the code loaded, as it
-        would after any rollout that prepared it."""
+        ``--cert-dir``). Unlike ``first_steps``, picked before any answer (it goes with the
+        question): a start after partial work may warm nodes it skips. An idle agent does not
+        hold the certificate code (about 10 MiB) and loads it at its first such preflight;
+        asked along with the planning's checks, the first node's agent has it loaded by then,
+        and the rollout's first switch, which waits for that node's preparation, no longer
+        waits for the import (40-100 ms on a small machine). A node the plan then skips
+        (already done) keeps the code loaded, as it would after any rollout that prepared
+        it."""
         if not CHANGES[request.change].stages_certificate or request.own_certs is not None:
             return frozenset()
         return frozenset(self._in_order(request, up)[: max(request.max_parallel, 1)])
@@ -332,21 +367,15 @@ class Commands:
         undone: planner.AlreadyUndone | None = None,
         *,
         starting: bool = False,
+        rollout_id: str = "",
     ) -> Planned:
         if request.scope.kind is ScopeKind.LOCAL and not self.leader_node:
             raise planner.PlanError(
                 "scope local needs the leader node's name: set node_name in leader.toml"
             )
-        online, seen = await self._observe_all(request if starting else None)
-        if seen and request.change is Change.ENABLE_TLS:
-            seen = await self._own_certs_count(seen)
-        if seen is None and undone is not None:
-            raise undone  # nothing observed: what was taken back is all there is to go by
+        # (Read before the agents are asked: a start picks its first nodes from their answers
+        # as the planner will read them, ``steps``.)
         digests = await self._digests()
-        in_use = max(
-            (digests.get(o.verifier_digest, 0) for o in (seen or {}).values() if o.reachable),
-            default=0,
-        )
         target_digest = ""
         if request.change is Change.CHANGE_PASSWORD and digests:
             target_digest = max(digests, key=lambda d: digests[d])
@@ -354,10 +383,30 @@ class Commands:
             target_digest = next(
                 (d for d, v in digests.items() if v == request.keep_auth_version), "?"
             )
+        installed: frozenset[str] = frozenset()
+        if self.observe is not None and request.change is Change.ENABLE_TLS:
+            installed = frozenset(await asyncio.to_thread(self.schema.own_fingerprints))
+
+        def steps(seen: NodeObservation) -> bool:
+            """Does the plan step a node seen so (``planner.plan_rollout``: not skipped)?"""
+            if request.dual_from and still_dual(seen, target_digest):
+                return True
+            seen = _own_count(seen, installed)
+            return not already_done(request.change, seen, target_digest, request.strategy)
+
+        online, seen = await self._observe_all(request if starting else None, steps, rollout_id)
+        if seen and request.change is Change.ENABLE_TLS:
+            seen = {name: _own_count(o, installed) for name, o in seen.items()}
+        if seen is None and undone is not None:
+            raise undone  # nothing observed: what was taken back is all there is to go by
+        in_use = max(
+            (digests.get(o.verifier_digest, 0) for o in (seen or {}).values() if o.reachable),
+            default=0,
+        )
         epoch = await asyncio.to_thread(self.schema.next_epoch)
         try:
             rollout, records = planner.plan_rollout(
-                rollout_id=new_rollout_id(self.clock()),
+                rollout_id=rollout_id or new_rollout_id(self.clock()),
                 change=request.change,
                 scope=request.scope,
                 enrolled=online,
@@ -379,18 +428,6 @@ class Commands:
         if request.own_certs is not None:
             certificates = await self._check_own_certs(request, records, seen or {})
         return Planned(rollout, records, in_use, certificates)
-
-    async def _own_certs_count(
-        self, seen: dict[str, NodeObservation]
-    ) -> dict[str, NodeObservation]:
-        """A node on https with the certificate a ``--cert-dir`` rollout gave it is as done
-        for enable-tls as one with the cluster CA's: a later enable-tls must not put it back
-        on the cluster CA's (that takes rotate-cert, said plainly)."""
-        installed = await asyncio.to_thread(self.schema.own_fingerprints)
-        return {
-            name: replace(o, cert_from_ca=True) if o.cert_fingerprint in installed else o
-            for name, o in seen.items()
-        }
 
     async def _check_own_certs(
         self,
@@ -428,17 +465,18 @@ class Commands:
         the pool until the engine holds the nodes it steps, or are given back if it is refused
         (``AgentPool.release_first``)."""
         started = False
+        rollout_id = new_rollout_id(self.clock())  # (its first channels' reservation)
         try:
-            row = await self._start(request, actor)
+            row = await self._start(request, actor, rollout_id)
             started = True
             return row
         finally:
             if self.channels is not None:
-                self.channels.release_first(started=started)
+                self.channels.release_first(started=started, rollout=rollout_id)
 
-    async def _start(self, request: RolloutRequest, actor: str) -> RolloutRow:
+    async def _start(self, request: RolloutRequest, actor: str, rollout_id: str) -> RolloutRow:
         request, undoes, undone = await self._resolve(request)
-        planned = await self._plan(request, undone, starting=True)
+        planned = await self._plan(request, undone, starting=True, rollout_id=rollout_id)
         rollout, nodes = planned.rollout, planned.records
         latest = await asyncio.to_thread(self.schema.latest_auth_version)
         auth = planner.decide_auth(

@@ -313,7 +313,7 @@ class Engine:
             if plan.rollout_events:
                 log.info("rollout.state_changed", rollout_id=rollout.id, state=rollout.state.value)
         if not waiting:  # its nodes in flight, with those this pass moved in: before their steps
-            self.agents.hold(_in_flight(row))
+            self._hold(row)
         for step in plan.steps:
             self._ensure_step(row, step)
         self._renew_freezes(row, plan)
@@ -891,9 +891,19 @@ class Engine:
                 reason=action.reason,
             )
         moved = set(plan.nodes_with_events)
-        self.agents.hold(_in_flight(row))  # with the nodes it moved in, before their steps
+        self._hold(row)  # with the nodes it moved in, before their steps
         for step in plan.steps:
             self._ensure_step(row, step, fresh=step.node in moved)
+
+    def _hold(self, row: RolloutRow) -> None:
+        """The pool holds ``row``'s rollout's nodes in flight as the store has them now
+        (``AgentPool.hold``), not as ``row`` had them: a pass's row, read before a step's
+        outcome saved a move meanwhile (which held the node it moved in), would drop that node
+        from the hold until the next pass, and the cap could close its channel meanwhile
+        (session 29's risk). What the last write left is never older than a row this loop
+        got from the store."""
+        fresh = self.schema.kept(row.rollout.id, settled=True)
+        self.agents.hold(_in_flight(fresh if fresh is not None else row), row.rollout.id)
 
     @staticmethod
     def _revoke_now(

@@ -25,12 +25,14 @@ listening), which the channel's Check proved: so, while the question is out (``r
 ``leader.agent_client.AgentPool.reach``), the leader proves it too, without a handshake it
 would not make anyway. ``tlsroll plan``: a plain TCP connection to the address and port the
 pool dials, closed at once (something listens there). A rollout's start: the same for every
-node but its ``first`` (those it steps first), whose channels it opens (each a TLS handshake,
-with the key pin) and keeps, as their steps need them moments later. A node that fails either
-is unreachable with the reason, as over the channel: a start with it is refused before
-anything switches. (A TCP connection does not prove the listener is this node's agent: another
-node's agent on a stale address passes it, and that node's preflight refuses it at its TLS
-check, a halt, as for any node that fails mid-rollout.)
+node but the first it steps (``FirstSteps``: the first 16, the pool's cap, in its order
+that its plan does not skip, known from their answers and those of the nodes before
+them), whose channels it opens (each a TLS handshake, with the key pin) and keeps, as their
+steps need them moments later; its nodes are dialled once their answers are in. A node that
+fails either is unreachable with the reason, as over the channel: a start with it is refused
+before anything switches. (A TCP connection does not prove the listener is this node's agent:
+another node's agent on a stale address passes it, and that node's preflight refuses it at its
+TLS check, a halt, as for any node that fails mid-rollout.)
 
 Questions on the streams all go out at once; the channel fallbacks and a start's first channels
 go ``OBSERVE_AT_ONCE`` at a time (each opens a TLS connection). Each has a short deadline and no
@@ -46,7 +48,7 @@ from __future__ import annotations
 import asyncio
 import datetime as dt
 from collections.abc import Awaitable, Callable, Collection, Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 
 import grpc
 from cryptography import x509
@@ -74,6 +76,21 @@ Reach = Callable[..., Awaitable[str | None]]
 """Can the leader reach the node's agent where it dials it, by that deadline (the event loop's
 clock; ``channel``: by opening its channel)? None, or why not (``"channel"``: ask over it for
 the reason); a ``TlsrollError`` is this node's (``AgentPool.reach``)."""
+
+
+@dataclass(frozen=True)
+class FirstSteps:
+    """A rollout's start: the nodes whose channels its planning opens are the first ``count``
+    of ``order`` (its online nodes in the order it steps them) that it steps (``steps``: not
+    skipped as already done, from what the node's answer says), not the first ``count`` in
+    ``order`` (a start after partial work skips those: review 2 of session 30, L3).
+    ``reserve``: the start's rollout id, under which the pool keeps their channels
+    (``AgentPool.reach``)."""
+
+    order: Sequence[str]
+    count: int
+    steps: Callable[[NodeObservation], bool]
+    reserve: str = ""
 
 
 class StreamEnded(TransientError):
@@ -109,18 +126,50 @@ async def observe(
     warm: Collection[str] = frozenset(),
     ask: Ask | None = None,
     reach: Reach | None = None,
-    first: Collection[str] = frozenset(),
+    first: FirstSteps | None = None,
 ) -> dict[str, NodeObservation]:
     """Ask every named node's agent what it runs; unreachable ones say why. The agents of the
     nodes in ``warm`` are told to load their certificate code ahead of their preflight
     (``CheckRequest.warm_certificates``). ``ask``: the question goes on the node's heartbeat
     stream where it can (the module's docstring), else over the agent pool's channel; then
-    ``reach`` proves the leader's way in, concurrently: the channel of the nodes in ``first``
-    (a rollout's start: those it steps first), a TCP connection for the others (the module's
-    docstring)."""
+    ``reach`` proves the leader's way in: a TCP connection, made while the question is out;
+    a starting rollout's nodes (``first``) once their answers are in, and for the first it
+    steps (known once their answers and those of the nodes before them are in) their
+    channels instead (the module's docstring)."""
     late = NodeObservation(False, f"no answer within {OBSERVE_TIMEOUT:.0f} s")
 
     gate = asyncio.Semaphore(OBSERVE_AT_ONCE)
+    # ``first``: each of its nodes, in order: does the plan step it (set once its answer is in,
+    # or False once it has none)?
+    loop = asyncio.get_running_loop()
+    stepped = {n: loop.create_future() for n in first.order} if first is not None else {}
+    position = {n: at for at, n in enumerate(first.order)} if first is not None else {}
+
+    def decided(name: str, seen: NodeObservation | None) -> None:
+        will = stepped.get(name)
+        if will is not None and not will.done():
+            assert first is not None
+            will.set_result(seen is not None and seen.reachable and first.steps(seen))
+
+    async def among_first(name: str, deadline: float) -> bool:
+        """Is ``name`` (stepped) one of the first ``first.count`` nodes the start steps? It
+        waits for the answers of the nodes before it, until they make the count (half the
+        deadline at most: not known by then, it is no first node, and is dialled in the time
+        left)."""
+        if first is None or name not in position or not stepped[name].result():
+            return False
+        ahead = 0
+        try:
+            async with asyncio.timeout_at(deadline - OBSERVE_TIMEOUT / 2):
+                for other in first.order[: position[name]]:
+                    will = stepped[other]
+                    if will.result() if will.done() else await asyncio.shield(will):
+                        ahead += 1
+                        if ahead >= first.count:
+                            return False
+        except TimeoutError:
+            return False
+        return ahead < first.count
 
     def question(name: str) -> agent_pb2.CheckRequest:
         request = agent_pb2.CheckRequest(
@@ -130,6 +179,14 @@ async def observe(
         return request
 
     async def one(name: str) -> NodeObservation:
+        seen: NodeObservation | None = None
+        try:
+            seen = await asked(name)
+            return seen
+        finally:
+            decided(name, seen)
+
+    async def asked(name: str) -> NodeObservation:
         """On the stream (all nodes at once: no channel, no handshake) with the way in proved
         meanwhile (``reach``), else over the channel, ``OBSERVE_AT_ONCE`` nodes at a time."""
         loop = asyncio.get_running_loop()
@@ -137,7 +194,10 @@ async def observe(
         deadline = began + OBSERVE_TIMEOUT  # the way in's, all of it (``AgentPool.reach``)
         spent = 0.0  # of the deadline, by a stream that ended before its answer
         if ask is not None:
-            way_in = asyncio.ensure_future(proved(name, deadline)) if reach is not None else None
+            # A start's nodes wait for their answer (and those of the nodes before them) to
+            # know whether theirs is a channel to open; the others are dialled meanwhile.
+            early = reach is not None and name not in position
+            way_in = asyncio.ensure_future(proved(name, deadline)) if early else None
             timed_out = False
             try:
                 answer = await ask(name, question(name), OBSERVE_TIMEOUT)
@@ -150,6 +210,10 @@ async def observe(
                     way_in.cancel()
                 raise
             seen = answered(name, answer) if answer is not None else None
+            if seen is not None and name in position:
+                decided(name, seen)  # (the nodes after it wait for that)
+                if seen.reachable and reach is not None:
+                    way_in = asyncio.ensure_future(proved(name, deadline))
             if seen is None or not seen.reachable or way_in is None:
                 if way_in is not None:  # the channel (if any) proves it, or it is unreachable
                     way_in.cancel()
@@ -177,15 +241,16 @@ async def observe(
             return await over_channel(name, OBSERVE_TIMEOUT - spent)
 
     async def proved(name: str, deadline: float) -> str | None:
-        """``reach``: a start's first nodes open their channels (TLS handshakes) through the
-        same gate as the channel fallbacks, and wait for it no later than the deadline."""
+        """``reach``: a TCP connection, or for a start's first nodes (``among_first``) their
+        channels (TLS handshakes, kept for their steps) through the same gate as the channel
+        fallbacks, waited for no later than the deadline."""
         assert reach is not None
-        if name not in first:
+        if first is None or not await among_first(name, deadline):
             return await reach(name, deadline, channel=False)
         async with asyncio.timeout_at(deadline):
             await gate.acquire()
         try:
-            return await reach(name, deadline, channel=True)
+            return await reach(name, deadline, channel=True, reserve=first.reserve)
         finally:
             gate.release()
 

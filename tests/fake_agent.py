@@ -449,7 +449,7 @@ class FakeAgents:
     async def close(self) -> None:
         """A leader closes its clients; the agents live on."""
 
-    def hold(self, names: Collection[str]) -> None:
+    def hold(self, names: Collection[str], rollout: str | None = None) -> None:
         """No channels to keep open."""
 
     def expire_leases(self) -> None:

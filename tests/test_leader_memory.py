@@ -618,7 +618,9 @@ async def test_a_transitional_rollout_awaiting_finalize_holds_no_agent_channel_a
     monkeypatch.setattr(changes, "dual_check", changes.outside_check)
     leader = world.boot()
     held: list[frozenset[str]] = []
-    monkeypatch.setattr(leader.engine.agents, "hold", lambda names: held.append(frozenset(names)))
+    monkeypatch.setattr(
+        leader.engine.agents, "hold", lambda names, rollout=None: held.append(frozenset(names))
+    )
     released: list[int] = []
 
     async def after_rollouts() -> None:
@@ -779,9 +781,9 @@ async def test_a_rollout_s_nodes_in_flight_keep_their_agent_channels_between_the
         async def close(self) -> None:
             await pool.close()
 
-        def hold(self, names: Collection[str]) -> None:
+        def hold(self, names: Collection[str], rollout: str | None = None) -> None:
             held.append(len(names))
-            pool.hold(names)
+            pool.hold(names, rollout)
 
     leader = world.boot(prepare_ahead=1)
     pool_reads_enrolment(world, leader)

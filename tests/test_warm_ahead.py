@@ -22,7 +22,7 @@ import pytest
 
 from leader.agent_client import MAX_OPEN_CHANNELS, AgentPool
 from leader.commands import Commands, RolloutRequest
-from leader.observe import observe
+from leader.observe import FirstSteps, observe
 from leader.rollout_core import Change, NodeObservation, Scope
 from leader.schema_store import RolloutBusy, SchemaStore
 from nodeagent import service
@@ -42,7 +42,7 @@ class Recorder:
         self.warmed: list[frozenset[str]] = []
 
     async def __call__(
-        self, names: Sequence[str], *, warm: Collection[str], first: Collection[str] = ()
+        self, names: Sequence[str], *, warm: Collection[str], first: FirstSteps | None = None
     ) -> dict[str, NodeObservation]:
         self.warmed.append(frozenset(warm))
         return {name: NodeObservation(True, schemes=("http",)) for name in names}
@@ -195,10 +195,12 @@ class Reaching:
         self.pool = pool
         self.channel: dict[str, bool] = {}
 
-    async def __call__(self, name: str, deadline: float, *, channel: bool) -> str | None:
+    async def __call__(
+        self, name: str, deadline: float, *, channel: bool, reserve: str = ""
+    ) -> str | None:
         self.channel[name] = channel
         if channel and self.pool is not None:
-            return await self.pool.reach(name, deadline, channel=True)
+            return await self.pool.reach(name, deadline, channel=True, reserve=reserve)
         return None
 
 
@@ -210,7 +212,7 @@ class Released:
     def __init__(self) -> None:
         self.started: list[bool] = []
 
-    def release_first(self, *, started: bool) -> None:
+    def release_first(self, *, started: bool, rollout: str = "") -> None:
         self.started.append(started)
 
 
@@ -231,14 +233,15 @@ def planning_commands(
 async def test_a_start_opens_channels_for_its_first_nodes_in_order_and_dials_the_others(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Review 2, finding 5: --max-parallel 1 and prepare_ahead 1, nodes bravo, charlie, alpha
-    (the leader's node, last) in the rollout's order: a start opens the channels of the first
-    two (``channel=True``) and dials the third; a plan opens none; the start, made, hands
-    their reservation to the engine."""
+    """Review 2, finding 5: --max-parallel 1 and prepare_ahead 1, a pool that keeps 2, nodes
+    bravo, charlie, alpha (the leader's node, last) in the rollout's order: a start opens the
+    channels of the first two (``channel=True``) and dials the third; a plan opens none; the
+    start, made, hands their reservation to the engine."""
     world = make_world(tmp_path, monkeypatch)
     store = open_store(world.path)
     try:
         reach, channels = Reaching(), Released()
+        channels.max_open = 2  # (as many first channels as the pool keeps besides the held)
         commands = planning_commands(world, store, reach, channels, Asked())
         await commands.plan(enable_tls())
         assert reach.channel == dict.fromkeys(("bravo", "charlie", "alpha"), False)
