@@ -317,19 +317,15 @@ class Commands:
         steps: Callable[[NodeObservation], bool],
         rollout_id: str = "",
     ) -> FirstSteps:
-        """The nodes a starting rollout steps first (in its order, those it does not skip,
-        from their answers: ``steps``): planning opens their channels (``leader.observe``: the
-        leader's way in proved with the handshake their steps need anyway, off the first
-        switch's path), for as many as the pool keeps open besides the held ones and
-        ``OBSERVE_AT_ONCE`` (they are that many handshakes at once; a larger --max-parallel
-        opened up to 201 at once, and the cap closed all but 16 of them before the engine held
-        them: review 2, finding 2), not only its first ``max_parallel`` plus ``prepare_ahead``
-        (those the engine holds in flight): at 10 real nodes, a handshake at each later node's
-        preflight woke the leader's gRPC threads more than the same handshakes opened together
-        here (s31ctx: 3 pairs, net context switches per node 200/195, 200/188, 195/186 with 16
-        against 2, those of gRPC's event engine 83/81, 84/71, 86/72; the start's CPU 22-27 ms
-        against 30-41, the leader's per node 24/22, 28/23, 21/22 ms)."""
-        count = max(max(request.max_parallel, 1) + self.prepare_ahead, OBSERVE_AT_ONCE)
+        """The nodes a starting rollout steps first (its first ``max_parallel`` plus
+        ``prepare_ahead`` in its order that it does not skip, from their answers: ``steps``;
+        those the engine holds in flight): planning opens their
+        channels (``leader.observe``: the leader's way in proved with the handshake their steps
+        need anyway, off the first switch's path): no more than the pool keeps open besides
+        the held ones, nor than ``OBSERVE_AT_ONCE`` (they are that many handshakes at once; a
+        larger --max-parallel opened up to 201 at once, and the cap closed all but 16 of them
+        before the engine held them: review 2, finding 2)."""
+        count = max(request.max_parallel, 1) + self.prepare_ahead
         cap = self.channels.max_open if self.channels is not None else MAX_OPEN_CHANNELS
         order = self._in_order(request, up)
         return FirstSteps(order, min(count, cap, OBSERVE_AT_ONCE), steps, rollout_id)

@@ -44,7 +44,7 @@ async def test_a_start_opens_the_channels_of_the_first_nodes_it_steps_not_of_tho
 ) -> None:
     """Review 2 of session 30, L3: nodes bravo, charlie, alpha (the leader's node, last) in
     the rollout's order; bravo already runs https with a certificate of this CA (a start
-    after partial work: the plan skips it). a pool that keeps 2 first channels: the start
+    after partial work: the plan skips it). --max-parallel 1, prepare_ahead 1: the start
     opens the channels of charlie and alpha, the first two it steps, and dials bravo; on
     77bb3da it opened bravo's and charlie's (the first two in order), and alpha's first step
     opened its own."""
@@ -70,29 +70,10 @@ async def test_a_start_opens_the_channels_of_the_first_nodes_it_steps_not_of_tho
     store = open_store(world.path)
     try:
         reach, channels = Reaching(), Released()
-        channels.max_open = 2  # (two first channels)
         commands = planning_commands(world, store, reach, channels, None)
         row = await commands.start(enable_tls(), "admin")
         assert row.node("bravo")[0].state is NodeState.SKIPPED
         assert reach.channel == {"bravo": False, "charlie": True, "alpha": True}
-    finally:
-        store.close()
-
-
-async def test_a_start_opens_the_channels_of_as_many_first_nodes_as_the_pool_keeps(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    """s31ctx, task 1: --max-parallel 1 and prepare_ahead 1, the pool's cap 16, three nodes: a
-    start opens all three channels while it plans (on 77bb3da the first two, and alpha's
-    first step opened its own, one handshake at a time during the rollout, which woke the
-    leader's gRPC threads more than the same handshakes together: see first_steps)."""
-    world = make_world(tmp_path, monkeypatch)
-    store = open_store(world.path)
-    try:
-        reach, channels = Reaching(), Released()
-        commands = planning_commands(world, store, reach, channels, None)
-        await commands.start(enable_tls(), "admin")
-        assert reach.channel == {"bravo": True, "charlie": True, "alpha": True}
     finally:
         store.close()
 

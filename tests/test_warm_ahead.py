@@ -233,15 +233,14 @@ def planning_commands(
 async def test_a_start_opens_channels_for_its_first_nodes_in_order_and_dials_the_others(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Review 2, finding 5: --max-parallel 1 and prepare_ahead 1, a pool that keeps 2, nodes
-    bravo, charlie, alpha (the leader's node, last) in the rollout's order: a start opens the
-    channels of the first two (``channel=True``) and dials the third; a plan opens none; the
-    start, made, hands their reservation to the engine."""
+    """Review 2, finding 5: --max-parallel 1 and prepare_ahead 1, nodes bravo, charlie, alpha
+    (the leader's node, last) in the rollout's order: a start opens the channels of the first
+    two (``channel=True``) and dials the third; a plan opens none; the start, made, hands
+    their reservation to the engine."""
     world = make_world(tmp_path, monkeypatch)
     store = open_store(world.path)
     try:
         reach, channels = Reaching(), Released()
-        channels.max_open = 2  # (as many first channels as the pool keeps besides the held)
         commands = planning_commands(world, store, reach, channels, Asked())
         await commands.plan(enable_tls())
         assert reach.channel == dict.fromkeys(("bravo", "charlie", "alpha"), False)
