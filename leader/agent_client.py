@@ -54,9 +54,10 @@ CALL_TIMEOUT = 30.0
 # heartbeat stream (the others open no channel for planning), 16 at a time
 # (observe.OBSERVE_AT_ONCE, last node first, so that the channels left open are those of the nodes
 # the rollout begins with), freezes, the nodes just out of flight. A start's first nodes, whose
-# steps need their channels, have them opened by its planning (``reach``): the first
-# min(this cap, OBSERVE_AT_ONCE) it steps, OBSERVE_AT_ONCE at a time, and reserved (never closed
-# by the cap) until a hold of a live rollout follows the start, or the start is refused
+# steps need their channels, have them opened by its planning (``reach``): at most
+# min(--max-parallel + prepare_ahead, this cap, OBSERVE_AT_ONCE), OBSERVE_AT_ONCE at a time, and
+# reserved (never closed by the cap) until a hold of a live rollout follows the start, or the
+# start is refused
 # (``release_first``). Issue 15, ``bench.simagents`` at
 # 500 agents (--max-parallel 10), 4 pairs of 16 throughout against 32: the leader's RSS at the
 # rollout's end 121.1-121.7 MiB against 122.6-124.1 (1.3-2.9 lower); 3 s later, once ``give_back``

@@ -25,8 +25,8 @@ listening), which the channel's Check proved: so, while the question is out (``r
 ``leader.agent_client.AgentPool.reach``), the leader proves it too, without a handshake it
 would not make anyway. ``tlsroll plan``: a plain TCP connection to the address and port the
 pool dials, closed at once (something listens there). A rollout's start: the same for every
-node but the first it steps (``FirstSteps``: the first 16, the pool's cap, in its order
-that its plan does not skip, known from their answers and those of the nodes before
+node but the first it steps (``FirstSteps``: the first max_parallel + prepare_ahead in its
+order that its plan does not skip, known from their answers and those of the nodes before
 them), whose channels it opens (each a TLS handshake, with the key pin) and keeps, as their
 steps need them moments later; its nodes are dialled once their answers are in. A node that
 fails either is unreachable with the reason, as over the channel: a start with it is refused
