@@ -563,6 +563,10 @@ async def test_a_stream_silent_after_its_first_message_ends_at_the_renewal_bound
         await rig.close()
 
 
+LONG_RENEW = 600
+"""A renewal bound (s) no test waits for: a message at the bound never mixes into a count."""
+
+
 def agent_link(
     tmp_path: Path,
     node_files: tuple[bytes, bytes, bytes],
@@ -951,7 +955,12 @@ async def test_an_agent_that_took_the_leader_s_revocation_list_sends_no_message_
     leader's CPU each). The agent's real LeaderLink against the real Leader service: a beat
     after a list came (its first answer's, an urgent revocation's) is not sent, while a
     change in its report is; the next message carries the number (at the bound at the
-    latest)."""
+    latest).
+
+    The renewal bound is long here (``LONG_RENEW``; 4 s at the 1 s interval): a message the
+    bound brought would count as one the list brought, and the two takes (each a child
+    process) must not race it on a loaded machine (review 1b, finding 7)."""
+    monkeypatch.setattr(service, "renew_seconds", lambda _interval: LONG_RENEW)
     leader_address, node_address = loopback(), loopback()
     rig = leader_with_a_node(tmp_path, leader_address, node_address)
     rig.state.heartbeat_interval = 1
@@ -982,7 +991,7 @@ async def test_an_agent_that_took_the_leader_s_revocation_list_sends_no_message_
     assert rig.store.revoke("5eec", reason="", now=rig.clock[0], actor="test") == ["5eec"]
     try:
         await link.beat()  # the stream opens, in renewal mode; its answer brings the list
-        assert link._stream is not None and link._stream.renew == 4
+        assert link._stream is not None and link._stream.renew == LONG_RENEW
         await until(lambda: trust.crl_number == rig.store.revoked()[0], "the first list")
         assert len(messages) == 1 and messages[0].crl_number != trust.crl_number
         await link.beat(quiet=True)  # the list is all that changed: nothing to say
