@@ -1333,6 +1333,17 @@ def print_series(r: Result) -> None:
         )
 
 
+def _not_a_figure(ns: argparse.Namespace) -> str:
+    """The mark of a row whose CPU figures a profiler or tracer inflated: yappi runs inside
+    the leader over the idle window (whose CPU gives the heartbeat figures) and the rollout,
+    tracemalloc from its start; py-spy/perf (--profile) and strace (--fsyncs) sample or trace
+    it from outside in those windows. The no-agent baseline is read without yappi, py-spy
+    and strace, so even the net figures carry their cost."""
+    if ns.yappi is not None or ns.profile is not None or ns.memory is not None:
+        return "  (profiled: not a figure)"
+    return "  (strace: not a figure)" if ns.fsyncs else ""
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--worker", type=Path, help=argparse.SUPPRESS)
@@ -1392,7 +1403,9 @@ def main(argv: list[str] | None = None) -> int:
         type=Path,
         help="profile the leader's Python in the idle window (the heartbeats: "
         "leader-N-idle.pstat) and during the rollout (leader-N.pstat) with yappi (CPU clock, "
-        "every thread; pip install yappi) and keep the stats (pstat) in this directory",
+        "every thread; pip install yappi) and keep the stats (pstat) in this directory (the "
+        "CPU figures, the heartbeats' too, then compare with no other run: each row is "
+        "marked '(profiled: not a figure)')",
     )
     parser.add_argument(
         "--rollouts",
@@ -1486,7 +1499,8 @@ def main(argv: list[str] | None = None) -> int:
                 f" {per_message(r.idle_fsyncs, r.idle_messages):>14}"
                 if ns.fsyncs
                 else ""
-            ),
+            )
+            + _not_a_figure(ns),
             flush=True,
         )
         if len(r.series) > 1:
@@ -1514,7 +1528,10 @@ def main(argv: list[str] | None = None) -> int:
         "(idle files - inbound: the leader's own); 0 agents ms/s: the leader's CPU per second "
         "before any agent connected (its own timers; what 'net' takes off); chan/node: the "
         "connections the leader opened to the agents' NodeAgent up to the rollout's end "
-        "(planning and steps; each an mTLS handshake), per node"
+        "(planning and steps; each an mTLS handshake), per node; a row marked "
+        "'(profiled: not a figure)' (--yappi, --profile, --memory) or '(strace: not a "
+        "figure)' (--fsyncs): a profiler or strace ran in its windows, the idle one too, so "
+        "its CPU figures (the heartbeats' included) compare with no other run"
     )
     return 0
 

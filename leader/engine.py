@@ -101,10 +101,12 @@ TICK_SECONDS = 1.0
 IDLE_TICK_SECONDS = 60.0
 """The loop's tick while no rollout is live (none, or only one that waits for its finalize):
 a pass then has nothing to do, and a leader idles for months. What brings a pass sooner: an
-admin command (``wake``) and any write to the store that moves its generation on
-(``Database.on_change``: a rollout created or controlled, an enrolment, a revocation; not a
-heartbeat's routine record). The 1 s tick woke the idle leader each second for nothing (its
-largest fixed cost with no agent; issue 15). This tick is only a backstop."""
+admin command (``wake``: a start, and pause/resume/abort, whose write is routine) and any
+write to the store that moves its generation on (``Database.on_change``: a rollout created,
+an enrolment, a revocation; not a heartbeat's routine record nor a control's). A write that
+commits during the pass that first finds the loop idle is seen by the generation ``run``
+compares after it. The 1 s tick woke the idle leader each second for nothing (its largest
+fixed cost with no agent; issue 15). This tick is only a backstop."""
 STEP_RETRY_SECONDS = 2.0
 STEP_DEADLINE = 30.0  # seconds without an answer before a preflight fails (a stage: twice)
 UNKNOWN_AFTER = 10.0  # seconds without an answer before a switching node shows "unknown"

@@ -1134,7 +1134,13 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                     beat.renews = True
                     self._vouch(beat)
                     self._start_watch()
-                beat.crl_number = request.crl_number
+                # Only up while the stream lives: a message sent before a pushed list came
+                # and read after it carries the older number, and the agent sends none for
+                # the take (``report_key``), so the note would stay behind until the bound
+                # and the list go out again (review 1b, finding 5). A take that failed is
+                # either for good (resending the same list does not help) or ends the stream
+                # (a new stream's first message sets the note afresh).
+                beat.crl_number = max(beat.crl_number, request.crl_number)
                 # Nothing to say to a renewal that asks nothing: an answer would cost as much
                 # as the message. A list newer only by superseded certificates waits for the
                 # watch's next round (``CRL_NEWS_SECONDS``), as it does for a quiet stream.

@@ -2256,3 +2256,53 @@ async def test_an_idle_loop_makes_no_pass_each_tick_only_when_the_store_changes(
         stop.set()
         await task
         leader.store.close()
+
+
+async def test_a_write_during_the_first_idle_pass_brings_the_next_pass_without_a_wake(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A pass learns that it is idle only as it reads the store; a write that commits before
+    (the loop was busy, so ``_store_changed`` did not wake it) is seen by the generation the
+    loop compares after the pass: the next pass comes at once, not at ``IDLE_TICK_SECONDS``.
+    Here the write is the first pass's own (a non-routine write in ``_forget_ended_keys``),
+    and no wake is set (review 1b, finding 6: without that comparison this test fails)."""
+    monkeypatch.setattr("leader.engine.TICK_SECONDS", 0.001)
+    world = make_world(tmp_path, monkeypatch)
+    leader = world.boot()
+    engine = leader.engine
+    passes: list[bool] = []
+    woken: list[bool] = []
+    reconcile, forget = engine.reconcile, engine._forget_ended_keys
+
+    async def counted() -> None:
+        await reconcile()
+        passes.append(engine.idle)
+        woken.append(engine.wake.is_set())
+
+    async def writing(active: RolloutRow | None) -> None:
+        if not passes:  # the first pass, before it knew it was idle
+            assert not engine.idle
+            with leader.schema.db.tx() as db:  # an enrolment, a revocation, …
+                db.execute("UPDATE nodes SET agent_port = agent_port")
+        await forget(active)
+
+    async def until(count: int) -> None:
+        for _ in range(500):
+            if len(passes) >= count:
+                return
+            await asyncio.sleep(0.002)
+
+    monkeypatch.setattr(engine, "reconcile", counted)
+    monkeypatch.setattr(engine, "_forget_ended_keys", writing)
+    stop = asyncio.Event()
+    task = asyncio.create_task(engine.run(stop))
+    try:
+        await until(2)
+        for _ in range(50):  # 50 ticks: no further pass (the second wrote nothing)
+            await asyncio.sleep(0.002)
+        assert passes == [True, True]
+        assert woken == [False, False]  # nothing woke the loop: the generation brought it
+    finally:
+        stop.set()
+        await task
+        leader.store.close()

@@ -563,6 +563,10 @@ async def test_a_stream_silent_after_its_first_message_ends_at_the_renewal_bound
         await rig.close()
 
 
+LONG_RENEW = 600
+"""A renewal bound (s) no test waits for: a message at the bound never mixes into a count."""
+
+
 def agent_link(
     tmp_path: Path,
     node_files: tuple[bytes, bytes, bytes],
@@ -951,7 +955,12 @@ async def test_an_agent_that_took_the_leader_s_revocation_list_sends_no_message_
     leader's CPU each). The agent's real LeaderLink against the real Leader service: a beat
     after a list came (its first answer's, an urgent revocation's) is not sent, while a
     change in its report is; the next message carries the number (at the bound at the
-    latest)."""
+    latest).
+
+    The renewal bound is long here (``LONG_RENEW``; 4 s at the 1 s interval): a message the
+    bound brought would count as one the list brought, and the two takes (each a child
+    process) must not race it on a loaded machine (review 1b, finding 7)."""
+    monkeypatch.setattr(service, "renew_seconds", lambda _interval: LONG_RENEW)
     leader_address, node_address = loopback(), loopback()
     rig = leader_with_a_node(tmp_path, leader_address, node_address)
     rig.state.heartbeat_interval = 1
@@ -982,7 +991,7 @@ async def test_an_agent_that_took_the_leader_s_revocation_list_sends_no_message_
     assert rig.store.revoke("5eec", reason="", now=rig.clock[0], actor="test") == ["5eec"]
     try:
         await link.beat()  # the stream opens, in renewal mode; its answer brings the list
-        assert link._stream is not None and link._stream.renew == 4
+        assert link._stream is not None and link._stream.renew == LONG_RENEW
         await until(lambda: trust.crl_number == rig.store.revoked()[0], "the first list")
         assert len(messages) == 1 and messages[0].crl_number != trust.crl_number
         await link.beat(quiet=True)  # the list is all that changed: nothing to say
@@ -1005,6 +1014,89 @@ async def test_an_agent_that_took_the_leader_s_revocation_list_sends_no_message_
     asked.wants_answer, asked.renews, asked.seq = True, True, 7
     assert report_key(asked) == report_key(said)
     assert report_key(said) != report_key(leader_pb2.HeartbeatRequest(agent_version="1"))
+
+
+async def test_a_message_that_crosses_a_pushed_list_does_not_roll_the_leader_s_note_back(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review 1b, finding 5: the leader counts a list as the agent's once it wrote it to the
+    stream, and the agent sends no message for taking it. A message the agent sent before
+    the push came (a change in its report) and read after it carries the older number: the
+    note of the stream went back to it, the stream lacked the list again, and the leader
+    wrote the whole list once more (at once for an urgent revocation, as here; at the next
+    round of news for a superseded certificate). On the leader a stream's number only grows
+    while the stream lives. Real LeaderLink and Leader service; the crossing is made by
+    reading the message with the number it had before the push."""
+    monkeypatch.setattr(service, "renew_seconds", lambda _interval: LONG_RENEW)
+    leader_address, node_address = loopback(), loopback()
+    rig = leader_with_a_node(tmp_path, leader_address, node_address)
+    rig.state.heartbeat_interval = 1
+    handled: list[leader_pb2.HeartbeatRequest] = []
+    stale: list[int] = []  # the number the next message is read with
+    real = rig.service._heartbeat
+
+    async def crossing(*args: Any) -> Any:
+        request = args[1]
+        if stale:
+            request.crl_number = stale.pop()
+        reply = await real(*args)
+        handled.append(request)  # the handler notes its number next, without a pause
+        return reply
+
+    lists: list[int] = []  # each list the leader wrote to a stream, by number
+    send = service._Beats.send
+
+    async def sending(
+        beat: Any, reply: leader_pb2.HeartbeatResponse, snap: service.Snapshot
+    ) -> None:
+        if reply.crl_pem:
+            lists.append(snap.crl_number)
+        await send(beat, reply, snap)
+
+    monkeypatch.setattr(rig.service, "_heartbeat", crossing)
+    monkeypatch.setattr(service._Beats, "send", sending)
+    await rig.server.start()
+    link, trust, journal = agent_link(tmp_path, rig.node_files, leader_address, node_address)
+    view = agent_pb2.ServerView(driver="reference", healthy=True, schemes=["http"])
+
+    async def server_view() -> agent_pb2.ServerView:
+        return view
+
+    async def until(what: Callable[[], bool], why: str) -> None:
+        try:
+            async with asyncio.timeout(30):
+                while not what():
+                    await asyncio.sleep(0.02)
+        except TimeoutError:
+            raise AssertionError(f"not within 30 s: {why}") from None
+
+    link.server_view = server_view
+    assert rig.store.revoke("5eec", reason="", now=rig.clock[0], actor="test") == ["5eec"]
+    try:
+        await link.beat()  # the stream opens, in renewal mode; its answer brings the list
+        assert link._stream is not None and link._stream.renew == LONG_RENEW
+        await until(lambda: trust.crl_number == rig.store.revoked()[0], "the first list")
+        old = trust.crl_number
+        (beat,) = rig.service._open
+        assert rig.store.revoke("5eed", reason="", now=rig.clock[0], actor="test") == ["5eed"]
+        await until(lambda: 0x5EED in trust.revoked, "the admin's revocation, pushed")
+        new = trust.crl_number
+        await until(lambda: beat.crl_number == new, "the push written")
+        assert new > old and lists == [old, new]
+        stale.append(old)
+        view.healthy, view.detail = False, "connection refused"  # a change: sent at once
+        await link.beat(quiet=True)
+        await until(lambda: any(m.server.detail for m in handled), "the change")
+        assert beat.crl_number == new  # was ``old``
+        view.detail = "connection reset"  # one more message: its answer comes after any
+        await link.beat(quiet=True)
+        await until(lambda: any(m.server.detail == view.detail for m in handled), "the next")
+        assert lists == [old, new]  # [old, new, new]: the list written again
+        assert beat.crl_number == new == trust.crl_number
+    finally:
+        await link.close()
+        journal.close()
+        await rig.close()
 
 
 async def test_a_renewal_with_a_slow_server_view_reaches_the_leader_before_its_deadline(
