@@ -160,7 +160,7 @@ async def test_a_pass_holds_the_nodes_in_flight_as_stored_not_as_it_read_them(
         async def close(self) -> None:
             pass
 
-        def hold(self, names: Collection[str], rollout: str | None = None) -> None:
+        def hold(self, names: Collection[str], rollout: str | None = None, **kw: bool) -> None:
             holds.append(frozenset(names))
 
     leader.engine.agents = Recorded()
