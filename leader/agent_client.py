@@ -74,7 +74,11 @@ DIAL_AT_ONCE = 256
 # A start's first channels, handed to the engine (``AgentPool.release_first``), stay reserved
 # until a hold names a live rollout (its own: the engine holds the nodes it steps), or this long
 # (an engine pass that began before the start's commit holds none, and must not drop them; a
-# rollout aborted before any pass saw it never is held). The engine passes every second.
+# rollout aborted before any pass saw it never is held). The engine passes every second only
+# while a rollout is live; idle, it waits for a wake, a store write or its idle tick
+# (``leader.engine.IDLE_TICK_SECONDS``, 60 s), so this bound is checked at the next hold: a
+# start aborted before any pass saw it keeps its channels out of the cap's reach until then,
+# a minute at most.
 HANDED_SECONDS = 10.0
 FAILED_STATES = frozenset(
     {grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN}
