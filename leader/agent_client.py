@@ -74,7 +74,11 @@ DIAL_AT_ONCE = 256
 # A start's first channels, handed to the engine (``AgentPool.release_first``), stay reserved
 # until a hold names a live rollout (its own: the engine holds the nodes it steps), or this long
 # (an engine pass that began before the start's commit holds none, and must not drop them; a
-# rollout aborted before any pass saw it never is held). The engine passes every second.
+# rollout aborted before any pass saw it never is held). The engine passes every second only
+# while a rollout is live; idle, it waits for a wake, a store write or its idle tick
+# (``leader.engine.IDLE_TICK_SECONDS``, 60 s), so this bound is checked at the next hold: a
+# start aborted before any pass saw it keeps its channels out of the cap's reach until then,
+# a minute at most.
 HANDED_SECONDS = 10.0
 FAILED_STATES = frozenset(
     {grpc.ChannelConnectivity.TRANSIENT_FAILURE, grpc.ChannelConnectivity.SHUTDOWN}
@@ -158,9 +162,13 @@ class Agents(Protocol):
 
     async def get(self, name: str) -> AgentApi: ...
 
-    def hold(self, names: Collection[str], rollout: str | None = None) -> None:
+    def hold(
+        self, names: Collection[str], rollout: str | None = None, *, close_landed: bool = True
+    ) -> None:
         """``names`` are the live ``rollout``'s nodes in flight (none, and no id: no rollout
-        is live, or it waits); keep their channels open between their steps."""
+        is live, or it waits); keep their channels open between their steps. ``close_landed``:
+        the channels of nodes no longer in flight are done with (False: the rollout still
+        calls them, e.g. a scope freeze's renewals and UNFREEZEs)."""
 
     async def close(self) -> None: ...
 
@@ -647,7 +655,9 @@ class AgentPool:
             return f"agent {name}: cannot connect to {where}: {why}"
         return None
 
-    def hold(self, names: Collection[str], rollout: str | None = None) -> None:
+    def hold(
+        self, names: Collection[str], rollout: str | None = None, *, close_landed: bool = True
+    ) -> None:
         """``names`` are the live rollout's nodes in flight (the engine says so at each pass,
         with the ``rollout``'s id; none, and no id, once no rollout is live, or while it
         waits; a start's first channels are held from then on: ``_hand_over``): their
@@ -656,22 +666,27 @@ class AgentPool:
         between them (a retry, its turn to switch) and whatever else uses the pool meanwhile
         (scope freezes, plan, observe); opening it again would be a TLS handshake on its
         switch's path. The channels of nodes no longer held (their flight is over) are closed
-        now if they are idle; the cap (``max_open``) bounds the other open channels, least
-        recently used first, closed now if idle and beyond it, the others as they go idle."""
+        now if they are idle, unless ``close_landed`` is False (the rollout still calls them:
+        a scope freeze renews every frozen node's lease and unfreezes it at the end); the cap
+        (``max_open``) bounds the other open channels, least recently used first, closed now
+        if idle and beyond it, the others as they go idle."""
         handed = bool(self._reservations) and self._hand_over(rollout)
         if not handed and names == self._held:
             return
         landed = self._held.difference(names)
         self._held = frozenset(names)
-        # A node no longer in flight has had its last step of the rollout: its channel, idle,
-        # is closed now rather than kept under the cap. At 500 simulated nodes (max-parallel
+        # A node no longer in flight has had its last step (``close_landed``: the engine says
+        # so for a rollout without a scope freeze; with one, a done node is still renewed and
+        # unfrozen at the end, and its channel stays under the cap, as on 77bb3da: review 1b
+        # of session 31, finding 4): its channel, idle, is closed now rather than kept under
+        # the cap. At 500 simulated nodes (max-parallel
         # 10) the pool kept the 16 most recently done nodes' channels open besides the ~11 in
         # flight, to the rollout's end, each with its TLS connection's memory (issue 15):
         # ``bench.simagents --nodes 500``, 3 back-to-back pairs against 77bb3da, RSS at the
         # rollout's end 120.2 / 121.1 / 121.4 MiB against 123.9 / 123.7 / 124.4, settled
         # 120.1 / 120.3 / 120.0 against 121.4 / 122.1 / 122.0; channels opened per node 1.00
         # on both (no node's channel opened again).
-        for name in landed - self._reserved:
+        for name in (landed - self._reserved) if close_landed else ():
             client = self.clients.get(name)
             if client is None or client.in_flight or name not in self._idle:
                 continue

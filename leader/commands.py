@@ -40,8 +40,6 @@ from leader.rollout_core import (
     Scope,
     ScopeKind,
     Strategy,
-    already_done,
-    still_dual,
 )
 from leader.schema_store import RolloutMeta, RolloutRow, SchemaStore, StaleRecords
 from leader.schema_view import still_on_http_now
@@ -384,11 +382,16 @@ class Commands:
             installed = frozenset(await asyncio.to_thread(self.schema.own_fingerprints))
 
         def steps(seen: NodeObservation) -> bool:
-            """Does the plan step a node seen so (``planner.plan_rollout``: not skipped)?"""
-            if request.dual_from and still_dual(seen, target_digest):
-                return True
-            seen = _own_count(seen, installed)
-            return not already_done(request.change, seen, target_digest, request.strategy)
+            """Does the plan step a node seen so (not skipped, nor left dual: the planner's own
+            decision, ``planner.settled_at_start``)?"""
+            settled = planner.settled_at_start(
+                request.change,
+                _own_count(seen, installed),  # (as ``seen`` reaches the planner below)
+                target_digest,
+                request.strategy,
+                request.dual_from,
+            )
+            return settled is None  # (a node left dual is the retry's, but never stepped)
 
         online, seen = await self._observe_all(request if starting else None, steps, rollout_id)
         if seen and request.change is Change.ENABLE_TLS:

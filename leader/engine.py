@@ -905,7 +905,13 @@ class Engine:
         (session 29's risk). What the last write left is never older than a row this loop
         got from the store."""
         fresh = self.schema.kept(row.rollout.id, settled=True)
-        self.agents.hold(_in_flight(fresh if fresh is not None else row), row.rollout.id)
+        self.agents.hold(
+            _in_flight(fresh if fresh is not None else row),
+            row.rollout.id,
+            # A scope freeze still renews and unfreezes its done nodes: their channels stay
+            # under the pool's cap rather than closed as they land (review 1b, finding 4).
+            close_landed=row.rollout.freeze is not FreezeMode.SCOPE,
+        )
 
     @staticmethod
     def _revoke_now(

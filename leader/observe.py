@@ -28,7 +28,11 @@ pool dials, closed at once (something listens there). A rollout's start: the sam
 node but the first it steps (``FirstSteps``: the first max_parallel + prepare_ahead in its
 order that its plan does not skip, known from their answers and those of the nodes before
 them), whose channels it opens (each a TLS handshake, with the key pin) and keeps, as their
-steps need them moments later; its nodes are dialled once their answers are in. A node that
+steps need them moments later. Only the first max_parallel + prepare_ahead in order wait for
+their answers before they are dialled or opened (a node further on that turns out to be among
+the first it steps has its channel opened then, instead of the TCP connection); whatever is
+proved after an answer has ``PROVED_AFTER_ANSWER`` at least, so an answer late in the window
+does not fail a start that ``tlsroll plan`` passes (review 1b of session 31). A node that
 fails either is unreachable with the reason, as over the channel: a start with it is refused
 before anything switches. (A TCP connection does not prove the listener is this node's agent:
 another node's agent on a stale address passes it, and that node's preflight refuses it at its
@@ -64,6 +68,10 @@ OBSERVE_TIMEOUT = 5.0
 # each first call opens a TLS connection, and 500 handshakes at once on a small leader machine
 # timed out by the hundred ("no SETTINGS frame").
 OBSERVE_AT_ONCE = 16
+# A start's node proved once its answer is in (its channel, or a TCP connection for a node it
+# did not dial while the question was out) has at least this long for it, whenever in the
+# window the answer came.
+PROVED_AFTER_ANSWER = 1.0
 MAX_CLOCK_OFFSET = 120  # as the preflight step (leader.changes)
 
 Ask = Callable[[str, agent_pb2.CheckRequest, float], Awaitable[leader_pb2.CheckAnswer | None]]
@@ -132,10 +140,11 @@ async def observe(
     nodes in ``warm`` are told to load their certificate code ahead of their preflight
     (``CheckRequest.warm_certificates``). ``ask``: the question goes on the node's heartbeat
     stream where it can (the module's docstring), else over the agent pool's channel; then
-    ``reach`` proves the leader's way in: a TCP connection, made while the question is out;
-    a starting rollout's nodes (``first``) once their answers are in, and for the first it
-    steps (known once their answers and those of the nodes before them are in) their
-    channels instead (the module's docstring)."""
+    ``reach`` proves the leader's way in: a TCP connection, made while the question is out,
+    but for a starting rollout's (``first``) first ``first.count`` nodes in order, dialled once
+    their answers are in; the first nodes it steps (known once their answers and those of the
+    nodes before them are in) have their channels opened instead (the module's
+    docstring)."""
     late = NodeObservation(False, f"no answer within {OBSERVE_TIMEOUT:.0f} s")
 
     gate = asyncio.Semaphore(OBSERVE_AT_ONCE)
@@ -154,8 +163,8 @@ async def observe(
     async def among_first(name: str, deadline: float) -> bool:
         """Is ``name`` (stepped) one of the first ``first.count`` nodes the start steps? It
         waits for the answers of the nodes before it, until they make the count (half the
-        deadline at most: not known by then, it is no first node, and is dialled in the time
-        left)."""
+        deadline at most: not known by then, it is no first node, and is dialled, or its early
+        dial kept)."""
         if first is None or name not in position or not stepped[name].result():
             return False
         ahead = 0
@@ -188,16 +197,28 @@ async def observe(
 
     async def asked(name: str) -> NodeObservation:
         """On the stream (all nodes at once: no channel, no handshake) with the way in proved
-        meanwhile (``reach``), else over the channel, ``OBSERVE_AT_ONCE`` nodes at a time."""
+        (``reach``): dialled meanwhile, but a start's first ``first.count`` nodes in order,
+        which wait for the answers (theirs and those before them) to know whether theirs is a
+        channel to open, and are then dialled or opened with ``PROVED_AFTER_ANSWER`` at
+        least; a node further on found among the first it steps has its channel opened
+        then, its early dial dropped. Else over the channel, ``OBSERVE_AT_ONCE`` nodes at a
+        time."""
         loop = asyncio.get_running_loop()
         began = loop.time()
         deadline = began + OBSERVE_TIMEOUT  # the way in's, all of it (``AgentPool.reach``)
         spent = 0.0  # of the deadline, by a stream that ended before its answer
         if ask is not None:
-            # A start's nodes wait for their answer (and those of the nodes before them) to
-            # know whether theirs is a channel to open; the others are dialled meanwhile.
-            early = reach is not None and name not in position
-            way_in = asyncio.ensure_future(proved(name, deadline)) if early else None
+            # Every node is dialled (TCP) while the question is out, but a start's first
+            # ``first.count`` in order: one of those may be among the first it steps, whose
+            # channel is opened once the answers say so (``among_first``); a node further on
+            # that turns out to be among them has its channel opened then instead.
+            maybe_first = first is not None and position.get(name, first.count) < first.count
+            way_in = (
+                asyncio.ensure_future(reach(name, deadline, channel=False))
+                if reach is not None and not maybe_first
+                else None
+            )
+            bound = deadline
             timed_out = False
             try:
                 answer = await ask(name, question(name), OBSERVE_TIMEOUT)
@@ -213,7 +234,11 @@ async def observe(
             if seen is not None and name in position:
                 decided(name, seen)  # (the nodes after it wait for that)
                 if seen.reachable and reach is not None:
-                    way_in = asyncio.ensure_future(proved(name, deadline))
+                    # Proved after its answer: a bound of its own, not what the question left
+                    # of the deadline (an answer late in the window left the dial ~50 ms, and
+                    # a start refused a node ``tlsroll plan`` accepts: review 1b, finding 1).
+                    bound = max(deadline, loop.time() + PROVED_AFTER_ANSWER)
+                    way_in = asyncio.ensure_future(proved(name, deadline, bound, way_in))
             if seen is None or not seen.reachable or way_in is None:
                 if way_in is not None:  # the channel (if any) proves it, or it is unreachable
                     way_in.cancel()
@@ -226,7 +251,7 @@ async def observe(
                 try:
                     # ``reach`` keeps to the deadline and says why not; a second more, so that
                     # its reason, not this bound, is what the admin reads.
-                    async with asyncio.timeout_at(deadline + 1):
+                    async with asyncio.timeout_at(bound + 1):
                         failed = await way_in
                 except TimeoutError:
                     return late
@@ -240,19 +265,31 @@ async def observe(
         async with gate:
             return await over_channel(name, OBSERVE_TIMEOUT - spent)
 
-    async def proved(name: str, deadline: float) -> str | None:
-        """``reach``: a TCP connection, or for a start's first nodes (``among_first``) their
-        channels (TLS handshakes, kept for their steps) through the same gate as the channel
-        fallbacks, waited for no later than the deadline."""
-        assert reach is not None
-        if first is None or not await among_first(name, deadline):
-            return await reach(name, deadline, channel=False)
-        async with asyncio.timeout_at(deadline):
-            await gate.acquire()
+    async def proved(
+        name: str, deadline: float, bound: float, early: asyncio.Future[str | None] | None
+    ) -> str | None:
+        """A start's node, once its answer is in: for the first it steps (``among_first``)
+        its channel (a TLS handshake, kept for its steps) through the same gate as the channel
+        fallbacks, instead of its ``early`` TCP connection if it had one; for the others that
+        connection, or one made now; no later than ``bound``."""
+        assert reach is not None and first is not None
         try:
-            return await reach(name, deadline, channel=True, reserve=first.reserve)
+            if not await among_first(name, deadline):
+                if early is not None:
+                    return await early
+                return await reach(name, bound, channel=False)
+            if early is not None:
+                early.cancel()
+                await asyncio.gather(early, return_exceptions=True)
+            async with asyncio.timeout_at(bound):
+                await gate.acquire()
+            try:
+                return await reach(name, bound, channel=True, reserve=first.reserve)
+            finally:
+                gate.release()
         finally:
-            gate.release()
+            if early is not None:
+                early.cancel()  # (cancelled itself: its dial too; done: nothing)
 
     async def over_channel(name: str, left: float) -> NodeObservation:
         if left <= 0:

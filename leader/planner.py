@@ -240,6 +240,27 @@ def order_nodes(names: Iterable[str], leader: str) -> tuple[str, ...]:
     return tuple(sorted(names, key=lambda name: (name == leader, name)))
 
 
+def settled_at_start(
+    change: Change,
+    seen: NodeObservation,
+    target_digest: str = "",
+    strategy: Strategy = Strategy.DIRECT,
+    dual_from: str = "",
+) -> tuple[NodeState, str] | None:
+    """The terminal state a node ``seen`` so starts a planned rollout in, with the reason:
+    ``dual`` (``dual_from``: ``still_dual``, as phase 1 left it) or ``skipped``
+    (``already_done``); None: the rollout steps it (``plan_rollout``; a start's first
+    channels go to such nodes, ``leader.observe.FirstSteps``)."""
+    if dual_from and still_dual(seen, target_digest):
+        return NodeState.DUAL, (
+            f"dual since rollout {dual_from}: on http and https with a certificate of "
+            "this CA; finalize closes http here too"
+        )
+    if why := already_done(change, seen, target_digest, strategy):
+        return NodeState.SKIPPED, why
+    return None
+
+
 def plan_rollout(
     *,
     rollout_id: str,
@@ -296,13 +317,11 @@ def plan_rollout(
             raise Unreachable(unreachable)
         wrong: dict[str, str] = {}
         for name in names:
-            if dual_from and still_dual(observed[name], target_digest):
-                dual[name] = (
-                    f"dual since rollout {dual_from}: on http and https with a certificate of "
-                    "this CA; finalize closes http here too"
-                )
-            elif why := already_done(change, observed[name], target_digest, strategy):
-                done[name] = why
+            if settled := settled_at_start(
+                change, observed[name], target_digest, strategy, dual_from
+            ):
+                state, reason = settled
+                (dual if state is NodeState.DUAL else done)[name] = reason
             elif why := wrong_source(change, observed[name], strategy):
                 wrong[name] = why
         if wrong:

@@ -449,7 +449,9 @@ class FakeAgents:
     async def close(self) -> None:
         """A leader closes its clients; the agents live on."""
 
-    def hold(self, names: Collection[str], rollout: str | None = None) -> None:
+    def hold(
+        self, names: Collection[str], rollout: str | None = None, *, close_landed: bool = True
+    ) -> None:
         """No channels to keep open."""
 
     def expire_leases(self) -> None:

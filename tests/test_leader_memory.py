@@ -619,7 +619,9 @@ async def test_a_transitional_rollout_awaiting_finalize_holds_no_agent_channel_a
     leader = world.boot()
     held: list[frozenset[str]] = []
     monkeypatch.setattr(
-        leader.engine.agents, "hold", lambda names, rollout=None: held.append(frozenset(names))
+        leader.engine.agents,
+        "hold",
+        lambda names, rollout=None, **kw: held.append(frozenset(names)),
     )
     released: list[int] = []
 
@@ -781,9 +783,9 @@ async def test_a_rollout_s_nodes_in_flight_keep_their_agent_channels_between_the
         async def close(self) -> None:
             await pool.close()
 
-        def hold(self, names: Collection[str], rollout: str | None = None) -> None:
+        def hold(self, names: Collection[str], rollout: str | None = None, **kw: bool) -> None:
             held.append(len(names))
-            pool.hold(names, rollout)
+            pool.hold(names, rollout, **kw)
 
     leader = world.boot(prepare_ahead=1)
     pool_reads_enrolment(world, leader)
@@ -817,6 +819,53 @@ async def test_a_rollout_s_nodes_in_flight_keep_their_agent_channels_between_the
     assert held[-1] == 0 and pool.open_channels() <= MAX_OPEN_CHANNELS
     await runtime.give_back(pool)
     assert pool.open_channels() == 0
+    await leader.stop()
+
+
+@pytest.mark.parametrize("scope", [False, True], ids=["node-freeze", "scope-freeze"])
+async def test_a_rollout_below_the_cap_opens_each_node_s_channel_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loopback: Callable[[], str], scope: bool
+) -> None:
+    """Review 1b of session 31, finding 4: the pool closed a node's channel as soon as its
+    flight was over (its last step of the rollout, it was said). Under ``--freeze scope`` a
+    done node is still the rollout's: its freeze is renewed, and the rollout unfreezes it once
+    every node has settled. 6 nodes (under the cap), --max-parallel 1: each node's channel was
+    opened twice, the second time (a TLS handshake) for its UNFREEZE. The engine tells the
+    pool to keep such channels (under the cap, as before), and each is opened once, as with a
+    node freeze. The real engine, stores and pool (real channels, to an address where nothing
+    listens); the calls go to the harness's fake agents."""
+    from tests.test_perf_shape import (
+        channels_opened,
+        drive_to_the_end,
+        engine_world,
+        pool_reads_enrolment,
+    )
+
+    opened = channels_opened(monkeypatch)
+    n = 6
+    world = engine_world(tmp_path / "w", monkeypatch, n)
+    creds = grpc.ssl_channel_credentials(pki.CertificateAuthority.create().cert_pem)
+    pool = AgentPool(NodeRows(loopback()), creds, "tlsroll-test")  # type: ignore[arg-type]
+
+    class Pooled:
+        """Each call's agent through the pool (its channel opened, or reused), then the fake."""
+
+        async def get(self, name: str) -> Any:
+            assert (await pool.get(name)).channel is not None
+            return world.agents[name]
+
+        async def close(self) -> None:
+            await pool.close()
+
+        def hold(self, names: Collection[str], rollout: str | None = None, **kw: bool) -> None:
+            pool.hold(names, rollout, **kw)
+
+    leader = world.boot(prepare_ahead=1)
+    pool_reads_enrolment(world, leader)
+    leader.engine.agents = Pooled()
+    await leader.start(max_parallel=1, freeze=FreezeMode.SCOPE if scope else FreezeMode.NODE)
+    await drive_to_the_end(world, leader, n)
+    assert opened == Counter(a.name for a in world.agents), dict(opened)
     await leader.stop()
 
 

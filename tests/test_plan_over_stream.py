@@ -612,3 +612,48 @@ async def test_a_failed_address_read_is_read_again_and_a_removed_node_is_its_own
             await pool.close()
     assert seen["n1"].reachable
     assert seen["gone"] == NodeObservation(False, "no enrolled node named 'gone'")
+
+
+@pytest.mark.parametrize("late_steps", [False, True], ids=["skipped", "stepped"])
+@pytest.mark.parametrize("late", ["n0", "n1"])
+async def test_a_start_s_node_answering_late_in_the_window_is_still_proved(
+    monkeypatch: pytest.MonkeyPatch, late: str, late_steps: bool
+) -> None:
+    """Review 1b of session 31, finding 1: a start's every node was dialled (or its channel
+    opened) only once its answer was in, by the question's deadline: an agent answering just
+    before it left the dial no time, and the start refused a node ``tlsroll plan`` accepts.
+    Now a start dials its nodes while the question is out, but its first ``count`` in order
+    (n0 here), which are dialled or opened once the answers are in, with
+    ``PROVED_AFTER_ANSWER`` at least. The late node's answer comes just before the deadline;
+    the way in (a stub keeping to its deadline) needs 0.1 s of it. ``late_steps``: the start
+    steps the late node (n0: its channel is opened; n1: it is dialled, n0 being the first)."""
+    monkeypatch.setattr(observe_module, "OBSERVE_TIMEOUT", 1.0)
+    loop = asyncio.get_running_loop()
+
+    async def ask(name: str, request: agent_pb2.CheckRequest, timeout: float) -> Any:
+        await asyncio.sleep(timeout - 0.05 if name == late else 0.01)
+        view = agent_pb2.ServerView(
+            driver="fake", healthy=True, schemes=["http"], verifier_digest=name
+        )
+        return leader_pb2.CheckAnswer(checked=agent_pb2.PreflightResponse(ok=True, server=view))
+
+    dialled: dict[str, bool] = {}
+
+    async def reach(name: str, deadline: float, *, channel: bool, reserve: str = "") -> Any:
+        if deadline - loop.time() < 0.1:
+            return f"agent {name}: no connection within the deadline"
+        dialled[name] = channel
+        return None
+
+    def steps(seen: NodeObservation) -> bool:
+        return late_steps or seen.verifier_digest != late
+
+    names = ["n0", "n1", "n2"]
+    first = observe_module.FirstSteps(names, 1, steps, "r1")
+    seen = await observe(cast(Any, None), names, cast(Any, None), ask=ask, reach=reach, first=first)
+    assert {n: (o.reachable, o.error) for n, o in seen.items()} == {n: (True, "") for n in names}
+    # The first node the start steps has its channel opened, the others are dialled; n0
+    # skipped, n1 (the first it steps) is not known to be so within half the window, and is
+    # dialled (``among_first``).
+    opened = "n0" if late == "n1" or late_steps else ""
+    assert dialled == {n: n == opened for n in names}

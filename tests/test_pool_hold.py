@@ -15,7 +15,7 @@ from cryptography.hazmat.primitives import serialization
 
 from leader.agent_client import AgentPool
 from leader.engine import _in_flight
-from leader.rollout_core import NodeState
+from leader.rollout_core import NodeState, Strategy
 from tests.test_engine import make_world, open_store
 from tests.test_warm_ahead import (
     FakeChannel,
@@ -73,6 +73,46 @@ async def test_a_start_opens_the_channels_of_the_first_nodes_it_steps_not_of_tho
         commands = planning_commands(world, store, reach, channels, None)
         row = await commands.start(enable_tls(), "admin")
         assert row.node("bravo")[0].state is NodeState.SKIPPED
+        assert reach.channel == {"bravo": False, "charlie": True, "alpha": True}
+    finally:
+        store.close()
+
+
+async def test_a_retry_of_a_transitional_phase_1_opens_no_channel_for_a_node_left_dual(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review 1b of session 31, finding 2: a ``rollout retry`` of a halted transitional
+    phase 1 (``dual_from``) plans a node phase 1 left dual as ``dual`` (terminal: the retry
+    never preflights, stages nor switches it, only its finalize closes http there). The
+    start counted it among the first nodes it steps: with --max-parallel 1 and prepare_ahead
+    1 it opened bravo's channel (a TLS handshake for nothing) and only dialled alpha, the
+    second node the retry steps. The start's ``steps`` is now the planner's own decision."""
+    world = make_world(tmp_path, monkeypatch)
+    served = world.ca.issue(pki.generate_key().public_key(), pki.Names.of("bravo", ["10.0.0.2"]))
+    dual = agent_pb2.ServerView(
+        driver="fake",
+        healthy=True,
+        schemes=["http", "https"],
+        cert_pem=served.public_bytes(serialization.Encoding.PEM),
+    )
+    http = agent_pb2.ServerView(driver="fake", healthy=True, schemes=["http"])
+
+    async def answering(
+        name: str, request: agent_pb2.CheckRequest, timeout: float
+    ) -> leader_pb2.CheckAnswer:
+        if name != "bravo":
+            await asyncio.sleep(0.01)  # (bravo's answer comes first: charlie waits for it)
+        view = dual if name == "bravo" else http
+        return leader_pb2.CheckAnswer(checked=agent_pb2.PreflightResponse(ok=True, server=view))
+
+    monkeypatch.setattr("tests.test_warm_ahead.ready", answering)
+    store = open_store(world.path)
+    try:
+        reach, channels = Reaching(), Released()
+        commands = planning_commands(world, store, reach, channels, None)
+        request = enable_tls(strategy=Strategy.TRANSITIONAL, dual_from="r-old")
+        row = await commands.start(request, "admin")
+        assert row.node("bravo")[0].state is NodeState.DUAL
         assert reach.channel == {"bravo": False, "charlie": True, "alpha": True}
     finally:
         store.close()
@@ -160,7 +200,7 @@ async def test_a_pass_holds_the_nodes_in_flight_as_stored_not_as_it_read_them(
         async def close(self) -> None:
             pass
 
-        def hold(self, names: Collection[str], rollout: str | None = None) -> None:
+        def hold(self, names: Collection[str], rollout: str | None = None, **kw: bool) -> None:
             holds.append(frozenset(names))
 
     leader.engine.agents = Recorded()
