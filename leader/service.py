@@ -1146,7 +1146,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                 # watch's next round (``CRL_NEWS_SECONDS``), as it does for a quiet stream.
                 crl_due = loop.time() >= self._crl_sent_at + CRL_NEWS_SECONDS
                 if not renewing or first or request.wants_answer or beat.news(snap, crl_due):
-                    answer = self._response(snap, request.crl_number, now, renewing, request.seq)
+                    answer = self._response(snap, beat.crl_number, now, renewing, request.seq)
                     await beat.send(answer, snap)
                     del answer
                 # The stream now waits for its next message, minutes in renewal mode: it must

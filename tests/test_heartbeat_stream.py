@@ -1093,6 +1093,16 @@ async def test_a_message_that_crosses_a_pushed_list_does_not_roll_the_leader_s_n
         await until(lambda: any(m.server.detail == view.detail for m in handled), "the next")
         assert lists == [old, new]  # [old, new, new]: the list written again
         assert beat.crl_number == new == trust.crl_number
+        # A message that crosses the list and asks for an answer (an epoch refresh): the
+        # answer carries the list only if the stream's note lacks it, not the message's
+        # older number (review 2, finding 2).
+        stale.append(old)
+        view.detail = "connection timed out"
+        await link.beat()  # not quiet: sent, and its answer waited for
+        await until(lambda: any(m.server.detail == view.detail for m in handled), "the answered")
+        assert handled[-1].wants_answer and handled[-1].crl_number == old
+        assert lists == [old, new]  # [old, new, new]: the answer brought the list again
+        assert beat.crl_number == new == trust.crl_number
     finally:
         await link.close()
         journal.close()
