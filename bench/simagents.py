@@ -1310,8 +1310,9 @@ def _inside(state: dict[str, Any]) -> str:
     return " ".join(words)
 
 
-def print_series(r: Result) -> None:
-    """A ``--rollouts`` series: the leader after each rollout."""
+def print_series(r: Result, mark: str = "") -> None:
+    """A ``--rollouts`` series: the leader after each rollout (``mark``: the run's
+    ``_not_a_figure``, on each row)."""
     print(
         f"  {r.nodes} nodes, idle before the first: RSS {r.idle_rss:.1f} MiB, "
         f"files {r.idle_files} {r.idle_kinds} (inbound {r.idle_inbound}); "
@@ -1328,7 +1329,7 @@ def print_series(r: Result) -> None:
             f"  {st.k:>3} {st.change:>11} {st.state:>9} {st.wall:>6.1f} {st.cpu_per_node:>8.1f} "
             f"{st.rss:>7.1f} {st.settled_rss:>7.1f} {st.files:>5} {st.settled_files:>7} "
             f"{st.threads:>7} {sent:>8}  files {st.kinds} (inbound {st.inbound}); "
-            f"{_inside(st.inside)}",
+            f"{_inside(st.inside)}{mark}",
             flush=True,
         )
 
@@ -1341,7 +1342,7 @@ def _not_a_figure(ns: argparse.Namespace) -> str:
     and strace, so even the net figures carry their cost."""
     if ns.yappi is not None or ns.profile is not None or ns.memory is not None:
         return "  (profiled: not a figure)"
-    return "  (strace: not a figure)" if ns.fsyncs else ""
+    return "  (strace: CPU not a figure)" if ns.fsyncs else ""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -1504,7 +1505,7 @@ def main(argv: list[str] | None = None) -> int:
             flush=True,
         )
         if len(r.series) > 1:
-            print_series(r)
+            print_series(r, _not_a_figure(ns))
         if r.herd is not None:
             print_herd(r.nodes, r.herd)
     print(
@@ -1529,9 +1530,10 @@ def main(argv: list[str] | None = None) -> int:
         "before any agent connected (its own timers; what 'net' takes off); chan/node: the "
         "connections the leader opened to the agents' NodeAgent up to the rollout's end "
         "(planning and steps; each an mTLS handshake), per node; a row marked "
-        "'(profiled: not a figure)' (--yappi, --profile, --memory) or '(strace: not a "
-        "figure)' (--fsyncs): a profiler or strace ran in its windows, the idle one too, so "
-        "its CPU figures (the heartbeats' included) compare with no other run"
+        "'(profiled: not a figure)' (--yappi, --profile, --memory; the --rollouts rows too) or "
+        "'(strace: CPU not a figure)' (--fsyncs: its fsync counts are the figures): a profiler "
+        "or strace ran in its windows, the idle one too, so its CPU figures (the heartbeats' "
+        "included) compare with no other run"
     )
     return 0
 

@@ -261,7 +261,17 @@ async def observe(
                     return seen
                 if failed != "channel":
                     return NodeObservation(False, failed)
-                spent = loop.time() - began  # gRPC's reason: the channel's Check says it
+                # gRPC's reason: the channel's Check says it, in what is left of the 5 s or,
+                # for a proof made after a late answer, of its own bound (review 2 of session
+                # 31, finding 1: a node that answered was reported "no answer within 5 s").
+                now = loop.time()
+                if now >= bound > deadline:
+                    return NodeObservation(
+                        False,
+                        f"agent {name}: its channel was not ready within "
+                        f"{PROVED_AFTER_ANSWER:g} s of its answer",
+                    )
+                spent = min(now - began, OBSERVE_TIMEOUT - (bound - now))
         async with gate:
             return await over_channel(name, OBSERVE_TIMEOUT - spent)
 

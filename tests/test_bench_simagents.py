@@ -21,6 +21,6 @@ def test_a_profiled_or_traced_run_s_row_is_marked_not_a_figure(tmp_path: Path) -
     for flag in ("yappi", "profile", "memory"):
         mark = simagents._not_a_figure(_options(**{flag: tmp_path}))
         assert mark.strip() == "(profiled: not a figure)"
-    assert simagents._not_a_figure(_options(fsyncs=True)).strip() == "(strace: not a figure)"
+    assert simagents._not_a_figure(_options(fsyncs=True)).strip() == "(strace: CPU not a figure)"
     mark = simagents._not_a_figure(_options(yappi=tmp_path, fsyncs=True))
     assert mark.strip() == "(profiled: not a figure)"

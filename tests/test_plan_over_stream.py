@@ -51,6 +51,7 @@ from tests.test_warm_ahead import ready
 from tlsroll import pki, spiffe
 from tlsroll.clients import ClientsView
 from tlsroll.defaults import AGENT_PORT, HTTPS_PORT
+from tlsroll.errors import TransientError
 from tlsroll.v1 import agent_pb2, agent_pb2_grpc, leader_pb2, leader_pb2_grpc
 
 
@@ -657,3 +658,50 @@ async def test_a_start_s_node_answering_late_in_the_window_is_still_proved(
     # dialled (``among_first``).
     opened = "n0" if late == "n1" or late_steps else ""
     assert dialled == {n: n == opened for n in names}
+
+
+@pytest.mark.parametrize("ready", [True, False], ids=["channel-refused", "channel-slow"])
+async def test_a_first_node_answering_late_whose_channel_fails_keeps_the_reason(
+    monkeypatch: pytest.MonkeyPatch, ready: bool
+) -> None:
+    """Review 2 of session 31, finding 1: a start's first node answers just before the
+    question's deadline; its channel (the proof made after the answer, with
+    ``PROVED_AFTER_ANSWER`` of its own) fails. Its channel's Check gives gRPC's reason in that
+    bound, not in what the question left of the deadline (before: "no answer within 5 s",
+    though it answered, or the Check's own deadline error); a channel not ready within the
+    bound says so."""
+    monkeypatch.setattr(observe_module, "OBSERVE_TIMEOUT", 1.0)
+    loop = asyncio.get_running_loop()
+    reason = "agent n0: failed to connect: SSL handshake failed (key pin)"
+
+    async def ask(name: str, request: agent_pb2.CheckRequest, timeout: float) -> Any:
+        await asyncio.sleep(timeout - 0.05 if name == "n0" else 0.01)
+        view = agent_pb2.ServerView(driver="fake", healthy=True, schemes=["http"])
+        return leader_pb2.CheckAnswer(checked=agent_pb2.PreflightResponse(ok=True, server=view))
+
+    async def reach(name: str, deadline: float, *, channel: bool, reserve: str = "") -> Any:
+        if not channel:
+            return None
+        if not ready:  # the handshake does not finish by the bound
+            await asyncio.sleep(max(0.0, deadline - loop.time()))
+        return "channel"  # failed: the channel's Check says why
+
+    class Refusing:
+        async def check(self, request: agent_pb2.CheckRequest, timeout: float) -> Any:
+            assert timeout > 0.5  # (the bound's, not the ~0.05 s the question left)
+            await asyncio.sleep(0.1)
+            raise TransientError(reason)
+
+    class Agents:
+        async def get(self, name: str) -> Refusing:
+            return Refusing()
+
+    names = ["n0", "n1"]
+    first = observe_module.FirstSteps(names, 1, lambda _seen: True, "r1")
+    async with asyncio.timeout(10):
+        seen = await observe(
+            cast(Any, Agents()), names, cast(Any, None), ask=ask, reach=reach, first=first
+        )
+    assert seen["n1"].reachable
+    expected = reason if ready else "agent n0: its channel was not ready within 1 s of its answer"
+    assert (seen["n0"].reachable, seen["n0"].error) == (False, expected)
