@@ -2205,6 +2205,14 @@ async def test_a_step_begun_by_the_write_that_moved_its_node_reads_no_rollout_fi
     await leader.stop()
 
 
+async def counted_to(passes: Sequence[object], count: int) -> None:
+    """Until the loop made ``count`` passes (``passes``, one entry each), 1 s at most."""
+    for _ in range(500):
+        if len(passes) >= count:
+            return
+        await asyncio.sleep(0.002)
+
+
 async def test_an_idle_loop_makes_no_pass_each_tick_only_when_the_store_changes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -2224,17 +2232,11 @@ async def test_an_idle_loop_makes_no_pass_each_tick_only_when_the_store_changes(
         await reconcile()
         passes.append(getattr(engine, "idle", None))  # (77bb3da had no such flag)
 
-    async def until(count: int) -> None:
-        for _ in range(500):
-            if len(passes) >= count:
-                return
-            await asyncio.sleep(0.002)
-
     monkeypatch.setattr(engine, "reconcile", counted)
     stop = asyncio.Event()
     task = asyncio.create_task(engine.run(stop))
     try:
-        await until(1)
+        await counted_to(passes, 1)
         for _ in range(50):  # 50 ticks
             await asyncio.sleep(0.002)
         assert passes == [True]
@@ -2245,12 +2247,12 @@ async def test_an_idle_loop_makes_no_pass_each_tick_only_when_the_store_changes(
         assert passes == [True]
         with leader.schema.db.tx() as db:  # anything else: an enrolment, a revocation, …
             db.execute("UPDATE nodes SET agent_port = agent_port")
-        await until(2)
+        await counted_to(passes, 2)
         for _ in range(50):
             await asyncio.sleep(0.002)
         assert passes == [True, True]
         await leader.start()  # wakes the loop, which passes at each tick while it is live
-        await until(3)
+        await counted_to(passes, 3)
         assert passes[2] is False
     finally:
         stop.set()
@@ -2286,18 +2288,12 @@ async def test_a_write_during_the_first_idle_pass_brings_the_next_pass_without_a
                 db.execute("UPDATE nodes SET agent_port = agent_port")
         await forget(active)
 
-    async def until(count: int) -> None:
-        for _ in range(500):
-            if len(passes) >= count:
-                return
-            await asyncio.sleep(0.002)
-
     monkeypatch.setattr(engine, "reconcile", counted)
     monkeypatch.setattr(engine, "_forget_ended_keys", writing)
     stop = asyncio.Event()
     task = asyncio.create_task(engine.run(stop))
     try:
-        await until(2)
+        await counted_to(passes, 2)
         for _ in range(50):  # 50 ticks: no further pass (the second wrote nothing)
             await asyncio.sleep(0.002)
         assert passes == [True, True]

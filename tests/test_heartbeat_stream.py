@@ -596,6 +596,30 @@ def agent_link(
     return LeaderLink(cfg, identity, trust, journal), trust, journal
 
 
+async def until(what: Callable[[], bool], why: str, seconds: float = 30) -> None:
+    """Wait until ``what`` holds, or fail saying ``why`` was not seen within ``seconds``."""
+    try:
+        async with asyncio.timeout(seconds):
+            while not what():
+                await asyncio.sleep(0.02)
+    except TimeoutError:
+        raise AssertionError(f"not within {seconds:g} s: {why}") from None
+
+
+def viewing_link(
+    tmp_path: Path, node_files: tuple[bytes, bytes, bytes], leader_address: str, node_address: str
+) -> tuple[LeaderLink, LeaderTrust, Journal, agent_pb2.ServerView]:
+    """``agent_link`` whose server view is the returned message (a test changes it)."""
+    link, trust, journal = agent_link(tmp_path, node_files, leader_address, node_address)
+    view = agent_pb2.ServerView(driver="reference", healthy=True, schemes=["http"])
+
+    async def server_view() -> agent_pb2.ServerView:
+        return view
+
+    link.server_view = server_view
+    return link, trust, journal, view
+
+
 async def test_an_agent_that_closes_its_stream_counts_alive_until_then_a_dropped_one_less(
     tmp_path: Path, loopback: Callable[[], str]
 ) -> None:
@@ -973,21 +997,9 @@ async def test_an_agent_that_took_the_leader_s_revocation_list_sends_no_message_
 
     monkeypatch.setattr(rig.service, "_heartbeat", counting)
     await rig.server.start()
-    link, trust, journal = agent_link(tmp_path, rig.node_files, leader_address, node_address)
-    view = agent_pb2.ServerView(driver="reference", healthy=True, schemes=["http"])
-
-    async def server_view() -> agent_pb2.ServerView:
-        return view
-
-    async def until(what: Callable[[], bool], why: str) -> None:
-        try:
-            async with asyncio.timeout(30):
-                while not what():
-                    await asyncio.sleep(0.02)
-        except TimeoutError:
-            raise AssertionError(f"not within 30 s: {why}") from None
-
-    link.server_view = server_view
+    link, trust, journal, view = viewing_link(
+        tmp_path, rig.node_files, leader_address, node_address
+    )
     assert rig.store.revoke("5eec", reason="", now=rig.clock[0], actor="test") == ["5eec"]
     try:
         await link.beat()  # the stream opens, in renewal mode; its answer brings the list
@@ -1056,21 +1068,9 @@ async def test_a_message_that_crosses_a_pushed_list_does_not_roll_the_leader_s_n
     monkeypatch.setattr(rig.service, "_heartbeat", crossing)
     monkeypatch.setattr(service._Beats, "send", sending)
     await rig.server.start()
-    link, trust, journal = agent_link(tmp_path, rig.node_files, leader_address, node_address)
-    view = agent_pb2.ServerView(driver="reference", healthy=True, schemes=["http"])
-
-    async def server_view() -> agent_pb2.ServerView:
-        return view
-
-    async def until(what: Callable[[], bool], why: str) -> None:
-        try:
-            async with asyncio.timeout(30):
-                while not what():
-                    await asyncio.sleep(0.02)
-        except TimeoutError:
-            raise AssertionError(f"not within 30 s: {why}") from None
-
-    link.server_view = server_view
+    link, trust, journal, view = viewing_link(
+        tmp_path, rig.node_files, leader_address, node_address
+    )
     assert rig.store.revoke("5eec", reason="", now=rig.clock[0], actor="test") == ["5eec"]
     try:
         await link.beat()  # the stream opens, in renewal mode; its answer brings the list
@@ -1336,14 +1336,6 @@ async def test_superseded_certificates_reach_renewal_streams_in_rounds_a_revocat
         )
         rig.store.record_certificate(cert, actor="test", now=rig.clock[0])
         return fingerprint
-
-    async def until(what: Callable[[], bool], why: str) -> None:
-        try:
-            async with asyncio.timeout(30):
-                while not what():
-                    await asyncio.sleep(0.05)
-        except TimeoutError:
-            raise AssertionError(f"not within 30 s: {why}") from None
 
     try:
         server_cert("a1")

@@ -39,6 +39,30 @@ def fake_channels(monkeypatch: pytest.MonkeyPatch) -> list[str]:
     return log
 
 
+def bravo_serves(world: Any, monkeypatch: pytest.MonkeyPatch, schemes: list[str]) -> None:
+    """The planning question's answers: bravo serves ``schemes`` with a certificate of the
+    world's CA (its answer first: the others' come 10 ms later and wait for it), the other
+    nodes plain http."""
+    served = world.ca.issue(pki.generate_key().public_key(), pki.Names.of("bravo", ["10.0.0.2"]))
+    bravo = agent_pb2.ServerView(
+        driver="fake",
+        healthy=True,
+        schemes=schemes,
+        cert_pem=served.public_bytes(serialization.Encoding.PEM),
+    )
+    http = agent_pb2.ServerView(driver="fake", healthy=True, schemes=["http"])
+
+    async def answering(
+        name: str, request: agent_pb2.CheckRequest, timeout: float
+    ) -> leader_pb2.CheckAnswer:
+        if name != "bravo":
+            await asyncio.sleep(0.01)
+        view = bravo if name == "bravo" else http
+        return leader_pb2.CheckAnswer(checked=agent_pb2.PreflightResponse(ok=True, server=view))
+
+    monkeypatch.setattr("tests.test_warm_ahead.ready", answering)
+
+
 async def test_a_start_opens_the_channels_of_the_first_nodes_it_steps_not_of_those_it_skips(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -49,24 +73,7 @@ async def test_a_start_opens_the_channels_of_the_first_nodes_it_steps_not_of_tho
     77bb3da it opened bravo's and charlie's (the first two in order), and alpha's first step
     opened its own."""
     world = make_world(tmp_path, monkeypatch)
-    served = world.ca.issue(pki.generate_key().public_key(), pki.Names.of("bravo", ["10.0.0.2"]))
-    https = agent_pb2.ServerView(
-        driver="fake",
-        healthy=True,
-        schemes=["https"],
-        cert_pem=served.public_bytes(serialization.Encoding.PEM),
-    )
-    http = agent_pb2.ServerView(driver="fake", healthy=True, schemes=["http"])
-
-    async def answering(
-        name: str, request: agent_pb2.CheckRequest, timeout: float
-    ) -> leader_pb2.CheckAnswer:
-        if name != "bravo":
-            await asyncio.sleep(0.01)  # (bravo's answer comes last: charlie waits for it)
-        view = https if name == "bravo" else http
-        return leader_pb2.CheckAnswer(checked=agent_pb2.PreflightResponse(ok=True, server=view))
-
-    monkeypatch.setattr("tests.test_warm_ahead.ready", answering)
+    bravo_serves(world, monkeypatch, ["https"])
     store = open_store(world.path)
     try:
         reach, channels = Reaching(), Released()
@@ -88,24 +95,7 @@ async def test_a_retry_of_a_transitional_phase_1_opens_no_channel_for_a_node_lef
     1 it opened bravo's channel (a TLS handshake for nothing) and only dialled alpha, the
     second node the retry steps. The start's ``steps`` is now the planner's own decision."""
     world = make_world(tmp_path, monkeypatch)
-    served = world.ca.issue(pki.generate_key().public_key(), pki.Names.of("bravo", ["10.0.0.2"]))
-    dual = agent_pb2.ServerView(
-        driver="fake",
-        healthy=True,
-        schemes=["http", "https"],
-        cert_pem=served.public_bytes(serialization.Encoding.PEM),
-    )
-    http = agent_pb2.ServerView(driver="fake", healthy=True, schemes=["http"])
-
-    async def answering(
-        name: str, request: agent_pb2.CheckRequest, timeout: float
-    ) -> leader_pb2.CheckAnswer:
-        if name != "bravo":
-            await asyncio.sleep(0.01)  # (bravo's answer comes first: charlie waits for it)
-        view = dual if name == "bravo" else http
-        return leader_pb2.CheckAnswer(checked=agent_pb2.PreflightResponse(ok=True, server=view))
-
-    monkeypatch.setattr("tests.test_warm_ahead.ready", answering)
+    bravo_serves(world, monkeypatch, ["http", "https"])
     store = open_store(world.path)
     try:
         reach, channels = Reaching(), Released()
