@@ -593,19 +593,37 @@ def test_a_restored_leader_advances_past_what_nodes_have_seen(tmp_path: Path) ->
 
 
 def test_escape_sequences_from_an_agent_never_reach_the_terminal(cluster: Cluster) -> None:
+    """A heartbeat whose version carries terminal escapes: `tlsroll nodes` shows it cleaned,
+    and it is stored cleaned. node1's own agent keeps beating meanwhile (its next message
+    replaces a version not yet shown or stored: the newest heartbeat wins), so the hostile
+    one is sent again until it is seen, at most 10 times: the checks look at the hostile
+    version itself, never at the agent's own."""
     hostile = "1.0\x1b[31mRED\x1b]0;pwned\x07" + "x" * 500
-    with cluster.control_channel(*node_credentials(cluster.agents["node1"])) as channel:
-        leader_pb2_grpc.LeaderStub(channel).Heartbeat(
-            leader_pb2.HeartbeatRequest(agent_version=hostile), timeout=10
-        )
-    listed = cluster.cli("nodes")
-    assert listed.returncode == 0
-    assert "\x1b" not in listed.stdout and "\x07" not in listed.stdout
+
+    def send() -> None:
+        with cluster.control_channel(*node_credentials(cluster.agents["node1"])) as channel:
+            leader_pb2_grpc.LeaderStub(channel).Heartbeat(
+                leader_pb2.HeartbeatRequest(agent_version=hostile), timeout=10
+            )
 
     def stored() -> str:
         (row,) = [r for r in cluster.store_table("nodes") if r["name"] == "node1"]
         return str(row["agent_version"])
 
+    for _ in range(10):
+        send()
+        listed = cluster.cli("nodes")
+        assert listed.returncode == 0
+        if "RED" in listed.stdout:
+            break
+    assert "RED" in listed.stdout
+    assert "\x1b" not in listed.stdout and "\x07" not in listed.stdout
+
     # Stored with the heartbeats' next group commit (a second: ``service.BATCH_SECONDS``).
-    wait_until(lambda: "RED" in stored(), 15, "the hostile version stored")
+    for _ in range(10):
+        send()
+        with contextlib.suppress(TimeoutError):
+            wait_until(lambda: "RED" in stored(), 3, "the hostile version stored")
+            break
+    assert "RED" in stored()
     assert "\x1b" not in stored() and "\x07" not in stored() and len(stored()) <= 64
