@@ -92,17 +92,11 @@ def make_private_dir(path: Path, mode: int = 0o700, *, strict: bool = False) -> 
         return path
     parent = path.parent
     parent.mkdir(parents=True, exist_ok=True, mode=0o700)
-    pst = os.stat(parent)
-    if pst.st_uid not in (os.geteuid(), 0):
-        raise UnsafePermissions(
-            f"{parent} (holding the secret directory {path.name}) is owned by "
-            f"{user_label(pst.st_uid)}; run: chown {_user_name(os.geteuid())} {parent}"
-        )
-    if pst.st_mode & 0o022:
-        raise UnsafePermissions(
-            f"{parent} (holding the secret directory {path.name}) is writable by group or "
-            f"others (mode {stat.S_IMODE(pst.st_mode):04o}); run: chmod 700 {parent}"
-        )
+    _check_holder(
+        parent,
+        f"the secret directory {path.name}",
+        f"run: chown {_user_name(os.geteuid())} {parent}",
+    )
     with contextlib.suppress(FileExistsError):
         path.mkdir(mode=mode)
     try:
@@ -150,6 +144,22 @@ def _user_name(uid: int) -> str:
         return str(uid)
 
 
+def _check_holder(directory: Path, held: str, owner_hint: str) -> None:
+    """Refuse ``directory``, which holds a secret (``held``, for the message), if it is not
+    ours or root's (``owner_hint``: what to do) or group or others can write it: they could
+    replace what is in it (as OpenSSH does for its keys)."""
+    st = os.stat(directory)
+    if st.st_uid not in (os.geteuid(), 0):
+        raise UnsafePermissions(
+            f"{directory} (holding {held}) is owned by {user_label(st.st_uid)}; {owner_hint}"
+        )
+    if st.st_mode & 0o022:
+        raise UnsafePermissions(
+            f"{directory} (holding {held}) is writable by group or others "
+            f"(mode {stat.S_IMODE(st.st_mode):04o}); run: chmod 700 {directory}"
+        )
+
+
 def check_private_file(path: Path) -> None:
     """Refuse a secret file that is not ours, that group or others can read or write, or that
     others could replace: its directory must be ours or root's and writable by nobody else
@@ -162,18 +172,11 @@ def check_private_file(path: Path) -> None:
             f"{path} is accessible by others (mode {stat.S_IMODE(st.st_mode):04o}); "
             f"run: chmod 600 {path}"
         )
-    directory = path.resolve().parent
-    dst = os.stat(directory)
-    if dst.st_uid not in (os.geteuid(), 0):
-        raise UnsafePermissions(
-            f"{directory} (holding the secret {path.name}) is owned by "
-            f"{user_label(dst.st_uid)}; keep secrets in a directory of yours or root's"
-        )
-    if dst.st_mode & 0o022:
-        raise UnsafePermissions(
-            f"{directory} (holding the secret {path.name}) is writable by group or others "
-            f"(mode {stat.S_IMODE(dst.st_mode):04o}); run: chmod 700 {directory}"
-        )
+    _check_holder(
+        path.resolve().parent,
+        f"the secret {path.name}",
+        "keep secrets in a directory of yours or root's",
+    )
 
 
 def check_private_dir(path: Path) -> None:
