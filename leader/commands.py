@@ -633,8 +633,7 @@ class Commands:
         one. Stale is ``planner.report_stale_after``: older than ``STALE_REPORT_HEARTBEATS``
         heartbeat intervals + ``REPORT_LAG``, i.e. ``self.online`` (offline after as many
         silent heartbeats) says no for the report's time + ``REPORT_LAG``."""
-        clients = await asyncio.to_thread(self.schema.clients, names)
-        infos = await asyncio.to_thread(self.schema.clients_info)
+        clients, infos = await asyncio.to_thread(self.schema.clients_report, names)
         unknown = {}
         for n in names:
             info = infos.get(n)

@@ -354,8 +354,8 @@ class Engine:
         pending = [r.name for r in row.records if r.state is NodeState.PENDING]
         if not pending:
             return frozenset()
-        infos = await dbthread.run(self.schema.clients_info)
-        clients = await dbthread.run(self.schema.clients, pending)
+        # One read: a node's summary and its sightings from the same report (``clients_report``).
+        clients, infos = await dbthread.run(self.schema.clients_report, pending)
         known = {
             n: i.first_report - dt.timedelta(seconds=i.window_seconds)
             for n, i in infos.items()

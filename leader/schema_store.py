@@ -536,38 +536,23 @@ class SchemaStore(LeaderStore):
     def clients(self, nodes: Sequence[str] | None = None) -> list[Client]:
         """What the agents last reported (of ``nodes``, or all), most recently seen first."""
         with self._db.read() as db:
-            rows = db.execute(
-                "SELECT * FROM node_clients ORDER BY last_seen DESC, node, address"
-            ).fetchall()
-        return [
-            Client(
-                node=r["node"],
-                scheme=r["scheme"],
-                address=r["address"],
-                workstation=r["workstation"],
-                first_seen=dt.datetime.fromisoformat(r["first_seen"]),
-                last_seen=dt.datetime.fromisoformat(r["last_seen"]),
-                requests=r["requests"],
-            )
-            for r in rows
-            if nodes is None or r["node"] in nodes
-        ]
+            return _clients(db, nodes)
 
     def clients_info(self) -> dict[str, ClientsInfo]:
         with self._db.read() as db:
-            rows = db.execute("SELECT * FROM node_clients_info").fetchall()
-        return {
-            r["node"]: ClientsInfo(
-                node=r["node"],
-                window_seconds=r["window_seconds"],
-                source=r["source"],
-                problem=r["problem"],
-                first_report=dt.datetime.fromisoformat(r["first_report"]),
-                reported_at=dt.datetime.fromisoformat(r["reported_at"]),
-                last_http_at=from_text(r["last_http_at"]),
-            )
-            for r in rows
-        }
+            return _clients_info(db)
+
+    def clients_report(
+        self, nodes: Sequence[str] | None = None
+    ) -> tuple[list[Client], dict[str, ClientsInfo]]:
+        """``clients(nodes)`` and ``clients_info()`` as one report: read together, so a report
+        that commits meanwhile is in both or in neither. A node's summary (``reported_at``,
+        ``last_http_at``) and its client rows are written together (``write_clients``); read
+        apart, a newer report's sightings could meet an older summary's last http time and
+        look like quiet (``finalize --when-quiet`` started a node whose workstation was still
+        writing on http, session 32)."""
+        with self._db.read() as db:
+            return _clients(db, nodes), _clients_info(db)
 
     # --- writing ------------------------------------------------------------------------------
 
@@ -1285,6 +1270,38 @@ def _node(row: sqlite3.Row) -> tuple[NodeRecord, NodeDetail]:
         steps=json.loads(row["steps"]),
     )
     return rec, detail
+
+
+def _clients(db: sqlite3.Connection, nodes: Sequence[str] | None) -> list[Client]:
+    rows = db.execute("SELECT * FROM node_clients ORDER BY last_seen DESC, node, address")
+    return [
+        Client(
+            node=r["node"],
+            scheme=r["scheme"],
+            address=r["address"],
+            workstation=r["workstation"],
+            first_seen=dt.datetime.fromisoformat(r["first_seen"]),
+            last_seen=dt.datetime.fromisoformat(r["last_seen"]),
+            requests=r["requests"],
+        )
+        for r in rows.fetchall()
+        if nodes is None or r["node"] in nodes
+    ]
+
+
+def _clients_info(db: sqlite3.Connection) -> dict[str, ClientsInfo]:
+    return {
+        r["node"]: ClientsInfo(
+            node=r["node"],
+            window_seconds=r["window_seconds"],
+            source=r["source"],
+            problem=r["problem"],
+            first_report=dt.datetime.fromisoformat(r["first_report"]),
+            reported_at=dt.datetime.fromisoformat(r["reported_at"]),
+            last_http_at=from_text(r["last_http_at"]),
+        )
+        for r in db.execute("SELECT * FROM node_clients_info").fetchall()
+    }
 
 
 def write_clients(

@@ -295,11 +295,12 @@ class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
             rows = self.schema.all()
             total = len(rows)
         now = self.clock()
+        clients, infos = self.schema.clients_report()  # one report: see ``clients_report``
         parts: dict[str, Any] = {
             "pending": self.schema.pending_password_nodes(),
             "now": now,
-            "clients": self.schema.clients(),
-            "infos": self.schema.clients_info(),
+            "clients": clients,
+            "infos": infos,
         }
         if request.rollouts_only:
             return rows, total, parts

@@ -36,6 +36,7 @@ from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import pairwise
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any, NoReturn, TypeVar, cast
 
 import grpc
@@ -58,6 +59,7 @@ from leader.rollout_core import (
     IN_FLIGHT_NODE_STATES,
     TERMINAL_ROLLOUT_STATES,
     Change,
+    Client,
     FreezeMode,
     IllegalTransition,
     NodeRecord,
@@ -2301,4 +2303,48 @@ async def test_a_write_during_the_first_idle_pass_brings_the_next_pass_without_a
     finally:
         stop.set()
         await task
+        leader.store.close()
+
+
+async def test_when_quiet_reads_a_nodes_report_whole_even_when_the_next_one_commits_meanwhile(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``finalize --when-quiet`` starts a node once its reports show no http client for the
+    quiet time: from its last http sighting to the newest sighting of anyone. Both come from
+    the same stored report, and must be read from the same one. On b5d33c0 the engine read
+    the node's report summary (``last_http_at``) and its clients in two reads: the agent's
+    next report (both workstations seen again, one on http) committed between them, and the
+    pass took the new sightings against the old summary's last http time as 12 s of quiet.
+    It finalized a node whose workstation was still writing on http (session 32: after a
+    leader restart, whose first reports commit while the engine's first passes read)."""
+    world = make_world(tmp_path, monkeypatch)
+    leader = world.boot()
+    now = world.clock.wall()
+    node = next(iter(NODES))
+
+    def report(at: dt.datetime) -> None:
+        seen = [
+            Client(node, "http", "10.9.0.2", "stayer", at - dt.timedelta(minutes=5), at),
+            Client(node, "https", "10.9.0.1", "mover", at - dt.timedelta(minutes=5), at),
+        ]
+        leader.schema.record_clients(
+            node, seen, window_seconds=86400, source="refserver", problem="", now=at
+        )
+
+    report(now - dt.timedelta(seconds=13))  # the stored report: the stayer on http 13 s ago
+    reads: list[str] = []
+
+    async def interleaved(func: Callable[..., T], /, *args: Any, **kwargs: Any) -> T:
+        reads.append(getattr(func, "__name__", "?"))
+        if len(reads) == 2:  # the agent's next report commits between the pass's reads
+            report(now - dt.timedelta(seconds=1))
+        return await hop(func, *args, **kwargs)
+
+    monkeypatch.setattr(dbthread, "run", interleaved)
+    pending = NodeRecord(name=node, state=NodeState.PENDING)
+    row = SimpleNamespace(meta=SimpleNamespace(when_quiet=8), records=(pending,))
+    try:
+        held = await leader.engine._held_for_quiet(cast(RolloutRow, row))
+        assert held == {node}, reads  # the stayer wrote on http 1 s ago: not quiet
+    finally:
         leader.store.close()

@@ -173,6 +173,48 @@ def wait_state(
     return rollout(cluster, rollout_id)
 
 
+def wait_states(
+    cluster: Cluster, rollout_id: str, want: dict[str, str], timeout: float, what: str
+) -> None:
+    """Wait until the rollout's nodes are in exactly the states ``want``; on timeout, say what
+    they were and what the leader knew of each node's clients (its --when-quiet inputs)."""
+    seen: dict[str, Any] = {}
+
+    def reached() -> bool:
+        seen.clear()
+        seen.update(schema(cluster))
+        got = next(r for r in seen["rollouts"] if r["id"] == rollout_id)
+        return {n["name"]: n["state"] for n in got["nodes"]} == want
+
+    try:
+        wait_until(reached, timeout, what, interval=0.5)
+    except TimeoutError as exc:
+        last: dict[str, Any] = next(
+            (r for r in seen.get("rollouts", []) if r["id"] == rollout_id), {}
+        )
+        nodes = {n["name"]: (n["state"], n.get("reason", "")) for n in last.get("nodes", [])}
+        clients = {
+            v["node"]: {
+                "reported_at": v.get("reported_at"),
+                "last_http_at": v.get("last_http_at"),
+                "clients": [
+                    (c["scheme"], c["address"], c.get("last_seen"))
+                    for c in v["clients"].get("clients", [])
+                ],
+            }
+            for v in seen.get("node_clients", [])
+        }
+        failed = [
+            line
+            for line in cluster.leader.log_text().splitlines()
+            if "engine.failed" in line or '"level": "error"' in line
+        ][-5:]
+        raise TimeoutError(
+            f"{exc}; at {seen.get('generated_at')}: nodes {nodes}; clients {clients};"
+            f" leader errors {failed}"
+        ) from None
+
+
 def when(text: str) -> dt.datetime:
     return dt.datetime.fromisoformat(text.replace("Z", "+00:00"))
 
@@ -582,11 +624,10 @@ def test_finalize_when_quiet_closes_each_node_once_its_http_clients_are_gone(
             time.sleep(1)
         # node2's stayer moves: node2 alone is finalized once quiet; the others keep waiting.
         world["node2"][1].scheme = "https"
-        wait_until(
-            lambda: (
-                {n["name"]: n["state"] for n in rollout(cluster, final_id)["nodes"]}
-                == {"node1": "pending", "node2": "done", "node3": "pending"}
-            ),
+        wait_states(
+            cluster,
+            final_id,
+            {"node1": "pending", "node2": "done", "node3": "pending"},
             90,
             "node2 finalized by itself",
         )

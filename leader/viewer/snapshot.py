@@ -141,13 +141,14 @@ class Reader:
         rows = self.schema.all() if every else self.schema.listed(rollout_id)
         pending = self.schema.pending_password_nodes()
         enrolled = self.store.list_nodes()
+        clients, infos = self.schema.clients_report()  # one report: see ``clients_report``
         message = schema_message(
             rows,
             pending,
             now,
             self.schema.bootstrap_failures(),
-            clients=self.schema.clients(),
-            infos=self.schema.clients_info(),
+            clients=clients,
+            infos=infos,
             auto_rotate=self.auto_rotate() if self.auto_rotate is not None else None,
         )
         data = wire.to_dict(message)
