@@ -36,7 +36,7 @@ from leader.maintenance import (
     next_opening,
 )
 from leader.rollout_core import Change, RolloutState, Scope
-from leader.schema_store import SchemaStore
+from leader.schema_store import RolloutRow, SchemaStore
 from tlsroll import logs
 from tlsroll.errors import TlsrollError
 from tlsroll.v1 import schema_pb2
@@ -114,6 +114,10 @@ class AutoRotator:
             decision = Decision(Verdict.OFF)
             self._record(decision, local)
             return decision
+        # The newest rollout before and after what is due is read: a rotation that ends in
+        # between (its last node's new certificate not yet in what was read) would look due
+        # and idle at once, and its nodes would be rotated again (session 32's audit, M4).
+        before = _last_state(await asyncio.to_thread(self.schema.latest))
         warnings = await asyncio.to_thread(self.watch.warnings)
         servers = [e for e in warnings if e.kind == "server"]
         due = [e.subject for e in servers]
@@ -121,6 +125,10 @@ class AutoRotator:
         foreign = [e.subject for e in servers if not e.serial]
         active = await asyncio.to_thread(self.schema.active)
         latest = await asyncio.to_thread(self.schema.latest)
+        if _last_state(latest) != before:
+            decision = Decision(Verdict.BUSY, tuple(due), "a rollout moved on meanwhile")
+            self._record(decision, local)
+            return decision
         last = None
         if latest is not None:
             last = LastRollout(
@@ -182,3 +190,8 @@ class AutoRotator:
             log.warning("auto_rotate.waits_finalize", **fields)
         elif decision.nodes:
             log.info("auto_rotate.waiting", **fields, next_window=s.next_window)
+
+
+def _last_state(row: RolloutRow | None) -> tuple[str, str] | None:
+    """A rollout's id and state (None: no rollout): what ``AutoRotator._check`` compares."""
+    return (row.rollout.id, row.rollout.state.value) if row is not None else None

@@ -274,9 +274,9 @@ class SchemaStore(LeaderStore):
     def active(self) -> RolloutRow | None:
         """The newest rollout that is not yet in a terminal state, if any (one, or a
         transitional one awaiting finalize and its finalize)."""
-        with self._db.read() as db:
+        with self._db.read() as db:  # one read: never a rollout that ended meanwhile
             live = self._live(db)
-        return self.get(live[0][0]) if live else None
+            return self._get(db, live[0][0]) if live else None
 
     def peek_active(self) -> tuple[bool, RolloutRow | None]:
         """``active()`` from memory, without waiting (``Database.peek``): (True, what it would
@@ -306,7 +306,7 @@ class SchemaStore(LeaderStore):
     def latest(self) -> RolloutRow | None:
         with self._db.read() as db:
             row = db.execute("SELECT id FROM rollouts ORDER BY epoch DESC LIMIT 1").fetchone()
-        return self.get(row["id"]) if row else None
+            return self._get(db, row["id"]) if row else None
 
     def get(self, rollout_id: str) -> RolloutRow | None:
         """The rollout as stored. Kept in memory once read (``Database.cache``): every write of
@@ -314,13 +314,17 @@ class SchemaStore(LeaderStore):
         connection drops it, so the leader reads a rollout's N node rows once, not per step
         (issue 15), and still sees at once whatever an admin command wrote."""
         with self._db.read() as db:
-            kept = self._db.cache.get(_key(rollout_id))
-            if kept is not None:
-                return cast(RolloutRow, kept)
-            row = self._read(db, rollout_id)
-            if row is not None:
-                self._keep(row)
-            return row
+            return self._get(db, rollout_id)
+
+    def _get(self, db: sqlite3.Connection, rollout_id: str) -> RolloutRow | None:
+        """Under the lock: ``get`` (for a read that also looks at something else)."""
+        kept = self._db.cache.get(_key(rollout_id))
+        if kept is not None:
+            return cast(RolloutRow, kept)
+        row = self._read(db, rollout_id)
+        if row is not None:
+            self._keep(row)
+        return row
 
     def kept(self, rollout_id: str, *, settled: bool = False) -> RolloutRow | None:
         """The rollout as ``get`` would return it, if it is kept in memory and can be had
@@ -505,7 +509,7 @@ class SchemaStore(LeaderStore):
                 " ORDER BY epoch DESC LIMIT 1",
                 (rollout_id, rollout_id),
             ).fetchone()
-        return self.get(row["id"]) if row else None
+            return self._get(db, row["id"]) if row else None
 
     # --- who each node's server has seen (from heartbeats) ------------------------------------
 

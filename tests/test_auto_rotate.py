@@ -528,3 +528,30 @@ def test_the_rotator_tells_the_admin_to_finalize_a_waiting_transitional_rollout(
         decision = asyncio.run(rotator.check())
     assert decision.verdict.value == "busy" and decision.reason == "rollout r5 is active"
     assert [(e["event"], e["log_level"]) for e in logs] == [("auto_rotate.waiting", "info")]
+
+
+def test_the_rotator_does_not_rotate_again_the_nodes_of_a_rotation_that_ends_meanwhile() -> None:
+    """Session 32's audit, M4: a check reads what is due, then whether a rollout is active.
+    A rotation whose last node's certificate was read as still due, and which completed
+    before the check looked for an active rollout, looked both due and idle: on 57f8f79 a
+    second rotation of the same nodes started at once (their servers restarted again). The
+    check now sees the newest rollout move between its reads and leaves it to the next one."""
+    import asyncio
+
+    schema = FakeSchema()
+    schema.active_row = schema.latest_row = _row("r5", "running", "admin:root")
+    commands = FakeCommands(schema)
+    rotator = _rotator(schema, commands, ["n2"], "2026-12-05 03:00")
+    warnings = rotator.watch.warnings
+
+    def read_then_completed() -> Any:
+        due = warnings()  # n2's old certificate, read before its rotation's end commits
+        schema.active_row, schema.latest_row = None, _row("r5", "completed", "admin:root")
+        return due
+
+    rotator.watch.warnings = read_then_completed
+    decision = asyncio.run(rotator.check())
+    assert decision.verdict.value == "busy" and not commands.started, decision
+    # The next check, with nothing moving, decides from what it reads (here: n2 still due).
+    rotator.watch.warnings = warnings
+    assert asyncio.run(rotator.check()).verdict.value == "started"

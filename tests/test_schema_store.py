@@ -564,3 +564,31 @@ def test_a_callback_that_raises_after_a_commit_leaves_the_write_committed(
     with pytest.raises(RuntimeError, match="inside a transaction"):
         db.after_commit(lambda: ran.append("never"))
     db.close()
+
+
+def test_the_active_rollout_is_read_whole_never_one_that_ended_meanwhile(tmp_path: Path) -> None:
+    """Session 32's audit, L1: ``active()`` found the live rollout's id in one read and read
+    its row in another (``get``); a write that ended the rollout in between made it return a
+    rollout in a terminal state as the active one (the engine then ran a pass on it). Now the
+    id and the row come from one read: the write lands before it or after it."""
+
+    class Crossing(SchemaStore):
+        cross = False
+
+        def get(self, rollout_id: str) -> RolloutRow | None:
+            if self.cross:  # another writer ends the rollout between the two reads
+                self.cross = False
+                row = super().get(rollout_id)
+                assert row is not None
+                aborting = row.rollout.with_event(RolloutEvent.ABORT)
+                after = self.save_states(row, aborting, row.records, NOW, "admin")
+                settled = aborting.with_event(RolloutEvent.NODES_SETTLED)
+                self.save_states(after, settled, after.records, NOW, "engine")
+            return super().get(rollout_id)
+
+    store = Crossing(tmp_path / "s.sqlite3")
+    new_rollout(store)
+    store.cross = True
+    active = store.active()
+    assert active is None or active.rollout.state.value == "running", active.rollout.state
+    store.close()
