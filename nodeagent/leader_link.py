@@ -196,8 +196,9 @@ def report_key(request: leader_pb2.HeartbeatRequest) -> bytes:
     key.ClearField("renews")
     key.ClearField("wants_answer")
     key.ClearField("crl_number")
-    # Goes with the next message, at the bound at the latest (``LeaderLink._forget``): a
-    # stage made or switched would otherwise cost a message per node and rollout.
+    # Goes with the next message, at the bound at the latest (the leader's answer:
+    # ``leader.service.LeaderService._look_at_stages``): a stage made or switched would
+    # otherwise cost a message per node and rollout.
     key.ClearField("unswitched_stages")
     for client in key.server.clients.clients:
         client.ClearField("first_seen")
