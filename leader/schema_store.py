@@ -271,6 +271,28 @@ class SchemaStore(LeaderStore):
             kept = self._db.cache[_LIVE] = tuple((r["id"], r["state"]) for r in rows)
         return cast(tuple[tuple[str, str], ...], kept)
 
+    def live_ids(self) -> frozenset[str]:
+        """The ids of the rollouts not yet ended (from memory, as ``active`` reads them): a
+        stage an agent keeps for one of them may still be switched (``ended_among``)."""
+        with self._db.read() as db:
+            return frozenset(rollout_id for rollout_id, _ in self._live(db))
+
+    def ended_among(self, rollout_ids: Iterable[str]) -> dict[str, bool]:
+        """Which of ``rollout_ids`` the store knows, and whether each has ended (a terminal
+        state, which is for good: a retry is a new rollout). A rollout not stored is not in
+        it (a store begun again knows nothing of it; nothing says it has ended)."""
+        ids = sorted(set(rollout_ids))
+        known: dict[str, bool] = {}
+        with self._db.read() as db:
+            for at in range(0, len(ids), 500):
+                chunk = ids[at : at + 500]
+                rows = db.execute(
+                    f"SELECT id, state FROM rollouts WHERE id IN ({', '.join('?' * len(chunk))})",  # noqa: S608
+                    chunk,
+                ).fetchall()
+                known.update((str(r["id"]), r["state"] in _TERMINAL) for r in rows)
+        return known
+
     def active(self) -> RolloutRow | None:
         """The newest rollout that is not yet in a terminal state, if any (one, or a
         transitional one awaiting finalize and its finalize)."""
@@ -695,6 +717,7 @@ class SchemaStore(LeaderStore):
             ):
                 raise StaleRecords(f"rollout {before.rollout.id} changed meanwhile")
             new_rollout, meta = base.rollout, base.meta
+            base_state = base.rollout.state
             if rollout.state != base.rollout.state or reason is not None:
                 ended = now if rollout.state in TERMINAL_ROLLOUT_STATES else None
                 started = now if rollout.state is RolloutState.RUNNING else None
@@ -747,8 +770,16 @@ class SchemaStore(LeaderStore):
                     touched += (r.name for r in moved)
             undelivered = _revoke_undelivered(db, base, row, touched, now)
             self._keep(row)
-        if undelivered or any(r.serials for r in revoke):
-            self._db.touch()  # the heartbeat path keeps the revocation list
+        if (
+            undelivered
+            or any(r.serials for r in revoke)
+            or (
+                row.rollout.state in TERMINAL_ROLLOUT_STATES and base_state is not row.rollout.state
+            )
+        ):
+            # The heartbeat path keeps the revocation list, and which rollouts are live
+            # (``SchemaStore.live_ids``: an agent's stage of one that ended goes).
+            self._db.touch()
         return row
 
     def record_stage_certificate(

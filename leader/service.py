@@ -17,7 +17,7 @@ import itertools
 import math
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Mapping, Sequence
+from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -404,6 +404,20 @@ leader noticed the old one died (a reset connection). A stream holds memory for 
 is open (a unary call did only while it ran), so a node's certificate must not pin more: a
 stream beyond this ends the node's oldest one."""
 
+STAGES_HEARD = 64
+"""Rollouts of an agent's ``unswitched_stages`` the leader looks at (the agent sends as many at
+most: ``nodeagent.leader_link.STAGES_REPORTED``); longer than a rollout id may be, ignored."""
+
+ENDED_KEPT = 1024
+"""Ended rollouts the leader remembers having found (``LeaderService._look_at_stages``)."""
+
+
+def heard_stages(request: leader_pb2.HeartbeatRequest) -> frozenset[str]:
+    """The rollouts of the stages an agent's message says it keeps with no transaction begun
+    (``HeartbeatRequest.unswitched_stages``), as far as the leader looks at them."""
+    return frozenset(r for r in request.unswitched_stages[:STAGES_HEARD] if 0 < len(r) <= 64)
+
+
 QUESTIONS_PER_STREAM = 8
 """Planning questions (``LeaderService.ask_check``) one heartbeat stream may have waiting for
 their answer; more for the same node (plans asked at once) go over the agent's channel."""
@@ -555,6 +569,9 @@ class Snapshot:
     crl_number: int
     crl_pem: bytes
     crl_urgent: int = 0  # the list's number as of its last urgent revocation (``_bump_crl``)
+    # The rollouts not yet ended (``SchemaStore.live_ids``): an agent's stage of one of them
+    # may still be switched, and is not looked up (``LeaderService._look_at_stages``).
+    live: frozenset[str] = frozenset()
 
     def refusal(self, caller: Caller) -> str | None:
         """Why ``caller`` may not call (``LeaderService._check_on_record``'s rules), or None."""
@@ -649,6 +666,23 @@ class _Beats:
     # The planning questions asked on it (``LeaderService.ask_check``) by id, until answered,
     # given up (their deadline) or the stream ends: at most ``QUESTIONS_PER_STREAM``.
     questions: dict[int, asyncio.Future[leader_pb2.CheckAnswer]] = field(default_factory=dict)
+    # The rollouts whose stage the agent keeps with no transaction begun
+    # (``HeartbeatRequest.unswitched_stages``) as its last message said; those of them looked
+    # up in the store (they were not live: ``LeaderService._look_at_stages``), those found
+    # ended, and those of these the agent was sent on this stream (``ended_stages``).
+    held: frozenset[str] = frozenset()
+    looked: frozenset[str] = frozenset()
+    over: frozenset[str] = frozenset()
+    told: frozenset[str] = frozenset()
+
+    def hold(self, held: frozenset[str]) -> None:
+        """The agent's message says it keeps the stages of ``held``: what is known of others
+        is dropped (forgotten, or switched)."""
+        if held != self.held:
+            self.held = held
+            self.looked &= held
+            self.over &= held
+            self.told &= held
 
     def answered(self, answer: leader_pb2.CheckAnswer) -> None:
         """An answer on this stream, which only a question asked on this stream takes: a
@@ -667,8 +701,10 @@ class _Beats:
 
     def news(self, snap: Snapshot, crl_due: bool = True) -> bool:
         """True if ``snap`` has an epoch or revocation list the agent lacks; with ``crl_due``
-        False, a newer list counts only if it has an urgent revocation the agent lacks."""
-        if self.epoch != snap.epoch:
+        False, a newer list counts only if it has an urgent revocation the agent lacks. Or if a
+        rollout the agent keeps a stage of has ended and the agent was not told on this
+        stream."""
+        if self.epoch != snap.epoch or self.over - self.told:
             return True
         if self.crl_number == snap.crl_number:
             return False
@@ -680,6 +716,8 @@ class _Beats:
             await self.context.write(reply)
         self.epoch = snap.epoch
         self.crl_number = snap.crl_number
+        if reply.ended_stages:
+            self.told |= frozenset(reply.ended_stages)
 
 
 class LeaderService(leader_pb2_grpc.LeaderServicer):
@@ -726,6 +764,9 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         self._committing: asyncio.Future[int] | None = None  # its worker thread's last commit
         self.batch_seconds = BATCH_SECONDS
         self._question_ids = itertools.count(1)  # ``ask_check``
+        # Rollouts found ended (``_look_at_stages``): for good, so kept (up to ENDED_KEPT) and
+        # not looked up again for the next agent that keeps a stage of one.
+        self._ended_rollouts: set[str] = set()
 
     def _asked_on(self, name: str) -> _Beats | None:
         """The stream to ask node ``name``'s planning question on: its newest counted stream in
@@ -789,6 +830,33 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         if got.refused_code == NO_ROOM and not got.HasField("server"):
             raise StreamEnded(f"the agent has no room for the question: {got.refused}")
         return got
+
+    async def _look_at_stages(self, beats: Iterable[_Beats], snap: Snapshot) -> None:
+        """Which of the stages the agents of ``beats`` keep with no transaction begun
+        (``_Beats.held``) are for rollouts that have ended (``_Beats.over``; sent in the next
+        answer or as news). Only a rollout not live in ``snap`` is looked up, once per stream
+        (a store read for all of them, none for one already found ended): a message or a
+        change of the store costs nothing more while the agents' lists are empty or their
+        rollouts run. Ended is for good (a retry is a new rollout), so an agent told so never
+        sees a command of it again, and its stage goes; one the store does not know stays."""
+        wanted = {b: ids for b in beats if b.held and (ids := b.held - snap.live - b.looked)}
+        if not wanted:
+            return
+        ended = set(self._ended_rollouts)
+        asked = frozenset().union(*wanted.values()) - ended
+        running: set[str] = set()  # stored and live (the snapshot is older): looked at again
+        if asked:
+            found = await asyncio.to_thread(self.schema.ended_among, asked)
+            running = {r for r, over in found.items() if not over}
+            new = {r for r, over in found.items() if over}
+            ended |= new
+            if len(self._ended_rollouts) + len(new) > ENDED_KEPT:
+                self._ended_rollouts.clear()
+            self._ended_rollouts |= new
+        for beat, ids in wanted.items():
+            still = ids & beat.held - running  # (a message meanwhile may have changed it)
+            beat.looked |= still
+            beat.over |= still & ended
 
     async def _caller(self, context: Ctx) -> str:
         return (await self._caller_cert(context)).name
@@ -895,6 +963,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             crl_number=crl_number,
             crl_pem=crl_pem,
             crl_urgent=urgent,
+            live=self.schema.live_ids(),
         )
 
     def _snapshot_read(self, done: asyncio.Future[Snapshot]) -> None:
@@ -992,11 +1061,14 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         now: dt.datetime,
         renews: bool = False,
         answers: int = 0,
+        ended: Iterable[str] = (),
     ) -> leader_pb2.HeartbeatResponse:
         """A heartbeat's answer: the leader's clock, interval and epoch, and the revocation
         list unless the agent holds ``crl_number`` already; ``answers``: the ``seq`` of the
-        message it answers on a stream (0: news sent unasked)."""
+        message it answers on a stream (0: news sent unasked); ``ended``: the rollouts of the
+        agent's stages that have ended (``_look_at_stages``)."""
         return leader_pb2.HeartbeatResponse(
+            ended_stages=sorted(ended),
             answers=answers,
             leader_time=timestamp(now),
             interval_seconds=self.state.heartbeat_interval,
@@ -1141,12 +1213,29 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                 # either for good (resending the same list does not help) or ends the stream
                 # (a new stream's first message sets the note afresh).
                 beat.crl_number = max(beat.crl_number, request.crl_number)
+                # The stages it keeps that no transaction began: in the store only for those
+                # that are not live and were not looked up before on this stream (none as a
+                # rule: the list is empty, or its rollout runs).
+                if request.unswitched_stages or beat.held:
+                    beat.hold(heard_stages(request))
+                    if beat.held:
+                        await self._look_at_stages((beat,), snap)
                 # Nothing to say to a renewal that asks nothing: an answer would cost as much
                 # as the message. A list newer only by superseded certificates waits for the
                 # watch's next round (``CRL_NEWS_SECONDS``), as it does for a quiet stream.
                 crl_due = loop.time() >= self._crl_sent_at + CRL_NEWS_SECONDS
-                if not renewing or first or request.wants_answer or beat.news(snap, crl_due):
-                    answer = self._response(snap, beat.crl_number, now, renewing, request.seq)
+                # An agent that still says it keeps a stage of an ended rollout is told again
+                # (``beat.over``): its removal failed, or the message crossed the news.
+                if (
+                    not renewing
+                    or first
+                    or request.wants_answer
+                    or beat.over
+                    or beat.news(snap, crl_due)
+                ):
+                    answer = self._response(
+                        snap, beat.crl_number, now, renewing, request.seq, beat.over
+                    )
                     await beat.send(answer, snap)
                     del answer
                 # The stream now waits for its next message, minutes in renewal mode: it must
@@ -1318,6 +1407,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                 now = self.state.clock()
                 self._cut_refused(snap)
                 renewing = [b for b in self._open if b.renews and b.name and not b.cut]
+                await self._look_at_stages(renewing, snap)  # a rollout ended: its stages
                 # A list newer only by superseded certificates waits for the next round due
                 # (``CRL_NEWS_SECONDS``); the streams that lack it keep the watch ticking.
                 crl_due = loop.time() >= self._crl_sent_at + CRL_NEWS_SECONDS
@@ -1365,7 +1455,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         time."""
         if beat.pushing is not None and not beat.pushing.done():
             return
-        reply = self._response(snap, beat.crl_number, now, renews=True)
+        reply = self._response(snap, beat.crl_number, now, renews=True, ended=beat.over)
         beat.pushing = push = asyncio.ensure_future(beat.send(reply, snap))
         _PUSHES.add(push)
         push.add_done_callback(_pushed)

@@ -21,8 +21,8 @@ was never switched, or restarted since, does not. A revocation list that arrives
 agent holds it is checked in-process (``load_crl``): a child would load it a second time.
 
 Protocol (``CHILD``): one JSON request on stdin ({"op": …}), one JSON answer on stdout ({"ok": …} or
-{"error": {"type": …, "message": …}}); anything else (a crash) is a TerminalError naming the
-child's last line of stderr.
+{"error": {"type": …, "message": …}}); anything else (a crash) is a ``NoAnswer`` (a TerminalError)
+naming the child's last line of stderr.
 """
 
 from __future__ import annotations
@@ -85,6 +85,12 @@ ERRORS: dict[str, type[TlsrollError]] = {
         CertificateExpired,
     )
 }
+
+
+class NoAnswer(TerminalError):
+    """The child gave no answer (it crashed, or was killed: the kernel's OOM killer, a signal):
+    no verdict on what it was to check. Terminal for the agent's start and enrolment, as
+    before; a revocation list is checked again (``trust.LeaderTrust.take_crl``)."""
 
 
 # --- the agent's side -------------------------------------------------------------------------
@@ -235,7 +241,7 @@ def _ask(request: dict[str, Any]) -> Any:
         answer = json.loads(done.stdout)
     except ValueError:
         said = (done.stderr.strip().splitlines() or ["no output"])[-1][:300]
-        raise TerminalError(
+        raise NoAnswer(
             f"certificate check ({request['op']}) failed (exit {done.returncode}): {said}"
         ) from None
     if "ok" in answer:
@@ -278,7 +284,11 @@ def _work(request: dict[str, Any]) -> Any:
     op = request["op"]
     if op == "crl":
         ca = pki.read_cert(Path(request["ca_file"]))
-        number, revoked = pki.load_crl(request["pem"].encode("ascii"), ca)
+        try:
+            pem = request["pem"].encode("ascii")
+        except UnicodeEncodeError:  # a verdict on the list, as ``pki.load_crl``'s own
+            raise PKIError(PKIReason.BAD_PEM, "revocation list (not ASCII)") from None
+        number, revoked = pki.load_crl(pem, ca)
         return {"number": number, "revoked": sorted(revoked)}
     cfg = AgentConfig.load(Path(request["config"]))
     if op == "identity":

@@ -22,7 +22,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sqlite3
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
@@ -173,6 +173,13 @@ _PENDING = ""  # how the outcome column says "pending" (as 0.1.0 did)
 # The stages a new one ends (``Journal.record_csr``): another rollout's, never in a transaction.
 _STAGES_OVER = (
     "SELECT * FROM staged WHERE rollout_id != ? AND rollout_id NOT IN (SELECT rollout_id FROM txns)"
+)
+
+
+# The stages no transaction began (``Journal.heartbeat_facts``), sorted, at most ``?``.
+_UNSWITCHED = (
+    "SELECT rollout_id FROM staged WHERE rollout_id NOT IN (SELECT rollout_id FROM txns)"
+    " ORDER BY rollout_id LIMIT ?"
 )
 
 
@@ -401,6 +408,32 @@ class Journal:
                 "INSERT INTO staged (rollout_id, key_file, csr_pem) VALUES (?, ?, ?)",
                 (rollout_id, str(key_file), csr_pem.decode()),
             )
+        return [s for s in map(_staged, over) if s is not None]
+
+    def heartbeat_facts(self, limit: int = 64) -> tuple[int, list[str]]:
+        """What a heartbeat reports from the journal, in one read: the highest epoch seen, and
+        the rollouts (sorted, at most ``limit``) whose stage it keeps with no transaction of
+        theirs begun here (``HeartbeatRequest.unswitched_stages``: the leader says which of
+        them have ended, ``forget_stages``)."""
+        with self._read() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'epoch'").fetchone()
+            rows = db.execute(_UNSWITCHED, (limit,)).fetchall()
+        return (int(row["value"]) if row else 0), [str(r["rollout_id"]) for r in rows]
+
+    def forget_stages(self, rollout_ids: Sequence[str]) -> list[Staged]:
+        """The stages of ``rollout_ids`` (rollouts the leader says have ended) forgotten and
+        returned, in one write (the caller removes their files: ``plans.remove_stages``); a
+        rollout with a transaction here keeps its stage (it began a switch after the leader
+        looked, or its files are what a rollback restores), as in ``record_csr``."""
+        ids = list(dict.fromkeys(rollout_ids))
+        if not ids:
+            return []
+        marks = ", ".join("?" * len(ids))  # placeholders only: the ids are parameters
+        where = f"rollout_id IN ({marks}) AND rollout_id NOT IN (SELECT rollout_id FROM txns)"  # noqa: S608
+        with self._tx() as db:
+            over = db.execute(f"SELECT * FROM staged WHERE {where}", ids).fetchall()  # noqa: S608
+            if over:
+                db.execute(f"DELETE FROM staged WHERE {where}", ids)  # noqa: S608
         return [s for s in map(_staged, over) if s is not None]
 
     def known_rollouts(self) -> set[str]:

@@ -46,7 +46,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import random
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
 import grpc
@@ -84,6 +84,10 @@ BUSY = grpc.StatusCode.RESOURCE_EXHAUSTED  # ``CheckAnswer.refused_code``: no ro
 # of the places above no longer than the leader counts the question as waiting
 # (``leader.service.QUESTIONS_PER_STREAM``, freed at that deadline).
 ANSWER_SECONDS = 5.0
+# Stages no transaction began that a heartbeat names at most (``unswitched_stages``); as a
+# rule there is one at most (a rollout's key ends every earlier such stage:
+# ``Journal.record_csr``).
+STAGES_REPORTED = 64
 CLOSE_SECONDS = 2.0  # an agent closing its stream waits this long at most for the leader's end
 RECONNECT_SECONDS = 1.0  # a stream that ended by itself is opened again within this (jittered)
 # A stream that ended sooner than this (or an interval, if shorter) after it opened is taken
@@ -181,7 +185,10 @@ def report_key(request: leader_pb2.HeartbeatRequest) -> bytes:
     each done node's superseded certificate: a round every ``CRL_NEWS_SECONDS``) brought a
     message back from every agent, which told the leader nothing and cost it about a
     millisecond each (issue 15). The next message (at the bound at the latest) carries the
-    number."""
+    number. Nor the stages no transaction began (``unswitched_stages``): a rollout's key and
+    its switch each changed them, a message more per node and rollout; the leader hears of a
+    stage left behind at the bound at the latest, which is soon enough for files that stayed
+    for good before."""
     key = leader_pb2.HeartbeatRequest()
     key.CopyFrom(request)
     key.ClearField("sent_at")
@@ -189,6 +196,10 @@ def report_key(request: leader_pb2.HeartbeatRequest) -> bytes:
     key.ClearField("renews")
     key.ClearField("wants_answer")
     key.ClearField("crl_number")
+    # Goes with the next message, at the bound at the latest (the leader's answer:
+    # ``leader.service.LeaderService._look_at_stages``): a stage made or switched would
+    # otherwise cost a message per node and rollout.
+    key.ClearField("unswitched_stages")
     for client in key.server.clients.clients:
         client.ClearField("first_seen")
         client.ClearField("last_seen")
@@ -464,6 +475,12 @@ class LeaderLink:
         self._ended = asyncio.Event()
         self._reconnect = 0.0
         self._attempt = 0  # streams in a row that ended soon after opening
+        # Forgets the stages of rollouts the leader says have ended
+        # (``HeartbeatResponse.ended_stages``: ``NodeAgentService.forget_ended``); None: the
+        # agent says it holds none.
+        self.stages_ended: Callable[[Sequence[str]], Awaitable[None]] | None = None
+        self._ended_stages: set[str] = set()  # told, not yet forgotten (``_forget``)
+        self._forgetting: asyncio.Future[None] | None = None
 
     def _connect(
         self, identity: Identity
@@ -527,10 +544,29 @@ class LeaderLink:
         log.info("heartbeat.stream_ended", leader=self.target, code=code, again_in=round(pause, 3))
 
     async def _take(self, reply: leader_pb2.HeartbeatResponse) -> None:
-        """A response from the leader, an answer or news: its epoch and revocation list."""
+        """A response from the leader, an answer or news: its epoch and revocation list, and
+        the rollouts it says have ended of the stages the agent holds (forgotten in a task of
+        their own: the reader does not wait for the agent's commands)."""
         self.trust.announce(reply.epoch)
+        if reply.ended_stages and self.stages_ended is not None:
+            self._ended_stages.update(reply.ended_stages[:STAGES_REPORTED])
+            if self._forgetting is None or self._forgetting.done():
+                self._forgetting = asyncio.ensure_future(self._forget(self.stages_ended))
         if reply.crl_pem:
             await asyncio.to_thread(self.trust.take_crl, reply.crl_pem)
+
+    async def _forget(self, forget: Callable[[Sequence[str]], Awaitable[None]]) -> None:
+        """Forget the stages the leader said have ended, until none is left to (more may come
+        meanwhile). A failure is logged; the stage stays in the heartbeat's list, and the
+        leader says so again in its answer to the next message (at the bound at the latest):
+        the next try."""
+        while self._ended_stages:
+            ids = sorted(self._ended_stages)
+            self._ended_stages.clear()
+            try:
+                await forget(ids)
+            except Exception as exc:
+                log.warning("stage.forget_failed", error=f"{type(exc).__name__}: {exc}"[:200])
 
     def _quiet(self, request: leader_pb2.HeartbeatRequest) -> bool:
         """True if ``request`` need not be sent: the stream is open and in renewal mode, the
@@ -630,7 +666,9 @@ class LeaderLink:
             sent = Timestamp()
             sent.FromDatetime(dt.datetime.now(dt.UTC))
             report = self.failures.pending() if self.failures is not None else []
-            highest = await asyncio.to_thread(self.journal.highest_epoch)
+            highest, unswitched = await asyncio.to_thread(
+                self.journal.heartbeat_facts, STAGES_REPORTED
+            )
             request = leader_pb2.HeartbeatRequest(
                 agent_version=__version__,
                 sent_at=sent,
@@ -639,6 +677,8 @@ class LeaderLink:
                 crl_number=self.trust.crl_number,
                 agent_port=self.cfg.port,
                 answers_checks=self.answer_check is not None,
+                # Only where someone removes what the leader says has ended.
+                unswitched_stages=unswitched if self.stages_ended is not None else (),
             )
             if self.renewal is not None:
                 state = self.renewal()
@@ -716,3 +756,8 @@ class LeaderLink:
         bound from now, long enough for a restart), then the channel closes."""
         await self._finish_stream()
         await self.channel.close(None)
+        forgetting = self._forgetting
+        if forgetting is not None and not forgetting.done():
+            # Before the journal closes; a write under way finishes in its thread.
+            forgetting.cancel()
+            await asyncio.wait({forgetting}, timeout=CLOSE_SECONDS)

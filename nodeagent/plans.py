@@ -82,8 +82,9 @@ def stage_dir(driver: Driver, rollout_id: str) -> Path:
     return driver.config_file.parent / STAGES / rollout_id
 
 
-def remove_stages(over: Iterable[Staged]) -> None:
-    """The directories of stages the journal has forgotten (``Journal.record_csr``) removed,
+def remove_stages(over: Iterable[Staged], why: str = "a later rollout staged") -> None:
+    """The directories of stages the journal has forgotten (``Journal.record_csr``,
+    ``Journal.forget_stages``: ``why``, for the log) removed,
     with the key, certificate and verifier file in them (blocking). Only a stage directory
     (``_stage_dir_of``: named for its rollout under a ``tlsroll-tls`` of the agent's, holding
     only files tlsroll writes there) is touched; one that cannot be removed is logged (the
@@ -98,7 +99,7 @@ def remove_stages(over: Iterable[Staged]) -> None:
             roots[root] = _stage_root(root)
         root_st = roots[root]
         if root_st is not None:
-            _remove_stage(directory, root_st, staged.rollout_id, "a later rollout staged")
+            _remove_stage(directory, root_st, staged.rollout_id, why)
 
 
 def sweep_stage_dirs(journal: Journal, driver: Driver) -> None:

@@ -145,6 +145,7 @@ async def serve(cfg: AgentConfig, *, reinitialise: bool = False) -> None:
     service = NodeAgentService(cfg, identity, journal, driver, runner, now, trust)
     link.server_view = service.server_view
     link.answer_check = service.answer_check
+    link.stages_ended = service.forget_ended  # stages of rollouts the leader says are over
     service.on_prepare = bootstrap.warm
 
     def renewed(new: Identity) -> Awaitable[None]:

@@ -698,6 +698,30 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             fingerprint=fingerprint, not_after=timestamp(cert.not_valid_after_utc)
         )
 
+    async def forget_ended(self, rollout_ids: Sequence[str]) -> None:
+        """The leader says these rollouts have ended (``HeartbeatResponse.ended_stages``: it
+        answers about the stages the heartbeat said no transaction began,
+        ``Journal.heartbeat_facts``): their stages are forgotten and their directories
+        removed (key, certificate, verifier file), with the switch made ready for one of them.
+        One command at a time: a Stage or Switch of the rollout is never cut in half; a
+        transaction begun meanwhile keeps its stage (``Journal.forget_stages``), and a switch
+        that came after is refused ("nothing staged"), never run on missing files. An ended
+        rollout is ended for good: no later command of the leader names it."""
+        ids = [r for r in rollout_ids if ROLLOUT_ID.fullmatch(r)]
+        if not ids:
+            return
+        async with self._lock:
+            over = await asyncio.to_thread(self._forget_ended, ids)
+            prepared = self._prepared
+            if prepared is not None and prepared.rollout_id in over:
+                await dbthread.run(self._drop_prepared)
+
+    def _forget_ended(self, rollout_ids: Sequence[str]) -> set[str]:
+        """``forget_ended``'s journal write and removals (blocking): the rollouts forgotten."""
+        over = self.journal.forget_stages(rollout_ids)
+        plans.remove_stages(over, "its rollout ended")
+        return {s.rollout_id for s in over}
+
     def _own_key(
         self, driver: Driver, rollout_id: str, key: pki.PrivateKey
     ) -> tuple[Staged, set[str]]:

@@ -87,9 +87,21 @@ class LeaderTrust:
         agent could not check now (``TransientError``: short of descriptors for its child, …)
         is not refused but raised: the heartbeat stream ends and the leader sends the list
         again on the next one. Swallowed, it was lost until the renewal bound (the leader had
-        counted it as delivered), and a revoked leader certificate kept being accepted."""
+        counted it as delivered), and a revoked leader certificate kept being accepted. So is
+        a check whose child gave no answer (``certwork.NoAnswer``: it crashed, or the kernel
+        killed it short of memory): that is no verdict on the list, and the leader does not
+        send the same list again on a stream (it would be behind until the next list or
+        stream: days, with no revocation and a node certificate renewed every few weeks).
+        Only a verdict (not PEM, not signed by the CA this node pinned, or another check that
+        failed for good) refuses the list: the same bytes would be refused again."""
         try:
             number, revoked = certwork.load_crl(pem, self.ca_file)
+        except certwork.NoAnswer as exc:
+            log.warning("crl.not_checked", error=str(exc))
+            raise TransientError(f"the revocation list could not be checked: {exc}") from None
+        except TransientError as exc:
+            log.warning("crl.not_checked", error=str(exc))
+            raise
         except (PKIError, TerminalError) as exc:
             log.warning("crl.refused", error=str(exc))
             return

@@ -258,3 +258,34 @@ def test_a_revocation_list_the_agent_cannot_check_now_is_raised_not_refused(
     assert trust.crl_number != 9
     trust.take_crl(crl)
     assert trust.crl_number == 9 and 4242 in trust.revoked
+
+
+def test_a_revocation_list_whose_check_gave_no_answer_is_raised_not_refused(
+    tmp_path: Path, test_ca: pki.CertificateAuthority, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Session 32: a list whose check in a child gave no answer (the child crashed, or the
+    kernel's OOM killer took it) was logged as refused and dropped, and the leader, which
+    counts a list as held once it has sent it, does not send the same list again on that
+    stream: the agent was behind (a revoked leader certificate accepted) until the next list
+    or stream. It is raised (the stream ends; the next brings the list again), as a check the
+    agent could not make now; a list the check refuses (not the CA's) is still refused."""
+    cfg = _agent_config(tmp_path, test_ca)
+    _enrolled(cfg, test_ca)
+    trust = LeaderTrust.load(paths(cfg.data_dir)[2], spiffe.trust_domain(test_ca.cert), tmp_path)
+    now = dt.datetime.now(dt.UTC)
+    crl = pki.crl_to_pem(pki.build_crl(test_ca, 9, [(f"{4242:x}", now)], now=now))
+    monkeypatch.setattr(certwork, "holds_pki", lambda: False)  # checked in a child
+    real = certwork.CHILD
+    monkeypatch.setattr(
+        certwork, "CHILD", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"
+    )
+    with pytest.raises(TransientError):
+        trust.take_crl(crl)
+    assert trust.crl_number != 9
+    monkeypatch.setattr(certwork, "CHILD", real)
+    trust.take_crl(crl)
+    assert trust.crl_number == 9 and 4242 in trust.revoked
+    other = pki.CertificateAuthority.create()
+    stranger = pki.crl_to_pem(pki.build_crl(other, 10, [(f"{4343:x}", now)], now=now))
+    trust.take_crl(stranger)  # refused: a verdict
+    assert trust.crl_number == 9 and 4343 not in trust.revoked

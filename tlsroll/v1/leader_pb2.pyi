@@ -125,6 +125,7 @@ class HeartbeatRequest(_message.Message):
     CLOSING_FIELD_NUMBER: _builtins.int
     ANSWERS_CHECKS_FIELD_NUMBER: _builtins.int
     CHECK_ANSWER_FIELD_NUMBER: _builtins.int
+    UNSWITCHED_STAGES_FIELD_NUMBER: _builtins.int
     agent_version: _builtins.str
     highest_epoch: _builtins.int
     """The highest rollout epoch this agent has seen (commands with a lower one are refused)."""
@@ -191,6 +192,16 @@ class HeartbeatRequest(_message.Message):
         like any other. A leader that does not know the field takes it as one more heartbeat.
         """
 
+    @_builtins.property
+    def unswitched_stages(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """(Heartbeats stream.) The rollouts whose staged key and certificate this agent holds
+        without a transaction of theirs begun on the node (sorted, at most 64): stages that may
+        never be switched. The leader answers which of them have ended (`ended_stages`), and the
+        agent removes those. Not a reason for a message of its own: it goes with the next one (at
+        the renewal bound at the latest). A leader that does not know the field ignores it; the
+        agent then removes nothing.
+        """
+
     def __init__(
         self,
         *,
@@ -210,10 +221,11 @@ class HeartbeatRequest(_message.Message):
         closing: _builtins.bool = ...,
         answers_checks: _builtins.bool = ...,
         check_answer: Global___CheckAnswer | None = ...,
+        unswitched_stages: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["check_answer", b"check_answer", "renewal_due_at", b"renewal_due_at", "renewal_failing_since", b"renewal_failing_since", "sent_at", b"sent_at", "server", b"server"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_port", b"agent_port", "agent_version", b"agent_version", "answers_checks", b"answers_checks", "bootstrap_failures", b"bootstrap_failures", "check_answer", b"check_answer", "closing", b"closing", "crl_number", b"crl_number", "highest_epoch", b"highest_epoch", "renewal_due_at", b"renewal_due_at", "renewal_error", b"renewal_error", "renewal_failing_since", b"renewal_failing_since", "renews", b"renews", "sent_at", b"sent_at", "seq", b"seq", "server", b"server", "wants_answer", b"wants_answer"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_port", b"agent_port", "agent_version", b"agent_version", "answers_checks", b"answers_checks", "bootstrap_failures", b"bootstrap_failures", "check_answer", b"check_answer", "closing", b"closing", "crl_number", b"crl_number", "highest_epoch", b"highest_epoch", "renewal_due_at", b"renewal_due_at", "renewal_error", b"renewal_error", "renewal_failing_since", b"renewal_failing_since", "renews", b"renews", "sent_at", b"sent_at", "seq", b"seq", "server", b"server", "unswitched_stages", b"unswitched_stages", "wants_answer", b"wants_answer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -378,6 +390,7 @@ class HeartbeatResponse(_message.Message):
     RENEW_SECONDS_FIELD_NUMBER: _builtins.int
     ANSWERS_FIELD_NUMBER: _builtins.int
     CHECK_FIELD_NUMBER: _builtins.int
+    ENDED_STAGES_FIELD_NUMBER: _builtins.int
     interval_seconds: _builtins.int
     """How often the leader expects a heartbeat; a node silent for three intervals is offline."""
     epoch: _builtins.int
@@ -404,6 +417,16 @@ class HeartbeatResponse(_message.Message):
         nothing else (no epoch, no clock): it is neither an answer nor news.
         """
 
+    @_builtins.property
+    def ended_stages(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """(Heartbeats stream.) Of the agent's `unswitched_stages`, the rollouts that have ended
+        (completed, halted or aborted, which is for good; a rollout this leader does not know is
+        not among them). The agent forgets their stages and removes their directories, unless a
+        transaction of the rollout has begun on the node meanwhile. Sent in an answer, or as news
+        when a rollout the agent's stage is for ends; again with each answer while the agent
+        still says it holds them.
+        """
+
     def __init__(
         self,
         *,
@@ -414,10 +437,11 @@ class HeartbeatResponse(_message.Message):
         renew_seconds: _builtins.int = ...,
         answers: _builtins.int = ...,
         check: Global___CheckQuestion | None = ...,
+        ended_stages: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["check", b"check", "leader_time", b"leader_time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["answers", b"answers", "check", b"check", "crl_pem", b"crl_pem", "epoch", b"epoch", "interval_seconds", b"interval_seconds", "leader_time", b"leader_time", "renew_seconds", b"renew_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["answers", b"answers", "check", b"check", "crl_pem", b"crl_pem", "ended_stages", b"ended_stages", "epoch", b"epoch", "interval_seconds", b"interval_seconds", "leader_time", b"leader_time", "renew_seconds", b"renew_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
