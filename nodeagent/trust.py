@@ -25,6 +25,7 @@
 from __future__ import annotations
 
 import asyncio
+import threading
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -60,6 +61,7 @@ class LeaderTrust:
     announced_epoch: int = 0
     refresh: Callable[[], Awaitable[None]] | None = None
     _refreshing: asyncio.Lock = field(default_factory=asyncio.Lock)
+    _taking: threading.Lock = field(default_factory=threading.Lock)  # ``take_crl`` (threads)
 
     @classmethod
     def load(cls, ca_file: Path, trust_domain: str, data_dir: Path) -> LeaderTrust:
@@ -105,10 +107,15 @@ class LeaderTrust:
         except (PKIError, TerminalError) as exc:
             log.warning("crl.refused", error=str(exc))
             return
-        if number < self.crl_number:
-            return
-        write_atomic(self.crl_file, pem, PUBLIC)
-        self.crl_number, self.revoked = number, revoked
+        # Two lists taken at once (an old stream's reader and a new stream's) each compare
+        # and keep under the lock: without it the older could overwrite the newer after both
+        # compared (session 32's audit, M5), and a leader certificate it revoked was accepted
+        # again until the leader sent the list once more.
+        with self._taking:
+            if number < self.crl_number:
+                return
+            write_atomic(self.crl_file, pem, PUBLIC)
+            self.crl_number, self.revoked = number, revoked
         log.info("crl.updated", number=number, revoked=len(revoked))
 
     def announce(self, epoch: int) -> None:

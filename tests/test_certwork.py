@@ -289,3 +289,46 @@ def test_a_revocation_list_whose_check_gave_no_answer_is_raised_not_refused(
     stranger = pki.crl_to_pem(pki.build_crl(other, 10, [(f"{4343:x}", now)], now=now))
     trust.take_crl(stranger)  # refused: a verdict
     assert trust.crl_number == 9 and 4343 not in trust.revoked
+
+
+def test_two_revocation_lists_taken_at_once_leave_the_newer(
+    tmp_path: Path, test_ca: pki.CertificateAuthority, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Session 32's audit, M5: ``take_crl`` runs in a worker thread; two lists taken at once
+    (an old stream's reader and a new stream's) both compared their number with the one kept
+    before either was written, and the older one, written last, replaced the newer (a leader
+    certificate the newer revoked was accepted again). List 9's write is held until list 10
+    is taken, or for a second: the newer is what is kept either way."""
+    import threading
+
+    from tlsroll.fsutil import write_atomic as write
+
+    cfg = _agent_config(tmp_path, test_ca)
+    _enrolled(cfg, test_ca)
+    trust = LeaderTrust.load(paths(cfg.data_dir)[2], spiffe.trust_domain(test_ca.cert), tmp_path)
+    now = dt.datetime.now(dt.UTC)
+    older = pki.crl_to_pem(pki.build_crl(test_ca, 9, [], now=now))
+    newer = pki.crl_to_pem(pki.build_crl(test_ca, 10, [(f"{4242:x}", now)], now=now))
+    older_writing, newer_taken = threading.Event(), threading.Event()
+
+    def slow_for_the_older(path: Path, data: bytes, mode: int) -> None:
+        if data == older:
+            older_writing.set()
+            newer_taken.wait(1.0)  # (with the lock the newer waits for this write: a bound)
+        write(path, data, mode)
+
+    monkeypatch.setattr("nodeagent.trust.write_atomic", slow_for_the_older)
+
+    def take_newer() -> None:
+        trust.take_crl(newer)
+        newer_taken.set()
+
+    first = threading.Thread(target=trust.take_crl, args=(older,))
+    first.start()
+    assert older_writing.wait(30)  # the older list is checked and being written
+    second = threading.Thread(target=take_newer)
+    second.start()
+    first.join(5)
+    second.join(5)
+    assert trust.crl_number == 10 and 4242 in trust.revoked
+    assert (tmp_path / "crl.pem").read_bytes() == newer
