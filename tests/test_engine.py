@@ -75,7 +75,7 @@ from leader.store import IssuedCert, NodeCert, Store
 from tests.fake_agent import START, FakeAgent, FakeAgents, FakeClock
 from tlsroll import dbthread, pki
 from tlsroll.enums import TxnKind, TxnOutcome
-from tlsroll.errors import PKIError, PKIReason, TransientError
+from tlsroll.errors import PKIError, PKIReason, TerminalError, TransientError
 from tlsroll.rpc import status_for
 from tlsroll.v1 import agent_pb2
 from tlsroll.wire import TXN_KIND
@@ -1180,6 +1180,58 @@ async def test_change_password_skips_the_stage_and_applies_the_staged_password(
     assert {n: world.agents[n].verifier for n in ORDER} == dict.fromkeys(ORDER, VERIFIER_2)
     assert leader.schema.node_auth() == dict.fromkeys(ORDER, 2)
     assert leader.schema.pending_password_nodes() == set()
+    await leader.stop()
+
+
+@pytest.mark.parametrize("when", ["planning", "create"])
+async def test_a_password_staged_while_a_change_password_starts_refuses_the_start(
+    world: World, when: str
+) -> None:
+    """Audit s32 M1: the start of a change-password rollout planned with the latest staged
+    password (the nodes already on it are skipped) and then read the latest version again to
+    apply it; a ``tlsroll password set`` in between (it is refused only while a rollout is
+    active) made the rollout apply another version than it planned with (``planning``), or
+    record the older one though the newer was staged before it (``create``): both commands
+    succeeded, which no order of the two allows. The version the plan used is the one the
+    start applies, and the create refuses it if another was staged meanwhile."""
+    leader = world.boot()
+    await leader.start()
+    await leader.run()
+    await leader.commands.stage_password(VERIFIER_2, ADMIN)  # version 2
+    schema = leader.schema
+    staged: list[int] = []
+
+    def stage_3() -> None:
+        staged.append(SchemaStore.stage_password(schema, verifier(3), world.clock.wall(), ADMIN))
+
+    if when == "planning":  # just after the start's first read of the latest version
+        real = schema.latest_auth_version
+
+        def latest() -> int:
+            found = real()
+            if not staged:
+                stage_3()
+            return found
+
+        schema.latest_auth_version = latest  # type: ignore[method-assign]
+    else:  # just before the rollout is created
+        interpose = schema.interpose
+
+        async def before_create(method: str, args: tuple[Any, ...]) -> None:
+            if method == "create" and not staged:
+                stage_3()
+            await interpose(method, args)
+
+        schema.interpose = before_create  # type: ignore[method-assign]
+    enabled = schema.latest()
+    assert enabled is not None
+
+    with pytest.raises(TerminalError, match="password version 3 was staged"):
+        await leader.start(Change.CHANGE_PASSWORD)
+
+    assert staged == [3]
+    after = schema.latest()
+    assert after is not None and after.rollout.id == enabled.rollout.id  # none created
     await leader.stop()
 
 
