@@ -33,6 +33,7 @@ from leader.rollout_core import (
     NodeObservation,
     NodeRecord,
     NodeState,
+    Password,
     Rollout,
     RolloutAction,
     RolloutEvent,
@@ -110,6 +111,9 @@ class Planned:
     password_in_use: int = 0
     # ``--cert-dir``: the node certificates that passed every check.
     certificates: tuple[byo.Accepted, ...] = ()
+    # The latest auth password version staged, as the plan read it (0: none): the one a
+    # change-password start applies (``_start``).
+    auth_latest: int = 0
 
 
 class StillOnHttp(TerminalError):
@@ -343,8 +347,9 @@ class Commands:
             return frozenset()
         return frozenset(self._in_order(request, up)[: max(request.max_parallel, 1)])
 
-    async def _digests(self) -> dict[str, int]:
-        """Verifier digest → auth password version, for every version staged."""
+    async def _digests(self) -> tuple[int, dict[str, int]]:
+        """The latest auth password version staged (0: none), and verifier digest → version
+        for every version staged up to it."""
         latest = await asyncio.to_thread(self.schema.latest_auth_version)
         found: dict[str, int] = {}
         for version in range(1, latest + 1):
@@ -353,7 +358,7 @@ class Commands:
                 found[password.verifier_digest(text)] = version
             except (TerminalError, ValueError):
                 continue
-        return found
+        return latest, found
 
     async def _plan(
         self,
@@ -369,7 +374,7 @@ class Commands:
             )
         # (Read before the agents are asked: a start picks its first nodes from their answers
         # as the planner will read them, ``steps``.)
-        digests = await self._digests()
+        latest, digests = await self._digests()
         target_digest = ""
         if request.change is Change.CHANGE_PASSWORD and digests:
             target_digest = max(digests, key=lambda d: digests[d])
@@ -426,7 +431,7 @@ class Commands:
         certificates: tuple[byo.Accepted, ...] = ()
         if request.own_certs is not None:
             certificates = await self._check_own_certs(request, records, seen or {})
-        return Planned(rollout, records, in_use, certificates)
+        return Planned(rollout, records, in_use, certificates, latest)
 
     async def _check_own_certs(
         self,
@@ -477,7 +482,10 @@ class Commands:
         request, undoes, undone = await self._resolve(request)
         planned = await self._plan(request, undone, starting=True, rollout_id=rollout_id)
         rollout, nodes = planned.rollout, planned.records
-        latest = await asyncio.to_thread(self.schema.latest_auth_version)
+        # The latest password as the plan read it (not read again: a ``password set`` since
+        # would be applied where the plan skipped the nodes already on the planned one); the
+        # create refuses the start if another was staged since (audit s32 M1).
+        latest = planned.auth_latest
         auth = planner.decide_auth(
             request.change,
             bool(request.auth_verifier_json),
@@ -485,6 +493,7 @@ class Commands:
             in_use=planned.password_in_use,
             keep=request.keep_auth_version,
         )
+        staged_one = CHANGES[request.change].password is Password.STAGED
         if auth.add_new:
             assert request.auth_verifier_json is not None
             _check_verifier(request.auth_verifier_json)
@@ -513,6 +522,7 @@ class Commands:
                 request.auth_verifier_json if auth.add_new else None,
                 # A way back takes a switch back once (a retry goes on with the same one).
                 takes_back_once=rollout.change is Change.DISABLE_TLS and not request.retry_of,
+                auth_latest=latest if staged_one and not request.keep_auth_version else None,
             )
         except BaseException:
             if own is not None:

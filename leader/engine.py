@@ -156,10 +156,12 @@ class Engine:
         self.revoked: dict[str, set[str]] = {}
         self.step_deadline = step_deadline
         self.prepare_ahead = prepare_ahead  # pipelining (``planner.next_actions``)
-        # Scope freezes this process has seen an agent confirm: a switch under --freeze scope
-        # begins only when every frozen node's is, so a leader back after the lease ran out
-        # (the agents lifted their freezes) freezes them all again first.
-        self.confirmed: set[tuple[str, str]] = set()
+        # Scope freezes this process has seen an agent confirm, each with the time (monotonic)
+        # until which it counts: a switch under --freeze scope begins only when every frozen
+        # node's does, so a leader back after the lease ran out (the agents lifted their
+        # freezes) freezes them all again first, and so does a leader whose renewals of a
+        # node failed for longer than a renewal period (``_confirmed_until``).
+        self.confirmed: dict[tuple[str, str], float] = {}
         # A step that gets no (good) answer: since when (monotonic, wall) and how often.
         self.trouble: dict[StepKey, tuple[float, dt.datetime, int]] = {}
         # ``--cert-dir``: the running rollout's keys, until each node has staged its own.
@@ -440,8 +442,14 @@ class Engine:
                 continue  # (a stale read must not forget a renewal: only an unfreeze does)
             # A key first seen by this process renews at once: after a leader restart the
             # agents' leases run from the old process's last renewal, not from now.
+            # A node whose confirmation no longer counts is frozen again at once (as fast as
+            # the step's retries allow): the switches wait for it.
             last = self.renewed.get(key)
-            if last is not None and now - last < self.freeze_lease / 3:
+            if (
+                last is not None
+                and now - last < self.freeze_lease / 3
+                and now < self.confirmed.get(key, 0.0)
+            ):
                 continue
             self.renewed[key] = now
             step = planner.StepAction(rec.name, Step.FREEZE, row.rollout.epoch)
@@ -457,10 +465,11 @@ class Engine:
         if task is not None and not task.done():
             return
         if step.step is Step.SWITCH and row.rollout.freeze is FreezeMode.SCOPE:
+            now = self.monotonic()
             unconfirmed = [
                 r.name
                 for r in row.records
-                if r.scope_frozen and (row.rollout.id, r.name) not in self.confirmed
+                if r.scope_frozen and now >= self.confirmed.get((row.rollout.id, r.name), 0.0)
             ]
             if unconfirmed:  # _renew_freezes is freezing them again; the switch waits
                 return
@@ -553,7 +562,7 @@ class Engine:
         try:
             if step.step in (Step.FREEZE, Step.UNFREEZE):
                 frozen = await self._scope_freeze(rollout, step.node, step.step is Step.FREEZE)
-                await self._record_frozen(rollout.id, step, frozen, started[1])
+                await self._record_frozen(rollout.id, step, frozen, started)
             else:
                 learnt: dict[str, Any] = {}  # what the step learnt: written with its outcome
                 issued: list[Signed] = []  # what it signed: recorded with its outcome
@@ -678,6 +687,7 @@ class Engine:
             self.not_before,
             self.trouble,
             self.renewed,
+            self.confirmed,
             self.revoked,
             self.auth_known,
             self.facts,
@@ -697,10 +707,6 @@ class Engine:
                         drop_check(check)
             held.clear()
             held.update(kept)
-        if self.confirmed and any(not of_live(k) for k in self.confirmed):
-            confirmed = {k for k in self.confirmed if of_live(k)}
-            self.confirmed.clear()
-            self.confirmed.update(confirmed)
 
     async def _note(self, rollout_id: str, step: planner.StepAction, reason: str) -> None:
         """Put ``reason`` on the node's record (its state unchanged), once."""
@@ -945,19 +951,35 @@ class Engine:
             return {}
         return {new.name: None if rule is Password.CLEARED else row.meta.auth_version}
 
+    def _confirmed_until(self, sent: float) -> float:
+        """Until when (monotonic) an agent's confirmation of a scope freeze whose request left
+        at ``sent`` counts: the agent's lease runs from its receipt of the request, not
+        earlier, so it holds at least until ``sent`` plus the lease; less a renewal period
+        (a third of the lease), for a switch begun just before then to run inside it and for
+        the agent's clock (the lease is its wall time). A confirmed renewal moves it on;
+        renewals that fail for a renewal period let it pass, and the switches wait."""
+        return sent + self.freeze_lease - self.freeze_lease / 3
+
     async def _record_frozen(
-        self, rollout_id: str, step: planner.StepAction, frozen: bool, started: dt.datetime
+        self,
+        rollout_id: str,
+        step: planner.StepAction,
+        frozen: bool,
+        started: tuple[float, dt.datetime],
     ) -> None:
         """A scope freeze or unfreeze the agent confirmed: the node's flag, the step's end and
         the node's freeze window (from the first confirmed freeze, renewals leave it, to the
         confirmed unfreeze), in one write. The agent's reply carries no time: the leader's
-        clock it is."""
+        clock it is. ``started``: when the request left (monotonic, wall)."""
+        key = (rollout_id, step.node)
         if frozen:  # the lease this process just set or renewed runs from now
-            self.renewed[(rollout_id, step.node)] = self.monotonic()
-            self.confirmed.add((rollout_id, step.node))
+            self.renewed[key] = self.monotonic()
+            self.confirmed[key] = max(
+                self.confirmed.get(key, 0.0), self._confirmed_until(started[0])
+            )
         else:
-            self.renewed.pop((rollout_id, step.node), None)
-            self.confirmed.discard((rollout_id, step.node))
+            self.renewed.pop(key, None)
+            self.confirmed.pop(key, None)
         now = self.clock()
 
         def window(detail: NodeDetail) -> dict[str, Any]:
@@ -971,7 +993,7 @@ class Engine:
             rollout_id,
             step.node,
             lambda r: replace(r, scope_frozen=frozen),
-            StepTime(step.node, step.step.value, started, now),
+            StepTime(step.node, step.step.value, started[1], now),
             window,
             timed_if_unchanged=True,
         )

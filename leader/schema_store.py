@@ -591,15 +591,25 @@ class SchemaStore(LeaderStore):
         new_verifier: str | None = None,
         *,
         takes_back_once: bool = False,
+        auth_latest: int | None = None,
     ) -> RolloutRow:
         """Insert a new rollout, refusing if another one is active (checked in the same
         transaction, so two starts cannot both succeed). ``new_verifier`` adds the auth
         password the rollout applies, in the same transaction. A transitional rollout awaiting
         finalize lets only its finalize or its way back start beside it. ``takes_back_once``: a
         disable-tls rollout is refused (``AlreadyTakenBack``) if another one already takes back
-        ``meta.undoes``, checked here too, so two rollbacks that crossed cannot both start."""
+        ``meta.undoes``, checked here too, so two rollbacks that crossed cannot both start.
+        ``auth_latest``: the latest auth password version the rollout was planned with (a
+        change-password's, which it applies); ``PasswordStagedMeanwhile`` if another has been
+        staged since (None: not checked)."""
         with self._db.tx() as db:
             _refuse_if_busy(db, meta.finalizes or meta.undoes)
+            if auth_latest is not None:
+                now_latest = int(
+                    db.execute("SELECT COALESCE(MAX(version), 0) FROM auth_versions").fetchone()[0]
+                )
+                if now_latest != auth_latest:
+                    raise PasswordStagedMeanwhile(auth_latest, now_latest)
             if takes_back_once and meta.undoes:
                 by = db.execute(
                     "SELECT id, state FROM rollouts WHERE change = ? AND undoes = ?"
@@ -1240,6 +1250,16 @@ class AlreadyTakenBack(TerminalError):
 
 class StaleRecords(TransientError):
     """The records changed between reading and writing; read again."""
+
+
+class PasswordStagedMeanwhile(TerminalError):
+    """A change-password start planned with one password while another was staged."""
+
+    def __init__(self, planned: int, latest: int) -> None:
+        super().__init__(
+            f"auth password version {latest} was staged while this rollout was planned (with "
+            f"version {planned}); nothing started: start it again to apply version {latest}"
+        )
 
 
 class RolloutBusy(TerminalError):

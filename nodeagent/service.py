@@ -222,6 +222,9 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         self.runner = runner
         self.clock = clock
         self._lock = asyncio.Lock()  # one command at a time changes the journal
+        # Freeze, Unfreeze and the lease watch's lift of a lapsed freeze, one at a time: the
+        # lease in the journal and the server's freeze change together (``watch_freeze_lease``).
+        self._freeze_lock = asyncio.Lock()
         # The journal's highest epoch as this process last read or wrote it (None: not yet).
         # Only ``_command`` writes it, so a command at exactly this epoch needs neither a read
         # nor a write of the journal (two worker-thread hops per command, issue 15), unless
@@ -338,15 +341,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             wait = UNFREEZE_BACKOFF.delay(failures) if failures else LEASE_CHECK_SECONDS
             await asyncio.sleep(wait)
             try:
-                lease = await asyncio.to_thread(self.journal.freeze_lease)
-                if lease is None or self.driver is None or self.clock() < lease[1]:
-                    failures = 0
-                    continue
-                if await asyncio.to_thread(self.journal.unfinished):
-                    failures = 0
-                    continue
-                await self.driver.unfreeze()
-                await asyncio.to_thread(self.journal.set_freeze_lease, None)
+                lifted = await self._lift_lapsed_freeze()
             except Exception as exc:
                 failures += 1
                 if worth_logging(failures, time.monotonic() - logged):
@@ -359,11 +354,36 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                     )
                 continue
             failures = 0
+            if lifted is None:
+                continue
             log.warning(
                 "scope_freeze.lease_expired",
-                rollout_id=lease[0],
+                rollout_id=lifted,
                 detail="the leader did not renew the freeze; writes are accepted again",
             )
+
+    def _lapsed(self, lease: tuple[str, dt.datetime] | None) -> bool:
+        return lease is not None and self.driver is not None and self.clock() >= lease[1]
+
+    async def _lift_lapsed_freeze(self) -> str | None:
+        """One look of the lease watch: lift the freeze if its lease ran out and no transaction
+        runs; the rollout whose freeze it lifted, or None. Under ``_freeze_lock``, and the
+        lease read again there: a Freeze (a leader back after the lease ran out sends one at
+        once) that renewed the lease since the first read must not be undone (audit s32 H4:
+        the node took writes while the leader counted it frozen), nor its new lease cleared
+        (a freeze with no lease). The first read stays outside the lock: most looks find
+        nothing to do, and a Freeze draining writes holds the lock."""
+        if not self._lapsed(await asyncio.to_thread(self.journal.freeze_lease)):
+            return None
+        async with self._freeze_lock:
+            lease = await asyncio.to_thread(self.journal.freeze_lease)
+            if lease is None or self.driver is None or not self._lapsed(lease):
+                return None
+            if await asyncio.to_thread(self.journal.unfinished):
+                return None
+            await self.driver.unfreeze()
+            await asyncio.to_thread(self.journal.set_freeze_lease, None)
+        return lease[0]
 
     # --- status -------------------------------------------------------------------------------
 
@@ -1039,9 +1059,11 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
     ) -> agent_pb2.FreezeResponse:
         rollout_id = await self._command(context, request.command)
         lease = dt.timedelta(seconds=request.lease_seconds or DEFAULT_FREEZE_LEASE)
-        # The lease first: a freeze must never be without a deadline, even for an instant.
-        await asyncio.to_thread(self.journal.set_freeze_lease, (rollout_id, self.clock() + lease))
-        watermark = await self._driver().freeze(DRAIN_TIMEOUT)
+        async with self._freeze_lock:  # not across the lease watch's lift (``_lift_lapsed_freeze``)
+            # The lease first: a freeze must never be without a deadline, even for an instant.
+            until = self.clock() + lease
+            await asyncio.to_thread(self.journal.set_freeze_lease, (rollout_id, until))
+            watermark = await self._driver().freeze(DRAIN_TIMEOUT)
         log.info(
             "scope_freeze.on",
             rollout_id=rollout_id,
@@ -1056,8 +1078,9 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
     ) -> agent_pb2.FreezeResponse:
         rollout_id = await self._command(context, request.command)
         driver = self._driver()
-        await driver.unfreeze()
-        await asyncio.to_thread(self.journal.set_freeze_lease, None)
+        async with self._freeze_lock:  # not across a Freeze or the lease watch's lift
+            await driver.unfreeze()
+            await asyncio.to_thread(self.journal.set_freeze_lease, None)
         log.info("scope_freeze.off", rollout_id=rollout_id)
         return agent_pb2.FreezeResponse(frozen=False, watermark=await driver.watermark())
 

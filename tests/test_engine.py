@@ -75,7 +75,7 @@ from leader.store import IssuedCert, NodeCert, Store
 from tests.fake_agent import START, FakeAgent, FakeAgents, FakeClock
 from tlsroll import dbthread, pki
 from tlsroll.enums import TxnKind, TxnOutcome
-from tlsroll.errors import PKIError, PKIReason
+from tlsroll.errors import PKIError, PKIReason, TerminalError, TransientError
 from tlsroll.rpc import status_for
 from tlsroll.v1 import agent_pb2
 from tlsroll.wire import TXN_KIND
@@ -1183,6 +1183,58 @@ async def test_change_password_skips_the_stage_and_applies_the_staged_password(
     await leader.stop()
 
 
+@pytest.mark.parametrize("when", ["planning", "create"])
+async def test_a_password_staged_while_a_change_password_starts_refuses_the_start(
+    world: World, when: str
+) -> None:
+    """Audit s32 M1: the start of a change-password rollout planned with the latest staged
+    password (the nodes already on it are skipped) and then read the latest version again to
+    apply it; a ``tlsroll password set`` in between (it is refused only while a rollout is
+    active) made the rollout apply another version than it planned with (``planning``), or
+    record the older one though the newer was staged before it (``create``): both commands
+    succeeded, which no order of the two allows. The version the plan used is the one the
+    start applies, and the create refuses it if another was staged meanwhile."""
+    leader = world.boot()
+    await leader.start()
+    await leader.run()
+    await leader.commands.stage_password(VERIFIER_2, ADMIN)  # version 2
+    schema = leader.schema
+    staged: list[int] = []
+
+    def stage_3() -> None:
+        staged.append(SchemaStore.stage_password(schema, verifier(3), world.clock.wall(), ADMIN))
+
+    if when == "planning":  # just after the start's first read of the latest version
+        real = schema.latest_auth_version
+
+        def latest() -> int:
+            found = real()
+            if not staged:
+                stage_3()
+            return found
+
+        schema.latest_auth_version = latest  # type: ignore[method-assign]
+    else:  # just before the rollout is created
+        interpose = schema.interpose
+
+        async def before_create(method: str, args: tuple[Any, ...]) -> None:
+            if method == "create" and not staged:
+                stage_3()
+            await interpose(method, args)
+
+        schema.interpose = before_create  # type: ignore[method-assign]
+    enabled = schema.latest()
+    assert enabled is not None
+
+    with pytest.raises(TerminalError, match="password version 3 was staged"):
+        await leader.start(Change.CHANGE_PASSWORD)
+
+    assert staged == [3]
+    after = schema.latest()
+    assert after is not None and after.rollout.id == enabled.rollout.id  # none created
+    await leader.stop()
+
+
 async def test_disable_tls_rolls_back_the_undone_switch_and_clears_the_password(
     world: World,
 ) -> None:
@@ -1468,6 +1520,45 @@ async def test_a_leader_back_after_the_lease_freezes_again_before_the_next_switc
         if c.method == "switch":
             assert c.frozen == frozenset({"bravo", "charlie", "alpha"}), c
     await second.stop()
+
+
+async def test_a_switch_waits_while_a_frozen_node_s_renewals_fail_past_its_lease(
+    world: World,
+) -> None:
+    """Audit s32 H3: a confirmed scope freeze counted for good, though the agent lifts a
+    freeze whose lease ran out (``watch_freeze_lease``). A frozen node the leader could not
+    reach for longer than the lease took writes again while the next node switched. A
+    confirmation now counts only while the lease it confirmed may still hold (less a
+    renewal period); after that the switches wait until a renewal is confirmed again."""
+    lease = 6  # renewed every 2 s of fake time; a confirmation counts for 4 s from its send
+    leader = world.boot(freeze_lease=lease)
+    await leader.start(freeze=FreezeMode.SCOPE)
+    bravo, charlie = world.agents["bravo"], world.agents["charlie"]
+    real = charlie.preflight
+    hold = [float("inf")]  # charlie's preflight gets no answer before this time
+
+    async def late(request: agent_pb2.PreflightRequest) -> agent_pb2.PreflightResponse:
+        if world.clock.monotonic() < hold[0]:
+            raise TransientError("charlie: not yet")
+        return await real(request)
+
+    charlie.preflight = late  # type: ignore[method-assign]
+    await leader.run(until=lambda r: node(r.records, "bravo").state is N.DONE)
+    bravo.unreachable = 10**6  # switched, frozen for the others: every renewal fails now
+    cut = world.clock.monotonic()
+    hold[0] = cut + 2 * lease  # charlie switches after bravo's lease ran out
+    row = await leader.run(until=lambda _r: world.clock.monotonic() >= cut + 4 * lease)
+    assert not bravo.frozen and bravo.lapsed >= 1  # its lease ran out: it takes writes
+    bravo.unreachable = 0  # back: the next renewal freezes it again
+    row = await leader.run()
+
+    assert row.rollout.state is R.COMPLETED
+    assert states(row) == ALL_DONE
+    switches = [c for c in world.agents.calls if c.method == "switch"]
+    assert [c.node for c in switches] == list(ORDER)
+    for c in switches:  # no switch with a node of the scope taking writes
+        assert c.frozen == frozenset(ORDER), c
+    await leader.stop()
 
 
 async def test_an_error_reading_a_running_switch_is_not_its_outcome(world: World) -> None:
