@@ -98,6 +98,9 @@ if TYPE_CHECKING:
 log = logs.get_logger(__name__)
 
 TICK_SECONDS = 1.0
+WAITS_FOR_FREEZE = "waits for the scope freeze of "
+"""A staged node's note while a frozen node's freeze is not confirmed (``_note_waiting``)."""
+
 IDLE_TICK_SECONDS = 60.0
 """The loop's tick while no rollout is live (none, or only one that waits for its finalize):
 a pass then has nothing to do, and a leader idles for months. What brings a pass sooner: an
@@ -162,6 +165,10 @@ class Engine:
         # freezes) freezes them all again first, and so does a leader whose renewals of a
         # node failed for longer than a renewal period (``_confirmed_until``).
         self.confirmed: dict[tuple[str, str], float] = {}
+        # When this process last sent each scope freeze (monotonic), and when it began: how
+        # long an agent that never answers again may still hold a freeze (``_lease_ran_out``).
+        self.freeze_sent: dict[tuple[str, str], float] = {}
+        self.began = monotonic()
         # A step that gets no (good) answer: since when (monotonic, wall) and how often.
         self.trouble: dict[StepKey, tuple[float, dt.datetime, int]] = {}
         # ``--cert-dir``: the running rollout's keys, until each node has staged its own.
@@ -268,12 +275,14 @@ class Engine:
         await self._record_node_auth(row)
         await self._revoke_superseded(row)
         held = await self._held_for_quiet(row)
+        lapsed = self._lapsed(row)
         plan = planner.next_actions(
             row.rollout,
             row.record_view,
             held,
             prepare_ahead=self.prepare_ahead,
             census=row.census,  # kept with the row: the pass reads only the nodes it names
+            lapsed=lapsed,
         )
         if plan.rollout_events or plan.node_events:
             before = row
@@ -321,6 +330,8 @@ class Engine:
         for step in plan.steps:
             self._ensure_step(row, step)
         self._renew_freezes(row, plan)
+        if row.rollout.freeze is FreezeMode.SCOPE:
+            await self._note_waiting(row, lapsed)
 
     async def _settle_awaiting(self) -> None:
         """A transitional rollout awaiting finalize moves on once its linked finalize (or way
@@ -561,6 +572,8 @@ class Engine:
         deadline = self.step_deadline * (2 if step.step is Step.STAGE else 1)
         try:
             if step.step in (Step.FREEZE, Step.UNFREEZE):
+                if step.step is Step.FREEZE:
+                    self.freeze_sent[(rollout.id, step.node)] = started[0]
                 frozen = await self._scope_freeze(rollout, step.node, step.step is Step.FREEZE)
                 await self._record_frozen(rollout.id, step, frozen, started)
             else:
@@ -579,6 +592,10 @@ class Engine:
                     return
         except (TransientError, StepFailed, TimeoutError) as exc:  # StepFailed: a freeze refused
             why = str(exc) or f"no answer within {deadline:.0f} s"
+            if step.step is Step.UNFREEZE and await self._lease_ran_out(rollout.id, step, why):
+                self.trouble.pop(key, None)
+                self.wake.set()
+                return
             log.warning(
                 "step.deferred",
                 rollout_id=rollout.id,
@@ -688,6 +705,7 @@ class Engine:
             self.trouble,
             self.renewed,
             self.confirmed,
+            self.freeze_sent,
             self.revoked,
             self.auth_known,
             self.facts,
@@ -875,6 +893,7 @@ class Engine:
                 after.record_view,
                 prepare_ahead=self.prepare_ahead,
                 census=after.census,
+                lapsed=self._lapsed(after),
             )
         except Exception:  # the loop's pass meets it again, and logs it
             return (), []
@@ -950,6 +969,53 @@ class Engine:
         if rule is Password.KEPT or new.state not in done or old.state is new.state:
             return {}
         return {new.name: None if rule is Password.CLEARED else row.meta.auth_version}
+
+    def _lapsed(self, row: RolloutRow) -> frozenset[str]:
+        """``--freeze scope``: the nodes recorded frozen whose freeze this process cannot
+        count on now (``_confirmed_until`` passed, or no confirmation seen since its start):
+        the plan switches no node while there is one (``planner.next_actions``)."""
+        if row.rollout.freeze is not FreezeMode.SCOPE:
+            return frozenset()
+        now, rid = self.monotonic(), row.rollout.id
+        return frozenset(
+            r.name
+            for r in row.records
+            if r.scope_frozen and now >= self.confirmed.get((rid, r.name), 0.0)
+        )
+
+    async def _note_waiting(self, row: RolloutRow, lapsed: frozenset[str]) -> None:
+        """``--freeze scope``: a node staged for its switch says which nodes' freezes it
+        waits for (``_lapsed``); the note goes once it no longer waits."""
+        for r in row.records:
+            waits = r.state is NodeState.STAGED and bool(lapsed)
+            note = f"{WAITS_FOR_FREEZE}{', '.join(sorted(lapsed))}" if waits else ""
+            if r.reason != note and (waits or r.reason.startswith(WAITS_FOR_FREEZE)):
+                step = planner.StepAction(r.name, Step.SWITCH, row.rollout.epoch)
+                await self._note(row.rollout.id, step, note)
+
+    async def _lease_ran_out(self, rollout_id: str, step: planner.StepAction, why: str) -> bool:
+        """An unfreeze that got no answer (``why``), of a rollout that has settled: once the
+        node's freeze lease has surely run out, its agent has lifted the freeze by itself
+        (``nodeagent.service.watch_freeze_lease``; a dead machine holds none), so the node is
+        recorded unfrozen, with a note, and the rollout can end. Without this a scope freeze
+        whose node never answered again kept the rollout (an abort too) from ending, and every
+        later rollout, and ``nodes remove`` of that node, was refused (session 32's review 1,
+        F2). Surely: a lease and a third after the last freeze this process sent (or its
+        start: an earlier process sent none after it), which leaves the request's way and the
+        agent's timer their margin. True if so recorded."""
+        key = (rollout_id, step.node)
+        since = max(self.freeze_sent.get(key, self.began), self.began)
+        ran_out = since + self.freeze_lease * 4 / 3
+        if self.monotonic() < ran_out:
+            return False
+        await self._record_frozen(rollout_id, step, False, (self.monotonic(), self.clock()))
+        note = (
+            f"unfreeze not confirmed ({why}); its scope freeze lease ran out, so its agent has "
+            "lifted the freeze by itself"
+        )
+        await self._note(rollout_id, step, note)
+        log.warning("freeze.lease_ran_out", rollout_id=rollout_id, node=step.node, reason=why)
+        return True
 
     def _confirmed_until(self, sent: float) -> float:
         """Until when (monotonic) an agent's confirmation of a scope freeze whose request left

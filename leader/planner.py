@@ -467,6 +467,7 @@ def next_actions(
     *,
     prepare_ahead: int = 0,
     census: Census | None = None,
+    lapsed: Collection[str] = frozenset(),
 ) -> Plan:
     """Decide what happens now; safe to call any number of times (it only reads).
 
@@ -475,7 +476,11 @@ def next_actions(
     beyond ``max_parallel`` may be preflighted and staged while others switch (0: a node starts
     only when one has ended, as the seed does). ``census``: ``Census.of(nodes)``, kept by the
     caller (then ``nodes`` must be in the rollout's order, as the stores keep them, and only
-    the records of the nodes the plan looks at are read); counted here if not given."""
+    the records of the nodes the plan looks at are read); counted here if not given.
+    ``lapsed`` (``--freeze scope``): nodes recorded ``scope_frozen`` whose freeze the leader
+    cannot count on now (no confirmation within what its lease still covers, or none seen by
+    this process): no node switches while one is, and they are frozen again, as a node not
+    yet frozen is. The waiting node stays ``staged`` (an abort skips it), not ``switching``."""
     if census is None:
         records: Sequence[NodeRecord] = _in_order(rollout, nodes)
         census = Census.of(records)
@@ -533,7 +538,8 @@ def next_actions(
         to_freeze = [
             r.name
             for at, r in enumerate(records)
-            if not r.scope_frozen and tally.state(at) not in (NodeState.FAILED, NodeState.SKIPPED)
+            if (not r.scope_frozen or r.name in lapsed)
+            and tally.state(at) not in (NodeState.FAILED, NodeState.SKIPPED)
         ]
     if not to_freeze:
         if prepare_ahead > 0:

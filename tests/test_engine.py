@@ -1561,6 +1561,50 @@ async def test_a_switch_waits_while_a_frozen_node_s_renewals_fail_past_its_lease
     await leader.stop()
 
 
+async def test_a_dead_frozen_node_holds_the_next_switch_staged_and_an_abort_ends_the_rollout(
+    world: World,
+) -> None:
+    """Session 32's review 1, F1: the switch that waits for a frozen node whose confirmation
+    lapsed (audit H3) waited at its step, after the plan had moved the next node to
+    ``switching``: a node in flight, which an abort does not skip. A switched node whose machine
+    died then kept every other node of the scope frozen (refusing writes) for good, abort or
+    not. The plan now holds the switch: the next node stays ``staged`` (and says why), so an
+    abort skips it and unfreezes every node that answers; and the dead node's unfreeze counts
+    as done once its lease has surely run out, so the aborted rollout ends (F2)."""
+    lease = 6
+    leader = world.boot(freeze_lease=lease)
+    await leader.start(freeze=FreezeMode.SCOPE)
+    bravo, charlie = world.agents["bravo"], world.agents["charlie"]
+    real = charlie.preflight
+    hold = [float("inf")]
+
+    async def late(request: agent_pb2.PreflightRequest) -> agent_pb2.PreflightResponse:
+        if world.clock.monotonic() < hold[0]:
+            raise TransientError("charlie: not yet")
+        return await real(request)
+
+    charlie.preflight = late  # type: ignore[method-assign]
+    await leader.run(until=lambda r: node(r.records, "bravo").state is N.DONE)
+    bravo.unreachable = 10**6  # its machine died: it never answers again
+    cut = world.clock.monotonic()
+    hold[0] = cut + 2 * lease  # charlie is prepared after bravo's confirmation lapsed
+    row = await leader.run(until=lambda _r: world.clock.monotonic() >= cut + 6 * lease)
+    assert node(row.records, "charlie").state is N.STAGED, states(row)
+    assert "bravo" in node(row.records, "charlie").reason
+    assert not [c for c in world.agents.calls if c.method == "switch" and c.node == "charlie"]
+    await leader.control(RolloutAction.ABORT)
+    row = await leader.run(until=lambda _r: not charlie.frozen and not world.agents["alpha"].frozen)
+    assert node(row.records, "charlie").state is N.SKIPPED, states(row)
+    # F2: bravo never confirms its unfreeze. Once its lease has surely run out (its agent lifts
+    # such a freeze by itself), it is recorded unfrozen, and the rollout ends: before, it stayed
+    # ``aborting`` for good, and every later rollout was refused.
+    row = await leader.run()
+    assert row.rollout.state is R.ABORTED, row.rollout.state
+    gone = node(row.records, "bravo")
+    assert not gone.scope_frozen and "lease ran out" in gone.reason, gone
+    await leader.stop()
+
+
 async def test_an_error_reading_a_running_switch_is_not_its_outcome(world: World) -> None:
     """Found by review: a GetTransaction that failed (INTERNAL on a journal hiccup, say) was
     recorded as "rolled back" while the agent's switch went on to https. It is transient: the
