@@ -48,7 +48,8 @@ class TooMany(TerminalError):
 
 
 class Superseded(TerminalError):
-    """A node's certificate is neither the one on record nor the one before it."""
+    """A node's certificate is neither the one on record nor the one before it, or it is
+    revoked, or the node is removed: it may not call (``LeaderService._check_on_record``)."""
 
 
 @dataclass(frozen=True)
@@ -753,25 +754,23 @@ class Store(LeaderStore):
         name: str,
         *,
         presented: str,
+        presented_serial: str,
         key_pin: str,
         issue: Callable[[], NodeCert],
         now: dt.datetime,
     ) -> NodeCert:
         """Record a renewed certificate for node ``name``, which called with the certificate
-        whose fingerprint is ``presented``: the one on record (which becomes the one before
-        it) or the one before it (a renewal asked again: that stays the one before). Anything
-        else is Superseded. ``issue`` signs, inside the transaction. The old certificate is
-        not revoked: the leader accepts it no more once the agent has used the new one, and
-        it dials the agent by the new key (see ``leader.agent_client``)."""
+        whose fingerprint is ``presented`` (serial ``presented_serial``, hex): the one on
+        record (which becomes the one before it) or the one before it (a renewal asked again:
+        that stays the one before), not revoked, of a node not removed; anything else is
+        Superseded, checked in this transaction (``check_caller_in``: a revocation or removal
+        that committed after the handler's own check is seen). ``issue`` signs, inside the
+        transaction. The old certificate is not revoked: the leader accepts it no more once
+        the agent has used the new one, and it dials the agent by the new key (see
+        ``leader.agent_client``)."""
         with self._nodes_write(), self._db.tx() as db:
-            row = db.execute(
-                "SELECT * FROM nodes WHERE name = ? AND removed_at IS NULL", (name,)
-            ).fetchone()
-            if row is None:
-                raise NotFound(f"no enrolled node named {name!r}")
+            row = check_caller_in(db, name, presented, presented_serial)
             current, prev = row["cert_fingerprint"], row["prev_cert_fingerprint"]
-            if presented not in {current, prev} - {""}:
-                raise Superseded(f"certificate is not the one on record for node {name!r}")
             keep = current if presented == current else prev
             since = to_text(now - dt.timedelta(hours=1))
             (recent,) = db.execute(
@@ -878,12 +877,18 @@ class Store(LeaderStore):
         issue: Callable[[], IssuedCert],
         *,
         now: dt.datetime,
+        presented: str,
+        presented_serial: str,
     ) -> IssuedCert:
-        """Record a workstation certificate that node ``node`` asks for, all in one
-        transaction: at most ``WORKSTATION_CERTS_PER_HOUR`` per node, and a name that another
-        node's workstation already holds (unrevoked) is refused. The same node asking again for
-        the same name (a PC set up again) revokes the older certificate."""
+        """Record a workstation certificate that node ``node`` asks for, calling with the
+        certificate whose fingerprint is ``presented`` (serial ``presented_serial``), all in
+        one transaction: the caller may still call (``check_caller_in``: a node removed or a
+        certificate revoked after the handler's own check is Superseded), at most
+        ``WORKSTATION_CERTS_PER_HOUR`` per node, and a name that another node's workstation
+        already holds (unrevoked) is refused. The same node asking again for the same name (a
+        PC set up again) revokes the older certificate."""
         with self._db.tx() as db:
+            check_caller_in(db, node, presented, presented_serial)
             since = to_text(now - dt.timedelta(hours=1))
             (recent,) = db.execute(
                 "SELECT COUNT(*) FROM certificates WHERE kind = 'workstation' AND node = ?"
@@ -1121,6 +1126,29 @@ class Store(LeaderStore):
     ) -> None:
         with self._db.tx() as db:
             self._audit(db, now, actor, kind, subject, **detail)
+
+
+def check_caller_in(
+    db: sqlite3.Connection, name: str, fingerprint: str, serial: str
+) -> sqlite3.Row:
+    """Inside a write transaction: the row of node ``name`` if the certificate it calls with
+    (``fingerprint``, ``serial`` hex) may call, ``LeaderService._check_on_record``'s rules
+    and messages (its early check, read before the write: a removal or revocation may commit
+    between them); else Superseded, which the caller gets as UNAUTHENTICATED."""
+    row: sqlite3.Row | None = db.execute(
+        "SELECT * FROM nodes WHERE name = ? AND removed_at IS NULL", (name,)
+    ).fetchone()
+    if row is None:
+        raise Superseded(f"{name!r} is not an enrolled node (removed?)")
+    if fingerprint not in {row["cert_fingerprint"], row["prev_cert_fingerprint"]} - {""}:
+        raise Superseded(f"certificate is not the one on record for node {name!r}")
+    revoked = db.execute(
+        "SELECT 1 FROM certificates WHERE serial = ? AND revoked_at IS NOT NULL",
+        (serial.lstrip("0") or "0",),
+    ).fetchone()
+    if revoked is not None:
+        raise Superseded(f"the certificate of node {name!r} is revoked; enrol it again")
+    return row
 
 
 def _meta(db: sqlite3.Connection, key: str, default: int) -> int:
