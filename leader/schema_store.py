@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, cast, overload
 
 from leader.db import LeaderStore
-from leader.planner import Census
+from leader.planner import Census, UnknownNodes
 from leader.rollout_core import (
     CHANGES,
     TERMINAL_ROLLOUT_STATES,
@@ -44,6 +44,8 @@ from tlsroll.sqlite import from_text, to_text
 
 _TERMINAL = tuple(s.value for s in TERMINAL_ROLLOUT_STATES)
 _ACTIVE = f"state NOT IN ({', '.join('?' * len(_TERMINAL))})"  # a rollout not yet ended
+
+_REMOVED = "SELECT name FROM nodes WHERE removed_at IS NOT NULL"  # few: no list of names
 
 _NODE_DETAIL_FIELDS = (
     "old_url",
@@ -571,9 +573,14 @@ class SchemaStore(LeaderStore):
         password the rollout applies, in the same transaction. A transitional rollout awaiting
         finalize lets only its finalize or its way back start beside it. ``takes_back_once``: a
         disable-tls rollout is refused (``AlreadyTakenBack``) if another one already takes back
-        ``meta.undoes``, checked here too, so two rollbacks that crossed cannot both start."""
+        ``meta.undoes``, checked here too, so two rollbacks that crossed cannot both start.
+        A node of ``nodes`` removed since the plan was made (``tlsroll nodes remove``, which
+        refuses a node a rollout holds) is UnknownNodes, as a plan made after the removal."""
         with self._db.tx() as db:
             _refuse_if_busy(db, meta.finalizes or meta.undoes)
+            removed = {r["name"] for r in db.execute(_REMOVED)} & {n.name for n in nodes}
+            if removed:
+                raise UnknownNodes(sorted(removed))
             if takes_back_once and meta.undoes:
                 by = db.execute(
                     "SELECT id, state FROM rollouts WHERE change = ? AND undoes = ?"

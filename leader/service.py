@@ -49,6 +49,7 @@ from leader.schema_store import (
     write_clients,
 )
 from leader.store import (
+    InRollout,
     IssuedCert,
     NameTaken,
     Node,
@@ -112,6 +113,7 @@ ERRORS = {
     NotFound: grpc.StatusCode.NOT_FOUND,
     TooMany: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Superseded: grpc.StatusCode.UNAUTHENTICATED,
+    InRollout: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 """Most specific class wins (``tlsroll.rpc.status_for``): NodesOffline is a PlanError, and

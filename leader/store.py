@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from leader.db import LeaderStore
+from leader.rollout_core import TERMINAL_ROLLOUT_STATES
 from tlsroll.errors import TerminalError
 from tlsroll.sqlite import Database, from_text, to_text
 
@@ -29,6 +30,14 @@ if TYPE_CHECKING:  # the certificate type only (``IssuedCert.of``)
     from cryptography import x509
 
 T = TypeVar("T")
+
+_TERMINAL = tuple(sorted(s.value for s in TERMINAL_ROLLOUT_STATES))  # a rollout ended
+# The newest rollout not yet ended that holds node ? (``remove_node``).
+_HELD = (
+    "SELECT r.id, r.state FROM rollouts r JOIN rollout_nodes n ON n.rollout_id = r.id"  # noqa: S608
+    f" AND n.name = ? WHERE r.state NOT IN ({', '.join('?' * len(_TERMINAL))})"
+    " ORDER BY r.epoch DESC LIMIT 1"
+)
 
 
 class TokenRejected(TerminalError):
@@ -45,6 +54,16 @@ class NotFound(TerminalError):
 
 class TooMany(TerminalError):
     """A node asked for more than it may (workstation certificates per hour)."""
+
+
+class InRollout(TerminalError):
+    """A node that a rollout not yet ended holds cannot be removed."""
+
+    def __init__(self, name: str, rollout_id: str, state: str) -> None:
+        super().__init__(
+            f"node {name!r} is in rollout {rollout_id}, which is {state}; let it end (or "
+            "`tlsroll rollout abort`) first"
+        )
 
 
 class Superseded(TerminalError):
@@ -815,14 +834,19 @@ class Store(LeaderStore):
     def remove_node(self, name: str, *, now: dt.datetime, actor: str) -> tuple[Node, list[str]]:
         """Remove node ``name``: revoke every certificate issued to or for it, free its names
         (a token can name them again) and spend its unused tokens. Returns the node as it was
-        and the serials revoked now."""
-        self._forget_seen(name)
+        and the serials revoked now. InRollout if a rollout not yet ended holds the node,
+        checked in this transaction (the admin's early check reads before it: a rollout
+        created between them, by an admin or auto-rotate, is seen here); a refused removal
+        forgets nothing either (the heartbeat and client report queued for the group commit)."""
         with self._nodes_write(), self._db.tx() as db:
             row = db.execute(
                 "SELECT * FROM nodes WHERE name = ? AND removed_at IS NULL", (name,)
             ).fetchone()
             if row is None:
                 raise NotFound(f"no enrolled node named {name!r}")
+            busy = db.execute(_HELD, (name, *_TERMINAL)).fetchone()
+            if busy is not None:
+                raise InRollout(name, busy["id"], busy["state"])
             serials = [
                 r["serial"]
                 for r in db.execute(
@@ -855,6 +879,7 @@ class Store(LeaderStore):
             )
             _bump_crl(db)
             self._audit(db, now, actor, "node.removed", name, revoked=serials)
+        self._forget_seen(name)  # after: a heartbeat queued meanwhile is dropped too
         with self._db.read() as db:
             removed = _node(db.execute("SELECT * FROM nodes WHERE name = ?", (name,)).fetchone())
         return removed, serials
