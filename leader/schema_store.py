@@ -46,6 +46,10 @@ _TERMINAL = tuple(s.value for s in TERMINAL_ROLLOUT_STATES)
 _ACTIVE = f"state NOT IN ({', '.join('?' * len(_TERMINAL))})"  # a rollout not yet ended
 
 _REMOVED = "SELECT name FROM nodes WHERE removed_at IS NOT NULL"  # few: no list of names
+_CURRENT_EPOCH = (  # ``current_epoch``
+    "SELECT MAX(COALESCE((SELECT MAX(epoch) FROM rollouts), 0),"
+    " COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'epoch_floor'), 0))"
+)
 
 _NODE_DETAIL_FIELDS = (
     "old_url",
@@ -255,10 +259,7 @@ class SchemaStore(LeaderStore):
         """The newest rollout's epoch, or the floor ``tlsroll epoch advance`` set if higher:
         what the leader tells agents in heartbeats, the highest epoch it asked for."""
         with self._db.read() as db:
-            row = db.execute(
-                "SELECT MAX(COALESCE((SELECT MAX(epoch) FROM rollouts), 0),"
-                " COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'epoch_floor'), 0))"
-            ).fetchone()
+            row = db.execute(_CURRENT_EPOCH).fetchone()
         return int(row[0])
 
     def _live(self, db: sqlite3.Connection) -> tuple[tuple[str, str], ...]:
@@ -575,12 +576,19 @@ class SchemaStore(LeaderStore):
         disable-tls rollout is refused (``AlreadyTakenBack``) if another one already takes back
         ``meta.undoes``, checked here too, so two rollbacks that crossed cannot both start.
         A node of ``nodes`` removed since the plan was made (``tlsroll nodes remove``, which
-        refuses a node a rollout holds) is UnknownNodes, as a plan made after the removal."""
+        refuses a node a rollout holds) is UnknownNodes, as a plan made after the removal.
+        The epoch is made sure here: ``rollout.epoch`` (``next_epoch``, read when planning)
+        if it is still above ``current_epoch``, else the next one (a floor raised by ``epoch
+        advance`` or a relearn since, or another rollout created with it); the row returned
+        has it."""
         with self._db.tx() as db:
             _refuse_if_busy(db, meta.finalizes or meta.undoes)
             removed = {r["name"] for r in db.execute(_REMOVED)} & {n.name for n in nodes}
             if removed:
                 raise UnknownNodes(sorted(removed))
+            (current,) = db.execute(_CURRENT_EPOCH).fetchone()
+            if rollout.epoch <= int(current):
+                rollout = replace(rollout, epoch=int(current) + 1)
             if takes_back_once and meta.undoes:
                 by = db.execute(
                     "SELECT id, state FROM rollouts WHERE change = ? AND undoes = ?"

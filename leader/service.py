@@ -49,6 +49,7 @@ from leader.schema_store import (
     write_clients,
 )
 from leader.store import (
+    EpochFixed,
     InRollout,
     IssuedCert,
     NameTaken,
@@ -114,6 +115,7 @@ ERRORS = {
     TooMany: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Superseded: grpc.StatusCode.UNAUTHENTICATED,
     InRollout: grpc.StatusCode.FAILED_PRECONDITION,
+    EpochFixed: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 """Most specific class wins (``tlsroll.rpc.status_for``): NodesOffline is a PlanError, and

@@ -38,6 +38,11 @@ _HELD = (
     f" AND n.name = ? WHERE r.state NOT IN ({', '.join('?' * len(_TERMINAL))})"
     " ORDER BY r.epoch DESC LIMIT 1"
 )
+# The newest rollout not yet ended (``advance_epoch``).
+_LIVE = (
+    "SELECT id, state FROM rollouts"  # noqa: S608
+    f" WHERE state NOT IN ({', '.join('?' * len(_TERMINAL))}) ORDER BY epoch DESC LIMIT 1"
+)
 
 
 class TokenRejected(TerminalError):
@@ -64,6 +69,13 @@ class InRollout(TerminalError):
             f"node {name!r} is in rollout {rollout_id}, which is {state}; let it end (or "
             "`tlsroll rollout abort`) first"
         )
+
+
+class EpochFixed(TerminalError):
+    """The epoch floor is not raised while a rollout runs: its epoch is fixed."""
+
+    def __init__(self, rollout_id: str, state: str) -> None:
+        super().__init__(f"rollout {rollout_id} is {state}; advance the epoch once it has ended")
 
 
 class Superseded(TerminalError):
@@ -1133,8 +1145,12 @@ class Store(LeaderStore):
 
     def advance_epoch(self, to: int, *, now: dt.datetime, actor: str) -> int:
         """Raise the epoch floor to ``to`` (never lower it); the next rollout's epoch is above
-        it. Returns the floor."""
+        it. Returns the floor. EpochFixed while a rollout has not ended, checked in this
+        transaction (``AdvanceEpoch``'s early check reads before it)."""
         with self._db.tx() as db:
+            live = db.execute(_LIVE, _TERMINAL).fetchone()
+            if live is not None:
+                raise EpochFixed(live["id"], live["state"])
             floor = max(_meta(db, "epoch_floor", 0), to)
             db.execute(
                 "INSERT INTO meta (key, value) VALUES ('epoch_floor', ?)"

@@ -35,7 +35,7 @@ from leader.schema_store import (
 )
 from leader.schema_view import still_on_http_now
 from leader.service import ERRORS, client_rows
-from leader.store import InRollout, NodeCert, Store
+from leader.store import EpochFixed, InRollout, NodeCert, Store
 from tlsroll.rpc import status_for
 from tlsroll.v1 import types_pb2
 
@@ -610,20 +610,7 @@ def test_a_node_is_not_removed_if_a_rollout_started_after_the_admins_check(
     assert store.get_node("a").removed_at is None
     assert store.list_certificates() == before
     assert store.get_node("a").agent_version == "t2"  # its queued heartbeat not forgotten
-    # once the rollout has ended, the node may go
-    row = schema.active()
-    assert row is not None
-    aborting = schema.save_states(
-        row, row.rollout.with_event(RolloutEvent.ABORT), row.records, NOW, "admin"
-    )
-    schema.save_states(
-        aborting,
-        aborting.rollout.with_event(RolloutEvent.NODES_SETTLED),
-        aborting.records,
-        NOW,
-        "engine",
-    )
-    assert schema.active() is None
+    end(schema)  # once the rollout has ended, the node may go
     store.remove_node("a", now=NOW, actor="admin")
     store.close()
 
@@ -649,4 +636,65 @@ def test_a_rollout_planned_over_a_node_removed_meanwhile_is_not_created(tmp_path
     assert str(refused.value) == "not enrolled: b (check the names with the viewer)"
     assert schema.active() is None and schema.latest() is None
     assert schema.latest_auth_version() == 0  # the password went with it
+    store.close()
+
+
+def end(schema: SchemaStore) -> None:
+    """Abort the active rollout, which has nothing in flight: it ends."""
+    row = schema.active()
+    assert row is not None
+    row = schema.save_states(row, row.rollout.with_event(RolloutEvent.ABORT), row.records, NOW, "a")
+    schema.save_states(
+        row, row.rollout.with_event(RolloutEvent.NODES_SETTLED), row.records, NOW, "engine"
+    )
+    assert schema.active() is None
+
+
+def test_a_rollout_gets_an_epoch_above_the_floor_raised_since_its_plan(tmp_path: Path) -> None:
+    """The audit's M2: a start reads the next epoch when it plans, and the create inserted
+    it as read. An `epoch advance` (or a relearn) committed between them left the rollout
+    below the floor that agents have seen (they answer "stale epoch": it halts); two starts
+    that read the same epoch made the second a raw IntegrityError. The create takes the next
+    epoch in its transaction when the planned one is no longer above the current one."""
+    store, schema = enrolled(tmp_path, "a", "b")
+    planned = [
+        planner.plan_rollout(
+            rollout_id=rid,
+            change=Change.ENABLE_TLS,
+            scope=Scope.cluster(),
+            enrolled={"a": True, "b": True},
+            leader="a",
+            epoch=schema.next_epoch(),
+        )
+        for rid in ("r1", "r2")
+    ]
+    assert [r.epoch for r, _ in planned] == [1, 1]
+    store.advance_epoch(5, now=NOW, actor="admin")  # commits between the plan and the create
+    meta = RolloutMeta(created_at=NOW, started_by="admin:test", leader_node="a")
+    first, nodes = planned[0]
+    row = schema.create(first.with_event(RolloutEvent.START), nodes, meta, NOW)
+    assert row.rollout.epoch == 6 and schema.current_epoch() == 6
+    end(schema)
+    second, nodes = planned[1]  # planned with the same epoch, before the first was created
+    row = schema.create(second.with_event(RolloutEvent.START), nodes, meta, NOW)
+    assert row.rollout.epoch == 7 == schema.get("r2").rollout.epoch  # type: ignore[union-attr]
+    store.close()
+
+
+def test_the_epoch_is_not_advanced_if_a_rollout_started_after_the_admins_check(
+    tmp_path: Path,
+) -> None:
+    """The audit's M2, the other order: ``epoch advance`` found no rollout, a start
+    committed, then the floor was raised under the running rollout, whose epoch is fixed.
+    Refused in the advance's transaction with the early check's refusal; nothing changes."""
+    store, schema = enrolled(tmp_path, "a", "b")
+    assert schema.active() is None  # AdvanceEpoch's check
+    new_rollout(schema)  # ... and a start commits
+    with pytest.raises(EpochFixed) as refused:
+        store.advance_epoch(5, now=NOW, actor="admin")
+    assert str(refused.value) == "rollout r1 is running; advance the epoch once it has ended"
+    assert status_for(refused.value, ERRORS) is grpc.StatusCode.FAILED_PRECONDITION
+    assert store.epoch_floor() == 0 and schema.current_epoch() == 1
+    end(schema)
+    assert store.advance_epoch(5, now=NOW, actor="admin") == 5
     store.close()
