@@ -541,7 +541,7 @@ class Commands:
             order=list(rollout.order),
             already_done=[r.name for r in nodes if r.state is NodeState.SKIPPED],
             own_certificates=request.own_certs is not None,
-            epoch=rollout.epoch,
+            epoch=row.rollout.epoch,
             actor=actor,
             retry_of=request.retry_of or None,
             strategy=rollout.strategy.value,

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, cast, overload
 
 from leader.db import LeaderStore
-from leader.planner import Census
+from leader.planner import Census, UnknownNodes
 from leader.rollout_core import (
     CHANGES,
     TERMINAL_ROLLOUT_STATES,
@@ -44,6 +44,12 @@ from tlsroll.sqlite import from_text, to_text
 
 _TERMINAL = tuple(s.value for s in TERMINAL_ROLLOUT_STATES)
 _ACTIVE = f"state NOT IN ({', '.join('?' * len(_TERMINAL))})"  # a rollout not yet ended
+
+_REMOVED = "SELECT name FROM nodes WHERE removed_at IS NOT NULL"  # few: no list of names
+_CURRENT_EPOCH = (  # ``current_epoch``
+    "SELECT MAX(COALESCE((SELECT MAX(epoch) FROM rollouts), 0),"
+    " COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'epoch_floor'), 0))"
+)
 
 _NODE_DETAIL_FIELDS = (
     "old_url",
@@ -253,10 +259,7 @@ class SchemaStore(LeaderStore):
         """The newest rollout's epoch, or the floor ``tlsroll epoch advance`` set if higher:
         what the leader tells agents in heartbeats, the highest epoch it asked for."""
         with self._db.read() as db:
-            row = db.execute(
-                "SELECT MAX(COALESCE((SELECT MAX(epoch) FROM rollouts), 0),"
-                " COALESCE((SELECT CAST(value AS INTEGER) FROM meta WHERE key = 'epoch_floor'), 0))"
-            ).fetchone()
+            row = db.execute(_CURRENT_EPOCH).fetchone()
         return int(row[0])
 
     def _live(self, db: sqlite3.Connection) -> tuple[tuple[str, str], ...]:
@@ -599,6 +602,12 @@ class SchemaStore(LeaderStore):
         finalize lets only its finalize or its way back start beside it. ``takes_back_once``: a
         disable-tls rollout is refused (``AlreadyTakenBack``) if another one already takes back
         ``meta.undoes``, checked here too, so two rollbacks that crossed cannot both start.
+        A node of ``nodes`` removed since the plan was made (``tlsroll nodes remove``, which
+        refuses a node a rollout holds) is UnknownNodes, as a plan made after the removal.
+        The epoch is made sure here: ``rollout.epoch`` (``next_epoch``, read when planning)
+        if it is still above ``current_epoch``, else the next one (a floor raised by ``epoch
+        advance`` or a relearn since, or another rollout created with it); the row returned
+        has it.
         ``auth_latest``: the latest auth password version the rollout was planned with (a
         change-password's, which it applies); ``PasswordStagedMeanwhile`` if another has been
         staged since (None: not checked)."""
@@ -610,6 +619,12 @@ class SchemaStore(LeaderStore):
                 )
                 if now_latest != auth_latest:
                     raise PasswordStagedMeanwhile(auth_latest, now_latest)
+            removed = {r["name"] for r in db.execute(_REMOVED)} & {n.name for n in nodes}
+            if removed:
+                raise UnknownNodes(sorted(removed))
+            (current,) = db.execute(_CURRENT_EPOCH).fetchone()
+            if rollout.epoch <= int(current):
+                rollout = replace(rollout, epoch=int(current) + 1)
             if takes_back_once and meta.undoes:
                 by = db.execute(
                     "SELECT id, state FROM rollouts WHERE change = ? AND undoes = ?"

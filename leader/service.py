@@ -50,6 +50,8 @@ from leader.schema_store import (
     write_clients,
 )
 from leader.store import (
+    EpochFixed,
+    InRollout,
     IssuedCert,
     NameTaken,
     Node,
@@ -114,6 +116,8 @@ ERRORS = {
     NotFound: grpc.StatusCode.NOT_FOUND,
     TooMany: grpc.StatusCode.RESOURCE_EXHAUSTED,
     Superseded: grpc.StatusCode.UNAUTHENTICATED,
+    InRollout: grpc.StatusCode.FAILED_PRECONDITION,
+    EpochFixed: grpc.StatusCode.FAILED_PRECONDITION,
 }
 
 """Most specific class wins (``tlsroll.rpc.status_for``): NodesOffline is a PlanError, and
@@ -1497,7 +1501,8 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         for it with its own identity; the leader signs a client-only certificate naming nothing
         but ``ws-<name>`` and its workstation identity. At most ``WORKSTATION_CERTS_PER_HOUR``
         per node; a name another node's workstation holds is refused (ALREADY_EXISTS)."""
-        node = await self._caller(context)
+        caller = await self._caller_cert(context)
+        node = caller.name
         key, cn = bootstrap_csr.check_workstation_csr(request.csr_pem)
         now = self.state.clock()
 
@@ -1515,7 +1520,15 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
 
         issued: list[Any] = []
         try:
-            await asyncio.to_thread(self.state.store.issue_workstation, node, cn, issue, now=now)
+            await asyncio.to_thread(
+                self.state.store.issue_workstation,
+                node,
+                cn,
+                issue,
+                now=now,
+                presented=caller.fingerprint,
+                presented_serial=caller.serial,
+            )
         except (TooMany, NameTaken) as exc:
             log.warning("workstation.refused", node=node, workstation=cn, reason=str(exc))
             raise
@@ -1533,7 +1546,10 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         the old certificate only until the agent has used the new one."""
         caller = await self._caller_cert(context)
         name = caller.name
-        node = await asyncio.to_thread(self.state.store.get_node, name)
+        try:
+            node = await asyncio.to_thread(self.state.store.get_node, name)
+        except NotFound:  # removed since the check: the check's refusal
+            raise unauthenticated(f"{name!r} is not an enrolled node (removed?)") from None
         csr = pki.load_csr_pem(request.csr_pem)
         names = pki.Names.of(node.name, node.addresses, node.dns_names)
         public_key = pki.check_csr(csr, names)
@@ -1567,6 +1583,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             self.state.store.renew_node_certificate,
             name,
             presented=caller.fingerprint,
+            presented_serial=caller.serial,
             key_pin=key_pin,
             issue=issue,
             now=now,

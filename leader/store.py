@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from leader.db import LeaderStore
+from leader.rollout_core import TERMINAL_ROLLOUT_STATES
 from tlsroll.errors import TerminalError
 from tlsroll.sqlite import Database, from_text, to_text
 
@@ -29,6 +30,19 @@ if TYPE_CHECKING:  # the certificate type only (``IssuedCert.of``)
     from cryptography import x509
 
 T = TypeVar("T")
+
+_TERMINAL = tuple(sorted(s.value for s in TERMINAL_ROLLOUT_STATES))  # a rollout ended
+# The newest rollout not yet ended that holds node ? (``remove_node``).
+_HELD = (
+    "SELECT r.id, r.state FROM rollouts r JOIN rollout_nodes n ON n.rollout_id = r.id"  # noqa: S608
+    f" AND n.name = ? WHERE r.state NOT IN ({', '.join('?' * len(_TERMINAL))})"
+    " ORDER BY r.epoch DESC LIMIT 1"
+)
+# The newest rollout not yet ended (``advance_epoch``).
+_LIVE = (
+    "SELECT id, state FROM rollouts"  # noqa: S608
+    f" WHERE state NOT IN ({', '.join('?' * len(_TERMINAL))}) ORDER BY epoch DESC LIMIT 1"
+)
 
 
 class TokenRejected(TerminalError):
@@ -47,8 +61,26 @@ class TooMany(TerminalError):
     """A node asked for more than it may (workstation certificates per hour)."""
 
 
+class InRollout(TerminalError):
+    """A node that a rollout not yet ended holds cannot be removed."""
+
+    def __init__(self, name: str, rollout_id: str, state: str) -> None:
+        super().__init__(
+            f"node {name!r} is in rollout {rollout_id}, which is {state}; let it end (or "
+            "`tlsroll rollout abort`) first"
+        )
+
+
+class EpochFixed(TerminalError):
+    """The epoch floor is not raised while a rollout runs: its epoch is fixed."""
+
+    def __init__(self, rollout_id: str, state: str) -> None:
+        super().__init__(f"rollout {rollout_id} is {state}; advance the epoch once it has ended")
+
+
 class Superseded(TerminalError):
-    """A node's certificate is neither the one on record nor the one before it."""
+    """A node's certificate is neither the one on record nor the one before it, or it is
+    revoked, or the node is removed: it may not call (``LeaderService._check_on_record``)."""
 
 
 @dataclass(frozen=True)
@@ -753,25 +785,23 @@ class Store(LeaderStore):
         name: str,
         *,
         presented: str,
+        presented_serial: str,
         key_pin: str,
         issue: Callable[[], NodeCert],
         now: dt.datetime,
     ) -> NodeCert:
         """Record a renewed certificate for node ``name``, which called with the certificate
-        whose fingerprint is ``presented``: the one on record (which becomes the one before
-        it) or the one before it (a renewal asked again: that stays the one before). Anything
-        else is Superseded. ``issue`` signs, inside the transaction. The old certificate is
-        not revoked: the leader accepts it no more once the agent has used the new one, and
-        it dials the agent by the new key (see ``leader.agent_client``)."""
+        whose fingerprint is ``presented`` (serial ``presented_serial``, hex): the one on
+        record (which becomes the one before it) or the one before it (a renewal asked again:
+        that stays the one before), not revoked, of a node not removed; anything else is
+        Superseded, checked in this transaction (``check_caller_in``: a revocation or removal
+        that committed after the handler's own check is seen). ``issue`` signs, inside the
+        transaction. The old certificate is not revoked: the leader accepts it no more once
+        the agent has used the new one, and it dials the agent by the new key (see
+        ``leader.agent_client``)."""
         with self._nodes_write(), self._db.tx() as db:
-            row = db.execute(
-                "SELECT * FROM nodes WHERE name = ? AND removed_at IS NULL", (name,)
-            ).fetchone()
-            if row is None:
-                raise NotFound(f"no enrolled node named {name!r}")
+            row = check_caller_in(db, name, presented, presented_serial)
             current, prev = row["cert_fingerprint"], row["prev_cert_fingerprint"]
-            if presented not in {current, prev} - {""}:
-                raise Superseded(f"certificate is not the one on record for node {name!r}")
             keep = current if presented == current else prev
             since = to_text(now - dt.timedelta(hours=1))
             (recent,) = db.execute(
@@ -816,14 +846,19 @@ class Store(LeaderStore):
     def remove_node(self, name: str, *, now: dt.datetime, actor: str) -> tuple[Node, list[str]]:
         """Remove node ``name``: revoke every certificate issued to or for it, free its names
         (a token can name them again) and spend its unused tokens. Returns the node as it was
-        and the serials revoked now."""
-        self._forget_seen(name)
+        and the serials revoked now. InRollout if a rollout not yet ended holds the node,
+        checked in this transaction (the admin's early check reads before it: a rollout
+        created between them, by an admin or auto-rotate, is seen here); a refused removal
+        forgets nothing either (the heartbeat and client report queued for the group commit)."""
         with self._nodes_write(), self._db.tx() as db:
             row = db.execute(
                 "SELECT * FROM nodes WHERE name = ? AND removed_at IS NULL", (name,)
             ).fetchone()
             if row is None:
                 raise NotFound(f"no enrolled node named {name!r}")
+            busy = db.execute(_HELD, (name, *_TERMINAL)).fetchone()
+            if busy is not None:
+                raise InRollout(name, busy["id"], busy["state"])
             serials = [
                 r["serial"]
                 for r in db.execute(
@@ -856,6 +891,7 @@ class Store(LeaderStore):
             )
             _bump_crl(db)
             self._audit(db, now, actor, "node.removed", name, revoked=serials)
+        self._forget_seen(name)  # after: a heartbeat queued meanwhile is dropped too
         with self._db.read() as db:
             removed = _node(db.execute("SELECT * FROM nodes WHERE name = ?", (name,)).fetchone())
         return removed, serials
@@ -878,12 +914,18 @@ class Store(LeaderStore):
         issue: Callable[[], IssuedCert],
         *,
         now: dt.datetime,
+        presented: str,
+        presented_serial: str,
     ) -> IssuedCert:
-        """Record a workstation certificate that node ``node`` asks for, all in one
-        transaction: at most ``WORKSTATION_CERTS_PER_HOUR`` per node, and a name that another
-        node's workstation already holds (unrevoked) is refused. The same node asking again for
-        the same name (a PC set up again) revokes the older certificate."""
+        """Record a workstation certificate that node ``node`` asks for, calling with the
+        certificate whose fingerprint is ``presented`` (serial ``presented_serial``), all in
+        one transaction: the caller may still call (``check_caller_in``: a node removed or a
+        certificate revoked after the handler's own check is Superseded), at most
+        ``WORKSTATION_CERTS_PER_HOUR`` per node, and a name that another node's workstation
+        already holds (unrevoked) is refused. The same node asking again for the same name (a
+        PC set up again) revokes the older certificate."""
         with self._db.tx() as db:
+            check_caller_in(db, node, presented, presented_serial)
             since = to_text(now - dt.timedelta(hours=1))
             (recent,) = db.execute(
                 "SELECT COUNT(*) FROM certificates WHERE kind = 'workstation' AND node = ?"
@@ -1103,8 +1145,12 @@ class Store(LeaderStore):
 
     def advance_epoch(self, to: int, *, now: dt.datetime, actor: str) -> int:
         """Raise the epoch floor to ``to`` (never lower it); the next rollout's epoch is above
-        it. Returns the floor."""
+        it. Returns the floor. EpochFixed while a rollout has not ended, checked in this
+        transaction (``AdvanceEpoch``'s early check reads before it)."""
         with self._db.tx() as db:
+            live = db.execute(_LIVE, _TERMINAL).fetchone()
+            if live is not None:
+                raise EpochFixed(live["id"], live["state"])
             floor = max(_meta(db, "epoch_floor", 0), to)
             db.execute(
                 "INSERT INTO meta (key, value) VALUES ('epoch_floor', ?)"
@@ -1121,6 +1167,29 @@ class Store(LeaderStore):
     ) -> None:
         with self._db.tx() as db:
             self._audit(db, now, actor, kind, subject, **detail)
+
+
+def check_caller_in(
+    db: sqlite3.Connection, name: str, fingerprint: str, serial: str
+) -> sqlite3.Row:
+    """Inside a write transaction: the row of node ``name`` if the certificate it calls with
+    (``fingerprint``, ``serial`` hex) may call, ``LeaderService._check_on_record``'s rules
+    and messages (its early check, read before the write: a removal or revocation may commit
+    between them); else Superseded, which the caller gets as UNAUTHENTICATED."""
+    row: sqlite3.Row | None = db.execute(
+        "SELECT * FROM nodes WHERE name = ? AND removed_at IS NULL", (name,)
+    ).fetchone()
+    if row is None:
+        raise Superseded(f"{name!r} is not an enrolled node (removed?)")
+    if fingerprint not in {row["cert_fingerprint"], row["prev_cert_fingerprint"]} - {""}:
+        raise Superseded(f"certificate is not the one on record for node {name!r}")
+    revoked = db.execute(
+        "SELECT 1 FROM certificates WHERE serial = ? AND revoked_at IS NOT NULL",
+        (serial.lstrip("0") or "0",),
+    ).fetchone()
+    if revoked is not None:
+        raise Superseded(f"the certificate of node {name!r} is revoked; enrol it again")
+    return row
 
 
 def _meta(db: sqlite3.Connection, key: str, default: int) -> int:

@@ -1150,8 +1150,9 @@ async def test_the_pool_reads_a_node_again_after_its_enrolment_changed_not_after
         assert await pool.get("n1") is first
         assert Counting.reads == 1
         store.renew_node_certificate(
-            "n1", presented="sha256:fp1", key_pin="sha256:pin2", issue=cert, now=now
-        )
+            "n1", presented="sha256:fp1", presented_serial="1", key_pin="sha256:pin2",
+            issue=cert, now=now,
+        )  # fmt: skip
         renewed = await pool.get("n1")
         assert Counting.reads == 2
         assert renewed is not first and renewed.node.key_pin == "sha256:pin2"

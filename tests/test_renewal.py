@@ -598,36 +598,45 @@ def test_the_store_accepts_the_previous_certificate_only_and_bounds_renewals(
     )
     # renewed with the current certificate: that one becomes the previous
     store.renew_node_certificate(
-        "n1", presented="sha256:fp1", key_pin="sha256:pin2", issue=cert, now=T0
-    )
+        "n1", presented="sha256:fp1", presented_serial="1", key_pin="sha256:pin2", issue=cert,
+        now=T0,
+    )  # fmt: skip
     node = store.get_node("n1")
     assert (node.cert_fingerprint, node.prev_cert_fingerprint) == ("sha256:fp2", "sha256:fp1")
     # the answer was lost: asked again with the previous one, which stays the previous
     store.renew_node_certificate(
-        "n1", presented="sha256:fp1", key_pin="sha256:pin3", issue=cert, now=T0
-    )
+        "n1", presented="sha256:fp1", presented_serial="1", key_pin="sha256:pin3", issue=cert,
+        now=T0,
+    )  # fmt: skip
     node = store.get_node("n1")
     assert (node.cert_fingerprint, node.prev_cert_fingerprint) == ("sha256:fp3", "sha256:fp1")
     with pytest.raises(Superseded):  # the one never used is not accepted
         store.renew_node_certificate(
-            "n1", presented="sha256:fp2", key_pin="sha256:pinx", issue=cert, now=T0
-        )
+            "n1", presented="sha256:fp2", presented_serial="2", key_pin="sha256:pinx",
+            issue=cert, now=T0,
+        )  # fmt: skip
     # a heartbeat with the current certificate: the previous one is accepted no more
     store.heartbeat("n1", "t", now=T0, cert_fingerprint="sha256:fp3")
     assert store.get_node("n1").prev_cert_fingerprint == ""
     with pytest.raises(Superseded):
         store.renew_node_certificate(
-            "n1", presented="sha256:fp1", key_pin="sha256:pinx", issue=cert, now=T0
-        )
-    current = "sha256:fp3"
+            "n1", presented="sha256:fp1", presented_serial="1", key_pin="sha256:pinx",
+            issue=cert, now=T0,
+        )  # fmt: skip
+    current, serial = "sha256:fp3", "3"
     with pytest.raises(TooMany):
         for _ in range(NODE_CERTS_PER_HOUR):
-            current = store.renew_node_certificate(
-                "n1", presented=current, key_pin="sha256:piny", issue=cert, now=T0
-            ).fingerprint
+            renewed = store.renew_node_certificate(
+                "n1", presented=current, presented_serial=serial, key_pin="sha256:piny",
+                issue=cert, now=T0,
+            )  # fmt: skip
+            current, serial = renewed.fingerprint, renewed.serial
     # an hour later it may again
     later = T0 + dt.timedelta(hours=1, seconds=1)
-    store.renew_node_certificate("n1", presented=current, key_pin="sha256:p", issue=cert, now=later)
+    store.renew_node_certificate(
+        "n1", presented=current, presented_serial=serial, key_pin="sha256:p", issue=cert,
+        now=later,
+    )  # fmt: skip
     store.close()
 
 

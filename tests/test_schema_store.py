@@ -9,6 +9,7 @@ import threading
 from dataclasses import replace
 from pathlib import Path
 
+import grpc
 import pytest
 from structlog.testing import capture_logs
 
@@ -33,7 +34,9 @@ from leader.schema_store import (
     StaleRecords,
 )
 from leader.schema_view import still_on_http_now
-from leader.service import client_rows
+from leader.service import ERRORS, client_rows
+from leader.store import EpochFixed, InRollout, NodeCert, Store
+from tlsroll.rpc import status_for
 from tlsroll.v1 import types_pb2
 
 NOW = dt.datetime(2026, 11, 28, 12, 0, tzinfo=dt.UTC)
@@ -564,6 +567,137 @@ def test_a_callback_that_raises_after_a_commit_leaves_the_write_committed(
     with pytest.raises(RuntimeError, match="inside a transaction"):
         db.after_commit(lambda: ran.append("never"))
     db.close()
+
+
+def enrolled(tmp_path: Path, *names: str) -> tuple[Store, SchemaStore]:
+    """A leader store with ``names`` enrolled (certificates made up: serial n, "fp<n>") and
+    the schema store on the same database, as the leader has them."""
+    store = Store(tmp_path / "leader.sqlite3")
+    for n, name in enumerate(names, 1):
+        store.add_token(
+            f"t{n}", "s" * 26, ttl=dt.timedelta(hours=1), uses=1, description="", now=NOW,
+            actor="test", node_name=name, addresses=(f"10.1.1.{n}",),
+        )  # fmt: skip
+        store.enrol(
+            token_id=f"t{n}", secret="s" * 26, name=name, addresses=(f"10.1.1.{n}",),
+            dns_names=(), agent_version="t", agent_port=9442, key_pin=f"sha256:pin{n}",
+            issue=lambda n=n: NodeCert(  # type: ignore[misc]
+                f"sha256:pin{n}", f"sha256:fp{n}", f"{n:x}", NOW + dt.timedelta(days=30)
+            ),
+            now=NOW,
+        )  # fmt: skip
+    return store, SchemaStore(store.db)
+
+
+def test_a_node_is_not_removed_if_a_rollout_started_after_the_admins_check(
+    tmp_path: Path,
+) -> None:
+    """The audit's M3: ``nodes remove`` looks for the active rollout, then removes in a
+    transaction of its own; a start committed between them (an admin's or auto-rotate's)
+    left a rollout holding a removed node. The check is made again in the removal's
+    transaction, with the early check's refusal; nothing is removed or revoked."""
+    store, schema = enrolled(tmp_path, "a", "b")
+    assert schema.active() is None  # RemoveNode's check: no rollout, so "a" may go
+    new_rollout(schema)  # ... and a start commits, holding a and b
+    assert store.queue_heartbeat("a", "t2", now=NOW, cert_fingerprint="sha256:fp1")
+    before = store.list_certificates()
+    with pytest.raises(InRollout) as refused:
+        store.remove_node("a", now=NOW, actor="admin")
+    assert str(refused.value) == (
+        "node 'a' is in rollout r1, which is running; let it end (or `tlsroll rollout abort`) first"
+    )
+    assert status_for(refused.value, ERRORS) is grpc.StatusCode.FAILED_PRECONDITION
+    assert store.get_node("a").removed_at is None
+    assert store.list_certificates() == before
+    assert store.get_node("a").agent_version == "t2"  # its queued heartbeat not forgotten
+    end(schema)  # once the rollout has ended, the node may go
+    store.remove_node("a", now=NOW, actor="admin")
+    store.close()
+
+
+def test_a_rollout_planned_over_a_node_removed_meanwhile_is_not_created(tmp_path: Path) -> None:
+    """The audit's M3, the other order: a start planned with node b enrolled, b removed, then
+    the rollout inserted with b in it (its steps fail on b; a certificate signed for b would
+    be recorded unrevoked, though the removal revoked them all). Refused in the create's
+    transaction as a plan made after the removal refuses it; nothing is written."""
+    store, schema = enrolled(tmp_path, "a", "b")
+    rollout, nodes = planner.plan_rollout(
+        rollout_id="r1",
+        change=Change.ENABLE_TLS,
+        scope=Scope.cluster(),
+        enrolled={"a": True, "b": True},
+        leader="a",
+        epoch=schema.next_epoch(),
+    )
+    store.remove_node("b", now=NOW, actor="admin")  # commits between the plan and the create
+    meta = RolloutMeta(created_at=NOW, started_by="admin:test", leader_node="a")
+    with pytest.raises(planner.UnknownNodes) as refused:
+        schema.create(rollout.with_event(RolloutEvent.START), nodes, meta, NOW, '{"v": 1}')
+    assert str(refused.value) == "not enrolled: b (check the names with the viewer)"
+    assert schema.active() is None and schema.latest() is None
+    assert schema.latest_auth_version() == 0  # the password went with it
+    store.close()
+
+
+def end(schema: SchemaStore) -> None:
+    """Abort the active rollout, which has nothing in flight: it ends."""
+    row = schema.active()
+    assert row is not None
+    row = schema.save_states(row, row.rollout.with_event(RolloutEvent.ABORT), row.records, NOW, "a")
+    schema.save_states(
+        row, row.rollout.with_event(RolloutEvent.NODES_SETTLED), row.records, NOW, "engine"
+    )
+    assert schema.active() is None
+
+
+def test_a_rollout_gets_an_epoch_above_the_floor_raised_since_its_plan(tmp_path: Path) -> None:
+    """The audit's M2: a start reads the next epoch when it plans, and the create inserted
+    it as read. An `epoch advance` (or a relearn) committed between them left the rollout
+    below the floor that agents have seen (they answer "stale epoch": it halts); two starts
+    that read the same epoch made the second a raw IntegrityError. The create takes the next
+    epoch in its transaction when the planned one is no longer above the current one."""
+    store, schema = enrolled(tmp_path, "a", "b")
+    planned = [
+        planner.plan_rollout(
+            rollout_id=rid,
+            change=Change.ENABLE_TLS,
+            scope=Scope.cluster(),
+            enrolled={"a": True, "b": True},
+            leader="a",
+            epoch=schema.next_epoch(),
+        )
+        for rid in ("r1", "r2")
+    ]
+    assert [r.epoch for r, _ in planned] == [1, 1]
+    store.advance_epoch(5, now=NOW, actor="admin")  # commits between the plan and the create
+    meta = RolloutMeta(created_at=NOW, started_by="admin:test", leader_node="a")
+    first, nodes = planned[0]
+    row = schema.create(first.with_event(RolloutEvent.START), nodes, meta, NOW)
+    assert row.rollout.epoch == 6 and schema.current_epoch() == 6
+    end(schema)
+    second, nodes = planned[1]  # planned with the same epoch, before the first was created
+    row = schema.create(second.with_event(RolloutEvent.START), nodes, meta, NOW)
+    assert row.rollout.epoch == 7 == schema.get("r2").rollout.epoch  # type: ignore[union-attr]
+    store.close()
+
+
+def test_the_epoch_is_not_advanced_if_a_rollout_started_after_the_admins_check(
+    tmp_path: Path,
+) -> None:
+    """The audit's M2, the other order: ``epoch advance`` found no rollout, a start
+    committed, then the floor was raised under the running rollout, whose epoch is fixed.
+    Refused in the advance's transaction with the early check's refusal; nothing changes."""
+    store, schema = enrolled(tmp_path, "a", "b")
+    assert schema.active() is None  # AdvanceEpoch's check
+    new_rollout(schema)  # ... and a start commits
+    with pytest.raises(EpochFixed) as refused:
+        store.advance_epoch(5, now=NOW, actor="admin")
+    assert str(refused.value) == "rollout r1 is running; advance the epoch once it has ended"
+    assert status_for(refused.value, ERRORS) is grpc.StatusCode.FAILED_PRECONDITION
+    assert store.epoch_floor() == 0 and schema.current_epoch() == 1
+    end(schema)
+    assert store.advance_epoch(5, now=NOW, actor="admin") == 5
+    store.close()
 
 
 def test_the_active_rollout_is_read_whole_never_one_that_ended_meanwhile(tmp_path: Path) -> None:
