@@ -119,7 +119,10 @@ async def serve(cfg: AgentConfig, *, reinitialise: bool = False) -> None:
     # Enrolled (the journal is made before the enrolment): a missing journal is lost, not new.
     enrolled = any(p.exists() for p in paths(cfg.data_dir))
     journal = open_journal(journal_path(cfg), expected=enrolled, reinitialise=reinitialise)
-    runner = Runner(journal, driver, now) if driver is not None else None
+    # One freeze lock for the servicer's Freeze, Unfreeze and lease watch and the runner's
+    # lifts of a freeze: each reads the scope freeze's lease and changes the freeze under it.
+    freeze_lock = asyncio.Lock()
+    runner = Runner(journal, driver, now, freeze_lock=freeze_lock) if driver is not None else None
     if runner is not None:
         # First thing: a transaction cut short by a crash is carried on, so that no node
         # stays frozen or half-switched for longer than it takes the agent to restart.
@@ -142,7 +145,9 @@ async def serve(cfg: AgentConfig, *, reinitialise: bool = False) -> None:
     )
     link = LeaderLink(cfg, identity, trust, journal, bootstrap.failures)
     trust.refresh = link.beat  # an epoch the agent has not heard of: ask the leader now
-    service = NodeAgentService(cfg, identity, journal, driver, runner, now, trust)
+    service = NodeAgentService(
+        cfg, identity, journal, driver, runner, now, trust, freeze_lock=freeze_lock
+    )
     link.server_view = service.server_view
     link.answer_check = service.answer_check
     link.stages_ended = service.forget_ended  # stages of rollouts the leader says are over

@@ -211,6 +211,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         runner: Runner | None,
         clock: Callable[[], dt.datetime],
         trust: LeaderTrust | None = None,
+        freeze_lock: asyncio.Lock | None = None,
     ) -> None:
         self.cfg = cfg
         self.identity = identity
@@ -224,7 +225,11 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         self._lock = asyncio.Lock()  # one command at a time changes the journal
         # Freeze, Unfreeze and the lease watch's lift of a lapsed freeze, one at a time: the
         # lease in the journal and the server's freeze change together (``watch_freeze_lease``).
-        self._freeze_lock = asyncio.Lock()
+        # The runner's lifts that read the lease first take the same lock (``Runner.freeze_lock``;
+        # the daemon makes one and gives it to both).
+        if freeze_lock is None:
+            freeze_lock = runner.freeze_lock if runner is not None else asyncio.Lock()
+        self._freeze_lock = freeze_lock
         # The journal's highest epoch as this process last read or wrote it (None: not yet).
         # Only ``_command`` writes it, so a command at exactly this epoch needs neither a read
         # nor a write of the journal (two worker-thread hops per command, issue 15), unless

@@ -389,6 +389,7 @@ class Runner:
         on_switch: Callable[[], object] | None = None,
         checks: Checks | None = None,
         sleep: Sleep = asyncio.sleep,
+        freeze_lock: asyncio.Lock | None = None,
     ) -> None:
         self.journal = journal
         self.driver = driver
@@ -397,6 +398,11 @@ class Runner:
         self.on_switch = on_switch  # told when a switch begins (to get ready for its end)
         self.checks = checks or Checks()
         self.sleep = sleep  # between attempts (tenacity); tests move a fake clock instead
+        # The agent's freeze lock, shared with the servicer's Freeze, Unfreeze and lease watch
+        # (``NodeAgentService``): a lift of a freeze that reads the scope freeze's lease first
+        # (``_lift_owed``, ``_give_up``, ``_die``) takes it around the read and the unfreeze, so
+        # that a Freeze crossing them is never undone (review s32 F3, as audit H4 for the watch).
+        self.freeze_lock = freeze_lock if freeze_lock is not None else asyncio.Lock()
         self.tasks: dict[tuple[str, str], asyncio.Task[Txn]] = {}
         self.crash_after = os.environ.get(CRASH_ENV, "")
         # Set when a transaction task died for good (``fatal`` says why): the daemon exits.
@@ -526,18 +532,22 @@ class Runner:
 
     async def _die(self, txn: Txn, deaths: int, error: str) -> None:
         """The task died for good: lift the freeze unless a scope freeze holds it (its lease
-        bounds it), and tell the daemon to exit."""
-        lifted = "the freeze is left to the scope freeze's lease"
-        if not await self._scope_frozen(txn):
-            lifted = "writes are accepted again"
-            for attempt in range(1, EXIT_UNFREEZE_ATTEMPTS + 1):
+        bounds it), and tell the daemon to exit. Each attempt looks at the lease and lifts under
+        ``freeze_lock``; the backoff between attempts is outside it."""
+        lifted = ""
+        for attempt in range(1, EXIT_UNFREEZE_ATTEMPTS + 1):
+            async with self.freeze_lock:
+                if await self._scope_frozen(txn):
+                    lifted = "the freeze is left to the scope freeze's lease"
+                    break
                 try:
                     await self.driver.unfreeze()
+                    lifted = "writes are accepted again"
                     break
                 except (DriverError, OSError, LocalResourceError) as exc:
                     lifted = f"could not lift the freeze: {describe(exc)}"
-                    if attempt < EXIT_UNFREEZE_ATTEMPTS:
-                        await self.sleep(UNFREEZE_BACKOFF.delay(attempt))
+            if attempt < EXIT_UNFREEZE_ATTEMPTS:
+                await self.sleep(UNFREEZE_BACKOFF.delay(attempt))
         self.fatal = (
             f"the {txn.kind} transaction of rollout {txn.rollout_id} died {deaths} times"
             f" (last: {error}); {lifted}; exiting so that the service manager restarts the"
@@ -547,7 +557,8 @@ class Runner:
         self.dead.set()
 
     async def _scope_frozen(self, txn: Txn) -> bool:
-        """True if the freeze belongs to a rollout's scope freeze whose lease still holds."""
+        """True if the freeze belongs to a rollout's scope freeze whose lease still holds
+        (read under ``freeze_lock``, with the unfreeze it decides)."""
         try:
             keep = bool(txn.plan.get("keep_frozen", False))
             return keep and await dbthread.run(self.journal.freeze_lease) is not None
@@ -560,36 +571,44 @@ class Runner:
 
     async def _lift_owed(self) -> None:
         """Keep trying to lift the freeze a failed transaction left, until it is lifted or a
-        transaction or a scope freeze takes the freeze over (then what is owed is dropped)."""
+        transaction or a scope freeze takes the freeze over (then what is owed is dropped).
+        Each try reads what is owed, the running transactions and the lease, and unfreezes,
+        under ``freeze_lock``: a Freeze is either seen here or lands after the unfreeze (review
+        s32 F3: one between the read and the unfreeze was undone, and the node took writes
+        while the leader counted it frozen). The backoff is outside the lock."""
         attempt, logged = 0, time.monotonic()
         while True:
-            owed = await dbthread.run(self.journal.unfreeze_owed)
-            if owed is None:
+            async with self.freeze_lock:
+                owed = await dbthread.run(self.journal.unfreeze_owed)
+                if owed is None:
+                    return
+                running = await dbthread.run(self.journal.unfinished)
+                lease = await dbthread.run(self.journal.freeze_lease)
+                if running or lease is not None:
+                    await dbthread.run(self.journal.set_unfreeze_owed, None)
+                    return
+                try:
+                    await self.driver.unfreeze()
+                except (DriverError, OSError, LocalResourceError) as exc:
+                    error: Exception | None = exc
+                else:
+                    error = None
+                    await dbthread.run(self.journal.set_unfreeze_owed, None)
+            if error is None:
+                log.warning("txn.owed_unfreeze_done", rollout_id=owed, attempts=attempt + 1)
                 return
-            running = await dbthread.run(self.journal.unfinished)
-            lease = await dbthread.run(self.journal.freeze_lease)
-            if running or lease is not None:
-                await dbthread.run(self.journal.set_unfreeze_owed, None)
-                return
-            try:
-                await self.driver.unfreeze()
-            except (DriverError, OSError, LocalResourceError) as exc:
-                attempt += 1
-                wait = UNFREEZE_BACKOFF.delay(attempt)
-                if worth_logging(attempt, time.monotonic() - logged):
-                    logged = time.monotonic()
-                    log.error(
-                        "txn.owed_unfreeze_failed",
-                        rollout_id=owed,
-                        attempt=attempt,
-                        retry_in=wait,
-                        error=describe(exc),
-                    )
-                await self.sleep(wait)
-                continue
-            await dbthread.run(self.journal.set_unfreeze_owed, None)
-            log.warning("txn.owed_unfreeze_done", rollout_id=owed, attempts=attempt + 1)
-            return
+            attempt += 1
+            wait = UNFREEZE_BACKOFF.delay(attempt)
+            if worth_logging(attempt, time.monotonic() - logged):
+                logged = time.monotonic()
+                log.error(
+                    "txn.owed_unfreeze_failed",
+                    rollout_id=owed,
+                    attempt=attempt,
+                    retry_in=wait,
+                    error=describe(error),
+                )
+            await self.sleep(wait)
 
     # --- the loop -----------------------------------------------------------------------------
 
@@ -795,17 +814,19 @@ class Runner:
         log.error("txn.failed", rollout_id=txn.rollout_id, kind=txn.kind, reason=reason)
         why = reason
         owed = False
-        scope_frozen = plan.keep_frozen and (
-            await dbthread.run(self.journal.freeze_lease) is not None
-        )
-        if not scope_frozen:
-            try:
-                await self.driver.unfreeze()
-            except (DriverError, OSError, LocalResourceError) as exc:
-                owed = True
-                why += (
-                    f"; and could not lift the freeze yet: {describe(exc)} (the agent keeps trying)"
-                )
+        async with self.freeze_lock:  # the lease read and the unfreeze, never across a Freeze
+            scope_frozen = plan.keep_frozen and (
+                await dbthread.run(self.journal.freeze_lease) is not None
+            )
+            if not scope_frozen:
+                try:
+                    await self.driver.unfreeze()
+                except (DriverError, OSError, LocalResourceError) as exc:
+                    owed = True
+                    why += (
+                        f"; and could not lift the freeze yet: {describe(exc)}"
+                        " (the agent keeps trying)"
+                    )
         txn = await self._record(
             self.journal.fail,
             txn,

@@ -1,5 +1,6 @@
-"""The agent's scope freeze lease: ``Freeze``, ``Unfreeze`` and the lease watch
-(``NodeAgentService.watch_freeze_lease``) never interleave (audit s32 H4).
+"""The agent's scope freeze lease: ``Freeze``, ``Unfreeze``, the lease watch
+(``NodeAgentService.watch_freeze_lease``) and the runner's lifts of a freeze (an owed unfreeze,
+a failed way back, a task that died) never interleave (audit s32 H4, review F3).
 
 The watch read the lease, found it run out, and then lifted the freeze and cleared the lease
 without looking again, while a Freeze (a leader back after the lease ran out sends one at
@@ -23,9 +24,12 @@ import pytest
 from structlog.testing import capture_logs
 
 from nodeagent import service
-from nodeagent.journal import Journal
+from nodeagent.drivers import ServerFacts
+from nodeagent.journal import Journal, Txn
 from nodeagent.service import NodeAgentService
+from nodeagent.transaction import Action, Phase, Plan, Runner
 from nodeagent.trust import LeaderTrust
+from tlsroll.enums import TxnKind, TxnOutcome
 from tlsroll.v1 import agent_pb2
 
 START = dt.datetime(2026, 11, 30, 10, 0, tzinfo=dt.UTC)
@@ -97,8 +101,9 @@ def any_caller(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 def make_agent(
-    tmp_path: Path, journal: Journal, server: GatedServer
+    tmp_path: Path, journal: Journal, server: GatedServer, runner: Runner | None = None
 ) -> tuple[NodeAgentService, WatchedLock]:
+    """The servicer, with ``runner`` as the daemon gives it one (sharing its freeze lock)."""
     trust = LeaderTrust(tmp_path / "ca.pem", "example.test", tmp_path / "crl.pem")
     trust.announce(1)
     agent = NodeAgentService(
@@ -106,12 +111,46 @@ def make_agent(
         cast(Any, None),
         journal,
         cast(Any, server),
-        None,
+        runner,
         lambda: START,
         trust=trust,
     )
     lock = agent._freeze_lock = WatchedLock()
+    if runner is not None:
+        runner.freeze_lock = lock
     return agent, lock
+
+
+async def no_sleep(_seconds: float) -> None:
+    await asyncio.sleep(0)
+
+
+def make_runner(journal: Journal, server: GatedServer) -> Runner:
+    return Runner(journal, cast(Any, server), lambda: START, sleep=no_sleep)
+
+
+def scope_switch(tmp_path: Path) -> tuple[Txn, Plan]:
+    """A switch of a ``--freeze scope`` rollout (``keep_frozen``), as the journal holds it."""
+    plan = Plan(
+        facts=ServerFacts("127.0.0.1", "/", 8080, 8443, ("http",)),
+        source_schemes=("http",),
+        target_schemes=("https",),
+        new_config_file=tmp_path / "new.conf",
+        backup_file=tmp_path / "backup.conf",
+        ca_file=tmp_path / "ca.pem",
+        target_fingerprint="",
+        keep_frozen=True,
+    )
+    txn = Txn(
+        rollout_id="r0",
+        kind=TxnKind.SWITCH,
+        epoch=1,
+        phase=Phase.ROLLING_BACK,
+        plan=plan.to_json(),
+        started_at=START,
+        reason="verify failed",
+    )
+    return txn, plan
 
 
 def freeze_request() -> agent_pb2.FreezeRequest:
@@ -198,4 +237,87 @@ async def test_the_watch_reads_the_lease_again_before_it_lifts_the_freeze(tmp_pa
     assert not lapsed(logs)
     assert server.entered["unfreeze"].is_set() is False
     assert_frozen_with_a_lease(journal, server, reply)
+    journal.close()
+
+
+LIFTS = ["owed-unfreeze", "way-back-failed", "task-died"]
+
+
+async def runner_lift(
+    path: str, runner: Runner, journal: Journal, tmp_path: Path
+) -> asyncio.Task[Any]:
+    """Start the runner's lift of a freeze on ``path``: a failed transaction's owed unfreeze
+    (the agent started again with it owed), a scope switch whose way back failed
+    (``_give_up``), or a scope switch whose task died for good (``_die``). Each reads the lease
+    (none: the rollout's scope freeze has been lifted or has lapsed) and then unfreezes."""
+    if path == "owed-unfreeze":
+        journal.set_unfreeze_owed("r0")
+        runner._lift_owed_freeze()
+        assert runner._owed is not None
+        return runner._owed
+    txn, plan = scope_switch(tmp_path)
+    txn = journal.create(txn)
+    if path == "way-back-failed":
+        way_back = runner._give_up(txn, Action.RESTORE_CONFIG, "restore failed", plan)
+        return asyncio.create_task(way_back)
+    return asyncio.create_task(runner._die(txn, 4, "database is locked"))
+
+
+@pytest.mark.parametrize("path", LIFTS)
+async def test_a_freeze_crossing_a_lift_by_the_runner_leaves_the_node_frozen_with_a_lease(
+    tmp_path: Path, path: str
+) -> None:
+    """The runner has read "no lease" and is lifting the freeze when the leader's scope Freeze
+    arrives (a new ``--freeze scope`` rollout, or the leader back after the lease ran out).
+    Before (review F3), the Freeze set its lease and froze the server, was answered
+    ``frozen=True``, and then the runner's unfreeze landed: the node took writes while the
+    leader counted it frozen and switched the next node. Now the runner's read and unfreeze
+    hold the servicer's freeze lock, so the Freeze comes after them, and its freeze stays."""
+    journal = Journal(tmp_path / "journal.sqlite3")
+    server = GatedServer(frozen=True)
+    runner = make_runner(journal, server)
+    agent, lock = make_agent(tmp_path, journal, server, runner)
+    server.gate["unfreeze"].clear()
+    lift = await runner_lift(path, runner, journal, tmp_path)
+    await first(server.entered["unfreeze"].wait(), lift)
+    assert server.entered["unfreeze"].is_set(), "the runner did not try to lift the freeze"
+    freeze = asyncio.create_task(agent.Freeze(freeze_request(), cast(Any, None)))
+    # The Freeze goes as far as it can: its server call, its end, or the lock.
+    await first(server.entered["freeze"].wait(), freeze, lock.waited.wait())
+    server.gate["unfreeze"].set()
+    await lift
+    reply = await freeze
+    assert_frozen_with_a_lease(journal, server, reply)
+    assert journal.unfreeze_owed() is None
+    journal.close()
+
+
+@pytest.mark.parametrize("path", LIFTS)
+async def test_a_runner_lift_after_a_freeze_leaves_the_freeze_to_its_lease(
+    tmp_path: Path, path: str
+) -> None:
+    """The other order: the Freeze holds the lock (its server call is draining writes) when the
+    runner comes to lift. The runner waits for it, reads the lease the Freeze wrote, and leaves
+    the freeze to the scope freeze (the leader's Unfreeze, or the lease watch once it runs
+    out); what was owed is dropped."""
+    journal = Journal(tmp_path / "journal.sqlite3")
+    server = GatedServer(frozen=False)
+    runner = make_runner(journal, server)
+    agent, lock = make_agent(tmp_path, journal, server, runner)
+    server.gate["freeze"].clear()
+    freeze = asyncio.create_task(agent.Freeze(freeze_request(), cast(Any, None)))
+    await server.entered["freeze"].wait()
+    lift = await runner_lift(path, runner, journal, tmp_path)
+    await first(lift, lock.waited.wait())
+    server.gate["freeze"].set()
+    reply = await freeze
+    await lift
+    assert not server.entered["unfreeze"].is_set()
+    assert_frozen_with_a_lease(journal, server, reply)
+    assert journal.unfreeze_owed() is None
+    if path == "task-died":
+        assert "the freeze is left to the scope freeze's lease" in runner.fatal
+    if path == "way-back-failed":
+        failed = journal.get("r0", TxnKind.SWITCH)
+        assert failed is not None and failed.outcome is TxnOutcome.FAILED
     journal.close()

@@ -700,29 +700,79 @@ def test_the_epoch_is_not_advanced_if_a_rollout_started_after_the_admins_check(
     store.close()
 
 
+class LetsWriterFirst:
+    """The Database's lock (``Database._lock``), for the test's thread and one writer thread:
+    once ``writer`` runs, the test's thread lets it go first each time it takes the lock
+    again. A read split into two lock sections thus always has the write between them."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.test_thread = threading.get_ident()
+        self.writer: threading.Thread | None = None
+
+    def acquire(self, blocking: bool = True, timeout: float = -1) -> bool:
+        writer = self.writer
+        if writer is not None and threading.get_ident() == self.test_thread:
+            writer.join()  # we do not hold the lock here: the writer can finish
+        return self._lock.acquire(blocking, timeout)
+
+    def release(self) -> None:
+        self._lock.release()
+
+    def __enter__(self) -> bool:
+        return self.acquire()
+
+    def __exit__(self, *_exc: object) -> None:
+        self.release()
+
+
 def test_the_active_rollout_is_read_whole_never_one_that_ended_meanwhile(tmp_path: Path) -> None:
     """Session 32's audit, L1: ``active()`` found the live rollout's id in one read and read
     its row in another (``get``); a write that ended the rollout in between made it return a
     rollout in a terminal state as the active one (the engine then ran a pass on it). Now the
-    id and the row come from one read: the write lands before it or after it."""
+    id and the row come from one read: the write lands before it or after it.
+
+    Another thread ends the rollout (abort, then settled: ``aborted``), started while
+    ``active()`` looks up the live rollouts (``_live``). The store's lock lets that writer go
+    first whenever ``active()`` takes the lock again, however the read is split (review s32
+    F4: the test hooked ``get``, which ``active()`` no longer calls). So ``active()`` must
+    return the rollout still running, and the write must land after it."""
+
+    failed: list[BaseException] = []  # what the writer thread raised
 
     class Crossing(SchemaStore):
         cross = False
 
-        def get(self, rollout_id: str) -> RolloutRow | None:
-            if self.cross:  # another writer ends the rollout between the two reads
+        def _live(self, db: sqlite3.Connection) -> tuple[tuple[str, str], ...]:
+            if self.cross:  # another writer ends the rollout while active() reads
                 self.cross = False
-                row = super().get(rollout_id)
+                writer = threading.Thread(target=self.end, args=("r1",))
+                lock.writer = writer
+                writer.start()
+            return super()._live(db)
+
+        def end(self, rollout_id: str) -> None:
+            try:
+                row = self.get(rollout_id)
                 assert row is not None
                 aborting = row.rollout.with_event(RolloutEvent.ABORT)
                 after = self.save_states(row, aborting, row.records, NOW, "admin")
                 settled = aborting.with_event(RolloutEvent.NODES_SETTLED)
                 self.save_states(after, settled, after.records, NOW, "engine")
-            return super().get(rollout_id)
+            except BaseException as exc:
+                failed.append(exc)
 
     store = Crossing(tmp_path / "s.sqlite3")
     new_rollout(store)
+    lock = LetsWriterFirst()
+    store._db._lock = lock  # type: ignore[assignment]
     store.cross = True
     active = store.active()
-    assert active is None or active.rollout.state.value == "running", active.rollout.state
+    assert lock.writer is not None, "active() no longer looks up the live rollouts (_live)"
+    state = active.rollout.state.value if active is not None else None
+    assert state == "running", f"active() read a rollout the write ended meanwhile: {state}"
+    ended = store.get("r1")  # the test's thread waits for the writer here (the lock)
+    assert not failed, failed
+    assert ended is not None and ended.rollout.state.value == "aborted", "the write did not land"
+    assert store.active() is None
     store.close()

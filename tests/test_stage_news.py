@@ -21,6 +21,7 @@ import sqlite3
 import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -32,6 +33,7 @@ from tests.cluster import wait_until
 from tests.leader_rig import leader_with_a_node
 from tests.nodeside import cluster_of
 from tests.test_heartbeat_stream import agent_link, until
+from tlsroll.v1 import leader_pb2
 
 NOW = dt.datetime(2026, 11, 30, 10, 0, tzinfo=dt.UTC)
 
@@ -141,13 +143,29 @@ async def test_the_leader_tells_an_agent_which_of_its_stages_are_for_rollouts_th
         await rig.close()
 
 
-async def test_an_agent_whose_leader_says_nothing_of_its_stages_removes_nothing(
+async def test_an_agent_keeps_its_stages_when_the_leader_s_answers_have_no_ended_stages(
     tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A leader of an earlier release does not know ``unswitched_stages`` (nor sends
-    ``ended_stages``): the agent keeps every stage, as before, even of a rollout that ended.
-    (The leader here is told to hear no stages, as such a leader hears none.)"""
-    monkeypatch.setattr(leader_service, "heard_stages", lambda request: frozenset())
+    """A leader of an earlier release sends ``HeartbeatResponse`` without field 8
+    (``ended_stages``): the agent must keep every stage, even of a rollout that ended, and
+    infer nothing from what the answers leave out. The leader here is this release's (it
+    hears the stages, looks them up and means to say r-old ended), but every message it sends
+    leaves with field 8 cleared, so what the agent gets is what an old leader sends; the
+    agent's real ``LeaderLink`` reads it over the wire. The leader is checked to have meant to
+    say it, so without the clearing the stage would go (the test above)."""
+    meant: list[list[str]] = []
+    real_response = leader_service.LeaderService._response
+
+    def without_field_8(
+        self: leader_service.LeaderService, *args: Any, **kwargs: Any
+    ) -> leader_pb2.HeartbeatResponse:
+        reply = real_response(self, *args, **kwargs)
+        if reply.ended_stages:
+            meant.append(list(reply.ended_stages))
+        reply.ClearField("ended_stages")
+        return reply
+
+    monkeypatch.setattr(leader_service.LeaderService, "_response", without_field_8)
     leader_address, node_address = loopback(), loopback()
     rig = leader_with_a_node(tmp_path, leader_address, node_address)
     schema = rig.service.schema
@@ -165,10 +183,11 @@ async def test_an_agent_whose_leader_says_nothing_of_its_stages_removes_nothing(
         journal.record_csr("r-old", tmp_path / "key", b"csr")
         await link.beat()
         aborted(schema, "r-old")
-        await asyncio.sleep(1)
-        await link.beat()
-        await asyncio.sleep(0.5)
-        assert told == [] and stage_rows(journal.path) == ["r-old"]
+        await until(lambda: meant != [], "the leader meaning to say r-old ended")
+        for _ in range(3):
+            await link.beat()  # each answered: the leader means to say it again each time
+        assert told == [] and stage_rows(journal.path) == ["r-old"], "the stage was removed"
+        assert len(meant) >= 4 and all(ids == ["r-old"] for ids in meant), meant
     finally:
         await link.close()
         journal.close()
