@@ -14,7 +14,6 @@ a rollout, for each open page (issue 15); now a write costs the rows it changed.
 from __future__ import annotations
 
 import datetime as dt
-import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -46,32 +45,46 @@ class PageContext:
 
 # How many (language, rollout) pairs keep their drawn rows and timelines: the open pages'.
 KEPT_DRAWINGS = 4
-_PART = re.compile(r"<!--part:([0-9]+)-->")
+# Where the rows and the timelines go in a ``Content``'s frame (never in what a value draws:
+# autoescape makes every "<" of a value "&lt;").
+_ROWS = "<!--rows-->"
+_DETAILS = "<!--timelines-->"
 
 
 @dataclass(frozen=True)
 class Content:
     """The live part of the page (``content.html``) in parts: ``frame`` is the content with a
-    numbered placeholder where each part goes; ``parts`` the parts by their element id (each
-    one element: a node's row, ``node-NAME``; a timeline, ``tl-rollout``, ``tl-node-NAME``),
-    in the order of the page. Two contents with the same frame and the same ids differ only in
-    their parts, so a page that shows one becomes the other by replacing the parts that differ
-    (``viewer.js``)."""
+    placeholder where the rows go and one where the timelines go; ``rows`` and ``details`` the
+    parts by their element id (each one element: a node's row, ``node-NAME``; a timeline,
+    ``tl-rollout``, ``tl-node-NAME``), in the order of the page. Two contents with the same
+    frame and the same ids differ only in their parts, so a page that shows one becomes the
+    other by replacing the parts that differ (``viewer.js``)."""
 
     frame: str
-    parts: Mapping[str, str]
+    rows: Mapping[str, str]
+    details: Mapping[str, str]
 
     def html(self) -> str:
         """The content whole."""
-        drawn = list(self.parts.values())
-        return _PART.sub(lambda m: drawn[int(m[1])], self.frame)
+        return self.frame.replace(_ROWS, "\n".join(self.rows.values()), 1).replace(
+            _DETAILS, "\n".join(self.details.values()), 1
+        )
 
     def changed(self, before: Content) -> list[tuple[str, str]] | None:
         """The parts that differ from ``before``'s, or None if the frame or the ids differ
         (the page must be replaced whole)."""
-        if self.frame != before.frame or list(self.parts) != list(before.parts):
+        if (
+            self.frame != before.frame
+            or list(self.rows) != list(before.rows)
+            or list(self.details) != list(before.details)
+        ):
             return None
-        return [(key, html) for key, html in self.parts.items() if before.parts[key] != html]
+        return [
+            (key, html)
+            for mine, theirs in ((self.rows, before.rows), (self.details, before.details))
+            for key, html in mine.items()
+            if theirs[key] != html
+        ]
 
 
 class Drawn:
@@ -161,9 +174,7 @@ def _timeline(snap: Snapshot, w: Words) -> list[tuple[str, str, tuple[Transition
     return rows
 
 
-def _values(
-    snap: Snapshot, w: Words, page: PageContext, rows: list[Markup], details: list[Markup]
-) -> dict[str, Any]:
+def _values(snap: Snapshot, w: Words, page: PageContext) -> dict[str, Any]:
     other = _other(w.lang)
     return {
         "snap": snap,
@@ -177,16 +188,18 @@ def _values(
             "other_lang_href": f"?lang={other}",
             "other_lang_words": w("lang_switch"),
         },
-        "rows": rows,
-        "details": details,
+        # where ``Content.html`` puts the rows and timelines drawn (``Drawn``)
+        "rows": [Markup(_ROWS)],  # noqa: S704 - ours
+        "details": [Markup(_DETAILS)],  # noqa: S704 - ours
         "near_days": NEAR_EXPIRY.days,
     }
 
 
 def schema_page(snap: Snapshot, w: Words, page: PageContext) -> str:
-    rows = [Markup(html) for html in DRAWN.rows(snap, w).values()]  # noqa: S704 - drawn escaped
-    details = [Markup(html) for html in DRAWN.details(snap, w).values()]  # noqa: S704 - the same
-    return _ENV.get_template("schema.html").render(_values(snap, w, page, rows, details))
+    rows = DRAWN.rows(snap, w)
+    details = DRAWN.details(snap, w)
+    whole = _ENV.get_template("schema.html").render(_values(snap, w, page))
+    return Content(whole, rows, details).html()
 
 
 def schema_content(snap: Snapshot, w: Words, page: PageContext) -> str:
@@ -198,11 +211,8 @@ def content_parts(snap: Snapshot, w: Words, page: PageContext) -> Content:
     """The live part of the page, its rows and timelines as parts (see ``Content``)."""
     rows = DRAWN.rows(snap, w)
     details = DRAWN.details(snap, w)
-    places = [Markup(f"<!--part:{i}-->") for i in range(len(rows) + len(details))]  # noqa: S704
-    frame = _ENV.get_template("content.html").render(
-        _values(snap, w, page, places[: len(rows)], places[len(rows) :])
-    )
-    return Content(frame, rows | details)
+    frame = _ENV.get_template("content.html").render(_values(snap, w, page))
+    return Content(frame, rows, details)
 
 
 def denied_page(w: Words, reason: str) -> str:

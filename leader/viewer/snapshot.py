@@ -20,7 +20,7 @@ from cryptography import x509
 
 from leader.rollout_core import NodeState
 from leader.schema_store import AuditEvent, SchemaStore
-from leader.schema_view import schema_message
+from leader.schema_view import Made, schema_message
 from leader.store import Store
 from tlsroll import pki, wire
 from tlsroll.v1 import schema_pb2
@@ -142,6 +142,7 @@ class Reader:
         self._timelines: OrderedDict[str, tuple[int, dict[str, tuple[Transition, ...]]]] = (
             OrderedDict()
         )
+        self._views: Made = {}  # the node views the last read made (``rollout_view``)
 
     def read(
         self, rollout_id: str | None = None, *, every: bool = False, times: bool = False
@@ -157,6 +158,9 @@ class Reader:
         pending = self.schema.pending_password_nodes()
         enrolled = self.store.list_nodes()
         clients, infos = self.schema.clients_report()  # one report: see ``clients_report``
+        with self._lock:
+            views = self._views
+        made: Made = {}
         message = schema_message(
             rows,
             pending,
@@ -165,7 +169,11 @@ class Reader:
             clients=clients,
             infos=infos,
             auto_rotate=self.auto_rotate() if self.auto_rotate is not None else None,
+            made=(views, made),
         )
+        if not every:  # (the API's read of every rollout would push out what pages show)
+            with self._lock:
+                self._views = made
         data = self._data(message, keep=not every)
         selected = None
         if data["rollouts"]:
