@@ -513,6 +513,15 @@ def test_a_write_sends_an_open_page_the_rows_it_changed_and_draws_only_them(
     meta = RolloutMeta(created_at=NOW, started_by="admin:test", leader_node=names[0])
     row = schema.create(rollout.with_event(RolloutEvent.START), nodes, meta, NOW)
     reader = Reader(store, schema, lambda: NOW, lambda _: True, [])
+    # The page draws no workstation: its reads leave the client report out (O(clients)).
+    reports: list[int] = []
+    report = schema.clients_report
+
+    def counted() -> Any:
+        reports.append(1)
+        return report()
+
+    monkeypatch.setattr(schema, "clients_report", counted)
 
     def step(name: str, event: NodeEvent) -> None:
         nonlocal row
@@ -550,7 +559,7 @@ def test_a_write_sends_an_open_page_the_rows_it_changed_and_draws_only_them(
                     drawn = pages.DRAWN.count
                     # the page put together is the page drawn whole
                     page = pages.PageContext("127.0.0.1", "test", NOW, "/events")
-                    fresh = pages.schema_content(reader.read(), Words.of("en"), page)
+                    fresh = pages.schema_content(reader.read(clients=False), Words.of("en"), page)
                     for key, html in parts.items():
                         assert html in fresh, key
                 halted = row.rollout.with_event(RolloutEvent.ABORT)
@@ -559,6 +568,9 @@ def test_a_write_sends_an_open_page_the_rows_it_changed_and_draws_only_them(
                 )
                 kind, data = await next_event(response.content, kept)
                 assert kind == "update" and data.count('<th scope="row">n') == 30
+            assert reports == []
+            assert (await client.get("/api/v1/schema", headers=cookie)).status == 200
+            assert reports == [1]  # what `schema show --json` prints: the report too
             closing.set()
             app.close()
             response.close()

@@ -263,9 +263,16 @@ class ViewerApp:
     # --- pages --------------------------------------------------------------------------------
 
     async def _snapshot(
-        self, rollout_id: str | None, *, every: bool = False, times: bool = False
+        self,
+        rollout_id: str | None,
+        *,
+        every: bool = False,
+        times: bool = False,
+        clients: bool = True,
     ) -> Snapshot:
-        return await asyncio.to_thread(self.reader.read, rollout_id, every=every, times=times)
+        return await asyncio.to_thread(
+            self.reader.read, rollout_id, every=every, times=times, clients=clients
+        )
 
     async def _shared_snapshot(self, rollout_id: str | None) -> Snapshot:
         """A snapshot for the live streams: read after the store's last write, and at most
@@ -276,7 +283,7 @@ class ViewerApp:
             hit = self._shared.get(rollout_id)
             if hit is not None and now - hit[0] < SHARED_SECONDS and hit[1] == commits:
                 return hit[2]
-            snap = await self._snapshot(rollout_id)
+            snap = await self._snapshot(rollout_id, clients=False)  # (the page draws none)
             self._shared = {
                 k: v
                 for k, v in self._shared.items()
@@ -307,7 +314,7 @@ class ViewerApp:
         return await self._schema_page(request, request.match_info["rollout_id"])
 
     async def _schema_page(self, request: web.Request, rollout_id: str | None) -> web.Response:
-        snap = await self._snapshot(rollout_id)
+        snap = await self._snapshot(rollout_id, clients=False)  # (the page draws none)
         if rollout_id is not None and snap.selected is None:
             raise web.HTTPNotFound(text=f"no rollout {rollout_id!r}\n")
         from leader.viewer import pages  # noqa: PLC0415 - when first asked for (see the top)
