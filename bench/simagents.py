@@ -103,6 +103,7 @@ from bench.common import (
 )
 from bench.memory import LeaderState, Snapshots, memory_env, state_env, threads
 from bench.profile import Perf, Profile, Yappi, yappi_env
+from bench.viewer import Watchers, fetch_page, sign_in
 from nodeagent.leader_link import (
     LASTED_SECONDS,
     NOT_AT_ONCE,
@@ -1032,6 +1033,7 @@ def one_run(
     rollouts: int = 1,
     plans: int = 0,
     restart_leader: bool = False,
+    viewers: int = 0,
 ) -> Result:
     cluster = Cluster(
         root / "cluster",
@@ -1136,6 +1138,7 @@ def one_run(
         idle_kinds = fd_kinds(pid) | socket_ends(pid)
         if plans:
             plan_cpu(cluster, pid, n, plans, max_parallel, (l1 - l0) / idle)
+        watchers = open_viewers(cluster, root, n, viewers) if viewers else None
         _, rollout_m0 = worker_counts(procs)
         before = Reading.of(pid)
         sent0 = sent_bytes(cluster.address, CONTROL_PORT) if rollouts > 1 else None
@@ -1173,6 +1176,8 @@ def one_run(
             _, rollout_m1, connections, _, _ = worker_readings(procs)
             sent1 = sent_bytes(cluster.address, CONTROL_PORT) if rollouts > 1 else None
             view = get_schema(channel, view.id)
+        if watchers is not None:
+            close_viewers(cluster, watchers, n, during)
         print(
             f"rollout, {n} nodes: agents' heartbeat messages per node "
             f"{(rollout_m1 - rollout_m0) / n:.2f} ({(rollout_m1 - rollout_m0) / during:.1f}/s)"
@@ -1257,6 +1262,34 @@ def one_run(
                 p.kill()
                 p.wait(10)
         cluster.close()
+
+
+def open_viewers(cluster: Cluster, root: Path, n: int, k: int) -> tuple[str, Watchers]:
+    """``k`` live viewer pages, open before the rollout (``--viewers``)."""
+    cookie = sign_in(cluster)
+    watchers = Watchers(cluster, cookie, k, root)
+    print(f"viewers, {n} nodes: {k} live pages open and shown in {watchers.start():.2f} s")
+    return cookie, watchers
+
+
+def close_viewers(cluster: Cluster, opened: tuple[str, Watchers], n: int, during: float) -> None:
+    """What the live pages were sent during the rollout, and one GET / after it."""
+    cookie, watchers = opened
+    time.sleep(1.0)  # the rollout's last update on its way
+    streams = watchers.stop()
+    for i, s in enumerate(streams):
+        kinds = ", ".join(f"{kind} {count}" for kind, count in sorted(s.events.items()))
+        print(
+            f"viewer {i + 1}, {n} nodes: first view {s.first / 1024:.1f} KiB; over the rollout "
+            f"{s.bytes / 1024:.0f} KiB, {s.bytes / n / 1024:.2f} KiB per node, "
+            f"{s.bytes / during / 1024:.0f} KiB/s; events {kinds or 'none'}; "
+            f"largest {s.largest / 1024:.1f} KiB"
+        )
+    page = fetch_page(cluster, cookie)
+    print(
+        f"viewer, {n} nodes: GET / after the rollout: first byte {page.first_byte * 1000:.0f} ms, "
+        f"whole {page.whole * 1000:.0f} ms, {page.size / 1024:.1f} KiB"
+    )
 
 
 def plan_cpu(cluster: Cluster, pid: int, n: int, plans: int, parallel: int, rate: float) -> None:
@@ -1432,11 +1465,20 @@ def main(argv: list[str] | None = None) -> int:
         "connected: how soon every agent's heartbeat stream is back (the agents reconnect as "
         "real ones do), the leader's CPU for the herd, the agents' failed heartbeats",
     )
+    parser.add_argument(
+        "--viewers",
+        type=int,
+        default=0,
+        help="this many live web viewer pages (one session, GET /events) open through the "
+        "rollout: what each was sent, and GET / after it (bench.viewer)",
+    )
     ns = parser.parse_args(argv)
     if ns.worker is not None:
         return worker_main(ns.worker)
     if ns.restart_leader and ns.heartbeat != "stream":
         parser.error("--restart-leader needs --heartbeat stream (agents as they are now)")
+    if ns.viewers and ns.no_viewer:
+        parser.error("--viewers needs the leader's viewer (not --no-viewer)")
     if ns.memory is not None and ns.yappi is not None:
         parser.error("--memory and --yappi each need the leader's site hook: one at a time")
     for where in (ns.profile, ns.yappi, ns.memory):
@@ -1448,6 +1490,7 @@ def main(argv: list[str] | None = None) -> int:
         f"enable-tls max-parallel {ns.max_parallel}, idle window {ns.idle:g} s, "
         f"{ns.heartbeat} heartbeats with {ns.clients} clients each, "
         f"leader's viewer {'off' if ns.no_viewer else 'on'}"
+        + (f", {ns.viewers} live pages open" if ns.viewers else "")
     )
     print(
         f"{'nodes':>5} {'outcome':>9} {'wall s':>7} {'CPU/node ms':>11} {'net ms':>7} "
@@ -1480,6 +1523,7 @@ def main(argv: list[str] | None = None) -> int:
                 rollouts=max(1, ns.rollouts),
                 plans=ns.plans,
                 restart_leader=ns.restart_leader,
+                viewers=ns.viewers,
             )
         finally:
             if not ns.keep:

@@ -502,14 +502,23 @@ class SchemaStore(LeaderStore):
 
     def history(self, rollout_id: str) -> list[AuditEvent]:
         """The audit events of a rollout and of its nodes, oldest first: its timeline."""
+        return self.history_after(rollout_id, 0)[1]
+
+    def history_after(self, rollout_id: str, after: int) -> tuple[int, list[AuditEvent]]:
+        """The audit events of a rollout and of its nodes written after the audit trail's
+        ``seq`` ``after``, oldest first, and the trail's last ``seq`` as read (the ``after`` of
+        the next call): the viewer reads a timeline again only from where it was (the trail
+        is only ever appended to, one writer at a time)."""
         prefix = f"{rollout_id}/"
         with self._db.read() as db:
+            last = db.execute("SELECT coalesce(max(seq), 0) FROM audit").fetchone()[0]
             rows = db.execute(
                 "SELECT at, actor, kind, subject, detail FROM audit"
-                " WHERE subject = ? OR substr(subject, 1, ?) = ? ORDER BY seq",
-                (rollout_id, len(prefix), prefix),
+                " WHERE seq > ? AND seq <= ? AND (subject = ? OR substr(subject, 1, ?) = ?)"
+                " ORDER BY seq",
+                (after, last, rollout_id, len(prefix), prefix),
             ).fetchall()
-        return [
+        return last, [
             AuditEvent(
                 at=dt.datetime.fromisoformat(r["at"]),
                 actor=r["actor"],

@@ -36,17 +36,39 @@ if TYPE_CHECKING:
 Ctx = grpc.aio.ServicerContext[Any, Any]
 
 
+# Node views made before, by (id(record), id(detail)): the record, the detail (held, so that
+# their ids stay theirs), what else the view shows, the view (``rollout_view``'s ``made``).
+Made = dict[tuple[int, int], tuple[Any, Any, tuple[bool, bool, int], schema_pb2.NodeView]]
+
+
 def rollout_view(
     row: RolloutRow | RolloutHead,
     pending: set[str] | None = None,
     on_http: Mapping[str, int] | None = None,
+    made: tuple[Made, Made] | None = None,
 ) -> schema_pb2.RolloutView:
     """The view of one rollout; ``pending`` names nodes with a staged, not yet live password,
     ``on_http`` counts the workstations still on http per node. A ``RolloutHead`` (a line of
-    ``SchemaStore.listed``) has no nodes read: its view's ``nodes`` is empty."""
+    ``SchemaStore.listed``) has no nodes read: its view's ``nodes`` is empty. ``made``: (the
+    node views made by the last call, where this call puts its own): a node whose record and
+    detail are the same objects as then (the store keeps a rollout's unchanged ones) and whose
+    password and http count are the same takes its view from there (the viewer's page reads
+    a 500-node rollout again after each write of it: issue 15)."""
     r, meta = row.rollout, row.meta
     nodes = []
     for rec, d in row.nodes if isinstance(row, RolloutRow) else ():
+        shown = (
+            rec.name == meta.leader_node,
+            rec.name in (pending or set()),
+            (on_http or {}).get(rec.name, 0),
+        )
+        if made is not None:
+            key = (id(rec), id(d))
+            hit = made[0].get(key)
+            if hit is not None and hit[0] is rec and hit[1] is d and hit[2] == shown:
+                made[1][key] = hit
+                nodes.append(hit[3])
+                continue
         steps = [
             schema_pb2.StepTimes(
                 step=step,
@@ -68,12 +90,14 @@ def rollout_view(
                 freeze_ended_at=timestamp(d.freeze_ended_at),
                 restart_seconds=d.restart_seconds,
                 steps=steps,
-                leader_node=rec.name == meta.leader_node,
+                leader_node=shown[0],
                 bootstrap_port=d.bootstrap_port,
-                password_pending=rec.name in (pending or set()),
-                still_on_http=(on_http or {}).get(rec.name, 0),
+                password_pending=shown[1],
+                still_on_http=shown[2],
             )
         )
+        if made is not None:
+            made[1][(id(rec), id(d))] = (rec, d, shown, nodes[-1])
     return schema_pb2.RolloutView(
         id=r.id,
         change=CHANGE.wire(r.change),
@@ -168,16 +192,17 @@ def schema_message(
     clients: Sequence[Client] = (),
     infos: Mapping[str, ClientsInfo] | None = None,
     auto_rotate: schema_pb2.AutoRotateView | None = None,
+    made: tuple[Made, Made] | None = None,
 ) -> schema_pb2.Schema:
     """The whole schema as ``GetSchema`` answers it (and ``schema show --json`` prints it).
     A rollout given as a ``RolloutHead`` (the viewer's page) is there without its nodes.
     ``expiring``: ``leader.expiry.Expiry`` within their horizon; ``renewal_failures``: (node,
-    failing since, reason, its certificate's end)."""
+    failing since, reason, its certificate's end); ``made``: see ``rollout_view``."""
     infos = infos or {}
     on_http = Counter(c.node for c in still_on_http_now(clients, infos, now))
     return schema_pb2.Schema(
         node_clients=node_clients_views(clients, infos, now),
-        rollouts=[rollout_view(r, pending, on_http) for r in rows],
+        rollouts=[rollout_view(r, pending, on_http, made) for r in rows],
         generated_at=timestamp(now),
         bootstrap_failures=[failure_view(f) for f in failures],
         removed_nodes=[

@@ -4,8 +4,10 @@
                            timeline; pending password changes; nodes offline; certificates
                            near expiry; every rollout (newest first)
     GET /rollouts/{id}     the same with that rollout selected
-    GET /events            server-sent events: the page's live part, sent again on a change
-                           (each committed write to the store wakes the streams: ``Pulse``)
+    GET /events            server-sent events: the page's live part (``update``), then on a
+                           change only the rows and timelines that changed (``patch``), or
+                           the part whole again if more changed (each committed write to the
+                           store wakes the streams: ``Pulse``)
     GET /api/v1/schema     the schema as JSON (what `tlsroll schema show --json` prints)
     GET /metrics           Prometheus text format (a session, or the scrape token)
     GET /login/{secret}    the one-time link (`tlsroll viewer grant`): a page with one link,
@@ -261,9 +263,16 @@ class ViewerApp:
     # --- pages --------------------------------------------------------------------------------
 
     async def _snapshot(
-        self, rollout_id: str | None, *, every: bool = False, times: bool = False
+        self,
+        rollout_id: str | None,
+        *,
+        every: bool = False,
+        times: bool = False,
+        clients: bool = True,
     ) -> Snapshot:
-        return await asyncio.to_thread(self.reader.read, rollout_id, every=every, times=times)
+        return await asyncio.to_thread(
+            self.reader.read, rollout_id, every=every, times=times, clients=clients
+        )
 
     async def _shared_snapshot(self, rollout_id: str | None) -> Snapshot:
         """A snapshot for the live streams: read after the store's last write, and at most
@@ -274,7 +283,7 @@ class ViewerApp:
             hit = self._shared.get(rollout_id)
             if hit is not None and now - hit[0] < SHARED_SECONDS and hit[1] == commits:
                 return hit[2]
-            snap = await self._snapshot(rollout_id)
+            snap = await self._snapshot(rollout_id, clients=False)  # (the page draws none)
             self._shared = {
                 k: v
                 for k, v in self._shared.items()
@@ -305,7 +314,7 @@ class ViewerApp:
         return await self._schema_page(request, request.match_info["rollout_id"])
 
     async def _schema_page(self, request: web.Request, rollout_id: str | None) -> web.Response:
-        snap = await self._snapshot(rollout_id)
+        snap = await self._snapshot(rollout_id, clients=False)  # (the page draws none)
         if rollout_id is not None and snap.selected is None:
             raise web.HTTPNotFound(text=f"no rollout {rollout_id!r}\n")
         from leader.viewer import pages  # noqa: PLC0415 - when first asked for (see the top)
@@ -328,7 +337,7 @@ class ViewerApp:
         await response.prepare(request)
         if request.method == "HEAD":
             return response
-        last = ""
+        last: pages.Content | None = None
         quiet = time.monotonic()
         with contextlib.suppress(ConnectionResetError):
             await response.write(b"retry: 2000\n\n")
@@ -341,13 +350,20 @@ class ViewerApp:
                 changed = self.pulse.event  # before the read: see ``Pulse``
                 began = time.monotonic()
                 snap = await self._shared_snapshot(rollout_id)
-                html = pages.schema_content(snap, words, page)
+                content = pages.content_parts(snap, words, page)
                 # A large cluster's page takes longer to read and draw: the gap grows with it,
                 # so that a page open during a rollout takes at most a third of the leader.
                 gap = max(EVENT_GAP, 2 * (time.monotonic() - began))
-                if html != last:
-                    await response.write(sse("update", html))
-                    last, quiet = html, time.monotonic()
+                parts = None if last is None else content.changed(last)
+                if parts is None:
+                    await response.write(sse("update", content.html()))
+                    last, quiet = content, time.monotonic()
+                elif parts:
+                    # Only what changed: a write of a rollout changes a node or two, and a
+                    # 500-node page is ~0.6 MiB (issue 15); viewer.js puts each part in place.
+                    patch = json.dumps(parts, ensure_ascii=False, separators=(",", ":"))
+                    await response.write(sse("patch", patch))
+                    last, quiet = content, time.monotonic()
                 elif time.monotonic() - quiet >= KEEPALIVE:
                     await response.write(b": keepalive\n\n")
                     quiet = time.monotonic()

@@ -10,6 +10,8 @@ what ``tlsroll schema show --json`` prints.
 from __future__ import annotations
 
 import datetime as dt
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -17,13 +19,17 @@ from typing import Any
 from cryptography import x509
 
 from leader.rollout_core import NodeState
-from leader.schema_store import SchemaStore
-from leader.schema_view import schema_message
+from leader.schema_store import AuditEvent, SchemaStore
+from leader.schema_view import Made, schema_message
 from leader.store import Store
 from tlsroll import pki, wire
 from tlsroll.v1 import schema_pb2
 
 NEAR_EXPIRY = dt.timedelta(days=30)
+# The rollouts whose nodes' data and timelines a Reader keeps between two reads (the newest and
+# whatever open pages select): a live page's read after a write converts and parses only what
+# changed (issue 15: at 500 nodes, a read of everything took 30 ms after each write).
+KEPT_ROLLOUTS = 4
 
 
 @dataclass(frozen=True)
@@ -127,38 +133,63 @@ class Reader:
         # What ``auto_rotate`` last decided (``leader.auto_rotate.Status.view``), set by the
         # daemon once the rotator exists, so the API carries what `schema show --json` prints.
         self.auto_rotate: Callable[[], schema_pb2.AutoRotateView] | None = None
+        # By rollout id, kept for the next read (``KEPT_ROLLOUTS`` at most, the last used
+        # last): each node's data by its view's bytes; the timeline as read up to an audit
+        # ``seq``. Reads run in worker threads, several at once: each takes what is kept and
+        # puts back a whole new entry under the lock (never a half-made one).
+        self._lock = threading.Lock()
+        self._node_data: OrderedDict[str, dict[bytes, dict[str, Any]]] = OrderedDict()
+        self._timelines: OrderedDict[str, tuple[int, dict[str, tuple[Transition, ...]]]] = (
+            OrderedDict()
+        )
+        self._views: Made = {}  # the node views the last read made (``rollout_view``)
 
     def read(
-        self, rollout_id: str | None = None, *, every: bool = False, times: bool = False
+        self,
+        rollout_id: str | None = None,
+        *,
+        every: bool = False,
+        times: bool = False,
+        clients: bool = True,
     ) -> Snapshot:
         """Everything at once; ``rollout_id`` selects a rollout (None: the newest). A rollout
         id that does not exist selects none. Every rollout is in the schema, with its nodes
         only the newest and the selected one, what the page and the metrics draw; ``every``:
         every rollout with its nodes (``/api/v1/schema``, what ``schema show --all --json``
         prints). Each stored 500-node rollout read whole is about 0.9 MiB of objects, and an
-        open page reads again after each write (issue 15). ``times``: with ``switch_times``."""
+        open page reads again after each write (issue 15). ``times``: with ``switch_times``.
+        ``clients``: with the workstations each node's server saw (``node_clients``, each node's
+        ``still_on_http``); the pages draw neither, and at 500 nodes with two workstations each
+        the report was a third of a read after a write (issue 15)."""
         now = self.clock()
         rows = self.schema.all() if every else self.schema.listed(rollout_id)
         pending = self.schema.pending_password_nodes()
         enrolled = self.store.list_nodes()
-        clients, infos = self.schema.clients_report()  # one report: see ``clients_report``
+        seen, infos = self.schema.clients_report() if clients else ((), {})  # see its doc
+        with self._lock:
+            views = self._views
+        made: Made = {}
         message = schema_message(
             rows,
             pending,
             now,
             self.schema.bootstrap_failures(),
-            clients=clients,
+            clients=seen,
             infos=infos,
             auto_rotate=self.auto_rotate() if self.auto_rotate is not None else None,
+            made=(views, made),
         )
-        data = wire.to_dict(message)
+        if not every:  # (the API's read of every rollout would push out what pages show)
+            with self._lock:
+                self._views = made
+        data = self._data(message, keep=not every)
         selected = None
         if data["rollouts"]:
             if rollout_id is None:
                 selected = data["rollouts"][0]
             else:
                 selected = next((r for r in data["rollouts"] if r["id"] == rollout_id), None)
-        timeline = _timeline(self.schema, selected["id"]) if selected else {}
+        timeline = self._timeline(selected["id"]) if selected else {}
         nodes = tuple(
             NodeStatus(
                 name=n.name,
@@ -189,6 +220,57 @@ class Reader:
             switch_times=self.schema.switch_times() if times else None,
         )
 
+    def _data(self, message: schema_pb2.Schema, *, keep: bool) -> dict[str, Any]:
+        """``wire.to_dict(message)``, each rollout's nodes converted only when their view
+        changed since the last read (kept by their bytes; a node's data is shared by the
+        snapshots that show it unchanged: read-only). ``keep``: keep what this read converted
+        (not for ``every``: the API's read of every stored rollout would push out what the
+        open pages show)."""
+        outer = schema_pb2.Schema()
+        outer.CopyFrom(message)
+        for view in outer.rollouts:
+            del view.nodes[:]
+        data = wire.to_dict(outer)
+        for item, view in zip(data["rollouts"], message.rollouts, strict=True):
+            if not view.nodes:
+                continue
+            with self._lock:
+                kept = self._node_data.get(view.id, {})
+            fresh: dict[bytes, dict[str, Any]] = {}
+            nodes = []
+            for node in view.nodes:
+                key = node.SerializeToString(deterministic=True)
+                found = fresh.get(key) or kept.get(key)
+                if found is None:
+                    found = wire.to_dict(node)
+                fresh[key] = found
+                nodes.append(found)
+            item["nodes"] = nodes
+            if keep:
+                self._keep(self._node_data, view.id, fresh)
+        return data
+
+    def _timeline(self, rollout_id: str) -> dict[str, tuple[Transition, ...]]:
+        """The rollout's transitions: what was read before, and the audit events since."""
+        with self._lock:
+            after, kept = self._timelines.get(rollout_id, (0, {}))
+        last, events = self.schema.history_after(rollout_id, after)
+        if not events and last == after:
+            return kept
+        found = _timeline(events)
+        timeline = dict(kept)
+        for key, items in found.items():
+            timeline[key] = kept.get(key, ()) + items
+        self._keep(self._timelines, rollout_id, (last, timeline))
+        return timeline
+
+    def _keep(self, kept: OrderedDict[str, Any], rollout_id: str, value: Any) -> None:
+        with self._lock:
+            kept[rollout_id] = value
+            kept.move_to_end(rollout_id)
+            while len(kept) > KEPT_ROLLOUTS:
+                kept.popitem(last=False)
+
     def _served(self) -> tuple[CertStatus, ...]:
         """The certificate each node serves on 8443, by one query rather than from every
         stored rollout's nodes (``SchemaStore.served_certificates``)."""
@@ -199,9 +281,9 @@ class Reader:
         )
 
 
-def _timeline(schema: SchemaStore, rollout_id: str) -> dict[str, tuple[Transition, ...]]:
+def _timeline(events: Sequence[AuditEvent]) -> dict[str, tuple[Transition, ...]]:
     found: dict[str, list[Transition]] = {}
-    for event in schema.history(rollout_id):
+    for event in events:
         if event.kind == "rollout.created":
             key, old, new = "", "", str(event.detail.get("state", ""))
         elif event.kind in ("rollout.state", "node.state"):

@@ -1,6 +1,7 @@
 // The web viewer's only script: follow /events (server-sent events) and swap in the fresh
-// HTML the leader renders; open every timeline for printing. Without it the page still works
-// (reload to see changes).
+// HTML the leader renders: the live part whole ("update"), or only the rows and timelines that
+// changed ("patch": [[element id, its HTML], ...]); open every timeline for printing. Without
+// it the page still works (reload to see changes).
 (function () {
   "use strict";
   var live = document.getElementById("live");
@@ -15,6 +16,12 @@
   }
   var events = new EventSource(live.getAttribute("data-events"));
   events.addEventListener("open", function () { status("on"); });
+  function shown() {
+    var now = new Date();
+    updated.textContent = now.toLocaleString(document.documentElement.lang);
+    updated.setAttribute("datetime", now.toISOString());
+    status("on");
+  }
   events.addEventListener("update", function (e) {
     var open = [];
     content.querySelectorAll("details[open]").forEach(function (d) { open.push(d.id); });
@@ -23,10 +30,25 @@
       var d = document.getElementById(id);
       if (d) { d.open = true; }
     });
-    var now = new Date();
-    updated.textContent = now.toLocaleString(document.documentElement.lang);
-    updated.setAttribute("datetime", now.toISOString());
-    status("on");
+    shown();
+  });
+  events.addEventListener("patch", function (e) {
+    var parts = JSON.parse(e.data);
+    for (var i = 0; i < parts.length; i++) {
+      var old = document.getElementById(parts[i][0]);
+      var made = document.createElement("template");  // parses a lone <tr> as a row
+      made.innerHTML = parts[i][1];
+      var fresh = made.content.firstElementChild;
+      if (!old || !fresh || !content.contains(old)) {
+        // Not the page the leader drew on (never expected): load it whole.
+        events.close();
+        window.location.reload();
+        return;
+      }
+      if (old.tagName === "DETAILS" && old.open) { fresh.open = true; }
+      old.replaceWith(fresh);
+    }
+    shown();
   });
   // The session ended (expired or revoked): reload, and the leader shows why.
   events.addEventListener("unauthorized", function () {
@@ -44,11 +66,14 @@
   window.addEventListener("beforeprint", function () {
     content.querySelectorAll("details:not([open])").forEach(function (d) {
       d.open = true;
-      opened.push(d);
+      opened.push(d.id);  // by id: a patch may have put a fresh one in its place since
     });
   });
   window.addEventListener("afterprint", function () {
-    opened.forEach(function (d) { d.open = false; });
+    opened.forEach(function (id) {
+      var d = document.getElementById(id);
+      if (d) { d.open = false; }
+    });
     opened = [];
   });
 }());
