@@ -19,6 +19,14 @@ loopback address. Each window measures both processes' CPU from ``/proc/PID/task
 - ``channel``: a new channel, its TLS handshake and one unary call, one after the other: CPU
   per channel on each side (the leader is the client when it calls an agent).
 
+Each window also counts the server's context switches (voluntary and not, every thread): what
+wakes gRPC's threads, a count the machine's load does not move as much as CPU time.
+
+``--env NAME=VALUE`` (the server process's environment, e.g. ``GRPC_EXPERIMENTS`` or
+``GRPC_POLL_STRATEGY``), ``--client-env NAME=VALUE`` (the clients') and ``--option NAME=INT``
+(a server channel argument) try gRPC's runtime settings; ``--modes message`` measures only the
+idle and message windows (a quick A/B of a setting).
+
 The issue 15 goals (a heartbeat at most 0.3 ms of leader CPU per agent and interval, 10 ms of
 leader CPU per node of a rollout) are read against these: what gRPC costs a message, a PING,
 a call and a channel before tlsroll does anything. Figures only; nothing is asserted.
@@ -69,10 +77,24 @@ def cpu_seconds(pid: int) -> float:
     return total / 1e9
 
 
+def switches(pid: int) -> int:
+    """The process's context switches so far, voluntary and not, every thread."""
+    total = 0
+    for task in os.listdir(f"/proc/{pid}/task"):
+        try:
+            text = Path(f"/proc/{pid}/task/{task}/status").read_text()
+        except (FileNotFoundError, ProcessLookupError):
+            continue
+        for line in text.splitlines():
+            if line.startswith(("voluntary_ctxt_switches", "nonvoluntary_ctxt_switches")):
+                total += int(line.split()[1])
+    return total
+
+
 # --- the two processes --------------------------------------------------------------------------
 
 
-async def serve(directory: Path, ping_ms: int) -> None:
+async def serve(directory: Path, ping_ms: int, extra: list[tuple[str, int]]) -> None:
     """The server: counts stream messages (``count`` file, every 0.2 s), echoes unary calls."""
     count = 0
 
@@ -93,7 +115,7 @@ async def serve(directory: Path, ping_ms: int) -> None:
             ("grpc.keepalive_permit_without_calls", 1),
             ("grpc.http2.max_pings_without_data", 0),
         ]
-    server = grpc.aio.server(options=options)
+    server = grpc.aio.server(options=options + extra)
     handlers = {
         "S": grpc.stream_stream_rpc_method_handler(stream),
         "U": grpc.unary_unary_rpc_method_handler(echo),
@@ -178,6 +200,7 @@ class Window:
     client_s: float
     events: int
     seconds: float
+    server_switches: int
 
 
 def _wait_for(path: Path, what: str, seconds: float = 60.0) -> str:
@@ -205,12 +228,21 @@ def measure(
         (directory / name).unlink(missing_ok=True)
     me = [sys.executable, "-m", "bench.grpc_floor"]
     ping_ms = int(args.interval * 1000) if mode == "ping" else 0
-    env = dict(os.environ)
+    env = dict(os.environ) | dict(args.env)
     trace = directory / "server.trace"
     if traced:
         env |= {"GRPC_VERBOSITY": "debug", "GRPC_TRACE": "http_keepalive"}
     server = subprocess.Popen(
-        [*me, "--role", "server", "--dir", str(directory), "--ping-ms", str(ping_ms)],
+        [
+            *me,
+            "--role",
+            "server",
+            "--dir",
+            str(directory),
+            "--ping-ms",
+            str(ping_ms),
+            *(f"--option={name}={value}" for name, value in args.option),
+        ],
         env=env,
         stderr=trace.open("w") if traced else None,
     )
@@ -232,7 +264,8 @@ def measure(
                 str(args.clients),
                 "--interval",
                 str(args.interval),
-            ]
+            ],
+            env=dict(os.environ) | dict(args.client_env),
         )
         _wait_for(directory / "done", "clients")
         time.sleep(min(args.interval, 5.0) + 1.0)  # handshakes and first messages settle
@@ -243,25 +276,42 @@ def measure(
             name = "count" if mode == "message" else "done"
             return int(_wait_for(directory / name, name))
 
-        s0, c0, e0, t0 = (
+        s0, c0, e0, t0, x0 = (
             cpu_seconds(server.pid),
             cpu_seconds(client.pid),
             counted(),
             time.monotonic(),
+            switches(server.pid),
         )
         time.sleep(args.seconds)
-        s1, c1, e1, t1 = (
+        s1, c1, e1, t1, x1 = (
             cpu_seconds(server.pid),
             cpu_seconds(client.pid),
             counted(),
             time.monotonic(),
+            switches(server.pid),
         )
-        return Window(s1 - s0, c1 - c0, e1 - e0, t1 - t0)
+        return Window(s1 - s0, c1 - c0, e1 - e0, t1 - t0, x1 - x0)
     finally:
         for proc in (client, server):
             if proc is not None:
                 proc.kill()
                 proc.wait()
+
+
+def _setting(text: str) -> tuple[str, str]:
+    name, sep, value = text.partition("=")
+    if not sep or not name:
+        raise argparse.ArgumentTypeError(f"NAME=VALUE expected, not {text!r}")
+    return name, value
+
+
+def _option(text: str) -> tuple[str, int]:
+    name, value = _setting(text)
+    try:
+        return name, int(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"an integer value expected: {text!r}") from None
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -274,9 +324,38 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--port", type=int, default=0)
     parser.add_argument("--ping-ms", type=int, default=0)
     parser.add_argument("--mode", default="idle")
+    parser.add_argument(
+        "--env",
+        type=_setting,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="in the server's environment (e.g. GRPC_EXPERIMENTS=...); repeatable",
+    )
+    parser.add_argument(
+        "--client-env",
+        type=_setting,
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="in the clients' environment; repeatable",
+    )
+    parser.add_argument(
+        "--option",
+        type=_option,
+        action="append",
+        default=[],
+        metavar="NAME=INT",
+        help="a server channel argument (e.g. grpc.http2.write_buffer_size=0); repeatable",
+    )
+    parser.add_argument(
+        "--modes",
+        default="message,ping,call,channel",
+        help="windows after the idle one, comma-separated (default: all)",
+    )
     args = parser.parse_args(argv)
     if args.role == "server":
-        asyncio.run(serve(args.dir, args.ping_ms))
+        asyncio.run(serve(args.dir, args.ping_ms, args.option))
         return 0
     if args.role == "clients":
         asyncio.run(clients(args.dir, args.port, args.mode, args.clients, args.interval))
@@ -288,35 +367,47 @@ def main(argv: list[str] | None = None) -> int:
             f"grpc {grpc.__version__}, mutual TLS (P-256), {args.clients} connections, "
             f"interval {args.interval:g} s, windows of {args.seconds:g} s, {os.cpu_count()} cores"
         )
+        settings = [f"{k}={v}" for k, v in args.env] + [f"{k}={v}" for k, v in args.option]
+        if args.client_env:
+            settings += [f"clients: {k}={v}" for k, v in args.client_env]
+        print(f"settings: {', '.join(settings) or 'none (gRPC defaults)'}")
+        modes = [m for m in args.modes.split(",") if m]
         alone = measure(directory, "alone", args)
         alone_rate = alone.server_s / alone.seconds
         idle = measure(directory, "idle", args)
         idle_rate = idle.server_s / idle.seconds
         per = (idle_rate - alone_rate) / args.clients * args.interval * 1000
+        idle_switching = idle.server_switches / idle.seconds
         print(
             f"idle      server {alone_rate * 1000:.2f} ms/s with no connection, "
             f"{idle_rate * 1000:.2f} with {args.clients} quiet streams "
-            f"({per:.3f} ms per connection and interval)"
+            f"({per:.3f} ms per connection and interval); context switches "
+            f"{alone.server_switches / alone.seconds:.1f}/s and {idle_switching:.1f}/s"
         )
         # PINGs: counted in a window of their own with the server's keepalive trace on (the
         # trace's logging costs CPU), as a rate for the untraced window that measures the CPU.
-        calibration = measure(directory, "ping", args, traced=True)
-        ping_rate = calibration.events / calibration.seconds
-        expected = args.clients / args.interval
-        print(
-            f"PINGs     {ping_rate:.1f}/s counted in a traced window "
-            f"({expected:.1f}/s expected: one per connection and interval)"
-        )
-        for mode in ("message", "ping", "call", "channel"):
+        ping_rate = 0.0
+        if "ping" in modes:
+            calibration = measure(directory, "ping", args, traced=True)
+            ping_rate = calibration.events / calibration.seconds
+            expected = args.clients / args.interval
+            print(
+                f"PINGs     {ping_rate:.1f}/s counted in a traced window "
+                f"({expected:.1f}/s expected: one per connection and interval)"
+            )
+        for mode in modes:
             if mode == "ping" and ping_rate == 0:  # a window shorter than the interval
                 print("ping      none counted: make --seconds longer than --interval")
                 continue
             w = measure(directory, mode, args)
             # PINGs: at the rate the traced window counted.
             events = ping_rate * w.seconds if mode == "ping" else max(w.events, 1)
-            net = w.server_s - (idle_rate * w.seconds if mode in ("message", "ping") else 0)
+            quiet = mode in ("message", "ping")
+            net = w.server_s - (idle_rate * w.seconds if quiet else 0)
+            woke = w.server_switches - (idle_switching * w.seconds if quiet else 0)
             line = f"{mode:9} server {net / events * 1000:.3f} ms each"
-            if mode in ("call", "channel"):
+            line += f", {woke / events:.1f} context switches each"
+            if mode in ("message", "call", "channel"):
                 line += f", client {w.client_s / events * 1000:.3f} ms each"
             line += f" ({events:.0f} in {w.seconds:.0f} s)"
             print(line)

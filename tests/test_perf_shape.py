@@ -1631,3 +1631,61 @@ def test_the_leader_s_channels_to_agents_and_the_agent_s_server_send_no_bdp_prob
         client.channel  # noqa: B018 - opens the channel
     assert seen and seen[0].get("grpc.http2.bdp_probe") == 0, seen
     assert dict(rpc.AGENT_SERVER_OPTIONS).get("grpc.http2.bdp_probe") == 0
+
+
+_ACCEPT_ONE = """
+import asyncio, sys
+import leader.daemon  # the daemon's entry: the leader package is imported before gRPC starts
+import grpc
+from leader.runtime import SERVER_OPTIONS
+
+async def main():
+    server = grpc.aio.server(options=SERVER_OPTIONS)
+    port = server.add_insecure_port("127.0.0.1:0")
+    await server.start()
+    async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+        try:
+            await channel.unary_unary("/none.N/M")(b"", timeout=10)
+        except grpc.aio.AioRpcError as exc:
+            print(exc.code().name)
+    await server.stop(None)
+
+asyncio.run(main())
+"""
+
+
+def _accept_one(environ: dict[str, str]) -> str:
+    """gRPC's tcp trace of a leader-like process (imported as the daemon is) whose server
+    accepts one connection and answers one call."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("GRPC_")}
+    env |= {"GRPC_VERBOSITY": "debug", "GRPC_TRACE": "tcp"} | environ
+    done = subprocess.run(
+        [sys.executable, "-c", _ACCEPT_ONE],
+        check=False,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.strip() == "UNIMPLEMENTED", done.stdout
+    return done.stderr
+
+
+def test_the_leader_accepts_connections_on_grpc_s_polling_thread_not_the_event_engine() -> None:
+    """The leader turns gRPC's ``event_engine_listener`` experiment off (``leader.__init__``):
+    the connections its ports accept (every agent's heartbeat stream) are then read by the
+    thread that polls the completion queue, not handed over from the EventEngine's thread pool
+    (~12 context switches of gRPC's threads per sparse message down to ~3; README
+    "Performance"). Seen in gRPC's own tcp trace: iomgr's listener and endpoint
+    (``tcp_server_posix.cc``, ``tcp_posix.cc``) instead of the EventEngine's
+    (``posix_endpoint.cc``). If a later grpcio drops the switch, gRPC says "Unknown
+    experiment" and this fails: measure again (``bench.grpc_floor --modes message``)."""
+    trace = _accept_one({})
+    assert "Unknown experiment" not in trace, trace[-2000:]
+    assert "tcp_server_posix.cc" in trace, trace[-2000:]
+    assert "posix_endpoint.cc" not in trace, trace[-2000:]
+    # An explicit GRPC_EXPERIMENTS wins (here: gRPC's defaults, the EventEngine listener).
+    default = _accept_one({"GRPC_EXPERIMENTS": ""})
+    assert "tcp_server_posix.cc" not in default, default[-2000:]
+    assert "posix_endpoint.cc" in default, default[-2000:]
