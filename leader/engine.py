@@ -98,6 +98,11 @@ if TYPE_CHECKING:
 log = logs.get_logger(__name__)
 
 TICK_SECONDS = 1.0
+LEASE_MARGIN = 60.0
+"""Seconds past a scope freeze's lease after which a node that never answered its unfreeze
+counts as unfrozen (``Engine._lease_ran_out``): the agent's watch of its lease, a Freeze that
+waited for the agent's freeze lock, its clock."""
+
 WAITS_FOR_FREEZE = "waits for the scope freeze of "
 """A staged node's note while a frozen node's freeze is not confirmed (``_note_waiting``)."""
 
@@ -574,7 +579,11 @@ class Engine:
             if step.step in (Step.FREEZE, Step.UNFREEZE):
                 if step.step is Step.FREEZE:
                     self.freeze_sent[(rollout.id, step.node)] = started[0]
-                frozen = await self._scope_freeze(rollout, step.node, step.step is Step.FREEZE)
+                try:
+                    frozen = await self._scope_freeze(rollout, step.node, step.step is Step.FREEZE)
+                finally:  # an attempt may reach the agent until the call ends (retries, its lock)
+                    if step.step is Step.FREEZE:
+                        self.freeze_sent[(rollout.id, step.node)] = self.monotonic()
                 await self._record_frozen(rollout.id, step, frozen, started)
             else:
                 learnt: dict[str, Any] = {}  # what the step learnt: written with its outcome
@@ -592,7 +601,11 @@ class Engine:
                     return
         except (TransientError, StepFailed, TimeoutError) as exc:  # StepFailed: a freeze refused
             why = str(exc) or f"no answer within {deadline:.0f} s"
-            if step.step is Step.UNFREEZE and await self._lease_ran_out(rollout.id, step, why):
+            if (
+                step.step is Step.UNFREEZE
+                and not isinstance(exc, StepFailed)  # a refusal is an answer: the agent is there
+                and await self._lease_ran_out(rollout.id, step, why)
+            ):
                 self.trouble.pop(key, None)
                 self.wake.set()
                 return
@@ -973,10 +986,12 @@ class Engine:
     def _lapsed(self, row: RolloutRow) -> frozenset[str]:
         """``--freeze scope``: the nodes recorded frozen whose freeze this process cannot
         count on now (``_confirmed_until`` passed, or no confirmation seen since its start):
-        the plan switches no node while there is one (``planner.next_actions``)."""
+        the plan switches no node while there is one (``planner.next_actions``). A tick
+        early: a confirmation that runs out between the plan and its steps must not leave a
+        node ``switching`` that the step's gate then holds (``_ensure_step``)."""
         if row.rollout.freeze is not FreezeMode.SCOPE:
             return frozenset()
-        now, rid = self.monotonic(), row.rollout.id
+        now, rid = self.monotonic() + TICK_SECONDS, row.rollout.id
         return frozenset(
             r.name
             for r in row.records
@@ -994,26 +1009,32 @@ class Engine:
                 await self._note(row.rollout.id, step, note)
 
     async def _lease_ran_out(self, rollout_id: str, step: planner.StepAction, why: str) -> bool:
-        """An unfreeze that got no answer (``why``), of a rollout that has settled: once the
-        node's freeze lease has surely run out, its agent has lifted the freeze by itself
+        """An unfreeze that got no answer at all (``why``; a refusal is an answer and stays
+        trouble), of a rollout that has settled: once the node's freeze lease has surely run
+        out, its agent, if it runs, has lifted the freeze by itself
         (``nodeagent.service.watch_freeze_lease``; a dead machine holds none), so the node is
-        recorded unfrozen, with a note, and the rollout can end. Without this a scope freeze
-        whose node never answered again kept the rollout (an abort too) from ending, and every
-        later rollout, and ``nodes remove`` of that node, was refused (session 32's review 1,
-        F2). Surely: a lease and a third after the last freeze this process sent (or its
-        start: an earlier process sent none after it), which leaves the request's way and the
-        agent's timer their margin. True if so recorded."""
+        recorded unfrozen, with a note saying so and why, and the rollout can end. Without
+        this a scope freeze whose node never answered again kept the rollout (an abort too)
+        from ending, and every later rollout, and ``nodes remove`` of that node, was refused
+        (session 32's review 1, F2). Surely: ``LEASE_MARGIN`` (or a third of the lease, if
+        longer) after the lease from the end of the last freeze call this process made (an
+        attempt may reach the agent until then) or from its start (an earlier process sent
+        none after it). The freeze window's end is left unset: nobody saw it end. True if
+        so recorded."""
         key = (rollout_id, step.node)
         since = max(self.freeze_sent.get(key, self.began), self.began)
-        ran_out = since + self.freeze_lease * 4 / 3
+        ran_out = since + self.freeze_lease + max(self.freeze_lease / 3, LEASE_MARGIN)
         if self.monotonic() < ran_out:
             return False
-        await self._record_frozen(rollout_id, step, False, (self.monotonic(), self.clock()))
+        self.renewed.pop(key, None)
+        self.confirmed.pop(key, None)
         note = (
-            f"unfreeze not confirmed ({why}); its scope freeze lease ran out, so its agent has "
-            "lifted the freeze by itself"
+            f"unfreeze got no answer ({why}); its scope freeze lease has run out since, so its "
+            "agent, if it runs, has lifted the freeze by itself; check the node"
         )
-        await self._note(rollout_id, step, note)
+        await self._save_node(
+            rollout_id, step.node, lambda r: replace(r, scope_frozen=False, reason=note)
+        )
         log.warning("freeze.lease_ran_out", rollout_id=rollout_id, node=step.node, reason=why)
         return True
 

@@ -541,7 +541,9 @@ def next_actions(
             if (not r.scope_frozen or r.name in lapsed)
             and tally.state(at) not in (NodeState.FAILED, NodeState.SKIPPED)
         ]
-    if not to_freeze:
+    # A lapsed node holds the switches whatever its state: a node frozen and then failed is
+    # still frozen (and renewed), and a switch counts on it (review 2 of session 32, F1).
+    if not to_freeze and not (staged and rollout.freeze is FreezeMode.SCOPE and lapsed):
         if prepare_ahead > 0:
             staged = _switch_turns(rollout, tally, staged, held)
         for at in staged:

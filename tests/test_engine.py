@@ -1598,10 +1598,87 @@ async def test_a_dead_frozen_node_holds_the_next_switch_staged_and_an_abort_ends
     # F2: bravo never confirms its unfreeze. Once its lease has surely run out (its agent lifts
     # such a freeze by itself), it is recorded unfrozen, and the rollout ends: before, it stayed
     # ``aborting`` for good, and every later rollout was refused.
-    row = await leader.run()
+    row = await leader.run(passes=400)
     assert row.rollout.state is R.ABORTED, row.rollout.state
     gone = node(row.records, "bravo")
-    assert not gone.scope_frozen and "lease ran out" in gone.reason, gone
+    assert not gone.scope_frozen and "lease has run out" in gone.reason, gone
+    assert gone.reason.startswith("unfreeze got no answer"), gone
+    await leader.stop()
+
+
+async def test_a_dead_frozen_node_that_failed_holds_the_switches_too(world: World) -> None:
+    """Review 2 of session 32, F1: a node frozen and then failed (its machine died after it
+    confirmed the scope freeze; its preflight fails; a failure budget of 1) stays frozen on
+    record and renewed, and its confirmation lapses. The plan froze only nodes not failed, so
+    it moved the next node to ``switching``, which the step's gate then never sent, and an
+    abort does not skip: every live node stayed frozen. The plan now holds the switches while
+    any frozen node has lapsed, whatever its state: the next node stays ``staged`` and says
+    why, and an abort ends the rollout."""
+    lease = 6
+    leader = world.boot(freeze_lease=lease)
+    await leader.start(freeze=FreezeMode.SCOPE, failure_budget=1)
+    charlie, alpha = world.agents["charlie"], world.agents["alpha"]
+    real_freeze, real_alpha = charlie.freeze, alpha.preflight
+    cut = [float("inf")]
+
+    async def then_dies(request: agent_pb2.FreezeRequest) -> agent_pb2.FreezeResponse:
+        reply = await real_freeze(request)
+        charlie.unreachable = 10**6  # confirmed the freeze, then its machine died
+        return reply
+
+    async def late(request: agent_pb2.PreflightRequest) -> agent_pb2.PreflightResponse:
+        if world.clock.monotonic() < cut[0]:
+            raise TransientError("alpha: not yet")
+        return await real_alpha(request)
+
+    charlie.freeze = then_dies  # type: ignore[method-assign]
+    alpha.preflight = late  # type: ignore[method-assign]
+    await leader.run(until=lambda r: node(r.records, "charlie").state is N.FAILED, passes=400)
+    cut[0] = world.clock.monotonic() + 2 * lease  # alpha is prepared once charlie has lapsed
+    row = await leader.run(
+        until=lambda r: (
+            node(r.records, "alpha").state is not N.PENDING
+            and node(r.records, "alpha").state is not N.PREFLIGHT
+            and node(r.records, "alpha").state is not N.STAGING
+            and world.clock.monotonic() > cut[0] + 2 * lease
+        ),
+        passes=400,
+    )
+    assert node(row.records, "alpha").state is N.STAGED, states(row)
+    assert "charlie" in node(row.records, "alpha").reason
+    assert not [c for c in world.agents.calls if c.method == "switch" and c.node == "alpha"]
+    await leader.control(RolloutAction.ABORT)
+    row = await leader.run(passes=400)
+    assert row.rollout.state is R.ABORTED, states(row)
+    assert not alpha.frozen and not world.agents["bravo"].frozen
+    await leader.stop()
+
+
+async def test_an_unfreeze_the_agent_refuses_is_not_taken_for_a_lapsed_lease(
+    world: World,
+) -> None:
+    """Review 2 of session 32, F3: an unfreeze the agent answered with a refusal (its server's
+    admin API failed: the node still refuses writes) was, a lease later, recorded as lifted by
+    the lease and the rollout completed. A refusal is an answer: the node stays frozen on
+    record, the trouble shows, and the rollout waits."""
+    lease = 6
+    leader = world.boot(freeze_lease=lease)
+    bravo = world.agents["bravo"]
+
+    async def refuses(request: agent_pb2.FreezeRequest) -> agent_pb2.FreezeResponse:
+        raise StepFailed("unfreeze failed: DriverError: the admin API did not answer")
+
+    bravo.unfreeze = refuses  # type: ignore[method-assign]
+    await leader.start(freeze=FreezeMode.SCOPE)
+    row = await leader.run(
+        until=lambda r: (
+            all(x.state is N.DONE for x in r.records) and world.clock.monotonic() > 20 * lease
+        ),
+        passes=400,
+    )
+    assert row.rollout.state is R.RUNNING, row.rollout.state
+    assert node(row.records, "bravo").scope_frozen
+    assert "unfreeze" in node(row.records, "bravo").reason
     await leader.stop()
 
 
