@@ -986,12 +986,15 @@ class Engine:
     def _lapsed(self, row: RolloutRow) -> frozenset[str]:
         """``--freeze scope``: the nodes recorded frozen whose freeze this process cannot
         count on now (``_confirmed_until`` passed, or no confirmation seen since its start):
-        the plan switches no node while there is one (``planner.next_actions``). A tick
-        early: a confirmation that runs out between the plan and its steps must not leave a
-        node ``switching`` that the step's gate then holds (``_ensure_step``)."""
+        the plan switches no node while there is one (``planner.next_actions``). A little
+        early (a tick, or a sixth of the lease if shorter: a confirmation of a short lease
+        counts for two thirds of it, renewed every third): a confirmation that runs out
+        between the plan and its steps must not leave a node ``switching`` that the step's
+        gate then holds (``_ensure_step``)."""
         if row.rollout.freeze is not FreezeMode.SCOPE:
             return frozenset()
-        now, rid = self.monotonic() + TICK_SECONDS, row.rollout.id
+        early = min(TICK_SECONDS, self.freeze_lease / 6)
+        now, rid = self.monotonic() + early, row.rollout.id
         return frozenset(
             r.name
             for r in row.records
