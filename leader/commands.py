@@ -510,24 +510,19 @@ class Commands:
             when_quiet=request.when_quiet,
         )
         own = request.own_certs
-        if own is not None:  # before the rollout exists: its steps find it from the start
-            await asyncio.to_thread(self.schema.set_own_ca, rollout.id, byo.ca_bundle(own))
-        try:
-            row = await asyncio.to_thread(
-                self.schema.create,
-                rollout,
-                nodes,
-                meta,
-                now,
-                request.auth_verifier_json if auth.add_new else None,
-                # A way back takes a switch back once (a retry goes on with the same one).
-                takes_back_once=rollout.change is Change.DISABLE_TLS and not request.retry_of,
-                auth_latest=latest if staged_one and not request.keep_auth_version else None,
-            )
-        except BaseException:
-            if own is not None:
-                await asyncio.to_thread(self.schema.drop_own_ca, rollout.id)
-            raise
+        row = await asyncio.to_thread(
+            self.schema.create,
+            rollout,
+            nodes,
+            meta,
+            now,
+            request.auth_verifier_json if auth.add_new else None,
+            # A way back takes a switch back once (a retry goes on with the same one).
+            takes_back_once=rollout.change is Change.DISABLE_TLS and not request.retry_of,
+            auth_latest=latest if staged_one and not request.keep_auth_version else None,
+            # With the rollout, in its transaction: its steps find it from the start.
+            own_ca=byo.ca_bundle(own) if own is not None else None,
+        )
         if own is not None:  # the keys in memory only, until each node has staged its own
             # ... and only the keys of nodes this rollout stages: not those outside its scope
             # or left alone ("already done"), which it would keep until it ends.

@@ -604,6 +604,7 @@ class SchemaStore(LeaderStore):
         *,
         takes_back_once: bool = False,
         auth_latest: int | None = None,
+        own_ca: bytes | None = None,
     ) -> RolloutRow:
         """Insert a new rollout, refusing if another one is active (checked in the same
         transaction, so two starts cannot both succeed). ``new_verifier`` adds the auth
@@ -619,7 +620,10 @@ class SchemaStore(LeaderStore):
         has it.
         ``auth_latest``: the latest auth password version the rollout was planned with (a
         change-password's, which it applies); ``PasswordStagedMeanwhile`` if another has been
-        staged since (None: not checked)."""
+        staged since (None: not checked). ``own_ca``: a ``--cert-dir`` rollout's practice CA
+        (``own_ca``), written with the rollout: written before, a start then refused left it
+        trusted meanwhile by a running rollout's outside checks, and for good if the leader
+        died between the write and its removal (session 32's audit, L2)."""
         with self._db.tx() as db:
             _refuse_if_busy(db, meta.finalizes or meta.undoes)
             if auth_latest is not None:
@@ -645,6 +649,11 @@ class SchemaStore(LeaderStore):
             auth_version = meta.auth_version
             if new_verifier is not None:
                 auth_version = self._add_auth(db, new_verifier, now, meta.started_by)
+            if own_ca is not None:
+                db.execute(
+                    "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
+                    (f"own_ca/{rollout.id}", own_ca.decode("ascii")),
+                )
             db.execute(
                 "INSERT INTO rollouts (id, change, scope_kind, scope_names, node_order, strategy,"
                 " max_parallel, failure_budget, freeze, epoch, state, created_at, started_at,"
@@ -951,13 +960,6 @@ class SchemaStore(LeaderStore):
     # rollout as one with the practice's own certificates: the stage step hands the nodes
     # those, the confirm step checks https against this CA, retry is refused.
 
-    def set_own_ca(self, rollout_id: str, ca_pem: bytes) -> None:
-        with self._db.tx() as db:
-            db.execute(
-                "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
-                (f"own_ca/{rollout_id}", ca_pem.decode("ascii")),
-            )
-
     def own_ca(self, rollout_id: str) -> bytes | None:
         """The practice CA of a ``--cert-dir`` rollout; None for the usual one."""
         with self._db.read() as db:
@@ -984,10 +986,6 @@ class SchemaStore(LeaderStore):
                 " WHERE n.state = 'done' AND n.cert_fingerprint != ''"
             ).fetchall()
         return {str(r[0]) for r in rows}
-
-    def drop_own_ca(self, rollout_id: str) -> None:
-        with self._db.tx() as db:
-            db.execute("DELETE FROM meta WHERE key = ?", (f"own_ca/{rollout_id}",))
 
     def latest_auth_version(self) -> int:
         with self._db.read() as db:

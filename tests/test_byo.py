@@ -620,6 +620,49 @@ async def test_the_vault_keeps_only_the_keys_of_nodes_the_rollout_stages(
     await leader_.stop()
 
 
+async def test_the_practice_ca_is_trusted_only_with_the_rollout_that_brings_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Session 32's audit, L2: a ``--cert-dir`` start wrote its practice CA before the
+    rollout's create, which may refuse (another rollout running, a node removed meanwhile):
+    meanwhile a running rollout's outside checks trusted it, and a leader that died between
+    that write and its removal kept trusting it for good. It is written in the create's own
+    transaction: no one sees it before the rollout exists, and a refused create leaves none."""
+    from leader.commands import RolloutRequest
+    from leader.rollout_core import Change, Scope
+    from tests.fake_agent import START
+    from tests.test_engine import ADMIN, VERIFIER_1, make_world
+
+    world = make_world(tmp_path, monkeypatch)
+    practice = make_ca("Praxis CA", now=START)
+    files = {}
+    for agent in world.agents:
+        cert, key = leaf(practice, list(agent.names.ips), list(agent.names.dns), now=START)
+        files[agent.name] = byo.NodeMaterial(agent.name, pem(cert), key_pem(key), 0o600)
+    leader_ = world.boot()
+    leader_.commands.vault = leader_.engine.vault
+    create = leader_.schema.create
+    seen_before: list[bytes] = []
+
+    def create_seeing(*args: Any, **kwargs: Any) -> Any:
+        seen_before.append(leader_.schema.own_cas())  # what a running rollout would read now
+        return create(*args, **kwargs)
+
+    monkeypatch.setattr(leader_.schema, "create", create_seeing)
+    row = await leader_.commands.start(
+        RolloutRequest(
+            Change.ENABLE_TLS,
+            Scope.cluster(),
+            auth_verifier_json=VERIFIER_1,
+            own_certs=byo.Material(practice.pem, files),
+        ),
+        ADMIN,
+    )
+    assert seen_before == [b""]
+    assert leader_.schema.own_ca(row.rollout.id) == leader_.schema.own_cas() != b""
+    await leader_.stop()
+
+
 def _defect(kind: str, ca: Issuer, names: pki.Names) -> tuple[bytes, Any]:
     """A certificate and key for ``names`` with one defect."""
     from tests.fake_agent import START
