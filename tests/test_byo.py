@@ -515,10 +515,7 @@ async def test_a_restarted_leader_without_the_keys_fails_the_stage_and_changes_n
 
     world = make_world(tmp_path, monkeypatch)
     practice = make_ca("Praxis CA", now=START)
-    files = {}
-    for agent in world.agents:
-        cert, key = leaf(practice, list(agent.names.ips), list(agent.names.dns), now=START)
-        files[agent.name] = byo.NodeMaterial(agent.name, pem(cert), key_pem(key), 0o600)
+    files = good_files(world, practice)
     request = RolloutRequest(
         Change.ENABLE_TLS,
         Scope.cluster(),
@@ -563,10 +560,7 @@ async def test_the_vault_forgets_the_keys_once_the_rollout_has_ended(
 
     world = make_world(tmp_path, monkeypatch)
     practice = make_ca("Praxis CA", now=START)
-    files = {}
-    for agent in world.agents:
-        cert, key = leaf(practice, list(agent.names.ips), list(agent.names.dns), now=START)
-        files[agent.name] = byo.NodeMaterial(agent.name, pem(cert), key_pem(key), 0o600)
+    files = good_files(world, practice)
     leader_ = world.boot()
     leader_.commands.vault = leader_.engine.vault  # as the daemon wires them
     row = await leader_.commands.start(
@@ -598,10 +592,7 @@ async def test_the_vault_keeps_only_the_keys_of_nodes_the_rollout_stages(
 
     world = make_world(tmp_path, monkeypatch)
     practice = make_ca("Praxis CA", now=START)
-    files = {}
-    for agent in world.agents:
-        cert, key = leaf(practice, list(agent.names.ips), list(agent.names.dns), now=START)
-        files[agent.name] = byo.NodeMaterial(agent.name, pem(cert), key_pem(key), 0o600)
+    files = good_files(world, practice)
     one, *others = sorted(files)
     assert others
     leader_ = world.boot()
@@ -635,10 +626,7 @@ async def test_the_practice_ca_is_trusted_only_with_the_rollout_that_brings_it(
 
     world = make_world(tmp_path, monkeypatch)
     practice = make_ca("Praxis CA", now=START)
-    files = {}
-    for agent in world.agents:
-        cert, key = leaf(practice, list(agent.names.ips), list(agent.names.dns), now=START)
-        files[agent.name] = byo.NodeMaterial(agent.name, pem(cert), key_pem(key), 0o600)
+    files = good_files(world, practice)
     leader_ = world.boot()
     leader_.commands.vault = leader_.engine.vault
     create = leader_.schema.create
@@ -661,6 +649,18 @@ async def test_the_practice_ca_is_trusted_only_with_the_rollout_that_brings_it(
     assert seen_before == [b""]
     assert leader_.schema.own_ca(row.rollout.id) == leader_.schema.own_cas() != b""
     await leader_.stop()
+
+
+def good_files(world: Any, practice: Issuer) -> dict[str, byo.NodeMaterial]:
+    """A certificate of ``practice`` and its key for each of the world's nodes, as an admin's
+    ``--cert-dir`` holds them."""
+    from tests.fake_agent import START
+
+    files = {}
+    for agent in world.agents:
+        cert, key = leaf(practice, list(agent.names.ips), list(agent.names.dns), now=START)
+        files[agent.name] = byo.NodeMaterial(agent.name, pem(cert), key_pem(key), 0o600)
+    return files
 
 
 def _defect(kind: str, ca: Issuer, names: pki.Names) -> tuple[bytes, Any]:
