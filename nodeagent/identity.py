@@ -18,7 +18,6 @@ from __future__ import annotations
 import _ssl
 import datetime as dt
 import os
-import socket
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -202,10 +201,7 @@ def fetch_chain(address: str, port: int, timeout: float = 5.0) -> list[x509.Cert
     ctx = tls.unverified_client_context()
     ctx.set_alpn_protocols(["h2"])
     try:
-        with (
-            socket.create_connection((address, port), timeout=timeout) as raw,
-            ctx.wrap_socket(raw) as conn,
-        ):
+        with tls.connect(ctx, address, port, timeout=timeout) as conn:
             # Public as SSLSocket.get_unverified_chain() from Python 3.13.
             chain = conn._sslobj.get_unverified_chain()  # type: ignore[attr-defined]
     except OSError as exc:

@@ -35,6 +35,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
+from tlsroll import httpcheck, tls
 from tlsroll.config import dump_toml
 
 READY_TIMEOUT = 15.0
@@ -110,8 +111,10 @@ def http_request(
     hostport, _, path = rest.partition("/")
     host, _, port = hostport.rpartition(":")
     conn: http.client.HTTPConnection
-    if scheme == "https":
-        conn = http.client.HTTPSConnection(host, int(port), timeout=timeout, context=context)
+    if scheme == "https" and context is not None:  # a peer's reset closes it (tls.connect)
+        conn = httpcheck.HTTPSConnection(host, int(port), timeout=timeout, context=context)
+    elif scheme == "https":
+        conn = http.client.HTTPSConnection(host, int(port), timeout=timeout)
     else:
         conn = http.client.HTTPConnection(host, int(port), timeout=timeout)
     return _exchange(conn, method, "/" + path, body)
@@ -128,11 +131,8 @@ def peer_certificate(
     address: str, port: int, context: ssl.SSLContext, timeout: float = REQUEST_TIMEOUT
 ) -> bytes:
     """The DER certificate the server at ``address:port`` presents (handshake with ``context``)."""
-    with (
-        socket.create_connection((address, port), timeout=timeout) as raw,
-        context.wrap_socket(raw, server_hostname=address) as tls,
-    ):
-        der = tls.getpeercert(binary_form=True)
+    with tls.connect(context, address, port, timeout=timeout, server_hostname=address) as conn:
+        der = conn.getpeercert(binary_form=True)
     assert der is not None
     return der
 

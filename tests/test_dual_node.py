@@ -27,7 +27,7 @@ from nodeagent.transaction import CRASH_ENV
 from tests.cluster import Cluster, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import RPC_TIMEOUT, Node, NodeFactory, TxnView
-from tlsroll import password, pki
+from tlsroll import httpcheck, password, pki
 from tlsroll.clients import WORKSTATION_HEADER
 from tlsroll.enums import Change
 from tlsroll.tls import client_context
@@ -316,7 +316,7 @@ def get_from(
     path = "/" + url.split("://", 1)[1].split("/", 1)[1]
     conn: http.client.HTTPConnection
     if context is not None:
-        conn = http.client.HTTPSConnection(
+        conn = httpcheck.HTTPSConnection(
             host, int(port), timeout=10, context=context, source_address=(source, 0)
         )
     else:

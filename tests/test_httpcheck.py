@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import gc
 import socket
 import ssl
+import struct
 import threading
+import time
+import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import cast
 
 import pytest
 
+from nodeagent import identity
 from tests import http_judge
 from tests.conftest import IssuedCert
 from tlsroll import httpcheck, pki, probe, tls
+from tlsroll.errors import TlsrollError
+from workstation import connection
 
 APP = "/praxis_live/"
 OK_10 = b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok"
@@ -394,3 +401,77 @@ async def test_a_probes_connection_whose_close_hangs_is_aborted(
 
     await probe._close(cast(asyncio.StreamWriter, Writer()))
     assert aborted == [True]
+
+
+@contextmanager
+def resetting_server(address: str) -> Iterator[int]:
+    """Accept connections on ``address`` and reset each at once (SO_LINGER 0: a server that
+    dies or restarts right after the TCP handshake); yield the port."""
+    listener = socket.create_server((address, 0))
+    listener.settimeout(0.2)
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                raw, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+            raw.close()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield listener.getsockname()[1]
+    finally:
+        stop.set()
+        thread.join(timeout=5)
+        listener.close()
+
+
+def _fetch_https(address: str, port: int, ca_pem: bytes) -> object:
+    return httpcheck.fetch_https(address, port, APP, ca_pem, timeout=5)
+
+
+def _workstation_request(address: str, port: int, ca_pem: bytes) -> object:
+    return connection.request(address, port, "GET", APP, tls.client_context(ca_pem), timeout=5)
+
+
+def _fetch_chain(address: str, port: int, ca_pem: bytes) -> object:
+    return identity.fetch_chain(address, port, timeout=5)
+
+
+@pytest.mark.parametrize("client", [_fetch_https, _workstation_request, _fetch_chain])
+def test_a_peer_reset_before_the_handshake_leaves_no_socket_open(
+    client: Callable[[str, int, bytes], object],
+    loopback: Callable[[], str],
+    test_ca: pki.CertificateAuthority,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A server that resets the connection between the client's TCP connect and its TLS
+    handshake (a node's server restarting under the outside check, a workstation's request or
+    an agent's leader fetch): the client fails with its own error and closes its socket. Python
+    3.11.7's ``wrap_socket`` of a connected socket reset meanwhile raises with the new
+    SSLSocket unclosed (CPython gh-113280): a ResourceWarning when the garbage collector finds
+    it (a writer thread of test_transitional failed on it). The reset is made to come first by
+    a pause after every TCP connect."""
+    address = loopback()
+    ca_pem = test_ca.cert_pem
+    real_connect = socket.socket.connect
+
+    def connect_then_pause(self: socket.socket, addr: tuple[str, int]) -> None:
+        real_connect(self, addr)
+        time.sleep(0.05)  # the reset arrives before the client's next step
+
+    monkeypatch.setattr(socket.socket, "connect", connect_then_pause)
+    with resetting_server(address) as port, warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        for _ in range(3):
+            with pytest.raises((OSError, TlsrollError)):
+                client(address, port, ca_pem)
+        gc.collect()
+    unclosed = [str(w.message) for w in seen if issubclass(w.category, ResourceWarning)]
+    assert unclosed == []

@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from refserver.server import SHUTDOWN_TIMEOUT, SWITCHING_MESSAGE, WRITE_DELAY_ENV
 from tests.conftest import IssuedCert, count_thread_hops
 from tests.refserver_helper import RefServer, Response, peer_certificate
-from tlsroll import bootstrap_protocol, clients, password, pki, probe
+from tlsroll import bootstrap_protocol, clients, httpcheck, password, pki, probe
 from tlsroll.clients import WORKSTATION_HEADER
 from tlsroll.fsutil import PRIVATE, write_atomic
 from tlsroll.httpcheck import port_open
@@ -253,7 +253,8 @@ def request_from(
     port = server.port(scheme)
     conn: http.client.HTTPConnection
     if scheme == "https":
-        conn = http.client.HTTPSConnection(
+        assert context is not None, "https needs a context"
+        conn = httpcheck.HTTPSConnection(
             server.address, port, timeout=10, context=context, source_address=(source, 0)
         )
     else:

@@ -36,7 +36,7 @@ from tests.cluster import Cluster, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node, cluster_of
 from tests.test_level_based import live, password_file
-from tlsroll import tls
+from tlsroll import httpcheck, tls
 
 WAITED = ("completed", "halted", "aborted", "awaiting_finalize")
 
@@ -69,7 +69,7 @@ class Workstation:
     def post(self, scheme: str, marker: str) -> tuple[int, str]:
         conn: http.client.HTTPConnection
         if scheme == "https":
-            conn = http.client.HTTPSConnection(
+            conn = httpcheck.HTTPSConnection(
                 self.node.address,
                 8443,
                 timeout=10,

@@ -77,6 +77,38 @@ class HttpsView:
         return x509.load_der_x509_certificate(self.der)
 
 
+class HTTPSConnection(http.client.HTTPSConnection):
+    """``http.client``'s, connecting through ``tls.connect``: a connection its peer resets
+    before the handshake leaves no socket open (see there). No proxy tunnel."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        timeout: float,
+        context: ssl.SSLContext,
+        source_address: tuple[str, int] | None = None,
+    ) -> None:
+        super().__init__(
+            host, port, timeout=timeout, context=context, source_address=source_address
+        )
+        self._tls_context = context
+        self._source = source_address
+
+    def connect(self) -> None:
+        sock = tls.connect(
+            self._tls_context,
+            self.host,
+            self.port,
+            timeout=self.timeout,
+            server_hostname=self.host,
+            source_address=self._source,
+        )
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)  # as http.client does
+        self.sock = sock
+
+
 def fetch_https(
     address: str, port: int, path: str, ca_pem: bytes, timeout: float = 5.0
 ) -> HttpsView:
@@ -86,7 +118,7 @@ def fetch_https(
     server may close the connection after its reply (HTTP/1.0, ``Connection: close``), which
     leaves the connection without a socket. Raises one of ``PROBE_ERRORS``."""
     ctx = trusting(ca_pem)
-    conn = http.client.HTTPSConnection(address, port, timeout=timeout, context=ctx)
+    conn = HTTPSConnection(address, port, timeout=timeout, context=ctx)
     try:
         conn.connect()
         sock = conn.sock

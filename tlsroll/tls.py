@@ -6,6 +6,7 @@ are all acceptable and not configurable through ``ssl``).
 
 from __future__ import annotations
 
+import socket
 import ssl
 from pathlib import Path
 
@@ -70,3 +71,55 @@ def unverified_client_context() -> ssl.SSLContext:
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_NONE
     return ctx
+
+
+def connect(
+    context: ssl.SSLContext,
+    host: str,
+    port: int,
+    *,
+    timeout: float | None,
+    server_hostname: str | None = None,
+    source_address: tuple[str, int] | None = None,
+    handshake: bool = True,
+) -> ssl.SSLSocket:
+    """A TLS client socket connected to ``host:port`` (its handshake done unless ``handshake``
+    is false: then the caller's ``do_handshake()``); closed on every failure, so the caller
+    owns a socket only once it is returned.
+
+    The socket is wrapped before its TCP connect, not after as ``socket.create_connection`` +
+    ``wrap_socket`` (and ``http.client.HTTPSConnection``) do: wrapping a connected socket whose
+    peer reset it in between (a server restarting) raises with the new ``SSLSocket`` unclosed
+    in Python before 3.11.8 / 3.12.2 (CPython gh-113280): its descriptor stays open until the
+    garbage collector finds it. As ``create_connection``, each address of ``host`` is tried
+    in turn; a TLS failure is not retried on the next."""
+    last: OSError | None = None
+    for family, kind, proto, _, addr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
+        raw = socket.socket(family, kind, proto)
+        try:
+            raw.settimeout(timeout)
+            if source_address is not None:
+                raw.bind(source_address)
+            sock = context.wrap_socket(
+                raw, server_hostname=server_hostname, do_handshake_on_connect=False
+            )
+        except BaseException:
+            raw.close()
+            raise
+        try:
+            sock.connect(addr)
+        except OSError as exc:
+            sock.close()
+            last = exc
+            continue
+        except BaseException:
+            sock.close()
+            raise
+        try:
+            if handshake:
+                sock.do_handshake()
+        except BaseException:
+            sock.close()
+            raise
+        return sock
+    raise last if last is not None else OSError(f"no address for {host}")

@@ -73,6 +73,7 @@ from tlsroll.defaults import BOOTSTRAP_PORT, HTTP_PORT, HTTPS_PORT
 from tlsroll.errors import PKIError, TerminalError, TransientError
 from tlsroll.fsutil import PRIVATE, PUBLIC, make_private_dir, write_atomic
 from tlsroll.tls import client_context, unverified_client_context
+from tlsroll.tls import connect as tls_connect
 
 DEFAULT_TIMEOUT = 10.0
 START_ATTEMPTS = 2  # exchanges started when the first is near its expiry before finishing
@@ -205,16 +206,19 @@ class Reply:
 def connect(host: str, port: int, timeout: float) -> socket.socket:
     try:
         return socket.create_connection((host, port), timeout=timeout)
-    except ConnectionRefusedError:
-        raise NetError("refused", "connection refused") from None
-    except socket.gaierror as exc:
-        raise NetError("unreachable", f"cannot resolve {host}: {exc.strerror}") from None
-    except TimeoutError:
-        raise NetError("unreachable", f"no answer within {timeout:g} s") from None
     except OSError as exc:
-        if exc.errno == errno.ECONNREFUSED:
-            raise NetError("refused", "connection refused") from None
-        raise NetError("unreachable", exc.strerror or str(exc)) from None
+        raise _connect_error(exc, host, timeout) from None
+
+
+def _connect_error(exc: OSError, host: str, timeout: float) -> NetError:
+    """What a failed TCP connect to ``host`` means to the admin."""
+    if isinstance(exc, ConnectionRefusedError) or exc.errno == errno.ECONNREFUSED:
+        return NetError("refused", "connection refused")
+    if isinstance(exc, socket.gaierror):
+        return NetError("unreachable", f"cannot resolve {host}: {exc.strerror}")
+    if isinstance(exc, TimeoutError):
+        return NetError("unreachable", f"no answer within {timeout:g} s")
+    return NetError("unreachable", exc.strerror or str(exc))
 
 
 def _tls_error(exc: ssl.SSLError) -> NetError:
@@ -238,42 +242,44 @@ def request(
     """One https request; every failure becomes a NetError with its kind. ``workstation``:
     the ws-… name sent in the X-Tlsroll-Workstation header, so that the application server
     can tell which workstation is on which scheme (``tlsroll.clients``)."""
-    raw = connect(host, port, timeout)
-    try:
+    try:  # wrapped before its connect: see tlsroll.tls.connect
+        tls = tls_connect(
+            context, host, port, timeout=timeout, server_hostname=host, handshake=False
+        )
+    except OSError as exc:
+        raise _connect_error(exc, host, timeout) from None
+    with tls:
         try:
-            tls = context.wrap_socket(raw, server_hostname=host)
+            tls.do_handshake()
         except ssl.SSLError as exc:
             raise _tls_error(exc) from None
         except TimeoutError:
             raise NetError("tls", f"no TLS handshake within {timeout:g} s") from None
         except OSError as exc:
             raise NetError("tls", f"connection closed during the handshake ({exc})") from None
-        with tls:
-            peer = tls.getpeercert(binary_form=True)
-            conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
-            conn.sock = tls
-            headers = {"Accept": "application/json", "Connection": "close"}
-            if workstation:
-                headers[WORKSTATION_HEADER] = workstation
-            if body is not None:
-                headers["Content-Type"] = "application/json"
-            try:
-                conn.request(method, path, body=body, headers=headers)
-                resp = conn.getresponse()
-                data = resp.read(proto.MAX_ANSWER_BYTES + 1)
-            except ssl.SSLError as exc:
-                err = _tls_error(exc)
-                raise NetError("dropped", err.detail, err.reason, peer) from None
-            except (http.client.HTTPException, OSError) as exc:
-                detail = f"the server closed the connection ({type(exc).__name__})"
-                raise NetError("dropped", detail, None, peer) from None
-            finally:
-                conn.close()
-            if len(data) > proto.MAX_ANSWER_BYTES:
-                raise NetError("dropped", "answer too large", None, peer)
-            return Reply(resp.status, data, {k.lower(): v for k, v in resp.getheaders()}, peer)
-    finally:
-        raw.close()
+        peer = tls.getpeercert(binary_form=True)
+        conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=context)
+        conn.sock = tls
+        headers = {"Accept": "application/json", "Connection": "close"}
+        if workstation:
+            headers[WORKSTATION_HEADER] = workstation
+        if body is not None:
+            headers["Content-Type"] = "application/json"
+        try:
+            conn.request(method, path, body=body, headers=headers)
+            resp = conn.getresponse()
+            data = resp.read(proto.MAX_ANSWER_BYTES + 1)
+        except ssl.SSLError as exc:
+            err = _tls_error(exc)
+            raise NetError("dropped", err.detail, err.reason, peer) from None
+        except (http.client.HTTPException, OSError) as exc:
+            detail = f"the server closed the connection ({type(exc).__name__})"
+            raise NetError("dropped", detail, None, peer) from None
+        finally:
+            conn.close()
+        if len(data) > proto.MAX_ANSWER_BYTES:
+            raise NetError("dropped", "answer too large", None, peer)
+        return Reply(resp.status, data, {k.lower(): v for k, v in resp.getheaders()}, peer)
 
 
 def answers_plain_http(host: str, port: int, path: str, timeout: float) -> bool:
