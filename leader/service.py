@@ -299,11 +299,17 @@ def server_summary(request: leader_pb2.HeartbeatRequest) -> str:
 MAX_FAILURE_REPORTS = 64  # per heartbeat; the agent sends at most that many
 
 
-@functools.lru_cache(maxsize=256)
 def agent_version_text(raw: str) -> str:
     """An agent's version string as the leader keeps and prints it (cleaned: a peer wrote
     it), remembered: every heartbeat carries it, and cleaning walks it character by
-    character (a few per cent of a message's Python time at 200 agents)."""
+    character (a few per cent of a message's Python time at 200 agents). The cache is keyed
+    by the string cut to what cleaning reads: keyed by the whole, 256 versions of a message's
+    size each, sent by one node, stayed in the leader's memory (audit 2 of session 33, M3)."""
+    return _agent_version_text(raw[: peertext.READ_FACTOR * MAX_AGENT_VERSION])
+
+
+@functools.lru_cache(maxsize=256)
+def _agent_version_text(raw: str) -> str:
     return peertext.clean(raw, MAX_AGENT_VERSION)
 
 
@@ -498,9 +504,11 @@ def control_server_options(heartbeat_interval: int) -> list[tuple[str, int]]:
     not a call carried data meanwhile: a renewal-mode stream is quiet for several PINGs), and
     no bandwidth-delay probe: gRPC's core otherwise answers data that arrives on a quiet
     connection with a PING of its own to size the flow-control window, one more PING round
-    trip for every heartbeat message (issue 15), for a window that heartbeats never fill."""
+    trip for every heartbeat message (issue 15), for a window that heartbeats never fill.
+    A message is at most ``MAX_AGENT_MESSAGE`` bytes (gRPC's default is 4 MiB)."""
     every, wait = keepalive_seconds(heartbeat_interval)
     return [
+        ("grpc.max_receive_message_length", MAX_AGENT_MESSAGE),
         ("grpc.keepalive_time_ms", int(every * 1000)),
         ("grpc.keepalive_timeout_ms", int(wait * 1000)),
         ("grpc.keepalive_permit_without_calls", 1),
@@ -510,6 +518,11 @@ def control_server_options(heartbeat_interval: int) -> list[tuple[str, int]]:
         NO_BDP_PROBE,
     ]
 
+
+MAX_AGENT_MESSAGE = 1024 * 1024
+"""The largest message the control port takes from an agent (RESOURCE_EXHAUSTED beyond): a
+heartbeat is a few KiB, one with ``MAX_CLIENTS`` clients and ``MAX_FAILURE_REPORTS`` bootstrap
+failures of the longest names well under 200 KiB, a certificate request a few KiB."""
 
 FIRST_MESSAGE_SECONDS = 10.0
 """A ``Heartbeats`` stream whose first message has not come after this long (or twice the
@@ -596,7 +609,7 @@ def clients_said(view: types_pb2.ClientsView) -> tuple[object, ...]:
     """What of a client report makes it worth a write at once: who was seen on which scheme,
     and the window, source and problem. The times and counts alone move with every request a
     workstation makes; they are written at most every ``clients_persist`` seconds."""
-    who = frozenset((c.scheme, c.address, c.workstation) for c in view.clients)
+    who = frozenset((c.scheme, c.address, c.workstation) for c in view.clients[:MAX_CLIENTS])
     return (who, view.window_seconds, view.source, view.problem)
 
 

@@ -38,7 +38,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 from leader import service
 from leader.layout import read_passphrase
 from leader.planner import report_stale_after
-from leader.service import LeaderService, LeaderState, clients_persist
+from leader.service import MAX_AGENT_MESSAGE, LeaderService, LeaderState, clients_persist
 from leader.store import IssuedCert, Store
 from nodeagent.config import AgentConfig
 from nodeagent.failure_log import FailureLog
@@ -1595,6 +1595,18 @@ def test_a_node_holds_at_most_two_streams_a_third_ends_its_oldest(
         e.get("event") == "heartbeat.stream_replaced" and e.get("node") == "hb-many"
         for e in cluster.leader.log_events()
     )
+
+
+def test_a_message_over_the_control_ports_limit_ends_its_stream_and_no_other(
+    cluster: Cluster, streams: Callable[[Credentials], Stream]
+) -> None:
+    """The control port takes messages of at most ``MAX_AGENT_MESSAGE`` bytes (gRPC's default
+    is 4 MiB, which a node could fill with a version string: audit 2 of session 33, M3); a
+    larger one ends its stream RESOURCE_EXHAUSTED and the node's next stream is served."""
+    creds = Credentials.enrolled(cluster, "hb-big")
+    huge = leader_pb2.LiveServer(driver="v" * (MAX_AGENT_MESSAGE + 1))
+    assert streams(creds).refused(server=huge) == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert streams(creds).refused() == grpc.StatusCode.OK
 
 
 def test_a_refused_certificate_cannot_push_the_agents_streams_out(

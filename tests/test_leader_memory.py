@@ -13,6 +13,7 @@ import http.client
 import subprocess
 import sys
 import time
+import tracemalloc
 import weakref
 from collections import Counter
 from collections.abc import Callable, Collection
@@ -32,7 +33,7 @@ from leader.engine import Engine
 from leader.observe import OBSERVE_AT_ONCE
 from leader.planner import PlanError
 from leader.rollout_core import IN_FLIGHT_NODE_STATES, Change, FreezeMode, RolloutState, Scope
-from leader.schema_store import RolloutHead, RolloutRow, SchemaStore
+from leader.schema_store import MAX_CLIENTS, RolloutHead, RolloutRow, SchemaStore
 from leader.store import Store
 from leader.viewer import metrics
 from leader.viewer.server import Viewer
@@ -47,7 +48,7 @@ from tests.test_viewer_parts import run_rollout
 from tlsroll import heap, lean, pki
 from tlsroll.defaults import AGENT_PORT, VIEWER_PORT
 from tlsroll.tls import client_context
-from tlsroll.v1 import leader_pb2, leader_pb2_grpc
+from tlsroll.v1 import leader_pb2, leader_pb2_grpc, types_pb2
 
 
 async def test_an_open_heartbeat_stream_keeps_no_snapshot_of_the_store_between_messages(
@@ -146,6 +147,56 @@ async def test_the_callers_cache_keeps_no_parsed_certificate_and_renewal_still_w
         node = rig.store.get_node("hb1")
         assert node.prev_cert_fingerprint == pki.fingerprint(node_cert)  # the one presented
         assert _held(rig.service._callers, x509.Certificate) == []
+    finally:
+        await rig.close()
+
+
+async def test_what_an_agent_says_is_kept_bounded_by_what_the_leader_uses_of_it(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """A node's messages may not pin leader memory beyond what the leader keeps of them
+    (audit 2 of session 33, M3): the version-text cache was keyed by the raw string (up to a
+    message's size: 256 versions of 4 MiB held ~1 GiB), and the client report's summary kept
+    every client of a message, not the ``MAX_CLIENTS`` that are stored."""
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    await rig.server.start()
+    try:
+        async with grpc.aio.secure_channel(rig.target, rig.node) as channel:
+            stub = leader_pb2_grpc.LeaderStub(channel)
+            seen = [
+                types_pb2.ClientSeen(scheme="http", address=f"10.0.{i // 250}.{i % 250}")
+                for i in range(MAX_CLIENTS + 44)
+            ]
+            gc.collect()
+            tracemalloc.start()
+            try:
+                before = tracemalloc.get_traced_memory()[0]
+                for i in range(12):  # 12 distinct versions of 256 KiB: 3 MiB if kept whole
+                    await stub.Heartbeat(
+                        leader_pb2.HeartbeatRequest(
+                            agent_version=f"{i:04d}" + "v" * (256 * 1024),
+                            agent_port=AGENT_PORT,
+                            server=leader_pb2.LiveServer(
+                                driver="reference",
+                                healthy=True,
+                                schemes=["http"],
+                                clients=types_pb2.ClientsView(
+                                    clients=seen, window_seconds=3600, source="refserver"
+                                ),
+                            ),
+                        ),
+                        timeout=10,
+                    )
+                gc.collect()
+                grown = tracemalloc.get_traced_memory()[0] - before
+            finally:
+                tracemalloc.stop()
+            assert grown < 1024 * 1024, f"{grown / 2**20:.1f} MiB kept from 3 MiB of versions"
+            said = rig.service._clients["hb1"][0]
+            who = cast(frozenset[object], said[0])
+            assert len(who) == MAX_CLIENTS
+        node = rig.store.get_node("hb1")
+        assert node.agent_version.startswith("0011vvv") and len(node.agent_version) <= 64
     finally:
         await rig.close()
 

@@ -7,6 +7,9 @@ import unicodedata
 ELLIPSIS = "…"
 
 
+READ_FACTOR = 4  # ``clean`` reads at most this many characters per character it keeps
+
+
 def clean(text: object, limit: int = 200) -> str:
     """``text`` without control or format characters (C0/C1, bidi overrides, …), its white
     space collapsed to single spaces, and at most ``limit`` characters (``…`` marks a cut).
@@ -16,7 +19,7 @@ def clean(text: object, limit: int = 200) -> str:
     by character (a heartbeat cleans half a dozen strings: issue 15)."""
     if limit < 1:
         raise ValueError("limit must be at least 1")
-    head = str(text)[: limit * 4]
+    head = str(text)[: limit * READ_FACTOR]
     if head.isascii() and head.isprintable():
         kept = head
     else:
