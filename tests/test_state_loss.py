@@ -15,11 +15,17 @@ import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import NoReturn
 
 import pytest
 
+from leader.db import StoreLost, check_store, mark_store
+from leader.store import Store
+from nodeagent.journal import JournalLost, open_journal
 from tests.cluster import Agent, Cluster, Daemon, one_line_error
 from tests.conftest import next_loopback
+from tlsroll import sqlite
+from tlsroll.sqlite import damage
 
 EXIT_TIMEOUT = 15.0
 
@@ -186,3 +192,60 @@ def test_a_reinitialised_leader_relearns_its_nodes_from_their_agents(tmp_path: P
         time.sleep(3 * c.agent_heartbeat_interval)
         assert "two" not in c.list_nodes()
         assert one.running and two.running
+
+
+# --- a kill at the first commit (audit of session 33, M3): unit tests, no daemons ------
+
+
+class Killed(BaseException):
+    """A kill -9 at this point: nothing after it runs (not an Exception: nothing catches it)."""
+
+
+def kill(*args: object, **kwargs: object) -> NoReturn:
+    raise Killed
+
+
+def killed_in_first_transaction(
+    monkeypatch: pytest.MonkeyPatch, open_it: Callable[[], object]
+) -> None:
+    """Run ``open_it`` with ``tlsroll.sqlite.migrate`` killed: the file exists (``Database``
+    made it 0600) and its first transaction never committed."""
+    with monkeypatch.context() as m:
+        m.setattr(sqlite, "migrate", kill)
+        with pytest.raises(Killed):
+            open_it()
+
+
+def test_a_journal_whose_first_start_was_killed_is_new_until_the_agent_enrolled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent makes its journal before it enrols (no key yet: ``expected`` False). A kill
+    before the journal's first commit left 0 bytes, refused at every start as lost state
+    ("empty (0 bytes); restore it from a backup"): a backup of nothing. Now it is new; an
+    enrolled agent's (``expected``) empty journal is still lost."""
+    path = tmp_path / "journal.sqlite3"
+    killed_in_first_transaction(monkeypatch, lambda: open_journal(path, expected=False))
+    assert path.stat().st_size == 0
+    with pytest.raises(JournalLost, match=r"empty \(0 bytes\)"):
+        open_journal(path, expected=True)
+    open_journal(path, expected=False).close()
+    assert path.stat().st_size > 0
+    assert damage(path, expected=True) is None
+
+
+def test_a_store_whose_first_start_was_killed_is_new_until_the_leader_marked_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The leader's store before ``mark_store``: a kill before its first commit is a new
+    store at the next start, not a lost one; once marked, an empty store is lost."""
+    path = tmp_path / "leader.sqlite3"
+    killed_in_first_transaction(monkeypatch, lambda: Store(path))
+    assert path.stat().st_size == 0
+    assert check_store(path) == []
+    Store(path).close()
+    mark_store(path)
+    for f in sqlite_files(path):
+        f.unlink(missing_ok=True)
+    path.write_bytes(b"")
+    with pytest.raises(StoreLost, match=r"empty \(0 bytes\)"):
+        check_store(path)

@@ -153,14 +153,18 @@ def damage(path: Path, *, expected: bool) -> str | None:
 
     A daemon calls this before ``Database`` so that lost state is never taken for a new store:
     ``expected`` says its data dir shows the file was created before (then a missing file is
-    lost, not new); a file of 0 bytes is always lost (SQLite would take it for a new, empty
-    database); one SQLite cannot read, or whose ``quick_check`` fails, is damaged.
+    lost, not new); a file of 0 bytes is lost then (SQLite would take it for a new, empty
+    database), and new if not ``expected`` and without a ``-wal`` (what a first start killed
+    before its first commit leaves: ``Database`` creates the file before it migrates it); one
+    SQLite cannot read, or whose ``quick_check`` fails, is damaged.
     """
     try:
         size = path.stat().st_size
     except FileNotFoundError:
         return "missing" if expected else None
     if size == 0:
+        if not expected and not Path(f"{path}-wal").exists():
+            return None
         return "empty (0 bytes)"
     try:
         conn = sqlite3.connect(path, timeout=10)
