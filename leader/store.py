@@ -253,8 +253,11 @@ class _NodesWrite:
 class Store(LeaderStore):
     """Enrolled nodes and join tokens (``leader.db.LeaderStore`` has the shared part)."""
 
-    def __init__(self, db: Database | Path) -> None:
-        super().__init__(db)
+    def __init__(
+        self, db: Database | Path, *, created: Callable[[sqlite3.Connection], None] | None = None
+    ) -> None:
+        """``created``: a new file's first rows, in its first transaction (``relearning``)."""
+        super().__init__(db, created=created)
         self._seen: dict[str, _Seen] = {}
         self._seen_lock = threading.Lock()
         # node -> how many of its open heartbeat streams vouch that it is alive now
@@ -1143,15 +1146,11 @@ class Store(LeaderStore):
 
     # --- re-learning nodes after a lost store --------------------------------------------------
 
-    def open_relearning(self, until: dt.datetime, *, now: dt.datetime, actor: str) -> None:
-        """A store begun by ``--reinitialise``: nodes may be re-learned until ``until``."""
-        with self._db.tx() as db:
-            db.execute(
-                "INSERT INTO meta (key, value) VALUES ('relearn_until', ?)"
-                " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                (to_text(until),),
-            )
-            self._audit(db, now, actor, "store.reinitialised", "leader", relearn_until=until)
+    def relearn_until(self) -> dt.datetime | None:
+        """Until when nodes may be re-learned (``relearning``), or None: never."""
+        with self._db.read() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'relearn_until'").fetchone()
+        return None if row is None else dt.datetime.fromisoformat(row["value"])
 
     def relearn(
         self,
@@ -1241,6 +1240,26 @@ class Store(LeaderStore):
     ) -> None:
         with self._db.tx() as db:
             self._audit(db, now, actor, kind, subject, **detail)
+
+
+def relearning(
+    until: dt.datetime, *, now: dt.datetime, actor: str
+) -> Callable[[sqlite3.Connection], None]:
+    """A store begun by ``--reinitialise``: nodes may be re-learned until ``until``. Written by
+    the new file's first transaction (``Store(path, created=relearning(…))``), so that no
+    store exists without it: a leader killed between two transactions started again on an
+    empty store that re-learned nothing, and a second ``--reinitialise`` refused it as
+    intact (audit of session 33, M2)."""
+
+    def write(db: sqlite3.Connection) -> None:
+        db.execute(
+            "INSERT INTO meta (key, value) VALUES ('relearn_until', ?)"
+            " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (to_text(until),),
+        )
+        LeaderStore._audit(db, now, actor, "store.reinitialised", "leader", relearn_until=until)
+
+    return write
 
 
 def check_caller_in(

@@ -11,15 +11,21 @@ daemon is stopped, and put back afterwards.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import NoReturn
+from typing import Any, NoReturn
 
 import pytest
 
+from leader import runtime
+from leader.config import LeaderConfig
 from leader.db import StoreLost, check_store, mark_store
+from leader.layout import init
+from leader.runtime import load_state
+from leader.service import LeaderState
 from leader.store import Store
 from nodeagent.journal import JournalLost, open_journal
 from tests.cluster import Agent, Cluster, Daemon, one_line_error
@@ -194,7 +200,7 @@ def test_a_reinitialised_leader_relearns_its_nodes_from_their_agents(tmp_path: P
         assert one.running and two.running
 
 
-# --- a kill at the first commit (audit of session 33, M3): unit tests, no daemons ------
+# --- a kill at the first commit (audit of session 33, M2 and M3): unit tests, no daemons ------
 
 
 class Killed(BaseException):
@@ -249,3 +255,54 @@ def test_a_store_whose_first_start_was_killed_is_new_until_the_leader_marked_it(
     path.write_bytes(b"")
     with pytest.raises(StoreLost, match=r"empty \(0 bytes\)"):
         check_store(path)
+
+
+def leader_config(tmp_path: Path) -> LeaderConfig:
+    """An initialised leader data dir (no daemon) whose store is lost: started once, then
+    its file overwritten with random bytes."""
+    layout = init(tmp_path / "data", next_loopback())
+    cfg = LeaderConfig.load(layout.config)
+    load_state(cfg).store.close()
+    break_file(layout.store, "random")
+    return cfg
+
+
+def relearn_until(state: LeaderState) -> str | None:
+    """The store's re-learning window (read here: the test ran on the code before too)."""
+    with state.store.db.read() as db:
+        row = db.execute("SELECT value FROM meta WHERE key = 'relearn_until'").fetchone()
+    state.store.close()
+    return None if row is None else str(row["value"])
+
+
+def test_reinitialise_opens_the_relearning_window_in_the_new_stores_first_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new store and its re-learning window were two transactions: a leader killed
+    between them started again (without the flag) on an empty store taken as intact, which
+    re-learned no node, and a second --reinitialise was refused as "intact"."""
+    cfg = leader_config(tmp_path)
+
+    def store_then_killed(*args: Any, **kwargs: Any) -> NoReturn:
+        Store(*args, **kwargs).close()  # its first transaction committed
+        raise Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(runtime, "Store", store_then_killed)
+        with pytest.raises(Killed):
+            load_state(cfg, reinitialise=True)
+    until = relearn_until(load_state(cfg))  # systemd starts it again, without the flag
+    assert until is not None and dt.datetime.fromisoformat(until) > dt.datetime.now(dt.UTC)
+    assert len(list(cfg.layout.store.parent.glob("leader.sqlite3.lost-*"))) == 1
+
+
+def test_reinitialise_killed_before_the_new_stores_first_commit_is_refused_and_done_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kill inside the new store's first transaction leaves it lost (0 bytes, marked), not
+    new: the next start is refused, and --reinitialise again opens the window."""
+    cfg = leader_config(tmp_path)
+    killed_in_first_transaction(monkeypatch, lambda: load_state(cfg, reinitialise=True))
+    with pytest.raises(StoreLost, match=r"empty \(0 bytes\)"):
+        load_state(cfg)
+    assert relearn_until(load_state(cfg, reinitialise=True)) is not None
