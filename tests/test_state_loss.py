@@ -20,17 +20,19 @@ from typing import Any, NoReturn
 
 import pytest
 
+from leader import layout as layout_mod
 from leader import runtime
 from leader.config import LeaderConfig
 from leader.db import StoreLost, check_store, mark_store
-from leader.layout import init
+from leader.layout import Layout, init
 from leader.runtime import load_state
 from leader.service import LeaderState
 from leader.store import Store
 from nodeagent.journal import JournalLost, open_journal
 from tests.cluster import Agent, Cluster, Daemon, one_line_error
 from tests.conftest import next_loopback
-from tlsroll import sqlite
+from tlsroll import fsutil, sqlite
+from tlsroll.errors import TerminalError
 from tlsroll.sqlite import damage
 
 EXIT_TIMEOUT = 15.0
@@ -306,3 +308,40 @@ def test_reinitialise_killed_before_the_new_stores_first_commit_is_refused_and_d
     with pytest.raises(StoreLost, match=r"empty \(0 bytes\)"):
         load_state(cfg)
     assert relearn_until(load_state(cfg, reinitialise=True)) is not None
+
+
+def test_an_init_killed_before_its_config_says_what_to_remove_and_runs_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Audit of session 33, L6: ``tlsroll init`` writes the config last. Cut short before it,
+    a second init refused "already initialised" (ca.key existed), and the leader could not
+    start (no config). Now it names what the interrupted one left (no CA key is ever
+    overwritten); once those are removed, init runs. A leader that ran (its store's mark)
+    still makes a missing config "already initialised"."""
+    address = next_loopback()
+    real = fsutil.write_atomic
+
+    def write(path: Path, *args: Any, **kwargs: Any) -> None:
+        if Path(path).name == "leader.toml":
+            raise Killed
+        real(path, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(layout_mod, "write_atomic", write)
+        with pytest.raises(Killed):
+            init(tmp_path / "data", address)
+    layout = Layout((tmp_path / "data").resolve())
+    key = layout.ca_key.read_bytes()
+    with pytest.raises(TerminalError) as refused:
+        init(tmp_path / "data", address)
+    message = str(refused.value)
+    assert "interrupted" in message and str(layout.ca_key) in message, message
+    assert layout.ca_key.read_bytes() == key
+    for left in message.split(" rm ", 1)[1].split():
+        Path(left).unlink()
+    assert init(tmp_path / "data", address).config.exists()
+
+    layout.config.unlink()
+    mark_store(layout.store)
+    with pytest.raises(TerminalError, match="already initialised"):
+        init(tmp_path / "data", address)
