@@ -141,11 +141,13 @@ def test_a_replay_for_a_removed_node_or_by_a_revoked_or_expired_token_is_refused
     enrol(store)
     with pytest.raises(TokenRejected, match="expired"):
         enrol(store, now=NOW + dt.timedelta(hours=2))
+    store.remove_node("node1", now=NOW, actor="admin")
+    before = rows(store)
+    with pytest.raises(TokenRejected, match="used up"):
+        enrol(store)
+    assert rows(store) == before
     store.revoke_token("t1", now=NOW, actor="admin")
     with pytest.raises(TokenRejected, match="revoked"):
-        enrol(store)
-    store.remove_node("node1", now=NOW, actor="admin")
-    with pytest.raises(TokenRejected):
         enrol(store)
 
 
