@@ -13,8 +13,10 @@ one that was released.
 Lost state is loud: once the leader has made the file it leaves ``leader.sqlite3.created``
 beside it (``mark_store``), and ``check_store`` refuses a store that is then missing, or one
 that is empty (0 bytes) or damaged, with one line saying how to recover (restore it from a
-backup). There is no ``--reinitialise`` for the leader yet: an empty store would forget every
-enrolled node, and the leader cannot re-learn them from their agents.
+backup), or start once with ``--reinitialise``: the lost file is moved aside, and the new
+store's first transaction opens the window in which it re-learns the nodes from their agents
+(``leader.store.relearning``). A first start killed before its first commit leaves a file of 0
+bytes and no mark: that one is new (``tlsroll.sqlite.damage``).
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import datetime as dt
 import json
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -246,9 +249,10 @@ def _adopt(conn: sqlite3.Connection, found: int) -> None:
             conn.execute(statement)
 
 
-def open_db(path: Path) -> Database:
-    """Open (or create) ``leader.sqlite3``, migrated to the current schema."""
-    return Database(path, MIGRATIONS, adopt=_adopt)
+def open_db(path: Path, *, created: Callable[[sqlite3.Connection], None] | None = None) -> Database:
+    """Open (or create) ``leader.sqlite3``, migrated to the current schema; ``created`` writes a
+    new file's first rows in its first transaction (``tlsroll.sqlite.migrate``)."""
+    return Database(path, MIGRATIONS, adopt=_adopt, created=created)
 
 
 class StoreLost(TerminalError):
@@ -312,8 +316,10 @@ class LeaderStore:
     ``SchemaStore(store.db)``, ``Grants(store.db)`` share one; a path opens one of its own,
     closed by ``close``) and the audit trail, written in the same transaction as the change."""
 
-    def __init__(self, db: Database | Path) -> None:
-        self._db, self._owns_db = use(db)
+    def __init__(
+        self, db: Database | Path, *, created: Callable[[sqlite3.Connection], None] | None = None
+    ) -> None:
+        self._db, self._owns_db = use(db, created=created)
         self.path = self._db.path
 
     @property
@@ -335,9 +341,14 @@ class LeaderStore:
         )
 
 
-def use(db: Database | Path) -> tuple[Database, bool]:
+def use(
+    db: Database | Path, *, created: Callable[[sqlite3.Connection], None] | None = None
+) -> tuple[Database, bool]:
     """What a leader store works on: ``db`` itself (shared: its owner closes it), or the file
-    at the path ``db``, opened here (the store owns it). Returns the database and ownership."""
+    at the path ``db``, opened here (the store owns it; ``created`` as for ``open_db``).
+    Returns the database and ownership."""
     if isinstance(db, Database):
+        if created is not None:
+            raise ValueError("created is for a store that opens its file")
         return db, False
-    return open_db(db), True
+    return open_db(db, created=created), True

@@ -239,8 +239,20 @@ def init(
     layout = Layout(Path(data_dir).resolve())
     if node_name is not None and (problem := pki.node_name_problem(node_name)):
         raise TerminalError(problem)
-    if layout.config.exists() or layout.ca_key.exists():
+    # A leader has run here if its store or the store's mark (``leader.db.mark_store``) exists.
+    ran = (layout.store, layout.store.with_name(layout.store.name + ".created"))
+    if layout.config.exists() or any(p.exists() for p in ran):
         raise TerminalError(f"{layout.data_dir} is already initialised; refusing to overwrite it")
+    if layout.ca_key.exists():
+        # An init cut short before its last write (the config): no leader has run on what it
+        # left, but a CA key is never overwritten; the admin removes it.
+        made = (layout.ca_key, layout.ca_cert, layout.tls_key, layout.tls_cert)
+        left = [p for p in made if p.exists()]
+        raise TerminalError(
+            f"{layout.data_dir}: an earlier `tlsroll init` was interrupted before it wrote"
+            f" {layout.config.name} (no leader has run here); remove what it left and run init"
+            f" again: rm {' '.join(str(p) for p in left)}"
+        )
     names = pki.Names.of(LEADER_NAME, [address], dns_names)  # validates the address
     for sub in ("ca", "secrets", "tls"):
         make_private_dir(layout.data_dir / sub)

@@ -31,7 +31,7 @@ from leader.agent_client import AgentPool
 from leader.auto_rotate import AutoRotator
 from leader.commands import Commands
 from leader.config import LeaderConfig
-from leader.db import RELEARN_WINDOW, check_store, mark_store
+from leader.db import RELEARN_WINDOW, StoreLost, check_store, mark_store
 from leader.engine import Engine
 from leader.expiry import ExpiryWatch, own_certificates
 from leader.join_guard import GuardPolicy, JoinGuard
@@ -53,7 +53,7 @@ from leader.service import (
     batch_period,
     control_server_options,
 )
-from leader.store import Store
+from leader.store import Store, relearning
 from tlsroll import __version__, heap, keywrap, logs, pki
 from tlsroll.daemon import sd_notify, stop_event, watchdog
 from tlsroll.defaults import LEADER_NAME
@@ -132,16 +132,26 @@ def load_state(cfg: LeaderConfig, *, reinitialise: bool = False) -> LeaderState:
         log.info("leader.certificate_reissued", reason="identity or names changed, or due")
     # Lost state stops the leader; it never starts empty instead, unless the admin says so.
     kept = check_store(layout.store, reinitialise=reinitialise)
-    store = Store(layout.store)
-    mark_store(layout.store)
-    if reinitialise:
+    if not reinitialise:
+        store = Store(layout.store)
+        mark_store(layout.store)
+    else:
+        # Marked first: until the new store's first transaction has committed, its file is
+        # lost, not new; that transaction opens the re-learning window with the schema.
+        mark_store(layout.store)
         now = dt.datetime.now(dt.UTC)
-        store.open_relearning(now + RELEARN_WINDOW, now=now, actor="admin:--reinitialise")
+        until = now + RELEARN_WINDOW
+        store = Store(
+            layout.store, created=relearning(until, now=now, actor="admin:--reinitialise")
+        )
+        if store.relearn_until() is None:  # not new: made meanwhile by another process
+            store.close()
+            raise StoreLost(f"store {layout.store}: made by another process meanwhile; try again")
         log.warning(
             "store.reinitialised",
             path=str(layout.store),
             kept_as=[str(k) for k in kept],
-            relearn_until=(now + RELEARN_WINDOW).isoformat(timespec="seconds"),
+            relearn_until=until.isoformat(timespec="seconds"),
             detail="an empty store on the admin's --reinitialise; nodes are re-learned from "
             "their agents' heartbeats; check `tlsroll nodes` and remove any that do not belong",
         )

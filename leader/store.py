@@ -253,8 +253,11 @@ class _NodesWrite:
 class Store(LeaderStore):
     """Enrolled nodes and join tokens (``leader.db.LeaderStore`` has the shared part)."""
 
-    def __init__(self, db: Database | Path) -> None:
-        super().__init__(db)
+    def __init__(
+        self, db: Database | Path, *, created: Callable[[sqlite3.Connection], None] | None = None
+    ) -> None:
+        """``created``: a new file's first rows, in its first transaction (``relearning``)."""
+        super().__init__(db, created=created)
         self._seen: dict[str, _Seen] = {}
         self._seen_lock = threading.Lock()
         # node -> how many of its open heartbeat streams vouch that it is alive now
@@ -421,10 +424,15 @@ class Store(LeaderStore):
         The token must name this node and exactly these addresses and DNS names, and none of
         them may be held by the leader (``reserved``) or another node. ``issue`` is called (to
         sign the certificate) only once all of that checks out; if anything fails, nothing is
-        written.
+        written (nor forgotten: a queued heartbeat of the node stays).
+
+        A replay spends no use (``_replay``): the same key enrolling again by the token that
+        enrolled it, for a node not removed that has not been heard from since (the answer to
+        the first call was lost: the agent was killed before it wrote the certificate, or its
+        deadline passed while this transaction committed). It gets a new certificate of the
+        same key and names, within the node's certificates per hour; nothing else changes.
         """
         self._check_secret(token_id, secret)  # a wrong secret never takes the write lock
-        self._forget_seen(name)  # enrolled anew: no heartbeat yet
         with self._nodes_write(), self._db.tx() as db:
             row = db.execute("SELECT * FROM tokens WHERE id = ?", (token_id,)).fetchone()
             # Compare even when the id is unknown, so both cases take the same time.
@@ -436,7 +444,11 @@ class Store(LeaderStore):
                 raise TokenRejected("join token revoked")
             if now >= token.expires_at:
                 raise TokenRejected("join token expired")
-            if token.uses_left <= 0:
+            existing = db.execute(
+                "SELECT * FROM nodes WHERE name = ? AND removed_at IS NULL", (name,)
+            ).fetchone()
+            replay = self._replay(existing, token_id, key_pin)
+            if token.uses_left <= 0 and not replay:
                 raise TokenRejected("join token already used up")
             if token.node_name is None:
                 raise TokenRejected(
@@ -450,15 +462,15 @@ class Store(LeaderStore):
                     f"{', '.join(token.addresses + token.dns_names)}; this node asked for "
                     f"{name!r} with {', '.join(addresses + dns_names) or 'no names'}"
                 )
-            existing = db.execute(
-                "SELECT key_pin FROM nodes WHERE name = ? AND removed_at IS NULL", (name,)
-            ).fetchone()
             if existing is not None and existing["key_pin"] != key_pin:
                 raise NameTaken(
                     f"node name {name!r} is already enrolled with another key; "
                     f"remove the old node first: tlsroll nodes remove {name}"
                 )
             _check_free(db, name, addresses, dns_names, reserved())
+            if replay and existing is not None:
+                return self._enrol_again(db, existing, agent_version, agent_port, issue, now)
+            self._forget_seen(name)  # enrolled anew: no heartbeat yet
             cert = issue()
             db.execute("UPDATE tokens SET uses_left = uses_left - 1 WHERE id = ?", (token_id,))
             db.execute(
@@ -497,6 +509,71 @@ class Store(LeaderStore):
                 cert_fingerprint=cert.fingerprint,
                 reenrolment=existing is not None,
             )
+        return cert
+
+    def _replay(self, node: sqlite3.Row | None, token_id: str, key_pin: str) -> bool:
+        """Whether an enrolment is a replay of the one that recorded ``node`` (the row of its
+        name, not removed): the same key by the same token, and the node not heard from
+        since (no heartbeat stored or in memory, no renewal), so its agent cannot have had
+        the certificate. Anyone else is refused as before: another key is NameTaken, another
+        token (or this one for a node re-learned or enrolled by another) spends a use."""
+        if node is None or node["key_pin"] != key_pin or node["token_id"] != token_id:
+            return False
+        if node["last_heartbeat"] is not None or node["cert_renewed_at"] is not None:
+            return False
+        with self._seen_lock:
+            return node["name"] not in self._seen and node["name"] not in self._queued
+
+    def _enrol_again(
+        self,
+        db: sqlite3.Connection,
+        node: sqlite3.Row,
+        agent_version: str,
+        agent_port: int,
+        issue: Callable[[], NodeCert],
+        now: dt.datetime,
+    ) -> NodeCert:
+        """A replayed enrolment (``_replay``), inside its transaction: a new certificate of the
+        same key and names, counted in ``NODE_CERTS_PER_HOUR``, and no use of the token spent.
+        The one the first call issued stays accepted as the one before it until the agent
+        has used the new one (as a renewal's); the agent's version and port are its own."""
+        name = node["name"]
+        since = to_text(now - dt.timedelta(hours=1))
+        (recent,) = db.execute(
+            "SELECT COUNT(*) FROM certificates WHERE kind = 'node' AND node = ? AND issued_at > ?",
+            (name, since),
+        ).fetchone()
+        if recent >= NODE_CERTS_PER_HOUR:
+            raise TooMany(
+                f"node {name!r} had {recent} certificates issued in the last hour "
+                f"(at most {NODE_CERTS_PER_HOUR})"
+            )
+        cert = issue()
+        db.execute(
+            "UPDATE nodes SET cert_fingerprint = ?, cert_serial = ?, cert_not_after = ?,"
+            " prev_cert_fingerprint = ?, agent_version = ?, agent_port = ? WHERE name = ?",
+            (
+                cert.fingerprint,
+                cert.serial,
+                to_text(cert.not_after),
+                node["cert_fingerprint"],
+                agent_version,
+                agent_port,
+                name,
+            ),
+        )
+        _record_cert(db, cert.serial, "node", name, name, cert.fingerprint, now, cert.not_after)
+        self._audit(
+            db,
+            now,
+            f"node:{name}",
+            "node.enrolment_replayed",
+            name,
+            token_id=node["token_id"],
+            serial=cert.serial,
+            cert_fingerprint=cert.fingerprint,
+            previous=node["cert_serial"],
+        )
         return cert
 
     # --- nodes --------------------------------------------------------------------------------
@@ -1069,15 +1146,11 @@ class Store(LeaderStore):
 
     # --- re-learning nodes after a lost store --------------------------------------------------
 
-    def open_relearning(self, until: dt.datetime, *, now: dt.datetime, actor: str) -> None:
-        """A store begun by ``--reinitialise``: nodes may be re-learned until ``until``."""
-        with self._db.tx() as db:
-            db.execute(
-                "INSERT INTO meta (key, value) VALUES ('relearn_until', ?)"
-                " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                (to_text(until),),
-            )
-            self._audit(db, now, actor, "store.reinitialised", "leader", relearn_until=until)
+    def relearn_until(self) -> dt.datetime | None:
+        """Until when nodes may be re-learned (``relearning``), or None: never."""
+        with self._db.read() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'relearn_until'").fetchone()
+        return None if row is None else dt.datetime.fromisoformat(row["value"])
 
     def relearn(
         self,
@@ -1167,6 +1240,26 @@ class Store(LeaderStore):
     ) -> None:
         with self._db.tx() as db:
             self._audit(db, now, actor, kind, subject, **detail)
+
+
+def relearning(
+    until: dt.datetime, *, now: dt.datetime, actor: str
+) -> Callable[[sqlite3.Connection], None]:
+    """A store begun by ``--reinitialise``: nodes may be re-learned until ``until``. Written by
+    the new file's first transaction (``Store(path, created=relearning(…))``), so that no
+    store exists without it: a leader killed between two transactions started again on an
+    empty store that re-learned nothing, and a second ``--reinitialise`` refused it as
+    intact (audit of session 33, M2)."""
+
+    def write(db: sqlite3.Connection) -> None:
+        db.execute(
+            "INSERT INTO meta (key, value) VALUES ('relearn_until', ?)"
+            " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (to_text(until),),
+        )
+        LeaderStore._audit(db, now, actor, "store.reinitialised", "leader", relearn_until=until)
+
+    return write
 
 
 def check_caller_in(

@@ -22,7 +22,7 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from leader.layout import read_passphrase
-from nodeagent import certwork, identity, runtime
+from nodeagent import certwork, identity, journal, runtime
 from nodeagent.identity import EnrolmentDeferred, next_enrol_wait, told_wait
 from tests.cluster import (
     Agent,
@@ -37,6 +37,7 @@ from tests.cluster import (
 from tests.conftest import next_loopback
 from tlsroll import pki, spiffe
 from tlsroll.errors import TransientError
+from tlsroll.fsutil import make_private_dir
 from tlsroll.v1 import admin_pb2, enrolment_pb2, leader_pb2, leader_pb2_grpc
 
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
@@ -394,6 +395,34 @@ def test_agent_with_a_used_token_exits_with_one_line(cluster: Cluster) -> None:
     line = one_line_error(output, "tlsroll-agent")
     assert "refused" in line and "used up" in line and "UNAUTHENTICATED" in line
     assert cluster.store_rows() == before
+    assert cluster.find_secrets(cluster.logs_text()) == []
+
+
+def test_an_agent_whose_enrolment_answer_was_lost_enrols_again_with_its_key(
+    cluster: Cluster,
+) -> None:
+    """Audit of session 33, M1: the leader committed the enrolment but the agent never wrote
+    its certificate (killed before it, or its deadline passed meanwhile). What that leaves:
+    the agent's journal and ``node.key``, no ``node.pem``, the token spent on that key. The
+    agent's next start replays the enrolment with the same key: it gets a certificate (no
+    use spent) and heartbeats, where it used to exit 1 "used up" on every start."""
+    address = next_loopback()
+    token = cluster.create_token("lost-answer", address)
+    agent = cluster.add_agent("lost-answer", address, token=token, start=False)
+    make_private_dir(agent.data_dir)
+    journal.open_journal(agent.data_dir / "journal.sqlite3", expected=False).close()
+    key = pki.generate_key()
+    pki.write_key(agent.key_file, key)
+    reply = enrol(cluster, enrol_request(token, "lost-answer", address, key=key))
+    assert token_info(cluster, token).uses_left == 0
+    agent.start()
+    cluster.wait_for_nodes_online(["lost-answer"])
+    assert pki.key_matches(agent.cert(), key)
+    lost = pki.load_cert_pem(reply.certificate_pem)  # the answer the agent never saw
+    assert pki.fingerprint(agent.cert()) != pki.fingerprint(lost)
+    (node,) = [n for n in cluster.store_table("nodes") if n["name"] == "lost-answer"]
+    assert node["cert_fingerprint"] == pki.fingerprint(agent.cert())
+    assert token_info(cluster, token).uses_left == 0
     assert cluster.find_secrets(cluster.logs_text()) == []
 
 

@@ -11,15 +11,29 @@ daemon is stopped, and put back afterwards.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import os
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any, NoReturn
 
 import pytest
 
+from leader import layout as layout_mod
+from leader import runtime
+from leader.config import LeaderConfig
+from leader.db import StoreLost, check_store, mark_store
+from leader.layout import Layout, init
+from leader.runtime import load_state
+from leader.service import LeaderState
+from leader.store import Store
+from nodeagent.journal import JournalLost, open_journal
 from tests.cluster import Agent, Cluster, Daemon, one_line_error
 from tests.conftest import next_loopback
+from tlsroll import fsutil, sqlite
+from tlsroll.errors import TerminalError
+from tlsroll.sqlite import damage
 
 EXIT_TIMEOUT = 15.0
 
@@ -186,3 +200,148 @@ def test_a_reinitialised_leader_relearns_its_nodes_from_their_agents(tmp_path: P
         time.sleep(3 * c.agent_heartbeat_interval)
         assert "two" not in c.list_nodes()
         assert one.running and two.running
+
+
+# --- a kill at the first commit (audit of session 33, M2 and M3): unit tests, no daemons ------
+
+
+class Killed(BaseException):
+    """A kill -9 at this point: nothing after it runs (not an Exception: nothing catches it)."""
+
+
+def kill(*args: object, **kwargs: object) -> NoReturn:
+    raise Killed
+
+
+def killed_in_first_transaction(
+    monkeypatch: pytest.MonkeyPatch, open_it: Callable[[], object]
+) -> None:
+    """Run ``open_it`` with ``tlsroll.sqlite.migrate`` killed: the file exists (``Database``
+    made it 0600) and its first transaction never committed."""
+    with monkeypatch.context() as m:
+        m.setattr(sqlite, "migrate", kill)
+        with pytest.raises(Killed):
+            open_it()
+
+
+def test_a_journal_whose_first_start_was_killed_is_new_until_the_agent_enrolled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent makes its journal before it enrols (no key yet: ``expected`` False). A kill
+    before the journal's first commit left 0 bytes, refused at every start as lost state
+    ("empty (0 bytes); restore it from a backup"): a backup of nothing. Now it is new; an
+    enrolled agent's (``expected``) empty journal is still lost."""
+    path = tmp_path / "journal.sqlite3"
+    killed_in_first_transaction(monkeypatch, lambda: open_journal(path, expected=False))
+    assert path.stat().st_size == 0
+    with pytest.raises(JournalLost, match=r"empty \(0 bytes\)"):
+        open_journal(path, expected=True)
+    open_journal(path, expected=False).close()
+    assert path.stat().st_size > 0
+    assert damage(path, expected=True) is None
+
+
+def test_a_store_whose_first_start_was_killed_is_new_until_the_leader_marked_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The leader's store before ``mark_store``: a kill before its first commit is a new
+    store at the next start, not a lost one; once marked, an empty store is lost."""
+    path = tmp_path / "leader.sqlite3"
+    killed_in_first_transaction(monkeypatch, lambda: Store(path))
+    assert path.stat().st_size == 0
+    assert check_store(path) == []
+    Store(path).close()
+    mark_store(path)
+    for f in sqlite_files(path):
+        f.unlink(missing_ok=True)
+    path.write_bytes(b"")
+    with pytest.raises(StoreLost, match=r"empty \(0 bytes\)"):
+        check_store(path)
+
+
+def leader_config(tmp_path: Path) -> LeaderConfig:
+    """An initialised leader data dir (no daemon) whose store is lost: started once, then
+    its file overwritten with random bytes."""
+    layout = init(tmp_path / "data", next_loopback())
+    cfg = LeaderConfig.load(layout.config)
+    load_state(cfg).store.close()
+    break_file(layout.store, "random")
+    return cfg
+
+
+def relearn_until(state: LeaderState) -> str | None:
+    """The store's re-learning window (read here: the test ran on the code before too)."""
+    with state.store.db.read() as db:
+        row = db.execute("SELECT value FROM meta WHERE key = 'relearn_until'").fetchone()
+    state.store.close()
+    return None if row is None else str(row["value"])
+
+
+def test_reinitialise_opens_the_relearning_window_in_the_new_stores_first_commit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The new store and its re-learning window were two transactions: a leader killed
+    between them started again (without the flag) on an empty store taken as intact, which
+    re-learned no node, and a second --reinitialise was refused as "intact"."""
+    cfg = leader_config(tmp_path)
+
+    def store_then_killed(*args: Any, **kwargs: Any) -> NoReturn:
+        Store(*args, **kwargs).close()  # its first transaction committed
+        raise Killed
+
+    with monkeypatch.context() as m:
+        m.setattr(runtime, "Store", store_then_killed)
+        with pytest.raises(Killed):
+            load_state(cfg, reinitialise=True)
+    until = relearn_until(load_state(cfg))  # systemd starts it again, without the flag
+    assert until is not None and dt.datetime.fromisoformat(until) > dt.datetime.now(dt.UTC)
+    assert len(list(cfg.layout.store.parent.glob("leader.sqlite3.lost-*"))) == 1
+
+
+def test_reinitialise_killed_before_the_new_stores_first_commit_is_refused_and_done_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A kill inside the new store's first transaction leaves it lost (0 bytes, marked), not
+    new: the next start is refused, and --reinitialise again opens the window."""
+    cfg = leader_config(tmp_path)
+    killed_in_first_transaction(monkeypatch, lambda: load_state(cfg, reinitialise=True))
+    with pytest.raises(StoreLost, match=r"empty \(0 bytes\)"):
+        load_state(cfg)
+    assert relearn_until(load_state(cfg, reinitialise=True)) is not None
+
+
+def test_an_init_killed_before_its_config_says_what_to_remove_and_runs_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Audit of session 33, L6: ``tlsroll init`` writes the config last. Cut short before it,
+    a second init refused "already initialised" (ca.key existed), and the leader could not
+    start (no config). Now it names what the interrupted one left (no CA key is ever
+    overwritten); once those are removed, init runs. A leader that ran (its store's mark)
+    still makes a missing config "already initialised"."""
+    address = next_loopback()
+    real = fsutil.write_atomic
+
+    def write(path: Path, *args: Any, **kwargs: Any) -> None:
+        if Path(path).name == "leader.toml":
+            raise Killed
+        real(path, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(layout_mod, "write_atomic", write)
+        with pytest.raises(Killed):
+            init(tmp_path / "data", address)
+    layout = Layout((tmp_path / "data").resolve())
+    key = layout.ca_key.read_bytes()
+    with pytest.raises(TerminalError) as refused:
+        init(tmp_path / "data", address)
+    message = str(refused.value)
+    assert "interrupted" in message and str(layout.ca_key) in message, message
+    assert layout.ca_key.read_bytes() == key
+    for left in message.split(" rm ", 1)[1].split():
+        Path(left).unlink()
+    assert init(tmp_path / "data", address).config.exists()
+
+    layout.config.unlink()
+    mark_store(layout.store)
+    with pytest.raises(TerminalError, match="already initialised"):
+        init(tmp_path / "data", address)

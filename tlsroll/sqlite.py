@@ -107,13 +107,16 @@ def migrate(
     migrations: Sequence[Migration],
     *,
     adopt: Callable[[sqlite3.Connection, int], None] | None = None,
+    created: Callable[[sqlite3.Connection], None] | None = None,
 ) -> int:
     """Bring the file's schema to ``len(migrations)``, all or nothing; return that version.
 
     ``conn`` is in autocommit mode (``isolation_level=None``) and in no transaction. In one
     ``BEGIN IMMEDIATE`` transaction: read ``user_version``, refuse a newer one, call ``adopt``
     with it (to bring a file written before migrations existed to what its version means),
-    apply ``migrations[user_version:]``, check foreign keys and set ``user_version``.
+    apply ``migrations[user_version:]``, call ``created`` if the file was new (version 0: the
+    first rows a new store must never be without), check foreign keys and set
+    ``user_version``.
     """
     if conn.isolation_level is not None or conn.in_transaction:
         raise ValueError("migrate needs an autocommit connection outside a transaction")
@@ -133,6 +136,8 @@ def migrate(
                 step(conn)
             if not conn.in_transaction:
                 raise RuntimeError(f"{path}: migration {number} ended the transaction")
+        if found == 0 and created is not None:
+            created(conn)
         if found < known:
             if broken := conn.execute("PRAGMA foreign_key_check").fetchall():
                 raise sqlite3.IntegrityError(
@@ -153,14 +158,18 @@ def damage(path: Path, *, expected: bool) -> str | None:
 
     A daemon calls this before ``Database`` so that lost state is never taken for a new store:
     ``expected`` says its data dir shows the file was created before (then a missing file is
-    lost, not new); a file of 0 bytes is always lost (SQLite would take it for a new, empty
-    database); one SQLite cannot read, or whose ``quick_check`` fails, is damaged.
+    lost, not new); a file of 0 bytes is lost then (SQLite would take it for a new, empty
+    database), and new if not ``expected`` and without a ``-wal`` (what a first start killed
+    before its first commit leaves: ``Database`` creates the file before it migrates it); one
+    SQLite cannot read, or whose ``quick_check`` fails, is damaged.
     """
     try:
         size = path.stat().st_size
     except FileNotFoundError:
         return "missing" if expected else None
     if size == 0:
+        if not expected and not Path(f"{path}-wal").exists():
+            return None
         return "empty (0 bytes)"
     try:
         conn = sqlite3.connect(path, timeout=10)
@@ -196,8 +205,10 @@ class Database:
         migrations: Sequence[Migration],
         *,
         adopt: Callable[[sqlite3.Connection, int], None] | None = None,
+        created: Callable[[sqlite3.Connection], None] | None = None,
     ) -> None:
-        """Open (or create, 0600) the file and apply its missing migrations (see ``migrate``)."""
+        """Open (or create, 0600) the file and apply its missing migrations (see ``migrate``;
+        ``created`` writes a new file's first rows in the same transaction)."""
         self.path = Path(path)
         self._lock = threading.Lock()
         # Bumped by every committed write except a routine one (``tx(routine=True)``): a
@@ -230,7 +241,7 @@ class Database:
             self._db.row_factory = sqlite3.Row
             self._db.execute("PRAGMA synchronous=FULL")
             # Before WAL: a file that is refused stays exactly as it was.
-            self.version = migrate(self._db, self.path, migrations, adopt=adopt)
+            self.version = migrate(self._db, self.path, migrations, adopt=adopt, created=created)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA foreign_keys=ON")
         except BaseException:
