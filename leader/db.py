@@ -229,6 +229,13 @@ CREATE TABLE node_clients_info (
 );
 """
 
+# Migration 8: a scope FREEZE is recorded as asked (persisted before it is sent) until its
+# answer is recorded: a settled rollout unfreezes a node its leader froze and died before
+# recording it (audit s33 L1).
+_V8 = """
+ALTER TABLE rollout_nodes ADD COLUMN freeze_asked INTEGER NOT NULL DEFAULT 0;
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     _V1,  # 0.1.0
     _V2,  # needs_attention
@@ -237,6 +244,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     _V5,  # bound tokens, certificates, removal, meta
     _V6,  # agent certificate renewal
     _V7,  # transitional strategy: finalize links, clients per scheme
+    _V8,  # scope freeze asked
 )
 
 

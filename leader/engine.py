@@ -289,9 +289,9 @@ class Engine:
             census=row.census,  # kept with the row: the pass reads only the nodes it names
             lapsed=lapsed,
         )
-        if plan.rollout_events or plan.node_events:
-            before = row
-            rollout, moved = planner.plan_moves(row.rollout, lambda n: before.node(n)[0], plan)
+        before = row
+        rollout, moved = planner.plan_moves(row.rollout, lambda n: before.node(n)[0], plan)
+        if plan.rollout_events or moved:  # moved: by an event, or a scope freeze asked
             reason = None
             if RolloutEvent.FAILURE_BUDGET_EXCEEDED in plan.rollout_events:
                 failed = [
@@ -1036,7 +1036,9 @@ class Engine:
             "agent, if it runs, has lifted the freeze by itself; check the node"
         )
         await self._save_node(
-            rollout_id, step.node, lambda r: replace(r, scope_frozen=False, reason=note)
+            rollout_id,
+            step.node,
+            lambda r: replace(r, scope_frozen=False, freeze_asked=False, reason=note),
         )
         log.warning("freeze.lease_ran_out", rollout_id=rollout_id, node=step.node, reason=why)
         return True
@@ -1082,7 +1084,7 @@ class Engine:
         await self._save_node(
             rollout_id,
             step.node,
-            lambda r: replace(r, scope_frozen=frozen),
+            lambda r: replace(r, scope_frozen=frozen, freeze_asked=False),
             StepTime(step.node, step.step.value, started[1], now),
             window,
             timed_if_unchanged=True,

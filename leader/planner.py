@@ -62,7 +62,7 @@ import bisect
 import datetime as dt
 import itertools
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from leader.rollout_core import (
     CHANGES,
@@ -364,7 +364,8 @@ _BEING_PREPARED = PREPARING - {NodeState.STAGED}
 @dataclass(frozen=True)
 class Census:
     """Where a rollout's nodes stand: for each state, the positions (in the rollout's order)
-    of its nodes, sorted; and the positions of the scope-frozen ones.
+    of its nodes, sorted; and the positions of the ones that may be scope-frozen (confirmed or
+    asked: ``NodeRecord.may_be_frozen``).
 
     Why: ``next_actions`` runs after every step outcome. Deciding from the records alone took
     about ten passes over every node each time, so the leader's CPU per node grew with the
@@ -383,7 +384,7 @@ class Census:
         frozen = []
         for i, r in enumerate(records):
             by.setdefault(r.state, []).append(i)
-            if r.scope_frozen:
+            if r.may_be_frozen:
                 frozen.append(i)
         return cls(len(records), {s: tuple(p) for s, p in by.items()}, tuple(frozen))
 
@@ -396,7 +397,7 @@ class Census:
 
     def moved(self, position: int, old: NodeRecord, new: NodeRecord) -> Census:
         """This census after the node at ``position`` went from record ``old`` to ``new``."""
-        if old.state is new.state and old.scope_frozen == new.scope_frozen:
+        if old.state is new.state and old.may_be_frozen == new.may_be_frozen:
             return self
         by = dict(self.by_state)
         if old.state is not new.state:
@@ -406,8 +407,8 @@ class Census:
                 by.pop(old.state, None)  # no empty states: a census equals a fresh count
             by[new.state] = _with(by.get(new.state, ()), position)
         frozen = self.frozen
-        if old.scope_frozen != new.scope_frozen:
-            frozen = (_with if new.scope_frozen else _without)(frozen, position)
+        if old.may_be_frozen != new.may_be_frozen:
+            frozen = (_with if new.may_be_frozen else _without)(frozen, position)
         return Census(self.size, by, frozen)
 
 
@@ -810,11 +811,23 @@ def plan_moves(
 ) -> tuple[Rollout, tuple[NodeRecord, ...]]:
     """The rollout after the plan's events and the records of the nodes they move (each once,
     after all its events, in the plan's order); ``record`` gives a node's record before the
-    plan. ``apply_plan`` for the nodes that change only: what the engine saves."""
+    plan. ``apply_plan`` for the nodes that change only: what the engine saves.
+
+    A node the plan freezes (``--freeze scope``) that is not recorded frozen is recorded
+    ``freeze_asked`` with the plan, before its FREEZE is sent: a settled rollout unfreezes it
+    whether or not its agent's answer is ever recorded. Recorded only with that answer, a
+    leader that died after the agent froze left no trace of it, and the next one's abort left
+    the node frozen until its lease ran out (audit s33 L1). It counts as frozen for a switch
+    only once confirmed (``scope_frozen``), as before."""
     moved: dict[str, NodeRecord] = {}
     for action in plan.node_events:
         before = moved.get(action.node) or record(action.node)
         moved[action.node] = before.with_event(action.event, action.reason)
+    for step in plan.steps:
+        if step.step is Step.FREEZE:
+            before = moved.get(step.node) or record(step.node)
+            if not before.may_be_frozen:
+                moved[step.node] = replace(before, freeze_asked=True)
     for event in plan.rollout_events:
         rollout = rollout.with_event(event)
     return rollout, tuple(moved.values())

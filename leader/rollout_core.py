@@ -619,13 +619,21 @@ class NodeRecord:
 
     ``reason`` is the last error or rollback reason, shown in the schema. ``scope_frozen`` is
     set by the engine once the agent confirms a scope-wide freeze (``FreezeMode.SCOPE`` only)
-    and cleared once it confirms the unfreeze.
+    and cleared once it confirms the unfreeze. ``freeze_asked``: a scope FREEZE was planned
+    for the node (persisted before it is sent) and no answer recorded yet: its agent may have
+    frozen (``may_be_frozen``), so a settled rollout unfreezes it too (audit s33 L1).
     """
 
     name: str
     state: NodeState = NodeState.PENDING
     reason: str = ""
     scope_frozen: bool = False
+    freeze_asked: bool = False
+
+    @property
+    def may_be_frozen(self) -> bool:
+        """Frozen as confirmed, or a freeze sent whose answer is not recorded."""
+        return self.scope_frozen or self.freeze_asked
 
     def with_event(self, event: NodeEvent, reason: str | None = None) -> NodeRecord:
         """Return this record after ``event`` (keeping the old reason unless one is given)."""

@@ -871,6 +871,7 @@ class SchemaStore(LeaderStore):
                 assert now is not None, "a record changes only with its time"
                 columns.update(state=rec.state.value, reason=rec.reason)
                 columns["scope_frozen"] = int(rec.scope_frozen)
+                columns["freeze_asked"] = int(rec.freeze_asked)
                 self._audit(
                     db,
                     now,
@@ -1334,6 +1335,7 @@ def _node(row: sqlite3.Row) -> tuple[NodeRecord, NodeDetail]:
         state=NodeState(row["state"]),
         reason=row["reason"],
         scope_frozen=bool(row["scope_frozen"]),
+        freeze_asked=bool(row["freeze_asked"]),
     )
     detail = NodeDetail(
         old_url=row["old_url"],

@@ -1477,6 +1477,46 @@ async def test_a_restarted_leader_renews_the_scope_freeze_at_once(
     assert {a.name: a.lapsed for a in world.agents} == {a.name: 0 for a in world.agents}
 
 
+async def test_a_freeze_a_leader_sent_before_it_died_is_lifted_by_the_next_one_s_abort(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Audit s33 L1: a scope FREEZE went out with nothing recorded, and the node's flag was
+    written only with the agent's answer. A leader that died after charlie's agent froze and
+    before that write left no record of it: an abort then unfroze the nodes recorded frozen
+    only, and charlie refused writes until its lease ran out (5 minutes by default) while the
+    schema said the rollout aborted and charlie unfrozen. The freeze is now recorded as asked
+    (the node's flag) in the write that plans it, before it is sent."""
+    world = make_world(tmp_path, monkeypatch)
+    first = world.boot()
+    charlie = world.agents["charlie"]
+    real = charlie.freeze
+
+    async def froze_then_died(request: agent_pb2.FreezeRequest) -> agent_pb2.FreezeResponse:
+        await real(request)  # the agent froze its server; its answer never reaches the leader
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    charlie.freeze = froze_then_died  # type: ignore[method-assign]
+    await first.start(freeze=FreezeMode.SCOPE)
+    passes = asyncio.create_task(first.run())  # its pass waits for charlie's freeze for good
+    for _ in range(10_000):
+        if charlie.frozen:
+            break
+        await asyncio.sleep(0)
+    assert charlie.frozen
+    passes.cancel()
+    await asyncio.gather(passes, return_exceptions=True)
+    await first.crash()
+    charlie.freeze = real  # type: ignore[method-assign]
+    second = world.boot()
+    await second.control(RolloutAction.ABORT)
+    row = await second.run()
+    assert row.rollout.state is R.ABORTED
+    assert not charlie.frozen, "the aborted rollout left charlie frozen"
+    assert not any(a.frozen for a in world.agents)
+    assert not any(r.scope_frozen for r in row.records)
+
+
 async def test_a_leader_back_after_the_lease_freezes_again_before_the_next_switch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -146,11 +146,13 @@ class Engine:
         return plan
 
     def ack(self, plan: Plan) -> Plan:
-        """The agents confirm the plan's FREEZE and UNFREEZE steps."""
+        """The agents confirm the plan's FREEZE and UNFREEZE steps (as the engine records an
+        answer: the node's freeze is no longer only asked)."""
         frozen = dict.fromkeys(plan.nodes_with_step(Step.FREEZE), True)
         frozen.update(dict.fromkeys(plan.nodes_with_step(Step.UNFREEZE), False))
         self.nodes = tuple(
-            replace(n, scope_frozen=frozen.get(n.name, n.scope_frozen)) for n in self.nodes
+            replace(n, scope_frozen=frozen[n.name], freeze_asked=False) if n.name in frozen else n
+            for n in self.nodes
         )
         return self.plan()
 

@@ -257,7 +257,14 @@ def test_the_census_pass_decides_as_the_pass_over_every_record_did(
     whole_rollout, whole = apply_plan(rollout, records, expected)
     after, moved = plan_moves(rollout, {r.name: r for r in records}.__getitem__, expected)
     assert after == whole_rollout
-    assert [r.name for r in moved] == list(dict.fromkeys(expected.nodes_with_events))
+    by_name = {r.name: r for r in records}
+    asked = [  # a scope FREEZE to send is recorded asked first (audit s33 L1)
+        s.node
+        for s in expected.steps
+        if s.step is Step.FREEZE and not by_name[s.node].may_be_frozen
+    ]
+    assert [r.name for r in moved] == list(dict.fromkeys([*expected.nodes_with_events, *asked]))
+    assert all(r.freeze_asked for r in moved if r.name in asked)
     assert all(whole[rollout.order.index(r.name)] == r for r in moved)
 
 
