@@ -142,6 +142,19 @@ class ClientsInfo:
 
 
 MAX_CLIENTS = 256  # per node, as the agent sends at most
+CLIENTS_FULL = (
+    f"more clients seen than a report carries ({MAX_CLIENTS}): one on http may be left out, "
+    "so who is on http cannot be told"
+)
+"""A node's report problem while its stored clients are at ``MAX_CLIENTS``. An agent reports
+the ``MAX_CLIENTS`` most recently seen and the leader keeps as many (``write_clients``): past
+that, a workstation on http can be left out, its sighting missing from the node's last http
+time and from its clients, and ``--when-quiet`` took the node for quiet (a plain finalize's
+refusal, the schema and the viewer missed the workstation). Below the cap nothing seen
+within the window was left out: a row is dropped only while the node is at the cap, and only
+when older than every row kept, so the cap is left only once what was dropped has expired.
+Who is on http there cannot be told, as with a report naming a problem: the when-quiet node
+waits, a plain finalize refuses it (``--force`` goes on), the schema says why."""
 
 
 @dataclass(frozen=True)
@@ -1432,17 +1445,22 @@ def _clients(db: sqlite3.Connection, nodes: Sequence[str] | None) -> list[Client
 
 
 def _clients_info(db: sqlite3.Connection) -> dict[str, ClientsInfo]:
+    """Each node's report summary; one whose stored clients are at ``MAX_CLIENTS`` has
+    ``CLIENTS_FULL`` for its problem, unless its agent named one (``write_clients``)."""
     return {
         r["node"]: ClientsInfo(
             node=r["node"],
             window_seconds=r["window_seconds"],
             source=r["source"],
-            problem=r["problem"],
+            problem=r["problem"] or (CLIENTS_FULL if r["kept"] >= MAX_CLIENTS else ""),
             first_report=dt.datetime.fromisoformat(r["first_report"]),
             reported_at=dt.datetime.fromisoformat(r["reported_at"]),
             last_http_at=from_text(r["last_http_at"]),
         )
-        for r in db.execute("SELECT * FROM node_clients_info").fetchall()
+        for r in db.execute(
+            "SELECT i.*, (SELECT count(*) FROM node_clients c WHERE c.node = i.node) AS kept"
+            " FROM node_clients_info i"
+        ).fetchall()
     }
 
 
@@ -1461,7 +1479,8 @@ def write_clients(
     reference server keeps it in memory and phase 1 restarts it), and a workstation seen
     on http before that must still be named and still refuse a plain finalize. A row
     goes once its ``last_seen`` is older than the agent's window; at most
-    ``MAX_CLIENTS`` rows a node, the most recently seen (times compare as UTC ISO text)."""
+    ``MAX_CLIENTS`` rows a node, the most recently seen (times compare as UTC ISO text): at
+    the cap a client may be left out (``CLIENTS_FULL``)."""
     kept = sorted(clients, key=lambda c: c.last_seen, reverse=True)[:MAX_CLIENTS]
     last_http = max((c.last_seen for c in kept if c.scheme == "http"), default=None)
     db.executemany(

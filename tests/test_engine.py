@@ -2687,3 +2687,43 @@ async def test_when_quiet_reads_a_nodes_report_whole_even_when_the_next_one_comm
         assert held == {node}, reads  # the stayer wrote on http 1 s ago: not quiet
     finally:
         leader.store.close()
+
+
+async def test_when_quiet_holds_a_node_whose_report_may_have_left_an_http_client_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An agent reports at most ``MAX_CLIENTS`` clients, the most recently seen, and the leader
+    keeps as many per node. With more, a workstation on http can be left out of a report: its
+    sighting never moved the node's last http time, and ``--when-quiet`` took the node for
+    quiet while that workstation still wrote on http. A node whose stored clients are at the
+    cap may miss one: who is on http there cannot be told, as with a report naming a problem
+    (the node waits; a plain finalize refuses it; the schema says why)."""
+    world = make_world(tmp_path, monkeypatch)
+    leader = world.boot()
+    now = world.clock.wall()
+    node = next(iter(NODES))
+    ago = dt.timedelta
+
+    def report(at: dt.datetime, clients: list[Client]) -> None:
+        leader.schema.record_clients(
+            node, clients, window_seconds=86400, source="refserver", problem="", now=at
+        )
+
+    stayer = Client(node, "http", "10.9.0.2", "stayer", now - ago(minutes=5), now - ago(seconds=60))
+    report(now - ago(seconds=59), [stayer])
+    # The stayer writes on http again 5 s ago; since then 256 others were seen on https: the
+    # agent's next report carries those 256, the most recently seen, and not the stayer.
+    others = [
+        Client(node, "https", f"10.9.1.{i}", f"ws-{i}", now - ago(seconds=4), now - ago(seconds=1))
+        for i in range(256)
+    ]
+    report(now, others)
+    pending = NodeRecord(name=node, state=NodeState.PENDING)
+    row = SimpleNamespace(meta=SimpleNamespace(when_quiet=30), records=(pending,))
+    try:
+        held = await leader.engine._held_for_quiet(cast(RolloutRow, row))
+        assert held == {node}  # the stayer wrote on http 5 s ago: not quiet
+        _clients, infos = leader.schema.clients_report([node])
+        assert "cannot be told" in infos[node].problem, infos[node]
+    finally:
+        leader.store.close()
