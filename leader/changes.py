@@ -32,6 +32,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
+import grpc
+
 from leader import byo
 from leader.agent_client import AgentApi, StepFailed, SwitchRefused
 from leader.planner import confirm_success
@@ -191,6 +193,7 @@ class ChangeSteps:
 
     change: Change
     keep_http = False  # the switch's target keeps http on 8080 beside https (dual)
+    switch_kind = TxnKind.SWITCH  # the agent's transaction the switch step begins
 
     async def preflight(self, ctx: StepContext) -> Outcome:
         # The key and CSR for the stage come with the preflight: one call fewer per node.
@@ -373,6 +376,20 @@ class ChangeSteps:
                 check.add_done_callback(_retrieved)  # its confirm reads it, or nobody
         return switch_event(outcome), (None if outcome is TxnOutcome.COMPLETED else reason)
 
+    async def switch_begun(self, agent: AgentApi, rollout_id: str) -> bool:
+        """Whether ``agent`` has this rollout's switch (under way or ended): its NOT_FOUND
+        says it has none. No answer (``TransientError``) and any other refusal raise."""
+        request = agent_pb2.GetTransactionRequest(
+            rollout_id=rollout_id, kind=TXN_KIND.wire(self.switch_kind)
+        )
+        try:
+            await agent.get_transaction(request)
+        except StepFailed as exc:
+            if exc.code is grpc.StatusCode.NOT_FOUND:
+                return False
+            raise
+        return True
+
     async def confirm(self, ctx: StepContext) -> Outcome:
         """Check the node from outside as a workstation would; if that fails, have the agent
         roll it back. A rollback already under way (the leader restarted mid-confirm) is
@@ -525,6 +542,7 @@ class DisableTls(ChangeSteps):
     rollout, so a way back that failed can be tried again; the outside check expects http."""
 
     change = Change.DISABLE_TLS
+    switch_kind = TxnKind.ROLLBACK
 
     async def switch(self, ctx: StepContext) -> Outcome:
         try:

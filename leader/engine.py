@@ -62,6 +62,7 @@ from leader.changes import (
 )
 from leader.rollout_core import (
     CHANGES,
+    DRAINING_ROLLOUT_STATES,
     FAILED_NODE_STATES,
     IN_FLIGHT_NODE_STATES,
     STEP_FOR_STATE,
@@ -104,7 +105,8 @@ counts as unfrozen (``Engine._lease_ran_out``): the agent's watch of its lease, 
 waited for the agent's freeze lock, its clock."""
 
 WAITS_FOR_FREEZE = "waits for the scope freeze of "
-"""A staged node's note while a frozen node's freeze is not confirmed (``_note_waiting``)."""
+"""A node's note while a frozen node's freeze is not confirmed (``_note_waiting``): a staged
+node, or a switching one whose Switch its agent never got (``Engine._gated_switch``)."""
 
 IDLE_TICK_SECONDS = 60.0
 """The loop's tick while no rollout is live (none, or only one that waits for its finalize):
@@ -174,6 +176,10 @@ class Engine:
         # long an agent that never answers again may still hold a freeze (``_lease_ran_out``).
         self.freeze_sent: dict[tuple[str, str], float] = {}
         self.began = monotonic()
+        # Switching nodes whose Switch the step's gate holds and whose agent said it has no
+        # switch of the rollout (``_gated_switch``): True once the rollout drains (the plan
+        # skips them: ``unsent``; none is sent then), False while it runs (they wait).
+        self.unsent: dict[tuple[str, str], bool] = {}
         # A step that gets no (good) answer: since when (monotonic, wall) and how often.
         self.trouble: dict[StepKey, tuple[float, dt.datetime, int]] = {}
         # ``--cert-dir``: the running rollout's keys, until each node has staged its own.
@@ -288,6 +294,7 @@ class Engine:
             prepare_ahead=self.prepare_ahead,
             census=row.census,  # kept with the row: the pass reads only the nodes it names
             lapsed=lapsed,
+            unsent=self._unsent(row),
         )
         before = row
         rollout, moved = planner.plan_moves(row.rollout, lambda n: before.node(n)[0], plan)
@@ -480,15 +487,23 @@ class Engine:
         task = self.tasks.get(key)
         if task is not None and not task.done():
             return
+        gated = False
         if step.step is Step.SWITCH and row.rollout.freeze is FreezeMode.SCOPE:
-            now = self.monotonic()
-            unconfirmed = [
-                r.name
-                for r in row.records
-                if r.scope_frozen and now >= self.confirmed.get((row.rollout.id, r.name), 0.0)
-            ]
-            if unconfirmed:  # _renew_freezes is freezing them again; the switch waits
+            at = (row.rollout.id, step.node)
+            unsent = self.unsent.get(at)
+            if unsent:  # the rollout drains and its agent has none: never sent (it is skipped)
                 return
+            now = self.monotonic()
+            # A frozen node's freeze unconfirmed: _renew_freezes is freezing it again, and no
+            # new Switch goes out meanwhile (``_gated_switch``).
+            gated = any(
+                r.scope_frozen and now >= self.confirmed.get((row.rollout.id, r.name), 0.0)
+                for r in row.records
+            )
+            if gated and unsent is False and not self._draining(row):
+                return  # its agent has none (asked once): it waits (``_note_waiting``)
+            if not gated:
+                self.unsent.pop(at, None)
         if self.monotonic() < self.not_before.get(key, 0.0):
             return
         # A node's FREEZE and UNFREEZE never run at once: its agent could get them in either
@@ -498,10 +513,43 @@ class Engine:
             running = self.tasks.get((row.rollout.id, step.node, other))
             if running is not None and not running.done():
                 return
-        task = self.tasks[key] = asyncio.create_task(
-            self._run_step(row, step, fresh=fresh), name=str(key)
-        )
+        run = self._gated_switch(row, step) if gated else self._run_step(row, step, fresh=fresh)
+        task = self.tasks[key] = asyncio.create_task(run, name=str(key))
         task.add_done_callback(functools.partial(self._forget, key))
+
+    async def _gated_switch(self, row: RolloutRow, step: planner.StepAction) -> None:
+        """``--freeze scope``: a node's switch while a frozen node's freeze is not confirmed
+        (``_ensure_step``), when no new Switch may go out. A switch its agent already has
+        (sent by a leader before a restart, or its answer lost) is no new one: it is followed
+        at once. Held, that watch waited for good for a dead frozen node after a restart (this
+        process has no confirmations), an abort too, which skips no node in flight (review 2
+        of session 32, F2). A switch the agent has not got waits while the rollout runs
+        (``_note_waiting`` says why; the agent is not asked again: only this process could
+        send it one), and once the rollout drains the plan skips the node (``unsent``)."""
+        rollout = row.rollout
+        started = (self.monotonic(), self.clock())
+        try:
+            agent = await self.agents.get(step.node)
+            begun = await strategy_for(rollout).switch_begun(agent, rollout.id)
+        except (TransientError, StepFailed, TimeoutError) as exc:  # unknown: it may have begun
+            await self._trouble(row, step, str(exc) or "no answer", None, started)
+            return
+        if begun:
+            await self._run_step(row, step)
+            return
+        self.unsent[(rollout.id, step.node)] = self._draining(row)
+        self.wake.set()  # the pass notes it, or skips it
+
+    def _draining(self, row: RolloutRow) -> bool:
+        """Whether ``row``'s rollout halts or aborts, as the last write left it (for good)."""
+        fresh = self.schema.kept(row.rollout.id, settled=True)
+        return (fresh or row).rollout.state in DRAINING_ROLLOUT_STATES
+
+    def _unsent(self, row: RolloutRow) -> frozenset[str]:
+        """The plan's ``unsent``: ``row``'s switching nodes whose agent has no switch of the
+        draining rollout, held at the step's gate (``_gated_switch``)."""
+        rid = row.rollout.id
+        return frozenset(name for (r, name), drains in self.unsent.items() if r == rid and drains)
 
     def _forget(self, key: StepKey, task: asyncio.Task[None]) -> None:
         """A step task ended: drop it (every step of every rollout was kept for the leader's
@@ -695,7 +743,7 @@ class Engine:
 
     def _forget_ended(self, live: str | None) -> None:
         """What the engine keeps per rollout is of the live one only (``live``; None: none
-        is): ``not_before``, ``trouble``, ``renewed``, ``confirmed``, ``revoked``,
+        is): ``not_before``, ``trouble``, ``renewed``, ``confirmed``, ``unsent``, ``revoked``,
         ``auth_known``, ``facts``, ``switched_here``, ``signed`` and ``checks`` (a check still
         pending is cancelled). Found with ``bench.simagents --rollouts``: ``revoked`` and
         ``auth_known`` kept the names of a rollout's done nodes for the leader's life (two
@@ -719,6 +767,7 @@ class Engine:
             self.renewed,
             self.confirmed,
             self.freeze_sent,
+            self.unsent,
             self.revoked,
             self.auth_known,
             self.facts,
@@ -907,6 +956,7 @@ class Engine:
                 prepare_ahead=self.prepare_ahead,
                 census=after.census,
                 lapsed=self._lapsed(after),
+                unsent=self._unsent(after),
             )
         except Exception:  # the loop's pass meets it again, and logs it
             return (), []
@@ -1002,10 +1052,13 @@ class Engine:
         )
 
     async def _note_waiting(self, row: RolloutRow, lapsed: frozenset[str]) -> None:
-        """``--freeze scope``: a node staged for its switch says which nodes' freezes it
-        waits for (``_lapsed``); the note goes once it no longer waits."""
+        """``--freeze scope``: a node staged for its switch, or switching with its Switch held
+        at the step's gate (``_gated_switch``), says which nodes' freezes it waits for
+        (``_lapsed``); the note goes once it no longer waits."""
+        rid = row.rollout.id
         for r in row.records:
-            waits = r.state is NodeState.STAGED and bool(lapsed)
+            held = r.state is NodeState.SWITCHING and self.unsent.get((rid, r.name)) is False
+            waits = (r.state is NodeState.STAGED or held) and bool(lapsed)
             note = f"{WAITS_FOR_FREEZE}{', '.join(sorted(lapsed))}" if waits else ""
             if r.reason != note and (waits or r.reason.startswith(WAITS_FOR_FREEZE)):
                 step = planner.StepAction(r.name, Step.SWITCH, row.rollout.epoch)

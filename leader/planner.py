@@ -469,6 +469,7 @@ def next_actions(
     prepare_ahead: int = 0,
     census: Census | None = None,
     lapsed: Collection[str] = frozenset(),
+    unsent: Collection[str] = frozenset(),
 ) -> Plan:
     """Decide what happens now; safe to call any number of times (it only reads).
 
@@ -481,7 +482,11 @@ def next_actions(
     ``lapsed`` (``--freeze scope``): nodes recorded ``scope_frozen`` whose freeze the leader
     cannot count on now (no confirmation within what its lease still covers, or none seen by
     this process): no node switches while one is, and they are frozen again, as a node not
-    yet frozen is. The waiting node stays ``staged`` (an abort skips it), not ``switching``."""
+    yet frozen is. The waiting node stays ``staged`` (an abort skips it), not ``switching``.
+    ``unsent`` (``--freeze scope``): ``switching`` nodes whose Switch the engine holds for such
+    a node and whose agent has no switch of this rollout (a leader restarted meanwhile:
+    ``Engine._gated_switch``): a halt or an abort skips them (``skip_unsent``), as it skips
+    a staged node; never while the rollout runs or pauses."""
     if census is None:
         records: Sequence[NodeRecord] = _in_order(rollout, nodes)
         census = Census.of(records)
@@ -515,6 +520,8 @@ def next_actions(
         gates = _ABORT_SKIPS if state is RolloutState.ABORTING else _HALT_SKIPS
         for at in tally.among(gates):
             emit(at, NodeEvent.SKIP, why)
+        for at in [at for at in tally.at(NodeState.SWITCHING) if name(at) in unsent]:
+            emit(at, NodeEvent.SKIP_UNSENT, f"{why}; its switch was never sent")
 
     if not CHANGES[rollout.change].stages_certificate:
         for at in list(tally.at(NodeState.STAGING)):

@@ -28,13 +28,17 @@ orders, through these states::
     pending/staged ─skip→ skipped                    (rollout halting or aborting)
     preflight/staging ─skip→ skipped                 (rollout aborting: nothing was changed)
     staging ─stage_skipped→ staged                   (the change stages no certificate)
+    switching ─skip_unsent→ skipped                  (rollout halting or aborting, and the
+                                                      agent has no switch of it: never sent)
 
 Two kinds of node state:
 
 * *gates* (``pending``, ``staged``): the node waits for the planner. Only the planner emits the
   gate events ``start``, ``switch`` and ``skip`` — that is where ``max_parallel``, pause, halt,
   abort and the scope freeze are enforced. It also emits ``stage_skipped`` for a change that
-  stages no certificate (``CHANGES``), so no stage step runs for it.
+  stages no certificate (``CHANGES``), so no stage step runs for it, and ``skip_unsent`` for a
+  ``switching`` node of a draining rollout whose Switch the engine held and its agent never got
+  (``planner.next_actions``' ``unsent``: a leader restarted while a scope freeze lapsed).
 * *working* states (``preflight``, ``staging``, ``switching``, ``confirming``): exactly one step
   (``STEP_FOR_STATE``) runs; its outcome comes back from the engine as a *result* event.
 
@@ -151,6 +155,7 @@ class NodeEvent(StrEnum):
     STAGE_DONE = "stage_done"
     STAGE_FAILED = "stage_failed"
     STAGE_SKIPPED = "stage_skipped"
+    SKIP_UNSENT = "skip_unsent"  # a switch never sent, of a draining rollout (planner only)
     SWITCH_DONE = "switch_done"
     SWITCH_ROLLED_BACK = "switch_rolled_back"
     SWITCH_FAILED = "switch_failed"
@@ -415,6 +420,7 @@ NODE_TRANSITIONS: Mapping[NodeState, Mapping[NodeEvent, NodeState]] = {
         _NE.SWITCH_DONE: _N.CONFIRMING,
         _NE.SWITCH_ROLLED_BACK: _N.ROLLED_BACK,
         _NE.SWITCH_FAILED: _N.NEEDS_ATTENTION,
+        _NE.SKIP_UNSENT: _N.SKIPPED,
     },
     _N.CONFIRMING: {
         _NE.CONFIRM_DONE: _N.DONE,
@@ -438,7 +444,9 @@ for a rollout awaiting finalize, from the engine: ``LINKED_ROLLOUT_EVENTS``)."""
 LINKED_ROLLOUT_EVENTS = frozenset({_RE.FINALIZED, _RE.TAKEN_BACK})
 """What a linked rollout's end does to the transitional rollout awaiting finalize."""
 
-PLANNER_NODE_EVENTS = frozenset({_NE.START, _NE.SWITCH, _NE.SKIP, _NE.STAGE_SKIPPED})
+PLANNER_NODE_EVENTS = frozenset(
+    {_NE.START, _NE.SWITCH, _NE.SKIP, _NE.STAGE_SKIPPED, _NE.SKIP_UNSENT}
+)
 """Gate events: only the planner emits them (it enforces max_parallel, pause, halt, freeze,
 and skips the stage step of a change that stages nothing)."""
 

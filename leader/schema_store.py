@@ -142,6 +142,31 @@ class ClientsInfo:
 
 
 MAX_CLIENTS = 256  # per node, as the agent sends at most
+CLIENTS_FULL = (
+    f"more clients seen than a report carries ({MAX_CLIENTS}): one on http may be left out, "
+    "so who is on http cannot be told"
+)
+"""A node's report problem while its stored clients are at ``MAX_CLIENTS``. An agent reports
+the ``MAX_CLIENTS`` most recently seen and the leader keeps as many (``write_clients``): past
+that, a workstation on http can be left out, its sighting missing from the node's last http
+time and from its clients, and ``--when-quiet`` took the node for quiet (a plain finalize's
+refusal, the schema and the viewer missed the workstation). Below the cap nothing seen
+within the window was left out: a row is dropped only while the node is at the cap, and only
+when older than every row kept, so the cap is left only once what was dropped has expired.
+Who is on http there cannot be told, as with a report naming a problem: the when-quiet node
+waits, a plain finalize refuses it (``--force`` goes on), the schema says why."""
+
+
+@dataclass(frozen=True)
+class Shown:
+    """What a view of the schema shows together, read at one moment (``SchemaStore.shown``)."""
+
+    rows: list[RolloutRow | RolloutHead]
+    total: int  # how many rollouts are stored (as ``newest`` counts them; 0: not counted)
+    pending: set[str]  # ``pending_password_nodes``
+    clients: list[Client]  # ``clients_report``
+    infos: dict[str, ClientsInfo]
+    nodes: list[sqlite3.Row]  # what ``shown``'s ``nodes`` read (the enrolled nodes' rows)
 
 
 @dataclass(frozen=True)
@@ -341,6 +366,10 @@ class SchemaStore(LeaderStore):
         with self._db.read() as db:
             return self._get(db, rollout_id)
 
+    def get_in(self, db: sqlite3.Connection, rollout_id: str) -> RolloutRow | None:
+        """``get`` inside a read already held (``shown``)."""
+        return self._get(db, rollout_id)
+
     def _get(self, db: sqlite3.Connection, rollout_id: str) -> RolloutRow | None:
         """Under the lock: ``get`` (for a read that also looks at something else)."""
         kept = self._db.cache.get(_key(rollout_id))
@@ -384,17 +413,20 @@ class SchemaStore(LeaderStore):
         nodes = tuple(_node(by_name[name]) for name in rollout.order)
         return RolloutRow(rollout, meta, nodes)
 
-    def _rows(self, ids: Sequence[str]) -> list[RolloutRow]:
-        """The rollouts ``ids`` (those still stored), kept ones from memory; a listing of the
-        history does not push the active rollout out of memory."""
-        with self._db.read() as db:
-            found = (self._db.cache.get(_key(i)) or self._read(db, i) for i in ids)
-            return [row for row in found if row is not None]
+    def _rows(self, db: sqlite3.Connection, ids: Sequence[str]) -> list[RolloutRow]:
+        """Under the lock: the rollouts ``ids`` (those still stored), kept ones from memory; a
+        listing of the history does not push the active rollout out of memory."""
+        found = (self._db.cache.get(_key(i)) or self._read(db, i) for i in ids)
+        return [cast(RolloutRow, row) for row in found if row is not None]
 
     def all(self) -> list[RolloutRow]:
         with self._db.read() as db:
-            ids = [r["id"] for r in db.execute("SELECT id FROM rollouts ORDER BY epoch DESC")]
-        return self._rows(ids)
+            return self.all_in(db)
+
+    def all_in(self, db: sqlite3.Connection) -> list[RolloutRow]:
+        """``all`` inside a read already held (``shown``)."""
+        ids = [r["id"] for r in db.execute("SELECT id FROM rollouts ORDER BY epoch DESC")]
+        return self._rows(db, ids)
 
     def listed(self, whole: str | None = None) -> list[RolloutRow | RolloutHead]:
         """Every stored rollout, newest first, for a list of them (the viewer's page): the
@@ -403,16 +435,22 @@ class SchemaStore(LeaderStore):
         objects per stored 500-node rollout, and an open page looked again at each write
         (issue 15)."""
         with self._db.read() as db:
-            heads = db.execute("SELECT * FROM rollouts ORDER BY epoch DESC").fetchall()
-            listed: list[RolloutRow | RolloutHead] = []
-            for i, r in enumerate(heads):
-                rollout_id = r["id"]
-                if i == 0 or rollout_id == whole:
-                    row = self._db.cache.get(_key(rollout_id)) or self._read(db, rollout_id)
-                    if row is not None:
-                        listed.append(cast(RolloutRow, row))
-                else:
-                    listed.append(RolloutHead(*_head(r)))
+            return self.listed_in(db, whole)
+
+    def listed_in(
+        self, db: sqlite3.Connection, whole: str | None = None
+    ) -> list[RolloutRow | RolloutHead]:
+        """``listed`` inside a read already held (``shown``)."""
+        heads = db.execute("SELECT * FROM rollouts ORDER BY epoch DESC").fetchall()
+        listed: list[RolloutRow | RolloutHead] = []
+        for i, r in enumerate(heads):
+            rollout_id = r["id"]
+            if i == 0 or rollout_id == whole:
+                row = self._db.cache.get(_key(rollout_id)) or self._read(db, rollout_id)
+                if row is not None:
+                    listed.append(cast(RolloutRow, row))
+            else:
+                listed.append(RolloutHead(*_head(r)))
         return listed
 
     def switch_times(self) -> tuple[list[float], list[float]]:
@@ -456,20 +494,24 @@ class SchemaStore(LeaderStore):
                     (rollout_id, rollout_id),
                 )
             ]
-        return self._rows(ids)
+            return self._rows(db, ids)
 
     def newest(self, limit: int) -> tuple[list[RolloutRow], int]:
         """The newest ``limit`` rollouts (newest first) and how many are stored: ``schema
         show`` draws the active or latest one, not every rollout ever stored."""
         with self._db.read() as db:
-            total = int(db.execute("SELECT count(*) FROM rollouts").fetchone()[0])
-            ids = [
-                r["id"]
-                for r in db.execute(
-                    "SELECT id FROM rollouts ORDER BY epoch DESC LIMIT ?", (max(limit, 0),)
-                )
-            ]
-        return self._rows(ids), total
+            return self.newest_in(db, limit)
+
+    def newest_in(self, db: sqlite3.Connection, limit: int) -> tuple[list[RolloutRow], int]:
+        """``newest`` inside a read already held (``shown``)."""
+        total = int(db.execute("SELECT count(*) FROM rollouts").fetchone()[0])
+        ids = [
+            r["id"]
+            for r in db.execute(
+                "SELECT id FROM rollouts ORDER BY epoch DESC LIMIT ?", (max(limit, 0),)
+            )
+        ]
+        return self._rows(db, ids), total
 
     def served_certificates(self) -> dict[str, tuple[str, dt.datetime]]:
         """Per node, the certificate it serves on 8443 as the rollouts recorded it
@@ -533,7 +575,7 @@ class SchemaStore(LeaderStore):
         """Transitional rollouts awaiting finalize (at most one, but read as a list)."""
         with self._db.read() as db:
             ids = [rollout_id for rollout_id, state in self._live(db) if state == _AWAITING]
-        return self._rows(ids)
+            return self._rows(db, ids)
 
     def follower(self, rollout_id: str) -> RolloutRow | None:
         """The newest rollout that finalizes ``rollout_id`` or takes it back."""
@@ -591,6 +633,30 @@ class SchemaStore(LeaderStore):
         writing on http, session 32)."""
         with self._db.read() as db:
             return _clients(db, nodes), _clients_info(db)
+
+    def shown(
+        self,
+        rollouts: Callable[[sqlite3.Connection], tuple[Sequence[RolloutRow | RolloutHead], int]],
+        *,
+        clients: bool = True,
+        nodes: Callable[[sqlite3.Connection], list[sqlite3.Row]] | None = None,
+    ) -> Shown:
+        """What a view of the schema shows together (``schema show``, the viewer), in one read:
+        the rollouts ``rollouts`` reads (with ``get_in``, ``newest_in``, ``all_in`` or
+        ``listed_in``, and how many are stored), the nodes whose password is behind, the
+        agents' client report (``clients_report``; unless not ``clients``) and the rows
+        ``nodes`` reads (the enrolled nodes: ``Store.node_rows``). Read apart, a write between
+        the reads showed a node ``done`` beside its old password, or a report beside rollouts
+        from before it (session 32's audit, L3). One read is one moment: every writer of the
+        leader's file shares this connection and its lock. The caller takes its ``now`` after
+        this: a view's time is never before what it shows (a report newer than ``now`` had a
+        negative age)."""
+        with self._db.read() as db:
+            rows, total = rollouts(db)
+            pending = self._pending(db)
+            seen, infos = (_clients(db, None), _clients_info(db)) if clients else ([], {})
+            enrolled = nodes(db) if nodes is not None else []
+        return Shown(list(rows), total, pending, seen, infos, enrolled)
 
     # --- writing ------------------------------------------------------------------------------
 
@@ -990,7 +1056,7 @@ class SchemaStore(LeaderStore):
 
     def latest_auth_version(self) -> int:
         with self._db.read() as db:
-            row = db.execute("SELECT COALESCE(MAX(version), 0) FROM auth_versions").fetchone()
+            row = db.execute(_LATEST_AUTH).fetchone()
         return int(row[0])
 
     def verifier(self, version: int) -> str:
@@ -1006,15 +1072,26 @@ class SchemaStore(LeaderStore):
         """The auth password version live on each node that has one (kept in memory, like
         rollouts: ``get``)."""
         with self._db.read() as db:
-            kept = self._db.cache.get(_AUTH)
-            if kept is None:
-                rows = db.execute("SELECT name, version FROM node_auth").fetchall()
-                kept = self._db.cache[_AUTH] = {r["name"]: r["version"] for r in rows}
-            return dict(kept)
+            return dict(self._node_auth(db))
+
+    def _node_auth(self, db: sqlite3.Connection) -> dict[str, int]:
+        """Under the lock: ``node_auth`` as kept (not a copy: not to be changed)."""
+        kept = self._db.cache.get(_AUTH)
+        if kept is None:
+            rows = db.execute("SELECT name, version FROM node_auth").fetchall()
+            kept = self._db.cache[_AUTH] = {r["name"]: r["version"] for r in rows}
+        return cast(dict[str, int], kept)
 
     def pending_password_nodes(self) -> set[str]:
-        latest = self.latest_auth_version()
-        return {name for name, v in self.node_auth().items() if v < latest}
+        """The nodes whose live password is older than the latest version: both read at once
+        (read apart, a write between them could mix two moments: session 32's audit, L3)."""
+        with self._db.read() as db:
+            return self._pending(db)
+
+    def _pending(self, db: sqlite3.Connection) -> set[str]:
+        """Under the lock: ``pending_password_nodes``."""
+        latest = int(db.execute(_LATEST_AUTH).fetchone()[0])
+        return {name for name, v in self._node_auth(db).items() if v < latest}
 
     def set_node_auth(self, name: str, version: int | None, now: dt.datetime) -> None:
         """Record the password live on a node (None: the node is back on http, none is)."""
@@ -1143,6 +1220,7 @@ class SchemaStore(LeaderStore):
 
 
 _ROWS, _AUTH = "rollout", ("node_auth",)  # what SchemaStore keeps in ``Database.cache``
+_LATEST_AUTH = "SELECT COALESCE(MAX(version), 0) FROM auth_versions"
 
 
 def _same_records(base: RolloutRow, before: RolloutRow, only: Collection[str] | None) -> bool:
@@ -1369,17 +1447,22 @@ def _clients(db: sqlite3.Connection, nodes: Sequence[str] | None) -> list[Client
 
 
 def _clients_info(db: sqlite3.Connection) -> dict[str, ClientsInfo]:
+    """Each node's report summary; one whose stored clients are at ``MAX_CLIENTS`` has
+    ``CLIENTS_FULL`` for its problem, unless its agent named one (``write_clients``)."""
     return {
         r["node"]: ClientsInfo(
             node=r["node"],
             window_seconds=r["window_seconds"],
             source=r["source"],
-            problem=r["problem"],
+            problem=r["problem"] or (CLIENTS_FULL if r["kept"] >= MAX_CLIENTS else ""),
             first_report=dt.datetime.fromisoformat(r["first_report"]),
             reported_at=dt.datetime.fromisoformat(r["reported_at"]),
             last_http_at=from_text(r["last_http_at"]),
         )
-        for r in db.execute("SELECT * FROM node_clients_info").fetchall()
+        for r in db.execute(
+            "SELECT i.*, (SELECT count(*) FROM node_clients c WHERE c.node = i.node) AS kept"
+            " FROM node_clients_info i"
+        ).fetchall()
     }
 
 
@@ -1398,7 +1481,8 @@ def write_clients(
     reference server keeps it in memory and phase 1 restarts it), and a workstation seen
     on http before that must still be named and still refuse a plain finalize. A row
     goes once its ``last_seen`` is older than the agent's window; at most
-    ``MAX_CLIENTS`` rows a node, the most recently seen (times compare as UTC ISO text)."""
+    ``MAX_CLIENTS`` rows a node, the most recently seen (times compare as UTC ISO text): at
+    the cap a client may be left out (``CLIENTS_FULL``)."""
     kept = sorted(clients, key=lambda c: c.last_seen, reverse=True)[:MAX_CLIENTS]
     last_http = max((c.last_seen for c in kept if c.scheme == "http"), default=None)
     db.executemany(

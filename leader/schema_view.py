@@ -10,9 +10,10 @@ import asyncio
 import datetime as dt
 import json
 import re
+import sqlite3
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import grpc
 
@@ -301,7 +302,10 @@ class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
         self, request: schema_pb2.GetSchemaRequest
     ) -> tuple[list[RolloutRow], int, dict[str, Any]]:
         """What ``GetSchema`` answers, read from the stores: the rollouts asked for, how many
-        are stored, and the rest of ``schema_message``'s arguments. In a worker thread."""
+        are stored, and the rest of ``schema_message``'s arguments. In a worker thread. The
+        rollouts, pending passwords and client report in one read (``SchemaStore.shown``),
+        and ``now`` after it."""
+        schema = self.schema
         if request.rollout_id:
             if not ROLLOUT_ID.fullmatch(request.rollout_id):
                 # Not echoed: the NOT_FOUND message would carry it, and a long one makes a
@@ -310,22 +314,33 @@ class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
                     "rollout_id is not a rollout id (1-64 letters, digits, '.', '_' or '-'); "
                     "see: tlsroll schema show"
                 )
-            row = self.schema.get(request.rollout_id)
-            if row is None:
-                raise not_found(f"no rollout {request.rollout_id!r} (see: tlsroll schema show)")
-            rows, total = [row], 0
+
+            def rollouts(db: sqlite3.Connection) -> tuple[list[RolloutRow], int]:
+                row = schema.get_in(db, request.rollout_id)
+                return ([row] if row is not None else []), 0
+
         elif request.limit:
-            rows, total = self.schema.newest(request.limit)
+
+            def rollouts(db: sqlite3.Connection) -> tuple[list[RolloutRow], int]:
+                return schema.newest_in(db, request.limit)
+
         else:
-            rows = self.schema.all()
-            total = len(rows)
-        now = self.clock()
-        clients, infos = self.schema.clients_report()  # one report: see ``clients_report``
+
+            def rollouts(db: sqlite3.Connection) -> tuple[list[RolloutRow], int]:
+                every = schema.all_in(db)
+                return every, len(every)
+
+        shown = schema.shown(rollouts)
+        if request.rollout_id and not shown.rows:
+            raise not_found(f"no rollout {request.rollout_id!r} (see: tlsroll schema show)")
+        rows = cast(list[RolloutRow], shown.rows)
+        total = shown.total
+        now = self.clock()  # after the read: never before what it shows
         parts: dict[str, Any] = {
-            "pending": self.schema.pending_password_nodes(),
+            "pending": shown.pending,
             "now": now,
-            "clients": clients,
-            "infos": infos,
+            "clients": shown.clients,
+            "infos": shown.infos,
         }
         if request.rollouts_only:
             return rows, total, parts

@@ -16,7 +16,7 @@ import json
 import re
 import sqlite3
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
@@ -588,9 +588,19 @@ class Store(LeaderStore):
             raise TokenRejected("join token not valid")
 
     def list_nodes(self, *, include_removed: bool = False) -> list[Node]:
-        where = "" if include_removed else " WHERE removed_at IS NULL"
         with self._db.read() as db:
-            rows = db.execute(f"{_NODES}{where} ORDER BY name").fetchall()
+            rows = self.node_rows(db, include_removed=include_removed)
+        return self.nodes_of(rows)
+
+    @staticmethod
+    def node_rows(db: sqlite3.Connection, *, include_removed: bool = False) -> list[sqlite3.Row]:
+        """``list_nodes``' read, inside a read already held (``SchemaStore.shown``)."""
+        where = "" if include_removed else " WHERE removed_at IS NULL"
+        return db.execute(f"{_NODES}{where} ORDER BY name").fetchall()
+
+    def nodes_of(self, rows: Sequence[sqlite3.Row]) -> list[Node]:
+        """The nodes of ``node_rows``' rows, with their heartbeats as ``list_nodes`` gives them
+        (outside the read: what this store keeps in memory has a lock of its own)."""
         return [self._with_seen(_node(r)) for r in rows]
 
     def get_node(self, name: str) -> Node:

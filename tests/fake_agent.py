@@ -38,6 +38,7 @@ from collections import Counter
 from collections.abc import AsyncIterator, Collection, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 
+import grpc
 from cryptography import x509
 
 from leader.agent_client import AgentApi, StepFailed, SwitchRefused
@@ -337,7 +338,8 @@ class FakeAgent:
         if txn is None:
             self._answered("not_found")
             raise StepFailed(
-                f"no {kind.value} transaction for rollout {request.rollout_id!r} (NOT_FOUND)"
+                f"no {kind.value} transaction for rollout {request.rollout_id!r} (NOT_FOUND)",
+                grpc.StatusCode.NOT_FOUND,
             )
         return self._message(txn)
 

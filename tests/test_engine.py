@@ -1694,6 +1694,133 @@ async def test_a_dead_frozen_node_that_failed_holds_the_switches_too(world: Worl
     await leader.stop()
 
 
+def switch_gets_no_answer(world: World, name: str) -> Callable[[], None]:
+    """``name``'s Switch never reaches its agent (logged "unreachable"); returns the undo."""
+    agent = world.agents[name]
+    real = agent.switch
+
+    async def lost(request: agent_pb2.SwitchRequest) -> agent_pb2.Transaction:
+        command = request.command
+        world.agents.log(agent, "switch", command.rollout_id, command.epoch, "unreachable")
+        raise TransientError(f"agent {name}: unreachable")
+
+    agent.switch = lost  # type: ignore[method-assign]
+
+    def undo() -> None:
+        agent.switch = real  # type: ignore[method-assign]
+
+    return undo
+
+
+async def test_a_restarted_leader_s_abort_skips_a_switch_held_for_a_dead_frozen_node_never_sent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review 2 of session 32, F2: charlie is ``switching`` (its Switch never answered), the
+    leader dies, bravo (switched, frozen for the others) dies too, and a new leader starts:
+    it has seen no confirmation, bravo never confirms, and the step's gate held charlie's
+    switch for good; an abort does not skip a node in flight, so the rollout stayed
+    ``aborting`` with every live node frozen. The gate holds only a new Switch: it asks the
+    agent, and one that has no switch of this rollout is skipped once the rollout drains."""
+    world = make_world(tmp_path, monkeypatch)
+    lease = 6
+    first = world.boot(freeze_lease=lease)
+    await first.start(freeze=FreezeMode.SCOPE)
+    restore = switch_gets_no_answer(world, "charlie")
+    await first.run(until=lambda _r: bool(world.agents.calls_to("charlie", "switch")))
+    await first.crash()
+    restore()  # charlie's agent is fine: its Switch never arrived
+    world.agents["bravo"].unreachable = 10**6  # its machine died
+    seen = len(world.agents.calls)
+    second = world.boot(freeze_lease=lease)
+    await second.control(RolloutAction.ABORT)
+    row = await second.run(passes=400)
+
+    assert row.rollout.state is R.ABORTED, states(row)
+    charlie = node(row.records, "charlie")
+    assert charlie.state is N.SKIPPED and "rollout aborted" in charlie.reason, charlie
+    assert "never sent" in charlie.reason, charlie
+    assert not [c for c in world.agents.calls[seen:] if c.method == "switch"]
+    assert not world.agents["charlie"].txns
+    assert not world.agents["charlie"].frozen and not world.agents["alpha"].frozen
+    await second.stop()
+
+
+async def test_a_restarted_leader_follows_a_switch_begun_before_though_a_frozen_node_is_dead(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review 2 of session 32, F2, the other half: the Switch the old leader sent has begun
+    on charlie. Following it is no new switch: the new leader watches it to its end though
+    bravo's freeze is not confirmed (the gate held that watch for good), and only the next
+    switch waits (alpha stays ``staged``, saying why); an abort then ends the rollout."""
+    world = make_world(tmp_path, monkeypatch)
+    lease = 6
+    first = world.boot(freeze_lease=lease)
+    await first.start(freeze=FreezeMode.SCOPE)
+    charlie = world.agents["charlie"]
+    real = charlie.get_transaction
+
+    async def lost(request: agent_pb2.GetTransactionRequest) -> agent_pb2.Transaction:
+        raise TransientError("agent charlie: unreachable")  # the Switch's answer was lost
+
+    charlie.get_transaction = lost  # type: ignore[method-assign]
+    await first.run(until=lambda _r: bool(charlie.txns))
+    await first.crash()
+    charlie.get_transaction = real  # type: ignore[method-assign]
+    assert charlie.applied["switch"] == 1
+    world.agents["bravo"].unreachable = 10**6
+    second = world.boot(freeze_lease=lease)
+    row = await second.run(
+        until=lambda r: (
+            node(r.records, "alpha").state is N.STAGED and node(r.records, "alpha").reason != ""
+        ),
+        passes=400,
+    )
+    assert node(row.records, "charlie").state is N.DONE, states(row)
+    assert charlie.applied["switch"] == 1  # followed, not begun again
+    assert "bravo" in node(row.records, "alpha").reason
+    assert not world.agents.calls_to("alpha", "switch")
+    await second.control(RolloutAction.ABORT)
+    row = await second.run(passes=400)
+    assert row.rollout.state is R.ABORTED, states(row)
+    assert not charlie.frozen and not world.agents["alpha"].frozen
+    await second.stop()
+
+
+async def test_a_restarted_leader_holds_a_switch_never_sent_while_a_frozen_node_is_away(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """While the rollout runs, a switch its agent never got waits for every frozen node's
+    confirmation, as before, and now says so on the node (it said nothing); the agent is
+    asked once, not at every pass. Once bravo is back and confirms, charlie switches."""
+    world = make_world(tmp_path, monkeypatch)
+    lease = 6
+    first = world.boot(freeze_lease=lease)
+    await first.start(freeze=FreezeMode.SCOPE)
+    restore = switch_gets_no_answer(world, "charlie")
+    await first.run(until=lambda _r: bool(world.agents.calls_to("charlie", "switch")))
+    await first.crash()
+    restore()
+    bravo = world.agents["bravo"]
+    bravo.unreachable = 10**6
+    seen, since = len(world.agents.calls), world.clock.monotonic()
+    second = world.boot(freeze_lease=lease)
+    row = await second.run(until=lambda _r: world.clock.monotonic() > since + 10 * lease)
+    charlie = node(row.records, "charlie")
+    assert charlie.state is N.SWITCHING and "scope freeze of bravo" in charlie.reason, charlie
+    later = world.agents.calls[seen:]
+    assert not [c for c in later if c.method == "switch"]
+    asked = [c for c in later if c.method == "get_transaction" and c.node == "charlie"]
+    assert len(asked) == 1, asked
+    bravo.unreachable = 0
+    row = await second.run(passes=400)
+    assert row.rollout.state is R.COMPLETED and states(row) == ALL_DONE
+    assert node(row.records, "charlie").reason == ""
+    for c in world.agents.calls[seen:]:
+        if c.method == "switch":
+            assert c.frozen == frozenset(ORDER), c
+    await second.stop()
+
+
 async def test_an_unfreeze_the_agent_refuses_is_not_taken_for_a_lapsed_lease(
     world: World,
 ) -> None:
@@ -2598,5 +2725,45 @@ async def test_when_quiet_reads_a_nodes_report_whole_even_when_the_next_one_comm
     try:
         held = await leader.engine._held_for_quiet(cast(RolloutRow, row))
         assert held == {node}, reads  # the stayer wrote on http 1 s ago: not quiet
+    finally:
+        leader.store.close()
+
+
+async def test_when_quiet_holds_a_node_whose_report_may_have_left_an_http_client_out(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An agent reports at most ``MAX_CLIENTS`` clients, the most recently seen, and the leader
+    keeps as many per node. With more, a workstation on http can be left out of a report: its
+    sighting never moved the node's last http time, and ``--when-quiet`` took the node for
+    quiet while that workstation still wrote on http. A node whose stored clients are at the
+    cap may miss one: who is on http there cannot be told, as with a report naming a problem
+    (the node waits; a plain finalize refuses it; the schema says why)."""
+    world = make_world(tmp_path, monkeypatch)
+    leader = world.boot()
+    now = world.clock.wall()
+    node = next(iter(NODES))
+    ago = dt.timedelta
+
+    def report(at: dt.datetime, clients: list[Client]) -> None:
+        leader.schema.record_clients(
+            node, clients, window_seconds=86400, source="refserver", problem="", now=at
+        )
+
+    stayer = Client(node, "http", "10.9.0.2", "stayer", now - ago(minutes=5), now - ago(seconds=60))
+    report(now - ago(seconds=59), [stayer])
+    # The stayer writes on http again 5 s ago; since then 256 others were seen on https: the
+    # agent's next report carries those 256, the most recently seen, and not the stayer.
+    others = [
+        Client(node, "https", f"10.9.1.{i}", f"ws-{i}", now - ago(seconds=4), now - ago(seconds=1))
+        for i in range(256)
+    ]
+    report(now, others)
+    pending = NodeRecord(name=node, state=NodeState.PENDING)
+    row = SimpleNamespace(meta=SimpleNamespace(when_quiet=30), records=(pending,))
+    try:
+        held = await leader.engine._held_for_quiet(cast(RolloutRow, row))
+        assert held == {node}  # the stayer wrote on http 5 s ago: not quiet
+        _clients, infos = leader.schema.clients_report([node])
+        assert "cannot be told" in infos[node].problem, infos[node]
     finally:
         leader.store.close()

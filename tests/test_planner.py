@@ -34,6 +34,7 @@ from leader.planner import (
     held_for_quiet,
     next_actions,
     order_nodes,
+    plan_moves,
     plan_rollout,
     report_stale_after,
     stale_reports,
@@ -487,6 +488,31 @@ def test_scope_freeze_leaves_out_failed_nodes() -> None:
     eng.succeed("b")
     plan = eng.succeed("b")
     assert plan.nodes_with_step(Step.FREEZE) == ("b", "c")
+
+
+def test_a_drain_skips_a_switching_node_whose_switch_was_never_sent_and_only_then() -> None:
+    """``unsent`` (the engine held the node's Switch for a lapsed scope freeze and its agent
+    has none: review 2 of session 32, F2): a halt or an abort skips the node, with a reason;
+    while the rollout runs or pauses it stays ``switching``, and a node not named stays."""
+    eng = Engine.cluster(freeze=FreezeMode.SCOPE, max_parallel=2)
+    eng.admin(RE.START)
+    for name in ("a", "b"):
+        eng.succeed(name)
+        eng.succeed(name)
+    eng.ack(eng.plan())
+    assert eng.states() == {"a": N.SWITCHING, "b": N.SWITCHING, "c": N.PENDING}
+    for state in (R.RUNNING, R.PAUSED):
+        rollout = replace(eng.rollout, state=state)
+        assert not next_actions(rollout, eng.nodes, unsent={"a"}).node_events
+    for state, why in ((R.ABORTING, "rollout aborted"), (R.HALTING, "rollout halted")):
+        rollout = replace(eng.rollout, state=state)
+        plan = next_actions(rollout, eng.nodes, unsent={"a"})
+        assert plan.nodes_with_event(NE.SKIP_UNSENT) == ("a",)
+        assert steps(plan) == {"b": Step.SWITCH}
+        _, moved = plan_moves(rollout, eng.node, plan)
+        skipped = next(r for r in moved if r.name == "a")
+        assert skipped.state is N.SKIPPED
+        assert skipped.reason == f"{why}; its switch was never sent"
 
 
 def test_steps_carry_the_epoch() -> None:

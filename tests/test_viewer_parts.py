@@ -23,9 +23,17 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from leader import planner, schema_store
 from leader.layout import Layout
-from leader.rollout_core import Change, NodeEvent, NodeState, RolloutEvent, RolloutState, Scope
+from leader.rollout_core import (
+    Change,
+    Client,
+    NodeEvent,
+    NodeState,
+    RolloutEvent,
+    RolloutState,
+    Scope,
+)
 from leader.schema_store import BootstrapFailureRow, RolloutMeta, RolloutRow, SchemaStore
-from leader.schema_view import schema_message
+from leader.schema_view import SchemaViewService, schema_message
 from leader.states import GrantState
 from leader.store import NodeCert, NotFound, Store
 from leader.viewer import app as viewer_app
@@ -515,13 +523,13 @@ def test_a_write_sends_an_open_page_the_rows_it_changed_and_draws_only_them(
     reader = Reader(store, schema, lambda: NOW, lambda _: True, [])
     # The page draws no workstation: its reads leave the client report out (O(clients)).
     reports: list[int] = []
-    report = schema.clients_report
+    report = schema_store._clients
 
-    def counted() -> Any:
+    def counted(*args: Any) -> Any:
         reports.append(1)
-        return report()
+        return report(*args)
 
-    monkeypatch.setattr(schema, "clients_report", counted)
+    monkeypatch.setattr(schema_store, "_clients", counted)
 
     def step(name: str, event: NodeEvent) -> None:
         nonlocal row
@@ -580,6 +588,40 @@ def test_a_write_sends_an_open_page_the_rows_it_changed_and_draws_only_them(
 
 def event_state(event: NodeEvent) -> str:
     return {NodeEvent.START: "preflight", NodeEvent.PREFLIGHT_PASSED: "staging"}[event]
+
+
+@pytest.mark.parametrize("view", ["schema show", "viewer"])
+def test_a_view_s_time_is_never_before_what_it_shows(store: Store, view: str) -> None:
+    """Session 32's audit, L3: ``schema show`` took its ``now`` before it read the agents'
+    client report (the viewer before every read), in reads apart: a report that committed in
+    between was shown newer than the view's time (a negative age). The parts are one read
+    now, and ``now`` is taken after it."""
+    schema = SchemaStore(store.db)
+    start_rollout(schema, "r1", Change.ENABLE_TLS)
+    later = NOW + dt.timedelta(seconds=1)
+    written: list[bool] = []
+
+    def clock() -> dt.datetime:
+        if not written:  # a report commits right after the view took its time
+            written.append(True)
+            seen = Client("a", "http", "10.0.0.7", "ws-7", later, later, 3)
+            schema.record_clients(
+                "a", [seen], window_seconds=3600, source="refserver", problem="", now=later
+            )
+        return NOW
+
+    if view == "schema show":
+        service = SchemaViewService(schema, clock)
+        message = service._answer(schema_pb2.GetSchemaRequest(limit=1), None)
+    else:
+        message = Reader(store, schema, clock, lambda _: True, []).read().schema
+    generated = message.generated_at.ToDatetime(tzinfo=dt.UTC)
+    shown = [v.reported_at.ToDatetime(tzinfo=dt.UTC) for v in message.node_clients]
+    shown += [
+        c.last_seen.ToDatetime(tzinfo=dt.UTC) for v in message.node_clients for c in v.still_on_http
+    ]
+    assert written
+    assert all(at <= generated for at in shown), (generated, shown)
 
 
 def test_a_snapshot_read_again_after_writes_is_a_fresh_readers(store: Store) -> None:

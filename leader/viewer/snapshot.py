@@ -10,6 +10,7 @@ what ``tlsroll schema show --json`` prints.
 from __future__ import annotations
 
 import datetime as dt
+import sqlite3
 import threading
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
@@ -19,7 +20,7 @@ from typing import Any
 from cryptography import x509
 
 from leader.rollout_core import NodeState
-from leader.schema_store import AuditEvent, SchemaStore
+from leader.schema_store import AuditEvent, RolloutHead, RolloutRow, SchemaStore
 from leader.schema_view import Made, schema_message
 from leader.store import Store
 from tlsroll import pki, wire
@@ -160,12 +161,20 @@ class Reader:
         open page reads again after each write (issue 15). ``times``: with ``switch_times``.
         ``clients``: with the workstations each node's server saw (``node_clients``, each node's
         ``still_on_http``); the pages draw neither, and at 500 nodes with two workstations each
-        the report was a third of a read after a write (issue 15)."""
+        the report was a third of a read after a write (issue 15). The rollouts, pending
+        passwords, enrolled nodes and client report are of one read (``SchemaStore.shown``),
+        and ``now`` is taken after it: read apart, and ``now`` first, a write between them
+        showed parts of two moments, and a report newer than ``now`` (session 32's audit,
+        L3)."""
+        schema = self.schema
+
+        def rollouts(db: sqlite3.Connection) -> tuple[list[RolloutRow | RolloutHead], int]:
+            return (list(schema.all_in(db)) if every else schema.listed_in(db, rollout_id)), 0
+
+        shown = schema.shown(rollouts, clients=clients, nodes=Store.node_rows)
+        rows, pending, seen, infos = shown.rows, shown.pending, shown.clients, shown.infos
+        enrolled = self.store.nodes_of(shown.nodes)
         now = self.clock()
-        rows = self.schema.all() if every else self.schema.listed(rollout_id)
-        pending = self.schema.pending_password_nodes()
-        enrolled = self.store.list_nodes()
-        seen, infos = self.schema.clients_report() if clients else ((), {})  # see its doc
         with self._lock:
             views = self._views
         made: Made = {}
@@ -197,7 +206,7 @@ class Reader:
                 online=not n.cert_revoked and self.online(n.last_heartbeat),
                 last_heartbeat=n.last_heartbeat,
                 # (a node an open renewal stream vouches for was heard "now" by the store's
-                # clock, read after ``now`` here: never a negative age)
+                # clock, another clock than ``now``'s: never a negative age)
                 heartbeat_age=max(0.0, (now - n.last_heartbeat).total_seconds())
                 if n.last_heartbeat
                 else None,
