@@ -160,6 +160,9 @@ FORWARD: dict[Phase, tuple[Action, Phase]] = {
     Phase.RESTARTED: (Action.VERIFY, Phase.VERIFIED),
     Phase.VERIFIED: (Action.UNFREEZE, Phase.COMPLETED),
 }
+# A freeze that finds the server down asks again after these waits (3 s in all) before it goes
+# on without: a server someone else restarts answers again within them.
+DOWN_RECHECK = (0.5, 1.0, 1.5)
 # Forward phases past the freeze whose next action needs it: resumed there, the runner checks
 # that the server is still frozen first (``_refreeze``). From ``verified`` on only the unfreeze
 # is left.
@@ -650,10 +653,12 @@ class Runner:
                 await dbthread.run(self.journal.event, txn, action, "begin")
             begun = None
             try:
-                if resumed:
-                    resumed = False
-                    if txn.phase in REFREEZE:
-                        txn = await self._refreeze(txn)
+                skipped = txn.phase is Phase.CONFIG_WRITTEN and txn.watermark is None
+                # (that one: the freeze found the server down; back by now, someone else's
+                # restart ended, it is frozen before the agent's own restart: s33 audit L3)
+                if (resumed and txn.phase in REFREEZE) or skipped:
+                    txn = await self._refreeze(txn)
+                resumed = False
                 if looking is not None:
                     task, looking = looking, None
                     changes = await task
@@ -882,8 +887,17 @@ class Runner:
             down = await self.driver.health()
             if down is None:
                 raise  # it answers and refused: a failure (writes still in flight, say)
+            # Down, or only being restarted by someone else (s33 audit L3): asked again for a
+            # few seconds; once it answers, it is frozen (a refusal then is a failure).
+            for wait in DOWN_RECHECK:
+                await self.sleep(wait)
+                if await self.driver.health() is None:
+                    log.info("txn.server_back", rollout_id=txn.rollout_id, kind=txn.kind)
+                    watermark = await self.driver.freeze(DRAIN_TIMEOUT)
+                    return {"watermark": watermark, "freeze_started_at": started}
             # Down: it takes no writes, so there is nothing to freeze and no watermark to keep.
-            # Going on writes the new config and starts the server; verify decides.
+            # Going on writes the new config and starts the server; verify decides. (Back before
+            # that start, it is frozen first: ``_refreeze`` at ``config_written``.)
             log.warning(
                 "txn.freeze_skipped",
                 rollout_id=txn.rollout_id,
@@ -895,12 +909,13 @@ class Runner:
         return {"watermark": watermark, "freeze_started_at": started}
 
     async def _refreeze(self, txn: Txn) -> Txn:
-        """A transaction resumed past its freeze (``REFREEZE``): freeze the server again if it
-        is not frozen (the agent's exit after a dying task lifts the freeze, ``_die``; a server
-        whose freeze does not outlive a restart loses it to someone else's restart), and
-        journal the new watermark before the next action, which the verify then compares.
-        Writes taken while it was lifted were acknowledged and are kept; none is lost. A server
-        that is down takes no writes: the steps go on as before (the restart starts it)."""
+        """Freeze the server again if it is not frozen, and journal the new watermark before
+        the next action, which the verify then compares: for a transaction resumed past its
+        freeze (``REFREEZE``: the agent's exit after a dying task lifts the freeze, ``_die``;
+        a server whose freeze does not outlive a restart loses it to someone else's restart),
+        and for one whose freeze found the server down, before its own restart. Writes taken
+        while it was not frozen were acknowledged and are kept; none is lost. A server that
+        is down takes no writes: the steps go on as before (the restart starts it)."""
         try:
             status = await self.driver.status()
         except DriverError:
