@@ -121,6 +121,14 @@ class Guard:
         self.sources.reset(source)
         self.names.reset(name)
 
+    def restore(self, times: list[float]) -> None:
+        """Count again, for the whole node, the failures an earlier run of the agent counted
+        (``times``: on this guard's clock, oldest first): its ceiling and its backoff. Those of
+        a source or a name start over (a success would have cleared them, and is not kept)."""
+        for at in sorted(times):
+            self.node.failed(NODE_KEY, at)
+            self.ceiling.failed(at)
+
 
 @dataclass
 class Exchange:
@@ -247,6 +255,7 @@ class BootstrapService:
         limits: Limits | None = None,
         guard: Guard | None = None,
         failures: FailureLog | None = None,
+        counted: Callable[[dt.datetime], Awaitable[None]] | None = None,
     ) -> None:
         if not server_url.startswith("https://") or not server_url.endswith("/"):
             raise ValueError(f"server_url must be https://HOST:PORT/APP/, got {server_url!r}")
@@ -262,6 +271,9 @@ class BootstrapService:
         self.limits = limits or (guard.limits if guard is not None else Limits())
         self.guard = guard or Guard(self.limits)
         self.failures = failures if failures is not None else FailureLog()
+        # Awaited after a failure is counted, before it is answered: the agent keeps it in its
+        # journal, so that its restart gives no guesser a fresh ceiling (BootstrapHost).
+        self.counted = counted
         self.exchanges = ExchangeTable(
             self.limits.exchange_ttl, self.limits.open_per_source, self.limits.open_total
         )
@@ -432,7 +444,9 @@ class BootstrapService:
             # opened in advance must not spend several confirmations in one allowance.
             self._check_guard(ex.source, ex.workstation, now)
             if not ex.keys.check_confirmation(proto.Side.WORKSTATION, finish.confirm):
-                self._failed(request, ex)
+                when = self._failed(request, ex)
+                if self.counted is not None:
+                    await self.counted(when)
                 raise Refused(
                     401,
                     proto.ErrorCode.WRONG_PASSWORD,
@@ -458,15 +472,18 @@ class BootstrapService:
         )
         return _answer(answer.to_json())
 
-    def _failed(self, request: Request, ex: Exchange) -> None:
+    def _failed(self, request: Request, ex: Exchange) -> dt.datetime:
+        """Count a wrong password (in memory, at once); returns when."""
         count = self.guard.failed(ex.source, ex.workstation, self.clock())
-        self.failures.record(ex.source, ex.workstation, self.wall())
+        when = self.wall()
+        self.failures.record(ex.source, ex.workstation, when)
         log.warning(
             "bootstrap.password_refused",
             remote=request.remote,
             workstation=ex.workstation,
             failures=count,
         )
+        return when
 
     async def _enrol(self, request: Request, ex: Exchange, finish: proto.FinishRequest) -> bytes:
         assert ex.keys is not None

@@ -8,11 +8,20 @@ is signed by the leader's CA over the agent's mutual-TLS channel.
 The failure counts (``Guard``) and the failures not yet reported (``FailureLog``) belong to the
 host, not to one service: a restart of the service (a new password, a rollback and a new
 switch) neither clears an address's backoff nor loses failures the leader has not seen.
+
+Nor does a restart of the agent (kill, OOM, an upgrade) give a guesser a fresh daily ceiling or
+lose what the leader has not seen: each counted failure is written to the journal (its time,
+and the unreported log; one write, before the 401 is answered), and the next run counts those
+times against the node again and reports the rest. A source's and a name's backoff start over
+(minutes at most; the ceiling is what bounds the guesses a day). The journal holds what the
+schema shows of a failure (address, claimed name, time), never a guess.
 """
 
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import time
 import urllib.parse
 from pathlib import Path
 from types import ModuleType
@@ -58,7 +67,14 @@ class BootstrapHost:
         self.current: dict[str, str] | None = None
         self.guard: Guard | None = None  # made with the first service (see sync)
         self.failures = FailureLog()
+        # What an earlier run counted (journal.bootstrap_failures): the times go to the guard
+        # when it is made; the unreported failures go with the next heartbeat.
+        self._earlier, unreported = journal.bootstrap_failures()
+        self.failures.restore(unreported)
+        self.failures.on_reported = self._reported
         self._lock = asyncio.Lock()
+        self._save_lock = asyncio.Lock()
+        self._saving: set[asyncio.Task[None]] = set()
         self._warming: asyncio.Future[ModuleType] | None = None
 
     async def sign(self, csr_pem: bytes) -> bytes:
@@ -117,6 +133,10 @@ class BootstrapHost:
 
             if self.guard is None:
                 self.guard = Guard(Limits())
+                # On the service's clock (monotonic), from their age by the wall clock.
+                mono, wall = time.monotonic(), time.time()
+                self.guard.restore([mono - max(0.0, wall - at) for at in self._earlier])
+                self._earlier = []
             try:
                 verifier_text = await asyncio.to_thread(Path(live["verifier_file"]).read_text)
                 ca_pem = await asyncio.to_thread(Path(live["ca_file"]).read_bytes)
@@ -137,6 +157,7 @@ class BootstrapHost:
                     port=self.cfg.bootstrap_port,
                     guard=self.guard,
                     failures=self.failures,
+                    counted=self._counted,
                 )
                 await service.start()
             except (OSError, ValueError, TlsrollError) as exc:
@@ -144,6 +165,37 @@ class BootstrapHost:
                 log.error("bootstrap.not_started", port=self.cfg.bootstrap_port, error=str(exc))
                 return
             self.service = service
+
+    async def _counted(self, when: dt.datetime) -> None:
+        """The service counted a failure at ``when``: into the journal before it is answered."""
+        await self._save(when.timestamp())
+
+    def _reported(self) -> None:
+        """The leader took failures (called by FailureLog.reported, on the event loop): written
+        after, not awaited (lost in a crash, they are only reported again)."""
+        task = asyncio.get_running_loop().create_task(self._save(None))
+        self._saving.add(task)
+        task.add_done_callback(self._saving.discard)
+
+    async def _save(self, at: float | None) -> None:
+        """One journal write: a failure counted at ``at`` (if any) and the unreported log as it
+        is when the write begins (one at a time, so that the last write holds the latest)."""
+        # (the ceiling's numbers matter only with a failure, which only a service counts)
+        limits = self.guard.limits if self.guard is not None else None
+        keep, window = (limits.ceiling, limits.ceiling_window) if limits else (0, 0.0)
+        async with self._save_lock:
+            unreported = self.failures.pending()
+            try:
+                await asyncio.to_thread(
+                    self.journal.record_bootstrap_failure,
+                    at if limits else None,
+                    unreported,
+                    keep=keep,
+                    window=window,
+                )
+            except TlsrollError as exc:
+                # The limits hold in memory still; the next write brings the journal up.
+                log.error("bootstrap.failures_not_saved", error=str(exc))
 
     async def _stop(self) -> None:
         if self.service is not None:
@@ -153,3 +205,5 @@ class BootstrapHost:
     async def close(self) -> None:
         async with self._lock:
             await self._stop()
+        if self._saving:
+            await asyncio.gather(*self._saving)

@@ -28,6 +28,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import Any
 
+from nodeagent.failure_log import FailureCount
 from nodeagent.transaction import Phase
 from tlsroll import logs
 from tlsroll.enums import TxnKind, TxnOutcome
@@ -101,11 +102,25 @@ ALTER TABLE txns ADD COLUMN target_config BLOB;
 ALTER TABLE txns ADD COLUMN source_config BLOB;
 """
 
+# Migration 4: the bootstrap service's failed passwords outlive the agent (session 33, M4): the
+# times that decide the node's daily ceiling, and the failures not yet reported to the leader.
+# Only what the leader's schema shows of a failure (source, claimed name, time), never a guess.
+_V4 = """
+CREATE TABLE bootstrap_failures (at REAL NOT NULL);
+CREATE TABLE bootstrap_unreported (
+    source      TEXT PRIMARY KEY,
+    workstation TEXT NOT NULL,
+    count       INTEGER NOT NULL,
+    last_at     TEXT NOT NULL
+);
+"""
+
 # The journal's schema: append a migration to change it (see tlsroll.sqlite).
 MIGRATIONS: tuple[Migration, ...] = (
     _V1,  # 0.1.0
     _V2,  # failed_phase and restart_needed out of the plan
     _V3,  # the target and source configs in the transaction's row
+    _V4,  # the bootstrap service's failed passwords
 )
 
 
@@ -378,6 +393,51 @@ class Journal:
             " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
             (key, value),
         )
+
+    # --- failed bootstrap passwords -------------------------------------------------------------
+
+    def bootstrap_failures(self) -> tuple[list[float], list[FailureCount]]:
+        """The failed passwords an earlier run of the agent counted: the times (Unix seconds,
+        oldest first) that still count against the node's ceiling, and those not yet reported
+        to the leader (``nodeagent.bootstrap_supervisor``)."""
+        with self._read() as db:
+            times = [float(r["at"]) for r in db.execute("SELECT at FROM bootstrap_failures")]
+            rows = db.execute(
+                "SELECT source, workstation, count, last_at FROM bootstrap_unreported"
+                " ORDER BY last_at"
+            ).fetchall()
+        unreported = [
+            FailureCount(
+                r["source"],
+                r["workstation"],
+                int(r["count"]),
+                dt.datetime.fromisoformat(r["last_at"]),
+            )
+            for r in rows
+        ]
+        return sorted(times), unreported
+
+    def record_bootstrap_failure(
+        self, at: float | None, unreported: Sequence[FailureCount], *, keep: int, window: float
+    ) -> None:
+        """One write: a failure counted at ``at`` (Unix seconds; None: only ``unreported``
+        changed, the leader took some), the ``keep`` newest of the last ``window`` seconds
+        kept, and the failures not yet reported replaced by ``unreported``."""
+        with self._tx() as db:
+            if at is not None:
+                db.execute("INSERT INTO bootstrap_failures (at) VALUES (?)", (at,))
+                db.execute("DELETE FROM bootstrap_failures WHERE at <= ?", (at - window,))
+                db.execute(
+                    "DELETE FROM bootstrap_failures WHERE rowid NOT IN"
+                    " (SELECT rowid FROM bootstrap_failures ORDER BY at DESC LIMIT ?)",
+                    (keep,),
+                )
+            db.execute("DELETE FROM bootstrap_unreported")
+            db.executemany(
+                "INSERT INTO bootstrap_unreported (source, workstation, count, last_at)"
+                " VALUES (?, ?, ?, ?)",
+                [(f.source, f.workstation, f.count, f.last_at.isoformat()) for f in unreported],
+            )
 
     # --- staged certificates ------------------------------------------------------------------
 

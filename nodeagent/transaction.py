@@ -160,6 +160,13 @@ FORWARD: dict[Phase, tuple[Action, Phase]] = {
     Phase.RESTARTED: (Action.VERIFY, Phase.VERIFIED),
     Phase.VERIFIED: (Action.UNFREEZE, Phase.COMPLETED),
 }
+# A freeze that finds the server down asks again after these waits (3 s in all) before it goes
+# on without: a server someone else restarts answers again within them.
+DOWN_RECHECK = (0.5, 1.0, 1.5)
+# Forward phases past the freeze whose next action needs it: resumed there, the runner checks
+# that the server is still frozen first (``_refreeze``). From ``verified`` on only the unfreeze
+# is left.
+REFREEZE = frozenset({Phase.FROZEN, Phase.CONFIG_WRITTEN, Phase.RESTARTED})
 BACKWARD: dict[Phase, tuple[Action, Phase]] = {
     Phase.ROLLING_BACK: (Action.RESTORE_CONFIG, Phase.RESTORED),
     Phase.RESTORED: (Action.RESTART, Phase.RB_RESTARTED),
@@ -621,20 +628,23 @@ class Runner:
             self._journalled(txn.phase)  # the servicer journalled it; the crash hook is here
         # Each step's record carries the next step's "begin" (one write per step, not two);
         # resumed, the runner does not journal again a "begin" that was the last thing written.
+        resumed = begun is None
         if begun is None:
             begun = await dbthread.run(self.journal.last_begun, txn)
         key = (txn.rollout_id, txn.kind.value)
         if staged is not None:
             self._staged[key] = staged
         try:
-            return await self._steps(txn, plan, begun)
+            return await self._steps(txn, plan, begun, resumed=resumed)
         finally:
             self._ahead.pop(key, None)
             self._followed.pop(key, None)
             self._cas.pop(key, None)
             self._discard_staged(key)
 
-    async def _steps(self, txn: Txn, plan: Plan, begun: str | None) -> Txn:
+    async def _steps(
+        self, txn: Txn, plan: Plan, begun: str | None, *, resumed: bool = False
+    ) -> Txn:
         looking: asyncio.Task[dict[str, Any]] | None = None  # a verify begun with its record
         while txn.phase not in TERMINAL:
             forward = txn.phase in FORWARD
@@ -643,6 +653,12 @@ class Runner:
                 await dbthread.run(self.journal.event, txn, action, "begin")
             begun = None
             try:
+                skipped = txn.phase is Phase.CONFIG_WRITTEN and txn.watermark is None
+                # (that one: the freeze found the server down; back by now, someone else's
+                # restart ended, it is frozen before the agent's own restart: s33 audit L3)
+                if (resumed and txn.phase in REFREEZE) or skipped:
+                    txn = await self._refreeze(txn)
+                resumed = False
                 if looking is not None:
                     task, looking = looking, None
                     changes = await task
@@ -871,8 +887,17 @@ class Runner:
             down = await self.driver.health()
             if down is None:
                 raise  # it answers and refused: a failure (writes still in flight, say)
+            # Down, or only being restarted by someone else (s33 audit L3): asked again for a
+            # few seconds; once it answers, it is frozen (a refusal then is a failure).
+            for wait in DOWN_RECHECK:
+                await self.sleep(wait)
+                if await self.driver.health() is None:
+                    log.info("txn.server_back", rollout_id=txn.rollout_id, kind=txn.kind)
+                    watermark = await self.driver.freeze(DRAIN_TIMEOUT)
+                    return {"watermark": watermark, "freeze_started_at": started}
             # Down: it takes no writes, so there is nothing to freeze and no watermark to keep.
-            # Going on writes the new config and starts the server; verify decides.
+            # Going on writes the new config and starts the server; verify decides. (Back before
+            # that start, it is frozen first: ``_refreeze`` at ``config_written``.)
             log.warning(
                 "txn.freeze_skipped",
                 rollout_id=txn.rollout_id,
@@ -882,6 +907,37 @@ class Runner:
             )
             return {"watermark": None, "freeze_started_at": started}
         return {"watermark": watermark, "freeze_started_at": started}
+
+    async def _refreeze(self, txn: Txn) -> Txn:
+        """Freeze the server again if it is not frozen, and journal the new watermark before
+        the next action, which the verify then compares: for a transaction resumed past its
+        freeze (``REFREEZE``: the agent's exit after a dying task lifts the freeze, ``_die``;
+        a server whose freeze does not outlive a restart loses it to someone else's restart),
+        and for one whose freeze found the server down, before its own restart. Writes taken
+        while it was not frozen were acknowledged and are kept; none is lost. A server that
+        is down takes no writes: the steps go on as before (the restart starts it)."""
+        try:
+            status = await self.driver.status()
+        except DriverError:
+            return txn
+        if status.get("frozen"):
+            return txn
+        try:
+            watermark = await self.driver.freeze(DRAIN_TIMEOUT)
+        except DriverError as exc:
+            raise StepFailed(f"the freeze was lifted and could not be made again: {exc}") from None
+        log.warning(
+            "txn.refrozen",
+            rollout_id=txn.rollout_id,
+            kind=txn.kind,
+            phase=txn.phase,
+            watermark_was=txn.watermark,
+            watermark=watermark,
+        )
+        # Not ``_record``: the phase stays, and its test hook has fired for it already.
+        txn = await dbthread.run(self.journal.update, txn, phase=txn.phase, watermark=watermark)
+        self.changes.changed(txn)
+        return txn
 
     async def _write_config(self, txn: Txn, plan: Plan) -> dict[str, Any]:
         key = (txn.rollout_id, txn.kind.value)

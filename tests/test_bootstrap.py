@@ -27,13 +27,14 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from spake2 import SPAKE2_B
 
 from nodeagent.bootstrap_server import (
+    NODE_KEY,
     BootstrapService,
     Busy,
     ExchangeTable,
     Guard,
     Limits,
 )
-from nodeagent.failure_log import FailureLog
+from nodeagent.failure_log import FailureCount, FailureLog
 from tests.conftest import IssuedCert
 from tlsroll import bootstrap_protocol as proto
 from tlsroll import password, pki
@@ -519,6 +520,21 @@ def test_failure_log_adds_up_and_keeps_what_was_not_reported() -> None:
     log.record("10.0.0.1", "ws-b", t + dt.timedelta(seconds=9))  # while the heartbeat is out
     log.reported(sent)
     assert [(f.source, f.count) for f in log.pending()] == [("10.0.0.1", 1)]
+
+    # What an earlier run of the agent kept (its journal) comes back as it was, within bounds.
+    again = FailureLog(max_sources=2)
+    again.restore(sent)
+    assert again.pending() == sent
+    again.restore([FailureCount("10.0.0.9", "ws-e", 2, t)])
+    assert [(f.source, f.count) for f in again.pending()][-1] == (FailureLog.OTHER, 3)
+
+
+def test_a_guard_counts_an_earlier_runs_failures_against_the_node_only() -> None:
+    g = Guard(Limits(per_node=Policy(free=2, base=10, cap=60, forget=3600), ceiling=3))
+    g.restore([100.0, 90.0, 95.0])
+    assert g.ceiling.wait(100.0) == 86_400 - 10  # the oldest leaves the day's window first
+    assert g.node.failures(NODE_KEY, 100.0) == 3
+    assert g.sources.failures("10.0.0.1", 100.0) == 0 and g.names.failures("ws-a", 100.0) == 0
 
 
 def test_source_key_counts_an_ipv6_host_by_its_64() -> None:

@@ -8,8 +8,12 @@ tests/test_password_rollout.py.
 from __future__ import annotations
 
 import datetime as dt
+import functools
 import io
+from collections.abc import Callable
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any, cast
 
 from google.protobuf.timestamp_pb2 import Timestamp
 from rich.console import Console
@@ -19,9 +23,16 @@ from leader.cli.draw import render_failures
 from leader.schema_store import SchemaStore
 from leader.schema_view import schema_message
 from leader.service import failure_rows
+from nodeagent import bootstrap_server
+from nodeagent.bootstrap_supervisor import BootstrapHost
+from nodeagent.config import AgentConfig
 from nodeagent.failure_log import FailureLog
+from nodeagent.identity import Identity
+from nodeagent.journal import Journal
 from nodeagent.leader_link import failure_messages
-from tlsroll import peertext
+from tests.conftest import IssuedCert
+from tests.test_bootstrap import OTHER_PASSWORD, VERIFIER, FakeClock, Node, session_from
+from tlsroll import password, peertext, pki
 from tlsroll.v1 import leader_pb2
 
 NOW = dt.datetime(2026, 11, 30, 10, 0, tzinfo=dt.UTC)
@@ -119,3 +130,76 @@ def test_failures_are_kept_added_up_and_shown(tmp_path: Path) -> None:
         assert [r.node for r in store.bootstrap_failures()] == ["node-c"]
     finally:
         store.close()
+
+
+# --- the agent's restart (session 33, M4) -------------------------------------------------------
+
+
+def _host(journal: Journal) -> BootstrapHost:
+    cfg: Any = SimpleNamespace(node_name="node-a", bootstrap_port=0)
+    return BootstrapHost(cast(AgentConfig, cfg), cast(Identity, None), journal)
+
+
+async def test_an_agent_restart_keeps_the_ceiling_and_the_unreported_failures(
+    tmp_path: Path,
+    issue_cert: Callable[..., IssuedCert],
+    loopback: Callable[[], str],
+    test_ca: pki.CertificateAuthority,
+    monkeypatch: Any,
+) -> None:
+    # A ceiling of 3 a day (the default 200 is the same code, only slower to reach).
+    monkeypatch.setattr(
+        bootstrap_server, "Limits", functools.partial(bootstrap_server.Limits, ceiling=3)
+    )
+    address = loopback()
+    cert = issue_cert(address, "node-a")
+    verifier_file = tmp_path / "verifier.json"
+    verifier_file.write_text(password.verifier_to_json(VERIFIER))
+    journal_file = tmp_path / "journal.sqlite3"
+    journal = Journal(journal_file)
+    with journal._tx() as db:  # the server is switched: https with an auth password
+        Journal._set_live_tls(
+            db,
+            {
+                "server_url": f"https://{address}:8443/praxis_live/",
+                "cert_file": str(cert.cert_file),
+                "key_file": str(cert.key_file),
+                "ca_file": str(cert.ca_file),
+                "verifier_file": str(verifier_file),
+            },
+        )
+
+    async def guess(host: BootstrapHost, cn: str) -> tuple[int, dict[str, str]]:
+        assert host.service is not None
+        node = Node(host.service, FakeClock(), test_ca.cert_pem)
+        async with session_from(loopback()) as s:  # a fresh address every time
+            attempt = await node.exchange(s, OTHER_PASSWORD, cn=cn)
+        return attempt.status, attempt.headers
+
+    host = _host(journal)
+    await host.sync()
+    for cn in ("ws-a", "ws-b", "ws-c"):
+        assert (await guess(host, cn))[0] == 401
+    assert (await guess(host, "ws-d"))[0] == 429  # the day's ceiling
+    await host.close()
+    journal.close()
+
+    # The agent restarts (kill -9, OOM, an upgrade): its journal is all it keeps.
+    journal = Journal(journal_file)
+    host = _host(journal)
+    assert sum(f.count for f in host.failures.pending()) == 3  # the leader has not seen them
+    await host.sync()
+    status, headers = await guess(host, "ws-e")
+    assert status == 429 and int(headers["Retry-After"]) > 80_000
+    host.failures.reported(host.failures.pending())  # the leader took them
+    await host.close()
+    journal.close()
+
+    journal = Journal(journal_file)
+    try:
+        assert _host(journal).failures.pending() == []
+        # Only what the schema shows of a failure is kept, never a guess.
+        text = b"".join(p.read_bytes() for p in tmp_path.glob("journal.sqlite3*"))
+        assert OTHER_PASSWORD.encode() not in text
+    finally:
+        journal.close()

@@ -461,13 +461,37 @@ def test_a_transaction_task_that_keeps_dying_unfreezes_and_stops_the_agent(
         filler.unlink()
         node.restart_agent()
         txn = node.wait_txn("tk", timeout=60)
-        # Writes went in while the agent was away, so the resumed switch finds the watermark
-        # moved and goes back; either way the node ends whole and unfrozen.
-        if txn.outcome == "completed":
-            assert_on_https(node, staged.fingerprint)
-        else:
-            assert txn.outcome == "rolled_back", txn.reason
-            assert_on_http(node)
+        # Writes went in while the agent was away, unfrozen: the resumed switch freezes again
+        # (whether its ``frozen`` record made it or not) and completes with the write kept.
+        assert txn.outcome == "completed", txn.reason
+        assert_on_https(node, staged.fingerprint)
+
+
+def test_a_switch_resumed_after_its_freeze_was_lifted_freezes_again_and_completes(
+    make_node: NodeFactory,
+) -> None:
+    """The agent dies after journalling ``frozen`` and the freeze is lifted meanwhile (its exit
+    after a dying transaction lifts it; so does someone's restart of a server whose freeze does
+    not outlive it); a write goes in. Resumed, the switch freezes again with a fresh watermark
+    (journalled before the config write) and completes, the write kept (s33 audit L2; it used
+    to run unfrozen and go back on the moved watermark)."""
+    node = make_node(env={transaction.CRASH_ENV: "frozen"})
+    assert node.agent is not None
+    staged = node.stage("lifted")
+    with contextlib.suppress(grpc.RpcError):  # the agent may die before its answer is out
+        node.switch("lifted")
+    assert node.agent.proc is not None
+    assert node.agent.proc.wait(30) == -signal.SIGKILL
+    node.server.unfreeze()
+    acked = node.post("http", {"while": "the agent is away, unfrozen"}).json()
+
+    node.restart_agent()  # without the crash hook
+    done = node.wait_txn("lifted")
+    assert done.outcome == "completed", done.reason
+    assert_on_https(node, staged.fingerprint)
+    assert done.watermark == acked["seq"]  # taken when it froze again
+    assert node.get("https", f"entries/{acked['id']}").status == 200  # no write lost
+    assert "txn.refrozen" in node.agent.event_names()
 
 
 # --- 5. errors carry their cause ----------------------------------------------------------------

@@ -609,6 +609,40 @@ async def test_a_crash_at_any_write_resumes_and_acts_once(
     journal.close()
 
 
+@pytest.mark.parametrize("refused", [False, True], ids=["freezes-again", "refused"])
+async def test_a_switch_resumed_after_its_freeze_was_lifted_freezes_again(
+    refused: bool, world: Callable[..., World]
+) -> None:
+    """Killed after ``frozen``, the agent finds the server unfrozen at its start (its exit
+    lifted the freeze, or someone restarted a server whose freeze does not outlive it) and a
+    write taken: it freezes again and journals the new watermark before the config write, which
+    the verify then compares (s33 audit L2). A server that refuses that freeze rolls back."""
+    sc = SCENARIOS["completes"]
+    w = world(sc)
+    at = next(i for i, label in enumerate(w.writes, 1) if label.startswith("frozen"))
+    first = CrashingJournal(w.journal_path, at)
+    with pytest.raises(Crash):
+        await w.run(first)
+    first.close()
+    w.server.frozen = False
+    w.server.watermark += 1  # a write while the agent was away
+    if refused:
+        w.server.failing = frozenset({"freeze"})
+    pending, journal = await w.resume()
+    txn = journal.get("r1", sc.kind)
+    assert txn is not None and [t.phase for t in pending] == [Phase.FROZEN]
+    if refused:
+        assert txn.outcome is TxnOutcome.ROLLED_BACK
+        assert "the freeze was lifted and could not be made again" in txn.reason
+        assert w.server.running == SOURCE and not w.server.frozen
+    else:
+        assert txn.outcome is TxnOutcome.COMPLETED, txn.reason
+        assert txn.watermark == w.server.watermark == 8
+        assert w.server.ops == ["freeze", "freeze", *sc.ops[1:]]
+        assert journal.writes[:2] == ["frozen", "config_written + restart begin"]
+    journal.close()
+
+
 _OPS_AT: dict[tuple[str, str], list[int]] = {}
 
 

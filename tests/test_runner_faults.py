@@ -183,6 +183,50 @@ async def test_a_failed_step_restarts_a_server_that_is_down_on_the_way_back(
     assert (w.server.running, w.server.frozen) == (SOURCE, False)
 
 
+class OutsideRestart(FakeDriver):
+    """Someone else restarts the server (it is down when the transaction freezes): it answers
+    again at the ``back_at``-th health check, or as soon as the agent has written the new
+    config (``back_at`` 0), unfrozen; its restart does not keep a freeze it never had."""
+
+    back_at = 0
+    health_checks = 0
+
+    async def health(self) -> str | None:
+        self.health_checks += 1
+        if self.health_checks == self.back_at:
+            self.server.running = self.server.config
+        return await super().health()
+
+    def write_config(self, data: bytes) -> None:
+        super().write_config(data)
+        if self.back_at == 0 and self.server.running is None:
+            self.server.running = SOURCE
+
+
+@pytest.mark.parametrize("back_at", [2, 0], ids=["within-the-freeze", "before-the-restart"])
+async def test_a_server_restarted_by_someone_else_is_frozen_once_it_answers(
+    back_at: int, world: Callable[[Scenario], World]
+) -> None:
+    """The freeze finds the server down because someone else restarts it (s33 audit L3): the
+    runner asks again for a few seconds and freezes it when it answers; back later, it is
+    frozen before the agent's own restart. Either way the switch has its watermark, and the
+    node took no write unchecked."""
+    w = world(SCENARIOS["completes"])
+    kill(w.server)
+    driver = OutsideRestart(w.server, w.driver.config_file)
+    driver.back_at = back_at
+    w.driver = driver
+    done = await w.run(CrashingJournal(w.journal_path))
+    assert done.outcome is TxnOutcome.COMPLETED, done.reason
+    assert done.watermark == 7
+    if back_at:
+        assert w.server.ops == ["freeze", "freeze", "write_config target", "restart", "unfreeze"]
+        assert w.time.slept[0] == transaction.DOWN_RECHECK[0]
+    else:
+        assert w.server.ops == ["freeze", "write_config target", "freeze", "restart", "unfreeze"]
+        assert tuple(w.time.slept[: len(transaction.DOWN_RECHECK)]) == transaction.DOWN_RECHECK
+
+
 class FailingJournal(Journal):
     """A journal whose phase writes fail ``failures`` times (SQLite on a full disk)."""
 
