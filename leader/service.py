@@ -964,15 +964,16 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             log.warning("node.relearned", node=identity.name, addresses=list(names.ips))
         return learned
 
-    def _read_snapshot(self) -> Snapshot:
-        """(Worker thread.) The store as a heartbeat needs it (``Snapshot``)."""
+    def _read_snapshot(self, renewed: bool = False) -> Snapshot:
+        """(Worker thread.) The store as a heartbeat needs it (``Snapshot``); ``renewed``: read
+        again after the revocation list's renewal (not renewed twice)."""
         store = self.state.store
         generation = store.db.generation  # before reading: a write meanwhile means read again
         accepted = store.accepted_certificates()
         now = self.state.clock()
         number, urgent, entries, issued = store.revocations(now)
         # (Number 0: nothing was ever revoked, and no list is sent: an agent holds "0".)
-        if number > 0 and (issued is None or now - issued >= CRL_RENEW_AFTER):
+        if not renewed and number > 0 and (issued is None or now - issued >= CRL_RENEW_AFTER):
             try:
                 renewed = store.renew_crl(now, now - CRL_RENEW_AFTER)
             except Exception as exc:  # (a full disk): the list as it is; the next read retries
@@ -980,7 +981,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             else:
                 if renewed:
                     log.info("crl.renewed", number=number + 1, issued=str(issued))
-                return self._read_snapshot()  # ``issued`` is recent now: read once more
+                return self._read_snapshot(renewed=True)  # ``issued`` is recent: read again
         crl_number, crl_pem = self.state.crl_of(number, entries, issued)
         return Snapshot(
             generation=generation,

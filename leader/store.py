@@ -1074,13 +1074,13 @@ class Store(LeaderStore):
 
     def renew_crl(self, now: dt.datetime, issued_before: dt.datetime) -> bool:
         """Give the revocation list a new number, not urgent (``_bump_crl``), if its number was
-        issued before ``issued_before`` or when is not recorded; False if it was not (another
+        issued at ``issued_before`` or before, or when is not recorded; False if it was not (another
         caller renewed it meanwhile). A list keeps its number's thisUpdate and nextUpdate
         (``LeaderState.crl_of``), and an agent holds a list by number: only a new number
         brings the agents a list within its validity (``leader.service.CRL_RENEW_AFTER``)."""
         with self._db.tx() as db:
             issued = _meta(db, "crl_issued", -1)
-            if issued >= 0 and dt.datetime.fromtimestamp(issued, dt.UTC) >= issued_before:
+            if issued >= 0 and dt.datetime.fromtimestamp(issued, dt.UTC) > issued_before:
                 return False
             _bump_crl(db, now, urgent=False)
         return True

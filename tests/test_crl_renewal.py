@@ -63,6 +63,8 @@ async def test_a_list_s_number_is_renewed_a_day_after_its_issue_and_not_before(
         assert snap.generation == store.db.generation  # read after the renewal's write
         assert not store.renew_crl(clock[0], clock[0] - DAY)  # renewed meanwhile: nothing
         assert store.revocations(clock[0]).number == 2
+        clock[0] += CRL_RENEW_AFTER  # exactly a day after its issue: renewed (and only once)
+        assert svc._read_snapshot().crl_number == 3
     finally:
         await rig.close()
 
