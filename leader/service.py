@@ -149,7 +149,6 @@ class LeaderState:
     # How long an agent's own certificate lives (``LeaderConfig.agent_cert_lifetime``).
     agent_cert_lifetime: dt.timedelta = dt.timedelta(days=30)
     _crl: tuple[int, bytes] = (-1, b"")
-    _crl_made: dt.datetime | None = None
 
     @property
     def trust_domain(self) -> str:
@@ -162,19 +161,21 @@ class LeaderState:
             return (), ()
         return names.ips, names.dns
 
-    def crl(self) -> tuple[int, bytes]:
-        """The CA's current revocation list (number, PEM), signed again only when its number
-        changed or it is more than a day old."""
-        return self.crl_of(*self.store.revoked(self.clock()))
-
-    def crl_of(self, number: int, entries: Sequence[tuple[str, dt.datetime]]) -> tuple[int, bytes]:
-        """``crl`` for the store's revocation list as just read (``Store.revoked``)."""
-        cached_number = self._crl[0]
-        made = self._crl_made
-        if cached_number != number or made is None or self.clock() - made > dt.timedelta(days=1):
-            crl = pki.build_crl(self.ca, number, entries, now=self.clock())
+    def crl_of(
+        self,
+        number: int,
+        entries: Sequence[tuple[str, dt.datetime]],
+        issued: dt.datetime | None = None,
+    ) -> tuple[int, bytes]:
+        """The CA's revocation list (number, PEM) for the store's list as just read
+        (``Store.revocations``), signed once per number. Its thisUpdate and nextUpdate are its
+        number's (``issued``; now if not recorded), so a leader that starts again signs the
+        list the agents hold with the same times. It was signed again daily with the same
+        number before, which no agent ever took (an agent holds a list by number): the list
+        is kept within its validity by a new number instead (``CRL_RENEW_AFTER``)."""
+        if self._crl[0] != number:
+            crl = pki.build_crl(self.ca, number, entries, now=issued or self.clock())
             self._crl = (number, pki.crl_to_pem(crl))
-            self._crl_made = self.clock()
         return self._crl
 
     def online(self, last_heartbeat: dt.datetime | None) -> bool:
@@ -567,9 +568,19 @@ newest list as ever."""
 
 SNAPSHOT_MAX_AGE = 30.0
 """Seconds after which a ``Snapshot`` is read again even if the store did not change: the
-revocation list it carries is signed anew in time (``LeaderState.crl``: daily), and a write
-to the file that did not come through this process (there is none: the CLI goes through the
+revocation list it carries gets a new number in time (``CRL_RENEW_AFTER``), and a write to
+the file that did not come through this process (there is none: the CLI goes through the
 admin socket) would not go unnoticed for long."""
+
+CRL_RENEW_AFTER = dt.timedelta(days=1)
+"""A revocation list whose number was issued this long ago gets a new one (not urgent:
+``Store.renew_crl``), read with the next ``Snapshot``; the agents get it as any newer list
+(news on a renewal stream within ``CRL_NEWS_SECONDS``, else the next answer). A list is
+valid for ``pki.CRL_VALIDITY`` (7 days) from its number's issue, and an agent holds a list by
+number: before (session 33), the leader signed the same number again daily, which no agent
+took, and with no revocation for 7 days an agent's ``DATA/crl.pem`` was past its nextUpdate
+(a server that checks the list's freshness would refuse every client). A new number per
+list is what RFC 5280 asks too (5.2.3). It costs a write a day and each agent one list."""
 
 
 @dataclass(frozen=True)
@@ -966,13 +977,25 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             log.warning("node.relearned", node=identity.name, addresses=list(names.ips))
         return learned
 
-    def _read_snapshot(self) -> Snapshot:
-        """(Worker thread.) The store as a heartbeat needs it (``Snapshot``)."""
+    def _read_snapshot(self, renewed: bool = False) -> Snapshot:
+        """(Worker thread.) The store as a heartbeat needs it (``Snapshot``); ``renewed``: read
+        again after the revocation list's renewal (not renewed twice)."""
         store = self.state.store
         generation = store.db.generation  # before reading: a write meanwhile means read again
         accepted = store.accepted_certificates()
-        number, urgent, entries = store.revocations(self.state.clock())
-        crl_number, crl_pem = self.state.crl_of(number, entries)
+        now = self.state.clock()
+        number, urgent, entries, issued = store.revocations(now)
+        # (Number 0: nothing was ever revoked, and no list is sent: an agent holds "0".)
+        if not renewed and number > 0 and (issued is None or now - issued >= CRL_RENEW_AFTER):
+            try:
+                renewed = store.renew_crl(now, now - CRL_RENEW_AFTER)
+            except Exception as exc:  # (a full disk): the list as it is; the next read retries
+                log.error("crl.renew_failed", error=f"{type(exc).__name__}: {exc}"[:200])
+            else:
+                if renewed:
+                    log.info("crl.renewed", number=number + 1, issued=str(issued))
+                return self._read_snapshot(renewed=True)  # ``issued`` is recent: read again
+        crl_number, crl_pem = self.state.crl_of(number, entries, issued)
         return Snapshot(
             generation=generation,
             made=time.monotonic(),

@@ -188,9 +188,12 @@ whose clock is behind the leader's still takes it as unexpired that long (review
 class Revocations(NamedTuple):
     """The revocation list as the store keeps it (``Store.revocations``)."""
 
-    number: int  # moved on by every revocation
+    number: int  # moved on by every revocation, and daily (``Store.renew_crl``)
     urgent: int  # the number as of the last revocation the agents must have at once
     entries: list[tuple[str, dt.datetime]]  # (serial, revoked at)
+    # When the list got its number (its thisUpdate, ``LeaderState.crl_of``); None: not
+    # recorded (a store older than session 33, or no list yet).
+    issued: dt.datetime | None = None
 
 
 @dataclass(frozen=True)
@@ -976,7 +979,7 @@ class Store(LeaderStore):
                 " WHERE node_name = ? AND uses_left > 0",
                 (to_text(now), name),
             )
-            _bump_crl(db)
+            _bump_crl(db, now)
             self._audit(db, now, actor, "node.removed", name, revoked=serials)
         self._forget_seen(name)  # after: a heartbeat queued meanwhile is dropped too
         with self._db.read() as db:
@@ -1043,7 +1046,7 @@ class Store(LeaderStore):
             if held:
                 # Urgent all the same: a workstation enrolled again may be a new PC for a lost
                 # one, whose certificate the practice's servers should refuse at once.
-                _bump_crl(db)
+                _bump_crl(db, now)
             _record_cert(
                 db,
                 cert.serial,
@@ -1143,6 +1146,7 @@ class Store(LeaderStore):
         with self._db.read() as db:
             number = _meta(db, "crl_number", 0)
             urgent = _meta(db, "crl_urgent", 0)
+            issued = _meta(db, "crl_issued", -1)
             rows = db.execute(
                 "SELECT serial, revoked_at, not_after FROM certificates"
                 " WHERE revoked_at IS NOT NULL ORDER BY serial"
@@ -1152,7 +1156,21 @@ class Store(LeaderStore):
             for r in rows
             if now is None or dt.datetime.fromisoformat(r["not_after"]) + EXPIRED_KEPT > now
         ]
-        return Revocations(number, urgent, entries)
+        when = dt.datetime.fromtimestamp(issued, dt.UTC) if issued >= 0 else None
+        return Revocations(number, urgent, entries, when)
+
+    def renew_crl(self, now: dt.datetime, issued_before: dt.datetime) -> bool:
+        """Give the revocation list a new number, not urgent (``_bump_crl``), if its number was
+        issued at ``issued_before`` or before, or when is not recorded; False if it was not (another
+        caller renewed it meanwhile). A list keeps its number's thisUpdate and nextUpdate
+        (``LeaderState.crl_of``), and an agent holds a list by number: only a new number
+        brings the agents a list within its validity (``leader.service.CRL_RENEW_AFTER``)."""
+        with self._db.tx() as db:
+            issued = _meta(db, "crl_issued", -1)
+            if issued >= 0 and dt.datetime.fromtimestamp(issued, dt.UTC) > issued_before:
+                return False
+            _bump_crl(db, now, urgent=False)
+        return True
 
     # --- re-learning nodes after a lost store --------------------------------------------------
 
@@ -1396,19 +1414,25 @@ def _revoke_in(
         "UPDATE certificates SET revoked_at = ?, revoke_reason = ? WHERE serial = ?",
         [(to_text(now), reason, s) for s in serials],
     )
-    _bump_crl(db, urgent=urgent)
+    _bump_crl(db, now, urgent=urgent)
 
 
-def _bump_crl(db: sqlite3.Connection, *, urgent: bool = True) -> None:
+def _bump_crl(db: sqlite3.Connection, now: dt.datetime, *, urgent: bool = True) -> None:
     """A certificate was revoked: the next revocation list gets a higher number. ``urgent``:
     a revocation the agents act on (a certificate revoked by the admin, a removed node's):
     the list's number is also recorded as ``crl_urgent``, and the leader sends that list to
     the agents at once. A server certificate superseded by the node's new one (a rollout's)
     or never delivered is not urgent: nothing presents it, and the list
-    goes out with the watch's next round (``leader.service.CRL_NEWS_SECONDS``)."""
+    goes out with the watch's next round (``leader.service.CRL_NEWS_SECONDS``). ``now``: when
+    the new number is issued (``Revocations.issued``)."""
     db.execute(
         "INSERT INTO meta (key, value) VALUES ('crl_number', '1')"
         " ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
+    )
+    db.execute(
+        "INSERT INTO meta (key, value) VALUES ('crl_issued', ?)"
+        " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+        (str(int(now.timestamp())),),
     )
     if urgent:
         db.execute(

@@ -313,7 +313,15 @@ class _Stream:
             self.ended = exc
             self.code, self.broke = exc.code(), True
         except Exception as exc:  # a response it could not take: the stream is dropped
+            # Replaced at once, as one the leader ended (``_on_end``): the stream reads no
+            # more, and news sent on it would be lost until the next beat (an interval; the
+            # renewal bound's messages are quiet beats). The leader sends what the agent
+            # lacks with the new stream's first answer (a list it could not check: again).
+            # Logged: it was silent before. The type and message only (a revocation list or
+            # an epoch; no key goes through here).
             self.ended = exc
+            self.broke = True
+            log.warning("heartbeat.reply_not_taken", error=f"{type(exc).__name__}: {exc}"[:200])
         finally:
             if self.ended is None:
                 self.ended = TimeoutError("the heartbeat stream was closed")
@@ -540,7 +548,7 @@ class LeaderLink:
             return
         self._reconnect = pause
         self._ended.set()
-        code = stream.code.name if stream.code is not None else "OK"
+        code = stream.code.name if stream.code is not None else "NOT_TAKEN"  # (a reply)
         log.info("heartbeat.stream_ended", leader=self.target, code=code, again_in=round(pause, 3))
 
     async def _take(self, reply: leader_pb2.HeartbeatResponse) -> None:

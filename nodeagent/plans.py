@@ -222,6 +222,32 @@ def source_of(switch: Txn) -> bytes:
     return Plan.from_json(switch.plan).backup_file.read_bytes()
 
 
+def drop_unjournalled_verifier(journal: Journal, driver: Driver, rollout_id: str) -> None:
+    """(Blocking.) A switch whose plan wrote its verifier file (``write_verifier``) was not
+    journalled (the journal's write failed, or the plan's making after the file): the
+    rollout's directory removed at once if the file is all it holds and no stage or
+    transaction of the journal is for it, nor does the live config name it, as the agent's
+    next start would (``sweep_stage_dirs``). A change-password switch has no stage: its
+    directory holds the verifier file only, and stayed until then (s32risk). A directory
+    with a key in it is left (a stage's, or a CreateCSR's not journalled yet)."""
+    root = driver.config_file.parent / STAGES
+    directory = root / rollout_id
+    try:
+        if set(os.listdir(directory)) != {"auth-verifier.json"}:
+            return
+    except OSError:
+        return
+    root_st = _stage_root(root)
+    if root_st is None or rollout_id in journal.known_rollouts():
+        return
+    try:
+        if os.fsencode(rollout_id) in driver.read_config():
+            return
+    except OSError:
+        return
+    _remove_stage(directory, root_st, rollout_id, "its switch was not journalled")
+
+
 def write_verifier(driver: Driver, rollout_id: str, verifier: dict[str, Any] | None) -> Path | None:
     """The verifier file beside the live config (0600: it can fake bootstrap answers)."""
     if verifier is None:

@@ -940,10 +940,14 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 prepared = True
             else:
                 driver = self._driver()
-                with driver.reading_once():  # the plan and the source: one read of the file
-                    config, plan, fingerprint = make()
-                    # Nothing is frozen or written yet: the live config is the source.
-                    live_config, staging = plans.read_source(driver), None
+                try:
+                    with driver.reading_once():  # the plan and the source: one read of the file
+                        config, plan, fingerprint = make()
+                        # Nothing is frozen or written yet: the live config is the source.
+                        live_config, staging = plans.read_source(driver), None
+                except BaseException:
+                    self._drop_verifier(rollout_id)
+                    raise
             source, target = plan.source_schemes, plan.target_schemes
             facts = plan.facts
             txn = Txn(
@@ -964,6 +968,8 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             except BaseException:
                 if staging is not None and staging.config is not None:
                     self._driver().discard_staged(staging.config)
+                if made is None:
+                    self._drop_verifier(rollout_id)
                 raise
             return created, True, staging if staging is not None else runner.stage_next(created)
 
@@ -980,6 +986,15 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
 
     def _txn_dir(self) -> Path:
         return self.cfg.data_dir / "txn"
+
+    def _drop_verifier(self, rollout_id: str) -> None:
+        """(Blocking.) A switch made here was not journalled: the verifier file its plan may
+        have written goes now, not at the agent's next start
+        (``plans.drop_unjournalled_verifier``). Never the switch's trouble: it is logged."""
+        try:
+            plans.drop_unjournalled_verifier(self.journal, self._driver(), rollout_id)
+        except Exception as exc:
+            log.warning("stage.remove_failed", rollout_id=rollout_id, error=type(exc).__name__)
 
     @map_errors(ERRORS)
     async def Switch(self, request: agent_pb2.SwitchRequest, context: Ctx) -> agent_pb2.Transaction:

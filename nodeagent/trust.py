@@ -13,7 +13,10 @@
 * **Revocation.** The leader sends the CA's revocation list with a heartbeat reply when it is
   newer than the agent's; the agent checks its signature (in a child process,
   ``nodeagent.certwork``), keeps it in ``DATA/crl.pem`` (the managed server can use it for
-  workstation certificates) and refuses a revoked leader certificate at once.
+  workstation certificates) and refuses a revoked leader certificate at once. A list is valid
+  for 7 days (``pki.CRL_VALIDITY``), and the leader gives it a new number a day after the last
+  (``leader.service.CRL_RENEW_AFTER``): the kept list is within its validity while the agent
+  hears from the leader. A list with a lower number than the kept one is never taken.
 * **Epochs.** Every command carries its rollout's epoch, and the journal refuses one older than
   any it has seen. An epoch *higher* than the leader has announced (in a heartbeat reply, on the
   agent's own connection to the leader's address) is refused too: otherwise one stray command

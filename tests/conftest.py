@@ -12,6 +12,7 @@ from typing import Any
 
 import pytest
 
+from tests import grpc_env  # noqa: F401 - first of all that imports gRPC: the leader's setting
 from tlsroll import pki
 
 # Each test node gets its own 127.0.0.0/8 address so that it can use the seed's fixed ports

@@ -33,6 +33,7 @@ from typing import Any
 import grpc
 import pytest
 import structlog.testing
+from cryptography import x509
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from leader import service
@@ -1026,6 +1027,61 @@ async def test_an_agent_that_took_the_leader_s_revocation_list_sends_no_message_
     asked.wants_answer, asked.renews, asked.seq = True, True, 7
     assert report_key(asked) == report_key(said)
     assert report_key(said) != report_key(leader_pb2.HeartbeatRequest(agent_version="1"))
+
+
+async def test_the_agent_s_revocation_list_stays_within_its_validity_with_no_revocation(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Session 33 (s32risk's risk): a revocation list is valid for ``pki.CRL_VALIDITY`` (7
+    days). The leader signed the same number again daily, but an agent holds a list by
+    number, so it never got one: with no revocation for a week its ``DATA/crl.pem`` was past
+    its nextUpdate, and a server checking the list's freshness would refuse every client. The
+    list now gets a new number a day after its number was issued (``CRL_RENEW_AFTER``), which
+    reaches a renewal stream as news. Two weeks on the leader's clock, no revocation; real
+    LeaderLink and Leader service (the watch reads the store again at once, not in 30 s)."""
+    monkeypatch.setattr(service, "renew_seconds", lambda _interval: LONG_RENEW)
+    monkeypatch.setattr(service, "SNAPSHOT_MAX_AGE", 0.2)
+    monkeypatch.setattr(service, "CRL_NEWS_SECONDS", 0.1)  # a day's list at once
+    leader_address, node_address = loopback(), loopback()
+    rig = leader_with_a_node(tmp_path, leader_address, node_address)
+    rig.state.heartbeat_interval = 1
+    await rig.server.start()
+    link, trust, journal, _ = viewing_link(tmp_path, rig.node_files, leader_address, node_address)
+    assert rig.store.revoke("5eec", reason="", now=rig.clock[0], actor="test") == ["5eec"]
+
+    def held() -> x509.CertificateRevocationList:
+        return x509.load_pem_x509_crl(trust.crl_file.read_bytes())
+
+    try:
+        await link.beat()  # the stream opens, in renewal mode; its answer brings the list
+        assert link._stream is not None and link._stream.renew == LONG_RENEW
+        await until(lambda: trust.crl_number == rig.store.revoked()[0], "the first list")
+        first = trust.crl_number
+        for day in range(1, 15):
+            rig.clock[0] += dt.timedelta(days=1)
+            fresh = rig.clock[0] + pki.CRL_VALIDITY - 2 * service.CRL_RENEW_AFTER
+
+            def valid(fresh: dt.datetime = fresh) -> bool:
+                next_update = held().next_update_utc
+                return next_update is not None and next_update > fresh
+
+            await until(valid, f"a list valid on day {day}")
+        assert trust.crl_number > first and 0x5EEC in trust.revoked  # kept, signed by the CA
+        assert link._stream is not None and not link._stream.ended  # the same stream: news
+        # Signed once per number: a leader that starts again signs the list the agent holds
+        # with the same times, not later ones under the same number.
+        rev = rig.store.revocations(rig.clock[0])
+        later = rig.clock[0] + dt.timedelta(hours=5)
+        again = LeaderState(
+            store=rig.store, ca=rig.state.ca, clock=lambda: later, heartbeat_interval=1
+        )
+        number, pem = again.crl_of(rev.number, rev.entries, rev.issued)
+        assert number == trust.crl_number
+        assert x509.load_pem_x509_crl(pem).last_update_utc == held().last_update_utc
+    finally:
+        await link.close()
+        journal.close()
+        await rig.close()
 
 
 async def test_a_message_that_crosses_a_pushed_list_does_not_roll_the_leader_s_note_back(

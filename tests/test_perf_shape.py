@@ -29,7 +29,7 @@ import grpc
 import pytest
 from tenacity import AsyncRetrying
 
-from leader import agent_client
+from leader import GRPC_EXPERIMENTS, agent_client
 from leader.agent_client import AgentClient, AgentPool, StepFailed
 from leader.observe import OBSERVE_AT_ONCE, observe
 from leader.planner import NodesOffline, Unreachable
@@ -44,6 +44,7 @@ from leader.rollout_core import (
 )
 from leader.schema_store import RolloutMeta, SchemaStore
 from leader.store import Node, NotFound, Store
+from tests import grpc_env
 from tests.cluster import Cluster, child_env, secure_channel, wait_until
 from tests.conftest import IssuedCert
 from tests.leader_rig import leader_with_a_node
@@ -1634,8 +1635,8 @@ def test_the_leader_s_channels_to_agents_and_the_agent_s_server_send_no_bdp_prob
 
 
 _ACCEPT_ONE = """
-import asyncio, sys
-import leader.daemon  # the daemon's entry: the leader package is imported before gRPC starts
+import asyncio, os, sys
+import {first}
 import grpc
 from leader.runtime import SERVER_OPTIONS
 
@@ -1651,16 +1652,18 @@ async def main():
     await server.stop(None)
 
 asyncio.run(main())
+print(repr(os.environ.get("GRPC_EXPERIMENTS")))
 """
 
 
-def _accept_one(environ: dict[str, str]) -> str:
-    """gRPC's tcp trace of a leader-like process (imported as the daemon is) whose server
-    accepts one connection and answers one call."""
+def _accept_one(environ: dict[str, str], first: str = "leader.daemon") -> str:
+    """gRPC's tcp trace of a leader-like process (imported as the daemon is: ``first``, the
+    module it imports before gRPC) whose server accepts one connection and answers one
+    call."""
     env = {k: v for k, v in os.environ.items() if not k.startswith("GRPC_")}
     env |= {"GRPC_VERBOSITY": "debug", "GRPC_TRACE": "tcp"} | environ
     done = subprocess.run(
-        [sys.executable, "-c", _ACCEPT_ONE],
+        [sys.executable, "-c", _ACCEPT_ONE.replace("{first}", first)],
         check=False,
         env=env,
         capture_output=True,
@@ -1668,7 +1671,10 @@ def _accept_one(environ: dict[str, str]) -> str:
         timeout=60,
     )
     assert done.returncode == 0, done.stderr[-2000:]
-    assert done.stdout.strip() == "UNIMPLEMENTED", done.stdout
+    code, experiments = done.stdout.split()
+    assert code == "UNIMPLEMENTED", done.stdout
+    if first == "tests.grpc_env":  # gRPC has read it: off the environment again
+        assert experiments == repr(environ.get("GRPC_EXPERIMENTS")), done.stdout
     return done.stderr
 
 
@@ -1682,7 +1688,7 @@ def test_the_leader_accepts_connections_on_grpc_s_polling_thread_not_the_event_e
     later grpcio drops the switch, gRPC says "Unknown experiment" and this fails: measure
     again (``bench.grpc_floor --modes message``)."""
     trace = _accept_one({})
-    assert "Unknown experiment" not in trace, trace[-2000:]
+    assert "Unknown experiment" not in trace, UNKNOWN.format(grpc.__version__, GRPC_EXPERIMENTS)
     # iomgr's listener and the accepted connection's iomgr endpoint. (Not "no
     # posix_endpoint.cc": the test's own client is an EventEngine client, whose endpoint's
     # shutdown may be traced with that file: it failed once in CI so.)
@@ -1694,3 +1700,55 @@ def test_the_leader_accepts_connections_on_grpc_s_polling_thread_not_the_event_e
     default = _accept_one({"GRPC_EXPERIMENTS": ""})
     assert "tcp_server_posix.cc" not in default, default[-2000:]
     assert "tcp_posix.cc" not in default, default[-2000:]
+
+
+UNKNOWN = (
+    "grpcio {} does not know the experiment the leader turns off (leader.GRPC_EXPERIMENTS = "
+    "{!r}): the leader daemon logs gRPC's 'Unknown experiment' at each start and runs gRPC's "
+    "default listener. Measure again (bench.grpc_floor --modes message; README 'Performance') "
+    "and change or remove the setting."
+)
+
+
+def test_the_installed_grpcio_knows_the_experiment_the_leader_turns_off() -> None:
+    """A later grpcio may drop ``event_engine_listener``: gRPC then writes "Unknown
+    experiment" to stderr (raw, not one of the daemon's JSON lines) at the leader's start and
+    every test process's, and runs its default. That fails here, saying what to do, rather
+    than passing unnoticed (review 2 of session 32, F6). A name gRPC does not know shows so
+    (the check can fail)."""
+
+    def imported(environ: dict[str, str]) -> str:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("GRPC_")} | environ
+        done = subprocess.run(
+            [sys.executable, "-c", "import leader, grpc"],
+            check=False,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        return done.stderr
+
+    assert "Unknown experiment" in imported({"GRPC_EXPERIMENTS": "-no_such_experiment"})
+    stderr = imported({})
+    assert "Unknown experiment" not in stderr, UNKNOWN.format(grpc.__version__, GRPC_EXPERIMENTS)
+    assert stderr == "", stderr[-2000:]  # nothing else gRPC says at the leader's import either
+
+
+def test_the_in_process_tests_run_the_listener_the_leader_ships() -> None:
+    """Review 2 of session 32, F6: the in-process tests (the leader's service in the test
+    process) ran gRPC's default listener, not the leader's. ``tests/grpc_env.py`` (imported
+    by ``tests/conftest.py`` before gRPC) sets the leader's value before gRPC reads it, and
+    takes it off the environment again (the daemons the tests start set their own). Seen as
+    the listener test above sees it, in a process that imports what the test session does;
+    and this session set the leader's value (unless one was given)."""
+    trace = _accept_one({}, first="tests.grpc_env")
+    assert "tcp_server_posix.cc" in trace, trace[-2000:]
+    assert "tcp_posix.cc" in trace, trace[-2000:]
+    if grpc_env.SET["GRPC_EXPERIMENTS"] is None:
+        assert grpc_env.EXPERIMENTS == GRPC_EXPERIMENTS
+        assert "GRPC_EXPERIMENTS" not in os.environ  # the daemons the tests start: their own
+    # An explicit value wins (gRPC's defaults here), and stays in the environment.
+    default = _accept_one({"GRPC_EXPERIMENTS": ""}, first="tests.grpc_env")
+    assert "tcp_server_posix.cc" not in default, default[-2000:]

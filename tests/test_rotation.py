@@ -272,7 +272,7 @@ def test_the_store_revokes_only_the_certificates_a_node_was_not_given_in_a_rollo
     rows = {c.serial: c for c in store.list_certificates("server")}
     assert {s for s, c in rows.items() if c.revoked_at} == {"a1"}
     assert rows["a1"].revoke_reason == "never delivered"
-    number, urgent, _ = store.revocations()
+    number, urgent, *_ = store.revocations()
     assert urgent == 0 and number == 1
     store.close()
 
@@ -305,7 +305,7 @@ def test_the_store_revokes_only_what_the_live_certificate_superseded(tmp_path: P
     assert store.revoke_superseded("n2", "fpb1", before=T0, now=later) == []
     # The list the agents get holds unexpired certificates only: it no longer grows with
     # every rollout for good. Superseded ones are not urgent; one the admin revokes is.
-    number, urgent, _ = store.revocations()
+    number, urgent, *_ = store.revocations()
     assert urgent == 0 and number > 0
     # a1 (issued at 0) expired a day and five minutes ago (a day's margin for clocks behind).
     expired = T0 + dt.timedelta(days=398, minutes=5)

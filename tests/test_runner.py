@@ -1969,3 +1969,50 @@ async def test_a_rotation_is_made_ready_at_its_stage_and_taken_with_a_password(
     assert rotated is not None and rotated == prepared.built.plan.live_tls
     assert rotated["cert_file"] == str(w.root / "server" / "tlsroll-tls" / "r1" / "server.pem")
     journal.close()
+
+
+# --- a change-password switch that was not journalled (s32risk) --------------------------------
+
+
+@pytest.mark.parametrize("fails", ["journal", "render"])
+async def test_a_password_switch_not_journalled_leaves_no_verifier_file_behind(
+    fails: str, world: Callable[[Scenario], World], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A change-password switch's plan writes its verifier file into ``tlsroll-tls/<rollout>/``
+    before the transaction is journalled. When the journal's write failed (or the plan's
+    render, after the file), that directory had no stage and no transaction, and stayed
+    until the agent's next start swept it: a file that can fake bootstrap answers. It is
+    removed at once now; the switched rollout's directory stays. Failed on 55f7cda."""
+    w = world(SCENARIOS["completes"])
+    agent, driver, journal, runner = staged_agent(w, monkeypatch)
+    await agent._switch(switch_request(), cast(Any, None))  # enable-tls: the node on https
+    await asyncio.gather(*runner.tasks.values())
+    done = journal.get("r1", TxnKind.SWITCH)
+    assert done is not None and done.outcome is TxnOutcome.COMPLETED
+    verifier = password.verifier_to_json(a_verifier("n3w"))
+    written = plans.stage_dir(driver, "p1") / "auth-verifier.json"
+    failure: Exception
+    if fails == "journal":
+        failure = sqlite3.OperationalError("disk I/O error")
+
+        def failing(*args: Any, **kwargs: Any) -> Any:
+            assert written.exists()  # (the plan wrote it before)
+            raise failure
+
+        monkeypatch.setattr(journal, "create", failing)
+    else:
+        failure = DriverError("cannot render")
+
+        def not_rendered(target: Target) -> bytes:
+            assert written.exists()
+            raise failure
+
+        monkeypatch.setattr(driver, "render", not_rendered)
+    with pytest.raises(type(failure)):
+        await agent._switch(
+            switch_request("p1", "change-password", auth_verifier_json=verifier), cast(Any, None)
+        )
+    assert not plans.stage_dir(driver, "p1").exists()
+    assert (plans.stage_dir(driver, "r1") / "ca.pem").exists()  # the live one's: kept
+    assert journal.get("p1", TxnKind.SWITCH) is None
+    journal.close()

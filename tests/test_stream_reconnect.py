@@ -175,6 +175,46 @@ async def test_a_stream_the_leader_ends_is_opened_again_at_once_and_the_node_sta
         await stop(rig, link, journal, task)
 
 
+async def test_a_reply_the_agent_cannot_take_is_logged_and_the_stream_replaced_at_once(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Session 33 (s32risk's risk): an exception from taking the leader's reply (here the
+    revocation list the leader pushes for an urgent revocation) ended the stream's reader
+    with no log and without telling the link: the stream read no more, and was replaced only
+    at the next heartbeat (an interval: 10 minutes here). Now it is logged and the stream is
+    replaced at once, whose first answer brings the list again. Failed on the old code: one
+    stream only, no log."""
+    monkeypatch.setattr(leader_link, "LASTED_SECONDS", 0.0)
+    rig, link, journal, opened, task = await running_link(tmp_path, loopback, monkeypatch)
+    trust = link.trust
+    take = trust.take_crl  # (from here on: the first stream's first answer was taken)
+    failed: list[bytes] = []
+
+    def failing(pem: bytes) -> None:
+        if not failed:
+            failed.append(pem)
+            raise RuntimeError("a fault in taking the list")
+        take(pem)
+
+    monkeypatch.setattr(trust, "take_crl", failing)
+    try:
+        with structlog.testing.capture_logs() as events:
+            assert rig.store.revoke("5eec", reason="", now=rig.clock[0], actor="t") == ["5eec"]
+            with contextlib.suppress(TimeoutError):  # (the test's bound, not the claim)
+                async with asyncio.timeout(30):
+                    while len(opened) < 2 or 0x5EEC not in trust.revoked:
+                        await asyncio.sleep(0.02)
+        assert failed and opened == ["hb1", "hb1"]
+        assert trust.crl_number == rig.store.revoked()[0]  # the new stream's first answer
+        (logged,) = [e for e in events if e["event"] == "heartbeat.reply_not_taken"]
+        assert logged["error"] == "RuntimeError: a fault in taking the list"
+        assert logged["log_level"] == "warning"
+        ended = [e for e in events if e["event"] == "heartbeat.stream_ended"]
+        assert [e["code"] for e in ended] == ["NOT_TAKEN"]
+    finally:
+        await stop(rig, link, journal, task)
+
+
 async def test_a_stopping_leader_refuses_the_new_stream_of_an_agent_it_ended(
     tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

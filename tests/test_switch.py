@@ -1194,6 +1194,37 @@ def test_the_start_sweep_removes_a_stage_directory_with_its_temporary_files(
     assert [(e["event"], e["path"]) for e in logs] == [("stage.removed", str(orphan))]
 
 
+def test_a_switch_not_journalled_drops_a_directory_holding_only_its_verifier_file(
+    tmp_path: Path,
+) -> None:
+    """``plans.drop_unjournalled_verifier`` (a change-password switch whose journal write
+    failed: s32risk) removes the rollout's directory as the start's sweep would, and only if
+    the verifier file is all it holds: one with a key (a stage's, or a CreateCSR not
+    journalled yet), a rollout the journal knows, or one the live config names is left."""
+    from nodeagent import plans
+    from nodeagent.drivers import Driver
+    from nodeagent.journal import Journal
+
+    root = tmp_path / "conf" / "tlsroll-tls"
+    config = tmp_path / "conf" / "server.toml"
+    config.parent.mkdir()
+    config.write_text('verifier_file = "tlsroll-tls/named/auth-verifier.json"\n')
+    driver = cast(Driver, ConfigOnly(config))
+    journal = Journal(tmp_path / "journal.sqlite3")
+    try:
+        alone = a_stage(root, "alone", "auth-verifier.json")
+        keyed = a_stage(root, "keyed", "server.key", "auth-verifier.json")
+        known = a_stage(root, "known", "auth-verifier.json")
+        journal.record_csr("known", root / "known" / "server.key", b"csr")
+        named = a_stage(root, "named", "auth-verifier.json")
+        for name in ("alone", "keyed", "known", "named", "absent"):
+            plans.drop_unjournalled_verifier(journal, driver, name)
+    finally:
+        journal.close()
+    assert not alone.exists()
+    assert keyed.exists() and known.exists() and named.exists()
+
+
 def test_the_start_sweep_leaves_a_symlinked_or_foreign_tlsroll_tls(tmp_path: Path) -> None:
     """Review 1a, finding 1: ``tlsroll-tls`` a symbolic link (an admin moved the keys to
     another volume, where another service keeps its files), or a directory someone else

@@ -1,0 +1,115 @@
+"""The revocation list gets a new number a day after its number was issued (session 33).
+
+An agent holds a list by number, and a list is valid for ``pki.CRL_VALIDITY`` (7 days) from
+its number's issue: the leader's daily signing of the same number reached no agent, and with
+no revocation for a week every node's ``DATA/crl.pem`` was past its nextUpdate. The list the
+agents get over a renewal stream is ``tests/test_heartbeat_stream.py``'s; here the store's
+and the snapshot's side.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog.testing
+from cryptography import x509
+
+from leader.service import CRL_RENEW_AFTER
+from tests.leader_rig import leader_with_a_node
+from tlsroll import pki
+
+DAY = dt.timedelta(days=1)
+
+
+def _list(pem: bytes) -> x509.CertificateRevocationList:
+    return x509.load_pem_x509_crl(pem)
+
+
+async def test_a_list_s_number_is_renewed_a_day_after_its_issue_and_not_before(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """A revocation records when its number was issued; the list keeps that number (and its
+    thisUpdate, nextUpdate) for a day, then gets a new one, not urgent; a second renewal of
+    the same issue (two readers at once) does nothing. Nothing revoked ever (number 0): no
+    list, and nothing written."""
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    store, clock, svc = rig.store, rig.clock, rig.service
+    try:
+        transactions = store.db.transactions
+        snap = svc._read_snapshot()
+        assert (snap.crl_number, store.db.transactions) == (0, transactions)  # nothing written
+        t0 = clock[0]
+        assert store.revoke("5eec", reason="", now=t0, actor="test") == ["5eec"]
+        revs = store.revocations(t0)
+        assert (revs.number, revs.urgent, revs.issued) == (1, 1, t0.replace(microsecond=0))
+        clock[0] = t0 + CRL_RENEW_AFTER - dt.timedelta(seconds=1)
+        snap = svc._read_snapshot()
+        assert snap.crl_number == 1
+        first = _list(snap.crl_pem)
+        assert revs.issued is not None
+        assert first.next_update_utc == revs.issued + pki.CRL_VALIDITY  # its number's
+        clock[0] = t0 + CRL_RENEW_AFTER + dt.timedelta(seconds=1)
+        with structlog.testing.capture_logs() as events:
+            snap = svc._read_snapshot()
+        assert (snap.crl_number, snap.crl_urgent) == (2, 1)  # not urgent: the next round
+        assert [e["event"] for e in events] == ["crl.renewed"]
+        renewed = _list(snap.crl_pem)
+        assert renewed.next_update_utc == clock[0].replace(microsecond=0) + pki.CRL_VALIDITY
+        assert {r.serial_number for r in renewed} == {0x5EEC}
+        assert snap.generation == store.db.generation  # read after the renewal's write
+        assert not store.renew_crl(clock[0], clock[0] - DAY)  # renewed meanwhile: nothing
+        assert store.revocations(clock[0]).number == 2
+        clock[0] += CRL_RENEW_AFTER  # exactly a day after its issue: renewed (and only once)
+        assert svc._read_snapshot().crl_number == 3
+    finally:
+        await rig.close()
+
+
+async def test_a_store_that_never_recorded_its_list_s_issue_renews_it_at_once(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """A store of an earlier release has a number and no issue time: the agents' lists may
+    be long past their nextUpdate (they never got one signed again), so the first read
+    gives the list a new number."""
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    store, clock, svc = rig.store, rig.clock, rig.service
+    try:
+        assert store.revoke("5eec", reason="", now=clock[0], actor="test") == ["5eec"]
+        with store.db.tx() as db:
+            db.execute("DELETE FROM meta WHERE key = 'crl_issued'")
+        assert store.revocations(clock[0]).issued is None
+        snap = svc._read_snapshot()
+        assert snap.crl_number == 2
+        assert store.revocations(clock[0]).issued == clock[0].replace(microsecond=0)
+    finally:
+        await rig.close()
+
+
+async def test_a_renewal_that_cannot_be_written_leaves_the_list_as_it_is_and_is_logged(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The renewal is a write on the heartbeats' read path: a full disk must not fail every
+    heartbeat. The list as it is goes out, the failure is logged, the next read tries again."""
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    store, clock, svc = rig.store, rig.clock, rig.service
+    try:
+        assert store.revoke("5eec", reason="", now=clock[0], actor="test") == ["5eec"]
+        clock[0] += 2 * DAY
+
+        def full(*args: Any) -> bool:
+            raise OSError("database or disk is full")
+
+        monkeypatch.setattr(store, "renew_crl", full)
+        with structlog.testing.capture_logs() as events:
+            snap = svc._read_snapshot()
+        assert snap.crl_number == 1 and snap.crl_pem
+        (failed,) = [e for e in events if e["event"] == "crl.renew_failed"]
+        assert failed["error"] == "OSError: database or disk is full"
+        monkeypatch.undo()
+        assert svc._read_snapshot().crl_number == 2
+    finally:
+        await rig.close()
