@@ -773,6 +773,9 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         # Rollouts found ended (``_look_at_stages``): for good, so kept (up to ENDED_KEPT) and
         # not looked up again for the next agent that keeps a stage of one.
         self._ended_rollouts: set[str] = set()
+        # An agent said it holds a newer revocation list than the store's (``_crl_floor``):
+        # the store's number was raised past it, once for the life of this process.
+        self._crl_floor_raised = False
 
     def _asked_on(self, name: str) -> _Beats | None:
         """The stream to ask node ``name``'s planning question on: its newest counted stream in
@@ -1023,6 +1026,8 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             snap = await self.snapshot()
             if (why := snap.refusal(caller)) is not None:
                 raise unauthenticated(why)
+        if request.crl_number > snap.crl_number and not self._crl_floor_raised:
+            snap = await self._crl_floor(caller.name, request.crl_number, now, snap)
         name = caller.name
         store = self.state.store
         said: dict[str, Any] = {
@@ -1059,6 +1064,26 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             log.warning("node.server_down", node=name, detail=summary)
         self.state.live_servers[name] = summary
         return snap, now
+
+    async def _crl_floor(self, node: str, held: int, now: dt.datetime, snap: Snapshot) -> Snapshot:
+        """An accepted agent holds revocation list number ``held``, above the store's: the
+        store was lost (``--reinitialise``) or restored from a backup, and the agents would
+        ignore its lists (audit s33 H1). Its number is raised past it (``Store.raise_crl_floor``,
+        bounded by the clock), once for this process: a store is lost or restored only while
+        the leader is down, so a lying node gets one write per leader start. The snapshot to
+        answer with (the new list, if raised)."""
+        self._crl_floor_raised = True
+        try:
+            number = await asyncio.to_thread(
+                self.state.store.raise_crl_floor, held, now=now, node=node
+            )
+        except Exception:
+            self._crl_floor_raised = False  # the next message tries again
+            raise
+        if number is None:
+            return snap
+        log.warning("crl.floor_raised", node=node, held=held, was=snap.crl_number, number=number)
+        return await self.snapshot()
 
     def _response(
         self,

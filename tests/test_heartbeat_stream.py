@@ -1028,6 +1028,75 @@ async def test_an_agent_that_took_the_leader_s_revocation_list_sends_no_message_
     assert report_key(said) != report_key(leader_pb2.HeartbeatRequest(agent_version="1"))
 
 
+@pytest.mark.parametrize("revoke", [True, False])
+async def test_after_a_lost_store_the_agents_take_the_new_store_s_revocation_lists(
+    tmp_path: Path, loopback: Callable[[], str], revoke: bool
+) -> None:
+    """Audit s33 H1: a store begun again (``--reinitialise``) or restored from a backup
+    numbered its revocation lists from 1 again, and an agent that held a higher number from
+    the lost store refused every new list without a word: a leader certificate the admin
+    revoked afterwards was still obeyed. Now a list's number is at least the time in ms
+    (``revoke``: the admin's revocation after the loss is above any number before it), and
+    an agent that says it holds a higher number than the store's makes the leader raise its
+    number past it at once (not ``revoke``: nothing revoked since the loss). The agent says
+    when it refuses an older list, once per number."""
+    leader_address, node_address = loopback(), loopback()
+    rig = leader_with_a_node(tmp_path, leader_address, node_address)
+    await rig.server.start()
+    link, trust, journal = agent_link(tmp_path, rig.node_files, leader_address, node_address)
+    lost = pki.build_crl(rig.state.ca, 57, [("aa", rig.clock[0])], now=rig.clock[0])
+    trust.take_crl(pki.crl_to_pem(lost))  # the lost store's list 57
+    assert trust.crl_number == 57
+    try:
+        with structlog.testing.capture_logs() as logs:
+            trust.take_crl(pki.crl_to_pem(pki.build_crl(rig.state.ca, 3, [], now=rig.clock[0])))
+            trust.take_crl(pki.crl_to_pem(pki.build_crl(rig.state.ca, 3, [], now=rig.clock[0])))
+        assert [e["number"] for e in logs if e["event"] == "crl.older"] == [3]
+        assert trust.crl_number == 57  # still kept: it is the newer
+        if revoke:
+            assert rig.store.revoke("bb", reason="", now=rig.clock[0], actor="test") == ["bb"]
+        await link.beat()
+        await until(lambda: trust.crl_number > 57, "the new store's list taken")
+        await link.beat()
+        assert trust.crl_number == rig.store.revocations().number
+        assert (0xBB in trust.revoked) is revoke
+        with rig.store.db.read() as db:
+            raised = db.execute("SELECT 1 FROM audit WHERE kind = 'crl.floor_raised'").fetchall()
+        assert len(raised) == (0 if revoke else 1)
+    finally:
+        await link.close()
+        journal.close()
+        await rig.close()
+
+
+async def test_an_agent_s_list_number_raises_the_store_s_once_and_no_further_than_the_clock(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Audit s33 H1's floor, bounded: the number an agent says it holds is only its word,
+    so a node that lies gets one write per leader start (a store is lost or restored only
+    while the leader is down), and no further than the clock takes the number anyway."""
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    await rig.server.start()
+    try:
+        async with grpc.aio.secure_channel(rig.target, rig.node) as channel:
+            stub = leader_pb2_grpc.LeaderStub(channel)
+            beat = leader_pb2.HeartbeatRequest(
+                agent_version="1", agent_port=AGENT_PORT, crl_number=2**64 - 1
+            )
+            answer = await stub.Heartbeat(beat)
+            number, _ = pki.load_crl(answer.crl_pem, rig.state.ca.cert)
+            ms = int(rig.clock[0].timestamp() * 1000)
+            assert number == rig.store.revocations().number == ms + 1
+            assert rig.store.revocations().urgent == number
+            generation = rig.store.db.generation
+            rig.clock[0] += dt.timedelta(seconds=5)
+            await stub.Heartbeat(beat)  # once for this process: no second write
+            assert rig.store.revocations().number == number
+            assert rig.store.db.generation == generation
+    finally:
+        await rig.close()
+
+
 async def test_a_message_that_crosses_a_pushed_list_does_not_roll_the_leader_s_note_back(
     tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
