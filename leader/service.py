@@ -578,6 +578,15 @@ class Snapshot:
     # The rollouts not yet ended (``SchemaStore.live_ids``): an agent's stage of one of them
     # may still be switched, and is not looked up (``LeaderService._look_at_stages``).
     live: frozenset[str] = frozenset()
+    # The end of the re-learning window of a store begun by ``--reinitialise``, if one was.
+    relearn_until: dt.datetime | None = None
+
+    def relearns(self, name: str, now: dt.datetime) -> bool:
+        """Whether a refused caller of node ``name`` may be re-learned (``Store.relearn``):
+        the store does not know the name, and its re-learning window is open. Else the refusal
+        stands without a write (audit s33 M1)."""
+        until = self.relearn_until
+        return until is not None and now <= until and name not in self.accepted
 
     def refusal(self, caller: Caller) -> str | None:
         """Why ``caller`` may not call (``LeaderService._check_on_record``'s rules), or None."""
@@ -973,6 +982,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             crl_pem=crl_pem,
             crl_urgent=urgent,
             live=self.schema.live_ids(),
+            relearn_until=store.relearn_until(),
         )
 
     def _snapshot_read(self, done: asyncio.Future[Snapshot]) -> None:
@@ -1021,7 +1031,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         now = self.state.clock()
         snap = await self.snapshot()
         if (why := snap.refusal(caller)) is not None:
-            if not await self._relearn(context, request):
+            if not snap.relearns(caller.name, now) or not await self._relearn(context, request):
                 raise unauthenticated(why)
             snap = await self.snapshot()
             if (why := snap.refusal(caller)) is not None:

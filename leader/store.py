@@ -1107,6 +1107,12 @@ class Store(LeaderStore):
             )
             self._audit(db, now, actor, "store.reinitialised", "leader", relearn_until=until)
 
+    def relearn_until(self) -> dt.datetime | None:
+        """The end of the re-learning window of a store begun by ``--reinitialise``, if any."""
+        with self._db.read() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'relearn_until'").fetchone()
+        return None if row is None else dt.datetime.fromisoformat(row["value"])
+
     def relearn(
         self,
         *,
@@ -1123,13 +1129,24 @@ class Store(LeaderStore):
         reinitialised store is open, unless the name was removed since; its epoch raises the
         floor. False if the window is closed (the caller refuses the agent)."""
         addresses, dns_names = names
-        self._forget_seen(name)
-        with self._nodes_write(), self._db.tx() as db:
+
+        def refused(db: sqlite3.Connection) -> bool:
             row = db.execute("SELECT value FROM meta WHERE key = 'relearn_until'").fetchone()
             if row is None or now > dt.datetime.fromisoformat(row["value"]):
+                return True
+            # Known (or removed since the loss): not re-learned.
+            return db.execute("SELECT 1 FROM nodes WHERE name = ?", (name,)).fetchone() is not None
+
+        # Read first: a refusal writes nothing, and forgets nothing of the node (audit s33 M1:
+        # a refused certificate of a known node wiped its liveness and queued writes, and its
+        # empty write transaction moved the store's generation on for every agent).
+        with self._db.read() as db:
+            if refused(db):
                 return False
-            if db.execute("SELECT 1 FROM nodes WHERE name = ?", (name,)).fetchone():
-                return False  # known (or removed since the loss): not re-learned
+        self._forget_seen(name)
+        with self._nodes_write(), self._db.tx() as db:
+            if refused(db):  # (another call re-learned it meanwhile)
+                return False
             db.execute(
                 "INSERT INTO nodes (name, addresses, dns_names, agent_version, agent_port,"
                 " key_pin, cert_fingerprint, cert_serial, cert_not_after, enrolled_at,"

@@ -51,7 +51,7 @@ from tests.cluster import Cluster, csr_pem, enrol, enrol_request, wait_until
 from tests.conftest import next_loopback
 from tests.leader_rig import leader_with_a_node
 from tests.nodeside import RPC_TIMEOUT, NodeFactory
-from tlsroll import pki
+from tlsroll import pki, spiffe
 from tlsroll.defaults import AGENT_PORT, CONTROL_PORT, JOIN_PORT
 from tlsroll.v1 import agent_pb2, leader_pb2, leader_pb2_grpc, types_pb2
 
@@ -1093,6 +1093,53 @@ async def test_an_agent_s_list_number_raises_the_store_s_once_and_no_further_tha
             await stub.Heartbeat(beat)  # once for this process: no second write
             assert rig.store.revocations().number == number
             assert rig.store.db.generation == generation
+    finally:
+        await rig.close()
+
+
+def other_credentials(rig: Any, name: str = "hb1") -> grpc.ChannelCredentials:
+    """Credentials with another certificate of the rig's CA naming node ``name`` (as a revoked,
+    superseded or removed one does): TLS passes, the leader refuses it."""
+    ca = rig.state.ca
+    key = pki.generate_key()
+    pin = pki.spki_pin(key.public_key())
+    cert = ca.issue(
+        key.public_key(), pki.Names.of(name, ["127.0.0.9"]), server=True, client=True,
+        identity=spiffe.node(ca.trust_domain, name),
+        internal_dns=[spiffe.key_host(ca.trust_domain, pin)],
+    )  # fmt: skip
+    return grpc.ssl_channel_credentials(ca.cert_pem, pki.key_to_pem(key), pki.cert_to_pem(cert))
+
+
+async def test_a_refused_certificate_of_a_node_neither_wipes_its_liveness_nor_writes(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Audit s33 M1: a heartbeat with a certificate the leader refuses for node hb1 was first
+    tried for re-learning, and ``Store.relearn`` forgot hb1's liveness, its queued heartbeat
+    and client report before it found the window closed, in a write transaction that moved
+    the store's generation on for every agent. hb1 showed offline while its stream was open.
+    Now a known node's refused certificate is refused without a write."""
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    rig.service.batch_seconds = 3600  # what hb1's message queued stays queued
+    await rig.server.start()
+    store = rig.store
+    message = leader_pb2.HeartbeatRequest(agent_version="1", agent_port=AGENT_PORT, renews=True)
+    try:
+        async with grpc.aio.secure_channel(rig.target, rig.node) as channel:
+            call = leader_pb2_grpc.LeaderStub(channel).Heartbeats()  # type: ignore[call-arg]
+            await call.write(message)
+            await call.read()  # hb1's agent: a renewal stream, which vouches for it
+            queued, generation = store.queued(), store.db.generation
+            assert queued and rig.state.node_online(store.get_node("hb1"))
+            async with grpc.aio.secure_channel(rig.target, other_credentials(rig)) as bad:
+                for _ in range(3):
+                    with pytest.raises(grpc.aio.AioRpcError) as refused:
+                        await leader_pb2_grpc.LeaderStub(bad).Heartbeat(message, timeout=30)
+                    assert refused.value.code() == UNAUTH
+            assert store.db.generation == generation and store.queued() == queued
+            rig.clock[0] += dt.timedelta(seconds=2)
+            assert rig.state.node_online(store.get_node("hb1"))
+            call.cancel()
     finally:
         await rig.close()
 
