@@ -1144,6 +1144,49 @@ async def test_a_refused_certificate_of_a_node_neither_wipes_its_liveness_nor_wr
         await rig.close()
 
 
+async def test_a_certificate_holds_two_silent_streams_at_most_and_a_refused_one_none(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Audit s33 M2: a stream was counted against its node only at its first accepted
+    message, so one node certificate, even one the leader refuses, held any number of silent
+    streams (2271 in 3 s on one connection), each until its first message's deadline. Now a
+    node's silent streams beyond ``SILENT_STREAMS_PER_NODE`` end its oldest silent one, and a
+    certificate the leader refuses is refused as its stream opens. The agent's own stream, a
+    message at once, is not pushed out by them."""
+    monkeypatch.setattr(service, "FIRST_MESSAGE_SECONDS", 600.0)  # no deadline ends them here
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    await rig.server.start()
+
+    async def status(call: Any) -> grpc.StatusCode:
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            while True:
+                await call.read()
+        return ended.value.code()
+
+    try:
+        async with grpc.aio.secure_channel(rig.target, rig.node) as channel:
+            stub = leader_pb2_grpc.LeaderStub(channel)
+            silent = [stub.Heartbeats() for _ in range(20)]  # type: ignore[call-arg]
+            ends = [asyncio.ensure_future(status(call)) for call in silent]
+            await until(lambda: sum(e.done() for e in ends) == 18, "18 silent streams ended")
+            assert {e.result() for e in ends if e.done()} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+            await until(lambda: len(rig.service._open) == 2, "two silent streams left")
+            agent = stub.Heartbeats()  # type: ignore[call-arg]
+            await agent.write(leader_pb2.HeartbeatRequest(agent_version="1", seq=1))
+            assert (await agent.read()).interval_seconds > 0  # taken (one more silent one ends)
+            await until(lambda: sum(e.done() for e in ends) == 19, "the oldest silent one ended")
+            assert [b.name for b in rig.service._streams["hb1"]] == ["hb1"]
+            async with grpc.aio.secure_channel(rig.target, other_credentials(rig)) as bad:
+                refused = leader_pb2_grpc.LeaderStub(bad).Heartbeats()  # type: ignore[call-arg]
+                assert await status(refused) == UNAUTH  # without a message
+            for call in silent:
+                call.cancel()
+            agent.cancel()
+        await until(lambda: not rig.service._open and not rig.service._silent, "all ended")
+    finally:
+        await rig.close()
+
+
 async def test_a_message_that_crosses_a_pushed_list_does_not_roll_the_leader_s_note_back(
     tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
