@@ -353,6 +353,12 @@ def renewal_report(request: leader_pb2.HeartbeatRequest, now: dt.datetime) -> Re
 
 
 MAX_FAILURE_COUNT = 1_000_000  # per source and report
+# Audit events and log lines of bootstrap failures a node's reports get a day (the leader's
+# UTC day); its later reports that day still add to the counts (``MAX_FAILURE_ROWS`` sources
+# each node), without them. An agent reports new failures at most once a message, and
+# its bootstrap service slows down after 200 a day; a compromised node could otherwise add an
+# audit row and 64 log lines with every message, for good (audit s33 M4).
+FAILURE_AUDITS_A_DAY = 1440
 
 
 def failure_rows(
@@ -795,6 +801,9 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         # An agent said it holds a newer revocation list than the store's (``_crl_floor``):
         # the store's number was raised past it, once for the life of this process.
         self._crl_floor_raised = False
+        # node -> (the day, its bootstrap failure reports audited that day), at most
+        # ``FAILURE_AUDITS_A_DAY`` (``_failures_audited``).
+        self._failure_audits: dict[str, tuple[dt.date, int]] = {}
 
     def _asked_on(self, name: str) -> _Beats | None:
         """The stream to ask node ``name``'s planning question on: its newest counted stream in
@@ -1066,8 +1075,11 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             self._start_writer()
         failures = failure_rows(name, request.bootstrap_failures, now)
         if failures:
-            await asyncio.to_thread(self.schema.record_bootstrap_failures, name, failures, now)
-            for f in failures:
+            audit = self._failures_audited(name, now)
+            await asyncio.to_thread(
+                self.schema.record_bootstrap_failures, name, failures, now, audit=audit
+            )
+            for f in failures if audit else ():
                 log.warning(
                     "bootstrap.failures_reported",
                     node=name,
@@ -1084,6 +1096,23 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             log.warning("node.server_down", node=name, detail=summary)
         self.state.live_servers[name] = summary
         return snap, now
+
+    def _failures_audited(self, node: str, now: dt.datetime) -> bool:
+        """Whether ``node``'s bootstrap failure report now gets its audit event and log lines:
+        ``FAILURE_AUDITS_A_DAY`` of them a day; the first one beyond says so."""
+        day = now.date()
+        seen_day, audited = self._failure_audits.get(node, (day, 0))
+        if seen_day != day:
+            audited = 0
+        if audited > FAILURE_AUDITS_A_DAY:
+            return False
+        if len(self._failure_audits) >= MAX_CALLERS:
+            self._failure_audits.clear()
+        self._failure_audits[node] = (day, audited + 1)
+        if audited == FAILURE_AUDITS_A_DAY:
+            log.warning("bootstrap.failures_many", node=node, reports=audited, day=str(day))
+            return False
+        return True
 
     async def _crl_floor(self, node: str, held: int, now: dt.datetime, snap: Snapshot) -> Snapshot:
         """An accepted agent holds revocation list number ``held``, above the store's: the
