@@ -1173,7 +1173,8 @@ async def test_a_certificate_holds_two_silent_streams_at_most_and_a_refused_one_
             await until(lambda: len(rig.service._open) == 2, "two silent streams left")
             agent = stub.Heartbeats()  # type: ignore[call-arg]
             await agent.write(leader_pb2.HeartbeatRequest(agent_version="1", seq=1))
-            assert (await agent.read()).interval_seconds > 0  # taken (one more silent one ends)
+            reply = await agent.read()  # taken (one more silent one ends)
+            assert isinstance(reply, leader_pb2.HeartbeatResponse) and reply.interval_seconds > 0
             await until(lambda: sum(e.done() for e in ends) == 19, "the oldest silent one ended")
             assert [b.name for b in rig.service._streams["hb1"]] == ["hb1"]
             async with grpc.aio.secure_channel(rig.target, other_credentials(rig)) as bad:
