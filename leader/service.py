@@ -804,6 +804,8 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         # node -> (the day, its bootstrap failure reports audited that day), at most
         # ``FAILURE_AUDITS_A_DAY`` (``_failures_audited``).
         self._failure_audits: dict[str, tuple[dt.date, int]] = {}
+        # node -> the bootstrap failures its last report said, as taken (``_new_failures``).
+        self._failures_said: dict[str, frozenset[tuple[object, ...]]] = {}
 
     def _asked_on(self, name: str) -> _Beats | None:
         """The stream to ask node ``name``'s planning question on: its newest counted stream in
@@ -1073,12 +1075,17 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                 await asyncio.to_thread(store.heartbeat, name, version, **said)
         elif store.queue_heartbeat(name, version, **said):
             self._start_writer()
-        failures = failure_rows(name, request.bootstrap_failures, now)
+        reported, failures = self._new_failures(name, request.bootstrap_failures, now)
         if failures:
             audit = self._failures_audited(name, now)
             await asyncio.to_thread(
                 self.schema.record_bootstrap_failures, name, failures, now, audit=audit
             )
+        if reported:
+            if len(self._failures_said) >= MAX_CALLERS:
+                self._failures_said.clear()
+            self._failures_said[name] = reported
+        if failures:
             for f in failures if audit else ():
                 log.warning(
                     "bootstrap.failures_reported",
@@ -1096,6 +1103,24 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             log.warning("node.server_down", node=name, detail=summary)
         self.state.live_servers[name] = summary
         return snap, now
+
+    def _new_failures(
+        self, node: str, reports: Sequence[leader_pb2.BootstrapFailure], now: dt.datetime
+    ) -> tuple[frozenset[tuple[object, ...]], list[BootstrapFailureRow]]:
+        """What ``node``'s report says (its entries, as ``_failures_said`` keeps them) and the
+        rows to add (``failure_rows``): not the entries its last report taken said word for
+        word. The agent forgets failures once the leader answered; a stream cut after the
+        leader added them and before the agent read the answer made the agent send them
+        again, and they were counted twice (audit s33 L2). A source that failed again since
+        has another count and time, and is taken (with the count resent in it: the report
+        carries no number to tell; the counts are shown, not acted on)."""
+        said = {
+            (f.source, f.workstation, f.count, f.last_at.seconds, f.last_at.nanos): f
+            for f in reports[:MAX_FAILURE_REPORTS]
+        }
+        before = self._failures_said.get(node, frozenset())
+        fresh = [f for key, f in said.items() if key not in before]
+        return frozenset(said), failure_rows(node, fresh, now) if fresh else []
 
     def _failures_audited(self, node: str, now: dt.datetime) -> bool:
         """Whether ``node``'s bootstrap failure report now gets its audit event and log lines:

@@ -176,11 +176,15 @@ async def test_a_node_s_failure_reports_get_a_bounded_number_of_audit_events_a_d
     try:
         async with grpc.aio.secure_channel(rig.target, rig.node) as channel:
             stub = leader_pb2_grpc.LeaderStub(channel)
-            failed = leader_pb2.BootstrapFailure(source="10.0.0.1", count=1)
-            beat = leader_pb2.HeartbeatRequest(agent_version="1", bootstrap_failures=[failed])
+
+            def beat(seconds: int) -> leader_pb2.HeartbeatRequest:
+                at = ts(rig.clock[0] - dt.timedelta(seconds=seconds))
+                failed = leader_pb2.BootstrapFailure(source="10.0.0.1", count=1, last_at=at)
+                return leader_pb2.HeartbeatRequest(agent_version="1", bootstrap_failures=[failed])
+
             with structlog.testing.capture_logs() as logs:
-                for _ in range(6):
-                    await stub.Heartbeat(beat)
+                for seconds in range(6, 0, -1):  # a failure each second: six reports
+                    await stub.Heartbeat(beat(seconds))
             assert audited() == 3
             assert [e["event"] for e in logs if e["event"].startswith("bootstrap.")] == [
                 "bootstrap.failures_reported"
@@ -188,7 +192,36 @@ async def test_a_node_s_failure_reports_get_a_bounded_number_of_audit_events_a_d
             (row,) = rig.service.schema.bootstrap_failures()
             assert row.count == 6  # all counted
             rig.clock[0] += dt.timedelta(days=1)
-            await stub.Heartbeat(beat)
+            await stub.Heartbeat(beat(0))
             assert audited() == 4  # a new day
+    finally:
+        await rig.close()
+
+
+async def test_a_report_sent_again_after_a_lost_answer_is_not_counted_twice(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Audit s33 L2: the agent forgets failures once the leader answered; a stream cut after
+    the leader added them and before the agent read the answer made the agent send the same
+    report again, and the leader counted it twice. Now the leader takes no entry its last
+    report from the node said word for word; a source that failed again since is taken."""
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    await rig.server.start()
+    at = ts(rig.clock[0] - dt.timedelta(seconds=5))
+    first = [
+        leader_pb2.BootstrapFailure(source="10.0.0.1", workstation="ws-a", count=3, last_at=at),
+        leader_pb2.BootstrapFailure(source="10.0.0.2", workstation="ws-b", count=1, last_at=at),
+    ]
+    again = ts(rig.clock[0] - dt.timedelta(seconds=1))
+    later = [first[0], leader_pb2.BootstrapFailure(source="10.0.0.2", count=2, last_at=again)]
+    try:
+        async with grpc.aio.secure_channel(rig.target, rig.node) as channel:
+            stub = leader_pb2_grpc.LeaderStub(channel)
+            for report in (first, first, later):  # the second: its answer was lost
+                await stub.Heartbeat(
+                    leader_pb2.HeartbeatRequest(agent_version="1", bootstrap_failures=report)
+                )
+        counts = {r.source: r.count for r in rig.service.schema.bootstrap_failures()}
+        assert counts == {"10.0.0.1": 3, "10.0.0.2": 3}
     finally:
         await rig.close()
