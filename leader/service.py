@@ -1272,7 +1272,11 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         # window may still take waits for its message, as before.)
         # (No local for the snapshot: the handler's frame lives as long as the stream.)
         if (why := self._refused_at_open(caller, await self.snapshot())) is not None:
-            await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
+            # InternalError: the call ended meanwhile (its client went, the server stops):
+            # nothing is left to refuse (``_end``); raised on, it was logged as an error.
+            with contextlib.suppress(grpc.aio.InternalError, grpc.aio.UsageError):
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
+            return
         beat = _Beats(context)
         self._open.add(beat)
         self._opened(beat, caller.name)
