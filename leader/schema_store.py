@@ -126,6 +126,11 @@ SERVES_NEW_CERT = (Change.ENABLE_TLS, Change.ROTATE_CERT)
 SERVING_STATES = (NodeState.DONE, NodeState.DUAL)
 FAILURES_KEPT = dt.timedelta(days=30)  # older rows are dropped when new ones come in
 FAILURES_SHOWN = 100
+# Per node: the sources that failed most recently (a node's agent reports at most 64 a
+# message, and a compromised one could send new ones in every message: audit s33 M4), and the
+# count a source adds up to (a message adds at most ``service.MAX_FAILURE_COUNT``).
+MAX_FAILURE_ROWS = 256
+MAX_FAILURE_TOTAL = 1_000_000_000
 
 
 @dataclass(frozen=True)
@@ -1133,10 +1138,17 @@ class SchemaStore(LeaderStore):
     # --- failed bootstrap passwords -----------------------------------------------------------
 
     def record_bootstrap_failures(
-        self, node: str, failures: Sequence[BootstrapFailureRow], now: dt.datetime
+        self,
+        node: str,
+        failures: Sequence[BootstrapFailureRow],
+        now: dt.datetime,
+        *,
+        audit: bool = True,
     ) -> None:
-        """Add what ``node``'s agent reported (already cleaned by the caller) to its counts;
-        drop rows quiet for longer than ``FAILURES_KEPT``."""
+        """Add what ``node``'s agent reported (already cleaned by the caller) to its counts (up
+        to ``MAX_FAILURE_TOTAL``); keep the node's ``MAX_FAILURE_ROWS`` most recent sources;
+        drop rows quiet for longer than ``FAILURES_KEPT``. ``audit``: with its audit event (the
+        caller bounds how many a node gets: ``LeaderService._failures_audited``)."""
         with self._db.tx(routine=True) as db:
             for f in failures:
                 db.execute(
@@ -1145,7 +1157,7 @@ class SchemaStore(LeaderStore):
                     " VALUES (?, ?, ?, ?, ?, ?)"
                     " ON CONFLICT(node, source) DO UPDATE SET"
                     " workstation = excluded.workstation,"
-                    " count = count + excluded.count,"
+                    " count = MIN(count + excluded.count, ?),"
                     " last_at = MAX(last_at, excluded.last_at)",
                     (
                         node,
@@ -1154,9 +1166,17 @@ class SchemaStore(LeaderStore):
                         f.count,
                         to_text(f.last_at),
                         to_text(f.last_at),
+                        MAX_FAILURE_TOTAL,
                     ),
                 )
             if failures:
+                db.execute(
+                    "DELETE FROM bootstrap_failures WHERE node = ? AND source NOT IN (SELECT"
+                    " source FROM bootstrap_failures WHERE node = ?"
+                    " ORDER BY last_at DESC, source LIMIT ?)",
+                    (node, node, MAX_FAILURE_ROWS),
+                )
+            if failures and audit:
                 self._audit(
                     db,
                     now,

@@ -360,6 +360,12 @@ def renewal_report(request: leader_pb2.HeartbeatRequest, now: dt.datetime) -> Re
 
 
 MAX_FAILURE_COUNT = 1_000_000  # per source and report
+# Audit events and log lines of bootstrap failures a node's reports get a day (the leader's
+# UTC day); its later reports that day still add to the counts (``MAX_FAILURE_ROWS`` sources
+# each node), without them. An agent reports new failures at most once a message, and
+# its bootstrap service slows down after 200 a day; a compromised node could otherwise add an
+# audit row and 64 log lines with every message, for good (audit s33 M4).
+FAILURE_AUDITS_A_DAY = 1440
 
 
 def failure_rows(
@@ -416,6 +422,14 @@ MAX_STREAMS_PER_NODE = 2
 leader noticed the old one died (a reset connection). A stream holds memory for as long as it
 is open (a unary call did only while it ran), so a node's certificate must not pin more: a
 stream beyond this ends the node's oldest one."""
+
+SILENT_STREAMS_PER_NODE = 2
+"""Heartbeats streams one node's certificate may hold open before their first message (an
+agent sends it at once): beyond this the node's oldest silent stream ends. Counted from the
+open, not from the first accepted message as ``MAX_STREAMS_PER_NODE`` is: before, one
+certificate held any number of silent streams, each until ``FIRST_MESSAGE_SECONDS``, a
+refused one too (audit s33 M2: 2271 in 3 s on one connection, ~124 MiB). A certificate the
+snapshot refuses is refused at the open (``Heartbeats``)."""
 
 STAGES_HEARD = 64
 """Rollouts of an agent's ``unswitched_stages`` the leader looks at (the agent sends as many at
@@ -602,6 +616,15 @@ class Snapshot:
     # The rollouts not yet ended (``SchemaStore.live_ids``): an agent's stage of one of them
     # may still be switched, and is not looked up (``LeaderService._look_at_stages``).
     live: frozenset[str] = frozenset()
+    # The end of the re-learning window of a store begun by ``--reinitialise``, if one was.
+    relearn_until: dt.datetime | None = None
+
+    def relearns(self, name: str, now: dt.datetime) -> bool:
+        """Whether a refused caller of node ``name`` may be re-learned (``Store.relearn``):
+        the store does not know the name, and its re-learning window is open. Else the refusal
+        stands without a write (audit s33 M1)."""
+        until = self.relearn_until
+        return until is not None and now <= until and name not in self.accepted
 
     def refusal(self, caller: Caller) -> str | None:
         """Why ``caller`` may not call (``LeaderService._check_on_record``'s rules), or None."""
@@ -776,6 +799,8 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         # node -> its open Heartbeats streams that had a message accepted, oldest first.
         self._streams: dict[str, list[_Beats]] = {}
         self._open: set[_Beats] = set()  # every open Heartbeats stream, counted or not
+        # node -> its open streams with no message yet, oldest first (``_opened``).
+        self._silent: dict[str, list[_Beats]] = {}
         self._watch: asyncio.Task[None] | None = None  # streams' cuts, news and deadlines
         # No open stream's ``due`` comes before this (a message only moves its stream's on):
         # the watch looks at the streams' deadlines only once it has passed (``_sweep``).
@@ -797,6 +822,14 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         # Rollouts found ended (``_look_at_stages``): for good, so kept (up to ENDED_KEPT) and
         # not looked up again for the next agent that keeps a stage of one.
         self._ended_rollouts: set[str] = set()
+        # An agent said it holds a newer revocation list than the store's (``_crl_floor``):
+        # the store's number was raised past it, once for the life of this process.
+        self._crl_floor_raised = False
+        # node -> (the day, its bootstrap failure reports audited that day), at most
+        # ``FAILURE_AUDITS_A_DAY`` (``_failures_audited``).
+        self._failure_audits: dict[str, tuple[dt.date, int]] = {}
+        # node -> the bootstrap failures its last report said, as taken (``_new_failures``).
+        self._failures_said: dict[str, frozenset[tuple[object, ...]]] = {}
 
     def _asked_on(self, name: str) -> _Beats | None:
         """The stream to ask node ``name``'s planning question on: its newest counted stream in
@@ -1006,6 +1039,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             crl_pem=crl_pem,
             crl_urgent=urgent,
             live=self.schema.live_ids(),
+            relearn_until=store.relearn_until(),
         )
 
     def _snapshot_read(self, done: asyncio.Future[Snapshot]) -> None:
@@ -1054,11 +1088,13 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         now = self.state.clock()
         snap = await self.snapshot()
         if (why := snap.refusal(caller)) is not None:
-            if not await self._relearn(context, request):
+            if not snap.relearns(caller.name, now) or not await self._relearn(context, request):
                 raise unauthenticated(why)
             snap = await self.snapshot()
             if (why := snap.refusal(caller)) is not None:
                 raise unauthenticated(why)
+        if request.crl_number > snap.crl_number and not self._crl_floor_raised:
+            snap = await self._crl_floor(caller.name, request.crl_number, now, snap)
         name = caller.name
         store = self.state.store
         said: dict[str, Any] = {
@@ -1075,10 +1111,18 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                 await asyncio.to_thread(store.heartbeat, name, version, **said)
         elif store.queue_heartbeat(name, version, **said):
             self._start_writer()
-        failures = failure_rows(name, request.bootstrap_failures, now)
+        reported, failures = self._new_failures(name, request.bootstrap_failures, now)
         if failures:
-            await asyncio.to_thread(self.schema.record_bootstrap_failures, name, failures, now)
-            for f in failures:
+            audit = self._failures_audited(name, now)
+            await asyncio.to_thread(
+                self.schema.record_bootstrap_failures, name, failures, now, audit=audit
+            )
+        if reported:
+            if len(self._failures_said) >= MAX_CALLERS:
+                self._failures_said.clear()
+            self._failures_said[name] = reported
+        if failures:
+            for f in failures if audit else ():
                 log.warning(
                     "bootstrap.failures_reported",
                     node=name,
@@ -1095,6 +1139,61 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             log.warning("node.server_down", node=name, detail=summary)
         self.state.live_servers[name] = summary
         return snap, now
+
+    def _new_failures(
+        self, node: str, reports: Sequence[leader_pb2.BootstrapFailure], now: dt.datetime
+    ) -> tuple[frozenset[tuple[object, ...]], list[BootstrapFailureRow]]:
+        """What ``node``'s report says (its entries, as ``_failures_said`` keeps them) and the
+        rows to add (``failure_rows``): not the entries its last report taken said word for
+        word. The agent forgets failures once the leader answered; a stream cut after the
+        leader added them and before the agent read the answer made the agent send them
+        again, and they were counted twice (audit s33 L2). A source that failed again since
+        has another count and time, and is taken (with the count resent in it: the report
+        carries no number to tell; the counts are shown, not acted on)."""
+        said = {
+            (f.source, f.workstation, f.count, f.last_at.seconds, f.last_at.nanos): f
+            for f in reports[:MAX_FAILURE_REPORTS]
+        }
+        before = self._failures_said.get(node, frozenset())
+        fresh = [f for key, f in said.items() if key not in before]
+        return frozenset(said), failure_rows(node, fresh, now) if fresh else []
+
+    def _failures_audited(self, node: str, now: dt.datetime) -> bool:
+        """Whether ``node``'s bootstrap failure report now gets its audit event and log lines:
+        ``FAILURE_AUDITS_A_DAY`` of them a day; the first one beyond says so."""
+        day = now.date()
+        seen_day, audited = self._failure_audits.get(node, (day, 0))
+        if seen_day != day:
+            audited = 0
+        if audited > FAILURE_AUDITS_A_DAY:
+            return False
+        if len(self._failure_audits) >= MAX_CALLERS:
+            self._failure_audits.clear()
+        self._failure_audits[node] = (day, audited + 1)
+        if audited == FAILURE_AUDITS_A_DAY:
+            log.warning("bootstrap.failures_many", node=node, reports=audited, day=str(day))
+            return False
+        return True
+
+    async def _crl_floor(self, node: str, held: int, now: dt.datetime, snap: Snapshot) -> Snapshot:
+        """An accepted agent holds revocation list number ``held``, above the store's: the
+        store was lost (``--reinitialise``) or restored from a backup, and the agents would
+        ignore its lists (audit s33 H1). Its number is raised past it (``Store.raise_crl_floor``,
+        bounded by the clock), once for this process: a store is lost or restored only while
+        the leader is down, so a lying node gets one write per leader start. The snapshot to
+        answer with (the new list, if raised)."""
+        self._crl_floor_raised = True
+        try:
+            number = await asyncio.to_thread(
+                self.state.store.raise_crl_floor, held, now=now, node=node
+            )
+        except Exception:
+            self._crl_floor_raised = False  # the next message tries again
+            raise
+        if number is None:
+            return snap
+        log.warning("crl.floor_raised", node=node, held=held, was=snap.crl_number, number=number)
+        return await self.snapshot()
 
     def _response(
         self,
@@ -1204,8 +1303,19 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             # taken, it would be open until the server's graceful stop gave up on it (review
             # of session 25). Refused, the agent tries again later (``reconnect_pause``).
             await context.abort(grpc.StatusCode.UNAVAILABLE, "the leader is stopping")
+        # A certificate the store refuses is refused now, not at its first message: a stream
+        # that sends none held memory until its deadline (audit s33 M2). (One a re-learning
+        # window may still take waits for its message, as before.)
+        # (No local for the snapshot: the handler's frame lives as long as the stream.)
+        if (why := self._refused_at_open(caller, await self.snapshot())) is not None:
+            # InternalError: the call ended meanwhile (its client went, the server stops):
+            # nothing is left to refuse (``_end``); raised on, it was logged as an error.
+            with contextlib.suppress(grpc.aio.InternalError, grpc.aio.UsageError):
+                await context.abort(grpc.StatusCode.UNAUTHENTICATED, why)
+            return
         beat = _Beats(context)
         self._open.add(beat)
+        self._opened(beat, caller.name)
         interval = self.state.heartbeat_interval
         lease = renewal_deadline(interval)
         loop = asyncio.get_running_loop()
@@ -1220,6 +1330,8 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                     if beat.ending is not None:  # by the leader (its deadline, a cut): its status
                         await beat.ending
                     return  # (gRPC reads a cancelled call's end as EOF too: no proof of life)
+                if not beat.name:
+                    self._unsilence(beat, caller.name)
                 if beat.ending is not None:  # the leader ended it while the message came
                     await beat.ending
                     return
@@ -1294,8 +1406,33 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             await beat.ending
         finally:
             self._open.discard(beat)
+            self._unsilence(beat, caller.name)
             self._uncount(beat)
             beat.unanswered()
+
+    def _refused_at_open(self, caller: Caller, snap: Snapshot) -> str | None:
+        """Why a stream of ``caller`` is refused as it opens: the refusal its first message
+        would get (``Snapshot.refusal``), unless a re-learning window may take it then."""
+        why = snap.refusal(caller)
+        if why is None or snap.relearns(caller.name, self.state.clock()):
+            return None
+        return why
+
+    def _opened(self, beat: _Beats, name: str) -> None:
+        """``beat`` opened with a certificate of node ``name``: it is silent until its first
+        message. Beyond ``SILENT_STREAMS_PER_NODE``, the node's oldest silent one ends."""
+        silent = self._silent.setdefault(name, [])
+        if len(silent) >= SILENT_STREAMS_PER_NODE:
+            _end(silent.pop(0), grpc.StatusCode.RESOURCE_EXHAUSTED, "a newer stream")
+        silent.append(beat)
+
+    def _unsilence(self, beat: _Beats, name: str) -> None:
+        """``beat`` sent a message, or ended: it is no longer silent."""
+        silent = self._silent.get(name)
+        if silent is not None and beat in silent:
+            silent.remove(beat)
+            if not silent:
+                del self._silent[name]
 
     def _count(self, beat: _Beats, name: str) -> None:
         """Count ``beat`` against node ``name``, only once a message was accepted: a

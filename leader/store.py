@@ -1172,6 +1172,34 @@ class Store(LeaderStore):
             _bump_crl(db, now, urgent=False)
         return True
 
+    def raise_crl_floor(self, held: int, *, now: dt.datetime, node: str) -> int | None:
+        """An agent (of ``node``) says it holds revocation list number ``held``, higher than
+        this store's: the store was lost or restored from a backup, and the agents would
+        ignore its lists until its count passed theirs (audit s33 H1). The number moves past
+        it now, urgently (the agents take the new list at once), to at most ``held + 1`` and
+        at least ``crl_time(now)`` (``_bump_crl``): a node that lies cannot push it beyond
+        where the clock takes it anyway. Returns the new number, or None if the store's is
+        not below ``held`` (read first: no write then)."""
+        with self._db.read() as db:
+            if held <= _meta(db, "crl_number", 0):
+                return None
+        with self._db.tx() as db:
+            number = _meta(db, "crl_number", 0)
+            if held > number:  # (else another raised it meanwhile: the commit changes nothing)
+                db.execute(
+                    "INSERT INTO meta (key, value) VALUES ('crl_number', ?)"
+                    " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    (str(min(held, crl_time(now))),),
+                )
+                _bump_crl(db, now)
+                raised = _meta(db, "crl_number", 0)
+                self._audit(
+                    db, now, f"node:{node}", "crl.floor_raised", "leader", held=held, was=number,
+                    number=raised,
+                )  # fmt: skip
+                return raised
+        return None
+
     # --- re-learning nodes after a lost store --------------------------------------------------
 
     def relearn_until(self) -> dt.datetime | None:
@@ -1196,13 +1224,24 @@ class Store(LeaderStore):
         reinitialised store is open, unless the name was removed since; its epoch raises the
         floor. False if the window is closed (the caller refuses the agent)."""
         addresses, dns_names = names
-        self._forget_seen(name)
-        with self._nodes_write(), self._db.tx() as db:
+
+        def refused(db: sqlite3.Connection) -> bool:
             row = db.execute("SELECT value FROM meta WHERE key = 'relearn_until'").fetchone()
             if row is None or now > dt.datetime.fromisoformat(row["value"]):
+                return True
+            # Known (or removed since the loss): not re-learned.
+            return db.execute("SELECT 1 FROM nodes WHERE name = ?", (name,)).fetchone() is not None
+
+        # Read first: a refusal writes nothing, and forgets nothing of the node (audit s33 M1:
+        # a refused certificate of a known node wiped its liveness and queued writes, and its
+        # empty write transaction moved the store's generation on for every agent).
+        with self._db.read() as db:
+            if refused(db):
                 return False
-            if db.execute("SELECT 1 FROM nodes WHERE name = ?", (name,)).fetchone():
-                return False  # known (or removed since the loss): not re-learned
+        self._forget_seen(name)
+        with self._nodes_write(), self._db.tx() as db:
+            if refused(db):  # (another call re-learned it meanwhile)
+                return False
             db.execute(
                 "INSERT INTO nodes (name, addresses, dns_names, agent_version, agent_port,"
                 " key_pin, cert_fingerprint, cert_serial, cert_not_after, enrolled_at,"
@@ -1417,17 +1456,34 @@ def _revoke_in(
     _bump_crl(db, now, urgent=urgent)
 
 
+def crl_time(now: dt.datetime) -> int:
+    """The lowest number a revocation list made at ``now`` gets: the time in milliseconds
+    since 1970 (``_bump_crl``)."""
+    return int(now.timestamp() * 1000)
+
+
 def _bump_crl(db: sqlite3.Connection, now: dt.datetime, *, urgent: bool = True) -> None:
-    """A certificate was revoked: the next revocation list gets a higher number. ``urgent``:
-    a revocation the agents act on (a certificate revoked by the admin, a removed node's):
-    the list's number is also recorded as ``crl_urgent``, and the leader sends that list to
-    the agents at once. A server certificate superseded by the node's new one (a rollout's)
-    or never delivered is not urgent: nothing presents it, and the list
-    goes out with the watch's next round (``leader.service.CRL_NEWS_SECONDS``). ``now``: when
-    the new number is issued (``Revocations.issued``)."""
+    """A certificate was revoked: the next revocation list gets a higher number, and one at
+    least ``crl_time(now)``. Agents keep a list only if its number is not lower than the one
+    they hold (``nodeagent.trust``), so the number must keep rising across a lost store
+    (``--reinitialise``) or one restored from a backup, whose own count is behind what the
+    agents hold: counted from 1 again, every list was ignored until the count passed theirs,
+    and a leader certificate revoked meanwhile was still obeyed (audit s33 H1). A number from
+    the clock is above any the CA gave before as long as the leader's clock has not gone
+    back; ``Store.raise_crl_floor`` also raises it to what an agent says it holds. Up to 2**63
+    (a SQLite integer, the protobuf's uint64, 20 octets of RFC 5280) for 290 million years.
+    ``urgent``: a revocation the agents act on (a certificate revoked by the admin, a removed
+    node's): the list's number is also recorded as ``crl_urgent``, and the leader sends that
+    list to the agents at once. A server certificate superseded by the node's new one (a
+    rollout's) or never delivered is not urgent: nothing presents it, and the list goes out
+    with the watch's next round (``leader.service.CRL_NEWS_SECONDS``). ``now``: when the new
+    number is issued (``Revocations.issued``; ``Store.renew_crl`` gives the list a new number
+    a day after)."""
+    floor = crl_time(now)
     db.execute(
-        "INSERT INTO meta (key, value) VALUES ('crl_number', '1')"
-        " ON CONFLICT(key) DO UPDATE SET value = CAST(value AS INTEGER) + 1"
+        "INSERT INTO meta (key, value) VALUES ('crl_number', ?) ON CONFLICT(key)"
+        " DO UPDATE SET value = MAX(CAST(value AS INTEGER) + 1, CAST(excluded.value AS INTEGER))",
+        (str(max(floor, 1)),),
     )
     db.execute(
         "INSERT INTO meta (key, value) VALUES ('crl_issued', ?)"

@@ -65,6 +65,7 @@ class LeaderTrust:
     refresh: Callable[[], Awaitable[None]] | None = None
     _refreshing: asyncio.Lock = field(default_factory=asyncio.Lock)
     _taking: threading.Lock = field(default_factory=threading.Lock)  # ``take_crl`` (threads)
+    _older: int = -1  # the last older list refused (``take_crl`` says so once per number)
 
     @classmethod
     def load(cls, ca_file: Path, trust_domain: str, data_dir: Path) -> LeaderTrust:
@@ -116,6 +117,12 @@ class LeaderTrust:
         # again until the leader sent the list once more.
         with self._taking:
             if number < self.crl_number:
+                # A leader whose store was lost or restored numbers its lists lower than the
+                # one kept here (audit s33 H1: refused without a word before). Said once per
+                # number: a leader sends it with every answer until its number passes.
+                if number != self._older:
+                    self._older = number
+                    log.warning("crl.older", number=number, held=self.crl_number)
                 return
             write_atomic(self.crl_file, pem, PUBLIC)
             self.crl_number, self.revoked = number, revoked

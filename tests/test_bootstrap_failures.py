@@ -15,12 +15,16 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
 
+import grpc
+import pytest
+import structlog.testing
 from google.protobuf.timestamp_pb2 import Timestamp
 from rich.console import Console
 
+from leader import service
 from leader.cli.base import to_dict
 from leader.cli.draw import render_failures
-from leader.schema_store import SchemaStore
+from leader.schema_store import MAX_FAILURE_ROWS, MAX_FAILURE_TOTAL, SchemaStore
 from leader.schema_view import schema_message
 from leader.service import failure_rows
 from nodeagent import bootstrap_server
@@ -31,9 +35,10 @@ from nodeagent.identity import Identity
 from nodeagent.journal import Journal
 from nodeagent.leader_link import failure_messages
 from tests.conftest import IssuedCert
+from tests.leader_rig import leader_with_a_node
 from tests.test_bootstrap import OTHER_PASSWORD, VERIFIER, FakeClock, Node, session_from
 from tlsroll import password, peertext, pki
-from tlsroll.v1 import leader_pb2
+from tlsroll.v1 import leader_pb2, leader_pb2_grpc
 
 NOW = dt.datetime(2026, 11, 30, 10, 0, tzinfo=dt.UTC)
 
@@ -203,3 +208,103 @@ async def test_an_agent_restart_keeps_the_ceiling_and_the_unreported_failures(
         assert OTHER_PASSWORD.encode() not in text
     finally:
         journal.close()
+
+
+def test_a_node_keeps_its_most_recent_failing_sources_and_bounded_counts(tmp_path: Path) -> None:
+    """Audit s33 M4: a report is bounded (64 sources), but nothing bounded a node's rows: a
+    compromised node sending new sources with every message grew the store without end (50
+    messages: 3200 rows). Now a node keeps its ``MAX_FAILURE_ROWS`` most recent sources, and
+    a source's count stops at ``MAX_FAILURE_TOTAL``; another node's rows are its own."""
+    store = SchemaStore(tmp_path / "leader.sqlite3")
+    try:
+        report = [leader_pb2.BootstrapFailure(source="10.9.0.1", count=2, last_at=ts(NOW))]
+        store.record_bootstrap_failures("node-b", failure_rows("node-b", report, NOW), NOW)
+        for message in range(50):
+            at = NOW + dt.timedelta(seconds=message)
+            report = [
+                leader_pb2.BootstrapFailure(source=f"10.{message}.0.{i}", count=1, last_at=ts(at))
+                for i in range(64)
+            ]
+            store.record_bootstrap_failures("node-a", failure_rows("node-a", report, at), at)
+        rows = store.bootstrap_failures(limit=10_000)
+        mine = [r for r in rows if r.node == "node-a"]
+        assert len(mine) == MAX_FAILURE_ROWS
+        assert {r.source for r in mine} >= {f"10.49.0.{i}" for i in range(64)}  # the newest
+        assert [(r.source, r.count) for r in rows if r.node == "node-b"] == [("10.9.0.1", 2)]
+        many = [leader_pb2.BootstrapFailure(source="10.9.0.1", count=1_000_000)] * 64
+        for _ in range(MAX_FAILURE_TOTAL // (64 * 1_000_000) + 1):
+            store.record_bootstrap_failures("node-b", failure_rows("node-b", many, NOW), NOW)
+        (held,) = [r for r in store.bootstrap_failures(limit=10_000) if r.node == "node-b"]
+        assert held.count == MAX_FAILURE_TOTAL
+    finally:
+        store.close()
+
+
+async def test_a_node_s_failure_reports_get_a_bounded_number_of_audit_events_a_day(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Audit s33 M4: every heartbeat with failures added an audit row and a log line per
+    source, for good. Now a node's reports get ``FAILURE_AUDITS_A_DAY`` audit events (and
+    their log lines) a leader's day; later ones still add to the counts, one warning says so."""
+    monkeypatch.setattr(service, "FAILURE_AUDITS_A_DAY", 3)
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    await rig.server.start()
+
+    def audited() -> int:
+        with rig.store.db.read() as db:
+            return len(
+                db.execute("SELECT 1 FROM audit WHERE kind = 'bootstrap.failures'").fetchall()
+            )
+
+    try:
+        async with grpc.aio.secure_channel(rig.target, rig.node) as channel:
+            stub = leader_pb2_grpc.LeaderStub(channel)
+
+            def beat(seconds: int) -> leader_pb2.HeartbeatRequest:
+                at = ts(rig.clock[0] - dt.timedelta(seconds=seconds))
+                failed = leader_pb2.BootstrapFailure(source="10.0.0.1", count=1, last_at=at)
+                return leader_pb2.HeartbeatRequest(agent_version="1", bootstrap_failures=[failed])
+
+            with structlog.testing.capture_logs() as logs:
+                for seconds in range(6, 0, -1):  # a failure each second: six reports
+                    await stub.Heartbeat(beat(seconds))
+            assert audited() == 3
+            assert [e["event"] for e in logs if e["event"].startswith("bootstrap.")] == [
+                "bootstrap.failures_reported"
+            ] * 3 + ["bootstrap.failures_many"]
+            (row,) = rig.service.schema.bootstrap_failures()
+            assert row.count == 6  # all counted
+            rig.clock[0] += dt.timedelta(days=1)
+            await stub.Heartbeat(beat(0))
+            assert audited() == 4  # a new day
+    finally:
+        await rig.close()
+
+
+async def test_a_report_sent_again_after_a_lost_answer_is_not_counted_twice(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Audit s33 L2: the agent forgets failures once the leader answered; a stream cut after
+    the leader added them and before the agent read the answer made the agent send the same
+    report again, and the leader counted it twice. Now the leader takes no entry its last
+    report from the node said word for word; a source that failed again since is taken."""
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    await rig.server.start()
+    at = ts(rig.clock[0] - dt.timedelta(seconds=5))
+    first = [
+        leader_pb2.BootstrapFailure(source="10.0.0.1", workstation="ws-a", count=3, last_at=at),
+        leader_pb2.BootstrapFailure(source="10.0.0.2", workstation="ws-b", count=1, last_at=at),
+    ]
+    again = ts(rig.clock[0] - dt.timedelta(seconds=1))
+    later = [first[0], leader_pb2.BootstrapFailure(source="10.0.0.2", count=2, last_at=again)]
+    try:
+        async with grpc.aio.secure_channel(rig.target, rig.node) as channel:
+            stub = leader_pb2_grpc.LeaderStub(channel)
+            for report in (first, first, later):  # the second: its answer was lost
+                await stub.Heartbeat(
+                    leader_pb2.HeartbeatRequest(agent_version="1", bootstrap_failures=report)
+                )
+        counts = {r.source: r.count for r in rig.service.schema.bootstrap_failures()}
+        assert counts == {"10.0.0.1": 3, "10.0.0.2": 3}
+    finally:
+        await rig.close()

@@ -52,7 +52,7 @@ from tests.cluster import Cluster, csr_pem, enrol, enrol_request, wait_until
 from tests.conftest import next_loopback
 from tests.leader_rig import leader_with_a_node
 from tests.nodeside import RPC_TIMEOUT, NodeFactory
-from tlsroll import pki
+from tlsroll import pki, spiffe
 from tlsroll.defaults import AGENT_PORT, CONTROL_PORT, JOIN_PORT
 from tlsroll.v1 import agent_pb2, leader_pb2, leader_pb2_grpc, types_pb2
 
@@ -2051,3 +2051,163 @@ def test_the_store_is_read_only_when_something_changed(tmp_path: Path) -> None:
         assert store.db.generation > g0
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("revoke", [True, False])
+async def test_after_a_lost_store_the_agents_take_the_new_store_s_revocation_lists(
+    tmp_path: Path, loopback: Callable[[], str], revoke: bool
+) -> None:
+    """Audit s33 H1: a store begun again (``--reinitialise``) or restored from a backup
+    numbered its revocation lists from 1 again, and an agent that held a higher number from
+    the lost store refused every new list without a word: a leader certificate the admin
+    revoked afterwards was still obeyed. Now a list's number is at least the time in ms
+    (``revoke``: the admin's revocation after the loss is above any number before it), and
+    an agent that says it holds a higher number than the store's makes the leader raise its
+    number past it at once (not ``revoke``: nothing revoked since the loss). The agent says
+    when it refuses an older list, once per number."""
+    leader_address, node_address = loopback(), loopback()
+    rig = leader_with_a_node(tmp_path, leader_address, node_address)
+    await rig.server.start()
+    link, trust, journal = agent_link(tmp_path, rig.node_files, leader_address, node_address)
+    lost = pki.build_crl(rig.state.ca, 57, [("aa", rig.clock[0])], now=rig.clock[0])
+    trust.take_crl(pki.crl_to_pem(lost))  # the lost store's list 57
+    assert trust.crl_number == 57
+    try:
+        with structlog.testing.capture_logs() as logs:
+            trust.take_crl(pki.crl_to_pem(pki.build_crl(rig.state.ca, 3, [], now=rig.clock[0])))
+            trust.take_crl(pki.crl_to_pem(pki.build_crl(rig.state.ca, 3, [], now=rig.clock[0])))
+        assert [e["number"] for e in logs if e["event"] == "crl.older"] == [3]
+        assert trust.crl_number == 57  # still kept: it is the newer
+        if revoke:
+            assert rig.store.revoke("bb", reason="", now=rig.clock[0], actor="test") == ["bb"]
+        await link.beat()
+        await until(lambda: trust.crl_number > 57, "the new store's list taken")
+        await link.beat()
+        assert trust.crl_number == rig.store.revocations().number
+        assert (0xBB in trust.revoked) is revoke
+        with rig.store.db.read() as db:
+            raised = db.execute("SELECT 1 FROM audit WHERE kind = 'crl.floor_raised'").fetchall()
+        assert len(raised) == (0 if revoke else 1)
+    finally:
+        await link.close()
+        journal.close()
+        await rig.close()
+
+
+async def test_an_agent_s_list_number_raises_the_store_s_once_and_no_further_than_the_clock(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Audit s33 H1's floor, bounded: the number an agent says it holds is only its word,
+    so a node that lies gets one write per leader start (a store is lost or restored only
+    while the leader is down), and no further than the clock takes the number anyway."""
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    await rig.server.start()
+    try:
+        async with grpc.aio.secure_channel(rig.target, rig.node) as channel:
+            stub = leader_pb2_grpc.LeaderStub(channel)
+            beat = leader_pb2.HeartbeatRequest(
+                agent_version="1", agent_port=AGENT_PORT, crl_number=2**64 - 1
+            )
+            answer = await stub.Heartbeat(beat)
+            number, _ = pki.load_crl(answer.crl_pem, rig.state.ca.cert)
+            ms = int(rig.clock[0].timestamp() * 1000)
+            assert number == rig.store.revocations().number == ms + 1
+            assert rig.store.revocations().urgent == number
+            generation = rig.store.db.generation
+            rig.clock[0] += dt.timedelta(seconds=5)
+            await stub.Heartbeat(beat)  # once for this process: no second write
+            assert rig.store.revocations().number == number
+            assert rig.store.db.generation == generation
+    finally:
+        await rig.close()
+
+
+def other_credentials(rig: Any, name: str = "hb1") -> grpc.ChannelCredentials:
+    """Credentials with another certificate of the rig's CA naming node ``name`` (as a revoked,
+    superseded or removed one does): TLS passes, the leader refuses it."""
+    ca = rig.state.ca
+    key = pki.generate_key()
+    pin = pki.spki_pin(key.public_key())
+    cert = ca.issue(
+        key.public_key(), pki.Names.of(name, ["127.0.0.9"]), server=True, client=True,
+        identity=spiffe.node(ca.trust_domain, name),
+        internal_dns=[spiffe.key_host(ca.trust_domain, pin)],
+    )  # fmt: skip
+    return grpc.ssl_channel_credentials(ca.cert_pem, pki.key_to_pem(key), pki.cert_to_pem(cert))
+
+
+async def test_a_refused_certificate_of_a_node_neither_wipes_its_liveness_nor_writes(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Audit s33 M1: a heartbeat with a certificate the leader refuses for node hb1 was first
+    tried for re-learning, and ``Store.relearn`` forgot hb1's liveness, its queued heartbeat
+    and client report before it found the window closed, in a write transaction that moved
+    the store's generation on for every agent. hb1 showed offline while its stream was open.
+    Now a known node's refused certificate is refused without a write."""
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    rig.service.batch_seconds = 3600  # what hb1's message queued stays queued
+    await rig.server.start()
+    store = rig.store
+    message = leader_pb2.HeartbeatRequest(agent_version="1", agent_port=AGENT_PORT, renews=True)
+    try:
+        async with grpc.aio.secure_channel(rig.target, rig.node) as channel:
+            call = leader_pb2_grpc.LeaderStub(channel).Heartbeats()  # type: ignore[call-arg]
+            await call.write(message)
+            await call.read()  # hb1's agent: a renewal stream, which vouches for it
+            queued, generation = store.queued(), store.db.generation
+            assert queued and rig.state.node_online(store.get_node("hb1"))
+            async with grpc.aio.secure_channel(rig.target, other_credentials(rig)) as bad:
+                for _ in range(3):
+                    with pytest.raises(grpc.aio.AioRpcError) as refused:
+                        await leader_pb2_grpc.LeaderStub(bad).Heartbeat(message, timeout=30)
+                    assert refused.value.code() == UNAUTH
+            assert store.db.generation == generation and store.queued() == queued
+            rig.clock[0] += dt.timedelta(seconds=2)
+            assert rig.state.node_online(store.get_node("hb1"))
+            call.cancel()
+    finally:
+        await rig.close()
+
+
+async def test_a_certificate_holds_two_silent_streams_at_most_and_a_refused_one_none(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Audit s33 M2: a stream was counted against its node only at its first accepted
+    message, so one node certificate, even one the leader refuses, held any number of silent
+    streams (2271 in 3 s on one connection), each until its first message's deadline. Now a
+    node's silent streams beyond ``SILENT_STREAMS_PER_NODE`` end its oldest silent one, and a
+    certificate the leader refuses is refused as its stream opens. The agent's own stream, a
+    message at once, is not pushed out by them."""
+    monkeypatch.setattr(service, "FIRST_MESSAGE_SECONDS", 600.0)  # no deadline ends them here
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    await rig.server.start()
+
+    async def status(call: Any) -> grpc.StatusCode:
+        with pytest.raises(grpc.aio.AioRpcError) as ended:
+            while True:
+                await call.read()
+        return ended.value.code()
+
+    try:
+        async with grpc.aio.secure_channel(rig.target, rig.node) as channel:
+            stub = leader_pb2_grpc.LeaderStub(channel)
+            silent = [stub.Heartbeats() for _ in range(20)]  # type: ignore[call-arg]
+            ends = [asyncio.ensure_future(status(call)) for call in silent]
+            await until(lambda: sum(e.done() for e in ends) == 18, "18 silent streams ended")
+            assert {e.result() for e in ends if e.done()} == {grpc.StatusCode.RESOURCE_EXHAUSTED}
+            await until(lambda: len(rig.service._open) == 2, "two silent streams left")
+            agent = stub.Heartbeats()  # type: ignore[call-arg]
+            await agent.write(leader_pb2.HeartbeatRequest(agent_version="1", seq=1))
+            reply = await agent.read()  # taken (one more silent one ends)
+            assert isinstance(reply, leader_pb2.HeartbeatResponse) and reply.interval_seconds > 0
+            await until(lambda: sum(e.done() for e in ends) == 19, "the oldest silent one ended")
+            assert [b.name for b in rig.service._streams["hb1"]] == ["hb1"]
+            async with grpc.aio.secure_channel(rig.target, other_credentials(rig)) as bad:
+                refused = leader_pb2_grpc.LeaderStub(bad).Heartbeats()  # type: ignore[call-arg]
+                assert await status(refused) == UNAUTH  # without a message
+            for call in silent:
+                call.cancel()
+            agent.cancel()
+        await until(lambda: not rig.service._open and not rig.service._silent, "all ended")
+    finally:
+        await rig.close()

@@ -32,7 +32,7 @@ from pathlib import Path
 import pytest
 from cryptography import x509
 
-from leader.store import IssuedCert, Store, revoke_undelivered_in
+from leader.store import IssuedCert, Store, crl_time, revoke_undelivered_in
 from refserver.server import WRITE_DELAY_ENV
 from tests.cluster import Cluster, wait_until
 from tests.conftest import next_loopback
@@ -273,7 +273,7 @@ def test_the_store_revokes_only_the_certificates_a_node_was_not_given_in_a_rollo
     assert {s for s, c in rows.items() if c.revoked_at} == {"a1"}
     assert rows["a1"].revoke_reason == "never delivered"
     number, urgent, *_ = store.revocations()
-    assert urgent == 0 and number == 1
+    assert urgent == 0 and number == crl_time(now)  # (``_bump_crl``: at least the time in ms)
     store.close()
 
 
@@ -313,4 +313,43 @@ def test_the_store_revokes_only_what_the_live_certificate_superseded(tmp_path: P
     assert {s for s, _ in store.revoked()[1]} == {"a1", "a2", "a3"}
     store.revoke("b1", reason="", now=later, actor="test")
     assert store.revocations().urgent == store.revocations().number == number + 1
+    store.close()
+
+
+def test_revocation_lists_of_a_restored_or_new_store_are_numbered_above_the_lost_ones(
+    tmp_path: Path,
+) -> None:
+    """Audit s33 H1: agents keep a list only if its number is not below the one they hold,
+    and a store restored from a backup (or begun again, ``--reinitialise``) counted on from
+    its own number: its lists were ignored until the count passed the agents'. A list's
+    number is now at least the time it was made in ms, so a revocation after the restore is
+    numbered above every list of the lost store (while the clock does not go back)."""
+    lost = Store(tmp_path / "leader.sqlite3")
+    for minutes, serial in enumerate(("a1", "a2", "a3")):
+        issue_server_cert(lost, serial, "n1", minutes)
+    lost.revoke("a1", reason="", now=T0, actor="test")
+    lost.close()
+    backup = tmp_path / "backup.sqlite3"
+    backup.write_bytes((tmp_path / "leader.sqlite3").read_bytes())
+    lost = Store(tmp_path / "leader.sqlite3")
+    for minutes, serial in ((1, "a2"), (2, "a3")):  # revocations after the backup
+        lost.revoke(serial, reason="", now=T0 + dt.timedelta(minutes=minutes), actor="test")
+    held = lost.revocations().number  # the agents' list
+    lost.close()
+    later = T0 + dt.timedelta(days=3)
+    restored, fresh = Store(backup), Store(tmp_path / "new.sqlite3")
+    assert restored.revocations().number < held and fresh.revocations().number == 0
+    issue_server_cert(fresh, "b1", "n1", 0)
+    for store in (restored, fresh):
+        store.revoke("b1" if store is fresh else "a2", reason="", now=later, actor="test")
+        after = store.revocations()
+        assert after.number > held and after.urgent == after.number
+        store.close()
+    # The same clock twice, and a number above it (an agent's floor): still one more each time.
+    store = Store(tmp_path / "floor.sqlite3")
+    assert store.raise_crl_floor(crl_time(later) + 10, now=later, node="n1") == crl_time(later) + 1
+    assert store.raise_crl_floor(5, now=later, node="n1") is None
+    issue_server_cert(store, "c1", "n1", 0)
+    store.revoke("c1", reason="", now=later, actor="test")
+    assert store.revocations().number == crl_time(later) + 2
     store.close()
