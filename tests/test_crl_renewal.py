@@ -19,6 +19,7 @@ import structlog.testing
 from cryptography import x509
 
 from leader.service import CRL_RENEW_AFTER
+from leader.store import crl_time
 from tests.leader_rig import leader_with_a_node
 from tlsroll import pki
 
@@ -45,26 +46,28 @@ async def test_a_list_s_number_is_renewed_a_day_after_its_issue_and_not_before(
         t0 = clock[0]
         assert store.revoke("5eec", reason="", now=t0, actor="test") == ["5eec"]
         revs = store.revocations(t0)
-        assert (revs.number, revs.urgent, revs.issued) == (1, 1, t0.replace(microsecond=0))
+        n1 = crl_time(t0)  # a number is at least the time in ms (audit s33 H1)
+        assert (revs.number, revs.urgent, revs.issued) == (n1, n1, t0.replace(microsecond=0))
         clock[0] = t0 + CRL_RENEW_AFTER - dt.timedelta(seconds=1)
         snap = svc._read_snapshot()
-        assert snap.crl_number == 1
+        assert snap.crl_number == n1
         first = _list(snap.crl_pem)
         assert revs.issued is not None
         assert first.next_update_utc == revs.issued + pki.CRL_VALIDITY  # its number's
         clock[0] = t0 + CRL_RENEW_AFTER + dt.timedelta(seconds=1)
         with structlog.testing.capture_logs() as events:
             snap = svc._read_snapshot()
-        assert (snap.crl_number, snap.crl_urgent) == (2, 1)  # not urgent: the next round
+        n2 = crl_time(clock[0])
+        assert (snap.crl_number, snap.crl_urgent) == (n2, n1)  # not urgent: the next round
         assert [e["event"] for e in events] == ["crl.renewed"]
         renewed = _list(snap.crl_pem)
         assert renewed.next_update_utc == clock[0].replace(microsecond=0) + pki.CRL_VALIDITY
         assert {r.serial_number for r in renewed} == {0x5EEC}
         assert snap.generation == store.db.generation  # read after the renewal's write
         assert not store.renew_crl(clock[0], clock[0] - DAY)  # renewed meanwhile: nothing
-        assert store.revocations(clock[0]).number == 2
+        assert store.revocations(clock[0]).number == n2
         clock[0] += CRL_RENEW_AFTER  # exactly a day after its issue: renewed (and only once)
-        assert svc._read_snapshot().crl_number == 3
+        assert svc._read_snapshot().crl_number == crl_time(clock[0])
     finally:
         await rig.close()
 
@@ -82,8 +85,9 @@ async def test_a_store_that_never_recorded_its_list_s_issue_renews_it_at_once(
         with store.db.tx() as db:
             db.execute("DELETE FROM meta WHERE key = 'crl_issued'")
         assert store.revocations(clock[0]).issued is None
+        held = store.revocations(clock[0]).number
         snap = svc._read_snapshot()
-        assert snap.crl_number == 2
+        assert snap.crl_number == held + 1  # the same ms: one more
         assert store.revocations(clock[0]).issued == clock[0].replace(microsecond=0)
     finally:
         await rig.close()
@@ -106,10 +110,10 @@ async def test_a_renewal_that_cannot_be_written_leaves_the_list_as_it_is_and_is_
         monkeypatch.setattr(store, "renew_crl", full)
         with structlog.testing.capture_logs() as events:
             snap = svc._read_snapshot()
-        assert snap.crl_number == 1 and snap.crl_pem
+        assert snap.crl_number == crl_time(clock[0] - 2 * DAY) and snap.crl_pem
         (failed,) = [e for e in events if e["event"] == "crl.renew_failed"]
         assert failed["error"] == "OSError: database or disk is full"
         monkeypatch.undo()
-        assert svc._read_snapshot().crl_number == 2
+        assert svc._read_snapshot().crl_number == crl_time(clock[0])
     finally:
         await rig.close()
