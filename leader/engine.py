@@ -649,9 +649,14 @@ class Engine:
                     return
         except (TransientError, StepFailed, TimeoutError) as exc:  # StepFailed: a freeze refused
             why = str(exc) or f"no answer within {deadline:.0f} s"
+            if step.step is Step.FREEZE and isinstance(exc, StepFailed):
+                await self._freeze_refused(rollout.id, step)
             if (
                 step.step is Step.UNFREEZE
-                and not isinstance(exc, StepFailed)  # a refusal is an answer: the agent is there
+                # A refusal is an answer: the agent is there, and it keeps the freeze it has.
+                # Not for a node only asked (its FREEZE's answer was never recorded): that
+                # agent may hold none (review 1 of session 33, H2).
+                and (not isinstance(exc, StepFailed) or self._only_asked(row, step.node))
                 and await self._lease_ran_out(rollout.id, step, why)
             ):
                 self.trouble.pop(key, None)
@@ -1064,9 +1069,33 @@ class Engine:
                 step = planner.StepAction(r.name, Step.SWITCH, row.rollout.epoch)
                 await self._note(row.rollout.id, step, note)
 
+    async def _freeze_refused(self, rollout_id: str, step: planner.StepAction) -> None:
+        """A scope FREEZE its agent refused (its managed server down: the driver's error): the
+        agent froze nothing, so the node is no longer recorded as asked (``freeze_asked``,
+        written before the FREEZE went out), unless it was confirmed frozen before (a renewal
+        refused: the freeze it had stands). Asked, a settled rollout sent it an UNFREEZE
+        refused as long as the server was down, and an abort never ended (review 1 of session
+        33, H2). A FREEZE that got no answer leaves it asked: it may have reached the agent."""
+        await self._save_node(
+            rollout_id,
+            step.node,
+            lambda r: r if r.scope_frozen else replace(r, freeze_asked=False),
+        )
+
+    def _only_asked(self, row: RolloutRow, name: str) -> bool:
+        """Whether ``name`` is recorded as asked to freeze and never confirmed frozen, as the
+        last write left it."""
+        fresh = self.schema.kept(row.rollout.id, settled=True) or row
+        try:
+            rec = fresh.node(name)[0]
+        except KeyError:
+            return False
+        return rec.freeze_asked and not rec.scope_frozen
+
     async def _lease_ran_out(self, rollout_id: str, step: planner.StepAction, why: str) -> bool:
         """An unfreeze that got no answer at all (``why``; a refusal is an answer and stays
-        trouble), of a rollout that has settled: once the node's freeze lease has surely run
+        trouble, but for a node only asked to freeze: ``_only_asked``), of a rollout that has
+        settled: once the node's freeze lease has surely run
         out, its agent, if it runs, has lifted the freeze by itself
         (``nodeagent.service.watch_freeze_lease``; a dead machine holds none), so the node is
         recorded unfrozen, with a note saying so and why, and the rollout can end. Without
@@ -1085,8 +1114,8 @@ class Engine:
         self.renewed.pop(key, None)
         self.confirmed.pop(key, None)
         note = (
-            f"unfreeze got no answer ({why}); its scope freeze lease has run out since, so its "
-            "agent, if it runs, has lifted the freeze by itself; check the node"
+            f"unfreeze not confirmed ({why}); its scope freeze lease has run out since, so its "
+            "agent, if it runs and ever froze it, has lifted the freeze by itself; check the node"
         )
         await self._save_node(
             rollout_id,

@@ -33,7 +33,7 @@ import tempfile
 import threading
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import pairwise
 from pathlib import Path
 from types import SimpleNamespace
@@ -1517,6 +1517,49 @@ async def test_a_freeze_a_leader_sent_before_it_died_is_lifted_by_the_next_one_s
     assert not any(r.scope_frozen for r in row.records)
 
 
+@pytest.mark.parametrize("refuses", ["freeze and unfreeze", "unfreeze only"])
+async def test_an_abort_ends_while_a_scope_node_s_server_is_down(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, refuses: str
+) -> None:
+    """Review 1 of session 33, H2: charlie's managed server is down, so its agent refuses
+    Freeze and Unfreeze (FAILED_PRECONDITION: the driver's error). The freeze recorded as asked
+    before it was sent (audit s33 L1) kept the abort from ending for good: the settled rollout
+    sent charlie an UNFREEZE, refused for ever, and a refusal never counted as a lease run
+    out. A refused FREEZE now clears the asked record (the agent froze nothing); and an
+    UNFREEZE refused on a node only asked (its refusal not recorded: a leader that died
+    first) counts as unfrozen once its lease has surely run out."""
+    world = make_world(tmp_path, monkeypatch)
+    leader = world.boot(freeze_lease=6)
+    charlie = world.agents["charlie"]
+
+    async def down(request: agent_pb2.FreezeRequest) -> agent_pb2.FreezeResponse:
+        raise StepFailed(
+            "managed server not answering (FAILED_PRECONDITION)",
+            grpc.StatusCode.FAILED_PRECONDITION,
+        )
+
+    if refuses == "freeze and unfreeze":
+        charlie.freeze = down  # type: ignore[method-assign]
+    charlie.unfreeze = down  # type: ignore[method-assign]
+    await leader.start(freeze=FreezeMode.SCOPE)
+    for _ in range(5):
+        await leader.one_pass()
+    if refuses == "unfreeze only":  # asked and answered, the answer never recorded
+        await leader.run(until=lambda _r: charlie.frozen)
+        row = leader.schema.latest()
+        assert row is not None
+        await leader.engine._save_node(
+            row.rollout.id,
+            "charlie",
+            lambda r: replace(r, scope_frozen=False, freeze_asked=True),
+        )
+    await leader.control(RolloutAction.ABORT)
+    row = await leader.run(passes=600)
+    assert row.rollout.state is R.ABORTED
+    assert not any(r.scope_frozen or r.freeze_asked for r in row.records)
+    assert not any(a.frozen for a in world.agents if a.name != "charlie")
+
+
 async def test_a_leader_back_after_the_lease_freezes_again_before_the_next_switch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1642,7 +1685,7 @@ async def test_a_dead_frozen_node_holds_the_next_switch_staged_and_an_abort_ends
     assert row.rollout.state is R.ABORTED, row.rollout.state
     gone = node(row.records, "bravo")
     assert not gone.scope_frozen and "lease has run out" in gone.reason, gone
-    assert gone.reason.startswith("unfreeze got no answer"), gone
+    assert gone.reason.startswith("unfreeze not confirmed"), gone
     await leader.stop()
 
 
