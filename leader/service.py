@@ -317,14 +317,20 @@ def _agent_version_text(raw: str) -> str:
 def client_rows(node: str, view: types_pb2.ClientsView, now: dt.datetime) -> list[Client]:
     """Who ``node``'s server saw, from its heartbeat, made safe to store and print: at most
     ``MAX_CLIENTS`` entries, schemes http/https only, strings bounded and cleaned, no time
-    later than ``now``, counts bounded."""
+    later than ``now``, counts bounded. An entry whose time is no time (seconds outside the
+    years 1 to 9999, nanoseconds beyond a second) is left out, as one of another scheme is:
+    it failed the whole message with INTERNAL before (review 1 of session 33, L3)."""
     rows = []
     for c in view.clients[:MAX_CLIENTS]:
         address = peertext.clean(c.address, 64)
         if c.scheme not in ("http", "https") or not address:
             continue
-        last = min(c.last_seen.ToDatetime(tzinfo=dt.UTC), now) if c.HasField("last_seen") else now
-        first = c.first_seen.ToDatetime(tzinfo=dt.UTC) if c.HasField("first_seen") else last
+        try:
+            seen = c.last_seen.ToDatetime(tzinfo=dt.UTC) if c.HasField("last_seen") else now
+            first = c.first_seen.ToDatetime(tzinfo=dt.UTC) if c.HasField("first_seen") else seen
+        except (ValueError, OverflowError):
+            continue
+        last = min(seen, now)
         rows.append(
             Client(
                 node=node,

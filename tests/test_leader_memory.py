@@ -201,6 +201,47 @@ async def test_what_an_agent_says_is_kept_bounded_by_what_the_leader_uses_of_it(
         await rig.close()
 
 
+async def test_a_client_whose_time_is_no_time_is_left_out_not_the_message(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Review 1 of session 33, L3: a client entry with a time outside what a datetime holds
+    failed the whole heartbeat with INTERNAL (a traceback in the leader's log). It is left
+    out now, as an entry of another scheme is, and the rest of the report is stored."""
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    await rig.server.start()
+    try:
+        async with grpc.aio.secure_channel(rig.target, rig.node) as channel:
+            stub = leader_pb2_grpc.LeaderStub(channel)
+            bad = types_pb2.ClientSeen(scheme="http", address="10.0.0.9")
+            bad.last_seen.seconds = 2**40  # year ~36812
+            good = types_pb2.ClientSeen(scheme="http", address="10.0.0.8", workstation="ws-a")
+            await stub.Heartbeat(
+                leader_pb2.HeartbeatRequest(
+                    agent_version="1",
+                    agent_port=AGENT_PORT,
+                    server=leader_pb2.LiveServer(
+                        driver="reference",
+                        healthy=True,
+                        schemes=["http"],
+                        clients=types_pb2.ClientsView(
+                            clients=[bad, good], window_seconds=3600, source="refserver"
+                        ),
+                    ),
+                ),
+                timeout=10,
+            )
+        await asyncio.sleep(0)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            stored = rig.service.schema.clients(["hb1"])
+            if stored:
+                break
+            await asyncio.sleep(0.1)
+        assert [(c.address, c.workstation) for c in stored] == [("10.0.0.8", "ws-a")]
+    finally:
+        await rig.close()
+
+
 # Runs the real leader daemon (``leader.daemon.main``, as the tlsroll-leader script does) and,
 # once its admin socket answers, writes the modules the process holds and stops it (SIGTERM,
 # the graceful stop). Only the standard library is imported besides the daemon (and gRPC, the
