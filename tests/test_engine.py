@@ -29,6 +29,7 @@ import datetime as dt
 import functools
 import json
 import random
+import sys
 import tempfile
 import threading
 from collections import Counter
@@ -1783,6 +1784,33 @@ async def test_the_stage_signs_the_csr_its_preflight_brought_back(world: World) 
     for agent in world.agents:
         assert (agent.applied["create_csr"], agent.applied["stage"]) == (1, 1), agent.name
         assert agent.fingerprint == pki.fingerprint(agent.staged[row.rollout.id]), agent.name
+    await leader.stop()
+
+
+async def test_the_stage_compares_the_names_the_preflight_signed_for_without_parsing_them(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The certificate its preflight signed is sent by the stage if the node's enrolled names
+    are still the ones it was signed for (``Signed.names``: ``sign_csr`` issues exactly
+    those): the leader does not parse the names back out of a certificate it made itself
+    (``pki.names_of``, once per node before: its extensions decoded again). The CSR's names
+    are still checked (``check_csr``), once per node."""
+    parsed: list[str] = []
+    real = pki.names_of
+
+    def counting(obj: Any) -> pki.Names:
+        caller = sys._getframe(1).f_globals["__name__"]
+        if not caller.startswith("tests."):  # the fake agent checks what it is sent
+            parsed.append(type(obj).__name__)
+        return real(obj)
+
+    monkeypatch.setattr(pki, "names_of", counting)
+    leader = world.boot()
+    await leader.start()
+    row = await leader.run()
+    assert row.rollout.state is R.COMPLETED and states(row) == ALL_DONE
+    assert world.agents.calls_to("bravo", "create_csr") == []
+    assert parsed == ["CertificateSigningRequest"] * len(ORDER)  # check_csr's, one per node
     await leader.stop()
 
 
