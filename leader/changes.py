@@ -616,7 +616,15 @@ async def wait_transaction(
                 await ctx.detail(**details)  # written with the step's outcome
                 return outcome, txn.reason
             if details != recorded:  # nothing is written when nothing changed
-                await ctx.progress(**details)
+                # Written now only if what a running switch shows changed (its freeze began,
+                # ``progress``); the restart's duration, which a real agent's stream says a
+                # verify and an unfreeze before the outcome, is written with the outcome
+                # (``detail``): one durable write and store hand-off fewer per node.
+                shown = details.get("freeze_started_at")
+                if recorded is None or shown != recorded.get("freeze_started_at"):
+                    await ctx.progress(**details)
+                else:
+                    await ctx.detail(**details)
                 recorded = details
     except SwitchRefused:
         raise
