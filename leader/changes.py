@@ -113,10 +113,13 @@ def rollout_facts(
 class Signed:
     """A node's server certificate that its preflight signed from the CSR it brought back:
     ``record`` is written with the preflight's outcome (the node's move to ``staging``, one
-    durable write), and the stage sends ``cert`` (``StepContext.signed``)."""
+    durable write), and the stage sends ``cert`` (``StepContext.signed``). ``names``: the
+    enrolled names it was signed for (``sign_csr`` issues exactly these), which the stage
+    compares with the names enrolled then without parsing the certificate again."""
 
     cert: x509.Certificate
     record: IssuedCert
+    names: pki.Names
 
 
 @dataclass(frozen=True)
@@ -149,7 +152,7 @@ class StepContext:
     # since, a preflight that ended while the rollout was paused or aborting, whose
     # certificate is not recorded): the stage asks with CreateCSR. Dropped by the stage
     # if the node's enrolled names changed since (CreateCSR then too).
-    signed: dict[tuple[str, str], x509.Certificate] = field(default_factory=dict)
+    signed: dict[tuple[str, str], Signed] = field(default_factory=dict)
     # What this step signed (a preflight: ``Signed``): the engine records it with the step's
     # outcome, and hands it to the stage (``signed``) once that write is done.
     issued: list[Signed] = field(default_factory=list)
@@ -237,7 +240,7 @@ class ChangeSteps:
             except PKIError as exc:
                 return NodeEvent.PREFLIGHT_FAILED, f"its CSR cannot be signed: {exc}"
             record = IssuedCert.of(cert, "server", node.name, node.name, ctx.clock())
-            ctx.issued.append(Signed(cert, record))
+            ctx.issued.append(Signed(cert, record, enrolled))
         return NodeEvent.PREFLIGHT_PASSED, None
 
     async def stage(self, ctx: StepContext) -> Outcome:
@@ -249,10 +252,12 @@ class ChangeSteps:
         # Signed by the preflight and recorded with its outcome (``StepContext.signed``);
         # kept until the stage has an answer, so that a stage tried again after an agent that
         # did not answer (a TransientError) sends it again rather than a second certificate.
-        cert = ctx.signed.get(key)
+        signed = ctx.signed.get(key)
+        cert = signed.cert if signed is not None else None
         node = await ctx.enrolled_node()
         expected = pki.Names.of(node.name, node.addresses, node.dns_names)
-        if cert is not None and pki.names_of(cert) != expected:
+        # The names it was signed for, not its own parsed again (``Signed.names``).
+        if signed is not None and signed.names != expected:
             ctx.signed.pop(key, None)
             # The node was enrolled again with other names since its preflight: that
             # certificate would fail the stage ("names differ"); CreateCSR, signed with the
@@ -629,7 +634,15 @@ async def wait_transaction(
                 await ctx.detail(**details)  # written with the step's outcome
                 return outcome, txn.reason
             if details != recorded:  # nothing is written when nothing changed
-                await ctx.progress(**details)
+                # Written now only if what a running switch shows changed (its freeze began,
+                # ``progress``); the restart's duration, which a real agent's stream says a
+                # verify and an unfreeze before the outcome, is written with the outcome
+                # (``detail``): one durable write and store hand-off fewer per node.
+                shown = details.get("freeze_started_at")
+                if recorded is None or shown != recorded.get("freeze_started_at"):
+                    await ctx.progress(**details)
+                else:
+                    await ctx.detail(**details)
                 recorded = details
     except SwitchRefused:
         raise

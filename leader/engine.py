@@ -47,7 +47,7 @@ import itertools
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import replace
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from leader import byo, planner
 from leader.agent_client import Agents, StepFailed
@@ -92,9 +92,6 @@ from leader.store import IssuedCert, Node, Store
 from tlsroll import dbthread, logs, pki
 from tlsroll.errors import TransientError
 from tlsroll.v1 import agent_pb2
-
-if TYPE_CHECKING:
-    from cryptography import x509
 
 log = logs.get_logger(__name__)
 
@@ -195,7 +192,7 @@ class Engine:
         self.switched_here: dict[tuple[str, str], bool] = {}
         # The certificates preflights signed from the CSRs they brought back, recorded with
         # their outcomes, until each node's stage (``StepContext.signed``).
-        self.signed: dict[tuple[str, str], x509.Certificate] = {}
+        self.signed: dict[tuple[str, str], Signed] = {}
         # Outside checks begun as switches ended, until each node's confirm
         # (``StepContext.checks``).
         self.checks: dict[tuple[str, str], asyncio.Future[str | None]] = {}
@@ -1208,7 +1205,7 @@ class Engine:
         key = (rollout_id, step.node)
 
         def recorded() -> None:  # the store's thread: a dict's item set, atomic
-            self.signed[key] = issued[-1].cert
+            self.signed[key] = issued[-1]
 
         def change(r: NodeRecord) -> NodeRecord:
             if STEP_FOR_STATE.get(r.state) is not step.step:

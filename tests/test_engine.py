@@ -29,6 +29,7 @@ import datetime as dt
 import functools
 import json
 import random
+import sys
 import tempfile
 import threading
 from collections import Counter
@@ -72,7 +73,7 @@ from leader.rollout_core import (
 from leader.schema_store import RolloutRow, SchemaStore, StaleRecords
 from leader.service import ERRORS
 from leader.store import IssuedCert, NodeCert, Store
-from tests.fake_agent import START, FakeAgent, FakeAgents, FakeClock
+from tests.fake_agent import RESTART_SECONDS, START, FakeAgent, FakeAgents, FakeClock
 from tlsroll import dbthread, pki
 from tlsroll.enums import TxnKind, TxnOutcome
 from tlsroll.errors import PKIError, PKIReason, TerminalError, TransientError
@@ -740,6 +741,39 @@ async def test_a_longer_transaction_costs_no_more_writes(
     short, long = await writes("short", 0.5), await writes("long", 3.0)
     assert long == short
     assert long["update_detail"] <= 4 * len(NODES)  # preflight, stage, the switch's start and end
+
+
+async def test_a_switch_writes_its_restart_time_with_its_outcome_not_while_it_runs(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real agent's stream says the restart's duration once the server has restarted (its
+    phase ``restarted``), a verify and an unfreeze before the switch's outcome. What the
+    schema shows of a running switch, its freeze begun, is written at once; the restart's
+    duration comes with the outcome's write: one durable write (and store hand-off) per node,
+    not two (there was one more for the restart time, a few milliseconds before the outcome
+    wrote it anyway)."""
+    real = FakeAgent._message
+
+    def restarted_before_the_end(agent: FakeAgent, txn: Any) -> agent_pb2.Transaction:
+        message = real(agent, txn)
+        pending = message.outcome == agent_pb2.TRANSACTION_OUTCOME_PENDING
+        if pending and agent.world.clock.monotonic() > txn.started:
+            message.restart_seconds = RESTART_SECONDS
+        return message
+
+    monkeypatch.setattr(FakeAgent, "_message", restarted_before_the_end)
+    for agent in world.agents:
+        agent.txn_seconds = 1.0  # read pending (and restarted) more than once
+    leader = world.boot()
+    await leader.start(max_parallel=1)
+    row = await leader.run(passes=400)
+    assert row.rollout.state is R.COMPLETED and states(row) == ALL_DONE
+    assert Counter(leader.schema.writes)["update_detail"] == len(NODES)  # each freeze begun
+    for name in NODES:
+        detail = row.node(name)[1]
+        assert detail.restart_seconds == RESTART_SECONDS, name
+        assert detail.freeze_started_at is not None, name
+    await leader.stop()
 
 
 # --- a leader crash at every persisted point --------------------------------------------------
@@ -1993,6 +2027,33 @@ async def test_the_stage_signs_the_csr_its_preflight_brought_back(world: World) 
     for agent in world.agents:
         assert (agent.applied["create_csr"], agent.applied["stage"]) == (1, 1), agent.name
         assert agent.fingerprint == pki.fingerprint(agent.staged[row.rollout.id]), agent.name
+    await leader.stop()
+
+
+async def test_the_stage_compares_the_names_the_preflight_signed_for_without_parsing_them(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The certificate its preflight signed is sent by the stage if the node's enrolled names
+    are still the ones it was signed for (``Signed.names``: ``sign_csr`` issues exactly
+    those): the leader does not parse the names back out of a certificate it made itself
+    (``pki.names_of``, once per node before: its extensions decoded again). The CSR's names
+    are still checked (``check_csr``), once per node."""
+    parsed: list[str] = []
+    real = pki.names_of
+
+    def counting(obj: Any) -> pki.Names:
+        caller = sys._getframe(1).f_globals["__name__"]
+        if not caller.startswith("tests."):  # the fake agent checks what it is sent
+            parsed.append(type(obj).__name__)
+        return real(obj)
+
+    monkeypatch.setattr(pki, "names_of", counting)
+    leader = world.boot()
+    await leader.start()
+    row = await leader.run()
+    assert row.rollout.state is R.COMPLETED and states(row) == ALL_DONE
+    assert world.agents.calls_to("bravo", "create_csr") == []
+    assert parsed == ["CertificateSigningRequest"] * len(ORDER)  # check_csr's, one per node
     await leader.stop()
 
 

@@ -914,6 +914,31 @@ async def test_a_steps_outcome_and_the_plan_it_allows_are_one_write(
         assert len(writes) == 5 * n + 1, len(writes)
 
 
+async def test_a_switch_whose_stream_says_its_restart_time_early_writes_its_row_no_more_often(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A real agent's stream says the restart's duration once its server restarted (phase
+    ``restarted``), a verify and an unfreeze before the switch's outcome. It is written with
+    the outcome: each node's row is still written 6 times (7 before: one durable write of the
+    restart time alone, a few milliseconds before the outcome's, at every real node)."""
+    from tests.fake_agent import RESTART_SECONDS, FakeAgent
+
+    real = FakeAgent._message
+
+    def restarted_before_the_end(agent: FakeAgent, txn: Any) -> Any:
+        message = real(agent, txn)
+        pending = message.outcome == agent_pb2.TRANSACTION_OUTCOME_PENDING
+        if pending and agent.world.clock.monotonic() > txn.started:
+            message.restart_seconds = RESTART_SECONDS
+        return message
+
+    monkeypatch.setattr(FakeAgent, "_message", restarted_before_the_end)
+    cost = await rollout_cost(tmp_path / "n3", monkeypatch, 3)
+    assert set(cost.node_writes.values()) == {6}, cost.node_writes
+    restarts = [s for s in cost.trace.statements if "restart_seconds" in s and "UPDATE" in s]
+    assert len(restarts) == 3, restarts  # each with its switch's outcome
+
+
 async def record_reads_per_node(directory: Path, mp: pytest.MonkeyPatch, n: int) -> float:
     """An enable-tls rollout of ``n`` nodes, 5 at once and the next prepared ahead, driven
     pass by pass (``tests/test_engine.py``'s harness: the real engine, planner and stores on a
