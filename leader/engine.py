@@ -646,13 +646,13 @@ class Engine:
                     return
         except (TransientError, StepFailed, TimeoutError) as exc:  # StepFailed: a freeze refused
             why = str(exc) or f"no answer within {deadline:.0f} s"
-            if step.step is Step.FREEZE and isinstance(exc, StepFailed):
-                await self._freeze_refused(rollout.id, step)
             if (
                 step.step is Step.UNFREEZE
                 # A refusal is an answer: the agent is there, and it keeps the freeze it has.
-                # Not for a node only asked (its FREEZE's answer was never recorded): that
-                # agent may hold none (review 1 of session 33, H2).
+                # Not for a node only asked (no FREEZE of it confirmed): its agent may hold a
+                # lease from a FREEZE it refused or never answered, or none; either way it is
+                # gone once the lease surely ran out (review 1 of session 33, H2; a refused
+                # FREEZE is no proof of "nothing frozen": review 2, M1).
                 and (not isinstance(exc, StepFailed) or self._only_asked(row, step.node))
                 and await self._lease_ran_out(rollout.id, step, why)
             ):
@@ -1065,19 +1065,6 @@ class Engine:
             if r.reason != note and (waits or r.reason.startswith(WAITS_FOR_FREEZE)):
                 step = planner.StepAction(r.name, Step.SWITCH, row.rollout.epoch)
                 await self._note(row.rollout.id, step, note)
-
-    async def _freeze_refused(self, rollout_id: str, step: planner.StepAction) -> None:
-        """A scope FREEZE its agent refused (its managed server down: the driver's error): the
-        agent froze nothing, so the node is no longer recorded as asked (``freeze_asked``,
-        written before the FREEZE went out), unless it was confirmed frozen before (a renewal
-        refused: the freeze it had stands). Asked, a settled rollout sent it an UNFREEZE
-        refused as long as the server was down, and an abort never ended (review 1 of session
-        33, H2). A FREEZE that got no answer leaves it asked: it may have reached the agent."""
-        await self._save_node(
-            rollout_id,
-            step.node,
-            lambda r: r if r.scope_frozen else replace(r, freeze_asked=False),
-        )
 
     def _only_asked(self, row: RolloutRow, name: str) -> bool:
         """Whether ``name`` is recorded as asked to freeze and never confirmed frozen, as the

@@ -1559,9 +1559,10 @@ async def test_an_abort_ends_while_a_scope_node_s_server_is_down(
     Freeze and Unfreeze (FAILED_PRECONDITION: the driver's error). The freeze recorded as asked
     before it was sent (audit s33 L1) kept the abort from ending for good: the settled rollout
     sent charlie an UNFREEZE, refused for ever, and a refusal never counted as a lease run
-    out. A refused FREEZE now clears the asked record (the agent froze nothing); and an
-    UNFREEZE refused on a node only asked (its refusal not recorded: a leader that died
-    first) counts as unfrozen once its lease has surely run out."""
+    out. An UNFREEZE refused on a node only asked (no FREEZE of it confirmed: refused, or its
+    answer never recorded) now counts as unfrozen once its lease has surely run out, with a
+    note to check the node. (A refused FREEZE is no proof that nothing froze: the agent writes
+    its lease first, and a drain that timed out may have frozen the server: review 2, M1.)"""
     world = make_world(tmp_path, monkeypatch)
     leader = world.boot(freeze_lease=6)
     charlie = world.agents["charlie"]
@@ -1591,6 +1592,7 @@ async def test_an_abort_ends_while_a_scope_node_s_server_is_down(
     row = await leader.run(passes=600)
     assert row.rollout.state is R.ABORTED
     assert not any(r.scope_frozen or r.freeze_asked for r in row.records)
+    assert node(row.records, "charlie").reason.startswith("unfreeze not confirmed")
     assert not any(a.frozen for a in world.agents if a.name != "charlie")
 
 
