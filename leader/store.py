@@ -1189,7 +1189,8 @@ class Store(LeaderStore):
                 db.execute(
                     "INSERT INTO meta (key, value) VALUES ('crl_number', ?)"
                     " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                    (str(min(held, crl_time(now))),),
+                    # Never lower: a clock once ahead may have numbered past it (review 2 L1).
+                    (str(max(number, min(held, crl_time(now)))),),
                 )
                 _bump_crl(db, now)
                 raised = _meta(db, "crl_number", 0)

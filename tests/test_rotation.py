@@ -353,3 +353,22 @@ def test_revocation_lists_of_a_restored_or_new_store_are_numbered_above_the_lost
     store.revoke("c1", reason="", now=later, actor="test")
     assert store.revocations().number == crl_time(later) + 2
     store.close()
+
+
+def test_an_agent_s_floor_never_lowers_the_list_number_a_clock_once_ahead_made(
+    tmp_path: Path,
+) -> None:
+    """Review 2 of session 33, L1: a leader clock once ahead numbered a list from its time;
+    back to the right time, an agent saying it holds a higher number set the store's number to
+    the clock's, below the one the agents hold: they refused every list until the clock
+    caught up. The floor only ever raises it."""
+    store = Store(tmp_path / "leader.sqlite3")
+    issue_server_cert(store, "a1", "n1", 0)
+    ahead = T0 + dt.timedelta(days=3)
+    store.revoke("a1", reason="", now=ahead, actor="test")
+    number = store.revocations().number
+    assert number == crl_time(ahead)
+    raised = store.raise_crl_floor(number + 100, now=T0, node="n1")
+    assert raised is not None and raised > number
+    assert store.revocations().number == raised
+    store.close()
