@@ -19,9 +19,12 @@ import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import grpc
+
+if TYPE_CHECKING:
+    from google.protobuf.timestamp_pb2 import Timestamp
 
 from leader import byo, join_guard
 from leader.commands import NoRolloutYet, NoSuchRollout, NotRetriable, StillOnHttp
@@ -314,23 +317,29 @@ def _agent_version_text(raw: str) -> str:
     return peertext.clean(raw, MAX_AGENT_VERSION)
 
 
+def _when(stamp: Timestamp, otherwise: dt.datetime) -> dt.datetime:
+    """``stamp`` as a UTC datetime, or ``otherwise`` if it is no time a datetime holds."""
+    try:
+        return stamp.ToDatetime(tzinfo=dt.UTC)
+    except (ValueError, OverflowError):
+        return otherwise
+
+
 def client_rows(node: str, view: types_pb2.ClientsView, now: dt.datetime) -> list[Client]:
     """Who ``node``'s server saw, from its heartbeat, made safe to store and print: at most
     ``MAX_CLIENTS`` entries, schemes http/https only, strings bounded and cleaned, no time
-    later than ``now``, counts bounded. An entry whose time is no time (seconds outside the
-    years 1 to 9999, nanoseconds beyond a second) is left out, as one of another scheme is:
-    it failed the whole message with INTERNAL before (review 1 of session 33, L3)."""
+    later than ``now``, counts bounded. A time that is no time (seconds outside the years 1
+    to 9999, nanoseconds beyond a second) is taken as ``now``: the client counts as seen just
+    now, never as quiet (an http client left out could make a node look quiet to
+    ``--when-quiet``: review 2 of session 33, L3); it failed the whole message with INTERNAL
+    before (review 1, L3)."""
     rows = []
     for c in view.clients[:MAX_CLIENTS]:
         address = peertext.clean(c.address, 64)
         if c.scheme not in ("http", "https") or not address:
             continue
-        try:
-            seen = c.last_seen.ToDatetime(tzinfo=dt.UTC) if c.HasField("last_seen") else now
-            first = c.first_seen.ToDatetime(tzinfo=dt.UTC) if c.HasField("first_seen") else seen
-        except (ValueError, OverflowError):
-            continue
-        last = min(seen, now)
+        last = min(_when(c.last_seen, now), now) if c.HasField("last_seen") else now
+        first = _when(c.first_seen, last) if c.HasField("first_seen") else last
         rows.append(
             Client(
                 node=node,
@@ -351,14 +360,11 @@ MAX_RENEWAL_ERROR = 200  # characters of the reason an agent gives for a failed 
 def renewal_report(request: leader_pb2.HeartbeatRequest, now: dt.datetime) -> RenewalReport:
     """What an agent says about renewing its certificate, made safe to store and print (no
     failure reported later than ``now``)."""
-    due = (
-        request.renewal_due_at.ToDatetime(tzinfo=dt.UTC)
-        if request.HasField("renewal_due_at")
-        else None
-    )
+    # A time that is no time: the renewal due now, failing since now (never an INTERNAL).
+    due = _when(request.renewal_due_at, now) if request.HasField("renewal_due_at") else None
     since = None
     if request.HasField("renewal_failing_since"):
-        since = min(request.renewal_failing_since.ToDatetime(tzinfo=dt.UTC), now)
+        since = min(_when(request.renewal_failing_since, now), now)
     error = peertext.clean(request.renewal_error, MAX_RENEWAL_ERROR) if since else ""
     return RenewalReport(
         due_at=due, failing_since=since, error=error or ("failing" if since else "")
@@ -385,7 +391,7 @@ def failure_rows(
         source = peertext.clean(f.source, 64)
         if not source or f.count <= 0:
             continue
-        last = f.last_at.ToDatetime(tzinfo=dt.UTC) if f.HasField("last_at") else now
+        last = _when(f.last_at, now) if f.HasField("last_at") else now
         rows.append(
             BootstrapFailureRow(
                 node=node,
@@ -1032,7 +1038,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                 log.error("crl.renew_failed", error=f"{type(exc).__name__}: {exc}"[:200])
             else:
                 if renewed:
-                    log.info("crl.renewed", number=number + 1, issued=str(issued))
+                    log.info("crl.renewed", was=number, issued=str(issued))
                 return self._read_snapshot(renewed=True)  # ``issued`` is recent: read again
         crl_number, crl_pem = self.state.crl_of(number, entries, issued)
         return Snapshot(

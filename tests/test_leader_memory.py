@@ -201,12 +201,13 @@ async def test_what_an_agent_says_is_kept_bounded_by_what_the_leader_uses_of_it(
         await rig.close()
 
 
-async def test_a_client_whose_time_is_no_time_is_left_out_not_the_message(
+async def test_a_client_whose_time_is_no_time_counts_as_seen_now_not_the_message(
     tmp_path: Path, loopback: Callable[[], str]
 ) -> None:
     """Review 1 of session 33, L3: a client entry with a time outside what a datetime holds
-    failed the whole heartbeat with INTERNAL (a traceback in the leader's log). It is left
-    out now, as an entry of another scheme is, and the rest of the report is stored."""
+    failed the whole heartbeat with INTERNAL (a traceback in the leader's log). Such a time is
+    taken as the leader's now (seen just now: an http client is never taken as quiet by it),
+    and the rest of the report is stored."""
     rig = leader_with_a_node(tmp_path, loopback(), loopback())
     await rig.server.start()
     try:
@@ -215,10 +216,16 @@ async def test_a_client_whose_time_is_no_time_is_left_out_not_the_message(
             bad = types_pb2.ClientSeen(scheme="http", address="10.0.0.9")
             bad.last_seen.seconds = 2**40  # year ~36812
             good = types_pb2.ClientSeen(scheme="http", address="10.0.0.8", workstation="ws-a")
+            failed = leader_pb2.BootstrapFailure(source="10.0.0.7", count=1)
+            failed.last_at.seconds = 2**40
+            request = leader_pb2.HeartbeatRequest(agent_version="1", agent_port=AGENT_PORT)
+            request.renewal_due_at.seconds = -(2**40)  # and the renewal's and a failure's
             await stub.Heartbeat(
                 leader_pb2.HeartbeatRequest(
                     agent_version="1",
                     agent_port=AGENT_PORT,
+                    renewal_due_at=request.renewal_due_at,
+                    bootstrap_failures=[failed],
                     server=leader_pb2.LiveServer(
                         driver="reference",
                         healthy=True,
@@ -237,7 +244,12 @@ async def test_a_client_whose_time_is_no_time_is_left_out_not_the_message(
             if stored:
                 break
             await asyncio.sleep(0.1)
-        assert [(c.address, c.workstation) for c in stored] == [("10.0.0.8", "ws-a")]
+        assert sorted((c.address, c.workstation) for c in stored) == [
+            ("10.0.0.8", "ws-a"),
+            ("10.0.0.9", ""),
+        ]
+        (odd,) = [c for c in stored if c.address == "10.0.0.9"]
+        assert odd.last_seen == rig.clock[0]
     finally:
         await rig.close()
 
