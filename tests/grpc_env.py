@@ -12,6 +12,8 @@ checks that gRPC runs this, and that the installed grpcio knows the name.
 
 In one process, the agent's server that a test runs next to the leader's runs the leader's
 listener too (the agent daemon ships gRPC's default; the tests with real daemons run that).
+A tool outside the test session that imports the tests' helpers after gRPC (``bench.rollout``
+through ``bench/ansible_baseline.py``) keeps what it has: the check is the test session's.
 """
 
 from __future__ import annotations
@@ -20,14 +22,17 @@ import importlib
 import os
 import sys
 
-if "grpc" in sys.modules:
-    raise RuntimeError("gRPC was imported before tests/grpc_env.py: it runs its defaults")
 SET = {k: os.environ.get(k) for k in ("GRPC_EXPERIMENTS", "GRPC_VERBOSITY")}  # explicit
-leader = importlib.import_module("leader")  # its package sets both (``os.environ.setdefault``)
-EXPERIMENTS = os.environ["GRPC_EXPERIMENTS"]  # what gRPC runs in this process
-importlib.import_module("grpc")  # reads them now
-for key, value in SET.items():
-    if value is None:
-        os.environ.pop(key, None)
-    else:
-        os.environ[key] = value
+if "grpc" not in sys.modules:
+    leader = importlib.import_module("leader")  # its package sets both (os.environ.setdefault)
+    EXPERIMENTS = os.environ["GRPC_EXPERIMENTS"]  # what gRPC runs in this process
+    importlib.import_module("grpc")  # reads them now
+    for key, value in SET.items():
+        if value is None:
+            os.environ.pop(key, None)
+        else:
+            os.environ[key] = value
+elif "pytest" in sys.modules:  # the test session imports this first (tests/conftest.py)
+    raise RuntimeError("gRPC was imported before tests/grpc_env.py: it runs its defaults")
+else:  # a tool that uses the tests' helpers (bench.rollout: bench/ansible_baseline.py)
+    EXPERIMENTS = os.environ.get("GRPC_EXPERIMENTS", "")  # as gRPC read it at its import
