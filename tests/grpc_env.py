@@ -32,7 +32,7 @@ if "grpc" not in sys.modules:
             os.environ.pop(key, None)
         else:
             os.environ[key] = value
-elif "pytest" in sys.modules:  # the test session imports this first (tests/conftest.py)
+elif "PYTEST_VERSION" in os.environ:  # pytest (>= 8.2) runs: the test session's check
     raise RuntimeError("gRPC was imported before tests/grpc_env.py: it runs its defaults")
 else:  # a tool that uses the tests' helpers (bench.rollout: bench/ansible_baseline.py)
     EXPERIMENTS = os.environ.get("GRPC_EXPERIMENTS", "")  # as gRPC read it at its import
