@@ -541,16 +541,7 @@ class Store(LeaderStore):
         The one the first call issued stays accepted as the one before it until the agent
         has used the new one (as a renewal's); the agent's version and port are its own."""
         name = node["name"]
-        since = to_text(now - dt.timedelta(hours=1))
-        (recent,) = db.execute(
-            "SELECT COUNT(*) FROM certificates WHERE kind = 'node' AND node = ? AND issued_at > ?",
-            (name, since),
-        ).fetchone()
-        if recent >= NODE_CERTS_PER_HOUR:
-            raise TooMany(
-                f"node {name!r} had {recent} certificates issued in the last hour "
-                f"(at most {NODE_CERTS_PER_HOUR})"
-            )
+        _check_hourly_certs(db, name, now)
         cert = issue()
         db.execute(
             "UPDATE nodes SET cert_fingerprint = ?, cert_serial = ?, cert_not_after = ?,"
@@ -893,17 +884,7 @@ class Store(LeaderStore):
             row = check_caller_in(db, name, presented, presented_serial)
             current, prev = row["cert_fingerprint"], row["prev_cert_fingerprint"]
             keep = current if presented == current else prev
-            since = to_text(now - dt.timedelta(hours=1))
-            (recent,) = db.execute(
-                "SELECT COUNT(*) FROM certificates WHERE kind = 'node' AND node = ?"
-                " AND issued_at > ?",
-                (name, since),
-            ).fetchone()
-            if recent >= NODE_CERTS_PER_HOUR:
-                raise TooMany(
-                    f"node {name!r} had {recent} certificates issued in the last hour "
-                    f"(at most {NODE_CERTS_PER_HOUR})"
-                )
+            _check_hourly_certs(db, name, now)
             cert = issue()
             db.execute(
                 "UPDATE nodes SET key_pin = ?, cert_fingerprint = ?, cert_serial = ?,"
@@ -1455,6 +1436,21 @@ def _revoke_in(
         [(to_text(now), reason, s) for s in serials],
     )
     _bump_crl(db, now, urgent=urgent)
+
+
+def _check_hourly_certs(db: sqlite3.Connection, name: str, now: dt.datetime) -> None:
+    """Raise TooMany if node ``name`` had ``NODE_CERTS_PER_HOUR`` certificates issued in the
+    hour before ``now`` (a renewal, an enrolment's replay)."""
+    since = to_text(now - dt.timedelta(hours=1))
+    (recent,) = db.execute(
+        "SELECT COUNT(*) FROM certificates WHERE kind = 'node' AND node = ? AND issued_at > ?",
+        (name, since),
+    ).fetchone()
+    if recent >= NODE_CERTS_PER_HOUR:
+        raise TooMany(
+            f"node {name!r} had {recent} certificates issued in the last hour "
+            f"(at most {NODE_CERTS_PER_HOUR})"
+        )
 
 
 def crl_time(now: dt.datetime) -> int:

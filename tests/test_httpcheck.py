@@ -32,9 +32,12 @@ NOTHING = b""
 
 
 @contextmanager
-def tiny_server(address: str, answer: bytes, ctx: ssl.SSLContext | None = None) -> Iterator[int]:
+def tiny_server(
+    address: str, answer: bytes | None, ctx: ssl.SSLContext | None = None
+) -> Iterator[int]:
     """Accept connections on ``address`` (TLS with ``ctx``), read what the client sends first,
-    send ``answer`` and close; yield the port."""
+    send ``answer`` and close; yield the port. ``answer`` None: reset each connection at once
+    (SO_LINGER 0: a server that dies or restarts right after the TCP handshake)."""
     listener = socket.create_server((address, 0))
     listener.settimeout(0.2)
     stop = threading.Event()
@@ -47,6 +50,10 @@ def tiny_server(address: str, answer: bytes, ctx: ssl.SSLContext | None = None) 
                 continue
             except OSError:
                 return
+            if answer is None:
+                raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                raw.close()
+                continue
             try:
                 raw.settimeout(5)
                 conn = ctx.wrap_socket(raw, server_side=True) if ctx is not None else raw
@@ -403,35 +410,6 @@ async def test_a_probes_connection_whose_close_hangs_is_aborted(
     assert aborted == [True]
 
 
-@contextmanager
-def resetting_server(address: str) -> Iterator[int]:
-    """Accept connections on ``address`` and reset each at once (SO_LINGER 0: a server that
-    dies or restarts right after the TCP handshake); yield the port."""
-    listener = socket.create_server((address, 0))
-    listener.settimeout(0.2)
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                raw, _ = listener.accept()
-            except TimeoutError:
-                continue
-            except OSError:
-                return
-            raw.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
-            raw.close()
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    try:
-        yield listener.getsockname()[1]
-    finally:
-        stop.set()
-        thread.join(timeout=5)
-        listener.close()
-
-
 def _fetch_https(address: str, port: int, ca_pem: bytes) -> object:
     return httpcheck.fetch_https(address, port, APP, ca_pem, timeout=5)
 
@@ -467,7 +445,7 @@ def test_a_peer_reset_before_the_handshake_leaves_no_socket_open(
         time.sleep(0.05)  # the reset arrives before the client's next step
 
     monkeypatch.setattr(socket.socket, "connect", connect_then_pause)
-    with resetting_server(address) as port, warnings.catch_warnings(record=True) as seen:
+    with tiny_server(address, None) as port, warnings.catch_warnings(record=True) as seen:
         warnings.simplefilter("always")
         for _ in range(3):
             with pytest.raises((OSError, TlsrollError)):
