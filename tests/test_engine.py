@@ -1791,6 +1791,17 @@ def switch_gets_no_answer(world: World, name: str) -> Callable[[], None]:
     return undo
 
 
+async def died_as_charlie_s_switch_went_out(world: World, lease: int) -> None:
+    """A ``--freeze scope`` rollout whose leader died as charlie's Switch went out, which never
+    reached charlie's agent (the agent is fine: only that call was lost)."""
+    first = world.boot(freeze_lease=lease)
+    await first.start(freeze=FreezeMode.SCOPE)
+    restore = switch_gets_no_answer(world, "charlie")
+    await first.run(until=lambda _r: bool(world.agents.calls_to("charlie", "switch")))
+    await first.crash()
+    restore()
+
+
 async def test_a_restarted_leader_s_abort_skips_a_switch_held_for_a_dead_frozen_node_never_sent(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1802,12 +1813,7 @@ async def test_a_restarted_leader_s_abort_skips_a_switch_held_for_a_dead_frozen_
     agent, and one that has no switch of this rollout is skipped once the rollout drains."""
     world = make_world(tmp_path, monkeypatch)
     lease = 6
-    first = world.boot(freeze_lease=lease)
-    await first.start(freeze=FreezeMode.SCOPE)
-    restore = switch_gets_no_answer(world, "charlie")
-    await first.run(until=lambda _r: bool(world.agents.calls_to("charlie", "switch")))
-    await first.crash()
-    restore()  # charlie's agent is fine: its Switch never arrived
+    await died_as_charlie_s_switch_went_out(world, lease)
     world.agents["bravo"].unreachable = 10**6  # its machine died
     seen = len(world.agents.calls)
     second = world.boot(freeze_lease=lease)
@@ -1873,12 +1879,7 @@ async def test_a_restarted_leader_holds_a_switch_never_sent_while_a_frozen_node_
     asked once, not at every pass. Once bravo is back and confirms, charlie switches."""
     world = make_world(tmp_path, monkeypatch)
     lease = 6
-    first = world.boot(freeze_lease=lease)
-    await first.start(freeze=FreezeMode.SCOPE)
-    restore = switch_gets_no_answer(world, "charlie")
-    await first.run(until=lambda _r: bool(world.agents.calls_to("charlie", "switch")))
-    await first.crash()
-    restore()
+    await died_as_charlie_s_switch_went_out(world, lease)
     bravo = world.agents["bravo"]
     bravo.unreachable = 10**6
     seen, since = len(world.agents.calls), world.clock.monotonic()
