@@ -26,7 +26,7 @@ import pytest
 
 from leader.wire import NODE_STATE, ROLLOUT_STATE
 from tests.cluster import Cluster, wait_until
-from tests.nodeside import Node, cluster_of
+from tests.nodeside import Node, alive, cluster_of
 from tests.test_switch import Writer
 from tlsroll.v1 import schema_pb2, schema_pb2_grpc
 
@@ -96,6 +96,26 @@ def server_answers(node: Node) -> bool:
     return True
 
 
+def start_unless_running(node: Node, timeout: float = 30) -> None:
+    """Start the killed server again, as its service manager would, unless one runs already:
+    the agent's driver may have started it and it is still coming up (then a second start
+    meets its data lock: "another tlsroll-refserver uses …", which is the product right)."""
+    deadline = time.monotonic() + timeout
+    while not server_answers(node):
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"{node.name}'s server not back within {timeout} s")
+        pid = node.server_pid()
+        if pid is not None and alive(pid):
+            time.sleep(0.1)  # someone's server is starting: let it
+            continue
+        try:
+            node.server.start()
+        except RuntimeError as exc:
+            if "another tlsroll-refserver uses" not in str(exc):
+                raise
+            # The driver's server took the lock between our look and our start.
+
+
 def run_scenario(fault: str, step: str, root: Path) -> None:
     rng = random.Random(f"{SEED}-{fault}-{step}")
     with cluster_of(root, 2, step_deadline=15, scope_freeze_lease=20) as (cluster, nodes):
@@ -125,8 +145,7 @@ def run_scenario(fault: str, step: str, root: Path) -> None:
             inject(fault, cluster, node2, rng)
             if fault == "server":  # its service manager starts it again if it stays down
                 time.sleep(3)
-                if not server_answers(node2):
-                    node2.server.start()
+                start_unless_running(node2)
             wait_until(
                 lambda: rollout_state(cluster) in ("completed", "halted", "aborted"),
                 100,
