@@ -591,9 +591,14 @@ def test_leader_killed_mid_switch_resumes_and_completes(setups: Setups) -> None:
 
 
 def test_schema_show_and_friends_change_nothing(setups: Setups) -> None:
-    s = setups("v1", "v2", "v3")
+    # v1's agent dies mid-switch, so the pause lands with v1 in flight and v3 still pending
+    # (a pause sent right after the start could land after v1 and v2 were done: a fast switch
+    # on an idle machine). v1's agent back, v1 finishes; v2, prepared ahead, waits staged.
+    s = setups("v1", "v2", "v3", agent_env={"v1": HOLD_IN_SWITCH})
     rid = start(s)
+    wait_agent_died(s["v1"])
     control_ok(s, "pause", rid, "paused")
+    s["v1"].restart_agent()
     # Let the node in flight finish so that nothing moves by itself (a node prepared ahead
     # waits staged while the rollout is paused).
     wait_rollout(
