@@ -56,6 +56,7 @@ CLIENTS_TTL = 10.0  # seconds a driver's view of the clients is reused
 CLIENTS_WAIT = 1.0  # seconds a status waits for a fresh view before it takes the last one
 START_TIMEOUT = 20.0
 STOP_TIMEOUT = 15.0
+KILL_WAIT = 5.0  # after SIGKILL: the process is gone within this (a bound, not a pause)
 POLL_INTERVAL = 0.2  # how often a starting server is asked whether it answers
 # The reference server is not polled: it says when it is ready (sd_notify's READY=1, sent to a
 # socket of the driver's: ``Wakeup``) and a pidfd says when it exits, so a restart costs the
@@ -641,6 +642,8 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
             return None
 
     async def stop(self) -> None:
+        # A server of ours that died on its own is a zombie until waited for: reap it first.
+        self._reap()
         pid = self._pid()
         if pid is None or not _pid_alive(pid):
             return
@@ -649,21 +652,25 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
         try:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-            deadline = time.monotonic() + STOP_TIMEOUT
-            # Its exit wakes us (pidfd): the wait is a safety net. Otherwise poll.
-            ceiling = READY_FALLBACK_WAIT if wakeup.watching else READY_MAX_WAIT
-            wait = READY_FALLBACK_WAIT if wakeup.watching else READY_FIRST_WAIT
-            while _pid_alive(pid) and time.monotonic() < deadline:
-                self._reap()
-                await wakeup.wait(wait)
-                wait = min(wait * 2, ceiling)
+            await self._wait_exit(pid, wakeup, STOP_TIMEOUT)
+            if _pid_alive(pid):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+                # SIGKILL ends it at once, but not in the same instant: wait (bounded) for it.
+                await self._wait_exit(pid, wakeup, KILL_WAIT)
         finally:
             wakeup.close()
-        if _pid_alive(pid):
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, signal.SIGKILL)
-            await asyncio.sleep(0.1)
         self._reap()
+
+    async def _wait_exit(self, pid: int, wakeup: Wakeup, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        # Its exit wakes us (pidfd): the wait is a safety net. Otherwise poll.
+        ceiling = READY_FALLBACK_WAIT if wakeup.watching else READY_MAX_WAIT
+        wait = READY_FALLBACK_WAIT if wakeup.watching else READY_FIRST_WAIT
+        while _pid_alive(pid) and time.monotonic() < deadline:
+            self._reap()
+            await wakeup.wait(wait)
+            wait = min(wait * 2, ceiling)
 
     def _reap(self) -> None:
         self._children = [c for c in self._children if c.poll() is None]

@@ -16,6 +16,7 @@ import json
 import os
 import resource
 import shutil
+import signal
 import socket
 import string
 import subprocess
@@ -971,6 +972,25 @@ async def test_a_stop_the_agent_cannot_check_does_not_pass_for_done(tmp_path: Pa
         assert alive(pid), "the server was left running, and the stop said so"
         await driver.stop()
         assert not alive(pid)
+    finally:
+        await driver.stop()
+
+
+async def test_a_server_that_died_is_reaped_by_the_next_stop(tmp_path: Path) -> None:
+    """The server the driver started crashed (SIGKILL from outside): it stays a zombie child of
+    the agent until it is waited for. ``stop`` returned at once for a server that is not
+    running, so the zombie was never reaped (and the tests' in-process driver left a ``Popen``
+    still "running" when collected: a ResourceWarning in whatever test ran then)."""
+    driver = reference_driver(tmp_path)
+    try:
+        await driver.start()
+        pid = driver._pid()
+        assert pid is not None
+        os.kill(pid, signal.SIGKILL)
+        wait_until(lambda: not alive(pid), 10, "the server's crash")
+        await driver.stop()
+        assert [c.pid for c in driver._children if c.returncode is None] == []
+        assert not Path(f"/proc/{pid}").exists(), "a zombie is left"
     finally:
         await driver.stop()
 
