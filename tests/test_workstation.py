@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tarfile
 from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -325,6 +325,162 @@ async def test_end_to_end_password_enrol_and_authenticated_request(
     # ... which the server refuses without the client certificate.
     with pytest.raises(OSError):
         node.server.request("GET", scheme="https", context=client_context(test_ca.cert_pem))
+
+
+# --- the settings files, replaced as one set ----------------------------------------------------
+
+SETTINGS_SET = ("ca.pem", "client.key", "client.pem", "settings.json")
+
+
+class Crash(BaseException):
+    """A kill at this point: no handler of the product's catches it (``finally`` blocks run,
+    as a kill closes the files and drops the locks)."""
+
+
+@contextmanager
+def fault_at(directory: Path, at: int, fault: str) -> Iterator[list[str]]:
+    """Count every change under ``directory`` (a file created, an fsync, a rename, a removal,
+    a directory made); the ``at``-th: ``"enospc"`` fails with ENOSPC and does nothing, ``"crash"``
+    is done, then Crash. Yields the changes seen so far (the real os calls, on real files)."""
+    root = str(directory)
+    seen: list[str] = []
+    real_open, real_fsync, real_replace = os.open, os.fsync, os.replace
+    real_rename, real_unlink, real_rmdir, real_mkdir = os.rename, os.unlink, os.rmdir, os.mkdir
+
+    def ours(path: Any) -> bool:
+        p = str(os.path.abspath(os.fspath(path)))
+        return p == root or p.startswith(root + os.sep)
+
+    def counted(what: str, do: Callable[[], Any]) -> Any:
+        seen.append(what)
+        if len(seen) == at and fault == "enospc":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), what)
+        result = do()
+        if len(seen) == at:
+            raise Crash(what)
+        return result
+
+    def open_(path: Any, flags: int, mode: int = 0o777, *, dir_fd: Any = None) -> int:
+        if dir_fd is None and flags & os.O_CREAT and ours(path):
+            return int(counted(f"create {path}", lambda: real_open(path, flags, mode)))
+        return real_open(path, flags, mode, dir_fd=dir_fd)
+
+    def fsync(fd: Any) -> None:
+        number = fd if isinstance(fd, int) else fd.fileno()
+        try:
+            path = os.readlink(f"/proc/self/fd/{number}")
+        except OSError:
+            path = ""
+        if path and ours(path):
+            counted(f"fsync {path}", lambda: real_fsync(fd))
+        else:
+            real_fsync(fd)
+
+    def two(real: Callable[..., None], name: str) -> Callable[..., None]:
+        def move(src: Any, dst: Any, **kw: Any) -> None:
+            if not kw and (ours(src) or ours(dst)):
+                counted(f"{name} {src} {dst}", lambda: real(src, dst))
+            else:
+                real(src, dst, **kw)
+
+        return move
+
+    def one(real: Callable[..., None], name: str) -> Callable[..., None]:
+        def change(path: Any, *args: Any, **kw: Any) -> None:
+            made = name != "mkdir" or not os.path.lexists(path)  # EEXIST changes nothing
+            if not kw and made and ours(path):
+                counted(f"{name} {path}", lambda: real(path, *args))
+            else:
+                real(path, *args, **kw)
+
+        return change
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "open", open_)
+        patch.setattr(os, "fsync", fsync)
+        patch.setattr(os, "replace", two(real_replace, "replace"))
+        patch.setattr(os, "rename", two(real_rename, "rename"))
+        patch.setattr(os, "unlink", one(real_unlink, "unlink"))
+        patch.setattr(os, "rmdir", one(real_rmdir, "rmdir"))
+        patch.setattr(os, "mkdir", one(real_mkdir, "mkdir"))
+        yield seen
+
+
+def settings_set(directory: Path) -> dict[str, bytes]:
+    return {name: (directory / name).read_bytes() for name in SETTINGS_SET}
+
+
+def assert_one_set(directory: Path, before: dict[str, bytes], node: ServerNode) -> bool:
+    """The settings dir holds the four files and nothing else, and they are one set: the one
+    ``before``, or a new one whose key, certificate and settings belong together. True if new."""
+    assert sorted(os.listdir(directory)) == sorted(SETTINGS_SET)
+    now = settings_set(directory)
+    changed = {name for name in SETTINGS_SET if now[name] != before[name]}
+    assert changed in (set(), {"client.key", "client.pem", "settings.json"}), changed
+    settings = json.loads(now["settings.json"])
+    assert (settings["client_cert_file"], settings["client_key_file"]) == (
+        "client.pem",
+        "client.key",
+    )
+    cert = pki.load_cert_pem(now["client.pem"])
+    assert pki.key_matches(cert, pki.read_key(directory / "client.key"))
+    assert settings["client_fingerprint"] == pki.fingerprint(cert)
+    assert stat.S_IMODE((directory / "client.key").stat().st_mode) == 0o600
+    ctx = client_context(
+        now["ca.pem"], cert_file=directory / "client.pem", key_file=directory / "client.key"
+    )
+    assert node.server.request("GET", scheme="https", context=ctx).status == 200
+    return bool(changed)
+
+
+@pytest.mark.parametrize("fault", ["enospc", "crash"])
+async def test_a_re_enrolment_cut_short_anywhere_leaves_the_old_set_or_the_new(
+    fault: str,
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """Enrol, then enrol again with the 1st, 2nd, ... change to the settings dir failing with
+    ENOSPC, or the run killed right after it, until a run gets through: each time the next run
+    (one that fails at once, on an http address) finds the old set or the new one, whole, under
+    the documented names, and working (s33 audit L4: a new key beside the old certificate)."""
+    node = nodes["mtls"]
+    d = tmp_path / "settings"
+    args = (node.url, "--password-file", password_file(PASSWORD), "--yes", "--name", "Empfang")
+    outcomes: list[tuple[str, bool]] = []
+    async with bootstrap_on(node, test_ca):
+        assert (await run_cli(*args)).code == 0
+        at = 0
+        while True:
+            at += 1
+            before = settings_set(d)
+            run = None
+            with fault_at(d, at, fault) as seen, suppress(Crash):
+                run = await run_cli(*args)
+            if len(seen) < at:  # got through: every change of a run was a fault point once
+                assert run is not None and run.code == 0, run
+                break
+            what = seen[at - 1]
+            if fault == "enospc":
+                assert run is not None, what
+                assert run.code == 1 and "cannot write the settings" in run.err, (what, run.err)
+            else:
+                assert run is None, what
+            nxt = await run_cli(f"http://{node.address}:8080{APP}", "--yes")
+            assert nxt.code == 3, nxt.err
+            new = assert_one_set(d, before, node)
+            said = [line for line in nxt.out.splitlines() if "interrupted run" in line]
+            if said:
+                assert said == [
+                    f"settings  an interrupted run's new settings "
+                    f"{'completed' if new else 'discarded'} in {d}"
+                ], (what, said)
+            outcomes.append((what, new))
+    assert at > 20, outcomes  # staged, committed, moved, cleaned: well over 20 changes
+    # Cut short before its commit a run leaves the old set, after it the new one.
+    assert any(not new for _, new in outcomes) and any(new for _, new in outcomes)
 
 
 async def test_ca_pin_without_password(
