@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tarfile
 from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
-from contextlib import asynccontextmanager, contextmanager, suppress
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from tests.test_bootstrap import (
     make_service,
     secrets_in,
 )
+from tests.test_workstation_settings import Crash, fault_at
 from tlsroll import bootstrap_protocol as proto
 from tlsroll import cli, pki
 from tlsroll.defaults import BOOTSTRAP_PORT
@@ -330,80 +331,6 @@ async def test_end_to_end_password_enrol_and_authenticated_request(
 # --- the settings files, replaced as one set ----------------------------------------------------
 
 SETTINGS_SET = ("ca.pem", "client.key", "client.pem", "settings.json")
-
-
-class Crash(BaseException):
-    """A kill at this point: no handler of the product's catches it (``finally`` blocks run,
-    as a kill closes the files and drops the locks)."""
-
-
-@contextmanager
-def fault_at(directory: Path, at: int, fault: str) -> Iterator[list[str]]:
-    """Count every change under ``directory`` (a file created, an fsync, a rename, a removal,
-    a directory made); the ``at``-th: ``"enospc"`` fails with ENOSPC and does nothing, ``"crash"``
-    is done, then Crash. Yields the changes seen so far (the real os calls, on real files)."""
-    root = str(directory)
-    seen: list[str] = []
-    real_open, real_fsync, real_replace = os.open, os.fsync, os.replace
-    real_rename, real_unlink, real_rmdir, real_mkdir = os.rename, os.unlink, os.rmdir, os.mkdir
-
-    def ours(path: Any) -> bool:
-        p = str(os.path.abspath(os.fspath(path)))
-        return p == root or p.startswith(root + os.sep)
-
-    def counted(what: str, do: Callable[[], Any]) -> Any:
-        seen.append(what)
-        if len(seen) == at and fault == "enospc":
-            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), what)
-        result = do()
-        if len(seen) == at:
-            raise Crash(what)
-        return result
-
-    def open_(path: Any, flags: int, mode: int = 0o777, *, dir_fd: Any = None) -> int:
-        if dir_fd is None and flags & os.O_CREAT and ours(path):
-            return int(counted(f"create {path}", lambda: real_open(path, flags, mode)))
-        return real_open(path, flags, mode, dir_fd=dir_fd)
-
-    def fsync(fd: Any) -> None:
-        number = fd if isinstance(fd, int) else fd.fileno()
-        try:
-            path = os.readlink(f"/proc/self/fd/{number}")
-        except OSError:
-            path = ""
-        if path and ours(path):
-            counted(f"fsync {path}", lambda: real_fsync(fd))
-        else:
-            real_fsync(fd)
-
-    def two(real: Callable[..., None], name: str) -> Callable[..., None]:
-        def move(src: Any, dst: Any, **kw: Any) -> None:
-            if not kw and (ours(src) or ours(dst)):
-                counted(f"{name} {src} {dst}", lambda: real(src, dst))
-            else:
-                real(src, dst, **kw)
-
-        return move
-
-    def one(real: Callable[..., None], name: str) -> Callable[..., None]:
-        def change(path: Any, *args: Any, **kw: Any) -> None:
-            made = name != "mkdir" or not os.path.lexists(path)  # EEXIST changes nothing
-            if not kw and made and ours(path):
-                counted(f"{name} {path}", lambda: real(path, *args))
-            else:
-                real(path, *args, **kw)
-
-        return change
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(os, "open", open_)
-        patch.setattr(os, "fsync", fsync)
-        patch.setattr(os, "replace", two(real_replace, "replace"))
-        patch.setattr(os, "rename", two(real_rename, "rename"))
-        patch.setattr(os, "unlink", one(real_unlink, "unlink"))
-        patch.setattr(os, "rmdir", one(real_rmdir, "rmdir"))
-        patch.setattr(os, "mkdir", one(real_mkdir, "mkdir"))
-        yield seen
 
 
 def settings_set(directory: Path) -> dict[str, bytes]:
