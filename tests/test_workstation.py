@@ -19,7 +19,7 @@ import subprocess
 import sys
 import tarfile
 from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
-from contextlib import asynccontextmanager
+from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -41,6 +41,7 @@ from tests.test_bootstrap import (
     make_service,
     secrets_in,
 )
+from tests.test_workstation_settings import Crash, fault_at
 from tlsroll import bootstrap_protocol as proto
 from tlsroll import cli, pki
 from tlsroll.defaults import BOOTSTRAP_PORT
@@ -325,6 +326,88 @@ async def test_end_to_end_password_enrol_and_authenticated_request(
     # ... which the server refuses without the client certificate.
     with pytest.raises(OSError):
         node.server.request("GET", scheme="https", context=client_context(test_ca.cert_pem))
+
+
+# --- the settings files, replaced as one set ----------------------------------------------------
+
+SETTINGS_SET = ("ca.pem", "client.key", "client.pem", "settings.json")
+
+
+def settings_set(directory: Path) -> dict[str, bytes]:
+    return {name: (directory / name).read_bytes() for name in SETTINGS_SET}
+
+
+def assert_one_set(directory: Path, before: dict[str, bytes], node: ServerNode) -> bool:
+    """The settings dir holds the four files and nothing else, and they are one set: the one
+    ``before``, or a new one whose key, certificate and settings belong together. True if new."""
+    assert sorted(os.listdir(directory)) == sorted(SETTINGS_SET)
+    now = settings_set(directory)
+    changed = {name for name in SETTINGS_SET if now[name] != before[name]}
+    assert changed in (set(), {"client.key", "client.pem", "settings.json"}), changed
+    settings = json.loads(now["settings.json"])
+    assert (settings["client_cert_file"], settings["client_key_file"]) == (
+        "client.pem",
+        "client.key",
+    )
+    cert = pki.load_cert_pem(now["client.pem"])
+    assert pki.key_matches(cert, pki.read_key(directory / "client.key"))
+    assert settings["client_fingerprint"] == pki.fingerprint(cert)
+    assert stat.S_IMODE((directory / "client.key").stat().st_mode) == 0o600
+    ctx = client_context(
+        now["ca.pem"], cert_file=directory / "client.pem", key_file=directory / "client.key"
+    )
+    assert node.server.request("GET", scheme="https", context=ctx).status == 200
+    return bool(changed)
+
+
+@pytest.mark.parametrize("fault", ["enospc", "crash"])
+async def test_a_re_enrolment_cut_short_anywhere_leaves_the_old_set_or_the_new(
+    fault: str,
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """Enrol, then enrol again with the 1st, 2nd, ... change to the settings dir failing with
+    ENOSPC, or the run killed right after it, until a run gets through: each time the next run
+    (one that fails at once, on an http address) finds the old set or the new one, whole, under
+    the documented names, and working (s33 audit L4: a new key beside the old certificate)."""
+    node = nodes["mtls"]
+    d = tmp_path / "settings"
+    args = (node.url, "--password-file", password_file(PASSWORD), "--yes", "--name", "Empfang")
+    outcomes: list[tuple[str, bool]] = []
+    async with bootstrap_on(node, test_ca):
+        assert (await run_cli(*args)).code == 0
+        at = 0
+        while True:
+            at += 1
+            before = settings_set(d)
+            run = None
+            with fault_at(d, at, fault) as seen, suppress(Crash):
+                run = await run_cli(*args)
+            if len(seen) < at:  # got through: every change of a run was a fault point once
+                assert run is not None and run.code == 0, run
+                break
+            what = seen[at - 1]
+            if fault == "enospc":
+                assert run is not None, what
+                assert run.code == 1 and "cannot write the settings" in run.err, (what, run.err)
+            else:
+                assert run is None, what
+            nxt = await run_cli(f"http://{node.address}:8080{APP}", "--yes")
+            assert nxt.code == 3, nxt.err
+            new = assert_one_set(d, before, node)
+            said = [line for line in nxt.out.splitlines() if "interrupted run" in line]
+            if said:
+                assert said == [
+                    f"settings  an interrupted run's new settings "
+                    f"{'completed' if new else 'discarded'} in {d}"
+                ], (what, said)
+            outcomes.append((what, new))
+    assert at > 20, outcomes  # staged, committed, moved, cleaned: well over 20 changes
+    # Cut short before its commit a run leaves the old set, after it the new one.
+    assert any(not new for _, new in outcomes) and any(new for _, new in outcomes)
 
 
 async def test_ca_pin_without_password(

@@ -17,8 +17,9 @@ CA pin). The steps, in the seed's order:
       the CSR goes sealed, the CA bundle and the client certificate come back sealed). The
       certificate of (b) must come from that CA (or the pinned one), a verified handshake
       (chain and IP/name) must succeed; then the settings dir: ``settings.json``, ``ca.pem``,
-      ``client.pem``, ``client.key`` (0600); a request with them must succeed; then
-      "restart the client to finish".
+      ``client.pem``, ``client.key`` (0600), replaced as one set (``settings_files``: a run
+      cut short leaves the old set or a new one the next run completes); a request with them
+      must succeed; then "restart the client to finish".
 
 Each password attempt costs one exchange with the node, which counts the failures (backoff,
 429 with Retry-After). The client never falls back to protocol 1: a node that speaks only that
@@ -71,9 +72,10 @@ from tlsroll import pki
 from tlsroll.clients import WORKSTATION_HEADER
 from tlsroll.defaults import BOOTSTRAP_PORT, HTTP_PORT, HTTPS_PORT
 from tlsroll.errors import PKIError, TerminalError, TransientError
-from tlsroll.fsutil import PRIVATE, PUBLIC, make_private_dir, write_atomic
+from tlsroll.fsutil import PRIVATE, PUBLIC, make_private_dir
 from tlsroll.tls import client_context, unverified_client_context
 from tlsroll.tls import connect as tls_connect
+from workstation import settings_files
 
 DEFAULT_TIMEOUT = 10.0
 START_ATTEMPTS = 2  # exchanges started when the first is near its expiry before finishing
@@ -357,6 +359,7 @@ class TestConnection:
 
     def run(self) -> Result:
         o = self.o
+        self.finish_settings()
         server = check_url(o.url)
         self.ui.say(f"address   {server.url}")
         server_cert = self.check_server(server)
@@ -754,33 +757,48 @@ class TestConnection:
         client_pem: bytes | None,
         key_pem: bytes | None,
     ) -> None:
+        """The settings dir's files, replaced as one set (``settings_files``): a run cut short
+        leaves the old set or a new one the next run completes, never a mix."""
         d = result.settings_dir
+        settings = {
+            "version": SETTINGS_VERSION,
+            "server_url": result.server.url,
+            "bootstrap_port": result.bootstrap_port,
+            "node": result.node,
+            "ca_pin": result.ca_pin,
+            "ca_file": "ca.pem",
+            "client_cert_file": "client.pem" if client_pem else None,
+            "client_key_file": "client.key" if client_pem else None,
+            "server_fingerprint": result.server_fingerprint,
+            "client_fingerprint": result.client_fingerprint,
+            "written_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
+        }
+        text = json.dumps(settings, indent=2, sort_keys=True) + "\n"
+        files = {"ca.pem": (ca_pem, PUBLIC), "settings.json": (text.encode(), PUBLIC)}
+        if client_pem is not None and key_pem is not None:
+            files |= {"client.key": (key_pem, PRIVATE), "client.pem": (client_pem, PUBLIC)}
         try:
             make_private_dir(d)
-            if client_pem is not None and key_pem is not None:
-                write_atomic(d / "client.key", key_pem, PRIVATE)
-                write_atomic(d / "client.pem", client_pem, PUBLIC)
-            write_atomic(d / "ca.pem", ca_pem, PUBLIC)
-            settings = {
-                "version": SETTINGS_VERSION,
-                "server_url": result.server.url,
-                "bootstrap_port": result.bootstrap_port,
-                "node": result.node,
-                "ca_pin": result.ca_pin,
-                "ca_file": "ca.pem",
-                "client_cert_file": "client.pem" if client_pem else None,
-                "client_key_file": "client.key" if client_pem else None,
-                "server_fingerprint": result.server_fingerprint,
-                "client_fingerprint": result.client_fingerprint,
-                "written_at": dt.datetime.now(dt.UTC).isoformat(timespec="seconds"),
-            }
-            text = json.dumps(settings, indent=2, sort_keys=True) + "\n"
-            write_atomic(d / "settings.json", text.encode(), PUBLIC)
+            settings_files.replace(d, files)
         except OSError as exc:
             raise ClientError(
                 Exit.FAILURE, f"cannot write the settings to {d}: {exc.strerror or exc}"
             ) from None
         self.ui.say(f"settings  written to {d}")
+
+    def finish_settings(self) -> None:
+        """What an interrupted run left in the settings dir, completed or discarded before
+        anything reads or writes it (``settings_files.finish``)."""
+        d = self.o.settings_dir
+        try:
+            done = settings_files.finish(d)
+        except OSError as exc:
+            why = exc.strerror or exc
+            raise ClientError(
+                Exit.FAILURE, f"cannot finish the settings an interrupted run left in {d}: {why}"
+            ) from None
+        if done is not None:
+            self.ui.say(f"settings  an interrupted run's new settings {done.value} in {d}")
 
     def check_settings(self, server: ServerURL, result: Result) -> None:
         d = result.settings_dir

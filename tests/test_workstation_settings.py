@@ -1,0 +1,258 @@
+"""``workstation.settings_files``: the settings dir's files replaced as one set, on real files.
+
+The whole run, with a fault at every change of the directory, is in test_workstation
+(``test_a_re_enrolment_cut_short_anywhere_leaves_the_old_set_or_the_new``); these are the
+cases a run of the product does not leave by itself.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import signal
+import stat
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tlsroll.fsutil import PRIVATE, PUBLIC, stage_atomic
+from workstation import settings_files
+from workstation.settings_files import MARKER, STAGING, Finished
+
+
+class Crash(BaseException):
+    """A kill at this point: no handler of the product's catches it (``finally`` blocks run,
+    as a kill closes the files and drops the locks)."""
+
+
+@contextmanager
+def fault_at(directory: Path, at: int, fault: str) -> Iterator[list[str]]:
+    """Count every change under ``directory`` (a file created, an fsync, a rename, a removal,
+    a directory made); the ``at``-th: ``"enospc"`` fails with ENOSPC and does nothing, ``"crash"``
+    is done, then Crash, ``"kill"`` is done, then the process gets SIGKILL. Yields the changes
+    seen so far (the real os calls, on real files)."""
+    root = str(directory)
+    seen: list[str] = []
+    real_open, real_fsync, real_replace = os.open, os.fsync, os.replace
+    real_rename, real_unlink, real_rmdir, real_mkdir = os.rename, os.unlink, os.rmdir, os.mkdir
+
+    def ours(path: Any) -> bool:
+        p = str(os.path.abspath(os.fspath(path)))
+        return p == root or p.startswith(root + os.sep)
+
+    def counted(what: str, do: Callable[[], Any]) -> Any:
+        seen.append(what)
+        if len(seen) == at and fault == "enospc":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), what)
+        result = do()
+        if len(seen) == at:
+            if fault == "kill":
+                os.kill(os.getpid(), signal.SIGKILL)
+            raise Crash(what)
+        return result
+
+    def open_(path: Any, flags: int, mode: int = 0o777, *, dir_fd: Any = None) -> int:
+        if dir_fd is None and flags & os.O_CREAT and ours(path):
+            return int(counted(f"create {path}", lambda: real_open(path, flags, mode)))
+        return real_open(path, flags, mode, dir_fd=dir_fd)
+
+    def fsync(fd: Any) -> None:
+        number = fd if isinstance(fd, int) else fd.fileno()
+        try:
+            path = os.readlink(f"/proc/self/fd/{number}")
+        except OSError:
+            path = ""
+        if path and ours(path):
+            counted(f"fsync {path}", lambda: real_fsync(fd))
+        else:
+            real_fsync(fd)
+
+    def two(real: Callable[..., None], name: str) -> Callable[..., None]:
+        def move(src: Any, dst: Any, **kw: Any) -> None:
+            if not kw and (ours(src) or ours(dst)):
+                counted(f"{name} {src} {dst}", lambda: real(src, dst))
+            else:
+                real(src, dst, **kw)
+
+        return move
+
+    def one(real: Callable[..., None], name: str) -> Callable[..., None]:
+        def change(path: Any, *args: Any, **kw: Any) -> None:
+            made = name != "mkdir" or not os.path.lexists(path)  # EEXIST changes nothing
+            if not kw and made and ours(path):
+                counted(f"{name} {path}", lambda: real(path, *args))
+            else:
+                real(path, *args, **kw)
+
+        return change
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(os, "open", open_)
+        patch.setattr(os, "fsync", fsync)
+        patch.setattr(os, "replace", two(real_replace, "replace"))
+        patch.setattr(os, "rename", two(real_rename, "rename"))
+        patch.setattr(os, "unlink", one(real_unlink, "unlink"))
+        patch.setattr(os, "rmdir", one(real_rmdir, "rmdir"))
+        patch.setattr(os, "mkdir", one(real_mkdir, "mkdir"))
+        yield seen
+
+
+OLD = {"client.key": b"old key", "client.pem": b"old cert", "settings.json": b"{}"}
+NEW = {"client.key": b"new key", "client.pem": b"new cert", "settings.json": b'{"new": 1}'}
+
+
+def files(data: dict[str, bytes]) -> dict[str, tuple[bytes, int]]:
+    return {
+        name: (body, PRIVATE if name == "client.key" else PUBLIC) for name, body in data.items()
+    }
+
+
+def contents(d: Path) -> dict[str, bytes]:
+    return {p.name: p.read_bytes() for p in d.iterdir()}
+
+
+@pytest.fixture
+def d(tmp_path: Path) -> Path:
+    directory = tmp_path / "settings"
+    directory.mkdir(mode=0o700)
+    settings_files.replace(directory, files(OLD))
+    return directory
+
+
+def stage(d: Path, data: dict[str, bytes], marker: bytes | None) -> None:
+    """What a run cut short leaves: the staging with ``data``, and ``marker`` if committed."""
+    staging = d / STAGING
+    staging.mkdir(mode=0o700)
+    for name, body in data.items():
+        (staging / name).write_bytes(body)
+    if marker is not None:
+        (staging / MARKER).write_bytes(marker)
+
+
+def test_replace_keeps_the_modes_and_leaves_only_the_set(d: Path) -> None:
+    settings_files.replace(d, files(NEW))
+    assert contents(d) == NEW
+    assert stat.S_IMODE((d / "client.key").stat().st_mode) == 0o600
+    assert stat.S_IMODE((d / "client.pem").stat().st_mode) == 0o644
+    # A set without the client pair (--no-enrol) leaves the pair as it was.
+    settings_files.replace(d, files({"settings.json": b"pinned"}))
+    assert contents(d) == NEW | {"settings.json": b"pinned"}
+
+
+def test_finish_with_nothing_left_writes_nothing(tmp_path: Path) -> None:
+    assert settings_files.finish(tmp_path / "never made") is None
+    assert not (tmp_path / "never made").exists()
+
+
+def test_a_committed_staging_is_completed_and_an_uncommitted_one_discarded(d: Path) -> None:
+    # Cut short after the key moved: the rest of the committed set follows it.
+    marker = json.dumps({"files": ["client.key", "client.pem", "settings.json"]}).encode()
+    stage(d, {"client.pem": NEW["client.pem"], "settings.json": NEW["settings.json"]}, marker)
+    (d / "client.key").write_bytes(NEW["client.key"])
+    assert settings_files.finish(d) is Finished.FORWARD
+    assert contents(d) == NEW
+
+    stage(d, OLD, None)
+    assert settings_files.finish(d) is Finished.BACK
+    assert contents(d) == NEW
+
+
+@pytest.mark.parametrize(
+    "marker",
+    [b'{"files": ["client.key", "../elsewhere"]}', b"not json", b'["client.key"]'],
+)
+def test_a_marker_not_of_ours_commits_nothing(d: Path, marker: bytes) -> None:
+    stage(d, NEW, marker)
+    assert settings_files.finish(d) is Finished.BACK
+    assert contents(d) == OLD
+
+
+def test_a_staging_that_is_no_directory_is_removed_not_followed(d: Path, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    (elsewhere / "client.key").write_bytes(b"keep")
+    (d / STAGING).symlink_to(elsewhere)
+    assert settings_files.finish(d) is None
+    assert contents(d) == OLD and (elsewhere / "client.key").read_bytes() == b"keep"
+
+
+def test_a_failed_write_leaves_the_old_set_and_no_staging(
+    d: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    real = stage_atomic
+
+    def full(path: Path, data: bytes, mode: int = PUBLIC, name: str = "") -> Path:
+        if path.name == "ca.pem":
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+        return real(path, data, mode, name)
+
+    monkeypatch.setattr(settings_files, "stage_atomic", full)
+    with pytest.raises(OSError, match="No space left"):
+        settings_files.replace(d, files(NEW) | {"ca.pem": (b"ca", PUBLIC)})
+    assert contents(d) == OLD
+
+
+def test_the_steps_hold_the_directory_lock(d: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Another run (another open of the directory) cannot take the lock while a set is staged:
+    it would take the staging for an interrupted one."""
+    real = stage_atomic
+    tried: list[bool] = []
+
+    def staged(path: Path, data: bytes, mode: int = PUBLIC, name: str = "") -> Path:
+        fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            tried.append(False)
+        else:
+            tried.append(True)
+        finally:
+            os.close(fd)
+        return real(path, data, mode, name)
+
+    monkeypatch.setattr(settings_files, "stage_atomic", staged)
+    settings_files.replace(d, files(NEW))
+    assert tried and not any(tried)
+
+
+def killed_run(d: Path, at: int) -> int:
+    """``replace`` in a forked child killed (SIGKILL) right after its ``at``-th change; the
+    child's wait status."""
+    pid = os.fork()
+    if pid == 0:  # the child: no pytest, no handler of ours past this point
+        code = 1
+        try:
+            with fault_at(d, at, "kill"):
+                settings_files.replace(d, files(NEW))
+            code = 0
+        finally:
+            os._exit(code)
+    return os.waitpid(pid, 0)[1]
+
+
+def test_a_run_killed_after_any_change_leaves_the_old_set_or_the_new(d: Path) -> None:
+    """A real kill (SIGKILL: no handler, no ``finally``) right after the 1st, 2nd, ... change a
+    replacement makes, until one gets through: ``finish`` then leaves the old set or the new,
+    whole, and no staging; before the commit the old, after it the new."""
+    outcomes: list[bool] = []
+    for at in range(1, 100):
+        status = killed_run(d, at)
+        if os.WIFEXITED(status):
+            assert os.WEXITSTATUS(status) == 0
+            break
+        assert os.WIFSIGNALED(status) and os.WTERMSIG(status) == signal.SIGKILL
+        settings_files.finish(d)
+        now = contents(d)
+        assert now in (OLD, NEW), (at, now)
+        outcomes.append(now == NEW)
+        settings_files.replace(d, files(OLD))
+    assert contents(d) == NEW
+    assert len(outcomes) > 15  # staged, committed, moved, cleaned
+    # Killed before the commit: the old set; after it: the new one.
+    first_new = outcomes.index(True)
+    assert not any(outcomes[:first_new]) and all(outcomes[first_new:])

@@ -1,0 +1,153 @@
+"""The workstation's settings files, replaced as one set under their documented names.
+
+``settings.json``, ``ca.pem``, ``client.pem`` and ``client.key`` keep fixed names (practice
+software may read them directly), so no single rename replaces them together. A new set is
+written whole into a staging directory beside them (``.settings-new``), every file fsynced; a
+commit marker, written last, makes it the set to use; then each file is renamed into place.
+
+A run cut short anywhere (a crash, a kill, a full disk) leaves one of two things, which the next
+run (``finish``, which every entry point calls before it reads the files) takes care of:
+
+- a staging directory with no marker: the new set was never committed; it is removed and the
+  old set stays as it was (no file of it was touched yet);
+- a staging directory with its marker: the new set was committed; the files still in it are
+  renamed into place (those already renamed are not there any more), then it is removed.
+
+Either way the next run finds the whole old set or the whole new set, never a key of one with the
+certificate of the other. The steps run under an exclusive lock on the settings directory, so two
+runs at once never take each other's staging for an interrupted one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import fcntl
+import json
+import os
+import stat
+from collections.abc import Iterator, Mapping
+from enum import Enum
+from pathlib import Path
+
+from tlsroll.fsutil import PUBLIC, fsync_dir, stage_atomic
+
+STAGING = ".settings-new"
+MARKER = "commit"  # in STAGING: the names to rename into place, written last
+NAMES = ("client.key", "client.pem", "ca.pem", "settings.json")  # in the order they move
+# No locks on that file system (NFS refuses an exclusive lock on a read-only descriptor: EBADF).
+_NO_LOCKS = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF})
+
+
+class Finished(Enum):
+    """What ``finish`` did with an interrupted run's staging."""
+
+    FORWARD = "completed"  # it was committed: its files are now in place
+    BACK = "discarded"  # it was not: the settings before it stay
+
+
+def replace(directory: Path, files: Mapping[str, tuple[bytes, int]]) -> None:
+    """Replace the files ``files`` names (``{name: (data, mode)}``, names of ``NAMES``) in
+    ``directory`` (which exists) as one set; the others stay. Raises OSError; when it does, the
+    directory holds the old set, or a committed new one that the next ``finish`` completes."""
+    unknown = set(files) - set(NAMES)
+    if unknown:
+        raise ValueError(f"not a settings file: {sorted(unknown)}")
+    staging = directory / STAGING
+    with _locked(directory):
+        _finish(directory)
+        os.mkdir(staging, 0o700)
+        try:
+            order = [name for name in NAMES if name in files]
+            for name in order:
+                data, mode = files[name]
+                stage_atomic(staging / name, data, mode, name)
+            fsync_dir(staging)
+            marker = json.dumps({"files": order}).encode()
+            os.replace(stage_atomic(staging / MARKER, marker, PUBLIC), staging / MARKER)
+            fsync_dir(staging)  # committed
+        except OSError:
+            with contextlib.suppress(OSError):  # else the next run removes it
+                _remove(directory, staging)
+            raise
+        _roll_forward(directory, staging, order)
+
+
+def finish(directory: Path) -> Finished | None:
+    """Complete or discard what an interrupted ``replace`` left in ``directory``; None if it
+    left no set (and nothing is written or created when it left nothing at all)."""
+    if not os.path.lexists(directory / STAGING):
+        return None
+    with _locked(directory):
+        return _finish(directory)
+
+
+def _finish(directory: Path) -> Finished | None:
+    staging = directory / STAGING
+    try:
+        st = os.lstat(staging)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISDIR(st.st_mode):  # not ours to follow; no set was ever staged in it
+        os.unlink(staging)
+        fsync_dir(directory)
+        return None
+    order = _committed(staging)
+    if order is None:
+        staged = any(name in NAMES for name in os.listdir(staging))
+        _remove(directory, staging)
+        # With none of the set's files in it, the staging was just made, or it was committed
+        # and moved already (cut short while removed): nothing of a set was discarded.
+        return Finished.BACK if staged else None
+    _roll_forward(directory, staging, order)
+    return Finished.FORWARD
+
+
+def _committed(staging: Path) -> list[str] | None:
+    """The names the marker lists, or None if there is no (valid) marker: not committed."""
+    try:
+        data = json.loads((staging / MARKER).read_bytes())
+    except FileNotFoundError:
+        return None
+    except (ValueError, UnicodeDecodeError):
+        return None  # written atomically, so never half there: not one of ours
+    names = data.get("files") if isinstance(data, dict) else None
+    if not isinstance(names, list) or not all(n in NAMES for n in names):
+        return None
+    return [str(n) for n in names]
+
+
+def _roll_forward(directory: Path, staging: Path, order: list[str]) -> None:
+    for name in order:
+        with contextlib.suppress(FileNotFoundError):  # moved already, before an interruption
+            os.replace(staging / name, directory / name)
+    fsync_dir(directory)  # the new set in place for good before its marker goes
+    _remove(directory, staging)
+
+
+def _remove(directory: Path, staging: Path) -> None:
+    """Remove ``staging``, its marker first: a staging cut short in its removal is never taken
+    for a committed one missing files."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(staging / MARKER)
+        fsync_dir(staging)
+    for name in os.listdir(staging):
+        os.unlink(staging / name)
+    os.rmdir(staging)
+    fsync_dir(directory)
+
+
+@contextlib.contextmanager
+def _locked(directory: Path) -> Iterator[None]:
+    """An exclusive lock on the settings directory (no lock file added to it). Where the file
+    system has no locks, the steps run without."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        except OSError as exc:
+            if exc.errno not in _NO_LOCKS:
+                raise
+        yield
+    finally:
+        os.close(fd)
