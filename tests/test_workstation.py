@@ -242,6 +242,8 @@ def test_url_accepted(url: str, expected: tuple[str, int, str]) -> None:
         "192.168.1.5",
         "https://u:p@192.168.1.5:8443/a/",
         "https://192.168.1.5:99999/a/",
+        "https://[::1",  # urlsplit raises ValueError: it was a traceback
+        "https://[zz]:8443/app/",
     ],
 )
 def test_url_usage_errors(url: str) -> None:

@@ -143,9 +143,15 @@ def _netloc(host: str, port: int) -> str:
 def check_url(text: str) -> ServerURL:
     """Check the new server address; ClientError(OLD_HTTP) or click.BadParameter if wrong."""
     example = "https://HOST:8443/APP/, e.g. https://192.168.1.5:8443/praxis_live/"
-    parts = urlsplit(text.strip())
+    try:
+        parts = urlsplit(text.strip())
+        hostname = parts.hostname  # a bracketed host that is no IPv6 address raises here
+    except ValueError:
+        raise click.BadParameter(
+            f"{text!r} is not a server address; use {example}", param_hint="URL"
+        ) from None
     scheme = parts.scheme.lower()
-    if scheme not in ("http", "https") or not parts.hostname:
+    if scheme not in ("http", "https") or not hostname:
         raise click.BadParameter(
             f"{text!r} is not a server address; use {example}", param_hint="URL"
         )
@@ -164,7 +170,7 @@ def check_url(text: str) -> ServerURL:
     path = parts.path or "/"
     if not path.endswith("/"):
         path += "/"
-    host = parts.hostname
+    host = hostname
     if scheme == "http" or port == HTTP_PORT:
         new = f"https://{_netloc(host, HTTPS_PORT)}{path}"
         raise ClientError(
