@@ -140,6 +140,26 @@ def test_write_and_read_over_http(make_server: MakeServer) -> None:
     assert events[0] == "server.started" and events[-1] == "server.stopped"
 
 
+def test_an_overlong_header_line_logs_its_type_and_not_the_line(make_server: MakeServer) -> None:
+    """aiohttp logged the first 100 bytes of a header line over 8190 bytes: a browser's
+    cookies for this host (the viewer's session, if the leader shares the address) or an
+    Authorization header (audit s34 H2)."""
+    server = make_server(listen=["http"])
+    server.start()
+    conn = http.client.HTTPConnection(server.address, 8080, timeout=10)
+    try:
+        conn.request("GET", server.app_path, headers={"Cookie": "sid=COOKIE-SECRET-" + "a" * 9000})
+        assert conn.getresponse().status == 400
+    finally:
+        conn.close()
+    assert server.request("GET").status == 200  # the server serves on
+    assert server.stop() == 0
+    refused = [e for e in server.log_events() if e.get("event") == "http.bad_request"]
+    assert [e["error_type"] for e in refused] == ["LineTooLong"]
+    text = server.log_path.read_text()
+    assert "COOKIE-SECRET" not in text and "Error handling request" not in text
+
+
 def test_version_flag() -> None:
     out = subprocess.run(
         [sys.executable, "-m", "refserver", "--version"],
