@@ -450,7 +450,7 @@ class Store(LeaderStore):
             existing = db.execute(
                 "SELECT * FROM nodes WHERE name = ? AND removed_at IS NULL", (name,)
             ).fetchone()
-            replay = self._replay(existing, token_id, key_pin)
+            replay = self._replay(db, existing, token_id, key_pin)
             if token.uses_left <= 0 and not replay:
                 raise TokenRejected("join token already used up")
             if token.node_name is None:
@@ -485,7 +485,8 @@ class Store(LeaderStore):
                 " agent_port=excluded.agent_port, cert_fingerprint=excluded.cert_fingerprint,"
                 " cert_serial=excluded.cert_serial, cert_not_after=excluded.cert_not_after,"
                 " key_pin=excluded.key_pin, enrolled_at=excluded.enrolled_at,"
-                " removed_at=NULL, last_heartbeat=NULL, highest_epoch=0",
+                " removed_at=NULL, last_heartbeat=NULL, highest_epoch=0,"
+                " cert_renewed_at=NULL, prev_cert_fingerprint=''",
                 (
                     name,
                     json.dumps(list(addresses)),
@@ -514,15 +515,28 @@ class Store(LeaderStore):
             )
         return cert
 
-    def _replay(self, node: sqlite3.Row | None, token_id: str, key_pin: str) -> bool:
+    def _replay(
+        self, db: sqlite3.Connection, node: sqlite3.Row | None, token_id: str, key_pin: str
+    ) -> bool:
         """Whether an enrolment is a replay of the one that recorded ``node`` (the row of its
         name, not removed): the same key by the same token, and the node not heard from
         since (no heartbeat stored or in memory, no renewal), so its agent cannot have had
         the certificate. Anyone else is refused as before: another key is NameTaken, another
-        token (or this one for a node re-learned or enrolled by another) spends a use."""
+        token (or this one for a node re-learned or enrolled by another) spends a use.
+
+        Never when the admin revoked the node's certificate on record (``tlsroll ca revoke``)
+        or it is not on record at all: a revocation is undone by a new enrolment only, by a
+        token the admin gives (review s34 M1: whoever held a copied key and token got a new,
+        unrevoked certificate). A re-enrolment (``enrol``'s UPSERT) clears the renewal of the
+        node's earlier life, so its own lost answer can be replayed (review s34 L4)."""
         if node is None or node["key_pin"] != key_pin or node["token_id"] != token_id:
             return False
         if node["last_heartbeat"] is not None or node["cert_renewed_at"] is not None:
+            return False
+        cert = db.execute(
+            "SELECT revoked_at FROM certificates WHERE serial = ?", (node["cert_serial"],)
+        ).fetchone()
+        if cert is None or cert["revoked_at"] is not None:
             return False
         with self._seen_lock:
             return node["name"] not in self._seen and node["name"] not in self._queued

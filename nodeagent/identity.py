@@ -226,6 +226,10 @@ def read_token(cfg: AgentConfig) -> str:
             token = cfg.join_token_file.read_text().strip()
         except OSError as exc:
             raise TerminalError(f"cannot read {cfg.join_token_file}: {exc.strerror}") from None
+        except UnicodeDecodeError:  # the message named a byte and not the file (audit s34 L3)
+            raise TerminalError(
+                f"{cfg.join_token_file} is not UTF-8 text; it must hold the join token"
+            ) from None
         if token:
             return token
         raise TerminalError(f"{cfg.join_token_file} is empty; it must hold the join token")

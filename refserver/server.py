@@ -72,7 +72,7 @@ from aiohttp import web
 
 from refserver import config as refserver_config
 from refserver.store import FreezeState, Store, now_iso
-from tlsroll import __version__, clients, daemon, logs, password
+from tlsroll import __version__, clients, daemon, httplog, logs, password
 from tlsroll.backoff import Backoff, Policy, retry_after, source_key
 from tlsroll.errors import ConfigError, TerminalError
 from tlsroll.fsutil import socket_dir_problem, write_atomic
@@ -106,6 +106,20 @@ _STATUS_WORDS = {
 
 log = logs.get_logger(__name__)
 T = TypeVar("T")
+
+
+class _HttpLog(httplog.ServerLog):
+    """aiohttp's server log: a request it cannot parse is one line with the error's type, not
+    the start of the line, which may be a browser's cookies for this host (the leader's viewer
+    session, if the two share an address) or an Authorization header."""
+
+    def bad_request(self, error_type: str) -> None:
+        log.warning("http.bad_request", error_type=error_type)
+
+    def failed(self, error_type: str, where: str) -> None:
+        log.error("http.request_failed", error_type=error_type, where=where)
+
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -580,12 +594,14 @@ async def serve(loaded: refserver_config.Loaded) -> int:
         public = web.AppRunner(
             server.public_app(),
             access_log=None,
+            logger=_HttpLog(),
             handle_signals=False,
             shutdown_timeout=CLOSE_CONNECTIONS_SECONDS,
         )
         admin = web.AppRunner(
             server.admin_app(),
             access_log=None,
+            logger=_HttpLog(),
             handle_signals=False,
             shutdown_timeout=SHUTDOWN_TIMEOUT,
         )

@@ -123,6 +123,7 @@ def test_revoke_unknown_token_is_one_line_exit_1(cluster: Cluster) -> None:
         (["--uses", "0"], 2, "--uses"),
         (["--uses", "many"], 2, "--uses"),
         (["--ttl", "8d"], 2, "at most 7 days"),  # the leader's INVALID_ARGUMENT: usage
+        (["--ttl", "99999999999d"], 2, "too long"),  # over a uint32: was a traceback
     ],
 )
 def test_token_create_bad_values(cluster: Cluster, args: list[str], code: int, says: str) -> None:
@@ -291,8 +292,16 @@ def test_cli_with_a_crashed_leader_then_a_restart(tmp_path: Path) -> None:
         ["token", "revoke"],
         ["nodes", "--bogus"],
         ["init", "--address", "127.0.0.1"],
+        # Tracebacks before (audit s34 M2): a duration over a uint32 of seconds, and a time
+        # whose conversion or end leaves the calendar.
+        ["viewer", "grant", "--ttl", "99999999999d"],
+        ["rollout", "finalize", "r1", "--when-quiet", "99999999999d", "--yes"],
+        ["notify", "--when", "0001-01-01 00:00", "--duration", "1h", "--timezone", "Asia/Tokyo"],
+        ["notify", "--when", "9999-12-31 23:59", "--duration", "1h", "--timezone", "UTC"],
+        # The leader's JSON reader refused it as "not a GetSchemaRequest" (audit s34 L2).
+        ["schema", "show", "--rollout", "a" * 20000],
     ],
-    ids=lambda a: " ".join(a) or "no-args",
+    ids=lambda a: " ".join(a)[:60] or "no-args",
 )
 def test_usage_errors_are_one_line_exit_2(tmp_path: Path, args: list[str]) -> None:
     result = subprocess.run(

@@ -25,6 +25,7 @@ from typing import Any
 
 import grpc
 import pytest
+import structlog
 
 import leader
 import nodeagent
@@ -39,7 +40,7 @@ from tests.conftest import next_loopback
 from tlsroll import password, pki
 from tlsroll.defaults import AGENT_PORT
 from tlsroll.errors import ConfigError, TerminalError, TlsrollError, TransientError
-from tlsroll.rpc import BASE_ERRORS, status_for
+from tlsroll.rpc import BASE_ERRORS, MAX_DETAILS, error_status, short_details, status_for
 from tlsroll.v1 import admin_pb2, agent_pb2, agent_pb2_grpc, leader_pb2, leader_pb2_grpc
 from tlsroll.wire import WireError
 
@@ -251,6 +252,39 @@ def test_the_most_specific_class_decides_whatever_the_order() -> None:
         assert status_for(planner.NodesOffline(["n"]), mapping) == Code.ABORTED
         assert status_for(planner.UnknownNodes(["n"]), mapping) == Code.INVALID_ARGUMENT
         assert status_for(ValueError("x"), mapping) is None
+
+
+def test_a_long_value_echoed_in_a_refusal_comes_back_cut_not_as_grpc_s_limit(
+    cluster: Cluster,
+) -> None:
+    """A refusal echoes the value it refuses; 100,000 characters went over gRPC's 16 KiB
+    metadata limit and the admin read "Stream removed (received metadata size exceeds hard
+    limit …)" (audit s34 L1). The details are cut to ``MAX_DETAILS``."""
+    result = cluster.cli("token", "revoke", "a" * 100_000)
+    assert result.returncode == 1, result.stderr
+    assert "no join token" in result.stderr and "aaaa" in result.stderr, result.stderr[:300]
+    assert "metadata" not in result.stderr and result.stderr.count("\n") == 1
+    assert len(result.stderr) < MAX_DETAILS + 100
+    assert short_details("x" * 5000) == "x" * (MAX_DETAILS - 1) + "…"
+
+
+def _fails_in_a_library() -> None:
+    int("not a number")
+
+
+def test_an_internal_error_logs_its_type_and_place_never_its_message() -> None:
+    """rpc.internal_error names the type and where it was raised (audit s34 L6: H1 showed
+    only "ValueError" four times a second), never the message: it may hold any value."""
+    try:
+        _fails_in_a_library()
+    except ValueError as exc:
+        with structlog.testing.capture_logs() as logs:
+            code, details = error_status(exc, {}, "Heartbeat")
+    assert code == Code.INTERNAL and "not a number" not in details
+    [line] = [e for e in logs if e["event"] == "rpc.internal_error"]
+    assert line["error_type"] == "ValueError" and "not a number" not in str(line)
+    assert line["where"].startswith("tests/test_admin_errors.py:")
+    assert line["where"].endswith("in _fails_in_a_library"), line
 
 
 def _all_error_classes() -> set[type[TlsrollError]]:

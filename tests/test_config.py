@@ -13,11 +13,12 @@ import pytest
 from leader.config import LeaderConfig
 from nodeagent.config import AgentConfig
 from nodeagent.drivers import make_driver
+from nodeagent.identity import read_token
 from tests.cluster import child_env, command, one_line_error
 from tests.refserver_helper import write_toml
 from tlsroll.config import ConfigFile, Section, dump_toml
 from tlsroll.defaults import AGENT_PORT, CONTROL_PORT, HEARTBEAT_INTERVAL, JOIN_PORT
-from tlsroll.errors import ConfigError
+from tlsroll.errors import ConfigError, TerminalError
 
 PIN = "sha256:" + "ab" * 32
 
@@ -156,6 +157,18 @@ def test_agent_config_loads_with_defaults(tmp_path: Path) -> None:
     assert (cfg.port, cfg.control_port, cfg.join_port) == (AGENT_PORT, CONTROL_PORT, JOIN_PORT)
     assert cfg.heartbeat_interval == HEARTBEAT_INTERVAL
     assert cfg.join_token == "abc" and cfg.join_token_file is None
+
+
+def test_a_join_token_file_that_is_not_utf_8_is_named(tmp_path: Path) -> None:
+    """The agent said "'utf-8' codec can't decode byte 0xff …" and not which file (audit s34
+    L3)."""
+    token_file = tmp_path / "join-token"
+    token_file.write_bytes(b"\xff\xfeabc\n")
+    token_file.chmod(0o600)
+    cfg = AgentConfig.load(write_agent(tmp_path, {"leader": {"join_token_file": str(token_file)}}))
+    with pytest.raises(TerminalError, match="is not UTF-8 text") as refused:
+        read_token(cfg)
+    assert str(token_file) in str(refused.value)
 
 
 @pytest.mark.parametrize(

@@ -706,6 +706,14 @@ def test_where_watch_and_wait_stop_is_where_the_core_says_nothing_more_happens()
     assert {s.value for s in TERMINAL_ROLLOUT_STATES | WAITING_ROLLOUT_STATES} == ENDS
 
 
+def test_schema_show_checks_a_rollout_id_as_the_leader_does() -> None:
+    """``schema_cmd`` checks ``--rollout`` itself (audit s34 L2) without importing the view."""
+    from leader.cli.schema_cmd import ROLLOUT_ID
+    from leader.schema_view import ROLLOUT_ID as LEADERS
+
+    assert ROLLOUT_ID.pattern == LEADERS.pattern
+
+
 def test_the_expiry_check_behind_every_schema_show_reads_no_rollout_history(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -21,9 +21,11 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import pytest
+import structlog
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from refserver.server import SHUTDOWN_TIMEOUT, SWITCHING_MESSAGE, WRITE_DELAY_ENV
+from refserver.server import _HttpLog as server_http_log
 from tests.conftest import IssuedCert, count_thread_hops
 from tests.refserver_helper import RefServer, Response, peer_certificate
 from tlsroll import bootstrap_protocol, clients, httpcheck, password, pki, probe
@@ -138,6 +140,40 @@ def test_write_and_read_over_http(make_server: MakeServer) -> None:
     assert not (server.data_dir / "refserver.pid").exists()
     events = [e["event"] for e in server.log_events()]
     assert events[0] == "server.started" and events[-1] == "server.stopped"
+
+
+def test_an_overlong_header_line_logs_its_type_and_not_the_line(make_server: MakeServer) -> None:
+    """aiohttp logged the first 100 bytes of a header line over 8190 bytes: a browser's
+    cookies for this host (the viewer's session, if the leader shares the address) or an
+    Authorization header (audit s34 H2)."""
+    server = make_server(listen=["http"])
+    server.start()
+    conn = http.client.HTTPConnection(server.address, 8080, timeout=10)
+    try:
+        conn.request("GET", server.app_path, headers={"Cookie": "sid=COOKIE-SECRET-" + "a" * 9000})
+        assert conn.getresponse().status == 400
+    finally:
+        conn.close()
+    assert server.request("GET").status == 200  # the server serves on
+    assert server.stop() == 0
+    refused = [e for e in server.log_events() if e.get("event") == "http.bad_request"]
+    assert [e["error_type"] for e in refused] == ["LineTooLong"]
+    text = server.log_path.read_text()
+    assert "COOKIE-SECRET" not in text and "Error handling request" not in text
+
+
+def test_the_http_log_gives_a_failed_handler_s_type_and_place_not_its_text() -> None:
+    """What aiohttp logs of a handler that raised, or of its debug noise (audit s34 H2)."""
+    try:
+        raise ValueError("Bearer SECRET-IN-A-MESSAGE")
+    except ValueError as exc:
+        with structlog.testing.capture_logs() as logs:
+            server_http_log().exception("Unhandled exception", exc_info=exc)
+            server_http_log().debug("Ignored premature client disconnection", exc_info=exc)
+    assert "SECRET" not in str(logs)
+    [line] = logs
+    assert line["event"] == "http.request_failed" and line["error_type"] == "ValueError"
+    assert line["where"].startswith("tests/test_refserver.py:")
 
 
 def test_version_flag() -> None:

@@ -199,3 +199,64 @@ def test_another_key_for_the_name_by_a_fresh_token_is_still_name_taken(store: St
     with pytest.raises(NameTaken):
         enrol(store, token_id="t3", key_pin="ANOTHER-KEY")
     assert rows(store) == before
+
+
+def test_a_replay_after_the_admin_revoked_the_node_s_certificate_is_refused(store: Store) -> None:
+    """The admin revokes a node never heard from (an unexpected node, a copied key and token):
+    a replay must not sign a new, unrevoked certificate; a new token is the way back, as a
+    renewal's refusal says (review s34 M1)."""
+    first = enrol(store)
+    assert store.revoke(first.serial, reason="unexpected node", now=NOW, actor="admin") == [
+        first.serial
+    ]
+    before = rows(store)
+    with pytest.raises(TokenRejected, match="used up"):
+        enrol(store, now=NOW + dt.timedelta(minutes=1))
+    assert rows(store) == before
+    assert node_row(store)["cert_serial"] == first.serial
+
+
+def add_t2(store: Store) -> None:
+    store.add_token(
+        "t2",
+        SECRET,
+        ttl=dt.timedelta(hours=1),
+        uses=1,
+        description="",
+        now=NOW,
+        actor="admin",
+        node_name="node1",
+        addresses=(ADDRESS,),
+    )
+
+
+def test_a_lost_answer_to_a_re_enrolment_of_a_node_that_renewed_is_replayed(store: Store) -> None:
+    """A node that heartbeat and renewed in its earlier life is enrolled again (its certificate
+    expired while it was offline) by t2, and that answer is lost: the replay by t2 is taken
+    without spending a use; the earlier life's renewal and certificate before it are gone
+    (review s34 L4)."""
+    first = enrol(store)
+    store.heartbeat("node1", "v", now=NOW, cert_fingerprint=first.fingerprint)
+    renewed = store.renew_node_certificate(
+        "node1",
+        presented=first.fingerprint,
+        presented_serial=first.serial,
+        key_pin=PIN,
+        issue=issuer(),
+        now=NOW,
+    )
+    assert node_row(store)["cert_renewed_at"] is not None
+    add_t2(store)
+    later = NOW + dt.timedelta(minutes=5)
+    again = enrol(store, token_id="t2", now=later)
+    assert store.get_token("t2").uses_left == 0
+    node = node_row(store)
+    assert node["cert_renewed_at"] is None and node["prev_cert_fingerprint"] == ""
+    # The earlier life's certificates call no more: only the one just issued.
+    assert store.accepted_certificates()["node1"] == {again.fingerprint}
+    assert renewed.fingerprint != again.fingerprint
+    replayed = enrol(store, token_id="t2", now=later + dt.timedelta(minutes=1))
+    assert store.get_token("t2").uses_left == 0
+    assert store.accepted_certificates()["node1"] == {again.fingerprint, replayed.fingerprint}
+    kinds = [r[3] for r in rows(store)["audit"]]
+    assert kinds.count("node.enrolment_replayed") == 1

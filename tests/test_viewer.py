@@ -271,6 +271,29 @@ def test_metrics_take_the_scrape_token_or_a_session(lone: Cluster) -> None:
     assert fetch(lone, "/metrics", cookie=login(lone, "--name", "prom")).status == 200
 
 
+def test_an_overlong_header_line_logs_its_type_and_no_session_or_token(lone: Cluster) -> None:
+    """aiohttp refuses a header line over 8190 bytes with a 400 and logged the line's first
+    100 bytes: the session id of a Cookie line, "Bearer <scrape token>" (audit s34 H2). A
+    large cookie of another web app on the leader's address is enough (cookies ignore the
+    port)."""
+    session = login(lone, "--name", "long-cookie")
+    pad = "a" * 9000
+    cookie_line = {"Cookie": f"{SESSION_COOKIE}={session}; pad={pad}"}
+    assert fetch(lone, "/", headers=cookie_line).status == 400
+    token_line = {"Authorization": f"Bearer scrape-token-0123456789abcdef{pad}"}
+    assert fetch(lone, "/metrics", headers=token_line).status == 400
+
+    def refused() -> list[dict[str, Any]]:
+        return [e for e in lone.leader.log_events() if e.get("event") == "viewer.bad_request"]
+
+    wait_until(lambda: len(refused()) >= 2, timeout=10, what="two viewer.bad_request lines")
+    assert {e["error_type"] for e in refused()} == {"LineTooLong"}
+    text = lone.logs_text()
+    assert session not in text and "scrape-token-0123456789abcdef" not in text
+    assert "Error handling request" not in text and pad[:100] not in text
+    assert fetch(lone, "/metrics", cookie=session).status == 200  # the listener serves on
+
+
 def test_admin_calls_for_grants_answer_with_their_status(lone: Cluster) -> None:
     with lone.admin() as admin:
         made = admin.CreateViewerGrant(admin_pb2.CreateViewerGrantRequest(name="rpc"), timeout=10)

@@ -20,7 +20,9 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import traceback
 from collections.abc import MutableMapping
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -122,3 +124,32 @@ def configure(*, json: bool | None = None, level: int = logging.INFO) -> None:
 def get_logger(name: str) -> Any:
     """The logger of module ``name`` (pass ``__name__``): every event it logs carries it."""
     return structlog.get_logger(logger_name=name)  # lazy: configure() may come later
+
+
+_OWN_PACKAGES = ("tlsroll", "leader", "nodeagent", "workstation", "refserver")
+
+
+def where(exc: BaseException) -> str:
+    """Where ``exc`` was raised, for a log line that must hold no message: ``path:line in
+    function`` of the innermost frame of tlsroll's own code, and, when it went on into a
+    library, `` < `` the innermost frame there (``tlsroll/pki.py:511 in build_crl <
+    cryptography/x509/base.py:…``). Never a value: a file, a line and a function name."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    if not frames:
+        return "unknown"
+
+    def short(frame: traceback.FrameSummary) -> str:
+        parts = Path(frame.filename).parts
+        for i in range(len(parts) - 1, -1, -1):
+            if parts[i] in _OWN_PACKAGES or parts[i] == "site-packages":
+                parts = parts[i + (parts[i] == "site-packages") :]
+                break
+        else:
+            parts = parts[-2:]
+        return f"{'/'.join(parts)}:{frame.lineno} in {frame.name}"
+
+    names = [short(f) for f in frames]
+    ours = [i for i, name in enumerate(names) if name.split("/", 1)[0] in _OWN_PACKAGES]
+    if not ours or ours[-1] == len(names) - 1:
+        return names[-1]
+    return f"{names[ours[-1]]} < {names[-1]}"

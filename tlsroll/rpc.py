@@ -133,12 +133,27 @@ def error_status(exc: Exception, mapping: ErrorMap, name: str) -> tuple[grpc.Sta
     with when it raises ``exc``; an error not the project's own is INTERNAL, logged, no
     detail sent."""
     if isinstance(exc, RpcStatusError):
-        return exc.code, str(exc)
+        return exc.code, short_details(str(exc))
     code = status_for(exc, {**BASE_ERRORS, **mapping})
     if code is not None:
-        return code, str(exc)
-    log.error("rpc.internal_error", method=name, error_type=type(exc).__name__)
+        return code, short_details(str(exc))
+    # The place, not the message: an error not the project's own may hold any value.
+    log.error(
+        "rpc.internal_error", method=name, error_type=type(exc).__name__, where=logs.where(exc)
+    )
     return grpc.StatusCode.INTERNAL, "internal error; see the daemon's log"
+
+
+MAX_DETAILS = 1000
+"""Characters of an error's text sent as a status's details. gRPC's client refuses metadata
+above 16 KiB ("received metadata size exceeds hard limit"), and a refusal that echoes a long
+value (a 100,000-character node name) would reach the caller as that instead of itself; 1,000
+characters are at most 12,000 bytes once percent-encoded."""
+
+
+def short_details(text: str) -> str:
+    """``text``, cut to ``MAX_DETAILS`` characters (with "…") if longer."""
+    return text if len(text) <= MAX_DETAILS else text[: MAX_DETAILS - 1] + "…"
 
 
 async def _abort_for(

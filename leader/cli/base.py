@@ -235,11 +235,21 @@ _DURATION = re.compile(r"(\d+)([smhd])")
 _UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400}
 
 
+MAX_DURATION_SECONDS = 2**32 - 1
+"""The longest duration a request carries (a uint32 of seconds, about 136 years); each
+command's leader-side limit (7 days for a token or a viewer grant) is the leader's to say."""
+
+
 def parse_duration(text: str) -> int:
+    """``30s``, ``15m``, ``8h``, ``2d``: seconds, more than none and at most
+    ``MAX_DURATION_SECONDS`` (a usage error, not protobuf's ValueError: audit s34 M2)."""
     m = _DURATION.fullmatch(text.strip())
     if not m or int(m.group(1)) == 0:
         raise click.BadParameter(f"{text!r}: use a number with s, m, h or d, e.g. 1h")
-    return int(m.group(1)) * _UNITS[m.group(2)]
+    seconds = int(m.group(1)) * _UNITS[m.group(2)]
+    if seconds > MAX_DURATION_SECONDS:
+        raise click.BadParameter(f"{text!r} is too long: at most {MAX_DURATION_SECONDS // 86400}d")
+    return seconds
 
 
 def fetch_schema(

@@ -100,6 +100,9 @@ def practice_zone(option: str | None, lang: str) -> zoneinfo.ZoneInfo:
         ) from None
 
 
+_ROOM_AFTER = dt.timedelta(days=7)
+
+
 def parse_when(
     text: str, zone: zoneinfo.ZoneInfo, now: dt.datetime, hint: str = "--when"
 ) -> dt.datetime:
@@ -117,7 +120,14 @@ def parse_when(
             param_hint=hint,
         )
     when = naive.replace(tzinfo=zone)
-    back = when.astimezone(dt.UTC).astimezone(zone).replace(tzinfo=None)
+    try:
+        back = when.astimezone(dt.UTC).astimezone(zone).replace(tzinfo=None)
+        _ = when + _ROOM_AFTER  # a notice's end (``--duration``, at most two days) must exist too
+    except OverflowError:  # the first hours of year 1, the last days of 9999 (audit s34 M2)
+        raise click.BadParameter(
+            f"{text} ({zone.key}) is out of range; give a time in the days ahead",
+            param_hint=hint,
+        ) from None
     if back != naive:
         raise click.BadParameter(
             f"{text} does not exist in {zone.key} (the clocks skip it); pick another time",
