@@ -24,9 +24,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from collections.abc import Mapping
 from types import TracebackType
-from typing import Any
 
 from tlsroll.logs import where
 
@@ -55,30 +53,23 @@ def _bad_request(exc: BaseException) -> bool:
 
 class ServerLog(logging.Logger):
     """A ``logging.Logger`` that aiohttp's request handler writes to; subclasses log the two
-    kinds of line with their own event names (``bad_request``, ``failed``)."""
+    kinds of line with their own event names (``bad_request``, ``failed``). It has no handler
+    and no parent: ``handle`` (the public step every record of a logger passes) turns each
+    record into one of those lines, and nothing else reaches a handler."""
 
     def __init__(self) -> None:
-        super().__init__("aiohttp.server")
+        super().__init__("aiohttp.server", logging.WARNING)  # its debug lines: not even made
 
-    def _log(  # type: ignore[override]
-        self,
-        level: int,
-        msg: object,
-        args: Any,
-        exc_info: _ExcInfo = None,
-        extra: Mapping[str, object] | None = None,
-        stack_info: bool = False,
-        stacklevel: int = 1,
-    ) -> None:
-        if level < logging.WARNING:
+    def handle(self, record: logging.LogRecord) -> None:
+        if record.levelno < logging.WARNING:
             return
-        exc = _exception(exc_info)
+        exc = _exception(record.exc_info)
         if exc is not None and _bad_request(exc):
             self.bad_request(type(exc).__name__)
         elif exc is not None:
             self.failed(type(exc).__name__, where(exc))
         else:  # aiohttp's own complaint (a handler without a response): its fixed text
-            self.failed("none", str(msg).split("%", 1)[0].split(",", 1)[0][:80])
+            self.failed("none", str(record.msg).split("%", 1)[0].split(",", 1)[0][:80])
 
     def bad_request(self, error_type: str) -> None:
         raise NotImplementedError
