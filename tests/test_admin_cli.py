@@ -212,6 +212,65 @@ def test_nodes_lists_an_enrolled_node(cluster: Cluster) -> None:
     assert address in row and "offline" in row
 
 
+# --- revocation by serial ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("command", "serial", "says"),
+    [
+        (["ca", "revoke"], "0", "not a serial this CA can have issued"),
+        (["ca", "revoke", "--unknown"], "000", "not a serial this CA can have issued"),
+        (["ca", "revoke", "--unknown"], "f" * 40, "not a serial this CA can have issued"),
+        (["ca", "revoke", "--unknown"], "8" + "0" * 39, "not a serial this CA can have issued"),
+        (["workstations", "revoke"], "0", "not a serial this CA can have issued"),
+        (["ca", "revoke"], "12", "no certificate with serial 12 is on record"),
+        (["workstations", "revoke"], "5eed", "no certificate with serial 5eed is on record"),
+    ],
+)
+def test_revoking_a_serial_no_certificate_has_is_one_line_exit_1(
+    cluster: Cluster, command: list[str], serial: str, says: str
+) -> None:
+    """Audit s34 H1 and H3: serial 0 or one of 2^159 and above made every revocation list fail
+    to sign (every heartbeat INTERNAL, for good); a serial the store has no record of (mistyped
+    or cut short) was "revoked" with exit 0 while the real certificate stayed valid. Both are
+    refused with one line, and nothing is recorded."""
+    before = cluster.store_rows(("certificates", "meta"))
+    line = cli_error(cluster.cli(*command, serial, "--reason", "test"), 1)
+    assert says in line
+    if "on record" in says:
+        assert "tlsroll certs check-expiration" in line and "--unknown" in line
+    assert cluster.store_rows(("certificates", "meta")) == before
+
+
+def test_a_cut_short_serial_is_refused_and_the_full_one_or_unknown_revokes(
+    cluster: Cluster,
+) -> None:
+    """Audit s34 H3: the first 12 digits of a node's serial revoke nothing; the serial in full
+    revokes that node's certificate; ``--unknown`` records and revokes a serial the store does
+    not know (a certificate issued before the store was rebuilt)."""
+    address = next_loopback()
+    reply = enrol(
+        cluster, enrol_request(cluster.create_token("cutshort", address), "cutshort", address)
+    )
+    serial = f"{pki.load_cert_pem(reply.certificate_pem).serial_number:x}"
+    before = cluster.store_rows(("certificates", "meta"))
+    line = cli_error(cluster.cli("ca", "revoke", serial[:12]), 1)
+    assert f"no certificate with serial {serial[:12]} is on record" in line
+    assert cluster.store_rows(("certificates", "meta")) == before
+    assert cluster.list_nodes()["cutshort"].cert_serial == serial
+    result = cluster.cli("ca", "revoke", serial.upper())
+    assert (result.returncode, result.stdout.strip()) == (0, f"revoked {serial}"), result.stderr
+    (row,) = [r for r in cluster.store_table("certificates") if r["serial"] == serial]
+    assert row["kind"] == "node" and row["revoked_at"]
+    result = cluster.cli("ca", "revoke", "--unknown", "00c0ffee", "--reason", "rebuilt store")
+    assert (result.returncode, result.stdout.strip()) == (0, "revoked c0ffee"), result.stderr
+    assert "00c0ffee has 6 hex digits" in result.stderr  # did the admin cut it short?
+    (row,) = [r for r in cluster.store_table("certificates") if r["serial"] == "c0ffee"]
+    assert row["kind"] == "other" and row["revoked_at"]
+    again = cli_error(cluster.cli("ca", "revoke", "--unknown", "c0ffee"), 1)
+    assert "no unrevoked certificate matches" in again
+
+
 # --- the admin socket -------------------------------------------------------------------------
 
 
