@@ -9,6 +9,7 @@ import os
 import re
 import stat
 import subprocess
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -188,6 +189,59 @@ def test_init_with_a_bad_address_is_a_usage_error(tmp_path: Path) -> None:
         )
         assert "--address" in line
         assert not fresh.data_dir.exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "option", "says"),
+    [
+        (["--address", "0.0.0.0"], "--address", "is not the address of one host"),  # noqa: S104
+        (["--address", "::"], "--address", "is not the address of one host"),
+        (["--address", "224.0.0.1"], "--address", "is not the address of one host"),
+        (["--address", "169.254.1.1"], "--address", "is not the address of one host"),
+        (["--address", "255.255.255.255"], "--address", "names every host"),
+        (["--address", "127.0.0.1"], "--address", "names every host"),
+        (["--address", "::1"], "--address", "names every host"),
+        (["--dns", "bad name!"], "--dns", "is not a DNS host name"),
+        (["--dns", "ünï.example"], "--dns", "is not a DNS host name"),
+        (["--dns", "a" * 300], "--dns", "is not a DNS host name"),
+        (["--dns", "*.example"], "--dns", "wildcard"),
+        (["--dns", "localhost"], "--dns", "names every host"),
+    ],
+    ids=lambda a: a if isinstance(a, str) else " ".join(x[:20] for x in a),
+)
+def test_init_refuses_names_the_ca_refuses_for_nodes(
+    tmp_path: Path, args: list[str], option: str, says: str
+) -> None:
+    """Audit s34 M1 and L4: init took addresses and DNS names that ``token create`` refuses
+    (the leader binds to its address: 0.0.0.0 opened its ports on every interface), and blamed
+    a bad --dns on --address. Refused with one line naming the option, before anything is
+    made. (Loopback addresses other than 127.0.0.1 stay allowed: tests run leaders there.)"""
+    with Cluster(tmp_path, next_loopback()) as fresh:
+        given = args if args[0] == "--address" else ["--address", fresh.address, *args]
+        line = cli_error(fresh.cli("init", "--data-dir", str(fresh.data_dir), *given), 2)
+        assert option in line and says in line
+        assert "A-label" not in line
+        assert not fresh.data_dir.exists()
+
+
+def test_init_checks_its_passphrase_file_before_it_makes_anything(tmp_path: Path) -> None:
+    """Audit s34 L5: a passphrase file others can read was refused after init had made the
+    data directory's subdirectories. Now nothing is made; with the file fixed, init runs, and a
+    DNS name is taken as the certificate holds it (lowercase, no final dot)."""
+    with Cluster(tmp_path, next_loopback()) as fresh:
+        passphrase = tmp_path / "passphrase"
+        passphrase.write_text("correct horse battery staple\n")
+        passphrase.chmod(0o644)
+        args = ["init", "--data-dir", str(fresh.data_dir), "--address", fresh.address]
+        args += ["--dns", "Leader.Example.", "--ca-passphrase-file", str(passphrase)]
+        line = cli_error(fresh.cli(*args), 1)
+        assert "chmod 600" in line
+        assert not fresh.data_dir.exists()
+        passphrase.chmod(0o600)
+        result = fresh.cli(*args)
+        assert result.returncode == 0, result.stderr
+        config = tomllib.loads((fresh.data_dir / "leader.toml").read_text())
+        assert config["leader"]["dns_names"] == ["leader.example"]
 
 
 # --- nodes ------------------------------------------------------------------------------------

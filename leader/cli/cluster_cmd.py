@@ -52,6 +52,14 @@ def init(
     """Create a new multiserver: the CA, the leader's certificate and config."""
     if node_name is not None and (problem := pki.node_name_problem(node_name)):
         raise click.BadParameter(problem, param_hint="--node-name")
+    # The rules ``token create`` applies to a node's names (audit s34 M1;
+    # ``leader.layout.leader_names_problem``), each blamed on its own option (L4), before
+    # anything is made.
+    if problem := pki.ip_problem(address):
+        raise click.BadParameter(problem, param_hint="--address")
+    for name in dns_names:
+        if problem := pki.dns_problem(name.lower().rstrip(".")):
+            raise click.BadParameter(problem, param_hint="--dns")
     try:
         from leader import layout as layout_mod  # noqa: PLC0415 - only init needs it
 
