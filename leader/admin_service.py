@@ -521,6 +521,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             reason=peertext.clean(request.reason, 200),
             now=self.state.clock(),
             actor=_actor(context),
+            unknown=request.unknown,
         )
         log.warning("certificate.revoked", serials=serials)
         return admin_pb2.RevokeCertificateResponse(revoked_serials=serials)

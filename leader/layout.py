@@ -224,6 +224,23 @@ def upgrade_ca_key(layout: Layout, ca: pki.CertificateAuthority, passphrase: byt
     return str(kdf)
 
 
+def leader_names_problem(address: str, dns_names: tuple[str, ...]) -> str | None:
+    """Why the leader's certificate cannot hold ``address`` and ``dns_names``, or None: each
+    must name one host, by the rules the CA signs nodes' names by (``pki.ip_problem``,
+    ``pki.dns_problem``; audit s34 M1). The leader binds its ports to ``address``, and agents
+    dial it: 0.0.0.0 opened them on every interface, 127.0.0.1 is every host's own. Other
+    loopback addresses (127.0.0.2 and up) stay allowed: tests and the demo run leaders there.
+    DNS names are checked as the certificate holds them (lowercase, no final dot)."""
+    from tlsroll import names as pki_names  # noqa: PLC0415 - see the imports
+
+    if problem := pki_names.ip_problem(address):
+        return problem
+    for name in dns_names:
+        if problem := pki_names.dns_problem(name.lower().rstrip(".")):
+            return problem
+    return None
+
+
 def init(
     data_dir: Path,
     address: str,
@@ -253,7 +270,12 @@ def init(
             f" {layout.config.name} (no leader has run here); remove what it left and run init"
             f" again: rm {' '.join(str(p) for p in left)}"
         )
-    names = pki.Names.of(LEADER_NAME, [address], dns_names)  # validates the address
+    if problem := leader_names_problem(address, dns_names):
+        raise TerminalError(problem)
+    names = pki.Names.of(LEADER_NAME, [address], dns_names)
+    # A given passphrase file is checked before anything is made: a refused one left the
+    # empty directories behind (audit s34 L5).
+    passphrase = None if passphrase_file is None else read_passphrase(passphrase_file)
     for sub in ("ca", "secrets", "tls"):
         make_private_dir(layout.data_dir / sub)
     make_private_dir(layout.data_dir / "run", 0o750)
@@ -264,7 +286,8 @@ def init(
         import secrets  # noqa: PLC0415 - only here: every admin command imports this module
 
         write_atomic(passphrase_file, secrets.token_urlsafe(32).encode() + b"\n", PRIVATE)
-    passphrase = read_passphrase(passphrase_file)
+    if passphrase is None:
+        passphrase = read_passphrase(passphrase_file)
 
     ca = pki.CertificateAuthority.create()
     ca.save(layout.ca_cert, layout.ca_key, passphrase)

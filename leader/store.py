@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from leader.db import LeaderStore
 from leader.rollout_core import TERMINAL_ROLLOUT_STATES
+from tlsroll import logs
 from tlsroll.errors import TerminalError
 from tlsroll.sqlite import Database, from_text, to_text
 
@@ -30,6 +31,7 @@ if TYPE_CHECKING:  # the certificate type only (``IssuedCert.of``)
     from cryptography import x509
 
 T = TypeVar("T")
+log = logs.get_logger(__name__)
 
 _TERMINAL = tuple(sorted(s.value for s in TERMINAL_ROLLOUT_STATES))  # a rollout ended
 # The newest rollout not yet ended that holds node ? (``remove_node``).
@@ -181,6 +183,19 @@ class IssuedCert:
 
 
 EXPIRED_KEPT = dt.timedelta(days=1)
+# A serial a revocation list can hold: positive, below 2**159 (RFC 5280 caps serials at 20
+# octets; cryptography, which signs the list, at 159 bits, as its random serials are).
+SERIAL_LIMIT = 2**159
+
+
+def serial_fits(serial: str) -> bool:
+    """Whether ``serial`` (hex) is one a certificate of this CA can have (``SERIAL_LIMIT``)."""
+    try:
+        return 0 < int(serial, 16) < SERIAL_LIMIT
+    except ValueError:
+        return False
+
+
 """How long a revoked certificate stays on the revocation list after it expired: a server
 whose clock is behind the leader's still takes it as unexpired that long (review s28 L2)."""
 
@@ -284,6 +299,7 @@ class Store(LeaderStore):
         # every store write (a certificate issued in a stage, one revoked at a node's end),
         # and the pool read the node in a worker thread at almost every step.
         self.nodes_generation = 0
+        self._unfit_logged: set[str] = set()  # serials ``_fitting`` left out and logged
 
     def _nodes_write(self) -> _NodesWrite:
         """Around a write to the nodes' addresses, names or keys: ``nodes_generation`` moves
@@ -1087,11 +1103,24 @@ class Store(LeaderStore):
         return [_cert(r) for r in rows]
 
     def revoke(
-        self, name_or_serial: str, *, reason: str, now: dt.datetime, actor: str
+        self,
+        name_or_serial: str,
+        *,
+        reason: str,
+        now: dt.datetime,
+        actor: str,
+        unknown: bool = False,
     ) -> list[str]:
         """Revoke the workstation certificates of a name (ws-…), or one certificate by its
-        serial (hex; one the CA issued but the store does not know is recorded as "other").
-        Returns the serials revoked now; NotFound if nothing matched."""
+        serial (hex). Returns the serials revoked now; NotFound if nothing matched.
+
+        A serial the store has no record of is refused (a mistyped or cut-short serial would
+        otherwise be "revoked" while the real certificate stays valid: audit s34 H3) unless
+        ``unknown``: then it is recorded as an "other" certificate and revoked, for a
+        certificate this CA issued that the store does not know (a store rebuilt by
+        ``--reinitialise``). A serial no certificate of this CA can have (0, or 2**159 and
+        above: ``SERIAL_LIMIT``) is always refused: it could not go into the revocation list
+        (audit s34 H1)."""
         key = name_or_serial.strip().lower()
         with self._db.tx() as db:
             if key.startswith("ws-"):
@@ -1103,9 +1132,20 @@ class Store(LeaderStore):
                 serials = [r["serial"] for r in rows]
             elif re.fullmatch(r"[0-9a-f]{1,40}", key):
                 serial = key.lstrip("0") or "0"
+                if not serial_fits(serial):
+                    raise NotFound(
+                        f"{name_or_serial!r} is not a serial this CA can have issued (1 to 2^159-1)"
+                    )
                 known = db.execute(
                     "SELECT revoked_at FROM certificates WHERE serial = ?", (serial,)
                 ).fetchone()
+                if known is None and not unknown:
+                    raise NotFound(
+                        f"no certificate with serial {serial} is on record: `tlsroll certs"
+                        " check-expiration` lists every serial in full (for a certificate this"
+                        " CA issued that the store does not know, after --reinitialise: `tlsroll"
+                        " ca revoke --unknown SERIAL`)"
+                    )
                 if known is None:
                     far = now + dt.timedelta(days=3650)
                     _record_cert(db, serial, "other", "", "", "", now, far)
@@ -1151,8 +1191,20 @@ class Store(LeaderStore):
             for r in rows
             if now is None or dt.datetime.fromisoformat(r["not_after"]) + EXPIRED_KEPT > now
         ]
+        if not all(serial_fits(serial) for serial, _ in entries):
+            entries = self._fitting(entries)
         when = dt.datetime.fromtimestamp(issued, dt.UTC) if issued >= 0 else None
         return Revocations(number, urgent, entries, when)
+
+    def _fitting(self, entries: list[tuple[str, dt.datetime]]) -> list[tuple[str, dt.datetime]]:
+        """``entries`` without the serials no revocation list can hold (``serial_fits``): a
+        store that took one before they were refused (``revoke``; audit s34 H1) would otherwise
+        fail every list it builds, and with it every heartbeat. Each is logged once."""
+        for serial, _ in entries:
+            if not serial_fits(serial) and serial not in self._unfit_logged:
+                self._unfit_logged.add(serial)
+                log.warning("crl.serial_skipped", serial=serial[:48], why="out of range")
+        return [(serial, when) for serial, when in entries if serial_fits(serial)]
 
     def renew_crl(self, now: dt.datetime, issued_before: dt.datetime) -> bool:
         """Give the revocation list a new number, not urgent (``_bump_crl``), if its number was

@@ -9,6 +9,7 @@ import os
 import re
 import stat
 import subprocess
+import tomllib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -191,6 +192,59 @@ def test_init_with_a_bad_address_is_a_usage_error(tmp_path: Path) -> None:
         assert not fresh.data_dir.exists()
 
 
+@pytest.mark.parametrize(
+    ("args", "option", "says"),
+    [
+        (["--address", "0.0.0.0"], "--address", "is not the address of one host"),  # noqa: S104
+        (["--address", "::"], "--address", "is not the address of one host"),
+        (["--address", "224.0.0.1"], "--address", "is not the address of one host"),
+        (["--address", "169.254.1.1"], "--address", "is not the address of one host"),
+        (["--address", "255.255.255.255"], "--address", "names every host"),
+        (["--address", "127.0.0.1"], "--address", "names every host"),
+        (["--address", "::1"], "--address", "names every host"),
+        (["--dns", "bad name!"], "--dns", "is not a DNS host name"),
+        (["--dns", "ünï.example"], "--dns", "is not a DNS host name"),
+        (["--dns", "a" * 300], "--dns", "is not a DNS host name"),
+        (["--dns", "*.example"], "--dns", "wildcard"),
+        (["--dns", "localhost"], "--dns", "names every host"),
+    ],
+    ids=lambda a: a if isinstance(a, str) else " ".join(x[:20] for x in a),
+)
+def test_init_refuses_names_the_ca_refuses_for_nodes(
+    tmp_path: Path, args: list[str], option: str, says: str
+) -> None:
+    """Audit s34 M1 and L4: init took addresses and DNS names that ``token create`` refuses
+    (the leader binds to its address: 0.0.0.0 opened its ports on every interface), and blamed
+    a bad --dns on --address. Refused with one line naming the option, before anything is
+    made. (Loopback addresses other than 127.0.0.1 stay allowed: tests run leaders there.)"""
+    with Cluster(tmp_path, next_loopback()) as fresh:
+        given = args if args[0] == "--address" else ["--address", fresh.address, *args]
+        line = cli_error(fresh.cli("init", "--data-dir", str(fresh.data_dir), *given), 2)
+        assert option in line and says in line
+        assert "A-label" not in line
+        assert not fresh.data_dir.exists()
+
+
+def test_init_checks_its_passphrase_file_before_it_makes_anything(tmp_path: Path) -> None:
+    """Audit s34 L5: a passphrase file others can read was refused after init had made the
+    data directory's subdirectories. Now nothing is made; with the file fixed, init runs, and a
+    DNS name is taken as the certificate holds it (lowercase, no final dot)."""
+    with Cluster(tmp_path, next_loopback()) as fresh:
+        passphrase = tmp_path / "passphrase"
+        passphrase.write_text("correct horse battery staple\n")
+        passphrase.chmod(0o644)
+        args = ["init", "--data-dir", str(fresh.data_dir), "--address", fresh.address]
+        args += ["--dns", "Leader.Example.", "--ca-passphrase-file", str(passphrase)]
+        line = cli_error(fresh.cli(*args), 1)
+        assert "chmod 600" in line
+        assert not fresh.data_dir.exists()
+        passphrase.chmod(0o600)
+        result = fresh.cli(*args)
+        assert result.returncode == 0, result.stderr
+        config = tomllib.loads((fresh.data_dir / "leader.toml").read_text())
+        assert config["leader"]["dns_names"] == ["leader.example"]
+
+
 # --- nodes ------------------------------------------------------------------------------------
 
 
@@ -211,6 +265,65 @@ def test_nodes_lists_an_enrolled_node(cluster: Cluster) -> None:
     table = cluster.cli("nodes").stdout
     (row,) = [line for line in table.splitlines() if "listed" in line]
     assert address in row and "offline" in row
+
+
+# --- revocation by serial ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("command", "serial", "says"),
+    [
+        (["ca", "revoke"], "0", "not a serial this CA can have issued"),
+        (["ca", "revoke", "--unknown"], "000", "not a serial this CA can have issued"),
+        (["ca", "revoke", "--unknown"], "f" * 40, "not a serial this CA can have issued"),
+        (["ca", "revoke", "--unknown"], "8" + "0" * 39, "not a serial this CA can have issued"),
+        (["workstations", "revoke"], "0", "not a serial this CA can have issued"),
+        (["ca", "revoke"], "12", "no certificate with serial 12 is on record"),
+        (["workstations", "revoke"], "5eed", "no certificate with serial 5eed is on record"),
+    ],
+)
+def test_revoking_a_serial_no_certificate_has_is_one_line_exit_1(
+    cluster: Cluster, command: list[str], serial: str, says: str
+) -> None:
+    """Audit s34 H1 and H3: serial 0 or one of 2^159 and above made every revocation list fail
+    to sign (every heartbeat INTERNAL, for good); a serial the store has no record of (mistyped
+    or cut short) was "revoked" with exit 0 while the real certificate stayed valid. Both are
+    refused with one line, and nothing is recorded."""
+    before = cluster.store_rows(("certificates", "meta"))
+    line = cli_error(cluster.cli(*command, serial, "--reason", "test"), 1)
+    assert says in line
+    if "on record" in says:
+        assert "tlsroll certs check-expiration" in line and "--unknown" in line
+    assert cluster.store_rows(("certificates", "meta")) == before
+
+
+def test_a_cut_short_serial_is_refused_and_the_full_one_or_unknown_revokes(
+    cluster: Cluster,
+) -> None:
+    """Audit s34 H3: the first 12 digits of a node's serial revoke nothing; the serial in full
+    revokes that node's certificate; ``--unknown`` records and revokes a serial the store does
+    not know (a certificate issued before the store was rebuilt)."""
+    address = next_loopback()
+    reply = enrol(
+        cluster, enrol_request(cluster.create_token("cutshort", address), "cutshort", address)
+    )
+    serial = f"{pki.load_cert_pem(reply.certificate_pem).serial_number:x}"
+    before = cluster.store_rows(("certificates", "meta"))
+    line = cli_error(cluster.cli("ca", "revoke", serial[:12]), 1)
+    assert f"no certificate with serial {serial[:12]} is on record" in line
+    assert cluster.store_rows(("certificates", "meta")) == before
+    assert cluster.list_nodes()["cutshort"].cert_serial == serial
+    result = cluster.cli("ca", "revoke", serial.upper())
+    assert (result.returncode, result.stdout.strip()) == (0, f"revoked {serial}"), result.stderr
+    (row,) = [r for r in cluster.store_table("certificates") if r["serial"] == serial]
+    assert row["kind"] == "node" and row["revoked_at"]
+    result = cluster.cli("ca", "revoke", "--unknown", "00c0ffee", "--reason", "rebuilt store")
+    assert (result.returncode, result.stdout.strip()) == (0, "revoked c0ffee"), result.stderr
+    assert "00c0ffee has 6 hex digits" in result.stderr  # did the admin cut it short?
+    (row,) = [r for r in cluster.store_table("certificates") if r["serial"] == "c0ffee"]
+    assert row["kind"] == "other" and row["revoked_at"]
+    again = cli_error(cluster.cli("ca", "revoke", "--unknown", "c0ffee"), 1)
+    assert "no unrevoked certificate matches" in again
 
 
 # --- the admin socket -------------------------------------------------------------------------

@@ -1001,14 +1001,18 @@ async def test_an_agent_that_took_the_leader_s_revocation_list_sends_no_message_
     link, trust, journal, view = viewing_link(
         tmp_path, rig.node_files, leader_address, node_address
     )
-    assert rig.store.revoke("5eec", reason="", now=rig.clock[0], actor="test") == ["5eec"]
+    assert rig.store.revoke("5eec", reason="", now=rig.clock[0], actor="test", unknown=True) == [
+        "5eec"
+    ]
     try:
         await link.beat()  # the stream opens, in renewal mode; its answer brings the list
         assert link._stream is not None and link._stream.renew == LONG_RENEW
         await until(lambda: trust.crl_number == rig.store.revoked()[0], "the first list")
         assert len(messages) == 1 and messages[0].crl_number != trust.crl_number
         await link.beat(quiet=True)  # the list is all that changed: nothing to say
-        assert rig.store.revoke("5eed", reason="", now=rig.clock[0], actor="test") == ["5eed"]
+        assert rig.store.revoke(
+            "5eed", reason="", now=rig.clock[0], actor="test", unknown=True
+        ) == ["5eed"]
         await until(lambda: 0x5EED in trust.revoked, "the admin's revocation, pushed")
         await link.beat(quiet=True)
         view.healthy, view.detail = False, "connection refused"  # a change: sent at once
@@ -1047,7 +1051,9 @@ async def test_the_agent_s_revocation_list_stays_within_its_validity_with_no_rev
     rig.state.heartbeat_interval = 1
     await rig.server.start()
     link, trust, journal, _ = viewing_link(tmp_path, rig.node_files, leader_address, node_address)
-    assert rig.store.revoke("5eec", reason="", now=rig.clock[0], actor="test") == ["5eec"]
+    assert rig.store.revoke("5eec", reason="", now=rig.clock[0], actor="test", unknown=True) == [
+        "5eec"
+    ]
 
     def held() -> x509.CertificateRevocationList:
         return x509.load_pem_x509_crl(trust.crl_file.read_bytes())
@@ -1132,14 +1138,18 @@ async def test_a_message_that_crosses_a_pushed_list_does_not_roll_the_leader_s_n
     link, trust, journal, view = viewing_link(
         tmp_path, rig.node_files, leader_address, node_address
     )
-    assert rig.store.revoke("5eec", reason="", now=rig.clock[0], actor="test") == ["5eec"]
+    assert rig.store.revoke("5eec", reason="", now=rig.clock[0], actor="test", unknown=True) == [
+        "5eec"
+    ]
     try:
         await link.beat()  # the stream opens, in renewal mode; its answer brings the list
         assert link._stream is not None and link._stream.renew == LONG_RENEW
         await until(lambda: trust.crl_number == rig.store.revoked()[0], "the first list")
         old = trust.crl_number
         (beat,) = rig.service._open
-        assert rig.store.revoke("5eed", reason="", now=rig.clock[0], actor="test") == ["5eed"]
+        assert rig.store.revoke(
+            "5eed", reason="", now=rig.clock[0], actor="test", unknown=True
+        ) == ["5eed"]
         await until(lambda: 0x5EED in trust.revoked, "the admin's revocation, pushed")
         new = trust.crl_number
         await until(lambda: beat.crl_number == new, "the push written")
@@ -1418,7 +1428,9 @@ async def test_superseded_certificates_reach_renewal_streams_in_rounds_a_revocat
         await asyncio.sleep(2.5)  # five of the watch's ticks at this interval
         assert len(pushed) == 1
         assert answered == []
-        assert rig.store.revoke("5eed", reason="", now=rig.clock[0], actor="test") == ["5eed"]
+        assert rig.store.revoke(
+            "5eed", reason="", now=rig.clock[0], actor="test", unknown=True
+        ) == ["5eed"]
         await until(lambda: len(pushed) == 2, "the admin's revocation, at once")
         assert pushed[1] == rig.store.revoked()[0]
         await until(lambda: {0x5EED, 0xA1, 0xA2, 0xA3} <= trust.revoked, "all of them")
@@ -1735,7 +1747,7 @@ def test_a_real_agent_beats_on_the_stream(cluster: Cluster, tmp_path: Path) -> N
             cluster.ca_cert_path, cluster.ca_key_path, read_passphrase(cluster.passphrase_path)
         )
         crl = agent.data_dir / "crl.pem"
-        assert cluster.cli("ca", "revoke", "7e57ab1e").returncode == 0
+        assert cluster.cli("ca", "revoke", "--unknown", "7e57ab1e").returncode == 0
 
         def has_it() -> bool:
             return crl.exists() and 0x7E57AB1E in pki.load_crl(crl.read_bytes(), ca.cert)[1]
@@ -1813,7 +1825,7 @@ def test_news_reaches_a_renewal_stream_without_a_message(
     stream.send(renews=True, crl_number=number)  # nothing new: no answer
     cluster.announce_epoch(first.epoch + 3)
     assert stream.next().epoch == first.epoch + 3
-    assert cluster.cli("ca", "revoke", "5eed5eed").returncode == 0
+    assert cluster.cli("ca", "revoke", "--unknown", "5eed5eed").returncode == 0
     pushed = stream.next()
     newer, serials = pki.load_crl(pushed.crl_pem, ca.cert)
     assert newer > number and 0x5EED5EED in serials
@@ -2084,7 +2096,9 @@ async def test_after_a_lost_store_the_agents_take_the_new_store_s_revocation_lis
         assert [e["number"] for e in logs if e["event"] == "crl.older"] == [3]
         assert trust.crl_number == 57  # still kept: it is the newer
         if revoke:
-            assert rig.store.revoke("bb", reason="", now=rig.clock[0], actor="test") == ["bb"]
+            assert rig.store.revoke(
+                "bb", reason="", now=rig.clock[0], actor="test", unknown=True
+            ) == ["bb"]
         await link.beat()
         await until(lambda: trust.crl_number > 57, "the new store's list taken")
         await link.beat()

@@ -471,7 +471,7 @@ def test_revoked_leader_certificate_is_refused_by_agents(cluster: Cluster) -> No
             return status_of(lambda: stub.GetStatus(agent_pb2.GetStatusRequest(), timeout=10))
 
     assert get_status()[0] == OK
-    result = cluster.cli("ca", "revoke", f"{cert.serial_number:x}")
+    result = cluster.cli("ca", "revoke", "--unknown", f"{cert.serial_number:x}")
     assert result.returncode == 0, result.stderr
     wait_until(lambda: get_status()[0] == UNAUTHENTICATED, 15, "agent refuses the revoked cert")
     assert "revoked" in get_status()[1]

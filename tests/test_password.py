@@ -162,10 +162,11 @@ def test_entropy_is_at_least_100_bits() -> None:
         (b"s3cret", "s3cret"),
         (b"s3cret\n", "s3cret"),
         (b"s3cret\r\n", "s3cret"),
-        (b" with spaces\tand tab \n", " with spaces\tand tab "),
+        (b"with inner spaces\n", "with inner spaces"),
         ("Grüße-日本\n".encode(), "Grüße-日本"),
+        (b"\xef\xbb\xbfs3cret\r\n", "s3cret"),  # Notepad's "UTF-8 with BOM"
     ],
-    ids=["no-line-end", "lf", "crlf", "white-space-kept", "utf-8"],
+    ids=["no-line-end", "lf", "crlf", "inner-spaces-kept", "utf-8", "one-bom-dropped"],
 )
 def test_password_file_is_its_only_line(tmp_path: Path, content: bytes, expected: str) -> None:
     path = tmp_path / "pw"
@@ -187,6 +188,22 @@ def test_password_file_is_its_only_line(tmp_path: Path, content: bytes, expected
         (b"s3c\rret", "has more than one line"),
         (b"s3cret\r", "has more than one line"),
         (b"s3cr\xe9t\n", "is not UTF-8 text"),
+        (b"s3cret \n", "starts or ends with white space"),
+        (b" s3cret\n", "starts or ends with white space"),
+        ("s3cret\u00a0\n".encode(), "starts or ends with white space"),
+        (b"s3cret\t\n", "starts or ends with white space"),
+        (b"s3c\tret\n", "has an invisible or control character (U+0009) at position 4"),
+        (b"s3c\x00ret\n", "has an invisible or control character (U+0000) at position 4"),
+        (b"s3c\x1bret\n", "has an invisible or control character (U+001B) at position 4"),
+        ("s3c\u200bret".encode(), "has an invisible or control character (U+200B) at position 4"),
+        ("s3c\u202eret".encode(), "has an invisible or control character (U+202E) at position 4"),
+        ("s3c\u2028ret".encode(), "has an invisible or control character (U+2028) at position 4"),
+        ("s3c\u2029ret".encode(), "has an invisible or control character (U+2029) at position 4"),
+        (
+            "\ufeff\ufeffs3cret".encode(),
+            "has an invisible or control character (U+FEFF) at position 1",
+        ),
+        ("s3cret\ufeff".encode(), "has an invisible or control character (U+FEFF) at position 7"),
     ],
     ids=[
         "empty",
@@ -200,6 +217,19 @@ def test_password_file_is_its_only_line(tmp_path: Path, content: bytes, expected
         "inner-cr",
         "trailing-lone-cr",
         "latin-1",
+        "trailing-space",
+        "leading-space",
+        "trailing-nbsp",
+        "trailing-tab",
+        "inner-tab",
+        "nul",
+        "esc",
+        "zero-width-space",
+        "bidi-override",
+        "line-separator",
+        "paragraph-separator",
+        "second-bom",
+        "bom-at-the-end",
     ],
 )
 def test_password_file_refused(tmp_path: Path, content: bytes, problem: str) -> None:
@@ -246,3 +276,41 @@ def test_both_clis_refuse_a_two_line_password_file(
     assert code == 2, err
     assert err.count("\n") == 1 and err.startswith("tlsroll: error: ")
     assert "--password-file" in err and f"{path} has more than one line" in err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["password", "set"],
+        ["rollout", "start", "--scope", "cluster", "--yes"],
+        ["client", "test-connection", "https://127.0.0.1:1/x/"],
+    ],
+    ids=["password-set", "rollout-start", "client"],
+)
+@pytest.mark.parametrize(
+    ("content", "says"),
+    [
+        ("\ufeffZebra-Quartz-Mango-7741 \r\n", "starts or ends with white space"),
+        ("Zebra-Quartz\tMango-7741\n", "invisible or control character (U+0009) at position 13"),
+    ],
+    ids=["bom-and-trailing-space", "tab"],
+)
+def test_every_cli_refuses_a_password_nobody_can_type(
+    tmp_path: Path,
+    capsys: pytest.CaptureFixture[str],
+    args: list[str],
+    content: str,
+    says: str,
+) -> None:
+    """Audit s34 H4: such a file was staged as is, and no workstation could type it. The admin
+    CLI (both commands) and the workstation read by one rule: exit 2 and one line that says
+    where and never shows the password, before anything is contacted."""
+    path = tmp_path / "pw"
+    path.write_bytes(content.encode())
+    socket = tmp_path / "no-leader.sock"
+    code = cli.main(["--socket", str(socket), *args, "--password-file", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith("tlsroll: error: ")
+    assert "--password-file" in err and says in err
+    assert "Zebra" not in err and "Mango" not in err

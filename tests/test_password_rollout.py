@@ -238,12 +238,16 @@ def test_password_set_is_refused_while_a_rollout_runs(world: World, tmp_path: Pa
     assert world.cli("rollout", "abort").returncode == 0
 
 
-@pytest.mark.parametrize("content", ["", "\n"])
-def test_empty_password_file_is_a_one_line_usage_error(
+@pytest.mark.parametrize(
+    "content",
+    ["", "\n", f"{PW2} \n", f"\ufeff\ufeff{PW2}\n"],
+    ids=["empty", "lf", "trailing-space", "two-boms"],
+)
+def test_an_unusable_password_file_is_a_one_line_usage_error(
     world: World, tmp_path: Path, content: str
 ) -> None:
     empty = tmp_path / "empty"
-    empty.write_text(content)
+    empty.write_bytes(content.encode())
     before = world.cluster.store_rows(("auth_versions", "rollouts"))
     for args in (
         ("rollout", "start", "--scope", "cluster", "--password-file", str(empty), "--yes"),

@@ -199,7 +199,9 @@ async def test_a_reply_the_agent_cannot_take_is_logged_and_the_stream_replaced_a
     monkeypatch.setattr(trust, "take_crl", failing)
     try:
         with structlog.testing.capture_logs() as events:
-            assert rig.store.revoke("5eec", reason="", now=rig.clock[0], actor="t") == ["5eec"]
+            assert rig.store.revoke(
+                "5eec", reason="", now=rig.clock[0], actor="t", unknown=True
+            ) == ["5eec"]
             with contextlib.suppress(TimeoutError):  # (the test's bound, not the claim)
                 async with asyncio.timeout(30):
                     while len(opened) < 2 or 0x5EEC not in trust.revoked:

@@ -16,9 +16,13 @@ and add nothing). That is above the 100 bits we ask for; 21 characters would be 
 (104.0 bits), 20 would not do (99.1 bits).
 
 A password file (``--password-file``, for the admin CLI and the workstation alike) holds the
-password as its only line: one trailing line end (LF or CR LF) is dropped, nothing
+password as its only line: one trailing line end (LF or CR LF) is dropped, and one byte-order
+mark at the start (U+FEFF, what Windows Notepad writes first in "UTF-8 with BOM"), nothing
 else is; an empty or blank file, a second line, bytes that are not UTF-8 or a file that cannot
-be read are refused (``read_password_file``).
+be read are refused (``read_password_file``). So is a password nobody can type at the prompt
+of a workstation (audit s34 H4): one that starts or ends with white space, or holds an
+invisible or control character (Unicode categories ``INVISIBLE``: a tab, NUL, ESC, a
+zero-width or direction mark, a line or paragraph separator).
 """
 
 from __future__ import annotations
@@ -36,6 +40,11 @@ from pathlib import Path
 from typing import Any, TypedDict
 
 from tlsroll.errors import TerminalError
+
+# Characters nobody types at a password prompt (``read_password_file``): control (Cc), format
+# (Cf: zero-width and direction marks, a byte-order mark), line and paragraph separators.
+INVISIBLE = frozenset({"Cc", "Cf", "Zl", "Zp"})
+BOM = "\ufeff"
 
 ALG = "scrypt"
 DEFAULT_N = 2**15
@@ -78,10 +87,13 @@ class PasswordFileError(TerminalError):
 
 
 def read_password_file(path: Path) -> str:
-    """The password in ``path``: the file's only line, one trailing line end stripped.
+    """The password in ``path``: the file's only line, one trailing line end and one leading
+    byte-order mark stripped.
 
-    PasswordFileError if the file cannot be read, is not UTF-8, is empty or blank, or has more
-    than one line (a line end anywhere but at the very end, or two at the end).
+    PasswordFileError if the file cannot be read, is not UTF-8, is empty or blank, has more
+    than one line (a line end anywhere but at the very end, or two at the end), starts or ends
+    with white space, or holds an invisible or control character (``INVISIBLE``). The message
+    names the file and says where, never what the password is.
     """
     try:
         data = Path(path).read_bytes()
@@ -91,6 +103,9 @@ def read_password_file(path: Path) -> str:
         text = data.decode("utf-8")
     except UnicodeDecodeError:
         raise PasswordFileError(f"{path} is not UTF-8 text") from None
+    # The encoding's mark, not the password: Notepad writes it unasked, and the workstation
+    # reads its file by this rule too, so both sides drop it alike. Only one, only first.
+    text = text.removeprefix(BOM)
     text = text.removesuffix("\n").removesuffix("\r") if text.endswith("\n") else text
     if not text:
         raise PasswordFileError(f"{path} is empty")
@@ -100,6 +115,17 @@ def read_password_file(path: Path) -> str:
         )
     if not text.strip():
         raise PasswordFileError(f"{path} is empty (white space only)")
+    if text != text.strip():
+        raise PasswordFileError(
+            f"{path} starts or ends with white space (a space or tab): nobody would type"
+            " it at a workstation; remove it"
+        )
+    for position, char in enumerate(text, 1):
+        if unicodedata.category(char) in INVISIBLE:
+            raise PasswordFileError(
+                f"{path} has an invisible or control character (U+{ord(char):04X}) at position"
+                f" {position}: nobody can type it at a workstation; remove it"
+            )
     return text
 
 

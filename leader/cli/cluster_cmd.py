@@ -52,6 +52,14 @@ def init(
     """Create a new multiserver: the CA, the leader's certificate and config."""
     if node_name is not None and (problem := pki.node_name_problem(node_name)):
         raise click.BadParameter(problem, param_hint="--node-name")
+    # The rules ``token create`` applies to a node's names (audit s34 M1;
+    # ``leader.layout.leader_names_problem``), each blamed on its own option (L4), before
+    # anything is made.
+    if problem := pki.ip_problem(address):
+        raise click.BadParameter(problem, param_hint="--address")
+    for name in dns_names:
+        if problem := pki.dns_problem(name.lower().rstrip(".")):
+            raise click.BadParameter(problem, param_hint="--dns")
     try:
         from leader import layout as layout_mod  # noqa: PLC0415 - only init needs it
 
@@ -110,20 +118,40 @@ def ca_show(leader: Leader, as_json: bool) -> None:
         )
 
 
+SERIAL_DIGITS = 32  # fewer hex digits than a serial of this CA has (``ca revoke --unknown``)
+
+
 @ca.command("revoke")
 @click.argument("serial")
 @click.option("--reason", default="", help="Why (kept in the audit trail).")
+@click.option(
+    "--unknown",
+    is_flag=True,
+    help="Also revoke a serial the leader has no record of: a certificate this CA issued "
+    "before the store was rebuilt (--reinitialise). Check the serial digit by digit first.",
+)
 @pass_leader
-def ca_revoke(leader: Leader, serial: str, reason: str) -> None:
-    """Revoke one certificate the CA issued, by its SERIAL (hex). Agents learn of it with their
-    next heartbeat and refuse it from then on. (`tlsroll nodes remove` and
-    `tlsroll workstations revoke` revoke by name.)"""
+def ca_revoke(leader: Leader, serial: str, reason: str, unknown: bool) -> None:
+    """Revoke one certificate the CA issued, by its SERIAL (hex, in full: `tlsroll certs
+    check-expiration` lists them). Agents learn of it with their next heartbeat and refuse it
+    from then on. A serial the leader has no record of is refused, unless --unknown. (`tlsroll
+    nodes remove` and `tlsroll workstations revoke` revoke by name.)"""
     with leader.admin() as admin:
         reply = leader.call(
             admin.RevokeCertificate,
-            admin_pb2.RevokeCertificateRequest(name_or_serial=serial, reason=reason),
+            admin_pb2.RevokeCertificateRequest(
+                name_or_serial=serial, reason=reason, unknown=unknown
+            ),
         )
     out.print(f"revoked {', '.join(reply.revoked_serials)}")
+    digits = len(serial.strip().lstrip("0"))
+    if unknown and digits < SERIAL_DIGITS:  # 159 random bits: fewer by chance once in 2^35
+        click.echo(
+            f"tlsroll: warning: {serial.strip()} has {digits} hex digits, and the serials this"
+            f" CA issues have {SERIAL_DIGITS} or more: if it was cut short, the certificate"
+            " it is from is not revoked",
+            err=True,
+        )
 
 
 @click.group()

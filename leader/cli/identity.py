@@ -181,7 +181,8 @@ def workstations_list(leader: Leader, as_json: bool) -> None:
 @click.option("--reason", default="", help="Why (kept in the audit trail).")
 @pass_leader
 def workstations_revoke(leader: Leader, name_or_serial: str, reason: str) -> None:
-    """Revoke every certificate of workstation NAME (ws-…), or one certificate by SERIAL (hex).
+    """Revoke every certificate of workstation NAME (ws-…), or one certificate by SERIAL (hex,
+    in full, as `workstations list` shows it; one the leader has no record of is refused).
     Agents learn of it with their next heartbeat."""
     with leader.admin() as admin:
         reply = leader.call(

@@ -1063,18 +1063,24 @@ class RevokeCertificateRequest(_message.Message):
 
     NAME_OR_SERIAL_FIELD_NUMBER: _builtins.int
     REASON_FIELD_NUMBER: _builtins.int
+    UNKNOWN_FIELD_NUMBER: _builtins.int
     name_or_serial: _builtins.str
     """A workstation name (ws-…): every certificate it holds; or a serial (hex)."""
     reason: _builtins.str
+    unknown: _builtins.bool
+    """Also a serial the leader's store has no record of (one this CA issued before the store
+    was rebuilt): recorded and revoked. Without it such a serial is refused (NOT_FOUND).
+    """
     def __init__(
         self,
         *,
         name_or_serial: _builtins.str = ...,
         reason: _builtins.str = ...,
+        unknown: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["name_or_serial", b"name_or_serial", "reason", b"reason"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["name_or_serial", b"name_or_serial", "reason", b"reason", "unknown", b"unknown"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
