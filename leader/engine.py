@@ -654,7 +654,7 @@ class Engine:
                 # gone once the lease surely ran out (review 1 of session 33, H2; a refused
                 # FREEZE is no proof of "nothing frozen": review 2, M1).
                 and (not isinstance(exc, StepFailed) or self._only_asked(row, step.node))
-                and await self._lease_ran_out(rollout.id, step, why)
+                and await self._lease_ran_out_saved(rollout.id, step, why)
             ):
                 self.trouble.pop(key, None)
                 self.wake.set()
@@ -1075,6 +1075,29 @@ class Engine:
         except KeyError:
             return False
         return rec.freeze_asked and not rec.scope_frozen
+
+    async def _lease_ran_out_saved(
+        self, rollout_id: str, step: planner.StepAction, why: str
+    ) -> bool:
+        """``_lease_ran_out`` from inside a step's ``except``: a store error of its write (a
+        full disk) is logged once and leaves the step in trouble, with its pause, as any other
+        failure (False). It escaped that ``except`` before: no ``_trouble``, no
+        ``not_before``, the UNFREEZE sent again at every pass, the task's exception never
+        retrieved (review 2 of session 33, L2)."""
+        try:
+            return await self._lease_ran_out(rollout_id, step, why)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error(
+                "step.record_failed",
+                rollout_id=rollout_id,
+                node=step.node,
+                step=step.step.value,
+                error=str(exc),
+                error_type=type(exc).__name__,
+            )
+            return False
 
     async def _lease_ran_out(self, rollout_id: str, step: planner.StepAction, why: str) -> bool:
         """An unfreeze that got no answer at all (``why``; a refusal is an answer and stays
