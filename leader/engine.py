@@ -550,9 +550,26 @@ class Engine:
 
     def _forget(self, key: StepKey, task: asyncio.Task[None]) -> None:
         """A step task ended: drop it (every step of every rollout was kept for the leader's
-        life, about 1 MiB per 500-node rollout)."""
+        life, about 1 MiB per 500-node rollout). What escaped the step's own handling (a
+        store error in ``_trouble``'s write, inside the step's ``except``) is logged with the
+        step, as ``_run_step`` logs a crash, and the step waits at least the retry pause
+        (``_trouble`` set its own before the write): it went unretrieved before (review 2 of
+        session 33, L2)."""
         if self.tasks.get(key) is task:
             del self.tasks[key]
+        if task.cancelled() or (exc := task.exception()) is None:
+            return
+        rollout_id, node, step = key
+        log.error(
+            "step.crashed",
+            rollout_id=rollout_id,
+            node=node,
+            step=step.value,
+            error=str(exc),
+            error_type=type(exc).__name__,
+        )
+        retry = self.monotonic() + STEP_RETRY_SECONDS
+        self.not_before[key] = max(self.not_before.get(key, 0.0), retry)
 
     async def settle(self) -> None:
         """Wait until no step task is running (for tests that drive the loop by hand)."""

@@ -1654,6 +1654,58 @@ async def test_a_failed_write_of_a_lease_run_out_keeps_the_unfreeze_s_backoff(
     assert all(b - a >= STEP_RETRY_SECONDS for a, b in pairwise(after)), after
 
 
+async def test_a_failed_write_of_a_step_s_trouble_is_logged_and_keeps_its_pause(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review 2 of session 33, L2, the rest of it: ``_trouble`` writes too (a note on the
+    node once a scope freeze failed ``REASON_AFTER_ATTEMPTS`` times, a switch's "unknown", a
+    failed stage), inside the step's ``except``. A store error there ended the task with an
+    exception nobody retrieved: not logged with the step's context (asyncio's "never
+    retrieved" at best, when the task is collected). It is now logged as ``step.crashed``
+    with the step, and the pause ``_trouble`` set before its write holds: the FREEZE goes out
+    at its pauses, never at every pass."""
+    world = make_world(tmp_path, monkeypatch)
+    leader = world.boot()
+    engine = leader.engine
+    charlie = world.agents["charlie"]
+    sent: list[float] = []
+
+    async def down(request: agent_pb2.FreezeRequest) -> agent_pb2.FreezeResponse:
+        sent.append(world.clock.monotonic())
+        raise StepFailed(
+            "managed server not answering (FAILED_PRECONDITION)",
+            grpc.StatusCode.FAILED_PRECONDITION,
+        )
+
+    charlie.freeze = down  # type: ignore[method-assign]
+    real_save = engine._save_node
+    failed: list[float] = []
+
+    async def full_disk(
+        rollout_id: str, name: str, change: Callable[[Any], Any], *more: Any, **named: Any
+    ) -> Any:
+        row = leader.schema.latest()
+        assert row is not None
+        if change(node(row.records, name)).reason.startswith("scope freeze failing"):
+            failed.append(world.clock.monotonic())
+            raise sqlite3.OperationalError("database or disk is full")
+        return await real_save(rollout_id, name, change, *more, **named)
+
+    monkeypatch.setattr(engine, "_save_node", full_disk)
+    await leader.start(freeze=FreezeMode.SCOPE)
+    with capture_logs() as logs:
+        for _ in range(60):
+            await leader.one_pass()
+    assert len(failed) >= 2, (failed, sent)
+    crashed = [e for e in logs if e["event"] == "step.crashed"]
+    assert len(crashed) == len(failed), crashed
+    assert all(
+        e["node"] == "charlie" and e["step"] == "freeze" and "disk is full" in e["error"]
+        for e in crashed
+    )
+    assert all(b - a >= STEP_RETRY_SECONDS for a, b in pairwise(sent)), sent
+
+
 async def test_a_leader_back_after_the_lease_freezes_again_before_the_next_switch(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
