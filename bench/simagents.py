@@ -109,6 +109,7 @@ from nodeagent.leader_link import (
     NOT_AT_ONCE,
     leader_channel_options,
     reconnect_pause,
+    wants_answer,
 )
 from tests.cluster import Cluster, hostport
 from tlsroll import __version__, pki, rpc, spiffe
@@ -262,6 +263,7 @@ class SimAgent(agent_pb2_grpc.NodeAgentServicer):
         last: leader_pb2.HeartbeatRequest | None = None  # the last report sent on the stream
         writing = asyncio.Lock()  # one write at a time on the stream: reports and answers
         opened = 0.0  # when the stream was opened
+        heard = 0.0  # when the leader last said anything on it (``leader_link.wants_answer``)
         ended: grpc.StatusCode | None = None  # how the leader ended it (its reader saw)
         broke = False  # the stream ended by itself (not closed here), not yet reconnected
         attempt = 0  # streams in a row that ended soon after opening (as a real agent counts)
@@ -282,7 +284,7 @@ class SimAgent(agent_pb2_grpc.NodeAgentServicer):
                 self.world.messages += 1
 
         async def read(call: Any) -> None:
-            nonlocal renew, ended
+            nonlocal renew, ended, heard
             try:
                 while True:
                     reply = await call.read()
@@ -290,6 +292,7 @@ class SimAgent(agent_pb2_grpc.NodeAgentServicer):
                         ended = grpc.StatusCode.OK
                         await replies.put(TimeoutError("the leader ended the stream"))
                         return
+                    heard = time.monotonic()
                     if reply.HasField("check"):  # a question: neither an answer nor news
                         self.world.spawn(answer(call, reply.check))
                         continue
@@ -328,14 +331,18 @@ class SimAgent(agent_pb2_grpc.NodeAgentServicer):
                                 stream.cancel()
                             stream = stub.Heartbeats()  # type: ignore[call-arg]
                             opened, ended, broke = time.monotonic(), None, False
+                            heard = opened
                             renew = 0.0
                             replies = asyncio.Queue()
                             reader = asyncio.ensure_future(read(stream))
                         request.renews = renews
                         request.answers_checks = renews  # as a real agent on a renewal stream
                         # The first message on a stream is answered (the renewal bound comes
-                        # with it); later ones only when the leader has news.
-                        request.wants_answer = not renew
+                        # with it); later ones when the leader has news, or when it said
+                        # nothing for a while (``leader_link.wants_answer``).
+                        request.wants_answer = not renew or wants_answer(
+                            heard, time.monotonic(), self.world.interval, renew
+                        )
                         while not replies.empty():  # news taken meanwhile
                             if isinstance(error := replies.get_nowait(), BaseException):
                                 raise error

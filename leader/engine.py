@@ -550,9 +550,26 @@ class Engine:
 
     def _forget(self, key: StepKey, task: asyncio.Task[None]) -> None:
         """A step task ended: drop it (every step of every rollout was kept for the leader's
-        life, about 1 MiB per 500-node rollout)."""
+        life, about 1 MiB per 500-node rollout). What escaped the step's own handling (a
+        store error in ``_trouble``'s write, inside the step's ``except``) is logged with the
+        step, as ``_run_step`` logs a crash, and the step waits at least the retry pause
+        (``_trouble`` set its own before the write): it went unretrieved before (review 2 of
+        session 33, L2)."""
         if self.tasks.get(key) is task:
             del self.tasks[key]
+        if task.cancelled() or (exc := task.exception()) is None:
+            return
+        rollout_id, node, step = key
+        log.error(
+            "step.crashed",
+            rollout_id=rollout_id,
+            node=node,
+            step=step.value,
+            error=str(exc),
+            error_type=type(exc).__name__,
+        )
+        retry = self.monotonic() + STEP_RETRY_SECONDS
+        self.not_before[key] = max(self.not_before.get(key, 0.0), retry)
 
     async def settle(self) -> None:
         """Wait until no step task is running (for tests that drive the loop by hand)."""
@@ -654,7 +671,7 @@ class Engine:
                 # gone once the lease surely ran out (review 1 of session 33, H2; a refused
                 # FREEZE is no proof of "nothing frozen": review 2, M1).
                 and (not isinstance(exc, StepFailed) or self._only_asked(row, step.node))
-                and await self._lease_ran_out(rollout.id, step, why)
+                and await self._lease_ran_out_saved(rollout.id, step, why)
             ):
                 self.trouble.pop(key, None)
                 self.wake.set()
@@ -1075,6 +1092,29 @@ class Engine:
         except KeyError:
             return False
         return rec.freeze_asked and not rec.scope_frozen
+
+    async def _lease_ran_out_saved(
+        self, rollout_id: str, step: planner.StepAction, why: str
+    ) -> bool:
+        """``_lease_ran_out`` from inside a step's ``except``: a store error of its write (a
+        full disk) is logged once and leaves the step in trouble, with its pause, as any other
+        failure (False). It escaped that ``except`` before: no ``_trouble``, no
+        ``not_before``, the UNFREEZE sent again at every pass, the task's exception never
+        retrieved (review 2 of session 33, L2)."""
+        try:
+            return await self._lease_ran_out(rollout_id, step, why)
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            log.error(
+                "step.record_failed",
+                rollout_id=rollout_id,
+                node=step.node,
+                step=step.step.value,
+                error=str(exc),
+                error_type=type(exc).__name__,
+            )
+            return False
 
     async def _lease_ran_out(self, rollout_id: str, step: planner.StepAction, why: str) -> bool:
         """An unfreeze that got no answer at all (``why``; a refusal is an answer and stays

@@ -11,19 +11,31 @@ heartbeats cost the leader, issue 15), are a backstop every ``KEEPALIVE_PING_SEC
 Real gRPC in child processes: one counts the PINGs an agent's channel sends on a quiet stream
 (gRPC's keepalive trace logs each), one makes the leader vanish in a network namespace the
 test creates (its loopback taken down: nothing is acknowledged any more) and waits for the
-agent's stream to end.
+agent's stream to end. A leader whose Python stopped (the process stopped, or its event loop
+blocked) while its kernel still acknowledges is noticed by the answer a message asks for when
+the leader said nothing for a while (``leader_link.wants_answer``): the real leader service in a
+child process, the agent's real link.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 from collections.abc import Callable
+from pathlib import Path
 
 import pytest
+from structlog.testing import capture_logs
 
 from nodeagent import leader_link
-from tests.children import python_child
+from tests.children import ROOT, python_child
+from tests.test_heartbeat_stream import agent_link, until
 
 # A child process: a gRPC server standing in for the leader and a channel with the
 # options named by argv[2] ("agent": the agent's at a 1 s interval; "before": the PINGs every 2
@@ -141,3 +153,97 @@ def test_an_agent_notices_a_vanished_leader_at_its_next_message(mode: str) -> No
     else:  # gRPC sets no user timeout on a channel without a keepalive time
         assert said[0] == "USER_TIMEOUT 0", said
         assert said[1].startswith("STILL OPEN"), done.stdout + done.stderr[-2000:]
+
+
+# A child process: the leader's real Heartbeats service (``tests.leader_rig``, heartbeat interval
+# 1 s: renewal bound 4 s) on argv[2], node hb1 enrolled on argv[3], the node's files written to
+# argv[1]/node, then "READY" on stdout. SIGUSR1 blocks its event loop for argv[4] seconds (a
+# handler that hangs the loop: its gRPC core's own threads still run).
+HUNG_LEADER = r"""
+import asyncio, signal, sys, time
+from pathlib import Path
+from tests.leader_rig import leader_with_a_node
+
+async def main():
+    where, address, node_address, block = Path(sys.argv[1]), sys.argv[2], sys.argv[3], sys.argv[4]
+    rig = leader_with_a_node(where, address, node_address)
+    rig.state.heartbeat_interval = 1
+    await rig.server.start()
+    files = where / "node"
+    files.mkdir()
+    for name, pem in zip(("key.pem", "cert.pem", "ca.pem"), rig.node_files):
+        (files / name).write_bytes(pem)
+    loop = asyncio.get_running_loop()
+    loop.add_signal_handler(signal.SIGUSR1, lambda: loop.call_soon(time.sleep, float(block)))
+    print("READY", flush=True)
+    await asyncio.Event().wait()
+
+asyncio.run(main())
+"""
+
+
+@pytest.mark.parametrize("hang", ["stopped", "loop blocked"])
+async def test_an_agent_notices_a_leader_whose_python_stopped_within_its_bound(
+    hang: str, tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Audit 2 of session 33, L3: a leader whose Python stops answering while its kernel still
+    acknowledges what the agent writes (the process stopped: SIGSTOP) and, for an event loop
+    that hangs, its gRPC core still answers PINGs, left the agent's renewal stream up: routine
+    messages asked for no answer, and the agent noticed only at its PING every
+    ``KEEPALIVE_PING_SECONDS`` (a stopped process) or when the stream's flow-control window
+    filled (a blocked loop: many minutes). A message on a stream where the leader said nothing
+    for ``UNHEARD_BOUNDS`` renewal bounds asks for an answer now: within 2 bounds and an
+    interval (9 s at this 1 s interval; 20 s allowed for a busy machine) the agent logs
+    ``heartbeat.failed`` once and drops the stream; once the leader answers again, a new
+    stream says ``heartbeat.ok``. A real leader service in a child process, the agent's real
+    link here."""
+    leader_address, node_address = loopback(), loopback()
+    child = subprocess.Popen(
+        [sys.executable, "-c", HUNG_LEADER, str(tmp_path), leader_address, node_address, "30"],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    link = journal = None
+    try:
+        assert child.stdout is not None
+        ready = await asyncio.wait_for(asyncio.to_thread(child.stdout.readline), 60)
+        assert ready.strip() == "READY"
+        files = tmp_path / "node"
+        node_files = tuple((files / n).read_bytes() for n in ("key.pem", "cert.pem", "ca.pem"))
+        link, _trust, journal = agent_link(
+            tmp_path, (node_files[0], node_files[1], node_files[2]), leader_address, node_address
+        )
+        with capture_logs() as logs:
+            task = asyncio.create_task(link.run())
+            try:
+                await until(lambda: link.healthy is True, "heartbeat.ok")
+                await asyncio.sleep(2)  # the stream in renewal mode, its first answer had
+                assert link._stream is not None and link._stream.renew == 4
+                child.send_signal(signal.SIGSTOP if hang == "stopped" else signal.SIGUSR1)
+                hung = time.monotonic()
+                await until(lambda: link.healthy is False, "heartbeat.failed", 20)
+                noticed = time.monotonic() - hung
+                if hang == "stopped":
+                    child.send_signal(signal.SIGCONT)
+                # (the blocked loop runs again 30 s after it hung)
+                await until(lambda: link.healthy is True, "heartbeat.ok again", 45)
+            finally:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        failed = [e for e in logs if e["event"] == "heartbeat.failed"]
+        assert len(failed) == 1, (noticed, logs)
+        assert failed[0]["code"] == "DEADLINE_EXCEEDED", failed
+    finally:
+        child.send_signal(signal.SIGCONT)
+        child.kill()
+        child.wait()
+        if child.stdout is not None:
+            child.stdout.close()
+        if link is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(link.close(), 5)
+        if journal is not None:
+            journal.close()

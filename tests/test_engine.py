@@ -29,6 +29,7 @@ import datetime as dt
 import functools
 import json
 import random
+import sqlite3
 import sys
 import tempfile
 import threading
@@ -1594,6 +1595,115 @@ async def test_an_abort_ends_while_a_scope_node_s_server_is_down(
     assert not any(r.scope_frozen or r.freeze_asked for r in row.records)
     assert node(row.records, "charlie").reason.startswith("unfreeze not confirmed")
     assert not any(a.frozen for a in world.agents if a.name != "charlie")
+
+
+async def test_a_failed_write_of_a_lease_run_out_keeps_the_unfreeze_s_backoff(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review 2 of session 33, L2: the write of ``_lease_ran_out`` runs inside the step's
+    ``except`` for an unanswered or refused UNFREEZE. A store error there (a full disk) escaped
+    it: no ``_trouble``, no ``not_before``, so the UNFREEZE went out again at every pass, and
+    the task's exception was never retrieved. It is now logged once per failure and the step
+    is in trouble with its pause, as any other failure; once the store takes the write again
+    the abort ends."""
+    world = make_world(tmp_path, monkeypatch)
+    leader = world.boot(freeze_lease=6)
+    engine = leader.engine
+    charlie = world.agents["charlie"]
+    sent: list[float] = []
+
+    async def down(request: agent_pb2.FreezeRequest) -> agent_pb2.FreezeResponse:
+        sent.append(world.clock.monotonic())
+        raise StepFailed(
+            "managed server not answering (FAILED_PRECONDITION)",
+            grpc.StatusCode.FAILED_PRECONDITION,
+        )
+
+    charlie.freeze = down  # type: ignore[method-assign]
+    charlie.unfreeze = down  # type: ignore[method-assign]
+    real_save = engine._save_node
+    failed: list[float] = []
+
+    async def full_disk(
+        rollout_id: str, name: str, change: Callable[[Any], Any], *more: Any, **named: Any
+    ) -> Any:
+        row = leader.schema.latest()
+        assert row is not None
+        ran_out = change(node(row.records, name)).reason.startswith("unfreeze not confirmed")
+        if ran_out and len(failed) < 3:
+            failed.append(world.clock.monotonic())
+            raise sqlite3.OperationalError("database or disk is full")
+        return await real_save(rollout_id, name, change, *more, **named)
+
+    monkeypatch.setattr(engine, "_save_node", full_disk)
+    await leader.start(freeze=FreezeMode.SCOPE)
+    for _ in range(5):
+        await leader.one_pass()
+    await leader.control(RolloutAction.ABORT)
+    with capture_logs() as logs:
+        row = await leader.run(passes=600)
+    assert row.rollout.state is R.ABORTED
+    assert not any(r.scope_frozen or r.freeze_asked for r in row.records)
+    assert len(failed) == 3
+    said = [e for e in logs if e["event"] == "step.record_failed"]
+    assert len(said) == 3, logs
+    assert all("disk is full" in e["error"] and e["node"] == "charlie" for e in said)
+    # From the first failed write on, the UNFREEZE went out at its pauses, not at every pass.
+    after = [t for t in sent if t >= failed[0]]
+    assert len(after) == 4, after  # three failed writes, then the one that went through
+    assert all(b - a >= STEP_RETRY_SECONDS for a, b in pairwise(after)), after
+
+
+async def test_a_failed_write_of_a_step_s_trouble_is_logged_and_keeps_its_pause(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review 2 of session 33, L2, the rest of it: ``_trouble`` writes too (a note on the
+    node once a scope freeze failed ``REASON_AFTER_ATTEMPTS`` times, a switch's "unknown", a
+    failed stage), inside the step's ``except``. A store error there ended the task with an
+    exception nobody retrieved: not logged with the step's context (asyncio's "never
+    retrieved" at best, when the task is collected). It is now logged as ``step.crashed``
+    with the step, and the pause ``_trouble`` set before its write holds: the FREEZE goes out
+    at its pauses, never at every pass."""
+    world = make_world(tmp_path, monkeypatch)
+    leader = world.boot()
+    engine = leader.engine
+    charlie = world.agents["charlie"]
+    sent: list[float] = []
+
+    async def down(request: agent_pb2.FreezeRequest) -> agent_pb2.FreezeResponse:
+        sent.append(world.clock.monotonic())
+        raise StepFailed(
+            "managed server not answering (FAILED_PRECONDITION)",
+            grpc.StatusCode.FAILED_PRECONDITION,
+        )
+
+    charlie.freeze = down  # type: ignore[method-assign]
+    real_save = engine._save_node
+    failed: list[float] = []
+
+    async def full_disk(
+        rollout_id: str, name: str, change: Callable[[Any], Any], *more: Any, **named: Any
+    ) -> Any:
+        row = leader.schema.latest()
+        assert row is not None
+        if change(node(row.records, name)).reason.startswith("scope freeze failing"):
+            failed.append(world.clock.monotonic())
+            raise sqlite3.OperationalError("database or disk is full")
+        return await real_save(rollout_id, name, change, *more, **named)
+
+    monkeypatch.setattr(engine, "_save_node", full_disk)
+    await leader.start(freeze=FreezeMode.SCOPE)
+    with capture_logs() as logs:
+        for _ in range(60):
+            await leader.one_pass()
+    assert len(failed) >= 2, (failed, sent)
+    crashed = [e for e in logs if e["event"] == "step.crashed"]
+    assert len(crashed) == len(failed), crashed
+    assert all(
+        e["node"] == "charlie" and e["step"] == "freeze" and "disk is full" in e["error"]
+        for e in crashed
+    )
+    assert all(b - a >= STEP_RETRY_SECONDS for a, b in pairwise(sent)), sent
 
 
 async def test_a_leader_back_after_the_lease_freezes_again_before_the_next_switch(
