@@ -641,14 +641,28 @@ class Journal:
     def last_begun(self, txn: Txn) -> str | None:
         """The step whose ``begin`` is this transaction's last event, if it is one: begun (or
         about to be) and not finished when the agent stopped. A runner that resumes does not
-        journal that ``begin`` again."""
+        journal that ``begin`` again. (A ``freeze again`` of ``Runner._refreeze`` comes after
+        that ``begin`` and does not count: the step is still the one begun.)"""
         with self._read() as db:
             row = db.execute(
                 "SELECT step, what FROM events WHERE rollout_id = ? AND kind = ?"
-                " ORDER BY seq DESC LIMIT 1",
+                " AND what != 'again' ORDER BY seq DESC LIMIT 1",
                 (txn.rollout_id, txn.kind.value),
             ).fetchone()
         return str(row["step"]) if row is not None and row["what"] == "begin" else None
+
+    def refreeze_pending(self, txn: Txn) -> bool:
+        """True if the runner journalled that it freezes the server again (``Runner._refreeze``:
+        the event ``freeze again``, written before the freeze call) and no record of a phase
+        came after: the freeze may have been made, its watermark is not journalled."""
+        with self._read() as db:
+            row = db.execute(
+                "SELECT what FROM events WHERE rollout_id = ? AND kind = ?"
+                " AND (what = 'end' OR (step = 'freeze' AND what = 'again'))"
+                " ORDER BY seq DESC LIMIT 1",
+                (txn.rollout_id, txn.kind.value),
+            ).fetchone()
+        return row is not None and row["what"] == "again"
 
     def _update(self, db: sqlite3.Connection, txn: Txn, changes: dict[str, Any]) -> Txn:
         if "plan" in changes:
