@@ -230,6 +230,12 @@ def _dec(name: str, value: Any) -> Any:
     return value
 
 
+# A failed bootstrap password's time more than this ahead of the agent's clock cannot be right
+# (it was counted while the clock was ahead): it no longer counts (``record_bootstrap_failure``,
+# ``nodeagent.bootstrap_supervisor.guard_times``).
+FUTURE_SLACK = 60.0
+
+
 class JournalError(TerminalError):
     """A read or write of the journal failed (a full disk, a damaged file): the message names
     the file and SQLite's words and code, e.g. ``journal /var/lib/tlsroll/journal.sqlite3:
@@ -422,9 +428,13 @@ class Journal:
     ) -> None:
         """One write: a failure counted at ``at`` (Unix seconds; None: only ``unreported``
         changed, the leader took some), the ``keep`` newest of the last ``window`` seconds
-        kept, and the failures not yet reported replaced by ``unreported``."""
+        kept, and the failures not yet reported replaced by ``unreported``. Times more than
+        ``FUTURE_SLACK`` after ``at`` (the agent's now) are dropped: counted while the clock was
+        ahead, they would push out the real ones and count for a day after each restart (s34
+        review L3)."""
         with self._tx() as db:
             if at is not None:
+                db.execute("DELETE FROM bootstrap_failures WHERE at > ?", (at + FUTURE_SLACK,))
                 db.execute("INSERT INTO bootstrap_failures (at) VALUES (?)", (at,))
                 db.execute("DELETE FROM bootstrap_failures WHERE at <= ?", (at - window,))
                 db.execute(
