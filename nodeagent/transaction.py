@@ -190,6 +190,11 @@ class StepFailed(TerminalError):
     pass
 
 
+class LeaseUnread(Exception):
+    """A scope switch at its end could not read whether a lease holds its freeze: the server
+    stays frozen and the unfreeze step asks again (``Runner._unfreeze``)."""
+
+
 class TransactionDied(TerminalError):
     """A transaction task died more often than it is restarted: the agent must exit (its
     message is the daemon's one line)."""
@@ -1184,18 +1189,23 @@ class Runner:
         or the lease watch once it runs out). Without one (the leader lifted the scope freeze
         while the switch ran, or the lease watch did), nothing else would ever lift it: it is
         lifted here (s34 review M3). Each such attempt reads the lease and unfreezes under
-        ``freeze_lock``, so that a Freeze crossing it is never undone (review s32 F3)."""
+        ``freeze_lock``, so that a Freeze crossing it is never undone (review s32 F3); a lease
+        that cannot be read is tried again like an unfreeze that failed, frozen meanwhile."""
         attempt, logged = 0, time.monotonic()
         while True:
             try:
                 if plan.keep_frozen:
                     async with self.freeze_lock:
-                        if await self._scope_frozen(txn):
+                        try:
+                            lease = await dbthread.run(self.journal.freeze_lease)
+                        except Exception as exc:  # a lease may hold: frozen still, asked again
+                            raise LeaseUnread(f"the scope freeze's lease: {describe(exc)}") from exc
+                        if lease is not None:
                             return {}  # the rollout's scope freeze goes on, bounded by its lease
                         await self.driver.unfreeze()
                 else:
                     await self.driver.unfreeze()
-            except (DriverError, OSError, LocalResourceError) as exc:
+            except (DriverError, OSError, LocalResourceError, LeaseUnread) as exc:
                 attempt += 1
                 wait = UNFREEZE_BACKOFF.delay(attempt)
                 if worth_logging(attempt, time.monotonic() - logged):

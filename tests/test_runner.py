@@ -800,6 +800,39 @@ async def test_a_resumed_scope_switch_stays_frozen_only_while_its_lease_holds(
     journal.close()
 
 
+class LeaseUnreadOnce(CrashingJournal):
+    """A journal whose first read of the freeze lease fails (a damaged page, a locked file)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.lease_reads = 0
+
+    def freeze_lease(self) -> tuple[str, dt.datetime] | None:
+        self.lease_reads += 1
+        if self.lease_reads == 1:
+            raise JournalError("journal: disk I/O error")
+        return super().freeze_lease()
+
+
+async def test_a_scope_switch_that_cannot_read_its_lease_stays_frozen_and_asks_again(
+    world: Callable[..., World],
+) -> None:
+    """Whether a lease holds is unknown: the scope switch neither unfreezes (the leader may
+    count the node frozen) nor fails its last step (it would roll back a verified switch); it
+    waits and reads again, as after an unfreeze that failed."""
+    sc = SCENARIOS["completes"]
+    w = world(sc)
+    w.plan = replace(w.plan, keep_frozen=True)
+    w.txn = replace(w.txn, plan=w.plan.to_json())
+    journal = LeaseUnreadOnce(w.journal_path)
+    journal.set_freeze_lease(("r1", w.time.clock() + dt.timedelta(minutes=5)))
+    done = await w.run(journal)
+    assert done.outcome is TxnOutcome.COMPLETED, done.reason
+    assert journal.lease_reads == 2 and w.time.slept == [transaction.UNFREEZE_BACKOFF.delay(1)]
+    assert w.server.ops == list(sc.ops[:-1]) and w.server.frozen
+    journal.close()
+
+
 async def test_a_scope_switch_begun_after_its_lease_was_lifted_unfreezes_at_its_end(
     world: Callable[..., World],
 ) -> None:
