@@ -14,7 +14,7 @@ import functools
 import io
 import sqlite3
 import threading
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -168,7 +168,7 @@ def switched(journal: Journal, tmp_path: Path, address: str, cert: IssuedCert) -
 
 def guesser(
     loopback: Callable[[], str], test_ca: pki.CertificateAuthority
-) -> Callable[[BootstrapHost, str], Awaitable[tuple[int, dict[str, str]]]]:
+) -> Callable[[BootstrapHost, str], Coroutine[Any, Any, tuple[int, dict[str, str]]]]:
     """A workstation's wrong guess at a host's service, from a fresh address every time: its
     status and headers."""
 
