@@ -33,7 +33,7 @@ from nodeagent import warmup
 from nodeagent.config import AgentConfig
 from nodeagent.failure_log import FailureLog
 from nodeagent.identity import Identity
-from nodeagent.journal import Journal
+from nodeagent.journal import FUTURE_SLACK, Journal
 from tlsroll import logs, password, spiffe
 from tlsroll.errors import TerminalError, TlsrollError
 from tlsroll.rpc import hostport
@@ -56,6 +56,15 @@ class SignRefused(TerminalError):
 
 # What the leader answers when it will not sign for a reason the workstation can act on.
 REFUSALS = frozenset({grpc.StatusCode.ALREADY_EXISTS, grpc.StatusCode.RESOURCE_EXHAUSTED})
+
+
+def guard_times(earlier: list[float], wall: float, mono: float) -> list[float]:
+    """An earlier run's failure times (Unix seconds, oldest first) on the service's clock
+    (monotonic: ``mono`` is its now, ``wall`` the wall clock's), from their age by the wall
+    clock. A time up to ``FUTURE_SLACK`` ahead counts as now; one further ahead was counted
+    while the clock was ahead and is dropped: it would impose the day's ceiling again at every
+    restart until the clock passes it (s34 review L3)."""
+    return [mono - max(0.0, wall - at) for at in earlier if at <= wall + FUTURE_SLACK]
 
 
 class BootstrapHost:
@@ -133,9 +142,7 @@ class BootstrapHost:
 
             if self.guard is None:
                 self.guard = Guard(Limits())
-                # On the service's clock (monotonic), from their age by the wall clock.
-                mono, wall = time.monotonic(), time.time()
-                self.guard.restore([mono - max(0.0, wall - at) for at in self._earlier])
+                self.guard.restore(guard_times(self._earlier, time.time(), time.monotonic()))
                 self._earlier = []
             try:
                 verifier_text = await asyncio.to_thread(Path(live["verifier_file"]).read_text)

@@ -230,6 +230,12 @@ def _dec(name: str, value: Any) -> Any:
     return value
 
 
+# A failed bootstrap password's time more than this ahead of the agent's clock cannot be right
+# (it was counted while the clock was ahead): it no longer counts (``record_bootstrap_failure``,
+# ``nodeagent.bootstrap_supervisor.guard_times``).
+FUTURE_SLACK = 60.0
+
+
 class JournalError(TerminalError):
     """A read or write of the journal failed (a full disk, a damaged file): the message names
     the file and SQLite's words and code, e.g. ``journal /var/lib/tlsroll/journal.sqlite3:
@@ -422,9 +428,13 @@ class Journal:
     ) -> None:
         """One write: a failure counted at ``at`` (Unix seconds; None: only ``unreported``
         changed, the leader took some), the ``keep`` newest of the last ``window`` seconds
-        kept, and the failures not yet reported replaced by ``unreported``."""
+        kept, and the failures not yet reported replaced by ``unreported``. Times more than
+        ``FUTURE_SLACK`` after ``at`` (the agent's now) are dropped: counted while the clock was
+        ahead, they would push out the real ones and count for a day after each restart (s34
+        review L3)."""
         with self._tx() as db:
             if at is not None:
+                db.execute("DELETE FROM bootstrap_failures WHERE at > ?", (at + FUTURE_SLACK,))
                 db.execute("INSERT INTO bootstrap_failures (at) VALUES (?)", (at,))
                 db.execute("DELETE FROM bootstrap_failures WHERE at <= ?", (at - window,))
                 db.execute(
@@ -641,14 +651,28 @@ class Journal:
     def last_begun(self, txn: Txn) -> str | None:
         """The step whose ``begin`` is this transaction's last event, if it is one: begun (or
         about to be) and not finished when the agent stopped. A runner that resumes does not
-        journal that ``begin`` again."""
+        journal that ``begin`` again. (A ``freeze again`` of ``Runner._refreeze`` comes after
+        that ``begin`` and does not count: the step is still the one begun.)"""
         with self._read() as db:
             row = db.execute(
                 "SELECT step, what FROM events WHERE rollout_id = ? AND kind = ?"
-                " ORDER BY seq DESC LIMIT 1",
+                " AND what != 'again' ORDER BY seq DESC LIMIT 1",
                 (txn.rollout_id, txn.kind.value),
             ).fetchone()
         return str(row["step"]) if row is not None and row["what"] == "begin" else None
+
+    def refreeze_pending(self, txn: Txn) -> bool:
+        """True if the runner journalled that it freezes the server again (``Runner._refreeze``:
+        the event ``freeze again``, written before the freeze call) and no record of a phase
+        came after: the freeze may have been made, its watermark is not journalled."""
+        with self._read() as db:
+            row = db.execute(
+                "SELECT what FROM events WHERE rollout_id = ? AND kind = ?"
+                " AND (what = 'end' OR (step = 'freeze' AND what = 'again'))"
+                " ORDER BY seq DESC LIMIT 1",
+                (txn.rollout_id, txn.kind.value),
+            ).fetchone()
+        return row is not None and row["what"] == "again"
 
     def _update(self, db: sqlite3.Connection, txn: Txn, changes: dict[str, Any]) -> Txn:
         if "plan" in changes:

@@ -64,6 +64,7 @@ import asyncio
 import contextlib
 import contextvars
 import datetime as dt
+import functools
 import os
 import signal
 import time
@@ -72,7 +73,7 @@ from concurrent.futures import Future
 from dataclasses import dataclass
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from tenacity import (
     AsyncRetrying,
@@ -93,6 +94,7 @@ if TYPE_CHECKING:  # the journal stores Phase values: it imports this module
     from nodeagent.journal import Journal, Txn
 
 log = logs.get_logger(__name__)
+_T = TypeVar("_T")
 
 CRASH_ENV = "TLSROLL_AGENT_TEST_CRASH_AFTER"
 DRAIN_TIMEOUT = 10.0
@@ -188,6 +190,11 @@ class StepFailed(TerminalError):
     pass
 
 
+class LeaseUnread(Exception):
+    """A scope switch at its end could not read whether a lease holds its freeze: the server
+    stays frozen and the unfreeze step asks again (``Runner._unfreeze``)."""
+
+
 class TransactionDied(TerminalError):
     """A transaction task died more often than it is restarted: the agent must exit (its
     message is the daemon's one line)."""
@@ -263,7 +270,7 @@ class Plan:
     # service (cert_file, key_file, ca_file, verifier_file, server_url), or None for http.
     live_tls: dict[str, str] | None = None
     live_before: dict[str, str] | None = None  # what was live when it started (for rollback)
-    keep_frozen: bool = False  # scope freeze: the leader unfreezes when the rollout ends
+    keep_frozen: bool = False  # scope freeze: stays frozen while its lease is journalled
     # What the switch does ("enable-tls", "enable-tls+http" for a dual target, "finalize", ...;
     # "" for a rollback and for plans journalled before it was recorded): a replay of a
     # different change under the same rollout id is refused, never answered with this one.
@@ -657,7 +664,10 @@ class Runner:
                 # (that one: the freeze found the server down; back by now, someone else's
                 # restart ended, it is frozen before the agent's own restart: s33 audit L3)
                 if (resumed and txn.phase in REFREEZE) or skipped:
-                    txn = await self._refreeze(txn)
+                    # (the agent's own shortage waited out as for the action: s34 review L1)
+                    txn = await self._through_shortage(
+                        action, txn, functools.partial(self._refreeze, txn)
+                    )
                 resumed = False
                 if looking is not None:
                     task, looking = looking, None
@@ -772,10 +782,20 @@ class Runner:
         """Run ``action`` (``attempts`` times on a failure of the server's); while the agent
         itself is short of descriptors, wait and try again (``SHORTAGE_ATTEMPTS``): its own
         shortage must not roll back, or skip the freeze of, a healthy server."""
+        return await self._through_shortage(
+            action, txn, functools.partial(self._attempts, action, txn, plan, attempts)
+        )
+
+    async def _through_shortage(
+        self, action: Action, txn: Txn, call: Callable[[], Awaitable[_T]]
+    ) -> _T:
+        """``call()``, made again while the agent itself is short of descriptors or memory
+        (``is_local_shortage``), after ``SHORTAGE_BACKOFF``, at most ``SHORTAGE_ATTEMPTS``
+        times; each wait is journalled as ``action``'s ``short`` event."""
         shortages = 0
         while True:
             try:
-                return await self._attempts(action, txn, plan, attempts)
+                return await call()
             except Exception as exc:
                 if not is_local_shortage(exc) or shortages >= SHORTAGE_ATTEMPTS:
                     raise
@@ -915,13 +935,21 @@ class Runner:
         a server whose freeze does not outlive a restart loses it to someone else's restart),
         and for one whose freeze found the server down, before its own restart. Writes taken
         while it was not frozen were acknowledged and are kept; none is lost. A server that
-        is down takes no writes: the steps go on as before (the restart starts it)."""
+        is down takes no writes: the steps go on as before (the restart starts it).
+
+        Persist before act (s34 review M2): that it freezes again is journalled first (the
+        event ``freeze again``), so a journal that cannot be written (a full disk) makes no
+        freeze at each start of the agent, which only ``_die`` would lift again. Found frozen
+        with that event the last word (killed between the freeze and its record), the freeze
+        is asked again, which returns its watermark once drained, and that is journalled."""
         try:
             status = await self.driver.status()
         except DriverError:
             return txn
-        if status.get("frozen"):
-            return txn
+        if not status.get("frozen"):
+            await dbthread.run(self.journal.event, txn, Action.FREEZE, "again")
+        elif not await dbthread.run(self.journal.refreeze_pending, txn):
+            return txn  # the freeze the journal knows, with its watermark
         try:
             watermark = await self.driver.freeze(DRAIN_TIMEOUT)
         except DriverError as exc:
@@ -1154,14 +1182,30 @@ class Runner:
 
     async def _unfreeze(self, txn: Txn, plan: Plan) -> dict[str, Any]:
         """Lift the freeze, trying until it works (see the module docstring): the server is
-        already on the config this transaction ends with; only the freeze is left."""
-        if plan.keep_frozen:
-            return {}  # the rollout's scope freeze goes on; the leader lifts it at the end
+        already on the config this transaction ends with; only the freeze is left.
+
+        A switch of a scope freeze (``keep_frozen``) leaves the server frozen only while the
+        journal holds a lease, which bounds it (the leader's Unfreeze when the rollout ends,
+        or the lease watch once it runs out). Without one (the leader lifted the scope freeze
+        while the switch ran, or the lease watch did), nothing else would ever lift it: it is
+        lifted here (s34 review M3). Each such attempt reads the lease and unfreezes under
+        ``freeze_lock``, so that a Freeze crossing it is never undone (review s32 F3); a lease
+        that cannot be read is tried again like an unfreeze that failed, frozen meanwhile."""
         attempt, logged = 0, time.monotonic()
         while True:
             try:
-                await self.driver.unfreeze()
-            except (DriverError, OSError, LocalResourceError) as exc:
+                if plan.keep_frozen:
+                    async with self.freeze_lock:
+                        try:
+                            lease = await dbthread.run(self.journal.freeze_lease)
+                        except Exception as exc:  # a lease may hold: frozen still, asked again
+                            raise LeaseUnread(f"the scope freeze's lease: {describe(exc)}") from exc
+                        if lease is not None:
+                            return {}  # the rollout's scope freeze goes on, bounded by its lease
+                        await self.driver.unfreeze()
+                else:
+                    await self.driver.unfreeze()
+            except (DriverError, OSError, LocalResourceError, LeaseUnread) as exc:
                 attempt += 1
                 wait = UNFREEZE_BACKOFF.delay(attempt)
                 if worth_logging(attempt, time.monotonic() - logged):

@@ -7,10 +7,14 @@ tests/test_password_rollout.py.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 import functools
 import io
-from collections.abc import Callable
+import sqlite3
+import threading
+from collections.abc import Callable, Coroutine
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any, cast
@@ -28,7 +32,7 @@ from leader.schema_store import MAX_FAILURE_ROWS, MAX_FAILURE_TOTAL, SchemaStore
 from leader.schema_view import schema_message
 from leader.service import failure_rows
 from nodeagent import bootstrap_server
-from nodeagent.bootstrap_supervisor import BootstrapHost
+from nodeagent.bootstrap_supervisor import BootstrapHost, guard_times
 from nodeagent.config import AgentConfig
 from nodeagent.failure_log import FailureLog
 from nodeagent.identity import Identity
@@ -145,24 +149,11 @@ def _host(journal: Journal) -> BootstrapHost:
     return BootstrapHost(cast(AgentConfig, cfg), cast(Identity, None), journal)
 
 
-async def test_an_agent_restart_keeps_the_ceiling_and_the_unreported_failures(
-    tmp_path: Path,
-    issue_cert: Callable[..., IssuedCert],
-    loopback: Callable[[], str],
-    test_ca: pki.CertificateAuthority,
-    monkeypatch: Any,
-) -> None:
-    # A ceiling of 3 a day (the default 200 is the same code, only slower to reach).
-    monkeypatch.setattr(
-        bootstrap_server, "Limits", functools.partial(bootstrap_server.Limits, ceiling=3)
-    )
-    address = loopback()
-    cert = issue_cert(address, "node-a")
+def switched(journal: Journal, tmp_path: Path, address: str, cert: IssuedCert) -> None:
+    """The server is switched: https with an auth password, as the journal says."""
     verifier_file = tmp_path / "verifier.json"
     verifier_file.write_text(password.verifier_to_json(VERIFIER))
-    journal_file = tmp_path / "journal.sqlite3"
-    journal = Journal(journal_file)
-    with journal._tx() as db:  # the server is switched: https with an auth password
+    with journal._tx() as db:
         Journal._set_live_tls(
             db,
             {
@@ -174,12 +165,89 @@ async def test_an_agent_restart_keeps_the_ceiling_and_the_unreported_failures(
             },
         )
 
+
+def guesser(
+    loopback: Callable[[], str], test_ca: pki.CertificateAuthority
+) -> Callable[[BootstrapHost, str], Coroutine[Any, Any, tuple[int, dict[str, str]]]]:
+    """A workstation's wrong guess at a host's service, from a fresh address every time: its
+    status and headers."""
+
     async def guess(host: BootstrapHost, cn: str) -> tuple[int, dict[str, str]]:
         assert host.service is not None
         node = Node(host.service, FakeClock(), test_ca.cert_pem)
-        async with session_from(loopback()) as s:  # a fresh address every time
+        async with session_from(loopback()) as s:
             attempt = await node.exchange(s, OTHER_PASSWORD, cn=cn)
         return attempt.status, attempt.headers
+
+    return guess
+
+
+class HeldJournal(Journal):
+    """A journal whose writes of failed passwords wait for ``gate`` (a slow disk); ``entered``
+    is set when one has begun."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.entered = threading.Event()
+        self.gate = threading.Event()
+
+    def record_bootstrap_failure(self, *args: Any, **kwargs: Any) -> None:
+        self.entered.set()
+        self.gate.wait(timeout=30)
+        super().record_bootstrap_failure(*args, **kwargs)
+
+
+async def test_a_wrong_password_is_journalled_before_its_401_goes_out(
+    tmp_path: Path,
+    issue_cert: Callable[..., IssuedCert],
+    loopback: Callable[[], str],
+    test_ca: pki.CertificateAuthority,
+) -> None:
+    """s34 review L2: the ceiling outlives a kill -9 only if a failure is in the journal before
+    the guesser learns it failed (and could send the next guess to a restarted agent). Written
+    after the 401, every other test passed. Here the write waits on a slow disk: no answer may
+    come while it waits, and the failure is in the journal file when the 401 is read."""
+    journal_file = tmp_path / "journal.sqlite3"
+    journal = HeldJournal(journal_file)
+    address = loopback()
+    switched(journal, tmp_path, address, issue_cert(address, "node-a"))
+    guess = guesser(loopback, test_ca)
+    host = _host(journal)
+    try:
+        await host.sync()
+        answer = asyncio.create_task(guess(host, "ws-a"))
+        while not journal.entered.is_set():
+            await asyncio.wait([answer], timeout=0.01)
+            assert not answer.done() or journal.entered.is_set(), "answered before the write"
+        done, _ = await asyncio.wait([answer], timeout=0.5)
+        assert not done, "answered while the failure was still being written"
+        journal.gate.set()
+        status, _headers = await answer
+        assert status == 401
+        with contextlib.closing(sqlite3.connect(journal_file)) as db:  # the file, not the cache
+            assert db.execute("SELECT count(*) FROM bootstrap_failures").fetchone() == (1,)
+    finally:
+        journal.gate.set()
+        await host.close()
+        journal.close()
+
+
+async def test_an_agent_restart_keeps_the_ceiling_and_the_unreported_failures(
+    tmp_path: Path,
+    issue_cert: Callable[..., IssuedCert],
+    loopback: Callable[[], str],
+    test_ca: pki.CertificateAuthority,
+    monkeypatch: Any,
+) -> None:
+    # A ceiling of 3 a day (the default 200 is the same code, only slower to reach).
+    monkeypatch.setattr(
+        bootstrap_server, "Limits", functools.partial(bootstrap_server.Limits, ceiling=3)
+    )
+    journal_file = tmp_path / "journal.sqlite3"
+    journal = Journal(journal_file)
+    address = loopback()
+    switched(journal, tmp_path, address, issue_cert(address, "node-a"))
+    guess = guesser(loopback, test_ca)
 
     host = _host(journal)
     await host.sync()
@@ -208,6 +276,35 @@ async def test_an_agent_restart_keeps_the_ceiling_and_the_unreported_failures(
         assert OTHER_PASSWORD.encode() not in text
     finally:
         journal.close()
+
+
+def test_failure_times_from_a_clock_that_was_ahead_neither_push_out_real_ones_nor_come_back(
+    tmp_path: Path,
+) -> None:
+    """s34 review L3: three failures counted while the agent's clock was 30 days ahead (a
+    ceiling of 3). Once the clock was right, a failure counted now was deleted at once (the
+    trim keeps the newest), and each restart of the agent counted the three against the node
+    again (their age clamped to 0): the day's ceiling, for a month. Now a time more than a
+    minute ahead of the agent's now is dropped, both when a failure is written and when an
+    earlier run's times are restored."""
+    now = NOW.timestamp()
+    ahead = [now + 30 * 86_400 + i for i in range(3)]
+    journal = Journal(tmp_path / "journal.sqlite3")
+    try:
+        for at in ahead:
+            journal.record_bootstrap_failure(at, [], keep=3, window=86_400)
+        journal.record_bootstrap_failure(now, [], keep=3, window=86_400)
+        assert journal.bootstrap_failures()[0] == [now]
+    finally:
+        journal.close()
+
+    mono = 5_000.0
+    assert guard_times([now - 600, now + 30, *ahead], now, mono) == [mono - 600, mono]
+    guard = bootstrap_server.Guard(bootstrap_server.Limits(ceiling=3))
+    guard.restore(guard_times(ahead, now, mono))
+    assert guard.wait("10.0.0.9", "ws-a", mono) == 0  # no day's ceiling after the restart
+    guard.restore(guard_times([now - 3, now - 2, now - 1], now, mono))
+    assert guard.wait("10.0.0.9", "ws-a", mono) > 80_000  # real ones still count
 
 
 def test_a_node_keeps_its_most_recent_failing_sources_and_bounded_counts(tmp_path: Path) -> None:

@@ -240,7 +240,7 @@ async def test_the_watch_reads_the_lease_again_before_it_lifts_the_freeze(tmp_pa
     journal.close()
 
 
-LIFTS = ["owed-unfreeze", "way-back-failed", "task-died"]
+LIFTS = ["owed-unfreeze", "way-back-failed", "task-died", "scope-switch-ended"]
 
 
 async def runner_lift(
@@ -248,8 +248,9 @@ async def runner_lift(
 ) -> asyncio.Task[Any]:
     """Start the runner's lift of a freeze on ``path``: a failed transaction's owed unfreeze
     (the agent started again with it owed), a scope switch whose way back failed
-    (``_give_up``), or a scope switch whose task died for good (``_die``). Each reads the lease
-    (none: the rollout's scope freeze has been lifted or has lapsed) and then unfreezes."""
+    (``_give_up``), a scope switch whose task died for good (``_die``), or a scope switch at
+    its end (``_unfreeze``: s34 review M3). Each reads the lease (none: the rollout's scope
+    freeze has been lifted or has lapsed) and then unfreezes."""
     if path == "owed-unfreeze":
         journal.set_unfreeze_owed("r0")
         runner._lift_owed_freeze()
@@ -260,6 +261,8 @@ async def runner_lift(
     if path == "way-back-failed":
         way_back = runner._give_up(txn, Action.RESTORE_CONFIG, "restore failed", plan)
         return asyncio.create_task(way_back)
+    if path == "scope-switch-ended":
+        return asyncio.create_task(runner._unfreeze(txn, plan))
     return asyncio.create_task(runner._die(txn, 4, "database is locked"))
 
 

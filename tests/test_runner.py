@@ -43,7 +43,7 @@ import pytest
 
 from nodeagent import plans, service, transaction
 from nodeagent.drivers import Driver, DriverError, ServerFacts, StagedConfig, Target
-from nodeagent.journal import Journal, Txn
+from nodeagent.journal import Journal, JournalError, Txn
 from nodeagent.transaction import Checks, Phase, Plan, Runner, Staged, next_action
 from nodeagent.trust import LeaderTrust
 from nodeagent.wire import TXN_PHASE
@@ -639,7 +639,214 @@ async def test_a_switch_resumed_after_its_freeze_was_lifted_freezes_again(
         assert txn.outcome is TxnOutcome.COMPLETED, txn.reason
         assert txn.watermark == w.server.watermark == 8
         assert w.server.ops == ["freeze", "freeze", *sc.ops[1:]]
-        assert journal.writes[:2] == ["frozen", "config_written + restart begin"]
+        # that it freezes again first, then the watermark, then the action (s34 review M2)
+        assert journal.writes[:3] == ["freeze again", "frozen", "config_written + restart begin"]
+    journal.close()
+
+
+async def crashed_after_frozen(w: World) -> None:
+    """Run ``w``'s transaction until the agent is killed right after journalling ``frozen``;
+    then its exit lifted the freeze (``_die``), or someone restarted a server whose freeze does
+    not outlive it."""
+    at = next(i for i, label in enumerate(w.writes, 1) if label.startswith("frozen"))
+    first = CrashingJournal(w.journal_path, at)
+    with pytest.raises(Crash):
+        await w.run(first)
+    first.close()
+    w.server.frozen = False
+
+
+class FullJournal(CrashingJournal):
+    """A journal whose every write fails (a full disk under the agent's data dir)."""
+
+    def _write(self, label: str, write: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:
+        raise JournalError(f"journal: database or disk is full ({label})")
+
+
+async def test_a_journal_that_cannot_be_written_makes_no_freeze_at_each_start(
+    world: Callable[..., World],
+) -> None:
+    """s34 review M2 (i): a switch resumed past its freeze, on a journal that fails every write.
+    The refreeze froze the server and then failed to journal it; the task died four times and
+    ``_die`` lifted the freeze, and each start of the agent (systemd, every ten seconds or so)
+    did it again: the server refused writes most of the time, for as long as the disk was full.
+    Now that it freezes again is journalled first: the write fails, and nothing is frozen."""
+    sc = SCENARIOS["completes"]
+    w = world(sc)
+    await crashed_after_frozen(w)
+    for _start in range(3):
+        w.server.ops.clear()
+        journal = FullJournal(w.journal_path)
+        runner = w.runner(journal)
+        await runner.resume_all()
+        await asyncio.gather(*runner.tasks.values(), return_exceptions=True)
+        assert runner.dead.is_set()
+        assert "freeze" not in w.server.ops and not w.server.frozen, w.server.ops
+        journal.close()
+
+
+class KilledAtRefreeze(CrashingJournal):
+    """Killed around the refreeze: ``before``: right after journalling ``freeze again``, before
+    the freeze call; ``after``: after the freeze, before its watermark reaches the journal."""
+
+    def __init__(self, path: Path, when: str) -> None:
+        super().__init__(path)
+        self.when = when
+
+    def event(self, txn: Txn, step: str, what: str, detail: dict[str, Any] | None = None) -> None:
+        super().event(txn, step, what, detail)
+        if what == "again" and self.when == "before":
+            raise Crash("killed before the freeze call")
+
+    def update(self, txn: Txn, **changes: Any) -> Txn:
+        again = changes.get("phase") == txn.phase and "watermark" in changes
+        if again and self.when == "after":
+            raise Crash("killed before the refreeze's record")
+        return super().update(txn, **changes)
+
+
+@pytest.mark.parametrize("when", ["before", "after"])
+async def test_a_kill_around_the_refreeze_still_lets_the_switch_complete(
+    when: str, world: Callable[..., World]
+) -> None:
+    """s34 review M2 (ii): resumed past its freeze with the server unfrozen and a write taken,
+    the agent is killed again around its refreeze. ``after`` (between the freeze and its
+    record): the next start found the server frozen, kept the old watermark and rolled back at
+    the verify ("write watermark moved from 7 to 8 while frozen"). Now the journal says a
+    refreeze was under way, so the freeze is asked again and its watermark journalled."""
+    sc = SCENARIOS["completes"]
+    w = world(sc)
+    await crashed_after_frozen(w)
+    w.server.watermark += 1  # a write while the agent was away
+    killed = KilledAtRefreeze(w.journal_path, when)
+    runner = w.runner(killed)
+    await runner.resume_all()
+    await asyncio.gather(*runner.tasks.values(), return_exceptions=True)
+    killed.close()
+    assert w.server.frozen is (when == "after")
+    _, journal = await w.resume()
+    txn = journal.get("r1", sc.kind)
+    assert txn is not None
+    assert txn.outcome is TxnOutcome.COMPLETED, txn.reason
+    assert txn.watermark == w.server.watermark == 8
+    refreezes = ["freeze", "freeze"] if when == "after" else ["freeze"]  # then its record
+    assert w.server.ops == ["freeze", *refreezes, *sc.ops[1:]]
+    # the step begun is not journalled again; a refreeze found made is not announced again
+    again = ["freeze again"] if when == "before" else []
+    assert journal.writes[: len(again) + 2] == [*again, "frozen", "config_written + restart begin"]
+    journal.close()
+
+
+async def test_a_refreeze_waits_out_the_agent_s_own_shortage(
+    world: Callable[..., World], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """s34 review L1: the refreeze was outside the retry for the agent's own shortage of
+    descriptors: one EMFILE from its status call rolled back a switch of a healthy server (and
+    the agent may have just restarted because of such a shortage). Now it waits and asks
+    again, as the actions do."""
+    sc = SCENARIOS["completes"]
+    w = world(sc)
+    await crashed_after_frozen(w)
+    real = FakeDriver.status
+    calls = 0
+
+    async def status(self: FakeDriver) -> dict[str, Any]:
+        nonlocal calls
+        calls += 1
+        if calls == 1:
+            raise OSError(errno.EMFILE, "Too many open files")
+        return await real(self)
+
+    monkeypatch.setattr(FakeDriver, "status", status)
+    _, journal = await w.resume()
+    txn = journal.get("r1", sc.kind)
+    assert txn is not None
+    assert txn.outcome is TxnOutcome.COMPLETED, txn.reason
+    assert w.server.ops == ["freeze", "freeze", *sc.ops[1:]]
+    assert transaction.SHORTAGE_BACKOFF.delay(0) in w.time.slept
+    assert journal.writes[0] == "write_config short"
+    journal.close()
+
+
+@pytest.mark.parametrize("lease", [False, True], ids=["lease-lifted", "lease-holds"])
+async def test_a_resumed_scope_switch_stays_frozen_only_while_its_lease_holds(
+    lease: bool, world: Callable[..., World]
+) -> None:
+    """s34 review M3: a switch of a scope freeze (``keep_frozen``) killed after ``frozen``;
+    meanwhile the leader lifted the scope freeze (its Unfreeze: server unfrozen, lease
+    cleared). Resumed, it froze the server again for its own steps and ended without an
+    unfreeze: frozen with no lease, which nothing ever lifts. Now it unfreezes at its end
+    unless the journal holds a lease (then the leader or the lease watch lifts it)."""
+    sc = SCENARIOS["completes"]
+    w = world(sc)
+    w.plan = replace(w.plan, keep_frozen=True)
+    w.txn = replace(w.txn, plan=w.plan.to_json())
+    await crashed_after_frozen(w)
+    if lease:  # the scope freeze goes on: frozen, its lease journalled
+        w.server.frozen = True
+        with contextlib.closing(Journal(w.journal_path)) as journal:
+            journal.set_freeze_lease(("r1", w.time.clock() + dt.timedelta(minutes=5)))
+    _, journal = await w.resume()
+    txn = journal.get("r1", sc.kind)
+    assert txn is not None
+    assert txn.outcome is TxnOutcome.COMPLETED, txn.reason
+    assert w.server.frozen is lease
+    assert (journal.freeze_lease() is not None) is lease
+    if lease:
+        assert w.server.ops == list(sc.ops[:-1]) and txn.freeze_ended_at is None
+    else:
+        assert w.server.ops == ["freeze", "freeze", *sc.ops[1:]]
+        assert txn.freeze_ended_at is not None
+    journal.close()
+
+
+class LeaseUnreadOnce(CrashingJournal):
+    """A journal whose first read of the freeze lease fails (a damaged page, a locked file)."""
+
+    def __init__(self, path: Path) -> None:
+        super().__init__(path)
+        self.lease_reads = 0
+
+    def freeze_lease(self) -> tuple[str, dt.datetime] | None:
+        self.lease_reads += 1
+        if self.lease_reads == 1:
+            raise JournalError("journal: disk I/O error")
+        return super().freeze_lease()
+
+
+async def test_a_scope_switch_that_cannot_read_its_lease_stays_frozen_and_asks_again(
+    world: Callable[..., World],
+) -> None:
+    """Whether a lease holds is unknown: the scope switch neither unfreezes (the leader may
+    count the node frozen) nor fails its last step (it would roll back a verified switch); it
+    waits and reads again, as after an unfreeze that failed."""
+    sc = SCENARIOS["completes"]
+    w = world(sc)
+    w.plan = replace(w.plan, keep_frozen=True)
+    w.txn = replace(w.txn, plan=w.plan.to_json())
+    journal = LeaseUnreadOnce(w.journal_path)
+    journal.set_freeze_lease(("r1", w.time.clock() + dt.timedelta(minutes=5)))
+    done = await w.run(journal)
+    assert done.outcome is TxnOutcome.COMPLETED, done.reason
+    assert journal.lease_reads == 2 and w.time.slept == [transaction.UNFREEZE_BACKOFF.delay(1)]
+    assert w.server.ops == list(sc.ops[:-1]) and w.server.frozen
+    journal.close()
+
+
+async def test_a_scope_switch_begun_after_its_lease_was_lifted_unfreezes_at_its_end(
+    world: Callable[..., World],
+) -> None:
+    """s34 review M3, the same end state without a crash: a switch of a scope freeze begins
+    after the scope freeze was lifted (its lease cleared); it freezes for its own steps, and
+    must not leave that freeze behind with no lease to bound it."""
+    sc = SCENARIOS["completes"]
+    w = world(sc)
+    w.plan = replace(w.plan, keep_frozen=True)
+    w.txn = replace(w.txn, plan=w.plan.to_json())
+    journal = CrashingJournal(w.journal_path)
+    done = await w.run(journal)
+    assert done.outcome is TxnOutcome.COMPLETED, done.reason
+    assert w.server.ops == list(sc.ops) and not w.server.frozen
     journal.close()
 
 
@@ -1344,7 +1551,8 @@ async def test_a_rollback_plan_with_keep_frozen_leaves_the_server_frozen(
     stage(journal, driver, "r1")
     completed_switch(journal, driver, txn_dir, "journal", keep_frozen=True)
     server = driver.server
-    server.frozen = True  # the leader's scope freeze
+    server.frozen = True  # the leader's scope freeze, bounded by its lease
+    journal.set_freeze_lease(("r1", dt.datetime(2026, 11, 30, 12, 5, tzinfo=dt.UTC)))
 
     config, back, _fp = plans.rollback_plan(journal, driver, txn_dir, "r1", keep_frozen=True)
     assert back.keep_frozen and Plan.from_json(back.to_json()) == back
