@@ -102,6 +102,13 @@ fi
 if [ -n "$address" ] && ! [[ $address =~ ^[0-9a-fA-F:.]+$ ]]; then
     usage_error "--address '$address' is not an IP address"
 fi
+# What ``tlsroll init`` refuses too (tlsroll/names.py ip_problem): say it before installing.
+case "${address,,}" in
+    0.0.0.0 | :: | 127.0.0.1 | ::1 | 255.255.255.255)
+        usage_error "--address '$address' names every host (or none), not this one" ;;
+    22[4-9].* | 23[0-9].* | ff*:* | 169.254.* | fe[89ab]?:*)
+        usage_error "--address '$address' is not the address of one host" ;;
+esac
 if [ -n "$server_config_dir" ] && [[ $server_config_dir != /* || $server_config_dir =~ [[:space:]] ]]; then
     usage_error "--server-config-dir must be an absolute path without spaces"
 fi

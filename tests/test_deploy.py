@@ -236,6 +236,17 @@ def test_a_bad_argument_or_an_old_python_changes_nothing(
 ) -> None:
     install = shlex.quote(str(INSTALL_SH))
     bad = ["", "both", "leader --bogus", "agent --node-name n1", "leader --node-name Bad_Name"]
+    # Addresses ``tlsroll init`` refuses: refused before anything is installed.
+    bad += [
+        f"leader --address {ip}"
+        for ip in (
+            "0.0.0.0",  # noqa: S104 - refused, not bound
+            "::",
+            "127.0.0.1",
+            "::1",
+            "224.0.0.1",
+        )
+    ]
     for args in [*bad, "leader --address", "uninstall --force", "ca-credential --purge"]:
         result = throwaway.run(f"{install} {args}")
         assert result.returncode == 2, (args, result.stdout, result.stderr)
@@ -345,7 +356,7 @@ exec >/probe-out/probe.log 2>&1
 trap 'systemctl poweroff --no-block' EXIT
 set -x
 cd /probe-bundle
-./install.sh leader --address 127.0.0.1 --node-name srv1 >/probe-out/install-leader 2>&1 || exit 1
+./install.sh leader --address 127.0.0.2 --node-name srv1 >/probe-out/install-leader 2>&1 || exit 1
 init=$(grep -o 'runuser -u tlsroll -- .* init .*' /probe-out/install-leader)
 eval "$init" || exit 1
 ./install.sh agent >/probe-out/install-agent 2>&1 || exit 1
