@@ -363,25 +363,41 @@ class _Stream:
         try:
             async with asyncio.timeout(ANSWER_SECONDS):
                 checked = await answer(question)
+            now = await self._now() if self._now is not None else None
             message = leader_pb2.HeartbeatRequest()
-            if self.last is not None:
-                message.CopyFrom(self.last)
-            message.ClearField("bootstrap_failures")
-            message.wants_answer = message.closing = False
-            if self._now is not None:
-                message.crl_number, message.highest_epoch = await self._now()
-            message.check_answer.CopyFrom(checked)
-            await self._write(message)
+
+            def fill(message: leader_pb2.HeartbeatRequest) -> None:
+                # The last report as it is when the answer goes out, not as it was before the
+                # await above: a report sent meanwhile is newer, and the leader takes every
+                # message as the node's current report (audit s33 L1: an older copy written
+                # after it put "healthy" back over "down" until the renewal bound).
+                if self.last is not None:
+                    message.CopyFrom(self.last)
+                message.ClearField("bootstrap_failures")
+                message.wants_answer = message.closing = False
+                if now is not None:
+                    message.crl_number, message.highest_epoch = now
+                message.check_answer.CopyFrom(checked)
+
+            await self._write(message, fill=fill)
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError) as exc:
             log.info("heartbeat.answer_failed", id=question.id, error=type(exc).__name__)
         except Exception as exc:  # never the reader's or the heartbeats' trouble
             log.error("heartbeat.answer_failed", error=f"{type(exc).__name__}: {exc}"[:200])
 
-    async def _write(self, request: leader_pb2.HeartbeatRequest) -> int:
-        """Write ``request`` numbered (``seq``), one write at a time; its number."""
+    async def _write(
+        self,
+        request: leader_pb2.HeartbeatRequest,
+        fill: Callable[[leader_pb2.HeartbeatRequest], None] | None = None,
+    ) -> int:
+        """Write ``request`` numbered (``seq``), one write at a time; its number. ``fill``
+        makes the request once it is this write's turn (a copy of the last report, as of
+        then: no report written before it is newer)."""
         if self.ended is not None:
             raise self.ended
         async with self._writing:
+            if fill is not None:
+                fill(request)
             self.seq += 1
             seq = request.seq = self.seq
             await self.call.write(request)
@@ -432,14 +448,17 @@ class _Stream:
         self.dropped = True  # the leader's end that follows is the answer to this one
         try:
             if self.ended is None and not self.call.done() and self.last is not None:
-                goodbye = leader_pb2.HeartbeatRequest()
-                goodbye.CopyFrom(self.last)  # an older leader records it as nothing new
-                # The failures a message carries are added to the leader's counts (those since
-                # the last report): the copy must not count the last message's again.
-                goodbye.ClearField("bootstrap_failures")
-                goodbye.wants_answer, goodbye.closing = False, True
+
+                def fill(goodbye: leader_pb2.HeartbeatRequest) -> None:
+                    if self.last is not None:  # the last report as of the write (``_reply``)
+                        goodbye.CopyFrom(self.last)  # an older leader: nothing new
+                    # The failures a message carries are added to the leader's counts (those
+                    # since the last report): the copy must not count the last message's again.
+                    goodbye.ClearField("bootstrap_failures")
+                    goodbye.wants_answer, goodbye.closing = False, True
+
                 async with asyncio.timeout(patience):
-                    await self._write(goodbye)
+                    await self._write(leader_pb2.HeartbeatRequest(), fill=fill)
                     await self.call.done_writing()
                     await self.reader
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError):

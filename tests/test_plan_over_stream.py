@@ -353,9 +353,9 @@ async def test_an_answer_carries_the_agent_s_revocation_list_and_epoch_as_now(
         written: list[leader_pb2.HeartbeatRequest] = []
         write = stream._write
 
-        async def noting(request: leader_pb2.HeartbeatRequest) -> int:
+        async def noting(request: leader_pb2.HeartbeatRequest, **how: Any) -> int:
             written.append(request)
-            return await write(request)
+            return await write(request, **how)
 
         stream._write = noting  # type: ignore[method-assign]
         node.link.trust.crl_number = last.crl_number + 3  # a newer list taken since
@@ -368,6 +368,46 @@ async def test_an_answer_carries_the_agent_s_revocation_list_and_epoch_as_now(
         assert message.highest_epoch == last.highest_epoch + 2
         (beat,) = rig.service._streams["hb1"]
         assert beat.crl_number == last.crl_number + 3
+
+
+async def test_an_answer_made_while_a_newer_report_went_out_carries_the_newer_report(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Audit s33 L1: an answer is a copy of the agent's last report, and the leader takes it as
+    the node's report. The copy was taken before the answer's last await (the revocation list's
+    number and epoch as now, a worker-thread hop); a report sent meanwhile (the server went
+    down) was then followed by the older copy, and the leader showed the server healthy again
+    until the agent's next message (the renewal bound). On ecdc160 the leader ends on
+    "http"."""
+    async with world(tmp_path, loopback) as (rig, _, node):
+        view = agent_pb2.ServerView(driver="reference", healthy=True, schemes=["http"])
+
+        async def server_view() -> agent_pb2.ServerView:
+            return view
+
+        node.link.server_view = server_view
+        await node.link.beat()
+        assert rig.state.live_servers["hb1"] == "http"
+        stream = node.link._stream
+        assert stream is not None and stream._now is not None
+        now, asking, go = stream._now, asyncio.Event(), asyncio.Event()
+
+        async def slow_now() -> tuple[int, int]:
+            asking.set()
+            await go.wait()
+            return await now()
+
+        stream._now = slow_now
+        asked = asyncio.ensure_future(rig.service.ask_check("hb1", agent_pb2.CheckRequest(), 30))
+        async with asyncio.timeout(30):
+            await asking.wait()
+            view.healthy, view.detail = False, "it answers 503"
+            await node.link.beat()  # the newer report, written while the answer waits
+            assert rig.state.live_servers["hb1"] == "down: it answers 503"
+            go.set()
+            answer = await asked
+        assert answer is not None and not answer.refused_code
+        assert rig.state.live_servers["hb1"] == "down: it answers 503"
 
 
 async def test_an_answer_on_one_node_s_stream_cannot_answer_another_node_s_question(
