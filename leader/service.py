@@ -757,11 +757,12 @@ class _Beats:
         if waiting is not None and not waiting.done():
             waiting.set_result(answer)
 
-    def unanswered(self) -> None:
-        """The stream ended: its questions are answered no more (``StreamEnded``)."""
+    def unanswered(self, why: StreamEnded | None = None) -> None:
+        """The stream ended: its questions are answered no more (``StreamEnded``, or
+        ``why``)."""
         for waiting in self.questions.values():
             if not waiting.done():
-                waiting.set_exception(StreamEnded("the heartbeat stream ended"))
+                waiting.set_exception(why or StreamEnded("the heartbeat stream ended"))
         self.questions.clear()
 
     def news(self, snap: Snapshot, crl_due: bool = True) -> bool:
@@ -783,6 +784,13 @@ class _Beats:
         self.crl_number = snap.crl_number
         if reply.ended_stages:
             self.told |= frozenset(reply.ended_stages)
+
+
+class Superseded(StreamEnded):
+    """A newer stream of the node had a message accepted while a question waited on an older
+    one: the older is one the agent no longer reads (it restarted, or reconnected, before the
+    leader noticed the old connection dead), so the question is asked again on the newer
+    (``LeaderService.ask_check``), or over the channel if it cannot take it."""
 
 
 class LeaderService(leader_pb2_grpc.LeaderServicer):
@@ -871,6 +879,24 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         beat = self._asked_on(name)
         if beat is None:
             return None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            try:
+                return await self._ask_on(beat, request, deadline - loop.time())
+            except Superseded:
+                # Audit s33 L5: the agent restarted (or reconnected) while the question waited
+                # on its old stream, not yet noticed dead: it waited out its deadline and the
+                # node was reported unreachable. Asked again on the newer stream.
+                newer = self._asked_on(name)
+                if newer is None or newer is beat or loop.time() >= deadline:
+                    raise
+                beat = newer
+
+    async def _ask_on(
+        self, beat: _Beats, request: agent_pb2.CheckRequest, timeout: float
+    ) -> leader_pb2.CheckAnswer:
+        """``ask_check`` on the stream ``beat``."""
         qid = next(self._question_ids)
         answer: asyncio.Future[leader_pb2.CheckAnswer] = asyncio.get_running_loop().create_future()
         beat.questions[qid] = answer
@@ -1372,6 +1398,8 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                     beat.renews = True
                     self._vouch(beat)
                     self._start_watch()
+                if first:
+                    self._superseded(beat)
                 # Only up while the stream lives: a message sent before a pushed list came
                 # and read after it carries the older number, and the agent sends none for
                 # the take (``report_key``), so the note would stay behind until the bound
@@ -1456,6 +1484,15 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             _end(mine.pop(0), grpc.StatusCode.RESOURCE_EXHAUSTED, "a newer stream")
             log.warning("heartbeat.stream_replaced", node=name, open=len(mine) + 1)
         mine.append(beat)
+
+    def _superseded(self, beat: _Beats) -> None:
+        """``beat``'s first message was accepted: the questions waiting on its node's older
+        streams are asked again on it (``Superseded``; ``ask_check``). An agent has one stream
+        at a time, so an older one is one it left (it restarted, or reconnected) before the
+        leader noticed."""
+        for older in self._streams.get(beat.name, ()):
+            if older is not beat and older.questions:
+                older.unanswered(Superseded("a newer heartbeat stream of the node opened"))
 
     def _uncount(self, beat: _Beats) -> None:
         """``beat`` ended. A renewal stream vouched for its node until now: the leader knows

@@ -292,6 +292,41 @@ async def test_a_stream_that_ends_before_its_answer_falls_back_to_the_channel(
         assert all(not b.questions for b in rig.service._open)
 
 
+@pytest.mark.parametrize("answers", [True, False])
+async def test_a_question_on_a_stream_its_restarted_agent_left_is_asked_on_its_new_one(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch, answers: bool
+) -> None:
+    """Audit s33 L5: the agent restarted while the leader had not yet noticed its old stream
+    dead (a killed agent's connection ends only at the keepalive): a question asked on the old
+    one waited out its whole deadline and the node was reported unreachable ("no answer
+    within"), though the new agent's stream was open by then. Once a newer stream of the node
+    has a message accepted, the question is asked on it: answered there, no channel opened
+    (or, if the new agent does not answer on its stream, over the channel in the time left).
+    On ecdc160: "no answer within 3 s"."""
+    monkeypatch.setattr(observe_module, "OBSERVE_TIMEOUT", 3.0)
+    opened = channels_opened(monkeypatch)
+    async with world(tmp_path, loopback, hold=True) as (rig, pool, node):
+        assert node.held is not None
+        asked, _ = await planning(rig, pool, node.held)  # the old agent never answers it
+        (tmp_path / "restarted").mkdir()
+        cfg = node.link.cfg
+        link, _, journal = agent_link(
+            tmp_path / "restarted", rig.node_files, cfg.leader_address, cfg.addresses[0]
+        )
+        link.answer_check = node.service.answer_check if answers else None
+        try:
+            await link.beat()  # the new agent's stream: counted beside the old one
+            async with asyncio.timeout(30):
+                seen = await asked
+        finally:
+            await link.close()
+            journal.close()
+        assert seen["hb1"].reachable and seen["hb1"].problems == ()
+        assert opened.get("hb1", 0) == (0 if answers else 1)  # on the new stream, or not
+        assert all(not b.questions for b in rig.service._open)
+        node.held.go.set()
+
+
 async def test_an_answer_the_agent_cannot_make_in_time_is_given_up_and_frees_its_place(
     tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
