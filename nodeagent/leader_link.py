@@ -46,6 +46,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import random
+import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
@@ -483,6 +484,9 @@ class LeaderLink:
         self.target = hostport(cfg.leader_address, cfg.control_port)
         self.channel, self.stub = self._connect(identity)
         self.healthy: bool | None = None
+        # This agent's id on its streams (``HeartbeatRequest.agent_instance``), drawn as it
+        # starts: the leader tells two agents with one identity apart by it (a cloned machine).
+        self.instance = secrets.token_hex(8)
         self.renewal: Callable[[], RenewalState] | None = None
         # What the managed server runs now (NodeAgentService.server_view), sent with every
         # heartbeat so the leader sees a server that went down after its rollout.
@@ -706,6 +710,7 @@ class LeaderLink:
                 answers_checks=self.answer_check is not None,
                 # Only where someone removes what the leader says has ended.
                 unswitched_stages=unswitched if self.stages_ended is not None else (),
+                agent_instance=self.instance,
             )
             if self.renewal is not None:
                 state = self.renewal()

@@ -392,7 +392,7 @@ async def test_an_answer_carries_the_agent_s_revocation_list_and_epoch_as_now(
             written.append(request)
             return await write(request, **how)
 
-        stream._write = noting  # type: ignore[method-assign]
+        stream._write = noting  # type: ignore[method-assign,assignment]
         node.link.trust.crl_number = last.crl_number + 3  # a newer list taken since
         node.journal.admit_epoch(last.highest_epoch + 2)  # a newer epoch seen since
         answer = await rig.service.ask_check("hb1", agent_pb2.CheckRequest(), 30)
