@@ -509,6 +509,16 @@ within one; once one stops, the node is free this long after."""
 MAX_AGENT_INSTANCE = 32  # characters of ``HeartbeatRequest.agent_instance`` the leader keeps
 
 
+def failures_report(request: leader_pb2.HeartbeatRequest) -> tuple[str, int] | None:
+    """A message's numbered bootstrap failure report (``failures_report``): which agent's
+    (``agent_instance``) and its number; None if it carries no numbered one. The agent sends
+    a report again unchanged, with its number, until the leader answered it: one taken
+    already is not added again (audit s33 L2)."""
+    if not request.failures_report or not request.bootstrap_failures:
+        return None
+    return request.agent_instance[:MAX_AGENT_INSTANCE], request.failures_report
+
+
 def agent_of(request: leader_pb2.HeartbeatRequest, context: Ctx) -> str:
     """Which agent sends on a stream: its ``agent_instance``, or, from an agent that sends
     none (an older release), the host of its connection's peer ("ipv4:10.0.0.5": the port
@@ -915,6 +925,8 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         self._failure_audits: dict[str, tuple[dt.date, int]] = {}
         # node -> the bootstrap failures its last report said, as taken (``_new_failures``).
         self._failures_said: dict[str, frozenset[tuple[object, ...]]] = {}
+        # node -> its agent's last numbered failure report taken (``failures_report``).
+        self._failure_reports: dict[str, tuple[str, int]] = {}
 
     def _asked_on(self, name: str) -> _Beats | None:
         """The stream to ask node ``name``'s planning question on: its newest counted stream in
@@ -1217,12 +1229,21 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                 await asyncio.to_thread(store.heartbeat, name, version, **said)
         elif store.queue_heartbeat(name, version, **said):
             self._start_writer()
-        reported, failures = self._new_failures(name, request.bootstrap_failures, now)
+        numbered = failures_report(request)
+        # A numbered report taken before: its answer was lost, and it is sent again (s33 L2).
+        again = numbered is not None and self._failure_reports.get(name) == numbered
+        reported, failures = self._new_failures(
+            name, () if again else request.bootstrap_failures, now
+        )
         if failures:
             audit = self._failures_audited(name, now)
             await asyncio.to_thread(
                 self.schema.record_bootstrap_failures, name, failures, now, audit=audit
             )
+        if numbered is not None:
+            if len(self._failure_reports) >= MAX_CALLERS:
+                self._failure_reports.clear()
+            self._failure_reports[name] = numbered
         if reported:
             if len(self._failures_said) >= MAX_CALLERS:
                 self._failures_said.clear()
@@ -1254,8 +1275,9 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         word. The agent forgets failures once the leader answered; a stream cut after the
         leader added them and before the agent read the answer made the agent send them
         again, and they were counted twice (audit s33 L2). A source that failed again since
-        has another count and time, and is taken (with the count resent in it: the report
-        carries no number to tell; the counts are shown, not acted on)."""
+        has another count and time, and is taken (with the count resent in it: an older
+        agent's report carries no number to tell; the counts are shown, not acted on). An
+        agent that numbers its reports sends one again unchanged (``failures_report``)."""
         said = {
             (f.source, f.workstation, f.count, f.last_at.seconds, f.last_at.nanos): f
             for f in reports[:MAX_FAILURE_REPORTS]

@@ -487,6 +487,11 @@ class LeaderLink:
         # This agent's id on its streams (``HeartbeatRequest.agent_instance``), drawn as it
         # starts: the leader tells two agents with one identity apart by it (a cloned machine).
         self.instance = secrets.token_hex(8)
+        # The bootstrap failure report under way, numbered (``failures_report``): sent again
+        # unchanged until the leader answered it, so that it never counts it twice (audit
+        # s33 L2); and the last number given.
+        self._report: tuple[int, list[FailureCount]] | None = None
+        self._reports = 0
         self.renewal: Callable[[], RenewalState] | None = None
         # What the managed server runs now (NodeAgentService.server_view), sent with every
         # heartbeat so the leader sees a server that went down after its rollout.
@@ -690,13 +695,28 @@ class LeaderLink:
         """The revocation list's number the agent holds and its journal's highest epoch."""
         return self.trust.crl_number, await asyncio.to_thread(self.journal.highest_epoch)
 
+    def _failure_report(self) -> tuple[int, list[FailureCount]]:
+        """The bootstrap failures this beat carries, and their report's number (0: none): the
+        report under way, unchanged, until the leader answered it; else what is pending now,
+        under a new number. (Sent again merged with failures since, the report had counts the
+        leader could not tell from new ones, and it added the resent part twice.)"""
+        if self.failures is None:
+            return 0, []
+        if self._report is None:
+            pending = self.failures.pending()
+            if not pending:
+                return 0, []
+            self._reports += 1
+            self._report = (self._reports, pending)
+        return self._report
+
     async def beat(self, *, quiet: bool = False) -> None:
         """One heartbeat; TransientError if the leader did not answer. ``quiet``: not sent
         if the leader need not hear it (``_quiet``: the run loop's beats)."""
         async with self._lock:
             sent = Timestamp()
             sent.FromDatetime(dt.datetime.now(dt.UTC))
-            report = self.failures.pending() if self.failures is not None else []
+            report_id, report = self._failure_report()
             highest, unswitched = await asyncio.to_thread(
                 self.journal.heartbeat_facts, STAGES_REPORTED
             )
@@ -711,6 +731,7 @@ class LeaderLink:
                 # Only where someone removes what the leader says has ended.
                 unswitched_stages=unswitched if self.stages_ended is not None else (),
                 agent_instance=self.instance,
+                failures_report=report_id,
             )
             if self.renewal is not None:
                 state = self.renewal()
@@ -744,6 +765,7 @@ class LeaderLink:
                 raise TransientError(f"heartbeat to {self.target}: {detail}") from None
             if self.failures is not None:
                 self.failures.reported(report)
+                self._report = None
             if self.healthy is not True:
                 renew = self._stream.renew if self._stream is not None else 0
                 log.info("heartbeat.ok", leader=self.target, stream=self.streaming, renew=renew)
