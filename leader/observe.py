@@ -102,7 +102,7 @@ class FirstSteps:
     reserve: str = ""
 
 
-class NodeProblem(TlsrollError):
+class NodeProblem(TransientError):
     """The node is not planned now, for the reason given (``LeaderState.node_problem``: two
     agents use its identity): it is unreachable with that reason, and not asked at all."""
 
