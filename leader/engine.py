@@ -144,8 +144,13 @@ class Engine:
         prepare_ahead: int = 1,
         heartbeat_interval: float = 5,
         after_rollouts: Callable[[], Awaitable[None]] | None = None,
+        node_problem: Callable[[str], str | None] | None = None,
     ) -> None:
         self.store = store
+        # Why a node may not be switched now (``leader.service.LeaderState.node_problem``:
+        # two agents use its identity), or None; its switch waits while it holds.
+        self.node_problem = node_problem
+        self.problem_held: set[StepKey] = set()  # switches held so (logged once each)
         # --when-quiet holds a node whose latest client report is older than this.
         self.stale_after = planner.report_stale_after(heartbeat_interval)
         self.schema = schema
@@ -503,6 +508,8 @@ class Engine:
                 self.unsent.pop(at, None)
         if self.monotonic() < self.not_before.get(key, 0.0):
             return
+        if step.step is Step.SWITCH and self._problem_holds(key):
+            return
         # A node's FREEZE and UNFREEZE never run at once: its agent could get them in either
         # order, and the record of the one that ends last could contradict the node.
         other = _OPPOSITE.get(step.step)
@@ -513,6 +520,22 @@ class Engine:
         run = self._gated_switch(row, step) if gated else self._run_step(row, step, fresh=fresh)
         task = self.tasks[key] = asyncio.create_task(run, name=str(key))
         task.add_done_callback(functools.partial(self._forget, key))
+
+    def _problem_holds(self, key: StepKey) -> bool:
+        """A node's switch waits while the leader sees a problem with the node
+        (``node_problem``: two agents use its identity, so the Switch could reach either host,
+        and its outcome would say nothing of the other): audit s33 M5. Logged as it begins to
+        wait; the pass after the problem ends (the tick) begins it."""
+        why = self.node_problem(key[1]) if self.node_problem is not None else None
+        if why is None:
+            self.problem_held.discard(key)
+            return False
+        if key not in self.problem_held:
+            if len(self.problem_held) >= 1024:
+                self.problem_held.clear()
+            self.problem_held.add(key)
+            log.warning("step.held", rollout_id=key[0], node=key[1], step=key[2].value, reason=why)
+        return True
 
     async def _gated_switch(self, row: RolloutRow, step: planner.StepAction) -> None:
         """``--freeze scope``: a node's switch while a frozen node's freeze is not confirmed

@@ -77,7 +77,8 @@ MAX_CLOCK_OFFSET = 120  # as the preflight step (leader.changes)
 Ask = Callable[[str, agent_pb2.CheckRequest, float], Awaitable[leader_pb2.CheckAnswer | None]]
 """Ask a node's agent the question on its heartbeat stream, waiting at most that long: its
 answer; None if there is no stream to ask it on; ``StreamEnded`` if the stream ended before
-the answer came; TimeoutError if none came in time (``LeaderService.ask_check``)."""
+the answer came; TimeoutError if none came in time; ``NodeProblem`` if the node is not to be
+planned now (``LeaderService.ask_check``)."""
 
 
 Reach = Callable[..., Awaitable[str | None]]
@@ -99,6 +100,11 @@ class FirstSteps:
     count: int
     steps: Callable[[NodeObservation], bool]
     reserve: str = ""
+
+
+class NodeProblem(TransientError):
+    """The node is not planned now, for the reason given (``LeaderState.node_problem``: two
+    agents use its identity): it is unreachable with that reason, and not asked at all."""
 
 
 class StreamEnded(TransientError):
@@ -224,6 +230,11 @@ async def observe(
                 answer = await ask(name, question(name), OBSERVE_TIMEOUT)
             except TimeoutError:
                 answer, timed_out = None, True
+            except NodeProblem as exc:  # neither its stream nor the channel: its reason
+                if way_in is not None:
+                    way_in.cancel()
+                    await asyncio.gather(way_in, return_exceptions=True)
+                return NodeObservation(False, str(exc))
             except StreamEnded:  # (the agent restarted, renewed, the leader cut the stream)
                 answer, spent = None, loop.time() - began  # the channel gets the time left
             except BaseException:

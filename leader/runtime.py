@@ -241,6 +241,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         prepare_ahead=cfg.prepare_ahead,
         heartbeat_interval=cfg.heartbeat_interval,
         after_rollouts=functools.partial(give_back, agents),
+        node_problem=state.node_problem,
     )
     commands = Commands(
         state.store,
@@ -288,6 +289,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     expiry.before_check.append(rotator.check)  # auto_rotate: in the maintenance window
     if viewer is not None:
         viewer.reader.auto_rotate = rotator.status.view
+        viewer.reader.node_problems = state.node_problems
     admin_service = AdminService(
         state,
         commands,
@@ -307,7 +309,9 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
 
     own.on_renewed.append(redial)
     expiry.before_check.insert(0, own.renew_if_due)  # the leader's certificate, while it runs
-    schema_view = SchemaViewService(schema, state.clock, expiry, rotator.status.view)
+    schema_view = SchemaViewService(
+        schema, state.clock, expiry, rotator.status.view, node_problems=state.node_problems
+    )
     schema_pb2_grpc.add_SchemaViewServicer_to_server(schema_view, admin)
     add_json_to_server(schema_view, admin)  # the same, for `tlsroll schema show`
     await add_standard_services(

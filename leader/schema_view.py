@@ -194,11 +194,13 @@ def schema_message(
     infos: Mapping[str, ClientsInfo] | None = None,
     auto_rotate: schema_pb2.AutoRotateView | None = None,
     made: tuple[Made, Made] | None = None,
+    node_problems: Sequence[tuple[str, str, dt.datetime]] = (),
 ) -> schema_pb2.Schema:
     """The whole schema as ``GetSchema`` answers it (and ``schema show --json`` prints it).
     A rollout given as a ``RolloutHead`` (the viewer's page) is there without its nodes.
     ``expiring``: ``leader.expiry.Expiry`` within their horizon; ``renewal_failures``: (node,
-    failing since, reason, its certificate's end); ``made``: see ``rollout_view``."""
+    failing since, reason, its certificate's end); ``made``: see ``rollout_view``;
+    ``node_problems``: (node, problem, since) (``LeaderState.node_problems``)."""
     infos = infos or {}
     on_http = Counter(c.node for c in still_on_http_now(clients, infos, now))
     return schema_pb2.Schema(
@@ -242,6 +244,10 @@ def schema_message(
             for node, since, reason, not_after in renewal_failures
         ],
         auto_rotate=auto_rotate,
+        node_problems=[
+            schema_pb2.NodeProblemView(node=node, problem=problem, since=timestamp(since))
+            for node, problem, since in node_problems
+        ],
     )
 
 
@@ -252,9 +258,12 @@ class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
         clock: Callable[[], dt.datetime],
         expiry: ExpiryWatch | None = None,
         auto_rotate: Callable[[], schema_pb2.AutoRotateView] | None = None,
+        node_problems: Callable[[], Sequence[tuple[str, str, dt.datetime]]] | None = None,
     ) -> None:
         """``auto_rotate``: what the automatic rotation last decided
-        (``leader.auto_rotate.Status.view``)."""
+        (``leader.auto_rotate.Status.view``); ``node_problems``: the nodes the leader sees a
+        problem with now (``leader.service.LeaderState.node_problems``)."""
+        self.node_problems = node_problems
         self.schema = schema
         self.clock = clock
         self.expiry = expiry
@@ -344,6 +353,8 @@ class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
         }
         if request.rollouts_only:
             return rows, total, parts
+        if self.node_problems is not None:
+            parts["node_problems"] = self.node_problems()
         parts["failures"] = self.schema.bootstrap_failures()
         parts["removed"] = self.schema.removed_nodes()
         parts["revoked"] = self.schema.revoked_certificates(now)

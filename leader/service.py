@@ -28,7 +28,7 @@ if TYPE_CHECKING:
 
 from leader import byo, join_guard
 from leader.commands import NoRolloutYet, NoSuchRollout, NotRetriable, StillOnHttp
-from leader.observe import StreamEnded
+from leader.observe import NodeProblem, StreamEnded
 from leader.planner import (
     AlreadyUndone,
     EmptyScope,
@@ -131,6 +131,27 @@ UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 MAX_AGENT_VERSION = 64  # characters of the version string an agent reports
 
 
+@dataclass(frozen=True)
+class TwinAgents:
+    """Two agents use one node's identity (``LeaderService._look_for_twins``): since when the
+    leader sees it, until when it holds (``time.monotonic()``; seen again, it holds longer),
+    and the two agents' connections as gRPC names their peers."""
+
+    since: dt.datetime
+    until: float
+    peers: tuple[str, str]
+
+
+def twins_problem(node: str) -> str:
+    """The node problem two agents with node ``node``'s identity make, with what to do."""
+    return (
+        f"two agents use node {node}'s identity (its key on a cloned machine, or a second "
+        f"agent started by hand): the leader neither plans nor switches {node} until one of "
+        f"them stops; stop the one that is not {node}'s, and if the key may have been copied "
+        f"where it should not be, `tlsroll nodes remove {node}` and enrol it again"
+    )
+
+
 @dataclass
 class LeaderState:
     """What the servicers share: the store, the CA, the clock and a few settings.
@@ -149,6 +170,9 @@ class LeaderState:
     leader_node: str | None = None
     # node -> what its managed server runs, as its last heartbeat said (``server_summary``).
     live_servers: dict[str, str] = field(default_factory=dict)
+    # node -> two agents seen using its identity (``LeaderService._look_for_twins``), while
+    # it holds: the node is neither planned nor switched (``node_problem``).
+    twin_agents: dict[str, TwinAgents] = field(default_factory=dict)
     # How long an agent's own certificate lives (``LeaderConfig.agent_cert_lifetime``).
     agent_cert_lifetime: dt.timedelta = dt.timedelta(days=30)
     _crl: tuple[int, bytes] = (-1, b"")
@@ -186,6 +210,23 @@ class LeaderState:
             return False
         silence = self.clock() - last_heartbeat
         return silence <= dt.timedelta(seconds=self.heartbeat_interval * OFFLINE_AFTER_HEARTBEATS)
+
+    def node_problem(self, node: str) -> str | None:
+        """What keeps node ``node`` from being planned or switched now, in words with what to
+        do (``NodeProblemView``), or None: two agents use its identity (``TwinAgents``)."""
+        twins = self.twin_agents.get(node)
+        if twins is None or time.monotonic() >= twins.until:
+            return None
+        return twins_problem(node)
+
+    def node_problems(self) -> list[tuple[str, str, dt.datetime]]:
+        """(Any thread.) Every node's ``node_problem`` now: (node, problem, since), by name."""
+        now = time.monotonic()
+        return sorted(
+            (node, twins_problem(node), twins.since)
+            for node, twins in list(self.twin_agents.items())
+            if now < twins.until
+        )
 
     def node_online(self, node: Node) -> bool:
         """Whether ``node`` is online: enrolled, not cut off by a revocation of its certificate
@@ -458,6 +499,35 @@ def heard_stages(request: leader_pb2.HeartbeatRequest) -> frozenset[str]:
 
 
 QUESTIONS_PER_STREAM = 8
+
+TWINS_HOLD_BOUNDS = 2
+"""Renewal deadlines (``renewal_deadline``: 56 s at 5 s) for which two agents seen using one
+node's identity hold the node (``LeaderState.node_problem``) after they were last seen: two
+live agents each send at least every renewal bound, so their messages interleave again
+within one; once one stops, the node is free this long after."""
+
+MAX_AGENT_INSTANCE = 32  # characters of ``HeartbeatRequest.agent_instance`` the leader keeps
+
+
+def failures_report(request: leader_pb2.HeartbeatRequest) -> tuple[str, int] | None:
+    """A message's numbered bootstrap failure report (``failures_report``): which agent's
+    (``agent_instance``) and its number; None if it carries no numbered one. The agent sends
+    a report again unchanged, with its number, until the leader answered it: one taken
+    already is not added again (audit s33 L2)."""
+    if not request.failures_report or not request.bootstrap_failures:
+        return None
+    return request.agent_instance[:MAX_AGENT_INSTANCE], request.failures_report
+
+
+def agent_of(request: leader_pb2.HeartbeatRequest, context: Ctx) -> str:
+    """Which agent sends on a stream: its ``agent_instance``, or, from an agent that sends
+    none (an older release), the host of its connection's peer ("ipv4:10.0.0.5": the port
+    differs per connection of one agent)."""
+    if request.agent_instance:
+        return "id:" + request.agent_instance[:MAX_AGENT_INSTANCE]
+    return "peer:" + context.peer().rpartition(":")[0][:80]
+
+
 """Planning questions (``LeaderService.ask_check``) one heartbeat stream may have waiting for
 their answer; more for the same node (plans asked at once) go over the agent's channel."""
 NO_ROOM = grpc.StatusCode.RESOURCE_EXHAUSTED.value[0]
@@ -728,6 +798,10 @@ class _Beats:
     # The event loop's time by which its next message must come (``LeaderService._sweep``).
     due: float = math.inf
     answers_checks: bool = False  # its agent said it answers planning questions on it
+    # Which agent sends on it: its ``agent_instance``, or (an agent that sends none) the
+    # peer's host; and the leader's count of accepted messages at its last one (``heard``).
+    agent: str = ""
+    heard: int = 0
     # The planning questions asked on it (``LeaderService.ask_check``) by id, until answered,
     # given up (their deadline) or the stream ends: at most ``QUESTIONS_PER_STREAM``.
     questions: dict[int, asyncio.Future[leader_pb2.CheckAnswer]] = field(default_factory=dict)
@@ -757,11 +831,12 @@ class _Beats:
         if waiting is not None and not waiting.done():
             waiting.set_result(answer)
 
-    def unanswered(self) -> None:
-        """The stream ended: its questions are answered no more (``StreamEnded``)."""
+    def unanswered(self, why: StreamEnded | None = None) -> None:
+        """The stream ended: its questions are answered no more (``StreamEnded``, or
+        ``why``)."""
         for waiting in self.questions.values():
             if not waiting.done():
-                waiting.set_exception(StreamEnded("the heartbeat stream ended"))
+                waiting.set_exception(why or StreamEnded("the heartbeat stream ended"))
         self.questions.clear()
 
     def news(self, snap: Snapshot, crl_due: bool = True) -> bool:
@@ -783,6 +858,13 @@ class _Beats:
         self.crl_number = snap.crl_number
         if reply.ended_stages:
             self.told |= frozenset(reply.ended_stages)
+
+
+class StreamReplaced(StreamEnded):
+    """A newer stream of the node had a message accepted while a question waited on an older
+    one: the older is one the agent no longer reads (it restarted, or reconnected, before the
+    leader noticed the old connection dead), so the question is asked again on the newer
+    (``LeaderService.ask_check``), or over the channel if it cannot take it."""
 
 
 class LeaderService(leader_pb2_grpc.LeaderServicer):
@@ -831,6 +913,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         self._committing: asyncio.Future[int] | None = None  # its worker thread's last commit
         self.batch_seconds = BATCH_SECONDS
         self._question_ids = itertools.count(1)  # ``ask_check``
+        self._heard = itertools.count(1)  # accepted stream messages (``_Beats.heard``)
         # Rollouts found ended (``_look_at_stages``): for good, so kept (up to ENDED_KEPT) and
         # not looked up again for the next agent that keeps a stage of one.
         self._ended_rollouts: set[str] = set()
@@ -842,6 +925,8 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         self._failure_audits: dict[str, tuple[dt.date, int]] = {}
         # node -> the bootstrap failures its last report said, as taken (``_new_failures``).
         self._failures_said: dict[str, frozenset[tuple[object, ...]]] = {}
+        # node -> its agent's last numbered failure report taken (``failures_report``).
+        self._failure_reports: dict[str, tuple[str, int]] = {}
 
     def _asked_on(self, name: str) -> _Beats | None:
         """The stream to ask node ``name``'s planning question on: its newest counted stream in
@@ -867,10 +952,31 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         ``timeout``; an agent with no room for it now (``NO_ROOM``: its
         ``nodeagent.leader_link.QUESTIONS_AT_ONCE``) is a ``StreamEnded`` too, asked over the
         channel. The question's write is never cancelled (``_push``): a deadline stops the
-        wait, not the write."""
+        wait, not the write. ``NodeProblem``: the node is not planned now (two agents use its
+        identity: ``LeaderState.node_problem``); asked on neither's stream nor the channel."""
+        if (problem := self.state.node_problem(name)) is not None:
+            raise NodeProblem(problem)
         beat = self._asked_on(name)
         if beat is None:
             return None
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + timeout
+        while True:
+            try:
+                return await self._ask_on(beat, request, deadline - loop.time())
+            except StreamReplaced:
+                # Audit s33 L5: the agent restarted (or reconnected) while the question waited
+                # on its old stream, not yet noticed dead: it waited out its deadline and the
+                # node was reported unreachable. Asked again on the newer stream.
+                newer = self._asked_on(name)
+                if newer is None or newer is beat or loop.time() >= deadline:
+                    raise
+                beat = newer
+
+    async def _ask_on(
+        self, beat: _Beats, request: agent_pb2.CheckRequest, timeout: float
+    ) -> leader_pb2.CheckAnswer:
+        """``ask_check`` on the stream ``beat``."""
         qid = next(self._question_ids)
         answer: asyncio.Future[leader_pb2.CheckAnswer] = asyncio.get_running_loop().create_future()
         beat.questions[qid] = answer
@@ -1123,12 +1229,21 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                 await asyncio.to_thread(store.heartbeat, name, version, **said)
         elif store.queue_heartbeat(name, version, **said):
             self._start_writer()
-        reported, failures = self._new_failures(name, request.bootstrap_failures, now)
+        numbered = failures_report(request)
+        # A numbered report taken before: its answer was lost, and it is sent again (s33 L2).
+        again = numbered is not None and self._failure_reports.get(name) == numbered
+        reported, failures = self._new_failures(
+            name, () if again else request.bootstrap_failures, now
+        )
         if failures:
             audit = self._failures_audited(name, now)
             await asyncio.to_thread(
                 self.schema.record_bootstrap_failures, name, failures, now, audit=audit
             )
+        if numbered is not None:
+            if len(self._failure_reports) >= MAX_CALLERS:
+                self._failure_reports.clear()
+            self._failure_reports[name] = numbered
         if reported:
             if len(self._failures_said) >= MAX_CALLERS:
                 self._failures_said.clear()
@@ -1160,8 +1275,9 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         word. The agent forgets failures once the leader answered; a stream cut after the
         leader added them and before the agent read the answer made the agent send them
         again, and they were counted twice (audit s33 L2). A source that failed again since
-        has another count and time, and is taken (with the count resent in it: the report
-        carries no number to tell; the counts are shown, not acted on)."""
+        has another count and time, and is taken (with the count resent in it: an older
+        agent's report carries no number to tell; the counts are shown, not acted on). An
+        agent that numbers its reports sends one again unchanged (``failures_report``)."""
         said = {
             (f.source, f.workstation, f.count, f.last_at.seconds, f.last_at.nanos): f
             for f in reports[:MAX_FAILURE_REPORTS]
@@ -1372,6 +1488,15 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                     beat.renews = True
                     self._vouch(beat)
                     self._start_watch()
+                if first:
+                    self._superseded(beat)
+                # Two agents with one identity (audit s33 M5): which agent sent it, and
+                # whether another's stream sent since this one's last message.
+                before, beat.heard = beat.heard, next(self._heard)
+                if first:
+                    beat.agent = agent_of(request, context)
+                elif not request.closing:
+                    self._look_for_twins(beat, before)
                 # Only up while the stream lives: a message sent before a pushed list came
                 # and read after it carries the older number, and the agent sends none for
                 # the take (``report_key``), so the note would stay behind until the bound
@@ -1456,6 +1581,52 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             _end(mine.pop(0), grpc.StatusCode.RESOURCE_EXHAUSTED, "a newer stream")
             log.warning("heartbeat.stream_replaced", node=name, open=len(mine) + 1)
         mine.append(beat)
+
+    def _look_for_twins(self, beat: _Beats, before: int) -> None:
+        """``beat`` sent a message (not its first, not a ``closing`` one): if another stream of
+        its node, of another agent (``_Beats.agent``), had a message accepted since ``beat``'s
+        previous one, two agents use the node's identity, both alive: their messages
+        interleave. An agent restart is no such case: the old agent's stream (not yet noticed
+        dead) sends nothing more, and its ``closing`` message, if any, does not count; nor is an
+        agent's own new stream (a reconnect, a renewed certificate): it has the same id. Logged
+        as it begins, and held for ``TWINS_HOLD_BOUNDS`` renewal deadlines from the last time
+        seen (``LeaderState.node_problem``): while both live, it is seen at least every
+        renewal bound."""
+        other = next(
+            (
+                o
+                for o in self._streams.get(beat.name, ())
+                if o is not beat
+                and o.agent != beat.agent
+                and o.heard > before
+                and not o.cut
+                and not o.closed
+            ),
+            None,
+        )
+        if other is None:
+            return
+        twins = self.state.twin_agents
+        held = twins.get(beat.name)
+        now = time.monotonic()
+        until = now + TWINS_HOLD_BOUNDS * renewal_deadline(self.state.heartbeat_interval)
+        peers = (peertext.clean(other.context.peer(), 80), peertext.clean(beat.context.peer(), 80))
+        if held is None or now >= held.until:
+            log.warning("heartbeat.duplicate_agent", node=beat.name, peers=list(peers))
+            if len(twins) >= MAX_CALLERS:
+                twins.clear()
+            twins[beat.name] = TwinAgents(self.state.clock(), until, peers)
+        else:
+            twins[beat.name] = TwinAgents(held.since, until, peers)
+
+    def _superseded(self, beat: _Beats) -> None:
+        """``beat``'s first message was accepted: the questions waiting on its node's older
+        streams are asked again on it (``StreamReplaced``; ``ask_check``). An agent has one stream
+        at a time, so an older one is one it left (it restarted, or reconnected) before the
+        leader noticed."""
+        for older in self._streams.get(beat.name, ()):
+            if older is not beat and older.questions:
+                older.unanswered(StreamReplaced("a newer heartbeat stream of the node opened"))
 
     def _uncount(self, beat: _Beats) -> None:
         """``beat`` ended. A renewal stream vouched for its node until now: the leader knows

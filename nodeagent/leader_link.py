@@ -49,6 +49,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import random
+import secrets
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Protocol
 
@@ -394,25 +395,41 @@ class _Stream:
         try:
             async with asyncio.timeout(ANSWER_SECONDS):
                 checked = await answer(question)
+            now = await self._now() if self._now is not None else None
             message = leader_pb2.HeartbeatRequest()
-            if self.last is not None:
-                message.CopyFrom(self.last)
-            message.ClearField("bootstrap_failures")
-            message.wants_answer = message.closing = False
-            if self._now is not None:
-                message.crl_number, message.highest_epoch = await self._now()
-            message.check_answer.CopyFrom(checked)
-            await self._write(message)
+
+            def fill(message: leader_pb2.HeartbeatRequest) -> None:
+                # The last report as it is when the answer goes out, not as it was before the
+                # await above: a report sent meanwhile is newer, and the leader takes every
+                # message as the node's current report (audit s33 L1: an older copy written
+                # after it put "healthy" back over "down" until the renewal bound).
+                if self.last is not None:
+                    message.CopyFrom(self.last)
+                message.ClearField("bootstrap_failures")
+                message.wants_answer = message.closing = False
+                if now is not None:
+                    message.crl_number, message.highest_epoch = now
+                message.check_answer.CopyFrom(checked)
+
+            await self._write(message, fill=fill)
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError) as exc:
             log.info("heartbeat.answer_failed", id=question.id, error=type(exc).__name__)
         except Exception as exc:  # never the reader's or the heartbeats' trouble
             log.error("heartbeat.answer_failed", error=f"{type(exc).__name__}: {exc}"[:200])
 
-    async def _write(self, request: leader_pb2.HeartbeatRequest) -> int:
-        """Write ``request`` numbered (``seq``), one write at a time; its number."""
+    async def _write(
+        self,
+        request: leader_pb2.HeartbeatRequest,
+        fill: Callable[[leader_pb2.HeartbeatRequest], None] | None = None,
+    ) -> int:
+        """Write ``request`` numbered (``seq``), one write at a time; its number. ``fill``
+        makes the request once it is this write's turn (a copy of the last report, as of
+        then: no report written before it is newer)."""
         if self.ended is not None:
             raise self.ended
         async with self._writing:
+            if fill is not None:
+                fill(request)
             self.seq += 1
             seq = request.seq = self.seq
             await self.call.write(request)
@@ -463,14 +480,17 @@ class _Stream:
         self.dropped = True  # the leader's end that follows is the answer to this one
         try:
             if self.ended is None and not self.call.done() and self.last is not None:
-                goodbye = leader_pb2.HeartbeatRequest()
-                goodbye.CopyFrom(self.last)  # an older leader records it as nothing new
-                # The failures a message carries are added to the leader's counts (those since
-                # the last report): the copy must not count the last message's again.
-                goodbye.ClearField("bootstrap_failures")
-                goodbye.wants_answer, goodbye.closing = False, True
+
+                def fill(goodbye: leader_pb2.HeartbeatRequest) -> None:
+                    if self.last is not None:  # the last report as of the write (``_reply``)
+                        goodbye.CopyFrom(self.last)  # an older leader: nothing new
+                    # The failures a message carries are added to the leader's counts (those
+                    # since the last report): the copy must not count the last message's again.
+                    goodbye.ClearField("bootstrap_failures")
+                    goodbye.wants_answer, goodbye.closing = False, True
+
                 async with asyncio.timeout(patience):
-                    await self._write(goodbye)
+                    await self._write(leader_pb2.HeartbeatRequest(), fill=fill)
                     await self.call.done_writing()
                     await self.reader
         except (grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError):
@@ -495,6 +515,14 @@ class LeaderLink:
         self.target = hostport(cfg.leader_address, cfg.control_port)
         self.channel, self.stub = self._connect(identity)
         self.healthy: bool | None = None
+        # This agent's id on its streams (``HeartbeatRequest.agent_instance``), drawn as it
+        # starts: the leader tells two agents with one identity apart by it (a cloned machine).
+        self.instance = secrets.token_hex(8)
+        # The bootstrap failure report under way, numbered (``failures_report``): sent again
+        # unchanged until the leader answered it, so that it never counts it twice (audit
+        # s33 L2); and the last number given.
+        self._report: tuple[int, list[FailureCount]] | None = None
+        self._reports = 0
         self.renewal: Callable[[], RenewalState] | None = None
         # What the managed server runs now (NodeAgentService.server_view), sent with every
         # heartbeat so the leader sees a server that went down after its rollout.
@@ -703,13 +731,28 @@ class LeaderLink:
         """The revocation list's number the agent holds and its journal's highest epoch."""
         return self.trust.crl_number, await asyncio.to_thread(self.journal.highest_epoch)
 
+    def _failure_report(self) -> tuple[int, list[FailureCount]]:
+        """The bootstrap failures this beat carries, and their report's number (0: none): the
+        report under way, unchanged, until the leader answered it; else what is pending now,
+        under a new number. (Sent again merged with failures since, the report had counts the
+        leader could not tell from new ones, and it added the resent part twice.)"""
+        if self.failures is None:
+            return 0, []
+        if self._report is None:
+            pending = self.failures.pending()
+            if not pending:
+                return 0, []
+            self._reports += 1
+            self._report = (self._reports, pending)
+        return self._report
+
     async def beat(self, *, quiet: bool = False) -> None:
         """One heartbeat; TransientError if the leader did not answer. ``quiet``: not sent
         if the leader need not hear it (``_quiet``: the run loop's beats)."""
         async with self._lock:
             sent = Timestamp()
             sent.FromDatetime(dt.datetime.now(dt.UTC))
-            report = self.failures.pending() if self.failures is not None else []
+            report_id, report = self._failure_report()
             highest, unswitched = await asyncio.to_thread(
                 self.journal.heartbeat_facts, STAGES_REPORTED
             )
@@ -723,6 +766,8 @@ class LeaderLink:
                 answers_checks=self.answer_check is not None,
                 # Only where someone removes what the leader says has ended.
                 unswitched_stages=unswitched if self.stages_ended is not None else (),
+                agent_instance=self.instance,
+                failures_report=report_id,
             )
             if self.renewal is not None:
                 state = self.renewal()
@@ -756,6 +801,7 @@ class LeaderLink:
                 raise TransientError(f"heartbeat to {self.target}: {detail}") from None
             if self.failures is not None:
                 self.failures.reported(report)
+                self._report = None
             if self.healthy is not True:
                 renew = self._stream.renew if self._stream is not None else 0
                 log.info("heartbeat.ok", leader=self.target, stream=self.streaming, renew=renew)

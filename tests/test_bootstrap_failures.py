@@ -41,7 +41,9 @@ from nodeagent.leader_link import failure_messages
 from tests.conftest import IssuedCert
 from tests.leader_rig import leader_with_a_node
 from tests.test_bootstrap import OTHER_PASSWORD, VERIFIER, FakeClock, Node, session_from
+from tests.test_heartbeat_stream import agent_link
 from tlsroll import password, peertext, pki
+from tlsroll.errors import TransientError
 from tlsroll.v1 import leader_pb2, leader_pb2_grpc
 
 NOW = dt.datetime(2026, 11, 30, 10, 0, tzinfo=dt.UTC)
@@ -404,4 +406,47 @@ async def test_a_report_sent_again_after_a_lost_answer_is_not_counted_twice(
         counts = {r.source: r.count for r in rig.service.schema.bootstrap_failures()}
         assert counts == {"10.0.0.1": 3, "10.0.0.2": 3}
     finally:
+        await rig.close()
+
+
+async def test_a_report_resent_with_failures_since_is_not_counted_twice(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Audit s33 L2, the rest: the leader took a report, its answer was lost (the stream
+    broke), and the source failed again before the agent's next beat. The agent sent its
+    pending failures again, added up with the new one (another count and time): the leader
+    could not tell the resent part and added it twice. Now the agent sends the report under
+    way again unchanged with its number (``failures_report``), which the leader took already,
+    and the new failure in the next report. On ecdc160: 7 (3 + 4), not 4."""
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    await rig.server.start()
+    leader_address = rig.target.rsplit(":", 1)[0]
+    link, _, journal = agent_link(tmp_path, rig.node_files, leader_address, "127.0.0.1")
+    failures = link.failures = FailureLog()
+    when = dt.datetime.now(dt.UTC)
+    send = service._Beats.send
+    lost: list[int] = []
+
+    async def answer_lost(beat: Any, reply: Any, snap: Any) -> None:
+        if not lost:
+            lost.append(1)
+            raise ConnectionResetError("the answer was lost")
+        await send(beat, reply, snap)
+
+    try:
+        for _ in range(3):
+            failures.record("10.0.0.1", "ws-a", when)
+        monkeypatch.setattr(service._Beats, "send", answer_lost)
+        with pytest.raises(TransientError):
+            await link.beat()  # taken by the leader, the answer lost
+        assert sum(f.count for f in failures.pending()) == 3
+        failures.record("10.0.0.1", "ws-a", when + dt.timedelta(seconds=1))  # once more
+        await link.beat()  # the report again (taken already), then the new failure
+        await link.beat()
+        assert failures.pending() == []
+        counts = {r.source: r.count for r in rig.service.schema.bootstrap_failures()}
+        assert counts == {"10.0.0.1": 4}
+    finally:
+        await link.close()
+        journal.close()
         await rig.close()

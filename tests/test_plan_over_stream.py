@@ -292,6 +292,41 @@ async def test_a_stream_that_ends_before_its_answer_falls_back_to_the_channel(
         assert all(not b.questions for b in rig.service._open)
 
 
+@pytest.mark.parametrize("answers", [True, False])
+async def test_a_question_on_a_stream_its_restarted_agent_left_is_asked_on_its_new_one(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch, answers: bool
+) -> None:
+    """Audit s33 L5: the agent restarted while the leader had not yet noticed its old stream
+    dead (a killed agent's connection ends only at the keepalive): a question asked on the old
+    one waited out its whole deadline and the node was reported unreachable ("no answer
+    within"), though the new agent's stream was open by then. Once a newer stream of the node
+    has a message accepted, the question is asked on it: answered there, no channel opened
+    (or, if the new agent does not answer on its stream, over the channel in the time left).
+    On ecdc160: "no answer within 3 s"."""
+    monkeypatch.setattr(observe_module, "OBSERVE_TIMEOUT", 3.0)
+    opened = channels_opened(monkeypatch)
+    async with world(tmp_path, loopback, hold=True) as (rig, pool, node):
+        assert node.held is not None
+        asked, _ = await planning(rig, pool, node.held)  # the old agent never answers it
+        (tmp_path / "restarted").mkdir()
+        cfg = node.link.cfg
+        link, _, journal = agent_link(
+            tmp_path / "restarted", rig.node_files, cfg.leader_address, cfg.addresses[0]
+        )
+        link.answer_check = node.service.answer_check if answers else None
+        try:
+            await link.beat()  # the new agent's stream: counted beside the old one
+            async with asyncio.timeout(30):
+                seen = await asked
+        finally:
+            await link.close()
+            journal.close()
+        assert seen["hb1"].reachable and seen["hb1"].problems == ()
+        assert opened.get("hb1", 0) == (0 if answers else 1)  # on the new stream, or not
+        assert all(not b.questions for b in rig.service._open)
+        node.held.go.set()
+
+
 async def test_an_answer_the_agent_cannot_make_in_time_is_given_up_and_frees_its_place(
     tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -353,11 +388,11 @@ async def test_an_answer_carries_the_agent_s_revocation_list_and_epoch_as_now(
         written: list[leader_pb2.HeartbeatRequest] = []
         write = stream._write
 
-        async def noting(request: leader_pb2.HeartbeatRequest) -> int:
+        async def noting(request: leader_pb2.HeartbeatRequest, **how: Any) -> int:
             written.append(request)
-            return await write(request)
+            return await write(request, **how)
 
-        stream._write = noting  # type: ignore[method-assign]
+        stream._write = noting  # type: ignore[method-assign,assignment]
         node.link.trust.crl_number = last.crl_number + 3  # a newer list taken since
         node.journal.admit_epoch(last.highest_epoch + 2)  # a newer epoch seen since
         answer = await rig.service.ask_check("hb1", agent_pb2.CheckRequest(), 30)
@@ -368,6 +403,46 @@ async def test_an_answer_carries_the_agent_s_revocation_list_and_epoch_as_now(
         assert message.highest_epoch == last.highest_epoch + 2
         (beat,) = rig.service._streams["hb1"]
         assert beat.crl_number == last.crl_number + 3
+
+
+async def test_an_answer_made_while_a_newer_report_went_out_carries_the_newer_report(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Audit s33 L1: an answer is a copy of the agent's last report, and the leader takes it as
+    the node's report. The copy was taken before the answer's last await (the revocation list's
+    number and epoch as now, a worker-thread hop); a report sent meanwhile (the server went
+    down) was then followed by the older copy, and the leader showed the server healthy again
+    until the agent's next message (the renewal bound). On ecdc160 the leader ends on
+    "http"."""
+    async with world(tmp_path, loopback) as (rig, _, node):
+        view = agent_pb2.ServerView(driver="reference", healthy=True, schemes=["http"])
+
+        async def server_view() -> agent_pb2.ServerView:
+            return view
+
+        node.link.server_view = server_view
+        await node.link.beat()
+        assert rig.state.live_servers["hb1"] == "http"
+        stream = node.link._stream
+        assert stream is not None and stream._now is not None
+        now, asking, go = stream._now, asyncio.Event(), asyncio.Event()
+
+        async def slow_now() -> tuple[int, int]:
+            asking.set()
+            await go.wait()
+            return await now()
+
+        stream._now = slow_now
+        asked = asyncio.ensure_future(rig.service.ask_check("hb1", agent_pb2.CheckRequest(), 30))
+        async with asyncio.timeout(30):
+            await asking.wait()
+            view.healthy, view.detail = False, "it answers 503"
+            await node.link.beat()  # the newer report, written while the answer waits
+            assert rig.state.live_servers["hb1"] == "down: it answers 503"
+            go.set()
+            answer = await asked
+        assert answer is not None and not answer.refused_code
+        assert rig.state.live_servers["hb1"] == "down: it answers 503"
 
 
 async def test_an_answer_on_one_node_s_stream_cannot_answer_another_node_s_question(

@@ -205,6 +205,15 @@ def render_failures(failures: Sequence[View]) -> Block:
     return Block(head, table)
 
 
+def render_node_problems(problems: Sequence[View]) -> Block:
+    """The nodes the leader sees a problem with now (two agents use one node's identity), each
+    with what to do."""
+    table = Table("node", "since", "problem")
+    for p in problems:
+        table.add_row(p.get("node", ""), fmt_time(p, "since"), p.get("problem", ""))
+    return Block(Styled("node problems (held: not planned, not switched)", "bold red"), table)
+
+
 def render_certificate_health(data: View) -> Block | None:
     """The certificate part of ``tlsroll schema show``: what is within its warning horizon,
     which agents fail to renew their certificate, and what ``auto_rotate`` last decided; None

@@ -71,6 +71,7 @@ def schema_show(
         render_certificate_health,
         render_clients,
         render_failures,
+        render_node_problems,
         render_revocations,
         render_rollout,
     )
@@ -78,6 +79,8 @@ def schema_show(
 
     rollouts = data.get("rollouts", [])
     parts: list[Block | str] = []
+    if data.get("node_problems"):  # first: they hold the nodes' plans and switches
+        parts.append(render_node_problems(data["node_problems"]))
     if not rollouts:
         parts.append("no rollouts yet")
     parts += [render_rollout(r) for r in rollouts]

@@ -59,6 +59,9 @@ _DE: dict[str, str] = {
     "leader_node": "Leader",
     "attention": "Braucht Aufmerksamkeit: {nodes}. Der Rückweg ist fehlgeschlagen; der Knoten "
     "ist in keinem bekannten Zustand. Bitte die Praxis-IT verständigen.",
+    "twin_agents": "Zwei Agenten verwenden die Identität von Knoten {node} (ein geklonter "
+    "Rechner oder ein zweiter Agent): er wird nicht umgestellt, bis einer von ihnen gestoppt ist. "
+    "Bitte die Praxis-IT verständigen.",
     "timeline": "Verlauf",
     "timeline_rollout": "Umstellung insgesamt",
     "transition": "{old} → {new}",
@@ -156,6 +159,8 @@ _EN: dict[str, str] = {
     "leader_node": "leader",
     "attention": "Needs attention: {nodes}. The way back failed; the node is in no known "
     "state. Please call the practice IT.",
+    "twin_agents": "Two agents use node {node}'s identity (a cloned machine or a second "
+    "agent): it is not switched until one of them is stopped. Please call the practice IT.",
     "timeline": "Timeline",
     "timeline_rollout": "The rollout as a whole",
     "transition": "{old} → {new}",

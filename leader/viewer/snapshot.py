@@ -134,6 +134,9 @@ class Reader:
         # What ``auto_rotate`` last decided (``leader.auto_rotate.Status.view``), set by the
         # daemon once the rotator exists, so the API carries what `schema show --json` prints.
         self.auto_rotate: Callable[[], schema_pb2.AutoRotateView] | None = None
+        # The nodes the leader sees a problem with now (two agents use one node's identity:
+        # ``leader.service.LeaderState.node_problems``), set by the daemon likewise.
+        self.node_problems: Callable[[], Sequence[tuple[str, str, dt.datetime]]] | None = None
         # By rollout id, kept for the next read (``KEPT_ROLLOUTS`` at most, the last used
         # last): each node's data by its view's bytes; the timeline as read up to an audit
         # ``seq``. Reads run in worker threads, several at once: each takes what is kept and
@@ -187,6 +190,7 @@ class Reader:
             infos=infos,
             auto_rotate=self.auto_rotate() if self.auto_rotate is not None else None,
             made=(views, made),
+            node_problems=self.node_problems() if self.node_problems is not None else (),
         )
         if not every:  # (the API's read of every rollout would push out what pages show)
             with self._lock:

@@ -126,6 +126,8 @@ class HeartbeatRequest(_message.Message):
     ANSWERS_CHECKS_FIELD_NUMBER: _builtins.int
     CHECK_ANSWER_FIELD_NUMBER: _builtins.int
     UNSWITCHED_STAGES_FIELD_NUMBER: _builtins.int
+    AGENT_INSTANCE_FIELD_NUMBER: _builtins.int
+    FAILURES_REPORT_FIELD_NUMBER: _builtins.int
     agent_version: _builtins.str
     highest_epoch: _builtins.int
     """The highest rollout epoch this agent has seen (commands with a lower one are refused)."""
@@ -162,6 +164,20 @@ class HeartbeatRequest(_message.Message):
     (`HeartbeatResponse.check`). A leader asks over the stream only an agent that says so, on
     a stream in renewal mode; any other agent is asked with `NodeAgent.Check` over the
     leader's channel to it, as before.
+    """
+    agent_instance: _builtins.str
+    """(Heartbeats stream.) A random id the agent draws as it starts (at most 32 characters), the
+    same on each of its streams: two streams of one node whose messages interleave with
+    different ids come from two agents with one identity (a cloned machine with the node's
+    key, a second agent started by hand). The leader shows it as the node's problem and
+    neither plans nor switches the node while it lasts. An agent restart is no such case (its
+    old stream sends nothing more). A leader that does not know the field ignores it.
+    """
+    failures_report: _builtins.int
+    """Numbers this agent's report of `bootstrap_failures` (from 1, with `agent_instance`). A
+    report the leader did not answer (the stream broke after the leader took it) is sent
+    again unchanged, with its number, and a leader that took that report already does not
+    add it again; failures since go in the next report. 0: unnumbered (an older agent).
     """
     @_builtins.property
     def sent_at(self) -> _timestamp_pb2.Timestamp: ...
@@ -222,10 +238,12 @@ class HeartbeatRequest(_message.Message):
         answers_checks: _builtins.bool = ...,
         check_answer: Global___CheckAnswer | None = ...,
         unswitched_stages: _abc.Iterable[_builtins.str] | None = ...,
+        agent_instance: _builtins.str = ...,
+        failures_report: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["check_answer", b"check_answer", "renewal_due_at", b"renewal_due_at", "renewal_failing_since", b"renewal_failing_since", "sent_at", b"sent_at", "server", b"server"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_port", b"agent_port", "agent_version", b"agent_version", "answers_checks", b"answers_checks", "bootstrap_failures", b"bootstrap_failures", "check_answer", b"check_answer", "closing", b"closing", "crl_number", b"crl_number", "highest_epoch", b"highest_epoch", "renewal_due_at", b"renewal_due_at", "renewal_error", b"renewal_error", "renewal_failing_since", b"renewal_failing_since", "renews", b"renews", "sent_at", b"sent_at", "seq", b"seq", "server", b"server", "unswitched_stages", b"unswitched_stages", "wants_answer", b"wants_answer"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_instance", b"agent_instance", "agent_port", b"agent_port", "agent_version", b"agent_version", "answers_checks", b"answers_checks", "bootstrap_failures", b"bootstrap_failures", "check_answer", b"check_answer", "closing", b"closing", "crl_number", b"crl_number", "failures_report", b"failures_report", "highest_epoch", b"highest_epoch", "renewal_due_at", b"renewal_due_at", "renewal_error", b"renewal_error", "renewal_failing_since", b"renewal_failing_since", "renews", b"renews", "sent_at", b"sent_at", "seq", b"seq", "server", b"server", "unswitched_stages", b"unswitched_stages", "wants_answer", b"wants_answer"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -333,6 +333,7 @@ class Schema(_message.Message):
     NODE_CLIENTS_FIELD_NUMBER: _builtins.int
     AUTO_ROTATE_FIELD_NUMBER: _builtins.int
     TOTAL_ROLLOUTS_FIELD_NUMBER: _builtins.int
+    NODE_PROBLEMS_FIELD_NUMBER: _builtins.int
     total_rollouts: _builtins.int
     """How many rollouts are stored, when `limit` left some out (else 0)."""
     @_builtins.property
@@ -375,6 +376,12 @@ class Schema(_message.Message):
         decided; unset if the leader does not say.
         """
 
+    @_builtins.property
+    def node_problems(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeProblemView]:
+        """Nodes with a problem the leader sees now, outside any rollout's record (two agents use
+        the node's identity), with what to do. Not stored: a leader that starts again sees it anew.
+        """
+
     def __init__(
         self,
         *,
@@ -388,14 +395,44 @@ class Schema(_message.Message):
         node_clients: _abc.Iterable[Global___NodeClientsView] | None = ...,
         auto_rotate: Global___AutoRotateView | None = ...,
         total_rollouts: _builtins.int = ...,
+        node_problems: _abc.Iterable[Global___NodeProblemView] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["auto_rotate", b"auto_rotate", "generated_at", b"generated_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_rotate", b"auto_rotate", "bootstrap_failures", b"bootstrap_failures", "expiring_certificates", b"expiring_certificates", "generated_at", b"generated_at", "node_clients", b"node_clients", "removed_nodes", b"removed_nodes", "renewal_failures", b"renewal_failures", "revoked_certificates", b"revoked_certificates", "rollouts", b"rollouts", "total_rollouts", b"total_rollouts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_rotate", b"auto_rotate", "bootstrap_failures", b"bootstrap_failures", "expiring_certificates", b"expiring_certificates", "generated_at", b"generated_at", "node_clients", b"node_clients", "node_problems", b"node_problems", "removed_nodes", b"removed_nodes", "renewal_failures", b"renewal_failures", "revoked_certificates", b"revoked_certificates", "rollouts", b"rollouts", "total_rollouts", b"total_rollouts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Schema: _TypeAlias = Schema  # noqa: Y015
+
+@_typing.final
+class NodeProblemView(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    PROBLEM_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    problem: _builtins.str
+    """What is wrong and what to do, in words."""
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """Since when the leader sees it."""
+
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        problem: _builtins.str = ...,
+        since: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "problem", b"problem", "since", b"since"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodeProblemView: _TypeAlias = NodeProblemView  # noqa: Y015
 
 @_typing.final
 class AutoRotateView(_message.Message):

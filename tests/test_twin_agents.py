@@ -1,0 +1,232 @@
+"""Audit s33 M5: two live agents with one node's identity (its key on a cloned machine, a second
+agent started by hand) coexisted silently: the leader took two streams per node (one for an old
+stream not yet noticed dead), asked planning questions on the newest, and took live servers,
+renewal and client reports from both in turn. Now the leader notices when two streams of one
+node, from agents with different ids (``HeartbeatRequest.agent_instance``), send interleaved
+messages (a restarted agent's old stream sends nothing more), logs it, shows it as the node's
+problem (``schema show``, the viewer), and neither plans (plan and start say why) nor switches
+the node while it lasts.
+
+The in-process tests run the real Leader service and the real agent code (``LeaderLink``) on
+real gRPC ports, as tests/test_plan_over_stream.py does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+from collections.abc import AsyncIterator, Callable, MutableMapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import pytest
+import structlog.testing
+
+from leader import planner
+from leader import service as service_module
+from leader.cli.draw import render_node_problems
+from leader.observe import NodeProblem, observe
+from leader.rollout_core import NodeState
+from leader.schema_store import SchemaStore
+from leader.schema_view import SchemaViewService
+from leader.service import twins_problem
+from leader.store import Store
+from leader.viewer import pages
+from leader.viewer.i18n import Words
+from leader.viewer.snapshot import Reader
+from nodeagent.leader_link import LeaderLink
+from tests.leader_rig import InProcessLeader
+from tests.test_engine import ALL_DONE, make_world, states
+from tests.test_heartbeat_stream import agent_link, until
+from tests.test_plan_over_stream import ENABLE_TLS, Node, commands_of, world
+from tlsroll.v1 import agent_pb2, leader_pb2, schema_pb2
+
+
+@contextlib.asynccontextmanager
+async def second_agent(
+    tmp_path: Path, rig: InProcessLeader, node: Node, name: str = "second"
+) -> AsyncIterator[LeaderLink]:
+    """Another agent with hb1's key and certificate (``LeaderLink``, its own journal and id),
+    answering planning questions as hb1's does; closed as an agent that stops."""
+    (tmp_path / name).mkdir()
+    cfg = node.link.cfg
+    link, _, journal = agent_link(
+        tmp_path / name, rig.node_files, cfg.leader_address, cfg.addresses[0]
+    )
+    link.answer_check = node.service.answer_check
+    try:
+        yield link
+    finally:
+        await link.close()
+        journal.close()
+
+
+def duplicates(events: Sequence[MutableMapping[str, Any]]) -> list[MutableMapping[str, Any]]:
+    return [e for e in events if e["event"] == "heartbeat.duplicate_agent"]
+
+
+async def test_two_live_agents_of_one_node_are_its_problem_and_it_is_neither_planned_nor_asked(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """hb1's agent and a second one with its identity both send on their streams: the leader
+    logs ``heartbeat.duplicate_agent`` once, with both connections, and shows the node's
+    problem (``schema show``), which says what to do; a plan and a start refuse hb1 with it,
+    and no question goes to either agent. Once one agent stops, the problem holds
+    ``TWINS_HOLD_BOUNDS`` renewal deadlines after it was last seen, then hb1 is planned
+    again. On ecdc160 nothing was logged and the plan asked the second agent."""
+    monkeypatch.setattr(service_module, "TWINS_HOLD_BOUNDS", 0.25)  # 2 s at 1 s
+    async with world(tmp_path, loopback) as (rig, pool, node):
+        with structlog.testing.capture_logs() as events:
+            async with second_agent(tmp_path, rig, node) as twin:
+                await twin.beat()  # its first message: a restart looks the same so far
+                assert rig.state.node_problem("hb1") is None
+                await node.link.beat()  # the first agent is alive: the two interleave
+                await twin.beat()
+                (seen,) = duplicates(events)
+                assert seen["node"] == "hb1" and len(seen["peers"]) == 2
+                problem = rig.state.node_problem("hb1")
+                assert problem == twins_problem("hb1")
+                assert "tlsroll nodes remove hb1" in problem
+
+                # schema show lists it
+                view = SchemaViewService(
+                    SchemaStore(rig.store.db),
+                    lambda: rig.clock[0],
+                    node_problems=rig.state.node_problems,
+                )
+                shown = view._answer(schema_pb2.GetSchemaRequest(), None)
+                (listed,) = shown.node_problems
+                assert (listed.node, listed.problem) == ("hb1", problem)
+
+                # neither plan nor start takes hb1, and neither agent is asked
+                asked: list[int] = []
+
+                async def noting(question: leader_pb2.CheckQuestion) -> leader_pb2.CheckAnswer:
+                    asked.append(question.id)
+                    return await node.service.answer_check(question)
+
+                for link in (node.link, twin):
+                    link.answer_check = noting
+                commands = commands_of(rig, pool)
+                for command in ("plan", "start"):
+                    with pytest.raises(planner.Unreachable) as refused:
+                        if command == "plan":
+                            await commands.plan(ENABLE_TLS)
+                        else:
+                            await commands.start(ENABLE_TLS, "admin")
+                    assert refused.value.errors["hb1"] == problem
+                with pytest.raises(NodeProblem):
+                    await rig.service.ask_check("hb1", agent_pb2.CheckRequest(), 5)
+                assert asked == []
+                for link in (node.link, twin):
+                    link.answer_check = node.service.answer_check
+                await node.link.beat()
+                await twin.beat()
+                assert len(duplicates(events)) == 1  # logged as it began, not each time
+            # The second agent stopped: hb1 is free once the hold ran out.
+            await until(lambda: rig.state.node_problem("hb1") is None, "the problem ended")
+            seen_now = await observe(pool, ["hb1"], rig.state.ca.cert, ask=rig.service.ask_check)
+            assert seen_now["hb1"].reachable
+
+
+@pytest.mark.parametrize("how", ["closed", "killed"])
+async def test_an_agent_restart_is_no_second_agent(
+    tmp_path: Path, loopback: Callable[[], str], how: str
+) -> None:
+    """A restarted agent has a new id and a new stream while the leader may still hold the
+    old one (``killed``: a connection not yet noticed dead; ``closed``: it said so, and its
+    ``closing`` message may be read after the new stream's first): the old one sends nothing
+    more, so nothing interleaves."""
+    async with world(tmp_path, loopback) as (rig, _, node):
+        with structlog.testing.capture_logs() as events:
+            if how == "closed":
+                await node.link._finish_stream()
+            else:
+                stream = node.link._stream
+                assert stream is not None
+                stream.dropped = True  # the old stream stays open at the leader: no cancel
+                node.link._stream = None
+            async with second_agent(tmp_path, rig, node) as restarted:
+                for _ in range(3):
+                    await restarted.beat()
+                if how == "killed":
+                    assert len(rig.service._streams["hb1"]) == 2
+                assert rig.state.node_problem("hb1") is None
+        assert duplicates(events) == []
+
+
+async def test_an_agent_s_own_late_message_on_its_old_stream_is_no_second_agent(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """One agent's old stream (it reconnected before the leader noticed the old one dead) may
+    have a message read after the new stream's: both carry the agent's id, so nothing is
+    seen."""
+    async with world(tmp_path, loopback) as (rig, _, node):
+        old = node.link._stream
+        assert old is not None and old.last is not None
+        old.dropped = True
+        node.link._stream = None  # the agent's reconnect: its old stream stays open
+        with structlog.testing.capture_logs() as events:
+            await node.link.beat()
+            await node.link.beat()
+            late = leader_pb2.HeartbeatRequest()
+            late.CopyFrom(old.last)
+            await old.send(late, 5, answer=True)  # read after the new stream's messages
+            await node.link.beat()
+        assert len(rig.service._streams["hb1"]) == 2
+        assert duplicates(events) == [] and rig.state.node_problem("hb1") is None
+
+
+async def test_a_node_s_switch_waits_while_two_agents_use_its_identity(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A running rollout begins no switch of a node the leader sees a problem with (two
+    agents: the Switch could reach either host, and its outcome would say nothing of the
+    other), logs that once, and switches the node at the first pass after the problem ends."""
+    world = make_world(tmp_path, monkeypatch)
+    leader = world.boot()
+    problems: dict[str, str] = {"charlie": twins_problem("charlie")}
+    leader.engine.node_problem = problems.get
+    await leader.start()
+    with structlog.testing.capture_logs() as events:
+        row = await leader.run(lambda r: states(r)["charlie"] is NodeState.SWITCHING)
+        for _ in range(10):
+            row = await leader.one_pass()
+    assert states(row) == {
+        "bravo": NodeState.DONE,
+        "charlie": NodeState.SWITCHING,
+        "alpha": NodeState.PENDING,  # (one node at a time)
+    }
+    assert world.agents.calls_to("charlie", "switch") == []
+    (held,) = [e for e in events if e["event"] == "step.held"]
+    assert held["node"] == "charlie" and held["reason"] == problems["charlie"]
+    del problems["charlie"]
+    row = await leader.run()
+    assert states(row) == ALL_DONE
+    assert len(world.agents.calls_to("charlie", "switch")) == 1
+    await leader.stop()
+
+
+def test_the_node_problem_is_on_the_viewer_s_page_and_in_schema_show(tmp_path: Path) -> None:
+    """The viewer's page warns of it in both languages (what to do: call the practice IT), the
+    API carries it as ``schema show --json`` prints it, and ``schema show`` draws it first,
+    with what to do."""
+    store = Store(tmp_path / "leader.sqlite3")
+    schema = SchemaStore(store.db)
+    now = dt.datetime(2026, 11, 30, 9, 0, tzinfo=dt.UTC)
+    problems = [("hb1", twins_problem("hb1"), now)]
+    reader = Reader(store, schema, lambda: now, lambda _: True, [])
+    reader.node_problems = lambda: problems
+    snap = reader.read()
+    (shown,) = snap.data["node_problems"]
+    assert shown["node"] == "hb1" and shown["problem"] == problems[0][1]
+    page = pages.PageContext("127.0.0.1", "test", now, "/events")
+    for lang, words in (("de", "Zwei Agenten verwenden"), ("en", "Two agents use node hb1")):
+        html = pages.schema_content(snap, Words.of(lang), page)
+        assert words in html and "hb1" in html
+    reader.node_problems = list
+    assert "Two agents" not in pages.schema_content(reader.read(), Words.of("en"), page)
+    lines = render_node_problems(snap.data["node_problems"]).lines(200, color=False)
+    text = "\n".join(lines)
+    assert "node problems" in text and "tlsroll nodes remove hb1" in text
+    store.close()
