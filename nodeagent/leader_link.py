@@ -32,11 +32,13 @@ until the channel connects (gRPC's reconnect backoff); one that refuses
 the certificate (or has too many of the node's streams) hears from it at the next heartbeat, as
 before. A stream that gives no answer within the interval is dropped, and the next heartbeat
 opens a new one on the usual schedule. A message asks for an answer when the leader has said
-nothing on the stream for ``UNHEARD_BOUNDS`` renewal bounds (``wants_answer``): a leader whose
-Python stopped while its kernel and gRPC core kept the connection up is noticed within two
-bounds and an interval (45 s at 5 s). A leader older than that RPC answers UNIMPLEMENTED: the
-agent then sends unary ``Heartbeat`` calls, and tries the stream again once that leader has
-been unreachable or after ``STREAM_RETRY_BEATS`` calls (it may have been upgraded).
+nothing on the stream for ``UNHEARD_BOUNDS`` renewal bounds (``wants_answer``), and is not
+waited for: a leader not heard from within a renewal bound after it is taken for gone. A leader
+whose Python stopped while its kernel and gRPC core kept the connection up is thus noticed
+within three bounds (about 60 s at 5 s); one slow for a moment is not. A leader older than
+that RPC answers UNIMPLEMENTED: the agent then sends unary ``Heartbeat`` calls, and tries the
+stream again once that leader has been unreachable or after ``STREAM_RETRY_BEATS`` calls (it
+may have been upgraded).
 
 The link also carries the agent's certificate renewal (``renew``; ``nodeagent.renewal``) and
 the renewal's status in each heartbeat; ``use`` reconnects it with the renewed certificate
@@ -124,12 +126,14 @@ def wants_answer(heard: float, now: float, interval: float, renew: float) -> boo
     stopped, its gRPC core still answers PINGs, left the stream up, and a routine message
     waits for nothing: the agent noticed it only when the stream's flow-control window filled
     (many minutes) or at its PING every ``KEEPALIVE_PING_SECONDS`` (audit 2 of session 33,
-    L3). With no news meanwhile every second message at the bound asks, and an answer that
-    does not come within the interval drops the stream (``heartbeat.failed``, logged once):
-    a leader that stopped is noticed within 2 bounds and an interval (45 s at 5 s, 9 s at
-    1 s); each later beat opens a new stream, whose first message asks, until the leader
-    answers again. The cost is the leader's answer, a small write on a message it reads
-    anyway, one per 40 s per agent (news spares it): at 50 agents within the spread of two
+    L3). With no news meanwhile every second message at the bound asks, without waiting for
+    the answer; when the leader has said nothing by the next message at the bound, the stream
+    is dropped (``heartbeat.failed``, logged once): a leader that stopped is noticed within
+    about 3 bounds (60 s at 5 s, 12 s at 1 s); each later beat opens a new stream, whose
+    first message asks, until the leader answers again. (Waiting an interval for the answer
+    dropped the streams of a leader whose loop or store was busy for longer than that:
+    review 1 of session 34, L1.) The cost is the leader's answer, a small write on a message
+    it reads anyway, one per 40 s per agent (news spares it): at 50 agents within the spread of two
     A/B pairs of leader CPU per agent and interval (0.47 against 0.43, and 0.47 against
     0.53 ms), its event loop's context switches per message 1.43-1.45 before, 2.07-2.23."""
     return now - heard >= UNHEARD_BOUNDS * renew - interval / 2
@@ -299,6 +303,7 @@ class _Stream:
         self._now = now  # the revocation list's number and the highest epoch, as now
         self.opened = asyncio.get_running_loop().time()
         self.heard = self.opened  # when the leader last said anything on it (``wants_answer``)
+        self.probe_at: float | None = None  # when a message asked only to hear from the leader
         self.replies = 0
         self.seq = 0  # the number of the last message sent
         self.answered = 0  # the highest message number an answer carried
@@ -675,17 +680,36 @@ class LeaderLink:
             stream = self._stream
             request.renews = True
             now = asyncio.get_running_loop().time()
-            request.wants_answer = (
-                answer or not stream.renew or wants_answer(stream.heard, now, timeout, stream.renew)
+            if stream.probe_at is not None and stream.heard >= stream.probe_at:
+                stream.probe_at = None  # the leader said something since: it is alive
+            # A message that asks only to hear from the leader (``wants_answer``) is not waited
+            # for: a leader slow for a moment (its loop or its store busy longer than an
+            # interval) is no leader gone. Not heard from within a renewal bound of it, the
+            # leader is taken for gone (review 1 of session 34, L1).
+            probe = (
+                not answer
+                and stream.renew > 0
+                and stream.probe_at is None
+                and wants_answer(stream.heard, now, timeout, stream.renew)
             )
+            request.wants_answer = answer or not stream.renew or probe
             # Stamped before the write: the leader's bound runs from when it read the message,
             # not from when the answer came back (after a revocation list was checked).
             self._sent = (report_key(request), now)
+            ended: BaseException
             try:
-                await stream.send(request, timeout, request.wants_answer)
+                # (half an interval early: the message at the bound may come at a beat before it)
+                if (
+                    stream.probe_at is not None
+                    and now - stream.probe_at >= stream.renew - timeout / 2
+                ):
+                    raise TimeoutError("no answer from the leader within the renewal bound")
+                await stream.send(request, timeout, request.wants_answer and not probe)
+                if probe:
+                    stream.probe_at = now
                 return
             except (grpc.aio.AioRpcError, asyncio.InvalidStateError, TimeoutError) as exc:
-                ended: BaseException = exc
+                ended = exc
             # The stream is broken: the next heartbeat opens a new one (soon, if it ended by
             # itself: whichever of this and its reader sees the end first tells the link).
             status = await _status(stream)
