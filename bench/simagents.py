@@ -1341,7 +1341,17 @@ def _inside(state: dict[str, Any]) -> str:
     if "error" in state:
         return str(state["error"])
     words = [f"tasks {state.get('tasks')}", f"blocks {state.get('blocks')}"]
-    for part in ("resident", "malloc", "pymalloc", "engine", "pool", "service", "store", "cache"):
+    for part in (
+        "resident",
+        "malloc",
+        "pymalloc",
+        "sqlite",
+        "engine",
+        "pool",
+        "service",
+        "store",
+        "cache",
+    ):
         sizes = state.get(part) or {}
         kept = ",".join(f"{k.lstrip('_')}={v}" for k, v in sizes.items() if v)
         words.append(f"{part}[{kept}]")

@@ -206,9 +206,12 @@ class Database:
         *,
         adopt: Callable[[sqlite3.Connection, int], None] | None = None,
         created: Callable[[sqlite3.Connection], None] | None = None,
+        cache_kib: int | None = None,
     ) -> None:
         """Open (or create, 0600) the file and apply its missing migrations (see ``migrate``;
-        ``created`` writes a new file's first rows in the same transaction)."""
+        ``created`` writes a new file's first rows in the same transaction). ``cache_kib``:
+        the most SQLite's page cache of the connection holds (``PRAGMA cache_size``), if not
+        SQLite's default (2000 KiB)."""
         self.path = Path(path)
         self._lock = threading.Lock()
         # Bumped by every committed write except a routine one (``tx(routine=True)``): a
@@ -244,6 +247,8 @@ class Database:
             self.version = migrate(self._db, self.path, migrations, adopt=adopt, created=created)
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA foreign_keys=ON")
+            if cache_kib is not None:
+                self._db.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
         except BaseException:
             self._db.close()
             raise

@@ -134,6 +134,23 @@ if _state_out and _LEADER:
                     found[kind] += int(head[1])
         return found
 
+    def _sqlite() -> dict[str, int]:
+        """SQLite's own memory in this process, in KiB (``sqlite3_status64``: ``used``, all it
+        holds, its page caches included; ``pagecache``, the caches' pages that overflowed
+        into ``used``, and ``highwater``, the most ``used`` was); empty without it."""
+        import _sqlite3  # noqa: PLC0415 - the leader has it (its stores)
+        import ctypes  # noqa: PLC0415 - the leader has it (tlsroll.heap)
+
+        status = ctypes.CDLL(_sqlite3.__file__).sqlite3_status64
+        found = {}
+        for key, op in (("used", 0), ("pagecache", 2)):
+            now, high = ctypes.c_int64(), ctypes.c_int64()
+            if status(op, ctypes.byref(now), ctypes.byref(high), 0) == 0:
+                found[key] = now.value // 1024
+                if key == "used":
+                    found["highwater"] = high.value // 1024
+        return found
+
     def _state() -> dict[str, object]:
         import asyncio  # noqa: PLC0415 - the leader has it by now
         import threading  # noqa: PLC0415
@@ -147,6 +164,7 @@ if _state_out and _LEADER:
             "malloc": _malloc(),
             "pymalloc": _pymalloc(),
             "resident": _resident(),
+            "sqlite": _sqlite(),
         }
         serve = None
         for task in tasks:
