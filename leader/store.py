@@ -198,7 +198,6 @@ def serial_fits(serial: str) -> bool:
         return False
 
 
-
 class Revocations(NamedTuple):
     """The revocation list as the store keeps it (``Store.revocations``)."""
 
