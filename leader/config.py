@@ -12,7 +12,7 @@ from leader.layout import Layout
 from leader.maintenance import Window, WindowError, parse_window
 from tlsroll import logs, pki
 from tlsroll.config import ConfigFile, Section
-from tlsroll.defaults import CONTROL_PORT, JOIN_PORT, VIEWER_PORT
+from tlsroll.defaults import CONTROL_PORT, JOIN_PORT, MAX_FREEZE_LEASE, VIEWER_PORT
 
 AGENT_CERT_LIFETIME = 30 * 86400  # seconds; see LeaderConfig.agent_cert_lifetime
 SERVER_CERT_LIFETIME = pki.LEAF_VALIDITY_DAYS * 86400  # seconds; under Apple's 398 days
@@ -84,7 +84,7 @@ class LeaderConfig:
             heartbeat_interval=s.integer("heartbeat_interval", 5, lo=1, hi=3600),
             admin_socket=s.path("admin_socket", layout.admin_socket),
             node_name=s.text("node_name", None),
-            scope_freeze_lease=s.integer("scope_freeze_lease", 300, lo=2, hi=86400),
+            scope_freeze_lease=s.integer("scope_freeze_lease", 300, lo=2, hi=MAX_FREEZE_LEASE),
             viewer_port=s.integer("viewer_port", VIEWER_PORT, lo=0, hi=65535),
             metrics_token_file=s.path("metrics_token_file", None),
             join_free_failures=s.integer("join_free_failures", 5, lo=1, hi=1_000_000),

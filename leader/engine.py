@@ -44,6 +44,7 @@ import contextlib
 import datetime as dt
 import functools
 import itertools
+import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import replace
@@ -90,7 +91,7 @@ from leader.schema_store import (
 )
 from leader.store import IssuedCert, Node, Store
 from tlsroll import dbthread, logs, pki
-from tlsroll.errors import TransientError
+from tlsroll.errors import TlsrollError, TransientError
 from tlsroll.v1 import agent_pb2
 
 log = logs.get_logger(__name__)
@@ -126,6 +127,16 @@ StepKey = tuple[str, str, Step]
 _OPPOSITE = {Step.FREEZE: Step.UNFREEZE, Step.UNFREEZE: Step.FREEZE}
 # The planner's routine node events: the engine logs them at debug (``reconcile``).
 _GATES = frozenset({NodeEvent.START, NodeEvent.SWITCH})
+
+
+def crash_fields(exc: BaseException) -> dict[str, str]:
+    """What ``step.crashed`` logs of ``exc``: its type and place (``logs.where``), and its
+    message only for an error of the project's own or the store's (SQLite's name no value).
+    Any other may hold any value, as ``rpc.internal_error`` says (review 1 of s34, nit)."""
+    fields = {"error_type": type(exc).__name__, "where": logs.where(exc)}
+    if isinstance(exc, TlsrollError | sqlite3.Error):
+        fields["error"] = str(exc)
+    return fields
 
 
 class Engine:
@@ -588,8 +599,7 @@ class Engine:
             rollout_id=rollout_id,
             node=node,
             step=step.value,
-            error=str(exc),
-            error_type=type(exc).__name__,
+            **crash_fields(exc),
         )
         retry = self.monotonic() + STEP_RETRY_SECONDS
         self.not_before[key] = max(self.not_before.get(key, 0.0), retry)
@@ -716,8 +726,7 @@ class Engine:
                 rollout_id=rollout.id,
                 node=step.node,
                 step=step.step.value,
-                error=str(exc),
-                error_type=type(exc).__name__,
+                **crash_fields(exc),
             )
             self.not_before[key] = self.monotonic() + STEP_RETRY_SECONDS
             return

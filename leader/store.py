@@ -183,6 +183,8 @@ class IssuedCert:
 
 
 EXPIRED_KEPT = dt.timedelta(days=1)
+"""How long a revoked certificate stays on the revocation list after it expired: a server
+whose clock is behind the leader's still takes it as unexpired that long (review s28 L2)."""
 # A serial a revocation list can hold: positive, below 2**159 (RFC 5280 caps serials at 20
 # octets; cryptography, which signs the list, at 159 bits, as its random serials are).
 SERIAL_LIMIT = 2**159
@@ -194,10 +196,6 @@ def serial_fits(serial: str) -> bool:
         return 0 < int(serial, 16) < SERIAL_LIMIT
     except ValueError:
         return False
-
-
-"""How long a revoked certificate stays on the revocation list after it expired: a server
-whose clock is behind the leader's still takes it as unexpired that long (review s28 L2)."""
 
 
 class Revocations(NamedTuple):
@@ -450,6 +448,9 @@ class Store(LeaderStore):
         the first call was lost: the agent was killed before it wrote the certificate, or its
         deadline passed while this transaction committed). It gets a new certificate of the
         same key and names, within the node's certificates per hour; nothing else changes.
+
+        The key of a node whose certificate the admin revoked (``tlsroll ca revoke``) is
+        refused by any token: a new key, or ``nodes remove`` first, is the way back.
         """
         self._check_secret(token_id, secret)  # a wrong secret never takes the write lock
         with self._nodes_write(), self._db.tx() as db:
@@ -485,6 +486,13 @@ class Store(LeaderStore):
                 raise NameTaken(
                     f"node name {name!r} is already enrolled with another key; "
                     f"remove the old node first: tlsroll nodes remove {name}"
+                )
+            if existing is not None and _revoked(db, existing["cert_serial"]):
+                # Same key (not NameTaken): whoever holds a copied key and a token with a use
+                # left must not undo `ca revoke` (review 1 of s34, M2).
+                raise TokenRejected(
+                    f"this key's certificate was revoked; enrol with a new key, or remove "
+                    f"the node first: tlsroll nodes remove {name}"
                 )
             _check_free(db, name, addresses, dns_names, reserved())
             if replay and existing is not None:
@@ -1599,6 +1607,12 @@ def _record_cert(
         " issued_at, not_after) VALUES (?, ?, ?, ?, ?, ?, ?)",
         (serial, kind, subject, node, fingerprint, to_text(issued_at), to_text(not_after)),
     )
+
+
+def _revoked(db: sqlite3.Connection, serial: str) -> bool:
+    """Whether the certificate ``serial`` on record was revoked (one not on record was not)."""
+    row = db.execute("SELECT revoked_at FROM certificates WHERE serial = ?", (serial,)).fetchone()
+    return row is not None and row["revoked_at"] is not None
 
 
 def _check_free(

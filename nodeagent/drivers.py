@@ -643,37 +643,74 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
 
     async def stop(self) -> None:
         # A server of ours that died on its own is a zombie until waited for: reap it first.
-        self._reap()
+        # A pid we reaped is free for the system to reuse: never signal it, and drop the pid
+        # file still naming it (a crashed server leaves it), so that no later stop can read
+        # it and signal an unrelated process that got the pid (review 1 of s34, L4).
+        reaped = self._reap()
         pid = self._pid()
-        if pid is None or not _pid_alive(pid):
+        if pid is None:
+            return
+        if pid in reaped or not _pid_alive(pid):
+            await self._wait_reaped(pid, reaped)
+            self._drop_pid_file(pid, reaped)
             return
         wakeup = Wakeup()
         wakeup.watch_exit(pid)
         try:
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
-            await self._wait_exit(pid, wakeup, STOP_TIMEOUT)
-            if _pid_alive(pid):
+            await self._wait_exit(pid, wakeup, STOP_TIMEOUT, reaped)
+            if pid not in reaped and _pid_alive(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
                 # SIGKILL ends it at once, but not in the same instant: wait (bounded) for it.
-                await self._wait_exit(pid, wakeup, KILL_WAIT)
+                await self._wait_exit(pid, wakeup, KILL_WAIT, reaped)
         finally:
             wakeup.close()
-        self._reap()
+        reaped |= self._reap()
+        await self._wait_reaped(pid, reaped)
+        self._drop_pid_file(pid, reaped)
 
-    async def _wait_exit(self, pid: int, wakeup: Wakeup, timeout: float) -> None:
+    async def _wait_reaped(self, pid: int, reaped: set[int]) -> None:
+        """Wait (bounded: ``KILL_WAIT``) until ``pid``, if a child of ours that exited, is
+        reaped: the leader of a thread group shows as a zombie while its other threads still
+        exit, and cannot be waited for until they have."""
+        deadline = time.monotonic() + KILL_WAIT
+        wait = READY_FIRST_WAIT
+        while any(c.pid == pid for c in self._children) and time.monotonic() < deadline:
+            if _pid_alive(pid):
+                return  # not ours to wait for: it runs (a stop that gave up on it)
+            await asyncio.sleep(wait)
+            reaped |= self._reap()
+            wait = min(wait * 2, READY_MAX_WAIT)
+
+    async def _wait_exit(self, pid: int, wakeup: Wakeup, timeout: float, reaped: set[int]) -> None:
         deadline = time.monotonic() + timeout
         # Its exit wakes us (pidfd): the wait is a safety net. Otherwise poll.
         ceiling = READY_FALLBACK_WAIT if wakeup.watching else READY_MAX_WAIT
         wait = READY_FALLBACK_WAIT if wakeup.watching else READY_FIRST_WAIT
         while _pid_alive(pid) and time.monotonic() < deadline:
-            self._reap()
+            reaped |= self._reap()
+            if pid in reaped:
+                return
             await wakeup.wait(wait)
             wait = min(wait * 2, ceiling)
 
-    def _reap(self) -> None:
-        self._children = [c for c in self._children if c.poll() is None]
+    def _reap(self) -> set[int]:
+        """Wait for the children that exited; their pids (free for reuse from now on)."""
+        running = [c for c in self._children if c.poll() is None]
+        reaped = {c.pid for c in self._children} - {c.pid for c in running}
+        self._children = running
+        return reaped
+
+    def _drop_pid_file(self, pid: int, reaped: set[int]) -> None:
+        """Remove the pid file if it still names ``pid``, a child of ours we reaped."""
+        if pid not in reaped:
+            return
+        path = self.data_dir / "refserver.pid"
+        with contextlib.suppress(OSError, ValueError):
+            if int(path.read_text().strip()) == pid:
+                path.unlink()
 
     def _spawn(self, notify_socket: str | None = None) -> subprocess.Popen[bytes]:
         # The agent's own NOTIFY_SOCKET (systemd's, for the agent's unit) is never passed on:

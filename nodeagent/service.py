@@ -49,6 +49,7 @@ from nodeagent.trust import EpochNotAnnounced, LeaderTrust, NotTheLeader, Revoke
 from nodeagent.wire import CHANGE, TXN_KIND, TXN_OUTCOME, TXN_PHASE
 from tlsroll import __version__, dbthread, httpcheck, logs, password
 from tlsroll.clients import ClientsView
+from tlsroll.defaults import MAX_FREEZE_LEASE
 from tlsroll.enums import Change, TxnKind
 from tlsroll.errors import PKIError, PKIReason
 from tlsroll.fsutil import PUBLIC, make_private_dir, write_atomic
@@ -1078,7 +1079,10 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         self, request: agent_pb2.FreezeRequest, context: Ctx
     ) -> agent_pb2.FreezeResponse:
         rollout_id = await self._command(context, request.command)
-        lease = dt.timedelta(seconds=request.lease_seconds or DEFAULT_FREEZE_LEASE)
+        # Never longer than MAX_FREEZE_LEASE: a switch that cannot read the lease unfreezes
+        # after that long (``Runner._unfreeze``); the leader asks no more (its config's bound).
+        seconds = min(request.lease_seconds or DEFAULT_FREEZE_LEASE, MAX_FREEZE_LEASE)
+        lease = dt.timedelta(seconds=seconds)
         async with self._freeze_lock:  # not across the lease watch's lift (``_lift_lapsed_freeze``)
             # The lease first: a freeze must never be without a deadline, even for an instant.
             until = self.clock() + lease

@@ -86,6 +86,7 @@ from tenacity import (
 from nodeagent.drivers import Driver, DriverError, ServerFacts, StagedConfig
 from tlsroll import dbthread, logs, probe
 from tlsroll.backoff import Policy
+from tlsroll.defaults import MAX_FREEZE_LEASE
 from tlsroll.enums import TxnKind, TxnOutcome
 from tlsroll.errors import LocalResourceError, TerminalError, is_local_shortage, os_error_text
 from tlsroll.fsutil import PRIVATE, write_atomic
@@ -104,6 +105,9 @@ VERIFY_ATTEMPTS = 3  # a server that has just restarted may need a moment to ans
 VERIFY_WAIT = 0.3
 # unfreeze: 0.5 s, 1 s, 2 s ... at most 30 s between attempts, for as long as it takes
 UNFREEZE_BACKOFF = Policy(free=1, base=0.5, cap=30.0, forget=3600.0)
+# A scope switch that cannot read its lease (``_unfreeze``) unfreezes after this long: any lease
+# journalled before has run out by then (the agent's Freeze grants at most this).
+LEASE_UNREAD_LIMIT = dt.timedelta(seconds=MAX_FREEZE_LEASE)
 UNFREEZE_LOG_EVERY = 600.0  # seconds: past the first attempts, at most one line this often
 # The agent itself short of descriptors or kernel memory (EMFILE, ENFILE, ENOMEM, ENOBUFS:
 # ``is_local_shortage``) says nothing about the server: the action is tried again
@@ -1190,8 +1194,14 @@ class Runner:
         while the switch ran, or the lease watch did), nothing else would ever lift it: it is
         lifted here (s34 review M3). Each such attempt reads the lease and unfreezes under
         ``freeze_lock``, so that a Freeze crossing it is never undone (review s32 F3); a lease
-        that cannot be read is tried again like an unfreeze that failed, frozen meanwhile."""
+        that cannot be read is tried again like an unfreeze that failed, frozen meanwhile, but
+        not for longer than the longest lease (``MAX_FREEZE_LEASE``): then it unfreezes (review
+        1 of s34, L3; as ``_scope_frozen`` does, an unreadable journal holds no lease we could
+        honour). That is safe: a Freeze journals its lease before it freezes, so on a journal
+        that could not be read all that time none was granted that we could know of, and any
+        granted before has run out."""
         attempt, logged = 0, time.monotonic()
+        unread_since: dt.datetime | None = None  # when the lease reads began to fail
         while True:
             try:
                 if plan.keep_frozen:
@@ -1199,7 +1209,23 @@ class Runner:
                         try:
                             lease = await dbthread.run(self.journal.freeze_lease)
                         except Exception as exc:  # a lease may hold: frozen still, asked again
-                            raise LeaseUnread(f"the scope freeze's lease: {describe(exc)}") from exc
+                            unread_since = unread_since or self.clock()
+                            if self.clock() - unread_since < LEASE_UNREAD_LIMIT:
+                                raise LeaseUnread(
+                                    f"the scope freeze's lease: {describe(exc)}"
+                                ) from exc
+                            log.warning(
+                                "txn.lease_unread_unfreeze",
+                                rollout_id=txn.rollout_id,
+                                kind=txn.kind,
+                                unread_seconds=int((self.clock() - unread_since).total_seconds()),
+                                error=describe(exc),
+                                detail="no lease read for longer than the longest lease:"
+                                " unfreezing",
+                            )
+                            lease = None
+                        else:
+                            unread_since = None
                         if lease is not None:
                             return {}  # the rollout's scope freeze goes on, bounded by its lease
                         await self.driver.unfreeze()

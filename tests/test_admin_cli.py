@@ -17,6 +17,7 @@ import grpc
 import pytest
 from cryptography.hazmat.primitives import serialization
 
+from leader.cli.cluster_cmd import short_serial_digits
 from leader.tokens import SECRET_ALPHABET
 from tests.cluster import Cluster, command, enrol, enrol_request, one_line_error
 from tests.conftest import next_loopback
@@ -324,6 +325,16 @@ def test_a_cut_short_serial_is_refused_and_the_full_one_or_unknown_revokes(
     assert row["kind"] == "other" and row["revoked_at"]
     again = cli_error(cluster.cli("ca", "revoke", "--unknown", "c0ffee"), 1)
     assert "no unrevoked certificate matches" in again
+
+
+@pytest.mark.parametrize(
+    ("given", "digits"),
+    [("00c0ffee", 6), (" C0FFEE ", 6), ("f" * 32, None), ("ws-foo", None), ("ws-abcdef", None)],
+)
+def test_the_cut_short_warning_is_for_serials_only(given: str, digits: int | None) -> None:
+    """`ca revoke --unknown ws-foo` revokes by name: no "ws-foo has 6 hex digits" warning
+    (review 1 of s34, nit); a short hex serial still gets it."""
+    assert short_serial_digits(given) == digits
 
 
 # --- the admin socket -------------------------------------------------------------------------

@@ -995,6 +995,35 @@ async def test_a_server_that_died_is_reaped_by_the_next_stop(tmp_path: Path) -> 
         await driver.stop()
 
 
+@pytest.mark.parametrize("crash", ["before-stop", "stop-kills"])
+async def test_a_stop_that_reaped_the_server_removes_its_stale_pid_file(
+    crash: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review 1 of s34, L4: a crashed (SIGKILLed) server leaves its pid file. Once ``stop``
+    reaped it, its pid is free for reuse, and the file still named it: a later stop (after a
+    start that failed before it wrote a new file) would SIGTERM and SIGKILL whatever process
+    got that pid. A stop that reaped the server now removes the file naming it; so does one
+    whose own SIGKILL ended a server that ignored SIGTERM (the pid file stays then too)."""
+    driver = reference_driver(tmp_path)
+    pid_file = driver.data_dir / "refserver.pid"
+    try:
+        await driver.start()
+        pid = driver._pid()
+        assert pid is not None and pid_file.exists()
+        if crash == "before-stop":
+            os.kill(pid, signal.SIGKILL)
+            wait_until(lambda: not alive(pid), 10, "the server's crash")
+        else:  # the server ignores SIGTERM: the stop's SIGKILL, after its wait, ends it
+            os.kill(pid, signal.SIGSTOP)
+            monkeypatch.setattr(drivers, "STOP_TIMEOUT", 0.3)
+        await driver.stop()
+        assert not Path(f"/proc/{pid}").exists(), "a zombie is left"
+        assert not pid_file.exists(), "the pid file still names a pid free for reuse"
+        await driver.stop()  # nothing to stop, nothing signalled
+    finally:
+        await driver.stop()
+
+
 async def test_waiting_for_a_server_waits_out_the_agents_own_shortage(tmp_path: Path) -> None:
     """``_wait_healthy`` (systemd and exec after their restart command) ended at the first
     EMFILE of the agent's, and the transaction then ran the restart again on a server that was

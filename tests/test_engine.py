@@ -1700,10 +1700,38 @@ async def test_a_failed_write_of_a_step_s_trouble_is_logged_and_keeps_its_pause(
     crashed = [e for e in logs if e["event"] == "step.crashed"]
     assert len(crashed) == len(failed), crashed
     assert all(
-        e["node"] == "charlie" and e["step"] == "freeze" and "disk is full" in e["error"]
+        e["node"] == "charlie"
+        and e["step"] == "freeze"
+        and e["error_type"] == "OperationalError"
+        and "in full_disk" in e["where"]  # the place (review 1 of s34, nit)
+        and "disk is full" in e["error"]  # a store error's message names no value: kept
         for e in crashed
     )
     assert all(b - a >= STEP_RETRY_SECONDS for a, b in pairwise(sent)), sent
+
+
+async def test_a_crashed_step_logs_its_type_and_place_not_its_message(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review 1 of s34, nit: ``step.crashed`` logged ``str(exc)`` of any exception, which may
+    hold any value; like ``rpc.internal_error`` it now logs the type and the place only."""
+    world = make_world(tmp_path, monkeypatch)
+    leader = world.boot()
+
+    async def bug(*_args: Any) -> Any:
+        raise ValueError("a value that may be a secret: hunter2")
+
+    monkeypatch.setattr(leader.engine, "_step", bug)
+    await leader.start()
+    with capture_logs() as logs:
+        for _ in range(3):
+            await leader.one_pass()
+    crashed = [e for e in logs if e["event"] == "step.crashed"]
+    assert crashed
+    assert all(
+        e["error_type"] == "ValueError" and "in bug" in e["where"] and "hunter2" not in str(e)
+        for e in crashed
+    ), crashed
 
 
 async def test_a_leader_back_after_the_lease_freezes_again_before_the_next_switch(

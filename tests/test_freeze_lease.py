@@ -29,6 +29,7 @@ from nodeagent.journal import Journal, Txn
 from nodeagent.service import NodeAgentService
 from nodeagent.transaction import Action, Phase, Plan, Runner
 from nodeagent.trust import LeaderTrust
+from tlsroll.defaults import MAX_FREEZE_LEASE
 from tlsroll.enums import TxnKind, TxnOutcome
 from tlsroll.v1 import agent_pb2
 
@@ -323,4 +324,19 @@ async def test_a_runner_lift_after_a_freeze_leaves_the_freeze_to_its_lease(
     if path == "way-back-failed":
         failed = journal.get("r0", TxnKind.SWITCH)
         assert failed is not None and failed.outcome is TxnOutcome.FAILED
+    journal.close()
+
+
+async def test_a_freeze_grants_no_lease_longer_than_the_longest(tmp_path: Path) -> None:
+    """Review 1 of s34, L3: a scope switch that cannot read its lease unfreezes after
+    ``MAX_FREEZE_LEASE``, so no Freeze may journal a longer one (the leader never asks more:
+    its scope_freeze_lease is bounded by it); a longer request is cut to it."""
+    journal = Journal(tmp_path / "journal.sqlite3")
+    server = GatedServer(frozen=False)
+    agent, _lock = make_agent(tmp_path, journal, server)
+    request = freeze_request()
+    request.lease_seconds = 10 * MAX_FREEZE_LEASE
+    reply = await agent.Freeze(request, cast(Any, None))
+    assert reply.frozen and server.frozen
+    assert journal.freeze_lease() == ("r1", START + dt.timedelta(seconds=MAX_FREEZE_LEASE))
     journal.close()

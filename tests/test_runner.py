@@ -833,6 +833,38 @@ async def test_a_scope_switch_that_cannot_read_its_lease_stays_frozen_and_asks_a
     journal.close()
 
 
+class LeaseNeverRead(CrashingJournal):
+    """A journal whose reads of the freeze lease all fail (a damaged page, for good)."""
+
+    def freeze_lease(self) -> tuple[str, dt.datetime] | None:
+        raise JournalError("journal: disk I/O error")
+
+
+async def test_a_scope_switch_that_never_reads_its_lease_unfreezes_after_the_longest_lease(
+    world: Callable[..., World], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review 1 of s34, L3: a lease that can never be read kept the switch waiting, frozen,
+    for ever (the transaction unfinished, so nothing else lifts it). It waits the longest lease
+    an agent grants (any lease journalled before has run out by then), then unfreezes, logged."""
+    warned: list[tuple[str, dict[str, Any]]] = []
+    monkeypatch.setattr(transaction.log, "warning", lambda event, **kw: warned.append((event, kw)))
+    sc = SCENARIOS["completes"]
+    w = world(sc)
+    w.plan = replace(w.plan, keep_frozen=True)
+    w.txn = replace(w.txn, plan=w.plan.to_json())
+    journal = LeaseNeverRead(w.journal_path)
+    started = w.time.clock()
+    done = await asyncio.wait_for(w.run(journal), 60)
+    assert done.outcome is TxnOutcome.COMPLETED, done.reason
+    assert w.server.ops == list(sc.ops) and not w.server.frozen
+    waited = w.time.clock() - started
+    limit = transaction.LEASE_UNREAD_LIMIT
+    assert limit <= waited < limit + dt.timedelta(seconds=transaction.UNFREEZE_BACKOFF.cap + 1)
+    (unfrozen,) = [kw for event, kw in warned if event == "txn.lease_unread_unfreeze"]
+    assert unfrozen["unread_seconds"] >= limit.total_seconds() and "I/O" in unfrozen["error"]
+    journal.close()
+
+
 async def test_a_scope_switch_begun_after_its_lease_was_lifted_unfreezes_at_its_end(
     world: Callable[..., World],
 ) -> None:

@@ -260,3 +260,61 @@ def test_a_lost_answer_to_a_re_enrolment_of_a_node_that_renewed_is_replayed(stor
     assert store.accepted_certificates()["node1"] == {again.fingerprint, replayed.fingerprint}
     kinds = [r[3] for r in rows(store)["audit"]]
     assert kinds.count("node.enrolment_replayed") == 1
+
+
+def test_a_token_with_a_use_left_does_not_re_certify_a_revoked_key(store: Store) -> None:
+    """The admin revokes a node's certificate (a copied key and token); a token with a use
+    left (``--uses 2``, or any other token of the node) must not sign that key again, replay
+    or not: a new key, or `nodes remove` first, is the way back (review 1 of s34, M2)."""
+    add_t2(store)
+    first = enrol(store)
+    store.revoke(first.serial, reason="copied key", now=NOW, actor="admin")
+    before = rows(store)
+    with pytest.raises(TokenRejected, match="revoked"):
+        enrol(store, token_id="t2", now=NOW + dt.timedelta(minutes=1))
+    assert rows(store) == before
+    assert node_row(store)["cert_serial"] == first.serial
+    # Another key by that token is the name's other key (NameTaken, as before); once the
+    # admin removed the node, a new token enrols it anew.
+    with pytest.raises(NameTaken):
+        enrol(store, token_id="t2", key_pin="ANOTHER-KEY", now=NOW + dt.timedelta(minutes=1))
+    store.remove_node("node1", now=NOW + dt.timedelta(minutes=2), actor="admin")
+    store.add_token(
+        "t3",
+        SECRET,
+        ttl=dt.timedelta(hours=1),
+        uses=1,
+        description="",
+        now=NOW,
+        actor="admin",
+        node_name="node1",
+        addresses=(ADDRESS,),
+    )
+    again = enrol(store, token_id="t3", now=NOW + dt.timedelta(minutes=3))
+    assert node_row(store)["cert_serial"] == again.serial
+
+
+def test_a_multi_use_token_does_not_re_certify_its_revoked_key(tmp_path: Path) -> None:
+    """The review's demo: one token made with ``--uses 2`` enrols key K, the admin revokes
+    K's certificate; K by the same token is refused and nothing changes."""
+    s = Store(tmp_path / "leader.sqlite3")
+    s.add_token(
+        "t1",
+        SECRET,
+        ttl=dt.timedelta(hours=1),
+        uses=2,
+        description="",
+        now=NOW,
+        actor="admin",
+        node_name="node1",
+        addresses=(ADDRESS,),
+    )
+    try:
+        first = enrol(s)
+        s.revoke(first.serial, reason="copied key", now=NOW, actor="admin")
+        before = rows(s)
+        with pytest.raises(TokenRejected, match="revoked"):
+            enrol(s, now=NOW + dt.timedelta(minutes=1))
+        assert rows(s) == before
+    finally:
+        s.close()

@@ -11,4 +11,7 @@ HTTP_PORT = 8080  # managed server before the switch (the seed's)
 HTTPS_PORT = 8443  # managed server after the switch (the seed's)
 VIEWER_PORT = 9444  # leader, https: the read-only web viewer of the schema (0 in leader.toml: off)
 HEARTBEAT_INTERVAL = 5
+# Seconds: the longest scope freeze lease (leader.toml scope_freeze_lease at most; an agent
+# grants no longer, so a lease it cannot read has surely run out after this long).
+MAX_FREEZE_LEASE = 86400
 DEFAULT_DATA_DIR = Path("/var/lib/tlsroll")  # the leader's data directory

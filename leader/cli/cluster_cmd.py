@@ -4,6 +4,7 @@ up the cluster (the CA, the leader's files) and letting agents join it."""
 from __future__ import annotations
 
 import datetime as dt
+import re
 import shlex
 import sys
 from pathlib import Path
@@ -144,14 +145,24 @@ def ca_revoke(leader: Leader, serial: str, reason: str, unknown: bool) -> None:
             ),
         )
     out.print(f"revoked {', '.join(reply.revoked_serials)}")
-    digits = len(serial.strip().lstrip("0"))
-    if unknown and digits < SERIAL_DIGITS:  # 159 random bits: fewer by chance once in 2^35
+    digits = short_serial_digits(serial)
+    if unknown and digits is not None:
         click.echo(
             f"tlsroll: warning: {serial.strip()} has {digits} hex digits, and the serials this"
             f" CA issues have {SERIAL_DIGITS} or more: if it was cut short, the certificate"
             " it is from is not revoked",
             err=True,
         )
+
+
+def short_serial_digits(serial: str) -> int | None:
+    """The hex digits of ``serial`` when fewer than this CA's serials have (it may have been
+    cut short); None for a full serial or a workstation name (ws-…)."""
+    key = serial.strip()
+    if not re.fullmatch(r"[0-9a-fA-F]+", key):
+        return None
+    digits = len(key.lstrip("0"))
+    return digits if digits < SERIAL_DIGITS else None  # 159 random bits: fewer once in 2^35
 
 
 @click.group()
