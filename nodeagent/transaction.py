@@ -88,7 +88,13 @@ from tlsroll import dbthread, logs, probe
 from tlsroll.backoff import Policy
 from tlsroll.defaults import MAX_FREEZE_LEASE
 from tlsroll.enums import TxnKind, TxnOutcome
-from tlsroll.errors import LocalResourceError, TerminalError, is_local_shortage, os_error_text
+from tlsroll.errors import (
+    LocalResourceError,
+    TerminalError,
+    TransientError,
+    is_local_shortage,
+    os_error_text,
+)
 from tlsroll.fsutil import PRIVATE, write_atomic
 
 if TYPE_CHECKING:  # the journal stores Phase values: it imports this module
@@ -194,7 +200,7 @@ class StepFailed(TerminalError):
     pass
 
 
-class LeaseUnread(Exception):
+class LeaseUnread(TransientError):
     """A scope switch at its end could not read whether a lease holds its freeze: the server
     stays frozen and the unfreeze step asks again (``Runner._unfreeze``)."""
 
