@@ -1454,6 +1454,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         try:
             while True:
                 request = await context.read()
+                arrived = next(self._heard)  # the order messages came in, not their ends
                 if not isinstance(request, leader_pb2.HeartbeatRequest):  # EOF: ended
                     if beat.ending is not None:  # by the leader (its deadline, a cut): its status
                         await beat.ending
@@ -1492,7 +1493,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                     self._superseded(beat)
                 # Two agents with one identity (audit s33 M5): which agent sent it, and
                 # whether another's stream sent since this one's last message.
-                before, beat.heard = beat.heard, next(self._heard)
+                before, beat.heard = beat.heard, arrived
                 if first:
                     beat.agent = agent_of(request, context)
                 elif not request.closing:
@@ -1598,7 +1599,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                 for o in self._streams.get(beat.name, ())
                 if o is not beat
                 and o.agent != beat.agent
-                and o.heard > before
+                and before < o.heard < beat.heard
                 and not o.cut
                 and not o.closed
             ),

@@ -13,8 +13,10 @@ real gRPC ports, as tests/test_plan_over_stream.py does.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import datetime as dt
+import time
 from collections.abc import AsyncIterator, Callable, MutableMapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -151,6 +153,44 @@ async def test_an_agent_restart_is_no_second_agent(
                     await restarted.beat()
                 if how == "killed":
                     assert len(rig.service._streams["hb1"]) == 2
+                assert rig.state.node_problem("hb1") is None
+        assert duplicates(events) == []
+
+
+async def test_a_killed_agent_s_last_message_ending_late_is_no_second_agent(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Review 2 of session 34: a killed agent's last message that the leader finishes late (its
+    store busy for a moment) ended after the restarted agent's first message: the streams were
+    ordered by when their messages ended, so the old one looked interleaved with the new, a
+    false twin (the node held about two minutes, the admin told to remove and re-enrol it).
+    Messages are ordered by when they were read, and only one read between two of a stream's
+    own counts."""
+    async with world(tmp_path, loopback) as (rig, _, node):
+        schema = rig.service.schema
+        real = schema.record_bootstrap_failures
+
+        def slow(*args: Any, **kwargs: Any) -> Any:  # the store busy for a moment
+            time.sleep(1.5)
+            return real(*args, **kwargs)
+
+        schema.record_bootstrap_failures = slow  # type: ignore[method-assign]
+        old = node.link._stream
+        assert old is not None and old.last is not None
+        with structlog.testing.capture_logs() as events:
+            late = leader_pb2.HeartbeatRequest()
+            late.CopyFrom(old.last)
+            failure = late.bootstrap_failures.add(source="10.0.0.9", workstation="ws-a", count=3)
+            failure.last_at.GetCurrentTime()
+            await old.send(late, 5, answer=False)  # its last message; then the agent is killed
+            old.dropped = True  # the connection not yet noticed dead at the leader
+            node.link._stream = None
+            await asyncio.sleep(0.2)
+            async with second_agent(tmp_path, rig, node) as restarted:
+                await restarted.beat()  # read after the old message, done before it
+                await asyncio.sleep(2.0)  # the old message's write ends
+                await restarted.beat()
+                await restarted.beat()
                 assert rig.state.node_problem("hb1") is None
         assert duplicates(events) == []
 
