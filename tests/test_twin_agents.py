@@ -217,6 +217,55 @@ async def test_an_agent_s_own_late_message_on_its_old_stream_is_no_second_agent(
         assert duplicates(events) == [] and rig.state.node_problem("hb1") is None
 
 
+async def test_three_agents_with_one_identity_are_its_problem(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Review 2 of s34, F3: three agents with one key. Each new stream ends the node's oldest
+    of two before that one sends a second message, so no two streams interleave: the ended
+    agent's id coming back (while another agent's stream lives) is what shows it."""
+    async with (
+        world(tmp_path, loopback) as (rig, _, node),
+        second_agent(tmp_path, rig, node, "b") as b,
+        second_agent(tmp_path, rig, node, "c") as c,
+    ):
+        with structlog.testing.capture_logs() as events:
+            await b.beat()
+            await c.beat()
+            for _ in range(4):  # ~ the agents' run loops: quiet beats, an interval apart
+                for link in (node.link, b, c):
+                    with contextlib.suppress(Exception):
+                        await link.beat(quiet=True)
+                    await asyncio.sleep(0.2)
+        assert [e for e in events if e["event"] == "heartbeat.stream_replaced"]
+        assert rig.state.node_problem("hb1") == twins_problem("hb1")
+        assert len(duplicates(events)) == 1
+
+
+async def test_an_agent_reconnecting_after_its_restart_evicted_its_old_stream_is_no_twin(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """A killed agent's old stream (not yet noticed dead) is ended by its restarted agent's
+    second stream (a reconnect): the old id never comes back, so nothing is held."""
+    async with world(tmp_path, loopback) as (rig, _, node):
+        with structlog.testing.capture_logs() as events:
+            stream = node.link._stream
+            assert stream is not None
+            stream.dropped = True  # the old stream stays open at the leader: no cancel
+            node.link._stream = None
+            async with second_agent(tmp_path, rig, node) as restarted:
+                await restarted.beat()
+                assert len(rig.service._streams["hb1"]) == 2
+                mine = restarted._stream
+                assert mine is not None
+                mine.dropped = True  # its own reconnect, the old one not yet noticed dead
+                restarted._stream = None
+                await restarted.beat()  # ends the killed agent's stream
+                await restarted.beat()
+                assert rig.state.node_problem("hb1") is None
+        assert [e for e in events if e["event"] == "heartbeat.stream_replaced"]
+        assert duplicates(events) == []
+
+
 async def test_a_node_s_switch_waits_while_two_agents_use_its_identity(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
