@@ -28,7 +28,7 @@ from leader import planner
 from leader import service as service_module
 from leader.cli.draw import render_node_problems
 from leader.observe import NodeProblem, observe
-from leader.rollout_core import NodeState
+from leader.rollout_core import FreezeMode, NodeState, RolloutState
 from leader.schema_store import SchemaStore
 from leader.schema_view import SchemaViewService
 from leader.service import twins_problem
@@ -293,6 +293,35 @@ async def test_a_node_s_switch_waits_while_two_agents_use_its_identity(
     row = await leader.run()
     assert states(row) == ALL_DONE
     assert len(world.agents.calls_to("charlie", "switch")) == 1
+    await leader.stop()
+
+
+async def test_a_scope_rollout_s_switch_held_for_a_lease_fails_and_unfreezes_the_scope(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review 2 of s34, F1: under ``--freeze scope`` a held switch kept every node of the scope
+    frozen (the engine renews their leases) for as long as the twins lasted, and ``nodes
+    remove`` is refused while the rollout holds the node. Held for a freeze lease, the node
+    needs attention with the problem as its reason: the rollout halts and unfreezes."""
+    world = make_world(tmp_path, monkeypatch)
+    leader = world.boot(freeze_lease=6)
+    problems: dict[str, str] = {}
+    leader.engine.node_problem = problems.get
+    await leader.start(freeze=FreezeMode.SCOPE)
+    row = await leader.run(lambda r: states(r)["bravo"] is NodeState.DONE)
+    problems["charlie"] = twins_problem("charlie")  # a cloned machine boots mid-rollout
+    t0 = world.clock.monotonic()
+    with structlog.testing.capture_logs() as events:
+        row = await leader.run(lambda r: r.rollout.state is not RolloutState.RUNNING)
+        while any(world.agents[n].frozen for n in states(row)):
+            assert world.clock.monotonic() - t0 < 60
+            row = await leader.one_pass()
+    assert world.clock.monotonic() - t0 < 60  # a lease (6 s) and the steps after it
+    assert states(row)["charlie"] is NodeState.NEEDS_ATTENTION
+    (charlie,) = [r for r in row.records if r.name == "charlie"]
+    assert charlie.reason is not None and twins_problem("charlie") in charlie.reason
+    assert world.agents.calls_to("charlie", "switch") == []
+    assert [e for e in events if e["event"] == "step.held_failed"]
     await leader.stop()
 
 
