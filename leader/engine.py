@@ -568,7 +568,7 @@ class Engine:
         key = (row.rollout.id, step.node, step.step)
         why = self.node_problem(step.node) if self.node_problem is not None else None
         held = self.freeze_lease
-        reason = f"switch held for {held} s (a freeze lease; the scope stays frozen): {why}"
+        reason = f"switch held for {held} s (a freeze lease) with the scope frozen, failed: {why}"
         log.warning("step.held_failed", rollout_id=key[0], node=key[1], reason=why)
         self.problem_held.pop(key, None)
         if not await self._record(row.rollout.id, step, NodeEvent.SWITCH_FAILED, reason):
