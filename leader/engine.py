@@ -161,7 +161,8 @@ class Engine:
         # Why a node may not be switched now (``leader.service.LeaderState.node_problem``:
         # two agents use its identity), or None; its switch waits while it holds.
         self.node_problem = node_problem
-        self.problem_held: set[StepKey] = set()  # switches held so (logged once each)
+        # Switches held so (logged once each), with since when (monotonic).
+        self.problem_held: dict[StepKey, float] = {}
         # --when-quiet holds a node whose latest client report is older than this.
         self.stale_after = planner.report_stale_after(heartbeat_interval)
         self.schema = schema
@@ -520,6 +521,10 @@ class Engine:
         if self.monotonic() < self.not_before.get(key, 0.0):
             return
         if step.step is Step.SWITCH and self._problem_holds(key):
+            if row.rollout.freeze is FreezeMode.SCOPE and self._held_too_long(key):
+                run = self._held_fails(row, step)
+                task = self.tasks[key] = asyncio.create_task(run, name=str(key))
+                task.add_done_callback(functools.partial(self._forget, key))
             return
         # A node's FREEZE and UNFREEZE never run at once: its agent could get them in either
         # order, and the record of the one that ends last could contradict the node.
@@ -539,14 +544,35 @@ class Engine:
         wait; the pass after the problem ends (the tick) begins it."""
         why = self.node_problem(key[1]) if self.node_problem is not None else None
         if why is None:
-            self.problem_held.discard(key)
+            self.problem_held.pop(key, None)
             return False
         if key not in self.problem_held:
             if len(self.problem_held) >= 1024:
                 self.problem_held.clear()
-            self.problem_held.add(key)
+            self.problem_held[key] = self.monotonic()
             log.warning("step.held", rollout_id=key[0], node=key[1], step=key[2].value, reason=why)
         return True
+
+    def _held_too_long(self, key: StepKey) -> bool:
+        """Under ``--freeze scope`` a held switch (``_problem_holds``) keeps every node of the
+        scope frozen (``_renew_freezes``), and the node cannot be removed while the rollout
+        holds it: held for a freeze lease (``freeze_lease``), the node fails instead (review 2
+        of s34, F1), and the rollout halts and unfreezes by its usual rules."""
+        since = self.problem_held.get(key)
+        return since is not None and self.monotonic() - since >= self.freeze_lease
+
+    async def _held_fails(self, row: RolloutRow, step: planner.StepAction) -> None:
+        """A switch held too long (``_held_too_long``): the node needs attention, with the
+        problem as its reason. No Switch of this process reached it while held; one sent
+        before (a retried switch) leaves it unknown, which is what needs attention says."""
+        key = (row.rollout.id, step.node, step.step)
+        why = self.node_problem(step.node) if self.node_problem is not None else None
+        held = self.freeze_lease
+        reason = f"switch held for {held} s (a freeze lease) with the scope frozen, failed: {why}"
+        log.warning("step.held_failed", rollout_id=key[0], node=key[1], reason=why)
+        self.problem_held.pop(key, None)
+        if not await self._record(row.rollout.id, step, NodeEvent.SWITCH_FAILED, reason):
+            self.wake.set()
 
     async def _gated_switch(self, row: RolloutRow, step: planner.StepAction) -> None:
         """``--freeze scope``: a node's switch while a frozen node's freeze is not confirmed

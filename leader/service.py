@@ -506,6 +506,11 @@ node's identity hold the node (``LeaderState.node_problem``) after they were las
 live agents each send at least every renewal bound, so their messages interleave again
 within one; once one stops, the node is free this long after."""
 
+EVICTED_KEPT = 4
+"""Agent ids per node whose stream was ended for another agent's newer one that the leader
+remembers (``LeaderService._note_evicted``): one coming back while another agent lives means
+three or more agents use the node's identity."""
+
 MAX_AGENT_INSTANCE = 32  # characters of ``HeartbeatRequest.agent_instance`` the leader keeps
 
 
@@ -892,6 +897,8 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         self._clients: dict[str, tuple[tuple[object, ...], dt.datetime]] = {}
         # node -> its open Heartbeats streams that had a message accepted, oldest first.
         self._streams: dict[str, list[_Beats]] = {}
+        # node -> agent ids whose stream was ended for another agent's -> until (monotonic).
+        self._evicted: dict[str, dict[str, float]] = {}
         self._open: set[_Beats] = set()  # every open Heartbeats stream, counted or not
         # node -> its open streams with no message yet, oldest first (``_opened``).
         self._silent: dict[str, list[_Beats]] = {}
@@ -1481,6 +1488,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                 first = not beat.name
                 if first:
                     beat.caller = caller
+                    beat.agent = agent_of(request, context)
                     self._count(beat, caller.name)
                 if not renewing:
                     beat.renews = False  # a message every interval, each answered
@@ -1495,7 +1503,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                 # whether another's stream sent since this one's last message.
                 before, beat.heard = beat.heard, arrived
                 if first:
-                    beat.agent = agent_of(request, context)
+                    self._came_back(beat)
                 elif not request.closing:
                     self._look_for_twins(beat, before)
                 # Only up while the stream lives: a message sent before a pushed list came
@@ -1579,9 +1587,50 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         beat.name = name
         mine = self._streams.setdefault(name, [])
         if len(mine) >= MAX_STREAMS_PER_NODE:
-            _end(mine.pop(0), grpc.StatusCode.RESOURCE_EXHAUSTED, "a newer stream")
+            oldest = mine.pop(0)
+            _end(oldest, grpc.StatusCode.RESOURCE_EXHAUSTED, "a newer stream")
             log.warning("heartbeat.stream_replaced", node=name, open=len(mine) + 1)
+            if oldest.agent != beat.agent and not oldest.closed:
+                self._note_evicted(name, oldest.agent)
         mine.append(beat)
+
+    def _note_evicted(self, name: str, agent: str) -> None:
+        """A stream of agent ``agent`` of node ``name`` was ended for another agent's newer
+        one: remembered for ``TWINS_HOLD_BOUNDS`` renewal deadlines (``_came_back``), at most
+        ``EVICTED_KEPT`` ids per node and ``MAX_CALLERS`` nodes."""
+        now = time.monotonic()
+        until = now + TWINS_HOLD_BOUNDS * renewal_deadline(self.state.heartbeat_interval)
+        if name not in self._evicted and len(self._evicted) >= MAX_CALLERS:
+            self._evicted.clear()
+        ids = self._evicted.setdefault(name, {})
+        for old in [a for a, u in ids.items() if u <= now]:
+            del ids[old]
+        ids.pop(agent, None)
+        if len(ids) >= EVICTED_KEPT:
+            del ids[next(iter(ids))]
+        ids[agent] = until
+
+    def _came_back(self, beat: _Beats) -> None:
+        """``beat``'s first message was accepted: if its agent's stream was ended for another
+        agent's newer one (``_note_evicted``) a short while ago and another agent's stream of
+        the node still lives, three or more agents use the node's identity (each new stream
+        ends the oldest of ``MAX_STREAMS_PER_NODE`` before it sends a second message, so
+        ``_look_for_twins`` never sees two interleave: review 2 of s34, F3). A restarted
+        agent's old id never comes back, so a restart does not count."""
+        ids = self._evicted.get(beat.name)
+        until = ids.get(beat.agent) if ids else None
+        if until is None or time.monotonic() >= until:
+            return
+        other = next(
+            (
+                o
+                for o in self._streams.get(beat.name, ())
+                if o is not beat and o.agent != beat.agent and not o.cut and not o.closed
+            ),
+            None,
+        )
+        if other is not None:
+            self._twins(beat, other)
 
     def _look_for_twins(self, beat: _Beats, before: int) -> None:
         """``beat`` sent a message (not its first, not a ``closing`` one): if another stream of
@@ -1605,8 +1654,12 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             ),
             None,
         )
-        if other is None:
-            return
+        if other is not None:
+            self._twins(beat, other)
+
+    def _twins(self, beat: _Beats, other: _Beats) -> None:
+        """``beat``'s and ``other``'s agents both use ``beat``'s node's identity: logged as it
+        begins, held for ``TWINS_HOLD_BOUNDS`` renewal deadlines from now."""
         twins = self.state.twin_agents
         held = twins.get(beat.name)
         now = time.monotonic()

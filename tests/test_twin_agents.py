@@ -28,7 +28,7 @@ from leader import planner
 from leader import service as service_module
 from leader.cli.draw import render_node_problems
 from leader.observe import NodeProblem, observe
-from leader.rollout_core import NodeState
+from leader.rollout_core import FreezeMode, NodeState, RolloutState
 from leader.schema_store import SchemaStore
 from leader.schema_view import SchemaViewService
 from leader.service import twins_problem
@@ -217,6 +217,55 @@ async def test_an_agent_s_own_late_message_on_its_old_stream_is_no_second_agent(
         assert duplicates(events) == [] and rig.state.node_problem("hb1") is None
 
 
+async def test_three_agents_with_one_identity_are_its_problem(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Review 2 of s34, F3: three agents with one key. Each new stream ends the node's oldest
+    of two before that one sends a second message, so no two streams interleave: the ended
+    agent's id coming back (while another agent's stream lives) is what shows it."""
+    async with (
+        world(tmp_path, loopback) as (rig, _, node),
+        second_agent(tmp_path, rig, node, "b") as b,
+        second_agent(tmp_path, rig, node, "c") as c,
+    ):
+        with structlog.testing.capture_logs() as events:
+            await b.beat()
+            await c.beat()
+            for _ in range(4):  # ~ the agents' run loops: quiet beats, an interval apart
+                for link in (node.link, b, c):
+                    with contextlib.suppress(Exception):
+                        await link.beat(quiet=True)
+                    await asyncio.sleep(0.2)
+        assert [e for e in events if e["event"] == "heartbeat.stream_replaced"]
+        assert rig.state.node_problem("hb1") == twins_problem("hb1")
+        assert len(duplicates(events)) == 1
+
+
+async def test_an_agent_reconnecting_after_its_restart_evicted_its_old_stream_is_no_twin(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """A killed agent's old stream (not yet noticed dead) is ended by its restarted agent's
+    second stream (a reconnect): the old id never comes back, so nothing is held."""
+    async with world(tmp_path, loopback) as (rig, _, node):
+        with structlog.testing.capture_logs() as events:
+            stream = node.link._stream
+            assert stream is not None
+            stream.dropped = True  # the old stream stays open at the leader: no cancel
+            node.link._stream = None
+            async with second_agent(tmp_path, rig, node) as restarted:
+                await restarted.beat()
+                assert len(rig.service._streams["hb1"]) == 2
+                mine = restarted._stream
+                assert mine is not None
+                mine.dropped = True  # its own reconnect, the old one not yet noticed dead
+                restarted._stream = None
+                await restarted.beat()  # ends the killed agent's stream
+                await restarted.beat()
+                assert rig.state.node_problem("hb1") is None
+        assert [e for e in events if e["event"] == "heartbeat.stream_replaced"]
+        assert duplicates(events) == []
+
+
 async def test_a_node_s_switch_waits_while_two_agents_use_its_identity(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -244,6 +293,35 @@ async def test_a_node_s_switch_waits_while_two_agents_use_its_identity(
     row = await leader.run()
     assert states(row) == ALL_DONE
     assert len(world.agents.calls_to("charlie", "switch")) == 1
+    await leader.stop()
+
+
+async def test_a_scope_rollout_s_switch_held_for_a_lease_fails_and_unfreezes_the_scope(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review 2 of s34, F1: under ``--freeze scope`` a held switch kept every node of the scope
+    frozen (the engine renews their leases) for as long as the twins lasted, and ``nodes
+    remove`` is refused while the rollout holds the node. Held for a freeze lease, the node
+    needs attention with the problem as its reason: the rollout halts and unfreezes."""
+    world = make_world(tmp_path, monkeypatch)
+    leader = world.boot(freeze_lease=6)
+    problems: dict[str, str] = {}
+    leader.engine.node_problem = problems.get
+    await leader.start(freeze=FreezeMode.SCOPE)
+    row = await leader.run(lambda r: states(r)["bravo"] is NodeState.DONE)
+    problems["charlie"] = twins_problem("charlie")  # a cloned machine boots mid-rollout
+    t0 = world.clock.monotonic()
+    with structlog.testing.capture_logs() as events:
+        row = await leader.run(lambda r: r.rollout.state is not RolloutState.RUNNING)
+        while any(world.agents[n].frozen for n in states(row)):
+            assert world.clock.monotonic() - t0 < 60
+            row = await leader.one_pass()
+    assert world.clock.monotonic() - t0 < 60  # a lease (6 s) and the steps after it
+    assert states(row)["charlie"] is NodeState.NEEDS_ATTENTION
+    (charlie,) = [r for r in row.records if r.name == "charlie"]
+    assert charlie.reason is not None and twins_problem("charlie") in charlie.reason
+    assert world.agents.calls_to("charlie", "switch") == []
+    assert [e for e in events if e["event"] == "step.held_failed"]
     await leader.stop()
 
 
