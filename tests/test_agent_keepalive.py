@@ -27,13 +27,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
 from structlog.testing import capture_logs
 
 from nodeagent import leader_link
+from nodeagent.leader_link import LeaderLink
 from tests.children import ROOT, python_child
 from tests.test_heartbeat_stream import agent_link, until
 
@@ -182,6 +183,44 @@ asyncio.run(main())
 """
 
 
+@contextlib.asynccontextmanager
+async def leader_that_hangs(
+    tmp_path: Path, loopback: Callable[[], str], block: str
+) -> AsyncIterator[tuple[subprocess.Popen[str], LeaderLink]]:
+    """``HUNG_LEADER`` in a child process (its loop blocked ``block`` seconds at SIGUSR1) and the
+    agent's real link to it, not yet running; both closed at the end."""
+    leader_address, node_address = loopback(), loopback()
+    child = subprocess.Popen(
+        [sys.executable, "-c", HUNG_LEADER, str(tmp_path), leader_address, node_address, block],
+        env={**os.environ, "PYTHONPATH": str(ROOT)},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    link = journal = None
+    try:
+        assert child.stdout is not None
+        ready = await asyncio.wait_for(asyncio.to_thread(child.stdout.readline), 60)
+        assert ready.strip() == "READY"
+        files = tmp_path / "node"
+        node_files = tuple((files / n).read_bytes() for n in ("key.pem", "cert.pem", "ca.pem"))
+        link, _trust, journal = agent_link(
+            tmp_path, (node_files[0], node_files[1], node_files[2]), leader_address, node_address
+        )
+        yield child, link
+    finally:
+        child.send_signal(signal.SIGCONT)
+        child.kill()
+        child.wait()
+        if child.stdout is not None:
+            child.stdout.close()
+        if link is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(link.close(), 5)
+        if journal is not None:
+            journal.close()
+
+
 @pytest.mark.parametrize("hang", ["stopped", "loop blocked"])
 async def test_an_agent_notices_a_leader_whose_python_stopped_within_its_bound(
     hang: str, tmp_path: Path, loopback: Callable[[], str]
@@ -198,24 +237,7 @@ async def test_an_agent_notices_a_leader_whose_python_stopped_within_its_bound(
     ``heartbeat.failed`` once and drops the stream; once the leader answers again, a new
     stream says ``heartbeat.ok``. A real leader service in a child process, the agent's real
     link here."""
-    leader_address, node_address = loopback(), loopback()
-    child = subprocess.Popen(
-        [sys.executable, "-c", HUNG_LEADER, str(tmp_path), leader_address, node_address, "30"],
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    link = journal = None
-    try:
-        assert child.stdout is not None
-        ready = await asyncio.wait_for(asyncio.to_thread(child.stdout.readline), 60)
-        assert ready.strip() == "READY"
-        files = tmp_path / "node"
-        node_files = tuple((files / n).read_bytes() for n in ("key.pem", "cert.pem", "ca.pem"))
-        link, _trust, journal = agent_link(
-            tmp_path, (node_files[0], node_files[1], node_files[2]), leader_address, node_address
-        )
+    async with leader_that_hangs(tmp_path, loopback, "30") as (child, link):
         with capture_logs() as logs:
             task = asyncio.create_task(link.run())
             try:
@@ -237,17 +259,6 @@ async def test_an_agent_notices_a_leader_whose_python_stopped_within_its_bound(
         failed = [e for e in logs if e["event"] == "heartbeat.failed"]
         assert len(failed) == 1, (noticed, logs)
         assert failed[0]["code"] == "DEADLINE_EXCEEDED", failed
-    finally:
-        child.send_signal(signal.SIGCONT)
-        child.kill()
-        child.wait()
-        if child.stdout is not None:
-            child.stdout.close()
-        if link is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(link.close(), 5)
-        if journal is not None:
-            journal.close()
 
 
 async def test_a_leader_slow_for_a_moment_keeps_its_streams(
@@ -260,24 +271,7 @@ async def test_a_leader_slow_for_a_moment_keeps_its_streams(
     a leader that says nothing for a renewal bound after it is taken for gone. A real leader
     service in a child process whose loop is blocked 1.5 s of every 3 s (at a 1 s interval),
     for 30 s: not one ``heartbeat.failed``."""
-    leader_address, node_address = loopback(), loopback()
-    child = subprocess.Popen(
-        [sys.executable, "-c", HUNG_LEADER, str(tmp_path), leader_address, node_address, "1.5"],
-        env={**os.environ, "PYTHONPATH": str(ROOT)},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    link = journal = None
-    try:
-        assert child.stdout is not None
-        ready = await asyncio.wait_for(asyncio.to_thread(child.stdout.readline), 60)
-        assert ready.strip() == "READY"
-        files = tmp_path / "node"
-        node_files = tuple((files / n).read_bytes() for n in ("key.pem", "cert.pem", "ca.pem"))
-        link, _trust, journal = agent_link(
-            tmp_path, (node_files[0], node_files[1], node_files[2]), leader_address, node_address
-        )
+    async with leader_that_hangs(tmp_path, loopback, "1.5") as (child, link):
         with capture_logs() as logs:
             task = asyncio.create_task(link.run())
             try:
@@ -296,13 +290,3 @@ async def test_a_leader_slow_for_a_moment_keeps_its_streams(
         failed = [e for e in logs if e["event"] == "heartbeat.failed"]
         assert failed == [], failed
         assert probes > 0, "no message asked to hear from the leader: the test proves nothing"
-    finally:
-        child.kill()
-        child.wait()
-        if child.stdout is not None:
-            child.stdout.close()
-        if link is not None:
-            with contextlib.suppress(Exception):
-                await asyncio.wait_for(link.close(), 5)
-        if journal is not None:
-            journal.close()
