@@ -567,6 +567,7 @@ class Engine:
         before (a retried switch) leaves it unknown, which is what needs attention says."""
         key = (row.rollout.id, step.node, step.step)
         why = self.node_problem(step.node) if self.node_problem is not None else None
+        why = why or "the node's problem ended just now"  # (never "None" in its reason)
         held = self.freeze_lease
         reason = f"switch held for {held} s (a freeze lease) with the scope frozen, failed: {why}"
         log.warning("step.held_failed", rollout_id=key[0], node=key[1], reason=why)
