@@ -1035,17 +1035,7 @@ class Store(LeaderStore):
         PC set up again) revokes the older certificate."""
         with self._db.tx() as db:
             check_caller_in(db, node, presented, presented_serial)
-            since = to_text(now - dt.timedelta(hours=1))
-            (recent,) = db.execute(
-                "SELECT COUNT(*) FROM certificates WHERE kind = 'workstation' AND node = ?"
-                " AND issued_at > ?",
-                (node, since),
-            ).fetchone()
-            if recent >= WORKSTATION_CERTS_PER_HOUR:
-                raise TooMany(
-                    f"node {node!r} asked for {recent} workstation certificates in the last "
-                    f"hour (at most {WORKSTATION_CERTS_PER_HOUR})"
-                )
+            _check_hourly_certs(db, node, now, "workstation")
             held = db.execute(
                 "SELECT serial, node FROM certificates WHERE kind = 'workstation' AND subject = ?"
                 " AND revoked_at IS NULL AND not_after > ?",
@@ -1512,18 +1502,26 @@ def _revoke_in(
     _bump_crl(db, now, urgent=urgent)
 
 
-def _check_hourly_certs(db: sqlite3.Connection, name: str, now: dt.datetime) -> None:
-    """Raise TooMany if node ``name`` had ``NODE_CERTS_PER_HOUR`` certificates issued in the
-    hour before ``now`` (a renewal, an enrolment's replay)."""
+def _check_hourly_certs(
+    db: sqlite3.Connection, name: str, now: dt.datetime, kind: str = "node"
+) -> None:
+    """Raise TooMany if node ``name`` had its hour's cap of certificates of ``kind`` issued in
+    the hour before ``now``: ``NODE_CERTS_PER_HOUR`` of its own (a renewal, an enrolment's
+    replay), ``WORKSTATION_CERTS_PER_HOUR`` for its workstations (its bootstrap service)."""
     since = to_text(now - dt.timedelta(hours=1))
     (recent,) = db.execute(
-        "SELECT COUNT(*) FROM certificates WHERE kind = 'node' AND node = ? AND issued_at > ?",
-        (name, since),
+        "SELECT COUNT(*) FROM certificates WHERE kind = ? AND node = ? AND issued_at > ?",
+        (kind, name, since),
     ).fetchone()
-    if recent >= NODE_CERTS_PER_HOUR:
+    if kind == "node" and recent >= NODE_CERTS_PER_HOUR:
         raise TooMany(
             f"node {name!r} had {recent} certificates issued in the last hour "
             f"(at most {NODE_CERTS_PER_HOUR})"
+        )
+    if kind == "workstation" and recent >= WORKSTATION_CERTS_PER_HOUR:
+        raise TooMany(
+            f"node {name!r} asked for {recent} workstation certificates in the last hour "
+            f"(at most {WORKSTATION_CERTS_PER_HOUR})"
         )
 
 

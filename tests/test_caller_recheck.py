@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 import pytest
 
+from leader import store as store_module
 from leader.service import Caller
 from leader.store import Store
 from tests.cluster import csr_pem
@@ -157,5 +158,38 @@ async def test_the_checks_made_again_let_a_good_caller_through(
             )
         assert [c.subject for c in rig.store.list_certificates("workstation")] == ["ws-a"]
         assert rig.store.get_node("hb1").prev_cert_fingerprint != ""
+    finally:
+        await rig.close()
+
+
+async def test_a_node_s_workstation_certificates_are_capped_per_hour(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """At most ``WORKSTATION_CERTS_PER_HOUR`` workstation certificates per node and hour (here
+    lowered to 2): the next is refused with one line, and nothing is signed for it."""
+    monkeypatch.setattr(store_module, "WORKSTATION_CERTS_PER_HOUR", 2)
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    await rig.server.start()
+    try:
+        async with grpc.aio.secure_channel(rig.target, rig.node) as channel:
+            stub = leader_pb2_grpc.LeaderStub(channel)
+
+            async def sign(cn: str) -> None:
+                names = bootstrap_protocol.workstation_names(cn)
+                csr = pki.make_csr(pki.generate_key(), names)
+                await stub.SignWorkstationCertificate(
+                    leader_pb2.SignWorkstationRequest(csr_pem=pki.csr_to_pem(csr)), timeout=10
+                )
+
+            await sign("ws-a")
+            await sign("ws-b")
+            with pytest.raises(grpc.aio.AioRpcError) as refused:
+                await sign("ws-c")
+        assert refused.value.code() is grpc.StatusCode.RESOURCE_EXHAUSTED, refused.value
+        assert refused.value.details() == (
+            "node 'hb1' asked for 2 workstation certificates in the last hour (at most 2)"
+        )
+        subjects = [c.subject for c in rig.store.list_certificates("workstation")]
+        assert sorted(subjects) == ["ws-a", "ws-b"]
     finally:
         await rig.close()
