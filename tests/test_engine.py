@@ -1597,6 +1597,53 @@ async def test_an_abort_ends_while_a_scope_node_s_server_is_down(
     assert not any(a.frozen for a in world.agents if a.name != "charlie")
 
 
+def charlie_s_server_down(world: World, *, unfreeze: bool = False) -> list[float]:
+    """charlie's FREEZE (and with ``unfreeze`` its UNFREEZE) refused as by an agent whose
+    server does not answer; the times each was sent."""
+    sent: list[float] = []
+
+    async def down(request: agent_pb2.FreezeRequest) -> agent_pb2.FreezeResponse:
+        sent.append(world.clock.monotonic())
+        raise StepFailed(
+            "managed server not answering (FAILED_PRECONDITION)",
+            grpc.StatusCode.FAILED_PRECONDITION,
+        )
+
+    charlie = world.agents["charlie"]
+    charlie.freeze = down  # type: ignore[method-assign]
+    if unfreeze:
+        charlie.unfreeze = down  # type: ignore[method-assign]
+    return sent
+
+
+def disk_full_for(
+    monkeypatch: pytest.MonkeyPatch,
+    world: World,
+    leader: Leader,
+    reason: str,
+    times: int | None = None,
+) -> list[float]:
+    """The store full (``sqlite3.OperationalError``) for the engine's writes of a node whose
+    new reason starts with ``reason``, ``times`` times (None: always); when each failed."""
+    engine = leader.engine
+    real_save = engine._save_node
+    failed: list[float] = []
+
+    async def full_disk(
+        rollout_id: str, name: str, change: Callable[[Any], Any], *more: Any, **named: Any
+    ) -> Any:
+        row = leader.schema.latest()
+        assert row is not None
+        hit = change(node(row.records, name)).reason.startswith(reason)
+        if hit and (times is None or len(failed) < times):
+            failed.append(world.clock.monotonic())
+            raise sqlite3.OperationalError("database or disk is full")
+        return await real_save(rollout_id, name, change, *more, **named)
+
+    monkeypatch.setattr(engine, "_save_node", full_disk)
+    return failed
+
+
 async def test_a_failed_write_of_a_lease_run_out_keeps_the_unfreeze_s_backoff(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -1608,34 +1655,8 @@ async def test_a_failed_write_of_a_lease_run_out_keeps_the_unfreeze_s_backoff(
     the abort ends."""
     world = make_world(tmp_path, monkeypatch)
     leader = world.boot(freeze_lease=6)
-    engine = leader.engine
-    charlie = world.agents["charlie"]
-    sent: list[float] = []
-
-    async def down(request: agent_pb2.FreezeRequest) -> agent_pb2.FreezeResponse:
-        sent.append(world.clock.monotonic())
-        raise StepFailed(
-            "managed server not answering (FAILED_PRECONDITION)",
-            grpc.StatusCode.FAILED_PRECONDITION,
-        )
-
-    charlie.freeze = down  # type: ignore[method-assign]
-    charlie.unfreeze = down  # type: ignore[method-assign]
-    real_save = engine._save_node
-    failed: list[float] = []
-
-    async def full_disk(
-        rollout_id: str, name: str, change: Callable[[Any], Any], *more: Any, **named: Any
-    ) -> Any:
-        row = leader.schema.latest()
-        assert row is not None
-        ran_out = change(node(row.records, name)).reason.startswith("unfreeze not confirmed")
-        if ran_out and len(failed) < 3:
-            failed.append(world.clock.monotonic())
-            raise sqlite3.OperationalError("database or disk is full")
-        return await real_save(rollout_id, name, change, *more, **named)
-
-    monkeypatch.setattr(engine, "_save_node", full_disk)
+    sent = charlie_s_server_down(world, unfreeze=True)
+    failed = disk_full_for(monkeypatch, world, leader, "unfreeze not confirmed", times=3)
     await leader.start(freeze=FreezeMode.SCOPE)
     for _ in range(5):
         await leader.one_pass()
@@ -1666,32 +1687,8 @@ async def test_a_failed_write_of_a_step_s_trouble_is_logged_and_keeps_its_pause(
     at its pauses, never at every pass."""
     world = make_world(tmp_path, monkeypatch)
     leader = world.boot()
-    engine = leader.engine
-    charlie = world.agents["charlie"]
-    sent: list[float] = []
-
-    async def down(request: agent_pb2.FreezeRequest) -> agent_pb2.FreezeResponse:
-        sent.append(world.clock.monotonic())
-        raise StepFailed(
-            "managed server not answering (FAILED_PRECONDITION)",
-            grpc.StatusCode.FAILED_PRECONDITION,
-        )
-
-    charlie.freeze = down  # type: ignore[method-assign]
-    real_save = engine._save_node
-    failed: list[float] = []
-
-    async def full_disk(
-        rollout_id: str, name: str, change: Callable[[Any], Any], *more: Any, **named: Any
-    ) -> Any:
-        row = leader.schema.latest()
-        assert row is not None
-        if change(node(row.records, name)).reason.startswith("scope freeze failing"):
-            failed.append(world.clock.monotonic())
-            raise sqlite3.OperationalError("database or disk is full")
-        return await real_save(rollout_id, name, change, *more, **named)
-
-    monkeypatch.setattr(engine, "_save_node", full_disk)
+    sent = charlie_s_server_down(world)
+    failed = disk_full_for(monkeypatch, world, leader, "scope freeze failing")
     await leader.start(freeze=FreezeMode.SCOPE)
     with capture_logs() as logs:
         for _ in range(60):
