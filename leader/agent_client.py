@@ -14,8 +14,10 @@ status is the agent saying no, ``StepFailed`` (terminal for the step).
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
 import os
 import socket
+import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator, Awaitable, Callable, Collection
 from typing import Any, Protocol, TypeVar
@@ -309,7 +311,20 @@ class AgentClient:
         return await self._once(lambda s: s.Check, request, timeout)
 
     async def preflight(self, request: agent_pb2.PreflightRequest) -> agent_pb2.PreflightResponse:
-        return await self._call(lambda s: s.Preflight, request)
+        """Each try carries the leader's time as it is sent: the time the step stamped, moved
+        on by what has passed since (monotonic). A try sent again after one that timed out
+        (30 s each) carried the first try's time, which the agent took for its clock being
+        that much ahead (clock audit I of session 35)."""
+        if not request.HasField("leader_time"):
+            return await self._call(lambda s: s.Preflight, request)
+        stamped, at = request.leader_time.ToDatetime(tzinfo=dt.UTC), time.monotonic()
+
+        def sent_now(stub: agent_pb2_grpc.NodeAgentAsyncStub) -> Any:
+            moved = dt.timedelta(seconds=time.monotonic() - at)
+            request.leader_time.FromDatetime(stamped + moved)
+            return stub.Preflight
+
+        return await self._call(sent_now, request)
 
     async def create_csr(self, request: agent_pb2.CreateCSRRequest) -> agent_pb2.CreateCSRResponse:
         return await self._call(lambda s: s.CreateCSR, request)

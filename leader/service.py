@@ -366,21 +366,52 @@ def _when(stamp: Timestamp, otherwise: dt.datetime) -> dt.datetime:
         return otherwise
 
 
-def client_rows(node: str, view: types_pb2.ClientsView, now: dt.datetime) -> list[Client]:
+def clock_shift(request: leader_pb2.HeartbeatRequest, now: dt.datetime) -> dt.timedelta:
+    """How far the sender's clock is behind the leader's, read from the
+    message: when it came (``now``) less when its agent says it sent it (``sent_at``). The
+    times of the message's client report are the node's clock's; shifted by this, they are
+    the leader's, which ``--when-quiet`` compares them with (clock audit H of session 35: a
+    node whose clock is behind by the 100 s the preflight allows looked quiet 100 s early,
+    and its http port closed under a workstation still using it). The message's time on the
+    way counts as the node being behind: its sightings look more recent, never quieter.
+    Never negative: a node whose clock is ahead has its sightings' times capped at the
+    leader's now (``client_rows``), which makes them look recent, never quiet; shifting them
+    back would make sightings made before a forward step of the node's clock look older than
+    they are. Zero for a message without a time (an older agent) or with one that is no
+    time."""
+    if not request.HasField("sent_at"):
+        return dt.timedelta(0)
+    return max(now - _when(request.sent_at, now), dt.timedelta(0))
+
+
+def _shifted(stamp: Timestamp, shift: dt.timedelta, otherwise: dt.datetime) -> dt.datetime:
+    """``stamp`` on the leader's clock (``clock_shift``), or ``otherwise`` (``_when``)."""
+    try:
+        return _when(stamp, otherwise - shift) + shift
+    except OverflowError:
+        return otherwise
+
+
+def client_rows(
+    node: str,
+    view: types_pb2.ClientsView,
+    now: dt.datetime,
+    shift: dt.timedelta = dt.timedelta(0),
+) -> list[Client]:
     """Who ``node``'s server saw, from its heartbeat, made safe to store and print: at most
-    ``MAX_CLIENTS`` entries, schemes http/https only, strings bounded and cleaned, no time
-    later than ``now``, counts bounded. A time that is no time (seconds outside the years 1
-    to 9999, nanoseconds beyond a second) is taken as ``now``: the client counts as seen just
-    now, never as quiet (an http client left out could make a node look quiet to
-    ``--when-quiet``: review 2 of session 33, L3); it failed the whole message with INTERNAL
-    before (review 1, L3)."""
+    ``MAX_CLIENTS`` entries, schemes http/https only, strings bounded and cleaned, its times
+    on the leader's clock (``shift``: ``clock_shift``) and none later than ``now``, counts
+    bounded. A time that is no time (seconds outside the years 1 to 9999, nanoseconds beyond
+    a second) is taken as ``now``: the client counts as seen just now, never as quiet (an
+    http client left out could make a node look quiet to ``--when-quiet``: review 2 of
+    session 33, L3); it failed the whole message with INTERNAL before (review 1, L3)."""
     rows = []
     for c in view.clients[:MAX_CLIENTS]:
         address = peertext.clean(c.address, 64)
         if c.scheme not in ("http", "https") or not address:
             continue
-        last = min(_when(c.last_seen, now), now) if c.HasField("last_seen") else now
-        first = _when(c.first_seen, last) if c.HasField("first_seen") else last
+        last = min(_shifted(c.last_seen, shift, now), now) if c.HasField("last_seen") else now
+        first = _shifted(c.first_seen, shift, last) if c.HasField("first_seen") else last
         rows.append(
             Client(
                 node=node,
@@ -1265,7 +1296,8 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                     count=f.count,
                 )
         if request.HasField("server") and request.server.HasField("clients"):
-            self._record_clients(name, request.server.clients, now, renewing)
+            shift = clock_shift(request, now)
+            self._record_clients(name, request.server.clients, now, renewing, shift)
         summary = server_summary(request)
         if summary.startswith("down") and not self.state.live_servers.get(name, "").startswith(
             "down"
@@ -1354,7 +1386,12 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         )
 
     def _record_clients(
-        self, name: str, seen: types_pb2.ClientsView, now: dt.datetime, renewing: bool = False
+        self,
+        name: str,
+        seen: types_pb2.ClientsView,
+        now: dt.datetime,
+        renewing: bool = False,
+        shift: dt.timedelta = dt.timedelta(0),
     ) -> None:
         """Queue a node's client report for the group commit (``BATCH_SECONDS``) when it says
         something new (``clients_said``) or the stored one is ``clients_persist`` old; else
@@ -1366,7 +1403,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         persist = clients_persist(self.state.heartbeat_interval, renewing)
         if last is not None and last[0] == said and dt.timedelta(0) <= now - last[1] < persist:
             return
-        rows = client_rows(name, seen, now)
+        rows = client_rows(name, seen, now, shift)
         window = min(seen.window_seconds, 366 * 86400)
         source = peertext.clean(seen.source, 20)
         problem = peertext.clean(seen.problem, 200)

@@ -413,10 +413,11 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
     async def Preflight(
         self, request: agent_pb2.PreflightRequest, context: Ctx
     ) -> agent_pb2.PreflightResponse:
+        received = self.clock()  # the clock's check: before our own work (clock audit I, s35)
         rollout_id = await self._command(context, request.command)
         if request.make_csr:
             self._warm_certificates()
-        reply = await self._checks(request)
+        reply = await self._checks(request, received)
         if request.make_csr and reply.ok:  # the stage then needs no CreateCSR call
             reply.csr_pem = await self._csr(self._driver(), rollout_id)
         return reply
@@ -447,13 +448,17 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         the answer is made, so that the import overlaps the leader's wait for the other nodes
         and its record of the rollout, not this node's checks, which the rollout's start
         waits for: review of session 28, M1)."""
+        received = self.clock()
         require_leader(context, self.trust)
-        return await self.check(request)
+        return await self.check(request, received)
 
-    async def check(self, request: agent_pb2.CheckRequest) -> agent_pb2.PreflightResponse:
+    async def check(
+        self, request: agent_pb2.CheckRequest, received: dt.datetime | None = None
+    ) -> agent_pb2.PreflightResponse:
         """``Check``'s work once its caller is known to be the leader: the RPC's, and the
-        answer to the same question asked on the agent's heartbeat stream (``answer_check``)."""
-        reply = await self._checks(request)
+        answer to the same question asked on the agent's heartbeat stream (``answer_check``).
+        ``received``: when the question came (now if not given)."""
+        reply = await self._checks(request, received or self.clock())
         if request.warm_certificates:
             self._warm_certificates()
         return reply
@@ -482,8 +487,15 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         )
 
     async def _checks(
-        self, request: agent_pb2.PreflightRequest | agent_pb2.CheckRequest
+        self,
+        request: agent_pb2.PreflightRequest | agent_pb2.CheckRequest,
+        received: dt.datetime,
     ) -> agent_pb2.PreflightResponse:
+        """The checks; ``received``: the node's clock when the question came, which the
+        leader's time in it is compared with. Read after the checks, as before, the offset
+        counted their time (the server's health and view: seconds when it is slow) as clock
+        difference, and a node legitimately near the limit failed with "fix NTP" (clock
+        audit I of session 35)."""
         driver = self._driver()
         # The checks on this machine (one worker thread) while the server is asked for its
         # health and its view (one after the other, as ever: a driver's status may be a
@@ -502,7 +514,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             problems.append(f"managed server not healthy: {health}")
         problems += local
         if request.HasField("leader_time"):
-            offset = (self.clock() - request.leader_time.ToDatetime(tzinfo=dt.UTC)).total_seconds()
+            offset = (received - request.leader_time.ToDatetime(tzinfo=dt.UTC)).total_seconds()
             limit = request.max_clock_offset_seconds or DEFAULT_MAX_CLOCK_OFFSET
             if abs(offset) > limit:
                 problems.append(

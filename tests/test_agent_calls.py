@@ -4,6 +4,8 @@ and of the one before: which calls a step makes, over real gRPC and TLS on a loo
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import datetime as dt
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -61,9 +63,12 @@ class Agent(agent_pb2_grpc.NodeAgentServicer):
         yield txn
 
 
-async def switch_calls(address: str, agent: Agent) -> list[agent_pb2.Transaction]:
-    """The leader's client begins and follows rollout r1's switch on ``agent`` (served over
-    TLS with a certificate for the node's key name, as ``AgentClient`` dials it)."""
+@contextlib.asynccontextmanager
+async def served(
+    address: str, agent: agent_pb2_grpc.NodeAgentServicer
+) -> AsyncIterator[AgentClient]:
+    """``agent`` served over TLS with a certificate for the node's key name, and the leader's
+    client dialling it as ``AgentClient`` does."""
     ca = pki.CertificateAuthority.create("agent calls test CA")
     key = pki.generate_key()
     td, pin = ca.trust_domain, "sha256:" + "ab" * 32
@@ -78,12 +83,18 @@ async def switch_calls(address: str, agent: Agent) -> list[agent_pb2.Transaction
     at = dt.datetime(2026, 11, 30, tzinfo=dt.UTC)
     node = Node("n1", (address,), (), "1", port, pin, "", "", at, at, None)
     client = AgentClient(node, grpc.ssl_channel_credentials(ca.cert_pem), td)
-    request = agent_pb2.SwitchRequest(command=agent_pb2.Command(rollout_id="r1", epoch=1))
     try:
-        return [t async for t in client.switch_and_watch(request)]
+        yield client
     finally:
         await client.close()
         await server.stop(None)
+
+
+async def switch_calls(address: str, agent: Agent) -> list[agent_pb2.Transaction]:
+    """The leader's client begins and follows rollout r1's switch on ``agent``."""
+    request = agent_pb2.SwitchRequest(command=agent_pb2.Command(rollout_id="r1", epoch=1))
+    async with served(address, agent) as client:
+        return [t async for t in client.switch_and_watch(request)]
 
 
 async def test_a_switch_is_begun_and_followed_in_one_call(loopback: Callable[[], str]) -> None:
@@ -132,3 +143,37 @@ async def test_a_failure_after_the_switch_began_is_no_refusal(
         await switch_calls(loopback(), agent)
     assert not isinstance(unknown.value, SwitchRefused)
     assert set(agent.txns) == {"r1"}  # it did begin
+
+
+class SlowFirstPreflight(agent_pb2_grpc.NodeAgentServicer):
+    """Preflight whose first try is lost after ``lost`` seconds (UNAVAILABLE); every try's
+    ``leader_time`` kept."""
+
+    def __init__(self, lost: float) -> None:
+        self.lost = lost
+        self.stamps: list[dt.datetime] = []
+
+    async def Preflight(self, request: agent_pb2.PreflightRequest, context: Any) -> Any:
+        self.stamps.append(request.leader_time.ToDatetime(tzinfo=dt.UTC))
+        if len(self.stamps) == 1:
+            await asyncio.sleep(self.lost)
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "lost on the way")
+        return agent_pb2.PreflightResponse(ok=True)
+
+
+async def test_a_preflight_tried_again_carries_the_time_it_is_sent_at(
+    loopback: Callable[[], str],
+) -> None:
+    """The agent compares the leader's time in a preflight with its clock. A try sent again
+    after one that was lost (a timeout is 30 s) carried the first try's time: a node on time
+    looked that much behind, one 60 s ahead failed with "fix NTP" after two lost tries (clock
+    audit I of session 35). Each try now carries the stamped time moved on by what has passed."""
+    agent = SlowFirstPreflight(lost=0.5)  # type: ignore[abstract]  # only the call under test
+    stamped = dt.datetime(2026, 11, 30, 12, tzinfo=dt.UTC)  # the step's clock (a test's own)
+    request = agent_pb2.PreflightRequest(command=agent_pb2.Command(rollout_id="r1", epoch=1))
+    request.leader_time.FromDatetime(stamped)
+    async with served(loopback(), agent) as client:
+        assert (await client.preflight(request)).ok
+    first, second = agent.stamps
+    assert first - stamped < dt.timedelta(seconds=0.5)
+    assert second - first >= dt.timedelta(seconds=0.5)  # the lost try's time, at least

@@ -171,6 +171,40 @@ async def test_a_heartbeat_that_says_nothing_new_runs_no_sql_and_no_worker_threa
         store.close()
 
 
+@pytest.mark.parametrize("behind", [100, 0, -100])
+async def test_a_node_s_client_sightings_are_stored_on_the_leader_s_clock(
+    tmp_path: Path, loopback: Callable[[], str], behind: int
+) -> None:
+    """A node's clock behind the leader's by 100 s (the preflight allows 120): its agent
+    reports a workstation on http seen just now, stamped on the node's clock, 100 s before the
+    leader's now. Stored as it came, ``--when-quiet 60s`` took the node for quiet and closed
+    its http port under that workstation (clock audit H of session 35). The leader moves the
+    report's times by how far the message's ``sent_at`` is behind its own clock; a clock ahead
+    moves nothing (its times are capped at the leader's now, as ever), nor does one in time."""
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    await rig.server.start()
+    node_now = rig.clock[0] - dt.timedelta(seconds=behind)
+    request = leader_pb2.HeartbeatRequest(
+        agent_version="1",
+        agent_port=AGENT_PORT,
+        server=client_report(node_now, 1, "ws-empfang"),
+        sent_at=ts(node_now),
+    )
+    try:
+        async with grpc.aio.secure_channel(rig.target, rig.node) as channel:
+            await leader_pb2_grpc.LeaderStub(channel).Heartbeat(request, timeout=10)
+        await rig.service.write_queued()
+        clients, infos = rig.service.schema.clients_report(["hb1"])
+        [seen] = clients
+        assert seen.last_seen == rig.clock[0]  # seen just now, on the leader's clock
+        assert infos["hb1"].last_http_at == rig.clock[0]
+        first = rig.clock[0] - dt.timedelta(hours=1)
+        ahead = dt.timedelta(seconds=max(-behind, 0))  # not moved back: as the node said
+        assert seen.first_seen == first + ahead
+    finally:
+        await rig.close()
+
+
 async def test_a_stream_s_messages_schedule_no_timer_of_their_own(
     tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -224,6 +224,30 @@ async def test_planning_asks_on_the_stream_opens_no_channel_and_sees_what_check_
     assert all(not b.questions for b in rig.service._open)  # nothing left waiting
 
 
+@pytest.mark.parametrize("where", ["stream", "channel"])
+async def test_the_clock_is_compared_as_the_question_comes_not_after_the_checks(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """The node's clock agrees with the leader's; its server's health check is slow (here it
+    takes 150 s of the node's clock). The leader's time in the question is compared with the
+    node's clock when the question came: the node is ready. It was compared after the checks,
+    and such a node failed with "clock differs ... by +150s; fix NTP" (clock audit I of
+    session 35)."""
+    async with world(tmp_path, loopback) as (rig, pool, node):
+        late = [dt.timedelta(0)]
+        node.service.clock = lambda: dt.datetime.now(dt.UTC) + late[0]
+
+        async def slow_health() -> str | None:
+            late[0] += dt.timedelta(seconds=150)
+            return None
+
+        monkeypatch.setattr(node.service.driver, "health", slow_health)
+        ask = rig.service.ask_check if where == "stream" else None
+        seen = (await observe(pool, ["hb1"], rig.state.ca.cert, ask=ask))["hb1"]
+    assert seen.reachable and seen.problems == (), seen
+    assert late[0] > dt.timedelta(0)  # the slow check ran
+
+
 @pytest.mark.parametrize("how", ["cannot answer", "no stream", "unary heartbeats"])
 async def test_an_agent_that_cannot_answer_on_a_stream_is_asked_over_the_channel(
     tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch, how: str

@@ -34,10 +34,10 @@ from leader.schema_store import (
     StaleRecords,
 )
 from leader.schema_view import still_on_http_now
-from leader.service import ERRORS, client_rows
+from leader.service import ERRORS, client_rows, clock_shift
 from leader.store import EpochFixed, InRollout, NodeCert, Store
 from tlsroll.rpc import status_for
-from tlsroll.v1 import types_pb2
+from tlsroll.v1 import leader_pb2, types_pb2
 
 NOW = dt.datetime(2026, 11, 28, 12, 0, tzinfo=dt.UTC)
 
@@ -236,6 +236,22 @@ def test_what_an_agent_reports_about_clients_is_cleaned_before_it_is_stored() ->
     first = rows[0]
     assert (first.scheme, first.last_seen, first.requests) == ("http", NOW, 3)
     assert "\x1b" not in first.address and "\n" not in first.workstation
+
+
+@pytest.mark.parametrize("sent", [1, 9999])
+def test_a_message_s_time_at_the_calendar_s_ends_moves_no_sighting_out_of_range(
+    sent: int,
+) -> None:
+    """``clock_shift`` from a message sent in the year 1 (a clock far behind: its sightings
+    move to the leader's now, never past it, no OverflowError) or 9999 (far ahead: nothing
+    moves back)."""
+    view = types_pb2.ClientsView(window_seconds=600, source="refserver")
+    view.clients.add(scheme="http", address="10.0.0.1")
+    view.clients[-1].last_seen.FromDatetime(NOW - dt.timedelta(hours=1))
+    request = leader_pb2.HeartbeatRequest()
+    request.sent_at.FromDatetime(dt.datetime(sent, 1, 1, tzinfo=dt.UTC))
+    [row] = client_rows("a", view, NOW, clock_shift(request, NOW))
+    assert row.last_seen == (NOW if sent == 1 else NOW - dt.timedelta(hours=1))
 
 
 def test_a_switch_is_taken_back_once_even_when_two_rollbacks_cross(tmp_path: Path) -> None:
