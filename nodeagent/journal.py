@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from nodeagent.failure_log import FailureCount
+from nodeagent.lease import Lease
 from nodeagent.transaction import Phase
 from tlsroll import logs
 from tlsroll.enums import TxnKind, TxnOutcome
@@ -115,12 +116,24 @@ CREATE TABLE bootstrap_unreported (
 );
 """
 
+# Migration 5: the scope freeze's lease keeps its length beside its wall-clock end (clock audit
+# s35 A: after a restart, a journalled lease lasts at most its own length, whatever the clock
+# did; ``nodeagent.lease``). The meta value ``[rollout_id, until]`` becomes
+# ``[rollout_id, until, seconds]``; a lease journalled before has no length (null), and is
+# bounded by the longest lease an agent grants. An earlier release, which could not read the new
+# value, refuses the journal (``SchemaTooNew``) instead of misreading it.
+_V5 = """
+UPDATE meta SET value = json_array(json_extract(value, '$[0]'), json_extract(value, '$[1]'), NULL)
+WHERE key = 'freeze_lease' AND value <> '' AND json_valid(value);
+"""
+
 # The journal's schema: append a migration to change it (see tlsroll.sqlite).
 MIGRATIONS: tuple[Migration, ...] = (
     _V1,  # 0.1.0
     _V2,  # failed_phase and restart_needed out of the plan
     _V3,  # the target and source configs in the transaction's row
     _V4,  # the bootstrap service's failed passwords
+    _V5,  # the scope freeze's lease keeps its length
 )
 
 
@@ -365,17 +378,24 @@ class Journal:
 
     # --- the scope freeze lease ----------------------------------------------------------------
 
-    def freeze_lease(self) -> tuple[str, dt.datetime] | None:
-        """(rollout id, deadline) of the leader's scope freeze, if one holds."""
+    def freeze_lease(self) -> Lease | None:
+        """The lease of the leader's scope freeze, if one holds (its wall-clock end decides
+        nothing alone: ``nodeagent.lease``)."""
         with self._read() as db:
             row = db.execute("SELECT value FROM meta WHERE key = 'freeze_lease'").fetchone()
         if row is None or not row["value"]:
             return None
-        rollout_id, until = json.loads(row["value"])
-        return str(rollout_id), dt.datetime.fromisoformat(until)
+        rollout_id, until, seconds = json.loads(row["value"])
+        return Lease(
+            str(rollout_id),
+            dt.datetime.fromisoformat(until),
+            None if seconds is None else float(seconds),
+        )
 
-    def set_freeze_lease(self, lease: tuple[str, dt.datetime] | None) -> None:
-        value = json.dumps([lease[0], lease[1].isoformat()]) if lease else ""
+    def set_freeze_lease(self, lease: Lease | None) -> None:
+        value = (
+            json.dumps([lease.rollout_id, lease.until.isoformat(), lease.seconds]) if lease else ""
+        )
         with self._tx() as db:
             self._set_meta(db, "freeze_lease", value)
 

@@ -121,6 +121,7 @@ async def serve(cfg: AgentConfig, *, reinitialise: bool = False) -> None:
     journal = open_journal(journal_path(cfg), expected=enrolled, reinitialise=reinitialise)
     # One freeze lock for the servicer's Freeze, Unfreeze and lease watch and the runner's
     # lifts of a freeze: each reads the scope freeze's lease and changes the freeze under it.
+    # (The servicer shares the runner's ``leases`` too, the leases' deadlines in elapsed time.)
     freeze_lock = asyncio.Lock()
     runner = Runner(journal, driver, now, freeze_lock=freeze_lock) if driver is not None else None
     if runner is not None:

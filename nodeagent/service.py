@@ -34,6 +34,7 @@ from nodeagent.config import AgentConfig
 from nodeagent.drivers import Driver, DriverError, ServerFacts
 from nodeagent.identity import Identity
 from nodeagent.journal import Journal, Outlook, Staged, Txn
+from nodeagent.lease import Lease, Leases
 from nodeagent.plans import Built, PlanRefused
 from nodeagent.transaction import (
     DRAIN_TIMEOUT,
@@ -213,6 +214,8 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         clock: Callable[[], dt.datetime],
         trust: LeaderTrust | None = None,
         freeze_lock: asyncio.Lock | None = None,
+        leases: Leases | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.cfg = cfg
         self.identity = identity
@@ -223,6 +226,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         self.driver = driver
         self.runner = runner
         self.clock = clock
+        self.monotonic = monotonic  # elapsed time: the scope freeze's leases
         self._lock = asyncio.Lock()  # one command at a time changes the journal
         # Freeze, Unfreeze and the lease watch's lift of a lapsed freeze, one at a time: the
         # lease in the journal and the server's freeze change together (``watch_freeze_lease``).
@@ -231,6 +235,11 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         if freeze_lock is None:
             freeze_lock = runner.freeze_lock if runner is not None else asyncio.Lock()
         self._freeze_lock = freeze_lock
+        # The leases' deadlines in elapsed time (``nodeagent.lease``), shared with the runner
+        # the same way: a scope switch that cannot read the lease waits for them.
+        if leases is None:
+            leases = runner.leases if runner is not None else Leases()
+        self.leases = leases
         # The journal's highest epoch as this process last read or wrote it (None: not yet).
         # Only ``_command`` writes it, so a command at exactly this epoch needs neither a read
         # nor a write of the journal (two worker-thread hops per command, issue 15), unless
@@ -368,8 +377,15 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 detail="the leader did not renew the freeze; writes are accepted again",
             )
 
-    def _lapsed(self, lease: tuple[str, dt.datetime] | None) -> bool:
-        return lease is not None and self.driver is not None and self.clock() >= lease[1]
+    def _lapsed(self, lease: Lease | None) -> bool:
+        """True if ``lease`` ran out, in elapsed time (clock audit s35 A: a step of the wall
+        clock neither stretches nor cuts it; ``nodeagent.lease``)."""
+        if self.driver is None:
+            return False
+        if lease is None:  # known: no lease is left that a scope switch must wait for
+            self.leases.seen(None, self.clock(), self.monotonic())
+            return False
+        return self.leases.lapsed(lease, self.clock(), self.monotonic())
 
     async def _lift_lapsed_freeze(self) -> str | None:
         """One look of the lease watch: lift the freeze if its lease ran out and no transaction
@@ -1091,20 +1107,22 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         self, request: agent_pb2.FreezeRequest, context: Ctx
     ) -> agent_pb2.FreezeResponse:
         rollout_id = await self._command(context, request.command)
-        # Never longer than MAX_FREEZE_LEASE: a switch that cannot read the lease unfreezes
-        # after that long (``Runner._unfreeze``); the leader asks no more (its config's bound).
+        # Never longer than MAX_FREEZE_LEASE: a switch of a restarted agent that cannot read
+        # the lease unfreezes after that long (``Runner._unfreeze``); the leader asks no more
+        # (its config's bound).
         seconds = min(request.lease_seconds or DEFAULT_FREEZE_LEASE, MAX_FREEZE_LEASE)
-        lease = dt.timedelta(seconds=seconds)
         async with self._freeze_lock:  # not across the lease watch's lift (``_lift_lapsed_freeze``)
             # The lease first: a freeze must never be without a deadline, even for an instant.
-            until = self.clock() + lease
-            await asyncio.to_thread(self.journal.set_freeze_lease, (rollout_id, until))
+            # Its deadline runs in elapsed time from here (``nodeagent.lease``), noted before
+            # the journal write: a lease the journal may hold is always known to this process.
+            lease = self.leases.grant(rollout_id, seconds, self.clock(), self.monotonic())
+            await asyncio.to_thread(self.journal.set_freeze_lease, lease)
             watermark = await self._driver().freeze(DRAIN_TIMEOUT)
         log.info(
             "scope_freeze.on",
             rollout_id=rollout_id,
             watermark=watermark,
-            lease_seconds=int(lease.total_seconds()),
+            lease_seconds=seconds,
         )
         return agent_pb2.FreezeResponse(frozen=True, watermark=watermark)
 

@@ -84,6 +84,7 @@ from tenacity import (
 )
 
 from nodeagent.drivers import Driver, DriverError, ServerFacts, StagedConfig
+from nodeagent.lease import Leases
 from tlsroll import dbthread, logs, probe
 from tlsroll.backoff import Policy
 from tlsroll.defaults import MAX_FREEZE_LEASE
@@ -111,8 +112,10 @@ VERIFY_ATTEMPTS = 3  # a server that has just restarted may need a moment to ans
 VERIFY_WAIT = 0.3
 # unfreeze: 0.5 s, 1 s, 2 s ... at most 30 s between attempts, for as long as it takes
 UNFREEZE_BACKOFF = Policy(free=1, base=0.5, cap=30.0, forget=3600.0)
-# A scope switch that cannot read its lease (``_unfreeze``) unfreezes after this long: any lease
-# journalled before has run out by then (the agent's Freeze grants at most this).
+# A scope switch that cannot read its lease (``_unfreeze``) in an agent process that has never
+# read it (so a lease an earlier process granted is unknown) unfreezes after this long: any
+# lease journalled before has run out by then (the agent's Freeze grants at most this). Once the
+# process has read it, the leases it knows of bound the wait (``Leases.known_end``).
 LEASE_UNREAD_LIMIT = dt.timedelta(seconds=MAX_FREEZE_LEASE)
 UNFREEZE_LOG_EVERY = 600.0  # seconds: past the first attempts, at most one line this often
 # The agent itself short of descriptors or kernel memory (EMFILE, ENFILE, ENOMEM, ENOBUFS:
@@ -414,10 +417,13 @@ class Runner:
         checks: Checks | None = None,
         sleep: Sleep = asyncio.sleep,
         freeze_lock: asyncio.Lock | None = None,
+        leases: Leases | None = None,
+        monotonic: Callable[[], float] = time.monotonic,
     ) -> None:
         self.journal = journal
         self.driver = driver
         self.clock = clock
+        self.monotonic = monotonic  # elapsed time: the scope freeze's leases
         self.on_complete = on_complete  # told when what is live has changed
         self.on_switch = on_switch  # told when a switch begins (to get ready for its end)
         self.checks = checks or Checks()
@@ -427,6 +433,9 @@ class Runner:
         # (``_lift_owed``, ``_give_up``, ``_die``) takes it around the read and the unfreeze, so
         # that a Freeze crossing them is never undone (review s32 F3, as audit H4 for the watch).
         self.freeze_lock = freeze_lock if freeze_lock is not None else asyncio.Lock()
+        # The scope freeze's leases in elapsed time, shared with the servicer the same way: a
+        # scope switch that cannot read the lease waits for those this process knows of.
+        self.leases = leases if leases is not None else Leases()
         self.tasks: dict[tuple[str, str], asyncio.Task[Txn]] = {}
         self.crash_after = os.environ.get(CRASH_ENV, "")
         # Set when a transaction task died for good (``fatal`` says why): the daemon exits.
@@ -1201,13 +1210,17 @@ class Runner:
         lifted here (s34 review M3). Each such attempt reads the lease and unfreezes under
         ``freeze_lock``, so that a Freeze crossing it is never undone (review s32 F3); a lease
         that cannot be read is tried again like an unfreeze that failed, frozen meanwhile, but
-        not for longer than the longest lease (``MAX_FREEZE_LEASE``): then it unfreezes (review
-        1 of s34, L3; as ``_scope_frozen`` does, an unreadable journal holds no lease we could
-        honour). That is safe: a Freeze journals its lease before it freezes, so on a journal
-        that could not be read all that time none was granted that we could know of, and any
-        granted before has run out."""
+        not for longer than the leases could hold: then it unfreezes (review 1 of s34, L3; as
+        ``_scope_frozen`` does, an unreadable journal holds no lease we could honour). That is
+        safe: a Freeze notes its lease in ``leases`` before it journals it, and journals it
+        before it freezes, so once every lease this process granted or took over from the
+        journal has run out (in elapsed time; review 2 of s34, F4: it waited a whole day,
+        whatever the lease), none the journal can hold is left. A process that has never read
+        the lease (restarted with a journal it cannot read) cannot know one an earlier process
+        granted: it waits the longest lease an agent grants, ``LEASE_UNREAD_LIMIT``, from the
+        first failed read (a lease granted before this process started has run out by then)."""
         attempt, logged = 0, time.monotonic()
-        unread_since: dt.datetime | None = None  # when the lease reads began to fail
+        unread_since: float | None = None  # when the lease reads began to fail (monotonic)
         while True:
             try:
                 if plan.keep_frozen:
@@ -1215,8 +1228,15 @@ class Runner:
                         try:
                             lease = await dbthread.run(self.journal.freeze_lease)
                         except Exception as exc:  # a lease may hold: frozen still, asked again
-                            unread_since = unread_since or self.clock()
-                            if self.clock() - unread_since < LEASE_UNREAD_LIMIT:
+                            now = self.monotonic()
+                            unread_since = now if unread_since is None else unread_since
+                            known = self.leases.known_end()
+                            ends = (
+                                unread_since + LEASE_UNREAD_LIMIT.total_seconds()
+                                if known is None
+                                else known
+                            )
+                            if now < ends:
                                 raise LeaseUnread(
                                     f"the scope freeze's lease: {describe(exc)}"
                                 ) from exc
@@ -1224,13 +1244,19 @@ class Runner:
                                 "txn.lease_unread_unfreeze",
                                 rollout_id=txn.rollout_id,
                                 kind=txn.kind,
-                                unread_seconds=int((self.clock() - unread_since).total_seconds()),
+                                unread_seconds=int(now - unread_since),
                                 error=describe(exc),
-                                detail="no lease read for longer than the longest lease:"
-                                " unfreezing",
+                                detail="the lease cannot be read and "
+                                + (
+                                    "none was read for longer than the longest lease"
+                                    if known is None
+                                    else "every lease this agent knows of has run out"
+                                )
+                                + ": unfreezing",
                             )
                             lease = None
                         else:
+                            self.leases.seen(lease, self.clock(), self.monotonic())
                             unread_since = None
                         if lease is not None:
                             return {}  # the rollout's scope freeze goes on, bounded by its lease

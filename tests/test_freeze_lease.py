@@ -23,9 +23,10 @@ from typing import Any, Literal, cast
 import pytest
 from structlog.testing import capture_logs
 
-from nodeagent import service
+from nodeagent import service, transaction
 from nodeagent.drivers import ServerFacts
-from nodeagent.journal import Journal, Txn
+from nodeagent.journal import Journal, JournalError, Txn
+from nodeagent.lease import Lease
 from nodeagent.service import NodeAgentService
 from nodeagent.transaction import Action, Phase, Plan, Runner
 from nodeagent.trust import LeaderTrust
@@ -84,10 +85,10 @@ class StaleOnce(Journal):
 
     def __init__(self, path: Path) -> None:
         super().__init__(path)
-        self.stale: tuple[str, dt.datetime] | None = None
+        self.stale: Lease | None = None
         self.lease_reads = 0
 
-    def freeze_lease(self) -> tuple[str, dt.datetime] | None:
+    def freeze_lease(self) -> Lease | None:
         self.lease_reads += 1
         if self.stale is not None:
             stale, self.stale = self.stale, None
@@ -187,7 +188,7 @@ def assert_frozen_with_a_lease(
     assert server.frozen, "the leader was told frozen; the server takes writes"
     lease = journal.freeze_lease()
     assert lease is not None, "frozen with no lease: nothing lifts it if the leader goes"
-    assert lease == ("r1", START + dt.timedelta(seconds=LEASE))
+    assert lease == ("r1", START + dt.timedelta(seconds=LEASE), LEASE)
 
 
 @pytest.mark.parametrize("freeze_waits", [False, True], ids=["freeze-first", "unfreeze-first"])
@@ -201,7 +202,7 @@ async def test_a_freeze_crossing_the_lapse_of_the_lease_leaves_the_node_frozen_w
     clears it, then the Freeze freezes (before: frozen with no lease). Now the Freeze waits
     until the watch is done, and its lease and freeze are what stays."""
     journal = Journal(tmp_path / "journal.sqlite3")
-    journal.set_freeze_lease(("r0", START - dt.timedelta(seconds=1)))  # ran out
+    journal.set_freeze_lease(Lease("r0", START - dt.timedelta(seconds=1), LEASE))  # ran out
     server = GatedServer(frozen=True)
     agent, lock = make_agent(tmp_path, journal, server)
     server.gate["unfreeze"].clear()
@@ -229,7 +230,7 @@ async def test_the_watch_reads_the_lease_again_before_it_lifts_the_freeze(tmp_pa
     server = GatedServer(frozen=False)
     agent, _lock = make_agent(tmp_path, journal, server)
     reply = await agent.Freeze(freeze_request(), cast(Any, None))
-    journal.stale = ("r1", START - dt.timedelta(seconds=1))
+    journal.stale = Lease("r1", START - dt.timedelta(seconds=1), LEASE)
     journal.lease_reads = 0
     with capture_logs() as logs:
         watch = asyncio.create_task(agent.watch_freeze_lease())
@@ -338,5 +339,218 @@ async def test_a_freeze_grants_no_lease_longer_than_the_longest(tmp_path: Path) 
     request.lease_seconds = 10 * MAX_FREEZE_LEASE
     reply = await agent.Freeze(request, cast(Any, None))
     assert reply.frozen and server.frozen
-    assert journal.freeze_lease() == ("r1", START + dt.timedelta(seconds=MAX_FREEZE_LEASE))
+    assert journal.freeze_lease() == (
+        "r1",
+        START + dt.timedelta(seconds=MAX_FREEZE_LEASE),
+        MAX_FREEZE_LEASE,
+    )
+    journal.close()
+
+
+# --- the lease in elapsed time (clock audit s35 A, review 2 F4 of s34) -------------------------
+
+
+class Clocks:
+    """The agent's wall clock and monotonic clock: a sleep moves both; a test steps the wall
+    clock alone (NTP, a VM restored from a snapshot, an RTC in local time)."""
+
+    def __init__(self) -> None:
+        self.wall = START
+        self.mono = 1000.0
+
+    def clock(self) -> dt.datetime:
+        return self.wall
+
+    def monotonic(self) -> float:
+        return self.mono
+
+    def pass_(self, seconds: float) -> None:
+        self.wall += dt.timedelta(seconds=seconds)
+        self.mono += seconds
+
+    async def sleep(self, seconds: float) -> None:
+        self.pass_(seconds)
+        await asyncio.sleep(0)
+
+
+def timed_agent(
+    tmp_path: Path, journal: Journal, server: GatedServer, clocks: Clocks
+) -> NodeAgentService:
+    agent, _lock = make_agent(tmp_path, journal, server)
+    agent.clock, agent.monotonic = clocks.clock, clocks.monotonic
+    return agent
+
+
+async def frozen_agent(
+    tmp_path: Path, clocks: Clocks, seconds: int = LEASE
+) -> tuple[NodeAgentService, Journal, GatedServer]:
+    """A servicer that has just granted a scope freeze of ``seconds`` (its Freeze), at START."""
+    journal = Journal(tmp_path / "journal.sqlite3")
+    server = GatedServer(frozen=False)
+    agent = timed_agent(tmp_path, journal, server, clocks)
+    request = freeze_request()
+    request.lease_seconds = seconds
+    reply = await agent.Freeze(request, cast(Any, None))
+    assert reply.frozen and server.frozen
+    return agent, journal, server
+
+
+async def test_a_clock_stepped_back_does_not_stretch_the_freeze_lease(tmp_path: Path) -> None:
+    """Clock audit s35 A: the lease was a wall-clock deadline. The node's clock steps back an
+    hour during a ``--freeze scope`` rollout and the leader is gone: ten minutes later (a
+    five-minute lease) the practice still refused writes, for another 55 minutes, while a
+    leader still running recorded the node as unfrozen. The lease runs in elapsed time now."""
+    clocks = Clocks()
+    agent, journal, server = await frozen_agent(tmp_path, clocks)
+    clocks.pass_(LEASE - 1)
+    clocks.wall -= dt.timedelta(hours=1)
+    assert await agent._lift_lapsed_freeze() is None  # 299 s of 300: it holds
+    assert server.frozen
+    clocks.pass_(1)
+    assert await agent._lift_lapsed_freeze() == "r1"
+    assert not server.frozen and journal.freeze_lease() is None
+    journal.close()
+
+
+async def test_a_clock_stepped_forward_does_not_cut_the_freeze_lease(tmp_path: Path) -> None:
+    """Clock audit s35 A, the other way: the node's clock steps an hour forward a second after
+    the Freeze. The lease watch lifted the freeze at once, while the leader counted the node
+    frozen and switched other nodes under the scope freeze (the invariant of audit s32 H4)."""
+    clocks = Clocks()
+    agent, journal, server = await frozen_agent(tmp_path, clocks)
+    clocks.pass_(1)
+    clocks.wall += dt.timedelta(hours=1)
+    assert await agent._lift_lapsed_freeze() is None
+    assert server.frozen and journal.freeze_lease() is not None
+    clocks.pass_(LEASE - 2)
+    assert await agent._lift_lapsed_freeze() is None  # 299 s of 300
+    clocks.pass_(1)
+    assert await agent._lift_lapsed_freeze() == "r1"
+    assert not server.frozen
+    journal.close()
+
+
+# The agent restarts ``after`` seconds after its Freeze (of LEASE seconds), its wall clock
+# stepped by ``step`` meanwhile; the journalled lease then runs out ``left`` seconds later.
+RESTARTS = {
+    "no-step": (100, dt.timedelta(0), LEASE - 100),
+    "stepped-back": (100, -dt.timedelta(hours=1), LEASE),  # its own length, not an hour more
+    "stepped-forward": (100, dt.timedelta(hours=1), 0),  # the leader's count is over by then
+}
+
+
+@pytest.mark.parametrize(("after", "step", "left"), RESTARTS.values(), ids=RESTARTS.keys())
+async def test_after_a_restart_a_journalled_lease_lasts_at_most_its_own_length(
+    tmp_path: Path, after: int, step: dt.timedelta, left: int
+) -> None:
+    """Clock audit s35 A, across a restart: the new process knows the lease only from the
+    journal, its wall-clock end and its length. It runs for what the end says is left, but
+    never longer than its own length from the restart (an end further away means the clock
+    went back, which stretched it by the step before)."""
+    clocks = Clocks()
+    first_agent, journal, server = await frozen_agent(tmp_path, clocks)
+    journal.close()
+    clocks.pass_(after)
+    clocks.wall += step
+    clocks.mono = 5.0  # a new process: its monotonic clock means nothing to the last one's
+    journal = Journal(tmp_path / "journal.sqlite3")
+    agent = timed_agent(tmp_path, journal, server, clocks)
+    assert agent.leases is not first_agent.leases
+    if left:
+        assert await agent._lift_lapsed_freeze() is None
+        clocks.pass_(left - 1)
+        assert await agent._lift_lapsed_freeze() is None
+        assert server.frozen
+        clocks.pass_(1)
+    assert await agent._lift_lapsed_freeze() == "r1"
+    assert not server.frozen
+    journal.close()
+
+
+async def test_a_lease_journalled_before_its_length_was_is_bounded_by_the_longest(
+    tmp_path: Path,
+) -> None:
+    """A lease from a journal before migration 5 has no length: after the upgrade's restart it
+    runs at most the longest lease an agent grants (never less than any it granted), however
+    far away its wall-clock end is (the clock went back two days)."""
+    clocks = Clocks()
+    journal = Journal(tmp_path / "journal.sqlite3")
+    journal.set_freeze_lease(Lease("r1", START + dt.timedelta(days=2)))
+    server = GatedServer(frozen=True)
+    agent = timed_agent(tmp_path, journal, server, clocks)
+    assert await agent._lift_lapsed_freeze() is None
+    clocks.pass_(MAX_FREEZE_LEASE - 1)
+    assert await agent._lift_lapsed_freeze() is None
+    clocks.pass_(1)
+    assert await agent._lift_lapsed_freeze() == "r1"
+    assert not server.frozen
+    journal.close()
+
+
+class Unreadable(Journal):
+    """A journal whose lease reads fail once ``broken`` (EIO on its file, descriptors gone)."""
+
+    broken = False
+
+    def freeze_lease(self) -> Lease | None:
+        if self.broken:
+            raise JournalError("journal: disk I/O error")
+        return super().freeze_lease()
+
+
+async def test_a_scope_switch_that_cannot_read_its_lease_waits_only_for_the_lease_granted(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review 2 F4 of s34: a scope switch whose lease could not be read stayed frozen for
+    ``MAX_FREEZE_LEASE`` (a day), whatever lease was configured (scope_freeze_lease, here 30 s),
+    while the leader counted the node unfrozen after about that lease: the practice refused
+    writes for a day. The agent process granted that lease itself, so it knows when it runs
+    out: the switch unfreezes then (in elapsed time, as the lease watch would)."""
+    warned: list[tuple[str, dict[str, Any]]] = []
+    monkeypatch.setattr(transaction.log, "warning", lambda event, **kw: warned.append((event, kw)))
+    clocks = Clocks()
+    journal = Unreadable(tmp_path / "journal.sqlite3")
+    server = GatedServer(frozen=False)
+    runner = Runner(
+        journal, cast(Any, server), clocks.clock, sleep=clocks.sleep, monotonic=clocks.monotonic
+    )
+    agent, _lock = make_agent(tmp_path, journal, server, runner)
+    agent.clock, agent.monotonic = clocks.clock, clocks.monotonic
+    request = freeze_request()
+    request.lease_seconds = 30
+    assert (await agent.Freeze(request, cast(Any, None))).frozen
+    clocks.wall -= dt.timedelta(hours=1)  # and the wall clock steps: elapsed time decides
+    journal.broken = True
+    txn, plan = scope_switch(tmp_path)
+    started = clocks.mono
+    ended = await asyncio.wait_for(runner._unfreeze(txn, plan), 60)
+    assert not server.frozen and ended == {"freeze_ended_at": clocks.wall}
+    waited = clocks.mono - started
+    assert 30 <= waited < 30 + transaction.UNFREEZE_BACKOFF.cap + 1
+    (unfrozen,) = [kw for event, kw in warned if event == "txn.lease_unread_unfreeze"]
+    assert "every lease this agent knows of has run out" in unfrozen["detail"]
+    journal.close()
+
+
+async def test_a_scope_switch_that_cannot_read_its_lease_unfreezes_if_none_can_hold(
+    tmp_path: Path,
+) -> None:
+    """Review 2 F4 of s34, the case with no lease at all: this agent process read the journal
+    (the lease watch: no lease; the leader had lifted the scope freeze) and granted none since,
+    so no lease can be journalled; a scope switch that then cannot read it unfreezes at its
+    end, not a day later."""
+    clocks = Clocks()
+    journal = Unreadable(tmp_path / "journal.sqlite3")
+    server = GatedServer(frozen=True)  # the switch's own freeze
+    runner = Runner(
+        journal, cast(Any, server), clocks.clock, sleep=clocks.sleep, monotonic=clocks.monotonic
+    )
+    agent, _lock = make_agent(tmp_path, journal, server, runner)
+    agent.clock, agent.monotonic = clocks.clock, clocks.monotonic
+    assert await agent._lift_lapsed_freeze() is None  # a look of the watch: no lease
+    journal.broken = True
+    txn, plan = scope_switch(tmp_path)
+    started = clocks.mono
+    await asyncio.wait_for(runner._unfreeze(txn, plan), 60)
+    assert not server.frozen and clocks.mono == started
     journal.close()

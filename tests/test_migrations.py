@@ -161,6 +161,33 @@ def test_the_agent_journal_of_0_1_0_is_taken_over(tmp_path: Path) -> None:
     assert user_version(path) == current_version("journal", tmp_path)
 
 
+def test_a_journalled_lease_without_its_length_is_taken_over(tmp_path: Path) -> None:
+    """Migration 5 of the journal: the scope freeze's lease keeps its length (clock audit s35
+    A). A lease journalled before it, ``[rollout_id, until]``, is read with no length (the
+    agent bounds it by the longest lease); an empty one stays empty."""
+    path = tmp_path / "journal.sqlite3"
+    Journal(path).close()
+    until = dt.datetime(2026, 11, 30, 10, 5, tzinfo=dt.UTC)
+    conn = sqlite3.connect(path)
+    try:  # the journal as the release before migration 5 left it
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('freeze_lease', ?)",
+            (f'["r1", "{until.isoformat()}"]',),
+        )
+        conn.execute("PRAGMA user_version=4")
+        conn.commit()
+    finally:
+        conn.close()
+    journal = Journal(path)
+    try:
+        assert journal.freeze_lease() == ("r1", until, None)
+        journal.set_freeze_lease(None)
+        assert journal.freeze_lease() is None
+    finally:
+        journal.close()
+    assert user_version(path) == current_version("journal", tmp_path) == 5
+
+
 def test_the_refserver_entries_of_0_1_0_are_taken_over(tmp_path: Path) -> None:
     path = load("refserver.sql", refserver_db(tmp_path / "ref"))
     assert user_version(path) == 0

@@ -44,6 +44,7 @@ import pytest
 from nodeagent import plans, service, transaction
 from nodeagent.drivers import Driver, DriverError, ServerFacts, StagedConfig, Target
 from nodeagent.journal import Journal, JournalError, Txn
+from nodeagent.lease import Lease
 from nodeagent.transaction import Checks, Phase, Plan, Runner, Staged, next_action
 from nodeagent.trust import LeaderTrust
 from nodeagent.wire import TXN_PHASE
@@ -169,18 +170,24 @@ def fake_checks(server: FakeServer, where: str = ADDRESS) -> Checks:
 
 
 class FakeTime:
-    """The runner's clock and sleep: sleeping moves the clock, at once."""
+    """The runner's clocks and sleep: sleeping moves both clocks, at once; a test may step the
+    wall clock (``now``) alone."""
 
     def __init__(self) -> None:
         self.now = dt.datetime(2026, 11, 30, 12, 0, tzinfo=dt.UTC)
+        self.elapsed = 1000.0  # the monotonic clock
         self.slept: list[float] = []
 
     def clock(self) -> dt.datetime:
         return self.now
 
+    def monotonic(self) -> float:
+        return self.elapsed
+
     async def sleep(self, seconds: float) -> None:
         self.slept.append(seconds)
         self.now += dt.timedelta(seconds=seconds)
+        self.elapsed += seconds
         await asyncio.sleep(0)
 
 
@@ -451,6 +458,7 @@ class World:
             self.time.clock,
             checks=fake_checks(self.server),
             sleep=self.time.sleep,
+            monotonic=self.time.monotonic,
         )
 
     async def run(self, journal: CrashingJournal) -> Txn:
@@ -785,7 +793,7 @@ async def test_a_resumed_scope_switch_stays_frozen_only_while_its_lease_holds(
     if lease:  # the scope freeze goes on: frozen, its lease journalled
         w.server.frozen = True
         with contextlib.closing(Journal(w.journal_path)) as journal:
-            journal.set_freeze_lease(("r1", w.time.clock() + dt.timedelta(minutes=5)))
+            journal.set_freeze_lease(Lease("r1", w.time.clock() + dt.timedelta(minutes=5), 300))
     _, journal = await w.resume()
     txn = journal.get("r1", sc.kind)
     assert txn is not None
@@ -807,7 +815,7 @@ class LeaseUnreadOnce(CrashingJournal):
         super().__init__(path)
         self.lease_reads = 0
 
-    def freeze_lease(self) -> tuple[str, dt.datetime] | None:
+    def freeze_lease(self) -> Lease | None:
         self.lease_reads += 1
         if self.lease_reads == 1:
             raise JournalError("journal: disk I/O error")
@@ -825,7 +833,7 @@ async def test_a_scope_switch_that_cannot_read_its_lease_stays_frozen_and_asks_a
     w.plan = replace(w.plan, keep_frozen=True)
     w.txn = replace(w.txn, plan=w.plan.to_json())
     journal = LeaseUnreadOnce(w.journal_path)
-    journal.set_freeze_lease(("r1", w.time.clock() + dt.timedelta(minutes=5)))
+    journal.set_freeze_lease(Lease("r1", w.time.clock() + dt.timedelta(minutes=5), 300))
     done = await w.run(journal)
     assert done.outcome is TxnOutcome.COMPLETED, done.reason
     assert journal.lease_reads == 2 and w.time.slept == [transaction.UNFREEZE_BACKOFF.delay(1)]
@@ -836,7 +844,7 @@ async def test_a_scope_switch_that_cannot_read_its_lease_stays_frozen_and_asks_a
 class LeaseNeverRead(CrashingJournal):
     """A journal whose reads of the freeze lease all fail (a damaged page, for good)."""
 
-    def freeze_lease(self) -> tuple[str, dt.datetime] | None:
+    def freeze_lease(self) -> Lease | None:
         raise JournalError("journal: disk I/O error")
 
 
@@ -862,6 +870,43 @@ async def test_a_scope_switch_that_never_reads_its_lease_unfreezes_after_the_lon
     assert limit <= waited < limit + dt.timedelta(seconds=transaction.UNFREEZE_BACKOFF.cap + 1)
     (unfrozen,) = [kw for event, kw in warned if event == "txn.lease_unread_unfreeze"]
     assert unfrozen["unread_seconds"] >= limit.total_seconds() and "I/O" in unfrozen["error"]
+    journal.close()
+
+
+class LeaseNeverReadClockBack(LeaseNeverRead):
+    """As ``LeaseNeverRead``; the node's wall clock steps back an hour at the second read
+    (after the wait began)."""
+
+    def __init__(self, path: Path, time: FakeTime) -> None:
+        super().__init__(path)
+        self.time = time
+        self.reads = 0
+
+    def freeze_lease(self) -> Lease | None:
+        self.reads += 1
+        if self.reads == 2:
+            self.time.now -= dt.timedelta(hours=1)
+        return super().freeze_lease()
+
+
+async def test_the_wait_for_an_unread_lease_is_elapsed_time(
+    world: Callable[..., World],
+) -> None:
+    """Clock audit s35 A (step 5), review 2 F4 of s34: a restarted agent's scope switch that
+    never reads its lease waits the longest lease, measured as two wall-clock readings: a step
+    back of the clock in between stretched the wait (and the practice's freeze) by the step."""
+    sc = SCENARIOS["completes"]
+    w = world(sc)
+    w.plan = replace(w.plan, keep_frozen=True)
+    w.txn = replace(w.txn, plan=w.plan.to_json())
+    journal = LeaseNeverReadClockBack(w.journal_path, w.time)
+    started = w.time.monotonic()
+    done = await asyncio.wait_for(w.run(journal), 60)
+    assert done.outcome is TxnOutcome.COMPLETED, done.reason
+    assert not w.server.frozen
+    waited = w.time.monotonic() - started
+    limit = transaction.LEASE_UNREAD_LIMIT.total_seconds()
+    assert limit <= waited < limit + transaction.UNFREEZE_BACKOFF.cap + 1
     journal.close()
 
 
@@ -1584,7 +1629,7 @@ async def test_a_rollback_plan_with_keep_frozen_leaves_the_server_frozen(
     completed_switch(journal, driver, txn_dir, "journal", keep_frozen=True)
     server = driver.server
     server.frozen = True  # the leader's scope freeze, bounded by its lease
-    journal.set_freeze_lease(("r1", dt.datetime(2026, 11, 30, 12, 5, tzinfo=dt.UTC)))
+    journal.set_freeze_lease(Lease("r1", dt.datetime(2026, 11, 30, 12, 5, tzinfo=dt.UTC), 300))
 
     config, back, _fp = plans.rollback_plan(journal, driver, txn_dir, "r1", keep_frozen=True)
     assert back.keep_frozen and Plan.from_json(back.to_json()) == back
@@ -1624,7 +1669,7 @@ async def test_a_failed_way_back_keeps_a_scope_freeze_only_while_its_lease_holds
     w.txn = replace(w.txn, plan=w.plan.to_json())
     journal = CrashingJournal(w.journal_path)
     if lease:
-        journal.set_freeze_lease(("r1", w.time.clock() + dt.timedelta(minutes=5)))
+        journal.set_freeze_lease(Lease("r1", w.time.clock() + dt.timedelta(minutes=5), 300))
     done = await w.run(journal)
 
     assert done.outcome is TxnOutcome.FAILED
