@@ -18,6 +18,7 @@ from __future__ import annotations
 import abc
 import asyncio
 import contextlib
+import fcntl
 import glob
 import json
 import os
@@ -45,7 +46,7 @@ from tenacity import (
 )
 
 from nodeagent import clients as client_sources
-from tlsroll import clients
+from tlsroll import clients, logs
 from tlsroll.clients import ClientsView
 from tlsroll.config import ConfigFile, Section, dump_toml
 from tlsroll.errors import LocalResourceError, TerminalError, raise_if_local
@@ -65,6 +66,12 @@ POLL_INTERVAL = 0.2  # how often a starting server is asked whether it answers
 READY_FIRST_WAIT = 0.005
 READY_MAX_WAIT = 0.04
 READY_FALLBACK_WAIT = 0.5  # between checks while a readiness message or an exit would wake us
+# The reference server's files in its data_dir (``refserver.server``: PID_NAME, LOCK_NAME). It
+# holds the lock file open, locked, for its whole run: every release has.
+REFSERVER_PID = "refserver.pid"
+REFSERVER_LOCK = "refserver.lock"
+
+log = logs.get_logger(__name__)
 
 
 class DriverError(TerminalError):
@@ -551,6 +558,58 @@ def _pid_alive(pid: int) -> bool:
     return stat.rsplit(")", 1)[1].split()[0] != "Z"  # a zombie has exited
 
 
+def _has_open(pid: int, path: Path) -> bool | None:
+    """True if process ``pid`` has the file ``path`` open; None if the agent may not look
+    (a process started with privileges the agent lacks now; ``LocalResourceError`` if it cannot
+    tell for want of descriptors)."""
+    try:
+        want = os.stat(path)
+    except OSError as exc:
+        raise_if_local(exc, f"looking at {path}")
+        return False
+    fds = f"/proc/{pid}/fd"
+    try:
+        names = os.listdir(fds)
+    except PermissionError:
+        return None
+    except OSError as exc:
+        raise_if_local(exc, f"looking at process {pid}")
+        return False  # gone
+    for name in names:
+        try:
+            got = os.stat(f"{fds}/{name}")  # the file the descriptor is open on
+        except PermissionError:
+            return None
+        except OSError as exc:
+            raise_if_local(exc, f"looking at process {pid}")
+            continue  # closed meanwhile
+        if (got.st_dev, got.st_ino) == (want.st_dev, want.st_ino):
+            return True
+    return False
+
+
+def _locked_by_another(path: Path) -> bool:
+    """True if some process holds the lock on ``path`` (or the agent cannot tell: it then
+    acts as before this check). Takes the lock for a moment when free."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        return False
+    except OSError as exc:
+        raise_if_local(exc, f"looking at {path}")
+        return True
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    except OSError as exc:
+        raise_if_local(exc, f"looking at {path}")
+        return True
+    finally:
+        os.close(fd)  # drops the lock if it was taken
+    return False
+
+
 class ReferenceDriver(_AdminSocketFreeze, Driver):
     """The reference server (``tlsroll-refserver``) as a process of its own."""
 
@@ -632,7 +691,7 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
         """The running server's pid, from its pid file; None if there is none. Short of
         descriptors the agent cannot tell (``LocalResourceError``): a stop that took that for
         "not running" left the old server up, and the start after it met its ports in use."""
-        path = self.data_dir / "refserver.pid"
+        path = self.data_dir / REFSERVER_PID
         try:
             return int(path.read_text().strip())
         except OSError as exc:
@@ -652,7 +711,21 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
             return
         if pid in reaped or not _pid_alive(pid):
             await self._wait_reaped(pid, reaped)
-            self._drop_pid_file(pid, reaped)
+            if pid in reaped:
+                self._drop_pid_file(pid)
+            return
+        # A pid file from before the agent's restart may name a pid the system gave to an
+        # unrelated process since (its server died while the agent was down): not a child of
+        # ours, so the reaped-pid guard above does not apply. Signal only the server of this
+        # data_dir (review 2 of s34, F5).
+        if not self._is_server(pid):
+            log.warning(
+                "server.pid_file_stale",
+                pid=pid,
+                path=str(self.data_dir / REFSERVER_PID),
+                detail="the process is not this data_dir's reference server: not signalled",
+            )
+            self._drop_pid_file(pid)
             return
         wakeup = Wakeup()
         wakeup.watch_exit(pid)
@@ -660,7 +733,9 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
             with contextlib.suppress(ProcessLookupError):
                 os.kill(pid, signal.SIGTERM)
             await self._wait_exit(pid, wakeup, STOP_TIMEOUT, reaped)
-            if pid not in reaped and _pid_alive(pid):
+            # Checked again: a server of a previous agent's that exited meanwhile left its
+            # pid free for reuse.
+            if pid not in reaped and _pid_alive(pid) and self._is_server(pid):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(pid, signal.SIGKILL)
                 # SIGKILL ends it at once, but not in the same instant: wait (bounded) for it.
@@ -669,7 +744,8 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
             wakeup.close()
         reaped |= self._reap()
         await self._wait_reaped(pid, reaped)
-        self._drop_pid_file(pid, reaped)
+        if pid in reaped:
+            self._drop_pid_file(pid)
 
     async def _wait_reaped(self, pid: int, reaped: set[int]) -> None:
         """Wait (bounded: ``KILL_WAIT``) until ``pid``, if a child of ours that exited, is
@@ -703,11 +779,22 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
         self._children = running
         return reaped
 
-    def _drop_pid_file(self, pid: int, reaped: set[int]) -> None:
-        """Remove the pid file if it still names ``pid``, a child of ours we reaped."""
-        if pid not in reaped:
-            return
-        path = self.data_dir / "refserver.pid"
+    def _is_server(self, pid: int) -> bool:
+        """True if the running process ``pid`` is this data_dir's reference server: one we
+        started and did not reap, or one that holds the data_dir's lock file open (a server a
+        previous agent started; the pid file alone does not say so). Where the agent may not
+        look into the process, a server holding the lock is taken for the one the pid file
+        names (it wrote that file once it had the lock)."""
+        if any(c.pid == pid for c in self._children):
+            return True
+        lock = self.data_dir / REFSERVER_LOCK
+        held = _has_open(pid, lock)
+        return _locked_by_another(lock) if held is None else held
+
+    def _drop_pid_file(self, pid: int) -> None:
+        """Remove the pid file if it still names ``pid``: a child of ours we reaped, or a
+        process that is not the server (the file is stale either way)."""
+        path = self.data_dir / REFSERVER_PID
         with contextlib.suppress(OSError, ValueError):
             if int(path.read_text().strip()) == pid:
                 path.unlink()

@@ -28,7 +28,11 @@ until the agent's first heartbeat with the new one (``leader.store.renew_node_ce
 
 **Expired.** A certificate past its end cannot renew (the leader's TLS refuses it): the node
 must enrol again with a fresh token. At start that is a one-line error (``expired_message``);
-while running, one log line.
+while running, one log line, and the heartbeat reports the renewal failing ("certificate
+expired"). The renewer still looks again every ``EXPIRED_RECHECK`` seconds: a node clock that
+was only ahead for a while (an RTC wrong at boot, a VM resumed, ``date -s``) ended renewals for
+good, though the certificate was still valid; once the clock reads before the end again, the
+report is taken back and renewal goes on as scheduled.
 """
 
 from __future__ import annotations
@@ -67,6 +71,9 @@ RENEW_FROM = 0.7
 RENEW_TO = 0.9
 RETRY = Policy(free=0, base=2.0, cap=300.0, forget=86400.0)
 MAX_ERROR = 200
+# What the heartbeat reports (``tlsroll nodes``, the schema) while the node's clock says so.
+EXPIRED = "certificate expired by the node's clock: enrol it again (or correct its clock if ahead)"
+EXPIRED_RECHECK = 60.0  # seconds between looks at a certificate the node's clock says has ended
 
 
 # --- the schedule (pure) ----------------------------------------------------------------------
@@ -204,6 +211,7 @@ class Renewer:
         self.failures = 0
         self.last_failure: dt.datetime | None = None
         self.expired = False
+        self._before_expired: tuple[dt.datetime | None, str] = (None, "")
         self._schedule()
 
     def _schedule(self) -> None:
@@ -213,7 +221,9 @@ class Renewer:
         self.status.due_at = due
 
     async def run(self) -> None:
-        """Renew whenever due, until cancelled (or the certificate has ended)."""
+        """Renew whenever due, until cancelled. A certificate the node's clock says has ended
+        is reported, and looked at again every ``EXPIRED_RECHECK`` seconds (the clock may have
+        been ahead for a while only)."""
         log.info("renewal.scheduled", due_at=_iso(self.status.due_at))
         while True:
             now = self.clock()
@@ -226,14 +236,11 @@ class Renewer:
                 self.last_failure,
             )
             if step.expired:
-                self.expired = True
-                self.status.failing_since = self.status.failing_since or now
-                self.status.error = "certificate expired; the node must enrol again"
-                log.error(
-                    "agent.certificate_expired",
-                    message=expired_message(self.cfg, self.identity.not_after),
-                )
-                return
+                self._expired(now)
+                await asyncio.sleep(EXPIRED_RECHECK)
+                continue
+            if self.expired:
+                self._valid_again(now)
             if not step.renew:
                 await asyncio.sleep(step.seconds)
                 continue
@@ -241,6 +248,31 @@ class Renewer:
                 await self.renew()
             except (TlsrollError, OSError, ValueError) as exc:
                 self._failed(now, exc)
+
+    def _expired(self, now: dt.datetime) -> None:
+        """Report the end (once: the first look that finds it)."""
+        if self.expired:
+            return
+        self.expired = True
+        self._before_expired = (self.status.failing_since, self.status.error)
+        self.status.failing_since = self.status.failing_since or now
+        self.status.error = EXPIRED
+        log.error(
+            "agent.certificate_expired",
+            message=expired_message(self.cfg, self.identity.not_after),
+        )
+
+    def _valid_again(self, now: dt.datetime) -> None:
+        """The clock reads before the end again: take the report back (a failing renewal
+        before it is reported as it was), and go on."""
+        self.expired = False
+        self.status.failing_since, self.status.error = self._before_expired
+        log.warning(
+            "agent.certificate_valid_again",
+            now=_iso(now),
+            not_after=_iso(self.identity.not_after),
+            detail="the node's clock was ahead; renewal goes on",
+        )
 
     def _failed(self, now: dt.datetime, exc: BaseException) -> None:
         self.failures += 1

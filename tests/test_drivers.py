@@ -32,6 +32,7 @@ import aiohttp
 import grpc
 import pytest
 from aiohttp import web
+from structlog.testing import capture_logs
 
 from nodeagent import clients as client_sources
 from nodeagent import drivers
@@ -1022,6 +1023,63 @@ async def test_a_stop_that_reaped_the_server_removes_its_stale_pid_file(
         await driver.stop()  # nothing to stop, nothing signalled
     finally:
         await driver.stop()
+
+
+def may_not_look(monkeypatch: pytest.MonkeyPatch, look: bool) -> None:
+    """Unless ``look``: the agent may not look into other processes' descriptors (a server
+    started with privileges the agent lacks now): the data_dir's lock decides."""
+    if not look:
+        monkeypatch.setattr(drivers, "_has_open", lambda pid, path: None)
+
+
+@pytest.mark.parametrize("look", [True, False])
+async def test_a_pid_file_naming_an_unrelated_process_is_not_signalled(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, look: bool
+) -> None:
+    """Review 2 of s34, F5: the server a previous agent started died while the agent was down,
+    and the system gave its pid to an unrelated process. The new agent has no child record for
+    it, so the reaped-pid guard does not apply: its stop read the pid file and SIGTERMed (then
+    SIGKILLed) that process. Now only this data_dir's server is signalled; the stale file is
+    dropped, with one log line."""
+    may_not_look(monkeypatch, look)
+    driver = reference_driver(tmp_path)
+    driver.data_dir.mkdir(parents=True, exist_ok=True)
+    (driver.data_dir / "refserver.lock").touch()  # a server ran here once
+    pid_file = driver.data_dir / "refserver.pid"
+    other = subprocess.Popen(["sleep", "60"], start_new_session=True)
+    try:
+        pid_file.write_text(f"{other.pid}\n")  # a bare pid, as every release writes it
+        with capture_logs() as logged:
+            await driver.stop()
+        assert other.poll() is None and alive(other.pid), "an unrelated process was signalled"
+        assert not pid_file.exists(), "the stale pid file is left for the next stop"
+        assert [e["event"] for e in logged] == ["server.pid_file_stale"]
+        assert logged[0]["pid"] == other.pid
+    finally:
+        other.kill()
+        other.wait(10)
+
+
+@pytest.mark.parametrize("look", [True, False])
+async def test_a_server_a_previous_agent_started_is_still_stopped(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, look: bool
+) -> None:
+    """The other side of the check above: a server the driver did not start (an agent before
+    a restart did) holds its data_dir's lock, and a new driver's stop ends it."""
+    may_not_look(monkeypatch, look)
+    before = reference_driver(tmp_path)
+    try:
+        await before.start()
+        pid = before._pid()
+        assert pid is not None
+        after = ReferenceDriver(before.config_file, before.log_file)
+        await after.stop()
+        assert not alive(pid), "the server is still running"
+        assert not (before.data_dir / "refserver.pid").exists()
+    finally:
+        for child in before._children:  # the server, even if its pid file went missing
+            child.kill()
+            child.wait(10)
 
 
 async def test_waiting_for_a_server_waits_out_the_agents_own_shortage(tmp_path: Path) -> None:

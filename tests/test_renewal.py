@@ -23,7 +23,7 @@ import datetime as dt
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -32,6 +32,7 @@ import pytest
 
 from leader.agent_client import AgentPool
 from leader.store import Node, _node
+from nodeagent import renewal
 from nodeagent.config import AgentConfig
 from nodeagent.identity import Identity, finish_pending, install_renewed, paths, pending_paths
 from nodeagent.renewal import (
@@ -229,6 +230,93 @@ def test_a_failed_renewal_is_reported_and_the_next_one_uses_the_same_key(
     assert told == [renewed] and renewer.status.failing_since is None
     assert pki.spki_pin(renewed.cert) == pki.spki_pin(second) != pki.spki_pin(identity.cert)
     assert not pending_paths(cfg.data_dir)[0].exists()
+
+
+async def test_a_clock_ahead_for_a_while_does_not_end_renewals(
+    tmp_path: Path, test_ca: pki.CertificateAuthority, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Clock audit s35 C: the node's clock read past the certificate's end once (an RTC wrong
+    at boot, a VM resumed, ``date -s``): the renewer reported "expired" and returned for good,
+    so a certificate still valid was never renewed once the clock was right again, and the
+    node was cut off at its real end. Now it reports the end (what the heartbeat tells the
+    leader), keeps looking, and renews once the clock reads before the end again; the report
+    is taken back."""
+    monkeypatch.setattr(renewal, "EXPIRED_RECHECK", 0.01)
+    cfg = _agent_config(tmp_path, test_ca)
+    key_file, cert_file = _enrolled(cfg, test_ca)
+    identity = Identity.of(
+        key_file, cert_file, paths(cfg.data_dir)[2], pki.read_cert(cert_file), test_ca.cert
+    )
+    link = FlakyLink(test_ca, cfg, fail=0)
+    now = [identity.not_after + dt.timedelta(days=5)]  # the node's clock is ahead
+    renewer = Renewer(cfg, identity, link, clock=lambda: now[0], draw=lambda: 0.5)
+    due = renewer.status.due_at
+    assert due is not None
+    looks = 0
+
+    def clock() -> dt.datetime:
+        nonlocal looks
+        looks += 1
+        return now[0]
+
+    renewer.clock = clock
+
+    task = asyncio.create_task(renewer.run())
+    try:
+        await _until(lambda: renewer.expired, "the end reported")
+        assert renewer.status.error == renewal.EXPIRED and renewer.status.failing_since
+        await _until(lambda: looks >= 5, "still looking at the clock")
+        assert not task.done() and link.csrs == []
+        now[0] = due + dt.timedelta(minutes=1)  # the clock is right again
+        await _until(lambda: renewer.identity is not identity, "the renewal")
+        assert len(link.csrs) == 1 and not renewer.expired
+        assert renewer.status.failing_since is None and renewer.status.error == ""
+        assert not task.done()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def test_a_clock_back_before_the_end_restores_the_failure_it_hid(
+    tmp_path: Path, test_ca: pki.CertificateAuthority, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A renewal that failed before the clock jumped is reported as failing again once the
+    clock is back (its reason, its since), neither as fine nor as "expired"."""
+    monkeypatch.setattr(renewal, "EXPIRED_RECHECK", 0.01)
+    cfg = _agent_config(tmp_path, test_ca)
+    key_file, cert_file = _enrolled(cfg, test_ca)
+    identity = Identity.of(
+        key_file, cert_file, paths(cfg.data_dir)[2], pki.read_cert(cert_file), test_ca.cert
+    )
+    link = FlakyLink(test_ca, cfg, fail=1)
+    now = [T0]
+    renewer = Renewer(cfg, identity, link, clock=lambda: now[0], draw=lambda: 0.5)
+    due = renewer.status.due_at
+    assert due is not None
+    now[0] = due
+    task = asyncio.create_task(renewer.run())
+    try:
+        await _until(lambda: renewer.status.failing_since == due, "the failed renewal")
+        now[0] = identity.not_after + dt.timedelta(days=1)  # its retry finds the clock ahead
+        await _until(lambda: renewer.expired, "the end reported")
+        assert renewer.status.error == renewal.EXPIRED and renewer.status.failing_since == due
+        now[0] = due + dt.timedelta(seconds=1)  # back, before the retry is due
+        await _until(lambda: not renewer.expired, "the clock back")
+        assert renewer.status.failing_since == due
+        assert "leader unreachable" in renewer.status.error
+        assert len(link.csrs) == 1
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+
+
+async def _until(what: Callable[[], object], why: str) -> None:
+    """Wait (up to 5 s) until ``what()`` is true."""
+    for _ in range(500):
+        if what():
+            return
+        await asyncio.sleep(0.01)
+    raise AssertionError(f"{why}: not within 5 s")
 
 
 # --- a real cluster -----------------------------------------------------------------------------

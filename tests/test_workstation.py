@@ -14,6 +14,7 @@ import errno
 import io
 import json
 import os
+import socket
 import stat
 import subprocess
 import sys
@@ -50,6 +51,7 @@ from tlsroll.httpcheck import port_open
 from tlsroll.tls import client_context, server_context
 from workstation import connection as workstation
 from workstation.connection import Exit
+from workstation.settings_files import MARKER, STAGING
 
 APP = "/praxis_live/"
 
@@ -687,6 +689,40 @@ def test_host_unreachable(
     err = capsys.readouterr().err
     assert code == 4 == int(Exit.UNREACHABLE)
     assert err.startswith("tlsroll: error: cannot reach 192.0.2.7: ") and err.count("\n") == 1
+
+
+def test_a_newer_tools_interrupted_settings_change_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """Upgrade audit s35 F9: the settings dir holds a newer tlsroll's committed change, cut
+    short (its marker lists a file this version does not know). The run refuses at once with
+    one line and the failure exit code, before any connection, and leaves the change alone
+    (it discarded it, and went on with a mixed set)."""
+    d = tmp_path / "settings"
+    staging = d / STAGING
+    staging.mkdir(parents=True, mode=0o700)
+    (staging / "client.chain").write_bytes(b"chain")
+    marker = {"files": ["client.key", "client.pem", "client.chain"]}
+    (staging / MARKER).write_text(json.dumps(marker))
+    (d / "client.key").write_bytes(b"new key")  # moved before the interruption
+    connected: list[object] = []
+
+    def connect(_sock: object, address: object) -> None:
+        connected.append(address)
+        raise TimeoutError
+
+    monkeypatch.setattr(socket.socket, "connect", connect)
+    argv = ["client", "test-connection", "https://192.0.2.7:8443/a/", "--yes"]
+    code = cli.main([*argv, "--settings-dir", str(d)])
+    err = capsys.readouterr().err
+    assert code == 1 == int(Exit.FAILURE), err
+    assert err == (
+        f"tlsroll: error: {d} holds an interrupted change of a newer tlsroll: "
+        "finish it with that version\n"
+    )
+    assert connected == []
+    assert sorted(p.name for p in staging.iterdir()) == ["client.chain", MARKER]
+    assert (d / "client.key").read_bytes() == b"new key"
 
 
 @pytest.mark.parametrize("content", [b"", b"\n", b"   \n"])

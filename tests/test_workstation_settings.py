@@ -164,12 +164,44 @@ def test_a_committed_staging_is_completed_and_an_uncommitted_one_discarded(d: Pa
 
 @pytest.mark.parametrize(
     "marker",
-    [b'{"files": ["client.key", "../elsewhere"]}', b"not json", b'["client.key"]'],
+    [
+        b'{"files": ["client.key", "../elsewhere"]}',
+        b'{"files": ["client.key", ".."]}',
+        b'{"files": ["client.key", 5]}',
+        b"not json",
+        b'["client.key"]',
+    ],
 )
 def test_a_marker_not_of_ours_commits_nothing(d: Path, marker: bytes) -> None:
     stage(d, NEW, marker)
     assert settings_files.finish(d) is Finished.BACK
     assert contents(d) == OLD
+
+
+def tree(d: Path) -> dict[str, bytes]:
+    """Every file under ``d`` (the staging's too), by its path under ``d``."""
+    return {str(p.relative_to(d)): p.read_bytes() for p in sorted(d.rglob("*")) if p.is_file()}
+
+
+def test_a_newer_tools_committed_run_is_left_for_it_to_finish(d: Path) -> None:
+    """Upgrade audit s35 F9: a newer tlsroll, whose set has a file this version does not know,
+    was cut short after its commit and after moving the key and the certificate into place.
+    This version read the marker as "not committed" and discarded the rest of that set: the
+    new key and certificate beside the old ca.pem and settings.json, the mix this module is
+    there to prevent. Now it leaves the staging (and the directory) as it is and says so."""
+    names = ["client.key", "client.pem", "ca.pem", "settings.json", "client.chain"]
+    marker = json.dumps({"files": names}).encode()
+    rest = {"ca.pem": b"new ca", "settings.json": NEW["settings.json"], "client.chain": b"chain"}
+    stage(d, rest, marker)
+    (d / "client.key").write_bytes(NEW["client.key"])  # moved before the interruption
+    (d / "client.pem").write_bytes(NEW["client.pem"])
+    before = tree(d)
+    with pytest.raises(settings_files.NewerStaging):
+        settings_files.finish(d)
+    assert tree(d) == before, "the newer run's staging was touched"
+    with pytest.raises(settings_files.NewerStaging):  # nor does a new set replace it
+        settings_files.replace(d, files(OLD))
+    assert tree(d) == before
 
 
 def test_a_staging_that_is_no_directory_is_removed_not_followed(d: Path, tmp_path: Path) -> None:

@@ -113,6 +113,13 @@ class ClientError(click.ClickException, TerminalError):
         return int(self.code)
 
 
+def _newer_staging(settings_dir: Path) -> str:
+    return (
+        f"{settings_dir} holds an interrupted change of a newer tlsroll: "
+        "finish it with that version"
+    )
+
+
 def default_settings_dir() -> Path:
     base = os.environ.get("XDG_CONFIG_HOME") or str(Path.home() / ".config")
     return Path(base) / "tlsroll" / "client"
@@ -790,6 +797,8 @@ class TestConnection:
             raise ClientError(
                 Exit.FAILURE, f"cannot write the settings to {d}: {exc.strerror or exc}"
             ) from None
+        except settings_files.NewerStaging:
+            raise ClientError(Exit.FAILURE, _newer_staging(d)) from None
         self.ui.say(f"settings  written to {d}")
 
     def finish_settings(self) -> None:
@@ -803,6 +812,8 @@ class TestConnection:
             raise ClientError(
                 Exit.FAILURE, f"cannot finish the settings an interrupted run left in {d}: {why}"
             ) from None
+        except settings_files.NewerStaging:
+            raise ClientError(Exit.FAILURE, _newer_staging(d)) from None
         if done is not None:
             self.ui.say(f"settings  an interrupted run's new settings {done.value} in {d}")
 

@@ -11,7 +11,11 @@ run (``finish``, which every entry point calls before it reads the files) takes 
 - a staging directory with no marker: the new set was never committed; it is removed and the
   old set stays as it was (no file of it was touched yet);
 - a staging directory with its marker: the new set was committed; the files still in it are
-  renamed into place (those already renamed are not there any more), then it is removed.
+  renamed into place (those already renamed are not there any more), then it is removed;
+- a marker that lists a file this version does not know (a newer tlsroll's run, cut short): it
+  is left alone and ``NewerStaging`` raised. Discarding it (as if uncommitted) could leave the
+  part already moved beside the old rest, and completing it would move files this version does
+  not know: that newer version must finish it.
 
 Either way the next run finds the whole old set or the whole new set, never a key of one with the
 certificate of the other. The steps run under an exclusive lock on the settings directory, so two
@@ -39,6 +43,11 @@ NAMES = ("client.key", "client.pem", "ca.pem", "settings.json")  # in the order 
 _NO_LOCKS = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF})
 
 
+class NewerStaging(Exception):
+    """The staging holds a committed set of a newer tlsroll (its marker lists files this
+    version does not know): left as it is."""
+
+
 class Finished(Enum):
     """What ``finish`` did with an interrupted run's staging."""
 
@@ -49,7 +58,8 @@ class Finished(Enum):
 def replace(directory: Path, files: Mapping[str, tuple[bytes, int]]) -> None:
     """Replace the files ``files`` names (``{name: (data, mode)}``, names of ``NAMES``) in
     ``directory`` (which exists) as one set; the others stay. Raises OSError; when it does, the
-    directory holds the old set, or a committed new one that the next ``finish`` completes."""
+    directory holds the old set, or a committed new one that the next ``finish`` completes.
+    ``NewerStaging`` (nothing written) if a newer tlsroll's run is left to finish."""
     unknown = set(files) - set(NAMES)
     if unknown:
         raise ValueError(f"not a settings file: {sorted(unknown)}")
@@ -75,7 +85,8 @@ def replace(directory: Path, files: Mapping[str, tuple[bytes, int]]) -> None:
 
 def finish(directory: Path) -> Finished | None:
     """Complete or discard what an interrupted ``replace`` left in ``directory``; None if it
-    left no set (and nothing is written or created when it left nothing at all)."""
+    left no set (and nothing is written or created when it left nothing at all).
+    ``NewerStaging`` if a newer tlsroll left it (nothing is changed then)."""
     if not os.path.lexists(directory / STAGING):
         return None
     with _locked(directory):
@@ -104,7 +115,8 @@ def _finish(directory: Path) -> Finished | None:
 
 
 def _committed(staging: Path) -> list[str] | None:
-    """The names the marker lists, or None if there is no (valid) marker: not committed."""
+    """The names the marker lists, or None if there is no (valid) marker: not committed.
+    ``NewerStaging`` if it is valid but lists a file name this version does not know."""
     try:
         data = json.loads((staging / MARKER).read_bytes())
     except FileNotFoundError:
@@ -112,9 +124,22 @@ def _committed(staging: Path) -> list[str] | None:
     except (ValueError, UnicodeDecodeError):
         return None  # written atomically, so never half there: not one of ours
     names = data.get("files") if isinstance(data, dict) else None
-    if not isinstance(names, list) or not all(n in NAMES for n in names):
+    if not isinstance(names, list) or not all(_file_name(n) for n in names):
         return None
+    if not all(n in NAMES for n in names):
+        raise NewerStaging(f"{staging} holds a committed set with files this version does not know")
     return [str(n) for n in names]
+
+
+def _file_name(name: object) -> bool:
+    """True if ``name`` could be a settings file's name (of this version or a later one): a
+    plain name in the settings dir, no path."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..", MARKER)
+        and "/" not in name
+        and "\0" not in name
+    )
 
 
 def _roll_forward(directory: Path, staging: Path, order: list[str]) -> None:
