@@ -681,14 +681,23 @@ async def test_tls_failure(run_cli: Any) -> None:
 def test_host_unreachable(
     failure: OSError, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    def fail(*_a: object, **_k: object) -> None:
+    """A connect that fails as an unreachable host's does (no real address is tried: the
+    connect is the one the client makes, ``tlsroll.tls.connect``, failing; on a loopback
+    address where nothing listens, a connect that went through would be refused, not this)."""
+    tried: list[object] = []
+
+    def fail(*args: object, **_k: object) -> None:
+        tried.append(args)
         raise failure
 
+    monkeypatch.setattr("workstation.connection.tls_connect", fail)
     monkeypatch.setattr("workstation.connection.socket.create_connection", fail)
-    code = cli.main(["client", "test-connection", "https://192.0.2.7:8443/praxis_live/", "--yes"])
+    address = next_loopback()
+    code = cli.main(["client", "test-connection", f"https://{address}:8443/praxis_live/", "--yes"])
     err = capsys.readouterr().err
+    assert tried
     assert code == 4 == int(Exit.UNREACHABLE)
-    assert err.startswith("tlsroll: error: cannot reach 192.0.2.7: ") and err.count("\n") == 1
+    assert err.startswith(f"tlsroll: error: cannot reach {address}: ") and err.count("\n") == 1
 
 
 def test_a_newer_tools_interrupted_settings_change_is_refused(
