@@ -119,7 +119,9 @@ class AutoRotator:
         # and idle at once, and its nodes would be rotated again (session 32's audit, M4).
         before = _last_state(await asyncio.to_thread(self.schema.latest))
         warnings = await asyncio.to_thread(self.watch.warnings)
-        servers = [e for e in warnings if e.kind == "server"]
+        # One that ends with the CA is not rotated: a new one would end no later, and the
+        # practice's servers would be restarted at every window for nothing until the CA ends.
+        servers = [e for e in warnings if e.kind == "server" and not e.ends_with_ca]
         due = [e.subject for e in servers]
         # No record of the cluster CA issuing it: the practice's own (--cert-dir) certificate.
         foreign = [e.subject for e in servers if not e.serial]

@@ -9,7 +9,10 @@ at most once a day).
 
 What is watched, and from where (no key is ever read):
 
-* ``ca``: the cluster CA; warned a year ahead (rolling a CA takes planning, see SPEC).
+* ``ca``: the cluster CA; warned a year ahead (rolling a CA takes planning, see
+  docs/ca-renewal.md). No leaf outlives it (``pki.CertificateAuthority.issue``): a certificate
+  that ends with it is marked ``ends_with_ca`` and is not rotated for being near its end (a new
+  one would end no later).
 * ``leader``, ``viewer``: the leader's own certificates, from ``DATA/tls`` (``own_certs``).
 * ``agent``: each enrolled node's own mTLS certificate as on record. Agents renew it by
   themselves at 70-90 % of its life, so it is warned about only once less than 10 % is left:
@@ -30,7 +33,7 @@ import contextlib
 import datetime as dt
 import inspect
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cryptography import x509
@@ -48,7 +51,10 @@ CHECK_EVERY = 3600.0  # seconds
 WARN_EVERY = dt.timedelta(days=1)  # per certificate
 
 ADVICE = {
-    "ca": "plan the CA's renewal (SPEC: PKI, CA renewal)",
+    "ca": "tlsroll cannot renew its CA yet (the plan: docs/ca-renewal.md), and no certificate "
+    "it issues lives past the CA's end; before then, set the cluster up again with a new CA: "
+    "tlsroll init, every node joined again (tlsroll token create --print-join-command), a "
+    "rollout, then `tlsroll client test-connection` on every workstation",
     "leader": "the leader issues it again by itself within 30 days of its end; if this "
     "stays, look for leader.certificate_reloaded or errors in the leader's log",
     "viewer": "the leader issues it again by itself within 30 days of its end; if this "
@@ -60,6 +66,8 @@ ADVICE = {
     "practice's own certificate: renew it and add --cert-dir DIR)",
     "workstation": "run `tlsroll client test-connection` on that workstation again",
 }
+# A certificate that ends with the CA: issuing it again gives one that ends no later.
+ENDS_WITH_CA = "it ends with the cluster CA, and no new one would outlive the CA: see the CA's line"
 
 
 @dataclass(frozen=True)
@@ -70,6 +78,9 @@ class Expiry:
     fingerprint: str
     not_after: dt.datetime
     horizon: dt.timedelta
+    # Its end is the CA's (or later): a new one would end no later, so it is not renewed or
+    # rotated for being near its end (``pki.ends_with_ca``); the CA's own entry says what to do.
+    ends_with_ca: bool = False
 
     def residual(self, now: dt.datetime) -> dt.timedelta:
         return self.not_after - now
@@ -79,6 +90,8 @@ class Expiry:
 
     @property
     def advice(self) -> str:
+        if self.ends_with_ca and self.kind != "ca":
+            return ENDS_WITH_CA
         return ADVICE.get(self.kind, "")
 
 
@@ -91,6 +104,15 @@ def _of(kind: str, subject: str, cert: x509.Certificate, horizon: dt.timedelta) 
         cert.not_valid_after_utc,
         horizon,
     )
+
+
+def _marked(found: list[Expiry], ca: x509.Certificate) -> list[Expiry]:
+    """``found`` with ``ends_with_ca`` set on every certificate but the CA that ends with it
+    (or after it: one issued before leaves were cut to the CA's end)."""
+    end = ca.not_valid_after_utc
+    return [
+        replace(e, ends_with_ca=True) if e.kind != "ca" and e.not_after >= end else e for e in found
+    ]
 
 
 class ExpiryWatch:
@@ -159,7 +181,7 @@ class ExpiryWatch:
                 found.append(
                     Expiry(c.kind, c.subject, c.serial, c.fingerprint, c.not_after, self.horizon)
                 )
-        return sorted(found, key=lambda e: (e.not_after, e.kind, e.subject))
+        return sorted(_marked(found, self.ca), key=lambda e: (e.not_after, e.kind, e.subject))
 
     def warnings(self) -> list[Expiry]:
         now = self.clock()

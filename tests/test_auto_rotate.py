@@ -436,8 +436,11 @@ def _rotator(schema: FakeSchema, commands: FakeCommands, due: list[str], when: s
 
     watch = SimpleNamespace(
         warnings=lambda: (
-            [SimpleNamespace(kind="server", subject=n, serial="1f") for n in due]
-            + [SimpleNamespace(kind="agent", subject="n9", serial="2f")]
+            [
+                SimpleNamespace(kind="server", subject=n, serial="1f", ends_with_ca=False)
+                for n in due
+            ]
+            + [SimpleNamespace(kind="agent", subject="n9", serial="2f", ends_with_ca=False)]
         )
     )
     return AutoRotator(
