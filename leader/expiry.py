@@ -144,6 +144,10 @@ class ExpiryWatch:
         # certificate there: ``leader.viewer.server.Viewer.renew_if_due``; ``auto_rotate``
         # starts its rollout there: ``leader.auto_rotate.AutoRotator.check``).
         self.before_check: list[Callable[[], object]] = []
+        # Asked after each check: seconds until the next one is wanted, or None; the watch
+        # waits for the soonest, at most ``every`` (``AutoRotator.wake_in``: the maintenance
+        # window's opening, while a server certificate waits for it).
+        self.wake_hints: list[Callable[[], float | None]] = []
 
     def check(self) -> list[Expiry]:
         """Every watched certificate, soonest end first (blocking)."""
@@ -215,7 +219,8 @@ class ExpiryWatch:
 
     async def run(self, stop: asyncio.Event, every: float | None = None) -> None:
         """Check now and then every ``every`` seconds (default: ``check_every``, hourly, or
-        more often when agent certificates are that short-lived) until ``stop`` is set."""
+        more often when agent certificates are that short-lived), or sooner when a wake hint
+        asks for it, until ``stop`` is set."""
         if every is None:
             every = min(self.check_every, max(self.agent_horizon.total_seconds(), 1.0))
         while not stop.is_set():
@@ -231,7 +236,20 @@ class ExpiryWatch:
             except Exception as exc:  # a bad row must not end the watch
                 log.error("expiry_watch.failed", error=str(exc))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), every)
+                await asyncio.wait_for(stop.wait(), self._next_wait(every))
+
+    def _next_wait(self, every: float) -> float:
+        """``every``, or the soonest wake hint's seconds if that comes first."""
+        wait = every
+        for hint in self.wake_hints:
+            try:
+                wanted = hint()
+            except Exception as exc:  # the interval still holds
+                log.error("expiry_watch.hint_failed", error=str(exc))
+                continue
+            if wanted is not None:
+                wait = min(wait, max(wanted, 0.0))
+        return wait
 
     def renewal_failures(self) -> list[tuple[str, dt.datetime, str, dt.datetime]]:
         """(node, failing since, reason, its certificate's end) for every node whose agent

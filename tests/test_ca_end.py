@@ -23,13 +23,9 @@ from leader.auto_rotate import AutoRotator
 from leader.expiry import ENDS_WITH_CA, ExpiryWatch
 from leader.layout import Layout, ensure_leader_identity, write_leader_cert
 from leader.maintenance import parse_window
-from leader.rollout_core import Change
-from leader.schema_store import SchemaStore
-from leader.store import IssuedCert, Store
 from leader.viewer import certificate
-from tests.leader_rig import _enrol
-from tests.test_auto_rotate import FakeCommands, FakeSchema
-from tests.test_viewer_parts import NOW, run_rollout
+from tests.test_auto_rotate import FakeCommands, FakeSchema, served_store
+from tests.test_viewer_parts import NOW
 from tlsroll import pki
 from tlsroll.errors import PKIError, PKIReason
 
@@ -124,16 +120,7 @@ def test_server_certificates_that_end_with_the_ca_are_not_rotated_at_every_windo
     """The nodes' https certificates of the last rotation end with the CA (20 days on): they
     are shown within their horizon, with the CA as the reason, and ``auto_rotate`` leaves them
     alone, where it restarted the practice's servers in every window until the CA ended."""
-    store = Store(tmp_path / "leader.sqlite3")
-    schema = SchemaStore(store.db)
-    enrolling = pki.CertificateAuthority.create()
-    for name, address in (("a", "127.0.0.21"), ("b", "127.0.0.22")):
-        _enrol(store, enrolling, name, address, NOW)
-    run_rollout(schema, "r1", Change.ROTATE_CERT)  # a and b serve certificates to NOW + 20 d
-    for serial, name in (("a1", "a"), ("b1", "b")):  # issued by the cluster CA, as on record
-        fingerprint = f"sha256:r1-{name}"
-        issued = IssuedCert(serial, "server", name, name, fingerprint, NOW, NOW + 20 * DAY)
-        store.record_certificate(issued, actor="engine", now=NOW)
+    store, schema = served_store(tmp_path)  # a and b serve certificates to NOW + 20 days
 
     def rotated(ca: pki.CertificateAuthority) -> tuple[str, list[str]]:
         watch = ExpiryWatch(store, schema, ca.cert, list, lambda: NOW, warning_days=30)
