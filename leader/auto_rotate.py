@@ -3,10 +3,13 @@
     window = parse_window("Sat 02:00-05:00")
     rotator = AutoRotator(watch, schema, commands, enabled=True, window=window)
     watch.before_check.append(rotator.check)   # with every check of the expiry watch
+    watch.wake_hints.append(rotator.wake_in)   # and one as the window opens, if one is due
 
 At each check it takes the server (8443) certificates within their warning horizon
 (``ExpiryWatch.warnings``), the active and the newest rollout, and the local time, and asks the
-pure ``leader.maintenance.decide`` what to do. If that says start, it plans and starts a
+pure ``leader.maintenance.decide`` what to do. While certificates are due outside the window,
+the watch checks again as the window opens (``wake_in``), so that a window shorter than the
+watch's interval is not missed. If that says start, it plans and starts a
 ``rotate-cert`` rollout of exactly those nodes, as an admin's ``tlsroll rollout start`` would
 (the same planner, the same checks of the nodes), with the audit actor ``leader (auto_rotate)``.
 A plan that is refused (a node offline, one that cannot be reached, ...) starts nothing: the
@@ -34,6 +37,7 @@ from leader.maintenance import (
     decide,
     in_window,
     next_opening,
+    seconds_until,
 )
 from leader.rollout_core import Change, RolloutState, Scope
 from leader.schema_store import RolloutRow, SchemaStore
@@ -44,6 +48,8 @@ from tlsroll.v1 import schema_pb2
 log = logs.get_logger(__name__)
 
 ACTOR = "leader (auto_rotate)"
+# How long after the window opens the watch checks again: inside it, whatever the rounding.
+AFTER_OPENING = 1.0  # seconds
 
 
 def local_now() -> dt.datetime:
@@ -119,7 +125,9 @@ class AutoRotator:
         # and idle at once, and its nodes would be rotated again (session 32's audit, M4).
         before = _last_state(await asyncio.to_thread(self.schema.latest))
         warnings = await asyncio.to_thread(self.watch.warnings)
-        servers = [e for e in warnings if e.kind == "server"]
+        # One that ends with the CA is not rotated: a new one would end no later, and the
+        # practice's servers would be restarted at every window for nothing until the CA ends.
+        servers = [e for e in warnings if e.kind == "server" and not e.ends_with_ca]
         due = [e.subject for e in servers]
         # No record of the cluster CA issuing it: the practice's own (--cert-dir) certificate.
         foreign = [e.subject for e in servers if not e.serial]
@@ -165,6 +173,27 @@ class AutoRotator:
             actor=ACTOR,
         )
         return Decision(Verdict.STARTED, decision.nodes, f"rollout {row.rollout.id}")
+
+    def wake_in(self) -> float | None:
+        """When the expiry watch should check next for this rotator (its ``wake_hints``): the
+        window's next opening, plus ``AFTER_OPENING``, while the last check found server
+        certificates due outside the window; None otherwise (the watch's own interval). Only
+        the hourly checks looked at the window before, so a window shorter than
+        ``expiry_check_interval`` could be missed every week, and the certificates expired."""
+        if not self.enabled or self.window is None:
+            return None
+        if self.status.verdict != Verdict.OUTSIDE_WINDOW.value:
+            return None
+        local = self.local_clock()
+        if in_window(self.window, local):  # it opened since that check
+            return AFTER_OPENING
+        opens = next_opening(self.window, local)
+        if opens is None:
+            return None
+        seconds = seconds_until(opens, local)
+        # Not positive: a zone the host's rules do not match; the watch's interval, never a
+        # check every second.
+        return seconds + AFTER_OPENING if seconds > 0 else None
 
     def _record(self, decision: Decision, local: dt.datetime) -> None:
         s = self.status

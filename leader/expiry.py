@@ -9,7 +9,10 @@ at most once a day).
 
 What is watched, and from where (no key is ever read):
 
-* ``ca``: the cluster CA; warned a year ahead (rolling a CA takes planning, see SPEC).
+* ``ca``: the cluster CA; warned a year ahead (rolling a CA takes planning, see
+  docs/ca-renewal.md). No leaf outlives it (``pki.CertificateAuthority.issue``): a certificate
+  that ends with it is marked ``ends_with_ca`` and is not rotated for being near its end (a new
+  one would end no later).
 * ``leader``, ``viewer``: the leader's own certificates, from ``DATA/tls`` (``own_certs``).
 * ``agent``: each enrolled node's own mTLS certificate as on record. Agents renew it by
   themselves at 70-90 % of its life, so it is warned about only once less than 10 % is left:
@@ -30,7 +33,7 @@ import contextlib
 import datetime as dt
 import inspect
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from cryptography import x509
@@ -48,7 +51,10 @@ CHECK_EVERY = 3600.0  # seconds
 WARN_EVERY = dt.timedelta(days=1)  # per certificate
 
 ADVICE = {
-    "ca": "plan the CA's renewal (SPEC: PKI, CA renewal)",
+    "ca": "tlsroll cannot renew its CA yet (the plan: docs/ca-renewal.md), and no certificate "
+    "it issues lives past the CA's end; before then, set the cluster up again with a new CA: "
+    "tlsroll init, every node joined again (tlsroll token create --print-join-command), a "
+    "rollout, then `tlsroll client test-connection` on every workstation",
     "leader": "the leader issues it again by itself within 30 days of its end; if this "
     "stays, look for leader.certificate_reloaded or errors in the leader's log",
     "viewer": "the leader issues it again by itself within 30 days of its end; if this "
@@ -60,6 +66,8 @@ ADVICE = {
     "practice's own certificate: renew it and add --cert-dir DIR)",
     "workstation": "run `tlsroll client test-connection` on that workstation again",
 }
+# A certificate that ends with the CA: issuing it again gives one that ends no later.
+ENDS_WITH_CA = "it ends with the cluster CA, and no new one would outlive the CA: see the CA's line"
 
 
 @dataclass(frozen=True)
@@ -70,6 +78,9 @@ class Expiry:
     fingerprint: str
     not_after: dt.datetime
     horizon: dt.timedelta
+    # Its end is the CA's (or later): a new one would end no later, so it is not renewed or
+    # rotated for being near its end (``pki.ends_with_ca``); the CA's own entry says what to do.
+    ends_with_ca: bool = False
 
     def residual(self, now: dt.datetime) -> dt.timedelta:
         return self.not_after - now
@@ -79,6 +90,8 @@ class Expiry:
 
     @property
     def advice(self) -> str:
+        if self.ends_with_ca and self.kind != "ca":
+            return ENDS_WITH_CA
         return ADVICE.get(self.kind, "")
 
 
@@ -91,6 +104,15 @@ def _of(kind: str, subject: str, cert: x509.Certificate, horizon: dt.timedelta) 
         cert.not_valid_after_utc,
         horizon,
     )
+
+
+def _marked(found: list[Expiry], ca: x509.Certificate) -> list[Expiry]:
+    """``found`` with ``ends_with_ca`` set on every certificate but the CA that ends with it
+    (or after it: one issued before leaves were cut to the CA's end)."""
+    end = ca.not_valid_after_utc
+    return [
+        replace(e, ends_with_ca=True) if e.kind != "ca" and e.not_after >= end else e for e in found
+    ]
 
 
 class ExpiryWatch:
@@ -122,6 +144,10 @@ class ExpiryWatch:
         # certificate there: ``leader.viewer.server.Viewer.renew_if_due``; ``auto_rotate``
         # starts its rollout there: ``leader.auto_rotate.AutoRotator.check``).
         self.before_check: list[Callable[[], object]] = []
+        # Asked after each check: seconds until the next one is wanted, or None; the watch
+        # waits for the soonest, at most ``every`` (``AutoRotator.wake_in``: the maintenance
+        # window's opening, while a server certificate waits for it).
+        self.wake_hints: list[Callable[[], float | None]] = []
 
     def check(self) -> list[Expiry]:
         """Every watched certificate, soonest end first (blocking)."""
@@ -159,7 +185,7 @@ class ExpiryWatch:
                 found.append(
                     Expiry(c.kind, c.subject, c.serial, c.fingerprint, c.not_after, self.horizon)
                 )
-        return sorted(found, key=lambda e: (e.not_after, e.kind, e.subject))
+        return sorted(_marked(found, self.ca), key=lambda e: (e.not_after, e.kind, e.subject))
 
     def warnings(self) -> list[Expiry]:
         now = self.clock()
@@ -193,7 +219,8 @@ class ExpiryWatch:
 
     async def run(self, stop: asyncio.Event, every: float | None = None) -> None:
         """Check now and then every ``every`` seconds (default: ``check_every``, hourly, or
-        more often when agent certificates are that short-lived) until ``stop`` is set."""
+        more often when agent certificates are that short-lived), or sooner when a wake hint
+        asks for it, until ``stop`` is set."""
         if every is None:
             every = min(self.check_every, max(self.agent_horizon.total_seconds(), 1.0))
         while not stop.is_set():
@@ -209,7 +236,20 @@ class ExpiryWatch:
             except Exception as exc:  # a bad row must not end the watch
                 log.error("expiry_watch.failed", error=str(exc))
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), every)
+                await asyncio.wait_for(stop.wait(), self._next_wait(every))
+
+    def _next_wait(self, every: float) -> float:
+        """``every``, or the soonest wake hint's seconds if that comes first."""
+        wait = every
+        for hint in self.wake_hints:
+            try:
+                wanted = hint()
+            except Exception as exc:  # the interval still holds
+                log.error("expiry_watch.hint_failed", error=str(exc))
+                continue
+            if wanted is not None:
+                wait = min(wait, max(wanted, 0.0))
+        return wait
 
     def renewal_failures(self) -> list[tuple[str, dt.datetime, str, dt.datetime]]:
         """(node, failing since, reason, its certificate's end) for every node whose agent

@@ -122,14 +122,18 @@ def ensure_leader_identity(
     """Give the leader's certificate its cluster identity if it lacks it (one made by tlsroll
     0.1.0), keeping its key; True if it was issued again. Agents accept commands only from a
     certificate that names the leader. It is also issued again (same key) when it ends within
-    ``LEADER_RENEW_BEFORE`` of ``now``: agents check the leader's identity, not its
-    certificate, so they accept the new one at once."""
+    ``LEADER_RENEW_BEFORE`` of ``now`` (unless it ends with the CA, which no new one would
+    outlive): agents check the leader's identity, not its certificate, so they accept the new
+    one at once."""
     from cryptography import x509  # noqa: PLC0415 - see the imports
 
     from tlsroll import pki, spiffe  # noqa: PLC0415 - see the imports
 
     cert = pki.read_cert(layout.tls_cert)
-    due = cert.not_valid_after_utc - (now or pki.utcnow()) < LEADER_RENEW_BEFORE
+    # One that ends with the CA is not due: a new one would end no later (it is cut to the
+    # CA's end), so it would be issued again at every start and every check.
+    near = cert.not_valid_after_utc - (now or pki.utcnow()) < LEADER_RENEW_BEFORE
+    due = near and not pki.ends_with_ca(cert, ca.cert)
     td = ca.trust_domain
     try:
         san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value

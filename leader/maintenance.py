@@ -143,6 +143,23 @@ def next_opening(window: Window, local: dt.datetime) -> dt.datetime | None:
     return min(candidates, default=None)
 
 
+def seconds_until(opening: dt.datetime, local: dt.datetime) -> float:
+    """Elapsed seconds from ``local`` (now, aware) to ``opening`` (naive, a wall-clock time in
+    the same zone, as ``next_opening`` gives it), counted in UTC: across a change of daylight
+    saving time the hour gained or lost counts (Saturday 12:00 to Sunday 04:00 in Europe/Berlin
+    on the night summer time ends is 17 hours). The zone's rules are ``local``'s own when it
+    has them (a ``ZoneInfo``), else the host's (``TZ``): ``datetime.now().astimezone()``, the
+    leader's local clock, has a fixed offset only. An opening in the hour skipped when summer
+    time starts counts as the same wall time an hour later (``fold=0``): late, never early."""
+    zone = local.tzinfo
+    if zone is None or isinstance(zone, dt.timezone):
+        aware = opening.astimezone()  # a naive time is the host's local time
+    else:
+        aware = opening.replace(tzinfo=zone, fold=0)
+    # In UTC: two times with the same tzinfo subtract as wall-clock times.
+    return (aware.astimezone(dt.UTC) - local.astimezone(dt.UTC)).total_seconds()
+
+
 # --- the automatic rotation -------------------------------------------------------------------
 
 

@@ -287,6 +287,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         expiry, schema, commands, enabled=cfg.auto_rotate, window=cfg.maintenance_window
     )
     expiry.before_check.append(rotator.check)  # auto_rotate: in the maintenance window
+    expiry.wake_hints.append(rotator.wake_in)  # and as it opens, however short it is
     if viewer is not None:
         viewer.reader.auto_rotate = rotator.status.view
         viewer.reader.node_problems = state.node_problems

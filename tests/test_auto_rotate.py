@@ -31,6 +31,7 @@ from leader.maintenance import (
 from tests.cluster import Cluster, wait_until
 from tests.conftest import next_loopback
 from tests.refserver_helper import write_toml
+from tlsroll import pki
 from tlsroll.errors import ConfigError
 
 BERLIN = ZoneInfo("Europe/Berlin")
@@ -436,8 +437,11 @@ def _rotator(schema: FakeSchema, commands: FakeCommands, due: list[str], when: s
 
     watch = SimpleNamespace(
         warnings=lambda: (
-            [SimpleNamespace(kind="server", subject=n, serial="1f") for n in due]
-            + [SimpleNamespace(kind="agent", subject="n9", serial="2f")]
+            [
+                SimpleNamespace(kind="server", subject=n, serial="1f", ends_with_ca=False)
+                for n in due
+            ]
+            + [SimpleNamespace(kind="agent", subject="n9", serial="2f", ends_with_ca=False)]
         )
     )
     return AutoRotator(
@@ -555,3 +559,135 @@ def test_the_rotator_does_not_rotate_again_the_nodes_of_a_rotation_that_ends_mea
     # The next check, with nothing moving, decides from what it reads (here: n2 still due).
     rotator.watch.warnings = warnings
     assert asyncio.run(rotator.check()).verdict.value == "started"
+
+
+# --- a window shorter than the watch's interval (session 35's clock audit, B) ----------------
+
+
+def served_store(tmp_path: Path) -> tuple[Any, Any]:
+    """A leader store with nodes a and b enrolled and serving, since a rotate-cert, server
+    certificates of the cluster CA that end 20 days after ``test_viewer_parts.NOW``."""
+    from leader.rollout_core import Change
+    from leader.schema_store import SchemaStore
+    from leader.store import IssuedCert, Store
+    from tests.leader_rig import _enrol
+    from tests.test_viewer_parts import NOW, run_rollout
+
+    store = Store(tmp_path / "leader.sqlite3")
+    schema = SchemaStore(store.db)
+    ca = pki.CertificateAuthority.create()
+    for name, address in (("a", "127.0.0.21"), ("b", "127.0.0.22")):
+        _enrol(store, ca, name, address, NOW)
+    run_rollout(schema, "r1", Change.ROTATE_CERT)
+    for name in ("a", "b"):
+        fingerprint, end = f"sha256:r1-{name}", NOW + dt.timedelta(days=20)
+        issued = IssuedCert(f"{name}1", "server", name, name, fingerprint, NOW, end)
+        store.record_certificate(issued, actor="engine", now=NOW)
+    return store, schema
+
+
+@pytest.mark.parametrize(
+    ("now", "window", "hours"),
+    [
+        ("2026-12-04 10:45", "Sat 02:00-02:30", 15.25),  # a Friday
+        ("2026-10-24 12:00", "Sun 04:00-04:30", 17),  # summer time ends that night: 1 h more
+        ("2026-03-28 12:00", "Sun 04:00-04:30", 15),  # summer time starts that night: 1 h less
+    ],
+)
+def test_the_rotator_asks_the_watch_to_check_as_the_window_opens(
+    now: str, window: str, hours: float
+) -> None:
+    """Berlin wall clock; the wait is elapsed time, so a change of daylight saving time between
+    now and the opening counts."""
+    import asyncio
+
+    schema = FakeSchema()
+    rotator = _rotator(schema, FakeCommands(schema), ["n1"], now)
+    rotator.window = parse_window(window)
+    rotator.local_clock = lambda: local(now).replace(tzinfo=BERLIN)
+    assert asyncio.run(rotator.check()).verdict is Verdict.OUTSIDE_WINDOW
+    assert rotator.wake_in() == hours * 3600 + 1
+    # Nothing due, or no automatic rotation: the watch's own interval.
+    idle = _rotator(schema, FakeCommands(schema), [], now)
+    assert asyncio.run(idle.check()).verdict is Verdict.NOTHING_DUE and idle.wake_in() is None
+    off = _rotator(schema, FakeCommands(schema), ["n1"], now)
+    off.enabled = False
+    assert asyncio.run(off.check()).verdict is Verdict.OFF and off.wake_in() is None
+
+
+def test_the_wait_to_an_opening_follows_the_hosts_zone_when_the_clock_has_an_offset_only(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``datetime.now().astimezone()`` (the leader's local clock) has a fixed offset: the
+    host's rules (TZ) count the change of summer time."""
+    import time
+
+    from leader.maintenance import seconds_until
+
+    monkeypatch.setenv("TZ", "Europe/Berlin")
+    time.tzset()
+    try:
+        now = dt.datetime(2026, 10, 24, 12, 0, tzinfo=dt.timezone(dt.timedelta(hours=2)))
+        assert seconds_until(local("2026-10-25 04:00"), now) == 17 * 3600
+        assert seconds_until(local("2026-10-25 04:00"), now.replace(tzinfo=None)) == 17 * 3600
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+@pytest.mark.timeout(120)
+def test_the_expiry_watch_checks_as_a_window_shorter_than_its_interval_opens(
+    tmp_path: Path,
+) -> None:
+    """Session 35's clock audit, B: ``auto_rotate`` looked at the window only at the expiry
+    watch's checks (hourly), so with "Sat 02:00-02:30" and checks at xx:45 no check ever fell
+    inside the window, the schema said ``outside-window`` week after week, and the server
+    certificates expired. The real watch, checking hourly, with the leader's local clock 1.5 s
+    before the window opens: it checks again as the window opens and the rotation starts."""
+    import asyncio
+    import time
+
+    from leader.auto_rotate import AutoRotator
+    from leader.expiry import ExpiryWatch
+    from tests.test_viewer_parts import NOW
+
+    store, schema = served_store(tmp_path)
+    ca = pki.CertificateAuthority.create()
+    watch = ExpiryWatch(store, schema, ca.cert, list, lambda: NOW, check_every=3600)
+    commands = FakeCommands(FakeSchema())
+    opening = dt.datetime(2026, 12, 5, 2, 0, tzinfo=BERLIN)  # a Saturday
+    started = time.monotonic()
+
+    def local_clock() -> dt.datetime:
+        return opening + dt.timedelta(seconds=time.monotonic() - started - 1.5)
+
+    rotator = AutoRotator(
+        watch,
+        schema,
+        commands,  # type: ignore[arg-type]
+        enabled=True,
+        window=parse_window("Sat 02:00-02:30"),
+        local_clock=local_clock,
+    )
+    watch.before_check.append(rotator.check)
+    watch.wake_hints.append(rotator.wake_in)
+    verdicts: list[str] = []
+    watch.before_check.append(lambda: verdicts.append(rotator.status.verdict))
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(watch.run(stop))
+        try:
+            for _ in range(300):  # 30 s at most; the window opens after 1.5 s
+                if commands.started:
+                    break
+                await asyncio.sleep(0.1)
+        finally:
+            stop.set()
+            await task
+
+    asyncio.run(run())
+    assert verdicts[0] == "outside-window"
+    assert [set(r.scope.names) for r, _ in commands.started] == [{"a", "b"}]
+    assert rotator.status.verdict == "started"
+    store.close()

@@ -56,6 +56,37 @@ def ahead(days: int = 5) -> dt.datetime:
     return when
 
 
+def next_last_sunday(month: int) -> dt.date:
+    """The last Sunday of ``month`` (Europe/Berlin changes its clocks that night), the next
+    one more than a day from now."""
+    year = dt.date.today().year
+    while True:
+        last = dt.date(year, month + 1, 1) - dt.timedelta(days=1)
+        sunday = last - dt.timedelta(days=(last.weekday() - 6) % 7)
+        if sunday > dt.date.today() + dt.timedelta(days=1):
+            return sunday
+        year += 1
+
+
+@pytest.mark.parametrize(
+    ("month", "duration", "says"),
+    [
+        (10, "2h", "von 01:30 Uhr (MESZ) bis 02:30 Uhr (MEZ)"),  # the clocks go back at 03:00
+        (3, "1h", "von 01:30 Uhr (MEZ) bis 03:30 Uhr (MESZ)"),  # 02:00 becomes 03:00
+    ],
+)
+def test_an_announced_end_is_its_duration_after_the_start_across_a_dst_change(
+    world: World, month: int, duration: str, says: str
+) -> None:
+    """Session 35's clock audit, E: the end was the start plus the duration in wall-clock
+    terms, so across a change of daylight saving time the practice read an end an hour late
+    (3 real hours for --duration 2h) or in the hour that does not exist (02:30 MEZ). Runs
+    before the rollout of the test below: an announced enable-tls needs nodes on http."""
+    when = f"{next_last_sunday(month):%Y-%m-%d} 01:30"
+    args = ["notify", "--when", when, "--duration", duration, "--timezone", "Europe/Berlin"]
+    assert says in ok(world.cli(*args))
+
+
 def test_notify_before_during_and_after(world: World, tmp_path: Path) -> None:
     # --- before any rollout: the old command pointed to `plan`, which stores nothing
     line = usage_error(world.cli("notify"), 1)

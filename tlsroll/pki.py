@@ -143,6 +143,13 @@ def key_matches(cert: x509.Certificate, key: PrivateKey) -> bool:
     return spki_pin(cert) == spki_pin(key.public_key())
 
 
+def ends_with_ca(cert: x509.Certificate, ca: x509.Certificate) -> bool:
+    """Whether ``cert`` already lives as long as ``ca`` lets a leaf live: one issued now would
+    end no later (``CertificateAuthority.issue`` cuts leaves to the CA's end), so issuing it
+    again because its end is near only issues it again at every check."""
+    return cert.not_valid_after_utc >= ca.not_valid_after_utc
+
+
 def is_ca(cert: x509.Certificate) -> bool:
     try:
         bc = cert.extensions.get_extension_for_class(x509.BasicConstraints).value
@@ -394,7 +401,11 @@ class CertificateAuthority:
         """Issue a leaf certificate for ``public_key`` carrying exactly ``names``, and with
         ``identity`` its cluster identity (URI SAN) and ``internal_dns`` its names under
         ``.invalid`` (see ``tlsroll.spiffe``). ``lifetime`` (from now; at least a minute, for
-        tests of renewal) replaces ``validity_days``."""
+        tests of renewal) replaces ``validity_days``.
+
+        No leaf outlives the CA: one that would is cut to end with it, and a warning is logged
+        (``certificate.cut_to_ca_end``); once the CA has ended, nothing is issued (PKIError).
+        ``ends_with_ca`` tells a renewal check that a new certificate would end no later."""
         if lifetime is None:
             if not 1 <= validity_days <= LEAF_VALIDITY_DAYS:
                 raise ValueError(f"validity must be 1..{LEAF_VALIDITY_DAYS} days")
@@ -404,6 +415,7 @@ class CertificateAuthority:
         if not (names.ips or names.dns):
             raise ValueError("a certificate needs at least one IP address or DNS name")
         now = now or utcnow()
+        not_after = self._clamped(now, lifetime, names)
         usages = ([ExtendedKeyUsageOID.SERVER_AUTH] if server else []) + (
             [ExtendedKeyUsageOID.CLIENT_AUTH] if client else []
         )
@@ -417,7 +429,7 @@ class CertificateAuthority:
             .public_key(public_key)
             .serial_number(x509.random_serial_number())  # 159 random bits
             .not_valid_before(now - BACKDATE)
-            .not_valid_after(now + lifetime)
+            .not_valid_after(not_after)
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
             .add_extension(
                 x509.KeyUsage(
@@ -443,6 +455,30 @@ class CertificateAuthority:
             )
             .sign(self.key, hashes.SHA256())
         )
+
+    def _clamped(self, now: dt.datetime, lifetime: dt.timedelta, names: Names) -> dt.datetime:
+        """A leaf's end: ``now + lifetime``, or the CA's end if that comes first."""
+        ca_end = self.cert.not_valid_after_utc
+        if ca_end <= now:
+            raise PKIError(
+                PKIReason.EXPIRED,
+                f"the CA ended {ca_end:%Y-%m-%d %H:%M} UTC; it issues no more certificates",
+            )
+        if now + lifetime <= ca_end:
+            return now + lifetime
+        # Imported here: rare, and the workstation's client loads this module (issue 15).
+        from tlsroll import logs  # noqa: PLC0415
+
+        log = logs.get_logger(__name__)
+        log.warning(
+            "certificate.cut_to_ca_end",
+            subject=names.common_name,
+            not_after=ca_end.isoformat(timespec="seconds"),
+            asked_days=round(lifetime.total_seconds() / 86400, 1),
+            residual_days=round((ca_end - now).total_seconds() / 86400, 1),
+            advice="the cluster CA ends first; see `tlsroll certs check-expiration`",
+        )
+        return ca_end
 
     def sign_csr(
         self,

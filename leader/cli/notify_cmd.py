@@ -420,7 +420,10 @@ def notify(
         notice_nodes = [
             notice_node(n, the_change, known.get(n, {}), addresses.get(n, n)) for n in names
         ]
-        timing = Timing("announced", start, start + span if span else None)
+        # Elapsed time: adding to a time in a zone adds wall-clock time, an hour off (or in the
+        # hour that does not exist) across a change of daylight saving time.
+        end = (start.astimezone(dt.UTC) + span).astimezone(zone) if span else None
+        timing = Timing("announced", start, end)
         kind = SCOPE_KIND.read_optional(plan.scope, "scope")
     else:
         r = pick_rollout(schema, rollout_id)

@@ -5,7 +5,8 @@ without a warning. The certificate is the viewer's own (serverAuth only, its own
 ``DATA/tls/viewer.key``), not the leader's: the leader's certificate is also its client identity
 towards the agents, and a browser-facing listener has no need for that. The daemon calls
 ``ensure`` at start: it issues a new certificate when there is none, when it is due (within
-``RENEW_BEFORE`` of its end), when the names changed or when it is not from this CA.
+``RENEW_BEFORE`` of its end, unless it ends with the CA, which no new one would outlive), when
+the names changed or when it is not from this CA.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def _usable(
         not pki.key_matches(cert, key)
         or not pki.issued_by(cert, ca.cert)
         or pki.names_of(cert) != names
-        or cert.not_valid_after_utc - now < RENEW_BEFORE
+        # Due, unless it ends with the CA: a new one would end no later (``pki.ends_with_ca``).
+        or (cert.not_valid_after_utc - now < RENEW_BEFORE and not pki.ends_with_ca(cert, ca.cert))
     ):
         return None
     return cert

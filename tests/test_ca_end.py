@@ -1,0 +1,149 @@
+"""The cluster CA's end (session 35's clock audit, G): no leaf outlives the CA, and a
+certificate that already ends with the CA is not issued again for being near its end.
+
+Leaves were issued for their full life whatever the CA had left: from the CA's ninth year on,
+every certificate showed a residual time up to 297 days past the CA's end, and all of them
+would stop together with it. Cut to the CA's end, the "renew within 30 days" checks (the
+leader's own certificate, the viewer's, the automatic rotation of the nodes' https
+certificates) would then issue a new one at every start and every check, each ending with the
+CA again: they now leave a certificate that ends with the CA alone, and the CA's own entry in
+`tlsroll certs check-expiration` (warned a year ahead) says what to do.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from pathlib import Path
+
+import pytest
+import structlog.testing
+
+from leader.auto_rotate import AutoRotator
+from leader.expiry import ENDS_WITH_CA, ExpiryWatch
+from leader.layout import Layout, ensure_leader_identity, write_leader_cert
+from leader.maintenance import parse_window
+from leader.viewer import certificate
+from tests.test_auto_rotate import FakeCommands, FakeSchema, served_store
+from tests.test_viewer_parts import NOW
+from tlsroll import pki
+from tlsroll.errors import PKIError, PKIReason
+
+DAY = dt.timedelta(days=1)
+NAMES = pki.Names.of("node1", ["10.0.0.5"])
+
+
+def ending_in(days: float, now: dt.datetime | None = None) -> pki.CertificateAuthority:
+    """A CA made so that it ends ``days`` after ``now`` (its tenth year)."""
+    now = now or pki.utcnow()
+    return pki.CertificateAuthority.create(
+        now=now + dt.timedelta(days=days) - dt.timedelta(days=pki.CA_VALIDITY_DAYS)
+    )
+
+
+# --- the CA ----------------------------------------------------------------------------------
+
+
+def test_no_leaf_outlives_its_ca() -> None:
+    now = pki.utcnow()
+    ca = ending_in(100, now)
+    with structlog.testing.capture_logs() as logs:
+        leaf = ca.issue(pki.generate_key().public_key(), NAMES, now=now)
+        client = ca.issue(pki.generate_key().public_key(), NAMES, client=True, now=now)
+    assert leaf.not_valid_after_utc == ca.cert.not_valid_after_utc  # not 297 days past it
+    assert client.not_valid_after_utc == ca.cert.not_valid_after_utc
+    assert pki.ends_with_ca(leaf, ca.cert)
+    assert [(e["event"], e["log_level"], e["subject"]) for e in logs] == [
+        ("certificate.cut_to_ca_end", "warning", "node1")
+    ] * 2
+    assert logs[0]["residual_days"] == 100.0 and logs[0]["asked_days"] == 397.0
+
+    # A leaf that fits in the CA's life is issued as asked, without a word.
+    with structlog.testing.capture_logs() as logs:
+        short = ca.issue(pki.generate_key().public_key(), NAMES, now=now, validity_days=30)
+    assert short.not_valid_after_utc - now < 30 * DAY + dt.timedelta(seconds=1)
+    assert not pki.ends_with_ca(short, ca.cert) and logs == []
+
+
+def test_a_ca_that_has_ended_issues_nothing() -> None:
+    ca = ending_in(-1)
+    with pytest.raises(PKIError) as ended:
+        ca.issue(pki.generate_key().public_key(), NAMES)
+    assert ended.value.reason is PKIReason.EXPIRED
+    assert "the CA ended" in str(ended.value) and "\n" not in str(ended.value)
+
+
+# --- what renews by itself -------------------------------------------------------------------
+
+
+def test_the_leaders_certificate_is_not_issued_again_once_it_ends_with_the_ca(
+    tmp_path: Path,
+) -> None:
+    layout = Layout(tmp_path)
+    (tmp_path / "tls").mkdir()
+    ca = ending_in(10)  # under LEADER_RENEW_BEFORE (30 days) left
+    key = pki.generate_key()
+    pki.write_key(layout.tls_key, key)
+    names = pki.Names.of("leader", ["127.0.0.9"])
+    write_leader_cert(layout, ca, key, names)
+    cert = pki.read_cert(layout.tls_cert)
+    assert cert.not_valid_after_utc == ca.cert.not_valid_after_utc
+    for _ in range(3):  # each start and each check of the expiry watch
+        assert not ensure_leader_identity(layout, ca, names)
+    assert pki.read_cert(layout.tls_cert) == cert
+
+    # One that ends before the CA does is still issued again when near its end, to the CA's.
+    near = ca.issue(key.public_key(), names, lifetime=dt.timedelta(days=5))
+    layout.tls_cert.write_bytes(pki.cert_to_pem(near) + ca.cert_pem)
+    assert ensure_leader_identity(layout, ca, names)
+    assert pki.read_cert(layout.tls_cert).not_valid_after_utc == ca.cert.not_valid_after_utc
+    assert not ensure_leader_identity(layout, ca, names)
+
+
+def test_the_viewers_certificate_is_not_issued_again_once_it_ends_with_the_ca(
+    tmp_path: Path,
+) -> None:
+    layout = Layout(tmp_path)
+    (tmp_path / "tls").mkdir()
+    ca = ending_in(10)
+    now = pki.utcnow()
+    first = certificate.ensure(layout, ca, "127.0.0.9", (), now)
+    assert first.not_valid_after_utc == ca.cert.not_valid_after_utc
+    for hours in (1, 24, 24 * 9):
+        later = now + dt.timedelta(hours=hours)
+        assert certificate.ensure(layout, ca, "127.0.0.9", (), later) == first
+
+
+def test_server_certificates_that_end_with_the_ca_are_not_rotated_at_every_window(
+    tmp_path: Path,
+) -> None:
+    """The nodes' https certificates of the last rotation end with the CA (20 days on): they
+    are shown within their horizon, with the CA as the reason, and ``auto_rotate`` leaves them
+    alone, where it restarted the practice's servers in every window until the CA ended."""
+    store, schema = served_store(tmp_path)  # a and b serve certificates to NOW + 20 days
+
+    def rotated(ca: pki.CertificateAuthority) -> tuple[str, list[str]]:
+        watch = ExpiryWatch(store, schema, ca.cert, list, lambda: NOW, warning_days=30)
+        commands = FakeCommands(FakeSchema())
+        rotator = AutoRotator(
+            watch,
+            schema,
+            commands,  # type: ignore[arg-type]
+            enabled=True,
+            window=parse_window("Sat 02:00-05:00"),
+            local_clock=lambda: dt.datetime(2026, 12, 5, 3, 0),  # inside
+        )
+        decision = asyncio.run(rotator.check())
+        return decision.verdict.value, [e.advice for e in watch.warnings() if e.kind == "server"]
+
+    assert rotated(ending_in(20, NOW)) == ("nothing-due", [ENDS_WITH_CA] * 2)
+    # The control: a CA with years left, and the same certificates are rotated.
+    verdict, advice = rotated(ending_in(2000, NOW))
+    assert verdict == "started" and all("rotate-cert" in a for a in advice)
+
+    near = ending_in(20, NOW)
+    entries = ExpiryWatch(store, schema, near.cert, list, lambda: NOW).check()
+    (ca_entry,) = [e for e in entries if e.kind == "ca"]
+    assert ca_entry.warning(NOW) and not ca_entry.ends_with_ca  # the CA itself is shown, warned
+    assert "docs/ca-renewal.md" in ca_entry.advice and "SPEC" not in ca_entry.advice
+    store.close()
