@@ -8,10 +8,11 @@ metadata of every reply on its admin socket (``leader.admin_socket``), and the C
 with its own before any call that changes something (``leader.cli.base.Leader``).
 
 The contract revision changes whenever the gRPC contract does: a short hash of the generated
-modules' serialized file descriptors (``computed``, what the leader announces). The CLI reads
-the literal ``REVISION`` instead, because importing every generated module costs ``schema
-show`` some 45 ms (its goal is 150 ms); ``tests/test_contract.py`` keeps the literal equal to
-the computed value, and says the new value when the contract changed.
+modules' serialized file descriptors (``computed``): what the leader announces, and what the
+CLI compares before a change. For the warning of a read-only command the CLI reads the literal
+``REVISION`` instead, because importing every generated module would cost ``schema show`` some
+45 ms (its goal is 150 ms); ``tests/test_cli_skew.py`` keeps the literal equal to the computed
+value, and says the new value when the contract changed (a stale literal would only warn).
 
 Nothing is imported here beyond the standard library until ``computed`` runs.
 """
@@ -59,14 +60,14 @@ def announced() -> tuple[tuple[str, str], ...]:
     return ((VERSION_KEY, __version__), (REVISION_KEY, computed()))
 
 
-def mismatch(metadata: Mapping[str, str] | None) -> str | None:
-    """None if a reply's metadata names this code (version and contract revision); else what
-    differs, in words, for the CLI's message."""
+def mismatch(metadata: Mapping[str, str] | None, revision: str) -> str | None:
+    """None if a reply's metadata names this code (this version and contract ``revision``:
+    ``REVISION`` or ``computed()``); else what differs, in words, for the CLI's message."""
     metadata = metadata or {}
     theirs = (metadata.get(VERSION_KEY), metadata.get(REVISION_KEY))
-    if theirs == (__version__, REVISION):
+    if theirs == (__version__, revision):
         return None
-    ours = f"this tlsroll is {__version__}, contract {REVISION}"
+    ours = f"this tlsroll is {__version__}, contract {revision}"
     if theirs == (None, None):
         return f"the leader does not say which it runs, so it is older; {ours}"
     return f"the leader runs {theirs[0] or '?'}, contract {theirs[1] or '?'}; {ours}"

@@ -151,8 +151,8 @@ class Leader:
     def __init__(self, socket: Path) -> None:
         self.socket = socket
         self._unary: UnaryChannel | None = None
-        self._other_code: str | None = None  # what differs, from the last reply; "" if none
-        self._code_known = False  # a reply said (or did not say) which code the leader runs
+        # The last reply's initial metadata, where the leader names its code (None: no reply)
+        self._leader_code: dict[str, str] | None = None
         self._warned = False
 
     def close(self) -> None:
@@ -206,33 +206,41 @@ class Leader:
 
     def _saw(self, metadata: Any) -> None:
         """Note which code a reply's initial metadata names (grpcio's tuples or a dict)."""
-        from tlsroll import contract  # noqa: PLC0415 - small; its literal, nothing generated
-
         pairs = metadata.items() if isinstance(metadata, dict) else (metadata or ())
-        self._other_code = contract.mismatch({str(k): str(v) for k, v in pairs}) or ""
-        self._code_known = True
+        self._leader_code = {str(k): str(v) for k, v in pairs}
 
     def _warn_if_other_code(self) -> None:
-        """A read-only command goes on through a leader of other code, with one warning."""
-        if self._other_code and not self._warned:
+        """A read-only command goes on through a leader of other code, with one warning. Its
+        own revision is ``contract.REVISION``, a literal: ``schema show`` imports no generated
+        module (a test keeps the literal right)."""
+        from tlsroll import contract  # noqa: PLC0415 - small: stdlib, and nothing generated
+
+        if self._warned:
+            return
+        differs = contract.mismatch(self._leader_code, contract.REVISION)
+        if differs:
             self._warned = True
             click.echo(
                 f"tlsroll: warning: the running tlsroll-leader is other code than this tlsroll "
-                f"({self._other_code}): restart it (systemctl restart tlsroll-leader)",
+                f"({differs}): restart it (systemctl restart tlsroll-leader)",
                 err=True,
             )
 
     def require_same_code(self) -> None:
         """Before a call that changes something: ``OtherCode`` (exit 5) unless the leader runs
         this code, as its last reply said (else a health Check asks). An older leader drops
-        the request fields it does not know without a word (upgrade audit s35 F2)."""
-        if not self._code_known:
+        the request fields it does not know without a word (upgrade audit s35 F2). The
+        revision is computed from the generated modules here (a command that changes
+        something imports most of them anyway), as the leader computes its own."""
+        from tlsroll import contract  # noqa: PLC0415 - as in _warn_if_other_code
+
+        if self._leader_code is None:
             self.raw(HEALTH_CHECK, b"", 10)
-        if self._other_code:
+        differs = contract.mismatch(self._leader_code, contract.computed())
+        if differs:
             raise OtherCode(
-                f"the running tlsroll-leader is other code than this tlsroll "
-                f"({self._other_code}): restart it (systemctl restart tlsroll-leader) and try "
-                "again"
+                f"the running tlsroll-leader is other code than this tlsroll ({differs}): "
+                "restart it (systemctl restart tlsroll-leader) and try again"
             )
 
     def call(self, method: Callable[..., T], request: Message, timeout: float = 30) -> T:
