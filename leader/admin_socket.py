@@ -15,6 +15,8 @@ The gRPC server sees that address as ``context.peer()`` (``unix-abstract:…``).
 wraps every handler: a call whose peer is not a live relay connection (anyone who found the
 abstract name in ``/proc/net/unix``) is refused with PERMISSION_DENIED before the servicer runs,
 and an admitted call's ``Caller`` is in ``current_caller()`` for the servicer (the audit actor).
+An admitted call's reply starts with the leader's version and contract revision in its initial
+metadata (``tlsroll.contract``): the CLI checks them before it changes anything.
 Nothing the client sends (e.g. the old ``x-tlsroll-user`` header) names the actor.
 
 Admin traffic is small: each connection costs two sockets and two copy tasks, at most
@@ -40,7 +42,7 @@ from typing import Any
 
 import grpc
 
-from tlsroll import logs
+from tlsroll import contract, logs
 from tlsroll.fsutil import peer_credentials
 
 log = logs.get_logger(__name__)
@@ -209,6 +211,7 @@ async def _pump_both(
 class _Guard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  # generic in stubs only
     def __init__(self, relay: AdminRelay) -> None:
         self.relay = relay
+        self.announced = contract.announced()  # computed once, with the server
 
     async def intercept_service(
         self,
@@ -230,6 +233,9 @@ class _Guard(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]  # generic i
             )
         assert caller is not None
         _CALLER.set(caller)
+        # Which code answers, on every admitted reply (health's too): the CLI refuses to change
+        # anything through a leader that runs other code than itself (tlsroll.contract).
+        await context.send_initial_metadata(self.announced)
 
 
 def _guarded(

@@ -54,6 +54,7 @@ from tlsroll import dbthread, logs, pki, probe
 from tlsroll.enums import TxnKind, TxnOutcome
 from tlsroll.errors import PKIError, TransientError
 from tlsroll.v1 import agent_pb2
+from tlsroll.wire import WireError
 
 if TYPE_CHECKING:  # the certificate object only; the steps load it through tlsroll.pki
     from cryptography import x509
@@ -616,6 +617,7 @@ async def wait_transaction(
     ``SwitchRefused``."""
     request = agent_pb2.GetTransactionRequest(rollout_id=txn_rollout_id, kind=TXN_KIND.wire(kind))
     recorded: dict[str, Any] | None = None
+    unreadable: WireError | None = None  # the last state's outcome, if this leader cannot read it
     states = (
         ctx.agent.watch_transaction(request) if begin is None else ctx.agent.switch_and_watch(begin)
     )
@@ -629,7 +631,15 @@ async def wait_transaction(
                 details["freeze_started_at"] = txn.freeze_started_at.ToDatetime(tzinfo=dt.UTC)
             if own_window and txn.HasField("freeze_ended_at"):
                 details["freeze_ended_at"] = txn.freeze_ended_at.ToDatetime(tzinfo=dt.UTC)
-            outcome = TXN_OUTCOME.read(txn.outcome, "transaction.outcome")
+            try:
+                outcome = TXN_OUTCOME.read(txn.outcome, "transaction.outcome")
+            except WireError as exc:
+                # A newer agent's value (or none): a state between others goes by, and the
+                # stream ends after the last one (upgrade audit s35 F8: this was a "bug" the
+                # engine ran again every 2 s, the node SWITCHING for good).
+                unreadable = exc
+                continue
+            unreadable = None
             if outcome is not TxnOutcome.PENDING:
                 await ctx.detail(**details)  # written with the step's outcome
                 return outcome, txn.reason
@@ -648,7 +658,16 @@ async def wait_transaction(
         raise
     except StepFailed as exc:
         raise TransientError(f"reading the {kind.value} transaction: {exc}") from None
+    if unreadable is not None:
+        return TxnOutcome.FAILED, unreadable_outcome(unreadable)
     raise TransientError(f"the {kind.value} transaction's states ended without an outcome")
+
+
+def unreadable_outcome(exc: WireError) -> str:
+    """The reason for a transaction whose last outcome this leader cannot read: the node is
+    in no state the leader knows, so it needs a person (``TxnOutcome.FAILED``: the switch or
+    the rollback ends ``needs_attention``); asking again would only read the same."""
+    return f"the agent runs a newer tlsroll than this leader: {exc}; upgrade the leader"
 
 
 async def dual_check(

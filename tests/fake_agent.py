@@ -131,6 +131,9 @@ class FakeAgent:
     txn_seconds: float = 0.5
     # An agent of the release before Preflight's ``make_csr``: it ignores the field.
     without_preflight_csr: bool = False
+    # A newer agent: its transactions end with this outcome number, one this leader's
+    # contract does not know (``switch_outcome`` is then its meaning for the agent).
+    newer_outcome: agent_pb2.TransactionOutcome.ValueType | None = None
 
     @property
     def names(self) -> pki.Names:
@@ -422,7 +425,11 @@ class FakeAgent:
             rollout_id=txn.rollout_id,
             kind=TXN_KIND.wire(txn.kind),
             epoch=txn.epoch,
-            outcome=TXN_OUTCOME.wire(outcome),
+            outcome=(
+                self.newer_outcome
+                if done and self.newer_outcome is not None
+                else TXN_OUTCOME.wire(outcome)
+            ),
             reason=txn.reason if done else "",
             started_at=timestamp(started),
             freeze_started_at=timestamp(started),

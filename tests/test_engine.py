@@ -1047,6 +1047,62 @@ async def test_a_switch_that_does_not_complete_halts_the_rollout(
     await leader.stop()
 
 
+async def test_an_outcome_only_a_newer_agent_knows_leaves_the_node_needing_attention(
+    world: World,
+) -> None:
+    """Upgrade audit s35 F8: a newer agent's transaction ends with an outcome this leader's
+    contract does not know. The node is in no state the leader knows: it needs a person, and
+    the rollout halts, as for a failed switch; it was an engine "bug" run again every 2 s,
+    the node SWITCHING for good."""
+    world.agents["charlie"].newer_outcome = agent_pb2.TransactionOutcome.ValueType(99)
+    leader = world.boot()
+    await leader.start()
+
+    with capture_logs() as logs:
+        row = await leader.run()
+
+    assert row.rollout.state is R.HALTED
+    assert states(row) == {"bravo": N.DONE, "charlie": N.NEEDS_ATTENTION, "alpha": N.SKIPPED}
+    assert node(row.records, "charlie").reason.startswith(
+        "the agent runs a newer tlsroll than this leader: transaction.outcome: unknown value 99"
+    )
+    assert node(row.records, "charlie").reason.endswith("; upgrade the leader")
+    assert [e for e in logs if e["event"] == "step.crashed"] == []
+    await leader.stop()
+
+
+async def test_a_state_only_a_newer_agent_knows_goes_by(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A state between others whose outcome the leader cannot read (a newer agent's) is
+    passed over; the states after it say how the switch ends."""
+    charlie = world.agents["charlie"]
+    plain = charlie.switch_and_watch
+
+    async def newer(request: agent_pb2.SwitchRequest) -> Any:
+        first = True
+        async for txn in plain(request):
+            if first:
+                unknown = agent_pb2.TransactionOutcome.ValueType(99)
+                yield agent_pb2.Transaction(
+                    rollout_id=txn.rollout_id, kind=txn.kind, outcome=unknown
+                )
+                first = False
+            yield txn
+
+    monkeypatch.setattr(charlie, "switch_and_watch", newer)
+    leader = world.boot()
+    await leader.start()
+
+    with capture_logs() as logs:
+        row = await leader.run()
+
+    assert row.rollout.state is R.COMPLETED
+    assert states(row)["charlie"] is N.DONE
+    assert [e for e in logs if e["event"] == "step.crashed"] == []
+    await leader.stop()
+
+
 async def test_needs_attention_counts_against_the_budget_and_the_rest_carries_on(
     world: World,
 ) -> None:

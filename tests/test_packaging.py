@@ -12,6 +12,7 @@ from pathlib import Path
 
 import click
 import pytest
+from packaging.version import Version  # pytest's own dependency
 
 from tests.cluster import child_env, command
 from tlsroll import __version__
@@ -49,10 +50,27 @@ def test_the_version_is_written_once() -> None:
 
 
 def test_the_changelog_names_the_version() -> None:
+    """A release's version has its heading in the changelog, and nothing waits under
+    *Unreleased*. Between releases (changes under *Unreleased*) the version is a development
+    version after the newest release (``0.2.0.dev0`` after 0.1.0): a build since a release
+    never says it is that release (agents report it, ``tlsroll nodes`` shows it, the bundle is
+    named by it; upgrade audit s35 F6)."""
     text = (ROOT / "CHANGELOG.md").read_text(encoding="utf-8")
     assert text.startswith("# Changelog\n")
     assert "## [Unreleased]" in text
-    assert re.search(rf"^## \[{re.escape(__version__)}\] - \d{{4}}-\d{{2}}-\d{{2}}$", text, re.M)
+    releases = re.findall(r"^## \[(\d[^\]]*)\] - \d{4}-\d{2}-\d{2}$", text, re.M)
+    assert releases, "no release heading in CHANGELOG.md"
+    newest = max(Version(r) for r in releases)
+    unreleased = text.split("## [Unreleased]", 1)[1].split("\n## [", 1)[0]
+    pending = [line for line in unreleased.splitlines() if line.startswith("- ")]
+    version = Version(__version__)
+    if pending:
+        assert version.is_devrelease and version > newest, (
+            f"__version__ {__version__} with changes under Unreleased: set the next version's "
+            f".dev0 (after {newest}) in tlsroll/__init__.py"
+        )
+    else:
+        assert version == newest, f"__version__ {__version__}: the newest release is {newest}"
 
 
 @pytest.mark.parametrize(

@@ -10,4 +10,4 @@ settings and gRPC credentials), ``config`` (typed TOML loading), ``logs`` (struc
 # version), every ``--version`` and the agents' reported version print it, CHANGELOG.md names it.
 # A literal rather than importlib.metadata: right in a bare checkout and in an editable install
 # that was not reinstalled, and readable without importing anything.
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"

@@ -79,6 +79,41 @@ def fail(message: str) -> NoReturn:
     raise CLIError(message)
 
 
+EXIT_OTHER_CODE = 5
+"""The running leader is other code than this tlsroll: nothing was changed; restart it."""
+
+
+class OtherCode(click.ClickException, TerminalError):
+    """Refused before a call that changes something: the leader runs other code (exit 5)."""
+
+    exit_code = EXIT_OTHER_CODE
+
+
+UNIMPLEMENTED = (
+    "the leader does not know this command: it runs an older tlsroll (restart it after an upgrade)"
+)
+
+READ_ONLY = frozenset(
+    {
+        "ListTokens",
+        "ListNodes",
+        "ListWorkstations",
+        "GetEpoch",
+        "GetCA",
+        "CheckExpiration",
+        "CheckNodes",
+        "PlanRollout",
+        "CheckPassword",
+        "ListViewerGrants",
+    }
+)
+"""The Admin methods that change nothing: called through a leader that runs other code they
+warn (one line on stderr) and go on. Every other method (a new one too) is refused there."""
+
+HEALTH_CHECK = "/grpc.health.v1.Health/Check"
+"""The cheapest call on the admin socket (an empty request), for the leader's code alone."""
+
+
 # --- talking to the leader --------------------------------------------------------------------
 
 
@@ -116,6 +151,15 @@ class Leader:
     def __init__(self, socket: Path) -> None:
         self.socket = socket
         self._unary: UnaryChannel | None = None
+        # The last reply's initial metadata, where the leader names its code (None: no reply)
+        self._leader_code: dict[str, str] | None = None
+        self._warned = False
+
+    def close(self) -> None:
+        """Close the connection ``unary`` keeps (for in-process callers; the program ends)."""
+        if self._unary is not None:
+            self._unary.close()
+            self._unary = None
 
     def check_socket(self) -> None:
         """A missing or forbidden socket, as one line that says what to do."""
@@ -145,7 +189,7 @@ class Leader:
         from tlsroll.v1 import admin_pb2_grpc  # noqa: PLC0415
 
         with self.channel() as channel:
-            yield admin_pb2_grpc.AdminStub(channel)
+            yield cast("admin_pb2_grpc.AdminStub", _Named(admin_pb2_grpc.AdminStub(channel)))
 
     def refused(self, code: str, details: str) -> NoReturn:
         """A gRPC status (by name) as the CLI's error: INVALID_ARGUMENT is a usage error (exit
@@ -154,16 +198,71 @@ class Leader:
             fail(f"cannot reach the leader on {self.socket}: is tlsroll-leader running?")
         if code == "INVALID_ARGUMENT":
             raise click.UsageError(details, click.get_current_context(silent=True))
+        if code == "UNIMPLEMENTED":  # grpc's own "Method not found!" says nothing useful
+            fail(UNIMPLEMENTED)
         fail(details or f"the leader answered {code}")
 
+    # --- which code the leader runs (tlsroll.contract) -----------------------------------------
+
+    def _saw(self, metadata: Any) -> None:
+        """Note which code a reply's initial metadata names (grpcio's tuples or a dict)."""
+        pairs = metadata.items() if isinstance(metadata, dict) else (metadata or ())
+        self._leader_code = {str(k): str(v) for k, v in pairs}
+
+    def _warn_if_other_code(self) -> None:
+        """A read-only command goes on through a leader of other code, with one warning. Its
+        own revision is ``contract.REVISION``, a literal: ``schema show`` imports no generated
+        module (a test keeps the literal right)."""
+        from tlsroll import contract  # noqa: PLC0415 - small: stdlib, and nothing generated
+
+        if self._warned:
+            return
+        differs = contract.mismatch(self._leader_code, contract.REVISION)
+        if differs:
+            self._warned = True
+            click.echo(
+                f"tlsroll: warning: the running tlsroll-leader is other code than this tlsroll "
+                f"({differs}): restart it (systemctl restart tlsroll-leader)",
+                err=True,
+            )
+
+    def require_same_code(self) -> None:
+        """Before a call that changes something: ``OtherCode`` (exit 5) unless the leader runs
+        this code, as its last reply said (else a health Check asks). An older leader drops
+        the request fields it does not know without a word (upgrade audit s35 F2). The
+        revision is computed from the generated modules here (a command that changes
+        something imports most of them anyway), as the leader computes its own."""
+        from tlsroll import contract  # noqa: PLC0415 - as in _warn_if_other_code
+
+        if self._leader_code is None:
+            self.raw(HEALTH_CHECK, b"", 10)
+        differs = contract.mismatch(self._leader_code, contract.computed())
+        if differs:
+            raise OtherCode(
+                f"the running tlsroll-leader is other code than this tlsroll ({differs}): "
+                "restart it (systemctl restart tlsroll-leader) and try again"
+            )
+
     def call(self, method: Callable[..., T], request: Message, timeout: float = 30) -> T:
-        """Call the leader through a grpcio stub (``refused`` says how a refusal ends)."""
+        """Call the leader through a grpcio stub (``refused`` says how a refusal ends). A
+        method not in ``READ_ONLY`` first checks that the leader runs this code
+        (``require_same_code``); a read-only one warns if it does not."""
         import grpc  # noqa: PLC0415 - imported already by the stub's channel
 
+        name = getattr(method, "name", None) or getattr(method, "__name__", "")
+        if name not in READ_ONLY:
+            self.require_same_code()
+        with_call = getattr(method, "with_call", None)
         try:
-            return method(request, timeout=timeout)  # the leader asks the kernel who we are
+            if with_call is None:  # a stand-in of a test, not a grpcio stub's method
+                return method(request, timeout=timeout)
+            # the leader asks the kernel who we are
+            reply, rpc = with_call(request, timeout=timeout)
         except grpc.RpcError as exc:
             self.refused(exc.code().name, f"{exc.details()}")
+        self._saw(rpc.initial_metadata())
+        self._warn_if_other_code()
+        return cast("T", reply)
 
     def unary(self, method: str, request: Message, reply: type[M], timeout: float = 30) -> M:
         """Call a read-only method (``/tlsroll.v1.Service/Method``) without grpcio
@@ -188,11 +287,40 @@ class Leader:
         if self._unary is None:
             self._unary = UnaryChannel(str(self.socket))
         try:
-            return self._unary.call(method, request, timeout, codec)
+            data = self._unary.call(method, request, timeout, codec)
         except RpcFailed as exc:
             if exc.code == "UNIMPLEMENTED" and codec == "json":
                 raise Unimplemented(method) from None
             self.refused(exc.code, exc.details)
+        self._saw(self._unary.headers)
+        if method != HEALTH_CHECK:  # (asked only before a change, which refuses instead)
+            self._warn_if_other_code()
+        return data
+
+
+class _Named:
+    """A grpcio stub whose methods carry their names (``.name``): ``Leader.call`` tells the
+    read-only ones from those that change something."""
+
+    def __init__(self, stub: object) -> None:
+        self._stub = stub
+
+    def __getattr__(self, name: str) -> _Method:
+        return _Method(name, getattr(self._stub, name))
+
+
+class _Method:
+    __slots__ = ("multicallable", "name")
+
+    def __init__(self, name: str, multicallable: Any) -> None:
+        self.name = name
+        self.multicallable = multicallable
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        return self.multicallable(*args, **kwargs)
+
+    def with_call(self, *args: Any, **kwargs: Any) -> Any:
+        return self.multicallable.with_call(*args, **kwargs)
 
 
 class Unimplemented(TerminalError):
@@ -206,7 +334,10 @@ def pass_leader(f: Callable[..., T]) -> Callable[..., T]:
     def wrapper(ctx: click.Context, /, *args: Any, **kwargs: Any) -> T:
         target = ctx.find_object(Target) or Target(DEFAULT_DATA_DIR, None)
         leader = Leader(target.socket or Layout(target.data_dir).admin_socket)
-        return ctx.invoke(f, leader, *args, **kwargs)
+        try:
+            return ctx.invoke(f, leader, *args, **kwargs)
+        finally:
+            leader.close()
 
     return functools.update_wrapper(wrapper, f)
 

@@ -50,6 +50,7 @@ from leader.wire import (
 from tlsroll.v1 import admin_pb2, schema_pb2
 
 NEEDS_ATTENTION = NodeState.NEEDS_ATTENTION.value
+SKIPPED = NodeState.SKIPPED.value
 EXIT_STOPPED = 3  # rollout status: halted or aborted
 EXIT_NEEDS_ATTENTION = 4  # rollout status: a node is in no known good state
 
@@ -286,9 +287,13 @@ def rollout_start(
         raise click.UsageError("--password-file goes with enable-tls; use `tlsroll password set`")
     # A password file that is unusable or too weak fails before anything is asked or planned.
     secret = obtain_password(password_file, generate=False) if password_file else None
+    # A leader of other code would plan and start something else (it drops the request
+    # fields it does not know): refused before the plan is shown and confirmed.
+    leader.require_same_code()
     with leader.admin() as admin:
         # The dry run first: a bad scope or an offline node fails before anything is asked.
         planned = leader.call(admin.PlanRollout, request)
+        check_echo(request, planned)
         in_use = planned.password_version_in_use
         if in_use and secret is not None:
             raise CLIError(
@@ -310,6 +315,27 @@ def rollout_start(
     started(view, in_use)
     if wait:
         wait_for_end(leader, view.id)
+
+
+def check_echo(request: admin_pb2.RolloutRequest, planned: admin_pb2.PlanResponse) -> None:
+    """CLIError unless the plan is what was asked for: a leader that does not know a request
+    field drops it without a word, and would start something else (upgrade audit s35 F2: a
+    transitional rollout asked of an older leader became a direct switch, closing http under
+    the workstations)."""
+    older = "it runs an older tlsroll (restart it after an upgrade); nothing was started"
+    direct = STRATEGY.wire(Strategy.DIRECT)
+    echoed = planned.rollout.strategy or direct  # unset: a leader without strategies
+    if echoed != (request.strategy or direct):
+        raise CLIError(
+            f"the leader planned strategy {STRATEGY.text(echoed)}, not the "
+            f"{STRATEGY.text(request.strategy)} asked for: {older}"
+        )
+    touched = [n for n in planned.rollout.nodes if NODE_STATE.text(n.state) != SKIPPED]
+    if request.HasField("cert_dir") and touched and not planned.certificates:
+        raise CLIError(
+            "the leader's plan carries none of the --cert-dir certificates (it would make "
+            f"its own): {older}"
+        )
 
 
 def started(view: schema_pb2.RolloutView, password_in_use: int = 0) -> None:
@@ -375,6 +401,7 @@ def rollout_rollback(leader: Leader, rollout_id: str, max_parallel: int, yes: bo
         max_parallel=max_parallel,
         freeze=FREEZE.wire(FreezeMode.NODE),
     )
+    leader.require_same_code()  # before the plan is shown and confirmed (as rollout start)
     with leader.admin() as admin:
         planned = leader.call(admin.PlanRollout, request)
         if not yes:

@@ -141,6 +141,8 @@ class UnaryChannel:
         self._conn: H2Connection | None = None
         self._gone = False  # the server sent GOAWAY: the next call needs a new connection
         self._deadline = 0.0
+        self.headers: dict[str, str] = {}
+        """The last call's initial metadata (the leader names its code there)."""
 
     def close(self) -> None:
         if self._sock is not None:
@@ -159,6 +161,7 @@ class UnaryChannel:
         serialized reply, or ``RpcFailed``. ``codec``: how the messages are serialized (gRPC's
         content-subtype: ``proto``, or ``json`` for a method served with the JSON codec)."""
         self._deadline = time.monotonic() + timeout
+        self.headers = {}
         if self._gone:
             self.close()
         reused = self._sock is not None
@@ -250,6 +253,7 @@ class UnaryChannel:
         self._flush()
         while not reply.ended:
             self._receive(reply)
+        self.headers = reply.headers or {}
         return self._reply(reply)
 
     def _flush(self) -> None:
