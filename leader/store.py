@@ -16,6 +16,7 @@ import json
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -226,13 +227,23 @@ every node this store returns carries it; after a leader restart a node is onlin
 its next heartbeat."""
 
 
+STEP_TOLERANCE = dt.timedelta(seconds=1)
+"""How far the leader's clock may move against its monotonic clock before a time kept in
+memory counts as measured on a clock since stepped (``Store._on_clock_now``): reading both
+clocks takes microseconds; a step an NTP client makes is larger."""
+
+
 @dataclass
 class _Seen:
-    """A node's newest heartbeat and what its last stored (or queued) one said."""
+    """A node's newest heartbeat and what its last stored (or queued) one said. ``seen`` is
+    when the leader heard it by its clock (what is stored and shown), ``heard`` the same
+    moment by ``Store.monotonic``: liveness goes by the time since then, which no step of
+    the leader's clock moves (clock audit s35, D)."""
 
     stored_at: dt.datetime
     said: tuple[object, ...]
     seen: dt.datetime
+    heard: float
 
 
 @dataclass(frozen=True)
@@ -281,6 +292,9 @@ class Store(LeaderStore):
         # service), without a timer moving it on every second.
         self._vouched: dict[str, int] = {}
         self.clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
+        # The clock no step moves, for the time since a node was heard (``_Seen.heard``; the
+        # leader's, set by ``LeaderState``).
+        self.monotonic: Callable[[], float] = time.monotonic
         # The group commit (``write_queued``): heartbeat records and other soft-state writes
         # waiting for it, under ``_seen_lock``.
         self._queued: dict[str, _Record] = {}
@@ -310,9 +324,31 @@ class Store(LeaderStore):
             self._queued.pop(name, None)
             self._queued_writes = [(n, w) for n, w in self._queued_writes if n != name]
 
+    def _heard(self, at: dt.datetime) -> float:
+        """``at``, a time by ``clock`` (now, or a moment ago), by ``monotonic``: converted by
+        its age."""
+        return self.monotonic() - (self.clock() - at).total_seconds()
+
+    def _on_clock_now(self, seen: _Seen) -> dt.datetime:
+        """When ``seen``'s heartbeat came, by the leader's clock as it runs now: the time
+        recorded then, unless the clock stepped since (by more than ``STEP_TOLERANCE``): then
+        now less the time since, by the monotonic clock. Before, a node heard just before
+        the clock stepped back by an hour, and then silent, showed online for that hour (in
+        the schema, the viewer, ``tlsroll_node_online`` and a rollout's plan), and a step
+        forward made a live node offline until its next message (clock audit s35, D)."""
+        now = self.clock()
+        since = dt.timedelta(seconds=self.monotonic() - seen.heard)
+        if abs(now - seen.seen - since) <= STEP_TOLERANCE:
+            return seen.seen
+        return now - since
+
     def _with_seen(self, node: Node) -> Node:
         """``node`` with its newest heartbeat, stored or not, and what a heartbeat record
-        still queued for the group commit says (as if it were written)."""
+        still queued for the group commit says (as if it were written). A node heard since
+        this store opened has it from memory (``_on_clock_now``): on the leader's clock as it
+        runs now, so that everyone who judges it by that clock (``LeaderState.online``, the
+        viewer, a plan's offline grace) judges the time since it was heard. Otherwise the
+        stored time (the first look after a restart)."""
         with self._seen_lock:
             seen = self._seen.get(node.name)
             record = self._queued.get(node.name)
@@ -331,15 +367,13 @@ class Store(LeaderStore):
                 else node.renewal_failing_since,
                 renewal_error=renewal.error if renewal else node.renewal_error,
             )
-        # The latest of: what is stored, what is known in memory, and a message still queued.
-        # ``heard_until`` may take the memory's back below a queued message (a stream that
-        # ends after another one's newer message); that message still counts, as it did when
-        # it was written at once: before the group commit wrote it, such a node showed
-        # offline for up to a second (a rollout started then was refused "offline").
-        last = seen.seen if record is None else max(seen.seen, record.now)
-        if vouched:
-            last = max(last, self.clock())
-        if node.last_heartbeat is not None and node.last_heartbeat >= last:
+        # What is known in memory is the newest: every message sets it (a message still
+        # queued too), ``heard_until`` only moves it on. (A stream that ended after another
+        # one's newer message, still queued, once took it back below that message: the node
+        # showed offline until the group commit; a rollout started then was refused.) An open
+        # stream that vouches for the node: alive now.
+        last = self.clock() if vouched else self._on_clock_now(seen)
+        if node.last_heartbeat == last:
             return node
         return replace(node, last_heartbeat=last)
 
@@ -673,7 +707,7 @@ class Store(LeaderStore):
                 name, agent_version, now, highest_epoch, cert_fingerprint, renewal
             )
             with self._seen_lock:
-                self._seen[name] = _Seen(stored_at=now, said=said, seen=now)
+                self._seen[name] = _Seen(stored_at=now, said=said, seen=now, heard=self._heard(now))
 
     def queue_heartbeat(
         self,
@@ -706,7 +740,7 @@ class Store(LeaderStore):
         record = _Record(agent_version, now, highest_epoch, cert_fingerprint, renewal)
         with self._seen_lock:
             self._queued[name] = record  # the newest is whole: it replaces one still queued
-            self._seen[name] = _Seen(stored_at=now, said=said, seen=now)
+            self._seen[name] = _Seen(stored_at=now, said=said, seen=now, heard=self._heard(now))
         return True
 
     def queue_write(self, name: str, write: QueuedWrite) -> None:
@@ -789,10 +823,20 @@ class Store(LeaderStore):
         stored one is recent): True. False: ``heartbeat`` has to write it. In memory only, so
         the event loop may call it without a worker thread."""
         said = (agent_version, highest_epoch, cert_fingerprint, renewal)
+        heard = self._heard(now)
         with self._seen_lock:
             seen = self._seen.get(name)
-            if seen is not None and seen.said == said and now - seen.stored_at < HEARTBEAT_PERSIST:
-                seen.seen = max(seen.seen, now)
+            # A stored time later than now (the leader's clock stepped back since) is written
+            # again at once, as ``LeaderService._record_clients`` does: the first look after
+            # a restart then goes by this one. Before, nothing was written for the length of
+            # the step (clock audit s35, D).
+            if (
+                seen is not None
+                and seen.said == said
+                and dt.timedelta(0) <= now - seen.stored_at < HEARTBEAT_PERSIST
+            ):
+                if heard >= seen.heard:
+                    seen.seen, seen.heard = now, heard
                 return True
         return False
 
@@ -811,7 +855,8 @@ class Store(LeaderStore):
         bound passed): it proved the agent alive up to ``at``, and the node goes offline as
         if its heartbeats had stopped then, unless another stream still vouches or a later
         heartbeat came. A heartbeat stored or queued after ``at`` still counts (``_with_seen``
-        takes the latest)."""
+        takes the latest). ``at`` is converted by its age (``_Seen.heard``)."""
+        heard = self._heard(at)
         with self._seen_lock:
             count = self._vouched.get(name, 0) - 1
             if count > 0:
@@ -819,8 +864,8 @@ class Store(LeaderStore):
             else:
                 self._vouched.pop(name, None)
             seen = self._seen.get(name)
-            if seen is not None and seen.seen < at:
-                seen.seen = at
+            if seen is not None and seen.heard < heard:
+                seen.seen, seen.heard = at, heard
 
     def _write_heartbeat(
         self,

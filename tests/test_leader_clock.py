@@ -1,0 +1,152 @@
+"""The leader and its clock (clock audit s35): a step of the leader's wall clock (NTP after a
+drift, a VM restored from a snapshot) moves neither a node's liveness nor which of a node's
+certificates a rotation replaced.
+
+The rig's monotonic clock moves with its wall clock (``tests.leader_rig``); a step is the wall
+clock moving without it (``_stepping``)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import sqlite3
+from collections.abc import Callable
+from pathlib import Path
+
+from leader.service import keepalive_seconds
+from leader.store import Store
+from tests.leader_rig import InProcessLeader, _enrol, leader_with_a_node
+from tests.test_heartbeat_stream import agent_link, until
+from tlsroll import pki
+
+T = dt.datetime(2026, 11, 30, 10, 0, tzinfo=dt.UTC)
+HOUR = dt.timedelta(hours=1)
+DAY = dt.timedelta(days=1)
+
+
+def _stepping(tmp_path: Path, loopback: Callable[[], str]) -> tuple[InProcessLeader, list[float]]:
+    """The rig (node ``hb1``, the leader's clock at ``T``) with a monotonic clock of its own:
+    a test moves both as time passes, and the wall clock alone for a step."""
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    assert rig.clock[0] == T
+    mono = [1000.0]
+    rig.state.monotonic = lambda: mono[0]
+    return rig, mono
+
+
+def _passes(rig: InProcessLeader, mono: list[float], span: dt.timedelta) -> None:
+    rig.clock[0] += span
+    mono[0] += span.total_seconds()
+
+
+def _online(rig: InProcessLeader) -> bool:
+    return rig.state.node_online(rig.store.get_node("hb1"))
+
+
+async def test_a_silent_node_goes_offline_after_the_leaders_clock_stepped_back(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Clock audit s35, D: the leader's clock steps back an hour, the node's agent sends once
+    more and dies. It showed online for the hour (the schema, the viewer,
+    ``tlsroll_node_online``, a rollout's plan), and its stored last heartbeat was not
+    written again for that hour (``note_heartbeat`` took a time before the stored one as
+    recent)."""
+    rig, mono = _stepping(tmp_path, loopback)
+    try:
+        rig.store.heartbeat("hb1", "1", now=rig.clock[0])
+        rig.clock[0] -= HOUR  # the step
+        _passes(rig, mono, dt.timedelta(seconds=1))
+        rig.store.heartbeat("hb1", "1", now=rig.clock[0])  # as the service records it
+        assert _online(rig)
+        _passes(rig, mono, dt.timedelta(minutes=30))  # silent (offline after 15 s)
+        assert not _online(rig)
+        assert rig.state.online(rig.store.list_nodes()[0].last_heartbeat) is False
+        # What is stored is the heartbeat after the step: the first look after a restart.
+        with sqlite3.connect(tmp_path / "leader.sqlite3") as db:
+            (stored,) = db.execute("SELECT last_heartbeat FROM nodes WHERE name = 'hb1'").fetchone()
+        assert dt.datetime.fromisoformat(stored) == T - HOUR + dt.timedelta(seconds=1)
+    finally:
+        await rig.close()
+
+
+async def test_a_node_silent_since_just_before_a_step_back_goes_offline(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """D, the node dies before the step: nothing after it is recorded, only the time since
+    its last heartbeat tells it is gone."""
+    rig, mono = _stepping(tmp_path, loopback)
+    try:
+        rig.store.heartbeat("hb1", "1", now=rig.clock[0])
+        rig.clock[0] -= HOUR
+        _passes(rig, mono, dt.timedelta(seconds=10))
+        assert _online(rig)  # heard 10 s ago (offline after 15 s)
+        assert rig.store.get_node("hb1").last_heartbeat == rig.clock[0] - dt.timedelta(seconds=10)
+        _passes(rig, mono, dt.timedelta(seconds=10))
+        assert not _online(rig)
+    finally:
+        await rig.close()
+
+
+async def test_a_live_node_stays_online_when_the_leaders_clock_steps_forward(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """D, the other way: the leader's clock steps forward an hour a second after a node's
+    heartbeat. The node was offline until its next heartbeat."""
+    rig, mono = _stepping(tmp_path, loopback)
+    try:
+        rig.store.heartbeat("hb1", "1", now=rig.clock[0])
+        rig.clock[0] += HOUR
+        _passes(rig, mono, dt.timedelta(seconds=1))
+        assert _online(rig)
+        assert rig.store.get_node("hb1").last_heartbeat == rig.clock[0] - dt.timedelta(seconds=1)
+        _passes(rig, mono, dt.timedelta(seconds=20))
+        assert not _online(rig)
+    finally:
+        await rig.close()
+
+
+async def test_a_stream_that_ended_after_a_step_back_vouches_no_longer_than_it_proved(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """D, a renewal stream (it vouches for its node while open, ``Store.vouch``): its agent's
+    last message came before the leader's clock stepped back an hour, then the stream dropped
+    without a word (a killed agent). The leader took the node alive up to that message's time
+    by the clock, an hour ahead of it now: online for that hour."""
+    leader_address, node_address = loopback(), loopback()
+    rig = leader_with_a_node(tmp_path, leader_address, node_address)
+    mono = [1000.0]
+    rig.state.monotonic = lambda: mono[0]
+    await rig.server.start()
+    link, _, journal = agent_link(tmp_path, rig.node_files, leader_address, node_address)
+    try:
+        await link.beat()  # renewal mode: the stream now vouches for the node
+        assert [b.renews for b in rig.service._open] == [True]
+        rig.clock[0] -= HOUR
+        _passes(rig, mono, dt.timedelta(seconds=2))
+        assert _online(rig)  # vouched for
+        link._drop_stream()
+        await until(lambda: not rig.service._open, "the leader saw the stream end")
+        every, wait = keepalive_seconds(rig.state.heartbeat_interval)
+        since = min(2.0, every + wait)  # the message came 2 s ago; the last PING answered
+        assert rig.store.get_node("hb1").last_heartbeat == rig.clock[0] - dt.timedelta(
+            seconds=since
+        )
+        _passes(rig, mono, dt.timedelta(minutes=30))
+        assert not _online(rig)
+    finally:
+        await link.close()
+        journal.close()
+        await rig.close()
+
+
+def test_a_bare_store_keeps_the_times_it_is_given(tmp_path: Path) -> None:
+    """A heartbeat recorded with a time a moment ago (no step) shows that time, exactly: the
+    stored and shown time is the leader's clock's when the node was heard."""
+    store = Store(tmp_path / "leader.sqlite3")
+    try:
+        now = dt.datetime.now(dt.UTC)
+        _enrol(store, pki.CertificateAuthority.create(), "n1", "127.0.0.9", now)
+        at = now - dt.timedelta(seconds=3)
+        store.heartbeat("n1", "1", now=at)
+        assert store.get_node("n1").last_heartbeat == at
+    finally:
+        store.close()
