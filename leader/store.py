@@ -1128,9 +1128,9 @@ class Store(LeaderStore):
     ) -> list[str]:
         """Revoke (reason "superseded") the server certificates of ``node`` that the one it
         now serves, ``live_fingerprint``, replaced: every unrevoked ``server`` certificate of
-        the node issued before that one (before ``before``, the rollout's start, if the live
-        one is not on record, e.g. brought by the admin). A certificate issued later (a newer
-        rollout's) is left alone. Idempotent; returns the serials revoked now."""
+        the node recorded before that one (issued before ``before``, the rollout's start, if
+        the live one is not on record, e.g. brought by the admin). A certificate recorded
+        later (a newer rollout's) is left alone. Idempotent; returns the serials revoked now."""
         with self._db.tx() as db:
             return revoke_superseded_in(db, node, live_fingerprint, before=before, now=now)
 
@@ -1460,17 +1460,23 @@ def revoke_superseded_in(
     of the node's end: one transaction, not two). A caller whose transaction is routine
     moves ``Database.generation`` on after it if this revoked anything (``Database.touch``):
     the heartbeat path keeps the revocation list."""
+    # "Before" is the order the certificates were recorded in (``rowid``: rows are only ever
+    # added, ``_record_cert``'s INSERT OR IGNORE never adds one again, and nothing deletes or
+    # vacuums them), not their ``issued_at``: the leader's clock, ahead when the live one's
+    # predecessor was issued and corrected since, left that one unrevoked, valid for up to
+    # 397 days and not on the revocation list (clock audit s35, F).
     live = db.execute(
-        "SELECT issued_at FROM certificates WHERE kind = 'server' AND node = ? AND fingerprint = ?",
+        "SELECT rowid AS seq FROM certificates WHERE kind = 'server' AND node = ?"
+        " AND fingerprint = ? ORDER BY rowid DESC LIMIT 1",
         (node, live_fingerprint),
     ).fetchone()
-    cutoff = live["issued_at"] if live is not None else to_text(before)
+    older = "rowid < ?" if live is not None else "issued_at < ?"
     serials = [
         r["serial"]
         for r in db.execute(
-            "SELECT serial FROM certificates WHERE kind = 'server' AND node = ?"
-            " AND revoked_at IS NULL AND fingerprint != ? AND issued_at < ?",
-            (node, live_fingerprint, cutoff),
+            "SELECT serial FROM certificates WHERE kind = 'server' AND node = ?"  # noqa: S608
+            f" AND revoked_at IS NULL AND fingerprint != ? AND {older}",
+            (node, live_fingerprint, live["seq"] if live is not None else to_text(before)),
         )
     ]
     if not serials:

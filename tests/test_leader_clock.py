@@ -13,7 +13,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from leader.service import keepalive_seconds
-from leader.store import Store
+from leader.store import Store, _record_cert
 from tests.leader_rig import InProcessLeader, _enrol, leader_with_a_node
 from tests.test_heartbeat_stream import agent_link, until
 from tlsroll import pki
@@ -148,5 +148,33 @@ def test_a_bare_store_keeps_the_times_it_is_given(tmp_path: Path) -> None:
         at = now - dt.timedelta(seconds=3)
         store.heartbeat("n1", "1", now=at)
         assert store.get_node("n1").last_heartbeat == at
+    finally:
+        store.close()
+
+
+def test_the_certificate_a_rotation_replaced_is_revoked_whatever_the_clock_said(
+    tmp_path: Path,
+) -> None:
+    """Clock audit s35, F: "superseded" went by ``issued_at``. The leader's clock was a day
+    ahead when an enable-tls issued X; corrected, a rotate-cert three hours later issued Y.
+    X looked newer than Y and was never revoked (valid up to 397 days, not on the list);
+    Y's successor issued before a step forward would have been taken for an older one."""
+    store = Store(tmp_path / "leader.sqlite3")
+    try:
+        with store._db.tx() as db:  # enable-tls, the leader's clock a day ahead
+            _record_cert(db, "aa01", "server", "n1", "n1", "fp-x", T + 24 * HOUR, T + 398 * DAY)
+        with store._db.tx() as db:  # the clock corrected; rotate-cert three hours later
+            _record_cert(db, "aa02", "server", "n1", "n1", "fp-y", T + 3 * HOUR, T + 397 * DAY)
+        with store._db.tx() as db:  # a later rollout's, recorded after Y: not Y's to revoke
+            _record_cert(db, "aa03", "server", "n1", "n1", "fp-z", T + 2 * HOUR, T + 397 * DAY)
+        with store._db.tx() as db:  # another node's
+            _record_cert(db, "bb01", "server", "n2", "n2", "fp-o", T - HOUR, T + 397 * DAY)
+        now = T + 4 * HOUR
+        assert store.revoke_superseded("n1", "fp-y", before=T, now=now) == ["aa01"]
+        assert store.revoke_superseded("n1", "fp-y", before=T, now=now) == []  # idempotent
+        revoked = {c.serial for c in store.list_certificates("server") if c.revoked_at}
+        assert revoked == {"aa01"}
+        # The live one not on record (the admin's own): by the rollout's start, as before.
+        assert store.revoke_superseded("n2", "fp-byo", before=T, now=now) == ["bb01"]
     finally:
         store.close()
