@@ -12,8 +12,13 @@ import sqlite3
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
+
+import tlsroll.sqlite
+from leader.db import check_store
 from leader.service import keepalive_seconds
 from leader.store import Store, _record_cert
+from nodeagent.journal import open_journal
 from tests.leader_rig import InProcessLeader, _enrol, leader_with_a_node
 from tests.test_heartbeat_stream import agent_link, until
 from tlsroll import pki
@@ -178,3 +183,48 @@ def test_the_certificate_a_rotation_replaced_is_revoked_whatever_the_clock_said(
         assert store.revoke_superseded("n2", "fp-byo", before=T, now=now) == ["bb01"]
     finally:
         store.close()
+
+
+@pytest.mark.parametrize("which", ["leader", "agent"])
+def test_two_stores_moved_aside_in_one_second_are_both_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, which: str
+) -> None:
+    """Clock audit s35, J: a lost store (the leader's, an agent's journal) moved aside by
+    ``--reinitialise`` is kept as ``NAME.lost-TIME``; a second one within the same second (or
+    after the clock stepped back) was renamed over the first, which was gone without a
+    word."""
+    monkeypatch.setattr(tlsroll.sqlite, "_now", lambda: T)
+    name = "leader.sqlite3" if which == "leader" else "journal.sqlite3"
+    path = tmp_path / name
+    for n in range(3):
+        path.write_bytes(f"lost store {n} ".encode() * 100)  # damaged: not a database
+        if which == "leader":
+            check_store(path, reinitialise=True)
+        else:
+            open_journal(path, expected=True, reinitialise=True).close()
+            for made in [path, *tmp_path.glob(f"{name}-*")]:  # the new, empty journal
+                made.unlink()
+    tags = ("", ".2", ".3")
+    kept = sorted(p.name for p in tmp_path.glob(f"{name}.lost-*"))
+    assert kept == [f"{name}.lost-20261130T100000Z{t}" for t in tags]
+    for n, tag in enumerate(tags):
+        copy = tmp_path / f"{name}.lost-20261130T100000Z{tag}"
+        assert copy.read_bytes() == f"lost store {n} ".encode() * 100
+
+
+def test_a_store_moved_aside_keeps_its_companions_under_one_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """J: a store's -wal and -shm go with it, under the same name, never over a kept one's
+    (a set whose -wal alone was kept before takes the next name)."""
+    monkeypatch.setattr(tlsroll.sqlite, "_now", lambda: T)
+    path = tmp_path / "s.sqlite3"
+    (tmp_path / "s.sqlite3.lost-20261130T100000Z-wal").write_bytes(b"kept before")
+    for suffix in ("", "-wal", "-shm"):
+        (tmp_path / f"s.sqlite3{suffix}").write_bytes(f"now{suffix}".encode())
+    kept = tlsroll.sqlite.move_aside(path, ("", "-wal", "-shm", "-journal"))
+    tag = "s.sqlite3.lost-20261130T100000Z.2"
+    assert [p.name for p in kept] == [tag, f"{tag}-wal", f"{tag}-shm"]
+    assert [p.read_bytes() for p in kept] == [b"now", b"now-wal", b"now-shm"]
+    assert (tmp_path / "s.sqlite3.lost-20261130T100000Z-wal").read_bytes() == b"kept before"
+    assert not list(tmp_path.glob("s.sqlite3-*")) and not path.exists()
