@@ -678,6 +678,13 @@ revocation list it carries gets a new number in time (``CRL_RENEW_AFTER``), and 
 the file that did not come through this process (there is none: the CLI goes through the
 admin socket) would not go unnoticed for long."""
 
+CRL_AHEAD_LIMIT = pki.BACKDATE
+"""A revocation list whose number was issued further ahead of the leader's clock than this
+(the clock was ahead at the revocation, and corrected since) gets a new one at once, as one
+issued ``CRL_RENEW_AFTER`` ago: its thisUpdate (``pki.BACKDATE`` before its issue) is in the
+future, which a server that checks the list's dates refuses, and it was renewed only once the
+clock had passed its issue by a day (clock audit s35, J)."""
+
 CRL_RENEW_AFTER = dt.timedelta(days=1)
 """A revocation list whose number was issued this long ago gets a new one (not urgent:
 ``Store.renew_crl``), read with the next ``Snapshot``; the agents get it as any newer list
@@ -1158,9 +1165,10 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         now = self.state.clock()
         number, urgent, entries, issued = store.revocations(now)
         # (Number 0: nothing was ever revoked, and no list is sent: an agent holds "0".)
-        if not renewed and number > 0 and (issued is None or now - issued >= CRL_RENEW_AFTER):
+        due = issued is None or not -CRL_AHEAD_LIMIT <= now - issued < CRL_RENEW_AFTER
+        if not renewed and number > 0 and due:
             try:
-                renewed = store.renew_crl(now, now - CRL_RENEW_AFTER)
+                renewed = store.renew_crl(now, now - CRL_RENEW_AFTER, now + CRL_AHEAD_LIMIT)
             except Exception as exc:  # (a full disk): the list as it is; the next read retries
                 log.error("crl.renew_failed", error=f"{type(exc).__name__}: {exc}"[:200])
             else:

@@ -1249,15 +1249,24 @@ class Store(LeaderStore):
                 log.warning("crl.serial_skipped", serial=serial[:48], why="out of range")
         return [(serial, when) for serial, when in entries if serial_fits(serial)]
 
-    def renew_crl(self, now: dt.datetime, issued_before: dt.datetime) -> bool:
+    def renew_crl(
+        self,
+        now: dt.datetime,
+        issued_before: dt.datetime,
+        issued_after: dt.datetime | None = None,
+    ) -> bool:
         """Give the revocation list a new number, not urgent (``_bump_crl``), if its number was
-        issued at ``issued_before`` or before, or when is not recorded; False if it was not (another
-        caller renewed it meanwhile). A list keeps its number's thisUpdate and nextUpdate
-        (``LeaderState.crl_of``), and an agent holds a list by number: only a new number
-        brings the agents a list within its validity (``leader.service.CRL_RENEW_AFTER``)."""
+        issued at ``issued_before`` or before, after ``issued_after`` (ahead of the clock:
+        ``leader.service.CRL_AHEAD_LIMIT``), or when is not recorded; False if it was not
+        (another caller renewed it meanwhile). A list keeps its number's thisUpdate and
+        nextUpdate (``LeaderState.crl_of``), and an agent holds a list by number: only a new
+        number brings the agents a list within its validity
+        (``leader.service.CRL_RENEW_AFTER``)."""
         with self._db.tx() as db:
             issued = _meta(db, "crl_issued", -1)
-            if issued >= 0 and dt.datetime.fromtimestamp(issued, dt.UTC) > issued_before:
+            when = dt.datetime.fromtimestamp(issued, dt.UTC)
+            ahead = issued_after is not None and when > issued_after
+            if issued >= 0 and when > issued_before and not ahead:
                 return False
             _bump_crl(db, now, urgent=False)
         return True

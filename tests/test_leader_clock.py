@@ -13,10 +13,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from cryptography import x509
 
 import tlsroll.sqlite
 from leader.db import check_store
-from leader.service import keepalive_seconds
+from leader.service import CRL_AHEAD_LIMIT, keepalive_seconds
 from leader.store import Store, _record_cert
 from nodeagent.journal import open_journal
 from tests.leader_rig import InProcessLeader, _enrol, leader_with_a_node
@@ -228,3 +229,31 @@ def test_a_store_moved_aside_keeps_its_companions_under_one_name(
     assert [p.read_bytes() for p in kept] == [b"now", b"now-wal", b"now-shm"]
     assert (tmp_path / "s.sqlite3.lost-20261130T100000Z-wal").read_bytes() == b"kept before"
     assert not list(tmp_path.glob("s.sqlite3-*")) and not path.exists()
+
+
+async def test_a_list_issued_ahead_of_a_corrected_clock_is_renewed(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Clock audit s35, J: the leader's clock was a day ahead when a certificate was revoked,
+    then corrected. The list's number kept its issue a day in the future: its thisUpdate was
+    ahead of every clock (a server that checks the list's dates refuses it), and it was not
+    renewed until the clock had passed that issue by a day. A list issued less than
+    ``CRL_AHEAD_LIMIT`` ahead (a small correction) keeps its number."""
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    store, clock, svc = rig.store, rig.clock, rig.service
+    try:
+        clock[0] = T + DAY  # ahead
+        assert store.revoke("5eec", reason="", now=clock[0], actor="test", unknown=True)
+        n1 = store.revocations(clock[0]).number
+        assert svc._read_snapshot().crl_number == n1
+        clock[0] = T + dt.timedelta(minutes=1)  # corrected
+        snap = svc._read_snapshot()
+        assert snap.crl_number > n1
+        renewed = x509.load_pem_x509_crl(snap.crl_pem)
+        assert renewed.last_update_utc <= clock[0]
+        assert {r.serial_number for r in renewed} == {0x5EEC}
+        assert svc._read_snapshot().crl_number == snap.crl_number  # once
+        clock[0] -= CRL_AHEAD_LIMIT - dt.timedelta(minutes=1)  # a step back within the limit
+        assert svc._read_snapshot().crl_number == snap.crl_number
+    finally:
+        await rig.close()
