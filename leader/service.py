@@ -1399,6 +1399,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             )
 
         self.state.store.queue_write(name, write)
+        self.state.store.note_report(name, now)
         self._clients[name] = (said, now)
         self._start_writer()
 

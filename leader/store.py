@@ -291,6 +291,9 @@ class Store(LeaderStore):
         # (``vouch``); its last heartbeat is then "now", by ``clock`` (the leader's, set by the
         # service), without a timer moving it on every second.
         self._vouched: dict[str, int] = {}
+        # node -> the time its newest client report is stored as (``reported_at``) and when
+        # that was by ``monotonic`` (``note_report``), under ``_seen_lock``.
+        self._reported: dict[str, tuple[dt.datetime, float]] = {}
         self.clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
         # The clock no step moves, for the time since a node was heard (``_Seen.heard``; the
         # leader's, set by ``LeaderState``).
@@ -321,6 +324,7 @@ class Store(LeaderStore):
     def _forget_seen(self, name: str) -> None:
         with self._seen_lock:
             self._seen.pop(name, None)
+            self._reported.pop(name, None)
             self._queued.pop(name, None)
             self._queued_writes = [(n, w) for n, w in self._queued_writes if n != name]
 
@@ -330,6 +334,9 @@ class Store(LeaderStore):
         return self.monotonic() - (self.clock() - at).total_seconds()
 
     def _on_clock_now(self, seen: _Seen) -> dt.datetime:
+        return self._then_on_clock_now(seen.seen, seen.heard)
+
+    def _then_on_clock_now(self, then: dt.datetime, heard: float) -> dt.datetime:
         """When ``seen``'s heartbeat came, by the leader's clock as it runs now: the time
         recorded then, unless the clock stepped since (by more than ``STEP_TOLERANCE``): then
         now less the time since, by the monotonic clock. Before, a node heard just before
@@ -337,9 +344,9 @@ class Store(LeaderStore):
         the schema, the viewer, ``tlsroll_node_online`` and a rollout's plan), and a step
         forward made a live node offline until its next message (clock audit s35, D)."""
         now = self.clock()
-        since = dt.timedelta(seconds=self.monotonic() - seen.heard)
-        if abs(now - seen.seen - since) <= STEP_TOLERANCE:
-            return seen.seen
+        since = dt.timedelta(seconds=self.monotonic() - heard)
+        if abs(now - then - since) <= STEP_TOLERANCE:
+            return then
         return now - since
 
     def _with_seen(self, node: Node) -> Node:
@@ -839,6 +846,26 @@ class Store(LeaderStore):
                     seen.seen, seen.heard = now, heard
                 return True
         return False
+
+    def note_report(self, name: str, at: dt.datetime) -> None:
+        """Node ``name``'s client report is stored (or queued) as of ``at`` (its
+        ``reported_at``), by the leader's clock now (``report_on_clock_now``)."""
+        heard = self._heard(at)
+        with self._seen_lock:
+            self._reported[name] = (at, heard)
+
+    def report_on_clock_now(self, name: str, reported_at: dt.datetime) -> dt.datetime:
+        """When node ``name``'s client report stored as of ``reported_at`` came, by the
+        leader's clock as it runs now (as a last heartbeat: ``_on_clock_now``): how fresh a
+        report is (``planner.stale_reports``, a finalize's refusal) goes by the time since,
+        which no step of the clock moves. Before, a report from just before the clock stepped
+        back an hour spoke for its node for that hour (clock audit s35, D). A report this
+        store did not note (one stored before it opened): ``reported_at``."""
+        with self._seen_lock:
+            noted = self._reported.get(name)
+        if noted is None or noted[0] != reported_at:
+            return reported_at
+        return self._then_on_clock_now(*noted)
 
     def vouch(self, name: str) -> None:
         """An open heartbeat stream vouches that node ``name`` is alive now (its agent sends

@@ -10,19 +10,30 @@ from __future__ import annotations
 import datetime as dt
 import sqlite3
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
 
 import pytest
 from cryptography import x509
 
 import tlsroll.sqlite
+from leader import planner
+from leader.agent_client import Agents
+from leader.commands import Commands, StillOnHttp
 from leader.db import check_store
+from leader.engine import Engine
+from leader.rollout_core import Change, NodeRecord, NodeState, RolloutEvent, Scope, Strategy
+from leader.schema_store import RolloutMeta, RolloutRow, SchemaStore
 from leader.service import CRL_AHEAD_LIMIT, keepalive_seconds
 from leader.store import Store, _record_cert
 from nodeagent.journal import open_journal
 from tests.leader_rig import InProcessLeader, _enrol, leader_with_a_node
 from tests.test_heartbeat_stream import agent_link, until
 from tlsroll import pki
+from tlsroll.rpc import timestamp
+from tlsroll.v1 import types_pb2
 
 T = dt.datetime(2026, 11, 30, 10, 0, tzinfo=dt.UTC)
 HOUR = dt.timedelta(hours=1)
@@ -255,5 +266,110 @@ async def test_a_list_issued_ahead_of_a_corrected_clock_is_renewed(
         assert svc._read_snapshot().crl_number == snap.crl_number  # once
         clock[0] -= CRL_AHEAD_LIMIT - dt.timedelta(minutes=1)  # a step back within the limit
         assert svc._read_snapshot().crl_number == snap.crl_number
+    finally:
+        await rig.close()
+
+
+async def _awaiting_finalize(rig: InProcessLeader, address: str) -> tuple[SchemaStore, Commands]:
+    """t1: a transitional rollout awaiting finalize with hb1 and hb2 (enrolled on ``address``)
+    dual, whose agents each sent a heartbeat and reported their clients (only https) now,
+    through the service (``_record_clients``, the group commit)."""
+    rig.add_node("hb2", address)
+    schema = SchemaStore(rig.store.db)
+    now = rig.clock[0]
+    rollout, nodes = planner.plan_rollout(
+        rollout_id="t1",
+        change=Change.ENABLE_TLS,
+        scope=Scope.cluster(),
+        enrolled={"hb1": True, "hb2": True},
+        leader="hb1",
+        epoch=schema.next_epoch(),
+        strategy=Strategy.TRANSITIONAL,
+    )
+    meta = RolloutMeta(created_at=now, started_by="admin:test", leader_node="hb1")
+    row = schema.create(rollout.with_event(RolloutEvent.START), nodes, meta, now, '{"v": 1}')
+    dual = [replace(n, state=NodeState.DUAL) for n in row.records]
+    schema.save_states(row, row.rollout.with_event(RolloutEvent.NODES_DUAL), dual, now, "engine")
+    seen = timestamp(now)
+    for node in ("hb1", "hb2"):
+        rig.store.heartbeat(node, "1", now=now)
+        view = types_pb2.ClientsView(
+            clients=[
+                types_pb2.ClientSeen(
+                    scheme="https", address="10.0.0.1", first_seen=seen, last_seen=seen
+                )
+            ],
+            window_seconds=600,
+            source="refserver",
+        )
+        rig.service._record_clients(node, view, now)
+    await rig.service.write_queued()
+    commands = Commands(rig.store, schema, rig.state.clock, rig.state.online, "hb1", lambda: None)
+    return schema, commands
+
+
+async def test_a_client_report_from_before_a_step_back_goes_stale(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """D, the client reports (``_refuse_while_on_http``, ``planner.stale_reports``): a report
+    from just before the leader's clock stepped back an hour spoke for its node for that
+    hour: a finalize 30 minutes later, its agents silent since, closed http on what they
+    said then."""
+    rig, mono = _stepping(tmp_path, loopback)
+    try:
+        schema, commands = await _awaiting_finalize(rig, loopback())
+        rig.clock[0] -= HOUR
+        _passes(rig, mono, dt.timedelta(minutes=30))
+        with pytest.raises(StillOnHttp, match="no recent report") as refused:
+            await commands.finalize("t1", "admin:test")
+        assert set(refused.value.unknown) == {"hb1", "hb2"}
+        assert schema.follower("t1") is None  # nothing started
+    finally:
+        await rig.close()
+
+
+async def test_a_fresh_client_report_stays_fresh_when_the_clock_steps_forward(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """D, the other way: a report a second old when the clock stepped forward an hour still
+    speaks for its node (it was refused "no recent report" until the agent's next one)."""
+    rig, mono = _stepping(tmp_path, loopback)
+    try:
+        schema, commands = await _awaiting_finalize(rig, loopback())
+        rig.clock[0] += HOUR
+        _passes(rig, mono, dt.timedelta(seconds=1))
+        await commands.finalize("t1", "admin:test")  # not refused: started
+        assert schema.follower("t1") is not None
+    finally:
+        await rig.close()
+
+
+async def test_when_quiet_holds_a_node_whose_report_came_before_a_step_back(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """D, ``--when-quiet`` (``Engine._held_for_quiet``): a node whose agent reported no http
+    client, then fell silent as the leader's clock stepped back an hour, was taken for quiet
+    30 minutes later on that report, as if fresh; it waits now, as for any stale report."""
+    rig, mono = _stepping(tmp_path, loopback)
+    try:
+        schema, _commands = await _awaiting_finalize(rig, loopback())
+        engine = Engine(
+            rig.store,
+            schema,
+            rig.state.ca,
+            cast(Agents, None),
+            rig.state.clock,
+            monotonic=rig.state.monotonic,
+        )
+        pending = NodeRecord(name="hb1", state=NodeState.PENDING)
+        row = cast(
+            RolloutRow,
+            SimpleNamespace(meta=SimpleNamespace(when_quiet=60), records=(pending,)),
+        )
+        _passes(rig, mono, dt.timedelta(seconds=10))
+        assert await engine._held_for_quiet(row) == frozenset()  # quiet, its report fresh
+        rig.clock[0] -= HOUR
+        _passes(rig, mono, dt.timedelta(minutes=30))
+        assert await engine._held_for_quiet(row) == {"hb1"}
     finally:
         await rig.close()
