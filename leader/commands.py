@@ -646,7 +646,9 @@ class Commands:
                 unknown[n] = "its agent has not reported its clients"
             elif info.problem:
                 unknown[n] = info.problem
-            elif not self.online(info.reported_at + planner.REPORT_LAG):
+            elif not self.online(
+                self.store.report_on_clock_now(n, info.reported_at) + planner.REPORT_LAG
+            ):
                 unknown[n] = (
                     f"no recent report from its agent since {info.reported_at:%Y-%m-%d %H:%M:%S}"
                     " UTC; check it runs: tlsroll status"

@@ -30,7 +30,7 @@ from typing import Any
 
 from tlsroll.errors import TerminalError
 from tlsroll.fsutil import PRIVATE, write_atomic
-from tlsroll.sqlite import Database, Migration, damage, statements, to_text
+from tlsroll.sqlite import Database, Migration, damage, move_aside, statements, to_text
 
 # Migration 1: the tables of tlsroll 0.1.0, whose Store set user_version=1 (nodes, tokens,
 # audit) and whose SchemaStore added its tables unversioned on every open.
@@ -303,15 +303,7 @@ def check_store(path: Path, *, reinitialise: bool = False) -> list[Path]:
             " the enrolled nodes, join tokens and rollouts), or start tlsroll-leader once with"
             " --reinitialise: an empty store that re-learns the nodes from their agents"
         )
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    kept = []
-    for suffix in ("", "-wal", "-shm"):
-        old = Path(f"{path}{suffix}")
-        if old.exists():
-            new = Path(f"{path}.lost-{stamp}{suffix}")
-            old.rename(new)
-            kept.append(new)
-    return kept
+    return move_aside(path, ("", "-wal", "-shm"))
 
 
 def mark_store(path: Path) -> None:

@@ -407,7 +407,11 @@ class Engine:
             as_of[c.node] = max(as_of.get(c.node, c.last_seen), c.last_seen)
         last = {n: i.last_http_at for n, i in infos.items()}
         quiet = dt.timedelta(seconds=row.meta.when_quiet)
-        reported = {n: i.reported_at for n, i in infos.items()}
+        # Stale by the time since each report came, whatever the clock did meanwhile
+        # (``Store.report_on_clock_now``). Not ``as_of``: that is measured against the
+        # sightings, stored on the clock as it ran then (a step forward counted as quiet time
+        # would finalize a node under a workstation on http).
+        reported = {n: self.store.report_on_clock_now(n, i.reported_at) for n, i in infos.items()}
         stale = planner.stale_reports(reported, self.clock(), self.stale_after)
         return planner.held_for_quiet(pending, last, known, as_of, quiet, stale)
 

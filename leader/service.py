@@ -175,6 +175,8 @@ class LeaderState:
     twin_agents: dict[str, TwinAgents] = field(default_factory=dict)
     # How long an agent's own certificate lives (``LeaderConfig.agent_cert_lifetime``).
     agent_cert_lifetime: dt.timedelta = dt.timedelta(days=30)
+    # The clock no step moves: how long ago a node was heard (``Store.monotonic``).
+    monotonic: Callable[[], float] = time.monotonic
     _crl: tuple[int, bytes] = (-1, b"")
 
     @property
@@ -206,6 +208,9 @@ class LeaderState:
         return self._crl
 
     def online(self, last_heartbeat: dt.datetime | None) -> bool:
+        """Whether a node last heard at ``last_heartbeat`` is online now. A time the store
+        gives (``Store.get_node``, ``list_nodes``) is on the clock as it runs now, however it
+        stepped since the node was heard (``Store._on_clock_now``)."""
         if last_heartbeat is None:
             return False
         silence = self.clock() - last_heartbeat
@@ -704,6 +709,13 @@ revocation list it carries gets a new number in time (``CRL_RENEW_AFTER``), and 
 the file that did not come through this process (there is none: the CLI goes through the
 admin socket) would not go unnoticed for long."""
 
+CRL_AHEAD_LIMIT = pki.BACKDATE
+"""A revocation list whose number was issued further ahead of the leader's clock than this
+(the clock was ahead at the revocation, and corrected since) gets a new one at once, as one
+issued ``CRL_RENEW_AFTER`` ago: its thisUpdate (``pki.BACKDATE`` before its issue) is in the
+future, which a server that checks the list's dates refuses, and it was renewed only once the
+clock had passed its issue by a day (clock audit s35, J)."""
+
 CRL_RENEW_AFTER = dt.timedelta(days=1)
 """A revocation list whose number was issued this long ago gets a new one (not urgent:
 ``Store.renew_crl``), read with the next ``Snapshot``; the agents get it as any newer list
@@ -822,7 +834,9 @@ class _Beats:
     name: str = ""  # set (and the stream counted against the node) at the first accepted message
     caller: Caller | None = None  # its certificate, checked again when the store changes
     renews: bool = False
-    last: dt.datetime | None = None  # the leader's clock at the last accepted message
+    # When its last message was accepted, by the leader's monotonic clock
+    # (``LeaderState.monotonic``; the liveness it vouched for is taken back to it).
+    last: float | None = None
     crl_number: int = -1  # the revocation list the agent holds, as it said or was sent
     epoch: int = -1  # the epoch the agent was last told
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)  # one write at a time
@@ -916,10 +930,17 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
     def __init__(self, state: LeaderState) -> None:
         self.state = state
 
-        def now() -> dt.datetime:  # late-bound: a test may give the state another clock
+        # Late-bound: a test may give the state other clocks. The store judges a vouched node
+        # (``Store.vouch``) alive "now" by the clock, and a node's last heartbeat by both
+        # (``Store._on_clock_now``).
+        def now() -> dt.datetime:
             return state.clock()
 
-        state.store.clock = now  # a vouched node (``Store.vouch``) is alive "now" by it
+        def monotonic() -> float:
+            return state.monotonic()
+
+        state.store.clock = now
+        state.store.monotonic = monotonic
         self.schema = SchemaStore(state.store.db)
         self._callers: dict[bytes, Caller] = {}
         self._snapshot: Snapshot | None = None
@@ -1175,9 +1196,10 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         now = self.state.clock()
         number, urgent, entries, issued = store.revocations(now)
         # (Number 0: nothing was ever revoked, and no list is sent: an agent holds "0".)
-        if not renewed and number > 0 and (issued is None or now - issued >= CRL_RENEW_AFTER):
+        due = issued is None or not -CRL_AHEAD_LIMIT <= now - issued < CRL_RENEW_AFTER
+        if not renewed and number > 0 and due:
             try:
-                renewed = store.renew_crl(now, now - CRL_RENEW_AFTER)
+                renewed = store.renew_crl(now, now - CRL_RENEW_AFTER, now + CRL_AHEAD_LIMIT)
             except Exception as exc:  # (a full disk): the list as it is; the next read retries
                 log.error("crl.renew_failed", error=f"{type(exc).__name__}: {exc}"[:200])
             else:
@@ -1414,6 +1436,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             )
 
         self.state.store.queue_write(name, write)
+        self.state.store.note_report(name, now)
         self._clients[name] = (said, now)
         self._start_writer()
 
@@ -1515,7 +1538,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                 renewing = request.renews
                 # A refusal ends the stream (UNAUTHENTICATED).
                 snap, now = await self._heartbeat(caller, request, context, renewing)
-                beat.last = now
+                beat.last = self.state.monotonic()
                 beat.answers_checks = request.answers_checks
                 if request.HasField("check_answer"):
                     beat.answered(request.check_answer)
@@ -1529,7 +1552,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                     self._count(beat, caller.name)
                 if not renewing:
                     beat.renews = False  # a message every interval, each answered
-                    self._unvouch(beat, now)
+                    self._unvouch(beat, beat.last)
                 elif not beat.renews:
                     beat.renews = True
                     self._vouch(beat)
@@ -1734,12 +1757,12 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         # (A stream a newer one replaced is no longer in its node's list, which may be gone:
         # its vouch is still released, or the node would stay online for ever.)
         if beat.vouching and beat.last is not None:
-            now = self.state.clock()
+            now = self.state.monotonic()
             if beat.closed:  # the agent said it closed: alive until now
                 proven = now
             else:  # it may have vanished: alive as far as its last PING could have answered
                 every, wait = keepalive_seconds(self.state.heartbeat_interval)
-                proven = now - dt.timedelta(seconds=every + wait)
+                proven = now - (every + wait)
             self._unvouch(beat, max(beat.last, proven))
 
     def _vouch(self, beat: _Beats) -> None:
@@ -1749,19 +1772,22 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             beat.vouching = True
             self.state.store.vouch(beat.name)
 
-    def _unvouch(self, beat: _Beats, until: dt.datetime) -> None:
-        """``beat`` vouches no more: its node was alive up to ``until`` as far as it knows
-        (``Store.heard_until``; another stream of the node may still vouch)."""
+    def _unvouch(self, beat: _Beats, until: float) -> None:
+        """``beat`` vouches no more: its node was alive up to ``until`` (monotonic) as far as
+        it knows (``Store.heard_until``, given it by the leader's clock: now less the time
+        since, whatever that clock did meanwhile; another stream of the node may still
+        vouch)."""
         if beat.vouching:
             beat.vouching = False
-            self.state.store.heard_until(beat.name, until)
+            since = dt.timedelta(seconds=self.state.monotonic() - until)
+            self.state.store.heard_until(beat.name, self.state.clock() - since)
 
     def _expired(self, beat: _Beats) -> None:
         """``beat`` had no message within its bound: its node is known alive only until the
         message was due (a hung agent goes offline 3 intervals later, as a silent one)."""
         if beat.vouching and beat.last is not None and beat.name:
             beat.renews = False
-            due = beat.last + dt.timedelta(seconds=renew_seconds(self.state.heartbeat_interval))
+            due = beat.last + renew_seconds(self.state.heartbeat_interval)
             self._unvouch(beat, due)  # _uncount then vouches for nothing more
             log.warning("heartbeat.renewal_missed", node=beat.name)
 

@@ -16,6 +16,7 @@ import json
 import re
 import sqlite3
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -226,13 +227,23 @@ every node this store returns carries it; after a leader restart a node is onlin
 its next heartbeat."""
 
 
+STEP_TOLERANCE = dt.timedelta(seconds=1)
+"""How far the leader's clock may move against its monotonic clock before a time kept in
+memory counts as measured on a clock since stepped (``Store._on_clock_now``): reading both
+clocks takes microseconds; a step an NTP client makes is larger."""
+
+
 @dataclass
 class _Seen:
-    """A node's newest heartbeat and what its last stored (or queued) one said."""
+    """A node's newest heartbeat and what its last stored (or queued) one said. ``seen`` is
+    when the leader heard it by its clock (what is stored and shown), ``heard`` the same
+    moment by ``Store.monotonic``: liveness goes by the time since then, which no step of
+    the leader's clock moves (clock audit s35, D)."""
 
     stored_at: dt.datetime
     said: tuple[object, ...]
     seen: dt.datetime
+    heard: float
 
 
 @dataclass(frozen=True)
@@ -280,7 +291,13 @@ class Store(LeaderStore):
         # (``vouch``); its last heartbeat is then "now", by ``clock`` (the leader's, set by the
         # service), without a timer moving it on every second.
         self._vouched: dict[str, int] = {}
+        # node -> the time its newest client report is stored as (``reported_at``) and when
+        # that was by ``monotonic`` (``note_report``), under ``_seen_lock``.
+        self._reported: dict[str, tuple[dt.datetime, float]] = {}
         self.clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
+        # The clock no step moves, for the time since a node was heard (``_Seen.heard``; the
+        # leader's, set by ``LeaderState``).
+        self.monotonic: Callable[[], float] = time.monotonic
         # The group commit (``write_queued``): heartbeat records and other soft-state writes
         # waiting for it, under ``_seen_lock``.
         self._queued: dict[str, _Record] = {}
@@ -307,12 +324,38 @@ class Store(LeaderStore):
     def _forget_seen(self, name: str) -> None:
         with self._seen_lock:
             self._seen.pop(name, None)
+            self._reported.pop(name, None)
             self._queued.pop(name, None)
             self._queued_writes = [(n, w) for n, w in self._queued_writes if n != name]
 
+    def _heard(self, at: dt.datetime) -> float:
+        """``at``, a time by ``clock`` (now, or a moment ago), by ``monotonic``: converted by
+        its age."""
+        return self.monotonic() - (self.clock() - at).total_seconds()
+
+    def _on_clock_now(self, seen: _Seen) -> dt.datetime:
+        return self._then_on_clock_now(seen.seen, seen.heard)
+
+    def _then_on_clock_now(self, then: dt.datetime, heard: float) -> dt.datetime:
+        """When ``seen``'s heartbeat came, by the leader's clock as it runs now: the time
+        recorded then, unless the clock stepped since (by more than ``STEP_TOLERANCE``): then
+        now less the time since, by the monotonic clock. Before, a node heard just before
+        the clock stepped back by an hour, and then silent, showed online for that hour (in
+        the schema, the viewer, ``tlsroll_node_online`` and a rollout's plan), and a step
+        forward made a live node offline until its next message (clock audit s35, D)."""
+        now = self.clock()
+        since = dt.timedelta(seconds=self.monotonic() - heard)
+        if abs(now - then - since) <= STEP_TOLERANCE:
+            return then
+        return now - since
+
     def _with_seen(self, node: Node) -> Node:
         """``node`` with its newest heartbeat, stored or not, and what a heartbeat record
-        still queued for the group commit says (as if it were written)."""
+        still queued for the group commit says (as if it were written). A node heard since
+        this store opened has it from memory (``_on_clock_now``): on the leader's clock as it
+        runs now, so that everyone who judges it by that clock (``LeaderState.online``, the
+        viewer, a plan's offline grace) judges the time since it was heard. Otherwise the
+        stored time (the first look after a restart)."""
         with self._seen_lock:
             seen = self._seen.get(node.name)
             record = self._queued.get(node.name)
@@ -331,15 +374,13 @@ class Store(LeaderStore):
                 else node.renewal_failing_since,
                 renewal_error=renewal.error if renewal else node.renewal_error,
             )
-        # The latest of: what is stored, what is known in memory, and a message still queued.
-        # ``heard_until`` may take the memory's back below a queued message (a stream that
-        # ends after another one's newer message); that message still counts, as it did when
-        # it was written at once: before the group commit wrote it, such a node showed
-        # offline for up to a second (a rollout started then was refused "offline").
-        last = seen.seen if record is None else max(seen.seen, record.now)
-        if vouched:
-            last = max(last, self.clock())
-        if node.last_heartbeat is not None and node.last_heartbeat >= last:
+        # What is known in memory is the newest: every message sets it (a message still
+        # queued too), ``heard_until`` only moves it on. (A stream that ended after another
+        # one's newer message, still queued, once took it back below that message: the node
+        # showed offline until the group commit; a rollout started then was refused.) An open
+        # stream that vouches for the node: alive now.
+        last = self.clock() if vouched else self._on_clock_now(seen)
+        if node.last_heartbeat == last:
             return node
         return replace(node, last_heartbeat=last)
 
@@ -673,7 +714,7 @@ class Store(LeaderStore):
                 name, agent_version, now, highest_epoch, cert_fingerprint, renewal
             )
             with self._seen_lock:
-                self._seen[name] = _Seen(stored_at=now, said=said, seen=now)
+                self._seen[name] = _Seen(stored_at=now, said=said, seen=now, heard=self._heard(now))
 
     def queue_heartbeat(
         self,
@@ -706,7 +747,7 @@ class Store(LeaderStore):
         record = _Record(agent_version, now, highest_epoch, cert_fingerprint, renewal)
         with self._seen_lock:
             self._queued[name] = record  # the newest is whole: it replaces one still queued
-            self._seen[name] = _Seen(stored_at=now, said=said, seen=now)
+            self._seen[name] = _Seen(stored_at=now, said=said, seen=now, heard=self._heard(now))
         return True
 
     def queue_write(self, name: str, write: QueuedWrite) -> None:
@@ -789,12 +830,42 @@ class Store(LeaderStore):
         stored one is recent): True. False: ``heartbeat`` has to write it. In memory only, so
         the event loop may call it without a worker thread."""
         said = (agent_version, highest_epoch, cert_fingerprint, renewal)
+        heard = self._heard(now)
         with self._seen_lock:
             seen = self._seen.get(name)
-            if seen is not None and seen.said == said and now - seen.stored_at < HEARTBEAT_PERSIST:
-                seen.seen = max(seen.seen, now)
+            # A stored time later than now (the leader's clock stepped back since) is written
+            # again at once, as ``LeaderService._record_clients`` does: the first look after
+            # a restart then goes by this one. Before, nothing was written for the length of
+            # the step (clock audit s35, D).
+            if (
+                seen is not None
+                and seen.said == said
+                and dt.timedelta(0) <= now - seen.stored_at < HEARTBEAT_PERSIST
+            ):
+                if heard >= seen.heard:
+                    seen.seen, seen.heard = now, heard
                 return True
         return False
+
+    def note_report(self, name: str, at: dt.datetime) -> None:
+        """Node ``name``'s client report is stored (or queued) as of ``at`` (its
+        ``reported_at``), by the leader's clock now (``report_on_clock_now``)."""
+        heard = self._heard(at)
+        with self._seen_lock:
+            self._reported[name] = (at, heard)
+
+    def report_on_clock_now(self, name: str, reported_at: dt.datetime) -> dt.datetime:
+        """When node ``name``'s client report stored as of ``reported_at`` came, by the
+        leader's clock as it runs now (as a last heartbeat: ``_on_clock_now``): how fresh a
+        report is (``planner.stale_reports``, a finalize's refusal) goes by the time since,
+        which no step of the clock moves. Before, a report from just before the clock stepped
+        back an hour spoke for its node for that hour (clock audit s35, D). A report this
+        store did not note (one stored before it opened): ``reported_at``."""
+        with self._seen_lock:
+            noted = self._reported.get(name)
+        if noted is None or noted[0] != reported_at:
+            return reported_at
+        return self._then_on_clock_now(*noted)
 
     def vouch(self, name: str) -> None:
         """An open heartbeat stream vouches that node ``name`` is alive now (its agent sends
@@ -811,7 +882,8 @@ class Store(LeaderStore):
         bound passed): it proved the agent alive up to ``at``, and the node goes offline as
         if its heartbeats had stopped then, unless another stream still vouches or a later
         heartbeat came. A heartbeat stored or queued after ``at`` still counts (``_with_seen``
-        takes the latest)."""
+        takes the latest). ``at`` is converted by its age (``_Seen.heard``)."""
+        heard = self._heard(at)
         with self._seen_lock:
             count = self._vouched.get(name, 0) - 1
             if count > 0:
@@ -819,8 +891,8 @@ class Store(LeaderStore):
             else:
                 self._vouched.pop(name, None)
             seen = self._seen.get(name)
-            if seen is not None and seen.seen < at:
-                seen.seen = at
+            if seen is not None and seen.heard < heard:
+                seen.seen, seen.heard = at, heard
 
     def _write_heartbeat(
         self,
@@ -1083,9 +1155,9 @@ class Store(LeaderStore):
     ) -> list[str]:
         """Revoke (reason "superseded") the server certificates of ``node`` that the one it
         now serves, ``live_fingerprint``, replaced: every unrevoked ``server`` certificate of
-        the node issued before that one (before ``before``, the rollout's start, if the live
-        one is not on record, e.g. brought by the admin). A certificate issued later (a newer
-        rollout's) is left alone. Idempotent; returns the serials revoked now."""
+        the node recorded before that one (issued before ``before``, the rollout's start, if
+        the live one is not on record, e.g. brought by the admin). A certificate recorded
+        later (a newer rollout's) is left alone. Idempotent; returns the serials revoked now."""
         with self._db.tx() as db:
             return revoke_superseded_in(db, node, live_fingerprint, before=before, now=now)
 
@@ -1204,15 +1276,24 @@ class Store(LeaderStore):
                 log.warning("crl.serial_skipped", serial=serial[:48], why="out of range")
         return [(serial, when) for serial, when in entries if serial_fits(serial)]
 
-    def renew_crl(self, now: dt.datetime, issued_before: dt.datetime) -> bool:
+    def renew_crl(
+        self,
+        now: dt.datetime,
+        issued_before: dt.datetime,
+        issued_after: dt.datetime | None = None,
+    ) -> bool:
         """Give the revocation list a new number, not urgent (``_bump_crl``), if its number was
-        issued at ``issued_before`` or before, or when is not recorded; False if it was not (another
-        caller renewed it meanwhile). A list keeps its number's thisUpdate and nextUpdate
-        (``LeaderState.crl_of``), and an agent holds a list by number: only a new number
-        brings the agents a list within its validity (``leader.service.CRL_RENEW_AFTER``)."""
+        issued at ``issued_before`` or before, after ``issued_after`` (ahead of the clock:
+        ``leader.service.CRL_AHEAD_LIMIT``), or when is not recorded; False if it was not
+        (another caller renewed it meanwhile). A list keeps its number's thisUpdate and
+        nextUpdate (``LeaderState.crl_of``), and an agent holds a list by number: only a new
+        number brings the agents a list within its validity
+        (``leader.service.CRL_RENEW_AFTER``)."""
         with self._db.tx() as db:
             issued = _meta(db, "crl_issued", -1)
-            if issued >= 0 and dt.datetime.fromtimestamp(issued, dt.UTC) > issued_before:
+            when = dt.datetime.fromtimestamp(issued, dt.UTC)
+            ahead = issued_after is not None and when > issued_after
+            if issued >= 0 and when > issued_before and not ahead:
                 return False
             _bump_crl(db, now, urgent=False)
         return True
@@ -1415,17 +1496,23 @@ def revoke_superseded_in(
     of the node's end: one transaction, not two). A caller whose transaction is routine
     moves ``Database.generation`` on after it if this revoked anything (``Database.touch``):
     the heartbeat path keeps the revocation list."""
+    # "Before" is the order the certificates were recorded in (``rowid``: rows are only ever
+    # added, ``_record_cert``'s INSERT OR IGNORE never adds one again, and nothing deletes or
+    # vacuums them), not their ``issued_at``: the leader's clock, ahead when the live one's
+    # predecessor was issued and corrected since, left that one unrevoked, valid for up to
+    # 397 days and not on the revocation list (clock audit s35, F).
     live = db.execute(
-        "SELECT issued_at FROM certificates WHERE kind = 'server' AND node = ? AND fingerprint = ?",
+        "SELECT rowid AS seq FROM certificates WHERE kind = 'server' AND node = ?"
+        " AND fingerprint = ? ORDER BY rowid DESC LIMIT 1",
         (node, live_fingerprint),
     ).fetchone()
-    cutoff = live["issued_at"] if live is not None else to_text(before)
+    older = "rowid < ?" if live is not None else "issued_at < ?"
     serials = [
         r["serial"]
         for r in db.execute(
-            "SELECT serial FROM certificates WHERE kind = 'server' AND node = ?"
-            " AND revoked_at IS NULL AND fingerprint != ? AND issued_at < ?",
-            (node, live_fingerprint, cutoff),
+            "SELECT serial FROM certificates WHERE kind = 'server' AND node = ?"  # noqa: S608
+            f" AND revoked_at IS NULL AND fingerprint != ? AND {older}",
+            (node, live_fingerprint, live["seq"] if live is not None else to_text(before)),
         )
     ]
     if not serials:

@@ -34,7 +34,7 @@ from nodeagent.transaction import Phase
 from tlsroll import logs
 from tlsroll.enums import TxnKind, TxnOutcome
 from tlsroll.errors import TerminalError
-from tlsroll.sqlite import Database, Migration, damage
+from tlsroll.sqlite import Database, Migration, damage, move_aside
 
 log = logs.get_logger(__name__)
 
@@ -296,16 +296,9 @@ def open_journal(path: Path, *, expected: bool, reinitialise: bool = False) -> J
 
 
 def _move_aside(path: Path) -> list[Path]:
-    """Rename the journal and its -wal/-shm to ``NAME.lost-TIME…`` (kept for a post-mortem)."""
-    stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-    kept = []
-    for suffix in ("", "-wal", "-shm", "-journal"):
-        source = path.with_name(path.name + suffix)
-        if source.exists():
-            target = path.with_name(f"{path.name}.lost-{stamp}{suffix}")
-            source.rename(target)
-            kept.append(target)
-    return kept
+    """Rename the journal and its -wal/-shm to ``NAME.lost-TIME…`` (kept for a post-mortem;
+    never over a copy kept before: ``tlsroll.sqlite.move_aside``)."""
+    return move_aside(path, ("", "-wal", "-shm", "-journal"))
 
 
 class Journal:

@@ -93,7 +93,20 @@ def leader_with_a_node(
     clock = [dt.datetime(2026, 11, 30, 10, 0, tzinfo=dt.UTC)]
     store = Store(tmp_path / "leader.sqlite3")
     node_key, node_cert = _enrol(store, ca, name, node_address, clock[0])
-    state = LeaderState(store=store, ca=ca, clock=lambda: clock[0], heartbeat_interval=5)
+    start = clock[0]
+
+    def monotonic() -> float:  # moved on with ``clock``, as time passes
+        return (clock[0] - start).total_seconds()
+
+    state = LeaderState(
+        store=store,
+        ca=ca,
+        clock=lambda: clock[0],
+        heartbeat_interval=5,
+        # A test moves ``clock`` on as time passes: the monotonic clock with it (a test of a
+        # step of the clock sets ``state.monotonic`` apart).
+        monotonic=monotonic,
+    )
     server = grpc.aio.server()
     service = LeaderService(state)
     leader_pb2_grpc.add_LeaderServicer_to_server(service, server)

@@ -152,6 +152,48 @@ def migrate(
     return known
 
 
+def _now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
+def move_aside(path: Path, suffixes: Sequence[str]) -> list[Path]:
+    """Rename the store file ``path`` and its companions (``path`` + each of ``suffixes``,
+    those that exist) to ``NAME.lost-TIME`` + suffix, kept for a post-mortem; returns the new
+    names. A set kept before in the same second (two ``--reinitialise`` within it, or the
+    clock stepped back) is never replaced: this one is ``NAME.lost-TIME.2`` (3, …). A
+    rename used to replace it silently (clock audit s35, J). Each file is linked to its new
+    name, which fails if that exists, then unlinked (a rename where links are not
+    supported)."""
+    stamp = _now().strftime("%Y%m%dT%H%M%SZ")
+    for n in range(1, 1000):
+        tag = f".lost-{stamp}" if n == 1 else f".lost-{stamp}.{n}"
+        moves = [
+            (path.with_name(path.name + suffix), path.with_name(path.name + tag + suffix))
+            for suffix in suffixes
+        ]
+        if any(t.exists() or t.is_symlink() for _, t in moves):
+            continue
+        kept = []
+        for source, target in moves:
+            if source.exists():
+                _move_exclusive(source, target)
+                kept.append(target)
+        return kept
+    raise FileExistsError(f"{path}: too many copies kept as {path.name}.lost-{stamp}*")
+
+
+def _move_exclusive(source: Path, target: Path) -> None:
+    """Rename ``source`` to ``target``, never over an existing ``target`` (FileExistsError)."""
+    try:
+        os.link(source, target, follow_symlinks=False)
+    except OSError as exc:
+        if isinstance(exc, FileExistsError) or target.exists() or target.is_symlink():
+            raise FileExistsError(f"{target} exists") from exc
+        source.rename(target)  # no hard links on this file system
+    else:
+        source.unlink()
+
+
 def damage(path: Path, *, expected: bool) -> str | None:
     """What makes the store file at ``path`` unfit to open as it is, or None if it is fine
     (or missing and not ``expected``). Only reads the file.

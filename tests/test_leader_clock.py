@@ -1,0 +1,375 @@
+"""The leader and its clock (clock audit s35): a step of the leader's wall clock (NTP after a
+drift, a VM restored from a snapshot) moves neither a node's liveness nor which of a node's
+certificates a rotation replaced.
+
+The rig's monotonic clock moves with its wall clock (``tests.leader_rig``); a step is the wall
+clock moving without it (``_stepping``)."""
+
+from __future__ import annotations
+
+import datetime as dt
+import sqlite3
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
+
+import pytest
+from cryptography import x509
+
+import tlsroll.sqlite
+from leader import planner
+from leader.agent_client import Agents
+from leader.commands import Commands, StillOnHttp
+from leader.db import check_store
+from leader.engine import Engine
+from leader.rollout_core import Change, NodeRecord, NodeState, RolloutEvent, Scope, Strategy
+from leader.schema_store import RolloutMeta, RolloutRow, SchemaStore
+from leader.service import CRL_AHEAD_LIMIT, keepalive_seconds
+from leader.store import Store, _record_cert
+from nodeagent.journal import open_journal
+from tests.leader_rig import InProcessLeader, _enrol, leader_with_a_node
+from tests.test_heartbeat_stream import agent_link, until
+from tlsroll import pki
+from tlsroll.rpc import timestamp
+from tlsroll.v1 import types_pb2
+
+T = dt.datetime(2026, 11, 30, 10, 0, tzinfo=dt.UTC)
+HOUR = dt.timedelta(hours=1)
+DAY = dt.timedelta(days=1)
+
+
+def _stepping(tmp_path: Path, loopback: Callable[[], str]) -> tuple[InProcessLeader, list[float]]:
+    """The rig (node ``hb1``, the leader's clock at ``T``) with a monotonic clock of its own:
+    a test moves both as time passes, and the wall clock alone for a step."""
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    assert rig.clock[0] == T
+    mono = [1000.0]
+    rig.state.monotonic = lambda: mono[0]
+    return rig, mono
+
+
+def _passes(rig: InProcessLeader, mono: list[float], span: dt.timedelta) -> None:
+    rig.clock[0] += span
+    mono[0] += span.total_seconds()
+
+
+def _online(rig: InProcessLeader) -> bool:
+    return rig.state.node_online(rig.store.get_node("hb1"))
+
+
+async def test_a_silent_node_goes_offline_after_the_leaders_clock_stepped_back(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Clock audit s35, D: the leader's clock steps back an hour, the node's agent sends once
+    more and dies. It showed online for the hour (the schema, the viewer,
+    ``tlsroll_node_online``, a rollout's plan), and its stored last heartbeat was not
+    written again for that hour (``note_heartbeat`` took a time before the stored one as
+    recent)."""
+    rig, mono = _stepping(tmp_path, loopback)
+    try:
+        rig.store.heartbeat("hb1", "1", now=rig.clock[0])
+        rig.clock[0] -= HOUR  # the step
+        _passes(rig, mono, dt.timedelta(seconds=1))
+        rig.store.heartbeat("hb1", "1", now=rig.clock[0])  # as the service records it
+        assert _online(rig)
+        _passes(rig, mono, dt.timedelta(minutes=30))  # silent (offline after 15 s)
+        assert not _online(rig)
+        assert rig.state.online(rig.store.list_nodes()[0].last_heartbeat) is False
+        # What is stored is the heartbeat after the step: the first look after a restart.
+        with sqlite3.connect(tmp_path / "leader.sqlite3") as db:
+            (stored,) = db.execute("SELECT last_heartbeat FROM nodes WHERE name = 'hb1'").fetchone()
+        assert dt.datetime.fromisoformat(stored) == T - HOUR + dt.timedelta(seconds=1)
+    finally:
+        await rig.close()
+
+
+async def test_a_node_silent_since_just_before_a_step_back_goes_offline(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """D, the node dies before the step: nothing after it is recorded, only the time since
+    its last heartbeat tells it is gone."""
+    rig, mono = _stepping(tmp_path, loopback)
+    try:
+        rig.store.heartbeat("hb1", "1", now=rig.clock[0])
+        rig.clock[0] -= HOUR
+        _passes(rig, mono, dt.timedelta(seconds=10))
+        assert _online(rig)  # heard 10 s ago (offline after 15 s)
+        assert rig.store.get_node("hb1").last_heartbeat == rig.clock[0] - dt.timedelta(seconds=10)
+        _passes(rig, mono, dt.timedelta(seconds=10))
+        assert not _online(rig)
+    finally:
+        await rig.close()
+
+
+async def test_a_live_node_stays_online_when_the_leaders_clock_steps_forward(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """D, the other way: the leader's clock steps forward an hour a second after a node's
+    heartbeat. The node was offline until its next heartbeat."""
+    rig, mono = _stepping(tmp_path, loopback)
+    try:
+        rig.store.heartbeat("hb1", "1", now=rig.clock[0])
+        rig.clock[0] += HOUR
+        _passes(rig, mono, dt.timedelta(seconds=1))
+        assert _online(rig)
+        assert rig.store.get_node("hb1").last_heartbeat == rig.clock[0] - dt.timedelta(seconds=1)
+        _passes(rig, mono, dt.timedelta(seconds=20))
+        assert not _online(rig)
+    finally:
+        await rig.close()
+
+
+async def test_a_stream_that_ended_after_a_step_back_vouches_no_longer_than_it_proved(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """D, a renewal stream (it vouches for its node while open, ``Store.vouch``): its agent's
+    last message came before the leader's clock stepped back an hour, then the stream dropped
+    without a word (a killed agent). The leader took the node alive up to that message's time
+    by the clock, an hour ahead of it now: online for that hour."""
+    leader_address, node_address = loopback(), loopback()
+    rig = leader_with_a_node(tmp_path, leader_address, node_address)
+    mono = [1000.0]
+    rig.state.monotonic = lambda: mono[0]
+    await rig.server.start()
+    link, _, journal = agent_link(tmp_path, rig.node_files, leader_address, node_address)
+    try:
+        await link.beat()  # renewal mode: the stream now vouches for the node
+        assert [b.renews for b in rig.service._open] == [True]
+        rig.clock[0] -= HOUR
+        _passes(rig, mono, dt.timedelta(seconds=2))
+        assert _online(rig)  # vouched for
+        link._drop_stream()
+        await until(lambda: not rig.service._open, "the leader saw the stream end")
+        every, wait = keepalive_seconds(rig.state.heartbeat_interval)
+        since = min(2.0, every + wait)  # the message came 2 s ago; the last PING answered
+        assert rig.store.get_node("hb1").last_heartbeat == rig.clock[0] - dt.timedelta(
+            seconds=since
+        )
+        _passes(rig, mono, dt.timedelta(minutes=30))
+        assert not _online(rig)
+    finally:
+        await link.close()
+        journal.close()
+        await rig.close()
+
+
+def test_a_bare_store_keeps_the_times_it_is_given(tmp_path: Path) -> None:
+    """A heartbeat recorded with a time a moment ago (no step) shows that time, exactly: the
+    stored and shown time is the leader's clock's when the node was heard."""
+    store = Store(tmp_path / "leader.sqlite3")
+    try:
+        now = dt.datetime.now(dt.UTC)
+        _enrol(store, pki.CertificateAuthority.create(), "n1", "127.0.0.9", now)
+        at = now - dt.timedelta(seconds=3)
+        store.heartbeat("n1", "1", now=at)
+        assert store.get_node("n1").last_heartbeat == at
+    finally:
+        store.close()
+
+
+def test_the_certificate_a_rotation_replaced_is_revoked_whatever_the_clock_said(
+    tmp_path: Path,
+) -> None:
+    """Clock audit s35, F: "superseded" went by ``issued_at``. The leader's clock was a day
+    ahead when an enable-tls issued X; corrected, a rotate-cert three hours later issued Y.
+    X looked newer than Y and was never revoked (valid up to 397 days, not on the list);
+    Y's successor issued before a step forward would have been taken for an older one."""
+    store = Store(tmp_path / "leader.sqlite3")
+    try:
+        with store._db.tx() as db:  # enable-tls, the leader's clock a day ahead
+            _record_cert(db, "aa01", "server", "n1", "n1", "fp-x", T + 24 * HOUR, T + 398 * DAY)
+        with store._db.tx() as db:  # the clock corrected; rotate-cert three hours later
+            _record_cert(db, "aa02", "server", "n1", "n1", "fp-y", T + 3 * HOUR, T + 397 * DAY)
+        with store._db.tx() as db:  # a later rollout's, recorded after Y: not Y's to revoke
+            _record_cert(db, "aa03", "server", "n1", "n1", "fp-z", T + 2 * HOUR, T + 397 * DAY)
+        with store._db.tx() as db:  # another node's
+            _record_cert(db, "bb01", "server", "n2", "n2", "fp-o", T - HOUR, T + 397 * DAY)
+        now = T + 4 * HOUR
+        assert store.revoke_superseded("n1", "fp-y", before=T, now=now) == ["aa01"]
+        assert store.revoke_superseded("n1", "fp-y", before=T, now=now) == []  # idempotent
+        revoked = {c.serial for c in store.list_certificates("server") if c.revoked_at}
+        assert revoked == {"aa01"}
+        # The live one not on record (the admin's own): by the rollout's start, as before.
+        assert store.revoke_superseded("n2", "fp-byo", before=T, now=now) == ["bb01"]
+    finally:
+        store.close()
+
+
+@pytest.mark.parametrize("which", ["leader", "agent"])
+def test_two_stores_moved_aside_in_one_second_are_both_kept(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, which: str
+) -> None:
+    """Clock audit s35, J: a lost store (the leader's, an agent's journal) moved aside by
+    ``--reinitialise`` is kept as ``NAME.lost-TIME``; a second one within the same second (or
+    after the clock stepped back) was renamed over the first, which was gone without a
+    word."""
+    monkeypatch.setattr(tlsroll.sqlite, "_now", lambda: T)
+    name = "leader.sqlite3" if which == "leader" else "journal.sqlite3"
+    path = tmp_path / name
+    for n in range(3):
+        path.write_bytes(f"lost store {n} ".encode() * 100)  # damaged: not a database
+        if which == "leader":
+            check_store(path, reinitialise=True)
+        else:
+            open_journal(path, expected=True, reinitialise=True).close()
+            for made in [path, *tmp_path.glob(f"{name}-*")]:  # the new, empty journal
+                made.unlink()
+    tags = ("", ".2", ".3")
+    kept = sorted(p.name for p in tmp_path.glob(f"{name}.lost-*"))
+    assert kept == [f"{name}.lost-20261130T100000Z{t}" for t in tags]
+    for n, tag in enumerate(tags):
+        copy = tmp_path / f"{name}.lost-20261130T100000Z{tag}"
+        assert copy.read_bytes() == f"lost store {n} ".encode() * 100
+
+
+def test_a_store_moved_aside_keeps_its_companions_under_one_name(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """J: a store's -wal and -shm go with it, under the same name, never over a kept one's
+    (a set whose -wal alone was kept before takes the next name)."""
+    monkeypatch.setattr(tlsroll.sqlite, "_now", lambda: T)
+    path = tmp_path / "s.sqlite3"
+    (tmp_path / "s.sqlite3.lost-20261130T100000Z-wal").write_bytes(b"kept before")
+    for suffix in ("", "-wal", "-shm"):
+        (tmp_path / f"s.sqlite3{suffix}").write_bytes(f"now{suffix}".encode())
+    kept = tlsroll.sqlite.move_aside(path, ("", "-wal", "-shm", "-journal"))
+    tag = "s.sqlite3.lost-20261130T100000Z.2"
+    assert [p.name for p in kept] == [tag, f"{tag}-wal", f"{tag}-shm"]
+    assert [p.read_bytes() for p in kept] == [b"now", b"now-wal", b"now-shm"]
+    assert (tmp_path / "s.sqlite3.lost-20261130T100000Z-wal").read_bytes() == b"kept before"
+    assert not list(tmp_path.glob("s.sqlite3-*")) and not path.exists()
+
+
+async def test_a_list_issued_ahead_of_a_corrected_clock_is_renewed(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Clock audit s35, J: the leader's clock was a day ahead when a certificate was revoked,
+    then corrected. The list's number kept its issue a day in the future: its thisUpdate was
+    ahead of every clock (a server that checks the list's dates refuses it), and it was not
+    renewed until the clock had passed that issue by a day. A list issued less than
+    ``CRL_AHEAD_LIMIT`` ahead (a small correction) keeps its number."""
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    store, clock, svc = rig.store, rig.clock, rig.service
+    try:
+        clock[0] = T + DAY  # ahead
+        assert store.revoke("5eec", reason="", now=clock[0], actor="test", unknown=True)
+        n1 = store.revocations(clock[0]).number
+        assert svc._read_snapshot().crl_number == n1
+        clock[0] = T + dt.timedelta(minutes=1)  # corrected
+        snap = svc._read_snapshot()
+        assert snap.crl_number > n1
+        renewed = x509.load_pem_x509_crl(snap.crl_pem)
+        assert renewed.last_update_utc <= clock[0]
+        assert {r.serial_number for r in renewed} == {0x5EEC}
+        assert svc._read_snapshot().crl_number == snap.crl_number  # once
+        clock[0] -= CRL_AHEAD_LIMIT - dt.timedelta(minutes=1)  # a step back within the limit
+        assert svc._read_snapshot().crl_number == snap.crl_number
+    finally:
+        await rig.close()
+
+
+async def _awaiting_finalize(rig: InProcessLeader, address: str) -> tuple[SchemaStore, Commands]:
+    """t1: a transitional rollout awaiting finalize with hb1 and hb2 (enrolled on ``address``)
+    dual, whose agents each sent a heartbeat and reported their clients (only https) now,
+    through the service (``_record_clients``, the group commit)."""
+    rig.add_node("hb2", address)
+    schema = SchemaStore(rig.store.db)
+    now = rig.clock[0]
+    rollout, nodes = planner.plan_rollout(
+        rollout_id="t1",
+        change=Change.ENABLE_TLS,
+        scope=Scope.cluster(),
+        enrolled={"hb1": True, "hb2": True},
+        leader="hb1",
+        epoch=schema.next_epoch(),
+        strategy=Strategy.TRANSITIONAL,
+    )
+    meta = RolloutMeta(created_at=now, started_by="admin:test", leader_node="hb1")
+    row = schema.create(rollout.with_event(RolloutEvent.START), nodes, meta, now, '{"v": 1}')
+    dual = [replace(n, state=NodeState.DUAL) for n in row.records]
+    schema.save_states(row, row.rollout.with_event(RolloutEvent.NODES_DUAL), dual, now, "engine")
+    seen = timestamp(now)
+    for node in ("hb1", "hb2"):
+        rig.store.heartbeat(node, "1", now=now)
+        view = types_pb2.ClientsView(
+            clients=[
+                types_pb2.ClientSeen(
+                    scheme="https", address="10.0.0.1", first_seen=seen, last_seen=seen
+                )
+            ],
+            window_seconds=600,
+            source="refserver",
+        )
+        rig.service._record_clients(node, view, now)
+    await rig.service.write_queued()
+    commands = Commands(rig.store, schema, rig.state.clock, rig.state.online, "hb1", lambda: None)
+    return schema, commands
+
+
+async def test_a_client_report_from_before_a_step_back_goes_stale(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """D, the client reports (``_refuse_while_on_http``, ``planner.stale_reports``): a report
+    from just before the leader's clock stepped back an hour spoke for its node for that
+    hour: a finalize 30 minutes later, its agents silent since, closed http on what they
+    said then."""
+    rig, mono = _stepping(tmp_path, loopback)
+    try:
+        schema, commands = await _awaiting_finalize(rig, loopback())
+        rig.clock[0] -= HOUR
+        _passes(rig, mono, dt.timedelta(minutes=30))
+        with pytest.raises(StillOnHttp, match="no recent report") as refused:
+            await commands.finalize("t1", "admin:test")
+        assert set(refused.value.unknown) == {"hb1", "hb2"}
+        assert schema.follower("t1") is None  # nothing started
+    finally:
+        await rig.close()
+
+
+async def test_a_fresh_client_report_stays_fresh_when_the_clock_steps_forward(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """D, the other way: a report a second old when the clock stepped forward an hour still
+    speaks for its node (it was refused "no recent report" until the agent's next one)."""
+    rig, mono = _stepping(tmp_path, loopback)
+    try:
+        schema, commands = await _awaiting_finalize(rig, loopback())
+        rig.clock[0] += HOUR
+        _passes(rig, mono, dt.timedelta(seconds=1))
+        await commands.finalize("t1", "admin:test")  # not refused: started
+        assert schema.follower("t1") is not None
+    finally:
+        await rig.close()
+
+
+async def test_when_quiet_holds_a_node_whose_report_came_before_a_step_back(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """D, ``--when-quiet`` (``Engine._held_for_quiet``): a node whose agent reported no http
+    client, then fell silent as the leader's clock stepped back an hour, was taken for quiet
+    30 minutes later on that report, as if fresh; it waits now, as for any stale report."""
+    rig, mono = _stepping(tmp_path, loopback)
+    try:
+        schema, _commands = await _awaiting_finalize(rig, loopback())
+        engine = Engine(
+            rig.store,
+            schema,
+            rig.state.ca,
+            cast(Agents, None),
+            rig.state.clock,
+            monotonic=rig.state.monotonic,
+        )
+        pending = NodeRecord(name="hb1", state=NodeState.PENDING)
+        row = cast(
+            RolloutRow,
+            SimpleNamespace(meta=SimpleNamespace(when_quiet=60), records=(pending,)),
+        )
+        _passes(rig, mono, dt.timedelta(seconds=10))
+        assert await engine._held_for_quiet(row) == frozenset()  # quiet, its report fresh
+        rig.clock[0] -= HOUR
+        _passes(rig, mono, dt.timedelta(minutes=30))
+        assert await engine._held_for_quiet(row) == {"hb1"}
+    finally:
+        await rig.close()
