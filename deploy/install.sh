@@ -343,7 +343,8 @@ install_unit() {
     fi
 }
 
-install -d -m 0755 "$CONF_DIR"
+# An existing config dir keeps its mode: a re-run must not undo an admin's tightening.
+[ -d "$CONF_DIR" ] || install -d -m 0755 "$CONF_DIR"
 install_managed "$readme" "$DOC_DIR/README.md" 0644
 install_managed "$examples/agent.toml" "$DOC_DIR/examples/agent.toml" 0644
 if [ -d "$here/share" ]; then # man pages and shell completion, when the bundle has them

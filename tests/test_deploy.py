@@ -85,6 +85,23 @@ def test_unit_verifies_without_a_word(unit: str, unit_root: Path) -> None:
 
 
 @pytest.mark.parametrize("unit", UNIT_NAMES)
+def test_unit_does_not_restart_on_what_only_a_person_can_fix(unit: str) -> None:
+    """From the upgrade audit (F10): a config error and a store of a newer tlsroll end the
+    daemon with their own exit codes, and the unit does not start it again every few seconds
+    (RestartPreventExitStatus= holds whatever Restart= says)."""
+    from leader import runtime as leader_runtime
+    from nodeagent import runtime as agent_runtime
+
+    daemon = leader_runtime if unit == "tlsroll-leader.service" else agent_runtime
+    lines = (UNITS / unit).read_text().splitlines()
+    (prevent,) = [
+        line.split("=", 1)[1] for line in lines if line.startswith("RestartPreventExitStatus=")
+    ]
+    assert set(prevent.split()) == {str(daemon.EXIT_CONFIG), str(daemon.EXIT_STORE_TOO_NEW)}
+    assert 1 not in {daemon.EXIT_CONFIG, daemon.EXIT_STORE_TOO_NEW}  # 1: worth a restart
+
+
+@pytest.mark.parametrize("unit", UNIT_NAMES)
 def test_unit_exposure_is_ok(unit: str) -> None:
     result = analyze("security", "--offline=yes", "--no-pager", str(UNITS / unit))
     found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
@@ -316,8 +333,10 @@ def test_the_bundle_installs_offline_then_init_runs_as_printed(
     throwaway.ok(
         f"mkdir -p {dropin.rsplit('/', 1)[0]} && printf '[Service]\\nNice=5\\n' > {dropin}"
     )
+    throwaway.ok("chmod 0750 /etc/tlsroll")  # the admin's: a re-run keeps it
     result = throwaway.run(f"{install} agent {python}")
     assert result.returncode == 0, result.stderr
+    assert throwaway.ok("stat -c %a /etc/tlsroll").strip() == "750"
     assert f"kept {unit}" in result.stderr
     assert throwaway.ok(f"tail -n 1 {unit}").strip() == "# changed here"
     shipped = shlex.quote(str(bundle / "systemd"))
