@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Install tlsroll on a server node (Debian 12 or Ubuntu 24.04), as root.
 #
-#   install.sh leader [--address IP] [--node-name NAME] [--python PYTHON]
-#   install.sh agent  [--server-config-dir DIR] [--python PYTHON]
+#   install.sh leader [--address IP] [--node-name NAME] [--python PYTHON] [--restart-later]
+#   install.sh agent  [--server-config-dir DIR] [--python PYTHON] [--restart-later]
 #   install.sh ca-credential
 #   install.sh uninstall [--purge]
 #
@@ -22,6 +22,13 @@
 # systemd credential encrypted for this machine (its host key, and its TPM2 when it has one).
 # `uninstall` removes the units, the venv, the docs and the link, and keeps config and data
 # (/etc/tlsroll, /var/lib/tlsroll*, drop-ins, the user tlsroll) unless --purge is given.
+#
+# Run again to upgrade: the new version replaces the old one in /opt/tlsroll, and the daemons
+# that run from it (the leader and the agent share it) are restarted, so that no old process
+# goes on beside new files (it would import them when it next loads a module lazily).
+# Not while a rollout is active: the leader is asked first (`tlsroll rollout status`) and the
+# upgrade refused; --restart-later installs anyway and restarts nothing (restart the daemons
+# once the rollout has ended).
 set -euo pipefail
 umask 022
 
@@ -42,8 +49,8 @@ LEGACY_UNITS="7fae2a94454ca85bd2d9768b168e44c36d77d56e323b8571f213d3aaad3dea01
 c0c6a7a7a917d9be47f9393b02551e2b0dbacd03ad374c1a49e392ac15cf7092
 fc08deb3ad7499b4c9be16b3251867ae727d89ca66dcf9c160383c1a86529669"
 
-USAGE="usage: install.sh leader [--address IP] [--node-name NAME] [--python PYTHON]
-       install.sh agent [--server-config-dir DIR] [--python PYTHON]
+USAGE="usage: install.sh leader [--address IP] [--node-name NAME] [--python PYTHON] [--restart-later]
+       install.sh agent [--server-config-dir DIR] [--python PYTHON] [--restart-later]
        install.sh ca-credential
        install.sh uninstall [--purge]"
 
@@ -76,6 +83,7 @@ address=""
 node_name=""
 server_config_dir=""
 purge=no
+restart_later=no
 while [ $# -gt 0 ]; do
     opt=$1
     case "$role:$opt" in
@@ -91,6 +99,10 @@ while [ $# -gt 0 ]; do
             ;;
         uninstall:--purge)
             purge=yes
+            shift
+            ;;
+        leader:--restart-later | agent:--restart-later)
+            restart_later=yes
             shift
             ;;
         *) usage_error "unknown option '$opt' for '$role'" ;;
@@ -267,6 +279,46 @@ if [ "$role" = leader ]; then
     command -v useradd >/dev/null || die "useradd is missing (Debian: apt-get install passwd)"
 fi
 
+# --- an upgrade: the daemons that run from $VENV, and whether they may be restarted -------------
+# Each tlsroll daemon that runs is restarted after the install (the leader and the agent run from
+# the same $VENV, whichever role is installed). The agent may be restarted at any time, also in
+# the middle of a switch: its journal holds the transaction, and the new process resumes it
+# where it was (the same path as a crash: the fault matrix covers it). The leader is not
+# restarted under an active rollout, which an upgrade should not change in its course: it is
+# asked first, with the tlsroll that runs it, and the install refused (nothing changed) unless
+# --restart-later.
+old_version=""
+if [ -f "$MANIFEST" ] && [ -x "$VENV/bin/python" ]; then
+    old_version=$("$VENV/bin/python" -c 'from importlib.metadata import version; print(version("tlsroll"))' 2>/dev/null || echo unknown)
+fi
+running=""
+if systemd_running; then
+    for unit in tlsroll-leader tlsroll-agent; do
+        if systemctl is-active --quiet "$unit.service"; then running="$running $unit"; fi
+    done
+    running=${running# }
+fi
+if [ "$restart_later" = no ] && [[ " $running " == *" tlsroll-leader "* ]]; then
+    errors=$(mktemp)
+    # Its exit code is the rollout's outcome (0, 3 or 4, the JSON on stdout), or 1 for "no
+    # rollout yet" and any failure to ask.
+    answer=$(timeout 60 "$VENV/bin/tlsroll" rollout status --json 2>"$errors") && asked=0 || asked=$?
+    problem=$(grep -v '^ *$' "$errors" | tail -n 1 || true)
+    rm -f "$errors"
+    if [ "$asked" = 0 ] || [ "$asked" = 3 ] || [ "$asked" = 4 ]; then
+        rollout=$("$VENV/bin/python" -c 'import json, sys
+r = json.load(sys.stdin)
+print(r["id"], r["state"])' <<<"$answer" 2>/dev/null) ||
+            die "cannot read the running leader's answer to tlsroll rollout status --json; nothing changed (--restart-later installs without restarting it)"
+        case "${rollout#* }" in
+            completed | halted | aborted) ;;
+            *) die "rollout ${rollout% *} is ${rollout#* }: an upgrade now would restart tlsroll-leader in its course; nothing changed. Wait until it has ended (tlsroll rollout status), or run again with --restart-later and restart the daemons ($running) once it has" ;;
+        esac
+    elif [ "$asked" != 1 ] || [[ $problem != *"no rollout yet"* ]]; then
+        die "cannot ask the running tlsroll-leader whether a rollout is active (${problem:-tlsroll rollout status exited $asked}); nothing changed (--restart-later installs without restarting it)"
+    fi
+fi
+
 # --- the virtual environment -------------------------------------------------------------------
 manifest_get() { [ -f "$MANIFEST" ] && awk -v p="$1" '$2 == p { print $1 }' "$MANIFEST" || true; }
 manifest_set() {
@@ -343,7 +395,8 @@ install_unit() {
     fi
 }
 
-install -d -m 0755 "$CONF_DIR"
+# An existing config dir keeps its mode: a re-run must not undo an admin's tightening.
+[ -d "$CONF_DIR" ] || install -d -m 0755 "$CONF_DIR"
 install_managed "$readme" "$DOC_DIR/README.md" 0644
 install_managed "$examples/agent.toml" "$DOC_DIR/examples/agent.toml" 0644
 if [ -d "$here/share" ]; then # man pages and shell completion, when the bundle has them
@@ -392,8 +445,31 @@ else
     warn "systemd is not running here: the units are installed but not loaded"
 fi
 
-# --- next steps, each a command that works as printed (as root) --------------------------------
 version=$("$VENV/bin/python" -c 'from importlib.metadata import version; print(version("tlsroll"))')
+if [ -n "$running" ]; then
+    if [ "$restart_later" = yes ]; then
+        warn "not restarted ($running): they run the old code beside the new files until they are; once no rollout is active: systemctl restart $running"
+    else
+        for unit in $running; do
+            systemctl try-restart "$unit.service" || die "systemctl try-restart $unit failed: see systemctl status $unit"
+        done
+    fi
+fi
+# An upgrade of a server that is set up already: what changed, instead of the first steps.
+if [ -n "$old_version" ] && { { [ "$role" = leader ] && [ -f "$LEADER_DATA/leader.toml" ]; } ||
+    { [ "$role" = agent ] && [ -f "$AGENT_DATA/node.pem" ]; }; }; then
+    if [ -z "$running" ]; then
+        done_line="no tlsroll daemon runs here (systemctl start tlsroll-$role)"
+    elif [ "$restart_later" = yes ]; then
+        done_line="not restarted: ${running// /, } (--restart-later)"
+    else
+        done_line="restarted ${running// /, }"
+    fi
+    say "upgraded $old_version -> $version; $done_line"
+    exit 0
+fi
+
+# --- next steps, each a command that works as printed (as root) --------------------------------
 say "installed tlsroll $version for the $role in $VENV"
 if [ "$role" = leader ]; then
     if [ -z "$address" ]; then

@@ -60,6 +60,7 @@ from tlsroll.defaults import LEADER_NAME
 from tlsroll.errors import ConfigError, TerminalError, TlsrollError
 from tlsroll.fsutil import check_private_file
 from tlsroll.rpc import add_standard_services, bind, hostport
+from tlsroll.sqlite import SchemaTooNew
 from tlsroll.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -73,6 +74,11 @@ from tlsroll.v1 import (
 
 if TYPE_CHECKING:
     from leader.viewer.server import Viewer
+
+# Exit codes a restart cannot change, only a person (the unit's RestartPreventExitStatus=):
+# a config error, and a store written by a newer tlsroll (a package rolled back). 1: the rest.
+EXIT_CONFIG = 2
+EXIT_STORE_TOO_NEW = 3
 
 GRACE_SECONDS = 10.0
 OFFLINE_GRACE_MAX = 15.0  # seconds a command waits for a node that just went offline
@@ -400,9 +406,12 @@ def main(argv: list[str] | None = None) -> int:
         )
         state = load_state(cfg, reinitialise=ns.reinitialise)
         asyncio.run(serve(cfg, state))
+    except SchemaTooNew as exc:
+        print(f"tlsroll-leader: {exc}", file=sys.stderr)
+        return EXIT_STORE_TOO_NEW
     except TlsrollError as exc:
         print(f"tlsroll-leader: {exc}", file=sys.stderr)
-        return 2 if isinstance(exc, ConfigError) else 1
+        return EXIT_CONFIG if isinstance(exc, ConfigError) else 1
     except OSError as exc:
         print(f"tlsroll-leader: {exc.strerror}: {exc.filename}", file=sys.stderr)
         return 1

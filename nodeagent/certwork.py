@@ -35,8 +35,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import tlsroll
 from nodeagent.config import AgentConfig
 from nodeagent.identity import (
+    IDENTITY_CHECKS,
     CertificateExpired,
     EnrolmentDeferred,
     EnrolmentRefused,
@@ -101,8 +103,9 @@ def load_identity(cfg: AgentConfig, now: dt.datetime | None = None) -> Identity 
 
     No child when none of the node's files, nor a renewal's, exists (None: what it would
     answer), nor when the files and the config are byte for byte those a child last checked
-    (``MEMO``): the checks depend on nothing else, except the certificate's end (compared here
-    with ``now``) and the key file's permissions (checked here again)."""
+    (``MEMO``) with the same code (this tlsroll's version, ``IDENTITY_CHECKS``): the checks
+    depend on nothing else, except the certificate's end (compared here with ``now``) and the
+    key file's permissions (checked here again)."""
     if not any(p.exists() for p in (*paths(cfg.data_dir), *pending_paths(cfg.data_dir))):
         return None
     if not any(p.exists() for p in pending_paths(cfg.data_dir)):
@@ -123,13 +126,16 @@ def enrol(cfg: AgentConfig) -> Identity:
     return _remember(cfg, _identity(cfg, _ask(request)))
 
 
-# What a child last checked: the digest of everything the identity checks read, and the facts.
+# What a child last checked: the digest of everything the identity checks read, and of the
+# code that checked (this tlsroll's version and ``IDENTITY_CHECKS``: a memo written by another
+# release is not trusted, its checks may have been looser), and the facts.
 MEMO = "identity.checked.json"
 
 
 def _digest(cfg: AgentConfig) -> str:
     h = hashlib.sha256()
-    for part in (cfg.ca_pin, cfg.node_name, repr(cfg.names)):
+    code = (tlsroll.__version__, str(IDENTITY_CHECKS))
+    for part in (*code, cfg.ca_pin, cfg.node_name, repr(cfg.names)):
         h.update(part.encode() + b"\0")
     for path in paths(cfg.data_dir):
         h.update(path.read_bytes() + b"\0")

@@ -39,6 +39,11 @@ log = logs.get_logger(__name__)
 # RESOURCE_EXHAUSTED that carries the join port's ``retry-after`` (``told_wait``).
 TRANSIENT = {"UNAVAILABLE", "DEADLINE_EXCEEDED"}
 
+# The revision of this module's checks of the node's files (``load_identity``, ``check_issued``
+# and what they call): bump it with any change of what they accept, so that the memo of an
+# earlier check (``certwork.MEMO``, keyed to it) is not trusted by a stricter version.
+IDENTITY_CHECKS = 1
+
 # The longest wait the agent takes from the join port at once: the join guard's own cap
 # (``leader.join_guard.GuardPolicy.cap``); a larger value is read as this.
 LONGEST_TOLD_WAIT = 300

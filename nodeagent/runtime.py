@@ -40,7 +40,13 @@ from tlsroll.daemon import sd_notify, stop_event, watchdog
 from tlsroll.errors import ConfigError, TlsrollError, TransientError
 from tlsroll.fsutil import make_private_dir
 from tlsroll.rpc import AGENT_SERVER_OPTIONS, add_standard_services, bind, hostport
+from tlsroll.sqlite import SchemaTooNew
 from tlsroll.v1 import agent_pb2, agent_pb2_grpc
+
+# Exit codes a restart cannot change, only a person (the unit's RestartPreventExitStatus=):
+# a config error, and a journal written by a newer tlsroll (a package rolled back). 1: the rest.
+EXIT_CONFIG = 2
+EXIT_STORE_TOO_NEW = 3
 
 GRACE_SECONDS = 10.0
 TXN_GRACE_SECONDS = 60.0
@@ -251,7 +257,10 @@ def main(argv: list[str] | None = None) -> int:
         asyncio.run(serve(cfg, reinitialise=ns.reinitialise))
     except ConfigError as exc:
         print(f"tlsroll-agent: {exc}", file=sys.stderr)
-        return 2
+        return EXIT_CONFIG
+    except SchemaTooNew as exc:
+        print(f"tlsroll-agent: {exc}", file=sys.stderr)
+        return EXIT_STORE_TOO_NEW
     except TlsrollError as exc:
         print(f"tlsroll-agent: {exc}", file=sys.stderr)
         return 1

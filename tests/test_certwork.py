@@ -12,12 +12,20 @@ import resource
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+import tlsroll
 from nodeagent import certwork
 from nodeagent.config import AgentConfig
-from nodeagent.identity import CertificateExpired, EnrolmentDeferred, load_identity, paths
+from nodeagent.identity import (
+    IDENTITY_CHECKS,
+    CertificateExpired,
+    EnrolmentDeferred,
+    load_identity,
+    paths,
+)
 from nodeagent.trust import LeaderTrust
 from tests.test_renewal import _agent_config, _enrolled, _issue
 from tlsroll import pki, spiffe
@@ -157,6 +165,39 @@ def test_a_restart_with_the_files_a_child_checked_needs_no_child(
     with pytest.raises(PKIError) as mismatch:
         certwork.load_identity(cfg)
     assert mismatch.value.reason is PKIReason.KEY_MISMATCH
+
+
+@pytest.mark.parametrize("upgrade", ["version", "checks"])
+def test_a_memo_written_by_other_code_is_checked_again(
+    tmp_path: Path,
+    test_ca: pki.CertificateAuthority,
+    monkeypatch: pytest.MonkeyPatch,
+    upgrade: str,
+) -> None:
+    """From the upgrade audit (F7): the memo is keyed to the code that checked, not only to the
+    files. After an upgrade (another tlsroll version, or a revision of the identity checks) a
+    child checks again with the new code although no file changed."""
+    cfg = _agent_config(tmp_path, test_ca)
+    _enrolled(cfg, test_ca)
+    assert certwork.load_identity(cfg) is not None  # a child, which leaves the memo
+    if upgrade == "version":
+        monkeypatch.setattr(tlsroll, "__version__", tlsroll.__version__ + ".later")
+    else:
+        monkeypatch.setattr(certwork, "IDENTITY_CHECKS", IDENTITY_CHECKS + 1)
+    started: list[object] = []
+    real_run = subprocess.run
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        started.append(args)
+        return real_run(*args, **kwargs)
+
+    monkeypatch.setattr(subprocess, "run", run)
+    again = certwork.load_identity(cfg)
+    assert again is not None
+    assert started, "the memo of the earlier code was trusted: the new checks never ran"
+    started.clear()
+    assert certwork.load_identity(cfg) == again  # the new memo, written by this code
+    assert not started
 
 
 def test_a_child_that_cannot_start_is_a_shortage_not_a_verdict(

@@ -85,6 +85,23 @@ def test_unit_verifies_without_a_word(unit: str, unit_root: Path) -> None:
 
 
 @pytest.mark.parametrize("unit", UNIT_NAMES)
+def test_unit_does_not_restart_on_what_only_a_person_can_fix(unit: str) -> None:
+    """From the upgrade audit (F10): a config error and a store of a newer tlsroll end the
+    daemon with their own exit codes, and the unit does not start it again every few seconds
+    (RestartPreventExitStatus= holds whatever Restart= says)."""
+    from leader import runtime as leader_runtime
+    from nodeagent import runtime as agent_runtime
+
+    daemon = leader_runtime if unit == "tlsroll-leader.service" else agent_runtime
+    lines = (UNITS / unit).read_text().splitlines()
+    (prevent,) = [
+        line.split("=", 1)[1] for line in lines if line.startswith("RestartPreventExitStatus=")
+    ]
+    assert set(prevent.split()) == {str(daemon.EXIT_CONFIG), str(daemon.EXIT_STORE_TOO_NEW)}
+    assert 1 not in {daemon.EXIT_CONFIG, daemon.EXIT_STORE_TOO_NEW}  # 1: worth a restart
+
+
+@pytest.mark.parametrize("unit", UNIT_NAMES)
 def test_unit_exposure_is_ok(unit: str) -> None:
     result = analyze("security", "--offline=yes", "--no-pager", str(UNITS / unit))
     found = re.search(r"Overall exposure level for \S+: (\d+\.\d+)", result.stdout)
@@ -316,8 +333,10 @@ def test_the_bundle_installs_offline_then_init_runs_as_printed(
     throwaway.ok(
         f"mkdir -p {dropin.rsplit('/', 1)[0]} && printf '[Service]\\nNice=5\\n' > {dropin}"
     )
+    throwaway.ok("chmod 0750 /etc/tlsroll")  # the admin's: a re-run keeps it
     result = throwaway.run(f"{install} agent {python}")
     assert result.returncode == 0, result.stderr
+    assert throwaway.ok("stat -c %a /etc/tlsroll").strip() == "750"
     assert f"kept {unit}" in result.stderr
     assert throwaway.ok(f"tail -n 1 {unit}").strip() == "# changed here"
     shipped = shlex.quote(str(bundle / "systemd"))
@@ -345,6 +364,159 @@ def test_the_bundle_installs_offline_then_init_runs_as_printed(
     throwaway.ok(f"{install} uninstall --purge")
     throwaway.ok(f"! test -e /var/lib/tlsroll && ! test -e /etc/tlsroll && ! test -e {dropin}")
     throwaway.ok("! getent passwd tlsroll")
+
+
+FAKE_SYSTEMCTL = """#!/bin/sh
+# systemctl as install.sh uses it, for a root without systemd: a unit is active while
+# /var/lib/fake-systemd/UNIT exists; every call is logged.
+mkdir -p /var/lib/fake-systemd
+echo "$*" >>/var/lib/fake-systemd/calls
+case "$1" in
+    is-active) [ -e "/var/lib/fake-systemd/$3" ] ;;
+    *) exit 0 ;;
+esac
+"""
+
+START_LEADER = (
+    "setsid runuser -u tlsroll -- /opt/tlsroll/bin/tlsroll-leader"
+    " --config /var/lib/tlsroll/leader.toml </dev/null >>/var/lib/tlsroll/test.log 2>&1 &"
+    " echo $! >/run/systemd/test-leader.pid\n"
+    "for i in $(seq 300); do tlsroll ca show >/dev/null 2>&1 && exit 0; sleep 0.2; done\n"
+    "cat /var/lib/tlsroll/test.log; exit 1"
+)
+STOP_LEADER = (
+    "pid=$(cat /run/systemd/test-leader.pid); kill $pid\n"
+    "for i in $(seq 150); do kill -0 $pid 2>/dev/null || exit 0; sleep 0.2; done; exit 1"
+)
+
+
+SET_ROLLOUT = """import sqlite3, sys
+rollout_id, state = sys.argv[1:]
+db = sqlite3.connect("/var/lib/tlsroll/leader.sqlite3")
+with db:
+    db.execute(
+        "INSERT OR IGNORE INTO rollouts (id, change, scope_kind, scope_names, node_order,"
+        " strategy, max_parallel, failure_budget, freeze, epoch, state, created_at, started_by,"
+        " leader_node) VALUES (?, 'enable-tls', 'nodes', '[\\"srv1\\"]', '[\\"srv1\\"]', 'direct',"
+        " 1, 0, 'node', 1, 'paused', '2026-12-02T11:00:00+00:00', 'test', 'srv1')",
+        (rollout_id,),
+    )
+    db.execute(
+        "INSERT OR IGNORE INTO rollout_nodes (rollout_id, name, state)"
+        " VALUES (?, 'srv1', 'pending')",
+        (rollout_id,),
+    )
+    db.execute("UPDATE rollouts SET state = ? WHERE id = ?", (state, rollout_id))
+db.close()
+"""
+
+
+def set_rollout_state(throwaway: ThrowawayRoot, state: str) -> None:
+    """A rollout in ``state`` in the (stopped) leader's store, as the leader would keep it."""
+    throwaway.ok(
+        f"runuser -u tlsroll -- /opt/tlsroll/bin/python - {ROLLOUT_ID} {state} <<'EOF'\n"
+        f"{SET_ROLLOUT}EOF"
+    )
+
+
+ROLLOUT_ID = "r20261202-110000-test"
+
+
+@pytest.mark.timeout(400)
+def test_an_upgrade_restarts_the_daemons_but_not_under_an_active_rollout(
+    throwaway: ThrowawayRoot, bundle: Path
+) -> None:
+    """From the upgrade audit (F1): a re-run of install.sh (an upgrade) replaced /opt/tlsroll
+    under the running daemons and restarted none of them, printing the first-install steps
+    again; the old processes then loaded new modules lazily (the viewer failed to import).
+    Now it restarts each tlsroll unit that runs (systemctl try-restart), says so in one line,
+    and refuses, changing nothing, while the running leader has an active rollout, unless
+    --restart-later (install, restart nothing, say what to restart). The leader is real; only
+    systemctl is a stand-in (there is no systemd here; the test under systemd below restarts
+    the real unit)."""
+    # The user tlsroll with a uid of its own: the leader runs for a while here, and a uid the
+    # other tests' roots share would make their `uninstall --purge` (userdel) see its process.
+    uid = random.randrange(61000, 64000)
+    throwaway.ok(
+        f"groupadd --system --gid {uid} tlsroll && useradd --system --uid {uid} --gid {uid}"
+        " --home-dir /var/lib/tlsroll --no-create-home --shell /usr/sbin/nologin tlsroll"
+    )
+    try:
+        upgrade_while_the_leader_runs(throwaway, bundle)
+    finally:  # the leader is a process of its own (setsid): never left behind
+        throwaway.run("kill $(cat /run/systemd/test-leader.pid 2>/dev/null) 2>/dev/null")
+
+
+def upgrade_while_the_leader_runs(throwaway: ThrowawayRoot, bundle: Path) -> None:
+    install = shlex.quote(str(bundle / "install.sh"))
+    python = server_python()
+    address = f"127.99.{random.randrange(256)}.{random.randrange(1, 255)}"
+    leader = f"{install} leader --address {address} --node-name srv1 {python}"
+    out = throwaway.ok(leader)
+    (init,) = [line.strip() for line in out.splitlines() if "tlsroll init" in line]
+    throwaway.ok(init)
+    version = (bundle / "BUNDLE").read_text().split("version=", 1)[1].split()[0]
+    # systemd "runs" here from now on: install.sh asks the stand-in which units are active.
+    throwaway.ok("mount -t tmpfs tmpfs /run/systemd && mkdir /run/systemd/system")
+    throwaway.ok(
+        f"cat >/usr/local/sbin/systemctl <<'EOF'\n{FAKE_SYSTEMCTL}EOF\n"
+        "chmod 0755 /usr/local/sbin/systemctl && mkdir -p /var/lib/fake-systemd && "
+        "touch /var/lib/fake-systemd/tlsroll-leader.service "
+        "/var/lib/fake-systemd/tlsroll-agent.service"
+    )
+    throwaway.ok(START_LEADER, network=True)  # makes its store
+    throwaway.ok(STOP_LEADER)
+    set_rollout_state(throwaway, "paused")
+    throwaway.ok(START_LEADER, network=True)
+    manifest = "sha256sum /opt/tlsroll/installed-files /opt/tlsroll/bin/tlsroll"
+    before = throwaway.ok(manifest)
+
+    # An active rollout: refused, nothing changed, nothing restarted.
+    result = throwaway.run(leader, network=True)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert (
+        f"install.sh: rollout {ROLLOUT_ID} is paused: an upgrade now would restart "
+        "tlsroll-leader in its course; nothing changed" in result.stderr
+    ), result.stderr
+    assert "line " not in result.stderr and "Traceback" not in result.stderr, result.stderr
+    assert throwaway.ok(manifest) == before
+    calls = throwaway.ok("cat /var/lib/fake-systemd/calls")
+    assert "try-restart" not in calls and "restart " not in calls, calls
+
+    # --restart-later: installed, nothing restarted, and the admin told what to restart.
+    result = throwaway.run(f"{leader} --restart-later", network=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "systemctl restart tlsroll-leader tlsroll-agent" in result.stderr, result.stderr
+    assert (
+        f"install.sh: upgraded {version} -> {version}; not restarted: tlsroll-leader, "
+        "tlsroll-agent (--restart-later)" in result.stdout
+    ), result.stdout
+    assert "tlsroll init" not in result.stdout
+    assert "try-restart" not in throwaway.ok("cat /var/lib/fake-systemd/calls")
+
+    # The rollout ended: both daemons restarted, one line saying so.
+    throwaway.ok(STOP_LEADER)
+    set_rollout_state(throwaway, "aborted")
+    throwaway.ok(START_LEADER, network=True)
+    result = throwaway.run(leader, network=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert (
+        f"install.sh: upgraded {version} -> {version}; restarted tlsroll-leader, tlsroll-agent"
+        in result.stdout
+    ), result.stdout
+    assert "tlsroll init" not in result.stdout and "next steps" not in result.stdout
+    logged = throwaway.ok("cat /var/lib/fake-systemd/calls").splitlines()
+    assert [c for c in logged if c.startswith("try-restart")] == [
+        "try-restart tlsroll-leader.service",
+        "try-restart tlsroll-agent.service",
+    ], logged
+
+    # A leader that runs but does not answer: not restarted blind.
+    throwaway.ok(STOP_LEADER)
+    result = throwaway.run(f"{install} agent {python}", network=True)
+    assert result.returncode == 1, result.stdout + result.stderr
+    assert "cannot ask the running tlsroll-leader whether a rollout is active (" in result.stderr
+    assert "nothing changed (--restart-later installs without restarting it)" in result.stderr
 
 
 # --- the units under a real systemd ---------------------------------------------------------------
@@ -377,6 +549,13 @@ tlsroll ca show >>/probe-out/leader 2>&1 && echo CA-SHOW-OK >>/probe-out/leader
 pid=$(systemctl show -p MainPID --value tlsroll-leader.service)
 grep -E '^(CapEff|NoNewPrivs|Seccomp):' /proc/$pid/status >>/probe-out/leader
 systemctl start tlsroll-agent.service
+# install.sh again (an upgrade) under the running leader, no rollout: it restarts the leader.
+before=$(systemctl show -p MainPID --value tlsroll-leader.service)
+./install.sh leader --address 127.0.0.2 --node-name srv1 >/probe-out/upgrade 2>&1
+echo "exit $?" >>/probe-out/upgrade
+after=$(systemctl show -p MainPID --value tlsroll-leader.service)
+[ "$before" != "$after" ] && systemctl is-active --quiet tlsroll-leader.service &&
+  tlsroll ca show >/dev/null && echo RESTARTED-ON-UPGRADE >>/probe-out/upgrade
 # The CA passphrase into an encrypted credential, as install.sh printed; the leader restarts.
 step=$(grep -o '/probe-bundle/install.sh ca-credential' /probe-out/install-leader)
 $step >/probe-out/ca-credential 2>&1 || exit 1
@@ -413,7 +592,8 @@ echo x >/var/lib/tlsroll-agent/probe && echo WRITE-DATA-OK
 def test_the_installed_units_run_under_systemd(bundle: Path, tmp_path: Path) -> None:
     """Boot systemd in a container (systemd-nspawn on an overlay of this machine's root, no
     network), install there, and run the real units: the leader starts (Type=notify) without
-    capabilities, and again with its CA passphrase from the encrypted credential that
+    capabilities, is restarted by install.sh run again (an upgrade: the upgrade audit's F1),
+    and starts again with its CA passphrase from the encrypted credential that
     ``install.sh ca-credential`` made (the plaintext file gone); the agent's sandbox leaves
     exactly CAP_DAC_OVERRIDE and CAP_KILL, still lets it restart another unit through
     systemctl, write the managed server's config and its data dir, and refuses writable and
@@ -467,6 +647,11 @@ exec systemd-nspawn --quiet --directory={layers}/root --private-network --regist
     assert "LEADER-STARTED" in leader and "CA-SHOW-OK" in leader, report
     assert re.search(r"CapEff:\s+0+\n", leader), report
     assert re.search(r"NoNewPrivs:\s+1\n", leader) and re.search(r"Seccomp:\s+2\n", leader), report
+    upgrade = files.get("upgrade", "")
+    assert "RESTARTED-ON-UPGRADE" in upgrade and "exit 0" in upgrade, report
+    assert re.search(r"install.sh: upgraded \S+ -> \S+; restarted tlsroll-leader\n", upgrade), (
+        report
+    )
     credential = files.get("credential", "")
     for word in ("PLAINTEXT-GONE", "RESTARTED-OK", "tlsroll 400", "RUNTIME-GONE"):
         assert word in credential, report

@@ -204,6 +204,75 @@ def test_the_refserver_entries_of_0_1_0_are_taken_over(tmp_path: Path) -> None:
     assert user_version(path) == current_version("refserver", tmp_path)
 
 
+# --- the copy kept before a migration (upgrade audit F5) ---------------------------------------
+
+
+def rows(path: Path) -> dict[str, int]:
+    """How many rows each table of the file has."""
+    conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+    try:
+        return {
+            name: conn.execute(f'SELECT COUNT(*) FROM "{name}"').fetchone()[0]  # noqa: S608
+            for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type='table'")
+        }
+    finally:
+        conn.close()
+
+
+@pytest.mark.usefixtures("open_umask")
+@pytest.mark.parametrize("kind", sorted(STORES))
+def test_an_older_store_is_copied_as_it_was_before_its_migration(kind: str, tmp_path: Path) -> None:
+    """The way back for a tlsroll rolled back: the file as the older tlsroll left it, beside
+    it as NAME.before-v<N> (N: the version it was migrated to), private like the store, and
+    never replaced by a later attempt."""
+    dump, where, opener = STORES[kind]
+    path = load(dump, where(tmp_path / "data"))
+    old_version, old_rows = user_version(path), rows(path)
+    current = current_version(kind, tmp_path)
+    opener(path).close()
+    copy = path.with_name(f"{path.name}.before-v{current}")
+    assert user_version(path) == current
+    assert copy.exists(), sorted(p.name for p in path.parent.iterdir())
+    assert user_version(copy) == old_version
+    assert rows(copy) == old_rows
+    assert mode(copy) == 0o600
+    assert [p.name for p in path.parent.iterdir() if ".tmp-" in p.name] == []
+    # An existing copy of that name is never overwritten: a file put back at the old
+    # version and migrated again leaves the first copy as it was.
+    first = copy.read_bytes()
+    path.unlink()
+    load(dump, path)
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE marker (x)")  # a copy made now would differ
+    conn.close()
+    assert user_version(path) == old_version
+    opener(path).close()
+    assert copy.read_bytes() == first
+
+
+@pytest.mark.parametrize("kind", sorted(STORES))
+def test_a_fresh_or_current_store_leaves_no_copy(kind: str, tmp_path: Path) -> None:
+    _, where, opener = STORES[kind]
+    path = where(tmp_path / "data")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    opener(path).close()  # fresh
+    opener(path).close()  # current already
+    assert [p.name for p in path.parent.iterdir() if ".before-v" in p.name] == []
+
+
+def test_a_copy_that_cannot_be_made_leaves_the_file_unmigrated(tmp_path: Path) -> None:
+    """No way back, no migration: the file stays at its version, with one line saying why."""
+    from tlsroll.sqlite import Database, StoreCopyFailed
+
+    path = tmp_path / "x.sqlite3"
+    Database(path, ["CREATE TABLE a (x)"]).close()
+    path.with_name(f"{path.name}.before-v2.tmp-{os.getpid()}").mkdir()  # in the copy's way
+    with pytest.raises(StoreCopyFailed, match=r"cannot keep a copy before migrating it from "):
+        Database(path, ["CREATE TABLE a (x)", "CREATE TABLE b (x)"])
+    assert user_version(path) == 1
+    assert not path.with_name(f"{path.name}.before-v2").exists()
+
+
 # --- fresh, too new, failing ------------------------------------------------------------------
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import os
+import sqlite3
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -28,6 +29,7 @@ from leader.layout import Layout, init
 from leader.runtime import load_state
 from leader.service import LeaderState
 from leader.store import Store
+from nodeagent import runtime as agent_runtime
 from nodeagent.journal import JournalLost, open_journal
 from tests.cluster import Agent, Cluster, Daemon, one_line_error
 from tests.conftest import next_loopback
@@ -122,6 +124,40 @@ def test_a_lost_journal_stops_the_agent_with_one_line(cluster: Cluster, how: str
         assert line.startswith(f"tlsroll-agent: journal {journal}: {PROBLEM[how]}"), line
         assert "restore it from a backup" in line and "--reinitialise" in line
         assert (journal.read_bytes() if journal.exists() else None) == before
+    cluster.wait_for_nodes_online(["lossy"])
+
+
+def set_user_version(path: Path, version: int) -> None:
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute(f"PRAGMA user_version={version}")
+    finally:
+        conn.close()
+
+
+@pytest.mark.parametrize("which", ["leader", "agent"])
+def test_a_store_of_a_newer_tlsroll_stops_the_daemon_with_its_own_exit_code(
+    cluster: Cluster, which: str
+) -> None:
+    """From the upgrade audit (F10): a store a newer tlsroll wrote (this one rolled back) is
+    for a person to fix, as a config error is: the daemon exits 3, which its unit does not
+    restart on (RestartPreventExitStatus=, tests/test_deploy.py), not 1 every few seconds."""
+    daemon: Daemon
+    start: Callable[[], object]
+    if which == "leader":
+        daemon, start = cluster.leader, cluster.start_leader
+        path, prog, exit_code = cluster.store_path, "tlsroll-leader", runtime.EXIT_STORE_TOO_NEW
+    else:
+        agent = agent_of(cluster)
+        daemon, start = agent, agent.start
+        path, prog, exit_code = journal_of(agent), "tlsroll-agent", agent_runtime.EXIT_STORE_TOO_NEW
+    assert exit_code == 3
+    with stopped(daemon, path, start):
+        set_user_version(path, 99)
+        code, output = daemon.run_to_exit(timeout=EXIT_TIMEOUT)
+        assert code == exit_code, output
+        line = one_line_error(output, prog, allow_grpc_core=True)
+        assert "store schema version 99 is newer than this tlsroll" in line, line
     cluster.wait_for_nodes_online(["lossy"])
 
 

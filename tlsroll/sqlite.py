@@ -9,7 +9,9 @@ secrets (the password verifier).
 
 Schema migrations: each store has one list ``MIGRATIONS``; ``PRAGMA user_version`` is how many
 of them the file has had. ``migrate`` applies the missing ones in order, in one transaction
-(all or nothing), and refuses a file from a newer tlsroll (``SchemaTooNew``). Migration 1 is
+(all or nothing), and refuses a file from a newer tlsroll (``SchemaTooNew``). Before it
+migrates an existing file it keeps a copy as it was (``keep_copy``: ``NAME.before-v<N>``), so
+that a tlsroll rolled back has its store to go back to. Migration 1 is
 the tables of tlsroll 0.1.0 with ``CREATE … IF NOT EXISTS``, so that a file 0.1.0 wrote is
 taken over as it is.
 
@@ -36,6 +38,7 @@ from typing import Any, TypeAlias
 
 from tlsroll import logs
 from tlsroll.errors import TerminalError, UnsafePermissions
+from tlsroll.fsutil import fsync_dir
 
 Migration: TypeAlias = str | Callable[[sqlite3.Connection], None]
 """One step of a store's schema: an SQL script, or a function that changes the schema."""
@@ -65,6 +68,10 @@ class SchemaTooNew(TerminalError):
         self.path = path
         self.found = found
         self.known = known
+
+
+class StoreCopyFailed(TerminalError):
+    """The copy of a store as it was before its migration (``keep_copy``) could not be made."""
 
 
 def make_private(path: Path) -> None:
@@ -101,6 +108,61 @@ def statements(script: str) -> Iterator[str]:
         yield pending  # an unfinished statement: SQLite reports it
 
 
+def copy_name(path: Path, known: int) -> Path:
+    """Where ``keep_copy`` keeps ``path`` as it was before its migration to version ``known``."""
+    return path.with_name(f"{path.name}.before-v{known}")
+
+
+def keep_copy(conn: sqlite3.Connection, path: Path, known: int) -> Path | None:
+    """Before ``migrate`` changes an existing file to version ``known``: copy it, as it is, to
+    ``NAME.before-v<known>`` (0600, like the store: it holds the same secrets) and log one line
+    naming it; return the copy's path, None if there is nothing to keep.
+
+    Nothing to keep: a new file (no schema yet), one at ``known`` already, or a newer one
+    (``migrate`` refuses it, unchanged). A copy of that name already there is kept as it is
+    (the file as the first attempt of this migration found it). The way back after a rollback
+    of tlsroll: stop the daemon, move the copy over the file (removing ``NAME-wal`` and
+    ``NAME-shm``); what was written since the upgrade is lost.
+
+    The copy is SQLite's ``VACUUM INTO`` (a consistent snapshot through ``conn``, outside any
+    transaction of the migration) into a new private file, synced, then linked in place under
+    its name. A copy that cannot be made (a full disk) is a ``StoreCopyFailed``: the file is
+    not migrated without its way back."""
+    found = int(conn.execute("PRAGMA user_version").fetchone()[0])
+    if found >= known:
+        return None
+    if found == 0 and conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0:
+        return None  # new: nothing in it to go back to
+    copy = copy_name(path, known)
+    if copy.exists():
+        log.info("store.copy_already_kept", path=str(path), copy=str(copy), version=found, to=known)
+        return copy
+    tmp = copy.with_name(f"{copy.name}.tmp-{os.getpid()}")
+    try:
+        tmp.unlink(missing_ok=True)
+        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, PRIVATE))
+        conn.execute("VACUUM INTO ?", (str(tmp),))
+        os.chmod(tmp, PRIVATE)
+        fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        with contextlib.suppress(FileExistsError):  # never over one another process made
+            os.link(tmp, copy)
+        fsync_dir(path.parent)
+    except (OSError, sqlite3.Error) as exc:
+        raise StoreCopyFailed(
+            f"{path}: cannot keep a copy before migrating it from schema version {found} to "
+            f"{known} ({copy}: {exc}); not migrated"
+        ) from None
+    finally:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+    log.info("store.copy_kept", path=str(path), copy=str(copy), version=found, to=known)
+    return copy
+
+
 def migrate(
     conn: sqlite3.Connection,
     path: Path,
@@ -116,11 +178,13 @@ def migrate(
     with it (to bring a file written before migrations existed to what its version means),
     apply ``migrations[user_version:]``, call ``created`` if the file was new (version 0: the
     first rows a new store must never be without), check foreign keys and set
-    ``user_version``.
+    ``user_version``. Before that transaction, a file with a schema older than this tlsroll's
+    is copied as it is (``keep_copy``): the way back if this tlsroll is rolled back.
     """
     if conn.isolation_level is not None or conn.in_transaction:
         raise ValueError("migrate needs an autocommit connection outside a transaction")
     known = len(migrations)
+    keep_copy(conn, path, known)
     conn.execute("BEGIN IMMEDIATE")
     try:
         found = int(conn.execute("PRAGMA user_version").fetchone()[0])
