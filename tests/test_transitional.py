@@ -39,6 +39,9 @@ from tests.test_level_based import live, password_file
 from tlsroll import httpcheck, tls
 
 WAITED = ("completed", "halted", "aborted", "awaiting_finalize")
+# Seconds between two looks at the schema while waiting: each look is a `tlsroll schema show`
+# process, and back to back (wait_until's default) they took a core from the daemons under test.
+SCHEMA_POLL = 0.5
 
 
 @dataclass
@@ -169,7 +172,9 @@ def newest(cluster: Cluster) -> dict[str, Any]:
 def wait_state(
     cluster: Cluster, rollout_id: str, states: tuple[str, ...], what: str
 ) -> dict[str, Any]:
-    wait_until(lambda: rollout(cluster, rollout_id)["state"] in states, 150, what)
+    wait_until(
+        lambda: rollout(cluster, rollout_id)["state"] in states, 150, what, interval=SCHEMA_POLL
+    )
     return rollout(cluster, rollout_id)
 
 
@@ -187,7 +192,7 @@ def wait_states(
         return {n["name"]: n["state"] for n in got["nodes"]} == want
 
     try:
-        wait_until(reached, timeout, what, interval=0.5)
+        wait_until(reached, timeout, what, interval=SCHEMA_POLL)
     except TimeoutError as exc:
         last: dict[str, Any] = next(
             (r for r in seen.get("rollouts", []) if r["id"] == rollout_id), {}
@@ -349,6 +354,7 @@ def test_phase_1_keeps_every_write_then_finalize_waits_for_the_workstation_that_
             lambda: all(on_http_named(cluster, n) == [a] for n, a in stayers.items()),
             30,
             "the still-on-http list",
+            interval=SCHEMA_POLL,
         )
         data = schema(cluster)
         for v in data["node_clients"]:
@@ -378,7 +384,10 @@ def test_phase_1_keeps_every_write_then_finalize_waits_for_the_workstation_that_
         for pair in world.values():
             pair[1].scheme = "https"
         wait_until(
-            lambda: all(on_http_named(cluster, n) == [] for n in stayers), 30, "everyone moved"
+            lambda: all(on_http_named(cluster, n) == [] for n in stayers),
+            30,
+            "everyone moved",
+            interval=SCHEMA_POLL,
         )
         done = cluster.cli("rollout", "finalize", phase1, "--yes", "--wait", timeout=LONG)
         assert done.returncode == 0, done.stderr
@@ -607,6 +616,7 @@ def test_finalize_when_quiet_closes_each_node_once_its_http_clients_are_gone(
             lambda: all(on_http_named(cluster, n) == [a] for n, a in stayers.items()),
             30,
             "the stayers reported on http",
+            interval=SCHEMA_POLL,
         )
         started = cluster.cli("rollout", "finalize", phase1, "--when-quiet", "8s", "--yes")
         assert started.returncode == 0, started.stderr
