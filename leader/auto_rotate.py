@@ -107,15 +107,19 @@ class AutoRotator:
         self.local_clock = local_clock
         self.status = Status(enabled, window.text if window else "")
         self._lock = asyncio.Lock()
+        # The local time the last check began, whether or not it got as far as a verdict
+        # (``wake_in``).
+        self._began: dt.datetime | None = None
 
     async def check(self) -> Decision:
         """One check (the expiry watch's hook); returns what was decided, with STARTED or
-        BLOCKED once the start was tried."""
+        BLOCKED once the start was tried. One that raises (the store: disk I/O error, busy)
+        records nothing; the watch logs it and checks again at its interval."""
         async with self._lock:
-            return await self._check()
+            local = self._began = self.local_clock()
+            return await self._check(local)
 
-    async def _check(self) -> Decision:
-        local = self.local_clock()
+    async def _check(self, local: dt.datetime) -> Decision:
         if not self.enabled or self.window is None:
             decision = Decision(Verdict.OFF)
             self._record(decision, local)
@@ -177,7 +181,8 @@ class AutoRotator:
     def wake_in(self) -> float | None:
         """When the expiry watch should check next for this rotator (its ``wake_hints``): the
         window's next opening, plus ``AFTER_OPENING``, while the last check found server
-        certificates due outside the window; None otherwise (the watch's own interval). Only
+        certificates due outside the window (once: not again after a check inside it that
+        failed); None otherwise (the watch's own interval). Only
         the hourly checks looked at the window before, so a window shorter than
         ``expiry_check_interval`` could be missed every week, and the certificates expired."""
         if not self.enabled or self.window is None:
@@ -186,6 +191,11 @@ class AutoRotator:
             return None
         local = self.local_clock()
         if in_window(self.window, local):  # it opened since that check
+            # Once: a check that began inside the window and left that verdict raised before
+            # it decided (the watch logged it). It is tried again at the watch's interval, as
+            # any failed check, not every second for the rest of the window.
+            if self._began is not None and in_window(self.window, self._began):
+                return None
             return AFTER_OPENING
         opens = next_opening(self.window, local)
         if opens is None:

@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from nodeagent.failure_log import FailureCount
-from nodeagent.lease import Lease
+from nodeagent.lease import Boot, Lease
 from nodeagent.transaction import Phase
 from tlsroll import logs
 from tlsroll.enums import TxnKind, TxnOutcome
@@ -122,6 +122,10 @@ CREATE TABLE bootstrap_unreported (
 # ``[rollout_id, until, seconds]``; a lease journalled before has no length (null), and is
 # bounded by the longest lease an agent grants. An earlier release, which could not read the new
 # value, refuses the journal (``SchemaTooNew``) instead of misreading it.
+# The value has since (before any release) grown the lease's end on the boot-time clock and that
+# boot's id, ``[rollout_id, until, seconds, boot_id, boot_until]`` (null, null where the node
+# has no such clock; review 1 of s35, finding 3): ``freeze_lease`` reads both forms, so a
+# journal the build before wrote needs no migration.
 _V5 = """
 UPDATE meta SET value = json_array(json_extract(value, '$[0]'), json_extract(value, '$[1]'), NULL)
 WHERE key = 'freeze_lease' AND value <> '' AND json_valid(value);
@@ -378,17 +382,24 @@ class Journal:
             row = db.execute("SELECT value FROM meta WHERE key = 'freeze_lease'").fetchone()
         if row is None or not row["value"]:
             return None
-        rollout_id, until, seconds = json.loads(row["value"])
+        value = json.loads(row["value"])
+        if len(value) == 3:  # written by the build before the boot-time end (``_V5``)
+            value += [None, None]
+        rollout_id, until, seconds, boot_id, boot_until = value
         return Lease(
             str(rollout_id),
             dt.datetime.fromisoformat(until),
             None if seconds is None else float(seconds),
+            None if boot_id is None else Boot(str(boot_id), float(boot_until)),
         )
 
     def set_freeze_lease(self, lease: Lease | None) -> None:
-        value = (
-            json.dumps([lease.rollout_id, lease.until.isoformat(), lease.seconds]) if lease else ""
-        )
+        value = ""
+        if lease is not None:
+            boot_id, boot_until = lease.boot if lease.boot is not None else (None, None)
+            value = json.dumps(
+                [lease.rollout_id, lease.until.isoformat(), lease.seconds, boot_id, boot_until]
+            )
         with self._tx() as db:
             self._set_meta(db, "freeze_lease", value)
 

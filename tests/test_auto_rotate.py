@@ -691,3 +691,114 @@ def test_the_expiry_watch_checks_as_a_window_shorter_than_its_interval_opens(
     assert [set(r.scope.names) for r, _ in commands.started] == [{"a", "b"}]
     assert rotator.status.verdict == "started"
     store.close()
+
+
+class _FailingStart(FakeCommands):
+    """``start`` fails with something other than a refusal (the store, say)."""
+
+    async def start(self, request: Any, actor: str) -> Any:
+        raise OSError("disk I/O error")
+
+
+@pytest.mark.parametrize("failing", ["read", "start"])
+def test_a_check_that_fails_inside_the_window_asks_for_no_early_wake(failing: str) -> None:
+    """Session 35's review 1, finding 1: the last verdict, from before the window, was
+    ``outside-window``; a check inside it that raised (a store error reading the rollouts, or
+    one starting the rollout) recorded nothing, so ``wake_in`` asked for a check 1 s later,
+    again and again for the whole window. The early wake is once per opening; a failed check
+    is retried at the watch's interval."""
+    import asyncio
+    import sqlite3
+
+    schema = FakeSchema()
+    commands = _FailingStart(schema) if failing == "start" else FakeCommands(schema)
+    now = [local("2026-12-05 01:59").replace(tzinfo=BERLIN)]  # "Sat 02:00-05:00" opens in 60 s
+    rotator = _rotator(schema, commands, ["n1"], "2026-12-05 01:59")
+    rotator.local_clock = lambda: now[0]
+    assert asyncio.run(rotator.check()).verdict is Verdict.OUTSIDE_WINDOW
+    assert rotator.wake_in() == 61
+    now[0] += dt.timedelta(seconds=61)
+    # A check that began before the opening and ended after it: the wake is still owed.
+    assert rotator.wake_in() == 1
+
+    if failing == "read":
+
+        def broken() -> Any:
+            raise sqlite3.OperationalError("disk I/O error")
+
+        schema.active = broken  # type: ignore[method-assign]
+    with pytest.raises((sqlite3.OperationalError, OSError), match="disk I/O error"):
+        asyncio.run(rotator.check())
+    assert rotator.status.verdict == "outside-window"  # nothing recorded by the failed check
+    assert rotator.wake_in() is None
+    now[0] += dt.timedelta(hours=1)
+    assert rotator.wake_in() is None
+
+
+@pytest.mark.timeout(120)
+def test_the_expiry_watch_does_not_check_every_second_while_checks_fail_in_the_window(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review 1's reproduction: the real hourly watch, the local clock 1.5 s before "Sat
+    02:00-02:30" opens, and the schema store's ``active`` failing (SQLite: disk I/O error) from
+    its second call on. The watch checks before the window and as it opens, then not again
+    before its interval; it checked every second (7 checks in 8 s)."""
+    import asyncio
+    import sqlite3
+    import time
+
+    from leader.auto_rotate import AutoRotator
+    from leader.expiry import ExpiryWatch
+    from tests.test_viewer_parts import NOW
+
+    store, schema = served_store(tmp_path)
+    ca = pki.CertificateAuthority.create()
+    watch = ExpiryWatch(store, schema, ca.cert, list, lambda: NOW, check_every=3600)
+    commands = FakeCommands(FakeSchema())
+    opening = dt.datetime(2026, 12, 5, 2, 0, tzinfo=BERLIN)  # a Saturday
+    started = time.monotonic()
+
+    def local_clock() -> dt.datetime:
+        return opening + dt.timedelta(seconds=time.monotonic() - started - 1.5)
+
+    active = schema.active
+    calls = [0]
+
+    def failing_active() -> Any:
+        calls[0] += 1
+        if calls[0] > 1:
+            raise sqlite3.OperationalError("disk I/O error")
+        return active()
+
+    monkeypatch.setattr(schema, "active", failing_active)
+    rotator = AutoRotator(
+        watch,
+        schema,
+        commands,  # type: ignore[arg-type]
+        enabled=True,
+        window=parse_window("Sat 02:00-02:30"),
+        local_clock=local_clock,
+    )
+    watch.before_check.append(rotator.check)
+    watch.wake_hints.append(rotator.wake_in)
+    checks: list[dt.datetime] = []
+    watch.before_check.append(lambda: checks.append(local_clock()))
+
+    async def run() -> None:
+        stop = asyncio.Event()
+        task = asyncio.create_task(watch.run(stop))
+        try:
+            # Until 5 s after the opening: the first check, the one as the window opens, and
+            # (before the fix) one a second after that.
+            while local_clock() < opening + dt.timedelta(seconds=5):
+                await asyncio.sleep(0.1)
+        finally:
+            stop.set()
+            await task
+
+    asyncio.run(run())
+    assert calls[0] >= 2, "the check as the window opens did not run"
+    assert checks[0] < opening <= checks[1]
+    assert len(checks) == 2, [(c - opening).total_seconds() for c in checks]
+    assert not commands.started and rotator.status.verdict == "outside-window"
+    store.close()

@@ -26,7 +26,7 @@ from structlog.testing import capture_logs
 from nodeagent import service, transaction
 from nodeagent.drivers import ServerFacts
 from nodeagent.journal import Journal, JournalError, Txn
-from nodeagent.lease import Lease
+from nodeagent.lease import BOOT_ID, Boot, Lease, boot_clock
 from nodeagent.service import NodeAgentService
 from nodeagent.transaction import Action, Phase, Plan, Runner
 from nodeagent.trust import LeaderTrust
@@ -188,7 +188,7 @@ def assert_frozen_with_a_lease(
     assert server.frozen, "the leader was told frozen; the server takes writes"
     lease = journal.freeze_lease()
     assert lease is not None, "frozen with no lease: nothing lifts it if the leader goes"
-    assert lease == ("r1", START + dt.timedelta(seconds=LEASE), LEASE)
+    assert lease[:3] == ("r1", START + dt.timedelta(seconds=LEASE), LEASE)
 
 
 @pytest.mark.parametrize("freeze_waits", [False, True], ids=["freeze-first", "unfreeze-first"])
@@ -339,11 +339,9 @@ async def test_a_freeze_grants_no_lease_longer_than_the_longest(tmp_path: Path) 
     request.lease_seconds = 10 * MAX_FREEZE_LEASE
     reply = await agent.Freeze(request, cast(Any, None))
     assert reply.frozen and server.frozen
-    assert journal.freeze_lease() == (
-        "r1",
-        START + dt.timedelta(seconds=MAX_FREEZE_LEASE),
-        MAX_FREEZE_LEASE,
-    )
+    lease = journal.freeze_lease()
+    assert lease is not None
+    assert lease[:3] == ("r1", START + dt.timedelta(seconds=MAX_FREEZE_LEASE), MAX_FREEZE_LEASE)
     journal.close()
 
 
@@ -351,12 +349,15 @@ async def test_a_freeze_grants_no_lease_longer_than_the_longest(tmp_path: Path) 
 
 
 class Clocks:
-    """The agent's wall clock and monotonic clock: a sleep moves both; a test steps the wall
-    clock alone (NTP, a VM restored from a snapshot, an RTC in local time)."""
+    """The agent's wall clock, monotonic clock and boot-time clock (with the boot's id): a
+    sleep moves all three; a test steps the wall clock alone (NTP, a VM restored from a
+    snapshot, an RTC in local time)."""
 
     def __init__(self) -> None:
         self.wall = START
         self.mono = 1000.0
+        self.boot_id = "boot-1"
+        self.boottime = 50_000.0
 
     def clock(self) -> dt.datetime:
         return self.wall
@@ -364,9 +365,13 @@ class Clocks:
     def monotonic(self) -> float:
         return self.mono
 
+    def boot(self) -> Boot:
+        return Boot(self.boot_id, self.boottime)
+
     def pass_(self, seconds: float) -> None:
         self.wall += dt.timedelta(seconds=seconds)
         self.mono += seconds
+        self.boottime += seconds
 
     async def sleep(self, seconds: float) -> None:
         self.pass_(seconds)
@@ -378,6 +383,7 @@ def timed_agent(
 ) -> NodeAgentService:
     agent, _lock = make_agent(tmp_path, journal, server)
     agent.clock, agent.monotonic = clocks.clock, clocks.monotonic
+    agent.leases.boot = clocks.boot
     return agent
 
 
@@ -430,29 +436,47 @@ async def test_a_clock_stepped_forward_does_not_cut_the_freeze_lease(tmp_path: P
     journal.close()
 
 
+HOUR = dt.timedelta(hours=1)
 # The agent restarts ``after`` seconds after its Freeze (of LEASE seconds), its wall clock
-# stepped by ``step`` meanwhile; the journalled lease then runs out ``left`` seconds later.
+# stepped by ``step`` meanwhile, in the same boot or after a reboot; the journalled lease then
+# runs out ``left`` seconds later.
 RESTARTS = {
-    "no-step": (100, dt.timedelta(0), LEASE - 100),
-    "stepped-back": (100, -dt.timedelta(hours=1), LEASE),  # its own length, not an hour more
-    "stepped-forward": (100, dt.timedelta(hours=1), 0),  # the leader's count is over by then
+    "no-step": (100, dt.timedelta(0), False, LEASE - 100),
+    # In the same boot its end on the boot-time clock decides: not an hour more, and not its
+    # whole length either.
+    "stepped-back": (100, -HOUR, False, LEASE - 100),
+    # Not at once: the leader counts the node frozen for 200 s more (review 1 of s35, 3).
+    "stepped-forward": (100, HOUR, False, LEASE - 100),
+    # After a reboot only the wall clock spans the time between: what its end says is left...
+    "rebooted": (100, dt.timedelta(0), True, LEASE - 100),
+    "rebooted-stepped-back": (100, -HOUR, True, LEASE),  # ...but never more than its length
+    # ...and a clock ahead after the reboot still cuts it (nothing measured the time between).
+    "rebooted-stepped-forward": (100, HOUR, True, 0),
 }
 
 
-@pytest.mark.parametrize(("after", "step", "left"), RESTARTS.values(), ids=RESTARTS.keys())
+@pytest.mark.parametrize(
+    ("after", "step", "reboot", "left"), RESTARTS.values(), ids=RESTARTS.keys()
+)
 async def test_after_a_restart_a_journalled_lease_lasts_at_most_its_own_length(
-    tmp_path: Path, after: int, step: dt.timedelta, left: int
+    tmp_path: Path, after: int, step: dt.timedelta, reboot: bool, left: int
 ) -> None:
     """Clock audit s35 A, across a restart: the new process knows the lease only from the
-    journal, its wall-clock end and its length. It runs for what the end says is left, but
-    never longer than its own length from the restart (an end further away means the clock
-    went back, which stretched it by the step before)."""
+    journal: its wall-clock end, its length, and its end on the boot-time clock. In the same
+    boot the boot-time end decides, whatever the wall clock did; after a reboot the lease runs
+    for what its wall-clock end says is left, never longer than its own length from the
+    restart (an end further away means the clock went back, which stretched it by the step
+    before). Review 1 of s35, finding 3: with the clock stepped forward while the agent
+    restarted, the freeze was lifted at once, while the leader still counted the node frozen
+    (the invariant of audit s32 H4), until its next renewal."""
     clocks = Clocks()
     first_agent, journal, server = await frozen_agent(tmp_path, clocks)
     journal.close()
     clocks.pass_(after)
     clocks.wall += step
     clocks.mono = 5.0  # a new process: its monotonic clock means nothing to the last one's
+    if reboot:
+        clocks.boot_id, clocks.boottime = "boot-2", 30.0
     journal = Journal(tmp_path / "journal.sqlite3")
     agent = timed_agent(tmp_path, journal, server, clocks)
     assert agent.leases is not first_agent.leases
@@ -464,6 +488,67 @@ async def test_after_a_restart_a_journalled_lease_lasts_at_most_its_own_length(
         clocks.pass_(1)
     assert await agent._lift_lapsed_freeze() == "r1"
     assert not server.frozen
+    journal.close()
+
+
+@pytest.mark.parametrize("boot", ["journalled", "none"])
+async def test_a_lease_without_its_boot_time_end_is_taken_over_by_its_wall_clock_end(
+    tmp_path: Path, boot: str
+) -> None:
+    """A lease journalled by the build before the boot-time end (``journalled``: none in the
+    journal), or granted on a node with no boot-time clock (``none``): after a restart in the
+    same boot it runs for what its wall-clock end says is left."""
+    clocks = Clocks()
+    journal = Journal(tmp_path / "journal.sqlite3")
+    server = GatedServer(frozen=False)
+    first = timed_agent(tmp_path, journal, server, clocks)
+    if boot == "none":
+        first.leases.boot = lambda: None
+    request = freeze_request()
+    request.lease_seconds = LEASE
+    assert (await first.Freeze(request, cast(Any, None))).frozen
+    if boot == "journalled":
+        lease = journal.freeze_lease()
+        assert lease is not None and lease.boot == ("boot-1", 50_000.0 + LEASE)
+        journal.set_freeze_lease(lease._replace(boot=None))
+    assert journal.freeze_lease() == ("r1", START + dt.timedelta(seconds=LEASE), LEASE, None)
+    clocks.pass_(100)
+    clocks.mono = 5.0  # a new process
+    agent = timed_agent(tmp_path, journal, server, clocks)
+    assert await agent._lift_lapsed_freeze() is None
+    clocks.pass_(LEASE - 101)
+    assert await agent._lift_lapsed_freeze() is None
+    clocks.pass_(1)
+    assert await agent._lift_lapsed_freeze() == "r1"
+    assert not server.frozen
+    journal.close()
+
+
+async def test_a_restart_in_this_boot_keeps_the_lease_on_the_real_boot_time_clock(
+    tmp_path: Path,
+) -> None:
+    """The same as the ``stepped-forward`` restart, on this machine's own boot-time clock and
+    boot id (``nodeagent.lease.boot_clock``): the wall clock an hour ahead after the restart
+    does not lift the freeze."""
+    assert boot_clock() is not None, "no CLOCK_BOOTTIME or boot id on this system"
+    clocks = Clocks()
+    journal = Journal(tmp_path / "journal.sqlite3")
+    server = GatedServer(frozen=False)
+    first, _lock = make_agent(tmp_path, journal, server)
+    first.clock, first.monotonic = clocks.clock, clocks.monotonic
+    request = freeze_request()
+    request.lease_seconds = LEASE
+    assert (await first.Freeze(request, cast(Any, None))).frozen
+    lease = journal.freeze_lease()
+    assert lease is not None and lease.boot is not None
+    assert lease.boot.boot_id == BOOT_ID.read_text().strip()
+    clocks.wall += HOUR
+    clocks.mono = 5.0  # a new process
+    agent, _lock = make_agent(tmp_path, journal, server)
+    agent.clock, agent.monotonic = clocks.clock, clocks.monotonic
+    assert agent.leases is not first.leases
+    assert await agent._lift_lapsed_freeze() is None
+    assert server.frozen and journal.freeze_lease() == lease
     journal.close()
 
 

@@ -18,6 +18,7 @@ import pytest
 from leader.schema_store import SchemaStore
 from leader.store import Store
 from nodeagent.journal import Journal
+from nodeagent.lease import Boot, Lease
 from refserver import store as refstore
 from tlsroll.errors import TlsrollError
 
@@ -180,9 +181,39 @@ def test_a_journalled_lease_without_its_length_is_taken_over(tmp_path: Path) -> 
         conn.close()
     journal = Journal(path)
     try:
-        assert journal.freeze_lease() == ("r1", until, None)
+        assert journal.freeze_lease() == ("r1", until, None, None)
         journal.set_freeze_lease(None)
         assert journal.freeze_lease() is None
+    finally:
+        journal.close()
+    assert user_version(path) == current_version("journal", tmp_path) == 5
+
+
+def test_a_journalled_lease_without_its_boot_time_end_is_read(tmp_path: Path) -> None:
+    """The lease's value grew its end on the boot-time clock and the boot's id after migration 5
+    (unreleased): a value of three, as the build before wrote it, is read with no boot-time
+    end (the agent takes it over by its wall-clock end); the new form is read back as
+    written."""
+    path = tmp_path / "journal.sqlite3"
+    Journal(path).close()
+    until = dt.datetime(2026, 11, 30, 10, 5, tzinfo=dt.UTC)
+    conn = sqlite3.connect(path)
+    try:  # the journal as the build before wrote it
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('freeze_lease', ?)",
+            (f'["r1", "{until.isoformat()}", 300]',),
+        )
+        conn.commit()
+    finally:
+        conn.close()
+    journal = Journal(path)
+    try:
+        assert journal.freeze_lease() == ("r1", until, 300.0, None)
+        lease = Lease("r2", until, 60.0, Boot("9f2c-boot", 1234.5))
+        journal.set_freeze_lease(lease)
+        assert journal.freeze_lease() == lease
+        journal.set_freeze_lease(lease._replace(boot=None))
+        assert journal.freeze_lease() == ("r2", until, 60.0, None)
     finally:
         journal.close()
     assert user_version(path) == current_version("journal", tmp_path) == 5
