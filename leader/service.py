@@ -939,8 +939,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         def monotonic() -> float:
             return state.monotonic()
 
-        state.store.clock = now
-        state.store.monotonic = monotonic
+        state.store.bind_clocks(now, monotonic)
         self.schema = SchemaStore(state.store.db)
         self._callers: dict[bytes, Caller] = {}
         self._snapshot: Snapshot | None = None
