@@ -227,6 +227,22 @@ every node this store returns carries it; after a leader restart a node is onlin
 its next heartbeat."""
 
 
+_BOOTTIME: int | None = getattr(time, "CLOCK_BOOTTIME", None)
+
+
+def elapsed() -> float:
+    """Seconds on the clock the leader measures how long ago a node was heard by
+    (``Store.monotonic``, ``LeaderState.monotonic``): no step of the wall clock moves it, and
+    it counts the time the host was suspended (or its VM paused): CLOCK_BOOTTIME where there
+    is one (Linux), else ``time.monotonic``. ``time.monotonic`` stands still meanwhile: after
+    a two-hour pause a node heard before it was taken for heard seconds ago (the two hours
+    looked like a step of the wall clock), online, and its client report fresh, for up to
+    the offline bound and ``report_stale_after`` (review 2 of s35, L2)."""
+    if _BOOTTIME is None:
+        return time.monotonic()
+    return time.clock_gettime(_BOOTTIME)
+
+
 STEP_TOLERANCE = dt.timedelta(seconds=1)
 """How far the leader's clock may move against its monotonic clock before a time kept in
 memory counts as measured on a clock since stepped (``Store._on_clock_now``): reading both
@@ -297,7 +313,7 @@ class Store(LeaderStore):
         self.clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
         # The clock no step moves, for the time since a node was heard (``_Seen.heard``; the
         # leader's, set by ``LeaderState``).
-        self.monotonic: Callable[[], float] = time.monotonic
+        self.monotonic: Callable[[], float] = elapsed
         # When this store opened, by ``monotonic`` (``bind_clocks`` keeps its age): nothing
         # stored before can have come later (``_stored_on_clock_now``).
         self._opened = self.monotonic()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import sqlite3
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -248,6 +249,45 @@ def test_a_bare_store_keeps_the_times_it_is_given(tmp_path: Path) -> None:
         at = now - dt.timedelta(seconds=3)
         store.heartbeat("n1", "1", now=at)
         assert store.get_node("n1").last_heartbeat == at
+    finally:
+        store.close()
+
+
+def test_a_pause_of_the_leaders_host_counts_as_time_that_passed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review 2 of s35, L2: the leader's host is suspended (or its VM paused) for two hours
+    after a node's heartbeat and client report. ``time.monotonic`` stood still meanwhile:
+    the two hours looked like a step of the wall clock, and the node was taken for heard a
+    moment ago (online, its report fresh). The leader's default clocks, a suspend that
+    CLOCK_BOOTTIME counts."""
+    slept = [0.0]
+    real = time.clock_gettime
+
+    def clock_gettime(clock: int) -> float:
+        return real(clock) + (slept[0] if clock == time.CLOCK_BOOTTIME else 0.0)
+
+    monkeypatch.setattr(time, "clock_gettime", clock_gettime)
+    wall = [T]
+    ca = pki.CertificateAuthority.create()
+    state = LeaderState(
+        store=Store(tmp_path / "leader.sqlite3"),
+        ca=ca,
+        clock=lambda: wall[0],
+        heartbeat_interval=5,
+    )
+    LeaderService(state)
+    store = state.store
+    try:
+        _enrol(store, ca, "n1", "127.0.0.9", T)
+        store.heartbeat("n1", "1", now=T)
+        store.note_report("n1", T)
+        wall[0] += 2 * HOUR  # the host sleeps: its wall clock goes on, time.monotonic not
+        slept[0] += 2 * 3600
+        node = store.get_node("n1")
+        assert node.last_heartbeat is not None and node.last_heartbeat <= T
+        assert not state.node_online(node)
+        assert store.report_on_clock_now("n1", T) <= T
     finally:
         store.close()
 
