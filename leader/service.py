@@ -65,6 +65,7 @@ from leader.store import (
     Superseded,
     TokenRejected,
     TooMany,
+    elapsed,
 )
 from leader.tokens import JoinToken, MalformedToken
 from tlsroll import bootstrap_csr, logs, peertext, pki, spiffe
@@ -175,8 +176,9 @@ class LeaderState:
     twin_agents: dict[str, TwinAgents] = field(default_factory=dict)
     # How long an agent's own certificate lives (``LeaderConfig.agent_cert_lifetime``).
     agent_cert_lifetime: dt.timedelta = dt.timedelta(days=30)
-    # The clock no step moves: how long ago a node was heard (``Store.monotonic``).
-    monotonic: Callable[[], float] = time.monotonic
+    # The clock no step moves, that counts a suspend: how long ago a node was heard
+    # (``Store.monotonic``, ``leader.store.elapsed``).
+    monotonic: Callable[[], float] = elapsed
     _crl: tuple[int, bytes] = (-1, b"")
 
     @property
@@ -939,8 +941,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         def monotonic() -> float:
             return state.monotonic()
 
-        state.store.clock = now
-        state.store.monotonic = monotonic
+        state.store.bind_clocks(now, monotonic)
         self.schema = SchemaStore(state.store.db)
         self._callers: dict[bytes, Caller] = {}
         self._snapshot: Snapshot | None = None

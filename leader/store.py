@@ -227,6 +227,22 @@ every node this store returns carries it; after a leader restart a node is onlin
 its next heartbeat."""
 
 
+_BOOTTIME: int | None = getattr(time, "CLOCK_BOOTTIME", None)
+
+
+def elapsed() -> float:
+    """Seconds on the clock the leader measures how long ago a node was heard by
+    (``Store.monotonic``, ``LeaderState.monotonic``): no step of the wall clock moves it, and
+    it counts the time the host was suspended (or its VM paused): CLOCK_BOOTTIME where there
+    is one (Linux), else ``time.monotonic``. ``time.monotonic`` stands still meanwhile: after
+    a two-hour pause a node heard before it was taken for heard seconds ago (the two hours
+    looked like a step of the wall clock), online, and its client report fresh, for up to
+    the offline bound and ``report_stale_after`` (review 2 of s35, L2)."""
+    if _BOOTTIME is None:
+        return time.monotonic()
+    return time.clock_gettime(_BOOTTIME)
+
+
 STEP_TOLERANCE = dt.timedelta(seconds=1)
 """How far the leader's clock may move against its monotonic clock before a time kept in
 memory counts as measured on a clock since stepped (``Store._on_clock_now``): reading both
@@ -297,7 +313,10 @@ class Store(LeaderStore):
         self.clock: Callable[[], dt.datetime] = lambda: dt.datetime.now(dt.UTC)
         # The clock no step moves, for the time since a node was heard (``_Seen.heard``; the
         # leader's, set by ``LeaderState``).
-        self.monotonic: Callable[[], float] = time.monotonic
+        self.monotonic: Callable[[], float] = elapsed
+        # When this store opened, by ``monotonic`` (``bind_clocks`` keeps its age): nothing
+        # stored before can have come later (``_stored_on_clock_now``).
+        self._opened = self.monotonic()
         # The group commit (``write_queued``): heartbeat records and other soft-state writes
         # waiting for it, under ``_seen_lock``.
         self._queued: dict[str, _Record] = {}
@@ -320,6 +339,13 @@ class Store(LeaderStore):
         """Around a write to the nodes' addresses, names or keys: ``nodes_generation`` moves
         on after it commits (or fails: then a read too many, never one too few)."""
         return _NodesWrite(self)
+
+    def bind_clocks(self, clock: Callable[[], dt.datetime], monotonic: Callable[[], float]) -> None:
+        """Judge times by ``clock`` (the leader's) and ``monotonic`` from now on; the time
+        since this store opened stays what it was."""
+        age = self.monotonic() - self._opened
+        self.clock, self.monotonic = clock, monotonic
+        self._opened = monotonic() - age
 
     def _forget_seen(self, name: str) -> None:
         with self._seen_lock:
@@ -349,19 +375,39 @@ class Store(LeaderStore):
             return then
         return now - since
 
+    def _stored_on_clock_now(self, stored: dt.datetime) -> dt.datetime:
+        """A time stored before this store opened (a node's last heartbeat, a client report
+        this store did not note), on the leader's clock as it runs now: as stored, unless it
+        is later than now (the clock stepped back since the node was heard; or the leader
+        started with its clock behind, before NTP set it). It was heard before this store
+        opened: it is then when the store opened, on the clock as it runs now, and ages from
+        there by the monotonic clock. Before, a restart judged it by the clock again: a node
+        that died just before the clock stepped back an hour showed online again for that
+        hour, and its client report was fresh (review 2 of s35, M1)."""
+        now = self.clock()
+        if stored <= now:
+            return stored
+        return now - dt.timedelta(seconds=max(0.0, self.monotonic() - self._opened))
+
     def _with_seen(self, node: Node) -> Node:
         """``node`` with its newest heartbeat, stored or not, and what a heartbeat record
         still queued for the group commit says (as if it were written). A node heard since
         this store opened has it from memory (``_on_clock_now``): on the leader's clock as it
         runs now, so that everyone who judges it by that clock (``LeaderState.online``, the
         viewer, a plan's offline grace) judges the time since it was heard. Otherwise the
-        stored time (the first look after a restart)."""
+        stored time (after a restart), no later than when this store opened
+        (``_stored_on_clock_now``)."""
         with self._seen_lock:
             seen = self._seen.get(node.name)
             record = self._queued.get(node.name)
             vouched = self._vouched.get(node.name, 0) > 0
-        if seen is None or node.removed_at is not None:
+        if node.removed_at is not None:
             return node
+        if seen is None:
+            if node.last_heartbeat is None:
+                return node
+            stored = self._stored_on_clock_now(node.last_heartbeat)
+            return node if stored == node.last_heartbeat else replace(node, last_heartbeat=stored)
         if record is not None:
             renewal = record.renewal
             node = replace(
@@ -860,11 +906,12 @@ class Store(LeaderStore):
         report is (``planner.stale_reports``, a finalize's refusal) goes by the time since,
         which no step of the clock moves. Before, a report from just before the clock stepped
         back an hour spoke for its node for that hour (clock audit s35, D). A report this
-        store did not note (one stored before it opened): ``reported_at``."""
+        store did not note (one stored before it opened): ``reported_at``, no later than
+        when this store opened (``_stored_on_clock_now``)."""
         with self._seen_lock:
             noted = self._reported.get(name)
         if noted is None or noted[0] != reported_at:
-            return reported_at
+            return self._stored_on_clock_now(reported_at)
         return self._then_on_clock_now(*noted)
 
     def vouch(self, name: str) -> None:

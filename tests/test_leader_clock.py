@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import datetime as dt
 import sqlite3
+import time
 from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
@@ -26,7 +27,7 @@ from leader.db import check_store
 from leader.engine import Engine
 from leader.rollout_core import Change, NodeRecord, NodeState, RolloutEvent, Scope, Strategy
 from leader.schema_store import RolloutMeta, RolloutRow, SchemaStore
-from leader.service import CRL_AHEAD_LIMIT, keepalive_seconds
+from leader.service import CRL_AHEAD_LIMIT, LeaderService, LeaderState, keepalive_seconds
 from leader.store import Store, _record_cert
 from nodeagent.journal import open_journal
 from tests.leader_rig import InProcessLeader, _enrol, leader_with_a_node
@@ -57,6 +58,26 @@ def _passes(rig: InProcessLeader, mono: list[float], span: dt.timedelta) -> None
 
 def _online(rig: InProcessLeader) -> bool:
     return rig.state.node_online(rig.store.get_node("hb1"))
+
+
+async def _restarted(
+    tmp_path: Path, rig: InProcessLeader, at: dt.datetime
+) -> tuple[LeaderState, list[dt.datetime], list[float]]:
+    """``rig``'s leader restarts with its clock at ``at``: its store and service anew, on the
+    same file (what it kept in memory is gone). The new leader's wall and monotonic clocks:
+    a test moves both as time passes, the wall clock alone for a step."""
+    ca = rig.state.ca
+    await rig.close()
+    now, mono = [at], [50.0]
+    state = LeaderState(
+        store=Store(tmp_path / "leader.sqlite3"),
+        ca=ca,
+        clock=lambda: now[0],
+        heartbeat_interval=rig.state.heartbeat_interval,
+        monotonic=lambda: mono[0],
+    )
+    LeaderService(state)  # binds the store's clocks to the state's, as the leader's start does
+    return state, now, mono
 
 
 async def test_a_silent_node_goes_offline_after_the_leaders_clock_stepped_back(
@@ -155,6 +176,69 @@ async def test_a_stream_that_ended_after_a_step_back_vouches_no_longer_than_it_p
         await rig.close()
 
 
+async def test_a_node_silent_since_before_a_step_back_stays_offline_after_a_restart(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Review 2 of s35, M1: a node's last heartbeat came just before the leader's clock
+    stepped back an hour, and the running leader took it offline (D). After a restart the
+    leader knew only the stored time, an hour ahead of its clock: the node was online again
+    for that hour (the schema, the viewer, ``tlsroll_node_online``, a rollout's plan). It
+    was heard before the restart: it ages from there."""
+    rig, mono = _stepping(tmp_path, loopback)
+    try:
+        rig.store.heartbeat("hb1", "1", now=rig.clock[0])  # its last message; then it dies
+        rig.clock[0] -= HOUR
+        _passes(rig, mono, dt.timedelta(minutes=5))
+        assert not _online(rig)
+    finally:
+        state, now, mono = await _restarted(tmp_path, rig, rig.clock[0])
+    try:
+        # Heard no later than the restart, a moment ago (the leader cannot tell yet).
+        assert state.node_online(state.store.get_node("hb1"))
+        now[0] += dt.timedelta(minutes=30)
+        mono[0] += 30 * 60
+        node = state.store.get_node("hb1")
+        assert not state.node_online(node)
+        assert node.last_heartbeat is not None
+        assert now[0] - node.last_heartbeat >= dt.timedelta(minutes=30)
+        assert not state.node_online(state.store.list_nodes()[0])
+        now[0] += HOUR  # NTP sets the clock right again
+        assert not state.node_online(state.store.get_node("hb1"))
+        state.store.heartbeat("hb1", "1", now=now[0])  # its agent is back
+        assert state.node_online(state.store.get_node("hb1"))
+    finally:
+        state.store.close()
+
+
+async def test_a_leader_that_starts_with_its_clock_behind_takes_no_dead_node_for_online(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """M1, the leader's host starts with its clock two hours behind (its RTC), before NTP
+    sets it: every stored heartbeat lay in the future, and every node was online, dead ones
+    too, until the clock caught up. A stored time in the past is as it was."""
+    rig, _mono = _stepping(tmp_path, loopback)
+    try:
+        rig.add_node("hb2", loopback())
+        rig.store.heartbeat("hb1", "1", now=T)  # the last message before the leader stopped
+        rig.store.heartbeat("hb2", "1", now=T - 3 * HOUR)  # long gone
+    finally:
+        state, now, mono = await _restarted(tmp_path, rig, T - 2 * HOUR)
+    try:
+        assert state.store.get_node("hb2").last_heartbeat == T - 3 * HOUR  # as stored
+        assert not state.node_online(state.store.get_node("hb2"))
+        assert state.node_online(state.store.get_node("hb1"))  # heard before the start
+        now[0] += dt.timedelta(seconds=30)  # silent (offline after 15 s)
+        mono[0] += 30
+        assert not state.node_online(state.store.get_node("hb1"))
+        now[0] += 2 * HOUR  # NTP sets the clock
+        assert not state.node_online(state.store.get_node("hb1"))
+        assert state.store.get_node("hb2").last_heartbeat == T - 3 * HOUR
+        state.store.heartbeat("hb2", "1", now=now[0])  # an agent that is alive
+        assert state.node_online(state.store.get_node("hb2"))
+    finally:
+        state.store.close()
+
+
 def test_a_bare_store_keeps_the_times_it_is_given(tmp_path: Path) -> None:
     """A heartbeat recorded with a time a moment ago (no step) shows that time, exactly: the
     stored and shown time is the leader's clock's when the node was heard."""
@@ -165,6 +249,45 @@ def test_a_bare_store_keeps_the_times_it_is_given(tmp_path: Path) -> None:
         at = now - dt.timedelta(seconds=3)
         store.heartbeat("n1", "1", now=at)
         assert store.get_node("n1").last_heartbeat == at
+    finally:
+        store.close()
+
+
+def test_a_pause_of_the_leaders_host_counts_as_time_that_passed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review 2 of s35, L2: the leader's host is suspended (or its VM paused) for two hours
+    after a node's heartbeat and client report. ``time.monotonic`` stood still meanwhile:
+    the two hours looked like a step of the wall clock, and the node was taken for heard a
+    moment ago (online, its report fresh). The leader's default clocks, a suspend that
+    CLOCK_BOOTTIME counts."""
+    slept = [0.0]
+    real = time.clock_gettime
+
+    def clock_gettime(clock: int) -> float:
+        return real(clock) + (slept[0] if clock == time.CLOCK_BOOTTIME else 0.0)
+
+    monkeypatch.setattr(time, "clock_gettime", clock_gettime)
+    wall = [T]
+    ca = pki.CertificateAuthority.create()
+    state = LeaderState(
+        store=Store(tmp_path / "leader.sqlite3"),
+        ca=ca,
+        clock=lambda: wall[0],
+        heartbeat_interval=5,
+    )
+    LeaderService(state)
+    store = state.store
+    try:
+        _enrol(store, ca, "n1", "127.0.0.9", T)
+        store.heartbeat("n1", "1", now=T)
+        store.note_report("n1", T)
+        wall[0] += 2 * HOUR  # the host sleeps: its wall clock goes on, time.monotonic not
+        slept[0] += 2 * 3600
+        node = store.get_node("n1")
+        assert node.last_heartbeat is not None and node.last_heartbeat <= T
+        assert not state.node_online(node)
+        assert store.report_on_clock_now("n1", T) <= T
     finally:
         store.close()
 
@@ -373,3 +496,44 @@ async def test_when_quiet_holds_a_node_whose_report_came_before_a_step_back(
         assert await engine._held_for_quiet(row) == {"hb1"}
     finally:
         await rig.close()
+
+
+async def test_a_client_report_from_before_a_step_back_stays_stale_after_a_restart(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """M1, the client reports: a report stored just before the leader's clock stepped back
+    an hour was, after a restart, judged by the clock again, an hour ahead of it: a
+    finalize (or ``--when-quiet``) 30 minutes later took it for fresh and closed http on
+    what the silent agents said before the restart."""
+    rig, mono = _stepping(tmp_path, loopback)
+    try:
+        await _awaiting_finalize(rig, loopback())
+        rig.clock[0] -= HOUR
+        _passes(rig, mono, dt.timedelta(minutes=5))
+    finally:
+        state, now, mono = await _restarted(tmp_path, rig, rig.clock[0])
+    try:
+        schema = SchemaStore(state.store.db)
+        now[0] += dt.timedelta(minutes=30)  # the first look at the reports, 30 minutes on
+        mono[0] += 30 * 60
+        commands = Commands(state.store, schema, state.clock, state.online, "hb1", lambda: None)
+        with pytest.raises(StillOnHttp, match="no recent report") as refused:
+            await commands.finalize("t1", "admin:test")
+        assert set(refused.value.unknown) == {"hb1", "hb2"}
+        assert schema.follower("t1") is None  # nothing started
+        engine = Engine(
+            state.store,
+            schema,
+            state.ca,
+            cast(Agents, None),
+            state.clock,
+            monotonic=state.monotonic,
+        )
+        pending = NodeRecord(name="hb1", state=NodeState.PENDING)
+        row = cast(
+            RolloutRow,
+            SimpleNamespace(meta=SimpleNamespace(when_quiet=60), records=(pending,)),
+        )
+        assert await engine._held_for_quiet(row) == {"hb1"}
+    finally:
+        state.store.close()
