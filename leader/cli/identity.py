@@ -15,7 +15,16 @@ import click
 from rich.table import Table
 from rich.text import Text
 
-from leader.cli.base import Leader, emit_json, fail, fmt_time, out, pass_leader, to_dict
+from leader.cli.base import (
+    Leader,
+    emit_json,
+    fail,
+    fmt_time,
+    out,
+    pass_leader,
+    refuse_unfit_serial,
+    to_dict,
+)
 from leader.layout import Layout
 from leader.states import Health
 from leader.wire import NODE_HEALTH
@@ -184,6 +193,7 @@ def workstations_revoke(leader: Leader, name_or_serial: str, reason: str) -> Non
     """Revoke every certificate of workstation NAME (ws-…), or one certificate by SERIAL (hex,
     in full, as `workstations list` shows it; one the leader has no record of is refused).
     Agents learn of it with their next heartbeat."""
+    refuse_unfit_serial(name_or_serial)
     with leader.admin() as admin:
         reply = leader.call(
             admin.RevokeCertificate,
