@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
+import sys
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -446,3 +447,44 @@ def test_workstations_revoke_goes_through_a_leader_of_other_code(
     monkeypatch.undo()
     listed = json.loads(cluster.cli("workstations", "list", "--json").stdout)
     assert [w["name"] for w in listed if "revoked_at" in w] == ["ws-brake"]
+
+
+# --- (e) refused before anything is shown or asked (review s35 L1) -----------------------------
+
+
+def refused_at_once(result: Ran) -> None:
+    """Exit 5 with the one error line, and nothing on stdout: no password, no question."""
+    assert result.exit_code == EXIT_OTHER_CODE, (result.stdout, result.stderr)
+    assert result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("tlsroll: error: the running tlsroll-leader is other code"), line
+
+
+def test_password_set_generate_through_a_leader_of_other_code_shows_no_password(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch, tlsroll: Callable[..., Ran]
+) -> None:
+    """A password shown "once, never again" and then not staged is one the admin wrote down
+    (and perhaps passed on) for nothing."""
+    before = cluster.store_rows(("auth_versions", "audit"))
+    other_code(monkeypatch)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # shown only on a terminal
+    result = tlsroll("--socket", str(cluster.admin_socket), "password", "set", "--generate")
+    refused_at_once(result)
+    assert cluster.store_rows(("auth_versions", "audit")) == before
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["rollout", "finalize"], ["nodes", "remove", "n1"], ["epoch", "advance"]],
+    ids=["finalize", "nodes-remove", "epoch-advance"],
+)
+def test_a_change_that_asks_first_is_refused_before_it_asks(
+    cluster: Cluster,
+    monkeypatch: pytest.MonkeyPatch,
+    tlsroll: Callable[..., Ran],
+    args: list[str],
+) -> None:
+    before = cluster.store_rows(("audit",))
+    other_code(monkeypatch)
+    refused_at_once(tlsroll("--socket", str(cluster.admin_socket), *args))
+    assert cluster.store_rows(("audit",)) == before
