@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import sqlite3
+import sys
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from dataclasses import dataclass
@@ -23,12 +25,14 @@ import grpc
 import pytest
 
 from leader.cli import rollout as rollout_cmd
-from leader.cli.base import EXIT_OTHER_CODE, UNIMPLEMENTED, Leader
+from leader.cli.base import EXIT_OTHER_CODE, STOPS, UNIMPLEMENTED, Leader
+from nodeagent.transaction import CRASH_ENV
 from tests.cluster import Cluster
 from tests.conftest import next_loopback
-from tlsroll import __version__, contract
+from tests.nodeside import Node
+from tlsroll import __version__, bootstrap_protocol, contract, pki
 from tlsroll.cli import main
-from tlsroll.v1 import admin_pb2, schema_pb2, types_pb2
+from tlsroll.v1 import admin_pb2, leader_pb2, leader_pb2_grpc, schema_pb2, types_pb2
 
 PASSWORD = "Qv7-tundra-Mosaik-Fjord-42-kelp\n"
 
@@ -269,3 +273,218 @@ def test_a_method_the_leader_does_not_serve_is_named_as_such(
             assert result.stderr.splitlines() == [f"tlsroll: error: {UNIMPLEMENTED}"]
     finally:
         server.stop(None).wait(5)
+
+
+# --- (d) the brakes go through a leader of other code (review s35 M2) --------------------------
+
+
+def warned_once(result: Ran) -> None:
+    """Exit 0, and on stderr exactly the one warning that the leader runs other code."""
+    assert result.exit_code == 0, (result.stdout, result.stderr)
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("tlsroll: warning: the running tlsroll-leader is other code"), line
+    assert "contract 000000000000" in line
+
+
+def test_revokes_go_through_a_leader_of_other_code_with_one_warning(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch, tlsroll: Callable[..., Ran]
+) -> None:
+    """An admin must be able to take a token, a viewer session or a certificate away also in
+    the window between an upgrade and the leader's restart: each takes effect."""
+    sock = ("--socket", str(cluster.admin_socket))
+    token_id = cluster.create_token("n-brake", next_loopback()).split(".", 1)[0]
+    granted = tlsroll(*sock, "viewer", "grant", "--name", "brake")
+    assert granted.exit_code == 0, granted.stderr
+    listed = tlsroll(*sock, "viewer", "list", "--json")
+    (grant_id,) = [g["id"] for g in json.loads(listed.stdout) if g["name"] == "brake"]
+    serial = "5eed" + "0" * 28  # one the store has no record of (--unknown)
+
+    other_code(monkeypatch)
+    revoked = tlsroll(*sock, "token", "revoke", token_id)
+    warned_once(revoked)
+    assert revoked.stdout == f"revoked token {token_id}\n"
+    revoked = tlsroll(*sock, "viewer", "revoke", grant_id)
+    warned_once(revoked)
+    assert revoked.stdout == f"revoked viewer grant {grant_id}\n"
+    revoked = tlsroll(*sock, "ca", "revoke", "--unknown", serial)
+    warned_once(revoked)
+    assert revoked.stdout == f"revoked {serial}\n"
+
+    monkeypatch.undo()
+    tokens = json.loads(tlsroll(*sock, "token", "list", "--json").stdout)
+    assert [t.get("revoked") for t in tokens if t["id"] == token_id] == [True]
+    grants = json.loads(tlsroll(*sock, "viewer", "list", "--json").stdout)
+    assert [g["state"] for g in grants if g["id"] == grant_id] == ["revoked"]
+    uri = f"{cluster.store_path.as_uri()}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=10)) as db:
+        rows = db.execute("SELECT revoked_at FROM certificates WHERE serial = ?", (serial,))
+        (revoked_at,) = rows.fetchone()
+    assert revoked_at is not None
+
+
+def test_a_serial_no_certificate_can_have_is_refused_before_it_is_sent(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch, tlsroll: Callable[..., Ran]
+) -> None:
+    """A leader from before session 34 (reached through other code) would record serial 0 and
+    then fail every revocation list it signs: the CLI refuses it before anything is sent."""
+    called: list[str] = []
+    real_call = Leader.call
+
+    def call(self: Leader, method: Any, request: Any, timeout: float = 30) -> Any:
+        called.append(getattr(method, "name", "?"))
+        return real_call(self, method, request, timeout)
+
+    monkeypatch.setattr(Leader, "call", call)
+    other_code(monkeypatch)
+    for args in (["ca", "revoke", "0"], ["ca", "revoke", "--unknown", "f" * 40]):
+        result = tlsroll("--socket", str(cluster.admin_socket), *args)
+        assert result.exit_code == 1, (args, result.stdout, result.stderr)
+        assert result.stderr.splitlines() == [
+            f"tlsroll: error: {args[-1]!r} is not a serial this CA can have issued (1 to 2^159-1)"
+        ]
+    result = tlsroll("--socket", str(cluster.admin_socket), "workstations", "revoke", "000")
+    assert result.exit_code == 1, (result.stdout, result.stderr)
+    assert called == []
+
+
+BRAKE_REQUESTS = {
+    "ControlRollout": {"rollout_id", "action"},
+    "RevokeToken": {"id"},
+    "RevokeViewerGrant": {"id"},
+    "RevokeCertificate": {"name_or_serial", "reason", "unknown"},
+}
+
+
+def test_every_brake_asks_only_what_the_leaders_of_this_contract_read() -> None:
+    """A brake goes through a leader of other code because that leader reads its whole request
+    (leader/cli/base.py ``STOPS``): a field added to one is one an older leader drops."""
+    service = admin_pb2.DESCRIPTOR.services_by_name["Admin"]
+    assert set(BRAKE_REQUESTS) == STOPS
+    for name, fields in BRAKE_REQUESTS.items():
+        asked = {f.name for f in service.methods_by_name[name].input_type.fields}
+        assert asked == fields, (
+            f"{name}'s request changed ({sorted(asked ^ fields)}): would an older leader "
+            "that drops it still stop or revoke as asked? If not, take it out of STOPS"
+        )
+
+
+@pytest.fixture(scope="module")
+def held(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, Node, str]]:
+    """A leader whose rollout runs (its only node's agent died mid-switch and stays away: the
+    rollout stays running) and that node (whose credentials may still call the leader); the
+    rollout's id."""
+    root = tmp_path_factory.mktemp("held")
+    with Cluster(root, next_loopback(), heartbeat_interval=1) as c:
+        node = Node(c, "h1", next_loopback(), root / "h1")
+        try:
+            c.init()
+            c.start_leader()
+            node.start({CRASH_ENV: "frozen"})  # the agent SIGKILLs itself once frozen
+            c.wait_for_nodes_online(["h1"])
+            password = root / "password"
+            password.write_text(PASSWORD)
+            password.chmod(0o600)
+            started = c.cli(
+                *("rollout", "start", "--scope", "cluster", "--password-file", str(password)),
+                "--yes",
+            )
+            assert started.returncode == 0, started.stderr
+            assert node.agent is not None and node.agent.proc is not None
+            node.agent.proc.wait(60)
+            status = json.loads(c.cli("rollout", "status", "--json").stdout)
+            assert status["state"] == "running", status
+            yield c, node, status["id"]
+        finally:
+            node.close()
+
+
+def rollout_state(cluster: Cluster) -> str:
+    status = json.loads(cluster.cli("rollout", "status", "--json").stdout)
+    state: str = status["state"]
+    return state
+
+
+def test_pause_and_abort_go_through_a_leader_of_other_code_and_resume_does_not(
+    held: tuple[Cluster, Node, str], monkeypatch: pytest.MonkeyPatch, tlsroll: Callable[..., Ran]
+) -> None:
+    """Pause and abort are the brakes of a rollout that runs while the leader runs other code
+    (`install.sh --restart-later`); resume sets it going again, and waits for the restart a
+    pause is the time for."""
+    cluster, _, rid = held
+    sock = ("--socket", str(cluster.admin_socket))
+    other_code(monkeypatch)
+    paused = tlsroll(*sock, "rollout", "pause")
+    warned_once(paused)
+    assert paused.stdout == f"rollout {rid}: paused\n"
+    assert rollout_state(cluster) == "paused"
+
+    resumed = tlsroll(*sock, "rollout", "resume", rid)
+    assert resumed.exit_code == EXIT_OTHER_CODE, (resumed.stdout, resumed.stderr)
+    assert rollout_state(cluster) == "paused"
+
+    aborted = tlsroll(*sock, "rollout", "abort", rid)
+    warned_once(aborted)
+    assert aborted.stdout == f"rollout {rid}: aborting\n"
+    assert rollout_state(cluster) == "aborting"
+
+
+def test_workstations_revoke_goes_through_a_leader_of_other_code(
+    held: tuple[Cluster, Node, str], monkeypatch: pytest.MonkeyPatch, tlsroll: Callable[..., Ran]
+) -> None:
+    cluster, node, _ = held
+    assert node.agent is not None
+    key = pki.generate_key()
+    csr = pki.csr_to_pem(pki.make_csr(key, bootstrap_protocol.workstation_names("ws-brake")))
+    agent = (node.agent.cert_file.read_bytes(), node.agent.key_file.read_bytes())
+    with cluster.control_channel(*agent) as channel:
+        leader_pb2_grpc.LeaderStub(channel).SignWorkstationCertificate(
+            leader_pb2.SignWorkstationRequest(csr_pem=csr), timeout=10
+        )
+
+    other_code(monkeypatch)
+    revoked = tlsroll("--socket", str(cluster.admin_socket), "workstations", "revoke", "ws-brake")
+    warned_once(revoked)
+    monkeypatch.undo()
+    listed = json.loads(cluster.cli("workstations", "list", "--json").stdout)
+    assert [w["name"] for w in listed if "revoked_at" in w] == ["ws-brake"]
+
+
+# --- (e) refused before anything is shown or asked (review s35 L1) -----------------------------
+
+
+def refused_at_once(result: Ran) -> None:
+    """Exit 5 with the one error line, and nothing on stdout: no password, no question."""
+    assert result.exit_code == EXIT_OTHER_CODE, (result.stdout, result.stderr)
+    assert result.stdout == ""
+    (line,) = result.stderr.splitlines()
+    assert line.startswith("tlsroll: error: the running tlsroll-leader is other code"), line
+
+
+def test_password_set_generate_through_a_leader_of_other_code_shows_no_password(
+    cluster: Cluster, monkeypatch: pytest.MonkeyPatch, tlsroll: Callable[..., Ran]
+) -> None:
+    """A password shown "once, never again" and then not staged is one the admin wrote down
+    (and perhaps passed on) for nothing."""
+    before = cluster.store_rows(("auth_versions", "audit"))
+    other_code(monkeypatch)
+    monkeypatch.setattr(sys.stdout, "isatty", lambda: True)  # shown only on a terminal
+    result = tlsroll("--socket", str(cluster.admin_socket), "password", "set", "--generate")
+    refused_at_once(result)
+    assert cluster.store_rows(("auth_versions", "audit")) == before
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["rollout", "finalize"], ["nodes", "remove", "n1"], ["epoch", "advance"]],
+    ids=["finalize", "nodes-remove", "epoch-advance"],
+)
+def test_a_change_that_asks_first_is_refused_before_it_asks(
+    cluster: Cluster,
+    monkeypatch: pytest.MonkeyPatch,
+    tlsroll: Callable[..., Ran],
+    args: list[str],
+) -> None:
+    before = cluster.store_rows(("audit",))
+    other_code(monkeypatch)
+    refused_at_once(tlsroll("--socket", str(cluster.admin_socket), *args))
+    assert cluster.store_rows(("audit",)) == before

@@ -108,7 +108,52 @@ READ_ONLY = frozenset(
     }
 )
 """The Admin methods that change nothing: called through a leader that runs other code they
-warn (one line on stderr) and go on. Every other method (a new one too) is refused there."""
+warn (one line on stderr) and go on. Every other method (a new one too) is refused there, but
+for the brakes (``STOPS``)."""
+
+STOPS = frozenset(
+    {
+        # `rollout pause` and `rollout abort` (``stops``: not resume). rollout_id (1) and action
+        # (2, unchanged since the wire enums) are all the request has, so any leader of this
+        # contract reads it as meant, and its own engine, which runs the rollout, holds or ends
+        # it. Refused, the only way to stop a rollout would be a leader restart in its course,
+        # which `install.sh --restart-later` exists to avoid (and after which the engine goes on
+        # stepping nodes until the abort arrives).
+        "ControlRollout",
+        # `token revoke`: id (1), since the first contract. A leaked token is taken away.
+        "RevokeToken",
+        # `viewer revoke`: id (1), since viewer grants came. The browser session ends.
+        "RevokeViewerGrant",
+        # `workstations revoke`, `ca revoke`: name_or_serial (1) and reason (2) since the first
+        # contract. unknown (3) came in session 34; a leader from before drops it, and revokes a
+        # serial it has no record of anyway, which is what --unknown asks. Such a leader lacks
+        # session 34's refusals instead: of a serial not on record (it says "revoked" for a
+        # mistyped one, as it always did) and of a serial no certificate can have (it would
+        # break every revocation list it signs from then on): the CLI refuses that one itself
+        # (``refuse_unfit_serial``).
+        "RevokeCertificate",
+    }
+)
+"""The brakes: Admin methods that only stop something or take something away, each with a
+request every leader of this contract reads as meant (a test pins their fields). Through a
+leader that runs other code they warn and go on, as ``READ_ONLY`` do: an admin must always be
+able to stop a rollout and to revoke access, also in the window an upgrade leaves until the
+leader is restarted. `rollout resume` is not one: it sets a rollout going again, and a paused
+rollout is the time to restart the leader (a pause is kept across the restart), so that the
+rest runs on the new code."""
+
+
+def stops(name: str, request: Message) -> bool:
+    """Whether calling Admin method ``name`` with ``request`` is a brake (``STOPS``)."""
+    if name not in STOPS:
+        return False
+    if name == "ControlRollout":
+        from tlsroll.v1 import admin_pb2  # noqa: PLC0415 - imported already by the request
+
+        brakes = (admin_pb2.ROLLOUT_ACTION_PAUSE, admin_pb2.ROLLOUT_ACTION_ABORT)
+        return isinstance(request, admin_pb2.ControlRolloutRequest) and request.action in brakes
+    return True
+
 
 HEALTH_CHECK = "/grpc.health.v1.Health/Check"
 """The cheapest call on the admin socket (an empty request), for the leader's code alone."""
@@ -246,11 +291,12 @@ class Leader:
     def call(self, method: Callable[..., T], request: Message, timeout: float = 30) -> T:
         """Call the leader through a grpcio stub (``refused`` says how a refusal ends). A
         method not in ``READ_ONLY`` first checks that the leader runs this code
-        (``require_same_code``); a read-only one warns if it does not."""
+        (``require_same_code``); a read-only one, or a brake (``stops``), warns if it does
+        not."""
         import grpc  # noqa: PLC0415 - imported already by the stub's channel
 
-        name = getattr(method, "name", None) or getattr(method, "__name__", "")
-        if name not in READ_ONLY:
+        name = str(getattr(method, "name", None) or getattr(method, "__name__", ""))
+        if name not in READ_ONLY and not stops(name, request):
             self.require_same_code()
         with_call = getattr(method, "with_call", None)
         try:
@@ -381,6 +427,18 @@ def parse_duration(text: str) -> int:
     if seconds > MAX_DURATION_SECONDS:
         raise click.BadParameter(f"{text!r} is too long: at most {MAX_DURATION_SECONDS // 86400}d")
     return seconds
+
+
+def refuse_unfit_serial(name_or_serial: str) -> None:
+    """One line (exit 1) for a serial no certificate of this CA can have (0, or 2^159 and above:
+    ``leader.store.serial_fits``), before it is sent. The leader refuses it too, but one from
+    before session 34 (reached through other code: ``STOPS``) would record it, and from then on
+    fail to sign every revocation list: every heartbeat refused, every node offline."""
+    from leader.store import serial_fits  # noqa: PLC0415 - for the revoke commands alone
+
+    key = name_or_serial.strip().lower()
+    if re.fullmatch(r"[0-9a-f]{1,40}", key) and not serial_fits(key.lstrip("0") or "0"):
+        fail(f"{name_or_serial!r} is not a serial this CA can have issued (1 to 2^159-1)")
 
 
 def fetch_schema(

@@ -19,6 +19,7 @@ from leader.cli.base import (
     out,
     parse_duration,
     pass_leader,
+    refuse_unfit_serial,
     to_dict,
 )
 from tlsroll import pki
@@ -137,6 +138,7 @@ def ca_revoke(leader: Leader, serial: str, reason: str, unknown: bool) -> None:
     check-expiration` lists them). Agents learn of it with their next heartbeat and refuse it
     from then on. A serial the leader has no record of is refused, unless --unknown. (`tlsroll
     nodes remove` and `tlsroll workstations revoke` revoke by name.)"""
+    refuse_unfit_serial(serial)
     with leader.admin() as admin:
         reply = leader.call(
             admin.RevokeCertificate,

@@ -15,7 +15,16 @@ import click
 from rich.table import Table
 from rich.text import Text
 
-from leader.cli.base import Leader, emit_json, fail, fmt_time, out, pass_leader, to_dict
+from leader.cli.base import (
+    Leader,
+    emit_json,
+    fail,
+    fmt_time,
+    out,
+    pass_leader,
+    refuse_unfit_serial,
+    to_dict,
+)
 from leader.layout import Layout
 from leader.states import Health
 from leader.wire import NODE_HEALTH
@@ -133,6 +142,7 @@ def _check_nodes(ctx: click.Context, leader: Leader, as_json: bool, timeout: int
 def nodes_remove(leader: Leader, name: str, yes: bool) -> None:
     """Remove a node: revoke its certificates (its agent's, its servers' and its workstations')
     and free its name and addresses for a new token. Its agent is refused from then on."""
+    leader.require_same_code()  # before it is confirmed (exit 5; review s35 L1)
     if not yes:
         click.confirm(
             f"Remove node {name}? Its agent stops being accepted at once, and its certificates "
@@ -184,6 +194,7 @@ def workstations_revoke(leader: Leader, name_or_serial: str, reason: str) -> Non
     """Revoke every certificate of workstation NAME (ws-…), or one certificate by SERIAL (hex,
     in full, as `workstations list` shows it; one the leader has no record of is refused).
     Agents learn of it with their next heartbeat."""
+    refuse_unfit_serial(name_or_serial)
     with leader.admin() as admin:
         reply = leader.call(
             admin.RevokeCertificate,
@@ -230,6 +241,7 @@ def epoch_show(leader: Leader, as_json: bool) -> None:
 def epoch_advance(leader: Leader, yes: bool) -> None:
     """Move the leader's epoch past every epoch a node reports (after restoring the leader from
     a backup, or when a node refuses rollouts with "stale epoch"). Audited."""
+    leader.require_same_code()  # before it is confirmed (exit 5; review s35 L1)
     if not yes:
         click.confirm("Advance the leader's epoch past every node's?", abort=True)
     with leader.admin() as admin:

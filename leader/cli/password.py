@@ -27,9 +27,13 @@ def read_password_file(path: Path) -> str:
         raise click.BadParameter(str(exc), param_hint="--password-file") from None
 
 
-def obtain_password(password_file: Path | None, generate: bool) -> str:
+def obtain_password(
+    password_file: Path | None, generate: bool, *, leader: Leader | None = None
+) -> str:
     """The password from a file, if it meets the policy (``leader.password_policy``; a usage
-    error saying why, exit 2, if not), or a new one shown once on the terminal."""
+    error saying why, exit 2, if not), or a new one shown once on the terminal: after
+    ``leader.require_same_code()`` (exit 5 through a leader of other code), so that no password
+    is shown that is then not staged (review s35 L1)."""
     # Imported here: the policy's dictionaries (zxcvbn) cost every rollout and schema command
     # 20 ms otherwise (leader.cli.rollout imports this module).
     from leader import password_policy  # noqa: PLC0415
@@ -46,6 +50,8 @@ def obtain_password(password_file: Path | None, generate: bool) -> str:
             "a generated password is shown once on a terminal, and this is not one; "
             "use --password-file FILE"
         )
+    if leader is not None:
+        leader.require_same_code()
     value = password.generate_password()
     out.print("")
     out.print("  The new authentication password (shown once, never again; write it down):")
@@ -77,7 +83,7 @@ def password_set(leader: Leader, password_file: Path | None, generate: bool) -> 
     """Stage a new password; it takes effect on a node at its next restart (seed)."""
     if password_file is not None and generate:
         raise click.UsageError("--password-file and --generate exclude each other")
-    secret = obtain_password(password_file, generate)
+    secret = obtain_password(password_file, generate, leader=leader)
     with leader.admin() as admin:
         reply = leader.call(
             admin.SetPassword,

@@ -309,7 +309,7 @@ def rollout_start(
                 raise CLIError("not started")
         if change == "enable-tls" and not in_use:
             if secret is None:  # generated now, after the confirmation, and shown once
-                secret = obtain_password(None, generate=True)
+                secret = obtain_password(None, generate=True, leader=leader)
             request.auth_verifier_json = verifier_json(secret)
         view = leader.call(admin.StartRollout, request)
     started(view, in_use)
@@ -452,6 +452,7 @@ def rollout_finalize(
     quiet = parse_duration(when_quiet) if when_quiet else 0
     if force and quiet:
         raise click.UsageError("--force and --when-quiet exclude each other")
+    leader.require_same_code()  # before what happens is shown and confirmed (review s35 L1)
     if not yes:
         how = (
             f"each node once no http client was seen on it for {when_quiet}"
