@@ -34,6 +34,7 @@ from collections.abc import Iterator, Mapping
 from enum import Enum
 from pathlib import Path
 
+from tlsroll.errors import TerminalError
 from tlsroll.fsutil import PUBLIC, fsync_dir, stage_atomic
 
 STAGING = ".settings-new"
@@ -43,7 +44,7 @@ NAMES = ("client.key", "client.pem", "ca.pem", "settings.json")  # in the order 
 _NO_LOCKS = frozenset({errno.ENOLCK, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF})
 
 
-class NewerStaging(Exception):
+class NewerStaging(TerminalError):
     """The staging holds a committed set of a newer tlsroll (its marker lists files this
     version does not know): left as it is."""
 
