@@ -182,10 +182,17 @@ def test_install_keeps_the_key_private(tmp_path: Path, test_ca: pki.CertificateA
 
 
 class FlakyLink:
-    """A leader link that fails ``fail`` times, then signs the CSR with ``ca``."""
+    """A leader link that fails ``fail`` times, then signs the CSR with ``ca``, at the leader's
+    time ``clock()`` (real time if None)."""
 
-    def __init__(self, ca: pki.CertificateAuthority, cfg: AgentConfig, fail: int) -> None:
-        self.ca, self.cfg, self.fail = ca, cfg, fail
+    def __init__(
+        self,
+        ca: pki.CertificateAuthority,
+        cfg: AgentConfig,
+        fail: int,
+        clock: Callable[[], dt.datetime] | None = None,
+    ) -> None:
+        self.ca, self.cfg, self.fail, self.clock = ca, cfg, fail, clock
         self.csrs: list[bytes] = []
 
     async def renew(self, csr: bytes) -> bytes:
@@ -201,6 +208,7 @@ class FlakyLink:
             client=True,
             identity=spiffe.node(td, self.cfg.node_name),
             internal_dns=[spiffe.key_host(td, pki.spki_pin(key))],
+            now=self.clock() if self.clock else None,
         )
         return pki.cert_to_pem(cert)
 
@@ -240,15 +248,20 @@ async def test_a_clock_ahead_for_a_while_does_not_end_renewals(
     so a certificate still valid was never renewed once the clock was right again, and the
     node was cut off at its real end. Now it reports the end (what the heartbeat tells the
     leader), keeps looking, and renews once the clock reads before the end again; the report
-    is taken back."""
+    is taken back.
+
+    The leader signs at the time the node's clock reads once it is right again (the real
+    time of this scenario): signed at the test's real time, the new certificate would be due
+    again by the node's clock, ten months on, and the renewer would rightly renew it again
+    (review 1 of s35: that made this test fail most runs)."""
     monkeypatch.setattr(renewal, "EXPIRED_RECHECK", 0.01)
     cfg = _agent_config(tmp_path, test_ca)
     key_file, cert_file = _enrolled(cfg, test_ca)
     identity = Identity.of(
         key_file, cert_file, paths(cfg.data_dir)[2], pki.read_cert(cert_file), test_ca.cert
     )
-    link = FlakyLink(test_ca, cfg, fail=0)
     now = [identity.not_after + dt.timedelta(days=5)]  # the node's clock is ahead
+    link = FlakyLink(test_ca, cfg, fail=0, clock=lambda: now[0])
     renewer = Renewer(cfg, identity, link, clock=lambda: now[0], draw=lambda: 0.5)
     due = renewer.status.due_at
     assert due is not None
@@ -269,6 +282,9 @@ async def test_a_clock_ahead_for_a_while_does_not_end_renewals(
         assert not task.done() and link.csrs == []
         now[0] = due + dt.timedelta(minutes=1)  # the clock is right again
         await _until(lambda: renewer.identity is not identity, "the renewal")
+        signed = renewer.identity.not_before + pki.BACKDATE  # at the leader's (right) time
+        assert abs(signed - now[0]) < dt.timedelta(seconds=1)
+        assert renewer.status.due_at is not None and renewer.status.due_at > now[0]
         assert len(link.csrs) == 1 and not renewer.expired
         assert renewer.status.failing_since is None and renewer.status.error == ""
         assert not task.done()
