@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import itertools
 import json
 import threading
 import time
@@ -102,6 +103,11 @@ def test_next_step_waits_renews_backs_off_and_gives_up_at_the_end() -> None:
     capped = next_step(near_end, due, end, failures=30, last_failure=near_end)
     assert capped.seconds <= 30
     assert next_step(end, due, end).expired
+    # held after a renewal (elapsed seconds): due by the clock, it waits for the hold
+    held = next_step(due, due, end, hold=5.0)
+    assert not held.renew and 0 < held.seconds <= 5.0
+    assert next_step(due, due, end, hold=0.0).renew
+    assert next_step(T0, due, end, hold=5.0).seconds == early.seconds  # due later anyway
     assert next_step(end + dt.timedelta(days=1), due, end, failures=3, last_failure=end).expired
 
 
@@ -324,6 +330,135 @@ async def test_a_clock_back_before_the_end_restores_the_failure_it_hid(
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+class Time:
+    """Virtual time for a renewer: the real time (the leader's), the node's clock ``ahead`` of
+    it, and the elapsed seconds since ``start``; each sleep of the renewer moves all three."""
+
+    def __init__(self, start: dt.datetime, ahead: dt.timedelta) -> None:
+        self.start, self.real, self.ahead = start, start, ahead
+
+    def node_clock(self) -> dt.datetime:
+        return self.real + self.ahead
+
+    def elapsed(self) -> float:
+        return (self.real - self.start).total_seconds()
+
+    async def sleep(self, seconds: float) -> None:
+        self.real += dt.timedelta(seconds=seconds)
+        await asyncio.sleep(0)
+
+
+def _ahead_renewer(
+    tmp_path: Path, test_ca: pki.CertificateAuthority, ahead: float
+) -> tuple[Renewer, FlakyLink, Time, list[tuple[dt.datetime, Identity]]]:
+    """A renewer whose clock is ``ahead`` of the leader's by that fraction of its certificate's
+    life, in virtual time, and the renewals it makes: (the real time, the identity before)."""
+    cfg = _agent_config(tmp_path, test_ca)
+    key_file, cert_file = _enrolled(cfg, test_ca)
+    identity = Identity.of(
+        key_file, cert_file, paths(cfg.data_dir)[2], pki.read_cert(cert_file), test_ca.cert
+    )
+    start = issued_at(identity.not_before, identity.not_after)
+    time_ = Time(start, (identity.not_after - start) * ahead)
+    link = FlakyLink(test_ca, cfg, fail=0, clock=lambda: time_.real)
+    renewals: list[tuple[dt.datetime, Identity]] = []
+    before = [identity]
+
+    def renewed(new: Identity) -> None:
+        renewals.append((time_.real, before[0]))
+        before[0] = new
+
+    renewer = Renewer(
+        cfg,
+        identity,
+        link,
+        clock=time_.node_clock,
+        elapsed=time_.elapsed,
+        sleep=time_.sleep,
+        draw=lambda: 0.5,
+        on_renewed=[renewed],
+    )
+    return renewer, link, time_, renewals
+
+
+async def _run_until(renewer: Renewer, link: FlakyLink, time_: Time, end: dt.datetime) -> None:
+    """Run ``renewer`` until the virtual time reaches ``end``, or it has asked for more than
+    ``LOOP`` certificates (a loop: virtual time does not move while it renews)."""
+    task = asyncio.create_task(renewer.run())
+    try:
+        for _ in range(3000):  # up to 30 s of real time
+            if time_.real >= end or len(link.csrs) > LOOP or task.done():
+                break
+            await asyncio.sleep(0.01)
+        assert not task.done()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    waited, renewals = time_.real - time_.start, len(link.csrs)
+    assert renewals <= LOOP, f"{renewals} renewals within {waited} (virtual)"
+    assert time_.real >= end, f"stuck at {waited} (virtual)"
+
+
+LOOP = 25  # renewals that make a loop in ``_run_until``: two lives ahead by 80 % take 21
+
+
+async def test_a_clock_ahead_by_most_of_the_life_renews_now_and_then_not_in_a_loop(
+    tmp_path: Path, test_ca: pki.CertificateAuthority
+) -> None:
+    """Review 1 of s35 (finding 2): a node clock ahead of the leader's by more than the renewal
+    point (70-90 % of the life) but less than the life found each new certificate due at once
+    and renewed it again, in a tight loop (392 renewals in 3 s against a fake leader; a real
+    leader signs 30 an hour, then refuses, TooMany). Now, after a renewal, the next is not
+    tried before a tenth of the new certificate's life has passed in elapsed time, whatever the
+    clock says: with the clock 80 % ahead, one renewal every tenth of the life, each while the
+    certificate in use is still valid. Two lives of virtual time (the renewer's sleeps move
+    the clocks; the leader signs at the real time)."""
+    renewer, link, time_, renewals = _ahead_renewer(tmp_path, test_ca, 0.8)
+    life = renewer.identity.not_after - time_.start
+    end = time_.start + life * 2
+    with structlog.testing.capture_logs() as logs:
+        await _run_until(renewer, link, time_, end)
+    said = [e for e in logs if e["event"] == "renewal.clock_ahead"]
+    assert said and abs(said[0]["ahead_seconds"] - (life * 0.8).total_seconds()) < 5
+    times = [at for at, _ in renewals if at < end]
+    assert times[0] == time_.start  # due by the node's clock at once: renewed at start
+    gap = life * renewal.RENEW_AGAIN_AFTER
+    assert len(times) == 20  # at 0, 0.1, ... 1.9 lives
+    for earlier, later in itertools.pairwise(times):
+        assert gap - dt.timedelta(seconds=2) <= later - earlier <= gap + dt.timedelta(minutes=1)
+    for at, in_use in renewals:  # the node never went without a valid certificate
+        assert at < in_use.not_after
+    assert not renewer.expired and renewer.status.error == ""
+
+
+async def test_with_the_clock_right_renewals_are_where_they_were(
+    tmp_path: Path, test_ca: pki.CertificateAuthority
+) -> None:
+    """The wait after a renewal never delays one that is due with a clock that is right: at
+    80 % of each life (the draw), as before."""
+    renewer, link, time_, renewals = _ahead_renewer(tmp_path, test_ca, 0.0)
+    life = renewer.identity.not_after - time_.start
+    await _run_until(renewer, link, time_, time_.start + life * 2)
+    first, second = (at - time_.start for at, _ in renewals[:2])
+    assert abs(first - life * 0.8) < dt.timedelta(seconds=1)
+    assert abs(second - life * 1.6) < dt.timedelta(seconds=2)
+
+
+async def test_a_clock_ahead_by_nearly_the_life_reports_the_end_and_does_not_loop(
+    tmp_path: Path, test_ca: pki.CertificateAuthority, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The clock ahead by more than 90 % of the life: it reaches the new certificate's end
+    before a tenth of its life has passed, so there is one renewal, and then the end is
+    reported as for any clock past it ("... or correct its clock if ahead"), not a loop."""
+    renewer, link, time_, renewals = _ahead_renewer(tmp_path, test_ca, 0.95)
+    life = renewer.identity.not_after - time_.start
+    monkeypatch.setattr(renewal, "EXPIRED_RECHECK", life.total_seconds() / 100)
+    await _run_until(renewer, link, time_, time_.start + life * 2)
+    assert len(link.csrs) == 1 and [at for at, _ in renewals] == [time_.start]
+    assert renewer.expired and renewer.status.error == renewal.EXPIRED
+    assert "correct its clock" in renewal.EXPIRED
 
 
 async def _until(what: Callable[[], object], why: str) -> None:
