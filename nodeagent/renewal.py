@@ -37,12 +37,14 @@ The leader dials the node by the new key from then on, and accepts the old certi
 until the agent's first heartbeat with the new one (``leader.store.renew_node_certificate``).
 
 **Expired.** A certificate past its end cannot renew (the leader's TLS refuses it): the node
-must enrol again with a fresh token. At start that is a one-line error (``expired_message``);
+must enrol again with a fresh token, unless only its clock is ahead. At start that is a
+one-line error (``expired_message``: the clock to check first, then how to enrol again);
 while running, one log line, and the heartbeat reports the renewal failing ("certificate
-expired"). The renewer still looks again every ``EXPIRED_RECHECK`` seconds: a node clock that
-was only ahead for a while (an RTC wrong at boot, a VM resumed, ``date -s``) ended renewals for
-good, though the certificate was still valid; once the clock reads before the end again, the
-report is taken back and renewal goes on as scheduled.
+expired by the node's clock", ``EXPIRED``). The renewer still looks again every
+``EXPIRED_RECHECK`` seconds: a node clock that was only ahead for a while (an RTC wrong at boot,
+a VM resumed, ``date -s``) ended renewals for good, though the certificate was still valid;
+once the clock reads before the end again, the report is taken back and renewal goes on as
+scheduled.
 """
 
 from __future__ import annotations
@@ -83,7 +85,10 @@ RENEW_TO = 0.9
 RETRY = Policy(free=0, base=2.0, cap=300.0, forget=86400.0)
 MAX_ERROR = 200
 # What the heartbeat reports (``tlsroll nodes``, the schema) while the node's clock says so.
-EXPIRED = "certificate expired by the node's clock: enrol it again (or correct its clock if ahead)"
+EXPIRED = (
+    "certificate expired by the node's clock: check that clock first (if it is ahead, correct "
+    "it: the agent goes on by itself); if it is right, enrol the node again"
+)
 EXPIRED_RECHECK = 60.0  # seconds between looks at a certificate the node's clock says has ended
 # After a renewal, elapsed time before the next is tried, as a fraction of the new life.
 RENEW_AGAIN_AFTER = 0.1
@@ -294,7 +299,7 @@ class Renewer:
         self.status.error = EXPIRED
         log.error(
             "agent.certificate_expired",
-            message=expired_message(self.cfg, self.identity.not_after),
+            message=expired_message(self.cfg, self.identity.not_after, now, running=True),
         )
 
     def _valid_again(self, now: dt.datetime) -> None:

@@ -30,6 +30,7 @@ from typing import Any
 
 import grpc
 import pytest
+import structlog.testing
 
 from leader.agent_client import AgentPool
 from leader.store import Node, _node
@@ -451,14 +452,58 @@ async def test_a_clock_ahead_by_nearly_the_life_reports_the_end_and_does_not_loo
 ) -> None:
     """The clock ahead by more than 90 % of the life: it reaches the new certificate's end
     before a tenth of its life has passed, so there is one renewal, and then the end is
-    reported as for any clock past it ("... or correct its clock if ahead"), not a loop."""
+    reported as for any clock past it ("check that clock first"), not a loop."""
     renewer, link, time_, renewals = _ahead_renewer(tmp_path, test_ca, 0.95)
     life = renewer.identity.not_after - time_.start
     monkeypatch.setattr(renewal, "EXPIRED_RECHECK", life.total_seconds() / 100)
     await _run_until(renewer, link, time_, time_.start + life * 2)
     assert len(link.csrs) == 1 and [at for at, _ in renewals] == [time_.start]
     assert renewer.expired and renewer.status.error == renewal.EXPIRED
-    assert "correct its clock" in renewal.EXPIRED
+    assert "check that clock first" in renewal.EXPIRED
+
+
+def test_a_certificate_past_its_end_says_to_check_the_clock_before_enrolling_again(
+    tmp_path: Path, test_ca: pki.CertificateAuthority
+) -> None:
+    """Review 1 of s35 (finding 5): a node whose clock reads past its certificate's end was
+    told, at start and in the running agent's log line, only to enrol again (the leader's
+    `nodes remove`, which revokes the node's certificates), though the certificate may still
+    be valid and the clock ahead (an RTC wrong at boot). Every message says what the clock
+    reads and to check it first; enrolling again comes second."""
+    from nodeagent import certwork
+    from nodeagent.identity import CertificateExpired, load_identity
+
+    cfg = _agent_config(tmp_path, test_ca)
+    key_file, cert_file = _enrolled(cfg, test_ca)
+    cert = pki.read_cert(cert_file)
+    ahead = cert.not_valid_after_utc + dt.timedelta(days=3, seconds=7)
+    reads = f"which reads {ahead:%Y-%m-%d %H:%M:%S} UTC"
+
+    def clock_first(line: str) -> None:
+        assert reads in line, line
+        assert line.index("check that clock first") < line.index("tlsroll nodes remove n1")
+        assert "if it is ahead, correct it" in line and "do not enrol again" in line
+
+    # At start: the certificate checked in the child's code, and from certwork's memo.
+    with pytest.raises(CertificateExpired) as at_start:
+        load_identity(cfg, now=ahead)
+    clock_first(str(at_start.value))
+    assert "start the agent again" in str(at_start.value)
+    assert certwork.load_identity(cfg) is not None  # checked in a child, which leaves the memo
+    with pytest.raises(CertificateExpired) as memo:
+        certwork.load_identity(cfg, now=ahead)
+    assert str(memo.value) == str(at_start.value)
+    # Running: the renewer's log line, and what the heartbeat reports.
+    identity = Identity.of(key_file, cert_file, paths(cfg.data_dir)[2], cert, test_ca.cert)
+    renewer = Renewer(cfg, identity, FlakyLink(test_ca, cfg, fail=0), clock=lambda: ahead)
+    with structlog.testing.capture_logs() as logs:
+        renewer._expired(ahead)
+    (logged,) = [e for e in logs if e["event"] == "agent.certificate_expired"]
+    clock_first(logged["message"])
+    assert "the agent goes on by itself" in logged["message"]
+    status = renewer.status.error
+    assert status == renewal.EXPIRED and len(status) <= renewal.MAX_ERROR
+    assert status.index("check that clock first") < status.index("enrol the node again")
 
 
 async def _until(what: Callable[[], object], why: str) -> None:
@@ -676,6 +721,7 @@ def test_agents_renew_and_the_expiry_watch_sees_them(cluster: Cluster) -> None:
     assert code == 1
     line = one_line_error(output, "tlsroll-agent")
     assert "expired" in line and "tlsroll nodes remove node3" in line
+    assert "check that clock first" in line  # before the advice to enrol again
     assert f"tlsroll token create --node node3 --address {node3.address}" in line
 
     # ... and the expiry watch says so: exit 1, the schema, one log line.
