@@ -112,8 +112,9 @@ def load_identity(cfg: AgentConfig, now: dt.datetime | None = None) -> Identity 
         remembered = _remembered(cfg)
         if remembered is not None:
             check_private_file(remembered.key_file)
-            if (now or utcnow()) >= remembered.not_after:
-                raise CertificateExpired(expired_message(cfg, remembered.not_after))
+            now = now or utcnow()
+            if now >= remembered.not_after:
+                raise CertificateExpired(expired_message(cfg, remembered.not_after, now))
             return remembered
     facts = _ask({"op": "identity", "config": str(cfg.path), **_logging(cfg)})
     return None if facts is None else _remember(cfg, _identity(cfg, facts))

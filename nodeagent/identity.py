@@ -10,7 +10,8 @@ the join token and a CSR. Later starts: load and check what is on disk.
 A renewal (``nodeagent.renewal``) keeps its new key in ``DATA/node.key.new`` and certificate
 in ``DATA/node.pem.new`` until it moves them into place; ``load_identity`` first completes one
 that a crash cut short (``finish_pending``). A certificate past its end is refused with one
-line saying how to enrol the node again (``expired_message``).
+line saying to check the node's clock first, then how to enrol the node again
+(``expired_message``).
 """
 
 from __future__ import annotations
@@ -179,8 +180,9 @@ def load_identity(cfg: AgentConfig, now: dt.datetime | None = None) -> Identity 
             f"{cfg.node_name}` and `tlsroll token create --node {cfg.node_name} --address …`, "
             f"then move {cert_file} aside and give this agent the new token"
         )
-    if (now or utcnow()) >= cert.not_valid_after_utc:
-        raise CertificateExpired(expired_message(cfg, cert.not_valid_after_utc))
+    now = now or utcnow()
+    if now >= cert.not_valid_after_utc:
+        raise CertificateExpired(expired_message(cfg, cert.not_valid_after_utc, now))
     return Identity.of(key_file, cert_file, ca_file, cert, ca)
 
 
@@ -346,13 +348,25 @@ def _enrol_error(cfg: AgentConfig, target: str, exc: Any) -> TlsrollError:
     return EnrolmentRefused(f"the leader refused enrolment: {detail} ({code.name})")
 
 
-def expired_message(cfg: AgentConfig, not_after: dt.datetime) -> str:
+def expired_message(
+    cfg: AgentConfig, not_after: dt.datetime, now: dt.datetime, *, running: bool = False
+) -> str:
+    """The one line for a certificate past its end by this node's clock (``now``): the clock
+    first (an RTC wrong at boot, a VM resumed, ``date -s``: correcting it is the fix, and
+    enrolling again, which revokes the node's certificates, is not needed), then how to enrol
+    again. ``running``: the agent goes on by itself once the clock is right (the renewer looks
+    again); at start, it has to be started again."""
+    cert = paths(cfg.data_dir)[1]
+    then = "the agent goes on by itself" if running else "start the agent again"
     return (
-        f"node certificate {paths(cfg.data_dir)[1]} expired {not_after:%Y-%m-%d %H:%M:%S} UTC "
-        "(the node was offline past its end, so it cannot renew it): enrol it again — on the "
-        f"leader `tlsroll nodes remove {cfg.node_name}` and `tlsroll token create --node "
+        f"node certificate {cert} expired {not_after:%Y-%m-%d %H:%M:%S} UTC by this node's "
+        f"clock, which reads {now:%Y-%m-%d %H:%M:%S} UTC: check that clock first — if it is "
+        f"ahead, correct it and {then} (the certificate is still valid then; do not enrol "
+        "again); if the clock is right, the node was offline past the certificate's end and "
+        "cannot renew it: enrol it again — on the leader "
+        f"`tlsroll nodes remove {cfg.node_name}` and `tlsroll token create --node "
         f"{cfg.node_name} " + " ".join(f"--address {a}" for a in cfg.addresses) + "`, then "
-        f"move {paths(cfg.data_dir)[1]} aside and give this agent the new token"
+        f"move {cert} aside and give this agent the new token"
     )
 
 

@@ -13,6 +13,16 @@ point is renewed at start. A failed renewal is tried again after a backoff
 (``tlsroll.backoff.Policy``: 2 s, doubling, at most 5 minutes and never past the end); the
 heartbeat reports since when it fails and why (``tlsroll nodes``, the schema).
 
+**A clock ahead.** After a renewal, the next is not tried before ``RENEW_AGAIN_AFTER`` (a
+tenth) of the new certificate's life has passed in elapsed time (``elapsed``: not moved by the
+wall clock's steps, counting time suspended), whatever the node's clock says. A clock that is
+right never meets this (the next renewal is at 70-90 % of the life). A clock ahead of the
+leader's by more than the renewal point but less than the life found each new certificate
+due at once, and renewed in a tight loop (hundreds a second; the leader signs 30 an hour per
+node, then refuses); now it renews once every tenth of the life, keeping the certificate
+valid, and logs ``renewal.clock_ahead``. A clock ahead by more than 90 % of the life reaches
+the new certificate's end first: that is reported as below.
+
 **Files.** A renewal writes the new key to ``DATA/node.key.new`` (0600) before it asks, and
 the certificate to ``DATA/node.pem.new`` once it has it; then renames the key, then the
 certificate, into place. ``finish_pending`` (called before the identity is loaded) completes a
@@ -27,12 +37,14 @@ The leader dials the node by the new key from then on, and accepts the old certi
 until the agent's first heartbeat with the new one (``leader.store.renew_node_certificate``).
 
 **Expired.** A certificate past its end cannot renew (the leader's TLS refuses it): the node
-must enrol again with a fresh token. At start that is a one-line error (``expired_message``);
+must enrol again with a fresh token, unless only its clock is ahead. At start that is a
+one-line error (``expired_message``: the clock to check first, then how to enrol again);
 while running, one log line, and the heartbeat reports the renewal failing ("certificate
-expired"). The renewer still looks again every ``EXPIRED_RECHECK`` seconds: a node clock that
-was only ahead for a while (an RTC wrong at boot, a VM resumed, ``date -s``) ended renewals for
-good, though the certificate was still valid; once the clock reads before the end again, the
-report is taken back and renewal goes on as scheduled.
+expired by the node's clock", ``EXPIRED``). The renewer still looks again every
+``EXPIRED_RECHECK`` seconds: a node clock that was only ahead for a while (an RTC wrong at boot,
+a VM resumed, ``date -s``) ended renewals for good, though the certificate was still valid;
+once the clock reads before the end again, the report is taken back and renewal goes on as
+scheduled.
 """
 
 from __future__ import annotations
@@ -41,6 +53,7 @@ import asyncio
 import contextlib
 import datetime as dt
 import random
+import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,8 +85,22 @@ RENEW_TO = 0.9
 RETRY = Policy(free=0, base=2.0, cap=300.0, forget=86400.0)
 MAX_ERROR = 200
 # What the heartbeat reports (``tlsroll nodes``, the schema) while the node's clock says so.
-EXPIRED = "certificate expired by the node's clock: enrol it again (or correct its clock if ahead)"
+EXPIRED = (
+    "certificate expired by the node's clock: check that clock first (if it is ahead, correct "
+    "it: the agent goes on by itself); if it is right, enrol the node again"
+)
 EXPIRED_RECHECK = 60.0  # seconds between looks at a certificate the node's clock says has ended
+# After a renewal, elapsed time before the next is tried, as a fraction of the new life.
+RENEW_AGAIN_AFTER = 0.1
+_BOOTTIME: int | None = getattr(time, "CLOCK_BOOTTIME", None)
+
+
+def elapsed() -> float:
+    """Seconds on a clock that the wall clock's steps do not move and that counts time
+    suspended (Linux's CLOCK_BOOTTIME; elsewhere the monotonic clock)."""
+    if _BOOTTIME is None:
+        return time.monotonic()
+    return time.clock_gettime(_BOOTTIME)
 
 
 # --- the schedule (pure) ----------------------------------------------------------------------
@@ -107,18 +134,21 @@ def next_step(
     failures: int = 0,
     last_failure: dt.datetime | None = None,
     policy: Policy = RETRY,
+    hold: float = 0.0,
 ) -> Step:
     """The renewer's decision for a certificate due at ``due`` that ends at ``not_after``,
-    after ``failures`` failed attempts, the last at ``last_failure``."""
+    after ``failures`` failed attempts, the last at ``last_failure``; ``hold``: the elapsed
+    seconds still to pass before another renewal (``RENEW_AGAIN_AFTER``)."""
     if now >= not_after:
         return Step(expired=True)
     at = due
     if failures and last_failure is not None:
         at = max(at, last_failure + dt.timedelta(seconds=policy.delay(failures - 1)))
-    if now >= at:
+    if now >= at and hold <= 0:
         return Step(renew=True)
     # Wake up in time to try once more before the end, however long the backoff.
-    wait = min((at - now).total_seconds(), max((not_after - now).total_seconds() / 2, 0.5))
+    left = max((at - now).total_seconds(), hold)
+    wait = min(left, max((not_after - now).total_seconds() / 2, 0.5))
     return Step(seconds=max(wait, 0.05))
 
 
@@ -200,12 +230,18 @@ class Renewer:
         clock: Callable[[], dt.datetime] = utcnow,
         draw: Callable[[], float] = random.random,
         on_renewed: Sequence[Renewed] = (),
+        elapsed: Callable[[], float] = elapsed,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         self.cfg = cfg
         self.identity = identity
         self.link = link
         self.clock = clock
+        self.elapsed = elapsed
+        self.sleep = sleep
         self.draw = draw
+        # No renewal before this (``elapsed``): set by each renewal (``RENEW_AGAIN_AFTER``).
+        self.not_again_before: float | None = None
         self.on_renewed = list(on_renewed)
         self.status = Status()
         self.failures = 0
@@ -228,21 +264,25 @@ class Renewer:
         while True:
             now = self.clock()
             assert self.status.due_at is not None
+            hold = 0.0
+            if self.not_again_before is not None:
+                hold = self.not_again_before - self.elapsed()
             step = next_step(
                 now,
                 self.status.due_at,
                 self.identity.not_after,
                 self.failures,
                 self.last_failure,
+                hold=hold,
             )
             if step.expired:
                 self._expired(now)
-                await asyncio.sleep(EXPIRED_RECHECK)
+                await self.sleep(EXPIRED_RECHECK)
                 continue
             if self.expired:
                 self._valid_again(now)
             if not step.renew:
-                await asyncio.sleep(step.seconds)
+                await self.sleep(step.seconds)
                 continue
             try:
                 await self.renew()
@@ -259,7 +299,7 @@ class Renewer:
         self.status.error = EXPIRED
         log.error(
             "agent.certificate_expired",
-            message=expired_message(self.cfg, self.identity.not_after),
+            message=expired_message(self.cfg, self.identity.not_after, now, running=True),
         )
 
     def _valid_again(self, now: dt.datetime) -> None:
@@ -273,6 +313,28 @@ class Renewer:
             not_after=_iso(self.identity.not_after),
             detail="the node's clock was ahead; renewal goes on",
         )
+
+    def _hold_after_renewal(self) -> None:
+        """No renewal again before ``RENEW_AGAIN_AFTER`` of the new life has passed (elapsed
+        time); say so if the node's clock already finds the new certificate due: it is ahead
+        of the leader's (which signed it just now) by most of the life."""
+        signed = issued_at(self.identity.not_before, self.identity.not_after)
+        life = (self.identity.not_after - signed).total_seconds()
+        gap = life * RENEW_AGAIN_AFTER
+        self.not_again_before = self.elapsed() + gap
+        now = self.clock()
+        assert self.status.due_at is not None
+        if now >= self.status.due_at:
+            log.warning(
+                "renewal.clock_ahead",
+                now=_iso(now),
+                signed_at=_iso(signed),
+                ahead_seconds=round((now - signed).total_seconds()),
+                next_renewal_in_seconds=round(gap),
+                detail="the node's clock is ahead of the leader's: the certificate just signed "
+                "is already due by it; correct the node's clock (renewals wait a tenth of the "
+                "certificate's life meanwhile)",
+            )
 
     def _failed(self, now: dt.datetime, exc: BaseException) -> None:
         self.failures += 1
@@ -316,6 +378,7 @@ class Renewer:
         self.last_failure = None
         self.status = Status()
         self._schedule()
+        self._hold_after_renewal()
         log.info(
             "agent.certificate_renewed",
             serial=f"{cert.serial_number:x}",

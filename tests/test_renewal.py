@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import itertools
 import json
 import threading
 import time
@@ -29,6 +30,7 @@ from typing import Any
 
 import grpc
 import pytest
+import structlog.testing
 
 from leader.agent_client import AgentPool
 from leader.store import Node, _node
@@ -103,6 +105,11 @@ def test_next_step_waits_renews_backs_off_and_gives_up_at_the_end() -> None:
     capped = next_step(near_end, due, end, failures=30, last_failure=near_end)
     assert capped.seconds <= 30
     assert next_step(end, due, end).expired
+    # held after a renewal (elapsed seconds): due by the clock, it waits for the hold
+    held = next_step(due, due, end, hold=5.0)
+    assert not held.renew and 0 < held.seconds <= 5.0
+    assert next_step(due, due, end, hold=0.0).renew
+    assert next_step(T0, due, end, hold=5.0).seconds == early.seconds  # due later anyway
     assert next_step(end + dt.timedelta(days=1), due, end, failures=3, last_failure=end).expired
 
 
@@ -183,10 +190,17 @@ def test_install_keeps_the_key_private(tmp_path: Path, test_ca: pki.CertificateA
 
 
 class FlakyLink:
-    """A leader link that fails ``fail`` times, then signs the CSR with ``ca``."""
+    """A leader link that fails ``fail`` times, then signs the CSR with ``ca``, at the leader's
+    time ``clock()`` (real time if None)."""
 
-    def __init__(self, ca: pki.CertificateAuthority, cfg: AgentConfig, fail: int) -> None:
-        self.ca, self.cfg, self.fail = ca, cfg, fail
+    def __init__(
+        self,
+        ca: pki.CertificateAuthority,
+        cfg: AgentConfig,
+        fail: int,
+        clock: Callable[[], dt.datetime] | None = None,
+    ) -> None:
+        self.ca, self.cfg, self.fail, self.clock = ca, cfg, fail, clock
         self.csrs: list[bytes] = []
 
     async def renew(self, csr: bytes) -> bytes:
@@ -202,6 +216,7 @@ class FlakyLink:
             client=True,
             identity=spiffe.node(td, self.cfg.node_name),
             internal_dns=[spiffe.key_host(td, pki.spki_pin(key))],
+            now=self.clock() if self.clock else None,
         )
         return pki.cert_to_pem(cert)
 
@@ -241,15 +256,20 @@ async def test_a_clock_ahead_for_a_while_does_not_end_renewals(
     so a certificate still valid was never renewed once the clock was right again, and the
     node was cut off at its real end. Now it reports the end (what the heartbeat tells the
     leader), keeps looking, and renews once the clock reads before the end again; the report
-    is taken back."""
+    is taken back.
+
+    The leader signs at the time the node's clock reads once it is right again (the real
+    time of this scenario): signed at the test's real time, the new certificate would be due
+    again by the node's clock, ten months on, and the renewer would rightly renew it again
+    (review 1 of s35: that made this test fail most runs)."""
     monkeypatch.setattr(renewal, "EXPIRED_RECHECK", 0.01)
     cfg = _agent_config(tmp_path, test_ca)
     key_file, cert_file = _enrolled(cfg, test_ca)
     identity = Identity.of(
         key_file, cert_file, paths(cfg.data_dir)[2], pki.read_cert(cert_file), test_ca.cert
     )
-    link = FlakyLink(test_ca, cfg, fail=0)
     now = [identity.not_after + dt.timedelta(days=5)]  # the node's clock is ahead
+    link = FlakyLink(test_ca, cfg, fail=0, clock=lambda: now[0])
     renewer = Renewer(cfg, identity, link, clock=lambda: now[0], draw=lambda: 0.5)
     due = renewer.status.due_at
     assert due is not None
@@ -270,6 +290,9 @@ async def test_a_clock_ahead_for_a_while_does_not_end_renewals(
         assert not task.done() and link.csrs == []
         now[0] = due + dt.timedelta(minutes=1)  # the clock is right again
         await _until(lambda: renewer.identity is not identity, "the renewal")
+        signed = renewer.identity.not_before + pki.BACKDATE  # at the leader's (right) time
+        assert abs(signed - now[0]) < dt.timedelta(seconds=1)
+        assert renewer.status.due_at is not None and renewer.status.due_at > now[0]
         assert len(link.csrs) == 1 and not renewer.expired
         assert renewer.status.failing_since is None and renewer.status.error == ""
         assert not task.done()
@@ -309,6 +332,179 @@ async def test_a_clock_back_before_the_end_restores_the_failure_it_hid(
     finally:
         task.cancel()
         await asyncio.gather(task, return_exceptions=True)
+
+
+class Time:
+    """Virtual time for a renewer: the real time (the leader's), the node's clock ``ahead`` of
+    it, and the elapsed seconds since ``start``; each sleep of the renewer moves all three."""
+
+    def __init__(self, start: dt.datetime, ahead: dt.timedelta) -> None:
+        self.start, self.real, self.ahead = start, start, ahead
+
+    def node_clock(self) -> dt.datetime:
+        return self.real + self.ahead
+
+    def elapsed(self) -> float:
+        return (self.real - self.start).total_seconds()
+
+    async def sleep(self, seconds: float) -> None:
+        self.real += dt.timedelta(seconds=seconds)
+        await asyncio.sleep(0)
+
+
+def _ahead_renewer(
+    tmp_path: Path, test_ca: pki.CertificateAuthority, ahead: float
+) -> tuple[Renewer, FlakyLink, Time, list[tuple[dt.datetime, Identity]]]:
+    """A renewer whose clock is ``ahead`` of the leader's by that fraction of its certificate's
+    life, in virtual time, and the renewals it makes: (the real time, the identity before)."""
+    cfg = _agent_config(tmp_path, test_ca)
+    key_file, cert_file = _enrolled(cfg, test_ca)
+    identity = Identity.of(
+        key_file, cert_file, paths(cfg.data_dir)[2], pki.read_cert(cert_file), test_ca.cert
+    )
+    start = issued_at(identity.not_before, identity.not_after)
+    time_ = Time(start, (identity.not_after - start) * ahead)
+    link = FlakyLink(test_ca, cfg, fail=0, clock=lambda: time_.real)
+    renewals: list[tuple[dt.datetime, Identity]] = []
+    before = [identity]
+
+    def renewed(new: Identity) -> None:
+        renewals.append((time_.real, before[0]))
+        before[0] = new
+
+    renewer = Renewer(
+        cfg,
+        identity,
+        link,
+        clock=time_.node_clock,
+        elapsed=time_.elapsed,
+        sleep=time_.sleep,
+        draw=lambda: 0.5,
+        on_renewed=[renewed],
+    )
+    return renewer, link, time_, renewals
+
+
+async def _run_until(renewer: Renewer, link: FlakyLink, time_: Time, end: dt.datetime) -> None:
+    """Run ``renewer`` until the virtual time reaches ``end``, or it has asked for more than
+    ``LOOP`` certificates (a loop: virtual time does not move while it renews)."""
+    task = asyncio.create_task(renewer.run())
+    try:
+        for _ in range(3000):  # up to 30 s of real time
+            if time_.real >= end or len(link.csrs) > LOOP or task.done():
+                break
+            await asyncio.sleep(0.01)
+        assert not task.done()
+    finally:
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+    waited, renewals = time_.real - time_.start, len(link.csrs)
+    assert renewals <= LOOP, f"{renewals} renewals within {waited} (virtual)"
+    assert time_.real >= end, f"stuck at {waited} (virtual)"
+
+
+LOOP = 25  # renewals that make a loop in ``_run_until``: two lives ahead by 80 % take 21
+
+
+async def test_a_clock_ahead_by_most_of_the_life_renews_now_and_then_not_in_a_loop(
+    tmp_path: Path, test_ca: pki.CertificateAuthority
+) -> None:
+    """Review 1 of s35 (finding 2): a node clock ahead of the leader's by more than the renewal
+    point (70-90 % of the life) but less than the life found each new certificate due at once
+    and renewed it again, in a tight loop (392 renewals in 3 s against a fake leader; a real
+    leader signs 30 an hour, then refuses, TooMany). Now, after a renewal, the next is not
+    tried before a tenth of the new certificate's life has passed in elapsed time, whatever the
+    clock says: with the clock 80 % ahead, one renewal every tenth of the life, each while the
+    certificate in use is still valid. Two lives of virtual time (the renewer's sleeps move
+    the clocks; the leader signs at the real time)."""
+    renewer, link, time_, renewals = _ahead_renewer(tmp_path, test_ca, 0.8)
+    life = renewer.identity.not_after - time_.start
+    end = time_.start + life * 2
+    with structlog.testing.capture_logs() as logs:
+        await _run_until(renewer, link, time_, end)
+    said = [e for e in logs if e["event"] == "renewal.clock_ahead"]
+    assert said and abs(said[0]["ahead_seconds"] - (life * 0.8).total_seconds()) < 5
+    times = [at for at, _ in renewals if at < end]
+    assert times[0] == time_.start  # due by the node's clock at once: renewed at start
+    gap = life * renewal.RENEW_AGAIN_AFTER
+    assert len(times) == 20  # at 0, 0.1, ... 1.9 lives
+    for earlier, later in itertools.pairwise(times):
+        assert gap - dt.timedelta(seconds=2) <= later - earlier <= gap + dt.timedelta(minutes=1)
+    for at, in_use in renewals:  # the node never went without a valid certificate
+        assert at < in_use.not_after
+    assert not renewer.expired and renewer.status.error == ""
+
+
+async def test_with_the_clock_right_renewals_are_where_they_were(
+    tmp_path: Path, test_ca: pki.CertificateAuthority
+) -> None:
+    """The wait after a renewal never delays one that is due with a clock that is right: at
+    80 % of each life (the draw), as before."""
+    renewer, link, time_, renewals = _ahead_renewer(tmp_path, test_ca, 0.0)
+    life = renewer.identity.not_after - time_.start
+    await _run_until(renewer, link, time_, time_.start + life * 2)
+    first, second = (at - time_.start for at, _ in renewals[:2])
+    assert abs(first - life * 0.8) < dt.timedelta(seconds=1)
+    assert abs(second - life * 1.6) < dt.timedelta(seconds=2)
+
+
+async def test_a_clock_ahead_by_nearly_the_life_reports_the_end_and_does_not_loop(
+    tmp_path: Path, test_ca: pki.CertificateAuthority, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The clock ahead by more than 90 % of the life: it reaches the new certificate's end
+    before a tenth of its life has passed, so there is one renewal, and then the end is
+    reported as for any clock past it ("check that clock first"), not a loop."""
+    renewer, link, time_, renewals = _ahead_renewer(tmp_path, test_ca, 0.95)
+    life = renewer.identity.not_after - time_.start
+    monkeypatch.setattr(renewal, "EXPIRED_RECHECK", life.total_seconds() / 100)
+    await _run_until(renewer, link, time_, time_.start + life * 2)
+    assert len(link.csrs) == 1 and [at for at, _ in renewals] == [time_.start]
+    assert renewer.expired and renewer.status.error == renewal.EXPIRED
+    assert "check that clock first" in renewal.EXPIRED
+
+
+def test_a_certificate_past_its_end_says_to_check_the_clock_before_enrolling_again(
+    tmp_path: Path, test_ca: pki.CertificateAuthority
+) -> None:
+    """Review 1 of s35 (finding 5): a node whose clock reads past its certificate's end was
+    told, at start and in the running agent's log line, only to enrol again (the leader's
+    `nodes remove`, which revokes the node's certificates), though the certificate may still
+    be valid and the clock ahead (an RTC wrong at boot). Every message says what the clock
+    reads and to check it first; enrolling again comes second."""
+    from nodeagent import certwork
+    from nodeagent.identity import CertificateExpired, load_identity
+
+    cfg = _agent_config(tmp_path, test_ca)
+    key_file, cert_file = _enrolled(cfg, test_ca)
+    cert = pki.read_cert(cert_file)
+    ahead = cert.not_valid_after_utc + dt.timedelta(days=3, seconds=7)
+    reads = f"which reads {ahead:%Y-%m-%d %H:%M:%S} UTC"
+
+    def clock_first(line: str) -> None:
+        assert reads in line, line
+        assert line.index("check that clock first") < line.index("tlsroll nodes remove n1")
+        assert "if it is ahead, correct it" in line and "do not enrol again" in line
+
+    # At start: the certificate checked in the child's code, and from certwork's memo.
+    with pytest.raises(CertificateExpired) as at_start:
+        load_identity(cfg, now=ahead)
+    clock_first(str(at_start.value))
+    assert "start the agent again" in str(at_start.value)
+    assert certwork.load_identity(cfg) is not None  # checked in a child, which leaves the memo
+    with pytest.raises(CertificateExpired) as memo:
+        certwork.load_identity(cfg, now=ahead)
+    assert str(memo.value) == str(at_start.value)
+    # Running: the renewer's log line, and what the heartbeat reports.
+    identity = Identity.of(key_file, cert_file, paths(cfg.data_dir)[2], cert, test_ca.cert)
+    renewer = Renewer(cfg, identity, FlakyLink(test_ca, cfg, fail=0), clock=lambda: ahead)
+    with structlog.testing.capture_logs() as logs:
+        renewer._expired(ahead)
+    (logged,) = [e for e in logs if e["event"] == "agent.certificate_expired"]
+    clock_first(logged["message"])
+    assert "the agent goes on by itself" in logged["message"]
+    status = renewer.status.error
+    assert status == renewal.EXPIRED and len(status) <= renewal.MAX_ERROR
+    assert status.index("check that clock first") < status.index("enrol the node again")
 
 
 async def _until(what: Callable[[], object], why: str) -> None:
@@ -528,6 +724,7 @@ def test_agents_renew_and_the_expiry_watch_sees_them(cluster: Cluster) -> None:
     assert code == 1
     line = one_line_error(output, "tlsroll-agent")
     assert "expired" in line and "tlsroll nodes remove node3" in line
+    assert "check that clock first" in line  # before the advice to enrol again
     assert f"tlsroll token create --node node3 --address {node3.address}" in line
 
     # ... and the expiry watch says so: exit 1, the schema, one log line.
