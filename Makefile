@@ -13,10 +13,7 @@ CHROMIUM := /usr/bin/chromium
 SYSTEMD_ANALYZE := /usr/bin/systemd-analyze
 NSPAWN := /usr/bin/systemd-nspawn
 # The multiprocess tests mostly wait on daemons: one pytest worker per core (pytest-xdist).
-# worksteal: a worker that runs out takes queued tests from the other, so the run does not end
-# with one worker idle while the other works through a queue of long tests (tests/conftest.py
-# starts the longest modules first).
-PYTEST_ARGS ?= -n auto --dist worksteal
+PYTEST_ARGS ?= -n auto
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
 .PHONY: fault-matrix test demo lint typecheck proto proto-check pytest bench bench-rollout bench-agents bench-floor bench-schema clean dist man completions

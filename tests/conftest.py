@@ -27,20 +27,6 @@ _SEED = int(_SLOT) if _SLOT.isdigit() else int(_RUN[:8], 16) if _RUN else os.get
 _BASE = 100 + _SEED % 25 * 6 + _WORKER % 6
 _counter = itertools.count(1)
 
-# The modules that hold the suite's longest tests, longest first (a full run on 2 workers: the
-# renewal cluster test about 2 minutes, two transitional tests over a minute each, the viewer's
-# browser set-up 47 s, the keepalive tests about 30 s each). They run first, each module whole
-# and in its own order (module-scoped clusters and browsers, tests that go on from the one
-# before); the rest keep theirs. The run then ends with short tests, and no worker waits alone
-# on a long one (`make test` uses pytest-xdist's worksteal mode: an idle worker takes queued
-# tests from the other).
-RUN_FIRST = ("test_renewal.py", "test_transitional.py", "test_viewer.py", "test_agent_keepalive.py")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    rank = {name: i for i, name in enumerate(RUN_FIRST)}
-    items.sort(key=lambda item: rank.get(item.path.name, len(RUN_FIRST)))  # stable: else as found
-
 
 def next_loopback() -> str:
     n = next(_counter)
