@@ -317,11 +317,9 @@ class Store(LeaderStore):
         # When this store opened, by ``monotonic`` (``bind_clocks`` keeps its age): nothing
         # stored before can have come later (``_stored_on_clock_now``).
         self._opened = self.monotonic()
-        # ``cap_now`` when this store opened: the clock then, or the latest time a certificate
-        # was counted at if that is later (``cap_now``).
-        with self._db.read() as conn:
-            (counted,) = conn.execute("SELECT MAX(counted_at) FROM certificates").fetchone()
-        self._cap_opened = max(filter(None, (self.clock(), from_text(counted))))
+        # ``cap_now`` at ``_cap_mono`` (by ``monotonic``): set as the store opens and as its
+        # clocks are bound (``_count_from``).
+        self._cap_base, self._cap_mono = self._count_from()
         # The group commit (``write_queued``): heartbeat records and other soft-state writes
         # waiting for it, under ``_seen_lock``.
         self._queued: dict[str, _Record] = {}
@@ -347,16 +345,20 @@ class Store(LeaderStore):
 
     def bind_clocks(self, clock: Callable[[], dt.datetime], monotonic: Callable[[], float]) -> None:
         """Judge times by ``clock`` (the leader's) and ``monotonic`` from now on; the time
-        since this store opened stays what it was."""
+        since this store opened stays what it was; ``cap_now`` starts again from ``clock``
+        (``_count_from``)."""
         age = self.monotonic() - self._opened
         self.clock, self.monotonic = clock, monotonic
         self._opened = monotonic() - age
+        self._cap_base, self._cap_mono = self._count_from()
 
     def cap_now(self) -> dt.datetime:
         """Now on the clock the hourly certificate caps count by (``_check_hourly_certs``;
-        a certificate's ``counted_at``): the leader's clock as this store opened, or the
-        latest ``counted_at`` on record if that is later, moved on by ``monotonic`` since. No
-        step of the wall clock moves it, and it never goes back, not across a restart either.
+        a certificate's ``counted_at``): the leader's clock as this store opened (as its
+        clocks were bound), or the latest ``counted_at`` on record if that is later, moved on
+        by ``monotonic`` since (``_count_from``). No step of the wall clock moves it, and it
+        never goes back behind a certificate it counted, not across a restart either.
+
         The caps counted by ``issued_at`` on the wall clock: a step forward lifted them (what
         was issued before counted no more), a step back of a day locked a node that had just
         renewed out of renewing, replaying its enrolment and signing workstation
@@ -364,7 +366,15 @@ class Store(LeaderStore):
         of elapsed time, and one counted "later" than a restarted leader's clock (stepped
         back while it was down) for at most an hour after the start. A leader restarted
         after a step forward counts what was issued before by the clock, as it did."""
-        return self._cap_opened + dt.timedelta(seconds=self.monotonic() - self._opened)
+        return self._cap_base + dt.timedelta(seconds=self.monotonic() - self._cap_mono)
+
+    def _count_from(self) -> tuple[dt.datetime, float]:
+        """Where ``cap_now`` starts, by ``clock`` and ``monotonic`` now (as the store opens,
+        and as its clocks are bound: the leader's service binds them before it records
+        anything): the clock, or the latest ``counted_at`` on record if that is later."""
+        with self._db.read() as conn:
+            (counted,) = conn.execute("SELECT MAX(counted_at) FROM certificates").fetchone()
+        return max(filter(None, (self.clock(), from_text(counted)))), self.monotonic()
 
     def _forget_seen(self, name: str) -> None:
         with self._seen_lock:
