@@ -37,15 +37,27 @@ announce), write the release's contract over it from the repository root::
         --descriptor_set_out=tests/data/contract-baseline.pb \\
         $(cd proto && find . -name '*.proto' | sed 's|^\\./||' | sort)
 
+and the words the JSON gives the enums of JSON-coded messages (the codecs', see below) over
+``tests/data/contract-baseline-words.json``::
+
+    python -c 'import json, tests.test_contract as t; print(json.dumps(t.json_words(t.head()),
+        indent=1, sort_keys=True))' > tests/data/contract-baseline-words.json
+
 and say in the commit which release it is. The baseline committed now is the contract of
 2026-12-02 (after 0.1.0, whose string fields the enums replaced on purpose: 0.1.0 is not a
 mixed-version partner, see the changelog).
+
+The JSON of those messages gives an enum not by its protobuf name but by the word of its codec
+(``tlsroll.wire.to_dict``: ``needs_attention``, ``enable-tls``): the Python value, which no
+descriptor holds. Those words are pinned against the words baseline: each value keeps its word
+(``schema show`` styles and reads the states by them).
 """
 
 from __future__ import annotations
 
 import ast
 import importlib
+import json
 import pkgutil
 import re
 import tomllib
@@ -63,8 +75,10 @@ import tlsroll.v1
 from leader import schema_view
 from leader.cli.base import fetch_schema_json
 from leader.schema_view import JSON_METHODS, JSON_SERVICE
+from tlsroll import wire
 
 BASELINE = Path(__file__).resolve().parent / "data" / "contract-baseline.pb"
+WORDS = BASELINE.with_name("contract-baseline-words.json")
 ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "tlsroll.v1"
 
@@ -263,10 +277,54 @@ def test_the_contract_is_wire_compatible_with_the_baseline() -> None:
     )
 
 
+def json_words(files: descriptor_pb2.FileDescriptorSet) -> dict[str, dict[str, str | None]]:
+    """For every enum a field of a JSON-coded message has: the word the leader's JSON gives
+    each value (its codec's, ``tlsroll.wire.to_dict``; None: no codec, the number itself), by
+    number. The codecs are this process's: meaningful for ``head()`` alone."""
+    messages, enums, _ = index(files)
+    found: dict[str, dict[str, str | None]] = {}
+    for name in json_messages(files, JSON_METHODS.values()):
+        for f in messages[name].field:
+            enum = f.type_name.lstrip(".")
+            if f.type == Fdp.TYPE_ENUM and enum in enums:
+                codec = wire._CODECS.get(enum)
+                found[enum] = {
+                    str(v.number): codec.text(v.number) if codec is not None else None
+                    for v in enums[enum].value
+                }
+    return found
+
+
+def word_breaks(
+    was: dict[str, dict[str, str | None]], now: dict[str, dict[str, str | None]]
+) -> list[str]:
+    """One line per enum value whose JSON word changed (a value or an enum no longer there is
+    for ``breaks`` and ``json_breaks`` to say)."""
+    found: list[str] = []
+    for enum, values in sorted(was.items()):
+        for number, word in sorted(values.items(), key=lambda item: int(item[0])):
+            if enum in now and number in now[enum] and now[enum][number] != word:
+                found.append(
+                    f"enum {enum} value {number}: its JSON word {word!r} became "
+                    f"{now[enum][number]!r}"
+                )
+    return found
+
+
 def test_the_json_coded_messages_keep_their_field_names() -> None:
     problems = json_breaks(baseline(), head(), JSON_METHODS.values())
     assert problems == [], "\n".join(
         ["a JSON-coded message broke against tests/data/contract-baseline.pb:", *problems]
+    )
+
+
+def test_the_json_coded_enums_keep_their_words() -> None:
+    was = json.loads(WORDS.read_text())
+    # the two baselines are of one contract: the words of the enums its JSON messages have
+    assert set(was) == set(json_words(baseline())), "move both baselines together"
+    problems = word_breaks(was, json_words(head()))
+    assert problems == [], "\n".join(
+        ["a JSON-coded enum broke against tests/data/contract-baseline-words.json:", *problems]
     )
 
 
@@ -497,3 +555,18 @@ def test_the_json_guard_lets_through_what_json_readers_do_not_see() -> None:
         json_messages(changed, JSON_METHODS.values()).keys().isdisjoint({"tlsroll.v1.Transaction"})
     )
     assert json_breaks(head(), changed, JSON_METHODS.values()) == []
+
+
+def test_the_words_guard_notices_a_new_word(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Python value of a state respelled (``needs_attention`` as ``needs-attention``):
+    the descriptors do not change, the JSON does."""
+    was = json_words(head())
+    codec = wire._CODECS["tlsroll.v1.NodeState"]
+    real = codec.text
+    (number,) = [n for n, word in was["tlsroll.v1.NodeState"].items() if word == "needs_attention"]
+    monkeypatch.setattr(codec, "text", lambda n: "needs-attention" if n == int(number) else real(n))
+    assert breaks(head(), head()) == json_breaks(head(), head(), JSON_METHODS.values()) == []
+    assert word_breaks(was, json_words(head())) == [
+        f"enum tlsroll.v1.NodeState value {number}: its JSON word 'needs_attention' became "
+        "'needs-attention'"
+    ]
