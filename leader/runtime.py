@@ -243,6 +243,8 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         agents,
         state.clock,
         cfg.scope_freeze_lease,
+        # the leases' and the liveness' clock alike: elapsed time, a suspend counted
+        monotonic=state.monotonic,
         step_deadline=cfg.step_deadline,
         prepare_ahead=cfg.prepare_ahead,
         heartbeat_interval=cfg.heartbeat_interval,
