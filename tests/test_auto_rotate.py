@@ -901,6 +901,10 @@ DST_ROTATOR = [
     ("Sun 02:00-04:00", "2026-03-29 01:00", "started", "", None),  # 03:00 CEST
     ("Sun 02:00-04:00", "2026-03-29 01:59", "started", "", None),  # 03:59 CEST
     ("Sun 02:00-04:00", "2026-03-29 02:00", "outside-window", "2026-04-05T02:00+02:00", None),
+    # A window that opens in the skipped hour is open from the skip (03:00 to 03:15 CEST): the
+    # watch is woken then, not at "02:30 CET" (03:30 CEST), after it has closed.
+    ("Sun 02:30-03:15", "2026-03-29 00:59", "outside-window", "2026-03-29T03:00+02:00", 61),
+    ("Sun 02:30-03:15", "2026-03-29 01:10", "started", "", None),  # 03:10 CEST
     ("Sun 02:00-03:00", "2026-10-24 23:59", "outside-window", "2026-10-25T02:00+02:00", 61),
     ("Sun 02:00-03:00", "2026-10-25 00:30", "started", "", None),  # 02:30 CEST
     ("Sun 02:00-03:00", "2026-10-25 01:30", "started", "", None),  # 02:30 CET, again
