@@ -463,8 +463,7 @@ class AutoRotateView(_message.Message):
     """The last rollout auto_rotate started, if any (since the leader started)."""
     next_window: _builtins.str
     """When the window opens next, in the window's zone with its UTC offset
-    ("2026-12-05T02:00+01:00"; 0.1.0 wrote it without one); empty if it is open now or never
-    closes.
+    ("2026-12-05T02:00+01:00"); empty if it is open now or never closes.
     """
     timezone: _builtins.str
     """The zone the window is read in: maintenance_timezone in leader.toml, an IANA name
