@@ -248,10 +248,13 @@ def render_certificate_health(data: View) -> Block | None:
             line += f" ({auto['reason']})"
         opens = auto.get("next_window") or "-"
         state = "open now" if auto.get("in_window") else f"next opens {opens}"
-        line += f"; window {auto.get('window', '')}, {state}"
+        zone = auto.get("timezone") or "the leader host's zone"
+        line += f"; window {auto.get('window', '')} ({zone}), {state}"
         if auto.get("due_nodes"):
             line += f"; due: {', '.join(auto['due_nodes'])}"
         if auto.get("rollout_id"):
             line += f"; last started: {auto['rollout_id']}"
         parts.append(line)
+        if auto.get("warning"):
+            parts.append(Styled(f"warning: {auto['warning']}", "bold yellow"))
     return Block(*parts) if parts else None

@@ -449,9 +449,11 @@ class AutoRotateView(_message.Message):
     DUE_NODES_FIELD_NUMBER: _builtins.int
     ROLLOUT_ID_FIELD_NUMBER: _builtins.int
     NEXT_WINDOW_FIELD_NUMBER: _builtins.int
+    TIMEZONE_FIELD_NUMBER: _builtins.int
+    WARNING_FIELD_NUMBER: _builtins.int
     enabled: _builtins.bool
     window: _builtins.str
-    """The maintenance window as configured, e.g. "Sat 02:00-05:00" (leader's local time)."""
+    """The maintenance window as configured, e.g. "Sat 02:00-05:00", in `timezone`."""
     in_window: _builtins.bool
     verdict: _builtins.str
     """off | nothing-due | outside-window | busy | waits-finalize | held | started | blocked"""
@@ -460,8 +462,17 @@ class AutoRotateView(_message.Message):
     rollout_id: _builtins.str
     """The last rollout auto_rotate started, if any (since the leader started)."""
     next_window: _builtins.str
-    """When the window opens next, in the leader's local time written as UTC-less wall time
-    ("2026-12-05T02:00"); empty if it is open now or never closes.
+    """When the window opens next, in the window's zone with its UTC offset
+    ("2026-12-05T02:00+01:00"); empty if it is open now or never closes.
+    """
+    timezone: _builtins.str
+    """The zone the window is read in: maintenance_timezone in leader.toml, an IANA name
+    ("Europe/Berlin"); empty: not set, the leader host's local time. `tlsroll notify` shows
+    its times in it when it is set and --timezone is not given.
+    """
+    warning: _builtins.str
+    """A setting the admin should look at, in words (a window read in UTC only because the
+    leader host runs on UTC); empty if none.
     """
     @_builtins.property
     def checked_at(self) -> _timestamp_pb2.Timestamp: ...
@@ -481,10 +492,12 @@ class AutoRotateView(_message.Message):
         due_nodes: _abc.Iterable[_builtins.str] | None = ...,
         rollout_id: _builtins.str = ...,
         next_window: _builtins.str = ...,
+        timezone: _builtins.str = ...,
+        warning: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["checked_at", b"checked_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checked_at", b"checked_at", "due_nodes", b"due_nodes", "enabled", b"enabled", "in_window", b"in_window", "next_window", b"next_window", "reason", b"reason", "rollout_id", b"rollout_id", "verdict", b"verdict", "window", b"window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checked_at", b"checked_at", "due_nodes", b"due_nodes", "enabled", b"enabled", "in_window", b"in_window", "next_window", b"next_window", "reason", b"reason", "rollout_id", b"rollout_id", "timezone", b"timezone", "verdict", b"verdict", "warning", b"warning", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
