@@ -186,7 +186,7 @@ def test_a_journalled_lease_without_its_length_is_taken_over(tmp_path: Path) -> 
         assert journal.freeze_lease() is None
     finally:
         journal.close()
-    assert user_version(path) == current_version("journal", tmp_path) == 5
+    assert user_version(path) == current_version("journal", tmp_path) == 6
 
 
 def test_a_journalled_lease_without_its_boot_time_end_is_read(tmp_path: Path) -> None:
@@ -216,7 +216,7 @@ def test_a_journalled_lease_without_its_boot_time_end_is_read(tmp_path: Path) ->
         assert journal.freeze_lease() == ("r2", until, 60.0, None)
     finally:
         journal.close()
-    assert user_version(path) == current_version("journal", tmp_path) == 5
+    assert user_version(path) == current_version("journal", tmp_path) == 6
 
 
 def test_the_refserver_entries_of_0_1_0_are_taken_over(tmp_path: Path) -> None:
