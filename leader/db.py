@@ -236,6 +236,14 @@ _V8 = """
 ALTER TABLE rollout_nodes ADD COLUMN freeze_asked INTEGER NOT NULL DEFAULT 0;
 """
 
+# Migration 9: a node's freeze window's length as its agent measured it in elapsed time (clock
+# audit s35 J): the window's two times are on the node's wall clock, which may step between
+# them. NULL: not sent (an older agent, a reboot during the freeze, a scope freeze), or a row
+# of an earlier release; the times' difference is then the length, never below 0.
+_V9 = """
+ALTER TABLE rollout_nodes ADD COLUMN freeze_seconds REAL;
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     _V1,  # 0.1.0
     _V2,  # needs_attention
@@ -245,6 +253,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     _V6,  # agent certificate renewal
     _V7,  # transitional strategy: finalize links, clients per scheme
     _V8,  # scope freeze asked
+    _V9,  # a freeze window's length in elapsed time
 )
 
 

@@ -90,6 +90,7 @@ def rollout_view(
                 freeze_started_at=timestamp(d.freeze_started_at),
                 freeze_ended_at=timestamp(d.freeze_ended_at),
                 restart_seconds=d.restart_seconds,
+                freeze_seconds=d.freeze_window,
                 steps=steps,
                 leader_node=shown[0],
                 bootstrap_port=d.bootstrap_port,

@@ -100,6 +100,7 @@ class NodeView(_message.Message):
     BOOTSTRAP_PORT_FIELD_NUMBER: _builtins.int
     PASSWORD_PENDING_FIELD_NUMBER: _builtins.int
     STILL_ON_HTTP_FIELD_NUMBER: _builtins.int
+    FREEZE_SECONDS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     state: _types_pb2.NodeState.ValueType
     reason: _builtins.str
@@ -116,6 +117,13 @@ class NodeView(_message.Message):
     still_on_http: _builtins.int
     """Workstations seen on http lately that have not been seen on https since (who still needs
     the client steps; transitional strategy).
+    """
+    freeze_seconds: _builtins.float
+    """The freeze window's length in seconds; unset while it is open. It is the agent's measure in
+    elapsed time (Transaction's freeze_seconds): freeze_started_at and freeze_ended_at are on
+    the node's wall clock (with --freeze scope, on the leader's), so their difference is off by
+    any step of that clock. Where no such measure was sent (an older agent, a reboot during the
+    freeze, a scope freeze) it is that difference, never below 0 (0 for a clock stepped back).
     """
     @_builtins.property
     def cert_not_after(self) -> _timestamp_pb2.Timestamp: ...
@@ -143,12 +151,15 @@ class NodeView(_message.Message):
         bootstrap_port: _builtins.int = ...,
         password_pending: _builtins.bool = ...,
         still_on_http: _builtins.int = ...,
+        freeze_seconds: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cert_not_after", b"cert_not_after", "freeze_ended_at", b"freeze_ended_at", "freeze_started_at", b"freeze_started_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_freeze_seconds", b"_freeze_seconds", "cert_not_after", b"cert_not_after", "freeze_ended_at", b"freeze_ended_at", "freeze_seconds", b"freeze_seconds", "freeze_started_at", b"freeze_started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bootstrap_port", b"bootstrap_port", "cert_fingerprint", b"cert_fingerprint", "cert_not_after", b"cert_not_after", "freeze_ended_at", b"freeze_ended_at", "freeze_started_at", b"freeze_started_at", "leader_node", b"leader_node", "name", b"name", "new_url", b"new_url", "old_url", b"old_url", "password_pending", b"password_pending", "reason", b"reason", "restart_seconds", b"restart_seconds", "state", b"state", "steps", b"steps", "still_on_http", b"still_on_http"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_freeze_seconds", b"_freeze_seconds", "bootstrap_port", b"bootstrap_port", "cert_fingerprint", b"cert_fingerprint", "cert_not_after", b"cert_not_after", "freeze_ended_at", b"freeze_ended_at", "freeze_seconds", b"freeze_seconds", "freeze_started_at", b"freeze_started_at", "leader_node", b"leader_node", "name", b"name", "new_url", b"new_url", "old_url", b"old_url", "password_pending", b"password_pending", "reason", b"reason", "restart_seconds", b"restart_seconds", "state", b"state", "steps", b"steps", "still_on_http", b"still_on_http"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__freeze_seconds: _TypeAlias = _typing.Literal["freeze_seconds"]  # noqa: Y015
+    _WhichOneofArgType__freeze_seconds: _TypeAlias = _typing.Literal["_freeze_seconds", b"_freeze_seconds"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__freeze_seconds) -> _WhichOneofReturnType__freeze_seconds | None: ...
 
 Global___NodeView: _TypeAlias = NodeView  # noqa: Y015
 
