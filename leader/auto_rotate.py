@@ -1,13 +1,16 @@
 """``auto_rotate = true``: the leader rotates server certificates by itself, in the window.
 
     window = parse_window("Sat 02:00-05:00")
-    rotator = AutoRotator(watch, schema, commands, enabled=True, window=window)
+    rotator = AutoRotator(watch, schema, commands, enabled=True, window=window,
+                          zone=ZoneInfo("Europe/Berlin"))   # None: the host's local time
+    rotator.announce()                         # at start: warns of a window read in UTC
     watch.before_check.append(rotator.check)   # with every check of the expiry watch
     watch.wake_hints.append(rotator.wake_in)   # and one as the window opens, if one is due
 
 At each check it takes the server (8443) certificates within their warning horizon
-(``ExpiryWatch.warnings``), the active and the newest rollout, and the local time, and asks the
-pure ``leader.maintenance.decide`` what to do. While certificates are due outside the window,
+(``ExpiryWatch.warnings``), the active and the newest rollout, and the time on the window's
+wall clock (``maintenance_timezone``, else the host's), and asks the pure
+``leader.maintenance.decide`` what to do. While certificates are due outside the window,
 the watch checks again as the window opens (``wake_in``), so that a window shorter than the
 watch's interval is not missed. If that says start, it plans and starts a
 ``rotate-cert`` rollout of exactly those nodes, as an admin's ``tlsroll rollout start`` would
@@ -26,6 +29,7 @@ import asyncio
 import datetime as dt
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from zoneinfo import ZoneInfo
 
 from leader.commands import Commands, RolloutRequest
 from leader.expiry import ExpiryWatch
@@ -41,6 +45,7 @@ from leader.maintenance import (
 )
 from leader.rollout_core import Change, RolloutState, Scope
 from leader.schema_store import RolloutRow, SchemaStore
+from leader.zones import host_is_utc
 from tlsroll import logs
 from tlsroll.errors import TlsrollError
 from tlsroll.v1 import schema_pb2
@@ -57,12 +62,25 @@ def local_now() -> dt.datetime:
     return dt.datetime.now().astimezone()
 
 
+def utc_window_warning(window: Window) -> str:
+    """What the leader says at its start (and the schema shows) when the window is read in UTC
+    only because the host runs on UTC: servers commonly do, and a practice's "04:00-06:00"
+    before opening is then 06:00-08:00 in German summer time."""
+    return (
+        f"the maintenance window {window.text} is read in UTC (the leader host's zone; "
+        "maintenance_timezone is not set); if the practice is elsewhere, set it in "
+        'leader.toml, e.g. maintenance_timezone = "Europe/Berlin"'
+    )
+
+
 @dataclass
 class Status:
     """The last check, as the schema shows it (``AutoRotateView``)."""
 
     enabled: bool
     window: str
+    timezone: str = ""  # maintenance_timezone; "": the leader host's zone
+    warning: str = ""  # a setting the admin should look at (``utc_window_warning``)
     in_window: bool = False
     checked_at: dt.datetime | None = None
     verdict: str = ""
@@ -82,6 +100,8 @@ class Status:
             due_nodes=list(self.due),
             rollout_id=self.rollout_id,
             next_window=self.next_window,
+            timezone=self.timezone,
+            warning=self.warning,
         )
         if self.checked_at is not None:
             view.checked_at.FromDatetime(self.checked_at)
@@ -97,26 +117,49 @@ class AutoRotator:
         *,
         enabled: bool,
         window: Window | None,
+        zone: ZoneInfo | None = None,
         local_clock: Callable[[], dt.datetime] = local_now,
+        utc_host: Callable[[], bool] = host_is_utc,
     ) -> None:
+        """``zone``: the window's (``maintenance_timezone``); None: the host's local time.
+        ``local_clock``: now, aware in any zone (it is read on ``zone``'s wall clock), or
+        without a ``zone`` as the window's wall clock itself (naive: the host's)."""
         self.watch = watch
         self.schema = schema
         self.commands = commands
         self.enabled = enabled
         self.window = window
+        self.zone = zone
         self.local_clock = local_clock
-        self.status = Status(enabled, window.text if window else "")
+        self.status = Status(enabled, window.text if window else "", zone.key if zone else "")
+        if enabled and window is not None and zone is None and utc_host():
+            self.status.warning = utc_window_warning(window)
         self._lock = asyncio.Lock()
         # The local time the last check began, whether or not it got as far as a verdict
         # (``wake_in``).
         self._began: dt.datetime | None = None
+
+    def now(self) -> dt.datetime:
+        """Now on the window's wall clock."""
+        now = self.local_clock()
+        return now.astimezone(self.zone) if self.zone is not None else now
+
+    def announce(self) -> None:
+        """At the leader's start: one warning if the window is read in UTC only because the
+        host runs on UTC (``Status.warning``)."""
+        if self.status.warning:
+            log.warning(
+                "auto_rotate.window_in_utc",
+                window=self.status.window,
+                detail=self.status.warning,
+            )
 
     async def check(self) -> Decision:
         """One check (the expiry watch's hook); returns what was decided, with STARTED or
         BLOCKED once the start was tried. One that raises (the store: disk I/O error, busy)
         records nothing; the watch logs it and checks again at its interval."""
         async with self._lock:
-            local = self._began = self.local_clock()
+            local = self._began = self.now()
             return await self._check(local)
 
     async def _check(self, local: dt.datetime) -> Decision:
@@ -174,6 +217,7 @@ class AutoRotator:
             rollout_id=row.rollout.id,
             nodes=list(decision.nodes),
             window=self.status.window,
+            timezone=self.status.timezone or "host",
             actor=ACTOR,
         )
         return Decision(Verdict.STARTED, decision.nodes, f"rollout {row.rollout.id}")
@@ -189,7 +233,7 @@ class AutoRotator:
             return None
         if self.status.verdict != Verdict.OUTSIDE_WINDOW.value:
             return None
-        local = self.local_clock()
+        local = self.now()
         if in_window(self.window, local):  # it opened since that check
             # Once: a check that began inside the window and left that verdict raised before
             # it decided (the watch logged it). It is tried again at the watch's interval, as
@@ -201,8 +245,8 @@ class AutoRotator:
         if opens is None:
             return None
         seconds = seconds_until(opens, local)
-        # Not positive: a zone the host's rules do not match; the watch's interval, never a
-        # check every second.
+        # Not positive (a clock with a fixed offset the host's rules do not match): the
+        # watch's interval, never a check every second.
         return seconds + AFTER_OPENING if seconds > 0 else None
 
     def _record(self, decision: Decision, local: dt.datetime) -> None:

@@ -631,6 +631,11 @@ async def wait_transaction(
                 details["freeze_started_at"] = txn.freeze_started_at.ToDatetime(tzinfo=dt.UTC)
             if own_window and txn.HasField("freeze_ended_at"):
                 details["freeze_ended_at"] = txn.freeze_ended_at.ToDatetime(tzinfo=dt.UTC)
+            # The window's length as the agent measured it in elapsed time (the two times are on
+            # the node's wall clock, which may step between them: clock audit s35 J); an older
+            # agent sends none, and the schema takes the times' difference.
+            if own_window and txn.HasField("freeze_seconds"):
+                details["freeze_seconds"] = txn.freeze_seconds
             try:
                 outcome = TXN_OUTCOME.read(txn.outcome, "transaction.outcome")
             except WireError as exc:

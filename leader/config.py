@@ -7,9 +7,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 from leader.layout import Layout
 from leader.maintenance import Window, WindowError, parse_window
+from leader.zones import load_zone
 from tlsroll import logs, pki
 from tlsroll.config import ConfigFile, Section
 from tlsroll.defaults import CONTROL_PORT, JOIN_PORT, MAX_FREEZE_LEASE, VIEWER_PORT
@@ -64,6 +66,9 @@ class LeaderConfig:
     # ``expiry_warning_days``, but only inside ``maintenance_window`` (leader.maintenance).
     auto_rotate: bool = False
     maintenance_window: Window | None = None
+    # The zone the window is read in, an IANA name ("Europe/Berlin"); None: the host's local
+    # time. ``tlsroll notify`` uses it too (the schema carries it), unless --timezone.
+    maintenance_timezone: ZoneInfo | None = None
     # Seconds between two checks of the expiry watch (at most this; agent certificates that
     # live shorter than 10 h are checked more often). Tests set a second.
     expiry_check_interval: int = EXPIRY_CHECK_INTERVAL
@@ -100,6 +105,7 @@ class LeaderConfig:
             ),
             auto_rotate=s.flag("auto_rotate", False),
             maintenance_window=_window(s),
+            maintenance_timezone=_zone(s),
             expiry_check_interval=s.integer(
                 "expiry_check_interval", EXPIRY_CHECK_INTERVAL, lo=1, hi=86400
             ),
@@ -130,6 +136,16 @@ def _warning_days(s: Section) -> float:
             raise s.error("expiry_warning_days", f"must be between 0 and 365, got {value}")
         return value
     return float(s.integer("expiry_warning_days", 30, lo=1, hi=365))
+
+
+def _zone(s: Section) -> ZoneInfo | None:
+    name = s.text("maintenance_timezone", None)
+    if name is None:
+        return None
+    try:
+        return load_zone(name)
+    except ValueError as exc:
+        raise s.error("maintenance_timezone", str(exc)) from None
 
 
 def _window(s: Section) -> Window | None:

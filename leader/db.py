@@ -236,7 +236,15 @@ _V8 = """
 ALTER TABLE rollout_nodes ADD COLUMN freeze_asked INTEGER NOT NULL DEFAULT 0;
 """
 
-# Migration 9: the certificates' record order, the hourly caps and the rollouts, none of them
+# Migration 9: a node's freeze window's length as its agent measured it in elapsed time (clock
+# audit s35 J): the window's two times are on the node's wall clock, which may step between
+# them. NULL: not sent (an older agent, a reboot during the freeze, a scope freeze), or a row
+# of an earlier release; the times' difference is then the length, never below 0.
+_V9 = """
+ALTER TABLE rollout_nodes ADD COLUMN freeze_seconds REAL;
+"""
+
+# Migration 10: the certificates' record order, the hourly caps and the rollouts, none of them
 # by the wall clock (clock audit s35, F and J; session 36). ``seq``: the order the certificates
 # were recorded in, an INTEGER PRIMARY KEY: the implicit rowid it replaces "is not persistent
 # and might change" (SQLite, "Rowid Tables"; "The VACUUM command may change the ROWIDs of
@@ -250,8 +258,8 @@ ALTER TABLE rollout_nodes ADD COLUMN freeze_asked INTEGER NOT NULL DEFAULT 0;
 # before belong to none, but a server certificate issued since a rollout not ended began,
 # of a node of it, is taken for that rollout's (what the span picked until now). A table is
 # rebuilt to change its key (SQLite cannot ALTER it); nothing refers to it.
-_V9 = """
-CREATE TABLE certificates_v9 (
+_V10 = """
+CREATE TABLE certificates_v10 (
     seq           INTEGER PRIMARY KEY,   -- the order they were recorded in
     serial        TEXT NOT NULL UNIQUE,  -- hex
     kind          TEXT NOT NULL,         -- node | server | workstation | leader | other
@@ -265,13 +273,13 @@ CREATE TABLE certificates_v9 (
     counted_at    TEXT,                  -- NULL: no hourly cap counts it
     rollout_id    TEXT NOT NULL DEFAULT ''  -- '': no rollout's
 );
-INSERT INTO certificates_v9 (seq, serial, kind, subject, node, fingerprint, issued_at,
+INSERT INTO certificates_v10 (seq, serial, kind, subject, node, fingerprint, issued_at,
     not_after, revoked_at, revoke_reason, counted_at)
   SELECT rowid, serial, kind, subject, node, fingerprint, issued_at, not_after, revoked_at,
     revoke_reason, CASE WHEN kind IN ('node', 'workstation') THEN issued_at END
   FROM certificates ORDER BY rowid;
 DROP TABLE certificates;
-ALTER TABLE certificates_v9 RENAME TO certificates;
+ALTER TABLE certificates_v10 RENAME TO certificates;
 CREATE INDEX certificates_subject ON certificates (kind, subject);
 CREATE INDEX certificates_node ON certificates (node);
 UPDATE certificates SET rollout_id = COALESCE((
@@ -292,7 +300,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     _V6,  # agent certificate renewal
     _V7,  # transitional strategy: finalize links, clients per scheme
     _V8,  # scope freeze asked
-    _V9,  # certificates: record order, hourly caps' clock, their rollout
+    _V9,  # a freeze window's length in elapsed time
+    _V10,  # certificates: record order, hourly caps' clock, their rollout
 )
 
 

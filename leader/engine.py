@@ -34,7 +34,12 @@ them again asks the agents for the state of their transactions (a replayed Switc
 transaction already under way), so no step is applied twice.
 
 Time comes in through ``clock`` (wall time for the records), ``monotonic`` and ``sleep``
-(pauses), so tests can drive the engine with a fake clock.
+(pauses), so tests can drive the engine with a fake clock. ``monotonic`` is by default the
+leader's elapsed-time clock (``leader.store.elapsed``: CLOCK_BOOTTIME, which counts a suspend
+of the leader's host): the scope freeze's leases run on the nodes while the leader's host
+sleeps, and ``time.monotonic``, which stands still meanwhile, let a leader back from a suspend
+longer than a lease count a freeze as confirmed (``_confirmed_until``) that the agents had
+lifted, and begin a switch with nodes of the scope taking writes (review 2 of s35).
 """
 
 from __future__ import annotations
@@ -45,7 +50,6 @@ import datetime as dt
 import functools
 import itertools
 import sqlite3
-import time
 from collections.abc import Awaitable, Callable, Iterable, Sequence
 from dataclasses import replace
 from typing import Any
@@ -89,7 +93,7 @@ from leader.schema_store import (
     StaleRecords,
     StepTime,
 )
-from leader.store import IssuedCert, Node, Store
+from leader.store import IssuedCert, Node, Store, elapsed
 from tlsroll import dbthread, logs, pki
 from tlsroll.errors import TlsrollError, TransientError
 from tlsroll.v1 import agent_pb2
@@ -149,7 +153,7 @@ class Engine:
         clock: Callable[[], dt.datetime],
         freeze_lease: int = 300,
         *,
-        monotonic: Callable[[], float] = time.monotonic,
+        monotonic: Callable[[], float] = elapsed,
         sleep: Callable[[float], Awaitable[Any]] = asyncio.sleep,
         step_deadline: float = STEP_DEADLINE,
         prepare_ahead: int = 1,

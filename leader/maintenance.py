@@ -2,10 +2,11 @@
 
 ``maintenance_window`` in leader.toml says when the leader may restart the practice's servers by
 itself (``auto_rotate = true``): one string or a list of them, each ``DAYS HH:MM-HH:MM`` in the
-leader host's local time::
+zone ``maintenance_timezone`` names (an IANA name), else the leader host's local time::
 
     maintenance_window = "Sat 02:00-05:00"
     maintenance_window = ["Mon-Fri 22:00-01:00", "Sun 03:00-04:00"]   # weekdays cross midnight
+    maintenance_timezone = "Europe/Berlin"                              # default: the host's
 
 DAYS is ``Mon``..``Sun`` (or the full English name), a range ``Mon-Fri`` (``Fri-Mon`` wraps
 the week), several of these separated by commas, or ``daily``. An end before the start runs
@@ -16,6 +17,8 @@ Wall-clock time is compared, not elapsed time, because that is how an admin thin
 02:00 to 05:00". On the day daylight saving time starts, a window over the skipped hour is that
 much shorter (in Europe/Berlin, ``Sun 02:00-04:00`` on the last Sunday of March is open 03:00 to
 04:00 CEST); on the day it ends, a window over the repeated hour is open through both passes.
+The time it opens next (``next_opening``) is an instant, shown with its UTC offset: the first
+moment the window is open, so in that spring night ``Sun 02:00-04:00`` opens at 03:00+02:00.
 
 ``decide`` is what the expiry watch does with the server certificates inside their horizon
 (``leader.auto_rotate`` runs it and does the I/O).
@@ -114,8 +117,8 @@ def parse_window(value: str | Sequence[str]) -> Window:
 
 
 def in_window(window: Window, local: dt.datetime) -> bool:
-    """Whether the local wall-clock time ``local`` (naive, or aware in the leader's zone) is
-    inside the window."""
+    """Whether the wall-clock time ``local`` is inside the window: naive, or aware in the
+    window's zone (``maintenance_timezone``, else the host's); its fields are what counts."""
     now = local.hour * 60 + local.minute + (local.second + local.microsecond / 1e6) / 60
     today = local.weekday()
     for span in window.spans:
@@ -126,38 +129,84 @@ def in_window(window: Window, local: dt.datetime) -> bool:
     return False
 
 
+def _rules(local: dt.datetime) -> dt.tzinfo | None:
+    """The zone rules of ``local``: its own if it has them (a ``ZoneInfo``), else None, the
+    host's (``TZ``): ``datetime.now().astimezone()``, the host's clock, has a fixed offset
+    only, and a naive time is the host's local time."""
+    zone = local.tzinfo
+    return None if zone is None or isinstance(zone, dt.timezone) else zone
+
+
+def _utc(local: dt.datetime, rules: dt.tzinfo | None = None, fold: int = 0) -> dt.datetime:
+    """``local`` as an instant in UTC; a naive one is a wall-clock time under ``rules`` (None:
+    the host's), ``fold`` picking the pass of a time the clocks go back over."""
+    if local.tzinfo is None:
+        if rules is None:
+            return local.replace(fold=fold).astimezone(dt.UTC)
+        return local.replace(tzinfo=rules, fold=fold).astimezone(dt.UTC)
+    return local.astimezone(dt.UTC)
+
+
+def _shown(instant: dt.datetime, rules: dt.tzinfo | None) -> dt.datetime:
+    """``instant`` on the wall clock of ``rules`` (None: the host's), aware, with the offset
+    in force then."""
+    return instant.astimezone() if rules is None else instant.astimezone(rules)
+
+
+def _wall(instant: dt.datetime, rules: dt.tzinfo | None) -> dt.datetime:
+    return _shown(instant, rules).replace(tzinfo=None, fold=0)
+
+
+def _instants(wall: dt.datetime, rules: dt.tzinfo | None) -> list[dt.datetime]:
+    """The instants (UTC) the wall clock reaches the naive ``wall``: one; two in the hour the
+    clocks go back over; in the hour they skip, the moment they skip it (the first at which
+    the wall clock is past ``wall``)."""
+    first = _utc(wall, rules, fold=0)
+    if _wall(first, rules) == wall:
+        second = _utc(wall, rules, fold=1)
+        return [first] if second == first else sorted({first, second})
+    # Skipped: bisect (whole seconds) for the first instant whose wall clock is not before
+    # ``wall``; the skip lies within a day of either reading of it.
+    lo = int(first.timestamp()) - 90000
+    hi = int(first.timestamp()) + 90000
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        if _wall(dt.datetime.fromtimestamp(mid, dt.UTC), rules) >= wall:
+            hi = mid
+        else:
+            lo = mid
+    return [dt.datetime.fromtimestamp(hi, dt.UTC)]
+
+
 def next_opening(window: Window, local: dt.datetime) -> dt.datetime | None:
-    """The next wall-clock time (naive, in the leader's zone) the window opens after
-    ``local``; None if it is never closed (e.g. ``daily 00:00-24:00``)."""
-    base = local.replace(tzinfo=None, second=0, microsecond=0)
-    midnight = base.replace(hour=0, minute=0)
-    candidates = []
+    """The next instant after ``local`` at which the window opens, aware, on ``local``'s wall
+    clock with the offset in force then (``2026-12-05T02:00+01:00``); None if it is never
+    closed (e.g. ``daily 00:00-24:00``). The zone's rules are ``local``'s own if it has them,
+    else the host's (see ``_rules``). An opening in the hour the clocks skip is the moment
+    they skip it (the window is open from then: wall-clock time); one in the hour they go back
+    over is its first pass, or its second if the window closed in between."""
+    rules = _rules(local)
+    now = _utc(local, rules)
+    midnight = _wall(now, rules).replace(hour=0, minute=0, second=0, microsecond=0)
+    found: list[dt.datetime] = []
     for span in window.spans:
         for ahead in range(8):
             day = midnight + dt.timedelta(days=ahead)
             if day.weekday() != span.weekday:
                 continue
-            opens = day + dt.timedelta(minutes=span.start)
-            if opens > base and not in_window(window, opens - dt.timedelta(minutes=1)):
-                candidates.append(opens)
-    return min(candidates, default=None)
+            for at in _instants(day + dt.timedelta(minutes=span.start), rules):
+                before = _wall(at - dt.timedelta(minutes=1), rules)
+                if at > now and not in_window(window, before):
+                    found.append(at)
+    return _shown(min(found), rules) if found else None
 
 
 def seconds_until(opening: dt.datetime, local: dt.datetime) -> float:
-    """Elapsed seconds from ``local`` (now, aware) to ``opening`` (naive, a wall-clock time in
-    the same zone, as ``next_opening`` gives it), counted in UTC: across a change of daylight
-    saving time the hour gained or lost counts (Saturday 12:00 to Sunday 04:00 in Europe/Berlin
-    on the night summer time ends is 17 hours). The zone's rules are ``local``'s own when it
-    has them (a ``ZoneInfo``), else the host's (``TZ``): ``datetime.now().astimezone()``, the
-    leader's local clock, has a fixed offset only. An opening in the hour skipped when summer
-    time starts counts as the same wall time an hour later (``fold=0``): late, never early."""
-    zone = local.tzinfo
-    if zone is None or isinstance(zone, dt.timezone):
-        aware = opening.astimezone()  # a naive time is the host's local time
-    else:
-        aware = opening.replace(tzinfo=zone, fold=0)
-    # In UTC: two times with the same tzinfo subtract as wall-clock times.
-    return (aware.astimezone(dt.UTC) - local.astimezone(dt.UTC)).total_seconds()
+    """Elapsed seconds from ``local`` (now) to ``opening`` (``next_opening``'s, aware): across a
+    change of daylight saving time the hour gained or lost counts (Saturday 12:00 to Sunday
+    04:00 in Europe/Berlin on the night summer time ends is 17 hours). A naive ``local`` is
+    the host's local time."""
+    return (opening.astimezone(dt.UTC) - _utc(local)).total_seconds()
 
 
 # --- the automatic rotation -------------------------------------------------------------------

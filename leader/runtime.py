@@ -243,6 +243,8 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         agents,
         state.clock,
         cfg.scope_freeze_lease,
+        # the leases' and the liveness' clock alike: elapsed time, a suspend counted
+        monotonic=state.monotonic,
         step_deadline=cfg.step_deadline,
         prepare_ahead=cfg.prepare_ahead,
         heartbeat_interval=cfg.heartbeat_interval,
@@ -290,8 +292,14 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     if viewer is not None:
         expiry.before_check.append(viewer.renew_if_due)  # renewed while the leader runs
     rotator = AutoRotator(
-        expiry, schema, commands, enabled=cfg.auto_rotate, window=cfg.maintenance_window
+        expiry,
+        schema,
+        commands,
+        enabled=cfg.auto_rotate,
+        window=cfg.maintenance_window,
+        zone=cfg.maintenance_timezone,
     )
+    rotator.announce()  # a window read in UTC only because the host runs on UTC
     expiry.before_check.append(rotator.check)  # auto_rotate: in the maintenance window
     expiry.wake_hints.append(rotator.wake_in)  # and as it opens, however short it is
     if viewer is not None:

@@ -60,6 +60,7 @@ _NODE_DETAIL_FIELDS = (
     "freeze_ended_at",
     "restart_seconds",
     "bootstrap_port",
+    "freeze_seconds",
 )
 
 
@@ -92,6 +93,14 @@ class NodeDetail:
     restart_seconds: float = 0.0
     bootstrap_port: int = 0
     steps: dict[str, list[str | None]] = field(default_factory=dict)
+    # The freeze window's length as the agent measured it in elapsed time; None: not sent
+    # (``freeze_window``).
+    freeze_seconds: float | None = None
+
+    @property
+    def freeze_window(self) -> float | None:
+        """The freeze window's length in seconds (``freeze_window``), None while it is open."""
+        return freeze_window(self.freeze_started_at, self.freeze_ended_at, self.freeze_seconds)
 
 
 @dataclass(frozen=True)
@@ -460,19 +469,20 @@ class SchemaStore(LeaderStore):
 
     def switch_times(self) -> tuple[list[float], list[float]]:
         """Of every node of every stored rollout: its freeze windows (seconds, where both ends
-        are recorded) and its server's restarts (seconds, where one was timed); for the
-        viewer's metrics, without reading the rollouts whole (``listed``)."""
+        are recorded: ``freeze_window``) and its server's restarts (seconds, where one was
+        timed); for the viewer's metrics, without reading the rollouts whole (``listed``)."""
         with self._db.read() as db:
             rows = db.execute(
-                "SELECT freeze_started_at, freeze_ended_at, restart_seconds FROM rollout_nodes"
+                "SELECT freeze_started_at, freeze_ended_at, freeze_seconds, restart_seconds"
+                " FROM rollout_nodes"
                 " WHERE (freeze_started_at IS NOT NULL AND freeze_ended_at IS NOT NULL)"
                 " OR restart_seconds > 0"
             ).fetchall()
         windows, restarts = [], []
-        for began, ended, restart in rows:
-            start, end = from_text(began), from_text(ended)
-            if start is not None and end is not None:
-                windows.append((end - start).total_seconds())
+        for began, ended, measured, restart in rows:
+            window = freeze_window(from_text(began), from_text(ended), measured)
+            if window is not None:
+                windows.append(window)
             if restart > 0:
                 restarts.append(float(restart))
         return windows, restarts
@@ -1302,6 +1312,23 @@ def _revoke_undelivered(
     return serials
 
 
+def freeze_window(
+    started: dt.datetime | None, ended: dt.datetime | None, measured: float | None
+) -> float | None:
+    """A node's freeze window's length in seconds; None while it is open (or never began).
+
+    ``measured``: its agent's measure in elapsed time (``Transaction.freeze_seconds``), which
+    no step of the node's wall clock moves. Without it (an older agent, a reboot during the
+    freeze, a scope freeze, whose times are the leader's), the difference of the two times,
+    on one wall clock, never below 0: a clock stepped back during the freeze would make it
+    negative (clock audit s35 J); 0 then says "not known to be longer"."""
+    if started is None or ended is None:
+        return None
+    if measured is not None:
+        return float(measured)
+    return max((ended - started).total_seconds(), 0.0)
+
+
 def _check_details(fields: Mapping[str, Any]) -> None:
     unknown = set(fields) - set(_NODE_DETAIL_FIELDS)
     if unknown:
@@ -1445,6 +1472,7 @@ def _node(row: sqlite3.Row) -> tuple[NodeRecord, NodeDetail]:
         restart_seconds=row["restart_seconds"],
         bootstrap_port=row["bootstrap_port"],
         steps=json.loads(row["steps"]),
+        freeze_seconds=row["freeze_seconds"],
     )
     return rec, detail
 

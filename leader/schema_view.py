@@ -90,6 +90,7 @@ def rollout_view(
                 freeze_started_at=timestamp(d.freeze_started_at),
                 freeze_ended_at=timestamp(d.freeze_ended_at),
                 restart_seconds=d.restart_seconds,
+                freeze_seconds=d.freeze_window,
                 steps=steps,
                 leader_node=shown[0],
                 bootstrap_port=d.bootstrap_port,
@@ -371,6 +372,13 @@ request is the JSON form of ``GetSchemaRequest`` (proto field names), the reply 
 ``tlsroll schema show``, which so reads the schema without importing protobuf (some 15 % of
 its instructions, issue 15); the reply is that of ``GetSchema``, errors and all."""
 
+JSON_METHODS: dict[str, str] = {"GetSchema": "tlsroll.v1.SchemaView.GetSchema"}
+"""``JSON_SERVICE``'s methods (what ``add_json_to_server`` serves), each with the protobuf method
+(full name) whose request and reply it carries in JSON. Between builds (a CLI and a leader not
+restarted since an upgrade) the JSON field names of those messages are the contract, not the
+field numbers: ``tests/test_contract.py`` derives from this which messages it pins the names
+of, and fails for a JSON method the code serves or names that is not here."""
+
 
 MAX_REQUEST_JSON = 4096
 """Bytes of a ``SchemaViewJson`` request at most: a ``GetSchemaRequest`` in JSON (a rollout id
@@ -402,7 +410,7 @@ def request_from_json(data: bytes) -> schema_pb2.GetSchemaRequest | None:
 
 
 def add_json_to_server(service: SchemaViewService, server: grpc.aio.Server) -> None:
-    """Serve ``JSON_SERVICE`` beside ``SchemaView`` (on the admin socket)."""
+    """Serve ``JSON_SERVICE`` beside ``SchemaView`` (on the admin socket): ``JSON_METHODS``."""
     handler = grpc.unary_unary_rpc_method_handler(
         service.get_schema_json,
         request_deserializer=request_from_json,

@@ -1622,7 +1622,7 @@ def revoke_superseded_in(
     moves ``Database.generation`` on after it if this revoked anything (``Database.touch``):
     the heartbeat path keeps the revocation list."""
     # "Before" is the order the certificates were recorded in (``seq``, an INTEGER PRIMARY
-    # KEY: a copy of the file keeps it, migration 9), not their ``issued_at``: the leader's
+    # KEY: a copy of the file keeps it, migration 10), not their ``issued_at``: the leader's
     # clock, ahead when the live one's predecessor was issued and corrected since, left that
     # one unrevoked, valid for up to 397 days and not on the revocation list (clock audit
     # s35, F).

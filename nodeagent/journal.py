@@ -131,6 +131,16 @@ UPDATE meta SET value = json_array(json_extract(value, '$[0]'), json_extract(val
 WHERE key = 'freeze_lease' AND value <> '' AND json_valid(value);
 """
 
+# Migration 6: a freeze's length in elapsed time (clock audit s35 J): where the freeze began on
+# the boot-time clock (``nodeagent.lease.Boot``: that boot's id and its seconds), and the length
+# measured on it when the freeze was lifted. Rows of earlier releases have neither: their
+# length is not known (the leader takes the difference of the wall-clock times).
+_V6 = """
+ALTER TABLE txns ADD COLUMN freeze_boot_id TEXT;
+ALTER TABLE txns ADD COLUMN freeze_boot_at REAL;
+ALTER TABLE txns ADD COLUMN freeze_seconds REAL;
+"""
+
 # The journal's schema: append a migration to change it (see tlsroll.sqlite).
 MIGRATIONS: tuple[Migration, ...] = (
     _V1,  # 0.1.0
@@ -138,6 +148,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     _V3,  # the target and source configs in the transaction's row
     _V4,  # the bootstrap service's failed passwords
     _V5,  # the scope freeze's lease keeps its length
+    _V6,  # a freeze's length in elapsed time
 )
 
 
@@ -166,6 +177,12 @@ class Txn:
     # None in rows of earlier releases, whose plan names files for both.
     target_config: bytes | None = None
     source_config: bytes | None = None
+    # Where the freeze began on the boot-time clock (``Boot``: its boot id and seconds), and the
+    # freeze's length measured on that clock when it was lifted (``Runner._unfreeze``). None:
+    # not frozen yet, no such clock, or a row of an earlier release.
+    freeze_boot_id: str | None = None
+    freeze_boot_at: float | None = None
+    freeze_seconds: float | None = None
 
     @property
     def finished(self) -> bool:

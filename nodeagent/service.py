@@ -124,6 +124,7 @@ def txn_message(txn: Txn) -> agent_pb2.Transaction:
         freeze_started_at=timestamp(txn.freeze_started_at),
         freeze_ended_at=timestamp(txn.freeze_ended_at),
         restart_seconds=txn.restart_seconds,
+        freeze_seconds=txn.freeze_seconds,
         old_url=txn.old_url,
         new_url=txn.new_url,
         cert_fingerprint=txn.cert_fingerprint,

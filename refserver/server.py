@@ -659,6 +659,9 @@ async def serve(loaded: refserver_config.Loaded) -> int:
         with contextlib.suppress(OSError, ValueError):
             if int(pid_file.read_text()) == os.getpid():
                 pid_file.unlink()
+        # The lock last: the agent signals only a process holding it (or its own child), so a
+        # process that let go of it must hold nothing of a server's (listeners, admin socket,
+        # store, pid file): ``nodeagent.drivers.ReferenceDriver._is_server``.
         os.close(lock_fd)
         if started:
             log.info("server.stopped")

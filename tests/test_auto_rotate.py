@@ -123,11 +123,52 @@ def test_in_window_on_daylight_saving_days(window: str, utc: str, inside: bool) 
     assert in_window(parse_window(window), berlin(utc)) is inside
 
 
-def test_next_opening() -> None:
-    window = parse_window("Sat 02:00-05:00")
-    assert next_opening(window, local("2026-12-03 10:00")) == local("2026-12-05 02:00")
-    assert next_opening(window, local("2026-12-05 06:00")) == local("2026-12-12 02:00")
-    assert next_opening(parse_window("daily 00:00-24:00"), local("2026-12-05 06:00")) is None
+def opens(window: str, utc: str) -> str:
+    """When ``window`` opens next after the UTC instant ``utc``, read in Berlin."""
+    found = next_opening(parse_window(window), berlin(utc))
+    return found.isoformat(timespec="minutes") if found else "never"
+
+
+NEXT_OPENING = [
+    ("Sat 02:00-05:00", "2026-12-03 09:00", "2026-12-05T02:00+01:00"),
+    ("Sat 02:00-05:00", "2026-12-05 05:00", "2026-12-12T02:00+01:00"),  # Saturday 06:00
+    ("Sat 02:00-05:00", "2026-07-03 12:00", "2026-07-04T02:00+02:00"),  # summer
+    ("daily 00:00-24:00", "2026-12-05 05:00", "never"),
+    # Spring: 02:00-03:00 does not exist; the window is open from the moment the clocks skip.
+    ("Sun 02:00-04:00", "2026-03-28 11:00", "2026-03-29T03:00+02:00"),
+    ("Sun 02:30-03:30", "2026-03-28 11:00", "2026-03-29T03:00+02:00"),
+    ("Sun 02:00-04:00", "2026-03-29 02:00", "2026-04-05T02:00+02:00"),  # 04:00 CEST: next week
+    # Autumn: 02:00-03:00 happens twice; the first pass, or the second once the first closed.
+    ("Sun 02:00-03:00", "2026-10-24 10:00", "2026-10-25T02:00+02:00"),
+    ("Sun 02:30-02:45", "2026-10-25 00:50", "2026-10-25T02:30+01:00"),  # 02:50 CEST
+    ("Sun 02:00-03:00", "2026-10-25 02:00", "2026-11-01T02:00+01:00"),  # 03:00 CET
+]
+
+
+@pytest.mark.parametrize(("window", "utc", "expected"), NEXT_OPENING)
+def test_next_opening_is_an_instant_with_its_offset(window: str, utc: str, expected: str) -> None:
+    assert opens(window, utc) == expected
+
+
+@pytest.mark.parametrize(("window", "utc", "expected"), NEXT_OPENING)
+def test_next_opening_on_the_hosts_rules(
+    monkeypatch: pytest.MonkeyPatch, window: str, utc: str, expected: str
+) -> None:
+    """Without a zone of its own (a naive time, or the host clock's fixed offset) the host's
+    rules (TZ) give the same instants."""
+    import time
+
+    monkeypatch.setenv("TZ", "Europe/Berlin")
+    time.tzset()
+    try:
+        naive = berlin(utc).replace(tzinfo=None)
+        fixed = berlin(utc).astimezone()  # what datetime.now().astimezone() gives
+        for now in (naive, fixed):
+            found = next_opening(parse_window(window), now)
+            assert (found.isoformat(timespec="minutes") if found else "never") == expected
+    finally:
+        monkeypatch.undo()
+        time.tzset()
 
 
 @pytest.mark.parametrize(
@@ -430,7 +471,15 @@ class FakeCommands:
         return row
 
 
-def _rotator(schema: FakeSchema, commands: FakeCommands, due: list[str], when: str) -> Any:
+def _rotator(
+    schema: FakeSchema,
+    commands: FakeCommands,
+    due: list[str],
+    when: str,
+    *,
+    window: str = "Sat 02:00-05:00",
+    zone: ZoneInfo | None = None,
+) -> Any:
     from types import SimpleNamespace
 
     from leader.auto_rotate import AutoRotator
@@ -449,7 +498,8 @@ def _rotator(schema: FakeSchema, commands: FakeCommands, due: list[str], when: s
         schema,  # type: ignore[arg-type]
         commands,  # type: ignore[arg-type]
         enabled=True,
-        window=WINDOW,
+        window=parse_window(window),
+        zone=zone,
         local_clock=lambda: local(when),
     )
 
@@ -489,10 +539,12 @@ def test_the_rotator_says_why_nothing_starts() -> None:
     assert view.verdict == "blocked" and "offline: n2" in view.reason
     assert list(view.due_nodes) == ["n2"] and not refused.started
 
-    outside = _rotator(FakeSchema(), FakeCommands(FakeSchema()), ["n2"], "2026-12-07 03:00")
+    outside = _rotator(FakeSchema(), FakeCommands(FakeSchema()), ["n2"], "", zone=BERLIN)
+    outside.local_clock = lambda: local("2026-12-07 03:00").replace(tzinfo=BERLIN)
     decision = asyncio.run(outside.check())
     assert decision.verdict.value == "outside-window"
-    assert outside.status.view().next_window == "2026-12-12T02:00"
+    # With its offset: which 02:00 it is (session 35's clock audit, J).
+    assert outside.status.view().next_window == "2026-12-12T02:00+01:00"
 
     held_schema = FakeSchema()
     held_schema.latest_row = _row("r7", "halted", "leader (auto_rotate)")
@@ -628,8 +680,12 @@ def test_the_wait_to_an_opening_follows_the_hosts_zone_when_the_clock_has_an_off
     time.tzset()
     try:
         now = dt.datetime(2026, 10, 24, 12, 0, tzinfo=dt.timezone(dt.timedelta(hours=2)))
-        assert seconds_until(local("2026-10-25 04:00"), now) == 17 * 3600
-        assert seconds_until(local("2026-10-25 04:00"), now.replace(tzinfo=None)) == 17 * 3600
+        window = parse_window("Sun 04:00-04:30")
+        for local_now in (now, now.replace(tzinfo=None)):
+            opening = next_opening(window, local_now)
+            assert opening is not None
+            assert opening.isoformat() == "2026-10-25T04:00:00+01:00"
+            assert seconds_until(opening, local_now) == 17 * 3600
     finally:
         monkeypatch.undo()
         time.tzset()
@@ -802,3 +858,220 @@ def test_the_expiry_watch_does_not_check_every_second_while_checks_fail_in_the_w
     assert len(checks) == 2, [(c - opening).total_seconds() for c in checks]
     assert not commands.started and rotator.status.verdict == "outside-window"
     store.close()
+
+
+# --- maintenance_timezone (session 35's clock audit, J) ----------------------------------------
+
+
+def _zoned(when_utc: str, window: str) -> Any:
+    """A rotator with the window read in Berlin, its clock at the UTC instant ``when_utc`` (as
+    ``datetime.now().astimezone()`` gives it on a UTC host), one server certificate due."""
+    schema = FakeSchema()
+    rotator = _rotator(schema, FakeCommands(schema), ["n1"], "", window=window, zone=BERLIN)
+    rotator.local_clock = lambda: dt.datetime.fromisoformat(when_utc).replace(tzinfo=UTC)
+    return rotator
+
+
+@pytest.mark.parametrize(
+    ("utc", "verdict"),
+    [
+        ("2026-07-01 02:30", "started"),  # Wednesday 04:30 CEST
+        ("2026-07-01 04:30", "outside-window"),  # 06:30 CEST: the practice is opening
+        ("2026-12-02 03:30", "started"),  # Wednesday 04:30 CET
+        ("2026-12-02 05:30", "outside-window"),  # 06:30 CET
+        ("2026-12-02 02:30", "outside-window"),  # 03:30 CET
+    ],
+)
+def test_the_window_is_read_in_maintenance_timezone_on_a_utc_host(utc: str, verdict: str) -> None:
+    """A German practice's "Mon-Fri 04:00-06:00" (before opening) on a leader host running on
+    UTC: read in UTC it was 06:00-08:00 in German summer time, and the servers restarted while
+    the practice opened."""
+    import asyncio
+
+    rotator = _zoned(utc, "Mon-Fri 04:00-06:00")
+    assert asyncio.run(rotator.check()).verdict.value == verdict
+    view = rotator.status.view()
+    assert view.timezone == "Europe/Berlin" and not view.warning
+
+
+# Europe/Berlin's changes in 2026: Sunday 29 March 02:00 CET becomes 03:00 CEST (01:00 UTC);
+# Sunday 25 October 03:00 CEST becomes 02:00 CET (01:00 UTC).
+DST_ROTATOR = [
+    ("Sun 02:00-04:00", "2026-03-29 00:59", "outside-window", "2026-03-29T03:00+02:00", 61),
+    ("Sun 02:00-04:00", "2026-03-29 01:00", "started", "", None),  # 03:00 CEST
+    ("Sun 02:00-04:00", "2026-03-29 01:59", "started", "", None),  # 03:59 CEST
+    ("Sun 02:00-04:00", "2026-03-29 02:00", "outside-window", "2026-04-05T02:00+02:00", None),
+    # A window that opens in the skipped hour is open from the skip (03:00 to 03:15 CEST): the
+    # watch is woken then, not at "02:30 CET" (03:30 CEST), after it has closed.
+    ("Sun 02:30-03:15", "2026-03-29 00:59", "outside-window", "2026-03-29T03:00+02:00", 61),
+    ("Sun 02:30-03:15", "2026-03-29 01:10", "started", "", None),  # 03:10 CEST
+    ("Sun 02:00-03:00", "2026-10-24 23:59", "outside-window", "2026-10-25T02:00+02:00", 61),
+    ("Sun 02:00-03:00", "2026-10-25 00:30", "started", "", None),  # 02:30 CEST
+    ("Sun 02:00-03:00", "2026-10-25 01:30", "started", "", None),  # 02:30 CET, again
+    ("Sun 02:00-03:00", "2026-10-25 02:00", "outside-window", "2026-11-01T02:00+01:00", None),
+    ("Sun 02:30-02:45", "2026-10-25 00:50", "outside-window", "2026-10-25T02:30+01:00", 2401),
+]
+
+
+@pytest.mark.parametrize(("window", "utc", "verdict", "next_window", "wake"), DST_ROTATOR)
+def test_the_zoned_window_across_both_german_dst_changes(
+    window: str, utc: str, verdict: str, next_window: str, wake: float | None
+) -> None:
+    """The leader's clock in UTC (injected), the window in Europe/Berlin: each decision on
+    Berlin's wall clock, the next opening shown with its offset, and the wait to it in elapsed
+    seconds (a window's moment in the skipped hour is the moment the clocks skip)."""
+    import asyncio
+
+    rotator = _zoned(utc, window)
+    assert asyncio.run(rotator.check()).verdict.value == verdict
+    assert rotator.status.view().next_window == next_window
+    if wake is not None:  # the watch is woken as it opens (the others: a week or more ahead)
+        assert rotator.wake_in() == wake
+
+
+def test_a_window_read_in_utc_because_the_host_runs_on_utc_is_warned_once_at_start() -> None:
+    import structlog.testing
+
+    from leader.auto_rotate import AutoRotator
+
+    def make(**kw: Any) -> AutoRotator:
+        args: dict[str, Any] = {"enabled": True, "window": WINDOW, "utc_host": lambda: True}
+        args.update(kw)
+        return AutoRotator(None, None, None, **args)  # type: ignore[arg-type]
+
+    warned = make()
+    with structlog.testing.capture_logs() as logs:
+        warned.announce()
+    assert [(e["event"], e["log_level"]) for e in logs] == [
+        ("auto_rotate.window_in_utc", "warning")
+    ]
+    assert "maintenance_timezone" in logs[0]["detail"] and "\n" not in logs[0]["detail"]
+    view = warned.status.view()
+    assert "read in UTC" in view.warning and view.timezone == ""
+    for quiet in (
+        make(zone=BERLIN),  # said where the practice is
+        make(zone=ZoneInfo("UTC")),  # said UTC on purpose
+        make(utc_host=lambda: False),  # the host's own zone is not UTC
+        make(enabled=False),
+        make(window=None),
+    ):
+        assert not quiet.status.warning
+        with structlog.testing.capture_logs() as logs:
+            quiet.announce()
+        assert logs == []
+
+
+@pytest.mark.parametrize(
+    ("tz", "utc"),
+    [("UTC", True), ("Etc/UTC", True), ("GMT", True), ("Europe/London", False), ("CET", False)],
+)
+def test_host_is_utc_by_its_offsets(monkeypatch: pytest.MonkeyPatch, tz: str, utc: bool) -> None:
+    import time
+
+    from leader.zones import host_is_utc
+
+    monkeypatch.setenv("TZ", tz)
+    time.tzset()
+    try:
+        assert host_is_utc(2026) is utc
+    finally:
+        monkeypatch.undo()
+        time.tzset()
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        ("Europe/Berln", "unknown time zone 'Europe/Berln'; use an IANA name such as"),
+        ("Europe", "unknown time zone 'Europe'"),
+        ("../../etc/passwd", "unknown time zone"),
+        ("CET-1CEST,M3.5.0,M10.5.0/3", "unknown time zone"),
+        ("", "must not be empty"),
+        (1, "expected a string, got integer"),
+    ],
+)
+def test_a_bad_maintenance_timezone_is_one_line_naming_the_key(
+    tmp_path: Path, value: object, problem: str
+) -> None:
+    path = leader_toml(tmp_path, maintenance_window="Sat 02:00-05:00", maintenance_timezone=value)
+    with pytest.raises(ConfigError) as err:
+        LeaderConfig.load(path)
+    message = str(err.value)
+    assert message.startswith(f"config error: {path}: [leader].maintenance_timezone: "), message
+    assert problem in message and "\n" not in message
+
+
+def test_maintenance_timezone_default_and_value(tmp_path: Path) -> None:
+    assert LeaderConfig.load(leader_toml(tmp_path)).maintenance_timezone is None
+    cfg = LeaderConfig.load(leader_toml(tmp_path, maintenance_timezone="Europe/Berlin"))
+    assert cfg.maintenance_timezone == BERLIN
+
+
+def test_notify_uses_maintenance_timezone_unless_told_otherwise(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``tlsroll notify`` and the window agree: the leader's maintenance_timezone (from the
+    schema) before the machine's zone and the German fallback; --timezone before both."""
+    import click
+
+    from leader.cli.notify_cmd import practice_zone
+
+    monkeypatch.setenv("TZ", "UTC")
+    assert practice_zone(None, "en", "Europe/Vienna").key == "Europe/Vienna"
+    assert practice_zone(None, "de", "Europe/Vienna").key == "Europe/Vienna"
+    assert practice_zone(None, "de", "").key == "Europe/Berlin"  # as before: German on UTC
+    assert practice_zone(None, "en", "").key == "UTC"
+    assert practice_zone("America/New_York", "de", "Europe/Vienna").key == "America/New_York"
+    with pytest.raises(click.UsageError, match="maintenance_timezone 'Mars/Olympus' is unknown"):
+        practice_zone(None, "de", "Mars/Olympus")
+
+
+@pytest.mark.timeout(180)
+def test_a_leader_reads_its_window_in_maintenance_timezone_and_says_so(tmp_path: Path) -> None:
+    """A real leader on a UTC host (TZ=UTC). With maintenance_timezone: the schema names the
+    zone, the next opening carries its offset (Berlin's), no warning; `tlsroll notify` (its
+    own machine on UTC too) reads --when in Berlin. Without it: one warning at the start, and
+    `schema show` repeats it; the next opening is shown as +00:00."""
+    import re
+
+    utc = {"TZ": "UTC"}
+    cluster = Cluster(tmp_path / "cluster", next_loopback(), heartbeat_interval=1)
+    try:
+        cluster.init()
+        cluster.write_leader_config(
+            {
+                "expiry_check_interval": 1,
+                "auto_rotate": True,
+                "maintenance_window": closed_window(dt.datetime.now(BERLIN)),
+                "maintenance_timezone": "Europe/Berlin",
+            }
+        )
+        cluster.start_leader(env=utc)
+        wait_until(lambda: bool(auto_view(cluster).get("verdict")), 30, "a first check")
+        view = auto_view(cluster)
+        assert view["timezone"] == "Europe/Berlin" and not view.get("warning"), view
+        assert re.fullmatch(r"\d{4}-\d\d-\d\dT02:00\+0[12]:00", view["next_window"]), view
+        text = cluster.cli("schema", "show", env=utc).stdout
+        assert "(Europe/Berlin), next opens " + view["next_window"] in text, text
+        assert "warning" not in text
+        past = cluster.cli("notify", "--lang", "en", "--when", "2020-01-01 10:00", env=utc)
+        assert past.returncode == 2 and "(Europe/Berlin) lies in the past" in past.stderr, past
+        assert "auto_rotate.window_in_utc" not in cluster.leader.event_names()
+
+        cluster.stop_leader()
+        cluster.write_leader_config({"maintenance_timezone": None})
+        cluster.start_leader(env=utc)
+        wait_until(lambda: bool(auto_view(cluster).get("verdict")), 30, "a first check")
+        view = auto_view(cluster)
+        assert not view.get("timezone") and "read in UTC" in view["warning"], view
+        assert view["next_window"].endswith("T02:00+00:00"), view
+        text = cluster.cli("schema", "show", env=utc).stdout
+        assert "(the leader host's zone)" in text and "warning: the maintenance window" in text
+        warnings = [
+            e for e in cluster.leader.log_events() if e.get("event") == "auto_rotate.window_in_utc"
+        ]
+        assert len(warnings) == 1 and warnings[0]["level"] == "warning", warnings
+        past = cluster.cli("notify", "--lang", "en", "--when", "2020-01-01 10:00", env=utc)
+        assert "(UTC) lies in the past" in past.stderr, past
+    finally:
+        cluster.close()

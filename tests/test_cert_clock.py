@@ -37,6 +37,7 @@ T = dt.datetime(2026, 11, 30, 10, 0, tzinfo=dt.UTC)
 HOUR = dt.timedelta(hours=1)
 DAY = dt.timedelta(days=1)
 MINUTE = dt.timedelta(minutes=1)
+BEFORE = 9  # the leader store's schema before migration 10 (the certificates' columns)
 
 
 class Clocks:
@@ -308,11 +309,11 @@ def test_the_record_order_is_a_column_that_the_copy_before_a_migration_keeps(
     implicit rowid, which SQLite documents as not persistent ("the VACUUM command may change
     the ROWIDs of entries in any tables that do not have an explicit INTEGER PRIMARY KEY"),
     and ``NAME.before-vN``, the copy put back after a tlsroll rolled back, is a ``VACUUM
-    INTO``. Now it is ``seq``, an INTEGER PRIMARY KEY: a v8 file's rowids become ``seq`` as
+    INTO``. Now it is ``seq``, an INTEGER PRIMARY KEY: a v9 file's rowids become ``seq`` as
     they were (record order, not serial nor issue time), and the copy of the migrated file,
     put back, supersedes by the same order."""
     path = tmp_path / "leader.sqlite3"
-    Database(path, leader_db.MIGRATIONS[:8]).close()  # a file as the release before left it
+    Database(path, leader_db.MIGRATIONS[:BEFORE]).close()  # as the build before left it
     conn = sqlite3.connect(path)
     with conn:
         # recorded: ff (the leader's clock a day ahead), then 11 (corrected: live now), then 88
@@ -359,7 +360,7 @@ def test_the_migration_takes_a_live_rollout_s_certificates_for_its_own(tmp_path:
     taken for its own, so that "never delivered" still finds them. Node and workstation
     certificates count in the hourly caps by when they were issued, as before."""
     path = tmp_path / "leader.sqlite3"
-    Database(path, leader_db.MIGRATIONS[:8]).close()
+    Database(path, leader_db.MIGRATIONS[:BEFORE]).close()
     conn = sqlite3.connect(path)
     with conn:
         for rid, state, epoch, started in (

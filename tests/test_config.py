@@ -434,8 +434,15 @@ def test_leader_config_refuses_unknown_keys_and_tables(
             {"leader": {"address": "127.0.0.1", "data_dir": "d", "join_prot": 9441}},
             "[leader].join_prot: unknown key (did you mean join_port?)",
         ),
+        (
+            "tlsroll-leader",
+            "leader.daemon",
+            {"leader": {"address": "127.0.0.1", "data_dir": "d", "maintenance_timezone": "Berln"}},
+            "[leader].maintenance_timezone: unknown time zone 'Berln'; use an IANA name such as "
+            "Europe/Berlin",
+        ),
     ],
-    ids=["agent", "agent-server", "leader"],
+    ids=["agent", "agent-server", "leader", "leader-zone"],
 )
 def test_daemons_exit_2_with_one_line_on_an_unknown_key(
     tmp_path: Path, prog: str, module: str, tables: dict[str, dict[str, object]], where: str

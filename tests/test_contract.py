@@ -17,6 +17,17 @@ was:
 
 Additions (messages, fields, enum values, methods) are free.
 
+Some methods travel as JSON (gRPC's JSON codec: ``tlsroll schema show`` reads the schema so,
+``leader.schema_view.JSON_METHODS``), and for their messages the field *names* are the contract
+as well: a CLI and a leader of different builds (a leader not restarted since an upgrade, the
+CLI of the one before) read each other's JSON by name. For every message reachable from those
+methods' requests and replies, each field of the baseline keeps its name, and one that is
+removed has its name ``reserved`` too (``reserved "name";``), unless a field of the same name
+and kind took another number. The JSON methods are derived from the code: what the leader
+registers, and every name of a ``tlsroll.v1`` service the packages' code spells out that the
+.proto does not define, must be in ``JSON_METHODS``. What the CLI sends as a JSON request is
+only what the baseline's request has: an older leader's parser refuses a name it does not know.
+
 Moving the baseline. The baseline is the contract of the oldest release a current leader or
 agent must still talk to. At a release (and only then, or for a break the release notes
 announce), write the release's contract over it from the repository root::
@@ -26,25 +37,49 @@ announce), write the release's contract over it from the repository root::
         --descriptor_set_out=tests/data/contract-baseline.pb \\
         $(cd proto && find . -name '*.proto' | sed 's|^\\./||' | sort)
 
+and the words the JSON gives the enums of JSON-coded messages (the codecs', see below) over
+``tests/data/contract-baseline-words.json``::
+
+    python -c 'import json, tests.test_contract as t; print(json.dumps(t.json_words(t.head()),
+        indent=1, sort_keys=True))' > tests/data/contract-baseline-words.json
+
 and say in the commit which release it is. The baseline committed now is the contract of
 2026-12-02 (after 0.1.0, whose string fields the enums replaced on purpose: 0.1.0 is not a
 mixed-version partner, see the changelog).
+
+The JSON of those messages gives an enum not by its protobuf name but by the word of its codec
+(``tlsroll.wire.to_dict``: ``needs_attention``, ``enable-tls``): the Python value, which no
+descriptor holds. Those words are pinned against the words baseline: each value keeps its word
+(``schema show`` styles and reads the states by them).
 """
 
 from __future__ import annotations
 
+import ast
 import importlib
+import json
 import pkgutil
+import re
+import tomllib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
-from typing import Any
+from types import SimpleNamespace
+from typing import Any, cast
+from unittest import mock
 
+import grpc
 import pytest
 from google.protobuf import descriptor_pb2
 
 import tlsroll.v1
+from leader import schema_view
+from leader.cli.base import fetch_schema_json
+from leader.schema_view import JSON_METHODS, JSON_SERVICE
+from tlsroll import wire
 
 BASELINE = Path(__file__).resolve().parent / "data" / "contract-baseline.pb"
+WORDS = BASELINE.with_name("contract-baseline-words.json")
+ROOT = Path(__file__).resolve().parent.parent
 PACKAGE = "tlsroll.v1"
 
 Fdp = descriptor_pb2.FieldDescriptorProto
@@ -165,11 +200,219 @@ def breaks(
     return found
 
 
+def _method_types(files: descriptor_pb2.FileDescriptorSet, full_name: str) -> tuple[str, str]:
+    """The request and reply message types (full names) of the method ``full_name``
+    (``tlsroll.v1.Service.Method``); KeyError if ``files`` has no such method."""
+    service, _, method = full_name.rpartition(".")
+    for m in index(files)[2][service].method:
+        if m.name == method:
+            return m.input_type.lstrip("."), m.output_type.lstrip(".")
+    raise KeyError(full_name)
+
+
+def json_messages(
+    files: descriptor_pb2.FileDescriptorSet, methods: Iterable[str]
+) -> dict[str, str]:
+    """Every message of our package reachable from the requests and replies of ``methods``
+    (protobuf methods by full name; one ``files`` lacks is left out), through fields of its
+    messages, with the method it is reached from."""
+    messages = index(files)[0]
+    found: dict[str, str] = {}
+    for method in sorted(methods):
+        try:
+            todo = list(_method_types(files, method))
+        except KeyError:
+            continue
+        while todo:
+            name = todo.pop()
+            if name in found or name not in messages:  # (well-known types: their own JSON)
+                continue
+            found[name] = method
+            todo.extend(
+                f.type_name.lstrip(".") for f in messages[name].field if f.type == Fdp.TYPE_MESSAGE
+            )
+    return found
+
+
+def json_breaks(
+    old: descriptor_pb2.FileDescriptorSet,
+    new: descriptor_pb2.FileDescriptorSet,
+    methods: Iterable[str],
+) -> list[str]:
+    """One line per field name of a JSON-coded message (reachable from ``methods``) that a
+    peer of ``old`` reading ``new``'s JSON, or writing what ``new`` reads, would miss."""
+    methods = list(methods)
+    reached = {**json_messages(new, methods), **json_messages(old, methods)}
+    old_messages, new_messages = index(old)[0], index(new)[0]
+    found: list[str] = []
+    for name, via in sorted(reached.items()):
+        was, now = old_messages.get(name), new_messages.get(name)
+        if was is None or now is None:
+            continue  # new, or removed (``breaks`` says so)
+        numbers = {f.number: f for f in now.field}
+        names = {f.name: f for f in now.field}
+        for f in was.field:
+            then = numbers.get(f.number)
+            if then is None:
+                moved = names.get(f.name)
+                if f.name not in now.reserved_name and (
+                    moved is None or _field_kind(moved) != _field_kind(f)
+                ):
+                    found.append(
+                        f'{name} field {f.number} ({f.name}): removed without `reserved "{f.name}"`'
+                        f" (its JSON name; the message goes as JSON in {via})"
+                    )
+            elif then.name != f.name:
+                found.append(
+                    f"{name} field {f.number}: its JSON name {f.name} became {then.name} "
+                    f"(the message goes as JSON in {via})"
+                )
+    return found
+
+
 def test_the_contract_is_wire_compatible_with_the_baseline() -> None:
     problems = breaks(baseline(), head())
     assert problems == [], "\n".join(
         ["the gRPC contract broke against tests/data/contract-baseline.pb:", *problems]
     )
+
+
+def json_words(files: descriptor_pb2.FileDescriptorSet) -> dict[str, dict[str, str | None]]:
+    """For every enum a field of a JSON-coded message has: the word the leader's JSON gives
+    each value (its codec's, ``tlsroll.wire.to_dict``; None: no codec, the number itself), by
+    number. The codecs are this process's: meaningful for ``head()`` alone."""
+    messages, enums, _ = index(files)
+    found: dict[str, dict[str, str | None]] = {}
+    for name in json_messages(files, JSON_METHODS.values()):
+        for f in messages[name].field:
+            enum = f.type_name.lstrip(".")
+            if f.type == Fdp.TYPE_ENUM and enum in enums:
+                codec = wire._CODECS.get(enum)
+                found[enum] = {
+                    str(v.number): codec.text(v.number) if codec is not None else None
+                    for v in enums[enum].value
+                }
+    return found
+
+
+def word_breaks(
+    was: dict[str, dict[str, str | None]], now: dict[str, dict[str, str | None]]
+) -> list[str]:
+    """One line per enum value whose JSON word changed (a value or an enum no longer there is
+    for ``breaks`` and ``json_breaks`` to say)."""
+    found: list[str] = []
+    for enum, values in sorted(was.items()):
+        for number, word in sorted(values.items(), key=lambda item: int(item[0])):
+            if enum in now and number in now[enum] and now[enum][number] != word:
+                found.append(
+                    f"enum {enum} value {number}: its JSON word {word!r} became "
+                    f"{now[enum][number]!r}"
+                )
+    return found
+
+
+def test_the_json_coded_messages_keep_their_field_names() -> None:
+    problems = json_breaks(baseline(), head(), JSON_METHODS.values())
+    assert problems == [], "\n".join(
+        ["a JSON-coded message broke against tests/data/contract-baseline.pb:", *problems]
+    )
+
+
+def test_the_json_coded_enums_keep_their_words() -> None:
+    was = json.loads(WORDS.read_text())
+    # the two baselines are of one contract: the words of the enums its JSON messages have
+    assert set(was) == set(json_words(baseline())), "move both baselines together"
+    problems = word_breaks(was, json_words(head()))
+    assert problems == [], "\n".join(
+        ["a JSON-coded enum broke against tests/data/contract-baseline-words.json:", *problems]
+    )
+
+
+def served_json_methods() -> dict[str, set[str]]:
+    """The methods ``add_json_to_server`` registers on the admin server, by service (caught as
+    it hands them to gRPC)."""
+    served: dict[str, set[str]] = {}
+    real = grpc.method_handlers_generic_handler
+
+    def recording(service: str, handlers: dict[str, Any]) -> Any:
+        served.setdefault(service, set()).update(handlers)
+        return real(service, handlers)
+
+    server = SimpleNamespace(add_generic_rpc_handlers=lambda _handlers: None)
+    with mock.patch.object(grpc, "method_handlers_generic_handler", recording):
+        schema_view.add_json_to_server(
+            cast(Any, SimpleNamespace(get_schema_json=None)), cast(Any, server)
+        )
+    return served
+
+
+def named_services() -> set[tuple[str, str, str]]:
+    """Every ``tlsroll.v1`` service (and method) the packages' code spells out in a string of
+    its own, ``tlsroll.v1.Service`` or ``/tlsroll.v1.Service/Method``: (file, service, method
+    or "")."""
+    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["hatch"]["build"][
+        "targets"
+    ]["wheel"]["packages"]
+    spelled = re.compile(r"/?tlsroll\.v1\.([A-Z]\w*)(?:/(\w+))?")
+    found: set[tuple[str, str, str]] = set()
+    for package in packages:
+        for path in sorted((ROOT / package).rglob("*.py")):
+            if path.is_relative_to(ROOT / "tlsroll" / "v1"):
+                continue  # the generated code
+            for node in ast.walk(ast.parse(path.read_text(), str(path))):
+                if isinstance(node, ast.Constant) and isinstance(node.value, str):
+                    m = spelled.fullmatch(node.value)
+                    if m:
+                        found.add((str(path.relative_to(ROOT)), m[1], m[2] or ""))
+    return found
+
+
+def test_every_json_method_is_known_to_the_guard() -> None:
+    """The JSON methods the guard pins are those the leader serves, and every service the code
+    names that the .proto does not define is one of them: a JSON method added without
+    ``JSON_METHODS`` (whose messages the guard would then not pin) fails here."""
+    assert served_json_methods() == {JSON_SERVICE: set(JSON_METHODS)}
+    now = head()
+    for method in JSON_METHODS.values():
+        _method_types(now, method)  # names a method of the .proto
+    defined = {name.rpartition(".")[2]: s for name, s in index(now)[2].items()}
+    seen = named_services()
+    assert any(service == JSON_SERVICE.rpartition(".")[2] for _, service, _ in seen)
+    for path, service, method in sorted(seen):
+        if service in defined:
+            assert not method or any(m.name == method for m in defined[service].method), (
+                f"{path}: /tlsroll.v1.{service}/{method} is not a method of the .proto"
+            )
+        else:
+            assert f"tlsroll.v1.{service}" == JSON_SERVICE, (
+                f"{path} names tlsroll.v1.{service}, which the .proto does not define: a JSON"
+                " service? name its methods in leader.schema_view.JSON_METHODS"
+            )
+            assert not method or method in JSON_METHODS, (
+                f"{path}: /{JSON_SERVICE}/{method} is not in leader.schema_view.JSON_METHODS"
+            )
+
+
+def test_what_the_cli_sends_as_json_an_older_leader_reads() -> None:
+    """``schema show``'s JSON request names only fields the baseline's request has: a leader of
+    the baseline refuses (INVALID_ARGUMENT) a request with a name it does not know, where
+    protobuf would have skipped an unknown field."""
+    sent: list[tuple[str, dict[str, Any]]] = []
+
+    class Asked:
+        def unary_json(self, method: str, request: dict[str, Any], timeout: float = 30) -> Any:
+            sent.append((method, request))
+            return {}
+
+    fetch_schema_json(cast(Any, Asked()), "r1", limit=1, rollouts_only=True)
+    old = baseline()
+    for method, request in sent:
+        service, _, name = method.strip("/").partition("/")
+        assert service == JSON_SERVICE and name in JSON_METHODS, method
+        request_type = _method_types(old, JSON_METHODS[name])[0]
+        known = {f.name for f in index(old)[0][request_type].field}
+        assert set(request) <= known, f"{method}: {sorted(set(request) - known)} unknown"
+    assert sent
 
 
 def test_the_baseline_holds_the_contract() -> None:
@@ -258,3 +501,72 @@ def test_a_removed_field_that_is_reserved_and_additions_pass() -> None:
     _field(txn, "outcome").name = "ending"  # a new name, the same number and type
     _enum(changed, "tlsroll.v1.TransactionOutcome").value.add(name="NEWER", number=99)
     assert breaks(head(), changed) == []
+
+
+# --- the JSON guard notices a renamed or removed field of a JSON-coded message ----------------
+
+
+def rename_json_field(files: descriptor_pb2.FileDescriptorSet) -> str:
+    # a node's state, three messages down from the schema's reply: `schema show` reads it by name
+    _field(_find(files, "tlsroll.v1.NodeView"), "state").name = "status"
+    return "tlsroll.v1.NodeView field 2: its JSON name state became status"
+
+
+def rename_json_request_field(files: descriptor_pb2.FileDescriptorSet) -> str:
+    _field(_find(files, "tlsroll.v1.GetSchemaRequest"), "rollouts_only").name = "only_rollouts"
+    return "tlsroll.v1.GetSchemaRequest field 3: its JSON name rollouts_only became only_rollouts"
+
+
+def remove_json_field(files: descriptor_pb2.FileDescriptorSet) -> str:
+    view = _find(files, "tlsroll.v1.RolloutView")
+    gone = _field(view, "reason")
+    view.field.remove(gone)
+    view.reserved_range.add(start=gone.number, end=gone.number + 1)  # the wire guard's due
+    return 'tlsroll.v1.RolloutView field 16 (reason): removed without `reserved "reason"`'
+
+
+@pytest.mark.parametrize(
+    "change",
+    [rename_json_field, rename_json_request_field, remove_json_field],
+    ids=lambda f: f.__name__,
+)
+def test_the_json_guard_notices(change: Any) -> None:
+    changed = head()
+    expected = change(changed)
+    assert breaks(head(), changed) == []  # fine on the wire: only the JSON guard sees it
+    problems = json_breaks(head(), changed, JSON_METHODS.values())
+    assert len(problems) == 1, problems
+    assert problems[0].startswith(expected), problems
+
+
+def test_the_json_guard_lets_through_what_json_readers_do_not_see() -> None:
+    """A removed field whose name is reserved, a field that keeps its name under another
+    number, additions, and a rename in a message no JSON method carries."""
+    changed = head()
+    view = _find(changed, "tlsroll.v1.RolloutView")
+    gone = _field(view, "reason")
+    view.field.remove(gone)
+    view.reserved_name.append(gone.name)
+    moved = _field(view, "undoes")
+    moved.number = 99
+    view.field.add(name="why", number=98, type=Fdp.TYPE_STRING, label=Fdp.LABEL_OPTIONAL)
+    _field(_find(changed, "tlsroll.v1.Transaction"), "outcome").name = "ending"
+    assert (
+        json_messages(changed, JSON_METHODS.values()).keys().isdisjoint({"tlsroll.v1.Transaction"})
+    )
+    assert json_breaks(head(), changed, JSON_METHODS.values()) == []
+
+
+def test_the_words_guard_notices_a_new_word(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The Python value of a state respelled (``needs_attention`` as ``needs-attention``):
+    the descriptors do not change, the JSON does."""
+    was = json_words(head())
+    codec = wire._CODECS["tlsroll.v1.NodeState"]
+    real = codec.text
+    (number,) = [n for n, word in was["tlsroll.v1.NodeState"].items() if word == "needs_attention"]
+    monkeypatch.setattr(codec, "text", lambda n: "needs-attention" if n == int(number) else real(n))
+    assert breaks(head(), head()) == json_breaks(head(), head(), JSON_METHODS.values()) == []
+    assert word_breaks(was, json_words(head())) == [
+        f"enum tlsroll.v1.NodeState value {number}: its JSON word 'needs_attention' became "
+        "'needs-attention'"
+    ]

@@ -1082,6 +1082,64 @@ async def test_a_server_a_previous_agent_started_is_still_stopped(
             child.wait(10)
 
 
+HUNG_AFTER_ITS_LOCK = """
+import fcntl, os, socket, sys, time
+data_dir, address, ports = sys.argv[1], sys.argv[2], sys.argv[3:]
+held = []
+for port in ports:  # the server's listeners, never closed
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind((address, int(port)))
+    s.listen()
+    held.append(s)
+lock = os.open(os.path.join(data_dir, "refserver.lock"), os.O_RDWR | os.O_CREAT, 0o600)
+fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+with open(os.path.join(data_dir, "refserver.pid"), "w") as f:
+    f.write(f"{os.getpid()}\\n")
+os.close(lock)  # lets go of the lock, and hangs
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+async def test_a_server_that_let_go_of_its_lock_and_hangs_gets_no_second_server_beside_it(
+    tmp_path: Path,
+) -> None:
+    """Review 1 of s35 (a nit): a server a previous agent started that hangs after letting go of
+    its ``refserver.lock`` is not signalled (since s35agent2 only a process holding the lock,
+    or a child of ours, is). The reference server lets go of the lock last, after its
+    listeners, admin socket, store and pid file (``refserver.server.serve``), so such a process
+    holds nothing of a server's. A stand-in that does keep the server's ports after letting go
+    of the lock: the stop leaves it alone (one line, no wait), and the new server's start fails
+    at once naming the port, rather than the agent waiting for ever or a second server
+    listening beside it."""
+    driver = reference_driver(tmp_path)
+    facts = driver.facts()
+    ports = [str(facts.https_port if s == "https" else facts.http_port) for s in facts.schemes]
+    driver.data_dir.mkdir(parents=True, exist_ok=True)
+    hung = subprocess.Popen(
+        [sys.executable, "-c", HUNG_AFTER_ITS_LOCK, str(driver.data_dir), facts.address, *ports],
+        stdout=subprocess.PIPE,
+        start_new_session=True,
+    )
+    try:
+        assert hung.stdout is not None and hung.stdout.readline() == b"ready\n"
+        with capture_logs() as logged:
+            await driver.stop()
+        assert [e["event"] for e in logged] == ["server.pid_file_stale"]
+        assert hung.poll() is None, "the stand-in was signalled"
+        with pytest.raises(DriverError, match=r"exited at start .*cannot listen on .*in use"):
+            await driver.start(timeout=30)
+        assert [c for c in driver._children if c.poll() is None] == []  # no second server
+        assert hung.poll() is None
+    finally:
+        hung.kill()
+        hung.wait(10)
+        if hung.stdout is not None:
+            hung.stdout.close()
+        await driver.stop()
+
+
 async def test_waiting_for_a_server_waits_out_the_agents_own_shortage(tmp_path: Path) -> None:
     """``_wait_healthy`` (systemd and exec after their restart command) ended at the first
     EMFILE of the agent's, and the transaction then ran the restart again on a server that was

@@ -777,6 +777,36 @@ async def test_a_switch_writes_its_restart_time_with_its_outcome_not_while_it_ru
     await leader.stop()
 
 
+async def test_a_switch_s_freeze_window_is_the_length_its_agent_measured(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Clock audit s35 J: the node's wall clock stepped back an hour during the freeze, so its
+    two times are 3597.5 s the wrong way round; the agent's measure in elapsed time (2.5 s) is
+    recorded beside them, and it is the window the schema shows."""
+    real = FakeAgent._message
+
+    def stepped_back(agent: FakeAgent, txn: Any) -> agent_pb2.Transaction:
+        message = real(agent, txn)
+        if message.outcome != agent_pb2.TRANSACTION_OUTCOME_PENDING:
+            began = message.freeze_started_at.ToDatetime(tzinfo=dt.UTC)
+            message.freeze_ended_at.FromDatetime(began - dt.timedelta(seconds=3597.5))
+            message.freeze_seconds = 2.5
+        return message
+
+    monkeypatch.setattr(FakeAgent, "_message", stepped_back)
+    leader = world.boot()
+    await leader.start(max_parallel=1)
+    row = await leader.run(passes=400)
+    assert row.rollout.state is R.COMPLETED and states(row) == ALL_DONE
+    for name in NODES:
+        detail = row.node(name)[1]
+        assert detail.freeze_started_at is not None and detail.freeze_ended_at is not None
+        assert detail.freeze_ended_at < detail.freeze_started_at, name
+        assert (detail.freeze_seconds, detail.freeze_window) == (2.5, 2.5), name
+    assert leader.schema.switch_times()[0] == [2.5] * len(NODES)
+    await leader.stop()
+
+
 # --- a leader crash at every persisted point --------------------------------------------------
 
 

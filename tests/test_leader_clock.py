@@ -25,7 +25,16 @@ from leader.agent_client import Agents
 from leader.commands import Commands, StillOnHttp
 from leader.db import check_store
 from leader.engine import Engine
-from leader.rollout_core import Change, NodeRecord, NodeState, RolloutEvent, Scope, Strategy
+from leader.rollout_core import (
+    Change,
+    FreezeMode,
+    NodeRecord,
+    NodeState,
+    RolloutEvent,
+    Scope,
+    Step,
+    Strategy,
+)
 from leader.schema_store import RolloutMeta, RolloutRow, SchemaStore
 from leader.service import CRL_AHEAD_LIMIT, LeaderService, LeaderState, keepalive_seconds
 from leader.store import Store, _record_cert
@@ -288,6 +297,55 @@ def test_a_pause_of_the_leaders_host_counts_as_time_that_passed(
         assert node.last_heartbeat is not None and node.last_heartbeat <= T
         assert not state.node_online(node)
         assert store.report_on_clock_now("n1", T) <= T
+    finally:
+        store.close()
+
+
+async def test_a_pause_of_the_leaders_host_lapses_the_scope_freezes_it_saw_confirmed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review 2 of s35 (Low): the engine counted the scope freeze's leases on
+    ``time.monotonic``, which stands still while the leader's host is suspended; the agents'
+    leases run on meanwhile, and each agent lifts its freeze when its lease runs out. A leader
+    back from a suspend longer than the lease took a freeze it had seen confirmed before it for
+    one that still holds (``_confirmed_until``): the next switch began (``_lapsed`` empty) and
+    no renewal was due, with every node of the scope taking writes again. The engine as the
+    leader builds it (its default clock), a suspend that CLOCK_BOOTTIME counts."""
+    slept = [0.0]
+    real = time.clock_gettime
+
+    def clock_gettime(clock: int) -> float:
+        return real(clock) + (slept[0] if clock == time.CLOCK_BOOTTIME else 0.0)
+
+    monkeypatch.setattr(time, "clock_gettime", clock_gettime)
+    store = Store(tmp_path / "leader.sqlite3")
+    try:
+        lease = 300
+        engine = Engine(
+            store,
+            SchemaStore(store.db),
+            pki.CertificateAuthority.create(),
+            cast(Agents, None),
+            lambda: T,
+            lease,
+        )
+
+        async def saved(*_args: object, **_kwargs: object) -> None:
+            return None  # (the record's write: not what this is about)
+
+        monkeypatch.setattr(engine, "_save_node", saved)
+        freeze = planner.StepAction("n1", Step.FREEZE, 1)
+        await engine._record_frozen("r1", freeze, True, (engine.monotonic(), T))
+        frozen = NodeRecord(name="n1", state=NodeState.DONE, scope_frozen=True)
+        row = cast(
+            RolloutRow,
+            SimpleNamespace(
+                rollout=SimpleNamespace(id="r1", freeze=FreezeMode.SCOPE), records=(frozen,)
+            ),
+        )
+        assert engine._lapsed(row) == frozenset()  # confirmed a moment ago: it holds
+        slept[0] += 2 * lease  # the host sleeps; time.monotonic stands still, the agents' not
+        assert engine._lapsed(row) == {"n1"}  # the switches wait until it is frozen again
     finally:
         store.close()
 

@@ -17,10 +17,12 @@ import pytest
 
 from leader.schema_store import SchemaStore
 from leader.store import Store
-from nodeagent.journal import Journal
+from nodeagent.journal import MIGRATIONS, Journal
 from nodeagent.lease import Boot, Lease
 from refserver import store as refstore
+from tlsroll.enums import TxnKind
 from tlsroll.errors import TlsrollError
+from tlsroll.sqlite import Database
 
 PREVIOUS = Path(__file__).parent / "data" / "previous_layout"
 ROLLOUT = "r20261129-120000-ab12"  # the rollout in leader.sql
@@ -167,15 +169,14 @@ def test_a_journalled_lease_without_its_length_is_taken_over(tmp_path: Path) -> 
     A). A lease journalled before it, ``[rollout_id, until]``, is read with no length (the
     agent bounds it by the longest lease); an empty one stays empty."""
     path = tmp_path / "journal.sqlite3"
-    Journal(path).close()
+    Database(path, MIGRATIONS[:4]).close()  # the journal as the release before migration 5 made it
     until = dt.datetime(2026, 11, 30, 10, 5, tzinfo=dt.UTC)
     conn = sqlite3.connect(path)
-    try:  # the journal as the release before migration 5 left it
+    try:  # and the lease it journalled
         conn.execute(
             "INSERT INTO meta (key, value) VALUES ('freeze_lease', ?)",
             (f'["r1", "{until.isoformat()}"]',),
         )
-        conn.execute("PRAGMA user_version=4")
         conn.commit()
     finally:
         conn.close()
@@ -186,7 +187,38 @@ def test_a_journalled_lease_without_its_length_is_taken_over(tmp_path: Path) -> 
         assert journal.freeze_lease() is None
     finally:
         journal.close()
-    assert user_version(path) == current_version("journal", tmp_path) == 5
+    assert user_version(path) == current_version("journal", tmp_path) == 6
+
+
+def test_a_transaction_journalled_before_migration_6_has_no_freeze_length(tmp_path: Path) -> None:
+    """Migration 6 of the journal: a freeze's start on the boot-time clock and its length (clock
+    audit s35 J). A transaction journalled before, frozen and unfrozen, reads with neither; the
+    agent then sends no length (the leader takes the wall-clock times' difference)."""
+    from nodeagent.service import txn_message
+
+    path = tmp_path / "journal.sqlite3"
+    Database(path, MIGRATIONS[:5]).close()
+    began = dt.datetime(2026, 11, 30, 10, 0, tzinfo=dt.UTC)
+    conn = sqlite3.connect(path)
+    try:
+        conn.execute(
+            "INSERT INTO txns (rollout_id, kind, epoch, phase, outcome, started_at, ended_at,"
+            " freeze_started_at, freeze_ended_at, restart_seconds, plan)"
+            " VALUES ('r1', 'switch', 1, 'completed', 'completed', ?, ?, ?, ?, 0.5, '{}')",
+            (began.isoformat(), began.isoformat(), began.isoformat(), began.isoformat()),
+        )
+        conn.commit()
+    finally:
+        conn.close()
+    journal = Journal(path)
+    try:
+        txn = journal.get("r1", TxnKind.SWITCH)
+        assert txn is not None and txn.freeze_ended_at == began
+        assert (txn.freeze_boot_id, txn.freeze_boot_at, txn.freeze_seconds) == (None, None, None)
+        assert not txn_message(txn).HasField("freeze_seconds")
+    finally:
+        journal.close()
+    assert user_version(path) == current_version("journal", tmp_path) == 6
 
 
 def test_a_journalled_lease_without_its_boot_time_end_is_read(tmp_path: Path) -> None:
@@ -216,7 +248,7 @@ def test_a_journalled_lease_without_its_boot_time_end_is_read(tmp_path: Path) ->
         assert journal.freeze_lease() == ("r2", until, 60.0, None)
     finally:
         journal.close()
-    assert user_version(path) == current_version("journal", tmp_path) == 5
+    assert user_version(path) == current_version("journal", tmp_path) == 6
 
 
 def test_the_refserver_entries_of_0_1_0_are_taken_over(tmp_path: Path) -> None:

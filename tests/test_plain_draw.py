@@ -4,6 +4,7 @@ asked, and never pass a peer's control characters to the terminal."""
 
 from __future__ import annotations
 
+import datetime as dt
 import io
 
 import pytest
@@ -105,3 +106,25 @@ def test_a_drawing_prints_through_rich_too(width: int) -> None:
     """``rollout status`` and ``--watch`` on a terminal print through rich's console."""
     block = Block(Styled("head", "bold"), ours())
     assert rich_text(block, width) == "\n".join(block.lines(width, color=False)) + "\n"
+
+
+def test_a_freeze_window_says_its_clock_and_the_length_the_schema_gives() -> None:
+    """Clock audit s35 J: the node's clock stepped back an hour during the freeze: the window
+    read "10:00:01–09:00:03 (-3597.5s)". The length is the schema's (the agent's measure in
+    elapsed time); the times are said to be the node's clock (with --freeze scope, the
+    leader's). From a leader that sends no length: the times' difference, never below 0."""
+    began = dt.datetime(2026, 11, 28, 10, 0, 1, tzinfo=dt.UTC)
+    node = schema_pb2.NodeView(name="n1", state=types_pb2.NODE_STATE_DONE, freeze_seconds=2.5)
+    node.freeze_started_at.FromDatetime(began)
+    node.freeze_ended_at.FromDatetime(began - dt.timedelta(seconds=3597.5))
+    view = schema_pb2.RolloutView(
+        id="r1", state=types_pb2.ROLLOUT_STATE_COMPLETED, freeze=types_pb2.FREEZE_MODE_NODE
+    )
+    view.nodes.append(node)
+    text = "\n".join(render_rollout(to_dict(view)).lines(200, color=False))
+    assert "freeze window (node clock)" in text and "10:00:01–09:00:03 (2.5s)" in text
+    node.ClearField("freeze_seconds")  # an older leader's
+    view.nodes[0].CopyFrom(node)
+    view.freeze = types_pb2.FREEZE_MODE_SCOPE
+    text = "\n".join(render_rollout(to_dict(view)).lines(200, color=False))
+    assert "freeze window (leader clock)" in text and "10:00:01–09:00:03 (0.0s)" in text

@@ -651,6 +651,18 @@ def test_schema_json_of_a_completed_rollout_is_complete(setups: Setups) -> None:
     assert when(data["generated_at"]) >= t1 - dt.timedelta(seconds=5)
     [r] = data["rollouts"]
     assert r["id"] == rid
+    # Each agent's measure of its freeze in elapsed time reached the leader's store (not the
+    # fallback, the wall-clock times' difference, which a NULL there stands for) and is the
+    # window the schema shows (clock audit s35 J).
+    uri = f"file:{s.cluster.store_path}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True, timeout=10)) as db:
+        measured = dict(
+            db.execute(
+                "SELECT name, freeze_seconds FROM rollout_nodes WHERE rollout_id = ?", (rid,)
+            ).fetchall()
+        )
+    assert None not in measured.values(), measured
+    assert {n["name"]: n["freeze_seconds"] for n in r["nodes"]} == measured
     assert (r["change"], r["scope"], r["scope_nodes"], r["strategy"]) == (
         "enable-tls",
         "cluster",
@@ -676,6 +688,8 @@ def test_schema_json_of_a_completed_rollout_is_complete(setups: Setups) -> None:
         freeze = when(n["freeze_started_at"]), when(n["freeze_ended_at"])
         assert freeze[0] < freeze[1]
         assert n["restart_seconds"] > 0
+        # the window's length as the agent measured it (clock audit s35 J): it holds the restart
+        assert n["restart_seconds"] <= n["freeze_seconds"]
         assert n["cert_fingerprint"].startswith("sha256:")
         assert_on_https(node, n["cert_fingerprint"])
         not_after = when(n["cert_not_after"])

@@ -44,7 +44,7 @@ import pytest
 from nodeagent import plans, service, transaction
 from nodeagent.drivers import Driver, DriverError, ServerFacts, StagedConfig, Target
 from nodeagent.journal import Journal, JournalError, Txn
-from nodeagent.lease import Lease
+from nodeagent.lease import Boot, Lease, Leases
 from nodeagent.transaction import Checks, Phase, Plan, Runner, Staged, next_action
 from nodeagent.trust import LeaderTrust
 from nodeagent.wire import TXN_PHASE
@@ -2300,4 +2300,98 @@ async def test_a_password_switch_not_journalled_leaves_no_verifier_file_behind(
     assert not plans.stage_dir(driver, "p1").exists()
     assert (plans.stage_dir(driver, "r1") / "ca.pem").exists()  # the live one's: kept
     assert journal.get("p1", TxnKind.SWITCH) is None
+    journal.close()
+
+
+# --- the freeze's length in elapsed time (clock audit s35 J) -----------------------------------
+
+
+class BootClock:
+    """The agent's boot-time clock (``Leases.boot``) and its boot's id: only a test moves it."""
+
+    def __init__(self) -> None:
+        self.boot_id = "boot-1"
+        self.seconds = 50_000.0
+
+    def __call__(self) -> Boot:
+        return Boot(self.boot_id, self.seconds)
+
+
+def timed(w: World, boot: BootClock) -> None:
+    """``w``'s runners read ``boot`` as their boot-time clock."""
+
+    def runner(journal: Journal) -> Runner:
+        return Runner(
+            journal,
+            w.driver,
+            w.time.clock,
+            checks=fake_checks(w.server),
+            sleep=w.time.sleep,
+            monotonic=w.time.monotonic,
+            leases=Leases(boot=boot),
+        )
+
+    w.runner = runner  # type: ignore[method-assign]
+
+
+def step_while_frozen(w: World, journal: CrashingJournal, boot: BootClock) -> None:
+    """Once ``frozen`` is journalled: the node's wall clock steps back an hour (NTP after a
+    VM restored from a snapshot) while 2.5 s pass."""
+
+    def after_write() -> None:
+        if journal.writes[-1].startswith("frozen"):
+            w.time.now -= dt.timedelta(hours=1)
+            boot.seconds += 2.5
+
+    journal.after_write = after_write
+
+
+async def test_a_freeze_s_length_is_elapsed_time_whatever_the_wall_clock_did(
+    world: Callable[..., World],
+) -> None:
+    """Clock audit s35 J: the schema's freeze window was ``freeze_ended_at -
+    freeze_started_at`` on the node's wall clock, so a step back during the freeze made it
+    about -3600 s. The agent now measures the freeze on its boot-time clock and journals (and
+    sends) that length; the two times stay as the wall clock read them."""
+    boot = BootClock()
+    w = world(SCENARIOS["completes"])
+    timed(w, boot)
+    journal = CrashingJournal(w.journal_path)
+    step_while_frozen(w, journal, boot)
+    txn = await w.run(journal)
+    assert txn.outcome is TxnOutcome.COMPLETED, txn.reason
+    assert txn.freeze_started_at is not None and txn.freeze_ended_at is not None
+    assert txn.freeze_ended_at < txn.freeze_started_at  # what the wall clock says
+    assert txn.freeze_seconds == 2.5
+    assert journal.get("r1", txn.kind) == txn  # journalled, for a WatchTransaction later
+    assert service.txn_message(txn).freeze_seconds == 2.5
+    journal.close()
+
+
+@pytest.mark.parametrize("same_boot", [True, False], ids=["agent-restarted", "rebooted"])
+async def test_a_freeze_s_length_spans_an_agent_restart_but_not_a_reboot(
+    same_boot: bool, world: Callable[..., World]
+) -> None:
+    """Killed after ``frozen`` and started again: in the same boot the length runs from the
+    freeze's first start on the boot-time clock (the time the agent was down counts, as it
+    does in the two wall-clock times); after a reboot that clock starts again, so no length
+    is sent (the leader takes the times' difference, never below 0)."""
+    boot = BootClock()
+    w = world(SCENARIOS["completes"])
+    timed(w, boot)
+    at = next(i for i, label in enumerate(w.writes, 1) if label.startswith("frozen"))
+    first = CrashingJournal(w.journal_path, at)
+    with pytest.raises(Crash):
+        await w.run(first)
+    first.close()
+    w.server.frozen = False  # the agent's exit lifted it
+    if same_boot:
+        boot.seconds += 7.0
+    else:
+        boot.boot_id, boot.seconds = "boot-2", 20.0
+    _pending, journal = await w.resume()
+    txn = journal.get("r1", TxnKind.SWITCH)
+    assert txn is not None and txn.outcome is TxnOutcome.COMPLETED, txn
+    assert txn.freeze_seconds == (7.0 if same_boot else None)
+    assert service.txn_message(txn).HasField("freeze_seconds") is same_boot
     journal.close()

@@ -33,7 +33,7 @@ from leader.schema_store import (
     SchemaStore,
     StaleRecords,
 )
-from leader.schema_view import still_on_http_now
+from leader.schema_view import rollout_view, still_on_http_now
 from leader.service import ERRORS, client_rows, clock_shift
 from leader.store import EpochFixed, InRollout, NodeCert, Store
 from tlsroll.rpc import status_for
@@ -387,6 +387,36 @@ def test_node_details_that_did_not_change_are_not_written(tmp_path: Path) -> Non
     detail = next(d for r, d in row.nodes if r.name == "a")
     assert (detail.restart_seconds, detail.freeze_started_at) == (0.5, at)
     store.close()
+
+
+def test_a_freeze_window_is_the_agent_s_elapsed_time_or_never_below_zero(tmp_path: Path) -> None:
+    """Clock audit s35 J: the window (the schema's and ``tlsroll_freeze_window_seconds``) was
+    the difference of the node's two wall-clock times: a clock stepped back an hour during a
+    freeze made it -3597.5 s. It is now the agent's measure in elapsed time (``a``); from an
+    older agent, which sends none (``b``), that difference, but never below 0."""
+    store = SchemaStore(tmp_path / "s.sqlite3")
+    new_rollout(store)
+    began = dt.datetime(2026, 11, 28, 12, 0, 1, tzinfo=dt.UTC)
+    stepped = began - dt.timedelta(seconds=3597.5)  # an hour back, 2.5 s later
+    store.update_detail("r1", "a", freeze_started_at=began)  # a window still open
+    assert store.switch_times() == ([], [])
+    store.update_detail("r1", "a", freeze_ended_at=stepped, freeze_seconds=2.5, restart_seconds=0.4)
+    store.update_detail("r1", "b", freeze_started_at=began, freeze_ended_at=stepped)
+    windows, restarts = store.switch_times()
+    assert sorted(windows) == [0.0, 2.5] and restarts == [0.4]
+    row = store.get("r1")
+    assert row is not None
+    details = {r.name: d for r, d in row.nodes}
+    assert (details["a"].freeze_seconds, details["a"].freeze_window) == (2.5, 2.5)
+    assert (details["b"].freeze_seconds, details["b"].freeze_window) == (None, 0.0)
+    views = {n.name: n for n in rollout_view(row).nodes}
+    assert views["a"].freeze_seconds == 2.5
+    assert views["b"].HasField("freeze_seconds") and views["b"].freeze_seconds == 0.0
+    # what a fresh read of the file gives
+    store.close()
+    fresh = SchemaStore(tmp_path / "s.sqlite3")
+    assert sorted(fresh.switch_times()[0]) == [0.0, 2.5]
+    fresh.close()
 
 
 def test_every_write_that_changed_a_row_is_told_routine_or_not(tmp_path: Path) -> None:

@@ -160,6 +160,8 @@ def test_switch_then_rollback_checked_from_outside(make_node: NodeFactory) -> No
     assert started <= frozen_from < frozen_to <= ended
     assert 0 < done.restart_seconds < 30
     assert frozen_to - frozen_from >= dt.timedelta(seconds=done.restart_seconds)
+    # and the freeze's length in elapsed time, which holds the restart (clock audit s35 J)
+    assert done.HasField("freeze_seconds") and done.restart_seconds <= done.freeze_seconds
     assert done.watermark == entry["seq"]
 
     after = node.post("https", {"note": "after the switch"})

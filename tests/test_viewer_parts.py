@@ -12,6 +12,7 @@ import json
 import sqlite3
 import time
 from collections.abc import Callable, Sequence
+from html import unescape
 from pathlib import Path
 from typing import Any
 
@@ -400,6 +401,32 @@ def test_metrics_refuse_a_snapshot_read_without_its_switch_times(store: Store) -
     assert "tlsroll_freeze_window_seconds_count 2.0" in text
 
 
+def test_a_freeze_window_is_the_agent_s_elapsed_time_on_the_page_and_in_the_metrics(
+    store: Store,
+) -> None:
+    """Clock audit s35 J: ``a``'s clock stepped back an hour during its freeze (its agent
+    measured 2.5 s); ``b``'s agent is older (no measure) and its clock went back 10 s. The page
+    and ``tlsroll_freeze_window_seconds`` showed -3597.5 s and -13 s: now 2.5 s and 0 s, with
+    the times said to be the node's clock (the step times beside them are the leader's)."""
+    schema = SchemaStore(store.db)
+    run_rollout(schema, "r1", Change.ENABLE_TLS)
+    stepped = NOW - dt.timedelta(seconds=3597.5)
+    schema.update_detail("r1", "a", freeze_ended_at=stepped, freeze_seconds=2.5)
+    schema.update_detail("r1", "b", freeze_ended_at=NOW - dt.timedelta(seconds=10))
+    snap = Reader(store, schema, lambda: NOW, lambda _: True, []).read(times=True)
+    text = metrics.render(snap).decode()
+    assert "tlsroll_freeze_window_seconds_sum 2.5" in text
+    assert 'tlsroll_freeze_window_seconds_bucket{le="0.5"} 1.0' in text  # b's 0, not -13
+    page = pages.PageContext("127.0.0.1", "test", NOW, "/events")
+    for lang, clock, measured, clamped in (
+        ("de", "Uhr des Knotens", "(2,5 s)", "(0,0 s)"),
+        ("en", "node's clock", "(2.5 s)", "(0.0 s)"),
+    ):
+        html = pages.schema_content(snap, Words.of(lang), page)
+        assert f"<small>({clock})</small>" in unescape(html)
+        assert measured in html and clamped in html and "3597" not in html and "-13" not in html
+
+
 def test_failed_bootstrap_attempts_are_on_the_page_and_in_the_metrics(store: Store) -> None:
     schema = SchemaStore(store.db)
     failure = BootstrapFailureRow("a", "127.0.0.9", "ws-empfang", 7, NOW, NOW)
@@ -672,6 +699,8 @@ def test_both_languages_have_every_text_state_and_change() -> None:
     assert de.seconds(2.25) == "2,2 s" and en.seconds(2.25) == "2.2 s"
     start, end = "2026-11-30T09:00:00+00:00", "2026-11-30T09:00:03.500000+00:00"
     assert de.window(start, end).endswith("(3,5 s)") and de.window(None, None) == "–"
+    assert de.window(start, end, 2.0).endswith("(2,0 s)")  # the agent's measure
+    assert en.window(end, start).endswith("(0.0 s)")  # a clock stepped back: never below 0
 
 
 def test_a_server_sent_event_keeps_every_line_of_its_data() -> None:

@@ -70,12 +70,26 @@ def residual(seconds: int) -> str:
 
 
 def freeze_window(node: View) -> str:
+    """From, to (on the clock ``freeze_clock`` names) and how long: the length is the
+    schema's (``freeze_seconds``, the agent's measure in elapsed time), which a step of that
+    clock between the two times does not change. A leader that sends none (an older one): the
+    times' difference, never below 0."""
     start, end = _dt(node, "freeze_started_at"), _dt(node, "freeze_ended_at")
     if start is None:
         return "-"
     if end is None:
         return f"{start:%H:%M:%S}–(frozen)"
-    return f"{start:%H:%M:%S}–{end:%H:%M:%S} ({(end - start).total_seconds():.1f}s)"
+    seconds = node.get("freeze_seconds")
+    if seconds is None:
+        seconds = max((end - start).total_seconds(), 0.0)
+    return f"{start:%H:%M:%S}–{end:%H:%M:%S} ({float(seconds):.1f}s)"
+
+
+def freeze_clock(rollout: View) -> str:
+    """Whose wall clock a rollout's freeze windows' times are on: each node's agent times its
+    own freeze; with ``--freeze scope`` the leader times the scope freeze. Beside the step
+    times (the leader's), a node's may differ by its clock's skew."""
+    return "leader clock" if rollout.get("freeze") == "scope" else "node clock"
 
 
 def render_rollout(r: View) -> Block:
@@ -106,7 +120,7 @@ def render_rollout(r: View) -> Block:
         "state",
         "old address",
         "new address",
-        "freeze window",
+        f"freeze window ({freeze_clock(r)})",
         "restart",
         "cert expires",
         "still on http",
@@ -248,10 +262,13 @@ def render_certificate_health(data: View) -> Block | None:
             line += f" ({auto['reason']})"
         opens = auto.get("next_window") or "-"
         state = "open now" if auto.get("in_window") else f"next opens {opens}"
-        line += f"; window {auto.get('window', '')}, {state}"
+        zone = auto.get("timezone") or "the leader host's zone"
+        line += f"; window {auto.get('window', '')} ({zone}), {state}"
         if auto.get("due_nodes"):
             line += f"; due: {', '.join(auto['due_nodes'])}"
         if auto.get("rollout_id"):
             line += f"; last started: {auto['rollout_id']}"
         parts.append(line)
+        if auto.get("warning"):
+            parts.append(Styled(f"warning: {auto['warning']}", "bold yellow"))
     return Block(*parts) if parts else None

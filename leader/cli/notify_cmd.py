@@ -4,7 +4,8 @@ Before: ``--when "2026-12-05 18:00" [--duration 30m]`` announces a change for a 
 leader plans it (nothing is stored) and the nodes' addresses come from what the schema last
 recorded for them, else from their enrolled address with the seed's ports. After (or while it
 runs): the newest rollout, or ``--rollout ID``, with the schema's real times and the nodes it
-switched. Times are shown in the practice's zone: ``--timezone``, else the leader's own (``TZ``,
+switched. Times are shown in the practice's zone: ``--timezone``, else the leader's
+``maintenance_timezone`` (the schema carries it), else the leader's own (``TZ``,
 ``/etc/timezone``, ``/etc/localtime``); a leader on UTC gives a German notice Europe/Berlin.
 
 ``--include-password`` puts a password into the message only if it is the newest staged one
@@ -15,7 +16,6 @@ this process).
 from __future__ import annotations
 
 import datetime as dt
-import os
 import re
 import sys
 import zoneinfo
@@ -30,14 +30,13 @@ from leader.cli.notify import CHANGES, NoticeInfo, NoticeNode, Timing, render_no
 from leader.cli.password import read_password_file
 from leader.rollout_core import Change, FreezeMode, NodeState, RolloutState, ScopeKind, Strategy
 from leader.wire import CHANGE, FREEZE, NODE_STATE, ROLLOUT_STATE, SCOPE_KIND, STRATEGY
+from leader.zones import UTC_NAMES, load_zone, local_zone_name
 from tlsroll import password
 from tlsroll.defaults import BOOTSTRAP_PORT
 from tlsroll.v1 import admin_pb2, schema_pb2
 
 GERMAN_DEFAULT_ZONE = "Europe/Berlin"
 DEFAULT_SOURCE = {"de": "persönlich bei Ihrer Praxis-IT", "en": "in person from your practice IT"}
-_UTC_NAMES = {"UTC", "Etc/UTC", "Etc/UCT", "UCT", "Etc/Universal", "Universal", "Zulu", "Etc/Zulu"}
-_UTC_NAMES |= {"GMT", "Etc/GMT", "Etc/GMT0", "Etc/GMT+0", "Etc/GMT-0", "GMT0", "Etc/Greenwich"}
 HTTP_PORT, HTTPS_PORT = 8080, 8443  # the seed's, for nodes no agent has reported yet
 MAX_DURATION = dt.timedelta(days=2)
 _WHEN_FORMATS = ("%Y-%m-%d %H:%M", "%Y-%m-%dT%H:%M", "%d.%m.%Y %H:%M")
@@ -59,37 +58,28 @@ _NOT_SWITCHED = {
 # --- parsing the options --------------------------------------------------------------------
 
 
-def local_zone_name() -> str | None:
-    """The leader's own zone as an IANA key, or None if it cannot be told."""
-    tz = os.environ.get("TZ", "").removeprefix(":")
-    if tz:
-        return tz
-    try:
-        name = Path("/etc/timezone").read_text(encoding="utf-8").strip()
-    except OSError:
-        name = ""
-    if name:
-        return name
-    try:
-        target = os.readlink("/etc/localtime")
-    except OSError:
-        return None
-    _, sep, key = target.partition("zoneinfo/")
-    return key if sep else None
-
-
-def practice_zone(option: str | None, lang: str) -> zoneinfo.ZoneInfo:
-    """``--timezone``, else the leader's zone; a German notice on a UTC (or unknown) leader
-    uses Europe/Berlin. A bad name is a usage error."""
+def practice_zone(option: str | None, lang: str, configured: str = "") -> zoneinfo.ZoneInfo:
+    """``--timezone``, else ``configured`` (the leader's ``maintenance_timezone``: the admin
+    has said where the practice is, and the maintenance window and the notice then agree),
+    else the leader's zone; a German notice on a UTC (or unknown) leader uses Europe/Berlin.
+    A bad name is a usage error."""
     name = option
+    if name is None and configured:
+        try:
+            return load_zone(configured)
+        except ValueError:  # the leader knows it; this machine's zone database does not
+            raise click.UsageError(
+                f"the leader's maintenance_timezone {configured!r} is unknown here; give "
+                "--timezone, e.g. Europe/Berlin"
+            ) from None
     if name is None:
         name = local_zone_name()
-        if lang == "de" and (name is None or name in _UTC_NAMES):
+        if lang == "de" and (name is None or name in UTC_NAMES):
             name = GERMAN_DEFAULT_ZONE
         name = name or "UTC"
     try:
-        return zoneinfo.ZoneInfo(name)
-    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):  # OSError: "Europe", a dir
+        return load_zone(name)
+    except ValueError:
         if option is None:  # the machine's own setting is odd: say so, not "bad option"
             raise click.UsageError(
                 f"this machine's time zone {name!r} is unknown; give --timezone, e.g. Europe/Berlin"
@@ -309,8 +299,8 @@ def check_staged(leader: Leader, secret: str) -> None:
 @click.option(
     "--timezone",
     "tz_name",
-    help="Time zone of the times shown, e.g. Europe/Berlin [default: the leader's; a German "
-    "notice on a UTC leader: Europe/Berlin].",
+    help="Time zone of the times shown, e.g. Europe/Berlin [default: maintenance_timezone in "
+    "leader.toml, else the leader's; a German notice on a UTC leader: Europe/Berlin].",
 )
 @click.option("--practice", default="Praxis", show_default=True, help="Name for the title.")
 @click.option("--contact", default="", help="Whom to ask (name, phone).")
@@ -371,9 +361,9 @@ def notify(
                 raise click.UsageError(f"--remaining lists who is still on http; leave out {name}")
         if include_password:
             raise click.UsageError("--remaining lists who is still on http; no password in it")
-        click.echo(
-            remaining_text(fetch_schema(leader), lang, practice_zone(tz_name, lang)), nl=False
-        )
+        schema = fetch_schema(leader)
+        zone = practice_zone(tz_name, lang, schema.auto_rotate.timezone)
+        click.echo(remaining_text(schema, lang, zone), nl=False)
         return
     if when is None:
         for name, value in (
@@ -390,7 +380,9 @@ def notify(
         raise click.UsageError("--until goes with a transitional rollout, not with --when")
     if password_file is not None and not include_password:
         raise click.UsageError("--password-file goes with --include-password")
-    zone = practice_zone(tz_name, lang)
+    # The schema first when the zone may be the leader's maintenance_timezone.
+    first = fetch_schema(leader) if tz_name is None else None
+    zone = practice_zone(tz_name, lang, first.auto_rotate.timezone if first else "")
     now = dt.datetime.now(dt.UTC)
     start = parse_when(when, zone, now) if when is not None else None
     span = parse_duration(duration) if duration is not None else None
@@ -403,7 +395,7 @@ def notify(
             "include it in the notice after the start, or leave out --include-password"
         )
 
-    schema = fetch_schema(leader)
+    schema = first if first is not None else fetch_schema(leader)
     known = known_urls(schema)
     unchanged: list[str] = []
     transitional = False

@@ -54,6 +54,8 @@ _DE: dict[str, str] = {
     "old_url": "Adresse bisher",
     "new_url": "Adresse neu",
     "freeze": "Schreibsperre",
+    "clock_node": "Uhr des Knotens",
+    "clock_leader": "Uhr des Leaders",
     "restart": "Neustart",
     "cert_expiry": "Zertifikat gültig bis",
     "leader_node": "Leader",
@@ -154,6 +156,8 @@ _EN: dict[str, str] = {
     "old_url": "Old address",
     "new_url": "New address",
     "freeze": "Write freeze",
+    "clock_node": "node's clock",
+    "clock_leader": "leader's clock",
     "restart": "Restart",
     "cert_expiry": "Certificate valid until",
     "leader_node": "leader",
@@ -322,17 +326,21 @@ class Words:
     def seconds(self, value: float) -> str:
         return self("seconds", value=self.number(value))
 
-    def window(self, start: str | None, end: str | None) -> str:
-        """A freeze window: from, to and how long."""
+    def window(self, start: str | None, end: str | None, seconds: float | None = None) -> str:
+        """A freeze window: from, to and how long. ``seconds``: its length as the schema says
+        (``freeze_seconds``: the agent's measure in elapsed time, which a step of the clock the
+        two times are on does not change); None: the times' difference, never below 0."""
         if not start:
             return self("none")
         if not end:
             return self("window_open", start=self.when(start))
         a, b = dt.datetime.fromisoformat(start), dt.datetime.fromisoformat(end)
         same_day = a.astimezone().date() == b.astimezone().date()
+        if seconds is None:
+            seconds = max((b - a).total_seconds(), 0.0)
         return self(
             "window",
             start=self.when(a),
             end=b.astimezone().strftime(self("time")) if same_day else self.when(b),
-            seconds=self.seconds((b - a).total_seconds()),
+            seconds=self.seconds(seconds),
         )

@@ -9,7 +9,10 @@ of every rollout in the schema, so their counts only grow, as Prometheus expects
                                                      rollout is in, 0 for the others
     tlsroll_node_online{node}                        1 if the node's heartbeats arrive
     tlsroll_node_heartbeat_age_seconds{node}         since its last heartbeat
-    tlsroll_freeze_window_seconds                    how long nodes refused writes
+    tlsroll_freeze_window_seconds                    how long nodes refused writes (each agent's
+                                                     measure in elapsed time; from an older
+                                                     agent, its wall-clock times' difference,
+                                                     never below 0: ``SchemaStore.switch_times``)
     tlsroll_restart_seconds                          how long the managed server's restart took
     tlsroll_certificate_expiry_timestamp_seconds{kind,subject,fingerprint}
     tlsroll_password_change_pending{node}            1: a new password waits for a restart

@@ -694,6 +694,7 @@ class Transaction(_message.Message):
     OLD_URL_FIELD_NUMBER: _builtins.int
     NEW_URL_FIELD_NUMBER: _builtins.int
     CERT_FINGERPRINT_FIELD_NUMBER: _builtins.int
+    FREEZE_SECONDS_FIELD_NUMBER: _builtins.int
     rollout_id: _builtins.str
     kind: Global___TransactionKind.ValueType
     epoch: _builtins.int
@@ -705,6 +706,13 @@ class Transaction(_message.Message):
     old_url: _builtins.str
     new_url: _builtins.str
     cert_fingerprint: _builtins.str
+    freeze_seconds: _builtins.float
+    """How long the freeze lasted (freeze_started_at to freeze_ended_at) in elapsed time on the
+    node: its boot-time clock, which no step of the node's wall clock moves (those two times
+    are on the node's wall clock). Set with freeze_ended_at; unset while frozen, and where the
+    agent could not measure it (a reboot during the freeze, no such clock, an older agent):
+    the leader then takes the two times' difference, never below 0.
+    """
     @_builtins.property
     def started_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -731,11 +739,14 @@ class Transaction(_message.Message):
         old_url: _builtins.str = ...,
         new_url: _builtins.str = ...,
         cert_fingerprint: _builtins.str = ...,
+        freeze_seconds: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["ended_at", b"ended_at", "freeze_ended_at", b"freeze_ended_at", "freeze_started_at", b"freeze_started_at", "started_at", b"started_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_freeze_seconds", b"_freeze_seconds", "ended_at", b"ended_at", "freeze_ended_at", b"freeze_ended_at", "freeze_seconds", b"freeze_seconds", "freeze_started_at", b"freeze_started_at", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cert_fingerprint", b"cert_fingerprint", "ended_at", b"ended_at", "epoch", b"epoch", "freeze_ended_at", b"freeze_ended_at", "freeze_started_at", b"freeze_started_at", "kind", b"kind", "new_url", b"new_url", "old_url", b"old_url", "outcome", b"outcome", "phase", b"phase", "reason", b"reason", "restart_seconds", b"restart_seconds", "rollout_id", b"rollout_id", "started_at", b"started_at", "watermark", b"watermark"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_freeze_seconds", b"_freeze_seconds", "cert_fingerprint", b"cert_fingerprint", "ended_at", b"ended_at", "epoch", b"epoch", "freeze_ended_at", b"freeze_ended_at", "freeze_seconds", b"freeze_seconds", "freeze_started_at", b"freeze_started_at", "kind", b"kind", "new_url", b"new_url", "old_url", b"old_url", "outcome", b"outcome", "phase", b"phase", "reason", b"reason", "restart_seconds", b"restart_seconds", "rollout_id", b"rollout_id", "started_at", b"started_at", "watermark", b"watermark"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__freeze_seconds: _TypeAlias = _typing.Literal["freeze_seconds"]  # noqa: Y015
+    _WhichOneofArgType__freeze_seconds: _TypeAlias = _typing.Literal["_freeze_seconds", b"_freeze_seconds"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__freeze_seconds) -> _WhichOneofReturnType__freeze_seconds | None: ...
 
 Global___Transaction: _TypeAlias = Transaction  # noqa: Y015

@@ -100,6 +100,7 @@ class NodeView(_message.Message):
     BOOTSTRAP_PORT_FIELD_NUMBER: _builtins.int
     PASSWORD_PENDING_FIELD_NUMBER: _builtins.int
     STILL_ON_HTTP_FIELD_NUMBER: _builtins.int
+    FREEZE_SECONDS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     state: _types_pb2.NodeState.ValueType
     reason: _builtins.str
@@ -116,6 +117,13 @@ class NodeView(_message.Message):
     still_on_http: _builtins.int
     """Workstations seen on http lately that have not been seen on https since (who still needs
     the client steps; transitional strategy).
+    """
+    freeze_seconds: _builtins.float
+    """The freeze window's length in seconds; unset while it is open. It is the agent's measure in
+    elapsed time (Transaction's freeze_seconds): freeze_started_at and freeze_ended_at are on
+    the node's wall clock (with --freeze scope, on the leader's), so their difference is off by
+    any step of that clock. Where no such measure was sent (an older agent, a reboot during the
+    freeze, a scope freeze) it is that difference, never below 0 (0 for a clock stepped back).
     """
     @_builtins.property
     def cert_not_after(self) -> _timestamp_pb2.Timestamp: ...
@@ -143,12 +151,15 @@ class NodeView(_message.Message):
         bootstrap_port: _builtins.int = ...,
         password_pending: _builtins.bool = ...,
         still_on_http: _builtins.int = ...,
+        freeze_seconds: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cert_not_after", b"cert_not_after", "freeze_ended_at", b"freeze_ended_at", "freeze_started_at", b"freeze_started_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_freeze_seconds", b"_freeze_seconds", "cert_not_after", b"cert_not_after", "freeze_ended_at", b"freeze_ended_at", "freeze_seconds", b"freeze_seconds", "freeze_started_at", b"freeze_started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["bootstrap_port", b"bootstrap_port", "cert_fingerprint", b"cert_fingerprint", "cert_not_after", b"cert_not_after", "freeze_ended_at", b"freeze_ended_at", "freeze_started_at", b"freeze_started_at", "leader_node", b"leader_node", "name", b"name", "new_url", b"new_url", "old_url", b"old_url", "password_pending", b"password_pending", "reason", b"reason", "restart_seconds", b"restart_seconds", "state", b"state", "steps", b"steps", "still_on_http", b"still_on_http"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_freeze_seconds", b"_freeze_seconds", "bootstrap_port", b"bootstrap_port", "cert_fingerprint", b"cert_fingerprint", "cert_not_after", b"cert_not_after", "freeze_ended_at", b"freeze_ended_at", "freeze_seconds", b"freeze_seconds", "freeze_started_at", b"freeze_started_at", "leader_node", b"leader_node", "name", b"name", "new_url", b"new_url", "old_url", b"old_url", "password_pending", b"password_pending", "reason", b"reason", "restart_seconds", b"restart_seconds", "state", b"state", "steps", b"steps", "still_on_http", b"still_on_http"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__freeze_seconds: _TypeAlias = _typing.Literal["freeze_seconds"]  # noqa: Y015
+    _WhichOneofArgType__freeze_seconds: _TypeAlias = _typing.Literal["_freeze_seconds", b"_freeze_seconds"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__freeze_seconds) -> _WhichOneofReturnType__freeze_seconds | None: ...
 
 Global___NodeView: _TypeAlias = NodeView  # noqa: Y015
 
@@ -449,9 +460,11 @@ class AutoRotateView(_message.Message):
     DUE_NODES_FIELD_NUMBER: _builtins.int
     ROLLOUT_ID_FIELD_NUMBER: _builtins.int
     NEXT_WINDOW_FIELD_NUMBER: _builtins.int
+    TIMEZONE_FIELD_NUMBER: _builtins.int
+    WARNING_FIELD_NUMBER: _builtins.int
     enabled: _builtins.bool
     window: _builtins.str
-    """The maintenance window as configured, e.g. "Sat 02:00-05:00" (leader's local time)."""
+    """The maintenance window as configured, e.g. "Sat 02:00-05:00", in `timezone`."""
     in_window: _builtins.bool
     verdict: _builtins.str
     """off | nothing-due | outside-window | busy | waits-finalize | held | started | blocked"""
@@ -460,8 +473,17 @@ class AutoRotateView(_message.Message):
     rollout_id: _builtins.str
     """The last rollout auto_rotate started, if any (since the leader started)."""
     next_window: _builtins.str
-    """When the window opens next, in the leader's local time written as UTC-less wall time
-    ("2026-12-05T02:00"); empty if it is open now or never closes.
+    """When the window opens next, in the window's zone with its UTC offset
+    ("2026-12-05T02:00+01:00"); empty if it is open now or never closes.
+    """
+    timezone: _builtins.str
+    """The zone the window is read in: maintenance_timezone in leader.toml, an IANA name
+    ("Europe/Berlin"); empty: not set, the leader host's local time. `tlsroll notify` shows
+    its times in it when it is set and --timezone is not given.
+    """
+    warning: _builtins.str
+    """A setting the admin should look at, in words (a window read in UTC only because the
+    leader host runs on UTC); empty if none.
     """
     @_builtins.property
     def checked_at(self) -> _timestamp_pb2.Timestamp: ...
@@ -481,10 +503,12 @@ class AutoRotateView(_message.Message):
         due_nodes: _abc.Iterable[_builtins.str] | None = ...,
         rollout_id: _builtins.str = ...,
         next_window: _builtins.str = ...,
+        timezone: _builtins.str = ...,
+        warning: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["checked_at", b"checked_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["checked_at", b"checked_at", "due_nodes", b"due_nodes", "enabled", b"enabled", "in_window", b"in_window", "next_window", b"next_window", "reason", b"reason", "rollout_id", b"rollout_id", "verdict", b"verdict", "window", b"window"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["checked_at", b"checked_at", "due_nodes", b"due_nodes", "enabled", b"enabled", "in_window", b"in_window", "next_window", b"next_window", "reason", b"reason", "rollout_id", b"rollout_id", "timezone", b"timezone", "verdict", b"verdict", "warning", b"warning", "window", b"window"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -1,0 +1,60 @@
+"""Time zones: IANA names from the config and the command line, and the leader host's own.
+
+``maintenance_timezone`` in leader.toml (``leader.config``) is read with ``load_zone``; a
+maintenance window without it is the host's local time, and ``host_is_utc`` tells the leader
+to warn when that is UTC (servers commonly run on UTC; a German practice's "04:00-06:00" is
+then 06:00-08:00 in summer). ``tlsroll notify`` shows its times in the practice's zone
+(``local_zone_name`` when neither ``--timezone`` nor ``maintenance_timezone`` names one).
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import zoneinfo
+from pathlib import Path
+
+UTC_NAMES = {"UTC", "Etc/UTC", "Etc/UCT", "UCT", "Etc/Universal", "Universal", "Zulu", "Etc/Zulu"}
+UTC_NAMES |= {"GMT", "Etc/GMT", "Etc/GMT0", "Etc/GMT+0", "Etc/GMT-0", "GMT0", "Etc/Greenwich"}
+
+
+def load_zone(name: str) -> zoneinfo.ZoneInfo:
+    """The IANA zone ``name`` ("Europe/Berlin"); ValueError with a one-line message if there is
+    none of that name (a typo, a path, a directory such as "Europe", a POSIX TZ string)."""
+    try:
+        return zoneinfo.ZoneInfo(name)
+    except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):  # OSError: "Europe", a dir
+        raise ValueError(
+            f"unknown time zone {name!r}; use an IANA name such as Europe/Berlin"
+        ) from None
+
+
+def local_zone_name() -> str | None:
+    """The leader host's own zone as an IANA key (``TZ``, ``/etc/timezone``,
+    ``/etc/localtime``), or None if it cannot be told."""
+    tz = os.environ.get("TZ", "").removeprefix(":")
+    if tz:
+        return tz
+    try:
+        name = Path("/etc/timezone").read_text(encoding="utf-8").strip()
+    except OSError:
+        name = ""
+    if name:
+        return name
+    try:
+        target = os.readlink("/etc/localtime")
+    except OSError:
+        return None
+    _, sep, key = target.partition("zoneinfo/")
+    return key if sep else None
+
+
+def host_is_utc(year: int | None = None) -> bool:
+    """Whether the host's local time (its ``TZ``, as ``datetime.astimezone`` reads it) is UTC
+    the whole year: no offset in January, none in July. Judged by the offsets, not the name,
+    so ``TZ=GMT`` or no zone configured at all count, and Europe/London does not."""
+    year = year or dt.date.today().year
+    return all(
+        dt.datetime(year, month, 1, 12).astimezone().utcoffset() == dt.timedelta(0)
+        for month in (1, 7)
+    )
