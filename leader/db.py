@@ -244,6 +244,53 @@ _V9 = """
 ALTER TABLE rollout_nodes ADD COLUMN freeze_seconds REAL;
 """
 
+# Migration 10: the certificates' record order, the hourly caps and the rollouts, none of them
+# by the wall clock (clock audit s35, F and J; session 36). ``seq``: the order the certificates
+# were recorded in, an INTEGER PRIMARY KEY: the implicit rowid it replaces "is not persistent
+# and might change" (SQLite, "Rowid Tables"; "The VACUUM command may change the ROWIDs of
+# entries in any tables that do not have an explicit INTEGER PRIMARY KEY", lang_vacuum), and
+# ``NAME.before-vN`` is a ``VACUUM INTO`` copy; the column keeps the rowid each had, so the
+# order is the one the file recorded. ``counted_at``: when the hourly caps count the
+# certificate as issued, on the leader's elapsed-time clock (``Store.cap_now``); those before
+# counted by their issue time, as they were. ``rollout_id``: the rollout that recorded it (a
+# preflight's or a stage's server certificate), so that "never delivered" picks a rollout's
+# own (``revoke_undelivered_in``) and not what was issued in its span by the clock; those
+# before belong to none, but a server certificate issued since a rollout not ended began,
+# of a node of it, is taken for that rollout's (what the span picked until now). A table is
+# rebuilt to change its key (SQLite cannot ALTER it); nothing refers to it.
+_V10 = """
+CREATE TABLE certificates_v10 (
+    seq           INTEGER PRIMARY KEY,   -- the order they were recorded in
+    serial        TEXT NOT NULL UNIQUE,  -- hex
+    kind          TEXT NOT NULL,         -- node | server | workstation | leader | other
+    subject       TEXT NOT NULL,         -- the node's or workstation's name
+    node          TEXT NOT NULL,         -- the node it was issued to or for
+    fingerprint   TEXT NOT NULL,
+    issued_at     TEXT NOT NULL,
+    not_after     TEXT NOT NULL,
+    revoked_at    TEXT,
+    revoke_reason TEXT NOT NULL DEFAULT '',
+    counted_at    TEXT,                  -- NULL: no hourly cap counts it
+    rollout_id    TEXT NOT NULL DEFAULT ''  -- '': no rollout's
+);
+INSERT INTO certificates_v10 (seq, serial, kind, subject, node, fingerprint, issued_at,
+    not_after, revoked_at, revoke_reason, counted_at)
+  SELECT rowid, serial, kind, subject, node, fingerprint, issued_at, not_after, revoked_at,
+    revoke_reason, CASE WHEN kind IN ('node', 'workstation') THEN issued_at END
+  FROM certificates ORDER BY rowid;
+DROP TABLE certificates;
+ALTER TABLE certificates_v10 RENAME TO certificates;
+CREATE INDEX certificates_subject ON certificates (kind, subject);
+CREATE INDEX certificates_node ON certificates (node);
+UPDATE certificates SET rollout_id = COALESCE((
+    SELECT r.id FROM rollouts r JOIN rollout_nodes n ON n.rollout_id = r.id
+     WHERE n.name = certificates.node
+       AND r.state NOT IN ('completed', 'halted', 'aborted')
+       AND certificates.issued_at >= COALESCE(r.started_at, r.created_at)
+     ORDER BY r.epoch DESC LIMIT 1), '')
+ WHERE kind = 'server';
+"""
+
 MIGRATIONS: tuple[Migration, ...] = (
     _V1,  # 0.1.0
     _V2,  # needs_attention
@@ -254,6 +301,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     _V7,  # transitional strategy: finalize links, clients per scheme
     _V8,  # scope freeze asked
     _V9,  # a freeze window's length in elapsed time
+    _V10,  # certificates: record order, hourly caps' clock, their rollout
 )
 
 

@@ -883,7 +883,9 @@ class SchemaStore(LeaderStore):
                     db, r.node, r.live_fingerprint, before=r.before, now=now
                 )
             for cert in certs:  # routine as well (``Store.record_certificate``)
-                record_certificate_in(db, cert, actor="leader", now=now)
+                record_certificate_in(
+                    db, cert, actor="leader", now=now, rollout_id=before.rollout.id
+                )
             if certs and recorded is not None:
                 self._db.after_commit(recorded)
             touched = list(records)
@@ -918,7 +920,7 @@ class SchemaStore(LeaderStore):
         stayed valid on record (``certs check-expiration``) until it expired (review s28,
         second review, L1). Only this one: a later rollout may have recorded others since."""
         with self._db.tx(routine=True) as db:
-            record_certificate_in(db, cert, actor="leader", now=now)
+            record_certificate_in(db, cert, actor="leader", now=now, rollout_id=rollout_id)
             row = db.execute(
                 "SELECT state FROM rollout_nodes WHERE rollout_id = ? AND name = ?",
                 (rollout_id, cert.node),
@@ -1294,21 +1296,19 @@ def _revoke_undelivered(
     now: dt.datetime,
 ) -> list[str]:
     """Inside ``save_states``' write: for each node of ``names`` that this write moves into
-    ``UNDELIVERED_AT``, revoke the server certificates recorded for it during the rollout
-    other than the one it staged (``revoke_undelivered_in``). Review s28 L1: a preflight's
+    ``UNDELIVERED_AT``, revoke the server certificates the rollout recorded for it other
+    than the one it staged (``revoke_undelivered_in``). Review s28 L1: a preflight's
     certificate is recorded with its outcome, before its stage sends it; a leader stopped or
     restarted in between (its stage then signs another), or an abort, left it valid and on
     record (``certs check-expiration``) if the node did not end done."""
     if not CHANGES[after.rollout.change].stages_certificate:
         return []
-    since = after.meta.started_at or after.meta.created_at
-    until = after.meta.ended_at or now  # this rollout's span only
     serials: list[str] = []
     for name in dict.fromkeys(names):
         rec, detail = after.node(name)
         if rec.state in UNDELIVERED_AT and before.node(name)[0].state is not rec.state:
             staged = detail.cert_fingerprint or ""
-            serials += revoke_undelivered_in(db, name, staged, since=since, until=until, now=now)
+            serials += revoke_undelivered_in(db, name, staged, rollout_id=after.rollout.id, now=now)
     return serials
 
 

@@ -317,6 +317,9 @@ class Store(LeaderStore):
         # When this store opened, by ``monotonic`` (``bind_clocks`` keeps its age): nothing
         # stored before can have come later (``_stored_on_clock_now``).
         self._opened = self.monotonic()
+        # ``cap_now`` at ``_cap_mono`` (by ``monotonic``): set as the store opens and as its
+        # clocks are bound (``_count_from``).
+        self._cap_base, self._cap_mono = self._count_from()
         # The group commit (``write_queued``): heartbeat records and other soft-state writes
         # waiting for it, under ``_seen_lock``.
         self._queued: dict[str, _Record] = {}
@@ -342,10 +345,36 @@ class Store(LeaderStore):
 
     def bind_clocks(self, clock: Callable[[], dt.datetime], monotonic: Callable[[], float]) -> None:
         """Judge times by ``clock`` (the leader's) and ``monotonic`` from now on; the time
-        since this store opened stays what it was."""
+        since this store opened stays what it was; ``cap_now`` starts again from ``clock``
+        (``_count_from``)."""
         age = self.monotonic() - self._opened
         self.clock, self.monotonic = clock, monotonic
         self._opened = monotonic() - age
+        self._cap_base, self._cap_mono = self._count_from()
+
+    def cap_now(self) -> dt.datetime:
+        """Now on the clock the hourly certificate caps count by (``_check_hourly_certs``;
+        a certificate's ``counted_at``): the leader's clock as this store opened (as its
+        clocks were bound), or the latest ``counted_at`` on record if that is later, moved on
+        by ``monotonic`` since (``_count_from``). No step of the wall clock moves it, and it
+        never goes back behind a certificate it counted, not across a restart either.
+
+        The caps counted by ``issued_at`` on the wall clock: a step forward lifted them (what
+        was issued before counted no more), a step back of a day locked a node that had just
+        renewed out of renewing, replaying its enrolment and signing workstation
+        certificates for that day (clock audit s35, J). Now a certificate counts for an hour
+        of elapsed time, and one counted "later" than a restarted leader's clock (stepped
+        back while it was down) for at most an hour after the start. A leader restarted
+        after a step forward counts what was issued before by the clock, as it did."""
+        return self._cap_base + dt.timedelta(seconds=self.monotonic() - self._cap_mono)
+
+    def _count_from(self) -> tuple[dt.datetime, float]:
+        """Where ``cap_now`` starts, by ``clock`` and ``monotonic`` now (as the store opens,
+        and as its clocks are bound: the leader's service binds them before it records
+        anything): the clock, or the latest ``counted_at`` on record if that is later."""
+        with self._db.read() as conn:
+            (counted,) = conn.execute("SELECT MAX(counted_at) FROM certificates").fetchone()
+        return max(filter(None, (self.clock(), from_text(counted)))), self.monotonic()
 
     def _forget_seen(self, name: str) -> None:
         with self._seen_lock:
@@ -612,7 +641,17 @@ class Store(LeaderStore):
                 ),
             )
             db.execute("UPDATE nodes SET token_id = ? WHERE name = ?", (token_id, name))
-            _record_cert(db, cert.serial, "node", name, name, cert.fingerprint, now, cert.not_after)
+            _record_cert(
+                db,
+                cert.serial,
+                "node",
+                name,
+                name,
+                cert.fingerprint,
+                now,
+                cert.not_after,
+                counted_at=self.cap_now(),
+            )
             self._audit(
                 db,
                 now,
@@ -666,7 +705,8 @@ class Store(LeaderStore):
         The one the first call issued stays accepted as the one before it until the agent
         has used the new one (as a renewal's); the agent's version and port are its own."""
         name = node["name"]
-        _check_hourly_certs(db, name, now)
+        counted_at = self.cap_now()
+        _check_hourly_certs(db, name, counted_at)
         cert = issue()
         db.execute(
             "UPDATE nodes SET cert_fingerprint = ?, cert_serial = ?, cert_not_after = ?,"
@@ -681,7 +721,17 @@ class Store(LeaderStore):
                 name,
             ),
         )
-        _record_cert(db, cert.serial, "node", name, name, cert.fingerprint, now, cert.not_after)
+        _record_cert(
+            db,
+            cert.serial,
+            "node",
+            name,
+            name,
+            cert.fingerprint,
+            now,
+            cert.not_after,
+            counted_at=counted_at,
+        )
         self._audit(
             db,
             now,
@@ -1041,7 +1091,8 @@ class Store(LeaderStore):
             row = check_caller_in(db, name, presented, presented_serial)
             current, prev = row["cert_fingerprint"], row["prev_cert_fingerprint"]
             keep = current if presented == current else prev
-            _check_hourly_certs(db, name, now)
+            counted_at = self.cap_now()
+            _check_hourly_certs(db, name, counted_at)
             cert = issue()
             db.execute(
                 "UPDATE nodes SET key_pin = ?, cert_fingerprint = ?, cert_serial = ?,"
@@ -1057,7 +1108,17 @@ class Store(LeaderStore):
                     name,
                 ),
             )
-            _record_cert(db, cert.serial, "node", name, name, cert.fingerprint, now, cert.not_after)
+            _record_cert(
+                db,
+                cert.serial,
+                "node",
+                name,
+                name,
+                cert.fingerprint,
+                now,
+                cert.not_after,
+                counted_at=counted_at,
+            )
             self._audit(
                 db,
                 now,
@@ -1126,14 +1187,19 @@ class Store(LeaderStore):
 
     # --- certificates -------------------------------------------------------------------------
 
-    def record_certificate(self, cert: IssuedCert, *, actor: str, now: dt.datetime) -> None:
-        """Record a certificate just issued (a stage's, for each node of a rollout). Routine
+    def record_certificate(
+        self, cert: IssuedCert, *, actor: str, now: dt.datetime, rollout_id: str = ""
+    ) -> None:
+        """Record a certificate just issued (a stage's, for each node of a rollout: the
+        rollout's ``rollout_id``, ``revoke_undelivered_in``). Routine
         for the heartbeat path (``tx(routine=True)``): a new, unrevoked certificate changes
         nothing its snapshot keeps (which certificates nodes call with, the revoked serials,
         the epoch, the revocation list), so the heartbeats after a stage do not read the store
         again (issue 15: a worker-thread hop and four queries per node of a rollout)."""
         with self._db.tx(routine=True) as db:
-            record_certificate_in(db, cert, actor=actor, now=now)
+            record_certificate_in(
+                db, cert, actor=actor, now=now, rollout_id=rollout_id, counted_at=self.cap_now()
+            )
 
     def issue_workstation(
         self,
@@ -1154,7 +1220,8 @@ class Store(LeaderStore):
         PC set up again) revokes the older certificate."""
         with self._db.tx() as db:
             check_caller_in(db, node, presented, presented_serial)
-            _check_hourly_certs(db, node, now, "workstation")
+            counted_at = self.cap_now()
+            _check_hourly_certs(db, node, counted_at, "workstation")
             held = db.execute(
                 "SELECT serial, node FROM certificates WHERE kind = 'workstation' AND subject = ?"
                 " AND revoked_at IS NULL AND not_after > ?",
@@ -1184,6 +1251,7 @@ class Store(LeaderStore):
                 cert.fingerprint,
                 cert.issued_at,
                 cert.not_after,
+                counted_at=counted_at,
             )
             self._audit(
                 db,
@@ -1432,7 +1500,17 @@ class Store(LeaderStore):
                     to_text(now),
                 ),
             )
-            _record_cert(db, cert.serial, "node", name, name, cert.fingerprint, now, cert.not_after)
+            _record_cert(
+                db,
+                cert.serial,
+                "node",
+                name,
+                name,
+                cert.fingerprint,
+                now,
+                cert.not_after,
+                counted_at=self.cap_now(),
+            )
             floor = max(_meta(db, "epoch_floor", 0), highest_epoch)
             db.execute(
                 "INSERT INTO meta (key, value) VALUES ('epoch_floor', ?)"
@@ -1543,17 +1621,17 @@ def revoke_superseded_in(
     of the node's end: one transaction, not two). A caller whose transaction is routine
     moves ``Database.generation`` on after it if this revoked anything (``Database.touch``):
     the heartbeat path keeps the revocation list."""
-    # "Before" is the order the certificates were recorded in (``rowid``: rows are only ever
-    # added, ``_record_cert``'s INSERT OR IGNORE never adds one again, and nothing deletes or
-    # vacuums them), not their ``issued_at``: the leader's clock, ahead when the live one's
-    # predecessor was issued and corrected since, left that one unrevoked, valid for up to
-    # 397 days and not on the revocation list (clock audit s35, F).
+    # "Before" is the order the certificates were recorded in (``seq``, an INTEGER PRIMARY
+    # KEY: a copy of the file keeps it, migration 10), not their ``issued_at``: the leader's
+    # clock, ahead when the live one's predecessor was issued and corrected since, left that
+    # one unrevoked, valid for up to 397 days and not on the revocation list (clock audit
+    # s35, F).
     live = db.execute(
-        "SELECT rowid AS seq FROM certificates WHERE kind = 'server' AND node = ?"
-        " AND fingerprint = ? ORDER BY rowid DESC LIMIT 1",
+        "SELECT seq FROM certificates WHERE kind = 'server' AND node = ?"
+        " AND fingerprint = ? ORDER BY seq DESC LIMIT 1",
         (node, live_fingerprint),
     ).fetchone()
-    older = "rowid < ?" if live is not None else "issued_at < ?"
+    older = "seq < ?" if live is not None else "issued_at < ?"
     serials = [
         r["serial"]
         for r in db.execute(
@@ -1582,26 +1660,31 @@ def revoke_undelivered_in(
     node: str,
     staged_fingerprint: str,
     *,
-    since: dt.datetime,
-    until: dt.datetime,
+    rollout_id: str,
     now: dt.datetime,
 ) -> list[str]:
     """Inside the caller's write transaction (``SchemaStore.save_states``): revoke (reason
-    "never delivered") the server certificates of ``node`` issued from ``since`` to
-    ``until`` (a rollout's span) other than the one the node staged in it
+    "never delivered") the server certificates of ``node`` that rollout ``rollout_id``
+    recorded (``record_certificate_in``) other than the one the node staged in it
     (``staged_fingerprint``; "" if none). Certificates the leader recorded and no node holds:
     a preflight's, whose stage never sent it (a leader stopped in between, an abort) or sent
     another. (One a stage in flight at an abort records after the write that skipped its
     node is not revoked here: ``SchemaStore.record_stage_certificate`` revokes it in the
     write that records it, and the stage never sends it.) Not urgent (``_bump_crl``):
     nothing presents them. A routine caller moves ``Database.generation`` on if this revoked
-    anything. Returns the serials revoked now."""
+    anything. Returns the serials revoked now.
+
+    They were picked by their ``issued_at`` within the rollout's span, by the leader's clock:
+    a step of it during the rollout left one out (valid and on record until it expired), or
+    took in another rollout's issued while the clock was ahead, maybe the one the node
+    serves, revoked as "never delivered": its clients' next check of the revocation list
+    failed (session 36)."""
     serials = [
         r["serial"]
         for r in db.execute(
             "SELECT serial FROM certificates WHERE kind = 'server' AND node = ?"
-            " AND revoked_at IS NULL AND fingerprint != ? AND issued_at >= ? AND issued_at <= ?",
-            (node, staged_fingerprint, to_text(since), to_text(until)),
+            " AND revoked_at IS NULL AND fingerprint != ? AND rollout_id = ? ORDER BY seq",
+            (node, staged_fingerprint, rollout_id),
         )
     ]
     return revoke_never_delivered_in(db, node, serials, now=now)
@@ -1637,14 +1720,15 @@ def _revoke_in(
 
 
 def _check_hourly_certs(
-    db: sqlite3.Connection, name: str, now: dt.datetime, kind: str = "node"
+    db: sqlite3.Connection, name: str, at: dt.datetime, kind: str = "node"
 ) -> None:
     """Raise TooMany if node ``name`` had its hour's cap of certificates of ``kind`` issued in
-    the hour before ``now``: ``NODE_CERTS_PER_HOUR`` of its own (a renewal, an enrolment's
-    replay), ``WORKSTATION_CERTS_PER_HOUR`` for its workstations (its bootstrap service)."""
-    since = to_text(now - dt.timedelta(hours=1))
+    the hour before ``at`` (``Store.cap_now``: counted by elapsed time, not by the wall
+    clock): ``NODE_CERTS_PER_HOUR`` of its own (a renewal, an enrolment's replay),
+    ``WORKSTATION_CERTS_PER_HOUR`` for its workstations (its bootstrap service)."""
+    since = to_text(at - dt.timedelta(hours=1))
     (recent,) = db.execute(
-        "SELECT COUNT(*) FROM certificates WHERE kind = ? AND node = ? AND issued_at > ?",
+        "SELECT COUNT(*) FROM certificates WHERE kind = ? AND node = ? AND counted_at > ?",
         (kind, name, since),
     ).fetchone()
     if kind == "node" and recent >= NODE_CERTS_PER_HOUR:
@@ -1706,9 +1790,13 @@ def record_certificate_in(
     *,
     actor: str,
     now: dt.datetime,
+    rollout_id: str = "",
+    counted_at: dt.datetime | None = None,
 ) -> None:
     """``Store.record_certificate`` inside a write transaction (the engine records a
-    preflight's certificate with its outcome: ``SchemaStore.save_states``)."""
+    preflight's certificate with its outcome: ``SchemaStore.save_states``). ``rollout_id``:
+    the rollout that issued it (``revoke_undelivered_in``); ``counted_at``: see
+    ``_record_cert``."""
     _record_cert(
         db,
         cert.serial,
@@ -1718,6 +1806,8 @@ def record_certificate_in(
         cert.fingerprint,
         cert.issued_at,
         cert.not_after,
+        counted_at=counted_at,
+        rollout_id=rollout_id,
     )
     LeaderStore._audit(
         db, now, actor, f"certificate.issued.{cert.kind}", cert.subject, serial=cert.serial
@@ -1733,11 +1823,27 @@ def _record_cert(
     fingerprint: str,
     issued_at: dt.datetime,
     not_after: dt.datetime,
+    *,
+    counted_at: dt.datetime | None = None,
+    rollout_id: str = "",
 ) -> None:
+    """Record a certificate (once: one on record already stays as it is), next in record
+    order (``seq``). ``counted_at``: when the hourly caps count it issued (``Store.cap_now``;
+    None: they never do: a kind no cap counts, or one recorded after the fact)."""
     db.execute(
         "INSERT OR IGNORE INTO certificates (serial, kind, subject, node, fingerprint,"
-        " issued_at, not_after) VALUES (?, ?, ?, ?, ?, ?, ?)",
-        (serial, kind, subject, node, fingerprint, to_text(issued_at), to_text(not_after)),
+        " issued_at, not_after, counted_at, rollout_id) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        (
+            serial,
+            kind,
+            subject,
+            node,
+            fingerprint,
+            to_text(issued_at),
+            to_text(not_after),
+            to_text(counted_at),
+            rollout_id,
+        ),
     )
 
 

@@ -855,6 +855,8 @@ def test_the_store_accepts_the_previous_certificate_only_and_bounds_renewals(
     from leader.store import NODE_CERTS_PER_HOUR, NodeCert, Store, Superseded, TooMany
 
     store = Store(tmp_path / "leader.sqlite3")
+    mono = [100.0]  # the cap counts elapsed time (``Store.cap_now``)
+    store.bind_clocks(lambda: T0, lambda: mono[0])
     store.add_token(
         "t1",
         "s" * 26,
@@ -921,6 +923,7 @@ def test_the_store_accepts_the_previous_certificate_only_and_bounds_renewals(
             current, serial = renewed.fingerprint, renewed.serial
     # an hour later it may again
     later = T0 + dt.timedelta(hours=1, seconds=1)
+    mono[0] += 3601
     store.renew_node_certificate(
         "n1", presented=current, presented_serial=serial, key_pin="sha256:p", issue=cert,
         now=later,

@@ -241,34 +241,36 @@ def test_rotating_three_nodes_under_writes_one_fails_verification_and_keeps_its_
 T0 = dt.datetime(2026, 12, 1, tzinfo=dt.UTC)  # the store tests' clock
 
 
-def issue_server_cert(store: Store, serial: str, node: str, minutes: int) -> None:
+def issue_server_cert(
+    store: Store, serial: str, node: str, minutes: int, rollout_id: str = ""
+) -> None:
     """Record server certificate ``serial`` of ``node`` (fingerprint ``fp<serial>``, valid 397
-    days), issued ``minutes`` after ``T0``."""
+    days), issued ``minutes`` after ``T0`` (by rollout ``rollout_id``)."""
     at = T0 + dt.timedelta(minutes=minutes)
     cert = IssuedCert(serial, "server", node, node, f"fp{serial}", at, at + dt.timedelta(days=397))
-    store.record_certificate(cert, actor="test", now=at)
+    store.record_certificate(cert, actor="test", now=at, rollout_id=rollout_id)
 
 
 def test_the_store_revokes_only_the_certificates_a_node_was_not_given_in_a_rollout(
     tmp_path: Path,
 ) -> None:
-    """``revoke_undelivered_in`` (review s28 L1): the node's server certificates issued within
-    the rollout's span other than the one it staged, reason "never delivered", once, not
-    urgently; the staged one, one issued before the rollout (live), one issued after its
-    span (a later rollout's) and another node's are not."""
+    """``revoke_undelivered_in`` (review s28 L1): the node's server certificates the rollout
+    recorded other than the one it staged, reason "never delivered", once, not urgently; the
+    staged one, one of an earlier rollout (live), one of a later rollout and another node's
+    are not. (By the rollout that recorded them, not by the time: ``tests.test_cert_clock``.)"""
     store = Store(tmp_path / "leader.sqlite3")
     issue = functools.partial(issue_server_cert, store)
 
-    issue("a0", "n1", -10)  # live before the rollout
-    issue("a1", "n1", 1)  # its preflight's, never sent
-    issue("a2", "n1", 2)  # its stage's (CreateCSR), staged
-    issue("a3", "n1", 30)  # a later rollout's
-    issue("b1", "n2", 1)
-    since, until, now = T0, T0 + dt.timedelta(minutes=20), T0 + dt.timedelta(minutes=40)
+    issue("a0", "n1", -10, "r0")  # live before the rollout
+    issue("a1", "n1", 1, "r1")  # its preflight's, never sent
+    issue("a2", "n1", 2, "r1")  # its stage's (CreateCSR), staged
+    issue("a3", "n1", 30, "r2")  # a later rollout's
+    issue("b1", "n2", 1, "r1")
+    now = T0 + dt.timedelta(minutes=40)
     with store.db.tx() as db:
-        assert revoke_undelivered_in(db, "n1", "fpa2", since=since, until=until, now=now) == ["a1"]
+        assert revoke_undelivered_in(db, "n1", "fpa2", rollout_id="r1", now=now) == ["a1"]
     with store.db.tx() as db:
-        assert revoke_undelivered_in(db, "n1", "fpa2", since=since, until=until, now=now) == []
+        assert revoke_undelivered_in(db, "n1", "fpa2", rollout_id="r1", now=now) == []
     rows = {c.serial: c for c in store.list_certificates("server")}
     assert {s for s, c in rows.items() if c.revoked_at} == {"a1"}
     assert rows["a1"].revoke_reason == "never delivered"
