@@ -16,7 +16,6 @@ import json
 import re
 import sqlite3
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
 from leader.db import LeaderStore
 from leader.rollout_core import TERMINAL_ROLLOUT_STATES
-from tlsroll import logs
+from tlsroll import clocks, logs
 from tlsroll.errors import TerminalError
 from tlsroll.sqlite import Database, from_text, to_text
 
@@ -227,9 +226,6 @@ every node this store returns carries it; after a leader restart a node is onlin
 its next heartbeat."""
 
 
-_BOOTTIME: int | None = getattr(time, "CLOCK_BOOTTIME", None)
-
-
 def elapsed() -> float:
     """Seconds on the clock the leader measures how long ago a node was heard by
     (``Store.monotonic``, ``LeaderState.monotonic``): no step of the wall clock moves it, and
@@ -238,9 +234,7 @@ def elapsed() -> float:
     a two-hour pause a node heard before it was taken for heard seconds ago (the two hours
     looked like a step of the wall clock), online, and its client report fresh, for up to
     the offline bound and ``report_stale_after`` (review 2 of s35, L2)."""
-    if _BOOTTIME is None:
-        return time.monotonic()
-    return time.clock_gettime(_BOOTTIME)
+    return clocks.elapsed()
 
 
 STEP_TOLERANCE = dt.timedelta(seconds=1)

@@ -53,7 +53,6 @@ import asyncio
 import contextlib
 import datetime as dt
 import random
-import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -70,7 +69,7 @@ from nodeagent.identity import (
     paths,
     pending_paths,
 )
-from tlsroll import logs, spiffe
+from tlsroll import clocks, logs, spiffe
 from tlsroll.backoff import Policy
 from tlsroll.errors import PKIError, TerminalError, TlsrollError
 from tlsroll.names import BACKDATE, utcnow
@@ -92,15 +91,8 @@ EXPIRED = (
 EXPIRED_RECHECK = 60.0  # seconds between looks at a certificate the node's clock says has ended
 # After a renewal, elapsed time before the next is tried, as a fraction of the new life.
 RENEW_AGAIN_AFTER = 0.1
-_BOOTTIME: int | None = getattr(time, "CLOCK_BOOTTIME", None)
-
-
-def elapsed() -> float:
-    """Seconds on a clock that the wall clock's steps do not move and that counts time
-    suspended (Linux's CLOCK_BOOTTIME; elsewhere the monotonic clock)."""
-    if _BOOTTIME is None:
-        return time.monotonic()
-    return time.clock_gettime(_BOOTTIME)
+elapsed = clocks.elapsed
+"""Seconds that no wall-clock step moves and that count a suspend (``tlsroll.clocks``)."""
 
 
 # --- the schedule (pure) ----------------------------------------------------------------------

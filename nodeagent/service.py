@@ -48,7 +48,7 @@ from nodeagent.transaction import (
 )
 from nodeagent.trust import EpochNotAnnounced, LeaderTrust, NotTheLeader, Revoked
 from nodeagent.wire import CHANGE, TXN_KIND, TXN_OUTCOME, TXN_PHASE
-from tlsroll import __version__, dbthread, httpcheck, logs, password
+from tlsroll import __version__, clocks, dbthread, httpcheck, logs, password
 from tlsroll.clients import ClientsView
 from tlsroll.defaults import MAX_FREEZE_LEASE
 from tlsroll.enums import Change, TxnKind
@@ -216,7 +216,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         trust: LeaderTrust | None = None,
         freeze_lock: asyncio.Lock | None = None,
         leases: Leases | None = None,
-        monotonic: Callable[[], float] = time.monotonic,
+        monotonic: Callable[[], float] = clocks.elapsed,
     ) -> None:
         self.cfg = cfg
         self.identity = identity
@@ -227,7 +227,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         self.driver = driver
         self.runner = runner
         self.clock = clock
-        self.monotonic = monotonic  # elapsed time: the scope freeze's leases
+        self.monotonic = monotonic  # elapsed time (a suspend counts): the scope freeze's leases
         self._lock = asyncio.Lock()  # one command at a time changes the journal
         # Freeze, Unfreeze and the lease watch's lift of a lapsed freeze, one at a time: the
         # lease in the journal and the server's freeze change together (``watch_freeze_lease``).

@@ -85,7 +85,7 @@ from tenacity import (
 
 from nodeagent.drivers import Driver, DriverError, ServerFacts, StagedConfig
 from nodeagent.lease import Leases
-from tlsroll import dbthread, logs, probe
+from tlsroll import clocks, dbthread, logs, probe
 from tlsroll.backoff import Policy
 from tlsroll.defaults import MAX_FREEZE_LEASE
 from tlsroll.enums import TxnKind, TxnOutcome
@@ -418,12 +418,12 @@ class Runner:
         sleep: Sleep = asyncio.sleep,
         freeze_lock: asyncio.Lock | None = None,
         leases: Leases | None = None,
-        monotonic: Callable[[], float] = time.monotonic,
+        monotonic: Callable[[], float] = clocks.elapsed,
     ) -> None:
         self.journal = journal
         self.driver = driver
         self.clock = clock
-        self.monotonic = monotonic  # elapsed time: the scope freeze's leases
+        self.monotonic = monotonic  # elapsed time (a suspend counts): the scope freeze's leases
         self.on_complete = on_complete  # told when what is live has changed
         self.on_switch = on_switch  # told when a switch begins (to get ready for its end)
         self.checks = checks or Checks()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import datetime as dt
+import time
 from collections.abc import Awaitable, Callable, MutableMapping
 from pathlib import Path
 from typing import Any, Literal, cast
@@ -638,4 +639,35 @@ async def test_a_scope_switch_that_cannot_read_its_lease_unfreezes_if_none_can_h
     started = clocks.mono
     await asyncio.wait_for(runner._unfreeze(txn, plan), 60)
     assert not server.frozen and clocks.mono == started
+    journal.close()
+
+
+async def test_a_suspend_of_the_node_counts_against_the_freeze_lease(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent's own clocks (the daemon's defaults) count a suspend of the node's host (or a
+    paused VM) against the lease, as the leader counts its side of it (its engine and node
+    liveness on CLOCK_BOOTTIME, session 36). On ``time.monotonic``, which stands still while
+    the host sleeps, a node that slept through its lease woke still frozen for the rest of it
+    (five minutes by default) while the leader counted the lease run out: the practice's
+    writes refused with nobody left to lift the freeze. The suspend here moves the boot-time
+    clock and the wall clock and leaves ``time.monotonic`` where it was, as a real one does."""
+    slept = 0.0
+    real_gettime = time.clock_gettime
+
+    def clock_gettime(clock: int) -> float:
+        return real_gettime(clock) + (slept if clock == time.CLOCK_BOOTTIME else 0.0)
+
+    monkeypatch.setattr(time, "clock_gettime", clock_gettime)
+    journal = Journal(tmp_path / "journal.sqlite3")
+    server = GatedServer(frozen=False)
+    agent, _lock = make_agent(tmp_path, journal, server)
+    agent.clock = lambda: START + dt.timedelta(seconds=slept)
+    request = freeze_request()
+    request.lease_seconds = LEASE
+    assert (await agent.Freeze(request, cast(Any, None))).frozen and server.frozen
+    assert await agent._lift_lapsed_freeze() is None  # just granted: it holds
+    slept = LEASE + 1.0  # the host slept through the lease
+    assert await agent._lift_lapsed_freeze() == "r1"
+    assert not server.frozen and journal.freeze_lease() is None
     journal.close()
