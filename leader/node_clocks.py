@@ -36,9 +36,11 @@ Unknown (no estimate, never a problem): a node whose messages carry no ``sent_at
 that does not send it); until its second message; and once its last heartbeat stream ended
 (``forget``: its agent stopped or vanished, and what it said is of an agent that is not there).
 
-What a message costs: one ``HasField``, two integer reads, one ``datetime.timestamp()``, a
-dict lookup and two attribute stores in the node's ``_Offset`` (made once per node); the one
-float it keeps replaces the one before. No parsing, no write (``LeaderService._heartbeat``).
+What a message costs (``LeaderService._heartbeat``): two ``HasField`` and a flag, two integer
+reads, one ``datetime.timestamp()``, a dict lookup and two attribute stores in the node's
+``_Offset`` (made once per node); the one float it keeps replaces the one before. No parsing,
+no write, no log line but at a change. About 4 us of the leader's CPU (timeit, on a shared
+2-core machine; deserialising the message itself: 1.5 us), against issue 15's 0.3 ms a message.
 """
 
 from __future__ import annotations
