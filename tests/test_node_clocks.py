@@ -22,6 +22,7 @@ import contextlib
 import datetime as dt
 import http.client
 import json
+import re
 import sys
 from collections.abc import AsyncIterator, Callable
 from html import unescape
@@ -29,6 +30,7 @@ from pathlib import Path
 
 import grpc
 import pytest
+import structlog.testing
 from prometheus_client.parser import text_string_to_metric_families
 
 from leader.node_clocks import CLEAR_SECONDS, WARN_SECONDS, NodeClocks, clock_problem
@@ -94,18 +96,21 @@ def test_one_late_message_never_makes_a_node_behind_and_two_that_say_so_do() -> 
 def test_the_problem_ends_once_the_clock_is_back_below_the_clear_threshold() -> None:
     """It ends below ``CLEAR_SECONDS``, not at the threshold itself: an offset that hovers
     around 60 s does not come and go with each message's delay. Its ``since`` stays while it
-    lasts."""
+    lasts, and the leader logs its start and its end once each, not every message."""
     clocks = NodeClocks()
-    for x in (WARN_SECONDS + 2.0, WARN_SECONDS + 2.0):
-        clocks.heard("a", x, T)
-    ((_, _, since),) = clocks.problems()
-    for x in (WARN_SECONDS - 1.0, WARN_SECONDS - 1.0, CLEAR_SECONDS + 1.0, CLEAR_SECONDS + 1.0):
-        clocks.heard("a", x, T + dt.timedelta(minutes=1))
-        assert clocks.problems() == [("a", clocks.offset("a"), since)]
-    for x in (CLEAR_SECONDS - 1.0, CLEAR_SECONDS - 1.0):
-        clocks.heard("a", x, T + dt.timedelta(minutes=2))
+    with structlog.testing.capture_logs() as events:
+        for x in (WARN_SECONDS + 2.0, WARN_SECONDS + 2.0, WARN_SECONDS + 3.0):
+            clocks.heard("a", x, T)
+        ((_, _, since),) = clocks.problems()
+        for x in (WARN_SECONDS - 1, WARN_SECONDS - 1, CLEAR_SECONDS + 1, CLEAR_SECONDS + 1):
+            clocks.heard("a", x, T + dt.timedelta(minutes=1))
+            assert clocks.problems() == [("a", clocks.offset("a"), since)]
+        for x in (CLEAR_SECONDS - 1.0, CLEAR_SECONDS - 1.0, 0.0, 0.0):
+            clocks.heard("a", x, T + dt.timedelta(minutes=2))
     assert clocks.problems() == [] and not clocks.differs("a")
-    assert clocks.offset("a") == CLEAR_SECONDS - 1.0
+    assert clocks.offset("a") == 0.0
+    logged = [(e["event"], e["offset"]) for e in events]
+    assert logged == [("node.clock_differs", WARN_SECONDS + 2), ("node.clock_agrees", 54)]
 
 
 def test_the_words_say_how_far_which_way_and_what_to_do() -> None:
@@ -350,26 +355,31 @@ def test_a_real_agent_with_its_clock_off_shows_in_nodes_schema_and_metrics_until
             return found
 
         wait_until(lambda: cluster.list_nodes()["n1"].clock_differs, 30, "n1's clock differs")
-        shown = node()
-        assert isinstance(offset := shown["clock_offset_seconds"], float)
-        assert 299 < offset < 301  # a loopback message's delay: milliseconds
+        offset = node()["clock_offset_seconds"]
+        assert isinstance(offset, float)
+        # Never more than the node is ahead; less by the delay of the better of two messages
+        # (milliseconds; a loaded machine's seconds are allowed for).
+        assert 290 < offset < 300.5
+        shown_as = f"{round(offset):+d} s"
         table = cluster.cli("nodes", env={"COLUMNS": "250"}).stdout
-        assert "+300 s: fix NTP" in table
+        assert f"{shown_as}: fix NTP" in table
         problems = schema()["node_problems"]
         assert isinstance(problems, list)
         (problem,) = problems
         assert problem["node"] == "n1" and problem["kind"] == "clock-offset"
-        assert problem["problem"].startswith("clock differs from the leader's by +300 s (ahead;")
+        assert re.fullmatch(
+            r"clock differs from the leader's by \+(29\d|300) s \(ahead;.*NTP.*", problem["problem"]
+        )
         text = cluster.cli("schema", "show", env={"COLUMNS": "250"}).stdout
-        assert "node problems" in text and "clock differs from the leader's by +300 s" in text
-        assert 299 < gauge(scrape(cluster), "tlsroll_node_clock_offset_seconds")["n1"] < 301
-        assert cluster.leader.event_names().count("node.clock_differs") == 1
+        assert "node problems" in text and "clock differs from the leader's by +" in text
+        assert 290 < gauge(scrape(cluster), "tlsroll_node_clock_offset_seconds")["n1"] < 300.5
+        assert "node.clock_differs" in cluster.leader.event_names()
 
         skew_file.write_text("0")
         wait_until(lambda: not cluster.list_nodes()["n1"].clock_differs, 30, "n1 agrees")
-        shown = node()
-        assert isinstance(offset := shown["clock_offset_seconds"], float)
-        assert abs(offset) < 1
+        offset = node()["clock_offset_seconds"]
+        assert isinstance(offset, float)
+        assert -10 < offset < 0.5
         assert schema()["node_problems"] == []
-        assert abs(gauge(scrape(cluster), "tlsroll_node_clock_offset_seconds")["n1"]) < 1
+        assert -10 < gauge(scrape(cluster), "tlsroll_node_clock_offset_seconds")["n1"] < 0.5
         assert "node.clock_agrees" in cluster.leader.event_names()
