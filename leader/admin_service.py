@@ -439,7 +439,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         return admin_pb2.RevokeTokenResponse(info=token_info(info))
 
     def _node_info(self, n: Node) -> admin_pb2.NodeInfo:
-        return admin_pb2.NodeInfo(
+        info = admin_pb2.NodeInfo(
             name=n.name,
             addresses=n.addresses,
             dns_names=n.dns_names,
@@ -462,6 +462,11 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             renewal_failing_since=timestamp(n.renewal_failing_since),
             renewal_error=n.renewal_error,
         )
+        offset = self.state.clocks.offset(n.name) if n.removed_at is None else None
+        if offset is not None:
+            info.clock_offset_seconds = offset
+            info.clock_differs = self.state.clocks.differs(n.name)
+        return info
 
     @map_errors(ERRORS)
     async def ListNodes(

@@ -305,6 +305,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     if viewer is not None:
         viewer.reader.auto_rotate = rotator.status.view
         viewer.reader.node_problems = state.node_problems
+        viewer.reader.clock_offset = state.clocks.offset
     admin_service = AdminService(
         state,
         commands,

@@ -25,7 +25,16 @@ from leader.schema_store import (
     RolloutRow,
     SchemaStore,
 )
-from leader.wire import CHANGE, FREEZE, NODE_STATE, ROLLOUT_STATE, SCOPE_KIND, STRATEGY
+from leader.states import NodeProblemRow
+from leader.wire import (
+    CHANGE,
+    FREEZE,
+    NODE_PROBLEM_KIND,
+    NODE_STATE,
+    ROLLOUT_STATE,
+    SCOPE_KIND,
+    STRATEGY,
+)
 from tlsroll import wire
 from tlsroll.rpc import invalid, map_errors, not_found, timestamp
 from tlsroll.sqlite import from_text
@@ -195,13 +204,13 @@ def schema_message(
     infos: Mapping[str, ClientsInfo] | None = None,
     auto_rotate: schema_pb2.AutoRotateView | None = None,
     made: tuple[Made, Made] | None = None,
-    node_problems: Sequence[tuple[str, str, dt.datetime]] = (),
+    node_problems: Sequence[NodeProblemRow] = (),
 ) -> schema_pb2.Schema:
     """The whole schema as ``GetSchema`` answers it (and ``schema show --json`` prints it).
     A rollout given as a ``RolloutHead`` (the viewer's page) is there without its nodes.
     ``expiring``: ``leader.expiry.Expiry`` within their horizon; ``renewal_failures``: (node,
     failing since, reason, its certificate's end); ``made``: see ``rollout_view``;
-    ``node_problems``: (node, problem, since) (``LeaderState.node_problems``)."""
+    ``node_problems``: ``LeaderState.node_problems``."""
     infos = infos or {}
     on_http = Counter(c.node for c in still_on_http_now(clients, infos, now))
     return schema_pb2.Schema(
@@ -245,11 +254,21 @@ def schema_message(
             for node, since, reason, not_after in renewal_failures
         ],
         auto_rotate=auto_rotate,
-        node_problems=[
-            schema_pb2.NodeProblemView(node=node, problem=problem, since=timestamp(since))
-            for node, problem, since in node_problems
-        ],
+        node_problems=[problem_view(p) for p in node_problems],
     )
+
+
+def problem_view(p: NodeProblemRow) -> schema_pb2.NodeProblemView:
+    """A node problem as the schema carries it (``NodeProblemView``)."""
+    view = schema_pb2.NodeProblemView(
+        node=p.node,
+        problem=p.problem,
+        since=timestamp(p.since),
+        kind=NODE_PROBLEM_KIND.wire(p.kind),
+    )
+    if p.clock_offset is not None:
+        view.clock_offset_seconds = p.clock_offset
+    return view
 
 
 class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
@@ -259,7 +278,7 @@ class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
         clock: Callable[[], dt.datetime],
         expiry: ExpiryWatch | None = None,
         auto_rotate: Callable[[], schema_pb2.AutoRotateView] | None = None,
-        node_problems: Callable[[], Sequence[tuple[str, str, dt.datetime]]] | None = None,
+        node_problems: Callable[[], Sequence[NodeProblemRow]] | None = None,
     ) -> None:
         """``auto_rotate``: what the automatic rotation last decided
         (``leader.auto_rotate.Status.view``); ``node_problems``: the nodes the leader sees a

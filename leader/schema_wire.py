@@ -1,5 +1,6 @@
 """The codecs of the enums a schema view carries (``schema.proto``): a rollout's change, scope,
-strategy, freeze mode and state, and each node's state (see ``tlsroll.wire``).
+strategy, freeze mode and state, each node's state, and which problem the leader sees with a
+node (see ``tlsroll.wire``).
 
 Apart from ``leader.wire``, which re-exports them beside the Admin service's codecs, so that
 ``tlsroll schema show`` (and ``--json``, whose words these codecs give) imports neither the Admin
@@ -11,7 +12,8 @@ has its codec here.
 from __future__ import annotations
 
 from leader.rollout_enums import FreezeMode, NodeState, RolloutState, ScopeKind, Strategy
-from tlsroll.v1 import types_pb2
+from leader.states import NodeProblemKind
+from tlsroll.v1 import schema_pb2, types_pb2
 from tlsroll.wire import CHANGE, EnumCodec
 
 __all__ = ["CHANGE"]
@@ -21,3 +23,4 @@ STRATEGY = EnumCodec(Strategy, types_pb2.Strategy)
 FREEZE = EnumCodec(FreezeMode, types_pb2.FreezeMode)
 ROLLOUT_STATE = EnumCodec(RolloutState, types_pb2.RolloutState)
 NODE_STATE = EnumCodec(NodeState, types_pb2.NodeState)
+NODE_PROBLEM_KIND = EnumCodec(NodeProblemKind, schema_pb2.NodeProblemKind)

@@ -28,6 +28,7 @@ if TYPE_CHECKING:
 
 from leader import byo, join_guard
 from leader.commands import NoRolloutYet, NoSuchRollout, NotRetriable, StillOnHttp
+from leader.node_clocks import NodeClocks, clock_problem
 from leader.observe import NodeProblem, StreamEnded
 from leader.planner import (
     AlreadyUndone,
@@ -52,6 +53,7 @@ from leader.schema_store import (
     StaleRecords,
     write_clients,
 )
+from leader.states import NodeProblemKind, NodeProblemRow
 from leader.store import (
     EpochFixed,
     InRollout,
@@ -128,6 +130,7 @@ ERRORS = {
 FAILED_PRECONDITION, not INVALID_ARGUMENT."""
 
 OFFLINE_AFTER_HEARTBEATS = 3
+CLOCK_OFFSET = NodeProblemKind.CLOCK_OFFSET
 UNAUTHENTICATED = grpc.StatusCode.UNAUTHENTICATED
 MAX_AGENT_VERSION = 64  # characters of the version string an agent reports
 
@@ -174,6 +177,8 @@ class LeaderState:
     # node -> two agents seen using its identity (``LeaderService._look_for_twins``), while
     # it holds: the node is neither planned nor switched (``node_problem``).
     twin_agents: dict[str, TwinAgents] = field(default_factory=dict)
+    # node -> its clock against the leader's, from its heartbeats (``leader.node_clocks``).
+    clocks: NodeClocks = field(default_factory=NodeClocks)
     # How long an agent's own certificate lives (``LeaderConfig.agent_cert_lifetime``).
     agent_cert_lifetime: dt.timedelta = dt.timedelta(days=30)
     # The clock no step moves, that counts a suspend: how long ago a node was heard
@@ -226,14 +231,21 @@ class LeaderState:
             return None
         return twins_problem(node)
 
-    def node_problems(self) -> list[tuple[str, str, dt.datetime]]:
-        """(Any thread.) Every node's ``node_problem`` now: (node, problem, since), by name."""
+    def node_problems(self) -> list[NodeProblemRow]:
+        """(Any thread.) Every node's ``node_problem`` now, and every node whose clock differs
+        from the leader's (``leader.node_clocks``: a warning, which holds nothing; a rollout's
+        preflight refuses the node beyond its own limit), by name."""
         now = time.monotonic()
-        return sorted(
-            (node, twins_problem(node), twins.since)
+        problems = [
+            NodeProblemRow(node, twins_problem(node), twins.since)
             for node, twins in list(self.twin_agents.items())
             if now < twins.until
+        ]
+        problems += (
+            NodeProblemRow(node, clock_problem(offset), since, CLOCK_OFFSET, offset)
+            for node, offset, since in self.clocks.problems()
         )
+        return sorted(problems, key=lambda p: (p.node, p.kind))
 
     def node_online(self, node: Node) -> bool:
         """Whether ``node`` is online: enrolled, not cut off by a revocation of its certificate
@@ -1290,6 +1302,13 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                 await asyncio.to_thread(store.heartbeat, name, version, **said)
         elif store.queue_heartbeat(name, version, **said):
             self._start_writer()
+        # The node's clock against the leader's (``leader.node_clocks``), not from a message
+        # that copies an earlier report: it carries that report's time.
+        if not request.HasField("sent_at"):
+            self.state.clocks.forget(name)
+        elif not (request.closing or request.HasField("check_answer")):
+            sent = request.sent_at
+            self.state.clocks.heard(name, sent.seconds + sent.nanos / 1e9 - now.timestamp(), now)
         numbered = failures_report(request)
         # A numbered report taken before: its answer was lost, and it is sent again (s33 L2).
         again = numbered is not None and self._failure_reports.get(name) == numbered
@@ -1748,13 +1767,15 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         the agent alive up to now if it said it closes the stream (``closing``), else only as
         far as its keepalive proves (``keepalive_seconds``: a vanished agent's connection
         closes that long after its last PING), unless another of the node's streams still
-        vouches for it."""
+        vouches for it. The node's last stream: its clock is not known any more (its agent
+        stopped or vanished: ``leader.node_clocks``)."""
         mine = self._streams.get(beat.name)
         if mine is not None:
             if beat in mine:
                 mine.remove(beat)
             if not mine:
                 del self._streams[beat.name]
+                self.state.clocks.forget(beat.name)
         # (A stream a newer one replaced is no longer in its node's list, which may be gone:
         # its vouch is still released, or the node would stay online for ever.)
         if beat.vouching and beat.last is not None:

@@ -1,6 +1,7 @@
-"""Two closed sets the wire names that live outside the pure core: a node's health at
-``tlsroll nodes --check`` (``leader.node_check``) and a viewer grant's state
-(``leader.viewer.grants``).
+"""Closed sets the wire names that live outside the pure core: a node's health at
+``tlsroll nodes --check`` (``leader.node_check``), a viewer grant's state
+(``leader.viewer.grants``) and which problem the leader sees with a node now (``NodeProblemRow``:
+``leader.service.LeaderState.node_problems``).
 
 They are defined here, apart from the code that decides them, because ``leader.wire`` needs
 them for its codecs and every admin command imports ``leader.wire``: naming them must not
@@ -9,7 +10,9 @@ import the node check's TLS code (cryptography) nor the viewer's store.
 
 from __future__ import annotations
 
+import datetime as dt
 from enum import StrEnum
+from typing import NamedTuple
 
 
 class Health(StrEnum):
@@ -23,3 +26,22 @@ class GrantState(StrEnum):
     ACTIVE = "active"  # opened: a browser holds its session
     EXPIRED = "expired"
     REVOKED = "revoked"
+
+
+class NodeProblemKind(StrEnum):
+    # Two agents use the node's identity: the leader neither plans nor switches it.
+    TWIN_AGENTS = "twin-agents"
+    # Its clock differs from the leader's (a warning: ``leader.node_clocks``).
+    CLOCK_OFFSET = "clock-offset"
+
+
+class NodeProblemRow(NamedTuple):
+    """A problem the leader sees with a node now (``NodeProblemView``): the node, what is
+    wrong and what to do, since when, which problem, and (``CLOCK_OFFSET``) the node's clock
+    less the leader's in seconds."""
+
+    node: str
+    problem: str
+    since: dt.datetime
+    kind: NodeProblemKind = NodeProblemKind.TWIN_AGENTS
+    clock_offset: float | None = None

@@ -11,7 +11,14 @@ those) and are re-exported here with the Admin service's own.
 from __future__ import annotations
 
 from leader.rollout_core import RolloutAction
-from leader.schema_wire import FREEZE, NODE_STATE, ROLLOUT_STATE, SCOPE_KIND, STRATEGY
+from leader.schema_wire import (
+    FREEZE,
+    NODE_PROBLEM_KIND,
+    NODE_STATE,
+    ROLLOUT_STATE,
+    SCOPE_KIND,
+    STRATEGY,
+)
 from leader.states import GrantState, Health
 from tlsroll.v1 import admin_pb2
 from tlsroll.wire import CHANGE, TXN_KIND, TXN_OUTCOME, EnumCodec
@@ -19,6 +26,7 @@ from tlsroll.wire import CHANGE, TXN_KIND, TXN_OUTCOME, EnumCodec
 __all__ = [
     "CHANGE",
     "FREEZE",
+    "NODE_PROBLEM_KIND",
     "NODE_STATE",
     "ROLLOUT_STATE",
     "SCOPE_KIND",

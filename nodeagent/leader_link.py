@@ -180,6 +180,10 @@ class RenewalRefused(TerminalError):
     """The leader did not renew the agent's certificate; the message says why."""
 
 
+def _utc_now() -> dt.datetime:
+    return dt.datetime.now(dt.UTC)
+
+
 def _ts(when: dt.datetime | None) -> Timestamp | None:
     if when is None:
         return None
@@ -528,6 +532,9 @@ class LeaderLink:
         # s33 L2); and the last number given.
         self._report: tuple[int, list[FailureCount]] | None = None
         self._reports = 0
+        # The agent's clock (the runtime's, which its service and renewal read too): each
+        # message says when it was sent by it (``sent_at``).
+        self.clock: Callable[[], dt.datetime] = _utc_now
         self.renewal: Callable[[], RenewalState] | None = None
         # What the managed server runs now (NodeAgentService.server_view), sent with every
         # heartbeat so the leader sees a server that went down after its rollout.
@@ -774,15 +781,12 @@ class LeaderLink:
         """One heartbeat; TransientError if the leader did not answer. ``quiet``: not sent
         if the leader need not hear it (``_quiet``: the run loop's beats)."""
         async with self._lock:
-            sent = Timestamp()
-            sent.FromDatetime(dt.datetime.now(dt.UTC))
             report_id, report = self._failure_report()
             highest, unswitched = await asyncio.to_thread(
                 self.journal.heartbeat_facts, STAGES_REPORTED
             )
             request = leader_pb2.HeartbeatRequest(
                 agent_version=__version__,
-                sent_at=sent,
                 bootstrap_failures=failure_messages(report),
                 highest_epoch=highest,
                 crl_number=self.trust.crl_number,
@@ -809,6 +813,10 @@ class LeaderLink:
                     request.server.CopyFrom(live_server(view))
             if quiet and self._quiet(request):
                 return
+            # Stamped as it goes, not before the journal and the server's status were read
+            # (up to SERVER_VIEW_SECONDS): the leader reads the node's clock from it, and the
+            # time in between would count as the node being behind (``leader.node_clocks``).
+            request.sent_at.FromDatetime(self.clock())
             try:
                 # The epoch asked for now (not quiet), or failures the leader must have taken.
                 await self._exchange(request, answer=not quiet or bool(report))

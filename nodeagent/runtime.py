@@ -151,6 +151,7 @@ async def serve(cfg: AgentConfig, *, reinitialise: bool = False) -> None:
         LeaderTrust.load, identity.ca_file, identity.trust_domain, cfg.data_dir
     )
     link = LeaderLink(cfg, identity, trust, journal, bootstrap.failures)
+    link.clock = now  # its messages' ``sent_at``: the leader compares its clock with it
     trust.refresh = link.beat  # an epoch the agent has not heard of: ask the leader now
     service = NodeAgentService(
         cfg, identity, journal, driver, runner, now, trust, freeze_lock=freeze_lock

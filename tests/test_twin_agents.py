@@ -32,6 +32,7 @@ from leader.rollout_core import FreezeMode, NodeState, RolloutState
 from leader.schema_store import SchemaStore
 from leader.schema_view import SchemaViewService
 from leader.service import twins_problem
+from leader.states import NodeProblemRow
 from leader.store import Store
 from leader.viewer import pages
 from leader.viewer.i18n import Words
@@ -106,7 +107,10 @@ async def test_two_live_agents_of_one_node_are_its_problem_and_it_is_neither_pla
                     node_problems=rig.state.node_problems,
                 )
                 shown = view._answer(schema_pb2.GetSchemaRequest(), None)
-                (listed,) = shown.node_problems
+                # (The rig's leader clock stands at its own time, the agents' run: their clock
+                # differs from the leader's, a problem of its own.)
+                twins = schema_pb2.NODE_PROBLEM_KIND_TWIN_AGENTS
+                (listed,) = [p for p in shown.node_problems if p.kind == twins]
                 assert (listed.node, listed.problem) == ("hb1", problem)
 
                 # neither plan nor start takes hb1, and neither agent is asked
@@ -363,7 +367,7 @@ def test_the_node_problem_is_on_the_viewer_s_page_and_in_schema_show(tmp_path: P
     store = Store(tmp_path / "leader.sqlite3")
     schema = SchemaStore(store.db)
     now = dt.datetime(2026, 11, 30, 9, 0, tzinfo=dt.UTC)
-    problems = [("hb1", twins_problem("hb1"), now)]
+    problems = [NodeProblemRow("hb1", twins_problem("hb1"), now)]
     reader = Reader(store, schema, lambda: now, lambda _: True, [])
     reader.node_problems = lambda: problems
     snap = reader.read()

@@ -29,7 +29,7 @@ REVISION_KEY = "x-tlsroll-contract"
 """The initial-metadata keys the leader's admin socket answers with (gRPC metadata keys are
 lower case)."""
 
-REVISION = "7a8bf1a03ca8"
+REVISION = "b7ffb4f64eeb"
 """``computed()`` of this tree's contract (a test keeps it so): what this CLI speaks."""
 
 

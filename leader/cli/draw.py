@@ -220,12 +220,13 @@ def render_failures(failures: Sequence[View]) -> Block:
 
 
 def render_node_problems(problems: Sequence[View]) -> Block:
-    """The nodes the leader sees a problem with now (two agents use one node's identity), each
-    with what to do."""
+    """The nodes the leader sees a problem with now (two agents use one node's identity: held,
+    neither planned nor switched; its clock differs from the leader's), each with what to do
+    (the problem's words say which holds the node)."""
     table = Table("node", "since", "problem")
     for p in problems:
         table.add_row(p.get("node", ""), fmt_time(p, "since"), p.get("problem", ""))
-    return Block(Styled("node problems (held: not planned, not switched)", "bold red"), table)
+    return Block(Styled("node problems", "bold red"), table)
 
 
 def render_certificate_health(data: View) -> Block | None:

@@ -54,7 +54,8 @@ from tlsroll.v1 import admin_pb2
 def nodes(
     ctx: click.Context, include_removed: bool, as_json: bool, check: bool, timeout: int
 ) -> None:
-    """List enrolled nodes, online or offline by their heartbeat; check them; or remove one."""
+    """List enrolled nodes, online or offline by their heartbeat, each with its clock against
+    the leader's (from its heartbeats); check them; or remove one."""
     if ctx.invoked_subcommand is not None:
         return
     target = ctx.find_object(Target) or Target(DEFAULT_DATA_DIR, None)
@@ -75,6 +76,7 @@ def nodes(
         "node",
         "addresses",
         "state",
+        "clock",
         "server",
         "agent",
         "last heartbeat",
@@ -90,6 +92,7 @@ def nodes(
             n.name,
             ", ".join(n.addresses),
             state,
+            _clock(n),
             Text(n.server or "-", style="red" if n.server.startswith("down") else ""),
             # Whatever an agent reported, printed without control characters (the leader
             # cleans it too; an older store may still hold raw text).
@@ -99,6 +102,17 @@ def nodes(
             _renewal(n),
         )
     out.print(table)
+
+
+def _clock(n: admin_pb2.NodeInfo) -> Text:
+    """The node's clock less the leader's, from its heartbeats ("-": not known), red where the
+    leader shows it as a node problem (``schema show``)."""
+    if not n.HasField("clock_offset_seconds"):
+        return Text("-")
+    offset = f"{round(n.clock_offset_seconds):+d} s"
+    if n.clock_differs:
+        return Text(f"{offset}: fix NTP", style="red")
+    return Text(offset)
 
 
 def _renewal(n: admin_pb2.NodeInfo) -> Text:

@@ -79,7 +79,7 @@ def schema_show(
 
     rollouts = data.get("rollouts", [])
     parts: list[Block | str] = []
-    if data.get("node_problems"):  # first: they hold the nodes' plans and switches
+    if data.get("node_problems"):  # first: some hold the nodes' plans and switches
         parts.append(render_node_problems(data["node_problems"]))
     if not rollouts:
         parts.append("no rollouts yet")

@@ -64,6 +64,9 @@ _DE: dict[str, str] = {
     "twin_agents": "Zwei Agenten verwenden die Identität von Knoten {node} (ein geklonter "
     "Rechner oder ein zweiter Agent): er wird nicht umgestellt, bis einer von ihnen gestoppt ist. "
     "Bitte die Praxis-IT verständigen.",
+    "clock_offset": "Die Uhr von Knoten {node} weicht um {seconds} s von der des Leaders ab; "
+    "Zertifikate und Umstellungen hängen von ihr ab. Bitte die Praxis-IT verständigen "
+    "(Zeitabgleich, NTP).",
     "timeline": "Verlauf",
     "timeline_rollout": "Umstellung insgesamt",
     "transition": "{old} → {new}",
@@ -165,6 +168,9 @@ _EN: dict[str, str] = {
     "state. Please call the practice IT.",
     "twin_agents": "Two agents use node {node}'s identity (a cloned machine or a second "
     "agent): it is not switched until one of them is stopped. Please call the practice IT.",
+    "clock_offset": "The clock of node {node} differs from the leader's by {seconds} s; "
+    "certificates and switches depend on it. Please call the practice IT (time "
+    "synchronisation, NTP).",
     "timeline": "Timeline",
     "timeline_rollout": "The rollout as a whole",
     "transition": "{old} → {new}",

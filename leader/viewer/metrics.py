@@ -9,6 +9,8 @@ of every rollout in the schema, so their counts only grow, as Prometheus expects
                                                      rollout is in, 0 for the others
     tlsroll_node_online{node}                        1 if the node's heartbeats arrive
     tlsroll_node_heartbeat_age_seconds{node}         since its last heartbeat
+    tlsroll_node_clock_offset_seconds{node}          its clock less the leader's (+: ahead), from
+                                                     its heartbeats; absent: not known
     tlsroll_freeze_window_seconds                    how long nodes refused writes (each agent's
                                                      measure in elapsed time; from an older
                                                      agent, its wall-clock times' difference,
@@ -68,10 +70,18 @@ def render(snap: Snapshot) -> bytes:
         ["node"],
         registry=registry,
     )
+    clock = Gauge(
+        "tlsroll_node_clock_offset_seconds",
+        "The node's clock less the leader's (+: ahead), from its heartbeats (absent: not known).",
+        ["node"],
+        registry=registry,
+    )
     for node in snap.nodes:
         online.labels(node.name).set(int(node.online))
         if node.heartbeat_age is not None:
             age.labels(node.name).set(node.heartbeat_age)
+        if node.clock_offset is not None:
+            clock.labels(node.name).set(node.clock_offset)
 
     freeze = Histogram(
         "tlsroll_freeze_window_seconds",

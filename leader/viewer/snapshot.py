@@ -22,6 +22,7 @@ from cryptography import x509
 from leader.rollout_core import NodeState
 from leader.schema_store import AuditEvent, RolloutHead, RolloutRow, SchemaStore
 from leader.schema_view import Made, schema_message
+from leader.states import NodeProblemRow
 from leader.store import Store
 from tlsroll import pki, wire
 from tlsroll.v1 import schema_pb2
@@ -42,6 +43,9 @@ class NodeStatus:
     online: bool
     last_heartbeat: dt.datetime | None
     heartbeat_age: float | None  # seconds since the last heartbeat; None: never
+    # Its clock less the leader's, in seconds, from its heartbeats (``leader.node_clocks``);
+    # None: not known.
+    clock_offset: float | None = None
 
 
 @dataclass(frozen=True)
@@ -134,9 +138,11 @@ class Reader:
         # What ``auto_rotate`` last decided (``leader.auto_rotate.Status.view``), set by the
         # daemon once the rotator exists, so the API carries what `schema show --json` prints.
         self.auto_rotate: Callable[[], schema_pb2.AutoRotateView] | None = None
-        # The nodes the leader sees a problem with now (two agents use one node's identity:
-        # ``leader.service.LeaderState.node_problems``), set by the daemon likewise.
-        self.node_problems: Callable[[], Sequence[tuple[str, str, dt.datetime]]] | None = None
+        # The nodes the leader sees a problem with now (two agents use one node's identity,
+        # its clock differs: ``leader.service.LeaderState.node_problems``), and each node's
+        # clock offset (``leader.node_clocks.NodeClocks.offset``), set by the daemon likewise.
+        self.node_problems: Callable[[], Sequence[NodeProblemRow]] | None = None
+        self.clock_offset: Callable[[str], float | None] | None = None
         # By rollout id, kept for the next read (``KEPT_ROLLOUTS`` at most, the last used
         # last): each node's data by its view's bytes; the timeline as read up to an audit
         # ``seq``. Reads run in worker threads, several at once: each takes what is kept and
@@ -214,6 +220,7 @@ class Reader:
                 heartbeat_age=max(0.0, (now - n.last_heartbeat).total_seconds())
                 if n.last_heartbeat
                 else None,
+                clock_offset=self.clock_offset(n.name) if self.clock_offset is not None else None,
             )
             for n in enrolled
         )

@@ -859,6 +859,8 @@ class NodeInfo(_message.Message):
     RENEWAL_FAILING_SINCE_FIELD_NUMBER: _builtins.int
     RENEWAL_ERROR_FIELD_NUMBER: _builtins.int
     SERVER_FIELD_NUMBER: _builtins.int
+    CLOCK_OFFSET_SECONDS_FIELD_NUMBER: _builtins.int
+    CLOCK_DIFFERS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     agent_version: _builtins.str
     agent_port: _builtins.int
@@ -877,6 +879,16 @@ class NodeInfo(_message.Message):
     server: _builtins.str
     """The managed server as the agent's last heartbeat saw it: "http", "https", "http+https",
     "down: <why>", "frozen" added, "none" without a [server]; "" before any heartbeat.
+    """
+    clock_offset_seconds: _builtins.float
+    """The node's clock less the leader's, in seconds (+: the node is ahead), as its agent's
+    heartbeats show it (their `sent_at` against when they came; a message's time on the way
+    makes a node look behind, never ahead). Unset: not known (no agent connected now, or its
+    messages carry no time).
+    """
+    clock_differs: _builtins.bool
+    """The leader shows the node's clock as a node problem (`schema show`, the viewer): it
+    differs by more than the leader warns at.
     """
     @_builtins.property
     def addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
@@ -926,12 +938,16 @@ class NodeInfo(_message.Message):
         renewal_failing_since: _timestamp_pb2.Timestamp | None = ...,
         renewal_error: _builtins.str = ...,
         server: _builtins.str = ...,
+        clock_offset_seconds: _builtins.float | None = ...,
+        clock_differs: _builtins.bool = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["cert_not_after", b"cert_not_after", "cert_renewed_at", b"cert_renewed_at", "enrolled_at", b"enrolled_at", "last_heartbeat", b"last_heartbeat", "removed_at", b"removed_at", "renewal_due_at", b"renewal_due_at", "renewal_failing_since", b"renewal_failing_since"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_clock_offset_seconds", b"_clock_offset_seconds", "cert_not_after", b"cert_not_after", "cert_renewed_at", b"cert_renewed_at", "clock_offset_seconds", b"clock_offset_seconds", "enrolled_at", b"enrolled_at", "last_heartbeat", b"last_heartbeat", "removed_at", b"removed_at", "renewal_due_at", b"renewal_due_at", "renewal_failing_since", b"renewal_failing_since"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["addresses", b"addresses", "agent_port", b"agent_port", "agent_version", b"agent_version", "cert_fingerprint", b"cert_fingerprint", "cert_not_after", b"cert_not_after", "cert_renewed_at", b"cert_renewed_at", "cert_serial", b"cert_serial", "dns_names", b"dns_names", "enrolled_at", b"enrolled_at", "highest_epoch", b"highest_epoch", "identity", b"identity", "key_pin", b"key_pin", "last_heartbeat", b"last_heartbeat", "name", b"name", "online", b"online", "removed_at", b"removed_at", "renewal_due_at", b"renewal_due_at", "renewal_error", b"renewal_error", "renewal_failing_since", b"renewal_failing_since", "server", b"server", "token_id", b"token_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_clock_offset_seconds", b"_clock_offset_seconds", "addresses", b"addresses", "agent_port", b"agent_port", "agent_version", b"agent_version", "cert_fingerprint", b"cert_fingerprint", "cert_not_after", b"cert_not_after", "cert_renewed_at", b"cert_renewed_at", "cert_serial", b"cert_serial", "clock_differs", b"clock_differs", "clock_offset_seconds", b"clock_offset_seconds", "dns_names", b"dns_names", "enrolled_at", b"enrolled_at", "highest_epoch", b"highest_epoch", "identity", b"identity", "key_pin", b"key_pin", "last_heartbeat", b"last_heartbeat", "name", b"name", "online", b"online", "removed_at", b"removed_at", "renewal_due_at", b"renewal_due_at", "renewal_error", b"renewal_error", "renewal_failing_since", b"renewal_failing_since", "server", b"server", "token_id", b"token_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__clock_offset_seconds: _TypeAlias = _typing.Literal["clock_offset_seconds"]  # noqa: Y015
+    _WhichOneofArgType__clock_offset_seconds: _TypeAlias = _typing.Literal["_clock_offset_seconds", b"_clock_offset_seconds"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__clock_offset_seconds) -> _WhichOneofReturnType__clock_offset_seconds | None: ...
 
 Global___NodeInfo: _TypeAlias = NodeInfo  # noqa: Y015
 

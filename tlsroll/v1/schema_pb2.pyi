@@ -11,6 +11,7 @@ from google.protobuf import descriptor as _descriptor
 from google.protobuf import message as _message
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
 from tlsroll.v1 import types_pb2 as _types_pb2
 import builtins as _builtins
 import sys
@@ -22,6 +23,31 @@ else:
     from typing_extensions import TypeAlias as _TypeAlias, Never as _Never
 
 DESCRIPTOR: _descriptor.FileDescriptor
+
+class _NodeProblemKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _NodeProblemKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_NodeProblemKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    NODE_PROBLEM_KIND_UNSPECIFIED: _NodeProblemKind.ValueType  # 0
+    NODE_PROBLEM_KIND_TWIN_AGENTS: _NodeProblemKind.ValueType  # 1
+    """Two agents use the node's identity: the leader neither plans nor switches the node."""
+    NODE_PROBLEM_KIND_CLOCK_OFFSET: _NodeProblemKind.ValueType  # 2
+    """The node's clock differs from the leader's by more than the leader warns at (a warning:
+    a rollout's preflight refuses the node only beyond its own, larger limit).
+    """
+
+class NodeProblemKind(_NodeProblemKind, metaclass=_NodeProblemKindEnumTypeWrapper): ...
+
+NODE_PROBLEM_KIND_UNSPECIFIED: NodeProblemKind.ValueType  # 0
+NODE_PROBLEM_KIND_TWIN_AGENTS: NodeProblemKind.ValueType  # 1
+"""Two agents use the node's identity: the leader neither plans nor switches the node."""
+NODE_PROBLEM_KIND_CLOCK_OFFSET: NodeProblemKind.ValueType  # 2
+"""The node's clock differs from the leader's by more than the leader warns at (a warning:
+a rollout's preflight refuses the node only beyond its own, larger limit).
+"""
+Global___NodeProblemKind: _TypeAlias = NodeProblemKind  # noqa: Y015
 
 @_typing.final
 class GetSchemaRequest(_message.Message):
@@ -390,7 +416,8 @@ class Schema(_message.Message):
     @_builtins.property
     def node_problems(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodeProblemView]:
         """Nodes with a problem the leader sees now, outside any rollout's record (two agents use
-        the node's identity), with what to do. Not stored: a leader that starts again sees it anew.
+        the node's identity; its clock differs from the leader's), with what to do. Not stored: a
+        leader that starts again sees it anew.
         """
 
     def __init__(
@@ -423,9 +450,15 @@ class NodeProblemView(_message.Message):
     NODE_FIELD_NUMBER: _builtins.int
     PROBLEM_FIELD_NUMBER: _builtins.int
     SINCE_FIELD_NUMBER: _builtins.int
+    KIND_FIELD_NUMBER: _builtins.int
+    CLOCK_OFFSET_SECONDS_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     problem: _builtins.str
     """What is wrong and what to do, in words."""
+    kind: Global___NodeProblemKind.ValueType
+    """Which problem it is (a leader before this field: TWIN_AGENTS, the only one then)."""
+    clock_offset_seconds: _builtins.float
+    """(CLOCK_OFFSET) The node's clock less the leader's, in seconds (+: the node is ahead)."""
     @_builtins.property
     def since(self) -> _timestamp_pb2.Timestamp:
         """Since when the leader sees it."""
@@ -436,12 +469,16 @@ class NodeProblemView(_message.Message):
         node: _builtins.str = ...,
         problem: _builtins.str = ...,
         since: _timestamp_pb2.Timestamp | None = ...,
+        kind: Global___NodeProblemKind.ValueType = ...,
+        clock_offset_seconds: _builtins.float | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_clock_offset_seconds", b"_clock_offset_seconds", "clock_offset_seconds", b"clock_offset_seconds", "since", b"since"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "problem", b"problem", "since", b"since"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_clock_offset_seconds", b"_clock_offset_seconds", "clock_offset_seconds", b"clock_offset_seconds", "kind", b"kind", "node", b"node", "problem", b"problem", "since", b"since"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__clock_offset_seconds: _TypeAlias = _typing.Literal["clock_offset_seconds"]  # noqa: Y015
+    _WhichOneofArgType__clock_offset_seconds: _TypeAlias = _typing.Literal["_clock_offset_seconds", b"_clock_offset_seconds"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__clock_offset_seconds) -> _WhichOneofReturnType__clock_offset_seconds | None: ...
 
 Global___NodeProblemView: _TypeAlias = NodeProblemView  # noqa: Y015
 
