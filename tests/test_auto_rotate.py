@@ -138,6 +138,9 @@ NEXT_OPENING = [
     ("Sun 02:00-04:00", "2026-03-28 11:00", "2026-03-29T03:00+02:00"),
     ("Sun 02:30-03:30", "2026-03-28 11:00", "2026-03-29T03:00+02:00"),
     ("Sun 02:00-04:00", "2026-03-29 02:00", "2026-04-05T02:00+02:00"),  # 04:00 CEST: next week
+    # A window wholly inside the skipped hour does not open that night (review s36 L1).
+    ("daily 02:30-02:40", "2026-03-29 00:50", "2026-03-30T02:30+02:00"),
+    ("Sun 02:00-02:45", "2026-03-29 00:50", "2026-04-05T02:00+02:00"),
     # Autumn: 02:00-03:00 happens twice; the first pass, or the second once the first closed.
     ("Sun 02:00-03:00", "2026-10-24 10:00", "2026-10-25T02:00+02:00"),
     ("Sun 02:30-02:45", "2026-10-25 00:50", "2026-10-25T02:30+01:00"),  # 02:50 CEST
@@ -905,6 +908,9 @@ DST_ROTATOR = [
     # watch is woken then, not at "02:30 CET" (03:30 CEST), after it has closed.
     ("Sun 02:30-03:15", "2026-03-29 00:59", "outside-window", "2026-03-29T03:00+02:00", 61),
     ("Sun 02:30-03:15", "2026-03-29 01:10", "started", "", None),  # 03:10 CEST
+    # Wholly inside the skipped hour: not open that night, so no wake at the skip (L1).
+    ("daily 02:30-02:40", "2026-03-29 00:50", "outside-window", "2026-03-30T02:30+02:00", 85201),
+    ("Sun 02:00-02:45", "2026-03-29 00:50", "outside-window", "2026-04-05T02:00+02:00", 601801),
     ("Sun 02:00-03:00", "2026-10-24 23:59", "outside-window", "2026-10-25T02:00+02:00", 61),
     ("Sun 02:00-03:00", "2026-10-25 00:30", "started", "", None),  # 02:30 CEST
     ("Sun 02:00-03:00", "2026-10-25 01:30", "started", "", None),  # 02:30 CET, again
