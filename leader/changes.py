@@ -47,7 +47,7 @@ from leader.rollout_core import (
     Strategy,
     wrong_source,
 )
-from leader.schema_store import NodeDetail, RolloutMeta, SchemaStore
+from leader.schema_store import NodeDetail, RolloutMeta, SchemaStore, measured_seconds
 from leader.store import IssuedCert, Node, Store
 from leader.wire import CHANGE, TXN_KIND, TXN_OUTCOME
 from tlsroll import dbthread, logs, pki, probe
@@ -621,21 +621,44 @@ async def wait_transaction(
     states = (
         ctx.agent.watch_transaction(request) if begin is None else ctx.agent.switch_and_watch(begin)
     )
+    refused: set[str] = set()  # the measures already logged as refused (once per transaction)
+
+    def measure(name: str, value: float) -> float | None:
+        """An agent's measure if it is sane (``measured_seconds``), else None: not sent."""
+        sane = measured_seconds(value)
+        if sane is None and name not in refused:
+            refused.add(name)
+            log.warning(
+                "transaction.measure_refused",
+                rollout_id=ctx.rollout.id,
+                node=ctx.node,
+                transaction=kind.value,
+                field=name,
+                value=str(value),
+            )
+        return sane
+
     try:
         async for txn in states:
-            details: dict[str, Any] = {"restart_seconds": txn.restart_seconds}
+            details: dict[str, Any] = {
+                "restart_seconds": measure("restart_seconds", txn.restart_seconds) or 0.0
+            }
             # With --freeze scope the node's window is the scope freeze's (the engine records
             # it), not the shorter one of the transaction inside it.
             own_window = ctx.rollout.freeze is not FreezeMode.SCOPE
             if own_window and txn.HasField("freeze_started_at"):
                 details["freeze_started_at"] = txn.freeze_started_at.ToDatetime(tzinfo=dt.UTC)
+                # A freeze that begins (a rollback's, after a failed confirm, on the switch's
+                # row) has no end or length yet: not the switch's (review s36 L3).
+                details["freeze_ended_at"] = None
+                details["freeze_seconds"] = None
             if own_window and txn.HasField("freeze_ended_at"):
                 details["freeze_ended_at"] = txn.freeze_ended_at.ToDatetime(tzinfo=dt.UTC)
             # The window's length as the agent measured it in elapsed time (the two times are on
             # the node's wall clock, which may step between them: clock audit s35 J); an older
             # agent sends none, and the schema takes the times' difference.
             if own_window and txn.HasField("freeze_seconds"):
-                details["freeze_seconds"] = txn.freeze_seconds
+                details["freeze_seconds"] = measure("freeze_seconds", txn.freeze_seconds)
             try:
                 outcome = TXN_OUTCOME.read(txn.outcome, "transaction.outcome")
             except WireError as exc:

@@ -183,8 +183,9 @@ def next_opening(window: Window, local: dt.datetime) -> dt.datetime | None:
     clock with the offset in force then (``2026-12-05T02:00+01:00``); None if it is never
     closed (e.g. ``daily 00:00-24:00``). The zone's rules are ``local``'s own if it has them,
     else the host's (see ``_rules``). An opening in the hour the clocks skip is the moment
-    they skip it (the window is open from then: wall-clock time); one in the hour they go back
-    over is its first pass, or its second if the window closed in between."""
+    they skip it if the window is still open then (wall-clock time; one that lies wholly in
+    the skipped hour does not open that night); one in the hour they go back over is its
+    first pass, or its second if the window closed in between."""
     rules = _rules(local)
     now = _utc(local, rules)
     midnight = _wall(now, rules).replace(hour=0, minute=0, second=0, microsecond=0)
@@ -196,7 +197,10 @@ def next_opening(window: Window, local: dt.datetime) -> dt.datetime | None:
                 continue
             for at in _instants(day + dt.timedelta(minutes=span.start), rules):
                 before = _wall(at - dt.timedelta(minutes=1), rules)
-                if at > now and not in_window(window, before):
+                # Open at ``at`` too: a window that lies wholly in the skipped hour never opens
+                # that night, though ``at`` (the skip) follows a closed minute.
+                opens = in_window(window, _wall(at, rules))
+                if at > now and opens and not in_window(window, before):
                     found.append(at)
     return _shown(min(found), rules) if found else None
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import datetime as dt
 import functools
 import json
+import math
 import sqlite3
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field, replace
@@ -483,8 +484,9 @@ class SchemaStore(LeaderStore):
             window = freeze_window(from_text(began), from_text(ended), measured)
             if window is not None:
                 windows.append(window)
-            if restart > 0:
-                restarts.append(float(restart))
+            timed = measured_seconds(restart)
+            if timed:
+                restarts.append(timed)
         return windows, restarts
 
     def undo_rows(self, rollout_id: str | None) -> list[RolloutRow]:
@@ -1312,6 +1314,22 @@ def _revoke_undelivered(
     return serials
 
 
+# The longest freeze window or server restart the leader takes from an agent's measure: a day.
+# A switch's freeze and restart last seconds to minutes; a value outside 0..MAX_MEASURED_SECONDS,
+# or not finite (inf, NaN: a buggy or foreign agent with a valid certificate), is taken as not
+# sent (review s36 L2).
+MAX_MEASURED_SECONDS = 86400.0
+
+
+def measured_seconds(value: object) -> float | None:
+    """``value`` (an agent's ``freeze_seconds`` or ``restart_seconds``) as seconds if it is a
+    finite number in 0..``MAX_MEASURED_SECONDS``, else None (not sent)."""
+    if value is None or isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    seconds = float(value)
+    return seconds if math.isfinite(seconds) and 0.0 <= seconds <= MAX_MEASURED_SECONDS else None
+
+
 def freeze_window(
     started: dt.datetime | None, ended: dt.datetime | None, measured: float | None
 ) -> float | None:
@@ -1321,11 +1339,13 @@ def freeze_window(
     no step of the node's wall clock moves. Without it (an older agent, a reboot during the
     freeze, a scope freeze, whose times are the leader's), the difference of the two times,
     on one wall clock, never below 0: a clock stepped back during the freeze would make it
-    negative (clock audit s35 J); 0 then says "not known to be longer"."""
+    negative (clock audit s35 J); 0 then says "not known to be longer". A ``measured`` that
+    ``measured_seconds`` refuses (one stored before the leader checked it) counts as none."""
     if started is None or ended is None:
         return None
-    if measured is not None:
-        return float(measured)
+    sane = measured_seconds(measured)
+    if sane is not None:
+        return sane
     return max((ended - started).total_seconds(), 0.0)
 
 
@@ -1469,7 +1489,7 @@ def _node(row: sqlite3.Row) -> tuple[NodeRecord, NodeDetail]:
         cert_not_after=from_text(row["cert_not_after"]),
         freeze_started_at=from_text(row["freeze_started_at"]),
         freeze_ended_at=from_text(row["freeze_ended_at"]),
-        restart_seconds=row["restart_seconds"],
+        restart_seconds=measured_seconds(row["restart_seconds"]) or 0.0,
         bootstrap_port=row["bootstrap_port"],
         steps=json.loads(row["steps"]),
         freeze_seconds=row["freeze_seconds"],

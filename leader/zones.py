@@ -18,9 +18,20 @@ UTC_NAMES = {"UTC", "Etc/UTC", "Etc/UCT", "UCT", "Etc/Universal", "Universal", "
 UTC_NAMES |= {"GMT", "Etc/GMT", "Etc/GMT0", "Etc/GMT+0", "Etc/GMT-0", "GMT0", "Etc/Greenwich"}
 
 
+# Files in the zone database that load but are no practice's zone (review s36 I1): the host's
+# own zone under a name each machine reads as its own, the default rules of POSIX TZ strings,
+# "Factory" (UTC, shown as "-00"); "posix/..." copies the zones, "right/..." counts leap
+# seconds (27 s off the wall clock the practice and the host keep).
+NOT_ZONES = frozenset({"localtime", "posixrules", "Factory"})
+NOT_ZONE_DIRS = frozenset({"posix", "right"})
+
+
 def load_zone(name: str) -> zoneinfo.ZoneInfo:
     """The IANA zone ``name`` ("Europe/Berlin"); ValueError with a one-line message if there is
-    none of that name (a typo, a path, a directory such as "Europe", a POSIX TZ string)."""
+    none of that name (a typo, a path, a directory such as "Europe", a POSIX TZ string) or it
+    names no practice's zone (``NOT_ZONES``, ``NOT_ZONE_DIRS``)."""
+    if name in NOT_ZONES or name.split("/", 1)[0] in NOT_ZONE_DIRS:
+        raise ValueError(f"{name!r} is not an IANA time zone name; use one such as Europe/Berlin")
     try:
         return zoneinfo.ZoneInfo(name)
     except (zoneinfo.ZoneInfoNotFoundError, ValueError, OSError):  # OSError: "Europe", a dir
@@ -46,7 +57,8 @@ def local_zone_name() -> str | None:
     except OSError:
         return None
     _, sep, key = target.partition("zoneinfo/")
-    return key if sep else None
+    # posix/Europe/Berlin is a copy of Europe/Berlin, under a name load_zone refuses.
+    return key.removeprefix("posix/") if sep else None
 
 
 def host_is_utc(year: int | None = None) -> bool:

@@ -138,6 +138,9 @@ NEXT_OPENING = [
     ("Sun 02:00-04:00", "2026-03-28 11:00", "2026-03-29T03:00+02:00"),
     ("Sun 02:30-03:30", "2026-03-28 11:00", "2026-03-29T03:00+02:00"),
     ("Sun 02:00-04:00", "2026-03-29 02:00", "2026-04-05T02:00+02:00"),  # 04:00 CEST: next week
+    # A window wholly inside the skipped hour does not open that night (review s36 L1).
+    ("daily 02:30-02:40", "2026-03-29 00:50", "2026-03-30T02:30+02:00"),
+    ("Sun 02:00-02:45", "2026-03-29 00:50", "2026-04-05T02:00+02:00"),
     # Autumn: 02:00-03:00 happens twice; the first pass, or the second once the first closed.
     ("Sun 02:00-03:00", "2026-10-24 10:00", "2026-10-25T02:00+02:00"),
     ("Sun 02:30-02:45", "2026-10-25 00:50", "2026-10-25T02:30+01:00"),  # 02:50 CEST
@@ -905,6 +908,9 @@ DST_ROTATOR = [
     # watch is woken then, not at "02:30 CET" (03:30 CEST), after it has closed.
     ("Sun 02:30-03:15", "2026-03-29 00:59", "outside-window", "2026-03-29T03:00+02:00", 61),
     ("Sun 02:30-03:15", "2026-03-29 01:10", "started", "", None),  # 03:10 CEST
+    # Wholly inside the skipped hour: not open that night, so no wake at the skip (L1).
+    ("daily 02:30-02:40", "2026-03-29 00:50", "outside-window", "2026-03-30T02:30+02:00", 85201),
+    ("Sun 02:00-02:45", "2026-03-29 00:50", "outside-window", "2026-04-05T02:00+02:00", 601801),
     ("Sun 02:00-03:00", "2026-10-24 23:59", "outside-window", "2026-10-25T02:00+02:00", 61),
     ("Sun 02:00-03:00", "2026-10-25 00:30", "started", "", None),  # 02:30 CEST
     ("Sun 02:00-03:00", "2026-10-25 01:30", "started", "", None),  # 02:30 CET, again
@@ -988,6 +994,14 @@ def test_host_is_utc_by_its_offsets(monkeypatch: pytest.MonkeyPatch, tz: str, ut
         ("CET-1CEST,M3.5.0,M10.5.0/3", "unknown time zone"),
         ("", "must not be empty"),
         (1, "expected a string, got integer"),
+        # In the zone database, but no practice's zone (review s36 I1): the host's own under
+        # a name every machine reads as its own, POSIX TZ strings' rules, "-00", a copy, and
+        # leap-second time (27 s off).
+        ("localtime", "'localtime' is not an IANA time zone name"),
+        ("posixrules", "'posixrules' is not an IANA time zone name"),
+        ("Factory", "'Factory' is not an IANA time zone name"),
+        ("posix/Europe/Berlin", "'posix/Europe/Berlin' is not an IANA time zone name"),
+        ("right/Europe/Berlin", "'right/Europe/Berlin' is not an IANA time zone name"),
     ],
 )
 def test_a_bad_maintenance_timezone_is_one_line_naming_the_key(
@@ -999,6 +1013,26 @@ def test_a_bad_maintenance_timezone_is_one_line_naming_the_key(
     message = str(err.value)
     assert message.startswith(f"config error: {path}: [leader].maintenance_timezone: "), message
     assert problem in message and "\n" not in message
+
+
+def test_a_host_linked_to_a_posix_copy_of_its_zone_names_the_zone(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """/etc/localtime -> .../zoneinfo/posix/Europe/Berlin (some distributions): the host's zone
+    is Europe/Berlin, not a "posix/" name ``load_zone`` refuses (review s36 I1)."""
+    from leader import zones
+
+    class NoFile:
+        def __init__(self, *_: object) -> None: ...
+
+        def read_text(self, **_: object) -> str:
+            raise OSError("no /etc/timezone")
+
+    monkeypatch.delenv("TZ", raising=False)
+    monkeypatch.setattr(zones, "Path", NoFile)
+    monkeypatch.setattr(zones.os, "readlink", lambda _: "/usr/share/zoneinfo/posix/Europe/Berlin")
+    assert zones.local_zone_name() == "Europe/Berlin"
+    assert zones.load_zone("Europe/Berlin") == BERLIN
 
 
 def test_maintenance_timezone_default_and_value(tmp_path: Path) -> None:

@@ -441,8 +441,21 @@ def test_leader_config_refuses_unknown_keys_and_tables(
             "[leader].maintenance_timezone: unknown time zone 'Berln'; use an IANA name such as "
             "Europe/Berlin",
         ),
+        (  # in the zone database, but leap-second time: 27 s off (review s36 I1)
+            "tlsroll-leader",
+            "leader.daemon",
+            {
+                "leader": {
+                    "address": "127.0.0.1",
+                    "data_dir": "d",
+                    "maintenance_timezone": "right/Europe/Berlin",
+                }
+            },
+            "[leader].maintenance_timezone: 'right/Europe/Berlin' is not an IANA time zone "
+            "name; use one such as Europe/Berlin",
+        ),
     ],
-    ids=["agent", "agent-server", "leader", "leader-zone"],
+    ids=["agent", "agent-server", "leader", "leader-zone", "leader-zone-right"],
 )
 def test_daemons_exit_2_with_one_line_on_an_unknown_key(
     tmp_path: Path, prog: str, module: str, tables: dict[str, dict[str, object]], where: str

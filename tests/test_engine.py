@@ -807,6 +807,103 @@ async def test_a_switch_s_freeze_window_is_the_length_its_agent_measured(
     await leader.stop()
 
 
+@pytest.mark.parametrize("bad", [-5.0, float("inf"), float("nan"), 1e300, 86400.5])
+async def test_an_agent_s_measure_that_is_not_sane_is_taken_as_not_sent(
+    world: World, monkeypatch: pytest.MonkeyPatch, bad: float
+) -> None:
+    """Review s36 L2: the leader recorded any ``freeze_seconds`` and ``restart_seconds`` an
+    agent sent (a buggy or foreign one, with a valid certificate): a negative window, a
+    300-digit one, inf (the viewer's node row raised), NaN. Only a finite value in 0..a day
+    counts; else the window is the times' difference and the restart is not timed, with one
+    warning per node and field."""
+    real = FakeAgent._message
+
+    def insane(agent: FakeAgent, txn: Any) -> agent_pb2.Transaction:
+        message = real(agent, txn)
+        message.restart_seconds = bad  # on every state: still logged once
+        if message.outcome != agent_pb2.TRANSACTION_OUTCOME_PENDING:
+            began = message.freeze_started_at.ToDatetime(tzinfo=dt.UTC)
+            message.freeze_ended_at.FromDatetime(began + dt.timedelta(seconds=2.5))
+            message.freeze_seconds = bad
+        return message
+
+    monkeypatch.setattr(FakeAgent, "_message", insane)
+    for agent in world.agents:
+        agent.txn_seconds = 1.0  # read pending more than once
+    leader = world.boot()
+    await leader.start(max_parallel=1)
+    with capture_logs() as logs:
+        row = await leader.run(passes=400)
+    assert row.rollout.state is R.COMPLETED and states(row) == ALL_DONE
+    for name in NODES:
+        detail = row.node(name)[1]
+        assert detail.freeze_seconds is None and detail.freeze_window == 2.5, name
+        assert detail.restart_seconds == 0.0, name
+    assert leader.schema.switch_times() == ([2.5] * len(NODES), [])
+    refused = Counter(
+        (e["node"], e["field"]) for e in logs if e["event"] == "transaction.measure_refused"
+    )
+    assert refused == Counter(
+        {(n, f): 1 for n in NODES for f in ("restart_seconds", "freeze_seconds")}
+    )
+    assert all(e["log_level"] == "warning" for e in logs if e["event"].endswith("_refused"))
+    await leader.stop()
+
+
+async def test_a_rollback_s_freeze_is_not_shown_with_the_switch_s_end_and_length(
+    world: World, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s36 L3: charlie's confirm fails and its agent rolls the switch back, on the same
+    node row. The switch's freeze ended and measured 2.5 s; the rollback's began later. While
+    the rollback is frozen its window is open (the switch's end is not its end), and when it
+    ends unmeasured (an older agent, a reboot during it) its window is its own times'
+    difference (30 s), not the switch's 2.5 s."""
+    real = FakeAgent._message
+
+    def measured_switch(agent: FakeAgent, txn: Any) -> agent_pb2.Transaction:
+        message = real(agent, txn)
+        if message.outcome != agent_pb2.TRANSACTION_OUTCOME_PENDING:
+            began = message.freeze_started_at.ToDatetime(tzinfo=dt.UTC)
+            if txn.kind is TxnKind.SWITCH:
+                message.freeze_ended_at.FromDatetime(began + dt.timedelta(seconds=2.5))
+                message.freeze_seconds = 2.5
+            else:  # the rollback's own freeze, with no measure
+                message.freeze_ended_at.FromDatetime(began + dt.timedelta(seconds=30))
+        return message
+
+    monkeypatch.setattr(FakeAgent, "_message", measured_switch)
+    world.agents["charlie"].outside_problem = "handshake: unknown CA"
+    for agent in world.agents:
+        agent.txn_seconds = 1.0  # the rollback is read frozen (pending) before it ends
+    leader = world.boot()
+    seen: list[tuple[Any, ...]] = []
+    update_detail = SchemaStore.update_detail
+
+    def watched(self: SchemaStore, rollout_id: str, name: str, **changes: Any) -> None:
+        update_detail(self, rollout_id, name, **changes)
+        if name == "charlie":
+            kept = self.get(rollout_id)
+            assert kept is not None
+            d = kept.node(name)[1]
+            seen.append((d.freeze_started_at, d.freeze_ended_at, d.freeze_window))
+
+    monkeypatch.setattr(SchemaStore, "update_detail", watched)
+    await leader.start(failure_budget=1)
+    row = await leader.run(passes=400)
+    assert states(row)["charlie"] is N.ROLLED_BACK
+    charlie = world.agents["charlie"]
+    assert (charlie.applied["switch"], charlie.applied["rollback"]) == (1, 1)
+    detail = row.node("charlie")[1]
+    assert detail.freeze_started_at is not None and detail.freeze_ended_at is not None
+    assert detail.freeze_ended_at - detail.freeze_started_at == dt.timedelta(seconds=30)
+    assert (detail.freeze_seconds, detail.freeze_window) == (None, 30.0)
+    # The rollback's freeze, once begun and before it ended, was shown open.
+    rollback_began = detail.freeze_started_at
+    frozen = [s for s in seen if s[0] == rollback_began and s[2] != 30.0]
+    assert frozen and all(end is None and window is None for _, end, window in frozen), seen
+    await leader.stop()
+
+
 # --- a leader crash at every persisted point --------------------------------------------------
 
 

@@ -17,7 +17,7 @@ import grpc
 import pytest
 
 from leader.cli.notify import day_text
-from tests.cluster import one_line_error
+from tests.cluster import child_env, command, one_line_error
 from tests.test_password_rollout import PW1, PW2, World, secret_file
 from tlsroll.v1 import admin_pb2
 
@@ -241,3 +241,33 @@ def test_bad_input_is_one_line_and_exit_2(world: World, args: list[str], says: s
     result = world.cli("notify", *args)
     line = usage_error(result)
     assert says in line, line
+
+
+@pytest.mark.parametrize(
+    ("args", "says"),
+    [
+        (["--when", "garbage"], "--when"),
+        (["--when", "2099-01-01 10:00", "--duration", "99x"], "--duration"),
+        (["--when", "2099-01-01 10:00", "--change", "rotate-cert", "--include-password"], "no"),
+        (["--when", "2099-01-01 10:00", "--include-password"], "enable-tls sets its password"),
+        (["--until", "garbage"], "--until"),
+    ],
+)
+def test_bad_input_is_a_usage_error_with_the_leader_down(
+    tmp_path: Path, args: list[str], says: str
+) -> None:
+    """Input that needs no time zone is checked before the leader is asked for its
+    maintenance_timezone (review s36 M1): with no leader it is still the one-line usage error,
+    exit 2, not "no admin socket" (exit 1), and nothing is created."""
+    data_dir, sock = tmp_path / "data", tmp_path / "none.sock"
+    result = subprocess.run(
+        [*command("tlsroll", "tlsroll"), "--socket", str(sock), "notify", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=child_env({"TLSROLL_DATA_DIR": str(data_dir)}),
+        check=False,
+    )
+    line = usage_error(result)
+    assert says in line and "admin socket" not in line, line
+    assert list(tmp_path.iterdir()) == []

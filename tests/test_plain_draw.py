@@ -128,3 +128,9 @@ def test_a_freeze_window_says_its_clock_and_the_length_the_schema_gives() -> Non
     view.freeze = types_pb2.FREEZE_MODE_SCOPE
     text = "\n".join(render_rollout(to_dict(view)).lines(200, color=False))
     assert "freeze window (leader clock)" in text and "10:00:01–09:00:03 (0.0s)" in text
+    # From an older leader that recorded an agent's measure unchecked (review s36 L2): JSON
+    # gives inf as "Infinity"; the table says "?", it does not raise.
+    view.nodes[0].freeze_seconds = float("inf")
+    view.nodes[0].restart_seconds = float("inf")
+    text = "\n".join(render_rollout(to_dict(view)).lines(200, color=False))
+    assert "10:00:01–09:00:03 (?)" in text and "inf" not in text.lower()

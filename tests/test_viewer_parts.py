@@ -427,6 +427,36 @@ def test_a_freeze_window_is_the_agent_s_elapsed_time_on_the_page_and_in_the_metr
         assert measured in html and clamped in html and "3597" not in html and "-13" not in html
 
 
+@pytest.mark.parametrize("bad", [float("inf"), -5.0, 1e300])
+def test_a_measure_a_leader_stored_unchecked_is_not_shown_and_raises_nothing(
+    store: Store, tmp_path: Path, bad: float
+) -> None:
+    """Review s36 L2: a leader before the check stored any ``freeze_seconds`` and
+    ``restart_seconds`` an agent sent; its file keeps them. inf made the page's node row raise
+    (``Words.number`` got JSON's "Infinity"); -5 and 1e300 were shown as they are. Read back,
+    such a measure is not sent: the window is the times' difference, the restart untimed."""
+    schema = SchemaStore(store.db)
+    run_rollout(schema, "r1", Change.ENABLE_TLS)
+    ended = NOW + dt.timedelta(seconds=4)
+    schema.update_detail("r1", "a", freeze_ended_at=ended, freeze_seconds=bad, restart_seconds=bad)
+    later = Store(tmp_path / "leader.sqlite3")  # the leader started after it reads the file
+    reader = SchemaStore(later.db)
+    row = reader.get("r1")
+    assert row is not None
+    detail = row.node("a")[1]
+    assert detail.freeze_window == 4.0 and detail.restart_seconds == 0.0
+    snap = Reader(later, reader, lambda: NOW, lambda _: True, []).read(times=True)
+    text = metrics.render(snap).decode()
+    assert "inf" not in text.lower().replace("+inf", "") and "e+300" not in text
+    page = pages.PageContext("127.0.0.1", "test", NOW, "/events")
+    for lang, window in (("de", "(4,0 s)"), ("en", "(4.0 s)")):
+        html = pages.schema_content(snap, Words.of(lang), page)
+        assert window in html and "Infinity" not in html and "(-5" not in html
+        assert "e+300" not in html and "inf s" not in html
+    for value in ("Infinity", "NaN", float("inf"), float("nan")):  # defence in the words too
+        assert Words.of("en").seconds(value) == Words.of("en")("seconds", value="–")
+
+
 def test_failed_bootstrap_attempts_are_on_the_page_and_in_the_metrics(store: Store) -> None:
     schema = SchemaStore(store.db)
     failure = BootstrapFailureRow("a", "127.0.0.9", "ws-empfang", 7, NOW, NOW)

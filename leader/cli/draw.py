@@ -11,6 +11,7 @@ times as RFC 3339 text, 64-bit numbers as text), which ``schema show`` reads wit
 from __future__ import annotations
 
 import datetime as dt
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -82,7 +83,16 @@ def freeze_window(node: View) -> str:
     seconds = node.get("freeze_seconds")
     if seconds is None:
         seconds = max((end - start).total_seconds(), 0.0)
-    return f"{start:%H:%M:%S}–{end:%H:%M:%S} ({float(seconds):.1f}s)"
+    return f"{start:%H:%M:%S}–{end:%H:%M:%S} ({_seconds(seconds)})"
+
+
+def _seconds(value: object) -> str:
+    """``12.3s``; a value that is not a finite number (JSON's "Infinity", "NaN") is ``?``."""
+    try:
+        number = float(value)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return "?"
+    return f"{number:.1f}s" if math.isfinite(number) else "?"
 
 
 def freeze_clock(rollout: View) -> str:
@@ -134,7 +144,7 @@ def render_rollout(r: View) -> Block:
             n.get("old_url") or "-",
             n.get("new_url") or "-",
             freeze_window(n),
-            f"{n['restart_seconds']:.1f}s" if n.get("restart_seconds") else "-",
+            _seconds(n["restart_seconds"]) if n.get("restart_seconds") else "-",
             fmt_time(n, "cert_not_after"),
             str(n["still_on_http"]) if n.get("still_on_http") else "-",
             "; ".join(

@@ -97,18 +97,28 @@ def parse_when(
     text: str, zone: zoneinfo.ZoneInfo, now: dt.datetime, hint: str = "--when"
 ) -> dt.datetime:
     """``--when`` (or ``hint``) in ``zone``: a time that exists once there and lies ahead."""
-    naive = None
+    return when_in_zone(when_syntax(text, hint), text, zone, now, hint)
+
+
+def when_syntax(text: str, hint: str = "--when") -> dt.datetime:
+    """The wall-clock time ``--when`` (or ``hint``) writes, without a zone: checked before
+    anything asks the leader (which may be down) for its zone."""
     for pattern in _WHEN_FORMATS:
         try:
-            naive = dt.datetime.strptime(text.strip(), pattern)
-            break
+            return dt.datetime.strptime(text.strip(), pattern)
         except ValueError:
             continue
-    if naive is None:
-        raise click.BadParameter(
-            f"{text!r}: give date and time as YYYY-MM-DD HH:MM, e.g. 2026-12-05 18:00",
-            param_hint=hint,
-        )
+    raise click.BadParameter(
+        f"{text!r}: give date and time as YYYY-MM-DD HH:MM, e.g. 2026-12-05 18:00",
+        param_hint=hint,
+    )
+
+
+def when_in_zone(
+    naive: dt.datetime, text: str, zone: zoneinfo.ZoneInfo, now: dt.datetime, hint: str = "--when"
+) -> dt.datetime:
+    """``naive`` (``when_syntax`` of ``text``) in ``zone``: a time that exists once there and
+    lies ahead."""
     when = naive.replace(tzinfo=zone)
     try:
         back = when.astimezone(dt.UTC).astimezone(zone).replace(tzinfo=None)
@@ -380,20 +390,24 @@ def notify(
         raise click.UsageError("--until goes with a transitional rollout, not with --when")
     if password_file is not None and not include_password:
         raise click.UsageError("--password-file goes with --include-password")
-    # The schema first when the zone may be the leader's maintenance_timezone.
-    first = fetch_schema(leader) if tz_name is None else None
-    zone = practice_zone(tz_name, lang, first.auto_rotate.timezone if first else "")
-    now = dt.datetime.now(dt.UTC)
-    start = parse_when(when, zone, now) if when is not None else None
+    # Everything that needs no zone before the leader is asked for one: bad input is a usage
+    # error (exit 2) whether the leader is up or not.
+    naive_when = when_syntax(when) if when is not None else None
+    naive_until = when_syntax(until, "--until") if until is not None else None
     span = parse_duration(duration) if duration is not None else None
     if include_password and change in ("rotate-cert", "disable-tls"):
         raise click.UsageError(f"a {change} notice has no password to give")
-    if include_password and start is not None and change in (None, "enable-tls"):
+    if include_password and when is not None and change in (None, "enable-tls"):
         # A usage error whatever the nodes run: said before the plan is asked for.
         raise click.UsageError(
             "enable-tls sets its password when it starts (rollout start --password-file): "
             "include it in the notice after the start, or leave out --include-password"
         )
+    # The schema first when the zone may be the leader's maintenance_timezone.
+    first = fetch_schema(leader) if tz_name is None else None
+    zone = practice_zone(tz_name, lang, first.auto_rotate.timezone if first else "")
+    now = dt.datetime.now(dt.UTC)
+    start = when_in_zone(naive_when, when, zone, now) if naive_when and when else None
 
     schema = first if first is not None else fetch_schema(leader)
     known = known_urls(schema)
@@ -481,7 +495,9 @@ def notify(
         scope=kind.value if kind is not None else "cluster",
         unchanged=unchanged,
         transitional=transitional,
-        until=parse_when(until, zone, now, "--until") if until is not None else None,
+        until=when_in_zone(naive_until, until, zone, now, "--until")
+        if naive_until and until
+        else None,
     )
     click.echo(render_notice(info, lang=lang, fmt=fmt, password=secret), nl=False)
     _remind(include_password)

@@ -8,6 +8,7 @@ durations. A test checks that both languages have every key and every state.
 from __future__ import annotations
 
 import datetime as dt
+import math
 from dataclasses import dataclass
 
 from leader.rollout_core import NodeState, RolloutState
@@ -325,11 +326,19 @@ class Words:
         when = dt.datetime.fromisoformat(value) if isinstance(value, str) else value
         return when.astimezone().strftime(self("date"))
 
-    def number(self, value: float, digits: int = 1) -> str:
-        text = f"{value:.{digits}f}"
+    def number(self, value: float | str, digits: int = 1) -> str:
+        """``value`` in this language's digits; one that is not a finite number (JSON gives
+        inf and NaN as the strings "Infinity" and "NaN") is "none", never an error."""
+        try:
+            number = float(value)
+        except (TypeError, ValueError):
+            return self("none")
+        if not math.isfinite(number):
+            return self("none")
+        text = f"{number:.{digits}f}"
         return text.replace(".", ",") if self.lang == "de" else text
 
-    def seconds(self, value: float) -> str:
+    def seconds(self, value: float | str) -> str:
         return self("seconds", value=self.number(value))
 
     def window(self, start: str | None, end: str | None, seconds: float | None = None) -> str:
