@@ -252,12 +252,13 @@ ALTER TABLE rollout_nodes ADD COLUMN freeze_seconds REAL;
 # ``NAME.before-vN`` is a ``VACUUM INTO`` copy; the column keeps the rowid each had, so the
 # order is the one the file recorded. ``counted_at``: when the hourly caps count the
 # certificate as issued, on the leader's elapsed-time clock (``Store.cap_now``); those before
-# counted by their issue time, as they were. ``rollout_id``: the rollout that recorded it (a
-# preflight's or a stage's server certificate), so that "never delivered" picks a rollout's
-# own (``revoke_undelivered_in``) and not what was issued in its span by the clock; those
-# before belong to none, but a server certificate issued since a rollout not ended began,
-# of a node of it, is taken for that rollout's (what the span picked until now). A table is
-# rebuilt to change its key (SQLite cannot ALTER it); nothing refers to it.
+# counted by their issue time, as they were, but none later than the upgrade (``_v10``).
+# ``rollout_id``: the rollout that recorded it (a preflight's or a stage's server
+# certificate), so that "never delivered" picks a rollout's own (``revoke_undelivered_in``)
+# and not what was issued in its span by the clock; those before belong to none, but a server
+# certificate issued since a rollout not ended began, of a node of it, is taken for that
+# rollout's (what the span picked until now). A table is rebuilt to change its key (SQLite
+# cannot ALTER it); nothing refers to it.
 _V10 = """
 CREATE TABLE certificates_v10 (
     seq           INTEGER PRIMARY KEY,   -- the order they were recorded in
@@ -288,8 +289,31 @@ UPDATE certificates SET rollout_id = COALESCE((
        AND r.state NOT IN ('completed', 'halted', 'aborted')
        AND certificates.issued_at >= COALESCE(r.started_at, r.created_at)
      ORDER BY r.epoch DESC LIMIT 1), '')
- WHERE kind = 'server';
+ WHERE kind = 'server'
+   AND node IN (
+    SELECT n.name FROM rollouts r JOIN rollout_nodes n ON n.rollout_id = r.id
+     WHERE r.state NOT IN ('completed', 'halted', 'aborted'))
+   AND issued_at >= (
+    SELECT MIN(COALESCE(started_at, created_at)) FROM rollouts
+     WHERE state NOT IN ('completed', 'halted', 'aborted'));
 """
+# (The last two conditions pick no other certificate than the subquery would, and only those
+# can cost it a walk through the rollouts: without them, a file of many ended rollouts took
+# the product of its server certificates and its rollouts, tens of seconds at the leader's
+# start, beyond systemd's start timeout (review s36 F1). With no rollout live, none.)
+
+
+def _v10(conn: sqlite3.Connection) -> None:
+    """Migration 10: ``_V10``, and no ``counted_at`` later than the time it runs. A
+    certificate issued while the leader's clock was ahead, still "later" than now at the
+    upgrade, would otherwise be the latest one the caps counted, and ``Store._count_from``
+    would move every other back by its lead: the hour's real certificates out of the caps
+    (review s36 F5). It counts as issued now instead."""
+    for statement in statements(_V10):
+        conn.execute(statement)
+    now = to_text(dt.datetime.now(dt.UTC))
+    conn.execute("UPDATE certificates SET counted_at = ? WHERE counted_at > ?", (now, now))
+
 
 MIGRATIONS: tuple[Migration, ...] = (
     _V1,  # 0.1.0
@@ -301,7 +325,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     _V7,  # transitional strategy: finalize links, clients per scheme
     _V8,  # scope freeze asked
     _V9,  # a freeze window's length in elapsed time
-    _V10,  # certificates: record order, hourly caps' clock, their rollout
+    _v10,  # certificates: record order, hourly caps' clock, their rollout
 )
 
 

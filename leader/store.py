@@ -349,9 +349,9 @@ class Store(LeaderStore):
     def cap_now(self) -> dt.datetime:
         """Now on the clock the hourly certificate caps count by (``_check_hourly_certs``;
         a certificate's ``counted_at``): the leader's clock as this store opened (as its
-        clocks were bound), or the latest ``counted_at`` on record if that is later, moved on
-        by ``monotonic`` since (``_count_from``). No step of the wall clock moves it, and it
-        never goes back behind a certificate it counted, not across a restart either.
+        clocks were bound), moved on by ``monotonic`` since (``_count_from``). No step of the
+        wall clock moves it, and it never goes back behind a certificate it counted, not
+        across a restart either (one counted later than the clock is moved back then).
 
         The caps counted by ``issued_at`` on the wall clock: a step forward lifted them (what
         was issued before counted no more), a step back of a day locked a node that had just
@@ -365,10 +365,44 @@ class Store(LeaderStore):
     def _count_from(self) -> tuple[dt.datetime, float]:
         """Where ``cap_now`` starts, by ``clock`` and ``monotonic`` now (as the store opens,
         and as its clocks are bound: the leader's service binds them before it records
-        anything): the clock, or the latest ``counted_at`` on record if that is later."""
+        anything): the clock. If the latest ``counted_at`` on record is later than the clock
+        (a leader that started with its clock ahead counted by it; its clock was corrected,
+        or stepped back while it was down), every ``counted_at`` later than an hour before the
+        clock is moved back by that lead first: the certificates of the hour before the latest
+        one count for the hour after the start as they did, those before it count no more,
+        and no lead outlives that hour (review s36 F5: taking the latest ``counted_at`` as
+        ``cap_now`` kept the lead for good, and every restart counted the last hour again,
+        whatever the downtime)."""
+        now = self.clock()
         with self._db.read() as conn:
             (counted,) = conn.execute("SELECT MAX(counted_at) FROM certificates").fetchone()
-        return max(filter(None, (self.clock(), from_text(counted)))), self.monotonic()
+        latest = from_text(counted)
+        if latest is not None and latest > now:
+            self._rebase_counted(now)
+        return now, self.monotonic()
+
+    def _rebase_counted(self, now: dt.datetime) -> None:
+        """Move every ``counted_at`` later than an hour before ``now`` back by the lead of the
+        latest one over ``now`` (``_count_from``), keeping their order and spacing."""
+        since = to_text(now - dt.timedelta(hours=1))
+        with self._db.tx() as db:
+            (counted,) = db.execute("SELECT MAX(counted_at) FROM certificates").fetchone()
+            latest = from_text(counted)
+            if latest is None or latest <= now:
+                return
+            lead = latest - now
+            rows = db.execute(
+                "SELECT seq, counted_at FROM certificates WHERE counted_at > ?", (since,)
+            ).fetchall()
+            db.executemany(
+                "UPDATE certificates SET counted_at = ? WHERE seq = ?",
+                [(to_text(dt.datetime.fromisoformat(c) - lead), seq) for seq, c in rows],
+            )
+        log.warning(
+            "certs.cap_clock_rebased",
+            ahead_seconds=round(lead.total_seconds()),
+            certificates=len(rows),
+        )
 
     def _forget_seen(self, name: str) -> None:
         with self._seen_lock:

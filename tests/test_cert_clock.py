@@ -29,9 +29,10 @@ from leader.store import (
     NodeCert,
     Store,
     TooMany,
+    _check_hourly_certs,
     _record_cert,
 )
-from tlsroll.sqlite import Database, copy_name
+from tlsroll.sqlite import Database, copy_name, migrate
 
 T = dt.datetime(2026, 11, 30, 10, 0, tzinfo=dt.UTC)
 HOUR = dt.timedelta(hours=1)
@@ -196,6 +197,79 @@ def test_the_cap_holds_across_a_restart_and_a_clock_behind_holds_it_an_hour(
     behind.passes(30 * MINUTE + MINUTE)
     assert node.may_renew()
     node.store.close()
+
+
+def test_a_start_with_the_clock_far_ahead_leaves_no_lead_after_an_hour(tmp_path: Path) -> None:
+    """A leader that once started with its clock a year ahead (before NTP set it) counted by
+    it, and kept counting by it after the clock was corrected (no step moves ``cap_now``).
+    Restarted, it used to start ``cap_now`` from the latest ``counted_at`` (a year ahead
+    still): every restart counted the last hour's certificates again, whatever the downtime
+    (review s36 F5). Now the restart moves them back to end at its clock: they count for the
+    hour after the start as they did, and no lead is left. (A time two years back, so that
+    the store's first reading of the real clock, as it opens, is later than all of it.)"""
+    start = T - 2 * 365 * DAY
+    ahead = 365 * DAY
+    clocks = Clocks(start + ahead, mono=100.0)  # started a year ahead
+    node = Node(clocks.bind(Store(tmp_path / "leader.sqlite3")), clocks)
+    clocks.steps(-ahead)  # corrected a minute later
+    clocks.passes(MINUTE)
+    clocks.passes(30 * DAY)
+    assert node.renew_until_refused() == NODE_CERTS_PER_HOUR  # (its enrolment: a month ago)
+    assert node.store.cap_now() - clocks.wall > 364 * DAY  # counting by it, as designed
+    node.store.close()
+
+    # restarted ten minutes later: what the hour counted still counts, for the hour after the
+    # start (the time it was down is not known: its clock counted a year ahead), as it did
+    again = Clocks(clocks.wall + 10 * MINUTE, mono=5.0)
+    node.store, node.clocks = again.bind(Store(tmp_path / "leader.sqlite3")), again
+    assert abs(node.store.cap_now() - again.wall) < MINUTE
+    assert not node.may_renew()
+    again.passes(59 * MINUTE)
+    assert not node.may_renew()
+    again.passes(2 * MINUTE)
+    assert node.may_renew()
+    node.store.close()
+
+    # restarted three hours later: nothing of that hour counts any more
+    later = Clocks(again.wall + 3 * HOUR, mono=9.0)
+    node.store, node.clocks = later.bind(Store(tmp_path / "leader.sqlite3")), later
+    assert abs(node.store.cap_now() - later.wall) < MINUTE
+    assert node.renew_until_refused() == NODE_CERTS_PER_HOUR
+    node.store.close()
+
+
+def test_the_migration_counts_no_certificate_later_than_the_upgrade(tmp_path: Path) -> None:
+    """Migration 10 took ``counted_at`` from ``issued_at``: one certificate of the release
+    before issued while the leader's clock was a year ahead, "later" than the upgrade still,
+    became the latest one counted, and the hour's real certificates stopped counting (review
+    s36 F5). It counts as issued at the upgrade now. (The real clock: the migration's.)"""
+    path = tmp_path / "leader.sqlite3"
+    Database(path, leader_db.MIGRATIONS[:BEFORE]).close()
+    now = dt.datetime.now(dt.UTC)
+    rows = [
+        (f"a{i}", "n2", now - 10 * MINUTE) for i in range(NODE_CERTS_PER_HOUR)
+    ]  # n2's hour: its cap used
+    rows.append(("ff", "n1", now + 365 * DAY))  # issued while the clock was a year ahead
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.executemany(
+            "INSERT INTO certificates (serial, kind, subject, node, fingerprint, issued_at,"
+            " not_after) VALUES (?, 'node', ?, ?, ?, ?, ?)",
+            [(s, n, n, f"fp-{s}", at.isoformat(), (at + DAY).isoformat()) for s, n, at in rows],
+        )
+    conn.close()
+    store = Store(path)
+    try:
+        assert abs(store.cap_now() - dt.datetime.now(dt.UTC)) < MINUTE
+        with store.db.read() as db:
+            with pytest.raises(TooMany):
+                _check_hourly_certs(db, "n2", store.cap_now())
+            (counted,) = db.execute(
+                "SELECT counted_at FROM certificates WHERE serial = 'ff'"
+            ).fetchone()
+        assert now <= dt.datetime.fromisoformat(counted) <= dt.datetime.now(dt.UTC)
+    finally:
+        store.close()
 
 
 # --- never delivered: a rollout's own certificates ------------------------------------------------
@@ -402,3 +476,144 @@ def test_the_migration_takes_a_live_rollout_s_certificates_for_its_own(tmp_path:
         ("a1", "r9", None),
         ("c1", "", (T + 2 * MINUTE).isoformat()),
     ]
+
+
+def _v9_with_rollouts(
+    path: Path, rollouts: list[tuple[str, str, int, dt.datetime, tuple[str, ...]]]
+) -> None:
+    """A leader store as the release before migration 10 left it, with ``rollouts`` (id,
+    state, epoch, started, nodes)."""
+    Database(path, leader_db.MIGRATIONS[:BEFORE]).close()
+    conn = sqlite3.connect(path)
+    with conn:
+        for rid, state, epoch, started, nodes in rollouts:
+            conn.execute(
+                "INSERT INTO rollouts (id, change, scope_kind, scope_names, node_order, strategy,"
+                " max_parallel, failure_budget, freeze, epoch, state, created_at, started_at,"
+                " started_by, leader_node) VALUES (?, 'rotate-cert', 'cluster', '[]', '[]',"
+                " 'direct', 1, 0, 'node', ?, ?, ?, ?, 'admin', 'n1')",
+                (rid, epoch, state, started.isoformat(), started.isoformat()),
+            )
+            conn.executemany(
+                "INSERT INTO rollout_nodes (rollout_id, name, state) VALUES (?, ?, 'staging')",
+                [(rid, node) for node in nodes],
+            )
+    conn.close()
+
+
+def _add_certs(path: Path, certs: list[tuple[str, str, str, dt.datetime]]) -> None:
+    """(serial, kind, node, issued_at) rows, recorded in that order."""
+    conn = sqlite3.connect(path)
+    with conn:
+        conn.executemany(
+            "INSERT INTO certificates (serial, kind, subject, node, fingerprint, issued_at,"
+            " not_after) VALUES (?, ?, ?, ?, ?, ?, ?)",
+            [
+                (serial, kind, node, node, f"fp-{serial}", at.isoformat(), (at + DAY).isoformat())
+                for serial, kind, node, at in certs
+            ],
+        )
+    conn.close()
+
+
+def test_the_migration_s_attribution_takes_the_newest_live_rollout_of_the_node(
+    tmp_path: Path,
+) -> None:
+    """Ended rollouts (completed, halted, aborted) own nothing; a server certificate of a node
+    of a rollout not ended, issued since it began, is that rollout's, the one of the highest
+    epoch if two are live (a finalize beside the rollout awaiting it); any other certificate
+    is none's. Checked against that rule, certificate by certificate, on a store of both."""
+    path = tmp_path / "leader.sqlite3"
+    live = ("awaiting_finalize", "running")
+    rollouts = [
+        ("c1", "completed", 1, T - 3 * DAY, ("n1", "n2", "n3")),
+        ("h2", "halted", 2, T - 2 * DAY, ("n1", "n2")),
+        ("a3", "aborted", 3, T - DAY, ("n3",)),
+        ("w4", "awaiting_finalize", 4, T - HOUR, ("n1", "n2")),
+        ("f5", "running", 5, T, ("n2",)),
+    ]
+    _v9_with_rollouts(path, rollouts)
+    certs = [
+        (f"{i:x}", kind, node, T + offset)
+        for i, (kind, node, offset) in enumerate(
+            (kind, node, offset)
+            for kind in ("server", "node")
+            for node in ("n1", "n2", "n3", "n4")
+            for offset in (-3 * DAY + MINUTE, -DAY + MINUTE, -HOUR, -MINUTE, 0 * MINUTE, MINUTE)
+        )
+    ]
+    _add_certs(path, certs)
+    Store(path).close()
+
+    def owner(kind: str, node: str, at: dt.datetime) -> str:
+        if kind != "server":
+            return ""
+        mine = [
+            (epoch, rid)
+            for rid, state, epoch, started, nodes in rollouts
+            if state in live and node in nodes and at >= started
+        ]
+        return max(mine)[1] if mine else ""
+
+    conn = sqlite3.connect(path)
+    try:
+        got = dict(conn.execute("SELECT serial, rollout_id FROM certificates").fetchall())
+    finally:
+        conn.close()
+    assert got == {serial: owner(kind, node, at) for serial, kind, node, at in certs}
+    assert {"w4", "f5", ""} == set(got.values())  # (the rule picks each kind of answer)
+
+
+def _migration_work(path: Path, ended: int) -> int:
+    """How many SQLite virtual-machine steps (in hundreds) migration 10 takes on a v9 store of
+    ``ended`` completed rollouts of ten nodes, each of which gave each node a server
+    certificate, and one running rollout that gave them one since it began."""
+    nodes = tuple(f"n{i}" for i in range(10))
+    _v9_with_rollouts(
+        path,
+        [(f"r{i}", "completed", i + 1, T + i * HOUR, nodes) for i in range(ended)]
+        + [("live", "running", ended + 1, T + ended * HOUR, nodes)],
+    )
+    _add_certs(
+        path,
+        [
+            (f"{i:x}-{node}", "server", node, T + i * HOUR + MINUTE)
+            for i in range(ended + 1)
+            for node in nodes
+        ],
+    )
+    steps = 0
+
+    def count() -> int:
+        nonlocal steps
+        steps += 1
+        return 0
+
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.set_progress_handler(count, 100)
+        migrate(conn, path, leader_db.MIGRATIONS)
+        conn.set_progress_handler(None, 0)
+        (live,) = conn.execute(
+            "SELECT COUNT(*) FROM certificates WHERE rollout_id = 'live'"
+        ).fetchone()
+    finally:
+        conn.close()
+    assert live == len(nodes)
+    return steps
+
+
+def test_the_migration_s_attribution_does_not_walk_the_rollouts_for_every_certificate(
+    tmp_path: Path,
+) -> None:
+    """The attribution looked through the rollouts, by epoch, for every server certificate:
+    its work was the product of the two, and a store of a thousand rollouts took tens of
+    seconds at the leader's start, beyond systemd's start timeout (review s36 F1). Now only
+    the certificates that can be a live rollout's are looked up: four times the rollouts and
+    certificates is about four times the work, not sixteen. Counted in SQLite's steps (its
+    progress handler), not by the clock."""
+    (tmp_path / "small").mkdir()
+    (tmp_path / "large").mkdir()
+    small = _migration_work(tmp_path / "small" / "leader.sqlite3", 50)
+    large = _migration_work(tmp_path / "large" / "leader.sqlite3", 200)
+    assert large < 6 * small, (small, large)

@@ -21,9 +21,14 @@ Some methods travel as JSON (gRPC's JSON codec: ``tlsroll schema show`` reads th
 ``leader.schema_view.JSON_METHODS``), and for their messages the field *names* are the contract
 as well: a CLI and a leader of different builds (a leader not restarted since an upgrade, the
 CLI of the one before) read each other's JSON by name. For every message reachable from those
-methods' requests and replies, each field of the baseline keeps its name, and one that is
-removed has its name ``reserved`` too (``reserved "name";``), unless a field of the same name
-and kind took another number. The JSON methods are derived from the code: what the leader
+methods' requests and replies in the baseline, each field of the baseline keeps its name,
+and one that is removed has its name ``reserved`` too (``reserved "name";``), unless a field
+of the same name and kind took another number. A field of a message the leader parses (one
+reachable from a request) is not removed at all: ``json_format.Parse`` refuses a key that is
+no field, reserved or not, and a CLI of the baseline sends it. And a field keeps its presence
+(plain, proto3 ``optional``, or in a oneof with the same fields of the baseline): the JSON
+leaves out the key of an unset field with presence, and ``json_format.Parse`` refuses two
+fields of one oneof. The JSON methods are derived from the code: what the leader
 registers, and every name of a ``tlsroll.v1`` service the packages' code spells out that the
 .proto does not define, must be in ``JSON_METHODS``. What the CLI sends as a JSON request is
 only what the baseline's request has: an older leader's parser refuses a name it does not know.
@@ -60,6 +65,7 @@ import importlib
 import json
 import pkgutil
 import re
+import sys
 import tomllib
 from collections.abc import Iterable, Iterator
 from pathlib import Path
@@ -211,18 +217,20 @@ def _method_types(files: descriptor_pb2.FileDescriptorSet, full_name: str) -> tu
 
 
 def json_messages(
-    files: descriptor_pb2.FileDescriptorSet, methods: Iterable[str]
+    files: descriptor_pb2.FileDescriptorSet, methods: Iterable[str], *, replies: bool = True
 ) -> dict[str, str]:
     """Every message of our package reachable from the requests and replies of ``methods``
     (protobuf methods by full name; one ``files`` lacks is left out), through fields of its
-    messages, with the method it is reached from."""
+    messages, with the method it is reached from. ``replies=False``: from the requests alone
+    (what the leader parses)."""
     messages = index(files)[0]
     found: dict[str, str] = {}
     for method in sorted(methods):
         try:
-            todo = list(_method_types(files, method))
+            request, reply = _method_types(files, method)
         except KeyError:
             continue
+        todo = [request, reply] if replies else [request]
         while todo:
             name = todo.pop()
             if name in found or name not in messages:  # (well-known types: their own JSON)
@@ -234,38 +242,84 @@ def json_messages(
     return found
 
 
+def _presence(
+    m: descriptor_pb2.DescriptorProto, f: descriptor_pb2.FieldDescriptorProto, among: set[str]
+) -> str:
+    """Whether the JSON of ``m`` (``tlsroll.wire.to_dict``: every field without presence, at
+    its default too) always has field ``f``'s key: "plain", or "optional" (proto3, left out
+    when unset), or "oneof with [...]" (left out when unset, and at most one of the named
+    fields of ``among`` that share it is set: ``json_format.Parse`` refuses two)."""
+    if f.proto3_optional:
+        return "optional"
+    if f.HasField("oneof_index"):
+        with_ = sorted(
+            g.name
+            for g in m.field
+            if g.HasField("oneof_index")
+            and g.oneof_index == f.oneof_index
+            and g.name != f.name
+            and g.name in among
+        )
+        return f"oneof with {with_}"
+    return "plain"
+
+
 def json_breaks(
     old: descriptor_pb2.FileDescriptorSet,
     new: descriptor_pb2.FileDescriptorSet,
     methods: Iterable[str],
 ) -> list[str]:
     """One line per field name of a JSON-coded message (reachable from ``methods``) that a
-    peer of ``old`` reading ``new``'s JSON, or writing what ``new`` reads, would miss."""
+    peer of ``old`` reading ``new``'s JSON, or writing what ``new`` reads, would miss.
+
+    Only the messages ``old`` carries as JSON: one that a JSON message of ``new`` carries
+    first is new to every JSON reader (review s36 F4). The leader parses the messages of a
+    request (``json_format.Parse``), which refuses a key that is no field of the message,
+    reserved or not: there, no field a peer of ``old`` sends may go (review s36 F2). A field
+    that becomes ``optional`` or joins a oneof has its key left out when unset, where a peer of
+    ``old`` reads it (review s36 F3)."""
     methods = list(methods)
-    reached = {**json_messages(new, methods), **json_messages(old, methods)}
+    reached = json_messages(old, methods)
+    parsed = json_messages(old, methods, replies=False)
     old_messages, new_messages = index(old)[0], index(new)[0]
     found: list[str] = []
     for name, via in sorted(reached.items()):
         was, now = old_messages.get(name), new_messages.get(name)
         if was is None or now is None:
-            continue  # new, or removed (``breaks`` says so)
+            continue  # removed (``breaks`` says so)
         numbers = {f.number: f for f in now.field}
         names = {f.name: f for f in now.field}
+        among = {f.name for f in was.field}
         for f in was.field:
             then = numbers.get(f.number)
             if then is None:
                 moved = names.get(f.name)
-                if f.name not in now.reserved_name and (
-                    moved is None or _field_kind(moved) != _field_kind(f)
-                ):
+                if moved is not None and _field_kind(moved) == _field_kind(f):
+                    then = moved  # the same name and kind under another number
+                elif name in parsed:
+                    found.append(
+                        f"{name} field {f.number} ({f.name}): removed, but the leader parses"
+                        f" the message from JSON in {via}: a peer of the baseline sends"
+                        f" {f.name}, which json_format refuses, reserved or not"
+                    )
+                    continue
+                elif f.name not in now.reserved_name:
                     found.append(
                         f'{name} field {f.number} ({f.name}): removed without `reserved "{f.name}"`'
                         f" (its JSON name; the message goes as JSON in {via})"
                     )
-            elif then.name != f.name:
+                    continue
+                else:
+                    continue
+            if then.name != f.name:
                 found.append(
                     f"{name} field {f.number}: its JSON name {f.name} became {then.name} "
                     f"(the message goes as JSON in {via})"
+                )
+            elif (before := _presence(was, f, among)) != (after := _presence(now, then, among)):
+                found.append(
+                    f"{name} field {f.number} ({f.name}): {before} became {after}, which"
+                    f" changes when its JSON key is there (the message goes as JSON in {via})"
                 )
     return found
 
@@ -375,10 +429,13 @@ def test_every_json_method_is_known_to_the_guard() -> None:
     now = head()
     for method in JSON_METHODS.values():
         _method_types(now, method)  # names a method of the .proto
-    defined = {name.rpartition(".")[2]: s for name, s in index(now)[2].items()}
+    messages, enums, services = index(now)
+    defined = {name.rpartition(".")[2]: s for name, s in services.items()}
     seen = named_services()
     assert any(service == JSON_SERVICE.rpartition(".")[2] for _, service, _ in seen)
     for path, service, method in sorted(seen):
+        if not method and f"{PACKAGE}.{service}" in messages.keys() | enums.keys():
+            continue  # a message's or an enum's name (a codec's key), not a service's
         if service in defined:
             assert not method or any(m.name == method for m in defined[service].method), (
                 f"{path}: /tlsroll.v1.{service}/{method} is not a method of the .proto"
@@ -525,9 +582,43 @@ def remove_json_field(files: descriptor_pb2.FileDescriptorSet) -> str:
     return 'tlsroll.v1.RolloutView field 16 (reason): removed without `reserved "reason"`'
 
 
+def remove_json_request_field(files: descriptor_pb2.FileDescriptorSet) -> str:
+    # as the guard asks of a reply's field: number and name reserved. But the leader parses
+    # the request (json_format.Parse), which refuses the key every baseline CLI sends
+    request = _find(files, "tlsroll.v1.GetSchemaRequest")
+    gone = _field(request, "rollouts_only")
+    request.field.remove(gone)
+    request.reserved_range.add(start=gone.number, end=gone.number + 1)
+    request.reserved_name.append(gone.name)
+    return "tlsroll.v1.GetSchemaRequest field 3 (rollouts_only): removed, but the leader parses"
+
+
+def make_json_field_optional(files: descriptor_pb2.FileDescriptorSet) -> str:
+    # proto3 `optional`: the JSON leaves its key out when unset (draw.py reads n["state"])
+    view = _find(files, "tlsroll.v1.NodeView")
+    state = _field(view, "state")
+    view.oneof_decl.add(name="_state")
+    state.proto3_optional, state.oneof_index = True, len(view.oneof_decl) - 1
+    return "tlsroll.v1.NodeView field 2 (state): plain became optional"
+
+
+def move_json_field_into_a_oneof(files: descriptor_pb2.FileDescriptorSet) -> str:
+    view = _find(files, "tlsroll.v1.RolloutView")
+    view.oneof_decl.add(name="why")
+    _field(view, "reason").oneof_index = len(view.oneof_decl) - 1
+    return "tlsroll.v1.RolloutView field 16 (reason): plain became oneof with []"
+
+
 @pytest.mark.parametrize(
     "change",
-    [rename_json_field, rename_json_request_field, remove_json_field],
+    [
+        rename_json_field,
+        rename_json_request_field,
+        remove_json_field,
+        remove_json_request_field,
+        make_json_field_optional,
+        move_json_field_into_a_oneof,
+    ],
     ids=lambda f: f.__name__,
 )
 def test_the_json_guard_notices(change: Any) -> None:
@@ -555,6 +646,62 @@ def test_the_json_guard_lets_through_what_json_readers_do_not_see() -> None:
         json_messages(changed, JSON_METHODS.values()).keys().isdisjoint({"tlsroll.v1.Transaction"})
     )
     assert json_breaks(head(), changed, JSON_METHODS.values()) == []
+
+
+def test_the_json_guard_notices_two_request_fields_put_in_one_oneof() -> None:
+    """A baseline CLI sends every key of the request; ``json_format.Parse`` refuses two
+    fields of one oneof: each of the two is reported."""
+    changed = head()
+    request = _find(changed, "tlsroll.v1.GetSchemaRequest")
+    request.oneof_decl.add(name="what")
+    for name in ("limit", "rollouts_only"):
+        _field(request, name).oneof_index = len(request.oneof_decl) - 1
+    assert breaks(head(), changed) == []
+    assert [p.partition(",")[0] for p in json_breaks(head(), changed, JSON_METHODS.values())] == [
+        "tlsroll.v1.GetSchemaRequest field 2 (limit): plain became oneof with ['rollouts_only']",
+        "tlsroll.v1.GetSchemaRequest field 3 (rollouts_only): plain became oneof with ['limit']",
+    ]
+
+
+def test_the_json_guard_pins_no_message_the_baseline_did_not_carry_as_json() -> None:
+    """A message renamed while no JSON method carried it (allowed then), then carried by a new
+    field of a JSON message: no JSON reader of the baseline ever saw its old names (review
+    s36 F4). The same rename in a message the baseline carries is still caught."""
+    was = head()
+    changed = head()
+    _field(_find(changed, "tlsroll.v1.Transaction"), "outcome").name = "ending"
+    _find(changed, "tlsroll.v1.NodeView").field.add(
+        name="last_transaction", number=99, type=Fdp.TYPE_MESSAGE, label=Fdp.LABEL_OPTIONAL,
+        type_name=".tlsroll.v1.Transaction",
+    )  # fmt: skip
+    assert "tlsroll.v1.Transaction" not in json_messages(was, JSON_METHODS.values())
+    assert "tlsroll.v1.Transaction" in json_messages(changed, JSON_METHODS.values())
+    assert breaks(was, changed) == []
+    assert json_breaks(was, changed, JSON_METHODS.values()) == []
+    _field(_find(changed, "tlsroll.v1.NodeView"), "state").name = "status"
+    assert json_breaks(was, changed, JSON_METHODS.values()) == [
+        "tlsroll.v1.NodeView field 2: its JSON name state became status (the message goes as"
+        " JSON in tlsroll.v1.SchemaView.GetSchema)"
+    ]
+
+
+def test_a_message_s_or_enum_s_name_in_the_code_is_no_unknown_service(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``"tlsroll.v1.NodeState"`` spelled out in the code (a codec's key) names an enum, not
+    a JSON service the .proto lacks (review s36 F4); a name the .proto does not define still
+    fails."""
+    real = named_services
+    extra = {("leader/x.py", "NodeState", ""), ("leader/x.py", "SchemaView", "")}
+    monkeypatch.setattr(sys.modules[__name__], "named_services", lambda: real() | extra)
+    test_every_json_method_is_known_to_the_guard()
+    monkeypatch.setattr(
+        sys.modules[__name__],
+        "named_services",
+        lambda: real() | {("leader/x.py", "Hidden", "")},
+    )
+    with pytest.raises(AssertionError, match=r"names tlsroll\.v1\.Hidden"):
+        test_every_json_method_is_known_to_the_guard()
 
 
 def test_the_words_guard_notices_a_new_word(monkeypatch: pytest.MonkeyPatch) -> None:
