@@ -12,8 +12,11 @@ CHROMIUM := /usr/bin/chromium
 # under systemd in a container (systemd-nspawn).
 SYSTEMD_ANALYZE := /usr/bin/systemd-analyze
 NSPAWN := /usr/bin/systemd-nspawn
-# The multiprocess tests mostly wait on daemons: one pytest worker per core (pytest-xdist).
-PYTEST_ARGS ?= -n auto
+# The multiprocess tests mostly wait on daemons (a run with one worker per core left a third of
+# the CPU idle): two pytest workers per core (pytest-xdist), at most 6, the loopback ranges
+# tests/conftest.py gives one run's workers.
+PYTEST_WORKERS := $(shell n=$$(( $$(nproc) * 2 )); echo $$(( n > 6 ? 6 : n )))
+PYTEST_ARGS ?= -n $(PYTEST_WORKERS)
 export PLAYWRIGHT_SKIP_BROWSER_DOWNLOAD := 1
 
 .PHONY: fault-matrix test demo lint typecheck proto proto-check pytest bench bench-rollout bench-agents bench-floor bench-schema clean dist man completions
