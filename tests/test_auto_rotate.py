@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import os
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -1030,7 +1031,7 @@ def test_a_host_linked_to_a_posix_copy_of_its_zone_names_the_zone(
 
     monkeypatch.delenv("TZ", raising=False)
     monkeypatch.setattr(zones, "Path", NoFile)
-    monkeypatch.setattr(zones.os, "readlink", lambda _: "/usr/share/zoneinfo/posix/Europe/Berlin")
+    monkeypatch.setattr(os, "readlink", lambda _: "/usr/share/zoneinfo/posix/Europe/Berlin")
     assert zones.local_zone_name() == "Europe/Berlin"
     assert zones.load_zone("Europe/Berlin") == BERLIN
 
