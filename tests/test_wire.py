@@ -20,7 +20,7 @@ def test_every_enum_of_the_contract_has_a_codec() -> None:
     assert leader.wire.NODE_STATE and nodeagent.wire.TXN_PHASE  # both registries loaded
     enums = {
         e.full_name
-        for module in (types_pb2, agent_pb2, admin_pb2)
+        for module in (types_pb2, agent_pb2, admin_pb2, schema_pb2)
         for e in module.DESCRIPTOR.enum_types_by_name.values()
     }
     assert enums == set(_CODECS)
