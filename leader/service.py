@@ -1302,13 +1302,6 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                 await asyncio.to_thread(store.heartbeat, name, version, **said)
         elif store.queue_heartbeat(name, version, **said):
             self._start_writer()
-        # The node's clock against the leader's (``leader.node_clocks``), not from a message
-        # that copies an earlier report: it carries that report's time.
-        if not request.HasField("sent_at"):
-            self.state.clocks.forget(name)
-        elif not (request.closing or request.HasField("check_answer")):
-            sent = request.sent_at
-            self.state.clocks.heard(name, sent.seconds + sent.nanos / 1e9 - now.timestamp(), now)
         numbered = failures_report(request)
         # A numbered report taken before: its answer was lost, and it is sent again (s33 L2).
         again = numbered is not None and self._failure_reports.get(name) == numbered
@@ -1346,6 +1339,13 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         ):
             log.warning("node.server_down", node=name, detail=summary)
         self.state.live_servers[name] = summary
+        # The node's clock against the leader's (``leader.node_clocks``), not from a message
+        # that copies an earlier report: it carries that report's time.
+        if not request.HasField("sent_at"):
+            self.state.clocks.forget(name)
+        elif not (request.closing or request.HasField("check_answer")):
+            sent = request.sent_at
+            self.state.clocks.heard(name, sent.seconds + sent.nanos / 1e9 - now.timestamp(), now)
         return snap, now
 
     def _new_failures(

@@ -7,7 +7,8 @@ practice stayed frozen for the lease plus the step after the leader was gone; fo
 lease watch lifted the freeze at once while the leader still counted the node frozen (the
 invariant of audit s32 H4).
 
-Now each lease this process grants or takes over has a deadline on the monotonic clock, kept in
+Now each lease this process grants or takes over has a deadline on the elapsed-time clock
+(``tlsroll.clocks.elapsed``: CLOCK_BOOTTIME, which counts a suspend as the leader does), kept in
 memory (``Leases``), and that deadline decides when it has run out. The journal still holds the
 lease (whether one holds, for the runner and across a restart) with its wall-clock end, its
 length, and its end on the boot-time clock (``CLOCK_BOOTTIME``: it goes on across a restart of
@@ -25,8 +26,8 @@ the agent, counts time suspended, and is never stepped) with the id of the boot 
 A lease journalled by a release before migration 5 (no length) is bounded by the longest lease
 an agent grants, ``MAX_FREEZE_LEASE``.
 
-The readings of the wall and monotonic clocks are the caller's (the servicer's and the
-runner's ``clock`` and ``monotonic``), so that tests can step one without the other; the
+The readings of the wall and elapsed-time clocks are the caller's (the servicer's and the
+runner's ``clock`` and ``monotonic``, by default ``tlsroll.clocks.elapsed``), so that tests can step one without the other; the
 boot-time clock is ``Leases.boot`` (``boot_clock``), read when a lease is granted or taken
 over.
 """
@@ -83,7 +84,7 @@ class Lease(NamedTuple):
 
 
 class Leases:
-    """The monotonic deadlines of the leases this agent process granted or took over from the
+    """The deadlines on the elapsed-time clock (``monotonic``) of the leases this agent process granted or took over from the
     journal. The servicer (Freeze, the lease watch) and the runner (a scope switch's end)
     share one, as they share the freeze lock (the event loop's thread only: it is never handed
     to a worker thread)."""

@@ -23,10 +23,12 @@ import datetime as dt
 import http.client
 import json
 import re
+import sqlite3
 import sys
 from collections.abc import AsyncIterator, Callable
 from html import unescape
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
@@ -286,6 +288,7 @@ async def test_messages_without_a_time_or_copying_an_earlier_report_do_not_count
 SKEWED_AGENT = """
 import datetime as dt, sys
 from pathlib import Path
+from typing import Any
 from tlsroll import lean
 lean.keep_out()
 from nodeagent import runtime
@@ -383,3 +386,47 @@ def test_a_real_agent_with_its_clock_off_shows_in_nodes_schema_and_metrics_until
         assert schema()["node_problems"] == []
         assert -10 < gauge(scrape(cluster), "tlsroll_node_clock_offset_seconds")["n1"] < 0.5
         assert "node.clock_agrees" in cluster.leader.event_names()
+
+
+async def test_a_stream_whose_first_message_failed_leaves_no_reading_behind(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Review 3 of s36, F1: a stream's first message was read into the node's clock before its
+    bootstrap failures were written; that write failing (a full disk) ended the stream before
+    the leader counted it, so its end forgot nothing, and the node's next stream, its clock put
+    right, showed a clock problem at its FIRST message (unknown until a second, by design). The
+    reading is taken last now, once the message went through."""
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    schema: Any = rig.service.schema
+
+    def full(*_a: object, **_k: object) -> None:
+        raise sqlite3.OperationalError("database or disk is full")
+
+    def beat(sent: dt.datetime, failure: bool = False) -> leader_pb2.HeartbeatRequest:
+        request = leader_pb2.HeartbeatRequest(agent_version="1", agent_port=AGENT_PORT)
+        request.sent_at.CopyFrom(ts(sent))
+        if failure:
+            f = request.bootstrap_failures.add(source="10.0.0.9", workstation="ws-001", count=1)
+            f.last_at.CopyFrom(ts(sent))
+        return request
+
+    original = schema.record_bootstrap_failures
+    schema.record_bootstrap_failures = full
+    await rig.server.start()
+    clocks = rig.state.clocks
+    try:
+        async with grpc.aio.secure_channel(rig.target, rig.node) as channel:
+            stub = leader_pb2_grpc.LeaderStub(channel)
+            first = stub.Heartbeats()  # type: ignore[call-arg]
+            await first.write(beat(T + dt.timedelta(seconds=300), failure=True))  # 300 s ahead
+            with pytest.raises(grpc.aio.AioRpcError):
+                await first.read()
+            schema.record_bootstrap_failures = original
+            second = stub.Heartbeats()  # type: ignore[call-arg]
+            await second.write(beat(T))  # the node's clock in step now
+            assert isinstance(await second.read(), leader_pb2.HeartbeatResponse)
+            assert not clocks.differs("hb1"), rig.state.node_problems()
+            assert clocks.offset("hb1") is None  # one message: not known yet
+            second.cancel()
+    finally:
+        await rig.close()
