@@ -27,9 +27,9 @@ A lease journalled by a release before migration 5 (no length) is bounded by the
 an agent grants, ``MAX_FREEZE_LEASE``.
 
 The readings of the wall and elapsed-time clocks are the caller's (the servicer's and the
-runner's ``clock`` and ``monotonic``, by default ``tlsroll.clocks.elapsed``), so that tests can step one without the other; the
-boot-time clock is ``Leases.boot`` (``boot_clock``), read when a lease is granted or taken
-over.
+runner's ``clock`` and ``monotonic``, by default ``tlsroll.clocks.elapsed``), so that tests can
+step one without the other; the boot-time clock is ``Leases.boot`` (``boot_clock``), read when
+a lease is granted or taken over.
 """
 
 from __future__ import annotations
@@ -84,10 +84,10 @@ class Lease(NamedTuple):
 
 
 class Leases:
-    """The deadlines on the elapsed-time clock (``monotonic``) of the leases this agent process granted or took over from the
-    journal. The servicer (Freeze, the lease watch) and the runner (a scope switch's end)
-    share one, as they share the freeze lock (the event loop's thread only: it is never handed
-    to a worker thread)."""
+    """The deadlines on the elapsed-time clock (``monotonic``) of the leases this agent process
+    granted or took over from the journal. The servicer (Freeze, the lease watch) and the
+    runner (a scope switch's end) share one, as they share the freeze lock (the event loop's
+    thread only: it is never handed to a worker thread)."""
 
     def __init__(self, boot: Callable[[], Boot | None] = boot_clock) -> None:
         self.boot = boot
