@@ -669,17 +669,7 @@ class Store(LeaderStore):
                 ),
             )
             db.execute("UPDATE nodes SET token_id = ? WHERE name = ?", (token_id, name))
-            _record_cert(
-                db,
-                cert.serial,
-                "node",
-                name,
-                name,
-                cert.fingerprint,
-                now,
-                cert.not_after,
-                counted_at=self.cap_now(),
-            )
+            _record_node_cert(db, name, cert, now, self.cap_now())
             self._audit(
                 db,
                 now,
@@ -749,17 +739,7 @@ class Store(LeaderStore):
                 name,
             ),
         )
-        _record_cert(
-            db,
-            cert.serial,
-            "node",
-            name,
-            name,
-            cert.fingerprint,
-            now,
-            cert.not_after,
-            counted_at=counted_at,
-        )
+        _record_node_cert(db, name, cert, now, counted_at)
         self._audit(
             db,
             now,
@@ -1136,17 +1116,7 @@ class Store(LeaderStore):
                     name,
                 ),
             )
-            _record_cert(
-                db,
-                cert.serial,
-                "node",
-                name,
-                name,
-                cert.fingerprint,
-                now,
-                cert.not_after,
-                counted_at=counted_at,
-            )
+            _record_node_cert(db, name, cert, now, counted_at)
             self._audit(
                 db,
                 now,
@@ -1528,17 +1498,7 @@ class Store(LeaderStore):
                     to_text(now),
                 ),
             )
-            _record_cert(
-                db,
-                cert.serial,
-                "node",
-                name,
-                name,
-                cert.fingerprint,
-                now,
-                cert.not_after,
-                counted_at=self.cap_now(),
-            )
+            _record_node_cert(db, name, cert, now, self.cap_now())
             floor = max(_meta(db, "epoch_floor", 0), highest_epoch)
             db.execute(
                 "INSERT INTO meta (key, value) VALUES ('epoch_floor', ?)"
@@ -1839,6 +1799,28 @@ def record_certificate_in(
     )
     LeaderStore._audit(
         db, now, actor, f"certificate.issued.{cert.kind}", cert.subject, serial=cert.serial
+    )
+
+
+def _record_node_cert(
+    db: sqlite3.Connection,
+    name: str,
+    cert: NodeCert,
+    now: dt.datetime,
+    counted_at: dt.datetime | None,
+) -> None:
+    """Record node ``name``'s own certificate (an enrolment, its replay, a renewal, a relearn),
+    issued ``now`` and counted by the hourly caps at ``counted_at`` (``_record_cert``)."""
+    _record_cert(
+        db,
+        cert.serial,
+        "node",
+        name,
+        name,
+        cert.fingerprint,
+        now,
+        cert.not_after,
+        counted_at=counted_at,
     )
 
 
