@@ -43,7 +43,7 @@ proto-check: $(STAMP)
 
 # The tests start thousands of daemons and CLI processes from this tree: compiled once here, as
 # pip compiles an installed tlsroll, or each of them compiles every module it imports again
-# where PYTHONDONTWRITEBYTECODE is set (as on the CI machine), about 0.4 s of CPU a process.
+# where PYTHONDONTWRITEBYTECODE is set (as on the CI machine): up to half a second of CPU each.
 pytest: $(STAMP) | $(CHROMIUM) $(SYSTEMD_ANALYZE) $(NSPAWN)
 	$(PY) -m compileall -q -j 0 leader nodeagent workstation refserver tlsroll tests bench
 	$(VENV)/bin/pytest $(PYTEST_ARGS)
