@@ -12,7 +12,12 @@ metrics; the problem ends once the clock agrees again.
   with its clock off, on real mutual-TLS gRPC; messages with no time, and copies of an earlier
   report (a planning answer), do not count;
 * a real leader daemon and a real agent daemon whose clock is off (its runtime's clock moved by
-  the seconds in a file), through the CLI and the viewer's ``/metrics`` and page.
+  the seconds in a file), through the CLI and the viewer's ``/metrics`` and page;
+* the review of s36 (F2-F6): a problem ends within the threshold after a few messages, and
+  does not come and go with each message at it; an agent that reconnects keeps its clock (in
+  process, and a real agent daemon stopped and let go on); each agent of a node its own clock
+  (a clone behind); offsets shown never within a limit they are beyond; most nodes differing
+  alike named as the leader's clock.
 """
 
 from __future__ import annotations
