@@ -16,7 +16,7 @@ cannot measure ``d``; they bound the offset from one side:
 * ``x`` never overstates how far ahead a node is (``offset >= x``);
 * a node looks behind by ``d`` more than it is.
 
-So the leader keeps the larger ``x`` of the node's last two messages, the less delayed one:
+So the leader keeps the larger ``x`` of the agent's last two messages, the less delayed one:
 a node is shown behind only when both said so, and one late message (a leader busy after its
 start while every agent reconnects, a pause of its process) never makes a problem. It takes a
 delay longer than ``WARN_SECONDS`` less the real offset in two messages in a row, which are
@@ -27,57 +27,109 @@ seconds on a leader under load, against 60 s. A message that copies an earlier r
 answer to a planning question, the ``closing`` message) carries that report's ``sent_at``,
 seconds to minutes old, and is not taken.
 
-The threshold is half the preflight's limit (``WARN_SECONDS``, 60 s): the admin hears of a
-drifting clock before a rollout refuses the node (a clock 50 ppm off drifts 4 s a day: two
-weeks between the two). The problem ends below ``CLEAR_SECONDS`` (55 s), so an offset around
-the threshold does not come and go with each message's delay.
+When it is a problem. The threshold is half the preflight's limit (``WARN_SECONDS``, 60 s):
+the admin hears of a drifting clock before a rollout refuses the node (a clock 50 ppm off
+drifts 4 s a day: two weeks between the two). It is a problem from the message whose estimate
+is beyond it, and ends at once when the estimate is within ``CLEAR_SECONDS`` (55 s), or when
+it was within ``WARN_SECONDS`` in ``CLEAR_AFTER`` messages in a row. The problem used to end
+only within ``CLEAR_SECONDS``: a node really 55-60 s behind that two delayed messages had made
+a problem stayed one for as long as its clock stayed there, since a delay only makes a node
+look farther behind (review of s36, F2); now no node whose clock is within the threshold stays
+a problem beyond ``CLEAR_AFTER`` messages but by more delayed messages, and a node at the
+threshold, whose estimates straddle it with each message's delay, does not come and go with
+each message (a change takes two or ``CLEAR_AFTER`` messages that say so, each change a log
+line and a new "since").
 
-Unknown (no estimate, never a problem): a node whose messages carry no ``sent_at`` (an agent
-that does not send it); until its second message; and once its last heartbeat stream ended
-(``forget``: its agent stopped or vanished, and what it said is of an agent that is not there).
+Whose clock. Readings are kept per agent (``agent``: ``leader.service.agent_of``, its
+``agent_instance``), not per node: two agents with one node's identity (a cloned machine:
+``leader.service.TwinAgents``) each have their own clock, and a clone's behind was hidden by
+the other's messages in one estimate (review of s36, F4). A node differs if any of its agents'
+clocks differs; its offset is the farthest of theirs.
+
+Unknown (no estimate, never a problem): an agent whose messages carry no ``sent_at`` (one that
+does not send it); until its second message; and once its streams ended (``ended``) and it did
+not come back within a renewal deadline (``leader.service.renewal_deadline``, 28 s at 5 s):
+what it said is of an agent that is not there. An agent that reconnects (its stream ended, the
+leader's end or its own: a renewed certificate, a network blip) comes back within that, with
+the same ``agent_instance``, and its estimate and its problem go on where they were: before,
+its stream's end forgot them, the problem vanished for up to a renewal bound and came back
+with a new "since" and a second log line (review of s36, F3). A new agent of the node (a
+restart: another ``agent_instance``) while the old one has no stream drops the old one's at
+once; if the old one's stream is still open (the leader has not noticed it died yet), its
+estimate is shown until its stream ends and a renewal deadline more.
+
+The leader's own clock (``leader.skew.leader_step``): when most nodes differ by about the same
+amount at once, the leader's clock is likelier off than theirs; the problem's text says so
+(``problems``: computed as problems are read), and the leader logs ``leader.clock_differs``
+when a node's state changes and makes it so (and ``leader.clock_agrees`` when it no longer is):
+never computed per message.
 
 What a message costs (``LeaderService._heartbeat``): two ``HasField`` and a flag, two integer
-reads, one ``datetime.timestamp()``, a dict lookup and two attribute stores in the node's
-``_Offset`` (made once per node); the one float it keeps replaces the one before. No parsing,
-no write, no log line but at a change. About 4 us of the leader's CPU (timeit, on a shared
-2-core machine; deserialising the message itself: 1.5 us), against issue 15's 0.3 ms a message.
+reads, one ``datetime.timestamp()``, two dict lookups (node, then its agent: a stream's id is
+worked out once, at its first message), a few comparisons and two or three attribute stores in
+the agent's ``_Offset`` (made once per agent); the one float it keeps replaces the one before,
+the counter is a small int. No parsing, no write, no log line but at a change; a change (a
+problem that begins or ends) also looks at every node's offset once, for the leader's clock.
+About 4 us of the leader's CPU in session 36 (timeit, on a shared 2-core machine; deserialising
+the message itself: 1.5 us; not measured again), against issue 15's 0.3 ms a message.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import math
+import time
+from collections.abc import Callable
 
 from leader.observe import MAX_CLOCK_OFFSET
+from leader.skew import WARN_SECONDS, leader_step, near_step, shown_seconds, signed_seconds
 from tlsroll import logs
 
 log = logs.get_logger(__name__)
 
-WARN_SECONDS = MAX_CLOCK_OFFSET // 2
 CLEAR_SECONDS = WARN_SECONDS - 5
+CLEAR_AFTER = 3
+"""Messages in a row whose estimate is within ``WARN_SECONDS`` that end a problem (one within
+``CLEAR_SECONDS`` ends it at once)."""
+AGENTS_KEPT = 4
+"""Agents per node whose estimates the leader keeps (two agents with one identity are a
+problem of their own; a third one drops the oldest)."""
 
 
-def clock_problem(offset: float) -> str:
+def clock_problem(offset: float, leader: bool = False) -> str:
     """The node problem of a clock ``offset`` seconds from the leader's (+: ahead), in words
-    with what to do."""
+    with what to do; ``leader``: most nodes differ by about as much at once
+    (``leader.skew.leader_step``), and the leader's clock is the first thing to check."""
     way = "ahead" if offset > 0 else "behind"
+    if leader:
+        todo = (
+            f"most nodes differ by about as much at once: likelier the LEADER's clock is off "
+            f"(by {signed_seconds(-offset)} s): check the leader's time synchronisation first, "
+            "then the node's (NTP: chrony, systemd-timesyncd)"
+        )
+    else:
+        todo = "check the node's time synchronisation (NTP: chrony, systemd-timesyncd)"
     return (
-        f"clock differs from the leader's by {offset:+.0f} s ({way}; shown beyond "
-        f"{WARN_SECONDS} s, a rollout's preflight refuses the node beyond {MAX_CLOCK_OFFSET} s): "
-        "check the node's time synchronisation (NTP: chrony, systemd-timesyncd)"
+        f"clock differs from the leader's by {signed_seconds(offset)} s ({way}; shown from "
+        f"beyond {WARN_SECONDS} s until back within it, a rollout's preflight refuses the node "
+        f"beyond {MAX_CLOCK_OFFSET} s): {todo}"
     )
 
 
 class _Offset:
-    """One node's last two ``x`` (``NodeClocks``) and since when it is a problem (None: it
-    is not). Changed in place by each message: no allocation but the float."""
+    """One agent's last two ``x`` (``NodeClocks``), since when it is a problem (None: it is
+    not), how many messages in a row said it is within ``WARN_SECONDS`` while it is, and from
+    when it is not known (its streams ended: ``NodeClocks.ended``; inf while they live).
+    Changed in place by each message: no allocation but the float."""
 
-    __slots__ = ("before", "last", "since")
+    __slots__ = ("before", "gone", "last", "since", "within")
 
     def __init__(self, x: float) -> None:
         self.before = math.inf  # not known until a second message
         self.last = x
         self.since: dt.datetime | None = None
+        self.within = 0
+        self.gone = math.inf
 
     def best(self) -> float:
         before, last = self.before, self.last
@@ -85,53 +137,143 @@ class _Offset:
 
 
 class NodeClocks:
-    """Each node's clock offset as its heartbeats show it (see the module docstring). Changed
-    on the event loop (``heard``, ``forget``); read from any thread (``offset``,
-    ``problems``): a reader sees each node's state before or after a message, or between its
-    two stores (then the earlier message's ``x`` twice)."""
+    """Each node's agents' clock offsets as their heartbeats show them (see the module
+    docstring). Changed on the event loop (``heard``, ``forget``, ``ended``); read from any
+    thread (``offset``, ``differs``, ``problems``): a reader sees each agent's state before or
+    after a message, or between its stores (then the earlier message's ``x`` twice).
+    ``monotonic``: the clock ``ended``'s bound is on (``LeaderState.monotonic``)."""
 
-    def __init__(self) -> None:
-        self._nodes: dict[str, _Offset] = {}
+    def __init__(self, monotonic: Callable[[], float] = time.monotonic) -> None:
+        self._nodes: dict[str, dict[str, _Offset]] = {}
+        self.monotonic = monotonic
+        self._step: float | None = None  # ``leader_step`` as last logged
 
-    def heard(self, node: str, x: float, now: dt.datetime) -> None:
-        """A message of ``node``'s agent, stamped ``x`` seconds later than the leader's clock
-        read it (``now``)."""
-        o = self._nodes.get(node)
+    def heard(self, node: str, agent: str, x: float, now: dt.datetime) -> None:
+        """A message of ``node``'s agent ``agent``, stamped ``x`` seconds later than the
+        leader's clock read it (``now``)."""
+        agents = self._nodes.get(node)
+        o = agents.get(agent) if agents is not None else None
         if o is None:
-            self._nodes[node] = _Offset(x)
+            self._new(node, agent, x)
             return
+        if o.gone != math.inf:  # its streams had ended: back within the bound, or new
+            if self.monotonic() >= o.gone:
+                self._new(node, agent, x)
+                return
+            o.gone = math.inf
         o.before, o.last = o.last, x
         best = o.best()
         if o.since is None:
             if not -WARN_SECONDS <= best <= WARN_SECONDS:
                 o.since = now
-                log.warning("node.clock_differs", node=node, offset=round(best), warn=WARN_SECONDS)
-        elif -CLEAR_SECONDS <= best <= CLEAR_SECONDS:
-            o.since = None
-            log.info("node.clock_agrees", node=node, offset=round(best))
+                o.within = 0
+                log.warning(
+                    "node.clock_differs",
+                    node=node,
+                    agent=agent,
+                    offset=shown_seconds(best),
+                    warn=WARN_SECONDS,
+                )
+                self._changed()
+        elif -WARN_SECONDS <= best <= WARN_SECONDS:
+            o.within += 1
+            if o.within >= CLEAR_AFTER or -CLEAR_SECONDS <= best <= CLEAR_SECONDS:
+                o.since = None
+                log.info("node.clock_agrees", node=node, agent=agent, offset=shown_seconds(best))
+                self._changed()
+        else:
+            o.within = 0
 
-    def forget(self, node: str) -> None:
-        """``node``'s offset is not known (any more)."""
-        self._nodes.pop(node, None)
+    def _new(self, node: str, agent: str, x: float) -> None:
+        """``agent``'s first message (since its streams ended and the bound passed): the
+        node's agents whose streams all ended are gone (a restart: the agent's id is new)."""
+        agents = self._nodes.setdefault(node, {})
+        dropped = [key for key, o in agents.items() if o.gone != math.inf or key == agent]
+        while len(agents) - len(dropped) >= AGENTS_KEPT:
+            dropped.append(next(key for key in agents if key not in dropped))
+        differed = False
+        for key in dropped:
+            differed |= agents.pop(key).since is not None
+        agents[agent] = _Offset(x)
+        if differed:
+            self._changed()
+
+    def forget(self, node: str, agent: str) -> None:
+        """``agent``'s offset is not known (any more): its message carries no time."""
+        agents = self._nodes.get(node)
+        o = agents.pop(agent, None) if agents is not None else None
+        if o is not None and o.since is not None:
+            self._changed()
+
+    def ended(self, node: str, agent: str, keep: float) -> None:
+        """``agent`` of ``node`` has no heartbeat stream open any more: its offset is known for
+        ``keep`` seconds more (a reconnect within them goes on with it), then not."""
+        agents = self._nodes.get(node)
+        o = agents.get(agent) if agents is not None else None
+        if o is not None:
+            o.gone = self.monotonic() + keep
+
+    def _known(self, node: str, now: float) -> list[_Offset]:
+        """``node``'s agents whose offset is known at ``now`` (``monotonic``)."""
+        agents = self._nodes.get(node)
+        if not agents:
+            return []
+        return [o for o in list(agents.values()) if o.gone > now and o.before != math.inf]
 
     def offset(self, node: str) -> float | None:
-        """``node``'s clock less the leader's, in seconds; None if not known."""
-        o = self._nodes.get(node)
-        if o is None:
-            return None
-        best = o.best()
-        return None if best == math.inf else best
+        """``node``'s clock less the leader's, in seconds (of its agents', the farthest from
+        the leader's); None if not known."""
+        known = self._known(node, self.monotonic())
+        return max((o.best() for o in known), key=abs) if known else None
 
     def differs(self, node: str) -> bool:
-        """Whether ``node``'s clock is a problem now (``problems``)."""
-        o = self._nodes.get(node)
-        return o is not None and o.since is not None
+        """Whether ``node``'s clock is a problem now (``problems``): any of its agents'."""
+        return any(o.since is not None for o in self._known(node, self.monotonic()))
 
-    def problems(self) -> list[tuple[str, float, dt.datetime]]:
-        """(node, offset, since) of every node whose clock is a problem now, by name."""
+    def _read(self) -> tuple[dict[str, float], list[tuple[str, float, dt.datetime]]]:
+        """Every node's offset (``offset``), and (node, offset, since) of those whose clock is
+        a problem now: of its agents that differ, the farthest offset and the earliest since."""
+        now = self.monotonic()
+        offsets: dict[str, float] = {}
         found = []
-        for node, o in list(self._nodes.items()):
-            since = o.since
-            if since is not None:
-                found.append((node, o.best(), since))
-        return sorted(found)
+        for node in list(self._nodes):
+            shown: float | None = None
+            first: dt.datetime | None = None
+            for o in self._known(node, now):
+                best, since = o.best(), o.since
+                if node not in offsets or abs(best) > abs(offsets[node]):
+                    offsets[node] = best
+                if since is not None:
+                    if shown is None or abs(best) > abs(shown):
+                        shown = best
+                    if first is None or since < first:
+                        first = since
+            if shown is not None and first is not None:
+                found.append((node, shown, first))
+        return offsets, found
+
+    def problems(self) -> list[tuple[str, float, dt.datetime, bool]]:
+        """(node, offset, since, leader) of every node whose clock is a problem now, by name;
+        ``leader``: most nodes differ by about as much (``leader.skew.leader_step``), this one
+        among them: the leader's clock is likelier off."""
+        offsets, found = self._read()
+        step = leader_step(offsets.values())
+        return sorted((node, o, since, near_step(o, step)) for node, o, since in found)
+
+    def _changed(self) -> None:
+        """A node's state changed: the leader's clock logged as it becomes the likelier cause
+        of most nodes' differing, and as it no longer is."""
+        offsets, _ = self._read()
+        step = leader_step(offsets.values())
+        if step is not None and self._step is None:
+            log.warning(
+                "leader.clock_differs",
+                offset=shown_seconds(-step),
+                nodes=sum(near_step(o, step) for o in offsets.values()),
+                known=len(offsets),
+                detail="most nodes' clocks differ from the leader's by about as much at once: "
+                "likelier the leader's clock is off; check its time synchronisation first",
+            )
+        elif step is None and self._step is not None:
+            log.info("leader.clock_agrees", known=len(offsets))
+        self._step = step

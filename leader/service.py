@@ -186,6 +186,10 @@ class LeaderState:
     monotonic: Callable[[], float] = elapsed
     _crl: tuple[int, bytes] = (-1, b"")
 
+    def __post_init__(self) -> None:
+        # How long an agent's clock is kept after its streams ended: by ``monotonic``.
+        self.clocks.monotonic = self.monotonic
+
     @property
     def trust_domain(self) -> str:
         return self.ca.trust_domain
@@ -242,8 +246,8 @@ class LeaderState:
             if now < twins.until
         ]
         problems += (
-            NodeProblemRow(node, clock_problem(offset), since, CLOCK_OFFSET, offset)
-            for node, offset, since in self.clocks.problems()
+            NodeProblemRow(node, clock_problem(offset, leader), since, CLOCK_OFFSET, offset, leader)
+            for node, offset, since, leader in self.clocks.problems()
         )
         return sorted(problems, key=lambda p: (p.node, p.kind))
 
@@ -1271,11 +1275,13 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         request: leader_pb2.HeartbeatRequest,
         context: Ctx,
         renewing: bool = False,
+        agent: str = "",
     ) -> tuple[Snapshot, dt.datetime]:
         """One heartbeat, from a unary call or a message on a stream: the caller's certificate
         checked (``Snapshot.refusal``; re-learning the node after ``--reinitialise`` as
         ``_relearn`` allows), then recorded, written only what needs writing. The snapshot it
-        was checked against and the time, for the answer (``_response``)."""
+        was checked against and the time, for the answer (``_response``). ``agent``: which
+        agent sends on the stream (``agent_of``; worked out here for a unary call)."""
         now = self.state.clock()
         snap = await self.snapshot()
         if (why := snap.refusal(caller)) is not None:
@@ -1341,11 +1347,14 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         self.state.live_servers[name] = summary
         # The node's clock against the leader's (``leader.node_clocks``), not from a message
         # that copies an earlier report: it carries that report's time.
+        # Each agent's own (``agent``: a stream's ``_Beats.agent``; a unary call's, as the
+        # stream's would be): two agents with one identity have a clock each.
         if not request.HasField("sent_at"):
-            self.state.clocks.forget(name)
+            self.state.clocks.forget(name, agent or agent_of(request, context))
         elif not (request.closing or request.HasField("check_answer")):
             sent = request.sent_at
-            self.state.clocks.heard(name, sent.seconds + sent.nanos / 1e9 - now.timestamp(), now)
+            x = sent.seconds + sent.nanos / 1e9 - now.timestamp()
+            self.state.clocks.heard(name, agent or agent_of(request, context), x, now)
         return snap, now
 
     def _new_failures(
@@ -1556,8 +1565,10 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                 # the first message's 10 s): ``_due`` then brings the watch's look forward.
                 self._due(beat, loop.time() + lease)
                 renewing = request.renews
+                if not beat.agent:  # (its first message: its clock's reading is the agent's)
+                    beat.agent = agent_of(request, context)
                 # A refusal ends the stream (UNAUTHENTICATED).
-                snap, now = await self._heartbeat(caller, request, context, renewing)
+                snap, now = await self._heartbeat(caller, request, context, renewing, beat.agent)
                 beat.last = self.state.monotonic()
                 beat.answers_checks = request.answers_checks
                 if request.HasField("check_answer"):
@@ -1568,7 +1579,6 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                 first = not beat.name
                 if first:
                     beat.caller = caller
-                    beat.agent = agent_of(request, context)
                     self._count(beat, caller.name)
                 if not renewing:
                     beat.renews = False  # a message every interval, each answered
@@ -1767,15 +1777,17 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         the agent alive up to now if it said it closes the stream (``closing``), else only as
         far as its keepalive proves (``keepalive_seconds``: a vanished agent's connection
         closes that long after its last PING), unless another of the node's streams still
-        vouches for it. The node's last stream: its clock is not known any more (its agent
-        stopped or vanished: ``leader.node_clocks``)."""
+        vouches for it. The agent's last stream: its clock is known a renewal deadline more (a
+        reconnect goes on with it; else its agent stopped or vanished: ``leader.node_clocks``)."""
         mine = self._streams.get(beat.name)
         if mine is not None:
             if beat in mine:
                 mine.remove(beat)
             if not mine:
                 del self._streams[beat.name]
-                self.state.clocks.forget(beat.name)
+        if beat.name and not any(o.agent == beat.agent for o in mine or ()):
+            keep = renewal_deadline(self.state.heartbeat_interval)
+            self.state.clocks.ended(beat.name, beat.agent, keep)
         # (A stream a newer one replaced is no longer in its node's list, which may be gone:
         # its vouch is still released, or the node would stay online for ever.)
         if beat.vouching and beat.last is not None:

@@ -38,10 +38,12 @@ class NodeProblemKind(StrEnum):
 class NodeProblemRow(NamedTuple):
     """A problem the leader sees with a node now (``NodeProblemView``): the node, what is
     wrong and what to do, since when, which problem, and (``CLOCK_OFFSET``) the node's clock
-    less the leader's in seconds."""
+    less the leader's in seconds, and whether most nodes' differ by about as much at once
+    (``leader_clock``: likelier the leader's clock is off; ``leader.skew.leader_step``)."""
 
     node: str
     problem: str
     since: dt.datetime
     kind: NodeProblemKind = NodeProblemKind.TWIN_AGENTS
     clock_offset: float | None = None
+    leader_clock: bool = False

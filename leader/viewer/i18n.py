@@ -12,6 +12,7 @@ import math
 from dataclasses import dataclass
 
 from leader.rollout_core import NodeState, RolloutState
+from leader.skew import signed_seconds
 from tlsroll.enums import Change
 
 LANGS = ("de", "en")
@@ -68,6 +69,9 @@ _DE: dict[str, str] = {
     "clock_offset": "Die Uhr von Knoten {node} weicht um {seconds} s von der des Leaders ab; "
     "Zertifikate und Umstellungen hängen von ihr ab. Bitte die Praxis-IT verständigen "
     "(Zeitabgleich, NTP).",
+    "clock_offset_leader": "Die Uhr von Knoten {node} weicht um {seconds} s von der des Leaders "
+    "ab, die der meisten Knoten ebenso: wahrscheinlicher geht die Uhr des Leaders falsch. Bitte "
+    "die Praxis-IT verständigen (zuerst den Zeitabgleich des Leaders prüfen, NTP).",
     "timeline": "Verlauf",
     "timeline_rollout": "Umstellung insgesamt",
     "transition": "{old} → {new}",
@@ -172,6 +176,9 @@ _EN: dict[str, str] = {
     "clock_offset": "The clock of node {node} differs from the leader's by {seconds} s; "
     "certificates and switches depend on it. Please call the practice IT (time "
     "synchronisation, NTP).",
+    "clock_offset_leader": "The clock of node {node} differs from the leader's by {seconds} s, "
+    "as most nodes' do: likelier the leader's clock is off. Please call the practice IT (the "
+    "leader's time synchronisation first, NTP).",
     "timeline": "Timeline",
     "timeline_rollout": "The rollout as a whole",
     "transition": "{old} → {new}",
@@ -336,6 +343,12 @@ class Words:
         if not math.isfinite(number):
             return self("none")
         text = f"{number:.{digits}f}"
+        return text.replace(".", ",") if self.lang == "de" else text
+
+    def offset(self, value: float) -> str:
+        """A clock offset with its sign, to the nearest tenth
+        (``leader.skew.signed_seconds``: never shown within a limit it is beyond)."""
+        text = signed_seconds(value)
         return text.replace(".", ",") if self.lang == "de" else text
 
     def seconds(self, value: float | str) -> str:

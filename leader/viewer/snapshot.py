@@ -90,6 +90,9 @@ class Snapshot:
     agent_near: dt.timedelta = NEAR_EXPIRY
     """Agents renew their own certificates: one is near its end only once its renewal is
     overdue (``leader.expiry``: a tenth of its life), not merely within ``NEAR_EXPIRY``."""
+    leader_clock: frozenset[str] = frozenset()
+    """The nodes whose clocks differ from the leader's by about as much as most nodes' at once
+    (``NodeProblemRow.leader_clock``): likelier the leader's clock is off than theirs."""
 
     @property
     def offline(self) -> tuple[NodeStatus, ...]:
@@ -184,6 +187,7 @@ class Reader:
         rows, pending, seen, infos = shown.rows, shown.pending, shown.clients, shown.infos
         enrolled = self.store.nodes_of(shown.nodes)
         now = self.clock()
+        problems = self.node_problems() if self.node_problems is not None else ()
         with self._lock:
             views = self._views
         made: Made = {}
@@ -196,7 +200,7 @@ class Reader:
             infos=infos,
             auto_rotate=self.auto_rotate() if self.auto_rotate is not None else None,
             made=(views, made),
-            node_problems=self.node_problems() if self.node_problems is not None else (),
+            node_problems=problems,
         )
         if not every:  # (the API's read of every rollout would push out what pages show)
             with self._lock:
@@ -237,6 +241,7 @@ class Reader:
             selected=selected,
             timeline=timeline,
             agent_near=self.agent_near,
+            leader_clock=frozenset(p.node for p in problems if p.leader_clock),
             switch_times=self.schema.switch_times() if times else None,
         )
 
