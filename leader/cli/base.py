@@ -1,17 +1,20 @@
 """What every ``tlsroll`` admin command shares: the leader connection, output helpers, errors.
 
 Imported by every admin command, ``schema show`` among them (goal: 150 ms in all), so it imports
-only what they all need: grpcio (about 50 ms: its core imports asyncio) and the Admin service's
-messages are imported by the commands that call the Admin service (``Leader.admin``); the schema
-is read without grpcio (``fetch_schema``, ``leader.cli.unary``), and by ``schema show`` without
-protobuf either (``fetch_schema_json``): protobuf and the schema's messages are imported by the
-functions that use them."""
+only what they all need. No command imports grpcio (about 50 ms before any call: its core
+imports asyncio, and a channel starts its threads): every call is one unary call on the admin
+socket (``leader.cli.unary``), the Admin service's through ``Leader.admin``, whose methods
+carry their path and reply type from the service's descriptor. The Admin service's messages
+are imported by the commands that call it; ``schema show`` reads the schema without protobuf
+(``fetch_schema_json``): protobuf and the schema's messages are imported by the functions that
+use them."""
 
 from __future__ import annotations
 
 import datetime as dt
 import functools
 import grp
+import importlib
 import json
 import os
 import pwd
@@ -31,7 +34,7 @@ from tlsroll.defaults import DEFAULT_DATA_DIR
 from tlsroll.errors import TerminalError
 
 if TYPE_CHECKING:
-    import grpc
+    from google.protobuf.descriptor import ServiceDescriptor
     from google.protobuf.message import Message
     from rich.console import Console
 
@@ -219,22 +222,23 @@ class Leader:
             fail(permission_hint(sock))
 
     @contextmanager
-    def channel(self) -> Iterator[grpc.Channel]:
-        import grpc  # noqa: PLC0415 - see the module docstring
-
-        self.check_socket()
-        with grpc.insecure_channel(f"unix:{self.socket}") as channel:
-            yield channel
-
-    @contextmanager
     def admin(self) -> Iterator[admin_pb2_grpc.AdminStub]:
+        """The Admin service's methods, for ``call`` (typed as grpcio's stub, which they
+        stand for: ``admin.ListNodes`` is the method ``/tlsroll.v1.Admin/ListNodes``); the
+        connection is closed at the end."""
         # The Admin service's messages are many; `schema show` talks to SchemaView only. Its
         # enums' codecs (``leader.wire``) come with it, for ``to_dict``.
         from leader import wire as _leader_wire  # noqa: F401, PLC0415
-        from tlsroll.v1 import admin_pb2_grpc  # noqa: PLC0415
+        from tlsroll.v1 import admin_pb2  # noqa: PLC0415
 
-        with self.channel() as channel:
-            yield cast("admin_pb2_grpc.AdminStub", _Named(admin_pb2_grpc.AdminStub(channel)))
+        self.check_socket()
+        try:
+            yield cast(
+                "admin_pb2_grpc.AdminStub",
+                _Service(admin_pb2.DESCRIPTOR.services_by_name["Admin"]),
+            )
+        finally:  # as grpcio's channel did: a command that made its own Leader leaks nothing
+            self.close()
 
     def refused(self, code: str, details: str) -> NoReturn:
         """A gRPC status (by name) as the CLI's error: INVALID_ARGUMENT is a usage error (exit
@@ -289,31 +293,25 @@ class Leader:
             )
 
     def call(self, method: Callable[..., T], request: Message, timeout: float = 30) -> T:
-        """Call the leader through a grpcio stub (``refused`` says how a refusal ends). A
-        method not in ``READ_ONLY`` first checks that the leader runs this code
-        (``require_same_code``); a read-only one, or a brake (``stops``), warns if it does
-        not."""
-        import grpc  # noqa: PLC0415 - imported already by the stub's channel
-
+        """Call an Admin method (``admin``; ``refused`` says how a refusal ends). A method not
+        in ``READ_ONLY`` first checks that the leader runs this code (``require_same_code``)
+        and is sent once, on a new connection; a read-only one, or a brake (``stops``), warns
+        if it does not."""
         name = str(getattr(method, "name", None) or getattr(method, "__name__", ""))
-        if name not in READ_ONLY and not stops(name, request):
+        changes = name not in READ_ONLY
+        if changes and not stops(name, request):
             self.require_same_code()
-        with_call = getattr(method, "with_call", None)
-        try:
-            if with_call is None:  # a stand-in of a test, not a grpcio stub's method
-                return method(request, timeout=timeout)
-            # the leader asks the kernel who we are
-            reply, rpc = with_call(request, timeout=timeout)
-        except grpc.RpcError as exc:
-            self.refused(exc.code().name, f"{exc.details()}")
-        self._saw(rpc.initial_metadata())
-        self._warn_if_other_code()
-        return cast("T", reply)
+        if isinstance(method, _Method):
+            return cast("T", self.unary(method.path, request, method.reply, timeout, changes))
+        return method(request, timeout=timeout)  # a stand-in of a test
 
-    def unary(self, method: str, request: Message, reply: type[M], timeout: float = 30) -> M:
-        """Call a read-only method (``/tlsroll.v1.Service/Method``) without grpcio
-        (``leader.cli.unary``), on one connection kept for this command's later calls."""
-        data = self.raw(method, request.SerializeToString(), timeout)
+    def unary(
+        self, method: str, request: Message, reply: type[M], timeout: float = 30, once: bool = False
+    ) -> M:
+        """Call a method (``/tlsroll.v1.Service/Method``) without grpcio (``leader.cli.unary``),
+        on one connection kept for this command's later calls. ``once``: a call that changes
+        something, on a new connection, never sent again (``raw``)."""
+        data = self.raw(method, request.SerializeToString(), timeout, once=once)
         try:
             return reply.FromString(data)
         except Exception:  # protobuf's DecodeError, whichever backend's
@@ -328,10 +326,17 @@ class Leader:
         except ValueError:
             fail(f"the leader's reply to {method} could not be read: is tlsroll up to date?")
 
-    def raw(self, method: str, request: bytes, timeout: float, codec: str = "proto") -> bytes:
+    def raw(
+        self, method: str, request: bytes, timeout: float, codec: str = "proto", once: bool = False
+    ) -> bytes:
+        """``once``: on a new connection, which ``UnaryChannel.call`` never tries again (a
+        call that changes something is sent at most once; on a kept connection the leader has
+        closed, a read-only call is sent again on a new one)."""
         self.check_socket()
         if self._unary is None:
             self._unary = UnaryChannel(str(self.socket))
+        elif once:
+            self._unary.close()
         try:
             data = self._unary.call(method, request, timeout, codec)
         except RpcFailed as exc:
@@ -344,29 +349,34 @@ class Leader:
         return data
 
 
-class _Named:
-    """A grpcio stub whose methods carry their names (``.name``): ``Leader.call`` tells the
-    read-only ones from those that change something."""
+class _Service:
+    """A service's methods by name (``admin.ListNodes``), each with its path and reply type
+    from the service's descriptor: what ``Leader.call`` needs, and the name by which it tells
+    the read-only ones from those that change something."""
 
-    def __init__(self, stub: object) -> None:
-        self._stub = stub
+    def __init__(self, service: ServiceDescriptor) -> None:
+        self._service = service
 
     def __getattr__(self, name: str) -> _Method:
-        return _Method(name, getattr(self._stub, name))
+        method = self._service.methods_by_name.get(name)
+        if method is None:
+            raise AttributeError(name)
+        reply = method.output_type
+        # the reply's class, from its file's generated module (tlsroll/v1/admin.proto:
+        # tlsroll.v1.admin_pb2; google/protobuf/empty.proto: google.protobuf.empty_pb2)
+        module = importlib.import_module(
+            reply.file.name.removesuffix(".proto").replace("/", ".") + "_pb2"
+        )
+        return _Method(name, f"/{self._service.full_name}/{name}", getattr(module, reply.name))
 
 
 class _Method:
-    __slots__ = ("multicallable", "name")
+    __slots__ = ("name", "path", "reply")
 
-    def __init__(self, name: str, multicallable: Any) -> None:
+    def __init__(self, name: str, path: str, reply: type[Message]) -> None:
         self.name = name
-        self.multicallable = multicallable
-
-    def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        return self.multicallable(*args, **kwargs)
-
-    def with_call(self, *args: Any, **kwargs: Any) -> Any:
-        return self.multicallable.with_call(*args, **kwargs)
+        self.path = path
+        self.reply = reply
 
 
 class Unimplemented(TerminalError):

@@ -22,7 +22,6 @@ from leader.cli.base import (
     refuse_unfit_serial,
     to_dict,
 )
-from tlsroll import pki
 from tlsroll.config import dump_toml
 from tlsroll.defaults import CONTROL_PORT, JOIN_PORT
 from tlsroll.v1 import admin_pb2
@@ -52,6 +51,9 @@ def init(
     ca_passphrase_file: Path | None,
 ) -> None:
     """Create a new multiserver: the CA, the leader's certificate and config."""
+    # cryptography (about 50 ms): only init needs it, not every command this module serves
+    from tlsroll import pki  # noqa: PLC0415
+
     if node_name is not None and (problem := pki.node_name_problem(node_name)):
         raise click.BadParameter(problem, param_hint="--node-name")
     # The rules ``token create`` applies to a node's names (audit s34 M1;
