@@ -66,6 +66,7 @@ from nodeagent.leader_link import LeaderLink
 from tests.cluster import Cluster, wait_until
 from tests.leader_rig import InProcessLeader, leader_with_a_node
 from tests.test_heartbeat_stream import agent_link, ts, until
+from tlsroll.clocks import elapsed
 from tlsroll.defaults import AGENT_PORT
 from tlsroll.tls import client_context
 from tlsroll.v1 import admin_pb2, agent_pb2, leader_pb2, leader_pb2_grpc, schema_pb2
@@ -877,3 +878,15 @@ def test_nodes_whose_agents_are_gone_leave_nothing_behind() -> None:
     mono[0] = 28.0
     clocks.check()
     assert clocks._nodes == {}
+
+
+def test_the_clocks_bound_is_on_the_state_s_monotonic_clock_as_a_test_sets_it() -> None:
+    """Review of s37, L2: ``LeaderState`` gave its clocks the ``monotonic`` it had when made,
+    and a test that set ``state.monotonic`` later moved the store's clock, not theirs; by
+    default they were on ``time.monotonic``, which stops in a suspend. Now late-bound, and on
+    the project's suspend-counting clock (``tlsroll.clocks.elapsed``). Failed before: 123 was
+    not read."""
+    state = service_module.LeaderState(None, None, lambda: T, 5)  # type: ignore[arg-type]
+    state.monotonic = lambda: 123.0
+    assert state.clocks.monotonic() == 123.0
+    assert NodeClocks().monotonic is elapsed
