@@ -167,7 +167,7 @@ class NodeClocks:
         self.monotonic = monotonic
         self._step: float | None = None  # ``leader_step`` as last logged
         self._dirty = False  # a change since the last ``check``
-        self._checking = False  # a ``check`` is due on the event loop
+        self._due = math.inf  # when the next ``check`` is due (the event loop's time)
 
     def heard(self, node: str, agent: str, x: float, now: dt.datetime) -> None:
         """A message of ``node``'s agent ``agent``, stamped ``x`` seconds later than the
@@ -334,19 +334,21 @@ class NodeClocks:
         self._later(CHECK_SECONDS)
 
     def _later(self, delay: float) -> None:
-        """A ``check`` in ``delay`` seconds on the running event loop, unless one is due (none
-        without a loop: a reader's ``check`` then)."""
-        if self._checking:
-            return
+        """A ``check`` in ``delay`` seconds on the running event loop, unless one is due by then
+        (none without a loop: a reader's ``check`` then)."""
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
             return
-        self._checking = True
-        loop.call_later(delay, self._checked)
+        when = loop.time() + delay
+        if when >= self._due:
+            return
+        self._due = when
+        loop.call_at(when, self._checked, when)
 
-    def _checked(self) -> None:
-        self._checking = False
+    def _checked(self, when: float) -> None:
+        if when == self._due:
+            self._due = math.inf
         self.check()
 
     def check(self) -> None:

@@ -890,3 +890,21 @@ def test_the_clocks_bound_is_on_the_state_s_monotonic_clock_as_a_test_sets_it() 
     state.monotonic = lambda: 123.0
     assert state.clocks.monotonic() == 123.0
     assert NodeClocks().monotonic is elapsed
+
+
+async def test_a_change_is_judged_soon_though_an_agent_s_bound_is_due_later(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The ``check`` due at an ended agent's bound (here an hour on) does not put off the one a
+    change needs (``CHECK_SECONDS``, here none): the leader's clock is logged at once."""
+    monkeypatch.setattr("leader.node_clocks.CHECK_SECONDS", 0.0)
+    clocks = NodeClocks()
+    clocks.heard("gone", A1, 0.0, T)
+    clocks.ended("gone", A1, 3600.0)
+    with structlog.testing.capture_logs() as events:
+        for n in range(5):
+            clocks.heard(f"n{n}", A1, 90.0, T)
+            clocks.heard(f"n{n}", A1, 90.0, T)
+        async with asyncio.timeout(10):
+            while not [e for e in events if e["event"] == "leader.clock_differs"]:
+                await asyncio.sleep(0.01)
