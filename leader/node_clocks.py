@@ -30,15 +30,16 @@ seconds to minutes old, and is not taken.
 When it is a problem. The threshold is half the preflight's limit (``WARN_SECONDS``, 60 s):
 the admin hears of a drifting clock before a rollout refuses the node (a clock 50 ppm off
 drifts 4 s a day: two weeks between the two). It is a problem from the message whose estimate
-is beyond it, and ends at once when the estimate is within ``CLEAR_SECONDS`` (55 s), or when
-it was within ``WARN_SECONDS`` in ``CLEAR_AFTER`` messages in a row. The problem used to end
-only within ``CLEAR_SECONDS``: a node really 55-60 s behind that two delayed messages had made
-a problem stayed one for as long as its clock stayed there, since a delay only makes a node
-look farther behind (review of s36, F2); now no node whose clock is within the threshold stays
-a problem beyond ``CLEAR_AFTER`` messages but by more delayed messages, and a node at the
-threshold, whose estimates straddle it with each message's delay, does not come and go with
-each message (a change takes two or ``CLEAR_AFTER`` messages that say so, each change a log
-line and a new "since").
+is beyond it, and ends at once when the estimate is within ``CLEAR_SECONDS`` (55 s); behind,
+also when it was within ``WARN_SECONDS`` in ``CLEAR_AFTER`` messages in a row. A node really
+55-60 s behind that two delayed messages had made a problem stayed one for as long as its
+clock stayed there, since a delay only makes a node look farther behind (review of s36, F2).
+Ahead, a problem is proven (``x`` never overstates it) and ends only within ``CLEAR_SECONDS``
+(review of s37, M1: a few delayed messages of a node 60.1 s ahead ended it). A problem that
+begins again within ``REOPEN_SECONDS`` of its end goes on with its "since" and logs nothing
+(its end was logged; the next end is not, unless a start was): a node at the threshold, whose
+estimates straddle it with each message's delay, may come and go on the page but makes one
+warning line and one "since" (before: hundreds over 3000 messages).
 
 Whose clock. Readings are kept per agent (``agent``: ``leader.service.agent_of``, its
 ``agent_instance``), not per node: two agents with one node's identity (a cloned machine:
@@ -62,67 +63,81 @@ The leader's own clock (``leader.skew.leader_step``): when most nodes differ by 
 amount at once, the leader's clock is likelier off than theirs; the problem's text says so
 (``problems``: computed as problems are read), and the leader logs ``leader.clock_differs``
 when a node's state changes and makes it so (and ``leader.clock_agrees`` when it no longer is):
-never computed per message.
+judged by ``check`` on the event loop at most once a ``CHECK_SECONDS`` after a change, never by
+the message (a step of the leader's clock changes every node's state; reading every node's
+offset took 2.8 ms at 2000 nodes: review of s37, M2). The same ``check`` drops agents whose
+bound passed, and nodes left with none.
 
 What a message costs (``LeaderService._heartbeat``): two ``HasField`` and a flag, two integer
 reads, one ``datetime.timestamp()``, two dict lookups (node, then its agent: a stream's id is
 worked out once, at its first message), a few comparisons and two or three attribute stores in
 the agent's ``_Offset`` (made once per agent); the one float it keeps replaces the one before,
 the counter is a small int. No parsing, no write, no log line but at a change; a change (a
-problem that begins or ends) also looks at every node's offset once, for the leader's clock.
+problem that begins or ends) reads the monotonic clock and schedules a ``check`` if none is due.
 About 4 us of the leader's CPU in session 36 (timeit, on a shared 2-core machine; deserialising
 the message itself: 1.5 us; not measured again), against issue 15's 0.3 ms a message.
 """
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import math
-import time
 from collections.abc import Callable
 
 from leader.observe import MAX_CLOCK_OFFSET
 from leader.skew import WARN_SECONDS, leader_step, near_step, shown_seconds, signed_seconds
 from tlsroll import logs
+from tlsroll.clocks import elapsed
 
 log = logs.get_logger(__name__)
 
 CLEAR_SECONDS = WARN_SECONDS - 5
 CLEAR_AFTER = 3
-"""Messages in a row whose estimate is within ``WARN_SECONDS`` that end a problem (one within
-``CLEAR_SECONDS`` ends it at once)."""
+"""Messages in a row whose estimate is within ``WARN_SECONDS`` that end a problem behind (one
+within ``CLEAR_SECONDS`` ends it at once; one ahead ends only within ``CLEAR_SECONDS``)."""
+REOPEN_SECONDS = 600.0
+"""A problem that begins again this soon (``NodeClocks.monotonic``) after it ended goes on with
+its ``since``, and logs nothing: a node at the threshold does not come and go."""
+CHECK_SECONDS = 1.0
+"""How soon after a change the leader's clock is judged and logged, and expired agents swept
+(``NodeClocks.check``): at most once this, off the per-message path."""
 AGENTS_KEPT = 4
 """Agents per node whose estimates the leader keeps (two agents with one identity are a
-problem of their own; a third one drops the oldest)."""
+problem of their own; a fifth one drops the oldest)."""
 
 
-def clock_problem(offset: float, leader: bool = False) -> str:
+def clock_problem(offset: float, leader: bool = False, step: float | None = None) -> str:
     """The node problem of a clock ``offset`` seconds from the leader's (+: ahead), in words
     with what to do; ``leader``: most nodes differ by about as much at once
-    (``leader.skew.leader_step``), and the leader's clock is the first thing to check."""
+    (``leader.skew.leader_step``: ``step``, the offset they share), and the leader's clock is
+    the first thing to check."""
     way = "ahead" if offset > 0 else "behind"
     if leader:
+        by = offset if step is None else step
         todo = (
             f"most nodes differ by about as much at once: likelier the LEADER's clock is off "
-            f"(by {signed_seconds(-offset)} s): check the leader's time synchronisation first, "
+            f"(by {signed_seconds(-by)} s): check the leader's time synchronisation first, "
             "then the node's (NTP: chrony, systemd-timesyncd)"
         )
     else:
         todo = "check the node's time synchronisation (NTP: chrony, systemd-timesyncd)"
     return (
         f"clock differs from the leader's by {signed_seconds(offset)} s ({way}; shown from "
-        f"beyond {WARN_SECONDS} s until back within it, a rollout's preflight refuses the node "
-        f"beyond {MAX_CLOCK_OFFSET} s): {todo}"
+        f"beyond {WARN_SECONDS} s until back within it for a few messages, a rollout's "
+        f"preflight refuses the node beyond {MAX_CLOCK_OFFSET} s): {todo}"
     )
 
 
 class _Offset:
     """One agent's last two ``x`` (``NodeClocks``), since when it is a problem (None: it is
     not), how many messages in a row said it is within ``WARN_SECONDS`` while it is, and from
-    when it is not known (its streams ended: ``NodeClocks.ended``; inf while they live).
+    when it is not known (its streams ended: ``NodeClocks.ended``; inf while they live). Of
+    its last problem (``REOPEN_SECONDS``): its ``since`` (``was``), when it ended
+    (``NodeClocks.monotonic``), and whether its start was logged and its end not yet.
     Changed in place by each message: no allocation but the float."""
 
-    __slots__ = ("before", "gone", "last", "since", "within")
+    __slots__ = ("before", "ended", "gone", "last", "logged", "since", "was", "within")
 
     def __init__(self, x: float) -> None:
         self.before = math.inf  # not known until a second message
@@ -130,6 +145,9 @@ class _Offset:
         self.since: dt.datetime | None = None
         self.within = 0
         self.gone = math.inf
+        self.was: dt.datetime | None = None
+        self.ended = -math.inf
+        self.logged = False
 
     def best(self) -> float:
         before, last = self.before, self.last
@@ -141,12 +159,15 @@ class NodeClocks:
     docstring). Changed on the event loop (``heard``, ``forget``, ``ended``); read from any
     thread (``offset``, ``differs``, ``problems``): a reader sees each agent's state before or
     after a message, or between its stores (then the earlier message's ``x`` twice).
-    ``monotonic``: the clock ``ended``'s bound is on (``LeaderState.monotonic``)."""
+    ``monotonic``: the clock ``ended``'s bound and ``REOPEN_SECONDS`` are on
+    (``LeaderState.monotonic``; the suspend-counting clock by default)."""
 
-    def __init__(self, monotonic: Callable[[], float] = time.monotonic) -> None:
+    def __init__(self, monotonic: Callable[[], float] = elapsed) -> None:
         self._nodes: dict[str, dict[str, _Offset]] = {}
         self.monotonic = monotonic
         self._step: float | None = None  # ``leader_step`` as last logged
+        self._dirty = False  # a change since the last ``check``
+        self._due = math.inf  # when the next ``check`` is due (the event loop's time)
 
     def heard(self, node: str, agent: str, x: float, now: dt.datetime) -> None:
         """A message of ``node``'s agent ``agent``, stamped ``x`` seconds later than the
@@ -165,24 +186,44 @@ class NodeClocks:
         best = o.best()
         if o.since is None:
             if not -WARN_SECONDS <= best <= WARN_SECONDS:
-                o.since = now
-                o.within = 0
-                log.warning(
-                    "node.clock_differs",
-                    node=node,
-                    agent=agent,
-                    offset=shown_seconds(best),
-                    warn=WARN_SECONDS,
-                )
-                self._changed()
+                self._begins(node, agent, o, best, now)
         elif -WARN_SECONDS <= best <= WARN_SECONDS:
+            # Ahead, the estimate never overstates it: a problem ahead is proven, and ends only
+            # within CLEAR_SECONDS. Behind, a delay overstates it: CLEAR_AFTER messages end it.
             o.within += 1
-            if o.within >= CLEAR_AFTER or -CLEAR_SECONDS <= best <= CLEAR_SECONDS:
-                o.since = None
-                log.info("node.clock_agrees", node=node, agent=agent, offset=shown_seconds(best))
-                self._changed()
+            if best > 0:
+                if best <= CLEAR_SECONDS:
+                    self._ends(node, agent, o, best)
+            elif o.within >= CLEAR_AFTER or best >= -CLEAR_SECONDS:
+                self._ends(node, agent, o, best)
         else:
             o.within = 0
+
+    def _begins(self, node: str, agent: str, o: _Offset, best: float, now: dt.datetime) -> None:
+        """``agent``'s problem begins: again within ``REOPEN_SECONDS`` of its end, it goes on
+        with its ``since`` and logs nothing."""
+        o.within = 0
+        if o.was is not None and self.monotonic() - o.ended < REOPEN_SECONDS:
+            o.since = o.was
+        else:
+            o.since = now
+            o.logged = True
+            log.warning(
+                "node.clock_differs",
+                node=node,
+                agent=agent,
+                offset=shown_seconds(best),
+                warn=WARN_SECONDS,
+            )
+        self._changed()
+
+    def _ends(self, node: str, agent: str, o: _Offset, best: float) -> None:
+        """``agent``'s problem ends: remembered (``_begins``); logged if its start was."""
+        o.was, o.since, o.ended = o.since, None, self.monotonic()
+        if o.logged:
+            o.logged = False
+            log.info("node.clock_agrees", node=node, agent=agent, offset=shown_seconds(best))
+        self._changed()
 
     def _new(self, node: str, agent: str, x: float) -> None:
         """``agent``'s first message (since its streams ended and the bound passed): the
@@ -191,27 +232,47 @@ class NodeClocks:
         dropped = [key for key, o in agents.items() if o.gone != math.inf or key == agent]
         while len(agents) - len(dropped) >= AGENTS_KEPT:
             dropped.append(next(key for key in agents if key not in dropped))
-        differed = False
         for key in dropped:
-            differed |= agents.pop(key).since is not None
+            self._unknown(node, key, agents.pop(key))
         agents[agent] = _Offset(x)
-        if differed:
+
+    def _unknown(self, node: str, agent: str, o: _Offset) -> None:
+        """``agent``'s estimate is dropped: a problem of it ends, for a reason not known."""
+        if o.since is not None:
+            if o.logged:
+                log.info("node.clock_agrees", node=node, agent=agent, reason="unknown")
             self._changed()
 
     def forget(self, node: str, agent: str) -> None:
         """``agent``'s offset is not known (any more): its message carries no time."""
         agents = self._nodes.get(node)
         o = agents.pop(agent, None) if agents is not None else None
-        if o is not None and o.since is not None:
-            self._changed()
+        if agents is not None and not agents:
+            del self._nodes[node]
+        if o is not None:
+            self._unknown(node, agent, o)
 
     def ended(self, node: str, agent: str, keep: float) -> None:
         """``agent`` of ``node`` has no heartbeat stream open any more: its offset is known for
-        ``keep`` seconds more (a reconnect within them goes on with it), then not."""
+        ``keep`` seconds more (a reconnect within them goes on with it), then not. The node's
+        agents whose bound passed are dropped now, the others by a ``check`` after theirs."""
         agents = self._nodes.get(node)
         o = agents.get(agent) if agents is not None else None
-        if o is not None:
-            o.gone = self.monotonic() + keep
+        if agents is None or o is None:
+            return
+        now = self.monotonic()
+        o.gone = now + keep
+        self._sweep(node, agents, now)
+        self._later(keep + CHECK_SECONDS)
+
+    def _sweep(self, node: str, agents: dict[str, _Offset], now: float) -> None:
+        """Drop ``node``'s agents whose bound passed, and the node if none is left."""
+        for key, o in list(agents.items()):
+            if o.gone <= now:
+                del agents[key]
+                self._unknown(node, key, o)
+        if not agents and self._nodes.get(node) is agents:
+            del self._nodes[node]
 
     def _known(self, node: str, now: float) -> list[_Offset]:
         """``node``'s agents whose offset is known at ``now`` (``monotonic``)."""
@@ -256,13 +317,56 @@ class NodeClocks:
         """(node, offset, since, leader) of every node whose clock is a problem now, by name;
         ``leader``: most nodes differ by about as much (``leader.skew.leader_step``), this one
         among them: the leader's clock is likelier off."""
+        return self.problems_and_step()[0]
+
+    def problems_and_step(
+        self,
+    ) -> tuple[list[tuple[str, float, dt.datetime, bool]], float | None]:
+        """``problems``, and the offset most nodes share (``leader.skew.leader_step``)."""
         offsets, found = self._read()
         step = leader_step(offsets.values())
-        return sorted((node, o, since, near_step(o, step)) for node, o, since in found)
+        return sorted((node, o, since, near_step(o, step)) for node, o, since in found), step
 
     def _changed(self) -> None:
-        """A node's state changed: the leader's clock logged as it becomes the likelier cause
-        of most nodes' differing, and as it no longer is."""
+        """A node's state changed: the leader's clock is judged by a ``check`` soon, off the
+        per-message path (a step of the leader's clock changes every node's state)."""
+        self._dirty = True
+        self._later(CHECK_SECONDS)
+
+    def _later(self, delay: float) -> None:
+        """A ``check`` in ``delay`` seconds on the running event loop, unless one is due by then
+        (none without a loop: a reader's ``check`` then)."""
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        when = loop.time() + delay
+        if when >= self._due:
+            return
+        self._due = when
+        loop.call_at(when, self._checked, when)
+
+    def _checked(self, when: float) -> None:
+        if when == self._due:
+            self._due = math.inf
+        self.check()
+
+    def check(self) -> None:
+        """(The event loop.) Agents whose bound passed dropped, nodes with none left too; if a
+        node's state changed since the last check, the leader's clock logged as it becomes the
+        likelier cause of most nodes' differing, and as it no longer is. Again later if an
+        agent is still within its bound."""
+        now = self.monotonic()
+        pending = math.inf
+        for node, agents in list(self._nodes.items()):
+            self._sweep(node, agents, now)
+            for o in agents.values():
+                pending = min(pending, o.gone)
+        if pending != math.inf:
+            self._later(max(pending - now, 0.0) + CHECK_SECONDS)
+        if not self._dirty:
+            return
+        self._dirty = False
         offsets, _ = self._read()
         step = leader_step(offsets.values())
         if step is not None and self._step is None:

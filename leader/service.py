@@ -187,8 +187,12 @@ class LeaderState:
     _crl: tuple[int, bytes] = (-1, b"")
 
     def __post_init__(self) -> None:
-        # How long an agent's clock is kept after its streams ended: by ``monotonic``.
-        self.clocks.monotonic = self.monotonic
+        # How long an agent's clock is kept after its streams ended: by ``monotonic``,
+        # late-bound (a test gives the state another clock after it is made).
+        def monotonic() -> float:
+            return self.monotonic()
+
+        self.clocks.monotonic = monotonic
 
     @property
     def trust_domain(self) -> str:
@@ -245,9 +249,12 @@ class LeaderState:
             for node, twins in list(self.twin_agents.items())
             if now < twins.until
         ]
+        clocks, step = self.clocks.problems_and_step()
         problems += (
-            NodeProblemRow(node, clock_problem(offset, leader), since, CLOCK_OFFSET, offset, leader)
-            for node, offset, since, leader in self.clocks.problems()
+            NodeProblemRow(
+                node, clock_problem(offset, leader, step), since, CLOCK_OFFSET, offset, leader
+            )
+            for node, offset, since, leader in clocks
         )
         return sorted(problems, key=lambda p: (p.node, p.kind))
 

@@ -70,7 +70,7 @@ _DE: dict[str, str] = {
     "Zertifikate und Umstellungen hängen von ihr ab. Bitte die Praxis-IT verständigen "
     "(Zeitabgleich, NTP).",
     "clock_offset_leader": "Die Uhr von Knoten {node} weicht um {seconds} s von der des Leaders "
-    "ab, die der meisten Knoten ebenso: wahrscheinlicher geht die Uhr des Leaders falsch. Bitte "
+    "ab, wie die der meisten Knoten: vermutlich geht die Uhr des Leaders falsch. Bitte "
     "die Praxis-IT verständigen (zuerst den Zeitabgleich des Leaders prüfen, NTP).",
     "timeline": "Verlauf",
     "timeline_rollout": "Umstellung insgesamt",
