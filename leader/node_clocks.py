@@ -61,8 +61,11 @@ estimate is shown until its stream ends and a renewal deadline more.
 
 The leader's own clock (``leader.skew.leader_step``): when most nodes differ by about the same
 amount at once, the leader's clock is likelier off than theirs; the problem's text says so
-(``problems``: computed as problems are read), and the leader logs ``leader.clock_differs``
-when a node's state changes and makes it so (and ``leader.clock_agrees`` when it no longer is):
+(``problems``: computed as problems are read; its flag goes on the wire as
+``NodeProblemView.clock_leader`` and, by ``listing``, ``NodeInfo.clock_leader``: `tlsroll
+nodes` shows the leader's verdict and works out none of its own), and the leader logs
+``leader.clock_differs`` when a node's state changes and makes it so (and
+``leader.clock_agrees`` when it no longer is):
 judged by ``check`` on the event loop at most once a ``CHECK_SECONDS`` after a change, never by
 the message (a step of the leader's clock changes every node's state; reading every node's
 offset took 2.8 ms at 2000 nodes: review of s37, M2). The same ``check`` drops agents whose
@@ -326,6 +329,16 @@ class NodeClocks:
         offsets, found = self._read()
         step = leader_step(offsets.values())
         return sorted((node, o, since, near_step(o, step)) for node, o, since in found), step
+
+    def listing(self) -> dict[str, tuple[float, bool, bool]]:
+        """(Any thread.) Every node whose offset is known: (offset, differs, leader), read at
+        once, as ``offset``, ``differs`` and ``problems`` say them: ``leader`` is the leader's
+        own verdict (``problems``' flag), which ``tlsroll nodes`` shows and does not work out
+        over the nodes it lists (review of s37, L7: the two could disagree)."""
+        offsets, found = self._read()
+        step = leader_step(offsets.values())
+        blamed = {node: near_step(o, step) for node, o, _ in found}
+        return {node: (o, node in blamed, blamed.get(node, False)) for node, o in offsets.items()}
 
     def _changed(self) -> None:
         """A node's state changed: the leader's clock is judged by a ``check`` soon, off the

@@ -36,7 +36,7 @@ import sys
 from collections.abc import AsyncIterator, Callable
 from html import unescape
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -44,6 +44,7 @@ import structlog.testing
 from prometheus_client.parser import text_string_to_metric_families
 
 from leader import service as service_module
+from leader.admin_service import AdminService
 from leader.cli import identity
 from leader.node_clocks import CLEAR_AFTER, CLEAR_SECONDS, NodeClocks, clock_problem
 from leader.observe import MAX_CLOCK_OFFSET
@@ -70,6 +71,7 @@ from tlsroll.clocks import elapsed
 from tlsroll.defaults import AGENT_PORT
 from tlsroll.tls import client_context
 from tlsroll.v1 import admin_pb2, agent_pb2, leader_pb2, leader_pb2_grpc, schema_pb2
+from tlsroll.wire import to_dict
 
 T = dt.datetime(2026, 11, 30, 10, 0, tzinfo=dt.UTC)
 CLOCK_OFFSET = NodeProblemKind.CLOCK_OFFSET
@@ -402,8 +404,9 @@ def test_a_real_agent_with_its_clock_off_shows_in_nodes_schema_and_metrics_until
             return found
 
         wait_until(lambda: cluster.list_nodes()["n1"].clock_differs, 30, "n1's clock differs")
-        offset = node()["clock_offset_seconds"]
-        assert isinstance(offset, float)
+        found = node()
+        offset = found["clock_offset_seconds"]
+        assert isinstance(offset, float) and found["clock_leader"] is False  # one node: its own
         # Never more than the node is ahead; less by the delay of the better of two messages
         # (milliseconds; a loaded machine's seconds are allowed for).
         assert 290 < offset < 300.5
@@ -707,13 +710,8 @@ async def test_a_step_of_the_leader_s_clock_is_said_to_be_the_leader_s_and_logge
             assert "The clock of node d differs from the leader's by -200.0 s; cert" in html
             html = unescape(pages.schema_content(snap, Words.of("de"), page))
             assert "wie die der meisten Knoten: vermutlich geht die Uhr des Leaders falsch." in html
-            infos = [
-                admin_pb2.NodeInfo(name=n, clock_offset_seconds=x, clock_differs=abs(x) > 60)
-                for n, x in (("b", 89.0), ("c", 91.0), ("d", -200.0), ("e", 0.0), ("hb1", 90.2))
-            ]
-            step = leader_step(i.clock_offset_seconds for i in infos)
-            assert identity._clock(infos[0], step).plain.endswith("check the leader's clock")
-            assert identity._clock(infos[2], step).plain.endswith("fix NTP")
+            blamed = {n: leader for n, (_, _, leader) in clocks.listing().items()}
+            assert blamed == {"b": True, "c": True, "d": False, "e": False, "hb1": True}
 
             for _ in range(CLEAR_AFTER):
                 clocks.heard("b", A1, 1.0, T)  # b put right: 2 of 5 left
@@ -721,6 +719,54 @@ async def test_a_step_of_the_leader_s_clock_is_said_to_be_the_leader_s_and_logge
             assert all("LEADER" not in p.problem for p in rig.state.node_problems())
         said = [(e["event"], e.get("offset")) for e in events if e["event"].startswith("leader.")]
         assert said == [("leader.clock_differs", -90.2), ("leader.clock_agrees", None)]
+
+
+async def test_tlsroll_nodes_shows_the_leader_s_own_verdict_on_its_clock_and_json_has_it(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Review of s37, L7: `tlsroll nodes` worked out "blame the leader's clock" itself, over the
+    enrolled nodes it lists, while the node problems (`schema show`, the viewer) carry the
+    leader's verdict over the nodes it hears, and `--json` said nothing. Here hb1, the one
+    enrolled node, is 90.2 s ahead and the leader hears b and c about as far (readings only):
+    the leader blames its own clock for the three, and `tlsroll nodes` said "fix NTP" (one node
+    listed: no step of its own). Now the leader's verdict goes on the wire
+    (``NodeInfo.clock_leader``, ``NodeProblemView.clock_leader``): the table shows it, --json
+    and the schema carry it, the viewer's page reads it; the CLI works nothing out, so nodes
+    listed alike that the leader does not blame (a leader before the field) are not blamed."""
+    async with leader_and_link(tmp_path, loopback) as (rig, link, offset):
+        offset[0] = 90.2
+        await link.beat()
+        await link.beat()
+        for node, x in (("b", 89.0), ("c", 91.0), ("d", 0.0)):
+            rig.state.clocks.heard(node, A1, x, T)
+            rig.state.clocks.heard(node, A1, x, T)
+        admin = AdminService(rig.state, cast(Any, None), SchemaStore(rig.store.db))
+        reply = await admin.ListNodes(admin_pb2.ListNodesRequest(), cast(Any, None))
+        (info,) = reply.nodes
+        assert (info.name, info.clock_differs, info.clock_leader) == ("hb1", True, True)
+        assert identity._clock(info).plain == "+90.2 s: most nodes too: check the leader's clock"
+        assert to_dict(info)["clock_leader"] is True  # `tlsroll nodes --json`, one node
+
+        view = SchemaViewService(
+            SchemaStore(rig.store.db), lambda: rig.clock[0], node_problems=rig.state.node_problems
+        )
+        shown = view._answer(schema_pb2.GetSchemaRequest(), None).node_problems
+        blamed = {p.node: p.clock_leader for p in shown}
+        assert blamed == {"b": True, "c": True, "hb1": True}
+        snap = reader_of(rig).read()
+        assert {p["node"]: p["clock_leader"] for p in snap.data["node_problems"]} == blamed
+        page = pages.PageContext("127.0.0.1", "test", T, "/events")
+        html = unescape(pages.schema_content(snap, Words.of("en"), page))
+        assert "The clock of node hb1 differs from the leader's by +90.2 s, as most" in html
+
+        alike = [
+            admin_pb2.NodeInfo(name=n, clock_offset_seconds=x, clock_differs=True)
+            for n, x in (("n1", 89.0), ("n2", 90.0), ("n3", 91.0))
+        ]
+        assert [identity._clock(i).plain for i in alike] == [
+            "+89.0 s: fix NTP", "+90.0 s: fix NTP", "+91.0 s: fix NTP"
+        ]  # fmt: skip
+        assert to_dict(alike[0])["clock_leader"] is False
 
 
 async def test_an_agent_that_reconnects_keeps_its_clock_problem_and_its_since(
