@@ -57,7 +57,10 @@ its stream's end forgot them, the problem vanished for up to a renewal bound and
 with a new "since" and a second log line (review of s36, F3). A new agent of the node (a
 restart: another ``agent_instance``) while the old one has no stream drops the old one's at
 once; if the old one's stream is still open (the leader has not noticed it died yet), its
-estimate is shown until its stream ends and a renewal deadline more.
+estimate is shown until its stream ends and a renewal deadline more. An agent that meets the
+leader with unary ``Heartbeat`` calls (no stream; ``heard``'s ``keep``) is known a renewal
+deadline from its last message and then not, as a stream's after its end (review of s37, L4:
+its reading was kept for ever); another agent of the node does not drop it before that.
 
 The leader's own clock (``leader.skew.leader_step``): when most nodes differ by about the same
 amount at once, the leader's clock is likelier off than theirs; the problem's text says so
@@ -140,7 +143,7 @@ class _Offset:
     (``NodeClocks.monotonic``), and whether its start was logged and its end not yet.
     Changed in place by each message: no allocation but the float."""
 
-    __slots__ = ("before", "ended", "gone", "last", "logged", "since", "was", "within")
+    __slots__ = ("before", "ended", "gone", "last", "logged", "since", "unary", "was", "within")
 
     def __init__(self, x: float) -> None:
         self.before = math.inf  # not known until a second message
@@ -151,6 +154,7 @@ class _Offset:
         self.was: dt.datetime | None = None
         self.ended = -math.inf
         self.logged = False
+        self.unary = False  # heard with no stream: ``gone`` is its bound (``NodeClocks._bound``)
 
     def best(self) -> float:
         before, last = self.before, self.last
@@ -172,35 +176,48 @@ class NodeClocks:
         self._dirty = False  # a change since the last ``check``
         self._due = math.inf  # when the next ``check`` is due (the event loop's time)
 
-    def heard(self, node: str, agent: str, x: float, now: dt.datetime) -> None:
+    def heard(
+        self, node: str, agent: str, x: float, now: dt.datetime, keep: float | None = None
+    ) -> None:
         """A message of ``node``'s agent ``agent``, stamped ``x`` seconds later than the
-        leader's clock read it (``now``)."""
+        leader's clock read it (``now``). ``keep``: a message with no stream behind it (a
+        unary ``Heartbeat``), whose agent is known ``keep`` seconds from now and then not,
+        unless it is heard again (``_bound``)."""
         agents = self._nodes.get(node)
         o = agents.get(agent) if agents is not None else None
-        if o is None:
-            self._new(node, agent, x)
-            return
-        if o.gone != math.inf:  # its streams had ended: back within the bound, or new
-            if self.monotonic() >= o.gone:
-                self._new(node, agent, x)
-                return
-            o.gone = math.inf
-        o.before, o.last = o.last, x
-        best = o.best()
-        if o.since is None:
-            if not -WARN_SECONDS <= best <= WARN_SECONDS:
-                self._begins(node, agent, o, best, now)
-        elif -WARN_SECONDS <= best <= WARN_SECONDS:
-            # Ahead, the estimate never overstates it: a problem ahead is proven, and ends only
-            # within CLEAR_SECONDS. Behind, a delay overstates it: CLEAR_AFTER messages end it.
-            o.within += 1
-            if best > 0:
-                if best <= CLEAR_SECONDS:
-                    self._ends(node, agent, o, best)
-            elif o.within >= CLEAR_AFTER or best >= -CLEAR_SECONDS:
-                self._ends(node, agent, o, best)
+        if o is None or (o.gone != math.inf and self.monotonic() >= o.gone):
+            o = self._new(node, agent, x)  # a new agent, or one past its bound
         else:
-            o.within = 0
+            if o.gone != math.inf:  # its streams had ended (or a unary bound): back within it
+                o.gone, o.unary = math.inf, False
+            o.before, o.last = o.last, x
+            best = o.best()
+            if o.since is None:
+                if not -WARN_SECONDS <= best <= WARN_SECONDS:
+                    self._begins(node, agent, o, best, now)
+            elif -WARN_SECONDS <= best <= WARN_SECONDS:
+                # Ahead, the estimate never overstates it: a problem ahead is proven, and ends
+                # only within CLEAR_SECONDS. Behind, a delay overstates it: CLEAR_AFTER
+                # messages end it.
+                o.within += 1
+                if best > 0:
+                    if best <= CLEAR_SECONDS:
+                        self._ends(node, agent, o, best)
+                elif o.within >= CLEAR_AFTER or best >= -CLEAR_SECONDS:
+                    self._ends(node, agent, o, best)
+            else:
+                o.within = 0
+        if keep is not None:
+            self._bound(o, keep)
+
+    def _bound(self, o: _Offset, keep: float) -> None:
+        """``o``'s agent, heard with no stream open (a unary ``Heartbeat``), is known for
+        ``keep`` seconds from now, swept by a ``check`` after (review of s37, L4: such a
+        reading was kept for ever, and its problem shown for ever). Not a stream's end: a
+        new agent of the node does not drop it at once (``_new``), it lasts its bound."""
+        o.gone = self.monotonic() + keep
+        o.unary = True
+        self._later(keep + CHECK_SECONDS)
 
     def _begins(self, node: str, agent: str, o: _Offset, best: float, now: dt.datetime) -> None:
         """``agent``'s problem begins: again within ``REOPEN_SECONDS`` of its end, it goes on
@@ -228,16 +245,20 @@ class NodeClocks:
             log.info("node.clock_agrees", node=node, agent=agent, offset=shown_seconds(best))
         self._changed()
 
-    def _new(self, node: str, agent: str, x: float) -> None:
+    def _new(self, node: str, agent: str, x: float) -> _Offset:
         """``agent``'s first message (since its streams ended and the bound passed): the
-        node's agents whose streams all ended are gone (a restart: the agent's id is new)."""
+        node's agents whose streams all ended are gone (a restart: the agent's id is new);
+        one heard without a stream (``_bound``) lasts its bound."""
         agents = self._nodes.setdefault(node, {})
-        dropped = [key for key, o in agents.items() if o.gone != math.inf or key == agent]
+        dropped = [
+            key for key, o in agents.items() if (o.gone != math.inf and not o.unary) or key == agent
+        ]
         while len(agents) - len(dropped) >= AGENTS_KEPT:
             dropped.append(next(key for key in agents if key not in dropped))
         for key in dropped:
             self._unknown(node, key, agents.pop(key))
-        agents[agent] = _Offset(x)
+        o = agents[agent] = _Offset(x)
+        return o
 
     def _unknown(self, node: str, agent: str, o: _Offset) -> None:
         """``agent``'s estimate is dropped: a problem of it ends, for a reason not known."""

@@ -1356,12 +1356,20 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         # that copies an earlier report: it carries that report's time.
         # Each agent's own (``agent``: a stream's ``_Beats.agent``; a unary call's, as the
         # stream's would be): two agents with one identity have a clock each.
+        # A unary call's (no ``agent``) is known a renewal deadline, as a stream's after its
+        # end, unless a stream of the agent is open (whose end bounds it): else it was kept
+        # for ever (review of s37, L4).
         if not request.HasField("sent_at"):
             self.state.clocks.forget(name, agent or agent_of(request, context))
         elif not (request.closing or request.HasField("check_answer")):
             sent = request.sent_at
             x = sent.seconds + sent.nanos / 1e9 - now.timestamp()
-            self.state.clocks.heard(name, agent or agent_of(request, context), x, now)
+            keep = None
+            if not agent:
+                agent = agent_of(request, context)
+                if not any(o.agent == agent for o in self._streams.get(name, ())):
+                    keep = renewal_deadline(self.state.heartbeat_interval)
+            self.state.clocks.heard(name, agent, x, now, keep)
         return snap, now
 
     def _new_failures(

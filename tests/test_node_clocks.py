@@ -328,6 +328,65 @@ async def test_messages_without_a_time_or_copying_an_earlier_report_do_not_count
         await rig.close()
 
 
+async def test_a_unary_heartbeat_s_reading_is_known_for_a_bound_then_swept(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Review of s37, L4: an agent that meets the leader with unary ``Heartbeat`` calls (no
+    stream, whose end bounds a reading) had its reading kept for ever: gone for good, its node
+    still showed its clock problem. Now it is known a renewal deadline from its last message,
+    as a stream's is after the stream's end; heard again within it, it goes on (its since);
+    then unknown, and a ``check`` sweeps it. The state's monotonic clock is moved, no sleep.
+    Failed before: the offset was still 300 s past the bound."""
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    await rig.server.start()
+    mono = [1000.0]
+    rig.state.monotonic = lambda: mono[0]
+    keep = renewal_deadline(rig.state.heartbeat_interval)
+    request = leader_pb2.HeartbeatRequest(
+        agent_version="1", agent_port=AGENT_PORT, agent_instance="unary-one"
+    )
+    request.sent_at.CopyFrom(ts(T + dt.timedelta(seconds=300)))
+    clocks = rig.state.clocks
+    try:
+        async with grpc.aio.secure_channel(rig.target, rig.node) as channel:
+            stub = leader_pb2_grpc.LeaderStub(channel)
+            for _ in range(2):
+                await stub.Heartbeat(request, timeout=10)
+            ((node, _, since, *_),) = rig.state.node_problems()
+            assert node == "hb1" and clocks.offset("hb1") == 300.0
+            mono[0] += keep - 1
+            await stub.Heartbeat(request, timeout=10)  # within its bound: goes on
+            mono[0] += keep - 1
+            assert [p.since for p in rig.state.node_problems()] == [since]
+            assert clocks.offset("hb1") == 300.0
+            mono[0] += 1  # its bound from its last message
+            assert clocks.offset("hb1") is None and rig.state.node_problems() == []
+            with structlog.testing.capture_logs() as events:
+                clocks.check()
+            assert clocks._nodes == {}
+            assert [(e["event"], e.get("reason")) for e in events] == [
+                ("node.clock_agrees", "unknown")
+            ]
+    finally:
+        await rig.close()
+
+
+def test_an_agent_heard_without_a_stream_is_not_dropped_by_another_s_first_message() -> None:
+    """A unary reading's bound is no stream's end: another agent of the node (a clone calling
+    unary too) does not drop it at once, or two such agents would each restart the other's
+    estimate with every message and neither be known (a clone behind hidden)."""
+    t = [0.0]
+    clocks = NodeClocks(lambda: t[0])
+    for _ in range(2):
+        clocks.heard("n", A1, 0.0, T, keep=28.0)
+        clocks.heard("n", A2, -300.0, T, keep=28.0)
+    assert clocks.differs("n") and clocks.offset("n") == -300.0
+    t[0] += 28.0
+    assert clocks.offset("n") is None
+    clocks.check()
+    assert clocks._nodes == {}
+
+
 # --- a real leader and a real agent whose clock is off -----------------------------------------
 
 
