@@ -36,10 +36,15 @@ also when it was within ``WARN_SECONDS`` in ``CLEAR_AFTER`` messages in a row. A
 clock stayed there, since a delay only makes a node look farther behind (review of s36, F2).
 Ahead, a problem is proven (``x`` never overstates it) and ends only within ``CLEAR_SECONDS``
 (review of s37, M1: a few delayed messages of a node 60.1 s ahead ended it). A problem that
-begins again within ``REOPEN_SECONDS`` of its end goes on with its "since" and logs nothing
-(its end was logged; the next end is not, unless a start was): a node at the threshold, whose
-estimates straddle it with each message's delay, may come and go on the page but makes one
-warning line and one "since" (before: hundreds over 3000 messages).
+begins again within ``REOPEN_SECONDS`` of its end, the same way, goes on with its "since" and
+logs nothing (its end was logged; the next end is not, unless a start was): a node at the
+threshold, whose estimates straddle it with each message's delay, may come and go on the page
+but makes one warning line and one "since" (before: hundreds over 3000 messages). Such a
+problem that lasts ``REOPEN_SECONDS`` is no coming and going: it is logged then, once
+(``node.clock_differs`` with ``reopened``), and its end too; the log's last word on a node
+whose clock differs is not its earlier end. One the other way (behind, now ahead; or a
+problem that turns round at once) is another problem, with its own "since" and line (review
+of s37, R).
 
 Whose clock. Readings are kept per agent (``agent``: ``leader.service.agent_of``, its
 ``agent_instance``), not per node: two agents with one node's identity (a cloned machine:
@@ -103,8 +108,9 @@ CLEAR_AFTER = 3
 """Messages in a row whose estimate is within ``WARN_SECONDS`` that end a problem behind (one
 within ``CLEAR_SECONDS`` ends it at once; one ahead ends only within ``CLEAR_SECONDS``)."""
 REOPEN_SECONDS = 600.0
-"""A problem that begins again this soon (``NodeClocks.monotonic``) after it ended goes on with
-its ``since``, and logs nothing: a node at the threshold does not come and go."""
+"""A problem that begins again this soon (``NodeClocks.monotonic``) after it ended, the same
+way, goes on with its ``since``, and logs nothing until it has lasted this long again: a node
+at the threshold does not come and go."""
 CHECK_SECONDS = 1.0
 """How soon after a change the leader's clock is judged and logged, and expired agents swept
 (``NodeClocks.check``): at most once this, off the per-message path."""
@@ -140,10 +146,23 @@ class _Offset:
     not), how many messages in a row said it is within ``WARN_SECONDS`` while it is, and from
     when it is not known (its streams ended: ``NodeClocks.ended``; inf while they live). Of
     its last problem (``REOPEN_SECONDS``): its ``since`` (``was``), when it ended
-    (``NodeClocks.monotonic``), and whether its start was logged and its end not yet.
+    (``NodeClocks.monotonic``), which way it was (``ahead``), whether its start was logged and
+    its end not yet, and when it began again without a word (``again``).
     Changed in place by each message: no allocation but the float."""
 
-    __slots__ = ("before", "ended", "gone", "last", "logged", "since", "unary", "was", "within")
+    __slots__ = (
+        "again",
+        "ahead",
+        "before",
+        "ended",
+        "gone",
+        "last",
+        "logged",
+        "since",
+        "unary",
+        "was",
+        "within",
+    )
 
     def __init__(self, x: float) -> None:
         self.before = math.inf  # not known until a second message
@@ -155,6 +174,8 @@ class _Offset:
         self.ended = -math.inf
         self.logged = False
         self.unary = False  # heard with no stream: ``gone`` is its bound (``NodeClocks._bound``)
+        self.ahead = False  # which way its problem (or its last one) is
+        self.again = math.inf  # when its problem began again without a word (``_begins``)
 
     def best(self) -> float:
         before, last = self.before, self.last
@@ -207,6 +228,11 @@ class NodeClocks:
                     self._ends(node, agent, o, best)
             else:
                 o.within = 0
+                if (best > 0) != o.ahead:  # the other way at once: another problem
+                    o.was = None
+                    self._begins(node, agent, o, best, now)
+                elif not o.logged and self.monotonic() - o.again >= REOPEN_SECONDS:
+                    self._lasts(node, agent, o, best)
         if keep is not None:
             self._bound(o, keep)
 
@@ -220,11 +246,14 @@ class NodeClocks:
         self._later(keep + CHECK_SECONDS)
 
     def _begins(self, node: str, agent: str, o: _Offset, best: float, now: dt.datetime) -> None:
-        """``agent``'s problem begins: again within ``REOPEN_SECONDS`` of its end, it goes on
-        with its ``since`` and logs nothing."""
+        """``agent``'s problem begins: again within ``REOPEN_SECONDS`` of its end, the same
+        way, it goes on with its ``since`` and logs nothing (unless it lasts: ``_lasts``); the
+        other way (behind, now ahead) it is another problem, with its own since and line."""
         o.within = 0
-        if o.was is not None and self.monotonic() - o.ended < REOPEN_SECONDS:
-            o.since = o.was
+        ahead = best > 0
+        mono = self.monotonic()
+        if o.was is not None and ahead == o.ahead and mono - o.ended < REOPEN_SECONDS:
+            o.since, o.again = o.was, mono
         else:
             o.since = now
             o.logged = True
@@ -235,7 +264,23 @@ class NodeClocks:
                 offset=shown_seconds(best),
                 warn=WARN_SECONDS,
             )
+        o.ahead = ahead
         self._changed()
+
+    def _lasts(self, node: str, agent: str, o: _Offset, best: float) -> None:
+        """``agent``'s problem, begun again without a word (``_begins``), has lasted
+        ``REOPEN_SECONDS``: no coming and going at the threshold. Logged, once, so that the
+        log's last word on it is not its earlier end (review of s37, R), and its end is."""
+        o.logged = True
+        log.warning(
+            "node.clock_differs",
+            node=node,
+            agent=agent,
+            offset=shown_seconds(best),
+            warn=WARN_SECONDS,
+            reopened=True,
+            since=o.since.isoformat() if o.since is not None else None,
+        )
 
     def _ends(self, node: str, agent: str, o: _Offset, best: float) -> None:
         """``agent``'s problem ends: remembered (``_begins``); logged if its start was."""

@@ -46,7 +46,13 @@ from prometheus_client.parser import text_string_to_metric_families
 from leader import service as service_module
 from leader.admin_service import AdminService
 from leader.cli import identity
-from leader.node_clocks import CLEAR_AFTER, CLEAR_SECONDS, NodeClocks, clock_problem
+from leader.node_clocks import (
+    CLEAR_AFTER,
+    CLEAR_SECONDS,
+    REOPEN_SECONDS,
+    NodeClocks,
+    clock_problem,
+)
 from leader.observe import MAX_CLOCK_OFFSET
 from leader.schema_store import SchemaStore
 from leader.schema_view import SchemaViewService
@@ -620,6 +626,65 @@ def test_a_node_at_the_threshold_does_not_come_and_go_with_each_message(
     if offset < 0:
         ends = messages_until_it_ends(clocks, "a", offset, CLEAR_AFTER + 1)
         assert ends <= CLEAR_AFTER + 1 if offset > -WARN_SECONDS else ends > CLEAR_AFTER + 1
+
+
+def test_a_problem_begun_again_the_other_way_or_lasting_is_logged() -> None:
+    """Review of s37, R: a problem that began again within ``REOPEN_SECONDS`` of its end went
+    on with its since and logged nothing, whichever way: a node behind, then ahead, showed the
+    first problem's since and the log said it agreed. Now the other way is another problem
+    (its since, its line); and one begun again the same way that lasts ``REOPEN_SECONDS``
+    is logged once (``reopened``), so that the log's last word is not its earlier end, and its
+    end is logged. Failed before: no line after the first end in either case."""
+    mono = [0.0]
+    clocks = NodeClocks(lambda: mono[0])
+
+    def beat(node: str, x: float, at: float) -> None:
+        mono[0] = at
+        clocks.heard(node, A1, x, T + dt.timedelta(seconds=at))
+
+    def lines(events: list[Any]) -> list[tuple[str, float | None, bool | None]]:
+        return [(e["event"], e.get("offset"), e.get("reopened")) for e in events]
+
+    with structlog.testing.capture_logs() as events:
+        for at in (0.0, 5.0):
+            beat("a", -70.0, at)  # behind: a problem
+        for at in (10.0, 15.0):
+            beat("a", 0.0, at)  # ends
+        for at in (20.0, 25.0):
+            beat("a", 70.0, at)  # ahead, 15 s later: another problem
+    ((_, _, since, _),) = clocks.problems()
+    assert since == T + dt.timedelta(seconds=20)
+    assert lines(events) == [
+        ("node.clock_differs", -70.0, None),
+        ("node.clock_agrees", 0.0, None),
+        ("node.clock_differs", 70.0, None),
+    ]
+
+    with structlog.testing.capture_logs() as events:
+        for at in (0.0, 5.0):
+            beat("b", -70.0, at)
+        for at in (10.0, 15.0):
+            beat("b", 0.0, at)
+        at = 20.0
+        while at < 20.0 + REOPEN_SECONDS:  # begun again the same way: quiet a while
+            beat("b", -70.0, at)
+            at += 5.0
+        assert lines(events) == [
+            ("node.clock_differs", -70.0, None),
+            ("node.clock_agrees", 0.0, None),
+        ]
+        for _ in range(3):
+            beat("b", -70.0, at)  # lasted REOPEN_SECONDS: once
+            at += 5.0
+        for _ in range(2):
+            beat("b", 0.0, at)
+            at += 5.0
+    assert lines(events)[2:] == [
+        ("node.clock_differs", -70.0, True),
+        ("node.clock_agrees", 0.0, None),
+    ]
+    since = T + dt.timedelta(seconds=5)  # the first problem's (at its second message)
+    assert [e["since"] for e in events[2:3]] == [since.isoformat()]
 
 
 def test_an_agent_whose_stream_ended_is_known_until_the_bound_and_goes_on_if_it_is_back() -> None:
