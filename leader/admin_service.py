@@ -10,6 +10,7 @@ import asyncio
 import base64
 import datetime as dt
 import hmac
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -438,7 +439,11 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         log.info("token.revoked", token_id=request.id)
         return admin_pb2.RevokeTokenResponse(info=token_info(info))
 
-    def _node_info(self, n: Node) -> admin_pb2.NodeInfo:
+    def _node_info(
+        self, n: Node, clocks: Mapping[str, tuple[float, bool, bool]] | None = None
+    ) -> admin_pb2.NodeInfo:
+        """``n`` as ``NodeInfo``; its clock from ``clocks`` (``NodeClocks.listing``, read once
+        for every node listed; read now if not given)."""
         info = admin_pb2.NodeInfo(
             name=n.name,
             addresses=n.addresses,
@@ -462,10 +467,12 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             renewal_failing_since=timestamp(n.renewal_failing_since),
             renewal_error=n.renewal_error,
         )
-        offset = self.state.clocks.offset(n.name) if n.removed_at is None else None
-        if offset is not None:
-            info.clock_offset_seconds = offset
-            info.clock_differs = self.state.clocks.differs(n.name)
+        if clocks is None:
+            clocks = self.state.clocks.listing()
+        clock = clocks.get(n.name) if n.removed_at is None else None
+        if clock is not None:
+            # the leader's one verdict (``NodeClocks.listing``), as ``schema show`` has it
+            info.clock_offset_seconds, info.clock_differs, info.clock_leader = clock
         return info
 
     @map_errors(ERRORS)
@@ -475,7 +482,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         nodes = await asyncio.to_thread(
             self.state.store.list_nodes, include_removed=request.include_removed
         )
-        return admin_pb2.ListNodesResponse(nodes=[self._node_info(n) for n in nodes])
+        clocks = self.state.clocks.listing()
+        return admin_pb2.ListNodesResponse(nodes=[self._node_info(n, clocks) for n in nodes])
 
     @map_errors(ERRORS)
     async def RemoveNode(

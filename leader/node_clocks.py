@@ -36,10 +36,15 @@ also when it was within ``WARN_SECONDS`` in ``CLEAR_AFTER`` messages in a row. A
 clock stayed there, since a delay only makes a node look farther behind (review of s36, F2).
 Ahead, a problem is proven (``x`` never overstates it) and ends only within ``CLEAR_SECONDS``
 (review of s37, M1: a few delayed messages of a node 60.1 s ahead ended it). A problem that
-begins again within ``REOPEN_SECONDS`` of its end goes on with its "since" and logs nothing
-(its end was logged; the next end is not, unless a start was): a node at the threshold, whose
-estimates straddle it with each message's delay, may come and go on the page but makes one
-warning line and one "since" (before: hundreds over 3000 messages).
+begins again within ``REOPEN_SECONDS`` of its end, the same way, goes on with its "since" and
+logs nothing (its end was logged; the next end is not, unless a start was): a node at the
+threshold, whose estimates straddle it with each message's delay, may come and go on the page
+but makes one warning line and one "since" (before: hundreds over 3000 messages). Such a
+problem that lasts ``REOPEN_SECONDS`` is no coming and going: it is logged then, once
+(``node.clock_differs`` with ``reopened``), and its end too; the log's last word on a node
+whose clock differs is not its earlier end. One the other way (behind, now ahead; or a
+problem that turns round at once) is another problem, with its own "since" and line (review
+of s37, R).
 
 Whose clock. Readings are kept per agent (``agent``: ``leader.service.agent_of``, its
 ``agent_instance``), not per node: two agents with one node's identity (a cloned machine:
@@ -57,12 +62,18 @@ its stream's end forgot them, the problem vanished for up to a renewal bound and
 with a new "since" and a second log line (review of s36, F3). A new agent of the node (a
 restart: another ``agent_instance``) while the old one has no stream drops the old one's at
 once; if the old one's stream is still open (the leader has not noticed it died yet), its
-estimate is shown until its stream ends and a renewal deadline more.
+estimate is shown until its stream ends and a renewal deadline more. An agent that meets the
+leader with unary ``Heartbeat`` calls (no stream; ``heard``'s ``keep``) is known a renewal
+deadline from its last message and then not, as a stream's after its end (review of s37, L4:
+its reading was kept for ever); another agent of the node does not drop it before that.
 
 The leader's own clock (``leader.skew.leader_step``): when most nodes differ by about the same
 amount at once, the leader's clock is likelier off than theirs; the problem's text says so
-(``problems``: computed as problems are read), and the leader logs ``leader.clock_differs``
-when a node's state changes and makes it so (and ``leader.clock_agrees`` when it no longer is):
+(``problems``: computed as problems are read; its flag goes on the wire as
+``NodeProblemView.clock_leader`` and, by ``listing``, ``NodeInfo.clock_leader``: `tlsroll
+nodes` shows the leader's verdict and works out none of its own), and the leader logs
+``leader.clock_differs`` when a node's state changes and makes it so (and
+``leader.clock_agrees`` when it no longer is):
 judged by ``check`` on the event loop at most once a ``CHECK_SECONDS`` after a change, never by
 the message (a step of the leader's clock changes every node's state; reading every node's
 offset took 2.8 ms at 2000 nodes: review of s37, M2). The same ``check`` drops agents whose
@@ -97,8 +108,9 @@ CLEAR_AFTER = 3
 """Messages in a row whose estimate is within ``WARN_SECONDS`` that end a problem behind (one
 within ``CLEAR_SECONDS`` ends it at once; one ahead ends only within ``CLEAR_SECONDS``)."""
 REOPEN_SECONDS = 600.0
-"""A problem that begins again this soon (``NodeClocks.monotonic``) after it ended goes on with
-its ``since``, and logs nothing: a node at the threshold does not come and go."""
+"""A problem that begins again this soon (``NodeClocks.monotonic``) after it ended, the same
+way, goes on with its ``since``, and logs nothing until it has lasted this long again: a node
+at the threshold does not come and go."""
 CHECK_SECONDS = 1.0
 """How soon after a change the leader's clock is judged and logged, and expired agents swept
 (``NodeClocks.check``): at most once this, off the per-message path."""
@@ -134,10 +146,23 @@ class _Offset:
     not), how many messages in a row said it is within ``WARN_SECONDS`` while it is, and from
     when it is not known (its streams ended: ``NodeClocks.ended``; inf while they live). Of
     its last problem (``REOPEN_SECONDS``): its ``since`` (``was``), when it ended
-    (``NodeClocks.monotonic``), and whether its start was logged and its end not yet.
+    (``NodeClocks.monotonic``), which way it was (``ahead``), whether its start was logged and
+    its end not yet, and when it began again without a word (``again``).
     Changed in place by each message: no allocation but the float."""
 
-    __slots__ = ("before", "ended", "gone", "last", "logged", "since", "was", "within")
+    __slots__ = (
+        "again",
+        "ahead",
+        "before",
+        "ended",
+        "gone",
+        "last",
+        "logged",
+        "since",
+        "unary",
+        "was",
+        "within",
+    )
 
     def __init__(self, x: float) -> None:
         self.before = math.inf  # not known until a second message
@@ -148,6 +173,9 @@ class _Offset:
         self.was: dt.datetime | None = None
         self.ended = -math.inf
         self.logged = False
+        self.unary = False  # heard with no stream: ``gone`` is its bound (``NodeClocks._bound``)
+        self.ahead = False  # which way its problem (or its last one) is
+        self.again = math.inf  # when its problem began again without a word (``_begins``)
 
     def best(self) -> float:
         before, last = self.before, self.last
@@ -169,42 +197,63 @@ class NodeClocks:
         self._dirty = False  # a change since the last ``check``
         self._due = math.inf  # when the next ``check`` is due (the event loop's time)
 
-    def heard(self, node: str, agent: str, x: float, now: dt.datetime) -> None:
+    def heard(
+        self, node: str, agent: str, x: float, now: dt.datetime, keep: float | None = None
+    ) -> None:
         """A message of ``node``'s agent ``agent``, stamped ``x`` seconds later than the
-        leader's clock read it (``now``)."""
+        leader's clock read it (``now``). ``keep``: a message with no stream behind it (a
+        unary ``Heartbeat``), whose agent is known ``keep`` seconds from now and then not,
+        unless it is heard again (``_bound``)."""
         agents = self._nodes.get(node)
         o = agents.get(agent) if agents is not None else None
-        if o is None:
-            self._new(node, agent, x)
-            return
-        if o.gone != math.inf:  # its streams had ended: back within the bound, or new
-            if self.monotonic() >= o.gone:
-                self._new(node, agent, x)
-                return
-            o.gone = math.inf
-        o.before, o.last = o.last, x
-        best = o.best()
-        if o.since is None:
-            if not -WARN_SECONDS <= best <= WARN_SECONDS:
-                self._begins(node, agent, o, best, now)
-        elif -WARN_SECONDS <= best <= WARN_SECONDS:
-            # Ahead, the estimate never overstates it: a problem ahead is proven, and ends only
-            # within CLEAR_SECONDS. Behind, a delay overstates it: CLEAR_AFTER messages end it.
-            o.within += 1
-            if best > 0:
-                if best <= CLEAR_SECONDS:
-                    self._ends(node, agent, o, best)
-            elif o.within >= CLEAR_AFTER or best >= -CLEAR_SECONDS:
-                self._ends(node, agent, o, best)
+        if o is None or (o.gone != math.inf and self.monotonic() >= o.gone):
+            o = self._new(node, agent, x)  # a new agent, or one past its bound
         else:
-            o.within = 0
+            if o.gone != math.inf:  # its streams had ended (or a unary bound): back within it
+                o.gone, o.unary = math.inf, False
+            o.before, o.last = o.last, x
+            best = o.best()
+            if o.since is None:
+                if not -WARN_SECONDS <= best <= WARN_SECONDS:
+                    self._begins(node, agent, o, best, now)
+            elif -WARN_SECONDS <= best <= WARN_SECONDS:
+                # Ahead, the estimate never overstates it: a problem ahead is proven, and ends
+                # only within CLEAR_SECONDS. Behind, a delay overstates it: CLEAR_AFTER
+                # messages end it.
+                o.within += 1
+                if best > 0:
+                    if best <= CLEAR_SECONDS:
+                        self._ends(node, agent, o, best)
+                elif o.within >= CLEAR_AFTER or best >= -CLEAR_SECONDS:
+                    self._ends(node, agent, o, best)
+            else:
+                o.within = 0
+                if (best > 0) != o.ahead:  # the other way at once: another problem
+                    o.was = None
+                    self._begins(node, agent, o, best, now)
+                elif not o.logged and self.monotonic() - o.again >= REOPEN_SECONDS:
+                    self._lasts(node, agent, o, best)
+        if keep is not None:
+            self._bound(o, keep)
+
+    def _bound(self, o: _Offset, keep: float) -> None:
+        """``o``'s agent, heard with no stream open (a unary ``Heartbeat``), is known for
+        ``keep`` seconds from now, swept by a ``check`` after (review of s37, L4: such a
+        reading was kept for ever, and its problem shown for ever). Not a stream's end: a
+        new agent of the node does not drop it at once (``_new``), it lasts its bound."""
+        o.gone = self.monotonic() + keep
+        o.unary = True
+        self._later(keep + CHECK_SECONDS)
 
     def _begins(self, node: str, agent: str, o: _Offset, best: float, now: dt.datetime) -> None:
-        """``agent``'s problem begins: again within ``REOPEN_SECONDS`` of its end, it goes on
-        with its ``since`` and logs nothing."""
+        """``agent``'s problem begins: again within ``REOPEN_SECONDS`` of its end, the same
+        way, it goes on with its ``since`` and logs nothing (unless it lasts: ``_lasts``); the
+        other way (behind, now ahead) it is another problem, with its own since and line."""
         o.within = 0
-        if o.was is not None and self.monotonic() - o.ended < REOPEN_SECONDS:
-            o.since = o.was
+        ahead = best > 0
+        mono = self.monotonic()
+        if o.was is not None and ahead == o.ahead and mono - o.ended < REOPEN_SECONDS:
+            o.since, o.again = o.was, mono
         else:
             o.since = now
             o.logged = True
@@ -215,7 +264,23 @@ class NodeClocks:
                 offset=shown_seconds(best),
                 warn=WARN_SECONDS,
             )
+        o.ahead = ahead
         self._changed()
+
+    def _lasts(self, node: str, agent: str, o: _Offset, best: float) -> None:
+        """``agent``'s problem, begun again without a word (``_begins``), has lasted
+        ``REOPEN_SECONDS``: no coming and going at the threshold. Logged, once, so that the
+        log's last word on it is not its earlier end (review of s37, R), and its end is."""
+        o.logged = True
+        log.warning(
+            "node.clock_differs",
+            node=node,
+            agent=agent,
+            offset=shown_seconds(best),
+            warn=WARN_SECONDS,
+            reopened=True,
+            since=o.since.isoformat() if o.since is not None else None,
+        )
 
     def _ends(self, node: str, agent: str, o: _Offset, best: float) -> None:
         """``agent``'s problem ends: remembered (``_begins``); logged if its start was."""
@@ -225,16 +290,20 @@ class NodeClocks:
             log.info("node.clock_agrees", node=node, agent=agent, offset=shown_seconds(best))
         self._changed()
 
-    def _new(self, node: str, agent: str, x: float) -> None:
+    def _new(self, node: str, agent: str, x: float) -> _Offset:
         """``agent``'s first message (since its streams ended and the bound passed): the
-        node's agents whose streams all ended are gone (a restart: the agent's id is new)."""
+        node's agents whose streams all ended are gone (a restart: the agent's id is new);
+        one heard without a stream (``_bound``) lasts its bound."""
         agents = self._nodes.setdefault(node, {})
-        dropped = [key for key, o in agents.items() if o.gone != math.inf or key == agent]
+        dropped = [
+            key for key, o in agents.items() if (o.gone != math.inf and not o.unary) or key == agent
+        ]
         while len(agents) - len(dropped) >= AGENTS_KEPT:
             dropped.append(next(key for key in agents if key not in dropped))
         for key in dropped:
             self._unknown(node, key, agents.pop(key))
-        agents[agent] = _Offset(x)
+        o = agents[agent] = _Offset(x)
+        return o
 
     def _unknown(self, node: str, agent: str, o: _Offset) -> None:
         """``agent``'s estimate is dropped: a problem of it ends, for a reason not known."""
@@ -326,6 +395,16 @@ class NodeClocks:
         offsets, found = self._read()
         step = leader_step(offsets.values())
         return sorted((node, o, since, near_step(o, step)) for node, o, since in found), step
+
+    def listing(self) -> dict[str, tuple[float, bool, bool]]:
+        """(Any thread.) Every node whose offset is known: (offset, differs, leader), read at
+        once, as ``offset``, ``differs`` and ``problems`` say them: ``leader`` is the leader's
+        own verdict (``problems``' flag), which ``tlsroll nodes`` shows and does not work out
+        over the nodes it lists (review of s37, L7: the two could disagree)."""
+        offsets, found = self._read()
+        step = leader_step(offsets.values())
+        blamed = {node: near_step(o, step) for node, o, _ in found}
+        return {node: (o, node in blamed, blamed.get(node, False)) for node, o in offsets.items()}
 
     def _changed(self) -> None:
         """A node's state changed: the leader's clock is judged by a ``check`` soon, off the

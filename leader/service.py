@@ -138,8 +138,8 @@ MAX_AGENT_VERSION = 64  # characters of the version string an agent reports
 @dataclass(frozen=True)
 class TwinAgents:
     """Two agents use one node's identity (``LeaderService._look_for_twins``): since when the
-    leader sees it, until when it holds (``time.monotonic()``; seen again, it holds longer),
-    and the two agents' connections as gRPC names their peers."""
+    leader sees it, until when it holds (``LeaderState.monotonic``, which counts a suspend;
+    seen again, it holds longer), and the two agents' connections as gRPC names their peers."""
 
     since: dt.datetime
     until: float
@@ -235,7 +235,7 @@ class LeaderState:
         """What keeps node ``node`` from being planned or switched now, in words with what to
         do (``NodeProblemView``), or None: two agents use its identity (``TwinAgents``)."""
         twins = self.twin_agents.get(node)
-        if twins is None or time.monotonic() >= twins.until:
+        if twins is None or self.monotonic() >= twins.until:
             return None
         return twins_problem(node)
 
@@ -243,7 +243,7 @@ class LeaderState:
         """(Any thread.) Every node's ``node_problem`` now, and every node whose clock differs
         from the leader's (``leader.node_clocks``: a warning, which holds nothing; a rollout's
         preflight refuses the node beyond its own limit), by name."""
-        now = time.monotonic()
+        now = self.monotonic()
         problems = [
             NodeProblemRow(node, twins_problem(node), twins.since)
             for node, twins in list(self.twin_agents.items())
@@ -761,7 +761,10 @@ class Snapshot:
     a message on an open ``Heartbeats`` stream is checked as strictly as a new call."""
 
     generation: int
-    made: float  # time.monotonic()
+    # time.monotonic(): a cache's age (``SNAPSHOT_MAX_AGE``), not the state's clock. After a
+    # suspend it serves at most that much longer (a list due for a new number: 30 s late),
+    # and a test that moves the state's clock does not make every heartbeat read it anew.
+    made: float
     accepted: dict[str, frozenset[str]]  # node -> fingerprints (``Store.accepted_certificates``)
     revoked: frozenset[str]  # serials (hex)
     epoch: int
@@ -973,7 +976,8 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         self._clients: dict[str, tuple[tuple[object, ...], dt.datetime]] = {}
         # node -> its open Heartbeats streams that had a message accepted, oldest first.
         self._streams: dict[str, list[_Beats]] = {}
-        # node -> agent ids whose stream was ended for another agent's -> until (monotonic).
+        # node -> agent ids whose stream was ended for another agent's -> until
+        # (``LeaderState.monotonic``).
         self._evicted: dict[str, dict[str, float]] = {}
         self._open: set[_Beats] = set()  # every open Heartbeats stream, counted or not
         # node -> its open streams with no message yet, oldest first (``_opened``).
@@ -1356,12 +1360,20 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         # that copies an earlier report: it carries that report's time.
         # Each agent's own (``agent``: a stream's ``_Beats.agent``; a unary call's, as the
         # stream's would be): two agents with one identity have a clock each.
+        # A unary call's (no ``agent``) is known a renewal deadline, as a stream's after its
+        # end, unless a stream of the agent is open (whose end bounds it): else it was kept
+        # for ever (review of s37, L4).
         if not request.HasField("sent_at"):
             self.state.clocks.forget(name, agent or agent_of(request, context))
         elif not (request.closing or request.HasField("check_answer")):
             sent = request.sent_at
             x = sent.seconds + sent.nanos / 1e9 - now.timestamp()
-            self.state.clocks.heard(name, agent or agent_of(request, context), x, now)
+            keep = None
+            if not agent:
+                agent = agent_of(request, context)
+                if not any(o.agent == agent for o in self._streams.get(name, ())):
+                    keep = renewal_deadline(self.state.heartbeat_interval)
+            self.state.clocks.heard(name, agent, x, now, keep)
         return snap, now
 
     def _new_failures(
@@ -1694,8 +1706,8 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
     def _note_evicted(self, name: str, agent: str) -> None:
         """A stream of agent ``agent`` of node ``name`` was ended for another agent's newer
         one: remembered for ``TWINS_HOLD_BOUNDS`` renewal deadlines (``_came_back``), at most
-        ``EVICTED_KEPT`` ids per node and ``MAX_CALLERS`` nodes."""
-        now = time.monotonic()
+        ``EVICTED_KEPT`` ids per node and ``MAX_CALLERS`` nodes (``LeaderState.monotonic``)."""
+        now = self.state.monotonic()
         until = now + TWINS_HOLD_BOUNDS * renewal_deadline(self.state.heartbeat_interval)
         if name not in self._evicted and len(self._evicted) >= MAX_CALLERS:
             self._evicted.clear()
@@ -1716,7 +1728,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         agent's old id never comes back, so a restart does not count."""
         ids = self._evicted.get(beat.name)
         until = ids.get(beat.agent) if ids else None
-        if until is None or time.monotonic() >= until:
+        if until is None or self.state.monotonic() >= until:
             return
         other = next(
             (
@@ -1759,7 +1771,9 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         begins, held for ``TWINS_HOLD_BOUNDS`` renewal deadlines from now."""
         twins = self.state.twin_agents
         held = twins.get(beat.name)
-        now = time.monotonic()
+        # The state's clock, which counts a suspend: on ``time.monotonic``, which stops in
+        # one, a hold lasted the suspend longer after the host resumed.
+        now = self.state.monotonic()
         until = now + TWINS_HOLD_BOUNDS * renewal_deadline(self.state.heartbeat_interval)
         peers = (peertext.clean(other.context.peer(), 80), peertext.clean(beat.context.peer(), 80))
         if held is None or now >= held.until:

@@ -1,6 +1,9 @@
 """A node's clock offset as the leader shows it, and what many nodes' offsets at once say about
 the leader's own clock (``leader.node_clocks`` keeps the offsets). Pure, and it imports nothing
-of the leader: ``tlsroll nodes`` and the viewer use it as the leader does.
+of the leader: ``tlsroll nodes`` and the viewer show offsets with it as the leader does. The
+verdict on the leader's clock is the leader's alone (``leader_step`` over the nodes it hears),
+on the wire as ``clock_leader``: the CLI works none out over the nodes it lists (review of
+s37, L7).
 
 The number shown (``shown_seconds``): to the nearest tenth of a second, and never within a
 limit it is beyond (``THRESHOLDS``: the warning's 60 s, the preflight's 120 s). Whole seconds

@@ -36,7 +36,7 @@ import sys
 from collections.abc import AsyncIterator, Callable
 from html import unescape
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import grpc
 import pytest
@@ -44,8 +44,15 @@ import structlog.testing
 from prometheus_client.parser import text_string_to_metric_families
 
 from leader import service as service_module
+from leader.admin_service import AdminService
 from leader.cli import identity
-from leader.node_clocks import CLEAR_AFTER, CLEAR_SECONDS, NodeClocks, clock_problem
+from leader.node_clocks import (
+    CLEAR_AFTER,
+    CLEAR_SECONDS,
+    REOPEN_SECONDS,
+    NodeClocks,
+    clock_problem,
+)
 from leader.observe import MAX_CLOCK_OFFSET
 from leader.schema_store import SchemaStore
 from leader.schema_view import SchemaViewService
@@ -70,6 +77,7 @@ from tlsroll.clocks import elapsed
 from tlsroll.defaults import AGENT_PORT
 from tlsroll.tls import client_context
 from tlsroll.v1 import admin_pb2, agent_pb2, leader_pb2, leader_pb2_grpc, schema_pb2
+from tlsroll.wire import to_dict
 
 T = dt.datetime(2026, 11, 30, 10, 0, tzinfo=dt.UTC)
 CLOCK_OFFSET = NodeProblemKind.CLOCK_OFFSET
@@ -326,6 +334,65 @@ async def test_messages_without_a_time_or_copying_an_earlier_report_do_not_count
         await rig.close()
 
 
+async def test_a_unary_heartbeat_s_reading_is_known_for_a_bound_then_swept(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Review of s37, L4: an agent that meets the leader with unary ``Heartbeat`` calls (no
+    stream, whose end bounds a reading) had its reading kept for ever: gone for good, its node
+    still showed its clock problem. Now it is known a renewal deadline from its last message,
+    as a stream's is after the stream's end; heard again within it, it goes on (its since);
+    then unknown, and a ``check`` sweeps it. The state's monotonic clock is moved, no sleep.
+    Failed before: the offset was still 300 s past the bound."""
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    await rig.server.start()
+    mono = [1000.0]
+    rig.state.monotonic = lambda: mono[0]
+    keep = renewal_deadline(rig.state.heartbeat_interval)
+    request = leader_pb2.HeartbeatRequest(
+        agent_version="1", agent_port=AGENT_PORT, agent_instance="unary-one"
+    )
+    request.sent_at.CopyFrom(ts(T + dt.timedelta(seconds=300)))
+    clocks = rig.state.clocks
+    try:
+        async with grpc.aio.secure_channel(rig.target, rig.node) as channel:
+            stub = leader_pb2_grpc.LeaderStub(channel)
+            for _ in range(2):
+                await stub.Heartbeat(request, timeout=10)
+            ((node, _, since, *_),) = rig.state.node_problems()
+            assert node == "hb1" and clocks.offset("hb1") == 300.0
+            mono[0] += keep - 1
+            await stub.Heartbeat(request, timeout=10)  # within its bound: goes on
+            mono[0] += keep - 1
+            assert [p.since for p in rig.state.node_problems()] == [since]
+            assert clocks.offset("hb1") == 300.0
+            mono[0] += 1  # its bound from its last message
+            assert clocks.offset("hb1") is None and rig.state.node_problems() == []
+            with structlog.testing.capture_logs() as events:
+                clocks.check()
+            assert clocks._nodes == {}
+            assert [(e["event"], e.get("reason")) for e in events] == [
+                ("node.clock_agrees", "unknown")
+            ]
+    finally:
+        await rig.close()
+
+
+def test_an_agent_heard_without_a_stream_is_not_dropped_by_another_s_first_message() -> None:
+    """A unary reading's bound is no stream's end: another agent of the node (a clone calling
+    unary too) does not drop it at once, or two such agents would each restart the other's
+    estimate with every message and neither be known (a clone behind hidden)."""
+    t = [0.0]
+    clocks = NodeClocks(lambda: t[0])
+    for _ in range(2):
+        clocks.heard("n", A1, 0.0, T, keep=28.0)
+        clocks.heard("n", A2, -300.0, T, keep=28.0)
+    assert clocks.differs("n") and clocks.offset("n") == -300.0
+    t[0] += 28.0
+    assert clocks.offset("n") is None
+    clocks.check()
+    assert clocks._nodes == {}
+
+
 # --- a real leader and a real agent whose clock is off -----------------------------------------
 
 
@@ -402,8 +469,9 @@ def test_a_real_agent_with_its_clock_off_shows_in_nodes_schema_and_metrics_until
             return found
 
         wait_until(lambda: cluster.list_nodes()["n1"].clock_differs, 30, "n1's clock differs")
-        offset = node()["clock_offset_seconds"]
-        assert isinstance(offset, float)
+        found = node()
+        offset = found["clock_offset_seconds"]
+        assert isinstance(offset, float) and found["clock_leader"] is False  # one node: its own
         # Never more than the node is ahead; less by the delay of the better of two messages
         # (milliseconds; a loaded machine's seconds are allowed for).
         assert 290 < offset < 300.5
@@ -560,6 +628,65 @@ def test_a_node_at_the_threshold_does_not_come_and_go_with_each_message(
         assert ends <= CLEAR_AFTER + 1 if offset > -WARN_SECONDS else ends > CLEAR_AFTER + 1
 
 
+def test_a_problem_begun_again_the_other_way_or_lasting_is_logged() -> None:
+    """Review of s37, R: a problem that began again within ``REOPEN_SECONDS`` of its end went
+    on with its since and logged nothing, whichever way: a node behind, then ahead, showed the
+    first problem's since and the log said it agreed. Now the other way is another problem
+    (its since, its line); and one begun again the same way that lasts ``REOPEN_SECONDS``
+    is logged once (``reopened``), so that the log's last word is not its earlier end, and its
+    end is logged. Failed before: no line after the first end in either case."""
+    mono = [0.0]
+    clocks = NodeClocks(lambda: mono[0])
+
+    def beat(node: str, x: float, at: float) -> None:
+        mono[0] = at
+        clocks.heard(node, A1, x, T + dt.timedelta(seconds=at))
+
+    def lines(events: list[Any]) -> list[tuple[str, float | None, bool | None]]:
+        return [(e["event"], e.get("offset"), e.get("reopened")) for e in events]
+
+    with structlog.testing.capture_logs() as events:
+        for at in (0.0, 5.0):
+            beat("a", -70.0, at)  # behind: a problem
+        for at in (10.0, 15.0):
+            beat("a", 0.0, at)  # ends
+        for at in (20.0, 25.0):
+            beat("a", 70.0, at)  # ahead, 15 s later: another problem
+    ((_, _, since, _),) = clocks.problems()
+    assert since == T + dt.timedelta(seconds=20)
+    assert lines(events) == [
+        ("node.clock_differs", -70.0, None),
+        ("node.clock_agrees", 0.0, None),
+        ("node.clock_differs", 70.0, None),
+    ]
+
+    with structlog.testing.capture_logs() as events:
+        for at in (0.0, 5.0):
+            beat("b", -70.0, at)
+        for at in (10.0, 15.0):
+            beat("b", 0.0, at)
+        at = 20.0
+        while at < 20.0 + REOPEN_SECONDS:  # begun again the same way: quiet a while
+            beat("b", -70.0, at)
+            at += 5.0
+        assert lines(events) == [
+            ("node.clock_differs", -70.0, None),
+            ("node.clock_agrees", 0.0, None),
+        ]
+        for _ in range(3):
+            beat("b", -70.0, at)  # lasted REOPEN_SECONDS: once
+            at += 5.0
+        for _ in range(2):
+            beat("b", 0.0, at)
+            at += 5.0
+    assert lines(events)[2:] == [
+        ("node.clock_differs", -70.0, True),
+        ("node.clock_agrees", 0.0, None),
+    ]
+    since = T + dt.timedelta(seconds=5)  # the first problem's (at its second message)
+    assert [e["since"] for e in events[2:3]] == [since.isoformat()]
+
+
 def test_an_agent_whose_stream_ended_is_known_until_the_bound_and_goes_on_if_it_is_back() -> None:
     """Review of s36, F3: the node's last stream's end forgot its clock; a reconnect made it
     unknown until its second message, then a problem again with a new since and a second log
@@ -707,13 +834,8 @@ async def test_a_step_of_the_leader_s_clock_is_said_to_be_the_leader_s_and_logge
             assert "The clock of node d differs from the leader's by -200.0 s; cert" in html
             html = unescape(pages.schema_content(snap, Words.of("de"), page))
             assert "wie die der meisten Knoten: vermutlich geht die Uhr des Leaders falsch." in html
-            infos = [
-                admin_pb2.NodeInfo(name=n, clock_offset_seconds=x, clock_differs=abs(x) > 60)
-                for n, x in (("b", 89.0), ("c", 91.0), ("d", -200.0), ("e", 0.0), ("hb1", 90.2))
-            ]
-            step = leader_step(i.clock_offset_seconds for i in infos)
-            assert identity._clock(infos[0], step).plain.endswith("check the leader's clock")
-            assert identity._clock(infos[2], step).plain.endswith("fix NTP")
+            blamed = {n: leader for n, (_, _, leader) in clocks.listing().items()}
+            assert blamed == {"b": True, "c": True, "d": False, "e": False, "hb1": True}
 
             for _ in range(CLEAR_AFTER):
                 clocks.heard("b", A1, 1.0, T)  # b put right: 2 of 5 left
@@ -721,6 +843,54 @@ async def test_a_step_of_the_leader_s_clock_is_said_to_be_the_leader_s_and_logge
             assert all("LEADER" not in p.problem for p in rig.state.node_problems())
         said = [(e["event"], e.get("offset")) for e in events if e["event"].startswith("leader.")]
         assert said == [("leader.clock_differs", -90.2), ("leader.clock_agrees", None)]
+
+
+async def test_tlsroll_nodes_shows_the_leader_s_own_verdict_on_its_clock_and_json_has_it(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Review of s37, L7: `tlsroll nodes` worked out "blame the leader's clock" itself, over the
+    enrolled nodes it lists, while the node problems (`schema show`, the viewer) carry the
+    leader's verdict over the nodes it hears, and `--json` said nothing. Here hb1, the one
+    enrolled node, is 90.2 s ahead and the leader hears b and c about as far (readings only):
+    the leader blames its own clock for the three, and `tlsroll nodes` said "fix NTP" (one node
+    listed: no step of its own). Now the leader's verdict goes on the wire
+    (``NodeInfo.clock_leader``, ``NodeProblemView.clock_leader``): the table shows it, --json
+    and the schema carry it, the viewer's page reads it; the CLI works nothing out, so nodes
+    listed alike that the leader does not blame (a leader before the field) are not blamed."""
+    async with leader_and_link(tmp_path, loopback) as (rig, link, offset):
+        offset[0] = 90.2
+        await link.beat()
+        await link.beat()
+        for node, x in (("b", 89.0), ("c", 91.0), ("d", 0.0)):
+            rig.state.clocks.heard(node, A1, x, T)
+            rig.state.clocks.heard(node, A1, x, T)
+        admin = AdminService(rig.state, cast(Any, None), SchemaStore(rig.store.db))
+        reply = await admin.ListNodes(admin_pb2.ListNodesRequest(), cast(Any, None))
+        (info,) = reply.nodes
+        assert (info.name, info.clock_differs, info.clock_leader) == ("hb1", True, True)
+        assert identity._clock(info).plain == "+90.2 s: most nodes too: check the leader's clock"
+        assert to_dict(info)["clock_leader"] is True  # `tlsroll nodes --json`, one node
+
+        view = SchemaViewService(
+            SchemaStore(rig.store.db), lambda: rig.clock[0], node_problems=rig.state.node_problems
+        )
+        shown = view._answer(schema_pb2.GetSchemaRequest(), None).node_problems
+        blamed = {p.node: p.clock_leader for p in shown}
+        assert blamed == {"b": True, "c": True, "hb1": True}
+        snap = reader_of(rig).read()
+        assert {p["node"]: p["clock_leader"] for p in snap.data["node_problems"]} == blamed
+        page = pages.PageContext("127.0.0.1", "test", T, "/events")
+        html = unescape(pages.schema_content(snap, Words.of("en"), page))
+        assert "The clock of node hb1 differs from the leader's by +90.2 s, as most" in html
+
+        alike = [
+            admin_pb2.NodeInfo(name=n, clock_offset_seconds=x, clock_differs=True)
+            for n, x in (("n1", 89.0), ("n2", 90.0), ("n3", 91.0))
+        ]
+        assert [identity._clock(i).plain for i in alike] == [
+            "+89.0 s: fix NTP", "+90.0 s: fix NTP", "+91.0 s: fix NTP"
+        ]  # fmt: skip
+        assert to_dict(alike[0])["clock_leader"] is False
 
 
 async def test_an_agent_that_reconnects_keeps_its_clock_problem_and_its_since(

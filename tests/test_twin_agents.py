@@ -19,6 +19,7 @@ import functools
 import threading
 from collections.abc import AsyncIterator, Callable, MutableMapping, Sequence
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import pytest
@@ -31,14 +32,14 @@ from leader.observe import NodeProblem, observe
 from leader.rollout_core import FreezeMode, NodeState, RolloutState
 from leader.schema_store import SchemaStore
 from leader.schema_view import SchemaViewService
-from leader.service import twins_problem
+from leader.service import renewal_deadline, twins_problem
 from leader.states import NodeProblemRow
 from leader.store import Store
 from leader.viewer import pages
 from leader.viewer.i18n import Words
 from leader.viewer.snapshot import Reader
 from nodeagent.leader_link import LeaderLink
-from tests.leader_rig import InProcessLeader
+from tests.leader_rig import InProcessLeader, leader_with_a_node
 from tests.test_engine import ALL_DONE, make_world, states
 from tests.test_heartbeat_stream import agent_link, until
 from tests.test_plan_over_stream import ENABLE_TLS, Node, commands_of, world
@@ -75,18 +76,15 @@ def duplicates(events: Sequence[MutableMapping[str, Any]]) -> list[MutableMappin
 
 
 async def test_two_live_agents_of_one_node_are_its_problem_and_it_is_neither_planned_nor_asked(
-    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch
+    tmp_path: Path, loopback: Callable[[], str]
 ) -> None:
     """hb1's agent and a second one with its identity both send on their streams: the leader
     logs ``heartbeat.duplicate_agent`` once, with both connections, and shows the node's
     problem (``schema show``), which says what to do; a plan and a start refuse hb1 with it,
     and no question goes to either agent. Once one agent stops, the problem holds
-    ``TWINS_HOLD_BOUNDS`` renewal deadlines after it was last seen, then hb1 is planned
-    again. On ecdc160 nothing was logged and the plan asked the second agent.
-
-    The hold is the product's (16 s at 1 s) while the test looks at the problem, so that a
-    slow machine cannot end it before the checks (a 2 s hold ran from the first sighting
-    before); the last sighting, once the checks are done, holds it 2 s."""
+    ``TWINS_HOLD_BOUNDS`` renewal deadlines after it was last seen (on the state's clock,
+    which the test moves past it), then hb1 is planned again. On ecdc160 nothing was logged
+    and the plan asked the second agent."""
     async with world(tmp_path, loopback) as (rig, pool, node):
         with structlog.testing.capture_logs() as events:
             async with second_agent(tmp_path, rig, node) as twin:
@@ -135,12 +133,15 @@ async def test_two_live_agents_of_one_node_are_its_problem_and_it_is_neither_pla
                 assert asked == []
                 for link in (node.link, twin):
                     link.answer_check = node.service.answer_check
-                monkeypatch.setattr(service_module, "TWINS_HOLD_BOUNDS", 0.25)  # 2 s at 1 s
                 await node.link.beat()
                 await twin.beat()
                 assert len(duplicates(events)) == 1  # logged as it began, not each time
             # The second agent stopped: hb1 is free once the hold ran out.
-            await until(lambda: rig.state.node_problem("hb1") is None, "the problem ended")
+            assert rig.state.node_problem("hb1") == problem
+            ran = rig.state.monotonic
+            hold = service_module.TWINS_HOLD_BOUNDS * renewal_deadline(rig.state.heartbeat_interval)
+            rig.state.monotonic = lambda: ran() + hold
+            assert rig.state.node_problem("hb1") is None
             seen_now = await observe(pool, ["hb1"], rig.state.ca.cert, ask=rig.service.ask_check)
             assert seen_now["hb1"].reachable
 
@@ -358,6 +359,48 @@ async def test_a_scope_rollout_s_switch_held_for_a_lease_fails_and_unfreezes_the
     assert world.agents.calls_to("charlie", "switch") == []
     assert [e for e in events if e["event"] == "step.held_failed"]
     await leader.stop()
+
+
+async def test_the_hold_is_on_the_state_s_clock_which_counts_a_suspend(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """Review of s37, H: the holds counted on ``time.monotonic``, which stops while the host is
+    suspended: after it resumed, a hold (and the memory of an evicted agent's id) lasted the
+    suspend longer. Now on the state's clock (``LeaderState.monotonic``: the suspend-counting
+    ``tlsroll.clocks.elapsed`` by default), late-bound: moved past the hold, it is over. Failed
+    before: the hold went on by ``time.monotonic``."""
+    rig = leader_with_a_node(tmp_path, loopback(), loopback())
+    t = [100.0]
+    rig.state.monotonic = lambda: t[0]
+    hold = service_module.TWINS_HOLD_BOUNDS * renewal_deadline(rig.state.heartbeat_interval)
+
+    def beat(agent: str) -> Any:
+        peer = f"ipv4:127.0.0.1:{len(agent) + 40000}"
+        context = SimpleNamespace(peer=lambda: peer)
+        return SimpleNamespace(name="hb1", agent=agent, context=context, cut=False, closed=False)
+
+    first, clone = beat("id:first"), beat("id:clone")
+    try:
+        rig.service._twins(clone, first)
+        t[0] += hold - 1
+        assert rig.state.node_problem("hb1") == twins_problem("hb1")
+        assert [p.node for p in rig.state.node_problems()] == ["hb1"]
+        t[0] += 1
+        assert rig.state.node_problem("hb1") is None and rig.state.node_problems() == []
+
+        # an evicted agent's id that comes back: remembered for the hold, on the same clock
+        rig.service._streams["hb1"] = [first]
+        rig.service._note_evicted("hb1", clone.agent)
+        t[0] += hold
+        rig.service._came_back(clone)
+        assert rig.state.node_problem("hb1") is None
+        rig.service._note_evicted("hb1", clone.agent)
+        t[0] += hold - 1
+        rig.service._came_back(clone)
+        assert rig.state.node_problem("hb1") == twins_problem("hb1")
+    finally:
+        rig.service._streams.clear()
+        await rig.close()
 
 
 def test_the_node_problem_is_on_the_viewer_s_page_and_in_schema_show(tmp_path: Path) -> None:

@@ -26,7 +26,7 @@ from leader.cli.base import (
     to_dict,
 )
 from leader.layout import Layout
-from leader.skew import leader_step, near_step, signed_seconds
+from leader.skew import signed_seconds
 from leader.states import Health
 from leader.wire import NODE_HEALTH
 from tlsroll import peertext
@@ -84,9 +84,6 @@ def nodes(
         "cert expires",
         "renewal",
     )
-    step = leader_step(
-        n.clock_offset_seconds for n in reply.nodes if n.HasField("clock_offset_seconds")
-    )
     for n in reply.nodes:
         if n.HasField("removed_at"):
             state = Text(f"removed {fmt_time(n, 'removed_at')}", style="dim")
@@ -96,7 +93,7 @@ def nodes(
             n.name,
             ", ".join(n.addresses),
             state,
-            _clock(n, step),
+            _clock(n),
             Text(n.server or "-", style="red" if n.server.startswith("down") else ""),
             # Whatever an agent reported, printed without control characters (the leader
             # cleans it too; an older store may still hold raw text).
@@ -108,16 +105,18 @@ def nodes(
     out.print(table)
 
 
-def _clock(n: admin_pb2.NodeInfo, step: float | None = None) -> Text:
+def _clock(n: admin_pb2.NodeInfo) -> Text:
     """The node's clock less the leader's, from its heartbeats ("-": not known; to the nearest
     tenth, never within a limit it is beyond: ``leader.skew.shown_seconds``), red where the
-    leader shows it as a node problem (``schema show``); ``step``: the offset most nodes share
-    (``leader.skew.leader_step``), where the leader's clock is the first thing to check."""
+    leader shows it as a node problem (``schema show``), and the leader's clock named first
+    where the leader says it is the likelier one at fault (``clock_leader``: its own verdict,
+    as on its node problem; this command works out nothing of its own, and a leader before the
+    field blames no leader clock: review of s37, L7)."""
     if not n.HasField("clock_offset_seconds"):
         return Text("-")
     offset = f"{signed_seconds(n.clock_offset_seconds)} s"
     if n.clock_differs:
-        if near_step(n.clock_offset_seconds, step):
+        if n.clock_leader:
             return Text(f"{offset}: most nodes too: check the leader's clock", style="red")
         return Text(f"{offset}: fix NTP", style="red")
     return Text(offset)

@@ -90,9 +90,6 @@ class Snapshot:
     agent_near: dt.timedelta = NEAR_EXPIRY
     """Agents renew their own certificates: one is near its end only once its renewal is
     overdue (``leader.expiry``: a tenth of its life), not merely within ``NEAR_EXPIRY``."""
-    leader_clock: frozenset[str] = frozenset()
-    """The nodes whose clocks differ from the leader's by about as much as most nodes' at once
-    (``NodeProblemRow.leader_clock``): likelier the leader's clock is off than theirs."""
 
     @property
     def offline(self) -> tuple[NodeStatus, ...]:
@@ -241,7 +238,6 @@ class Reader:
             selected=selected,
             timeline=timeline,
             agent_near=self.agent_near,
-            leader_clock=frozenset(p.node for p in problems if p.leader_clock),
             switch_times=self.schema.switch_times() if times else None,
         )
 

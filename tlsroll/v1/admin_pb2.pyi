@@ -861,6 +861,7 @@ class NodeInfo(_message.Message):
     SERVER_FIELD_NUMBER: _builtins.int
     CLOCK_OFFSET_SECONDS_FIELD_NUMBER: _builtins.int
     CLOCK_DIFFERS_FIELD_NUMBER: _builtins.int
+    CLOCK_LEADER_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     agent_version: _builtins.str
     agent_port: _builtins.int
@@ -889,6 +890,11 @@ class NodeInfo(_message.Message):
     clock_differs: _builtins.bool
     """The leader shows the node's clock as a node problem (`schema show`, the viewer): it
     differs by more than the leader warns at.
+    """
+    clock_leader: _builtins.bool
+    """(With `clock_differs`) The leader's clock is the likelier one at fault: most nodes whose
+    clocks the leader knows differ by about the same step, this one among them (the leader's
+    own verdict, as on its `NodeProblemView`). False from a leader before this field.
     """
     @_builtins.property
     def addresses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
@@ -940,10 +946,11 @@ class NodeInfo(_message.Message):
         server: _builtins.str = ...,
         clock_offset_seconds: _builtins.float | None = ...,
         clock_differs: _builtins.bool = ...,
+        clock_leader: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_clock_offset_seconds", b"_clock_offset_seconds", "cert_not_after", b"cert_not_after", "cert_renewed_at", b"cert_renewed_at", "clock_offset_seconds", b"clock_offset_seconds", "enrolled_at", b"enrolled_at", "last_heartbeat", b"last_heartbeat", "removed_at", b"removed_at", "renewal_due_at", b"renewal_due_at", "renewal_failing_since", b"renewal_failing_since"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_clock_offset_seconds", b"_clock_offset_seconds", "addresses", b"addresses", "agent_port", b"agent_port", "agent_version", b"agent_version", "cert_fingerprint", b"cert_fingerprint", "cert_not_after", b"cert_not_after", "cert_renewed_at", b"cert_renewed_at", "cert_serial", b"cert_serial", "clock_differs", b"clock_differs", "clock_offset_seconds", b"clock_offset_seconds", "dns_names", b"dns_names", "enrolled_at", b"enrolled_at", "highest_epoch", b"highest_epoch", "identity", b"identity", "key_pin", b"key_pin", "last_heartbeat", b"last_heartbeat", "name", b"name", "online", b"online", "removed_at", b"removed_at", "renewal_due_at", b"renewal_due_at", "renewal_error", b"renewal_error", "renewal_failing_since", b"renewal_failing_since", "server", b"server", "token_id", b"token_id"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_clock_offset_seconds", b"_clock_offset_seconds", "addresses", b"addresses", "agent_port", b"agent_port", "agent_version", b"agent_version", "cert_fingerprint", b"cert_fingerprint", "cert_not_after", b"cert_not_after", "cert_renewed_at", b"cert_renewed_at", "cert_serial", b"cert_serial", "clock_differs", b"clock_differs", "clock_leader", b"clock_leader", "clock_offset_seconds", b"clock_offset_seconds", "dns_names", b"dns_names", "enrolled_at", b"enrolled_at", "highest_epoch", b"highest_epoch", "identity", b"identity", "key_pin", b"key_pin", "last_heartbeat", b"last_heartbeat", "name", b"name", "online", b"online", "removed_at", b"removed_at", "renewal_due_at", b"renewal_due_at", "renewal_error", b"renewal_error", "renewal_failing_since", b"renewal_failing_since", "server", b"server", "token_id", b"token_id"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__clock_offset_seconds: _TypeAlias = _typing.Literal["clock_offset_seconds"]  # noqa: Y015
     _WhichOneofArgType__clock_offset_seconds: _TypeAlias = _typing.Literal["_clock_offset_seconds", b"_clock_offset_seconds"]  # noqa: Y015

@@ -452,6 +452,7 @@ class NodeProblemView(_message.Message):
     SINCE_FIELD_NUMBER: _builtins.int
     KIND_FIELD_NUMBER: _builtins.int
     CLOCK_OFFSET_SECONDS_FIELD_NUMBER: _builtins.int
+    CLOCK_LEADER_FIELD_NUMBER: _builtins.int
     node: _builtins.str
     problem: _builtins.str
     """What is wrong and what to do, in words."""
@@ -459,6 +460,11 @@ class NodeProblemView(_message.Message):
     """Which problem it is (a leader before this field: TWIN_AGENTS, the only one then)."""
     clock_offset_seconds: _builtins.float
     """(CLOCK_OFFSET) The node's clock less the leader's, in seconds (+: the node is ahead)."""
+    clock_leader: _builtins.bool
+    """(CLOCK_OFFSET) The leader's clock is the likelier one at fault: most nodes whose clocks
+    the leader knows differ by about the same step, this one among them (the problem's words
+    say so too). False from a leader before this field.
+    """
     @_builtins.property
     def since(self) -> _timestamp_pb2.Timestamp:
         """Since when the leader sees it."""
@@ -471,10 +477,11 @@ class NodeProblemView(_message.Message):
         since: _timestamp_pb2.Timestamp | None = ...,
         kind: Global___NodeProblemKind.ValueType = ...,
         clock_offset_seconds: _builtins.float | None = ...,
+        clock_leader: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["_clock_offset_seconds", b"_clock_offset_seconds", "clock_offset_seconds", b"clock_offset_seconds", "since", b"since"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["_clock_offset_seconds", b"_clock_offset_seconds", "clock_offset_seconds", b"clock_offset_seconds", "kind", b"kind", "node", b"node", "problem", b"problem", "since", b"since"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_clock_offset_seconds", b"_clock_offset_seconds", "clock_leader", b"clock_leader", "clock_offset_seconds", b"clock_offset_seconds", "kind", b"kind", "node", b"node", "problem", b"problem", "since", b"since"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     _WhichOneofReturnType__clock_offset_seconds: _TypeAlias = _typing.Literal["clock_offset_seconds"]  # noqa: Y015
     _WhichOneofArgType__clock_offset_seconds: _TypeAlias = _typing.Literal["_clock_offset_seconds", b"_clock_offset_seconds"]  # noqa: Y015
