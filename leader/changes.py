@@ -50,7 +50,7 @@ from leader.rollout_core import (
 from leader.schema_store import NodeDetail, RolloutMeta, SchemaStore, measured_seconds
 from leader.store import IssuedCert, Node, Store
 from leader.wire import CHANGE, TXN_KIND, TXN_OUTCOME
-from tlsroll import dbthread, logs, pki, probe
+from tlsroll import dbthread, logs, pki, probe, spiffe
 from tlsroll.enums import TxnKind, TxnOutcome
 from tlsroll.errors import PKIError, TransientError
 from tlsroll.v1 import agent_pb2
@@ -237,7 +237,14 @@ class ChangeSteps:
             # either (it failed there, after an extra round trip, before review s28 L8).
             try:
                 csr = pki.load_csr_pem(reply.csr_pem)
-                cert = ctx.ca.sign_csr(csr, enrolled, server=True, client=False, now=ctx.clock())
+                cert = ctx.ca.sign_csr(
+                    csr,
+                    enrolled,
+                    server=True,
+                    client=False,
+                    now=ctx.clock(),
+                    identity=spiffe.server(ctx.ca.trust_domain, node.name),
+                )
             except PKIError as exc:
                 return NodeEvent.PREFLIGHT_FAILED, f"its CSR cannot be signed: {exc}"
             record = IssuedCert.of(cert, "server", node.name, node.name, ctx.clock())
@@ -275,7 +282,14 @@ class ChangeSteps:
                 # Checked and signed as any CSR: the names are the enrolled ones, whoever
                 # asked.
                 csr = pki.load_csr_pem(csr_reply.csr_pem)
-                cert = ctx.ca.sign_csr(csr, expected, server=True, client=False, now=ctx.clock())
+                cert = ctx.ca.sign_csr(
+                    csr,
+                    expected,
+                    server=True,
+                    client=False,
+                    now=ctx.clock(),
+                    identity=spiffe.server(ctx.ca.trust_domain, node.name),
+                )
                 # Recorded, so that `certs check-expiration` has its serial and `nodes
                 # remove` revokes it; revoked instead of sent if the node has ended
                 # meanwhile (an abort skipped it while this stage was in CreateCSR).

@@ -2,7 +2,9 @@
 
 The methods come from the services' descriptors, so a new RPC fails this test until the table
 below says who may call it. Callers: the leader, the node itself, another node, a workstation,
-no certificate, a foreign CA (with a certificate that claims the leader's identity), and a
+no certificate, a foreign CA (with a certificate that claims the leader's identity), a node's
+managed server (its https certificate as a rollout issues it: server usage only; and the same
+identity with client usage too, so that the identity check itself is what refuses it), and a
 revoked certificate (a removed node's for the leader's services, a revoked leader certificate
 for the agents'). Real leader and agents, real mutual TLS.
 
@@ -39,9 +41,21 @@ DENIED = grpc.StatusCode.PERMISSION_DENIED
 NO_TLS = grpc.StatusCode.UNAVAILABLE  # the handshake refused the caller
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 
-CALLERS = ("leader", "node", "other_node", "workstation", "no_cert", "foreign_ca", "revoked")
+CALLERS = (
+    "leader",
+    "node",
+    "other_node",
+    "workstation",
+    "server",
+    "server_identity",
+    "no_cert",
+    "foreign_ca",
+    "revoked",
+)
 Creds = tuple[bytes, bytes] | None
 
+# A managed server's certificate has no client usage: the handshake refuses it as a client.
+SERVER_GETS = NO_TLS
 STREAMS = {"WatchTransaction", "Heartbeats"}  # methods that answer with a stream
 REQUEST_STREAMS = {"Heartbeats"}  # methods that take one (here: one message)
 NO_EPOCH = agent_pb2.Command(rollout_id="matrix", epoch=0)  # refused by the method itself
@@ -69,6 +83,8 @@ AGENT_EXPECTED = {
     "node": dict.fromkeys(AGENT_REQUESTS, DENIED),  # node1 calling its own agent
     "other_node": dict.fromkeys(AGENT_REQUESTS, DENIED),
     "workstation": dict.fromkeys(AGENT_REQUESTS, DENIED),
+    "server": dict.fromkeys(AGENT_REQUESTS, SERVER_GETS),
+    "server_identity": dict.fromkeys(AGENT_REQUESTS, DENIED),
     "no_cert": dict.fromkeys(AGENT_REQUESTS, NO_TLS),
     "foreign_ca": dict.fromkeys(AGENT_REQUESTS, NO_TLS),
     "revoked": dict.fromkeys(AGENT_REQUESTS, UNAUTH),
@@ -83,6 +99,8 @@ LEADER_EXPECTED = {
     "node": NODE_GETS,
     "other_node": NODE_GETS,
     "workstation": dict.fromkeys(LEADER_METHODS, DENIED),
+    "server": dict.fromkeys(LEADER_METHODS, SERVER_GETS),
+    "server_identity": dict.fromkeys(LEADER_METHODS, DENIED),
     "no_cert": dict.fromkeys(LEADER_METHODS, NO_TLS),
     "foreign_ca": dict.fromkeys(LEADER_METHODS, NO_TLS),
     "revoked": dict.fromkeys(LEADER_METHODS, UNAUTH),
@@ -120,6 +138,25 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, d
                 )
                 .certificate_pem
             )
+        # node1's managed server's certificate, as a rollout's stage has it signed
+        # (``leader.changes``), and one with its identity that could also be a client's.
+        srv_key = pki.generate_key()
+        srv_names = pki.Names.of("node1", [node1.address])
+        srv_cert = ca.sign_csr(
+            pki.make_csr(srv_key, srv_names),
+            srv_names,
+            server=True,
+            client=False,
+            identity=spiffe.server(td, "node1"),
+        )
+        srv_id_key = pki.generate_key()
+        srv_id_cert = ca.issue(
+            srv_id_key.public_key(),
+            srv_names,
+            server=True,
+            client=True,
+            identity=spiffe.server(td, "node1"),
+        )
         # Another CA's certificate claiming this cluster's leader identity.
         foreign = pki.CertificateAuthority.create("foreign")
         f_key = pki.generate_key()
@@ -154,6 +191,8 @@ def world(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Cluster, d
             "node": (node1.cert_file.read_bytes(), node1.key_file.read_bytes()),
             "other_node": (node2.cert_file.read_bytes(), node2.key_file.read_bytes()),
             "workstation": creds_of(ws_cert, ws_key),
+            "server": creds_of(srv_cert, srv_key),
+            "server_identity": creds_of(srv_id_cert, srv_id_key),
             "no_cert": None,
             "foreign_ca": creds_of(f_cert, f_key),
             "revoked_leader": creds_of(r_cert, r_key),

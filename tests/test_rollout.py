@@ -22,6 +22,7 @@ import datetime as dt
 import getpass
 import json
 import sqlite3
+import ssl
 import subprocess
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -36,6 +37,7 @@ from nodeagent.transaction import CRASH_ENV
 from tests.cluster import Cluster, one_line_error, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node, port_holder
+from tlsroll import pki, spiffe
 
 pytestmark = pytest.mark.slow
 
@@ -648,6 +650,7 @@ def test_schema_json_of_a_completed_rollout_is_complete(setups: Setups) -> None:
     t1 = dt.datetime.now(dt.UTC)
 
     data = schema_json(s)
+    td = spiffe.trust_domain(pki.load_cert_pem(s.cluster.ca_cert_path.read_bytes()))
     assert when(data["generated_at"]) >= t1 - dt.timedelta(seconds=5)
     [r] = data["rollouts"]
     assert r["id"] == rid
@@ -692,6 +695,10 @@ def test_schema_json_of_a_completed_rollout_is_complete(setups: Setups) -> None:
         assert n["restart_seconds"] <= n["freeze_seconds"]
         assert n["cert_fingerprint"].startswith("sha256:")
         assert_on_https(node, n["cert_fingerprint"])
+        # Its holder named as a role no peer of the cluster accepts (SPEC "Identity"; spec
+        # audit s38 L3: it carried no URI at all).
+        served = pki.load_cert_pem(ssl.get_server_certificate((ip, 8443)).encode())
+        assert spiffe.of(served) == spiffe.server(td, n["name"])
         not_after = when(n["cert_not_after"])
         assert t0 + dt.timedelta(days=300) < not_after <= t1 + dt.timedelta(days=398)
         assert node.admin_status()["frozen"] is False

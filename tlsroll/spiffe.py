@@ -6,6 +6,13 @@ naming its role, separate from the IP and DNS names that TLS hostname checks use
     spiffe://tlsroll-<16 hex>/leader              the leader
     spiffe://tlsroll-<16 hex>/node/<name>         a node's agent
     spiffe://tlsroll-<16 hex>/workstation/<name>  a practice PC (client certificates only)
+    spiffe://tlsroll-<16 hex>/server/<name>       a node's managed server (its https port;
+                                                  server certificates only)
+
+A managed server's certificate names its holder too, but as a role no peer of the cluster
+accepts: every check below compares with the leader's identity or asks for ``Role.NODE``, so a
+key copied from the practice server's configuration (readable by the server's own user) is
+never an agent's or the leader's identity, even to a check that looked only at the URI.
 
 The trust domain is derived from the CA's key (``trust_domain``), so every party that has
 pinned the CA knows it without being told. Peers decide by the URI, never by the CN.
@@ -38,6 +45,7 @@ class Role(StrEnum):
     LEADER = "leader"
     NODE = "node"
     WORKSTATION = "workstation"
+    SERVER = "server"
 
 
 @dataclass(frozen=True)
@@ -87,6 +95,10 @@ def workstation(td: str, name: str) -> Identity:
     return Identity(td, Role.WORKSTATION, name)
 
 
+def server(td: str, name: str) -> Identity:
+    return Identity(td, Role.SERVER, name)
+
+
 def parse(uri: str) -> Identity | None:
     """The identity a URI names, or None if it is not one of ours."""
     if not uri.startswith(SCHEME):
@@ -97,7 +109,8 @@ def parse(uri: str) -> Identity | None:
     if path == Role.LEADER.value:
         return Identity(td, Role.LEADER)
     role, _, name = path.partition("/")
-    if role in (Role.NODE.value, Role.WORKSTATION.value) and name and "/" not in name:
+    named = (Role.NODE.value, Role.WORKSTATION.value, Role.SERVER.value)
+    if role in named and name and "/" not in name:
         return Identity(td, Role(role), name)
     return None
 
