@@ -141,6 +141,17 @@ def load_state(cfg: LeaderConfig, *, reinitialise: bool = False) -> LeaderState:
     if not reinitialise:
         store = Store(layout.store)
         mark_store(layout.store)
+        if (restored := store.restore_began(dt.datetime.now(dt.UTC))) is not None:
+            made, until = restored
+            log.warning(
+                "store.restored",
+                path=str(layout.store),
+                backup_made_at=made.isoformat(timespec="seconds"),
+                relearn_until=until.isoformat(timespec="seconds"),
+                detail="a store restored from a backup: a node whose agent renewed its "
+                "certificate since is taken with it until then; revoke again what was revoked "
+                "since the backup, and check `tlsroll epoch show`",
+            )
     else:
         # Marked first: until the new store's first transaction has committed, its file is
         # lost, not new; that transaction opens the re-learning window with the schema.
@@ -406,7 +417,16 @@ def main(argv: list[str] | None = None) -> int:
         help="start with an empty store in place of a lost (missing, empty or damaged) one; "
         "enrolled nodes are re-learned from their agents for 24 h",
     )
+    parser.add_argument(
+        "--backup",
+        type=Path,
+        metavar="DIR",
+        help="write a consistent copy of the store, the config, the CA and the leader's own "
+        "certificate into DIR (new or empty; made 0700) and exit; the leader may be running",
+    )
     ns = parser.parse_args(argv)
+    if ns.backup is not None:
+        return _backup(ns.config, ns.backup)
     try:
         cfg = LeaderConfig.load(ns.config)
         logs.configure(level=logs.level_of(ns.log_level or cfg.log_level))
@@ -427,6 +447,24 @@ def main(argv: list[str] | None = None) -> int:
     except sqlite3.Error as exc:
         print(f"tlsroll-leader: store {cfg.layout.store}: {exc}", file=sys.stderr)
         return 1
+    return 0
+
+
+def _backup(config: Path, dest: Path) -> int:
+    """``--backup DIR`` (``leader.backup``): one line on failure, nothing left half-made."""
+    from leader import backup  # noqa: PLC0415 - only for this command
+    from tlsroll.errors import os_error_text  # noqa: PLC0415
+
+    try:
+        cfg = LeaderConfig.load(config)
+        manifest = backup.make_backup(config, cfg.layout, dest)
+    except TlsrollError as exc:
+        print(f"tlsroll-leader: {exc}", file=sys.stderr)
+        return EXIT_CONFIG if isinstance(exc, ConfigError) else 1
+    except OSError as exc:
+        print(f"tlsroll-leader: backup: {os_error_text(exc)}", file=sys.stderr)
+        return 1
+    print(backup.summary(dest, manifest))
     return 0
 
 

@@ -774,15 +774,20 @@ class Snapshot:
     # The rollouts not yet ended (``SchemaStore.live_ids``): an agent's stage of one of them
     # may still be switched, and is not looked up (``LeaderService._look_at_stages``).
     live: frozenset[str] = frozenset()
-    # The end of the re-learning window of a store begun by ``--reinitialise``, if one was.
+    # The end of the re-learning window of a store begun by ``--reinitialise`` or restored
+    # from a backup, if one was; and when that backup was made.
     relearn_until: dt.datetime | None = None
+    restored_from: dt.datetime | None = None
 
     def relearns(self, name: str, now: dt.datetime) -> bool:
         """Whether a refused caller of node ``name`` may be re-learned (``Store.relearn``):
-        the store does not know the name, and its re-learning window is open. Else the refusal
-        stands without a write (audit s33 M1)."""
+        its re-learning window is open, and the store does not know the name or was restored
+        from a backup (a node it knows may have renewed its certificate since). Else the
+        refusal stands without a write (audit s33 M1)."""
         until = self.relearn_until
-        return until is not None and now <= until and name not in self.accepted
+        if until is None or now > until:
+            return False
+        return name not in self.accepted or self.restored_from is not None
 
     def refusal(self, caller: Caller) -> str | None:
         """Why ``caller`` may not call (``LeaderService._check_on_record``'s rules), or None."""
@@ -1182,7 +1187,8 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
 
     async def _relearn(self, context: Ctx, request: leader_pb2.HeartbeatRequest) -> bool:
         """After ``--reinitialise``: record an unknown node from the certificate its agent
-        presents (issued by this CA, with its node identity), within the store's window."""
+        presents (issued by this CA, with its node identity), within the store's window; after
+        a restore from a backup, also a known node's certificate issued since the backup."""
         cert = peer_certificate(context)
         identity = spiffe.of(cert) if cert is not None else None
         if (
@@ -1210,6 +1216,8 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             ),
             highest_epoch=min(request.highest_epoch, 2**62),
             now=self.state.clock(),
+            # NotBefore is backdated by pki.BACKDATE: this is when the CA issued it.
+            issued_at=min(cert.not_valid_before_utc + pki.BACKDATE, cert.not_valid_after_utc),
         )
         if learned:
             log.warning("node.relearned", node=identity.name, addresses=list(names.ips))
@@ -1246,6 +1254,7 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             crl_urgent=urgent,
             live=self.schema.live_ids(),
             relearn_until=store.relearn_until(),
+            restored_from=store.restored_from(),
         )
 
     def _snapshot_read(self, done: asyncio.Future[Snapshot]) -> None:

@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, NamedTuple, TypeVar
 
-from leader.db import LeaderStore
+from leader.db import RELEARN_WINDOW, LeaderStore
 from leader.rollout_core import TERMINAL_ROLLOUT_STATES
 from tlsroll import clocks, logs
 from tlsroll.errors import TerminalError
@@ -1448,6 +1448,45 @@ class Store(LeaderStore):
             row = db.execute("SELECT value FROM meta WHERE key = 'relearn_until'").fetchone()
         return None if row is None else dt.datetime.fromisoformat(row["value"])
 
+    def restored_from(self) -> dt.datetime | None:
+        """When the backup this store was restored from was made (``restore_began``), or
+        None: not restored."""
+        with self._db.read() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'restored_backup_at'").fetchone()
+        return None if row is None else dt.datetime.fromisoformat(row["value"])
+
+    def restore_began(self, now: dt.datetime) -> tuple[dt.datetime, dt.datetime] | None:
+        """A store that is a backup's copy (``leader.backup`` wrote ``backup_made_at`` into
+        the copy, never into the live store), opened by a leader for the first time: what
+        happened since the backup is not in it, and a node whose agent renewed its
+        certificate since would be refused for good (its certificate is not the one on
+        record). So a restore opens a re-learning window of ``RELEARN_WINDOW`` in which such
+        a node's newer certificate is taken (``relearn``). Once: the mark becomes
+        ``restored_backup_at``. Returns (the backup's time, the window's end), or None."""
+        with self._db.tx() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'backup_made_at'").fetchone()
+            if row is None:
+                return None
+            made = dt.datetime.fromisoformat(row["value"])
+            until = now + RELEARN_WINDOW
+            for key, value in (("restored_backup_at", made), ("relearn_until", until)):
+                db.execute(
+                    "INSERT INTO meta (key, value) VALUES (?, ?)"
+                    " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    (key, to_text(value)),
+                )
+            db.execute("DELETE FROM meta WHERE key = 'backup_made_at'")
+            self._audit(
+                db,
+                now,
+                "admin:restore",
+                "store.restored",
+                "leader",
+                backup_made_at=made,
+                relearn_until=until,
+            )
+        return made, until
+
     def relearn(
         self,
         *,
@@ -1458,30 +1497,88 @@ class Store(LeaderStore):
         cert: NodeCert,
         highest_epoch: int,
         now: dt.datetime,
+        issued_at: dt.datetime | None = None,
     ) -> bool:
         """Record a node the leader no longer knows from the certificate its agent presents
         (the CA issued it: the TLS handshake checked that), while the re-learning window of a
-        reinitialised store is open, unless the name was removed since; its epoch raises the
-        floor. False if the window is closed (the caller refuses the agent)."""
+        reinitialised or restored store is open, unless the name was removed since; its epoch
+        raises the floor. In a store restored from a backup (``restore_began``), a node it
+        knows is taken with a newer certificate than the one on record when that one was
+        issued (``issued_at``) after the backup was made, for the same names, and is not
+        revoked: its agent renewed it since. False if refused (the caller refuses the agent)."""
         addresses, dns_names = names
 
-        def refused(db: sqlite3.Connection) -> bool:
+        def refused(db: sqlite3.Connection) -> bool | sqlite3.Row:
             row = db.execute("SELECT value FROM meta WHERE key = 'relearn_until'").fetchone()
             if row is None or now > dt.datetime.fromisoformat(row["value"]):
                 return True
-            # Known (or removed since the loss): not re-learned.
-            return db.execute("SELECT 1 FROM nodes WHERE name = ?", (name,)).fetchone() is not None
+            known = db.execute("SELECT * FROM nodes WHERE name = ?", (name,)).fetchone()
+            if known is None:
+                return False
+            # Known (or removed since the loss): not re-learned, unless renewed after a backup.
+            made = db.execute("SELECT value FROM meta WHERE key = 'restored_backup_at'").fetchone()
+            renewed_since = (
+                made is not None
+                and issued_at is not None
+                and issued_at >= dt.datetime.fromisoformat(made["value"])
+                and known["removed_at"] is None
+                and json.loads(known["addresses"]) == list(addresses)
+                and json.loads(known["dns_names"]) == list(dns_names)
+                and cert.fingerprint
+                not in (known["cert_fingerprint"], known["prev_cert_fingerprint"])
+                and db.execute(
+                    "SELECT 1 FROM certificates WHERE serial = ? AND revoked_at IS NOT NULL",
+                    (cert.serial.lstrip("0") or "0",),
+                ).fetchone()
+                is None
+            )
+            return known if renewed_since else True
 
         # Read first: a refusal writes nothing, and forgets nothing of the node (audit s33 M1:
         # a refused certificate of a known node wiped its liveness and queued writes, and its
         # empty write transaction moved the store's generation on for every agent).
         with self._db.read() as db:
-            if refused(db):
+            if refused(db) is True:
                 return False
         self._forget_seen(name)
         with self._nodes_write(), self._db.tx() as db:
-            if refused(db):  # (another call re-learned it meanwhile)
+            verdict = refused(db)
+            if verdict is True:  # (another call re-learned it meanwhile)
                 return False
+            if isinstance(verdict, sqlite3.Row):
+                db.execute(
+                    "UPDATE nodes SET key_pin = ?, cert_fingerprint = ?, cert_serial = ?,"
+                    " cert_not_after = ?, cert_renewed_at = ?, prev_cert_fingerprint = '',"
+                    " agent_port = ? WHERE name = ?",
+                    (
+                        key_pin,
+                        cert.fingerprint,
+                        cert.serial,
+                        to_text(cert.not_after),
+                        to_text(now),
+                        agent_port,
+                        name,
+                    ),
+                )
+                _record_node_cert(db, name, cert, now, self.cap_now())
+                floor = max(_meta(db, "epoch_floor", 0), highest_epoch)
+                db.execute(
+                    "INSERT INTO meta (key, value) VALUES ('epoch_floor', ?)"
+                    " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    (str(floor),),
+                )
+                self._audit(
+                    db,
+                    now,
+                    f"node:{name}",
+                    "node.relearned",
+                    name,
+                    reason="renewed after the backup the store was restored from",
+                    previous=verdict["cert_serial"],
+                    cert_fingerprint=cert.fingerprint,
+                    epoch_floor=floor,
+                )
+                return True
             db.execute(
                 "INSERT INTO nodes (name, addresses, dns_names, agent_version, agent_port,"
                 " key_pin, cert_fingerprint, cert_serial, cert_not_after, enrolled_at,"

@@ -1,0 +1,162 @@
+"""``tlsroll-leader --config … --backup DIR``: a copy of the leader that can be restored.
+
+The README's advice for a lost store is "restore it from a backup", and a copy of the data
+directory taken while the leader runs is not one: the store is SQLite in WAL mode, and a copy
+of ``leader.sqlite3`` made between two of its checkpoints lacks what only ``-wal`` holds (or
+holds half of a transaction). This takes the store through SQLite's online backup (one read
+transaction: a consistent store as of one moment, while the leader goes on writing) and checks
+the copy (``quick_check``), then copies the files beside it that the leader cannot make again:
+
+    DIR/leader.toml           the config the leader was started with
+    DIR/leader.sqlite3        the store (nodes, tokens, rollouts, audit), 0600
+    DIR/ca/ca.pem, ca.key     the cluster CA and its key (encrypted with the CA passphrase), 0600
+    DIR/tls/leader.pem, .key  the leader's certificate and key, 0600
+    DIR/MANIFEST.json         what was copied: sizes, SHA-256, the CA's pin, the store's schema
+
+The CA passphrase is never copied (a backup holding it would undo the key's encryption): keep
+it offline, as ``install.sh ca-credential`` says. The viewer's certificate is not copied either:
+the leader issues a new one when it is missing. DIR must not exist, or be an empty directory;
+it is made 0700, every file in it 0600. Restoring is the README's "Backups" steps.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime as dt
+import hashlib
+import json
+import os
+import sqlite3
+from pathlib import Path
+
+from leader.layout import Layout
+from tlsroll import __version__
+from tlsroll.errors import TerminalError
+from tlsroll.fsutil import PRIVATE, fsync_dir, make_private_dir, write_atomic
+
+MANIFEST = "MANIFEST.json"
+# What is copied as it is, beside the store (relative to the data directory).
+FILES = ("ca/ca.pem", "ca/ca.key", "tls/leader.pem", "tls/leader.key")
+
+
+class BackupError(TerminalError):
+    """A backup that could not be made (nothing is left half-made in DIR)."""
+
+
+def make_backup(config: Path, layout: Layout, dest: Path) -> dict[str, object]:
+    """Write the backup into ``dest`` and return its manifest. Blocking."""
+    dest = Path(dest)
+    if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
+        raise BackupError(f"{dest}: exists and is not an empty directory; name a new one")
+    if not layout.store.exists():
+        raise BackupError(f"store {layout.store}: missing; there is nothing to back up")
+    made: list[Path] = []
+    created = not dest.exists()
+    try:
+        make_private_dir(dest)
+        files: dict[str, dict[str, object]] = {}
+        made_at = dt.datetime.now(dt.UTC)
+        _copy_store(layout.store, dest / layout.store.name, made_at)
+        made.append(dest / layout.store.name)
+        files[layout.store.name] = _described(dest / layout.store.name)
+        for rel, source in ((config.name, config), *((r, layout.data_dir / r) for r in FILES)):
+            target = dest / rel
+            make_private_dir(target.parent)
+            write_atomic(target, source.read_bytes(), PRIVATE)
+            made.append(target)
+            files[rel] = _described(target)
+        manifest: dict[str, object] = {
+            "made_by": f"tlsroll-leader {__version__}",
+            "made_at": made_at.isoformat(timespec="seconds"),
+            "data_dir": str(layout.data_dir),
+            "config": config.name,
+            "store_schema": _schema_version(dest / layout.store.name),
+            "ca_pin": _ca_pin(dest / "ca" / "ca.pem"),
+            "files": files,
+        }
+        write_atomic(dest / MANIFEST, (json.dumps(manifest, indent=2) + "\n").encode(), PRIVATE)
+        fsync_dir(dest)
+        return manifest
+    except BaseException:
+        for path in reversed(made):
+            with contextlib.suppress(OSError):
+                path.unlink()
+        for sub in ("ca", "tls"):
+            with contextlib.suppress(OSError):
+                (dest / sub).rmdir()
+        if created:
+            with contextlib.suppress(OSError):
+                dest.rmdir()
+        raise
+
+
+def _copy_store(source: Path, target: Path, made_at: dt.datetime) -> None:
+    """SQLite's online backup from a read-only connection, then ``quick_check`` on the copy."""
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, PRIVATE)
+    os.close(fd)
+    try:
+        src = sqlite3.connect(f"file:{source}?mode=ro", uri=True, timeout=30)
+        try:
+            dst = sqlite3.connect(tmp)
+            try:
+                src.backup(dst)
+                # The copy says it is one: the leader that opens it first knows it was
+                # restored and what may have happened since (``Store.restore_began``).
+                dst.execute(
+                    "INSERT INTO meta (key, value) VALUES ('backup_made_at', ?)"
+                    " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                    (made_at.isoformat(timespec="microseconds"),),
+                )
+                dst.commit()
+                # The copy stands alone: no -wal beside it to restore with it.
+                dst.execute("PRAGMA journal_mode=DELETE")
+                rows = [str(r[0]) for r in dst.execute("PRAGMA quick_check(3)").fetchall()]
+            finally:
+                dst.close()
+        finally:
+            src.close()
+        if rows != ["ok"]:
+            raise BackupError(f"store {source}: its copy fails SQLite's check: {'; '.join(rows)}")
+        os.chmod(tmp, PRIVATE)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, target)
+    except sqlite3.Error as exc:
+        raise BackupError(f"store {source}: cannot be copied: {exc}") from None
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()
+
+
+def _described(path: Path) -> dict[str, object]:
+    data = path.read_bytes()
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _schema_version(store: Path) -> int:
+    conn = sqlite3.connect(f"file:{store}?mode=ro", uri=True)
+    try:
+        return int(conn.execute("PRAGMA user_version").fetchone()[0])
+    finally:
+        conn.close()
+
+
+def _ca_pin(ca_pem: Path) -> str:
+    from tlsroll import pki  # noqa: PLC0415 - cryptography only when a backup is made
+
+    return pki.spki_pin(pki.load_cert_pem(ca_pem.read_bytes()))
+
+
+def summary(dest: Path, manifest: dict[str, object]) -> str:
+    """What the admin reads after a backup: where, what, and what is not in it."""
+    files = manifest["files"]
+    assert isinstance(files, dict)
+    size = sum(int(f["bytes"]) for f in files.values())
+    return (
+        f"backup written to {dest} ({len(files)} files, {size} bytes; CA {manifest['ca_pin']}).\n"
+        "Not in it: the CA passphrase (keep it offline; a restored leader needs it) and the "
+        "viewer's certificate (issued again at the next start).\n"
+        "Keep the directory as safe as the leader itself: it holds the CA's (encrypted) key and "
+        "the leader's key. To restore: README, 'Backups'."
+    )
