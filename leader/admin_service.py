@@ -467,9 +467,11 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             renewal_failing_since=timestamp(n.renewal_failing_since),
             renewal_error=n.renewal_error,
         )
+        if n.removed_at is not None:
+            return info  # (a removed node has no clock to show: nothing read for it)
         if clocks is None:
             clocks = self.state.clocks.listing()
-        clock = clocks.get(n.name) if n.removed_at is None else None
+        clock = clocks.get(n.name)
         if clock is not None:
             # the leader's one verdict (``NodeClocks.listing``), as ``schema show`` has it
             info.clock_offset_seconds, info.clock_differs, info.clock_leader = clock

@@ -109,8 +109,8 @@ CLEAR_AFTER = 3
 within ``CLEAR_SECONDS`` ends it at once; one ahead ends only within ``CLEAR_SECONDS``)."""
 REOPEN_SECONDS = 600.0
 """A problem that begins again this soon (``NodeClocks.monotonic``) after it ended, the same
-way, goes on with its ``since``, and logs nothing until it has lasted this long again: a node
-at the threshold does not come and go."""
+way, goes on with its ``since``, and logs nothing until it has lasted this long again (checked
+at every message while it is open): a node at the threshold does not come and go."""
 CHECK_SECONDS = 1.0
 """How soon after a change the leader's clock is judged and logged, and expired agents swept
 (``NodeClocks.check``): at most once this, off the per-message path."""
@@ -229,10 +229,26 @@ class NodeClocks:
             else:
                 o.within = 0
                 if (best > 0) != o.ahead:  # the other way at once: another problem
+                    if o.logged:  # the first one's end, so that each start has one
+                        o.logged = False
+                        log.info(
+                            "node.clock_agrees",
+                            node=node,
+                            agent=agent,
+                            offset=shown_seconds(best),
+                            reason="turned",
+                        )
                     o.was = None
                     self._begins(node, agent, o, best, now)
-                elif not o.logged and self.monotonic() - o.again >= REOPEN_SECONDS:
-                    self._lasts(node, agent, o, best)
+            # A problem begun again without a word that lasts, after any message that leaves
+            # it open (one ahead within WARN_SECONDS but not CLEAR_SECONDS too: review of
+            # s38, L1).
+            if (
+                o.since is not None
+                and not o.logged
+                and self.monotonic() - o.again >= REOPEN_SECONDS
+            ):
+                self._lasts(node, agent, o, best)
         if keep is not None:
             self._bound(o, keep)
 

@@ -687,6 +687,53 @@ def test_a_problem_begun_again_the_other_way_or_lasting_is_logged() -> None:
     assert [e["since"] for e in events[2:3]] == [since.isoformat()]
 
 
+def test_a_problem_that_turns_round_or_lasts_between_the_limits_is_logged() -> None:
+    """Review of s38, L1-L3. A problem begun again without a word that then stays between
+    CLEAR_SECONDS and WARN_SECONDS ahead (still a problem: ahead ends only within
+    CLEAR_SECONDS) was never logged again: the log's last word stayed its earlier end while
+    the page showed it for ever. And one that turned round at once (behind, then ahead, with
+    no end between) logged a second start without an end: now its end (``reason="turned"``),
+    then the new start with its own since. Both failed before (no third line; no end)."""
+    mono = [0.0]
+    clocks = NodeClocks(lambda: mono[0])
+
+    def beat(node: str, x: float, at: float) -> None:
+        mono[0] = at
+        clocks.heard(node, A1, x, T + dt.timedelta(seconds=at))
+
+    def lines(events: list[Any]) -> list[tuple[str, float | None, Any]]:
+        return [(e["event"], e.get("offset"), e.get("reopened", e.get("reason"))) for e in events]
+
+    with structlog.testing.capture_logs() as events:
+        for at in (0.0, 5.0):
+            beat("a", 70.0, at)  # ahead: a problem
+        for at in (10.0, 15.0):
+            beat("a", 50.0, at)  # within CLEAR_SECONDS: ends
+        beat("a", 61.0, 20.0)  # begun again, the same way: quiet
+        at = 25.0
+        while at <= 25.0 + REOPEN_SECONDS + 10:
+            beat("a", 57.0, at)  # between the limits: still a problem
+            at += 5.0
+    assert clocks.differs("a")
+    assert lines(events) == [
+        ("node.clock_differs", 70.0, None),
+        ("node.clock_agrees", 50.0, None),
+        ("node.clock_differs", 57.0, True),
+    ]
+
+    with structlog.testing.capture_logs() as events:
+        for at in (0.0, 5.0):
+            beat("b", -70.0, at)
+        beat("b", 70.0, 10.0)  # the other way at once
+    ((_, _, since, _),) = [p for p in clocks.problems() if p[0] == "b"]
+    assert since == T + dt.timedelta(seconds=10)
+    assert lines(events) == [
+        ("node.clock_differs", -70.0, None),
+        ("node.clock_agrees", 70.0, "turned"),
+        ("node.clock_differs", 70.0, None),
+    ]
+
+
 def test_an_agent_whose_stream_ended_is_known_until_the_bound_and_goes_on_if_it_is_back() -> None:
     """Review of s36, F3: the node's last stream's end forgot its clock; a reconnect made it
     unknown until its second message, then a problem again with a new since and a second log
