@@ -29,7 +29,7 @@ REVISION_KEY = "x-tlsroll-contract"
 """The initial-metadata keys the leader's admin socket answers with (gRPC metadata keys are
 lower case)."""
 
-REVISION = "b7ffb4f64eeb"
+REVISION = "78793dc5100a"
 """``computed()`` of this tree's contract (a test keeps it so): what this CLI speaks."""
 
 
