@@ -314,3 +314,18 @@ def test_every_cli_refuses_a_password_nobody_can_type(
     assert err.count("\n") == 1 and err.startswith("tlsroll: error: ")
     assert "--password-file" in err and says in err
     assert "Zebra" not in err and "Mango" not in err
+
+
+def test_a_staged_password_says_the_change_password_rollout_applies_it() -> None:
+    """Audit s38 M3: `schema show`, the viewer (both languages) and the schema said a staged
+    password "takes effect at next restart"; a rotate-cert restarts the server and keeps the
+    live one (leader.changes.RotateCert). What applies it is a change-password rollout."""
+    from leader.cli import draw
+    from leader.viewer.i18n import TEXTS
+
+    command = "`tlsroll rollout start --change change-password`"
+    for text in (draw.PENDING, TEXTS["en"]["password_pending"], TEXTS["de"]["password_pending"]):
+        assert command in text, text
+        assert "next restart" not in text and "nach Neustart" not in text, text
+    assert "which restarts the server" in draw.PENDING
+    assert "startet den Server neu" in TEXTS["de"]["password_pending"]

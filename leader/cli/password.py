@@ -80,7 +80,9 @@ def password_group() -> None:
 @click.option("--generate", is_flag=True, help="Make a new password and show it once.")
 @pass_leader
 def password_set(leader: Leader, password_file: Path | None, generate: bool) -> None:
-    """Stage a new password; it takes effect on a node at its next restart (seed)."""
+    """Stage a new password; it takes effect on the nodes with `tlsroll rollout start --change
+    change-password` (which restarts the server; another restart, a rotate-cert's too, keeps
+    the live one)."""
     if password_file is not None and generate:
         raise click.UsageError("--password-file and --generate exclude each other")
     secret = obtain_password(password_file, generate, leader=leader)
@@ -91,8 +93,8 @@ def password_set(leader: Leader, password_file: Path | None, generate: bool) -> 
         )
     out.print(f"password version {reply.version} staged.")
     if reply.pending_nodes:
+        out.print("pending on: " + ", ".join(reply.pending_nodes))
         out.print(
-            "It takes effect only when the server restarts; pending on: "
-            + ", ".join(reply.pending_nodes)
+            "It takes effect with `tlsroll rollout start --change change-password --scope "
+            "cluster` (which restarts the server); another restart keeps the live password."
         )
-        out.print("Apply it with: tlsroll rollout start --change change-password --scope cluster")
