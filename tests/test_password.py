@@ -327,7 +327,7 @@ def test_every_cli_refuses_a_password_nobody_can_type(
     ],
     ids=["password-set", "rollout-start", "notify"],
 )
-@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o620])
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o620], ids=lambda m: f"{m:04o}")
 def test_the_admin_cli_refuses_a_password_file_others_can_access(
     tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], mode: int
 ) -> None:
