@@ -279,18 +279,18 @@ def password_version(
     UsageError or CLIError (one line) when there is none to give."""
     if change is Change.CHANGE_PASSWORD:
         return newest
-    if planned is not None:
-        if not planned:
-            raise click.UsageError(_ENABLE_FIRST)
-        return planned
+    if planned is not None and not planned:
+        raise click.UsageError(_ENABLE_FIRST)
     running = {n: live[n] for n in nodes if n in live}
-    if not running:
+    if not running and not planned:
         raise CLIError(
             "no node of the notice runs a password yet: include it once a node has switched"
         )
-    versions = set(running.values())
+    versions = set(running.values()) | ({planned} if planned else set())
     if len(versions) > 1:
         listed = ", ".join(f"{n} version {v}" for n, v in sorted(running.items()))
+        if planned:
+            listed += f"; the rollout gives the others version {planned}"
         raise CLIError(
             f"the notice's nodes run different passwords ({listed}): give them one with "
             "`tlsroll rollout start --change change-password`, then include it"
