@@ -410,14 +410,15 @@ def check_password(
 @click.option(
     "--include-password",
     is_flag=True,
-    help="Put the password into the message (only the staged one; with a warning not to "
-    "e-mail it).",
+    help="Put the password into the message (only the one the notice is about: for "
+    "enable-tls the one its nodes run, for change-password the staged one; with a warning not "
+    "to e-mail it; not with --format html).",
 )
 @click.option(
     "--password-file",
     type=click.Path(path_type=Path, dir_okay=False),
-    help="With --include-password: read it from this file (the file's only line) instead of "
-    "asking.",
+    help="With --include-password: read it from this file (the file's only line, mode 0600) "
+    "instead of asking.",
 )
 @click.option(
     "--until",

@@ -95,7 +95,7 @@ def password_group() -> None:
 @click.option(
     "--password-file",
     type=click.Path(path_type=Path, dir_okay=False),
-    help="Read the new password from this file (the file's only line).",
+    help="Read the new password from this file (the file's only line; mode 0600).",
 )
 @click.option("--generate", is_flag=True, help="Make a new password and show it once.")
 @pass_leader
