@@ -327,13 +327,18 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def CheckPassword(
         self, request: admin_pb2.CheckPasswordRequest, context: Ctx
     ) -> admin_pb2.CheckPasswordResponse:
-        """The newest staged password's salt and parameters, and with ``candidate_hash``
-        whether that is its hash; the verifier's own hash never leaves the leader."""
-        version = await asyncio.to_thread(self.schema.latest_auth_version)
-        if version == 0:
+        """The newest staged password's (or with ``about`` that version's) salt and
+        parameters, and with ``candidate_hash`` whether that is its hash; the verifier's own
+        hash never leaves the leader. With them, the version each node runs."""
+        newest = await asyncio.to_thread(self.schema.latest_auth_version)
+        if newest == 0:
             raise failed_precondition("no password staged: run `tlsroll password set` first")
+        version = request.about or newest
+        if version > newest:
+            raise failed_precondition(f"no password version {version} (the newest is {newest})")
         stored = password.verifier_from_json(await asyncio.to_thread(self.schema.verifier, version))
         expected = base64.b64decode(stored["hash"])
+        live = await asyncio.to_thread(self.schema.node_auth)
         reply = admin_pb2.CheckPasswordResponse(
             version=version,
             salt=stored["salt"],
@@ -341,11 +346,15 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             r=stored["r"],
             p=stored["p"],
             dklen=len(expected),
+            newest=newest,
+            live=[
+                admin_pb2.NodePasswordVersion(node=k, version=v) for k, v in sorted(live.items())
+            ],
         )
         if request.candidate_hash:
             if request.version != version:
                 raise failed_precondition(
-                    f"password version {version} was staged meanwhile; check again"
+                    f"password version {newest} was staged meanwhile; check again"
                 )
             reply.matches = hmac.compare_digest(request.candidate_hash, expected)
             log.info("password.checked", version=version, matches=reply.matches)

@@ -14,6 +14,7 @@ import click
 import pytest
 
 from leader.cli import notify_cmd
+from leader.cli.base import CLIError
 from leader.cli.notify import NoticeInfo, NoticeNode, Timing, render_notice, when_text
 from leader.rollout_core import Change
 
@@ -262,3 +263,61 @@ def test_announced_addresses_come_from_the_record_else_the_seed_ports() -> None:
         "https://10.0.0.5:8443/…",
         False,
     )
+
+
+@pytest.mark.parametrize(
+    ("lang", "says"), [("de", "bereits umgestellt"), ("en", "already switched")]
+)
+@pytest.mark.parametrize("fmt", ["text", "markdown", "html"])
+def test_nodes_switched_before_are_listed_as_such(lang: str, fmt: str, says: str) -> None:
+    """Audit s38 M4: a cluster rollout after a local one left the leader node out of a notice
+    that says the whole multiserver is affected. Only enable-tls lists them."""
+    before = NoticeNode("node-l", "", "https://192.168.1.4:8443/praxis_live/")
+    text = render_notice(info(already=(before,)), lang=lang, fmt=fmt)
+    assert "node-l" in text and "192.168.1.4:8443/praxis_live/" in text and says in text
+    again = render_notice(info(change="change-password", already=(before,)), lang=lang, fmt=fmt)
+    assert "node-l" not in again
+
+
+V = Change.ENABLE_TLS
+
+
+@pytest.mark.parametrize(
+    ("change", "live", "nodes", "planned", "version"),
+    [
+        # a change-password notice: the newest staged version (3), whatever the nodes run
+        (Change.CHANGE_PASSWORD, {"a": 1, "b": 2}, ["a", "b"], None, 3),
+        # enable-tls after its start: what its nodes run, not what is staged
+        (V, {"a": 1, "b": 1, "x": 2}, ["a", "b"], None, 1),
+        (V, {"a": 2}, ["a", "b"], None, 2),  # (b not switched yet)
+        # announced: the version the plan gives, the nodes switched before run it too
+        (V, {"a": 1}, ["a", "b"], 1, 1),
+        (V, {}, ["b"], 2, 2),
+    ],
+)
+def test_the_password_a_notice_gives(
+    change: Change, live: dict[str, int], nodes: list[str], planned: int | None, version: int
+) -> None:
+    """Audit s38 H1: the version the notice is about, not always the newest staged one."""
+    assert notify_cmd.password_version(change, 3, live, nodes, planned) == version
+
+
+@pytest.mark.parametrize(
+    ("live", "nodes", "planned", "error", "says"),
+    [
+        ({"a": 1, "b": 2}, ["a", "b"], None, CLIError, "a version 1, b version 2"),
+        ({"a": 1}, ["a", "b"], 2, CLIError, "the rollout gives the others version 2"),
+        ({}, ["a"], None, CLIError, "no node of the notice runs a password yet"),
+        ({}, ["a"], 0, click.UsageError, "enable-tls sets its password when it starts"),
+    ],
+)
+def test_no_password_to_give(
+    live: dict[str, int],
+    nodes: list[str],
+    planned: int | None,
+    error: type[Exception],
+    says: str,
+) -> None:
+    with pytest.raises(error) as refused:
+        notify_cmd.password_version(V, 3, live, nodes, planned)
+    assert says in str(refused.value)

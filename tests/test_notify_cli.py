@@ -12,12 +12,13 @@ import subprocess
 import zoneinfo
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
 
 from leader.cli.notify import day_text
-from tests.cluster import child_env, command, one_line_error
+from tests.cluster import child_env, command, one_line_error, wait_until
 from tests.test_password_rollout import PW1, PW2, World, secret_file
 from tlsroll.v1 import admin_pb2
 
@@ -109,6 +110,9 @@ def test_notify_before_during_and_after(world: World, tmp_path: Path) -> None:
         f"Die Umstellung ist für {day_text(when, 'de')}, von 18:00 bis 18:30 Uhr ({zone})" in text
     )
     assert "geplant" in text and "keine neuen Einträge" in text
+    # no node runs a password yet: the rollout's start sets it (said before it is asked for)
+    first = world.cli("notify", "--when", f"{when:%Y-%m-%d %H:%M}", "--include-password")
+    assert "enable-tls sets its password when it starts" in usage_error(first)
     for node in world.nodes:
         assert f"{node.name}: neu https://{node.address}:8443/…" in text
     assert "Nur der Anfang der Adresse ändert sich" in text
@@ -147,12 +151,12 @@ def test_notify_before_during_and_after(world: World, tmp_path: Path) -> None:
         assert f"http://{node.address}:8080/praxis_live/" in text
     assert PW1 not in text
 
-    # the password: only the staged one
+    # the password: only the one the nodes run
     with_pw = ok(world.cli("notify", "--include-password", "--password-file", str(pw1)))
     assert with_pw.splitlines()[0].startswith("WARNUNG") and with_pw.count(PW1) == 1
     pw2 = secret_file(tmp_path / "pw2", PW2)
     wrong = world.cli("notify", "--include-password", "--password-file", str(pw2))
-    assert "not the staged password" in usage_error(wrong, 1)
+    assert "not the password the notice's nodes run (version 1)" in usage_error(wrong, 1)
     assert PW2 not in wrong.stderr
 
     check_password_rpc(world)
@@ -181,6 +185,101 @@ def test_notify_before_during_and_after(world: World, tmp_path: Path) -> None:
     for node in world.nodes:
         assert f"neu http://{node.address}:8080/praxis_live/" in back
     assert "Authentifizierungspasswort eingeben" not in back
+    for out in world.outputs:  # no password anywhere but in the notices that asked for it
+        if "WARNUNG" not in out and "WARNING" not in out:
+            assert PW1 not in out and PW2 not in out
+
+
+@pytest.fixture(scope="module")
+def stepwise(tmp_path_factory: pytest.TempPathFactory) -> Iterator[World]:
+    """Two nodes switched one rollout at a time: the leader node (scope local), then the
+    rest (scope cluster)."""
+    w = World(tmp_path_factory.mktemp("notify-stepwise"), nodes=2)
+    try:
+        yield w.start()
+    finally:
+        w.close()
+
+
+def rollout(world: World, *args: str) -> dict[str, Any]:
+    """``rollout start ARGS --yes``, then the rollout as it ended."""
+    result = world.cli("rollout", "start", *args, "--yes")
+    assert result.returncode == 0, result.stderr
+    latest: dict[str, Any] = {}
+
+    def ended() -> bool:
+        nonlocal latest
+        latest = world.schema()["rollouts"][0]
+        return latest["state"] in ("completed", "halted", "aborted")
+
+    wait_until(ended, 90, "the rollout to end")
+    assert latest["state"] == "completed", latest
+    return latest
+
+
+def test_the_notice_gives_the_password_its_nodes_run_and_lists_nodes_switched_before(
+    stepwise: World, tmp_path: Path
+) -> None:
+    """Audit s38 H1: with a password staged and no change-password rollout yet, the notice
+    gave the staged one (which no workstation could use: every node still ran the old one)
+    and refused the one in effect. M4: a cluster rollout after a local one left out the
+    leader node, which the local one had switched."""
+    world = stepwise
+    node1, node2 = world.nodes
+    pw1 = secret_file(tmp_path / "pw1", PW1)
+    pw2 = secret_file(tmp_path / "pw2", PW2)
+    https1 = f"https://{node1.address}:8443/praxis_live/"
+    rollout(world, "--scope", "local", "--password-file", str(pw1))
+
+    # Announced, the cluster's switch: node1 already switched; node2 gets node1's password
+    when = f"{ahead():%Y-%m-%d %H:%M}"
+    text = ok(
+        world.cli("notify", "--when", when, "--include-password", "--password-file", str(pw1))
+    )
+    assert f"node1: {https1} (bereits umgestellt)" in text
+    assert f"node2: neu https://{node2.address}:8443/" in text
+    assert text.count(PW1) == 1
+
+    cluster = rollout(world, "--scope", "cluster")
+    states = {n["name"]: n["state"] for n in cluster["nodes"]}
+    assert states == {"node1": "skipped", "node2": "done"}, cluster
+    text = ok(world.cli("notify"))
+    assert "Betroffen ist der gesamte Multiserver-Verbund." in text
+    assert f"node1: {https1} (bereits umgestellt), Port für die Einrichtung: 9443" in text
+    assert f"node2: neu https://{node2.address}:8443/praxis_live/ (vorher http://" in text
+    english = ok(world.cli("notify", "--lang", "en"))
+    assert f"node1: {https1} (already switched)" in english
+
+    # A new password staged, pending on both nodes: the notice still gives the one they run
+    staging = world.cli("password", "set", "--password-file", str(pw2))
+    assert staging.returncode == 0, staging.stderr
+    # (M3) what applies it, not "at next restart": a rotate-cert restarts and keeps the old one
+    assert "`tlsroll rollout start --change change-password --scope cluster`" in staging.stdout
+    assert "only when the server restarts" not in staging.stdout
+    assert "another restart keeps the live password" in staging.stdout
+    text = ok(world.cli("notify", "--include-password", "--password-file", str(pw1)))
+    assert text.count(PW1) == 1 and PW2 not in text
+    staged = world.cli("notify", "--include-password", "--password-file", str(pw2))
+    line = usage_error(staged, 1)
+    assert "(version 2) is staged, not in effect on any node yet" in line, line
+    assert "--change change-password" in line and PW2 not in staged.stderr
+    # ... and it is the one a workstation sets up with
+    joined = world.test_connection(node2.https_url(), pw1, tmp_path / "ws1")
+    assert joined.returncode == 0, joined.stderr
+    # A change-password notice gives the staged one
+    args = ["notify", "--when", when, "--change", "change-password", "--include-password"]
+    assert ok(world.cli(*args, "--password-file", str(pw2))).count(PW2) == 1
+    assert "not the staged password" in usage_error(
+        world.cli(*args, "--password-file", str(pw1)), 1
+    )
+
+    # node2 on the new password, node1 on the old: the enable-tls notice has none to give
+    rollout(world, "--change", "change-password", "--scope", "nodes", "--nodes", "node2")
+    mixed = world.cli(
+        "notify", "--rollout", cluster["id"], "--include-password", "--password-file", str(pw1)
+    )
+    line = usage_error(mixed, 1)
+    assert "run different passwords (node1 version 1, node2 version 2)" in line, line
     for out in world.outputs:  # no password anywhere but in the notices that asked for it
         if "WARNUNG" not in out and "WARNING" not in out:
             assert PW1 not in out and PW2 not in out
@@ -232,9 +331,10 @@ def check_password_rpc(world: World) -> None:
         (["--when", "2099-01-01 10:00", "--timezone", "Mars/Olympus"], "--timezone"),
         (["--duration", "30m"], "--when"),
         (["--when", "2099-01-01 10:00", "--rollout", "r1"], "--rollout"),
-        (["--when", "2099-01-01 10:00", "--include-password"], "enable-tls sets its password"),
         (["--when", "2099-01-01 10:00", "--change", "rotate-cert", "--include-password"], "no"),
         (["--format", "pdf"], "pdf"),
+        # html is for e-mail programs; the seed: the password is not to go by e-mail
+        (["--format", "html", "--include-password"], "--format html is for e-mail"),
     ],
 )
 def test_bad_input_is_one_line_and_exit_2(world: World, args: list[str], says: str) -> None:
@@ -249,7 +349,7 @@ def test_bad_input_is_one_line_and_exit_2(world: World, args: list[str], says: s
         (["--when", "garbage"], "--when"),
         (["--when", "2099-01-01 10:00", "--duration", "99x"], "--duration"),
         (["--when", "2099-01-01 10:00", "--change", "rotate-cert", "--include-password"], "no"),
-        (["--when", "2099-01-01 10:00", "--include-password"], "enable-tls sets its password"),
+        (["--format", "html", "--include-password"], "--format html is for e-mail"),
         (["--until", "garbage"], "--until"),
     ],
 )

@@ -269,6 +269,7 @@ def test_both_clis_refuse_a_two_line_password_file(
     """Same file, same rule, same exit code, before anything is contacted (the socket and the
     URL lead nowhere: reaching them would be another error)."""
     path = tmp_path / "pw"
+    path.touch(0o600)  # (the admin CLI refuses a file others can read first)
     path.write_text("s3cret\nsecond\n")
     socket = tmp_path / "no-leader.sock"
     code = cli.main(["--socket", str(socket), *args, "--password-file", str(path)])
@@ -306,6 +307,7 @@ def test_every_cli_refuses_a_password_nobody_can_type(
     CLI (both commands) and the workstation read by one rule: exit 2 and one line that says
     where and never shows the password, before anything is contacted."""
     path = tmp_path / "pw"
+    path.touch(0o600)
     path.write_bytes(content.encode())
     socket = tmp_path / "no-leader.sock"
     code = cli.main(["--socket", str(socket), *args, "--password-file", str(path)])
@@ -314,3 +316,51 @@ def test_every_cli_refuses_a_password_nobody_can_type(
     assert err.count("\n") == 1 and err.startswith("tlsroll: error: ")
     assert "--password-file" in err and says in err
     assert "Zebra" not in err and "Mango" not in err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["password", "set"],
+        ["rollout", "start", "--scope", "cluster", "--yes"],
+        ["notify", "--include-password"],
+    ],
+    ids=["password-set", "rollout-start", "notify"],
+)
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o620], ids=lambda m: f"{m:04o}")
+def test_the_admin_cli_refuses_a_password_file_others_can_access(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], args: list[str], mode: int
+) -> None:
+    """Audit s38 L2: a password file group or others could read (0644) was staged silently.
+    The admin CLI says so as it does of the leader's and the agents' secret files
+    (``tlsroll.fsutil.check_private_file``): exit 2, one line, before anything is contacted
+    (the socket leads nowhere), never the password."""
+    path = tmp_path / "pw"
+    path.write_text("Zebra-Quartz-Mango-7741\n")
+    path.chmod(mode)
+    socket = tmp_path / "no-leader.sock"
+    code = cli.main(["--socket", str(socket), *args, "--password-file", str(path)])
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and err.startswith("tlsroll: error: ")
+    assert f"{path} is accessible by others (mode {mode:04o}); run: chmod 600 {path}" in err
+    assert "--password-file" in err and "Zebra" not in err
+    path.chmod(0o600)  # the same file, private: the leader is what is missing now
+    code = cli.main(["--socket", str(socket), *args, "--password-file", str(path)])
+    err = capsys.readouterr().err
+    assert code == 1 and "accessible" not in err, err
+
+
+def test_a_staged_password_says_the_change_password_rollout_applies_it() -> None:
+    """Audit s38 M3: `schema show`, the viewer (both languages) and the schema said a staged
+    password "takes effect at next restart"; a rotate-cert restarts the server and keeps the
+    live one (leader.changes.RotateCert). What applies it is a change-password rollout."""
+    from leader.cli import draw
+    from leader.viewer.i18n import TEXTS
+
+    command = "`tlsroll rollout start --change change-password`"
+    for text in (draw.PENDING, TEXTS["en"]["password_pending"], TEXTS["de"]["password_pending"]):
+        assert command in text, text
+        assert "next restart" not in text and "nach Neustart" not in text, text
+    assert "which restarts the server" in draw.PENDING
+    assert "startet den Server neu" in TEXTS["de"]["password_pending"]

@@ -67,6 +67,7 @@ def test_the_admin_cli_refuses_a_weak_password_file(
 ) -> None:
     """Exit 2 and one line, before anything is contacted (the socket leads nowhere)."""
     path = tmp_path / "pw"
+    path.touch(0o600)
     path.write_text("password1234\n")
     socket = tmp_path / "no-leader.sock"
     code = cli.main(["--socket", str(socket), *args, "--password-file", str(path)])

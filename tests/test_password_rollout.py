@@ -252,6 +252,7 @@ def test_an_unusable_password_file_is_a_one_line_usage_error(world: World, tmp_p
     before = world.cluster.store_rows(("auth_versions", "rollouts"))
     for kind, content in UNUSABLE.items():
         unusable = tmp_path / kind
+        unusable.touch(0o600)  # (a file others can read is refused for that first)
         unusable.write_bytes(content.encode())
         for args in (
             ("rollout", "start", "--scope", "cluster", "--password-file", str(unusable), "--yes"),

@@ -20,7 +20,10 @@ from leader.cli.plain import Block, Styled, Table
 View = Mapping[str, Any]
 """A message of the schema as JSON data (``leader.cli.base.to_dict``)."""
 
-PENDING = "password change pending — takes effect at next restart"
+PENDING = (
+    "password change pending — takes effect with `tlsroll rollout start --change "
+    "change-password` (which restarts the server)"
+)
 STATE_STYLE = {
     "needs_attention": "bold reverse red",
     "done": "green",

@@ -10,6 +10,9 @@ the message for one change (``enable-tls``, ``change-password``, ``rotate-cert``
 * ``done``: the rollout is over; the times are the schema's, and nodes it left unchanged are
   named.
 
+``NoticeInfo.already`` (enable-tls): nodes an earlier rollout switched, listed with their https
+address as "already switched" (a cluster rollout after a local one).
+
 ``NoticeInfo.transitional`` (an ``enable-tls`` rollout of the transitional strategy): the old
 http address keeps working beside the new one, so the message says "you can switch any time
 until …" (``until``: when `tlsroll rollout finalize` is planned; None: "until you are told").
@@ -84,6 +87,8 @@ class NoticeInfo:
     change: str = "enable-tls"
     scope: str = "cluster"  # "local" (the leader node), "cluster" or "nodes" (named ones)
     unchanged: Sequence[str] = ()  # done: the nodes the rollout left as they were
+    # enable-tls: nodes an earlier rollout switched (skipped by this one), new_url their https
+    already: Sequence[NoticeNode] = ()
     extra: Sequence[str] = field(default_factory=tuple)  # further notes, one paragraph each
     transitional: bool = False  # enable-tls keeping http until finalize (strategy transitional)
     until: dt.datetime | None = None  # transitional: when http is planned to close
@@ -189,6 +194,7 @@ _DE: dict[str, str] = {
     "node.new.after": "{name}: neu {new} (vorher {old})",
     "node.new.transitional": "{name}: neu {new} (vorerst geht auch noch {old})",
     "node.port": "{line}, Port für die Einrichtung: {port}",
+    "node.already": "{name}: {new} (bereits umgestellt)",
     "node.same": "{name}: {url}",
     "path_unknown": (
         "Nur der Anfang der Adresse ändert sich; was nach der Portnummer folgt, bleibt gleich."
@@ -360,6 +366,7 @@ _EN: dict[str, str] = {
     "node.new.after": "{name}: new {new} (previously {old})",
     "node.new.transitional": "{name}: new {new} (for now {old} still works too)",
     "node.port": "{line}, port for the set-up: {port}",
+    "node.already": "{name}: {new} (already switched)",
     "node.same": "{name}: {url}",
     "path_unknown": (
         "Only the beginning of the address changes; whatever follows the port number stays "
@@ -641,6 +648,19 @@ def render_notice(
             template = w["node.same"]
             values = {"name": _Text(n.name), "url": _Code(n.new_url)}
         lines.append((template, values))
+    if change == "enable-tls":
+        for n in info.already:
+            template = w["node.port"].format(line=w["node.already"], port="{port}")
+            lines.append(
+                (
+                    template,
+                    {
+                        "name": _Text(n.name),
+                        "new": _Code(n.new_url),
+                        "port": _Text(str(n.bootstrap_port)),
+                    },
+                )
+            )
     doc.bullets(lines)
     if moves and not all(n.path_known for n in info.nodes):
         doc.para(w["path_unknown"])

@@ -8,9 +8,16 @@ switched. Times are shown in the practice's zone: ``--timezone``, else the leade
 ``maintenance_timezone`` (the schema carries it), else the leader's own (``TZ``,
 ``/etc/timezone``, ``/etc/localtime``); a leader on UTC gives a German notice Europe/Berlin.
 
-``--include-password`` puts a password into the message only if it is the newest staged one
-(``Admin.CheckPassword``: the leader compares a hash derived here; the password never leaves
-this process).
+``--include-password`` puts a password into the message only if it is the one the notice is
+about (``Admin.CheckPassword``: the leader compares a hash derived here; the password never
+leaves this process): for a change-password notice the newest staged one; for an enable-tls
+notice the version its nodes run (after the switch; announced, the version the nodes that
+switched before run, which the planned rollout gives the others), never one staged and in
+effect on no node yet (``password_version``). Not in an HTML notice: that is for e-mail.
+
+Nodes of an enable-tls rollout that an earlier one had switched already (a cluster rollout
+after a local one: the plan skips them) are listed too, with their https address, marked
+"already switched": the scope's sentence says the whole multiserver.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ import sys
 import zoneinfo
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
 
 import click
@@ -34,6 +42,9 @@ from leader.zones import UTC_NAMES, load_zone, local_zone_name
 from tlsroll import password
 from tlsroll.defaults import BOOTSTRAP_PORT
 from tlsroll.v1 import admin_pb2, schema_pb2
+
+if TYPE_CHECKING:
+    from tlsroll.v1 import admin_pb2_grpc
 
 GERMAN_DEFAULT_ZONE = "Europe/Berlin"
 DEFAULT_SOURCE = {"de": "persönlich bei Ihrer Praxis-IT", "en": "in person from your practice IT"}
@@ -252,27 +263,104 @@ def pick_rollout(schema: schema_pb2.Schema, rollout_id: str | None) -> schema_pb
 
 # --- the password -----------------------------------------------------------------------------
 
+_ENABLE_FIRST = (
+    "enable-tls sets its password when it starts (rollout start --password-file): "
+    "include it in the notice after the start, or leave out --include-password"
+)
 
-def check_staged(leader: Leader, secret: str) -> None:
-    """CLIError unless ``secret`` is the newest staged password (Admin.CheckPassword)."""
-    with leader.admin() as admin:
-        params = leader.call(admin.CheckPassword, admin_pb2.CheckPasswordRequest())
-        try:
-            digest = password.derive_hash(
-                secret, salt=params.salt, n=params.n, r=params.r, p=params.p, dklen=params.dklen
-            )
-        except ValueError as exc:
-            raise CLIError(f"the leader's password parameters are unusable: {exc}") from None
-        reply = leader.call(
-            admin.CheckPassword,
-            admin_pb2.CheckPasswordRequest(candidate_hash=digest, version=params.version),
-        )
-    if not reply.matches:
+
+def password_version(
+    change: Change, newest: int, live: dict[str, int], nodes: Sequence[str], planned: int | None
+) -> int:
+    """The password version a notice of ``change`` about ``nodes`` gives: change-password the
+    newest staged one; an announced enable-tls (``planned``: the plan's version in use, 0 for
+    none) the version the switched nodes run and the rollout gives the others; an enable-tls
+    after its start the version its nodes run (``live``: per node), one for all of them. A
+    UsageError or CLIError (one line) when there is none to give."""
+    if change is Change.CHANGE_PASSWORD:
+        return newest
+    if planned is not None and not planned:
+        raise click.UsageError(_ENABLE_FIRST)
+    running = {n: live[n] for n in nodes if n in live}
+    if not running and not planned:
         raise CLIError(
-            f"that is not the staged password (version {reply.version}); the notice would "
-            "give the practice a wrong one. Check the file, or stage it with "
-            "`tlsroll password set`"
+            "no node of the notice runs a password yet: include it once a node has switched"
         )
+    versions = set(running.values()) | ({planned} if planned else set())
+    if len(versions) > 1:
+        listed = ", ".join(f"{n} version {v}" for n, v in sorted(running.items()))
+        if planned:
+            listed += f"; the rollout gives the others version {planned}"
+        raise CLIError(
+            f"the notice's nodes run different passwords ({listed}): give them one with "
+            "`tlsroll rollout start --change change-password`, then include it"
+        )
+    return versions.pop()
+
+
+def _matches(
+    leader: Leader,
+    admin: admin_pb2_grpc.AdminStub,
+    params: admin_pb2.CheckPasswordResponse,
+    secret: str,
+) -> bool:
+    """Is ``secret`` the version ``params`` describes (its salt and scrypt parameters)?"""
+    try:
+        digest = password.derive_hash(
+            secret, salt=params.salt, n=params.n, r=params.r, p=params.p, dklen=params.dklen
+        )
+    except ValueError as exc:
+        raise CLIError(f"the leader's password parameters are unusable: {exc}") from None
+    reply = leader.call(
+        admin.CheckPassword,
+        admin_pb2.CheckPasswordRequest(
+            candidate_hash=digest,
+            version=params.version,
+            # the newest: refused if another was staged since; an older one: that one
+            about=0 if params.version == params.newest else params.version,
+        ),
+    )
+    return bool(reply.matches)
+
+
+def check_password(
+    leader: Leader, secret: str, change: Change, nodes: Sequence[str], planned: int | None
+) -> None:
+    """CLIError (UsageError) unless ``secret`` is the password the notice is about
+    (``password_version``), checked by Admin.CheckPassword; a password staged and in effect
+    on no node yet is named as such for an enable-tls notice."""
+    with leader.admin() as admin:
+        first = leader.call(admin.CheckPassword, admin_pb2.CheckPasswordRequest())
+        newest = first.newest or first.version
+        live = {n.node: n.version for n in first.live}
+        target = password_version(change, newest, live, nodes, planned)
+        params = (
+            first
+            if target == first.version
+            else leader.call(admin.CheckPassword, admin_pb2.CheckPasswordRequest(about=target))
+        )
+        if _matches(leader, admin, params, secret):
+            return
+        if change is Change.CHANGE_PASSWORD:
+            raise CLIError(
+                f"that is not the staged password (version {target}); the notice would give "
+                "the practice a wrong one. Check the file, or stage it with "
+                "`tlsroll password set`"
+            )
+        if (
+            newest != target
+            and newest not in live.values()
+            and _matches(leader, admin, first, secret)
+        ):
+            raise CLIError(
+                f"that password (version {newest}) is staged, not in effect on any node yet: "
+                'announce it with `tlsroll notify --when "YYYY-MM-DD HH:MM" --change '
+                "change-password`"
+            )
+    raise CLIError(
+        f"that is not the password the notice's nodes run (version {target}); the notice "
+        "would give the practice a wrong one. Check the file"
+    )
 
 
 # --- the command ------------------------------------------------------------------------------
@@ -322,14 +410,15 @@ def check_staged(leader: Leader, secret: str) -> None:
 @click.option(
     "--include-password",
     is_flag=True,
-    help="Put the password into the message (only the staged one; with a warning not to "
-    "e-mail it).",
+    help="Put the password into the message (only the one the notice is about: for "
+    "enable-tls the one its nodes run, for change-password the staged one; with a warning not "
+    "to e-mail it; not with --format html).",
 )
 @click.option(
     "--password-file",
     type=click.Path(path_type=Path, dir_okay=False),
-    help="With --include-password: read it from this file (the file's only line) instead of "
-    "asking.",
+    help="With --include-password: read it from this file (the file's only line, mode 0600) "
+    "instead of asking.",
 )
 @click.option(
     "--until",
@@ -390,19 +479,20 @@ def notify(
         raise click.UsageError("--until goes with a transitional rollout, not with --when")
     if password_file is not None and not include_password:
         raise click.UsageError("--password-file goes with --include-password")
+    if include_password and fmt == "html":
+        raise click.UsageError(
+            "--format html is for e-mail, and the password must not go by e-mail: leave out "
+            "--include-password (the notice then says where staff get it)"
+        )
     # Everything that needs no zone before the leader is asked for one: bad input is a usage
     # error (exit 2) whether the leader is up or not.
     naive_when = when_syntax(when) if when is not None else None
     naive_until = when_syntax(until, "--until") if until is not None else None
     span = parse_duration(duration) if duration is not None else None
+    # The file too (its rules, its mode), before the leader: the password is asked for later.
+    from_file = read_password_file(password_file) if password_file is not None else None
     if include_password and change in ("rotate-cert", "disable-tls"):
         raise click.UsageError(f"a {change} notice has no password to give")
-    if include_password and when is not None and change in (None, "enable-tls"):
-        # A usage error whatever the nodes run: said before the plan is asked for.
-        raise click.UsageError(
-            "enable-tls sets its password when it starts (rollout start --password-file): "
-            "include it in the notice after the start, or leave out --include-password"
-        )
     # The schema first when the zone may be the leader's maintenance_timezone.
     first = fetch_schema(leader) if tz_name is None else None
     zone = practice_zone(tz_name, lang, first.auto_rotate.timezone if first else "")
@@ -413,10 +503,13 @@ def notify(
     known = known_urls(schema)
     unchanged: list[str] = []
     transitional = False
+    planned_password: int | None = None  # an announced switch: the password its plan gives
     if start is not None:
         the_change = Change(change or "enable-tls")
         with leader.admin() as admin:
-            plan = leader.call(admin.PlanRollout, plan_request(the_change, scope, nodes)).rollout
+            planned = leader.call(admin.PlanRollout, plan_request(the_change, scope, nodes))
+        plan = planned.rollout
+        planned_password = planned.password_version_in_use
         addresses = node_addresses(leader)
         names = [
             n.name for n in plan.nodes if NODE_STATE.read(n.state, "state") is not NodeState.SKIPPED
@@ -425,6 +518,10 @@ def notify(
             raise CLIError(f"{the_change.value} would change no node: nothing to announce")
         notice_nodes = [
             notice_node(n, the_change, known.get(n, {}), addresses.get(n, n)) for n in names
+        ]
+        already = [
+            notice_node(n.name, the_change, known.get(n.name, {}), addresses.get(n.name, n.name))
+            for n in switched_before(the_change, plan)
         ]
         # Elapsed time: adding to a time in a zone adds wall-clock time, an hour off (or in the
         # hour that does not exist) across a change of daylight saving time.
@@ -453,10 +550,15 @@ def notify(
             raise CLIError(
                 f"rollout {r.id} ({state.value}) changed no node: nothing to tell the practice"
             )
-        addresses = node_addresses(leader) if any(not n.new_url for n in shown) else {}
+        before = switched_before(the_change, r)
+        addresses = node_addresses(leader) if before or any(not n.new_url for n in shown) else {}
         notice_nodes = [
             _recorded_node(n, the_change, known.get(n.name, {}), addresses.get(n.name, n.name))
             for n in shown
+        ]
+        already = [
+            notice_node(n.name, the_change, known.get(n.name, {}), addresses.get(n.name, n.name))
+            for n in before
         ]
         end = None if running else _dt(r, "ended_at")
         timing = Timing(
@@ -470,17 +572,20 @@ def notify(
     if include_password:
         if the_change not in (Change.ENABLE_TLS, Change.CHANGE_PASSWORD):
             raise click.UsageError(f"a {the_change.value} notice has no password to give")
-        if start is not None and the_change is Change.ENABLE_TLS:
-            raise click.UsageError(
-                "enable-tls sets its password when it starts (rollout start --password-file): "
-                "include it in the notice after the start, or leave out --include-password"
-            )
+        if start is not None and the_change is Change.ENABLE_TLS and not planned_password:
+            raise click.UsageError(_ENABLE_FIRST)  # (before the password is asked for)
         secret = (
-            read_password_file(password_file)
-            if password_file
+            from_file
+            if from_file is not None
             else click.prompt("Password to include", hide_input=True, err=True)
         )
-        check_staged(leader, secret)
+        check_password(
+            leader,
+            secret,
+            the_change,
+            [n.name for n in (*notice_nodes, *already)],
+            planned_password if start is not None else None,
+        )
 
     with leader.admin() as admin:
         ca = leader.call(admin.GetCA, admin_pb2.GetCARequest())
@@ -494,6 +599,7 @@ def notify(
         change=the_change.value,
         scope=kind.value if kind is not None else "cluster",
         unchanged=unchanged,
+        already=already,
         transitional=transitional,
         until=when_in_zone(naive_until, until, zone, now, "--until")
         if naive_until and until
@@ -546,6 +652,19 @@ def remaining_text(schema: schema_pb2.Schema, lang: str, zone: zoneinfo.ZoneInfo
     if not rows:
         return t["none"] + "\n"
     return "\n".join([t["head"], *rows]) + "\n"
+
+
+def switched_before(change: Change, rollout: schema_pb2.RolloutView) -> list[schema_pb2.NodeView]:
+    """The nodes an enable-tls rollout skipped because an earlier one had switched them (the
+    planner's "already done"): the notice lists them as already switched."""
+    if change is not Change.ENABLE_TLS:
+        return []
+    return [
+        n
+        for n in rollout.nodes
+        if NODE_STATE.read(n.state, "state") is NodeState.SKIPPED
+        and n.reason.startswith("already done")
+    ]
 
 
 def _recorded_node(

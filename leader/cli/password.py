@@ -8,6 +8,8 @@ printed once, to a terminal, and never again; nothing stores it.
 
 from __future__ import annotations
 
+import os
+import stat
 import sys
 from pathlib import Path
 
@@ -20,11 +22,29 @@ from tlsroll.v1 import admin_pb2
 
 def read_password_file(path: Path) -> str:
     """The password in ``path`` (``tlsroll.password.read_password_file``'s rule); a usage error
-    naming --password-file (exit 2) if the file is not usable."""
+    naming --password-file (exit 2) if the file is not usable, or if it is a file group or
+    others may read or write (as ``tlsroll.fsutil.check_private_file`` says of the leader's
+    and the agents' secret files: the password is one)."""
+    _check_private(path)
     try:
         return password.read_password_file(path)
     except password.PasswordFileError as exc:
         raise click.BadParameter(str(exc), param_hint="--password-file") from None
+
+
+def _check_private(path: Path) -> None:
+    """A usage error if ``path`` is a regular file group or others can access; one that cannot
+    be read is left to the reading to say (a pipe, ``<(…)``, is the shell's own)."""
+    try:
+        st = os.stat(path)
+    except OSError:
+        return
+    if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:
+        raise click.BadParameter(
+            f"{path} is accessible by others (mode {stat.S_IMODE(st.st_mode):04o}); "
+            f"run: chmod 600 {path}",
+            param_hint="--password-file",
+        )
 
 
 def obtain_password(
@@ -75,12 +95,14 @@ def password_group() -> None:
 @click.option(
     "--password-file",
     type=click.Path(path_type=Path, dir_okay=False),
-    help="Read the new password from this file (the file's only line).",
+    help="Read the new password from this file (the file's only line; mode 0600).",
 )
 @click.option("--generate", is_flag=True, help="Make a new password and show it once.")
 @pass_leader
 def password_set(leader: Leader, password_file: Path | None, generate: bool) -> None:
-    """Stage a new password; it takes effect on a node at its next restart (seed)."""
+    """Stage a new password; it takes effect on the nodes with `tlsroll rollout start --change
+    change-password` (which restarts the server; another restart, a rotate-cert's too, keeps
+    the live one)."""
     if password_file is not None and generate:
         raise click.UsageError("--password-file and --generate exclude each other")
     secret = obtain_password(password_file, generate, leader=leader)
@@ -91,8 +113,8 @@ def password_set(leader: Leader, password_file: Path | None, generate: bool) -> 
         )
     out.print(f"password version {reply.version} staged.")
     if reply.pending_nodes:
+        out.print("pending on: " + ", ".join(reply.pending_nodes))
         out.print(
-            "It takes effect only when the server restarts; pending on: "
-            + ", ".join(reply.pending_nodes)
+            "It takes effect with `tlsroll rollout start --change change-password --scope "
+            "cluster` (which restarts the server); another restart keeps the live password."
         )
-        out.print("Apply it with: tlsroll rollout start --change change-password --scope cluster")

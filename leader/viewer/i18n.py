@@ -77,7 +77,10 @@ _DE: dict[str, str] = {
     "transition": "{old} → {new}",
     "no_transitions": "noch keine Übergänge",
     "passwords": "Passwortänderungen",
-    "password_pending": "neues Passwort hinterlegt – wirksam nach Neustart",
+    "password_pending": (
+        "neues Passwort hinterlegt – wirksam mit `tlsroll rollout start --change "
+        "change-password` (startet den Server neu)"
+    ),
     "offline": "Knoten offline",
     "all_online": "Alle {count} Knoten melden sich regelmäßig.",
     "no_nodes": "Noch kein Knoten angemeldet.",
@@ -184,7 +187,10 @@ _EN: dict[str, str] = {
     "transition": "{old} → {new}",
     "no_transitions": "no transitions yet",
     "passwords": "Password changes",
-    "password_pending": "new password staged – takes effect at next restart",
+    "password_pending": (
+        "new password staged – takes effect with `tlsroll rollout start --change "
+        "change-password` (which restarts the server)"
+    ),
     "offline": "Nodes offline",
     "all_online": "All {count} nodes report in regularly.",
     "no_nodes": "No node enrolled yet.",

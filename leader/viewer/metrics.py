@@ -17,7 +17,7 @@ of every rollout in the schema, so their counts only grow, as Prometheus expects
                                                      never below 0: ``SchemaStore.switch_times``)
     tlsroll_restart_seconds                          how long the managed server's restart took
     tlsroll_certificate_expiry_timestamp_seconds{kind,subject,fingerprint}
-    tlsroll_password_change_pending{node}            1: a new password waits for a restart
+    tlsroll_password_change_pending{node}            1: a new password waits for change-password
     tlsroll_bootstrap_failures{node,source}          wrong passwords on 9443, last 30 days
 """
 

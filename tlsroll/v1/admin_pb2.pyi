@@ -286,7 +286,9 @@ class SetPasswordResponse(_message.Message):
     version: _builtins.int
     @_builtins.property
     def pending_nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Nodes on which the new password is pending (it takes effect at their next restart)."""
+        """Nodes on which the new password is pending (it takes effect with a change-password
+        rollout, which restarts the server; another restart keeps the live one).
+        """
 
     def __init__(
         self,
@@ -308,19 +310,23 @@ class CheckPasswordRequest(_message.Message):
 
     CANDIDATE_HASH_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
+    ABOUT_FIELD_NUMBER: _builtins.int
     candidate_hash: _builtins.bytes
     """Empty: only ask for the parameters."""
     version: _builtins.int
     """With candidate_hash: the version whose salt made it."""
+    about: _builtins.int
+    """The version asked about; 0: the newest staged one."""
     def __init__(
         self,
         *,
         candidate_hash: _builtins.bytes = ...,
         version: _builtins.int = ...,
+        about: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["candidate_hash", b"candidate_hash", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["about", b"about", "candidate_hash", b"candidate_hash", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -337,8 +343,10 @@ class CheckPasswordResponse(_message.Message):
     P_FIELD_NUMBER: _builtins.int
     DKLEN_FIELD_NUMBER: _builtins.int
     MATCHES_FIELD_NUMBER: _builtins.int
+    NEWEST_FIELD_NUMBER: _builtins.int
+    LIVE_FIELD_NUMBER: _builtins.int
     version: _builtins.int
-    """The newest staged auth password version."""
+    """The version asked about (`about`, else the newest staged one)."""
     salt: _builtins.str
     """Its salt (base64) and scrypt parameters, as in the verifier (tlsroll/password.py)."""
     n: _builtins.int
@@ -347,7 +355,13 @@ class CheckPasswordResponse(_message.Message):
     dklen: _builtins.int
     """Hash length in bytes."""
     matches: _builtins.bool
-    """With candidate_hash: whether it is the newest version's hash."""
+    """With candidate_hash: whether it is that version's hash."""
+    newest: _builtins.int
+    """The newest staged auth password version (`version` too unless `about` named another)."""
+    @_builtins.property
+    def live(self) -> _containers.RepeatedCompositeFieldContainer[Global___NodePasswordVersion]:
+        """The auth password version live on each node that has one (a node on http has none)."""
+
     def __init__(
         self,
         *,
@@ -358,14 +372,38 @@ class CheckPasswordResponse(_message.Message):
         p: _builtins.int = ...,
         dklen: _builtins.int = ...,
         matches: _builtins.bool = ...,
+        newest: _builtins.int = ...,
+        live: _abc.Iterable[Global___NodePasswordVersion] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["dklen", b"dklen", "matches", b"matches", "n", b"n", "p", b"p", "r", b"r", "salt", b"salt", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["dklen", b"dklen", "live", b"live", "matches", b"matches", "n", b"n", "newest", b"newest", "p", b"p", "r", b"r", "salt", b"salt", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___CheckPasswordResponse: _TypeAlias = CheckPasswordResponse  # noqa: Y015
+
+@_typing.final
+class NodePasswordVersion(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NODE_FIELD_NUMBER: _builtins.int
+    VERSION_FIELD_NUMBER: _builtins.int
+    node: _builtins.str
+    version: _builtins.int
+    def __init__(
+        self,
+        *,
+        node: _builtins.str = ...,
+        version: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___NodePasswordVersion: _TypeAlias = NodePasswordVersion  # noqa: Y015
 
 @_typing.final
 class RolloutRequest(_message.Message):

@@ -290,12 +290,14 @@ class AdminServicer:
         raise NotImplementedError('Method not implemented!')
 
     def CheckPassword(self, request, context):
-        """Whether a password is the newest staged one (what `tlsroll notify --include-password`
-        may print). Two calls, so that the password never reaches the leader: with no
-        `candidate_hash` the answer carries the newest version's salt and scrypt parameters; the
+        """Whether a password is a staged version: the newest, or with `about` that version (what
+        `tlsroll notify --include-password` may print: the version the notice's nodes run). Two
+        calls, so that the password never reaches the leader: with no `candidate_hash` the answer
+        carries the version's salt and scrypt parameters, and which version each node runs; the
         CLI derives the hash under them and asks again with it and that `version`. The leader
         compares in constant time and never returns the verifier's hash. FAILED_PRECONDITION: no
-        password staged, or `version` is no longer the newest.
+        password staged, no version `about`, or (without `about`) `version` is no longer the
+        newest.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

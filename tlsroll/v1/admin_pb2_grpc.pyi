@@ -95,12 +95,14 @@ class AdminStub:
     them. FAILED_PRECONDITION while a rollout is active.
     """
     CheckPassword: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CheckPasswordRequest, _admin_pb2.CheckPasswordResponse]
-    """Whether a password is the newest staged one (what `tlsroll notify --include-password`
-    may print). Two calls, so that the password never reaches the leader: with no
-    `candidate_hash` the answer carries the newest version's salt and scrypt parameters; the
+    """Whether a password is a staged version: the newest, or with `about` that version (what
+    `tlsroll notify --include-password` may print: the version the notice's nodes run). Two
+    calls, so that the password never reaches the leader: with no `candidate_hash` the answer
+    carries the version's salt and scrypt parameters, and which version each node runs; the
     CLI derives the hash under them and asks again with it and that `version`. The leader
     compares in constant time and never returns the verifier's hash. FAILED_PRECONDITION: no
-    password staged, or `version` is no longer the newest.
+    password staged, no version `about`, or (without `about`) `version` is no longer the
+    newest.
     """
     CreateViewerGrant: _grpc.UnaryUnaryMultiCallable[_admin_pb2.CreateViewerGrantRequest, _admin_pb2.CreateViewerGrantResponse]
     """Read-only access to the web viewer: a one-time login link (its secret is shown once; the
@@ -173,12 +175,14 @@ class AdminAsyncStub(AdminStub):
     them. FAILED_PRECONDITION while a rollout is active.
     """
     CheckPassword: _aio.UnaryUnaryMultiCallable[_admin_pb2.CheckPasswordRequest, _admin_pb2.CheckPasswordResponse]  # type: ignore[assignment]
-    """Whether a password is the newest staged one (what `tlsroll notify --include-password`
-    may print). Two calls, so that the password never reaches the leader: with no
-    `candidate_hash` the answer carries the newest version's salt and scrypt parameters; the
+    """Whether a password is a staged version: the newest, or with `about` that version (what
+    `tlsroll notify --include-password` may print: the version the notice's nodes run). Two
+    calls, so that the password never reaches the leader: with no `candidate_hash` the answer
+    carries the version's salt and scrypt parameters, and which version each node runs; the
     CLI derives the hash under them and asks again with it and that `version`. The leader
     compares in constant time and never returns the verifier's hash. FAILED_PRECONDITION: no
-    password staged, or `version` is no longer the newest.
+    password staged, no version `about`, or (without `about`) `version` is no longer the
+    newest.
     """
     CreateViewerGrant: _aio.UnaryUnaryMultiCallable[_admin_pb2.CreateViewerGrantRequest, _admin_pb2.CreateViewerGrantResponse]  # type: ignore[assignment]
     """Read-only access to the web viewer: a one-time login link (its secret is shown once; the
@@ -362,12 +366,14 @@ class AdminServicer(metaclass=_abc_1.ABCMeta):
         request: _admin_pb2.CheckPasswordRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_admin_pb2.CheckPasswordResponse, _abc.Awaitable[_admin_pb2.CheckPasswordResponse]]:
-        """Whether a password is the newest staged one (what `tlsroll notify --include-password`
-        may print). Two calls, so that the password never reaches the leader: with no
-        `candidate_hash` the answer carries the newest version's salt and scrypt parameters; the
+        """Whether a password is a staged version: the newest, or with `about` that version (what
+        `tlsroll notify --include-password` may print: the version the notice's nodes run). Two
+        calls, so that the password never reaches the leader: with no `candidate_hash` the answer
+        carries the version's salt and scrypt parameters, and which version each node runs; the
         CLI derives the hash under them and asks again with it and that `version`. The leader
         compares in constant time and never returns the verifier's hash. FAILED_PRECONDITION: no
-        password staged, or `version` is no longer the newest.
+        password staged, no version `about`, or (without `about`) `version` is no longer the
+        newest.
         """
 
     @_abc_1.abstractmethod

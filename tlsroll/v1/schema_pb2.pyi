@@ -137,8 +137,9 @@ class NodeView(_message.Message):
     leader_node: _builtins.bool
     bootstrap_port: _builtins.int
     password_pending: _builtins.bool
-    """A newer auth password is staged than the one live on this node: it takes effect at the
-    node's next restart (a change-password rollout).
+    """A newer auth password is staged than the one live on this node: it takes effect with a
+    change-password rollout (which restarts the server); another restart, a rotate-cert's
+    too, keeps the live one.
     """
     still_on_http: _builtins.int
     """Workstations seen on http lately that have not been seen on https since (who still needs
