@@ -406,7 +406,8 @@ def main(argv: list[str] | None = None) -> int:
         "--reinitialise",
         action="store_true",
         help="start with an empty store in place of a lost (missing, empty or damaged) one; "
-        "enrolled nodes are re-learned from their agents for 24 h",
+        "enrolled nodes are re-learned from their agents for 24 h; refused (exit 2) if the store"
+        " is intact or only cannot be opened now (a full or read-only disk)",
     )
     ns = parser.parse_args(argv)
     try:

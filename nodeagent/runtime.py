@@ -248,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         "--reinitialise",
         action="store_true",
         help="start with an empty journal in place of a missing, empty or damaged one (the lost"
-        " file is kept beside it); refused if the journal is intact",
+        " file is kept beside it); refused (exit 2) if the journal is intact or only cannot be"
+        " opened now (a full or read-only disk)",
     )
     ns = parser.parse_args(argv)
     try:
