@@ -348,7 +348,11 @@ manifest_set() {
 # A new virtual environment, built beside the live one and checked before it takes its place:
 # pip upgrading $VENV in place and failing part-way (a full disk) left a mix of two versions
 # that the next start of a daemon ran (audit s38, M3).
-kib_of() { du -sk "$1" 2>/dev/null | cut -f1 || echo 0; }
+kib_of() {
+    local kib
+    kib=$(du -sk "$1" 2>/dev/null | awk 'NR == 1 { print $1 }') || true
+    echo "${kib:-0}"
+}
 rm -rf "$NEW_VENV" # what a run cut short left
 if [ "$bundle" = yes ]; then
     need_kib=$((3 * $(kib_of "$here/wheels"))) # unpacked wheels take about 2-3 times their size
@@ -357,7 +361,7 @@ else
 fi
 if [ -d "$VENV" ] && [ "$(kib_of "$VENV")" -gt "$need_kib" ]; then need_kib=$(kib_of "$VENV"); fi
 need_kib=$((need_kib + need_kib / 5))
-free_kib=$(df -Pk "$(dirname "$VENV")" | awk 'NR == 2 { print $4 }')
+free_kib=$(df -Pk "$(dirname "$VENV")" 2>/dev/null | awk 'NR == 2 { print $4 }') || free_kib=""
 if [ -n "$free_kib" ] && [ "$free_kib" -lt "$need_kib" ]; then
     hint=""
     if [ -d "$OLD_VENV" ]; then hint=" ($OLD_VENV, the version before the installed one, may go: rm -rf $OLD_VENV)"; fi
