@@ -11,6 +11,10 @@
   installed units verify. A re-run keeps a unit the admin changed; ``uninstall`` keeps config
   and data, ``--purge`` removes them.
 * A bad argument or a too old Python changes nothing: every overlay's upper layer stays empty.
+* A full disk (audit s38, M3): a re-run builds the new venv beside the live one and swaps it
+  in, keeping the replaced one as /opt/tlsroll.old; too little space on /opt, or a pip that
+  fails, leaves the live venv as it was; ``ca-credential``'s drop-in on a full file system is
+  not written at all rather than cut short.
 * Under a real systemd (booted by systemd-nspawn in a container on an overlay of this machine's
   root, no network): the installed leader unit starts, and the installed agent unit's sandbox,
   running a probe in place of the agent, leaves exactly the capabilities it claims while the
