@@ -25,7 +25,11 @@
 #
 # Run again to upgrade: the new version replaces the old one in /opt/tlsroll, and the daemons
 # that run from it (the leader and the agent share it) are restarted, so that no old process
-# goes on beside new files (it would import them when it next loads a module lazily).
+# goes on beside new files (it would import them when it next loads a module lazily). The new
+# virtual environment is built beside the live one (/opt/tlsroll.new), checked, and put in its
+# place by renames; the one it replaces is kept as /opt/tlsroll.old until the next run has
+# built and checked its own. A failure on the way (a full disk) leaves /opt/tlsroll as it was;
+# so does too little space, which is refused before anything is built.
 # Not while a rollout is active: the leader is asked first (`tlsroll rollout status`) and the
 # upgrade refused; --restart-later installs anyway and restarts nothing (restart the daemons
 # once the rollout has ended).
@@ -33,6 +37,8 @@ set -euo pipefail
 umask 022
 
 VENV=/opt/tlsroll
+NEW_VENV=$VENV.new # built here, then renamed to $VENV
+OLD_VENV=$VENV.old # the one it replaced, until the next run has built its own
 MANIFEST=$VENV/installed-files
 UNIT_DIR=/usr/lib/systemd/system
 ETC_UNIT_DIR=/etc/systemd/system
@@ -140,6 +146,18 @@ examples=$here/examples
 
 sha256() { sha256sum "$1" | cut -d' ' -f1; }
 systemd_running() { [ -d /run/systemd/system ]; }
+# write_whole FILE MODE TEXT: FILE holds TEXT, whole, or is left as it was (status 1). Written
+# to a temporary file beside it, read back, then renamed over it.
+write_whole() {
+    local file=$1 mode=$2 text=$3 tmp
+    tmp=$(mktemp "$file.XXXXXX" 2>/dev/null) || return 1
+    if printf '%s' "$text" >"$tmp" 2>/dev/null && printf '%s' "$text" | cmp -s - "$tmp" &&
+        chmod "$mode" "$tmp" && mv -f "$tmp" "$file"; then
+        return 0
+    fi
+    rm -f "$tmp"
+    return 1
+}
 
 # --- ca-credential ---------------------------------------------------------------------------
 # The passphrase file becomes a credential only this machine can decrypt; systemd decrypts it
@@ -181,14 +199,14 @@ print(tomllib.load(open(sys.argv[1], "rb"))["leader"]["ca_passphrase_file"])' "$
     chmod 0400 "$CA_CREDENTIAL.tmp"
     mv -f "$CA_CREDENTIAL.tmp" "$CA_CREDENTIAL"
     install -d -m 0755 "$(dirname "$dropin")"
-    {
-        echo "# Written by install.sh ca-credential: the CA passphrase comes from an encrypted credential."
-        echo "[Service]"
-        echo "LoadCredentialEncrypted=tlsroll-ca-passphrase:$CA_CREDENTIAL"
-        echo "RuntimeDirectory=tlsroll"
-        echo "RuntimeDirectoryMode=0700"
-        echo "ExecStartPre=+/usr/bin/install -m 0400 -o tlsroll -g tlsroll %d/tlsroll-ca-passphrase $runtime_file"
-    } >"$dropin"
+    # Whole or not at all: a truncated ExecStartPre= line (a full /etc) must never be the unit's.
+    write_whole "$dropin" 0644 "# Written by install.sh ca-credential: the CA passphrase comes from an encrypted credential.
+[Service]
+LoadCredentialEncrypted=tlsroll-ca-passphrase:$CA_CREDENTIAL
+RuntimeDirectory=tlsroll
+RuntimeDirectoryMode=0700
+ExecStartPre=+/usr/bin/install -m 0400 -o tlsroll -g tlsroll %d/tlsroll-ca-passphrase $runtime_file
+" || die "cannot write $dropin (is $(dirname "$dropin") full or read-only?); $config and $passfile are unchanged"
     tmp=$(mktemp "$config.XXXXXX")
     sed "s|^ca_passphrase_file = .*|ca_passphrase_file = \"$runtime_file\"|" "$config" >"$tmp"
     chown --reference="$config" "$tmp"
@@ -225,7 +243,7 @@ if [ "$role" = uninstall ]; then
     if [ -L "$LINK" ] && [[ $(readlink "$LINK") == "$VENV"/* ]]; then
         rm -f "$LINK"
     fi
-    rm -rf "$VENV" "$DOC_DIR"
+    rm -rf "$VENV" "$NEW_VENV" "$OLD_VENV" "$DOC_DIR"
     if [ "$purge" = yes ]; then
         rm -rf "$CONF_DIR" "$LEADER_DATA" "$AGENT_DATA" "$CA_CREDENTIAL" \
             "$ETC_UNIT_DIR/tlsroll-leader.service.d" "$ETC_UNIT_DIR/tlsroll-agent.service.d"
@@ -327,30 +345,74 @@ manifest_set() {
     mv -f "$tmp" "$MANIFEST"
 }
 
-if [ -f "$VENV/pyvenv.cfg" ] && ! grep -Eq "^version(_info)? = $pyversion\." "$VENV/pyvenv.cfg"; then
-    say "recreating $VENV for Python $pyversion"
-    rm -rf "$VENV/bin" "$VENV/lib" "$VENV/lib64" "$VENV/include" "$VENV/share" "$VENV/pyvenv.cfg"
-fi
-if [ ! -x "$VENV/bin/python" ]; then
-    # Without pip: Debian's python3 lacks ensurepip unless python3-venv is installed. pip comes
-    # from the bundle (or, from a checkout, from ensurepip).
-    if [ "$bundle" = yes ]; then
-        "$python" -m venv --without-pip "$VENV"
-    else
-        "$python" -m venv "$VENV" || die "$python -m venv failed: apt-get install python3-venv"
-    fi
-fi
+# A new virtual environment, built beside the live one and checked before it takes its place:
+# pip upgrading $VENV in place and failing part-way (a full disk) left a mix of two versions
+# that the next start of a daemon ran (audit s38, M3).
+kib_of() {
+    local kib
+    kib=$(du -sk "$1" 2>/dev/null | awk 'NR == 1 { print $1 }') || true
+    echo "${kib:-0}"
+}
+rm -rf "$NEW_VENV" # what a run cut short left
 if [ "$bundle" = yes ]; then
-    # Only the bundle's wheels: no index, no pip configuration or PIP_* variables of this host.
-    pip() { PIP_CONFIG_FILE=/dev/null "$VENV/bin/python" "$pip_wheel/pip" --isolated --disable-pip-version-check "$@"; }
-    pip install --quiet --no-index --find-links "$here/wheels" --upgrade pip tlsroll
-    # The same version again (a rebuilt bundle) is installed again too.
-    pip install --quiet --no-index --find-links "$here/wheels" --force-reinstall --no-deps "$tlsroll_wheel"
+    need_kib=$((3 * $(kib_of "$here/wheels"))) # unpacked wheels take about 2-3 times their size
 else
-    "$VENV/bin/python" -m pip install --quiet --upgrade pip
-    "$VENV/bin/python" -m pip install --quiet --upgrade "$here/.."
+    need_kib=$((150 * 1024))
 fi
-"$VENV/bin/tlsroll" --help >/dev/null || die "$VENV/bin/tlsroll does not run"
+if [ -d "$VENV" ] && [ "$(kib_of "$VENV")" -gt "$need_kib" ]; then need_kib=$(kib_of "$VENV"); fi
+need_kib=$((need_kib + need_kib / 5))
+free_kib=$(df -Pk "$(dirname "$VENV")" 2>/dev/null | awk 'NR == 2 { print $4 }') || free_kib=""
+if [ -n "$free_kib" ] && [ "$free_kib" -lt "$need_kib" ]; then
+    hint=""
+    if [ -d "$OLD_VENV" ]; then hint=" ($OLD_VENV, the version before the installed one, may go: rm -rf $OLD_VENV)"; fi
+    die "not enough space on $(dirname "$VENV"): $((free_kib / 1024)) MiB free, about $((need_kib / 1024)) MiB needed to build the new version beside the installed one; free space there$hint and run again; nothing changed"
+fi
+failed_build() {
+    rm -rf "$NEW_VENV"
+    die "$1; $VENV is unchanged${old_version:+ (tlsroll $old_version)} (is $(dirname "$VENV") full? df -h $(dirname "$VENV"))"
+}
+# Without pip: Debian's python3 lacks ensurepip unless python3-venv is installed. pip comes from
+# the bundle (or, from a checkout, from ensurepip).
+if [ "$bundle" = yes ]; then
+    "$python" -m venv --without-pip "$NEW_VENV" || failed_build "$python -m venv $NEW_VENV failed"
+    # Only the bundle's wheels: no index, no pip configuration or PIP_* variables of this host.
+    pip() { PIP_CONFIG_FILE=/dev/null "$NEW_VENV/bin/python" "$pip_wheel/pip" --isolated --disable-pip-version-check "$@"; }
+    pip install --quiet --no-index --find-links "$here/wheels" "$pip_wheel" "$tlsroll_wheel" ||
+        failed_build "pip could not install the bundle's wheels into $NEW_VENV"
+else
+    "$python" -m venv "$NEW_VENV" || failed_build "$python -m venv failed: apt-get install python3-venv"
+    "$NEW_VENV/bin/python" -m pip install --quiet --upgrade pip &&
+        "$NEW_VENV/bin/python" -m pip install --quiet "$here/.." ||
+        failed_build "pip could not install tlsroll into $NEW_VENV"
+fi
+"$NEW_VENV/bin/tlsroll" --version >/dev/null 2>&1 || failed_build "$NEW_VENV/bin/tlsroll --version does not run"
+# Its scripts name the interpreter by the path it was built at: from now on, $VENV's.
+relocate() {
+    local from_re files found file
+    from_re=$(printf '%s' "$NEW_VENV" | sed 's/[][\.*^$|]/\\&/g')
+    # grep -r follows no symbolic link (bin/python); 1: no file names it.
+    files=$(grep -rlI --fixed-strings -- "$NEW_VENV" "$NEW_VENV/bin" "$NEW_VENV/pyvenv.cfg") && found=0 || found=$?
+    [ "$found" -le 1 ] || return 1
+    for file in $files; do
+        sed -i "s|$from_re|$VENV|g" "$file" || return 1
+    done
+}
+relocate || failed_build "cannot rewrite the scripts of $NEW_VENV for $VENV"
+if [ -f "$MANIFEST" ]; then
+    cp -p "$MANIFEST" "$NEW_VENV/installed-files" || failed_build "cannot copy $MANIFEST"
+fi
+# The swap: two renames (a daemon started between them fails and is started again by systemd).
+rm -rf "$OLD_VENV"
+if [ -d "$VENV" ]; then mv -T "$VENV" "$OLD_VENV" || failed_build "cannot move $VENV to $OLD_VENV"; fi
+if ! mv -T "$NEW_VENV" "$VENV"; then
+    if [ -d "$OLD_VENV" ]; then mv -T "$OLD_VENV" "$VENV"; fi
+    failed_build "cannot move $NEW_VENV to $VENV"
+fi
+if ! "$VENV/bin/tlsroll" --version >/dev/null 2>&1; then
+    mv -T "$VENV" "$NEW_VENV"
+    if [ -d "$OLD_VENV" ]; then mv -T "$OLD_VENV" "$VENV"; fi
+    failed_build "$VENV/bin/tlsroll does not run once in place; the installed version is back"
+fi
 if [ ! -e "$LINK" ] || { [ -L "$LINK" ] && [[ $(readlink "$LINK") == "$VENV"/* ]]; }; then
     mkdir -p "$(dirname "$LINK")"
     ln -sfn "$VENV/bin/tlsroll" "$LINK"

@@ -16,7 +16,10 @@ that is empty (0 bytes) or damaged, with one line saying how to recover (restore
 backup), or start once with ``--reinitialise``: the lost file is moved aside, and the new
 store's first transaction opens the window in which it re-learns the nodes from their agents
 (``leader.store.relearning``). A first start killed before its first commit leaves a file of 0
-bytes and no mark: that one is new (``tlsroll.sqlite.damage``).
+bytes and no mark: that one is new (``tlsroll.sqlite.damage``). A store that cannot be read
+now for a reason outside it (a full disk, a read-only file system) is not lost:
+``tlsroll.sqlite.StoreUnavailable``, whose line says so and never advises ``--reinitialise``,
+which refuses it (``tlsroll.sqlite.NotDamaged``, exit 2) and moves nothing aside.
 """
 
 from __future__ import annotations
@@ -30,7 +33,16 @@ from typing import Any
 
 from tlsroll.errors import TerminalError
 from tlsroll.fsutil import PRIVATE, write_atomic
-from tlsroll.sqlite import Database, Migration, damage, move_aside, statements, to_text
+from tlsroll.sqlite import (
+    Database,
+    Migration,
+    NotDamaged,
+    StoreUnavailable,
+    damage,
+    move_aside,
+    statements,
+    to_text,
+)
 
 # Migration 1: the tables of tlsroll 0.1.0, whose Store set user_version=1 (nodes, tokens,
 # audit) and whose SchemaStore added its tables unversioned on every open.
@@ -369,11 +381,20 @@ def check_store(path: Path, *, reinitialise: bool = False) -> list[Path]:
     ``reinitialise``: the admin's explicit choice to start an empty store in place of a lost
     one (refused for an intact store): the lost file is moved aside, and the new store
     re-learns the enrolled nodes from their agents' heartbeats for ``RELEARN_WINDOW``
-    (``Store.relearn``). Returns what was moved aside."""
-    problem = damage(path, expected=_created_mark(path).exists())
+    (``Store.relearn``). Returns what was moved aside. Refused (``NotDamaged``) for a store
+    that is intact or only unavailable now (``StoreUnavailable``: a full disk)."""
+    try:
+        problem = damage(path, expected=_created_mark(path).exists())
+    except StoreUnavailable as exc:
+        if reinitialise:
+            raise NotDamaged(
+                f"{exc}; --reinitialise is only for a missing, empty or damaged store:"
+                " nothing was moved aside"
+            ) from None
+        raise
     if problem is None:
         if reinitialise and path.exists():
-            raise StoreLost(
+            raise NotDamaged(
                 f"store {path}: intact; --reinitialise is only for a missing, empty or damaged"
                 " store: start the leader without it"
             )

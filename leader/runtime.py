@@ -60,7 +60,7 @@ from tlsroll.defaults import LEADER_NAME
 from tlsroll.errors import ConfigError, TerminalError, TlsrollError
 from tlsroll.fsutil import check_private_file
 from tlsroll.rpc import add_standard_services, bind, hostport
-from tlsroll.sqlite import SchemaTooNew
+from tlsroll.sqlite import NotDamaged, SchemaTooNew
 from tlsroll.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -76,7 +76,9 @@ if TYPE_CHECKING:
     from leader.viewer.server import Viewer
 
 # Exit codes a restart cannot change, only a person (the unit's RestartPreventExitStatus=):
-# a config error, and a store written by a newer tlsroll (a package rolled back). 1: the rest.
+# a config or usage error (argparse's, a --reinitialise refused), and a store written by a
+# newer tlsroll (a package rolled back). 1: the rest, among them a store that cannot be opened
+# now (a full disk: StoreUnavailable), which systemd starts again until it can.
 EXIT_CONFIG = 2
 EXIT_STORE_TOO_NEW = 3
 
@@ -415,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
         "--reinitialise",
         action="store_true",
         help="start with an empty store in place of a lost (missing, empty or damaged) one; "
-        "enrolled nodes are re-learned from their agents for 24 h",
+        "enrolled nodes are re-learned from their agents for 24 h; refused (exit 2) if the store"
+        " is intact or only cannot be opened now (a full or read-only disk)",
     )
     parser.add_argument(
         "--backup",
@@ -440,7 +443,7 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_STORE_TOO_NEW
     except TlsrollError as exc:
         print(f"tlsroll-leader: {exc}", file=sys.stderr)
-        return EXIT_CONFIG if isinstance(exc, ConfigError) else 1
+        return EXIT_CONFIG if isinstance(exc, ConfigError | NotDamaged) else 1
     except OSError as exc:
         print(f"tlsroll-leader: {exc.strerror}: {exc.filename}", file=sys.stderr)
         return 1

@@ -10,7 +10,10 @@ leaders, and the staged certificate of each rollout.
 Lost state is loud: ``open_journal`` refuses a journal that is missing although the agent is
 enrolled (it had one), empty (0 bytes) or damaged, with one line naming the file and the two
 ways on (restore it from a backup, or ``tlsroll-agent --reinitialise``, which moves the lost
-file aside and starts an empty journal, logged as ``journal.reinitialised``).
+file aside and starts an empty journal, logged as ``journal.reinitialised``). A journal that
+cannot be read now for a reason outside it (a full disk, a read-only file system) is not lost:
+``tlsroll.sqlite.StoreUnavailable``, whose line says so and never advises ``--reinitialise``,
+which refuses it (``tlsroll.sqlite.NotDamaged``, exit 2) and moves nothing aside.
 
 A transaction's ``plan`` is fixed when it starts (``update`` refuses to change it); what the
 runner learns on the way (``failed_phase``, ``restart_needed``) has columns of its own. Kind,
@@ -34,7 +37,14 @@ from nodeagent.transaction import Phase
 from tlsroll import logs
 from tlsroll.enums import TxnKind, TxnOutcome
 from tlsroll.errors import TerminalError
-from tlsroll.sqlite import Database, Migration, damage, move_aside
+from tlsroll.sqlite import (
+    Database,
+    Migration,
+    NotDamaged,
+    StoreUnavailable,
+    damage,
+    move_aside,
+)
 
 log = logs.get_logger(__name__)
 
@@ -293,12 +303,21 @@ def open_journal(path: Path, *, expected: bool, reinitialise: bool = False) -> J
 
     ``expected``: the agent had a journal (it is enrolled; the journal is made before the
     enrolment). ``reinitialise``: the admin's explicit choice to start an empty journal in
-    place of a lost one; refused for an intact journal, which it would throw away."""
+    place of a lost one; refused (``NotDamaged``) for a journal that is intact or only
+    unavailable now (``StoreUnavailable``: a full disk), which it would throw away."""
     path = Path(path)
-    problem = damage(path, expected=expected)
+    try:
+        problem = damage(path, expected=expected, what="journal")
+    except StoreUnavailable as exc:
+        if reinitialise:
+            raise NotDamaged(
+                f"{exc}; --reinitialise is only for a missing, empty or damaged journal:"
+                " nothing was moved aside"
+            ) from None
+        raise
     if problem is None:
         if reinitialise and path.exists():
-            raise JournalLost(
+            raise NotDamaged(
                 f"journal {path}: intact; --reinitialise is only for a missing, empty or"
                 " damaged journal: start the agent without it"
             )
@@ -325,7 +344,7 @@ def _move_aside(path: Path) -> list[Path]:
 class Journal:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self._db = Database(self.path, MIGRATIONS)
+        self._db = Database(self.path, MIGRATIONS, what="journal")
 
     def close(self) -> None:
         self._db.close()

@@ -40,11 +40,13 @@ from tlsroll.daemon import sd_notify, stop_event, watchdog
 from tlsroll.errors import ConfigError, TlsrollError, TransientError
 from tlsroll.fsutil import make_private_dir
 from tlsroll.rpc import AGENT_SERVER_OPTIONS, add_standard_services, bind, hostport
-from tlsroll.sqlite import SchemaTooNew
+from tlsroll.sqlite import NotDamaged, SchemaTooNew
 from tlsroll.v1 import agent_pb2, agent_pb2_grpc
 
 # Exit codes a restart cannot change, only a person (the unit's RestartPreventExitStatus=):
-# a config error, and a journal written by a newer tlsroll (a package rolled back). 1: the rest.
+# a config or usage error (argparse's, a --reinitialise refused), and a journal written by a
+# newer tlsroll (a package rolled back). 1: the rest, among them a journal that cannot be
+# opened now (a full disk: StoreUnavailable), which systemd starts again until it can.
 EXIT_CONFIG = 2
 EXIT_STORE_TOO_NEW = 3
 
@@ -246,7 +248,8 @@ def main(argv: list[str] | None = None) -> int:
         "--reinitialise",
         action="store_true",
         help="start with an empty journal in place of a missing, empty or damaged one (the lost"
-        " file is kept beside it); refused if the journal is intact",
+        " file is kept beside it); refused (exit 2) if the journal is intact or only cannot be"
+        " opened now (a full or read-only disk)",
     )
     ns = parser.parse_args(argv)
     try:
@@ -256,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
             "agent.config_loaded", config=str(ns.config), log_level=ns.log_level or cfg.log_level
         )
         asyncio.run(serve(cfg, reinitialise=ns.reinitialise))
-    except ConfigError as exc:
+    except (ConfigError, NotDamaged) as exc:
         print(f"tlsroll-agent: {exc}", file=sys.stderr)
         return EXIT_CONFIG
     except SchemaTooNew as exc:

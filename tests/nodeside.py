@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import itertools
 import json
 import os
@@ -431,6 +432,40 @@ def read_only(directory: Path) -> Iterator[None]:
             run("umount", str(directory))
         except subprocess.CalledProcessError:
             run("umount", "-l", str(directory))
+
+
+@contextlib.contextmanager
+def tmpfs(directory: Path, size: str = "8m") -> Iterator[Path]:
+    """``directory`` on a tmpfs of its own (needs root); unmounted at the end."""
+    directory.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(directory)],
+        check=True,
+        capture_output=True,
+        timeout=30,
+    )
+    try:
+        yield directory
+    finally:
+        umount = ["umount", str(directory)]
+        if subprocess.run(umount, check=False, capture_output=True, timeout=30).returncode:
+            subprocess.run(["umount", "-l", str(directory)], check=False, timeout=30)
+
+
+def fill(directory: Path) -> Path:
+    """Fill the file system of ``directory`` up with one file; delete it to free the space."""
+    filler = directory / "filler"
+    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for chunk in (1 << 20, 4096, 512):
+            try:
+                while True:
+                    os.write(fd, b"\0" * chunk)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+    finally:
+        os.close(fd)
+    return filler
 
 
 class NodeFactory:

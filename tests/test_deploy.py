@@ -11,6 +11,10 @@
   installed units verify. A re-run keeps a unit the admin changed; ``uninstall`` keeps config
   and data, ``--purge`` removes them.
 * A bad argument or a too old Python changes nothing: every overlay's upper layer stays empty.
+* A full disk (audit s38, M3): a re-run builds the new venv beside the live one and swaps it
+  in, keeping the replaced one as /opt/tlsroll.old; too little space on /opt, or a pip that
+  fails, leaves the live venv as it was; ``ca-credential``'s drop-in on a full file system is
+  not written at all rather than cut short.
 * Under a real systemd (booted by systemd-nspawn in a container on an overlay of this machine's
   root, no network): the installed leader unit starts, and the installed agent unit's sandbox,
   running a probe in place of the agent, leaves exactly the capabilities it claims while the
@@ -663,3 +667,148 @@ exec systemd-nspawn --quiet --directory={layers}/root --private-network --regist
     refused = ["WX-DENIED", "WRITE-ETC-DENIED", "HOME-HIDDEN"]
     for word in allowed + refused:
         assert word in agent, report
+
+
+# --- a full disk under install.sh (audit s38, M3) -----------------------------------------------
+
+CA_DROPIN_DIR = "/etc/systemd/system/tlsroll-leader.service.d"
+
+
+def test_ca_credential_on_a_full_file_system_writes_its_drop_in_whole_or_not_at_all(
+    throwaway: ThrowawayRoot,
+) -> None:
+    """The drop-in of ``install.sh ca-credential`` was written in place (``> FILE``): a full
+    file system left it empty or cut short (an ExecStartPre= line the leader's unit would run
+    cut off). Now it is written beside and renamed: on a full file system there is no drop-in,
+    one line says so, and leader.toml and the passphrase file are as they were; with space
+    again the same command writes it whole. The drop-in's directory is a full tmpfs of its
+    own; the leader's install is what ca-credential reads of it (the venv's Python, the
+    config, the passphrase file)."""
+    install = shlex.quote(str(INSTALL_SH))
+    dropin = f"{CA_DROPIN_DIR}/ca-passphrase.conf"
+    config = "/var/lib/tlsroll/leader.toml"
+    passfile = "/var/lib/tlsroll/ca-passphrase"
+    throwaway.ok(
+        f"mkdir -p /opt/tlsroll/bin /var/lib/tlsroll {CA_DROPIN_DIR} && "
+        f"ln -s {shlex.quote(sys.executable)} /opt/tlsroll/bin/python && "
+        f"printf '[leader]\\nca_passphrase_file = \"{passfile}\"\\n' >{config} && "
+        f"printf 'not-a-real-passphrase' >{passfile} && chmod 0600 {passfile} && "
+        f"mount -t tmpfs -o size=64k tmpfs {CA_DROPIN_DIR}"
+    )
+    throwaway.run(f"dd if=/dev/zero of={CA_DROPIN_DIR}/filler bs=4k")  # until ENOSPC
+    before = throwaway.ok(f"sha256sum {config} {passfile}")
+
+    result = throwaway.run(f"{install} ca-credential")
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines == [
+        f"install.sh: cannot write {dropin} (is {CA_DROPIN_DIR} full or read-only?); "
+        f"{config} and {passfile} are unchanged"
+    ], result.stderr
+    assert throwaway.ok(f"ls -A {CA_DROPIN_DIR}").split() == ["filler"]  # no drop-in, no temp
+    assert throwaway.ok(f"sha256sum {config} {passfile}") == before
+
+    throwaway.ok(f"rm {CA_DROPIN_DIR}/filler")
+    out = throwaway.ok(f"{install} ca-credential")
+    assert "is now the credential" in out, out
+    written = throwaway.ok(f"cat {dropin}")
+    assert written.endswith(
+        "ExecStartPre=+/usr/bin/install -m 0400 -o tlsroll -g tlsroll"
+        " %d/tlsroll-ca-passphrase /run/tlsroll/ca-passphrase\n"
+    ), written
+    assert throwaway.ok(f"stat -c %a {dropin}").strip() == "644"
+    assert 'ca_passphrase_file = "/run/tlsroll/ca-passphrase"' in throwaway.ok(f"cat {config}")
+    throwaway.ok(f"umount {CA_DROPIN_DIR}")
+
+
+INSTALL_TIMEOUT = 300
+# Every file of the venv but Python's byte-code caches (which running it may add), hashed.
+VENV_FILES = (
+    "cd {} && find . -type f -not -path '*/__pycache__/*' -print0 | sort -z"
+    " | xargs -0 sha256sum | sha256sum"
+)
+
+
+@pytest.mark.timeout(1200)
+def test_an_upgrade_builds_the_new_venv_beside_the_live_one_and_a_failure_changes_nothing(
+    throwaway: ThrowawayRoot, bundle: Path, tmp_path: Path
+) -> None:
+    """Audit s38, M3: a re-run of install.sh upgraded the live venv in place with pip; a
+    failure part-way (a full /opt) left a mix of two versions that the next start of a daemon
+    ran. Now the new venv is built beside it (/opt/tlsroll.new), checked, and swapped in by
+    renames, the replaced one kept as /opt/tlsroll.old until the next run has built its own.
+    Too little space on /opt is refused before anything is built, with a line saying how
+    much is free and needed; a pip that fails (a broken wheel) leaves the live venv as it
+    was; neither touches /opt/tlsroll.old."""
+    python = server_python()
+    address = f"127.99.{random.randrange(256)}.{random.randrange(1, 255)}"
+    version = (bundle / "BUNDLE").read_text().split("version=", 1)[1].split()[0]
+
+    def leader(at: Path) -> str:
+        install = shlex.quote(str(at / "install.sh"))
+        return f"{install} leader --address {address} --node-name srv1 {python}"
+
+    def install(at: Path) -> None:  # each run builds a whole venv: time for a loaded machine
+        throwaway.ok(leader(at), timeout=INSTALL_TIMEOUT)
+
+    install(bundle)
+    throwaway.ok("! test -e /opt/tlsroll.new && ! test -e /opt/tlsroll.old")
+    first = throwaway.ok(VENV_FILES.format("/opt/tlsroll"))
+    install(bundle)  # an upgrade: the new venv beside, the first one kept
+    assert throwaway.ok(VENV_FILES.format("/opt/tlsroll.old")) == first
+    throwaway.ok("! test -e /opt/tlsroll.new")
+    # Built as /opt/tlsroll.new, its scripts name the interpreter at /opt/tlsroll.
+    shebang = throwaway.ok("head -n 1 /opt/tlsroll/bin/tlsroll-leader").strip()
+    assert shebang == "#!/opt/tlsroll/bin/python", shebang
+    assert throwaway.ok("grep -rlI /opt/tlsroll.new /opt/tlsroll || true").strip() == ""
+    assert version in throwaway.ok("tlsroll --version")
+    assert version in throwaway.ok("/opt/tlsroll/bin/tlsroll-leader --version")
+    live = throwaway.ok(VENV_FILES.format("/opt/tlsroll"))
+    manifest = throwaway.ok("cat /opt/tlsroll/installed-files")
+    assert "/usr/lib/systemd/system/tlsroll-leader.service" in manifest
+
+    def unchanged() -> None:
+        assert throwaway.ok(VENV_FILES.format("/opt/tlsroll")) == live
+        assert throwaway.ok(VENV_FILES.format("/opt/tlsroll.old")) == first
+        assert throwaway.ok("cat /opt/tlsroll/installed-files") == manifest
+        throwaway.ok("! test -e /opt/tlsroll.new")
+        assert version in throwaway.ok("tlsroll --version")
+
+    # /opt full: the throwaway's layers (a tmpfs) shrunk to what they hold, and the rest filled.
+    layers = throwaway.work / "layers"
+    throwaway.ok(
+        f"used=$(df -Pk {layers} | awk 'NR == 2 {{ print $3 }}') && "
+        f"mount -o remount,size=$((used + 1024))k {layers}"
+    )
+    throwaway.run("dd if=/dev/zero of=/opt/filler bs=64k")  # until ENOSPC
+    result = throwaway.run(leader(bundle))
+    assert result.returncode == 1, result.stdout + result.stderr
+    (line,) = result.stderr.strip().splitlines()
+    assert line.startswith("install.sh: not enough space on /opt: 0 MiB free, about "), line
+    assert "MiB needed to build the new version beside the installed one" in line, line
+    assert "/opt/tlsroll.old, the version before the installed one, may go" in line, line
+    assert line.endswith("nothing changed"), line
+    throwaway.ok(f"rm /opt/filler && mount -o remount,size=50% {layers}")
+    unchanged()
+
+    # pip fails part-way (here: a broken tlsroll wheel): the live venv stays as it was.
+    broken = tmp_path / "broken"
+    shutil.copytree(bundle, broken, symlinks=True)
+    (wheel,) = (broken / "wheels").glob("tlsroll-*.whl")
+    wheel.write_bytes(wheel.read_bytes()[: wheel.stat().st_size // 2])
+    result = throwaway.run(leader(broken), timeout=INSTALL_TIMEOUT)
+    assert result.returncode == 1, result.stdout + result.stderr
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith(
+        "install.sh: pip could not install the bundle's wheels into /opt/tlsroll.new; "
+        f"/opt/tlsroll is unchanged (tlsroll {version})"
+    ), result.stderr
+    unchanged()
+
+    # The next run that succeeds replaces the version it keeps.
+    install(bundle)
+    assert throwaway.ok(VENV_FILES.format("/opt/tlsroll.old")) == live
+    throwaway.ok("! test -e /opt/tlsroll.new")
+    # uninstall takes the kept one too
+    throwaway.ok(f"{shlex.quote(str(bundle / 'install.sh'))} uninstall")
+    throwaway.ok("! test -e /opt/tlsroll && ! test -e /opt/tlsroll.old")

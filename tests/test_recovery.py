@@ -22,7 +22,6 @@ its freeze's bounded drain for a moment, so that a fault lands between two exact
 from __future__ import annotations
 
 import contextlib
-import errno
 import json
 import os
 import signal
@@ -42,7 +41,7 @@ from nodeagent import ports, transaction
 from refserver.server import WRITE_DELAY_ENV
 from tests.cluster import Cluster, one_line_error, wait_until
 from tests.conftest import next_loopback
-from tests.nodeside import RPC_TIMEOUT, Node, NodeFactory, alive, read_only
+from tests.nodeside import RPC_TIMEOUT, Node, NodeFactory, alive, fill, read_only, tmpfs
 from tests.refserver_helper import Response
 from tlsroll import password
 from tlsroll.enums import Change
@@ -360,40 +359,6 @@ def test_a_rollback_that_finds_the_server_dead_restores_http_and_starts_it(
 
 
 @contextlib.contextmanager
-def tmpfs(directory: Path, size: str = "8m") -> Iterator[Path]:
-    """``directory`` on a tmpfs of its own (needs root); unmounted at the end."""
-    directory.mkdir(parents=True, exist_ok=True)
-    subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(directory)],
-        check=True,
-        capture_output=True,
-        timeout=30,
-    )
-    try:
-        yield directory
-    finally:
-        umount = ["umount", str(directory)]
-        if subprocess.run(umount, check=False, capture_output=True, timeout=30).returncode:
-            subprocess.run(["umount", "-l", str(directory)], check=False, timeout=30)
-
-
-def fill(directory: Path) -> Path:
-    """Fill the file system of ``directory`` up with one file; delete it to free the space."""
-    filler = directory / "filler"
-    fd = os.open(filler, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        for chunk in (1 << 20, 4096, 512):
-            try:
-                while True:
-                    os.write(fd, b"\0" * chunk)
-            except OSError as exc:
-                assert exc.errno == errno.ENOSPC
-    finally:
-        os.close(fd)
-    return filler
-
-
-@contextlib.contextmanager
 def node_with_agent_on_tmpfs(make_node: NodeFactory) -> Iterator[tuple[Node, Path]]:
     """A node (server with a slow write knob) whose agent's data dir is a small tmpfs."""
     node = make_node.new(server_env={WRITE_DELAY_ENV: "2"})
@@ -534,3 +499,74 @@ def test_a_file_error_while_preparing_a_switch_names_the_file_and_the_errno(
     assert done.outcome == "completed", done.reason
     assert_on_https(node, staged.fingerprint)
     assert list(txn_dir.iterdir()) == []
+
+
+# --- 6. a full or read-only disk is not a damaged journal ---------------------------------------
+
+
+def test_an_agent_restarted_on_a_full_disk_says_so_and_keeps_its_journal(
+    make_node: NodeFactory,
+) -> None:
+    """Audit s38, H2: an agent started on a full data dir (systemd restarting it, a reboot)
+    said its journal was "damaged (disk I/O error)" and advised --reinitialise, which moved
+    the intact journal aside and lost the node's transactions (its way back). Now: exit 1 (the
+    unit starts it again) with one line saying the journal cannot be opened now, the space
+    free, and that it is not damaged; --reinitialise is refused (exit 2) and moves nothing;
+    likewise on a read-only file system; with space again the agent starts on its journal
+    as it was (its transaction there)."""
+    with node_with_agent_on_tmpfs(make_node) as (node, data_dir):
+        staged = node.stage("fd")
+        node.switch("fd")
+        assert node.wait_txn("fd").outcome == "completed"
+        agent = node.agent
+        assert agent is not None
+        journal = node.journal_path
+        assert agent.stop() == 0
+        saved = journal.read_bytes()
+        argv = list(agent.argv)
+
+        def run(*extra: str) -> tuple[int, str]:
+            agent.argv = [*argv, *extra]
+            try:
+                code, output = agent.run_to_exit(timeout=30)
+            finally:
+                agent.argv = argv
+            return code, one_line_error(output, "tlsroll-agent", allow_grpc_core=True)
+
+        def unchanged() -> None:
+            assert journal.read_bytes() == saved
+            assert not list(data_dir.glob("journal.sqlite3.lost-*"))
+
+        filler = fill(data_dir)
+        code, line = run()
+        assert code == 1, line
+        assert line.startswith(f"tlsroll-agent: journal {journal}: cannot be opened now ("), line
+        assert "SQLITE_IOERR" in line and "bytes free on its file system" in line, line
+        assert line.endswith("it is not damaged"), line
+        assert "damaged (" not in line and "--reinitialise" not in line, line
+        unchanged()
+
+        code, line = run("--reinitialise")
+        assert code == 2, line
+        assert "it is not damaged" in line and "nothing was moved aside" in line, line
+        unchanged()
+        filler.unlink()
+
+        # The journal on a read-only mount of its own (a read-only data dir stops the agent
+        # before, at its chmod, with "Read-only file system: DIR").
+        prefix = f"tlsroll-agent: journal {journal}: cannot be opened now ("
+        with read_only(journal):
+            code, line = run()
+            assert code == 1, line
+            assert line.startswith(prefix), line
+            assert "EROFS" in line and line.endswith("it is not damaged"), line
+            assert "--reinitialise" not in line, line
+            code, line = run("--reinitialise")
+            assert code == 2, line
+            unchanged()
+
+        node.restart_agent()
+        txn = node.txn("fd")
+        assert txn.outcome == "completed", txn.reason
+        assert_on_https(node, staged.fingerprint)
+        assert "journal.reinitialised" not in agent.event_names()

@@ -33,6 +33,7 @@ from nodeagent import runtime as agent_runtime
 from nodeagent.journal import JournalLost, open_journal
 from tests.cluster import Agent, Cluster, Daemon, one_line_error
 from tests.conftest import next_loopback
+from tests.nodeside import fill, tmpfs
 from tlsroll import fsutil, sqlite
 from tlsroll.errors import TerminalError
 from tlsroll.sqlite import damage
@@ -84,9 +85,9 @@ def break_file(path: Path, how: str) -> None:
 PROBLEM = {"missing": "missing", "empty": "empty (0 bytes)", "random": "damaged ("}
 
 
-def refused(daemon: Daemon, prog: str) -> str:
+def refused(daemon: Daemon, prog: str, exit_code: int = 1) -> str:
     code, output = daemon.run_to_exit(timeout=EXIT_TIMEOUT)
-    assert code == 1, output
+    assert code == exit_code, output
     assert "Traceback" not in output
     return one_line_error(output, prog, allow_grpc_core=True)
 
@@ -184,7 +185,7 @@ def test_reinitialise_starts_an_empty_journal_and_keeps_the_lost_one(cluster: Cl
         assert agent.stop() == 0
         agent.argv = [*argv, "--reinitialise"]
         try:
-            line = refused(agent, "tlsroll-agent")
+            line = refused(agent, "tlsroll-agent", 2)  # a usage error (s38, H2)
         finally:
             agent.argv = argv
         assert line.startswith(f"tlsroll-agent: journal {journal}: intact;"), line
@@ -208,7 +209,7 @@ def test_a_reinitialised_leader_relearns_its_nodes_from_their_agents(tmp_path: P
         argv = list(c.leader.argv)
         assert c.leader.stop() == 0
         c.leader.argv = [*argv, "--reinitialise"]
-        line = refused(c.leader, "tlsroll-leader")  # intact: nothing to reinitialise
+        line = refused(c.leader, "tlsroll-leader", 2)  # intact: nothing to reinitialise
         assert "intact" in line
 
         store = c.store_path
@@ -381,3 +382,53 @@ def test_an_init_killed_before_its_config_says_what_to_remove_and_runs_again(
     mark_store(layout.store)
     with pytest.raises(TerminalError, match="already initialised"):
         init(tmp_path / "data", address)
+
+
+# --- a full disk is not a lost store (audit s38, H2) --------------------------------------------
+
+
+def test_a_leader_restarted_on_a_full_disk_says_so_and_keeps_its_store(tmp_path: Path) -> None:
+    """Audit s38, H2: a leader started on a full data dir said its store was "damaged (disk
+    I/O error)" and advised --reinitialise, which moved the intact store aside and lost the
+    enrolled nodes, tokens and rollouts. Now: exit 1 (the unit starts it again) with one line
+    saying the store cannot be opened now and is not damaged; --reinitialise is refused
+    (exit 2) and moves nothing aside; with space again the leader starts on its store as it
+    was (the token made before is still there)."""
+    c = Cluster(tmp_path, next_loopback())
+    with tmpfs(c.data_dir, "16m"), c:
+        c.init()
+        c.start_leader()
+        c.create_token("kept", next_loopback())
+        tokens = c.store_rows(("tokens",))
+        assert len(tokens["tokens"]) == 1
+        assert c.stop_leader() == 0
+        store = c.store_path
+        saved = store.read_bytes()
+        argv = list(c.leader.argv)
+
+        def run(*extra: str) -> tuple[int, str]:
+            c.leader.argv = [*argv, *extra]
+            try:
+                code, output = c.leader.run_to_exit(timeout=EXIT_TIMEOUT)
+            finally:
+                c.leader.argv = argv
+            return code, one_line_error(output, "tlsroll-leader", allow_grpc_core=True)
+
+        filler = fill(c.data_dir)
+        code, line = run()
+        assert code == 1, line
+        assert line.startswith(f"tlsroll-leader: store {store}: cannot be opened now ("), line
+        assert "SQLITE_IOERR" in line and "bytes free on its file system" in line, line
+        assert line.endswith("it is not damaged"), line
+        assert "damaged (" not in line and "--reinitialise" not in line, line
+
+        code, line = run("--reinitialise")
+        assert code == 2, line
+        assert "it is not damaged" in line and "nothing was moved aside" in line, line
+        assert store.read_bytes() == saved
+        assert not list(store.parent.glob("leader.sqlite3.lost-*"))
+
+        filler.unlink()
+        c.start_leader()
+        assert c.store_rows(("tokens",)) == tokens
+        assert "store.reinitialised" not in c.leader.event_names()

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import os
 import sqlite3
 import stat
@@ -37,7 +38,7 @@ from pathlib import Path
 from typing import Any, TypeAlias
 
 from tlsroll import logs
-from tlsroll.errors import TerminalError, UnsafePermissions
+from tlsroll.errors import TerminalError, TransientError, UnsafePermissions, os_error_text
 from tlsroll.fsutil import fsync_dir
 
 Migration: TypeAlias = str | Callable[[sqlite3.Connection], None]
@@ -258,7 +259,91 @@ def _move_exclusive(source: Path, target: Path) -> None:
         source.unlink()
 
 
-def damage(path: Path, *, expected: bool) -> str | None:
+# What SQLite says of a file whose contents are broken: the only errors that make a store
+# "damaged" (with a failed ``quick_check``). Any other error of an open or a read says
+# nothing about the file (a full disk: SQLITE_IOERR_SHMSIZE, as the WAL's -shm cannot grow;
+# a read-only file system: SQLITE_CANTOPEN; SQLITE_FULL, READONLY, BUSY, PERM, …): the file
+# may well be intact, and moving it aside (``--reinitialise``) would lose what it holds.
+DAMAGED_CODES = frozenset({sqlite3.SQLITE_CORRUPT, sqlite3.SQLITE_NOTADB})
+
+
+def is_damage(exc: sqlite3.Error) -> bool:
+    """True if ``exc`` says the file's contents are broken (SQLITE_CORRUPT*, SQLITE_NOTADB)."""
+    code = getattr(exc, "sqlite_errorcode", None)
+    return code is not None and code & 0xFF in DAMAGED_CODES
+
+
+class StoreUnavailable(TransientError):
+    """A store file that cannot be opened or read now for a reason outside it (a full or
+    read-only file system, a lock another process holds, a permission): it is not damaged,
+    and the daemon that stops on it starts once that is fixed (exit 1: systemd starts it
+    again). The message names the file, the error's code, the space free on its file system
+    and what to do; never ``--reinitialise``, which is refused for it (``NotDamaged``)."""
+
+    def __init__(self, what: str, path: Path, cause: sqlite3.Error | OSError) -> None:
+        if isinstance(cause, sqlite3.Error):
+            name = getattr(cause, "sqlite_errorname", None) or type(cause).__name__
+            reason = f"{name}: {cause}"
+        else:
+            reason = os_error_text(cause)
+        free = free_bytes(path.parent)
+        room = f"; {free} bytes free on its file system" if free is not None else ""
+        super().__init__(
+            f"{what} {path}: cannot be opened now ({reason}){room}; free space on it or make it"
+            " writable, and start again: it is not damaged"
+        )
+        self.path = path
+
+
+class NotDamaged(TerminalError):
+    """``--reinitialise`` on a store that is not damaged (intact, or ``StoreUnavailable``):
+    refused, nothing moved aside; a usage error (exit 2: the command line is for a person to
+    change)."""
+
+
+def free_bytes(directory: Path) -> int | None:
+    """The bytes this process may still write on the file system of ``directory`` (root may
+    use the blocks reserved for it), or None if it cannot be told."""
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return None
+    blocks = st.f_bfree if os.geteuid() == 0 else st.f_bavail
+    return blocks * st.f_frsize
+
+
+# Errors of opening a store that say nothing about its contents, only about where it lies now
+# (SQLite's primary result codes; the errnos of the file system).
+UNAVAILABLE_CODES = frozenset(
+    {
+        sqlite3.SQLITE_IOERR,
+        sqlite3.SQLITE_FULL,
+        sqlite3.SQLITE_CANTOPEN,
+        sqlite3.SQLITE_READONLY,
+        sqlite3.SQLITE_BUSY,
+        sqlite3.SQLITE_LOCKED,
+        sqlite3.SQLITE_PERM,
+    }
+)
+UNAVAILABLE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EBUSY}
+)
+
+
+def unavailable(what: str, path: Path, exc: BaseException) -> StoreUnavailable | None:
+    """``exc``, from opening the store at ``path``, as a ``StoreUnavailable`` if it is one of
+    those errors (``UNAVAILABLE_CODES``, ``UNAVAILABLE_ERRNOS``); None for any other (a
+    damaged file, a failed migration)."""
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code is not None and code & 0xFF in UNAVAILABLE_CODES:
+            return StoreUnavailable(what, path, exc)
+    elif isinstance(exc, OSError) and exc.errno in UNAVAILABLE_ERRNOS:
+        return StoreUnavailable(what, path, exc)
+    return None
+
+
+def damage(path: Path, *, expected: bool, what: str = "store") -> str | None:
     """What makes the store file at ``path`` unfit to open as it is, or None if it is fine
     (or missing and not ``expected``). Only reads the file.
 
@@ -267,12 +352,19 @@ def damage(path: Path, *, expected: bool) -> str | None:
     lost, not new); a file of 0 bytes is lost then (SQLite would take it for a new, empty
     database), and new if not ``expected`` and without a ``-wal`` (what a first start killed
     before its first commit leaves: ``Database`` creates the file before it migrates it); one
-    SQLite cannot read, or whose ``quick_check`` fails, is damaged.
+    SQLite finds broken (``is_damage``), or whose ``quick_check`` fails, is damaged.
+
+    A file that cannot be read now for a reason outside it (a full disk, a read-only file
+    system, …) is neither fine nor damaged: ``StoreUnavailable`` (``what``: "store",
+    "journal", the first word of its message). Audit s38, H2: a full disk was "damaged (disk
+    I/O error)", with advice to ``--reinitialise``, which threw the intact file away.
     """
     try:
         size = path.stat().st_size
     except FileNotFoundError:
         return "missing" if expected else None
+    except OSError as exc:  # EACCES on the directory, EIO: the file is not known lost
+        raise StoreUnavailable(what, path, exc) from None
     if size == 0:
         if not expected and not Path(f"{path}-wal").exists():
             return None
@@ -284,6 +376,8 @@ def damage(path: Path, *, expected: bool) -> str | None:
         finally:
             conn.close()
     except sqlite3.Error as exc:
+        if not is_damage(exc):  # whatever it is, it does not say the file is broken
+            raise StoreUnavailable(what, path, exc) from None
         return f"damaged ({exc})"
     if rows != ["ok"]:
         return f"damaged (quick_check: {'; '.join(rows)})"
@@ -313,11 +407,14 @@ class Database:
         adopt: Callable[[sqlite3.Connection, int], None] | None = None,
         created: Callable[[sqlite3.Connection], None] | None = None,
         cache_kib: int | None = None,
+        what: str = "store",
     ) -> None:
         """Open (or create, 0600) the file and apply its missing migrations (see ``migrate``;
         ``created`` writes a new file's first rows in the same transaction). ``cache_kib``:
         the most SQLite's page cache of the connection holds (``PRAGMA cache_size``), if not
-        SQLite's default (2000 KiB)."""
+        SQLite's default (2000 KiB). A file that cannot be opened now (a full disk, a
+        read-only file system: ``unavailable``) is a ``StoreUnavailable`` whose message begins
+        with ``what`` and the path."""
         self.path = Path(path)
         self._lock = threading.Lock()
         # Bumped by every committed write except a routine one (``tx(routine=True)``): a
@@ -342,10 +439,15 @@ class Database:
         self._data_version: int | None = None
         self.transactions = 0
         self.commits = 0
-        make_private(self.path)
-        self._db = sqlite3.connect(
-            self.path, isolation_level=None, check_same_thread=False, timeout=10
-        )
+        try:
+            make_private(self.path)
+            self._db = sqlite3.connect(
+                self.path, isolation_level=None, check_same_thread=False, timeout=10
+            )
+        except (sqlite3.Error, OSError) as exc:
+            if (not_now := unavailable(what, self.path, exc)) is not None:
+                raise not_now from exc
+            raise
         try:
             self._db.row_factory = sqlite3.Row
             self._db.execute("PRAGMA synchronous=FULL")
@@ -355,8 +457,10 @@ class Database:
             self._db.execute("PRAGMA foreign_keys=ON")
             if cache_kib is not None:
                 self._db.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
-        except BaseException:
+        except BaseException as exc:
             self._db.close()
+            if (not_now := unavailable(what, self.path, exc)) is not None:
+                raise not_now from exc
             raise
 
     def _others_wrote(self) -> None:
