@@ -48,6 +48,8 @@ def make_backup(config: Path, layout: Layout, dest: Path) -> dict[str, object]:
     dest = Path(dest)
     if dest.exists() and (not dest.is_dir() or any(dest.iterdir())):
         raise BackupError(f"{dest}: exists and is not an empty directory; name a new one")
+    if not dest.parent.is_dir():
+        raise BackupError(f"{dest.parent}: no such directory; make it first (DIR itself is made)")
     if not layout.store.exists():
         raise BackupError(f"store {layout.store}: missing; there is nothing to back up")
     made: list[Path] = []
@@ -70,6 +72,7 @@ def make_backup(config: Path, layout: Layout, dest: Path) -> dict[str, object]:
             "made_at": made_at.isoformat(timespec="seconds"),
             "data_dir": str(layout.data_dir),
             "config": config.name,
+            "config_path": str(config.resolve()),
             "store_schema": _schema_version(dest / layout.store.name),
             "ca_pin": _ca_pin(dest / "ca" / "ca.pem"),
             "files": files,
@@ -123,7 +126,9 @@ def _copy_store(source: Path, target: Path, made_at: dt.datetime) -> None:
             os.fsync(f.fileno())
         os.replace(tmp, target)
     except sqlite3.Error as exc:
-        raise BackupError(f"store {source}: cannot be copied: {exc}") from None
+        # Reading the store, or writing its copy into DIR (a full disk there): SQLite's error
+        # says which way only in its words, so both are named.
+        raise BackupError(f"copying store {source} into {target.parent}: {exc}") from None
     finally:
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()

@@ -183,6 +183,9 @@ class IssuedCert:
 
 
 EXPIRED_KEPT = dt.timedelta(days=1)
+RESTORE_SLACK = dt.timedelta(seconds=5)
+"""How much before a backup's time a certificate a restored store re-learns may have been
+issued (``Store._renewed_since_backup``)."""
 """How long a revoked certificate stays on the revocation list after it expired: a server
 whose clock is behind the leader's still takes it as unexpired that long (review s28 L2)."""
 # A serial a revocation list can hold: positive, below 2**159 (RFC 5280 caps serials at 20
@@ -1469,7 +1472,11 @@ class Store(LeaderStore):
                 return None
             made = dt.datetime.fromisoformat(row["value"])
             until = now + RELEARN_WINDOW
-            for key, value in (("restored_backup_at", made), ("relearn_until", until)):
+            for key, value in (
+                ("restored_backup_at", made),
+                ("restored_at", now),
+                ("relearn_until", until),
+            ):
                 db.execute(
                     "INSERT INTO meta (key, value) VALUES (?, ?)"
                     " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
@@ -1514,25 +1521,17 @@ class Store(LeaderStore):
                 return True
             known = db.execute("SELECT * FROM nodes WHERE name = ?", (name,)).fetchone()
             if known is None:
+                # Unknown: re-learned, unless a live node holds one of its addresses (which
+                # enrolment refuses too: review of s38, M2).
+                for held in db.execute("SELECT addresses FROM nodes WHERE removed_at IS NULL"):
+                    if set(json.loads(held["addresses"])) & set(addresses):
+                        return True
                 return False
-            # Known (or removed since the loss): not re-learned, unless renewed after a backup.
-            made = db.execute("SELECT value FROM meta WHERE key = 'restored_backup_at'").fetchone()
-            renewed_since = (
-                made is not None
-                and issued_at is not None
-                and issued_at >= dt.datetime.fromisoformat(made["value"])
-                and known["removed_at"] is None
-                and json.loads(known["addresses"]) == list(addresses)
-                and json.loads(known["dns_names"]) == list(dns_names)
-                and cert.fingerprint
-                not in (known["cert_fingerprint"], known["prev_cert_fingerprint"])
-                and db.execute(
-                    "SELECT 1 FROM certificates WHERE serial = ? AND revoked_at IS NOT NULL",
-                    (cert.serial.lstrip("0") or "0",),
-                ).fetchone()
-                is None
+            return (
+                known
+                if self._renewed_since_backup(db, known, name, names, cert, issued_at)
+                else True
             )
-            return known if renewed_since else True
 
         # Read first: a refusal writes nothing, and forgets nothing of the node (audit s33 M1:
         # a refused certificate of a known node wiped its liveness and queued writes, and its
@@ -1540,11 +1539,12 @@ class Store(LeaderStore):
         with self._db.read() as db:
             if refused(db) is True:
                 return False
-        self._forget_seen(name)
         with self._nodes_write(), self._db.tx() as db:
             verdict = refused(db)
             if verdict is True:  # (another call re-learned it meanwhile)
                 return False
+            # (Forgotten only now, for a caller taken: review of s38, L6.)
+            self._forget_seen(name)
             if isinstance(verdict, sqlite3.Row):
                 db.execute(
                     "UPDATE nodes SET key_pin = ?, cert_fingerprint = ?, cert_serial = ?,"
@@ -1613,6 +1613,58 @@ class Store(LeaderStore):
                 epoch_floor=floor,
             )
         return True
+
+    def _renewed_since_backup(
+        self,
+        db: sqlite3.Connection,
+        known: sqlite3.Row,
+        name: str,
+        names: tuple[tuple[str, ...], tuple[str, ...]],
+        cert: NodeCert,
+        issued_at: dt.datetime | None,
+    ) -> bool:
+        """Whether a known node's caller, refused by the certificate on record, is its agent
+        with a certificate renewed after the backup this store was restored from
+        (``restore_began``). Review of s38 (M1): only while the certificate on record is the
+        backup's own (issued before it: at most once a node, so two certificates issued since
+        cannot take turns), and that certificate has not been heard since the restore (an
+        agent still beating with it is the node: a certificate issued since, of a node
+        removed and enrolled again after the backup, say, does not displace it); for the
+        node's names; not revoked. The backup's time less ``RESTORE_SLACK``: NotBefore has
+        whole seconds, and a renewal signed in a transaction the backup did not see may be
+        stamped a moment before it (L1)."""
+        made = db.execute("SELECT value FROM meta WHERE key = 'restored_backup_at'").fetchone()
+        if made is None or issued_at is None or known["removed_at"] is not None:
+            return False
+        since = dt.datetime.fromisoformat(made["value"]).replace(microsecond=0) - RESTORE_SLACK
+        addresses, dns_names = names
+        if (
+            issued_at < since
+            or json.loads(known["addresses"]) != list(addresses)
+            or json.loads(known["dns_names"]) != list(dns_names)
+            or cert.fingerprint in (known["cert_fingerprint"], known["prev_cert_fingerprint"])
+        ):
+            return False
+        on_record = db.execute(
+            "SELECT issued_at FROM certificates WHERE serial = ?", (known["cert_serial"],)
+        ).fetchone()
+        if on_record is not None and dt.datetime.fromisoformat(on_record["issued_at"]) >= since:
+            return False  # already re-learned (or renewed) since the backup
+        restored = db.execute("SELECT value FROM meta WHERE key = 'restored_at'").fetchone()
+        heard = known["last_heartbeat"]
+        with self._seen_lock:
+            live = name in self._seen
+        if live or (
+            restored is not None
+            and heard is not None
+            and dt.datetime.fromisoformat(heard) >= dt.datetime.fromisoformat(restored["value"])
+        ):
+            return False
+        revoked = db.execute(
+            "SELECT 1 FROM certificates WHERE serial = ? AND revoked_at IS NOT NULL",
+            (cert.serial.lstrip("0") or "0",),
+        ).fetchone()
+        return revoked is None
 
     # --- epochs -------------------------------------------------------------------------------
 
