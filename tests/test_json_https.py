@@ -366,11 +366,11 @@ async def test_one_ipv6_slash_64_is_one_source(served: tuple[IssuedCert, str]) -
     cert, address = served
     limits = HttpLimits(max_connections=8)  # a share of 2 per source
     async with listening(cert, address, limits) as listener:
-        listener._sources[source_key("fd00:1:2:3::1")] = 2  # its /64 holds its share
+        listener._gate.sources[source_key("fd00:1:2:3::1")] = 2  # its /64 holds its share
         other = Accepted("fd00:1:2:3::99")
         listener._accepted(other)  # type: ignore[arg-type]
         taken = [t for t in listener._connections if not t.done()]
         for task in taken:  # the old code took it: let its task end before the listener stops
             task.cancel()
         assert other.aborted and not taken
-        listener._sources.clear()
+        listener._gate.sources.clear()
