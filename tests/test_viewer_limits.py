@@ -17,7 +17,6 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
-import select
 import socket
 import ssl
 import time
@@ -95,18 +94,17 @@ def still_open(conn: ssl.SSLSocket) -> bool:
 
 def ended(conn: ssl.SSLSocket, timeout: float) -> bytes | None:
     """What the server sent before it closed ``conn``, waiting up to ``timeout``; None if it
-    is still open then."""
+    is still open then (TLS's own records, such as session tickets, are no end)."""
     got = b""
     deadline = time.monotonic() + timeout
     while (left := deadline - time.monotonic()) > 0:
-        if conn.pending() == 0:
-            readable, _, _ = select.select([conn], [], [], min(left, 1.0))
-            if not readable:
-                continue
+        conn.settimeout(min(left, 1.0))
         try:
             data = conn.recv(4096)
+        except (TimeoutError, ssl.SSLWantReadError):
+            continue
         except (ssl.SSLError, OSError):
-            return got
+            return got  # a reset
         if not data:
             return got
         got += data
