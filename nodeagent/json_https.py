@@ -187,6 +187,11 @@ class JsonHttpsListener:
             if tls is None:
                 return
             assert isinstance(tls, asyncio.Transport)
+            # start_tls never tells the protocol (call_connection_made=False): without the TLS
+            # transport the reader cannot pause it (a client pushing data while a handler waits
+            # was buffered without bound), and it would end each clean close with asyncio's
+            # "returning true from eof_received() has no effect when using ssl" (audit s38 L3).
+            protocol.connection_made(tls)
             writer = asyncio.StreamWriter(tls, protocol, reader, loop)
             if self._closing:
                 return  # stopped during the handshake: the old routes answer nothing more

@@ -374,3 +374,57 @@ async def test_one_ipv6_slash_64_is_one_source(served: tuple[IssuedCert, str]) -
             task.cancel()
         assert other.aborted and not taken
         listener._gate.sources.clear()
+
+
+async def test_a_clean_close_logs_nothing_and_a_pushing_client_is_held_back(
+    served: tuple[IssuedCert, str],
+    test_ca: pki.CertificateAuthority,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Audit s38 L3: start_tls never gave the stream's protocol the TLS transport, so every
+    clean close (close_notify, as curl sends it) logged asyncio's "returning true from
+    eof_received() has no effect when using ssl", and the reader could not pause the
+    transport: a client pushing data while a handler waited was buffered without bound."""
+    cert, address = served
+    release = asyncio.Event()
+
+    async def waits(request: Request) -> Reply:
+        await asyncio.wait_for(release.wait(), BOUND)
+        return Reply({"size": len(request.body)})
+
+    listener = JsonHttpsListener({("GET", "/hello"): echo, ("POST", "/wait"): waits}, SMALL)
+    await listener.start(address, 0, server_context(cert.cert_file, cert.key_file))
+    try:
+        reader, writer = await connect(listener, address, test_ca)
+        writer.write(request("GET", "/hello"))
+        status, _, _ = await answer(reader)
+        assert status == 200
+        writer.close()  # close_notify, then the end
+        await asyncio.wait_for(writer.wait_closed(), BOUND)
+        await asyncio.wait_for(_until(lambda: not listener._connections), BOUND)
+        assert not [r for r in caplog.records if "eof_received" in r.getMessage()]
+
+        # A request whose handler waits, then data pushed behind it (pipelined junk).
+        reader, writer = await connect(listener, address, test_ca)
+        writer.write(request("POST", "/wait", b"x"))
+        await writer.drain()
+        ((task, tcp),) = listener._connections.items()
+        await asyncio.wait_for(_until(lambda: task in listener._busy), BOUND)
+        chunk, pushed, blocked = b"j" * (256 << 10), 0, False
+        while pushed < 64 << 20 and not blocked:  # the old code took it all in
+            writer.write(chunk)
+            try:
+                await asyncio.wait_for(writer.drain(), 1.0)
+            except TimeoutError:
+                blocked = True
+            pushed += len(chunk)
+        assert blocked and not tcp.is_reading(), pushed  # the server stopped reading
+        writer.transport.abort()  # (what it pushed is no request: it would get a 431)
+    finally:
+        release.set()
+        await listener.stop()
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    while not condition():
+        await asyncio.sleep(0.02)
