@@ -17,7 +17,9 @@ limits a listener open to a practice's network needs:
   are closed at once (the workstation client opens one per request and closes it). One source
   (an IPv4 address, an IPv6 /64) gets a share of them (``max_per_source``: a quarter, at least
   2) so that a single address cannot lock every workstation out; a host that takes several
-  addresses can hold several shares (``tlsroll.accept_gate``);
+  addresses can hold several shares, and when every place is taken a connection from a
+  source that holds fewer takes the place of an idle one (or one still in its handshake) of
+  the source that holds the most (``tlsroll.accept_gate``);
 - a stopped listener serves nothing more: ``stop`` ends the connections still in their
   handshake as well (its routes belong to the old service, such as the old password's
   verifier, and must never answer once a new one has taken over).
@@ -116,6 +118,7 @@ class JsonHttpsListener:
         self._connections: dict[asyncio.Task[None], asyncio.Transport] = {}
         self._gate = AcceptGate(self.limits.max_connections, event="https.too_many_connections")
         self._busy: set[asyncio.Task[None]] = set()  # connections inside a handler
+        self._source_of: dict[asyncio.Task[None], str] = {}
         self._closing = False
 
     async def start(self, address: str, port: int, context: ssl.SSLContext) -> int:
@@ -152,6 +155,7 @@ class JsonHttpsListener:
         for transport in self._connections.values():
             transport.abort()  # a task cancelled before its first step never ran its cleanup
         self._connections.clear()
+        self._source_of.clear()
         self._gate.clear()
         await server.wait_closed()
 
@@ -160,13 +164,27 @@ class JsonHttpsListener:
     def _accepted(self, transport: asyncio.Transport) -> None:
         """A TCP connection was accepted: take it (and start its TLS) or close it at once
         (counted by source as the project's guards count: ``tlsroll.accept_gate``)."""
-        taken = self._gate.admit(transport, closing=self._closing or self._server is None)
+        taken = self._gate.admit(
+            transport, closing=self._closing or self._server is None, evict=self._evict
+        )
         if taken is None:
             return
         task = asyncio.get_running_loop().create_task(
             self._connection(transport, taken.remote, taken.source)
         )
         self._connections[task] = transport
+        self._source_of[task] = taken.source
+
+    def _evict(self, source: str) -> bool:
+        """End the oldest of ``source``'s connections not inside a handler (idle, reading a
+        request, or in its handshake), if it has one."""
+        for task, transport in self._connections.items():
+            if task in self._busy or transport.is_closing() or self._source_of[task] != source:
+                continue
+            transport.abort()
+            task.cancel()
+            return True
+        return False
 
     async def _connection(self, transport: asyncio.Transport, remote: str, source: str) -> None:
         task = asyncio.current_task()
@@ -207,6 +225,7 @@ class JsonHttpsListener:
             try:
                 await self._close(transport, writer)
             finally:
+                self._source_of.pop(task, None)
                 if self._connections.pop(task, None) is not None:
                     self._gate.release(source)  # (``stop`` cleared the count already)
 

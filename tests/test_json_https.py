@@ -273,11 +273,20 @@ async def test_connections_are_capped_before_tls_and_per_source(
         writer.write(request("GET", "/hello"))
         assert (await answer(reader))[0] == 200
         writer.close()
-        # The whole cap: two more sources take the two places left; a fourth is refused.
+        # The whole cap: two more sources take the two places left; a fourth takes the place
+        # of one of the flooder's, which holds the most and is still in its handshake.
         others = [await raw(listener, address, loopback()) for _ in range(2)]
         await asyncio.sleep(0.2)
         extra = await raw(listener, address, loopback())
-        assert await closed(extra[0])
+        async with asyncio.timeout(BOUND):
+            finished, waits = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        assert len(waits) == 1 and all(f.result() for f in finished)
+        await asyncio.sleep(0.2)
+        assert not extra[0].at_eof()
+        # Now every source holds one: a fifth is refused.
+        fifth = await raw(listener, address, loopback())
+        assert await closed(fifth[0])
+        fifth[1].close()
         for task in waits:
             task.cancel()
         for _, w in [*flood, *others, extra]:
@@ -428,3 +437,30 @@ async def test_a_clean_close_logs_nothing_and_a_pushing_client_is_held_back(
 async def _until(condition: Callable[[], bool]) -> None:
     while not condition():
         await asyncio.sleep(0.02)
+
+
+async def test_one_host_with_several_addresses_cannot_lock_a_workstation_out(
+    served: tuple[IssuedCert, str], test_ca: pki.CertificateAuthority, loopback: Callable[[], str]
+) -> None:
+    """Audit s38 L5: four addresses of one host, each at its share, took every place (the
+    docstring said a single host could not), and a workstation was refused. Now it takes the
+    place of a connection still in its handshake of the source that holds the most."""
+    cert, address = served
+    limits = HttpLimits(handshake_timeout=60, request_timeout=30, max_connections=8)
+    async with listening(cert, address, limits) as listener:
+        host = [loopback() for _ in range(4)]
+        flood = [await raw(listener, address, a) for a in host for _ in range(2)]
+        await asyncio.sleep(0.2)  # the server has taken all eight
+        reader, writer = await connect(listener, address, test_ca, loopback())
+        writer.write(request("GET", "/hello"))
+        assert (await answer(reader))[0] == 200
+        writer.close()
+        waits = {asyncio.ensure_future(closed(r)) for r, _ in flood}
+        finished, waits = await asyncio.wait(
+            waits, timeout=BOUND, return_when=asyncio.FIRST_COMPLETED
+        )
+        assert len(finished) == 1 and all(f.result() for f in finished)  # one made way
+        for task in waits:
+            task.cancel()
+        for _, w in flood:
+            w.close()

@@ -12,13 +12,18 @@ TLS handshake, or one that never sends a ClientHello, holds a place and a descri
     ...
     gate.release(taken.source)                        # once its descriptor is gone
 
-Past ``max_connections`` in all, or past ``max_per_source`` (a quarter, at least 2) from one
-source, a new connection is closed at once (a reset: nothing is read or written). A source is
-an IPv4 address, or an IPv6 /64 (``tlsroll.backoff.source_key``): one host can use a whole
-/64. The share per source keeps one address from taking every place; it does not stop one
-host with several addresses (four IPv4 addresses of one PC fill a table of 128): on a LAN any
-host can take more addresses, which no count by address can tell from more hosts. Refusals
-are logged once per ``REFUSAL_LOG_SECONDS`` at most (a flood must not fill the log).
+Past ``max_per_source`` (a quarter, at least 2) from one source, a new connection is closed
+at once (a reset: nothing is read or written). A source is an IPv4 address, or an IPv6 /64
+(``tlsroll.backoff.source_key``): one host can use a whole /64. The share per source keeps
+one address from taking every place; it does not stop one host with several addresses (four
+IPv4 addresses of one PC fill a table of 128): on a LAN any host can take more addresses,
+which no count by address can tell from more hosts. So when all ``max_connections`` places
+are taken, a connection from a source that holds fewer than the source holding the most
+(less one) takes the place of one of that source's connections that is still in its TLS
+handshake or idle (``evict``: the listener knows which are); without one, it is closed at
+once. A host with many addresses can then churn its own connections but not keep a
+workstation that holds one or none out. Refusals are logged once per
+``REFUSAL_LOG_SECONDS`` at most (a flood must not fill the log).
 """
 
 from __future__ import annotations
@@ -62,12 +67,24 @@ class AcceptGate:
         self._refused = 0  # connections refused since the last log line about it
         self._refused_logged = -REFUSAL_LOG_SECONDS
 
-    def admit(self, transport: asyncio.Transport, *, closing: bool) -> Taken | None:
-        """Count a connection just accepted, or abort it at once (None)."""
+    def admit(
+        self,
+        transport: asyncio.Transport,
+        *,
+        closing: bool,
+        evict: Callable[[str], bool] | None = None,
+    ) -> Taken | None:
+        """Count a connection just accepted, or abort it at once (None). ``evict(source)``
+        ends one of ``source``'s connections still in its handshake or idle, if it has one
+        (True); it is asked when every place is taken (see the module's docstring)."""
         peer = transport.get_extra_info("peername")
         remote = str(peer[0]) if peer else ""
         source = source_key(remote)
         refusal = self.refusal(closing=closing, open_from_source=self.sources[source])
+        if refusal == "max_connections" and evict is not None and self.sources:
+            top, held = self.sources.most_common(1)[0]
+            if self.sources[source] + 1 < held and evict(top):
+                refusal = None  # (the evicted one gives its place back as it ends)
         if refusal is not None:
             transport.abort()
             if refusal != "stopped":
