@@ -7,7 +7,9 @@ connections took the leader's descriptors; with a low limit the admin socket hun
 
 - at most ``max_connections`` open at once, counted from the TCP accept, and a quarter of them
   per source (``tlsroll.accept_gate``, as the agent's bootstrap listener counts); more are
-  closed at once, so the rest of the leader goes on;
+  closed at once, so the rest of the leader goes on. (Unlike the bootstrap listener, nothing
+  is evicted for a newcomer: a host with four addresses can fill the viewer, not the leader,
+  for as long as it keeps its connections busy or renews them);
 - ``handshake_timeout`` for the TLS handshake (a connection that never sends a ClientHello);
 - the request head: aiohttp's ``keepalive_timeout`` (``Viewer``'s ``HEAD_SECONDS``) runs from
   the handshake and again from each answer, and closes the connection if no whole request head
@@ -25,6 +27,7 @@ it as ``web.SockSite`` would have given it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import ssl
 from collections.abc import Callable
@@ -75,13 +78,11 @@ class GatedListener:
         """Stop accepting, and end the connections still in their handshake (those aiohttp
         has are its runner's to close: call this before ``runner.cleanup``)."""
         self._closing = True
-        server, self._server = self._server, None
-        if server is not None:
-            server.close()
+        if self._server is not None:
+            self._server.close()
         for task in set(self._connections) - self._handed:
             task.cancel()  # a handshake ends here; a connection aiohttp serves goes on
-        if server is not None:
-            await server.wait_closed()
+        await asyncio.sleep(0)
 
     async def abort_all(self) -> None:
         """After ``runner.cleanup``: what is still open is aborted."""
@@ -91,9 +92,14 @@ class GatedListener:
             transport.abort()
         self._connections.clear()
         self.gate.clear()
+        server, self._server = self._server, None
+        if server is not None:  # (from 3.12 on this waits for its connections: none are left)
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(self.limits.close_timeout):
+                    await server.wait_closed()
 
     def _accepted(self, transport: asyncio.Transport) -> None:
-        taken = self.gate.admit(transport, closing=self._closing or self._server is None)
+        taken = self.gate.admit(transport, closing=self._closing)
         if taken is None:
             return
         task = asyncio.get_running_loop().create_task(self._connection(transport, taken.source))
