@@ -111,8 +111,8 @@ def ended(conn: ssl.SSLSocket, timeout: float) -> bytes | None:
     return None
 
 
-def request_head(conn: ssl.SSLSocket, path: str, cookie: str | None = None) -> int:
-    """Send a GET and read the answer's head: its status (the body is left unread)."""
+def request_head(conn: ssl.SSLSocket, path: str, cookie: str | None = None) -> bytes:
+    """Send a GET and read the answer's head (and what came with it)."""
     lines = [f"GET {path} HTTP/1.1", "Host: viewer"]
     if cookie is not None:
         lines.append(f"Cookie: {SESSION_COOKIE}={cookie}")
@@ -123,7 +123,22 @@ def request_head(conn: ssl.SSLSocket, path: str, cookie: str | None = None) -> i
         data = conn.recv(4096)
         assert data, f"closed before an answer: {head!r}"
         head += data
-    return int(head.split(b" ", 2)[1])
+    return head
+
+
+def stream_opens(conn: ssl.SSLSocket, cookie: str) -> bool:
+    """An /events stream: True if it streams, False if it is told it is busy (and ends)."""
+    got = request_head(conn, "/events", cookie)
+    assert got.startswith(b"HTTP/1.1 200 "), got
+    while b"\n\n" not in got.partition(b"\r\n\r\n")[2]:  # the first event
+        data = conn.recv(4096)
+        assert data, got
+        got += data
+    if b"event: busy" not in got:
+        return True
+    assert b"retry: 30000" in got  # come back in 30 s (an EventSource retries by itself)
+    assert ended(conn, BOUND) is not None  # and the stream ends
+    return False
 
 
 def fd_count(pid: int) -> int:
@@ -205,7 +220,9 @@ def test_past_the_cap_a_new_connection_is_refused_at_once_and_the_admin_socket_a
 
 def test_events_for_an_unknown_rollout_is_404_and_streams_are_capped(lone: Cluster) -> None:
     """Audit s38 L1: /events served any ?rollout= (the page says 404) and any number of
-    streams, each reading the store."""
+    streams, each reading the store. A stream past the caps is told it is busy and to come
+    back in 30 s (a 429 would end the page's EventSource, and viewer.js would reload the page
+    every 3 s)."""
     session = login(lone, "--name", "streams")
     assert fetch(lone, "/events?rollout=r999", cookie=session).status == 404
     assert fetch(lone, "/rollouts/r999", cookie=session).status == 404  # as the page says
@@ -219,18 +236,23 @@ def test_events_for_an_unknown_rollout_is_404_and_streams_are_capped(lone: Clust
         sources = [next_loopback() for _ in sessions]  # (each source has a share of the cap)
         for i in range(per_session):
             streams.append(tls_connect(lone, sources[0]))
-            assert request_head(streams[-1], "/events", session) == 200, i
-        over = tls_connect(lone, sources[0])
-        streams.append(over)
-        assert request_head(over, "/events", session) == 429  # that session's share
+            assert stream_opens(streams[-1], session), i
+        streams.append(tls_connect(lone, sources[0]))
+        assert not stream_opens(streams[-1], session)  # that session's share is taken
         for cookie, source in zip(sessions[1:-1], sources[1:-1], strict=True):
             for _ in range(per_session):
                 streams.append(tls_connect(lone, source))
-                assert request_head(streams[-1], "/events", cookie) == 200
-        last = tls_connect(lone, sources[-1])
-        streams.append(last)
-        assert request_head(last, "/events", sessions[-1]) == 429  # all streams taken
+                assert stream_opens(streams[-1], cookie)
+        streams.append(tls_connect(lone, sources[-1]))
+        assert not stream_opens(streams[-1], sessions[-1])  # all streams taken
         assert fetch(lone, "/", cookie=sessions[-1]).status == 200  # the pages still load
+        streams.pop(0).close()  # a page closed: its place is free (once the stream sees it)
+
+        def another() -> bool:
+            streams.append(tls_connect(lone, sources[-1]))
+            return stream_opens(streams[-1], sessions[-1])
+
+        wait_until(another, timeout=BOUND, what="a stream once another has closed")
     finally:
         for conn in streams:
             conn.close()

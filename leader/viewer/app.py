@@ -95,6 +95,9 @@ KEEPALIVE = 15.0  # seconds of silence after which /events sends a comment
 # reads the store; a person has a page or a few open, not dozens (audit s38 L1).
 MAX_STREAMS = 32
 MAX_STREAMS_PER_SESSION = 8
+# A stream past them is told to come back this much later, and ends: an answer other than 200
+# would end the page's EventSource for good, and viewer.js reloads the page then (every 3 s).
+BUSY_RETRY_MS = 30_000
 _SECRET = re.compile(r"[A-Za-z0-9_-]{20,100}")
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
@@ -333,8 +336,9 @@ class ViewerApp:
     async def events(self, request: web.Request) -> web.StreamResponse:
         """The live part of the page as server-sent events: sent at once, then again whenever
         it changes; ``unauthorized`` (and the end) when the session expires or is revoked.
-        404 for a rollout that does not exist; 429 past ``MAX_STREAMS`` open, or
-        ``MAX_STREAMS_PER_SESSION`` for one session."""
+        404 for a rollout that does not exist. Past ``MAX_STREAMS`` open, or
+        ``MAX_STREAMS_PER_SESSION`` for one session, the stream says ``busy`` and to come
+        back in ``BUSY_RETRY_MS``, and ends (the page shows itself as not live meanwhile)."""
         rollout_id = request.query.get("rollout") or None
         if rollout_id is not None:  # as /rollouts/{id} answers: no stream for nothing
             snap = await self._shared_snapshot(rollout_id)
@@ -346,11 +350,12 @@ class ViewerApp:
             or self._streams[session_id] >= MAX_STREAMS_PER_SESSION
         ):
             log.warning("viewer.too_many_streams", open=self._streams.total())
-            return web.Response(
-                status=429,
-                text="429: too many live pages open; close some and reload this one\n",
-                headers={"Retry-After": "10"},
-            )
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            response.force_close()  # its connection too: the browser opens one when it is back
+            await response.prepare(request)
+            with contextlib.suppress(ConnectionResetError):
+                await response.write(f"retry: {BUSY_RETRY_MS}\n\n".encode() + sse("busy", ""))
+            return response
         self._streams[session_id] += 1
         try:
             return await self._stream(request, rollout_id, session_id)

@@ -60,8 +60,9 @@ if TYPE_CHECKING:
 SHUTDOWN_SECONDS = 5.0
 BACKLOG = 128  # aiohttp's own default for its sites
 # How long a connection may go without a whole request head: from its TLS handshake, and from
-# each answer (aiohttp's keepalive_timeout; its default is an hour). A browser keeps an idle
-# connection for ~15 s after a page too (audit s38 M1; ``leader.viewer.listener``).
+# each answer (aiohttp's keepalive_timeout; its default is an hour). A browser whose idle
+# connection was closed opens a new one for its next request (audit s38 M1;
+# ``leader.viewer.listener``).
 HEAD_SECONDS = 15.0
 log = logs.get_logger(__name__)
 
