@@ -14,13 +14,14 @@ Every wait is bounded; the clients' source addresses are loopback addresses of t
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import resource
 import socket
 import ssl
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -28,10 +29,10 @@ from leader.viewer import app as viewer_app
 from leader.viewer import listener as viewer_listener
 from leader.viewer import server as viewer_server
 from tests.cluster import Cluster, wait_until
-from tests.conftest import next_loopback
+from tests.conftest import IssuedCert, next_loopback
 from tests.test_viewer import SESSION_COOKIE, VIEWER_PORT, fetch, login
 from tlsroll.accept_gate import per_source
-from tlsroll.tls import client_context
+from tlsroll.tls import client_context, server_context
 
 pytestmark = pytest.mark.slow
 
@@ -276,3 +277,56 @@ def test_aiohttp_s_own_400_has_the_viewer_s_headers_and_a_fixed_text(lone: Clust
         assert headers.get(name.lower()) == value, name
     assert "aiohttp" not in answer.decode(errors="replace")
     assert body == b"400: Bad Request\n"
+
+
+class _Flood(asyncio.Protocol):
+    """A server protocol that writes without end, as an answer to a client that reads none."""
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.WriteTransport)
+        self.transport = transport
+        self.paused = False
+        self._write()
+
+    def _write(self) -> None:
+        if not self.paused and not self.transport.is_closing():
+            self.transport.write(b"x" * (256 << 10))
+            asyncio.get_running_loop().call_soon(self._write)
+
+    def pause_writing(self) -> None:
+        self.paused = True
+
+    def resume_writing(self) -> None:
+        self.paused = False
+        self._write()
+
+
+async def test_a_client_that_reads_nothing_more_loses_its_connection_and_its_place(
+    issue_cert: Callable[..., IssuedCert], loopback: Callable[[], str]
+) -> None:
+    """An answer (or an /events stream) to a client that stopped reading waited for ever on
+    the full socket, holding its place in the cap: the listener aborts a connection whose
+    writes stay paused for ``write_timeout`` (0.5 s here)."""
+    address = loopback()
+    cert = issue_cert(address)
+    context = server_context(cert.cert_file, cert.key_file)
+    limits = viewer_listener.Limits(write_timeout=0.5)
+    listener = viewer_listener.GatedListener(_Flood, context, limits)
+    sock = socket.create_server((address, 0))
+    port = sock.getsockname()[1]
+    sock.setblocking(False)
+    await listener.start(sock)
+    try:
+        ca = cert.ca_file.read_bytes()
+        _, writer = await asyncio.wait_for(
+            asyncio.open_connection(address, port, ssl=client_context(ca)), BOUND
+        )
+        assert listener.gate.total == 1
+        writer.transport.pause_reading()  # reads nothing more
+        async with asyncio.timeout(BOUND):
+            while listener.gate.total:
+                await asyncio.sleep(0.05)
+        writer.transport.abort()
+    finally:
+        await listener.stop()
+        await listener.abort_all()

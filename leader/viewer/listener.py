@@ -14,6 +14,9 @@ connections took the leader's descriptors; with a low limit the admin socket hun
 - the request head: aiohttp's ``keepalive_timeout`` (``Viewer``'s ``HEAD_SECONDS``) runs from
   the handshake and again from each answer, and closes the connection if no whole request head
   has come by then (a client that sends its headers a line at a time, or nothing);
+- ``write_timeout`` for a write that cannot go on (a client that reads no more of an answer
+  or of an /events stream: the socket's buffers are full), after which the connection is
+  aborted;
 - ``close_timeout`` for TLS's close (a client that never answers close_notify), after which
   the connection is aborted: its descriptor is gone and its place free.
 
@@ -43,6 +46,7 @@ log = logs.get_logger(__name__)
 class Limits:
     max_connections: int = 64
     handshake_timeout: float = 10.0
+    write_timeout: float = 30.0
     close_timeout: float = 5.0
 
 
@@ -110,7 +114,7 @@ class GatedListener:
         task = asyncio.current_task()
         assert task is not None
         ended: asyncio.Future[None] = loop.create_future()
-        protocol = _Handed(self.factory(), ended)
+        protocol = _Handed(self.factory(), ended, transport, self.limits.write_timeout)
         try:
             tls = await loop.start_tls(
                 transport,
@@ -141,14 +145,24 @@ class GatedListener:
 class _Handed(asyncio.Protocol):
     """Between the TLS transport and aiohttp's handler: holds what TLS delivers before the
     handler has its transport (TLS may read the first request in the same step as it ends
-    the handshake), and tells ``ended`` when the connection is lost."""
+    the handshake), aborts the connection when its writes stay paused for ``write_timeout``,
+    and tells ``ended`` when the connection is lost."""
 
-    def __init__(self, inner: asyncio.Protocol, ended: asyncio.Future[None]) -> None:
+    def __init__(
+        self,
+        inner: asyncio.Protocol,
+        ended: asyncio.Future[None],
+        tcp: asyncio.Transport,
+        write_timeout: float,
+    ) -> None:
         self.inner = inner
         self.ended = ended
+        self.tcp = tcp
+        self.write_timeout = write_timeout
         self.made = False
         self.early: list[bytes] = []
         self.early_eof = False
+        self._stalled: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.made = True
@@ -173,13 +187,26 @@ class _Handed(asyncio.Protocol):
         return None  # over TLS, True would mean nothing (and asyncio says so in the log)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._stalled is not None:
+            self._stalled.cancel()
+            self._stalled = None
         if self.made:
             self.inner.connection_lost(exc)
         if not self.ended.done():
             self.ended.set_result(None)
 
     def pause_writing(self) -> None:
+        if self._stalled is None:
+            loop = asyncio.get_running_loop()
+            self._stalled = loop.call_later(self.write_timeout, self._stall)
         self.inner.pause_writing()
 
     def resume_writing(self) -> None:
+        if self._stalled is not None:
+            self._stalled.cancel()
+            self._stalled = None
         self.inner.resume_writing()
+
+    def _stall(self) -> None:
+        self._stalled = None
+        self.tcp.abort()  # TLS and aiohttp learn it as a lost connection
