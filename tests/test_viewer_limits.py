@@ -322,11 +322,13 @@ async def test_a_client_that_reads_nothing_more_loses_its_connection_and_its_pla
             asyncio.open_connection(address, port, ssl=client_context(ca)), BOUND
         )
         assert listener.gate.total == 1
-        writer.transport.pause_reading()  # reads nothing more
+        client = writer.transport
+        assert isinstance(client, asyncio.Transport)
+        client.pause_reading()  # reads nothing more
         async with asyncio.timeout(BOUND):
             while listener.gate.total:
                 await asyncio.sleep(0.05)
-        writer.transport.abort()
+        client.abort()
     finally:
         await listener.stop()
         await listener.abort_all()
