@@ -15,8 +15,11 @@ limits a listener open to a practice's network needs:
 - ``max_connections`` open at once, counted from the TCP accept (a connection still in its TLS
   handshake, or one that never sends a ClientHello, holds a place and a descriptor too); more
   are closed at once (the workstation client opens one per request and closes it). One source
-  address gets a share of them (``max_per_source``: a quarter, at least 2) so that a single
-  host cannot lock every workstation out;
+  (an IPv4 address, an IPv6 /64) gets a share of them (``max_per_source``: a quarter, at least
+  2) so that a single address cannot lock every workstation out; a host that takes several
+  addresses can hold several shares, and when every place is taken a connection from a
+  source that holds fewer takes the place of an idle one (or one still in its handshake) of
+  the source that holds the most (``tlsroll.accept_gate``);
 - a stopped listener serves nothing more: ``stop`` ends the connections still in their
   handshake as well (its routes belong to the old service, such as the old password's
   verifier, and must never answer once a new one has taken over).
@@ -32,13 +35,11 @@ with another method 405 with ``Allow``. Nothing here logs bodies or headers.
 from __future__ import annotations
 
 import asyncio
-import collections
 import contextlib
 import email.utils
 import http
 import json
 import ssl
-import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -46,13 +47,12 @@ from typing import Any
 import h11
 
 from tlsroll import logs
-from tlsroll.backoff import source_key
+from tlsroll.accept_gate import Accepted, AcceptGate, per_source
 from tlsroll.errors import TerminalError
 
 log = logs.get_logger(__name__)
 
 READ_CHUNK = 16 << 10
-REFUSAL_LOG_SECONDS = 10.0
 
 
 @dataclass(frozen=True)
@@ -86,8 +86,9 @@ class HttpLimits:
 
     @property
     def max_per_source(self) -> int:
-        """How many of ``max_connections`` one client address may hold at once."""
-        return max(2, self.max_connections // 4)
+        """How many of ``max_connections`` one source (an IPv4 address, an IPv6 /64) may hold
+        at once."""
+        return per_source(self.max_connections)
 
 
 class _TooLarge(TerminalError):
@@ -115,10 +116,9 @@ class JsonHttpsListener:
         self._context: ssl.SSLContext | None = None
         # Every connection from its accept on, TLS or not, with its TCP transport.
         self._connections: dict[asyncio.Task[None], asyncio.Transport] = {}
-        self._refused = 0  # connections refused since the last log line about it
-        self._refused_logged = -REFUSAL_LOG_SECONDS
-        self._sources: collections.Counter[str] = collections.Counter()  # open, per address
+        self._gate = AcceptGate(self.limits.max_connections, event="https.too_many_connections")
         self._busy: set[asyncio.Task[None]] = set()  # connections inside a handler
+        self._source_of: dict[asyncio.Task[None], str] = {}
         self._closing = False
 
     async def start(self, address: str, port: int, context: ssl.SSLContext) -> int:
@@ -131,7 +131,7 @@ class JsonHttpsListener:
         self._context = context
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            lambda: _Accepted(self), address, port, reuse_address=True
+            lambda: Accepted(self._accepted), address, port, reuse_address=True
         )
         self.port = int(self._server.sockets[0].getsockname()[1])
         return self.port
@@ -155,42 +155,36 @@ class JsonHttpsListener:
         for transport in self._connections.values():
             transport.abort()  # a task cancelled before its first step never ran its cleanup
         self._connections.clear()
-        self._sources.clear()
+        self._source_of.clear()
+        self._gate.clear()
         await server.wait_closed()
 
     # --- one connection ---------------------------------------------------------------------
 
     def _accepted(self, transport: asyncio.Transport) -> None:
-        """A TCP connection was accepted: take it (and start its TLS) or close it at once."""
-        peer = transport.get_extra_info("peername")
-        remote = str(peer[0]) if peer else ""
-        # Counted by source as the project's guards count (an IPv6 /64 is one source: one host
-        # can use a whole /64, and four of its addresses would otherwise take every place).
-        source = source_key(remote)
-        refusal = _refusal(
-            closing=self._closing or self._server is None,
-            open_total=len(self._connections),
-            open_from_source=self._sources[source],
-            limits=self.limits,
+        """A TCP connection was accepted: take it (and start its TLS) or close it at once
+        (counted by source as the project's guards count: ``tlsroll.accept_gate``)."""
+        taken = self._gate.admit(
+            transport, closing=self._closing or self._server is None, evict=self._evict
         )
-        if refusal is not None:
-            transport.abort()
-            if refusal != "stopped":
-                self._note_refusal(remote, refusal)
+        if taken is None:
             return
-        self._sources[source] += 1
-        task = asyncio.get_running_loop().create_task(self._connection(transport, remote, source))
+        task = asyncio.get_running_loop().create_task(
+            self._connection(transport, taken.remote, taken.source)
+        )
         self._connections[task] = transport
+        self._source_of[task] = taken.source
 
-    def _note_refusal(self, remote: str, limit: str) -> None:
-        """One log line per ``REFUSAL_LOG_SECONDS`` at most: a flood must not fill the log."""
-        self._refused += 1
-        now = time.monotonic()
-        if now - self._refused_logged >= REFUSAL_LOG_SECONDS:
-            log.warning(
-                "https.too_many_connections", remote=remote, limit=limit, refused=self._refused
-            )
-            self._refused, self._refused_logged = 0, now
+    def _evict(self, source: str) -> bool:
+        """End the oldest of ``source``'s connections not inside a handler (idle, reading a
+        request, or in its handshake), if it has one."""
+        for task, transport in self._connections.items():
+            if task in self._busy or transport.is_closing() or self._source_of[task] != source:
+                continue
+            transport.abort()
+            task.cancel()
+            return True
+        return False
 
     async def _connection(self, transport: asyncio.Transport, remote: str, source: str) -> None:
         task = asyncio.current_task()
@@ -211,6 +205,11 @@ class JsonHttpsListener:
             if tls is None:
                 return
             assert isinstance(tls, asyncio.Transport)
+            # start_tls never tells the protocol (call_connection_made=False): without the TLS
+            # transport the reader cannot pause it (a client pushing data while a handler waits
+            # was buffered without bound), and it would end each clean close with asyncio's
+            # "returning true from eof_received() has no effect when using ssl" (audit s38 L3).
+            protocol.connection_made(tls)
             writer = asyncio.StreamWriter(tls, protocol, reader, loop)
             if self._closing:
                 return  # stopped during the handshake: the old routes answer nothing more
@@ -226,10 +225,9 @@ class JsonHttpsListener:
             try:
                 await self._close(transport, writer)
             finally:
-                self._connections.pop(task, None)
-                self._sources[source] -= 1
-                if self._sources[source] <= 0:
-                    del self._sources[source]
+                self._source_of.pop(task, None)
+                if self._connections.pop(task, None) is not None:
+                    self._gate.release(source)  # (``stop`` cleared the count already)
 
     async def _close(
         self, transport: asyncio.Transport, writer: asyncio.StreamWriter | None
@@ -393,32 +391,6 @@ class JsonHttpsListener:
         writer.write(out)
         async with asyncio.timeout(self.limits.write_timeout):
             await writer.drain()
-
-
-class _Accepted(asyncio.Protocol):
-    """A TCP connection between its accept and ``start_tls``, which takes it over: it is
-    counted (or refused) here, and reads nothing (the ClientHello is TLS's to read)."""
-
-    def __init__(self, listener: JsonHttpsListener) -> None:
-        self.listener = listener
-
-    def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        transport.pause_reading()
-        self.listener._accepted(transport)
-
-
-def _refusal(
-    *, closing: bool, open_total: int, open_from_source: int, limits: HttpLimits
-) -> str | None:
-    """Why a connection just accepted is closed at once (None: it is served)."""
-    if closing:
-        return "stopped"
-    if open_total >= limits.max_connections:
-        return "max_connections"
-    if open_from_source >= limits.max_per_source:
-        return "max_per_source"
-    return None
 
 
 def _encode(reply: Reply) -> bytes:

@@ -249,6 +249,8 @@ def test_strict_json_refuses_duplicates_and_constants() -> None:
         proto.loads_strict(b'{"a": 1, "a": 2}')
     with pytest.raises(ValueError):
         proto.loads_strict(b'{"a": NaN}')
+    with pytest.raises(ValueError, match="nested too deeply"):
+        proto.loads_strict(b"[" * 30000 + b"]" * 30000)
 
 
 def _hello() -> proto.Hello:
@@ -792,6 +794,9 @@ async def test_old_client_paths_say_upgrade(node: Node, session: aiohttp.ClientS
 async def test_bad_requests(node: Node, session: aiohttp.ClientSession) -> None:
     assert (await node.call(session, "POST", proto.START_PATH, b"{not json"))[0] == 400
     assert (await node.call(session, "POST", proto.START_PATH, {"version": 2}))[0] == 400
+    deep = b"[" * 30000 + b"]" * 30000  # the decoder's RecursionError: a 400, not a 500
+    status, _, body = await node.call(session, "POST", proto.START_PATH, deep)
+    assert (status, body["error"]) == (400, "bad_request"), body
     big = b'{"x": "' + b"a" * (proto.MAX_REQUEST_BYTES + 10) + b'"}'
     assert (await node.call(session, "POST", proto.START_PATH, big))[0] == 413
     bad_point = proto.StartRequest("ws-a", b"A" + b"\xff" * 32).to_json()

@@ -273,11 +273,20 @@ async def test_connections_are_capped_before_tls_and_per_source(
         writer.write(request("GET", "/hello"))
         assert (await answer(reader))[0] == 200
         writer.close()
-        # The whole cap: two more sources take the two places left; a fourth is refused.
+        # The whole cap: two more sources take the two places left; a fourth takes the place
+        # of one of the flooder's, which holds the most and is still in its handshake.
         others = [await raw(listener, address, loopback()) for _ in range(2)]
         await asyncio.sleep(0.2)
         extra = await raw(listener, address, loopback())
-        assert await closed(extra[0])
+        async with asyncio.timeout(BOUND):
+            finished, waits = await asyncio.wait(waits, return_when=asyncio.FIRST_COMPLETED)
+        assert len(waits) == 1 and all(f.result() for f in finished)
+        await asyncio.sleep(0.2)
+        assert not extra[0].at_eof()
+        # Now every source holds one: a fifth is refused.
+        fifth = await raw(listener, address, loopback())
+        assert await closed(fifth[0])
+        fifth[1].close()
         for task in waits:
             task.cancel()
         for _, w in [*flood, *others, extra]:
@@ -366,11 +375,92 @@ async def test_one_ipv6_slash_64_is_one_source(served: tuple[IssuedCert, str]) -
     cert, address = served
     limits = HttpLimits(max_connections=8)  # a share of 2 per source
     async with listening(cert, address, limits) as listener:
-        listener._sources[source_key("fd00:1:2:3::1")] = 2  # its /64 holds its share
+        listener._gate.sources[source_key("fd00:1:2:3::1")] = 2  # its /64 holds its share
         other = Accepted("fd00:1:2:3::99")
         listener._accepted(other)  # type: ignore[arg-type]
         taken = [t for t in listener._connections if not t.done()]
         for task in taken:  # the old code took it: let its task end before the listener stops
             task.cancel()
         assert other.aborted and not taken
-        listener._sources.clear()
+        listener._gate.sources.clear()
+
+
+async def test_a_clean_close_logs_nothing_and_a_pushing_client_is_held_back(
+    served: tuple[IssuedCert, str],
+    test_ca: pki.CertificateAuthority,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Audit s38 L3: start_tls never gave the stream's protocol the TLS transport, so every
+    clean close (close_notify, as curl sends it) logged asyncio's "returning true from
+    eof_received() has no effect when using ssl", and the reader could not pause the
+    transport: a client pushing data while a handler waited was buffered without bound."""
+    cert, address = served
+    release = asyncio.Event()
+
+    async def waits(request: Request) -> Reply:
+        await asyncio.wait_for(release.wait(), BOUND)
+        return Reply({"size": len(request.body)})
+
+    listener = JsonHttpsListener({("GET", "/hello"): echo, ("POST", "/wait"): waits}, SMALL)
+    await listener.start(address, 0, server_context(cert.cert_file, cert.key_file))
+    try:
+        reader, writer = await connect(listener, address, test_ca)
+        writer.write(request("GET", "/hello"))
+        status, _, _ = await answer(reader)
+        assert status == 200
+        writer.close()  # close_notify, then the end
+        await asyncio.wait_for(writer.wait_closed(), BOUND)
+        await asyncio.wait_for(_until(lambda: not listener._connections), BOUND)
+        assert not [r for r in caplog.records if "eof_received" in r.getMessage()]
+
+        # A request whose handler waits, then data pushed behind it (pipelined junk).
+        reader, writer = await connect(listener, address, test_ca)
+        writer.write(request("POST", "/wait", b"x"))
+        await writer.drain()
+        ((task, tcp),) = listener._connections.items()
+        await asyncio.wait_for(_until(lambda: task in listener._busy), BOUND)
+        chunk, pushed, blocked = b"j" * (256 << 10), 0, False
+        while pushed < 64 << 20 and not blocked:  # the old code took it all in
+            writer.write(chunk)
+            try:
+                await asyncio.wait_for(writer.drain(), 1.0)
+            except TimeoutError:
+                blocked = True
+            pushed += len(chunk)
+        assert blocked and not tcp.is_reading(), pushed  # the server stopped reading
+        writer.transport.abort()  # (what it pushed is no request: it would get a 431)
+    finally:
+        release.set()
+        await listener.stop()
+
+
+async def _until(condition: Callable[[], bool]) -> None:
+    while not condition():
+        await asyncio.sleep(0.02)
+
+
+async def test_one_host_with_several_addresses_cannot_lock_a_workstation_out(
+    served: tuple[IssuedCert, str], test_ca: pki.CertificateAuthority, loopback: Callable[[], str]
+) -> None:
+    """Audit s38 L5: four addresses of one host, each at its share, took every place (the
+    docstring said a single host could not), and a workstation was refused. Now it takes the
+    place of a connection still in its handshake of the source that holds the most."""
+    cert, address = served
+    limits = HttpLimits(handshake_timeout=60, request_timeout=30, max_connections=8)
+    async with listening(cert, address, limits) as listener:
+        host = [loopback() for _ in range(4)]
+        flood = [await raw(listener, address, a) for a in host for _ in range(2)]
+        await asyncio.sleep(0.2)  # the server has taken all eight
+        reader, writer = await connect(listener, address, test_ca, loopback())
+        writer.write(request("GET", "/hello"))
+        assert (await answer(reader))[0] == 200
+        writer.close()
+        waits = {asyncio.ensure_future(closed(r)) for r, _ in flood}
+        finished, waits = await asyncio.wait(
+            waits, timeout=BOUND, return_when=asyncio.FIRST_COMPLETED
+        )
+        assert len(finished) == 1 and all(f.result() for f in finished)  # one made way
+        for task in waits:
+            task.cancel()
+        for _, w in flood:
+            w.close()

@@ -191,7 +191,8 @@ def _check_canonical(value: Any) -> None:
 
 
 def loads_strict(body: bytes) -> Any:
-    """Parse JSON from the network: UTF-8, no duplicate keys, no NaN/Infinity; ValueError else."""
+    """Parse JSON from the network: UTF-8, no duplicate keys, no NaN/Infinity, nested no deeper
+    than the decoder can go; ValueError (UnicodeDecodeError) else."""
 
     def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
         obj: dict[str, Any] = {}
@@ -204,7 +205,11 @@ def loads_strict(body: bytes) -> Any:
     def no_constant(name: str) -> Any:
         raise ValueError(f"{name} is not allowed")
 
-    return json.loads(body.decode("utf-8"), object_pairs_hook=pairs, parse_constant=no_constant)
+    text = body.decode("utf-8")
+    try:
+        return json.loads(text, object_pairs_hook=pairs, parse_constant=no_constant)
+    except RecursionError:  # '[' * 30000: the decoder's recursion, not the handler's bug
+        raise ValueError("nested too deeply") from None
 
 
 def b64(data: bytes) -> str:

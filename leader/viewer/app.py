@@ -47,6 +47,7 @@ would show every visitor a certificate picker.
 from __future__ import annotations
 
 import asyncio
+import collections
 import contextlib
 import datetime as dt
 import hmac
@@ -54,11 +55,13 @@ import json
 import re
 import time
 from collections.abc import Awaitable, Callable
+from http import HTTPStatus
 from importlib import resources
 from typing import TYPE_CHECKING
 from urllib.parse import urlencode
 
 from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
 
 from leader.viewer.grants import Grant, Grants, LoginRefused
 from leader.viewer.i18n import LANGS, Words, pick_lang
@@ -88,6 +91,13 @@ EVENT_GAP = 0.1
 # selection and write (``Database.commits``) and, without a write, per this long.
 SHARED_SECONDS = EVENT_INTERVAL / 2
 KEEPALIVE = 15.0  # seconds of silence after which /events sends a comment
+# Open /events streams: each holds a connection (``leader.viewer.listener`` caps those) and
+# reads the store; a person has a page or a few open, not dozens (audit s38 L1).
+MAX_STREAMS = 32
+MAX_STREAMS_PER_SESSION = 8
+# A stream past them is told to come back this much later, and ends: an answer other than 200
+# would end the page's EventSource for good, and viewer.js reloads the page then (every 3 s).
+BUSY_RETRY_MS = 30_000
 _SECRET = re.compile(r"[A-Za-z0-9_-]{20,100}")
 SECURITY_HEADERS = {
     "Content-Security-Policy": (
@@ -160,6 +170,7 @@ class ViewerApp:
         self.scrape_token = scrape_token
         self.closing = closing
         self._shared: dict[str | None, tuple[float, int, Snapshot]] = {}
+        self._streams: collections.Counter[str] = collections.Counter()  # open, per session
         self._reading = asyncio.Lock()
         # Built on the event loop (the app is made when the first connection arrives).
         self.pulse = Pulse(asyncio.get_running_loop())
@@ -324,13 +335,42 @@ class ViewerApp:
 
     async def events(self, request: web.Request) -> web.StreamResponse:
         """The live part of the page as server-sent events: sent at once, then again whenever
-        it changes; ``unauthorized`` (and the end) when the session expires or is revoked."""
+        it changes; ``unauthorized`` (and the end) when the session expires or is revoked.
+        404 for a rollout that does not exist. Past ``MAX_STREAMS`` open, or
+        ``MAX_STREAMS_PER_SESSION`` for one session, the stream says ``busy`` and to come
+        back in ``BUSY_RETRY_MS``, and ends (the page shows itself as not live meanwhile)."""
+        rollout_id = request.query.get("rollout") or None
+        if rollout_id is not None:  # as /rollouts/{id} answers: no stream for nothing
+            snap = await self._shared_snapshot(rollout_id)
+            if snap.selected is None:
+                raise web.HTTPNotFound(text=f"no rollout {rollout_id!r}\n")
+        session_id = request.cookies.get(SESSION_COOKIE, "")
+        if request.method != "HEAD" and (
+            self._streams.total() >= MAX_STREAMS
+            or self._streams[session_id] >= MAX_STREAMS_PER_SESSION
+        ):
+            log.warning("viewer.too_many_streams", open=self._streams.total())
+            response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+            response.force_close()  # its connection too: the browser opens one when it is back
+            await response.prepare(request)
+            with contextlib.suppress(ConnectionResetError):
+                await response.write(f"retry: {BUSY_RETRY_MS}\n\n".encode() + sse("busy", ""))
+            return response
+        self._streams[session_id] += 1
+        try:
+            return await self._stream(request, rollout_id, session_id)
+        finally:
+            self._streams[session_id] -= 1
+            if self._streams[session_id] <= 0:
+                del self._streams[session_id]
+
+    async def _stream(
+        self, request: web.Request, rollout_id: str | None, session_id: str
+    ) -> web.StreamResponse:
         from leader.viewer import pages  # noqa: PLC0415 - when first asked for (see the top)
 
-        rollout_id = request.query.get("rollout") or None
         words = self._words(request)
         page = self._page(request, rollout_id)
-        session_id = request.cookies.get(SESSION_COOKIE, "")
         response = web.StreamResponse(
             headers={"Content-Type": "text/event-stream", "X-Accel-Buffering": "no"}
         )
@@ -441,6 +481,40 @@ class ViewerApp:
             raise web.HTTPNotFound()
         kind, body = found
         return web.Response(body=body, content_type=kind, charset="utf-8")
+
+
+class ViewerRequestHandler(RequestHandler):
+    """aiohttp's request handler, with its own refusals in the viewer's shape: a request it
+    cannot parse (400, 413, 431...) or a handler that failed (500) gets a fixed one-line text
+    with the security headers and ``Server: tlsroll``, not aiohttp's text (which echoes the
+    bad line) and version (audit s38 L2). What it logs is ``leader.viewer.server._HttpLog``'s
+    (the error's type only)."""
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        super().handle_error(request, status, exc, message)  # logs; raises if an answer began
+        try:
+            phrase = HTTPStatus(status).phrase
+        except ValueError:
+            phrase = "Error"
+        response = web.Response(
+            status=status, text=f"{status}: {phrase}\n", headers=SECURITY_HEADERS
+        )
+        response.force_close()
+        return response
+
+
+def handler_factory(server: web.Server) -> Callable[[], ViewerRequestHandler]:
+    """What makes the viewer's handler for each connection, as ``server()`` makes aiohttp's
+    own (with the runner's settings: its logger, ``keepalive_timeout``, ...)."""
+    settings = dict(server._kwargs)  # the settings server() would pass (aiohttp's own)
+    loop = asyncio.get_running_loop()
+    return lambda: ViewerRequestHandler(server, loop=loop, **settings)
 
 
 def sse(event: str, data: str) -> bytes:

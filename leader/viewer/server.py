@@ -12,6 +12,12 @@ only watches the listening socket. A leader whose viewer nobody opens never hold
 (issue 15: the leader's memory with 500 agents). The load runs on the event loop, once
 (a few hundred ms): imports in a worker thread can deadlock on 3.11's import locks.
 
+Every host of the practice's network reaches the port, signed in or not, and the viewer
+shares the leader's process with the agents' gRPC and the admin socket: the connections are
+counted and capped from their accept, in all and per source, and bounded in time (TLS
+handshake, request head, idle, TLS close) by ``leader.viewer.listener`` before aiohttp gets
+them (audit s38 M1).
+
 The listener serves on the leader's address only, with the viewer's own certificate from the
 cluster CA (``leader.viewer.certificate``) and the TLS settings every tlsroll listener uses.
 ``renew_if_due`` (the daemon calls it with every check of the expiry watch) issues a new
@@ -39,6 +45,7 @@ from leader.schema_store import SchemaStore
 from leader.service import LeaderState
 from leader.viewer import certificate
 from leader.viewer.grants import Grants
+from leader.viewer.listener import GatedListener
 from leader.viewer.snapshot import Reader
 from tlsroll import httplog, logs, pki, tls
 from tlsroll.errors import ConfigError, TerminalError
@@ -52,6 +59,11 @@ if TYPE_CHECKING:
 
 SHUTDOWN_SECONDS = 5.0
 BACKLOG = 128  # aiohttp's own default for its sites
+# How long a connection may go without a whole request head: from its TLS handshake, and from
+# each answer (aiohttp's keepalive_timeout; its default is an hour). A browser whose idle
+# connection was closed opens a new one for its next request (audit s38 M1;
+# ``leader.viewer.listener``).
+HEAD_SECONDS = 15.0
 log = logs.get_logger(__name__)
 
 
@@ -110,6 +122,7 @@ class Viewer:
         self._sock: socket.socket | None = None  # listening, until the app is loaded
         self._loading: asyncio.Task[None] | None = None
         self._runner: web.AppRunner | None = None
+        self._listener: GatedListener | None = None
         self._context: ssl.SSLContext | None = None
         self.serving: x509.Certificate | None = None
 
@@ -220,14 +233,24 @@ class Viewer:
         try:
             from aiohttp import web  # noqa: PLC0415 - when first asked for (see the top)
 
+            from leader.viewer.app import handler_factory  # noqa: PLC0415 - as aiohttp
+
             app = self.make_app(self.closing)
             runner = web.AppRunner(
-                app.make(), access_log=None, logger=_HttpLog(), shutdown_timeout=SHUTDOWN_SECONDS
+                app.make(),
+                access_log=None,
+                logger=_HttpLog(),
+                shutdown_timeout=SHUTDOWN_SECONDS,
+                keepalive_timeout=HEAD_SECONDS,
             )
             await runner.setup()
+            assert runner.server is not None
+            # No aiohttp site: the gate counts and bounds each connection from its accept on
+            # and hands it to aiohttp once its TLS is up. It owns the listening socket from
+            # here on and closes it when it stops.
+            listener = GatedListener(handler_factory(runner.server), context, backlog=BACKLOG)
             try:
-                # The site owns the listening socket from here on and closes it when it stops.
-                await web.SockSite(runner, sock, ssl_context=context, backlog=BACKLOG).start()
+                await listener.start(sock)
             except BaseException:
                 await runner.cleanup()
                 raise
@@ -240,7 +263,7 @@ class Viewer:
             sock.close()
             self._sock = None
             return
-        self.app, self._runner, self._sock = app, runner, None
+        self.app, self._runner, self._listener, self._sock = app, runner, listener, None
         log.info("viewer.loaded", url=self.url)
 
     async def stop(self) -> None:
@@ -256,7 +279,12 @@ class Viewer:
                 asyncio.get_running_loop().remove_reader(self._sock.fileno())
             self._sock.close()
             self._sock = None
+        if self._listener is not None:
+            await self._listener.stop()  # no new connections; handshakes end
         if self._runner is not None:
-            await self._runner.cleanup()
+            await self._runner.cleanup()  # the connections aiohttp serves
             self._runner = None
             log.info("viewer.stopped")
+        if self._listener is not None:
+            await self._listener.abort_all()
+            self._listener = None
