@@ -25,6 +25,7 @@ import contextlib
 import errno
 import json
 import os
+import shutil
 import signal
 import socket
 import sqlite3
@@ -534,3 +535,73 @@ def test_a_file_error_while_preparing_a_switch_names_the_file_and_the_errno(
     assert done.outcome == "completed", done.reason
     assert_on_https(node, staged.fingerprint)
     assert list(txn_dir.iterdir()) == []
+
+
+# --- 6. a full disk under the managed server's config -----------------------------------------
+
+
+@contextlib.contextmanager
+def runaway_writer(directory: Path) -> Iterator[None]:
+    """Something that keeps appending to a file in ``directory`` (a runaway log): on a full
+    file system it takes any block as soon as it is freed. Stopped at the end."""
+    stop = threading.Event()
+    fd = os.open(directory / "runaway.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+
+    def write() -> None:
+        while not stop.is_set():
+            try:
+                os.write(fd, b"x" * 512)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    return
+                stop.wait(0.0005)
+
+    thread = threading.Thread(target=write, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(30)
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def port_taken(address: str, port: int) -> Iterator[None]:
+    """``address:port`` bound, not listening: a server cannot listen there, and nothing
+    answers on it (the way back to http finds it closed)."""
+    with socket.socket() as sock:
+        sock.bind((address, port))
+        yield
+
+
+def test_the_way_back_on_a_full_config_disk_takes_no_new_block(make_node: NodeFactory) -> None:
+    """The managed server's config dir is on a full file system that something keeps writing
+    to, and the restart into https fails (its port is taken): the way back must put the source
+    config back without a new block. It wrote it whole, met ENOSPC three times in 1.5 s and
+    ended ``failed``, the https config live and the server down (s38 audit H3); now the source
+    is staged beside the live config with the target, and the way back is a rename."""
+    node = make_node.new()
+    config_dir = node.config_dir
+    saved = node.root / "server-saved"
+    shutil.copytree(config_dir, saved)
+    with tmpfs(config_dir, "256k"):
+        try:
+            for path in saved.iterdir():
+                shutil.copy2(path, config_dir / path.name)
+            node.start()
+            source = node.server.config_path.read_bytes()
+            mode = os.stat(node.server.config_path).st_mode
+            node.stage("full")  # the configs are staged here, with room to spare
+            filler = fill(config_dir)
+            with runaway_writer(config_dir), port_taken(node.address, 8443):
+                node.switch("full")
+                txn = node.wait_txn("full", timeout=90)
+            assert txn.outcome == "rolled_back", txn.reason
+            assert "restart" in txn.reason
+            assert node.server.config_path.read_bytes() == source
+            assert os.stat(node.server.config_path).st_mode == mode
+            assert_on_http(node)
+            filler.unlink()
+        finally:
+            node.close()
