@@ -23,12 +23,15 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import grp
 import json
 import os
+import pwd
 import shutil
 import signal
 import socket
 import sqlite3
+import stat
 import subprocess
 import sys
 import threading
@@ -605,3 +608,39 @@ def test_the_way_back_on_a_full_config_disk_takes_no_new_block(make_node: NodeFa
             filler.unlink()
         finally:
             node.close()
+
+
+def test_the_config_keeps_its_owner_group_and_mode_there_and_back(make_node: NodeFactory) -> None:
+    """A config the server's own user reads (nobody:nogroup 0640 here) keeps its owner, group
+    and mode through a switch that goes back, one that completes and its rollback: the agent
+    (root) wrote each config as a new file of its own, root's, which a server running as its
+    own user could no longer read (s38 audit D)."""
+    node = make_node()
+    config = node.server.config_path
+    nobody, nogroup = pwd.getpwnam("nobody").pw_uid, grp.getgrnam("nogroup").gr_gid
+    os.chown(config, nobody, nogroup)
+    config.chmod(0o640)
+
+    def kept() -> tuple[int, int, int]:
+        st = os.stat(config)
+        return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
+
+    source = config.read_bytes()
+    node.stage("own1")
+    with port_taken(node.address, 8443):  # the restart into https fails: the way back
+        node.switch("own1")
+        back = node.wait_txn("own1")
+    assert back.outcome == "rolled_back", back.reason
+    assert config.read_bytes() == source and kept() == (nobody, nogroup, 0o640)
+
+    node.stage("own2")
+    node.switch("own2")
+    done = node.wait_txn("own2")
+    assert done.outcome == "completed", done.reason
+    assert config.read_bytes() != source and kept() == (nobody, nogroup, 0o640)
+
+    node.rollback("own2")
+    undone = node.wait_txn("own2", "rollback")
+    assert undone.outcome == "completed", undone.reason
+    assert kept() == (nobody, nogroup, 0o640)
+    assert_on_http(node)
