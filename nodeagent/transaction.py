@@ -31,8 +31,8 @@ never rewritten. The backward path retries each action a few times (tenacity), a
 for room on a full file system (``SPACE_WAIT``); if it still fails the outcome is ``failed``.
 It needs no new disk block to put the source config back: the source is staged beside the
 live config with the target, before the freeze, and kept until the transaction ends, so the
-way back is a rename (``Staged.source``; a transaction resumed by another agent process
-writes it whole).
+way back is a rename (``Staged.source``; a transaction resumed on its way there stages it
+again, one resumed on its way back writes it whole).
 
 A node never stays frozen because of tlsroll:
 
@@ -699,6 +699,14 @@ class Runner:
         if staged is not None:
             self._staged[key] = staged
             self._sources[key] = staged  # kept for the way back until the transaction ends
+        elif txn.phase in FORWARD and txn.source_config is not None:
+            # Resumed: the staged source, if any, was removed with the agent process that
+            # staged it (``discard_stale_staged``) or at the end of the task that died; staged
+            # again now, while there may still be room for it.
+            source = txn.source_config
+            back = await dbthread.run(self._stage_config, txn.rollout_id, source, "source")
+            if back is not None:
+                self._sources[key] = Staged(source=back)
         try:
             return await self._steps(txn, plan, begun, resumed=resumed)
         finally:

@@ -1492,6 +1492,46 @@ async def test_a_config_write_made_in_the_freeze_s_hop_fails_as_the_write_step(
         assert w.server.ops == ["freeze", "unfreeze"]
 
 
+async def test_a_switch_resumed_on_its_way_there_stages_its_source_again(
+    world: Callable[[Scenario], World],
+) -> None:
+    """The agent dies after the target config is written: its next start removes the staged
+    files the dead process left (``discard_stale_staged``), the source among them; the
+    resumed switch stages the source again, and its way back is still a rename when the disk
+    has filled up meanwhile (here at the restart that fails)."""
+    sc = SCENARIOS["restart_fails"]
+    w = world(sc)
+    config_file = w.driver.config_file
+
+    class FillsAtRestart(FileDriver):
+        full = False
+
+        def stage_config(self, data: bytes) -> StagedConfig:  # a new file: new blocks
+            if self.full:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(config_file))
+            return super().stage_config(data)
+
+        async def restart(self) -> None:
+            self.full = True
+            await super().restart()
+
+    w.driver = driver = FillsAtRestart(w.server, config_file)
+    at = next(i for i, label in enumerate(w.writes, 1) if label.startswith("config_written"))
+    first = CrashingJournal(w.journal_path, at)
+    with pytest.raises(Crash):
+        await w.run(first)
+    first.close()
+    assert [staged.data for staged in driver.stagings] == [BROKEN, SOURCE]
+    pending, journal = await w.resume()
+    assert [t.rollout_id for t in pending] == ["r1"]
+    w.assert_ended_well(journal)
+    await dbthread.barrier()
+    assert [staged.data for staged in driver.stagings] == [BROKEN, SOURCE, SOURCE]
+    assert driver.commits == [driver.stagings[0], driver.stagings[2]]  # no config written whole
+    assert sorted(p.name for p in config_file.parent.iterdir()) == [config_file.name]
+    journal.close()
+
+
 class FullDisk(FakeDriver):
     """The fake server on a file system with no room: each write of the source config
     fails with ENOSPC while ``full`` (a count, or None: for good)."""
