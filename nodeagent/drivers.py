@@ -130,20 +130,36 @@ class Driver(abc.ABC):
         """The new config for ``target``; raises DriverError if it cannot be made."""
 
     def write_config(self, data: bytes) -> None:
-        """Replace the live config atomically, keeping its file mode."""
+        """Replace the live config atomically, keeping its file mode, owner and group."""
         self.commit_config(self.stage_config(data))
 
     def stage_config(self, data: bytes) -> StagedConfig:
         """The first half of ``write_config``: ``data`` written and fsynced beside the live
-        config (with its file mode), which it does not replace yet; ``commit_config`` does.
+        config (with its file mode, owner and group: a config the server's own user reads,
+        0640 say, must stay readable to it), which it does not replace yet; ``commit_config``
+        does.
         A switch stages its target config while the server is being frozen, so that only the
         rename and the directory's fsync are left inside the freeze window (issue 15). A
         driver that writes its config its own way (overrides ``write_config``) stages
         nothing: ``commit_config`` calls its ``write_config``."""
         if type(self).write_config is not Driver.write_config:
             return StagedConfig(data)
-        mode = self.config_file.stat().st_mode & 0o777 if self.config_file.exists() else 0o600
-        return StagedConfig(data, stage_atomic(self.config_file, data, mode))
+        mode, owner = 0o600, None
+        if self.config_file.exists():
+            st = self.config_file.stat()
+            mode, owner = st.st_mode & 0o777, (st.st_uid, st.st_gid)
+        staged = stage_atomic(self.config_file, data, mode, owner=owner)
+        if owner is not None and owner != (os.geteuid(), os.getegid()):
+            got = staged.stat()
+            if (got.st_uid, got.st_gid) != owner:  # no CAP_CHOWN (a unit of an earlier release)
+                log.warning(
+                    "config.owner_not_kept",
+                    file=str(self.config_file),
+                    owner=f"{owner[0]}:{owner[1]}",
+                    written_as=f"{got.st_uid}:{got.st_gid}",
+                    detail="the agent may not chown (CAP_CHOWN): the config it writes is its own",
+                )
+        return StagedConfig(data, staged)
 
     def commit_config(self, staged: StagedConfig) -> None:
         """The second half of ``write_config``: the staged file replaces the live config."""

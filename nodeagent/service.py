@@ -144,9 +144,10 @@ class Prepared:
     source: bytes  # the live config it was made from
     live_tls: dict[str, str] | None  # the journal's, when it was made
     staged: Staged  # the journal's record of the staged certificate
-    staging: transaction.Staged  # the target config staged (``Runner.stage_target``)
+    # the target config staged, and the source for the way back (``Runner.stage_target``)
+    staging: transaction.Staged
     # The live config's permission bits and owner when it was made (``_owner_and_mode``): the
-    # staged file has that mode, which the switch's rename gives the live config.
+    # staged files have that mode and owner, which the switch's rename gives the live config.
     owner_and_mode: tuple[int, int, int]
     verifier: dict[str, Any] | None = None  # the verifier it was made with (``SwitchToCome``)
 
@@ -835,7 +836,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             staged = self.journal.staged(rollout_id)
             if staged is None or driver.read_config() != source:
                 return  # changed meanwhile: the switch makes its own
-            staging = runner.stage_target(rollout_id, built.config, built.plan)
+            staging = runner.stage_target(rollout_id, built.config, built.plan, source)
         except Exception as exc:  # the switch makes its own, and says what is wrong
             log.warning("stage.prepare_failed", rollout_id=rollout_id, error=describe(exc))
             return
@@ -846,25 +847,28 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         )
 
     def _drop_prepared(self, *, later: bool = False) -> None:
-        """Blocking, on the store's thread: the prepared switch dropped, its staged file too
-        (``later``: in the store thread's next hand-off, not in this one, which a freeze call
-        waits for: review of session 28, L6)."""
+        """Blocking, on the store's thread: the prepared switch dropped, its staged files too
+        (the target's and the source's; ``later``: in the store thread's next hand-off, not in
+        this one, which a freeze call waits for: review of session 28, L6)."""
         prepared, self._prepared = self._prepared, None
         driver = self.driver
-        if prepared is None or prepared.staging.config is None or driver is None:
+        if prepared is None or driver is None or not prepared.staging.files():
             return
-        staged = prepared.staging.config
+        files = prepared.staging.files()
+
+        def discard() -> None:
+            for staged in files:
+                driver.discard_staged(staged)
+
         if later:
             try:
-                done = dbthread.executor().submit(
-                    contextvars.copy_context().run, driver.discard_staged, staged
-                )
+                done = dbthread.executor().submit(contextvars.copy_context().run, discard)
             except RuntimeError:  # the agent is stopping: its thread takes no more work
                 pass
             else:
                 done.add_done_callback(_discarded)
                 return
-        driver.discard_staged(staged)
+        discard()
 
     def _take_prepared(
         self,
@@ -889,7 +893,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         if prepared is None or driver is None:
             return None
         built = prepared.built
-        config = prepared.staging.config
+        config, back = prepared.staging.config, prepared.staging.source
         try:
             fits = (
                 prepared.rollout_id == rollout_id
@@ -900,7 +904,9 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 and _owner_and_mode(driver.config_file) == prepared.owner_and_mode
                 and seen.live_tls == prepared.live_tls
                 and seen.staged == prepared.staged
-                and (config is None or config.file is None or _holds(config.file, config.data))
+                and all(
+                    c is None or c.file is None or _holds(c.file, c.data) for c in (config, back)
+                )
             )
         except OSError:
             fits = False
@@ -996,8 +1002,8 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             try:
                 created = self.journal.create(txn, begin=first)
             except BaseException:
-                if staging is not None and staging.config is not None:
-                    self._driver().discard_staged(staging.config)
+                for staged in staging.files() if staging is not None else ():
+                    self._driver().discard_staged(staged)
                 if made is None:
                     self._drop_verifier(rollout_id)
                 raise

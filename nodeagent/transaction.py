@@ -27,8 +27,12 @@ Any failure on the forward path enters ``rolling_back`` with the reason and the 
 left (``failed_phase``); ``restore_config`` records whether the source needs a restart
 (``restart_needed``: also when the server is down, so that the way back starts it). Both are
 fields of the transaction of their own: the ``Plan`` is fixed when the transaction starts and
-never rewritten. The backward path retries each action a few times (tenacity); if it still
-fails the outcome is ``failed``.
+never rewritten. The backward path retries each action a few times (tenacity), and waits
+for room on a full file system (``SPACE_WAIT``); if it still fails the outcome is ``failed``.
+It needs no new disk block to put the source config back: the source is staged beside the
+live config with the target, before the freeze, and kept until the transaction ends, so the
+way back is a rename (``Staged.source``; a transaction resumed on its way there stages it
+again, one resumed on its way back writes it whole).
 
 A node never stays frozen because of tlsroll:
 
@@ -78,6 +82,7 @@ from typing import TYPE_CHECKING, Any, TypeVar
 from tenacity import (
     AsyncRetrying,
     RetryCallState,
+    retry_if_exception,
     retry_if_exception_type,
     stop_after_attempt,
     wait_incrementing,
@@ -94,6 +99,7 @@ from tlsroll.errors import (
     TerminalError,
     TransientError,
     is_local_shortage,
+    is_out_of_space,
     os_error_text,
 )
 from tlsroll.fsutil import PRIVATE, write_atomic
@@ -124,6 +130,17 @@ UNFREEZE_LOG_EVERY = 600.0  # seconds: past the first attempts, at most one line
 # meanwhile), before it counts as the action failing. Rolling back would need descriptors too.
 SHORTAGE_ATTEMPTS = 30
 SHORTAGE_BACKOFF = Policy(free=0, base=0.5, cap=5.0, forget=3600.0)
+# The way back on a file system with no room left (ENOSPC, EDQUOT: the server's config dir on a
+# full disk, a runaway log taking each block as it is freed) waits for room: each action of the
+# way back is tried again after 0.5 s, 1 s, 2 s, 4 s, 8 s, then every 10 s, for at most
+# ``SPACE_WAIT`` seconds of waits in all (the server stays as it is meanwhile, frozen if it
+# runs), before it counts as the action failing. Giving up sooner left the target config live
+# and the server down (s38 audit H3). The way back's config is staged with the target, so it
+# needs no new block (``Staged.source``); this is for what still does (a transaction resumed
+# by a new agent process, a driver that writes its config its own way). On the way forward a
+# full disk is a failure as any other: the way back is taken.
+SPACE_WAIT = 600.0
+SPACE_BACKOFF = Policy(free=0, base=0.5, cap=10.0, forget=3600.0)
 # a transaction task that dies is started again from the journal after 1 s, 2 s, 4 s; if it
 # dies once more, the agent exits (see the module docstring)
 TASK_RESTARTS = 3
@@ -343,10 +360,18 @@ Sleep = Callable[[float], Awaitable[None]]
 class Staged:
     """What a switch's staging (``Runner.stage``) made ready before its freeze: the target
     config written beside the live one (None: nothing staged; the write step writes it
-    whole), and the staged CA its https verify trusts (None: the verify reads it itself)."""
+    whole), the staged CA its https verify trusts (None: the verify reads it itself), and the
+    source config written beside the live one too (``source``), kept until the transaction
+    ends: the way back is then a rename, which needs no new block on a full disk (s38 audit
+    H3; None: the way back writes it whole)."""
 
     config: StagedConfig | None = None
     ca_pem: bytes | None = None
+    source: StagedConfig | None = None
+
+    def files(self) -> list[StagedConfig]:
+        """The staged configs (to remove those no write took)."""
+        return [c for c in (self.config, self.source) if c is not None]
 
 
 # A switch's staging (``Runner.stage``), or the store thread's future of it
@@ -363,6 +388,16 @@ def _staged_now(staging: Staging | None) -> StagedConfig | None:
     if isinstance(staging, Future):
         staging = staging.result(timeout=0)
     return staging.config if staging is not None else None
+
+
+def _source_now(staging: Staging | None) -> StagedConfig | None:
+    """The source config ``staging`` staged, if its staging is done (on the store's thread:
+    never waits; a staging that is not done, or failed, has none to give)."""
+    if isinstance(staging, Future):
+        if not staging.done() or staging.cancelled() or staging.exception() is not None:
+            return None
+        staging = staging.result()
+    return staging.source if staging is not None else None
 
 
 class TxnChanges:
@@ -449,6 +484,9 @@ class Runner:
         self._staged: dict[tuple[str, str], Staging] = {}
         self._ahead: dict[tuple[str, str], Exception] = {}
         self._followed: dict[tuple[str, str], Txn] = {}
+        # The same staging, for its source config (``Staged.source``): kept until the way
+        # back takes it (``_put_source``, on the store's thread) or the transaction ends.
+        self._sources: dict[tuple[str, str], Staging] = {}
         # The staged CA a switch's https verify trusts, read with its staging (``stage``) and
         # taken from it by the freeze (``_freeze``), so that the verify, on the event loop,
         # reads no file inside the freeze window. Set and removed by the transaction's own
@@ -660,6 +698,15 @@ class Runner:
         key = (txn.rollout_id, txn.kind.value)
         if staged is not None:
             self._staged[key] = staged
+            self._sources[key] = staged  # kept for the way back until the transaction ends
+        elif txn.phase in FORWARD and txn.source_config is not None:
+            # Resumed: the staged source, if any, was removed with the agent process that
+            # staged it (``discard_stale_staged``) or at the end of the task that died; staged
+            # again now, while there may still be room for it.
+            source = txn.source_config
+            back = await dbthread.run(self._stage_config, txn.rollout_id, source, "source")
+            if back is not None:
+                self._sources[key] = Staged(source=back)
         try:
             return await self._steps(txn, plan, begun, resumed=resumed)
         finally:
@@ -800,10 +847,45 @@ class Runner:
     async def _attempt(self, action: Action, txn: Txn, plan: Plan, attempts: int) -> dict[str, Any]:
         """Run ``action`` (``attempts`` times on a failure of the server's); while the agent
         itself is short of descriptors, wait and try again (``SHORTAGE_ATTEMPTS``): its own
-        shortage must not roll back, or skip the freeze of, a healthy server."""
-        return await self._through_shortage(
-            action, txn, functools.partial(self._attempts, action, txn, plan, attempts)
-        )
+        shortage must not roll back, or skip the freeze of, a healthy server. On the way back,
+        a file system with no room left is waited for too (``SPACE_WAIT``)."""
+        call: Callable[[], Awaitable[dict[str, Any]]]
+        call = functools.partial(self._attempts, action, txn, plan, attempts)
+        if txn.phase in BACKWARD:
+            call = functools.partial(self._through_full_disk, action, txn, call)
+        return await self._through_shortage(action, txn, call)
+
+    async def _through_full_disk(
+        self, action: Action, txn: Txn, call: Callable[[], Awaitable[_T]]
+    ) -> _T:
+        """``call()`` (an action of the way back), made again while a file system it writes
+        to has no room left (``is_out_of_space``), after ``SPACE_BACKOFF``, for at most
+        ``SPACE_WAIT`` seconds of waits in all; each wait is journalled as ``action``'s
+        ``no_space`` event. The server stays as it is meanwhile (frozen, if it runs)."""
+        waits, waited = 0, 0.0
+        while True:
+            try:
+                return await call()
+            except Exception as exc:
+                if not is_out_of_space(exc) or waited >= SPACE_WAIT:
+                    raise
+                wait = SPACE_BACKOFF.delay(waits)
+                waits += 1
+                detail = {"error": describe(exc), "retry_in": wait, "waited": waited}
+                await dbthread.run(self.journal.event, txn, action, "no_space", detail)
+                if worth_logging(waits, 0.0):
+                    log.error(
+                        "txn.no_space",
+                        rollout_id=txn.rollout_id,
+                        kind=txn.kind,
+                        step=action,
+                        attempt=waits,
+                        waited=waited,
+                        retry_in=wait,
+                        error=describe(exc),
+                    )
+                waited += wait
+                await self.sleep(wait)
 
     async def _through_shortage(
         self, action: Action, txn: Txn, call: Callable[[], Awaitable[_T]]
@@ -849,9 +931,15 @@ class Runner:
                 error=describe(exc) if isinstance(exc, Exception) else "",
             )
 
+        way_back = txn.phase in BACKWARD
+
+        def worth_retrying(exc: BaseException) -> bool:
+            return not (way_back and is_out_of_space(exc))  # waited for (``_through_full_disk``)
+
         async for attempt in AsyncRetrying(
             stop=stop_after_attempt(attempts),
             wait=wait_incrementing(start=BACKWARD_WAIT, increment=BACKWARD_WAIT),
+            retry=retry_if_exception(worth_retrying),
             sleep=self.sleep,
             before_sleep=retrying,
             reraise=True,
@@ -1037,25 +1125,38 @@ class Runner:
         and says what is wrong)."""
         if txn.phase is not Phase.STARTED or txn.target_config is None:
             return None
-        return self.stage_target(txn.rollout_id, txn.target_config, Plan.from_json(txn.plan))
+        return self.stage_target(
+            txn.rollout_id, txn.target_config, Plan.from_json(txn.plan), txn.source_config
+        )
 
-    def stage_target(self, rollout_id: str, config: bytes, plan: Plan) -> Staged:
+    def stage_target(
+        self, rollout_id: str, config: bytes, plan: Plan, source: bytes | None = None
+    ) -> Staged:
         """Blocking: ``config`` staged beside the live one and the CA ``plan``'s https verify
         trusts, read (``stage``; the servicer also stages a switch this way when its node is
-        staged, before the switch is asked for: ``NodeAgentService._prepare``)."""
+        staged, before the switch is asked for: ``NodeAgentService._prepare``); and ``source``
+        (the live config, which the way back puts back) staged too, so that the way back is a
+        rename (``Staged.source``)."""
         ca_pem = None
         if "https" in plan.target_schemes:
             # Read now, before the freeze; missing or unreadable, the verify reads it (and
             # says what is wrong) itself.
             with contextlib.suppress(OSError):
                 ca_pem = plan.ca_file.read_bytes()
-        staged: StagedConfig | None
+        staged = self._stage_config(rollout_id, config, "target")
+        back = None if source is None else self._stage_config(rollout_id, source, "source")
+        return Staged(staged, ca_pem, back)
+
+    def _stage_config(self, rollout_id: str, config: bytes, which: str) -> StagedConfig | None:
+        """``config`` staged (blocking); None if it cannot be (its write, later, writes it
+        whole, and says what is wrong)."""
         try:
-            staged = self.driver.stage_config(config)
+            return self.driver.stage_config(config)
         except Exception as exc:
-            log.warning("txn.stage_config_failed", rollout_id=rollout_id, error=describe(exc))
-            staged = None
-        return Staged(staged, ca_pem)
+            log.warning(
+                "txn.stage_config_failed", rollout_id=rollout_id, config=which, error=describe(exc)
+            )
+            return None
 
     def stage_next(self, txn: Txn) -> Future[Staged | None]:
         """``stage`` in the store thread's next hand-off, not in the caller's (with the
@@ -1082,21 +1183,29 @@ class Runner:
         if staging is not None and staging.ca_pem is not None:
             self._cas[key] = staging.ca_pem
 
-    def _discard(self, staged: Staging) -> None:
-        """A staged config no write took: removed, on the store's thread (with the caller's
-        context variables, as ``dbthread.run``)."""
+    def _discard(self, staged: Staging, *, target: bool = True, source: bool = True) -> None:
+        """Staged configs no write took (the target's, the source's, or both): removed, on
+        the store's thread (with the caller's context variables, as ``dbthread.run``)."""
 
         def discard() -> None:
-            done = _staged_now(staged)
-            if done is not None:
-                self.driver.discard_staged(done)
+            done = staged.result(timeout=0) if isinstance(staged, Future) else staged
+            if done is None:
+                return
+            for part in (done.config if target else None, done.source if source else None):
+                if part is not None:
+                    self.driver.discard_staged(part)
 
         dbthread.executor().submit(contextvars.copy_context().run, discard)
 
     def _discard_staged(self, key: tuple[str, str]) -> None:
+        """At a transaction's end: its staged target config if no write took it, and its
+        staged source if the way back did not."""
         staged = self._staged.pop(key, None)
         if staged is not None:
-            self._discard(staged)
+            self._discard(staged, source=False)
+        back = self._sources.pop(key, None)
+        if back is not None:
+            self._discard(back, target=False)
 
     def _ahead_of(self, txn: Txn, plan: Plan, phase: Phase) -> Ahead | None:
         """The action after ``phase`` and its record, if they may run in the same hand-off as
@@ -1326,7 +1435,9 @@ class Runner:
         return {"restart_needed": rewritten or target_loaded or down}
 
     def _put_source(self, txn: Txn, plan: Plan) -> bool:
-        """True if the live config was not the source and has been replaced by it."""
+        """True if the live config was not the source and has been replaced by it: by the
+        source staged with the target (a rename, no new block: s38 audit H3), else written
+        whole (a transaction resumed by another agent process, or of an earlier release)."""
         if txn.source_config is not None:
             source = txn.source_config
         elif not plan.backup_file.exists():
@@ -1335,5 +1446,13 @@ class Runner:
             source = plan.backup_file.read_bytes()
         if self.driver.read_config() == source:
             return False
-        self.driver.write_config(source)
+        key = (txn.rollout_id, txn.kind.value)
+        staged = _source_now(self._sources.get(key))
+        if staged is not None and staged.data == source:
+            # Taken whatever the rename does: one that fails removes the staged file, and the
+            # next attempt writes the config whole.
+            del self._sources[key]
+            self.driver.commit_config(staged)
+        else:
+            self.driver.write_config(source)
         return True

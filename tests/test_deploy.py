@@ -586,6 +586,7 @@ except OSError:
     print("WX-DENIED")
 print("PYTHON-OK")'
 echo x >/etc/praxis/server.toml && echo WRITE-SERVER-CONFIG-OK
+chown nobody:nogroup /etc/praxis/server.toml && echo CHOWN-SERVER-CONFIG-OK
 echo x >/etc/tlsroll/elsewhere 2>/dev/null || echo WRITE-ETC-DENIED
 echo x >/var/lib/tlsroll-agent/probe && echo WRITE-DATA-OK
 [ -z "$(ls -A /root 2>/dev/null)" ] && echo HOME-HIDDEN
@@ -599,9 +600,10 @@ def test_the_installed_units_run_under_systemd(bundle: Path, tmp_path: Path) -> 
     capabilities, is restarted by install.sh run again (an upgrade: the upgrade audit's F1),
     and starts again with its CA passphrase from the encrypted credential that
     ``install.sh ca-credential`` made (the plaintext file gone); the agent's sandbox leaves
-    exactly CAP_DAC_OVERRIDE and CAP_KILL, still lets it restart another unit through
-    systemctl, write the managed server's config and its data dir, and refuses writable and
-    executable memory, which grpcio and cryptography do without."""
+    exactly CAP_DAC_OVERRIDE, CAP_CHOWN and CAP_KILL, still lets it restart another unit
+    through systemctl, write the managed server's config (and give it its owner back: s38
+    audit D) and its data dir, and refuses writable and executable memory, which grpcio and
+    cryptography do without."""
     if os.geteuid() != 0:
         pytest.skip("needs root to boot a container (CI runs `make test` as root)")
     if not NSPAWN.exists():
@@ -661,9 +663,16 @@ exec systemd-nspawn --quiet --directory={layers}/root --private-network --regist
         assert word in credential, report
     agent = files.get("agent", "")
     assert re.search(r"Uid:\s+0\s", agent), report
-    assert re.search(r"CapEff:\s+0+22\n", agent), report  # CAP_DAC_OVERRIDE | CAP_KILL
+    # CAP_DAC_OVERRIDE | CAP_KILL | CAP_CHOWN
+    assert re.search(r"CapEff:\s+0+23\n", agent), report
     assert re.search(r"Seccomp:\s+2\n", agent), report
-    allowed = ["RESTART-OK", "PYTHON-OK", "WRITE-SERVER-CONFIG-OK", "WRITE-DATA-OK"]
+    allowed = [
+        "RESTART-OK",
+        "PYTHON-OK",
+        "WRITE-SERVER-CONFIG-OK",
+        "CHOWN-SERVER-CONFIG-OK",
+        "WRITE-DATA-OK",
+    ]
     refused = ["WX-DENIED", "WRITE-ETC-DENIED", "HOME-HIDDEN"]
     for word in allowed + refused:
         assert word in agent, report

@@ -22,11 +22,16 @@ its freeze's bounded drain for a moment, so that a fault lands between two exact
 from __future__ import annotations
 
 import contextlib
+import errno
+import grp
 import json
 import os
+import pwd
+import shutil
 import signal
 import socket
 import sqlite3
+import stat
 import subprocess
 import sys
 import threading
@@ -570,3 +575,109 @@ def test_an_agent_restarted_on_a_full_disk_says_so_and_keeps_its_journal(
         assert txn.outcome == "completed", txn.reason
         assert_on_https(node, staged.fingerprint)
         assert "journal.reinitialised" not in agent.event_names()
+
+
+# --- 7. a full disk under the managed server's config -----------------------------------------
+
+
+@contextlib.contextmanager
+def runaway_writer(directory: Path) -> Iterator[None]:
+    """Something that keeps appending to a file in ``directory`` (a runaway log): on a full
+    file system it takes any block as soon as it is freed. Stopped at the end."""
+    stop = threading.Event()
+    fd = os.open(directory / "runaway.log", os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+
+    def write() -> None:
+        while not stop.is_set():
+            try:
+                os.write(fd, b"x" * 512)
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    return
+                stop.wait(0.0005)
+
+    thread = threading.Thread(target=write, daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(30)
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def port_taken(address: str, port: int) -> Iterator[None]:
+    """``address:port`` bound, not listening: a server cannot listen there, and nothing
+    answers on it (the way back to http finds it closed)."""
+    with socket.socket() as sock:
+        sock.bind((address, port))
+        yield
+
+
+def test_the_way_back_on_a_full_config_disk_takes_no_new_block(make_node: NodeFactory) -> None:
+    """The managed server's config dir is on a full file system that something keeps writing
+    to, and the restart into https fails (its port is taken): the way back must put the source
+    config back without a new block. It wrote it whole, met ENOSPC three times in 1.5 s and
+    ended ``failed``, the https config live and the server down (s38 audit H3); now the source
+    is staged beside the live config with the target, and the way back is a rename."""
+    node = make_node.new()
+    config_dir = node.config_dir
+    saved = node.root / "server-saved"
+    shutil.copytree(config_dir, saved)
+    with tmpfs(config_dir, "256k"):
+        try:
+            for path in saved.iterdir():
+                shutil.copy2(path, config_dir / path.name)
+            node.start()
+            source = node.server.config_path.read_bytes()
+            mode = os.stat(node.server.config_path).st_mode
+            node.stage("full")  # the configs are staged here, with room to spare
+            filler = fill(config_dir)
+            with runaway_writer(config_dir), port_taken(node.address, 8443):
+                node.switch("full")
+                txn = node.wait_txn("full", timeout=90)
+            assert txn.outcome == "rolled_back", txn.reason
+            assert "restart" in txn.reason
+            assert node.server.config_path.read_bytes() == source
+            assert os.stat(node.server.config_path).st_mode == mode
+            assert_on_http(node)
+            filler.unlink()
+        finally:
+            node.close()
+
+
+def test_the_config_keeps_its_owner_group_and_mode_there_and_back(make_node: NodeFactory) -> None:
+    """A config the server's own user reads (nobody:nogroup 0640 here) keeps its owner, group
+    and mode through a switch that goes back, one that completes and its rollback: the agent
+    (root) wrote each config as a new file of its own, root's, which a server running as its
+    own user could no longer read (s38 audit D)."""
+    node = make_node()
+    config = node.server.config_path
+    nobody, nogroup = pwd.getpwnam("nobody").pw_uid, grp.getgrnam("nogroup").gr_gid
+    os.chown(config, nobody, nogroup)
+    config.chmod(0o640)
+
+    def kept() -> tuple[int, int, int]:
+        st = os.stat(config)
+        return st.st_uid, st.st_gid, stat.S_IMODE(st.st_mode)
+
+    source = config.read_bytes()
+    node.stage("own1")
+    with port_taken(node.address, 8443):  # the restart into https fails: the way back
+        node.switch("own1")
+        back = node.wait_txn("own1")
+    assert back.outcome == "rolled_back", back.reason
+    assert config.read_bytes() == source and kept() == (nobody, nogroup, 0o640)
+
+    node.stage("own2")
+    node.switch("own2")
+    done = node.wait_txn("own2")
+    assert done.outcome == "completed", done.reason
+    assert config.read_bytes() != source and kept() == (nobody, nogroup, 0o640)
+
+    node.rollback("own2")
+    undone = node.wait_txn("own2", "rollback")
+    assert undone.outcome == "completed", undone.reason
+    assert kept() == (nobody, nogroup, 0o640)
+    assert_on_http(node)

@@ -1262,8 +1262,10 @@ async def test_a_switch_stages_its_target_config_so_that_the_window_holds_only_i
 ) -> None:
     """Issue 15: the target config's write and fsync were inside the freeze window. It is
     staged (written and fsynced beside the live file) with the transaction's create, before
-    the freeze; after the freeze only the rename and the directory's fsync are left. A config
-    written on the way back is written whole; a staged config no write took is removed."""
+    the freeze; after the freeze only the rename and the directory's fsync are left. The
+    source config is staged with it, so that the way back is a rename too (s38 audit H3: on a
+    full disk the way back could not write it whole); a staged config no write took is
+    removed."""
     sc = SCENARIOS[name]
     w = world(sc)
     config_file = w.driver.config_file
@@ -1275,12 +1277,14 @@ async def test_a_switch_stages_its_target_config_so_that_the_window_holds_only_i
     writes = [op for op in w.server.ops if op.startswith("write_config")]
     assert len(driver.commits) == len(writes), (driver.commits, writes)
     assert all(staged.file is not None for staged in driver.stagings)
+    assert [staged.data for staged in driver.stagings] == [sc.target, sc.start]
     if name == "freeze_fails":  # staged, never committed
-        assert len(driver.stagings) == 1
         assert writes == []
-    else:  # the forward write commits the config staged first; a write back is one of its own
-        assert driver.commits[0] is driver.stagings[0]
-        assert driver.commits[1:] == driver.stagings[1:]
+        assert driver.commits == []
+    elif sc.outcome is TxnOutcome.COMPLETED:  # the forward write commits the target staged
+        assert driver.commits == driver.stagings[:1]
+    else:  # and the way back the source staged with it: no config is written whole
+        assert driver.commits == driver.stagings
     assert sorted(p.name for p in config_file.parent.iterdir()) == [config_file.name]
 
 
@@ -1326,7 +1330,7 @@ async def test_a_switch_staged_in_the_next_hand_off_freezes_only_once_its_config
             if froze.wait(0.3):
                 events.append("a freeze began while staging")
             staged = super().stage_config(data)
-            events.append("staged")
+            events.append(f"staged {NAMES[data]}")
             return staged
 
     w.driver = driver = SlowStaging(w.server, w.driver.config_file)
@@ -1337,7 +1341,7 @@ async def test_a_switch_staged_in_the_next_hand_off_freezes_only_once_its_config
     txn, staged = await begin_as_the_servicer(w, runner, journal)
     done = await runner.run(txn, begun=first, staged=staged)
     assert w.assert_ended_well(journal) == done
-    assert events == ["staged", "freeze"]
+    assert events == ["staged target", "staged source", "freeze"]
     assert driver.commits == driver.stagings[:1]
     assert tuple(journal.writes) == w.writes
     assert tuple(w.server.ops) == sc.ops
@@ -1373,7 +1377,7 @@ async def test_a_switch_cancelled_before_its_staging_is_done_leaves_nothing_behi
         await task
     release.set()
     await dbthread.barrier()  # the staging, then its discard
-    assert len(driver.stagings) == 1
+    assert [staged.data for staged in driver.stagings] == [TARGET, SOURCE]
     assert runner._cas == {}
     assert "freeze" not in w.server.ops
     assert sorted(p.name for p in config_file.parent.iterdir()) == [config_file.name]
@@ -1401,7 +1405,7 @@ async def test_a_staging_runs_with_the_context_of_its_caller(
     txn, staged = await begin_as_the_servicer(w, runner, journal, lambda: bound.set("the caller's"))
     done = await runner.run(txn, begun=first, staged=staged)
     assert w.assert_ended_well(journal) == done
-    assert seen == ["the caller's"]
+    assert seen == ["the caller's"] * 2  # the target, then the source
 
 
 def test_a_staging_not_done_yet_fails_loudly_instead_of_hanging_the_store() -> None:
@@ -1486,6 +1490,106 @@ async def test_a_config_write_made_in_the_freeze_s_hop_fails_as_the_write_step(
         assert done.failed_phase is Phase.FROZEN
         assert done.reason.startswith("write_config: "), done.reason
         assert w.server.ops == ["freeze", "unfreeze"]
+
+
+async def test_a_switch_resumed_on_its_way_there_stages_its_source_again(
+    world: Callable[[Scenario], World],
+) -> None:
+    """The agent dies after the target config is written: its next start removes the staged
+    files the dead process left (``discard_stale_staged``), the source among them; the
+    resumed switch stages the source again, and its way back is still a rename when the disk
+    has filled up meanwhile (here at the restart that fails)."""
+    sc = SCENARIOS["restart_fails"]
+    w = world(sc)
+    config_file = w.driver.config_file
+
+    class FillsAtRestart(FileDriver):
+        full = False
+
+        def stage_config(self, data: bytes) -> StagedConfig:  # a new file: new blocks
+            if self.full:
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(config_file))
+            return super().stage_config(data)
+
+        async def restart(self) -> None:
+            self.full = True
+            await super().restart()
+
+    w.driver = driver = FillsAtRestart(w.server, config_file)
+    at = next(i for i, label in enumerate(w.writes, 1) if label.startswith("config_written"))
+    first = CrashingJournal(w.journal_path, at)
+    with pytest.raises(Crash):
+        await w.run(first)
+    first.close()
+    assert [staged.data for staged in driver.stagings] == [BROKEN, SOURCE]
+    pending, journal = await w.resume()
+    assert [t.rollout_id for t in pending] == ["r1"]
+    w.assert_ended_well(journal)
+    await dbthread.barrier()
+    assert [staged.data for staged in driver.stagings] == [BROKEN, SOURCE, SOURCE]
+    assert driver.commits == [driver.stagings[0], driver.stagings[2]]  # no config written whole
+    assert sorted(p.name for p in config_file.parent.iterdir()) == [config_file.name]
+    journal.close()
+
+
+class FullDisk(FakeDriver):
+    """The fake server on a file system with no room: each write of the source config
+    fails with ENOSPC while ``full`` (a count, or None: for good)."""
+
+    def __init__(self, server: FakeServer, config_file: Path, full: int | None) -> None:
+        super().__init__(server, config_file)
+        self.full = full
+
+    def write_config(self, data: bytes) -> None:
+        if data == SOURCE and (self.full is None or self.full > 0):
+            if self.full is not None:
+                self.full -= 1
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(self.config_file))
+        super().write_config(data)
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+async def test_the_way_back_waits_for_room_on_a_full_disk(
+    layout: str, world: Callable[..., World]
+) -> None:
+    """s38 audit H3: the way back that could not write the source config (a full disk) tried
+    three times in 1.5 s and ended ``failed``, the target config live and the server down. A
+    full disk is waited for now (``SPACE_BACKOFF``), each wait journalled, the server left as
+    it is meanwhile; then the way back goes on. (This driver writes its config its own way:
+    nothing is staged for it, so the way back writes the source, as one of an earlier
+    release's transaction does, ``files``.)"""
+    sc = SCENARIOS["restart_fails"]
+    w = world(sc, layout)
+    w.driver = FullDisk(w.server, w.driver.config_file, 5)
+    journal = CrashingJournal(w.journal_path)
+    done = await w.run(journal)
+    assert w.assert_ended_well(journal) == done
+    assert w.server.ops == list(sc.ops)  # the source written once, when there was room
+    waits = [e for e in journal.events("r1") if e["what"] == "no_space"]
+    assert [(e["step"], json.loads(e["detail"])["retry_in"]) for e in waits] == [
+        ("restore_config", wait) for wait in (0.5, 1.0, 2.0, 4.0, 8.0)
+    ]
+    assert "ENOSPC" in json.loads(waits[0]["detail"])["error"]
+    assert w.time.slept == [0.5, 1.0, 2.0, 4.0, 8.0]  # not tried again before each wait
+    journal.close()
+
+
+async def test_a_way_back_that_never_finds_room_fails_after_its_wait(
+    world: Callable[[Scenario], World],
+) -> None:
+    """The disk stays full: the way back waits ``SPACE_WAIT`` seconds in all, not for good,
+    then ends ``failed`` with the error (the leader and the admin are told)."""
+    sc = SCENARIOS["restart_fails"]
+    w = world(sc)
+    w.driver = FullDisk(w.server, w.driver.config_file, None)
+    journal = CrashingJournal(w.journal_path)
+    done = await w.run(journal)
+    assert done.outcome is TxnOutcome.FAILED
+    assert "restore_config: " in done.reason and "ENOSPC" in done.reason, done.reason
+    waited = sum(w.time.slept)
+    assert transaction.SPACE_WAIT <= waited < transaction.SPACE_WAIT + transaction.SPACE_BACKOFF.cap
+    assert max(w.time.slept) == transaction.SPACE_BACKOFF.cap
+    journal.close()
 
 
 # --- plans: made without gRPC --------------------------------------------------------------
@@ -1843,9 +1947,10 @@ async def test_a_switch_is_made_ready_and_staged_when_its_node_is_staged(
     w = world(SCENARIOS["completes"])
     agent, driver, journal, runner = staged_agent(w, monkeypatch)
     await dbthread.run(agent._prepare, "r1")
-    assert driver.renders == 1 and len(driver.stagings) == 1
-    staged_file = driver.stagings[0].file
+    assert driver.renders == 1 and len(driver.stagings) == 2  # the target, and the way back
+    staged_file, source_file = (staged.file for staged in driver.stagings)
     assert staged_file is not None and staged_file.read_bytes() == TARGET
+    assert source_file is not None and source_file.read_bytes() == SOURCE
     reads: list[str] = []
 
     def read_config() -> bytes:
@@ -1857,8 +1962,10 @@ async def test_a_switch_is_made_ready_and_staged_when_its_node_is_staged(
     txn = await agent._switch(switch_request(keep_frozen=True), cast(Any, None))
     await asyncio.gather(*runner.tasks.values())
 
-    assert driver.renders == 1 and len(driver.stagings) == 1  # nothing made in the switch
-    assert driver.commits == driver.stagings and not staged_file.exists()
+    assert driver.renders == 1 and len(driver.stagings) == 2  # nothing made in the switch
+    assert driver.commits == driver.stagings[:1] and not staged_file.exists()
+    await dbthread.barrier()  # the way back's staging, not taken, is removed at the end
+    assert not source_file.exists()
     assert reads == ["read"]
     assert txn.target_config == TARGET and txn.source_config == SOURCE
     assert Plan.from_json(txn.plan).keep_frozen  # the request's, not the stage's
@@ -1943,7 +2050,17 @@ async def test_a_busy_node_refuses_a_switch_of_another_rollout_after_one_read(
 
 @pytest.mark.parametrize(
     "change",
-    ["config", "keep_http", "verifier", "restaged", "tampered", "live_tls", "rollout", "mode"],
+    [
+        "config",
+        "keep_http",
+        "verifier",
+        "restaged",
+        "tampered",
+        "tampered_source",
+        "live_tls",
+        "rollout",
+        "mode",
+    ],
 )
 async def test_a_switch_the_prepared_one_does_not_fit_is_made_as_before(
     change: str, world: Callable[[Scenario], World], monkeypatch: pytest.MonkeyPatch
@@ -1979,6 +2096,10 @@ async def test_a_switch_the_prepared_one_does_not_fit_is_made_as_before(
     elif change == "mode":  # the admin's chmod of the live config (review of session 28, L4)
         assert stat.S_IMODE(driver.config_file.stat().st_mode) != 0o640
         driver.config_file.chmod(0o640)
+    elif change == "tampered_source":  # the way back's staged file is not what was staged
+        back = driver.stagings[1].file
+        assert back is not None
+        back.write_bytes(b"something else")
     else:  # the staged file is not what was staged
         first.write_bytes(b"something else")
 
@@ -1988,8 +2109,8 @@ async def test_a_switch_the_prepared_one_does_not_fit_is_made_as_before(
 
     assert driver.renders == 2  # made in the switch, its config read once
     assert driver.rendered_once == [True, True]
-    assert driver.stagings[1].data == txn.target_config  # and staged there
-    assert not first.exists()
+    assert driver.stagings[2].data == txn.target_config  # and staged there
+    assert not any(staged.file and staged.file.exists() for staged in driver.stagings)
     if change == "config":
         assert txn.source_config == SOURCE + b"# edited\n"
     if change == "mode":  # the live config as the admin left it
@@ -2018,7 +2139,7 @@ async def test_a_switch_the_stage_said_would_come_is_made_ready_with_its_setting
     verifier = a_verifier("s3cret") if settings != "keep_http" else None
     keep_http = settings != "verifier"
     await dbthread.run(agent._prepare, "r1", service.Coming(verifier, keep_http))
-    assert driver.renders == 1 and len(driver.stagings) == 1
+    assert driver.renders == 1 and len(driver.stagings) == 2  # the target, and the way back
     written: list[object] = []
     real_write = plans.write_verifier
 
@@ -2077,8 +2198,8 @@ async def test_a_switch_other_than_the_stage_said_is_made_as_before(
     await asyncio.gather(*runner.tasks.values())
     await dbthread.barrier()
 
-    assert driver.renders == 2 and driver.stagings[1].data == txn.target_config
-    assert not first.exists()
+    assert driver.renders == 2 and driver.stagings[2].data == txn.target_config
+    assert not any(staged.file and staged.file.exists() for staged in driver.stagings)
     journal.close()
 
 
@@ -2188,7 +2309,8 @@ async def test_a_prepared_switch_not_taken_is_removed_after_the_create_and_its_s
     await agent._switch(switch_request(auth_verifier_json=verifier), cast(Any, None))
     await asyncio.gather(*runner.tasks.values())
     await dbthread.barrier()
-    assert order[:3] == ["create", "stage", "discard"], order
+    # the switch's own target and source staged, then the prepared ones removed
+    assert order[:5] == ["create", "stage", "stage", "discard", "discard another"], order
     assert not first.exists() and agent._prepared is None
     journal.close()
 
@@ -2241,12 +2363,14 @@ async def test_a_rotation_is_made_ready_at_its_stage_and_taken_with_a_password(
     await dbthread.run(agent._prepare, "r1", coming)
     prepared = agent._prepared
     assert prepared is not None and prepared.built.plan.change == "rotate-cert"
-    assert driver.renders == 1 and len(driver.stagings) == 1
+    assert driver.renders == 1 and len(driver.stagings) == 2  # the target, and the way back
     verifier = password.verifier_to_json(password.make_verifier("s3cret", **password.TEST_PARAMS))
     request = switch_request(change="rotate-cert", auth_verifier_json=verifier)
     txn = await agent._switch(request, cast(Any, None))
     await asyncio.gather(*runner.tasks.values())
-    assert driver.renders == 1 and driver.commits == driver.stagings  # nothing made anew
+    # nothing made anew
+    assert driver.renders == 1 and len(driver.stagings) == 2
+    assert driver.commits == driver.stagings[:1]
     assert Plan.from_json(txn.plan).change == "rotate-cert"
     final = journal.get("r1", TxnKind.SWITCH)
     assert final is not None and final.outcome is TxnOutcome.COMPLETED, final

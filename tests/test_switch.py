@@ -693,8 +693,21 @@ def test_a_node_certificate_may_not_command_an_agent(make_node: NodeFactory) -> 
 
 
 def staged_configs(node: Node) -> list[Path]:
-    """The configs the agent staged beside the live one and has not committed (yet)."""
+    """The configs the agent staged beside the live one and has not committed (yet): a
+    switch's target, and its source for the way back (s38 audit H3)."""
     return sorted(node.config_dir.glob(f".{node.server.config_path.name}.staged-*"))
+
+
+def staged_targets(node: Node) -> list[Path]:
+    """Of those, the ones that are not the live config (a switch's target, before it)."""
+    live = node.server.config_path.read_bytes()
+    return [path for path in staged_configs(node) if path.read_bytes() != live]
+
+
+def assert_no_staged_configs(node: Node) -> None:
+    """None is left (a transaction's staged source, not taken, is removed once it has ended,
+    on the store's thread: a moment after its outcome)."""
+    wait_until(lambda: staged_configs(node) == [], 10, "the staged configs removed")
 
 
 def test_a_chmod_of_the_config_between_stage_and_switch_is_kept(make_node: NodeFactory) -> None:
@@ -705,7 +718,8 @@ def test_a_chmod_of_the_config_between_stage_and_switch_is_kept(make_node: NodeF
     node = make_node()
     config = node.server.config_path
     staged = node.stage("mode")
-    assert len(staged_configs(node)) == 1  # made ready at the stage
+    assert len(staged_targets(node)) == 1  # made ready at the stage
+    assert len(staged_configs(node)) == 2  # with its source, for the way back
     assert stat.S_IMODE(config.stat().st_mode) != 0o640
     config.chmod(0o640)
     node.switch("mode")
@@ -713,7 +727,7 @@ def test_a_chmod_of_the_config_between_stage_and_switch_is_kept(make_node: NodeF
     assert done.outcome == "completed", done.reason
     assert_switched(node, staged.fingerprint)
     assert stat.S_IMODE(config.stat().st_mode) == 0o640
-    assert staged_configs(node) == []
+    assert_no_staged_configs(node)
 
 
 def test_an_agent_restarted_between_stage_and_switch_switches_as_before(
@@ -724,15 +738,15 @@ def test_an_agent_restarted_between_stage_and_switch_switches_as_before(
     node = make_node()
     assert node.agent is not None
     staged = node.stage("restart")
-    assert len(staged_configs(node)) == 1
+    assert len(staged_targets(node)) == 1
     node.agent.stop()
     node.restart_agent()
-    assert staged_configs(node) == []
+    assert_no_staged_configs(node)
     node.switch("restart")
     done = node.wait_txn("restart")
     assert done.outcome == "completed", done.reason
     assert_switched(node, staged.fingerprint)
-    assert staged_configs(node) == []
+    assert_no_staged_configs(node)
 
 
 def test_a_rollback_drops_the_switch_made_ready_for_another_rollout(
@@ -746,11 +760,11 @@ def test_a_rollback_drops_the_switch_made_ready_for_another_rollout(
     node.switch("first")
     assert node.wait_txn("first").outcome == "completed"
     node.stage("second")  # a rotation made ready; the rollout is aborted, never switched
-    assert len(staged_configs(node)) == 1
+    assert len(staged_targets(node)) == 1
     node.rollback("first")
     back = node.wait_txn("first", "rollback")
     assert back.outcome == "completed", back.reason
-    assert staged_configs(node) == []
+    assert_no_staged_configs(node)
 
 
 def a_verifier_json(secret: str) -> str:
@@ -800,7 +814,7 @@ def test_a_password_switch_takes_the_switch_its_stage_was_told_of(
         )
     with node.stub() as stub:
         staged = stub.Stage(stage, timeout=60)
-    [prepared] = staged_configs(node)  # made ready at the stage (for no verifier if untold)
+    [prepared] = staged_targets(node)  # made ready at the stage (for no verifier if untold)
     made = prepared.stat()
     verifier_file = node.stage_dir(rollout_id) / "auth-verifier.json"
     assert verifier_file.exists() is (told_http is not None)
@@ -833,7 +847,7 @@ def test_a_password_switch_takes_the_switch_its_stage_was_told_of(
     else:  # made in the switch as before: its own staged file, the prepared one removed
         assert live.st_ino != made.st_ino
         assert not prepared.exists()
-    assert staged_configs(node) == []
+    assert_no_staged_configs(node)
 
 
 @pytest.mark.timeout(300)
@@ -882,7 +896,7 @@ def test_a_real_leaders_password_switch_is_the_one_made_ready_at_its_stage(
                 if e.get("event") == "txn.started" and e.get("rollout_id") == rollout["id"]
             ]
             assert [(e.get("kind"), e.get("prepared")) for e in began] == [("switch", True)]
-            assert staged_configs(node) == []
+            assert_no_staged_configs(node)
         finally:
             factory.close()
 
@@ -951,10 +965,10 @@ def test_a_stage_never_switched_leaves_no_key_once_a_later_rollout_stages(
         "ca.pem",
         "auth-verifier.json",
     }
-    assert len(staged_configs(node)) == 1  # its switch made ready, beside the live config
+    assert len(staged_targets(node)) == 1  # its switch made ready, beside the live config
     csr = node.create_csr("first")  # the next rollout: the aborted one's key is gone
     assert stage_dirs(node) == {"first"}
-    assert staged_configs(node) == []  # and the switch made ready for it
+    assert_no_staged_configs(node)  # and the switch made ready for it
     live = node.send_stage("first", node.sign(csr)).fingerprint
     assert [r["rollout_id"] for r in node.journal_query("SELECT * FROM staged")] == ["first"]
     node.switch("first")
@@ -1072,7 +1086,7 @@ def test_a_cert_dir_stage_that_fails_leaves_no_switch_made_ready_for_the_stage_i
 
     rpc_error(stage_own)
     assert not node.stage_dir("aborted").exists()  # the key ended the aborted stage
-    assert staged_configs(node) == []  # and the switch made ready for it
+    assert_no_staged_configs(node)  # and the switch made ready for it
 
 
 def test_a_stage_refuses_a_symlinked_stage_directory_and_a_shared_tlsroll_tls(

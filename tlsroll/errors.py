@@ -52,6 +52,16 @@ def is_local_shortage(exc: BaseException) -> bool:
     )
 
 
+# A file system with no room left (a full disk, a user's quota): what a write there needs
+# may come back once something else frees it (a log rotated, a file removed).
+SPACE_ERRNOS = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def is_out_of_space(exc: BaseException) -> bool:
+    """True if ``exc`` says a file system had no room left (ENOSPC, EDQUOT)."""
+    return isinstance(exc, OSError) and exc.errno in SPACE_ERRNOS
+
+
 def raise_if_local(exc: BaseException, what: str) -> None:
     """Raise ``LocalResourceError`` if ``exc`` is this machine's shortage; ``what``: what was
     being done ("checking https://…", "reading /etc/…")."""

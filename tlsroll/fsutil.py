@@ -29,18 +29,31 @@ def write_atomic(path: Path, data: bytes, mode: int = PUBLIC) -> None:
     replace_staged(stage_atomic(path, data, mode, f".{path.name}.tmp-{os.getpid()}"), path)
 
 
-def stage_atomic(path: Path, data: bytes, mode: int = PUBLIC, name: str = "") -> Path:
+def stage_atomic(
+    path: Path,
+    data: bytes,
+    mode: int = PUBLIC,
+    name: str = "",
+    owner: tuple[int, int] | None = None,
+) -> Path:
     """The first half of ``write_atomic``: ``data`` in a temporary file beside ``path`` (created
     with ``mode``), written and fsynced, ``path`` untouched; ``replace_staged`` is the second
     half. Apart, the write and its fsync can come before the moment the file must change (the
     agent stages a switch's config before the server is frozen, issue 15). ``name``: the
     temporary file's (default ``.NAME.staged-PID-N``, N counting this process's stagings: two
     stagings never share a file, so removing one that was not committed never removes the
-    next)."""
+    next). ``owner``: the file's (uid, gid), as the file it replaces has them (a config the
+    server's own user reads, 0640 say); set if the new file did not get them anyway, where
+    that is allowed (CAP_CHOWN; else it stays ours: the caller may look)."""
     path = Path(path)
     tmp = path.with_name(name or f".{path.name}.staged-{os.getpid()}-{next(_STAGINGS)}")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
     try:
+        if owner is not None:  # before the chmod: a chown may clear set-id bits
+            st = os.fstat(fd)
+            if (st.st_uid, st.st_gid) != owner:
+                with contextlib.suppress(PermissionError):
+                    os.fchown(fd, *owner)
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb", closefd=False) as f:
             f.write(data)
