@@ -36,7 +36,9 @@ import grpc
 import pytest
 
 from leader import runtime as leader_runtime
+from leader.config import LeaderConfig
 from nodeagent import runtime as agent_runtime
+from nodeagent.config import AgentConfig
 from tests.cluster import Cluster, one_line_error, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node, NodeFactory
@@ -363,16 +365,16 @@ def test_an_admin_command_on_a_leader_whose_disk_is_full_says_so_in_one_line(
 
 def test_a_disk_error_becomes_unavailable_with_its_cause_and_other_errors_stay_internal() -> None:
     full = sqlite3.OperationalError("database or disk is full")
-    full.sqlite_errorname = "SQLITE_FULL"  # type: ignore[attr-defined]
+    full.sqlite_errorname = "SQLITE_FULL"
     assert error_status(full, {}, "M") == (
         grpc.StatusCode.UNAVAILABLE,
         "store: database or disk is full (SQLITE_FULL)",
     )
     ioerr = sqlite3.OperationalError("disk I/O error")
-    ioerr.sqlite_errorname = "SQLITE_IOERR_WRITE"  # type: ignore[attr-defined]
+    ioerr.sqlite_errorname = "SQLITE_IOERR_WRITE"
     assert error_status(ioerr, {}, "M")[0] == grpc.StatusCode.UNAVAILABLE
     wrong = sqlite3.OperationalError("no such table: x")
-    wrong.sqlite_errorname = "SQLITE_ERROR"  # type: ignore[attr-defined]
+    wrong.sqlite_errorname = "SQLITE_ERROR"
     assert error_status(wrong, {}, "M")[0] == grpc.StatusCode.INTERNAL
     rofs = OSError(errno.EROFS, os.strerror(errno.EROFS), "/var/lib/tlsroll/x")
     assert error_status(rofs, {}, "M") == (
@@ -439,9 +441,9 @@ def test_a_daemons_os_error_without_a_file_is_one_line_with_its_errno(
         raise OSError(errno.EBADF, os.strerror(errno.EBADF))
 
     config = tmp_path / "x.toml"
-    monkeypatch.setattr(leader_runtime.LeaderConfig, "load", staticmethod(bad_fd))
+    monkeypatch.setattr(LeaderConfig, "load", staticmethod(bad_fd))
     assert leader_runtime.main(["--config", str(config)]) == 1
     assert capsys.readouterr().err == "tlsroll-leader: Bad file descriptor (errno 9, EBADF)\n"
-    monkeypatch.setattr(agent_runtime.AgentConfig, "load", staticmethod(bad_fd))
+    monkeypatch.setattr(AgentConfig, "load", staticmethod(bad_fd))
     assert agent_runtime.main(["--config", str(config)]) == 1
     assert capsys.readouterr().err == "tlsroll-agent: Bad file descriptor (errno 9, EBADF)\n"
