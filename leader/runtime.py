@@ -344,7 +344,12 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     own.on_renewed.append(redial)
     expiry.before_check.insert(0, own.renew_if_due)  # the leader's certificate, while it runs
     schema_view = SchemaViewService(
-        schema, state.clock, expiry, rotator.status.view, node_problems=state.node_problems
+        schema,
+        state.clock,
+        expiry,
+        rotator.status.view,
+        node_problems=state.node_problems,
+        store_trouble=lambda: engine.store_trouble,
     )
     schema_pb2_grpc.add_SchemaViewServicer_to_server(schema_view, admin)
     add_json_to_server(schema_view, admin)  # the same, for `tlsroll schema show`
