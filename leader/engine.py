@@ -94,10 +94,9 @@ from leader.schema_store import (
     StepTime,
 )
 from leader.store import IssuedCert, Node, Store, elapsed
+from leader.store_health import StoreHealth
 from tlsroll import dbthread, logs, pki
-from tlsroll.daemon import sd_notify
 from tlsroll.errors import TlsrollError, TransientError
-from tlsroll.rpc import storage_trouble
 from tlsroll.v1 import agent_pb2
 
 log = logs.get_logger(__name__)
@@ -122,9 +121,6 @@ commits during the pass that first finds the loop idle is seen by the generation
 compares after it. The 1 s tick woke the idle leader each second for nothing (its largest
 fixed cost with no agent; issue 15). This tick is only a backstop."""
 STEP_RETRY_SECONDS = 2.0
-TROUBLE_LOG_SECONDS = 60.0
-"""While the store cannot be written (a full disk), the same failure's log line (``engine.failed``,
-``step.crashed``) comes at most this often, with how often it was left out, not at every tick."""
 STEP_DEADLINE = 30.0  # seconds without an answer before a preflight fails (a stage: twice)
 UNKNOWN_AFTER = 10.0  # seconds without an answer before a switching node shows "unknown"
 UNKNOWN = "unknown — agent unreachable since"
@@ -149,12 +145,9 @@ def crash_fields(exc: BaseException) -> dict[str, str]:
 
 
 class Engine:
-    # Why writes to the store fail and since when (the leader's clock), while they do (a full
-    # disk): kept in memory only (it cannot be stored) and shown by ``rollout status`` and in
-    # systemd's STATUS=; cleared by the first pass that runs through (``_store_trouble``).
-    store_trouble: tuple[str, dt.datetime] | None = None
-    _trouble_logged = 0.0  # when the failure was last logged (monotonic)
-    _trouble_left_out = 0  # its log lines left out since
+    # A store that cannot be written (a full disk): why and since when, logged once a minute
+    # (``leader.store_health``); set by the leader.
+    store_health: StoreHealth | None = None
 
     def __init__(
         self,
@@ -266,8 +259,6 @@ class Engine:
                     if not self._store_failing(exc, "engine.failed"):
                         log.error("engine.failed", error=str(exc), error_type=type(exc).__name__)
                     self.idle = False
-                else:
-                    self._store_works()
                 if self.wake.is_set():
                     continue  # (the stop too: the loop's test sees it)
                 if self.idle and self.schema.db.generation != generation:
@@ -285,43 +276,8 @@ class Engine:
         await self.close()
 
     def _store_failing(self, exc: BaseException, event: str, **fields: Any) -> bool:
-        """If ``exc`` says the store cannot be written (``storage_trouble``: SQLITE_FULL,
-        ENOSPC…): keep why and since when (``store_trouble``), log ``event`` with it the first
-        time and then at most every ``TROUBLE_LOG_SECONDS`` (with how many lines were left
-        out), and say True. Else False (the caller logs as before)."""
-        why = storage_trouble(exc)
-        if why is None:
-            return False
-        now = self.monotonic()
-        first = self.store_trouble is None
-        since = self.clock() if self.store_trouble is None else self.store_trouble[1]
-        self.store_trouble = (why, since)
-        if first:
-            sd_notify(f"STATUS=Store writes failing since {since:%Y-%m-%d %H:%M:%S}: {why}")
-        if first or now - self._trouble_logged >= TROUBLE_LOG_SECONDS:
-            log.error(
-                event,
-                **fields,
-                error_type=type(exc).__name__,
-                error=why,
-                failing_since=since.isoformat(),
-                left_out=self._trouble_left_out,
-            )
-            self._trouble_logged = now
-            self._trouble_left_out = 0
-        else:
-            self._trouble_left_out += 1
-        return True
-
-    def _store_works(self) -> None:
-        """A pass ran through: the store's trouble, if any, is over."""
-        if self.store_trouble is None:
-            return
-        why, since = self.store_trouble
-        self.store_trouble = None
-        self._trouble_left_out = 0
-        log.warning("engine.store_recovered", failing_since=since.isoformat(), error=why)
-        sd_notify("STATUS=Store writes work again")
+        """``StoreHealth.failed`` (True: a store that cannot be written, logged there)."""
+        return self.store_health is not None and self.store_health.failed(exc, event, **fields)
 
     def _store_changed(self) -> None:
         """(The writer's thread.) A write moved the store's generation on: an idle loop

@@ -54,6 +54,7 @@ from leader.service import (
     control_server_options,
 )
 from leader.store import Store, relearning
+from leader.store_health import StoreHealth
 from tlsroll import __version__, heap, keywrap, logs, pki
 from tlsroll.daemon import ended_why, sd_notify, stop_event, until_stop_or_end, watchdog
 from tlsroll.defaults import LEADER_NAME
@@ -249,6 +250,11 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     await add_standard_services(control, [_service(leader_pb2, "Leader")])
     bind(control, hostport(cfg.address, cfg.control_port), control_creds)
 
+    # Why the store cannot be written, while it cannot (a full disk): the engine's and the
+    # heartbeats' failures, cleared at the next commit; `rollout status` shows it.
+    health = StoreHealth(state.clock)
+    state.store.db.on_commit.append(health.works)
+    leader_service.store_health = health
     relay = AdminRelay(cfg.admin_socket)  # the caller from SO_PEERCRED (leader.admin_socket)
     admin = grpc.aio.server(interceptors=[relay.interceptor()])
     schema = SchemaStore(state.store.db)  # one Database for the file (leader.db)
@@ -269,6 +275,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         after_rollouts=functools.partial(give_back, agents),
         node_problem=state.node_problem,
     )
+    engine.store_health = health
     commands = Commands(
         state.store,
         schema,
@@ -349,7 +356,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         expiry,
         rotator.status.view,
         node_problems=state.node_problems,
-        store_trouble=lambda: engine.store_trouble,
+        store_trouble=lambda: health.trouble,
     )
     schema_pb2_grpc.add_SchemaViewServicer_to_server(schema_view, admin)
     add_json_to_server(schema_view, admin)  # the same, for `tlsroll schema show`

@@ -20,25 +20,32 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import errno
 import io
 import json
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import grpc
 import pytest
+import structlog.testing
 
 from leader import runtime as leader_runtime
+from leader import store_health
 from leader.config import LeaderConfig
+from leader.store_health import StoreHealth
 from nodeagent import runtime as agent_runtime
 from nodeagent.config import AgentConfig
+from nodeagent.transaction import CRASH_ENV
 from tests.cluster import Cluster, one_line_error, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node, NodeFactory
@@ -336,7 +343,9 @@ def test_an_admin_command_on_a_leader_whose_disk_is_full_says_so_in_one_line(
     error; see the daemon's log", and the log said only ``error_type=OperationalError``."""
     # A short root: the data dir must be on the tmpfs, not moved to /tmp for its socket's path.
     root = Path(tempfile.mkdtemp(prefix="tlsroll-full-"))
-    with tmpfs(root, "16m"), Cluster(root, next_loopback()) as cluster:
+    cleanup = contextlib.ExitStack()
+    cleanup.callback(shutil.rmtree, root, ignore_errors=True)
+    with cleanup, tmpfs(root, "16m"), Cluster(root, next_loopback()) as cluster:
         assert cluster.data_dir.is_relative_to(root)
         cluster.init()
         cluster.start_leader()
@@ -447,3 +456,112 @@ def test_a_daemons_os_error_without_a_file_is_one_line_with_its_errno(
     monkeypatch.setattr(AgentConfig, "load", staticmethod(bad_fd))
     assert agent_runtime.main(["--config", str(config)]) == 1
     assert capsys.readouterr().err == "tlsroll-agent: Bad file descriptor (errno 9, EBADF)\n"
+
+
+def test_a_rollout_on_a_leader_whose_disk_fills_says_why_in_rollout_status(tmp_path: Path) -> None:
+    """The leader's data dir fills up while a rollout runs: the rollout waits, `rollout status`
+    says why (SQLite's words and code, since when), the repeated failure is logged at most once
+    a minute, not at every tick; with room again the rollout completes and the line is gone.
+    Before: the reason was in the log only, a line per tick."""
+    root = Path(tempfile.mkdtemp(prefix="tlsroll-m2-"))
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(shutil.rmtree, root, ignore_errors=True)
+        full_leader_rollout(root, tmp_path)
+
+
+def full_leader_rollout(root: Path, tmp_path: Path) -> None:
+    cluster = Cluster(root, next_loopback(), heartbeat_interval=1)
+    data = cluster.data_dir
+    assert data.is_relative_to(root)
+    node: Node | None = None
+    with tmpfs(data, "16m"):
+        try:
+            cluster.init()
+            cluster.start_leader()
+            node = Node(cluster, "m2", next_loopback(), tmp_path / "m2")
+            node.start({CRASH_ENV: "frozen"})  # the agent dies mid-switch, server frozen
+            cluster.wait_for_nodes_online(["m2"])
+            password = tmp_path / "password"
+            password.write_text("correct horse battery staple\n")
+            password.chmod(0o600)
+            started = cluster.cli(
+                "rollout", "start", "--password-file", str(password), "--scope", "cluster", "--yes"
+            )
+            assert started.returncode == 0, started.stderr
+            assert node.agent is not None and node.agent.proc is not None
+            node.agent.proc.wait(ROLLOUT_TIMEOUT)
+            began = time.monotonic()
+            filler = fill(data)
+            try:
+                node.restart_agent()  # without the crash: its switch completes from the journal
+                status: subprocess.CompletedProcess[str] | None = None
+
+                def said() -> bool:
+                    nonlocal status
+                    status = cluster.cli("rollout", "status")
+                    return "cannot write its store" in status.stderr
+
+                wait_until(said, ROLLOUT_TIMEOUT, "rollout status to say why the rollout waits")
+                assert status is not None
+                assert status.returncode == 0, status.stderr
+                (line,) = [ln for ln in status.stderr.splitlines() if "cannot write" in ln]
+                assert "store: database or disk is full (SQLITE_FULL)" in line, line
+                assert line.startswith("tlsroll: the leader cannot write its store since 20"), line
+                assert cluster.newest_rollout()["state"] == "running"
+            finally:
+                filler.unlink()
+            ended: dict[str, Any] = {}
+
+            def done() -> bool:
+                nonlocal ended
+                ended = cluster.newest_rollout()
+                return ended["state"] in ("completed", "halted", "aborted")
+
+            wait_until(done, ROLLOUT_TIMEOUT, "the rollout to end")
+            full_for = time.monotonic() - began
+            assert ended["state"] == "completed", ended
+            after = cluster.cli("rollout", "status")
+            assert after.returncode == 0, after.stderr
+            assert "cannot write" not in after.stderr
+            events = cluster.leader.log_events()
+            failing = [e for e in events if e.get("event") == "store.writes_failing"]
+            assert failing, cluster.leader.log_text()[-3000:]
+            assert {e["during"] for e in failing} <= {
+                "engine.failed",
+                "step.crashed",
+                "heartbeat.batch_failed",
+            }
+            # the first, then at most one a minute whoever fails (the engine's steps, the
+            # heartbeats' batches), not one of each per tick
+            assert len(failing) <= 1 + full_for // 60, failing
+            recovered = [e for e in events if e.get("event") == "store.writes_recovered"]
+            assert len(recovered) == 1, recovered
+        finally:
+            if node is not None:
+                node.close()
+            cluster.close()
+
+
+def test_store_health_keeps_the_cause_logs_it_once_a_minute_and_clears_at_a_commit() -> None:
+    now = [1000.0]
+    wall = dt.datetime(2026, 12, 3, 2, 0, tzinfo=dt.UTC)
+    health = StoreHealth(lambda: wall, monotonic=lambda: now[0])
+    full = sqlite3.OperationalError("database or disk is full")
+    full.sqlite_errorname = "SQLITE_FULL"
+    with structlog.testing.capture_logs() as logged:
+        assert health.failed(RuntimeError("a bug"), "engine.failed") is False  # not the store's
+        assert health.trouble is None
+        for _ in range(5):  # one a second, as the ticks come
+            assert health.failed(full, "step.crashed", node="n1")
+            now[0] += 1
+        assert health.trouble == ("store: database or disk is full (SQLITE_FULL)", wall)
+        now[0] += store_health.LOG_SECONDS
+        assert health.failed(full, "heartbeat.batch_failed")
+        health.works()
+        assert health.trouble is None
+        health.works()  # said once
+    assert [(e["event"], e.get("during"), e.get("left_out")) for e in logged] == [
+        ("store.writes_failing", "step.crashed", 0),
+        ("store.writes_failing", "heartbeat.batch_failed", 4),
+        ("store.writes_recovered", None, None),
+    ]
