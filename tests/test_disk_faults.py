@@ -48,8 +48,8 @@ from nodeagent.config import AgentConfig
 from nodeagent.transaction import CRASH_ENV
 from tests.cluster import Cluster, one_line_error, wait_until
 from tests.conftest import next_loopback
-from tests.nodeside import Node, NodeFactory
-from tests.test_recovery import announce_epoch, assert_on_https, fill, tmpfs
+from tests.nodeside import Node, NodeFactory, fill, tmpfs
+from tests.test_recovery import announce_epoch, assert_on_https
 from tlsroll import daemon, logs
 from tlsroll.errors import os_error_text
 from tlsroll.fsutil import stage_atomic
