@@ -94,6 +94,7 @@ from leader.schema_store import (
     StepTime,
 )
 from leader.store import IssuedCert, Node, Store, elapsed
+from leader.store_health import StoreHealth
 from tlsroll import dbthread, logs, pki
 from tlsroll.errors import TlsrollError, TransientError
 from tlsroll.v1 import agent_pb2
@@ -144,6 +145,10 @@ def crash_fields(exc: BaseException) -> dict[str, str]:
 
 
 class Engine:
+    # A store that cannot be written (a full disk): why and since when, logged once a minute
+    # (``leader.store_health``); set by the leader.
+    store_health: StoreHealth | None = None
+
     def __init__(
         self,
         store: Store,
@@ -251,7 +256,8 @@ class Engine:
                 try:
                     await self.reconcile()
                 except Exception as exc:  # the loop must survive anything; the schema shows why
-                    log.error("engine.failed", error=str(exc), error_type=type(exc).__name__)
+                    if not self._store_failing(exc, "engine.failed"):
+                        log.error("engine.failed", error=str(exc), error_type=type(exc).__name__)
                     self.idle = False
                 if self.wake.is_set():
                     continue  # (the stop too: the loop's test sees it)
@@ -268,6 +274,10 @@ class Engine:
             with contextlib.suppress(ValueError):
                 self.schema.db.on_change.remove(self._store_changed)
         await self.close()
+
+    def _store_failing(self, exc: BaseException, event: str, **fields: Any) -> bool:
+        """``StoreHealth.failed`` (True: a store that cannot be written, logged there)."""
+        return self.store_health is not None and self.store_health.failed(exc, event, **fields)
 
     def _store_changed(self) -> None:
         """(The writer's thread.) A write moved the store's generation on: an idle loop
@@ -629,13 +639,16 @@ class Engine:
         if task.cancelled() or (exc := task.exception()) is None:
             return
         rollout_id, node, step = key
-        log.error(
-            "step.crashed",
-            rollout_id=rollout_id,
-            node=node,
-            step=step.value,
-            **crash_fields(exc),
-        )
+        if not self._store_failing(
+            exc, "step.crashed", rollout_id=rollout_id, node=node, step=step.value
+        ):
+            log.error(
+                "step.crashed",
+                rollout_id=rollout_id,
+                node=node,
+                step=step.value,
+                **crash_fields(exc),
+            )
         retry = self.monotonic() + STEP_RETRY_SECONDS
         self.not_before[key] = max(self.not_before.get(key, 0.0), retry)
 
@@ -756,13 +769,16 @@ class Engine:
         except asyncio.CancelledError:
             raise
         except Exception as exc:  # a bug must not wedge the rollout silently
-            log.error(
-                "step.crashed",
-                rollout_id=rollout.id,
-                node=step.node,
-                step=step.step.value,
-                **crash_fields(exc),
-            )
+            if not self._store_failing(
+                exc, "step.crashed", rollout_id=rollout.id, node=step.node, step=step.step.value
+            ):
+                log.error(
+                    "step.crashed",
+                    rollout_id=rollout.id,
+                    node=step.node,
+                    step=step.step.value,
+                    **crash_fields(exc),
+                )
             self.not_before[key] = self.monotonic() + STEP_RETRY_SECONDS
             return
         self.trouble.pop(key, None)

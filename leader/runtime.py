@@ -54,10 +54,11 @@ from leader.service import (
     control_server_options,
 )
 from leader.store import Store, relearning
+from leader.store_health import StoreHealth
 from tlsroll import __version__, heap, keywrap, logs, pki
-from tlsroll.daemon import sd_notify, stop_event, watchdog
+from tlsroll.daemon import ended_why, sd_notify, stop_event, until_stop_or_end, watchdog
 from tlsroll.defaults import LEADER_NAME
-from tlsroll.errors import ConfigError, TerminalError, TlsrollError
+from tlsroll.errors import ConfigError, TerminalError, TlsrollError, os_error_text
 from tlsroll.fsutil import check_private_file
 from tlsroll.rpc import add_standard_services, bind, hostport
 from tlsroll.sqlite import NotDamaged, SchemaTooNew
@@ -219,6 +220,11 @@ async def give_back(agents: AgentPool) -> None:
     )
 
 
+class LoopDied(TerminalError):
+    """A loop of the leader (the rollout engine, the expiry watch) ended before the stop: the
+    daemon exits 1 with this line, and the service manager starts it again."""
+
+
 async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     stop = stop_event()
     layout = cfg.layout
@@ -244,6 +250,11 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     await add_standard_services(control, [_service(leader_pb2, "Leader")])
     bind(control, hostport(cfg.address, cfg.control_port), control_creds)
 
+    # Why the store cannot be written, while it cannot (a full disk): the engine's and the
+    # heartbeats' failures, cleared at the next commit; `rollout status` shows it.
+    health = StoreHealth(state.clock)
+    state.store.db.on_commit.append(health.works)
+    leader_service.store_health = health
     relay = AdminRelay(cfg.admin_socket)  # the caller from SO_PEERCRED (leader.admin_socket)
     admin = grpc.aio.server(interceptors=[relay.interceptor()])
     schema = SchemaStore(state.store.db)  # one Database for the file (leader.db)
@@ -264,6 +275,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         after_rollouts=functools.partial(give_back, agents),
         node_problem=state.node_problem,
     )
+    engine.store_health = health
     commands = Commands(
         state.store,
         schema,
@@ -339,7 +351,12 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     own.on_renewed.append(redial)
     expiry.before_check.insert(0, own.renew_if_due)  # the leader's certificate, while it runs
     schema_view = SchemaViewService(
-        schema, state.clock, expiry, rotator.status.view, node_problems=state.node_problems
+        schema,
+        state.clock,
+        expiry,
+        rotator.status.view,
+        node_problems=state.node_problems,
+        store_trouble=lambda: health.trouble,
     )
     schema_pb2_grpc.add_SchemaViewServicer_to_server(schema_view, admin)
     add_json_to_server(schema_view, admin)  # the same, for `tlsroll schema show`
@@ -382,7 +399,12 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     # The engine resumes an unfinished rollout from the store on its first pass.
     engine_task = asyncio.create_task(engine.run(stop), name="engine")
     expiry_task = asyncio.create_task(expiry.run(stop), name="expiry-watch")
-    await stop.wait()
+    # Both loops run until the stop; one that ends before it (an error out of its pass) would
+    # leave a leader that answers and feeds the watchdog while no rollout moves: it stops.
+    died = await until_stop_or_end(stop, (engine_task, expiry_task))
+    if died:
+        log.error("leader.loop_died", detail=died)
+        sd_notify(f"STATUS={died}; stopping")
     sd_notify("STOPPING=1")
     pinger.cancel()
     log.info("leader.stopping", grace_seconds=GRACE_SECONDS)
@@ -391,8 +413,11 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     leader_service.close_streams()  # else the graceful stop waits out its grace for them
     await asyncio.gather(*(s.stop(GRACE_SECONDS) for s in servers))
     await relay.stop()
-    await engine_task
-    await expiry_task
+    for task in (engine_task, expiry_task):
+        await asyncio.wait([task])
+        if not died and (task.cancelled() or task.exception() is not None):
+            died = f"the {task.get_name()} loop ended: {ended_why(task)}"
+            log.error("leader.loop_died", detail=died)
     # What waits for the heartbeats' group commit (a second at most) is kept at a stop.
     try:
         await leader_service.write_queued()
@@ -401,6 +426,8 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     schema.close()
     state.store.close()
     log.info("leader.stopped")
+    if died:
+        raise LoopDied(f"{died}; the leader stopped so that it is started again")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -445,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tlsroll-leader: {exc}", file=sys.stderr)
         return EXIT_CONFIG if isinstance(exc, ConfigError | NotDamaged) else 1
     except OSError as exc:
-        print(f"tlsroll-leader: {exc.strerror}: {exc.filename}", file=sys.stderr)
+        print(f"tlsroll-leader: {os_error_text(exc)}", file=sys.stderr)
         return 1
     except sqlite3.Error as exc:
         print(f"tlsroll-leader: store {cfg.layout.store}: {exc}", file=sys.stderr)

@@ -280,11 +280,14 @@ class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
         expiry: ExpiryWatch | None = None,
         auto_rotate: Callable[[], schema_pb2.AutoRotateView] | None = None,
         node_problems: Callable[[], Sequence[NodeProblemRow]] | None = None,
+        store_trouble: Callable[[], tuple[str, dt.datetime] | None] | None = None,
     ) -> None:
         """``auto_rotate``: what the automatic rotation last decided
         (``leader.auto_rotate.Status.view``); ``node_problems``: the nodes the leader sees a
-        problem with now (``leader.service.LeaderState.node_problems``)."""
+        problem with now (``leader.service.LeaderState.node_problems``); ``store_trouble``:
+        why the store's writes fail and since when, while they do (``Engine.store_trouble``)."""
         self.node_problems = node_problems
+        self.store_trouble = store_trouble
         self.schema = schema
         self.clock = clock
         self.expiry = expiry
@@ -324,6 +327,10 @@ class SchemaViewService(schema_pb2_grpc.SchemaViewServicer):
         """``GetSchema``'s reply. In a worker thread."""
         rows, total, parts = self._read(request)
         message = schema_message(rows, **parts, auto_rotate=auto_rotate)
+        trouble = self.store_trouble() if self.store_trouble is not None else None
+        if trouble is not None:  # (read in memory: the store it is about may fail to answer)
+            message.store_trouble.problem, since = trouble
+            message.store_trouble.since.FromDatetime(since)
         if total > len(rows):  # only when some were left out (else as the viewer's API)
             message.total_rollouts = total
         return message

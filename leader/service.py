@@ -69,6 +69,7 @@ from leader.store import (
     TooMany,
     elapsed,
 )
+from leader.store_health import StoreHealth
 from leader.tokens import JoinToken, MalformedToken
 from tlsroll import bootstrap_csr, logs, peertext, pki, spiffe
 from tlsroll.errors import PKIError
@@ -1004,6 +1005,9 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         self._writer: asyncio.Task[None] | None = None  # the group commit (``_write_batches``)
         self._committing: asyncio.Future[int] | None = None  # its worker thread's last commit
         self.batch_seconds = BATCH_SECONDS
+        # A store that cannot be written (a full disk): the batch's failure is logged there,
+        # once a minute (``leader.store_health``); set by the leader.
+        self.store_health: StoreHealth | None = None
         self._question_ids = itertools.count(1)  # ``ask_check``
         self._heard = itertools.count(1)  # accepted stream messages (``_Beats.heard``)
         # Rollouts found ended (``_look_at_stages``): for good, so kept (up to ENDED_KEPT) and
@@ -1515,7 +1519,9 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
             try:
                 await asyncio.shield(self._committing)
             except Exception as exc:  # queued again: the next period retries
-                log.error("heartbeat.batch_failed", error=f"{type(exc).__name__}: {exc}"[:200])
+                health = self.store_health
+                if health is None or not health.failed(exc, "heartbeat.batch_failed"):
+                    log.error("heartbeat.batch_failed", error=f"{type(exc).__name__}: {exc}"[:200])
 
     async def write_queued(self) -> int:
         """Write what waits for the group commit now (the leader is stopping; tests), and stop

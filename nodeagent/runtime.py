@@ -37,7 +37,7 @@ from nodeagent.transaction import Runner, TransactionDied
 from nodeagent.trust import LeaderTrust
 from tlsroll import __version__, dbthread, logs
 from tlsroll.daemon import sd_notify, stop_event, watchdog
-from tlsroll.errors import ConfigError, TlsrollError, TransientError
+from tlsroll.errors import ConfigError, TlsrollError, TransientError, os_error_text
 from tlsroll.fsutil import make_private_dir
 from tlsroll.rpc import AGENT_SERVER_OPTIONS, add_standard_services, bind, hostport
 from tlsroll.sqlite import NotDamaged, SchemaTooNew
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"tlsroll-agent: {exc}", file=sys.stderr)
         return 1
     except OSError as exc:
-        print(f"tlsroll-agent: {exc.strerror}: {exc.filename}", file=sys.stderr)
+        print(f"tlsroll-agent: {os_error_text(exc)}", file=sys.stderr)
         return 1
     except sqlite3.Error as exc:  # a damaged journal: say which file, never a traceback
         print(f"tlsroll-agent: journal {journal_path(cfg)}: {exc}", file=sys.stderr)

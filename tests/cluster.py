@@ -225,6 +225,9 @@ class Daemon:
         self.ready = ready
         self.proc: subprocess.Popen[bytes] | None = None
         self._log: IO[bytes] | None = None
+        # A file the process's stdout and stderr go to in place of ``log_path`` (``/dev/full``:
+        # no line it logs can be written); ``log_text`` then has nothing of that run.
+        self.output: Path | None = None
 
     def spawn(self, env: Mapping[str, str] | None = None) -> subprocess.Popen[bytes]:
         """Start the process without waiting for it to be ready."""
@@ -232,7 +235,7 @@ class Daemon:
             raise RuntimeError(f"{self.name} is already running")
         self._close_log()
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        self._log = self.log_path.open("ab")
+        self._log = (self.output or self.log_path).open("ab")
         self.proc = subprocess.Popen(
             self.argv,
             stdin=subprocess.DEVNULL,

@@ -6,6 +6,8 @@ import asyncio
 import os
 import signal
 import socket
+from collections.abc import Iterable
+from typing import Any
 
 
 def sd_notify(state: str) -> bool:
@@ -47,3 +49,34 @@ async def watchdog() -> None:
     while True:
         sd_notify("WATCHDOG=1")
         await asyncio.sleep(usec / 2_000_000)
+
+
+async def until_stop_or_end(stop: asyncio.Event, loops: Iterable[asyncio.Task[Any]]) -> str:
+    """Wait until ``stop`` is set or one of ``loops`` (tasks meant to run until the stop: the
+    leader's rollout engine) ends first. ``""`` for the stop; else what ended and why, e.g.
+    ``the engine loop ended: OSError: [Errno 28] No space left on device``, and ``stop`` is
+    set so that the other loops end too. A loop that ends by itself leaves the daemon
+    answering and pinging the watchdog with nothing doing its work: the daemon must stop
+    instead, non-zero, so that the service manager starts it again (systemd's ``Restart=``)."""
+    tasks = list(loops)
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait([stopping, *tasks], return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        stopping.cancel()
+    if stop.is_set():
+        return ""
+    ended = next(t for t in tasks if t.done())
+    stop.set()
+    return f"the {ended.get_name()} loop ended: {ended_why(ended)}"
+
+
+def ended_why(task: asyncio.Task[Any]) -> str:
+    """Why a finished task ended: its error (type and text, one line), or how."""
+    if task.cancelled():
+        return "cancelled"
+    exc = task.exception()
+    if exc is None:
+        return "returned"
+    text = " ".join(str(exc).split())[:300]
+    return f"{type(exc).__name__}: {text}" if text else type(exc).__name__

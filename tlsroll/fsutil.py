@@ -59,10 +59,12 @@ def stage_atomic(
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-    except BaseException:
+    except BaseException as exc:
         os.close(fd)
         with contextlib.suppress(FileNotFoundError):
             tmp.unlink()
+        if isinstance(exc, OSError) and exc.filename is None:
+            exc.filename = str(tmp)  # a write's or fsync's error names no file by itself
         raise
     os.close(fd)
     return tmp

@@ -13,6 +13,11 @@ stays one JSON object per line.
 
 Secrets are never passed to a logger in the first place; ``redact_secrets`` is the second line
 of defence: any event key whose name looks like a secret has its value replaced.
+
+A log line that cannot be written (stderr a file on a full disk, a dead pipe, ``/dev/full``) is
+dropped and counted, never raised: log calls sit in error handlers and in the middle of a
+switch, and an OSError out of ``log.info`` froze a node and stopped the leader's rollout loop.
+The first line written again is preceded by ``log.lines_lost`` with the count (``LineWriter``).
 """
 
 from __future__ import annotations
@@ -20,10 +25,11 @@ from __future__ import annotations
 import logging
 import re
 import sys
+import threading
 import traceback
-from collections.abc import MutableMapping
+from collections.abc import Callable, MutableMapping
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import structlog
 
@@ -81,12 +87,79 @@ def level_of(name: str) -> int:
     return LEVELS[name.lower()]
 
 
+class LineWriter:
+    """The daemons' log output: one write of each whole line (and its newline) to ``file``,
+    then a flush, under a lock (structlog's ``WriteLogger`` did the same). A line that cannot
+    be written (OSError: a full disk, a closed pipe; ValueError: a closed file) is dropped and
+    counted in ``lost``; the next line that can be written is preceded by the line
+    ``notice(count)`` makes (``log.lines_lost``). Never raises, so a log call is never the
+    cause of a failure. structlog calls it as a logger (``msg``, ``info``, …); the standard
+    library's records come through ``_Handler``."""
+
+    def __init__(self, file: TextIO, notice: Callable[[int], str] | None = None) -> None:
+        self.file = file
+        self.notice = notice or (lambda n: f"{n} log lines lost")
+        self.lost = 0  # dropped since the last line written
+        self.lost_total = 0
+        self._lock = threading.Lock()
+
+    def _write(self, line: str) -> bool:
+        try:
+            self.file.write(line + "\n")
+            self.file.flush()
+        except (OSError, ValueError):
+            return False
+        return True
+
+    def msg(self, message: str) -> None:
+        with self._lock:
+            if self.lost:
+                try:
+                    notice = self.notice(self.lost)
+                except Exception:  # the notice is best effort, never a failure
+                    notice = f"{self.lost} log lines lost"
+                if self._write(notice):
+                    self.lost = 0
+            if self.lost or not self._write(message):
+                self.lost += 1
+                self.lost_total += 1
+
+    log = debug = info = warn = warning = msg
+    fatal = failure = err = error = critical = exception = msg
+
+
+class _Handler(logging.Handler):
+    """The standard library's records, formatted, written by the same ``LineWriter`` (one
+    count of lost lines for both)."""
+
+    def __init__(self, writer: LineWriter) -> None:
+        super().__init__()
+        self.writer = writer
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            line = self.format(record)
+        except Exception:  # a record that cannot be formatted is no failure
+            self.handleError(record)
+            return
+        self.writer.msg(line)
+
+
+writer: LineWriter | None = None
+"""The ``LineWriter`` of the last ``configure`` (its ``lost_total`` counts dropped lines)."""
+
+
 def configure(*, json: bool | None = None, level: int = logging.INFO) -> None:
     """Configure structlog (and the standard library's logging) for a daemon; ``json=None``
     picks JSON unless stderr is a TTY. Events below ``level`` are dropped; the standard
-    library's records (third-party libraries) stay at WARNING or above whatever the level."""
+    library's records (third-party libraries) stay at WARNING or above whatever the level.
+    Lines that cannot be written are dropped and counted (``LineWriter``), never raised."""
+    global writer  # noqa: PLW0603 - one output per process, as structlog's configuration
     if json is None:
-        json = not sys.stderr.isatty()
+        try:
+            json = not sys.stderr.isatty()
+        except (OSError, ValueError):
+            json = True
     renderer: Any = (
         structlog.processors.JSONRenderer() if json else structlog.dev.ConsoleRenderer(colors=True)
     )
@@ -95,6 +168,19 @@ def configure(*, json: bool | None = None, level: int = logging.INFO) -> None:
         structlog.processors.TimeStamper(fmt="iso", utc=True),
         redact_secrets,
     ]
+    stamp = structlog.processors.TimeStamper(fmt="iso", utc=True)
+
+    def notice(count: int) -> str:
+        event: MutableMapping[str, Any] = {
+            "event": "log.lines_lost",
+            "logger": __name__,
+            "level": "warning",
+            "lost": count,
+            "detail": "log lines could not be written (a full disk? a closed pipe?); dropped",
+        }
+        return str(renderer(None, "warning", stamp(None, "warning", event)))
+
+    out = writer = LineWriter(sys.stderr, notice)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,
@@ -105,11 +191,14 @@ def configure(*, json: bool | None = None, level: int = logging.INFO) -> None:
         ],
         wrapper_class=structlog.make_filtering_bound_logger(level),
         # One write per event (the line with its newline; print made two system calls of
-        # every log line, stderr being unbuffered).
-        logger_factory=structlog.WriteLoggerFactory(file=sys.stderr),
+        # every log line, stderr being unbuffered), and never an exception.
+        logger_factory=lambda *_args: out,
         cache_logger_on_first_use=True,
     )
-    handler = logging.StreamHandler(sys.stderr)
+    # A record the standard library cannot handle prints no traceback to a stderr that may be
+    # the very thing failing.
+    logging.raiseExceptions = False
+    handler = _Handler(out)
     handler.setFormatter(
         structlog.stdlib.ProcessorFormatter(
             foreign_pre_chain=[structlog.stdlib.add_logger_name, *shared],

@@ -12,6 +12,7 @@ import errno
 import functools
 import ipaddress
 import socket
+import sqlite3
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from tlsroll import logs
-from tlsroll.errors import TerminalError, TransientError
+from tlsroll.errors import TerminalError, TransientError, os_error_text
 from tlsroll.wire import WireError
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
@@ -80,7 +81,8 @@ BASE_ERRORS: ErrorMap = {
     TerminalError: grpc.StatusCode.FAILED_PRECONDITION,  # the message says what is wrong
 }
 """Errors every servicer maps the same way; a servicer's own map is added to these (its more
-specific classes win). Only an error that is not the project's own becomes INTERNAL."""
+specific classes win). A store or disk that fails (``storage_trouble``: SQLITE_FULL, ENOSPC…)
+is UNAVAILABLE with its cause; only any other error not the project's own becomes INTERNAL."""
 
 
 def map_errors(mapping: ErrorMap) -> Callable[[F], F]:
@@ -128,6 +130,34 @@ def map_stream_errors(mapping: ErrorMap) -> Callable[[G], G]:
     return decorate
 
 
+_SQLITE_UNAVAILABLE = (
+    "SQLITE_FULL",
+    "SQLITE_IOERR",
+    "SQLITE_READONLY",
+    "SQLITE_CANTOPEN",
+    "SQLITE_BUSY",
+)
+"""SQLite's result codes (their extended codes too) that say the store's file or disk is
+failing or busy, not that a statement is wrong: the call may work later."""
+
+_OS_UNAVAILABLE = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EIO, errno.EROFS})
+"""The errnos of a disk that is full, failing or read-only."""
+
+
+def storage_trouble(exc: BaseException) -> str | None:
+    """The one line a caller gets for a store or disk that cannot be written now (UNAVAILABLE),
+    or None: SQLite's words and code (``store: database or disk is full (SQLITE_FULL)``; its
+    texts for these codes hold no values), an OSError's path and errno (``os_error_text``)."""
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorname", None) or ""
+        if code.startswith(_SQLITE_UNAVAILABLE):
+            return f"store: {exc} ({code})"
+        return None
+    if isinstance(exc, OSError) and exc.errno in _OS_UNAVAILABLE:
+        return os_error_text(exc)
+    return None
+
+
 def error_status(exc: Exception, mapping: ErrorMap, name: str) -> tuple[grpc.StatusCode, str]:
     """The status and details a method ``name`` decorated with ``map_errors(mapping)`` ends
     with when it raises ``exc``; an error not the project's own is INTERNAL, logged, no
@@ -137,6 +167,9 @@ def error_status(exc: Exception, mapping: ErrorMap, name: str) -> tuple[grpc.Sta
     code = status_for(exc, {**BASE_ERRORS, **mapping})
     if code is not None:
         return code, short_details(str(exc))
+    if (unavailable := storage_trouble(exc)) is not None:
+        log.warning("rpc.unavailable", method=name, error=unavailable)
+        return grpc.StatusCode.UNAVAILABLE, short_details(unavailable)
     # The place, not the message: an error not the project's own may hold any value.
     log.error(
         "rpc.internal_error", method=name, error_type=type(exc).__name__, where=logs.where(exc)

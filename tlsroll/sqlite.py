@@ -568,7 +568,14 @@ class Database:
                 # then fails and would hide the error that matters. A failed COMMIT may leave
                 # the transaction open: without this, every later BEGIN would fail.
                 if self._db.in_transaction:
-                    self._db.execute("ROLLBACK")
+                    try:
+                        self._db.execute("ROLLBACK")
+                    except sqlite3.Error as failed:  # the error that matters is the first
+                        log.warning(
+                            "db.rollback_failed",
+                            path=str(self.path),
+                            error=f"{type(failed).__name__}: {failed}",
+                        )
                 raise
             finally:
                 self._settle()

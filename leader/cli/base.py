@@ -240,11 +240,15 @@ class Leader:
         finally:  # as grpcio's channel did: a command that made its own Leader leaks nothing
             self.close()
 
-    def refused(self, code: str, details: str) -> NoReturn:
+    def refused(self, code: str, details: str, *, answered: bool = False) -> NoReturn:
         """A gRPC status (by name) as the CLI's error: INVALID_ARGUMENT is a usage error (exit
-        2), any other refusal a failure (exit 1), each one line."""
-        if code == "UNAVAILABLE":
+        2), any other refusal a failure (exit 1), each one line. ``answered``: the leader sent
+        the status (an UNAVAILABLE of its own says why, e.g. its store's disk is full); else
+        the CLI made it for a connection that failed."""
+        if code == "UNAVAILABLE" and not (answered and details):
             fail(f"cannot reach the leader on {self.socket}: is tlsroll-leader running?")
+        if code == "UNAVAILABLE":
+            fail(f"the leader cannot do it now: {details}")
         if code == "INVALID_ARGUMENT":
             raise click.UsageError(details, click.get_current_context(silent=True))
         if code == "UNIMPLEMENTED":  # grpc's own "Method not found!" says nothing useful
@@ -342,7 +346,7 @@ class Leader:
         except RpcFailed as exc:
             if exc.code == "UNIMPLEMENTED" and codec == "json":
                 raise Unimplemented(method) from None
-            self.refused(exc.code, exc.details)
+            self.refused(exc.code, exc.details, answered=exc.answered)
         self._saw(self._unary.headers)
         if method != HEALTH_CHECK:  # (asked only before a change, which refuses instead)
             self._warn_if_other_code()

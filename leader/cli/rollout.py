@@ -8,6 +8,7 @@ rollout live until it ends) is in ``leader.cli.schema_cmd``, which also draws a 
 
 from __future__ import annotations
 
+import datetime as dt
 import sys
 import time
 from pathlib import Path
@@ -534,6 +535,14 @@ def rollout_status(leader: Leader, rollout_id: str, as_json: bool) -> None:
         emit_json(to_dict(r))
     else:
         out.print(render_rollout(to_dict(r)))
+    if schema.HasField("store_trouble"):
+        trouble = schema.store_trouble
+        since = trouble.since.ToDatetime(tzinfo=dt.UTC).strftime("%Y-%m-%d %H:%M:%S UTC")
+        click.echo(
+            f"tlsroll: the leader cannot write its store since {since}: {trouble.problem}; "
+            "no rollout moves until it can (free space on the leader's disk)",
+            err=True,
+        )
     attention = [n.name for n in r.nodes if NODE_STATE.text(n.state) == NEEDS_ATTENTION]
     if attention:
         click.echo(

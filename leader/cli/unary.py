@@ -67,10 +67,14 @@ class RpcFailed(TerminalError):
     """The call ended with a gRPC status other than OK (``code`` is its name). Terminal for
     this call: ``Leader.refused`` reports it and the command ends."""
 
-    def __init__(self, code: str, details: str) -> None:
+    def __init__(self, code: str, details: str, *, answered: bool = False) -> None:
         super().__init__(f"{code}: {details}")
         self.code = code
         self.details = details
+        # The leader's own status (its trailers), not one made here for a failed connection:
+        # an UNAVAILABLE it sends says why (its store's disk is full), one made here is "no
+        # leader there".
+        self.answered = answered
 
 
 class ProtocolError(RpcFailed):
@@ -319,7 +323,7 @@ class UnaryChannel:
         number = int(status) if status.isdigit() else 2
         if number != 0:
             code = STATUS[number] if number < len(STATUS) else "UNKNOWN"
-            raise RpcFailed(code, unquote(trailers.get("grpc-message", "")))
+            raise RpcFailed(code, unquote(trailers.get("grpc-message", "")), answered=True)
         data = reply.data
         if len(data) < 5:
             raise ProtocolError("no reply message")

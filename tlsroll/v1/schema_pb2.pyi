@@ -372,6 +372,7 @@ class Schema(_message.Message):
     AUTO_ROTATE_FIELD_NUMBER: _builtins.int
     TOTAL_ROLLOUTS_FIELD_NUMBER: _builtins.int
     NODE_PROBLEMS_FIELD_NUMBER: _builtins.int
+    STORE_TROUBLE_FIELD_NUMBER: _builtins.int
     total_rollouts: _builtins.int
     """How many rollouts are stored, when `limit` left some out (else 0)."""
     @_builtins.property
@@ -421,6 +422,13 @@ class Schema(_message.Message):
         leader that starts again sees it anew.
         """
 
+    @_builtins.property
+    def store_trouble(self) -> Global___StoreTroubleView:
+        """Why the leader cannot write its store now (a full disk: SQLite's words and code), and since
+        when; unset while its writes work. Kept in memory (the store cannot hold it): a rollout
+        then waits, and this says why.
+        """
+
     def __init__(
         self,
         *,
@@ -435,14 +443,43 @@ class Schema(_message.Message):
         auto_rotate: Global___AutoRotateView | None = ...,
         total_rollouts: _builtins.int = ...,
         node_problems: _abc.Iterable[Global___NodeProblemView] | None = ...,
+        store_trouble: Global___StoreTroubleView | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["auto_rotate", b"auto_rotate", "generated_at", b"generated_at"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["auto_rotate", b"auto_rotate", "generated_at", b"generated_at", "store_trouble", b"store_trouble"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_rotate", b"auto_rotate", "bootstrap_failures", b"bootstrap_failures", "expiring_certificates", b"expiring_certificates", "generated_at", b"generated_at", "node_clients", b"node_clients", "node_problems", b"node_problems", "removed_nodes", b"removed_nodes", "renewal_failures", b"renewal_failures", "revoked_certificates", b"revoked_certificates", "rollouts", b"rollouts", "total_rollouts", b"total_rollouts"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auto_rotate", b"auto_rotate", "bootstrap_failures", b"bootstrap_failures", "expiring_certificates", b"expiring_certificates", "generated_at", b"generated_at", "node_clients", b"node_clients", "node_problems", b"node_problems", "removed_nodes", b"removed_nodes", "renewal_failures", b"renewal_failures", "revoked_certificates", b"revoked_certificates", "rollouts", b"rollouts", "store_trouble", b"store_trouble", "total_rollouts", b"total_rollouts"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___Schema: _TypeAlias = Schema  # noqa: Y015
+
+@_typing.final
+class StoreTroubleView(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    PROBLEM_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
+    problem: _builtins.str
+    """SQLite's words and code, or the file and errno: "store: database or disk is full
+    (SQLITE_FULL)".
+    """
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """Since when the leader's writes fail."""
+
+    def __init__(
+        self,
+        *,
+        problem: _builtins.str = ...,
+        since: _timestamp_pb2.Timestamp | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["since", b"since"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["problem", b"problem", "since", b"since"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StoreTroubleView: _TypeAlias = StoreTroubleView  # noqa: Y015
 
 @_typing.final
 class NodeProblemView(_message.Message):

@@ -1,0 +1,567 @@
+"""A log that cannot be written, and stores and files that cannot be written (session 38's audit
+of a full disk and I/O errors).
+
+- A log line that cannot be written (stderr a file on a full disk, ``/dev/full``, a closed
+  pipe) is dropped and counted, never raised: an OSError out of ``log.info`` used to end an
+  agent's switch with its server frozen, and the leader's rollout loop after one pass. The
+  daemons here run for real with their stderr opened on ``/dev/full`` (every write fails with
+  ENOSPC), or on a file of a small tmpfs that a test fills up and frees again.
+- A loop of the leader that ends before the stop stops the leader (exit 1, one line), rather
+  than leave it answering with no rollout moving.
+- An admin command on a leader whose disk is full says so (UNAVAILABLE with SQLite's words and
+  code), not "internal error".
+- The smaller ones: a staged file's write error names the file; a failing ROLLBACK does not
+  hide the error that made it; a daemon's OSError line never says ": None".
+
+The mounts need root, as ``tests.test_recovery`` does.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import errno
+import io
+import json
+import os
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+import structlog.testing
+
+from leader import runtime as leader_runtime
+from leader import store_health
+from leader.config import LeaderConfig
+from leader.store_health import StoreHealth
+from nodeagent import runtime as agent_runtime
+from nodeagent.config import AgentConfig
+from nodeagent.transaction import CRASH_ENV
+from tests.cluster import Cluster, one_line_error, wait_until
+from tests.conftest import next_loopback
+from tests.nodeside import Node, NodeFactory, fill, tmpfs
+from tests.test_recovery import announce_epoch, assert_on_https
+from tlsroll import daemon, logs
+from tlsroll.errors import os_error_text
+from tlsroll.fsutil import stage_atomic
+from tlsroll.rpc import error_status
+from tlsroll.sqlite import Database
+
+DEV_FULL = Path("/dev/full")
+ROLLOUT_TIMEOUT = 90.0
+
+pytestmark = pytest.mark.skipif(not DEV_FULL.exists(), reason="needs /dev/full")
+
+
+# --- the log writer itself ----------------------------------------------------------------------
+
+
+class Flaky(io.StringIO):
+    """A stream whose writes fail with ENOSPC while ``full`` is set (a file on a full disk)."""
+
+    full = False
+
+    def write(self, s: str) -> int:
+        if self.full:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        return super().write(s)
+
+
+def test_a_line_that_cannot_be_written_is_dropped_counted_and_told_once_writing_works() -> None:
+    out = Flaky()
+    writer = logs.LineWriter(out, lambda n: f"lost {n}")
+    writer.info("one")
+    out.full = True
+    writer.info("two")
+    writer.error("three")
+    assert (writer.lost, writer.lost_total) == (2, 2)
+    out.full = False
+    writer.info("four")
+    writer.info("five")
+    assert out.getvalue().splitlines() == ["one", "lost 2", "four", "five"]
+    assert (writer.lost, writer.lost_total) == (0, 2)
+
+    closed = logs.LineWriter(io.StringIO())
+    closed.file.close()
+    closed.info("to a closed file")  # ValueError, dropped as well
+    assert closed.lost == 1
+
+
+_LOG_TO_DEV_FULL = """
+import json, logging, os, sys
+from tlsroll import logs
+
+logs.configure(json=True)
+log = logs.get_logger("tlsroll.check")
+saved = os.dup(2)
+full = os.open("/dev/full", os.O_WRONLY)
+os.dup2(full, 2)
+log.info("check.info", n=1)
+log.error("check.error")
+logging.getLogger("asyncio").warning("a library's record")
+os.dup2(saved, 2)
+log.info("check.back")
+print(json.dumps(logs.writer.lost_total))
+"""
+
+
+def test_logging_to_a_full_stderr_raises_nothing_and_says_how_many_lines_were_lost() -> None:
+    """structlog's and the standard library's lines alike; no traceback of the standard
+    library's handler either (``logging.raiseExceptions``). Before: OSError out of
+    ``log.info``."""
+    result = subprocess.run(
+        [sys.executable, "-c", _LOG_TO_DEV_FULL],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert json.loads(result.stdout) == 3
+    events = [json.loads(line) for line in result.stderr.splitlines()]
+    assert [e["event"] for e in events] == ["log.lines_lost", "check.back"]
+    assert events[0]["lost"] == 3 and events[0]["level"] == "warning"
+
+
+_ENGINE_ON_DEV_FULL = """
+import asyncio, os, types
+from tlsroll import logs
+logs.configure(json=True)
+from leader.engine import Engine
+
+async def main():
+    engine = Engine.__new__(Engine)
+    engine.wake = asyncio.Event(); engine.idle = False; engine._told = False; engine._loop = None
+    engine.schema = types.SimpleNamespace(db=types.SimpleNamespace(on_change=[], generation=0))
+    stop = asyncio.Event()
+    passes = 0
+
+    async def reconcile():
+        nonlocal passes
+        passes += 1
+        if passes == 3:
+            stop.set()
+        raise RuntimeError("database or disk is full")
+
+    async def close():
+        pass
+
+    engine.reconcile = reconcile
+    engine.close = close
+    full = os.open("/dev/full", os.O_WRONLY)
+    os.dup2(full, 2)
+    await asyncio.wait_for(engine.run(stop), 60)
+    print(passes)
+
+asyncio.run(main())
+"""
+
+
+def test_the_engine_loop_survives_failing_passes_whose_log_lines_cannot_be_written() -> None:
+    """Each pass fails and its ``engine.failed`` line cannot be written: the loop goes on to
+    its third pass and ends at the stop. Before: it died with OSError after the first."""
+    result = subprocess.run(
+        [sys.executable, "-c", _ENGINE_ON_DEV_FULL],
+        capture_output=True,
+        text=True,
+        timeout=90,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "3"
+
+
+# --- a loop of the leader that ends -------------------------------------------------------------
+
+
+def test_a_loop_that_ends_before_the_stop_is_named_with_its_error_and_sets_the_stop() -> None:
+    async def scenario() -> tuple[str, bool, str]:
+        stop = asyncio.Event()
+
+        async def failing() -> None:
+            await asyncio.sleep(0)
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        engine = asyncio.create_task(failing(), name="engine")
+        other = asyncio.create_task(stop.wait(), name="expiry-watch")
+        died = await daemon.until_stop_or_end(stop, (engine, other))
+        await other  # the stop it set ends the other loop
+
+        stopped = asyncio.Event()
+        stopped.set()
+        running = asyncio.create_task(asyncio.Event().wait(), name="engine")
+        told = await daemon.until_stop_or_end(stopped, (running,))
+        running.cancel()
+        return died, stop.is_set(), told
+
+    died, stopped, told = asyncio.run(scenario())
+    assert died == "the engine loop ended: OSError: [Errno 28] No space left on device"
+    assert stopped
+    assert told == ""  # the stop came first: nothing ended
+
+
+# --- real daemons whose stderr cannot be written ------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
+    with Cluster(tmp_path_factory.mktemp("diskfaults"), next_loopback()) as c:
+        c.init()
+        c.start_leader()
+        announce_epoch(c, 1)
+        yield c
+
+
+@pytest.fixture
+def make_node(cluster: Cluster, tmp_path: Path) -> Iterator[NodeFactory]:
+    factory = NodeFactory(cluster, tmp_path, "df")
+    try:
+        yield factory
+    finally:
+        factory.close()
+
+
+def test_an_agent_whose_stderr_is_dev_full_completes_a_switch_and_unfreezes(
+    make_node: NodeFactory,
+) -> None:
+    """Every line the agent logs fails (ENOSPC): the switch still completes, the server on
+    https and not frozen. Before: the agent died at its first log line (``agent.started``);
+    one whose log filled up mid-run answered Switch with UNKNOWN "Unexpected OSError" and left
+    the server frozen (the next test)."""
+    node = make_node()
+    agent = node.agent
+    assert agent is not None
+    agent.stop()
+    agent.output = DEV_FULL
+    agent.start()
+    staged = node.stage("full")
+    node.switch("full")
+    txn = node.wait_txn("full", timeout=60)
+    assert txn.outcome == "completed", txn.reason
+    assert_on_https(node, staged.fingerprint)
+    assert agent.running
+
+
+def fill_log(path: Path) -> None:
+    """Fill the rest of ``path``'s last page, on a file system ``fill`` has filled."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND)
+    try:
+        with contextlib.suppress(OSError):
+            while True:
+                os.write(fd, b"\n")
+    finally:
+        os.close(fd)
+
+
+def test_an_agent_whose_log_disk_fills_mid_run_completes_a_switch_and_tells_the_lines_lost(
+    make_node: NodeFactory, tmp_path: Path
+) -> None:
+    """The agent's log is a file on a small tmpfs, full once the agent runs (a log file on a
+    full /var): the switch completes and unfreezes; once there is room again, the next line is
+    preceded by ``log.lines_lost`` with the count."""
+    node = make_node.new()
+    logfs = tmp_path / "logfs"
+    with tmpfs(logfs, "1m"):
+        agent_root = node.cluster.root / "agents" / node.name
+        agent_root.mkdir(parents=True, exist_ok=True)
+        (agent_root / "agent.log").symlink_to(logfs / "agent.log")
+        node.start()
+        staged = node.stage("logfull")
+        filler = fill(logfs)
+        fill_log(logfs / "agent.log")
+        node.switch("logfull")
+        txn = node.wait_txn("logfull", timeout=60)
+        assert txn.outcome == "completed", txn.reason
+        assert_on_https(node, staged.fingerprint)
+        agent = node.agent
+        assert agent is not None and agent.running
+        filler.unlink()
+        assert agent.stop() == 0
+        events = agent.log_events()
+        names = [e["event"] for e in events]
+        assert "log.lines_lost" in names, names
+        lost = events[names.index("log.lines_lost")]
+        assert lost["lost"] >= 1
+        assert names.index("log.lines_lost") < names.index("agent.stopped")
+        assert "txn.step" not in names  # written while full: lost, not written late
+
+
+def test_a_leader_whose_stderr_is_dev_full_runs_a_rollout_to_completion(tmp_path: Path) -> None:
+    """Every line the leader logs fails: it still starts, and a rollout completes (its engine
+    loop logs at each step). Before: the leader died at its first log line; the engine loop
+    alone died after one pass (``test_the_engine_loop_survives…``)."""
+    cluster = Cluster(tmp_path / "c", next_loopback(), heartbeat_interval=1)
+    node: Node | None = None
+    try:
+        cluster.leader.output = DEV_FULL
+        cluster.init()
+        cluster.start_leader()
+        node = Node(cluster, "full1", next_loopback(), tmp_path / "full1").start()
+        cluster.wait_for_nodes_online(["full1"])
+        password = tmp_path / "password"
+        password.write_text("correct horse battery staple\n")
+        password.chmod(0o600)
+        started = cluster.cli(
+            "rollout", "start", "--password-file", str(password), "--scope", "cluster", "--yes"
+        )
+        assert started.returncode == 0, started.stderr
+        ended: dict[str, Any] = {}
+
+        def done() -> bool:
+            nonlocal ended
+            ended = cluster.newest_rollout()
+            return ended["state"] in ("completed", "halted", "aborted")
+
+        wait_until(done, ROLLOUT_TIMEOUT, "the rollout to end")
+        assert ended["state"] == "completed", ended
+        assert cluster.leader.running
+        assert node.get("https").status == 200
+        assert cluster.leader.log_text() == ""  # nothing of it could be written
+    finally:
+        if node is not None:
+            node.close()
+        cluster.close()
+
+
+# --- an admin command on a full store -------------------------------------------------------------
+
+
+def test_an_admin_command_on_a_leader_whose_disk_is_full_says_so_in_one_line(
+    tmp_path: Path,
+) -> None:
+    """The leader's data dir on a tiny tmpfs, filled up: `tlsroll token create` fails with one
+    line naming SQLite's words and code, exit 1; the leader logs the same. Before: "internal
+    error; see the daemon's log", and the log said only ``error_type=OperationalError``."""
+    # A short root: the data dir must be on the tmpfs, not moved to /tmp for its socket's path.
+    root = Path(tempfile.mkdtemp(prefix="tlsroll-full-"))
+    cleanup = contextlib.ExitStack()
+    cleanup.callback(shutil.rmtree, root, ignore_errors=True)
+    with cleanup, tmpfs(root, "16m"), Cluster(root, next_loopback()) as cluster:
+        assert cluster.data_dir.is_relative_to(root)
+        cluster.init()
+        cluster.start_leader()
+        filler = fill(root)
+        try:
+            result = cluster.cli(
+                "token", "create", "--node", "n9", "--address", "127.0.0.9", "--ttl", "1h"
+            )
+        finally:
+            filler.unlink()
+        assert result.returncode == 1, result.stderr
+        line = one_line_error(result.stderr, "tlsroll")
+        assert line == (
+            "tlsroll: error: the leader cannot do it now:"
+            " store: database or disk is full (SQLITE_FULL)"
+        ), line
+        logged = [e for e in cluster.leader.log_events() if e.get("event") == "rpc.unavailable"]
+        assert logged and "SQLITE_FULL" in logged[-1]["error"], cluster.leader.log_text()[-2000:]
+        assert cluster.leader.running
+        # Room again: the same command works.
+        again = cluster.cli(
+            "token", "create", "--node", "n9", "--address", "127.0.0.9", "--ttl", "1h"
+        )
+        assert again.returncode == 0, again.stderr
+
+
+def test_a_disk_error_becomes_unavailable_with_its_cause_and_other_errors_stay_internal() -> None:
+    full = sqlite3.OperationalError("database or disk is full")
+    full.sqlite_errorname = "SQLITE_FULL"
+    assert error_status(full, {}, "M") == (
+        grpc.StatusCode.UNAVAILABLE,
+        "store: database or disk is full (SQLITE_FULL)",
+    )
+    ioerr = sqlite3.OperationalError("disk I/O error")
+    ioerr.sqlite_errorname = "SQLITE_IOERR_WRITE"
+    assert error_status(ioerr, {}, "M")[0] == grpc.StatusCode.UNAVAILABLE
+    wrong = sqlite3.OperationalError("no such table: x")
+    wrong.sqlite_errorname = "SQLITE_ERROR"
+    assert error_status(wrong, {}, "M")[0] == grpc.StatusCode.INTERNAL
+    rofs = OSError(errno.EROFS, os.strerror(errno.EROFS), "/var/lib/tlsroll/x")
+    assert error_status(rofs, {}, "M") == (
+        grpc.StatusCode.UNAVAILABLE,
+        "/var/lib/tlsroll/x: Read-only file system (errno 30, EROFS)",
+    )
+    assert error_status(OSError(errno.EBADF, "x"), {}, "M")[0] == grpc.StatusCode.INTERNAL
+
+
+# --- the smaller ones -----------------------------------------------------------------------------
+
+
+def test_a_staged_files_write_error_names_the_file(tmp_path: Path) -> None:
+    """A full disk fails the staged file's write (or its fsync), which names no file by
+    itself: the error names the temporary file, which is gone."""
+    directory = tmp_path / "cfg"
+    with tmpfs(directory, "256k"):
+        filler = fill(directory)
+        with pytest.raises(OSError) as info:
+            stage_atomic(directory / "server.toml", b"y" * 100_000)
+        filler.unlink()
+        assert info.value.errno == errno.ENOSPC
+        text = os_error_text(info.value)
+        assert text.startswith(f"{directory}/.server.toml.staged-"), text
+        assert text.endswith("No space left on device (errno 28, ENOSPC)"), text
+        assert sorted(p.name for p in directory.iterdir()) == []
+
+
+class RollbackFails:
+    """A connection whose ROLLBACK fails (an I/O error as SQLite rolls back)."""
+
+    def __init__(self, real: sqlite3.Connection) -> None:
+        self._real = real
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        if sql.strip().upper() == "ROLLBACK":
+            raise sqlite3.OperationalError("disk I/O error")
+        return self._real.execute(sql, *args)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._real, name)
+
+
+def test_a_rollback_that_fails_does_not_hide_the_error_that_made_it(tmp_path: Path) -> None:
+    db = Database(tmp_path / "s.sqlite3", ["CREATE TABLE t (x INTEGER)"])
+    real = db._db
+    db._db = RollbackFails(real)  # type: ignore[assignment]
+    try:
+        with pytest.raises(ValueError, match="the error that matters"), db.tx() as c:
+            c.execute("INSERT INTO t VALUES (1)")
+            raise ValueError("the error that matters")
+    finally:
+        db._db = real
+        real.execute("ROLLBACK")  # what the failed one left open
+        db.close()
+
+
+def test_a_daemons_os_error_without_a_file_is_one_line_with_its_errno(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    """Before: ``tlsroll-leader: Bad file descriptor: None``."""
+
+    def bad_fd(_path: object) -> Any:
+        raise OSError(errno.EBADF, os.strerror(errno.EBADF))
+
+    config = tmp_path / "x.toml"
+    monkeypatch.setattr(LeaderConfig, "load", staticmethod(bad_fd))
+    assert leader_runtime.main(["--config", str(config)]) == 1
+    assert capsys.readouterr().err == "tlsroll-leader: Bad file descriptor (errno 9, EBADF)\n"
+    monkeypatch.setattr(AgentConfig, "load", staticmethod(bad_fd))
+    assert agent_runtime.main(["--config", str(config)]) == 1
+    assert capsys.readouterr().err == "tlsroll-agent: Bad file descriptor (errno 9, EBADF)\n"
+
+
+def test_a_rollout_on_a_leader_whose_disk_fills_says_why_in_rollout_status(tmp_path: Path) -> None:
+    """The leader's data dir fills up while a rollout runs: the rollout waits, `rollout status`
+    says why (SQLite's words and code, since when), the repeated failure is logged at most once
+    a minute, not at every tick; with room again the rollout completes and the line is gone.
+    Before: the reason was in the log only, a line per tick."""
+    root = Path(tempfile.mkdtemp(prefix="tlsroll-m2-"))
+    with contextlib.ExitStack() as cleanup:
+        cleanup.callback(shutil.rmtree, root, ignore_errors=True)
+        full_leader_rollout(root, tmp_path)
+
+
+def full_leader_rollout(root: Path, tmp_path: Path) -> None:
+    cluster = Cluster(root, next_loopback(), heartbeat_interval=1)
+    data = cluster.data_dir
+    assert data.is_relative_to(root)
+    node: Node | None = None
+    with tmpfs(data, "16m"):
+        try:
+            cluster.init()
+            cluster.start_leader()
+            node = Node(cluster, "m2", next_loopback(), tmp_path / "m2")
+            node.start({CRASH_ENV: "frozen"})  # the agent dies mid-switch, server frozen
+            cluster.wait_for_nodes_online(["m2"])
+            password = tmp_path / "password"
+            password.write_text("correct horse battery staple\n")
+            password.chmod(0o600)
+            started = cluster.cli(
+                "rollout", "start", "--password-file", str(password), "--scope", "cluster", "--yes"
+            )
+            assert started.returncode == 0, started.stderr
+            assert node.agent is not None and node.agent.proc is not None
+            node.agent.proc.wait(ROLLOUT_TIMEOUT)
+            began = time.monotonic()
+            filler = fill(data)
+            try:
+                node.restart_agent()  # without the crash: its switch completes from the journal
+                status: subprocess.CompletedProcess[str] | None = None
+
+                def said() -> bool:
+                    nonlocal status
+                    status = cluster.cli("rollout", "status")
+                    return "cannot write its store" in status.stderr
+
+                wait_until(said, ROLLOUT_TIMEOUT, "rollout status to say why the rollout waits")
+                assert status is not None
+                assert status.returncode == 0, status.stderr
+                (line,) = [ln for ln in status.stderr.splitlines() if "cannot write" in ln]
+                assert "store: database or disk is full (SQLITE_FULL)" in line, line
+                assert line.startswith("tlsroll: the leader cannot write its store since 20"), line
+                assert cluster.newest_rollout()["state"] == "running"
+            finally:
+                filler.unlink()
+            ended: dict[str, Any] = {}
+
+            def done() -> bool:
+                nonlocal ended
+                ended = cluster.newest_rollout()
+                return ended["state"] in ("completed", "halted", "aborted")
+
+            wait_until(done, ROLLOUT_TIMEOUT, "the rollout to end")
+            full_for = time.monotonic() - began
+            assert ended["state"] == "completed", ended
+            after = cluster.cli("rollout", "status")
+            assert after.returncode == 0, after.stderr
+            assert "cannot write" not in after.stderr
+            events = cluster.leader.log_events()
+            failing = [e for e in events if e.get("event") == "store.writes_failing"]
+            assert failing, cluster.leader.log_text()[-3000:]
+            assert {e["during"] for e in failing} <= {
+                "engine.failed",
+                "step.crashed",
+                "heartbeat.batch_failed",
+            }
+            # the first, then at most one a minute whoever fails (the engine's steps, the
+            # heartbeats' batches), not one of each per tick
+            assert len(failing) <= 1 + full_for // 60, failing
+            recovered = [e for e in events if e.get("event") == "store.writes_recovered"]
+            assert len(recovered) == 1, recovered
+        finally:
+            if node is not None:
+                node.close()
+            cluster.close()
+
+
+def test_store_health_keeps_the_cause_logs_it_once_a_minute_and_clears_at_a_commit() -> None:
+    now = [1000.0]
+    wall = dt.datetime(2026, 12, 3, 2, 0, tzinfo=dt.UTC)
+    health = StoreHealth(lambda: wall, monotonic=lambda: now[0])
+    full = sqlite3.OperationalError("database or disk is full")
+    full.sqlite_errorname = "SQLITE_FULL"
+    with structlog.testing.capture_logs() as logged:
+        assert health.failed(RuntimeError("a bug"), "engine.failed") is False  # not the store's
+        assert health.trouble is None
+        for _ in range(5):  # one a second, as the ticks come
+            assert health.failed(full, "step.crashed", node="n1")
+            now[0] += 1
+        assert health.trouble == ("store: database or disk is full (SQLITE_FULL)", wall)
+        now[0] += store_health.LOG_SECONDS
+        assert health.failed(full, "heartbeat.batch_failed")
+        health.works()
+        assert health.trouble is None
+        health.works()  # said once
+    assert [(e["event"], e.get("during"), e.get("left_out")) for e in logged] == [
+        ("store.writes_failing", "step.crashed", 0),
+        ("store.writes_failing", "heartbeat.batch_failed", 4),
+        ("store.writes_recovered", None, None),
+    ]
