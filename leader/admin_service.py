@@ -110,7 +110,8 @@ RESTART = "The switch restarts the managed server on each node."
 RECONNECT_DIRECT = (
     "All connected clients must re-initiate their server connections: http (8080) closes the "
     "moment each node switches, and every workstation on that node loses the server until "
-    "someone does the client steps there (below). To let the workstations move over first: "
+    "someone does the client steps there (tlsroll notify prints them for the staff). To let "
+    "the workstations move over first: "
     "--strategy transitional (https beside http until `tlsroll rollout finalize`)."
 )
 ENTRIES = (
