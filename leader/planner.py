@@ -313,7 +313,10 @@ def plan_rollout(
     ``observed``: what each node's agent reports it runs now. A node already in the state the
     change wants (``already_done``) starts ``skipped`` with the reason, so nothing is done to
     it twice; a node whose agent cannot be asked is ``Unreachable``; if no node is left to
-    change, ``NothingToDo``.
+    change, ``NothingToDo``. A node on http only under a change that starts from https is
+    ``BLOCKED_HTTP`` (``not_on_https``: the start refuses the plan, ``NotOnHttps``); one whose
+    read-only preflight checks found problems is ``blocked: <them>`` (it starts, and fails
+    there unless they are fixed meanwhile).
 
     ``dual_from``: this is a retry of that transitional phase 1 (``rollout retry``). A node
     that still serves http and https with a certificate of this CA and the password of

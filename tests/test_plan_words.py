@@ -93,7 +93,9 @@ def test_what_the_plan_tells_the_admin(one_node: tuple[Cluster, Node], tmp_path:
     for words in (("plan",), ("rollout", "start", "--yes")):
         run = cluster.cli(*words, "--scope", "local", "--change", "change-password")
         assert run.returncode == 1, (words, run.stdout, run.stderr)
-        assert run.stderr.strip() == "tlsroll: error: no password staged: run `tlsroll password set` first"
+        assert run.stderr.strip() == (
+            "tlsroll: error: no password staged: run `tlsroll password set` first"
+        )
     schema = json.loads(cluster.cli("schema", "show", "--json").stdout)
     assert not schema.get("rollouts"), schema  # nothing was started
 

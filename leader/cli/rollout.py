@@ -1,9 +1,11 @@
 """``tlsroll plan`` and ``tlsroll rollout …``: the seed's switch dialog.
 
-``plan`` is the dry run (changes nothing). ``rollout start`` without ``--yes`` shows the plan
-and the seed's warnings and asks. ``tlsroll schema show`` (read-only; ``--watch`` follows a
-rollout live until it ends) is in ``leader.cli.schema_cmd``, which also draws a rollout for
-``rollout status``.
+``plan`` is the dry run (changes nothing; exit 1 if the leader would refuse to start it: a
+node on http only for a change that starts from https). ``rollout start`` without ``--yes``
+shows the plan and the seed's warnings and asks; with ``--yes`` it prints the warnings once
+started (the seed's dialog gives them first). ``tlsroll schema show`` (read-only; ``--watch``
+follows a rollout live until it ends) is in ``leader.cli.schema_cmd``, which also draws a
+rollout for ``rollout status``.
 """
 
 from __future__ import annotations
@@ -184,7 +186,8 @@ def plan(
     """Dry run: the update schema a rollout would make, from what each node runs now (nodes
     already in the wanted state show "already done"), its checks, what clients must do. With
     --strategy transitional: both phases. With --cert-dir the certificates are checked too, and
-    any problem refuses the plan."""
+    any problem refuses the plan. Exit 1 if a start of it would be refused (a node on http only
+    for rotate-cert or change-password: "blocked: not on https"), after showing it."""
     request = rollout_request(scope, nodes, max_parallel, freeze, change, failure_budget, strategy)
     if cert_dir is not None:
         request.cert_dir.CopyFrom(cert_dir_message(cert_dir))
