@@ -170,6 +170,11 @@ ROTATE_CLIENT_STEPS = (
     "none: the address, the port and the password stay the same, and the new certificate is "
     "from the CA the workstations already trust",
 )
+OWN_ROTATE_CLIENT_STEPS = (
+    "the address, the port and the password stay the same; but a workstation trusts only the "
+    "CA(s) it was given when it was set up: if the --cert-dir ca.crt is not among them, it "
+    "needs the client steps again (Test connection, confirm the port, the password, restart)",
+)
 PASSWORD_CHECKS = (
     "preflight: the node serves https; managed server healthy; port 9443 free (or the "
     "agent's); config directory writable; clock within 120 s of the leader; certificate names "
@@ -246,6 +251,8 @@ def plan_texts(
     if own_certs and change in (Change.ENABLE_TLS, Change.ROTATE_CERT):
         for i, line in OWN_CERT_CHECKS.items():
             checks[i] = line
+    if own_certs and change is Change.ROTATE_CERT:
+        steps = OWN_ROTATE_CLIENT_STEPS
     return checks, list(steps), [*warnings, entries]
 
 
