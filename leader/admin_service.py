@@ -10,7 +10,8 @@ import asyncio
 import base64
 import datetime as dt
 import hmac
-from collections.abc import Mapping
+from collections import Counter
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,9 +22,19 @@ from leader.admin_socket import current_caller
 from leader.commands import Commands, RolloutRequest
 from leader.expiry import ExpiryWatch
 from leader.node_check import check_nodes
-from leader.rollout_core import Change, NodeState, Scope, ScopeKind, Strategy
+from leader.planner import not_on_https
+from leader.rollout_core import (
+    NOT_ON_HTTPS,
+    Change,
+    FreezeMode,
+    NodeState,
+    Rollout,
+    Scope,
+    ScopeKind,
+    Strategy,
+)
 from leader.schema_store import NodeDetail, RolloutMeta, RolloutRow, SchemaStore
-from leader.schema_view import rollout_view
+from leader.schema_view import rollout_view, still_on_http_now
 from leader.service import ERRORS, LeaderState, claimed_names
 from leader.store import Node
 from leader.tokens import JoinToken
@@ -90,12 +101,30 @@ def grant_info(g: Grant, now: dt.datetime) -> admin_pb2.ViewerGrantInfo:
     )
 
 
-SEED_WARNINGS = (
-    "The switch restarts the managed server on each node.",
-    "All connected clients must re-initiate their server connections afterwards.",
-    "No new entries can be made at the clients while a node switches (writes are refused "
-    "with 503 during the freeze, so no data is lost).",
+# What each change's plan says (``PlanRollout``): its checks and steps on a node, what the
+# workstations must do, and the warnings the seed's dialog gives "zunächst" (first). A change
+# that is not the seed's switch has texts of its own: rotate-cert and change-password keep
+# the address, and the way back gives the http address back.
+
+RESTART = "The switch restarts the managed server on each node."
+RECONNECT_DIRECT = (
+    "All connected clients must re-initiate their server connections: http (8080) closes the "
+    "moment each node switches, and every workstation on that node loses the server until "
+    "someone does the client steps there (tlsroll notify prints them for the staff). To let "
+    "the workstations move over first: "
+    "--strategy transitional (https beside http until `tlsroll rollout finalize`)."
 )
+ENTRIES = (
+    "Staff must make no new entries during the switch (tlsroll notify tells them): entries "
+    "already acknowledged are kept, but one refused with 503 during the freeze must be made "
+    "again"
+)
+ENTRIES_BY_FREEZE = {
+    FreezeMode.NODE: "; with --freeze node the other nodes keep taking entries.",
+    FreezeMode.SCOPE: "; with --freeze scope every node in scope refuses entries from the first "
+    "switch until the last one has ended.",
+}
+SEED_WARNINGS = (RESTART, RECONNECT_DIRECT)
 CHECKS = (
     "preflight: managed server healthy; ports 8443 and 9443 free on the node; config "
     "directory writable; clock within 120 s of the leader; certificate names known",
@@ -120,10 +149,71 @@ TRANSITIONAL_CHECKS = (
 TRANSITIONAL_WARNINGS = (
     "Phase 1 restarts the managed server on each node; workstations keep working on http.",
     "Workstations can move to https any time until finalize; finalize cuts off any still on http.",
-    "No new entries can be made at the clients while a node restarts (writes are refused "
-    "with 503 during the freeze, so no data is lost).",
 )
-# ``--cert-dir``: the stage and confirm lines of ``CHECKS`` as they are then.
+ROTATE_CHECKS = (
+    "preflight: the node serves https; managed server healthy; port 9443 free (or the "
+    "agent's); config directory writable; clock within 120 s of the leader; certificate names "
+    "known",
+    "stage: a new node key made on the node, CSR signed by the cluster CA, stored inactive",
+    "switch: freeze writes, write the config with the new certificate atomically, restart, "
+    "verify https with the staged certificate, write watermark unchanged, unfreeze; else roll "
+    "back to the certificate served before",
+    "confirm: the leader checks https from outside trusting only the cluster CA; the "
+    "certificate served before is revoked (superseded)",
+)
+ROTATE_WARNINGS = (
+    RESTART,
+    "Connected clients must re-initiate their server connections after the restart; the "
+    "address, the port and the password stay the same.",
+)
+ROTATE_CLIENT_STEPS = (
+    "none: the address, the port and the password stay the same, and the new certificate is "
+    "from the CA the workstations already trust",
+)
+OWN_ROTATE_CLIENT_STEPS = (
+    "the address, the port and the password stay the same; but a workstation trusts only the "
+    "CA(s) it was given when it was set up: if the --cert-dir ca.crt is not among them, it "
+    "needs the client steps again (Test connection, confirm the port, the password, restart)",
+)
+PASSWORD_CHECKS = (
+    "preflight: the node serves https; managed server healthy; port 9443 free (or the "
+    "agent's); config directory writable; clock within 120 s of the leader; certificate names "
+    "known",
+    "stage: none (the staged password's verifier goes with the switch; no new certificate)",
+    "switch: freeze writes, write the config with the staged password's verifier atomically, "
+    "restart, verify https, write watermark unchanged, unfreeze; else roll back to the "
+    "password live before",
+    "confirm: the leader checks https from outside trusting only the cluster CA",
+)
+PASSWORD_WARNINGS = (
+    "The switch restarts the managed server on each node: the staged password takes effect "
+    "there only then (seed).",
+    "Connected clients must re-initiate their server connections after the restart; the "
+    "address and the port stay the same.",
+)
+PASSWORD_CLIENT_STEPS = (
+    "workstations already set up keep their address and certificate: nothing to do",
+    "a workstation set up from now on (or again) enters the new password at the prompt; hand "
+    "it on in person or by phone, not by e-mail",
+)
+DISABLE_CHECKS = (
+    "preflight: the node serves https; managed server healthy; config directory writable; "
+    "clock within 120 s of the leader",
+    "switch: freeze writes, restore the http config the switch replaced, restart, verify http "
+    "on 8080, write watermark unchanged, unfreeze",
+    "confirm: the leader checks http from outside",
+)
+DISABLE_WARNINGS = (
+    RESTART,
+    "https closes on each node as it goes back: every workstation on it loses the server "
+    "until it is given the old http address again.",
+)
+DISABLE_CLIENT_STEPS = (
+    "Admin -> change server address back to the node's http address (port 8080)",
+    "restart the client",
+)
+# ``--cert-dir``: the stage and confirm lines of ``CHECKS`` (and ``ROTATE_CHECKS``) as they
+# are then.
 OWN_CERT_CHECKS = {
     1: "stage: the certificate and key from --cert-dir sent to the node over mutual TLS, "
     "checked there (key matches, chain to the practice CA), stored inactive (key 0600)",
@@ -136,6 +226,34 @@ CLIENT_STEPS = (
     "enter the authentication password",
     "restart the client",
 )
+
+
+def plan_texts(
+    change: Change, strategy: Strategy, freeze: FreezeMode, own_certs: bool
+) -> tuple[list[str], list[str], list[str]]:
+    """A change's checks, client steps and warnings, as its plan shows them (the warnings
+    that depend on the cluster's state, ``PlanRollout`` adds)."""
+    transitional = strategy is Strategy.TRANSITIONAL
+    entries = ENTRIES + ENTRIES_BY_FREEZE[freeze]
+    steps: Sequence[str]
+    warnings: Sequence[str]
+    if change is Change.ROTATE_CERT:
+        checks, steps, warnings = list(ROTATE_CHECKS), ROTATE_CLIENT_STEPS, ROTATE_WARNINGS
+    elif change is Change.CHANGE_PASSWORD:
+        checks, steps, warnings = list(PASSWORD_CHECKS), PASSWORD_CLIENT_STEPS, PASSWORD_WARNINGS
+    elif change is Change.DISABLE_TLS:
+        checks, steps, warnings = list(DISABLE_CHECKS), DISABLE_CLIENT_STEPS, DISABLE_WARNINGS
+    elif transitional:
+        checks, steps, warnings = list(TRANSITIONAL_CHECKS), CLIENT_STEPS, TRANSITIONAL_WARNINGS
+        entries = entries.replace("during the switch", "while a node restarts")
+    else:
+        checks, steps, warnings = list(CHECKS), CLIENT_STEPS, SEED_WARNINGS
+    if own_certs and change in (Change.ENABLE_TLS, Change.ROTATE_CERT):
+        for i, line in OWN_CERT_CHECKS.items():
+            checks[i] = line
+    if own_certs and change is Change.ROTATE_CERT:
+        steps = OWN_ROTATE_CLIENT_STEPS
+    return checks, list(steps), [*warnings, entries]
 
 
 def rollout_request(request: admin_pb2.RolloutRequest) -> RolloutRequest:
@@ -235,8 +353,9 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     ) -> admin_pb2.PlanResponse:
         planned = await self.commands.plan(rollout_request(request))
         rollout, nodes = planned.rollout, planned.records
-        transitional = rollout.strategy is Strategy.TRANSITIONAL
-        warnings = list(TRANSITIONAL_WARNINGS if transitional else SEED_WARNINGS)
+        checks, steps, warnings = plan_texts(
+            rollout.change, rollout.strategy, rollout.freeze, request.HasField("cert_dir")
+        )
         active = await asyncio.to_thread(self.schema.active)
         if active is not None:
             warnings.append(
@@ -249,6 +368,26 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 f"{', '.join(kept)} already run(s) https and keep(s) the certificate served "
                 "now; to give them yours: --change rotate-cert --cert-dir DIR"
             )
+        if blocked := not_on_https(nodes):
+            warnings.append(
+                f"{', '.join(blocked)}: {NOT_ON_HTTPS}; {rollout.change.value} cannot start "
+                "while a node in scope is on http only (rollout start refuses it)"
+            )
+        on_http = await self._on_http(
+            [r.name for r in nodes if r.state is not NodeState.SKIPPED], rollout
+        )
+        if on_http and rollout.change is Change.ENABLE_TLS:
+            count = sum(on_http.values())
+            warnings.append(
+                f"{count} workstation(s) were seen on http lately and not on https since "
+                f"({', '.join(f'{n}: {c}' for n, c in sorted(on_http.items()))}): "
+                + (
+                    "each must do the client steps before finalize"
+                    if rollout.strategy is Strategy.TRANSITIONAL
+                    else "each loses the server the moment its node switches, until the "
+                    "client steps are done there (tlsroll notify --remaining lists them)"
+                )
+            )
         row = RolloutRow(
             rollout,
             RolloutMeta(
@@ -258,14 +397,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             ),
             tuple((n, NodeDetail()) for n in nodes),
         )
-        checks = list(TRANSITIONAL_CHECKS if transitional else CHECKS)
-        if request.HasField("cert_dir"):
-            for i, line in OWN_CERT_CHECKS.items():
-                checks[i] = line
         reply = admin_pb2.PlanResponse(
-            rollout=rollout_view(row),
+            rollout=rollout_view(row, on_http=on_http),
             checks=checks,
-            client_steps=CLIENT_STEPS,
+            client_steps=steps,
             warnings=warnings,
         )
         if rollout.change is Change.ENABLE_TLS:
@@ -275,6 +410,16 @@ class AdminService(admin_pb2_grpc.AdminServicer):
                 f"{c.node}: {c.subject}, {c.fingerprint}, valid until {c.not_after:%Y-%m-%d}"
             )
         return reply
+
+    async def _on_http(self, names: list[str], rollout: Rollout) -> dict[str, int]:
+        """Per node of ``names``: how many workstations its agent saw on http lately and not
+        on https since (who still needs the client steps there; the schema's
+        ``still_on_http``). Only for enable-tls: the other changes keep the address."""
+        if rollout.change is not Change.ENABLE_TLS or not names:
+            return {}
+        clients, infos = await asyncio.to_thread(self.schema.clients_report, names)
+        left = still_on_http_now(clients, infos, self.state.clock())
+        return dict(Counter(c.node for c in left))
 
     @map_errors(ERRORS)
     async def StartRollout(

@@ -39,6 +39,7 @@ from leader.agent_client import AgentApi, StepFailed, SwitchRefused
 from leader.planner import confirm_success
 from leader.rollout_core import (
     CHANGES,
+    NOT_ON_HTTPS,
     Change,
     FreezeMode,
     NodeEvent,
@@ -216,7 +217,7 @@ class ChangeSteps:
         if not reply.ok:
             return NodeEvent.PREFLIGHT_FAILED, "; ".join(reply.problems)
         if CHANGES[self.change].requires_https and "https" not in reply.server.schemes:
-            return NodeEvent.PREFLIGHT_FAILED, "the node is not on https; run enable-tls first"
+            return NodeEvent.PREFLIGHT_FAILED, f"the node is {NOT_ON_HTTPS}"
         serving = NodeObservation(True, schemes=tuple(sorted(reply.server.schemes)))
         if why := wrong_source(self.change, serving, ctx.rollout.strategy):
             return NodeEvent.PREFLIGHT_FAILED, why  # what the plan saw may have changed

@@ -375,6 +375,9 @@ class Commands:
         # (Read before the agents are asked: a start picks its first nodes from their answers
         # as the planner will read them, ``steps``.)
         latest, digests = await self._digests()
+        staged = CHANGES[request.change].password is Password.STAGED
+        if staged and not latest and not request.keep_auth_version:
+            raise planner.NoPasswordStaged()  # the plan as the start (before asking agents)
         target_digest = ""
         if request.change is Change.CHANGE_PASSWORD and digests:
             target_digest = max(digests, key=lambda d: digests[d])
@@ -497,6 +500,8 @@ class Commands:
         if auth.add_new:
             assert request.auth_verifier_json is not None
             _check_verifier(request.auth_verifier_json)
+        if blocked := planner.not_on_https(nodes):  # their preflight would fail: none starts
+            raise planner.NotOnHttps(request.change, blocked)
         now = self.clock()
         rollout = rollout.with_event(RolloutEvent.START)
         meta = RolloutMeta(

@@ -65,6 +65,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from leader.rollout_core import (
+    BLOCKED_HTTP,
     CHANGES,
     DRAINING_ROLLOUT_STATES,
     FAILED_NODE_STATES,
@@ -87,7 +88,9 @@ from leader.rollout_core import (
     Step,
     Strategy,
     already_done,
+    needs_https_first,
     node_transition,
+    not_on_https_refusal,
     rollout_transition,
     still_dual,
     wrong_source,
@@ -106,7 +109,7 @@ class EmptyScope(PlanError):
 
 class UnknownNodes(PlanError):
     def __init__(self, names: Sequence[str]) -> None:
-        super().__init__(f"not enrolled: {', '.join(names)} (check the names with the viewer)")
+        super().__init__(f"not enrolled: {', '.join(names)} (check the names with `tlsroll nodes`)")
         self.names = tuple(names)
 
 
@@ -168,6 +171,29 @@ class WrongSource(PlanError):
         what = "; ".join(f"{', '.join(names)}: {w}" for w, names in by_reason.items())
         super().__init__(f"{change.value} cannot start on {what}")
         self.names = tuple(sorted(why))
+
+
+class NotOnHttps(PlanError):
+    """A change that starts from https asked of nodes on http only (FAILED_PRECONDITION): the
+    start is refused before any node is touched; its preflight would fail each of them, and a
+    retry could only fail again (audit s38 M5)."""
+
+    def __init__(self, change: Change, names: Sequence[str]) -> None:
+        super().__init__(not_on_https_refusal(change.value, _some(list(names)), len(names)))
+        self.names = tuple(names)
+
+
+def not_on_https(records: Sequence[NodeRecord]) -> tuple[str, ...]:
+    """The nodes ``plan_rollout`` marked ``BLOCKED_HTTP``: a start of the plan is refused."""
+    return tuple(r.name for r in records if r.reason == BLOCKED_HTTP)
+
+
+class NoPasswordStaged(PlanError):
+    """A change that applies the staged password, and none is staged (FAILED_PRECONDITION: the
+    cluster's state, not the command, is what is missing)."""
+
+    def __init__(self) -> None:
+        super().__init__("no password staged: run `tlsroll password set` first")
 
 
 class NotAwaitingFinalize(PlanError):
@@ -287,7 +313,10 @@ def plan_rollout(
     ``observed``: what each node's agent reports it runs now. A node already in the state the
     change wants (``already_done``) starts ``skipped`` with the reason, so nothing is done to
     it twice; a node whose agent cannot be asked is ``Unreachable``; if no node is left to
-    change, ``NothingToDo``.
+    change, ``NothingToDo``. A node on http only under a change that starts from https is
+    ``BLOCKED_HTTP`` (``not_on_https``: the start refuses the plan, ``NotOnHttps``); one whose
+    read-only preflight checks found problems is ``blocked: <them>`` (it starts, and fails
+    there unless they are fixed meanwhile).
 
     ``dual_from``: this is a retry of that transitional phase 1 (``rollout retry``). A node
     that still serves http and https with a certificate of this CA and the password of
@@ -347,6 +376,8 @@ def plan_rollout(
         if name in dual:
             return NodeRecord(name, NodeState.DUAL, dual[name])
         seen = observed.get(name) if observed is not None else None
+        if seen is not None and needs_https_first(change, seen):  # start refuses it
+            return NodeRecord(name, reason=BLOCKED_HTTP)
         if seen is not None and seen.problems:  # its preflight will fail: say so up front
             return NodeRecord(name, reason=f"{BLOCKED} {'; '.join(seen.problems)}")
         return NodeRecord(name)
@@ -669,7 +700,7 @@ def decide_auth(
         )
     if spec.password is Password.STAGED:
         if latest_version == 0:
-            raise PlanError("no password staged: run `tlsroll password set` first")
+            raise NoPasswordStaged()
         return AuthDecision(add_new=False, version=latest_version)
     return AuthDecision(add_new=False, version=0)
 

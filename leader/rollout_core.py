@@ -252,6 +252,30 @@ def serves_after(rollout: Rollout, state: NodeState, before: frozenset[str]) -> 
     return before
 
 
+NOT_ON_HTTPS = "not on https; run enable-tls first"
+"""Why a change that starts from https (``ChangeSpec.requires_https``) cannot run on a node
+that serves http only: the planner marks such a node ``blocked: …`` with it (``BLOCKED_HTTP``),
+a start is refused, and a plan that shows one exits 1."""
+BLOCKED_HTTP = f"blocked: {NOT_ON_HTTPS}"
+
+
+def not_on_https_refusal(change: str, names: str, count: int) -> str:
+    """The one line a start (and a plan, exit 1) is refused with: ``names`` (``count`` of them,
+    as the message shows them) are on http only."""
+    one = count == 1
+    return (
+        f"{change} cannot start: {names} {'is' if one else 'are'} {NOT_ON_HTTPS} (or leave "
+        f"{'it' if one else 'them'} out: --nodes); nothing was changed"
+    )
+
+
+def needs_https_first(change: Change, seen: NodeObservation) -> bool:
+    """Node ``seen`` serves http and not https, and ``change`` starts from https only: its
+    preflight would fail it (``NOT_ON_HTTPS``), and no retry could do better."""
+    now = frozenset(seen.schemes)
+    return CHANGES[change].requires_https and "http" in now and "https" not in now
+
+
 def wrong_source(
     change: Change, seen: NodeObservation, strategy: Strategy = Strategy.DIRECT
 ) -> str | None:
@@ -487,9 +511,12 @@ class IllegalTransition(TerminalError):
         state: RolloutState | NodeState,
         event: RolloutEvent | NodeEvent,
         hint: str = "",
+        said: str = "",
     ) -> None:
+        """``said``: the refusal in the administrator's words (``Rollout.with_action``), in
+        place of the tables' (``event 'pause' is not allowed in state 'completed'``)."""
         super().__init__(
-            f"{subject}: event {event.value!r} is not allowed in state {state.value!r}"
+            (said or f"{subject}: event {event.value!r} is not allowed in state {state.value!r}")
             + (f"; {hint}" if hint else "")
         )
         self.subject = subject
@@ -508,6 +535,14 @@ def way_out(rollout: Rollout) -> str:
     return f"finish the nodes left: tlsroll rollout retry {rollout.id}{back}"
 
 
+def refused_action(rollout: Rollout, action: RolloutAction) -> str:
+    """An administrator's action the rollout's state does not allow, said plainly (the start
+    of an ``IllegalTransition``; ``next_command`` is its end): "rollout R is completed: there
+    is nothing to pause"."""
+    state = rollout.state.value.replace("_", " ")
+    return f"rollout {rollout.id} is {state}: there is nothing to {action.value}"
+
+
 def next_command(rollout: Rollout, action: RolloutAction) -> str:
     """What to run when ``action`` is not allowed in the rollout's state (one clause, the
     end of an ``IllegalTransition``); the one place that says it."""
@@ -518,20 +553,20 @@ def next_command(rollout: Rollout, action: RolloutAction) -> str:
             f"{rollout.id}, or go back to http with tlsroll rollout rollback {rollout.id}"
         )
     if state in (RolloutState.HALTED, RolloutState.ABORTED):
-        return f"it has ended: {way_out(rollout)}"
+        return way_out(rollout)
     if state in TERMINAL_ROLLOUT_STATES:
         back = (
             f" or take it back (tlsroll rollout rollback {rollout.id})"
             if rollout.change is Change.ENABLE_TLS
             else ""
         )
-        return f"it has ended: start a new rollout (tlsroll rollout start --scope …){back}"
+        return f"it has ended: start a new one (tlsroll rollout start --scope …){back}"
     if state in DRAINING_ROLLOUT_STATES:
         return "wait until it has ended: tlsroll schema show --watch"
     if state is RolloutState.RUNNING and action is RolloutAction.RESUME:
-        return "it is running: follow it with tlsroll schema show --watch"
+        return "follow it with tlsroll schema show --watch"
     if state is RolloutState.PAUSED and action is RolloutAction.PAUSE:
-        return f"it is paused already: carry on with tlsroll rollout resume {rollout.id}"
+        return f"carry on with tlsroll rollout resume {rollout.id}"
     return "see: tlsroll schema show"
 
 
@@ -618,7 +653,8 @@ class Rollout:
             return self.with_event(action.event)
         except IllegalTransition as exc:
             hint = next_command(self, action)
-            raise IllegalTransition(exc.subject, exc.state, exc.event, hint) from None
+            said = refused_action(self, action)
+            raise IllegalTransition(exc.subject, exc.state, exc.event, hint, said) from None
 
 
 @dataclass(frozen=True)

@@ -180,10 +180,10 @@ def test_plan_and_start_error_paths(cluster: Cluster) -> None:
                 Code.INVALID_ARGUMENT,
                 "bad password verifier",
             ),
-            (
+            (  # the cluster's state, not the request: exit 1 (audit s38 M5)
                 request(Change.CHANGE_PASSWORD, scope=ScopeKind.NODES, nodes=["node1"]),
-                Code.INVALID_ARGUMENT,
-                "no password staged",
+                Code.FAILED_PRECONDITION,
+                "no password staged: run `tlsroll password set` first",
             ),
             (
                 request(
@@ -204,6 +204,10 @@ def test_plan_and_start_error_paths(cluster: Cluster) -> None:
         for req, code, words in start_cases:
             got, details = code_of(partial(admin.StartRollout, req, timeout=10))
             assert (got, words in details) == (code, True), (req, got, details)
+        # The plan checks the staged password as the start does (it said OK: audit s38 M5).
+        unstaged = request(Change.CHANGE_PASSWORD, scope=ScopeKind.NODES, nodes=["node1"])
+        got, details = code_of(partial(admin.PlanRollout, unstaged, timeout=10))
+        assert (got, "no password staged" in details) == (Code.FAILED_PRECONDITION, True), details
         bad = admin_pb2.SetPasswordRequest(auth_verifier_json="not json")
         assert code_of(lambda: admin.SetPassword(bad, timeout=10))[0] == Code.INVALID_ARGUMENT
     node.close()
@@ -237,7 +241,7 @@ def test_control_and_busy_error_paths(cluster: Cluster) -> None:
         )
         assert (got, view.id in details) == (Code.FAILED_PRECONDITION, True), details
         got, details = code_of(lambda: admin.ControlRollout(action(action=resume), timeout=10))
-        assert (got, "'resume' is not allowed in state 'running'" in details) == (
+        assert (got, "is running: there is nothing to resume" in details) == (
             Code.FAILED_PRECONDITION,
             True,
         ), details

@@ -771,7 +771,9 @@ async def test_the_plan_warns_that_nodes_already_on_https_keep_their_certificate
     service = AdminService(
         LeaderState(store, world.ca, lambda: START, 1),
         types.SimpleNamespace(plan=plan),  # type: ignore[arg-type]
-        types.SimpleNamespace(active=lambda: None),  # type: ignore[arg-type]
+        types.SimpleNamespace(  # type: ignore[arg-type]
+            active=lambda: None, clients_report=lambda names: ([], {})
+        ),
     )
     request = rollout_request("cluster", None, 1, "node", "enable-tls")
     request.cert_dir.CopyFrom(admin_pb2.CertDir(ca_pem=b"x"))

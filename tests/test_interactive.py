@@ -97,8 +97,22 @@ def test_start_asks_then_shows_a_generated_password_once(
     try:
         screen = term.read_until("Start the switch now?")
         assert "restarts the managed server" in screen
-        assert "re-initiate their server connections" in screen
-        assert "No new entries" in screen
+        text = " ".join(screen.split())  # (the terminal folds long lines)
+        # What happens to the workstations not yet switched, and the way to spare them
+        # (audit s38 M1): not only that clients re-initiate their connections.
+        assert (
+            "All connected clients must re-initiate their server connections: http (8080) "
+            "closes the moment each node switches, and every workstation on that node loses the "
+            "server until someone does the client steps there"
+        ) in text
+        assert "To let the workstations move over first: --strategy transitional" in text
+        # The seed's data-loss warning, not "no data is lost" (audit s38 M2).
+        assert (
+            "Staff must make no new entries during the switch (tlsroll notify tells them): "
+            "entries already acknowledged are kept, but one refused with 503 during the freeze "
+            "must be made again; with --freeze node the other nodes keep taking entries."
+        ) in text
+        assert "no data is lost" not in text
         assert "node1 (leader node)" in screen
         assert GENERATED.search(screen) is None  # nothing generated before the admin agrees
         term.type("y\n")

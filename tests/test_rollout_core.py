@@ -157,9 +157,11 @@ def test_an_admin_action_refused_ends_with_the_command_to_run(
         action.event,
         hint,
     )
-    assert str(caught.value) == (
-        f"rollout r1: event '{action}' is not allowed in state '{state}'; {hint}"
-    )
+    # Said in the admin's words, not the tables' ("event 'pause' is not allowed in state
+    # 'completed'": audit s38 L4).
+    words = state.value.replace("_", " ")
+    assert str(caught.value) == (f"rollout r1 is {words}: there is nothing to {action}; {hint}")
+    assert "event '" not in str(caught.value) and "state '" not in str(caught.value)
     assert "tlsroll " in hint and "\n" not in hint
     takes_back = "tlsroll rollout rollback r1" in hint
     waiting = state is R.AWAITING_FINALIZE
@@ -169,6 +171,21 @@ def test_an_admin_action_refused_ends_with_the_command_to_run(
     assert ("tlsroll rollout finalize r1" in hint) == waiting
     retries = "tlsroll rollout retry r1" in hint
     assert retries == (state in (RolloutState.HALTED, RolloutState.ABORTED))
+
+
+def test_pause_of_a_completed_rollout_is_said_plainly() -> None:
+    with pytest.raises(IllegalTransition) as caught:
+        a_rollout(R.COMPLETED).with_action(RolloutAction.PAUSE)
+    assert str(caught.value) == (
+        "rollout r1 is completed: there is nothing to pause; it has ended: start a new one "
+        "(tlsroll rollout start --scope …) or take it back (tlsroll rollout rollback r1)"
+    )
+    with pytest.raises(IllegalTransition) as caught:
+        a_rollout(R.AWAITING_FINALIZE).with_action(RolloutAction.ABORT)
+    assert str(caught.value).startswith(
+        "rollout r1 is awaiting finalize: there is nothing to abort; its nodes serve http and "
+        "https: close http with tlsroll rollout finalize r1"
+    )
 
 
 @pytest.mark.parametrize(("state", "event", "new"), NODE_ROWS)

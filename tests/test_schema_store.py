@@ -679,7 +679,7 @@ def test_a_rollout_planned_over_a_node_removed_meanwhile_is_not_created(tmp_path
     meta = RolloutMeta(created_at=NOW, started_by="admin:test", leader_node="a")
     with pytest.raises(planner.UnknownNodes) as refused:
         schema.create(rollout.with_event(RolloutEvent.START), nodes, meta, NOW, '{"v": 1}')
-    assert str(refused.value) == "not enrolled: b (check the names with the viewer)"
+    assert str(refused.value) == "not enrolled: b (check the names with `tlsroll nodes`)"
     assert schema.active() is None and schema.latest() is None
     assert schema.latest_auth_version() == 0  # the password went with it
     store.close()

@@ -452,7 +452,11 @@ async def test_ca_pin_with_password_and_the_port_prompt(
             node.url, "--ca-pin", pin, "--password-file", password_file(PASSWORD), stdin="\n"
         )
     assert run.code == 0, run.err
-    assert "Bootstrap port [9443]:" in run.out
+    # The seed's hint with the prompt: it can usually just be confirmed (audit s38 L1).
+    assert (
+        "Bootstrap port (Enter = 9443; change it only if you were told to, when 9443 is taken "
+        "by another program):"
+    ) in run.out
     assert "(and the password exchange confirmed)" in run.out
     assert settings_of(tmp_path)["client_fingerprint"].startswith("sha256:")
 

@@ -114,12 +114,22 @@ def _password_from(path: Path) -> str:
 
 
 def _ask_port(default: int) -> int:
-    port: int = click.prompt("Bootstrap port", default=default, type=click.IntRange(1, 65535))
+    """The seed's port prompt, with its hint: it can usually just be confirmed."""
+    port: int = click.prompt(
+        f"Bootstrap port (Enter = {default}; change it only if you were told to, when "
+        f"{default} is taken by another program)",
+        default=default,
+        show_default=False,
+        type=click.IntRange(1, 65535),
+    )
     return port
 
 
 def _ask_password() -> str:
     if not sys.stdin.isatty():
         raise click.UsageError("no terminal to ask for the password: use --password-file")
-    secret: str = click.prompt("Authentication password", hide_input=True)
+    secret: str = click.prompt(
+        "Authentication password (the one the practice IT set; not shown as you type)",
+        hide_input=True,
+    )
     return secret

@@ -7,8 +7,8 @@ CA pin). The steps, in the seed's order:
       unencrypted one and gets the new one suggested;
   (b) TLS handshake and the app path answering; the certificate's fingerprint is shown (not
       trusted yet: the CA is not known);
-  (c) the port check: the bootstrap port (9443, "Bootstrap port [9443]:" to confirm or change;
-      ``--bootstrap-port`` or ``--yes`` for scripts) must accept connections;
+  (c) the port check: the bootstrap port (9443, "Bootstrap port (Enter = 9443; …):" to confirm
+      or change; ``--bootstrap-port`` or ``--yes`` for scripts) must accept connections;
   (d) the password (no echo, or ``--password-file``), asked before anything is sent; the
       node's hello (name, the password's salt and scrypt parameters, its CA; with
       ``--ca-pin`` the CA must match the pin here already);

@@ -1,9 +1,11 @@
 """``tlsroll plan`` and ``tlsroll rollout …``: the seed's switch dialog.
 
-``plan`` is the dry run (changes nothing). ``rollout start`` without ``--yes`` shows the plan
-and the seed's warnings and asks. ``tlsroll schema show`` (read-only; ``--watch`` follows a
-rollout live until it ends) is in ``leader.cli.schema_cmd``, which also draws a rollout for
-``rollout status``.
+``plan`` is the dry run (changes nothing; exit 1 if the leader would refuse to start it: a
+node on http only for a change that starts from https). ``rollout start`` without ``--yes``
+shows the plan and the seed's warnings and asks; with ``--yes`` it prints the warnings once
+started (the seed's dialog gives them first). ``tlsroll schema show`` (read-only; ``--watch``
+follows a rollout live until it ends) is in ``leader.cli.schema_cmd``, which also draws a
+rollout for ``rollout status``.
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from __future__ import annotations
 import datetime as dt
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +34,7 @@ from leader.cli.draw import render_rollout
 from leader.cli.password import obtain_password, verifier_json
 from leader.cli.schema_cmd import AWAITING, ENDS
 from leader.rollout_core import (
+    BLOCKED_HTTP,
     Change,
     FreezeMode,
     NodeState,
@@ -38,6 +42,7 @@ from leader.rollout_core import (
     RolloutState,
     ScopeKind,
     Strategy,
+    not_on_https_refusal,
 )
 from leader.wire import (
     CHANGE,
@@ -182,7 +187,8 @@ def plan(
     """Dry run: the update schema a rollout would make, from what each node runs now (nodes
     already in the wanted state show "already done"), its checks, what clients must do. With
     --strategy transitional: both phases. With --cert-dir the certificates are checked too, and
-    any problem refuses the plan."""
+    any problem refuses the plan. Exit 1 if a start of it would be refused (a node on http only
+    for rotate-cert or change-password: "blocked: not on https"), after showing it."""
     request = rollout_request(scope, nodes, max_parallel, freeze, change, failure_budget, strategy)
     if cert_dir is not None:
         request.cert_dir.CopyFrom(cert_dir_message(cert_dir))
@@ -190,8 +196,18 @@ def plan(
         reply = leader.call(admin.PlanRollout, request)
     if as_json:
         emit_json(to_dict(reply))
-        return
-    show_plan(reply)
+    else:
+        show_plan(reply)
+    refuse_blocked(reply)  # exit 1: a start of this plan is refused
+
+
+def refuse_blocked(reply: admin_pb2.PlanResponse) -> None:
+    """CLIError (exit 1) if the plan has nodes on http only that its change starts from https
+    on (``BLOCKED_HTTP``): the leader refuses to start it (audit s38 M5)."""
+    blocked = [n.name for n in reply.rollout.nodes if n.reason == BLOCKED_HTTP]
+    if blocked:
+        change = CHANGE.text(reply.rollout.change)
+        raise CLIError(not_on_https_refusal(change, ", ".join(blocked), len(blocked)))
 
 
 def show_plan(reply: admin_pb2.PlanResponse) -> None:
@@ -210,6 +226,10 @@ def show_plan(reply: admin_pb2.PlanResponse) -> None:
     for i, n in enumerate(r.nodes, 1):
         shown = n.reason.startswith(("already done", "blocked:"))
         done = f" — {n.reason}" if shown else will
+        if n.still_on_http and not shown:  # (enable-tls only: the leader counts for it)
+            done += f"; {n.still_on_http} workstation(s) still on http" + (
+                "" if transitional else " lose the server then"
+            )
         out.print(f"  {i}. {n.name}{' (leader node)' if n.leader_node else ''}{done}")
     if reply.password_version_in_use:
         out.print(
@@ -295,6 +315,7 @@ def rollout_start(
         # The dry run first: a bad scope or an offline node fails before anything is asked.
         planned = leader.call(admin.PlanRollout, request)
         check_echo(request, planned)
+        refuse_blocked(planned)  # before anything is asked (the leader refuses it too)
         in_use = planned.password_version_in_use
         if in_use and secret is not None:
             raise CLIError(
@@ -313,7 +334,9 @@ def rollout_start(
                 secret = obtain_password(None, generate=True, leader=leader)
             request.auth_verifier_json = verifier_json(secret)
         view = leader.call(admin.StartRollout, request)
-    started(view, in_use)
+    # With --yes the plan was not shown: its warnings are, now (the seed's dialog gives them
+    # first; README and the demo start with --yes).
+    started(view, in_use, planned.warnings if yes else ())
     if wait:
         wait_for_end(leader, view.id)
 
@@ -339,7 +362,9 @@ def check_echo(request: admin_pb2.RolloutRequest, planned: admin_pb2.PlanRespons
         )
 
 
-def started(view: schema_pb2.RolloutView, password_in_use: int = 0) -> None:
+def started(
+    view: schema_pb2.RolloutView, password_in_use: int = 0, warnings: Sequence[str] = ()
+) -> None:
     skipped = [n for n in view.nodes if n.reason.startswith("already done")]
     out.print(
         f"rollout {view.id} started (epoch {view.epoch}); order: "
@@ -349,6 +374,10 @@ def started(view: schema_pb2.RolloutView, password_in_use: int = 0) -> None:
         out.print(f"  {n.name}: {n.reason}")
     if password_in_use:
         out.print(f"  the nodes get the auth password already in use (version {password_in_use})")
+    if warnings:
+        out.print("Important:")
+        for w in warnings:
+            out.print(f"  ! {w}")
     out.print("follow it with: tlsroll schema show --watch")
 
 

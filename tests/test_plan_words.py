@@ -1,0 +1,147 @@
+"""What the plan tells the admin (audit s38), against a real leader, agent and reference server:
+the direct switch says who loses the server and points to the transitional strategy, with the
+http workstations counted per node; the seed's data-loss warning is a warning, not reassurance;
+a change that cannot start is blocked in the plan (exit 1) and refused by the start before any
+node is touched; `--yes` still prints the warnings; an admin action a rollout's state does not
+allow is said plainly."""
+
+from __future__ import annotations
+
+import http.client
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from tests.cluster import Cluster, wait_until
+from tests.conftest import next_loopback
+from tests.nodeside import Node
+
+RECONNECT = "All connected clients must re-initiate their server connections"
+ENTRIES = (
+    "Staff must make no new entries during the switch (tlsroll notify tells them): entries "
+    "already acknowledged are kept, but one refused with 503 during the freeze must be made "
+    "again; with --freeze node the other nodes keep taking entries."
+)
+
+
+@pytest.fixture
+def one_node(tmp_path: Path) -> Iterator[tuple[Cluster, Node]]:
+    address = next_loopback()
+    cluster = Cluster(tmp_path / "cluster", address, heartbeat_interval=1)
+    node = Node(cluster, "node1", address, tmp_path / "node1")
+    try:
+        cluster.init("--node-name", "node1")
+        cluster.start_leader()
+        node.start(clients_refresh=1)
+        cluster.wait_for_nodes_online(["node1"])
+        yield cluster, node
+    finally:
+        node.close()
+        cluster.close()
+
+
+def password_file(tmp_path: Path) -> Path:
+    path = tmp_path / "pw"
+    path.touch(0o600)
+    path.write_text("plan-words-password-for-the-practice\n")
+    return path
+
+
+def on_http(node: Node) -> None:
+    """One workstation (its own loopback address) reads from the node over http."""
+    conn = http.client.HTTPConnection(
+        node.address, 8080, timeout=10, source_address=(next_loopback(), 0)
+    )
+    try:
+        conn.request("GET", node.server.app_path, headers={"Connection": "close"})
+        conn.getresponse().read()
+    finally:
+        conn.close()
+
+
+def plan_json(cluster: Cluster, *args: str) -> tuple[int, dict[str, Any]]:
+    run = cluster.cli("plan", "--scope", "local", "--json", *args)
+    return run.returncode, json.loads(run.stdout) if run.stdout.strip() else {}
+
+
+@pytest.mark.timeout(240)
+def test_what_the_plan_tells_the_admin(one_node: tuple[Cluster, Node], tmp_path: Path) -> None:
+    cluster, node = one_node
+
+    # M5: rotate-cert on a node on http only: blocked in the plan, exit 1 (it said "will
+    # switch", exit 0, and the start then halted at the node's preflight).
+    plan = cluster.cli("plan", "--scope", "local", "--change", "rotate-cert")
+    assert plan.returncode == 1, (plan.stdout, plan.stderr)
+    (line,) = [ln for ln in plan.stdout.splitlines() if ln.startswith("  1. node1")]
+    assert line.endswith("— blocked: not on https; run enable-tls first"), line
+    assert plan.stderr.strip() == (
+        "tlsroll: error: rotate-cert cannot start: node1 is not on https; run enable-tls first (or "
+        "leave it out: --nodes); nothing was changed"
+    )
+    # ... with its own steps: no address to change, nothing asked of the workstations.
+    assert "change server address" not in plan.stdout
+    assert "none: the address, the port and the password stay the same" in plan.stdout
+    code, data = plan_json(cluster, "--change", "rotate-cert")
+    assert code == 1 and data["rollout"]["nodes"][0]["reason"].startswith("blocked: not on https")
+    start = cluster.cli("rollout", "start", "--scope", "local", "--change", "rotate-cert", "--yes")
+    assert start.returncode == 1, (start.stdout, start.stderr)
+    assert "not on https; run enable-tls first" in start.stderr
+    # change-password with nothing staged: refused by the plan too, as a failure (exit 1).
+    for words in (("plan",), ("rollout", "start", "--yes")):
+        run = cluster.cli(*words, "--scope", "local", "--change", "change-password")
+        assert run.returncode == 1, (words, run.stdout, run.stderr)
+        assert run.stderr.strip() == (
+            "tlsroll: error: no password staged: run `tlsroll password set` first"
+        )
+    schema = json.loads(cluster.cli("schema", "show", "--json").stdout)
+    assert not schema.get("rollouts"), schema  # nothing was started
+
+    # M1: the direct plan counts the workstations still on http, per node, and says what
+    # happens to them; M2: the seed's warning about entries, not "no data is lost".
+    on_http(node)
+    wait_until(
+        lambda: plan_json(cluster)[1]["rollout"]["nodes"][0].get("still_on_http") == 1,
+        30,
+        "the plan to count the workstation on http",
+    )
+    plan = cluster.cli("plan", "--scope", "local")
+    assert plan.returncode == 0, plan.stderr
+    text = " ".join(plan.stdout.split())  # rich folds long lines
+    assert "1. node1 (leader node) — will switch; 1 workstation(s) still on http lose the " in text
+    assert f"{RECONNECT}: http (8080) closes the moment each node switches" in text
+    assert "--strategy transitional" in text
+    assert "1 workstation(s) were seen on http lately and not on https since (node1: 1)" in text
+    assert ENTRIES in text
+    assert "no data is lost" not in text
+
+    # M6a: with --yes the plan is not shown, but its warnings are.
+    start = cluster.cli(
+        *("rollout", "start", "--scope", "local", "--yes"),
+        *("--password-file", str(password_file(tmp_path)), "--wait"),
+        timeout=120,
+    )
+    assert start.returncode == 0, (start.stdout, start.stderr)
+    said = " ".join(start.stdout.split())
+    assert "The switch restarts the managed server on each node." in said
+    assert RECONNECT in said and ENTRIES in said
+    assert "(node1: 1)" in said
+
+    # rotate-cert now runs (the node is on https), with its own texts.
+    plan = cluster.cli("plan", "--scope", "local", "--change", "rotate-cert")
+    assert plan.returncode == 0, (plan.stdout, plan.stderr)
+    text = " ".join(plan.stdout.split())
+    assert "1. node1 (leader node) — will switch" in text and "blocked" not in text
+    assert "the address, the port and the password stay the same" in text
+    assert "8080 closes" not in text and "change server address" not in text
+
+    # L4: an action the rollout's state does not allow, in the admin's words.
+    rid = cluster.newest_rollout()["id"]
+    pause = cluster.cli("rollout", "pause")
+    assert pause.returncode == 1
+    assert pause.stderr.startswith(
+        f"tlsroll: error: rollout {rid} is completed: there is nothing to pause; it has ended: "
+    ), pause.stderr
+    assert "not allowed in state" not in pause.stderr
