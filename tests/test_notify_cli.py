@@ -337,11 +337,43 @@ def test_a_notice_about_a_rollout_gives_the_password_it_applied(tmp_path: Path) 
         )
         line = usage_error(old, 1)
         assert f"the password changed since rollout {enable['id']}" in line, line
+        check_password_about(world)
         for out in world.outputs:
             if "WARNUNG" not in out and "WARNING" not in out:
                 assert PW1 not in out and PW2 not in out and PW3 not in out
     finally:
         world.close()
+
+
+def check_password_about(world: World) -> None:
+    """Admin.CheckPassword ``about`` (review s38ntf2 L4), with versions 1 to 3 staged and both
+    nodes on 2: that version's parameters, the nodes' versions, a version not staged and a
+    hash made under another version refused, each said as what it is."""
+    rows = world.cluster.store_rows(("auth_versions",), ignore=("created_at", "actor"))
+    stored = {v: json.loads(text) for v, text in rows["auth_versions"]}
+    assert sorted(stored) == [1, 2, 3]
+    with world.cluster.admin() as admin:
+        two = admin.CheckPassword(admin_pb2.CheckPasswordRequest(about=2), timeout=10)
+        assert (two.version, two.newest, two.salt) == (2, 3, stored[2]["salt"])
+        assert {n.node: n.version for n in two.live} == {"node1": 2, "node2": 2}
+        digest = base64.b64decode(stored[2]["hash"])
+        right = admin.CheckPassword(
+            admin_pb2.CheckPasswordRequest(candidate_hash=digest, version=2, about=2), timeout=10
+        )
+        assert right.matches and right.version == 2
+        with pytest.raises(grpc.RpcError) as ahead_of:
+            admin.CheckPassword(admin_pb2.CheckPasswordRequest(about=4), timeout=10)
+        assert ahead_of.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "no password version 4 (the newest is 3)" in (ahead_of.value.details() or "")
+        with pytest.raises(grpc.RpcError) as other:
+            admin.CheckPassword(
+                admin_pb2.CheckPasswordRequest(candidate_hash=digest, version=2, about=1),
+                timeout=10,
+            )
+        assert other.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        details = other.value.details() or ""
+        assert "made under password version 2, not the version asked about (1)" in details
+        assert "staged meanwhile" not in details
 
 
 def check_password_rpc(world: World) -> None:
