@@ -477,9 +477,9 @@ def check_password(
 @click.option(
     "--include-password",
     is_flag=True,
-    help="Put the password into the message (only the one the notice is about: for "
-    "enable-tls the one its nodes run, for change-password the staged one; with a warning not "
-    "to e-mail it; not with --format html).",
+    help="Put the password into the message (only the one the notice is about: announced, "
+    "for change-password the staged one, for enable-tls the one its nodes will run; about a "
+    "rollout, the one it applied; with a warning not to e-mail it; not with --format html).",
 )
 @click.option(
     "--password-file",
