@@ -499,7 +499,10 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         if request.candidate_hash:
             if request.version != version:
                 raise failed_precondition(
-                    f"password version {newest} was staged meanwhile; check again"
+                    f"the hash was made under password version {request.version}, not the "
+                    f"version asked about ({version})"
+                    if request.about or request.version > newest
+                    else f"password version {newest} was staged meanwhile; check again"
                 )
             reply.matches = hmac.compare_digest(request.candidate_hash, expected)
             log.info("password.checked", version=version, matches=reply.matches)

@@ -129,6 +129,7 @@ def rollout_view(
         undoes=meta.undoes,
         finalizes=meta.finalizes,
         when_quiet_seconds=meta.when_quiet,
+        auth_version=meta.auth_version,
     )
 
 

@@ -6,17 +6,24 @@ warning first, escaping in Markdown and HTML, the practice's time zone, and bad 
 
 from __future__ import annotations
 
+import base64
+import contextlib
 import datetime as dt
+import hmac
 import html.parser
 import zoneinfo
+from collections.abc import Iterator
+from typing import Any, cast
 
 import click
 import pytest
 
 from leader.cli import notify_cmd
-from leader.cli.base import CLIError
+from leader.cli.base import CLIError, Leader
 from leader.cli.notify import NoticeInfo, NoticeNode, Timing, render_notice, when_text
 from leader.rollout_core import Change
+from tlsroll import password
+from tlsroll.v1 import admin_pb2
 
 BERLIN = zoneinfo.ZoneInfo("Europe/Berlin")
 PIN = "sha256:" + "3f" * 32
@@ -285,39 +292,125 @@ V = Change.ENABLE_TLS
 @pytest.mark.parametrize(
     ("change", "live", "nodes", "planned", "version"),
     [
-        # a change-password notice: the newest staged version (3), whatever the nodes run
-        (Change.CHANGE_PASSWORD, {"a": 1, "b": 2}, ["a", "b"], None, 3),
-        # enable-tls after its start: what its nodes run, not what is staged
-        (V, {"a": 1, "b": 1, "x": 2}, ["a", "b"], None, 1),
-        (V, {"a": 2}, ["a", "b"], None, 2),  # (b not switched yet)
-        # announced: the version the plan gives, the nodes switched before run it too
+        # an announced change-password notice: the newest staged version (3)
+        (Change.CHANGE_PASSWORD, {"a": 1, "b": 2}, ["a", "b"], 1, 3),
+        # announced enable-tls: the version the plan gives, the nodes switched before run it too
         (V, {"a": 1}, ["a", "b"], 1, 1),
         (V, {}, ["b"], 2, 2),
     ],
 )
-def test_the_password_a_notice_gives(
-    change: Change, live: dict[str, int], nodes: list[str], planned: int | None, version: int
+def test_the_password_an_announced_notice_gives(
+    change: Change, live: dict[str, int], nodes: list[str], planned: int, version: int
 ) -> None:
     """Audit s38 H1: the version the notice is about, not always the newest staged one."""
     assert notify_cmd.password_version(change, 3, live, nodes, planned) == version
 
 
 @pytest.mark.parametrize(
+    ("change", "applied", "live", "version"),
+    [
+        # a change-password rollout that ran (v2), v3 staged since: v2, not the staged one
+        # (review s38ntf2 H1: v3 went into the notice and no workstation could use it)
+        (Change.CHANGE_PASSWORD, notify_cmd.Applied("r", 2, ("a", "b")), {"a": 2, "b": 2}, 2),
+        # enable-tls after its start: what it applies, not what is staged
+        (V, notify_cmd.Applied("r", 1, ("a", "b")), {"a": 1, "b": 1, "x": 2}, 1),
+        (V, notify_cmd.Applied("r", 2, ("a",), active=True), {"a": 2}, 2),  # b not yet
+        # (M2) running, no node done yet: the version its start set
+        (V, notify_cmd.Applied("r", 2, (), active=True), {}, 2),
+        # running, a node just done but not recorded as running it yet
+        (V, notify_cmd.Applied("r", 2, ("a",), active=True), {}, 2),
+        # nodes switched before run it too
+        (V, notify_cmd.Applied("r", 1, ("b",), before=("a",)), {"a": 1, "b": 1}, 1),
+    ],
+)
+def test_the_password_a_notice_about_a_rollout_gives(
+    change: Change, applied: notify_cmd.Applied, live: dict[str, int], version: int
+) -> None:
+    assert notify_cmd.applied_version(applied, live) == version
+
+
+@pytest.mark.parametrize(
+    ("applied", "live", "says"),
+    [
+        # a later change-password rollout changed what a done node runs
+        (notify_cmd.Applied("r", 1, ("a", "b")), {"a": 1, "b": 2}, "changed since rollout r"),
+        (notify_cmd.Applied("r", 1, ("a",)), {}, "a none (on http)"),  # disable-tls since
+        (notify_cmd.Applied("r", 2, ("b",), before=("a",)), {"a": 1, "b": 2}, "a version 1"),
+        # a leader of older code leaves auth_version unset
+        (notify_cmd.Applied("r", 0, ("a",)), {"a": 1}, "the leader runs older code"),
+    ],
+)
+def test_no_password_to_give_about_a_rollout(
+    applied: notify_cmd.Applied, live: dict[str, int], says: str
+) -> None:
+    with pytest.raises(CLIError) as refused:
+        notify_cmd.applied_version(applied, live)
+    assert says in str(refused.value)
+
+
+@pytest.mark.parametrize(
     ("live", "nodes", "planned", "error", "says"),
     [
-        ({"a": 1, "b": 2}, ["a", "b"], None, CLIError, "a version 1, b version 2"),
         ({"a": 1}, ["a", "b"], 2, CLIError, "the rollout gives the others version 2"),
-        ({}, ["a"], None, CLIError, "no node of the notice runs a password yet"),
         ({}, ["a"], 0, click.UsageError, "enable-tls sets its password when it starts"),
     ],
 )
 def test_no_password_to_give(
     live: dict[str, int],
     nodes: list[str],
-    planned: int | None,
+    planned: int,
     error: type[Exception],
     says: str,
 ) -> None:
     with pytest.raises(error) as refused:
         notify_cmd.password_version(V, 3, live, nodes, planned)
     assert says in str(refused.value)
+    assert "once a node has switched" not in str(refused.value)  # (M2) one story: at the start
+
+
+class _OldLeader:
+    """Admin.CheckPassword as a leader from before 95aa68b answers: always the newest
+    staged version, no ``newest`` nor ``live``; ``about`` is a field it does not know (its
+    parser drops it). ``newest``: as a leader that knows ``newest`` but not ``about``."""
+
+    def __init__(self, with_newest: bool = False) -> None:
+        self.verifiers = {v: password.make_verifier(p) for v, p in ((1, PW_1), (2, PW_2))}
+        self.with_newest = with_newest
+
+    @contextlib.contextmanager
+    def admin(self) -> Iterator[_OldLeader]:
+        yield self
+
+    def CheckPassword(
+        self, request: admin_pb2.CheckPasswordRequest
+    ) -> admin_pb2.CheckPasswordResponse:
+        newest = max(self.verifiers)
+        v = self.verifiers[newest]
+        expected = base64.b64decode(v["hash"])
+        reply = admin_pb2.CheckPasswordResponse(
+            version=newest, salt=v["salt"], n=v["n"], r=v["r"], p=v["p"], dklen=len(expected)
+        )
+        if self.with_newest:
+            reply.newest = newest
+            reply.live.add(node="a", version=1)
+        if request.candidate_hash:
+            reply.matches = hmac.compare_digest(request.candidate_hash, expected)
+        return reply
+
+    def call(self, method: Any, request: Any) -> Any:
+        return method(request)
+
+
+PW_1, PW_2 = "first-password-kd7q-x2mf", "second-password-9wq3-p4hz"
+
+
+@pytest.mark.parametrize("with_newest", [False, True])
+@pytest.mark.parametrize("secret", [PW_1, PW_2])
+def test_a_leader_of_older_code_is_refused(with_newest: bool, secret: str) -> None:
+    """Review s38ntf2 M1: CheckPassword is read-only, so through a leader of other code the CLI
+    only warns; one that drops ``about`` checked the newest staged password (v2) for an
+    enable-tls notice whose rollout gives v1, and v2 went into the notice."""
+    leader = cast(Leader, _OldLeader(with_newest))
+    for applied in (None, notify_cmd.Applied("r", 1, ("a",))):
+        with pytest.raises(CLIError, match="the leader runs older code: restart it"):
+            notify_cmd.check_password(leader, secret, V, ["a", "b"], 1, applied)

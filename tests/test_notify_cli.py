@@ -279,10 +279,101 @@ def test_the_notice_gives_the_password_its_nodes_run_and_lists_nodes_switched_be
         "notify", "--rollout", cluster["id"], "--include-password", "--password-file", str(pw1)
     )
     line = usage_error(mixed, 1)
-    assert "run different passwords (node1 version 1, node2 version 2)" in line, line
+    assert f"the password changed since rollout {cluster['id']}" in line, line
+    assert "now node2 version 2" in line, line
     for out in world.outputs:  # no password anywhere but in the notices that asked for it
         if "WARNUNG" not in out and "WARNING" not in out:
             assert PW1 not in out and PW2 not in out
+
+
+PW3 = "third-password-8vn2-r5jt"
+
+
+def test_a_notice_about_a_rollout_gives_the_password_it_applied(tmp_path: Path) -> None:
+    """Review s38ntf2 M2: the notice at once after `rollout start --password-file` (no node
+    done yet) gives the password the start set. H1: a change-password notice about a rollout
+    that ran gives the password it applied, not one staged since (no workstation could use
+    that one: the node runs the applied one); a done node whose password changed since is
+    said to be so."""
+    world = World(tmp_path / "w", nodes=2)
+    try:
+        world.start()
+        pw1 = secret_file(tmp_path / "pw1", PW1)
+        pw2 = secret_file(tmp_path / "pw2", PW2)
+        pw3 = secret_file(tmp_path / "pw3", PW3)
+        started = world.cli(
+            "rollout", "start", "--scope", "cluster", "--max-parallel", "1",
+            "--password-file", str(pw1), "--yes",
+        )  # fmt: skip
+        assert started.returncode == 0, started.stderr
+        assert world.cli("rollout", "pause").returncode == 0
+        running = ok(world.cli("notify", "--include-password", "--password-file", str(pw1)))
+        assert running.count(PW1) == 1
+        assert "not the password the notice's nodes run (version 1)" in usage_error(
+            world.cli("notify", "--include-password", "--password-file", str(pw2)), 1
+        )
+        assert world.cli("rollout", "resume").returncode == 0
+        wait_until(lambda: world.schema()["rollouts"][0]["state"] == "completed", 90, "the switch")
+        enable = world.schema()["rollouts"][0]
+        assert enable["auth_version"] == 1
+
+        assert world.cli("password", "set", "--password-file", str(pw2)).returncode == 0
+        changed = rollout(world, "--change", "change-password", "--scope", "cluster")
+        assert changed["auth_version"] == 2
+        assert world.cli("password", "set", "--password-file", str(pw3)).returncode == 0
+        staged = world.cli("notify", "--include-password", "--password-file", str(pw3))
+        line = usage_error(staged, 1)
+        assert "(version 3) is staged, not in effect on any node yet" in line, line
+        assert PW3 not in staged.stderr
+        text = ok(world.cli("notify", "--include-password", "--password-file", str(pw2)))
+        assert "Neues Authentifizierungspasswort" in text and text.count(PW2) == 1
+        # ... the one a workstation sets up with
+        node = world.nodes[1]
+        joined = world.test_connection(node.https_url(), pw2, tmp_path / "ws2")
+        assert joined.returncode == 0, joined.stderr
+        # the enable-tls rollout's password is no longer the nodes' one
+        old = world.cli(
+            "notify", "--rollout", enable["id"], "--include-password", "--password-file", str(pw1)
+        )
+        line = usage_error(old, 1)
+        assert f"the password changed since rollout {enable['id']}" in line, line
+        check_password_about(world)
+        for out in world.outputs:
+            if "WARNUNG" not in out and "WARNING" not in out:
+                assert PW1 not in out and PW2 not in out and PW3 not in out
+    finally:
+        world.close()
+
+
+def check_password_about(world: World) -> None:
+    """Admin.CheckPassword ``about`` (review s38ntf2 L4), with versions 1 to 3 staged and both
+    nodes on 2: that version's parameters, the nodes' versions, a version not staged and a
+    hash made under another version refused, each said as what it is."""
+    rows = world.cluster.store_rows(("auth_versions",), ignore=("created_at", "actor"))
+    stored = {v: json.loads(text) for v, text in rows["auth_versions"]}
+    assert sorted(stored) == [1, 2, 3]
+    with world.cluster.admin() as admin:
+        two = admin.CheckPassword(admin_pb2.CheckPasswordRequest(about=2), timeout=10)
+        assert (two.version, two.newest, two.salt) == (2, 3, stored[2]["salt"])
+        assert {n.node: n.version for n in two.live} == {"node1": 2, "node2": 2}
+        digest = base64.b64decode(stored[2]["hash"])
+        right = admin.CheckPassword(
+            admin_pb2.CheckPasswordRequest(candidate_hash=digest, version=2, about=2), timeout=10
+        )
+        assert right.matches and right.version == 2
+        with pytest.raises(grpc.RpcError) as ahead_of:
+            admin.CheckPassword(admin_pb2.CheckPasswordRequest(about=4), timeout=10)
+        assert ahead_of.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert "no password version 4 (the newest is 3)" in (ahead_of.value.details() or "")
+        with pytest.raises(grpc.RpcError) as other:
+            admin.CheckPassword(
+                admin_pb2.CheckPasswordRequest(candidate_hash=digest, version=2, about=1),
+                timeout=10,
+            )
+        assert other.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        details = other.value.details() or ""
+        assert "made under password version 2, not the version asked about (1)" in details
+        assert "staged meanwhile" not in details
 
 
 def check_password_rpc(world: World) -> None:

@@ -8,6 +8,8 @@ import json
 import math
 import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -349,6 +351,41 @@ def test_the_admin_cli_refuses_a_password_file_others_can_access(
     code = cli.main(["--socket", str(socket), *args, "--password-file", str(path)])
     err = capsys.readouterr().err
     assert code == 1 and "accessible" not in err, err
+
+
+def test_a_password_file_others_can_access_is_named_as_the_file_it_is(tmp_path: Path) -> None:
+    """Review s38ntf2 L5: the mode is that of the file read (one open, ``fstat``), and the
+    message names that file: `--password-file /dev/stdin < pw` said "chmod 600 /dev/stdin",
+    which changes nothing; a link is named with the file it leads to."""
+    path = tmp_path / "pw"
+    path.write_text("Zebra-Quartz-Mango-7741\n")
+    path.chmod(0o644)
+    link = tmp_path / "link"
+    link.symlink_to(path)
+    socket = str(tmp_path / "no-leader.sock")
+    base = [sys.executable, "-m", "tlsroll", "--socket", socket, "password", "set"]
+    with path.open("rb") as stdin:
+        piped = subprocess.run(
+            [*base, "--password-file", "/dev/stdin"],
+            stdin=stdin,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    linked = subprocess.run(
+        [*base, "--password-file", str(link)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    for result, given in ((piped, "/dev/stdin"), (linked, str(link))):
+        assert result.returncode == 2, result.stderr
+        line = result.stderr.strip()
+        assert "\n" not in line and "Traceback" not in result.stderr and "Zebra" not in line
+        assert f"{given} ({path}) is accessible by others (mode 0644)" in line, line
+        assert f"run: chmod 600 {path} " in line, line
 
 
 def test_a_staged_password_says_the_change_password_rollout_applies_it() -> None:

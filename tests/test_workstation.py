@@ -1010,3 +1010,15 @@ async def test_a_new_client_tells_an_old_node_to_upgrade(
         "the node"
     )
     assert not (tmp_path / "settings").exists()
+
+
+def test_a_wrong_password_names_what_applies_a_changed_one() -> None:
+    """Review s38ntf2 L6: "takes effect only after the server restarts" — a rotate-cert
+    restarts the server and keeps the live password; the change-password rollout applies it."""
+    from workstation.connection import Reply, TestConnection
+
+    body = json.dumps({"error": "wrong_password", "message": "no"}).encode()
+    error = TestConnection._refused(Reply(401, body, {}, None), "node1")
+    text = str(error)
+    assert "only with the change-password rollout, which restarts the server" in text, text
+    assert "after the server restarts" not in text

@@ -29,7 +29,7 @@ REVISION_KEY = "x-tlsroll-contract"
 """The initial-metadata keys the leader's admin socket answers with (gRPC metadata keys are
 lower case)."""
 
-REVISION = "03a98ac8e9f1"
+REVISION = "faa02c12208f"
 """``computed()`` of this tree's contract (a test keeps it so): what this CLI speaks."""
 
 

@@ -99,6 +99,12 @@ def read_password_file(path: Path) -> str:
         data = Path(path).read_bytes()
     except OSError as exc:
         raise PasswordFileError(f"cannot read {path}: {exc.strerror or exc}") from None
+    return password_from_bytes(data, path)
+
+
+def password_from_bytes(data: bytes, path: Path | str) -> str:
+    """``read_password_file``'s rule for ``data``, read from ``path`` (named in the message)
+    by the caller: one that checks the file it opened (``fstat``) reads from that descriptor."""
     try:
         text = data.decode("utf-8")
     except UnicodeDecodeError:

@@ -725,7 +725,8 @@ class TestConnection:
             return ClientError(
                 Exit.WRONG_PASSWORD,
                 f"wrong password: {where} did not accept it (or the exchange was altered on "
-                "the way; a changed password takes effect only after the server restarts); "
+                "the way; a changed password takes effect only with the change-password "
+                "rollout, which restarts the server); "
                 "check the password and try again",
             )
         if error == proto.ErrorCode.RATE_LIMITED:

@@ -10,10 +10,12 @@ switched. Times are shown in the practice's zone: ``--timezone``, else the leade
 
 ``--include-password`` puts a password into the message only if it is the one the notice is
 about (``Admin.CheckPassword``: the leader compares a hash derived here; the password never
-leaves this process): for a change-password notice the newest staged one; for an enable-tls
-notice the version its nodes run (after the switch; announced, the version the nodes that
-switched before run, which the planned rollout gives the others), never one staged and in
-effect on no node yet (``password_version``). Not in an HTML notice: that is for e-mail.
+leaves this process). Announced: for change-password the newest staged one (its start applies
+it), for enable-tls the version the nodes that switched before run, which the planned rollout
+gives the others (``password_version``). About a rollout that exists (running, from its start
+on, or ended): the version it applies (``RolloutView.auth_version``), if its nodes done still
+run it (``applied_version``); never one staged since and in effect on no node yet. Not in an
+HTML notice: that is for e-mail.
 
 Nodes of an enable-tls rollout that an earlier one had switched already (a cluster rollout
 after a local one: the plan skips them) are listed too, with their https address, marked
@@ -27,6 +29,7 @@ import re
 import sys
 import zoneinfo
 from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 from urllib.parse import urlsplit
@@ -267,35 +270,83 @@ _ENABLE_FIRST = (
     "enable-tls sets its password when it starts (rollout start --password-file): "
     "include it in the notice after the start, or leave out --include-password"
 )
+_OLDER = (
+    "the leader runs older code: restart it (systemctl restart tlsroll-leader), then include "
+    "the password"
+)
+
+
+@dataclass(frozen=True)
+class Applied:
+    """A notice about a rollout that exists (started, perhaps ended): the password version it
+    applies (``RolloutView.auth_version``), its nodes done (``switched``: they run it, unless
+    something changed it since; ``active``: the rollout still runs, and a node just done may
+    not be recorded as running it yet) and, for enable-tls, the nodes an earlier rollout
+    switched (``before``: they must run it too, or the notice has no one password)."""
+
+    rollout: str
+    version: int
+    switched: tuple[str, ...] = ()
+    before: tuple[str, ...] = ()
+    active: bool = False
+
+
+def applied_version(applied: Applied, live: dict[str, int]) -> int:
+    """The password version a notice about the rollout ``applied`` gives: the one it applies,
+    if its nodes done still run it (``live``: per node); a CLIError (one line) if not."""
+    version = applied.version
+    if not version:
+        raise CLIError(
+            f"rollout {applied.rollout} applies no password the notice could give (or {_OLDER})"
+        )
+    changed = {
+        n: live.get(n)
+        for n in applied.switched
+        if live.get(n) != version and (n in live or not applied.active)
+    }
+    if changed:
+        listed = ", ".join(
+            f"{n} version {v}" if v else f"{n} none (on http)" for n, v in sorted(changed.items())
+        )
+        raise CLIError(
+            f"the password changed since rollout {applied.rollout} (it applied version "
+            f"{version}; now {listed}): make the notice about the rollout that changed it "
+            "(--rollout ID, see `tlsroll schema show`), or leave out --include-password"
+        )
+    others = {n: live.get(n) for n in applied.before if live.get(n) != version}
+    if others:
+        listed = ", ".join(f"{n} version {v or 'none'}" for n, v in sorted(others.items()))
+        raise CLIError(
+            f"the notice's nodes run different passwords ({listed}; rollout {applied.rollout} "
+            f"gives version {version}): give them one with "
+            "`tlsroll rollout start --change change-password`, then include it"
+        )
+    return version
 
 
 def password_version(
-    change: Change, newest: int, live: dict[str, int], nodes: Sequence[str], planned: int | None
+    change: Change, newest: int, live: dict[str, int], nodes: Sequence[str], planned: int
 ) -> int:
-    """The password version a notice of ``change`` about ``nodes`` gives: change-password the
-    newest staged one; an announced enable-tls (``planned``: the plan's version in use, 0 for
-    none) the version the switched nodes run and the rollout gives the others; an enable-tls
-    after its start the version its nodes run (``live``: per node), one for all of them. A
-    UsageError or CLIError (one line) when there is none to give."""
+    """The password version an announced notice (``--when``) of ``change`` about ``nodes``
+    gives: change-password the newest staged one (the one its start applies); enable-tls
+    (``planned``: the plan's version in use, 0 for none) the version the nodes switched before
+    run (``live``: per node) and the rollout gives the others. A notice about a rollout that
+    exists: ``applied_version``. A UsageError or CLIError (one line) when there is none to
+    give."""
     if change is Change.CHANGE_PASSWORD:
         return newest
-    if planned is not None and not planned:
+    if not planned:
         raise click.UsageError(_ENABLE_FIRST)
     running = {n: live[n] for n in nodes if n in live}
-    if not running and not planned:
-        raise CLIError(
-            "no node of the notice runs a password yet: include it once a node has switched"
-        )
-    versions = set(running.values()) | ({planned} if planned else set())
+    versions = set(running.values()) | {planned}
     if len(versions) > 1:
         listed = ", ".join(f"{n} version {v}" for n, v in sorted(running.items()))
-        if planned:
-            listed += f"; the rollout gives the others version {planned}"
         raise CLIError(
-            f"the notice's nodes run different passwords ({listed}): give them one with "
+            f"the notice's nodes run different passwords ({listed}; the rollout gives the "
+            f"others version {planned}): give them one with "
             "`tlsroll rollout start --change change-password`, then include it"
         )
-    return versions.pop()
+    return planned
 
 
 def _matches(
@@ -324,24 +375,40 @@ def _matches(
 
 
 def check_password(
-    leader: Leader, secret: str, change: Change, nodes: Sequence[str], planned: int | None
+    leader: Leader,
+    secret: str,
+    change: Change,
+    nodes: Sequence[str],
+    planned: int | None,
+    applied: Applied | None = None,
 ) -> None:
-    """CLIError (UsageError) unless ``secret`` is the password the notice is about
-    (``password_version``), checked by Admin.CheckPassword; a password staged and in effect
-    on no node yet is named as such for an enable-tls notice."""
+    """CLIError (UsageError) unless ``secret`` is the password the notice is about, checked
+    by Admin.CheckPassword: announced (``planned``), ``password_version``; about a rollout
+    that exists (``applied``), ``applied_version``. A password staged and in effect on no node
+    yet is named as such, unless the notice announces it. A leader of older code (it sends no
+    ``newest``, or answers another version than the one asked about: it drops ``about``) is
+    refused: it would check the newest staged password, whatever the notice is about."""
     with leader.admin() as admin:
         first = leader.call(admin.CheckPassword, admin_pb2.CheckPasswordRequest())
-        newest = first.newest or first.version
+        if not first.newest or first.version != first.newest:
+            raise CLIError(_OLDER)
+        newest = first.newest
         live = {n.node: n.version for n in first.live}
-        target = password_version(change, newest, live, nodes, planned)
+        announced = applied is None
+        if applied is not None:
+            target = applied_version(applied, live)
+        else:
+            target = password_version(change, newest, live, nodes, planned or 0)
         params = (
             first
             if target == first.version
             else leader.call(admin.CheckPassword, admin_pb2.CheckPasswordRequest(about=target))
         )
+        if params.version != target:
+            raise CLIError(_OLDER)
         if _matches(leader, admin, params, secret):
             return
-        if change is Change.CHANGE_PASSWORD:
+        if announced and change is Change.CHANGE_PASSWORD:
             raise CLIError(
                 f"that is not the staged password (version {target}); the notice would give "
                 "the practice a wrong one. Check the file, or stage it with "
@@ -410,9 +477,9 @@ def check_password(
 @click.option(
     "--include-password",
     is_flag=True,
-    help="Put the password into the message (only the one the notice is about: for "
-    "enable-tls the one its nodes run, for change-password the staged one; with a warning not "
-    "to e-mail it; not with --format html).",
+    help="Put the password into the message (only the one the notice is about: announced, "
+    "for change-password the staged one, for enable-tls the one its nodes will run; about a "
+    "rollout, the one it applied; with a warning not to e-mail it; not with --format html).",
 )
 @click.option(
     "--password-file",
@@ -504,6 +571,7 @@ def notify(
     unchanged: list[str] = []
     transitional = False
     planned_password: int | None = None  # an announced switch: the password its plan gives
+    applied: Applied | None = None  # a rollout that exists: the password it applies
     if start is not None:
         the_change = Change(change or "enable-tls")
         with leader.admin() as admin:
@@ -567,6 +635,13 @@ def notify(
             end.astimezone(zone) if end else None,
         )
         kind = SCOPE_KIND.read_optional(r.scope, "scope")
+        applied = Applied(
+            r.id,
+            r.auth_version,
+            switched=tuple(n.name for n, s in records if s in switched),
+            before=tuple(n.name for n in before),
+            active=running,
+        )
 
     secret = None
     if include_password:
@@ -585,6 +660,7 @@ def notify(
             the_change,
             [n.name for n in (*notice_nodes, *already)],
             planned_password if start is not None else None,
+            applied,
         )
 
     with leader.admin() as admin:

@@ -213,6 +213,7 @@ class RolloutView(_message.Message):
     UNDOES_FIELD_NUMBER: _builtins.int
     FINALIZES_FIELD_NUMBER: _builtins.int
     WHEN_QUIET_SECONDS_FIELD_NUMBER: _builtins.int
+    AUTH_VERSION_FIELD_NUMBER: _builtins.int
     id: _builtins.str
     change: _types_pb2.Change.ValueType
     scope: _types_pb2.ScopeKind.ValueType
@@ -230,6 +231,10 @@ class RolloutView(_message.Message):
     """finalize: the transitional rollout whose phase 2 this is."""
     when_quiet_seconds: _builtins.int
     """finalize --when-quiet: a node is finalized once no http client was seen on it this long."""
+    auth_version: _builtins.int
+    """The auth password version this rollout applies to its nodes (enable-tls,
+    change-password: the one they run once done); 0: none (rotate-cert, disable-tls).
+    """
     @_builtins.property
     def scope_nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -262,10 +267,11 @@ class RolloutView(_message.Message):
         undoes: _builtins.str = ...,
         finalizes: _builtins.str = ...,
         when_quiet_seconds: _builtins.int = ...,
+        auth_version: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at", "ended_at", b"ended_at", "started_at", b"started_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["change", b"change", "created_at", b"created_at", "ended_at", b"ended_at", "epoch", b"epoch", "failure_budget", b"failure_budget", "finalizes", b"finalizes", "freeze", b"freeze", "id", b"id", "max_parallel", b"max_parallel", "nodes", b"nodes", "reason", b"reason", "scope", b"scope", "scope_nodes", b"scope_nodes", "started_at", b"started_at", "started_by", b"started_by", "state", b"state", "strategy", b"strategy", "undoes", b"undoes", "when_quiet_seconds", b"when_quiet_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth_version", b"auth_version", "change", b"change", "created_at", b"created_at", "ended_at", b"ended_at", "epoch", b"epoch", "failure_budget", b"failure_budget", "finalizes", b"finalizes", "freeze", b"freeze", "id", b"id", "max_parallel", b"max_parallel", "nodes", b"nodes", "reason", b"reason", "scope", b"scope", "scope_nodes", b"scope_nodes", "started_at", b"started_at", "started_by", b"started_by", "state", b"state", "strategy", b"strategy", "undoes", b"undoes", "when_quiet_seconds", b"when_quiet_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
