@@ -1648,8 +1648,12 @@ class Store(LeaderStore):
         on_record = db.execute(
             "SELECT issued_at FROM certificates WHERE serial = ?", (known["cert_serial"],)
         ).fetchone()
-        if on_record is not None and dt.datetime.fromisoformat(on_record["issued_at"]) >= since:
-            return False  # already re-learned (or renewed) since the backup
+        backup_at = dt.datetime.fromisoformat(made["value"])
+        if on_record is not None and dt.datetime.fromisoformat(on_record["issued_at"]) >= backup_at:
+            # Already re-learned (or renewed) since the backup. Against the backup's own time,
+            # without the slack: the backup's certificate was recorded before it was made (a
+            # node enrolled seconds before the backup is no exception).
+            return False
         restored = db.execute("SELECT value FROM meta WHERE key = 'restored_at'").fetchone()
         heard = known["last_heartbeat"]
         with self._seen_lock:
