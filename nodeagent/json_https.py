@@ -114,11 +114,10 @@ class JsonHttpsListener:
         self.port = 0  # the port bound, once started
         self._server: asyncio.Server | None = None
         self._context: ssl.SSLContext | None = None
-        # Every connection from its accept on, TLS or not, with its TCP transport.
-        self._connections: dict[asyncio.Task[None], asyncio.Transport] = {}
+        # Every connection from its accept on, TLS or not, with its TCP transport and state.
+        self._connections: dict[asyncio.Task[None], _Conn] = {}
         self._gate = AcceptGate(self.limits.max_connections, event="https.too_many_connections")
         self._busy: set[asyncio.Task[None]] = set()  # connections inside a handler
-        self._source_of: dict[asyncio.Task[None], str] = {}
         self._closing = False
 
     async def start(self, address: str, port: int, context: ssl.SSLContext) -> int:
@@ -152,10 +151,9 @@ class JsonHttpsListener:
             task.cancel()
         if self._connections:
             await asyncio.wait(set(self._connections), timeout=1.0)
-        for transport in self._connections.values():
-            transport.abort()  # a task cancelled before its first step never ran its cleanup
+        for state in self._connections.values():
+            state.transport.abort()  # (a task that has not ended yet)
         self._connections.clear()
-        self._source_of.clear()
         self._gate.clear()
         await server.wait_closed()
 
@@ -169,29 +167,45 @@ class JsonHttpsListener:
         )
         if taken is None:
             return
-        task = asyncio.get_running_loop().create_task(
-            self._connection(transport, taken.remote, taken.source)
-        )
-        self._connections[task] = transport
-        self._source_of[task] = taken.source
+        loop = asyncio.get_running_loop()
+        state = _Conn(transport, taken.source, _Counting(asyncio.StreamReader(loop=loop), loop))
+        task = loop.create_task(self._connection(state, taken.remote))
+        self._connections[task] = state
+        # Its place is given back when the task is done, whether its coroutine ever ran or
+        # not: a task cancelled before its first step (evicted in the accept batch that took
+        # it: asyncio accepts a whole backlog in one step) never runs its ``finally`` (review
+        # s38 H1: such places were lost for good, and the listener refused everyone).
+        task.add_done_callback(self._forget)
+
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        """A connection's task is done: its descriptor goes, then its place (once only; none
+        after ``stop``, which cleared the count)."""
+        self._busy.discard(task)
+        state = self._connections.pop(task, None)
+        if state is None:
+            return
+        state.transport.abort()
+        self._gate.release(state.source)
+        if not task.cancelled():
+            task.exception()  # (retrieved: ``_connection`` catches its own)
 
     def _evict(self, source: str) -> bool:
-        """End the oldest of ``source``'s connections not inside a handler (idle, reading a
-        request, or in its handshake), if it has one."""
-        for task, transport in self._connections.items():
-            if task in self._busy or transport.is_closing() or self._source_of[task] != source:
+        """End the oldest of ``source``'s connections still in its handshake or idle between
+        requests with nothing buffered, if it has one: never one reading a request, inside a
+        handler, sending an answer or closing (review s38 L1)."""
+        for task, state in self._connections.items():
+            if state.source != source or task in self._busy or not state.evictable():
                 continue
-            transport.abort()
+            state.transport.abort()
             task.cancel()
             return True
         return False
 
-    async def _connection(self, transport: asyncio.Transport, remote: str, source: str) -> None:
-        task = asyncio.current_task()
-        assert task is not None and self._context is not None
+    async def _connection(self, state: _Conn, remote: str) -> None:
+        assert self._context is not None
         loop = asyncio.get_running_loop()
-        reader = asyncio.StreamReader(loop=loop)
-        protocol = asyncio.StreamReaderProtocol(reader, loop=loop)
+        transport, protocol = state.transport, state.protocol
+        reader = protocol.reader
         writer: asyncio.StreamWriter | None = None
         try:
             tls = await loop.start_tls(
@@ -214,7 +228,8 @@ class JsonHttpsListener:
             if self._closing:
                 return  # stopped during the handshake: the old routes answer nothing more
             conn = h11.Connection(h11.SERVER, max_incomplete_event_size=self.limits.max_head)
-            await self._serve(conn, reader, writer, remote)
+            state.tls, state.parser, state.stage = tls, conn, "serving"
+            await self._serve(conn, state, writer, remote)
         except (OSError, ssl.SSLError, h11.LocalProtocolError, TimeoutError):
             pass  # the client went away or misbehaved: nothing to answer
         except asyncio.CancelledError:
@@ -222,12 +237,8 @@ class JsonHttpsListener:
         except Exception as exc:  # a bug here must not end in asyncio's log with a traceback
             log.error("https.connection_failed", remote=remote, error=type(exc).__name__)
         finally:
-            try:
-                await self._close(transport, writer)
-            finally:
-                self._source_of.pop(task, None)
-                if self._connections.pop(task, None) is not None:
-                    self._gate.release(source)  # (``stop`` cleared the count already)
+            state.stage = "closing"  # (its place is given back by ``_forget``)
+            await self._close(transport, writer)
 
     async def _close(
         self, transport: asyncio.Transport, writer: asyncio.StreamWriter | None
@@ -246,14 +257,14 @@ class JsonHttpsListener:
     async def _serve(
         self,
         conn: h11.Connection,
-        reader: asyncio.StreamReader,
+        state: _Conn,
         writer: asyncio.StreamWriter,
         remote: str,
     ) -> None:
         while True:
             try:
                 async with asyncio.timeout(self.limits.request_timeout):
-                    request = await self._read(conn, reader, writer, remote)
+                    request = await self._read(conn, state, writer, remote)
             except TimeoutError:
                 return  # too slow, or idle between requests: close
             except h11.RemoteProtocolError as exc:  # 431 past max_head, else 400
@@ -303,12 +314,12 @@ class JsonHttpsListener:
     async def _read(
         self,
         conn: h11.Connection,
-        reader: asyncio.StreamReader,
+        state: _Conn,
         writer: asyncio.StreamWriter,
         remote: str,
     ) -> Request | None:
         """The next whole request; None when the client closed the connection."""
-        head = await self._event(conn, reader)
+        head = await self._event(conn, state)
         if not isinstance(head, h11.Request):
             return None
         # h11 bounds a head that is still incomplete; one that arrived whole is measured here.
@@ -322,7 +333,7 @@ class JsonHttpsListener:
             writer.write(conn.send(h11.InformationalResponse(status_code=100, headers=[])) or b"")
         body = bytearray()
         while True:
-            event = await self._event(conn, reader)
+            event = await self._event(conn, state)
             if isinstance(event, h11.Data):
                 body += event.data
                 if len(body) > self.limits.max_body:
@@ -340,12 +351,14 @@ class JsonHttpsListener:
         )
 
     @staticmethod
-    async def _event(conn: h11.Connection, reader: asyncio.StreamReader) -> Any:
+    async def _event(conn: h11.Connection, state: _Conn) -> Any:
         while True:
             event = conn.next_event()
             if event is not h11.NEED_DATA:
                 return event
-            conn.receive_data(await reader.read(READ_CHUNK))
+            data = await state.protocol.reader.read(READ_CHUNK)
+            state.consumed += len(data)
+            conn.receive_data(data)
 
     async def _dispatch(self, request: Request) -> Reply:
         handler = self.routes.get((request.method, request.path))
@@ -391,6 +404,52 @@ class JsonHttpsListener:
         writer.write(out)
         async with asyncio.timeout(self.limits.write_timeout):
             await writer.drain()
+
+
+class _Counting(asyncio.StreamReaderProtocol):
+    """The stream's protocol, counting the bytes TLS has delivered (what the reader holds is
+    ``received`` less what ``_event`` has taken)."""
+
+    def __init__(self, reader: asyncio.StreamReader, loop: asyncio.AbstractEventLoop) -> None:
+        super().__init__(reader, loop=loop)
+        self.reader = reader
+        self.received = 0
+
+    def data_received(self, data: bytes) -> None:
+        self.received += len(data)
+        super().data_received(data)
+
+
+@dataclass(eq=False)
+class _Conn:
+    """One connection from its accept on: what ``_evict`` needs to know of it."""
+
+    transport: asyncio.Transport  # the TCP one
+    source: str
+    protocol: _Counting
+    stage: str = "handshake"  # then "serving", then "closing"
+    tls: asyncio.Transport | None = None
+    parser: h11.Connection | None = None
+    consumed: int = 0  # bytes taken from the reader
+
+    def evictable(self) -> bool:
+        """In its handshake, or between requests with nothing of the next one received and
+        nothing of the last answer left to send."""
+        if self.transport.is_closing():
+            return False  # (ending already)
+        if self.stage == "handshake":
+            return self.protocol.received == 0  # (not a request TLS has read already)
+        if self.stage != "serving" or self.parser is None or self.tls is None:
+            return False
+        conn = self.parser
+        return (
+            conn.our_state is h11.IDLE
+            and conn.their_state is h11.IDLE
+            and not conn.trailing_data[0]
+            and self.protocol.received == self.consumed
+            and self.tls.get_write_buffer_size() == 0
+            and self.transport.get_write_buffer_size() == 0
+        )
 
 
 def _encode(reply: Reply) -> bytes:

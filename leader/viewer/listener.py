@@ -11,9 +11,10 @@ connections took the leader's descriptors; with a low limit the admin socket hun
   is evicted for a newcomer: a host with four addresses can fill the viewer, not the leader,
   for as long as it keeps its connections busy or renews them);
 - ``handshake_timeout`` for the TLS handshake (a connection that never sends a ClientHello);
-- the request head: aiohttp's ``keepalive_timeout`` (``Viewer``'s ``HEAD_SECONDS``) runs from
-  the handshake and again from each answer, and closes the connection if no whole request head
-  has come by then (a client that sends its headers a line at a time, or nothing);
+- ``head_timeout`` for the first request's head, from the hand-over to aiohttp (a client that
+  sends nothing after its handshake, or its headers a line at a time): ours, since only recent
+  aiohttp starts its ``keepalive_timeout`` as a connection is made (review s38 M2); from each
+  answer on, aiohttp's ``keepalive_timeout`` (``Viewer``'s ``HEAD_SECONDS``) bounds the next;
 - ``write_timeout`` for a write that cannot go on (a client that reads no more of an answer
   or of an /events stream: the socket's buffers are full), after which the connection is
   aborted;
@@ -48,6 +49,7 @@ class Limits:
     handshake_timeout: float = 10.0
     write_timeout: float = 30.0
     close_timeout: float = 5.0
+    head_timeout: float = 15.0
 
 
 class GatedListener:
@@ -67,7 +69,8 @@ class GatedListener:
         self.backlog = backlog
         self.gate = AcceptGate(self.limits.max_connections, event="viewer.too_many_connections")
         self._server: asyncio.Server | None = None
-        self._connections: dict[asyncio.Task[None], asyncio.Transport] = {}
+        # Every connection from its accept on: its TCP transport and its source.
+        self._connections: dict[asyncio.Task[None], tuple[asyncio.Transport, str]] = {}
         self._handed: set[asyncio.Task[None]] = set()  # aiohttp serves them
         self._closing = False
 
@@ -92,7 +95,7 @@ class GatedListener:
         """After ``runner.cleanup``: what is still open is aborted."""
         if self._connections:
             await asyncio.wait(set(self._connections), timeout=self.limits.close_timeout)
-        for transport in self._connections.values():
+        for transport, _ in self._connections.values():
             transport.abort()
         self._connections.clear()
         self.gate.clear()
@@ -106,16 +109,34 @@ class GatedListener:
         taken = self.gate.admit(transport, closing=self._closing)
         if taken is None:
             return
-        task = asyncio.get_running_loop().create_task(self._connection(transport, taken.source))
-        self._connections[task] = transport
+        task = asyncio.get_running_loop().create_task(self._connection(transport))
+        self._connections[task] = (transport, taken.source)
+        # Its place is given back when the task is done, whatever it did (a task cancelled
+        # before its first step never runs its ``finally``: review s38 H1, M1).
+        task.add_done_callback(self._forget)
 
-    async def _connection(self, transport: asyncio.Transport, source: str) -> None:
+    def _forget(self, task: asyncio.Task[None]) -> None:
+        """A connection's task is done: its descriptor goes, then its place (once only; none
+        after ``abort_all``, which cleared the count)."""
+        self._handed.discard(task)
+        entry = self._connections.pop(task, None)
+        if entry is None:
+            return
+        transport, source = entry
+        transport.abort()
+        self.gate.release(source)
+        if not task.cancelled():
+            task.exception()  # (retrieved: ``_connection`` catches its own)
+
+    async def _connection(self, transport: asyncio.Transport) -> None:
         loop = asyncio.get_running_loop()
         task = asyncio.current_task()
         assert task is not None
         ended: asyncio.Future[None] = loop.create_future()
-        protocol = _Handed(self.factory(), ended, transport, self.limits.write_timeout)
         try:
+            # (in the try: a factory that raises must not leave the transport open and the
+            # place taken, with asyncio's "Task exception was never retrieved": review s38 M1)
+            protocol = _Handed(self.factory(), ended, transport, self.limits)
             tls = await loop.start_tls(
                 transport,
                 protocol,
@@ -136,36 +157,42 @@ class GatedListener:
         except Exception as exc:  # a bug here must not end in asyncio's log with a traceback
             log.error("viewer.connection_failed", error=type(exc).__name__)
         finally:
-            transport.abort()  # the descriptor is gone before the place is given back
-            self._handed.discard(task)
-            if self._connections.pop(task, None) is not None:
-                self.gate.release(source)
+            transport.abort()  # the descriptor is gone before ``_forget`` gives the place back
 
 
 class _Handed(asyncio.Protocol):
     """Between the TLS transport and aiohttp's handler: holds what TLS delivers before the
     handler has its transport (TLS may read the first request in the same step as it ends
-    the handshake), aborts the connection when its writes stay paused for ``write_timeout``,
-    and tells ``ended`` when the connection is lost."""
+    the handshake), closes the connection when no whole first request head has come
+    ``head_timeout`` after the hand-over, aborts it when its writes stay paused for
+    ``write_timeout``, and tells ``ended`` when the connection is lost."""
 
     def __init__(
         self,
         inner: asyncio.Protocol,
         ended: asyncio.Future[None],
         tcp: asyncio.Transport,
-        write_timeout: float,
+        limits: Limits,
     ) -> None:
         self.inner = inner
         self.ended = ended
         self.tcp = tcp
-        self.write_timeout = write_timeout
+        self.write_timeout = limits.write_timeout
+        self.head_timeout = limits.head_timeout
         self.made = False
         self.early: list[bytes] = []
         self.early_eof = False
         self._stalled: asyncio.TimerHandle | None = None
+        self._tls: asyncio.BaseTransport | None = None
+        self._headed = False  # the first request's head is whole (an empty line has come)
+        self._tail = b""  # the last bytes received until then
+        self._no_head: asyncio.TimerHandle | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        self.made = True
+        self.made, self._tls = True, transport
+        if not self._headed:  # ours: aiohttp's keepalive_timeout may not run yet (M2)
+            loop = asyncio.get_running_loop()
+            self._no_head = loop.call_later(self.head_timeout, self._headless)
         self.inner.connection_made(transport)
         early, self.early = self.early, []
         for data in early:
@@ -174,10 +201,33 @@ class _Handed(asyncio.Protocol):
             self.inner.eof_received()
 
     def data_received(self, data: bytes) -> None:
+        if not self._headed:
+            self._watch(data)
         if self.made:
             self.inner.data_received(data)
         else:
             self.early.append(data)
+
+    def _watch(self, data: bytes) -> None:
+        """Look for the empty line that ends the first head (CRLF, or a bare LF); empty lines
+        before its request line are no head."""
+        if not self._tail:
+            data = data.lstrip(b"\r\n")
+            if not data:
+                return
+        seen = self._tail + data
+        if b"\n\r\n" in seen or b"\n\n" in seen:
+            self._headed, self._tail = True, b""
+            if self._no_head is not None:
+                self._no_head.cancel()
+                self._no_head = None
+        else:
+            self._tail = seen[-3:]  # (never empty once a request line has begun)
+
+    def _headless(self) -> None:
+        self._no_head = None
+        if self._tls is not None:
+            self._tls.close()  # TLS's close (close_notify), aborted after ``close_timeout``
 
     def eof_received(self) -> bool | None:
         if not self.made:
@@ -187,6 +237,9 @@ class _Handed(asyncio.Protocol):
         return None  # over TLS, True would mean nothing (and asyncio says so in the log)
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self._no_head is not None:
+            self._no_head.cancel()
+            self._no_head = None
         if self._stalled is not None:
             self._stalled.cancel()
             self._stalled = None

@@ -45,7 +45,7 @@ from leader.schema_store import SchemaStore
 from leader.service import LeaderState
 from leader.viewer import certificate
 from leader.viewer.grants import Grants
-from leader.viewer.listener import GatedListener
+from leader.viewer.listener import GatedListener, Limits
 from leader.viewer.snapshot import Reader
 from tlsroll import httplog, logs, pki, tls
 from tlsroll.errors import ConfigError, TerminalError
@@ -59,8 +59,9 @@ if TYPE_CHECKING:
 
 SHUTDOWN_SECONDS = 5.0
 BACKLOG = 128  # aiohttp's own default for its sites
-# How long a connection may go without a whole request head: from its TLS handshake, and from
-# each answer (aiohttp's keepalive_timeout; its default is an hour). A browser whose idle
+# How long a connection may go without a whole request head: from its TLS handshake (the
+# listener's head_timeout), and from each answer (aiohttp's keepalive_timeout; its default is an
+# hour). A browser whose idle
 # connection was closed opens a new one for its next request (audit s38 M1;
 # ``leader.viewer.listener``).
 HEAD_SECONDS = 15.0
@@ -248,7 +249,12 @@ class Viewer:
             # No aiohttp site: the gate counts and bounds each connection from its accept on
             # and hands it to aiohttp once its TLS is up. It owns the listening socket from
             # here on and closes it when it stops.
-            listener = GatedListener(handler_factory(runner.server), context, backlog=BACKLOG)
+            listener = GatedListener(
+                handler_factory(runner.server),
+                context,
+                Limits(head_timeout=HEAD_SECONDS),
+                backlog=BACKLOG,
+            )
             try:
                 await listener.start(sock)
             except BaseException:
