@@ -116,7 +116,7 @@ class JsonHttpsListener:
         self._context: ssl.SSLContext | None = None
         # Every connection from its accept on, TLS or not, with its TCP transport and state.
         self._connections: dict[asyncio.Task[None], _Conn] = {}
-        self._gate = AcceptGate(self.limits.max_connections, event="https.too_many_connections")
+        self._gate = AcceptGate(self.limits.max_connections, on_refused=_refused)
         self._busy: set[asyncio.Task[None]] = set()  # connections inside a handler
         self._closing = False
 
@@ -469,3 +469,7 @@ def _error(status: int, message: str, code: str | None = None) -> Reply:
     such as ``not_found``) and a one-line ``message``."""
     error = code or http.HTTPStatus(status).phrase.lower().replace(" ", "_")
     return Reply({"error": error, "message": message}, status)
+
+
+def _refused(remote: str, limit: str, refused: int) -> None:
+    log.warning("https.too_many_connections", remote=remote, limit=limit, refused=refused)

@@ -5,7 +5,7 @@ The agent's bootstrap listener (``nodeagent.json_https``) and the leader's web v
 (``loop.start_tls``), so that a connection is counted from the TCP accept: one still in its
 TLS handshake, or one that never sends a ClientHello, holds a place and a descriptor too.
 
-    gate = AcceptGate(max_connections=128, event="https.too_many_connections")
+    gate = AcceptGate(max_connections=128, on_refused=log_refusals)
     server = await loop.create_server(lambda: Accepted(on_accept), ...)
     # in on_accept(transport):
     taken = gate.admit(transport, closing=stopping)   # None: refused and aborted already
@@ -34,10 +34,10 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from tlsroll import logs
 from tlsroll.backoff import source_key
 
-log = logs.get_logger(__name__)
+Refused = Callable[[str, str, int], None]
+"""``on_refused(remote, limit, refused)``: the listener's log line for refused connections."""
 
 REFUSAL_LOG_SECONDS = 10.0
 
@@ -58,10 +58,12 @@ class Taken:
 class AcceptGate:
     """The count of a listener's open connections, in all and per source."""
 
-    def __init__(self, max_connections: int, *, event: str) -> None:
+    def __init__(self, max_connections: int, *, on_refused: Refused) -> None:
         self.max_connections = max_connections
         self.max_per_source = per_source(max_connections)
-        self.event = event  # the log line's name for refusals
+        # Logs refusals (its caller's line, a literal name: tests/test_layout.py), at most once
+        # every REFUSAL_LOG_SECONDS: (remote, limit, refused since the last line).
+        self.on_refused = on_refused
         self.total = 0
         self.sources: collections.Counter[str] = collections.Counter()  # open, per source
         self._refused = 0  # connections refused since the last log line about it
@@ -119,7 +121,7 @@ class AcceptGate:
         self._refused += 1
         now = time.monotonic()
         if now - self._refused_logged >= REFUSAL_LOG_SECONDS:
-            log.warning(self.event, remote=remote, limit=limit, refused=self._refused)
+            self.on_refused(remote, limit, self._refused)
             self._refused, self._refused_logged = 0, now
 
 

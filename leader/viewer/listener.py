@@ -67,7 +67,7 @@ class GatedListener:
         self.context = context
         self.limits = limits or Limits()
         self.backlog = backlog
-        self.gate = AcceptGate(self.limits.max_connections, event="viewer.too_many_connections")
+        self.gate = AcceptGate(self.limits.max_connections, on_refused=_refused)
         self._server: asyncio.Server | None = None
         # Every connection from its accept on: its TCP transport and its source.
         self._connections: dict[asyncio.Task[None], tuple[asyncio.Transport, str]] = {}
@@ -263,3 +263,7 @@ class _Handed(asyncio.Protocol):
     def _stall(self) -> None:
         self._stalled = None
         self.tcp.abort()  # TLS and aiohttp learn it as a lost connection
+
+
+def _refused(remote: str, limit: str, refused: int) -> None:
+    log.warning("viewer.too_many_connections", remote=remote, limit=limit, refused=refused)
