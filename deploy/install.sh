@@ -209,11 +209,15 @@ RuntimeDirectory=tlsroll
 RuntimeDirectoryMode=0700
 ExecStartPre=+/usr/bin/install -m 0400 -o tlsroll -g tlsroll %d/tlsroll-ca-passphrase $runtime_file
 " || die "cannot write $dropin (is $(dirname "$dropin") full or read-only?); $config and $passfile are unchanged"
-    tmp=$(mktemp "$config.XXXXXX")
-    sed "s|^ca_passphrase_file = .*|ca_passphrase_file = \"$runtime_file\"|" "$config" >"$tmp"
-    chown --reference="$config" "$tmp"
-    chmod --reference="$config" "$tmp"
-    mv -f "$tmp" "$config"
+    # Beside it and renamed: a full file system leaves it as it was, and no temporary file.
+    unrewritten="cannot rewrite $config (is $(dirname "$config") full or read-only?); it and $passfile are unchanged (run install.sh ca-credential again once it can be written)"
+    tmp=$(mktemp "$config.XXXXXX" 2>/dev/null) || die "$unrewritten"
+    if ! { sed "s|^ca_passphrase_file = .*|ca_passphrase_file = \"$runtime_file\"|" "$config" >"$tmp" &&
+        chown --reference="$config" "$tmp" && chmod --reference="$config" "$tmp" &&
+        mv -f "$tmp" "$config"; } 2>/dev/null; then
+        rm -f "$tmp"
+        die "$unrewritten"
+    fi
     passphrase=$(cat "$passfile")
     shred -u "$passfile" 2>/dev/null || rm -f "$passfile"
     if systemd_running; then systemctl daemon-reload; fi

@@ -887,3 +887,47 @@ def test_a_swap_cut_short_is_put_back_and_the_byte_code_names_the_live_venv(
     assert throwaway.ok(VENV_FILES.format("/opt/tlsroll")) == live
     assert throwaway.ok(VENV_FILES.format("/opt/tlsroll.old")) == first
     throwaway.ok("! test -e /opt/tlsroll.new")
+
+
+def test_ca_credential_on_a_full_data_dir_leaves_leader_toml_as_it_was(
+    throwaway: ThrowawayRoot,
+) -> None:
+    """Review s38, L3: ``ca-credential`` rewrote leader.toml with ``sed >TMP``; on a full
+    file system sed failed and ``set -e`` ended the script without a word of its own, leaving
+    leader.toml.XXXXXX beside it. Now: one line, no temporary file, leader.toml and the
+    passphrase file as they were; with space again the same command ends the job. The data
+    dir is a full tmpfs of its own."""
+    install = shlex.quote(str(INSTALL_SH))
+    data = "/var/lib/tlsroll"
+    config = f"{data}/leader.toml"
+    passfile = f"{data}/ca-passphrase"
+    throwaway.ok(
+        f"mkdir -p /opt/tlsroll/bin {data} && "
+        f"ln -s {shlex.quote(sys.executable)} /opt/tlsroll/bin/python && "
+        f"mount -t tmpfs -o size=64k tmpfs {data} && "
+        f"printf '[leader]\\nca_passphrase_file = \"{passfile}\"\\n' >{config} && "
+        f"printf 'not-a-real-passphrase' >{passfile} && chmod 0600 {passfile}"
+    )
+    throwaway.run(f"dd if=/dev/zero of={data}/filler bs=4k")  # until ENOSPC
+    before = throwaway.ok(f"sha256sum {config} {passfile}")
+
+    result = throwaway.run(f"{install} ca-credential")
+    assert result.returncode == 1, result.stdout + result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert lines == [
+        f"install.sh: cannot rewrite {config} (is {data} full or read-only?); it and {passfile}"
+        " are unchanged (run install.sh ca-credential again once it can be written)"
+    ], result.stderr
+    assert sorted(throwaway.ok(f"ls -A {data}").split()) == [
+        "ca-passphrase",
+        "filler",
+        "leader.toml",
+    ]
+    assert throwaway.ok(f"sha256sum {config} {passfile}") == before
+
+    throwaway.ok(f"rm {data}/filler")
+    out = throwaway.ok(f"{install} ca-credential")
+    assert "is now the credential" in out, out
+    assert 'ca_passphrase_file = "/run/tlsroll/ca-passphrase"' in throwaway.ok(f"cat {config}")
+    assert throwaway.ok(f"ls -A {data}").split() == ["leader.toml"]
+    throwaway.ok(f"umount {data}")
