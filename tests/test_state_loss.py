@@ -585,3 +585,24 @@ def test_a_store_unavailable_now_speaks_of_free_space_only_when_it_is_low(
         with pytest.raises(sqlite.NotDamaged, match="nothing was moved aside"):
             check_store(path, reinitialise=True)
     assert path.exists() and not list(tmp_path.glob("*.lost-*"))
+
+
+def test_a_failed_quick_check_is_said_on_one_line(tmp_path: Path) -> None:
+    """SQLite's ``quick_check`` rows hold line breaks ("*** in database main ***\\nPage 13:
+    …"): the "damaged (quick_check: …)" problem, which ends up on the daemon's one error line,
+    had several lines. Now its lines are joined with "; "."""
+    path = tmp_path / "leader.sqlite3"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE t (a, b)")
+    conn.execute("CREATE INDEX ti ON t (b)")
+    conn.executemany(
+        "INSERT INTO t VALUES (?, ?)", [(i, os.urandom(200).hex()) for i in range(3000)]
+    )
+    conn.commit()
+    conn.close()
+    with path.open("r+b") as f:  # pages 11 to 13 zeroed: a quick_check that fails
+        f.seek(4096 * 10)
+        f.write(b"\0" * 4096 * 3)
+    problem = damage(path, expected=True)
+    assert problem is not None and problem.startswith("damaged (quick_check: "), problem
+    assert "\n" not in problem, problem

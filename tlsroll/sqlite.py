@@ -441,7 +441,10 @@ def damage(path: Path, *, expected: bool, what: str = "store") -> str | None:
     try:
         conn = sqlite3.connect(path, timeout=10)
         try:
-            rows = [str(r[0]) for r in conn.execute("PRAGMA quick_check(3)").fetchall()]
+            found = conn.execute("PRAGMA quick_check(3)").fetchall()
+            # A row may hold several lines ("*** in database main ***\nPage 13: …"): the
+            # problem is said on the daemon's one line.
+            rows = [line for r in found for line in str(r[0]).splitlines() if line.strip()]
         finally:
             conn.close()
     except sqlite3.Error as exc:
