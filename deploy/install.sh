@@ -28,8 +28,10 @@
 # goes on beside new files (it would import them when it next loads a module lazily). The new
 # virtual environment is built beside the live one (/opt/tlsroll.new), checked, and put in its
 # place by renames; the one it replaces is kept as /opt/tlsroll.old until the next run has
-# built and checked its own. A failure on the way (a full disk) leaves /opt/tlsroll as it was;
-# so does too little space, which is refused before anything is built.
+# built and checked its own (a run cut short between the two renames, a power loss, leaves no
+# /opt/tlsroll: the next run renames /opt/tlsroll.old back first). A failure on the way (a full
+# disk) leaves /opt/tlsroll as it was; so does too little space, which is refused before
+# anything is built. /opt/tlsroll may not be a mount point (a rename cannot move it).
 # Not while a rollout is active: the leader is asked first (`tlsroll rollout status`) and the
 # upgrade refused; --restart-later installs anyway and restarts nothing (restart the daemons
 # once the rollout has ended).
@@ -207,11 +209,15 @@ RuntimeDirectory=tlsroll
 RuntimeDirectoryMode=0700
 ExecStartPre=+/usr/bin/install -m 0400 -o tlsroll -g tlsroll %d/tlsroll-ca-passphrase $runtime_file
 " || die "cannot write $dropin (is $(dirname "$dropin") full or read-only?); $config and $passfile are unchanged"
-    tmp=$(mktemp "$config.XXXXXX")
-    sed "s|^ca_passphrase_file = .*|ca_passphrase_file = \"$runtime_file\"|" "$config" >"$tmp"
-    chown --reference="$config" "$tmp"
-    chmod --reference="$config" "$tmp"
-    mv -f "$tmp" "$config"
+    # Beside it and renamed: a full file system leaves it as it was, and no temporary file.
+    unrewritten="cannot rewrite $config (is $(dirname "$config") full or read-only?); it and $passfile are unchanged (run install.sh ca-credential again once it can be written)"
+    tmp=$(mktemp "$config.XXXXXX" 2>/dev/null) || die "$unrewritten"
+    if ! { sed "s|^ca_passphrase_file = .*|ca_passphrase_file = \"$runtime_file\"|" "$config" >"$tmp" &&
+        chown --reference="$config" "$tmp" && chmod --reference="$config" "$tmp" &&
+        mv -f "$tmp" "$config"; } 2>/dev/null; then
+        rm -f "$tmp"
+        die "$unrewritten"
+    fi
     passphrase=$(cat "$passfile")
     shred -u "$passfile" 2>/dev/null || rm -f "$passfile"
     if systemd_running; then systemctl daemon-reload; fi
@@ -297,6 +303,19 @@ if [ "$role" = leader ]; then
     command -v useradd >/dev/null || die "useradd is missing (Debian: apt-get install passwd)"
 fi
 
+# --- what an earlier run left ----------------------------------------------------------------
+# A swap cut short between its two renames (a power loss) left no $VENV, the installed version
+# as $OLD_VENV: it is put back first (review s38, M4: the next run failed, or with
+# --restart-later removed it, the only intact venv and its manifest).
+if [ ! -e "$VENV" ] && [ ! -L "$VENV" ] && [ -d "$OLD_VENV" ]; then
+    mv -T "$OLD_VENV" "$VENV" || die "cannot move $OLD_VENV back to $VENV; nothing else changed"
+    say "$VENV was missing (an earlier run cut short in its swap): $OLD_VENV, the installed version, is back in its place"
+fi
+# The swap renames $VENV, which a mount point refuses (EBUSY): refused before anything changes.
+if [ -d "$VENV" ] && command -v mountpoint >/dev/null && mountpoint -q "$VENV"; then
+    die "$VENV is a mount point: an upgrade puts the new version in its place by renames, which a mount point refuses; unmount it (keep $VENV on the file system of $(dirname "$VENV")) and run again; nothing changed"
+fi
+
 # --- an upgrade: the daemons that run from $VENV, and whether they may be restarted -------------
 # Each tlsroll daemon that runs is restarted after the install (the leader and the agent run from
 # the same $VENV, whichever role is installed). The agent may be restarted at any time, also in
@@ -377,12 +396,12 @@ if [ "$bundle" = yes ]; then
     "$python" -m venv --without-pip "$NEW_VENV" || failed_build "$python -m venv $NEW_VENV failed"
     # Only the bundle's wheels: no index, no pip configuration or PIP_* variables of this host.
     pip() { PIP_CONFIG_FILE=/dev/null "$NEW_VENV/bin/python" "$pip_wheel/pip" --isolated --disable-pip-version-check "$@"; }
-    pip install --quiet --no-index --find-links "$here/wheels" "$pip_wheel" "$tlsroll_wheel" ||
+    pip install --quiet --no-compile --no-index --find-links "$here/wheels" "$pip_wheel" "$tlsroll_wheel" ||
         failed_build "pip could not install the bundle's wheels into $NEW_VENV"
 else
     "$python" -m venv "$NEW_VENV" || failed_build "$python -m venv failed: apt-get install python3-venv"
-    "$NEW_VENV/bin/python" -m pip install --quiet --upgrade pip &&
-        "$NEW_VENV/bin/python" -m pip install --quiet "$here/.." ||
+    "$NEW_VENV/bin/python" -m pip install --quiet --no-compile --upgrade pip &&
+        "$NEW_VENV/bin/python" -m pip install --quiet --no-compile "$here/.." ||
         failed_build "pip could not install tlsroll into $NEW_VENV"
 fi
 "$NEW_VENV/bin/tlsroll" --version >/dev/null 2>&1 || failed_build "$NEW_VENV/bin/tlsroll --version does not run"
@@ -398,6 +417,10 @@ relocate() {
     done
 }
 relocate || failed_build "cannot rewrite the scripts of $NEW_VENV for $VENV"
+# Its byte code, compiled (again: the check above and ensurepip wrote some) with the paths it
+# has once in place: a traceback names /opt/tlsroll/..., which exists, not /opt/tlsroll.new.
+"$NEW_VENV/bin/python" -m compileall -q -f -s "$NEW_VENV" -p "$VENV" "$NEW_VENV/lib" >/dev/null ||
+    failed_build "cannot compile the byte code of $NEW_VENV (is $(dirname "$VENV") full?)"
 if [ -f "$MANIFEST" ]; then
     cp -p "$MANIFEST" "$NEW_VENV/installed-files" || failed_build "cannot copy $MANIFEST"
 fi

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import errno
 import os
 import sqlite3
 import time
@@ -432,3 +433,176 @@ def test_a_leader_restarted_on_a_full_disk_says_so_and_keeps_its_store(tmp_path:
         c.start_leader()
         assert c.store_rows(("tokens",)) == tokens
         assert "store.reinitialised" not in c.leader.event_names()
+
+
+# --- a disk that fails to read is damage, not a full disk (review s38, M3) ----------------------
+
+
+def _io_error(code_name: str) -> sqlite3.OperationalError:
+    """The exception SQLite's ``code_name`` raises (its code and name, as ``sqlite3`` sets)."""
+    exc = sqlite3.OperationalError("disk I/O error")
+    exc.sqlite_errorcode = getattr(sqlite3, code_name)
+    exc.sqlite_errorname = code_name
+    return exc
+
+
+@contextlib.contextmanager
+def reads_fail(monkeypatch: pytest.MonkeyPatch, path: Path, code_name: str) -> Iterator[None]:
+    """Every statement on a connection ``tlsroll.sqlite`` opens to the file now at ``path``
+    fails with ``code_name`` (what a disk that cannot read it, or a full one, makes SQLite
+    say); a new file made there afterwards (``--reinitialise``) is opened as usual."""
+    inode = path.stat().st_ino
+    real_connect = sqlite3.connect
+
+    class Failing:
+        def execute(self, *args: object) -> NoReturn:
+            raise _io_error(code_name)
+
+        def close(self) -> None:
+            pass
+
+    def connect(database: Path, *args: Any, **kwargs: Any) -> Any:
+        if os.stat(database).st_ino == inode:
+            return Failing()
+        return real_connect(database, *args, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(sqlite3, "connect", connect)  # what tlsroll.sqlite calls
+        yield
+
+
+def _a_store(tmp_path: Path) -> Path:
+    path = tmp_path / "leader.sqlite3"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE t (a)")
+    conn.commit()
+    conn.close()
+    mark_store(path)
+    return path
+
+
+@pytest.mark.parametrize(
+    "code_name", ["SQLITE_IOERR_READ", "SQLITE_IOERR_SHORT_READ", "SQLITE_IOERR_CORRUPTFS"]
+)
+def test_a_store_the_disk_cannot_read_is_unreadable_and_may_be_reinitialised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code_name: str
+) -> None:
+    """Review s38, M3: every SQLITE_IOERR was "cannot be opened now … free space on it … it
+    is not damaged" (with the disk far from full), the unit started the leader again and
+    again, and --reinitialise was refused. A read that fails is the disk failing: the store
+    is "unreadable (CODE…): check the disk (dmesg)", with the way to recover, and
+    --reinitialise moves it aside."""
+    path = _a_store(tmp_path)
+    saved = path.read_bytes()
+    with reads_fail(monkeypatch, path, code_name):
+        with pytest.raises(StoreLost) as lost:
+            check_store(path)
+        line = str(lost.value)
+        assert line.startswith(f"store {path}: unreadable ({code_name}: disk I/O error)"), line
+        assert "check the disk (dmesg)" in line and "restore it from a backup" in line, line
+        assert "bytes free" not in line and "not damaged" not in line, line
+        assert path.read_bytes() == saved
+        kept = check_store(path, reinitialise=True)
+    assert kept and not path.exists()
+    assert kept[0].read_bytes() == saved
+
+
+def test_a_journal_the_disk_cannot_read_is_unreadable_and_may_be_reinitialised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The agent's journal likewise (review s38, M3)."""
+    path = _a_store(tmp_path).rename(tmp_path / "journal.sqlite3")
+    with reads_fail(monkeypatch, path, "SQLITE_IOERR_READ"):
+        with pytest.raises(JournalLost, match=r"unreadable \(SQLITE_IOERR_READ: .*\(dmesg\)"):
+            open_journal(path, expected=True)
+        journal = open_journal(path, expected=True, reinitialise=True)
+        journal.close()
+    assert list(tmp_path.glob("journal.sqlite3.lost-*"))
+
+
+def test_eio_on_the_store_file_is_unreadable(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An EIO from the file system on the store (its stat) is unreadable too, not "cannot be
+    opened now" (review s38, M3)."""
+    path = _a_store(tmp_path)
+    real_stat = Path.stat
+
+    def stat(self: Path, **kwargs: Any) -> os.stat_result:
+        if self == path:
+            raise OSError(errno.EIO, "Input/output error", str(self))
+        return real_stat(self, **kwargs)
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "stat", stat)
+        problem = damage(path, expected=True)
+    assert problem is not None
+    assert problem.startswith(f"unreadable ({path}: Input/output error (errno 5, EIO))"), problem
+
+
+def test_an_unreadable_file_once_open_is_one_terminal_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A read that fails only once ``Database`` opened the file (after ``damage`` passed) is a
+    ``StoreUnreadable`` (one line, terminal), not a ``StoreUnavailable`` (review s38, M3)."""
+    path = _a_store(tmp_path)
+    with (
+        reads_fail(monkeypatch, path, "SQLITE_IOERR_SHORT_READ"),
+        pytest.raises(sqlite.StoreUnreadable, match=r"unreadable .*--reinitialise$"),
+    ):
+        sqlite.Database(path, [], what="journal")
+
+
+@pytest.mark.parametrize(
+    ("code_name", "low"),
+    [
+        ("SQLITE_IOERR_SHMSIZE", False),
+        ("SQLITE_IOERR_WRITE", False),
+        ("SQLITE_IOERR_FSYNC", False),
+        ("SQLITE_BUSY", False),
+        ("SQLITE_FULL", True),
+    ],
+)
+def test_a_store_unavailable_now_speaks_of_free_space_only_when_it_is_low(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, code_name: str, low: bool
+) -> None:
+    """The errors of a full disk, a lock, the WAL's -shm stay "cannot be opened now … it is not
+    damaged", refused by --reinitialise; the bytes free and "free space" only when the error
+    says the disk is full or space is low (< 64 MiB), never with plenty free (review s38,
+    M3)."""
+    path = _a_store(tmp_path)
+    free = sqlite.free_bytes(tmp_path)
+    assert free is not None
+    if free < sqlite.LOW_SPACE:
+        pytest.skip("this test wants more than 64 MiB free under tmp_path")
+    with reads_fail(monkeypatch, path, code_name):
+        with pytest.raises(sqlite.StoreUnavailable) as unavailable:
+            check_store(path)
+        line = str(unavailable.value)
+        assert line.startswith(f"store {path}: cannot be opened now ({code_name}: "), line
+        assert line.endswith("it is not damaged"), line
+        assert ("bytes free on its file system; free space on it" in line) is low, line
+        with pytest.raises(sqlite.NotDamaged, match="nothing was moved aside"):
+            check_store(path, reinitialise=True)
+    assert path.exists() and not list(tmp_path.glob("*.lost-*"))
+
+
+def test_a_failed_quick_check_is_said_on_one_line(tmp_path: Path) -> None:
+    """SQLite's ``quick_check`` rows hold line breaks ("*** in database main ***\\nPage 13:
+    …"): the "damaged (quick_check: …)" problem, which ends up on the daemon's one error line,
+    had several lines. Now its lines are joined with "; "."""
+    path = tmp_path / "leader.sqlite3"
+    conn = sqlite3.connect(path)
+    conn.execute("CREATE TABLE t (a, b)")
+    conn.execute("CREATE INDEX ti ON t (b)")
+    conn.executemany(
+        "INSERT INTO t VALUES (?, ?)", [(i, os.urandom(200).hex()) for i in range(3000)]
+    )
+    conn.commit()
+    conn.close()
+    with path.open("r+b") as f:  # pages 11 to 13 zeroed: a quick_check that fails
+        f.seek(4096 * 10)
+        f.write(b"\0" * 4096 * 3)
+    problem = damage(path, expected=True)
+    assert problem is not None and problem.startswith("damaged (quick_check: "), problem
+    assert "\n" not in problem, problem

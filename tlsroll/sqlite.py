@@ -277,22 +277,32 @@ class StoreUnavailable(TransientError):
     """A store file that cannot be opened or read now for a reason outside it (a full or
     read-only file system, a lock another process holds, a permission): it is not damaged,
     and the daemon that stops on it starts once that is fixed (exit 1: systemd starts it
-    again). The message names the file, the error's code, the space free on its file system
-    and what to do; never ``--reinitialise``, which is refused for it (``NotDamaged``)."""
+    again). The message names the file and the error's code, and what to do: free space,
+    with the bytes free on its file system, only when that is low (``LOW_SPACE``) or the
+    error says the disk is full; never ``--reinitialise``, which is refused for it
+    (``NotDamaged``)."""
 
     def __init__(self, what: str, path: Path, cause: sqlite3.Error | OSError) -> None:
-        if isinstance(cause, sqlite3.Error):
-            name = getattr(cause, "sqlite_errorname", None) or type(cause).__name__
-            reason = f"{name}: {cause}"
-        else:
-            reason = os_error_text(cause)
+        reason = error_text(cause)
         free = free_bytes(path.parent)
-        room = f"; {free} bytes free on its file system" if free is not None else ""
+        if is_full(cause) or (free is not None and free < LOW_SPACE):
+            room = f"; {free} bytes free on its file system" if free is not None else ""
+            advice = f"{room}; free space on it and start again"
+        else:
+            advice = (
+                "; make it readable and writable by this daemon (a read-only file system, its"
+                " permissions, a lock another process holds) and start again"
+            )
         super().__init__(
-            f"{what} {path}: cannot be opened now ({reason}){room}; free space on it or make it"
-            " writable, and start again: it is not damaged"
+            f"{what} {path}: cannot be opened now ({reason}){advice}: it is not damaged"
         )
         self.path = path
+
+
+class StoreUnreadable(TerminalError):
+    """A store file that SQLite or the file system could not read (``unreadable``): the disk
+    under it fails; it counts as damaged (``damage``: restore it from a backup, or
+    ``--reinitialise``). Raised by ``Database`` when that shows only once the file is open."""
 
 
 class NotDamaged(TerminalError):
@@ -312,11 +322,14 @@ def free_bytes(directory: Path) -> int | None:
     return blocks * st.f_frsize
 
 
-# Errors of opening a store that say nothing about its contents, only about where it lies now
-# (SQLite's primary result codes; the errnos of the file system).
+# Errors of opening a store that say nothing about its contents, only about where it lies now:
+# SQLite's primary result codes, its extended I/O error codes of a write, a lock, the WAL's
+# -shm (SQLITE_IOERR_SHMSIZE: a full disk), memory or a temporary file, and the errnos of the
+# file system. Any other I/O error (a read: SQLITE_IOERR_READ, SHORT_READ, CORRUPTFS, EIO…)
+# says the disk could not give the file back: ``unreadable``. Review s38, M3: every
+# SQLITE_IOERR was "cannot be opened now … it is not damaged", and --reinitialise refused.
 UNAVAILABLE_CODES = frozenset(
     {
-        sqlite3.SQLITE_IOERR,
         sqlite3.SQLITE_FULL,
         sqlite3.SQLITE_CANTOPEN,
         sqlite3.SQLITE_READONLY,
@@ -325,18 +338,71 @@ UNAVAILABLE_CODES = frozenset(
         sqlite3.SQLITE_PERM,
     }
 )
-UNAVAILABLE_ERRNOS = frozenset(
-    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO, errno.EBUSY}
+UNAVAILABLE_IOERRS = frozenset(
+    {
+        sqlite3.SQLITE_IOERR_SHMOPEN,
+        sqlite3.SQLITE_IOERR_SHMSIZE,
+        sqlite3.SQLITE_IOERR_SHMMAP,
+        sqlite3.SQLITE_IOERR_SHMLOCK,
+        sqlite3.SQLITE_IOERR_WRITE,
+        sqlite3.SQLITE_IOERR_FSYNC,
+        sqlite3.SQLITE_IOERR_DIR_FSYNC,
+        sqlite3.SQLITE_IOERR_TRUNCATE,
+        sqlite3.SQLITE_IOERR_LOCK,
+        sqlite3.SQLITE_IOERR_RDLOCK,
+        sqlite3.SQLITE_IOERR_UNLOCK,
+        sqlite3.SQLITE_IOERR_CHECKRESERVEDLOCK,
+        sqlite3.SQLITE_IOERR_NOMEM,
+        sqlite3.SQLITE_IOERR_ACCESS,
+        sqlite3.SQLITE_IOERR_GETTEMPPATH,
+        sqlite3.SQLITE_IOERR_DELETE,
+        sqlite3.SQLITE_IOERR_DELETE_NOENT,
+    }
 )
+UNAVAILABLE_ERRNOS = frozenset(
+    {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EBUSY}
+)
+# The free space under which ``StoreUnavailable`` says how much is left and to free some.
+LOW_SPACE = 64 * 1024 * 1024
+
+
+def error_text(exc: sqlite3.Error | OSError) -> str:
+    """``exc`` as its code and words: ``SQLITE_IOERR_READ: disk I/O error``, or an OSError's
+    ``os_error_text``."""
+    if isinstance(exc, sqlite3.Error):
+        name = getattr(exc, "sqlite_errorname", None) or type(exc).__name__
+        return f"{name}: {exc}"
+    return os_error_text(exc)
+
+
+def is_full(exc: BaseException) -> bool:
+    """True if ``exc`` says the disk (or the user's quota on it) is full."""
+    if isinstance(exc, sqlite3.Error):
+        return getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def unreadable(exc: BaseException) -> str | None:
+    """What is wrong with a store file whose open or read failed with ``exc``, if that says
+    the disk could not read it back (an SQLITE_IOERR that is not one of
+    ``UNAVAILABLE_IOERRS``, EIO): ``unreadable (CODE: …): check the disk (dmesg)``, a kind of
+    damage; None for any other error."""
+    if isinstance(exc, sqlite3.Error):
+        code = getattr(exc, "sqlite_errorcode", None)
+        if code is None or code & 0xFF != sqlite3.SQLITE_IOERR or code in UNAVAILABLE_IOERRS:
+            return None
+    elif not (isinstance(exc, OSError) and exc.errno == errno.EIO):
+        return None
+    return f"unreadable ({error_text(exc)}): check the disk (dmesg)"
 
 
 def unavailable(what: str, path: Path, exc: BaseException) -> StoreUnavailable | None:
     """``exc``, from opening the store at ``path``, as a ``StoreUnavailable`` if it is one of
-    those errors (``UNAVAILABLE_CODES``, ``UNAVAILABLE_ERRNOS``); None for any other (a
-    damaged file, a failed migration)."""
+    those errors (``UNAVAILABLE_CODES``, ``UNAVAILABLE_IOERRS``, ``UNAVAILABLE_ERRNOS``); None
+    for any other (a damaged or unreadable file, a failed migration)."""
     if isinstance(exc, sqlite3.Error):
         code = getattr(exc, "sqlite_errorcode", None)
-        if code is not None and code & 0xFF in UNAVAILABLE_CODES:
+        if code is not None and (code & 0xFF in UNAVAILABLE_CODES or code in UNAVAILABLE_IOERRS):
             return StoreUnavailable(what, path, exc)
     elif isinstance(exc, OSError) and exc.errno in UNAVAILABLE_ERRNOS:
         return StoreUnavailable(what, path, exc)
@@ -357,13 +423,16 @@ def damage(path: Path, *, expected: bool, what: str = "store") -> str | None:
     A file that cannot be read now for a reason outside it (a full disk, a read-only file
     system, …) is neither fine nor damaged: ``StoreUnavailable`` (``what``: "store",
     "journal", the first word of its message). Audit s38, H2: a full disk was "damaged (disk
-    I/O error)", with advice to ``--reinitialise``, which threw the intact file away.
+    I/O error)", with advice to ``--reinitialise``, which threw the intact file away. One the
+    disk fails to read (``unreadable``: SQLITE_IOERR_READ, EIO, …) is damaged: "unreadable".
     """
     try:
         size = path.stat().st_size
     except FileNotFoundError:
         return "missing" if expected else None
-    except OSError as exc:  # EACCES on the directory, EIO: the file is not known lost
+    except OSError as exc:  # EACCES on the directory: the file is not known lost
+        if (problem := unreadable(exc)) is not None:
+            return problem
         raise StoreUnavailable(what, path, exc) from None
     if size == 0:
         if not expected and not Path(f"{path}-wal").exists():
@@ -372,10 +441,15 @@ def damage(path: Path, *, expected: bool, what: str = "store") -> str | None:
     try:
         conn = sqlite3.connect(path, timeout=10)
         try:
-            rows = [str(r[0]) for r in conn.execute("PRAGMA quick_check(3)").fetchall()]
+            found = conn.execute("PRAGMA quick_check(3)").fetchall()
+            # A row may hold several lines ("*** in database main ***\nPage 13: …"): the
+            # problem is said on the daemon's one line.
+            rows = [line for r in found for line in str(r[0]).splitlines() if line.strip()]
         finally:
             conn.close()
     except sqlite3.Error as exc:
+        if (problem := unreadable(exc)) is not None:
+            return problem
         if not is_damage(exc):  # whatever it is, it does not say the file is broken
             raise StoreUnavailable(what, path, exc) from None
         return f"damaged ({exc})"
@@ -445,8 +519,7 @@ class Database:
                 self.path, isolation_level=None, check_same_thread=False, timeout=10
             )
         except (sqlite3.Error, OSError) as exc:
-            if (not_now := unavailable(what, self.path, exc)) is not None:
-                raise not_now from exc
+            self._refuse(what, exc)
             raise
         try:
             self._db.row_factory = sqlite3.Row
@@ -459,9 +532,19 @@ class Database:
                 self._db.execute(f"PRAGMA cache_size=-{int(cache_kib)}")
         except BaseException as exc:
             self._db.close()
-            if (not_now := unavailable(what, self.path, exc)) is not None:
-                raise not_now from exc
+            self._refuse(what, exc)
             raise
+
+    def _refuse(self, what: str, exc: BaseException) -> None:
+        """Raise what ``exc``, from opening the file, means for it, if it says more than itself:
+        ``StoreUnavailable``, or ``StoreUnreadable`` (the disk failed to read it)."""
+        if (not_now := unavailable(what, self.path, exc)) is not None:
+            raise not_now from exc
+        if (problem := unreadable(exc)) is not None:
+            raise StoreUnreadable(
+                f"{what} {self.path}: {problem}; restore it from a backup, or start once with"
+                " --reinitialise"
+            ) from exc
 
     def _others_wrote(self) -> None:
         """Under the lock: drop ``cache`` if another connection committed since the last look
