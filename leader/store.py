@@ -1560,23 +1560,14 @@ class Store(LeaderStore):
                         name,
                     ),
                 )
-                _record_node_cert(db, name, cert, now, self.cap_now())
-                floor = max(_meta(db, "epoch_floor", 0), highest_epoch)
-                db.execute(
-                    "INSERT INTO meta (key, value) VALUES ('epoch_floor', ?)"
-                    " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                    (str(floor),),
-                )
-                self._audit(
+                self._relearned(
                     db,
-                    now,
-                    f"node:{name}",
-                    "node.relearned",
                     name,
+                    cert,
+                    highest_epoch,
+                    now,
                     reason="renewed after the backup the store was restored from",
                     previous=verdict["cert_serial"],
-                    cert_fingerprint=cert.fingerprint,
-                    epoch_floor=floor,
                 )
                 return True
             db.execute(
@@ -1595,24 +1586,37 @@ class Store(LeaderStore):
                     to_text(now),
                 ),
             )
-            _record_node_cert(db, name, cert, now, self.cap_now())
-            floor = max(_meta(db, "epoch_floor", 0), highest_epoch)
-            db.execute(
-                "INSERT INTO meta (key, value) VALUES ('epoch_floor', ?)"
-                " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-                (str(floor),),
-            )
-            self._audit(
-                db,
-                now,
-                f"node:{name}",
-                "node.relearned",
-                name,
-                addresses=list(addresses),
-                cert_fingerprint=cert.fingerprint,
-                epoch_floor=floor,
-            )
+            self._relearned(db, name, cert, highest_epoch, now, addresses=list(addresses))
         return True
+
+    def _relearned(
+        self,
+        db: sqlite3.Connection,
+        name: str,
+        cert: NodeCert,
+        highest_epoch: int,
+        now: dt.datetime,
+        **detail: Any,
+    ) -> None:
+        """A node re-learned (``relearn``): its certificate recorded, the epoch floor raised to
+        what it has seen, audited as ``node.relearned``."""
+        _record_node_cert(db, name, cert, now, self.cap_now())
+        floor = max(_meta(db, "epoch_floor", 0), highest_epoch)
+        db.execute(
+            "INSERT INTO meta (key, value) VALUES ('epoch_floor', ?)"
+            " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (str(floor),),
+        )
+        self._audit(
+            db,
+            now,
+            f"node:{name}",
+            "node.relearned",
+            name,
+            **detail,
+            cert_fingerprint=cert.fingerprint,
+            epoch_floor=floor,
+        )
 
     def _renewed_since_backup(
         self,

@@ -114,16 +114,7 @@ def test_a_backup_of_a_running_leader_restores_its_nodes_tokens_and_ca(tmp_path:
 
         # The leader's server is lost: an empty data dir, the backup put back, the passphrase
         # from where the admin kept it.
-        c.stop_leader()
-        shutil.rmtree(c.data_dir)
-        c.data_dir.mkdir(mode=0o700)
-        for rel in manifest["files"]:
-            target = c.data_dir / rel
-            target.parent.mkdir(mode=0o700, exist_ok=True)
-            shutil.copy2(dest / rel, target)
-        c.passphrase_path.parent.mkdir(mode=0o700)
-        c.passphrase_path.write_bytes(passphrase)
-        os.chmod(c.passphrase_path, 0o600)
+        restore(c, dest, passphrase)
         c.start_leader()
 
         assert c.ca_pin() == pin
