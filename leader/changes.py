@@ -193,6 +193,22 @@ class StepContext:
         self.learnt.clear()
 
 
+def server_certificate(
+    ctx: StepContext, csr: x509.CertificateSigningRequest, names: pki.Names
+) -> x509.Certificate:
+    """A node's https certificate for ``csr``, checked against ``names`` (its enrolled ones):
+    server use only, naming its holder as ``spiffe://…/server/<name>``, a role no peer of the
+    cluster accepts (``tlsroll.spiffe``)."""
+    return ctx.ca.sign_csr(
+        csr,
+        names,
+        server=True,
+        client=False,
+        now=ctx.clock(),
+        identity=spiffe.server(ctx.ca.trust_domain, names.common_name),
+    )
+
+
 class ChangeSteps:
     """The steps every change shares; subclasses change what differs."""
 
@@ -238,14 +254,7 @@ class ChangeSteps:
             # either (it failed there, after an extra round trip, before review s28 L8).
             try:
                 csr = pki.load_csr_pem(reply.csr_pem)
-                cert = ctx.ca.sign_csr(
-                    csr,
-                    enrolled,
-                    server=True,
-                    client=False,
-                    now=ctx.clock(),
-                    identity=spiffe.server(ctx.ca.trust_domain, node.name),
-                )
+                cert = server_certificate(ctx, csr, enrolled)
             except PKIError as exc:
                 return NodeEvent.PREFLIGHT_FAILED, f"its CSR cannot be signed: {exc}"
             record = IssuedCert.of(cert, "server", node.name, node.name, ctx.clock())
@@ -283,14 +292,7 @@ class ChangeSteps:
                 # Checked and signed as any CSR: the names are the enrolled ones, whoever
                 # asked.
                 csr = pki.load_csr_pem(csr_reply.csr_pem)
-                cert = ctx.ca.sign_csr(
-                    csr,
-                    expected,
-                    server=True,
-                    client=False,
-                    now=ctx.clock(),
-                    identity=spiffe.server(ctx.ca.trust_domain, node.name),
-                )
+                cert = server_certificate(ctx, csr, expected)
                 # Recorded, so that `certs check-expiration` has its serial and `nodes
                 # remove` revokes it; revoked instead of sent if the node has ended
                 # meanwhile (an abort skipped it while this stage was in CreateCSR).

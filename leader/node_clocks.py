@@ -229,15 +229,9 @@ class NodeClocks:
             else:
                 o.within = 0
                 if (best > 0) != o.ahead:  # the other way at once: another problem
-                    if o.logged:  # the first one's end, so that each start has one
-                        o.logged = False
-                        log.info(
-                            "node.clock_agrees",
-                            node=node,
-                            agent=agent,
-                            offset=shown_seconds(best),
-                            reason="turned",
-                        )
+                    # The first one ends (logged if its start was: each start has an end),
+                    # and is not taken up again (``_begins``).
+                    self._ends(node, agent, o, best, reason="turned")
                     o.was = None
                     self._begins(node, agent, o, best, now)
             # A problem begun again without a word that lasts, after any message that leaves
@@ -298,12 +292,18 @@ class NodeClocks:
             since=o.since.isoformat() if o.since is not None else None,
         )
 
-    def _ends(self, node: str, agent: str, o: _Offset, best: float) -> None:
-        """``agent``'s problem ends: remembered (``_begins``); logged if its start was."""
+    def _ends(
+        self, node: str, agent: str, o: _Offset, best: float, reason: str | None = None
+    ) -> None:
+        """``agent``'s problem ends: remembered (``_begins``); logged if its start was
+        (``reason``: "turned", it ends as another begins the other way)."""
         o.was, o.since, o.ended = o.since, None, self.monotonic()
         if o.logged:
             o.logged = False
-            log.info("node.clock_agrees", node=node, agent=agent, offset=shown_seconds(best))
+            extra = {} if reason is None else {"reason": reason}
+            log.info(
+                "node.clock_agrees", node=node, agent=agent, offset=shown_seconds(best), **extra
+            )
         self._changed()
 
     def _new(self, node: str, agent: str, x: float) -> _Offset:
