@@ -331,6 +331,7 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         viewer.reader.auto_rotate = rotator.status.view
         viewer.reader.node_problems = state.node_problems
         viewer.reader.clock_offset = state.clocks.offset
+        viewer.reader.store_trouble = lambda: health.trouble
     admin_service = AdminService(
         state,
         commands,

@@ -50,6 +50,7 @@ from tests.cluster import Cluster, one_line_error, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node, NodeFactory, fill, tmpfs
 from tests.test_recovery import announce_epoch, assert_on_https
+from tests.test_viewer import fetch, login
 from tlsroll import daemon, logs
 from tlsroll.errors import os_error_text
 from tlsroll.fsutil import stage_atomic
@@ -460,9 +461,10 @@ def test_a_daemons_os_error_without_a_file_is_one_line_with_its_errno(
 
 def test_a_rollout_on_a_leader_whose_disk_fills_says_why_in_rollout_status(tmp_path: Path) -> None:
     """The leader's data dir fills up while a rollout runs: the rollout waits, `rollout status`
-    says why (SQLite's words and code, since when), the repeated failure is logged at most once
-    a minute, not at every tick; with room again the rollout completes and the line is gone.
-    Before: the reason was in the log only, a line per tick."""
+    and the web viewer's page say why (SQLite's words and code, since when), the repeated
+    failure is logged at most once a minute, not at every tick; with room again the rollout
+    completes and the line is gone. Before: the reason was in the log only, a line per tick
+    (and, after session 38, on `rollout status` but not on the page a practice IT watches)."""
     root = Path(tempfile.mkdtemp(prefix="tlsroll-m2-"))
     with contextlib.ExitStack() as cleanup:
         cleanup.callback(shutil.rmtree, root, ignore_errors=True)
@@ -478,6 +480,7 @@ def full_leader_rollout(root: Path, tmp_path: Path) -> None:
         try:
             cluster.init()
             cluster.start_leader()
+            cookie = login(cluster)  # before the disk is full: a grant is a write
             node = Node(cluster, "m2", next_loopback(), tmp_path / "m2")
             node.start({CRASH_ENV: "frozen"})  # the agent dies mid-switch, server frozen
             cluster.wait_for_nodes_online(["m2"])
@@ -508,6 +511,13 @@ def full_leader_rollout(root: Path, tmp_path: Path) -> None:
                 assert "store: database or disk is full (SQLITE_FULL)" in line, line
                 assert line.startswith("tlsroll: the leader cannot write its store since 20"), line
                 assert cluster.newest_rollout()["state"] == "running"
+                page = fetch(cluster, "/", cookie=cookie)  # a session is read, never written
+                assert page.status == 200, page
+                assert 'data-trouble="store"' in page.body, page.body[-3000:]
+                assert "nicht in seinen Speicher schreiben" in page.body
+                assert "database or disk is full (SQLITE_FULL)" in page.body
+                english = fetch(cluster, "/?lang=en", cookie=cookie)
+                assert "The leader cannot write its store since" in english.body
             finally:
                 filler.unlink()
             ended: dict[str, Any] = {}
@@ -523,6 +533,7 @@ def full_leader_rollout(root: Path, tmp_path: Path) -> None:
             after = cluster.cli("rollout", "status")
             assert after.returncode == 0, after.stderr
             assert "cannot write" not in after.stderr
+            assert 'data-trouble="store"' not in fetch(cluster, "/", cookie=cookie).body
             events = cluster.leader.log_events()
             failing = [e for e in events if e.get("event") == "store.writes_failing"]
             assert failing, cluster.leader.log_text()[-3000:]

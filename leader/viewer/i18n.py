@@ -63,6 +63,9 @@ _DE: dict[str, str] = {
     "leader_node": "Leader",
     "attention": "Braucht Aufmerksamkeit: {nodes}. Der Rückweg ist fehlgeschlagen; der Knoten "
     "ist in keinem bekannten Zustand. Bitte die Praxis-IT verständigen.",
+    "store_trouble": "Der Leader kann seit {since} nicht in seinen Speicher schreiben "
+    "({problem}); keine Umstellung kommt weiter, bis er es wieder kann. Bitte die Praxis-IT "
+    "verständigen (Platz auf der Festplatte des Leaders schaffen).",
     "twin_agents": "Zwei Agenten verwenden die Identität von Knoten {node} (ein geklonter "
     "Rechner oder ein zweiter Agent): er wird nicht umgestellt, bis einer von ihnen gestoppt ist. "
     "Bitte die Praxis-IT verständigen.",
@@ -174,6 +177,9 @@ _EN: dict[str, str] = {
     "leader_node": "leader",
     "attention": "Needs attention: {nodes}. The way back failed; the node is in no known "
     "state. Please call the practice IT.",
+    "store_trouble": "The leader cannot write its store since {since} ({problem}); no "
+    "rollout moves until it can. Please call the practice IT (free space on the leader's "
+    "disk).",
     "twin_agents": "Two agents use node {node}'s identity (a cloned machine or a second "
     "agent): it is not switched until one of them is stopped. Please call the practice IT.",
     "clock_offset": "The clock of node {node} differs from the leader's by {seconds} s; "

@@ -143,6 +143,10 @@ class Reader:
         # clock offset (``leader.node_clocks.NodeClocks.offset``), set by the daemon likewise.
         self.node_problems: Callable[[], Sequence[NodeProblemRow]] | None = None
         self.clock_offset: Callable[[str], float | None] | None = None
+        # Why the store's writes fail and since when, while they do
+        # (``leader.store_health.StoreHealth.trouble``): a page shows it as `rollout status`
+        # does; read in memory (the store it is about may fail to answer), set likewise.
+        self.store_trouble: Callable[[], tuple[str, dt.datetime] | None] | None = None
         # By rollout id, kept for the next read (``KEPT_ROLLOUTS`` at most, the last used
         # last): each node's data by its view's bytes; the timeline as read up to an audit
         # ``seq``. Reads run in worker threads, several at once: each takes what is kept and
@@ -199,6 +203,10 @@ class Reader:
             made=(views, made),
             node_problems=problems,
         )
+        trouble = self.store_trouble() if self.store_trouble is not None else None
+        if trouble is not None:
+            message.store_trouble.problem, since = trouble
+            message.store_trouble.since.FromDatetime(since)
         if not every:  # (the API's read of every rollout would push out what pages show)
             with self._lock:
                 self._views = made
