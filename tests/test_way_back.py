@@ -5,6 +5,7 @@ bootstrap service closes; nothing else is touched. Real processes throughout."""
 from __future__ import annotations
 
 import json
+import re
 import socket
 from pathlib import Path
 from typing import Any
@@ -69,6 +70,11 @@ def test_rollback_puts_switched_nodes_back_on_http(tmp_path: Path) -> None:
 
         back = cluster.cli("rollout", "rollback", "--yes")
         assert back.returncode == 0, back.stderr
+        # --yes shows no plan: the nodes going back are named all the same (every node on
+        # https, whichever rollout switched it), and what the workstations must do
+        going = re.search(r"^Back to http: (.*)\.$", back.stdout, re.M)
+        assert going is not None and set(going[1].split(", ")) == {"node1", "node2"}, back.stdout
+        assert "go back to the old http address" in back.stdout
         wait_until(ended, 90, "the way back")
         r = newest()
         assert r["change"] == "disable-tls" and r["undoes"] == switch["id"]

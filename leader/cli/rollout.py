@@ -423,8 +423,9 @@ def rollout_retry(leader: Leader, rollout_id: str, wait: bool) -> None:
 @click.option("--yes", is_flag=True, help="Start without showing the plan and asking.")
 @pass_leader
 def rollout_rollback(leader: Leader, rollout_id: str, max_parallel: int, yes: bool) -> None:
-    """The way back: put the nodes an enable-tls rollout switched (default: the newest) back
-    on http, the same safe way (a new rollout of change disable-tls). Once per rollout."""
+    """The way back: put every node that runs https now back on http, whichever rollout
+    switched it (with ROLLOUT_ID: that enable-tls rollout's nodes only), the same safe way (a
+    new rollout of change disable-tls). Once per rollout."""
     request = admin_pb2.RolloutRequest(
         change=CHANGE.wire(Change.DISABLE_TLS),
         undo_rollout_id=rollout_id,
@@ -434,9 +435,10 @@ def rollout_rollback(leader: Leader, rollout_id: str, max_parallel: int, yes: bo
     leader.require_same_code()  # before the plan is shown and confirmed (as rollout start)
     with leader.admin() as admin:
         planned = leader.call(admin.PlanRollout, request)
+        going = ", ".join(n.name for n in planned.rollout.nodes)
         if not yes:
             out.print(
-                f"Back to http: {', '.join(n.name for n in planned.rollout.nodes)} "
+                f"Back to http: {going} "
                 "(each: freeze writes, restore the http config, restart, verify, unfreeze)."
             )
             out.print("  ! Every workstation must go back to the old http address afterwards.")
@@ -449,6 +451,9 @@ def rollout_rollback(leader: Leader, rollout_id: str, max_parallel: int, yes: bo
         f"rollout {view.id} (disable-tls, undoes {view.undoes}) started; "
         "follow it with: tlsroll schema show --watch"
     )
+    if yes:  # (the plan was not shown: which nodes go back, and what the workstations must do)
+        out.print(f"Back to http: {going}.")
+        out.print("  ! Every workstation must go back to the old http address afterwards.")
 
 
 @rollout.command("finalize")
