@@ -51,6 +51,10 @@ ADDRESSES = ("127.0.10.1", "127.0.10.2", "127.0.10.3")
 APP = "/praxis_live/"
 HTTP_PORT, HTTPS_PORT = 8080, 8443
 WAIT = 30.0
+CLI_POLL = 1.0
+"""Seconds between two looks that run ``tlsroll``: each is a process that starts and imports (a
+few tenths of a second of CPU), and what they wait for (enrolment, the agents' reports of their
+servers' clients) takes seconds; looked at every 0.1 s they took a core from the daemons."""
 DEMO_PASSWORD = "demo-only-password-7q4k"  # noqa: S105 - the demo's throwaway cluster
 
 
@@ -58,12 +62,14 @@ def say(text: str) -> None:
     print(f"\n== {text}", flush=True)
 
 
-def wait_for(what: str, check: Callable[[], bool], timeout: float = WAIT) -> None:
+def wait_for(
+    what: str, check: Callable[[], bool], timeout: float = WAIT, interval: float = 0.1
+) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if check():
             return
-        time.sleep(0.1)
+        time.sleep(interval)
     raise DemoError(f"timed out waiting for {what}")
 
 
@@ -395,7 +401,7 @@ def set_up(work: Path, addresses: list[str], procs: Procs, cli: Cli) -> Path:
         nodes = json.loads(cli.run("nodes", "--json", show=False))
         return len(nodes) == len(addresses) and all(n["online"] for n in nodes)
 
-    wait_for("every node to enrol and report in", all_online)
+    wait_for("every node to enrol and report in", all_online, interval=CLI_POLL)
     say("enrolled nodes")
     cli.run("nodes")
     return data
@@ -444,7 +450,7 @@ def transitional(
             ws.on_https.add((a, 0))
         stayers = {f"node{i + 1}": [ws.name(i, 1)] for i in range(len(addresses))}
         wait_for("the agents to report who is on which scheme",
-                 lambda: still_on_http(cli) == stayers, 60)  # fmt: skip
+                 lambda: still_on_http(cli) == stayers, 60, CLI_POLL)  # fmt: skip
         cli.run("schema", "show")
         cli.run("notify", "--remaining", "--lang", "en")
         say("finalize is refused while workstations still use http")
@@ -460,7 +466,12 @@ def transitional(
         say("they do the client steps too")
         for a in addresses:
             ws.on_https.add((a, 1))
-        wait_for("no workstation left on http", lambda: not any(still_on_http(cli).values()), 60)
+        wait_for(
+            "no workstation left on http",
+            lambda: not any(still_on_http(cli).values()),
+            60,
+            CLI_POLL,
+        )
         say("phase 2: close http node by node")
         cli.run("rollout", "finalize", "--yes", "--wait", timeout=400)
         time.sleep(1.0)  # a last round of writes over https

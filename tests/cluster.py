@@ -43,6 +43,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from leader.cli.base import Leader, fetch_schema_json
 from tests.refserver_helper import write_toml
 from tlsroll import __version__, pki
 from tlsroll.defaults import AGENT_PORT, CONTROL_PORT, JOIN_PORT
@@ -755,6 +756,25 @@ class Cluster:
         shown = self.cli("schema", "show", "--json")
         assert shown.returncode == 0, shown.stderr
         rollout: dict[str, Any] = json.loads(shown.stdout)["rollouts"][0]
+        return rollout
+
+    def schema_json(self, rollout_id: str = "", *, limit: int = 1) -> dict[str, Any]:
+        """The data ``tlsroll schema show --json`` prints (``limit=0``: ``--all``), asked of
+        the leader over its admin socket as that command asks (``fetch_schema_json``), but
+        from this process: for the waits that look again and again. A look as a CLI process
+        costs a few tenths of a second of CPU (a process that starts and imports), and polled
+        every 50 ms those took a core from the daemons under test; what a test asserts about
+        the command itself it still asks of the command (``cli``)."""
+        leader = Leader(self.admin_socket)
+        try:
+            data: dict[str, Any] = fetch_schema_json(leader, rollout_id, limit=limit)
+        finally:
+            leader.close()
+        return data
+
+    def poll_newest_rollout(self) -> dict[str, Any]:
+        """``newest_rollout`` by ``schema_json``: for a wait's condition."""
+        rollout: dict[str, Any] = self.schema_json()["rollouts"][0]
         return rollout
 
     def store_table(self, table: str) -> list[dict[str, Any]]:

@@ -311,13 +311,17 @@ def schema_json(cluster: Cluster) -> dict[str, Any]:
     return data
 
 
-def auto_view(cluster: Cluster) -> dict[str, Any]:
-    view: dict[str, Any] = schema_json(cluster).get("auto_rotate", {})
+def auto_view(cluster: Cluster, *, polled: bool = False) -> dict[str, Any]:
+    """The schema's ``auto_rotate`` as ``schema show --json`` prints it; ``polled``: for a
+    wait, asked from this process (``Cluster.schema_json``), not by a CLI process each time."""
+    data = cluster.schema_json() if polled else schema_json(cluster)
+    view: dict[str, Any] = data.get("auto_rotate", {})
     return view
 
 
-def checked_at(cluster: Cluster) -> dt.datetime:
-    return dt.datetime.fromisoformat(auto_view(cluster)["checked_at"].replace("Z", "+00:00"))
+def checked_at(cluster: Cluster, *, polled: bool = False) -> dt.datetime:
+    checked = auto_view(cluster, polled=polled)["checked_at"]
+    return dt.datetime.fromisoformat(checked.replace("Z", "+00:00"))
 
 
 def closed_window(now: dt.datetime) -> str:
@@ -366,7 +370,7 @@ def test_auto_rotate_starts_a_rotation_only_inside_the_window(tmp_path: Path) ->
 
         # (b) Outside the window: due, waiting, check after check; nothing starts.
         wait_until(
-            lambda: set(auto_view(cluster).get("due_nodes", [])) == {"node1", "node2"},
+            lambda: set(auto_view(cluster, polled=True).get("due_nodes", [])) == {"node1", "node2"},
             90,
             "both server certificates due",
         )
@@ -375,7 +379,9 @@ def test_auto_rotate_starts_a_rotation_only_inside_the_window(tmp_path: Path) ->
         assert view["next_window"] and not view.get("in_window", False)
         seen = checked_at(cluster)
         wait_until(
-            lambda: checked_at(cluster) >= seen + dt.timedelta(seconds=3), 30, "3 more checks"
+            lambda: checked_at(cluster, polled=True) >= seen + dt.timedelta(seconds=3),
+            30,
+            "3 more checks",
         )
         assert auto_view(cluster)["verdict"] == "outside-window"
         assert [r["id"] for r in schema_json(cluster)["rollouts"]] == [enabled["id"]]
@@ -389,8 +395,9 @@ def test_auto_rotate_starts_a_rotation_only_inside_the_window(tmp_path: Path) ->
         cluster.write_leader_config({"maintenance_window": "daily 00:00-24:00"})
         cluster.start_leader()
 
-        def rotated() -> dict[str, Any] | None:
-            rollouts: list[dict[str, Any]] = schema_json(cluster)["rollouts"]
+        def rotated(polled: bool = False) -> dict[str, Any] | None:
+            data = cluster.schema_json() if polled else schema_json(cluster)
+            rollouts: list[dict[str, Any]] = data["rollouts"]
             ended = [
                 r
                 for r in rollouts
@@ -398,7 +405,7 @@ def test_auto_rotate_starts_a_rotation_only_inside_the_window(tmp_path: Path) ->
             ]
             return ended[-1] if ended else None  # the oldest (newest first)
 
-        wait_until(lambda: rotated() is not None, 180, "an automatic rotation that ended")
+        wait_until(lambda: rotated(True) is not None, 180, "an automatic rotation that ended")
         r = rotated()
         assert r is not None and r["state"] == "completed", r
         assert r["started_by"] == "leader (auto_rotate)"
@@ -1082,7 +1089,9 @@ def test_a_leader_reads_its_window_in_maintenance_timezone_and_says_so(tmp_path:
             }
         )
         cluster.start_leader(env=utc)
-        wait_until(lambda: bool(auto_view(cluster).get("verdict")), 30, "a first check")
+        wait_until(
+            lambda: bool(auto_view(cluster, polled=True).get("verdict")), 30, "a first check"
+        )
         view = auto_view(cluster)
         assert view["timezone"] == "Europe/Berlin" and not view.get("warning"), view
         assert re.fullmatch(r"\d{4}-\d\d-\d\dT02:00\+0[12]:00", view["next_window"]), view
@@ -1096,7 +1105,9 @@ def test_a_leader_reads_its_window_in_maintenance_timezone_and_says_so(tmp_path:
         cluster.stop_leader()
         cluster.write_leader_config({"maintenance_timezone": None})
         cluster.start_leader(env=utc)
-        wait_until(lambda: bool(auto_view(cluster).get("verdict")), 30, "a first check")
+        wait_until(
+            lambda: bool(auto_view(cluster, polled=True).get("verdict")), 30, "a first check"
+        )
         view = auto_view(cluster)
         assert not view.get("timezone") and "read in UTC" in view["warning"], view
         assert view["next_window"].endswith("T02:00+00:00"), view

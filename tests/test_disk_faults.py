@@ -315,14 +315,12 @@ def test_a_leader_whose_stderr_is_dev_full_runs_a_rollout_to_completion(tmp_path
             "rollout", "start", "--password-file", str(password), "--scope", "cluster", "--yes"
         )
         assert started.returncode == 0, started.stderr
-        ended: dict[str, Any] = {}
 
-        def done() -> bool:
-            nonlocal ended
-            ended = cluster.newest_rollout()
-            return ended["state"] in ("completed", "halted", "aborted")
+        def done() -> bool:  # looked at from this process
+            return cluster.poll_newest_rollout()["state"] in ("completed", "halted", "aborted")
 
         wait_until(done, ROLLOUT_TIMEOUT, "the rollout to end")
+        ended = cluster.newest_rollout()
         assert ended["state"] == "completed", ended
         assert cluster.leader.running
         assert node.get("https").status == 200
@@ -520,14 +518,12 @@ def full_leader_rollout(root: Path, tmp_path: Path) -> None:
                 assert "The leader cannot write its store since" in english.body
             finally:
                 filler.unlink()
-            ended: dict[str, Any] = {}
 
-            def done() -> bool:
-                nonlocal ended
-                ended = cluster.newest_rollout()
-                return ended["state"] in ("completed", "halted", "aborted")
+            def done() -> bool:  # looked at from this process
+                return cluster.poll_newest_rollout()["state"] in ("completed", "halted", "aborted")
 
             wait_until(done, ROLLOUT_TIMEOUT, "the rollout to end")
+            ended = cluster.newest_rollout()
             full_for = time.monotonic() - began
             assert ended["state"] == "completed", ended
             after = cluster.cli("rollout", "status")

@@ -112,7 +112,9 @@ def test_the_leader_gets_the_outcome_through_a_broken_stream(tmp_path: Path) -> 
         node.restart_agent()
 
         wait_until(
-            lambda: cluster.newest_rollout()["state"] in ("completed", "halted"), 90, "the rollout"
+            lambda: cluster.poll_newest_rollout()["state"] in ("completed", "halted"),
+            90,
+            "the rollout",
         )
         r = cluster.newest_rollout()
         assert r["state"] == "completed", r

@@ -4,7 +4,6 @@ once, on the terminal, and nowhere else — not in the leader's store, logs or s
 
 from __future__ import annotations
 
-import json
 import os
 import pty
 import re
@@ -124,9 +123,8 @@ def test_start_asks_then_shows_a_generated_password_once(
     (secret,) = passwords
     assert "not by e-mail" in term.screen
 
-    def completed() -> bool:
-        data = json.loads(cluster.cli("schema", "show", "--json").stdout)
-        return bool(data["rollouts"][0]["state"] == "completed")
+    def completed() -> bool:  # looked at from this process: Cluster.poll_newest_rollout
+        return bool(cluster.poll_newest_rollout()["state"] == "completed")
 
     wait_until(completed, 60, "the rollout to complete")
 

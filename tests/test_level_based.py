@@ -36,7 +36,9 @@ def newest(cluster: Cluster) -> dict[str, Any]:
 
 
 def wait_ended(cluster: Cluster, what: str) -> dict[str, Any]:
-    wait_until(lambda: newest(cluster)["state"] in ENDED, 120, what)
+    """Wait (looking from this process: ``Cluster.poll_newest_rollout``) until the newest
+    rollout ended; then the rollout as ``schema show --json`` shows it."""
+    wait_until(lambda: cluster.poll_newest_rollout()["state"] in ENDED, 120, what)
     return newest(cluster)
 
 
@@ -187,7 +189,7 @@ def stopped_agent(cluster: Cluster, nodes: list[Node], tmp_path: Path) -> None:
     assert node3.agent is not None
 
     def node_state(name: str) -> str:
-        r = newest(cluster)
+        r = cluster.poll_newest_rollout()
         return str(next(n["state"] for n in r["nodes"] if n["name"] == name))
 
     start = cluster.cli(

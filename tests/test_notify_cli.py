@@ -205,14 +205,12 @@ def rollout(world: World, *args: str) -> dict[str, Any]:
     """``rollout start ARGS --yes``, then the rollout as it ended."""
     result = world.cli("rollout", "start", *args, "--yes")
     assert result.returncode == 0, result.stderr
-    latest: dict[str, Any] = {}
 
     def ended() -> bool:
-        nonlocal latest
-        latest = world.schema()["rollouts"][0]
-        return latest["state"] in ("completed", "halted", "aborted")
+        return world.poll()["rollouts"][0]["state"] in ("completed", "halted", "aborted")
 
     wait_until(ended, 90, "the rollout to end")
+    latest: dict[str, Any] = world.schema()["rollouts"][0]
     assert latest["state"] == "completed", latest
     return latest
 
@@ -313,7 +311,7 @@ def test_a_notice_about_a_rollout_gives_the_password_it_applied(tmp_path: Path) 
             world.cli("notify", "--include-password", "--password-file", str(pw2)), 1
         )
         assert world.cli("rollout", "resume").returncode == 0
-        wait_until(lambda: world.schema()["rollouts"][0]["state"] == "completed", 90, "the switch")
+        wait_until(lambda: world.poll()["rollouts"][0]["state"] == "completed", 90, "the switch")
         enable = world.schema()["rollouts"][0]
         assert enable["auth_version"] == 1
 

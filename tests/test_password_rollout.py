@@ -64,17 +64,22 @@ class World:
         data: dict[str, Any] = json.loads(result.stdout)
         return data
 
+    def poll(self) -> dict[str, Any]:
+        """``schema`` for a wait, asked from this process (``Cluster.schema_json``); what it
+        read joins ``outputs`` as the command would have printed it."""
+        data = self.cluster.schema_json()
+        self.outputs.append(json.dumps(data, indent=2, sort_keys=True))
+        return data
+
     def run_rollout(self, *args: str) -> dict[str, Any]:
         result = self.cli("rollout", "start", "--scope", "cluster", *args, "--yes")
         assert result.returncode == 0, result.stderr
-        latest: dict[str, Any] = {}
 
         def ended() -> bool:
-            nonlocal latest
-            latest = self.schema()["rollouts"][0]
-            return latest["state"] in ("completed", "halted", "aborted")
+            return self.poll()["rollouts"][0]["state"] in ("completed", "halted", "aborted")
 
         wait_until(ended, 90, "the rollout to end")
+        latest: dict[str, Any] = self.schema()["rollouts"][0]
         return latest
 
     def test_connection(
@@ -180,10 +185,11 @@ def test_workstations_join_then_a_new_password_takes_effect_at_restart(
 
     def reported() -> bool:
         nonlocal failures
-        failures = world.schema()["bootstrap_failures"]
+        failures = world.poll()["bootstrap_failures"]
         return bool(failures)
 
     wait_until(reported, 15, "the failed password in the schema")
+    failures = world.schema()["bootstrap_failures"]
     (failure,) = failures
     assert failure["node"] == world.nodes[0].name and failure["count"] == 1
     assert failure["workstation"].startswith("ws-") and failure["source"].startswith("127.")

@@ -78,7 +78,9 @@ def test_a_leader_out_of_descriptors_defers_and_never_rolls_back(tmp_path: Path)
         assert "confirm.failed" not in cluster.leader.event_names()
 
         wait_until(
-            lambda: cluster.newest_rollout()["state"] in ("completed", "halted"), 60, "the rollout"
+            lambda: cluster.poll_newest_rollout()["state"] in ("completed", "halted"),
+            60,
+            "the rollout",
         )
         r = cluster.newest_rollout()
         assert r["state"] == "completed", r

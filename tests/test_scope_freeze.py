@@ -56,12 +56,16 @@ class ScopeWorld:
         )
         assert started.returncode == 0, started.stderr
         assert self.cluster.cli("rollout", "pause").returncode == 0
-        wait_until(lambda: self.schema()["nodes"][0]["state"] == "done", 60, "node2 done")
+        wait_until(lambda: self.poll()["nodes"][0]["state"] == "done", 60, "node2 done")
 
     def schema(self) -> dict[str, Any]:
         data = json.loads(self.cluster.cli("schema", "show", "--json").stdout)
         newest: dict[str, Any] = data["rollouts"][0]
         return newest
+
+    def poll(self) -> dict[str, Any]:
+        """``schema`` for a wait, looked at from this process (``Cluster.poll_newest_rollout``)."""
+        return self.cluster.poll_newest_rollout()
 
     def close(self) -> None:
         for node in self.nodes:
@@ -102,7 +106,7 @@ def test_scope_freeze_holds_every_node_until_the_rollout_ends(
     assert switched.server.status()["listen"] == ["https"]
 
     assert cluster.cli("rollout", "resume").returncode == 0
-    wait_until(lambda: schema()["state"] == "completed", 90, "the rollout to complete")
+    wait_until(lambda: w.poll()["state"] == "completed", 90, "the rollout to complete")
     r = schema()
     assert all(n["state"] == "done" for n in r["nodes"])
     times = {n["name"]: {s["step"]: s for s in n["steps"]} for n in r["nodes"]}
@@ -137,7 +141,7 @@ def test_scope_freeze_is_a_lease_the_leader_must_renew(
 
     cluster.start_leader()
     assert cluster.cli("rollout", "resume").returncode == 0
-    wait_until(lambda: schema()["state"] == "completed", 90, "the rollout to complete")
+    wait_until(lambda: w.poll()["state"] == "completed", 90, "the rollout to complete")
     assert all(n["state"] == "done" for n in schema()["nodes"])
     for node in nodes:
         assert node.server.status()["frozen"] is False

@@ -218,7 +218,7 @@ def test_a_stage_of_a_rollout_that_ended_leaves_its_node_within_heartbeats(
         try:
 
             def states() -> dict[str, str]:
-                return {n["name"]: n["state"] for n in cluster.newest_rollout()["nodes"]}
+                return {n["name"]: n["state"] for n in cluster.poll_newest_rollout()["nodes"]}
 
             wait_until(
                 lambda: states() == {"node2": "done", "node3": "preflight"},
@@ -239,7 +239,7 @@ def test_a_stage_of_a_rollout_that_ended_leaves_its_node_within_heartbeats(
 
             abort = cluster.cli("rollout", "abort")
             assert abort.returncode == 0, abort.stderr
-            wait_until(lambda: cluster.newest_rollout()["state"] == "aborted", 30, "the abort")
+            wait_until(lambda: cluster.poll_newest_rollout()["state"] == "aborted", 30, "the abort")
             wait_until(lambda: not staged.exists(), 30, "the aborted rollout's stage removed")
             assert stage_rows(node1.journal_path) == []
             assert not (node1.config_dir / "tlsroll-tls" / rid).exists()

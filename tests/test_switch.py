@@ -878,7 +878,7 @@ def test_a_real_leaders_password_switch_is_the_one_made_ready_at_its_stage(
             )
             assert started.returncode == 0, started.stderr
             ends = ("completed", "halted", "aborted", "awaiting_finalize")
-            wait_until(lambda: cluster.newest_rollout()["state"] in ends, 120, "the rollout")
+            wait_until(lambda: cluster.poll_newest_rollout()["state"] in ends, 120, "the rollout")
             rollout = cluster.newest_rollout()
             wanted = "completed" if strategy == "direct" else "awaiting_finalize"
             assert rollout["state"] == wanted, json.dumps(rollout)

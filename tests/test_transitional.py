@@ -39,8 +39,7 @@ from tests.test_level_based import live, password_file
 from tlsroll import httpcheck, tls
 
 WAITED = ("completed", "halted", "aborted", "awaiting_finalize")
-# Seconds between two looks at the schema while waiting: each look is a `tlsroll schema show`
-# process, and back to back (wait_until's default) they took a core from the daemons under test.
+# Seconds between two looks at the schema while waiting (``look``).
 SCHEMA_POLL = 0.5
 
 
@@ -159,8 +158,15 @@ def schema(cluster: Cluster) -> dict[str, Any]:
     return data
 
 
-def rollout(cluster: Cluster, rollout_id: str) -> dict[str, Any]:
-    found: dict[str, Any] = next(r for r in schema(cluster)["rollouts"] if r["id"] == rollout_id)
+def look(cluster: Cluster) -> dict[str, Any]:
+    """``schema`` for a wait: the same data, asked from this process (``Cluster.schema_json``);
+    a `tlsroll schema show` process at each look took a core from the daemons under test."""
+    return cluster.schema_json(limit=0)
+
+
+def rollout(cluster: Cluster, rollout_id: str, *, polled: bool = False) -> dict[str, Any]:
+    data = look(cluster) if polled else schema(cluster)
+    found: dict[str, Any] = next(r for r in data["rollouts"] if r["id"] == rollout_id)
     return found
 
 
@@ -173,7 +179,10 @@ def wait_state(
     cluster: Cluster, rollout_id: str, states: tuple[str, ...], what: str
 ) -> dict[str, Any]:
     wait_until(
-        lambda: rollout(cluster, rollout_id)["state"] in states, 150, what, interval=SCHEMA_POLL
+        lambda: rollout(cluster, rollout_id, polled=True)["state"] in states,
+        150,
+        what,
+        interval=SCHEMA_POLL,
     )
     return rollout(cluster, rollout_id)
 
@@ -187,7 +196,7 @@ def wait_states(
 
     def reached() -> bool:
         seen.clear()
-        seen.update(schema(cluster))
+        seen.update(look(cluster))
         got = next(r for r in seen["rollouts"] if r["id"] == rollout_id)
         return {n["name"]: n["state"] for n in got["nodes"]} == want
 
@@ -291,8 +300,8 @@ def start_transitional(cluster: Cluster, tmp_path: Path, *extra: str) -> str:
 
 
 def on_http_named(cluster: Cluster, node: str) -> list[str]:
-    """The addresses ``schema show --json`` lists as still on http at ``node``."""
-    for view in schema(cluster).get("node_clients", []):
+    """The addresses ``schema show --json`` lists as still on http at ``node`` (for a wait)."""
+    for view in look(cluster).get("node_clients", []):
         if view["node"] == node:
             return sorted(c["address"] for c in view.get("still_on_http", []))
     return []
@@ -629,7 +638,8 @@ def test_finalize_when_quiet_closes_each_node_once_its_http_clients_are_gone(
         cluster.wait_for_nodes_online([n.name for n in nodes])
         deadline = time.monotonic() + 12  # longer than the quiet time
         while time.monotonic() < deadline:
-            states = {n["name"]: n["state"] for n in rollout(cluster, final_id)["nodes"]}
+            view = rollout(cluster, final_id, polled=True)
+            states = {n["name"]: n["state"] for n in view["nodes"]}
             assert set(states.values()) == {"pending"}, states
             time.sleep(1)
         # node2's stayer moves: node2 alone is finalized once quiet; the others keep waiting.

@@ -41,8 +41,8 @@ def test_rollback_puts_switched_nodes_back_on_http(tmp_path: Path) -> None:
             rollout: dict[str, Any] = data["rollouts"][0]
             return rollout
 
-        def ended() -> bool:
-            return newest()["state"] in ("completed", "halted", "aborted")
+        def ended() -> bool:  # looked at from this process: Cluster.poll_newest_rollout
+            return cluster.poll_newest_rollout()["state"] in ("completed", "halted", "aborted")
 
         # Nothing to take back yet: a one-line refusal, nothing created.
         refused = cluster.cli("rollout", "rollback", "--yes")
