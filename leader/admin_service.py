@@ -11,7 +11,7 @@ import base64
 import datetime as dt
 import hmac
 from collections import Counter
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -22,11 +22,11 @@ from leader.admin_socket import current_caller
 from leader.commands import Commands, RolloutRequest
 from leader.expiry import ExpiryWatch
 from leader.node_check import check_nodes
+from leader.plan_texts import plan_texts
 from leader.planner import not_on_https
 from leader.rollout_core import (
     NOT_ON_HTTPS,
     Change,
-    FreezeMode,
     NodeState,
     Rollout,
     Scope,
@@ -99,161 +99,6 @@ def grant_info(g: Grant, now: dt.datetime) -> admin_pb2.ViewerGrantInfo:
         state=VIEWER_GRANT_STATE.wire(g.state(now)),
         created_by=g.created_by,
     )
-
-
-# What each change's plan says (``PlanRollout``): its checks and steps on a node, what the
-# workstations must do, and the warnings the seed's dialog gives "zunächst" (first). A change
-# that is not the seed's switch has texts of its own: rotate-cert and change-password keep
-# the address, and the way back gives the http address back.
-
-RESTART = "The switch restarts the managed server on each node."
-RECONNECT_DIRECT = (
-    "All connected clients must re-initiate their server connections: http (8080) closes the "
-    "moment each node switches, and every workstation on that node loses the server until "
-    "someone does the client steps there (tlsroll notify prints them for the staff). To let "
-    "the workstations move over first: "
-    "--strategy transitional (https beside http until `tlsroll rollout finalize`)."
-)
-ENTRIES = (
-    "Staff must make no new entries during the switch (tlsroll notify tells them): entries "
-    "already acknowledged are kept, but one refused with 503 during the freeze must be made "
-    "again"
-)
-ENTRIES_BY_FREEZE = {
-    FreezeMode.NODE: "; with --freeze node the other nodes keep taking entries.",
-    FreezeMode.SCOPE: "; with --freeze scope every node in scope refuses entries from the first "
-    "switch until the last one has ended.",
-}
-SEED_WARNINGS = (RESTART, RECONNECT_DIRECT)
-CHECKS = (
-    "preflight: managed server healthy; ports 8443 and 9443 free on the node; config "
-    "directory writable; clock within 120 s of the leader; certificate names known",
-    "stage: node key made on the node, CSR signed by the cluster CA, stored inactive",
-    "switch: freeze writes, write new config atomically, restart, verify https with the "
-    "staged certificate and 8080 closed, write watermark unchanged, unfreeze; else roll back",
-    "confirm: the leader checks https from outside trusting only the cluster CA",
-)
-TRANSITIONAL_CHECKS = (
-    "phase 1, node by node: " + CHECKS[0],
-    "stage: node key made on the node, CSR signed by the cluster CA, stored inactive",
-    "switch: freeze writes, write the dual config atomically (https on 8443 AND http on "
-    "8080), restart, verify both, write watermark unchanged, unfreeze; else roll back to http",
-    "confirm: the leader checks https (cluster CA only) and http from outside; the node is "
-    "dual and the rollout waits (awaiting_finalize) holding no freeze",
-    "meanwhile: tlsroll schema show lists who is still on http per node; tlsroll notify "
-    "--remaining prints the workstations that still need the client steps",
-    "phase 2 (tlsroll rollout finalize; refused while a node had http clients lately, unless "
-    "--force; --when-quiet DURATION finalizes each node once quiet): node by node freeze, "
-    "https-only config, restart, verify 8080 closed and https live, unfreeze; else back to dual",
-)
-TRANSITIONAL_WARNINGS = (
-    "Phase 1 restarts the managed server on each node; workstations keep working on http.",
-    "Workstations can move to https any time until finalize; finalize cuts off any still on http.",
-)
-ROTATE_CHECKS = (
-    "preflight: the node serves https; managed server healthy; port 9443 free (or the "
-    "agent's); config directory writable; clock within 120 s of the leader; certificate names "
-    "known",
-    "stage: a new node key made on the node, CSR signed by the cluster CA, stored inactive",
-    "switch: freeze writes, write the config with the new certificate atomically, restart, "
-    "verify https with the staged certificate, write watermark unchanged, unfreeze; else roll "
-    "back to the certificate served before",
-    "confirm: the leader checks https from outside trusting only the cluster CA; the "
-    "certificate served before is revoked (superseded)",
-)
-ROTATE_WARNINGS = (
-    RESTART,
-    "Connected clients must re-initiate their server connections after the restart; the "
-    "address, the port and the password stay the same.",
-)
-ROTATE_CLIENT_STEPS = (
-    "none: the address, the port and the password stay the same, and the new certificate is "
-    "from the CA the workstations already trust",
-)
-OWN_ROTATE_CLIENT_STEPS = (
-    "the address, the port and the password stay the same; but a workstation trusts only the "
-    "CA(s) it was given when it was set up: if the --cert-dir ca.crt is not among them, it "
-    "needs the client steps again (Test connection, confirm the port, the password, restart)",
-)
-PASSWORD_CHECKS = (
-    "preflight: the node serves https; managed server healthy; port 9443 free (or the "
-    "agent's); config directory writable; clock within 120 s of the leader; certificate names "
-    "known",
-    "stage: none (the staged password's verifier goes with the switch; no new certificate)",
-    "switch: freeze writes, write the config with the staged password's verifier atomically, "
-    "restart, verify https, write watermark unchanged, unfreeze; else roll back to the "
-    "password live before",
-    "confirm: the leader checks https from outside trusting only the cluster CA",
-)
-PASSWORD_WARNINGS = (
-    "The switch restarts the managed server on each node: the staged password takes effect "
-    "there only then (seed).",
-    "Connected clients must re-initiate their server connections after the restart; the "
-    "address and the port stay the same.",
-)
-PASSWORD_CLIENT_STEPS = (
-    "workstations already set up keep their address and certificate: nothing to do",
-    "a workstation set up from now on (or again) enters the new password at the prompt; hand "
-    "it on in person or by phone, not by e-mail",
-)
-DISABLE_CHECKS = (
-    "preflight: the node serves https; managed server healthy; config directory writable; "
-    "clock within 120 s of the leader",
-    "switch: freeze writes, restore the http config the switch replaced, restart, verify http "
-    "on 8080, write watermark unchanged, unfreeze",
-    "confirm: the leader checks http from outside",
-)
-DISABLE_WARNINGS = (
-    RESTART,
-    "https closes on each node as it goes back: every workstation on it loses the server "
-    "until it is given the old http address again.",
-)
-DISABLE_CLIENT_STEPS = (
-    "Admin -> change server address back to the node's http address (port 8080)",
-    "restart the client",
-)
-# ``--cert-dir``: the stage and confirm lines of ``CHECKS`` (and ``ROTATE_CHECKS``) as they
-# are then.
-OWN_CERT_CHECKS = {
-    1: "stage: the certificate and key from --cert-dir sent to the node over mutual TLS, "
-    "checked there (key matches, chain to the practice CA), stored inactive (key 0600)",
-    3: "confirm: the leader checks https from outside trusting only the practice CA "
-    "(ca.crt); workstations enrolling at 9443 get the practice CA",
-}
-CLIENT_STEPS = (
-    "Admin -> change server address to the new https address of the node",
-    "Test connection; confirm the port prompt for 9443 (or the port shown)",
-    "enter the authentication password",
-    "restart the client",
-)
-
-
-def plan_texts(
-    change: Change, strategy: Strategy, freeze: FreezeMode, own_certs: bool
-) -> tuple[list[str], list[str], list[str]]:
-    """A change's checks, client steps and warnings, as its plan shows them (the warnings
-    that depend on the cluster's state, ``PlanRollout`` adds)."""
-    transitional = strategy is Strategy.TRANSITIONAL
-    entries = ENTRIES + ENTRIES_BY_FREEZE[freeze]
-    steps: Sequence[str]
-    warnings: Sequence[str]
-    if change is Change.ROTATE_CERT:
-        checks, steps, warnings = list(ROTATE_CHECKS), ROTATE_CLIENT_STEPS, ROTATE_WARNINGS
-    elif change is Change.CHANGE_PASSWORD:
-        checks, steps, warnings = list(PASSWORD_CHECKS), PASSWORD_CLIENT_STEPS, PASSWORD_WARNINGS
-    elif change is Change.DISABLE_TLS:
-        checks, steps, warnings = list(DISABLE_CHECKS), DISABLE_CLIENT_STEPS, DISABLE_WARNINGS
-    elif transitional:
-        checks, steps, warnings = list(TRANSITIONAL_CHECKS), CLIENT_STEPS, TRANSITIONAL_WARNINGS
-        entries = entries.replace("during the switch", "while a node restarts")
-    else:
-        checks, steps, warnings = list(CHECKS), CLIENT_STEPS, SEED_WARNINGS
-    if own_certs and change in (Change.ENABLE_TLS, Change.ROTATE_CERT):
-        for i, line in OWN_CERT_CHECKS.items():
-            checks[i] = line
-    if own_certs and change is Change.ROTATE_CERT:
-        steps = OWN_ROTATE_CLIENT_STEPS
-    return checks, list(steps), [*warnings, entries]
 
 
 def rollout_request(request: admin_pb2.RolloutRequest) -> RolloutRequest:

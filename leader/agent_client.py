@@ -6,9 +6,10 @@
 
 ``AgentApi`` is what the engine needs of an agent; ``AgentClient`` is the real one, and tests
 drive the engine with a fake that has the same methods. Retries live here and only here: a call
-that fails with UNAVAILABLE or DEADLINE_EXCEEDED is tried again a few times with backoff
-(tenacity), then raises ``TransientError`` (the engine runs the step again later); any other
-status is the agent saying no, ``StepFailed`` (terminal for the step).
+that fails with UNAVAILABLE or DEADLINE_EXCEEDED, or with the node's full disk
+(``NodeDiskFull``), is tried again a few times with backoff (tenacity), then raises
+``TransientError`` (the engine runs the step again later); any other status is the agent
+saying no, ``StepFailed`` (terminal for the step).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from tenacity import AsyncRetrying, retry_if_exception_type, stop_after_attempt,
 from leader.store import Node, Store
 from tlsroll import dbthread, spiffe
 from tlsroll.errors import LOCAL_ERRNOS, LocalResourceError, TerminalError, TransientError
-from tlsroll.rpc import NO_BDP_PROBE, hostport, reconnect_options
+from tlsroll.rpc import DISK_FULL, NO_BDP_PROBE, hostport, reconnect_options
 from tlsroll.v1 import agent_pb2, agent_pb2_grpc
 
 T = TypeVar("T")
@@ -105,11 +106,25 @@ class StepFailed(TerminalError):
 STATUS_CODES = {code.value[0]: code for code in grpc.StatusCode}
 
 
+NODE_DISK_FULL = "the node's disk is full"
+
+
+class NodeDiskFull(TransientError):
+    """The agent answered that its node's disk is full (RESOURCE_EXHAUSTED ``disk full: CAUSE``,
+    ``tlsroll.rpc.DISK_FULL``): it is there, and the call may work once space is freed, so it
+    is retried as an agent that does not answer is (never a reason to fail a switch or roll a
+    node back), but said as what it is: ``agent NODE: the node's disk is full: CAUSE``."""
+
+
 def call_failed(node: str, code: grpc.StatusCode, details: str) -> TransientError | StepFailed:
     """What a call to ``node``'s agent that ended with ``code`` raises: UNAVAILABLE or
-    DEADLINE_EXCEEDED a TransientError, any other status the agent saying no (StepFailed)."""
+    DEADLINE_EXCEEDED a TransientError, the node's full disk a ``NodeDiskFull`` (transient
+    too), any other status the agent saying no (StepFailed)."""
     if code in TRANSIENT_CODES:
         return TransientError(f"agent {node}: {details}")
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith(f"{DISK_FULL}: "):
+        cause = details.removeprefix(f"{DISK_FULL}: ")
+        return NodeDiskFull(f"agent {node}: {NODE_DISK_FULL}: {cause}")
     return StepFailed(f"{details} ({code.name})", code)
 
 
@@ -372,11 +387,10 @@ class AgentClient:
                 except grpc.aio.AioRpcError as exc:
                     if exc.code() is grpc.StatusCode.UNIMPLEMENTED:
                         break
-                    if exc.code() not in TRANSIENT_CODES:
-                        raise StepFailed(
-                            f"{exc.details()} ({exc.code().name})", exc.code()
-                        ) from None
-                    error = TransientError(f"agent {self.node.name}: {exc.details()}")
+                    failed = call_failed(self.node.name, exc.code(), str(exc.details()))
+                    if isinstance(failed, StepFailed):
+                        raise failed from None
+                    error = failed
                 finally:
                     call.cancel()
                 failures += 1

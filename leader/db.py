@@ -31,12 +31,12 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from tlsroll.errors import TerminalError
 from tlsroll.fsutil import PRIVATE, write_atomic
 from tlsroll.sqlite import (
     Database,
     Migration,
     NotDamaged,
+    StoreDamaged,
     StoreUnavailable,
     damage,
     move_aside,
@@ -364,8 +364,9 @@ def open_db(path: Path, *, created: Callable[[sqlite3.Connection], None] | None 
     return Database(path, MIGRATIONS, adopt=_adopt, created=created, cache_kib=CACHE_KIB)
 
 
-class StoreLost(TerminalError):
-    """The leader's store is missing, empty or damaged: the leader does not start on it."""
+class StoreLost(StoreDamaged):
+    """The leader's store is missing, empty or damaged: the leader does not start on it (exit
+    4, not restarted: a person restores it or starts once with ``--reinitialise``)."""
 
 
 def _created_mark(path: Path) -> Path:

@@ -55,7 +55,7 @@ from dataclasses import replace
 from typing import Any
 
 from leader import byo, planner
-from leader.agent_client import Agents, StepFailed
+from leader.agent_client import NODE_DISK_FULL, Agents, NodeDiskFull, StepFailed
 from leader.changes import (
     Outcome,
     RolloutFacts,
@@ -764,7 +764,9 @@ class Engine:
                 step=step.step.value,
                 reason=why,
             )
-            await self._trouble(row, step, why, deadline if bounded else None, started)
+            limit = deadline if bounded else None
+            full = isinstance(exc, NodeDiskFull)
+            await self._trouble(row, step, why, limit, started, disk_full=full)
             return
         except asyncio.CancelledError:
             raise
@@ -796,10 +798,14 @@ class Engine:
         why: str,
         deadline: float | None,
         started: tuple[float, dt.datetime],
+        *,
+        disk_full: bool = False,
     ) -> None:
         """A step got no good answer: when to try again, and what the records say about it.
         ``deadline``: the step fails once it has had no answer that long since the attempt
-        that began the trouble started (``started``; None: never)."""
+        that began the trouble started (``started``; None: never). ``disk_full``: the last
+        answer was the node's full disk (``NodeDiskFull``), which the failure says instead of
+        "agent unreachable"."""
         rollout = row.rollout
         key = (rollout.id, step.node, step.step)
         now = self.monotonic()
@@ -819,7 +825,12 @@ class Engine:
                 rollout.id,
                 step,
                 failed[step.step],
-                f"agent unreachable since {stamp} (no answer for {deadline:.0f} s): {why}",
+                (
+                    f"{NODE_DISK_FULL} since {stamp} (for {deadline:.0f} s; free space on it,"
+                    f" then retry the rollout): {why}"
+                    if disk_full
+                    else f"agent unreachable since {stamp} (no answer for {deadline:.0f} s): {why}"
+                ),
             )
             self.wake.set()
             return

@@ -57,7 +57,7 @@ from dataclasses import dataclass, replace
 import grpc
 from cryptography import x509
 
-from leader.agent_client import STATUS_CODES, Agents, StepFailed, call_failed
+from leader.agent_client import STATUS_CODES, Agents, NodeDiskFull, StepFailed, call_failed
 from leader.rollout_core import NodeObservation
 from tlsroll import pki
 from tlsroll.errors import PKIError, TlsrollError, TransientError
@@ -321,7 +321,8 @@ async def observe(
             checked = await asyncio.wait_for(agent.check(request, timeout=left), left + 1)
         except TimeoutError:
             return late
-        except StepFailed as exc:  # it answered, but not its checks: what does it run?
+        # It answered, but not its checks (a refusal, its disk full): what does it run?
+        except (StepFailed, NodeDiskFull) as exc:
             try:
                 status = await asyncio.wait_for(
                     agent.get_status(agent_pb2.GetStatusRequest(), timeout=OBSERVE_TIMEOUT),
@@ -344,9 +345,10 @@ async def observe(
             return seen
         return replace(seen, problems=tuple(checked.problems))
 
-    def refused(view: agent_pb2.ServerView, refusal: StepFailed) -> NodeObservation:
-        """An agent that refused its checks: what it runs (GetStatus), and the refusal as its
-        problem (an agent without a managed server is not reachable for a rollout)."""
+    def refused(view: agent_pb2.ServerView, refusal: StepFailed | NodeDiskFull) -> NodeObservation:
+        """An agent that refused its checks, or could not make them as its node's disk is full:
+        what it runs (GetStatus), and the refusal as its problem (the plan shows the node
+        blocked with it; an agent without a managed server is not reachable for a rollout)."""
         seen = observation(view, ca)
         return replace(seen, problems=(f"its checks: {refusal}",)) if seen.reachable else seen
 
@@ -356,7 +358,7 @@ async def observe(
             return seen_checked(answer.checked)
         code = STATUS_CODES.get(answer.refused_code, grpc.StatusCode.UNKNOWN)
         failed = call_failed(name, code, answer.refused)
-        if isinstance(failed, StepFailed):
+        if isinstance(failed, StepFailed | NodeDiskFull):
             return refused(answer.server, failed)
         return NodeObservation(False, str(failed))
 

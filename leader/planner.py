@@ -65,6 +65,7 @@ from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass, replace
 
 from leader.rollout_core import (
+    BLOCKED,
     BLOCKED_HTTP,
     CHANGES,
     DRAINING_ROLLOUT_STATES,
@@ -141,9 +142,6 @@ class NodesOffline(PlanError):
     def __init__(self, names: Sequence[str]) -> None:
         super().__init__(f"offline: {_some(names)} (bring the agent up or leave it out)")
         self.names = tuple(names)
-
-
-BLOCKED = "blocked:"  # the reason of a pending node whose preflight checks found problems
 
 
 class Unreachable(PlanError):

@@ -252,11 +252,17 @@ def serves_after(rollout: Rollout, state: NodeState, before: frozenset[str]) -> 
     return before
 
 
+BLOCKED = "blocked:"
+"""How the reason of a planned node begins when its change cannot get past it: on http only
+under a change that starts from https (``BLOCKED_HTTP``: a start is refused), or problems its
+agent's read-only preflight checks found (a start would fail there unless they are fixed
+meanwhile). A plan with such a node exits 1 (``tlsroll plan``), whatever the reason."""
+
 NOT_ON_HTTPS = "not on https; run enable-tls first"
 """Why a change that starts from https (``ChangeSpec.requires_https``) cannot run on a node
 that serves http only: the planner marks such a node ``blocked: …`` with it (``BLOCKED_HTTP``),
 a start is refused, and a plan that shows one exits 1."""
-BLOCKED_HTTP = f"blocked: {NOT_ON_HTTPS}"
+BLOCKED_HTTP = f"{BLOCKED} {NOT_ON_HTTPS}"
 
 
 def not_on_https_refusal(change: str, names: str, count: int) -> str:

@@ -31,7 +31,7 @@ from leader.agent_client import AgentPool
 from leader.auto_rotate import AutoRotator
 from leader.commands import Commands
 from leader.config import LeaderConfig
-from leader.db import RELEARN_WINDOW, StoreLost, check_store, mark_store
+from leader.db import RELEARN_WINDOW, check_store, mark_store
 from leader.engine import Engine
 from leader.expiry import ExpiryWatch, own_certificates
 from leader.join_guard import GuardPolicy, JoinGuard
@@ -61,7 +61,7 @@ from tlsroll.defaults import LEADER_NAME
 from tlsroll.errors import ConfigError, TerminalError, TlsrollError, os_error_text
 from tlsroll.fsutil import check_private_file
 from tlsroll.rpc import add_standard_services, bind, hostport
-from tlsroll.sqlite import NotDamaged, SchemaTooNew
+from tlsroll.sqlite import NotDamaged, SchemaTooNew, needs_a_person
 from tlsroll.v1 import (
     admin_pb2,
     admin_pb2_grpc,
@@ -77,11 +77,14 @@ if TYPE_CHECKING:
     from leader.viewer.server import Viewer
 
 # Exit codes a restart cannot change, only a person (the unit's RestartPreventExitStatus=):
-# a config or usage error (argparse's, a --reinitialise refused), and a store written by a
-# newer tlsroll (a package rolled back). 1: the rest, among them a store that cannot be opened
-# now (a full disk: StoreUnavailable), which systemd starts again until it can.
+# a config or usage error (argparse's, a --reinitialise refused), a store written by a newer
+# tlsroll (a package rolled back), and a store that is lost, damaged or unreadable (restore it
+# from a backup, or --reinitialise: tlsroll.sqlite.StoreDamaged). 1: the rest, among them a
+# store that cannot be opened now (a full disk: StoreUnavailable), which systemd starts again
+# until it can.
 EXIT_CONFIG = 2
 EXIT_STORE_TOO_NEW = 3
+EXIT_STORE_DAMAGED = 4
 
 GRACE_SECONDS = 10.0
 OFFLINE_GRACE_MAX = 15.0  # seconds a command waits for a node that just went offline
@@ -166,7 +169,9 @@ def load_state(cfg: LeaderConfig, *, reinitialise: bool = False) -> LeaderState:
         )
         if store.relearn_until() is None:  # not new: made meanwhile by another process
             store.close()
-            raise StoreLost(f"store {layout.store}: made by another process meanwhile; try again")
+            raise TerminalError(  # not lost: exit 1
+                f"store {layout.store}: made by another process meanwhile; try again"
+            )
         log.warning(
             "store.reinitialised",
             path=str(layout.store),
@@ -471,13 +476,15 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_STORE_TOO_NEW
     except TlsrollError as exc:
         print(f"tlsroll-leader: {exc}", file=sys.stderr)
+        if needs_a_person(exc):
+            return EXIT_STORE_DAMAGED
         return EXIT_CONFIG if isinstance(exc, ConfigError | NotDamaged) else 1
     except OSError as exc:
         print(f"tlsroll-leader: {os_error_text(exc)}", file=sys.stderr)
         return 1
     except sqlite3.Error as exc:
         print(f"tlsroll-leader: store {cfg.layout.store}: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_STORE_DAMAGED if needs_a_person(exc) else 1
     return 0
 
 

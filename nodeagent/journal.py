@@ -41,6 +41,7 @@ from tlsroll.sqlite import (
     Database,
     Migration,
     NotDamaged,
+    StoreDamaged,
     StoreUnavailable,
     damage,
     move_aside,
@@ -286,9 +287,9 @@ class JournalError(TerminalError):
     database or disk is full (SQLITE_FULL)``."""
 
 
-class JournalLost(TerminalError):
+class JournalLost(StoreDamaged):
     """The journal is missing, empty or damaged: the agent does not start on it (the message
-    says how to recover)."""
+    says how to recover; exit 4, not restarted)."""
 
 
 RECOVER = (

@@ -40,15 +40,18 @@ from tlsroll.daemon import sd_notify, stop_event, watchdog
 from tlsroll.errors import ConfigError, TlsrollError, TransientError, os_error_text
 from tlsroll.fsutil import make_private_dir
 from tlsroll.rpc import AGENT_SERVER_OPTIONS, add_standard_services, bind, hostport
-from tlsroll.sqlite import NotDamaged, SchemaTooNew
+from tlsroll.sqlite import NotDamaged, SchemaTooNew, needs_a_person
 from tlsroll.v1 import agent_pb2, agent_pb2_grpc
 
 # Exit codes a restart cannot change, only a person (the unit's RestartPreventExitStatus=):
-# a config or usage error (argparse's, a --reinitialise refused), and a journal written by a
-# newer tlsroll (a package rolled back). 1: the rest, among them a journal that cannot be
-# opened now (a full disk: StoreUnavailable), which systemd starts again until it can.
+# a config or usage error (argparse's, a --reinitialise refused), a journal written by a newer
+# tlsroll (a package rolled back), and a journal that is lost, damaged or unreadable (restore
+# it from a backup, or --reinitialise: tlsroll.sqlite.StoreDamaged). 1: the rest, among them a
+# journal that cannot be opened now (a full disk: StoreUnavailable), which systemd starts
+# again until it can.
 EXIT_CONFIG = 2
 EXIT_STORE_TOO_NEW = 3
+EXIT_STORE_DAMAGED = 4
 
 GRACE_SECONDS = 10.0
 TXN_GRACE_SECONDS = 60.0
@@ -267,11 +270,11 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_STORE_TOO_NEW
     except TlsrollError as exc:
         print(f"tlsroll-agent: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_STORE_DAMAGED if needs_a_person(exc) else 1
     except OSError as exc:
         print(f"tlsroll-agent: {os_error_text(exc)}", file=sys.stderr)
         return 1
     except sqlite3.Error as exc:  # a damaged journal: say which file, never a traceback
         print(f"tlsroll-agent: journal {journal_path(cfg)}: {exc}", file=sys.stderr)
-        return 1
+        return EXIT_STORE_DAMAGED if needs_a_person(exc) else 1
     return 0

@@ -78,6 +78,10 @@ ERRORS: dict[type[BaseException], grpc.StatusCode] = {
     Revoked: grpc.StatusCode.UNAUTHENTICATED,
     EpochNotAnnounced: grpc.StatusCode.PERMISSION_DENIED,
 }
+# A full disk on the node (ENOSPC, EDQUOT, SQLITE_FULL): RESOURCE_EXHAUSTED "disk full: CAUSE"
+# (``tlsroll.rpc.DISK_FULL``), which the leader tells from an agent it cannot reach (UNAVAILABLE,
+# as any other disk trouble still is) and retries all the same (``leader.agent_client``).
+FULL_DISK = grpc.StatusCode.RESOURCE_EXHAUSTED
 ROLLOUT_ID = plans.ROLLOUT_ID
 DEFAULT_MAX_CLOCK_OFFSET = 120
 DEFAULT_FREEZE_LEASE = 300
@@ -411,7 +415,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
 
     # --- status -------------------------------------------------------------------------------
 
-    @map_errors(ERRORS)
+    @map_errors(ERRORS, full_disk=FULL_DISK)
     async def GetStatus(
         self, request: agent_pb2.GetStatusRequest, context: Ctx
     ) -> agent_pb2.NodeStatus:
@@ -427,7 +431,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
 
     # --- preflight ----------------------------------------------------------------------------
 
-    @map_errors(ERRORS)
+    @map_errors(ERRORS, full_disk=FULL_DISK)
     async def Preflight(
         self, request: agent_pb2.PreflightRequest, context: Ctx
     ) -> agent_pb2.PreflightResponse:
@@ -457,7 +461,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         warming.add_done_callback(lambda f: f.cancelled() or f.exception())
         self._warming = warming
 
-    @map_errors(ERRORS)
+    @map_errors(ERRORS, full_disk=FULL_DISK)
     async def Check(
         self, request: agent_pb2.CheckRequest, context: Ctx
     ) -> agent_pb2.PreflightResponse:
@@ -499,7 +503,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             checked = await self.check(question.request)
             return leader_pb2.CheckAnswer(id=question.id, checked=checked)
         except Exception as exc:
-            code, details = error_status(exc, ERRORS, "Check")
+            code, details = error_status(exc, ERRORS, "Check", FULL_DISK)
         return leader_pb2.CheckAnswer(
             id=question.id, refused_code=code.value[0], refused=details, server=await self._view()
         )
@@ -597,7 +601,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
 
     # --- stage --------------------------------------------------------------------------------
 
-    @map_errors(ERRORS)
+    @map_errors(ERRORS, full_disk=FULL_DISK)
     async def CreateCSR(
         self, request: agent_pb2.CreateCSRRequest, context: Ctx
     ) -> agent_pb2.CreateCSRResponse:
@@ -634,7 +638,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         plans.remove_stages(over)
         return csr_pem, {s.rollout_id for s in over}
 
-    @map_errors(ERRORS)
+    @map_errors(ERRORS, full_disk=FULL_DISK)
     async def Stage(self, request: agent_pb2.StageRequest, context: Ctx) -> agent_pb2.StageResponse:
         from tlsroll import pki  # noqa: PLC0415 - certificate work (see ``Identity``)
 
@@ -1032,7 +1036,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         except Exception as exc:
             log.warning("stage.remove_failed", rollout_id=rollout_id, error=type(exc).__name__)
 
-    @map_errors(ERRORS)
+    @map_errors(ERRORS, full_disk=FULL_DISK)
     async def Switch(self, request: agent_pb2.SwitchRequest, context: Ctx) -> agent_pb2.Transaction:
         return txn_message(await self._switch(request, context))
 
@@ -1088,7 +1092,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         except ValueError as exc:
             raise invalid(f"bad password verifier: {exc}") from None
 
-    @map_errors(ERRORS)
+    @map_errors(ERRORS, full_disk=FULL_DISK)
     async def Rollback(
         self, request: agent_pb2.RollbackRequest, context: Ctx
     ) -> agent_pb2.Transaction:
@@ -1109,7 +1113,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         txn = await self._begin(rollout_id, TxnKind.ROLLBACK, request.command.epoch, make)
         return txn_message(txn)
 
-    @map_errors(ERRORS)
+    @map_errors(ERRORS, full_disk=FULL_DISK)
     async def Freeze(
         self, request: agent_pb2.FreezeRequest, context: Ctx
     ) -> agent_pb2.FreezeResponse:
@@ -1133,7 +1137,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         )
         return agent_pb2.FreezeResponse(frozen=True, watermark=watermark)
 
-    @map_errors(ERRORS)
+    @map_errors(ERRORS, full_disk=FULL_DISK)
     async def Unfreeze(
         self, request: agent_pb2.FreezeRequest, context: Ctx
     ) -> agent_pb2.FreezeResponse:
@@ -1145,7 +1149,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         log.info("scope_freeze.off", rollout_id=rollout_id)
         return agent_pb2.FreezeResponse(frozen=False, watermark=await driver.watermark())
 
-    @map_stream_errors(ERRORS)
+    @map_stream_errors(ERRORS, full_disk=FULL_DISK)
     async def WatchTransaction(
         self, request: agent_pb2.GetTransactionRequest, context: Ctx
     ) -> AsyncIterator[agent_pb2.Transaction]:
@@ -1208,7 +1212,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 async with asyncio.timeout(WATCH_RECHECK_SECONDS):  # not wait_for (3.11)
                     await changed.wait()
 
-    @map_errors(ERRORS)
+    @map_errors(ERRORS, full_disk=FULL_DISK)
     async def GetTransaction(
         self, request: agent_pb2.GetTransactionRequest, context: Ctx
     ) -> agent_pb2.Transaction:

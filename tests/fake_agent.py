@@ -41,7 +41,7 @@ from dataclasses import dataclass, field, replace
 import grpc
 from cryptography import x509
 
-from leader.agent_client import AgentApi, StepFailed, SwitchRefused
+from leader.agent_client import AgentApi, StepFailed, SwitchRefused, call_failed
 from leader.wire import CHANGE, TXN_KIND, TXN_OUTCOME
 from tlsroll import pki
 from tlsroll.enums import Change, TxnKind, TxnOutcome
@@ -86,7 +86,7 @@ class Call:
     rollout_id: str
     epoch: int
     at: float  # fake monotonic time
-    answer: str  # "ok", "replay", "not_found", "unreachable", "refused"
+    answer: str  # "ok", "replay", "not_found", "unreachable", "disk_full", "refused"
     frozen: frozenset[str]  # every node frozen when the call arrived
 
 
@@ -101,12 +101,19 @@ class FakeTxn:
     before: tuple[str, str, str]  # (scheme, fingerprint, verifier) live before it
 
 
+DISK_FULL_CAUSE = (
+    "/var/lib/tlsroll-agent/journal.sqlite3: No space left on device (errno 28, ENOSPC)"
+)
+
+
 @dataclass
 class FakeAgent:
     """One node's agent. Scripting: ``switch_outcome``/``switch_reason`` (how its switch
     transactions end), ``refuse`` (method name → message: the call fails with StepFailed),
-    ``unreachable`` (the next N calls fail with TransientError), ``outside_problem`` (what the
-    outside check of the node reports; None: it answers as it should)."""
+    ``unreachable`` (the next N calls fail with TransientError), ``disk_full`` (the next N
+    calls fail as a real agent's on a full disk: RESOURCE_EXHAUSTED ``disk full: …``, through
+    the real client's ``call_failed``), ``outside_problem`` (what the outside check of the
+    node reports; None: it answers as it should)."""
 
     name: str
     address: str
@@ -127,6 +134,7 @@ class FakeAgent:
     switch_reason: str = ""
     refuse: dict[str, str] = field(default_factory=dict)
     unreachable: int = 0
+    disk_full: int = 0
     outside_problem: str | None = None
     txn_seconds: float = 0.5
     # An agent of the release before Preflight's ``make_csr``: it ignores the field.
@@ -158,6 +166,14 @@ class FakeAgent:
             self.unreachable -= 1
             log("unreachable")
             raise TransientError(f"agent {self.name}: unreachable")
+        if self.disk_full:
+            self.disk_full -= 1
+            log("disk_full")
+            raise call_failed(
+                self.name,
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"disk full: {DISK_FULL_CAUSE}",
+            )
         if method in self.refuse:
             log("refused")
             raise StepFailed(f"{self.refuse[method]} (FAILED_PRECONDITION)")

@@ -354,8 +354,9 @@ def test_agent_refuses_a_key_file_readable_by_others(three: Cluster) -> None:
 
 
 def test_a_damaged_journal_stops_the_agent_with_one_line(three: Cluster) -> None:
-    """Random bytes where the journal was: one line naming the file, exit 1, no traceback
-    (a corrupt store used to end the agent with a Python traceback)."""
+    """Random bytes where the journal was: one line naming the file, exit 4 (needs a person:
+    the unit does not restart it), no traceback (a corrupt store used to end the agent with a
+    Python traceback)."""
     node3 = three.agents["node3"]
     assert node3.stop() == 0
     journal = node3.data_dir / "journal.sqlite3"
@@ -365,7 +366,7 @@ def test_a_damaged_journal_stops_the_agent_with_one_line(three: Cluster) -> None
             journal.with_name(journal.name + suffix).unlink(missing_ok=True)
         journal.write_bytes(b"\x00not a database\x17" * 512)
         code, output = node3.run_to_exit()
-        assert code == 1
+        assert code == 4, output
         line = one_line_error(output, "tlsroll-agent")
         assert line.startswith(f"tlsroll-agent: journal {journal}: "), line
         assert "Traceback" not in output

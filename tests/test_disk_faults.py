@@ -392,6 +392,46 @@ def test_a_disk_error_becomes_unavailable_with_its_cause_and_other_errors_stay_i
     assert error_status(OSError(errno.EBADF, "x"), {}, "M")[0] == grpc.StatusCode.INTERNAL
 
 
+def test_a_full_disk_on_a_node_is_resource_exhausted_disk_full_and_the_leader_retries_it() -> None:
+    """Brief s39small: the agent's ENOSPC, EDQUOT or SQLITE_FULL reached the leader as
+    UNAVAILABLE, an agent it cannot reach. The agent's servicers (``full_disk``) answer
+    RESOURCE_EXHAUSTED "disk full: CAUSE"; the leader's client makes it a ``NodeDiskFull``,
+    transient (retried, as UNAVAILABLE was) and said as the node's full disk. Other disk
+    trouble (EIO, EROFS, a failed write) stays UNAVAILABLE, and servicers without
+    ``full_disk`` (the leader's own) answer as before."""
+    from leader.agent_client import NodeDiskFull, StepFailed, call_failed
+    from nodeagent.service import ERRORS as AGENT_ERRORS
+    from nodeagent.service import FULL_DISK
+    from tlsroll.errors import TransientError
+
+    assert FULL_DISK is grpc.StatusCode.RESOURCE_EXHAUSTED
+    nospace = OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), "/var/lib/tlsroll-agent/x")
+    quota = OSError(errno.EDQUOT, os.strerror(errno.EDQUOT), "/var/lib/tlsroll-agent/y")
+    full = sqlite3.OperationalError("database or disk is full")
+    full.sqlite_errorname = "SQLITE_FULL"
+    for exc, cause in (
+        (nospace, "/var/lib/tlsroll-agent/x: No space left on device (errno 28, ENOSPC)"),
+        (quota, "/var/lib/tlsroll-agent/y: Disk quota exceeded (errno 122, EDQUOT)"),
+        (full, "store: database or disk is full (SQLITE_FULL)"),
+    ):
+        code, details = error_status(exc, AGENT_ERRORS, "Stage", FULL_DISK)
+        assert (code, details) == (grpc.StatusCode.RESOURCE_EXHAUSTED, f"disk full: {cause}")
+        assert error_status(exc, {}, "M")[0] == grpc.StatusCode.UNAVAILABLE  # the leader's
+        failed = call_failed("node1", code, details)
+        assert isinstance(failed, NodeDiskFull) and isinstance(failed, TransientError)
+        assert str(failed) == f"agent node1: the node's disk is full: {cause}"
+    ioerr = sqlite3.OperationalError("disk I/O error")
+    ioerr.sqlite_errorname = "SQLITE_IOERR_WRITE"
+    rofs = OSError(errno.EROFS, os.strerror(errno.EROFS), "/var/lib/tlsroll-agent/x")
+    for other in (ioerr, rofs):
+        assert error_status(other, AGENT_ERRORS, "Stage", FULL_DISK)[0] == (
+            grpc.StatusCode.UNAVAILABLE
+        )
+    # gRPC's own RESOURCE_EXHAUSTED (a message too large) is still the agent saying no.
+    too_big = call_failed("node1", grpc.StatusCode.RESOURCE_EXHAUSTED, "message too large")
+    assert isinstance(too_big, StepFailed) and not isinstance(too_big, TransientError)
+
+
 # --- the smaller ones -----------------------------------------------------------------------------
 
 

@@ -74,7 +74,14 @@ from leader.rollout_core import (
 from leader.schema_store import RolloutRow, SchemaStore, StaleRecords
 from leader.service import ERRORS
 from leader.store import IssuedCert, NodeCert, Store
-from tests.fake_agent import RESTART_SECONDS, START, FakeAgent, FakeAgents, FakeClock
+from tests.fake_agent import (
+    DISK_FULL_CAUSE,
+    RESTART_SECONDS,
+    START,
+    FakeAgent,
+    FakeAgents,
+    FakeClock,
+)
 from tlsroll import dbthread, pki
 from tlsroll.enums import TxnKind, TxnOutcome
 from tlsroll.errors import PKIError, PKIReason, TerminalError, TransientError
@@ -1328,6 +1335,39 @@ async def test_a_preflight_without_answer_fails_after_the_step_deadline(world: W
     assert "no answer for 30 s" in bravo.reason
     waited = world.clock.monotonic() - started
     assert STEP_DEADLINE <= waited <= STEP_DEADLINE + MAX_RETRY_SECONDS + 2 * TICK_SECONDS
+    await leader.stop()
+
+
+async def test_a_preflight_on_a_full_disk_says_so_and_fails_after_the_step_deadline(
+    world: World,
+) -> None:
+    """Brief s39small: an agent whose disk is full answers RESOURCE_EXHAUSTED "disk full: …"
+    (it was UNAVAILABLE, which the leader took for an agent it cannot reach): retried as
+    before, and the failure at the deadline says the node's disk is full, with the cause, not
+    "agent unreachable"."""
+    world.agents["bravo"].disk_full = 10_000
+    leader = world.boot()
+    await leader.start()
+    row = await leader.run()
+    assert row.rollout.state is R.HALTED
+    bravo = node(row.records, "bravo")
+    assert bravo.state is N.FAILED
+    assert bravo.reason.startswith("the node's disk is full since "), bravo.reason
+    assert "(for 30 s; free space on it, then retry the rollout)" in bravo.reason, bravo.reason
+    assert DISK_FULL_CAUSE in bravo.reason and "unreachable" not in bravo.reason, bravo.reason
+    await leader.stop()
+
+
+async def test_a_full_disk_that_is_freed_meanwhile_is_retried_to_the_end(world: World) -> None:
+    """A full disk is transient: the step runs again, and once the space is back (here: after
+    a few calls) the rollout completes; no node fails or is rolled back for it."""
+    world.agents["bravo"].disk_full = 3
+    leader = world.boot()
+    await leader.start()
+    row = await leader.run()
+    assert row.rollout.state is R.COMPLETED, [(r.name, r.state, r.reason) for r in row.records]
+    assert world.agents["bravo"].disk_full == 0
+    assert all(r.state is N.DONE for r in row.records)
     await leader.stop()
 
 

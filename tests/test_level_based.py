@@ -135,11 +135,16 @@ def test_a_halted_rollout_is_retried_to_the_end(
     node2 = nodes[1]
     pw = password_file(tmp_path, "pw", "retry-password-for-the-practice")
     with port_holder(node2.address, 8443):
-        # The plan runs the agents' read-only checks: node2 is shown blocked, and why.
+        # The plan runs the agents' read-only checks: node2 is shown blocked, and why; and
+        # the plan exits 1 saying so, as for any blocked node (it exited 0: brief s39small).
         plan = cluster.cli("plan", "--scope", "cluster")
-        assert plan.returncode == 0, plan.stderr
+        assert plan.returncode == 1, (plan.stdout, plan.stderr)
         (line,) = [ln for ln in plan.stdout.splitlines() if "node2" in ln]
         assert "blocked: port 8443" in line and "taken by" in line, line
+        refusal = plan.stderr.strip()
+        assert refusal.startswith("tlsroll: error: enable-tls is blocked on node2 (port 8443")
+        assert "taken by" in refusal and "node1" not in refusal and "node3" not in refusal
+        assert refusal.endswith("fix that, or leave it out (--nodes); nothing was changed")
         node3 = next(ln for ln in plan.stdout.splitlines() if "node3" in ln)
         assert node3.endswith("will switch"), node3
         start = cluster.cli(
@@ -157,6 +162,10 @@ def test_a_halted_rollout_is_retried_to_the_end(
 
     retried = cluster.cli("rollout", "retry", "--wait")
     assert retried.returncode == 0, (retried.stdout, retried.stderr)
+    # The seed's warnings, as `rollout start --yes` prints them (retry printed none: s39small).
+    said = " ".join(retried.stdout.split())  # rich folds long lines
+    assert "Important: ! The switch restarts the managed server on each node." in said, said
+    assert "All connected clients must re-initiate their server connections" in said, said
     r = newest(cluster)
     assert r["id"] != halted["id"] and r["state"] == "completed"
     assert {n["name"] for n in r["nodes"]} == {"node1", "node2", "node3"} - done_before
@@ -224,6 +233,10 @@ def stopped_agent(cluster: Cluster, nodes: list[Node], tmp_path: Path) -> None:
 
     retried = cluster.cli("rollout", "retry", "--wait")
     assert retried.returncode == 0, (retried.stdout, retried.stderr)
+    # The seed's warnings, as `rollout start --yes` prints them (retry printed none: s39small).
+    said = " ".join(retried.stdout.split())  # rich folds long lines
+    assert "Important: ! The switch restarts the managed server on each node." in said, said
+    assert "All connected clients must re-initiate their server connections" in said, said
     for node in nodes:
         assert live(node).schemes == ["https"]
         writes_work(node, "https", cluster.ca_pem)

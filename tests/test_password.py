@@ -172,6 +172,7 @@ def test_entropy_is_at_least_100_bits() -> None:
 )
 def test_password_file_is_its_only_line(tmp_path: Path, content: bytes, expected: str) -> None:
     path = tmp_path / "pw"
+    path.touch(0o600)  # (a file group or others can access is refused first)
     path.write_bytes(content)
     assert read_password_file(path) == expected
 
@@ -236,6 +237,7 @@ def test_password_file_is_its_only_line(tmp_path: Path, content: bytes, expected
 )
 def test_password_file_refused(tmp_path: Path, content: bytes, problem: str) -> None:
     path = tmp_path / "pw"
+    path.touch(0o600)
     path.write_bytes(content)
     with pytest.raises(PasswordFileError) as info:
         read_password_file(path)

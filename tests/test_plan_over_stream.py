@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import errno
 import functools
 import os
 import socket
@@ -21,7 +22,7 @@ import sqlite3
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, NoReturn, cast
 
 import grpc
 import pytest
@@ -246,6 +247,30 @@ async def test_the_clock_is_compared_as_the_question_comes_not_after_the_checks(
         seen = (await observe(pool, ["hb1"], rig.state.ca.cert, ask=ask))["hb1"]
     assert seen.reachable and seen.problems == (), seen
     assert late[0] > dt.timedelta(0)  # the slow check ran
+
+
+@pytest.mark.parametrize("where", ["stream", "channel"])
+async def test_a_node_whose_disk_is_full_is_planned_blocked_with_it_not_unreachable(
+    tmp_path: Path, loopback: Callable[[], str], monkeypatch: pytest.MonkeyPatch, where: str
+) -> None:
+    """Brief s39small: the agent's checks fail with ENOSPC (its disk is full). Its answer
+    (RESOURCE_EXHAUSTED "disk full: …", on the stream and over the real mTLS channel alike;
+    it was UNAVAILABLE) makes the node reachable, with the full disk as its problem (the plan
+    shows it blocked, exit 1), not an agent the leader "cannot ask what it runs"."""
+    async with world(tmp_path, loopback) as (rig, pool, node):
+        path = tmp_path / "probe"
+
+        async def full(*args: object) -> NoReturn:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(path))
+
+        monkeypatch.setattr(node.service, "_checks", full)
+        ask = rig.service.ask_check if where == "stream" else None
+        seen = (await observe(pool, ["hb1"], rig.state.ca.cert, ask=ask))["hb1"]
+    assert seen.reachable, seen
+    assert seen.problems == (
+        f"its checks: agent hb1: the node's disk is full: {path}: No space left on device"
+        " (errno 28, ENOSPC)",
+    ), seen
 
 
 @pytest.mark.parametrize("how", ["cannot answer", "no stream", "unary heartbeats"])
@@ -607,7 +632,7 @@ def test_tlsroll_plan_asks_the_real_agents_on_their_streams_and_opens_no_channel
         node2 = nodes[1]
         with port_holder(node2.address, HTTPS_PORT):
             plan = cluster.cli("plan", "--scope", "cluster")
-            assert plan.returncode == 0, plan.stderr
+            assert plan.returncode == 1, plan.stderr  # a blocked node: exit 1 (brief s39small)
             assert outbound_to(cluster.leader.pid, AGENT_PORT) == 0
             chain, key = cluster.leader_credentials()
             target = f"{node2.address}:{AGENT_PORT}"

@@ -78,8 +78,8 @@ def test_what_the_plan_tells_the_admin(one_node: tuple[Cluster, Node], tmp_path:
     (line,) = [ln for ln in plan.stdout.splitlines() if ln.startswith("  1. node1")]
     assert line.endswith("— blocked: not on https; run enable-tls first"), line
     assert plan.stderr.strip() == (
-        "tlsroll: error: rotate-cert cannot start: node1 is not on https; run enable-tls first (or "
-        "leave it out: --nodes); nothing was changed"
+        "tlsroll: error: rotate-cert is blocked on node1 (not on https; run enable-tls first): "
+        "fix that, or leave it out (--nodes); nothing was changed"
     )
     # ... with its own steps: no address to change, nothing asked of the workstations.
     assert "change server address" not in plan.stdout
@@ -133,7 +133,9 @@ def test_what_the_plan_tells_the_admin(one_node: tuple[Cluster, Node], tmp_path:
     plan = cluster.cli("plan", "--scope", "local", "--change", "rotate-cert")
     assert plan.returncode == 0, (plan.stdout, plan.stderr)
     text = " ".join(plan.stdout.split())
-    assert "1. node1 (leader node) — will switch" in text and "blocked" not in text
+    # ... and says what happens to the node: a new certificate and a restart, no switch.
+    assert "1. node1 (leader node) — will get a new certificate and restart" in text, text
+    assert "will switch" not in text and "blocked" not in text
     assert "the address, the port and the password stay the same" in text
     assert "8080 closes" not in text and "change server address" not in text
 
@@ -145,3 +147,37 @@ def test_what_the_plan_tells_the_admin(one_node: tuple[Cluster, Node], tmp_path:
         f"tlsroll: error: rollout {rid} is completed: there is nothing to pause; it has ended: "
     ), pause.stderr
     assert "not allowed in state" not in pause.stderr
+
+
+def test_a_retry_gives_the_warnings_of_its_change_as_the_plan_does() -> None:
+    """Brief s39small: `rollout retry` printed none of the warnings `rollout start` prints. It
+    gives those of the retried change, from the texts the leader's plan sends
+    (``leader.plan_texts``); a finalize (whose plan is never asked for) has its own."""
+    from leader.cli.rollout import change_warnings
+    from leader.plan_texts import FINALIZE_WARNINGS, plan_texts
+    from leader.rollout_core import Change, FreezeMode, Strategy
+    from leader.wire import CHANGE, FREEZE, STRATEGY
+    from tlsroll.v1 import schema_pb2
+
+    for change, strategy in (
+        (Change.ENABLE_TLS, Strategy.DIRECT),
+        (Change.ENABLE_TLS, Strategy.TRANSITIONAL),
+        (Change.ROTATE_CERT, Strategy.DIRECT),
+        (Change.CHANGE_PASSWORD, Strategy.DIRECT),
+        (Change.DISABLE_TLS, Strategy.DIRECT),
+    ):
+        view = schema_pb2.RolloutView(
+            change=CHANGE.wire(change),
+            strategy=STRATEGY.wire(strategy),
+            freeze=FREEZE.wire(FreezeMode.SCOPE),
+        )
+        warnings = change_warnings(view)
+        assert warnings == plan_texts(change, strategy, FreezeMode.SCOPE, own_certs=False)[2]
+        assert warnings[-1].startswith("Staff must make no new entries"), warnings
+    seed = change_warnings(schema_pb2.RolloutView(change=CHANGE.wire(Change.ENABLE_TLS)))
+    assert seed[0] == "The switch restarts the managed server on each node.", seed
+    assert seed[1].startswith("All connected clients must re-initiate"), seed
+    final = change_warnings(schema_pb2.RolloutView(change=CHANGE.wire(Change.FINALIZE)))
+    assert final[:-1] == list(FINALIZE_WARNINGS), final
+    assert "--strategy transitional" not in " ".join(final), final
+    assert change_warnings(schema_pb2.RolloutView()) == []

@@ -1,8 +1,10 @@
 """Lost state is loud (issue 16): a leader store or an agent journal that is missing (though
 the data dir shows it existed), empty (0 bytes) or damaged (random bytes) stops the daemon with
-one line naming the file and how to recover, exit code 1, no traceback, and nothing new in its
-place; never a silent fresh start or "internal error" on every command. The agent's explicit
-``--reinitialise`` starts an empty journal and keeps the lost file beside it.
+one line naming the file and how to recover, exit code 4 (brief s39small: its unit does not
+start it again; exit 1 logged the same line every few seconds for ever), no traceback, and
+nothing new in its place; never a silent fresh start or "internal error" on every command.
+The agent's explicit ``--reinitialise`` starts an empty journal and keeps the lost file
+beside it.
 
 The daemons are real processes (tests.cluster); the files are broken from outside while the
 daemon is stopped, and put back afterwards.
@@ -86,7 +88,7 @@ def break_file(path: Path, how: str) -> None:
 PROBLEM = {"missing": "missing", "empty": "empty (0 bytes)", "random": "damaged ("}
 
 
-def refused(daemon: Daemon, prog: str, exit_code: int = 1) -> str:
+def refused(daemon: Daemon, prog: str, exit_code: int = 4) -> str:
     code, output = daemon.run_to_exit(timeout=EXIT_TIMEOUT)
     assert code == exit_code, output
     assert "Traceback" not in output
@@ -95,6 +97,7 @@ def refused(daemon: Daemon, prog: str, exit_code: int = 1) -> str:
 
 @pytest.mark.parametrize("how", ["missing", "empty", "random"])
 def test_a_lost_leader_store_stops_the_leader_with_one_line(cluster: Cluster, how: str) -> None:
+    """Exit 4 (needs a person), which the unit does not restart (tests/test_deploy.py)."""
     store = cluster.store_path
     with stopped(cluster.leader, store, cluster.start_leader):
         break_file(store, how)
@@ -117,6 +120,7 @@ def journal_of(agent: Agent) -> Path:
 
 @pytest.mark.parametrize("how", ["missing", "empty", "random"])
 def test_a_lost_journal_stops_the_agent_with_one_line(cluster: Cluster, how: str) -> None:
+    """Exit 4 (needs a person), which the unit does not restart (tests/test_deploy.py)."""
     agent = agent_of(cluster)
     journal = journal_of(agent)
     with stopped(agent, journal, agent.start):
@@ -551,6 +555,35 @@ def test_an_unreadable_file_once_open_is_one_terminal_error(
         pytest.raises(sqlite.StoreUnreadable, match=r"unreadable .*--reinitialise$"),
     ):
         sqlite.Database(path, [], what="journal")
+
+
+def test_what_stops_a_daemon_for_a_person_is_a_lost_damaged_or_unreadable_store(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Brief s39small: the errors that make a daemon exit 4 (not restarted by its unit): a
+    lost or damaged store or journal, one the disk cannot read (once open too), SQLite's own
+    word that the file is broken; not a store that only cannot be opened now (exit 1: a full
+    disk), nor a refused --reinitialise (exit 2)."""
+    path = _a_store(tmp_path)
+    with reads_fail(monkeypatch, path, "SQLITE_IOERR_READ"):
+        with pytest.raises(sqlite.StoreUnreadable) as unreadable:
+            sqlite.Database(path, [])
+        with pytest.raises(StoreLost) as lost:
+            check_store(path)
+        with pytest.raises(JournalLost) as journal_lost:
+            open_journal(path, expected=True)
+    with reads_fail(monkeypatch, path, "SQLITE_IOERR_SHMSIZE"):
+        with pytest.raises(sqlite.StoreUnavailable) as unavailable:
+            check_store(path)
+        with pytest.raises(sqlite.NotDamaged) as not_damaged:
+            check_store(path, reinitialise=True)
+    corrupt = sqlite3.DatabaseError("database disk image is malformed")
+    corrupt.sqlite_errorcode = sqlite3.SQLITE_CORRUPT
+    for exc in (unreadable.value, lost.value, journal_lost.value, corrupt):
+        assert sqlite.needs_a_person(exc), exc
+    full = _io_error("SQLITE_FULL")
+    for other in (unavailable.value, not_damaged.value, full, _io_error("SQLITE_BUSY")):
+        assert not sqlite.needs_a_person(other), other
 
 
 @pytest.mark.parametrize(

@@ -744,12 +744,33 @@ def test_password_file_empty(
 ) -> None:
     path = tmp_path / "pw"
     path.write_bytes(content)
+    path.chmod(0o600)
     code = cli.main(
         ["client", "test-connection", "https://192.0.2.7:8443/a/", "--password-file", str(path)]
     )
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1
     assert f"{path} is empty" in err
+
+
+@pytest.mark.parametrize("mode", [0o644, 0o640, 0o604, 0o620], ids=lambda m: f"{m:04o}")
+def test_a_password_file_others_can_access_is_refused(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], mode: int
+) -> None:
+    """Brief s39small: the workstation's --password-file had no mode check, while the admin
+    CLI's refuses group/other access since s38 (audit s38 L2). One rule for both
+    (``tlsroll.password.read_password_file``): exit 2, one line naming the file and what to
+    run, never the password, before anything is contacted (192.0.2.7: nothing answers)."""
+    path = tmp_path / "pw"
+    path.write_text(PASSWORD + "\n")
+    path.chmod(mode)
+    code = cli.main(
+        ["client", "test-connection", "https://192.0.2.7:8443/a/", "--password-file", str(path)]
+    )
+    err = capsys.readouterr().err
+    assert code == 2, err
+    assert err.count("\n") == 1 and "--password-file" in err and PASSWORD not in err
+    assert f"{path} is accessible by others (mode {mode:04o}); run: chmod 600 {path}" in err
 
 
 def test_password_file_unreadable(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:

@@ -18,11 +18,11 @@ and add nothing). That is above the 100 bits we ask for; 21 characters would be 
 A password file (``--password-file``, for the admin CLI and the workstation alike) holds the
 password as its only line: one trailing line end (LF or CR LF) is dropped, and one byte-order
 mark at the start (U+FEFF, what Windows Notepad writes first in "UTF-8 with BOM"), nothing
-else is; an empty or blank file, a second line, bytes that are not UTF-8 or a file that cannot
-be read are refused (``read_password_file``). So is a password nobody can type at the prompt
-of a workstation (audit s34 H4): one that starts or ends with white space, or holds an
-invisible or control character (Unicode categories ``INVISIBLE``: a tab, NUL, ESC, a
-zero-width or direction mark, a line or paragraph separator).
+else is; an empty or blank file, a second line, bytes that are not UTF-8, a file that cannot be
+read, or one group or others may access (``chmod 600`` it) are refused (``read_password_file``).
+So is a password nobody can type at the prompt of a workstation (audit s34 H4): one that starts
+or ends with white space, or holds an invisible or control character (Unicode categories
+``INVISIBLE``: a tab, NUL, ESC, a zero-width or direction mark, a line or paragraph separator).
 """
 
 from __future__ import annotations
@@ -33,7 +33,9 @@ import hashlib
 import hmac
 import json
 import math
+import os
 import secrets
+import stat
 import unicodedata
 from collections.abc import Mapping
 from pathlib import Path
@@ -90,16 +92,54 @@ def read_password_file(path: Path) -> str:
     """The password in ``path``: the file's only line, one trailing line end and one leading
     byte-order mark stripped.
 
-    PasswordFileError if the file cannot be read, is not UTF-8, is empty or blank, has more
-    than one line (a line end anywhere but at the very end, or two at the end), starts or ends
-    with white space, or holds an invisible or control character (``INVISIBLE``). The message
-    names the file and says where, never what the password is.
+    PasswordFileError if the file cannot be read, is a regular file group or others may read
+    or write (the password is a secret: ``tlsroll.fsutil`` refuses such key files of the leader
+    and the agents too; audit s38 L2 for the admin CLI, brief s39 for the workstation's), is
+    not UTF-8, is empty or blank, has more than one line (a line end anywhere but at the very
+    end, or two at the end), starts or ends with white space, or holds an invisible or control
+    character (``INVISIBLE``). The message names the file and says where, never what the
+    password is. The file is opened once and what is checked (``fstat``) is what is read: no
+    other file can take its place in between.
     """
     try:
-        data = Path(path).read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
+    except OSError as exc:
+        raise PasswordFileError(f"cannot read {path}: {exc.strerror or exc}") from None
+    try:
+        with os.fdopen(fd, "rb") as f:
+            _check_private(path, f.fileno())
+            data = f.read()
     except OSError as exc:
         raise PasswordFileError(f"cannot read {path}: {exc.strerror or exc}") from None
     return password_from_bytes(data, path)
+
+
+def _check_private(path: Path, fd: int) -> None:
+    """PasswordFileError if the file open at ``fd`` (as ``path``) is a regular file group or
+    others can access, naming the file itself (``/dev/stdin`` < a file: that file); a pipe,
+    ``<(…)``, is the shell's own."""
+    st = os.fstat(fd)
+    if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:
+        real = _resolved(path, fd)
+        named = str(path) if real == str(path) else f"{path} ({real})"
+        raise PasswordFileError(
+            f"{named} is accessible by others (mode {stat.S_IMODE(st.st_mode):04o}); "
+            f"run: chmod 600 {real}"
+        )
+
+
+def _resolved(path: Path, fd: int) -> str:
+    """The path of the file open at ``fd``: what ``/proc`` says, else ``path`` resolved."""
+    try:
+        real = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError:
+        real = ""
+    if not real.startswith("/") or real.endswith(" (deleted)"):
+        try:
+            real = str(Path(path).resolve())
+        except (OSError, RuntimeError):
+            real = str(path)
+    return real
 
 
 def password_from_bytes(data: bytes, path: Path | str) -> str:

@@ -85,10 +85,13 @@ specific classes win). A store or disk that fails (``storage_trouble``: SQLITE_F
 is UNAVAILABLE with its cause; only any other error not the project's own becomes INTERNAL."""
 
 
-def map_errors(mapping: ErrorMap) -> Callable[[F], F]:
+def map_errors(
+    mapping: ErrorMap, *, full_disk: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE
+) -> Callable[[F], F]:
     """Decorate an async servicer method: project errors → status per ``mapping`` (plus
     ``BASE_ERRORS``), the most specific class winning. An unmapped error becomes INTERNAL with a
-    generic message; it is logged, never sent, so no detail of a bug reaches a caller."""
+    generic message; it is logged, never sent, so no detail of a bug reaches a caller.
+    ``full_disk``: the status of a full disk (``error_status``)."""
     full = {**BASE_ERRORS, **mapping}
 
     def decorate(method: F) -> F:
@@ -101,14 +104,16 @@ def map_errors(mapping: ErrorMap) -> Callable[[F], F]:
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
-                await _abort_for(exc, full, method.__name__, context)
+                await _abort_for(exc, full, method.__name__, context, full_disk)
 
         return wrapper  # type: ignore[return-value]
 
     return decorate
 
 
-def map_stream_errors(mapping: ErrorMap) -> Callable[[G], G]:
+def map_stream_errors(
+    mapping: ErrorMap, *, full_disk: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE
+) -> Callable[[G], G]:
     """``map_errors`` for a server-streaming method (an async generator)."""
     full = {**BASE_ERRORS, **mapping}
 
@@ -123,7 +128,7 @@ def map_stream_errors(mapping: ErrorMap) -> Callable[[G], G]:
             except grpc.aio.AbortError:
                 raise
             except Exception as exc:
-                await _abort_for(exc, full, method.__name__, context)
+                await _abort_for(exc, full, method.__name__, context, full_disk)
 
         return wrapper  # type: ignore[return-value]
 
@@ -158,10 +163,32 @@ def storage_trouble(exc: BaseException) -> str | None:
     return None
 
 
-def error_status(exc: Exception, mapping: ErrorMap, name: str) -> tuple[grpc.StatusCode, str]:
+DISK_FULL = "disk full"
+"""How the details of a full disk's status begin when a servicer gives it a status of its own
+(``error_status``'s ``full_disk``: the node agent's RESOURCE_EXHAUSTED), ``disk full: CAUSE``:
+what its caller tells from any other status of that code (gRPC's own, a message too large)."""
+
+
+def is_disk_full(exc: BaseException) -> bool:
+    """True if ``exc`` says the disk (or the user's quota on it) is full: ENOSPC, EDQUOT,
+    SQLITE_FULL."""
+    if isinstance(exc, sqlite3.Error):
+        return (getattr(exc, "sqlite_errorname", None) or "").startswith("SQLITE_FULL")
+    return isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)
+
+
+def error_status(
+    exc: Exception,
+    mapping: ErrorMap,
+    name: str,
+    full_disk: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE,
+) -> tuple[grpc.StatusCode, str]:
     """The status and details a method ``name`` decorated with ``map_errors(mapping)`` ends
     with when it raises ``exc``; an error not the project's own is INTERNAL, logged, no
-    detail sent."""
+    detail sent. A store or disk that fails (``storage_trouble``) is UNAVAILABLE with its
+    cause; one that is full is ``full_disk`` if that is another code, with the details
+    ``disk full: CAUSE`` (``DISK_FULL``): the node agent's RESOURCE_EXHAUSTED, which the
+    leader shows as the node's disk being full, not as an agent it cannot reach."""
     if isinstance(exc, RpcStatusError):
         return exc.code, short_details(str(exc))
     code = status_for(exc, {**BASE_ERRORS, **mapping})
@@ -169,6 +196,8 @@ def error_status(exc: Exception, mapping: ErrorMap, name: str) -> tuple[grpc.Sta
         return code, short_details(str(exc))
     if (unavailable := storage_trouble(exc)) is not None:
         log.warning("rpc.unavailable", method=name, error=unavailable)
+        if full_disk is not grpc.StatusCode.UNAVAILABLE and is_disk_full(exc):
+            return full_disk, short_details(f"{DISK_FULL}: {unavailable}")
         return grpc.StatusCode.UNAVAILABLE, short_details(unavailable)
     # The place, not the message: an error not the project's own may hold any value.
     log.error(
@@ -190,9 +219,13 @@ def short_details(text: str) -> str:
 
 
 async def _abort_for(
-    exc: Exception, full: ErrorMap, name: str, context: grpc.aio.ServicerContext[Any, Any]
+    exc: Exception,
+    full: ErrorMap,
+    name: str,
+    context: grpc.aio.ServicerContext[Any, Any],
+    full_disk: grpc.StatusCode = grpc.StatusCode.UNAVAILABLE,
 ) -> None:
-    await context.abort(*error_status(exc, full, name))
+    await context.abort(*error_status(exc, full, name, full_disk))
 
 
 def peer_certificate(context: grpc.aio.ServicerContext[Any, Any]) -> x509.Certificate | None:

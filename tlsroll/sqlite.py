@@ -299,7 +299,25 @@ class StoreUnavailable(TransientError):
         self.path = path
 
 
-class StoreUnreadable(TerminalError):
+class StoreDamaged(TerminalError):
+    """A store file only a person can mend: lost (missing though it existed, or empty),
+    damaged or unreadable. The message names the file and the two ways on (restore it from a
+    backup, or ``--reinitialise``). Its daemon exits 4 (``EXIT_STORE_DAMAGED`` of
+    ``leader.runtime`` and ``nodeagent.runtime``), which its unit does not restart: a restart
+    finds the same file (before, exit 1 logged the same line every few seconds for ever). A
+    file that only cannot be opened now is not one (``StoreUnavailable``: exit 1, restarted)."""
+
+
+def needs_a_person(exc: BaseException) -> bool:
+    """True if ``exc``, which stopped a daemon, says its store file is lost, damaged or
+    unreadable (``StoreDamaged``, an SQLite error that ``is_damage``): the daemon's exit
+    code is then 4 (``EXIT_STORE_DAMAGED``), not 1."""
+    if isinstance(exc, StoreDamaged):
+        return True
+    return isinstance(exc, sqlite3.Error) and is_damage(exc)
+
+
+class StoreUnreadable(StoreDamaged):
     """A store file that SQLite or the file system could not read (``unreadable``): the disk
     under it fails; it counts as damaged (``damage``: restore it from a backup, or
     ``--reinitialise``). Raised by ``Database`` when that shows only once the file is open."""

@@ -37,8 +37,8 @@ def client() -> None:
 @click.option(
     "--password-file",
     type=click.Path(path_type=Path, dir_okay=False),
-    help="Read the auth password from this file (the file's only line) instead of asking "
-    "(for scripts).",
+    help="Read the auth password from this file (the file's only line; mode 0600) instead of "
+    "asking (for scripts).",
 )
 @click.option(
     "--ca-pin",

@@ -34,6 +34,7 @@ Exit codes (every error is one line on stderr; the password is never printed):
     1   other failure (unexpected answer, settings dir not writable, check with the new
         settings failed, aborted at a prompt)
     2   usage: bad URL, option, CA pin syntax, or a password file that is empty/unreadable
+        or that group or others may access (chmod 600 it)
     3   http instead of https: the old unencrypted address, or a node still on http
     4   host unreachable (no route, no answer, name not resolved)
     5   connection refused on the server port (wrong port, or the server is not running)

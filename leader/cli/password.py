@@ -8,8 +8,6 @@ printed once, to a terminal, and never again; nothing stores it.
 
 from __future__ import annotations
 
-import os
-import stat
 import sys
 from pathlib import Path
 
@@ -21,58 +19,13 @@ from tlsroll.v1 import admin_pb2
 
 
 def read_password_file(path: Path) -> str:
-    """The password in ``path`` (``tlsroll.password.read_password_file``'s rule); a usage error
-    naming --password-file (exit 2) if the file is not usable, or if it is a regular file group
-    or others may read or write (the password is a secret: ``tlsroll.fsutil`` refuses such
-    key files of the leader and the agents too). The file is opened once and what is checked
-    (``fstat``) is what is read: no other file can take its place in between."""
+    """The password in ``path`` (``tlsroll.password.read_password_file``'s rule, the
+    workstation's too: among others, a regular file group or others may read or write is
+    refused); a usage error naming --password-file (exit 2) if the file is not usable."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOCTTY)
-    except OSError as exc:
-        raise click.BadParameter(
-            f"cannot read {path}: {exc.strerror or exc}", param_hint="--password-file"
-        ) from None
-    try:
-        with os.fdopen(fd, "rb") as f:
-            _check_private(path, f.fileno())
-            data = f.read()
-    except OSError as exc:
-        raise click.BadParameter(
-            f"cannot read {path}: {exc.strerror or exc}", param_hint="--password-file"
-        ) from None
-    try:
-        return password.password_from_bytes(data, path)
+        return password.read_password_file(path)
     except password.PasswordFileError as exc:
         raise click.BadParameter(str(exc), param_hint="--password-file") from None
-
-
-def _check_private(path: Path, fd: int) -> None:
-    """A usage error if the file open at ``fd`` (as ``path``) is a regular file group or
-    others can access, naming the file itself (``/dev/stdin`` < a file: that file); a pipe,
-    ``<(…)``, is the shell's own."""
-    st = os.fstat(fd)
-    if stat.S_ISREG(st.st_mode) and st.st_mode & 0o077:
-        real = _resolved(path, fd)
-        named = str(path) if real == str(path) else f"{path} ({real})"
-        raise click.BadParameter(
-            f"{named} is accessible by others (mode {stat.S_IMODE(st.st_mode):04o}); "
-            f"run: chmod 600 {real}",
-            param_hint="--password-file",
-        )
-
-
-def _resolved(path: Path, fd: int) -> str:
-    """The path of the file open at ``fd``: what ``/proc`` says, else ``path`` resolved."""
-    try:
-        real = os.readlink(f"/proc/self/fd/{fd}")
-    except OSError:
-        real = ""
-    if not real.startswith("/") or real.endswith(" (deleted)"):
-        try:
-            real = str(Path(path).resolve())
-        except (OSError, RuntimeError):
-            real = str(path)
-    return real
 
 
 def obtain_password(

@@ -33,7 +33,10 @@ from leader.cli.base import (
 from leader.cli.draw import render_rollout
 from leader.cli.password import obtain_password, verifier_json
 from leader.cli.schema_cmd import AWAITING, ENDS
+from leader.plan_texts import FINALIZE_WARNINGS, plan_texts
+from leader.planner import MAX_NAMED
 from leader.rollout_core import (
+    BLOCKED,
     BLOCKED_HTTP,
     Change,
     FreezeMode,
@@ -187,8 +190,9 @@ def plan(
     """Dry run: the update schema a rollout would make, from what each node runs now (nodes
     already in the wanted state show "already done"), its checks, what clients must do. With
     --strategy transitional: both phases. With --cert-dir the certificates are checked too, and
-    any problem refuses the plan. Exit 1 if a start of it would be refused (a node on http only
-    for rotate-cert or change-password: "blocked: not on https"), after showing it."""
+    any problem refuses the plan. Exit 1, after showing it, if a node is "blocked: <why>": a
+    start would be refused (a node on http only for rotate-cert or change-password) or would
+    stop at that node (its agent's preflight checks found problems: a port taken, …)."""
     request = rollout_request(scope, nodes, max_parallel, freeze, change, failure_budget, strategy)
     if cert_dir is not None:
         request.cert_dir.CopyFrom(cert_dir_message(cert_dir))
@@ -198,16 +202,47 @@ def plan(
         emit_json(to_dict(reply))
     else:
         show_plan(reply)
-    refuse_blocked(reply)  # exit 1: a start of this plan is refused
+    refuse_blocked(reply)  # exit 1: a start of this plan is refused or would stop
 
 
 def refuse_blocked(reply: admin_pb2.PlanResponse) -> None:
+    """CLIError (exit 1) naming every node of the plan that is ``blocked: <why>`` (``BLOCKED``),
+    with its why: whatever it is, the change cannot get past that node (audit s38 M5; brief
+    s39: a node whose port 8443 was taken gave exit 0, and the start then halted there)."""
+    blocked = [n for n in reply.rollout.nodes if n.reason.startswith(BLOCKED)]
+    if not blocked:
+        return
+    named = [f"{n.name} ({n.reason.removeprefix(BLOCKED).strip()})" for n in blocked]
+    more = len(named) - MAX_NAMED
+    shown = ", ".join(named[:MAX_NAMED]) + (f" and {more} more (listed above)" if more > 0 else "")
+    change = CHANGE.text(reply.rollout.change)
+    them = "it" if len(blocked) == 1 else "them"
+    raise CLIError(
+        f"{change} is blocked on {shown}: fix that, or leave {them} out (--nodes); nothing was"
+        " changed"
+    )
+
+
+def refuse_not_on_https(reply: admin_pb2.PlanResponse) -> None:
     """CLIError (exit 1) if the plan has nodes on http only that its change starts from https
-    on (``BLOCKED_HTTP``): the leader refuses to start it (audit s38 M5)."""
+    on (``BLOCKED_HTTP``): the leader refuses to start it (audit s38 M5), so the start says so
+    before anything is asked. A node blocked by its preflight checks is not refused here: the
+    start runs, and stops at that node unless its problems are fixed meanwhile."""
     blocked = [n.name for n in reply.rollout.nodes if n.reason == BLOCKED_HTTP]
     if blocked:
         change = CHANGE.text(reply.rollout.change)
         raise CLIError(not_on_https_refusal(change, ", ".join(blocked), len(blocked)))
+
+
+# What a node that is neither done already nor blocked will go through, per change (a direct
+# rollout; a transitional one says its two phases): only enable-tls switches the node to
+# another scheme; the others keep it on https and restart its server.
+WILL = {
+    Change.ENABLE_TLS.value: "will switch",
+    Change.ROTATE_CERT.value: "will get a new certificate and restart",
+    Change.CHANGE_PASSWORD.value: "will get the staged password and restart",
+    Change.DISABLE_TLS.value: "will go back to http",
+}
 
 
 def show_plan(reply: admin_pb2.PlanResponse) -> None:
@@ -221,10 +256,10 @@ def show_plan(reply: admin_pb2.PlanResponse) -> None:
     will = (
         " — phase 1: https beside http (dual); phase 2 (finalize): http closes"
         if transitional
-        else " — will switch"
+        else f" — {WILL.get(CHANGE.text(r.change), 'will switch')}"
     )
     for i, n in enumerate(r.nodes, 1):
-        shown = n.reason.startswith(("already done", "blocked:"))
+        shown = n.reason.startswith(("already done", BLOCKED))
         done = f" — {n.reason}" if shown else will
         if n.still_on_http and not shown:  # (enable-tls only: the leader counts for it)
             done += f"; {n.still_on_http} workstation(s) still on http" + (
@@ -315,7 +350,7 @@ def rollout_start(
         # The dry run first: a bad scope or an offline node fails before anything is asked.
         planned = leader.call(admin.PlanRollout, request)
         check_echo(request, planned)
-        refuse_blocked(planned)  # before anything is asked (the leader refuses it too)
+        refuse_not_on_https(planned)  # before anything is asked (the leader refuses it too)
         in_use = planned.password_version_in_use
         if in_use and secret is not None:
             raise CLIError(
@@ -406,9 +441,22 @@ def rollout_retry(leader: Leader, rollout_id: str, wait: bool) -> None:
     same change, options and password."""
     with leader.admin() as admin:
         view = leader.call(admin.RetryRollout, admin_pb2.RetryRolloutRequest(rollout_id=rollout_id))
-    started(view)
+    started(view, warnings=change_warnings(view))  # as `rollout start --yes` gives them
     if wait:
         wait_for_end(leader, view.id)
+
+
+def change_warnings(view: schema_pb2.RolloutView) -> list[str]:
+    """The warnings a plan of ``view``'s change gives (``leader.plan_texts``, which the
+    leader's plan sends): what `rollout retry` prints, which shows no plan (brief s39: it
+    printed none of those `rollout start` prints). Not those that depend on the cluster's
+    state now (workstations seen on http), which only a plan asks the leader for."""
+    change = CHANGE.text(view.change)
+    if not change:  # a leader of other code: a change this CLI does not know
+        return []
+    strategy = Strategy(STRATEGY.text(view.strategy) or Strategy.DIRECT.value)
+    freeze = FreezeMode(FREEZE.text(view.freeze) or FreezeMode.NODE.value)
+    return plan_texts(Change(change), strategy, freeze, own_certs=False)[2]
 
 
 @rollout.command("rollback")
@@ -499,7 +547,7 @@ def rollout_finalize(
             f"{how} (each: freeze writes, https-only config, restart, verify 8080 closed and "
             "https live, unfreeze; else back to http+https)."
         )
-        out.print("  ! A workstation still on http loses the server until it does the steps.")
+        out.print(f"  ! {FINALIZE_WARNINGS[-1]}")
         if not sys.stdin.isatty():
             raise click.UsageError("not a terminal: add --yes to finalize without asking")
         if not click.confirm("Close http now?", default=False):
