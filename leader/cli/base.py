@@ -92,6 +92,74 @@ class OtherCode(click.ClickException, TerminalError):
     exit_code = EXIT_OTHER_CODE
 
 
+EXIT_MAY_HAVE_BEEN_DONE = 6
+"""A call that changes something went out whole and its reply was lost (the leader went away,
+stopped or did not answer in time): it may have been done; look before repeating it."""
+
+EXIT_INTERRUPTED = 130
+"""Ctrl-C (SIGINT) while a call that changes something waited for its reply, or while
+``--wait`` waited for a rollout: 128 + SIGINT, as a shell reports it."""
+
+
+class MayHaveBeenDone(click.ClickException, TerminalError):
+    """A call that changes something was sent and its reply lost (exit 6): one line that says
+    it may have been done and how to look (audit s39race H1)."""
+
+    exit_code = EXIT_MAY_HAVE_BEEN_DONE
+
+
+class Interrupted(click.ClickException, TerminalError):
+    """Ctrl-C after a call that changes something was sent, before its reply (exit 130)."""
+
+    exit_code = EXIT_INTERRUPTED
+
+
+class Unreachable(CLIError):
+    """No leader on the admin socket (it is down, stopping or restarting): nothing was sent,
+    or only what changes nothing. ``--watch`` and ``--wait`` wait for it to be back."""
+
+
+CHECK_WITH = {
+    "StartRollout": "tlsroll schema show",
+    "RetryRollout": "tlsroll schema show",
+    "ControlRollout": "tlsroll schema show",
+    "FinalizeRollout": "tlsroll schema show",
+    "RevokeCertificate": "tlsroll schema show",
+    "CreateToken": "tlsroll token list",
+    "RevokeToken": "tlsroll token list",
+    "RemoveNode": "tlsroll nodes --all",
+    "AdvanceEpoch": "tlsroll epoch show",
+    "CreateViewerGrant": "tlsroll viewer list",
+    "RevokeViewerGrant": "tlsroll viewer list",
+}
+"""Where to see whether a changing Admin method was done, when its reply was lost (else
+`tlsroll schema show`). ``SetPassword`` has no list: ``check_hint`` says what to do."""
+
+
+def check_hint(method: str) -> str:
+    """What to do when the reply of ``method`` (``/tlsroll.v1.Admin/StartRollout``) was lost
+    after the request was sent."""
+    name = method.rpartition("/")[2]
+    if name == "SetPassword":
+        # Its password is shown only by the reply, which is lost; the newest staged one is
+        # what `rollout start --change change-password` sends to the nodes.
+        return "stage one again (tlsroll password set): the newest staged one is used"
+    return f"check with `{CHECK_WITH.get(name, 'tlsroll schema show')}` before repeating it"
+
+
+def lost_reply(method: str, code: str, details: str) -> str:
+    """The one line for a changing call whose reply was lost after it was sent."""
+    if code == "DEADLINE_EXCEEDED":
+        what = "the leader did not answer in time"
+    elif details == "the leader is stopping":
+        what = "the leader stopped before it answered"
+    elif code == "UNAVAILABLE":
+        what = "the connection to the leader was lost"
+    else:  # an unreadable reply, a reset: nothing the leader said it did or did not do
+        what = f"the leader's reply was lost ({details or code})"
+    return f"{what} after the request was sent: it may have been done; {check_hint(method)}"
+
+
 UNIMPLEMENTED = (
     "the leader does not know this command: it runs an older tlsroll (restart it after an upgrade)"
 )
@@ -246,7 +314,9 @@ class Leader:
         the status (an UNAVAILABLE of its own says why, e.g. its store's disk is full); else
         the CLI made it for a connection that failed."""
         if code == "UNAVAILABLE" and not (answered and details):
-            fail(f"cannot reach the leader on {self.socket}: is tlsroll-leader running?")
+            raise Unreachable(
+                f"cannot reach the leader on {self.socket}: is tlsroll-leader running?"
+            )
         if code == "UNAVAILABLE":
             fail(f"the leader cannot do it now: {details}")
         if code == "INVALID_ARGUMENT":
@@ -335,18 +405,29 @@ class Leader:
     ) -> bytes:
         """``once``: on a new connection, which ``UnaryChannel.call`` never tries again (a
         call that changes something is sent at most once; on a kept connection the leader has
-        closed, a read-only call is sent again on a new one)."""
+        closed, or one it did not take as it stopped, a read-only call is sent again on a new
+        one). A call sent at most once whose reply is lost after the request went out whole
+        ends ``MayHaveBeenDone``, or ``Interrupted`` for Ctrl-C (audit s39race H1, M2); lost
+        before that, the errors say what they always did."""
         self.check_socket()
         if self._unary is None:
             self._unary = UnaryChannel(str(self.socket))
-        elif once:
-            self._unary.close()
+        channel = self._unary
         try:
-            data = self._unary.call(method, request, timeout, codec)
+            data = channel.call(method, request, timeout, codec, once=once)
         except RpcFailed as exc:
             if exc.code == "UNIMPLEMENTED" and codec == "json":
                 raise Unimplemented(method) from None
+            if once and exc.sent and not exc.answered:
+                raise MayHaveBeenDone(lost_reply(method, exc.code, exc.details)) from None
             self.refused(exc.code, exc.details, answered=exc.answered)
+        except KeyboardInterrupt:
+            channel.close()
+            if once and channel.sent is not False:
+                raise Interrupted(
+                    f"interrupted: the leader may have done it; {check_hint(method)}"
+                ) from None
+            raise
         self._saw(self._unary.headers)
         if method != HEALTH_CHECK:  # (asked only before a change, which refuses instead)
             self._warn_if_other_code()
