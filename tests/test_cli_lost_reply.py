@@ -10,13 +10,17 @@ real leader."""
 from __future__ import annotations
 
 import asyncio
+import datetime as dt
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import grpc
 import h2.config
@@ -26,6 +30,9 @@ import pytest
 
 from leader.cli.base import EXIT_MAY_HAVE_BEEN_DONE, GET_SCHEMA, Leader, MayHaveBeenDone
 from leader.cli.unary import RpcFailed, UnaryChannel
+from leader.rollout_core import Change, NodeRecord, Rollout, RolloutEvent, Scope
+from leader.schema_store import RolloutMeta, SchemaStore
+from tests.cluster import Cluster, child_env, command, wait_until
 from tlsroll.cli import main
 from tlsroll.v1 import admin_pb2, schema_pb2, schema_pb2_grpc
 
@@ -231,3 +238,176 @@ def test_a_leader_stopping_gracefully_finishes_the_call_under_way(tmp_path: Path
     assert "error" not in result, result["error"]
     assert [r.id for r in result["reply"].rollouts] == ["r-held"]
     assert channel._gone  # it saw the GOAWAY: the next call opens a new connection
+
+
+# --- a real leader: restarted under `--watch`, Ctrl-C during `--wait` ---------------------------
+
+
+def store_paused_rollout(cluster: Cluster, rollout_id: str) -> None:
+    """A paused enable-tls rollout of one node (not enrolled), written to the leader's store:
+    it stays paused across leader restarts until it is aborted."""
+    at = dt.datetime.now(dt.UTC)
+    schema = SchemaStore(cluster.store_path)
+    try:
+        rollout = Rollout(rollout_id, Change.ENABLE_TLS, Scope.of_nodes(["n1"]), ("n1",), epoch=1)
+        row = schema.create(
+            rollout.with_event(RolloutEvent.START),
+            [NodeRecord("n1")],
+            RolloutMeta(created_at=at, started_by="admin:test", leader_node=""),
+            at,
+        )
+        paused = row.rollout.with_event(RolloutEvent.PAUSE)
+        schema.save_states(row, paused, [NodeRecord("n1")], at, "admin:test", None)
+    finally:
+        schema.close()
+
+
+class Lines:
+    """A child's output stream, read line by line in a thread."""
+
+    def __init__(self, stream: IO[str]) -> None:
+        self.lines: list[str] = []
+        self._stream = stream
+        self._thread = threading.Thread(target=self._read, args=(stream,), daemon=True)
+        self._thread.start()
+
+    def _read(self, stream: IO[str]) -> None:
+        for line in stream:
+            self.lines.append(line)
+
+    def text(self) -> str:
+        return "".join(self.lines)
+
+    def done(self) -> str:
+        """All of it, once the child has ended (the stream is closed then)."""
+        self._thread.join(WAIT)
+        self._stream.close()
+        return self.text()
+
+
+def test_watch_goes_on_across_a_leader_restart(tmp_path: Path, loopback: Callable[[], str]) -> None:
+    """`schema show --watch` follows a paused rollout; the leader stops (SIGTERM) and starts
+    again under it: the watch says it waits for the leader, then that it is back, and goes on
+    until the rollout is aborted (before: "no admin socket", or "unreadable reply from the
+    leader", exit 1)."""
+    with Cluster(tmp_path / "cluster", loopback()) as cluster:
+        cluster.init()
+        store_paused_rollout(cluster, "r-paused")
+        cluster.start_leader()
+        watch = subprocess.Popen(
+            [*command("tlsroll", "tlsroll"), "schema", "show", "--watch"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=child_env({"TLSROLL_DATA_DIR": str(cluster.data_dir)}),
+        )
+        assert watch.stdout is not None and watch.stderr is not None
+        out, err = Lines(watch.stdout), Lines(watch.stderr)
+        try:
+            wait_until(lambda: "rollout r-paused: paused" in out.text(), WAIT, "the watch")
+            cluster.stop_leader()
+            wait_until(
+                lambda: "waiting for it to be back" in err.text() or watch.poll() is not None,
+                WAIT,
+                "the watch to see the leader gone",
+            )
+            assert watch.poll() is None, err.text()
+            cluster.start_leader()
+            wait_until(lambda: "the leader is back" in err.text(), WAIT, "the watch")
+            aborted = cluster.cli("rollout", "abort", "r-paused")
+            assert aborted.returncode == 0, aborted.stderr
+            assert watch.wait(WAIT) == 0, err.text()
+        finally:
+            if watch.poll() is None:
+                watch.kill()
+                watch.wait(WAIT)
+        assert "rollout r-paused: aborted" in out.done()
+        # (gone: "no admin socket at …", or "cannot reach the leader on …" while it stops)
+        away, back = err.done().splitlines()
+        assert away.startswith("tlsroll: ") and str(cluster.admin_socket) in away
+        assert away.endswith(": is tlsroll-leader running? - waiting for it to be back") or (
+            away.endswith("(see --data-dir/--socket) - waiting for it to be back")
+        )
+        assert back == "tlsroll: the leader is back"
+
+
+WAIT_HARNESS = """
+import sys, time
+from leader.cli.base import Leader
+from tlsroll.cli import main
+from tlsroll.v1 import schema_pb2
+
+def retried(self, method, request, timeout=30):  # RetryRollout's reply, for the paused rollout
+    return schema_pb2.RolloutView(id="r-paused")
+
+Leader.call = retried
+sleep = time.sleep
+def polling(seconds):  # once it polls the real leader
+    print("polling", flush=True)
+    sleep(seconds)
+time.sleep = polling
+sys.exit(main(["rollout", "retry", "r-paused", "--wait"]))
+"""
+
+
+def test_ctrl_c_during_wait_says_the_rollout_goes_on(
+    tmp_path: Path, loopback: Callable[[], str]
+) -> None:
+    """SIGINT while `rollout retry --wait` waits for a rollout (a paused one, polled from a
+    real leader; the retry's own call is a stand-in) says the rollout goes on and how to follow
+    or stop it, exit 130 (before: "tlsroll: aborted", exit 1)."""
+    with Cluster(tmp_path / "cluster", loopback()) as cluster:
+        cluster.init()
+        store_paused_rollout(cluster, "r-paused")
+        cluster.start_leader()
+        child = subprocess.Popen(
+            [sys.executable, "-c", WAIT_HARNESS],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=child_env({"TLSROLL_DATA_DIR": str(cluster.data_dir)}),
+        )
+        assert child.stdout is not None and child.stderr is not None
+        out, err = Lines(child.stdout), Lines(child.stderr)
+        try:
+            wait_until(lambda: "polling" in out.text(), WAIT, "the wait to poll")
+            child.send_signal(signal.SIGINT)
+            assert child.wait(WAIT) == 130, err.text()
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait(WAIT)
+        assert "polling" in out.done()
+        assert err.done() == (
+            "tlsroll: stopped waiting; rollout r-paused goes on (tlsroll rollout status "
+            "r-paused; to stop it: tlsroll rollout abort r-paused)\n"
+        )
+
+
+def test_ctrl_c_after_a_changing_request_was_sent_says_it_may_have_been_done(
+    tmp_path: Path,
+) -> None:
+    """SIGINT while `rollout pause` waits for the reply to a request the peer has read whole:
+    the leader may have done it (exit 130), not "tlsroll: aborted"."""
+    sock = tmp_path / "admin.sock"
+    with swallowing(sock, close=False) as taken:
+        child = subprocess.Popen(
+            [*command("tlsroll", "tlsroll"), "--socket", str(sock), "rollout", "pause", "r-1"],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=child_env(),
+        )
+        try:
+            wait_until(lambda: bool(taken), WAIT, "the request")
+            child.send_signal(signal.SIGINT)
+            _, err = child.communicate(timeout=WAIT)
+        finally:
+            if child.poll() is None:
+                child.kill()
+                child.wait(WAIT)
+    assert child.returncode == 130, err
+    assert err == (
+        "tlsroll: error: interrupted: the leader may have done it; check with "
+        "`tlsroll schema show` before repeating it\n"
+    )

@@ -20,6 +20,7 @@ import os
 import pwd
 import re
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -117,6 +118,35 @@ class Interrupted(click.ClickException, TerminalError):
 class Unreachable(CLIError):
     """No leader on the admin socket (it is down, stopping or restarting): nothing was sent,
     or only what changes nothing. ``--watch`` and ``--wait`` wait for it to be back."""
+
+
+LEADER_AWAY = 300.0
+"""How long ``--watch`` and ``--wait`` wait for a leader that went away (restarted, upgraded)
+before they give up: a restart takes seconds."""
+
+
+def while_away(ask: Callable[[], T], *, interval: float = 0.5, patience: float = LEADER_AWAY) -> T:
+    """``ask()`` (a read-only call), asked again every ``interval`` while the leader cannot be
+    reached (``Unreachable``: it stops, restarts), for at most ``patience`` seconds; a line on
+    stderr says it waits, another that the leader is back (stdout stays the command's:
+    ``--json``). What ``--watch`` and ``--wait`` poll with: a leader restart in their course
+    is no reason to stop following a rollout (audit s39race H2)."""
+    away_since: float | None = None
+    while True:
+        try:
+            answer = ask()
+        except Unreachable as exc:
+            now = time.monotonic()
+            if away_since is None:
+                away_since = now
+                click.echo(f"tlsroll: {exc} - waiting for it to be back", err=True)
+            elif now - away_since > patience:
+                raise
+            time.sleep(interval)
+            continue
+        if away_since is not None:
+            click.echo("tlsroll: the leader is back", err=True)
+        return answer
 
 
 CHECK_WITH = {
@@ -282,8 +312,10 @@ class Leader:
         sock = self.socket
         try:
             os.stat(sock)
-        except FileNotFoundError:
-            fail(f"no admin socket at {sock}: is tlsroll-leader running? (see --data-dir/--socket)")
+        except FileNotFoundError:  # (also while the leader restarts: ``while_away``)
+            raise Unreachable(
+                f"no admin socket at {sock}: is tlsroll-leader running? (see --data-dir/--socket)"
+            ) from None
         except PermissionError:
             fail(permission_hint(sock))
         if not os.access(sock, os.R_OK | os.W_OK):

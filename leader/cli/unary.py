@@ -352,10 +352,16 @@ class UnaryChannel:
             self.sent = True
         while not reply.ended:
             self._receive(reply)
-        if self._gone:  # the leader is stopping: it waits for its connections to close
-            self.close()
         self.headers = reply.headers or {}
-        return self._reply(reply)
+        if not self._gone:
+            return self._reply(reply)
+        self.close()  # the leader is stopping: it waits for its connections to close
+        try:
+            return self._reply(reply)
+        except RpcFailed as exc:
+            if exc.code == "CANCELLED":  # its stop cut the call short (grpc's own status)
+                raise RpcFailed("UNAVAILABLE", "the leader is stopping") from None
+            raise
 
     def _flush(self) -> None:
         assert self._sock is not None and self._conn is not None
