@@ -29,7 +29,7 @@ import h2.events
 import pytest
 
 from leader.cli.base import EXIT_MAY_HAVE_BEEN_DONE, GET_SCHEMA, Leader, MayHaveBeenDone
-from leader.cli.unary import RpcFailed, UnaryChannel
+from leader.cli.unary import RpcFailed, UnaryChannel, _Frames
 from leader.rollout_core import Change, NodeRecord, Rollout, RolloutEvent, Scope
 from leader.schema_store import RolloutMeta, SchemaStore
 from tests.cluster import Cluster, child_env, command, wait_until
@@ -410,4 +410,116 @@ def test_ctrl_c_after_a_changing_request_was_sent_says_it_may_have_been_done(
     assert err == (
         "tlsroll: error: interrupted: the leader may have done it; check with "
         "`tlsroll schema show` before repeating it\n"
+    )
+
+
+# --- a GOAWAY below our stream: the leader did not take the call -------------------------------
+
+
+def test_goaway_frames_are_taken_out_whole_across_reads() -> None:
+    """``_Frames`` hands h2 whole frames but GOAWAYs, whose last stream id it returns, however
+    the bytes are cut into reads."""
+    ping = bytes.fromhex("000008") + b"\x06\x00" + bytes(4) + b"12345678"
+    goaway = bytes.fromhex("000008") + b"\x07\x00" + bytes(4) + bytes.fromhex("80000003") + bytes(4)
+    stream = ping + goaway + ping
+    for cut in range(len(stream) + 1):
+        frames = _Frames()
+        first, gone_first = frames.feed(stream[:cut], 16384)
+        second, gone_second = frames.feed(stream[cut:], 16384)
+        assert first + second == ping + ping, cut
+        assert gone_first + gone_second == [3], cut  # (the reserved bit is not the id's)
+
+
+@contextmanager
+def turning_away(path: Path) -> Iterator[list[bytes]]:
+    """An HTTP/2 peer whose first connection reads the request whole, then sends GOAWAY with
+    last stream id 0 (it took none) and waits for the client to close; every later one
+    answers GetSchema with one rollout ``r-again``. Yields the paths of the requests read
+    whole."""
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(path))
+    listener.listen(4)
+    listener.settimeout(0.05)  # (to see ``stop`` soon)
+    taken: list[bytes] = []
+    stop = threading.Event()
+
+    def serve() -> None:
+        first = True
+        while not stop.is_set():
+            try:
+                conn, _ = listener.accept()
+            except TimeoutError:
+                continue
+            except OSError:
+                return
+            with conn:
+                h2c = h2.connection.H2Connection(h2.config.H2Configuration(client_side=False))
+                h2c.initiate_connection()
+                conn.settimeout(WAIT)
+                conn.sendall(h2c.data_to_send())
+                ended = None
+                while ended is None:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        break
+                    for event in h2c.receive_data(chunk):
+                        if isinstance(event, h2.events.RequestReceived):
+                            taken.append(dict(event.headers)[b":path"])
+                        elif isinstance(event, h2.events.StreamEnded):
+                            ended = event.stream_id
+                    conn.sendall(h2c.data_to_send())
+                if ended is None:
+                    continue
+                if first:
+                    first = False
+                    h2c.close_connection(last_stream_id=0)
+                    conn.sendall(h2c.data_to_send())
+                    while conn.recv(65536):  # until the client closes (as gRPC waits)
+                        pass
+                    continue
+                body = schema_pb2.Schema(
+                    rollouts=[schema_pb2.RolloutView(id="r-again")]
+                ).SerializeToString()
+                h2c.send_headers(
+                    ended, [(":status", "200"), ("content-type", "application/grpc+proto")]
+                )
+                h2c.send_data(ended, b"\x00" + len(body).to_bytes(4) + body)
+                h2c.send_headers(ended, [("grpc-status", "0")], end_stream=True)
+                conn.sendall(h2c.data_to_send())
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield taken
+    finally:
+        stop.set()
+        listener.close()
+        thread.join(WAIT)
+
+
+def test_a_call_the_stopping_leader_did_not_take(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """A GOAWAY whose last stream is below ours: the leader did nothing with the call. A
+    read-only one is sent again on a new connection (and answered there); one that changes
+    something is not sent again, and it is "cannot reach", not "may have been done"."""
+    sock = tmp_path / "admin.sock"
+    with turning_away(sock) as taken:
+        leader = Leader(sock)
+        request = schema_pb2.GetSchemaRequest(limit=1)
+        try:
+            assert leader.unary(GET_SCHEMA, request, schema_pb2.Schema).rollouts[0].id == (
+                "r-again"
+            )
+        finally:
+            leader.close()
+        assert taken == [GET_SCHEMA.encode()] * 2
+    capsys.readouterr()  # (a warning: the peer does not say which code it runs)
+    sock.unlink()
+    with turning_away(sock) as taken:
+        code = main(["--socket", str(sock), "rollout", "pause", "r-1"])
+        assert taken == [CONTROL.encode()]
+    assert code == 1
+    assert capsys.readouterr().err == (
+        f"tlsroll: error: cannot reach the leader on {sock}: is tlsroll-leader running?\n"
     )

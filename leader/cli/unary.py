@@ -419,7 +419,13 @@ class UnaryChannel:
                     reset_code(event.error_code),
                     f"the leader reset the call (HTTP/2 error {int(event.error_code or 0)})",
                 )
-        self._flush()
+        if not reply.ended:
+            self._flush()
+            return
+        try:  # (acknowledgements after the reply: a server that has closed is no failure)
+            self._flush()
+        except OSError:
+            self._gone = True
 
     def _reply(self, reply: _Reply) -> bytes:
         headers = reply.headers or {}
