@@ -182,7 +182,7 @@ def lost_reply(method: str, code: str, details: str) -> str:
     if code == "DEADLINE_EXCEEDED":
         what = "the leader did not answer in time"
     elif details == "the leader is stopping":
-        what = "the leader stopped before it answered"
+        what = "the leader stopped"
     elif code == "UNAVAILABLE":
         what = "the connection to the leader was lost"
     else:  # an unreadable reply, a reset: nothing the leader said it did or did not do
