@@ -20,6 +20,7 @@ import os
 import pwd
 import re
 import sys
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -90,6 +91,103 @@ class OtherCode(click.ClickException, TerminalError):
     """Refused before a call that changes something: the leader runs other code (exit 5)."""
 
     exit_code = EXIT_OTHER_CODE
+
+
+EXIT_MAY_HAVE_BEEN_DONE = 6
+"""A call that changes something went out whole and its reply was lost (the leader went away,
+stopped or did not answer in time): it may have been done; look before repeating it."""
+
+EXIT_INTERRUPTED = 130
+"""Ctrl-C (SIGINT) while a call that changes something waited for its reply, or while
+``--wait`` waited for a rollout: 128 + SIGINT, as a shell reports it."""
+
+
+class MayHaveBeenDone(click.ClickException, TerminalError):
+    """A call that changes something was sent and its reply lost (exit 6): one line that says
+    it may have been done and how to look (audit s39race H1)."""
+
+    exit_code = EXIT_MAY_HAVE_BEEN_DONE
+
+
+class Interrupted(click.ClickException, TerminalError):
+    """Ctrl-C after a call that changes something was sent, before its reply (exit 130)."""
+
+    exit_code = EXIT_INTERRUPTED
+
+
+class Unreachable(CLIError):
+    """No leader on the admin socket (it is down, stopping or restarting): nothing was sent,
+    or only what changes nothing. ``--watch`` and ``--wait`` wait for it to be back."""
+
+
+LEADER_AWAY = 300.0
+"""How long ``--watch`` and ``--wait`` wait for a leader that went away (restarted, upgraded)
+before they give up: a restart takes seconds."""
+
+
+def while_away(ask: Callable[[], T], *, interval: float = 0.5, patience: float = LEADER_AWAY) -> T:
+    """``ask()`` (a read-only call), asked again every ``interval`` while the leader cannot be
+    reached (``Unreachable``: it stops, restarts), for at most ``patience`` seconds; a line on
+    stderr says it waits, another that the leader is back (stdout stays the command's:
+    ``--json``). What ``--watch`` and ``--wait`` poll with: a leader restart in their course
+    is no reason to stop following a rollout (audit s39race H2)."""
+    away_since: float | None = None
+    while True:
+        try:
+            answer = ask()
+        except Unreachable as exc:
+            now = time.monotonic()
+            if away_since is None:
+                away_since = now
+                click.echo(f"tlsroll: {exc} - waiting for it to be back", err=True)
+            elif now - away_since > patience:
+                raise
+            time.sleep(interval)
+            continue
+        if away_since is not None:
+            click.echo("tlsroll: the leader is back", err=True)
+        return answer
+
+
+CHECK_WITH = {
+    "StartRollout": "tlsroll schema show",
+    "RetryRollout": "tlsroll schema show",
+    "ControlRollout": "tlsroll schema show",
+    "FinalizeRollout": "tlsroll schema show",
+    "RevokeCertificate": "tlsroll schema show",
+    "CreateToken": "tlsroll token list",
+    "RevokeToken": "tlsroll token list",
+    "RemoveNode": "tlsroll nodes --all",
+    "AdvanceEpoch": "tlsroll epoch show",
+    "CreateViewerGrant": "tlsroll viewer list",
+    "RevokeViewerGrant": "tlsroll viewer list",
+}
+"""Where to see whether a changing Admin method was done, when its reply was lost (else
+`tlsroll schema show`). ``SetPassword`` has no list: ``check_hint`` says what to do."""
+
+
+def check_hint(method: str) -> str:
+    """What to do when the reply of ``method`` (``/tlsroll.v1.Admin/StartRollout``) was lost
+    after the request was sent."""
+    name = method.rpartition("/")[2]
+    if name == "SetPassword":
+        # Its password is shown only by the reply, which is lost; the newest staged one is
+        # what `rollout start --change change-password` sends to the nodes.
+        return "stage one again (tlsroll password set): the newest staged one is used"
+    return f"check with `{CHECK_WITH.get(name, 'tlsroll schema show')}` before repeating it"
+
+
+def lost_reply(method: str, code: str, details: str) -> str:
+    """The one line for a changing call whose reply was lost after it was sent."""
+    if code == "DEADLINE_EXCEEDED":
+        what = "the leader did not answer in time"
+    elif details == "the leader is stopping":
+        what = "the leader stopped"
+    elif code == "UNAVAILABLE":
+        what = "the connection to the leader was lost"
+    else:  # an unreadable reply, a reset: nothing the leader said it did or did not do
+        what = f"the leader's reply was lost ({details or code})"
+    return f"{what} after the request was sent: it may have been done; {check_hint(method)}"
 
 
 UNIMPLEMENTED = (
@@ -214,8 +312,10 @@ class Leader:
         sock = self.socket
         try:
             os.stat(sock)
-        except FileNotFoundError:
-            fail(f"no admin socket at {sock}: is tlsroll-leader running? (see --data-dir/--socket)")
+        except FileNotFoundError:  # (also while the leader restarts: ``while_away``)
+            raise Unreachable(
+                f"no admin socket at {sock}: is tlsroll-leader running? (see --data-dir/--socket)"
+            ) from None
         except PermissionError:
             fail(permission_hint(sock))
         if not os.access(sock, os.R_OK | os.W_OK):
@@ -246,7 +346,9 @@ class Leader:
         the status (an UNAVAILABLE of its own says why, e.g. its store's disk is full); else
         the CLI made it for a connection that failed."""
         if code == "UNAVAILABLE" and not (answered and details):
-            fail(f"cannot reach the leader on {self.socket}: is tlsroll-leader running?")
+            raise Unreachable(
+                f"cannot reach the leader on {self.socket}: is tlsroll-leader running?"
+            )
         if code == "UNAVAILABLE":
             fail(f"the leader cannot do it now: {details}")
         if code == "INVALID_ARGUMENT":
@@ -335,18 +437,29 @@ class Leader:
     ) -> bytes:
         """``once``: on a new connection, which ``UnaryChannel.call`` never tries again (a
         call that changes something is sent at most once; on a kept connection the leader has
-        closed, a read-only call is sent again on a new one)."""
+        closed, or one it did not take as it stopped, a read-only call is sent again on a new
+        one). A call sent at most once whose reply is lost after the request went out whole
+        ends ``MayHaveBeenDone``, or ``Interrupted`` for Ctrl-C (audit s39race H1, M2); lost
+        before that, the errors say what they always did."""
         self.check_socket()
         if self._unary is None:
             self._unary = UnaryChannel(str(self.socket))
-        elif once:
-            self._unary.close()
+        channel = self._unary
         try:
-            data = self._unary.call(method, request, timeout, codec)
+            data = channel.call(method, request, timeout, codec, once=once)
         except RpcFailed as exc:
             if exc.code == "UNIMPLEMENTED" and codec == "json":
                 raise Unimplemented(method) from None
+            if once and exc.sent and not exc.answered:
+                raise MayHaveBeenDone(lost_reply(method, exc.code, exc.details)) from None
             self.refused(exc.code, exc.details, answered=exc.answered)
+        except KeyboardInterrupt:
+            channel.close()
+            if once and channel.sent is not False:
+                raise Interrupted(
+                    f"interrupted: the leader may have done it; {check_hint(method)}"
+                ) from None
+            raise
         self._saw(self._unary.headers)
         if method != HEALTH_CHECK:  # (asked only before a change, which refuses instead)
             self._warn_if_other_code()

@@ -21,6 +21,7 @@ import click
 
 from leader import byo
 from leader.cli.base import (
+    EXIT_INTERRUPTED,
     CLIError,
     Leader,
     emit_json,
@@ -29,6 +30,7 @@ from leader.cli.base import (
     parse_duration,
     pass_leader,
     to_dict,
+    while_away,
 )
 from leader.cli.draw import render_rollout
 from leader.cli.password import obtain_password, verifier_json
@@ -417,13 +419,26 @@ def started(
 
 
 def wait_for_end(leader: Leader, rollout_id: str, interval: float = 0.5) -> None:
-    """Poll until the rollout ends, then exit as `rollout status` does."""
-    while True:
-        schema = fetch_schema(leader, rollout_id, rollouts_only=True)
-        state = ROLLOUT_STATE.text(schema.rollouts[0].state)
-        if state in ENDS:
-            break
-        time.sleep(interval)
+    """Poll until the rollout ends, then exit as `rollout status` does; across a restart of
+    the leader (``while_away``). Ctrl-C stops the waiting, not the rollout: one line says so
+    and how to follow or stop it, exit 130 (``EXIT_INTERRUPTED``; not 0 as `schema show
+    --watch` after Ctrl-C: here the exit code is the outcome, and there is none yet)."""
+    try:
+        while True:
+            schema = while_away(
+                lambda: fetch_schema(leader, rollout_id, rollouts_only=True), interval=interval
+            )
+            state = ROLLOUT_STATE.text(schema.rollouts[0].state)
+            if state in ENDS:
+                break
+            time.sleep(interval)
+    except KeyboardInterrupt:
+        click.echo(
+            f"tlsroll: stopped waiting; rollout {rollout_id} goes on (tlsroll rollout status "
+            f"{rollout_id}; to stop it: tlsroll rollout abort {rollout_id})",
+            err=True,
+        )
+        click.get_current_context().exit(EXIT_INTERRUPTED)
     click.get_current_context().invoke(rollout_status, rollout_id=rollout_id, as_json=False)
 
 

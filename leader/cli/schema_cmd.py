@@ -18,7 +18,15 @@ from typing import Any
 
 import click
 
-from leader.cli.base import CLIError, Leader, console, emit_json, fetch_schema_json, pass_leader
+from leader.cli.base import (
+    CLIError,
+    Leader,
+    console,
+    emit_json,
+    fetch_schema_json,
+    pass_leader,
+    while_away,
+)
 from tlsroll.cli import quick_exit
 
 TERMINAL = {"completed", "halted", "aborted"}
@@ -100,7 +108,7 @@ def schema_show(
 
 def watch_schema(leader: Leader, rollout_id: str, as_json: bool, interval: float = 0.5) -> None:
     """Follow one rollout (the named one, else the newest) by asking for it alone, each time
-    without the rest of the schema."""
+    without the rest of the schema; across a restart of the leader (``while_away``)."""
     first = fetch_schema_json(leader, rollout_id, limit=1, rollouts_only=True)
     if not first.get("rollouts"):
         raise CLIError("no rollout to watch")
@@ -108,7 +116,9 @@ def watch_schema(leader: Leader, rollout_id: str, as_json: bool, interval: float
     watched = r["id"]
 
     def newest() -> dict[str, Any] | None:
-        data = fetch_schema_json(leader, watched, rollouts_only=True)
+        data = while_away(
+            lambda: fetch_schema_json(leader, watched, rollouts_only=True), interval=interval
+        )
         return data["rollouts"][0] if data.get("rollouts") else None
 
     if as_json:

@@ -5,16 +5,21 @@ Why not grpcio: ``import grpc`` costs about 50 ms before any call, because its c
 asyncio and ``grpc.aio`` whatever the caller uses; that was a third of ``schema show``'s time,
 whose goal is 150 ms (issue 15). The admin socket is local and speaks plain gRPC: HTTP/2 without
 TLS, by prior knowledge (RFC 9113 3.3). HTTP/2 itself (frames, HPACK, SETTINGS and PING answers,
-flow control, GOAWAY and RST_STREAM) is the ``h2`` library's, the state machine httpx uses; this
-module adds only gRPC's own part on a blocking Unix socket: the 5-byte message prefix, the
-``grpc-timeout`` header, and the ``grpc-status``/``grpc-message`` trailers. The messages are
+flow control and RST_STREAM) is the ``h2`` library's, the state machine httpx uses; this module
+adds only gRPC's own part on a blocking Unix socket: the 5-byte message prefix, the
+``grpc-timeout`` header, and the ``grpc-status``/``grpc-message`` trailers; and GOAWAY, which it
+reads before h2 sees it (``_Frames``): a leader that stops gracefully sends one, then finishes
+the calls it has taken, but h2 closes the connection at the first GOAWAY and refuses every frame
+after it (python-hyper/h2 #1181, #1199), our reply among them (audit s39race H2). The messages are
 bytes to it: protobuf's, or JSON for a method served with gRPC's JSON codec (``codec``: the
 content-type's ``+json``), as ``schema show`` reads the schema.
 
 Not here: compression (none is offered, so the server sends none), TLS, streaming calls.
 Every other admin command uses grpcio (``leader.cli.base.Leader.admin``). Failures are
 ``RpcFailed`` with a gRPC status code and the server's message, which ``Leader`` turns into
-the same one-line errors as grpcio's.
+the same one-line errors as grpcio's. Each says whether the request had gone out whole
+(``sent``): a call that changes something and fails after that may have been done (audit
+s39race H1).
 """
 
 from __future__ import annotations
@@ -29,7 +34,6 @@ from h2.config import H2Configuration
 from h2.connection import H2Connection
 from h2.errors import ErrorCodes
 from h2.events import (
-    ConnectionTerminated,
     DataReceived,
     ResponseReceived,
     StreamEnded,
@@ -75,6 +79,10 @@ class RpcFailed(TerminalError):
         # an UNAVAILABLE it sends says why (its store's disk is full), one made here is "no
         # leader there".
         self.answered = answered
+        # Whether the request had gone out whole before the call failed (``UnaryChannel.sent``;
+        # set by ``call``): the leader may have acted on it. False for a stream the leader
+        # says it did not take (a GOAWAY below it, REFUSED_STREAM).
+        self.sent = False
 
 
 class ProtocolError(RpcFailed):
@@ -103,6 +111,53 @@ def http_status_code(status: str) -> str:
         "503": "UNAVAILABLE",
         "504": "UNAVAILABLE",
     }.get(status, "UNKNOWN")
+
+
+class NotTaken(RpcFailed):
+    """The leader did not take the call (its GOAWAY's last stream is below ours, or it refused
+    the stream): it did nothing with it, and the call may be tried again on a new connection."""
+
+    def __init__(self, details: str) -> None:
+        super().__init__("UNAVAILABLE", details)
+
+
+GOAWAY = 0x7
+
+
+class _Frames:
+    """The server's bytes as whole HTTP/2 frames, its GOAWAY frames taken out: h2 gets the
+    rest. gRPC's graceful stop (``server.stop(grace)``, the leader's SIGTERM) sends a GOAWAY
+    with the last stream id 2^31-1, a PING, then a GOAWAY with the last stream it took, and
+    finishes those streams; h2 would close at the first and raise at the PING."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+
+    def feed(self, chunk: bytes, max_frame: int) -> tuple[bytes, list[int]]:
+        """What to hand to h2, and each GOAWAY's last stream id. A frame over ``max_frame``
+        (or a peer that is not HTTP/2) goes to h2 as it is, which refuses it."""
+        self._buffer += chunk
+        data = bytearray()
+        goaways: list[int] = []
+        buf = self._buffer
+        at = 0
+        while len(buf) - at >= 9:
+            length, kind = int.from_bytes(buf[at : at + 3]), buf[at + 3]
+            if length > max_frame:
+                data += buf[at:]
+                at = len(buf)
+                break
+            end = at + 9 + length
+            if end > len(buf):
+                break
+            if kind == GOAWAY and length >= 8:
+                (last,) = struct.unpack_from(">I", buf, at + 9)
+                goaways.append(last & 0x7FFFFFFF)
+            else:
+                data += buf[at:end]
+            at = end
+        del buf[:at]
+        return bytes(data), goaways
 
 
 def reset_code(error_code: int | None) -> str:
@@ -136,17 +191,23 @@ class _Reply:
 class UnaryChannel:
     """A connection to a gRPC server on a Unix socket that makes unary calls one after the
     other (``--watch`` asks every half second on the same connection). After any failure the
-    connection is dropped and the next call opens a new one."""
+    connection is dropped and the next call opens a new one; so is one the server has sent a
+    GOAWAY on (it is stopping), once the call under way has its reply."""
 
     def __init__(self, path: str, authority: str = "localhost") -> None:
         self.path = path
         self.authority = authority
         self._sock: socket.socket | None = None
         self._conn: H2Connection | None = None
+        self._frames = _Frames()
         self._gone = False  # the server sent GOAWAY: the next call needs a new connection
         self._deadline = 0.0
         self.headers: dict[str, str] = {}
         """The last call's initial metadata (the leader names its code there)."""
+        self.sent: bool | None = False
+        """Whether the last call's request went out whole, so that the leader may have acted
+        on it: False not (yet), True yes, None while its last bytes were going out (a call
+        interrupted then may have been sent; one that failed then was not)."""
 
     def close(self) -> None:
         if self._sock is not None:
@@ -160,37 +221,66 @@ class UnaryChannel:
     def __exit__(self, *exc: object) -> None:
         self.close()
 
-    def call(self, method: str, request: bytes, timeout: float = 30, codec: str = "proto") -> bytes:
+    def call(
+        self,
+        method: str,
+        request: bytes,
+        timeout: float = 30,
+        codec: str = "proto",
+        *,
+        once: bool = False,
+    ) -> bytes:
         """Call ``method`` (``/package.Service/Method``) with a serialized request; the
-        serialized reply, or ``RpcFailed``. ``codec``: how the messages are serialized (gRPC's
-        content-subtype: ``proto``, or ``json`` for a method served with the JSON codec)."""
+        serialized reply, or ``RpcFailed`` (its ``sent`` says whether the request had gone out
+        whole). ``codec``: how the messages are serialized (gRPC's content-subtype: ``proto``,
+        or ``json`` for a method served with the JSON codec). ``once``: a call that changes
+        something, on a new connection and never sent again; any other is sent once more on
+        a new connection when the kept one turns out closed, or the leader did not take it."""
         self._deadline = time.monotonic() + timeout
         self.headers = {}
-        if self._gone:
+        self.sent = False
+        if self._gone or once:
             self.close()
         reused = self._sock is not None
         try:
             try:
                 return self._call(method, request, timeout, codec)
-            except (RpcFailed, OSError) as exc:
+            except (RpcFailed, OSError, H2Error) as exc:
                 # A kept connection the leader has since closed (it restarted, or ended idle
-                # connections): once more on a new one. Only read-only calls come this way.
-                if not reused or (isinstance(exc, RpcFailed) and exc.code != "UNAVAILABLE"):
+                # connections), or a leader that is stopping: once more on a new one (a
+                # restarted leader's, or none: UNAVAILABLE). Only read-only calls come this way.
+                again = isinstance(exc, NotTaken) or (
+                    (reused or self._gone)
+                    and not isinstance(exc, H2Error)
+                    and (not isinstance(exc, RpcFailed) or exc.code == "UNAVAILABLE")
+                )
+                if once or not again:
                     raise
                 self.close()
+                self.sent = False
                 return self._call(method, request, timeout, codec)
-        except RpcFailed:
+        except RpcFailed as exc:
             self.close()
+            exc.sent = self.sent is True and not isinstance(exc, NotTaken)
             raise
         except TimeoutError:
             self.close()
-            raise RpcFailed("DEADLINE_EXCEEDED", "the leader did not answer in time") from None
+            failed = RpcFailed("DEADLINE_EXCEEDED", "the leader did not answer in time")
+            failed.sent = self.sent is True
+            raise failed from None
         except OSError as exc:
             self.close()
-            raise RpcFailed("UNAVAILABLE", f"{exc.strerror or exc}") from None
+            failed = RpcFailed("UNAVAILABLE", f"{exc.strerror or exc}")
+            failed.sent = self.sent is True
+            raise failed from None
         except H2Error as exc:  # h2 refused what we would send, after what the peer sent
             self.close()
-            raise ProtocolError(str(exc) or type(exc).__name__) from None
+            if self._gone:  # (after a GOAWAY: the leader is stopping)
+                failed = RpcFailed("UNAVAILABLE", "the leader is stopping")
+            else:
+                failed = ProtocolError(str(exc) or type(exc).__name__)
+            failed.sent = self.sent is True
+            raise failed from None
 
     def _connect(self) -> H2Connection:
         if self._sock is None or self._conn is None:
@@ -215,6 +305,7 @@ class UnaryChannel:
                 sock.close()
                 raise
             self._sock, self._conn, self._gone = sock, conn, False
+            self._frames = _Frames()
         return self._conn
 
     def _remaining(self) -> float:
@@ -254,11 +345,23 @@ class UnaryChannel:
                 continue
             conn.send_data(reply.stream, body[:size], end_stream=size == len(body))
             body = body[size:]
+        if not body:
+            self.sent = None  # its last bytes go out now
         self._flush()
+        if not body:
+            self.sent = True
         while not reply.ended:
             self._receive(reply)
         self.headers = reply.headers or {}
-        return self._reply(reply)
+        if not self._gone:
+            return self._reply(reply)
+        self.close()  # the leader is stopping: it waits for its connections to close
+        try:
+            return self._reply(reply)
+        except RpcFailed as exc:
+            if exc.code == "CANCELLED":  # its stop cut the call short (grpc's own status)
+                raise RpcFailed("UNAVAILABLE", "the leader is stopping") from None
+            raise
 
     def _flush(self) -> None:
         assert self._sock is not None and self._conn is not None
@@ -268,17 +371,27 @@ class UnaryChannel:
             self._sock.sendall(out)
 
     def _receive(self, reply: _Reply) -> None:
-        """Read what the server sent next, hand it to h2, and answer (SETTINGS and PING
-        acknowledgements, WINDOW_UPDATEs for the data read)."""
+        """Read what the server sent next, hand it to h2 (but its GOAWAYs: ``_Frames``), and
+        answer (SETTINGS and PING acknowledgements, WINDOW_UPDATEs for the data read)."""
         assert self._sock is not None and self._conn is not None
         conn = self._conn
         self._sock.settimeout(self._remaining())
         chunk = self._sock.recv(65536)
         if not chunk:
-            raise RpcFailed("UNAVAILABLE", "the leader closed the connection")
+            stopping = "the leader is stopping" if self._gone else ""
+            raise RpcFailed("UNAVAILABLE", stopping or "the leader closed the connection")
+        data, goaways = self._frames.feed(chunk, conn.max_inbound_frame_size)
+        for last in goaways:
+            # The leader is stopping: no new call on this connection. Our call goes on if the
+            # leader took it (its last stream id is ours or above), else it never ran.
+            self._gone = True
+            if last < reply.stream and not reply.ended:
+                raise NotTaken("the leader is stopping")
         try:
-            events = conn.receive_data(chunk)
+            events = conn.receive_data(data) if data else []
         except H2Error as exc:
+            if self._gone:
+                raise RpcFailed("UNAVAILABLE", "the leader is stopping") from None
             raise ProtocolError(str(exc) or type(exc).__name__) from None
         for event in events:
             if isinstance(event, DataReceived):
@@ -289,10 +402,6 @@ class UnaryChannel:
                     reply.data += event.data
                     if len(reply.data) > MAX_REPLY:
                         raise ProtocolError(f"reply over {MAX_REPLY} bytes")
-            elif isinstance(event, ConnectionTerminated):
-                self._gone = True
-                if not reply.ended:  # h2 takes no frame after GOAWAY, so the call is lost
-                    raise RpcFailed("UNAVAILABLE", "the leader closed the connection")
             elif getattr(event, "stream_id", None) != reply.stream:
                 continue
             elif isinstance(event, ResponseReceived):
@@ -302,11 +411,21 @@ class UnaryChannel:
             elif isinstance(event, StreamEnded):
                 reply.ended = True
             elif isinstance(event, StreamReset):
+                if event.error_code == ErrorCodes.REFUSED_STREAM:
+                    raise NotTaken("the leader refused the call (it is busy or stopping)")
+                if self._gone:
+                    raise RpcFailed("UNAVAILABLE", "the leader is stopping")
                 raise RpcFailed(
                     reset_code(event.error_code),
                     f"the leader reset the call (HTTP/2 error {int(event.error_code or 0)})",
                 )
-        self._flush()
+        if not reply.ended:
+            self._flush()
+            return
+        try:  # (acknowledgements after the reply: a server that has closed is no failure)
+            self._flush()
+        except OSError:
+            self._gone = True
 
     def _reply(self, reply: _Reply) -> bytes:
         headers = reply.headers or {}
