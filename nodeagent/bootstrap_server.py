@@ -311,14 +311,14 @@ class BootstrapService:
 
     def reload_certificate(self) -> None:
         """Serve the (renewed) certificate and key files to new connections."""
-        check_private_file(self.key_file)
+        check_private_file(self.key_file, shared=True)
         if self._ssl is not None:
             self._ssl.load_cert_chain(self.cert_file, self.key_file)
 
     # --- lifecycle ----------------------------------------------------------------------------
 
     def _tls_context(self) -> ssl.SSLContext:
-        check_private_file(self.key_file)
+        check_private_file(self.key_file, shared=True)
         return server_context(self.cert_file, self.key_file)
 
     def listener(self) -> JsonHttpsListener:
@@ -333,7 +333,8 @@ class BootstrapService:
         return JsonHttpsListener(routes, limits, shutdown_timeout=SHUTDOWN_TIMEOUT)
 
     async def start(self) -> None:
-        """Listen on https://address:port; UnsafePermissions if the key file is not 0600."""
+        """Listen on https://address:port; UnsafePermissions if others may read the key file (the
+        managed server's user may own it, its group read it: ``plans.Sharing``)."""
         if self._listener is not None:
             raise RuntimeError("bootstrap service already started")
         self._ssl = await asyncio.to_thread(self._tls_context)  # reads the key and certificate
