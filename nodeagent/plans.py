@@ -153,7 +153,10 @@ def share_named(driver: Driver, files: Iterable[str | Path | None]) -> None:
     found out by a restart that cannot read them. Anything else is left as it is, and so is
     a file that is gone. Nothing here refuses a switch: a file that cannot be given its access
     is said (``stage.share_failed``) and the switch goes on as it did before (its restart
-    says whether the server can read what its config names)."""
+    says whether the server can read what its config names). A driver whose server runs as
+    the agent (the reference driver) has nothing to catch up with: nothing is touched."""
+    if not driver.own_user:
+        return
     share = sharing(driver)
     root = driver.config_file.parent / STAGES
     for name in files:

@@ -516,7 +516,7 @@ def own_shape(rollout_id: str) -> dict[str, tuple[int, int, int]]:
     }
 
 
-def shared_shape(rollout_id: str, uid: int, gid: int, mode: int) -> dict[str, tuple[int, ...]]:
+def shared_shape(rollout_id: str, uid: int, gid: int, mode: int) -> dict[str, tuple[int, int, int]]:
     return {
         "tlsroll-tls": (0o710, ME[0], gid),
         rollout_id: (0o710, ME[0], gid),
@@ -553,7 +553,7 @@ def test_every_staged_path_gets_the_access_the_config_gives(
     config.chmod(mode)
     driver = ConfigOnly(config, own_user)
     directory = stage_all(driver, "r1")
-    expected = own_shape("r1") if want == "own" else shared_shape("r1", *want)  # type: ignore[misc]
+    expected = own_shape("r1") if isinstance(want, str) else shared_shape("r1", *want)
     assert shape(directory) == expected
     # The agent reads the key it staged (Stage, the bootstrap service) whoever owns it.
     check_private_file(directory / "server.key", shared=True)
