@@ -113,6 +113,11 @@ class Sharing:
     def file_mode(self, path: Path) -> int:
         return self.mode if path.name in SECRET_FILES else self.public_mode
 
+    @property
+    def reader(self) -> tuple[int, int] | None:
+        """Whom the key is shared with (``check_private_file``'s ``shared``), None if no one."""
+        return None if self.group is None else self.owner
+
 
 def sharing(driver: Driver) -> Sharing:
     """The access the live config gives (blocking: its stat), as ``Sharing`` says."""

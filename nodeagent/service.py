@@ -653,8 +653,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 raise invalid("the CA is not this cluster's CA (pin mismatch)")
             if not pki.issued_by(cert, ca):
                 raise invalid("the certificate was not issued by the cluster CA")
-            # (the managed server's user may own it, its group read it: ``plans.Sharing``)
-            key = await asyncio.to_thread(pki.read_key, staged.key_file, shared=True)
+            key = await asyncio.to_thread(self._staged_key, staged.key_file)
             if not pki.key_matches(cert, key):
                 raise invalid("the certificate does not match the staged key")
             if pki.names_of(cert) != self.cfg.names:
@@ -666,6 +665,16 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         return agent_pb2.StageResponse(
             fingerprint=fingerprint, not_after=timestamp(cert.not_valid_after_utc)
         )
+
+    def _staged_key(self, key_file: Path) -> pki.PrivateKey:
+        """The key CreateCSR staged (blocking), given the access the live config gives now
+        first (``plans.share_named``: the config may have changed since), then read as the
+        managed server's user may share it (``plans.Sharing.reader``)."""
+        from tlsroll import pki  # noqa: PLC0415 - certificate work (see ``Identity``)
+
+        driver = self._driver()
+        plans.share_named(driver, [key_file])
+        return pki.read_key(key_file, shared=plans.sharing(driver).reader)
 
     def _store_cert(
         self,

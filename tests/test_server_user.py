@@ -555,8 +555,39 @@ def test_every_staged_path_gets_the_access_the_config_gives(
     directory = stage_all(driver, "r1")
     expected = own_shape("r1") if isinstance(want, str) else shared_shape("r1", *want)
     assert shape(directory) == expected
-    # The agent reads the key it staged (Stage, the bootstrap service) whoever owns it.
-    check_private_file(directory / "server.key", shared=True)
+    # The agent reads the key it staged (Stage, the bootstrap service) as the config shares it.
+    check_private_file(directory / "server.key", shared=plans.sharing(driver).reader)  # type: ignore[arg-type]
+
+
+@needs_root
+def test_the_agent_takes_a_staged_key_only_as_the_config_shares_it(tmp_path: Path) -> None:
+    """``check_private_file(shared=(uid, gid))`` (Stage reading the key CreateCSR made, the
+    bootstrap service serving the live key): the key may be the server's user's and readable
+    by the config's group, nothing more; with no one to share with (the agent's own config)
+    the rule is as before: ours alone."""
+    key = tmp_path / "server.key"
+    key.write_bytes(b"k")
+    other = SERVER_GID - 1
+    cases = [
+        (None, (0, 0), 0o600, None),
+        (None, (0, N), 0o640, "accessible by others"),  # not shared: as before
+        (None, (N, N), 0o600, "owned by"),
+        ((0, N), (0, N), 0o640, None),  # root:nogroup 0640
+        ((0, N), (0, other), 0o640, "accessible by others"),  # another group may not read
+        ((0, N), (0, N), 0o660, "accessible by others"),  # nor write
+        ((0, N), (0, N), 0o644, "accessible by others"),
+        ((N, N), (N, N), 0o600, None),  # nobody:nogroup 0600
+        ((N, N), (N, N), 0o640, None),
+        ((N, N), (other, N), 0o600, "owned by"),  # another user's
+    ]
+    for shared, owner, mode, refused in cases:
+        os.chown(key, *owner)
+        key.chmod(mode)
+        if refused is None:
+            check_private_file(key, shared=shared)
+        else:
+            with pytest.raises(UnsafePermissions, match=refused):
+                check_private_file(key, shared=shared)
 
 
 @needs_root

@@ -251,25 +251,29 @@ def _check_holder(directory: Path, held: str, owner_hint: str) -> None:
         )
 
 
-def check_private_file(path: Path, *, shared: bool = False, root_shares: bool = False) -> None:
+def check_private_file(
+    path: Path, *, shared: tuple[int, int] | None = None, root_shares: bool = False
+) -> None:
     """Refuse a secret file that is not ours, that group or others can read or write, or that
     others could replace: its directory must be ours or root's and writable by nobody else
     (as OpenSSH does for its keys).
 
-    ``shared`` (the agent reading a key it staged for the managed server, ``nodeagent.plans``:
-    it gives the key the live config's owner and group): the file may be another user's and
-    its group may read it; others still nothing, nobody but its owner may write it, and its
-    directory is checked as always (only we or root can have put it there). ``root_shares``
-    (a server reading its own key, as PostgreSQL does, not running as root): a file of root's
-    may also be readable by its group (root keeps the server's key and lets the server's group
+    ``shared`` (uid, gid): the agent reading a key it staged for a managed server running as
+    its own user (``nodeagent.plans.Sharing``: the key has the live config's owner and
+    group): the file may also be that user's, and readable by that group; still nothing for
+    others, writable by its owner alone, its directory checked as always. ``root_shares`` (a
+    server reading its own key, as PostgreSQL does, not running as root): a file of root's may
+    also be readable by its group (root keeps the server's key and lets the server's group
     read it); a file of ours must still be ours alone."""
     path = Path(path)
     st = os.stat(path)
+    me = os.geteuid()
     # root's key, group-readable, for a server of its own user (root itself: as before)
-    roots = root_shares and st.st_uid == 0 and os.geteuid() != 0
-    if not (shared or roots):
+    roots = root_shares and st.st_uid == 0 and me != 0
+    if not roots and not (shared is not None and st.st_uid == shared[0]):
         _check_owner(path, st, "secret file")
-    if st.st_mode & (0o037 if shared or roots else 0o077):
+    group_reads = roots or (shared is not None and st.st_gid == shared[1])
+    if st.st_mode & (0o037 if group_reads else 0o077):
         raise UnsafePermissions(
             f"{path} is accessible by others (mode {stat.S_IMODE(st.st_mode):04o}); "
             f"run: chmod 600 {path}"
