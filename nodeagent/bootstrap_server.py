@@ -256,6 +256,7 @@ class BootstrapService:
         guard: Guard | None = None,
         failures: FailureLog | None = None,
         counted: Callable[[dt.datetime], Awaitable[None]] | None = None,
+        key_shared_with: tuple[int, int] | None = None,
     ) -> None:
         if not server_url.startswith("https://") or not server_url.endswith("/"):
             raise ValueError(f"server_url must be https://HOST:PORT/APP/, got {server_url!r}")
@@ -263,6 +264,9 @@ class BootstrapService:
         self.port = port
         self.cert_file = Path(cert_file)
         self.key_file = Path(key_file)
+        # The managed server's user (uid, gid) the key may belong to and its group be read by
+        # (``nodeagent.plans.Sharing``); None: the agent's alone.
+        self.key_shared_with = key_shared_with
         self.server_url = server_url
         self.node_name = node_name
         self.sign = sign
@@ -311,14 +315,14 @@ class BootstrapService:
 
     def reload_certificate(self) -> None:
         """Serve the (renewed) certificate and key files to new connections."""
-        check_private_file(self.key_file)
+        check_private_file(self.key_file, shared=self.key_shared_with)
         if self._ssl is not None:
             self._ssl.load_cert_chain(self.cert_file, self.key_file)
 
     # --- lifecycle ----------------------------------------------------------------------------
 
     def _tls_context(self) -> ssl.SSLContext:
-        check_private_file(self.key_file)
+        check_private_file(self.key_file, shared=self.key_shared_with)
         return server_context(self.cert_file, self.key_file)
 
     def listener(self) -> JsonHttpsListener:
@@ -333,7 +337,8 @@ class BootstrapService:
         return JsonHttpsListener(routes, limits, shutdown_timeout=SHUTDOWN_TIMEOUT)
 
     async def start(self) -> None:
-        """Listen on https://address:port; UnsafePermissions if the key file is not 0600."""
+        """Listen on https://address:port; UnsafePermissions if others may read the key file (the
+        managed server's user may own it, its group read it: ``plans.Sharing``)."""
         if self._listener is not None:
             raise RuntimeError("bootstrap service already started")
         self._ssl = await asyncio.to_thread(self._tls_context)  # reads the key and certificate

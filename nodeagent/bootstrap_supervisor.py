@@ -23,6 +23,7 @@ import asyncio
 import datetime as dt
 import time
 import urllib.parse
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING
@@ -68,10 +69,19 @@ def guard_times(earlier: list[float], wall: float, mono: float) -> list[float]:
 
 
 class BootstrapHost:
-    def __init__(self, cfg: AgentConfig, identity: Identity, journal: Journal) -> None:
+    def __init__(
+        self,
+        cfg: AgentConfig,
+        identity: Identity,
+        journal: Journal,
+        key_reader: Callable[[], tuple[int, int] | None] | None = None,
+    ) -> None:
         self.cfg = cfg
         self.identity = identity
         self.journal = journal
+        # (blocking) whom the server's key is shared with (the managed server's user, uid and
+        # gid, ``nodeagent.plans.Sharing.reader``), None if no one: the service reads it too.
+        self.key_reader = key_reader
         self.service: BootstrapService | None = None
         self.current: dict[str, str] | None = None
         self.guard: Guard | None = None  # made with the first service (see sync)
@@ -152,6 +162,8 @@ class BootstrapHost:
                 # made in a worker thread (the service below finds it made), not on the event
                 # loop, where it held back the leader's calls as the switch completed.
                 await asyncio.to_thread(NodeSecret, verifier)
+                reader = self.key_reader
+                shared = await asyncio.to_thread(reader) if reader is not None else None
                 service = BootstrapService(
                     address=urllib.parse.urlsplit(live["server_url"]).hostname or "",
                     cert_file=Path(live["cert_file"]),
@@ -165,6 +177,7 @@ class BootstrapHost:
                     guard=self.guard,
                     failures=self.failures,
                     counted=self._counted,
+                    key_shared_with=shared,
                 )
                 await service.start()
             except (OSError, ValueError, TlsrollError) as exc:

@@ -120,6 +120,11 @@ class Driver(abc.ABC):
     # there give the same facts and the same render): a switch made when its node was staged
     # is still right at the switch if the file still holds those bytes.
     config_decides = False
+    # True if the server may run as a user of its own, who reads its config as the config's
+    # owner or group (systemd's ``User=``): the files a switch names get the config's owner,
+    # group and mode (``plans.Sharing``). The reference driver starts its server as the
+    # agent's user: its files stay the agent's.
+    own_user = True
 
     @abc.abstractmethod
     def facts(self) -> ServerFacts:
@@ -631,6 +636,7 @@ class ReferenceDriver(_AdminSocketFreeze, Driver):
 
     name = "reference"
     config_decides = True
+    own_user = False  # the server runs as the agent does (``_spawn``)
 
     def __init__(self, config_file: Path, log_file: Path) -> None:
         self.config_file = config_file

@@ -23,6 +23,7 @@ import re
 import shutil
 import stat
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, NamedTuple, ParamSpec
 
@@ -31,8 +32,8 @@ from nodeagent.journal import Journal, Staged, Txn
 from nodeagent.transaction import Plan
 from tlsroll import logs, password
 from tlsroll.enums import Change, TxnKind, TxnOutcome
-from tlsroll.errors import PKIError, TerminalError, os_error_text
-from tlsroll.fsutil import PRIVATE, make_private_dir, write_atomic
+from tlsroll.errors import PKIError, TerminalError, UnsafePermissions, os_error_text
+from tlsroll.fsutil import PRIVATE, PUBLIC, give_file, make_private_dir, user_label, write_atomic
 
 log = logs.get_logger(__name__)
 
@@ -80,6 +81,130 @@ class Built(NamedTuple):
 def stage_dir(driver: Driver, rollout_id: str) -> Path:
     """Staged files live beside the live config, inactive until a switch names them."""
     return driver.config_file.parent / STAGES / rollout_id
+
+
+# --- who may read what a switch names ----------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Sharing:
+    """What the files a switch names (the key, certificate and CA, the verifier file) and the
+    directories on the way (``tlsroll-tls``, the rollout's) are given: the access the live
+    config gives, for the managed server reads both after its restart. A server running as a
+    user of its own (systemd's ``User=praxis``) reads a config ``root:praxis 0640`` by its
+    group, ``praxis:praxis 0600`` as its owner: the files get the config's owner and group,
+    and its group's read bit (never more than 0640: nothing for others, whatever the config
+    allows them); the directories stay the agent's, with the config's group, 0710 (the group
+    passes through, never lists nor writes). ``own``: a config of the agent's user and group
+    (root:root 0600, the common case), or a driver whose server runs as the agent (the
+    reference driver): everything as before, the agent's, key 0600, certificates 0644,
+    directories 0700."""
+
+    owner: tuple[int, int]  # the files' (uid, gid)
+    mode: int  # the key's and the verifier file's: 0600, or 0640 if the config's group reads
+    public_mode: int  # the certificate's and CA's: 0644 for the agent's own, else ``mode``
+    group: int | None  # the directories' group (None: as made)
+    dir_mode: int  # 0700, or 0710
+
+    @classmethod
+    def own(cls) -> Sharing:
+        return cls((os.geteuid(), os.getegid()), PRIVATE, PUBLIC, None, 0o700)
+
+    def file_mode(self, path: Path) -> int:
+        return self.mode if path.name in SECRET_FILES else self.public_mode
+
+    @property
+    def reader(self) -> tuple[int, int] | None:
+        """Whom the key is shared with (``check_private_file``'s ``shared``), None if no one."""
+        return None if self.group is None else self.owner
+
+
+def sharing(driver: Driver) -> Sharing:
+    """The access the live config gives (blocking: its stat), as ``Sharing`` says."""
+    if not driver.own_user:
+        return Sharing.own()
+    try:
+        st = os.stat(driver.config_file)
+    except FileNotFoundError:
+        return Sharing.own()
+    if (st.st_uid, st.st_gid) == (os.geteuid(), os.getegid()):
+        return Sharing.own()
+    mode = PRIVATE | (st.st_mode & 0o040)
+    return Sharing((st.st_uid, st.st_gid), mode, mode, st.st_gid, 0o710)
+
+
+def make_stage_dir(driver: Driver, rollout_id: str, share: Sharing) -> Path:
+    """The rollout's stage directory (and ``tlsroll-tls``), made or taken over with ``share``'s
+    group and mode (``make_private_dir``, strict: never through a link, refused if another
+    user could swap it)."""
+    directory = stage_dir(driver, rollout_id)
+    make_private_dir(directory, share.dir_mode, strict=True, group=share.group)
+    return directory
+
+
+def write_staged(path: Path, data: bytes, share: Sharing) -> None:
+    """A file of a stage directory written (``write_atomic``) with ``share``'s owner and mode;
+    an owner that could not be set is said (the file stays the agent's alone)."""
+    write_atomic(path, data, share.file_mode(path), share.owner)
+    _said_unkept(path, share)
+
+
+def share_named(driver: Driver, files: Iterable[str | Path | None]) -> None:
+    """(Blocking.) The files a new config names that lie in a stage directory of the agent's
+    (a name ``STAGE_FILES`` holds, in ``tlsroll-tls/<rollout id>`` beside the live config)
+    given the access the live config gives now (``sharing``), with their directories: a
+    config whose owner, group or mode changed since the files were staged (or files an
+    earlier release staged as the agent's alone) is caught up with at the switch's plan, not
+    found out by a restart that cannot read them. Anything else is left as it is, and so is
+    a file that is gone. Nothing here refuses a switch: a file that cannot be given its access
+    is said (``stage.share_failed``) and the switch goes on as it did before (its restart
+    says whether the server can read what its config names). A driver whose server runs as
+    the agent (the reference driver) has nothing to catch up with: nothing is touched."""
+    if not driver.own_user:
+        return
+    share = sharing(driver)
+    root = driver.config_file.parent / STAGES
+    for name in files:
+        if not name:
+            continue
+        path = Path(name)
+        directory = path.parent
+        if (
+            directory.parent != root
+            or not ROLLOUT_ID.fullmatch(directory.name)
+            or path.name not in STAGE_FILES
+            or not os.path.lexists(path)
+        ):
+            continue
+        try:
+            make_private_dir(directory, share.dir_mode, strict=True, group=share.group)
+            give_file(path, share.file_mode(path), share.owner)
+        except (OSError, UnsafePermissions) as exc:
+            error = os_error_text(exc) if isinstance(exc, OSError) else str(exc)
+            log.warning("stage.share_failed", file=str(path), error=error)
+            continue
+        _said_unkept(path, share)
+
+
+def _files_of(live: dict[str, str] | None) -> list[str]:
+    """The files live settings (``Journal.live_tls``, a plan's) name."""
+    keys = ("cert_file", "key_file", "ca_file", "verifier_file")
+    return [live[k] for k in keys if live and live.get(k)]
+
+
+def _said_unkept(path: Path, share: Sharing) -> None:
+    """``stage.owner_not_kept`` if ``path`` did not get ``share``'s owner (no CAP_CHOWN: the
+    agent's unit of an earlier release), as ``Driver.stage_config`` says it of the config."""
+    st = os.stat(path)
+    if (st.st_uid, st.st_gid) != share.owner:
+        log.warning(
+            "stage.owner_not_kept",
+            file=str(path),
+            owner=f"{user_label(share.owner[0])}, gid {share.owner[1]}",
+            written_as=f"{st.st_uid}:{st.st_gid}",
+            detail="the agent may not chown (CAP_CHOWN): the file is its own, and the "
+            "managed server's user may not read it",
+        )
 
 
 def remove_stages(over: Iterable[Staged], why: str = "a later rollout staged") -> None:
@@ -137,6 +262,7 @@ def sweep_stage_dirs(journal: Journal, driver: Driver) -> None:
 # certificate and CA (Stage), the password's verifier file; and ``write_atomic``'s temporary
 # files of these (``.NAME.tmp-PID``), left by an agent stopped in the middle of a write.
 STAGE_FILES = frozenset({"server.key", "server.pem", "ca.pem", "auth-verifier.json"})
+SECRET_FILES = frozenset({"server.key", "auth-verifier.json"})  # never more than the config
 _STAGE_TEMP = re.compile(r"\.(server\.key|server\.pem|ca\.pem|auth-verifier\.json)\.tmp-[0-9]+")
 
 
@@ -249,13 +375,14 @@ def drop_unjournalled_verifier(journal: Journal, driver: Driver, rollout_id: str
 
 
 def write_verifier(driver: Driver, rollout_id: str, verifier: dict[str, Any] | None) -> Path | None:
-    """The verifier file beside the live config (0600: it can fake bootstrap answers)."""
+    """The verifier file beside the live config (0600, or as the config if the managed server
+    runs as its own user: ``Sharing``; never readable by others: it can fake bootstrap
+    answers)."""
     if verifier is None:
         return None
-    directory = stage_dir(driver, rollout_id)
-    make_private_dir(directory, strict=True)
-    path = directory / "auth-verifier.json"
-    write_atomic(path, password.verifier_to_json(verifier).encode(), PRIVATE)
+    share = sharing(driver)
+    path = make_stage_dir(driver, rollout_id, share) / "auth-verifier.json"
+    write_staged(path, password.verifier_to_json(verifier).encode(), share)
     return path
 
 
@@ -277,6 +404,7 @@ def switch_plan(
     if staged is None or staged.cert_file is None or staged.ca_file is None:
         raise PlanRefused(f"nothing staged for rollout {rollout_id}; run Stage")
     verifier_file = write_verifier(driver, rollout_id, verifier)
+    share_named(driver, (staged.cert_file, staged.key_file, staged.ca_file))
     facts = driver.facts()
     target = DUAL if keep_http else ("https",)
     new_config = driver.render(
@@ -345,6 +473,7 @@ def finalize_plan(
     except PKIError as exc:
         raise PrepareFailed(f"cannot read the live certificate {cert_file}: {exc}") from None
     verifier_file = Path(live["verifier_file"]) if live.get("verifier_file") else None
+    share_named(driver, _files_of(live))
     new_config = driver.render(
         Target(("https",), cert_file, Path(live["key_file"]), Path(live["ca_file"]), verifier_file)
     )
@@ -386,6 +515,7 @@ def rotate_plan(
     if staged is None or staged.cert_file is None or staged.ca_file is None:
         raise PlanRefused(f"nothing staged for rollout {rollout_id}; run Stage")
     verifier_file = Path(live["verifier_file"]) if live.get("verifier_file") else None
+    share_named(driver, (staged.cert_file, staged.key_file, staged.ca_file, verifier_file))
     new_config = driver.render(
         Target(facts.schemes, staged.cert_file, staged.key_file, staged.ca_file, verifier_file)
     )
@@ -428,6 +558,7 @@ def password_plan(
     if live is None or "https" not in facts.schemes:
         raise PlanRefused("the server is not on https here; run enable-tls first")
     verifier_file = write_verifier(driver, rollout_id, verifier)
+    share_named(driver, _files_of({**live, "verifier_file": ""}))
     # The live certificate files go into the new config too: a template driver renders the
     # whole config from them (the reference driver keeps what its file already says).
     new_config = driver.render(
@@ -487,6 +618,7 @@ def rollback_plan(
     switch = switch_to_undo(journal, undoes if undoes is not None else rollout_id)
     done = Plan.from_json(switch.plan)
     old_config = source_of(switch)
+    share_named(driver, _files_of(done.live_before))  # what the config going back names
     new_file, backup = prepare(txn_dir, rollout_id, TxnKind.ROLLBACK)
     facts = driver.facts()
     plan = Plan(

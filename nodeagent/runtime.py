@@ -143,7 +143,8 @@ async def serve(cfg: AgentConfig, *, reinitialise: bool = False) -> None:
         # Then stage directories nothing can use any more: they hold private keys.
         await dbthread.run(plans.sweep_stage_dirs, journal, driver)
     identity = await obtain_identity(cfg)
-    bootstrap = BootstrapHost(cfg, identity, journal)
+    key_reader = (lambda: plans.sharing(driver).reader) if driver is not None else None
+    bootstrap = BootstrapHost(cfg, identity, journal, key_reader)
     if runner is not None:
         runner.on_complete = bootstrap.sync
         runner.on_switch = bootstrap.warm

@@ -53,7 +53,6 @@ from tlsroll.clients import ClientsView
 from tlsroll.defaults import MAX_FREEZE_LEASE
 from tlsroll.enums import Change, TxnKind
 from tlsroll.errors import PKIError, PKIReason
-from tlsroll.fsutil import PUBLIC, make_private_dir, write_atomic
 from tlsroll.rpc import (
     RpcStatusError,
     error_status,
@@ -628,11 +627,10 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         rollouts whose stages that ended, their directories removed (blocking)."""
         from tlsroll import pki  # noqa: PLC0415 - certificate work (see ``Identity``)
 
-        stage_dir = plans.stage_dir(driver, rollout_id)
-        make_private_dir(stage_dir, strict=True)
+        share = plans.sharing(driver)
         key = pki.generate_key()
-        key_file = stage_dir / "server.key"
-        pki.write_key(key_file, key)
+        key_file = plans.make_stage_dir(driver, rollout_id, share) / "server.key"
+        plans.write_staged(key_file, pki.key_to_pem(key), share)
         csr_pem = pki.csr_to_pem(pki.make_csr(key, self.cfg.names))
         over = self.journal.record_csr(rollout_id, key_file, csr_pem)
         plans.remove_stages(over)
@@ -659,7 +657,7 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 raise invalid("the CA is not this cluster's CA (pin mismatch)")
             if not pki.issued_by(cert, ca):
                 raise invalid("the certificate was not issued by the cluster CA")
-            key = await asyncio.to_thread(pki.read_key, staged.key_file)
+            key = await asyncio.to_thread(self._staged_key, staged.key_file)
             if not pki.key_matches(cert, key):
                 raise invalid("the certificate does not match the staged key")
             if pki.names_of(cert) != self.cfg.names:
@@ -671,6 +669,16 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         return agent_pb2.StageResponse(
             fingerprint=fingerprint, not_after=timestamp(cert.not_valid_after_utc)
         )
+
+    def _staged_key(self, key_file: Path) -> pki.PrivateKey:
+        """The key CreateCSR staged (blocking), given the access the live config gives now
+        first (``plans.share_named``: the config may have changed since), then read as the
+        managed server's user may share it (``plans.Sharing.reader``)."""
+        from tlsroll import pki  # noqa: PLC0415 - certificate work (see ``Identity``)
+
+        driver = self._driver()
+        plans.share_named(driver, [key_file])
+        return pki.read_key(key_file, shared=plans.sharing(driver).reader)
 
     def _store_cert(
         self,
@@ -699,9 +707,10 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             raise PKIError(
                 PKIReason.BAD_PEM, f"the TLS library refuses the CA certificate: {exc}"
             ) from None
-        write_atomic(ca_file, ca_pem, PUBLIC)
+        share = plans.sharing(self._driver())  # the managed server reads them as its config
+        plans.write_staged(ca_file, ca_pem, share)
         chain = b"".join(pki.cert_to_pem(c) for c in (cert, *intermediates))
-        write_atomic(cert_file, chain, PUBLIC)
+        plans.write_staged(cert_file, chain, share)
         fingerprint = pki.fingerprint(cert)
         self.journal.record_stage(
             staged.rollout_id, cert_file, ca_file, fingerprint, cert.not_valid_after_utc
@@ -713,7 +722,8 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
     ) -> agent_pb2.StageResponse:
         """``--cert-dir``: the practice's certificate and key, made off the node. Checked here
         again (key matches, chain to the CA sent, SAN covers this node's names, valid now)
-        before anything is written; the key is written 0600 and never logged. A replay (the
+        before anything is written; the key is written 0600 (or as the config: ``plans.Sharing``)
+        and never logged. A replay (the
         answer was lost) writes the same files again."""
         from tlsroll import pki  # noqa: PLC0415 - certificate work (see ``Identity``)
 
@@ -785,15 +795,14 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
     def _own_key(
         self, driver: Driver, rollout_id: str, key: pki.PrivateKey
     ) -> tuple[Staged, set[str]]:
-        """Write the practice's key where CreateCSR would have made one (0600), journalled
+        """Write the practice's key where CreateCSR would have made one (as CreateCSR's), journalled
         with no CSR, and the rollouts whose stages that ended, their directories removed
         (blocking)."""
         from tlsroll import pki  # noqa: PLC0415 - certificate work (see ``Identity``)
 
-        stage_dir = plans.stage_dir(driver, rollout_id)
-        make_private_dir(stage_dir, strict=True)
-        key_file = stage_dir / "server.key"
-        pki.write_key(key_file, key)
+        share = plans.sharing(driver)
+        key_file = plans.make_stage_dir(driver, rollout_id, share) / "server.key"
+        plans.write_staged(key_file, pki.key_to_pem(key), share)
         over: list[Staged] = []
         if self.journal.staged(rollout_id) is None:
             over = self.journal.record_csr(rollout_id, key_file, b"")

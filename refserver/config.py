@@ -7,7 +7,8 @@
     http_port = 8080                # default 8080
     https_port = 8443               # default 8443
     cert_file = "cert.pem"          # required when "https" is listened on
-    key_file = "key.pem"            # ditto; refused if group/other may read it
+    key_file = "key.pem"            # ditto; refused if group/other may read it (but a server
+                                    # not running as root takes root's key, 0640 at most)
     client_ca_file = "ca.pem"       # optional: verify client certificates against this CA
     require_client_cert = false     # true needs client_ca_file
     data_dir = "data"               # entries.sqlite3 (also the freeze), refserver.pid (required)
@@ -201,8 +202,11 @@ def _readable(s: Section, key: str, path: Path) -> None:
 
 
 def _private(s: Section, key: str, path: Path) -> None:
+    """Ours alone; or, for a server running as its own user, root's and readable by its group
+    at most (as PostgreSQL allows: the agent, root, gives a switch's key the owner and group
+    of a config ``root:GROUP 0640``)."""
     try:
-        check_private_file(path)
+        check_private_file(path, root_shares=True)
     except UnsafePermissions as exc:
         raise s.error(key, str(exc)) from None
 

@@ -19,14 +19,21 @@ PUBLIC = 0o644
 _STAGINGS = itertools.count(1)  # ``stage_atomic``'s default names
 
 
-def write_atomic(path: Path, data: bytes, mode: int = PUBLIC) -> None:
+def write_atomic(
+    path: Path, data: bytes, mode: int = PUBLIC, owner: tuple[int, int] | None = None
+) -> None:
     """Replace ``path`` with ``data`` so that a crash leaves either the old or the new file.
 
     The temporary file is created with ``mode`` from the start, so a private file is never
-    readable by others, not even for an instant.
+    readable by others, not even for an instant. ``owner``: the (uid, gid) the file is given
+    before its first byte (a file a server running as its own user reads: created ours with
+    ``mode``'s owner bits only, then chowned, then given ``mode``); where it cannot be set
+    (no CAP_CHOWN) the file stays ours with ``mode``'s owner bits only: its group and others
+    get nothing, so never a group other than the one meant.
     """
     path = Path(path)
-    replace_staged(stage_atomic(path, data, mode, f".{path.name}.tmp-{os.getpid()}"), path)
+    name = f".{path.name}.tmp-{os.getpid()}"
+    replace_staged(stage_atomic(path, data, mode, name, owner, owner_first=True), path)
 
 
 def stage_atomic(
@@ -35,6 +42,8 @@ def stage_atomic(
     mode: int = PUBLIC,
     name: str = "",
     owner: tuple[int, int] | None = None,
+    *,
+    owner_first: bool = False,
 ) -> Path:
     """The first half of ``write_atomic``: ``data`` in a temporary file beside ``path`` (created
     with ``mode``), written and fsynced, ``path`` untouched; ``replace_staged`` is the second
@@ -44,16 +53,22 @@ def stage_atomic(
     stagings never share a file, so removing one that was not committed never removes the
     next). ``owner``: the file's (uid, gid), as the file it replaces has them (a config the
     server's own user reads, 0640 say); set if the new file did not get them anyway, where
-    that is allowed (CAP_CHOWN; else it stays ours: the caller may look)."""
+    that is allowed (CAP_CHOWN; else it stays ours: the caller may look). ``owner_first``
+    (``write_atomic``'s): group and others get ``mode``'s access only once ``owner`` is set;
+    a file whose owner could not be set keeps ``mode``'s owner bits only."""
     path = Path(path)
     tmp = path.with_name(name or f".{path.name}.staged-{os.getpid()}-{next(_STAGINGS)}")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, mode)
+    first = mode & 0o700 if owner_first and owner is not None else mode
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, first)
     try:
         if owner is not None:  # before the chmod: a chown may clear set-id bits
             st = os.fstat(fd)
             if (st.st_uid, st.st_gid) != owner:
                 with contextlib.suppress(PermissionError):
                     os.fchown(fd, *owner)
+                st = os.fstat(fd)
+                if owner_first and (st.st_uid, st.st_gid) != owner:
+                    mode = first
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb", closefd=False) as f:
             f.write(data)
@@ -90,7 +105,9 @@ def fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def make_private_dir(path: Path, mode: int = 0o700, *, strict: bool = False) -> Path:
+def make_private_dir(
+    path: Path, mode: int = 0o700, *, strict: bool = False, group: int | None = None
+) -> Path:
     """Create ``path`` (and its parents) or take it over: ours, with ``mode``. A directory
     another user owns is refused: whoever owns it can swap what we put there.
 
@@ -98,7 +115,13 @@ def make_private_dir(path: Path, mode: int = 0o700, *, strict: bool = False) -> 
     stage directories in ``tlsroll-tls``): a symbolic link is refused, never followed (the
     mode is set on the directory opened with ``O_NOFOLLOW``, so a link swapped in cannot
     make us chmod its target), and so is a parent that anyone but us or root can write
-    (they could swap the directory after the check); its parent is made 0700 if missing."""
+    (they could swap the directory after the check); its parent is made 0700 if missing.
+
+    ``group`` (strict only: a directory a server running as its own user must pass through,
+    ``mode`` 0710 say): the directory and its parent get that group, and the parent the same
+    mode (taken over as the directory is: ours, never through a link); where the group cannot
+    be set (no CAP_CHOWN) a directory keeps ``mode``'s owner bits only, so that never a group
+    other than the one meant passes."""
     path = Path(path)
     if not strict:
         path.mkdir(parents=True, exist_ok=True, mode=mode)
@@ -112,8 +135,18 @@ def make_private_dir(path: Path, mode: int = 0o700, *, strict: bool = False) -> 
         f"the secret directory {path.name}",
         f"run: chown {_user_name(os.geteuid())} {parent}",
     )
+    if group is not None and os.stat(parent).st_uid == os.geteuid():  # root's: left as it is
+        _take_over(parent, mode, group)
     with contextlib.suppress(FileExistsError):
-        path.mkdir(mode=mode)
+        path.mkdir(mode=mode & 0o700)
+    _take_over(path, mode, group)
+    return path
+
+
+def _take_over(path: Path, mode: int, group: int | None) -> None:
+    """``path``, a directory of ours (opened with ``O_NOFOLLOW``: a link is refused, never
+    followed), given ``group`` (if not None) and ``mode`` (its owner bits only where the
+    group could not be set)."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
     except OSError as exc:
@@ -124,7 +157,13 @@ def make_private_dir(path: Path, mode: int = 0o700, *, strict: bool = False) -> 
             f"directory of its own: run: rm {path}"
         ) from None
     try:
-        _check_owner(path, os.fstat(fd), "directory")
+        st = os.fstat(fd)
+        _check_owner(path, st, "directory")
+        if group is not None and st.st_gid != group:
+            with contextlib.suppress(PermissionError):
+                os.fchown(fd, -1, group)
+            if os.fstat(fd).st_gid != group:
+                mode &= 0o700
         os.fchmod(fd, mode)
     except OSError as exc:
         if exc.filename is None:  # a descriptor's error names no file: say which (os.chmod did)
@@ -132,7 +171,44 @@ def make_private_dir(path: Path, mode: int = 0o700, *, strict: bool = False) -> 
         raise
     finally:
         os.close(fd)
-    return path
+
+
+def give_file(path: Path, mode: int, owner: tuple[int, int]) -> None:
+    """An existing regular file given ``owner`` (uid, gid) and ``mode``, as ``write_atomic``
+    would have made it (its owner bits only where the owner cannot be set), through a
+    descriptor opened with ``O_NOFOLLOW`` (a link is refused, never followed); fsynced."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        if exc.errno != errno.ELOOP:
+            raise
+        raise UnsafePermissions(f"{path} is a symbolic link; run: rm {path}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnsafePermissions(f"{path} is not a regular file; run: rm {path}")
+        before = st
+        if (st.st_uid, st.st_gid) != owner:
+            with contextlib.suppress(PermissionError):
+                os.fchown(fd, *owner)
+            st = os.fstat(fd)
+            if (st.st_uid, st.st_gid) != owner:
+                mode &= 0o700
+        if stat.S_IMODE(st.st_mode) != mode:
+            os.fchmod(fd, mode)
+        after = os.fstat(fd)
+        if (after.st_mode, after.st_uid, after.st_gid) != (
+            before.st_mode,
+            before.st_uid,
+            before.st_gid,
+        ):
+            os.fsync(fd)  # the change kept before the restart that needs it
+    except OSError as exc:
+        if exc.filename is None:
+            exc.filename = str(path)
+        raise
+    finally:
+        os.close(fd)
 
 
 def user_label(uid: int) -> str:
@@ -175,14 +251,29 @@ def _check_holder(directory: Path, held: str, owner_hint: str) -> None:
         )
 
 
-def check_private_file(path: Path) -> None:
+def check_private_file(
+    path: Path, *, shared: tuple[int, int] | None = None, root_shares: bool = False
+) -> None:
     """Refuse a secret file that is not ours, that group or others can read or write, or that
     others could replace: its directory must be ours or root's and writable by nobody else
-    (as OpenSSH does for its keys)."""
+    (as OpenSSH does for its keys).
+
+    ``shared`` (uid, gid): the agent reading a key it staged for a managed server running as
+    its own user (``nodeagent.plans.Sharing``: the key has the live config's owner and
+    group): the file may also be that user's, and readable by that group; still nothing for
+    others, writable by its owner alone, its directory checked as always. ``root_shares`` (a
+    server reading its own key, as PostgreSQL does, not running as root): a file of root's may
+    also be readable by its group (root keeps the server's key and lets the server's group
+    read it); a file of ours must still be ours alone."""
     path = Path(path)
     st = os.stat(path)
-    _check_owner(path, st, "secret file")
-    if st.st_mode & 0o077:
+    me = os.geteuid()
+    # root's key, group-readable, for a server of its own user (root itself: as before)
+    roots = root_shares and st.st_uid == 0 and me != 0
+    if not roots and not (shared is not None and st.st_uid == shared[0]):
+        _check_owner(path, st, "secret file")
+    group_reads = roots or (shared is not None and st.st_gid == shared[1])
+    if st.st_mode & (0o037 if group_reads else 0o077):
         raise UnsafePermissions(
             f"{path} is accessible by others (mode {stat.S_IMODE(st.st_mode):04o}); "
             f"run: chmod 600 {path}"

@@ -90,9 +90,13 @@ def write_key(path: Path, key: PrivateKey, passphrase: bytes | None = None) -> N
     write_atomic(path, key_to_pem(key, passphrase), PRIVATE)
 
 
-def read_key(path: Path, passphrase: bytes | None = None) -> PrivateKey:
-    """Read a private key, refusing one that others can read."""
-    check_private_file(path)
+def read_key(
+    path: Path, passphrase: bytes | None = None, *, shared: tuple[int, int] | None = None
+) -> PrivateKey:
+    """Read a private key, refusing one that others can read (``shared``: the (uid, gid) of a
+    managed server's user a key the agent staged may belong to and its group be read by:
+    ``fsutil.check_private_file``)."""
+    check_private_file(path, shared=shared)
     return load_key_pem(Path(path).read_bytes(), passphrase)
 
 
