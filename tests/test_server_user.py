@@ -142,13 +142,18 @@ admin_socket = "{admin_socket}"
 """
 
 
-def _server_python() -> tuple[str, str] | None:
+def _import_roots() -> list[str]:
+    """Where this checkout's packages and this interpreter's third-party packages are."""
+    paths = sysconfig.get_paths()
+    return list(dict.fromkeys([str(REPO), paths["purelib"], paths["platlib"]]))
+
+
+def _server_python(roots: list[str] | None = None) -> tuple[str, str] | None:
     """An interpreter uid 65534 may run with tlsroll importable (``python``, ``PYTHONPATH``):
     this one if it may (a virtualenv under /root may not be reachable), else the system's
-    Python of the same version with this checkout and this interpreter's packages on its
-    path. None if neither starts ``refserver`` as that user."""
-    paths = sysconfig.get_paths()
-    pythonpath = os.pathsep.join(dict.fromkeys([str(REPO), paths["purelib"], paths["platlib"]]))
+    Python of the same version with ``roots`` (default: this checkout and this interpreter's
+    packages) on its path. None if neither starts ``refserver`` as that user."""
+    pythonpath = os.pathsep.join(roots if roots is not None else _import_roots())
     version = f"python{sys.version_info.major}.{sys.version_info.minor}"
     for exe in (sys.executable, f"/usr/bin/{version}", f"/usr/local/bin/{version}"):
         if not os.path.exists(exe):
@@ -244,18 +249,52 @@ class OwnUserNode:
         assert "bootstrap.not_started" not in self.node.agent.event_names()
 
 
+@contextlib.contextmanager
+def _bound_where_the_server_reaches(roots: list[str]) -> Iterator[list[str]]:
+    """``roots`` bind-mounted (read-only) under a directory of /tmp uid 65534 may pass
+    through: a checkout or virtualenv under /root (0700) is not theirs to reach, wherever CI
+    clones. Unmounted at the end."""
+    base = Path(tempfile.mkdtemp(prefix="tlsroll-own-user-py-", dir="/tmp"))
+    base.chmod(0o755)
+    mounted: list[Path] = []
+    try:
+        for i, root in enumerate(roots):
+            target = base / f"p{i}"
+            target.mkdir()
+            subprocess.run(
+                ["mount", "--bind", "-o", "ro", root, str(target)],
+                check=True,
+                capture_output=True,
+                timeout=30,
+            )
+            mounted.append(target)
+        yield [str(t) for t in mounted]
+    finally:
+        for target in reversed(mounted):
+            umount = ["umount", str(target)]
+            if subprocess.run(umount, check=False, capture_output=True, timeout=30).returncode:
+                subprocess.run(["umount", "-l", str(target)], check=False, timeout=30)
+        shutil.rmtree(base, ignore_errors=True)
+
+
 @pytest.fixture(scope="module")
-def server_python() -> tuple[str, str]:
+def server_python() -> Iterator[tuple[str, str]]:
     if not ROOT:
         pytest.skip("needs root")
     found = _server_python()
-    if found is None:  # as root (CI) the test must run: say what is missing, never skip
-        pytest.fail(
-            f"no Python that uid {SERVER_UID} may run with tlsroll importable: "
-            f"{sys.executable} (or its directories) is not theirs to run, and no "
-            f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor} was found"
-        )
-    return found
+    if found is not None:
+        yield found
+        return
+    with _bound_where_the_server_reaches(_import_roots()) as roots:
+        found = _server_python(roots)
+        if found is None:  # as root (CI) the test must run: say what is missing, never skip
+            pytest.fail(
+                f"no Python that uid {SERVER_UID} may run with tlsroll importable: "
+                f"{sys.executable} (or its directories) is not theirs to run, no "
+                f"/usr/bin/python{sys.version_info.major}.{sys.version_info.minor} was "
+                "found, or this checkout bind-mounted under /tmp did not help"
+            )
+        yield found
 
 
 @pytest.fixture(scope="module")
