@@ -38,7 +38,7 @@ from leader.cli.password import (
     staged_text,
     verifier_json,
 )
-from leader.cli.schema_cmd import AWAITING, ENDS
+from leader.cli.schema_cmd import AWAITING, ENDS, TERMINAL
 from leader.rollout_core import (
     BLOCKED_HTTP,
     Change,
@@ -364,7 +364,9 @@ def rollout_start(
         generated = False
         if change == "enable-tls" and not in_use:
             if secret is None:  # generated now, after the confirmation, and shown once
-                secret = obtain_password(None, generate=True, leader=leader)
+                secret = obtain_password(
+                    None, generate=True, leader=leader, ask_first=lambda: refuse_if_busy(leader)
+                )
                 generated = True
             request.auth_verifier_json = verifier_json(secret)
         with shown_password_fate(generated):  # refused after all: the password shown is not
@@ -374,6 +376,22 @@ def rollout_start(
     started(view, in_use, planned.warnings if yes else (), planned)
     if wait:
         wait_for_end(leader, view.id)
+
+
+def refuse_if_busy(leader: Leader) -> None:
+    """CLIError if a rollout has not ended (one started while the plan waited for the admin's
+    answer): asked again right before a password is generated, which the start would then
+    refuse after showing it (audit s39 M1). The plan's ``busy`` said so before the question."""
+    # One rollout at a time: an active one is the newest, or a transitional one awaiting
+    # finalize just before its finalize.
+    for r in fetch_schema(leader, limit=2, rollouts_only=True).rollouts:
+        state = ROLLOUT_STATE.text(r.state)
+        if state not in TERMINAL:
+            raise CLIError(
+                f"rollout {r.id} is {state.replace('_', ' ')}: it started while this one "
+                "waited for your answer; one rollout at a time per cluster: nothing was "
+                "started, and no password made"
+            )
 
 
 def check_echo(request: admin_pb2.RolloutRequest, planned: admin_pb2.PlanResponse) -> None:
