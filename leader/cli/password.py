@@ -79,6 +79,15 @@ def _resolved(path: Path, fd: int) -> str:
     return real
 
 
+def require_terminal() -> None:
+    """A usage error unless a generated password can be shown: stdout is a terminal."""
+    if not sys.stdout.isatty():
+        raise click.UsageError(
+            "a generated password is shown once on a terminal, and this is not one; "
+            "use --password-file FILE"
+        )
+
+
 def obtain_password(
     password_file: Path | None,
     generate: bool,
@@ -102,11 +111,7 @@ def obtain_password(
         return secret
     if not generate:
         raise click.UsageError("give --password-file FILE or --generate")
-    if not sys.stdout.isatty():
-        raise click.UsageError(
-            "a generated password is shown once on a terminal, and this is not one; "
-            "use --password-file FILE"
-        )
+    require_terminal()
     if leader is not None:
         leader.require_same_code()
     if ask_first is not None:
@@ -192,12 +197,18 @@ def password_set(leader: Leader, password_file: Path | None, generate: bool) -> 
     the live one)."""
     if password_file is not None and generate:
         raise click.UsageError("--password-file and --generate exclude each other")
+    # A password file that is unusable or too weak, or no terminal to show a generated one
+    # on, fails before the leader is asked.
+    secret = None if generate else obtain_password(password_file, generate)
+    if generate:
+        require_terminal()
     with leader.admin() as admin:
 
         def ask_first() -> None:  # refused now (a rollout active)? Before it is shown.
             leader.call(admin.SetPassword, admin_pb2.SetPasswordRequest(check_only=True))
 
-        secret = obtain_password(password_file, generate, leader=leader, ask_first=ask_first)
+        if secret is None:
+            secret = obtain_password(None, generate, leader=leader, ask_first=ask_first)
         with shown_password_fate(generate):
             reply = leader.call(
                 admin.SetPassword,
