@@ -129,32 +129,36 @@ def obtain_password(
 # connection was lost (``leader.cli.base``: "it may have been done; check with …").
 MAY_HAVE_BEEN_DONE = "may have been done"
 NOT_SET = "the password shown above was NOT set: discard it"
-MAYBE_SET = (
-    "the password shown above may have been set: check with `tlsroll schema show` "
-    "(password change pending) before you give it out or discard it"
-)
+STAGED_CHECK = "whether it is staged (password change pending)"
 
 
-def password_fate(message: str) -> str:
-    """What became of a password shown before the call that failed with ``message``."""
-    return MAYBE_SET if MAY_HAVE_BEEN_DONE in message else NOT_SET
+def password_fate(message: str, check: str = STAGED_CHECK) -> str:
+    """What became of a password shown before the call that failed with ``message``:
+    ``check`` says what `tlsroll schema show` would show if it was set."""
+    if MAY_HAVE_BEEN_DONE not in message:
+        return NOT_SET
+    return (
+        f"the password shown above may have been set: check with `tlsroll schema show` "
+        f"{check} before you give it out or discard it"
+    )
 
 
 @contextmanager
-def shown_password_fate(shown: bool) -> Iterator[None]:
+def shown_password_fate(shown: bool, check: str = STAGED_CHECK) -> Iterator[None]:
     """Around the call that sets a password: if ``shown`` (a generated password was shown)
     and the call fails, its one-line error also says what became of that password (audit s39
-    M1: shown "once, never again; write it down", then refused)."""
+    M1: shown "once, never again; write it down", then refused); ``check``: how to tell, if
+    the connection was lost after the request was sent (``password_fate``)."""
     try:
         yield
     except CLIError as exc:
         if not shown:
             raise
-        raise CLIError(f"{exc}; {password_fate(str(exc))}") from None
+        raise CLIError(f"{exc}; {password_fate(str(exc), check)}") from None
     except click.ClickException as exc:  # a usage error (exit 2), other code (exit 5)
         if not shown:
             raise
-        message = f"{exc.message}; {password_fate(exc.message)}"
+        message = f"{exc.message}; {password_fate(exc.message, check)}"
         if isinstance(exc, click.UsageError):
             raise click.UsageError(message, exc.ctx) from None
         raise type(exc)(message) from None  # (its exit code: other code's 5)

@@ -369,7 +369,8 @@ def rollout_start(
                 )
                 generated = True
             request.auth_verifier_json = verifier_json(secret)
-        with shown_password_fate(generated):  # refused after all: the password shown is not
+        # Refused after all (another admin's start came first): the password shown is not set.
+        with shown_password_fate(generated, "whether the rollout started"):
             view = leader.call(admin.StartRollout, request)
     # With --yes the plan was not shown: its warnings are, now (the seed's dialog gives them
     # first; README and the demo start with --yes).
