@@ -29,11 +29,19 @@ from leader.rollout_core import (
     Change,
     NodeState,
     Rollout,
+    RolloutState,
     Scope,
     ScopeKind,
     Strategy,
 )
-from leader.schema_store import NodeDetail, RolloutMeta, RolloutRow, SchemaStore
+from leader.schema_store import (
+    NodeDetail,
+    RolloutBusy,
+    RolloutMeta,
+    RolloutRow,
+    SchemaStore,
+    StagedAuth,
+)
 from leader.schema_view import rollout_view, still_on_http_now
 from leader.service import ERRORS, LeaderState, claimed_names
 from leader.store import Node
@@ -72,6 +80,15 @@ def _actor(context: Ctx) -> str:
     """Who is calling, for the audit trail: the user the kernel saw connect to the admin socket
     (``leader.admin_socket``), never a name the client sends."""
     return current_caller().actor
+
+
+def staged_password(s: StagedAuth) -> admin_pb2.StagedPassword:
+    return admin_pb2.StagedPassword(
+        version=s.version,
+        staged_by=s.staged_by,
+        staged_at=timestamp(s.staged_at),
+        live_on=s.live_on,
+    )
 
 
 def token_info(t: Any) -> admin_pb2.TokenInfo:
@@ -202,11 +219,16 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             rollout.change, rollout.strategy, rollout.freeze, request.HasField("cert_dir")
         )
         active = await asyncio.to_thread(self.schema.active)
+        busy = ""
         if active is not None:
             warnings.append(
                 f"rollout {active.rollout.id} is {active.rollout.state.value}: a new one "
                 "cannot start until it has ended"
             )
+            # (A way back may start beside a transitional rollout awaiting finalize.)
+            waiting = active.rollout.state is RolloutState.AWAITING_FINALIZE
+            if not (waiting and rollout.change is Change.DISABLE_TLS):
+                busy = str(RolloutBusy(active.rollout.id, active.rollout.state.value))
         kept = [r.name for r in nodes if r.state is NodeState.SKIPPED]
         if request.HasField("cert_dir") and kept:
             warnings.append(
@@ -250,6 +272,19 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         )
         if rollout.change is Change.ENABLE_TLS:
             reply.password_version_in_use = planned.password_in_use
+        reply.busy = busy
+        staged = (
+            await asyncio.to_thread(self.schema.staged_password, planned.auth_latest)
+            if planned.auth_latest
+            else None
+        )
+        if staged is not None and rollout.change is Change.CHANGE_PASSWORD:
+            reply.applies.CopyFrom(staged_password(staged))
+        # enable-tls brings a new password unless the nodes run one: it supersedes a staged
+        # one that never went live (two admins: audit s39 H4).
+        new_password = rollout.change is Change.ENABLE_TLS and not planned.password_in_use
+        if staged is not None and new_password and not staged.live_on:
+            reply.replaces.CopyFrom(staged_password(staged))
         for c in planned.certificates:
             reply.certificates.append(
                 f"{c.node}: {c.subject}, {c.fingerprint}, valid until {c.not_after:%Y-%m-%d}"
@@ -308,10 +343,25 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     async def SetPassword(
         self, request: admin_pb2.SetPasswordRequest, context: Ctx
     ) -> admin_pb2.SetPasswordResponse:
-        version, pending = await self.commands.stage_password(
-            request.auth_verifier_json, _actor(context)
-        )
-        return admin_pb2.SetPasswordResponse(version=version, pending_nodes=sorted(pending))
+        if request.check_only:  # asked before a generated password is shown (audit s39 M1)
+            await asyncio.to_thread(self.schema.refuse_if_busy)
+            reply = admin_pb2.SetPasswordResponse()
+            newest = await asyncio.to_thread(self.schema.staged_password)
+        else:
+            version, pending = await self.commands.stage_password(
+                request.auth_verifier_json, _actor(context)
+            )
+            reply = admin_pb2.SetPasswordResponse(version=version, pending_nodes=sorted(pending))
+            # The version staged just before this one is the one it supersedes (versions
+            # are numbered in the store's transaction: two admins at once, each their own).
+            newest = (
+                await asyncio.to_thread(self.schema.staged_password, version - 1)
+                if version > 1
+                else None
+            )
+        if newest is not None and not newest.live_on:  # staged, never applied (audit s39 H4)
+            reply.replaces.CopyFrom(staged_password(newest))
+        return reply
 
     @map_errors(ERRORS)
     async def CheckPassword(

@@ -82,6 +82,16 @@ class RolloutMeta:
 
 
 @dataclass(frozen=True)
+class StagedAuth:
+    """An auth password version as staged (``staged_password``): the verifier stays here."""
+
+    version: int
+    staged_by: str
+    staged_at: dt.datetime | None
+    live_on: tuple[str, ...] = ()  # the nodes that run it now
+
+
+@dataclass(frozen=True)
 class NodeDetail:
     """What the schema shows about a node beyond its pure record."""
 
@@ -1100,6 +1110,29 @@ class SchemaStore(LeaderStore):
             rows = db.execute("SELECT name, version FROM node_auth").fetchall()
             kept = self._db.cache[_AUTH] = {r["name"]: r["version"] for r in rows}
         return cast(dict[str, int], kept)
+
+    def staged_password(self, version: int = 0) -> StagedAuth | None:
+        """Auth password ``version`` (0: the newest) as staged: who, when, and the nodes that
+        run it now, read at once; None if there is no such version."""
+        with self._db.read() as db:
+            if not version:
+                version = int(db.execute(_LATEST_AUTH).fetchone()[0])
+            row = db.execute(
+                "SELECT version, created_at, actor FROM auth_versions WHERE version = ?",
+                (version,),
+            ).fetchone()
+            if row is None:
+                return None
+            live = sorted(n for n, v in self._node_auth(db).items() if v == version)
+        return StagedAuth(
+            int(row["version"]), str(row["actor"]), from_text(row["created_at"]), tuple(live)
+        )
+
+    def refuse_if_busy(self) -> None:
+        """RolloutBusy if a rollout has not ended: what ``stage_password`` refuses, asked
+        before a password is shown (``SetPassword``'s ``check_only``)."""
+        with self._db.read() as db:
+            _refuse_if_busy(db)
 
     def pending_password_nodes(self) -> set[str]:
         """The nodes whose live password is older than the latest version: both read at once

@@ -3,17 +3,21 @@
 The password is turned into its scrypt verifier here, in the CLI: the leader daemon and the
 nodes only ever see the verifier. A password the admin chose (``--password-file``) must meet
 ``leader.password_policy``; ``--generate`` makes one that always does. A generated password is
-printed once, to a terminal, and never again; nothing stores it.
+printed once, to a terminal, and never again; nothing stores it. It is shown only after the
+leader said it would take it now (``SetPassword``'s ``check_only``); if the call that stages it
+fails all the same, the error says whether the password shown was set (``password_fate``).
 """
 
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import click
 
-from leader.cli.base import Leader, out, pass_leader
+from leader.cli.base import CLIError, Leader, fmt_time, out, pass_leader
 from tlsroll import password
 from tlsroll.v1 import admin_pb2
 
@@ -28,13 +32,27 @@ def read_password_file(path: Path) -> str:
         raise click.BadParameter(str(exc), param_hint="--password-file") from None
 
 
+def require_terminal() -> None:
+    """A usage error unless a generated password can be shown: stdout is a terminal."""
+    if not sys.stdout.isatty():
+        raise click.UsageError(
+            "a generated password is shown once on a terminal, and this is not one; "
+            "use --password-file FILE"
+        )
+
+
 def obtain_password(
-    password_file: Path | None, generate: bool, *, leader: Leader | None = None
+    password_file: Path | None,
+    generate: bool,
+    *,
+    leader: Leader | None = None,
+    ask_first: Callable[[], object] | None = None,
 ) -> str:
     """The password from a file, if it meets the policy (``leader.password_policy``; a usage
     error saying why, exit 2, if not), or a new one shown once on the terminal: after
-    ``leader.require_same_code()`` (exit 5 through a leader of other code), so that no password
-    is shown that is then not staged (review s35 L1)."""
+    ``leader.require_same_code()`` (exit 5 through a leader of other code) and ``ask_first``
+    (the leader's refusal of what the password is for, e.g. a rollout is active), so that no
+    password is shown that is then not staged (review s35 L1, audit s39 M1)."""
     # Imported here: the policy's dictionaries (zxcvbn) cost every rollout and schema command
     # 20 ms otherwise (leader.cli.rollout imports this module).
     from leader import password_policy  # noqa: PLC0415
@@ -46,13 +64,11 @@ def obtain_password(
         return secret
     if not generate:
         raise click.UsageError("give --password-file FILE or --generate")
-    if not sys.stdout.isatty():
-        raise click.UsageError(
-            "a generated password is shown once on a terminal, and this is not one; "
-            "use --password-file FILE"
-        )
+    require_terminal()
     if leader is not None:
         leader.require_same_code()
+    if ask_first is not None:
+        ask_first()
     value = password.generate_password()
     out.print("")
     out.print("  The new authentication password (shown once, never again; write it down):")
@@ -60,6 +76,58 @@ def obtain_password(
     out.print("  Give it to the practice staff in person or by phone, not by e-mail.")
     out.print("")
     return value
+
+
+# What the transport's error says when the request may have reached the leader before the
+# connection was lost (``leader.cli.base``: "it may have been done; check with …").
+MAY_HAVE_BEEN_DONE = "may have been done"
+NOT_SET = "the password shown above was NOT set: discard it"
+STAGED_CHECK = "whether it is staged (password change pending)"
+
+
+def password_fate(message: str, check: str = STAGED_CHECK) -> str:
+    """What became of a password shown before the call that failed with ``message``:
+    ``check`` says what `tlsroll schema show` would show if it was set."""
+    if MAY_HAVE_BEEN_DONE not in message:
+        return NOT_SET
+    return (
+        f"the password shown above may have been set: check with `tlsroll schema show` "
+        f"{check} before you give it out or discard it"
+    )
+
+
+@contextmanager
+def shown_password_fate(shown: bool, check: str = STAGED_CHECK) -> Iterator[None]:
+    """Around the call that sets a password: if ``shown`` (a generated password was shown)
+    and the call fails, its one-line error also says what became of that password (audit s39
+    M1: shown "once, never again; write it down", then refused); ``check``: how to tell, if
+    the connection was lost after the request was sent (``password_fate``)."""
+    try:
+        yield
+    except CLIError as exc:
+        if not shown:
+            raise
+        raise CLIError(f"{exc}; {password_fate(str(exc), check)}") from None
+    except click.ClickException as exc:  # a usage error (exit 2), other code (exit 5)
+        if not shown:
+            raise
+        message = f"{exc.message}; {password_fate(exc.message, check)}"
+        if isinstance(exc, click.UsageError):
+            raise click.UsageError(message, exc.ctx) from None
+        raise type(exc)(message) from None  # (its exit code: other code's 5)
+
+
+def staged_text(staged: admin_pb2.StagedPassword) -> str:
+    """ "staged by X at T" of a staged password version."""
+    return f"staged by {staged.staged_by or '?'} at {fmt_time(staged, 'staged_at')}"
+
+
+def replaces_text(staged: admin_pb2.StagedPassword) -> str:
+    """The line naming a staged password version a new one supersedes (never applied)."""
+    return (
+        f"replaces password version {staged.version} ({staged_text(staged)}, never applied): "
+        "whoever was given that one must get the new one instead"
+    )
 
 
 def verifier_json(secret: str) -> str:
@@ -86,13 +154,26 @@ def password_set(leader: Leader, password_file: Path | None, generate: bool) -> 
     the live one)."""
     if password_file is not None and generate:
         raise click.UsageError("--password-file and --generate exclude each other")
-    secret = obtain_password(password_file, generate, leader=leader)
+    # A password file that is unusable or too weak, or no terminal to show a generated one
+    # on, fails before the leader is asked.
+    secret = None if generate else obtain_password(password_file, generate)
+    if generate:
+        require_terminal()
     with leader.admin() as admin:
-        reply = leader.call(
-            admin.SetPassword,
-            admin_pb2.SetPasswordRequest(auth_verifier_json=verifier_json(secret)),
-        )
+
+        def ask_first() -> None:  # refused now (a rollout active)? Before it is shown.
+            leader.call(admin.SetPassword, admin_pb2.SetPasswordRequest(check_only=True))
+
+        if secret is None:
+            secret = obtain_password(None, generate, leader=leader, ask_first=ask_first)
+        with shown_password_fate(generate):
+            reply = leader.call(
+                admin.SetPassword,
+                admin_pb2.SetPasswordRequest(auth_verifier_json=verifier_json(secret)),
+            )
     out.print(f"password version {reply.version} staged.")
+    if reply.HasField("replaces"):
+        out.print(f"It {replaces_text(reply.replaces)}.")
     if reply.pending_nodes:
         out.print("pending on: " + ", ".join(reply.pending_nodes))
         out.print(

@@ -33,8 +33,14 @@ from leader.cli.base import (
     while_away,
 )
 from leader.cli.draw import render_rollout
-from leader.cli.password import obtain_password, verifier_json
-from leader.cli.schema_cmd import AWAITING, ENDS
+from leader.cli.password import (
+    obtain_password,
+    replaces_text,
+    shown_password_fate,
+    staged_text,
+    verifier_json,
+)
+from leader.cli.schema_cmd import AWAITING, ENDS, TERMINAL
 from leader.plan_texts import FINALIZE_WARNINGS, plan_texts
 from leader.planner import MAX_NAMED
 from leader.rollout_core import (
@@ -207,6 +213,11 @@ def plan(
     refuse_blocked(reply)  # exit 1: a start of this plan is refused or would stop
 
 
+def applies_text(staged: admin_pb2.StagedPassword) -> str:
+    """ "6, staged by X at T": the staged password version a change-password start applies."""
+    return f"{staged.version}, {staged_text(staged)}"
+
+
 def refuse_blocked(reply: admin_pb2.PlanResponse) -> None:
     """CLIError (exit 1) naming every node of the plan that is ``blocked: <why>`` (``BLOCKED``),
     with its why: whatever it is, the change cannot get past that node (audit s38 M5; brief
@@ -273,6 +284,10 @@ def show_plan(reply: admin_pb2.PlanResponse) -> None:
             f"Auth password: the one the nodes already use (version "
             f"{reply.password_version_in_use}); it is not replaced."
         )
+    elif reply.HasField("replaces"):  # enable-tls brings a new one over a staged one
+        out.print(f"Auth password: a new one; it {replaces_text(reply.replaces)}.")
+    if reply.HasField("applies"):
+        out.print(f"Auth password: applies password version {applies_text(reply.applies)}.")
     out.print("Checks and steps on each node:")
     for c in reply.checks:
         out.print(f"  - {c}")
@@ -310,6 +325,12 @@ def rollout() -> None:
     "without it a new one is generated and shown once, unless nodes already use one (then "
     "the others get that one too).",
 )
+@click.option(
+    "--password-version",
+    type=click.IntRange(1),
+    help="change-password: the staged version you mean to apply (see `tlsroll password set`'s "
+    "output); refused unless it is the newest staged one, which the rollout applies.",
+)
 @click.option("--yes", is_flag=True, help="Start without showing the plan and asking.")
 @click.option(
     "--wait",
@@ -328,6 +349,7 @@ def rollout_start(
     strategy: str,
     cert_dir: Path | None,
     password_file: Path | None,
+    password_version: int | None,
     yes: bool,
     wait: bool,
 ) -> None:
@@ -343,6 +365,8 @@ def rollout_start(
         request.cert_dir.CopyFrom(cert_dir_message(cert_dir))
     if change != "enable-tls" and password_file is not None:
         raise click.UsageError("--password-file goes with enable-tls; use `tlsroll password set`")
+    if password_version is not None and change != "change-password":
+        raise click.UsageError("--password-version goes with --change change-password")
     # A password file that is unusable or too weak fails before anything is asked or planned.
     secret = obtain_password(password_file, generate=False) if password_file else None
     # A leader of other code would plan and start something else (it drops the request
@@ -353,6 +377,14 @@ def rollout_start(
         planned = leader.call(admin.PlanRollout, request)
         check_echo(request, planned)
         refuse_not_on_https(planned)  # before anything is asked (the leader refuses it too)
+        if planned.busy:  # a rollout has not ended: before a password is made (audit s39 M1)
+            raise CLIError(f"{planned.busy}; nothing was started")
+        if password_version is not None and password_version != planned.applies.version:
+            raise CLIError(
+                f"password version {password_version} is not the one a change-password "
+                f"rollout applies now: that is version {applies_text(planned.applies)} "
+                "(only the newest staged version is applied); nothing was started"
+            )
         in_use = planned.password_version_in_use
         if in_use and secret is not None:
             raise CLIError(
@@ -366,16 +398,38 @@ def rollout_start(
                 raise click.UsageError("not a terminal: review `tlsroll plan`, then add --yes")
             if not click.confirm("Start the switch now?", default=False):
                 raise CLIError("not started")
+        generated = False
         if change == "enable-tls" and not in_use:
             if secret is None:  # generated now, after the confirmation, and shown once
-                secret = obtain_password(None, generate=True, leader=leader)
+                secret = obtain_password(
+                    None, generate=True, leader=leader, ask_first=lambda: refuse_if_busy(leader)
+                )
+                generated = True
             request.auth_verifier_json = verifier_json(secret)
-        view = leader.call(admin.StartRollout, request)
+        # Refused after all (another admin's start came first): the password shown is not set.
+        with shown_password_fate(generated, "whether the rollout started"):
+            view = leader.call(admin.StartRollout, request)
     # With --yes the plan was not shown: its warnings are, now (the seed's dialog gives them
     # first; README and the demo start with --yes).
-    started(view, in_use, planned.warnings if yes else ())
+    started(view, in_use, planned.warnings if yes else (), planned)
     if wait:
         wait_for_end(leader, view.id)
+
+
+def refuse_if_busy(leader: Leader) -> None:
+    """CLIError if a rollout has not ended (one started while the plan waited for the admin's
+    answer): asked again right before a password is generated, which the start would then
+    refuse after showing it (audit s39 M1). The plan's ``busy`` said so before the question."""
+    # One rollout at a time: an active one is the newest, or a transitional one awaiting
+    # finalize just before its finalize.
+    for r in fetch_schema(leader, limit=2, rollouts_only=True).rollouts:
+        state = ROLLOUT_STATE.text(r.state)
+        if state not in TERMINAL:
+            raise CLIError(
+                f"rollout {r.id} is {state.replace('_', ' ')}: it started while this one "
+                "waited for your answer; one rollout at a time per cluster: nothing was "
+                "started, and no password made"
+            )
 
 
 def check_echo(request: admin_pb2.RolloutRequest, planned: admin_pb2.PlanResponse) -> None:
@@ -400,7 +454,10 @@ def check_echo(request: admin_pb2.RolloutRequest, planned: admin_pb2.PlanRespons
 
 
 def started(
-    view: schema_pb2.RolloutView, password_in_use: int = 0, warnings: Sequence[str] = ()
+    view: schema_pb2.RolloutView,
+    password_in_use: int = 0,
+    warnings: Sequence[str] = (),
+    planned: admin_pb2.PlanResponse | None = None,
 ) -> None:
     skipped = [n for n in view.nodes if n.reason.startswith("already done")]
     out.print(
@@ -411,11 +468,28 @@ def started(
         out.print(f"  {n.name}: {n.reason}")
     if password_in_use:
         out.print(f"  the nodes get the auth password already in use (version {password_in_use})")
+    if planned is not None:
+        password_lines(view, planned)
     if warnings:
         out.print("Important:")
         for w in warnings:
             out.print(f"  ! {w}")
     out.print("follow it with: tlsroll schema show --watch")
+
+
+def password_lines(view: schema_pb2.RolloutView, planned: admin_pb2.PlanResponse) -> None:
+    """After a start: the staged password version a change-password rollout applies (who
+    staged it, when), and the staged one an enable-tls rollout's new password supersedes
+    (audit s39 H4: two admins each staged one; neither knew which went out)."""
+    applies = planned.applies
+    if applies.version and view.auth_version == applies.version:
+        out.print(f"  applies password version {applies_text(applies)}")
+    elif applies.version:  # (the start refuses a version staged since the plan: not seen)
+        out.print(f"  applies password version {view.auth_version}")
+    if planned.HasField("replaces") and view.auth_version != planned.replaces.version:
+        out.print(
+            f"  its new password (version {view.auth_version}) {replaces_text(planned.replaces)}"
+        )
 
 
 def wait_for_end(leader: Leader, rollout_id: str, interval: float = 0.5) -> None:

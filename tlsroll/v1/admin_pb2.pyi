@@ -262,16 +262,24 @@ class SetPasswordRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     AUTH_VERIFIER_JSON_FIELD_NUMBER: _builtins.int
+    CHECK_ONLY_FIELD_NUMBER: _builtins.int
     auth_verifier_json: _builtins.str
     """JSON scrypt verifier (tlsroll/password.py), made by the CLI from the password."""
+    check_only: _builtins.bool
+    """Only ask whether a set would be taken now (the CLI asks before it shows a generated
+    password): refused as a set would be (FAILED_PRECONDITION while a rollout has not ended),
+    else an empty reply but for `replaces` (what a set would supersede); nothing is staged.
+    auth_verifier_json is then empty.
+    """
     def __init__(
         self,
         *,
         auth_verifier_json: _builtins.str = ...,
+        check_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth_verifier_json", b"auth_verifier_json"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["auth_verifier_json", b"auth_verifier_json", "check_only", b"check_only"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -283,6 +291,7 @@ class SetPasswordResponse(_message.Message):
 
     VERSION_FIELD_NUMBER: _builtins.int
     PENDING_NODES_FIELD_NUMBER: _builtins.int
+    REPLACES_FIELD_NUMBER: _builtins.int
     version: _builtins.int
     @_builtins.property
     def pending_nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
@@ -290,19 +299,62 @@ class SetPasswordResponse(_message.Message):
         rollout, which restarts the server; another restart keeps the live one).
         """
 
+    @_builtins.property
+    def replaces(self) -> Global___StagedPassword:
+        """The newest version before this one if it is live on no node (staged, never applied):
+        this one supersedes it, and whoever was given that password must be told. Unset: none,
+        or it runs on nodes.
+        """
+
     def __init__(
         self,
         *,
         version: _builtins.int = ...,
         pending_nodes: _abc.Iterable[_builtins.str] | None = ...,
+        replaces: Global___StagedPassword | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["replaces", b"replaces"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["pending_nodes", b"pending_nodes", "version", b"version"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["pending_nodes", b"pending_nodes", "replaces", b"replaces", "version", b"version"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___SetPasswordResponse: _TypeAlias = SetPasswordResponse  # noqa: Y015
+
+@_typing.final
+class StagedPassword(_message.Message):
+    """An auth password version as the leader keeps it (the verifier only, never the password)."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    STAGED_BY_FIELD_NUMBER: _builtins.int
+    STAGED_AT_FIELD_NUMBER: _builtins.int
+    LIVE_ON_FIELD_NUMBER: _builtins.int
+    version: _builtins.int
+    staged_by: _builtins.str
+    """Who staged it (`tlsroll password set`, or the enable-tls rollout that brought it)."""
+    @_builtins.property
+    def staged_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def live_on(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """The nodes that run it now (empty: live on no node)."""
+
+    def __init__(
+        self,
+        *,
+        version: _builtins.int = ...,
+        staged_by: _builtins.str = ...,
+        staged_at: _timestamp_pb2.Timestamp | None = ...,
+        live_on: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["staged_at", b"staged_at"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["live_on", b"live_on", "staged_at", b"staged_at", "staged_by", b"staged_by", "version", b"version"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StagedPassword: _TypeAlias = StagedPassword  # noqa: Y015
 
 @_typing.final
 class CheckPasswordRequest(_message.Message):
@@ -573,9 +625,16 @@ class PlanResponse(_message.Message):
     WARNINGS_FIELD_NUMBER: _builtins.int
     PASSWORD_VERSION_IN_USE_FIELD_NUMBER: _builtins.int
     CERTIFICATES_FIELD_NUMBER: _builtins.int
+    APPLIES_FIELD_NUMBER: _builtins.int
+    REPLACES_FIELD_NUMBER: _builtins.int
+    BUSY_FIELD_NUMBER: _builtins.int
     password_version_in_use: _builtins.int
     """enable-tls: the nodes already run this auth password version (and the others get it too),
     so the CLI sends no new password; 0: the rollout needs a new one.
+    """
+    busy: _builtins.str
+    """A rollout that has not ended: the refusal a start of this plan meets now (one line);
+    empty: none. (The CLI refuses before it generates a password or asks.)
     """
     @_builtins.property
     def rollout(self) -> _schema_pb2.RolloutView: ...
@@ -589,6 +648,18 @@ class PlanResponse(_message.Message):
     def certificates(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """`--cert-dir`: one line per node certificate that passed every check (fingerprint, expiry)."""
 
+    @_builtins.property
+    def applies(self) -> Global___StagedPassword:
+        """change-password: the staged version a start applies (the newest one; the start is refused
+        if another is staged meanwhile).
+        """
+
+    @_builtins.property
+    def replaces(self) -> Global___StagedPassword:
+        """enable-tls that brings its own password (password_version_in_use 0): the newest staged
+        version if it is live on no node, which the new password supersedes.
+        """
+
     def __init__(
         self,
         *,
@@ -598,10 +669,13 @@ class PlanResponse(_message.Message):
         warnings: _abc.Iterable[_builtins.str] | None = ...,
         password_version_in_use: _builtins.int = ...,
         certificates: _abc.Iterable[_builtins.str] | None = ...,
+        applies: Global___StagedPassword | None = ...,
+        replaces: Global___StagedPassword | None = ...,
+        busy: _builtins.str = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["rollout", b"rollout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["applies", b"applies", "replaces", b"replaces", "rollout", b"rollout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["certificates", b"certificates", "checks", b"checks", "client_steps", b"client_steps", "password_version_in_use", b"password_version_in_use", "rollout", b"rollout", "warnings", b"warnings"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["applies", b"applies", "busy", b"busy", "certificates", b"certificates", "checks", b"checks", "client_steps", b"client_steps", "password_version_in_use", b"password_version_in_use", "replaces", b"replaces", "rollout", b"rollout", "warnings", b"warnings"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
