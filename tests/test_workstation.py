@@ -39,6 +39,7 @@ from tests.test_bootstrap import (
     PASSWORD,
     TIMEOUT,
     Node,
+    ca_signer,
     make_service,
     secrets_in,
 )
@@ -412,6 +413,62 @@ async def test_a_re_enrolment_cut_short_anywhere_leaves_the_old_set_or_the_new(
     assert at > 20, outcomes  # staged, committed, moved, cleaned: well over 20 changes
     # Cut short before its commit a run leaves the old set, after it the new one.
     assert any(not new for _, new in outcomes) and any(new for _, new in outcomes)
+
+
+@pytest.mark.parametrize("case", ["below a plain file", "another user's"])
+async def test_a_settings_dir_it_cannot_use_is_refused_before_the_password(
+    case: str,
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+    logs: list[MutableMapping[str, Any]],
+) -> None:
+    """Audit s39ws M1: the settings dir was made and checked only after the exchange, so a run
+    that could not write its settings had enrolled already, and the leader revokes the
+    working certificate of the same name when it signs a new one. The dir is checked before
+    the password is asked for: exit 1, one line, no exchange, nothing signed, the old set
+    kept."""
+    if case == "another user's" and os.geteuid() != 0:
+        pytest.skip("only root can give the settings dir to another user")
+    node = nodes["mtls"]
+    d = tmp_path / "settings"
+    if case == "below a plain file":  # (a plain file itself is a usage error, exit 2)
+        d = tmp_path / "file" / "settings"
+    signed: list[bytes] = []
+    sign = ca_signer(test_ca)
+
+    async def counting(csr_pem: bytes) -> Any:
+        signed.append(csr_pem)
+        return await sign(csr_pem)
+
+    args = (node.url, "--password-file", password_file(PASSWORD), "--yes", "--settings-dir", str(d))
+    async with bootstrap_on(node, test_ca, sign=counting):
+        if case == "below a plain file":
+            d.parent.write_bytes(b"not a directory")
+            before: dict[str, bytes] = {}
+        else:
+            assert (await run_cli(*args)).code == 0
+            before = settings_set(d)
+            os.chown(d, 65534, 65534)
+        signed.clear()
+        seen = len(logs)
+        run = await run_cli(*args)
+    assert run.code == 1 == int(Exit.FAILURE), run.err
+    assert str(d) in run.error and "settings" in run.error, run.error
+    assert signed == []  # the leader signed (and revoked) nothing
+    events = [e["event"] for e in run.logs[seen:]]
+    assert "bootstrap.exchange_started" not in events and "bootstrap.enrolled" not in events
+    if before:
+        assert settings_set(d) == before
+        os.chown(d, 0, 0)
+        ctx = client_context(
+            before["ca.pem"], cert_file=d / "client.pem", key_file=d / "client.key"
+        )
+        assert node.server.request("GET", scheme="https", context=ctx).status == 200
+    else:
+        assert d.parent.read_bytes() == b"not a directory"
 
 
 async def test_ca_pin_without_password(

@@ -73,7 +73,7 @@ from tlsroll import pki
 from tlsroll.clients import WORKSTATION_HEADER
 from tlsroll.defaults import BOOTSTRAP_PORT, HTTP_PORT, HTTPS_PORT
 from tlsroll.errors import PKIError, TerminalError, TransientError
-from tlsroll.fsutil import PRIVATE, PUBLIC, make_private_dir
+from tlsroll.fsutil import PRIVATE, PUBLIC, make_private_dir, private_dir_problem
 from tlsroll.tls import client_context, unverified_client_context
 from tlsroll.tls import connect as tls_connect
 from workstation import settings_files
@@ -379,6 +379,7 @@ class TestConnection:
         server_cert = self.check_server(server)
         port = self.check_bootstrap_port(server)
         where = _netloc(server.host, port)
+        self.check_settings_dir()
         secret = None
         if o.enrol:
             secret = o.password if o.password is not None else self.ui.ask_password()
@@ -802,6 +803,17 @@ class TestConnection:
         except settings_files.NewerStaging:
             raise ClientError(Exit.FAILURE, _newer_staging(d)) from None
         self.ui.say(f"settings  written to {d}")
+
+    def check_settings_dir(self) -> None:
+        """The settings dir can be made (or is ours) and written, checked before the password
+        is asked for and without creating anything: a run that failed to write its settings
+        after the exchange had enrolled already, and the leader revokes the working certificate
+        of the same name when it signs a new one (audit s39ws M1)."""
+        d = self.o.settings_dir
+        if problem := private_dir_problem(d):
+            raise ClientError(
+                Exit.FAILURE, f"cannot write the settings to {d}: {problem}; nothing was sent"
+            )
 
     def finish_settings(self) -> None:
         """What an interrupted run left in the settings dir, completed or discarded before
