@@ -14,11 +14,14 @@ import errno
 import io
 import json
 import os
+import pty
+import select
 import socket
 import stat
 import subprocess
 import sys
 import tarfile
+import time
 from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
@@ -32,6 +35,7 @@ import structlog
 from aiohttp import web
 
 from nodeagent.bootstrap_server import BootstrapService
+from tests.cluster import child_env, command
 from tests.conftest import IssuedCert, next_loopback
 from tests.refserver_helper import RefServer, http_request
 from tests.test_bootstrap import (
@@ -469,6 +473,81 @@ async def test_a_settings_dir_it_cannot_use_is_refused_before_the_password(
         assert node.server.request("GET", scheme="https", context=ctx).status == 200
     else:
         assert d.parent.read_bytes() == b"not a directory"
+
+
+def on_terminal(argv: list[str], answer: str, timeout: float = 60) -> tuple[int, str]:
+    """``tlsroll ARGV`` on a pseudo-terminal that is its controlling terminal (the password
+    prompt reads it with no echo); ``answer`` typed at the password prompt. The exit code and
+    the screen."""
+    master, slave = pty.openpty()
+    # The new session's leader takes the pty as its terminal, then becomes tlsroll (no
+    # preexec_fn: the test's event loop runs in another thread).
+    take_terminal = (
+        "import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+        "os.execv(sys.argv[1], sys.argv[1:])"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", take_terminal, *command("tlsroll", "tlsroll"), *argv],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=child_env(),
+        start_new_session=True,
+    )
+    os.close(slave)
+    screen, typed = b"", False
+    deadline = time.monotonic() + timeout
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    screen += os.read(master, 65536)
+                except OSError:  # EIO: the program closed the terminal
+                    break
+            if not typed and b"not shown as you type" in screen:
+                os.write(master, answer.encode() + b"\n")
+                typed = True
+        code = proc.wait(max(deadline - time.monotonic(), 1))
+        with suppress(OSError):
+            while select.select([master], [], [], 0.1)[0] and (chunk := os.read(master, 65536)):
+                screen += chunk
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        os.close(master)
+    assert typed, screen
+    return code, screen.decode(errors="replace")
+
+
+async def test_a_typed_password_with_white_space_around_it_is_refused_unsent(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    tmp_path: Path,
+    logs: list[MutableMapping[str, Any]],
+) -> None:
+    """Audit s39ws M4: a password typed or pasted with a space before or after it was sent,
+    and the node counted it as a wrong guess, though no password may have one (``password
+    set`` refuses it, as the file reader does). Refused at the workstation, by the file's
+    rule: one line, exit 2, nothing sent, nothing counted; typed as it is, it enrols."""
+    node = nodes["tls"]
+    argv = ["client", "test-connection", node.url, "--yes", "--timeout", "5"]
+    argv += ["--settings-dir", str(tmp_path / "settings")]
+    async with bootstrap_on(node, test_ca):
+        for typed in (f" {PASSWORD}", f"{PASSWORD}\t"):
+            code, screen = await asyncio.to_thread(on_terminal, argv, typed)
+            assert code == 2 == int(Exit.USAGE), screen
+            (line,) = [x for x in screen.splitlines() if x.startswith("tlsroll: error")]
+            assert "the password entered starts or ends with white space" in line, line
+            assert "nothing was sent" in line and PASSWORD not in screen
+            assert not (tmp_path / "settings").exists()
+        events = [e["event"] for e in logs]
+        assert "bootstrap.exchange_started" not in events
+        assert "bootstrap.password_refused" not in events
+        code, screen = await asyncio.to_thread(on_terminal, argv, PASSWORD)
+    assert code == 0, screen
+    assert "restart the client to finish" in screen and PASSWORD not in screen
 
 
 async def test_ca_pin_without_password(

@@ -33,8 +33,10 @@ Exit codes (every error is one line on stderr; the password is never printed):
     0   done: settings written, restart the client
     1   other failure (unexpected answer, settings dir not writable, check with the new
         settings failed, aborted at a prompt)
-    2   usage: bad URL, option, CA pin syntax, or a password file that is empty/unreadable
-        or that group or others may access (chmod 600 it)
+    2   usage: bad URL, option, CA pin syntax, a password file that is empty/unreadable or
+        that group or others may access (chmod 600 it), or a password (typed or in the file)
+        no password may be (white space around it, a control character): refused before
+        anything is sent
     3   http instead of https: the old unencrypted address, or a node still on http
     4   host unreachable (no route, no answer, name not resolved)
     5   connection refused on the server port (wrong port, or the server is not running)
@@ -74,6 +76,7 @@ from tlsroll.clients import WORKSTATION_HEADER
 from tlsroll.defaults import BOOTSTRAP_PORT, HTTP_PORT, HTTPS_PORT
 from tlsroll.errors import PKIError, TerminalError, TransientError
 from tlsroll.fsutil import PRIVATE, PUBLIC, make_private_dir, private_dir_problem
+from tlsroll.password import password_problem
 from tlsroll.tls import client_context, unverified_client_context
 from tlsroll.tls import connect as tls_connect
 from workstation import settings_files
@@ -385,6 +388,10 @@ class TestConnection:
             secret = o.password if o.password is not None else self.ui.ask_password()
             if not secret:
                 raise ClientError(Exit.USAGE, "no password given")
+            # The file's rule for a typed or pasted one too: sent, it would count as a wrong
+            # guess, and no password may be so (audit s39ws M4).
+            if (why := password_problem(secret)) is not None:
+                raise ClientError(Exit.USAGE, f"the password entered {why}; nothing was sent")
         hello = self.fetch_hello(server.host, port)
         # A wrong CA is reported as such, before the password is used.
         pinned = self._pinned(hello.ca_bundle_pem) if self.pin is not None else None
