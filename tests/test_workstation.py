@@ -1011,13 +1011,33 @@ async def test_an_exchange_expired_after_the_confirmation_is_final(
 
 
 async def test_pin_only_against_a_server_that_wants_client_certificates(
-    nodes: dict[str, ServerNode], test_ca: pki.CertificateAuthority, run_cli: Any
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
 ) -> None:
+    """The final check fails: nothing is written. Audit s39ws M5: it ran after the new set
+    was committed, so a failing set replaced a working one (here an enrolled workstation's
+    set by one without its client certificate)."""
     node = nodes["mtls"]
+    d = tmp_path / "settings"
     async with bootstrap_on(node, test_ca):
         run = await run_cli(node.url, "--ca-pin", pki.spki_pin(test_ca.cert), "--no-enrol", "--yes")
-    assert run.code == 1
-    assert "wants a client certificate: run again without --no-enrol" in run.error
+        assert run.code == 1
+        assert "wants a client certificate: run again without --no-enrol" in run.error
+        assert "nothing written" in run.error and os.listdir(d) == []
+        enrolled = await run_cli(node.url, "--password-file", password_file(PASSWORD), "--yes")
+        assert enrolled.code == 0, enrolled.err
+        before = settings_set(d)
+        again = await run_cli(
+            node.url, "--ca-pin", pki.spki_pin(test_ca.cert), "--no-enrol", "--yes"
+        )
+    assert again.code == 1
+    assert "wants a client certificate: run again without --no-enrol" in again.error
+    assert "settings written" not in again.out
+    assert sorted(os.listdir(d)) == sorted(SETTINGS_SET)  # no staging left
+    assert not assert_one_set(d, before, node)  # the working set, as it was
 
 
 # --- versions: an old client, an old node -------------------------------------------------------

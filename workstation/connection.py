@@ -18,8 +18,10 @@ CA pin). The steps, in the seed's order:
       certificate of (b) must come from that CA (or the pinned one), a verified handshake
       (chain and IP/name) must succeed; then the settings dir: ``settings.json``, ``ca.pem``,
       ``client.pem``, ``client.key`` (0600), replaced as one set (``settings_files``: a run
-      cut short leaves the old set or a new one the next run completes); a request with them
-      must succeed; then "restart the client to finish".
+      cut short leaves the old set or a new one the next run completes) once a request with
+      the new set, staged beside the old one, has succeeded (a set that fails it is not
+      written); then "restart the client to finish". The settings dir is checked (ours,
+      writable) before the password is asked for: after the exchange a run has enrolled.
 
 Each password attempt costs one exchange with the node, which counts the failures (backoff,
 429 with Retry-After). The client never falls back to protocol 1: a node that speaks only that
@@ -32,7 +34,7 @@ Exit codes (every error is one line on stderr; the password is never printed):
 
     0   done: settings written, restart the client
     1   other failure (unexpected answer, settings dir not writable, check with the new
-        settings failed, aborted at a prompt)
+        settings failed: nothing written, aborted at a prompt)
     2   usage: bad URL, option, CA pin syntax, a password file that is empty/unreadable or
         that group or others may access (chmod 600 it), or a password (typed or in the file)
         no password may be (white space around it, a control character): refused before
@@ -437,8 +439,13 @@ class TestConnection:
             client_fingerprint=None if cert is None else pki.fingerprint(cert),
             settings_dir=o.settings_dir,
         )
-        self.write_settings(result, trusted_pem, client_pem, key_pem)
-        self.check_settings(server, result)
+        self.write_settings(
+            result,
+            trusted_pem,
+            client_pem,
+            key_pem,
+            check=lambda staged: self.check_settings(server, result, staged),
+        )
         return result
 
     # (b)
@@ -779,9 +786,12 @@ class TestConnection:
         ca_pem: bytes,
         client_pem: bytes | None,
         key_pem: bytes | None,
+        check: Callable[[Path], None] | None = None,
     ) -> None:
         """The settings dir's files, replaced as one set (``settings_files``): a run cut short
-        leaves the old set or a new one the next run completes, never a mix."""
+        leaves the old set or a new one the next run completes, never a mix. ``check`` (the
+        request with them) runs on the new set staged, before it is committed: a set that
+        fails it is not written (audit s39ws M5: it replaced a working one)."""
         d = result.settings_dir
         settings = {
             "version": SETTINGS_VERSION,
@@ -802,7 +812,7 @@ class TestConnection:
             files |= {"client.key": (key_pem, PRIVATE), "client.pem": (client_pem, PUBLIC)}
         try:
             make_private_dir(d)
-            settings_files.replace(d, files)
+            settings_files.replace(d, files, check)
         except OSError as exc:
             raise ClientError(
                 Exit.FAILURE, f"cannot write the settings to {d}: {exc.strerror or exc}"
@@ -838,9 +848,10 @@ class TestConnection:
         if done is not None:
             self.ui.say(f"settings  an interrupted run's new settings {done.value} in {d}")
 
-    def check_settings(self, server: ServerURL, result: Result) -> None:
-        d = result.settings_dir
+    def check_settings(self, server: ServerURL, result: Result, d: Path) -> None:
+        """A request with the settings in ``d`` (the new set, staged) must succeed."""
         enrolled = result.client_fingerprint is not None
+        kept = "nothing written, the settings before are kept"
         context = client_context(
             (d / "ca.pem").read_bytes(),
             cert_file=d / "client.pem" if enrolled else None,
@@ -864,12 +875,12 @@ class TestConnection:
             )
             raise ClientError(
                 Exit.FAILURE,
-                f"settings written, but a request with them failed: {exc.detail}{hint}",
+                f"a request with the new settings failed ({kept}): {exc.detail}{hint}",
             ) from None
         if reply.status != 200 and not (not enrolled and reply.status in (401, 403)):
             raise ClientError(
                 Exit.FAILURE,
-                f"settings written, but {server.url} answered HTTP {reply.status} with them",
+                f"{server.url} answered HTTP {reply.status} with the new settings ({kept})",
             )
         self.ui.say(f"check     https request with the new settings: HTTP {reply.status}")
 
