@@ -251,11 +251,47 @@ def test_url_accepted(url: str, expected: tuple[str, int, str]) -> None:
         "https://192.168.1.5:99999/a/",
         "https://[::1",  # urlsplit raises ValueError: it was a traceback
         "https://[zz]:8443/app/",
+        # Audit s39ws M6: http.client refuses these (InvalidURL, taken as "client certificate
+        # required": the run enrolled and wrote an address nothing could use), or cannot
+        # encode them (a traceback), or urlsplit drops them without a word (a tab, a newline)
+        "https://192.168.1.5:8443/praxis live/",
+        "https://192.168.1.5:8443/praxis\tlive/",
+        "https://192.168.1.5:8443/praxis\nlive/",
+        "https://192.168.1.5:8443/praxis\x7flive/",
+        "https://192.168.1.5:8443/praxis\x00live/",
+        "https://192.168.1.5:8443/präxis/",
+        "https://192.168.1.5:8443/praxis\u200blive/",
+        "https://192.168.1.5\t:8443/praxis_live/",
     ],
 )
 def test_url_usage_errors(url: str) -> None:
-    with pytest.raises(click.BadParameter):
+    with pytest.raises(click.BadParameter) as err:
         workstation.check_url(url)
+    assert "\n" not in err.value.format_message()
+
+
+async def test_an_app_path_with_a_space_is_refused_before_anything_is_sent(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+    logs: list[MutableMapping[str, Any]],
+) -> None:
+    """Audit s39ws M6: the run took http.client's refusal for a server that wants a client
+    certificate, enrolled and wrote an address nothing could use. Exit 2, one line."""
+    node = nodes["tls"]
+    async with bootstrap_on(node, test_ca):
+        run = await run_cli(
+            f"https://{node.address}:8443/praxis live/",
+            "--password-file",
+            password_file(PASSWORD),
+            "--yes",
+        )
+    assert run.code == 2 == int(Exit.USAGE), run.err
+    assert "space" in run.error and "%20" in run.error, run.error
+    assert "bootstrap.exchange_started" not in [e["event"] for e in logs]
+    assert not (tmp_path / "settings").exists()
 
 
 @pytest.mark.parametrize(

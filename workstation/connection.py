@@ -156,6 +156,17 @@ def _netloc(host: str, port: int) -> str:
 def check_url(text: str) -> ServerURL:
     """Check the new server address; ClientError(OLD_HTTP) or click.BadParameter if wrong."""
     example = "https://HOST:8443/APP/, e.g. https://192.168.1.5:8443/praxis_live/"
+    # Before urlsplit, which drops a tab or a line end without a word; http.client refuses a
+    # space or control character (InvalidURL, once taken for "client certificate required")
+    # and cannot send a non-ASCII path (audit s39ws M6).
+    for position, char in enumerate(text.strip(), 1):
+        if char.isspace() or not char.isprintable():
+            what = "a space" if char == " " else f"a space or control character (U+{ord(char):04X})"
+            raise click.BadParameter(
+                f"the address has {what} at position {position}; an address has none (a space "
+                f"in the app path is written %20); use {example}",
+                param_hint="URL",
+            )
     try:
         parts = urlsplit(text.strip())
         hostname = parts.hostname  # a bracketed host that is no IPv6 address raises here
@@ -181,6 +192,13 @@ def check_url(text: str) -> ServerURL:
             f"{text!r} has an invalid port; use {example}", param_hint="URL"
         ) from None
     path = parts.path or "/"
+    if not path.isascii():
+        char = next(c for c in path if not c.isascii())
+        raise click.BadParameter(
+            f"the app path has a character an address cannot carry as it is (U+{ord(char):04X}); "
+            f"write it percent-encoded, as the address in your notice; use {example}",
+            param_hint="URL",
+        )
     if not path.endswith("/"):
         path += "/"
     host = hostname
