@@ -752,6 +752,48 @@ async def test_bootstrap_port_closed(nodes: dict[str, ServerNode], run_cli: Any)
     assert run.code == 8 and "bootstrap port 9444" in run.error
 
 
+@asynccontextmanager
+async def plain_http_on(address: str, port: int) -> AsyncIterator[None]:
+    """Another program on the bootstrap port: a plain http server answering everything."""
+
+    async def answer(_request: web.Request) -> web.Response:
+        return web.Response(text="hello from elsewhere")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, address, port).start()
+        yield
+    finally:
+        await runner.cleanup()
+
+
+async def test_another_program_on_the_bootstrap_port_is_found_before_the_password(
+    nodes: dict[str, ServerNode], run_cli: Any, password_file: Callable[[str], str]
+) -> None:
+    """Audit s39ws M3: the port check only connected, so a port another program holds passed,
+    the password was asked for, and then came "TLS ... wrong version number" (exit 6), or "is
+    this the tlsroll bootstrap port?" (exit 1) from a TLS program. The check fetches the
+    node's hello, before the password: exit 8, what to do."""
+    node = nodes["tls"]
+    says = f"port {{}} on {node.address} answers, but not as the bootstrap service"
+    async with plain_http_on(node.address, BOOTSTRAP_PORT):
+        # asked for (not a terminal here: that would be exit 2), the password would come first
+        asked = await run_cli(node.url, "--yes")
+        with_file = await run_cli(node.url, "--yes", "--password-file", password_file(PASSWORD))
+    for run in (asked, with_file):
+        assert run.code == 8 == int(Exit.BOOTSTRAP_PORT), run.err
+        assert says.format(9443) in run.error and "enter the port from your notice" in run.error
+    # A TLS program: the managed server's own https port given as the bootstrap port
+    tls = await run_cli(
+        node.url, "--bootstrap-port", "8443", "--password-file", password_file(PASSWORD)
+    )
+    assert tls.code == 8, tls.err
+    assert says.format(8443) in tls.error and "HTTP 404" in tls.error, tls.error
+
+
 async def test_sealed_answer_altered_in_transit(
     nodes: dict[str, ServerNode],
     test_ca: pki.CertificateAuthority,

@@ -8,10 +8,11 @@ CA pin). The steps, in the seed's order:
   (b) TLS handshake and the app path answering; the certificate's fingerprint is shown (not
       trusted yet: the CA is not known);
   (c) the port check: the bootstrap port (9443, "Bootstrap port (Enter = 9443; …):" to confirm
-      or change; ``--bootstrap-port`` or ``--yes`` for scripts) must accept connections;
-  (d) the password (no echo, or ``--password-file``), asked before anything is sent; the
-      node's hello (name, the password's salt and scrypt parameters, its CA; with
-      ``--ca-pin`` the CA must match the pin here already);
+      or change; ``--bootstrap-port`` or ``--yes`` for scripts) must answer with the node's
+      hello (name, the password's salt and scrypt parameters, its CA; with ``--ca-pin`` the
+      CA must match the pin here already): a port another program holds is found here;
+  (d) the password (no echo, or ``--password-file``), asked before anything secret is sent
+      and held to the password file's rule;
   (e) a key and CSR (``ws-<host name>``, the key never leaves the workstation) and the
       password exchange (``tlsroll.bootstrap_protocol``: SPAKE2, key confirmation both ways;
       the CSR goes sealed, the CA bundle and the client certificate come back sealed). The
@@ -44,7 +45,7 @@ Exit codes (every error is one line on stderr; the password is never printed):
     5   connection refused on the server port (wrong port, or the server is not running)
     6   TLS failure (handshake failed, not TLS on that port)
     7   the app path does not answer (wrong APP path)
-    8   bootstrap port closed (9443 or the one given)
+    8   bootstrap port closed (9443 or the one given), or another program answers on it
     9   wrong password: the node did not accept it
     10  not the cluster's node: certificate not from the expected CA, the CA does not match
         --ca-pin, or the node could not prove that it knows the password
@@ -400,8 +401,10 @@ class TestConnection:
         server = check_url(o.url)
         self.ui.say(f"address   {server.url}")
         server_cert = self.check_server(server)
-        port = self.check_bootstrap_port(server)
+        port, hello = self.check_bootstrap_port(server)
         where = _netloc(server.host, port)
+        # A wrong CA is reported as such, before the password is asked for.
+        pinned = self._pinned(hello.ca_bundle_pem) if self.pin is not None else None
         self.check_settings_dir()
         secret = None
         if o.enrol:
@@ -412,9 +415,6 @@ class TestConnection:
             # guess, and no password may be so (audit s39ws M4).
             if (why := password_problem(secret)) is not None:
                 raise ClientError(Exit.USAGE, f"the password entered {why}; nothing was sent")
-        hello = self.fetch_hello(server.host, port)
-        # A wrong CA is reported as such, before the password is used.
-        pinned = self._pinned(hello.ca_bundle_pem) if self.pin is not None else None
         node, node_url = hello.node, hello.server_url
         cert = key = None
         # The whole bundle: intermediates to build the server's chain with (a practice's own
@@ -548,7 +548,10 @@ class TestConnection:
         return x509.load_der_x509_certificate(reply.peer_der)
 
     # (c)
-    def check_bootstrap_port(self, server: ServerURL) -> int:
+    def check_bootstrap_port(self, server: ServerURL) -> tuple[int, proto.Hello]:
+        """The bootstrap port, and the node's hello from it: a port that only accepts
+        connections may be another program's, found out before the password is asked for
+        (audit s39ws M3: then came a TLS "wrong version number")."""
         o = self.o
         if o.bootstrap_port is not None:
             port = o.bootstrap_port
@@ -556,12 +559,9 @@ class TestConnection:
             port = BOOTSTRAP_PORT
         else:
             port = self.ui.ask_port(BOOTSTRAP_PORT)
-        try:
-            connect(server.host, port, o.timeout).close()
-        except NetError as exc:
-            raise self._port_closed(server.host, port, exc.detail) from None
-        self.ui.say(f"port      bootstrap port {port} reachable")
-        return port
+        hello = self.fetch_hello(server.host, port)
+        self.ui.say(f"port      bootstrap port {port} reachable, the bootstrap service answers")
+        return port, hello
 
     @staticmethod
     def _port_closed(host: str, port: int, detail: str) -> ClientError:
@@ -592,18 +592,36 @@ class TestConnection:
     def fetch_hello(self, host: str, port: int) -> proto.Hello:
         """The node's public hello: its name, the password's salt and parameters, its CA."""
         where = _netloc(host, port)
-        reply = self._call(host, port, "GET", proto.HELLO_PATH)
+        try:
+            reply = request(
+                host, port, "GET", proto.HELLO_PATH, self.context, timeout=self.o.timeout
+            )
+        except NetError as exc:
+            if exc.kind in ("refused", "unreachable"):
+                raise self._port_closed(host, port, exc.detail) from None
+            if exc.kind == "tls" and exc.reason in _NOT_TLS:
+                raise self._not_bootstrap(host, port, "not TLS") from None
+            raise ClientError(
+                Exit.TLS, f"TLS with the bootstrap port {where} failed: {exc.detail}"
+            ) from None
         if reply.status == 404:
             raise self._too_old(host, port)
         if reply.status != 200:
-            raise ClientError(
-                Exit.FAILURE,
-                f"{where} answered HTTP {reply.status}: is this the tlsroll bootstrap port?",
-            )
+            raise self._not_bootstrap(host, port, f"HTTP {reply.status}")
         try:
             return proto.parse_hello(reply.body)
         except proto.BootstrapError as exc:
-            raise ClientError(Exit.FAILURE, f"{where}: {exc}") from None
+            if exc.reason is proto.BootstrapReason.VERSION or _versioned(reply.body):
+                raise ClientError(Exit.FAILURE, f"{where}: {exc}") from None
+            raise self._not_bootstrap(host, port, "no bootstrap hello") from None
+
+    @staticmethod
+    def _not_bootstrap(host: str, port: int, detail: str) -> ClientError:
+        return ClientError(
+            Exit.BOOTSTRAP_PORT,
+            f"port {port} on {host} answers, but not as the bootstrap service ({detail}; another "
+            "program?); enter the port from your notice (at the port prompt, or --bootstrap-port)",
+        )
 
     def _too_old(self, host: str, port: int) -> ClientError:
         """No /v2 there: an agent that speaks only protocol 1 (never used: it would let a fake
@@ -618,9 +636,7 @@ class TestConnection:
                     f"the node at {where} is too old: its tlsroll agent speaks bootstrap protocol "
                     "1, which this client does not use; upgrade the agent (tlsroll) on the node",
                 )
-        return ClientError(
-            Exit.FAILURE, f"{where} answered HTTP 404: is this the tlsroll bootstrap port?"
-        )
+        return self._not_bootstrap(host, port, "HTTP 404")
 
     def _pinned(self, bundle_pem: bytes) -> list[x509.Certificate]:
         certs = self._cas(bundle_pem)
@@ -910,6 +926,15 @@ def proto_pin(text: str | None) -> str | None:
         return pki.parse_pin(text)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--ca-pin") from None
+
+
+def _versioned(body: bytes) -> bool:
+    """True if ``body`` is a JSON object with a version: a bootstrap service's answer, if a
+    malformed one (not another program's)."""
+    with contextlib.suppress(ValueError, UnicodeDecodeError):
+        data = proto.loads_strict(body)
+        return isinstance(data, dict) and "version" in data
+    return False
 
 
 def _error_of(reply: Reply) -> tuple[str, str]:
