@@ -243,13 +243,6 @@ class Reply:
     peer_der: bytes | None
 
 
-def connect(host: str, port: int, timeout: float) -> socket.socket:
-    try:
-        return socket.create_connection((host, port), timeout=timeout)
-    except OSError as exc:
-        raise _connect_error(exc, host, timeout) from None
-
-
 def _connect_error(exc: OSError, host: str, timeout: float) -> NetError:
     """What a failed TCP connect to ``host`` means to the admin."""
     if isinstance(exc, ConnectionRefusedError) or exc.errno == errno.ECONNREFUSED:
