@@ -308,18 +308,31 @@ def test_url_old_http(url: str) -> None:
 
 
 async def test_node_still_on_http(nodes: dict[str, ServerNode], run_cli: Any) -> None:
+    """A node on http: not switched yet, or switched back (audit s39ws M7: after a rollback
+    http was "the old address" and https "the new one", which did not answer)."""
     node = nodes["http"]
     assert node.server.request("GET").status == 200  # really serving the app on 8080
     old = f"http://{node.address}:8080{APP}"
     run = await run_cli(old, "--yes")
     assert run.code == 3
     assert run.error == (
-        f"tlsroll: error: {old} is the old unencrypted address; "
-        f"the new one is https://{node.address}:8443{APP}"
+        f"tlsroll: error: {old} is an unencrypted address, and https://{node.address}:8443{APP}"
+        " does not answer: the node is not switched to https yet, or switched back; nothing to"
+        " set up now"
     )
     run = await run_cli(f"https://{node.address}:8443{APP}", "--yes")
     assert run.code == 3
-    assert "still on http" in run.error and old in run.error
+    assert "still on http (not switched yet, or switched back)" in run.error and old in run.error
+    assert "old" not in run.error.replace(old, "")
+    # switched: http is the old address, and the new one is named
+    switched = nodes["tls"]
+    http = f"http://{switched.address}:8080{APP}"
+    run = await run_cli(http, "--yes")
+    assert run.code == 3
+    assert run.error == (
+        f"tlsroll: error: {http} is the old unencrypted address; "
+        f"the new one is https://{switched.address}:8443{APP}"
+    )
 
 
 # --- the happy paths ----------------------------------------------------------------------------

@@ -40,7 +40,8 @@ Exit codes (every error is one line on stderr; the password is never printed):
         that group or others may access (chmod 600 it), or a password (typed or in the file)
         no password may be (white space around it, a control character): refused before
         anything is sent
-    3   http instead of https: the old unencrypted address, or a node still on http
+    3   http instead of https: an http address, or a node still on http (not switched yet, or
+        switched back)
     4   host unreachable (no route, no answer, name not resolved)
     5   connection refused on the server port (wrong port, or the server is not running)
     6   TLS failure (handshake failed, not TLS on that port)
@@ -154,6 +155,19 @@ def _netloc(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+class OldAddress(ClientError):
+    """An http address (or port 8080) where the https one is wanted: ``https`` is where the
+    new one would be. The message calls it the old address; ``TestConnection`` says so only
+    if https answers there (audit s39ws M7: after a rollback it was "the old address")."""
+
+    def __init__(self, given: str, https: ServerURL) -> None:
+        super().__init__(
+            Exit.OLD_HTTP, f"{given} is the old unencrypted address; the new one is {https.url}"
+        )
+        self.given = given
+        self.https = https
+
+
 def check_url(text: str) -> ServerURL:
     """Check the new server address; ClientError(OLD_HTTP) or click.BadParameter if wrong."""
     example = "https://HOST:8443/APP/, e.g. https://192.168.1.5:8443/praxis_live/"
@@ -204,11 +218,7 @@ def check_url(text: str) -> ServerURL:
         path += "/"
     host = hostname
     if scheme == "http" or port == HTTP_PORT:
-        new = f"https://{_netloc(host, HTTPS_PORT)}{path}"
-        raise ClientError(
-            Exit.OLD_HTTP,
-            f"{text.strip()} is the old unencrypted address; the new one is {new}",
-        )
+        raise OldAddress(text.strip(), ServerURL(host, HTTPS_PORT, path))
     if port is None:
         raise click.BadParameter(f"the address needs the port; use {example}", param_hint="URL")
     if path == "/":
@@ -391,7 +401,16 @@ class TestConnection:
     def run(self) -> Result:
         o = self.o
         self.finish_settings()
-        server = check_url(o.url)
+        try:
+            server = check_url(o.url)
+        except OldAddress as exc:
+            if self._answers_https(exc.https):
+                raise
+            raise ClientError(
+                Exit.OLD_HTTP,
+                f"{exc.given} is an unencrypted address, and {exc.https.url} does not answer: "
+                "the node is not switched to https yet, or switched back; nothing to set up now",
+            ) from None
         self.ui.say(f"address   {server.url}")
         server_cert = self.check_server(server)
         port, hello = self.check_bootstrap_port(server)
@@ -459,6 +478,21 @@ class TestConnection:
         )
         return result
 
+    def _answers_https(self, server: ServerURL) -> bool:
+        """True if ``server`` answers https (a TLS handshake, whatever comes after it)."""
+        try:
+            request(
+                server.host,
+                server.port,
+                "GET",
+                server.app_path,
+                self.context,
+                timeout=self.o.timeout,
+            )
+        except NetError as exc:
+            return exc.kind == "dropped"
+        return True
+
     # (b)
     def check_server(self, server: ServerURL) -> x509.Certificate:
         o = self.o
@@ -478,8 +512,9 @@ class TestConnection:
                 if answers_plain_http(server.host, HTTP_PORT, server.app_path, o.timeout):
                     raise ClientError(
                         Exit.OLD_HTTP,
-                        f"{server.netloc} refuses https, but the old unencrypted address {old} "
-                        "answers: this node is still on http (not switched yet)",
+                        f"{server.netloc} refuses https, but the unencrypted address {old} "
+                        "answers: this node is still on http (not switched yet, or switched "
+                        "back)",
                     ) from None
                 raise ClientError(
                     Exit.REFUSED,
@@ -498,8 +533,9 @@ class TestConnection:
             ):
                 raise ClientError(
                     Exit.OLD_HTTP,
-                    f"{server.netloc} answers unencrypted http, not https: this is still the "
-                    "old address, or the node is not switched yet",
+                    f"{server.netloc} answers unencrypted http, not https: not the encrypted "
+                    "address (see your notice), or the node is not switched yet, or switched "
+                    "back",
                 ) from None
             if exc.kind == "dropped" and exc.peer_der is not None:
                 return self._server_cert_without_answer(server, exc)
