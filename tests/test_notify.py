@@ -286,6 +286,28 @@ def test_nodes_switched_before_are_listed_as_such(lang: str, fmt: str, says: str
     assert "node-l" not in again
 
 
+@pytest.mark.parametrize(("lang", "fmt"), ALL)
+@pytest.mark.parametrize("change", ["enable-tls", "change-password"])
+def test_the_command_line_check_is_given_per_node(lang: str, fmt: str, change: str) -> None:
+    """Audit s39ws H2: the notice's one runnable command was built from the first node, so a
+    workstation of another node that copied it got that node's address and bootstrap port.
+    Each node (and one an earlier rollout switched) has its own command now."""
+    a = NoticeNode("node-a", "http://192.168.1.5:8080/x/", "https://192.168.1.5:8443/x/")
+    b = NoticeNode("node-b", "http://192.168.1.6:8080/x/", "https://192.168.1.6:8443/x/", 9543)
+    before = NoticeNode("node-l", "", "https://192.168.1.4:8443/x/", 9643)
+    text = render_notice(info(change=change, nodes=(a, b), already=(before,)), lang=lang, fmt=fmt)
+    command = "tlsroll client test-connection {} --ca-pin " + PIN
+    assert command.format(a.new_url) + " --bootstrap-port" not in text  # not node-b's port
+    for node, port in ((a, ""), (b, " --bootstrap-port 9543")):
+        assert text.count(command.format(node.new_url) + port) == 1, (node, text)
+    assert (command.format(before.new_url) + " --bootstrap-port 9643" in text) is (
+        change == "enable-tls"
+    )
+    alone = render_notice(info(change=change, nodes=(b,)), lang=lang, fmt=fmt)
+    assert alone.count("tlsroll client test-connection") == 1
+    assert command.format(b.new_url) + " --bootstrap-port 9543" in alone
+
+
 V = Change.ENABLE_TLS
 
 

@@ -185,6 +185,24 @@ def test_notify_before_during_and_after(world: World, tmp_path: Path) -> None:
     for node in world.nodes:
         assert f"neu http://{node.address}:8080/praxis_live/" in back
     assert "Authentifizierungspasswort eingeben" not in back
+
+    # --- the way back (audit s39ws H1): the notice about it sends the staff to http, as the
+    # announcement did, not to the https port the rollback closed
+    undo = world.cli("rollout", "rollback", "--yes")
+    assert undo.returncode == 0, undo.stderr
+    wait_until(
+        lambda: world.schema()["rollouts"][0]["state"] in ("completed", "halted", "aborted"),
+        90,
+        "the way back",
+    )
+    undone = world.schema()["rollouts"][0]
+    assert (undone["change"], undone["state"]) == ("disable-tls", "completed"), undone
+    done = ok(world.cli("notify", "--timezone", "Europe/Berlin"))
+    assert done.startswith("Rückkehr zur unverschlüsselten Verbindung (http)")
+    for node in world.nodes:
+        assert f"neu http://{node.address}:8080/praxis_live/" in done, done
+        assert f"(vorher https://{node.address}:8443/praxis_live/)" in done, done
+    assert "neu https" not in done, done
     for out in world.outputs:  # no password anywhere but in the notices that asked for it
         if "WARNUNG" not in out and "WARNING" not in out:
             assert PW1 not in out and PW2 not in out

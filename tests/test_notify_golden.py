@@ -2,7 +2,8 @@
 rotate-cert, disable-tls) at every point (announced, running, done) in German and English, each
 format (text, markdown, html), with and without the password, and the odd cases (a first switch
 whose app path no agent has reported yet, a range over midnight, a range over the change to
-summer time, a rollout that left nodes unchanged, one node on its own port).
+summer time, a rollout that left nodes unchanged, one node on its own port, two nodes on different
+bootstrap ports).
 
 The files are in ``tests/data/notify/``, named ``<case>.<lang>.<ext>``. After a deliberate
 change of wording, regenerate them and read the diff sentence by sentence before committing:
@@ -134,6 +135,19 @@ CASES["enable-tls.done.own-port.markdown"] = (
         practice="Praxis *Dr.* [Muster](http://evil) <b>",
     ),
     "markdown",
+    None,
+)
+# Audit s39ws H2: two nodes, the second on its own bootstrap port: a command per node.
+CASES["change-password.announced.own-port"] = (
+    info(
+        "change-password",
+        "announced",
+        nodes=(
+            NoticeNode(NAMES[0], HTTPS[0], HTTPS[0]),
+            NoticeNode(NAMES[1], HTTPS[1], HTTPS[1], bootstrap_port=9543),
+        ),
+    ),
+    "text",
     None,
 )
 CASES["enable-tls.done.escaping.html"] = (

@@ -14,11 +14,14 @@ import errno
 import io
 import json
 import os
+import pty
+import select
 import socket
 import stat
 import subprocess
 import sys
 import tarfile
+import time
 from collections.abc import AsyncIterator, Callable, Iterator, MutableMapping
 from contextlib import asynccontextmanager, suppress
 from dataclasses import dataclass
@@ -32,6 +35,7 @@ import structlog
 from aiohttp import web
 
 from nodeagent.bootstrap_server import BootstrapService
+from tests.cluster import child_env, command
 from tests.conftest import IssuedCert, next_loopback
 from tests.refserver_helper import RefServer, http_request
 from tests.test_bootstrap import (
@@ -39,6 +43,7 @@ from tests.test_bootstrap import (
     PASSWORD,
     TIMEOUT,
     Node,
+    ca_signer,
     make_service,
     secrets_in,
 )
@@ -246,11 +251,47 @@ def test_url_accepted(url: str, expected: tuple[str, int, str]) -> None:
         "https://192.168.1.5:99999/a/",
         "https://[::1",  # urlsplit raises ValueError: it was a traceback
         "https://[zz]:8443/app/",
+        # Audit s39ws M6: http.client refuses these (InvalidURL, taken as "client certificate
+        # required": the run enrolled and wrote an address nothing could use), or cannot
+        # encode them (a traceback), or urlsplit drops them without a word (a tab, a newline)
+        "https://192.168.1.5:8443/praxis live/",
+        "https://192.168.1.5:8443/praxis\tlive/",
+        "https://192.168.1.5:8443/praxis\nlive/",
+        "https://192.168.1.5:8443/praxis\x7flive/",
+        "https://192.168.1.5:8443/praxis\x00live/",
+        "https://192.168.1.5:8443/präxis/",
+        "https://192.168.1.5:8443/praxis\u200blive/",
+        "https://192.168.1.5\t:8443/praxis_live/",
     ],
 )
 def test_url_usage_errors(url: str) -> None:
-    with pytest.raises(click.BadParameter):
+    with pytest.raises(click.BadParameter) as err:
         workstation.check_url(url)
+    assert "\n" not in err.value.format_message()
+
+
+async def test_an_app_path_with_a_space_is_refused_before_anything_is_sent(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+    logs: list[MutableMapping[str, Any]],
+) -> None:
+    """Audit s39ws M6: the run took http.client's refusal for a server that wants a client
+    certificate, enrolled and wrote an address nothing could use. Exit 2, one line."""
+    node = nodes["tls"]
+    async with bootstrap_on(node, test_ca):
+        run = await run_cli(
+            f"https://{node.address}:8443/praxis live/",
+            "--password-file",
+            password_file(PASSWORD),
+            "--yes",
+        )
+    assert run.code == 2 == int(Exit.USAGE), run.err
+    assert "space" in run.error and "%20" in run.error, run.error
+    assert "bootstrap.exchange_started" not in [e["event"] for e in logs]
+    assert not (tmp_path / "settings").exists()
 
 
 @pytest.mark.parametrize(
@@ -267,18 +308,31 @@ def test_url_old_http(url: str) -> None:
 
 
 async def test_node_still_on_http(nodes: dict[str, ServerNode], run_cli: Any) -> None:
+    """A node on http: not switched yet, or switched back (audit s39ws M7: after a rollback
+    http was "the old address" and https "the new one", which did not answer)."""
     node = nodes["http"]
     assert node.server.request("GET").status == 200  # really serving the app on 8080
     old = f"http://{node.address}:8080{APP}"
     run = await run_cli(old, "--yes")
     assert run.code == 3
     assert run.error == (
-        f"tlsroll: error: {old} is the old unencrypted address; "
-        f"the new one is https://{node.address}:8443{APP}"
+        f"tlsroll: error: {old} is an unencrypted address, and https://{node.address}:8443{APP}"
+        " does not answer: the node is not switched to https yet, or switched back; nothing to"
+        " set up now"
     )
     run = await run_cli(f"https://{node.address}:8443{APP}", "--yes")
     assert run.code == 3
-    assert "still on http" in run.error and old in run.error
+    assert "still on http (not switched yet, or switched back)" in run.error and old in run.error
+    assert "old" not in run.error.replace(old, "")
+    # switched: http is the old address, and the new one is named
+    switched = nodes["tls"]
+    http = f"http://{switched.address}:8080{APP}"
+    run = await run_cli(http, "--yes")
+    assert run.code == 3
+    assert run.error == (
+        f"tlsroll: error: {http} is the old unencrypted address; "
+        f"the new one is https://{switched.address}:8443{APP}"
+    )
 
 
 # --- the happy paths ----------------------------------------------------------------------------
@@ -412,6 +466,137 @@ async def test_a_re_enrolment_cut_short_anywhere_leaves_the_old_set_or_the_new(
     assert at > 20, outcomes  # staged, committed, moved, cleaned: well over 20 changes
     # Cut short before its commit a run leaves the old set, after it the new one.
     assert any(not new for _, new in outcomes) and any(new for _, new in outcomes)
+
+
+@pytest.mark.parametrize("case", ["below a plain file", "another user's"])
+async def test_a_settings_dir_it_cannot_use_is_refused_before_the_password(
+    case: str,
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+    logs: list[MutableMapping[str, Any]],
+) -> None:
+    """Audit s39ws M1: the settings dir was made and checked only after the exchange, so a run
+    that could not write its settings had enrolled already, and the leader revokes the
+    working certificate of the same name when it signs a new one. The dir is checked before
+    the password is asked for: exit 1, one line, no exchange, nothing signed, the old set
+    kept."""
+    if case == "another user's" and os.geteuid() != 0:
+        pytest.skip("only root can give the settings dir to another user")
+    node = nodes["mtls"]
+    d = tmp_path / "settings"
+    if case == "below a plain file":  # (a plain file itself is a usage error, exit 2)
+        d = tmp_path / "file" / "settings"
+    signed: list[bytes] = []
+    sign = ca_signer(test_ca)
+
+    async def counting(csr_pem: bytes) -> Any:
+        signed.append(csr_pem)
+        return await sign(csr_pem)
+
+    args = (node.url, "--password-file", password_file(PASSWORD), "--yes", "--settings-dir", str(d))
+    async with bootstrap_on(node, test_ca, sign=counting):
+        if case == "below a plain file":
+            d.parent.write_bytes(b"not a directory")
+            before: dict[str, bytes] = {}
+        else:
+            assert (await run_cli(*args)).code == 0
+            before = settings_set(d)
+            os.chown(d, 65534, 65534)
+        signed.clear()
+        seen = len(logs)
+        run = await run_cli(*args)
+    assert run.code == 1 == int(Exit.FAILURE), run.err
+    assert str(d) in run.error and "settings" in run.error, run.error
+    assert signed == []  # the leader signed (and revoked) nothing
+    events = [e["event"] for e in run.logs[seen:]]
+    assert "bootstrap.exchange_started" not in events and "bootstrap.enrolled" not in events
+    if before:
+        assert settings_set(d) == before
+        os.chown(d, 0, 0)
+        ctx = client_context(
+            before["ca.pem"], cert_file=d / "client.pem", key_file=d / "client.key"
+        )
+        assert node.server.request("GET", scheme="https", context=ctx).status == 200
+    else:
+        assert d.parent.read_bytes() == b"not a directory"
+
+
+def on_terminal(argv: list[str], answer: str, timeout: float = 60) -> tuple[int, str]:
+    """``tlsroll ARGV`` on a pseudo-terminal that is its controlling terminal (the password
+    prompt reads it with no echo); ``answer`` typed at the password prompt. The exit code and
+    the screen."""
+    master, slave = pty.openpty()
+    # The new session's leader takes the pty as its terminal, then becomes tlsroll (no
+    # preexec_fn: the test's event loop runs in another thread).
+    take_terminal = (
+        "import fcntl, os, sys, termios; fcntl.ioctl(0, termios.TIOCSCTTY, 0); "
+        "os.execv(sys.argv[1], sys.argv[1:])"
+    )
+    proc = subprocess.Popen(
+        [sys.executable, "-c", take_terminal, *command("tlsroll", "tlsroll"), *argv],
+        stdin=slave,
+        stdout=slave,
+        stderr=slave,
+        env=child_env(),
+        start_new_session=True,
+    )
+    os.close(slave)
+    screen, typed = b"", False
+    deadline = time.monotonic() + timeout
+    try:
+        while proc.poll() is None and time.monotonic() < deadline:
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    screen += os.read(master, 65536)
+                except OSError:  # EIO: the program closed the terminal
+                    break
+            if not typed and b"not shown as you type" in screen:
+                os.write(master, answer.encode() + b"\n")
+                typed = True
+        code = proc.wait(max(deadline - time.monotonic(), 1))
+        with suppress(OSError):
+            while select.select([master], [], [], 0.1)[0] and (chunk := os.read(master, 65536)):
+                screen += chunk
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        os.close(master)
+    assert typed, screen
+    return code, screen.decode(errors="replace")
+
+
+async def test_a_typed_password_with_white_space_around_it_is_refused_unsent(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    tmp_path: Path,
+    logs: list[MutableMapping[str, Any]],
+) -> None:
+    """Audit s39ws M4: a password typed or pasted with a space before or after it was sent,
+    and the node counted it as a wrong guess, though no password may have one (``password
+    set`` refuses it, as the file reader does). Refused at the workstation, by the file's
+    rule: one line, exit 2, nothing sent, nothing counted; typed as it is, it enrols."""
+    node = nodes["tls"]
+    argv = ["client", "test-connection", node.url, "--yes", "--timeout", "5"]
+    argv += ["--settings-dir", str(tmp_path / "settings")]
+    async with bootstrap_on(node, test_ca):
+        for typed in (f" {PASSWORD}", f"{PASSWORD}\t"):
+            code, screen = await asyncio.to_thread(on_terminal, argv, typed)
+            assert code == 2 == int(Exit.USAGE), screen
+            (line,) = [x for x in screen.splitlines() if x.startswith("tlsroll: error")]
+            assert "the password entered starts or ends with white space" in line, line
+            assert "nothing was sent" in line and PASSWORD not in screen
+            assert not (tmp_path / "settings").exists()
+        events = [e["event"] for e in logs]
+        assert "bootstrap.exchange_started" not in events
+        assert "bootstrap.password_refused" not in events
+        code, screen = await asyncio.to_thread(on_terminal, argv, PASSWORD)
+    assert code == 0, screen
+    assert "restart the client to finish" in screen and PASSWORD not in screen
 
 
 async def test_ca_pin_without_password(
@@ -578,6 +763,48 @@ async def test_bootstrap_port_closed(nodes: dict[str, ServerNode], run_cli: Any)
     assert run.error.startswith(f"tlsroll: error: bootstrap port 9443 on {node.address} is closed")
     run = await run_cli(node.url, "--no-enrol", "--ca-pin", "sha256:" + "0" * 64, stdin="9444\n")
     assert run.code == 8 and "bootstrap port 9444" in run.error
+
+
+@asynccontextmanager
+async def plain_http_on(address: str, port: int) -> AsyncIterator[None]:
+    """Another program on the bootstrap port: a plain http server answering everything."""
+
+    async def answer(_request: web.Request) -> web.Response:
+        return web.Response(text="hello from elsewhere")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", answer)
+    runner = web.AppRunner(app, access_log=None)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, address, port).start()
+        yield
+    finally:
+        await runner.cleanup()
+
+
+async def test_another_program_on_the_bootstrap_port_is_found_before_the_password(
+    nodes: dict[str, ServerNode], run_cli: Any, password_file: Callable[[str], str]
+) -> None:
+    """Audit s39ws M3: the port check only connected, so a port another program holds passed,
+    the password was asked for, and then came "TLS ... wrong version number" (exit 6), or "is
+    this the tlsroll bootstrap port?" (exit 1) from a TLS program. The check fetches the
+    node's hello, before the password: exit 8, what to do."""
+    node = nodes["tls"]
+    says = f"port {{}} on {node.address} answers, but not as the bootstrap service"
+    async with plain_http_on(node.address, BOOTSTRAP_PORT):
+        # asked for (not a terminal here: that would be exit 2), the password would come first
+        asked = await run_cli(node.url, "--yes")
+        with_file = await run_cli(node.url, "--yes", "--password-file", password_file(PASSWORD))
+    for run in (asked, with_file):
+        assert run.code == 8 == int(Exit.BOOTSTRAP_PORT), run.err
+        assert says.format(9443) in run.error and "enter the port from your notice" in run.error
+    # A TLS program: the managed server's own https port given as the bootstrap port
+    tls = await run_cli(
+        node.url, "--bootstrap-port", "8443", "--password-file", password_file(PASSWORD)
+    )
+    assert tls.code == 8, tls.err
+    assert says.format(8443) in tls.error and "HTTP 404" in tls.error, tls.error
 
 
 async def test_sealed_answer_altered_in_transit(
@@ -875,13 +1102,33 @@ async def test_an_exchange_expired_after_the_confirmation_is_final(
 
 
 async def test_pin_only_against_a_server_that_wants_client_certificates(
-    nodes: dict[str, ServerNode], test_ca: pki.CertificateAuthority, run_cli: Any
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
 ) -> None:
+    """The final check fails: nothing is written. Audit s39ws M5: it ran after the new set
+    was committed, so a failing set replaced a working one (here an enrolled workstation's
+    set by one without its client certificate)."""
     node = nodes["mtls"]
+    d = tmp_path / "settings"
     async with bootstrap_on(node, test_ca):
         run = await run_cli(node.url, "--ca-pin", pki.spki_pin(test_ca.cert), "--no-enrol", "--yes")
-    assert run.code == 1
-    assert "wants a client certificate: run again without --no-enrol" in run.error
+        assert run.code == 1
+        assert "wants a client certificate: run again without --no-enrol" in run.error
+        assert "nothing written" in run.error and os.listdir(d) == []
+        enrolled = await run_cli(node.url, "--password-file", password_file(PASSWORD), "--yes")
+        assert enrolled.code == 0, enrolled.err
+        before = settings_set(d)
+        again = await run_cli(
+            node.url, "--ca-pin", pki.spki_pin(test_ca.cert), "--no-enrol", "--yes"
+        )
+    assert again.code == 1
+    assert "wants a client certificate: run again without --no-enrol" in again.error
+    assert "settings written" not in again.out
+    assert sorted(os.listdir(d)) == sorted(SETTINGS_SET)  # no staging left
+    assert not assert_one_set(d, before, node)  # the working set, as it was
 
 
 # --- versions: an old client, an old node -------------------------------------------------------

@@ -20,7 +20,7 @@ from typing import Any
 
 import pytest
 
-from tlsroll.fsutil import PRIVATE, PUBLIC, stage_atomic
+from tlsroll.fsutil import PRIVATE, PUBLIC, private_dir_problem, stage_atomic
 from workstation import settings_files
 from workstation.settings_files import MARKER, STAGING, Finished
 
@@ -227,6 +227,39 @@ def test_a_failed_write_leaves_the_old_set_and_no_staging(
     with pytest.raises(OSError, match="No space left"):
         settings_files.replace(d, files(NEW) | {"ca.pem": (b"ca", PUBLIC)})
     assert contents(d) == OLD
+
+
+def test_a_failed_check_leaves_the_old_set_and_no_staging(d: Path) -> None:
+    """Audit s39ws M5: the check runs on the new set staged (its files there, complete), and
+    what it raises leaves the old set; a passing one lets the set be committed."""
+    seen: list[dict[str, bytes]] = []
+
+    def refuse(staging: Path) -> None:
+        seen.append({p.name: p.read_bytes() for p in staging.iterdir()})
+        raise ValueError("the request with the new set failed")
+
+    with pytest.raises(ValueError, match="new set failed"):
+        settings_files.replace(d, files(NEW), refuse)
+    assert seen == [NEW] and contents(d) == OLD
+    checked: list[Path] = []
+    settings_files.replace(d, files(NEW), checked.append)
+    assert checked == [d / STAGING] and contents(d) == NEW
+
+
+def test_private_dir_problem_creates_nothing(tmp_path: Path) -> None:
+    """Audit s39ws M1: what stops the settings dir, found before the password is asked for."""
+    assert private_dir_problem(tmp_path / "a" / "b") is None
+    assert not (tmp_path / "a").exists()
+    (tmp_path / "file").write_bytes(b"")
+    assert private_dir_problem(tmp_path / "file" / "b") == f"{tmp_path / 'file'} is not a directory"
+    mine = tmp_path / "mine"
+    mine.mkdir(mode=0o500)
+    assert private_dir_problem(mine) is None  # ours: made 0700 when it is written
+    if os.geteuid() == 0:
+        os.chown(mine, 65534, 65534)
+        assert "(uid 65534), not by" in str(private_dir_problem(mine))
+    else:
+        assert "is not writable" in str(private_dir_problem(mine / "sub"))
 
 
 def test_the_steps_hold_the_directory_lock(d: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -211,6 +211,34 @@ def give_file(path: Path, mode: int, owner: tuple[int, int]) -> None:
         os.close(fd)
 
 
+def private_dir_problem(path: Path) -> str | None:
+    """Why ``make_private_dir(path)`` (not strict) would fail, or the directory could not be
+    written, found without creating or changing anything; None if nothing is in the way. For
+    a run that must not start what it cannot finish (a workstation's enrolment)."""
+    path = Path(os.path.abspath(path))
+    existing = path
+    while not os.path.lexists(existing) and existing != existing.parent:
+        existing = existing.parent  # make_private_dir would create the rest
+    try:
+        st = os.stat(existing)
+    except OSError as exc:
+        return f"{existing}: {exc.strerror or exc}"
+    if not stat.S_ISDIR(st.st_mode):
+        return f"{existing} is not a directory"
+    me = os.geteuid()
+    if existing == path:  # ours (it is chmod-ed to 0700 then), on a file system we can write
+        if st.st_uid != me:
+            return (
+                f"{path} is owned by {user_label(st.st_uid)}, not by {user_label(me)} who runs "
+                f"this; run: chown {_user_name(me)} {path}"
+            )
+        if os.statvfs(path).f_flag & os.ST_RDONLY:
+            return f"{path} is on a read-only file system"
+    elif not os.access(existing, os.W_OK | os.X_OK, effective_ids=True):
+        return f"{existing} is not writable by {user_label(me)}"
+    return None
+
+
 def user_label(uid: int) -> str:
     """``name (uid n)``, or ``uid n`` for a uid without a passwd entry."""
     try:

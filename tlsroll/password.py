@@ -159,20 +159,31 @@ def password_from_bytes(data: bytes, path: Path | str) -> str:
         raise PasswordFileError(
             f"{path} has more than one line; the password must be the file's only line"
         )
+    if (why := password_problem(text)) is not None:
+        raise PasswordFileError(f"{path} {why}")
+    return text
+
+
+def password_problem(text: str) -> str | None:
+    """Why ``text`` (a password without its file's line end, or one typed) is no password a
+    workstation could type, as the end of a sentence about it; None if it could be one. The
+    file reader's rule, so that ``password set`` and a workstation refuse the same."""
+    if not text:
+        return "is empty"
     if not text.strip():
-        raise PasswordFileError(f"{path} is empty (white space only)")
+        return "is empty (white space only)"
     if text != text.strip():
-        raise PasswordFileError(
-            f"{path} starts or ends with white space (a space or tab): nobody would type"
-            " it at a workstation; remove it"
+        return (
+            "starts or ends with white space (a space or tab), which no password may have "
+            "(nobody would type it at a workstation): remove it"
         )
     for position, char in enumerate(text, 1):
         if unicodedata.category(char) in INVISIBLE:
-            raise PasswordFileError(
-                f"{path} has an invisible or control character (U+{ord(char):04X}) at position"
-                f" {position}: nobody can type it at a workstation; remove it"
+            return (
+                f"has an invisible or control character (U+{ord(char):04X}) at position "
+                f"{position}, which nobody can type at a workstation: remove it"
             )
-    return text
+    return None
 
 
 def generate_password() -> str:

@@ -84,8 +84,9 @@ def test_connection(
 
     URL is the new address, e.g. https://192.168.1.5:8443/praxis_live/. Exit codes: 0 done,
     1 failure, 2 usage, 3 http instead of https, 4 host unreachable, 5 connection refused,
-    6 TLS failure, 7 app path not found, 8 bootstrap port closed, 9 wrong password,
-    10 not the cluster's node (CA, pin or the node's proof), 11 enrolment refused or rate-limited.
+    6 TLS failure, 7 app path not found, 8 bootstrap port closed or not the bootstrap service,
+    9 wrong password, 10 not the cluster's node (CA, pin or the node's proof), 11 enrolment
+    refused or rate-limited.
     """
     if no_enrol and password_file is not None:
         raise click.UsageError("--no-enrol uses no password; drop --password-file")

@@ -8,18 +8,21 @@ CA pin). The steps, in the seed's order:
   (b) TLS handshake and the app path answering; the certificate's fingerprint is shown (not
       trusted yet: the CA is not known);
   (c) the port check: the bootstrap port (9443, "Bootstrap port (Enter = 9443; …):" to confirm
-      or change; ``--bootstrap-port`` or ``--yes`` for scripts) must accept connections;
-  (d) the password (no echo, or ``--password-file``), asked before anything is sent; the
-      node's hello (name, the password's salt and scrypt parameters, its CA; with
-      ``--ca-pin`` the CA must match the pin here already);
+      or change; ``--bootstrap-port`` or ``--yes`` for scripts) must answer with the node's
+      hello (name, the password's salt and scrypt parameters, its CA; with ``--ca-pin`` the
+      CA must match the pin here already): a port another program holds is found here;
+  (d) the password (no echo, or ``--password-file``), asked before anything secret is sent
+      and held to the password file's rule;
   (e) a key and CSR (``ws-<host name>``, the key never leaves the workstation) and the
       password exchange (``tlsroll.bootstrap_protocol``: SPAKE2, key confirmation both ways;
       the CSR goes sealed, the CA bundle and the client certificate come back sealed). The
       certificate of (b) must come from that CA (or the pinned one), a verified handshake
       (chain and IP/name) must succeed; then the settings dir: ``settings.json``, ``ca.pem``,
       ``client.pem``, ``client.key`` (0600), replaced as one set (``settings_files``: a run
-      cut short leaves the old set or a new one the next run completes); a request with them
-      must succeed; then "restart the client to finish".
+      cut short leaves the old set or a new one the next run completes) once a request with
+      the new set, staged beside the old one, has succeeded (a set that fails it is not
+      written); then "restart the client to finish". The settings dir is checked (ours,
+      writable) before the password is asked for: after the exchange a run has enrolled.
 
 Each password attempt costs one exchange with the node, which counts the failures (backoff,
 429 with Retry-After). The client never falls back to protocol 1: a node that speaks only that
@@ -32,15 +35,18 @@ Exit codes (every error is one line on stderr; the password is never printed):
 
     0   done: settings written, restart the client
     1   other failure (unexpected answer, settings dir not writable, check with the new
-        settings failed, aborted at a prompt)
-    2   usage: bad URL, option, CA pin syntax, or a password file that is empty/unreadable
-        or that group or others may access (chmod 600 it)
-    3   http instead of https: the old unencrypted address, or a node still on http
+        settings failed: nothing written, aborted at a prompt)
+    2   usage: bad URL, option, CA pin syntax, a password file that is empty/unreadable or
+        that group or others may access (chmod 600 it), or a password (typed or in the file)
+        no password may be (white space around it, a control character): refused before
+        anything is sent
+    3   http instead of https: an http address, or a node still on http (not switched yet, or
+        switched back)
     4   host unreachable (no route, no answer, name not resolved)
     5   connection refused on the server port (wrong port, or the server is not running)
     6   TLS failure (handshake failed, not TLS on that port)
     7   the app path does not answer (wrong APP path)
-    8   bootstrap port closed (9443 or the one given)
+    8   bootstrap port closed (9443 or the one given), or another program answers on it
     9   wrong password: the node did not accept it
     10  not the cluster's node: certificate not from the expected CA, the CA does not match
         --ca-pin, or the node could not prove that it knows the password
@@ -73,7 +79,8 @@ from tlsroll import pki
 from tlsroll.clients import WORKSTATION_HEADER
 from tlsroll.defaults import BOOTSTRAP_PORT, HTTP_PORT, HTTPS_PORT
 from tlsroll.errors import PKIError, TerminalError, TransientError
-from tlsroll.fsutil import PRIVATE, PUBLIC, make_private_dir
+from tlsroll.fsutil import PRIVATE, PUBLIC, make_private_dir, private_dir_problem
+from tlsroll.password import password_problem
 from tlsroll.tls import client_context, unverified_client_context
 from tlsroll.tls import connect as tls_connect
 from workstation import settings_files
@@ -148,9 +155,33 @@ def _netloc(host: str, port: int) -> str:
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
+class OldAddress(ClientError):
+    """An http address (or port 8080) where the https one is wanted: ``https`` is where the
+    new one would be. The message calls it the old address; ``TestConnection`` says so only
+    if https answers there (audit s39ws M7: after a rollback it was "the old address")."""
+
+    def __init__(self, given: str, https: ServerURL) -> None:
+        super().__init__(
+            Exit.OLD_HTTP, f"{given} is the old unencrypted address; the new one is {https.url}"
+        )
+        self.given = given
+        self.https = https
+
+
 def check_url(text: str) -> ServerURL:
     """Check the new server address; ClientError(OLD_HTTP) or click.BadParameter if wrong."""
     example = "https://HOST:8443/APP/, e.g. https://192.168.1.5:8443/praxis_live/"
+    # Before urlsplit, which drops a tab or a line end without a word; http.client refuses a
+    # space or control character (InvalidURL, once taken for "client certificate required")
+    # and cannot send a non-ASCII path (audit s39ws M6).
+    for position, char in enumerate(text.strip(), 1):
+        if char.isspace() or not char.isprintable():
+            what = "a space" if char == " " else f"a space or control character (U+{ord(char):04X})"
+            raise click.BadParameter(
+                f"the address has {what} at position {position}; an address has none (a space "
+                f"in the app path is written %20); use {example}",
+                param_hint="URL",
+            )
     try:
         parts = urlsplit(text.strip())
         hostname = parts.hostname  # a bracketed host that is no IPv6 address raises here
@@ -176,15 +207,18 @@ def check_url(text: str) -> ServerURL:
             f"{text!r} has an invalid port; use {example}", param_hint="URL"
         ) from None
     path = parts.path or "/"
+    if not path.isascii():
+        char = next(c for c in path if not c.isascii())
+        raise click.BadParameter(
+            f"the app path has a character an address cannot carry as it is (U+{ord(char):04X}); "
+            f"write it percent-encoded, as the address in your notice; use {example}",
+            param_hint="URL",
+        )
     if not path.endswith("/"):
         path += "/"
     host = hostname
     if scheme == "http" or port == HTTP_PORT:
-        new = f"https://{_netloc(host, HTTPS_PORT)}{path}"
-        raise ClientError(
-            Exit.OLD_HTTP,
-            f"{text.strip()} is the old unencrypted address; the new one is {new}",
-        )
+        raise OldAddress(text.strip(), ServerURL(host, HTTPS_PORT, path))
     if port is None:
         raise click.BadParameter(f"the address needs the port; use {example}", param_hint="URL")
     if path == "/":
@@ -217,13 +251,6 @@ class Reply:
     body: bytes
     headers: dict[str, str]
     peer_der: bytes | None
-
-
-def connect(host: str, port: int, timeout: float) -> socket.socket:
-    try:
-        return socket.create_connection((host, port), timeout=timeout)
-    except OSError as exc:
-        raise _connect_error(exc, host, timeout) from None
 
 
 def _connect_error(exc: OSError, host: str, timeout: float) -> NetError:
@@ -374,19 +401,32 @@ class TestConnection:
     def run(self) -> Result:
         o = self.o
         self.finish_settings()
-        server = check_url(o.url)
+        try:
+            server = check_url(o.url)
+        except OldAddress as exc:
+            if self._answers_https(exc.https):
+                raise
+            raise ClientError(
+                Exit.OLD_HTTP,
+                f"{exc.given} is an unencrypted address, and {exc.https.url} does not answer: "
+                "the node is not switched to https yet, or switched back; nothing to set up now",
+            ) from None
         self.ui.say(f"address   {server.url}")
         server_cert = self.check_server(server)
-        port = self.check_bootstrap_port(server)
+        port, hello = self.check_bootstrap_port(server)
         where = _netloc(server.host, port)
+        # A wrong CA is reported as such, before the password is asked for.
+        pinned = self._pinned(hello.ca_bundle_pem) if self.pin is not None else None
+        self.check_settings_dir()
         secret = None
         if o.enrol:
             secret = o.password if o.password is not None else self.ui.ask_password()
             if not secret:
                 raise ClientError(Exit.USAGE, "no password given")
-        hello = self.fetch_hello(server.host, port)
-        # A wrong CA is reported as such, before the password is used.
-        pinned = self._pinned(hello.ca_bundle_pem) if self.pin is not None else None
+            # The file's rule for a typed or pasted one too: sent, it would count as a wrong
+            # guess, and no password may be so (audit s39ws M4).
+            if (why := password_problem(secret)) is not None:
+                raise ClientError(Exit.USAGE, f"the password entered {why}; nothing was sent")
         node, node_url = hello.node, hello.server_url
         cert = key = None
         # The whole bundle: intermediates to build the server's chain with (a practice's own
@@ -429,9 +469,29 @@ class TestConnection:
             client_fingerprint=None if cert is None else pki.fingerprint(cert),
             settings_dir=o.settings_dir,
         )
-        self.write_settings(result, trusted_pem, client_pem, key_pem)
-        self.check_settings(server, result)
+        self.write_settings(
+            result,
+            trusted_pem,
+            client_pem,
+            key_pem,
+            check=lambda staged: self.check_settings(server, result, staged),
+        )
         return result
+
+    def _answers_https(self, server: ServerURL) -> bool:
+        """True if ``server`` answers https (a TLS handshake, whatever comes after it)."""
+        try:
+            request(
+                server.host,
+                server.port,
+                "GET",
+                server.app_path,
+                self.context,
+                timeout=self.o.timeout,
+            )
+        except NetError as exc:
+            return exc.kind == "dropped"
+        return True
 
     # (b)
     def check_server(self, server: ServerURL) -> x509.Certificate:
@@ -452,8 +512,9 @@ class TestConnection:
                 if answers_plain_http(server.host, HTTP_PORT, server.app_path, o.timeout):
                     raise ClientError(
                         Exit.OLD_HTTP,
-                        f"{server.netloc} refuses https, but the old unencrypted address {old} "
-                        "answers: this node is still on http (not switched yet)",
+                        f"{server.netloc} refuses https, but the unencrypted address {old} "
+                        "answers: this node is still on http (not switched yet, or switched "
+                        "back)",
                     ) from None
                 raise ClientError(
                     Exit.REFUSED,
@@ -472,8 +533,9 @@ class TestConnection:
             ):
                 raise ClientError(
                     Exit.OLD_HTTP,
-                    f"{server.netloc} answers unencrypted http, not https: this is still the "
-                    "old address, or the node is not switched yet",
+                    f"{server.netloc} answers unencrypted http, not https: not the encrypted "
+                    "address (see your notice), or the node is not switched yet, or switched "
+                    "back",
                 ) from None
             if exc.kind == "dropped" and exc.peer_der is not None:
                 return self._server_cert_without_answer(server, exc)
@@ -515,7 +577,10 @@ class TestConnection:
         return x509.load_der_x509_certificate(reply.peer_der)
 
     # (c)
-    def check_bootstrap_port(self, server: ServerURL) -> int:
+    def check_bootstrap_port(self, server: ServerURL) -> tuple[int, proto.Hello]:
+        """The bootstrap port, and the node's hello from it: a port that only accepts
+        connections may be another program's, found out before the password is asked for
+        (audit s39ws M3: then came a TLS "wrong version number")."""
         o = self.o
         if o.bootstrap_port is not None:
             port = o.bootstrap_port
@@ -523,12 +588,9 @@ class TestConnection:
             port = BOOTSTRAP_PORT
         else:
             port = self.ui.ask_port(BOOTSTRAP_PORT)
-        try:
-            connect(server.host, port, o.timeout).close()
-        except NetError as exc:
-            raise self._port_closed(server.host, port, exc.detail) from None
-        self.ui.say(f"port      bootstrap port {port} reachable")
-        return port
+        hello = self.fetch_hello(server.host, port)
+        self.ui.say(f"port      bootstrap port {port} reachable, the bootstrap service answers")
+        return port, hello
 
     @staticmethod
     def _port_closed(host: str, port: int, detail: str) -> ClientError:
@@ -559,18 +621,36 @@ class TestConnection:
     def fetch_hello(self, host: str, port: int) -> proto.Hello:
         """The node's public hello: its name, the password's salt and parameters, its CA."""
         where = _netloc(host, port)
-        reply = self._call(host, port, "GET", proto.HELLO_PATH)
+        try:
+            reply = request(
+                host, port, "GET", proto.HELLO_PATH, self.context, timeout=self.o.timeout
+            )
+        except NetError as exc:
+            if exc.kind in ("refused", "unreachable"):
+                raise self._port_closed(host, port, exc.detail) from None
+            if exc.kind == "tls" and exc.reason in _NOT_TLS:
+                raise self._not_bootstrap(host, port, "not TLS") from None
+            raise ClientError(
+                Exit.TLS, f"TLS with the bootstrap port {where} failed: {exc.detail}"
+            ) from None
         if reply.status == 404:
             raise self._too_old(host, port)
         if reply.status != 200:
-            raise ClientError(
-                Exit.FAILURE,
-                f"{where} answered HTTP {reply.status}: is this the tlsroll bootstrap port?",
-            )
+            raise self._not_bootstrap(host, port, f"HTTP {reply.status}")
         try:
             return proto.parse_hello(reply.body)
         except proto.BootstrapError as exc:
-            raise ClientError(Exit.FAILURE, f"{where}: {exc}") from None
+            if exc.reason is proto.BootstrapReason.VERSION or _versioned(reply.body):
+                raise ClientError(Exit.FAILURE, f"{where}: {exc}") from None
+            raise self._not_bootstrap(host, port, "no bootstrap hello") from None
+
+    @staticmethod
+    def _not_bootstrap(host: str, port: int, detail: str) -> ClientError:
+        return ClientError(
+            Exit.BOOTSTRAP_PORT,
+            f"port {port} on {host} answers, but not as the bootstrap service ({detail}; another "
+            "program?); enter the port from your notice (at the port prompt, or --bootstrap-port)",
+        )
 
     def _too_old(self, host: str, port: int) -> ClientError:
         """No /v2 there: an agent that speaks only protocol 1 (never used: it would let a fake
@@ -585,9 +665,7 @@ class TestConnection:
                     f"the node at {where} is too old: its tlsroll agent speaks bootstrap protocol "
                     "1, which this client does not use; upgrade the agent (tlsroll) on the node",
                 )
-        return ClientError(
-            Exit.FAILURE, f"{where} answered HTTP 404: is this the tlsroll bootstrap port?"
-        )
+        return self._not_bootstrap(host, port, "HTTP 404")
 
     def _pinned(self, bundle_pem: bytes) -> list[x509.Certificate]:
         certs = self._cas(bundle_pem)
@@ -771,9 +849,12 @@ class TestConnection:
         ca_pem: bytes,
         client_pem: bytes | None,
         key_pem: bytes | None,
+        check: Callable[[Path], None] | None = None,
     ) -> None:
         """The settings dir's files, replaced as one set (``settings_files``): a run cut short
-        leaves the old set or a new one the next run completes, never a mix."""
+        leaves the old set or a new one the next run completes, never a mix. ``check`` (the
+        request with them) runs on the new set staged, before it is committed: a set that
+        fails it is not written (audit s39ws M5: it replaced a working one)."""
         d = result.settings_dir
         settings = {
             "version": SETTINGS_VERSION,
@@ -794,7 +875,7 @@ class TestConnection:
             files |= {"client.key": (key_pem, PRIVATE), "client.pem": (client_pem, PUBLIC)}
         try:
             make_private_dir(d)
-            settings_files.replace(d, files)
+            settings_files.replace(d, files, check)
         except OSError as exc:
             raise ClientError(
                 Exit.FAILURE, f"cannot write the settings to {d}: {exc.strerror or exc}"
@@ -802,6 +883,17 @@ class TestConnection:
         except settings_files.NewerStaging:
             raise ClientError(Exit.FAILURE, _newer_staging(d)) from None
         self.ui.say(f"settings  written to {d}")
+
+    def check_settings_dir(self) -> None:
+        """The settings dir can be made (or is ours) and written, checked before the password
+        is asked for and without creating anything: a run that failed to write its settings
+        after the exchange had enrolled already, and the leader revokes the working certificate
+        of the same name when it signs a new one (audit s39ws M1)."""
+        d = self.o.settings_dir
+        if problem := private_dir_problem(d):
+            raise ClientError(
+                Exit.FAILURE, f"cannot write the settings to {d}: {problem}; nothing was sent"
+            )
 
     def finish_settings(self) -> None:
         """What an interrupted run left in the settings dir, completed or discarded before
@@ -819,9 +911,10 @@ class TestConnection:
         if done is not None:
             self.ui.say(f"settings  an interrupted run's new settings {done.value} in {d}")
 
-    def check_settings(self, server: ServerURL, result: Result) -> None:
-        d = result.settings_dir
+    def check_settings(self, server: ServerURL, result: Result, d: Path) -> None:
+        """A request with the settings in ``d`` (the new set, staged) must succeed."""
         enrolled = result.client_fingerprint is not None
+        kept = "nothing written, the settings before are kept"
         context = client_context(
             (d / "ca.pem").read_bytes(),
             cert_file=d / "client.pem" if enrolled else None,
@@ -845,12 +938,12 @@ class TestConnection:
             )
             raise ClientError(
                 Exit.FAILURE,
-                f"settings written, but a request with them failed: {exc.detail}{hint}",
+                f"a request with the new settings failed ({kept}): {exc.detail}{hint}",
             ) from None
         if reply.status != 200 and not (not enrolled and reply.status in (401, 403)):
             raise ClientError(
                 Exit.FAILURE,
-                f"settings written, but {server.url} answered HTTP {reply.status} with them",
+                f"{server.url} answered HTTP {reply.status} with the new settings ({kept})",
             )
         self.ui.say(f"check     https request with the new settings: HTTP {reply.status}")
 
@@ -862,6 +955,15 @@ def proto_pin(text: str | None) -> str | None:
         return pki.parse_pin(text)
     except ValueError as exc:
         raise click.BadParameter(str(exc), param_hint="--ca-pin") from None
+
+
+def _versioned(body: bytes) -> bool:
+    """True if ``body`` is a JSON object with a version: a bootstrap service's answer, if a
+    malformed one (not another program's)."""
+    with contextlib.suppress(ValueError, UnicodeDecodeError):
+        data = proto.loads_strict(body)
+        return isinstance(data, dict) and "version" in data
+    return False
 
 
 def _error_of(reply: Reply) -> tuple[str, str]:

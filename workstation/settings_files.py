@@ -30,7 +30,7 @@ import fcntl
 import json
 import os
 import stat
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from enum import Enum
 from pathlib import Path
 
@@ -56,11 +56,18 @@ class Finished(Enum):
     BACK = "discarded"  # it was not: the settings before it stay
 
 
-def replace(directory: Path, files: Mapping[str, tuple[bytes, int]]) -> None:
+def replace(
+    directory: Path,
+    files: Mapping[str, tuple[bytes, int]],
+    check: Callable[[Path], None] | None = None,
+) -> None:
     """Replace the files ``files`` names (``{name: (data, mode)}``, names of ``NAMES``) in
     ``directory`` (which exists) as one set; the others stay. Raises OSError; when it does, the
     directory holds the old set, or a committed new one that the next ``finish`` completes.
-    ``NewerStaging`` (nothing written) if a newer tlsroll's run is left to finish."""
+    ``NewerStaging`` (nothing written) if a newer tlsroll's run is left to finish.
+
+    ``check(staging)``, if given, is called with the new files staged (in the directory it
+    gets), before they are committed: whatever it raises leaves the old set as it was."""
     unknown = set(files) - set(NAMES)
     if unknown:
         raise ValueError(f"not a settings file: {sorted(unknown)}")
@@ -74,10 +81,12 @@ def replace(directory: Path, files: Mapping[str, tuple[bytes, int]]) -> None:
                 data, mode = files[name]
                 stage_atomic(staging / name, data, mode, name)
             fsync_dir(staging)
+            if check is not None:
+                check(staging)
             marker = json.dumps({"files": order}).encode()
             os.replace(stage_atomic(staging / MARKER, marker, PUBLIC), staging / MARKER)
             fsync_dir(staging)  # committed
-        except OSError:
+        except Exception:  # (not a kill: that leaves the staging to the next run's finish)
             with contextlib.suppress(OSError):  # else the next run removes it
                 _remove(directory, staging)
             raise

@@ -250,6 +250,11 @@ _DE: dict[str, str] = {
         "weitergegeben werden:"
     ),
     "pin_cli": "Mit dem Kommandozeilenwerkzeug geht das so: {cmd}",
+    "pin_cli_many": (
+        "Mit dem Kommandozeilenwerkzeug geht das so (mit dem Befehl für den Server Ihres "
+        "Arbeitsplatzes):"
+    ),
+    "pin_cli_node": "{name}: {cmd}",
     "pin_adds": (
         "Mit dem Prüfwert vertraut der Arbeitsplatz dem Server allein anhand dieses Wertes: "
         "Auch wer das Passwort kennt, kann sich dann nicht als Server ausgeben."
@@ -414,6 +419,8 @@ _EN: dict[str, str] = {
         "with this check value (CA pin). It is public and may be passed on freely:"
     ),
     "pin_cli": "With the command-line tool: {cmd}",
+    "pin_cli_many": "With the command-line tool (the command for your workstation's server):",
+    "pin_cli_node": "{name}: {cmd}",
     "pin_adds": (
         "With the check value the workstation trusts the server by this value alone: then "
         "even someone who knows the password cannot pose as the server."
@@ -693,15 +700,17 @@ def render_notice(
         doc.heading(w["pin_h"])
         doc.para(w["pin"])
         doc.block(info.ca_pin)
-        first = info.nodes[0]
-        port_opt = (
-            ""
-            if first.bootstrap_port == BOOTSTRAP_PORT
-            else f" --bootstrap-port {first.bootstrap_port}"
-        )
-        if first.path_known:
-            cmd = f"tlsroll client test-connection {first.new_url} --ca-pin {info.ca_pin}{port_opt}"
-            doc.para(w["pin_cli"], cmd=_Code(cmd))
+        # One command per node (audit s39ws H2: the first node's, copied at a workstation of
+        # another node, gave it that node's address and bootstrap port).
+        shown = [*info.nodes, *(info.already if change == "enable-tls" else ())]
+        commands = [(n.name, _check_command(n, info.ca_pin)) for n in shown if n.path_known]
+        if len(commands) == 1:
+            doc.para(w["pin_cli"], cmd=_Code(commands[0][1]))
+        elif commands:
+            doc.para(w["pin_cli_many"])
+            doc.bullets(
+                [(w["pin_cli_node"], {"name": _Text(n), "cmd": _Code(c)}) for n, c in commands]
+            )
         doc.para(w["pin_adds"])
 
         doc.heading(w["password_h"])
@@ -717,6 +726,13 @@ def render_notice(
     for note in info.extra:
         doc.para("{note}", note=_Text(note))
     return doc.render(lang)
+
+
+def _check_command(node: NoticeNode, ca_pin: str) -> str:
+    """The command-line check and set-up of a workstation of ``node``."""
+    port = node.bootstrap_port
+    port_opt = "" if port == BOOTSTRAP_PORT else f" --bootstrap-port {port}"
+    return f"tlsroll client test-connection {node.new_url} --ca-pin {ca_pin}{port_opt}"
 
 
 # --- output formats -----------------------------------------------------------------------------

@@ -746,9 +746,13 @@ def switched_before(change: Change, rollout: schema_pb2.RolloutView) -> list[sch
 def _recorded_node(
     n: schema_pb2.NodeView, change: Change, known: dict[str, tuple[str, int]], address: str
 ) -> NoticeNode:
-    if n.old_url and n.new_url:
-        return NoticeNode(n.name, n.old_url, n.new_url, n.bootstrap_port or BOOTSTRAP_PORT)
-    return notice_node(n.name, change, known, address)
+    """The node as the rollout recorded it, before and after ``change`` as ``notice_node``
+    decides. The record's ``old_url``/``new_url`` are the node's http and https URL (the agent's
+    preflight, whatever the change): taken as they are, a disable-tls notice sent the staff to
+    the https port it had closed (audit s39ws H1)."""
+    port = n.bootstrap_port or BOOTSTRAP_PORT
+    recorded = {_split(url)[0]: (url, port) for url in (n.old_url, n.new_url) if url}
+    return notice_node(n.name, change, {**known, **recorded}, address)
 
 
 def _remind(with_password: bool) -> None:
