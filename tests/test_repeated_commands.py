@@ -4,21 +4,25 @@ engine harness of tests/test_engine.py where a rollout has to run."""
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 from collections.abc import Collection, Sequence
 from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import grpc
 import pytest
+from structlog.testing import capture_logs
 
-from leader import planner
+from leader import byo, planner
 from leader.commands import RolloutRequest
 from leader.observe import FirstSteps
 from leader.rollout_core import (
     Change,
     NodeObservation,
     NodeState,
+    RolloutAction,
     RolloutEvent,
     RolloutState,
     Scope,
@@ -182,4 +186,128 @@ async def test_a_start_retry_or_finalize_beside_a_running_rollout_asks_no_agent(
     assert agents.asked == []
     latest = schema.latest()
     assert latest is not None and latest.rollout.id == "f1"
+    await leader_.stop()
+
+
+# --- M3: a command runs to its end when its caller goes away --------------------------------
+
+
+async def test_a_start_whose_caller_went_away_after_its_commit_still_runs_to_its_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Audit s39race M3: gRPC cancels the handler of a call whose client goes away (Ctrl-C,
+    a closed terminal). Cancelled right after its commit, StartRollout never logged
+    rollout.started nor handed a --cert-dir rollout's keys to the engine, whose stages then
+    failed ("the leader holds no key from --cert-dir"). Here the call is cancelled at that very
+    point (the create has committed): the start still logs, keeps the keys, and the first
+    node stages the certificate it was given."""
+    from leader.admin_service import AdminService
+    from leader.cli.rollout import rollout_request
+    from leader.service import LeaderState
+    from tests.byo_certs import key_pem, leaf, make_ca, pem
+    from tests.fake_agent import START
+    from tests.test_engine import VERIFIER_1, make_world
+    from tlsroll.v1 import admin_pb2
+
+    world = make_world(tmp_path, monkeypatch)
+    practice = make_ca("Praxis CA", now=START)
+    files = {}
+    for agent in world.agents:  # as the node's own names (the fake agent compares them)
+        ips, dns = list(agent.names.ips), list(agent.names.dns)
+        cert, key = leaf(practice, ips, dns, now=START, cn=agent.name)
+        files[agent.name] = byo.NodeMaterial(agent.name, pem(cert), key_pem(key), 0o600)
+    leader_ = world.boot()
+    leader_.commands.vault = leader_.engine.vault  # as the daemon wires them
+    service = AdminService(
+        LeaderState(leader_.store, world.ca, world.clock.wall, 1), leader_.commands, leader_.schema
+    )
+    request = rollout_request("cluster", None, 1, "node", "enable-tls")
+    request.auth_verifier_json = VERIFIER_1
+    request.cert_dir.CopyFrom(
+        admin_pb2.CertDir(
+            ca_pem=practice.pem,
+            nodes=[
+                admin_pb2.NodeCertificate(
+                    node=m.node,
+                    chain_pem=m.chain_pem,
+                    private_key_pem=m.key_pem,
+                    key_file_mode=0o600,
+                )
+                for m in files.values()
+            ],
+        )
+    )
+    call: list[asyncio.Task[Any]] = []
+    hop = asyncio.to_thread  # the harness's
+
+    async def create_then_caller_gone(func: Any, /, *args: Any, **kwargs: Any) -> Any:
+        result = await hop(func, *args, **kwargs)
+        if getattr(func, "__name__", "") == "create":
+            call[0].cancel()  # the client went away while the create committed
+            await asyncio.sleep(0)  # (the cancellation lands where the thread's await ends)
+        return result
+
+    monkeypatch.setattr(asyncio, "to_thread", create_then_caller_gone)
+    with capture_logs() as logs:
+        call.append(asyncio.ensure_future(service.StartRollout(request, None)))  # type: ignore[arg-type]
+        with pytest.raises(asyncio.CancelledError):
+            await call[0]
+        while service.carried_on:  # the start, carried on without its caller
+            await asyncio.wait(set(service.carried_on))
+    monkeypatch.setattr(asyncio, "to_thread", hop)
+    started = [e for e in logs if e["event"] == "rollout.started"]
+    assert len(started) == 1 and started[0]["own_certificates"] is True
+    [finished] = [e for e in logs if e["event"] == "admin.finished_without_caller"]
+    assert finished["method"] == "StartRollout" and finished["outcome"] == "done"
+    rollout_id = started[0]["rollout_id"]
+    for name in files:
+        assert leader_.engine.vault.get(rollout_id, name) is not None
+    # The first node stages the certificate it was given (the fake agents' outside check
+    # knows only the cluster CA's certificates: the confirm after it is not this test's).
+    first = leader_.engine.vault.get(rollout_id, "bravo")
+    row = await leader_.run()
+    assert row.rollout.id == rollout_id
+    assert not any("holds no key" in r.reason for r in row.records), row.records
+    [bravo] = [a for a in world.agents if a.name == "bravo"]
+    assert bravo.applied["stage"] == 1 and first is not None
+    await leader_.stop()
+
+
+async def test_a_control_whose_caller_went_away_is_logged_as_it_ended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refusal met by a command whose caller is gone is logged (its one line), not lost."""
+    from leader.admin_service import AdminService
+    from leader.service import LeaderState
+    from leader.wire import ROLLOUT_ACTION
+    from tests.test_engine import make_world
+    from tlsroll.v1 import admin_pb2
+
+    world = make_world(tmp_path, monkeypatch)
+    leader_ = world.boot()
+    service = AdminService(
+        LeaderState(leader_.store, world.ca, world.clock.wall, 1), leader_.commands, leader_.schema
+    )
+    gate = asyncio.Event()
+    hop = asyncio.to_thread
+
+    async def held(func: Any, /, *args: Any, **kwargs: Any) -> Any:
+        await gate.wait()
+        return await hop(func, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", held)
+    request = admin_pb2.ControlRolloutRequest(action=ROLLOUT_ACTION.wire(RolloutAction.PAUSE))
+    with capture_logs() as logs:
+        call = asyncio.ensure_future(service.ControlRollout(request, None))  # type: ignore[arg-type]
+        await asyncio.sleep(0)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        gate.set()
+        while service.carried_on:
+            await asyncio.wait(set(service.carried_on))
+    [finished] = [e for e in logs if e["event"] == "admin.finished_without_caller"]
+    assert finished["outcome"] == "refused" and finished["error"] == "NoRolloutYet"
+    assert finished["message"] == "no rollout yet; start one with: tlsroll rollout start"
+    monkeypatch.setattr(asyncio, "to_thread", hop)
     await leader_.stop()
