@@ -36,6 +36,7 @@ from leader.schema_store import (
     SchemaStore,
 )
 from leader.service import ERRORS
+from tests.cluster import wait_until
 from tlsroll.rpc import status_for
 
 NOW = dt.datetime(2026, 12, 3, 6, 0, tzinfo=dt.UTC)
@@ -311,3 +312,69 @@ async def test_a_control_whose_caller_went_away_is_logged_as_it_ended(
     assert finished["message"] == "no rollout yet; start one with: tlsroll rollout start"
     monkeypatch.setattr(asyncio, "to_thread", hop)
     await leader_.stop()
+
+
+# --- M3 with real daemons -------------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)  # two nodes up (a minute on a busy machine) and one rollout
+def test_a_real_start_whose_caller_gave_up_still_starts_and_its_stages_find_the_keys(
+    tmp_path: Path,
+) -> None:
+    """Audit s39race M3 with a real leader and agents: a `rollout start --cert-dir` whose
+    caller goes away while the leader is at it (here: its deadline passes while the leader
+    waits for its store, which the test holds locked; as a client that went away, gRPC
+    cancels the handler). Before, the rollout was committed once the store was free but its
+    start went no further: no rollout.started, no keys for its stages, which failed ("the
+    leader holds no key from --cert-dir"). Now it runs to its end: logged, and each node
+    serves the certificate it was given."""
+    import sqlite3
+
+    from leader.cli.password import verifier_json
+    from leader.cli.rollout import cert_dir_message, rollout_request
+    from tests.byo_certs import make_ca, pem, write_dir
+    from tests.test_byo import close, newest, real_leaf, served, two_nodes
+    from tlsroll.defaults import HTTPS_PORT
+    from tlsroll.v1 import admin_pb2_grpc
+
+    cluster, nodes = two_nodes(tmp_path)
+    try:
+        practice = make_ca("Praxis CA")
+        issued = {n.name: real_leaf(practice, n) for n in nodes}
+        d = write_dir(
+            tmp_path / "certs", practice, {k: (pem(c), key) for k, (c, key) in issued.items()}
+        )
+        request = rollout_request("cluster", None, 1, "node", "enable-tls")
+        request.auth_verifier_json = verifier_json("the-practice-password-for-m3")
+        request.cert_dir.CopyFrom(cert_dir_message(d))
+        held = sqlite3.connect(cluster.data_dir / "leader.sqlite3", isolation_level=None)
+        try:
+            held.execute("BEGIN EXCLUSIVE")  # the leader's create waits for it (10 s at most)
+            with grpc.insecure_channel(f"unix:{cluster.admin_socket}") as channel:
+                stub = admin_pb2_grpc.AdminStub(channel)
+                with pytest.raises(grpc.RpcError) as gave_up:
+                    stub.StartRollout(request, timeout=3)
+            assert gave_up.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        finally:
+            held.execute("ROLLBACK")
+            held.close()
+
+        def ended() -> dict[str, Any] | None:
+            r = newest(cluster)
+            return r if r is not None and r["state"] in ("completed", "halted", "aborted") else None
+
+        wait_until(
+            lambda: ended() is not None, 120, "the rollout started without its caller ending"
+        )
+        r = ended()
+        assert r is not None and r["state"] == "completed", r
+        events = cluster.leader.log_events()
+        started = [e for e in events if e.get("event") == "rollout.started"]
+        assert [e["rollout_id"] for e in started] == [r["id"]], started
+        assert started[0]["own_certificates"] is True
+        [gone] = [e for e in events if e.get("event") == "admin.finished_without_caller"]
+        assert gone["method"] == "StartRollout" and gone["outcome"] == "done"
+        for node in nodes:
+            assert served(node.address, HTTPS_PORT, practice.pem) == issued[node.name][0]
+    finally:
+        close(cluster, nodes)
