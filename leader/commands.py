@@ -80,6 +80,13 @@ class FirstChannels(Protocol):
 
 STALE_ATTEMPTS = 5
 
+ALREADY: Mapping[RolloutAction, frozenset[RolloutState]] = {
+    RolloutAction.PAUSE: frozenset({RolloutState.PAUSED}),
+    RolloutAction.RESUME: frozenset(),
+    RolloutAction.ABORT: frozenset({RolloutState.ABORTING, RolloutState.ABORTED}),
+}
+"""The states in which an administrator's action is already done (``control``: a no-op)."""
+
 
 @dataclass(frozen=True)
 class RolloutRequest:
@@ -705,7 +712,8 @@ class Commands:
     async def control(self, rollout_id: str, action: RolloutAction, actor: str) -> RolloutRow:
         """pause | resume | abort the named, else the active, else the latest rollout;
         IllegalTransition (naming state and action, ending with the command to run instead:
-        ``rollout_core.next_command``) if not allowed now."""
+        ``rollout_core.next_command``) if not allowed now. A pause of a paused rollout, an
+        abort of one aborting or aborted, changes nothing and succeeds (``ALREADY``)."""
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type(StaleRecords),
             stop=stop_after_attempt(STALE_ATTEMPTS),
@@ -713,6 +721,18 @@ class Commands:
         ):
             with attempt:
                 row = await asyncio.to_thread(self._target, rollout_id)
+                if row.rollout.state in ALREADY[action]:
+                    # Given twice (a script, an impatient admin): what it asks for holds, so
+                    # it succeeds and changes nothing (it exited 1: audit s39race L1).
+                    log.info(
+                        "rollout.controlled",
+                        rollout_id=row.rollout.id,
+                        action=action.value,
+                        state=row.rollout.state.value,
+                        actor=actor,
+                        unchanged=True,
+                    )
+                    return row
                 rollout = row.rollout.with_action(action)
                 row = await asyncio.to_thread(
                     self.schema.save_states,
