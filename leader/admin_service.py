@@ -9,11 +9,12 @@ from __future__ import annotations
 import asyncio
 import base64
 import datetime as dt
+import functools
 import hmac
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeVar
 
 import grpc
 
@@ -58,6 +59,7 @@ from leader.wire import (
     VIEWER_GRANT_STATE,
 )
 from tlsroll import logs, password, peertext, pki, spiffe
+from tlsroll.errors import TlsrollError
 from tlsroll.rpc import failed_precondition, invalid, map_errors, timestamp
 from tlsroll.v1 import admin_pb2, admin_pb2_grpc, schema_pb2
 
@@ -163,6 +165,53 @@ def own_certs(cert_dir: admin_pb2.CertDir) -> byo.Material:
     return byo.Material(cert_dir.ca_pem, nodes)
 
 
+H = TypeVar("H", bound=Callable[..., Awaitable[Any]])
+
+
+def runs_to_end(handler: H) -> H:
+    """Decorate a servicer method that changes something: it runs to its end whatever the
+    caller does. gRPC cancels a handler whose client goes away (a closed CLI, Ctrl-C, a
+    deadline); cancelled after its commit, ``StartRollout`` never logged ``rollout.started``
+    nor kept a ``--cert-dir`` rollout's keys for its stages, which then failed (audit s39race
+    M3). The handler runs as a task of its own, shielded; a caller that went away is answered
+    by nobody, and what the command did is logged (``admin.finished_without_caller``) and
+    shown where it always is (``tlsroll rollout status``, ``schema show``). Below
+    ``map_errors``: the errors it maps are the task's."""
+
+    @functools.wraps(handler)
+    async def wrapper(self: Any, request: Any, context: Ctx) -> Any:
+        task = asyncio.ensure_future(handler(self, request, context))
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            if not task.done():
+                carried: set[asyncio.Task[Any]] = self.carried_on
+                carried.add(task)
+                task.add_done_callback(carried.discard)
+                task.add_done_callback(functools.partial(_carried_on, handler.__name__))
+            raise
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _carried_on(name: str, task: asyncio.Task[Any]) -> None:
+    """The end of a command whose caller went away (``runs_to_end``): logged, never raised."""
+    if task.cancelled():
+        log.warning("admin.finished_without_caller", method=name, outcome="cancelled")
+        return
+    error = task.exception()
+    if error is None:
+        log.info("admin.finished_without_caller", method=name, outcome="done")
+    else:  # (the type and its one line, as map_errors would have sent it)
+        log.warning(
+            "admin.finished_without_caller",
+            method=name,
+            outcome="refused",
+            error=type(error).__name__,
+            message=str(error) if isinstance(error, TlsrollError) else "",
+        )
+
+
 @dataclass(frozen=True)
 class Endpoints:
     """Where agents reach the leader: what an agent's ``[leader]`` table needs."""
@@ -192,6 +241,8 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         the leader's mutual-TLS credentials for calls to agents (``CheckNodes``)."""
         self.endpoints = endpoints
         self.agent_credentials = agent_credentials
+        # The commands still running whose callers went away (``runs_to_end``).
+        self.carried_on: set[asyncio.Task[Any]] = set()
         self.state = state
         self.commands = commands
         self.schema = schema
@@ -206,6 +257,17 @@ class AdminService(admin_pb2_grpc.AdminServicer):
             state.clock,
             agent_lifetime=state.agent_cert_lifetime,
         )
+
+    async def finish_carried_on(self, timeout: float) -> None:
+        """At the leader's stop, after its servers: let the commands whose callers went away
+        (``runs_to_end``) end, for ``timeout`` seconds at most, before the stores close; those
+        still running then are cancelled (what they committed stays, as at a crash)."""
+        if self.carried_on:
+            await asyncio.wait(set(self.carried_on), timeout=timeout)
+        for task in set(self.carried_on):
+            task.cancel()
+        if self.carried_on:
+            await asyncio.wait(set(self.carried_on))
 
     # --- rollouts -----------------------------------------------------------------------------
 
@@ -302,6 +364,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         return dict(Counter(c.node for c in left))
 
     @map_errors(ERRORS)
+    @runs_to_end
     async def StartRollout(
         self, request: admin_pb2.RolloutRequest, context: Ctx
     ) -> schema_pb2.RolloutView:
@@ -309,6 +372,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         return rollout_view(row)
 
     @map_errors(ERRORS)
+    @runs_to_end
     async def RetryRollout(
         self, request: admin_pb2.RetryRolloutRequest, context: Ctx
     ) -> schema_pb2.RolloutView:
@@ -316,6 +380,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         return rollout_view(row)
 
     @map_errors(ERRORS)
+    @runs_to_end
     async def FinalizeRollout(
         self, request: admin_pb2.FinalizeRolloutRequest, context: Ctx
     ) -> schema_pb2.RolloutView:
@@ -332,6 +397,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         return rollout_view(row)
 
     @map_errors(ERRORS)
+    @runs_to_end
     async def ControlRollout(
         self, request: admin_pb2.ControlRolloutRequest, context: Ctx
     ) -> schema_pb2.RolloutView:
@@ -340,6 +406,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         return rollout_view(row)
 
     @map_errors(ERRORS)
+    @runs_to_end
     async def SetPassword(
         self, request: admin_pb2.SetPasswordRequest, context: Ctx
     ) -> admin_pb2.SetPasswordResponse:
@@ -406,6 +473,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     # --- tokens, nodes, CA --------------------------------------------------------------------
 
     @map_errors(ERRORS)
+    @runs_to_end
     async def CreateToken(
         self, request: admin_pb2.CreateTokenRequest, context: Ctx
     ) -> admin_pb2.CreateTokenResponse:
@@ -479,6 +547,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         return admin_pb2.ListTokensResponse(tokens=[token_info(t) for t in tokens])
 
     @map_errors(ERRORS)
+    @runs_to_end
     async def RevokeToken(
         self, request: admin_pb2.RevokeTokenRequest, context: Ctx
     ) -> admin_pb2.RevokeTokenResponse:
@@ -540,6 +609,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         return admin_pb2.ListNodesResponse(nodes=[self._node_info(n, clocks) for n in nodes])
 
     @map_errors(ERRORS)
+    @runs_to_end
     async def RemoveNode(
         self, request: admin_pb2.RemoveNodeRequest, context: Ctx
     ) -> admin_pb2.RemoveNodeResponse:
@@ -579,6 +649,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         )
 
     @map_errors(ERRORS)
+    @runs_to_end
     async def RevokeCertificate(
         self, request: admin_pb2.RevokeCertificateRequest, context: Ctx
     ) -> admin_pb2.RevokeCertificateResponse:
@@ -609,6 +680,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         return await self._epochs()
 
     @map_errors(ERRORS)
+    @runs_to_end
     async def AdvanceEpoch(
         self, request: admin_pb2.AdvanceEpochRequest, context: Ctx
     ) -> admin_pb2.EpochInfo:
@@ -683,6 +755,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
     # --- the web viewer's read-only grants ----------------------------------------------------
 
     @map_errors(ERRORS)
+    @runs_to_end
     async def CreateViewerGrant(
         self, request: admin_pb2.CreateViewerGrantRequest, context: Ctx
     ) -> admin_pb2.CreateViewerGrantResponse:
@@ -718,6 +791,7 @@ class AdminService(admin_pb2_grpc.AdminServicer):
         return admin_pb2.ListViewerGrantsResponse(grants=[grant_info(g, now) for g in grants])
 
     @map_errors(ERRORS)
+    @runs_to_end
     async def RevokeViewerGrant(
         self, request: admin_pb2.RevokeViewerGrantRequest, context: Ctx
     ) -> admin_pb2.RevokeViewerGrantResponse:

@@ -42,7 +42,13 @@ from leader.rollout_core import (
     ScopeKind,
     Strategy,
 )
-from leader.schema_store import RolloutMeta, RolloutRow, SchemaStore, StaleRecords
+from leader.schema_store import (
+    AlreadyRetried,
+    RolloutMeta,
+    RolloutRow,
+    SchemaStore,
+    StaleRecords,
+)
 from leader.schema_view import still_on_http_now
 from leader.store import Store
 from tlsroll import logs, password
@@ -73,6 +79,13 @@ class FirstChannels(Protocol):
 
 
 STALE_ATTEMPTS = 5
+
+ALREADY: Mapping[RolloutAction, frozenset[RolloutState]] = {
+    RolloutAction.PAUSE: frozenset({RolloutState.PAUSED}),
+    RolloutAction.RESUME: frozenset(),
+    RolloutAction.ABORT: frozenset({RolloutState.ABORTING, RolloutState.ABORTED}),
+}
+"""The states in which an administrator's action is already done (``control``: a no-op)."""
 
 
 @dataclass(frozen=True)
@@ -483,6 +496,10 @@ class Commands:
 
     async def _start(self, request: RolloutRequest, actor: str, rollout_id: str) -> RolloutRow:
         request, undoes, undone = await self._resolve(request)
+        # Refused at once while another rollout runs, before the agents are asked: its nodes,
+        # busy switching, made the refusal "cannot ask the agent of node1" (audit s39race M4).
+        # ``schema.create`` checks it again in its transaction.
+        await asyncio.to_thread(self.schema.refuse_if_busy, request.finalizes or undoes)
         planned = await self._plan(request, undone, starting=True, rollout_id=rollout_id)
         rollout, nodes = planned.rollout, planned.records
         # The latest password as the plan read it (not read again: a ``password set`` since
@@ -527,6 +544,8 @@ class Commands:
             auth_latest=latest if staged_one and not request.keep_auth_version else None,
             # With the rollout, in its transaction: its steps find it from the start.
             own_ca=byo.ca_bundle(own) if own is not None else None,
+            # A rollout is retried once; a retry of its retry may follow (audit s39race H3).
+            retry_of=request.retry_of,
         )
         if own is not None:  # the keys in memory only, until each node has staged its own
             # ... and only the keys of nodes this rollout stages: not those outside its scope
@@ -560,6 +579,10 @@ class Commands:
                 f"rollout {old.id} is {old.state.value}: only a halted or aborted rollout is "
                 "retried (see: tlsroll schema show)"
             )
+        # Once: a second retry planned the nodes the first had finished again and switched
+        # them a second time (audit s39race H3). Checked before the agents are asked, and in
+        # the creating transaction (``schema.create``).
+        await asyncio.to_thread(self._refuse_if_retried, old.id)
         finished = (NodeState.DONE, NodeState.DUAL)
         left = tuple(r.name for r in row.records if r.state not in finished)
         # A transitional phase 1 carries the nodes it left dual (those that still are, as
@@ -601,6 +624,11 @@ class Commands:
             dual_from=dual_from,
         )
         return await self.start(request, actor)
+
+    def _refuse_if_retried(self, rollout_id: str) -> None:
+        by = self.schema.retried_by(rollout_id)
+        if by is not None:
+            raise AlreadyRetried(rollout_id, *by)
 
     async def finalize(
         self, rollout_id: str, actor: str, *, force: bool = False, when_quiet: int = 0
@@ -684,7 +712,8 @@ class Commands:
     async def control(self, rollout_id: str, action: RolloutAction, actor: str) -> RolloutRow:
         """pause | resume | abort the named, else the active, else the latest rollout;
         IllegalTransition (naming state and action, ending with the command to run instead:
-        ``rollout_core.next_command``) if not allowed now."""
+        ``rollout_core.next_command``) if not allowed now. A pause of a paused rollout, an
+        abort of one aborting or aborted, changes nothing and succeeds (``ALREADY``)."""
         async for attempt in AsyncRetrying(
             retry=retry_if_exception_type(StaleRecords),
             stop=stop_after_attempt(STALE_ATTEMPTS),
@@ -692,6 +721,18 @@ class Commands:
         ):
             with attempt:
                 row = await asyncio.to_thread(self._target, rollout_id)
+                if row.rollout.state in ALREADY[action]:
+                    # Given twice (a script, an impatient admin): what it asks for holds, so
+                    # it succeeds and changes nothing (it exited 1: audit s39race L1).
+                    log.info(
+                        "rollout.controlled",
+                        rollout_id=row.rollout.id,
+                        action=action.value,
+                        state=row.rollout.state.value,
+                        actor=actor,
+                        unchanged=True,
+                    )
+                    return row
                 rollout = row.rollout.with_action(action)
                 row = await asyncio.to_thread(
                     self.schema.save_states,

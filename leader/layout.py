@@ -17,10 +17,12 @@ DATA/run/admin.sock       the admin socket, in a 0750 directory
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import fcntl
 import os
 import stat
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -255,16 +257,73 @@ def init(
 ) -> Layout:
     """Create a new cluster: CA, the leader's certificate, config. Refuses to overwrite."""
     from tlsroll import pki  # noqa: PLC0415 - see the imports
-    from tlsroll.config import dump_toml  # noqa: PLC0415 - see the imports
 
     layout = Layout(Path(data_dir).resolve())
     if node_name is not None and (problem := pki.node_name_problem(node_name)):
         raise TerminalError(problem)
+    # (What an init running now leaves is told apart from what an interrupted one left only
+    # under the lock.)
+    _refuse_made(layout, interrupted=False)
+    if problem := leader_names_problem(address, dns_names):
+        raise TerminalError(problem)
+    names = pki.Names.of(LEADER_NAME, [address], dns_names)
+    # A given passphrase file is checked before anything is made: a refused one left the
+    # empty directories behind (audit s34 L5).
+    passphrase = None if passphrase_file is None else read_passphrase(passphrase_file)
+    make_private_dir(layout.data_dir, 0o750)
+    with _init_lock(layout):
+        _refuse_made(layout)  # (again, under the lock: another init may have ended meanwhile)
+        for sub in ("ca", "secrets", "tls"):
+            make_private_dir(layout.data_dir / sub)
+        make_private_dir(layout.data_dir / "run", 0o750)
+        return _make(layout, names, node_name, passphrase_file, passphrase)
+
+
+INIT_LOCK = "init.lock"
+
+
+@contextlib.contextmanager
+def _init_lock(layout: Layout) -> Iterator[None]:
+    """One ``tlsroll init`` at a time on a data directory: two at once both succeeded, each
+    printing the pin of its own CA, and one's ``ca.key`` was left encrypted with the other's
+    passphrase, a leader that never starts (audit s39race M5). An exclusive ``flock`` on
+    DATA/init.lock, held for the whole init; the kernel lets it go when the process ends, so a
+    killed init leaves no stale lock (only the file, taken again by the next). The file is
+    removed at the end; one that was removed or replaced between its opening and its lock
+    is opened again (else two could hold locks on two different files)."""
+    path = layout.data_dir / INIT_LOCK
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, PRIVATE)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            raise TerminalError(
+                f"another tlsroll init is running on {layout.data_dir}; let it end"
+            ) from None
+        try:
+            same = os.stat(path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        yield
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            path.unlink()  # (before the lock goes: the next init makes a new file)
+        os.close(fd)
+
+
+def _refuse_made(layout: Layout, *, interrupted: bool = True) -> None:
+    """Refuse a data directory a leader has run on, or (``interrupted``) an earlier init
+    left a CA key in."""
     # A leader has run here if its store or the store's mark (``leader.db.mark_store``) exists.
     ran = (layout.store, layout.store.with_name(layout.store.name + ".created"))
     if layout.config.exists() or any(p.exists() for p in ran):
         raise TerminalError(f"{layout.data_dir} is already initialised; refusing to overwrite it")
-    if layout.ca_key.exists():
+    if interrupted and layout.ca_key.exists():
         # An init cut short before its last write (the config): no leader has run on what it
         # left, but a CA key is never overwritten; the admin removes it.
         made = (layout.ca_key, layout.ca_cert, layout.tls_key, layout.tls_cert)
@@ -274,16 +333,19 @@ def init(
             f" {layout.config.name} (no leader has run here); remove what it left and run init"
             f" again: rm {' '.join(str(p) for p in left)}"
         )
-    if problem := leader_names_problem(address, dns_names):
-        raise TerminalError(problem)
-    names = pki.Names.of(LEADER_NAME, [address], dns_names)
-    # A given passphrase file is checked before anything is made: a refused one left the
-    # empty directories behind (audit s34 L5).
-    passphrase = None if passphrase_file is None else read_passphrase(passphrase_file)
-    for sub in ("ca", "secrets", "tls"):
-        make_private_dir(layout.data_dir / sub)
-    make_private_dir(layout.data_dir / "run", 0o750)
-    make_private_dir(layout.data_dir, 0o750)
+
+
+def _make(
+    layout: Layout,
+    names: pki.Names,
+    node_name: str | None,
+    passphrase_file: Path | None,
+    passphrase: bytes | None,
+) -> Layout:
+    """``init``'s work, under its lock: the passphrase (unless given), CA, leader
+    certificate, and last the config."""
+    from tlsroll import pki  # noqa: PLC0415 - see the imports
+    from tlsroll.config import dump_toml  # noqa: PLC0415 - see the imports
 
     if passphrase_file is None:
         passphrase_file = layout.default_passphrase_file

@@ -419,6 +419,8 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
     leader_service.close_streams()  # else the graceful stop waits out its grace for them
     await asyncio.gather(*(s.stop(GRACE_SECONDS) for s in servers))
     await relay.stop()
+    # A command whose caller went away runs on (``runs_to_end``); not past the stores' close.
+    await admin_service.finish_carried_on(GRACE_SECONDS)
     for task in (engine_task, expiry_task):
         await asyncio.wait([task])
         if not died and (task.cancelled() or task.exception() is not None):

@@ -353,6 +353,22 @@ class SchemaStore(LeaderStore):
             live = self._live(db)
             return self._get(db, live[0][0]) if live else None
 
+    def refuse_if_busy(self, follows: str = "") -> None:
+        """``RolloutBusy`` if a rollout not yet ended keeps a new one from starting (``create``
+        checks it again in its transaction); ``follows``: the rollout a finalize or a way back
+        follows, which may await finalize beside it. A start asks it before it asks the agents:
+        the refusal then names the rollout, not a node busy switching (audit s39race M4);
+        ``SetPassword``'s ``check_only`` before a password is shown (what ``stage_password``
+        refuses)."""
+        with self._db.read() as db:
+            _refuse_if_busy(db, follows)
+
+    def retried_by(self, rollout_id: str) -> tuple[str, str] | None:
+        """The rollout that retried ``rollout_id`` and its state, if one was created
+        (``create``'s ``retry_of``); None: not retried (or retried before this was kept)."""
+        with self._db.read() as db:
+            return _retried_by(db, rollout_id)
+
     def peek_active(self) -> tuple[bool, RolloutRow | None]:
         """``active()`` from memory, without waiting (``Database.peek``): (True, what it would
         return), or (False, None) if that is not known now (then call ``active`` in a worker
@@ -698,6 +714,7 @@ class SchemaStore(LeaderStore):
         takes_back_once: bool = False,
         auth_latest: int | None = None,
         own_ca: bytes | None = None,
+        retry_of: str = "",
     ) -> RolloutRow:
         """Insert a new rollout, refusing if another one is active (checked in the same
         transaction, so two starts cannot both succeed). ``new_verifier`` adds the auth
@@ -716,9 +733,15 @@ class SchemaStore(LeaderStore):
         staged since (None: not checked). ``own_ca``: a ``--cert-dir`` rollout's practice CA
         (``own_ca``), written with the rollout: written before, a start then refused left it
         trusted meanwhile by a running rollout's outside checks, and for good if the leader
-        died between the write and its removal (session 32's audit, L2)."""
+        died between the write and its removal (session 32's audit, L2).
+        ``retry_of``: the rollout this one retries (``rollout retry``), retried once:
+        ``AlreadyRetried`` if another retry of it was created, checked here so that two
+        retries that crossed cannot both start (audit s39race H3); the link is kept
+        (``retried_by``)."""
         with self._db.tx() as db:
             _refuse_if_busy(db, meta.finalizes or meta.undoes)
+            if retry_of:
+                _refuse_if_retried(db, retry_of)
             if auth_latest is not None:
                 now_latest = int(
                     db.execute("SELECT COALESCE(MAX(version), 0) FROM auth_versions").fetchone()[0]
@@ -746,6 +769,11 @@ class SchemaStore(LeaderStore):
                 db.execute(
                     "INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)",
                     (f"own_ca/{rollout.id}", own_ca.decode("ascii")),
+                )
+            if retry_of:
+                db.execute(
+                    "INSERT INTO meta (key, value) VALUES (?, ?)",
+                    (f"{_RETRIED_BY}{retry_of}", rollout.id),
                 )
             db.execute(
                 "INSERT INTO rollouts (id, change, scope_kind, scope_names, node_order, strategy,"
@@ -1128,12 +1156,6 @@ class SchemaStore(LeaderStore):
             int(row["version"]), str(row["actor"]), from_text(row["created_at"]), tuple(live)
         )
 
-    def refuse_if_busy(self) -> None:
-        """RolloutBusy if a rollout has not ended: what ``stage_password`` refuses, asked
-        before a password is shown (``SetPassword``'s ``check_only``)."""
-        with self._db.read() as db:
-            _refuse_if_busy(db)
-
     def pending_password_nodes(self) -> set[str]:
         """The nodes whose live password is older than the latest version: both read at once
         (read apart, a write between them could mix two moments: session 32's audit, L3)."""
@@ -1437,6 +1459,40 @@ def _refuse_if_busy(db: sqlite3.Connection, follows: str = "") -> None:
         waiting = busy["state"] == RolloutState.AWAITING_FINALIZE.value
         if not (waiting and follows and busy["id"] == follows):
             raise RolloutBusy(busy["id"], busy["state"])
+
+
+_RETRIED_BY = "retried_by/"  # meta key prefix: ``retried_by/<rollout id>`` = its retry's id
+
+
+def _retried_by(db: sqlite3.Connection, rollout_id: str) -> tuple[str, str] | None:
+    found = db.execute(
+        "SELECT m.value AS id, COALESCE(r.state, '') AS state FROM meta m"
+        " LEFT JOIN rollouts r ON r.id = m.value WHERE m.key = ?",
+        (f"{_RETRIED_BY}{rollout_id}",),
+    ).fetchone()
+    return None if found is None else (str(found["id"]), str(found["state"]))
+
+
+def _refuse_if_retried(db: sqlite3.Connection, rollout_id: str) -> None:
+    by = _retried_by(db, rollout_id)
+    if by is not None:
+        raise AlreadyRetried(rollout_id, *by)
+
+
+class AlreadyRetried(TerminalError):
+    """A halted or aborted rollout is retried once: its retry carries it on, and a retry of
+    that retry after it (audit s39race H3: a second retry switched the same nodes again)."""
+
+    def __init__(self, target: str, by: str, state: str) -> None:
+        again = (
+            f"; to carry on where it stopped: tlsroll rollout retry {by}"
+            if state in (RolloutState.HALTED.value, RolloutState.ABORTED.value)
+            else ""
+        )
+        super().__init__(
+            f"rollout {target} was already retried by {by} ({state}){again}; "
+            "see: tlsroll schema show"
+        )
 
 
 class AlreadyTakenBack(TerminalError):

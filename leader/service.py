@@ -47,6 +47,7 @@ from leader.planner import (
 from leader.rollout_core import Client, IllegalTransition
 from leader.schema_store import (
     MAX_CLIENTS,
+    AlreadyRetried,
     AlreadyTakenBack,
     BootstrapFailureRow,
     PasswordStagedMeanwhile,
@@ -115,6 +116,7 @@ ERRORS = {
     NotAwaitingFinalize: grpc.StatusCode.FAILED_PRECONDITION,
     WrongSource: grpc.StatusCode.FAILED_PRECONDITION,
     StillOnHttp: grpc.StatusCode.FAILED_PRECONDITION,
+    AlreadyRetried: grpc.StatusCode.FAILED_PRECONDITION,
     AlreadyTakenBack: grpc.StatusCode.FAILED_PRECONDITION,
     StaleRecords: grpc.StatusCode.ABORTED,
     RolloutBusy: grpc.StatusCode.FAILED_PRECONDITION,

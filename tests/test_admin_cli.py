@@ -3,6 +3,7 @@ nodes, one-line errors with the right exit codes, and no Admin service on any TC
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
@@ -19,7 +20,15 @@ from cryptography.hazmat.primitives import serialization
 
 from leader.cli.cluster_cmd import short_serial_digits
 from leader.tokens import SECRET_ALPHABET
-from tests.cluster import Cluster, command, enrol, enrol_request, one_line_error
+from tests.cluster import (
+    CLI_TIMEOUT,
+    Cluster,
+    child_env,
+    command,
+    enrol,
+    enrol_request,
+    one_line_error,
+)
 from tests.conftest import next_loopback
 from tlsroll import __version__, pki
 from tlsroll.v1 import admin_pb2, admin_pb2_grpc
@@ -182,6 +191,69 @@ def test_init_prints_the_pin_and_refuses_to_overwrite(tmp_path: Path) -> None:
         assert "already initialised" in line
         after = {p: p.read_bytes() for p in fresh.data_dir.rglob("*") if p.is_file()}
         assert after == before
+
+
+def test_two_inits_at_once_on_one_data_directory_leave_one_cluster(tmp_path: Path) -> None:
+    """Audit s39race M5: two `tlsroll init` at once on one data directory both succeeded, each
+    printing the pin of its own CA; half the time ca.key was left encrypted with the other's
+    passphrase (the leader then refused to start: "wrong passphrase"). Now one init at a time:
+    of two real processes started together one makes the cluster, the other exits 1 in one
+    line ("another tlsroll init is running", or "already initialised" if the first had ended),
+    and what is left is one consistent cluster whose pin is the one printed."""
+    for round_ in range(3):
+        with Cluster(tmp_path / f"round{round_}", next_loopback()) as fresh:
+            args = ["init", "--data-dir", str(fresh.data_dir), "--address", fresh.address]
+            inits = [
+                subprocess.Popen(
+                    [*command("tlsroll", "tlsroll"), *args],
+                    stdout=subprocess.PIPE,
+                    stderr=subprocess.PIPE,
+                    text=True,
+                    env=child_env(),
+                )
+                for _ in range(2)
+            ]
+            results = []
+            for p in inits:
+                out, err = p.communicate(timeout=CLI_TIMEOUT)
+                results.append(subprocess.CompletedProcess(p.args, p.returncode, out, err))
+            made = [r for r in results if r.returncode == 0]
+            assert len(made) == 1, [(r.returncode, r.stderr) for r in results]
+            [refused] = [r for r in results if r.returncode != 0]
+            line = cli_error(refused, 1)
+            assert (
+                f"another tlsroll init is running on {fresh.data_dir}" in line
+                or "already initialised" in line
+            ), line
+            assert fresh.ca_pin() in made[0].stdout
+            passphrase = (fresh.data_dir / "secrets" / "ca.passphrase").read_bytes().strip()
+            key = pki.read_key(fresh.data_dir / "ca" / "ca.key", passphrase)
+            assert pki.key_matches(pki.read_cert(fresh.ca_cert_path), key)
+            assert not (fresh.data_dir / "init.lock").exists()
+
+
+def test_an_init_refuses_while_another_holds_the_directory(tmp_path: Path) -> None:
+    """The lock two inits race for (``leader.layout``), held here as a running init holds it:
+    the init exits 1 in one line and makes nothing; a lock file an init killed left behind
+    (no one holds it) is no obstacle."""
+    with Cluster(tmp_path, next_loopback()) as fresh:
+        args = ["init", "--data-dir", str(fresh.data_dir), "--address", fresh.address]
+        fresh.data_dir.mkdir(mode=0o750)
+        lock = fresh.data_dir / "init.lock"
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            line = cli_error(fresh.cli(*args), 1)
+            assert line == (
+                f"tlsroll: error: another tlsroll init is running on {fresh.data_dir}; let it end"
+            )
+            assert sorted(p.name for p in fresh.data_dir.iterdir()) == ["init.lock"]
+        finally:
+            os.close(fd)  # as a killed init's: the file stays, nobody holds it
+        result = fresh.cli(*args)
+        assert result.returncode == 0, result.stderr
+        assert fresh.ca_pin() in result.stdout
+        assert not lock.exists()
 
 
 def test_init_with_a_bad_address_is_a_usage_error(tmp_path: Path) -> None:

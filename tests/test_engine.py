@@ -1292,17 +1292,19 @@ async def test_a_refused_admin_action_ends_with_the_next_command_to_run(world: W
         f"rollout {rid} is running: there is nothing to resume; follow it with tlsroll schema "
         "show --watch"
     ), line
-    await leader.control(RolloutAction.PAUSE)
-    line = await refused(leader, RolloutAction.PAUSE)
-    assert line == (
-        f"rollout {rid} is paused: there is nothing to pause; carry on with tlsroll rollout "
-        f"resume {rid}"
-    ), line
-    await leader.control(RolloutAction.ABORT)
-    for action in RolloutAction:
+    paused = await leader.control(RolloutAction.PAUSE)
+    # Given twice, pause and abort succeed and change nothing (audit s39race L1: exit 1).
+    audit = leader.audit()
+    assert await leader.control(RolloutAction.PAUSE) == paused
+    assert leader.audit() == audit
+    aborting = await leader.control(RolloutAction.ABORT)
+    assert aborting.rollout.state is R.ABORTING
+    assert await leader.control(RolloutAction.ABORT) == aborting
+    for action in (RolloutAction.PAUSE, RolloutAction.RESUME):
         line = await refused(leader, action)
         assert line.endswith("; wait until it has ended: tlsroll schema show --watch"), line
     assert (await leader.run()).rollout.state is R.ABORTED
+    assert (await leader.control(RolloutAction.ABORT)).rollout.state is R.ABORTED
 
     switch_fails(world.agents["charlie"])
     rid = (await leader.start()).rollout.id

@@ -16,7 +16,7 @@ from typing import Any
 
 import pytest
 
-from tests.cluster import Cluster, wait_until
+from tests.cluster import Cluster, one_line_error, wait_until
 from tests.nodeside import Node, cluster_of, port_holder
 from tests.refserver_helper import http_request
 from tlsroll import tls
@@ -177,6 +177,14 @@ def test_a_halted_rollout_is_retried_to_the_end(
     # Only a halted or aborted rollout is retried.
     again = cluster.cli("rollout", "retry")
     assert again.returncode == 1 and "only a halted or aborted rollout" in again.stderr
+    # And a rollout once (audit s39race H3: a second retry switched the nodes again).
+    again = cluster.cli("rollout", "retry", halted["id"])
+    assert again.returncode == 1, (again.stdout, again.stderr)
+    assert one_line_error(again.stderr, "tlsroll") == (
+        f"tlsroll: error: rollout {halted['id']} was already retried by {r['id']} (completed);"
+        " see: tlsroll schema show"
+    )
+    assert newest(cluster)["id"] == r["id"]
 
 
 def test_an_agent_that_stops_answering_neither_wedges_abort_nor_the_rollout(

@@ -248,6 +248,22 @@ def control_refused(setup: Setup, action: str, state: str, rollout_id: str = "")
         assert rollout_id in line, line
 
 
+def control_again(setup: Setup, action: str, rollout_id: str, state: str, named: bool) -> None:
+    """A pause or abort given again (audit s39race L1: it exited 1): what it asks for holds,
+    so it succeeds, says the state, and changes nothing."""
+
+    def rollout_rows() -> tuple[object, ...]:
+        """The rollouts and their audit events (the engine may note a node meanwhile)."""
+        rows = store_rows(setup.cluster)
+        return rows["rollouts"], [a for a in rows["audit"] if str(a[3]).startswith("rollout.")]
+
+    before = rollout_rows()
+    result = setup.cli("rollout", action, *([rollout_id] if named else []))
+    assert result.returncode == 0, (action, result.stdout, result.stderr)
+    assert result.stdout.strip() == f"rollout {rollout_id}: {state}", result.stdout
+    assert rollout_rows() == before, f"a repeated {action} changed the rollout"
+
+
 def control_ok(setup: Setup, action: str, rollout_id: str, state: str) -> None:
     """A legal pause/resume/abort: it says the new state and the schema shows it."""
     result = setup.cli("rollout", action)
@@ -406,7 +422,7 @@ def test_controls_in_running_paused_aborting_and_aborted(setups: Setups) -> None
 
     control_refused(s, "resume", "running")
     control_ok(s, "pause", rid, "paused")
-    control_refused(s, "pause", "paused")
+    control_again(s, "pause", rid, "paused", named=False)
     control_ok(s, "resume", rid, "running")
     control_ok(s, "abort", rid, "aborting")  # abort mid-rollout, p1 in flight
 
@@ -426,8 +442,9 @@ def test_controls_in_running_paused_aborting_and_aborted(setups: Setups) -> None
         "p3": "skipped",
     }
     assert aborting.nodes["p2"] == aborting.nodes["p3"] == ("skipped", "rollout aborted")
-    for action in ("pause", "resume", "abort"):
+    for action in ("pause", "resume"):
         control_refused(s, action, "aborting")
+    control_again(s, "abort", rid, "aborting", named=True)
 
     # The node in flight finishes safely; then the rollout ends aborted.
     s["p1"].restart_agent()
@@ -443,10 +460,12 @@ def test_controls_in_running_paused_aborting_and_aborted(setups: Setups) -> None
         assert nodes[name]["state"] == "skipped" and nodes[name]["reason"] == "rollout aborted"
         assert_untouched(s[name], was)
 
-    for action in ("pause", "resume", "abort"):
+    for action in ("pause", "resume"):
         control_refused(s, action, "aborted", rid)
         line = refused(s, ["rollout", action])  # no rollout named, and none is active
         assert "no active rollout" in line or " is aborted: there is nothing to " in line, line
+    for named in (True, False):
+        control_again(s, "abort", rid, "aborted", named)
 
 
 def test_controls_while_halting_and_after_halted(setups: Setups) -> None:

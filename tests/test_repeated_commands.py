@@ -1,0 +1,380 @@
+"""Rollout commands given twice, crossed, or left by their caller (audit s39race: H3, M3, M4),
+in-process on a real SchemaStore (SQLite file) and the real Commands and AdminService; the
+engine harness of tests/test_engine.py where a rollout has to run."""
+
+from __future__ import annotations
+
+import asyncio
+import datetime as dt
+from collections.abc import Collection, Sequence
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import grpc
+import pytest
+from structlog.testing import capture_logs
+
+from leader import byo, planner
+from leader.commands import RolloutRequest
+from leader.observe import FirstSteps
+from leader.rollout_core import (
+    Change,
+    NodeObservation,
+    NodeState,
+    RolloutAction,
+    RolloutEvent,
+    RolloutState,
+    Scope,
+    Strategy,
+)
+from leader.schema_store import (
+    AlreadyRetried,
+    RolloutBusy,
+    RolloutMeta,
+    RolloutRow,
+    SchemaStore,
+)
+from leader.service import ERRORS
+from tests.cluster import wait_until
+from tlsroll.rpc import status_for
+
+NOW = dt.datetime(2026, 12, 3, 6, 0, tzinfo=dt.UTC)
+ADMIN = "admin:test"
+
+
+def rollout(
+    schema: SchemaStore,
+    rollout_id: str,
+    change: Change,
+    names: Sequence[str],
+    *,
+    retry_of: str = "",
+    strategy: Strategy = Strategy.DIRECT,
+    finalizes: str = "",
+) -> RolloutRow:
+    leader = "alpha" if "alpha" in names else "a"
+    made, nodes = planner.plan_rollout(
+        rollout_id=rollout_id,
+        change=change,
+        scope=Scope.of_nodes(names),
+        enrolled=dict.fromkeys(names, True),
+        leader=leader,
+        epoch=schema.next_epoch(),
+        strategy=strategy,
+    )
+    meta = RolloutMeta(created_at=NOW, started_by=ADMIN, leader_node=leader, finalizes=finalizes)
+    verifier = '{"v": 1}' if change is Change.ENABLE_TLS else None
+    return schema.create(
+        made.with_event(RolloutEvent.START), nodes, meta, NOW, verifier, retry_of=retry_of
+    )
+
+
+def settle(schema: SchemaStore, row: RolloutRow, done: Collection[str]) -> RolloutRow:
+    """The rollout ends: ``done`` switched, the others failed (halted) or none (completed)."""
+    records = [
+        replace(r, state=NodeState.DONE if r.name in done else NodeState.FAILED)
+        for r in row.records
+    ]
+    head = row.rollout
+    if len(done) < len(records):
+        head = head.with_event(RolloutEvent.FAILURE_BUDGET_EXCEEDED)
+    head = head.with_event(RolloutEvent.NODES_SETTLED)
+    return schema.save_states(row, head, records, NOW, "engine")
+
+
+class Agents:
+    """``Commands.observe`` for nodes on https: every call to the agents is counted."""
+
+    def __init__(self) -> None:
+        self.asked: list[list[str]] = []
+
+    async def __call__(
+        self, names: Sequence[str], *, warm: Collection[str], first: FirstSteps | None
+    ) -> dict[str, NodeObservation]:
+        self.asked.append(list(names))
+        return {
+            n: NodeObservation(reachable=True, schemes=("https",), cert_from_ca=True) for n in names
+        }
+
+
+# --- H3: a rollout is retried once ----------------------------------------------------------
+
+
+def test_a_rollout_is_retried_once_even_when_two_retries_cross(tmp_path: Path) -> None:
+    """Two `rollout retry R` planned at the same time both found R not retried; the store
+    itself refuses the second (FAILED_PRECONDITION at the admin API), whatever state the
+    first is in, and writes nothing. The retry may itself be retried."""
+    schema = SchemaStore(tmp_path / "s.sqlite3")
+    first = settle(schema, rollout(schema, "r1", Change.ROTATE_CERT, ["a", "b", "c"]), {"a"})
+    assert first.rollout.state is RolloutState.HALTED
+    second = rollout(schema, "r2", Change.ROTATE_CERT, ["b", "c"], retry_of="r1")
+    assert schema.retried_by("r1") == ("r2", "running")
+    settle(schema, second, {"b"})  # halted again: c failed
+    with pytest.raises(AlreadyRetried) as refused:
+        rollout(schema, "r3", Change.ROTATE_CERT, ["b", "c"], retry_of="r1")
+    assert str(refused.value) == (
+        "rollout r1 was already retried by r2 (halted); to carry on where it stopped: "
+        "tlsroll rollout retry r2; see: tlsroll schema show"
+    )
+    assert status_for(refused.value, ERRORS) is grpc.StatusCode.FAILED_PRECONDITION
+    assert schema.get("r3") is None and schema.retried_by("r1") == ("r2", "halted")
+    third = rollout(schema, "r3", Change.ROTATE_CERT, ["c"], retry_of="r2")  # a retry's retry
+    settle(schema, third, {"c"})
+    assert schema.retried_by("r2") == ("r3", "completed")
+    schema.close()
+
+
+async def test_a_second_retry_switches_no_node_again(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Audit s39race H3: `rollout retry R` after R's retry R2 completed started R3, which
+    rotated the nodes R2 had rotated a second time (each restarted again). Refused now, in
+    one line naming R2 and its state, before any agent is asked, and nothing is created."""
+    from tests.test_engine import make_world
+
+    leader_ = make_world(tmp_path, monkeypatch).boot()
+    schema, commands = leader_.schema, leader_.commands
+    first = rollout(schema, "r1", Change.ROTATE_CERT, ["alpha", "bravo", "charlie"])
+    settle(schema, first, {"bravo"})
+    retried = await commands.retry("r1", ADMIN)
+    assert retried.rollout.order == ("charlie", "alpha")
+    settle(schema, retried, {"charlie", "alpha"})
+    before = schema.latest()
+    agents = Agents()
+    commands.observe = agents
+    with pytest.raises(
+        AlreadyRetried,
+        match=rf"^rollout r1 was already retried by {retried.rollout.id} \(completed\); "
+        r"see: tlsroll schema show$",
+    ):
+        await commands.retry("r1", ADMIN)
+    assert schema.latest() == before and agents.asked == []
+    await leader_.stop()
+
+
+# --- M4: a start refused because another rollout runs says so, asking no agent --------------
+
+
+async def test_a_start_retry_or_finalize_beside_a_running_rollout_asks_no_agent(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Audit s39race M4: a start refused because another rollout runs asked every agent first,
+    and with nodes busy switching said "cannot ask the agent of node1 ..." instead of naming
+    the rollout. The running rollout is checked first (and again in the create)."""
+    from tests.test_engine import make_world
+
+    leader_ = make_world(tmp_path, monkeypatch).boot()
+    schema, commands = leader_.schema, leader_.commands
+    agents = Agents()
+    commands.observe = agents
+    halted = settle(schema, rollout(schema, "r1", Change.ROTATE_CERT, ["bravo"]), set())
+    running = rollout(schema, "r2", Change.ROTATE_CERT, ["alpha"])
+    assert running.rollout.state is RolloutState.RUNNING
+    busy = r"^rollout r2 is running; one rollout at a time per cluster"
+    with pytest.raises(RolloutBusy, match=busy):
+        await commands.start(RolloutRequest(Change.ROTATE_CERT, Scope.cluster()), ADMIN)
+    with pytest.raises(RolloutBusy, match=busy):
+        await commands.retry(halted.rollout.id, ADMIN)
+    settle(schema, running, {"alpha"})
+    # A transitional phase 1 awaiting finalize, its finalize running: a second finalize.
+    phase1 = rollout(schema, "t1", Change.ENABLE_TLS, ["charlie"], strategy=Strategy.TRANSITIONAL)
+    dual = [replace(r, state=NodeState.DUAL) for r in phase1.records]
+    schema.save_states(phase1, phase1.rollout.with_event(RolloutEvent.NODES_DUAL), dual, NOW, "e")
+    rollout(schema, "f1", Change.FINALIZE, ["charlie"], finalizes="t1")
+    with pytest.raises(RolloutBusy, match=r"^rollout f1 is running; one rollout at a time"):
+        await commands.finalize("t1", ADMIN, force=True)
+    assert agents.asked == []
+    latest = schema.latest()
+    assert latest is not None and latest.rollout.id == "f1"
+    await leader_.stop()
+
+
+# --- M3: a command runs to its end when its caller goes away --------------------------------
+
+
+async def test_a_start_whose_caller_went_away_after_its_commit_still_runs_to_its_end(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Audit s39race M3: gRPC cancels the handler of a call whose client goes away (Ctrl-C,
+    a closed terminal). Cancelled right after its commit, StartRollout never logged
+    rollout.started nor handed a --cert-dir rollout's keys to the engine, whose stages then
+    failed ("the leader holds no key from --cert-dir"). Here the call is cancelled at that very
+    point (the create has committed): the start still logs, keeps the keys, and the first
+    node stages the certificate it was given."""
+    from leader.admin_service import AdminService
+    from leader.cli.rollout import rollout_request
+    from leader.service import LeaderState
+    from tests.byo_certs import key_pem, leaf, make_ca, pem
+    from tests.fake_agent import START
+    from tests.test_engine import VERIFIER_1, make_world
+    from tlsroll.v1 import admin_pb2
+
+    world = make_world(tmp_path, monkeypatch)
+    practice = make_ca("Praxis CA", now=START)
+    files = {}
+    for agent in world.agents:  # as the node's own names (the fake agent compares them)
+        ips, dns = list(agent.names.ips), list(agent.names.dns)
+        cert, key = leaf(practice, ips, dns, now=START, cn=agent.name)
+        files[agent.name] = byo.NodeMaterial(agent.name, pem(cert), key_pem(key), 0o600)
+    leader_ = world.boot()
+    leader_.commands.vault = leader_.engine.vault  # as the daemon wires them
+    service = AdminService(
+        LeaderState(leader_.store, world.ca, world.clock.wall, 1), leader_.commands, leader_.schema
+    )
+    request = rollout_request("cluster", None, 1, "node", "enable-tls")
+    request.auth_verifier_json = VERIFIER_1
+    request.cert_dir.CopyFrom(
+        admin_pb2.CertDir(
+            ca_pem=practice.pem,
+            nodes=[
+                admin_pb2.NodeCertificate(
+                    node=m.node,
+                    chain_pem=m.chain_pem,
+                    private_key_pem=m.key_pem,
+                    key_file_mode=0o600,
+                )
+                for m in files.values()
+            ],
+        )
+    )
+    call: list[asyncio.Task[Any]] = []
+    hop = asyncio.to_thread  # the harness's
+
+    async def create_then_caller_gone(func: Any, /, *args: Any, **kwargs: Any) -> Any:
+        result = await hop(func, *args, **kwargs)
+        if getattr(func, "__name__", "") == "create":
+            call[0].cancel()  # the client went away while the create committed
+            await asyncio.sleep(0)  # (the cancellation lands where the thread's await ends)
+        return result
+
+    monkeypatch.setattr(asyncio, "to_thread", create_then_caller_gone)
+    with capture_logs() as logs:
+        call.append(asyncio.ensure_future(service.StartRollout(request, None)))  # type: ignore[arg-type]
+        with pytest.raises(asyncio.CancelledError):
+            await call[0]
+        while service.carried_on:  # the start, carried on without its caller
+            await asyncio.wait(set(service.carried_on))
+    monkeypatch.setattr(asyncio, "to_thread", hop)
+    started = [e for e in logs if e["event"] == "rollout.started"]
+    assert len(started) == 1 and started[0]["own_certificates"] is True
+    [finished] = [e for e in logs if e["event"] == "admin.finished_without_caller"]
+    assert finished["method"] == "StartRollout" and finished["outcome"] == "done"
+    rollout_id = started[0]["rollout_id"]
+    for name in files:
+        assert leader_.engine.vault.get(rollout_id, name) is not None
+    # The first node stages the certificate it was given (the fake agents' outside check
+    # knows only the cluster CA's certificates: the confirm after it is not this test's).
+    first = leader_.engine.vault.get(rollout_id, "bravo")
+    row = await leader_.run()
+    assert row.rollout.id == rollout_id
+    assert not any("holds no key" in r.reason for r in row.records), row.records
+    [bravo] = [a for a in world.agents if a.name == "bravo"]
+    assert bravo.applied["stage"] == 1 and first is not None
+    await leader_.stop()
+
+
+async def test_a_control_whose_caller_went_away_is_logged_as_it_ended(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A refusal met by a command whose caller is gone is logged (its one line), not lost."""
+    from leader.admin_service import AdminService
+    from leader.service import LeaderState
+    from leader.wire import ROLLOUT_ACTION
+    from tests.test_engine import make_world
+    from tlsroll.v1 import admin_pb2
+
+    world = make_world(tmp_path, monkeypatch)
+    leader_ = world.boot()
+    service = AdminService(
+        LeaderState(leader_.store, world.ca, world.clock.wall, 1), leader_.commands, leader_.schema
+    )
+    gate = asyncio.Event()
+    hop = asyncio.to_thread
+
+    async def held(func: Any, /, *args: Any, **kwargs: Any) -> Any:
+        await gate.wait()
+        return await hop(func, *args, **kwargs)
+
+    monkeypatch.setattr(asyncio, "to_thread", held)
+    request = admin_pb2.ControlRolloutRequest(action=ROLLOUT_ACTION.wire(RolloutAction.PAUSE))
+    with capture_logs() as logs:
+        call = asyncio.ensure_future(service.ControlRollout(request, None))  # type: ignore[arg-type]
+        await asyncio.sleep(0)
+        call.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await call
+        gate.set()
+        while service.carried_on:
+            await asyncio.wait(set(service.carried_on))
+    [finished] = [e for e in logs if e["event"] == "admin.finished_without_caller"]
+    assert finished["outcome"] == "refused" and finished["error"] == "NoRolloutYet"
+    assert finished["message"] == "no rollout yet; start one with: tlsroll rollout start"
+    monkeypatch.setattr(asyncio, "to_thread", hop)
+    await leader_.stop()
+
+
+# --- M3 with real daemons -------------------------------------------------------------------
+
+
+@pytest.mark.timeout(300)  # two nodes up (a minute on a busy machine) and one rollout
+def test_a_real_start_whose_caller_gave_up_still_starts_and_its_stages_find_the_keys(
+    tmp_path: Path,
+) -> None:
+    """Audit s39race M3 with a real leader and agents: a `rollout start --cert-dir` whose
+    caller goes away while the leader is at it (here: its deadline passes while the leader
+    waits for its store, which the test holds locked; as a client that went away, gRPC
+    cancels the handler). Before, the rollout was committed once the store was free but its
+    start went no further: no rollout.started, no keys for its stages, which failed ("the
+    leader holds no key from --cert-dir"). Now it runs to its end: logged, and each node
+    serves the certificate it was given."""
+    import sqlite3
+
+    from leader.cli.password import verifier_json
+    from leader.cli.rollout import cert_dir_message, rollout_request
+    from tests.byo_certs import make_ca, pem, write_dir
+    from tests.test_byo import close, newest, real_leaf, served, two_nodes
+    from tlsroll.defaults import HTTPS_PORT
+    from tlsroll.v1 import admin_pb2_grpc
+
+    cluster, nodes = two_nodes(tmp_path)
+    try:
+        practice = make_ca("Praxis CA")
+        issued = {n.name: real_leaf(practice, n) for n in nodes}
+        d = write_dir(
+            tmp_path / "certs", practice, {k: (pem(c), key) for k, (c, key) in issued.items()}
+        )
+        request = rollout_request("cluster", None, 1, "node", "enable-tls")
+        request.auth_verifier_json = verifier_json("the-practice-password-for-m3")
+        request.cert_dir.CopyFrom(cert_dir_message(d))
+        held = sqlite3.connect(cluster.data_dir / "leader.sqlite3", isolation_level=None)
+        try:
+            held.execute("BEGIN EXCLUSIVE")  # the leader's create waits for it (10 s at most)
+            with grpc.insecure_channel(f"unix:{cluster.admin_socket}") as channel:
+                stub = admin_pb2_grpc.AdminStub(channel)
+                with pytest.raises(grpc.RpcError) as gave_up:
+                    stub.StartRollout(request, timeout=3)
+            assert gave_up.value.code() is grpc.StatusCode.DEADLINE_EXCEEDED
+        finally:
+            held.execute("ROLLBACK")
+            held.close()
+
+        def ended() -> dict[str, Any] | None:
+            r = newest(cluster)
+            return r if r is not None and r["state"] in ("completed", "halted", "aborted") else None
+
+        wait_until(
+            lambda: ended() is not None, 120, "the rollout started without its caller ending"
+        )
+        r = ended()
+        assert r is not None and r["state"] == "completed", r
+        events = cluster.leader.log_events()
+        started = [e for e in events if e.get("event") == "rollout.started"]
+        assert [e["rollout_id"] for e in started] == [r["id"]], started
+        assert started[0]["own_certificates"] is True
+        [gone] = [e for e in events if e.get("event") == "admin.finished_without_caller"]
+        assert gone["method"] == "StartRollout" and gone["outcome"] == "done"
+        for node in nodes:
+            assert served(node.address, HTTPS_PORT, practice.pem) == issued[node.name][0]
+    finally:
+        close(cluster, nodes)
