@@ -49,6 +49,7 @@ log = logs.get_logger(__name__)
 
 MAX_CONNECTIONS = 64
 CHUNK = 65536
+DRAIN_SECONDS = 1.0  # at the stop, for the relayed connections to end by themselves
 PEER_PREFIX = "tlsroll-admin-peer-"
 
 
@@ -132,11 +133,20 @@ class AdminRelay:
             listener.close()
             raise
 
-    async def stop(self) -> None:
-        """Stop listening, end every relayed connection, remove the socket file."""
+    def stop_accepting(self) -> None:
+        """Accept no new connection (a caller's ``connect`` is refused: it was never received)
+        while the relayed ones go on: the first step of the leader's stop, before the gRPC
+        server's graceful stop shuts its own listener (a connection accepted here after that
+        would carry a call the server never reads). The socket file stays until ``stop``."""
         if self._server is not None:
             self._server.close()
             self._server = None
+
+    async def stop(self) -> None:
+        """Stop listening, end every relayed connection, remove the socket file."""
+        self.stop_accepting()
+        if self._tasks:  # the gRPC server stopped: its answers' last bytes are on their way
+            await asyncio.wait(set(self._tasks), timeout=DRAIN_SECONDS)
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:

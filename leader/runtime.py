@@ -86,7 +86,13 @@ EXIT_CONFIG = 2
 EXIT_STORE_TOO_NEW = 3
 EXIT_STORE_DAMAGED = 4
 
+# The stop's budget, within the unit's TimeoutStopSec=30s (deploy/systemd/tlsroll-leader.service):
+# the admin calls in flight GRACE_SECONDS, then the commands carried on past it (``runs_to_end``)
+# GRACE_SECONDS more at most, then the join and control servers TAIL_GRACE_SECONDS (their
+# heartbeat streams are ended first: only short calls are left): 25 s at most, and the rest
+# (the heartbeats' group commit, a second at most; the stores' close) within the 30.
 GRACE_SECONDS = 10.0
+TAIL_GRACE_SECONDS = 5.0
 OFFLINE_GRACE_MAX = 15.0  # seconds a command waits for a node that just went offline
 # gRPC sets SO_REUSEPORT by default: a second leader would then share the ports with the first.
 # Channelz (gRPC's introspection, which no listener serves) keeps a node with a trace per
@@ -412,15 +418,22 @@ async def serve(cfg: LeaderConfig, state: LeaderState) -> None:
         log.error("leader.loop_died", detail=died)
         sd_notify(f"STATUS={died}; stopping")
     sd_notify("STOPPING=1")
+    # No new admin caller from now on: its connect is refused, so the CLI says "cannot reach"
+    # (never received), not "may have been done" for a call the stopping server never read.
+    relay.stop_accepting()
     pinger.cancel()
     log.info("leader.stopping", grace_seconds=GRACE_SECONDS)
     if viewer is not None:
         await viewer.stop()
-    leader_service.close_streams()  # else the graceful stop waits out its grace for them
-    await asyncio.gather(*(s.stop(GRACE_SECONDS) for s in servers))
+    # The admin side first, while the agents are still heard: a command in flight (a rollout's
+    # start, a retry) needs its nodes online and would be refused "offline" if their heartbeat
+    # streams ended under it. The calls in flight get their answers, and a command whose
+    # caller went away runs on (``runs_to_end``), not past the stores' close.
+    await admin.stop(GRACE_SECONDS)
     await relay.stop()
-    # A command whose caller went away runs on (``runs_to_end``); not past the stores' close.
     await admin_service.finish_carried_on(GRACE_SECONDS)
+    leader_service.close_streams()  # else the graceful stop waits out its grace for them
+    await asyncio.gather(join.stop(TAIL_GRACE_SECONDS), control.stop(TAIL_GRACE_SECONDS))
     for task in (engine_task, expiry_task):
         await asyncio.wait([task])
         if not died and (task.cancelled() or task.exception() is not None):

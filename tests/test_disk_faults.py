@@ -432,6 +432,42 @@ def test_a_full_disk_on_a_node_is_resource_exhausted_disk_full_and_the_leader_re
     assert isinstance(too_big, StepFailed) and not isinstance(too_big, TransientError)
 
 
+def test_the_agents_journal_that_cannot_grow_is_its_full_disk(tmp_path: Path) -> None:
+    """Review s39rev1 M4: the agent's journal wraps SQLite's errors in ``JournalError``, a
+    TerminalError, which its servicers mapped to FAILED_PRECONDITION before looking for a full
+    disk: a step whose journal write met SQLITE_FULL failed at once ("step failed") instead of
+    being retried as the node's full disk. A real SQLITE_FULL (the journal's file may not grow:
+    ``max_page_count``) now answers RESOURCE_EXHAUSTED "disk full: …", a ``NodeDiskFull`` to
+    the leader; the leader's own servicers (no ``full_disk``) answer as before."""
+    from leader.agent_client import NodeDiskFull, call_failed
+    from nodeagent.journal import Journal, JournalError
+    from nodeagent.service import ERRORS as AGENT_ERRORS
+    from nodeagent.service import FULL_DISK
+
+    journal = Journal(tmp_path / "journal.sqlite3")
+    try:
+        with journal._db.tx() as db:  # its file stays the size it is: as a disk that is full
+            pages = db.execute("PRAGMA page_count").fetchone()[0]
+            db.execute(f"PRAGMA max_page_count = {pages}")
+        with pytest.raises(JournalError) as raised:
+            journal.record_csr("r-1", tmp_path / "key.pem", b"x" * 200_000)
+    finally:
+        journal.close()
+    exc = raised.value
+    code, details = error_status(exc, AGENT_ERRORS, "Stage", FULL_DISK)
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert details == f"disk full: {exc}" and details.endswith("(SQLITE_FULL)")
+    assert isinstance(call_failed("node1", code, details), NodeDiskFull)
+    # the leader's servicers keep their mapping of a TerminalError
+    assert error_status(exc, AGENT_ERRORS, "Stage")[0] == grpc.StatusCode.FAILED_PRECONDITION
+    # a JournalError over another cause is still the refusal it was
+    other = JournalError("journal x: no such table")
+    other.__cause__ = sqlite3.OperationalError("no such table")
+    assert error_status(other, AGENT_ERRORS, "Stage", FULL_DISK)[0] == (
+        grpc.StatusCode.FAILED_PRECONDITION
+    )
+
+
 # --- the smaller ones -----------------------------------------------------------------------------
 
 

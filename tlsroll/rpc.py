@@ -188,9 +188,22 @@ def error_status(
     detail sent. A store or disk that fails (``storage_trouble``) is UNAVAILABLE with its
     cause; one that is full is ``full_disk`` if that is another code, with the details
     ``disk full: CAUSE`` (``DISK_FULL``): the node agent's RESOURCE_EXHAUSTED, which the
-    leader shows as the node's disk being full, not as an agent it cannot reach."""
+    leader shows as the node's disk being full, not as an agent it cannot reach. So is a
+    project error whose cause is a full disk (the agent's journal that cannot grow)."""
     if isinstance(exc, RpcStatusError):
         return exc.code, short_details(str(exc))
+    if (
+        full_disk is not grpc.StatusCode.UNAVAILABLE
+        and not is_disk_full(exc)
+        and exc.__cause__ is not None
+        and is_disk_full(exc.__cause__)
+        and status_for(exc, {**BASE_ERRORS, **mapping}) is not None
+    ):
+        # A project error wrapping a full disk (the agent's JournalError, a TerminalError, over
+        # SQLITE_FULL) is the full disk, retried as one, not its class's refusal; its own
+        # message (which journal) is fit to send.
+        log.warning("rpc.unavailable", method=name, error=short_details(str(exc)))
+        return full_disk, short_details(f"{DISK_FULL}: {exc}")
     code = status_for(exc, {**BASE_ERRORS, **mapping})
     if code is not None:
         return code, short_details(str(exc))

@@ -85,6 +85,21 @@ class RpcFailed(TerminalError):
         self.sent = False
 
 
+# What grpc's core sends for the calls still running when a server's stop grace runs out
+# (``Server::CancelAllCalls``): grpc's own words, not the leader's.
+CANCELLED_AT_STOP = "Cancelling all calls"
+
+
+def cut_short_by_stop(exc: RpcFailed) -> bool:
+    """Whether a call's status on a connection the leader sent GOAWAY on is gRPC's own for a
+    call its stop cut short (CANCELLED, or UNAVAILABLE "Cancelling all calls" once the grace
+    has run out) rather than the leader's answer: the call may have done its change, and the
+    leader has not said it refused it."""
+    return exc.code == "CANCELLED" or (
+        exc.code == "UNAVAILABLE" and exc.details == CANCELLED_AT_STOP
+    )
+
+
 class ProtocolError(RpcFailed):
     """The peer broke HTTP/2, HPACK or gRPC framing."""
 
@@ -359,7 +374,7 @@ class UnaryChannel:
         try:
             return self._reply(reply)
         except RpcFailed as exc:
-            if exc.code == "CANCELLED":  # its stop cut the call short (grpc's own status)
+            if cut_short_by_stop(exc):
                 raise RpcFailed("UNAVAILABLE", "the leader is stopping") from None
             raise
 
