@@ -18,6 +18,7 @@ error").
 from __future__ import annotations
 
 import functools
+import grp
 import os
 import re
 import shutil
@@ -172,6 +173,7 @@ def write_staged(path: Path, data: bytes, share: Sharing) -> None:
     refuse_unsafe_dir(path.parent)
     write_atomic(path, data, share.file_mode(path), share.owner)
     _said_unkept(path, share)
+    _said_group_wide(path, share)
 
 
 def share_named(driver: Driver, files: Iterable[str | Path | None]) -> None:
@@ -213,6 +215,29 @@ def share_named(driver: Driver, files: Iterable[str | Path | None]) -> None:
             log.warning("stage.share_failed", file=str(path), error=error)
             continue
         _said_unkept(path, share)
+        _said_group_wide(path, share)
+
+
+def _said_group_wide(path: Path, share: Sharing) -> None:
+    """``stage.group_shares_secrets`` if a secret (the key, the verifier file: password-
+    equivalent) is readable by a group that has members listed besides the server (/etc/group:
+    ``root:adm 0640`` lets every admin read it): the config's group decides, as the config
+    does; a group of the server's alone (``praxis``, no members listed) is said nothing."""
+    if share.group is None or path.name not in SECRET_FILES or not share.mode & 0o040:
+        return
+    try:
+        group = grp.getgrgid(share.group)
+    except KeyError:
+        return
+    if group.gr_mem:
+        log.warning(
+            "stage.group_shares_secrets",
+            file=str(path),
+            group=group.gr_name,
+            members=",".join(group.gr_mem),
+            detail="the config's group reads the key and the password's verifier too; give the "
+            "config a group of the server's alone",
+        )
 
 
 def _files_of(live: dict[str, str] | None) -> list[str]:

@@ -20,6 +20,7 @@ the agent chowns, the test starts the server as another user.
 from __future__ import annotations
 
 import contextlib
+import grp
 import json
 import os
 import shutil
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import structlog.testing
 
 from nodeagent import drivers, plans
 from nodeagent.journal import Staged
@@ -899,3 +901,35 @@ def test_give_file_narrows_the_mode_before_it_changes_the_group(
     fsutil.give_file(path, 0o640, (0, SERVER_GID))
     assert seen == [0o600]
     assert mode_and_owner(path) == (0o640, 0, SERVER_GID)
+
+
+@needs_root
+def test_a_group_with_other_members_reading_the_secrets_is_said(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """M2: the verifier file (password-equivalent) and the key are readable by the config's
+    group; a group that lists members (``root:adm 0640``: every admin) is warned of, with its
+    name and members; one of the server's alone (no members listed), and a certificate, not."""
+    config = tmp_path / "etc" / "praxis.toml"
+    config.parent.mkdir()
+    config.write_bytes(b"[server]\n")
+    os.chown(config, 0, N)
+    config.chmod(0o640)
+    driver = ConfigOnly(config)
+    real = grp.getgrgid
+    members: list[str] = []
+
+    def getgrgid(gid: int) -> grp.struct_group:
+        got = real(gid)
+        return grp.struct_group((got.gr_name, got.gr_passwd, got.gr_gid, members))
+
+    monkeypatch.setattr(plans.grp, "getgrgid", getgrgid)
+    with structlog.testing.capture_logs() as alone:
+        stage_all(driver, "r1")
+    assert [e for e in alone if e["event"] == "stage.group_shares_secrets"] == []
+    members[:] = ["alice", "bob"]
+    with structlog.testing.capture_logs() as wide:
+        stage_all(driver, "r2")
+    said = [e for e in wide if e["event"] == "stage.group_shares_secrets"]
+    assert sorted(Path(e["file"]).name for e in said) == ["auth-verifier.json", "server.key"]
+    assert {(e["group"], e["members"]) for e in said} == {(real(N).gr_name, "alice,bob")}
