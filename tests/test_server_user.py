@@ -807,7 +807,7 @@ def test_a_config_directory_the_servers_user_can_write_refuses_every_write(
     fake.mkdir()
     os.chown(fake, SERVER_UID, SERVER_GID)
     os.symlink(victim_dir, fake / "r1")
-    real_make = plans.make_private_dir
+    real_make = fsutil.make_private_dir
 
     def make_then_swap(*args: object, **kwargs: object) -> Path:
         made = real_make(*args, **kwargs)  # type: ignore[arg-type]
@@ -828,7 +828,7 @@ def test_a_config_directory_the_servers_user_can_write_refuses_every_write(
     with pytest.raises(UnsafePermissions, match="owned by nobody"):
         plans.write_staged(staged, b"k2", share)
     with pytest.raises(UnsafePermissions, match="owned by nobody"):
-        SystemdLike(config).stage_config(b"y")
+        SystemdLike(config).stage_config(b"y")  # type: ignore[abstract]
     assert staged.read_bytes() == b"k" and config.read_bytes() == b"x"
     assert sorted(p.name for p in pgdata.iterdir()) == ["fake", "server.conf", "tlsroll-tls"]
     # A directory writable by its group (root's, 0775) is refused as well; 0755 passes.
@@ -923,7 +923,7 @@ def test_a_group_with_other_members_reading_the_secrets_is_said(
         got = real(gid)
         return grp.struct_group((got.gr_name, got.gr_passwd, got.gr_gid, members))
 
-    monkeypatch.setattr(plans.grp, "getgrgid", getgrgid)
+    monkeypatch.setattr(grp, "getgrgid", getgrgid)  # plans calls grp.getgrgid
     with structlog.testing.capture_logs() as alone:
         stage_all(driver, "r1")
     assert [e for e in alone if e["event"] == "stage.group_shares_secrets"] == []
