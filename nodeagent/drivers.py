@@ -49,8 +49,8 @@ from nodeagent import clients as client_sources
 from tlsroll import clients, logs
 from tlsroll.clients import ClientsView
 from tlsroll.config import ConfigFile, Section, dump_toml
-from tlsroll.errors import LocalResourceError, TerminalError, raise_if_local
-from tlsroll.fsutil import replace_staged, socket_dir_problem, stage_atomic
+from tlsroll.errors import LocalResourceError, TerminalError, UnsafePermissions, raise_if_local
+from tlsroll.fsutil import config_dir_problem, replace_staged, socket_dir_problem, stage_atomic
 from tlsroll.httpcheck import port_open
 
 CLIENTS_TTL = 10.0  # seconds a driver's view of the clients is reused
@@ -149,6 +149,9 @@ class Driver(abc.ABC):
         nothing: ``commit_config`` calls its ``write_config``."""
         if type(self).write_config is not Driver.write_config:
             return StagedConfig(data)
+        problem = config_dir_problem(self.config_file.parent)
+        if problem:  # another user could swap the directory: nothing is written there
+            raise UnsafePermissions(problem)
         mode, owner = 0o600, None
         if self.config_file.exists():
             st = self.config_file.stat()

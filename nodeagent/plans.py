@@ -18,6 +18,7 @@ error").
 from __future__ import annotations
 
 import functools
+import grp
 import os
 import re
 import shutil
@@ -33,7 +34,15 @@ from nodeagent.transaction import Plan
 from tlsroll import logs, password
 from tlsroll.enums import Change, TxnKind, TxnOutcome
 from tlsroll.errors import PKIError, TerminalError, UnsafePermissions, os_error_text
-from tlsroll.fsutil import PRIVATE, PUBLIC, give_file, make_private_dir, user_label, write_atomic
+from tlsroll.fsutil import (
+    PRIVATE,
+    PUBLIC,
+    config_dir_problem,
+    give_file,
+    make_private_dir,
+    user_label,
+    write_atomic,
+)
 
 log = logs.get_logger(__name__)
 
@@ -92,16 +101,18 @@ class Sharing:
     directories on the way (``tlsroll-tls``, the rollout's) are given: the access the live
     config gives, for the managed server reads both after its restart. A server running as a
     user of its own (systemd's ``User=praxis``) reads a config ``root:praxis 0640`` by its
-    group, ``praxis:praxis 0600`` as its owner: the files get the config's owner and group,
-    and its group's read bit (never more than 0640: nothing for others, whatever the config
-    allows them); the directories stay the agent's, with the config's group, 0710 (the group
-    passes through, never lists nor writes). ``own``: a config of the agent's user and group
-    (root:root 0600, the common case), or a driver whose server runs as the agent (the
-    reference driver): everything as before, the agent's, key 0600, certificates 0644,
-    directories 0700."""
+    group, ``praxis:praxis 0600`` as its owner: the files get the config's group, 0640, and
+    stay the agent's (``root:praxis 0640`` both ways; 0600 if the config is the agent's and
+    its group may not read it: never the server's user's, who could
+    rewrite the CA and the verifier file the root bootstrap service serves; nothing for
+    others, whatever the config allows them); the directories stay the agent's, with the
+    config's group, 0710 (the group passes through, never lists nor writes). ``own``: a
+    config of the agent's user and group (root:root 0600, the common case), or a driver whose
+    server runs as the agent (the reference driver): everything as before, the agent's, key
+    0600, certificates 0644, directories 0700."""
 
-    owner: tuple[int, int]  # the files' (uid, gid)
-    mode: int  # the key's and the verifier file's: 0600, or 0640 if the config's group reads
+    owner: tuple[int, int]  # the files' (uid, gid): the agent's uid, always
+    mode: int  # the key's and the verifier file's: 0600, or 0640 with the config's group
     public_mode: int  # the certificate's and CA's: 0644 for the agent's own, else ``mode``
     group: int | None  # the directories' group (None: as made)
     dir_mode: int  # 0700, or 0710
@@ -129,14 +140,27 @@ def sharing(driver: Driver) -> Sharing:
         return Sharing.own()
     if (st.st_uid, st.st_gid) == (os.geteuid(), os.getegid()):
         return Sharing.own()
-    mode = PRIVATE | (st.st_mode & 0o040)
-    return Sharing((st.st_uid, st.st_gid), mode, mode, st.st_gid, 0o710)
+    # The server reads the files by the group: if it read the config as its owner, or by the
+    # group; never if the config is the agent's and its group may not read it (root:G 0600).
+    reads = st.st_uid != os.geteuid() or st.st_mode & 0o040
+    mode = PRIVATE | (0o040 if reads else 0)
+    return Sharing((os.geteuid(), st.st_gid), mode, mode, st.st_gid, 0o710)
+
+
+def refuse_unsafe_dir(directory: Path) -> None:
+    """``UnsafePermissions`` (the message ends with what to run) if ``directory`` (the live
+    config's, or one the agent made under it) is one another user could swap
+    (``config_dir_problem``): nothing is staged, shared or written there then."""
+    problem = config_dir_problem(directory)
+    if problem:
+        raise UnsafePermissions(problem)
 
 
 def make_stage_dir(driver: Driver, rollout_id: str, share: Sharing) -> Path:
     """The rollout's stage directory (and ``tlsroll-tls``), made or taken over with ``share``'s
     group and mode (``make_private_dir``, strict: never through a link, refused if another
     user could swap it)."""
+    refuse_unsafe_dir(driver.config_file.parent)
     directory = stage_dir(driver, rollout_id)
     make_private_dir(directory, share.dir_mode, strict=True, group=share.group)
     return directory
@@ -144,9 +168,12 @@ def make_stage_dir(driver: Driver, rollout_id: str, share: Sharing) -> Path:
 
 def write_staged(path: Path, data: bytes, share: Sharing) -> None:
     """A file of a stage directory written (``write_atomic``) with ``share``'s owner and mode;
-    an owner that could not be set is said (the file stays the agent's alone)."""
+    an owner that could not be set is said (the file stays the agent's alone). Refused in a
+    directory another user could swap (``refuse_unsafe_dir``, from / down to the file's)."""
+    refuse_unsafe_dir(path.parent)
     write_atomic(path, data, share.file_mode(path), share.owner)
     _said_unkept(path, share)
+    _said_group_wide(path, share)
 
 
 def share_named(driver: Driver, files: Iterable[str | Path | None]) -> None:
@@ -159,7 +186,11 @@ def share_named(driver: Driver, files: Iterable[str | Path | None]) -> None:
     a file that is gone. Nothing here refuses a switch: a file that cannot be given its access
     is said (``stage.share_failed``) and the switch goes on as it did before (its restart
     says whether the server can read what its config names). A driver whose server runs as
-    the agent (the reference driver) has nothing to catch up with: nothing is touched."""
+    the agent (the reference driver) has nothing to catch up with: nothing is touched. Every
+    plan asks this first: a config directory another user could swap (``refuse_unsafe_dir``)
+    refuses the switch (``UnsafePermissions``), whatever the driver: the agent would write
+    the config there."""
+    refuse_unsafe_dir(driver.config_file.parent)
     if not driver.own_user:
         return
     share = sharing(driver)
@@ -184,6 +215,29 @@ def share_named(driver: Driver, files: Iterable[str | Path | None]) -> None:
             log.warning("stage.share_failed", file=str(path), error=error)
             continue
         _said_unkept(path, share)
+        _said_group_wide(path, share)
+
+
+def _said_group_wide(path: Path, share: Sharing) -> None:
+    """``stage.group_shares_secrets`` if a secret (the key, the verifier file: password-
+    equivalent) is readable by a group that has members listed besides the server (/etc/group:
+    ``root:adm 0640`` lets every admin read it): the config's group decides, as the config
+    does; a group of the server's alone (``praxis``, no members listed) is said nothing."""
+    if share.group is None or path.name not in SECRET_FILES or not share.mode & 0o040:
+        return
+    try:
+        group = grp.getgrgid(share.group)
+    except KeyError:
+        return
+    if group.gr_mem:
+        log.warning(
+            "stage.group_shares_secrets",
+            file=str(path),
+            group=group.gr_name,
+            members=",".join(group.gr_mem),
+            detail="the config's group reads the key and the password's verifier too; give the "
+            "config a group of the server's alone",
+        )
 
 
 def _files_of(live: dict[str, str] | None) -> list[str]:
@@ -260,10 +314,13 @@ def sweep_stage_dirs(journal: Journal, driver: Driver) -> None:
 
 # What tlsroll writes in a stage directory: the key (CreateCSR, or --cert-dir's), the
 # certificate and CA (Stage), the password's verifier file; and ``write_atomic``'s temporary
-# files of these (``.NAME.tmp-PID``), left by an agent stopped in the middle of a write.
+# files of these (``.NAME.tmp-PID-RANDOM``; ``.NAME.tmp-PID`` before), left by an agent
+# stopped in the middle of a write.
 STAGE_FILES = frozenset({"server.key", "server.pem", "ca.pem", "auth-verifier.json"})
 SECRET_FILES = frozenset({"server.key", "auth-verifier.json"})  # never more than the config
-_STAGE_TEMP = re.compile(r"\.(server\.key|server\.pem|ca\.pem|auth-verifier\.json)\.tmp-[0-9]+")
+_STAGE_TEMP = re.compile(
+    r"\.(server\.key|server\.pem|ca\.pem|auth-verifier\.json)\.tmp-[0-9]+(-[0-9a-f]+)?"
+)
 
 
 def _stage_root(root: Path) -> os.stat_result | None:

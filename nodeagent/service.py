@@ -53,6 +53,7 @@ from tlsroll.clients import ClientsView
 from tlsroll.defaults import MAX_FREEZE_LEASE
 from tlsroll.enums import Change, TxnKind
 from tlsroll.errors import PKIError, PKIReason
+from tlsroll.fsutil import config_dir_problem
 from tlsroll.rpc import (
     RpcStatusError,
     error_status,
@@ -566,6 +567,9 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
             unread = f"cannot read the server's config: {exc}"
         problems = self._port_problems(facts) if facts is not None else []
         problems += self._writable_problems(driver.config_file.parent)
+        unsafe = config_dir_problem(driver.config_file.parent)
+        if unsafe:  # a switch would refuse to stage or write there (``plans.refuse_unsafe_dir``)
+            problems.append(unsafe)
         return facts, unread, problems
 
     def _port_problems(self, facts: ServerFacts) -> list[str]:
@@ -898,7 +902,8 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
         written at the stage included):
         the live config (read, not parsed), what the journal says is live, the staged
         certificate, the live config's mode and owner (an admin's chmod since: review of
-        session 28, L4) and the staged file's content. Else None (the switch makes its own;
+        session 28, L4), the config's directory still safe (``config_dir_problem``) and the
+        staged file's content. Else None (the switch makes its own;
         the create drops the prepared one, after its own hand-off). ``seen``: the journal as
         the create read it, in the same hand-off (``Journal.outlook``)."""
         prepared = self._prepared
@@ -915,6 +920,8 @@ class NodeAgentService(agent_pb2_grpc.NodeAgentServicer):
                 and _verifier_kept(built, prepared.verifier)
                 and driver.read_config() == prepared.source
                 and _owner_and_mode(driver.config_file) == prepared.owner_and_mode
+                # a directory another user may swap since: the switch's own plan refuses it
+                and config_dir_problem(driver.config_file.parent) is None
                 and seen.live_tls == prepared.live_tls
                 and seen.staged == prepared.staged
                 and all(

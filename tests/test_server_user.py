@@ -20,6 +20,7 @@ the agent chowns, the test starts the server as another user.
 from __future__ import annotations
 
 import contextlib
+import grp
 import json
 import os
 import shutil
@@ -33,13 +34,14 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import structlog.testing
 
-from nodeagent import plans
+from nodeagent import drivers, plans
 from nodeagent.journal import Staged
 from tests.cluster import Cluster, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import RPC_TIMEOUT, Node, TxnView, alive
-from tlsroll import password
+from tlsroll import fsutil, password
 from tlsroll.enums import Change
 from tlsroll.errors import UnsafePermissions
 from tlsroll.fsutil import check_private_file
@@ -392,15 +394,16 @@ def own_user_node(
 
 def assert_shared(own: OwnUserNode, rollout_id: str, files: tuple[str, ...]) -> None:
     """The shape: ``tlsroll-tls`` and the rollout's directory root's, the config's group,
-    0710; each file the config's owner and group, 0600 or 0640 as the config's group may
-    read it."""
+    0710; each file root's (never the server user's, s39key2 M1) with the config's group,
+    0640 (the server reads it by the group), 0600 if the config is root's and its group may
+    not read it."""
     st = own.config.stat()
-    group_reads = st.st_mode & 0o040
+    group_reads = st.st_mode & 0o040 or st.st_uid != 0
     stage = own.node.stage_dir(rollout_id)
     for directory in (stage.parent, stage):
         assert mode_and_owner(directory) == (0o710, 0, st.st_gid), directory
     for name in files:
-        want = (0o640 if group_reads else 0o600, st.st_uid, st.st_gid)
+        want = (0o640 if group_reads else 0o600, 0, st.st_gid)
         assert mode_and_owner(stage / name) == want, name
 
 
@@ -575,9 +578,11 @@ def shared_shape(rollout_id: str, uid: int, gid: int, mode: int) -> dict[str, tu
         (ME, 0o644, True, "own"),  # the agent's user and group: others never get anything
         ((0, N), 0o640, True, (0, N, 0o640)),
         ((0, N), 0o600, True, (0, N, 0o600)),  # the group passes, may not read
-        ((N, N), 0o600, True, (N, N, 0o600)),
-        ((N, N), 0o660, True, (N, N, 0o640)),  # never more than 0640
-        ((N, N), 0o666, True, (N, N, 0o640)),
+        # never the server user's (it could rewrite what the root bootstrap service serves):
+        # root's, read by the group (s39key2 M1)
+        ((N, N), 0o600, True, (0, N, 0o640)),
+        ((N, N), 0o660, True, (0, N, 0o640)),  # never more than 0640
+        ((N, N), 0o666, True, (0, N, 0o640)),
         ((0, N), 0o604, True, (0, N, 0o600)),  # others' bits never passed on
         ((0, N), 0o640, False, "own"),  # the reference driver: its server runs as the agent
     ],
@@ -605,9 +610,9 @@ def test_every_staged_path_gets_the_access_the_config_gives(
 @needs_root
 def test_the_agent_takes_a_staged_key_only_as_the_config_shares_it(tmp_path: Path) -> None:
     """``check_private_file(shared=(uid, gid))`` (Stage reading the key CreateCSR made, the
-    bootstrap service serving the live key): the key may be the server's user's and readable
-    by the config's group, nothing more; with no one to share with (the agent's own config)
-    the rule is as before: ours alone."""
+    bootstrap service serving the live key): the key must be ours (never the server's user's:
+    s39key2 M1) and may be readable by the config's group, nothing more; with no one to
+    share with (the agent's own config) the rule is as before: ours alone."""
     key = tmp_path / "server.key"
     key.write_bytes(b"k")
     other = SERVER_GID - 1
@@ -619,8 +624,9 @@ def test_the_agent_takes_a_staged_key_only_as_the_config_shares_it(tmp_path: Pat
         ((0, N), (0, other), 0o640, "accessible by others"),  # another group may not read
         ((0, N), (0, N), 0o660, "accessible by others"),  # nor write
         ((0, N), (0, N), 0o644, "accessible by others"),
-        ((N, N), (N, N), 0o600, None),  # nobody:nogroup 0600
-        ((N, N), (N, N), 0o640, None),
+        ((N, N), (N, N), 0o600, "owned by"),  # the server user's: it could rewrite it
+        ((N, N), (N, N), 0o640, "owned by"),
+        ((N, N), (0, N), 0o640, None),  # what a nobody:nogroup config now gets
         ((N, N), (other, N), 0o600, "owned by"),  # another user's
     ]
     for shared, owner, mode, refused in cases:
@@ -655,7 +661,7 @@ def test_a_switch_catches_up_with_a_config_whose_access_changed_since_the_stage(
 
     os.chown(config, SERVER_UID, SERVER_GID)
     plans.share_named(driver, [*named, outside, directory / "gone.pem", None])  # type: ignore[arg-type]
-    assert shape(directory) == shared_shape("r1", SERVER_UID, SERVER_GID, 0o600)
+    assert shape(directory) == shared_shape("r1", 0, SERVER_GID, 0o640)  # never the server's
     assert shape(other)["server.key"] == (0o600, *ME)  # not named: as it was
     assert mode_and_owner(outside) == (0o600, *ME)
 
@@ -765,3 +771,165 @@ def test_a_server_of_its_own_user_takes_roots_key_its_group_may_read(
     key.chmod(0o640)
     with pytest.raises(UnsafePermissions, match="accessible by others"):
         check_private_file(key, root_shares=True)  # the server as root: as before
+
+
+# --- s39key2: the server's user never steers the root agent ----------------------------------
+
+
+@needs_root
+def test_a_config_directory_the_servers_user_can_write_refuses_every_write(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """H1 (review s39rev2): the config in a directory the server's user owns (PostgreSQL's
+    data directory): between the agent's checks and ``give_file`` that user renames
+    ``tlsroll-tls`` away and puts a directory of its own there, ``r1`` a link to another
+    service's key directory. The agent now refuses to share (or stage, or write the config)
+    in such a directory: the other service's key stays root's. Before: chowned to uid 65534."""
+    tmp_path.chmod(0o755)
+    pgdata = tmp_path / "pgdata"
+    pgdata.mkdir()
+    config = pgdata / "server.conf"
+    config.write_bytes(b"x")
+    os.chown(config, SERVER_UID, SERVER_GID)
+    config.chmod(0o600)
+    victim_dir = tmp_path / "othersvc"
+    victim_dir.mkdir(mode=0o755)
+    victim = victim_dir / "server.key"
+    victim.write_bytes(b"another service's key")
+    victim.chmod(0o600)
+    driver = ConfigOnly(config)
+    share = plans.sharing(driver)  # type: ignore[arg-type]
+    staged = plans.make_stage_dir(driver, "r1", share) / "server.key"  # type: ignore[arg-type]
+    plans.write_staged(staged, b"k", share)
+    os.chown(pgdata, SERVER_UID, SERVER_GID)  # the data directory is the server's user's
+    # what uid 65534 can do in its own directory (done for it here, at the worst moment)
+    fake = pgdata / "fake"
+    fake.mkdir()
+    os.chown(fake, SERVER_UID, SERVER_GID)
+    os.symlink(victim_dir, fake / "r1")
+    real_make = fsutil.make_private_dir
+
+    def make_then_swap(*args: object, **kwargs: object) -> Path:
+        made = real_make(*args, **kwargs)  # type: ignore[arg-type]
+        os.rename(pgdata / "tlsroll-tls", pgdata / "real")
+        os.rename(fake, pgdata / "tlsroll-tls")
+        return made
+
+    monkeypatch.setattr(plans, "make_private_dir", make_then_swap)
+    with pytest.raises(UnsafePermissions, match=rf"{pgdata} is owned by nobody") as refused:
+        plans.share_named(driver, [staged])  # type: ignore[arg-type]
+    assert f"run: chown root {pgdata}; chmod go-w {pgdata}" in str(refused.value)
+    assert mode_and_owner(victim) == (0o600, 0, 0)
+    assert victim.read_bytes() == b"another service's key"
+    # Nothing else is written there either: a stage, a staged file, the config.
+    monkeypatch.undo()
+    with pytest.raises(UnsafePermissions, match="owned by nobody"):
+        plans.make_stage_dir(driver, "r2", share)  # type: ignore[arg-type]
+    with pytest.raises(UnsafePermissions, match="owned by nobody"):
+        plans.write_staged(staged, b"k2", share)
+    with pytest.raises(UnsafePermissions, match="owned by nobody"):
+        SystemdLike(config).stage_config(b"y")  # type: ignore[abstract]
+    assert staged.read_bytes() == b"k" and config.read_bytes() == b"x"
+    assert sorted(p.name for p in pgdata.iterdir()) == ["fake", "server.conf", "tlsroll-tls"]
+    # A directory writable by its group (root's, 0775) is refused as well; 0755 passes.
+    os.chown(pgdata, 0, 0)
+    pgdata.chmod(0o775)
+    with pytest.raises(UnsafePermissions, match="writable by group or others"):
+        plans.make_stage_dir(driver, "r2", share)  # type: ignore[arg-type]
+    pgdata.chmod(0o755)
+    plans.make_stage_dir(driver, "r2", share)  # type: ignore[arg-type]
+
+
+class SystemdLike(drivers.Driver):
+    """A driver writing its config the common way (``Driver.write_config``); only its
+    ``stage_config`` is called."""
+
+    def __init__(self, config_file: Path) -> None:
+        self.config_file = config_file
+
+
+SystemdLike.__abstractmethods__ = frozenset()  # the rest is never called here
+
+
+@needs_root
+def test_a_link_planted_at_a_temporary_name_is_never_followed(tmp_path: Path) -> None:
+    """H2 (session 38, s39rev2): ``stage_atomic`` opened its guessable ``.NAME.staged-PID-N``
+    with ``O_CREAT|O_TRUNC``: a link planted there made root truncate, write and chown its
+    target. Now the name is random and the file created new (``O_EXCL|O_NOFOLLOW``); a name
+    given (``write_atomic``'s once, the workstation's settings) that exists is replaced, the
+    link itself, never followed."""
+    config_dir = tmp_path / "etc"
+    config_dir.mkdir()
+    config = config_dir / "server.conf"
+    config.write_bytes(b"old")
+    target = tmp_path / "target"
+    target.write_bytes(b"root's file")
+    target.chmod(0o600)
+    pid = os.getpid()
+    planted = [config_dir / f".server.conf.staged-{pid}-{n}" for n in range(1, 200)] + [
+        config_dir / f".server.conf.tmp-{pid}"
+    ]
+    for link in planted:
+        link.symlink_to(target)
+    staged = fsutil.stage_atomic(config, b"NEW", 0o640, owner=(SERVER_UID, SERVER_GID))
+    assert staged not in planted and staged.read_bytes() == b"NEW"
+    fsutil.write_atomic(config, b"NEWER", 0o640, (SERVER_UID, SERVER_GID))
+    given = fsutil.stage_atomic(config, b"GIVEN", 0o600, planted[0].name)
+    assert given == planted[0] and not given.is_symlink() and given.read_bytes() == b"GIVEN"
+    assert config.read_bytes() == b"NEWER"
+    assert target.read_bytes() == b"root's file"
+    assert mode_and_owner(target) == (0o600, 0, 0)
+
+
+@needs_root
+def test_give_file_narrows_the_mode_before_it_changes_the_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """L2: a file ``give_file`` hands to a new group is never, even for a moment, readable by
+    that group with its old mode: the mode is narrowed to owner bits before the chown."""
+    path = tmp_path / "server.key"
+    path.write_bytes(b"k")
+    path.chmod(0o644)
+    seen: list[int] = []
+    real = os.fchown
+
+    def fchown(fd: int, uid: int, gid: int) -> None:
+        seen.append(stat.S_IMODE(os.fstat(fd).st_mode))
+        real(fd, uid, gid)
+
+    monkeypatch.setattr(os, "fchown", fchown)
+    fsutil.give_file(path, 0o640, (0, SERVER_GID))
+    assert seen == [0o600]
+    assert mode_and_owner(path) == (0o640, 0, SERVER_GID)
+
+
+@needs_root
+def test_a_group_with_other_members_reading_the_secrets_is_said(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """M2: the verifier file (password-equivalent) and the key are readable by the config's
+    group; a group that lists members (``root:adm 0640``: every admin) is warned of, with its
+    name and members; one of the server's alone (no members listed), and a certificate, not."""
+    config = tmp_path / "etc" / "praxis.toml"
+    config.parent.mkdir()
+    config.write_bytes(b"[server]\n")
+    os.chown(config, 0, N)
+    config.chmod(0o640)
+    driver = ConfigOnly(config)
+    real = grp.getgrgid
+    members: list[str] = []
+
+    def getgrgid(gid: int) -> grp.struct_group:
+        got = real(gid)
+        return grp.struct_group((got.gr_name, got.gr_passwd, got.gr_gid, members))
+
+    monkeypatch.setattr(grp, "getgrgid", getgrgid)  # plans calls grp.getgrgid
+    with structlog.testing.capture_logs() as alone:
+        stage_all(driver, "r1")
+    assert [e for e in alone if e["event"] == "stage.group_shares_secrets"] == []
+    members[:] = ["alice", "bob"]
+    with structlog.testing.capture_logs() as wide:
+        stage_all(driver, "r2")
+    said = [e for e in wide if e["event"] == "stage.group_shares_secrets"]
+    assert sorted(Path(e["file"]).name for e in said) == ["auth-verifier.json", "server.key"]
+    assert {(e["group"], e["members"]) for e in said} == {(real(N).gr_name, "alice,bob")}

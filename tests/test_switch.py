@@ -281,6 +281,46 @@ def test_preflight_names_a_read_only_config_dir(make_node: NodeFactory) -> None:
     assert node.preflight("readonly").ok
 
 
+def test_a_config_dir_another_user_owns_blocks_the_preflight_and_the_switch(
+    make_node: NodeFactory,
+) -> None:
+    """s39key2 H1: the config's directory owned by uid 65534 (the server's user, as a
+    PostgreSQL data directory): that user could swap a directory between the agent's checks
+    and its writes and steer the root agent's writes and chowns elsewhere. The preflight
+    says so (one line: what to run), the stage is refused, a switch never starts; with the
+    directory root's again all passes."""
+    assert os.geteuid() == 0, "this test chowns; tests run as root here and in CI"
+    node = make_node()
+    config, pid = node.server.config_path.read_bytes(), node.server_pid()
+    node.stage("unsafe")  # staged while the directory was root's
+    os.chown(node.config_dir, 65534, 65534)
+    try:
+        pre = node.preflight("unsafe")
+        assert not pre.ok
+        assert len(pre.problems) == 1, list(pre.problems)
+        problem = pre.problems[0]
+        assert f"{node.config_dir} is owned by nobody (uid 65534)" in problem, problem
+        assert problem.endswith(f"run: chown root {node.config_dir}; chmod go-w {node.config_dir}")
+        err = rpc_error(lambda: node.create_csr("unsafe-2"))
+        assert code_of(err) == grpc.StatusCode.FAILED_PRECONDITION, details_of(err)
+        assert "owned by nobody" in details_of(err)
+        assert not node.stage_dir("unsafe-2").exists()
+        # The switch prepared at the stage is not taken; its own plan is refused.
+        err = rpc_error(lambda: node.switch("unsafe"))
+        assert code_of(err) == grpc.StatusCode.FAILED_PRECONDITION, details_of(err)
+        assert "owned by nobody" in details_of(err)
+        assert_untouched(node, config, pid)
+        assert node.journal_query("SELECT * FROM txns") == []
+    finally:
+        os.chown(node.config_dir, 0, 0)
+    assert node.preflight("unsafe-3").ok
+    staged = node.stage("unsafe-3")
+    node.switch("unsafe-3")
+    done = node.wait_txn("unsafe-3")
+    assert done.outcome == "completed", done.reason
+    assert_switched(node, staged.fingerprint)
+
+
 # --- 4. a staged cert whose key does not match ------------------------------------------------
 
 

@@ -59,7 +59,10 @@ signs workstation certificates anyway.
 
 What that costs: for this protocol ``H`` is password-equivalent. Whoever holds a node's verifier
 can run either side: enrol a workstation, or pose as a node to workstations. The verifier file
-stays 0600 and is never sent; only its salt and parameters are (a salt is no guessing oracle; a
+is root's (the agent's), 0600, or ``root:<group> 0640`` when the managed server runs as a user
+of its own and reads its config by that group (the config's group, never the server's user as
+owner; the agent warns, ``stage.group_shares_secrets``, if that group lists other members), and
+is never sent; only its salt and parameters are (a salt is no guessing oracle; a
 transcript that confirms a key would be, and there is none). A stolen verifier is open to
 offline guessing at scrypt's cost, as it was before. The CA pin (``--ca-pin``, public) still
 closes "whoever has the password can pose as a node": a pinned client trusts the CA by the pin

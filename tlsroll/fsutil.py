@@ -7,6 +7,7 @@ import errno
 import itertools
 import os
 import pwd
+import secrets
 import socket
 import stat
 import struct
@@ -32,7 +33,7 @@ def write_atomic(
     get nothing, so never a group other than the one meant.
     """
     path = Path(path)
-    name = f".{path.name}.tmp-{os.getpid()}"
+    name = f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(8)}"  # unguessable: never reused
     replace_staged(stage_atomic(path, data, mode, name, owner, owner_first=True), path)
 
 
@@ -49,17 +50,20 @@ def stage_atomic(
     with ``mode``), written and fsynced, ``path`` untouched; ``replace_staged`` is the second
     half. Apart, the write and its fsync can come before the moment the file must change (the
     agent stages a switch's config before the server is frozen, issue 15). ``name``: the
-    temporary file's (default ``.NAME.staged-PID-N``, N counting this process's stagings: two
-    stagings never share a file, so removing one that was not committed never removes the
-    next). ``owner``: the file's (uid, gid), as the file it replaces has them (a config the
-    server's own user reads, 0640 say); set if the new file did not get them anyway, where
+    temporary file's (default ``.NAME.staged-PID-N-RANDOM``, N counting this process's
+    stagings: two stagings never share a file, so removing one that was not committed never
+    removes the next; RANDOM: nobody can guess it ahead). The file is always created new
+    (``O_EXCL|O_NOFOLLOW``, as ``mkstemp``): a link or file planted at the name is never
+    followed, truncated or chowned (a name given that exists, a leftover: removed first, the
+    entry itself, then created new; a random name that exists: another is drawn).
+    ``owner``: the file's (uid, gid), as the file it replaces has them (a config the server's
+    own user reads, 0640 say); set if the new file did not get them anyway, where
     that is allowed (CAP_CHOWN; else it stays ours: the caller may look). ``owner_first``
     (``write_atomic``'s): group and others get ``mode``'s access only once ``owner`` is set;
     a file whose owner could not be set keeps ``mode``'s owner bits only."""
     path = Path(path)
-    tmp = path.with_name(name or f".{path.name}.staged-{os.getpid()}-{next(_STAGINGS)}")
     first = mode & 0o700 if owner_first and owner is not None else mode
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, first)
+    tmp, fd = _create_new(path, name, first)
     try:
         if owner is not None:  # before the chmod: a chown may clear set-id bits
             st = os.fstat(fd)
@@ -83,6 +87,23 @@ def stage_atomic(
         raise
     os.close(fd)
     return tmp
+
+
+def _create_new(path: Path, name: str, mode: int) -> tuple[Path, int]:
+    """``stage_atomic``'s temporary file, created new (``O_EXCL|O_NOFOLLOW``), and its
+    descriptor."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for _ in range(100):
+        tmp = path.with_name(
+            name or f".{path.name}.staged-{os.getpid()}-{next(_STAGINGS)}-{secrets.token_hex(8)}"
+        )
+        try:
+            return tmp, os.open(tmp, flags, mode)
+        except FileExistsError:
+            if name:  # a leftover of ours (or planted): the entry goes, never what it names
+                with contextlib.suppress(FileNotFoundError):
+                    tmp.unlink()
+    raise FileExistsError(errno.EEXIST, "no free temporary name", str(path))
 
 
 def replace_staged(tmp: Path, path: Path) -> None:
@@ -189,6 +210,10 @@ def give_file(path: Path, mode: int, owner: tuple[int, int]) -> None:
             raise UnsafePermissions(f"{path} is not a regular file; run: rm {path}")
         before = st
         if (st.st_uid, st.st_gid) != owner:
+            # narrowed first: never a moment with the old access to a new owner or group
+            narrow = stat.S_IMODE(st.st_mode) & mode & 0o700
+            if stat.S_IMODE(st.st_mode) != narrow:
+                os.fchmod(fd, narrow)
             with contextlib.suppress(PermissionError):
                 os.fchown(fd, *owner)
             st = os.fstat(fd)
@@ -287,9 +312,10 @@ def check_private_file(
     (as OpenSSH does for its keys).
 
     ``shared`` (uid, gid): the agent reading a key it staged for a managed server running as
-    its own user (``nodeagent.plans.Sharing``: the key has the live config's owner and
-    group): the file may also be that user's, and readable by that group; still nothing for
-    others, writable by its owner alone, its directory checked as always. ``root_shares`` (a
+    its own user (``nodeagent.plans.Sharing``: the key is the agent's, with the live config's
+    group): the file may also be readable by that group (gid), nothing more (at most 0640);
+    it must still be ours (never the server's user's: it could rewrite it), its directory
+    checked as always. ``root_shares`` (a
     server reading its own key, as PostgreSQL does, not running as root): a file of root's may
     also be readable by its group (root keeps the server's key and lets the server's group
     read it); a file of ours must still be ours alone."""
@@ -298,7 +324,7 @@ def check_private_file(
     me = os.geteuid()
     # root's key, group-readable, for a server of its own user (root itself: as before)
     roots = root_shares and st.st_uid == 0 and me != 0
-    if not roots and not (shared is not None and st.st_uid == shared[0]):
+    if not roots:
         _check_owner(path, st, "secret file")
     group_reads = roots or (shared is not None and st.st_gid == shared[1])
     if st.st_mode & (0o037 if group_reads else 0o077):
@@ -339,10 +365,9 @@ def socket_dir_problem(directory: Path, owner: int | None = None) -> str | None:
     """
     me = os.geteuid() if owner is None else owner
     given = Path(os.path.abspath(directory))
-    for part in [given, *given.parents]:
-        st = os.lstat(part)
-        if stat.S_ISLNK(st.st_mode) and st.st_uid not in (me, 0):
-            return f"{part} is a symbolic link owned by {user_label(st.st_uid)}"
+    link = _links_problem(given, me)
+    if link:
+        return link
     real = given.resolve()
     st = os.stat(real)
     if not stat.S_ISDIR(st.st_mode):
@@ -357,16 +382,72 @@ def socket_dir_problem(directory: Path, owner: int | None = None) -> str | None:
             f"{real} is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o}); "
             f"run: chmod 700 {real}, or use a directory of its own"
         )
+    above = _above_problem(real, me)
+    return above[1] if above else None
+
+
+def _links_problem(given: Path, me: int) -> str | None:
+    """A symbolic link on the way to ``given`` (absolute) that is not ``me``'s or root's."""
+    for part in [given, *given.parents]:
+        st = os.lstat(part)
+        if stat.S_ISLNK(st.st_mode) and st.st_uid not in (me, 0):
+            return f"{part} is a symbolic link owned by {user_label(st.st_uid)}"
+    return None
+
+
+def _above_problem(real: Path, me: int) -> tuple[Path, str] | None:
+    """Why a directory above ``real`` (resolved) could be renamed away by someone other than
+    ``me`` or root (it is theirs, or writable by group or others and not sticky): that
+    directory and why; or None."""
     for parent in real.parents:
         pst = os.stat(parent)
         if pst.st_uid not in (me, 0):
-            return f"{parent} (above {real}) is owned by {user_label(pst.st_uid)}"
+            return parent, f"{parent} (above {real}) is owned by {user_label(pst.st_uid)}"
         if pst.st_mode & 0o022 and not pst.st_mode & stat.S_ISVTX:
-            return (
+            return parent, (
                 f"{parent} (above {real}) is writable by group or others "
                 f"(mode {stat.S_IMODE(pst.st_mode):04o})"
             )
     return None
+
+
+def config_dir_problem(directory: Path) -> str | None:
+    """Why the agent may not stage, share or write files in ``directory`` (the live config's),
+    or None. The agent (root) writes there by name, chowns and chmods what it made: whoever
+    else can write to a directory on the way (the managed server's user, whose data directory
+    holds its config, as PostgreSQL's does) can rename a directory between the agent's checks
+    and its writes, and so make it write, chown or chmod a file of someone else's. So, as
+    ``socket_dir_problem`` asks of a socket's directory, every directory from / down to
+    ``directory`` must be ours or root's and writable by nobody else (above ``directory``, a
+    sticky one such as /tmp may be: nobody can rename what is in it that is not theirs), and
+    no symbolic link on the way may be someone else's. The answer ends with what to run."""
+    me = os.geteuid()
+    given = Path(os.path.abspath(directory))
+    fix = f"run: chown {_user_name(me)} DIR; chmod go-w DIR"
+    try:
+        link = _links_problem(given, me)
+        if link:
+            return f"{link}; the server's config must be in a directory only root can change"
+        real = given.resolve()
+        st = os.stat(real)
+        if not stat.S_ISDIR(st.st_mode):
+            return f"{real} is not a directory"
+        problem: str | None = None
+        where = real
+        if st.st_uid not in (me, 0):
+            problem = f"{real} is owned by {user_label(st.st_uid)}"
+        elif st.st_mode & 0o022:
+            problem = f"{real} is writable by group or others (mode {stat.S_IMODE(st.st_mode):04o})"
+        elif above := _above_problem(real, me):
+            where, problem = above
+    except OSError as exc:
+        return f"config directory {directory}: {exc.strerror or exc}"
+    if problem is None:
+        return None
+    return (
+        f"config directory: {problem}: another user could make the agent write, chown or "
+        f"chmod files elsewhere; {fix.replace('DIR', str(where))}"
+    )
 
 
 _UCRED = struct.Struct("3i")  # struct ucred: pid, uid, gid
