@@ -23,6 +23,7 @@ from collections import Counter
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import SimpleNamespace
 from typing import TYPE_CHECKING, Any, NamedTuple
 
 import grpc
@@ -1283,6 +1284,9 @@ def staging_agent(tmp_path: Path, issued: IssuedCert) -> tuple[Any, Any, Any]:
     assert staged is not None
     service = NodeAgentService.__new__(NodeAgentService)
     service.journal = journal
+    # (the files are written with the access the live config gives: a driver whose server
+    # runs as the agent, ``plans.sharing``, so the agent's own, as before)
+    service.driver = SimpleNamespace(own_user=False, config_file=tmp_path / "server.toml")
     return service, staged, journal
 
 

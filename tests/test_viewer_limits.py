@@ -211,7 +211,10 @@ def test_past_the_cap_a_new_connection_is_refused_at_once_and_the_admin_socket_a
             timeout=BOUND,
             what="a viewer.too_many_connections line",
         )
-        assert "out of system resource" not in lone.logs_text()
+        # The flood itself may meet the limit for an instant before the gate has closed what
+        # it refused (a loaded machine): asyncio then says so once and retries a second later.
+        # Before, the held flood kept the limit reached: a line every retry, tens of thousands.
+        assert lone.logs_text().count("out of system resource") <= 4
     finally:
         for conn in [*held, *flood]:
             conn.close()

@@ -7,7 +7,6 @@ import errno
 import itertools
 import os
 import pwd
-import secrets
 import socket
 import stat
 import struct
@@ -33,7 +32,7 @@ def write_atomic(
     get nothing, so never a group other than the one meant.
     """
     path = Path(path)
-    name = f".{path.name}.tmp-{os.getpid()}-{secrets.token_hex(8)}"  # unguessable: never reused
+    name = f".{path.name}.tmp-{os.getpid()}-{os.urandom(8).hex()}"  # unguessable: never reused
     replace_staged(stage_atomic(path, data, mode, name, owner, owner_first=True), path)
 
 
@@ -95,7 +94,7 @@ def _create_new(path: Path, name: str, mode: int) -> tuple[Path, int]:
     flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     for _ in range(100):
         tmp = path.with_name(
-            name or f".{path.name}.staged-{os.getpid()}-{next(_STAGINGS)}-{secrets.token_hex(8)}"
+            name or f".{path.name}.staged-{os.getpid()}-{next(_STAGINGS)}-{os.urandom(8).hex()}"
         )
         try:
             return tmp, os.open(tmp, flags, mode)
