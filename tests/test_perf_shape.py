@@ -24,7 +24,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from types import SimpleNamespace
-from typing import TYPE_CHECKING, Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple, cast
 
 import grpc
 import pytest
@@ -59,6 +59,7 @@ from tlsroll.v1 import agent_pb2, agent_pb2_grpc, leader_pb2, leader_pb2_grpc
 
 if TYPE_CHECKING:
     from leader.schema_store import RolloutRow
+    from nodeagent.drivers import Driver
     from tests.test_engine import Leader, World
 
 # Never in a running agent: a terminal UI (rich, and pygments through it), the admin CLI's
@@ -1286,7 +1287,9 @@ def staging_agent(tmp_path: Path, issued: IssuedCert) -> tuple[Any, Any, Any]:
     service.journal = journal
     # (the files are written with the access the live config gives: a driver whose server
     # runs as the agent, ``plans.sharing``, so the agent's own, as before)
-    service.driver = SimpleNamespace(own_user=False, config_file=tmp_path / "server.toml")
+    service.driver = cast(
+        "Driver", SimpleNamespace(own_user=False, config_file=tmp_path / "server.toml")
+    )
     return service, staged, journal
 
 
