@@ -721,18 +721,11 @@ class Commands:
         ):
             with attempt:
                 row = await asyncio.to_thread(self._target, rollout_id)
-                if row.rollout.state in ALREADY[action]:
-                    # Given twice (a script, an impatient admin): what it asks for holds, so
-                    # it succeeds and changes nothing (it exited 1: audit s39race L1).
-                    log.info(
-                        "rollout.controlled",
-                        rollout_id=row.rollout.id,
-                        action=action.value,
-                        state=row.rollout.state.value,
-                        actor=actor,
-                        unchanged=True,
-                    )
-                    return row
+                # Given twice (a script, an impatient admin): what it asks for holds, so it
+                # succeeds and changes nothing (it exited 1: audit s39race L1).
+                unchanged = row.rollout.state in ALREADY[action]
+                if unchanged:
+                    break
                 rollout = row.rollout.with_action(action)
                 row = await asyncio.to_thread(
                     self.schema.save_states,
@@ -749,8 +742,10 @@ class Commands:
             action=action.value,
             state=row.rollout.state.value,
             actor=actor,
+            unchanged=unchanged,
         )
-        self.wake()
+        if not unchanged:
+            self.wake()
         return row
 
     def _target(self, rollout_id: str) -> RolloutRow:
