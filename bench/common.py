@@ -31,9 +31,9 @@ from tlsroll.v1 import admin_pb2, schema_pb2, schema_pb2_grpc, types_pb2
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 PAGE = os.sysconf("SC_PAGE_SIZE")
 MIB = 1024 * 1024
-# asyncio's debug mode (which tests/cluster.py turns on for every daemon) costs CPU; a
+# asyncio's debug mode and the tests' loop thread check (tests/loop_checks) cost CPU; a
 # benchmark measures the daemons as they run in production.
-NO_DEBUG = {"PYTHONASYNCIODEBUG": ""}
+NO_DEBUG = {"PYTHONASYNCIODEBUG": "", "TLSROLL_LOOP_CHECKS": ""}
 TERMINAL = {
     types_pb2.ROLLOUT_STATE_COMPLETED,
     types_pb2.ROLLOUT_STATE_HALTED,

@@ -58,6 +58,7 @@ POLL = 0.05
 # 3 silent intervals (6 s), which leaves room for a busy test machine.
 AGENT_HEARTBEAT_INTERVAL = 1
 LEADER_HEARTBEAT_INTERVAL = 2
+LOOP_CHECKS = Path(__file__).resolve().parent / "loop_checks"  # its sitecustomize.py
 MAX_SOCKET_PATH = 100  # sun_path holds 107 bytes; pytest's tmp_path can be long
 
 
@@ -68,10 +69,11 @@ def command(script: str, module: str) -> list[str]:
 
 
 def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
-    """The environment for a child: ours minus anything that would steer it elsewhere, with
-    asyncio's debug mode on. Debug mode raises on a loop touched from another thread (an admin
-    command that once woke the engine from a worker thread answered INTERNAL only there) and
-    logs callbacks that block the loop; every daemon test runs with it."""
+    """The environment for a child: ours minus anything that would steer it elsewhere, with the
+    harness's event-loop thread check on (``tests/loop_checks/sitecustomize.py``): a loop touched
+    from another thread raises, as under asyncio's debug mode (an admin command that once woke
+    the engine from a worker thread answered INTERNAL only there). Debug mode itself, which every
+    daemon ran with before, doubled the daemons' CPU; they now run as in production."""
     env = {
         k: v
         for k, v in os.environ.items()
@@ -79,7 +81,9 @@ def child_env(extra: Mapping[str, str] | None = None) -> dict[str, str]:
         # tables; without them a pipe gets whole lines.
         if k not in {"NOTIFY_SOCKET", "TLSROLL_DATA_DIR", "TLSROLL_SOCKET", "COLUMNS", "LINES"}
     }
-    env["PYTHONASYNCIODEBUG"] = "1"
+    env["PYTHONASYNCIODEBUG"] = ""
+    env["TLSROLL_LOOP_CHECKS"] = "1"
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(LOOP_CHECKS), env.get("PYTHONPATH")) if p)
     env.update(extra or {})
     return env
 
