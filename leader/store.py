@@ -1248,8 +1248,8 @@ class Store(LeaderStore):
                 if held and not replace:
                     raise NameTaken(
                         f"workstation name {workstation} is taken by another PC at this node: "
-                        "choose another (--name); if this PC replaces that one, run again with "
-                        f"--replace (or the admin frees it: tlsroll workstations revoke "
+                        "if this PC replaces that one, run again with --replace; else choose "
+                        f"another (--name), or the admin frees it (tlsroll workstations revoke "
                         f"{workstation})"
                     )
             cert = issue()

@@ -1210,8 +1210,8 @@ async def test_a_name_taken_is_said_whole_with_a_longer_name_to_use(
 
     taken = (
         "the leader did not sign: workstation name ws-empfang is taken by another PC at this "
-        "node: choose another (--name); if this PC replaces that one, run again with --replace "
-        "(or the admin frees it: tlsroll workstations revoke ws-empfang)"
+        "node: if this PC replaces that one, run again with --replace; else choose another "
+        "(--name), or the admin frees it (tlsroll workstations revoke ws-empfang)"
     )
     assert len(taken) > 200
 
