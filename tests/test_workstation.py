@@ -1295,9 +1295,9 @@ async def test_a_failed_check_after_enrolment_keeps_the_new_certificate_for_the_
     kept = d / KEPT
     assert run.error.startswith("tlsroll: error: a request with the new settings failed: ")
     assert (
-        "the settings before are kept, but the leader superseded their certificate when it "
-        f"signed the new one; this PC's new certificate (ws-empfang) is kept in {kept}: fix the "
-        "cause and run again (it enrols as this PC again, no --replace needed)"
+        "the settings before are kept, but the leader superseded this PC's earlier certificate "
+        f"when it signed the new one; this PC's new certificate (ws-empfang) is kept in {kept}: "
+        "fix the cause and run again (it enrols as this PC again, no --replace needed)"
     ) in run.error
     assert not assert_one_set_beside_kept(d, before, node)  # the set before, working, in place
     new_cert = pki.read_cert(kept / "client.pem")

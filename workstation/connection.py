@@ -545,6 +545,8 @@ class TestConnection:
                 check=lambda staged: self.check_settings(server, result, staged),
             )
         except CheckFailed as exc:
+            # (Not when the writing failed: a full disk fails the keeping too, and a set
+            # committed before it failed is completed by the next run.)
             if client_pem is None or key_pem is None:
                 raise
             raise self.keep_enrolment(exc, client_pem, key_pem) from None
@@ -595,33 +597,33 @@ class TestConnection:
         return max(found, key=lambda pair: pair[0].not_valid_before_utc, default=None)
 
     def keep_enrolment(self, failed: CheckFailed, client_pem: bytes, key_pem: bytes) -> ClientError:
-        """The check of a new enrolment's settings failed: the settings before stay in place,
-        but the leader has signed the new certificate, and superseded the one of that name it
-        signed before (the one in place, if it is this name's). The new key and certificate
-        are kept (``settings_files.KEPT``) so that the next run proves with them that it is
-        this PC: it never needs --replace for it, and nothing it held is lost for good."""
+        """The check of a new enrolment's settings failed: nothing was written, but the leader
+        has signed the new certificate, and superseded the one of that name it signed before
+        (this PC's earlier one, if it had one). The new key and certificate are kept
+        (``settings_files.KEPT``) so that the next run proves with them that it is this PC: it
+        never needs --replace for it, and nothing it held is lost for good. Returns the error
+        to raise, which says so."""
         d = self.o.settings_dir
         superseded = self.previous is not None
-        before = (
-            "the settings before are kept, but the leader superseded their certificate when it "
-            "signed the new one"
+        what = f"a request with the new settings failed: {failed.problem}; " + (
+            "the settings before are kept, but the leader superseded this PC's earlier "
+            "certificate when it signed the new one"
             if superseded
             else "the settings before are kept"
         )
         try:
             kept = settings_files.keep(d, key_pem, client_pem)
         except OSError as exc:
+            why = exc.strerror or exc
             return ClientError(
-                Exit.FAILURE,
-                f"a request with the new settings failed: {failed.problem}; {before}, and the new "
-                f"certificate could not be kept ({exc.strerror or exc}): fix the cause and run "
-                f"again{' with --replace' if superseded else ''}",
+                failed.code,
+                f"{what}; the new certificate could not be kept either ({why}): fix the cause "
+                f"and run again{' with --replace' if superseded else ''}",
             )
         return ClientError(
-            Exit.FAILURE,
-            f"a request with the new settings failed: {failed.problem}; {before}; this PC's new "
-            f"certificate ({self.workstation}) is kept in {kept}: fix the cause and run again "
-            "(it enrols as this PC again, no --replace needed)",
+            failed.code,
+            f"{what}; this PC's new certificate ({self.workstation}) is kept in {kept}: fix the "
+            "cause and run again (it enrols as this PC again, no --replace needed)",
         )
 
     def _answers_https(self, server: ServerURL) -> bool:
