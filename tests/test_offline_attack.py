@@ -242,6 +242,8 @@ def run_client(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Callable[.
             "5",
             "--settings-dir",
             str(tmp_path / settings),
+            "--name",
+            "empfang",  # (not the host's name: "localhost" names no PC)
         ]
         with structlog.testing.capture_logs():
             code = await asyncio.wait_for(asyncio.to_thread(cli.main, argv), 60)

@@ -193,6 +193,10 @@ def run_cli(
     logs: list[MutableMapping[str, Any]],
     monkeypatch: pytest.MonkeyPatch,
 ) -> Callable[..., Any]:
+    # A host name of the tests' own: the machine's may be "localhost", which names no PC
+    # (the tests of the default name set one of theirs).
+    monkeypatch.setattr(socket, "gethostname", lambda: "pc-test")
+
     async def run(*args: str, stdin: str | None = None) -> Run:
         argv = ["client", "test-connection", *args, "--timeout", "5"]
         if "--settings-dir" not in args:
