@@ -614,6 +614,8 @@ def workstation(
             "--yes",
             "--settings-dir",
             str(settings),
+            "--name",
+            "empfang",  # a name of its own (the host's may be "localhost", which names no PC)
         ],
         capture_output=True,
         text=True,

@@ -2049,10 +2049,13 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
         """A node's bootstrap service has checked the workstation's password proof and vouches
         for it with its own identity; the leader signs a client-only certificate naming nothing
         but ``ws-<name>`` and its workstation identity. At most ``WORKSTATION_CERTS_PER_HOUR``
-        per node; a name another node's workstation holds is refused (ALREADY_EXISTS)."""
+        per node; a name another PC holds is refused (ALREADY_EXISTS) unless the CSR proves this
+        is that PC or replaces it on purpose (``bootstrap_csr.Reenrolment``, ``Store.
+        issue_workstation``)."""
         caller = await self._caller_cert(context)
         node = caller.name
         key, cn = bootstrap_csr.check_workstation_csr(request.csr_pem)
+        claim = bootstrap_csr.reenrolment_of(request.csr_pem)
         now = self.state.clock()
 
         def issue() -> IssuedCert:
@@ -2077,6 +2080,8 @@ class LeaderService(leader_pb2_grpc.LeaderServicer):
                 now=now,
                 presented=caller.fingerprint,
                 presented_serial=caller.serial,
+                previous=claim.previous,
+                replace=claim.replace,
             )
         except (TooMany, NameTaken) as exc:
             log.warning("workstation.refused", node=node, workstation=cn, reason=str(exc))

@@ -1211,29 +1211,47 @@ class Store(LeaderStore):
         now: dt.datetime,
         presented: str,
         presented_serial: str,
+        previous: str | None = None,
+        replace: bool = False,
     ) -> IssuedCert:
         """Record a workstation certificate that node ``node`` asks for, calling with the
         certificate whose fingerprint is ``presented`` (serial ``presented_serial``), all in
         one transaction: the caller may still call (``check_caller_in``: a node removed or a
         certificate revoked after the handler's own check is Superseded), at most
-        ``WORKSTATION_CERTS_PER_HOUR`` per node, and a name that another node's workstation
-        already holds (unrevoked) is refused. The same node asking again for the same name (a
-        PC set up again) revokes the older certificate."""
+        ``WORKSTATION_CERTS_PER_HOUR`` per node.
+
+        A name that a certificate on record holds (unrevoked, unexpired) is signed again, and
+        that certificate revoked ("superseded"), only for the PC that holds it or for one that
+        replaces it on purpose (``bootstrap_csr.Reenrolment``): ``previous``, the fingerprint
+        of the certificate whose key signed the new one, is that certificate (the same PC
+        enrolling again, at any node); or ``replace`` and the name is this node's (a new PC for
+        an old one). Anything else is refused (NameTaken): two PCs of the same host name no
+        longer take the name from each other in turn (audit s39ws M2)."""
         with self._db.tx() as db:
             check_caller_in(db, node, presented, presented_serial)
             counted_at = self.cap_now()
             _check_hourly_certs(db, node, counted_at, "workstation")
             held = db.execute(
-                "SELECT serial, node FROM certificates WHERE kind = 'workstation' AND subject = ?"
-                " AND revoked_at IS NULL AND not_after > ?",
+                "SELECT serial, node, fingerprint FROM certificates WHERE kind = 'workstation'"
+                " AND subject = ? AND revoked_at IS NULL AND not_after > ?",
                 (workstation, to_text(now)),
             ).fetchall()
-            if any(r["node"] != node for r in held):
-                raise NameTaken(
-                    f"workstation name {workstation} is taken (at node {held[0]['node']}): "
-                    f"choose another (--name), or the admin frees it (tlsroll workstations "
-                    f"revoke {workstation})"
-                )
+            proven = previous is not None and any(r["fingerprint"] == previous for r in held)
+            if not proven:
+                other = next((r["node"] for r in held if r["node"] != node), None)
+                if other is not None:
+                    raise NameTaken(
+                        f"workstation name {workstation} is taken (at node {other}): choose "
+                        f"another (--name), or the admin frees it (tlsroll workstations revoke "
+                        f"{workstation})"
+                    )
+                if held and not replace:
+                    raise NameTaken(
+                        f"workstation name {workstation} is taken by another PC at this node: "
+                        "if this PC replaces that one, run again with --replace; else choose "
+                        f"another (--name), or the admin frees it (tlsroll workstations revoke "
+                        f"{workstation})"
+                    )
             cert = issue()
             db.executemany(
                 "UPDATE certificates SET revoked_at = ?, revoke_reason = ? WHERE serial = ?",
@@ -1263,6 +1281,7 @@ class Store(LeaderStore):
                 serial=cert.serial,
                 fingerprint=cert.fingerprint,
                 superseded=[r["serial"] for r in held],
+                **({"replaced": True} if held and not proven else {}),
             )
         return cert
 

@@ -42,7 +42,7 @@ from tests.cluster import (
 )
 from tests.conftest import next_loopback
 from tests.refserver_helper import write_toml
-from tlsroll import bootstrap_protocol, pki, spiffe
+from tlsroll import bootstrap_csr, bootstrap_protocol, pki, spiffe
 from tlsroll.errors import TlsrollError
 from tlsroll.v1 import (
     agent_pb2,
@@ -354,28 +354,60 @@ def node_credentials(agent: Agent) -> tuple[bytes, bytes]:
     return agent.cert_file.read_bytes(), agent.key_file.read_bytes()
 
 
-def sign_workstation(cluster: Cluster, agent: Agent, cn: str) -> tuple[grpc.StatusCode, str]:
+PC = tuple[x509.Certificate, Any]  # a workstation's certificate and key
+
+
+def sign_workstation(
+    cluster: Cluster,
+    agent: Agent,
+    cn: str,
+    *,
+    previous: PC | None = None,
+    replace: bool = False,
+    extensions: list[x509.ExtensionType] | None = None,
+    signed: list[PC] | None = None,
+) -> tuple[grpc.StatusCode, str]:
+    """A node's bootstrap service asks for a workstation certificate, as a PC would make its
+    CSR (``previous``: the PC's certificate and key of the name it enrols again under);
+    the certificate and key signed are appended to ``signed``."""
     key = pki.generate_key()
-    csr = pki.csr_to_pem(pki.make_csr(key, bootstrap_protocol.workstation_names(cn)))
+    if extensions is None:
+        claim = bootstrap_csr.reenrolment_extension(
+            key.public_key(), cn, previous=previous, replace=replace
+        )
+        extensions = [claim] if claim else []
+    csr = pki.csr_to_pem(pki.make_csr(key, bootstrap_protocol.workstation_names(cn), extensions))
+    answers: list[Any] = []
     with cluster.control_channel(*node_credentials(agent)) as channel:
         stub = leader_pb2_grpc.LeaderStub(channel)
-        return status_of(
-            lambda: stub.SignWorkstationCertificate(
-                leader_pb2.SignWorkstationRequest(csr_pem=csr), timeout=10
+        status = status_of(
+            lambda: answers.append(
+                stub.SignWorkstationCertificate(
+                    leader_pb2.SignWorkstationRequest(csr_pem=csr), timeout=10
+                )
             )
         )
+    if answers and signed is not None:
+        signed.append((pki.load_cert_pem(answers[0].certificate_pem), key))
+    return status
+
+
+def workstation_rows(cluster: Cluster, cn: str) -> list[dict[str, Any]]:
+    listed = cluster.cli("workstations", "list", "--json")
+    assert listed.returncode == 0, listed.stderr
+    return [w for w in json.loads(listed.stdout) if w["name"] == cn]
 
 
 def test_workstation_names_are_unique_listed_and_revocable(cluster: Cluster) -> None:
     node1, node2 = cluster.agents["node1"], cluster.agents["node2"]
-    assert sign_workstation(cluster, node1, "ws-vm")[0] == OK
+    pcs: list[PC] = []
+    assert sign_workstation(cluster, node1, "ws-vm", signed=pcs)[0] == OK
     code, details = sign_workstation(cluster, node2, "ws-vm")  # another node: a duplicate
     assert code == ALREADY_EXISTS
     assert "tlsroll workstations revoke ws-vm" in details and "is taken" in details
-    assert sign_workstation(cluster, node1, "ws-vm")[0] == OK  # the same node: supersedes
-    listed = cluster.cli("workstations", "list", "--json")
-    assert listed.returncode == 0, listed.stderr
-    rows = [w for w in json.loads(listed.stdout) if w["name"] == "ws-vm"]
+    # the same node, the same PC (its certificate's key signs the new key): supersedes
+    assert sign_workstation(cluster, node1, "ws-vm", previous=pcs[0])[0] == OK
+    rows = workstation_rows(cluster, "ws-vm")
     assert len(rows) == 2 and sum("revoked_at" in w for w in rows) == 1
     assert {w["node"] for w in rows} == {"node1"}
     revoked = cluster.cli("workstations", "revoke", "ws-vm")
@@ -395,6 +427,67 @@ def test_workstation_names_are_unique_listed_and_revocable(cluster: Cluster) -> 
     wait_until(has_them, 15, "the revocation list on node2")
     # After revocation the name is free for another node.
     assert sign_workstation(cluster, node2, "ws-vm")[0] == OK
+
+
+def test_another_pc_of_the_same_name_does_not_take_it_over_unless_it_replaces_it(
+    cluster: Cluster,
+) -> None:
+    """Audit s39ws M2: a second PC whose host name gives the same name, enrolling at the same
+    node, took the name over, and the leader revoked the first PC's certificate. Now only the
+    PC that holds the name's certificate (its key signs the new key: its settings dir) enrols
+    under it again without more; another is refused, with what to do, and the first PC's
+    certificate stays valid, until one says it replaces that PC (--replace)."""
+    node1, node2 = cluster.agents["node1"], cluster.agents["node2"]
+    first: list[PC] = []
+    assert sign_workstation(cluster, node1, "ws-empfang", signed=first)[0] == OK
+    before = workstation_rows(cluster, "ws-empfang")
+
+    code, details = sign_workstation(cluster, node1, "ws-empfang")  # another PC, no proof
+    assert code == ALREADY_EXISTS, details
+    assert "taken by another PC at this node" in details and "--replace" in details, details
+    assert "--name" in details and "tlsroll workstations revoke ws-empfang" in details
+    assert workstation_rows(cluster, "ws-empfang") == before  # nothing revoked, nothing new
+
+    # a proof made with another name's certificate, or whose signature is not of the new key
+    other: list[PC] = []
+    assert sign_workstation(cluster, node1, "ws-other-pc", signed=other)[0] == OK
+    code, details = sign_workstation(cluster, node1, "ws-empfang", previous=other[0])
+    assert code != OK and "previous certificate is not ws-empfang's" in details, details
+    forged = bootstrap_csr.reenrolment_extension(
+        pki.generate_key().public_key(), "ws-empfang", previous=first[0]
+    )
+    assert forged is not None
+    code, details = sign_workstation(cluster, node1, "ws-empfang", extensions=[forged])
+    assert code != OK and "did not sign the new key" in details, details
+    assert workstation_rows(cluster, "ws-empfang") == before
+
+    # the first PC again (its settings dir kept its key): supersedes its own certificate
+    again: list[PC] = []
+    assert sign_workstation(cluster, node1, "ws-empfang", previous=first[0], signed=again)[0] == OK
+    # ... and at another node too: the name is the PC's, wherever it enrols
+    moved: list[PC] = []
+    assert sign_workstation(cluster, node2, "ws-empfang", previous=again[0], signed=moved)[0] == OK
+    # its superseded certificate proves nothing any more
+    code, details = sign_workstation(cluster, node2, "ws-empfang", previous=first[0])
+    assert code == ALREADY_EXISTS and "taken by another PC" in details, details
+    # --replace at another node than the name's is still refused (a node cannot take the
+    # names of another node's workstations)
+    code, details = sign_workstation(cluster, node1, "ws-empfang", replace=True)
+    assert code == ALREADY_EXISTS and "(at node node2)" in details, details
+
+    # a PC that replaces it, at its node, says so: the name is its own, the other revoked
+    replaced: list[PC] = []
+    assert sign_workstation(cluster, node2, "ws-empfang", replace=True, signed=replaced)[0] == OK
+    rows = workstation_rows(cluster, "ws-empfang")
+    live = [w for w in rows if "revoked_at" not in w]
+    assert len(rows) == 4 and len(live) == 1
+    assert int(live[0]["serial"], 16) == replaced[0][0].serial_number
+    audit = [
+        json.loads(r["detail"])
+        for r in cluster.store_table("audit")
+        if r["kind"] == "workstation.enrolled" and r["subject"] == "ws-empfang"
+    ]
+    assert [a.get("replaced", False) for a in audit] == [False, False, False, True]
 
 
 def test_a_node_cannot_mint_workstation_certificates_without_limit(tmp_path: Path) -> None:

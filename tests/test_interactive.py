@@ -143,6 +143,8 @@ def test_start_asks_then_shows_a_generated_password_once(
             "--yes",
             "--settings-dir",
             str(tmp_path / "ws"),
+            "--name",
+            "empfang",  # (not the host's name: "localhost" names no PC)
         ],
         capture_output=True,
         text=True,

@@ -19,6 +19,7 @@ import pytest
 
 from leader.cli.notify import day_text
 from tests.cluster import child_env, command, one_line_error, wait_until
+from tests.test_interactive import Terminal
 from tests.test_password_rollout import PW1, PW2, World, secret_file
 from tlsroll.v1 import admin_pb2
 
@@ -154,6 +155,7 @@ def test_notify_before_during_and_after(world: World, tmp_path: Path) -> None:
     # the password: only the one the nodes run
     with_pw = ok(world.cli("notify", "--include-password", "--password-file", str(pw1)))
     assert with_pw.splitlines()[0].startswith("WARNUNG") and with_pw.count(PW1) == 1
+    typed_password_rule(world)
     pw2 = secret_file(tmp_path / "pw2", PW2)
     wrong = world.cli("notify", "--include-password", "--password-file", str(pw2))
     assert "not the password the notice's nodes run (version 1)" in usage_error(wrong, 1)
@@ -427,6 +429,31 @@ def check_password_rpc(world: World) -> None:
                 timeout=10,
             )
         assert stale.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+
+
+def typed_password_rule(world: World) -> None:
+    """The password typed at notify's prompt (a terminal) is held to the rule a password file,
+    `password set` and the workstation's prompt apply (s39wsfix leftover: it was not): one
+    with white space around it, or an invisible character, is refused in one line, exit 2,
+    and no notice is printed; the password itself is never shown."""
+    cases = [
+        (f" {PW1}", "the password entered starts or ends with white space"),
+        (f"{PW1}\u200b", "the password entered has an invisible or control character (U+200B)"),
+    ]
+    for typed, says in cases:
+        term = Terminal(world.cluster, "notify", "--include-password")
+        try:
+            term.read_until("Password to include")
+            term.type(typed + "\n")
+            code = term.finish()
+        finally:
+            term.close()
+        errors = [line for line in term.screen.splitlines() if line.startswith("tlsroll: ")]
+        assert code == 2, term.screen
+        assert len(errors) == 1 and says in errors[0], term.screen
+        assert "; no notice printed" in errors[0], errors[0]
+        assert "WARNUNG" not in term.screen and PW1 not in term.screen, term.screen
+        assert "Traceback" not in term.screen
 
 
 @pytest.mark.parametrize(

@@ -242,6 +242,8 @@ def run_client(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> Callable[.
             "5",
             "--settings-dir",
             str(tmp_path / settings),
+            "--name",
+            "empfang",  # (not the host's name: "localhost" names no PC)
         ]
         with structlog.testing.capture_logs():
             code = await asyncio.wait_for(asyncio.to_thread(cli.main, argv), 60)
@@ -557,7 +559,8 @@ async def test_a_fake_nodes_long_text_gives_one_short_error_line(
     real_node: Node, tmp_path: Path, run_client: Callable[..., Any], where: str
 ) -> None:
     """A node answering with (nearly) 1 MiB of text, line breaks included: the client's
-    error is still one line, of a bounded length."""
+    error is still one line, of a bounded length (600: a node's message is said up to 400
+    characters, audit s39ws L4: the leader's refusal of a name, with its remedies, was cut)."""
     fake, _ = await _fake_node(real_node)
     huge = ("x" * 999 + "\n") * 1000
     if where == "hello version":
@@ -579,7 +582,7 @@ async def test_a_fake_nodes_long_text_gives_one_short_error_line(
     assert code != 0
     line = _error_line(output)
     assert line.startswith("tlsroll: error: "), line
-    assert output.count("tlsroll: error: ") == 1 and len(line) < 300, line[:400]
+    assert output.count("tlsroll: error: ") == 1 and len(line) < 600, line[:700]
 
 
 @pytest.mark.parametrize(

@@ -16,11 +16,11 @@ from typing import Any
 
 import pytest
 
-from tests.cluster import Cluster, wait_until
+from tests.cluster import Cluster, one_line_error, wait_until
 from tests.conftest import next_loopback
 from tests.nodeside import Node
 from tests.refserver_helper import http_request
-from tlsroll import tls
+from tlsroll import pki, tls
 
 PW1 = "first-password-kd7q-x2mf"
 PW2 = "second-password-9wq3-p4hz"
@@ -83,11 +83,17 @@ class World:
         return latest
 
     def test_connection(
-        self, url: str, password_file: Path, settings: Path, name: str = ""
+        self,
+        url: str,
+        password_file: Path,
+        settings: Path,
+        name: str | None = "",
+        *more: str,
     ) -> subprocess.CompletedProcess[str]:
         """``tlsroll client test-connection`` as a workstation named after its settings dir
-        (``name`` else): one machine plays every practice PC, and each PC has a name of its
-        own (a name another node's workstation holds is refused)."""
+        (``name`` else; None: no --name, the PC's own choice): one machine plays every practice
+        PC, and each PC has a name of its own (a name another PC holds is refused)."""
+        named = [] if name is None else ["--name", name or settings.name]
         result = subprocess.run(
             [
                 sys.executable,
@@ -101,8 +107,8 @@ class World:
                 "--yes",
                 "--settings-dir",
                 str(settings),
-                "--name",
-                name or settings.name,
+                *named,
+                *more,
             ],
             capture_output=True,
             text=True,
@@ -226,6 +232,69 @@ def test_workstations_join_then_a_new_password_takes_effect_at_restart(
     for secret in (PW1, PW2):
         assert secret not in evidence
     assert '"hash"' not in evidence and "salt" not in json.dumps(world.schema())
+
+
+def test_a_pc_of_the_same_name_does_not_take_the_name_from_another(tmp_path: Path) -> None:
+    """Audit s39ws M2 end to end (real leader, agent, bootstrap service, reference server and
+    the workstation tool): a second PC with the same name at the same node took the name over,
+    and the leader revoked the first PC's certificate. Now it is refused (exit 11, one line,
+    nothing written) and the first PC's certificate stays valid; the first PC enrols again as
+    itself without more (its settings dir proves it, and keeps its name); the second takes the
+    name only with --replace."""
+    w = World(tmp_path, nodes=1)
+    try:
+        w.start()
+        node = w.nodes[0]
+        pw = secret_file(tmp_path / "pw", PW1)
+        assert w.run_rollout("--password-file", str(pw))["state"] == "completed"
+        first, second = tmp_path / "pc1", tmp_path / "pc2"
+
+        def live() -> list[int]:
+            listed = w.cli("workstations", "list", "--json")
+            assert listed.returncode == 0, listed.stderr
+            rows = json.loads(listed.stdout)
+            return [
+                int(r["serial"], 16)
+                for r in rows
+                if r["name"] == "ws-empfang" and not r.get("revoked_at")
+            ]
+
+        def serial_of(settings: Path) -> int:
+            return pki.read_cert(settings / "client.pem").serial_number
+
+        def works(settings: Path) -> bool:
+            ctx = tls.client_context(
+                (settings / "ca.pem").read_bytes(),
+                cert_file=settings / "client.pem",
+                key_file=settings / "client.key",
+            )
+            return http_request("GET", node.https_url(), context=ctx).status == 200
+
+        result = w.test_connection(node.https_url(), pw, first, "empfang")
+        assert result.returncode == 0, result.stderr
+        assert live() == [serial_of(first)] and works(first)
+
+        taken = w.test_connection(node.https_url(), pw, second, "empfang")
+        assert taken.returncode == 11, taken.stdout + taken.stderr
+        line = one_line_error(taken.stderr, "tlsroll")
+        assert "workstation name ws-empfang is taken by another PC at this node" in line, line
+        assert "run again with --replace" in line and "workstations revoke ws-empfang" in line
+        assert not (second / "client.key").exists()
+        assert live() == [serial_of(first)]  # the first PC's certificate not revoked
+
+        # The first PC again, no --name: the name it holds, proven by its settings dir.
+        again = w.test_connection(node.https_url(), pw, first, None)
+        assert again.returncode == 0, again.stderr
+        assert "client certificate ws-empfang " in again.stdout
+        assert live() == [serial_of(first)] and works(first)
+
+        # The second PC replaces it, on purpose.
+        replaced = w.test_connection(node.https_url(), pw, second, "empfang", "--replace")
+        assert replaced.returncode == 0, replaced.stderr
+        assert live() == [serial_of(second)] and works(second)
+        assert all(PW1 not in text for text in w.outputs)
+    finally:
+        w.close()
 
 
 def test_password_set_is_refused_while_a_rollout_runs(world: World, tmp_path: Path) -> None:

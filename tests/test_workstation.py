@@ -48,15 +48,15 @@ from tests.test_bootstrap import (
     secrets_in,
 )
 from tests.test_workstation_settings import Crash, fault_at
+from tlsroll import bootstrap_csr, cli, pki
 from tlsroll import bootstrap_protocol as proto
-from tlsroll import cli, pki
 from tlsroll.defaults import BOOTSTRAP_PORT
 from tlsroll.fsutil import PRIVATE, write_atomic
 from tlsroll.httpcheck import port_open
 from tlsroll.tls import client_context, server_context
 from workstation import connection as workstation
 from workstation.connection import Exit
-from workstation.settings_files import MARKER, STAGING
+from workstation.settings_files import KEPT, MARKER, STAGING
 
 APP = "/praxis_live/"
 
@@ -193,6 +193,10 @@ def run_cli(
     logs: list[MutableMapping[str, Any]],
     monkeypatch: pytest.MonkeyPatch,
 ) -> Callable[..., Any]:
+    # A host name of the tests' own: the machine's may be "localhost", which names no PC
+    # (the tests of the default name set one of theirs).
+    monkeypatch.setattr(socket, "gethostname", lambda: "pc-test")
+
     async def run(*args: str, stdin: str | None = None) -> Run:
         argv = ["client", "test-connection", *args, "--timeout", "5"]
         if "--settings-dir" not in args:
@@ -262,6 +266,12 @@ def test_url_accepted(url: str, expected: tuple[str, int, str]) -> None:
         "https://192.168.1.5:8443/präxis/",
         "https://192.168.1.5:8443/praxis\u200blive/",
         "https://192.168.1.5\t:8443/praxis_live/",
+        # Audit s39ws L5: the resolver reads these as other addresses (octal, short, hex)
+        "https://127.000.000.010:8443/praxis_live/",
+        "https://192.168.001.005:8443/praxis_live/",
+        "https://127.1:8443/praxis_live/",
+        "https://0x7f.0.0.1:8443/praxis_live/",
+        "https://2130706433:8443/praxis_live/",
     ],
 )
 def test_url_usage_errors(url: str) -> None:
@@ -1129,6 +1139,239 @@ async def test_pin_only_against_a_server_that_wants_client_certificates(
     assert "settings written" not in again.out
     assert sorted(os.listdir(d)) == sorted(SETTINGS_SET)  # no staging left
     assert not assert_one_set(d, before, node)  # the working set, as it was
+
+
+# --- the PC's name: kept, proven, replaced on purpose -------------------------------------------
+
+
+def recording(ca: pki.CertificateAuthority, csrs: list[bytes]) -> Callable[[bytes], Any]:
+    """``ca_signer(ca)`` that keeps each CSR it is given (what the node passes to the leader)."""
+    sign = ca_signer(ca)
+
+    async def record(csr_pem: bytes) -> bytes:
+        csrs.append(csr_pem)
+        return bytes(await sign(csr_pem))
+
+    return record
+
+
+def claim_of(csr_pem: bytes) -> bootstrap_csr.Reenrolment:
+    """What the leader reads of a CSR: the re-enrolment claim, its proof checked."""
+    return bootstrap_csr.reenrolment_of(csr_pem)
+
+
+async def test_a_pc_enrols_again_as_itself_and_says_when_it_replaces_another(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Audit s39ws M2, the workstation's part (the leader's: test_identity): a PC enrolling
+    again proves with its settings dir's certificate that it holds the name, and keeps the
+    name it enrolled under when its host name changed; another PC of the same name proves
+    nothing, and takes it over only with --replace."""
+    node = nodes["mtls"]
+    csrs: list[bytes] = []
+    pw = password_file(PASSWORD)
+    first, second = tmp_path / "pc1", tmp_path / "pc2"
+    monkeypatch.setattr(socket, "gethostname", lambda: "Empfang.praxis-a.local")
+    async with bootstrap_on(node, test_ca, sign=recording(test_ca, csrs)):
+        run = await run_cli(node.url, "--password-file", pw, "--yes", "--settings-dir", str(first))
+        assert run.code == 0, run.err
+        assert claim_of(csrs[-1]) == bootstrap_csr.Reenrolment()  # a first enrolment
+        held = pki.read_cert(first / "client.pem")
+        assert pki.names_of(held).common_name == "ws-empfang"
+        # renamed since: the same PC, the same name, proven by the certificate it holds
+        monkeypatch.setattr(socket, "gethostname", lambda: "pc-07")
+        run = await run_cli(node.url, "--password-file", pw, "--yes", "--settings-dir", str(first))
+        assert run.code == 0, run.err
+        assert "client certificate ws-empfang " in run.out
+        assert claim_of(csrs[-1]) == bootstrap_csr.Reenrolment(previous=pki.fingerprint(held))
+        # another PC of that name: no proof (the leader refuses it); with --replace it says so
+        for replace in ((), ("--replace",)):
+            another = str(second / "+".join(replace))
+            args = ("--password-file", pw, "--yes", "--settings-dir", another, "--name", "empfang")
+            assert (await run_cli(node.url, *args, *replace)).code == 0
+            assert claim_of(csrs[-1]) == bootstrap_csr.Reenrolment(replace=bool(replace))
+    run = await run_cli(node.url, "--ca-pin", pki.spki_pin(test_ca.cert), "--no-enrol", "--replace")
+    assert run.code == 2 and "--replace is for an enrolment" in run.err, run.err
+
+
+async def test_a_name_taken_is_said_whole_with_a_longer_name_to_use(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Audit s39ws L4: the node's refusal was cut at 160 characters, and the leader's remedy
+    (--replace, --name, `workstations revoke`) with it. And the name, the host name's first
+    label, is ambiguous where the full host name is not: the error names a longer one."""
+    from nodeagent.bootstrap_supervisor import SignRefused
+
+    taken = (
+        "the leader did not sign: workstation name ws-empfang is taken by another PC at this "
+        "node: if this PC replaces that one, run again with --replace; else choose another "
+        "(--name), or the admin frees it (tlsroll workstations revoke ws-empfang)"
+    )
+    assert len(taken) > 200
+
+    async def refuse(csr_pem: bytes) -> bytes:
+        raise SignRefused(taken, refused=True)
+
+    monkeypatch.setattr(socket, "gethostname", lambda: "empfang.praxis-a.local")
+    node = nodes["tls"]
+    async with bootstrap_on(node, test_ca, sign=refuse):
+        run = await run_cli(node.url, "--password-file", password_file(PASSWORD), "--yes")
+    assert run.code == 11 == int(Exit.ENROL_REFUSED), run.err
+    assert run.error.endswith(
+        f"refused enrolment (HTTP 409 sign_failed): {taken} (from this PC's full host name, e.g. "
+        "--name empfang-praxis-a)"
+    ), run.error
+    assert not (tmp_path / "settings" / "client.key").exists()
+
+    async def too_many(csr_pem: bytes) -> bytes:  # another refusal: no other name helps
+        raise SignRefused("the leader did not sign: too many certificates", refused=True)
+
+    async with bootstrap_on(node, test_ca, sign=too_many):
+        run = await run_cli(node.url, "--password-file", password_file(PASSWORD), "--yes")
+    assert run.code == 11 and run.error.endswith("too many certificates"), run.error
+
+
+@pytest.mark.parametrize("host", ["localhost", "localhost.localdomain", "---"])
+async def test_a_host_name_that_names_no_pc_is_no_default_name(
+    host: str,
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+    logs: list[MutableMapping[str, Any]],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Every PC whose host name is "localhost" (a Linux PC set up without one) enrolled as
+    ws-localhost, taking the name from the one before: refused before anything is sent."""
+    monkeypatch.setattr(socket, "gethostname", lambda: host)
+    node = nodes["tls"]
+    async with bootstrap_on(node, test_ca):
+        run = await run_cli(node.url, "--password-file", password_file(PASSWORD), "--yes")
+        assert run.code == 2 == int(Exit.USAGE), run.err
+        assert "names no PC in particular: give it a name with --name" in run.error
+        assert "bootstrap.exchange_started" not in [e["event"] for e in logs]
+        assert not (tmp_path / "settings").exists()
+        named = await run_cli(
+            node.url, "--password-file", password_file(PASSWORD), "--yes", "--name", "pc-3"
+        )
+    assert named.code == 0, named.err
+    assert "client certificate ws-pc-3 " in named.out
+
+
+async def test_a_failed_check_after_enrolment_keeps_the_new_certificate_for_the_next_run(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """s39wsfix leftover: the final check failed after an enrolment, the new set was discarded
+    while the leader had superseded (revoked) the certificate in place: the PC had none that
+    the leader still counted, and only --replace could enrol it again. Now the settings before
+    stay in place and the new key and certificate are kept aside (0600 key), the error says
+    where and what to do, and the next run proves the name with them."""
+    node = nodes["mtls"]
+    d = tmp_path / "settings"
+    pw = password_file(PASSWORD)
+    csrs: list[bytes] = []
+    args = (node.url, "--password-file", pw, "--yes", "--name", "empfang")
+    async with bootstrap_on(node, test_ca):
+        assert (await run_cli(*args)).code == 0
+    before = settings_set(d)
+    # A certificate of a CA the node's bundle names but its server does not take: the check
+    # fails after the exchange (what a server trusting the wrong CA, or down, would do).
+    other = pki.CertificateAuthority.create("another CA")
+    async with bootstrap_on(node, test_ca, sign=recording(other, csrs)) as service:
+        service.set_ca_bundle(test_ca.cert_pem + other.cert_pem)
+        run = await run_cli(*args)
+    assert run.code == 1, run.err
+    kept = d / KEPT
+    assert run.error.startswith("tlsroll: error: a request with the new settings failed: ")
+    assert (
+        "the settings before are kept, but the leader superseded this PC's earlier certificate "
+        f"when it signed the new one; this PC's new certificate (ws-empfang) is kept in {kept}: "
+        "fix the cause and run again (it enrols as this PC again, no --replace needed)"
+    ) in run.error
+    assert not assert_one_set_beside_kept(d, before, node)  # the set before, working, in place
+    new_cert = pki.read_cert(kept / "client.pem")
+    assert pki.key_matches(new_cert, pki.read_key(kept / "client.key"))
+    assert pki.issued_by(new_cert, other.cert)
+    assert stat.S_IMODE((kept / "client.key").stat().st_mode) == 0o600
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o700
+    # The next run proves the name with the kept certificate (the one the leader holds now,
+    # not the superseded one in place); once in place, nothing is kept aside any more.
+    async with bootstrap_on(node, test_ca, sign=recording(test_ca, csrs)):
+        run = await run_cli(node.url, "--password-file", pw, "--yes")  # the name: the PC's
+    assert run.code == 0, run.err
+    assert claim_of(csrs[-1]).previous == pki.fingerprint(new_cert)
+    assert assert_one_set(d, before, node)  # a new set, and .enrolment-kept gone
+
+
+def assert_one_set_beside_kept(d: Path, before: dict[str, bytes], node: ServerNode) -> bool:
+    """``assert_one_set`` for a settings dir that also holds ``KEPT``."""
+    kept = d / KEPT
+    hidden = d.parent / "kept-aside"
+    os.rename(kept, hidden)
+    try:
+        return assert_one_set(d, before, node)
+    finally:
+        os.rename(hidden, kept)
+
+
+async def test_no_enrol_over_an_enrolled_dir_takes_the_client_files_out_of_place(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """Audit s39ws L3: --no-enrol over an enrolled settings dir wrote settings without a
+    client certificate and left client.key and client.pem in place, unmentioned (software that
+    reads those names used a certificate the settings no longer listed). They are moved aside,
+    said so, and prove the PC's name when it enrols again."""
+    node = nodes["tls"]
+    d = tmp_path / "settings"
+    csrs: list[bytes] = []
+    async with bootstrap_on(node, test_ca, sign=recording(test_ca, csrs)):
+        pw = password_file(PASSWORD)
+        assert (await run_cli(node.url, "--password-file", pw, "--yes")).code == 0
+        enrolled = pki.read_cert(d / "client.pem")
+        pin = pki.spki_pin(test_ca.cert)
+        run = await run_cli(node.url, "--ca-pin", pin, "--no-enrol", "--yes")
+        assert run.code == 0, run.err
+        assert sorted(os.listdir(d)) == [KEPT, "ca.pem", "settings.json"]
+        assert (
+            f"note      the earlier enrolment's client.key and client.pem moved to {d / KEPT}: "
+            "these settings use no client certificate (enrolling again uses them)"
+        ) in run.out
+        assert settings_of(tmp_path)["client_cert_file"] is None
+        assert pki.read_cert(d / KEPT / "client.pem") == enrolled
+        again = await run_cli(node.url, "--ca-pin", pin, "--no-enrol", "--yes")
+        assert again.code == 0 and "note" not in again.out, again.out
+        run = await run_cli(node.url, "--password-file", pw, "--yes")
+        assert run.code == 0, run.err
+    assert claim_of(csrs[-1]).previous == pki.fingerprint(enrolled)
+    assert sorted(os.listdir(d)) == sorted(SETTINGS_SET)
+
+
+async def test_a_numeric_host_not_written_as_an_ipv4_address_is_refused(run_cli: Any) -> None:
+    """Audit s39ws L5: 127.000.000.010 went to 127.0.0.8 (the resolver reads a leading zero as
+    octal): one line, exit 2, before anything is sent."""
+    run = await run_cli("https://127.000.000.010:8443/praxis_live/", "--yes")
+    assert run.code == 2, run.err
+    assert "127.000.000.010 is not an IPv4 address as written" in run.error
+    assert "write 127.0.0.10" in run.error
 
 
 # --- versions: an old client, an old node -------------------------------------------------------

@@ -7,10 +7,17 @@ module alone, and so never loads ``spake2`` (its import builds the Ed25519 group
 
 from __future__ import annotations
 
+import base64
+import binascii
+import json
 import re
 import unicodedata
+from dataclasses import dataclass
 from enum import StrEnum
 
+from cryptography import x509
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from tlsroll import peertext, pki
@@ -19,6 +26,10 @@ from tlsroll.errors import PKIError, TerminalError
 DETAIL_CHARS = 200  # node-supplied text in an error is cleaned and cut to this
 # "ws-" + a DNS label: at most 63 characters, lowercase letters, digits, inner hyphens.
 WORKSTATION_CN = re.compile(r"ws-[a-z0-9]([a-z0-9-]{0,58}[a-z0-9])?")
+# The CSR extension of a re-enrolment (``Reenrolment``), under a private OID (X.667: 2.25.UUID).
+REENROL_OID = x509.ObjectIdentifier("2.25.182646992994859322264631623817214396066")
+_REENROL_LABEL = b"tlsroll workstation re-enrolment v1\x00"
+_MAX_REENROL_BYTES = 8192
 
 
 class BootstrapReason(StrEnum):
@@ -80,3 +91,124 @@ def check_workstation_csr(csr_pem: bytes) -> tuple[ec.EllipticCurvePublicKey, st
     except PKIError as exc:
         raise BootstrapError(BootstrapReason.BAD_CSR, str(exc)) from None
     return key, cn
+
+
+# --- re-enrolment -------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Reenrolment:
+    """What a workstation's CSR says about the name it asks for (a non-critical extension,
+    ``REENROL_OID``, that the node passes on unread with the CSR and that an older leader
+    ignores):
+
+    - ``previous``: the fingerprint of a certificate of that name whose key signed the new key
+      (and the name): the PC that holds that certificate enrols again (its settings dir kept
+      the key), so the leader may let it supersede that certificate;
+    - ``replace``: the workstation's admin asked to take the name over from another PC
+      (``--replace``).
+
+    The leader signs the name over a certificate another PC holds only with one of them."""
+
+    previous: str | None = None
+    replace: bool = False
+
+
+def reenrolment_extension(
+    new_key: ec.EllipticCurvePublicKey,
+    cn: str,
+    *,
+    previous: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None,
+    replace: bool = False,
+) -> x509.UnrecognizedExtension | None:
+    """The extension for a CSR of ``new_key`` and ``cn``; None if it would say nothing.
+    ``previous``: this PC's certificate of ``cn`` and its key, which signs the new key."""
+    if previous is None and not replace:
+        return None
+    body: dict[str, object] = {"version": 1, "replace": replace}
+    if previous is not None:
+        cert, key = previous
+        signature = key.sign(_reenrol_message(cn, new_key), ec.ECDSA(hashes.SHA256()))
+        body["previous"] = base64.b64encode(cert.public_bytes(serialization.Encoding.DER)).decode()
+        body["signature"] = base64.b64encode(signature).decode()
+    data = json.dumps(body, sort_keys=True, separators=(",", ":")).encode()
+    return x509.UnrecognizedExtension(REENROL_OID, _der_octets(data))
+
+
+def reenrolment_of(csr_pem: bytes) -> Reenrolment:
+    """What the CSR's re-enrolment extension says, its proof checked: the previous certificate
+    names the CSR's name and its key signed the CSR's key. ``BootstrapError`` (BAD_CSR) if it is
+    malformed or does not verify; an empty ``Reenrolment`` without it."""
+    key, cn = check_workstation_csr(csr_pem)
+    try:
+        csr = pki.load_csr_pem(csr_pem)
+        ext = csr.extensions.get_extension_for_oid(REENROL_OID).value
+    except x509.ExtensionNotFound:
+        return Reenrolment()
+    except (PKIError, ValueError) as exc:
+        raise BootstrapError(BootstrapReason.BAD_CSR, str(exc)) from None
+    bad = BootstrapError(BootstrapReason.BAD_CSR, "malformed re-enrolment extension")
+    if not isinstance(ext, x509.UnrecognizedExtension) or len(ext.value) > _MAX_REENROL_BYTES:
+        raise bad
+    try:
+        body = json.loads(_der_unoctets(ext.value))
+    except ValueError:  # UnicodeDecodeError and a malformed DER too
+        raise bad from None
+    if (
+        not isinstance(body, dict)
+        or body.get("version") != 1
+        or not isinstance(body.get("replace"), bool)
+    ):
+        raise bad
+    if "previous" not in body:
+        return Reenrolment(replace=body["replace"])
+    try:
+        previous = x509.load_der_x509_certificate(base64.b64decode(body["previous"], validate=True))
+        signature = base64.b64decode(body["signature"], validate=True)
+    except (KeyError, TypeError, ValueError, binascii.Error):
+        raise bad from None
+    if pki.names_of(previous).common_name != cn:
+        raise BootstrapError(BootstrapReason.BAD_CSR, f"the previous certificate is not {cn}'s")
+    old_key = previous.public_key()
+    if not isinstance(old_key, ec.EllipticCurvePublicKey):
+        raise bad
+    try:
+        old_key.verify(signature, _reenrol_message(cn, key), ec.ECDSA(hashes.SHA256()))
+    except InvalidSignature:
+        raise BootstrapError(
+            BootstrapReason.BAD_CSR, "the previous certificate's key did not sign the new key"
+        ) from None
+    return Reenrolment(previous=pki.fingerprint(previous), replace=body["replace"])
+
+
+def _reenrol_message(cn: str, new_key: ec.EllipticCurvePublicKey) -> bytes:
+    spki = new_key.public_bytes(
+        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
+    return _REENROL_LABEL + cn.encode("ascii") + b"\x00" + spki
+
+
+def _der_octets(data: bytes) -> bytes:
+    """``data`` as a DER OCTET STRING (the extension's value is DER)."""
+    n = len(data)
+    if n < 0x80:
+        return b"\x04" + bytes([n]) + data
+    size = n.to_bytes((n.bit_length() + 7) // 8, "big")
+    return b"\x04" + bytes([0x80 | len(size)]) + size + data
+
+
+def _der_unoctets(der: bytes) -> bytes:
+    """The contents of a DER OCTET STRING that is all of ``der``; ValueError else."""
+    if len(der) < 2 or der[0] != 0x04:
+        raise ValueError("not an OCTET STRING")
+    first = der[1]
+    if first < 0x80:
+        n, start = first, 2
+    else:
+        width = first & 0x7F
+        if not 1 <= width <= 2 or len(der) < 2 + width:
+            raise ValueError("bad length")
+        n, start = int.from_bytes(der[2 : 2 + width], "big"), 2 + width
+    if len(der) != start + n:
+        raise ValueError("bad length")
+    return der[start:]

@@ -272,12 +272,17 @@ def _san(
 # --- CSRs -------------------------------------------------------------------------------------
 
 
-def make_csr(key: PrivateKey, names: Names) -> x509.CertificateSigningRequest:
+def make_csr(
+    key: PrivateKey, names: Names, extensions: Sequence[x509.ExtensionType] = ()
+) -> x509.CertificateSigningRequest:
+    """A CSR for ``names``; ``extensions`` are added, non-critical."""
     builder = (
         x509.CertificateSigningRequestBuilder()
         .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, names.common_name)]))
         .add_extension(san_of(names), critical=False)
     )
+    for extension in extensions:
+        builder = builder.add_extension(extension, critical=False)
     return builder.sign(key, hashes.SHA256())
 
 

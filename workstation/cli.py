@@ -55,7 +55,17 @@ def client() -> None:
     help="Where to write the workstation's settings.",
 )
 @click.option("--yes", "-y", "assume_yes", is_flag=True, help="Accept the default port.")
-@click.option("--name", help="The workstation's name in its certificate [default: host name].")
+@click.option(
+    "--name",
+    help="The workstation's name in its certificate [default: the name it enrolled under "
+    "before, else its host name].",
+)
+@click.option(
+    "--replace",
+    is_flag=True,
+    help="This PC replaces another one enrolled under the same name at this node (a new PC "
+    "for an old one): that one's certificate is revoked. Not needed to enrol this PC again.",
+)
 @click.option(
     "--no-enrol",
     "no_enrol",
@@ -77,6 +87,7 @@ def test_connection(
     settings_dir: Path,
     assume_yes: bool,
     name: str | None,
+    replace: bool,
     no_enrol: bool,
     timeout: float,
 ) -> None:
@@ -86,7 +97,7 @@ def test_connection(
     1 failure, 2 usage, 3 http instead of https, 4 host unreachable, 5 connection refused,
     6 TLS failure, 7 app path not found, 8 bootstrap port closed or not the bootstrap service,
     9 wrong password, 10 not the cluster's node (CA, pin or the node's proof), 11 enrolment
-    refused or rate-limited.
+    refused or rate-limited (a name another PC holds: --name, or --replace).
     """
     if no_enrol and password_file is not None:
         raise click.UsageError("--no-enrol uses no password; drop --password-file")
@@ -101,6 +112,7 @@ def test_connection(
         enrol=not no_enrol,
         name=name,
         timeout=timeout,
+        replace=replace,
     )
     ui = UI(say=click.echo, ask_port=_ask_port, ask_password=_ask_password)
     TestConnection(options, ui).run()

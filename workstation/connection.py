@@ -13,7 +13,8 @@ CA pin). The steps, in the seed's order:
       CA must match the pin here already): a port another program holds is found here;
   (d) the password (no echo, or ``--password-file``), asked before anything secret is sent
       and held to the password file's rule;
-  (e) a key and CSR (``ws-<host name>``, the key never leaves the workstation) and the
+  (e) a key and CSR (``ws-<name>``: ``--name``, else the name this PC enrolled under before,
+      else its host name's first label; the key never leaves the workstation) and the
       password exchange (``tlsroll.bootstrap_protocol``: SPAKE2, key confirmation both ways;
       the CSR goes sealed, the CA bundle and the client certificate come back sealed). The
       certificate of (b) must come from that CA (or the pinned one), a verified handshake
@@ -23,6 +24,17 @@ CA pin). The steps, in the seed's order:
       the new set, staged beside the old one, has succeeded (a set that fails it is not
       written); then "restart the client to finish". The settings dir is checked (ours,
       writable) before the password is asked for: after the exchange a run has enrolled.
+
+The name is this PC's. The CSR carries, signed by the key of this PC's newest certificate of
+that name in its settings dir, proof that it holds that certificate
+(``bootstrap_csr.Reenrolment``): the leader then signs the name again and supersedes the
+certificate. Another PC of the same name has no such proof and is refused (exit 11, audit
+s39ws M2: it took the name over and the first PC's certificate was revoked) unless its admin
+says ``--replace`` (a new PC for an old one). A new enrolment whose final check fails leaves
+the settings before in place and keeps its new key and certificate in
+``.enrolment-kept`` (``settings_files``), with which the next run proves the name: the leader
+has superseded the certificate in place by then, and without them only ``--replace`` could
+enrol this PC again.
 
 Each password attempt costs one exchange with the node, which counts the failures (backoff,
 429 with Retry-After). The client never falls back to protocol 1: a node that speaks only that
@@ -35,8 +47,9 @@ Exit codes (every error is one line on stderr; the password is never printed):
 
     0   done: settings written, restart the client
     1   other failure (unexpected answer, settings dir not writable, check with the new
-        settings failed: nothing written, aborted at a prompt)
-    2   usage: bad URL, option, CA pin syntax, a password file that is empty/unreadable or
+        settings failed: nothing written, a new enrolment kept aside, aborted at a prompt)
+    2   usage: bad URL, option, CA pin syntax, no name to enrol under (host name
+        "localhost": --name), a password file that is empty/unreadable or
         that group or others may access (chmod 600 it), or a password (typed or in the file)
         no password may be (white space around it, a control character): refused before
         anything is sent
@@ -50,7 +63,8 @@ Exit codes (every error is one line on stderr; the password is never printed):
     9   wrong password: the node did not accept it
     10  not the cluster's node: certificate not from the expected CA, the CA does not match
         --ca-pin, or the node could not prove that it knows the password
-    11  enrolment refused, rate-limited or busy at the node
+    11  enrolment refused, rate-limited or busy at the node; a name another PC holds
+        (choose another with --name, or --replace if this PC replaces that one)
 """
 
 from __future__ import annotations
@@ -59,8 +73,10 @@ import contextlib
 import datetime as dt
 import errno
 import http.client
+import ipaddress
 import json
 import os
+import re
 import socket
 import ssl
 import time
@@ -73,9 +89,10 @@ from urllib.parse import urlsplit
 
 import click
 from cryptography import x509
+from cryptography.hazmat.primitives.asymmetric import ec
 
+from tlsroll import bootstrap_csr, pki
 from tlsroll import bootstrap_protocol as proto
-from tlsroll import pki
 from tlsroll.clients import WORKSTATION_HEADER
 from tlsroll.defaults import BOOTSTRAP_PORT, HTTP_PORT, HTTPS_PORT
 from tlsroll.errors import PKIError, TerminalError, TransientError
@@ -88,7 +105,11 @@ from workstation import settings_files
 DEFAULT_TIMEOUT = 10.0
 START_ATTEMPTS = 2  # exchanges started when the first is near its expiry before finishing
 EXPIRY_MARGIN = 5.0  # seconds: less than this left, start again instead of confirming
-NODE_MESSAGE_CHARS = 160  # of a node's refusal message: the whole error line stays < 300
+# Of a node's refusal message: the leader's refusal of a name says what to do in ~260
+# characters (audit s39ws L4: cut at 160, the remedy was lost); the whole line stays < 600.
+NODE_MESSAGE_CHARS = 400
+# Host names that name no PC in particular: no default name is made of them.
+_NO_NAMES = frozenset({"ws-localhost", "ws-workstation"})
 SETTINGS_VERSION = 1
 # What OpenSSL says when the other side answers a ClientHello with plain http.
 _NOT_TLS = frozenset({"WRONG_VERSION_NUMBER", "PACKET_LENGTH_TOO_LONG", "HTTP_REQUEST"})
@@ -119,6 +140,18 @@ class ClientError(click.ClickException, TerminalError):
     @property
     def exit_code(self) -> int:  # type: ignore[override]
         return int(self.code)
+
+
+class CheckFailed(ClientError):
+    """The request with the new settings failed (``problem`` says how): nothing was written."""
+
+    def __init__(self, problem: str) -> None:
+        super().__init__(
+            Exit.FAILURE,
+            "a request with the new settings failed (nothing written, the settings before are "
+            f"kept): {problem}",
+        )
+        self.problem = problem
 
 
 def _newer_staging(settings_dir: Path) -> str:
@@ -217,6 +250,7 @@ def check_url(text: str) -> ServerURL:
     if not path.endswith("/"):
         path += "/"
     host = hostname
+    _check_numeric_host(host, example)
     if scheme == "http" or port == HTTP_PORT:
         raise OldAddress(text.strip(), ServerURL(host, HTTPS_PORT, path))
     if port is None:
@@ -224,6 +258,30 @@ def check_url(text: str) -> ServerURL:
     if path == "/":
         raise click.BadParameter(f"the address needs the app path; use {example}", param_hint="URL")
     return ServerURL(host, port, path)
+
+
+_NUMERIC_LABEL = re.compile(r"[0-9]+|0x[0-9a-f]*")
+
+
+def _check_numeric_host(host: str, example: str) -> None:
+    """A host of numbers only must be an IPv4 address written plainly: the resolver reads
+    ``127.000.000.010`` as octal (127.0.0.8), ``127.1`` as 127.0.0.1 and ``0x7f.0.0.1`` as hex
+    (audit s39ws L5: a zero-padded address reached another host than the one written)."""
+    labels = host.lower().split(".")
+    if not all(_NUMERIC_LABEL.fullmatch(label) for label in labels):
+        return
+    try:
+        ipaddress.IPv4Address(host)
+    except ValueError:
+        plain = ".".join(str(int(label)) for label in labels if label.isdigit())
+        how = (
+            f"a number with a leading zero may be read as octal (010 as 8); write {plain}"
+            if len(labels) == 4 and all(label.isdigit() for label in labels)
+            else "write it as four decimal numbers"
+        )
+        raise click.BadParameter(
+            f"{host} is not an IPv4 address as written: {how}; use {example}", param_hint="URL"
+        ) from None
 
 
 # --- network helpers ----------------------------------------------------------------------------
@@ -359,6 +417,7 @@ class Options:
     enrol: bool = True
     name: str | None = None
     timeout: float = DEFAULT_TIMEOUT
+    replace: bool = False
 
 
 @dataclass
@@ -390,17 +449,25 @@ class TestConnection:
         self.o = options
         self.ui = ui
         self.pin = proto_pin(options.ca_pin)
-        # The name of its certificate, also sent with each request to the app path.
-        self.workstation = proto.workstation_cn(options.name or socket.gethostname())
+        # The name of its certificate, also sent with each request to the app path: --name,
+        # else the name this PC enrolled under before (``choose_name``), else its host name's.
+        self.host = socket.gethostname()
+        self.workstation = proto.workstation_cn(options.name or self.host)
         if not options.enrol and self.pin is None:
             raise click.UsageError(
                 "--no-enrol needs --ca-pin: without the password only a pin can verify the CA"
             )
+        if options.replace and not options.enrol:
+            raise click.UsageError("--replace is for an enrolment; drop --no-enrol")
         self.context = unverified_client_context()
+        # This PC's newest client certificate and key in its settings dir, if of the name it
+        # enrols under: they prove that it is the PC that holds the name (``exchange``).
+        self.previous: tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None = None
 
     def run(self) -> Result:
         o = self.o
         self.finish_settings()
+        self.choose_name()
         try:
             server = check_url(o.url)
         except OldAddress as exc:
@@ -469,14 +536,95 @@ class TestConnection:
             client_fingerprint=None if cert is None else pki.fingerprint(cert),
             settings_dir=o.settings_dir,
         )
-        self.write_settings(
-            result,
-            trusted_pem,
-            client_pem,
-            key_pem,
-            check=lambda staged: self.check_settings(server, result, staged),
-        )
+        try:
+            self.write_settings(
+                result,
+                trusted_pem,
+                client_pem,
+                key_pem,
+                check=lambda staged: self.check_settings(server, result, staged),
+            )
+        except CheckFailed as exc:
+            # (Not when the writing failed: a full disk fails the keeping too, and a set
+            # committed before it failed is completed by the next run.)
+            if client_pem is None or key_pem is None:
+                raise
+            raise self.keep_enrolment(exc, client_pem, key_pem) from None
         return result
+
+    def choose_name(self) -> None:
+        """The name to enrol under, and this PC's proof of it. Without --name: the name of the
+        newest client certificate in the settings dir (a PC keeps its name when its host name
+        changes, or when it was given one with --name), else the host name's first label,
+        unless that names no PC in particular ("localhost")."""
+        self.previous = previous = self._previous_enrolment()
+        if self.o.name is None and previous is not None:
+            self.workstation = pki.names_of(previous[0]).common_name
+        unnamed = self.o.name is None and previous is None and self.workstation in _NO_NAMES
+        if unnamed and self.o.enrol:
+            raise ClientError(
+                Exit.USAGE,
+                f"this PC's host name ({one_line(self.host, 63)!r}) names no PC in particular: "
+                "give it a name with --name, e.g. --name empfang-1",
+            )
+        if previous is not None and pki.names_of(previous[0]).common_name != self.workstation:
+            self.previous = None  # another name's: it proves nothing about this one
+
+    def _previous_enrolment(self) -> tuple[x509.Certificate, ec.EllipticCurvePrivateKey] | None:
+        """The newest valid pair of client key and certificate in the settings dir: kept aside
+        (``settings_files.KEPT``: an enrolment whose check failed, or one --no-enrol took out
+        of use) or in place. One that cannot be read or does not hold together counts as none."""
+        d = self.o.settings_dir
+        pairs: list[tuple[bytes, bytes]] = []
+        if (kept := settings_files.kept_pair(d)) is not None:
+            pairs.append(kept)
+        with contextlib.suppress(OSError):
+            pairs.append(((d / "client.key").read_bytes(), (d / "client.pem").read_bytes()))
+        found: list[tuple[x509.Certificate, ec.EllipticCurvePrivateKey]] = []
+        for key_pem, cert_pem in pairs:
+            try:
+                key = pki.load_key_pem(key_pem)
+                cert = pki.load_cert_pem(cert_pem)
+                pki.check_valid_now(cert)
+            except (PKIError, ValueError):
+                continue
+            if (
+                isinstance(key, ec.EllipticCurvePrivateKey)
+                and pki.key_matches(cert, key)
+                and proto.WORKSTATION_CN.fullmatch(pki.names_of(cert).common_name)
+            ):
+                found.append((cert, key))
+        return max(found, key=lambda pair: pair[0].not_valid_before_utc, default=None)
+
+    def keep_enrolment(self, failed: CheckFailed, client_pem: bytes, key_pem: bytes) -> ClientError:
+        """The check of a new enrolment's settings failed: nothing was written, but the leader
+        has signed the new certificate, and superseded the one of that name it signed before
+        (this PC's earlier one, if it had one). The new key and certificate are kept
+        (``settings_files.KEPT``) so that the next run proves with them that it is this PC: it
+        never needs --replace for it, and nothing it held is lost for good. Returns the error
+        to raise, which says so."""
+        d = self.o.settings_dir
+        superseded = self.previous is not None
+        what = f"a request with the new settings failed: {failed.problem}; " + (
+            "the settings before are kept, but the leader superseded this PC's earlier "
+            "certificate when it signed the new one"
+            if superseded
+            else "the settings before are kept"
+        )
+        try:
+            kept = settings_files.keep(d, key_pem, client_pem)
+        except OSError as exc:
+            why = exc.strerror or exc
+            return ClientError(
+                failed.code,
+                f"{what}; the new certificate could not be kept either ({why}): fix the cause "
+                f"and run again{' with --replace' if superseded else ''}",
+            )
+        return ClientError(
+            failed.code,
+            f"{what}; this PC's new certificate ({self.workstation}) is kept in {kept}: fix the "
+            "cause and run again (it enrols as this PC again, no --replace needed)",
+        )
 
     def _answers_https(self, server: ServerURL) -> bool:
         """True if ``server`` answers https (a TLS handshake, whatever comes after it)."""
@@ -740,7 +888,13 @@ class TestConnection:
         and the CA bundle and the client certificate come back, sealed under the key."""
         where = _netloc(host, port)
         cn = self.workstation
-        csr_pem = pki.csr_to_pem(pki.make_csr(key, proto.workstation_names(cn)))
+        public = key.public_key()
+        assert isinstance(public, ec.EllipticCurvePublicKey)
+        claim = bootstrap_csr.reenrolment_extension(
+            public, cn, previous=self.previous, replace=self.o.replace
+        )
+        csr = pki.make_csr(key, proto.workstation_names(cn), [claim] if claim else [])
+        csr_pem = pki.csr_to_pem(csr)
         # One confirmation per run, whatever the node answers to it: each one a (fake) node
         # sees tests one password guess. Only an exchange about to expire *before* the
         # confirmation goes out is started again.
@@ -776,8 +930,24 @@ class TestConnection:
                 f"{where}: the exchange expired before the node took it; try again",
             )
         if reply.status != 200:
-            raise self._refused(reply, where)
+            raise self._refused(reply, where, self._name_hint(reply))
         return self._payload(reply, keys, where)
+
+    def _name_hint(self, reply: Reply) -> str:
+        """For a name the leader refused (409): a longer one from this PC's full host name,
+        when the name is its host name's first label and the rest could tell it apart."""
+        error, message = _error_of(reply)
+        if reply.status != 409 or error != proto.ErrorCode.SIGN_FAILED or self.o.name:
+            return ""
+        if " is taken" not in message:  # (the leader's words for it) not too many an hour, say
+            return ""
+        if self.workstation != proto.workstation_cn(self.host) or "." not in self.host.strip("."):
+            return ""  # the name of an earlier enrolment, or a host name of one label
+        labels = [label for label in self.host.lower().split(".") if label][:2]
+        longer = proto.workstation_cn("-".join(labels))
+        if longer == self.workstation:
+            return ""
+        return f" (from this PC's full host name, e.g. --name {longer.removeprefix('ws-')})"
 
     @staticmethod
     def _payload(reply: Reply, keys: proto.SessionKeys, where: str) -> proto.Payload:
@@ -797,7 +967,7 @@ class TestConnection:
             raise ClientError(Exit.UNTRUSTED, not_node) from None
 
     @staticmethod
-    def _refused(reply: Reply, where: str) -> ClientError:
+    def _refused(reply: Reply, where: str, hint: str = "") -> ClientError:
         error, message = _error_of(reply)
         retry = one_line(reply.headers.get("retry-after", "?"), 10)
         if error == proto.ErrorCode.WRONG_PASSWORD:
@@ -823,7 +993,7 @@ class TestConnection:
         return ClientError(
             Exit.ENROL_REFUSED,
             f"{where} refused enrolment (HTTP {reply.status} {one_line(error, 40)}): "
-            f"{one_line(message, NODE_MESSAGE_CHARS)}",
+            f"{one_line(message, NODE_MESSAGE_CHARS)}{hint}",
         )
 
     @staticmethod
@@ -883,6 +1053,27 @@ class TestConnection:
         except settings_files.NewerStaging:
             raise ClientError(Exit.FAILURE, _newer_staging(d)) from None
         self.ui.say(f"settings  written to {d}")
+        if client_pem is None:
+            self._set_aside(d)
+
+    def _set_aside(self, d: Path) -> None:
+        """Settings without a client certificate are in place: an earlier enrolment's
+        client.key and client.pem are taken out of place (software that reads those names
+        would use what these settings do not), kept to prove this PC's name at its next
+        enrolment (audit s39ws L3: they stayed, unmentioned)."""
+        try:
+            moved = settings_files.set_aside(d)
+        except OSError as exc:
+            self.ui.say(
+                f"note      the earlier enrolment's client.key and client.pem are still in {d} "
+                f"({exc.strerror or exc}); these settings do not use them: delete them"
+            )
+            return
+        if moved is not None:
+            self.ui.say(
+                f"note      the earlier enrolment's client.key and client.pem moved to {moved}: "
+                "these settings use no client certificate (enrolling again uses them)"
+            )
 
     def check_settings_dir(self) -> None:
         """The settings dir can be made (or is ours) and written, checked before the password
@@ -912,9 +1103,9 @@ class TestConnection:
             self.ui.say(f"settings  an interrupted run's new settings {done.value} in {d}")
 
     def check_settings(self, server: ServerURL, result: Result, d: Path) -> None:
-        """A request with the settings in ``d`` (the new set, staged) must succeed."""
+        """A request with the settings in ``d`` (the new set, staged) must succeed; CheckFailed
+        if not."""
         enrolled = result.client_fingerprint is not None
-        kept = "nothing written, the settings before are kept"
         context = client_context(
             (d / "ca.pem").read_bytes(),
             cert_file=d / "client.pem" if enrolled else None,
@@ -936,15 +1127,9 @@ class TestConnection:
                 if not enrolled and exc.kind == "dropped"
                 else ""
             )
-            raise ClientError(
-                Exit.FAILURE,
-                f"a request with the new settings failed ({kept}): {exc.detail}{hint}",
-            ) from None
+            raise CheckFailed(f"{exc.detail}{hint}") from None
         if reply.status != 200 and not (not enrolled and reply.status in (401, 403)):
-            raise ClientError(
-                Exit.FAILURE,
-                f"{server.url} answered HTTP {reply.status} with the new settings ({kept})",
-            )
+            raise CheckFailed(f"{server.url} answered HTTP {reply.status}")
         self.ui.say(f"check     https request with the new settings: HTTP {reply.status}")
 
 

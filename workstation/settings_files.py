@@ -20,6 +20,12 @@ run (``finish``, which every entry point calls before it reads the files) takes 
 Either way the next run finds the whole old set or the whole new set, never a key of one with the
 certificate of the other. The steps run under an exclusive lock on the settings directory, so two
 runs at once never take each other's staging for an interrupted one.
+
+``.enrolment-kept`` (``KEPT``) holds this PC's client key and certificate when they are not in
+place: a new enrolment's whose final check failed (the leader had signed it, and superseded the
+certificate in place), or an enrolment a run without one (``--no-enrol``) took out of use. The
+next enrolment proves with it that it is the same PC (``bootstrap_csr.Reenrolment``); once an
+enrolment is in place it is removed.
 """
 
 from __future__ import annotations
@@ -35,9 +41,11 @@ from enum import Enum
 from pathlib import Path
 
 from tlsroll.errors import TerminalError
-from tlsroll.fsutil import PUBLIC, fsync_dir, stage_atomic
+from tlsroll.fsutil import PRIVATE, PUBLIC, fsync_dir, stage_atomic, write_atomic
 
 STAGING = ".settings-new"
+KEPT = ".enrolment-kept"  # this PC's client.key and client.pem while not in place (see above)
+CLIENT = ("client.key", "client.pem")
 MARKER = "commit"  # in STAGING: the names to rename into place, written last
 NAMES = ("client.key", "client.pem", "ca.pem", "settings.json")  # in the order they move
 # No locks on that file system (NFS refuses an exclusive lock on a read-only descriptor: EBADF).
@@ -91,6 +99,72 @@ def replace(
                 _remove(directory, staging)
             raise
         _roll_forward(directory, staging, order)
+        if "client.key" in files:  # an enrolment in place: nothing kept aside is wanted now
+            with contextlib.suppress(OSError):  # committed: a pair left there is older, and the
+                _drop_kept(directory)  # next run goes by the newest (``connection``)
+
+
+def keep(directory: Path, key_pem: bytes, cert_pem: bytes) -> Path:
+    """Keep a client key and certificate that are not in place in ``KEPT`` (replacing what it
+    held: the newer enrolment); returns its path. Raises OSError."""
+    kept = directory / KEPT
+    with _locked(directory):
+        _keep(directory, {"client.key": (key_pem, PRIVATE), "client.pem": (cert_pem, PUBLIC)})
+    return kept
+
+
+def set_aside(directory: Path) -> Path | None:
+    """Take ``client.key`` and ``client.pem`` out of place (a set without a client certificate
+    is in place): into ``KEPT`` unless it holds a newer pair already (then they are removed).
+    Returns ``KEPT`` (where this PC's newest pair is now), None if there were none. Raises
+    OSError."""
+    with _locked(directory):
+        present = [n for n in CLIENT if os.path.lexists(directory / n)]
+        if not present:
+            return None
+        if not os.path.lexists(directory / KEPT) and len(present) == len(CLIENT):
+            _keep(directory, {n: ((directory / n).read_bytes(), _mode(n)) for n in CLIENT})
+        for name in present:
+            os.unlink(directory / name)
+        fsync_dir(directory)
+        return directory / KEPT
+
+
+def kept_pair(directory: Path) -> tuple[bytes, bytes] | None:
+    """The key and certificate (PEM) ``KEPT`` holds, if both can be read."""
+    try:
+        return tuple((directory / KEPT / n).read_bytes() for n in CLIENT)  # type: ignore[return-value]
+    except OSError:
+        return None
+
+
+def _drop_kept(directory: Path) -> None:
+    kept = directory / KEPT
+    try:
+        st = os.lstat(kept)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(st.st_mode):
+        _remove(directory, kept)
+    else:  # not ours to follow
+        os.unlink(kept)
+        fsync_dir(directory)
+
+
+def _mode(name: str) -> int:
+    return PRIVATE if name == "client.key" else PUBLIC
+
+
+def _keep(directory: Path, files: Mapping[str, tuple[bytes, int]]) -> None:
+    kept = directory / KEPT
+    with contextlib.suppress(FileExistsError):
+        os.mkdir(kept, 0o700)
+    if not stat.S_ISDIR(os.lstat(kept).st_mode):
+        raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(kept))
+    for name in CLIENT:  # the key first: a pair cut short is one whose key does not match
+        data, mode = files[name]
+        write_atomic(kept / name, data, mode)
+    fsync_dir(directory)
 
 
 def finish(directory: Path) -> Finished | None:

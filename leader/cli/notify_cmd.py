@@ -649,11 +649,7 @@ def notify(
             raise click.UsageError(f"a {the_change.value} notice has no password to give")
         if start is not None and the_change is Change.ENABLE_TLS and not planned_password:
             raise click.UsageError(_ENABLE_FIRST)  # (before the password is asked for)
-        secret = (
-            from_file
-            if from_file is not None
-            else click.prompt("Password to include", hide_input=True, err=True)
-        )
+        secret = from_file if from_file is not None else _typed_password()
         check_password(
             leader,
             secret,
@@ -683,6 +679,16 @@ def notify(
     )
     click.echo(render_notice(info, lang=lang, fmt=fmt, password=secret), nl=False)
     _remind(include_password)
+
+
+def _typed_password() -> str:
+    """The password typed at the prompt, held to the rule a password file and a workstation's
+    prompt are held to (``password.password_problem``): one that nobody could type at a
+    workstation is refused here (exit 2, nothing printed), not written into the notice."""
+    secret: str = click.prompt("Password to include", hide_input=True, err=True)
+    if (why := password.password_problem(secret)) is not None:
+        raise click.UsageError(f"the password entered {why}; no notice printed")
+    return secret
 
 
 _REMAINING = {
