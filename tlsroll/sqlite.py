@@ -9,18 +9,24 @@ secrets (the password verifier).
 
 Schema migrations: each store has one list ``MIGRATIONS``; ``PRAGMA user_version`` is how many
 of them the file has had. ``migrate`` applies the missing ones in order, in one transaction
-(all or nothing), and refuses a file from a newer tlsroll (``SchemaTooNew``). Before it
-migrates an existing file it keeps a copy as it was (``keep_copy``: ``NAME.before-v<N>``), so
-that a tlsroll rolled back has its store to go back to. Migration 1 is
+(all or nothing), and refuses a file from a newer tlsroll (``SchemaTooNew``, naming the copy
+it may go back to), unless that file says this one may read it (``readable_by``: the newer
+migrations are ones an older tlsroll may ignore, the store's ``IGNORABLE``). Before it
+migrates an existing file it keeps a copy as it was (``keep_copy``: ``NAME.before-v<N>``),
+marked as one where its store says how (the leader's copy put back is taken as a restored
+backup), so that a tlsroll rolled back has its store to go back to. Migration 1 is
 the tables of tlsroll 0.1.0 with ``CREATE … IF NOT EXISTS``, so that a file 0.1.0 wrote is
 taken over as it is.
 
 To change a schema, append one migration to the store's list: an SQL script (statements with
 ``;``) or a function of the connection. Never edit, reorder or remove a migration that was
 released: files in the field have had it (their user_version counts it) and will not have it
-again. A migration must not commit or call ``executescript`` (which commits); it runs with
-foreign keys off (SQLite cannot switch them inside a transaction), and
-``PRAGMA foreign_key_check`` must pass before the commit.
+again. A migration that only adds a table, or columns that are NULL or have a default, and
+whose rows the code copes without (an older tlsroll writes them so), goes into the store's
+``IGNORABLE`` as well: an older tlsroll then runs on the file without going back to the copy
+(what was written since is kept). A migration must not commit or call ``executescript``
+(which commits); it runs with foreign keys off (SQLite cannot switch them inside a
+transaction), and ``PRAGMA foreign_key_check`` must pass before the commit.
 """
 
 from __future__ import annotations
