@@ -119,13 +119,26 @@ class NodeDiskFull(TransientError):
 def call_failed(node: str, code: grpc.StatusCode, details: str) -> TransientError | StepFailed:
     """What a call to ``node``'s agent that ended with ``code`` raises: UNAVAILABLE or
     DEADLINE_EXCEEDED a TransientError, the node's full disk a ``NodeDiskFull`` (transient
-    too), any other status the agent saying no (StepFailed)."""
+    too), any other status the agent saying no (StepFailed; a stale epoch with the way out:
+    ``STALE_EPOCH_ADVICE``)."""
     if code in TRANSIENT_CODES:
         return TransientError(f"agent {node}: {details}")
     if code is grpc.StatusCode.RESOURCE_EXHAUSTED and details.startswith(f"{DISK_FULL}: "):
         cause = details.removeprefix(f"{DISK_FULL}: ")
         return NodeDiskFull(f"agent {node}: {NODE_DISK_FULL}: {cause}")
+    if code is grpc.StatusCode.FAILED_PRECONDITION and details.startswith("stale epoch "):
+        details += STALE_EPOCH_ADVICE
     return StepFailed(f"{details} ({code.name})", code)
+
+
+STALE_EPOCH_ADVICE = (
+    "; the leader's store is behind this node (restored from a backup, or the copy kept before"
+    " an upgrade put back): see `tlsroll epoch show`; once this rollout has ended, `tlsroll epoch"
+    " advance`, then start a new rollout (a retry keeps this one's epoch)"
+)
+"""What the leader adds to an agent's "stale epoch" refusal it records (audit s40, H1): the way
+out, which the agent's words do not name (``tlsroll epoch advance`` raises the leader's epoch
+floor past every epoch a node reports; refused while a rollout has not ended)."""
 
 
 class SwitchRefused(StepFailed):

@@ -358,10 +358,53 @@ snapshot). Issue 15: at 500 simulated agents the cache was full (1.98 MiB) after
 0.94 MiB idle before it."""
 
 
+IGNORABLE: frozenset[int] = frozenset()
+"""The migrations (numbered from 1) a leader without them may ignore as it reads and writes the
+file (``tlsroll.sqlite.migrate``): a new table, or columns that are NULL or have a default, and
+this code copes with rows an older leader wrote without them. Only builds from session 40 on
+read the floor this makes, so the migrations before are not listed: every one of them is
+needed by the builds that read it."""
+
+LOSING = (
+    "the nodes enrolled, join tokens, revocations and rollouts since; a node whose agent renewed"
+    " its certificate since is re-learned for 24 hours"
+)
+"""What putting back the copy kept before an upgrade loses (``SchemaTooNew``'s words)."""
+
+
+def mark_copy(conn: sqlite3.Connection, made_at: dt.datetime) -> None:
+    """Into the copy kept before a migration (``tlsroll.sqlite.keep_copy``): ``backup_made_at``,
+    the copy's time, as ``leader.backup`` writes into a backup. A leader started on the copy
+    put back ("Going back to an older version") knows that what happened since is not in it
+    (``Store.restore_began``): it re-learns the nodes whose agents renewed their certificates
+    since, and says so (``store.restored``). Before, it refused them for good (audit s40, H1).
+    A copy of a store with no ``meta`` (schema 4 or below) is left as it is: no leader that
+    reads it knows the mark. A file that is itself a backup not yet opened keeps its own
+    (earlier) time."""
+    if conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+    ).fetchone():
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('backup_made_at', ?)"
+            " ON CONFLICT(key) DO NOTHING",
+            (made_at.isoformat(timespec="microseconds"),),
+        )
+
+
 def open_db(path: Path, *, created: Callable[[sqlite3.Connection], None] | None = None) -> Database:
     """Open (or create) ``leader.sqlite3``, migrated to the current schema; ``created`` writes a
-    new file's first rows in its first transaction (``tlsroll.sqlite.migrate``)."""
-    return Database(path, MIGRATIONS, adopt=_adopt, created=created, cache_kib=CACHE_KIB)
+    new file's first rows in its first transaction (``tlsroll.sqlite.migrate``). A copy kept
+    before a migration is marked (``mark_copy``)."""
+    return Database(
+        path,
+        MIGRATIONS,
+        adopt=_adopt,
+        created=created,
+        cache_kib=CACHE_KIB,
+        ignorable=IGNORABLE,
+        mark=mark_copy,
+        losing=LOSING,
+    )
 
 
 class StoreLost(StoreDamaged):

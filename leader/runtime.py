@@ -160,7 +160,8 @@ def load_state(cfg: LeaderConfig, *, reinitialise: bool = False) -> LeaderState:
                 path=str(layout.store),
                 backup_made_at=made.isoformat(timespec="seconds"),
                 relearn_until=until.isoformat(timespec="seconds"),
-                detail="a store restored from a backup: a node whose agent renewed its "
+                detail="a store restored from a backup (or the copy kept before an upgrade, put"
+                " back: README 'Going back'): a node whose agent renewed its "
                 "certificate since is taken with it until then; revoke again what was revoked "
                 "since the backup, and check `tlsroll epoch show`",
             )

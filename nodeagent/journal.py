@@ -162,6 +162,27 @@ MIGRATIONS: tuple[Migration, ...] = (
     _V6,  # a freeze's length in elapsed time
 )
 
+IGNORABLE: frozenset[int] = frozenset()
+"""The migrations (numbered from 1) an agent without them may ignore as it reads and writes the
+journal (``tlsroll.sqlite.migrate``; as ``leader.db.IGNORABLE``). Empty so far: only builds
+from session 40 on read the floor it makes."""
+
+LOSING = (
+    "a switch made since loses its way back to http, which only the journal holds: never put"
+    " the copy back once a rollout touched this node since the upgrade"
+)
+"""What putting back the journal's copy kept before an upgrade loses (audit s40, H2)."""
+
+
+def mark_copy(conn: sqlite3.Connection, made_at: dt.datetime) -> None:
+    """Into the copy kept before a migration (``tlsroll.sqlite.keep_copy``): ``copy_made_at``.
+    An agent started on the copy put back says so (``journal.restored``), and a way back to
+    http it then cannot find says why (``Journal.restored_copy_at``)."""
+    conn.execute(
+        "INSERT INTO meta (key, value) VALUES ('copy_made_at', ?) ON CONFLICT(key) DO NOTHING",
+        (made_at.isoformat(timespec="microseconds"),),
+    )
+
 
 @dataclass(frozen=True)
 class Txn:
@@ -345,7 +366,44 @@ def _move_aside(path: Path) -> list[Path]:
 class Journal:
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self._db = Database(self.path, MIGRATIONS, what="journal")
+        self._db = Database(
+            self.path,
+            MIGRATIONS,
+            what="journal",
+            ignorable=IGNORABLE,
+            mark=mark_copy,
+            losing=LOSING,
+        )
+        self._put_back()
+
+    def _put_back(self) -> None:
+        """A journal that is the copy kept before an upgrade (``mark_copy``), opened for the
+        first time: said once (``journal.restored``), and remembered (``restored_copy_at``)."""
+        with self._read() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'copy_made_at'").fetchone()
+        if row is None:
+            return
+        with self._tx() as db:
+            db.execute(
+                "INSERT INTO meta (key, value) VALUES ('restored_copy_at', ?)"
+                " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+                (row["value"],),
+            )
+            db.execute("DELETE FROM meta WHERE key = 'copy_made_at'")
+        log.warning(
+            "journal.restored",
+            path=str(self.path),
+            copy_made_at=row["value"],
+            detail="this journal is the copy kept before an upgrade, put back: what the agent"
+            " journalled since is not in it; a node switched since cannot be taken back to http"
+            " by a rollback",
+        )
+
+    def restored_copy_at(self) -> dt.datetime | None:
+        """When the copy this journal was put back from was made (``_put_back``), or None."""
+        with self._read() as db:
+            row = db.execute("SELECT value FROM meta WHERE key = 'restored_copy_at'").fetchone()
+        return None if row is None else dt.datetime.fromisoformat(row["value"])
 
     def close(self) -> None:
         self._db.close()

@@ -650,12 +650,32 @@ def switch_to_undo(journal: Journal, undoes: str | None) -> Txn:
     if undoes:
         switch = journal.get(undoes, TxnKind.SWITCH)
         if switch is None or switch.outcome is not TxnOutcome.COMPLETED:
-            raise PlanRefused(f"rollout {undoes} did not switch this node; nothing to roll back")
+            raise PlanRefused(
+                f"rollout {undoes} did not switch this node; nothing to roll back"
+                + _put_back(journal)
+            )
         return switch
     for switch in journal.completed(TxnKind.SWITCH):
         if "https" not in Plan.from_json(switch.plan).source_schemes:
             return switch
-    raise PlanRefused("this node was never switched from http to https; nothing to go back to")
+    raise PlanRefused(
+        "this node was never switched from http to https; nothing to go back to"
+        + _put_back(journal)
+    )
+
+
+def _put_back(journal: Journal) -> str:
+    """Why a switch to undo may be missing: the journal is the copy kept before an upgrade,
+    put back (audit s40, H2: the way back to http lives only in the journal since its
+    migration 3). Empty for any other journal."""
+    if (made := journal.restored_copy_at()) is None:
+        return ""
+    return (
+        f" in this journal, which is the copy kept before an upgrade"
+        f" ({made.isoformat(timespec='seconds')}), put back: a switch made since is not in it,"
+        " and its way back to http went with the newer journal (README 'Going back to an older"
+        " version')"
+    )
 
 
 @_keeps_cause

@@ -7,6 +7,7 @@ the files back into an empty data directory, give the CA passphrase kept offline
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -20,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import grpc
+import pytest
 
 from leader.layout import read_passphrase
 from tests.cluster import (
@@ -281,3 +283,60 @@ def test_a_node_that_renewed_its_certificate_after_the_backup_is_back_after_a_re
         n9 = node_cert(ca, "n9", next_loopback(), k := pki.generate_key(), now)
         assert heartbeat_code(c, n9, k, 9442) == grpc.StatusCode.OK
         assert "n9" in c.list_nodes()
+
+
+def test_a_leader_gone_back_to_the_copy_kept_before_an_upgrade_relearns_renewed_nodes(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Audit s40, H1: README "Going back to an older version" on the leader (stop, remove
+    -wal and -shm, move NAME.before-vN over NAME, start). The copy was a plain copy: the
+    leader started on it did not know it ran on an older state, so a node whose agent renewed
+    its certificate since the upgrade was refused for good (UNAUTHENTICATED, not the
+    certificate on record), and nothing said what else was lost. The copy is marked as it is
+    made (``leader.db.mark_copy``: ``backup_made_at``), and the leader's restore handling
+    takes it as a backup: the renewed node is re-learned, ``store.restored`` said.
+
+    The upgrade is the store's own migration path (``open_db`` with one more migration, that
+    changes nothing here), and the newer version's run is the current leader's (its schema
+    set back by hand); the renewal is made as the leader makes one, with the agent stopped."""
+    from leader import db as leader_db
+
+    with Cluster(tmp_path / "c", next_loopback()) as c:
+        c.init()
+        c.start_leader()
+        n1 = c.add_agent("n1", next_loopback())
+        c.add_agent("n2", next_loopback())
+        c.wait_for_nodes_online(["n1", "n2"])
+        # The upgrade: the copy kept as a newer tlsroll keeps it, before its migration.
+        c.stop_leader()
+        known = len(leader_db.MIGRATIONS)
+        monkeypatch.setattr(leader_db, "MIGRATIONS", (*leader_db.MIGRATIONS, ""))
+        leader_db.open_db(c.store_path).close()
+        copy = c.store_path.with_name(f"{c.store_path.name}.before-v{known + 1}")
+        assert copy.exists()
+        with contextlib.closing(sqlite3.connect(c.store_path)) as db:
+            db.execute(f"PRAGMA user_version={known}")
+            db.commit()
+        c.start_leader()
+        c.wait_for_nodes_online(["n1", "n2"])
+        # ... the newer version runs: n1's agent renews its certificate.
+        ca = pki.CertificateAuthority.load(
+            c.ca_cert_path, c.ca_key_path, read_passphrase(c.passphrase_path)
+        )
+        n1.stop()
+        renewed = node_cert(
+            ca, "n1", n1.address, pki.read_key(n1.key_file), dt.datetime.now(dt.UTC)
+        )
+        pki.write_cert(n1.cert_file, renewed)
+        # README's way back.
+        c.stop_leader()
+        for suffix in ("-wal", "-shm"):
+            Path(f"{c.store_path}{suffix}").unlink(missing_ok=True)
+        os.replace(copy, c.store_path)
+        c.start_leader()
+        n1.start()
+        c.wait_for_nodes_online(["n1", "n2"])
+        assert "store.restored" in c.leader.event_names()
+        assert c.list_nodes()["n1"].cert_serial == f"{renewed.serial_number:x}"
+        [relearned] = [e for e in c.store_table("audit") if e["kind"] == "node.relearned"]
+        assert relearned["subject"] == "n1"

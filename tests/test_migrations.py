@@ -7,13 +7,17 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import os
+import shutil
 import sqlite3
 import stat
+import subprocess
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Protocol
 
 import pytest
+import structlog
 
 from leader.schema_store import SchemaStore
 from leader.store import Store
@@ -22,7 +26,7 @@ from nodeagent.lease import Boot, Lease
 from refserver import store as refstore
 from tlsroll.enums import TxnKind
 from tlsroll.errors import TlsrollError
-from tlsroll.sqlite import Database
+from tlsroll.sqlite import Database, SchemaTooNew
 
 PREVIOUS = Path(__file__).parent / "data" / "previous_layout"
 ROLLOUT = "r20261129-120000-ab12"  # the rollout in leader.sql
@@ -282,35 +286,85 @@ def rows(path: Path) -> dict[str, int]:
         conn.close()
 
 
+def meta(path: Path) -> dict[str, str]:
+    """The file's ``meta`` rows ({} without the table)."""
+    conn = sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)
+    try:
+        if not conn.execute("SELECT 1 FROM sqlite_master WHERE name = 'meta'").fetchone():
+            return {}
+        return dict(conn.execute("SELECT key, value FROM meta").fetchall())
+    finally:
+        conn.close()
+
+
+# The row each store's copy is marked with (``tlsroll.sqlite.keep_copy``'s ``mark``): the
+# leader's file of 0.1.0 has no ``meta`` (migration 5 made it), so its copy is not marked.
+MARKS = {"journal": "copy_made_at"}
+
+
 @pytest.mark.usefixtures("open_umask")
 @pytest.mark.parametrize("kind", sorted(STORES))
 def test_an_older_store_is_copied_as_it_was_before_its_migration(kind: str, tmp_path: Path) -> None:
     """The way back for a tlsroll rolled back: the file as the older tlsroll left it, beside
-    it as NAME.before-v<N> (N: the version it was migrated to), private like the store, and
-    never replaced by a later attempt."""
+    it as NAME.before-v<N> (N: the version it was migrated to), private like the store, marked
+    as a copy where its store marks one. A copy of that name already there is replaced by the
+    file as it is now, with a warning (audit s40, L3: a copy put back with cp and run on,
+    then upgraded again, kept the stale copy, "store.copy_already_kept" an info line)."""
     dump, where, opener = STORES[kind]
     path = load(dump, where(tmp_path / "data"))
-    old_version, old_rows = user_version(path), rows(path)
+    old_version, old_rows, old_meta = user_version(path), rows(path), meta(path)
     current = current_version(kind, tmp_path)
     opener(path).close()
     copy = path.with_name(f"{path.name}.before-v{current}")
     assert user_version(path) == current
     assert copy.exists(), sorted(p.name for p in path.parent.iterdir())
     assert user_version(copy) == old_version
-    assert rows(copy) == old_rows
+    marked = {MARKS[kind]} if kind in MARKS else set()
+    assert set(meta(copy)) - set(old_meta) == marked
+    assert rows(copy) == old_rows | ({"meta": old_rows["meta"] + 1} if marked else {})
     assert mode(copy) == 0o600
     assert [p.name for p in path.parent.iterdir() if ".tmp-" in p.name] == []
-    # An existing copy of that name is never overwritten: a file put back at the old
-    # version and migrated again leaves the first copy as it was.
-    first = copy.read_bytes()
+    # A copy of that name there already: the file put back at the old version (with cp: the
+    # copy stays), written to by the older tlsroll, and migrated again: the copy is of the
+    # file as it is now, and the warning says the one before was replaced.
     path.unlink()
     load(dump, path)
     conn = sqlite3.connect(path)
-    conn.execute("CREATE TABLE marker (x)")  # a copy made now would differ
+    conn.execute("CREATE TABLE marker (x)")  # what the older tlsroll wrote meanwhile
     conn.close()
     assert user_version(path) == old_version
-    opener(path).close()
-    assert copy.read_bytes() == first
+    with structlog.testing.capture_logs() as logs:
+        opener(path).close()
+    assert "marker" in tables(copy)
+    assert user_version(copy) == old_version
+    replaced = [e for e in logs if e["event"] == "store.copy_replaced"]
+    assert len(replaced) == 1, logs
+    assert replaced[0]["log_level"] == "warning"
+    assert replaced[0]["copy"] == str(copy)
+
+
+@pytest.mark.usefixtures("open_umask")
+def test_a_copy_left_half_made_by_a_killed_run_is_removed(tmp_path: Path) -> None:
+    """Audit s40, L2: a copy interrupted by a kill left NAME.before-vN.tmp-PID (a whole copy of
+    the store, secrets and all) for good: each run removed only its own pid's. The next open
+    removes those of a process that is gone, and any a day old; never one of a live process."""
+    from tlsroll.sqlite import Database
+
+    path = tmp_path / "x.sqlite3"
+    Database(path, ["CREATE TABLE a (x)"]).close()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    gone = path.with_name(f"{path.name}.before-v2.tmp-{dead.pid}")
+    old = path.with_name(f"{path.name}.before-v7.tmp-{os.getppid()}")
+    live = path.with_name(f"{path.name}.before-v3.tmp-{os.getppid()}")
+    for tmp in (gone, old, live):
+        tmp.write_bytes(b"a copy of the store")
+    day_ago = time.time() - 2 * 86400
+    os.utime(old, (day_ago, day_ago))
+    Database(path, ["CREATE TABLE a (x)"]).close()  # no migration: removed all the same
+    assert not gone.exists()
+    assert not old.exists()
+    assert live.exists()
 
 
 @pytest.mark.parametrize("kind", sorted(STORES))
@@ -359,8 +413,15 @@ def test_both_leader_stores_share_one_database(tmp_path: Path) -> None:
     store.close()
 
 
+# The word each store's refusal of a newer file names it with (audit s40, L1: the journal was
+# a "store schema").
+WHAT = {"journal": "journal"}
+
+
 @pytest.mark.parametrize("kind", sorted(STORES))
 def test_a_newer_schema_is_refused_and_left_unchanged(kind: str, tmp_path: Path) -> None:
+    """Refused in the words of going back (audit s40, L1: "upgrade tlsroll" on a deliberate
+    downgrade, and "store schema" for the journal)."""
     dump, where, opener = STORES[kind]
     path = load(dump, where(tmp_path / "data"))
     conn = sqlite3.connect(path)
@@ -373,10 +434,52 @@ def test_a_newer_schema_is_refused_and_left_unchanged(kind: str, tmp_path: Path)
         opener(path)
 
     assert str(refused.value) == (
-        f"{path}: store schema version 99 is newer than this tlsroll ({current}); upgrade tlsroll"
+        f"{path}: {WHAT.get(kind, 'store')} schema version 99 is newer than this tlsroll knows"
+        f" ({current}): this tlsroll is older than the one that wrote {path.name}; run the"
+        ' newer version, or see README "Going back to an older version"'
     )
     assert hashlib.sha256(path.read_bytes()).hexdigest() == before
     assert user_version(path) == 99
+
+
+@pytest.mark.parametrize("kind", ["journal", "leader-store"])
+def test_the_refusal_of_a_newer_file_names_the_copy_to_go_back_to(
+    kind: str, tmp_path: Path
+) -> None:
+    """Audit s40, H2 and L1: the older tlsroll's refusal names the copy kept before the upgrade
+    that it can read (the newest of those), and what putting it back loses."""
+    from leader import db as leader_db
+    from nodeagent import journal
+
+    dump, where, opener = STORES[kind]
+    path = load(dump, where(tmp_path / "data"))
+    opener(path).close()  # the upgrade: the copy kept, the file migrated
+    current = user_version(path)
+    copy = path.with_name(f"{path.name}.before-v{current}")
+    assert copy.exists()
+    # A copy too new for this tlsroll (kept by a later upgrade of a file a newer one wrote)
+    # is not the one named.
+    newer = path.with_name(f"{path.name}.before-v{current + 2}")
+    shutil.copyfile(path, newer)
+    conn = sqlite3.connect(newer)
+    conn.execute(f"PRAGMA user_version={current + 1}")
+    conn.close()
+    conn = sqlite3.connect(path)
+    conn.execute(f"PRAGMA user_version={current + 2}")  # a newer tlsroll wrote it since
+    conn.close()
+
+    with pytest.raises(TlsrollError) as refused:
+        opener(path)
+
+    text = str(refused.value)
+    assert f"this tlsroll is older than the one that wrote {path.name}" in text
+    old_version = user_version(copy)
+    assert (
+        f"; {copy.name} is {path.name} as it was before that upgrade (schema {old_version}," in text
+    )
+    assert newer.name not in text
+    losing = journal.LOSING if kind == "journal" else leader_db.LOSING
+    assert text.endswith(f"putting it back loses what was written since ({losing})")
 
 
 def test_the_too_new_error_is_its_own_kind(tmp_path: Path) -> None:
@@ -384,8 +487,90 @@ def test_the_too_new_error_is_its_own_kind(tmp_path: Path) -> None:
 
     path = tmp_path / "x.sqlite3"
     Database(path, ["CREATE TABLE a (x)", "CREATE TABLE b (x)"]).close()
-    with pytest.raises(SchemaTooNew, match=r"store schema version 2 is newer .* \(1\);"):
+    with pytest.raises(SchemaTooNew, match=r"store schema version 2 is newer .* \(1\):"):
         Database(path, ["CREATE TABLE a (x)"])
+
+
+# --- going back without the copy: what an older tlsroll may ignore (audit s40, H2) -------------
+
+
+def test_an_older_tlsroll_reads_a_newer_file_whose_migrations_it_may_ignore(
+    tmp_path: Path,
+) -> None:
+    """A newer tlsroll whose migrations since only add (a table, a column with a default or
+    NULL) records the lowest schema that reads the file; an older one that knows it opens
+    the file as it is (no copy, no change of version), writes to it, and the newer one opens
+    it again and reads what the older wrote. Before: SchemaTooNew, and going back meant
+    putting the copy back (what was written since lost)."""
+    from tlsroll.sqlite import Database, Migration
+
+    path = tmp_path / "x.sqlite3"
+    older: list[Migration] = ["CREATE TABLE a (x TEXT NOT NULL)"]
+    newer: list[Migration] = [
+        *older,
+        "ALTER TABLE a ADD COLUMN y TEXT NOT NULL DEFAULT 'dflt'; CREATE TABLE b (z);",
+        "ALTER TABLE a ADD COLUMN w INTEGER",
+    ]
+    Database(path, older).close()
+    Database(path, newer, ignorable={2, 3}).close()  # the upgrade
+    assert user_version(path) == 3
+    with structlog.testing.capture_logs() as logs:
+        db = Database(path, older)  # going back: no copy put back
+    assert db.version == 3
+    with db.tx() as conn:
+        conn.execute("INSERT INTO a (x) VALUES ('written by the older')")
+    db.close()
+    assert [e["readable_by"] for e in logs if e["event"] == "store.newer_schema_read"] == [1]
+    assert user_version(path) == 3
+    db = Database(path, newer, ignorable={2, 3})  # forward again
+    with db.read() as conn:
+        assert [tuple(r) for r in conn.execute("SELECT x, y, w FROM a")] == [
+            ("written by the older", "dflt", None)
+        ]
+    db.close()
+    # A migration since that is not ignorable: refused as before.
+    Database(path, [*newer, "UPDATE a SET x = upper(x)"], ignorable={2, 3}).close()
+    with pytest.raises(SchemaTooNew, match="newer than this tlsroll"):
+        Database(path, older)
+    with pytest.raises(SchemaTooNew, match="newer than this tlsroll"):
+        Database(path, newer, ignorable={2, 3})
+    # ... until an ignorable one follows: the floor is the last one that is not (4).
+    Database(
+        path, [*newer, "UPDATE a SET x = upper(x)", "CREATE TABLE c (v)"], ignorable={5}
+    ).close()
+    Database(path, [*newer, "UPDATE a SET x = upper(x)"]).close()
+    with pytest.raises(SchemaTooNew, match="newer than this tlsroll"):
+        Database(path, newer)
+
+
+@pytest.mark.parametrize(
+    ("step", "problem"),
+    [
+        (
+            "ALTER TABLE a ADD COLUMN y TEXT NOT NULL DEFAULT NULL",
+            "adds column a.y NOT NULL without a default",
+        ),
+        ("ALTER TABLE a DROP COLUMN x", "changes or drops column a.x"),
+        ("ALTER TABLE a RENAME TO b", "drops or renames table a"),
+        ("CREATE UNIQUE INDEX a_x ON a (x)", "adds index a_x on table a"),
+        ("CREATE TRIGGER a_t AFTER INSERT ON a BEGIN SELECT 1; END", "adds trigger a_t"),
+    ],
+)
+def test_a_migration_an_older_tlsroll_may_not_ignore_cannot_be_marked_so(
+    step: str, problem: str, tmp_path: Path
+) -> None:
+    """An older tlsroll writes the file without knowing the migration: one that would make its
+    writes fail (a NOT NULL column without a default, a unique index) or change what it knows
+    is refused as it runs, and the file stays as it was."""
+    from tlsroll.sqlite import Database
+
+    path = tmp_path / "x.sqlite3"
+    Database(path, ["CREATE TABLE a (x TEXT NOT NULL, k INTEGER)"]).close()
+    with pytest.raises(
+        RuntimeError, match=f"migration 2 is one an older tlsroll may ignore, but it {problem}"
+    ):
+        Database(path, ["CREATE TABLE a (x TEXT NOT NULL, k INTEGER)", step], ignorable={2})
+    assert user_version(path) == 1
 
 
 def test_a_migration_that_fails_halfway_leaves_the_old_version(tmp_path: Path) -> None:

@@ -163,7 +163,9 @@ def test_a_store_of_a_newer_tlsroll_stops_the_daemon_with_its_own_exit_code(
         code, output = daemon.run_to_exit(timeout=EXIT_TIMEOUT)
         assert code == exit_code, output
         line = one_line_error(output, prog, allow_grpc_core=True)
-        assert "store schema version 99 is newer than this tlsroll" in line, line
+        what = "store" if which == "leader" else "journal"
+        assert f"{what} schema version 99 is newer than this tlsroll knows" in line, line
+        assert f"this tlsroll is older than the one that wrote {path.name}" in line, line
     cluster.wait_for_nodes_online(["lossy"])
 
 

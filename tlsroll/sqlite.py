@@ -9,18 +9,24 @@ secrets (the password verifier).
 
 Schema migrations: each store has one list ``MIGRATIONS``; ``PRAGMA user_version`` is how many
 of them the file has had. ``migrate`` applies the missing ones in order, in one transaction
-(all or nothing), and refuses a file from a newer tlsroll (``SchemaTooNew``). Before it
-migrates an existing file it keeps a copy as it was (``keep_copy``: ``NAME.before-v<N>``), so
-that a tlsroll rolled back has its store to go back to. Migration 1 is
+(all or nothing), and refuses a file from a newer tlsroll (``SchemaTooNew``, naming the copy
+it may go back to), unless that file says this one may read it (``readable_by``: the newer
+migrations are ones an older tlsroll may ignore, the store's ``IGNORABLE``). Before it
+migrates an existing file it keeps a copy as it was (``keep_copy``: ``NAME.before-v<N>``),
+marked as one where its store says how (the leader's copy put back is taken as a restored
+backup), so that a tlsroll rolled back has its store to go back to. Migration 1 is
 the tables of tlsroll 0.1.0 with ``CREATE … IF NOT EXISTS``, so that a file 0.1.0 wrote is
 taken over as it is.
 
 To change a schema, append one migration to the store's list: an SQL script (statements with
 ``;``) or a function of the connection. Never edit, reorder or remove a migration that was
 released: files in the field have had it (their user_version counts it) and will not have it
-again. A migration must not commit or call ``executescript`` (which commits); it runs with
-foreign keys off (SQLite cannot switch them inside a transaction), and
-``PRAGMA foreign_key_check`` must pass before the commit.
+again. A migration that only adds a table, or columns that are NULL or have a default, and
+whose rows the code copes without (an older tlsroll writes them so), goes into the store's
+``IGNORABLE`` as well: an older tlsroll then runs on the file without going back to the copy
+(what was written since is kept). A migration must not commit or call ``executescript``
+(which commits); it runs with foreign keys off (SQLite cannot switch them inside a
+transaction), and ``PRAGMA foreign_key_check`` must pass before the commit.
 """
 
 from __future__ import annotations
@@ -28,11 +34,13 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import errno
+import glob
 import os
 import sqlite3
 import stat
 import threading
-from collections.abc import Callable, Hashable, Iterator, Sequence
+import time
+from collections.abc import Callable, Collection, Hashable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, TypeAlias
@@ -59,16 +67,40 @@ def from_text(s: str | None) -> dt.datetime | None:
 
 
 class SchemaTooNew(TerminalError):
-    """The file was written by a newer tlsroll: its schema has migrations this one lacks."""
+    """The file was written by a newer tlsroll: its schema has migrations this one lacks, and
+    does not say that this one may read it (``readable_by``).
 
-    def __init__(self, path: Path, found: int, known: int) -> None:
-        super().__init__(
-            f"{path}: store schema version {found} is newer than this tlsroll ({known}); "
-            "upgrade tlsroll"
+    ``what``: the file's kind, the message's word for it ("store", "journal"). ``copy``: a
+    copy kept before an upgrade that this tlsroll can read (``usable_copy``), named with its
+    schema and time and what putting it back loses (``losing``); None if there is none."""
+
+    def __init__(
+        self,
+        path: Path,
+        found: int,
+        known: int,
+        *,
+        what: str = "store",
+        copy: tuple[Path, int, dt.datetime] | None = None,
+        losing: str = "",
+    ) -> None:
+        text = (
+            f"{path}: {what} schema version {found} is newer than this tlsroll knows ({known}):"
+            f" this tlsroll is older than the one that wrote {path.name}; run the newer"
+            ' version, or see README "Going back to an older version"'
         )
+        if copy is not None:
+            kept, version, when = copy
+            text += (
+                f"; {kept.name} is {path.name} as it was before that upgrade (schema {version},"
+                f" kept {when.isoformat(timespec='seconds')}): putting it back loses what was"
+                f" written since{f' ({losing})' if losing else ''}"
+            )
+        super().__init__(text)
         self.path = path
         self.found = found
         self.known = known
+        self.copy = copy[0] if copy is not None else None
 
 
 class StoreCopyFailed(TerminalError):
@@ -109,48 +141,155 @@ def statements(script: str) -> Iterator[str]:
         yield pending  # an unfinished statement: SQLite reports it
 
 
+Mark: TypeAlias = Callable[[sqlite3.Connection, dt.datetime], None]
+"""What a store writes into the copy ``keep_copy`` made (a connection to the copy, in a
+transaction; the copy's time): so that the tlsroll started on the copy, put back, knows it runs
+on a file older than its last state (the leader's ``backup_made_at``: ``leader.db.mark_copy``)."""
+
+FLOOR_TABLE = "schema_floor"
+"""The table holding a file's ``readable_by``, when it is below its version (see ``migrate``)."""
+
+STALE_TMP = dt.timedelta(days=1)
+"""A copy's temporary file older than this is removed even if its pid is alive (reused)."""
+
+
 def copy_name(path: Path, known: int) -> Path:
     """Where ``keep_copy`` keeps ``path`` as it was before its migration to version ``known``."""
     return path.with_name(f"{path.name}.before-v{known}")
 
 
-def keep_copy(conn: sqlite3.Connection, path: Path, known: int) -> Path | None:
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    except OSError:
+        return False
+    return True
+
+
+def remove_stale_copies(path: Path) -> list[Path]:
+    """Remove what an interrupted ``keep_copy`` left: ``NAME.before-v<N>.tmp-<PID>`` of a pid
+    that is not alive (or this one's), or older than ``STALE_TMP``. A full copy of the store,
+    secrets and all, that no one would ever remove otherwise (audit s40, L2). Returns what was
+    removed."""
+    removed = []
+    now = time.time()
+    for tmp in path.parent.glob(f"{glob.escape(path.name)}.before-v*.tmp-*"):
+        pid_text = tmp.name.rpartition(".tmp-")[2]
+        try:
+            pid = int(pid_text)
+            old = now - tmp.lstat().st_mtime > STALE_TMP.total_seconds()
+        except (ValueError, OSError):
+            continue
+        if pid == os.getpid() or not _alive(pid) or old:
+            try:
+                tmp.unlink()
+            except OSError:
+                continue
+            removed.append(tmp)
+    if removed:
+        log.info("store.copy_tmp_removed", path=str(path), removed=[str(r) for r in removed])
+    return removed
+
+
+def usable_copy(path: Path, known: int) -> tuple[Path, int, dt.datetime] | None:
+    """The newest copy ``keep_copy`` kept of ``path`` that a tlsroll knowing schema ``known``
+    can open (its schema at most ``known``): (the copy, its schema, when it was made), or None.
+    Only reads."""
+    best: tuple[int, float, Path] | None = None
+    for copy in path.parent.glob(f"{glob.escape(path.name)}.before-v*"):
+        if not copy.name.rpartition(".before-v")[2].isdigit():
+            continue  # a temporary file
+        try:
+            conn = sqlite3.connect(f"{copy.as_uri()}?mode=ro", uri=True, timeout=1)
+            try:
+                version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+            finally:
+                conn.close()
+            mtime = copy.stat().st_mtime
+        except (sqlite3.Error, OSError):
+            continue
+        if version <= known and (best is None or (version, mtime) > best[:2]):
+            best = (version, mtime, copy)
+    if best is None:
+        return None
+    version, mtime, copy = best
+    return copy, version, dt.datetime.fromtimestamp(int(mtime), dt.UTC)
+
+
+def keep_copy(
+    conn: sqlite3.Connection, path: Path, known: int, *, mark: Mark | None = None
+) -> Path | None:
     """Before ``migrate`` changes an existing file to version ``known``: copy it, as it is, to
     ``NAME.before-v<known>`` (0600, like the store: it holds the same secrets) and log one line
     naming it; return the copy's path, None if there is nothing to keep.
 
     Nothing to keep: a new file (no schema yet), one at ``known`` already, or a newer one
-    (``migrate`` refuses it, unchanged). A copy of that name already there is kept as it is
-    (the file as the first attempt of this migration found it). The way back after a rollback
-    of tlsroll: stop the daemon, move the copy over the file (removing ``NAME-wal`` and
-    ``NAME-shm``); what was written since the upgrade is lost.
+    (``migrate`` refuses it, unchanged, or reads it as it is: ``readable_by``). The way back
+    after a rollback of tlsroll: stop the daemon, move the copy over the file (removing
+    ``NAME-wal`` and ``NAME-shm``); what was written since the upgrade is lost.
+
+    ``mark`` writes into the copy what says it is one (the leader's ``backup_made_at``: a
+    leader started on the copy put back knows that what happened since is not in it, and
+    re-learns its nodes as after a restore from a backup; audit s40, H1).
+
+    A copy of that name already there is replaced, with a warning naming its time (audit s40,
+    L3): the file about to be migrated is at an older version than ``known``, so it is the
+    state an older tlsroll left, never older than that copy (a copy put back with ``cp`` and
+    run on for weeks, then upgraded again: the copy kept would lose those weeks); a first
+    attempt of this migration that failed left the file as it was, and a new copy of it
+    loses nothing.
 
     The copy is SQLite's ``VACUUM INTO`` (a consistent snapshot through ``conn``, outside any
-    transaction of the migration) into a new private file, synced, then linked in place under
-    its name. A copy that cannot be made (a full disk) is a ``StoreCopyFailed``: the file is
-    not migrated without its way back."""
+    transaction of the migration) into a new private file, marked, synced, checked to be at the
+    version found (never a file another process migrated meanwhile), then renamed in place.
+    A copy that cannot be made (a full disk) is a ``StoreCopyFailed``: the file is not
+    migrated without its way back."""
     found = int(conn.execute("PRAGMA user_version").fetchone()[0])
     if found >= known:
         return None
     if found == 0 and conn.execute("SELECT COUNT(*) FROM sqlite_master").fetchone()[0] == 0:
         return None  # new: nothing in it to go back to
     copy = copy_name(path, known)
-    if copy.exists():
-        log.info("store.copy_already_kept", path=str(path), copy=str(copy), version=found, to=known)
-        return copy
+    try:
+        before: dt.datetime | None = dt.datetime.fromtimestamp(int(copy.stat().st_mtime), dt.UTC)
+    except OSError:
+        before = None
     tmp = copy.with_name(f"{copy.name}.tmp-{os.getpid()}")
+    made_at = _now()
     try:
         tmp.unlink(missing_ok=True)
         os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, PRIVATE))
         conn.execute("VACUUM INTO ?", (str(tmp),))
         os.chmod(tmp, PRIVATE)
+        copied = sqlite3.connect(tmp, isolation_level=None)
+        try:
+            # The copy stands alone: no -wal beside it to put back with it.
+            copied.execute("PRAGMA journal_mode=DELETE")
+            version = int(copied.execute("PRAGMA user_version").fetchone()[0])
+            if version != found:
+                raise sqlite3.OperationalError(
+                    f"the file changed to schema version {version} while it was copied"
+                )
+            if mark is not None:
+                copied.execute("BEGIN IMMEDIATE")
+                try:
+                    mark(copied, made_at)
+                except BaseException:
+                    copied.execute("ROLLBACK")
+                    raise
+                copied.execute("COMMIT")
+        finally:
+            copied.close()
         fd = os.open(tmp, os.O_RDONLY | os.O_CLOEXEC)
         try:
             os.fsync(fd)
         finally:
             os.close(fd)
-        with contextlib.suppress(FileExistsError):  # never over one another process made
-            os.link(tmp, copy)
+        os.replace(tmp, copy)
         fsync_dir(path.parent)
     except (OSError, sqlite3.Error) as exc:
         raise StoreCopyFailed(
@@ -160,8 +299,80 @@ def keep_copy(conn: sqlite3.Connection, path: Path, known: int) -> Path | None:
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
-    log.info("store.copy_kept", path=str(path), copy=str(copy), version=found, to=known)
+    if before is not None:
+        log.warning(
+            "store.copy_replaced",
+            path=str(path),
+            copy=str(copy),
+            version=found,
+            to=known,
+            replaced_copy_of=before.isoformat(timespec="seconds"),
+            detail=f"a copy of that name was there; it is replaced by {path.name} as it is now,"
+            " the state the older tlsroll left (the copy there was of that state or an older"
+            " one)",
+        )
+    else:
+        log.info("store.copy_kept", path=str(path), copy=str(copy), version=found, to=known)
     return copy
+
+
+def floor_of(version: int, ignorable: Collection[int]) -> int:
+    """The lowest schema a tlsroll must know to read and write a file at ``version``: the
+    highest migration up to it that an older tlsroll may not ignore."""
+    while version > 0 and version in ignorable:
+        version -= 1
+    return version
+
+
+def readable_by(conn: sqlite3.Connection) -> int | None:
+    """The file's ``readable_by`` (``migrate``), or None: not recorded (its version)."""
+    if conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (FLOOR_TABLE,)
+    ).fetchone():
+        row = conn.execute(f"SELECT MAX(readable_by) FROM {FLOOR_TABLE}").fetchone()  # noqa: S608
+        return None if row is None or row[0] is None else int(row[0])
+    return None
+
+
+def _shape(conn: sqlite3.Connection) -> dict[str, Any]:
+    """Each table's columns (name -> type, not null, default, key) and each index's and
+    trigger's definition: what ``_check_ignorable`` compares."""
+    tables: dict[str, Any] = {}
+    others: dict[str, Any] = {}
+    for kind, name, table, sql in conn.execute(
+        "SELECT type, name, tbl_name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'"
+    ).fetchall():
+        if kind == "table":
+            tables[name] = {
+                r[1]: (r[2], r[3], r[4], r[5])
+                for r in conn.execute(f'PRAGMA table_info("{name}")').fetchall()
+            }
+        else:
+            others[name] = (kind, table, sql)
+    return {"tables": tables, "others": others}
+
+
+def _check_ignorable(before: dict[str, Any], after: dict[str, Any]) -> str | None:
+    """What makes a migration unfit to be ignored by an older tlsroll that writes the file,
+    or None: it may only add tables, and columns that are NULL or have a default; never
+    change or drop a column or table, or add a unique index or trigger on a table it had
+    (the older one's writes would fail or skip it)."""
+    for table, columns in before["tables"].items():
+        now = after["tables"].get(table)
+        if now is None:
+            return f"it drops or renames table {table}"
+        for column, shape in columns.items():
+            if now.get(column) != shape:
+                return f"it changes or drops column {table}.{column}"
+        for column, (_, notnull, default, _) in now.items():
+            if column not in columns and notnull and (default is None or default.upper() == "NULL"):
+                return f"it adds column {table}.{column} NOT NULL without a default"
+    for name, (kind, table, sql) in after["others"].items():
+        if before["others"].get(name) == (kind, table, sql) or table not in before["tables"]:
+            continue
+        if kind == "trigger" or "UNIQUE" in (sql or "").upper():
+            return f"it adds {kind} {name} on table {table}"
+    return None
 
 
 def migrate(
@@ -171,29 +382,67 @@ def migrate(
     *,
     adopt: Callable[[sqlite3.Connection, int], None] | None = None,
     created: Callable[[sqlite3.Connection], None] | None = None,
+    ignorable: Collection[int] = (),
+    mark: Mark | None = None,
+    what: str = "store",
+    losing: str = "",
 ) -> int:
-    """Bring the file's schema to ``len(migrations)``, all or nothing; return that version.
+    """Bring the file's schema to ``len(migrations)``, all or nothing; return the file's
+    version (that, or a newer one read as it is).
 
     ``conn`` is in autocommit mode (``isolation_level=None``) and in no transaction. In one
-    ``BEGIN IMMEDIATE`` transaction: read ``user_version``, refuse a newer one, call ``adopt``
-    with it (to bring a file written before migrations existed to what its version means),
-    apply ``migrations[user_version:]``, call ``created`` if the file was new (version 0: the
-    first rows a new store must never be without), check foreign keys and set
-    ``user_version``. Before that transaction, a file with a schema older than this tlsroll's
-    is copied as it is (``keep_copy``): the way back if this tlsroll is rolled back.
+    ``BEGIN IMMEDIATE`` transaction: read ``user_version``, refuse a newer one (unless it may
+    be read: below), call ``adopt`` with it (to bring a file written before migrations existed
+    to what its version means), apply ``migrations[user_version:]``, call ``created`` if the
+    file was new (version 0: the first rows a new store must never be without), check foreign
+    keys and set ``user_version``. Before that transaction, a file with a schema older than
+    this tlsroll's is copied as it is (``keep_copy``, with ``mark``): the way back if this
+    tlsroll is rolled back; a copy an interrupted run left half made is removed
+    (``remove_stale_copies``).
+
+    Going back without the copy (audit s40, H2): ``ignorable`` numbers (from 1) the
+    migrations that a tlsroll without them may ignore, as it reads and writes the file: they
+    only add tables, and columns that are NULL or have a default (``_check_ignorable``
+    checks that as each runs), and the tlsroll that has them copes with what an older one
+    writes without them (a row without its new columns' values, rows missing from its new
+    tables). A migrated file records the lowest schema that may read it, ``readable_by``
+    (``floor_of``: the last migration it has that is not ignorable) in ``FLOOR_TABLE`` when
+    that is below its version. A tlsroll that finds a newer file whose ``readable_by`` it
+    knows opens it as it is (a warning, ``store.newer_schema_read``; its version is left as
+    it is, so the newer tlsroll finds it as it left it, plus rows this one wrote); any other
+    newer file is refused, unchanged (``SchemaTooNew``, naming the copy it may go back to:
+    ``usable_copy``; ``what`` and ``losing`` are its words). Only a tlsroll with this code
+    reads ``readable_by``: an older one refuses every newer file.
     """
     if conn.isolation_level is not None or conn.in_transaction:
         raise ValueError("migrate needs an autocommit connection outside a transaction")
     known = len(migrations)
-    keep_copy(conn, path, known)
+    remove_stale_copies(path)
+    keep_copy(conn, path, known, mark=mark)
     conn.execute("BEGIN IMMEDIATE")
     try:
         found = int(conn.execute("PRAGMA user_version").fetchone()[0])
         if found > known:
-            raise SchemaTooNew(path, found, known)
+            floor = readable_by(conn)
+            if floor is None or floor > known:
+                raise SchemaTooNew(
+                    path, found, known, what=what, copy=usable_copy(path, known), losing=losing
+                )
+            conn.execute("ROLLBACK")
+            log.warning(
+                "store.newer_schema_read",
+                path=str(path),
+                version=found,
+                knows=known,
+                readable_by=floor,
+                detail=f"{path.name} was written by a newer tlsroll; what its migrations since"
+                f" schema {floor} added, this one leaves as it is",
+            )
+            return found
         if adopt is not None:
             adopt(conn, found)
         for number, step in enumerate(migrations[found:], start=found + 1):
+            shape = _shape(conn) if number in ignorable else None
             if isinstance(step, str):
                 for statement in statements(step):
                     conn.execute(statement)
@@ -201,6 +450,10 @@ def migrate(
                 step(conn)
             if not conn.in_transaction:
                 raise RuntimeError(f"{path}: migration {number} ended the transaction")
+            if shape is not None and (problem := _check_ignorable(shape, _shape(conn))):
+                raise RuntimeError(
+                    f"{path}: migration {number} is one an older tlsroll may ignore, but {problem}"
+                )
         if found == 0 and created is not None:
             created(conn)
         if found < known:
@@ -208,6 +461,14 @@ def migrate(
                 raise sqlite3.IntegrityError(
                     f"{path}: foreign keys broken by a migration: {broken[:3]}"
                 )
+            if (floor := floor_of(known, ignorable)) < known:
+                conn.execute(
+                    f"CREATE TABLE IF NOT EXISTS {FLOOR_TABLE} (readable_by INTEGER NOT NULL)"
+                )
+                conn.execute(f"DELETE FROM {FLOOR_TABLE}")  # noqa: S608
+                conn.execute(f"INSERT INTO {FLOOR_TABLE} VALUES (?)", (floor,))  # noqa: S608
+            else:
+                conn.execute(f"DROP TABLE IF EXISTS {FLOOR_TABLE}")
             conn.execute(f"PRAGMA user_version={known}")
     except BaseException:
         if conn.in_transaction:
@@ -500,13 +761,16 @@ class Database:
         created: Callable[[sqlite3.Connection], None] | None = None,
         cache_kib: int | None = None,
         what: str = "store",
+        ignorable: Collection[int] = (),
+        mark: Mark | None = None,
+        losing: str = "",
     ) -> None:
         """Open (or create, 0600) the file and apply its missing migrations (see ``migrate``;
         ``created`` writes a new file's first rows in the same transaction). ``cache_kib``:
         the most SQLite's page cache of the connection holds (``PRAGMA cache_size``), if not
         SQLite's default (2000 KiB). A file that cannot be opened now (a full disk, a
         read-only file system: ``unavailable``) is a ``StoreUnavailable`` whose message begins
-        with ``what`` and the path."""
+        with ``what`` and the path. ``ignorable``, ``mark``, ``losing``: see ``migrate``."""
         self.path = Path(path)
         self._lock = threading.Lock()
         # Bumped by every committed write except a routine one (``tx(routine=True)``): a
@@ -543,7 +807,17 @@ class Database:
             self._db.row_factory = sqlite3.Row
             self._db.execute("PRAGMA synchronous=FULL")
             # Before WAL: a file that is refused stays exactly as it was.
-            self.version = migrate(self._db, self.path, migrations, adopt=adopt, created=created)
+            self.version = migrate(
+                self._db,
+                self.path,
+                migrations,
+                adopt=adopt,
+                created=created,
+                ignorable=ignorable,
+                mark=mark,
+                what=what,
+                losing=losing,
+            )
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA foreign_keys=ON")
             if cache_kib is not None:

@@ -1,0 +1,189 @@
+"""README "Going back to an older version" on the nodes and after a rollout: a real leader,
+agents and reference servers (audit s40, H1 and H2).
+
+The upgrade that keeps a store's copy (``NAME.before-vN``) is the store's own migration path
+(its ``MIGRATIONS`` with one more, that changes nothing, here in the test's process); the
+newer version's run after it is the current daemons' (the file's schema set back by hand). A
+newer journal whose migrations since an older agent may ignore is made the same way, with a
+migration that adds a column.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from nodeagent import journal
+from tests.cluster import Cluster, wait_until
+from tests.nodeside import Node, cluster_of
+from tests.test_level_based import live, password_file
+from tlsroll.sqlite import Database, copy_name
+
+ENDED = ("completed", "halted", "aborted")
+PASSWORD = "a-password-for-the-practice-2026"
+
+
+@pytest.fixture
+def one(tmp_path: Path) -> Iterator[tuple[Cluster, Node]]:
+    with cluster_of(tmp_path, 1) as (cluster, nodes):
+        yield cluster, nodes[0]
+
+
+def user_version(path: Path) -> int:
+    with contextlib.closing(sqlite3.connect(f"{path.as_uri()}?mode=ro", uri=True)) as db:
+        return int(db.execute("PRAGMA user_version").fetchone()[0])
+
+
+def set_user_version(path: Path, version: int) -> None:
+    with contextlib.closing(sqlite3.connect(path, timeout=10)) as db:
+        db.execute(f"PRAGMA user_version={version}")
+        db.commit()
+
+
+def put_back(path: Path, copy: Path) -> None:
+    """README's way back, the daemon stopped: remove -wal and -shm, move the copy over."""
+    for suffix in ("-wal", "-shm"):
+        Path(f"{path}{suffix}").unlink(missing_ok=True)
+    os.replace(copy, path)
+
+
+def run(cluster: Cluster, *args: str) -> dict[str, Any]:
+    """A rollout command, then the rollout once it has ended."""
+    started = cluster.cli("rollout", *args, "--yes", timeout=120)
+    assert started.returncode in (0, 3, 4), started.stderr
+    wait_until(lambda: cluster.poll_newest_rollout()["state"] in ENDED, 120, f"rollout {args}")
+    return cluster.newest_rollout()
+
+
+def enable_tls(cluster: Cluster, tmp_path: Path) -> dict[str, Any]:
+    pw = password_file(tmp_path, "pw", PASSWORD)
+    return run(cluster, "start", "--scope", "cluster", "--password-file", str(pw))
+
+
+def reasons(rollout: dict[str, Any]) -> str:
+    return " | ".join(str(n.get("reason", "")) for n in rollout["nodes"])
+
+
+def test_an_agent_gone_back_to_its_journal_copy_says_why_it_cannot_go_back_to_http(
+    one: tuple[Cluster, Node], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Audit s40, H2: the node switched to https after the upgrade, then its journal's copy put
+    back: the switch's way back to http lived only in the journal's row (migration 3), so
+    `rollout rollback` is refused on that node. It said "this node was never switched from
+    http to https", which is not so; now the agent says at its start that its journal is the
+    copy put back (``journal.restored``), and the refusal says why the switch is missing."""
+    cluster, node = one
+    assert node.agent is not None
+    node.agent.stop()
+    known = len(journal.MIGRATIONS)
+    monkeypatch.setattr(journal, "MIGRATIONS", (*journal.MIGRATIONS, ""))
+    journal.Journal(node.journal_path).close()  # the upgrade
+    copy = copy_name(node.journal_path, known + 1)
+    assert copy.exists()
+    set_user_version(node.journal_path, known)
+    node.agent.start()
+    cluster.wait_for_nodes_online([node.name])
+    assert enable_tls(cluster, tmp_path)["state"] == "completed"
+    assert list(live(node).schemes) == ["https"]
+
+    node.agent.stop()
+    put_back(node.journal_path, copy)
+    node.agent.start()
+    cluster.wait_for_nodes_online([node.name])
+    assert "journal.restored" in node.agent.event_names()
+
+    back = run(cluster, "rollback")
+    assert back["state"] != "completed"
+    why = reasons(back)
+    assert "this node was never switched from http to https" in why, back
+    assert "which is the copy kept before an upgrade" in why
+    assert "its way back to http went with the newer journal" in why
+    assert list(live(node).schemes) == ["https"]  # nothing was done
+
+
+def test_an_agent_runs_on_a_newer_journal_whose_migrations_it_may_ignore(
+    one: tuple[Cluster, Node], tmp_path: Path
+) -> None:
+    """Audit s40, H2: going back on an agent without putting the copy back. A newer journal
+    whose migrations since this agent's schema only add (here a column) says so
+    (``readable_by``): this agent starts on it (before: "schema version 7 is newer", exit 3,
+    and the way back was the copy, which loses every switch's way back to http), switches
+    the node and takes it back to http, and leaves the file at the newer schema for the newer
+    agent, which reads what this one wrote."""
+    cluster, node = one
+    assert node.agent is not None
+    node.agent.stop()
+    known = len(journal.MIGRATIONS)
+    newer = [*journal.MIGRATIONS, "ALTER TABLE txns ADD COLUMN newer_detail TEXT"]
+    Database(node.journal_path, newer, ignorable={known + 1}, what="journal").close()
+    assert user_version(node.journal_path) == known + 1
+    node.agent.start()
+    cluster.wait_for_nodes_online([node.name])
+    assert "store.newer_schema_read" in node.agent.event_names()
+
+    assert enable_tls(cluster, tmp_path)["state"] == "completed"
+    assert list(live(node).schemes) == ["https"]
+    assert run(cluster, "rollback")["state"] == "completed"
+    assert list(live(node).schemes) == ["http"]
+
+    node.agent.stop()
+    assert user_version(node.journal_path) == known + 1
+    db = Database(node.journal_path, newer, ignorable={known + 1}, what="journal")
+    try:
+        with db.read() as conn:
+            kinds = [
+                (r["kind"], r["outcome"], r["newer_detail"])
+                for r in conn.execute("SELECT * FROM txns ORDER BY started_at")
+            ]
+    finally:
+        db.close()
+    assert [k for k in kinds if k[0] == "switch"] == [("switch", "completed", None)]
+    assert ("rollback", "completed", None) in kinds
+
+
+def test_a_stale_epoch_after_going_back_on_the_leader_names_the_way_out(
+    one: tuple[Cluster, Node], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Audit s40, H1: the leader's copy put back after rollouts ran on the newer version: its
+    epochs are behind the node's, which refuses the next rollout ("stale epoch"). The refusal
+    the leader records names the way out, and that way works: `tlsroll epoch show` says the
+    node is ahead (exit 1), `tlsroll epoch advance`, and a new rollout runs."""
+    from leader import db as leader_db
+
+    cluster, node = one
+    cluster.stop_leader()
+    known = len(leader_db.MIGRATIONS)
+    monkeypatch.setattr(leader_db, "MIGRATIONS", (*leader_db.MIGRATIONS, ""))
+    leader_db.open_db(cluster.store_path).close()  # the upgrade
+    copy = copy_name(cluster.store_path, known + 1)
+    assert copy.exists()
+    set_user_version(cluster.store_path, known)
+    cluster.start_leader()
+    cluster.wait_for_nodes_online([node.name])
+    assert enable_tls(cluster, tmp_path)["state"] == "completed"
+    assert run(cluster, "rollback")["state"] == "completed"
+
+    cluster.stop_leader()
+    put_back(cluster.store_path, copy)
+    cluster.start_leader()
+    cluster.wait_for_nodes_online([node.name])
+    assert "store.restored" in cluster.leader.event_names()
+
+    refused = enable_tls(cluster, tmp_path)
+    assert refused["state"] != "completed"
+    why = reasons(refused)
+    assert "stale epoch" in why, refused
+    assert "see `tlsroll epoch show`" in why
+    assert "`tlsroll epoch advance`, then start a new rollout" in why
+    shown = cluster.cli("epoch", "show")
+    assert shown.returncode == 1, shown.stdout + shown.stderr
+    advanced = cluster.cli("epoch", "advance", "--yes")
+    assert advanced.returncode == 0, advanced.stderr
+    assert enable_tls(cluster, tmp_path)["state"] == "completed"
+    assert list(live(node).schemes) == ["https"]
