@@ -419,8 +419,13 @@ relocate() {
 relocate || failed_build "cannot rewrite the scripts of $NEW_VENV for $VENV"
 # Its byte code, compiled (again: the check above and ensurepip wrote some) with the paths it
 # has once in place: a traceback names /opt/tlsroll/..., which exists, not /opt/tlsroll.new.
-"$NEW_VENV/bin/python" -m compileall -q -f -s "$NEW_VENV" -p "$VENV" "$NEW_VENV/lib" >/dev/null ||
-    failed_build "cannot compile the byte code of $NEW_VENV (is $(dirname "$VENV") full?)"
+# TLSROLL_INSTALL_BYTECODE=no leaves it out (but for what the checks above wrote, which names
+# $NEW_VENV): for tests/test_deploy.py's runs that check something else (it is about half of
+# a run's CPU); a daemon then compiles what it imports.
+if [ "${TLSROLL_INSTALL_BYTECODE:-yes}" != no ]; then
+    "$NEW_VENV/bin/python" -m compileall -q -f -s "$NEW_VENV" -p "$VENV" "$NEW_VENV/lib" >/dev/null ||
+        failed_build "cannot compile the byte code of $NEW_VENV (is $(dirname "$VENV") full?)"
+fi
 if [ -f "$MANIFEST" ]; then
     cp -p "$MANIFEST" "$NEW_VENV/installed-files" || failed_build "cannot copy $MANIFEST"
 fi
