@@ -357,16 +357,17 @@ if systemd_running; then
 fi
 
 # store_schema FILE: the schema (PRAGMA user_version) of the SQLite file, read without writing
-# anything: from the file's header when no FILE-wal is beside it (SQLite would create -wal and
-# -shm, owned by root, which the leader, user tlsroll, could then not open), else by SQLite
-# read-only (the -wal may hold a newer first page; -wal and -shm are there already).
+# anything: by SQLite, read-only, while FILE-wal and FILE-shm are beside it (a daemon has it
+# open: the -wal may hold a newer first page than the file), else from the file's header
+# (SQLite would create -wal and -shm, owned by root, which the leader, user tlsroll, could
+# then not open).
 store_schema() {
     "$python" - "$1" <<'PY'
 import os, sqlite3, sys
 from urllib.request import pathname2url
 
 path = sys.argv[1]
-if os.path.exists(path + "-wal"):
+if os.path.exists(path + "-wal") and os.path.exists(path + "-shm"):
     db = sqlite3.connect(f"file:{pathname2url(path)}?mode=ro", uri=True)
     try:
         print(db.execute("PRAGMA user_version").fetchone()[0])
