@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Install tlsroll on a server node (Debian 12 or Ubuntu 24.04), as root.
 #
-#   install.sh leader [--address IP] [--node-name NAME] [--python PYTHON] [--restart-later]
-#   install.sh agent  [--server-config-dir DIR] [--python PYTHON] [--restart-later]
+#   install.sh leader [--address IP] [--node-name NAME] [--python PYTHON] [--restart-later] [--check-only]
+#   install.sh agent  [--server-config-dir DIR] [--python PYTHON] [--restart-later] [--check-only]
 #   install.sh ca-credential
 #   install.sh uninstall [--purge]
 #
@@ -32,9 +32,17 @@
 # /opt/tlsroll: the next run renames /opt/tlsroll.old back first). A failure on the way (a full
 # disk) leaves /opt/tlsroll as it was; so does too little space, which is refused before
 # anything is built. /opt/tlsroll may not be a mount point (a rename cannot move it).
-# Not while a rollout is active: the leader is asked first (`tlsroll rollout status`) and the
-# upgrade refused; --restart-later installs anyway and restarts nothing (restart the daemons
-# once the rollout has ended).
+# Not while a node of a rollout is on its way: the running leader is asked first (`tlsroll
+# schema show --all`) and the upgrade refused; a rollout that awaits finalize, one paused with
+# no node on its way, and a finalize --when-quiet waiting for quiet nodes are no obstacle (the
+# leader's restart is safe there: it goes on where it was). --restart-later installs anyway
+# and holds back only the leader's restart (restart it once no node is on its way); the agent
+# is restarted at once. The check is made again after the build, just before the swap (a
+# rollout auto_rotate started meanwhile). Never over a newer install: a store whose schema is
+# newer than this tlsroll knows (the leader's, the agent's journal) is refused before anything
+# is built ("Going back" in README says why). --check-only makes these checks and stops:
+# nothing is built or changed. Every unit is restarted even if another one fails to; each
+# failure is reported, and the run exits 1.
 set -euo pipefail
 umask 022
 
@@ -50,6 +58,11 @@ LINK=/usr/local/bin/tlsroll
 LEADER_DATA=/var/lib/tlsroll
 AGENT_DATA=/var/lib/tlsroll-agent
 CA_CREDENTIAL=/etc/tlsroll/credstore.encrypted/tlsroll-ca-passphrase
+# The newest schema (PRAGMA user_version) of each store this tlsroll knows: the number of
+# migrations of leader/db.py and of nodeagent/journal.py (tests/test_install_upgrades.py keeps
+# these in step with them). A newer store was written by a newer tlsroll: not installed over.
+KNOWN_SCHEMAS="leader.sqlite3 10
+journal.sqlite3 6"
 # sha256 of every unit file the earlier installer copied to /etc/systemd/system: such a copy
 # is ours and unchanged, so it may go (it would shadow the unit in /usr/lib).
 LEGACY_UNITS="7fae2a94454ca85bd2d9768b168e44c36d77d56e323b8571f213d3aaad3dea01
@@ -57,8 +70,8 @@ LEGACY_UNITS="7fae2a94454ca85bd2d9768b168e44c36d77d56e323b8571f213d3aaad3dea01
 c0c6a7a7a917d9be47f9393b02551e2b0dbacd03ad374c1a49e392ac15cf7092
 fc08deb3ad7499b4c9be16b3251867ae727d89ca66dcf9c160383c1a86529669"
 
-USAGE="usage: install.sh leader [--address IP] [--node-name NAME] [--python PYTHON] [--restart-later]
-       install.sh agent [--server-config-dir DIR] [--python PYTHON] [--restart-later]
+USAGE="usage: install.sh leader [--address IP] [--node-name NAME] [--python PYTHON] [--restart-later] [--check-only]
+       install.sh agent [--server-config-dir DIR] [--python PYTHON] [--restart-later] [--check-only]
        install.sh ca-credential
        install.sh uninstall [--purge]"
 
@@ -67,7 +80,9 @@ usage_error() {
     echo "$USAGE" >&2
     exit 2
 }
+discard_new=no # yes once the new venv is built and not yet in place: a refusal removes it
 die() {
+    if [ "$discard_new" = yes ]; then rm -rf "$NEW_VENV"; fi
     echo "install.sh: $1" >&2
     exit 1
 }
@@ -92,6 +107,7 @@ node_name=""
 server_config_dir=""
 purge=no
 restart_later=no
+check_only=no
 while [ $# -gt 0 ]; do
     opt=$1
     case "$role:$opt" in
@@ -111,6 +127,10 @@ while [ $# -gt 0 ]; do
             ;;
         leader:--restart-later | agent:--restart-later)
             restart_later=yes
+            shift
+            ;;
+        leader:--check-only | agent:--check-only)
+            check_only=yes
             shift
             ;;
         *) usage_error "unknown option '$opt' for '$role'" ;;
@@ -307,7 +327,7 @@ fi
 # A swap cut short between its two renames (a power loss) left no $VENV, the installed version
 # as $OLD_VENV: it is put back first (review s38, M4: the next run failed, or with
 # --restart-later removed it, the only intact venv and its manifest).
-if [ ! -e "$VENV" ] && [ ! -L "$VENV" ] && [ -d "$OLD_VENV" ]; then
+if [ "$check_only" = no ] && [ ! -e "$VENV" ] && [ ! -L "$VENV" ] && [ -d "$OLD_VENV" ]; then
     mv -T "$OLD_VENV" "$VENV" || die "cannot move $OLD_VENV back to $VENV; nothing else changed"
     say "$VENV was missing (an earlier run cut short in its swap): $OLD_VENV, the installed version, is back in its place"
 fi
@@ -320,10 +340,10 @@ fi
 # Each tlsroll daemon that runs is restarted after the install (the leader and the agent run from
 # the same $VENV, whichever role is installed). The agent may be restarted at any time, also in
 # the middle of a switch: its journal holds the transaction, and the new process resumes it
-# where it was (the same path as a crash: the fault matrix covers it). The leader is not
-# restarted under an active rollout, which an upgrade should not change in its course: it is
-# asked first, with the tlsroll that runs it, and the install refused (nothing changed) unless
-# --restart-later.
+# where it was (the same path as a crash: the fault matrix and test_switch's agent killed after
+# each phase cover it). The leader is not restarted while a node of a rollout is on its way,
+# which an upgrade should not change in its course: it is asked first, with the tlsroll that
+# runs it, and the install refused (nothing changed) unless --restart-later.
 old_version=""
 if [ -f "$MANIFEST" ] && [ -x "$VENV/bin/python" ]; then
     old_version=$("$VENV/bin/python" -c 'from importlib.metadata import version; print(version("tlsroll"))' 2>/dev/null || echo unknown)
@@ -335,25 +355,138 @@ if systemd_running; then
     done
     running=${running# }
 fi
-if [ "$restart_later" = no ] && [[ " $running " == *" tlsroll-leader "* ]]; then
+
+# store_schema FILE: the schema (PRAGMA user_version) of the SQLite file and the lowest schema
+# that may read it (its schema_floor table's readable_by, tlsroll/sqlite.py: a newer tlsroll's
+# migrations an older one may ignore; else the schema itself), read without writing anything:
+# by SQLite, read-only, while FILE-wal and FILE-shm are beside it (a daemon has it open: the
+# -wal may hold a newer first page than the file), else from the file's header and, only when
+# the schema is newer than this tlsroll's, by SQLite as an immutable file (opening it otherwise
+# would create -wal and -shm, owned by root, which the leader, user tlsroll, could then not open).
+store_schema() {
+    "$python" - "$1" "$2" <<'PY'
+import os, sqlite3, sys
+from urllib.request import pathname2url
+
+path, known = sys.argv[1], int(sys.argv[2])
+
+
+def floor_of(db, version):
+    if not db.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_floor'"
+    ).fetchone():
+        return version
+    row = db.execute("SELECT MAX(readable_by) FROM schema_floor").fetchone()
+    return row[0] if row and isinstance(row[0], int) and 0 < row[0] <= version else version
+
+
+if os.path.exists(path + "-wal") and os.path.exists(path + "-shm"):
+    db = sqlite3.connect(f"file:{pathname2url(path)}?mode=ro", uri=True)
+    try:
+        version = db.execute("PRAGMA user_version").fetchone()[0]
+        print(version, floor_of(db, version) if version > known else version)
+    finally:
+        db.close()
+else:
+    with open(path, "rb") as f:
+        head = f.read(100)
+    if not head:
+        print(0, 0)  # created, never written
+    elif len(head) < 100 or not head.startswith(b"SQLite format 3\0"):
+        sys.exit("not an SQLite database")
+    else:
+        version = int.from_bytes(head[60:64], "big")
+        floor = version
+        if version > known:
+            db = sqlite3.connect(f"file:{pathname2url(path)}?mode=ro&immutable=1", uri=True)
+            try:
+                floor = floor_of(db, version)
+            finally:
+                db.close()
+        print(version, floor)
+PY
+}
+
+# Before anything is built: a store written by a newer tlsroll (an older bundle's install.sh
+# run over a newer install) is refused, unless that tlsroll said this one may read it
+# (readable_by); the older daemons would refuse it too (exit 3), but only after the swap, with
+# the older version in place.
+agent_data=$("$python" -c 'import sys, tomllib
+print(tomllib.load(open(sys.argv[1], "rb"))["agent"]["data_dir"])' "$CONF_DIR/agent.toml" 2>/dev/null) || agent_data=$AGENT_DATA
+for store in "$LEADER_DATA/leader.sqlite3" "$agent_data/journal.sqlite3"; do
+    [ -f "$store" ] || continue
+    known=$(awk -v name="${store##*/}" '$1 == name { print $2 }' <<<"$KNOWN_SCHEMAS")
+    if ! found=$(store_schema "$store" "$known" 2>&1) || ! [[ $found =~ ^[0-9]+\ [0-9]+$ ]]; then
+        warn "cannot read the schema of $store (${found##*$'\n'}): not compared with this tlsroll's"
+        continue
+    fi
+    read -r version floor <<<"$found"
+    if [ "$floor" -gt "$known" ]; then
+        die "$store has schema $version, this tlsroll knows $known: a newer tlsroll wrote it, and this one's daemons would refuse it; keep the newer version or see README 'Going back'; nothing changed"
+    fi
+done
+
+# rollouts_in_the_way: whether the running leader may be restarted now. Prints "quiet WHAT" (no
+# node of a rollout on its way; WHAT: the rollouts not ended, if any, e.g. one awaiting
+# finalize) or "busy WHAT"; dies if the leader cannot be asked. Every rollout not ended is
+# looked at (what the leader considers active), not only the newest: a finalize that halted is
+# newer than the phase 1 it finalizes, which still awaits finalize.
+rollouts_in_the_way() {
+    local errors answer asked problem
     errors=$(mktemp)
-    # Its exit code is the rollout's outcome (0, 3 or 4, the JSON on stdout), or 1 for "no
-    # rollout yet" and any failure to ask.
-    answer=$(timeout 60 "$VENV/bin/tlsroll" rollout status --json 2>"$errors") && asked=0 || asked=$?
+    answer=$(timeout 60 "$VENV/bin/tlsroll" schema show --all --json 2>"$errors") && asked=0 || asked=$?
     problem=$(grep -v '^ *$' "$errors" | tail -n 1 || true)
     rm -f "$errors"
-    if [ "$asked" = 0 ] || [ "$asked" = 3 ] || [ "$asked" = 4 ]; then
-        rollout=$("$VENV/bin/python" -c 'import json, sys
-r = json.load(sys.stdin)
-print(r["id"], r["state"])' <<<"$answer" 2>/dev/null) ||
-            die "cannot read the running leader's answer to tlsroll rollout status --json; nothing changed (--restart-later installs without restarting it)"
-        case "${rollout#* }" in
-            completed | halted | aborted) ;;
-            *) die "rollout ${rollout% *} is ${rollout#* }: an upgrade now would restart tlsroll-leader in its course; nothing changed. Wait until it has ended (tlsroll rollout status), or run again with --restart-later and restart the daemons ($running) once it has" ;;
-        esac
-    elif [ "$asked" != 1 ] || [[ $problem != *"no rollout yet"* ]]; then
-        die "cannot ask the running tlsroll-leader whether a rollout is active (${problem:-tlsroll rollout status exited $asked}); nothing changed (--restart-later installs without restarting it)"
-    fi
+    [ "$asked" = 0 ] ||
+        die "cannot ask the running tlsroll-leader whether a rollout is active (${problem:-tlsroll schema show exited $asked}); nothing changed (--restart-later installs without restarting it)"
+    "$VENV/bin/python" -c 'import json, sys
+ENDED = {"completed", "halted", "aborted"}
+ON_ITS_WAY = {"preflight", "staging", "staged", "switching", "confirming"}
+busy, quiet = [], []
+for r in json.load(sys.stdin).get("rollouts", []):
+    rid, state = r["id"], r["state"]
+    if state in ENDED:
+        continue
+    moving = ", ".join(sorted(n["name"] for n in r.get("nodes", []) if n.get("state") in ON_ITS_WAY))
+    if state == "awaiting_finalize":
+        quiet.append(f"rollout {rid} awaits finalize")
+    elif state == "paused" and not moving:
+        quiet.append(f"rollout {rid} is paused with no node on its way")
+    elif state == "running" and r.get("when_quiet_seconds") and not moving:
+        quiet.append(f"rollout {rid} (finalize --when-quiet) waits for quiet nodes")
+    else:
+        busy.append(f"rollout {rid} is {state}" + (f" ({moving} on its way)" if moving else ""))
+print("busy" if busy else "quiet", "; ".join(busy or quiet))' <<<"$answer" 2>/dev/null ||
+        die "cannot read the running leader's answer to tlsroll schema show --all --json; nothing changed (--restart-later installs without restarting it)"
+}
+# check_rollouts WHEN: refuse (nothing changed) if the leader would be restarted while a node
+# of a rollout is on its way; say so if a rollout not ended is no obstacle.
+check_rollouts() {
+    local found
+    if [ "$restart_later" = yes ] || [[ " $running " != *" tlsroll-leader "* ]]; then return 0; fi
+    found=$(rollouts_in_the_way) || exit 1 # it said why
+    case "$found" in
+        busy\ *) die "${found#busy }$1: an upgrade now would restart tlsroll-leader in its course; nothing changed. Wait until no node is on its way (tlsroll rollout status), or run again with --restart-later (the agent is restarted, the leader only once you restart it: systemctl restart tlsroll-leader)" ;;
+        "quiet ") ;;
+        *) say "${found#quiet }: the leader's restart is safe there (it goes on where it was)" ;;
+    esac
+}
+check_rollouts ""
+# What is restarted once installed (restart_now) and what --restart-later holds back (held):
+# only the leader; the agent is restarted at once (old code must not go on over new files).
+restart_now=""
+held=""
+for unit in $running; do
+    if [ "$unit" = tlsroll-leader ] && [ "$restart_later" = yes ]; then held=$unit; else restart_now="$restart_now $unit"; fi
+done
+restart_now=${restart_now# }
+if [ "$check_only" = yes ]; then
+    would="install"
+    if [ -n "$restart_now" ]; then would="$would and restart ${restart_now// /, }"; fi
+    if [ -n "$held" ]; then would="$would, not restarting $held (--restart-later)"; fi
+    if [ -z "$running" ]; then would="$would (no tlsroll daemon runs here)"; fi
+    say "the checks pass: a run now would $would; nothing changed (--check-only)"
+    exit 0
 fi
 
 # --- the virtual environment -------------------------------------------------------------------
@@ -429,6 +562,11 @@ fi
 if [ -f "$MANIFEST" ]; then
     cp -p "$MANIFEST" "$NEW_VENV/installed-files" || failed_build "cannot copy $MANIFEST"
 fi
+# Again, just before the swap: a rollout may have started while the new version was built
+# (auto_rotate starts one by itself). Refused, the new venv removed: nothing changed.
+discard_new=yes
+check_rollouts " (it started while the new version was built)"
+discard_new=no
 # The swap: two renames (a daemon started between them fails and is started again by systemd).
 rm -rf "$OLD_VENV"
 if [ -d "$VENV" ]; then mv -T "$VENV" "$OLD_VENV" || failed_build "cannot move $VENV to $OLD_VENV"; fi
@@ -536,27 +674,51 @@ else
 fi
 
 version=$("$VENV/bin/python" -c 'from importlib.metadata import version; print(version("tlsroll"))')
-if [ -n "$running" ]; then
-    if [ "$restart_later" = yes ]; then
-        warn "not restarted ($running): they run the old code beside the new files until they are; once no rollout is active: systemctl restart $running"
+# Every unit is restarted, also after another one failed to be: one left on the old code (the
+# leader node's agent) would run it over the new files; each failure is reported, exit 1.
+restarted=""
+not_restarted=""
+for unit in $restart_now; do
+    if systemctl try-restart "$unit.service"; then
+        restarted="$restarted $unit"
     else
-        for unit in $running; do
-            systemctl try-restart "$unit.service" || die "systemctl try-restart $unit failed: see systemctl status $unit"
-        done
+        echo "install.sh: systemctl try-restart $unit failed: see systemctl status $unit" >&2
+        not_restarted="$not_restarted $unit"
     fi
+done
+restarted=${restarted# }
+not_restarted=${not_restarted# }
+if [ -n "$held" ]; then
+    warn "not restarted ($held): it runs the old code beside the new files until it is; once no node of a rollout is on its way (tlsroll rollout status): systemctl restart $held"
 fi
 # An upgrade of a server that is set up already: what changed, instead of the first steps.
 if [ -n "$old_version" ] && { { [ "$role" = leader ] && [ -f "$LEADER_DATA/leader.toml" ]; } ||
     { [ "$role" = agent ] && [ -f "$AGENT_DATA/node.pem" ]; }; }; then
+    # Which way the version went, as the versions say (every build from a checkout says
+    # 0.2.0.dev0: "reinstalled" there).
+    how=$(
+        "$VENV/bin/python" - "$old_version" "$version" 2>/dev/null <<'PY'
+import sys
+from pip._vendor.packaging.version import Version
+old, new = (Version(v) for v in sys.argv[1:])
+print("reinstalled" if old == new else "downgraded" if new < old else "upgraded")
+PY
+    ) || how=upgraded
+    if [ "$how" = reinstalled ]; then what="reinstalled $version"; else what="$how $old_version -> $version"; fi
     if [ -z "$running" ]; then
         done_line="no tlsroll daemon runs here (systemctl start tlsroll-$role)"
-    elif [ "$restart_later" = yes ]; then
-        done_line="not restarted: ${running// /, } (--restart-later)"
     else
-        done_line="restarted ${running// /, }"
+        done_line=""
+        if [ -n "$restarted" ]; then done_line="restarted ${restarted// /, }"; fi
+        if [ -n "$not_restarted" ]; then done_line="${done_line:+$done_line; }failed to restart ${not_restarted// /, }"; fi
+        if [ -n "$held" ]; then done_line="${done_line:+$done_line; }not restarted: $held (--restart-later)"; fi
     fi
-    say "upgraded $old_version -> $version; $done_line"
+    say "$what; $done_line"
+    if [ -n "$not_restarted" ]; then exit 1; fi
     exit 0
+fi
+if [ -n "$not_restarted" ]; then
+    die "installed tlsroll $version in $VENV, but could not restart ${not_restarted// /, }: see systemctl status ${not_restarted// / }"
 fi
 
 # --- next steps, each a command that works as printed (as root) --------------------------------

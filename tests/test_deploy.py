@@ -484,7 +484,7 @@ with db:
     )
     db.execute(
         "INSERT OR IGNORE INTO rollout_nodes (rollout_id, name, state)"
-        " VALUES (?, 'srv1', 'pending')",
+        " VALUES (?, 'srv1', 'switching')",
         (rollout_id,),
     )
     db.execute("UPDATE rollouts SET state = ? WHERE id = ?", (state, rollout_id))
@@ -493,7 +493,8 @@ db.close()
 
 
 def set_rollout_state(throwaway: ThrowawayRoot, state: str) -> None:
-    """A rollout in ``state`` in the (stopped) leader's store, as the leader would keep it."""
+    """A rollout in ``state`` in the (stopped) leader's store, as the leader would keep it,
+    its node srv1 on its way (switching)."""
     throwaway.ok(
         f"runuser -u tlsroll -- /opt/tlsroll/bin/python - {ROLLOUT_ID} {state} <<'EOF'\n"
         f"{SET_ROLLOUT}EOF"
@@ -557,28 +558,32 @@ def upgrade_while_the_leader_runs(
     manifest = "sha256sum /opt/tlsroll/installed-files /opt/tlsroll/bin/tlsroll"
     before = throwaway.ok(manifest)
 
-    # An active rollout: refused, nothing changed, nothing restarted.
+    # A rollout with a node on its way: refused, nothing changed, nothing restarted.
     result = throwaway.run(leader, network=True)
     assert result.returncode == 1, result.stdout + result.stderr
     assert (
-        f"install.sh: rollout {ROLLOUT_ID} is paused: an upgrade now would restart "
-        "tlsroll-leader in its course; nothing changed" in result.stderr
+        f"install.sh: rollout {ROLLOUT_ID} is paused (srv1 on its way): an upgrade now would "
+        "restart tlsroll-leader in its course; nothing changed" in result.stderr
     ), result.stderr
     assert "line " not in result.stderr and "Traceback" not in result.stderr, result.stderr
     assert throwaway.ok(manifest) == before
     calls = throwaway.ok("cat /var/lib/fake-systemd/calls")
     assert "try-restart" not in calls and "restart " not in calls, calls
 
-    # --restart-later: installed, nothing restarted, and the admin told what to restart.
+    # --restart-later: installed, the agent restarted, the leader held back, and the admin
+    # told what to restart.
     result = throwaway.run(f"{NO_BYTECODE}{leader} --restart-later", network=True)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert "systemctl restart tlsroll-leader tlsroll-agent" in result.stderr, result.stderr
+    assert "systemctl restart tlsroll-leader\n" in result.stderr, result.stderr
     assert (
-        f"install.sh: upgraded {version} -> {version}; not restarted: tlsroll-leader, "
-        "tlsroll-agent (--restart-later)" in result.stdout
+        f"install.sh: reinstalled {version}; restarted tlsroll-agent; not restarted: "
+        "tlsroll-leader (--restart-later)" in result.stdout
     ), result.stdout
     assert "tlsroll init" not in result.stdout
-    assert "try-restart" not in throwaway.ok("cat /var/lib/fake-systemd/calls")
+    logged = throwaway.ok("cat /var/lib/fake-systemd/calls").splitlines()
+    assert [c for c in logged if c.startswith("try-restart")] == [
+        "try-restart tlsroll-agent.service"
+    ], logged
 
     # The rollout ended: both daemons restarted, one line saying so.
     throwaway.ok(STOP_LEADER)
@@ -587,12 +592,13 @@ def upgrade_while_the_leader_runs(
     result = throwaway.run(NO_BYTECODE + leader, network=True)
     assert result.returncode == 0, result.stdout + result.stderr
     assert (
-        f"install.sh: upgraded {version} -> {version}; restarted tlsroll-leader, tlsroll-agent"
+        f"install.sh: reinstalled {version}; restarted tlsroll-leader, tlsroll-agent"
         in result.stdout
     ), result.stdout
     assert "tlsroll init" not in result.stdout and "next steps" not in result.stdout
     logged = throwaway.ok("cat /var/lib/fake-systemd/calls").splitlines()
     assert [c for c in logged if c.startswith("try-restart")] == [
+        "try-restart tlsroll-agent.service",  # --restart-later's
         "try-restart tlsroll-leader.service",
         "try-restart tlsroll-agent.service",
     ], logged
@@ -750,7 +756,7 @@ exec systemd-nspawn --quiet --directory={layers}/root --private-network --regist
     assert re.search(r"NoNewPrivs:\s+1\n", leader) and re.search(r"Seccomp:\s+2\n", leader), report
     upgrade = files.get("upgrade", "")
     assert "RESTARTED-ON-UPGRADE" in upgrade and "exit 0" in upgrade, report
-    assert re.search(r"install.sh: upgraded \S+ -> \S+; restarted tlsroll-leader\n", upgrade), (
+    assert re.search(r"install.sh: reinstalled \S+; restarted tlsroll-leader\n", upgrade), (
         report
     )
     credential = files.get("credential", "")
