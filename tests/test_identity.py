@@ -445,7 +445,7 @@ def test_another_pc_of_the_same_name_does_not_take_it_over_unless_it_replaces_it
 
     code, details = sign_workstation(cluster, node1, "ws-empfang")  # another PC, no proof
     assert code == ALREADY_EXISTS, details
-    assert "taken by another PC at this node" in details and "--replace" in details, details
+    assert "taken at this node" in details and "--replace" in details, details
     assert "--name" in details and "tlsroll workstations revoke ws-empfang" in details
     assert workstation_rows(cluster, "ws-empfang") == before  # nothing revoked, nothing new
 
@@ -470,7 +470,7 @@ def test_another_pc_of_the_same_name_does_not_take_it_over_unless_it_replaces_it
     assert sign_workstation(cluster, node2, "ws-empfang", previous=again[0], signed=moved)[0] == OK
     # its superseded certificate proves nothing any more
     code, details = sign_workstation(cluster, node2, "ws-empfang", previous=first[0])
-    assert code == ALREADY_EXISTS and "taken by another PC" in details, details
+    assert code == ALREADY_EXISTS and "taken at this node" in details, details
     # --replace at another node than the name's is still refused (a node cannot take the
     # names of another node's workstations)
     code, details = sign_workstation(cluster, node1, "ws-empfang", replace=True)
@@ -489,6 +489,24 @@ def test_another_pc_of_the_same_name_does_not_take_it_over_unless_it_replaces_it
         if r["kind"] == "workstation.enrolled" and r["subject"] == "ws-empfang"
     ]
     assert [a.get("replaced", False) for a in audit] == [False, False, False, True]
+
+
+def test_an_older_client_enrolling_its_own_pc_again_is_told_to_upgrade(cluster: Cluster) -> None:
+    """Audit s40ws M2: a client older than the proof (its CSR has none) enrolling its own PC
+    again at the same node is refused; its refusal said "another PC ... run again with
+    --replace" within the 160 characters such a client shows (after the node's "the leader did
+    not sign: "), an option it does not know. Now that part says it may be this PC with an
+    older tlsroll, to upgrade."""
+    node1 = cluster.agents["node1"]
+    assert sign_workstation(cluster, node1, "ws-praxis-empfang")[0] == OK
+    before = workstation_rows(cluster, "ws-praxis-empfang")
+    code, details = sign_workstation(cluster, node1, "ws-praxis-empfang")  # no proof
+    assert code == ALREADY_EXISTS, details
+    shown = f"the leader did not sign: {details}"[:160]  # nodeagent.bootstrap_supervisor
+    assert "by this PC if its tlsroll is too old to prove it (upgrade it)" in shown, shown
+    assert "--replace" in details and "--name" in details, details
+    assert "tlsroll workstations revoke ws-praxis-empfang" in details, details
+    assert workstation_rows(cluster, "ws-praxis-empfang") == before
 
 
 def _proof_ext(raw: bytes) -> x509.UnrecognizedExtension:

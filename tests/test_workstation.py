@@ -1213,9 +1213,10 @@ async def test_a_name_taken_is_said_whole_with_a_longer_name_to_use(
     from nodeagent.bootstrap_supervisor import SignRefused
 
     taken = (
-        "the leader did not sign: workstation name ws-empfang is taken by another PC at this "
-        "node: if this PC replaces that one, run again with --replace; else choose another "
-        "(--name), or the admin frees it (tlsroll workstations revoke ws-empfang)"
+        "the leader did not sign: workstation name ws-empfang is taken at this node: by this "
+        "PC if its tlsroll is too old to prove it (upgrade it), else by another PC; if this PC "
+        "replaces that one, run again with --replace; else choose another (--name), or the "
+        "admin frees it (tlsroll workstations revoke ws-empfang)"
     )
     assert len(taken) > 200
 
