@@ -89,6 +89,7 @@ from urllib.parse import urlsplit
 
 import click
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from tlsroll import bootstrap_csr, pki
@@ -582,17 +583,20 @@ class TestConnection:
             pairs.append(((d / "client.key").read_bytes(), (d / "client.pem").read_bytes()))
         found: list[tuple[x509.Certificate, ec.EllipticCurvePrivateKey]] = []
         for key_pem, cert_pem in pairs:
+            # (Its names and key are read when asked for: a malformed SAN, an extension twice
+            # or a key ``cryptography`` cannot load raise then; audit s40ws L2.)
             try:
                 key = pki.load_key_pem(key_pem)
                 cert = pki.load_cert_pem(cert_pem)
                 pki.check_valid_now(cert)
-            except (PKIError, ValueError):
+                holds = (
+                    isinstance(key, ec.EllipticCurvePrivateKey)
+                    and pki.key_matches(cert, key)
+                    and proto.WORKSTATION_CN.fullmatch(pki.names_of(cert).common_name)
+                )
+            except (PKIError, ValueError, TypeError, x509.DuplicateExtension, UnsupportedAlgorithm):
                 continue
-            if (
-                isinstance(key, ec.EllipticCurvePrivateKey)
-                and pki.key_matches(cert, key)
-                and proto.WORKSTATION_CN.fullmatch(pki.names_of(cert).common_name)
-            ):
+            if holds:
                 found.append((cert, key))
         return max(found, key=lambda pair: pair[0].not_valid_before_utc, default=None)
 
