@@ -240,6 +240,8 @@ def settings_of(tmp_path: Path) -> dict[str, Any]:
     [
         ("https://192.168.1.5:8443/praxis_live/", ("192.168.1.5", 8443, "/praxis_live/")),
         ("HTTPS://Server.Local:8443/praxis_live", ("server.local", 8443, "/praxis_live/")),
+        # audit s40ws L4: an address with a final dot is the address (the certificate's)
+        ("https://192.168.1.5.:8443/praxis_live/", ("192.168.1.5", 8443, "/praxis_live/")),
         ("https://[fd00::5]:8443/a/b/", ("fd00::5", 8443, "/a/b/")),
     ],
 )
@@ -276,6 +278,10 @@ def test_url_accepted(url: str, expected: tuple[str, int, str]) -> None:
         "https://127.1:8443/praxis_live/",
         "https://0x7f.0.0.1:8443/praxis_live/",
         "https://2130706433:8443/praxis_live/",
+        # Audit s40ws L4: a final dot skipped that check
+        "https://127.000.000.010.:8443/praxis_live/",
+        "https://127.1.:8443/praxis_live/",
+        "https://0x7f.0.0.1.:8443/praxis_live/",
     ],
 )
 def test_url_usage_errors(url: str) -> None:
