@@ -1345,7 +1345,8 @@ async def test_a_certificate_of_another_name_in_the_dir_proves_nothing(
         assert (await run_cli(node.url, "--password-file", pw, "--yes")).code == 0
         run = await run_cli(node.url, "--password-file", pw, "--yes", "--name", "other")
     assert run.code == 0, run.err
-    assert [pki.names_of(pki.load_csr_pem(c)).common_name for c in csrs] == ["ws-pc-test", "ws-other"]
+    names = [pki.names_of(pki.load_csr_pem(c)).common_name for c in csrs]
+    assert names == ["ws-pc-test", "ws-other"]
     assert claim_of(csrs[-1]) == bootstrap_csr.Reenrolment()
 
 

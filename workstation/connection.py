@@ -591,10 +591,10 @@ class TestConnection:
                 key = pki.load_key_pem(key_pem)
                 cert = pki.load_cert_pem(cert_pem)
                 pki.check_valid_now(cert)
-                holds = (
-                    isinstance(key, ec.EllipticCurvePrivateKey)
-                    and pki.key_matches(cert, key)
-                    and proto.WORKSTATION_CN.fullmatch(pki.names_of(cert).common_name)
+                if not isinstance(key, ec.EllipticCurvePrivateKey):
+                    continue
+                holds = pki.key_matches(cert, key) and proto.WORKSTATION_CN.fullmatch(
+                    pki.names_of(cert).common_name
                 )
             except (PKIError, ValueError, TypeError, x509.DuplicateExtension, UnsupportedAlgorithm):
                 continue
