@@ -367,17 +367,20 @@ def sign_workstation(
     replace: bool = False,
     extensions: list[x509.ExtensionType] | None = None,
     signed: list[PC] | None = None,
+    csr: bytes | None = None,
 ) -> tuple[grpc.StatusCode, str]:
     """A node's bootstrap service asks for a workstation certificate, as a PC would make its
-    CSR (``previous``: the PC's certificate and key of the name it enrols again under);
-    the certificate and key signed are appended to ``signed``."""
+    CSR (``previous``: the PC's certificate and key of the name it enrols again under), or
+    sends ``csr`` as it is; the certificate and key signed are appended to ``signed``."""
     key = pki.generate_key()
     if extensions is None:
         claim = bootstrap_csr.reenrolment_extension(
             key.public_key(), cn, previous=previous, replace=replace
         )
         extensions = [claim] if claim else []
-    csr = pki.csr_to_pem(pki.make_csr(key, bootstrap_protocol.workstation_names(cn), extensions))
+    if csr is None:
+        names = bootstrap_protocol.workstation_names(cn)
+        csr = pki.csr_to_pem(pki.make_csr(key, names, extensions))
     answers: list[Any] = []
     with cluster.control_channel(*node_credentials(agent)) as channel:
         stub = leader_pb2_grpc.LeaderStub(channel)
@@ -617,6 +620,30 @@ def test_a_hostile_reenrolment_proof_is_refused_as_invalid(
     )
     assert code == INVALID_ARGUMENT, (code, details)
     assert details.startswith("unacceptable workstation CSR: ") and "\n" not in details, details
+    assert workstation_rows(cluster, "ws-hostile") == before
+
+
+def test_a_csr_whose_own_names_cannot_be_read_is_refused_as_invalid(
+    cluster: Cluster, hostile_target: PC
+) -> None:
+    """Audit s40ws M1, the CSR's own parts: a malformed SAN raised ValueError in the leader
+    (INTERNAL) before the proof was read. INVALID_ARGUMENT, nothing signed or revoked."""
+    before = workstation_rows(cluster, "ws-hostile")
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ws-hostile")])
+    bad_san = x509.UnrecognizedExtension(
+        x509.oid.ExtensionOID.SUBJECT_ALTERNATIVE_NAME, b"\x30\x03\x02\x01\x01"
+    )
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(name)
+        .add_extension(bad_san, critical=False)
+        .sign(pki.generate_key(), hashes.SHA256())
+    )
+    code, details = sign_workstation(
+        cluster, cluster.agents["node1"], "ws-hostile", csr=pki.csr_to_pem(csr)
+    )
+    assert code == INVALID_ARGUMENT, (code, details)
+    assert details == "unacceptable workstation CSR: malformed CSR", details
     assert workstation_rows(cluster, "ws-hostile") == before
 
 

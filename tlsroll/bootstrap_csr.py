@@ -31,6 +31,9 @@ WORKSTATION_CN = re.compile(r"ws-[a-z0-9]([a-z0-9-]{0,58}[a-z0-9])?")
 REENROL_OID = x509.ObjectIdentifier("2.25.182646992994859322264631623817214396066")
 _REENROL_LABEL = b"tlsroll workstation re-enrolment v1\x00"
 _MAX_REENROL_BYTES = 8192
+# What reading a parsed certificate's or CSR's parts (key, names, extensions) raises for what
+# a client made: its refusal, not the leader's error (audit s40ws M1).
+_UNREADABLE = (ValueError, TypeError, x509.DuplicateExtension, UnsupportedAlgorithm)
 
 
 class BootstrapReason(StrEnum):
@@ -101,12 +104,16 @@ def check_workstation_csr(csr_pem: bytes) -> tuple[ec.EllipticCurvePublicKey, st
     """
     try:
         csr = pki.load_csr_pem(csr_pem)
+        # (Its key, names and extensions are parsed when asked for: a key type unknown to
+        # ``cryptography``, a malformed SAN or an extension twice raise then.)
+        key = csr.public_key()
+        cn = pki.names_of(csr).common_name
     except PKIError as exc:
         raise BootstrapError(BootstrapReason.BAD_CSR, str(exc)) from None
-    key = csr.public_key()
+    except _UNREADABLE:
+        raise BootstrapError(BootstrapReason.BAD_CSR, "malformed CSR") from None
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
         raise BootstrapError(BootstrapReason.BAD_CSR, "the key must be ECDSA P-256")
-    cn = pki.names_of(csr).common_name
     if not WORKSTATION_CN.fullmatch(cn):
         raise BootstrapError(BootstrapReason.BAD_CSR, f"CN {cn!r} is not ws-<name>")
     try:
@@ -198,7 +205,7 @@ def reenrolment_of(csr_pem: bytes) -> Reenrolment:
         previous = x509.load_der_x509_certificate(previous_der)
         previous_cn = pki.names_of(previous).common_name
         old_key = previous.public_key()
-    except (ValueError, TypeError, x509.DuplicateExtension, UnsupportedAlgorithm):
+    except _UNREADABLE:
         raise bad from None
     if previous_cn != cn:
         raise BootstrapError(BootstrapReason.BAD_CSR, f"the previous certificate is not {cn}'s")
