@@ -1246,8 +1246,12 @@ class Store(LeaderStore):
                         f"{workstation})"
                     )
                 if held and not replace:
+                    # An older client (no proof) cuts this at 160 characters, after the
+                    # node's "the leader did not sign: ", and knows no --replace: what it can
+                    # do comes first (audit s40ws M2).
                     raise NameTaken(
-                        f"workstation name {workstation} is taken by another PC at this node: "
+                        f"workstation name {workstation} is taken at this node: by this PC if "
+                        "its tlsroll is too old to prove it (upgrade it), else by another PC; "
                         "if this PC replaces that one, run again with --replace; else choose "
                         f"another (--name), or the admin frees it (tlsroll workstations revoke "
                         f"{workstation})"

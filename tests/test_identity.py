@@ -10,6 +10,7 @@ certificate; the victim side is the product's own client code (``nodeagent.ident
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import datetime as dt
 import ipaddress
@@ -23,7 +24,7 @@ from typing import Any
 import grpc
 import pytest
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from leader.agent_client import AgentClient
@@ -366,17 +367,20 @@ def sign_workstation(
     replace: bool = False,
     extensions: list[x509.ExtensionType] | None = None,
     signed: list[PC] | None = None,
+    csr: bytes | None = None,
 ) -> tuple[grpc.StatusCode, str]:
     """A node's bootstrap service asks for a workstation certificate, as a PC would make its
-    CSR (``previous``: the PC's certificate and key of the name it enrols again under);
-    the certificate and key signed are appended to ``signed``."""
+    CSR (``previous``: the PC's certificate and key of the name it enrols again under), or
+    sends ``csr`` as it is; the certificate and key signed are appended to ``signed``."""
     key = pki.generate_key()
     if extensions is None:
         claim = bootstrap_csr.reenrolment_extension(
             key.public_key(), cn, previous=previous, replace=replace
         )
         extensions = [claim] if claim else []
-    csr = pki.csr_to_pem(pki.make_csr(key, bootstrap_protocol.workstation_names(cn), extensions))
+    if csr is None:
+        names = bootstrap_protocol.workstation_names(cn)
+        csr = pki.csr_to_pem(pki.make_csr(key, names, extensions))
     answers: list[Any] = []
     with cluster.control_channel(*node_credentials(agent)) as channel:
         stub = leader_pb2_grpc.LeaderStub(channel)
@@ -444,7 +448,7 @@ def test_another_pc_of_the_same_name_does_not_take_it_over_unless_it_replaces_it
 
     code, details = sign_workstation(cluster, node1, "ws-empfang")  # another PC, no proof
     assert code == ALREADY_EXISTS, details
-    assert "taken by another PC at this node" in details and "--replace" in details, details
+    assert "taken at this node" in details and "--replace" in details, details
     assert "--name" in details and "tlsroll workstations revoke ws-empfang" in details
     assert workstation_rows(cluster, "ws-empfang") == before  # nothing revoked, nothing new
 
@@ -469,7 +473,7 @@ def test_another_pc_of_the_same_name_does_not_take_it_over_unless_it_replaces_it
     assert sign_workstation(cluster, node2, "ws-empfang", previous=again[0], signed=moved)[0] == OK
     # its superseded certificate proves nothing any more
     code, details = sign_workstation(cluster, node2, "ws-empfang", previous=first[0])
-    assert code == ALREADY_EXISTS and "taken by another PC" in details, details
+    assert code == ALREADY_EXISTS and "taken at this node" in details, details
     # --replace at another node than the name's is still refused (a node cannot take the
     # names of another node's workstations)
     code, details = sign_workstation(cluster, node1, "ws-empfang", replace=True)
@@ -488,6 +492,159 @@ def test_another_pc_of_the_same_name_does_not_take_it_over_unless_it_replaces_it
         if r["kind"] == "workstation.enrolled" and r["subject"] == "ws-empfang"
     ]
     assert [a.get("replaced", False) for a in audit] == [False, False, False, True]
+
+
+def test_an_older_client_enrolling_its_own_pc_again_is_told_to_upgrade(cluster: Cluster) -> None:
+    """Audit s40ws M2: a client older than the proof (its CSR has none) enrolling its own PC
+    again at the same node is refused; its refusal said "another PC ... run again with
+    --replace" within the 160 characters such a client shows (after the node's "the leader did
+    not sign: "), an option it does not know. Now that part says it may be this PC with an
+    older tlsroll, to upgrade."""
+    node1 = cluster.agents["node1"]
+    assert sign_workstation(cluster, node1, "ws-praxis-empfang")[0] == OK
+    before = workstation_rows(cluster, "ws-praxis-empfang")
+    code, details = sign_workstation(cluster, node1, "ws-praxis-empfang")  # no proof
+    assert code == ALREADY_EXISTS, details
+    shown = f"the leader did not sign: {details}"[:160]  # nodeagent.bootstrap_supervisor
+    assert "by this PC if its tlsroll is too old to prove it (upgrade it)" in shown, shown
+    assert "--replace" in details and "--name" in details, details
+    assert "tlsroll workstations revoke ws-praxis-empfang" in details, details
+    assert workstation_rows(cluster, "ws-praxis-empfang") == before
+
+
+def _proof_ext(raw: bytes) -> x509.UnrecognizedExtension:
+    """A re-enrolment extension holding ``raw`` (JSON or not) as it is."""
+    return x509.UnrecognizedExtension(bootstrap_csr.REENROL_OID, bootstrap_csr._der_octets(raw))
+
+
+def _proof_with(previous_der: bytes) -> x509.UnrecognizedExtension:
+    """A re-enrolment extension naming ``previous_der`` as the previous certificate."""
+    body = {
+        "version": 1,
+        "replace": False,
+        "previous": base64.b64encode(previous_der).decode(),
+        "signature": "AAAA",
+    }
+    return _proof_ext(json.dumps(body).encode())
+
+
+def _self_signed(cn: str, extensions: list[x509.ExtensionType]) -> x509.Certificate:
+    key = pki.generate_key()
+    now = dt.datetime.now(dt.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+        .issuer_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, cn)]))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now)
+        .not_valid_after(now + dt.timedelta(days=1))
+    )
+    for extension in extensions:
+        builder = builder.add_extension(extension, critical=False)
+    return builder.sign(key, hashes.SHA256())
+
+
+def _hostile_proof(case: str, held: x509.Certificate) -> x509.UnrecognizedExtension:
+    """Audit s40ws M1: proofs that made the leader fail (INTERNAL) or that the network-JSON
+    rule refuses (``bootstrap_csr.loads_strict``); ``held``: the name's certificate."""
+    der = held.public_bytes(serialization.Encoding.DER)
+    point = held.public_key().public_bytes(
+        serialization.Encoding.X962, serialization.PublicFormat.UncompressedPoint
+    )
+    cn = pki.names_of(held).common_name
+    if case == "deep json":  # RecursionError in json.loads
+        return _proof_ext(b"[" * 3000 + b"]" * 3000)
+    if case == "version true":  # True == 1
+        return _proof_ext(b'{"version":true,"replace":true}')
+    if case == "duplicate key":
+        return _proof_ext(b'{"version":1,"replace":false,"replace":true}')
+    if case == "nan":
+        return _proof_ext(b'{"version":1,"replace":true,"x":NaN}')
+    if case == "malformed san":  # ValueError in names_of
+        bad_san = x509.UnrecognizedExtension(
+            x509.oid.ExtensionOID.SUBJECT_ALTERNATIVE_NAME, b"\x30\x03\x02\x01\x01"
+        )
+        return _proof_with(_self_signed(cn, [bad_san]).public_bytes(serialization.Encoding.DER))
+    if case == "duplicate extension":  # x509.DuplicateExtension in names_of
+        twice = _self_signed(
+            cn,
+            [
+                x509.UnrecognizedExtension(x509.ObjectIdentifier("1.2.3.4"), b"\x05\x00"),
+                x509.UnrecognizedExtension(x509.ObjectIdentifier("1.2.3.5"), b"\x05\x00"),
+            ],
+        ).public_bytes(serialization.Encoding.DER)
+        assert twice.count(bytes.fromhex("06032a0305")) == 1
+        return _proof_with(twice.replace(bytes.fromhex("06032a0305"), bytes.fromhex("06032a0304")))
+    if case == "point off curve":  # ValueError in public_key()
+        assert der.count(point) == 1
+        return _proof_with(der.replace(point, point[:-1] + bytes([point[-1] ^ 1])))
+    if case == "unknown key type":  # UnsupportedAlgorithm in public_key()
+        ec_public_key = bytes.fromhex("06072a8648ce3d0201")
+        assert der.count(ec_public_key) == 1
+        return _proof_with(der.replace(ec_public_key, bytes.fromhex("06072a8648ce3d0209")))
+    raise AssertionError(case)
+
+
+@pytest.fixture(scope="module")
+def hostile_target(cluster: Cluster) -> PC:
+    """A name held by a PC at node1, for the hostile proofs to be about."""
+    signed: list[PC] = []
+    assert sign_workstation(cluster, cluster.agents["node1"], "ws-hostile", signed=signed)[0] == OK
+    return signed[0]
+
+
+@pytest.mark.parametrize(
+    "case",
+    [
+        "deep json",
+        "version true",
+        "duplicate key",
+        "nan",
+        "malformed san",
+        "duplicate extension",
+        "point off curve",
+        "unknown key type",
+    ],
+)
+def test_a_hostile_reenrolment_proof_is_refused_as_invalid(
+    cluster: Cluster, hostile_target: PC, case: str
+) -> None:
+    """Audit s40ws M1: the leader answered INTERNAL to a proof it could not parse, and took
+    JSON the project's network rule refuses (``{"version": true}``, a key twice, NaN). Now each
+    is the CSR's one-line refusal (INVALID_ARGUMENT), and nothing is signed or revoked."""
+    before = workstation_rows(cluster, "ws-hostile")
+    extension = _hostile_proof(case, hostile_target[0])
+    code, details = sign_workstation(
+        cluster, cluster.agents["node1"], "ws-hostile", extensions=[extension]
+    )
+    assert code == INVALID_ARGUMENT, (code, details)
+    assert details.startswith("unacceptable workstation CSR: ") and "\n" not in details, details
+    assert workstation_rows(cluster, "ws-hostile") == before
+
+
+def test_a_csr_whose_own_names_cannot_be_read_is_refused_as_invalid(
+    cluster: Cluster, hostile_target: PC
+) -> None:
+    """Audit s40ws M1, the CSR's own parts: a malformed SAN raised ValueError in the leader
+    (INTERNAL) before the proof was read. INVALID_ARGUMENT, nothing signed or revoked."""
+    before = workstation_rows(cluster, "ws-hostile")
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ws-hostile")])
+    bad_san = x509.UnrecognizedExtension(
+        x509.oid.ExtensionOID.SUBJECT_ALTERNATIVE_NAME, b"\x30\x03\x02\x01\x01"
+    )
+    csr = (
+        x509.CertificateSigningRequestBuilder()
+        .subject_name(name)
+        .add_extension(bad_san, critical=False)
+        .sign(pki.generate_key(), hashes.SHA256())
+    )
+    code, details = sign_workstation(
+        cluster, cluster.agents["node1"], "ws-hostile", csr=pki.csr_to_pem(csr)
+    )
+    assert code == INVALID_ARGUMENT, (code, details)
+    assert details == "unacceptable workstation CSR: malformed CSR", details
+    assert workstation_rows(cluster, "ws-hostile") == before
 
 
 def test_a_node_cannot_mint_workstation_certificates_without_limit(tmp_path: Path) -> None:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import datetime as dt
 import errno
 import io
 import json
@@ -33,6 +34,9 @@ import click
 import pytest
 import structlog
 from aiohttp import web
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.x509.oid import NameOID
 
 from nodeagent.bootstrap_server import BootstrapService
 from tests.cluster import child_env, command
@@ -236,6 +240,8 @@ def settings_of(tmp_path: Path) -> dict[str, Any]:
     [
         ("https://192.168.1.5:8443/praxis_live/", ("192.168.1.5", 8443, "/praxis_live/")),
         ("HTTPS://Server.Local:8443/praxis_live", ("server.local", 8443, "/praxis_live/")),
+        # audit s40ws L4: an address with a final dot is the address (the certificate's)
+        ("https://192.168.1.5.:8443/praxis_live/", ("192.168.1.5", 8443, "/praxis_live/")),
         ("https://[fd00::5]:8443/a/b/", ("fd00::5", 8443, "/a/b/")),
     ],
 )
@@ -272,6 +278,10 @@ def test_url_accepted(url: str, expected: tuple[str, int, str]) -> None:
         "https://127.1:8443/praxis_live/",
         "https://0x7f.0.0.1:8443/praxis_live/",
         "https://2130706433:8443/praxis_live/",
+        # Audit s40ws L4: a final dot skipped that check
+        "https://127.000.000.010.:8443/praxis_live/",
+        "https://127.1.:8443/praxis_live/",
+        "https://0x7f.0.0.1.:8443/praxis_live/",
     ],
 )
 def test_url_usage_errors(url: str) -> None:
@@ -1213,9 +1223,10 @@ async def test_a_name_taken_is_said_whole_with_a_longer_name_to_use(
     from nodeagent.bootstrap_supervisor import SignRefused
 
     taken = (
-        "the leader did not sign: workstation name ws-empfang is taken by another PC at this "
-        "node: if this PC replaces that one, run again with --replace; else choose another "
-        "(--name), or the admin frees it (tlsroll workstations revoke ws-empfang)"
+        "the leader did not sign: workstation name ws-empfang is taken at this node: by this "
+        "PC if its tlsroll is too old to prove it (upgrade it), else by another PC; if this PC "
+        "replaces that one, run again with --replace; else choose another (--name), or the "
+        "admin frees it (tlsroll workstations revoke ws-empfang)"
     )
     assert len(taken) > 200
 
@@ -1316,6 +1327,70 @@ async def test_a_failed_check_after_enrolment_keeps_the_new_certificate_for_the_
     assert run.code == 0, run.err
     assert claim_of(csrs[-1]).previous == pki.fingerprint(new_cert)
     assert assert_one_set(d, before, node)  # a new set, and .enrolment-kept gone
+
+
+async def test_a_certificate_of_another_name_in_the_dir_proves_nothing(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+) -> None:
+    """Audit s40ws L3: a PC enrolled under its host name, run again with --name another,
+    enrols under that name with no proof (its certificate is of another name: it proves
+    nothing about this one, and the leader would refuse it)."""
+    node = nodes["mtls"]
+    csrs: list[bytes] = []
+    pw = password_file(PASSWORD)
+    async with bootstrap_on(node, test_ca, sign=recording(test_ca, csrs)):
+        assert (await run_cli(node.url, "--password-file", pw, "--yes")).code == 0
+        run = await run_cli(node.url, "--password-file", pw, "--yes", "--name", "other")
+    assert run.code == 0, run.err
+    names = [pki.names_of(pki.load_csr_pem(c)).common_name for c in csrs]
+    assert names == ["ws-pc-test", "ws-other"]
+    assert claim_of(csrs[-1]) == bootstrap_csr.Reenrolment()
+
+
+async def test_a_client_certificate_that_cannot_be_read_whole_counts_as_none(
+    nodes: dict[str, ServerNode],
+    test_ca: pki.CertificateAuthority,
+    run_cli: Any,
+    password_file: Callable[[str], str],
+    tmp_path: Path,
+) -> None:
+    """Audit s40ws L2: a client.pem whose SAN is malformed (its key the client.key beside it)
+    crashed the run with a traceback when it looked for this PC's earlier enrolment. It
+    counts as none: the run enrols under the host name, with no proof."""
+    node = nodes["mtls"]
+    d = tmp_path / "settings"
+    d.mkdir(mode=0o700)
+    key = pki.generate_key()
+    now = dt.datetime.now(dt.UTC)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ws-pc-test")])
+    bad_san = x509.UnrecognizedExtension(
+        x509.oid.ExtensionOID.SUBJECT_ALTERNATIVE_NAME, b"\x30\x03\x02\x01\x01"
+    )
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=1))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .add_extension(bad_san, critical=False)
+        .sign(key, hashes.SHA256())
+    )
+    with pytest.raises(ValueError):
+        pki.names_of(cert)  # what made the traceback
+    write_atomic(d / "client.key", pki.key_to_pem(key), PRIVATE)
+    (d / "client.pem").write_bytes(pki.cert_to_pem(cert))
+    csrs: list[bytes] = []
+    async with bootstrap_on(node, test_ca, sign=recording(test_ca, csrs)):
+        run = await run_cli(node.url, "--password-file", password_file(PASSWORD), "--yes")
+    assert run.code == 0, run.err
+    assert "Traceback" not in run.out + run.err
+    assert claim_of(csrs[-1]) == bootstrap_csr.Reenrolment()
+    assert pki.names_of(pki.read_cert(d / "client.pem")).common_name == "ws-pc-test"
 
 
 def assert_one_set_beside_kept(d: Path, before: dict[str, bytes], node: ServerNode) -> bool:

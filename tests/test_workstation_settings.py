@@ -7,6 +7,7 @@ cases a run of the product does not leave by itself.
 
 from __future__ import annotations
 
+import datetime as dt
 import errno
 import fcntl
 import json
@@ -19,10 +20,14 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes
+from cryptography.x509.oid import NameOID
 
+from tlsroll import pki
 from tlsroll.fsutil import PRIVATE, PUBLIC, private_dir_problem, stage_atomic
 from workstation import settings_files
-from workstation.settings_files import MARKER, STAGING, Finished
+from workstation.settings_files import KEPT, MARKER, STAGING, Finished
 
 
 class Crash(BaseException):
@@ -321,3 +326,73 @@ def test_a_run_killed_after_any_change_leaves_the_old_set_or_the_new(d: Path) ->
     # Killed before the commit: the old set; after it: the new one.
     first_new = outcomes.index(True)
     assert not any(outcomes[:first_new]) and all(outcomes[first_new:])
+
+
+def client_pair(issued_days_ago: int) -> dict[str, bytes]:
+    """A client key and a certificate of it issued ``issued_days_ago`` days ago."""
+    key = pki.generate_key()
+    now = dt.datetime.now(dt.UTC)
+    name = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "ws-empfang")])
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(name)
+        .issuer_name(name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(days=issued_days_ago))
+        .not_valid_after(now + dt.timedelta(days=30))
+        .sign(key, hashes.SHA256())
+    )
+    return {"client.key": pki.key_to_pem(key), "client.pem": pki.cert_to_pem(cert)}
+
+
+def put_in_place(d: Path, pair: dict[str, bytes]) -> None:
+    for name, data in pair.items():
+        (d / name).write_bytes(data)
+
+
+@pytest.mark.parametrize(
+    ("in_place", "kept", "newest"),
+    [
+        (client_pair(1), client_pair(2), "in place"),  # a kept pair left over: the older
+        (client_pair(2), client_pair(1), "kept"),  # a failed check's new pair: the newer
+        ({"client.key": b"key", "client.pem": b"not a certificate"}, client_pair(2), "kept"),
+        (client_pair(2), {"client.key": b"key", "client.pem": b"not a certificate"}, "in place"),
+    ],
+    ids=["in place newer", "kept newer", "in place unreadable", "kept unreadable"],
+)
+def test_set_aside_keeps_the_newer_pair(
+    d: Path, in_place: dict[str, bytes], kept: dict[str, bytes], newest: str
+) -> None:
+    """Audit s40ws L1: with a pair kept aside already, the pair in place was deleted whatever
+    their ages (the docstring: "unless it holds a newer pair"). The newer is kept (a
+    certificate that cannot be read is the older); the client files are out of place."""
+    settings_files.keep(d, kept["client.key"], kept["client.pem"])
+    put_in_place(d, in_place)
+    assert settings_files.set_aside(d) == d / KEPT
+    assert settings_files.kept_pair(d) == (
+        (in_place if newest == "in place" else kept)["client.key"],
+        (in_place if newest == "in place" else kept)["client.pem"],
+    )
+    assert not (d / "client.key").exists() and not (d / "client.pem").exists()
+    assert stat.S_IMODE((d / KEPT / "client.key").stat().st_mode) == 0o600
+
+
+def test_a_kept_dir_that_was_there_is_made_private(d: Path) -> None:
+    """The kept dir holds a key: one made before (by hand, another umask) is made 0700."""
+    (d / KEPT).mkdir(mode=0o755)
+    os.chmod(d / KEPT, 0o755)  # noqa: S103 (what the test is about)
+    pair = client_pair(1)
+    settings_files.keep(d, pair["client.key"], pair["client.pem"])
+    assert stat.S_IMODE((d / KEPT).stat().st_mode) == 0o700
+    assert stat.S_IMODE((d / KEPT / "client.key").stat().st_mode) == 0o600
+
+
+def test_a_kept_link_is_not_followed(d: Path, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir(mode=0o755)
+    os.symlink(elsewhere, d / KEPT)
+    pair = client_pair(1)
+    with pytest.raises(NotADirectoryError):
+        settings_files.keep(d, pair["client.key"], pair["client.pem"])
+    assert os.listdir(elsewhere) == [] and stat.S_IMODE(elsewhere.stat().st_mode) == 0o755

@@ -14,9 +14,10 @@ import re
 import unicodedata
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 from cryptography import x509
-from cryptography.exceptions import InvalidSignature
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
@@ -30,6 +31,9 @@ WORKSTATION_CN = re.compile(r"ws-[a-z0-9]([a-z0-9-]{0,58}[a-z0-9])?")
 REENROL_OID = x509.ObjectIdentifier("2.25.182646992994859322264631623817214396066")
 _REENROL_LABEL = b"tlsroll workstation re-enrolment v1\x00"
 _MAX_REENROL_BYTES = 8192
+# What reading a parsed certificate's or CSR's parts (key, names, extensions) raises for what
+# a client made: its refusal, not the leader's error (audit s40ws M1).
+_UNREADABLE = (ValueError, TypeError, x509.DuplicateExtension, UnsupportedAlgorithm)
 
 
 class BootstrapReason(StrEnum):
@@ -50,6 +54,28 @@ class BootstrapError(TerminalError):
         super().__init__(f"{reason.value}: {detail}" if detail else reason.value)
         self.reason = reason
         self.detail = detail
+
+
+def loads_strict(body: bytes) -> Any:
+    """Parse JSON from the network: UTF-8, no duplicate keys, no NaN/Infinity, nested no deeper
+    than the decoder can go; ValueError (UnicodeDecodeError) else."""
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        obj: dict[str, Any] = {}
+        for key, item in items:
+            if key in obj:
+                raise ValueError(f"duplicate key {key!r}")
+            obj[key] = item
+        return obj
+
+    def no_constant(name: str) -> Any:
+        raise ValueError(f"{name} is not allowed")
+
+    text = body.decode("utf-8")
+    try:
+        return json.loads(text, object_pairs_hook=pairs, parse_constant=no_constant)
+    except RecursionError:  # '[' * 30000: the decoder's recursion, not the handler's bug
+        raise ValueError("nested too deeply") from None
 
 
 def workstation_names(common_name: str) -> pki.Names:
@@ -78,12 +104,16 @@ def check_workstation_csr(csr_pem: bytes) -> tuple[ec.EllipticCurvePublicKey, st
     """
     try:
         csr = pki.load_csr_pem(csr_pem)
+        # (Its key, names and extensions are parsed when asked for: a key type unknown to
+        # ``cryptography``, a malformed SAN or an extension twice raise then.)
+        key = csr.public_key()
+        cn = pki.names_of(csr).common_name
     except PKIError as exc:
         raise BootstrapError(BootstrapReason.BAD_CSR, str(exc)) from None
-    key = csr.public_key()
+    except _UNREADABLE:
+        raise BootstrapError(BootstrapReason.BAD_CSR, "malformed CSR") from None
     if not isinstance(key, ec.EllipticCurvePublicKey) or not isinstance(key.curve, ec.SECP256R1):
         raise BootstrapError(BootstrapReason.BAD_CSR, "the key must be ECDSA P-256")
-    cn = pki.names_of(csr).common_name
     if not WORKSTATION_CN.fullmatch(cn):
         raise BootstrapError(BootstrapReason.BAD_CSR, f"CN {cn!r} is not ws-<name>")
     try:
@@ -151,25 +181,34 @@ def reenrolment_of(csr_pem: bytes) -> Reenrolment:
     if not isinstance(ext, x509.UnrecognizedExtension) or len(ext.value) > _MAX_REENROL_BYTES:
         raise bad
     try:
-        body = json.loads(_der_unoctets(ext.value))
-    except ValueError:  # UnicodeDecodeError and a malformed DER too
+        body = loads_strict(_der_unoctets(ext.value))
+    except ValueError:  # UnicodeDecodeError, a malformed DER, too deep, a duplicate key, NaN
         raise bad from None
     if (
         not isinstance(body, dict)
-        or body.get("version") != 1
-        or not isinstance(body.get("replace"), bool)
+        or type(body.get("version")) is not int  # (True == 1)
+        or body["version"] != 1
+        or type(body.get("replace")) is not bool
     ):
         raise bad
     if "previous" not in body:
         return Reenrolment(replace=body["replace"])
     try:
-        previous = x509.load_der_x509_certificate(base64.b64decode(body["previous"], validate=True))
+        previous_der = base64.b64decode(body["previous"], validate=True)
         signature = base64.b64decode(body["signature"], validate=True)
     except (KeyError, TypeError, ValueError, binascii.Error):
         raise bad from None
-    if pki.names_of(previous).common_name != cn:
+    # Whatever the previous certificate holds is the client's: a malformed SAN, an extension
+    # twice, a point off its curve, a key type unknown to ``cryptography`` are a refusal of the
+    # CSR (INVALID_ARGUMENT), not the leader's error (audit s40ws M1).
+    try:
+        previous = x509.load_der_x509_certificate(previous_der)
+        previous_cn = pki.names_of(previous).common_name
+        old_key = previous.public_key()
+    except _UNREADABLE:
+        raise bad from None
+    if previous_cn != cn:
         raise BootstrapError(BootstrapReason.BAD_CSR, f"the previous certificate is not {cn}'s")
-    old_key = previous.public_key()
     if not isinstance(old_key, ec.EllipticCurvePublicKey):
         raise bad
     try:

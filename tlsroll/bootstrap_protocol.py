@@ -118,6 +118,7 @@ BootstrapError = bootstrap_csr.BootstrapError
 workstation_names = bootstrap_csr.workstation_names
 workstation_cn = bootstrap_csr.workstation_cn
 check_workstation_csr = bootstrap_csr.check_workstation_csr
+loads_strict = bootstrap_csr.loads_strict
 
 VERSION = 2
 HELLO_PATH = "/v2/hello"
@@ -191,28 +192,6 @@ def _check_canonical(value: Any) -> None:
             _check_canonical(item)
         return
     raise TypeError(f"canonical JSON cannot encode {type(value).__name__}")
-
-
-def loads_strict(body: bytes) -> Any:
-    """Parse JSON from the network: UTF-8, no duplicate keys, no NaN/Infinity, nested no deeper
-    than the decoder can go; ValueError (UnicodeDecodeError) else."""
-
-    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-        obj: dict[str, Any] = {}
-        for key, item in items:
-            if key in obj:
-                raise ValueError(f"duplicate key {key!r}")
-            obj[key] = item
-        return obj
-
-    def no_constant(name: str) -> Any:
-        raise ValueError(f"{name} is not allowed")
-
-    text = body.decode("utf-8")
-    try:
-        return json.loads(text, object_pairs_hook=pairs, parse_constant=no_constant)
-    except RecursionError:  # '[' * 30000: the decoder's recursion, not the handler's bug
-        raise ValueError("nested too deeply") from None
 
 
 def b64(data: bytes) -> str:

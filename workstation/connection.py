@@ -89,6 +89,7 @@ from urllib.parse import urlsplit
 
 import click
 from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from tlsroll import bootstrap_csr, pki
@@ -249,8 +250,7 @@ def check_url(text: str) -> ServerURL:
         )
     if not path.endswith("/"):
         path += "/"
-    host = hostname
-    _check_numeric_host(host, example)
+    host = _check_numeric_host(hostname, example)
     if scheme == "http" or port == HTTP_PORT:
         raise OldAddress(text.strip(), ServerURL(host, HTTPS_PORT, path))
     if port is None:
@@ -263,15 +263,18 @@ def check_url(text: str) -> ServerURL:
 _NUMERIC_LABEL = re.compile(r"[0-9]+|0x[0-9a-f]*")
 
 
-def _check_numeric_host(host: str, example: str) -> None:
+def _check_numeric_host(host: str, example: str) -> str:
     """A host of numbers only must be an IPv4 address written plainly: the resolver reads
     ``127.000.000.010`` as octal (127.0.0.8), ``127.1`` as 127.0.0.1 and ``0x7f.0.0.1`` as hex
-    (audit s39ws L5: a zero-padded address reached another host than the one written)."""
-    labels = host.lower().split(".")
+    (audit s39ws L5: a zero-padded address reached another host than the one written), with a
+    final dot too (``127.000.000.010.``, audit s40ws L4). Returns the host to use: such an
+    address without its final dot (the address the certificate names), else ``host``."""
+    numeric = host.rstrip(".")
+    labels = numeric.lower().split(".")
     if not all(_NUMERIC_LABEL.fullmatch(label) for label in labels):
-        return
+        return host
     try:
-        ipaddress.IPv4Address(host)
+        return str(ipaddress.IPv4Address(numeric))
     except ValueError:
         plain = ".".join(str(int(label)) for label in labels if label.isdigit())
         how = (
@@ -582,17 +585,20 @@ class TestConnection:
             pairs.append(((d / "client.key").read_bytes(), (d / "client.pem").read_bytes()))
         found: list[tuple[x509.Certificate, ec.EllipticCurvePrivateKey]] = []
         for key_pem, cert_pem in pairs:
+            # (Its names and key are read when asked for: a malformed SAN, an extension twice
+            # or a key ``cryptography`` cannot load raise then; audit s40ws L2.)
             try:
                 key = pki.load_key_pem(key_pem)
                 cert = pki.load_cert_pem(cert_pem)
                 pki.check_valid_now(cert)
-            except (PKIError, ValueError):
+                if not isinstance(key, ec.EllipticCurvePrivateKey):
+                    continue
+                holds = pki.key_matches(cert, key) and proto.WORKSTATION_CN.fullmatch(
+                    pki.names_of(cert).common_name
+                )
+            except (PKIError, ValueError, TypeError, x509.DuplicateExtension, UnsupportedAlgorithm):
                 continue
-            if (
-                isinstance(key, ec.EllipticCurvePrivateKey)
-                and pki.key_matches(cert, key)
-                and proto.WORKSTATION_CN.fullmatch(pki.names_of(cert).common_name)
-            ):
+            if holds:
                 found.append((cert, key))
         return max(found, key=lambda pair: pair[0].not_valid_before_utc, default=None)
 

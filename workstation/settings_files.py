@@ -31,6 +31,7 @@ enrolment is in place it is removed.
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import errno
 import fcntl
 import json
@@ -39,6 +40,8 @@ import stat
 from collections.abc import Callable, Iterator, Mapping
 from enum import Enum
 from pathlib import Path
+
+from cryptography import x509
 
 from tlsroll.errors import TerminalError
 from tlsroll.fsutil import PRIVATE, PUBLIC, fsync_dir, stage_atomic, write_atomic
@@ -115,15 +118,19 @@ def keep(directory: Path, key_pem: bytes, cert_pem: bytes) -> Path:
 
 def set_aside(directory: Path) -> Path | None:
     """Take ``client.key`` and ``client.pem`` out of place (a set without a client certificate
-    is in place): into ``KEPT`` unless it holds a newer pair already (then they are removed).
-    Returns ``KEPT`` (where this PC's newest pair is now), None if there were none. Raises
-    OSError."""
+    is in place): into ``KEPT`` unless it holds a pair issued later already (then they are
+    removed; a certificate that cannot be read counts as the older). Returns ``KEPT`` (where
+    this PC's newest pair is now), None if there were none. Raises OSError."""
     with _locked(directory):
         present = [n for n in CLIENT if os.path.lexists(directory / n)]
         if not present:
             return None
-        if not os.path.lexists(directory / KEPT) and len(present) == len(CLIENT):
-            _keep(directory, {n: ((directory / n).read_bytes(), _mode(n)) for n in CLIENT})
+        if len(present) == len(CLIENT):
+            pair = {n: (directory / n).read_bytes() for n in CLIENT}
+            if not os.path.lexists(directory / KEPT) or _newer(
+                pair["client.pem"], kept_pair(directory)
+            ):
+                _keep(directory, {n: (data, _mode(n)) for n, data in pair.items()})
         for name in present:
             os.unlink(directory / name)
         fsync_dir(directory)
@@ -135,6 +142,23 @@ def kept_pair(directory: Path) -> tuple[bytes, bytes] | None:
     try:
         return tuple((directory / KEPT / n).read_bytes() for n in CLIENT)  # type: ignore[return-value]
     except OSError:
+        return None
+
+
+def _newer(cert_pem: bytes, kept: tuple[bytes, bytes] | None) -> bool:
+    """Whether ``cert_pem`` was issued after the certificate of ``kept`` (key, certificate):
+    one that cannot be read is older than any that can (audit s40ws L1)."""
+    issued = _issued(cert_pem)
+    if issued is None:
+        return False
+    before = _issued(kept[1]) if kept is not None else None
+    return before is None or issued > before
+
+
+def _issued(cert_pem: bytes) -> dt.datetime | None:
+    try:
+        return x509.load_pem_x509_certificate(cert_pem).not_valid_before_utc
+    except ValueError:
         return None
 
 
@@ -159,8 +183,19 @@ def _keep(directory: Path, files: Mapping[str, tuple[bytes, int]]) -> None:
     kept = directory / KEPT
     with contextlib.suppress(FileExistsError):
         os.mkdir(kept, 0o700)
-    if not stat.S_ISDIR(os.lstat(kept).st_mode):
-        raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(kept))
+    # One that was there already (made by hand, or under another umask) is made private: it
+    # holds a key. Not followed if it is a link.
+    try:
+        fd = os.open(kept, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW)
+    except OSError as exc:
+        if exc.errno in (errno.ENOTDIR, errno.ELOOP):
+            raise NotADirectoryError(errno.ENOTDIR, "not a directory", str(kept)) from None
+        raise
+    try:
+        if stat.S_IMODE(os.fstat(fd).st_mode) != 0o700:
+            os.fchmod(fd, 0o700)
+    finally:
+        os.close(fd)
     for name in CLIENT:  # the key first: a pair cut short is one whose key does not match
         data, mode = files[name]
         write_atomic(kept / name, data, mode)
