@@ -554,6 +554,53 @@ def test_an_older_tlsroll_reads_a_newer_file_whose_migrations_it_may_ignore(
         ("ALTER TABLE a RENAME TO b", "drops or renames table a"),
         ("CREATE UNIQUE INDEX a_x ON a (x)", "adds index a_x on table a"),
         ("CREATE TRIGGER a_t AFTER INSERT ON a BEGIN SELECT 1; END", "adds trigger a_t"),
+        # Review s40 M2: each of these passed, and an older tlsroll's writes then failed.
+        (
+            "ALTER TABLE a ADD COLUMN y TEXT NOT NULL DEFAULT (NULL)",
+            "adds column a.y NOT NULL without a default",
+        ),
+        (
+            "ALTER TABLE a ADD COLUMN c TEXT CHECK (c IS NOT NULL)",
+            "adds to table a a column with CHECK",
+        ),
+        (
+            "ALTER TABLE a ADD COLUMN d INTEGER NOT NULL DEFAULT 0 CHECK (d > 0)",
+            "adds to table a a column with CHECK",
+        ),
+        ("ALTER TABLE a ADD COLUMN c TEXT COLLATE NOCASE", "adds to table a a column with COLLATE"),
+        (
+            "ALTER TABLE a ADD COLUMN g INTEGER GENERATED ALWAYS AS (k / 0) VIRTUAL",
+            "adds to table a a column with GENERATED",
+        ),
+        (
+            "ALTER TABLE a ADD COLUMN pid INTEGER DEFAULT 7 REFERENCES p(id)",
+            "changes the foreign keys of table a",
+        ),
+        (
+            "CREATE TABLE n (pid INTEGER NOT NULL REFERENCES p(id))",
+            "adds table n with a foreign key into table p",
+        ),
+        (
+            "CREATE TABLE a2 (x TEXT NOT NULL CHECK (x <> 'o'), k INTEGER);"
+            " INSERT INTO a2 SELECT * FROM a; DROP TABLE a; ALTER TABLE a2 RENAME TO a",
+            "rebuilds table a",
+        ),
+        (
+            "CREATE TABLE a2 (x TEXT NOT NULL, k INTEGER, UNIQUE (k));"
+            " INSERT INTO a2 SELECT * FROM a; DROP TABLE a; ALTER TABLE a2 RENAME TO a",
+            "rebuilds table a",
+        ),
+        (
+            "CREATE TABLE a2 (k INTEGER, x TEXT NOT NULL);"
+            " INSERT INTO a2 (x, k) SELECT x, k FROM a; DROP TABLE a; ALTER TABLE a2 RENAME TO a",
+            "changes or moves column a.k",
+        ),
+        ("DROP INDEX p_k", "changes or drops index p_k on table p"),
+        (
+            "ALTER TABLE a ADD COLUMN w INTEGER; INSERT INTO a (x, k) VALUES ('backfill', 1)",
+            "writes rows",
+        ),
+        ("ALTER TABLE a ADD COLUMN w INTEGER; UPDATE p SET k = k", "writes rows"),
     ],
 )
 def test_a_migration_an_older_tlsroll_may_not_ignore_cannot_be_marked_so(
@@ -565,11 +612,15 @@ def test_a_migration_an_older_tlsroll_may_not_ignore_cannot_be_marked_so(
     from tlsroll.sqlite import Database
 
     path = tmp_path / "x.sqlite3"
-    Database(path, ["CREATE TABLE a (x TEXT NOT NULL, k INTEGER)"]).close()
+    older = (
+        "CREATE TABLE p (id INTEGER PRIMARY KEY, k INTEGER); CREATE INDEX p_k ON p (k);"
+        " INSERT INTO p VALUES (7, 1); CREATE TABLE a (x TEXT NOT NULL, k INTEGER)"
+    )
+    Database(path, [older]).close()
     with pytest.raises(
         RuntimeError, match=f"migration 2 is one an older tlsroll may ignore, but it {problem}"
     ):
-        Database(path, ["CREATE TABLE a (x TEXT NOT NULL, k INTEGER)", step], ignorable={2})
+        Database(path, [older, step], ignorable={2})
     assert user_version(path) == 1
 
 
