@@ -147,6 +147,28 @@ def test_an_agent_runs_on_a_newer_journal_whose_migrations_it_may_ignore(
     assert ("rollback", "completed", None) in kinds
 
 
+def test_an_agent_refuses_a_newer_journal_whose_readable_by_is_not_an_integer(
+    one: tuple[Cluster, Node],
+) -> None:
+    """Review s40 M1: a ``readable_by`` this agent cannot trust ('abc') is the journal being
+    newer: one line, exit 3, the file left as it is. Before: ``int('abc')``, a traceback and
+    exit 1 (systemd starts it again, for ever)."""
+    cluster, node = one
+    assert node.agent is not None
+    node.agent.stop()
+    known = len(journal.MIGRATIONS)
+    newer = [*journal.MIGRATIONS, "ALTER TABLE txns ADD COLUMN newer_detail TEXT"]
+    Database(node.journal_path, newer, ignorable={known + 1}, what="journal").close()
+    with contextlib.closing(sqlite3.connect(node.journal_path, isolation_level=None)) as db:
+        db.execute("UPDATE schema_floor SET readable_by = 'abc'")
+    before = node.journal_path.read_bytes()
+    code, output = node.agent.run_to_exit()
+    assert code == 3, output
+    assert "Traceback" not in output, output
+    assert f"journal schema version {known + 1} is newer than this tlsroll knows" in output
+    assert node.journal_path.read_bytes() == before
+
+
 def test_a_stale_epoch_after_going_back_on_the_leader_names_the_way_out(
     one: tuple[Cluster, Node], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

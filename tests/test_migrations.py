@@ -544,6 +544,45 @@ def test_an_older_tlsroll_reads_a_newer_file_whose_migrations_it_may_ignore(
 
 
 @pytest.mark.parametrize(
+    "floor",
+    [
+        "DELETE FROM schema_floor; INSERT INTO schema_floor VALUES ('abc')",
+        "DELETE FROM schema_floor; INSERT INTO schema_floor VALUES (x'00')",
+        "DELETE FROM schema_floor; INSERT INTO schema_floor VALUES (0.5)",
+        "DELETE FROM schema_floor; INSERT INTO schema_floor VALUES (-7)",
+        "DELETE FROM schema_floor; INSERT INTO schema_floor VALUES (0)",
+        "DELETE FROM schema_floor; INSERT INTO schema_floor VALUES (3)",  # above its version
+        "DELETE FROM schema_floor",
+        "INSERT INTO schema_floor VALUES (1)",  # two rows
+        "DROP TABLE schema_floor; CREATE TABLE schema_floor (other INTEGER)",
+        "DROP TABLE schema_floor; CREATE VIEW schema_floor AS SELECT 1 AS readable_by",
+    ],
+)
+def test_a_newer_file_whose_readable_by_is_not_one_integer_is_refused(
+    floor: str, tmp_path: Path
+) -> None:
+    """Review s40 M1: a ``readable_by`` that is not exactly one integer row from 1 to the
+    file's version is not trusted: the newer file is refused (SchemaTooNew: exit 3), and left
+    as it is. Before: 'abc' or a blob was a ValueError or TypeError (a traceback, exit 1,
+    restarted for ever), a table without the column "no such column", and -7 or 0.5 opened
+    the file as it is."""
+    from tlsroll.sqlite import Database, Migration
+
+    path = tmp_path / "x.sqlite3"
+    older: list[Migration] = ["CREATE TABLE a (x TEXT NOT NULL)"]
+    Database(path, older).close()
+    Database(path, [*older, "ALTER TABLE a ADD COLUMN w INTEGER"], ignorable={2}).close()
+    conn = sqlite3.connect(path, isolation_level=None)
+    for statement in floor.split("; "):
+        conn.execute(statement)
+    conn.close()
+    before = path.read_bytes()
+    with pytest.raises(SchemaTooNew, match="schema version 2 is newer than this tlsroll"):
+        Database(path, older)
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize(
     ("step", "problem"),
     [
         (
