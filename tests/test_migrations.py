@@ -14,7 +14,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 import pytest
 import structlog
@@ -324,6 +324,8 @@ def test_an_older_store_is_copied_as_it_was_before_its_migration(kind: str, tmp_
     assert rows(copy) == old_rows | ({"meta": old_rows["meta"] + 1} if marked else {})
     assert mode(copy) == 0o600
     assert [p.name for p in path.parent.iterdir() if ".tmp-" in p.name] == []
+    # Only the copy is marked: the live file is not a copy put back (review s40 M3).
+    assert set(meta(path)) & (COPY_MARKS | RESTORED) == set()
     # A copy of that name there already: the file put back at the old version (with cp: the
     # copy stays), written to by the older tlsroll, and migrated again: the copy is of the
     # file as it is now, and the warning says the one before was replaced.
@@ -341,6 +343,39 @@ def test_an_older_store_is_copied_as_it_was_before_its_migration(kind: str, tmp_
     assert len(replaced) == 1, logs
     assert replaced[0]["log_level"] == "warning"
     assert replaced[0]["copy"] == str(copy)
+
+
+COPY_MARKS = {"copy_made_at", "backup_made_at"}
+# What a store opened on a marked copy keeps of it (the mark is taken as it opens).
+RESTORED = {"restored_copy_at", "restored_backup_at", "restored_at", "relearn_until"}
+
+
+@pytest.mark.parametrize("kind", ["journal", "leader-store"])
+def test_only_the_copy_is_marked_never_the_migrated_file(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s40 M3: the mark says "this file is the copy kept before an upgrade" (the
+    leader then re-learns its nodes as after a restore, the agent says its journal was put
+    back): the copy made before a migration of a current store has it, the file migrated
+    never (nothing pinned that: marking the live file as well passed every test)."""
+    from leader import db as leader_db
+    from nodeagent import journal
+
+    path = tmp_path / "x.sqlite3"
+    module: Any = journal if kind == "journal" else leader_db
+
+    def opener() -> Closable:
+        return journal.Journal(path) if kind == "journal" else leader_db.open_db(path)
+
+    opener().close()
+    known = len(module.MIGRATIONS)
+    monkeypatch.setattr(module, "MIGRATIONS", (*module.MIGRATIONS, ""))
+    opener().close()  # the upgrade
+    copy = path.with_name(f"{path.name}.before-v{known + 1}")
+    mark = "copy_made_at" if kind == "journal" else "backup_made_at"
+    assert set(meta(copy)) & COPY_MARKS == {mark}
+    assert set(meta(path)) & (COPY_MARKS | RESTORED) == set()
+    assert user_version(path) == known + 1
 
 
 @pytest.mark.usefixtures("open_umask")
