@@ -4,6 +4,7 @@ every store file."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import os
@@ -14,7 +15,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 import pytest
 import structlog
@@ -378,6 +379,33 @@ def test_only_the_copy_is_marked_never_the_migrated_file(
     assert user_version(path) == known + 1
 
 
+def test_a_journal_copy_is_marked_with_its_own_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s40 L-d: a journal that is itself a copy put back, not yet opened, migrated
+    (a newer agent started on it): its copy carried the older copy's time."""
+    from nodeagent import journal
+
+    path = tmp_path / "x.sqlite3"
+    journal.Journal(path).close()
+    stale = "2001-01-01T00:00:00+00:00"
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("INSERT INTO meta (key, value) VALUES ('copy_made_at', ?)", (stale,))
+        conn.commit()
+    known = len(journal.MIGRATIONS)
+    monkeypatch.setattr(journal, "MIGRATIONS", (*journal.MIGRATIONS, ""))
+    journal.Journal(path).close()
+    made = meta(path.with_name(f"{path.name}.before-v{known + 1}"))["copy_made_at"]
+    assert made != stale
+    assert dt.datetime.fromisoformat(made) > dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    # Review s40 L-f: a journal without meta (none this code makes) is left as it is, as the
+    # leader's mark does; it was "no such table: meta", and the upgrade failed.
+    with contextlib.closing(sqlite3.connect(":memory:")) as bare:
+        bare.execute("CREATE TABLE txns (id)")
+        journal.mark_copy(bare, dt.datetime.now(dt.UTC))
+        assert [r[0] for r in bare.execute("SELECT name FROM sqlite_master")] == ["txns"]
+
+
 @pytest.mark.usefixtures("open_umask")
 def test_a_copy_left_half_made_by_a_killed_run_is_removed(tmp_path: Path) -> None:
     """Audit s40, L2: a copy interrupted by a kill left NAME.before-vN.tmp-PID (a whole copy of
@@ -392,7 +420,9 @@ def test_a_copy_left_half_made_by_a_killed_run_is_removed(tmp_path: Path) -> Non
     gone = path.with_name(f"{path.name}.before-v2.tmp-{dead.pid}")
     old = path.with_name(f"{path.name}.before-v7.tmp-{os.getppid()}")
     live = path.with_name(f"{path.name}.before-v3.tmp-{os.getppid()}")
-    for tmp in (gone, old, live):
+    # SQLite's companions of a copy half made (review s40 L-c: they were left for good).
+    companions = [gone.with_name(f"{gone.name}{s}") for s in ("-journal", "-wal", "-shm")]
+    for tmp in (gone, old, live, *companions):
         tmp.write_bytes(b"a copy of the store")
     day_ago = time.time() - 2 * 86400
     os.utime(old, (day_ago, day_ago))
@@ -400,6 +430,79 @@ def test_a_copy_left_half_made_by_a_killed_run_is_removed(tmp_path: Path) -> Non
     assert not gone.exists()
     assert not old.exists()
     assert live.exists()
+    assert [c.name for c in companions if c.exists()] == []
+
+
+class Racing:
+    """A connection whose first read of ``user_version`` is followed by ``then`` (another
+    process migrating the file) before the caller goes on: two starts at once."""
+
+    def __init__(self, conn: sqlite3.Connection, then: Callable[[], None]) -> None:
+        self.conn = conn
+        self.then: Callable[[], None] | None = then
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        cursor = self.conn.execute(sql, *args)
+        if sql == "PRAGMA user_version" and self.then is not None:
+            row, then, self.then = cursor.fetchone(), self.then, None
+            then()
+            return Racing.One(row)
+        return cursor
+
+    class One:
+        def __init__(self, row: Any) -> None:
+            self.row = row
+
+        def fetchone(self) -> Any:
+            return self.row
+
+
+def test_a_file_another_process_migrated_meanwhile_needs_no_copy(tmp_path: Path) -> None:
+    """Review s40 L-a: two processes migrating the file at once: the one that read the old
+    version before the other migrated it failed (StoreCopyFailed, "changed to schema version
+    2 while it was copied") though the file was migrated and its copy kept by the other. Now
+    it keeps no copy and goes on; the other's copy stays as it made it."""
+    from tlsroll.sqlite import Migration, keep_copy
+
+    path = tmp_path / "x.sqlite3"
+    older: list[Migration] = ["CREATE TABLE a (x)"]
+    newer: list[Migration] = [*older, "CREATE TABLE b (y)"]
+    Database(path, older).close()
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        racing = Racing(conn, lambda: Database(path, newer).close())
+        assert keep_copy(cast(sqlite3.Connection, racing), path, 2) is None
+    finally:
+        conn.close()
+    copy = path.with_name(f"{path.name}.before-v2")
+    assert user_version(copy) == 1
+    assert user_version(path) == 2
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+
+
+def test_a_newer_copy_of_that_name_is_kept_aside_not_replaced(tmp_path: Path) -> None:
+    """Review s40 L-b: the copy of that name there already is replaced by the file as it is
+    (audit s40 L3), but one of a newer schema than the file (a backup of an older state
+    restored over the store, then the upgrade again) may hold what the file lacks: it is kept
+    as NAME.before-vN.replaced-TIME, and said so."""
+    from tlsroll.sqlite import Migration
+
+    path = tmp_path / "x.sqlite3"
+    v1: list[Migration] = ["CREATE TABLE a (x)"]
+    v2: list[Migration] = [*v1, "CREATE TABLE b (y)"]
+    v3: list[Migration] = [*v2, "CREATE TABLE c (z)"]
+    Database(path, v2).close()
+    copy = path.with_name(f"{path.name}.before-v3")
+    shutil.copyfile(path, copy)  # a copy at schema 2 of that name
+    path.unlink()
+    Database(path, v1).close()  # the store restored at schema 1
+    with structlog.testing.capture_logs() as logs:
+        Database(path, v3).close()
+    assert user_version(copy) == 1
+    [kept] = [p for p in tmp_path.iterdir() if ".before-v3.replaced-" in p.name]
+    assert user_version(kept) == 2
+    [replaced] = [e for e in logs if e["event"] == "store.copy_replaced"]
+    assert replaced["kept_as"] == str(kept)
 
 
 @pytest.mark.parametrize("kind", sorted(STORES))

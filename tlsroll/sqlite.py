@@ -172,7 +172,8 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale_copies(path: Path) -> list[Path]:
-    """Remove what an interrupted ``keep_copy`` left: ``NAME.before-v<N>.tmp-<PID>`` of a pid
+    """Remove what an interrupted ``keep_copy`` left: ``NAME.before-v<N>.tmp-<PID>`` (and its
+    ``-journal``, ``-wal``, ``-shm``: review s40 L-c) of a pid
     that is not alive (or this one's), or older than ``STALE_TMP``. A full copy of the store,
     secrets and all, that no one would ever remove otherwise (audit s40, L2). Returns what was
     removed."""
@@ -180,6 +181,8 @@ def remove_stale_copies(path: Path) -> list[Path]:
     now = time.time()
     for tmp in path.parent.glob(f"{glob.escape(path.name)}.before-v*.tmp-*"):
         pid_text = tmp.name.rpartition(".tmp-")[2]
+        for companion in ("-journal", "-wal", "-shm"):  # SQLite's, beside a copy half made
+            pid_text = pid_text.removesuffix(companion)
         try:
             pid = int(pid_text)
             old = now - tmp.lstat().st_mtime > STALE_TMP.total_seconds()
@@ -242,11 +245,15 @@ def keep_copy(
     state an older tlsroll left, never older than that copy (a copy put back with ``cp`` and
     run on for weeks, then upgraded again: the copy kept would lose those weeks); a first
     attempt of this migration that failed left the file as it was, and a new copy of it
-    loses nothing.
+    loses nothing. Unless that copy is of a newer schema than the file, or was written after
+    it (a backup of an older state restored over the store): it may hold what the file lacks,
+    and is kept aside as ``NAME.before-v<N>.replaced-TIME`` (review s40, L-b).
 
     The copy is SQLite's ``VACUUM INTO`` (a consistent snapshot through ``conn``, outside any
     transaction of the migration) into a new private file, marked, synced, checked to be at the
     version found (never a file another process migrated meanwhile), then renamed in place.
+    A file another process migrated to ``known`` meanwhile (two starts at once) needs no copy:
+    that process kept one; None (review s40, L-a: the second start failed).
     A copy that cannot be made (a full disk) is a ``StoreCopyFailed``: the file is not
     migrated without its way back."""
     found = int(conn.execute("PRAGMA user_version").fetchone()[0])
@@ -259,6 +266,8 @@ def keep_copy(
         before: dt.datetime | None = dt.datetime.fromtimestamp(int(copy.stat().st_mtime), dt.UTC)
     except OSError:
         before = None
+    newer = before is not None and _newer_copy(copy, path, found)
+    kept: Path | None = None
     tmp = copy.with_name(f"{copy.name}.tmp-{os.getpid()}")
     made_at = _now()
     try:
@@ -271,6 +280,11 @@ def keep_copy(
             # The copy stands alone: no -wal beside it to put back with it.
             copied.execute("PRAGMA journal_mode=DELETE")
             version = int(copied.execute("PRAGMA user_version").fetchone()[0])
+            if found < version == known:
+                # Another process (a second start at once) migrated the file since ``found``
+                # was read, after keeping its copy: nothing left to keep (review s40 L-a).
+                log.info("store.copy_not_needed", path=str(path), version=version)
+                return None
             if version != found:
                 raise sqlite3.OperationalError(
                     f"the file changed to schema version {version} while it was copied"
@@ -290,6 +304,9 @@ def keep_copy(
             os.fsync(fd)
         finally:
             os.close(fd)
+        if newer:
+            kept = copy.with_name(f"{copy.name}.replaced-{made_at.strftime('%Y%m%dT%H%M%SZ')}")
+            _move_exclusive(copy, kept)
         os.replace(tmp, copy)
         fsync_dir(path.parent)
     except (OSError, sqlite3.Error) as exc:
@@ -300,7 +317,19 @@ def keep_copy(
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
-    if before is not None:
+    if newer:
+        log.warning(
+            "store.copy_replaced",
+            path=str(path),
+            copy=str(copy),
+            version=found,
+            to=known,
+            kept_as=str(kept),
+            detail=f"a copy of that name was there, of a newer schema or newer than {path.name}"
+            f" (a backup restored over it?): it is kept as {kept.name}, and {copy.name} is now"
+            f" {path.name} as it is",
+        )
+    elif before is not None:
         log.warning(
             "store.copy_replaced",
             path=str(path),
@@ -315,6 +344,25 @@ def keep_copy(
     else:
         log.info("store.copy_kept", path=str(path), copy=str(copy), version=found, to=known)
     return copy
+
+
+def _newer_copy(copy: Path, path: Path, found: int) -> bool:
+    """Whether the copy already at ``copy`` may hold more than ``path`` at ``found`` (its
+    schema is higher, or it was written after ``path``: a backup of an older state restored
+    over the store): then ``keep_copy`` keeps it aside rather than replacing it (review s40
+    L-b). One that cannot be read is taken as not newer."""
+    try:
+        conn = sqlite3.connect(f"{copy.as_uri()}?mode=ro", uri=True, timeout=1)
+        try:
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        finally:
+            conn.close()
+        written = max(
+            (p.stat().st_mtime for p in (path, Path(f"{path}-wal")) if p.exists()), default=0.0
+        )
+        return version > found or copy.stat().st_mtime > written
+    except (sqlite3.Error, OSError):
+        return False
 
 
 def floor_of(version: int, ignorable: Collection[int]) -> int:
