@@ -159,7 +159,7 @@ def test_an_agent_refuses_a_newer_journal_whose_readable_by_is_not_an_integer(
     """Review s40 M1: a ``readable_by`` this agent cannot trust ('abc') is the journal being
     newer: one line, exit 3, the file left as it is. Before: ``int('abc')``, a traceback and
     exit 1 (systemd starts it again, for ever)."""
-    cluster, node = one
+    _, node = one
     assert node.agent is not None
     node.agent.stop()
     known = len(journal.MIGRATIONS)

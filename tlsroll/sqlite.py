@@ -317,7 +317,7 @@ def keep_copy(
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
-    if newer:
+    if kept is not None:
         log.warning(
             "store.copy_replaced",
             path=str(path),
@@ -438,13 +438,23 @@ def _shape(conn: sqlite3.Connection) -> dict[str, Any]:
     return {"tables": tables, "others": others}
 
 
+def _common(a: str, b: str) -> int:
+    """How many characters ``a`` and ``b`` begin with alike."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def _added_text(before: str, after: str) -> str | None:
     """What ``after`` (a table's SQL) inserted into ``before`` at one place (SQLite's ALTER
     TABLE ADD COLUMN: after the last column's definition), or None if it is not that."""
     if len(after) <= len(before):
         return None
-    prefix = len(os.path.commonprefix([before, after]))
-    suffix = len(os.path.commonprefix([before[::-1], after[::-1]]))
+    prefix = _common(before, after)
+    suffix = _common(before[::-1], after[::-1])
     if prefix + suffix < len(before):
         return None
     # Every place the insertion may be (a run of equal characters makes it ambiguous).
