@@ -21,8 +21,10 @@ taken over as it is.
 To change a schema, append one migration to the store's list: an SQL script (statements with
 ``;``) or a function of the connection. Never edit, reorder or remove a migration that was
 released: files in the field have had it (their user_version counts it) and will not have it
-again. A migration that only adds a table, or columns that are NULL or have a default, and
-whose rows the code copes without (an older tlsroll writes them so), goes into the store's
+again. A migration that only adds a table (with no foreign key into an older one), or
+columns that are NULL or have a default (``ALTER TABLE ADD COLUMN``, with no CHECK,
+REFERENCES, COLLATE, UNIQUE or generation), writes no row, and whose rows the code copes
+without (an older tlsroll writes them so), goes into the store's
 ``IGNORABLE`` as well: an older tlsroll then runs on the file without going back to the copy
 (what was written since is kept). A migration must not commit or call ``executescript``
 (which commits); it runs with foreign keys off (SQLite cannot switch them inside a
