@@ -376,8 +376,16 @@ def floor_of(db, version):
         "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_floor'"
     ).fetchone():
         return version
-    row = db.execute("SELECT MAX(readable_by) FROM schema_floor").fetchone()
-    return row[0] if row and isinstance(row[0], int) and 0 < row[0] <= version else version
+    # As tlsroll/sqlite.py's readable_by: exactly one row, an integer from 1 to version.
+    try:
+        rows = db.execute(
+            "SELECT readable_by, typeof(readable_by) FROM schema_floor LIMIT 2"
+        ).fetchall()
+    except sqlite3.Error:
+        return version
+    if len(rows) == 1 and rows[0][1] == "integer" and 0 < rows[0][0] <= version:
+        return rows[0][0]
+    return version
 
 
 if os.path.exists(path + "-wal") and os.path.exists(path + "-shm"):

@@ -177,11 +177,17 @@ LOSING = (
 def mark_copy(conn: sqlite3.Connection, made_at: dt.datetime) -> None:
     """Into the copy kept before a migration (``tlsroll.sqlite.keep_copy``): ``copy_made_at``.
     An agent started on the copy put back says so (``journal.restored``), and a way back to
-    http it then cannot find says why (``Journal.restored_copy_at``)."""
-    conn.execute(
-        "INSERT INTO meta (key, value) VALUES ('copy_made_at', ?) ON CONFLICT(key) DO NOTHING",
-        (made_at.isoformat(timespec="microseconds"),),
-    )
+    http it then cannot find says why (``Journal.restored_copy_at``). The copy's own time, even
+    if the file is itself a copy put back not yet opened (review s40 L-d: its earlier time was
+    carried over); a journal without ``meta`` is left as it is (L-f)."""
+    if conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'"
+    ).fetchone():
+        conn.execute(
+            "INSERT INTO meta (key, value) VALUES ('copy_made_at', ?)"
+            " ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            (made_at.isoformat(timespec="microseconds"),),
+        )
 
 
 @dataclass(frozen=True)

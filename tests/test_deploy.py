@@ -756,9 +756,7 @@ exec systemd-nspawn --quiet --directory={layers}/root --private-network --regist
     assert re.search(r"NoNewPrivs:\s+1\n", leader) and re.search(r"Seccomp:\s+2\n", leader), report
     upgrade = files.get("upgrade", "")
     assert "RESTARTED-ON-UPGRADE" in upgrade and "exit 0" in upgrade, report
-    assert re.search(r"install.sh: reinstalled \S+; restarted tlsroll-leader\n", upgrade), (
-        report
-    )
+    assert re.search(r"install.sh: reinstalled \S+; restarted tlsroll-leader\n", upgrade), report
     credential = files.get("credential", "")
     for word in ("PLAINTEXT-GONE", "RESTARTED-OK", "tlsroll 400", "RUNTIME-GONE"):
         assert word in credential, report

@@ -91,12 +91,18 @@ def test_an_agent_gone_back_to_its_journal_copy_says_why_it_cannot_go_back_to_ht
     cluster.wait_for_nodes_online([node.name])
     assert enable_tls(cluster, tmp_path)["state"] == "completed"
     assert list(live(node).schemes) == ["https"]
+    # The newer agent's journal is not a copy put back (review s40 M3).
+    assert node.agent.event_names().count("journal.restored") == 0
 
     node.agent.stop()
     put_back(node.journal_path, copy)
     node.agent.start()
     cluster.wait_for_nodes_online([node.name])
-    assert "journal.restored" in node.agent.event_names()
+    assert node.agent.event_names().count("journal.restored") == 1
+    node.agent.stop()  # said once: at the first start on the copy
+    node.agent.start()
+    cluster.wait_for_nodes_online([node.name])
+    assert node.agent.event_names().count("journal.restored") == 1
 
     back = run(cluster, "rollback")
     assert back["state"] != "completed"
@@ -147,6 +153,28 @@ def test_an_agent_runs_on_a_newer_journal_whose_migrations_it_may_ignore(
     assert ("rollback", "completed", None) in kinds
 
 
+def test_an_agent_refuses_a_newer_journal_whose_readable_by_is_not_an_integer(
+    one: tuple[Cluster, Node],
+) -> None:
+    """Review s40 M1: a ``readable_by`` this agent cannot trust ('abc') is the journal being
+    newer: one line, exit 3, the file left as it is. Before: ``int('abc')``, a traceback and
+    exit 1 (systemd starts it again, for ever)."""
+    _, node = one
+    assert node.agent is not None
+    node.agent.stop()
+    known = len(journal.MIGRATIONS)
+    newer = [*journal.MIGRATIONS, "ALTER TABLE txns ADD COLUMN newer_detail TEXT"]
+    Database(node.journal_path, newer, ignorable={known + 1}, what="journal").close()
+    with contextlib.closing(sqlite3.connect(node.journal_path, isolation_level=None)) as db:
+        db.execute("UPDATE schema_floor SET readable_by = 'abc'")
+    before = node.journal_path.read_bytes()
+    code, output = node.agent.run_to_exit()
+    assert code == 3, output
+    assert "Traceback" not in output, output
+    assert f"journal schema version {known + 1} is newer than this tlsroll knows" in output
+    assert node.journal_path.read_bytes() == before
+
+
 def test_a_stale_epoch_after_going_back_on_the_leader_names_the_way_out(
     one: tuple[Cluster, Node], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -168,12 +196,14 @@ def test_a_stale_epoch_after_going_back_on_the_leader_names_the_way_out(
     cluster.wait_for_nodes_online([node.name])
     assert enable_tls(cluster, tmp_path)["state"] == "completed"
     assert run(cluster, "rollback")["state"] == "completed"
+    # The newer leader's store is not a copy put back (review s40 M3).
+    assert cluster.leader.event_names().count("store.restored") == 0
 
     cluster.stop_leader()
     put_back(cluster.store_path, copy)
     cluster.start_leader()
     cluster.wait_for_nodes_online([node.name])
-    assert "store.restored" in cluster.leader.event_names()
+    assert cluster.leader.event_names().count("store.restored") == 1
 
     refused = enable_tls(cluster, tmp_path)
     assert refused["state"] != "completed"

@@ -279,8 +279,14 @@ def test_a_store_newer_than_this_tlsroll_is_refused_before_anything_is_built(
 
     # A newer store whose newer migrations this tlsroll may ignore (the schema_floor table
     # tlsroll/sqlite.py writes says so: readable_by): its daemons read it as it is, so it is
-    # not refused; one whose readable_by is newer is.
-    for floor, refused in ((known_leader, False), (known_leader + 1, True)):
+    # not refused; one whose readable_by is newer is, and one that is not exactly one integer
+    # row (review s40 M1: the daemons refuse it, tlsroll/sqlite.py's readable_by; MAX() of two
+    # rows passed here).
+    for floor, refused in (
+        (f"{known_leader}", False),
+        (f"{known_leader + 1}", True),
+        (f"1), ({known_leader}", True),
+    ):
         throwaway.ok(
             "python3 -c 'import sqlite3, sys; db = sqlite3.connect(sys.argv[1]);"  # noqa: S608
             ' db.execute("CREATE TABLE IF NOT EXISTS schema_floor (readable_by INTEGER NOT NULL)");'

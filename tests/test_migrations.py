@@ -4,6 +4,7 @@ every store file."""
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import os
@@ -14,7 +15,7 @@ import subprocess
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol, cast
 
 import pytest
 import structlog
@@ -324,6 +325,8 @@ def test_an_older_store_is_copied_as_it_was_before_its_migration(kind: str, tmp_
     assert rows(copy) == old_rows | ({"meta": old_rows["meta"] + 1} if marked else {})
     assert mode(copy) == 0o600
     assert [p.name for p in path.parent.iterdir() if ".tmp-" in p.name] == []
+    # Only the copy is marked: the live file is not a copy put back (review s40 M3).
+    assert set(meta(path)) & (COPY_MARKS | RESTORED) == set()
     # A copy of that name there already: the file put back at the old version (with cp: the
     # copy stays), written to by the older tlsroll, and migrated again: the copy is of the
     # file as it is now, and the warning says the one before was replaced.
@@ -343,6 +346,66 @@ def test_an_older_store_is_copied_as_it_was_before_its_migration(kind: str, tmp_
     assert replaced[0]["copy"] == str(copy)
 
 
+COPY_MARKS = {"copy_made_at", "backup_made_at"}
+# What a store opened on a marked copy keeps of it (the mark is taken as it opens).
+RESTORED = {"restored_copy_at", "restored_backup_at", "restored_at", "relearn_until"}
+
+
+@pytest.mark.parametrize("kind", ["journal", "leader-store"])
+def test_only_the_copy_is_marked_never_the_migrated_file(
+    kind: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s40 M3: the mark says "this file is the copy kept before an upgrade" (the
+    leader then re-learns its nodes as after a restore, the agent says its journal was put
+    back): the copy made before a migration of a current store has it, the file migrated
+    never (nothing pinned that: marking the live file as well passed every test)."""
+    from leader import db as leader_db
+    from nodeagent import journal
+
+    path = tmp_path / "x.sqlite3"
+    module: Any = journal if kind == "journal" else leader_db
+
+    def opener() -> Closable:
+        return journal.Journal(path) if kind == "journal" else leader_db.open_db(path)
+
+    opener().close()
+    known = len(module.MIGRATIONS)
+    monkeypatch.setattr(module, "MIGRATIONS", (*module.MIGRATIONS, ""))
+    opener().close()  # the upgrade
+    copy = path.with_name(f"{path.name}.before-v{known + 1}")
+    mark = "copy_made_at" if kind == "journal" else "backup_made_at"
+    assert set(meta(copy)) & COPY_MARKS == {mark}
+    assert set(meta(path)) & (COPY_MARKS | RESTORED) == set()
+    assert user_version(path) == known + 1
+
+
+def test_a_journal_copy_is_marked_with_its_own_time(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Review s40 L-d: a journal that is itself a copy put back, not yet opened, migrated
+    (a newer agent started on it): its copy carried the older copy's time."""
+    from nodeagent import journal
+
+    path = tmp_path / "x.sqlite3"
+    journal.Journal(path).close()
+    stale = "2001-01-01T00:00:00+00:00"
+    with contextlib.closing(sqlite3.connect(path)) as conn:
+        conn.execute("INSERT INTO meta (key, value) VALUES ('copy_made_at', ?)", (stale,))
+        conn.commit()
+    known = len(journal.MIGRATIONS)
+    monkeypatch.setattr(journal, "MIGRATIONS", (*journal.MIGRATIONS, ""))
+    journal.Journal(path).close()
+    made = meta(path.with_name(f"{path.name}.before-v{known + 1}"))["copy_made_at"]
+    assert made != stale
+    assert dt.datetime.fromisoformat(made) > dt.datetime.now(dt.UTC) - dt.timedelta(hours=1)
+    # Review s40 L-f: a journal without meta (none this code makes) is left as it is, as the
+    # leader's mark does; it was "no such table: meta", and the upgrade failed.
+    with contextlib.closing(sqlite3.connect(":memory:")) as bare:
+        bare.execute("CREATE TABLE txns (id)")
+        journal.mark_copy(bare, dt.datetime.now(dt.UTC))
+        assert [r[0] for r in bare.execute("SELECT name FROM sqlite_master")] == ["txns"]
+
+
 @pytest.mark.usefixtures("open_umask")
 def test_a_copy_left_half_made_by_a_killed_run_is_removed(tmp_path: Path) -> None:
     """Audit s40, L2: a copy interrupted by a kill left NAME.before-vN.tmp-PID (a whole copy of
@@ -357,7 +420,9 @@ def test_a_copy_left_half_made_by_a_killed_run_is_removed(tmp_path: Path) -> Non
     gone = path.with_name(f"{path.name}.before-v2.tmp-{dead.pid}")
     old = path.with_name(f"{path.name}.before-v7.tmp-{os.getppid()}")
     live = path.with_name(f"{path.name}.before-v3.tmp-{os.getppid()}")
-    for tmp in (gone, old, live):
+    # SQLite's companions of a copy half made (review s40 L-c: they were left for good).
+    companions = [gone.with_name(f"{gone.name}{s}") for s in ("-journal", "-wal", "-shm")]
+    for tmp in (gone, old, live, *companions):
         tmp.write_bytes(b"a copy of the store")
     day_ago = time.time() - 2 * 86400
     os.utime(old, (day_ago, day_ago))
@@ -365,6 +430,79 @@ def test_a_copy_left_half_made_by_a_killed_run_is_removed(tmp_path: Path) -> Non
     assert not gone.exists()
     assert not old.exists()
     assert live.exists()
+    assert [c.name for c in companions if c.exists()] == []
+
+
+class Racing:
+    """A connection whose first read of ``user_version`` is followed by ``then`` (another
+    process migrating the file) before the caller goes on: two starts at once."""
+
+    def __init__(self, conn: sqlite3.Connection, then: Callable[[], None]) -> None:
+        self.conn = conn
+        self.then: Callable[[], None] | None = then
+
+    def execute(self, sql: str, *args: Any) -> Any:
+        cursor = self.conn.execute(sql, *args)
+        if sql == "PRAGMA user_version" and self.then is not None:
+            row, then, self.then = cursor.fetchone(), self.then, None
+            then()
+            return Racing.One(row)
+        return cursor
+
+    class One:
+        def __init__(self, row: Any) -> None:
+            self.row = row
+
+        def fetchone(self) -> Any:
+            return self.row
+
+
+def test_a_file_another_process_migrated_meanwhile_needs_no_copy(tmp_path: Path) -> None:
+    """Review s40 L-a: two processes migrating the file at once: the one that read the old
+    version before the other migrated it failed (StoreCopyFailed, "changed to schema version
+    2 while it was copied") though the file was migrated and its copy kept by the other. Now
+    it keeps no copy and goes on; the other's copy stays as it made it."""
+    from tlsroll.sqlite import Migration, keep_copy
+
+    path = tmp_path / "x.sqlite3"
+    older: list[Migration] = ["CREATE TABLE a (x)"]
+    newer: list[Migration] = [*older, "CREATE TABLE b (y)"]
+    Database(path, older).close()
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        racing = Racing(conn, lambda: Database(path, newer).close())
+        assert keep_copy(cast(sqlite3.Connection, racing), path, 2) is None
+    finally:
+        conn.close()
+    copy = path.with_name(f"{path.name}.before-v2")
+    assert user_version(copy) == 1
+    assert user_version(path) == 2
+    assert [p.name for p in tmp_path.iterdir() if ".tmp-" in p.name] == []
+
+
+def test_a_newer_copy_of_that_name_is_kept_aside_not_replaced(tmp_path: Path) -> None:
+    """Review s40 L-b: the copy of that name there already is replaced by the file as it is
+    (audit s40 L3), but one of a newer schema than the file (a backup of an older state
+    restored over the store, then the upgrade again) may hold what the file lacks: it is kept
+    as NAME.before-vN.replaced-TIME, and said so."""
+    from tlsroll.sqlite import Migration
+
+    path = tmp_path / "x.sqlite3"
+    v1: list[Migration] = ["CREATE TABLE a (x)"]
+    v2: list[Migration] = [*v1, "CREATE TABLE b (y)"]
+    v3: list[Migration] = [*v2, "CREATE TABLE c (z)"]
+    Database(path, v2).close()
+    copy = path.with_name(f"{path.name}.before-v3")
+    shutil.copyfile(path, copy)  # a copy at schema 2 of that name
+    path.unlink()
+    Database(path, v1).close()  # the store restored at schema 1
+    with structlog.testing.capture_logs() as logs:
+        Database(path, v3).close()
+    assert user_version(copy) == 1
+    [kept] = [p for p in tmp_path.iterdir() if ".before-v3.replaced-" in p.name]
+    assert user_version(kept) == 2
+    [replaced] = [e for e in logs if e["event"] == "store.copy_replaced"]
+    assert replaced["kept_as"] == str(kept)
 
 
 @pytest.mark.parametrize("kind", sorted(STORES))
@@ -544,6 +682,45 @@ def test_an_older_tlsroll_reads_a_newer_file_whose_migrations_it_may_ignore(
 
 
 @pytest.mark.parametrize(
+    "floor",
+    [
+        "DELETE FROM schema_floor; INSERT INTO schema_floor VALUES ('abc')",
+        "DELETE FROM schema_floor; INSERT INTO schema_floor VALUES (x'00')",
+        "DELETE FROM schema_floor; INSERT INTO schema_floor VALUES (0.5)",
+        "DELETE FROM schema_floor; INSERT INTO schema_floor VALUES (-7)",
+        "DELETE FROM schema_floor; INSERT INTO schema_floor VALUES (0)",
+        "DELETE FROM schema_floor; INSERT INTO schema_floor VALUES (3)",  # above its version
+        "DELETE FROM schema_floor",
+        "INSERT INTO schema_floor VALUES (1)",  # two rows
+        "DROP TABLE schema_floor; CREATE TABLE schema_floor (other INTEGER)",
+        "DROP TABLE schema_floor; CREATE VIEW schema_floor AS SELECT 1 AS readable_by",
+    ],
+)
+def test_a_newer_file_whose_readable_by_is_not_one_integer_is_refused(
+    floor: str, tmp_path: Path
+) -> None:
+    """Review s40 M1: a ``readable_by`` that is not exactly one integer row from 1 to the
+    file's version is not trusted: the newer file is refused (SchemaTooNew: exit 3), and left
+    as it is. Before: 'abc' or a blob was a ValueError or TypeError (a traceback, exit 1,
+    restarted for ever), a table without the column "no such column", and -7 or 0.5 opened
+    the file as it is."""
+    from tlsroll.sqlite import Database, Migration
+
+    path = tmp_path / "x.sqlite3"
+    older: list[Migration] = ["CREATE TABLE a (x TEXT NOT NULL)"]
+    Database(path, older).close()
+    Database(path, [*older, "ALTER TABLE a ADD COLUMN w INTEGER"], ignorable={2}).close()
+    conn = sqlite3.connect(path, isolation_level=None)
+    for statement in floor.split("; "):
+        conn.execute(statement)
+    conn.close()
+    before = path.read_bytes()
+    with pytest.raises(SchemaTooNew, match="schema version 2 is newer than this tlsroll"):
+        Database(path, older)
+    assert path.read_bytes() == before
+
+
+@pytest.mark.parametrize(
     ("step", "problem"),
     [
         (
@@ -554,6 +731,53 @@ def test_an_older_tlsroll_reads_a_newer_file_whose_migrations_it_may_ignore(
         ("ALTER TABLE a RENAME TO b", "drops or renames table a"),
         ("CREATE UNIQUE INDEX a_x ON a (x)", "adds index a_x on table a"),
         ("CREATE TRIGGER a_t AFTER INSERT ON a BEGIN SELECT 1; END", "adds trigger a_t"),
+        # Review s40 M2: each of these passed, and an older tlsroll's writes then failed.
+        (
+            "ALTER TABLE a ADD COLUMN y TEXT NOT NULL DEFAULT (NULL)",
+            "adds column a.y NOT NULL without a default",
+        ),
+        (
+            "ALTER TABLE a ADD COLUMN c TEXT CHECK (c IS NOT NULL)",
+            "adds to table a a column with CHECK",
+        ),
+        (
+            "ALTER TABLE a ADD COLUMN d INTEGER NOT NULL DEFAULT 0 CHECK (d > 0)",
+            "adds to table a a column with CHECK",
+        ),
+        ("ALTER TABLE a ADD COLUMN c TEXT COLLATE NOCASE", "adds to table a a column with COLLATE"),
+        (
+            "ALTER TABLE a ADD COLUMN g INTEGER GENERATED ALWAYS AS (k / 0) VIRTUAL",
+            "adds to table a a column with GENERATED",
+        ),
+        (
+            "ALTER TABLE a ADD COLUMN pid INTEGER DEFAULT 7 REFERENCES p(id)",
+            "changes the foreign keys of table a",
+        ),
+        (
+            "CREATE TABLE n (pid INTEGER NOT NULL REFERENCES p(id))",
+            "adds table n with a foreign key into table p",
+        ),
+        (
+            "CREATE TABLE a2 (x TEXT NOT NULL CHECK (x <> 'o'), k INTEGER);"
+            " INSERT INTO a2 SELECT * FROM a; DROP TABLE a; ALTER TABLE a2 RENAME TO a",
+            "rebuilds table a",
+        ),
+        (
+            "CREATE TABLE a2 (x TEXT NOT NULL, k INTEGER, UNIQUE (k));"
+            " INSERT INTO a2 SELECT * FROM a; DROP TABLE a; ALTER TABLE a2 RENAME TO a",
+            "rebuilds table a",
+        ),
+        (
+            "CREATE TABLE a2 (k INTEGER, x TEXT NOT NULL);"
+            " INSERT INTO a2 (x, k) SELECT x, k FROM a; DROP TABLE a; ALTER TABLE a2 RENAME TO a",
+            "changes or moves column a.k",
+        ),
+        ("DROP INDEX p_k", "changes or drops index p_k on table p"),
+        (
+            "ALTER TABLE a ADD COLUMN w INTEGER; INSERT INTO a (x, k) VALUES ('backfill', 1)",
+            "writes rows",
+        ),
+        ("ALTER TABLE a ADD COLUMN w INTEGER; UPDATE p SET k = k", "writes rows"),
     ],
 )
 def test_a_migration_an_older_tlsroll_may_not_ignore_cannot_be_marked_so(
@@ -565,11 +789,15 @@ def test_a_migration_an_older_tlsroll_may_not_ignore_cannot_be_marked_so(
     from tlsroll.sqlite import Database
 
     path = tmp_path / "x.sqlite3"
-    Database(path, ["CREATE TABLE a (x TEXT NOT NULL, k INTEGER)"]).close()
+    older = (
+        "CREATE TABLE p (id INTEGER PRIMARY KEY, k INTEGER); CREATE INDEX p_k ON p (k);"
+        " INSERT INTO p VALUES (7, 1); CREATE TABLE a (x TEXT NOT NULL, k INTEGER)"
+    )
+    Database(path, [older]).close()
     with pytest.raises(
         RuntimeError, match=f"migration 2 is one an older tlsroll may ignore, but it {problem}"
     ):
-        Database(path, ["CREATE TABLE a (x TEXT NOT NULL, k INTEGER)", step], ignorable={2})
+        Database(path, [older, step], ignorable={2})
     assert user_version(path) == 1
 
 

@@ -21,8 +21,10 @@ taken over as it is.
 To change a schema, append one migration to the store's list: an SQL script (statements with
 ``;``) or a function of the connection. Never edit, reorder or remove a migration that was
 released: files in the field have had it (their user_version counts it) and will not have it
-again. A migration that only adds a table, or columns that are NULL or have a default, and
-whose rows the code copes without (an older tlsroll writes them so), goes into the store's
+again. A migration that only adds a table (with no foreign key into an older one), or
+columns that are NULL or have a default (``ALTER TABLE ADD COLUMN``, with no CHECK,
+REFERENCES, COLLATE, UNIQUE or generation), writes no row, and whose rows the code copes
+without (an older tlsroll writes them so), goes into the store's
 ``IGNORABLE`` as well: an older tlsroll then runs on the file without going back to the copy
 (what was written since is kept). A migration must not commit or call ``executescript``
 (which commits); it runs with foreign keys off (SQLite cannot switch them inside a
@@ -36,6 +38,7 @@ import datetime as dt
 import errno
 import glob
 import os
+import re
 import sqlite3
 import stat
 import threading
@@ -171,7 +174,8 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale_copies(path: Path) -> list[Path]:
-    """Remove what an interrupted ``keep_copy`` left: ``NAME.before-v<N>.tmp-<PID>`` of a pid
+    """Remove what an interrupted ``keep_copy`` left: ``NAME.before-v<N>.tmp-<PID>`` (and its
+    ``-journal``, ``-wal``, ``-shm``: review s40 L-c) of a pid
     that is not alive (or this one's), or older than ``STALE_TMP``. A full copy of the store,
     secrets and all, that no one would ever remove otherwise (audit s40, L2). Returns what was
     removed."""
@@ -179,6 +183,8 @@ def remove_stale_copies(path: Path) -> list[Path]:
     now = time.time()
     for tmp in path.parent.glob(f"{glob.escape(path.name)}.before-v*.tmp-*"):
         pid_text = tmp.name.rpartition(".tmp-")[2]
+        for companion in ("-journal", "-wal", "-shm"):  # SQLite's, beside a copy half made
+            pid_text = pid_text.removesuffix(companion)
         try:
             pid = int(pid_text)
             old = now - tmp.lstat().st_mtime > STALE_TMP.total_seconds()
@@ -241,11 +247,15 @@ def keep_copy(
     state an older tlsroll left, never older than that copy (a copy put back with ``cp`` and
     run on for weeks, then upgraded again: the copy kept would lose those weeks); a first
     attempt of this migration that failed left the file as it was, and a new copy of it
-    loses nothing.
+    loses nothing. Unless that copy is of a newer schema than the file, or was written after
+    it (a backup of an older state restored over the store): it may hold what the file lacks,
+    and is kept aside as ``NAME.before-v<N>.replaced-TIME`` (review s40, L-b).
 
     The copy is SQLite's ``VACUUM INTO`` (a consistent snapshot through ``conn``, outside any
     transaction of the migration) into a new private file, marked, synced, checked to be at the
     version found (never a file another process migrated meanwhile), then renamed in place.
+    A file another process migrated to ``known`` meanwhile (two starts at once) needs no copy:
+    that process kept one; None (review s40, L-a: the second start failed).
     A copy that cannot be made (a full disk) is a ``StoreCopyFailed``: the file is not
     migrated without its way back."""
     found = int(conn.execute("PRAGMA user_version").fetchone()[0])
@@ -258,6 +268,8 @@ def keep_copy(
         before: dt.datetime | None = dt.datetime.fromtimestamp(int(copy.stat().st_mtime), dt.UTC)
     except OSError:
         before = None
+    newer = before is not None and _newer_copy(copy, path, found)
+    kept: Path | None = None
     tmp = copy.with_name(f"{copy.name}.tmp-{os.getpid()}")
     made_at = _now()
     try:
@@ -270,6 +282,11 @@ def keep_copy(
             # The copy stands alone: no -wal beside it to put back with it.
             copied.execute("PRAGMA journal_mode=DELETE")
             version = int(copied.execute("PRAGMA user_version").fetchone()[0])
+            if found < version == known:
+                # Another process (a second start at once) migrated the file since ``found``
+                # was read, after keeping its copy: nothing left to keep (review s40 L-a).
+                log.info("store.copy_not_needed", path=str(path), version=version)
+                return None
             if version != found:
                 raise sqlite3.OperationalError(
                     f"the file changed to schema version {version} while it was copied"
@@ -289,6 +306,9 @@ def keep_copy(
             os.fsync(fd)
         finally:
             os.close(fd)
+        if newer:
+            kept = copy.with_name(f"{copy.name}.replaced-{made_at.strftime('%Y%m%dT%H%M%SZ')}")
+            _move_exclusive(copy, kept)
         os.replace(tmp, copy)
         fsync_dir(path.parent)
     except (OSError, sqlite3.Error) as exc:
@@ -299,7 +319,19 @@ def keep_copy(
     finally:
         with contextlib.suppress(OSError):
             tmp.unlink()
-    if before is not None:
+    if kept is not None:
+        log.warning(
+            "store.copy_replaced",
+            path=str(path),
+            copy=str(copy),
+            version=found,
+            to=known,
+            kept_as=str(kept),
+            detail=f"a copy of that name was there, of a newer schema or newer than {path.name}"
+            f" (a backup restored over it?): it is kept as {kept.name}, and {copy.name} is now"
+            f" {path.name} as it is",
+        )
+    elif before is not None:
         log.warning(
             "store.copy_replaced",
             path=str(path),
@@ -316,6 +348,25 @@ def keep_copy(
     return copy
 
 
+def _newer_copy(copy: Path, path: Path, found: int) -> bool:
+    """Whether the copy already at ``copy`` may hold more than ``path`` at ``found`` (its
+    schema is higher, or it was written after ``path``: a backup of an older state restored
+    over the store): then ``keep_copy`` keeps it aside rather than replacing it (review s40
+    L-b). One that cannot be read is taken as not newer."""
+    try:
+        conn = sqlite3.connect(f"{copy.as_uri()}?mode=ro", uri=True, timeout=1)
+        try:
+            version = int(conn.execute("PRAGMA user_version").fetchone()[0])
+        finally:
+            conn.close()
+        written = max(
+            (p.stat().st_mtime for p in (path, Path(f"{path}-wal")) if p.exists()), default=0.0
+        )
+        return version > found or copy.stat().st_mtime > written
+    except (sqlite3.Error, OSError):
+        return False
+
+
 def floor_of(version: int, ignorable: Collection[int]) -> int:
     """The lowest schema a tlsroll must know to read and write a file at ``version``: the
     highest migration up to it that an older tlsroll may not ignore."""
@@ -324,54 +375,142 @@ def floor_of(version: int, ignorable: Collection[int]) -> int:
     return version
 
 
-def readable_by(conn: sqlite3.Connection) -> int | None:
-    """The file's ``readable_by`` (``migrate``), or None: not recorded (its version)."""
-    if conn.execute(
-        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (FLOOR_TABLE,)
-    ).fetchone():
-        row = conn.execute(f"SELECT MAX(readable_by) FROM {FLOOR_TABLE}").fetchone()  # noqa: S608
-        return None if row is None or row[0] is None else int(row[0])
-    return None
+def readable_by(conn: sqlite3.Connection, version: int) -> int | None:
+    """The file's ``readable_by`` (``migrate``), or None: not recorded, or not one this code
+    trusts (the file's ``version`` is then what a tlsroll must know). Only exactly one row
+    holding an integer from 1 to ``version`` is one; anything else (text, a blob, a real, 0 or
+    below, above ``version``, no row or several, a table without the column, an error reading
+    it) is None, and a newer file is refused as unreadable (``SchemaTooNew``, exit 3). Review
+    s40 M1: ``int()`` of 'abc' was a traceback (exit 1, restarted for ever), -7 and 0.5 read
+    the file as it is. ``deploy/install.sh`` (``store_schema``) reads it by the same rules."""
+    try:
+        if not conn.execute(
+            "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (FLOOR_TABLE,)
+        ).fetchone():
+            return None
+        rows = conn.execute(
+            f"SELECT readable_by, typeof(readable_by) FROM {FLOOR_TABLE} LIMIT 2"  # noqa: S608
+        ).fetchall()
+    except sqlite3.Error:
+        return None
+    if len(rows) != 1 or rows[0][1] != "integer":
+        return None
+    floor = int(rows[0][0])
+    return floor if 1 <= floor <= version else None
+
+
+# Words an added column's definition may not hold to be ignorable: each makes an older
+# tlsroll's writes fail or differ (a CHECK, a foreign key, a collation of a key, a uniqueness,
+# a generated column, a key).
+_UNIGNORABLE_WORDS = re.compile(
+    r"\b(CHECK|REFERENCES|COLLATE|UNIQUE|GENERATED|AS|PRIMARY|CONSTRAINT)\b", re.IGNORECASE
+)
 
 
 def _shape(conn: sqlite3.Connection) -> dict[str, Any]:
-    """Each table's columns (name -> type, not null, default, key) and each index's and
-    trigger's definition: what ``_check_ignorable`` compares."""
+    """Each table's definition (its SQL), columns (position, name, type, not null, default,
+    key) and foreign keys, and each index's (SQLite's own for a UNIQUE or key included) and
+    trigger's definition and uniqueness: what ``_check_ignorable`` compares."""
     tables: dict[str, Any] = {}
     others: dict[str, Any] = {}
     for kind, name, table, sql in conn.execute(
-        "SELECT type, name, tbl_name, sql FROM sqlite_master WHERE name NOT LIKE 'sqlite_%'"
+        "SELECT type, name, tbl_name, sql FROM sqlite_master"
+        " WHERE type IN ('table', 'index', 'trigger')"
+        " AND (name NOT LIKE 'sqlite_%' OR name LIKE 'sqlite_autoindex_%')"
     ).fetchall():
         if kind == "table":
             tables[name] = {
-                r[1]: (r[2], r[3], r[4], r[5])
-                for r in conn.execute(f'PRAGMA table_info("{name}")').fetchall()
+                "sql": sql,
+                "columns": [
+                    tuple(r) for r in conn.execute(f'PRAGMA table_info("{name}")').fetchall()
+                ],
+                "keys": sorted(
+                    tuple(r)[2:]
+                    for r in conn.execute(f'PRAGMA foreign_key_list("{name}")').fetchall()
+                ),
             }
         else:
-            others[name] = (kind, table, sql)
+            unique = kind == "index" and bool(
+                conn.execute(
+                    'SELECT 1 FROM pragma_index_list(?) WHERE name = ? AND "unique"',
+                    (table, name),
+                ).fetchone()
+            )
+            others[name] = (kind, table, sql, unique)
     return {"tables": tables, "others": others}
+
+
+def _common(a: str, b: str) -> int:
+    """How many characters ``a`` and ``b`` begin with alike."""
+    n = 0
+    for x, y in zip(a, b, strict=False):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def _added_text(before: str, after: str) -> str | None:
+    """What ``after`` (a table's SQL) inserted into ``before`` at one place (SQLite's ALTER
+    TABLE ADD COLUMN: after the last column's definition), or None if it is not that."""
+    if len(after) <= len(before):
+        return None
+    prefix = _common(before, after)
+    suffix = _common(before[::-1], after[::-1])
+    if prefix + suffix < len(before):
+        return None
+    # Every place the insertion may be (a run of equal characters makes it ambiguous).
+    return after[len(before) - min(suffix, len(before)) : prefix + len(after) - len(before)]
 
 
 def _check_ignorable(before: dict[str, Any], after: dict[str, Any]) -> str | None:
     """What makes a migration unfit to be ignored by an older tlsroll that writes the file,
-    or None: it may only add tables, and columns that are NULL or have a default; never
-    change or drop a column or table, or add a unique index or trigger on a table it had
-    (the older one's writes would fail or skip it)."""
-    for table, columns in before["tables"].items():
+    or None. It may only add tables without foreign keys into the tables there were, and
+    columns (ALTER TABLE ADD COLUMN: each table's SQL the old one plus column definitions)
+    that are NULL or have a default, with no CHECK, REFERENCES, COLLATE, UNIQUE, key or
+    generation; never change, rebuild or drop a table, column or index, or add a unique index
+    or trigger on a table it had (the older one's writes would fail, skip it or differ). Review
+    s40 M2: a CHECK or REFERENCES added with a column, a rebuild adding a CHECK or a table's
+    UNIQUE, reordered columns, or a new table's foreign key into an old one passed. A migration
+    that writes rows is refused by ``migrate``."""
+    for table, old in before["tables"].items():
         now = after["tables"].get(table)
         if now is None:
             return f"it drops or renames table {table}"
-        for column, shape in columns.items():
-            if now.get(column) != shape:
-                return f"it changes or drops column {table}.{column}"
-        for column, (_, notnull, default, _) in now.items():
-            if column not in columns and notnull and (default is None or default.upper() == "NULL"):
-                return f"it adds column {table}.{column} NOT NULL without a default"
-    for name, (kind, table, sql) in after["others"].items():
-        if before["others"].get(name) == (kind, table, sql) or table not in before["tables"]:
+        if now["keys"] != old["keys"]:
+            return f"it changes the foreign keys of table {table}"
+        columns = {c[1]: c for c in old["columns"]}
+        for name in columns.keys() - {c[1] for c in now["columns"]}:
+            return f"it changes or drops column {table}.{name}"
+        for column in now["columns"]:
+            if column[1] in columns and column != columns[column[1]]:
+                return f"it changes or moves column {table}.{column[1]}"
+        if now["sql"] == old["sql"]:
             continue
-        if kind == "trigger" or "UNIQUE" in (sql or "").upper():
+        added = _added_text(old["sql"] or "", now["sql"] or "")
+        if added is None:
+            return f"it rebuilds table {table} (its definition is not the old one plus columns)"
+        if word := _UNIGNORABLE_WORDS.search(added):
+            return f"it adds to table {table} a column with {word[1].upper()}"
+        for _, column, _, notnull, default, _ in now["columns"]:
+            if column in columns or not notnull:
+                continue
+            if default is None or default.strip("() \t\n").upper() == "NULL":
+                return f"it adds column {table}.{column} NOT NULL without a default"
+    for name, shape in before["others"].items():
+        if shape[1] in before["tables"] and after["others"].get(name) != shape:
+            return f"it changes or drops {shape[0]} {name} on table {shape[1]}"
+    for name, (kind, table, _, unique) in after["others"].items():
+        if name in before["others"] or table not in before["tables"]:
+            continue
+        if kind == "trigger" or unique:
             return f"it adds {kind} {name} on table {table}"
+    for table, now in after["tables"].items():
+        if table in before["tables"]:
+            continue
+        for key in now["keys"]:
+            if key[0] in before["tables"]:
+                return f"it adds table {table} with a foreign key into table {key[0]}"
     return None
 
 
@@ -423,7 +562,7 @@ def migrate(
     try:
         found = int(conn.execute("PRAGMA user_version").fetchone()[0])
         if found > known:
-            floor = readable_by(conn)
+            floor = readable_by(conn, found)
             if floor is None or floor > known:
                 raise SchemaTooNew(
                     path, found, known, what=what, copy=usable_copy(path, known), losing=losing
@@ -443,6 +582,7 @@ def migrate(
             adopt(conn, found)
         for number, step in enumerate(migrations[found:], start=found + 1):
             shape = _shape(conn) if number in ignorable else None
+            changes = conn.total_changes
             if isinstance(step, str):
                 for statement in statements(step):
                     conn.execute(statement)
@@ -450,7 +590,13 @@ def migrate(
                 step(conn)
             if not conn.in_transaction:
                 raise RuntimeError(f"{path}: migration {number} ended the transaction")
-            if shape is not None and (problem := _check_ignorable(shape, _shape(conn))):
+            if shape is not None and conn.total_changes != changes:
+                problem: str | None = "it writes rows (an older tlsroll's writes lack them)"
+            elif shape is not None:
+                problem = _check_ignorable(shape, _shape(conn))
+            else:
+                problem = None
+            if problem:
                 raise RuntimeError(
                     f"{path}: migration {number} is one an older tlsroll may ignore, but {problem}"
                 )
