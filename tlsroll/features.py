@@ -59,6 +59,7 @@ AGENT_FEATURES: tuple[str, ...] = tuple(
 
 MAX_FEATURES = 32
 MAX_NAME = 64
+READ = 4 * MAX_FEATURES  # names of a peer's list ``reported`` reads at most
 _NAME = re.compile(r"[a-z0-9_]+(\.[a-z0-9_]+)*")
 
 TEST_ENV = "TLSROLL_AGENT_TEST_FEATURES"
@@ -74,7 +75,7 @@ def reported(names: Iterable[str]) -> tuple[str, ...]:
     repeats, at most ``MAX_FEATURES`` of them; anything else is left out."""
     kept: set[str] = set()
     for i, name in enumerate(names):
-        if i >= 4 * MAX_FEATURES:
+        if i >= READ:
             break
         if len(name) <= MAX_NAME and _NAME.fullmatch(name):
             kept.add(name)
